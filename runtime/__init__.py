@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": ("runtime.convert", "convert"),
+    "convert": ("runtime.conversion", "convert"),
     "IntegralModel": ("runtime.model", "IntegralModel"),
     "load": ("runtime.model", "load"),
     "ModelFileError": ("runtime.model", "ModelFileError"),

@@ -79,8 +79,10 @@ def _resolve_function(name: str) -> Any:
 def module_kwargs(mod: nn.Module) -> dict[str, Any]:
     """Constructor kwargs of a ``torch.nn`` leaf module, read back from its attributes."""
     kwargs: dict[str, Any] = {}
-    for pname in inspect.signature(type(mod).__init__).parameters:
+    for pname, param in inspect.signature(type(mod).__init__).parameters.items():
         if pname in ("self", *_SKIP_KWARGS) or pname.startswith("_"):
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if pname == "bias":
             kwargs[pname] = getattr(mod, "bias", None) is not None

@@ -1,0 +1,114 @@
+"""Randomly built networks for property tests: depths, widths, residuals, concat, depthwise."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, bn: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn)
+        self.norm = nn.BatchNorm2d(c_out) if bn else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int, bn: bool) -> None:
+        super().__init__()
+        self.a = ConvBlock(c, c, bn)
+        self.b = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(self.a(x)))
+
+
+class Concat(nn.Module):
+    def __init__(self, c_in: int, c1: int, c2: int) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(c_in, c1, 1)
+        self.right = nn.Conv2d(c_in, c2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.left(x), torch.relu(self.right(x))], dim=1)
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c: int, mult: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c * mult, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c * mult, c, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.dw(x)))
+
+
+class RandomCNN(nn.Module):
+    def __init__(self, blocks: list[nn.Module], c_last: int, pooled: int, classes: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(pooled)
+        self.head = nn.Linear(c_last * pooled * pooled, classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.blocks(x)), 1))
+
+
+def random_cnn(seed: int, in_channels: int = 2) -> tuple[nn.Module, torch.Tensor]:
+    """A random CNN (eval mode, randomised BN statistics) and an input batch for it."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bn = rng.random() < 0.5
+    c = rng.choice([4, 6, 8, 12])
+    blocks: list[nn.Module] = [ConvBlock(in_channels, c, bn)]
+    after_cat = False
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["conv", "res", "cat", "dw"])
+        if kind == "res" and after_cat:
+            kind = "conv"  # a residual add of a concat is refused by design (see groups.py)
+        after_cat = kind == "cat"
+        if kind == "conv":
+            c_new = rng.choice([4, 8, 10, 16])
+            blocks.append(ConvBlock(c, c_new, bn))
+            c = c_new
+        elif kind == "res":
+            blocks.append(Residual(c, bn))
+        elif kind == "cat":
+            c1, c2 = rng.choice([2, 4, 6]), rng.choice([4, 8])
+            blocks.append(Concat(c, c1, c2))
+            c = c1 + c2
+        else:
+            blocks.append(Depthwise(c, rng.choice([1, 2])))
+    model = RandomCNN(blocks, c, rng.choice([1, 2]), classes=rng.choice([3, 5]))
+    _randomise_norms(model)
+    return model.eval(), torch.randn(rng.randint(1, 3), in_channels, 8, 8)
+
+
+def random_mlp(seed: int, features: int = 12) -> tuple[nn.Module, torch.Tensor]:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = features
+    for _ in range(rng.randint(1, 4)):
+        new = rng.choice([8, 16, 24, 33])
+        layers += [nn.Linear(width, new), rng.choice([nn.ReLU(), nn.GELU(), nn.Tanh()])]
+        if rng.random() < 0.3:
+            layers.append(nn.LayerNorm(new))
+        width = new
+    layers.append(nn.Linear(width, rng.choice([2, 4])))
+    return nn.Sequential(*layers).eval(), torch.randn(rng.randint(1, 4), features)
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)

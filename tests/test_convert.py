@@ -1,0 +1,175 @@
+"""Conversion properties over randomly built networks (hypothesis draws the architecture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netgen import random_cnn, random_mlp
+from torch import nn
+
+import runtime
+from runtime.groups import ConversionError
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+builders = st.sampled_from([random_cnn, random_mlp])
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), build=builders, method=st.sampled_from(["point", "cell"]))
+@torch.no_grad()
+def test_full_width_reproduces_source(seed, build, method):
+    model, x = build(seed)
+    inn = runtime.convert(model, (x,), seed=seed)
+    assert _rel_err(inn.sample(1.0, method=method)(x), model(x)) <= 1e-5
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 10_000),
+    build=builders,
+    width=st.floats(0.05, 1.0),
+    method=st.sampled_from(["point", "cell"]),
+)
+@torch.no_grad()
+def test_every_width_gives_a_well_formed_smaller_network(seed, build, width, method):
+    model, x = build(seed)
+    inn = runtime.convert(model, (x,), seed=seed)
+    small = inn.sample(width, method=method)
+    y = small(x)
+    assert y.shape == model(x).shape
+    assert torch.isfinite(y).all()
+    sizes = inn.sizes(width)
+    for g in inn.groups:
+        assert 1 <= sizes[g.name] <= g.size
+    full = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in small.parameters()) <= full
+    # The sampled network is plain torch: no runtime classes inside.
+    assert all(type(m).__module__.startswith("torch") for m in small.modules())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), build=builders)
+@torch.no_grad()
+def test_permutation_preserves_function_and_is_deterministic(seed, build):
+    model, x = build(seed)
+    plain = runtime.convert(model, (x,), permute=False)
+    a = runtime.convert(model, (x,), seed=3)
+    b = runtime.convert(model, (x,), seed=3)
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+    assert _rel_err(a.sample(1.0)(x), plain.sample(1.0)(x)) <= 1e-5
+    torch.testing.assert_close(a.sample(0.5)(x), b.sample(0.5)(x), rtol=0, atol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), build=builders, width=st.floats(0.1, 1.0))
+@torch.no_grad()
+def test_save_load_round_trip(tmp_path_factory, seed, build, width):
+    model, x = build(seed)
+    inn = runtime.convert(model, (x,))
+    d = inn.save(tmp_path_factory.mktemp("inn"))
+    back = runtime.load(d)
+    assert [(g.name, g.size) for g in back.groups] == [(g.name, g.size) for g in inn.groups]
+    torch.testing.assert_close(back.sample(width)(x), inn.sample(width)(x), rtol=0, atol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), build=builders)
+def test_bindings_cover_each_bound_dim_exactly(seed, build):
+    model, x = build(seed)
+    inn = runtime.convert(model, (x,))
+    for b in inn.bindings:
+        covered = 0
+        for s in b.layout:
+            g = inn.all_groups[s.group]
+            covered += (g.size // g.blocks if s.per_block else g.size) * s.inner
+        assert covered == inn.state[b.param].shape[b.dim], b
+    # The classifier's output channels and the stem's input channels are discrete.
+    discrete = {(p, d) for g in inn.all_groups if g.discrete for p, d in g.members}
+    head = "head" if build is random_cnn else str(len(model) - 1)
+    assert (f"{head}.weight", 0) in discrete
+
+
+class _Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.c1(torch.relu(h))
+        h = h + self.c2(torch.relu(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_residual_chain_is_one_group():
+    inn = runtime.convert(_Res().eval(), (torch.randn(1, 1, 6, 6),))
+    names = {g.name: g for g in inn.groups}
+    assert names["stem"].size == 8
+    members = {p for p, _ in names["stem"].members}
+    assert {"stem.weight", "c1.weight", "c2.weight", "c2.bias", "fc.weight"} <= members
+    assert list(names) == ["stem"]  # every add ties c1's and c2's outputs to the stream
+
+
+def test_discrete_option_keeps_a_layer_fixed():
+    model, x = random_mlp(1)
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    inn = runtime.convert(model, (x,), discrete=[first])
+    assert first not in [g.name for g in inn.groups]
+    with pytest.raises(ValueError, match="unknown modules"):
+        runtime.convert(model, (x,), discrete=["nope"])
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return x
+
+
+class _UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=1))
+
+
+class _LiteralView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 64))
+
+
+def test_untraceable_model_is_a_clear_error():
+    with pytest.raises(ConversionError, match="could not trace _Untraceable"):
+        runtime.convert(_Untraceable(), (torch.randn(1, 4),))
+
+
+def test_unknown_op_on_channels_names_the_node():
+    with pytest.raises(ConversionError, match="'cumsum'.*no rule"):
+        runtime.convert(_UnknownOp(), (torch.randn(2, 4),))
+
+
+def test_literal_reshape_of_channels_is_refused():
+    with pytest.raises(ConversionError, match=r"reshape .*torch.flatten"):
+        runtime.convert(_LiteralView(), (torch.randn(2, 1, 4, 4),))
