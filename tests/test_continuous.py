@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -47,7 +48,7 @@ def test_point_sampling_converges_for_a_smooth_function():
         nodes = _smooth(cell_centres(m))
         approx = resample_matrix(m, n, "point") @ nodes
         errors.append(float((approx - target)[2:-2].abs().max()))
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in itertools.pairwise(errors))
     assert errors[-1] < errors[0] / 50
 
 
@@ -55,13 +56,15 @@ def test_cell_average_matches_the_integral_of_a_smooth_function():
     n, m = 8, 256
     edges = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     exact = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         # antiderivative of sin(3x) + x^2
         F = lambda t: -math.cos(3 * t) / 3 + t**3 / 3  # noqa: E731
         exact.append((F(float(hi)) - F(float(lo))) / float(hi - lo))
     approx = resample_matrix(m, n, "cell") @ _smooth(cell_centres(m))
     inner = slice(1, -1)  # the clamped boundary costs accuracy in the first/last cell
-    torch.testing.assert_close(approx[inner], torch.tensor(exact, dtype=torch.float64)[inner], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        approx[inner], torch.tensor(exact, dtype=torch.float64)[inner], atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("method", ["point", "cell"])

@@ -166,7 +166,7 @@ def test_untraceable_model_is_a_clear_error():
 
 
 def test_unknown_op_on_channels_names_the_node():
-    with pytest.raises(ConversionError, match="'cumsum'.*no rule"):
+    with pytest.raises(ConversionError, match=r"'cumsum'.*no rule"):
         runtime.convert(_UnknownOp(), (torch.randn(2, 4),))
 
 

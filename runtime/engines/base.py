@@ -1,0 +1,95 @@
+"""The engine interface every backend implements, and what a built engine records.
+
+An engine runs one sampled tier of a model: named float/int numpy arrays in, named arrays
+out, batch on axis 0. Backends (one file each) build an engine from ONNX bytes into a cache
+directory and load it back from there; loading never imports torch (except the torch
+backend, the reference and fallback, which needs it by nature).
+
+Example:
+    >>> from runtime.engines import create_engine
+    >>> engine = create_engine("onnxruntime", "engines/abc123", threads=2)  # doctest: +SKIP
+    >>> out = engine.run({"input": x})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or loaded (the message says which file and why)."""
+
+
+class BackendUnavailable(EngineError):
+    """The backend's library or device is not present on this machine."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named input or output: dtype (numpy name) and shape, -1 for the batch axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What an engine is built for; part of the cache key.
+
+    ``precision``: "fp32" or "fp16" (fp16 only where the backend supports it).
+    ``max_batch``: the batch profile's upper end (TensorRT optimisation profile).
+    ``opt_batch``: the batch TensorRT tunes for. ``threads``: CPU intra-op threads (ORT).
+    """
+
+    precision: str = "fp32"
+    max_batch: int = 8
+    opt_batch: int = 4
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """A loaded, runnable engine for one tier."""
+
+    backend: str = ""
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; arrays are batch-first and match ``inputs`` in name and dtype."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory / sessions (optional)."""
+
+
+class Backend(ABC):
+    """Builds engines from ONNX and loads them from a cache directory."""
+
+    name: str = ""
+
+    @abstractmethod
+    def available(self) -> bool:
+        """Whether this machine can build and run engines of this backend."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The backend library's version (part of the cache key)."""
+
+    @abstractmethod
+    def device(self) -> str:
+        """The device engines run on, e.g. 'cpu' or 'NVIDIA H100 80GB HBM3' (cache key)."""
+
+    @abstractmethod
+    def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
+        """Build an engine from ``onnx_path`` into ``out_dir``; return the files written."""
+
+    @abstractmethod
+    def load(self, out_dir: Path, options: BuildOptions) -> Engine:
+        """Load an engine built by ``build``; raise EngineError if it cannot be used."""

@@ -1,0 +1,133 @@
+"""Save/load integrity and every bad argument to sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from netgen import random_cnn
+
+import runtime
+from runtime.model import META_FILE, WEIGHTS_FILE, ModelFileError
+
+
+@pytest.fixture(scope="module")
+def inn():
+    model, x = random_cnn(7)
+    return runtime.convert(model, (x,))
+
+
+@pytest.fixture
+def saved(inn, tmp_path):
+    return inn.save(tmp_path / "inn")
+
+
+def test_no_pickle_in_saved_files(saved):
+    # safetensors + JSON only: neither file can carry a pickle opcode stream.
+    assert sorted(p.name for p in saved.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    json.loads((saved / META_FILE).read_text())
+    assert not (saved / WEIGHTS_FILE).read_bytes().startswith(b"\x80")
+
+
+def test_corrupted_weights_are_detected(saved):
+    data = bytearray((saved / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0xFF
+    (saved / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        runtime.load(saved)
+
+
+def test_truncated_json_is_detected(saved):
+    text = (saved / META_FILE).read_text()
+    (saved / META_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        runtime.load(saved)
+
+
+def test_weights_of_another_model_are_refused(saved, tmp_path):
+    other_model, x = random_cnn(8)
+    other = runtime.convert(other_model, (x,)).save(tmp_path / "other")
+    (saved / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ModelFileError, match="checksum"):
+        runtime.load(saved)
+
+
+def test_mismatched_shapes_are_detected_even_with_a_fixed_checksum(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    first = next(iter(meta["shapes"]))
+    meta["shapes"][first] = [999]
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="do not match"):
+        runtime.load(saved)
+
+
+def test_unknown_module_type_in_architecture_is_refused(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    name = next(iter(meta["architecture"]["modules"]))
+    meta["architecture"]["modules"][name]["type"] = "os.system"
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"only torch\.nn classes"):
+        runtime.load(saved)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        runtime.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("width", [0, -0.5, 1.5, math.nan, math.inf, "half", True])
+def test_bad_width(inn, width):
+    with pytest.raises(ValueError, match="width must be"):
+        inn.sample(width)
+
+
+def test_bad_group_name_and_counts(inn):
+    g = inn.groups[0]
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        inn.sample({"nope": 1})
+    for bad in (0, g.size + 1, 2.5):
+        with pytest.raises(
+            ValueError, match=rf"group '{g.name}' must be an int in \[1, {g.size}\]"
+        ):
+            inn.sample({g.name: bad})
+
+
+def test_bad_method_and_multiple(inn):
+    with pytest.raises(ValueError, match="method must be one of"):
+        inn.sample(0.5, method="bilinear")
+    with pytest.raises(ValueError, match="multiple_of must be >= 1"):
+        inn.sample(0.5, multiple_of=0)
+
+
+def test_counts_mapping_resizes_only_named_group(inn):
+    g = inn.groups[0]
+    small = inn.sample({g.name: 1})
+    sizes = {p: t.shape for p, t in small.state_dict().items()}
+    member, dim = g.members[0]
+    assert sizes[member][dim] == 1 * (inn.state[member].shape[dim] // g.size)
+    others = [h for h in inn.groups if h.name != g.name]
+    for h in others:
+        p, d = h.members[0]
+        if all(
+            s.group != inn.all_groups.index(g)
+            for b in inn.bindings
+            if b.param == p
+            for s in b.layout
+        ):
+            assert sizes[p][d] == inn.state[p].shape[d]
+
+
+def test_multiple_of_rounds_channel_counts(inn):
+    sizes = inn.sizes(0.4, multiple_of=4)
+    for g in inn.groups:
+        assert sizes[g.name] % 4 == 0 or sizes[g.name] == g.size or g.size < 4
+
+
+@torch.no_grad()
+def test_sample_is_eval_mode_and_deterministic(inn):
+    a, b = inn.sample(0.6), inn.sample(0.6)
+    assert not a.training
+    x = torch.randn(2, 2, 8, 8)
+    assert torch.equal(a(x), b(x))
