@@ -1,0 +1,250 @@
+"""``innfer build``: INN + model.yaml -> sampled tiers, ONNX, cached engines, latency profile.
+
+Per tier: sample the INN (skipped when tier.json says the same INN and width produced the
+ONNX already), export ONNX, build or reuse the engine, validate it against the torch sample
+on random inputs, measure accuracy when an evaluation set is configured, then profile every
+tier at every batch size and write profile.json.
+
+Example:
+    >>> report = build_model(Repository("models"), "mnist")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import graphio
+from .config import ModelConfig, TierConfig
+from .engines import EngineError
+from .engines.torch import MODULE_SPEC, MODULE_WEIGHTS
+from .export import export_onnx
+from .model import IntegralModel, load
+from .profiling import measure, random_feeds
+from .repository import (
+    PROFILE_FILE,
+    TIER_FILE,
+    EngineCache,
+    Repository,
+    TierRecord,
+    sha256_file,
+)
+
+TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
+
+
+class BuildError(RuntimeError):
+    """A tier could not be built or failed validation."""
+
+
+@dataclass
+class TierReport:
+    name: str
+    exported: bool
+    engine_built: bool
+    max_abs_err: float
+    accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class BuildReport:
+    model: str
+    backend: str
+    tiers: list[TierReport] = field(default_factory=list)
+    profile_path: Path | None = None
+
+
+def build_model(
+    repo: Repository,
+    name: str,
+    backend: str | None = None,
+    progress: bool = True,
+    profile: bool = True,
+    repeats: int = 20,
+) -> BuildReport:
+    config = repo.config(name)
+    model_dir = repo.model_dir(name)
+    inn = load(model_dir)
+    chosen = repo.choose_backend(config, backend)
+    options = repo.build_options(config, chosen)
+    cache = EngineCache(model_dir / "engines")
+    report = BuildReport(name, chosen.name)
+    engines = {}
+    bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
+    for tier in bar:
+        t0 = time.perf_counter()
+        bar.set_postfix_str(f"{tier.name}: sample+export")
+        record, module, exported = _export_tier(repo, name, inn, config, tier)
+        bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
+        onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
+        try:
+            engine, built = cache.get(chosen, onnx_path, options)
+        except EngineError as exc:
+            raise BuildError(f"tier {tier.name}: {exc}") from exc
+        if module is None:
+            module = inn.sample(tier.width, config.method, config.multiple_of)
+        err = _validate(engine, module, config, tier.name)
+        accuracy = record.accuracy
+        if config.evaluation is not None and (exported or accuracy is None):
+            bar.set_postfix_str(f"{tier.name}: accuracy")
+            accuracy = _accuracy(engine, config)
+            record = TierRecord(**{**record.__dict__, "accuracy": accuracy})
+            record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
+        engines[tier.name] = engine
+        report.tiers.append(
+            TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
+        )
+    if profile:
+        report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
+    return report
+
+
+def source_hash(inn_dir: Path, config: ModelConfig, tier: TierConfig) -> str:
+    """What a tier's ONNX depends on: the INN's files and the sampling arguments."""
+    meta = json.loads((inn_dir / "inn.json").read_text())
+    payload = {
+        "weights": meta["weights_sha256"],
+        "grids": meta.get("info", {}).get("grids", {}),
+        "width": tier.width,
+        "method": config.method,
+        "multiple_of": config.multiple_of,
+        "inputs": [t.__dict__ for t in config.inputs],
+        "outputs": [t.__dict__ for t in config.outputs],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _export_tier(repo, name, inn: IntegralModel, config: ModelConfig, tier: TierConfig):
+    d = repo.tier_dir(name, tier.name)
+    src = source_hash(repo.model_dir(name), config, tier)
+    try:
+        old = TierRecord.read(d / TIER_FILE)
+        onnx_ok = (d / "model.onnx").is_file() and sha256_file(d / "model.onnx") == old.onnx_sha256
+        if old.source_sha256 == src and onnx_ok:
+            return old, None, False  # cache hit: same INN and sampling -> same ONNX
+    except Exception:
+        pass
+    try:
+        module = inn.sample(tier.width, config.method, config.multiple_of)
+    except ValueError as exc:
+        raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
+    d.mkdir(parents=True, exist_ok=True)
+    dtypes = [getattr(torch, t.dtype) for t in config.inputs]
+    inputs = [(t.name, t.shape, dt) for t, dt in zip(config.inputs, dtypes, strict=True)]
+    data = export_onnx(module, inputs, [t.name for t in config.outputs])
+    (d / "model.onnx").write_bytes(data)
+    _save_module(d, module, config)
+    example = tuple(
+        torch.zeros((1, *t.shape), dtype=dt) for t, dt in zip(config.inputs, dtypes, strict=True)
+    )
+    record = TierRecord(
+        name=tier.name,
+        width=tier.width,
+        sizes=inn.sizes(tier.width, config.multiple_of),
+        onnx_sha256=hashlib.sha256(data).hexdigest(),
+        source_sha256=src,
+        flops=count_flops(module, example),
+        params=sum(p.numel() for p in module.parameters()),
+        accuracy=None,
+    )
+    record.write(d / TIER_FILE)
+    return record, module, True
+
+
+def _save_module(d: Path, module, config: ModelConfig) -> None:
+    """The sampled module for the torch backend: architecture JSON + safetensors."""
+    spec = graphio.to_spec(module)
+    meta = {
+        "architecture": spec,
+        "inputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.inputs],
+        "outputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.outputs],
+    }
+    (d / MODULE_SPEC).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
+
+
+def count_flops(module, example: tuple) -> int:
+    """Floating-point operations of one forward pass at batch 1 (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*example)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def _validate(engine, module, config: ModelConfig, tier: str) -> float:
+    rtol, atol = TOLERANCE[config.precision]
+    worst = 0.0
+    for batch in sorted({1, config.max_batch}):
+        feeds = random_feeds(config.inputs, batch, seed=batch)
+        got = engine.run(feeds)
+        ref = module(*[torch.from_numpy(feeds[t.name]) for t in config.inputs])
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        for t, r in zip(config.outputs, refs, strict=True):
+            r = r.numpy()
+            g = got[t.name].astype(np.float32)
+            err = float(np.abs(g - r).max())
+            worst = max(worst, err)
+            if not np.allclose(g, r, rtol=rtol, atol=atol):
+                raise BuildError(
+                    f"tier {tier}: engine output {t.name!r} differs from the torch sample by "
+                    f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {config.precision})"
+                )
+    return worst
+
+
+def _accuracy(engine, config: ModelConfig) -> float:
+    from .data import load as load_data
+
+    data = load_data(config.evaluation.dataset)
+    x = data.x_test[: config.evaluation.limit].numpy()
+    y = data.y_test[: config.evaluation.limit].numpy()
+    name, out = config.inputs[0].name, config.outputs[0].name
+    correct = 0
+    for i in range(0, len(x), config.max_batch):
+        logits = engine.run({name: x[i : i + config.max_batch].astype(config.inputs[0].dtype)})
+        correct += int((logits[out].argmax(1) == y[i : i + config.max_batch]).sum())
+    return correct / len(x)
+
+
+def _profile(repo, name, config, backend, engines, progress, repeats) -> Path:
+    tiers = {}
+    for tier, engine in tqdm(engines.items(), desc="profile", disable=not progress, unit="tier"):
+        tiers[tier] = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
+    data = {
+        "device": backend.device(),
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "threads": config.threads,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tiers": tiers,
+    }
+    path = repo.model_dir(name) / PROFILE_FILE
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def add_model(repo_root: str | Path, name: str, inn: IntegralModel, config: dict) -> Path:
+    """Write ``inn`` and its ``model.yaml`` into ``<repo_root>/<name>`` (config validated first).
+
+    Example:
+        >>> add_model("models", "mnist", inn, {"inputs": [...], "outputs": [...],
+        ...           "tiers": [{"name": "w100", "width": 1.0}]})  # doctest: +SKIP
+    """
+    import yaml
+
+    d = Path(repo_root) / name
+    ModelConfig.from_dict({"name": name, **config}, source=str(d / "model.yaml"))
+    inn.save(d)
+    (d / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return d

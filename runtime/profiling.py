@@ -1,0 +1,106 @@
+"""Latency profiles: how long each tier takes at each batch size. No torch.
+
+``profile.json``::
+
+    {"device": "cpu-x86_64", "backend": "onnxruntime", "backend_version": "1.31.1",
+     "measured_at": "...", "warmup": 3, "repeats": 20,
+     "tiers": {"w100": {"1": {"p50_ms": 1.9, "p90_ms": 2.1}, "2": {...}}, ...}}
+
+The scheduler reads it through ``Profile.latency_ms``.
+
+Example:
+    >>> p = Profile({"tiers": {"w100": {"1": {"p50_ms": 2.0, "p90_ms": 2.5}}}})
+    >>> p.latency_ms("w100", 1), p.latency_ms("w100", 1, "p90")
+    (2.0, 2.5)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TensorConfig
+from .engines import Engine
+
+
+def random_feeds(
+    inputs: Sequence[TensorConfig], batch: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Batch-first random arrays matching each input's dtype and per-sample shape."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in inputs:
+        shape = (batch, *t.shape)
+        if t.dtype.startswith("float"):
+            feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        elif t.dtype == "bool":
+            feeds[t.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[t.name] = rng.integers(0, 10, shape).astype(t.dtype)
+    return feeds
+
+
+def measure(
+    engine: Engine,
+    inputs: Sequence[TensorConfig],
+    batch_sizes: Iterable[int],
+    warmup: int = 3,
+    repeats: int = 20,
+    max_seconds: float = 5.0,
+) -> dict[str, dict[str, float]]:
+    """Median and p90 latency (ms) per batch size, after ``warmup`` untimed runs.
+
+    ``max_seconds`` bounds the timed runs per batch size (at least 5 are kept), so a slow
+    tier cannot stretch a build without limit.
+    """
+    out = {}
+    for batch in batch_sizes:
+        feeds = random_feeds(inputs, batch)
+        for _ in range(warmup):
+            engine.run(feeds)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < repeats and (
+            len(times) < 5 or time.perf_counter() - start < max_seconds
+        ):
+            t0 = time.perf_counter()
+            engine.run(feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[str(batch)] = {
+            "p50_ms": float(np.median(times)),
+            "p90_ms": float(np.percentile(times, 90)),
+            "runs": len(times),
+        }
+    return out
+
+
+class Profile:
+    """Read access to a ``profile.json``: latency per (tier, batch)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        return cls(json.loads(Path(path).read_text()))
+
+    @property
+    def tiers(self) -> list[str]:
+        return list(self.data["tiers"])
+
+    def batches(self, tier: str) -> list[int]:
+        return sorted(int(b) for b in self.data["tiers"][tier])
+
+    def latency_ms(self, tier: str, batch: int, quantile: str = "p50") -> float:
+        """Profiled latency; a batch between profiled sizes takes the next larger one's."""
+        entries = self.data["tiers"][tier]
+        sizes = self.batches(tier)
+        fit = next((b for b in sizes if b >= batch), None)
+        if fit is None:
+            raise ValueError(f"batch {batch} exceeds the profiled maximum {sizes[-1]}")
+        return float(entries[str(fit)][f"{quantile}_ms"])
