@@ -42,12 +42,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"converted in {time.perf_counter() - t0:.1f} s; continuous groups:")
     for g in inn.groups:
         print(f"  {g.name:<28} {g.size:>5} channels, {len(g.members)} tensors")
-    out = inn.save(args.out)
-    print(f"saved to {out}\n")
-    print("test accuracy by width (no data, no fine-tuning):")
+    print("\ntest accuracy by width (no data, no fine-tuning):")
     rows = accuracy_by_width(inn, data, args.widths)
     print(format_table(rows, reference=full))
+    return _demo_repository(args, inn, data)
+
+
+def _demo_repository(args: argparse.Namespace, inn, data) -> int:
+    from .build import add_model, build_model
+    from .repository import Repository
+
+    tiers = [{"name": f"w{round(w * 100):03d}", "width": w} for w in args.widths]
+    config = {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": list(data.input_shape)}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [data.num_classes]}],
+        "tiers": tiers,
+        "backends": ["onnxruntime"],
+        "max_batch": 8,
+        "threads": args.threads,
+        "default_latency_budget_ms": 50,
+        "evaluation": {"dataset": data.name},
+    }
+    model_dir = add_model(args.repository, args.name, inn, config)
+    print(f"\nmodel repository: {model_dir}")
+    report = build_model(Repository(args.repository), args.name)
+    _print_build(report, Repository(args.repository))
     return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_model
+    from .repository import Repository
+
+    repo = Repository(args.repository)
+    names = args.model or repo.names()
+    if not names:
+        raise ValueError(f"no models in {args.repository} (each needs <model>/model.yaml)")
+    for name in names:
+        report = build_model(repo, name, backend=args.backend, profile=not args.no_profile)
+        _print_build(report, repo)
+    return 0
+
+
+def _print_build(report, repo) -> None:
+    profile = repo.read_profile(report.model) or {"tiers": {}}
+    print(f"\n{report.model} ({report.backend}):")
+    print(f"{'tier':<8} {'MFLOPs':>9} {'params':>9} {'accuracy':>9} {'p50 b=1':>9} "
+          f"{'p50 b=8':>9} {'engine':>8}")  # fmt: skip
+    for t in report.tiers:
+        rec = repo.load_record(report.model, t.name)
+        lat = profile["tiers"].get(t.name, {})
+        b1 = lat.get("1", {}).get("p50_ms")
+        b8 = lat.get(str(max(map(int, lat), default=1)), {}).get("p50_ms")
+        acc = "-" if t.accuracy is None else f"{t.accuracy:.2%}"
+        state = "built" if t.engine_built else "cached"
+        print(f"{t.name:<8} {rec.flops / 1e6:>9.2f} {rec.params:>9,} {acc:>9} "
+              f"{_ms(b1):>9} {_ms(b8):>9} {state:>8}")  # fmt: skip
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}ms"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -70,10 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = ["mnist_resnet", "digits_cnn", "digits_cnn_bn", "digits_mlp"]
     demo.add_argument("--model", default="mnist_resnet", choices=models)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", type=Path, default=Path("runs/demo/inn"))
+    demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
+    demo.add_argument("--name", default="mnist")
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.4, 0.25])
     demo.set_defaults(func=cmd_demo)
+
+    build = sub.add_parser("build", help="build every tier's engine and latency profile")
+    build.add_argument("repository", type=Path)
+    build.add_argument("--model", action="append", help="only this model (repeatable)")
+    build.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
+    build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
+    build.set_defaults(func=cmd_build)
 
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)
@@ -87,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

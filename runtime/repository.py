@@ -201,6 +201,9 @@ class Repository:
     def tier_dir(self, name: str, tier: str) -> Path:
         return self.root / name / "tiers" / tier
 
+    def load_record(self, name: str, tier: str) -> TierRecord:
+        return TierRecord.read(self.tier_dir(name, tier) / TIER_FILE)
+
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
         names = [override] if override else list(config.backends)
         for n in names:

@@ -1,0 +1,173 @@
+"""innfer build: tiers, engines, cache, validation, profile; the torch-free serving loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.build import add_model, build_model
+from runtime.config import ConfigError, ModelConfig
+from runtime.repository import Repository, RepositoryError
+
+CONFIG = {
+    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+    "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+    "max_batch": 4,
+    "threads": 1,
+    "evaluation": {"dataset": "digits", "limit": 64},
+}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(24, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    inn = runtime.convert(_net(), (torch.randn(1, 1, 8, 8),))
+    add_model(root, "tiny", inn, CONFIG)
+    report = build_model(Repository(root), "tiny", progress=False, repeats=5)
+    return root, report
+
+
+def test_build_end_to_end(built):
+    root, report = built
+    assert [t.name for t in report.tiers] == ["w100", "w050"]
+    assert all(t.exported and t.engine_built for t in report.tiers)
+    assert all(t.max_abs_err < 1e-4 for t in report.tiers)  # engine == torch sample
+    assert all(t.accuracy is not None and 0 <= t.accuracy <= 1 for t in report.tiers)
+    profile = json.loads((root / "tiny" / "profile.json").read_text())
+    assert set(profile["tiers"]) == {"w100", "w050"}
+    for lat in profile["tiers"].values():
+        assert set(lat) == {"1", "2", "4"}
+        assert all(v["p50_ms"] > 0 and v["p90_ms"] >= v["p50_ms"] for v in lat.values())
+    repo = Repository(root)
+    full, half = repo.load_record("tiny", "w100"), repo.load_record("tiny", "w050")
+    assert half.flops < full.flops and half.params < full.params
+
+
+def test_rebuild_is_a_cache_hit(built):
+    root, _ = built
+    again = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not any(t.exported or t.engine_built for t in again.tiers)
+
+
+def _engine_dirs(root):
+    return sorted(p for p in (root / "tiny" / "engines").iterdir() if p.is_dir())
+
+
+def test_corrupted_engine_file_is_rebuilt(built):
+    root, _ = built
+    entry = _engine_dirs(root)[0]
+    (entry / "model.ort.onnx").write_bytes(b"garbage")
+    built_keys = []
+    served = Repository(root).load("tiny", on_build=lambda tier, key: built_keys.append(key))
+    assert built_keys == [entry.name]
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype("float32")
+    assert served.engines["w100"].run({"input": x})["logits"].shape == (2, 10)
+
+
+def test_mismatched_key_is_rebuilt(built):
+    root, _ = built
+    entry = _engine_dirs(root)[0]
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["fields"]["backend_version"] = "0.0.0"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = []
+    Repository(root).load("tiny", on_build=lambda tier, key: rebuilt.append(key))
+    assert rebuilt == [entry.name]
+
+
+def test_torch_backend_matches_onnxruntime(built):
+    root, _ = built
+    repo = Repository(root)
+    ort = repo.load("tiny")
+    eager = repo.load("tiny", backend="torch")
+    x = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype("float32")
+    for tier in ("w100", "w050"):
+        a = ort.engines[tier].run({"input": x})["logits"]
+        b = eager.engines[tier].run({"input": x})["logits"]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_serving_loader_never_imports_torch(built):
+    root, _ = built
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any 'import torch' now raises ImportError
+        import numpy as np
+        from runtime.repository import Repository
+        served = Repository({str(root)!r}).load("tiny")
+        x = np.zeros((1, 1, 8, 8), dtype="float32")
+        print(served.engines["w050"].run({{"input": x}})["logits"].shape)
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules
+                       if sys.modules[m] is not None)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 10)" in out.stdout
+
+
+def test_unknown_model_and_missing_tier(built, tmp_path):
+    root, _ = built
+    with pytest.raises(RepositoryError, match="model 'nope' not found"):
+        Repository(root).load("nope")
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.yaml").write_text(json.dumps(CONFIG))
+    with pytest.raises(RepositoryError, match="tier.json is missing: run `innfer build`"):
+        Repository(tmp_path).load("m")
+
+
+@pytest.mark.parametrize(
+    ("patch", "match"),
+    [
+        ({"tiers": [{"name": "w", "width": 1.5}]}, r"tiers\[0\]\.width: got 1\.5, expected"),
+        ({"tiers": [{"name": "w", "width": 0}]}, r"tiers\[0\]\.width"),
+        ({"tiers": []}, r"tiers: got \[\], expected a non-empty list"),
+        ({"tiers": [{"name": "a", "width": 1}, {"name": "a", "width": 0.5}]}, "unique names"),
+        ({"precision": "int3"}, "precision: got 'int3', expected one of fp32, fp16"),
+        ({"max_batch": 0}, r"max_batch: got 0, expected an integer in \[1, 4096\]"),
+        ({"backends": ["tensorflow"]}, r"backends\[0\]: got 'tensorflow'"),
+        ({"inputs": [{"name": "x", "dtype": "float32", "shape": [0]}]}, r"inputs\[0\]\.shape"),
+        ({"inputs": [{"name": "x", "dtype": "complex", "shape": [2]}]}, r"inputs\[0\]\.dtype"),
+        ({"batch": 3}, "batch: got 3, expected a known field"),
+        ({"default_latency_budget_ms": -5}, "default_latency_budget_ms: got -5"),
+    ],
+)
+def test_invalid_model_yaml(tmp_path, patch, match):
+    path = tmp_path / "model.yaml"
+    path.write_text(json.dumps({**CONFIG, **patch}))  # JSON is YAML
+    with pytest.raises(ConfigError, match=match) as err:
+        ModelConfig.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_model_yaml_that_is_not_yaml(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("tiers: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        ModelConfig.load(path)
+
+
+def test_tier_width_beyond_group_size_fails_the_build(tmp_path):
+    inn = runtime.convert(_net(), (torch.randn(1, 1, 8, 8),))
+    group = inn.groups[0].name
+    add_model(tmp_path, "bad", inn, {**CONFIG, "tiers": [{"name": "x", "width": {group: 999}}]})
+    with pytest.raises(Exception, match=r"must be an int in \[1, 16\]"):
+        build_model(Repository(tmp_path), "bad", progress=False)
