@@ -130,7 +130,7 @@ def test_unknown_model_and_missing_tier(built, tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     (d / "model.yaml").write_text(json.dumps(CONFIG))
-    with pytest.raises(RepositoryError, match="tier.json is missing: run `innfer build`"):
+    with pytest.raises(RepositoryError, match=r"tier\.json is missing: run `innfer build`"):
         Repository(tmp_path).load("m")
 
 
