@@ -137,7 +137,7 @@ def train_classifier(
                     # Exponential moving average: per-batch losses are too noisy to read.
                     value = loss.item()
                     running = value if running is None else 0.95 * running + 0.05 * value
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{running:.4f}")
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{running:.4f}", refresh=False)
                     bar.update(1)
     finally:
         if bar is not None:
