@@ -171,3 +171,15 @@ def test_tier_width_beyond_group_size_fails_the_build(tmp_path):
     add_model(tmp_path, "bad", inn, {**CONFIG, "tiers": [{"name": "x", "width": {group: 999}}]})
     with pytest.raises(Exception, match=r"must be an int in \[1, 16\]"):
         build_model(Repository(tmp_path), "bad", progress=False)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_matches_onnxruntime(built):
+    root, _ = built
+    repo = Repository(root)
+    gpu = repo.load("tiny", backend="torch")
+    assert gpu.engines["w100"].device == "cuda"
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype("float32")
+    for tier in ("w100", "w050"):
+        a = repo.load("tiny").engines[tier].run({"input": x})["logits"]
+        np.testing.assert_allclose(gpu.engines[tier].run({"input": x})["logits"], a, atol=1e-3)
