@@ -1,6 +1,7 @@
 """Data-free accuracy by width: INN conversion vs pruning baselines, five training seeds.
 
 For each model and seed: train (fixed split), convert, then sample at each width with
+  inn_auto       INN, smoothing permutation, the default resampling (point >= 50 %, else cell)
   inn_cell       INN, smoothing permutation, cell averaging
   inn_point      INN, smoothing permutation, point sampling (as in the INN paper)
   inn_noperm     INN without the permutation (cell averaging)
@@ -31,7 +32,7 @@ from runtime.training import evaluate, train_model
 
 WIDTHS = (1.0, 0.75, 0.5, 0.4, 0.25)
 MODELS = ("mnist_resnet", "digits_cnn", "digits_cnn_bn", "digits_mlp")
-METHODS = ("inn_cell", "inn_point", "inn_noperm", "l1", "truncate")
+METHODS = ("inn_auto", "inn_cell", "inn_point", "inn_noperm", "l1", "truncate")
 OUT = Path(__file__).parent / "results"
 
 
@@ -57,6 +58,8 @@ def l1_scores(inn: IntegralModel, gi: int) -> torch.Tensor:
 
 
 def sample(inn: IntegralModel, plain: IntegralModel, method: str, width: float):
+    if method == "inn_auto":
+        return inn.sample(width, method="auto")
     if method == "inn_cell":
         return inn.sample(width, method="cell")
     if method == "inn_point":

@@ -42,16 +42,21 @@ MODELS = {
 }
 
 
-def median_ms(engine, x: np.ndarray, repeats: int) -> float:
-    feeds = {"input": x}
-    engine.run(feeds)
-    engine.run(feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine.run(feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def interleaved_medians(engines: dict, in_shape, repeats: int, rounds: int = 5) -> dict:
+    """Median ms per (tier, backend, batch), timed round-robin so that a burst of load from
+    something else on this shared machine spreads over every configuration, not one."""
+    rng = np.random.default_rng(0)
+    xs = {b: rng.standard_normal((b, *in_shape), dtype=np.float32) for b in (1, 8)}
+    samples: dict = {}
+    for _ in range(rounds):
+        for key, engine in engines.items():
+            for batch, x in xs.items():
+                engine.run({"input": x})  # warm-up / cache refill after the others ran
+                for _ in range(max(1, repeats // rounds)):
+                    t0 = time.perf_counter()
+                    engine.run({"input": x})
+                    samples.setdefault((*key, batch), []).append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
 def child(code: str) -> dict:
@@ -67,13 +72,16 @@ def child(code: str) -> dict:
 
 
 LOAD = """
-import json, resource, time
+import json, time
 t0 = time.perf_counter()
 from runtime.repository import Repository
 served = Repository({root!r}).load({name!r})
 ready = time.perf_counter() - t0
+# VmHWM belongs to this process image; ru_maxrss would carry the (torch-sized) parent's
+# peak across fork + exec.
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({{"ready_s": ready, "tiers": len(served.engines),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "peak_rss_mb": int(hwm.split()[1]) / 1024}}))
 """
 
 
@@ -97,13 +105,14 @@ def bench_model(key: str, root: Path, args) -> dict:
     backends = ["onnxruntime", "torch"]
     served = {b: repo.load(key, backend=b) for b in backends}
     full_flops = repo.load_record(key, "w100").flops
+    engines = {(t, b): served[b].engines[t] for t in WIDTHS for b in backends}
+    medians = interleaved_medians(engines, in_shape, args.repeats)
     for tier in WIDTHS:
         rec = repo.load_record(key, tier)
         row = {"flops": rec.flops, "flops_ratio": rec.flops / full_flops, "params": rec.params}
         for b in backends:
             for batch in (1, 8):
-                x = np.random.default_rng(0).standard_normal((batch, *in_shape), dtype=np.float32)
-                row[f"{b}_b{batch}_ms"] = median_ms(served[b].engines[tier], x, args.repeats)
+                row[f"{b}_b{batch}_ms"] = medians[(tier, b, batch)]
         rows[tier] = row
     for row in rows.values():
         for b in backends:
@@ -174,7 +183,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--models", default="resnet18,mlp")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)

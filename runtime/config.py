@@ -43,7 +43,7 @@ import yaml
 DTYPES = ("float32", "float16", "int64", "int32", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16")
 BACKEND_NAMES = ("onnxruntime", "tensorrt", "torch")
-METHODS = ("cell", "point")
+METHODS = ("auto", "point", "cell")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -88,7 +88,7 @@ class ModelConfig:
     max_batch: int = 8
     default_latency_budget_ms: float = 100.0
     multiple_of: int = 1
-    method: str = "cell"
+    method: str = "auto"
     threads: int = 1
     max_queue: int = 256
     evaluation: EvaluationConfig | None = None
@@ -163,7 +163,7 @@ class ModelConfig:
             max_batch=r.int_(data, "max_batch", 8, 1, 4096),
             default_latency_budget_ms=r.float_(data, "default_latency_budget_ms", 100.0),
             multiple_of=r.int_(data, "multiple_of", 1, 1, 256),
-            method=r.choice(data, "method", "cell", METHODS),
+            method=r.choice(data, "method", "auto", METHODS),
             threads=r.int_(data, "threads", 1, 1, 256),
             max_queue=r.int_(data, "max_queue", 256, 1, 10**6),
             evaluation=evaluation,

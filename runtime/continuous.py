@@ -35,8 +35,18 @@ from typing import Literal
 
 import torch
 
-Method = Literal["point", "cell"]
-METHODS: tuple[str, ...] = ("point", "cell")
+Method = Literal["auto", "point", "cell"]
+METHODS: tuple[str, ...] = ("auto", "point", "cell")
+
+# bench/conversion.py, 5 seeds x 4 models, no data: point sampling kept more accuracy at
+# 75 % and 50 % width on every model; cell averaging (merging) at 40 % and 25 % on most.
+# "auto" picks per group by the kept fraction n / m.
+AUTO_POINT_FROM = 0.5
+
+
+def auto_method(m: int, n: int) -> str:
+    """The resampling ``auto`` uses for a group kept at ``n`` of ``m`` channels."""
+    return "point" if n >= AUTO_POINT_FROM * m else "cell"
 
 # Sub-samples per old cell when integrating the interpolant over a new cell. The interpolant is
 # a piecewise cubic: Gauss-Legendre with 3 points per old cell integrates each piece exactly.
@@ -118,6 +128,8 @@ def resample_matrix(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if n == m and points is None:
         return torch.eye(m, dtype=torch.float64)
+    if method == "auto":
+        method = auto_method(m, n)
     if method == "point":
         return interpolation_matrix(m, cell_centres(n) if points is None else points)
     edges = torch.linspace(0, 1, n + 1, dtype=torch.float64) if points is None else points

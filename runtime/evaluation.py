@@ -35,7 +35,7 @@ def accuracy_by_width(
     inn: IntegralModel,
     data: Dataset,
     widths: Iterable[float] = (1.0, 0.75, 0.5, 0.4, 0.25),
-    methods: Sequence[str] = ("cell", "point"),
+    methods: Sequence[str] = ("auto", "point", "cell"),
 ) -> list[WidthRow]:
     """Sample ``inn`` at each width with each method and measure test accuracy."""
     rows = []

@@ -131,13 +131,15 @@ class IntegralModel:
     def sample(
         self,
         width: float | Mapping[str, int] = 1.0,
-        method: Method = "cell",
+        method: Method = "auto",
         multiple_of: int = 1,
     ) -> fx.GraphModule:
         """A plain ``nn.Module`` (eval mode) with every continuous group resampled.
 
-        ``method``: ``"cell"`` (average over each new cell; default, measured better without
-        data - see bench/conversion.py) or ``"point"`` (interpolate at cell centres).
+        ``method``: ``"point"`` (interpolate at cell centres, as in the INN paper),
+        ``"cell"`` (average over each new cell: merges neighbours), or ``"auto"`` (default:
+        point where a group keeps >= 50 % of its channels, cell below - the better of the two
+        in bench/conversion.py at each width).
         At ``width=1.0`` the result computes exactly what the source model computed.
         """
         if method not in METHODS:

@@ -6,11 +6,20 @@ import pytest
 
 
 def _has_cuda() -> bool:
+    """A CUDA device seen by torch or, in a torch-free serving image, by cuda-python."""
     try:
         import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        from cuda.bindings import runtime as cudart
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    err, count = cudart.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
 
 
 def pytest_collection_modifyitems(config, items):

@@ -90,3 +90,9 @@ def test_interpolation_rows_sum_to_one_even_at_the_edges():
 def test_bad_arguments(m, n, method, match):
     with pytest.raises(ValueError, match=match):
         resample_matrix(m, n, method)
+
+
+def test_auto_picks_point_when_half_or_more_is_kept_else_cell():
+    assert torch.equal(resample_matrix(16, 8, "auto"), resample_matrix(16, 8, "point"))
+    assert torch.equal(resample_matrix(16, 12, "auto"), resample_matrix(16, 12, "point"))
+    assert torch.equal(resample_matrix(16, 7, "auto"), resample_matrix(16, 7, "cell"))

@@ -1,0 +1,821 @@
+"""TensorRT backend: one serialized engine (``engine.plan``) per tier, run on an NVIDIA GPU.
+
+``build`` parses the tier's ONNX file, gives every input whose batch axis is dynamic one
+optimisation profile (batch 1 .. ``max_batch``, tuned for ``opt_batch``), and serialises
+the engine. Builds on one machine share a timing cache (``out_dir.parent / "timing.cache"``),
+so every build after the first skips most kernel timing. ``load`` deserialises the plan,
+allocates device buffers once for ``max_batch`` and reuses them for every ``run``.
+
+Neither ``tensorrt`` nor ``cuda-python`` is imported until a method needs it, so importing
+this module always works; torch is never imported. Device memory and the stream come from
+NVIDIA's ``cuda-python`` (``cuda.bindings.runtime``).
+
+Precision: "fp32" builds as the ONNX file says. "fp16" sets ``BuilderFlag.FP16`` on
+TensorRT 10 (which then picks per-layer precision); TensorRT 11 removed that flag (every
+network is strongly typed), so there the ONNX graph is converted to fp16 first
+(:func:`convert_to_fp16`, with fp32 inputs and outputs kept). Either way the engine's inputs
+and outputs keep the ONNX file's dtypes.
+
+Example:
+    >>> backend = TensorRTBackend()
+    >>> backend.available()  # False without tensorrt, cuda-python and a GPU  # doctest: +SKIP
+    True
+    >>> opts = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
+    >>> backend.build(Path("tier/model.onnx"), Path("engines/k"), opts)  # doctest: +SKIP
+    ['engine.plan']
+    >>> with backend.load(Path("engines/k"), opts) as engine:  # doctest: +SKIP
+    ...     out = engine.run({"input": x})  # x: float32 (batch<=8, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineError, TensorSpec
+
+log = logging.getLogger("innfer.engines.tensorrt")
+
+PLAN_FILE = "engine.plan"
+TIMING_CACHE_FILE = "timing.cache"
+PRECISIONS = ("fp32", "fp16")
+# Builder scratch memory; 1 GiB is ample for the small per-tier networks served here.
+# Override with BuildOptions(extra={"workspace_mib": N}).
+DEFAULT_WORKSPACE_MIB = 1024
+# Python logging level for TensorRT's VERBOSE messages: below DEBUG, so hidden by default.
+_VERBOSE = 5
+_FP16_MAX = 65504.0
+
+
+# --- lazy imports ------------------------------------------------------------------------
+
+
+def _import_trt():
+    """The ``tensorrt`` module, or BackendUnavailable."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the tensorrt backend needs the tensorrt package ({exc}); "
+            "install it on a machine with an NVIDIA GPU: pip install tensorrt"
+        ) from exc
+    return trt
+
+
+def _import_cudart():
+    """cuda-python's runtime API module, or BackendUnavailable.
+
+    ``cuda.bindings.runtime`` is the home since cuda-python 12.6; ``cuda.cudart`` is the
+    older, since-removed location.
+    """
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the tensorrt backend needs NVIDIA's cuda-python package ({exc}): "
+                "pip install cuda-python"
+            ) from exc
+    return cudart
+
+
+_logger_lock = threading.Lock()
+_logger: Any = None
+
+
+def _trt_logger(trt):
+    """One process-wide TensorRT logger that forwards to python logging.
+
+    TensorRT treats the logger as a singleton (every Builder and Runtime must share one),
+    and it must outlive every object created through it, hence the module global.
+    """
+    global _logger
+    with _logger_lock:
+        if _logger is None:
+            levels = {
+                int(trt.ILogger.Severity.INTERNAL_ERROR): logging.CRITICAL,
+                int(trt.ILogger.Severity.ERROR): logging.ERROR,
+                int(trt.ILogger.Severity.WARNING): logging.WARNING,
+                int(trt.ILogger.Severity.INFO): logging.DEBUG,  # chatty: build details
+                int(trt.ILogger.Severity.VERBOSE): _VERBOSE,
+            }
+
+            class _LoggingBridge(trt.ILogger):
+                def __init__(self) -> None:
+                    trt.ILogger.__init__(self)  # required by the pybind11 base class
+
+                def log(self, severity, msg) -> None:
+                    level = levels.get(int(severity), logging.WARNING)
+                    if log.isEnabledFor(level):
+                        log.log(level, "TensorRT: %s", msg)
+
+            _logger = _LoggingBridge()
+        return _logger
+
+
+# --- CUDA (cuda-python) ------------------------------------------------------------------
+
+
+class _Cuda:
+    """Checked calls into cuda-python's runtime API.
+
+    Every cuda-python call returns ``(error, *values)``; ``call`` raises EngineError with
+    the CUDA error name unless the error is cudaSuccess, and returns the values.
+    """
+
+    def __init__(self, cudart) -> None:
+        self.rt = cudart
+
+    def call(self, what: str, result):
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise EngineError(f"CUDA {what} failed: {_cuda_error_name(self.rt, err)}")
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def malloc(self, nbytes: int) -> int:
+        # cudaMalloc(0) may return a null pointer; TensorRT rejects null tensor addresses.
+        return int(self.call(f"cudaMalloc({nbytes} bytes)", self.rt.cudaMalloc(max(nbytes, 1))))
+
+    def free(self, ptr: int) -> None:
+        self.call("cudaFree", self.rt.cudaFree(ptr))
+
+    def stream_create(self):
+        return self.call("cudaStreamCreate", self.rt.cudaStreamCreate())
+
+    def stream_destroy(self, stream) -> None:
+        self.call("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
+
+    def synchronize(self, stream) -> None:
+        self.call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
+
+    def to_device(self, dst: int, src: np.ndarray, stream) -> None:
+        """Queue a copy of the C-contiguous host array ``src`` to device address ``dst``."""
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        res = self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream)
+        self.call("cudaMemcpyAsync (host to device)", res)
+
+    def to_host(self, dst: np.ndarray, src: int, stream) -> None:
+        """Queue a copy from device address ``src`` into the C-contiguous host array ``dst``."""
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        res = self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream)
+        self.call("cudaMemcpyAsync (device to host)", res)
+
+
+def _cuda_error_name(cudart, err) -> str:
+    name = getattr(err, "name", None) or str(err)
+    try:
+        _, text = cudart.cudaGetErrorString(err)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+    except Exception:  # the name alone is still useful
+        return name
+    return f"{name} ({text})"
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+def _check_options(options: BuildOptions) -> None:
+    """Reject bad options before TensorRT is even imported (ValueError: caller's mistake)."""
+    if options.precision not in PRECISIONS:
+        raise ValueError(
+            f"the tensorrt backend builds {' or '.join(PRECISIONS)} engines, "
+            f"got precision {options.precision!r}"
+        )
+    if options.max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {options.max_batch}")
+    if not 1 <= options.opt_batch <= options.max_batch:
+        raise ValueError(
+            f"opt_batch must be between 1 and max_batch={options.max_batch}, "
+            f"got {options.opt_batch}"
+        )
+    workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
+    if not isinstance(workspace, int) or workspace < 1:
+        raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
+
+
+def _write_atomic(path: Path, data) -> None:
+    """Write ``data`` (bytes or any buffer) so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- backend ------------------------------------------------------------------------------
+
+
+class TensorRTBackend(Backend):
+    """Builds and loads TensorRT engines on the current CUDA device.
+
+    ``BuildOptions.extra``: ``workspace_mib`` caps the builder's scratch memory (default
+    1024); ``tf32=True`` lets fp32 engines use TF32 matmuls (off: fp32 means fp32).
+
+    Example:
+        >>> backend = TensorRTBackend()
+        >>> backend.name
+        'tensorrt'
+        >>> backend.device()  # doctest: +SKIP
+        'NVIDIA H100 80GB HBM3'
+    """
+
+    name = "tensorrt"
+
+    def available(self) -> bool:
+        """True only if tensorrt and cuda-python import and a CUDA device is present."""
+        try:
+            import tensorrt  # noqa: F401
+
+            cudart = _import_cudart()
+            err, count = cudart.cudaGetDeviceCount()
+            return err == cudart.cudaError_t.cudaSuccess and count > 0
+        except Exception:  # missing libraries, no driver, broken install: all "no"
+            return False
+
+    def version(self) -> str:
+        return _import_trt().__version__
+
+    def device(self) -> str:
+        cuda = _Cuda(_import_cudart())
+        index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
+        props = cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
+        name = props.name
+        if isinstance(name, (bytes, bytearray)):
+            name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+        return str(name).strip()
+
+    def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
+        """Build ``onnx_path`` into ``out_dir / engine.plan``; returns ``["engine.plan"]``.
+
+        The shared timing cache (``out_dir.parent / timing.cache``) is read first if present
+        and saved back updated; it is not one of the engine's files.
+        """
+        _check_options(options)
+        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+        if not onnx_path.is_file():
+            raise EngineError(f"{onnx_path} does not exist")
+        trt = _import_trt()
+        logger = _trt_logger(trt)
+        started = time.perf_counter()
+
+        try:
+            builder = trt.Builder(logger)
+        except Exception as exc:  # CUDA could not be initialised
+            raise EngineError(f"TensorRT could not create a builder: {exc}") from exc
+        if builder is None:
+            raise EngineError("TensorRT could not create a builder (is a CUDA device present?)")
+        # Flags 0: explicit batch is the only mode since TensorRT 10 (the flag is gone).
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+
+        weak_fp16 = options.precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")
+        if options.precision == "fp16" and not weak_fp16:
+            # TensorRT >= 11: no FP16 builder flag; the precision must be in the graph.
+            log.info(
+                "converting %s to fp16 (TensorRT %s has no FP16 flag)", onnx_path, trt.__version__
+            )
+            model_bytes = _fp16_model_bytes(onnx_path)
+        else:
+            model_bytes = onnx_path.read_bytes()
+        log.info("parsing %s (%.1f MiB)", onnx_path, len(model_bytes) / 2**20)
+        # The path lets the parser find weights stored outside the .onnx file.
+        if not parser.parse(model_bytes, str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EngineError(
+                f"TensorRT cannot parse {onnx_path}: " + ("; ".join(errors) or "unknown error")
+            )
+
+        config = builder.create_builder_config()
+        workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace * 2**20)
+        if weak_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if options.precision == "fp32" and not options.extra.get("tf32", False):
+            # TensorRT allows TF32 (10-bit mantissa) matmuls by default: ~1e-3 relative error.
+            # "fp32" means fp32 here; BuildOptions(extra={"tf32": True}) trades it for speed.
+            config.clear_flag(trt.BuilderFlag.TF32)
+        self._add_batch_profile(trt, builder, network, config, options)
+
+        cache_path = out_dir.parent / TIMING_CACHE_FILE
+        cache = self._timing_cache(config, cache_path)
+
+        log.info(
+            "building %s engine for %s (batch 1..%d, tuned for %d)",
+            options.precision,
+            onnx_path,
+            options.max_batch,
+            options.opt_batch,
+        )
+        try:
+            plan = builder.build_serialized_network(network, config)
+        except Exception as exc:  # some TensorRT versions raise rather than return None
+            raise EngineError(f"TensorRT cannot build {onnx_path}: {exc}") from exc
+        if plan is None:
+            raise EngineError(
+                f"TensorRT cannot build {onnx_path}; its errors are logged by {log.name!r} above"
+            )
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / PLAN_FILE, plan)
+        try:
+            _write_atomic(cache_path, cache.serialize())
+        except OSError as exc:  # a cache that cannot be saved only slows later builds
+            log.warning("cannot save the timing cache %s: %s", cache_path, exc)
+        log.info(
+            "built %s (%.1f MiB) in %.1f s; timing cache %s",
+            out_dir / PLAN_FILE,
+            (out_dir / PLAN_FILE).stat().st_size / 2**20,
+            time.perf_counter() - started,
+            cache_path,
+        )
+        return [PLAN_FILE]
+
+    @staticmethod
+    def _add_batch_profile(trt, builder, network, config, options: BuildOptions) -> None:
+        """One optimisation profile: batch axis 1 / opt_batch / max_batch for every input.
+
+        Only axis 0 may be dynamic: other dims are fixed at export (the tier's shapes), so
+        min, opt and max share them. Inputs without a dynamic axis need no profile entry.
+        """
+        profile = builder.create_optimization_profile()
+        dynamic = []
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = tuple(tensor.shape)  # e.g. (-1, 3, 32, 32)
+            if tensor.is_shape_tensor:
+                raise EngineError(
+                    f"input {tensor.name!r} is a shape tensor; the tensorrt backend "
+                    "supports data inputs only"
+                )
+            if -1 not in shape:
+                continue
+            if shape[0] != -1 or -1 in shape[1:]:
+                raise EngineError(
+                    f"input {tensor.name!r} has shape {shape}: only the batch axis (0) may "
+                    "be dynamic; export the tier with fixed non-batch dims"
+                )
+            rest = shape[1:]
+            profile.set_shape(
+                tensor.name,
+                (1, *rest),
+                (options.opt_batch, *rest),
+                (options.max_batch, *rest),
+            )
+            dynamic.append(tensor.name)
+        if dynamic:
+            if config.add_optimization_profile(profile) < 0:
+                raise EngineError(f"TensorRT rejected the batch profile for inputs {dynamic}")
+            log.info(
+                "batch profile 1/%d/%d for inputs %s", options.opt_batch, options.max_batch, dynamic
+            )
+
+    @staticmethod
+    def _timing_cache(config, cache_path: Path):
+        """Attach the machine's timing cache (loaded if present, else empty) to ``config``."""
+        data = b""
+        if cache_path.is_file():
+            data = cache_path.read_bytes()
+            log.info("timing cache: %s (%d bytes)", cache_path, len(data))
+        cache = None
+        if data:
+            try:
+                cache = config.create_timing_cache(data)
+            except Exception as exc:
+                log.warning("ignoring unreadable timing cache %s: %s", cache_path, exc)
+            if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+                # Written for another GPU or TensorRT version: start afresh (and overwrite).
+                log.warning("ignoring timing cache %s: made on another device/version", cache_path)
+                cache = None
+        if cache is None:
+            cache = config.create_timing_cache(b"")
+            if not config.set_timing_cache(cache, ignore_mismatch=False):
+                raise EngineError("TensorRT refused a new, empty timing cache")
+        return cache
+
+    def load(self, out_dir: Path, options: BuildOptions) -> TensorRTEngine:
+        """Deserialise ``out_dir / engine.plan``; EngineError if missing or unusable."""
+        path = Path(out_dir) / PLAN_FILE
+        if not path.is_file():
+            raise EngineError(f"{path} does not exist; build the engine first")
+        trt = _import_trt()
+        cuda = _Cuda(_import_cudart())
+        logger = _trt_logger(trt)
+        try:
+            runtime = trt.Runtime(logger)
+        except Exception as exc:  # CUDA could not be initialised
+            raise EngineError(f"TensorRT could not create a runtime: {exc}") from exc
+        if runtime is None:
+            raise EngineError("TensorRT could not create a runtime (is a CUDA device present?)")
+        try:
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        except Exception as exc:
+            raise EngineError(f"TensorRT cannot deserialize {path}: {exc}") from exc
+        if engine is None:
+            raise EngineError(
+                f"TensorRT cannot deserialize {path}: corrupt, or built by another TensorRT "
+                "version or for another GPU; rebuild it"
+            )
+        log.info("loaded %s", path)
+        return TensorRTEngine(
+            engine, cuda, max_batch=options.max_batch, source=str(path), keep=(runtime,)
+        )
+
+
+# --- engine -------------------------------------------------------------------------------
+
+
+class TensorRTEngine(Engine):
+    """A deserialised engine with one execution context, one stream and fixed buffers.
+
+    Device buffers are allocated once for ``max_batch`` (the smaller of the load options'
+    and the plan's profile) and bound to the context; ``run`` copies the inputs in, runs,
+    copies the outputs out for the actual batch and synchronises. ``run`` is serialised by a
+    lock: one context cannot run two batches at once.
+
+    Example:
+        >>> engine = TensorRTBackend().load(Path("engines/k"), BuildOptions())  # doctest: +SKIP
+        >>> engine.inputs  # doctest: +SKIP
+        [TensorSpec(name='input', dtype='float32', shape=(-1, 3, 32, 32))]
+        >>> x = np.zeros((2, 3, 32, 32), np.float32)  # batch 2 <= max_batch
+        >>> engine.run({"input": x})["logits"].shape  # doctest: +SKIP
+        (2, 10)
+        >>> engine.close()  # doctest: +SKIP
+    """
+
+    backend = "tensorrt"
+
+    def __init__(
+        self, engine, cuda: _Cuda, *, max_batch: int, source: str = "", keep: tuple = ()
+    ) -> None:
+        trt = _import_trt()
+        self._lock = threading.Lock()
+        self._cuda = cuda
+        self._source = source or "engine"
+        self._keep = keep  # the Runtime must outlive the engine it deserialised
+        self._engine = engine
+        self._context = None
+        self._stream = None
+        self._buffers: dict[str, int] = {}
+        self._closed = False
+        self.inputs, self.outputs = [], []
+        try:
+            self._setup(trt, max_batch)
+        except BaseException:
+            try:
+                self._release()
+            except EngineError as exc:  # keep the original error; report this one
+                log.warning("%s", exc)
+            raise
+
+    def _setup(self, trt, max_batch: int) -> None:
+        engine = self._engine
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.is_shape_inference_io(name):
+                raise EngineError(f"{self._source}: shape tensor {name!r} is not supported")
+            try:
+                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+            except TypeError as exc:  # bf16/fp8 I/O: no numpy dtype
+                raise EngineError(f"{self._source}: tensor {name!r}: {exc}") from exc
+            spec = TensorSpec(name, dtype, tuple(engine.get_tensor_shape(name)))
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.inputs.append(spec)
+            else:
+                self.outputs.append(spec)
+
+        # Largest input shapes: the plan's profile max, with the batch axis capped at the
+        # requested max_batch (the plan may allow more than this server wants to buffer).
+        self._max_shapes: dict[str, tuple[int, ...]] = {}
+        capacity = max_batch
+        for spec in self.inputs:
+            if -1 in spec.shape:
+                plan_max = tuple(engine.get_tensor_profile_shape(spec.name, 0)[2])
+                if spec.shape[0] == -1:
+                    capacity = min(capacity, plan_max[0])
+                self._max_shapes[spec.name] = plan_max
+            else:
+                self._max_shapes[spec.name] = spec.shape
+        if not any(s.shape and s.shape[0] == -1 for s in self.inputs) and self.inputs:
+            # A static-batch plan: its one batch size is the only one it runs.
+            capacity = self.inputs[0].shape[0] if self.inputs[0].shape else 1
+        elif capacity < max_batch:
+            log.warning(
+                "%s: plan allows batch <= %d, less than max_batch=%d",
+                self._source,
+                capacity,
+                max_batch,
+            )
+        self.max_batch = capacity
+        for spec in self.inputs:
+            if spec.shape and spec.shape[0] == -1:
+                self._max_shapes[spec.name] = (capacity, *self._max_shapes[spec.name][1:])
+
+        self._context = engine.create_execution_context()
+        if self._context is None:
+            raise EngineError(f"{self._source}: TensorRT could not create an execution context")
+        self._stream = self._cuda.stream_create()
+        for spec in self.inputs:
+            self._set_input_shape(spec.name, self._max_shapes[spec.name])
+        # With every input at its largest shape, the outputs are at theirs too.
+        for spec in self.outputs:
+            shape = tuple(self._context.get_tensor_shape(spec.name))
+            if any(d < 0 for d in shape):
+                raise EngineError(
+                    f"{self._source}: output {spec.name!r} has a data-dependent shape "
+                    f"{shape}; not supported"
+                )
+            self._max_shapes[spec.name] = shape
+        for spec in self.inputs + self.outputs:
+            nbytes = int(np.prod(self._max_shapes[spec.name])) * np.dtype(spec.dtype).itemsize
+            self._buffers[spec.name] = self._cuda.malloc(nbytes)
+            if not self._context.set_tensor_address(spec.name, self._buffers[spec.name]):
+                raise EngineError(f"{self._source}: TensorRT refused the buffer for {spec.name!r}")
+        log.debug(
+            "%s: %d device buffers for batch <= %d: %s",
+            self._source,
+            len(self._buffers),
+            capacity,
+            self._max_shapes,
+        )
+
+    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self._context.set_input_shape(name, shape):
+            raise EngineError(f"{self._source}: TensorRT rejected shape {shape} for {name!r}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch: ``{input name: array}`` in, ``{output name: array}`` out.
+
+        Dtypes must match ``inputs`` exactly (no silent float64 -> float32 cast) and the
+        batch (axis 0) must be 1..``max_batch``; otherwise EngineError names the tensor.
+        """
+        arrays = check_feeds(self.inputs, feeds, self._max_shapes)
+        cuda = self._cuda
+        with self._lock:
+            if self._closed:
+                raise EngineError(f"{self._source}: engine is closed")
+            for spec, array in zip(self.inputs, arrays, strict=True):
+                self._set_input_shape(spec.name, array.shape)
+                cuda.to_device(self._buffers[spec.name], array, self._stream)
+            if not self._context.execute_async_v3(int(self._stream)):
+                raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
+            results = {}
+            for spec in self.outputs:
+                # The actual output shape for this batch (e.g. (batch, 10)).
+                shape = tuple(self._context.get_tensor_shape(spec.name))
+                out = np.empty(shape, dtype=spec.dtype)
+                cuda.to_host(out, self._buffers[spec.name], self._stream)
+                results[spec.name] = out
+            # The copies above are asynchronous: the arrays are filled only after this.
+            cuda.synchronize(self._stream)
+        return results
+
+    def close(self) -> None:
+        """Free the device buffers, the stream and the context; further runs fail."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        errors = []
+        if self._stream is not None:
+            try:
+                self._cuda.synchronize(self._stream)  # nothing may still use the buffers
+            except EngineError as exc:
+                errors.append(str(exc))
+        self._context = None  # drop the context before the memory bound to it
+        for ptr in self._buffers.values():
+            try:
+                self._cuda.free(ptr)
+            except EngineError as exc:
+                errors.append(str(exc))
+        self._buffers = {}
+        if self._stream is not None:
+            try:
+                self._cuda.stream_destroy(self._stream)
+            except EngineError as exc:
+                errors.append(str(exc))
+            self._stream = None
+        self._engine = None
+        self._keep = ()
+        if errors:
+            raise EngineError(f"{self._source}: releasing GPU resources: {'; '.join(errors)}")
+
+    def __enter__(self) -> TensorRTEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # At interpreter exit CUDA may already be gone: never raise from a finaliser.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def check_feeds(
+    specs: list[TensorSpec], feeds: Mapping[str, np.ndarray], max_shapes: Mapping[str, tuple]
+) -> list[np.ndarray]:
+    """Validate ``feeds`` against ``specs``; return C-contiguous arrays in ``specs`` order.
+
+    ``max_shapes[name]`` bounds each dynamic (-1) axis; axis 0 is the batch. Raises
+    EngineError naming the tensor on a missing/unknown name, a dtype mismatch (no silent
+    casts), a wrong rank or fixed dim, or a dynamic dim outside 1..max.
+
+    Example:
+        >>> spec = TensorSpec("x", "float32", (-1, 4))
+        >>> feeds = {"x": np.zeros((2, 4), np.float32)}
+        >>> [a.shape for a in check_feeds([spec], feeds, {"x": (8, 4)})]
+        [(2, 4)]
+    """
+    missing = [s.name for s in specs if s.name not in feeds]
+    unknown = sorted(set(feeds) - {s.name for s in specs})
+    if missing or unknown:
+        raise EngineError(
+            f"feeds do not match the engine's inputs {[s.name for s in specs]}: "
+            f"missing {missing}, unknown {unknown}"
+        )
+    arrays = []
+    for spec in specs:
+        array = feeds[spec.name]
+        if not isinstance(array, np.ndarray):
+            array = np.asarray(array)
+        if array.dtype != np.dtype(spec.dtype):
+            raise EngineError(
+                f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype} "
+                f"(cast it explicitly, e.g. x.astype(np.{spec.dtype}))"
+            )
+        if array.ndim != len(spec.shape):
+            raise EngineError(
+                f"input {spec.name!r}: expected {len(spec.shape)} dims {spec.shape}, "
+                f"got shape {array.shape}"
+            )
+        limit = max_shapes[spec.name]
+        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+            if want == -1:
+                if axis == 0 and got > limit[0]:
+                    raise EngineError(
+                        f"input {spec.name!r}: batch size {got} exceeds this engine's "
+                        f"max_batch {limit[0]}; split the batch or rebuild with a larger one"
+                    )
+                if not 1 <= got <= limit[axis]:
+                    raise EngineError(
+                        f"input {spec.name!r}: axis {axis} is {got}, must be 1..{limit[axis]}"
+                    )
+            elif got != want:
+                raise EngineError(
+                    f"input {spec.name!r}: expected shape {spec.shape}, got {array.shape}"
+                )
+        arrays.append(np.ascontiguousarray(array))
+    return arrays
+
+
+# --- fp16 conversion for TensorRT >= 11 ----------------------------------------------------
+
+# (op type, input index) slots that ONNX requires to be float32 whatever the data type.
+_FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+
+
+def _fp16_model_bytes(onnx_path: Path) -> bytes:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise EngineError(
+            "fp16 on TensorRT >= 11 converts the ONNX model to fp16 first, which needs the "
+            "onnx package: pip install onnx"
+        ) from exc
+    try:
+        model = onnx.load(str(onnx_path))  # also loads weights stored beside the file
+        return convert_to_fp16(model).SerializeToString()
+    except ValueError as exc:
+        raise EngineError(f"cannot convert {onnx_path} to fp16: {exc}") from exc
+
+
+def convert_to_fp16(model):
+    """A copy of the ONNX ``model`` computing in float16, with float32 inputs and outputs.
+
+    Float32 initializers and Constant/ConstantOfShape values become float16, Cast/dtype
+    attributes naming float32 name float16, and Cast nodes convert the float32 graph inputs
+    on entry and the outputs on exit, so callers feed and get the same dtypes as before.
+    Slots ONNX requires to be float32 (Resize scales) stay float32. Needs ``onnx``.
+    Raises ValueError for graphs with control-flow subgraphs (If/Loop/Scan).
+
+    Example:
+        >>> half = convert_to_fp16(onnx.load("model.onnx"))  # doctest: +SKIP
+    """
+    import onnx
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+    float32, float16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                raise ValueError(
+                    f"node {node.name or node.op_type!r} has a subgraph; fp16 conversion "
+                    "supports graphs without control flow only"
+                )
+
+    keep32 = {
+        name
+        for node in graph.node
+        for index, name in enumerate(node.input)
+        if (node.op_type, index) in _FLOAT32_ONLY_INPUTS
+    }
+    used = {vi.name for vi in (*graph.input, *graph.output, *graph.value_info)}
+    used.update(i.name for i in graph.initializer)
+    for node in graph.node:
+        used.update(node.input)
+        used.update(node.output)
+
+    def fresh(base: str) -> str:
+        name, n = f"{base}_fp16", 1
+        while name in used:
+            name, n = f"{base}_fp16_{n}", n + 1
+        used.add(name)
+        return name
+
+    def half(array: np.ndarray) -> np.ndarray:
+        # Clip first: values beyond fp16's range would become inf.
+        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+
+    initializers = {i.name for i in graph.initializer}
+    for init in graph.initializer:
+        if init.data_type == float32 and init.name not in keep32:
+            init.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(init)), init.name))
+
+    for node in graph.node:
+        if any(o in keep32 for o in node.output):
+            continue
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR and attr.t.data_type == float32:
+                attr.t.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(attr.t))))
+            elif attr.name in ("to", "dtype") and attr.type == AttributeProto.INT and attr.i == 1:
+                attr.i = float16  # 1 == TensorProto.FLOAT
+        if node.op_type == "Constant":
+            for attr in list(node.attribute):
+                if attr.name in ("value_float", "value_floats"):
+                    value = attr.f if attr.name == "value_float" else list(attr.floats)
+                    node.attribute.remove(attr)
+                    node.attribute.append(
+                        helper.make_attribute(
+                            "value", numpy_helper.from_array(half(np.array(value, np.float32)))
+                        )
+                    )
+
+    def elem_type(vi) -> int:
+        return vi.type.tensor_type.elem_type
+
+    # Inputs: x (float32, fed by the caller) -> Cast -> x_fp16 (used by the graph).
+    head, renamed = [], {}
+    for vi in graph.input:
+        if elem_type(vi) != float32 or vi.name in keep32:
+            continue
+        if vi.name in initializers:  # an old-style input that is really a weight
+            vi.type.tensor_type.elem_type = float16
+            continue
+        renamed[vi.name] = fresh(vi.name)
+        head.append(helper.make_node("Cast", [vi.name], [renamed[vi.name]], to=float16))
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+
+    # Outputs: the graph now makes y_fp16; a final Cast gives the caller float32 y.
+    input_names = {vi.name for vi in graph.input}
+    tail, renamed = [], {}
+    for vi in graph.output:
+        if elem_type(vi) != float32 or vi.name in input_names or vi.name in initializers:
+            continue
+        renamed[vi.name] = fresh(vi.name)
+        tail.append(helper.make_node("Cast", [renamed[vi.name]], [vi.name], to=float32))
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+
+    for vi in graph.value_info:
+        if vi.name in renamed:
+            vi.name = renamed[vi.name]
+        if elem_type(vi) == float32 and vi.name not in keep32:
+            vi.type.tensor_type.elem_type = float16
+
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out

@@ -1,0 +1,36 @@
+"""Domain errors of the data plane. Mapped to gRPC status codes in exactly one place
+(``server.service.STATUS_OF``); the data plane and the scheduler never import grpc.
+
+Each message says what was wrong and what was expected, e.g.
+``input 'input': shape [2, 3] does not match [-1, 1, 28, 28]``.
+"""
+
+from __future__ import annotations
+
+
+class InferError(Exception):
+    """Base class: a request could not be served; ``str(err)`` is safe to show a client."""
+
+
+class InvalidArgument(InferError):
+    """Wrong input name, shape, dtype, byte length, parameter or budget."""
+
+
+class NotFound(InferError):
+    """Unknown model, version or tier."""
+
+
+class ResourceExhausted(InferError):
+    """The model's bounded queue is full."""
+
+
+class DeadlineExceeded(InferError):
+    """No tier can meet the budget (refused at once), or the deadline passed in the queue."""
+
+
+class Unavailable(InferError):
+    """The model is loading or the server is draining."""
+
+
+class Unauthenticated(InferError):
+    """Missing or wrong bearer token."""

@@ -1,0 +1,136 @@
+"""Prometheus metrics, declared once. Base units in names, few labels (model, tier, outcome).
+
+Ratios the autoscaler uses (deploy/ records them):
+  queue:compute  = rate(innfer_queue_seconds_total) / rate(innfer_compute_seconds_total)
+  degraded share = rate(innfer_degraded_requests_total) / rate(innfer_requests_total{outcome="served"})
+  mean accuracy  = rate(innfer_served_accuracy_sum) / rate(innfer_served_accuracy_count)
+
+Each server owns its registry, so several servers can run in one process (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Summary,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("innfer.metrics")
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+OUTCOMES = ("served", "refused_deadline", "refused_full", "failed", "cancelled", "invalid")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "innfer_requests", "Inference requests by outcome.", ["model", "tier", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "innfer_request_duration_seconds", "Time from arrival to response, in the server.",
+            ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "innfer_queue_duration_seconds", "Time a request waited before its batch started.",
+            ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "innfer_compute_duration_seconds", "Engine time of the batch a request ran in.",
+            ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "innfer_batch_size", "Rows per executed batch.", ["model", "tier"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "innfer_queue_depth", "Requests waiting in the queue.", ["model"], registry=r
+        )
+        self.inflight = Gauge(
+            "innfer_inflight_requests", "Accepted requests not yet answered.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.deadline_met = Counter(
+            "innfer_deadline_met", "Served requests answered within their budget.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.deadline_missed = Counter(
+            "innfer_deadline_missed", "Accepted requests answered after their budget.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.served_accuracy = Summary(
+            "innfer_served_accuracy", "Measured accuracy of the tier each request was served by.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.queue_total = Counter(
+            "innfer_queue_seconds", "Cumulative queueing time of served requests.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.compute_total = Counter(
+            "innfer_compute_seconds", "Cumulative engine time of executed batches.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.degraded = Counter(
+            "innfer_degraded_requests", "Requests served below the model's top tier.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
+        r.register(_NvmlCollector())
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics; returns (server, thread) (prometheus_client's WSGI server)."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _NvmlCollector:
+    """GPU utilisation and memory via NVML where a GPU is present; nothing elsewhere."""
+
+    def __init__(self) -> None:
+        self.handles = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        except Exception:  # no pynvml, no driver, no GPU: the metrics are simply absent
+            self.handles = []
+
+    def collect(self):
+        if not self.handles:
+            return
+        util = GaugeMetricFamily(
+            "innfer_gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=["gpu"]
+        )
+        mem = GaugeMetricFamily(
+            "innfer_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"]
+        )
+        for i, h in enumerate(self.handles):
+            try:
+                util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
+                mem.add_metric([str(i)], float(self.nvml.nvmlDeviceGetMemoryInfo(h).used))
+            except Exception as exc:
+                log.debug("NVML read failed: %s", exc)
+        yield util
+        yield mem
+
+    def describe(self):
+        return []

@@ -1,0 +1,23 @@
+"""Pure scheduling policy: no grpc, no torch; the clock is an argument."""
+
+from .latency import LatencyModel, TierInfo
+from .policy import POLICIES, Context, Decision, FixedTier, Planner, Policy, SlackFit, make_policy
+from .request import Request, State
+from .scheduler import Refused, Scheduler
+
+__all__ = [
+    "POLICIES",
+    "Context",
+    "Decision",
+    "FixedTier",
+    "LatencyModel",
+    "Planner",
+    "Policy",
+    "Refused",
+    "Request",
+    "Scheduler",
+    "SlackFit",
+    "State",
+    "TierInfo",
+    "make_policy",
+]

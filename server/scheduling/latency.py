@@ -1,0 +1,61 @@
+"""What the scheduler knows about the tiers: accuracy, and latency per batch size.
+
+Latency starts from the build-time profile (p90 by default: the scheduler promises
+deadlines, so it plans with a high quantile) and is corrected online: an exponentially
+weighted moving average of observed/profiled compute time per tier. Contention on a shared
+CPU or GPU shows up here within a few batches.
+
+Example:
+    >>> t = TierInfo("w100", accuracy=0.99, latency_ms={1: 2.0, 8: 6.0})
+    >>> lat = LatencyModel([t])
+    >>> lat.estimate("w100", 4)   # between profiled sizes: the next larger one
+    0.006
+    >>> lat.observe("w100", 8, 0.012); lat.estimate("w100", 8) > 0.006
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    """One tier: name, measured accuracy (or a proxy such as its width) and profiled
+    latency in milliseconds per batch size."""
+
+    name: str
+    accuracy: float
+    latency_ms: Mapping[int, float]
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.latency_ms)
+
+
+class LatencyModel:
+    """Profile x online correction. Times in seconds."""
+
+    def __init__(self, tiers: Sequence[TierInfo], alpha: float = 0.2) -> None:
+        if not tiers:
+            raise ValueError("at least one tier is needed")
+        self.tiers = {t.name: t for t in tiers}
+        self.alpha = alpha
+        self.factor = {t.name: 1.0 for t in tiers}  # observed / profiled, EWMA
+        self._sizes = {t.name: sorted(t.latency_ms) for t in tiers}
+
+    def profiled(self, tier: str, batch: int) -> float:
+        sizes = self._sizes[tier]
+        fit = next((b for b in sizes if b >= batch), None)
+        if fit is None:
+            raise ValueError(f"batch {batch} exceeds tier {tier}'s profiled maximum {sizes[-1]}")
+        return self.tiers[tier].latency_ms[fit] / 1e3
+
+    def estimate(self, tier: str, batch: int) -> float:
+        return self.profiled(tier, batch) * self.factor[tier]
+
+    def observe(self, tier: str, batch: int, seconds: float) -> None:
+        ratio = seconds / max(self.profiled(tier, batch), 1e-9)
+        ratio = min(max(ratio, 0.2), 20.0)  # one outlier must not swing the plan wildly
+        self.factor[tier] += self.alpha * (ratio - self.factor[tier])

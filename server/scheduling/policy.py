@@ -1,0 +1,201 @@
+"""Scheduling policies: given the queue (deadline order) and a free slot, pick a tier and
+the requests to batch. Pure functions of their inputs and ``now``: no clock, no transport.
+
+Policies:
+  * ``FixedTier``: always one tier (the baselines: "always full", "always smallest").
+  * ``SlackFit`` (SuperServe, Ahmad et al. 2024): for the earliest-deadline request, bucket
+    the (tier, batch) latencies; take the largest bucket that fits its slack, then the
+    largest batch, then the most accurate tier in that bucket.
+  * ``Planner`` (innfer's own): plan for the whole queue, not only its head. See its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .latency import LatencyModel, TierInfo
+from .request import Request
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Run ``requests`` (their rows concatenated) on ``tier``."""
+
+    tier: str
+    requests: list[Request]
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.requests)
+
+
+class Context:
+    """What a policy may look at: tiers (most accurate first), latency model, batch limit."""
+
+    def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
+        self.tiers = sorted(tiers, key=lambda t: t.accuracy, reverse=True)
+        self.rank = {t.name: i for i, t in enumerate(self.tiers)}  # 0 = most accurate
+        self.latency = latency
+        self.max_batch = max_batch
+
+    def allowed(self, r: Request) -> list[str]:
+        """Tiers request ``r`` may run on, most accurate first (pin / min_tier honoured)."""
+        if r.pin is not None:
+            return [r.pin]
+        names = [t.name for t in self.tiers]
+        if r.min_tier is not None:
+            return names[: self.rank[r.min_tier] + 1]
+        return names
+
+    def fastest(self, r: Request) -> str:
+        return self.allowed(r)[-1]
+
+    def take(self, queue: Sequence[Request], tier: str, limit_rows: int) -> list[Request]:
+        """Deadline-ordered requests that may run on ``tier``, up to ``limit_rows`` rows."""
+        batch, rows = [], 0
+        for r in queue:
+            if rows + r.rows > limit_rows:
+                if rows:
+                    break
+                continue
+            if tier in self.allowed(r):
+                batch.append(r)
+                rows += r.rows
+        return batch
+
+    def accuracy(self, tier: str) -> float:
+        return self.tiers[self.rank[tier]].accuracy
+
+
+class Policy(ABC):
+    name = ""
+
+    @abstractmethod
+    def choose(self, queue: Sequence[Request], now: float, ctx: Context) -> Decision | None:
+        """A decision for one free slot, or None to leave it idle. ``queue`` is non-empty
+        and in deadline order; every request in it can still meet its deadline alone."""
+
+
+class FixedTier(Policy):
+    """Always ``tier`` (falling back to the nearest tier a pinned request allows)."""
+
+    def __init__(self, tier: str) -> None:
+        self.tier = tier
+        self.name = f"fixed-{tier}"
+
+    def choose(self, queue, now, ctx):
+        head = queue[0]
+        allowed = ctx.allowed(head)
+        tier = self.tier if self.tier in allowed else allowed[-1]
+        return Decision(tier, ctx.take(queue, tier, ctx.max_batch))
+
+
+class SlackFit(Policy):
+    """SuperServe's SlackFit with latency buckets of ``bucket_ms`` milliseconds."""
+
+    name = "slackfit"
+
+    def __init__(self, bucket_ms: float = 2.0) -> None:
+        self.bucket = bucket_ms / 1e3
+
+    def choose(self, queue, now, ctx):
+        head = queue[0]
+        slack = head.deadline - now
+        best = None  # (bucket, rows, accuracy, tier, batch)
+        for tier in ctx.allowed(head):
+            for limit in range(1, ctx.max_batch + 1):
+                batch = ctx.take(queue, tier, limit)
+                rows = sum(r.rows for r in batch)
+                if rows < limit and limit > 1:
+                    break  # the queue cannot fill a larger batch for this tier
+                est = ctx.latency.estimate(tier, rows)
+                if est > slack:
+                    break
+                key = (math.floor(est / self.bucket), rows, ctx.accuracy(tier))
+                if best is None or key > best[0]:
+                    best = (key, tier, batch)
+        if best is None:
+            tier = ctx.fastest(head)
+            return Decision(tier, ctx.take(queue, tier, head.rows))
+        return Decision(best[1], best[2])
+
+
+class Planner(Policy):
+    """innfer's policy: the most accurate (tier, batch) for the head of the queue such that
+    *every* queued request can still meet its deadline afterwards.
+
+    Algorithm (per free slot; Q = queue in deadline order, B = max batch):
+      for each tier t allowed for the head, most accurate first,
+        for each batch size b from B down to 1:
+          H = the first requests of Q that t may serve, up to b rows
+          T = now + latency(t, |H|); need T <= min deadline in H
+          the rest R = Q - H is then served greedily in deadline order, each group at its
+          fastest allowed tier in batches of up to B rows, one after another from T
+          (``slots`` slots share the rest); need every group's min deadline >= its finish
+          -> the first (t, b) that passes is chosen (accuracy first, then batch size).
+      If none passes, the whole queue cannot be saved: choose the most accurate (t, b)
+      that at least meets H's own deadline, else the fastest tier for the head alone.
+    Cost: O(tiers x B x |Q| / B) = O(tiers x |Q|) per decision.
+    """
+
+    name = "innfer"
+
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
+
+    def choose(self, queue, now, ctx):
+        head = queue[0]
+        fallback = None
+        for tier in ctx.allowed(head):
+            for limit in range(ctx.max_batch, 0, -1):
+                batch = ctx.take(queue, tier, limit)
+                rows = sum(r.rows for r in batch)
+                if rows < limit:
+                    continue  # same batch as a smaller limit; try that one
+                finish = now + ctx.latency.estimate(tier, rows)
+                if finish > min(r.deadline for r in batch):
+                    continue
+                if fallback is None:
+                    fallback = Decision(tier, batch)
+                if self._rest_feasible(queue, batch, finish, now, ctx):
+                    return Decision(tier, batch)
+        if fallback is not None:
+            return fallback
+        tier = ctx.fastest(head)
+        return Decision(tier, ctx.take(queue, tier, head.rows))
+
+    def _rest_feasible(self, queue, batch, finish, now, ctx) -> bool:
+        chosen = {id(r) for r in batch}
+        rest = [r for r in queue if id(r) not in chosen]
+        # Slot i becomes free at free[i]; the chosen batch occupies one slot until `finish`.
+        free = [finish] + [now] * (self.slots - 1)
+        while rest:
+            tier = ctx.fastest(rest[0])
+            group = ctx.take(rest, tier, ctx.max_batch)
+            i = min(range(len(free)), key=free.__getitem__)
+            free[i] += ctx.latency.estimate(tier, sum(r.rows for r in group))
+            if free[i] > min(r.deadline for r in group):
+                return False
+            taken = {id(r) for r in group}
+            rest = [r for r in rest if id(r) not in taken]
+        return True
+
+
+POLICIES = ("innfer", "slackfit", "fixed")
+
+
+def make_policy(name: str, tiers: Sequence[TierInfo], slots: int = 1) -> Policy:
+    """``innfer``, ``slackfit``, or ``fixed:<tier>``."""
+    if name == "innfer":
+        return Planner(slots)
+    if name == "slackfit":
+        return SlackFit()
+    if name.startswith("fixed:"):
+        tier = name.split(":", 1)[1]
+        if tier not in {t.name for t in tiers}:
+            raise ValueError(f"unknown tier {tier!r} in policy {name!r}")
+        return FixedTier(tier)
+    raise ValueError(f"unknown policy {name!r}; choose innfer, slackfit or fixed:<tier>")

@@ -1,0 +1,166 @@
+"""The per-model scheduler: a bounded deadline-ordered queue, admission control, worker
+slots, and a policy that picks (tier, batch) whenever a slot frees. Pure: no grpc, no
+threads, no clock - every method takes ``now`` (seconds), so the simulator and the tests
+drive it on a virtual clock and the server on ``time.monotonic``.
+
+Lifecycle: submit -> QUEUED -> (next) RUNNING -> (complete) SERVED | FAILED;
+or QUEUED -> REFUSED_DEADLINE (expired in the queue) | CANCELLED. A submit that is refused
+never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE).
+
+Example:
+    >>> from server.scheduling import Scheduler, TierInfo, Request, make_policy
+    >>> tiers = [TierInfo("w100", 0.99, {1: 5.0, 8: 20.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 8.0})]
+    >>> s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    >>> s.submit(Request(1, arrival=0.0, deadline=0.050), now=0.0)
+    >>> d = s.next(now=0.0); d.tier, len(d.requests)
+    ('w100', 1)
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Sequence
+
+from .latency import LatencyModel, TierInfo
+from .policy import Context, Decision, Policy
+from .request import Request, State
+
+
+class Refused(Exception):
+    """A request was not admitted; ``state`` is REFUSED_FULL or REFUSED_DEADLINE."""
+
+    def __init__(self, state: State, message: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class Scheduler:
+    def __init__(
+        self,
+        tiers: Sequence[TierInfo],
+        policy: Policy,
+        *,
+        max_batch: int,
+        max_queue: int,
+        slots: int = 1,
+        latency: LatencyModel | None = None,
+    ) -> None:
+        self.latency = latency or LatencyModel(tiers)
+        self.ctx = Context(tiers, self.latency, max_batch)
+        self.policy = policy
+        self.max_queue = max_queue
+        self.slots = slots
+        self.queue: list[Request] = []  # sorted by _key
+        self._keys: list[tuple] = []
+        self.running: dict[int, tuple[Decision, float]] = {}  # slot -> (decision, est. end)
+        self._seq = itertools.count()
+
+    # -- admission -------------------------------------------------------------------------
+    def check_constraints(self, r: Request) -> None:
+        names = {t.name for t in self.ctx.tiers}
+        for what, tier in (("tier", r.pin), ("min_tier", r.min_tier)):
+            if tier is not None and tier not in names:
+                raise KeyError(f"unknown {what} {tier!r}; tiers: {', '.join(sorted(names))}")
+        if r.rows > self.ctx.max_batch:
+            raise ValueError(f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}")
+
+    def submit(self, r: Request, now: float) -> None:
+        """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
+        self.check_constraints(r)
+        if len(self.queue) >= self.max_queue:
+            raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
+        fastest = self.ctx.fastest(r)
+        alone = self.latency.estimate(fastest, r.rows)
+        if now + alone > r.deadline:
+            raise Refused(
+                State.REFUSED_DEADLINE,
+                f"budget {1e3 * (r.deadline - now):.1f} ms is below the fastest allowed tier's "
+                f"latency ({fastest}: {1e3 * alone:.1f} ms)",
+            )
+        finish = self._finish_if_admitted(r, now)
+        if finish > r.deadline:
+            raise Refused(
+                State.REFUSED_DEADLINE,
+                f"budget {1e3 * (r.deadline - now):.1f} ms cannot be met behind the "
+                f"{len(self.queue)} queued requests (estimated {1e3 * (finish - now):.1f} ms)",
+            )
+        key = self._key(r)
+        i = bisect.bisect(self._keys, key)
+        self._keys.insert(i, key)
+        self.queue.insert(i, r)
+
+    def _key(self, r: Request) -> tuple:
+        return (-r.priority, r.deadline, next(self._seq))
+
+    def _finish_if_admitted(self, r: Request, now: float) -> float:
+        """When ``r`` would finish if every request ahead of it ran at its fastest tier."""
+        free = sorted(end for _, end in self.running.values())
+        free += [now] * (self.slots - len(free))
+        free = [max(f, now) for f in free]
+        key = self._key(r)
+        ahead = self.queue[: bisect.bisect(self._keys, key)] + [r]
+        finish = now
+        while ahead:
+            tier = self.ctx.fastest(ahead[0])
+            group = self.ctx.take(ahead, tier, self.ctx.max_batch)
+            i = min(range(len(free)), key=free.__getitem__)
+            free[i] += self.latency.estimate(tier, sum(g.rows for g in group))
+            finish = free[i]
+            taken = {id(g) for g in group}
+            ahead = [a for a in ahead if id(a) not in taken]
+        return finish
+
+    # -- dispatch --------------------------------------------------------------------------
+    def free_slot(self) -> int | None:
+        return next((s for s in range(self.slots) if s not in self.running), None)
+
+    def expire(self, now: float) -> list[Request]:
+        """Remove and return queued requests that can no longer meet their deadline."""
+        gone = [
+            r
+            for r in self.queue
+            if now + self.latency.estimate(self.ctx.fastest(r), r.rows) > r.deadline
+        ]
+        for r in gone:
+            self._remove(r)
+            r.finish(State.REFUSED_DEADLINE, now)
+        return gone
+
+    def next(self, now: float) -> Decision | None:
+        """If a slot is free and the queue is not empty, start the policy's decision."""
+        slot = self.free_slot()
+        if slot is None or not self.queue:
+            return None
+        decision = self.policy.choose(self.queue, now, self.ctx)
+        if decision is None or not decision.requests:
+            return None
+        for r in decision.requests:
+            self._remove(r)
+            r.state, r.tier, r.started = State.RUNNING, decision.tier, now
+            r.batch_size = decision.rows
+            r.meta["slot"] = slot
+        self.running[slot] = (decision, now + self.latency.estimate(decision.tier, decision.rows))
+        return decision
+
+    def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
+        """The batch finished (or failed) after ``compute_s`` seconds of engine time."""
+        slot = decision.requests[0].meta["slot"]
+        self.running.pop(slot, None)
+        if ok:
+            self.latency.observe(decision.tier, decision.rows, compute_s)
+        for r in decision.requests:
+            r.finish(State.SERVED if ok else State.FAILED, now)
+
+    def cancel(self, r: Request, now: float) -> bool:
+        """Withdraw a queued request (client went away); False if it already started."""
+        if r.state != State.QUEUED:
+            return False
+        self._remove(r)
+        r.finish(State.CANCELLED, now)
+        return True
+
+    def _remove(self, r: Request) -> None:
+        i = next(i for i, q in enumerate(self.queue) if q is r)
+        del self.queue[i]
+        del self._keys[i]
