@@ -1,0 +1,151 @@
+"""``innfer serve``: start the gRPC server, the metrics endpoint, and shut down gracefully.
+
+SIGTERM / SIGINT: readiness goes false at once (Kubernetes stops routing), new requests get
+UNAVAILABLE, in-flight requests finish, then the process exits - bounded by the grace
+period.
+
+Example:
+    >>> asyncio.run(serve(ServerConfig.from_dict({"repository": "models"})))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+import grpc
+
+from runtime import __version__
+
+from .config import ServerConfig
+from .dataplane import DataPlane
+from .metrics import Metrics
+from .proto_gen import grpc_service_pb2 as pb
+from .proto_gen import grpc_service_pb2_grpc as rpc
+from .proto_gen import health_pb2, health_pb2_grpc
+from .service import HealthService, InferenceService
+
+log = logging.getLogger("innfer.server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log pipelines (Loki, Cloud Logging) parse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Server:
+    """The running server; ``start`` returns once it listens, ``wait`` until it stopped."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics(version=__version__)
+        self.plane = DataPlane(config, self.metrics)
+        self.grpc: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._http = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        opts = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc = grpc.aio.server(options=opts)
+        rpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.plane, self.config.bearer_token), self.grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
+        _enable_reflection(self.grpc)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.config.tls is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, _credentials(self.config))
+        if self.config.metrics_port or self.config.metrics_port == 0:
+            self._http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._http.server_port
+        await self.grpc.start()
+        log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)
+        await self.plane.load_all()
+        log.info("ready: models %s", list(self.plane.models))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
+        grace = self.config.grace_period_s if grace is None else grace
+        self.plane.drain()
+        log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)
+        deadline = time.monotonic() + grace
+        while self.plane.inflight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.grpc is not None:
+            await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        for m in list(self.plane.models.values()):
+            await m.stop()
+        if self._http is not None:
+            self._http.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    tls = config.tls
+    ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:  # optional dependency; the server works without it
+        log.info("grpcio-reflection not installed: server reflection disabled")
+        return
+    names = (
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await server.start()
+    await stopping.wait()
+    await server.stop()

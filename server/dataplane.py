@@ -1,0 +1,208 @@
+"""The transport-free data plane: models, readiness, metadata and inference.
+
+Works on the OIP protobuf messages (the protocol's data model) but never on grpc: the
+service layer (``server.service``) only unpacks the call, passes the gRPC deadline in as a
+number, and maps ``server.errors`` to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from enum import Enum
+
+from runtime import __version__
+from runtime.repository import Repository, RepositoryError
+
+from . import codec
+from .config import ServerConfig
+from .errors import InvalidArgument, NotFound, Unavailable
+from .metrics import Metrics
+from .model_runtime import ModelRuntime
+from .proto_gen import grpc_service_pb2 as pb
+
+log = logging.getLogger("innfer.dataplane")
+
+EXTENSIONS = ("model_repository", "statistics", "innfer_latency_budget")
+VERSION = "1"  # innfer serves one version per model: the INN
+
+
+class Phase(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class DataPlane:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.repo = Repository(config.repository)
+        self.models: dict[str, ModelRuntime] = {}
+        self.phase = Phase.LOADING
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        names = list(self.config.models) or self.repo.names()
+        for name in names:
+            await self.load(name)
+        self.phase = Phase.READY
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) ``name``: engines built or verified off the event loop."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                served = await loop.run_in_executor(
+                    None, lambda: self.repo.load(name, backend=self.config.backend)
+                )
+            except RepositoryError as exc:
+                raise NotFound(str(exc)) from None
+            runtime = ModelRuntime(served, self.metrics, policy=self.config.policy)
+            await loop.run_in_executor(None, runtime.warm_up)
+            runtime.start()
+            old = self.models.pop(name, None)
+            self.models[name] = runtime
+            if old is not None:
+                await old.stop()
+            log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            runtime = self.models.pop(name, None)
+            if runtime is None:
+                raise NotFound(f"model {name!r} is not loaded")
+            await runtime.stop()
+
+    def drain(self) -> None:
+        self.phase = Phase.DRAINING
+
+    def inflight(self) -> int:
+        return sum(m.inflight for m in self.models.values())
+
+    # -- health and metadata ---------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.phase == Phase.READY and all(True for _ in self.models.values())
+
+    def model(self, name: str, version: str = "") -> ModelRuntime:
+        if self.phase == Phase.DRAINING:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if version not in ("", VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        runtime = self.models.get(name)
+        if runtime is None:
+            if self.phase == Phase.LOADING:
+                raise Unavailable(f"model {name!r} is still loading; retry shortly")
+            raise NotFound(f"unknown model {name!r}; models: {', '.join(self.models) or 'none'}")
+        return runtime
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.model(name, version)
+        except (NotFound, Unavailable):
+            return False
+        return True
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="innfer", version=__version__, extensions=EXTENSIONS)
+
+    def tiers_json(self, m: ModelRuntime) -> str:
+        """Tier list clients may ask for: name, width, accuracy, profiled p50 at batch 1."""
+        rows = []
+        profile = m.served.profile or {"tiers": {}}
+        for name, rec in m.served.tiers.items():
+            p50 = profile["tiers"].get(name, {}).get("1", {}).get("p50_ms")
+            rows.append({"name": name, "width": rec.width, "accuracy": rec.accuracy,
+                         "latency_ms_batch1": p50, "flops": rec.flops})  # fmt: skip
+        return json.dumps(rows)
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        m = self.model(name, version)
+        resp = pb.ModelMetadataResponse(name=name, versions=[VERSION], platform="innfer_inn")
+        for spec, field in ((m.config.inputs, resp.inputs), (m.config.outputs, resp.outputs)):
+            for t in spec:
+                field.add(name=t.name, datatype=codec.oip_datatype(t.dtype), shape=[-1, *t.shape])
+        return resp
+
+    # -- inference -------------------------------------------------------------------------
+    async def infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
+        m = self.model(request.model_name, request.model_version)
+        params = request.parameters
+        budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
+        pin = _string_param(params, "tier")
+        min_tier = _string_param(params, "min_tier")
+        priority = _priority(params)
+        inputs, rows = codec.decode_inputs(request, m.config.inputs, m.config.max_batch)
+        outputs = codec.requested_outputs(request, m.config.outputs)
+        result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority)
+        resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
+        codec.encode_outputs(resp, result.outputs, outputs)
+        p = resp.parameters
+        p["tier"].string_param = result.tier
+        if isinstance(result.width, float):
+            p["width"].double_param = result.width
+        else:
+            p["width"].string_param = result.width
+        p["queue_us"].int64_param = result.queue_us
+        p["compute_us"].int64_param = result.compute_us
+        p["batch_size"].int64_param = result.batch_size
+        return resp
+
+
+def _number(param, name: str) -> float | None:
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param", "double_param"):
+        return float(getattr(param, kind))
+    raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
+
+
+def _budget(params, time_remaining: float | None, default_ms: float) -> float:
+    """Seconds: ``latency_budget_ms`` parameter, else the gRPC deadline, else the default.
+    Triton's ``timeout`` (microseconds) caps it: past it the request is not worth serving."""
+    budget = None
+    if "latency_budget_ms" in params:
+        ms = _number(params["latency_budget_ms"], "latency_budget_ms")
+        if not math.isfinite(ms) or ms <= 0:
+            raise InvalidArgument(f"latency_budget_ms must be a positive number, got {ms}")
+        budget = ms / 1e3
+    elif time_remaining is not None:
+        budget = time_remaining
+    if budget is None:
+        budget = default_ms / 1e3
+    if "timeout" in params:
+        us = _number(params["timeout"], "timeout")
+        if not math.isfinite(us) or us < 0:
+            raise InvalidArgument(f"timeout must be a non-negative number of us, got {us}")
+        if us > 0:  # Triton: 0 means no timeout
+            budget = min(budget, us / 1e6)
+    if time_remaining is not None:
+        budget = min(budget, time_remaining)  # never answer after the client gave up
+    return budget
+
+
+def _string_param(params, name: str) -> str | None:
+    if name not in params:
+        return None
+    p = params[name]
+    if p.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"parameter {name!r} must be a string (a tier name)")
+    return p.string_param
+
+
+def _priority(params) -> int:
+    """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
+    larger is more urgent, so level p becomes -p (and 0 stays the default, below level 1)."""
+    if "priority" not in params:
+        return 0
+    level = _number(params["priority"], "priority")
+    if level < 0 or level != int(level):
+        raise InvalidArgument(f"priority must be a non-negative integer, got {level}")
+    return 0 if level == 0 else 1_000_000 - int(level)

@@ -1,0 +1,246 @@
+"""One served model: its engines, its scheduler, and the asyncio loop that executes batches.
+
+The scheduler (pure) decides; this module does the I/O around it: it wakes the dispatcher on
+every arrival and completion, concatenates the chosen requests' rows into one batch, runs
+the engine in a worker thread (ONNX Runtime and TensorRT release the GIL), splits the
+outputs back per request and resolves each request's future exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.repository import ServedModel
+
+from .errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from .metrics import Metrics
+from .scheduling import Decision, Refused, Request, Scheduler, State, TierInfo, make_policy
+
+log = logging.getLogger("innfer.model")
+
+
+@dataclass
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    tier: str
+    width: float | str
+    queue_us: int
+    compute_us: int
+    batch_size: int
+
+
+def tier_infos(served: ServedModel) -> list[TierInfo]:
+    """Tiers for the scheduler: measured accuracy where the build had an evaluation set,
+    else the FLOPs fraction as a monotone proxy; latency from the profile (p90)."""
+    profile = served.profile
+    if profile is None or set(profile.get("tiers", {})) != set(served.tiers):
+        raise Unavailable(
+            f"model {served.name}: profile.json is missing or does not cover every tier; "
+            f"run `innfer build` to profile it"
+        )
+    full = max(t.flops for t in served.tiers.values()) or 1
+    infos = []
+    for name, rec in served.tiers.items():
+        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
+        lat = {int(b): v["p90_ms"] for b, v in profile["tiers"][name].items()}
+        infos.append(TierInfo(name, acc, lat))
+    return infos
+
+
+class ModelRuntime:
+    """Serves one model. ``clock`` is injectable for tests; it must be monotonic seconds."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        metrics: Metrics,
+        policy: str = "innfer",
+        slots: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.served = served
+        self.name = served.name
+        self.config = served.config
+        self.metrics = metrics
+        self.clock = clock
+        self.tiers = tier_infos(served)
+        self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
+        self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        self.scheduler = Scheduler(
+            self.tiers,
+            make_policy(policy, self.tiers, slots),
+            max_batch=self.config.max_batch,
+            max_queue=self.config.max_queue,
+            slots=slots,
+        )
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
+        self._ids = itertools.count(1)
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.inflight = 0
+        self.stats = {t.name: {"count": 0, "ns": 0} for t in self.tiers}
+        self.last_inference_ms = 0
+        metrics.model_ready.labels(self.name).set(1)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=False)
+        self.metrics.model_ready.labels(self.name).set(0)
+
+    def warm_up(self) -> None:
+        """Run every tier once so the first request does not pay for lazy initialisation."""
+        from runtime.profiling import random_feeds
+
+        for engine in self.served.engines.values():
+            engine.run(random_feeds(self.config.inputs, 1))
+
+    # -- requests --------------------------------------------------------------------------
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        budget_s: float,
+        pin: str | None = None,
+        min_tier: str | None = None,
+        priority: int = 0,
+    ) -> InferResult:
+        now = self.clock()
+        for what, tier in (("tier", pin), ("min_tier", min_tier)):
+            if tier is not None and tier not in self.accuracy:
+                raise NotFound(
+                    f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
+                )
+        req = Request(
+            next(self._ids), now, now + budget_s, rows, pin, min_tier, priority, payload=inputs
+        )
+        try:
+            self.scheduler.submit(req, now)
+        except Refused as exc:
+            outcome = exc.state.name.lower()
+            self.metrics.requests.labels(self.name, "", outcome).inc()
+            if exc.state == State.REFUSED_FULL:
+                raise ResourceExhausted(f"model {self.name}: {exc}") from None
+            raise DeadlineExceeded(f"model {self.name}: {exc}") from None
+        except (KeyError, ValueError) as exc:
+            raise InvalidArgument(str(exc).strip("'\"")) from None
+        future = asyncio.get_running_loop().create_future()
+        req.meta["future"] = future
+        self.inflight += 1
+        self._gauges()
+        self._wake.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self.scheduler.cancel(req, self.clock()):
+                self.metrics.requests.labels(self.name, "", "cancelled").inc()
+            raise
+        finally:
+            self.inflight -= 1
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.queue_depth.labels(self.name).set(len(self.scheduler.queue))
+        self.metrics.inflight.labels(self.name).set(self.inflight)
+
+    # -- execution -------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        """Algorithm: on every wake-up, fail what can no longer make its deadline, then fill
+        every free slot with the policy's decision; sleep when nothing can start."""
+        while True:
+            now = self.clock()
+            for r in self.scheduler.expire(now):
+                self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
+                _reject(r, DeadlineExceeded(
+                    f"model {self.name}: the request's budget ran out in the queue"
+                ))  # fmt: skip
+            decision = self.scheduler.next(now)
+            if decision is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(decision))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            self._gauges()
+
+    async def _execute(self, d: Decision) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.served.engines[d.tier]
+        reqs = d.requests
+        try:
+            feeds = {
+                s.name: np.concatenate([r.payload[s.name] for r in reqs])
+                if len(reqs) > 1
+                else reqs[0].payload[s.name]
+                for s in self.config.inputs
+            }
+            t0 = time.perf_counter()
+            outputs = await loop.run_in_executor(self.pool, engine.run, feeds)
+            compute = time.perf_counter() - t0
+        except Exception as exc:
+            log.exception("model %s tier %s: engine failed", self.name, d.tier)
+            self.scheduler.complete(d, self.clock(), 0.0, ok=False)
+            for r in reqs:
+                self.metrics.requests.labels(self.name, d.tier, "failed").inc()
+                _reject(r, exc)
+            self._wake.set()
+            return
+        now = self.clock()
+        self.scheduler.complete(d, now, compute)
+        self._record(d, compute, now)
+        offset = 0
+        for r in reqs:
+            part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
+            offset += r.rows
+            future = r.meta["future"]
+            if not future.done():
+                future.set_result(InferResult(
+                    part, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
+                    int(1e6 * compute), d.rows,
+                ))  # fmt: skip
+        self._wake.set()
+
+    def _record(self, d: Decision, compute: float, now: float) -> None:
+        m, name, tier = self.metrics, self.name, d.tier
+        m.batch_size.labels(name, tier).observe(d.rows)
+        m.compute_total.labels(name).inc(compute)
+        stats = self.stats[tier]
+        stats["count"] += 1
+        stats["ns"] += int(compute * 1e9)
+        self.last_inference_ms = int(time.time() * 1e3)
+        for r in d.requests:
+            queued = r.started - r.arrival
+            m.requests.labels(name, tier, "served").inc()
+            m.request_seconds.labels(name, tier).observe(now - r.arrival)
+            m.queue_seconds.labels(name, tier).observe(queued)
+            m.compute_seconds.labels(name, tier).observe(compute)
+            m.queue_total.labels(name).inc(queued)
+            m.served_accuracy.labels(name).observe(self.accuracy[tier])
+            if tier != self.top_tier:
+                m.degraded.labels(name).inc()
+            (m.deadline_met if now <= r.deadline else m.deadline_missed).labels(name).inc()
+
+    def _width(self, tier: str) -> float | str:
+        w = self.served.tiers[tier].width
+        return float(w) if isinstance(w, (int, float)) else str(w)
+
+
+def _reject(r: Request, exc: BaseException) -> None:
+    future = r.meta.get("future")
+    if future is not None and not future.done():
+        future.set_exception(exc)
