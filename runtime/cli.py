@@ -7,6 +7,7 @@ innfer inspect DIR          list a saved INN's continuous groups and sizes at a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,36 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}ms"
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.app import serve, setup_logging
+    from server.config import ServerConfig
+
+    setup_logging(args.log_level)
+    if args.config:
+        config = ServerConfig.load(args.config)
+    elif args.repository:
+        config = ServerConfig.from_dict({"repository": str(args.repository)})
+    else:
+        raise ValueError("give --repository DIR or --config FILE")
+    overrides = {
+        k: v
+        for k, v in {
+            "repository": args.repository if args.config and args.repository else None,
+            "host": args.host,
+            "grpc_port": args.port,
+            "metrics_port": args.metrics_port,
+            "policy": args.policy,
+            "backend": args.backend,
+        }.items()
+        if v is not None
+    }
+    config = dataclasses.replace(config, **overrides)
+    asyncio.run(serve(config))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .model import load
 
@@ -136,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
     build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
     build.set_defaults(func=cmd_build)
+
+    srv = sub.add_parser("serve", help="serve a model repository over gRPC")
+    srv.add_argument("--repository", type=Path, help="model repository (or set it in --config)")
+    srv.add_argument("--config", type=Path, help="server YAML (ports, TLS, auth, limits)")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
+    srv.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
+    srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
+    srv.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
+    srv.add_argument("--log-level", default="INFO")
+    srv.set_defaults(func=cmd_serve)
 
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)

@@ -48,6 +48,7 @@ def auto_method(m: int, n: int) -> str:
     """The resampling ``auto`` uses for a group kept at ``n`` of ``m`` channels."""
     return "point" if n >= AUTO_POINT_FROM * m else "cell"
 
+
 # Sub-samples per old cell when integrating the interpolant over a new cell. The interpolant is
 # a piecewise cubic: Gauss-Legendre with 3 points per old cell integrates each piece exactly.
 _GAUSS_POINTS = 3

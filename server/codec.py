@@ -81,8 +81,9 @@ def decode_inputs(
         if raw:
             data = raw[i]
             if len(data) != count * np_dtype.itemsize:
+                want_bytes = count * np_dtype.itemsize
                 raise InvalidArgument(
-                    f"input {t.name!r}: {len(data)} raw bytes, expected {count * np_dtype.itemsize} "
+                    f"input {t.name!r}: {len(data)} raw bytes, expected {want_bytes} "
                     f"({count} x {np_dtype.name})"
                 )
             arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
@@ -107,7 +108,9 @@ def requested_outputs(request, specs: Sequence[TensorConfig]) -> list[TensorConf
     out = []
     for o in request.outputs:
         if o.name not in by_name:
-            raise InvalidArgument(f"unknown output {o.name!r}; the model's outputs are {sorted(by_name)}")
+            raise InvalidArgument(
+                f"unknown output {o.name!r}; the model's outputs are {sorted(by_name)}"
+            )
         out.append(by_name[o.name])
     return out
 

@@ -62,7 +62,9 @@ class ServerConfig:
         return cls.from_dict(data, source=str(path), base=path.parent)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<config>", base: Path | None = None) -> ServerConfig:
+    def from_dict(
+        cls, data: Any, source: str = "<config>", base: Path | None = None
+    ) -> ServerConfig:
         def fail(field: str, value: Any, expected: str):
             raise ConfigError(f"{source}: {field}: got {value!r}, expected {expected}")
 

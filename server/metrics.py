@@ -2,7 +2,8 @@
 
 Ratios the autoscaler uses (deploy/ records them):
   queue:compute  = rate(innfer_queue_seconds_total) / rate(innfer_compute_seconds_total)
-  degraded share = rate(innfer_degraded_requests_total) / rate(innfer_requests_total{outcome="served"})
+  degraded share = rate(innfer_degraded_requests_total)
+                   / rate(innfer_requests_total{outcome="served"})
   mean accuracy  = rate(innfer_served_accuracy_sum) / rate(innfer_served_accuracy_count)
 
 Each server owns its registry, so several servers can run in one process (tests).

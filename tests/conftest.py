@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory):
+    """A repository with two small built models (see tests/serverutil.py)."""
+    from serverutil import build_repository
+
+    return build_repository(tmp_path_factory.mktemp("repository"))

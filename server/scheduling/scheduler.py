@@ -9,7 +9,8 @@ never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE).
 
 Example:
     >>> from server.scheduling import Scheduler, TierInfo, Request, make_policy
-    >>> tiers = [TierInfo("w100", 0.99, {1: 5.0, 8: 20.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 8.0})]
+    >>> tiers = [TierInfo("w100", 0.99, {1: 5.0, 8: 20.0}),
+    ...          TierInfo("w050", 0.97, {1: 2.0, 8: 8.0})]
     >>> s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
     >>> s.submit(Request(1, arrival=0.0, deadline=0.050), now=0.0)
     >>> d = s.next(now=0.0); d.tier, len(d.requests)
@@ -63,7 +64,9 @@ class Scheduler:
             if tier is not None and tier not in names:
                 raise KeyError(f"unknown {what} {tier!r}; tiers: {', '.join(sorted(names))}")
         if r.rows > self.ctx.max_batch:
-            raise ValueError(f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}")
+            raise ValueError(
+                f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}"
+            )
 
     def submit(self, r: Request, now: float) -> None:
         """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
@@ -99,7 +102,7 @@ class Scheduler:
         free += [now] * (self.slots - len(free))
         free = [max(f, now) for f in free]
         key = self._key(r)
-        ahead = self.queue[: bisect.bisect(self._keys, key)] + [r]
+        ahead = [*self.queue[: bisect.bisect(self._keys, key)], r]
         finish = now
         while ahead:
             tier = self.ctx.fastest(ahead[0])

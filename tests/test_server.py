@@ -1,0 +1,277 @@
+"""End to end: the real tritonclient (grpc and grpc.aio) against innfer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+from runtime.repository import Repository
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.proto_gen import health_pb2, health_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+INVALID = "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.fixture(scope="module")
+def server(model_repository):
+    s = ServerThread({"repository": str(model_repository)}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    c = tc.InferenceServerClient(server.address)
+    yield c
+    c.close()
+
+
+def _input(x: np.ndarray, name: str = "input", dtype: str = "FP32") -> tc.InferInput:
+    i = tc.InferInput(name, list(x.shape), dtype)
+    i.set_data_from_numpy(x)
+    return i
+
+
+def _x(batch: int = 2, shape=(1, 8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def _code(exc: InferenceServerException) -> str:
+    return exc.status()
+
+
+# -- health and metadata ----------------------------------------------------------------------
+def test_health(server, client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny") and not client.is_model_ready("nope")
+    with grpc.insecure_channel(server.address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "liveness", "readiness", "inference.GRPCInferenceService"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="bogus"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metadata_and_config_expose_tiers(client):
+    meta = client.get_model_metadata("tiny")
+    assert meta.platform == "innfer_inn" and list(meta.versions) == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input", "FP32", [-1, 1, 8, 8])
+    ]
+    cfg = client.get_model_config("tiny").config
+    assert cfg.max_batch_size == 4
+    tiers = json.loads(cfg.parameters["tiers"].string_value)
+    assert [t["name"] for t in tiers] == ["w100", "w050"]
+    assert all(t["latency_ms_batch1"] > 0 for t in tiers)
+    server_meta = client.get_server_metadata()
+    assert server_meta.name == "innfer" and "model_repository" in server_meta.extensions
+    index = client.get_model_repository_index()
+    assert {m.name: m.state for m in index.models} == {"tiny": "READY", "wide": "READY"}
+
+
+# -- inference ---------------------------------------------------------------------------------
+def test_infer_matches_the_engine_and_reports_the_tier(model_repository, client):
+    x = _x(3)
+    result = client.infer("tiny", [_input(x)], parameters={"latency_budget_ms": 100})
+    params = result.get_response().parameters
+    tier = params["tier"].string_param
+    engine = Repository(model_repository).load("tiny").engines[tier]
+    np.testing.assert_allclose(result.as_numpy("logits"), engine.run({"input": x})["logits"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert tier == "w100"  # an idle server gives the full network
+    assert params["width"].double_param == 1.0
+    assert params["batch_size"].int64_param >= 3
+    assert params["compute_us"].int64_param > 0 and params["queue_us"].int64_param >= 0
+
+
+def test_infer_without_budget_uses_the_model_default(client):
+    result = client.infer("tiny", [_input(_x(1))])
+    assert result.as_numpy("logits").shape == (1, 10)
+
+
+def test_budget_as_double_and_from_the_grpc_deadline(client):
+    r = client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 80.5})
+    assert r.as_numpy("logits").shape == (1, 10)
+    r = client.infer("tiny", [_input(_x(1))], client_timeout=5.0)
+    assert r.as_numpy("logits").shape == (1, 10)
+
+
+def test_tier_pin_and_min_tier(client):
+    for tier in ("w050", "w100"):
+        r = client.infer("tiny", [_input(_x(2))], parameters={"tier": tier})
+        assert r.get_response().parameters["tier"].string_param == tier
+    r = client.infer("tiny", [_input(_x(2))], parameters={"min_tier": "w100"})
+    assert r.get_response().parameters["tier"].string_param == "w100"
+
+
+def test_triton_priority_and_timeout_are_accepted(client):
+    r = client.infer("tiny", [_input(_x(1))], priority=1, timeout=2_000_000)
+    assert r.as_numpy("logits").shape == (1, 10)
+
+
+def test_aio_client_concurrent_requests_each_answered_once(server):
+    async def run():
+        async with tca.InferenceServerClient(server.address) as c:
+            xs = [_x(1, seed=i) for i in range(24)]
+            calls = [c.infer("tiny", [_input(x)], request_id=str(i)) for i, x in enumerate(xs)]
+            return xs, await asyncio.gather(*calls)
+
+    xs, results = asyncio.run(run())
+    assert sorted(int(r.get_response().id) for r in results) == list(range(24))
+    # Batched requests still get their own rows back.
+    direct = tc.InferenceServerClient(server.address)
+    for i in (0, 11, 23):
+        solo = direct.infer("tiny", [_input(xs[i])], parameters={"tier": "w100"})
+        got = results[i]
+        if got.get_response().parameters["tier"].string_param == "w100":
+            np.testing.assert_allclose(got.as_numpy("logits"), solo.as_numpy("logits"), atol=1e-5)
+
+
+# -- errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "code", "text"),
+    [
+        (lambda: [_input(_x(1), name="image")], INVALID, "unknown input 'image'"),
+        (lambda: [_input(_x(1, (1, 8, 9)))], INVALID, "does not match [-1, 1, 8, 8]"),
+        (lambda: [_input(_x(1).astype(np.float64), dtype="FP64")], INVALID,
+         "datatype FP64, expected FP32"),
+        (lambda: [_input(_x(5))], INVALID, "outside [1, 4]"),
+    ],
+)  # fmt: skip
+def test_bad_inputs(client, make, code, text):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("tiny", make())
+    assert _code(err.value) == code
+    assert text in err.value.message()
+
+
+@pytest.mark.parametrize("budget", [-5, 0, math.nan])
+def test_bad_budget(client, budget):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": budget})
+    assert _code(err.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "latency_budget_ms must be a positive number" in err.value.message()
+
+
+def test_raw_byte_length_mismatch(server):
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    req.raw_input_contents.append(b"\0" * 10)
+    with grpc.insecure_channel(server.address) as ch, pytest.raises(grpc.RpcError) as err:
+        rpc.GRPCInferenceServiceStub(ch).ModelInfer(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "10 raw bytes, expected 256" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "text"),
+    [
+        ("nope", {}, "unknown model 'nope'"),
+        ("tiny", {"model_version": "7"}, "has no version '7'"),
+        ("tiny", {"parameters": {"tier": "w999"}}, "has no tier 'w999'"),
+    ],
+)
+def test_not_found(client, model, kwargs, text):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, [_input(_x(1))], **kwargs)
+    assert _code(err.value) == "StatusCode.NOT_FOUND"
+    assert text in err.value.message()
+
+
+def test_impossible_budget_is_refused_at_once(client):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("wide", [_input(_x(1, (1, 28, 28)))], parameters={"latency_budget_ms": 1e-3})
+    assert _code(err.value) == "StatusCode.DEADLINE_EXCEEDED"
+    assert "below the fastest allowed tier" in err.value.message()
+
+
+def test_full_queue_is_resource_exhausted_and_nothing_is_lost(server):
+    async def run():
+        async with tca.InferenceServerClient(server.address) as c:
+            x = _input(_x(4, (1, 28, 28)))
+            calls = [c.infer("wide", [x], parameters={"tier": "w100"}) for _ in range(40)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert len(outcomes) == 40  # every call answered
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert all(_code(e) == "StatusCode.RESOURCE_EXHAUSTED" for e in errors), errors[:3]
+    assert any("queue full" in e.message() for e in errors)
+    assert len(errors) < 40  # and the accepted ones were served
+
+
+def test_server_stays_up_after_bad_requests(client):
+    for _ in range(3):
+        with pytest.raises(InferenceServerException):
+            client.infer("tiny", [_input(_x(1), name="bad")])
+    assert client.infer("tiny", [_input(_x(1))]).as_numpy("logits").shape == (1, 10)
+
+
+# -- statistics and metrics --------------------------------------------------------------------
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_move_with_traffic(server, client):
+    before = _scrape(server.metrics_url)
+    served = 'innfer_requests_total{model="tiny",outcome="served",tier="w050"}'
+    for _ in range(3):
+        client.infer("tiny", [_input(_x(1))], parameters={"tier": "w050"})
+    with pytest.raises(InferenceServerException):
+        client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 1e-4})
+    after = _scrape(server.metrics_url)
+    assert after[served] - before.get(served, 0) == 3
+    refused = 'innfer_requests_total{model="tiny",outcome="refused_deadline",tier=""}'
+    assert after[refused] - before.get(refused, 0) == 1
+    degraded = 'innfer_degraded_requests_total{model="tiny"}'
+    assert after[degraded] - before.get(degraded, 0) == 3
+    acc_n = 'innfer_served_accuracy_count{model="tiny"}'
+    assert after[acc_n] - before.get(acc_n, 0) == 3
+    assert after['innfer_model_ready{model="tiny"}'] == 1
+    assert 'innfer_queue_depth{model="tiny"}' in after
+    assert after['innfer_compute_seconds_total{model="tiny"}'] > 0
+    stats = client.get_inference_statistics("tiny").model_stats[0]
+    assert stats.inference_count >= 3 and stats.inference_stats.success.ns > 0
+
+
+def test_unload_and_load(client):
+    client.unload_model("wide")
+    assert not client.is_model_ready("wide")
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("wide", [_input(_x(1, (1, 28, 28)))])
+    assert _code(err.value) == "StatusCode.NOT_FOUND"
+    client.load_model("wide")
+    assert client.is_model_ready("wide")
+
+
+def test_draining_server_answers_unavailable(model_repository):
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"]}).start()
+    try:
+        s.server.plane.drain()
+        c = tc.InferenceServerClient(s.address)
+        assert not c.is_server_ready()
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("tiny", [_input(_x(1))])
+        assert _code(err.value) == "StatusCode.UNAVAILABLE"
+    finally:
+        s.stop()
