@@ -1,0 +1,174 @@
+"""Operations: TLS (and mutual TLS), bearer-token auth, graceful SIGTERM, server config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+from runtime.config import ConfigError
+from server.config import ServerConfig
+
+pytestmark = pytest.mark.e2e
+X = np.zeros((1, 1, 8, 8), np.float32)
+
+
+def _input(x=X):
+    i = tc.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "2", "-subj", "/CN=innfer-test-ca", cwd=d)  # fmt: skip
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.cnf",
+                 cwd=d)  # fmt: skip
+    return d
+
+
+def _tls_client(address: str, certs: Path, with_cert: bool) -> tc.InferenceServerClient:
+    extra = {}
+    if with_cert:
+        extra = {"private_key": str(certs / "client.key"),
+                 "certificate_chain": str(certs / "client.crt")}  # fmt: skip
+    return tc.InferenceServerClient(
+        address, ssl=True, root_certificates=str(certs / "ca.crt"), **extra
+    )
+
+
+def test_tls(model_repository, certs):
+    tls = {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"], "tls": tls})
+    s.start()
+    try:
+        c = _tls_client(s.address, certs, with_cert=False)
+        assert c.infer("tiny", [_input()]).as_numpy("logits").shape == (1, 10)
+        plain = tc.InferenceServerClient(s.address)
+        with pytest.raises(InferenceServerException):
+            plain.infer("tiny", [_input()], client_timeout=3)
+    finally:
+        s.stop()
+
+
+def test_mutual_tls_requires_a_client_certificate(model_repository, certs):
+    tls = {"cert": str(certs / "server.crt"), "key": str(certs / "server.key"),
+           "client_ca": str(certs / "ca.crt")}  # fmt: skip
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"], "tls": tls})
+    s.start()
+    try:
+        ok = _tls_client(s.address, certs, with_cert=True)
+        assert ok.infer("tiny", [_input()]).as_numpy("logits").shape == (1, 10)
+        anonymous = _tls_client(s.address, certs, with_cert=False)
+        with pytest.raises(InferenceServerException):
+            anonymous.infer("tiny", [_input()], client_timeout=3)
+    finally:
+        s.stop()
+
+
+def test_bearer_token(model_repository):
+    token = "s3cret-token-123"
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"],
+                      "auth": {"bearer_token": token}}).start()  # fmt: skip
+    try:
+        c = tc.InferenceServerClient(s.address)
+        assert c.is_server_live() and c.is_server_ready()  # probes stay open
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("tiny", [_input()])
+        assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException):
+            c.infer("tiny", [_input()], headers={"authorization": "Bearer wrong-token"})
+        good = c.infer("tiny", [_input()], headers={"authorization": f"Bearer {token}"})
+        assert good.as_numpy("logits").shape == (1, 10)
+    finally:
+        s.stop()
+
+
+def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
+    log = tmp / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(repo),
+         "--port", "0", "--metrics-port", "0"],
+        stderr=open(log, "w"), stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    address = None
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            msg = json.loads(line).get("msg", "") if line.startswith("{") else ""
+            if msg.startswith("listening on "):
+                address = msg.split()[2]
+            if msg.startswith("ready:") and address:
+                return proc, address, log
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(log.read_text())
+
+
+def test_sigterm_drains_in_flight_requests(model_repository, tmp_path):
+    proc, address, log = _start_process(model_repository, tmp_path)
+    x = np.zeros((4, 1, 28, 28), np.float32)
+
+    async def run():
+        async with tca.InferenceServerClient(address) as c:
+            i = tca.InferInput("input", list(x.shape), "FP32")
+            i.set_data_from_numpy(x)
+            calls = [
+                asyncio.ensure_future(c.infer("wide", [i], parameters={"tier": "w100"}))
+                for _ in range(2)
+            ]
+            await asyncio.sleep(0.3)  # let them be accepted
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(run())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    text = log.read_text()
+    assert "draining" in text and '"msg": "stopped"' in text
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({}, "repository: got None"),
+        ({"repository": "m", "grpc_port": 70000}, "grpc_port: got 70000"),
+        ({"repository": "m", "policy": "fastest"}, "policy: got 'fastest'"),
+        ({"repository": "m", "tls": {"cert": "nope.crt", "key": "nope.key"}}, "tls.cert"),
+        ({"repository": "m", "auth": {"bearer_token": "short"}}, "at least 8 characters"),
+        ({"repository": "m", "grace_period_s": -1}, "grace_period_s"),
+        ({"repository": "m", "port": 1}, "port: got 1, expected a known field"),
+    ],
+)
+def test_server_config_errors(data, match):
+    with pytest.raises(ConfigError, match=match):
+        ServerConfig.from_dict(data, source="server.yaml")
