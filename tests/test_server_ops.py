@@ -109,11 +109,12 @@ def test_bearer_token(model_repository):
 
 def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
     log = tmp / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(repo),
-         "--port", "0", "--metrics-port", "0"],
-        stderr=open(log, "w"), stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    with open(log, "w") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(repo),
+             "--port", "0", "--metrics-port", "0"],
+            stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
     deadline = time.monotonic() + 120
     address = None
     while time.monotonic() < deadline:
