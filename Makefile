@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml constraints/dev.txt
 	$(PY) -m pip install --quiet -c constraints/dev.txt -e '.[build,dev]'
 	touch $(STAMP)
 
+# The main job: train the demo CNN, convert it to an INN, build its tiers (ONNX Runtime on
+# the CPU), then serve them on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C.
 run: $(STAMP)
 	$(VENV)/bin/innfer demo
+	$(VENV)/bin/innfer serve --repository runs/demo/repository
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,7 @@ from runtime.repository import ServedModel
 from .errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .scheduling import Decision, Refused, Request, Scheduler, State, TierInfo, make_policy
+from .simulate import tiers_from_profile
 
 log = logging.getLogger("innfer.model")
 
@@ -46,13 +47,7 @@ def tier_infos(served: ServedModel) -> list[TierInfo]:
             f"model {served.name}: profile.json is missing or does not cover every tier; "
             f"run `innfer build` to profile it"
         )
-    full = max(t.flops for t in served.tiers.values()) or 1
-    infos = []
-    for name, rec in served.tiers.items():
-        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
-        lat = {int(b): v["p90_ms"] for b, v in profile["tiers"][name].items()}
-        infos.append(TierInfo(name, acc, lat))
-    return infos
+    return tiers_from_profile(profile, served.tiers)[0]
 
 
 class ModelRuntime:

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TierInfo:
-    """One tier: name, measured accuracy (or a proxy such as its width) and profiled
-    latency in milliseconds per batch size."""
+    """One tier: name, measured accuracy (or a proxy such as its width), the latency to
+    plan with in milliseconds per batch size (a high quantile, p90), and optionally the
+    typical (p50) latency that observed times are compared with."""
 
     name: str
     accuracy: float
     latency_ms: Mapping[int, float]
+    typical_ms: Mapping[int, float] | None = None
 
     @property
     def max_batch(self) -> int:
@@ -42,7 +44,7 @@ class LatencyModel:
             raise ValueError("at least one tier is needed")
         self.tiers = {t.name: t for t in tiers}
         self.alpha = alpha
-        self.factor = {t.name: 1.0 for t in tiers}  # observed / profiled, EWMA
+        self.factor = {t.name: 1.0 for t in tiers}  # observed / profiled typical, EWMA
         self._sizes = {t.name: sorted(t.latency_ms) for t in tiers}
 
     def profiled(self, tier: str, batch: int) -> float:
@@ -55,7 +57,17 @@ class LatencyModel:
     def estimate(self, tier: str, batch: int) -> float:
         return self.profiled(tier, batch) * self.factor[tier]
 
+    def typical(self, tier: str, batch: int) -> float:
+        t = self.tiers[tier]
+        if t.typical_ms is None:
+            return self.profiled(tier, batch)
+        fit = next(b for b in self._sizes[tier] if b >= batch)
+        return t.typical_ms[fit] / 1e3
+
     def observe(self, tier: str, batch: int, seconds: float) -> None:
-        ratio = seconds / max(self.profiled(tier, batch), 1e-9)
+        # Compare with the typical time, not the planning quantile: on an uncontended
+        # machine the factor stays ~1 and the plan keeps its p90 margin; under contention
+        # both scale up together.
+        ratio = seconds / max(self.typical(tier, batch), 1e-9)
         ratio = min(max(ratio, 0.2), 20.0)  # one outlier must not swing the plan wildly
         self.factor[tier] += self.alpha * (ratio - self.factor[tier])

@@ -36,6 +36,8 @@ class Context:
     """What a policy may look at: tiers (most accurate first), latency model, batch limit."""
 
     def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
+        self.arrival_rate = 0.0  # requests/s, kept current by the scheduler
+        self.tight_budget = math.inf  # seconds: a low percentile of recent budgets
         self.tiers = sorted(tiers, key=lambda t: t.accuracy, reverse=True)
         self.rank = {t.name: i for i, t in enumerate(self.tiers)}  # 0 = most accurate
         self.latency = latency
@@ -124,56 +126,85 @@ class SlackFit(Policy):
 
 
 class Planner(Policy):
-    """innfer's policy: the most accurate (tier, batch) for the head of the queue such that
-    *every* queued request can still meet its deadline afterwards.
+    """innfer's policy: plan for the whole queue and for the arrivals still to come.
 
-    Algorithm (per free slot; Q = queue in deadline order, B = max batch):
-      for each tier t allowed for the head, most accurate first,
-        for each batch size b from B down to 1:
-          H = the first requests of Q that t may serve, up to b rows
-          T = now + latency(t, |H|); need T <= min deadline in H
-          the rest R = Q - H is then served greedily in deadline order, each group at its
-          fastest allowed tier in batches of up to B rows, one after another from T
-          (``slots`` slots share the rest); need every group's min deadline >= its finish
-          -> the first (t, b) that passes is chosen (accuracy first, then batch size).
-      If none passes, the whole queue cannot be saved: choose the most accurate (t, b)
-      that at least meets H's own deadline, else the fastest tier for the head alone.
+    Algorithm (per free slot; Q = queue in deadline order, B = max batch, lambda = the
+    recent arrival rate, decayed exponentially):
+      1. Sustainable tiers: a tier t is a candidate only if it keeps up with arrivals at full
+         batches, lambda <= headroom * slots * B / latency(t, B) - otherwise choosing it
+         builds a backlog that later requests pay for (the fastest allowed tier is always a
+         candidate).
+      2. Most accurate first, for each candidate t and batch size b from B down to 1:
+         H = the first requests of Q that t may serve (up to b rows); the batch must finish
+         by min deadline(H); and the rest R = Q - H must then be servable *at t too* (each
+         group of B rows in deadline order, one after another, on ``slots`` slots) - the
+         first (t, b) that passes is chosen: accuracy first, then the largest batch.
+      3. Else relax the plan for R to each group's fastest allowed tier (Q is too deep to
+         stay at one tier; the head still gets the most accurate tier that leaves R
+         feasible).
+      4. Else the whole queue cannot be saved: the most accurate (t, b) that meets H's own
+         deadline, else the fastest tier for the head alone.
     Cost: O(tiers x B x |Q| / B) = O(tiers x |Q|) per decision.
     """
 
     name = "innfer"
 
-    def __init__(self, slots: int = 1) -> None:
+    def __init__(self, slots: int = 1, headroom: float = 0.9) -> None:
         self.slots = slots
+        self.headroom = headroom
 
     def choose(self, queue, now, ctx):
         head = queue[0]
-        fallback = None
-        for tier in ctx.allowed(head):
-            for limit in range(ctx.max_batch, 0, -1):
-                batch = ctx.take(queue, tier, limit)
-                rows = sum(r.rows for r in batch)
-                if rows < limit:
-                    continue  # same batch as a smaller limit; try that one
-                finish = now + ctx.latency.estimate(tier, rows)
-                if finish > min(r.deadline for r in batch):
-                    continue
-                if fallback is None:
-                    fallback = Decision(tier, batch)
-                if self._rest_feasible(queue, batch, finish, now, ctx):
-                    return Decision(tier, batch)
-        if fallback is not None:
-            return fallback
-        tier = ctx.fastest(head)
+        allowed = ctx.allowed(head)
+        sustainable = [t for t in allowed if self._sustainable(t, ctx)] or allowed[-1:]
+        # Keeping up (the whole queue fits in one batch): allow one tier more accurate than
+        # the sustainable ones, so that the mix of tiers - not one tier - matches the load.
+        first = allowed.index(sustainable[0])
+        queued = sum(r.rows for r in queue)
+        candidates = allowed[first - 1 :] if first and queued <= ctx.max_batch else sustainable
+        for rest_at_same_tier in (True, False):
+            tiers = candidates if rest_at_same_tier else allowed
+            for tier in tiers:
+                for batch, finish in self._batches(queue, tier, now, ctx):
+                    plan = tier if rest_at_same_tier else None
+                    if self._rest_feasible(queue, batch, finish, now, ctx, plan):
+                        return Decision(tier, batch)
+        for tier in allowed:
+            for batch, _ in self._batches(queue, tier, now, ctx):
+                return Decision(tier, batch)
+        tier = allowed[-1]
         return Decision(tier, ctx.take(queue, tier, head.rows))
 
-    def _rest_feasible(self, queue, batch, finish, now, ctx) -> bool:
+    def _sustainable(self, tier: str, ctx: Context) -> bool:
+        b = ctx.max_batch
+        capacity = self.slots * b / ctx.latency.estimate(tier, b)
+        return ctx.arrival_rate <= self.headroom * capacity
+
+    @staticmethod
+    def _batches(queue, tier, now, ctx):
+        """(batch, finish) for b = B..1 where the batch alone meets its deadlines, and runs
+        short enough that a request with the tightest recent budget, arriving just after it
+        starts, can still be served on the fastest tier (bounded head-of-line blocking)."""
+        limit_s = ctx.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
+        seen = 0
+        for limit in range(ctx.max_batch, 0, -1):
+            batch = ctx.take(queue, tier, limit)
+            rows = sum(r.rows for r in batch)
+            if not batch or rows == seen:
+                continue
+            seen = rows
+            took = ctx.latency.estimate(tier, rows)
+            if now + took <= min(r.deadline for r in batch) and (took <= limit_s or rows == 1):
+                yield batch, now + took
+
+    def _rest_feasible(self, queue, batch, finish, now, ctx, plan: str | None) -> bool:
         chosen = {id(r) for r in batch}
         rest = [r for r in queue if id(r) not in chosen]
         # Slot i becomes free at free[i]; the chosen batch occupies one slot until `finish`.
         free = [finish] + [now] * (self.slots - 1)
         while rest:
-            tier = ctx.fastest(rest[0])
+            allowed = ctx.allowed(rest[0])
+            tier = plan if plan in allowed else allowed[-1]
             group = ctx.take(rest, tier, ctx.max_batch)
             i = min(range(len(free)), key=free.__getitem__)
             free[i] += ctx.latency.estimate(tier, sum(r.rows for r in group))

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
+from collections import deque
 from collections.abc import Sequence
 
 from .latency import LatencyModel, TierInfo
@@ -46,6 +48,7 @@ class Scheduler:
         max_queue: int,
         slots: int = 1,
         latency: LatencyModel | None = None,
+        rate_window_s: float = 0.5,
     ) -> None:
         self.latency = latency or LatencyModel(tiers)
         self.ctx = Context(tiers, self.latency, max_batch)
@@ -56,6 +59,13 @@ class Scheduler:
         self._keys: list[tuple] = []
         self.running: dict[int, tuple[Decision, float]] = {}  # slot -> (decision, est. end)
         self._seq = itertools.count()
+        # Arrival rate, exponentially decayed with time constant tau: each arrival adds
+        # 1/tau, so the estimate is in requests per second and forgets bursts within ~tau.
+        self._tau = rate_window_s
+        self._rate = 0.0
+        self._rate_at = 0.0
+        self._budgets: deque[float] = deque(maxlen=200)  # recent budgets, for tight_budget
+        self._dispatches = 0
 
     # -- admission -------------------------------------------------------------------------
     def check_constraints(self, r: Request) -> None:
@@ -68,9 +78,16 @@ class Scheduler:
                 f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}"
             )
 
+    def arrival_rate(self, now: float) -> float:
+        """Recent arrivals per second (refused ones included: they are load too)."""
+        return self._rate * math.exp(-max(0.0, now - self._rate_at) / self._tau)
+
     def submit(self, r: Request, now: float) -> None:
         """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
         self.check_constraints(r)
+        self._rate = self.arrival_rate(now) + 1.0 / self._tau
+        self._rate_at = now
+        self._budgets.append(r.deadline - now)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         fastest = self.ctx.fastest(r)
@@ -135,6 +152,10 @@ class Scheduler:
         slot = self.free_slot()
         if slot is None or not self.queue:
             return None
+        self.ctx.arrival_rate = self.arrival_rate(now)
+        if self._budgets and len(self.queue) == 1 or not self._dispatches % 16:
+            self.ctx.tight_budget = _low_percentile(self._budgets)
+        self._dispatches += 1
         decision = self.policy.choose(self.queue, now, self.ctx)
         if decision is None or not decision.requests:
             return None
@@ -167,3 +188,10 @@ class Scheduler:
         i = next(i for i, q in enumerate(self.queue) if q is r)
         del self.queue[i]
         del self._keys[i]
+
+
+def _low_percentile(values, q: float = 0.05) -> float:
+    if not values:
+        return math.inf
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]

@@ -1,0 +1,80 @@
+"""Init-container gate: is the model repository built for the tier sets in this ConfigMap?
+
+Run in the serving image before ``innfer serve``:
+
+    python3 /etc/innfer/check_tiers.py /etc/innfer/server.yaml /etc/innfer
+
+For every ``<model>.model.yaml`` next to the server config, the repository the server
+config names must hold ``<model>/model.yaml`` with the same settings (tiers, widths,
+backends, precision, batch, ...) and, for every tier, the files ``innfer build`` writes
+(``tiers/<tier>/model.onnx`` and ``tier.json``). Exit 0 when all match; otherwise print what
+differs and how to fix it, and exit 1, so a rollout of a new tier set waits (the old pods keep
+serving, maxUnavailable is 0) until the repository has been rebuilt for it. Engines are not
+checked: the server rebuilds missing or stale ones from each tier's ONNX at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from runtime.config import ConfigError, ModelConfig
+from server.config import ServerConfig
+
+SUFFIX = ".model.yaml"
+
+
+def check(server_yaml: Path, tier_dir: Path) -> list[str]:
+    """Problems found (empty: the repository matches every tier set)."""
+    try:
+        repo = ServerConfig.load(server_yaml).repository
+    except ConfigError as exc:
+        return [str(exc)]
+    problems = []
+    wanted = sorted(tier_dir.glob("*" + SUFFIX))
+    if not wanted:
+        return [f"{tier_dir}: no <model>{SUFFIX} tier sets to check"]
+    for path in wanted:
+        model = path.name[: -len(SUFFIX)]
+        try:
+            expected = ModelConfig.load(path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        built_yaml = repo / model / "model.yaml"
+        try:
+            built = ModelConfig.load(built_yaml)
+        except ConfigError as exc:
+            problems.append(f"{exc}: copy {path.name} there and run `innfer build {repo}`")
+            continue
+        expected = dataclasses.replace(expected, name=model)
+        for f in dataclasses.fields(ModelConfig):
+            if f.compare and getattr(built, f.name) != getattr(expected, f.name):
+                problems.append(
+                    f"{built_yaml}: {f.name} is {getattr(built, f.name)!r}, the deployed tier "
+                    f"set {path.name} says {getattr(expected, f.name)!r}: rebuild the "
+                    f"repository for this tier set (`innfer build`) or deploy the one it has"
+                )
+        for tier in expected.tiers:
+            for name in ("model.onnx", "tier.json"):
+                p = repo / model / "tiers" / tier.name / name
+                if not p.is_file():
+                    problems.append(f"{p} is missing: run `innfer build {repo}`")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: check_tiers.py SERVER_YAML TIER_DIR", file=sys.stderr)
+        return 2
+    problems = check(Path(argv[0]), Path(argv[1]))
+    for p in problems:
+        print(f"check_tiers: {p}", file=sys.stderr)
+    if not problems:
+        print(f"check_tiers: repository matches the tier sets in {argv[1]}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

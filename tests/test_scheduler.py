@@ -1,0 +1,603 @@
+"""The pure scheduler (server/scheduling) on a scripted clock with a fake engine.
+
+No threads, no sleeps, no randomness outside hypothesis: time is a float the tests advance,
+and a batch's compute time is the scheduler's own latency estimate (optionally scaled), so
+every run is reproducible. ``drive`` is a small event-driven simulator: arrivals at given
+times; at every event completions are reported first, then arrivals are submitted, then
+``expire(now)`` runs, then every free slot is filled with ``next(now)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.scheduling import (
+    Context,
+    Decision,
+    FixedTier,
+    LatencyModel,
+    Planner,
+    Refused,
+    Request,
+    Scheduler,
+    SlackFit,
+    State,
+    TierInfo,
+    make_policy,
+)
+
+MS = 1e-3
+
+TIERS = [
+    TierInfo("w100", 0.99, {1: 4.0, 2: 6.0, 4: 10.0, 8: 18.0}),
+    TierInfo("w075", 0.985, {1: 3.0, 2: 4.5, 4: 7.5, 8: 13.5}),
+    TierInfo("w050", 0.97, {1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0}),
+    TierInfo("w025", 0.93, {1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}),
+]
+NAMES = [t.name for t in TIERS]  # most accurate first
+ACCURACY = {t.name: t.accuracy for t in TIERS}
+FULL, SMALLEST = "w100", "w025"
+POLICY_NAMES = ["innfer", "slackfit", "fixed:w100", "fixed:w050", "fixed:w025"]
+
+
+def make(policy: str = "innfer", *, slots: int = 1, max_batch: int = 8, max_queue: int = 256):
+    return Scheduler(
+        TIERS,
+        make_policy(policy, TIERS, slots),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        slots=slots,
+    )
+
+
+# -- the driver ------------------------------------------------------------------------------
+@dataclass
+class Arrival:
+    t: float
+    budget: float
+    rows: int = 1
+    pin: str | None = None
+    min_tier: str | None = None
+    priority: int = 0
+
+
+@dataclass
+class Run:
+    requests: list[Request] = field(default_factory=list)  # every submitted request, by id
+    refused: dict[int, State] = field(default_factory=dict)  # id -> Refused.state at submit
+    decisions: list[tuple[float, Decision, float]] = field(default_factory=list)  # start, d, end
+    expired: list[Request] = field(default_factory=list)  # everything expire() returned
+    idle: int = 0  # next() returned None although a slot was free and the queue was not empty
+    max_queue_len: int = 0
+
+    def served(self) -> list[Request]:
+        return [r for r in self.requests if r.state == State.SERVED]
+
+    def on_time(self) -> list[Request]:
+        return [r for r in self.served() if r.finished <= r.deadline]
+
+    def tiers(self) -> Counter:
+        return Counter(r.tier for r in self.served())
+
+
+def exact(sched: Scheduler, d: Decision, now: float) -> float:
+    """The fake engine: exactly what the scheduler estimates."""
+    return sched.latency.estimate(d.tier, d.rows)
+
+
+def drive(
+    sched: Scheduler,
+    arrivals: Sequence[Arrival],
+    compute: Callable[[Scheduler, Decision, float], float] = exact,
+    rng: random.Random | None = None,
+) -> Run:
+    """Run ``arrivals`` through ``sched`` until nothing is queued or running."""
+    run = Run()
+    pending = sorted(enumerate(arrivals), key=lambda ia: (ia[1].t, ia[0]))
+    running: list[tuple[float, Decision, float]] = []  # (end, decision, compute seconds)
+    i, now = 0, 0.0
+    for _step in range(100_000):
+        times = [e for e, _, _ in running]
+        if i < len(pending):
+            times.append(pending[i][1].t)
+        if not times:
+            if not sched.queue:
+                return run
+            # Nothing will happen by itself: the policy left every slot idle with work
+            # queued. Jump to the earliest deadline so that expire() makes progress.
+            times.append(min(r.deadline for r in sched.queue))
+        now = max(now, min(times))
+        done = [x for x in running if x[0] <= now]
+        if rng is not None:
+            rng.shuffle(done)  # any completion order among simultaneous ends
+        for x in done:
+            running.remove(x)
+            sched.complete(x[1], now, x[2])
+        while i < len(pending) and pending[i][1].t <= now:
+            a = pending[i][1]
+            r = Request(
+                len(run.requests),
+                arrival=now,
+                deadline=now + a.budget,
+                rows=a.rows,
+                pin=a.pin,
+                min_tier=a.min_tier,
+                priority=a.priority,
+            )
+            run.requests.append(r)
+            try:
+                sched.submit(r, now)
+            except Refused as exc:
+                run.refused[r.id] = exc.state
+            run.max_queue_len = max(run.max_queue_len, len(sched.queue))
+            i += 1
+        run.expired += sched.expire(now)
+        while sched.free_slot() is not None and sched.queue:
+            d = sched.next(now)
+            if d is None:
+                run.idle += 1
+                break
+            c = compute(sched, d, now)
+            running.append((now + c, d, c))
+            run.decisions.append((now, d, now + c))
+    raise AssertionError("the driver did not finish")
+
+
+def check_invariants(run: Run, sched: Scheduler) -> None:
+    """What must hold after any run, whatever the policy, load or engine timing."""
+    ctx = sched.ctx
+    assert not sched.queue and not sched.running
+    in_decisions = Counter(id(r) for _, d, _ in run.decisions for r in d.requests)
+    assert all(n == 1 for n in in_decisions.values()), "a request ran in two decisions"
+    for _, d, _ in run.decisions:
+        assert d.requests, "an empty decision was started"
+        assert d.rows <= ctx.max_batch
+        for r in d.requests:
+            assert d.tier in ctx.allowed(r), (d.tier, r.pin, r.min_tier)
+    expired = Counter(id(r) for r in run.expired)
+    assert all(n == 1 for n in expired.values()), "a request expired twice"
+    for r in run.requests:
+        if r.id in run.refused:
+            assert run.refused[r.id] in (State.REFUSED_FULL, State.REFUSED_DEADLINE)
+            assert r.state == State.QUEUED and r.finished is None  # never entered
+            assert id(r) not in in_decisions and id(r) not in expired
+            continue
+        assert r.state.final, (r.id, r.state)
+        assert r.state in (State.SERVED, State.REFUSED_DEADLINE)
+        if r.state == State.SERVED:
+            assert in_decisions[id(r)] == 1 and id(r) not in expired
+            (start, d, end) = next(x for x in run.decisions if r in x[1].requests)
+            assert (r.tier, r.started, r.finished, r.batch_size) == (d.tier, start, end, d.rows)
+        else:
+            assert expired[id(r)] == 1 and id(r) not in in_decisions
+            assert r.finished > r.deadline - sched.latency.estimate(ctx.fastest(r), r.rows)
+
+
+def tiers_of(run: Run) -> list[str]:
+    return [d.tier for _, d, _ in run.decisions]
+
+
+# -- 1. light load ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["innfer", "slackfit"])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_light_load_serves_everything_on_the_full_tier(policy, slots):
+    sched = make(policy, slots=slots)
+    arrivals = [Arrival(0.1 * k, 0.050, rows=1 + k % 8) for k in range(20)]
+    run = drive(sched, arrivals)
+    check_invariants(run, sched)
+    assert not run.refused and not run.expired and run.idle == 0
+    assert len(run.on_time()) == 20
+    assert set(tiers_of(run)) == {FULL}
+    assert [len(d.requests) for _, d, _ in run.decisions] == [1] * 20
+
+
+# -- 2. burst, degradation, recovery ---------------------------------------------------------
+BURST = [Arrival(0.0, 0.060) for _ in range(40)]  # 40 rows: 90 ms on w100, 22.5 ms on w025
+AFTER = [Arrival(0.2 + 0.1 * k, 0.050, rows=2) for k in range(5)]
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_burst_degrades_meets_deadlines_and_recovers(slots):
+    sched = make("innfer", slots=slots)
+    run = drive(sched, BURST + AFTER)
+    check_invariants(run, sched)
+    assert not run.refused and not run.expired
+    burst, after = run.requests[:40], run.requests[40:]
+    assert all(r.state == State.SERVED and r.finished <= r.deadline for r in run.requests)
+    used = Counter(r.tier for r in burst)
+    assert used[FULL] > 0, "the planner should not give up the full tier for the whole burst"
+    assert sum(n for t, n in used.items() if t != FULL) > 0, "the burst must degrade"
+    assert {r.tier for r in after} == {FULL}, "after the burst the full tier comes back"
+    # The full tier alone could not have done it: 40 rows need 5 x 18 ms > 60 ms on 1 slot.
+    if slots == 1:
+        assert 5 * sched.latency.estimate(FULL, 8) > 0.060
+
+
+def test_burst_on_the_full_tier_alone_misses():
+    """The control for the test above: refusing to degrade loses requests."""
+    sched = make("fixed:w100")
+    run = drive(sched, BURST)
+    check_invariants(run, sched)
+    assert len(run.on_time()) < 40
+
+
+# -- 3. admission: impossible budgets --------------------------------------------------------
+def test_budget_below_the_fastest_tier_is_refused():
+    sched = make()
+    r = Request(1, arrival=0.0, deadline=0.5 * MS)  # w025 needs 1 ms
+    with pytest.raises(Refused) as exc:
+        sched.submit(r, now=0.0)
+    assert exc.value.state == State.REFUSED_DEADLINE
+    assert "fastest" in str(exc.value)
+    assert not sched.queue and r.state == State.QUEUED and r.finished is None
+    # Exactly the fastest tier's latency is enough ...
+    sched.submit(Request(2, arrival=0.0, deadline=1 * MS), now=0.0)
+    # ... measured on the fastest tier *the request allows*.
+    with pytest.raises(Refused) as exc:
+        sched.submit(Request(3, arrival=0.0, deadline=3.5 * MS, pin="w100"), now=0.0)
+    assert exc.value.state == State.REFUSED_DEADLINE
+    with pytest.raises(Refused):
+        sched.submit(Request(4, arrival=0.0, deadline=2.9 * MS, min_tier="w075"), now=0.0)
+    sched.submit(Request(5, arrival=0.0, deadline=3.0 * MS, min_tier="w075"), now=0.0)
+    # The budget counts from `now`, not from the request's arrival.
+    with pytest.raises(Refused):
+        sched.submit(Request(6, arrival=0.0, deadline=0.0105), now=0.010)
+    assert len(sched.queue) == 2
+
+
+def test_deadline_impossible_behind_the_queue_is_refused():
+    sched = make()
+    # Eight full batches with one deadline: 8 x 4.5 ms = 36 ms on w025, so each fits.
+    for k in range(8):
+        sched.submit(Request(k, arrival=0.0, deadline=0.0365, rows=8), now=0.0)
+    late = Request(8, arrival=0.0, deadline=0.0365)  # alone: 1 ms; behind the queue: 37 ms
+    with pytest.raises(Refused) as exc:
+        sched.submit(late, now=0.0)
+    assert exc.value.state == State.REFUSED_DEADLINE
+    assert "queued" in str(exc.value)
+    assert len(sched.queue) == 8 and late not in sched.queue
+    # An earlier deadline goes to the head of the queue, so the same request fits ...
+    sched.submit(Request(9, arrival=0.0, deadline=0.0100), now=0.0)
+    # ... and so does a more urgent one, which jumps the queue.
+    sched.submit(Request(10, arrival=0.0, deadline=0.0365, priority=1), now=0.0)
+    assert [r.id for r in sched.queue[:2]] == [10, 9]
+
+
+def test_running_batch_counts_for_admission():
+    sched = make(slots=1)
+    sched.submit(Request(0, arrival=0.0, deadline=1.0, rows=8), now=0.0)
+    d = sched.next(0.0)
+    assert (d.tier, d.rows) == (FULL, 8)  # busy until 18 ms
+    with pytest.raises(Refused) as exc:
+        sched.submit(Request(1, arrival=0.001, deadline=0.011), now=0.001)
+    assert exc.value.state == State.REFUSED_DEADLINE
+    sched.submit(Request(2, arrival=0.001, deadline=0.020), now=0.001)  # 18 + 1 ms fits
+    # A second slot is free now, so the same tight request fits there.
+    two = make(slots=2)
+    two.submit(Request(0, arrival=0.0, deadline=1.0, rows=8), now=0.0)
+    two.next(0.0)
+    two.submit(Request(1, arrival=0.001, deadline=0.011), now=0.001)
+
+
+def test_admission_finish_is_the_new_requests_own_group():
+    """Admission estimates when *the new request* finishes; a pinned request queued ahead
+    that runs after it (in its own, later group) does not delay it."""
+    sched = make(slots=1)
+    sched.submit(Request(0, arrival=0.0, deadline=1.0, min_tier="w100", priority=1), now=0.0)
+    sched.submit(Request(1, arrival=0.0, deadline=1.0, pin="w025", rows=8, priority=1), now=0.0)
+    # Fastest-tier plan: [0, 2] on w100 (2 rows, 6 ms), then [1] on w025 (4.5 ms).
+    r = Request(2, arrival=0.0, deadline=0.008)
+    sched.submit(r, now=0.0)
+    assert r in sched.queue
+
+
+# -- 4. pins and minimum tiers ---------------------------------------------------------------
+def test_unknown_tiers_and_oversized_requests_are_errors():
+    sched = make(max_batch=4)
+    with pytest.raises(KeyError, match="w033"):
+        sched.submit(Request(1, arrival=0.0, deadline=1.0, pin="w033"), now=0.0)
+    with pytest.raises(KeyError, match="w033"):
+        sched.submit(Request(2, arrival=0.0, deadline=1.0, min_tier="w033"), now=0.0)
+    with pytest.raises(ValueError, match="maximum batch is 4"):
+        sched.submit(Request(3, arrival=0.0, deadline=1.0, rows=5), now=0.0)
+    sched.submit(Request(4, arrival=0.0, deadline=1.0, rows=4), now=0.0)
+    assert [r.id for r in sched.queue] == [4]
+
+
+def test_allowed_tiers_follow_accuracy_not_the_given_order():
+    ctx = Context(list(reversed(TIERS)), LatencyModel(TIERS), 8)
+    assert ctx.allowed(Request(0, 0.0, 1.0)) == NAMES
+    assert ctx.allowed(Request(0, 0.0, 1.0, min_tier="w075")) == ["w100", "w075"]
+    assert ctx.allowed(Request(0, 0.0, 1.0, pin="w050")) == ["w050"]
+    assert ctx.fastest(Request(0, 0.0, 1.0, min_tier="w050")) == "w050"
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_pins_and_min_tiers_hold_under_pressure(policy):
+    kinds = [{}, {"pin": "w050"}, {"min_tier": "w075"}, {}, {"pin": "w100"}]
+    arrivals = [Arrival(0.0, 0.060, rows=1 + k % 3, **kinds[k % 5]) for k in range(30)]
+    arrivals += [Arrival(0.1 + 0.02 * k, 0.040, **kinds[k % 5]) for k in range(10)]
+    sched = make(policy, slots=2)
+    run = drive(sched, arrivals)
+    check_invariants(run, sched)
+    assert run.served()
+    for r in run.served():
+        if r.pin is not None:
+            assert r.tier == r.pin
+        if r.min_tier == "w075":
+            assert r.tier in ("w100", "w075")
+    # Pinned requests are served, not only refused.
+    assert any(r.pin == "w050" for r in run.served())
+    if policy == "innfer":  # the pressure is real: unconstrained requests were degraded
+        assert any(r.tier in ("w050", "w025") for r in run.served() if not (r.pin or r.min_tier))
+
+
+def test_a_large_request_the_tier_cannot_run_does_not_cut_the_batch_short():
+    """``Context.take`` batches the requests a tier may serve; one pinned elsewhere is not
+    in the way even when it would not fit the batch."""
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    a = Request(0, 0.0, 1.0)
+    x = Request(1, 0.0, 1.0, rows=8, pin="w025")
+    b = Request(2, 0.0, 1.0)
+    assert ctx.take([a, x, b], "w100", 8) == [a, b]
+    assert ctx.take([a, x, b], "w025", 8) == [a]  # deadline order: x does not fit after a
+    sched = Scheduler(TIERS, FixedTier("w100"), max_batch=8, max_queue=8)
+    for r in (a, x, b):
+        sched.submit(r, now=0.0)
+    assert sched.next(0.0).requests == [a, b]
+
+
+# -- 5. queue bound ---------------------------------------------------------------------------
+def test_queue_bound_refuses_the_next_request():
+    sched = make(max_queue=4)
+    for k in range(4):
+        sched.submit(Request(k, arrival=0.0, deadline=1.0), now=0.0)
+    extra = Request(4, arrival=0.0, deadline=1.0)
+    with pytest.raises(Refused) as exc:
+        sched.submit(extra, now=0.0)
+    assert exc.value.state == State.REFUSED_FULL
+    assert len(sched.queue) == 4 and extra.state == State.QUEUED
+    # Dispatch frees room (the running batch is not in the queue).
+    sched.next(0.0)
+    sched.submit(extra, now=0.0)
+    assert sched.queue == [extra]
+
+
+@pytest.mark.parametrize("policy", ["innfer", "slackfit"])
+def test_queue_never_exceeds_its_bound(policy):
+    sched = make(policy, max_queue=5)
+    arrivals = [Arrival(0.002 * (k // 10), 0.5, rows=8) for k in range(60)]
+    run = drive(sched, arrivals)
+    check_invariants(run, sched)
+    assert run.max_queue_len == 5
+    full = [i for i, s in run.refused.items() if s == State.REFUSED_FULL]
+    assert full, "the bound never bit"
+    assert len(run.served()) + len(run.refused) + len(run.expired) == 60
+
+
+# -- 6. priorities ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_higher_priority_is_dispatched_first(policy):
+    sched = make(policy)
+    low = [Request(k, arrival=0.0, deadline=0.5 + 0.01 * k, rows=8) for k in range(3)]
+    high = Request(3, arrival=0.001, deadline=0.9, rows=8, priority=2)
+    mid = Request(4, arrival=0.002, deadline=0.95, rows=8, priority=1)
+    for r in low:
+        sched.submit(r, now=0.0)
+    sched.submit(high, now=0.001)
+    sched.submit(mid, now=0.002)
+    order = []
+    now = 0.002
+    while sched.queue:
+        d = sched.next(now)
+        order += [r.id for r in d.requests]
+        now += sched.latency.estimate(d.tier, d.rows)
+        sched.complete(d, now, sched.latency.estimate(d.tier, d.rows))
+    assert order == [3, 4, 0, 1, 2]
+    assert all(r.state == State.SERVED for r in [*low, high, mid])
+
+
+def test_higher_priority_shares_a_batch_before_lower_ones():
+    sched = make(max_batch=2)
+    low = [Request(k, arrival=0.0, deadline=0.5) for k in range(3)]
+    for r in low:
+        sched.submit(r, now=0.0)
+    high = Request(9, arrival=0.0, deadline=0.9, priority=1)
+    sched.submit(high, now=0.0)
+    assert sched.next(0.0).requests == [high, low[0]]
+
+
+# -- 7. expiry -------------------------------------------------------------------------------
+def test_request_expires_in_the_queue_exactly_once():
+    sched = make(slots=1)
+    slow = 0.040  # the engine takes 40 ms for a batch the model says takes 18 ms
+
+    def engine(s, d, now):
+        return slow if d.rows == 8 else exact(s, d, now)
+
+    arrivals = [Arrival(0.0, 1.0, rows=8), Arrival(0.001, 0.024), Arrival(0.030, 0.5)]
+    run = drive(sched, arrivals, compute=engine)
+    check_invariants(run, sched)
+    big, victim, later = run.requests
+    assert 2 not in run.refused and 1 not in run.refused  # admitted: 18 + 1 ms < 24 ms
+    assert run.expired == [victim]
+    assert victim.state == State.REFUSED_DEADLINE
+    # Expired at the first event at which it could no longer make it (the 30 ms arrival).
+    assert victim.finished == pytest.approx(0.030)
+    assert big.state == later.state == State.SERVED
+    assert sched.expire(1.0) == [] and not sched.cancel(victim, 1.0)
+
+
+def test_expire_by_hand():
+    sched = make()
+    r = Request(0, arrival=0.0, deadline=0.010)
+    sched.submit(r, now=0.0)
+    assert sched.expire(0.0089) == []  # 8.9 + 1 ms on w025 still fits
+    assert sched.expire(0.0095) == [r]
+    assert r.state == State.REFUSED_DEADLINE and r.finished == 0.0095 and not sched.queue
+    assert sched.expire(0.0095) == [] and sched.next(0.0095) is None
+    with pytest.raises(RuntimeError, match="finished twice"):
+        r.finish(State.SERVED, 0.02)
+
+
+# -- 8. cancel -------------------------------------------------------------------------------
+def test_cancel_queued_and_running():
+    sched = make(max_batch=1)
+    a, b = Request(0, 0.0, 1.0), Request(1, 0.0, 1.0)
+    sched.submit(a, now=0.0)
+    sched.submit(b, now=0.0)
+    d = sched.next(0.0)
+    assert d.requests == [a] and a.state == State.RUNNING
+    assert sched.cancel(a, 0.001) is False and a.state == State.RUNNING
+    assert sched.cancel(b, 0.001) is True
+    assert b.state == State.CANCELLED and b.finished == 0.001
+    assert not sched.queue and sched.next(0.001) is None
+    assert sched.cancel(b, 0.002) is False  # already final
+    sched.complete(d, 0.004, 0.004)
+    assert a.state == State.SERVED and sched.cancel(a, 0.005) is False
+    # The queue still works after removals from the middle.
+    reqs = [Request(k, 0.0, 1.0 + k) for k in range(2, 6)]
+    for r in reqs:
+        sched.submit(r, now=0.01)
+    assert sched.cancel(reqs[1], 0.01) and sched.cancel(reqs[2], 0.01)
+    assert sched.queue == [reqs[0], reqs[3]]
+    assert len(sched._keys) == 2
+
+
+def test_failed_batch_finishes_failed_and_does_not_teach_the_latency_model():
+    sched = make()
+    sched.submit(Request(0, 0.0, 1.0), now=0.0)
+    d = sched.next(0.0)
+    sched.complete(d, 0.5, 0.0, ok=False)
+    assert d.requests[0].state == State.FAILED
+    assert sched.latency.factor[d.tier] == 1.0 and not sched.running
+
+
+def test_latency_model_learns_a_slow_engine():
+    sched = make()
+    sched.submit(Request(0, 0.0, 1.0), now=0.0)
+    d = sched.next(0.0)
+    sched.complete(d, 0.008, 0.008)  # twice the profile
+    assert sched.latency.estimate(d.tier, 1) == pytest.approx(0.004 * 1.2)
+    # A pinned tier that slows down refuses what it can no longer make.
+    for _ in range(20):
+        sched.latency.observe("w050", 1, 0.006)
+    with pytest.raises(Refused):
+        sched.submit(Request(1, 0.0, 0.005, pin="w050"), now=0.0)
+
+
+# -- SlackFit details ------------------------------------------------------------------------
+def test_slackfit_never_leaves_the_head_waiting():
+    """A 2-row head with 4.2 ms of slack: w100 fits only a 1-row batch, which the head is
+    not in. SlackFit must still serve the head (here on w050: 3 ms)."""
+    sched = make("slackfit")
+    head = Request(0, arrival=0.0, deadline=0.0042, rows=2)
+    sched.submit(head, now=0.0)
+    d = sched.next(0.0)
+    assert d is not None and d.requests == [head] and d.tier == "w050"
+
+
+def test_slackfit_batches_multi_row_requests():
+    sched = make("slackfit")
+    reqs = [Request(0, 0.0, 1.0, rows=1), Request(1, 0.0, 1.0, rows=2)]
+    for r in reqs:
+        sched.submit(r, now=0.0)
+    d = sched.next(0.0)
+    assert d.requests == reqs and d.tier == FULL
+
+
+# -- 9. properties ---------------------------------------------------------------------------
+constraint = st.sampled_from(
+    [{}] * 4 + [{"pin": n} for n in NAMES] + [{"min_tier": n} for n in NAMES[:3]]
+)
+arrival = st.builds(
+    lambda gap, budget, rows, c, prio: (gap, budget, rows, c, prio),
+    st.floats(0.0, 0.020),
+    st.floats(0.0005, 0.080),
+    st.integers(1, 8),
+    constraint,
+    st.integers(0, 2),
+)
+
+
+def arrivals_from(spec, max_batch):
+    t, out = 0.0, []
+    for gap, budget, rows, c, prio in spec:
+        t += gap
+        out.append(Arrival(t, budget, rows=min(rows, max_batch), priority=prio, **c))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=st.lists(arrival, min_size=1, max_size=30),
+    policy=st.sampled_from(POLICY_NAMES),
+    slots=st.integers(1, 3),
+    max_batch=st.sampled_from([1, 2, 4, 8]),
+    max_queue=st.integers(1, 40),
+    noise=st.booleans(),
+    rng=st.randoms(use_true_random=False),
+)
+def test_every_request_is_answered_exactly_once(
+    spec, policy, slots, max_batch, max_queue, noise, rng
+):
+    sched = make(policy, slots=slots, max_batch=max_batch, max_queue=max_queue)
+
+    def engine(s, d, now):
+        est = s.latency.estimate(d.tier, d.rows)
+        # Coarse multipliers make simultaneous ends (and so shuffled completions) common.
+        return est * rng.choice([0.5, 1.0, 1.0, 2.0, 3.0]) if noise else est
+
+    run = drive(sched, arrivals_from(spec, max_batch), compute=engine, rng=rng)
+    check_invariants(run, sched)
+    assert run.idle == 0, "a slot stayed idle while requests waited"
+    assert run.max_queue_len <= max_queue
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.lists(arrival, min_size=1, max_size=30), max_batch=st.sampled_from([2, 4, 8]))
+def test_innfer_with_exact_latencies_meets_every_deadline_it_serves(spec, max_batch):
+    sched = make("innfer", slots=1, max_batch=max_batch)
+    run = drive(sched, arrivals_from(spec, max_batch))
+    check_invariants(run, sched)
+    for r in run.served():
+        assert r.finished <= r.deadline, (r.id, r.tier, r.finished, r.deadline)
+
+
+# -- 10. innfer vs SlackFit ------------------------------------------------------------------
+def scorecard(run: Run) -> tuple[float, int]:
+    """(mean accuracy over requests served on time, requests not served on time)."""
+    ok = run.on_time()
+    acc = sum(ACCURACY[r.tier] for r in ok) / len(ok) if ok else 0.0
+    return acc, len(run.requests) - len(ok)
+
+
+SCRIPTED_BURSTS = {
+    "one burst": BURST + AFTER,
+    "two bursts, mixed rows": [Arrival(0.0, 0.050, rows=1 + k % 4) for k in range(24)]
+    + [Arrival(0.080, 0.040, rows=2) for _ in range(12)]
+    + [Arrival(0.2 + 0.05 * k, 0.030) for k in range(4)],
+    "trickle then burst": [Arrival(0.005 * k, 0.030) for k in range(10)]
+    + [Arrival(0.050, 0.045) for _ in range(30)],
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCRIPTED_BURSTS))
+def test_innfer_beats_slackfit_on_a_burst(scenario):
+    cards = {}
+    for policy in ("innfer", "slackfit"):
+        sched = make(policy)
+        run = drive(sched, SCRIPTED_BURSTS[scenario])
+        check_invariants(run, sched)
+        cards[policy] = scorecard(run)
+    (acc_i, miss_i), (acc_s, miss_s) = cards["innfer"], cards["slackfit"]
+    assert miss_i <= miss_s, cards
+    assert acc_i >= acc_s, cards
+    assert miss_i == 0, cards  # every one of these bursts can be served in full
