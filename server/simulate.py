@@ -15,7 +15,8 @@ The engine model draws each batch's time as the profiled p50 times a log-normal 
 correction - exactly as in the server.
 
 Example:
-    >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 6.0})]
+    >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}),
+    ...          TierInfo("w050", 0.97, {1: 2.0, 8: 6.0})]
     >>> r = simulate(tiers, {"w100": {1: 3.5, 8: 14.0}, "w050": {1: 1.6, 8: 5.0}},
     ...              SimConfig(load=0.5, duration_s=5))
     >>> r.summary["slo_attainment"] > 0.99

@@ -153,7 +153,7 @@ class Scheduler:
         if slot is None or not self.queue:
             return None
         self.ctx.arrival_rate = self.arrival_rate(now)
-        if self._budgets and len(self.queue) == 1 or not self._dispatches % 16:
+        if (self._budgets and len(self.queue) == 1) or not self._dispatches % 16:
             self.ctx.tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
         decision = self.policy.choose(self.queue, now, self.ctx)
