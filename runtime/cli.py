@@ -135,6 +135,101 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_range(text: str) -> tuple[float, float]:
+    try:
+        lo, _, hi = text.partition(":")
+        lo_f, hi_f = float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be LO:HI in ms, got {text!r}") from None
+    if not 0 < lo_f <= hi_f:
+        raise argparse.ArgumentTypeError(f"budget must satisfy 0 < LO <= HI, got {text!r}")
+    return lo_f, hi_f
+
+
+def _sim_config(args: argparse.Namespace, policy: str):
+    from server.simulate import SimConfig
+
+    return SimConfig(
+        policy=policy, trace=args.trace, load=args.load, cv2=args.cv2,
+        duration_s=args.duration, budget_ms=args.budget, seed=args.seed, noise=args.noise,
+        slots=args.slots, trace_file=args.trace_file,
+    )  # fmt: skip
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from server.simulate import format_summary, plot_timeline, simulate, tiers_from_model_dir
+
+    tiers, p50 = tiers_from_model_dir(args.model_dir)
+    policies = args.policy or ["innfer", "slackfit"]
+    results = {}
+    for policy in policies:
+        result = simulate(tiers, p50, _sim_config(args, policy))
+        results[policy] = result.to_json()
+        print(format_summary(result.summary, f"{policy} ({args.trace}, load {args.load}x)"))
+        if args.plot:
+            path = Path(args.plot)
+            if len(policies) > 1:
+                path = path.with_name(f"{path.stem}-{policy.replace(':', '_')}{path.suffix}")
+            plot_timeline(result, tiers, path)
+            print(f"  plot            {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    import numpy as np
+
+    from runtime.config import ModelConfig
+    from runtime.profiling import random_feeds
+    from server.loadgen import run_load
+    from server.simulate import full_capacity, make_trace, tiers_from_model_dir
+
+    tiers, p50 = tiers_from_model_dir(args.model_dir)
+    config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
+    cfg = _sim_config(args, "innfer")
+    rate = args.load * full_capacity(tiers, p50, config.max_batch, args.slots)
+    arrivals = make_trace(cfg, rate)[: args.max_requests]
+    rng = np.random.default_rng(args.seed + 1)
+    budgets = rng.uniform(args.budget[0], args.budget[1], len(arrivals)) / 1e3
+    inputs = random_feeds(config.inputs, 1)
+    name = args.model or Path(args.model_dir).name
+    accuracy = {t.name: t.accuracy for t in tiers}
+    print(f"sending {len(arrivals)} requests at {rate:.1f}/s to {args.address} ({name})")
+    report = asyncio.run(
+        run_load(args.address, name, arrivals, budgets, inputs, args.duration, accuracy)
+    )
+    s = report.summary
+    print(f"  SLO attainment  {s['slo_attainment']:.2%}")
+    acc = s["mean_served_accuracy"]
+    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}")
+    print(f"  tier mix        {', '.join(f'{k} {v:.0%}' for k, v in s['tier_mix'].items())}")
+    print(f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms")
+    print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(s, indent=1))
+    return 0
+
+
+def _add_trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", type=Path, help="a built model: <repo>/<model>")
+    p.add_argument("--trace", default="poisson", choices=["poisson", "gamma", "varying", "file"])
+    p.add_argument("--trace-file", help="timestamps in seconds, one per line (--trace file)")
+    p.add_argument("--cv2", type=float, default=1.0, help="gamma trace: squared CV")
+    p.add_argument("--load", type=float, default=1.0, help="x the full tier's capacity")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, default=0.05, help="engine time log-normal sigma")
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--json", help="write the figures as JSON")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .model import load
 
@@ -178,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("simulate", help="simulate the scheduler with a model's profile")
+    _add_trace_args(sim)
+    sim.add_argument("--policy", action="append", help="innfer | slackfit | fixed:<tier>")
+    sim.add_argument("--plot", help="PNG over time (load, tier mix, latency)")
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", help="live open-loop load against a server (loopback)")
+    _add_trace_args(bench)
+    bench.add_argument("--address", default="127.0.0.1:8001")
+    bench.add_argument("--model", help="model name (default: the directory's name)")
+    bench.add_argument("--max-requests", type=int, default=20000)
+    bench.set_defaults(func=cmd_bench)
 
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)

@@ -1,0 +1,216 @@
+"""Scheduler benchmark: simulated policies across loads and traces, a live check of the
+simulator against the real server, and the scheduler's own cost per decision.
+
+Model: the ResNet-18-like CNN (bench/models.py) at 64x64 input, tiers 100/75/50/25 % width
+(multiples of 8), built with `innfer build` on this machine (ONNX Runtime, 1 thread,
+max batch 8) - its profile.json drives both the simulator and the scheduler. Its weights
+are untrained, so tier "accuracy" is the FLOPs fraction (the server's documented proxy when
+no evaluation set is given): mean served accuracy here reads as "mean served size".
+
+  1. simulation: policies innfer, slackfit, fixed:w100, fixed:w025; loads 0.5-3x the full
+     tier's capacity; traces poisson, gamma (cv2 1, 4, 8), varying; budgets 20-100 ms
+  2. live: `innfer serve` + the open-loop generator at --live-load x capacity, Poisson,
+     vs the simulator's prediction for the same trace and profile
+  3. overhead: median / p99 time of one innfer decision with 1,000 queued requests
+Writes bench/results/scheduler.json and scheduler.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import runtime
+from bench.models import ResNet18Like
+from runtime.build import add_model, build_model
+from runtime.profiling import random_feeds
+from runtime.repository import Repository
+from server.loadgen import run_load
+from server.scheduling import Request, Scheduler, make_policy
+from server.simulate import (
+    SimConfig,
+    full_capacity,
+    make_trace,
+    simulate,
+    tiers_from_model_dir,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+REPO = ROOT / "runs" / "bench-scheduler"
+POLICIES = ("innfer", "slackfit", "fixed:w100", "fixed:w025")
+LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
+TRACES = (("poisson", 1.0), ("gamma", 1.0), ("gamma", 4.0), ("gamma", 8.0), ("varying", 1.0))
+
+
+def build_repo() -> Path:
+    model_dir = REPO / "resnet18"
+    if (model_dir / "profile.json").is_file():
+        return model_dir
+    torch.manual_seed(0)
+    net = ResNet18Like(num_classes=10).eval()
+    inn = runtime.convert(net, (torch.randn(1, 3, 64, 64),), permute=False)
+    tiers = [{"name": f"w{round(w * 100):03d}", "width": w} for w in (1.0, 0.75, 0.5, 0.25)]
+    add_model(REPO, "resnet18", inn, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [3, 64, 64]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": tiers, "max_batch": 8, "threads": 1, "multiple_of": 8,
+        "default_latency_budget_ms": 100, "max_queue": 1000,
+    })  # fmt: skip
+    build_model(Repository(REPO), "resnet18", progress=True, repeats=30)
+    return model_dir
+
+
+def simulations(model_dir: Path, duration: float) -> list[dict]:
+    tiers, p50 = tiers_from_model_dir(model_dir)
+    rows = []
+    for trace, cv2 in TRACES:
+        for load in LOADS:
+            for policy in POLICIES:
+                cfg = SimConfig(policy=policy, trace=trace, cv2=cv2, load=load,
+                                duration_s=duration, budget_ms=(20, 100), seed=0)  # fmt: skip
+                s = simulate(tiers, p50, cfg).summary
+                rows.append({"policy": policy, "trace": f"{trace}" + (f"-cv{cv2:g}" if
+                             trace == "gamma" else ""), "load": load, **s})  # fmt: skip
+    return rows
+
+
+def live(model_dir: Path, load: float, duration: float) -> dict:
+    tiers, p50 = tiers_from_model_dir(model_dir)
+    cfg = SimConfig(policy="innfer", trace="poisson", load=load, duration_s=duration,
+                    budget_ms=(20, 100), seed=1)  # fmt: skip
+    predicted = simulate(tiers, p50, cfg).summary
+    rate = load * full_capacity(tiers, p50, 8, 1)
+    arrivals = make_trace(cfg, rate)
+    budgets = np.random.default_rng(cfg.seed + 1).uniform(20, 100, len(arrivals)) / 1e3
+    log = OUT / "scheduler-live-server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(REPO),
+             "--port", "18931", "--metrics-port", "0"],
+            stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    try:
+        _wait_ready(log, proc)
+        inputs = random_feeds(Repository(REPO).config("resnet18").inputs, 1)
+        accuracy = {t.name: t.accuracy for t in tiers}
+        report = asyncio.run(run_load("127.0.0.1:18931", "resnet18", arrivals, budgets, inputs,
+                                      max_seconds=duration + 5, accuracy=accuracy))  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return {"load": load, "rate_per_s": rate, "predicted": predicted, "measured": report.summary}
+
+
+def _wait_ready(log: Path, proc, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if '"msg": "ready:' in log.read_text():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.2)
+    raise TimeoutError("server did not become ready")
+
+
+def overhead(model_dir: Path, queue: int = 1000, decisions: int = 300) -> dict:
+    tiers, _ = tiers_from_model_dir(model_dir)
+    out = {}
+    for policy in ("innfer", "slackfit"):
+        times = []
+        for k in range(decisions):
+            s = Scheduler(tiers, make_policy(policy, tiers), max_batch=8, max_queue=queue + 1)
+            rng = np.random.default_rng(k)
+            # A queue that is feasible on paper: generous, spread deadlines.
+            for i, d in enumerate(np.sort(rng.uniform(5.0, 60.0, queue))):
+                s.queue.append(Request(i, 0.0, float(d)))
+                s._keys.append((0, float(d), i))
+            s.ctx.arrival_rate = 100.0
+            t0 = time.perf_counter()
+            s.policy.choose(s.queue, 0.0, s.ctx)
+            times.append((time.perf_counter() - t0) * 1e6)
+        out[policy] = {"median_us": statistics.median(times),
+                       "p99_us": float(np.percentile(times, 99))}  # fmt: skip
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(dict.fromkeys(r["trace"] for r in rows))
+    fig, ax = plt.subplots(2, len(traces), figsize=(3.6 * len(traces), 6), squeeze=False)
+    for j, trace in enumerate(traces):
+        for policy in POLICIES:
+            sel = [r for r in rows if r["trace"] == trace and r["policy"] == policy]
+            loads = [r["load"] for r in sel]
+            ax[0][j].plot(loads, [r["slo_attainment"] for r in sel], marker="o", label=policy)
+            ax[1][j].plot(loads, [r["mean_served_accuracy"] or 0 for r in sel], marker="o")
+        ax[0][j].set_title(trace)
+        ax[1][j].set_xlabel("load (x full-tier capacity)")
+    ax[0][0].set_ylabel("SLO attainment")
+    ax[1][0].set_ylabel("mean served size (FLOPs fraction)")
+    ax[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds per run")
+    p.add_argument("--live-load", type=float, default=1.5)
+    p.add_argument("--live-duration", type=float, default=20.0)
+    p.add_argument("--skip-live", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    model_dir = build_repo()
+    OUT.mkdir(parents=True, exist_ok=True)
+    profile = json.loads((model_dir / "profile.json").read_text())
+    results = {"profile": profile, "overhead": overhead(model_dir)}
+    print("decision cost at queue 1000:", results["overhead"])
+    results["simulation"] = simulations(model_dir, args.duration)
+    _print(results["simulation"])
+    if not args.skip_live:
+        results["live"] = live(model_dir, args.live_load, args.live_duration)
+        lv = results["live"]
+        m, pr = lv["measured"], lv["predicted"]
+        print(f"\nlive at {lv['load']}x ({lv['rate_per_s']:.1f}/s): SLO measured "
+              f"{m['slo_attainment']:.2%} vs simulated {pr['slo_attainment']:.2%}; "
+              f"tier mix measured {m['tier_mix']} vs simulated {pr['tier_mix']}")  # fmt: skip
+    (OUT / "scheduler.json").write_text(json.dumps(results, indent=1))
+    plot(results["simulation"], OUT / "scheduler.png")
+    print(f"wrote {OUT / 'scheduler.json'} and scheduler.png")
+    return 0
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"{'trace':<12}{'load':>5}  " + "".join(f"{p:>22}" for p in POLICIES))
+    for trace in dict.fromkeys(r["trace"] for r in rows):
+        for load in LOADS:
+            cells = []
+            for policy in POLICIES:
+                r = next(x for x in rows if x["trace"] == trace and x["load"] == load
+                         and x["policy"] == policy)  # fmt: skip
+                acc = r["mean_served_accuracy"] or 0
+                cells.append(f"{r['slo_attainment']:>9.2%} / {acc:.3f}")
+            print(f"{trace:<12}{load:>5}  " + "".join(f"{c:>22}" for c in cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
