@@ -221,6 +221,20 @@ def test_kustomization_renders_and_validates(path):
         assert d["metadata"]["labels"]["app.kubernetes.io/name"] == "innfer", d["kind"]
 
 
+def test_repository_loader_pod_validates_and_mounts_the_pvc():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
+    pod = yaml.safe_load((DEPLOY / "k8s" / "tools" / "repository-loader.yaml").read_text())
+    for version in K8S_VERSIONS:
+        kv.validate(pod, kv.latest_version() if version == "latest" else version, strict=True)
+    assert pod["spec"]["securityContext"]["runAsUser"] == UID
+    (claim,) = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    _one(_render("k8s/base"), "PersistentVolumeClaim", claim)
+
+
 # --- the Deployment and its neighbours -------------------------------------------------------
 
 

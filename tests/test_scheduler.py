@@ -199,33 +199,34 @@ def test_light_load_serves_everything_on_the_full_tier(policy, slots):
 
 
 # -- 2. burst, degradation, recovery ---------------------------------------------------------
-BURST = [Arrival(0.0, 0.060) for _ in range(40)]  # 40 rows: 90 ms on w100, 22.5 ms on w025
-AFTER = [Arrival(0.2 + 0.1 * k, 0.050, rows=2) for k in range(5)]
+def burst(slots: int) -> list[Arrival]:
+    """40 one-row requests per slot at once, 60 ms each: 90 ms of w100 work per slot."""
+    return [Arrival(0.0, 0.060) for _ in range(40 * slots)]
+
+
+AFTER = [Arrival(0.3 + 0.1 * k, 0.050, rows=2) for k in range(5)]
 
 
 @pytest.mark.parametrize("slots", [1, 2])
 def test_burst_degrades_meets_deadlines_and_recovers(slots):
     sched = make("innfer", slots=slots)
-    run = drive(sched, BURST + AFTER)
+    run = drive(sched, burst(slots) + AFTER)
     check_invariants(run, sched)
     assert not run.refused and not run.expired
-    burst, after = run.requests[:40], run.requests[40:]
+    n = 40 * slots
+    during, after = run.requests[:n], run.requests[n:]
     assert all(r.state == State.SERVED and r.finished <= r.deadline for r in run.requests)
-    used = Counter(r.tier for r in burst)
-    assert used[FULL] > 0, "the planner should not give up the full tier for the whole burst"
-    assert sum(n for t, n in used.items() if t != FULL) > 0, "the burst must degrade"
+    assert any(r.tier != FULL for r in during), "the burst must degrade"
     assert {r.tier for r in after} == {FULL}, "after the burst the full tier comes back"
-    # The full tier alone could not have done it: 40 rows need 5 x 18 ms > 60 ms on 1 slot.
-    if slots == 1:
-        assert 5 * sched.latency.estimate(FULL, 8) > 0.060
 
 
-def test_burst_on_the_full_tier_alone_misses():
+@pytest.mark.parametrize("slots", [1, 2])
+def test_burst_on_the_full_tier_alone_misses(slots):
     """The control for the test above: refusing to degrade loses requests."""
-    sched = make("fixed:w100")
-    run = drive(sched, BURST)
+    sched = make("fixed:w100", slots=slots)
+    run = drive(sched, burst(slots))
     check_invariants(run, sched)
-    assert len(run.on_time()) < 40
+    assert len(run.on_time()) < 40 * slots
 
 
 # -- 3. admission: impossible budgets --------------------------------------------------------
@@ -237,19 +238,27 @@ def test_budget_below_the_fastest_tier_is_refused():
     assert exc.value.state == State.REFUSED_DEADLINE
     assert "fastest" in str(exc.value)
     assert not sched.queue and r.state == State.QUEUED and r.finished is None
-    # Exactly the fastest tier's latency is enough ...
+    # Exactly the fastest tier's latency is enough.
     sched.submit(Request(2, arrival=0.0, deadline=1 * MS), now=0.0)
-    # ... measured on the fastest tier *the request allows*.
+    assert len(sched.queue) == 1
+
+
+@pytest.mark.parametrize(
+    ("constraint", "needs_ms"), [({"pin": "w100"}, 4.0), ({"min_tier": "w075"}, 3.0)]
+)
+def test_budget_is_measured_on_the_fastest_tier_the_request_allows(constraint, needs_ms):
+    sched = make()
     with pytest.raises(Refused) as exc:
-        sched.submit(Request(3, arrival=0.0, deadline=3.5 * MS, pin="w100"), now=0.0)
+        sched.submit(Request(1, 0.0, (needs_ms - 0.1) * MS, **constraint), now=0.0)
     assert exc.value.state == State.REFUSED_DEADLINE
+    sched.submit(Request(2, 0.0, needs_ms * MS, **constraint), now=0.0)
+
+
+def test_budget_counts_from_now_not_from_arrival():
+    sched = make()
     with pytest.raises(Refused):
-        sched.submit(Request(4, arrival=0.0, deadline=2.9 * MS, min_tier="w075"), now=0.0)
-    sched.submit(Request(5, arrival=0.0, deadline=3.0 * MS, min_tier="w075"), now=0.0)
-    # The budget counts from `now`, not from the request's arrival.
-    with pytest.raises(Refused):
-        sched.submit(Request(6, arrival=0.0, deadline=0.0105), now=0.010)
-    assert len(sched.queue) == 2
+        sched.submit(Request(1, arrival=0.0, deadline=0.0105), now=0.010)
+    sched.submit(Request(2, arrival=0.0, deadline=0.0110), now=0.010)
 
 
 def test_deadline_impossible_behind_the_queue_is_refused():
@@ -580,7 +589,7 @@ def scorecard(run: Run) -> tuple[float, int]:
 
 
 SCRIPTED_BURSTS = {
-    "one burst": BURST + AFTER,
+    "one burst": burst(1) + AFTER,
     "two bursts, mixed rows": [Arrival(0.0, 0.050, rows=1 + k % 4) for k in range(24)]
     + [Arrival(0.080, 0.040, rows=2) for _ in range(12)]
     + [Arrival(0.2 + 0.05 * k, 0.030) for k in range(4)],

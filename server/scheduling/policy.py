@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .latency import LatencyModel, TierInfo
 from .request import Request
 
@@ -38,6 +40,9 @@ class Context:
     def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
         self.arrival_rate = 0.0  # requests/s, kept current by the scheduler
         self.tight_budget = math.inf  # seconds: a low percentile of recent budgets
+        # Queue deadlines as an array when every queued request is unconstrained and one
+        # row (the fast path of Planner); None otherwise. Set by the scheduler per decision.
+        self.deadlines: np.ndarray | None = None
         self.tiers = sorted(tiers, key=lambda t: t.accuracy, reverse=True)
         self.rank = {t.name: i for i, t in enumerate(self.tiers)}  # 0 = most accurate
         self.latency = latency
@@ -59,13 +64,14 @@ class Context:
         """Deadline-ordered requests that may run on ``tier``, up to ``limit_rows`` rows."""
         batch, rows = [], 0
         for r in queue:
+            if tier not in self.allowed(r):
+                continue  # not a candidate: it must not cut the batch short either
             if rows + r.rows > limit_rows:
                 if rows:
                     break
                 continue
-            if tier in self.allowed(r):
-                batch.append(r)
-                rows += r.rows
+            batch.append(r)
+            rows += r.rows
         return batch
 
     def accuracy(self, tier: str) -> float:
@@ -110,9 +116,11 @@ class SlackFit(Policy):
         for tier in ctx.allowed(head):
             for limit in range(1, ctx.max_batch + 1):
                 batch = ctx.take(queue, tier, limit)
+                if not batch or batch[0] is not head:
+                    continue  # limit < head.rows: a batch without the head is no answer
                 rows = sum(r.rows for r in batch)
-                if rows < limit and limit > 1:
-                    break  # the queue cannot fill a larger batch for this tier
+                if rows < limit:
+                    continue  # same batch as a smaller limit, or the next request needs more
                 est = ctx.latency.estimate(tier, rows)
                 if est > slack:
                     break
@@ -165,11 +173,16 @@ class Planner(Policy):
         for rest_at_same_tier in (True, False):
             tiers = candidates if rest_at_same_tier else allowed
             for tier in tiers:
-                for batch, finish in self._batches(queue, tier, now, ctx):
-                    plan = tier if rest_at_same_tier else None
-                    if self._rest_feasible(queue, batch, finish, now, ctx, plan):
-                        return Decision(tier, batch)
-        for tier in allowed:
+                # Only the largest batch that meets its own deadlines is checked: a smaller
+                # head batch leaves the same work (or more, less batched) to the rest.
+                largest = next(self._batches(queue, tier, now, ctx), None)
+                if largest is None:
+                    continue
+                batch, finish = largest
+                plan = tier if rest_at_same_tier else None
+                if self._rest_feasible(queue, batch, finish, now, ctx, plan):
+                    return Decision(tier, batch)
+        for tier in reversed(allowed):
             for batch, _ in self._batches(queue, tier, now, ctx):
                 return Decision(tier, batch)
         tier = allowed[-1]
@@ -198,6 +211,8 @@ class Planner(Policy):
                 yield batch, now + took
 
     def _rest_feasible(self, queue, batch, finish, now, ctx, plan: str | None) -> bool:
+        if ctx.deadlines is not None:
+            return self._rest_feasible_fast(batch, finish, now, ctx, plan)
         chosen = {id(r) for r in batch}
         rest = [r for r in queue if id(r) not in chosen]
         # Slot i becomes free at free[i]; the chosen batch occupies one slot until `finish`.
@@ -213,6 +228,25 @@ class Planner(Policy):
             taken = {id(r) for r in group}
             rest = [r for r in rest if id(r) not in taken]
         return True
+
+    def _rest_feasible_fast(self, batch, finish, now, ctx, plan: str | None) -> bool:
+        """Vectorised ``_rest_feasible`` for a queue of unconstrained one-row requests:
+        ``take`` then returns prefixes, so the rest is ``queue[k:]`` and its groups are
+        consecutive runs of B requests. O(|Q|) in numpy instead of Python."""
+        rest = ctx.deadlines[len(batch) :]  # (R,) deadlines in queue order
+        if rest.size == 0:
+            return True
+        b = ctx.max_batch
+        tier = plan or ctx.tiers[-1].name
+        starts = np.arange(0, rest.size, b)
+        group_min = np.minimum.reduceat(rest, starts)  # (G,) tightest deadline per group
+        lat = np.full(len(starts), ctx.latency.estimate(tier, b))
+        lat[-1] = ctx.latency.estimate(tier, rest.size - starts[-1])
+        free = sorted([finish] + [now] * (self.slots - 1))
+        ends = np.empty(len(starts))
+        for slot in range(self.slots):  # group j runs on slot j % slots
+            ends[slot :: self.slots] = free[slot] + np.cumsum(lat[slot :: self.slots])
+        return bool(np.all(ends <= group_min))
 
 
 POLICIES = ("innfer", "slackfit", "fixed")

@@ -25,6 +25,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
+
 from .latency import LatencyModel, TierInfo
 from .policy import Context, Decision, Policy
 from .request import Request, State
@@ -66,6 +68,7 @@ class Scheduler:
         self._rate_at = 0.0
         self._budgets: deque[float] = deque(maxlen=200)  # recent budgets, for tight_budget
         self._dispatches = 0
+        self._constrained = 0  # queued requests with a pin, a min_tier or several rows
 
     # -- admission -------------------------------------------------------------------------
     def check_constraints(self, r: Request) -> None:
@@ -109,6 +112,7 @@ class Scheduler:
         i = bisect.bisect(self._keys, key)
         self._keys.insert(i, key)
         self.queue.insert(i, r)
+        self._constrained += _constrained(r)
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
@@ -120,16 +124,15 @@ class Scheduler:
         free = [max(f, now) for f in free]
         key = self._key(r)
         ahead = [*self.queue[: bisect.bisect(self._keys, key)], r]
-        finish = now
-        while ahead:
+        while True:  # r is in the last group at the latest
             tier = self.ctx.fastest(ahead[0])
             group = self.ctx.take(ahead, tier, self.ctx.max_batch)
             i = min(range(len(free)), key=free.__getitem__)
             free[i] += self.latency.estimate(tier, sum(g.rows for g in group))
-            finish = free[i]
+            if any(g is r for g in group):
+                return free[i]  # r's own group; groups planned after it do not delay it
             taken = {id(g) for g in group}
             ahead = [a for a in ahead if id(a) not in taken]
-        return finish
 
     # -- dispatch --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
@@ -153,6 +156,13 @@ class Scheduler:
         if slot is None or not self.queue:
             return None
         self.ctx.arrival_rate = self.arrival_rate(now)
+        # numpy pays off for long queues only; short ones take the plain-Python path.
+        simple = self._constrained == 0 and len(self.queue) > 32
+        self.ctx.deadlines = (
+            np.fromiter((r.deadline for r in self.queue), float, len(self.queue))
+            if simple
+            else None
+        )
         if (self._budgets and len(self.queue) == 1) or not self._dispatches % 16:
             self.ctx.tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
@@ -188,6 +198,7 @@ class Scheduler:
         i = next(i for i, q in enumerate(self.queue) if q is r)
         del self.queue[i]
         del self._keys[i]
+        self._constrained -= _constrained(r)
 
 
 def _low_percentile(values, q: float = 0.05) -> float:
@@ -195,3 +206,7 @@ def _low_percentile(values, q: float = 0.05) -> float:
         return math.inf
     ordered = sorted(values)
     return ordered[int(q * (len(ordered) - 1))]
+
+
+def _constrained(r: Request) -> bool:
+    return r.pin is not None or r.min_tier is not None or r.rows != 1
