@@ -88,7 +88,7 @@ def simulations(model_dir: Path, duration: float) -> list[dict]:
     return rows
 
 
-def live(model_dir: Path, load: float, duration: float) -> dict:
+def live(model_dir: Path, load: float, duration: float, margin: float = 3.0) -> dict:
     tiers, p50 = tiers_from_model_dir(model_dir)
     cfg = SimConfig(policy="innfer", trace="poisson", load=load, duration_s=duration,
                     budget_ms=(20, 100), seed=1)  # fmt: skip
@@ -100,7 +100,7 @@ def live(model_dir: Path, load: float, duration: float) -> dict:
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(REPO),
-             "--port", "18931", "--metrics-port", "0"],
+             "--port", "18931", "--metrics-port", "0", "--budget-margin-ms", str(margin)],
             stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
@@ -110,10 +110,29 @@ def live(model_dir: Path, load: float, duration: float) -> dict:
         accuracy = {t.name: t.accuracy for t in tiers}
         report = asyncio.run(run_load("127.0.0.1:18931", "resnet18", arrivals, budgets, inputs,
                                       max_seconds=duration + 5, accuracy=accuracy))  # fmt: skip
+        server_side = _server_slo(log)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    return {"load": load, "rate_per_s": rate, "predicted": predicted, "measured": report.summary}
+    return {"load": load, "rate_per_s": rate, "predicted": predicted, "measured": report.summary,
+            "server_side": server_side}  # fmt: skip
+
+
+def _server_slo(log: Path) -> dict:
+    """Deadline met/missed as the server counted them (its clock, without the client's
+    send/receive time), from its /metrics."""
+    import re
+    import urllib.request
+
+    port = re.search(r"metrics :(\d+)", log.read_text()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    met, missed = value("innfer_deadline_met_total"), value("innfer_deadline_missed_total")
+    return {"met": met, "missed": missed, "slo_of_served": met / max(met + missed, 1)}
 
 
 def _wait_ready(log: Path, proc, timeout: float = 180) -> None:

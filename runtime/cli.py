@@ -127,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "policy": args.policy,
             "backend": args.backend,
+            "budget_margin_ms": args.budget_margin_ms,
         }.items()
         if v is not None
     }
@@ -225,7 +226,11 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=0.05, help="engine time log-normal sigma")
+    p.add_argument(
+        "--noise",
+        type=float,
+        help="engine time log-normal sigma (default: from the profile's p90/p50)",
+    )
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--json", help="write the figures as JSON")
 
@@ -271,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
     srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
     srv.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
+    srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +133,9 @@ class EngineCache:
         return backend.load(entry, options), True
 
     def _build(self, backend, onnx_path, entry, options, fields) -> None:
-        tmp = entry.with_name(entry.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A directory of our own: two pods building the same key on a shared volume must
+        # not delete each other's half-built files.
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         t0 = time.perf_counter()
         files = backend.build(onnx_path, tmp, options)
         manifest = {
@@ -143,8 +146,14 @@ class EngineCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(entry, ignore_errors=True)
-        tmp.rename(entry)  # atomic: a crash mid-build leaves only a .tmp, never half an entry
+        try:
+            tmp.rename(entry)  # atomic: a crash mid-build leaves only a .tmp, never half an entry
+        except OSError:
+            # Someone else finished the same key first; theirs is as good as ours if it verifies.
+            shutil.rmtree(tmp, ignore_errors=True)
+            problem = self._verify(entry, fields)
+            if problem is not None:
+                raise EngineError(f"engine cache entry {entry} is unusable: {problem}") from None
 
     @staticmethod
     def _verify(entry: Path, fields: dict[str, Any]) -> str | None:

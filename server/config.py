@@ -6,6 +6,7 @@
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port; 0 disables
     max_message_bytes: 67108864
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
+    budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
@@ -43,6 +44,7 @@ class ServerConfig:
     metrics_port: int = 8002
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 20.0
+    budget_margin_ms: float = 1.0  # subtracted from every budget: the response's way back
     policy: str = "innfer"
     backend: str | None = None
     tls: TLSConfig | None = None
@@ -72,7 +74,7 @@ class ServerConfig:
             fail("", data, "a mapping")
         known = {
             "repository", "host", "grpc_port", "metrics_port", "max_message_bytes",
-            "grace_period_s", "policy", "backend", "tls", "auth", "models",
+            "grace_period_s", "policy", "backend", "tls", "auth", "models", "budget_margin_ms",
         }  # fmt: skip
         for k in data:
             if k not in known:
@@ -121,6 +123,13 @@ class ServerConfig:
         grace = data.get("grace_period_s", 20.0)
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 3600:
             fail("grace_period_s", grace, "seconds in [0, 3600]")
+        margin = data.get("budget_margin_ms", 1.0)
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not 0 <= margin < 1e4
+        ):
+            fail("budget_margin_ms", margin, "milliseconds in [0, 10000)")
         max_msg = data.get("max_message_bytes", 64 * 1024 * 1024)
         if isinstance(max_msg, bool) or not isinstance(max_msg, int) or max_msg < 1024:
             fail("max_message_bytes", max_msg, "an integer >= 1024")
@@ -145,6 +154,7 @@ class ServerConfig:
             metrics_port=port("metrics_port", 8002),
             max_message_bytes=max_msg,
             grace_period_s=float(grace),
+            budget_margin_ms=float(margin),
             policy=policy,
             backend=backend,
             tls=tls,

@@ -136,7 +136,10 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         m = self.model(request.model_name, request.model_version)
         params = request.parameters
+        # The budget is the client's end to end; the margin covers what happens outside the
+        # server's clock (response encoding, the way back, the client's own processing).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
+        budget_s -= self.config.budget_margin_ms / 1e3
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)

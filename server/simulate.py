@@ -10,9 +10,9 @@ Traces (arrival times in seconds):
   file         one timestamp per line (seconds), replayed as given
 
 Load is a multiple of the full tier's capacity: ``slots * max_batch / latency(full, max_batch)``.
-The engine model draws each batch's time as the profiled p50 times a log-normal factor
-(``noise`` = its sigma); the scheduler plans with the profile's p90 and its own online
-correction - exactly as in the server.
+The engine model draws each batch's time as the profiled p50 times a log-normal factor whose
+sigma puts the profiled p90 at its 90th percentile (or ``noise``, if given); the scheduler
+plans with the profile's p90 and its own online correction - exactly as in the server.
 
 Example:
     >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}),
@@ -51,7 +51,7 @@ class SimConfig:
     duration_s: float = 30.0
     budget_ms: tuple[float, float] = (20.0, 100.0)  # uniform in [lo, hi]
     seed: int = 0
-    noise: float = 0.05
+    noise: float | None = None  # log-normal sigma; None: from each entry's p90/p50
     slots: int = 1
     max_queue: int = 1000
     max_batch: int | None = None  # default: the profile's largest batch
@@ -130,6 +130,12 @@ def full_capacity(tiers: Sequence[TierInfo], p50: Mapping, max_batch: int, slots
     return slots * max_batch / (_lat(p50[full], max_batch) / 1e3)
 
 
+def _sigma(tier: TierInfo, batch: int, typical_s: float) -> float:
+    """Log-normal sigma that puts the profiled p90 at the 90th percentile (z = 1.2816)."""
+    p90 = _lat(tier.latency_ms, batch) / 1e3
+    return max(math.log(max(p90, typical_s) / typical_s) / 1.2816, 0.0)
+
+
 def _lat(table: Mapping, batch: int) -> float:
     sizes = sorted(int(b) for b in table)
     fit = next(b for b in sizes if b >= batch)
@@ -145,6 +151,7 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
     policy = make_policy(cfg.policy, tiers, cfg.slots)
     sched = Scheduler(tiers, policy, max_batch=max_batch, max_queue=cfg.max_queue, slots=cfg.slots)
+    tiers_by = {t.name: t for t in tiers}
     n = len(arrivals)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n
@@ -169,7 +176,11 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
         for r in sched.expire(now):
             state[r.id] = State.REFUSED_DEADLINE.name.lower()
         while (d := sched.next(now)) is not None:
-            compute = _lat(p50[d.tier], d.rows) / 1e3 * float(rng.lognormal(0, cfg.noise))
+            typical = _lat(p50[d.tier], d.rows) / 1e3
+            sigma = (
+                cfg.noise if cfg.noise is not None else _sigma(tiers_by[d.tier], d.rows, typical)
+            )
+            compute = typical * float(rng.lognormal(0, sigma))
             seq += 1
             heapq.heappush(running, (now + compute, seq, d, compute))
     deadlines = arrivals + budgets

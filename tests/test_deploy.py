@@ -331,6 +331,7 @@ def test_cpu_and_gpu_overlays_differ_where_they_should():
         assert cfg.backend == backend
         (key,) = [k for k in data if k.endswith(".model.yaml")]
         assert cfg.models == (key.removesuffix(".model.yaml"),)
+        assert data["check_tiers.py"] == (DEPLOY / "k8s" / "base" / "check_tiers.py").read_text()
         # The tier set deployed is deploy/tiers/<kind>.model.yaml, byte for byte.
         assert data[key] == (DEPLOY / "tiers" / f"{tiers}.model.yaml").read_text()
         dep = _one(docs, "Deployment", "innfer")

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +28,6 @@ from server.scheduling import (
     Refused,
     Request,
     Scheduler,
-    SlackFit,
     State,
     TierInfo,
     make_policy,
@@ -494,7 +494,7 @@ def test_latency_model_learns_a_slow_engine():
     sched.submit(Request(0, 0.0, 1.0), now=0.0)
     d = sched.next(0.0)
     sched.complete(d, 0.008, 0.008)  # twice the profile
-    assert sched.latency.estimate(d.tier, 1) == pytest.approx(0.004 * 1.2)
+    assert 0.004 * 1.1 < sched.latency.estimate(d.tier, 1) < 0.008  # moved, not jumped
     # A pinned tier that slows down refuses what it can no longer make.
     for _ in range(20):
         sched.latency.observe("w050", 1, 0.006)
@@ -581,12 +581,31 @@ def test_innfer_with_exact_latencies_meets_every_deadline_it_serves(spec, max_ba
 
 
 # -- 10. innfer vs SlackFit ------------------------------------------------------------------
-def scorecard(run: Run) -> tuple[float, int]:
-    """(mean accuracy over requests served on time, requests not served on time)."""
-    ok = run.on_time()
-    acc = sum(ACCURACY[r.tier] for r in ok) / len(ok) if ok else 0.0
-    return acc, len(run.requests) - len(ok)
+@dataclass
+class Card:
+    requests: int
+    served: int
+    misses: int  # not served by the deadline: refused, expired or late
+    served_accuracy: float  # mean over the requests served on time
+    offered_accuracy: float  # mean over every request, a miss scoring 0
 
+
+def scorecard(run: Run) -> Card:
+    ok = run.on_time()
+    total = sum(ACCURACY[r.tier] for r in ok)
+    n = len(run.requests)
+    return Card(n, len(ok), n - len(ok), total / len(ok) if ok else 0.0, total / n)
+
+
+# Trial 169 of a random search (seed 0): multi-row requests in three waves, 24.5 ms budgets.
+# The queue cannot be saved in full; the planner's last resort used to pick the most
+# accurate tier for the head alone (w100, one row) and let nine queued requests expire.
+OVERLOAD_ROWS = [
+    (0.01, 1), (0.02, 2), (0.02, 1), (0, 3), (0.02, 2), (0.01, 2), (0, 2), (0.02, 2),
+    (0.01, 1), (0, 4), (0.02, 4), (0, 4), (0.01, 1), (0.01, 2), (0, 4), (0, 3), (0, 1),
+    (0.01, 4), (0.02, 1), (0, 1), (0.01, 2), (0.02, 1), (0, 4), (0.01, 4), (0, 2), (0, 4),
+    (0, 4), (0, 4), (0.01, 1), (0.02, 2), (0, 4), (0, 2), (0.02, 1), (0, 4), (0.02, 3),
+]  # fmt: skip
 
 SCRIPTED_BURSTS = {
     "one burst": burst(1) + AFTER,
@@ -595,18 +614,100 @@ SCRIPTED_BURSTS = {
     + [Arrival(0.2 + 0.05 * k, 0.030) for k in range(4)],
     "trickle then burst": [Arrival(0.005 * k, 0.030) for k in range(10)]
     + [Arrival(0.050, 0.045) for _ in range(30)],
+    "moderate burst": [Arrival(0.0, 0.060) for _ in range(16)],
+    "overload, mixed rows": [Arrival(t, 0.0244723, rows=n) for t, n in OVERLOAD_ROWS],
 }
 
 
 @pytest.mark.parametrize("scenario", sorted(SCRIPTED_BURSTS))
 def test_innfer_beats_slackfit_on_a_burst(scenario):
+    """Deadlines first, then accuracy. "Mean accuracy over served requests" alone would
+    reward dropping requests: on "one burst" SlackFit serves 26 of 40 on time, all on w100
+    (mean 0.99), innfer all 40 on a w050/w075 mix (mean 0.980). So accuracy is compared per
+    offered request (a miss scores 0), and over served requests where both serve as many."""
     cards = {}
     for policy in ("innfer", "slackfit"):
         sched = make(policy)
         run = drive(sched, SCRIPTED_BURSTS[scenario])
         check_invariants(run, sched)
         cards[policy] = scorecard(run)
-    (acc_i, miss_i), (acc_s, miss_s) = cards["innfer"], cards["slackfit"]
-    assert miss_i <= miss_s, cards
-    assert acc_i >= acc_s, cards
-    assert miss_i == 0, cards  # every one of these bursts can be served in full
+    ours, theirs = cards["innfer"], cards["slackfit"]
+    assert ours.misses <= theirs.misses, cards
+    assert ours.offered_accuracy >= theirs.offered_accuracy, cards
+    if ours.served == theirs.served:
+        assert ours.served_accuracy >= theirs.served_accuracy, cards
+    if scenario != "overload, mixed rows":
+        assert ours.misses == 0, cards  # each of these can be served in full
+
+
+# -- planner internals -----------------------------------------------------------------------
+def test_load_is_measured_in_rows():
+    """A tier is sustainable if it keeps up with the arrival rate in *rows* per second
+    (its capacity is B rows / latency(B)). 26 eight-row requests at once are 416 rows/s of
+    load on the 0.5 s window: more than w100 sustains (0.9 x 8 / 18 ms = 400 rows/s), less
+    than w075 (480). The same number of one-row requests is w100's to serve."""
+    big = make("innfer")
+    for k in range(26):
+        big.submit(Request(k, 0.0, 1.0, rows=8), now=0.0)
+    assert big.arrival_rate(0.0) == pytest.approx(416.0)
+    assert big.next(0.0).tier == "w075"
+    small = make("innfer")
+    for k in range(26):
+        small.submit(Request(k, 0.0, 1.0), now=0.0)
+    assert small.next(0.0).tier == FULL
+
+
+def test_impossible_budgets_do_not_shrink_everyones_batches():
+    """The planner bounds batch run time by a low percentile of recent budgets (so a tight
+    client is not stuck behind a long batch). Budgets no tier can meet are refused anyway
+    and must not count: 10% of such requests used to force batches of one row and made
+    the rest miss their deadlines."""
+    rng = random.Random(1)
+    arrivals, t = [], 0.0
+    for _ in range(600):
+        t += rng.expovariate(1400.0)  # rows/s: needs batching even on w025 (1 ms per row)
+        arrivals.append(Arrival(t, 0.0005 if rng.random() < 0.1 else 0.050))
+    sched = make("innfer")
+    run = drive(sched, arrivals)
+    check_invariants(run, sched)
+    real = [r for r in run.requests if r.budget > 0.001]
+    assert all(run.refused.get(r.id) == State.REFUSED_DEADLINE for r in run.requests
+               if r.budget < 0.001)  # fmt: skip
+    assert len(run.on_time()) == len(real)
+    assert max(d.rows for _, d, _ in run.decisions) == 8
+
+
+# Latencies that are whole multiples of 2**-10 s keep every sum exact, so the two paths
+# below must agree to the last bit.
+TICK = 2.0**-10
+EXACT_TIERS = [
+    TierInfo("big", 0.99, {1: 3e3 * TICK, 4: 6e3 * TICK, 8: 10e3 * TICK}),
+    TierInfo("small", 0.9, {1: 1e3 * TICK, 4: 2e3 * TICK, 8: 3e3 * TICK}),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ticks=st.lists(st.integers(1, 200), min_size=1, max_size=60),
+    head=st.integers(0, 8),
+    head_tier=st.sampled_from(["big", "small"]),
+    plan=st.sampled_from([None, "big", "small"]),
+    slots=st.integers(1, 3),
+    max_batch=st.sampled_from([4, 8]),
+)
+def test_vectorised_rest_check_agrees_with_the_plain_one(
+    ticks, head, head_tier, plan, slots, max_batch
+):
+    """``Planner._rest_feasible`` has a numpy fast path for long queues of one-row,
+    unconstrained requests; it must give the plain path's answer."""
+    ctx = Context(EXACT_TIERS, LatencyModel(EXACT_TIERS), max_batch)
+    now = 7 * TICK
+    queue = [Request(k, 0.0, now + t * TICK) for k, t in enumerate(sorted(ticks))]
+    batch = queue[: min(head, max_batch, len(queue))]
+    finish = now + (ctx.latency.estimate(head_tier, len(batch)) if batch else 0.0)
+    planner = Planner(slots)
+    ctx.deadlines = None
+    plain = planner._rest_feasible(queue, batch, finish, now, ctx, plan)
+    ctx.deadlines = np.array([r.deadline for r in queue])
+    fast = planner._rest_feasible(queue, batch, finish, now, ctx, plan)
+    assert fast == plain

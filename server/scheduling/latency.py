@@ -45,6 +45,7 @@ class LatencyModel:
         self.tiers = {t.name: t for t in tiers}
         self.alpha = alpha
         self.factor = {t.name: 1.0 for t in tiers}  # observed / profiled typical, EWMA
+        self.spread = {t.name: 0.0 for t in tiers}  # EWMA of |ratio - factor|
         self._sizes = {t.name: sorted(t.latency_ms) for t in tiers}
 
     def profiled(self, tier: str, batch: int) -> float:
@@ -55,7 +56,9 @@ class LatencyModel:
         return self.tiers[tier].latency_ms[fit] / 1e3
 
     def estimate(self, tier: str, batch: int) -> float:
-        return self.profiled(tier, batch) * self.factor[tier]
+        """Planning latency (s): the profiled quantile scaled by the observed slowdown, plus
+        the observed jitter - contention makes engine times both longer and less regular."""
+        return self.profiled(tier, batch) * (self.factor[tier] + self.spread[tier])
 
     def typical(self, tier: str, batch: int) -> float:
         t = self.tiers[tier]
@@ -70,4 +73,5 @@ class LatencyModel:
         # both scale up together.
         ratio = seconds / max(self.typical(tier, batch), 1e-9)
         ratio = min(max(ratio, 0.2), 20.0)  # one outlier must not swing the plan wildly
+        self.spread[tier] += self.alpha * (abs(ratio - self.factor[tier]) - self.spread[tier])
         self.factor[tier] += self.alpha * (ratio - self.factor[tier])

@@ -38,7 +38,7 @@ class Context:
     """What a policy may look at: tiers (most accurate first), latency model, batch limit."""
 
     def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
-        self.arrival_rate = 0.0  # requests/s, kept current by the scheduler
+        self.arrival_rate = 0.0  # rows/s, kept current by the scheduler
         self.tight_budget = math.inf  # seconds: a low percentile of recent budgets
         # Queue deadlines as an array when every queued request is unconstrained and one
         # row (the fast path of Planner); None otherwise. Set by the scheduler per decision.
@@ -150,8 +150,9 @@ class Planner(Policy):
       3. Else relax the plan for R to each group's fastest allowed tier (Q is too deep to
          stay at one tier; the head still gets the most accurate tier that leaves R
          feasible).
-      4. Else the whole queue cannot be saved: the most accurate (t, b) that meets H's own
-         deadline, else the fastest tier for the head alone.
+      4. Else the whole queue cannot be saved: throughput first, to save as many as
+         possible - the fastest tier's largest batch that meets its own deadlines, then the
+         next tier up; else the fastest tier for the head alone.
     Cost: O(tiers x B x |Q| / B) = O(tiers x |Q|) per decision.
     """
 

@@ -62,7 +62,8 @@ class Scheduler:
         self.running: dict[int, tuple[Decision, float]] = {}  # slot -> (decision, est. end)
         self._seq = itertools.count()
         # Arrival rate, exponentially decayed with time constant tau: each arrival adds
-        # 1/tau, so the estimate is in requests per second and forgets bursts within ~tau.
+        # rows/tau, so the estimate is in rows per second - the unit of the planner's
+        # capacity, batch rows / latency - and forgets bursts within ~tau.
         self._tau = rate_window_s
         self._rate = 0.0
         self._rate_at = 0.0
@@ -82,19 +83,23 @@ class Scheduler:
             )
 
     def arrival_rate(self, now: float) -> float:
-        """Recent arrivals per second (refused ones included: they are load too)."""
+        """Recent arrival rate in rows per second (refused ones included: they are load
+        too)."""
         return self._rate * math.exp(-max(0.0, now - self._rate_at) / self._tau)
 
     def submit(self, r: Request, now: float) -> None:
         """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
         self.check_constraints(r)
-        self._rate = self.arrival_rate(now) + 1.0 / self._tau
+        self._rate = self.arrival_rate(now) + r.rows / self._tau
         self._rate_at = now
-        self._budgets.append(r.deadline - now)
-        if len(self.queue) >= self.max_queue:
-            raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         fastest = self.ctx.fastest(r)
         alone = self.latency.estimate(fastest, r.rows)
+        if now + alone <= r.deadline:
+            # A budget no tier can meet is refused whatever the batching: it must not shrink
+            # (via tight_budget) the batches of the requests that can be served.
+            self._budgets.append(r.deadline - now)
+        if len(self.queue) >= self.max_queue:
+            raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         if now + alone > r.deadline:
             raise Refused(
                 State.REFUSED_DEADLINE,
