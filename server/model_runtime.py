@@ -84,6 +84,7 @@ class ModelRuntime:
         self.inflight = 0
         self.stats = {t.name: {"count": 0, "ns": 0} for t in self.tiers}
         self.last_inference_ms = 0
+        self._bind_metrics()
         metrics.model_ready.labels(self.name).set(1)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -148,9 +149,32 @@ class ModelRuntime:
             self.inflight -= 1
             self._gauges()
 
+    def _bind_metrics(self) -> None:
+        """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,
+        and the request path would otherwise do a dozen of them per request."""
+        m, name = self.metrics, self.name
+        self._queue_depth = m.queue_depth.labels(name)
+        self._inflight = m.inflight.labels(name)
+        self._compute_total = m.compute_total.labels(name)
+        self._queue_total = m.queue_total.labels(name)
+        self._served_accuracy = m.served_accuracy.labels(name)
+        self._degraded = m.degraded.labels(name)
+        self._met = m.deadline_met.labels(name)
+        self._missed = m.deadline_missed.labels(name)
+        self._per_tier = {
+            t.name: (
+                m.requests.labels(name, t.name, "served"),
+                m.request_seconds.labels(name, t.name),
+                m.queue_seconds.labels(name, t.name),
+                m.compute_seconds.labels(name, t.name),
+                m.batch_size.labels(name, t.name),
+            )
+            for t in self.tiers
+        }
+
     def _gauges(self) -> None:
-        self.metrics.queue_depth.labels(self.name).set(len(self.scheduler.queue))
-        self.metrics.inflight.labels(self.name).set(self.inflight)
+        self._queue_depth.set(len(self.scheduler.queue))
+        self._inflight.set(self.inflight)
 
     # -- execution -------------------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -211,24 +235,25 @@ class ModelRuntime:
         self._wake.set()
 
     def _record(self, d: Decision, compute: float, now: float) -> None:
-        m, name, tier = self.metrics, self.name, d.tier
-        m.batch_size.labels(name, tier).observe(d.rows)
-        m.compute_total.labels(name).inc(compute)
+        tier = d.tier
+        served, request_s, queue_s, compute_s, batch = self._per_tier[tier]
+        batch.observe(d.rows)
+        self._compute_total.inc(compute)
         stats = self.stats[tier]
         stats["count"] += 1
         stats["ns"] += int(compute * 1e9)
         self.last_inference_ms = int(time.time() * 1e3)
         for r in d.requests:
             queued = r.started - r.arrival
-            m.requests.labels(name, tier, "served").inc()
-            m.request_seconds.labels(name, tier).observe(now - r.arrival)
-            m.queue_seconds.labels(name, tier).observe(queued)
-            m.compute_seconds.labels(name, tier).observe(compute)
-            m.queue_total.labels(name).inc(queued)
-            m.served_accuracy.labels(name).observe(self.accuracy[tier])
+            served.inc()
+            request_s.observe(now - r.arrival)
+            queue_s.observe(queued)
+            compute_s.observe(compute)
+            self._queue_total.inc(queued)
+            self._served_accuracy.observe(self.accuracy[tier])
             if tier != self.top_tier:
-                m.degraded.labels(name).inc()
-            (m.deadline_met if now <= r.deadline else m.deadline_missed).labels(name).inc()
+                self._degraded.inc()
+            (self._met if now <= r.deadline else self._missed).inc()
 
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from server.scheduling import (
@@ -687,8 +687,10 @@ EXACT_TIERS = [
 
 
 @settings(max_examples=300, deadline=None)
+@example(ticks=[3] * 8 + [7] * 8 + [9] * 8 + [12] * 8, head=8, head_tier="big", plan="small",
+         slots=2, max_batch=8).via("a long head batch on one slot, the rest on the other")
 @given(
-    ticks=st.lists(st.integers(1, 200), min_size=1, max_size=60),
+    ticks=st.lists(st.integers(1, 48), min_size=1, max_size=60),
     head=st.integers(0, 8),
     head_tier=st.sampled_from(["big", "small"]),
     plan=st.sampled_from([None, "big", "small"]),

@@ -243,11 +243,13 @@ class Planner(Policy):
         group_min = np.minimum.reduceat(rest, starts)  # (G,) tightest deadline per group
         lat = np.full(len(starts), ctx.latency.estimate(tier, b))
         lat[-1] = ctx.latency.estimate(tier, rest.size - starts[-1])
-        free = sorted([finish] + [now] * (self.slots - 1))
-        ends = np.empty(len(starts))
-        for slot in range(self.slots):  # group j runs on slot j % slots
-            ends[slot :: self.slots] = free[slot] + np.cumsum(lat[slot :: self.slots])
-        return bool(np.all(ends <= group_min))
+        # The plain path gives each group the slot that frees first. All groups but the last
+        # take lat[0], so slot i offers start times free_i, free_i + lat[0], ... and group j
+        # starts at the j-th smallest of them (cumsum adds in the plain path's order).
+        steps = np.full((self.slots, len(starts)), lat[0])
+        steps[:, 0] = [finish] + [now] * (self.slots - 1)
+        begin = np.sort(np.cumsum(steps, axis=1), axis=None)[: len(starts)]
+        return bool(np.all(begin + lat <= group_min))
 
 
 POLICIES = ("innfer", "slackfit", "fixed")
