@@ -151,10 +151,28 @@ def load_mnist5k() -> Dataset:
     return _split("mnist5k", x, y, n_test=1000)
 
 
+@functools.lru_cache(maxsize=1)
+def load_mnist1d() -> Dataset:
+    """MNIST-1D generated locally (4,000 train / 1,000 test sequences of length 40).
+
+    Uses ``mnist1d.data.make_dataset(get_dataset_args())`` - never ``get_dataset``, which
+    tries a download and writes a pickle into the working directory. x: (N, 1, 40) float32.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise RuntimeError("mnist1d is not installed: pip install mnist1d") from None
+    d = make_dataset(get_dataset_args())
+    to_x = lambda a: torch.from_numpy(np.asarray(a, np.float32)).unsqueeze(1)  # noqa: E731
+    to_y = lambda a: torch.from_numpy(np.asarray(a, np.int64))  # noqa: E731
+    return Dataset("mnist1d", to_x(d["x"]), to_y(d["y"]), to_x(d["x_test"]), to_y(d["y_test"]))
+
+
 # Name -> loader; the keys are the names load() accepts.
 DATASETS: dict[str, Callable[[], Dataset]] = {
     "digits": load_digits,
     "mnist5k": load_mnist5k,
+    "mnist1d": load_mnist1d,
 }
 
 

@@ -145,17 +145,50 @@ class IntegralModel:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         sizes = self.sizes(width, multiple_of)
-        grids = self.info.get("grids", {})
+        module = self.resample(sizes, lambda g, n: self.matrix(g, n, method))
+        self._apply_norm_stats(module, sizes)
+        return module
 
-        def matrix(g: GroupInfo, n: int) -> torch.Tensor:
-            pts = grids.get(f"{g.name}@{n}")
-            b = g.blocks
-            block = resample_matrix(
-                g.size // b, n // b, method, None if pts is None else torch.tensor(pts)
-            )
-            return torch.block_diag(*[block] * b) if b > 1 else block
+    def matrix(self, g: GroupInfo, n: int, method: Method = "auto") -> torch.Tensor:
+        """The (n, size) float64 matrix for group ``g``: a tuned grid if one was stored for
+        this group and count (``runtime.calibrate``), else the uniform one for ``method``."""
+        pts = self.info.get("grids", {}).get(f"{g.name}@{n}")
+        b = g.blocks
+        if pts is not None:  # tuned grids are point-sampling positions
+            block = resample_matrix(g.size // b, n // b, "point", torch.tensor(pts))
+        else:
+            block = resample_matrix(g.size // b, n // b, method)
+        return torch.block_diag(*[block] * b) if b > 1 else block
 
-        return self.resample(sizes, matrix)
+    @staticmethod
+    def sizes_key(sizes: Mapping[str, int]) -> str:
+        """Canonical text for a set of channel counts (keys per-width calibration data)."""
+        return ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
+
+    def _apply_norm_stats(self, module: fx.GraphModule, sizes: Mapping[str, int]) -> None:
+        """Norm statistics re-estimated for exactly these sizes replace the resampled ones."""
+        stats = self.info.get("norm_stats", {}).get(self.sizes_key(sizes))
+        if not stats:
+            return
+        buffers = dict(module.named_buffers())
+        with torch.no_grad():
+            for name, values in stats.items():
+                buffers[name].copy_(torch.tensor(values, dtype=buffers[name].dtype))
+
+    def resampled_state(
+        self,
+        state: Mapping[str, torch.Tensor],
+        mats: Mapping[int, torch.Tensor],
+        quadrature: bool = True,
+        differentiable: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """``state`` with every bound tensor resampled by ``mats`` (group index -> matrix).
+        ``differentiable=True`` keeps autograd (float32 matmuls): training and grid tuning."""
+        out = dict(state)
+        for b in self.bindings:
+            if any(s.group in mats for s in b.layout):
+                out[b.param] = self._resample_dim(out[b.param], b, mats, quadrature, differentiable)
+        return out
 
     def resample(
         self, sizes: Mapping[str, int], matrix: MatrixFn, quadrature: bool = True
@@ -173,10 +206,7 @@ class IntegralModel:
                 if tuple(a.shape) != (n, g.size):
                     raise ValueError(f"matrix for {g.name!r}: shape {tuple(a.shape)}")
                 mats[gi] = a.to(torch.float64)
-        state = dict(self.state)
-        for b in self.bindings:
-            if any(s.group in mats for s in b.layout):
-                state[b.param] = self._resample_dim(state[b.param], b, mats, quadrature)
+        state = self.resampled_state(self.state, mats, quadrature)
         spec = copy.deepcopy(self.spec)
         for module, fields in self.size_fields.items():
             kwargs = spec["modules"][module]["kwargs"]
@@ -208,9 +238,15 @@ class IntegralModel:
             kwargs[f.kwarg] = graphio._encode(tuple(items))
 
     def _resample_dim(
-        self, t: torch.Tensor, b: Binding, mats: dict[int, torch.Tensor], quadrature: bool
+        self,
+        t: torch.Tensor,
+        b: Binding,
+        mats: Mapping[int, torch.Tensor],
+        quadrature: bool,
+        differentiable: bool = False,
     ) -> torch.Tensor:
-        x = t.detach().movedim(b.dim, 0)  # (L, *rest): L = the bound dim
+        work = t.dtype if differentiable else torch.float64
+        x = (t if differentiable else t.detach()).movedim(b.dim, 0)  # (L, *rest): bound dim
         rest = x.shape[1:]
         pieces, offset = [], 0
         for s, m, n in self._layout_sizes(b.layout, mats):
@@ -220,7 +256,7 @@ class IntegralModel:
                 a = mats[s.group]
                 if s.per_block:  # a is block-diagonal; one block maps a block's channels
                     a = a[:n, :m]
-                chunk = torch.einsum("nm,mir->nir", a, chunk.to(torch.float64))
+                chunk = torch.einsum("nm,mir->nir", a.to(work), chunk.to(work))
                 if b.reduce and quadrature:
                     chunk = chunk * quadrature_scale(m, n)
             pieces.append(chunk.reshape(-1, *rest).to(t.dtype))

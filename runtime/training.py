@@ -48,6 +48,7 @@ class TrainDefaults:
 # Chosen by measurement on the 2-core dev machine: each digits model trains in a few
 # seconds, mnist_resnet well under 30-40 s.
 TRAIN_DEFAULTS: dict[str, TrainDefaults] = {
+    "mnist1d_cnn": TrainDefaults(epochs=30, lr=3e-3, batch_size=64),
     "digits_cnn": TrainDefaults(epochs=40, lr=2e-3, batch_size=32),
     "digits_cnn_bn": TrainDefaults(epochs=10, lr=3e-3),
     "digits_mlp": TrainDefaults(epochs=30, lr=1e-3, batch_size=32),

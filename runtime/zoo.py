@@ -27,6 +27,7 @@ __all__ = [
     "BasicBlock",
     "DigitsCNN",
     "DigitsMLP",
+    "Mnist1DCNN",
     "MnistResNet",
     "build",
 ]
@@ -168,8 +169,32 @@ class MnistResNet(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
+class Mnist1DCNN(nn.Module):
+    """1-D CNN for MNIST-1D (sequences of 40): three conv layers, global pool, linear.
+
+    Example:
+        >>> Mnist1DCNN()(torch.zeros(2, 1, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 64), num_classes: int = 10) -> None:
+        super().__init__()
+        c0, c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv1d(1, c0, 5, padding=2), nn.BatchNorm1d(c0), nn.ReLU(),  # (B, c0, 40)
+            nn.Conv1d(c0, c1, 3, stride=2, padding=1), nn.BatchNorm1d(c1), nn.ReLU(),  # /20
+            nn.Conv1d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm1d(c2), nn.ReLU(),  # /10
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool1d(1)  # (B, c2, 1)
+        self.fc = nn.Linear(c2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))  # (B, num_classes)
+
+
 # Name -> constructor; the keys are the names build() accepts.
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mnist1d_cnn": Mnist1DCNN,
     "digits_cnn": lambda **kw: DigitsCNN(batchnorm=False, **kw),
     "digits_cnn_bn": lambda **kw: DigitsCNN(batchnorm=True, **kw),
     "digits_mlp": DigitsMLP,
@@ -178,6 +203,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 # Model name -> name of the runtime.data data set it is built for.
 DATASET_FOR: dict[str, str] = {
+    "mnist1d_cnn": "mnist1d",
     "digits_cnn": "digits",
     "digits_cnn_bn": "digits",
     "digits_mlp": "digits",

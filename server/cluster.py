@@ -542,7 +542,7 @@ def _totals(arrivals, deadlines, finish, tiers_used, states, replicas, ticks, ac
     n = len(arrivals)
     served = ~np.isnan(finish)
     met = served & (finish <= deadlines + 1e-12)
-    lat = (finish - arrivals)[served] * 1e3
+    lat = (finish - arrivals)[served] * 1e3 / cfg.time_scale  # the profile's ms
     mix = Counter(t for t in tiers_used if t is not None)
     n_served = int(served.sum())
     replica_s = sum(max(b - a, 0.0) for (a, b), _, _ in _lifetimes(replicas, cfg.duration_s))
@@ -597,7 +597,7 @@ def _bins(arrivals, deadlines, finish, tiers_used, states, replicas, acc, names,
         alive += _overlap(*a, edges)
         spec += _overlap(*s, edges)
         ready += _overlap(*r, edges)
-    lat = (finish - arrivals) * 1e3
+    lat = (finish - arrivals) * 1e3 / cfg.time_scale  # the profile's ms
 
     def ratio(num, den):
         return [float(x) if d > 0 else None for x, d in zip(num / np.maximum(den, 1), den)]

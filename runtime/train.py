@@ -1,0 +1,202 @@
+"""Random-width training: make every width of an INN good.
+
+``TrainableINN`` is an ``nn.Module`` whose parameters are the INN's node values; calling it
+with a width samples the network *differentiably* (the same resampling matrices as
+``IntegralModel.sample``, kept in autograd) and runs it, so one optimizer step updates the
+continuous weights for every width at once.
+
+Each step follows the sandwich rule (Yu & Huang, "universally slimmable networks"): the full
+width on the labels, the smallest allowed width and k random widths in between on the full
+width's soft outputs (in-place distillation). Widths are global fractions or per group.
+
+Use it from your own loop:
+
+    >>> model = TrainableINN(inn)  # doctest: +SKIP
+    >>> opt = torch.optim.AdamW(model.parameters(), 1e-3)  # doctest: +SKIP
+    >>> for x, y in loader:  # doctest: +SKIP
+    ...     sandwich_step(model, opt, x, y, sandwich_widths(rng, 0.25, k=2))
+    >>> inn = model.to_inn()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from . import graphio
+from .model import IntegralModel
+
+Width = float | Mapping[str, int]
+
+
+class TrainableINN(nn.Module):
+    """The INN as a trainable module: ``model(x, width)`` for any width in (0, 1].
+
+    ``method``: resampling used in training ("auto", "point" or "cell"); the same one should
+    be used when sampling tiers afterwards.
+    """
+
+    def __init__(self, inn: IntegralModel, method: str = "auto", cache: int = 64) -> None:
+        super().__init__()
+        self.inn = inn
+        self.method = method
+        full = graphio.from_spec(inn.spec, inn.state)
+        self._param_names = [n for n, _ in full.named_parameters()]
+        self.nodes = nn.ParameterList(
+            [nn.Parameter(inn.state[n].detach().clone()) for n in self._param_names]
+        )
+        self._buffers_full = {n: b.detach().clone() for n, b in full.named_buffers()}
+        self._skeletons: OrderedDict[str, nn.Module] = OrderedDict()
+        self._cache = cache
+
+    def state_at_nodes(self) -> dict[str, torch.Tensor]:
+        state = dict(self._buffers_full)
+        state.update(zip(self._param_names, self.nodes, strict=True))
+        return state
+
+    def _skeleton(self, sizes: Mapping[str, int]) -> nn.Module:
+        key = IntegralModel.sizes_key(sizes)
+        if key not in self._skeletons:
+            self._skeletons[key] = self.inn.resample(sizes, lambda g, n: self._matrix(g, n))
+            if len(self._skeletons) > self._cache:
+                self._skeletons.popitem(last=False)
+        self._skeletons.move_to_end(key)
+        return self._skeletons[key]
+
+    def _matrix(self, g, n):
+        return self.inn.matrix(g, n, self.method)
+
+    def sampled_state(self, sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        mats = {}
+        for gi, g in enumerate(self.inn.all_groups):
+            n = sizes.get(g.name, g.size)
+            if not g.discrete and n != g.size:
+                mats[gi] = self._matrix(g, n)
+        return self.inn.resampled_state(self.state_at_nodes(), mats, differentiable=True)
+
+    def forward(self, x: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
+        sizes = self.inn.sizes(width)
+        skeleton = self._skeleton(sizes)
+        skeleton.train(self.training)
+        return functional_call(skeleton, self.sampled_state(sizes), (x,))
+
+    def to_inn(self) -> IntegralModel:
+        """A new IntegralModel holding the trained node values (norm stats must be
+        re-estimated per width afterwards: ``runtime.calibrate.reestimate_norms``)."""
+        state = dict(self.inn.state)
+        for name, p in zip(self._param_names, self.nodes, strict=True):
+            state[name] = p.detach().clone()
+        info = {**self.inn.info, "trained": True, "norm_stats": {}}
+        return IntegralModel(
+            self.inn.spec, state, self.inn.all_groups, self.inn.bindings, self.inn.size_fields, info
+        )
+
+
+def sandwich_widths(
+    rng: random.Random, min_width: float, k: int = 2, groups: Sequence | None = None
+) -> list[Width]:
+    """[1.0, min_width, k random widths in between]; with ``groups`` (IntegralModel.groups),
+    the random ones are drawn per group as channel counts."""
+    if not 0 < min_width <= 1:
+        raise ValueError(f"min_width must be in (0, 1], got {min_width}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    widths: list[Width] = [1.0, min_width]
+    for _ in range(k):
+        if groups:
+            widths.append({
+                g.name: max(1, round(rng.uniform(min_width, 1.0) * g.size)) for g in groups
+            })  # fmt: skip
+        else:
+            widths.append(rng.uniform(min_width, 1.0))
+    return widths
+
+
+def sandwich_step(
+    model: TrainableINN,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    widths: Sequence[Width],
+    distill: bool = True,
+    teacher_logits: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """One optimizer step over ``widths`` (the first is the teacher for the others).
+
+    ``teacher_logits``: outputs of a frozen model to distil every width from (calibration);
+    otherwise the full width learns from the labels and teaches the rest (in-place).
+    Gradients of all widths accumulate before the single step. Returns the losses.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    losses = {}
+    soft = None if teacher_logits is None else teacher_logits.detach().softmax(-1)
+    for i, w in enumerate(widths):
+        out = model(x, w)  # (B, classes)
+        if soft is not None:
+            loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean")
+        elif i == 0 or not distill:
+            loss = F.cross_entropy(out, y)
+            if distill:
+                soft = out.detach().softmax(-1)
+        else:
+            loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean")
+        loss.backward()
+        losses[_label(w)] = float(loss)
+    optimizer.step()
+    return losses
+
+
+def _label(w: Width) -> str:
+    return f"{w:.3f}" if isinstance(w, float) else "groups"
+
+
+# -- checkpoints without pickle ---------------------------------------------------------------
+def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict) -> None:
+    """Node values + optimizer state as safetensors, scalars as JSON (resumable, no pickle)."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"node.{i}": p.detach().contiguous() for i, p in enumerate(model.nodes)}
+    opt = optimizer.state_dict()
+    scalars: dict = {"param_groups": opt["param_groups"], "state": {}}
+    for pid, st in opt["state"].items():
+        scalars["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                tensors[f"opt.{pid}.{k}"] = v.contiguous()
+            else:
+                scalars["state"][str(pid)][k] = float(v)
+    save_file(tensors, str(d / "checkpoint.safetensors"))
+    (d / "checkpoint.json").write_text(json.dumps({"meta": meta, "optimizer": scalars}))
+
+
+def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
+    """Restore what ``save_checkpoint`` wrote; returns its ``meta`` (epoch, rng state...)."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    tensors = load_file(str(d / "checkpoint.safetensors"))
+    data = json.loads((d / "checkpoint.json").read_text())
+    with torch.no_grad():
+        for i, p in enumerate(model.nodes):
+            p.copy_(tensors[f"node.{i}"])
+    scalars = data["optimizer"]
+    state = {}
+    for pid, st in scalars["state"].items():
+        entry = {k: torch.tensor(v) for k, v in st.items()}
+        for key, t in tensors.items():
+            prefix = f"opt.{pid}."
+            if key.startswith(prefix):
+                entry[key[len(prefix) :]] = t
+        state[int(pid)] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+    return data["meta"]
