@@ -114,6 +114,7 @@ def source_hash(inn_dir: Path, config: ModelConfig, tier: TierConfig) -> str:
     payload = {
         "weights": meta["weights_sha256"],
         "grids": meta.get("info", {}).get("grids", {}),
+        "norm_stats": meta.get("info", {}).get("norm_stats", {}),
         "width": tier.width,
         "method": config.method,
         "multiple_of": config.multiple_of,

@@ -111,8 +111,9 @@ def tune_grid(
         return {}
     logits = {gi: nn.Parameter(_uniform_logits(sizes[g.name])) for gi, g in targets.items()}
     opt = torch.optim.Adam(logits.values(), lr=lr)
-    skeleton = inn.resample(sizes, lambda g, n: inn.matrix(g, n, "point"))
+    skeleton = inn.skeleton(sizes)
     skeleton.train()  # batch statistics: the grid must not fit stale running stats
+    buffer_names = [n for n, _ in skeleton.named_buffers()]
     frozen = {k: v.detach() for k, v in inn.state.items()}
     others = {
         gi: inn.matrix(g, sizes[g.name], "point")
@@ -130,6 +131,8 @@ def tune_grid(
         for gi, g in targets.items():
             mats[gi] = interpolation_matrix(g.size, _grid_points(logits[gi]))
         state = inn.resampled_state(frozen, mats, differentiable=True)
+        for name in buffer_names:  # statistics are not learned here (and BN refuses grads)
+            state[name] = state[name].detach()
         out = functional_call(skeleton, state, (x[idx],))
         loss = F.kl_div(out.log_softmax(-1), teacher[idx].softmax(-1), reduction="batchmean")
         opt.zero_grad()

@@ -26,27 +26,45 @@ def _width(text: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Train the demo model as an INN (or convert a trained one), report, build, serve."""
     import torch
 
+    from .calibrate import reestimate_norms
+    from .report import format_report, width_report
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.convert:
+        inn, data = _demo_convert(args)
+    else:
+        from .train import train_inn
+
+        print(f"training {args.model} as an INN at random widths (seed {args.seed}) ...")
+        inn, data = train_inn(args.model, seed=args.seed, epochs=args.epochs, progress=True)
+    for w in args.widths:
+        reestimate_norms(inn, w, data.x_train[:1024])
+    print(f"ready in {time.perf_counter() - t0:.1f} s; test accuracy by width:")
+    print(format_report(width_report(inn, args.widths, data)))
+    return _demo_repository(args, inn, data)
+
+
+def _demo_convert(args: argparse.Namespace):
     from .conversion import convert
     from .evaluation import accuracy_by_width, format_table
     from .training import evaluate, train_model
 
-    torch.set_num_threads(args.threads)
     print(f"training {args.model} (seed {args.seed}) ...")
-    t0 = time.perf_counter()
     model, data = train_model(args.model, seed=args.seed, progress=True)
     full = evaluate(model, data.x_test, data.y_test)
-    print(f"trained in {time.perf_counter() - t0:.1f} s: test accuracy {full:.2%}")
-    t0 = time.perf_counter()
-    inn = convert(model, (data.x_test[:2],), seed=args.seed, progress=True)
-    print(f"converted in {time.perf_counter() - t0:.1f} s; continuous groups:")
+    inn = convert(model, (data.x_test[:2],), seed=args.seed, progress=True, fold_norms=False)
+    inn.info["input_shape"] = list(data.input_shape)
+    print(f"trained: test accuracy {full:.2%}; continuous groups:")
     for g in inn.groups:
         print(f"  {g.name:<28} {g.size:>5} channels, {len(g.members)} tensors")
-    print("\ntest accuracy by width (no data, no fine-tuning):")
-    rows = accuracy_by_width(inn, data, args.widths)
-    print(format_table(rows, reference=full))
-    return _demo_repository(args, inn, data)
+    print("\ntest accuracy by width right after conversion (no data, no fine-tuning):")
+    print(format_table(accuracy_by_width(convert(model, (data.x_test[:2],)), data, args.widths),
+                       reference=full))  # fmt: skip
+    return inn, data
 
 
 def _demo_repository(args: argparse.Namespace, inn, data) -> int:
@@ -235,6 +253,74 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the figures as JSON")
 
 
+def _widths(values) -> list[float]:
+    if not values:
+        raise ValueError("the width list is empty; give widths in (0, 1]")
+    return list(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .calibrate import reestimate_norms
+    from .report import format_report, save_report, width_report
+    from .train import train_inn
+
+    torch.set_num_threads(args.threads)
+    inn, data = train_inn(
+        args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
+        per_group=args.per_group, seed=args.seed, lr=args.lr,
+        checkpoint=args.out / "checkpoint", resume=args.resume,
+    )  # fmt: skip
+    widths = _widths(args.widths)
+    for w in widths:
+        reestimate_norms(inn, w, data.x_train[:1024])
+    inn.save(args.out)
+    rows = width_report(inn, widths, data)
+    print(f"\nsaved {args.out}\n" + format_report(rows))
+    save_report(rows, args.out / "report.json", args.out / "report.png")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .calibrate import calibrate
+    from .data import load as load_data
+    from .model import load
+    from .report import format_report, width_report
+
+    torch.set_num_threads(args.threads)
+    inn = load(args.model_dir)
+    data = load_data(args.data)
+    widths = _widths(args.widths)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    x = data.x_train[: args.samples]
+    print("before:\n" + format_report(width_report(inn, [1.0, *widths], data)))
+    tuned = calibrate(inn, x, widths, seconds=args.seconds, seed=args.seed)
+    out = tuned.save(args.out or args.model_dir)
+    print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
+    print(format_report(width_report(tuned, [1.0, *widths], data)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .data import load as load_data
+    from .model import load
+    from .report import format_report, save_report, width_report
+
+    inn = load(args.model_dir)
+    data = load_data(args.data) if args.data else None
+    rows = width_report(inn, _widths(args.widths), data)
+    print(format_report(rows))
+    png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
+    save_report(rows, Path(args.json) if args.json else None, png if data else None)
+    if data:
+        print(f"plot: {png}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .model import load
 
@@ -252,13 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the demo CNN, convert it, print accuracy by width")
-    models = ["mnist_resnet", "digits_cnn", "digits_cnn_bn", "digits_mlp"]
+    models = ["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn", "digits_mlp"]
     demo.add_argument("--model", default="mnist_resnet", choices=models)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
     demo.add_argument("--name", default="mnist")
     demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.4, 0.25])
+    demo.add_argument("--epochs", type=int, help="training epochs (default: the model's)")
+    demo.add_argument(
+        "--convert", action="store_true", help="train a plain model and convert it instead"
+    )
+    demo.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     demo.set_defaults(func=cmd_demo)
 
     build = sub.add_parser("build", help="build every tier's engine and latency profile")
@@ -267,6 +357,42 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
     build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
     build.set_defaults(func=cmd_build)
+
+    train = sub.add_parser("train", help="train a zoo model as an INN at random widths")
+    train.add_argument("--model", default="mnist_resnet",
+                       choices=["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn",
+                                "digits_mlp"])  # fmt: skip
+    train.add_argument("--out", type=Path, required=True, help="where to save the INN")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--min-width", type=_width, default=0.25)
+    train.add_argument("--k", type=int, default=2, help="random widths per step")
+    train.add_argument("--per-group", action="store_true", help="random widths per group")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--widths", type=_width, nargs="*", default=[1.0, 0.75, 0.5, 0.25])
+    train.set_defaults(func=cmd_train)
+
+    cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")
+    cal.add_argument("model_dir", type=Path)
+    cal.add_argument("--data", required=True, choices=["digits", "mnist5k", "mnist1d"])
+    cal.add_argument("--widths", type=_width, nargs="*", default=[0.5, 0.25])
+    cal.add_argument("--samples", type=int, default=1000)
+    cal.add_argument("--seconds", type=float, default=60.0)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
+    cal.add_argument("--threads", type=int, default=2)
+    cal.set_defaults(func=cmd_calibrate)
+
+    rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
+    rep.add_argument("model_dir", type=Path)
+    rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"])
+    rep.add_argument("--widths", type=_width, nargs="*",
+                     default=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])  # fmt: skip
+    rep.add_argument("--json")
+    rep.add_argument("--png")
+    rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
     srv.add_argument("--repository", type=Path, help="model repository (or set it in --config)")

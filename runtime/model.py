@@ -207,29 +207,52 @@ class IntegralModel:
                     raise ValueError(f"matrix for {g.name!r}: shape {tuple(a.shape)}")
                 mats[gi] = a.to(torch.float64)
         state = self.resampled_state(self.state, mats, quadrature)
-        spec = copy.deepcopy(self.spec)
-        for module, fields in self.size_fields.items():
-            kwargs = spec["modules"][module]["kwargs"]
-            for f in fields:
-                self._set_size(kwargs, f, mats)
+        spec = self._spec_for({gi: a.shape[0] for gi, a in mats.items()})
         for path, a in spec["attrs"].items():
             a["shape"] = list(state[path].shape)
         return graphio.from_spec(spec, state)
 
-    def _layout_sizes(self, layout: Layout, mats: dict[int, torch.Tensor]) -> list[tuple]:
+    def skeleton(self, sizes: Mapping[str, int]) -> fx.GraphModule:
+        """The sampled architecture on the meta device (no weights, no initialisation):
+        what ``torch.func.functional_call`` needs to run given tensors at these sizes."""
+        counts = {
+            gi: sizes[g.name]
+            for gi, g in enumerate(self.all_groups)
+            if not g.discrete and sizes.get(g.name, g.size) != g.size
+        }
+        spec = self._spec_for(counts)
+        for path, a in spec["attrs"].items():
+            b = next((b for b in self.bindings if b.param == path), None)
+            if b is not None:
+                a["shape"][b.dim] = sum(
+                    n * s.inner for s, _, n in self._layout_sizes(b.layout, counts)
+                )
+        with torch.device("meta"):
+            return graphio.from_spec(spec, {}, strict=False)
+
+    def _spec_for(self, counts: Mapping[int, int]) -> dict:
+        """The architecture description with every size-bearing kwarg at ``counts``."""
+        spec = copy.deepcopy(self.spec)
+        for module, fields in self.size_fields.items():
+            kwargs = spec["modules"][module]["kwargs"]
+            for f in fields:
+                self._set_size(kwargs, f, counts)
+        return spec
+
+    def _layout_sizes(self, layout: Layout, counts: Mapping[int, int]) -> list[tuple]:
         """(segment, stored count, sampled count) per segment of ``layout``."""
         out = []
         for s in layout:
             g = self.all_groups[s.group]
             m = g.size
-            n = mats[s.group].shape[0] if s.group in mats else m
+            n = counts.get(s.group, m)
             if s.per_block:
                 m, n = m // g.blocks, n // g.blocks
             out.append((s, m, n))
         return out
 
-    def _set_size(self, kwargs: dict, f: SizeField, mats: dict[int, torch.Tensor]) -> None:
-        size = sum(n * s.inner for s, _, n in self._layout_sizes(f.layout, mats))
+    def _set_size(self, kwargs: dict, f: SizeField, counts: Mapping[int, int]) -> None:
+        size = sum(n * s.inner for s, _, n in self._layout_sizes(f.layout, counts))
         if f.index is None:
             kwargs[f.kwarg] = size
         else:
@@ -249,7 +272,8 @@ class IntegralModel:
         x = (t if differentiable else t.detach()).movedim(b.dim, 0)  # (L, *rest): bound dim
         rest = x.shape[1:]
         pieces, offset = [], 0
-        for s, m, n in self._layout_sizes(b.layout, mats):
+        counts = {gi: a.shape[0] for gi, a in mats.items()}
+        for s, m, n in self._layout_sizes(b.layout, counts):
             chunk = x[offset : offset + m * s.inner].reshape(m, s.inner, -1)  # (m, inner, R)
             offset += m * s.inner
             if s.group in mats:

@@ -65,7 +65,7 @@ class TrainableINN(nn.Module):
     def _skeleton(self, sizes: Mapping[str, int]) -> nn.Module:
         key = IntegralModel.sizes_key(sizes)
         if key not in self._skeletons:
-            self._skeletons[key] = self.inn.resample(sizes, lambda g, n: self._matrix(g, n))
+            self._skeletons[key] = self.inn.skeleton(sizes)
             if len(self._skeletons) > self._cache:
                 self._skeletons.popitem(last=False)
         self._skeletons.move_to_end(key)
@@ -149,7 +149,7 @@ def sandwich_step(
         else:
             loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean")
         loss.backward()
-        losses[_label(w)] = float(loss)
+        losses[_label(w)] = float(loss.detach())
     optimizer.step()
     return losses
 
@@ -200,3 +200,82 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
         state[int(pid)] = entry
     optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
     return data["meta"]
+
+
+def train_inn(
+    name: str,
+    epochs: int | None = None,
+    min_width: float = 0.25,
+    k: int = 2,
+    per_group: bool = False,
+    seed: int = 0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[IntegralModel, object]:
+    """Train zoo model ``name`` from scratch as an INN with the sandwich rule.
+
+    Norm statistics are re-estimated afterwards for the full width and ``min_width`` (other
+    widths: ``runtime.calibrate.reestimate_norms``). With ``checkpoint``, the node values
+    and optimizer state are saved after every epoch; ``resume`` continues from there.
+    Epoch e shuffles with seed + e, so a resumed run sees the same batches.
+    """
+    from tqdm.auto import tqdm
+
+    from . import zoo
+    from .calibrate import reestimate_norms
+    from .conversion import convert
+    from .data import load
+    from .training import TRAIN_DEFAULTS, seed_everything
+
+    if name not in TRAIN_DEFAULTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TRAIN_DEFAULTS)}")
+    cfg = TRAIN_DEFAULTS[name]
+    epochs = cfg.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    lr = cfg.lr if lr is None else lr
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    data = load(zoo.DATASET_FOR[name])
+    if len(data.x_train) < batch_size:
+        raise ValueError(f"the training set ({len(data.x_train)}) is smaller than one batch")
+    seed_everything(seed)
+    net = zoo.build(name).eval()
+    inn = convert(net, (data.x_test[:2],), permute=False, fold_norms=False)
+    inn.info["input_shape"] = list(data.input_shape)
+    model = TrainableINN(inn).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = len(data.x_train) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    start_epoch = 0
+    if resume:
+        if checkpoint is None or not (Path(checkpoint) / "checkpoint.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
+        meta = load_checkpoint(checkpoint, model, opt)
+        start_epoch = meta["epoch"] + 1
+        for _ in range(start_epoch * steps_per_epoch):
+            sched.step()
+    groups = inn.groups if per_group else None
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+               desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(seed + epoch)
+        rng = random.Random(seed * 1000 + epoch)
+        perm = torch.randperm(len(data.x_train), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            widths = sandwich_widths(rng, min_width, k, groups)
+            losses = sandwich_step(model, opt, data.x_train[idx], data.y_train[idx], widths)
+            sched.step()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "model": name, "seed": seed})
+    bar.close()
+    trained = model.to_inn()
+    calib = data.x_train[:1024]
+    for w in (1.0, min_width):
+        reestimate_norms(trained, w, calib)
+    return trained, data

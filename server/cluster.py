@@ -190,8 +190,9 @@ def scale_tiers(
     out = []
     for t in tiers:
         typical = None if t.typical_ms is None else {b: v * k for b, v in t.typical_ms.items()}
-        out.append(TierInfo(t.name, t.accuracy, {b: v * k for b, v in t.latency_ms.items()},
-                            typical))  # fmt: skip
+        out.append(
+            TierInfo(t.name, t.accuracy, {b: v * k for b, v in t.latency_ms.items()}, typical)
+        )
     return out, {n: {b: float(v) * k for b, v in table.items()} for n, table in p50.items()}
 
 
@@ -295,8 +296,14 @@ class Replica:
         return self.outstanding == 0 and not self.sched.running
 
     def info(self) -> dict:
-        return {"id": self.id, "created_s": self.created, "ready_s": self.ready_at,
-                "removed_s": self.removed, "gone_s": self.gone, "routed": self.routed}  # fmt: skip
+        return {
+            "id": self.id,
+            "created_s": self.created,
+            "ready_s": self.ready_at,
+            "removed_s": self.removed,
+            "gone_s": self.gone,
+            "routed": self.routed,
+        }
 
 
 class Balancer:
@@ -338,8 +345,13 @@ class ClusterResult:
     replica_of: np.ndarray  # replica id per request, -1: none was ready
 
     def to_json(self) -> dict:
-        return {"config": asdict(self.config), "totals": self.totals, "bins": self.bins,
-                "ticks": self.ticks, "replicas": self.replicas}  # fmt: skip
+        return {
+            "config": asdict(self.config),
+            "totals": self.totals,
+            "bins": self.bins,
+            "ticks": self.ticks,
+            "replicas": self.replicas,
+        }
 
 
 _COMPLETE, _READY, _TICK = 0, 1, 2
@@ -355,8 +367,9 @@ def simulate_cluster(
     """Run the cluster over a trace (``arrivals``/``budgets`` in seconds, after time scaling,
     override the config's trace and budget draw)."""
     if cfg.autoscaler not in AUTOSCALERS:
-        raise ValueError(f"unknown autoscaler {cfg.autoscaler!r}; choose one of "
-                         f"{', '.join(AUTOSCALERS)}")  # fmt: skip
+        raise ValueError(
+            f"unknown autoscaler {cfg.autoscaler!r}; choose one of {', '.join(AUTOSCALERS)}"
+        )
     h = cfg.hpa
     if not 1 <= h.min_replicas <= h.max_replicas:
         raise ValueError("need 1 <= min_replicas <= max_replicas")
@@ -383,7 +396,7 @@ def simulate_cluster(
     done_lat: list[float] = []
 
     res = cfg.metric_res_s
-    n_res = int(math.ceil(cfg.duration_s / res)) + 2
+    n_res = math.ceil(cfg.duration_s / res) + 2
     replicas: list[Replica] = []
     routable: list[Replica] = []
     events: list = []  # heap of (time, seq, kind, payload)
@@ -395,9 +408,14 @@ def simulate_cluster(
         heapq.heappush(events, (t, seq, kind, payload))
 
     def add_replica(now: float, start_s: float) -> Replica:
-        sched = Scheduler(tiers, make_policy(cfg.policy, tiers, cfg.slots), max_batch=max_batch,
-                          max_queue=cfg.max_queue, slots=cfg.slots,
-                          rate_window_s=0.5 * k)  # fmt: skip
+        sched = Scheduler(
+            tiers,
+            make_policy(cfg.policy, tiers, cfg.slots),
+            max_batch=max_batch,
+            max_queue=cfg.max_queue,
+            slots=cfg.slots,
+            rate_window_s=0.5 * k,
+        )
         rep = Replica(len(replicas), now, now + start_s, sched, n_res)
         replicas.append(rep)
         if start_s <= 0:
@@ -412,8 +430,9 @@ def simulate_cluster(
             rep.outstanding -= 1
         while (d := rep.sched.next(now)) is not None:
             typical = _lat(p50[d.tier], d.rows) / 1e3
-            sigma = cfg.noise if cfg.noise is not None else _sigma(tiers_by[d.tier], d.rows,
-                                                                   typical)  # fmt: skip
+            sigma = (
+                cfg.noise if cfg.noise is not None else _sigma(tiers_by[d.tier], d.rows, typical)
+            )
             compute = typical * float(rng.lognormal(0, sigma))
             push(now + compute, _COMPLETE, (rep, d, compute))
 
@@ -438,7 +457,7 @@ def simulate_cluster(
         ready = [r for r in pods if r.ready_at <= now]
         hi = now - h.metric_lag_s
         lo = hi - h.window_s
-        a, b = max(int(round(lo / res)), 0), max(int(round(hi / res)), 0)
+        a, b = max(round(lo / res), 0), max(round(hi / res), 0)
         row = {"t": now, "replicas": current, "ready": len(ready)}
         if cfg.autoscaler == "innfer":
             qc, dg = [], []
@@ -449,8 +468,12 @@ def simulate_cluster(
             want_q = hpa.pods_metric(qc, h.queue_compute_target, current)
             want_d = hpa.pods_metric(dg, h.degraded_share_target, current)
             desired = max(want_q, want_d)
-            row.update(queue_compute=float(np.mean(qc)), degraded_share=float(np.mean(dg)),
-                       desired_queue_compute=want_q, desired_degraded=want_d)  # fmt: skip
+            row.update(
+                queue_compute=float(np.mean(qc)),
+                degraded_share=float(np.mean(dg)),
+                desired_queue_compute=want_q,
+                desired_degraded=want_d,
+            )
         else:
             i, j = bisect.bisect_left(done_t, lo), bisect.bisect_left(done_t, hi)
             p = float(np.quantile(done_lat[i:j], h.latency_quantile)) if j > i else 0.0
@@ -520,12 +543,25 @@ def simulate_cluster(
     deadlines = arrivals + budgets
     acc = {t.name: t.accuracy for t in tiers}
     names = [t.name for t in sorted(tiers, key=lambda t: -t.accuracy)]
-    totals = _totals(arrivals, deadlines, finish, served_tier, state, replicas, ticks, acc,
-                     names, capacity, cfg)  # fmt: skip
-    bins = _bins(arrivals, deadlines, finish, served_tier, state, replicas, acc, names,
-                 capacity, cfg)  # fmt: skip
-    return ClusterResult(cfg, totals, bins, ticks, [r.info() for r in replicas], arrivals,
-                         deadlines, finish, served_tier, state, replica_of)  # fmt: skip
+    totals = _totals(
+        arrivals, deadlines, finish, served_tier, state, replicas, ticks, acc, names, capacity, cfg
+    )
+    bins = _bins(
+        arrivals, deadlines, finish, served_tier, state, replicas, acc, names, capacity, cfg
+    )
+    return ClusterResult(
+        cfg,
+        totals,
+        bins,
+        ticks,
+        [r.info() for r in replicas],
+        arrivals,
+        deadlines,
+        finish,
+        served_tier,
+        state,
+        replica_of,
+    )
 
 
 # -- summaries -------------------------------------------------------------------------------
@@ -537,8 +573,9 @@ def _lifetimes(replicas: Sequence[Replica], end: float):
         yield (r.created, gone), (r.created, spec), (min(r.ready_at, spec), spec)
 
 
-def _totals(arrivals, deadlines, finish, tiers_used, states, replicas, ticks, acc, names,
-            capacity, cfg) -> dict:  # fmt: skip
+def _totals(
+    arrivals, deadlines, finish, tiers_used, states, replicas, ticks, acc, names, capacity, cfg
+) -> dict:
     n = len(arrivals)
     served = ~np.isnan(finish)
     met = served & (finish <= deadlines + 1e-12)
@@ -578,8 +615,9 @@ def _overlap(a: float, b: float, edges: np.ndarray) -> np.ndarray:
     return np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0, None)
 
 
-def _bins(arrivals, deadlines, finish, tiers_used, states, replicas, acc, names, capacity,
-          cfg) -> dict:  # fmt: skip
+def _bins(
+    arrivals, deadlines, finish, tiers_used, states, replicas, acc, names, capacity, cfg
+) -> dict:
     edges = np.arange(0.0, cfg.duration_s + cfg.bin_s / 2, cfg.bin_s)
     if edges[-1] < cfg.duration_s:
         edges = np.append(edges, cfg.duration_s)
@@ -600,7 +638,9 @@ def _bins(arrivals, deadlines, finish, tiers_used, states, replicas, acc, names,
     lat = (finish - arrivals) * 1e3 / cfg.time_scale  # the profile's ms
 
     def ratio(num, den):
-        return [float(x) if d > 0 else None for x, d in zip(num / np.maximum(den, 1), den)]
+        return [
+            float(x) if d > 0 else None for x, d in zip(num / np.maximum(den, 1), den, strict=True)
+        ]
 
     p95 = []
     for b in range(nb):
@@ -629,8 +669,10 @@ def _bins(arrivals, deadlines, finish, tiers_used, states, replicas, acc, names,
 
 def format_totals(rows: Mapping[str, dict]) -> str:
     """A markdown table of totals, one row per run."""
-    head = ("| run | SLO attainment | mean served accuracy | degraded | refused | p95 ms "
-            "| replica-s (cost) | mean / max replicas |")  # fmt: skip
+    head = (
+        "| run | SLO attainment | mean served accuracy | degraded | refused | p95 ms "
+        "| replica-s (cost) | mean / max replicas |"
+    )
     lines = [head, "|" + " --- |" * 8]
     for name, t in rows.items():
         acc = t["mean_served_accuracy"]

@@ -1,0 +1,195 @@
+"""server/cluster.py: the cluster simulator (replicas of the real scheduler, a balancer, a
+model of the HPA) on a virtual clock. Small runs: replicas are made K times slower
+(``time_scale``), so a few thousand requests load several replicas."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from server.cluster import (
+    HPA,
+    ClusterConfig,
+    DiurnalTrace,
+    HPAConfig,
+    load_at,
+    simulate_cluster,
+)
+from server.scheduling import TierInfo
+from server.simulate import SimConfig, full_capacity, make_trace, simulate
+
+P50 = {
+    "w100": {1: 7.0, 2: 13.2, 4: 30.0, 8: 49.4},
+    "w075": {1: 4.6, 2: 8.2, 4: 15.7, 8: 31.2},
+    "w050": {1: 2.2, 2: 4.4, 4: 6.9, 8: 16.1},
+    "w025": {1: 0.85, 2: 1.8, 4: 3.4, 8: 6.5},
+}
+ACC = {"w100": 1.0, "w075": 0.575, "w050": 0.266, "w025": 0.075}
+TIERS = [TierInfo(n, ACC[n], {b: v * 1.1 for b, v in P50[n].items()}, P50[n]) for n in P50]
+K = 20.0  # replicas 20x slower: one serves ~8 requests/s at full tier and max batch
+
+
+def run(**kw):
+    return simulate_cluster(TIERS, P50, ClusterConfig(time_scale=K, **kw))
+
+
+@pytest.fixture(scope="module")
+def up_down():
+    """6 replica-capacities for 3 minutes, more than the 4 replicas allowed can serve at full
+    tier, then 0.3; pods take 30 s to start."""
+    cfg = dict(trace="steps", steps=((0.0, 6.0), (180.0, 0.3)), duration_s=720.0)
+    return run(pod_start_s=30.0, hpa=HPAConfig(min_replicas=2, max_replicas=4), **cfg)
+
+
+def test_deterministic_for_a_seed():
+    day = DiurnalTrace(day_s=240.0, bursts=((0.5, 20.0, 2.5),))
+    cfg = dict(trace="diurnal", diurnal=day, duration_s=240.0, seed=3)
+    a, b, c = run(**cfg), run(**cfg), run(**{**cfg, "seed": 4})
+    assert a.totals == b.totals and a.bins == b.bins and a.ticks == b.ticks
+    np.testing.assert_array_equal(a.finish, b.finish)
+    assert a.tiers == b.tiers and a.states == b.states
+    assert a.totals != c.totals
+
+
+def test_one_static_replica_is_the_single_replica_simulator():
+    cfg = SimConfig(load=1.3, duration_s=8.0, seed=5)
+    arrivals = make_trace(cfg, cfg.load * full_capacity(TIERS, P50, 8, 1))
+    single = simulate(TIERS, P50, cfg)
+    one = HPAConfig(min_replicas=1, max_replicas=1)
+    cluster = simulate_cluster(
+        TIERS,
+        P50,
+        ClusterConfig(autoscaler="static", hpa=one, seed=5, duration_s=8.0),
+        arrivals=arrivals,
+    )
+    np.testing.assert_array_equal(cluster.finish, single.finish)
+    assert cluster.tiers == single.tiers and cluster.states == single.states
+    assert cluster.totals["slo_attainment"] == single.summary["slo_attainment"]
+
+
+def test_replicas_stay_within_min_and_max(up_down):
+    assert up_down.ticks
+    for t in up_down.ticks:
+        assert 2 <= t["replicas"] <= 4 and 2 <= t["desired"] <= 4
+    assert max(up_down.bins["replicas_desired"]) <= 4 + 1e-9
+    assert min(up_down.bins["replicas_ready"]) >= 2 - 1e-9
+    assert max(t["desired_raw"] for t in up_down.ticks) > 4  # it asked for more than 4
+    assert max(t["desired"] for t in up_down.ticks) == 4
+
+
+def test_new_replica_takes_no_traffic_before_it_is_ready(up_down):
+    late = [r for r in up_down.replicas if r["created_s"] > 0]
+    assert late, "the overload should have started replicas"
+    for r in up_down.replicas:
+        assert r["ready_s"] == pytest.approx(r["created_s"] + (30.0 if r["created_s"] else 0))
+        mine = up_down.arrivals[up_down.replica_of == r["id"]]
+        if len(mine):
+            assert mine.min() >= r["ready_s"]
+            if r["removed_s"] is not None:
+                assert mine.max() < r["removed_s"]
+    assert all(r["routed"] > 0 for r in late if r["removed_s"] is None or r["removed_s"] > 200)
+
+
+def test_scale_up_under_overload_and_down_only_after_the_window(up_down):
+    ticks = up_down.ticks
+    first_up = next(t for t in ticks if t["desired"] > t["replicas"])
+    assert first_up["t"] == 15.0 and first_up["desired"] == 4  # +100 %: 2 -> 4 at once
+    downs = [t for t in ticks if t["desired"] < t["replicas"]]
+    assert downs, "the load fell to 0.3 replica-capacities: replicas must go down"
+    # Every recommendation made while the overload was in the metric window asked for at
+    # least the 4 replicas running; the last of them holds the count for 300 s.
+    last_high = max(t["t"] for t in ticks if t["desired_raw"] >= 4)
+    assert last_high >= 180.0
+    assert downs[0]["t"] >= last_high + 300.0
+    assert downs[0]["t"] <= 180.0 + 60.0 + 300.0 + 2 * 15.0  # window + stabilisation
+    for d in downs:  # never below a recommendation of the last 300 s
+        recent = [t["desired_raw"] for t in ticks if d["t"] - 300.0 < t["t"] <= d["t"]]
+        assert d["desired"] >= min(max(recent), 4)
+        # at most max(1 pod, 20 %) removed per 60 s
+        window = [t for t in ticks if d["t"] - 60.0 < t["t"] <= d["t"]]
+        removed = sum(t["replicas"] - t["desired"] for t in window if t["desired"] < t["replicas"])
+        assert removed <= max(1, int(0.2 * window[0]["replicas"]))
+    assert ticks[-1]["desired"] == 2
+
+
+def test_every_request_is_accounted_for_exactly_once(up_down):
+    r = up_down
+    n = len(r.arrivals)
+    assert r.totals["requests"] == n == len(r.states) == len(r.tiers)
+    assert r.totals["served"] + r.totals["refused"] == n
+    assert sum(r.totals["refused_by_kind"].values()) == r.totals["refused"]
+    assert not {"queued", "running"} & set(r.states)
+    served = np.array([s == "served" for s in r.states])
+    assert np.array_equal(served, ~np.isnan(r.finish))
+    assert all((t is not None) == s for t, s in zip(r.tiers, served, strict=True))
+    assert (r.replica_of[served] >= 0).all()
+    assert np.all(r.finish[served] >= r.arrivals[served])
+    routed = np.bincount(r.replica_of[r.replica_of >= 0], minlength=len(r.replicas))
+    assert routed.tolist() == [x["routed"] for x in r.replicas]
+    assert routed.sum() == n - r.states.count("refused_unavailable")
+
+
+def test_degraded_share_adds_replicas_while_latency_is_within_budget():
+    """A step from 0.75 to 4 replica-capacities per replica: the scheduler keeps serving in
+    budget on narrow tiers, so the degraded share sees the overload and latency does not."""
+    cfg = dict(trace="steps", steps=((0.0, 1.5), (60.0, 8.0)), duration_s=180.0)
+    only_degraded = HPAConfig(queue_compute_target=1e9)  # queue:compute cannot act
+    innfer = run(hpa=only_degraded, **cfg)
+    latency = run(autoscaler="latency", **cfg)
+    assert all(t["desired"] == 2 for t in innfer.ticks if t["t"] <= 60.0)
+    first = next(t for t in innfer.ticks if t["t"] > 60.0)  # the first tick after the step
+    assert first["replicas"] == 2 and first["degraded_share"] > 0.2
+    assert first["desired_degraded"] > 2 and first["desired"] > 2
+    # ... while latency was within budget: the requests since the step met their deadlines.
+    since = (innfer.arrivals >= 60.0) & (innfer.arrivals < first["t"])
+    assert (innfer.finish <= innfer.deadlines)[since].mean() >= 0.99
+    # Latency-only: once the step's transient has left its window, p95 is below its target
+    # again although each replica still has more than its full-tier capacity to serve -
+    # the network shrank instead - so it stops adding replicas.
+    target = 0.8 * 0.060 * K
+    late = [t for t in latency.ticks if t["t"] >= 60.0 + 60.0 + 15.0]
+    assert any(t["latency_q_s"] < target and t["desired"] == t["replicas"] < 8 for t in late)
+    assert latency.totals["slo_attainment"] >= 0.99
+    assert innfer.totals["mean_served_accuracy"] > latency.totals["mean_served_accuracy"] + 0.1
+
+
+def test_hpa_rate_limits_and_stabilisation():
+    h = HPA(HPAConfig())
+    assert h.step(15.0, 2, 20) == 6  # max(+100 %, +4 pods)
+    assert h.step(20.0, 6, 20) == 6  # same 15 s period: +4 already used
+    assert h.step(30.0, 6, 20) == 10  # capped at max_replicas
+    h = HPA(HPAConfig())
+    assert h.step(0.0, 10, 10) == 10
+    for t in np.arange(15.0, 300.0, 15.0):
+        assert h.step(float(t), 10, 2) == 10  # the recommendation at 0 s holds for 300 s
+    assert h.step(300.0, 10, 2) == 8  # 20 % of 10 (more than 1 pod)
+    assert h.step(345.0, 8, 2) == 8  # one step per 60 s
+    assert h.step(360.0, 8, 2) == 6
+    assert HPA(HPAConfig()).pods_metric([0.21, 0.19], 0.2, 2) == 2  # within tolerance
+    assert HPA(HPAConfig()).pods_metric([0.5, 0.5, 0.0], 0.2, 3) == 5
+
+
+def test_round_robin_spreads_evenly():
+    r = run(
+        autoscaler="static",
+        balancer="round_robin",
+        initial_replicas=3,
+        duration_s=30.0,
+        trace="steps",
+        steps=((0.0, 2.0),),
+    )
+    routed = [x["routed"] for x in r.replicas]
+    assert len(routed) == 3 and max(routed) - min(routed) <= 1
+
+
+def test_diurnal_trace_shape():
+    cfg = ClusterConfig(diurnal=DiurnalTrace(day_s=1440.0, trough=1.5, peak=6.0, bursts=()))
+    t = np.linspace(0, 1440, 10_001)
+    load = load_at(cfg, t)
+    assert load.max() / load.min() == pytest.approx(4.0, rel=1e-3)
+    assert t[np.argmin(load)] == pytest.approx(240.0, abs=1.0)  # hour 4
+    bursty = replace(cfg, diurnal=replace(cfg.diurnal, bursts=((0.5, 60.0, 3.0),)))
+    assert load_at(bursty, np.array([750.0]))[0] == pytest.approx(3 * load_at(cfg, [750.0])[0])
+    assert load_at(bursty, np.array([800.0]))[0] == pytest.approx(load_at(cfg, [800.0])[0])

@@ -1,0 +1,207 @@
+"""Random-width training, calibration (grid tuning, norm re-estimation), report, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.calibrate import calibrate, reestimate_norms, tune_grid
+from runtime.data import load
+from runtime.train import (
+    TrainableINN,
+    load_checkpoint,
+    sandwich_step,
+    sandwich_widths,
+    save_checkpoint,
+)
+from runtime.training import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _net(bn: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 16, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(16))
+    layers += [nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(24))
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)]
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits")
+
+
+def _untrained_inn(digits, bn=True):
+    return runtime.convert(_net(bn), (digits.x_test[:2],), permute=False, fold_norms=False)
+
+
+def test_trainable_full_width_equals_the_sampled_module(digits):
+    inn = _untrained_inn(digits)
+    model = TrainableINN(inn).eval()
+    x = digits.x_test[:8]
+    with torch.no_grad():
+        for w in (1.0, 0.5):
+            torch.testing.assert_close(model(x, w), inn.sample(w)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sandwich_training_lowers_the_loss_and_improves_every_width(digits):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 10)).eval()  # fmt: skip
+    inn = runtime.convert(mlp, (digits.x_test[:2],), permute=False)
+    model = TrainableINN(inn).train()
+    opt = torch.optim.AdamW(model.parameters(), 5e-3)
+    rng = random.Random(0)
+    x, y = digits.x_train[:512], digits.y_train[:512]
+    before = {w: evaluate(inn.sample(w), digits.x_test, digits.y_test) for w in (1.0, 0.5, 0.25)}
+    first = last = None
+    for _ in range(6):
+        for i in range(0, 512, 64):
+            losses = sandwich_step(model, opt, x[i : i + 64], y[i : i + 64],
+                                   sandwich_widths(rng, 0.25, 2))  # fmt: skip
+            first = first or losses["1.000"]
+            last = losses["1.000"]
+    assert last < first * 0.7
+    trained = model.to_inn()
+    for w in (1.0, 0.5, 0.25):
+        after = evaluate(trained.sample(w), digits.x_test, digits.y_test)
+        assert after > before[w] + 0.2, (w, before[w], after)
+
+
+def test_per_group_widths_are_channel_counts(digits):
+    inn = _untrained_inn(digits)
+    widths = sandwich_widths(random.Random(1), 0.25, k=3, groups=inn.groups)
+    assert widths[:2] == [1.0, 0.25]
+    for w in widths[2:]:
+        assert set(w) == {g.name for g in inn.groups}
+        for g in inn.groups:
+            assert round(0.25 * g.size) - 1 <= w[g.name] <= g.size
+    model = TrainableINN(inn)
+    assert model(digits.x_test[:2], widths[2]).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("min_width", "k"), [(0.0, 2), (1.5, 2), (0.5, -1)])
+def test_bad_sandwich_arguments(min_width, k):
+    with pytest.raises(ValueError):
+        sandwich_widths(random.Random(0), min_width, k)
+
+
+def test_grid_tuning_keeps_points_ordered_and_inside(digits):
+    inn = _untrained_inn(digits)
+    x = digits.x_train[:256]
+    with torch.no_grad():
+        teacher = inn.sample(1.0)(x)
+    grids = tune_grid(inn, 0.5, x, teacher, steps=15, lr=0.2)
+    assert grids and set(grids) <= set(inn.info["grids"])
+    for key, pts in grids.items():
+        n = int(key.rsplit("@", 1)[1])
+        t = torch.tensor(pts)
+        assert len(pts) == n
+        assert torch.all(t > 0) and torch.all(t < 1) and torch.all(t[1:] > t[:-1])
+    # The tuned grid is what sampling at that width now uses (and only at that width).
+    uniform = runtime.convert(_net(), (digits.x_test[:2],), permute=False, fold_norms=False)
+    x8 = digits.x_test[:8]
+    with torch.no_grad():
+        assert not torch.allclose(inn.sample(0.5)(x8), uniform.sample(0.5)(x8))
+        torch.testing.assert_close(inn.sample(0.75)(x8), uniform.sample(0.75)(x8))
+
+
+def test_norm_reestimation_changes_only_its_width(digits):
+    inn = _untrained_inn(digits)
+    x = digits.x_train[:256]
+    stats = lambda m: {k: v.clone() for k, v in m.named_buffers() if "running" in k}  # noqa: E731
+    half_before, quarter_before = stats(inn.sample(0.5)), stats(inn.sample(0.25))
+    key = reestimate_norms(inn, 0.5, x)
+    assert key == inn.sizes_key(inn.sizes(0.5))
+    half_after, quarter_after = stats(inn.sample(0.5)), stats(inn.sample(0.25))
+    assert any(not torch.equal(half_before[k], half_after[k]) for k in half_before)
+    assert all(torch.equal(quarter_before[k], quarter_after[k]) for k in quarter_before)
+    # A model without norm layers has nothing to re-estimate.
+    assert reestimate_norms(_untrained_inn(digits, bn=False), 0.5, x) is None
+
+
+def test_calibration_set_smaller_than_a_batch_is_refused(digits):
+    inn = _untrained_inn(digits)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        calibrate(inn, digits.x_train[:10], [0.5], seconds=1, progress=False)
+    with pytest.raises(ValueError, match="widths is empty"):
+        calibrate(inn, digits.x_train[:100], [], seconds=1, progress=False)
+    with pytest.raises(ValueError, match=r"width must be in \(0, 1\]"):
+        calibrate(inn, digits.x_train[:100], [1.5], seconds=1, progress=False)
+
+
+def test_calibration_improves_a_converted_small_width(digits):
+    torch.manual_seed(0)
+    from runtime.training import train_classifier
+
+    net = _net()
+    train_classifier(net, digits, epochs=4, lr=3e-3)
+    inn = runtime.convert(net, (digits.x_test[:2],), fold_norms=False)
+    before = evaluate(inn.sample(0.25), digits.x_test, digits.y_test)
+    tuned = calibrate(inn, digits.x_train[:512], [0.25], seconds=8, progress=False)
+    after = evaluate(tuned.sample(0.25), digits.x_test, digits.y_test)
+    assert after > before + 0.1, (before, after)
+    assert "grids" in tuned.info and tuned.info["norm_stats"]
+
+
+def test_checkpoint_round_trip(digits, tmp_path):
+    inn = _untrained_inn(digits)
+    model = TrainableINN(inn).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    sandwich_step(model, opt, digits.x_train[:32], digits.y_train[:32], [1.0, 0.5])
+    save_checkpoint(tmp_path, model, opt, {"epoch": 3})
+    other = TrainableINN(inn)
+    opt2 = torch.optim.AdamW(other.parameters(), 1e-3)
+    assert load_checkpoint(tmp_path, other, opt2) == {"epoch": 3}
+    for a, b in zip(model.nodes, other.nodes, strict=True):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    assert not any(p.suffix == ".pt" or p.suffix == ".pkl" for p in tmp_path.iterdir())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_cli_train_report_and_errors(tmp_path):
+    out = tmp_path / "inn"
+    r = _cli("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
+             "--widths", "1.0", "0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "inn.json").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
+    rows = json.loads((out / "report.json").read_text())
+    assert [row["width"] for row in rows] == [1.0, 0.5]
+    assert rows[1]["flops"] < rows[0]["flops"] and 0 <= rows[1]["accuracy"] <= 1
+    r = _cli("report", str(out), "--data", "digits", "--widths", "1.0", "0.25",
+             "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 2
+    assert (out / "report.png").is_file()
+    r = _cli("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr  # continues from epoch 1 of 2
+    bad = [
+        (("report", str(out), "--widths"), "width list is empty"),
+        (("report", str(out), "--widths", "1.5"), "width must be in (0, 1]"),
+        (("calibrate", str(tmp_path / "missing"), "--data", "digits"), "does not exist"),
+        (("calibrate", str(out), "--data", "digits", "--samples", "10"), "fewer than one batch"),
+        (("train", "--model", "digits_mlp", "--out", str(tmp_path / "x"), "--resume"),
+         "no checkpoint to resume"),
+    ]  # fmt: skip
+    for args, message in bad:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
