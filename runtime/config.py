@@ -114,12 +114,7 @@ class ModelConfig:
     def load(cls, path: str | Path) -> ModelConfig:
         """Read and validate ``path``; the model name defaults to its directory's name."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path)
         data = {"name": path.parent.name, **(data or {})} if isinstance(data, dict) else data
         return cls.from_dict(data, source=str(path))
 
@@ -170,6 +165,16 @@ class ModelConfig:
             name=str(data.get("name", "")),
             source=source,
         )
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 
 
 class _Reader:

@@ -14,7 +14,6 @@ version, architecture, groups, bindings, a SHA-256 of the weights file). No pick
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from torch import fx
 from . import graphio
 from .continuous import METHODS, Method, quadrature_scale, resample_matrix
 from .groups import Binding, GroupInfo, Layout, Segment, SizeField
+from .repository import sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "inn.safetensors"
@@ -298,7 +298,7 @@ class IntegralModel:
         meta = {
             "format": "innfer-inn",
             "version": FORMAT_VERSION,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": sha256_file(weights),
             "shapes": {k: list(v.shape) for k, v in self.state.items()},
             "architecture": self.spec,
             "groups": [asdict(g) for g in self.all_groups],
@@ -343,7 +343,7 @@ def load(directory: str | Path) -> IntegralModel:
             f"{meta_path} has format version {meta.get('version')!r}; this innfer reads "
             f"version {FORMAT_VERSION}"
         )
-    if _sha256(weights) != meta.get("weights_sha256"):
+    if sha256_file(weights) != meta.get("weights_sha256"):
         raise ModelFileError(
             f"{weights} does not match the checksum in {meta_path}: the weights file is "
             f"corrupted or belongs to another model"
@@ -380,14 +380,6 @@ def _check_width(width: Any) -> float:
     if not (0.0 < w <= 1.0):  # also rejects NaN
         raise ValueError(f"width must be in (0, 1], got {width}")
     return w
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _layout_to_json(lay: Layout) -> list[list]:

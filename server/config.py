@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from runtime.config import ConfigError
+from runtime.config import ConfigError, read_yaml
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,7 @@ class ServerConfig:
     @classmethod
     def load(cls, path: str | Path) -> ServerConfig:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path) or {}
         return cls.from_dict(data, source=str(path), base=path.parent)
 
     @classmethod
