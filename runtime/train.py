@@ -56,6 +56,10 @@ class TrainableINN(nn.Module):
         self._buffers_full = {n: b.detach().clone() for n, b in full.named_buffers()}
         self._skeletons: OrderedDict[str, nn.Module] = OrderedDict()
         self._cache = cache
+        # Resampling matrices depend only on (group, count): building one loops in Python
+        # (cell averaging integrates piece by piece), so rebuilding them every forward pass
+        # took ~40 % of a training step. At most one entry per (group, count).
+        self._matrices: dict[tuple[str, int], torch.Tensor] = {}
 
     def state_at_nodes(self) -> dict[str, torch.Tensor]:
         state = dict(self._buffers_full)
@@ -72,7 +76,10 @@ class TrainableINN(nn.Module):
         return self._skeletons[key]
 
     def _matrix(self, g, n):
-        return self.inn.matrix(g, n, self.method)
+        key = (g.name, n)
+        if key not in self._matrices:
+            self._matrices[key] = self.inn.matrix(g, n, self.method).to(torch.float32)
+        return self._matrices[key]
 
     def sampled_state(self, sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
         mats = {}
