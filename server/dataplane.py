@@ -88,7 +88,7 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.phase == Phase.READY and all(True for _ in self.models.values())
+        return self.phase == Phase.READY
 
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 from collections.abc import Callable
 
@@ -191,11 +190,3 @@ def _triton_type(dtype: str) -> str:
         "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
         "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
     }[dtype]  # fmt: skip
-
-
-def tiers_of(metadata: tuple) -> list[dict]:
-    """Client helper: the tiers from ModelMetadata's trailing metadata."""
-    for key, value in metadata:
-        if key == "innfer-tiers":
-            return json.loads(value)
-    return []
