@@ -282,6 +282,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tier_defaults(model_dir: Path) -> tuple[list, int]:
+    """Widths and multiple_of of MODEL_DIR/model.yaml's tiers (a repository model), so that
+    calibration targets exactly the channel counts ``innfer build`` will sample."""
+    from .config import ModelConfig
+
+    path = Path(model_dir) / "model.yaml"
+    if not path.is_file():
+        return [0.5, 0.25], 1
+    config = ModelConfig.load(path)
+    return [t.width for t in config.tiers], config.multiple_of
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
@@ -292,16 +304,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     inn = load(args.model_dir)
-    data = load_data(args.data)
-    widths = _widths(args.widths)
+    tier_widths, tier_multiple = _tier_defaults(args.model_dir)
+    widths = _widths(tier_widths if args.widths is None else args.widths)
+    multiple_of = args.multiple_of or tier_multiple
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    data = load_data(args.data)
     x = data.x_train[: args.samples]
-    print("before:\n" + format_report(width_report(inn, [1.0, *widths], data)))
-    tuned = calibrate(inn, x, widths, seconds=args.seconds, seed=args.seed)
+    shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
+    print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
+    tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
+                      seed=args.seed)  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
-    print(format_report(width_report(tuned, [1.0, *widths], data)))
+    print(format_report(width_report(tuned, shown, data, multiple_of=multiple_of)))
     return 0
 
 
@@ -312,7 +330,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     inn = load(args.model_dir)
     data = load_data(args.data) if args.data else None
-    rows = width_report(inn, _widths(args.widths), data)
+    multiple_of = args.multiple_of or _tier_defaults(args.model_dir)[1]
+    rows = width_report(inn, _widths(args.widths), data, multiple_of=multiple_of)
     print(format_report(rows))
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
     save_report(rows, Path(args.json) if args.json else None, png if data else None)
@@ -377,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")
     cal.add_argument("model_dir", type=Path)
     cal.add_argument("--data", required=True, choices=["digits", "mnist5k", "mnist1d"])
-    cal.add_argument("--widths", type=_width, nargs="*", default=[0.5, 0.25])
+    cal.add_argument("--widths", type=_width, nargs="*",
+                     help="default: the tiers of MODEL_DIR/model.yaml, else 0.5 0.25")  # fmt: skip
+    cal.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")
     cal.add_argument("--samples", type=int, default=1000)
-    cal.add_argument("--seconds", type=float, default=60.0)
+    cal.add_argument("--seconds", type=float, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
     cal.add_argument("--threads", type=int, default=2)
@@ -390,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"])
     rep.add_argument("--widths", type=_width, nargs="*",
                      default=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])  # fmt: skip
+    rep.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")
     rep.add_argument("--json")
     rep.add_argument("--png")
     rep.set_defaults(func=cmd_report)

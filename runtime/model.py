@@ -32,6 +32,9 @@ from .repository import sha256_file
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "inn.safetensors"
 META_FILE = "inn.json"
+# Calibrated tier weights share the safetensors file with the nodes under this prefix
+# ("tier:<sizes key>/<state name>"); node names come from nn.Module and never contain ":".
+TIER_PREFIX = "tier:"
 
 # A matrix builder: (group, n) -> (n, size) float64 resampling matrix.
 MatrixFn = Callable[[GroupInfo, int], torch.Tensor]
@@ -67,6 +70,7 @@ class IntegralModel:
         bindings: list[Binding],
         size_fields: dict[str, list[SizeField]],
         info: dict[str, Any] | None = None,
+        tiers: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.spec = spec
         self.state = state
@@ -74,6 +78,17 @@ class IntegralModel:
         self.bindings = bindings
         self.size_fields = size_fields
         self.info = dict(info or {})
+        # Calibrated weights of sampled networks (runtime.calibrate), keyed by sizes_key:
+        # the full state dict of the network sampled at exactly those channel counts.
+        self.tiers: dict[str, dict[str, torch.Tensor]] = dict(tiers or {})
+
+    def copy(self) -> IntegralModel:
+        """An independent copy (tensors cloned): calibration returns one, leaving its input."""
+        return IntegralModel(
+            self.spec, {k: v.clone() for k, v in self.state.items()}, self.all_groups,
+            self.bindings, self.size_fields, copy.deepcopy(self.info),
+            {k: {n: t.clone() for n, t in d.items()} for k, d in self.tiers.items()},
+        )  # fmt: skip
 
     # -- groups and widths -----------------------------------------------------------------
     @property
@@ -133,6 +148,7 @@ class IntegralModel:
         width: float | Mapping[str, int] = 1.0,
         method: Method = "auto",
         multiple_of: int = 1,
+        calibrated: bool = True,
     ) -> fx.GraphModule:
         """A plain ``nn.Module`` (eval mode) with every continuous group resampled.
 
@@ -141,13 +157,37 @@ class IntegralModel:
         point where a group keeps >= 50 % of its channels, cell below - the better of the two
         in bench/conversion.py at each width).
         At ``width=1.0`` the result computes exactly what the source model computed.
+        Where ``runtime.calibrate`` stored weights for exactly these channel counts, they
+        replace the resampled ones (whatever ``method``); ``calibrated=False`` skips them.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         sizes = self.sizes(width, multiple_of)
         module = self.resample(sizes, lambda g, n: self.matrix(g, n, method))
         self._apply_norm_stats(module, sizes)
+        tier = self.tiers.get(self.sizes_key(sizes)) if calibrated else None
+        if tier is not None:
+            module.load_state_dict(tier, strict=True)
         return module
+
+    def set_tier(self, sizes: Mapping[str, int], weights: Mapping[str, torch.Tensor]) -> str:
+        """Store ``weights`` (a state dict of the network ``sample(sizes)`` returns) as the
+        calibrated network for ``sizes``; returns its key.
+
+        Example:
+            >>> key = inn.set_tier(sizes, tuned_module.state_dict())  # doctest: +SKIP
+        """
+        key = self.sizes_key(sizes)
+        expected = {k: tuple(v.shape) for k, v in self.skeleton(sizes).state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in weights.items()}
+        if got != expected:
+            wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            raise ValueError(
+                f"weights do not match the network sampled at {key}: "
+                + ", ".join(f"{k} is {got.get(k)}, expected {expected.get(k)}" for k in wrong[:4])
+            )
+        self.tiers[key] = {k: v.detach().clone() for k, v in weights.items()}
+        return key
 
     def matrix(self, g: GroupInfo, n: int, method: Method = "auto") -> torch.Tensor:
         """The (n, size) float64 matrix for group ``g``: a tuned grid if one was stored for
@@ -294,12 +334,15 @@ class IntegralModel:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         weights = d / WEIGHTS_FILE
-        save_file({k: v.contiguous() for k, v in self.state.items()}, str(weights))
+        tensors = dict(self.state)
+        for key, tier in self.tiers.items():
+            tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
         meta = {
             "format": "innfer-inn",
             "version": FORMAT_VERSION,
             "weights_sha256": sha256_file(weights),
-            "shapes": {k: list(v.shape) for k, v in self.state.items()},
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "architecture": self.spec,
             "groups": [asdict(g) for g in self.all_groups],
             "bindings": [_binding_to_json(b) for b in self.bindings],
@@ -360,15 +403,24 @@ def load(directory: str | Path) -> IntegralModel:
             f"{weights}: tensors do not match {meta_path}: "
             + ", ".join(f"{k} is {shapes.get(k)}, expected {want.get(k)}" for k in diff[:5])
         )
+    tiers: dict[str, dict[str, torch.Tensor]] = {}
+    for name in [k for k in state if k.startswith(TIER_PREFIX)]:
+        key, _, param = name[len(TIER_PREFIX) :].partition("/")
+        tiers.setdefault(key, {})[param] = state.pop(name)
     try:
         groups = [
             GroupInfo(**{**g, "members": [tuple(x) for x in g["members"]]}) for g in meta["groups"]
         ]
         bindings = [_binding_from_json(b) for b in meta["bindings"]]
         fields = {m: [_field_from_json(f) for f in fs] for m, fs in meta["size_fields"].items()}
-        model = IntegralModel(meta["architecture"], state, groups, bindings, fields, meta["info"])
+        model = IntegralModel(
+            meta["architecture"], state, groups, bindings, fields, meta["info"], tiers
+        )
         graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
-    except (KeyError, TypeError, graphio.SpecError) as exc:
+        for key in tiers:  # each calibrated tier must fit the network sampled at its sizes
+            sizes = dict(item.split("=") for item in key.split(","))
+            model.set_tier({k: int(v) for k, v in sizes.items()}, tiers[key])
+    except (KeyError, TypeError, ValueError, graphio.SpecError) as exc:
         raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
     return model
 

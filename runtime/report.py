@@ -28,6 +28,7 @@ class ReportRow:
     flops: int
     params: int
     accuracy: float | None
+    calibrated: bool = False  # a calibrated tier (runtime.calibrate) serves this width
 
 
 def width_report(
@@ -35,17 +36,22 @@ def width_report(
     widths: Sequence[float] = DEFAULT_WIDTHS,
     data: Dataset | None = None,
     method: str = "auto",
+    multiple_of: int = 1,
 ) -> list[ReportRow]:
-    """One row per width: FLOPs at batch 1, parameter count, test accuracy if ``data``."""
+    """One row per width: FLOPs at batch 1, parameter count, test accuracy if ``data``,
+    and whether calibrated weights serve it (widths rounded as the tiers round them:
+    ``multiple_of``)."""
     if not widths:
         raise ValueError("widths is empty; give at least one width in (0, 1]")
     rows = []
     for w in widths:
-        net = inn.sample(w, method=method)
+        sizes = inn.sizes(w, multiple_of)
+        net = inn.sample(sizes, method=method)
         shape = data.input_shape if data is not None else _input_shape(inn)
         flops = count_flops(net, (torch.zeros(1, *shape),))
         acc = evaluate(net, data.x_test, data.y_test) if data is not None else None
-        rows.append(ReportRow(w, flops, sum(p.numel() for p in net.parameters()), acc))
+        params = sum(p.numel() for p in net.parameters())
+        rows.append(ReportRow(w, flops, params, acc, inn.sizes_key(sizes) in inn.tiers))
     return rows
 
 
@@ -58,11 +64,12 @@ def _input_shape(inn: IntegralModel) -> tuple[int, ...]:
 
 def format_report(rows: Sequence[ReportRow]) -> str:
     full = rows[0]
-    lines = [f"{'width':>6} {'MFLOPs':>9} {'FLOPs':>6} {'params':>9} {'accuracy':>9}"]
+    lines = [f"{'width':>6} {'MFLOPs':>9} {'FLOPs':>6} {'params':>9} {'accuracy':>9}  weights"]
     for r in rows:
         acc = "-" if r.accuracy is None else f"{r.accuracy:.2%}"
+        src = "calibrated" if r.calibrated else "sampled"
         lines.append(f"{r.width:>6.1%} {r.flops / 1e6:>9.3f} {r.flops / max(full.flops, 1):>6.2f} "
-                     f"{r.params:>9,} {acc:>9}")  # fmt: skip
+                     f"{r.params:>9,} {acc:>9}  {src}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -77,12 +84,17 @@ def save_report(rows: Sequence[ReportRow], json_path: Path | None, png_path: Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
-    ax[0].plot([r.width for r in rows], [r.accuracy for r in rows], marker="o")
+    cal = [r for r in rows if r.calibrated]
+    for a, x in ((ax[0], lambda r: r.width), (ax[1], lambda r: r.flops / 1e6)):
+        a.plot([x(r) for r in rows], [r.accuracy for r in rows], marker="o", label="INN")
+        if cal:  # calibrated tiers carry their own weights: mark them apart
+            a.scatter([x(r) for r in cal], [r.accuracy for r in cal], marker="*", s=140,
+                      color="tab:red", zorder=3, label="calibrated tier")  # fmt: skip
+        a.grid(alpha=0.3)
     ax[0].set_xlabel("width")
     ax[0].set_ylabel("test accuracy")
-    ax[1].plot([r.flops / 1e6 for r in rows], [r.accuracy for r in rows], marker="o")
     ax[1].set_xlabel("MFLOPs (batch 1)")
-    for a in ax:
-        a.grid(alpha=0.3)
+    if cal:
+        ax[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

@@ -61,6 +61,27 @@ def test_build_end_to_end(built):
     assert half.flops < full.flops and half.params < full.params
 
 
+def test_a_calibrated_tier_is_what_the_build_exports(tmp_path):
+    import onnxruntime as ort
+
+    from runtime.calibrate import calibrate
+
+    torch.manual_seed(1)
+    x = torch.rand(128, 1, 8, 8)
+    inn = runtime.convert(_net(), (x[:2],), fold_norms=False)
+    tuned = calibrate(inn, x, [0.5], seconds=5, max_steps=5, grid_share=0, progress=False)
+    config = {k: v for k, v in CONFIG.items() if k != "evaluation"}
+    add_model(tmp_path, "cal", tuned, config)
+    build_model(Repository(tmp_path), "cal", progress=False, profile=False)
+    session = ort.InferenceSession(str(tmp_path / "cal" / "tiers" / "w050" / "model.onnx"))
+    got = session.run(None, {"input": x[:4].numpy()})[0]
+    with torch.no_grad():
+        calibrated = tuned.sample(0.5)(x[:4]).numpy()
+        sampled = tuned.sample(0.5, calibrated=False)(x[:4]).numpy()
+    np.testing.assert_allclose(got, calibrated, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, sampled, atol=1e-3)
+
+
 def test_rebuild_is_a_cache_hit(built):
     root, _ = built
     again = build_model(Repository(root), "tiny", progress=False, profile=False)

@@ -1,7 +1,9 @@
-"""Random-width training, calibration (grid tuning, norm re-estimation), report, CLI errors."""
+"""Random-width training, calibration (grid tuning, norm re-estimation, calibrated tiers),
+report, CLI errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import subprocess
@@ -12,8 +14,10 @@ import torch
 from torch import nn
 
 import runtime
-from runtime.calibrate import calibrate, reestimate_norms, tune_grid
+from runtime.calibrate import calibrate, finetune_module, reestimate_norms, tune_grid
 from runtime.data import load
+from runtime.model import ModelFileError
+from runtime.model import load as load_inn
 from runtime.train import (
     TrainableINN,
     load_checkpoint,
@@ -142,18 +146,75 @@ def test_calibration_set_smaller_than_a_batch_is_refused(digits):
         calibrate(inn, digits.x_train[:100], [1.5], seconds=1, progress=False)
 
 
-def test_calibration_improves_a_converted_small_width(digits):
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A briefly trained CNN with BatchNorm and its INN (norms kept, channels permuted)."""
     from runtime.training import train_classifier
 
-    net = _net()
-    train_classifier(net, digits, epochs=4, lr=3e-3)
-    inn = runtime.convert(net, (digits.x_test[:2],), fold_norms=False)
+    torch.manual_seed(0)
+    net = train_classifier(_net(), digits, epochs=4, lr=3e-3)
+    return net, runtime.convert(net, (digits.x_test[:2],), fold_norms=False)
+
+
+def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x).argmax(-1) == b(x).argmax(-1)).float().mean())
+
+
+def test_calibration_improves_small_widths_and_keeps_the_full_width(digits, trained):
+    net, inn = trained
+    x8 = digits.x_test[:8]
     before = evaluate(inn.sample(0.25), digits.x_test, digits.y_test)
-    tuned = calibrate(inn, digits.x_train[:512], [0.25], seconds=8, progress=False)
+    tuned = calibrate(inn, digits.x_train[:512], [0.25, 1.0], seconds=20, max_steps=150,
+                      progress=False)  # fmt: skip
     after = evaluate(tuned.sample(0.25), digits.x_test, digits.y_test)
     assert after > before + 0.1, (before, after)
-    assert "grids" in tuned.info and tuned.info["norm_stats"]
+    quarter = inn.sizes_key(inn.sizes(0.25))
+    assert set(tuned.tiers) == {quarter}  # 1.0 is the teacher itself: nothing stored
+    assert "grids" in tuned.info and quarter in tuned.info["norm_stats"]
+    with torch.no_grad():
+        # The nodes are untouched: the full width is still exactly the source model, and a
+        # width without a calibrated tier samples as before.
+        torch.testing.assert_close(tuned.sample(1.0)(x8), net(x8), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tuned.sample(0.5)(x8), inn.sample(0.5)(x8))
+        assert not torch.allclose(tuned.sample(0.25, calibrated=False)(x8), tuned.sample(0.25)(x8))
+    assert not inn.tiers and "grids" not in inn.info  # the input INN is left as it was
+
+
+def test_finetune_module_is_reproducible_and_learns_the_teacher(digits, trained):
+    net, inn = trained
+    x, xt = digits.x_train[:256], digits.x_test
+    a = inn.sample(0.25)
+    b = copy.deepcopy(a)
+    start = _agreement(a, net, xt)
+    assert finetune_module(a, x, net, seconds=60, max_steps=40, seed=3) == 40
+    finetune_module(b, x, net, seconds=60, max_steps=40, seed=3)
+    assert not a.training
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    assert _agreement(a, net, xt) > start + 0.1
+
+
+def test_calibrated_tiers_round_trip_and_are_checked(digits, trained, tmp_path):
+    _, inn = trained
+    tuned = calibrate(inn, digits.x_train[:256], [0.5], seconds=5, max_steps=5, grid_share=0,
+                      progress=False)  # fmt: skip
+    assert "grids" not in tuned.info  # grid_share=0 skips grid tuning
+    loaded = load_inn(tuned.save(tmp_path / "inn"))
+    assert set(loaded.tiers) == set(tuned.tiers)
+    x8 = digits.x_test[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(0.5)(x8), tuned.sample(0.5)(x8))
+    sizes = inn.sizes(0.5)
+    with pytest.raises(ValueError, match="do not match the network sampled"):
+        tuned.set_tier(sizes, inn.sample(0.25).state_dict())
+    # A tier whose tensors no longer fit its channel counts is refused at load time.
+    key = inn.sizes_key(sizes)
+    name = next(iter(tuned.tiers[key]))
+    tuned.tiers[key][name] = torch.zeros(3)
+    tuned.save(tmp_path / "bad")
+    with pytest.raises(ModelFileError, match="malformed"):
+        load_inn(tmp_path / "bad")
 
 
 def test_checkpoint_round_trip(digits, tmp_path):
@@ -193,11 +254,23 @@ def test_cli_train_report_and_errors(tmp_path):
     assert (out / "report.png").is_file()
     r = _cli("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr  # continues from epoch 1 of 2
+    cal = tmp_path / "cal"
+    r = _cli("calibrate", str(out), "--data", "digits", "--widths", "0.5", "--multiple-of", "8",
+             "--seconds", "2", "--samples", "256", "--out", str(cal))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tuned = load_inn(cal)
+    assert set(tuned.tiers) == {tuned.sizes_key(tuned.sizes(0.5, multiple_of=8))}
+    r = _cli("report", str(cal), "--data", "digits", "--widths", "1.0", "0.5",
+             "--multiple-of", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[-1] for line in r.stdout.splitlines()[1:3]] == ["sampled", "calibrated"]
     bad = [
         (("report", str(out), "--widths"), "width list is empty"),
         (("report", str(out), "--widths", "1.5"), "width must be in (0, 1]"),
         (("calibrate", str(tmp_path / "missing"), "--data", "digits"), "does not exist"),
         (("calibrate", str(out), "--data", "digits", "--samples", "10"), "fewer than one batch"),
+        (("calibrate", str(out), "--data", "digits", "--seconds", "0"), "--seconds must be > 0"),
+        (("calibrate", str(out), "--data", "digits", "--widths"), "width list is empty"),
         (("train", "--model", "digits_mlp", "--out", str(tmp_path / "x"), "--resume"),
          "no checkpoint to resume"),
     ]  # fmt: skip
