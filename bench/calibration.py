@@ -5,9 +5,9 @@ Tasks hard enough to tell the methods apart: MNIST-1D with ``mnist1d_cnn`` and M
 train split (``runtime.training.train_model``); after that every method may use only the
 first 1,000 train samples (``--n-calib``) and a wall-clock budget per width (``--budgets``,
 5 and 20 s). Every method that fine-tunes uses the same recipe, ``runtime.calibrate.
-finetune_module`` (distillation from the full model on mixup inputs, no labels, AdamW
-lr 3e-3 with cosine decay, norm statistics recomputed on the clean inputs); they differ only
-in where the network starts:
+finetune_module`` (distillation from the full model on mixup inputs plus the mixed
+cross-entropy on the labels, AdamW lr 3e-3 with cosine decay, norm statistics recomputed on
+the clean inputs); they differ only in where the network starts:
 
   inn_calibrated    ``runtime.calibrate.calibrate``: convert (smoothing permutation, norms
                     kept), then per width: grid tuning (10 % of its budget), norm
@@ -146,17 +146,17 @@ def run_seed(name: str, seed: int, widths, budgets, n_calib: int) -> dict:
     for budget in budgets:
         key = f"{budget:g}"
         acc[key] = {m: [] for m in TUNED}
-        tuned = calibrate(inn, xc, list(widths), seconds=budget * len(widths), seed=seed,
-                          progress=False)  # fmt: skip
+        tuned = calibrate(inn, xc, list(widths), seconds=budget * len(widths), labels=yc,
+                          seed=seed, progress=False)  # fmt: skip
         assert evaluate(tuned.sample(1.0), xt, yt) == evaluate(model, xt, yt)  # nodes untouched
         for w in widths:
             acc[key]["inn_calibrated"].append(evaluate(tuned.sample(w), xt, yt))
             pruned = l1_prune(plain, w)
-            finetune_module(pruned, xc, model, budget, seed=seed)
+            finetune_module(pruned, xc, model, budget, labels=yc, seed=seed)
             acc[key]["l1_finetune"].append(evaluate(pruned, xt, yt))
             seed_everything(seed)
             net = zoo.build(name, channels=scaled(CHANNELS[name], w))
-            finetune_module(net, xc, model, budget, seed=seed)
+            finetune_module(net, xc, model, budget, labels=yc, seed=seed)
             acc[key]["scratch_kd"].append(evaluate(net, xt, yt))
             seed_everything(seed)
             net = zoo.build(name, channels=scaled(CHANNELS[name], w))

@@ -315,8 +315,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     x = data.x_train[: args.samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
     print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
+    labels = None if args.no_labels else data.y_train[: args.samples]
     tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
-                      seed=args.seed)  # fmt: skip
+                      labels=labels, seed=args.seed)  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, multiple_of=multiple_of)))
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--samples", type=int, default=1000)
     cal.add_argument("--seconds", type=float, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
     cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
     cal.add_argument("--threads", type=int, default=2)
     cal.set_defaults(func=cmd_calibrate)

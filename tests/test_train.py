@@ -144,6 +144,8 @@ def test_calibration_set_smaller_than_a_batch_is_refused(digits):
         calibrate(inn, digits.x_train[:100], [], seconds=1, progress=False)
     with pytest.raises(ValueError, match=r"width must be in \(0, 1\]"):
         calibrate(inn, digits.x_train[:100], [1.5], seconds=1, progress=False)
+    with pytest.raises(ValueError, match="one per input"):
+        calibrate(inn, digits.x_train[:100], [0.5], labels=digits.y_train[:99], progress=False)
 
 
 @pytest.fixture(scope="module")
