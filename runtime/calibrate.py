@@ -79,15 +79,21 @@ def recompute_norm_stats(
 
 @torch.no_grad()
 def reestimate_norms(
-    inn: IntegralModel, width, x: torch.Tensor, batch_size: int = 64, max_batches: int = 20
+    inn: IntegralModel,
+    width,
+    x: torch.Tensor,
+    batch_size: int = 64,
+    max_batches: int = 20,
+    method: str = "auto",
 ) -> str | None:
     """Recompute BatchNorm statistics for ``width``; returns the sizes key, None if the
-    model has no norm layers (e.g. converted with fold_norms=True)."""
+    model has no norm layers (e.g. converted with fold_norms=True). ``method``: the sampling
+    the width is served with (model.yaml's); the statistics belong to that network."""
     _check_calibration(x, batch_size)
     sizes = inn.sizes(width)
     key = IntegralModel.sizes_key(sizes)
     inn.info.setdefault("norm_stats", {}).pop(key, None)  # start from the resampled stats
-    module = inn.sample(sizes, calibrated=False)
+    module = inn.sample(sizes, method=method, calibrated=False)
     if not recompute_norm_stats(module, x, batch_size, max_batches):
         return None
     stats = {
@@ -253,6 +259,7 @@ def calibrate(
     seconds: float = 60.0,
     *,
     multiple_of: int = 1,
+    method: str = "auto",
     grid_share: float = 0.1,
     max_steps: int | None = None,
     labels: torch.Tensor | None = None,
@@ -266,8 +273,8 @@ def calibrate(
     ``x``: the calibration inputs; ``labels`` (optional) add a cross-entropy term to the
     distillation from the full width (``finetune_module``). ``seconds`` is the
     budget for all widths together, split evenly; ``grid_share`` of each width's share goes
-    to grid tuning. ``multiple_of`` must match the tiers' (model.yaml) so that the calibrated
-    channel counts are the ones the build samples. ``max_steps`` caps each width's
+    to grid tuning. ``multiple_of`` and ``method`` must match the tiers' (model.yaml) so that
+    the calibrated networks are the ones the build samples. ``max_steps`` caps each width's
     fine-tuning (reproducible runs). Returns a new IntegralModel; ``inn`` is left as it was.
     """
     if not widths:
@@ -297,8 +304,8 @@ def calibrate(
         if grid_share > 0:
             tune_grid(out, sizes, x, logits, steps=1000, seconds=share * grid_share,
                       batch_size=batch_size, seed=seed + i)  # fmt: skip
-        reestimate_norms(out, sizes, x, batch_size)
-        module = out.sample(sizes, calibrated=False)
+        reestimate_norms(out, sizes, x, batch_size, method=method)
+        module = out.sample(sizes, method=method, calibrated=False)
         left = max(share - (time.perf_counter() - start), 0.0)
         finetune_module(module, x, teacher, left, max_steps=max_steps, labels=labels,
                         batch_size=batch_size, seed=seed + i, **finetune_options)  # fmt: skip

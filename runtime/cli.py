@@ -282,16 +282,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tier_defaults(model_dir: Path) -> tuple[list, int]:
-    """Widths and multiple_of of MODEL_DIR/model.yaml's tiers (a repository model), so that
-    calibration targets exactly the channel counts ``innfer build`` will sample."""
+def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
+    """Widths, multiple_of and method of MODEL_DIR/model.yaml's tiers (a repository model),
+    so that calibration targets exactly the networks ``innfer build`` will sample."""
     from .config import ModelConfig
 
     path = Path(model_dir) / "model.yaml"
     if not path.is_file():
-        return [0.5, 0.25], 1
+        return [0.5, 0.25], 1, "auto"
     config = ModelConfig.load(path)
-    return [t.width for t in config.tiers], config.multiple_of
+    return [t.width for t in config.tiers], config.multiple_of, config.method
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -304,7 +304,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     inn = load(args.model_dir)
-    tier_widths, tier_multiple = _tier_defaults(args.model_dir)
+    tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
     widths = _widths(tier_widths if args.widths is None else args.widths)
     multiple_of = args.multiple_of or tier_multiple
     if args.samples < 1:
@@ -317,7 +317,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
     labels = None if args.no_labels else data.y_train[: args.samples]
     tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
-                      labels=labels, seed=args.seed)  # fmt: skip
+                      method=method, labels=labels, seed=args.seed)  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, multiple_of=multiple_of)))

@@ -132,6 +132,10 @@ def test_norm_reestimation_changes_only_its_width(digits):
     half_after, quarter_after = stats(inn.sample(0.5)), stats(inn.sample(0.25))
     assert any(not torch.equal(half_before[k], half_after[k]) for k in half_before)
     assert all(torch.equal(quarter_before[k], quarter_after[k]) for k in quarter_before)
+    # The statistics are those of the network sampled with the given method.
+    reestimate_norms(inn, 0.5, x, method="cell")
+    cell_stats = stats(inn.sample(0.5))
+    assert any(not torch.allclose(half_after[k], cell_stats[k]) for k in half_after)
     # A model without norm layers has nothing to re-estimate.
     assert reestimate_norms(_untrained_inn(digits, bn=False), 0.5, x) is None
 
