@@ -32,7 +32,6 @@ std), writes bench/results/calibration.json and calibration.png (accuracy vs bud
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -45,6 +44,8 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.conversion import l1_scores, selection
+from bench.publish import publish
+from bench.random_width import CHANNELS, scaled
 from runtime import zoo
 from runtime.calibrate import calibrate, finetune_module, recompute_norm_stats, reestimate_norms
 from runtime.conversion import convert
@@ -56,14 +57,7 @@ BUDGETS = (5.0, 20.0)
 TUNED = ("inn_calibrated", "l1_finetune", "scratch_kd", "scratch")
 STARTS = ("inn_sampled", "l1_prune")
 BASELINES = ("l1_finetune", "scratch_kd", "scratch")
-# The zoo constructors' default channel counts (what train_model builds).
-CHANNELS = {"mnist1d_cnn": (32, 64, 64), "mnist_resnet": (32, 64)}
 OUT = Path(__file__).parent / "results"
-
-
-def scaled(channels, width: float) -> tuple[int, ...]:
-    """Channel counts at ``width``, rounded as ``IntegralModel.sizes`` rounds them."""
-    return tuple(max(1, round(width * c)) for c in channels)
 
 
 def l1_prune(plain, width: float) -> nn.Module:
@@ -315,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args.models.split(","), args.seeds, widths, budgets, args.n_calib)
     results["goal"] = goal_check(results)
     results["wall_seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "calibration.png")
-    print(summarise(results))
-    print(f"\nwrote {args.out / 'calibration.json'} and calibration.png "
-          f"({results['wall_seconds']:.0f} s)")  # fmt: skip
+    publish(results, args.out, "calibration", plot, summarise(results))
     return 0
 
 

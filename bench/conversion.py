@@ -16,7 +16,6 @@ bench/results/conversion.json and conversion.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.publish import publish
 from runtime.continuous import resample_matrix
 from runtime.conversion import convert
 from runtime.model import IntegralModel
@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run(args.models.split(","), args.seeds)
     results["wall_seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "conversion.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "conversion.png")
-    print(summarise(results))
-    print(f"\nwrote {args.out / 'conversion.json'} and conversion.png "
-          f"({results['wall_seconds']:.0f} s)")  # fmt: skip
+    publish(results, args.out, "conversion", plot, summarise(results))
     return 0
 
 

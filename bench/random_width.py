@@ -28,7 +28,6 @@ std) over seeds, writes bench/results/random_width.json and random_width.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.publish import publish
 from runtime import zoo
 from runtime.calibrate import reestimate_norms
 from runtime.train import train_inn
@@ -232,12 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = {"epochs": epochs, "runs": runs}
     results["goal"] = goal_check(results)
     results["wall_seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "random_width.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "random_width.png")
-    print(summarise(results))
-    print(f"\nwrote {args.out / 'random_width.json'} and random_width.png "
-          f"({results['wall_seconds']:.0f} s)")  # fmt: skip
+    publish(results, args.out, "random_width", plot, summarise(results))
     return 0
 
 

@@ -182,11 +182,8 @@ def _mix(x: torch.Tensor, alpha: float, rng: np.random.Generator):
         return x, torch.ones(n, dtype=x.dtype), torch.arange(n)
     lam = torch.from_numpy(rng.beta(alpha, alpha, size=n)).to(x.dtype)  # (B,)
     perm = torch.from_numpy(rng.permutation(n))
-    mixed = (
-        lam.reshape(-1, *([1] * (x.ndim - 1))) * x
-        + (1 - lam.reshape(-1, *([1] * (x.ndim - 1)))) * x[perm]
-    )
-    return mixed, lam, perm
+    w = lam.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ...) broadcasts over each row
+    return w * x + (1 - w) * x[perm], lam, perm
 
 
 def finetune_module(
@@ -294,8 +291,9 @@ def calibrate(
     targets = [out.sizes(w, multiple_of) for w in widths]
     targets = [s for s in targets if s != full]  # the full width is the teacher itself
     teacher = inn.sample(1.0, calibrated=False)
-    with torch.no_grad():
-        logits = torch.cat([teacher(x[i : i + 256]) for i in range(0, len(x), 256)])
+    if grid_share > 0:  # grid tuning distils from the teacher's logits on the clean inputs
+        with torch.no_grad():
+            logits = torch.cat([teacher(x[i : i + 256]) for i in range(0, len(x), 256)])
     share = seconds / max(len(targets), 1)
     bar = tqdm(targets, desc="calibrate", unit="tier", disable=not progress)
     for i, sizes in enumerate(bar):
