@@ -2,14 +2,14 @@
 
 Tasks hard enough to tell the methods apart: MNIST-1D with ``mnist1d_cnn`` and MNIST-5k with
 ``mnist_resnet``, at 50 % and 25 % width. Per seed the full model is trained on its whole
-train split (``runtime.training.train_model``); after that every method may use only the
+train split (``runtime.demo.training.train_model``); after that every method may use only the
 first 1,000 train samples (``--n-calib``) and a wall-clock budget per width (``--budgets``,
-5 and 20 s). Every method that fine-tunes uses the same recipe, ``runtime.calibrate.
+5 and 20 s). Every method that fine-tunes uses the same recipe, ``runtime.inn.calibrate.
 finetune_module`` (distillation from the full model on mixup inputs plus the mixed
 cross-entropy on the labels, AdamW lr 3e-3 with cosine decay, norm statistics recomputed on
 the clean inputs); they differ only in where the network starts:
 
-  inn_calibrated    ``runtime.calibrate.calibrate``: convert (smoothing permutation, norms
+  inn_calibrated    ``runtime.inn.calibrate.calibrate``: convert (smoothing permutation, norms
                     kept), then per width: grid tuning (10 % of its budget), norm
                     re-estimation, fine-tuning of the INN's sample. Budget: one per width.
   l1_finetune       L1-norm filter pruning to the width, then the same fine-tuning.
@@ -46,10 +46,10 @@ from tqdm import tqdm
 from bench.conversion import l1_scores, selection
 from bench.publish import publish
 from bench.random_width import CHANNELS, scaled
-from runtime import zoo
-from runtime.calibrate import calibrate, finetune_module, recompute_norm_stats, reestimate_norms
-from runtime.conversion import convert
-from runtime.training import TRAIN_DEFAULTS, evaluate, seed_everything, train_model
+from runtime.demo import zoo
+from runtime.demo.training import TRAIN_DEFAULTS, evaluate, seed_everything, train_model
+from runtime.inn.calibrate import calibrate, finetune_module, recompute_norm_stats, reestimate_norms
+from runtime.inn.conversion import convert
 
 MODELS = ("mnist1d_cnn", "mnist_resnet")
 WIDTHS = (0.5, 0.25)

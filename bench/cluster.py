@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from server.cluster import ClusterConfig, format_totals, simulate_cluster
 from server.scheduling import TierInfo
+from sim.cluster import ClusterConfig, format_totals, simulate_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "bench" / "results" / "scheduler.json"

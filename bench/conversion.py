@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from bench.publish import publish
-from runtime.continuous import resample_matrix
-from runtime.conversion import convert
-from runtime.model import IntegralModel
-from runtime.training import evaluate, train_model
+from runtime.demo.training import evaluate, train_model
+from runtime.inn.continuous import resample_matrix
+from runtime.inn.conversion import convert
+from runtime.inn.model import IntegralModel
 
 WIDTHS = (1.0, 0.75, 0.5, 0.4, 0.25)
 MODELS = ("mnist_resnet", "digits_cnn", "digits_cnn_bn", "digits_mlp")

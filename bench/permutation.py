@@ -2,7 +2,7 @@
 
 The group is conv_a's 512 output channels = conv_b's 512 input channels. Measured in one run:
   identity       the original order (total variation to beat)
-  innfer         runtime.permute.smoothing_order (NN tours + vectorised 2-opt), timed
+  innfer         runtime.inn.permute.smoothing_order (NN tours + vectorised 2-opt), timed
   restarts       the reference implementation's strategy - 2-opt from random starts - with
                  the same vectorised 2-opt, best of --restarts, timed per restart
 Weights are smooth-ish synthetic filters (a low-rank structure plus noise, shuffled), so an
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.permute import _two_opt, distance_matrix, smoothing_order, total_variation
+from runtime.inn.permute import _two_opt, distance_matrix, smoothing_order, total_variation
 
 OUT = Path(__file__).parent / "results"
 

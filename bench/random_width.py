@@ -1,7 +1,7 @@
 """Random-width (sandwich) training of an INN vs an independently trained model per width.
 
 For each model and seed:
-  inn          ``runtime.train.train_inn``: the zoo model trained from scratch as an INN with
+  inn          ``runtime.inn.train.train_inn``: the zoo model trained from scratch as an INN with
                the sandwich rule (full width on the labels, 25 % and k=2 random widths in
                [25 %, 100 %] distilled from it; AdamW, one-cycle), the model's default epochs.
                Evaluated at 25 / 37.5 / 50 / 75 / 100 % after re-estimating BatchNorm
@@ -9,7 +9,7 @@ For each model and seed:
                fixed training width: it tests widths in between.
   independent  for each width 25 / 50 / 75 / 100 % a separate ``zoo.build(name, channels=...)``
                (channels rounded as the INN sampling rounds them) trained with
-               ``runtime.training.train_classifier`` and the model's TRAIN_DEFAULTS (Adam,
+               ``runtime.demo.training.train_classifier`` and the model's TRAIN_DEFAULTS (Adam,
                cosine schedule), the same number of epochs as the INN.
 Goal: the INN within 1.0 point of the independent model at every width, and at 37.5 % no
 more than 1.0 point below the straight line between the INN's own 25 % and 50 % accuracies
@@ -37,10 +37,15 @@ import torch
 from tqdm import tqdm
 
 from bench.publish import publish
-from runtime import zoo
-from runtime.calibrate import reestimate_norms
-from runtime.train import train_inn
-from runtime.training import TRAIN_DEFAULTS, evaluate, seed_everything, train_classifier
+from runtime.demo import zoo
+from runtime.demo.training import (
+    TRAIN_DEFAULTS,
+    evaluate,
+    seed_everything,
+    train_classifier,
+    train_inn,
+)
+from runtime.inn.calibrate import reestimate_norms
 
 MODELS = ("mnist_resnet", "mnist1d_cnn")
 INN_WIDTHS = (0.25, 0.375, 0.5, 0.75, 1.0)

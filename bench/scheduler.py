@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime
 from bench.models import ResNet18Like
-from runtime.build import add_model, build_model
-from runtime.profiling import random_feeds
+from runtime.build.pipeline import add_model, build_model
 from runtime.repository import Repository
-from server.loadgen import run_load
+from runtime.repository.profile import random_feeds
 from server.scheduling import Request, Scheduler, make_policy
-from server.simulate import (
+from sim.loadgen import run_load
+from sim.simulator import (
     SimConfig,
     full_capacity,
     make_trace,
@@ -99,7 +99,7 @@ def live(model_dir: Path, load: float, duration: float, margin: float = 3.0) -> 
     log = OUT / "scheduler-live-server.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(REPO),
+            [sys.executable, "-m", "innfer.cli", "serve", "--repository", str(REPO),
              "--port", "18931", "--metrics-port", "0", "--budget-margin-ms", str(margin)],
             stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime
 from bench.models import mlp
-from runtime.build import add_model, build_model
+from runtime.build.pipeline import add_model, build_model
 from runtime.repository import Repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         cmd = [*base, kind, str(PORT), str(REPO), "mlp"]
         res[kind] = {"c1": with_server(cmd, "ready", lambda: run_c1({}, n)),
                      "c8": with_server(cmd, "ready", lambda: run_c8({}, n))}  # fmt: skip
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(REPO), "--port",
+    cmd = [sys.executable, "-m", "innfer.cli", "serve", "--repository", str(REPO), "--port",
            str(PORT), "--metrics-port", "0", "--log-level", "WARNING"]  # fmt: skip
     params = {"tier": "w100", "latency_budget_ms": 1000}
     serve_cmd = [*cmd[:-2], "--log-level", "INFO"]

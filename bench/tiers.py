@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime
 from bench.models import ResNet18Like, mlp
-from runtime.build import add_model, build_model
+from runtime.build.pipeline import add_model, build_model
 from runtime.repository import Repository
 
 OUT = Path(__file__).parent / "results"

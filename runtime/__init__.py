@@ -16,11 +16,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": ("runtime.conversion", "convert"),
-    "IntegralModel": ("runtime.model", "IntegralModel"),
-    "load": ("runtime.model", "load"),
-    "ModelFileError": ("runtime.model", "ModelFileError"),
-    "ConversionError": ("runtime.groups", "ConversionError"),
+    "convert": ("runtime.inn.conversion", "convert"),
+    "IntegralModel": ("runtime.inn.model", "IntegralModel"),
+    "load": ("runtime.inn.model", "load"),
+    "ModelFileError": ("runtime.inn.model", "ModelFileError"),
+    "ConversionError": ("runtime.inn.groups", "ConversionError"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -20,14 +20,13 @@ import time
 import grpc
 
 from runtime import __version__
-
-from .config import ServerConfig
-from .dataplane import DataPlane
-from .metrics import Metrics
-from .proto_gen import grpc_service_pb2 as pb
-from .proto_gen import grpc_service_pb2_grpc as rpc
-from .proto_gen import health_pb2, health_pb2_grpc
-from .service import HealthService, InferenceService
+from server.config import ServerConfig
+from server.dataplane import DataPlane
+from server.metrics import Metrics
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.proto_gen import health_pb2, health_pb2_grpc
+from server.service import HealthService, InferenceService
 
 log = logging.getLogger("innfer.server")
 

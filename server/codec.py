@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.config import TensorConfig
-
-from .errors import InvalidArgument
+from runtime.repository.config import TensorConfig
+from server.errors import InvalidArgument
 
 # OIP datatype <-> numpy dtype, and the typed-contents field that carries each.
 DATATYPES = {

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from runtime.config import ConfigError, read_yaml
+from runtime.repository.config import ConfigError, read_yaml
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from enum import Enum
 
 from runtime import __version__
 from runtime.repository import Repository, RepositoryError
+from server.config import ServerConfig
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime
+from server.proto_gen import grpc_service_pb2 as pb
 
 from . import codec
-from .config import ServerConfig
-from .errors import InvalidArgument, NotFound, Unavailable
-from .metrics import Metrics
-from .model_runtime import ModelRuntime
-from .proto_gen import grpc_service_pb2 as pb
 
 log = logging.getLogger("innfer.dataplane")
 

@@ -19,11 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.repository import ServedModel
-
-from .errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from .metrics import Metrics
-from .scheduling import Decision, Refused, Request, Scheduler, State, TierInfo, make_policy
-from .simulate import tiers_from_profile
+from server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from server.metrics import Metrics
+from server.scheduling import Decision, Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling.latency import tiers_from_profile
 
 log = logging.getLogger("innfer.model")
 
@@ -100,7 +105,7 @@ class ModelRuntime:
 
     def warm_up(self) -> None:
         """Run every tier once so the first request does not pay for lazy initialisation."""
-        from runtime.profiling import random_feeds
+        from runtime.repository.profile import random_feeds
 
         for engine in self.served.engines.values():
             engine.run(random_feeds(self.config.inputs, 1))

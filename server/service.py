@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import grpc
 
-from .dataplane import DataPlane, Phase
-from .errors import (
+from server.dataplane import DataPlane, Phase
+from server.errors import (
     DeadlineExceeded,
     InferError,
     InvalidArgument,
@@ -21,10 +21,10 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .proto_gen import grpc_service_pb2 as pb
-from .proto_gen import grpc_service_pb2_grpc as rpc
-from .proto_gen import health_pb2, health_pb2_grpc
-from .proto_gen import model_config_pb2 as mc
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.proto_gen import health_pb2, health_pb2_grpc
+from server.proto_gen import model_config_pb2 as mc
 
 log = logging.getLogger("innfer.service")
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import runtime
-from runtime.build import add_model, build_model
+from runtime.build.pipeline import add_model, build_model
 from runtime.repository import Repository
 from server.app import Server
 from server.config import ServerConfig

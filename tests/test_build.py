@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import runtime
-from runtime.build import add_model, build_model
-from runtime.config import ConfigError, ModelConfig
+from runtime.build.pipeline import add_model, build_model
 from runtime.repository import Repository, RepositoryError
+from runtime.repository.config import ConfigError, ModelConfig
 
 CONFIG = {
     "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
@@ -64,7 +64,7 @@ def test_build_end_to_end(built):
 def test_a_calibrated_tier_is_what_the_build_exports(tmp_path):
     import onnxruntime as ort
 
-    from runtime.calibrate import calibrate
+    from runtime.inn.calibrate import calibrate
 
     torch.manual_seed(1)
     x = torch.rand(128, 1, 8, 8)

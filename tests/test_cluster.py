@@ -9,7 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from server.cluster import (
+from server.scheduling import TierInfo
+from sim.cluster import (
     HPA,
     ClusterConfig,
     DiurnalTrace,
@@ -17,8 +18,7 @@ from server.cluster import (
     load_at,
     simulate_cluster,
 )
-from server.scheduling import TierInfo
-from server.simulate import SimConfig, full_capacity, make_trace, simulate
+from sim.simulator import SimConfig, full_capacity, make_trace, simulate
 
 P50 = {
     "w100": {1: 7.0, 2: 13.2, 4: 30.0, 8: 49.4},

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from runtime.continuous import (
+from runtime.inn.continuous import (
     cell_centres,
     interpolation_matrix,
     keys_kernel,

@@ -10,7 +10,7 @@ from netgen import random_cnn, random_mlp
 from torch import nn
 
 import runtime
-from runtime.groups import ConversionError
+from runtime.inn.groups import ConversionError
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 builders = st.sampled_from([random_cnn, random_mlp])

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from runtime.config import ModelConfig
+from runtime.repository.config import ModelConfig
 from server.config import ServerConfig
 from server.metrics import OUTCOMES, Metrics
 from server.service import HealthService

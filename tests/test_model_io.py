@@ -10,7 +10,7 @@ import torch
 from netgen import random_cnn
 
 import runtime
-from runtime.model import META_FILE, WEIGHTS_FILE, ModelFileError
+from runtime.inn.model import META_FILE, WEIGHTS_FILE, ModelFileError
 
 
 @pytest.fixture(scope="module")

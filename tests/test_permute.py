@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.permute import smoothing_order, total_variation
+from runtime.inn.permute import smoothing_order, total_variation
 
 
 def _shuffled_curve(m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import tritonclient.grpc.aio as tca
 from serverutil import ServerThread
 from tritonclient.utils import InferenceServerException
 
-from runtime.config import ConfigError
+from runtime.repository.config import ConfigError
 from server.config import ServerConfig
 
 pytestmark = pytest.mark.e2e
@@ -111,7 +111,7 @@ def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
     log = tmp / "serve.log"
     with open(log, "w") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--repository", str(repo),
+            [sys.executable, "-m", "innfer.cli", "serve", "--repository", str(repo),
              "--port", "0", "--metrics-port", "0"],
             stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

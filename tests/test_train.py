@@ -14,18 +14,18 @@ import torch
 from torch import nn
 
 import runtime
-from runtime.calibrate import calibrate, finetune_module, reestimate_norms, tune_grid
-from runtime.data import load
-from runtime.model import ModelFileError
-from runtime.model import load as load_inn
-from runtime.train import (
+from runtime.demo.data import load
+from runtime.demo.training import evaluate
+from runtime.inn.calibrate import calibrate, finetune_module, reestimate_norms, tune_grid
+from runtime.inn.model import ModelFileError
+from runtime.inn.model import load as load_inn
+from runtime.inn.train import (
     TrainableINN,
     load_checkpoint,
     sandwich_step,
     sandwich_widths,
     save_checkpoint,
 )
-from runtime.training import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_calibration_set_smaller_than_a_batch_is_refused(digits):
 @pytest.fixture(scope="module")
 def trained(digits):
     """A briefly trained CNN with BatchNorm and its INN (norms kept, channels permuted)."""
-    from runtime.training import train_classifier
+    from runtime.demo.training import train_classifier
 
     torch.manual_seed(0)
     net = train_classifier(_net(), digits, epochs=4, lr=3e-3)
@@ -240,7 +240,7 @@ def test_checkpoint_round_trip(digits, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "innfer.cli", *args], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Torch eager backend: the reference for correctness, and the fallback.
 
 Its "engine" is the sampled tier itself, stored without pickle as ``module.json`` (the
-architecture, see ``runtime.graphio``) plus ``module.safetensors``. Needs torch by nature:
+architecture, see ``runtime.inn.graphio``) plus ``module.safetensors``. Needs torch by nature:
 the serving image without torch simply reports this backend unavailable.
 """
 
@@ -80,7 +80,7 @@ class TorchBackend(Backend):
         import torch
         from safetensors.torch import load_file
 
-        from ..graphio import from_spec
+        from runtime.inn.graphio import from_spec
 
         try:
             meta = json.loads((out_dir / MODULE_SPEC).read_text())

@@ -75,3 +75,19 @@ class LatencyModel:
         ratio = min(max(ratio, 0.2), 20.0)  # one outlier must not swing the plan wildly
         self.spread[tier] += self.alpha * (abs(ratio - self.factor[tier]) - self.spread[tier])
         self.factor[tier] += self.alpha * (ratio - self.factor[tier])
+
+
+def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
+    """(tiers with p90 planning latencies, p50 tables in ms) from a ``profile.json`` dict and
+    the tiers' build records (anything with ``flops`` and ``accuracy``). A tier without a
+    measured accuracy ranks by its FLOPs relative to the largest tier."""
+    full = max(r.flops for r in records.values()) or 1
+    tiers, p50 = [], {}
+    for name, table in profile["tiers"].items():
+        rec = records[name]
+        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
+        p50[name] = {int(b): v["p50_ms"] for b, v in table.items()}
+        tiers.append(
+            TierInfo(name, acc, {int(b): v["p90_ms"] for b, v in table.items()}, p50[name])
+        )
+    return tiers, p50

@@ -19,7 +19,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from runtime.config import ConfigError, ModelConfig
+from runtime.repository.config import ConfigError, ModelConfig
 from server.config import ServerConfig
 
 SUFFIX = ".model.yaml"

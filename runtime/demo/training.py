@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from runtime import data as data_mod
-from runtime import zoo
-from runtime.data import Dataset
+from runtime.demo import data as data_mod
+from runtime.demo import zoo
+from runtime.demo.data import Dataset
+from runtime.inn.model import IntegralModel
+from runtime.inn.report import evaluate
 
 __all__ = [
     "TRAIN_DEFAULTS",
@@ -30,6 +33,7 @@ __all__ = [
     "evaluate",
     "seed_everything",
     "train_classifier",
+    "train_inn",
     "train_model",
 ]
 
@@ -147,29 +151,6 @@ def train_classifier(
     return model
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``, computed in eval mode.
-
-    The model's previous train/eval mode is restored afterwards.
-
-    Example:
-        >>> ds = data_mod.load("digits")
-        >>> 0.0 <= evaluate(zoo.build("digits_mlp"), ds.x_test, ds.y_test) <= 1.0
-        True
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
-        for i in range(0, len(x), batch_size):
-            logits = model(x[i : i + batch_size])  # (B, num_classes)
-            correct += int((logits.argmax(dim=1) == y[i : i + batch_size]).sum().item())
-    finally:
-        model.train(was_training)
-    return correct / max(len(x), 1)
-
-
 def train_model(
     name: str, seed: int, epochs: int | None = None, progress: bool = False
 ) -> tuple[nn.Module, Dataset]:
@@ -201,3 +182,86 @@ def train_model(
         lr_schedule=cfg.lr_schedule,
     )
     return model, ds
+
+
+def train_inn(
+    name: str,
+    epochs: int | None = None,
+    min_width: float = 0.25,
+    k: int = 2,
+    per_group: bool = False,
+    seed: int = 0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[IntegralModel, Dataset]:
+    """Train zoo model ``name`` from scratch as an INN with the sandwich rule.
+
+    Norm statistics are re-estimated afterwards for the full width and ``min_width`` (other
+    widths: ``runtime.inn.calibrate.reestimate_norms``). With ``checkpoint``, the node values
+    and optimizer state are saved after every epoch; ``resume`` continues from there.
+    Epoch e shuffles with seed + e, so a resumed run sees the same batches.
+    """
+    from tqdm.auto import tqdm
+
+    from runtime.inn.calibrate import reestimate_norms
+    from runtime.inn.conversion import convert
+    from runtime.inn.train import (
+        TrainableINN,
+        load_checkpoint,
+        sandwich_step,
+        sandwich_widths,
+        save_checkpoint,
+    )
+
+    if name not in TRAIN_DEFAULTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TRAIN_DEFAULTS)}")
+    cfg = TRAIN_DEFAULTS[name]
+    epochs = cfg.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    lr = cfg.lr if lr is None else lr
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    data = data_mod.load(zoo.DATASET_FOR[name])
+    if len(data.x_train) < batch_size:
+        raise ValueError(f"the training set ({len(data.x_train)}) is smaller than one batch")
+    seed_everything(seed)
+    net = zoo.build(name).eval()
+    inn = convert(net, (data.x_test[:2],), permute=False, fold_norms=False)
+    inn.info["input_shape"] = list(data.input_shape)
+    model = TrainableINN(inn).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = len(data.x_train) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    start_epoch = 0
+    if resume:
+        if checkpoint is None or not (Path(checkpoint) / "checkpoint.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
+        meta = load_checkpoint(checkpoint, model, opt)
+        start_epoch = meta["epoch"] + 1
+        for _ in range(start_epoch * steps_per_epoch):
+            sched.step()
+    groups = inn.groups if per_group else None
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+               desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(seed + epoch)
+        rng = random.Random(seed * 1000 + epoch)
+        perm = torch.randperm(len(data.x_train), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            widths = sandwich_widths(rng, min_width, k, groups)
+            losses = sandwich_step(model, opt, data.x_train[idx], data.y_train[idx], widths)
+            sched.step()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "model": name, "seed": seed})
+    bar.close()
+    trained = model.to_inn()
+    calib = data.x_train[:1024]
+    for w in (1.0, min_width):
+        reestimate_norms(trained, w, calib)
+    return trained, data

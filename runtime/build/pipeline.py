@@ -22,14 +22,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import graphio
-from .config import ModelConfig, TierConfig
-from .engines import EngineError
-from .engines.torch import MODULE_SPEC, MODULE_WEIGHTS
-from .export import export_onnx
-from .model import IntegralModel, load
-from .profiling import measure, random_feeds
-from .repository import (
+from runtime.inn import graphio
+from runtime.repository.config import ModelConfig, TierConfig
+from runtime.engines import EngineError
+from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
+from runtime.build.export import export_onnx
+from runtime.inn.model import IntegralModel, load
+from runtime.inn.report import count_flops
+from runtime.repository.profile import measure, random_feeds
+from runtime.repository import (
     PROFILE_FILE,
     TIER_FILE,
     EngineCache,
@@ -173,15 +174,6 @@ def _save_module(d: Path, module, config: ModelConfig) -> None:
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
 
 
-def count_flops(module, example: tuple) -> int:
-    """Floating-point operations of one forward pass at batch 1 (torch's FLOP counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*example)
-    return int(counter.get_total_flops())
-
-
 @torch.no_grad()
 def _validate(engine, module, config: ModelConfig, tier: str) -> float:
     rtol, atol = TOLERANCE[config.precision]
@@ -205,7 +197,7 @@ def _validate(engine, module, config: ModelConfig, tier: str) -> float:
 
 
 def _accuracy(engine, config: ModelConfig) -> float:
-    from .data import load as load_data
+    from runtime.demo.data import load as load_data
 
     data = load_data(config.evaluation.dataset)
     x = data.x_test[: config.evaluation.limit].numpy()

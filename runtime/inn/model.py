@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import graphio
-from .continuous import METHODS, Method, quadrature_scale, resample_matrix
-from .groups import Binding, GroupInfo, Layout, Segment, SizeField
-from .repository import sha256_file
+from runtime.hashing import sha256_file
+from runtime.inn import graphio
+from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
+from runtime.inn.groups import Binding, GroupInfo, Layout, Segment, SizeField
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "inn.safetensors"
@@ -78,7 +78,7 @@ class IntegralModel:
         self.bindings = bindings
         self.size_fields = size_fields
         self.info = dict(info or {})
-        # Calibrated weights of sampled networks (runtime.calibrate), keyed by sizes_key:
+        # Calibrated weights of sampled networks (runtime.inn.calibrate), keyed by sizes_key:
         # the full state dict of the network sampled at exactly those channel counts.
         self.tiers: dict[str, dict[str, torch.Tensor]] = dict(tiers or {})
 
@@ -157,7 +157,7 @@ class IntegralModel:
         point where a group keeps >= 50 % of its channels, cell below - the better of the two
         in bench/conversion.py at each width).
         At ``width=1.0`` the result computes exactly what the source model computed.
-        Where ``runtime.calibrate`` stored weights for exactly these channel counts, they
+        Where ``runtime.inn.calibrate`` stored weights for exactly these channel counts, they
         replace the resampled ones (whatever ``method``); ``calibrated=False`` skips them.
         """
         if method not in METHODS:
@@ -191,7 +191,7 @@ class IntegralModel:
 
     def matrix(self, g: GroupInfo, n: int, method: Method = "auto") -> torch.Tensor:
         """The (n, size) float64 matrix for group ``g``: a tuned grid if one was stored for
-        this group and count (``runtime.calibrate``), else the uniform one for ``method``."""
+        this group and count (``runtime.inn.calibrate``), else the uniform one for ``method``."""
         pts = self.info.get("grids", {}).get(f"{g.name}@{n}")
         b = g.blocks
         if pts is not None:  # tuned grids are point-sampling positions

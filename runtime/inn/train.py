@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import graphio
-from .model import IntegralModel
+from runtime.inn import graphio
+from runtime.inn.model import IntegralModel
 
 Width = float | Mapping[str, int]
 
@@ -97,7 +97,7 @@ class TrainableINN(nn.Module):
 
     def to_inn(self) -> IntegralModel:
         """A new IntegralModel holding the trained node values (norm stats must be
-        re-estimated per width afterwards: ``runtime.calibrate.reestimate_norms``)."""
+        re-estimated per width afterwards: ``runtime.inn.calibrate.reestimate_norms``)."""
         state = dict(self.inn.state)
         for name, p in zip(self._param_names, self.nodes, strict=True):
             state[name] = p.detach().clone()
@@ -207,82 +207,3 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
         state[int(pid)] = entry
     optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
     return data["meta"]
-
-
-def train_inn(
-    name: str,
-    epochs: int | None = None,
-    min_width: float = 0.25,
-    k: int = 2,
-    per_group: bool = False,
-    seed: int = 0,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> tuple[IntegralModel, object]:
-    """Train zoo model ``name`` from scratch as an INN with the sandwich rule.
-
-    Norm statistics are re-estimated afterwards for the full width and ``min_width`` (other
-    widths: ``runtime.calibrate.reestimate_norms``). With ``checkpoint``, the node values
-    and optimizer state are saved after every epoch; ``resume`` continues from there.
-    Epoch e shuffles with seed + e, so a resumed run sees the same batches.
-    """
-    from tqdm.auto import tqdm
-
-    from . import zoo
-    from .calibrate import reestimate_norms
-    from .conversion import convert
-    from .data import load
-    from .training import TRAIN_DEFAULTS, seed_everything
-
-    if name not in TRAIN_DEFAULTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TRAIN_DEFAULTS)}")
-    cfg = TRAIN_DEFAULTS[name]
-    epochs = cfg.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    lr = cfg.lr if lr is None else lr
-    batch_size = cfg.batch_size if batch_size is None else batch_size
-    data = load(zoo.DATASET_FOR[name])
-    if len(data.x_train) < batch_size:
-        raise ValueError(f"the training set ({len(data.x_train)}) is smaller than one batch")
-    seed_everything(seed)
-    net = zoo.build(name).eval()
-    inn = convert(net, (data.x_test[:2],), permute=False, fold_norms=False)
-    inn.info["input_shape"] = list(data.input_shape)
-    model = TrainableINN(inn).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = len(data.x_train) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
-    start_epoch = 0
-    if resume:
-        if checkpoint is None or not (Path(checkpoint) / "checkpoint.json").is_file():
-            raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
-        meta = load_checkpoint(checkpoint, model, opt)
-        start_epoch = meta["epoch"] + 1
-        for _ in range(start_epoch * steps_per_epoch):
-            sched.step()
-    groups = inn.groups if per_group else None
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-               desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
-    for epoch in range(start_epoch, epochs):
-        gen = torch.Generator().manual_seed(seed + epoch)
-        rng = random.Random(seed * 1000 + epoch)
-        perm = torch.randperm(len(data.x_train), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            widths = sandwich_widths(rng, min_width, k, groups)
-            losses = sandwich_step(model, opt, data.x_train[idx], data.y_train[idx], widths)
-            sched.step()
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "model": name, "seed": seed})
-    bar.close()
-    trained = model.to_inn()
-    calib = data.x_train[:1024]
-    for w in (1.0, min_width):
-        reestimate_norms(trained, w, calib)
-    return trained, data

@@ -29,15 +29,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train the demo model as an INN (or convert a trained one), report, build, serve."""
     import torch
 
-    from .calibrate import reestimate_norms
-    from .report import format_report, width_report
+    from runtime.inn.calibrate import reestimate_norms
+    from runtime.inn.report import format_report, width_report
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.convert:
         inn, data = _demo_convert(args)
     else:
-        from .train import train_inn
+        from runtime.demo.training import train_inn
 
         print(f"training {args.model} as an INN at random widths (seed {args.seed}) ...")
         inn, data = train_inn(args.model, seed=args.seed, epochs=args.epochs, progress=True)
@@ -49,9 +49,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_convert(args: argparse.Namespace):
-    from .conversion import convert
-    from .evaluation import accuracy_by_width, format_table
-    from .training import evaluate, train_model
+    from runtime.demo.training import evaluate, train_model
+    from runtime.inn.conversion import convert
+    from runtime.inn.report import accuracy_by_width, format_table
 
     print(f"training {args.model} (seed {args.seed}) ...")
     model, data = train_model(args.model, seed=args.seed, progress=True)
@@ -68,8 +68,8 @@ def _demo_convert(args: argparse.Namespace):
 
 
 def _demo_repository(args: argparse.Namespace, inn, data) -> int:
-    from .build import add_model, build_model
-    from .repository import Repository
+    from runtime.build.pipeline import add_model, build_model
+    from runtime.repository import Repository
 
     tiers = [{"name": f"w{round(w * 100):03d}", "width": w} for w in args.widths]
     config = {
@@ -90,8 +90,8 @@ def _demo_repository(args: argparse.Namespace, inn, data) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_model
-    from .repository import Repository
+    from runtime.build.pipeline import build_model
+    from runtime.repository import Repository
 
     repo = Repository(args.repository)
     names = args.model or repo.names()
@@ -166,7 +166,7 @@ def _budget_range(text: str) -> tuple[float, float]:
 
 
 def _sim_config(args: argparse.Namespace, policy: str):
-    from server.simulate import SimConfig
+    from sim.simulator import SimConfig
 
     return SimConfig(
         policy=policy, trace=args.trace, load=args.load, cv2=args.cv2,
@@ -178,7 +178,7 @@ def _sim_config(args: argparse.Namespace, policy: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
-    from server.simulate import format_summary, plot_timeline, simulate, tiers_from_model_dir
+    from sim.simulator import format_summary, plot_timeline, simulate, tiers_from_model_dir
 
     tiers, p50 = tiers_from_model_dir(args.model_dir)
     policies = args.policy or ["innfer", "slackfit"]
@@ -204,10 +204,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from runtime.config import ModelConfig
-    from runtime.profiling import random_feeds
-    from server.loadgen import run_load
-    from server.simulate import full_capacity, make_trace, tiers_from_model_dir
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.profile import random_feeds
+    from sim.loadgen import run_load
+    from sim.simulator import full_capacity, make_trace, tiers_from_model_dir
 
     tiers, p50 = tiers_from_model_dir(args.model_dir)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
@@ -262,9 +262,9 @@ def _widths(values) -> list[float]:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibrate import reestimate_norms
-    from .report import format_report, save_report, width_report
-    from .train import train_inn
+    from runtime.demo.training import train_inn
+    from runtime.inn.calibrate import reestimate_norms
+    from runtime.inn.report import format_report, save_report, width_report
 
     torch.set_num_threads(args.threads)
     inn, data = train_inn(
@@ -285,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
     """Widths, multiple_of and method of MODEL_DIR/model.yaml's tiers (a repository model),
     so that calibration targets exactly the networks ``innfer build`` will sample."""
-    from .config import ModelConfig
+    from runtime.repository.config import ModelConfig
 
     path = Path(model_dir) / "model.yaml"
     if not path.is_file():
@@ -297,10 +297,10 @@ def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibrate import calibrate
-    from .data import load as load_data
-    from .model import load
-    from .report import format_report, width_report
+    from runtime.demo.data import load as load_data
+    from runtime.inn.calibrate import calibrate
+    from runtime.inn.model import load
+    from runtime.inn.report import format_report, width_report
 
     torch.set_num_threads(args.threads)
     inn = load(args.model_dir)
@@ -325,9 +325,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .data import load as load_data
-    from .model import load
-    from .report import format_report, save_report, width_report
+    from runtime.demo.data import load as load_data
+    from runtime.inn.model import load
+    from runtime.inn.report import format_report, save_report, width_report
 
     inn = load(args.model_dir)
     data = load_data(args.data) if args.data else None
@@ -342,7 +342,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .model import load
+    from runtime.inn.model import load
 
     inn = load(args.directory)
     sizes = inn.sizes(args.width, args.multiple_of)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import TensorConfig
-from .engines import Engine
+from runtime.engines import Engine
+from runtime.repository.config import TensorConfig
 
 
 def random_feeds(

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import graphio
-from .groups import Analysis, ConversionError, GroupInfo, analyse, trace
-from .model import IntegralModel
-from .permute import smoothing_order
+from runtime.inn import graphio
+from runtime.inn.groups import Analysis, ConversionError, GroupInfo, analyse, trace
+from runtime.inn.model import IntegralModel
+from runtime.inn.permute import smoothing_order
 
 
 @torch.no_grad()

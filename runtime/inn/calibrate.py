@@ -35,8 +35,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .continuous import interpolation_matrix
-from .model import IntegralModel
+from runtime.inn.continuous import interpolation_matrix
+from runtime.inn.model import IntegralModel
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

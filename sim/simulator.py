@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling.latency import tiers_from_profile
 
 TRACES = ("poisson", "gamma", "varying", "file")
 
@@ -272,16 +273,3 @@ def tiers_from_model_dir(model_dir: str | Path) -> tuple[list[TierInfo], dict]:
     profile = json.loads((d / "profile.json").read_text())
     records = {t: TierRecord.read(d / "tiers" / t / "tier.json") for t in profile["tiers"]}
     return tiers_from_profile(profile, records)
-
-
-def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
-    full = max(r.flops for r in records.values()) or 1
-    tiers, p50 = [], {}
-    for name, table in profile["tiers"].items():
-        rec = records[name]
-        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
-        p50[name] = {int(b): v["p50_ms"] for b, v in table.items()}
-        tiers.append(
-            TierInfo(name, acc, {int(b): v["p90_ms"] for b, v in table.items()}, p50[name])
-        )
-    return tiers, p50

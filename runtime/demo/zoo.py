@@ -1,4 +1,4 @@
-"""Small demo models for the offline data sets in :mod:`runtime.data`.
+"""Small demo models for the offline data sets in :mod:`runtime.demo.data`.
 
 Every model is plain ``torch.nn`` and traceable by ``torch.fx.symbolic_trace``: no
 data-dependent control flow, no literal batch or channel sizes in reshapes (global pooling
@@ -201,7 +201,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mnist_resnet": MnistResNet,
 }
 
-# Model name -> name of the runtime.data data set it is built for.
+# Model name -> name of the runtime.demo.data data set it is built for.
 DATASET_FOR: dict[str, str] = {
     "mnist1d_cnn": "mnist1d",
     "digits_cnn": "digits",

@@ -1,5 +1,5 @@
 """The cluster on a virtual clock: N replicas, each the real scheduler with a simulated
-engine (the event logic of ``server.simulate``), behind a load balancer, sized by a model of
+engine (the event logic of ``sim.simulator``), behind a load balancer, sized by a model of
 the Kubernetes HPA. Pure Python + numpy; deterministic for a seed.
 
 What is modelled:
@@ -59,8 +59,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .scheduling import Refused, Request, Scheduler, TierInfo, make_policy
-from .simulate import _lat, _sigma, full_capacity
+from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
+from sim.simulator import _lat, _sigma, full_capacity
 
 AUTOSCALERS = ("innfer", "latency", "static")
 BALANCERS = ("least", "round_robin")

@@ -1,0 +1,26 @@
+"""The torch-free half of the model repository: config, layout, engine cache, records,
+latency profiles. The serving side imports this package; it never imports torch.
+
+Example:
+    >>> from runtime.repository import Repository  # doctest: +SKIP
+    >>> served = Repository("models").load("mnist")  # doctest: +SKIP
+"""
+
+from runtime.hashing import sha256_file
+from runtime.repository.cache import MANIFEST, EngineCache, engine_key
+from runtime.repository.errors import RepositoryError
+from runtime.repository.records import TIER_FILE, TierRecord
+from runtime.repository.store import PROFILE_FILE, Repository, ServedModel
+
+__all__ = [
+    "MANIFEST",
+    "PROFILE_FILE",
+    "TIER_FILE",
+    "EngineCache",
+    "Repository",
+    "RepositoryError",
+    "ServedModel",
+    "TierRecord",
+    "engine_key",
+    "sha256_file",
+]

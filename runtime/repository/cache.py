@@ -1,0 +1,120 @@
+"""The engine cache, ``<model>/engines/<key>/``. No torch.
+
+An engine's cache key hashes the ONNX bytes' sha256, the backend and its version, the device
+name, the precision and the batch profile. An entry whose manifest, key or checksums do not
+match - or that fails to load - is logged and rebuilt from the tier's ONNX, never trusted.
+Rebuilding from ONNX needs no torch, so a serving image can heal its own cache.
+
+Example:
+    >>> cache = EngineCache(Path("repo/mnist/engines"))  # doctest: +SKIP
+    >>> onnx = Path("repo/mnist/tiers/w050/model.onnx")  # doctest: +SKIP
+    >>> engine, built = cache.get(backend, onnx, options)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime.engines import Backend, BuildOptions, Engine, EngineError
+from runtime.hashing import sha256_file
+
+log = logging.getLogger("innfer.repository")
+
+MANIFEST = "manifest.json"
+
+
+def engine_key(
+    onnx_sha256: str, backend: Backend, options: BuildOptions
+) -> tuple[str, dict[str, Any]]:
+    """(short key, the fields it hashes) for an engine of ``backend`` built from that ONNX."""
+    fields = {
+        "onnx_sha256": onnx_sha256,
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "device": backend.device(),
+        "precision": options.precision,
+        "batch_profile": [1, options.opt_batch, options.max_batch],
+        "extra": options.extra,
+    }
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return digest[:20], fields
+
+
+class EngineCache:
+    """``<model>/engines/<key>/``: build once, verify on every load, rebuild when bad."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(
+        self,
+        backend: Backend,
+        onnx_path: Path,
+        options: BuildOptions,
+        on_build: Callable[[str], None] | None = None,
+    ) -> tuple[Engine, bool]:
+        """(engine, built): load the cached engine for this ONNX, or build it first."""
+        onnx_sha = sha256_file(onnx_path)
+        key, fields = engine_key(onnx_sha, backend, options)
+        entry = self.root / key
+        if entry.exists():
+            problem = self._verify(entry, fields)
+            if problem is None:
+                try:
+                    return backend.load(entry, options), False
+                except EngineError as exc:
+                    problem = str(exc)
+            log.warning("engine cache entry %s is unusable (%s); rebuilding", entry, problem)
+            shutil.rmtree(entry, ignore_errors=True)
+        if on_build is not None:
+            on_build(key)
+        self._build(backend, onnx_path, entry, options, fields)
+        return backend.load(entry, options), True
+
+    def _build(self, backend, onnx_path, entry, options, fields) -> None:
+        # A directory of our own: two pods building the same key on a shared volume must
+        # not delete each other's half-built files.
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        t0 = time.perf_counter()
+        files = backend.build(onnx_path, tmp, options)
+        manifest = {
+            "key": entry.name,
+            "fields": fields,
+            "files": {f: sha256_file(tmp / f) for f in files},
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            tmp.rename(entry)  # atomic: a crash mid-build leaves only a .tmp, never half an entry
+        except OSError:
+            # Someone else finished the same key first; theirs is as good as ours if it verifies.
+            shutil.rmtree(tmp, ignore_errors=True)
+            problem = self._verify(entry, fields)
+            if problem is not None:
+                raise EngineError(f"engine cache entry {entry} is unusable: {problem}") from None
+
+    @staticmethod
+    def _verify(entry: Path, fields: dict[str, Any]) -> str | None:
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return f"manifest unreadable: {exc}"
+        if manifest.get("fields") != fields:
+            return "key fields do not match (different ONNX, backend, device or options)"
+        for name, digest in manifest.get("files", {}).items():
+            path = entry / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if sha256_file(path) != digest:
+                return f"{name} fails its checksum"
+        return None

@@ -1,0 +1,45 @@
+"""``tiers/<tier>/tier.json``: what the build recorded about one tier. No torch.
+
+Example:
+    >>> rec = TierRecord.read(Path("repo/mnist/tiers/w050/tier.json"))  # doctest: +SKIP
+    >>> rec.width, rec.accuracy  # doctest: +SKIP
+    (0.5, 0.97)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.repository.errors import RepositoryError
+
+TIER_FILE = "tier.json"
+
+
+@dataclass(frozen=True)
+class TierRecord:
+    """What the build recorded about one tier (``tiers/<tier>/tier.json``)."""
+
+    name: str
+    width: Any
+    sizes: dict[str, int]
+    onnx_sha256: str
+    source_sha256: str  # hash of what the tier was sampled from (INN weights + sampling args)
+    flops: int
+    params: int
+    accuracy: float | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> TierRecord:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise RepositoryError(f"{path} is missing: run `innfer build` for this model") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from exc
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=1))

@@ -1,0 +1,139 @@
+"""The on-disk model repository and the serving-side loader. No torch.
+
+Layout of one model::
+
+    <repo>/<model>/model.yaml                 config (runtime.repository.config.ModelConfig)
+    <repo>/<model>/inn.safetensors, inn.json  the INN (runtime.inn.model)
+    <repo>/<model>/tiers/<tier>/model.onnx    the sampled tier, exported (+ module.* for torch)
+    <repo>/<model>/tiers/<tier>/tier.json     width, channel counts, FLOPs, params, accuracy,
+                                              sha256 of model.onnx, what it was sampled from
+    <repo>/<model>/engines/<key>/...          engine files + manifest.json (cache.py)
+    <repo>/<model>/profile.json               latency per tier x batch, with the device
+
+Example:
+    >>> repo = Repository("models")  # doctest: +SKIP
+    >>> served = repo.load("mnist")  # doctest: +SKIP
+    >>> served.engines["w050"].run({"input": x})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.engines import Backend, BuildOptions, Engine, get_backend
+from runtime.hashing import sha256_file
+from runtime.repository.cache import EngineCache
+from runtime.repository.config import ConfigError, ModelConfig
+from runtime.repository.errors import RepositoryError
+from runtime.repository.records import TIER_FILE, TierRecord
+
+log = logging.getLogger("innfer.repository")
+
+PROFILE_FILE = "profile.json"
+
+
+@dataclass
+class ServedModel:
+    """A model ready to serve: config, tier records, loaded engines, latency profile."""
+
+    name: str
+    config: ModelConfig
+    tiers: dict[str, TierRecord]
+    engines: dict[str, Engine]
+    profile: dict[str, Any] | None
+    backend: str
+
+
+class Repository:
+    """A directory of models, one subdirectory each."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def model_dir(self, name: str) -> Path:
+        d = self.root / name
+        if not (d / "model.yaml").is_file():
+            raise RepositoryError(
+                f"model {name!r} not found: {d / 'model.yaml'} does not exist "
+                f"(models here: {', '.join(self.names()) or 'none'})"
+            )
+        return d
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "model.yaml").is_file())
+
+    def config(self, name: str) -> ModelConfig:
+        return ModelConfig.load(self.model_dir(name) / "model.yaml")
+
+    def tier_dir(self, name: str, tier: str) -> Path:
+        return self.root / name / "tiers" / tier
+
+    def load_record(self, name: str, tier: str) -> TierRecord:
+        return TierRecord.read(self.tier_dir(name, tier) / TIER_FILE)
+
+    def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
+        names = [override] if override else list(config.backends)
+        for n in names:
+            backend = get_backend(n)
+            if backend.available():
+                return backend
+        raise RepositoryError(
+            f"{config.source}: none of the backends {names} is available on this machine "
+            f"(the onnxruntime CPU backend is always installed with innfer)"
+        )
+
+    def build_options(self, config: ModelConfig, backend: Backend) -> BuildOptions:
+        extra = (
+            {"device": "cuda"} if backend.name == "torch" and "cpu" not in backend.device() else {}
+        )
+        return BuildOptions(
+            precision=config.precision,
+            max_batch=config.max_batch,
+            opt_batch=min(config.max_batch, 4),
+            threads=config.threads,
+            extra=extra,
+        )
+
+    def load(
+        self,
+        name: str,
+        backend: str | None = None,
+        on_build: Callable[[str, str], None] | None = None,
+    ) -> ServedModel:
+        """Load every tier's engine (building missing or bad cache entries from ONNX)."""
+        try:
+            config = self.config(name)
+        except ConfigError as exc:
+            raise RepositoryError(str(exc)) from exc
+        chosen = self.choose_backend(config, backend)
+        options = self.build_options(config, chosen)
+        cache = EngineCache(self.root / name / "engines")
+        tiers, engines = {}, {}
+        for tier in config.tiers:
+            d = self.tier_dir(name, tier.name)
+            tiers[tier.name] = TierRecord.read(d / TIER_FILE)
+            onnx_path = d / "model.onnx"
+            if not onnx_path.is_file():
+                raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
+            if sha256_file(onnx_path) != tiers[tier.name].onnx_sha256:
+                raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
+            callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
+            engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
+        return ServedModel(name, config, tiers, engines, self.read_profile(name), chosen.name)
+
+    def read_profile(self, name: str) -> dict[str, Any] | None:
+        path = self.root / name / PROFILE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is corrupted; the model will be re-profiled", path)
+            return None
