@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from runtime.engines.base import BackendUnavailable, BuildOptions, EngineError, TensorSpec
-from runtime.engines.tensorrt import (
-    PLAN_FILE,
-    TIMING_CACHE_FILE,
-    TensorRTBackend,
-    TensorRTEngine,
-    check_feeds,
-    convert_to_fp16,
-)
+from runtime.engines.feeds import check_feeds
+from runtime.engines.fp16 import convert_to_fp16
+from runtime.engines.tensorrt import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBackend, TensorRTEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_F, OUT_F = 16, 8

@@ -6,8 +6,11 @@ directory and load it back from there; loading never imports torch (except the t
 backend, the reference and fallback, which needs it by nature).
 
 Example:
-    >>> from runtime.engines import create_engine
-    >>> engine = create_engine("onnxruntime", "engines/abc123", threads=2)  # doctest: +SKIP
+    >>> from runtime.engines import get_backend
+    >>> backend = get_backend("onnxruntime")
+    >>> opts = BuildOptions(max_batch=8, threads=2)
+    >>> files = backend.build(Path("tier/model.onnx"), Path("engines/k"), opts)  # doctest: +SKIP
+    >>> engine = backend.load(Path("engines/k"), opts)  # doctest: +SKIP
     >>> out = engine.run({"input": x})  # doctest: +SKIP
 """
 

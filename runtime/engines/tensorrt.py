@@ -13,8 +13,8 @@ NVIDIA's ``cuda-python`` (``cuda.bindings.runtime``).
 Precision: "fp32" builds as the ONNX file says. "fp16" sets ``BuilderFlag.FP16`` on
 TensorRT 10 (which then picks per-layer precision); TensorRT 11 removed that flag (every
 network is strongly typed), so there the ONNX graph is converted to fp16 first
-(:func:`convert_to_fp16`, with fp32 inputs and outputs kept). Either way the engine's inputs
-and outputs keep the ONNX file's dtypes.
+(``runtime.engines.fp16.convert_to_fp16``, with fp32 inputs and outputs kept). Either way
+the engine's inputs and outputs keep the ONNX file's dtypes.
 
 Example:
     >>> backend = TensorRTBackend()
@@ -34,13 +34,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineError, TensorSpec
+from .feeds import check_feeds
+from .fp16 import convert_to_fp16
 
 log = logging.getLogger("innfer.engines.tensorrt")
 
@@ -52,7 +53,6 @@ PRECISIONS = ("fp32", "fp16")
 DEFAULT_WORKSPACE_MIB = 1024
 # Python logging level for TensorRT's VERBOSE messages: below DEBUG, so hidden by default.
 _VERBOSE = 5
-_FP16_MAX = 65504.0
 
 
 # --- lazy imports ------------------------------------------------------------------------
@@ -628,69 +628,6 @@ class TensorRTEngine(Engine):
             self.close()
 
 
-def check_feeds(
-    specs: list[TensorSpec], feeds: Mapping[str, np.ndarray], max_shapes: Mapping[str, tuple]
-) -> list[np.ndarray]:
-    """Validate ``feeds`` against ``specs``; return C-contiguous arrays in ``specs`` order.
-
-    ``max_shapes[name]`` bounds each dynamic (-1) axis; axis 0 is the batch. Raises
-    EngineError naming the tensor on a missing/unknown name, a dtype mismatch (no silent
-    casts), a wrong rank or fixed dim, or a dynamic dim outside 1..max.
-
-    Example:
-        >>> spec = TensorSpec("x", "float32", (-1, 4))
-        >>> feeds = {"x": np.zeros((2, 4), np.float32)}
-        >>> [a.shape for a in check_feeds([spec], feeds, {"x": (8, 4)})]
-        [(2, 4)]
-    """
-    missing = [s.name for s in specs if s.name not in feeds]
-    unknown = sorted(set(feeds) - {s.name for s in specs})
-    if missing or unknown:
-        raise EngineError(
-            f"feeds do not match the engine's inputs {[s.name for s in specs]}: "
-            f"missing {missing}, unknown {unknown}"
-        )
-    arrays = []
-    for spec in specs:
-        array = feeds[spec.name]
-        if not isinstance(array, np.ndarray):
-            array = np.asarray(array)
-        if array.dtype != np.dtype(spec.dtype):
-            raise EngineError(
-                f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype} "
-                f"(cast it explicitly, e.g. x.astype(np.{spec.dtype}))"
-            )
-        if array.ndim != len(spec.shape):
-            raise EngineError(
-                f"input {spec.name!r}: expected {len(spec.shape)} dims {spec.shape}, "
-                f"got shape {array.shape}"
-            )
-        limit = max_shapes[spec.name]
-        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if want == -1:
-                if axis == 0 and got > limit[0]:
-                    raise EngineError(
-                        f"input {spec.name!r}: batch size {got} exceeds this engine's "
-                        f"max_batch {limit[0]}; split the batch or rebuild with a larger one"
-                    )
-                if not 1 <= got <= limit[axis]:
-                    raise EngineError(
-                        f"input {spec.name!r}: axis {axis} is {got}, must be 1..{limit[axis]}"
-                    )
-            elif got != want:
-                raise EngineError(
-                    f"input {spec.name!r}: expected shape {spec.shape}, got {array.shape}"
-                )
-        arrays.append(np.ascontiguousarray(array))
-    return arrays
-
-
-# --- fp16 conversion for TensorRT >= 11 ----------------------------------------------------
-
-# (op type, input index) slots that ONNX requires to be float32 whatever the data type.
-_FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
-
-
 def _fp16_model_bytes(onnx_path: Path) -> bytes:
     try:
         import onnx
@@ -704,118 +641,3 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
         return convert_to_fp16(model).SerializeToString()
     except ValueError as exc:
         raise EngineError(f"cannot convert {onnx_path} to fp16: {exc}") from exc
-
-
-def convert_to_fp16(model):
-    """A copy of the ONNX ``model`` computing in float16, with float32 inputs and outputs.
-
-    Float32 initializers and Constant/ConstantOfShape values become float16, Cast/dtype
-    attributes naming float32 name float16, and Cast nodes convert the float32 graph inputs
-    on entry and the outputs on exit, so callers feed and get the same dtypes as before.
-    Slots ONNX requires to be float32 (Resize scales) stay float32. Needs ``onnx``.
-    Raises ValueError for graphs with control-flow subgraphs (If/Loop/Scan).
-
-    Example:
-        >>> half = convert_to_fp16(onnx.load("model.onnx"))  # doctest: +SKIP
-    """
-    import onnx
-    from onnx import AttributeProto, TensorProto, helper, numpy_helper
-
-    float32, float16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
-                raise ValueError(
-                    f"node {node.name or node.op_type!r} has a subgraph; fp16 conversion "
-                    "supports graphs without control flow only"
-                )
-
-    keep32 = {
-        name
-        for node in graph.node
-        for index, name in enumerate(node.input)
-        if (node.op_type, index) in _FLOAT32_ONLY_INPUTS
-    }
-    used = {vi.name for vi in (*graph.input, *graph.output, *graph.value_info)}
-    used.update(i.name for i in graph.initializer)
-    for node in graph.node:
-        used.update(node.input)
-        used.update(node.output)
-
-    def fresh(base: str) -> str:
-        name, n = f"{base}_fp16", 1
-        while name in used:
-            name, n = f"{base}_fp16_{n}", n + 1
-        used.add(name)
-        return name
-
-    def half(array: np.ndarray) -> np.ndarray:
-        # Clip first: values beyond fp16's range would become inf.
-        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16)
-
-    initializers = {i.name for i in graph.initializer}
-    for init in graph.initializer:
-        if init.data_type == float32 and init.name not in keep32:
-            init.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(init)), init.name))
-
-    for node in graph.node:
-        if any(o in keep32 for o in node.output):
-            continue
-        for attr in node.attribute:
-            if attr.type == AttributeProto.TENSOR and attr.t.data_type == float32:
-                attr.t.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(attr.t))))
-            elif attr.name in ("to", "dtype") and attr.type == AttributeProto.INT and attr.i == 1:
-                attr.i = float16  # 1 == TensorProto.FLOAT
-        if node.op_type == "Constant":
-            for attr in list(node.attribute):
-                if attr.name in ("value_float", "value_floats"):
-                    value = attr.f if attr.name == "value_float" else list(attr.floats)
-                    node.attribute.remove(attr)
-                    node.attribute.append(
-                        helper.make_attribute(
-                            "value", numpy_helper.from_array(half(np.array(value, np.float32)))
-                        )
-                    )
-
-    def elem_type(vi) -> int:
-        return vi.type.tensor_type.elem_type
-
-    # Inputs: x (float32, fed by the caller) -> Cast -> x_fp16 (used by the graph).
-    head, renamed = [], {}
-    for vi in graph.input:
-        if elem_type(vi) != float32 or vi.name in keep32:
-            continue
-        if vi.name in initializers:  # an old-style input that is really a weight
-            vi.type.tensor_type.elem_type = float16
-            continue
-        renamed[vi.name] = fresh(vi.name)
-        head.append(helper.make_node("Cast", [vi.name], [renamed[vi.name]], to=float16))
-    for node in graph.node:
-        node.input[:] = [renamed.get(n, n) for n in node.input]
-
-    # Outputs: the graph now makes y_fp16; a final Cast gives the caller float32 y.
-    input_names = {vi.name for vi in graph.input}
-    tail, renamed = [], {}
-    for vi in graph.output:
-        if elem_type(vi) != float32 or vi.name in input_names or vi.name in initializers:
-            continue
-        renamed[vi.name] = fresh(vi.name)
-        tail.append(helper.make_node("Cast", [renamed[vi.name]], [vi.name], to=float32))
-    for node in graph.node:
-        node.input[:] = [renamed.get(n, n) for n in node.input]
-        node.output[:] = [renamed.get(n, n) for n in node.output]
-
-    for vi in graph.value_info:
-        if vi.name in renamed:
-            vi.name = renamed[vi.name]
-        if elem_type(vi) == float32 and vi.name not in keep32:
-            vi.type.tensor_type.elem_type = float16
-
-    nodes = [*head, *graph.node, *tail]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return out

@@ -1,0 +1,130 @@
+"""An ONNX graph pass: compute in float16, keep float32 inputs and outputs. No torch.
+
+TensorRT 11 removed the FP16 builder flag (every network is strongly typed), so an fp16
+engine needs an fp16 graph; the pass is plain ONNX and usable by any backend. Needs the
+``onnx`` package, imported when the pass runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The largest finite float16; weights beyond it are clipped rather than becoming inf.
+_FP16_MAX = 65504.0
+# (op type, input index) slots that ONNX requires to be float32 whatever the data type.
+_FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+
+
+def convert_to_fp16(model):
+    """A copy of the ONNX ``model`` computing in float16, with float32 inputs and outputs.
+
+    Float32 initializers and Constant/ConstantOfShape values become float16, Cast/dtype
+    attributes naming float32 name float16, and Cast nodes convert the float32 graph inputs
+    on entry and the outputs on exit, so callers feed and get the same dtypes as before.
+    Slots ONNX requires to be float32 (Resize scales) stay float32. Needs ``onnx``.
+    Raises ValueError for graphs with control-flow subgraphs (If/Loop/Scan).
+
+    Example:
+        >>> half = convert_to_fp16(onnx.load("model.onnx"))  # doctest: +SKIP
+    """
+    import onnx
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+    float32, float16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                raise ValueError(
+                    f"node {node.name or node.op_type!r} has a subgraph; fp16 conversion "
+                    "supports graphs without control flow only"
+                )
+
+    keep32 = {
+        name
+        for node in graph.node
+        for index, name in enumerate(node.input)
+        if (node.op_type, index) in _FLOAT32_ONLY_INPUTS
+    }
+    used = {vi.name for vi in (*graph.input, *graph.output, *graph.value_info)}
+    used.update(i.name for i in graph.initializer)
+    for node in graph.node:
+        used.update(node.input)
+        used.update(node.output)
+
+    def fresh(base: str) -> str:
+        name, n = f"{base}_fp16", 1
+        while name in used:
+            name, n = f"{base}_fp16_{n}", n + 1
+        used.add(name)
+        return name
+
+    def half(array: np.ndarray) -> np.ndarray:
+        # Clip first: values beyond fp16's range would become inf.
+        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+
+    initializers = {i.name for i in graph.initializer}
+    for init in graph.initializer:
+        if init.data_type == float32 and init.name not in keep32:
+            init.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(init)), init.name))
+
+    for node in graph.node:
+        if any(o in keep32 for o in node.output):
+            continue
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR and attr.t.data_type == float32:
+                attr.t.CopyFrom(numpy_helper.from_array(half(numpy_helper.to_array(attr.t))))
+            elif attr.name in ("to", "dtype") and attr.type == AttributeProto.INT and attr.i == 1:
+                attr.i = float16  # 1 == TensorProto.FLOAT
+        if node.op_type == "Constant":
+            for attr in list(node.attribute):
+                if attr.name in ("value_float", "value_floats"):
+                    value = attr.f if attr.name == "value_float" else list(attr.floats)
+                    node.attribute.remove(attr)
+                    node.attribute.append(
+                        helper.make_attribute(
+                            "value", numpy_helper.from_array(half(np.array(value, np.float32)))
+                        )
+                    )
+
+    def elem_type(vi) -> int:
+        return vi.type.tensor_type.elem_type
+
+    # Inputs: x (float32, fed by the caller) -> Cast -> x_fp16 (used by the graph).
+    head, renamed = [], {}
+    for vi in graph.input:
+        if elem_type(vi) != float32 or vi.name in keep32:
+            continue
+        if vi.name in initializers:  # an old-style input that is really a weight
+            vi.type.tensor_type.elem_type = float16
+            continue
+        renamed[vi.name] = fresh(vi.name)
+        head.append(helper.make_node("Cast", [vi.name], [renamed[vi.name]], to=float16))
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+
+    # Outputs: the graph now makes y_fp16; a final Cast gives the caller float32 y.
+    input_names = {vi.name for vi in graph.input}
+    tail, renamed = [], {}
+    for vi in graph.output:
+        if elem_type(vi) != float32 or vi.name in input_names or vi.name in initializers:
+            continue
+        renamed[vi.name] = fresh(vi.name)
+        tail.append(helper.make_node("Cast", [renamed[vi.name]], [vi.name], to=float32))
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+
+    for vi in graph.value_info:
+        if vi.name in renamed:
+            vi.name = renamed[vi.name]
+        if elem_type(vi) == float32 and vi.name not in keep32:
+            vi.type.tensor_type.elem_type = float16
+
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
