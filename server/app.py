@@ -24,9 +24,8 @@ from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
-from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
-from server.service import HealthService, InferenceService
+from server.service import HealthService, InferenceService, add_inference_service
 
 log = logging.getLogger("innfer.server")
 
@@ -75,9 +74,7 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         self.grpc = grpc.aio.server(options=opts)
-        rpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.plane, self.config.bearer_token), self.grpc
-        )
+        add_inference_service(InferenceService(self.plane, self.config.bearer_token), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
         _enable_reflection(self.grpc)
         address = f"{self.config.host}:{self.config.grpc_port}"

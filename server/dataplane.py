@@ -14,9 +14,23 @@ import math
 from enum import Enum
 
 from runtime import __version__
-from runtime.repository import Repository, RepositoryError
+from runtime.engines import EngineError
+from runtime.repository import (
+    InvalidModelName,
+    ModelNotFound,
+    Repository,
+    RepositoryError,
+    check_model_name,
+)
 from server.config import ServerConfig
-from server.errors import InvalidArgument, NotFound, Unavailable
+from server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from server.limits import RequestLimits, clip
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -41,41 +55,79 @@ class DataPlane:
         self.metrics = metrics
         self.repo = Repository(config.repository)
         self.models: dict[str, ModelRuntime] = {}
+        # Models that should be served (configured, or found at start-up) and why each one
+        # that is not loaded failed: readiness and /metrics say which.
+        self.expected: set[str] = set()
+        self.broken: dict[str, str] = {}
+        self.limits = getattr(config, "limits", None) or RequestLimits()
+        self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
         self.phase = Phase.LOADING
         self._lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
+        """Load every configured model (every model in the repository when none are named).
+        A model that fails is logged and reported, never fatal: the others are served."""
         names = list(self.config.models) or self.repo.names()
+        self.expected = set(names)
         for name in names:
-            await self.load(name)
+            try:
+                await self.load(name)
+            except (NotFound, FailedPrecondition, InvalidArgument) as exc:
+                log.error("model %s not loaded: %s", name, exc)
         self.phase = Phase.READY
 
     async def load(self, name: str) -> None:
-        """Load (or reload) ``name``: engines built or verified off the event loop."""
+        """Load (or reload) ``name``: engines built or verified off the event loop, then
+        swapped in atomically; the old runtime answers or fails its queue and closes."""
+        try:
+            check_model_name(name)
+        except InvalidModelName as exc:
+            raise InvalidArgument(str(exc)) from None
         async with self._lock:
             loop = asyncio.get_running_loop()
             try:
                 served = await loop.run_in_executor(
                     None, lambda: self.repo.load(name, backend=self.config.backend)
                 )
-            except RepositoryError as exc:
+            except ModelNotFound as exc:
+                self._mark_broken(name, str(exc))
                 raise NotFound(str(exc)) from None
+            except InvalidModelName as exc:
+                raise InvalidArgument(str(exc)) from None
+            except (RepositoryError, EngineError, OSError) as exc:
+                self._mark_broken(name, str(exc))
+                raise FailedPrecondition(
+                    f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`"
+                ) from None
             runtime = ModelRuntime(served, self.metrics, policy=self.config.policy)
             await loop.run_in_executor(None, runtime.warm_up)
             runtime.start()
             old = self.models.pop(name, None)
             self.models[name] = runtime
+            self.broken.pop(name, None)
             if old is not None:
                 await old.stop()
+            # After the old runtime's stop, which zeroes the gauge it shares with this one.
+            self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
 
+    def _mark_broken(self, name: str, why: str) -> None:
+        if name in self.expected:
+            self.broken[name] = why
+            self.metrics.model_ready.labels(name).set(0)
+
     async def unload(self, name: str) -> None:
+        try:
+            check_model_name(name)
+        except InvalidModelName as exc:
+            raise InvalidArgument(str(exc)) from None
         async with self._lock:
             runtime = self.models.pop(name, None)
             if runtime is None:
                 raise NotFound(f"model {name!r} is not loaded")
             await runtime.stop()
+            self.metrics.model_ready.labels(name).set(0)
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING
@@ -88,18 +140,33 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.phase == Phase.READY
+        """Ready when started, not draining, and every expected model is loaded."""
+        return self.phase == Phase.READY and self.expected <= set(self.models)
+
+    def not_ready_reason(self) -> str | None:
+        if self.phase != Phase.READY:
+            return f"server is {self.phase.value}"
+        missing = sorted(self.expected - set(self.models))
+        if missing:
+            return "models not loaded: " + ", ".join(
+                f"{n} ({self.broken.get(n, 'unloaded')})" for n in missing
+            )
+        return None
 
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:
             raise Unavailable("the server is shutting down; retry on another replica")
         if version not in ("", VERSION):
-            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+            raise NotFound(
+                f"model {clip(name)} has no version {clip(version)}; it has version {VERSION}"
+            )
         runtime = self.models.get(name)
         if runtime is None:
             if self.phase == Phase.LOADING:
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
-            raise NotFound(f"unknown model {name!r}; models: {', '.join(self.models) or 'none'}")
+            raise NotFound(
+                f"unknown model {clip(name)}; models: {', '.join(sorted(self.models)) or 'none'}"
+            )
         return runtime
 
     def model_ready(self, name: str, version: str = "") -> bool:
@@ -135,7 +202,27 @@ class DataPlane:
         self, request: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         m = self.model(request.model_name, request.model_version)
+        size = request.ByteSize()
+        if self.inflight_bytes + size > self.limits.max_inflight_bytes:
+            raise ResourceExhausted(
+                f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
+                f"{self.limits.max_inflight_bytes / 2**20:.0f} MiB); retry shortly or send "
+                "smaller batches"
+            )
+        self.inflight_bytes += size
+        try:
+            return await self._infer(m, request, time_remaining)
+        finally:
+            self.inflight_bytes -= size
+
+    async def _infer(
+        self, m: ModelRuntime, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
         params = request.parameters
+        if len(params) > self.limits.max_parameters:
+            raise InvalidArgument(
+                f"{len(params)} request parameters; at most {self.limits.max_parameters}"
+            )
         # The budget is the client's end to end; the margin covers what happens outside the
         # server's clock (response encoding, the way back, the client's own processing).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
@@ -143,8 +230,10 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        inputs, rows = codec.decode_inputs(request, m.config.inputs, m.config.max_batch)
-        outputs = codec.requested_outputs(request, m.config.outputs)
+        inputs, rows = codec.decode_inputs(
+            request, m.config.inputs, m.config.max_batch, self.limits
+        )
+        outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority)
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
         codec.encode_outputs(resp, result.outputs, outputs)
@@ -197,6 +286,8 @@ def _string_param(params, name: str) -> str | None:
     p = params[name]
     if p.WhichOneof("parameter_choice") != "string_param":
         raise InvalidArgument(f"parameter {name!r} must be a string (a tier name)")
+    if len(p.string_param) > 255:
+        raise InvalidArgument(f"parameter {name!r} is not a tier name: {clip(p.string_param)}")
     return p.string_param
 
 
@@ -206,6 +297,6 @@ def _priority(params) -> int:
     if "priority" not in params:
         return 0
     level = _number(params["priority"], "priority")
-    if level < 0 or level != int(level):
-        raise InvalidArgument(f"priority must be a non-negative integer, got {level}")
+    if not math.isfinite(level) or level < 0 or level != int(level) or level >= 1_000_000:
+        raise InvalidArgument(f"priority must be an integer in [0, 999999], got {level}")
     return 0 if level == 0 else 1_000_000 - int(level)

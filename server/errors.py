@@ -32,5 +32,9 @@ class Unavailable(InferError):
     """The model is loading or the server is draining."""
 
 
+class FailedPrecondition(InferError):
+    """The model exists but cannot be loaded as it is (corrupt or stale files): rebuild it."""
+
+
 class Unauthenticated(InferError):
     """Missing or wrong bearer token."""

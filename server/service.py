@@ -10,10 +10,12 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from server.dataplane import DataPlane, Phase
+from server.dataplane import DataPlane
 from server.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InferError,
     InvalidArgument,
     NotFound,
@@ -21,6 +23,7 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
 )
+from server.limits import clip_message
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
@@ -35,7 +38,61 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+def status_of(exc: InferError) -> grpc.StatusCode:
+    """The status code of ``exc``'s nearest class in ``STATUS_OF`` (subclasses included)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the expected message, so
+    the handler can answer INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
+
+    def __init__(self, message: str, error: Exception) -> None:
+        self.message = message
+        self.error = error
+
+
+def _tolerant(cls) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
+def add_inference_service(servicer: InferenceService, server) -> None:
+    """Register ``servicer`` like the generated ``add_GRPCInferenceServiceServicer_to_server``,
+    with deserializers that turn undecodable request bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request, response = (
+            getattr(pb, method.input_type.name),
+            getattr(pb, method.output_type.name),
+        )
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
 
 OPEN_METHODS = {"ServerLive", "ServerReady"}  # probes need no token
 
@@ -51,9 +108,13 @@ def rpc_method(fn: Callable) -> Callable:
         try:
             if name not in OPEN_METHODS:
                 self.authenticate(context)
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"the request bytes are not a valid {request.message}: {request.error}"
+                )
             return await fn(self, request, context)
         except InferError as exc:
-            await context.abort(STATUS_OF[type(exc)], str(exc))
+            await context.abort(status_of(exc), clip_message(str(exc)))
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -66,7 +127,7 @@ def rpc_method(fn: Callable) -> Callable:
 class InferenceService(rpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, token: str | None) -> None:
         self.plane = plane
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
 
     def authenticate(self, context) -> None:
         if self._token is None:
@@ -74,7 +135,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(given, self._token):
+                scheme, _, credentials = given.strip().partition(b" ")
+                # RFC 6750 / 7235: the scheme is case-insensitive, the token is not.
+                if scheme.lower() == b"bearer" and hmac.compare_digest(
+                    credentials.strip(), self._token
+                ):
                     return
         raise Unauthenticated("missing or wrong bearer token: send 'authorization: Bearer <token>'")
 
@@ -176,7 +241,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
             return S.SERVICE_UNKNOWN
         if service in ("", "liveness"):
             return S.SERVING
-        return S.SERVING if self.plane.phase == Phase.READY else S.NOT_SERVING
+        return S.SERVING if self.plane.ready() else S.NOT_SERVING
 
     async def Check(self, request, context):
         status = self.status(request.service)

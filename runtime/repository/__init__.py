@@ -8,19 +8,22 @@ Example:
 
 from runtime.hashing import sha256_file
 from runtime.repository.cache import MANIFEST, EngineCache, engine_key
-from runtime.repository.errors import RepositoryError
+from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.records import TIER_FILE, TierRecord
-from runtime.repository.store import PROFILE_FILE, Repository, ServedModel
+from runtime.repository.store import PROFILE_FILE, Repository, ServedModel, check_model_name
 
 __all__ = [
     "MANIFEST",
     "PROFILE_FILE",
     "TIER_FILE",
     "EngineCache",
+    "InvalidModelName",
+    "ModelNotFound",
     "Repository",
     "RepositoryError",
     "ServedModel",
     "TierRecord",
+    "check_model_name",
     "engine_key",
     "sha256_file",
 ]

@@ -30,6 +30,9 @@ from runtime.hashing import sha256_file
 log = logging.getLogger("innfer.repository")
 
 MANIFEST = "manifest.json"
+# A build directory (``<key>.tmp-<pid>-<rand>``) older than this is an interrupted build:
+# no engine build of a tier takes an hour, and on a shared volume the pid says nothing.
+STALE_BUILD_S = 3600.0
 
 
 def engine_key(
@@ -54,6 +57,29 @@ class EngineCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove interrupted builds (``*.tmp-*`` older than ``STALE_BUILD_S``); their names.
+
+        Example:
+            >>> EngineCache(Path("repo/mnist/engines")).sweep()  # doctest: +SKIP
+            ['3f9c...tmp-4242-1a2b3c4d']
+        """
+        now = time.time() if now is None else now
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for entry in self.root.glob("*.tmp-*"):
+            try:
+                stale = now - entry.stat().st_mtime > STALE_BUILD_S
+            except OSError:
+                continue  # finished or removed by its builder meanwhile
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        if removed:
+            log.warning("removed %d interrupted engine builds in %s", len(removed), self.root)
+        return removed
 
     def get(
         self,

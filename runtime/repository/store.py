@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,33 @@ from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
 from runtime.repository.config import ConfigError, ModelConfig
-from runtime.repository.errors import RepositoryError
+from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.records import TIER_FILE, TierRecord
 
 log = logging.getLogger("innfer.repository")
 
 PROFILE_FILE = "profile.json"
+# A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
+# (file systems allow 255 per component; the engine cache adds suffixes to it).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: str) -> None:
+    """Raise InvalidModelName unless ``name`` is one plain directory name.
+
+    Example:
+        >>> check_model_name("mnist")
+        >>> check_model_name("../etc")
+        Traceback (most recent call last):
+        ...
+        runtime.repository.errors.InvalidModelName: model name '../etc' is not valid: ...
+    """
+    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        shown = repr(name) if len(name) <= 48 else repr(name[:48]) + f"... ({len(name)} chars)"
+        raise InvalidModelName(
+            f"model name {shown} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter, digit or '_' (one directory of the repository)"
+        )
 
 
 @dataclass
@@ -56,18 +78,37 @@ class Repository:
         self.root = Path(root)
 
     def model_dir(self, name: str) -> Path:
+        """``<root>/<name>``, for a valid name of a model that exists (ModelNotFound else).
+
+        The name must be one plain directory name (``check_model_name``), and the directory
+        must lie inside the root after resolving links: a request naming
+        ``../elsewhere`` or a symlinked directory can never load files from outside.
+        """
+        check_model_name(name)
         d = self.root / name
+        if d.is_symlink() or (d.exists() and d.resolve().parent != self.root.resolve()):
+            raise InvalidModelName(
+                f"model {name!r} is a link out of the repository; copy the model directory "
+                "into the repository instead"
+            )
         if not (d / "model.yaml").is_file():
-            raise RepositoryError(
-                f"model {name!r} not found: {d / 'model.yaml'} does not exist "
-                f"(models here: {', '.join(self.names()) or 'none'})"
+            available = self.names()
+            shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
+            # Relative to the repository: an error must not reveal the server's file system.
+            raise ModelNotFound(
+                f"model {name!r} not found: the repository has no {name}/model.yaml "
+                f"(models here: {shown or 'none'})"
             )
         return d
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "model.yaml").is_file())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if MODEL_NAME.fullmatch(p.name) and not p.is_symlink() and (p / "model.yaml").is_file()
+        )
 
     def config(self, name: str) -> ModelConfig:
         return ModelConfig.load(self.model_dir(name) / "model.yaml")
@@ -115,6 +156,7 @@ class Repository:
         chosen = self.choose_backend(config, backend)
         options = self.build_options(config, chosen)
         cache = EngineCache(self.root / name / "engines")
+        cache.sweep()
         tiers, engines = {}, {}
         for tier in config.tiers:
             d = self.tier_dir(name, tier.name)

@@ -1,0 +1,327 @@
+"""A hostile client against the real server on 127.0.0.1: every bad request is answered
+with a clear status (never INTERNAL or UNKNOWN), in time linear in its size, and the
+server stays up and healthy. Model names cannot escape the repository; one broken model
+does not take the others down.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serverutil import ServerThread, build_repository
+
+from runtime.repository import EngineCache, InvalidModelName, Repository, check_model_name
+from runtime.repository.cache import STALE_BUILD_S
+from server.errors import InferError, InvalidArgument
+from server.limits import MESSAGE_CHARS, clip
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.proto_gen import health_pb2, health_pb2_grpc
+from server.service import status_of
+
+pytestmark = pytest.mark.e2e
+X = np.zeros((1, 1, 8, 8), np.float32)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("hardening") / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    s = ServerThread({"repository": str(repo)}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as ch:
+        yield rpc.GRPCInferenceServiceStub(ch)
+
+
+def _request(model: str = "tiny", **fields) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, **fields)
+    t = req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    req.raw_input_contents.append(X.tobytes())
+    del t
+    return req
+
+
+def _status(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn(*args, **kw)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def _health(server) -> int:
+    with grpc.insecure_channel(server.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        return h.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=5).status
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# -- counts are checked before they are iterated ------------------------------------------------
+def test_many_input_names_are_refused_at_once(stub):
+    req = _request()
+    for i in range(40_000):
+        req.inputs.add(name=f"x{i}", datatype="FP32", shape=[1])
+    t0 = time.perf_counter()
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    took = time.perf_counter() - t0
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in msg
+    assert took < 5, f"{took:.2f} s: the check is not O(1) in the number of names"
+
+
+def test_repeated_output_names_are_refused(stub):
+    req = _request()
+    for _ in range(2):
+        req.outputs.add(name="logits")
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "outputs requested" in msg
+    many = _request()
+    for _ in range(1_000_000):
+        many.outputs.add(name="logits")
+    code, _ = _status(stub.ModelInfer, many, timeout=20)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_requested_output_is_served(stub):
+    req = _request()
+    req.outputs.add(name="logits")
+    resp = stub.ModelInfer(req, timeout=10)
+    assert [o.name for o in resp.outputs] == ["logits"]
+
+
+def test_typed_and_raw_contents_together_are_refused(stub):
+    req = _request()
+    req.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "one or the other" in msg
+
+
+def test_many_dims_are_refused_without_reading_them(stub):
+    req = pb.ModelInferRequest(model_name="tiny")
+    req.inputs.add(name="input", datatype="FP32", shape=[1] * 200_000)
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "200000 dims" in msg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1.5, 1e7])
+def test_bad_priority_is_invalid_argument(stub, value):
+    req = _request()
+    req.parameters["priority"].double_param = value
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "priority" in msg
+
+
+def test_undecodable_bytes_are_invalid_argument(server):
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        code, msg = _status(call, b"\xff\xff\xff\xff", timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "inference.ModelInferRequest" in msg
+
+
+def test_long_client_strings_are_clipped_and_paths_not_revealed(stub, repo):
+    code, msg = _status(stub.ModelInfer, _request("m" * 20_000), timeout=10)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert len(msg) <= MESSAGE_CHARS and "20000 characters" in msg
+    code, msg = _status(
+        stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="n" * 300)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, msg = _status(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND and str(repo) not in msg
+
+
+# -- model names stay inside the repository -----------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["../outside", "/tmp/outside", "tiny/../../outside", "./tiny", "..", ".", "a/b", ""]
+)
+def test_load_refuses_names_that_are_not_one_directory(stub, repo, name):
+    outside = repo.parent / "outside"
+    if not outside.exists():
+        shutil.copytree(repo / "tiny", outside, ignore=shutil.ignore_patterns("engines"))
+    code, msg = _status(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=name))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, msg)
+    assert not (outside / "engines").exists() or not any((outside / "engines").iterdir())
+    code, _ = _status(stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=name))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_symlinked_model_directory_is_not_followed(stub, repo):
+    outside = repo.parent / "elsewhere"
+    if not outside.exists():
+        shutil.copytree(repo / "tiny", outside, ignore=shutil.ignore_patterns("engines"))
+    link = repo / "linked"
+    if not link.exists():
+        link.symlink_to(outside, target_is_directory=True)
+    assert "linked" not in Repository(repo).names()
+    code, msg = _status(
+        stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="linked")
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "link" in msg
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    assert "linked" not in {m.name for m in index.models}
+
+
+def test_model_name_rules():
+    check_model_name("mnist_v2.1-cpu")
+    for bad in ("../x", "x/y", "", ".", "..", "-x", "x" * 129, "é", "a\x00b"):
+        with pytest.raises(InvalidModelName):
+            check_model_name(bad)
+
+
+# -- one place maps errors, subclasses included --------------------------------------------------
+def test_status_of_follows_subclasses():
+    class Special(InvalidArgument):
+        pass
+
+    assert status_of(Special("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(InferError("x")) == grpc.StatusCode.INTERNAL
+
+
+def test_clip_says_how_long_the_original_was():
+    assert clip("abc") == "'abc'"
+    assert clip("z" * 500).endswith("(500 characters)") and len(clip("z" * 500)) < 80
+
+
+# -- engine cache: interrupted builds are swept ---------------------------------------------------
+def test_stale_build_directories_are_swept(tmp_path):
+    old, new = tmp_path / "k1.tmp-1-aaaa", tmp_path / "k2.tmp-2-bbbb"
+    old.mkdir()
+    new.mkdir()
+    past = time.time() - STALE_BUILD_S - 10
+    os.utime(old, (past, past))
+    assert EngineCache(tmp_path).sweep() == [old.name]
+    assert not old.exists() and new.exists()
+
+
+# -- one broken model does not take the others down ----------------------------------------------
+def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo):
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
+    s = ServerThread({"repository": str(root)}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            assert stub.ModelInfer(_request(), timeout=10).outputs[0].name == "logits"
+            ready = stub.ModelReady(pb.ModelReadyRequest(name="wide"), timeout=5)
+            assert not ready.ready
+            code, msg = _status(
+                stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="wide")
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "innfer build" in msg
+        assert _health(s) == NOT_SERVING
+        assert 'innfer_model_ready{model="wide"} 0.0' in _metrics(s)
+        assert "wide" in s.server.plane.not_ready_reason()
+    finally:
+        s.stop()
+
+
+def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    s = ServerThread({"repository": str(root)}).start()
+    try:
+        assert _health(s) == SERVING
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny"))
+            assert _health(s) == NOT_SERVING
+            assert 'innfer_model_ready{model="tiny"} 0.0' in _metrics(s)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+            assert _health(s) == SERVING
+            # reload over a loaded model: the gauge stays 1 (the old runtime's stop ran first)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+            assert 'innfer_model_ready{model="tiny"} 1.0' in _metrics(s)
+    finally:
+        s.stop()
+
+
+def _metrics(s: ServerThread) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(s.metrics_url, timeout=5) as r:
+        return r.read().decode()
+
+
+# -- fuzz: no request makes the server answer INTERNAL or UNKNOWN --------------------------------
+_names = st.sampled_from(["input", "logits", "", "x", "input" * 3])
+_dtypes = st.sampled_from(["FP32", "FP16", "INT64", "BOOL", "BYTES", "", "fp32"])
+_tensors = st.builds(
+    lambda name, dt, shape: pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=dt, shape=shape
+    ),
+    _names,
+    _dtypes,
+    st.lists(st.integers(-(2**40), 2**40), max_size=6),
+)
+
+
+@st.composite
+def _requests(draw):
+    req = pb.ModelInferRequest(
+        model_name=draw(st.sampled_from(["tiny", "wide", "", "nope", "../tiny"])),
+        model_version=draw(st.sampled_from(["", "1", "2"])),
+    )
+    req.inputs.extend(draw(st.lists(_tensors, max_size=4)))
+    req.raw_input_contents.extend(draw(st.lists(st.binary(max_size=300), max_size=4)))
+    for o in draw(st.lists(_names, max_size=3)):
+        req.outputs.add(name=o)
+    for key in draw(st.lists(st.sampled_from(["latency_budget_ms", "priority", "tier",
+                                              "min_tier", "timeout"]), max_size=3)):  # fmt: skip
+        kind = draw(st.sampled_from(["int64_param", "double_param", "string_param", "bool_param"]))
+        value = {
+            "int64_param": draw(st.integers(-(2**62), 2**62)),
+            "double_param": draw(st.floats(allow_nan=True, allow_infinity=True)),
+            "string_param": draw(st.sampled_from(["w100", "w050", "", "zzz"])),
+            "bool_param": draw(st.booleans()),
+        }[kind]
+        setattr(req.parameters[key], kind, value)
+    return req
+
+
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(req=_requests())
+def test_fuzzed_requests_get_a_clear_status(stub, req):
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code in ALLOWED, (code, msg, req)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=2000))
+def test_garbage_bytes_get_a_clear_status(server, data):
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        code, msg = _status(call, data, timeout=10)
+    assert code in ALLOWED, (code, msg)
