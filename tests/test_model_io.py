@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,11 +25,50 @@ def saved(inn, tmp_path):
     return inn.save(tmp_path / "inn")
 
 
+def _assert_safetensors(path):
+    """A safetensors file: u64 header length, a JSON header of dtype/shape/offsets whose
+    offsets tile the rest of the file exactly - no room for anything else."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert spans and spans[0][0] == 0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert 8 + n + spans[-1][1] == len(data)
+    for k, v in header.items():
+        if k != "__metadata__":
+            assert set(v) == {"dtype", "shape", "data_offsets"}, k
+
+
+def _assert_not_pickle_or_zip(path):
+    head = path.read_bytes()[:4]
+    assert not head.startswith(b"\x80"), f"{path} starts with a pickle protocol opcode"
+    assert head != b"PK\x03\x04", f"{path} is a zip archive (torch.save's format)"
+
+
 def test_no_pickle_in_saved_files(saved):
     # safetensors + JSON only: neither file can carry a pickle opcode stream.
     assert sorted(p.name for p in saved.iterdir()) == [META_FILE, WEIGHTS_FILE]
     json.loads((saved / META_FILE).read_text())
-    assert not (saved / WEIGHTS_FILE).read_bytes().startswith(b"\x80")
+    _assert_safetensors(saved / WEIGHTS_FILE)
+    for f in saved.rglob("*"):
+        if f.is_file():
+            _assert_not_pickle_or_zip(f)
+
+
+def test_pickle_and_zip_checks_can_fail(tmp_path):
+    import pickle
+
+    import torch
+
+    pickle_file, zip_file = tmp_path / "p.bin", tmp_path / "z.pt"
+    pickle_file.write_bytes(pickle.dumps({"w": 1}))
+    torch.save({"w": torch.zeros(2)}, zip_file)
+    for f in (pickle_file, zip_file):
+        with pytest.raises(AssertionError):
+            _assert_not_pickle_or_zip(f)
+    with pytest.raises((AssertionError, ValueError)):
+        _assert_safetensors(zip_file)
 
 
 def test_corrupted_weights_are_detected(saved):
