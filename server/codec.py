@@ -93,7 +93,7 @@ def _check_shape(t, spec: TensorConfig, max_batch: int) -> int:
     """The batch size of input ``t`` after checking datatype and shape against ``spec``."""
     want = oip_datatype(spec.dtype)
     if t.datatype != want:
-        raise InvalidArgument(f"input {t.name!r}: datatype {clip(t.datatype)}, expected {want}")
+        raise InvalidArgument(f"input {t.name!r}: datatype {t.datatype[:32]}, expected {want}")
     expected = f"[-1, {', '.join(map(str, spec.shape))}]" if spec.shape else "[-1]"
     if len(t.shape) != len(spec.shape) + 1:  # before reading the dims: there may be millions
         raise InvalidArgument(f"input {t.name!r}: {len(t.shape)} dims given, expected {expected}")

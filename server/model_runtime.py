@@ -4,6 +4,9 @@ The scheduler (pure) decides; this module does the I/O around it: it wakes the d
 every arrival and completion, concatenates the chosen requests' rows into one batch, runs
 the engine in a worker thread (ONNX Runtime and TensorRT release the GIL), splits the
 outputs back per request and resolves each request's future exactly once.
+
+The scheduler's ``Request`` knows nothing of asyncio: the future a caller awaits lives in a
+``Pending`` beside it, found by request id.
 """
 
 from __future__ import annotations
@@ -41,6 +44,32 @@ class InferResult:
     queue_us: int
     compute_us: int
     batch_size: int
+
+
+@dataclass(eq=False)
+class Pending:
+    """A request admitted to the scheduler and the future its ``infer`` call awaits.
+
+    Example:
+        >>> async def demo():
+        ...     p = Pending(Request(1, 0.0, 0.05), asyncio.get_running_loop().create_future())
+        ...     p.fail(DeadlineExceeded("budget ran out"))
+        ...     p.fail(RuntimeError("too late"))  # already answered: ignored
+        ...     return type(p.future.exception()).__name__
+        >>> asyncio.run(demo())
+        'DeadlineExceeded'
+    """
+
+    request: Request
+    future: asyncio.Future[InferResult]
+
+    def resolve(self, result: InferResult) -> None:
+        if not self.future.done():  # the caller may have cancelled meanwhile
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 def tier_infos(served: ServedModel) -> list[TierInfo]:
@@ -86,6 +115,7 @@ class ModelRuntime:
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.inflight = 0
         self.stats = {t.name: {"count": 0, "ns": 0} for t in self.tiers}
         self.last_inference_ms = 0
@@ -139,8 +169,9 @@ class ModelRuntime:
             raise DeadlineExceeded(f"model {self.name}: {exc}") from None
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(str(exc).strip("'\"")) from None
+        # No await since submit: the dispatcher cannot have run the request before this.
         future = asyncio.get_running_loop().create_future()
-        req.meta["future"] = future
+        self._pending[req.id] = Pending(req, future)
         self.inflight += 1
         self._gauges()
         self._wake.set()
@@ -151,6 +182,7 @@ class ModelRuntime:
                 self.metrics.requests.labels(self.name, "", "cancelled").inc()
             raise
         finally:
+            del self._pending[req.id]
             self.inflight -= 1
             self._gauges()
 
@@ -189,7 +221,7 @@ class ModelRuntime:
             now = self.clock()
             for r in self.scheduler.expire(now):
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
-                _reject(r, DeadlineExceeded(
+                self._reject(r, DeadlineExceeded(
                     f"model {self.name}: the request's budget ran out in the queue"
                 ))  # fmt: skip
             decision = self.scheduler.next(now)
@@ -221,7 +253,7 @@ class ModelRuntime:
             self.scheduler.complete(d, self.clock(), 0.0, ok=False)
             for r in reqs:
                 self.metrics.requests.labels(self.name, d.tier, "failed").inc()
-                _reject(r, exc)
+                self._reject(r, exc)
             self._wake.set()
             return
         now = self.clock()
@@ -231,13 +263,18 @@ class ModelRuntime:
         for r in reqs:
             part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
-            future = r.meta["future"]
-            if not future.done():
-                future.set_result(InferResult(
+            pending = self._pending.get(r.id)
+            if pending is not None:
+                pending.resolve(InferResult(
                     part, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
                     int(1e6 * compute), d.rows,
                 ))  # fmt: skip
         self._wake.set()
+
+    def _reject(self, r: Request, exc: BaseException) -> None:
+        pending = self._pending.get(r.id)
+        if pending is not None:
+            pending.fail(exc)
 
     def _record(self, d: Decision, compute: float, now: float) -> None:
         tier = d.tier
@@ -263,9 +300,3 @@ class ModelRuntime:
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width
         return float(w) if isinstance(w, (int, float)) else str(w)
-
-
-def _reject(r: Request, exc: BaseException) -> None:
-    future = r.meta.get("future")
-    if future is not None and not future.done():
-        future.set_exception(exc)

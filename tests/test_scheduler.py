@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 
 import numpy as np
 import pytest
@@ -23,15 +23,20 @@ from server.scheduling import (
     Context,
     Decision,
     FixedTier,
+    IllegalTransition,
     LatencyModel,
     Planner,
+    Policy,
     Refused,
     Request,
     Scheduler,
+    SlackFit,
+    Snapshot,
     State,
     TierInfo,
     make_policy,
 )
+from server.scheduling.request import TRANSITIONS
 
 MS = 1e-3
 
@@ -721,16 +726,221 @@ EXACT_TIERS = [
 def test_vectorised_rest_check_agrees_with_the_plain_one(
     ticks, head, head_tier, plan, slots, max_batch
 ):
-    """``Planner._rest_feasible`` has a numpy fast path for long queues of one-row,
-    unconstrained requests; it must give the plain path's answer."""
+    """``Planner.rest_feasible`` has a numpy fast path for long queues of one-row,
+    unconstrained requests (taken when the snapshot carries the deadlines array); it must
+    give the plain path's answer."""
     ctx = Context(EXACT_TIERS, LatencyModel(EXACT_TIERS), max_batch)
     now = 7 * TICK
     queue = [Request(k, 0.0, now + t * TICK) for k, t in enumerate(sorted(ticks))]
     batch = queue[: min(head, max_batch, len(queue))]
     finish = now + (ctx.latency.estimate(head_tier, len(batch)) if batch else 0.0)
     planner = Planner(slots)
-    ctx.deadlines = None
-    plain = planner._rest_feasible(queue, batch, finish, now, ctx, plan)
-    ctx.deadlines = np.array([r.deadline for r in queue])
-    fast = planner._rest_feasible(queue, batch, finish, now, ctx, plan)
+    plain = planner.rest_feasible(queue, batch, finish, now, ctx, Snapshot(), plan)
+    snap = Snapshot(deadlines=np.array([r.deadline for r in queue]))
+    fast = planner.rest_feasible(queue, batch, finish, now, ctx, snap, plan)
     assert fast == plain
+
+
+# -- 11. state transitions -------------------------------------------------------------------
+def test_every_legal_transition_moves_forward_and_final_states_have_none():
+    for source, targets in TRANSITIONS.items():
+        assert not source.final
+        assert all(t > source for t in targets), source
+    assert all(s not in TRANSITIONS for s in State if s.final)
+
+
+@pytest.mark.parametrize(
+    ("path", "illegal"),
+    [
+        ([], State.SERVED),  # served without running
+        ([], State.FAILED),
+        ([State.RUNNING], State.RUNNING),  # started twice
+        ([State.RUNNING], State.CANCELLED),  # a running batch is not cancelled
+        ([State.RUNNING], State.REFUSED_DEADLINE),
+        ([State.RUNNING, State.SERVED], State.FAILED),  # answered twice
+        ([State.CANCELLED], State.RUNNING),  # a final state is never left
+        ([State.REFUSED_DEADLINE], State.QUEUED),
+    ],
+)
+def test_illegal_transitions_raise_and_leave_the_request_as_it_was(path, illegal):
+    r = Request(1, 0.0, 1.0)
+    for k, state in enumerate(path):
+        r.advance(state, now=0.1 * k)
+    before = (r.state, r.started, r.finished)
+    with pytest.raises(IllegalTransition):
+        r.advance(illegal, now=9.0)
+    assert (r.state, r.started, r.finished) == before
+
+
+def test_state_changes_only_through_the_transition_method():
+    r = Request(1, 0.0, 1.0)
+    with pytest.raises(AttributeError):
+        r.state = State.RUNNING
+    with pytest.raises(ValueError, match="not a final state"):
+        r.finish(State.RUNNING, 0.0)
+    r.start("w050", rows=3, now=0.25)
+    assert (r.state, r.tier, r.batch_size, r.started) == (State.RUNNING, "w050", 3, 0.25)
+    with pytest.raises(IllegalTransition, match="RUNNING -> RUNNING"):
+        r.start("w100", rows=1, now=0.5)
+    assert r.tier == "w050"  # the failed start changed nothing
+    r.finish(State.SERVED, 0.5)
+    assert (r.state, r.finished) == (State.SERVED, 0.5)
+
+
+# -- 12. the per-decision snapshot and the static context ------------------------------------
+class Recorder(Policy):
+    """FixedTier on w100 that keeps every snapshot and tries to change what it was given."""
+
+    def __init__(self) -> None:
+        self.snaps: list[Snapshot] = []
+        self.errors: list[type] = []
+
+    def choose(self, queue, now, ctx, snap):
+        self.snaps.append(snap)
+        for attempt in (
+            lambda: setattr(snap, "arrival_rate", 0.0),
+            lambda: setattr(snap, "tight_budget", 1.0),
+            lambda: setattr(ctx, "max_batch", 1),
+        ):
+            try:
+                attempt()
+            except (AttributeError, FrozenInstanceError) as exc:
+                self.errors.append(type(exc))
+        return FixedTier(FULL).choose(queue, now, ctx, snap)
+
+
+def test_the_policy_gets_a_fresh_frozen_snapshot_per_decision():
+    policy = Recorder()
+    sched = Scheduler(TIERS, policy, max_batch=8, max_queue=64)
+    for k in range(40):  # a long, unconstrained queue: the deadlines array is built
+        sched.submit(Request(k, 0.0, 1.0 + k), now=0.0)
+    first = sched.next(0.0)
+    sched.complete(first, 0.1, 0.018)
+    sched.submit(Request(99, 0.1, 5.0, rows=2), now=0.1)  # constrained: no array
+    sched.next(0.1)
+    a, b = policy.snaps
+    assert a is not b
+    assert len(policy.errors) == 6  # every write attempt failed, in both decisions
+    assert sched.ctx.max_batch == 8
+    # Each snapshot holds what was measured at its own decision: 40 rows over the 0.5 s
+    # window at t=0, decayed and two more rows by t=0.1.
+    assert a.arrival_rate == pytest.approx(40 / 0.5)
+    assert b.arrival_rate == pytest.approx(sched.arrival_rate(0.1)) != a.arrival_rate
+    assert a.deadlines.shape == (40,) and b.deadlines is None
+    with pytest.raises(ValueError, match="read-only"):
+        a.deadlines[0] = 0.0
+
+
+def test_snapshot_leaves_the_callers_array_writable():
+    deadlines = np.array([0.01, 0.02])
+    snap = Snapshot(deadlines=deadlines)
+    deadlines[0] = 0.5  # the scheduler's own array; the policy's view is read-only
+    assert snap.deadlines[0] == 0.5 and not snap.deadlines.flags.writeable
+
+
+# -- 13. the decision carries its slot -------------------------------------------------------
+def test_decision_carries_the_slot_it_runs_on():
+    sched = make("innfer", slots=2, max_batch=1)
+    for k in range(3):
+        sched.submit(Request(k, 0.0, 1.0), now=0.0)
+    d0, d1 = sched.next(0.0), sched.next(0.0)
+    assert (d0.slot, d1.slot) == (0, 1) and sched.next(0.0) is None  # both slots busy
+    assert sched.running[0][0] is d0 and sched.running[1][0] is d1
+    sched.complete(d1, 0.004, 0.004)
+    assert sched.free_slot() == 1
+    d2 = sched.next(0.004)
+    assert d2.slot == 1 and d2.requests[0].id == 2
+    # A decision no scheduler started has no slot, so it cannot be completed.
+    with pytest.raises(ValueError, match="slot"):
+        sched.complete(Decision(FULL, d0.requests), 0.005, 0.004)
+    assert Decision(FULL, []).slot is None
+
+
+# -- 14. the planner's steps, one at a time --------------------------------------------------
+CTX = Context(TIERS, LatencyModel(TIERS), 8)
+IDLE = Snapshot()  # no recent arrivals, no tight budgets
+
+
+def test_step1_sustainable_tiers_and_step1b_one_tier_above():
+    """416 rows/s: w100 sustains 0.9 x 8 / 18 ms = 400 rows/s, w075 480."""
+    planner = Planner(slots=1)
+    busy = Snapshot(arrival_rate=416.0)
+    assert planner.sustainable_tiers(NAMES, CTX, IDLE) == NAMES
+    assert planner.sustainable_tiers(NAMES, CTX, busy) == NAMES[1:]
+    flood = Snapshot(arrival_rate=1e6)
+    assert planner.sustainable_tiers(NAMES, CTX, flood) == ["w025"]  # the fastest, always
+    short = [Request(k, 0.0, 1.0, rows=4) for k in range(2)]  # 8 rows: one batch
+    deep = [*short, Request(2, 0.0, 1.0)]  # 9 rows
+    assert Planner.one_tier_above(NAMES, NAMES[1:], short, CTX) == NAMES
+    assert Planner.one_tier_above(NAMES, NAMES[1:], deep, CTX) == NAMES[1:]
+    assert Planner.one_tier_above(NAMES, NAMES, short, CTX) == NAMES  # nothing above w100
+
+
+def tight_head_queue() -> list[Request]:
+    """A head due in 5 ms and eight requests due in 12 ms (one row each)."""
+    return [Request(0, 0.0, 0.005)] + [Request(k, 0.0, 0.012) for k in range(1, 9)]
+
+
+def test_largest_batch_meets_its_own_deadlines_and_the_head_of_line_bound():
+    queue = tight_head_queue()
+    batch, finish = Planner.largest_batch(queue, "w100", 0.0, CTX, IDLE)
+    assert [r.id for r in batch] == [0] and finish == pytest.approx(0.004)  # 2 rows: 6 ms
+    batch, finish = Planner.largest_batch(queue, "w025", 0.0, CTX, IDLE)
+    assert len(batch) == 8 and finish == pytest.approx(0.0045)
+    # A 4 ms tight budget leaves 3 ms of run time after the fastest single-row answer.
+    bounded = Snapshot(tight_budget=0.004)
+    batch, _ = Planner.largest_batch(queue, "w025", 0.0, CTX, bounded)
+    assert len(batch) == 4  # 2.5 ms; 8 rows would take 4.5
+    assert Planner.largest_batch([Request(0, 0.0, 0.003)], "w100", 0.0, CTX, IDLE) is None
+
+
+def test_step2_accuracy_first_keeps_the_rest_at_the_same_tier():
+    planner = Planner()
+    easy = [Request(k, 0.0, 0.040) for k in range(12)]  # 8 + 4 rows on w100: 18 + 10 ms
+    d = planner.accuracy_first(easy, NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, d.rows) == ("w100", 8)
+    # The head alone fits w100 (4 ms), but the rest on w100 too misses 12 ms (4 + 18); so
+    # does w075's and w050's plan; w025's largest batch with the last request after it fits.
+    queue = tight_head_queue()
+    d = planner.accuracy_first(queue, NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w025", list(range(8)))
+    assert planner.accuracy_first(queue, ["w100", "w075"], 0.0, CTX, IDLE) is None
+    # choose() takes step 2's answer when it has one.
+    d = planner.choose(queue, 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w025", list(range(8)))
+
+
+def test_step3_relaxed_plans_the_rest_on_the_fastest_tier():
+    """The same queue: with the rest on w025 (4 + 4.5 ms <= 12 ms) the head gets w100."""
+    d = Planner().relaxed(tight_head_queue(), NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w100", [0])
+    doomed = [Request(0, 0.0, 0.001)] + [Request(k, 0.0, 0.002) for k in range(1, 9)]
+    assert Planner().relaxed(doomed, NAMES, 0.0, CTX, IDLE) is None
+
+
+def test_step4_throughput_fallback_saves_as_many_as_it_can():
+    planner = Planner()
+    # Nine requests due in 2 ms: no plan saves them all; w025's largest batch that meets
+    # its own deadlines is 2 rows (1.5 ms); 4 rows would take 2.5.
+    doomed = [Request(0, 0.0, 0.0012)] + [Request(k, 0.0, 0.002) for k in range(1, 9)]
+    d = planner.throughput_fallback(doomed, NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w025", [0])
+    loose = [Request(k, 0.0, 0.002) for k in range(9)]
+    d = planner.throughput_fallback(loose, NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, d.rows) == ("w025", 2)
+    # The fastest tier first, then the next one up: w075 if the head allows no faster one.
+    strict = [Request(0, 0.0, 0.0035, min_tier="w075"), *loose[1:]]
+    d = planner.throughput_fallback(strict, ["w100", "w075"], 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w075", [0])
+    # No tier has a batch that meets its deadlines: the head alone on the fastest tier.
+    late = [Request(0, 0.0, 0.0005), Request(1, 0.0, 0.0005)]
+    d = planner.throughput_fallback(late, NAMES, 0.0, CTX, IDLE)
+    assert (d.tier, [r.id for r in d.requests]) == ("w025", [0])
+    assert planner.choose(doomed, 0.0, CTX, IDLE).requests == [doomed[0]]
+
+
+def test_other_policies_ignore_the_snapshot():
+    queue = [Request(k, 0.0, 0.050) for k in range(3)]
+    for snap in (IDLE, Snapshot(arrival_rate=1e6, tight_budget=0.001)):
+        assert FixedTier("w050").choose(queue, 0.0, CTX, snap).requests == queue
+        assert SlackFit().choose(queue, 0.0, CTX, snap).tier == FULL

@@ -1,8 +1,18 @@
 """Pure scheduling policy: no grpc, no torch; the clock is an argument."""
 
 from .latency import LatencyModel, TierInfo
-from .policy import POLICIES, Context, Decision, FixedTier, Planner, Policy, SlackFit, make_policy
-from .request import Request, State
+from .policy import (
+    POLICIES,
+    Context,
+    Decision,
+    FixedTier,
+    Planner,
+    Policy,
+    SlackFit,
+    Snapshot,
+    make_policy,
+)
+from .request import IllegalTransition, Request, State
 from .scheduler import Refused, Scheduler
 
 __all__ = [
@@ -10,6 +20,7 @@ __all__ = [
     "Context",
     "Decision",
     "FixedTier",
+    "IllegalTransition",
     "LatencyModel",
     "Planner",
     "Policy",
@@ -17,6 +28,7 @@ __all__ = [
     "Request",
     "Scheduler",
     "SlackFit",
+    "Snapshot",
     "State",
     "TierInfo",
     "make_policy",

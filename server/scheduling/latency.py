@@ -19,6 +19,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+# Weight of the newest observation in the online correction: about the last 1/0.2 = 5
+# batches count, so contention shows in the plan within a few batches and one batch alone
+# moves it by a fifth of its surprise.
+EWMA_ALPHA = 0.2
+# Observed/typical ratios are clipped to this range before they are averaged: a 20x slower
+# batch is already "the machine is contended"; an outlier beyond it (a GC pause, a page
+# fault storm) must not swing the plan by more.
+RATIO_MIN, RATIO_MAX = 0.2, 20.0
+# Seconds; guards the ratio against a zero typical time in a hand-written profile.
+MIN_TYPICAL_S = 1e-9
+
 
 @dataclass(frozen=True)
 class TierInfo:
@@ -39,7 +50,7 @@ class TierInfo:
 class LatencyModel:
     """Profile x online correction. Times in seconds."""
 
-    def __init__(self, tiers: Sequence[TierInfo], alpha: float = 0.2) -> None:
+    def __init__(self, tiers: Sequence[TierInfo], alpha: float = EWMA_ALPHA) -> None:
         if not tiers:
             raise ValueError("at least one tier is needed")
         self.tiers = {t.name: t for t in tiers}
@@ -71,8 +82,8 @@ class LatencyModel:
         # Compare with the typical time, not the planning quantile: on an uncontended
         # machine the factor stays ~1 and the plan keeps its p90 margin; under contention
         # both scale up together.
-        ratio = seconds / max(self.typical(tier, batch), 1e-9)
-        ratio = min(max(ratio, 0.2), 20.0)  # one outlier must not swing the plan wildly
+        ratio = seconds / max(self.typical(tier, batch), MIN_TYPICAL_S)
+        ratio = min(max(ratio, RATIO_MIN), RATIO_MAX)
         self.spread[tier] += self.alpha * (abs(ratio - self.factor[tier]) - self.spread[tier])
         self.factor[tier] += self.alpha * (ratio - self.factor[tier])
 

@@ -1,7 +1,20 @@
 """A request's life in the scheduler: an explicit, ordered state enum and the request record.
 
-Every accepted request reaches exactly one final state; ``Request.finish`` enforces it
-(a second finish raises), so "answered exactly once" is checked where it happens.
+Every state change goes through ``Request.advance``, which allows only the moves in
+``TRANSITIONS`` - always forward in the enum's order - and raises ``IllegalTransition`` on
+any other. So "answered exactly once" (a final state is never left) and "only a queued
+request starts" are checked where they happen, not assumed by the callers.
+
+Example:
+    >>> r = Request(1, arrival=0.0, deadline=0.050)
+    >>> r.start("w100", rows=1, now=0.001); r.state.name
+    'RUNNING'
+    >>> r.finish(State.SERVED, now=0.005); (r.started, r.finished)
+    (0.001, 0.005)
+    >>> r.finish(State.FAILED, now=0.006)
+    Traceback (most recent call last):
+    ...
+    server.scheduling.request.IllegalTransition: request 1 finished twice (SERVED, then FAILED)
 """
 
 from __future__ import annotations
@@ -12,7 +25,7 @@ from typing import Any
 
 
 class State(IntEnum):
-    """Ordered: every state >= SERVED is final."""
+    """Ordered: a request only moves to a larger state, and every state >= SERVED is final."""
 
     QUEUED = 0
     RUNNING = 1
@@ -27,6 +40,21 @@ class State(IntEnum):
         return self >= State.SERVED
 
 
+# The legal moves; a final state has none. A refused submit never enters the queue and its
+# request stays QUEUED (``Refused`` carries the reason), so REFUSED_FULL is listed for
+# callers that want to record it on the request, not because the scheduler does.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset(
+        {State.RUNNING, State.REFUSED_DEADLINE, State.REFUSED_FULL, State.CANCELLED}
+    ),
+    State.RUNNING: frozenset({State.SERVED, State.FAILED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that ``TRANSITIONS`` does not allow (a bug in the caller)."""
+
+
 @dataclass(eq=False)
 class Request:
     """One inference request as the policy sees it (times in seconds on the injected clock).
@@ -35,6 +63,13 @@ class Request:
     which the response must be sent. ``pin``: only this tier. ``min_tier``: no tier smaller
     (by width order) than this. ``priority``: 0 is default; larger is more urgent (Triton:
     smaller number = higher priority; the server converts before it gets here).
+    ``payload``: the caller's data (the server's input tensors); the scheduler never reads
+    it. ``state`` is read-only: it changes through ``start``, ``finish`` or ``advance``.
+
+    Example:
+        >>> r = Request(7, arrival=0.0, deadline=0.020, rows=2, pin="w050")
+        >>> (r.budget, r.state.name)
+        (0.02, 'QUEUED')
     """
 
     id: int
@@ -45,23 +80,45 @@ class Request:
     min_tier: str | None = None
     priority: int = 0
     payload: Any = None
-    state: State = State.QUEUED
+    # Outcome, written by the transitions below (None / 0 until they happen).
     tier: str | None = None
     started: float | None = None
     finished: float | None = None
-    batch_size: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 0  # rows in the batch this request ran in
+    _state: State = field(default=State.QUEUED, init=False, repr=False)
+
+    @property
+    def state(self) -> State:
+        return self._state
 
     @property
     def budget(self) -> float:
         return self.deadline - self.arrival
 
+    def advance(self, to: State, now: float) -> None:
+        """The one place the state changes: move to ``to`` at time ``now`` (``started`` for
+        RUNNING, ``finished`` for a final state) or raise ``IllegalTransition``."""
+        if self._state.final:
+            raise IllegalTransition(
+                f"request {self.id} finished twice ({self._state.name}, then {to.name})"
+            )
+        if to not in TRANSITIONS[self._state]:
+            raise IllegalTransition(
+                f"request {self.id}: {self._state.name} -> {to.name} is not a legal transition"
+            )
+        self._state = to
+        if to.final:
+            self.finished = now
+        else:
+            self.started = now
+
+    def start(self, tier: str, rows: int, now: float) -> None:
+        """QUEUED -> RUNNING on ``tier`` in a batch of ``rows`` rows."""
+        self.advance(State.RUNNING, now)
+        self.tier, self.batch_size = tier, rows
+
     def finish(self, state: State, now: float) -> None:
+        """Move to the final ``state``; a second finish raises ``IllegalTransition``."""
         if not state.final:
             raise ValueError(f"{state.name} is not a final state")
-        if self.state.final:
-            raise RuntimeError(
-                f"request {self.id} finished twice ({self.state.name}, then {state.name})"
-            )
-        self.state = state
-        self.finished = now
+        self.advance(state, now)

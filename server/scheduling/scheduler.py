@@ -5,7 +5,12 @@ drive it on a virtual clock and the server on ``time.monotonic``.
 
 Lifecycle: submit -> QUEUED -> (next) RUNNING -> (complete) SERVED | FAILED;
 or QUEUED -> REFUSED_DEADLINE (expired in the queue) | CANCELLED. A submit that is refused
-never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE).
+never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE). Every move
+goes through ``Request.advance``, which raises on any other.
+
+Per decision the scheduler hands the policy its static ``Context`` and a fresh, frozen
+``Snapshot`` (arrival rate, tight budget, deadlines array); the ``Decision`` it returns
+carries the slot it runs on, which ``complete`` frees.
 
 Example:
     >>> from server.scheduling import Scheduler, TierInfo, Request, make_policy
@@ -13,8 +18,10 @@ Example:
     ...          TierInfo("w050", 0.97, {1: 2.0, 8: 8.0})]
     >>> s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
     >>> s.submit(Request(1, arrival=0.0, deadline=0.050), now=0.0)
-    >>> d = s.next(now=0.0); d.tier, len(d.requests)
-    ('w100', 1)
+    >>> d = s.next(now=0.0); d.tier, len(d.requests), d.slot
+    ('w100', 1, 0)
+    >>> s.complete(d, now=0.005, compute_s=0.005); d.requests[0].state.name
+    'SERVED'
 """
 
 from __future__ import annotations
@@ -24,12 +31,32 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from .latency import LatencyModel, TierInfo
-from .policy import Context, Decision, Policy
+from .policy import Context, Decision, Policy, Snapshot
 from .request import Request, State
+
+# Seconds: time constant of the decayed arrival rate. Tens of batches at the profiled
+# latencies (about 1-20 ms each), so one batch's worth of arrivals does not look like a
+# trend, yet a burst is forgotten within about a second.
+RATE_WINDOW_S = 0.5
+# Recent admissible budgets kept for ``tight_budget``: at the 5th percentile the bound is
+# then about the 10th-smallest of 200, so one odd client cannot set it alone.
+BUDGET_WINDOW = 200
+# ``tight_budget`` is this quantile of those budgets, not their minimum: the tightest ~5%
+# of clients bound head-of-line blocking (the planner's batch run time), outliers do not.
+TIGHT_BUDGET_QUANTILE = 0.05
+# The percentile sorts the whole window, O(W log W); recomputing it every 16th decision
+# keeps that off the per-decision path while still following a change of client mix
+# within a few full batches.
+TIGHT_BUDGET_EVERY = 16
+# The planner's numpy path pays a fixed cost per call (building the array, reduceat, sort).
+# Measured: around 32 queued requests one plain rest check costs about as much as the
+# numpy one (tens of microseconds); above it the plain path grows as |Q|^2 / B.
+VECTORISE_MIN_QUEUE = 32
 
 
 class Refused(Exception):
@@ -41,6 +68,9 @@ class Refused(Exception):
 
 
 class Scheduler:
+    """One model's queue, slots and policy. Times are seconds on the caller's clock; see the
+    module docstring for an example."""
+
     def __init__(
         self,
         tiers: Sequence[TierInfo],
@@ -50,7 +80,7 @@ class Scheduler:
         max_queue: int,
         slots: int = 1,
         latency: LatencyModel | None = None,
-        rate_window_s: float = 0.5,
+        rate_window_s: float = RATE_WINDOW_S,
     ) -> None:
         self.latency = latency or LatencyModel(tiers)
         self.ctx = Context(tiers, self.latency, max_batch)
@@ -59,7 +89,8 @@ class Scheduler:
         self.slots = slots
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
-        self.running: dict[int, tuple[Decision, float]] = {}  # slot -> (decision, est. end)
+        # slot -> (the decision running there, its estimated end in seconds)
+        self.running: dict[int, tuple[Decision, float]] = {}
         self._seq = itertools.count()
         # Arrival rate, exponentially decayed with time constant tau: each arrival adds
         # rows/tau, so the estimate is in rows per second - the unit of the planner's
@@ -67,7 +98,8 @@ class Scheduler:
         self._tau = rate_window_s
         self._rate = 0.0
         self._rate_at = 0.0
-        self._budgets: deque[float] = deque(maxlen=200)  # recent budgets, for tight_budget
+        self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
+        self._tight_budget = math.inf  # seconds; refreshed by _snapshot
         self._dispatches = 0
         self._constrained = 0  # queued requests with a pin, a min_tier or several rows
 
@@ -156,36 +188,45 @@ class Scheduler:
         return gone
 
     def next(self, now: float) -> Decision | None:
-        """If a slot is free and the queue is not empty, start the policy's decision."""
+        """If a slot is free and the queue is not empty, start the policy's decision: its
+        requests leave the queue as RUNNING, and the returned ``Decision`` carries the slot
+        (hand it back to ``complete``)."""
         slot = self.free_slot()
         if slot is None or not self.queue:
             return None
-        self.ctx.arrival_rate = self.arrival_rate(now)
-        # numpy pays off for long queues only; short ones take the plain-Python path.
-        simple = self._constrained == 0 and len(self.queue) > 32
-        self.ctx.deadlines = (
+        decision = self.policy.choose(self.queue, now, self.ctx, self._snapshot(now))
+        if decision is None or not decision.requests:
+            return None
+        decision = replace(decision, slot=slot)
+        for r in decision.requests:
+            self._remove(r)
+            r.start(decision.tier, decision.rows, now)
+        self.running[slot] = (decision, now + self.latency.estimate(decision.tier, decision.rows))
+        return decision
+
+    def _snapshot(self, now: float) -> Snapshot:
+        """This decision's measurements, frozen before the policy sees them."""
+        # The deadlines array is only for the planner's numpy path: every queued request
+        # unconstrained and one row (``take`` then returns prefixes), and a long queue.
+        simple = self._constrained == 0 and len(self.queue) > VECTORISE_MIN_QUEUE
+        deadlines = (
             np.fromiter((r.deadline for r in self.queue), float, len(self.queue))
             if simple
             else None
         )
-        if (self._budgets and len(self.queue) == 1) or not self._dispatches % 16:
-            self.ctx.tight_budget = _low_percentile(self._budgets)
+        # A lone queued request means light load: the sort costs nothing that matters then,
+        # and the bound is current when a burst begins.
+        if (self._budgets and len(self.queue) == 1) or not self._dispatches % TIGHT_BUDGET_EVERY:
+            self._tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
-        decision = self.policy.choose(self.queue, now, self.ctx)
-        if decision is None or not decision.requests:
-            return None
-        for r in decision.requests:
-            self._remove(r)
-            r.state, r.tier, r.started = State.RUNNING, decision.tier, now
-            r.batch_size = decision.rows
-            r.meta["slot"] = slot
-        self.running[slot] = (decision, now + self.latency.estimate(decision.tier, decision.rows))
-        return decision
+        return Snapshot(self.arrival_rate(now), self._tight_budget, deadlines)
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
-        """The batch finished (or failed) after ``compute_s`` seconds of engine time."""
-        slot = decision.requests[0].meta["slot"]
-        self.running.pop(slot, None)
+        """The batch finished (or failed) after ``compute_s`` seconds of engine time.
+        ``decision`` is the one ``next`` returned: its slot is freed."""
+        if decision.slot is None:
+            raise ValueError("complete() takes the Decision that next() returned (with its slot)")
+        self.running.pop(decision.slot, None)
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
         for r in decision.requests:
@@ -206,7 +247,7 @@ class Scheduler:
         self._constrained -= _constrained(r)
 
 
-def _low_percentile(values, q: float = 0.05) -> float:
+def _low_percentile(values, q: float = TIGHT_BUDGET_QUANTILE) -> float:
     if not values:
         return math.inf
     ordered = sorted(values)
