@@ -1,9 +1,9 @@
-"""The server's YAML config, validated into typed classes (same error style as model.yaml).
+"""The server's YAML config, validated into typed classes (same idiom and errors as model.yaml).
 
     repository: models            # model repository root
     host: 127.0.0.1
     grpc_port: 8001
-    metrics_port: 8002            # Prometheus /metrics on its own HTTP port; 0 disables
+    metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
     max_message_bytes: 67108864
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
@@ -11,6 +11,12 @@
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
+
+Each field is declared once with ``runtime.configspec.spec``; ``reference(ServerConfig)``
+lists them all. Relative paths are resolved against the config file's directory. Where the
+repository already exists, ``policy`` and ``backend`` are checked against the models it
+holds (a ``fixed:<tier>`` tier every served model has, a backend that builds each model's
+precision), so a server that cannot load its models is refused when it reads its config.
 
 Example:
     >>> cfg = ServerConfig.from_dict({"repository": "models", "grpc_port": 0})
@@ -26,34 +32,163 @@ from typing import Any
 
 import yaml
 
-from runtime.repository.config import ConfigError, read_yaml
+from runtime.configspec import NAME, ConfigError, Where, parse, reference, spec, to_dict
+from runtime.engines import BACKENDS
+from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
+from server.scheduling import POLICIES
+
+# spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
+# ruff: noqa: RUF009
+
+__all__ = ["AuthConfig", "ConfigError", "ServerConfig", "TLSConfig", "reference", "safe_dump"]
+
+# The policy that pins one tier and takes its name after a colon (make_policy's "fixed:").
+_PINNED = "fixed"
+_PORT = "a port number in [0, 65535] (0: pick a free port)"
 
 
-@dataclass(frozen=True)
+def _policies() -> str:
+    plain = [p for p in POLICIES if p != _PINNED]
+    return f"{', '.join(plain)} or {_PINNED}:<tier>"
+
+
+def _policy(v: Any, where: Where) -> str:
+    """A scheduling policy name from server.scheduling.POLICIES; ``fixed`` needs its tier."""
+    if not isinstance(v, str):
+        where.fail(v, _policies())
+    name, colon, tier = v.partition(":")
+    if name == _PINNED and _PINNED in POLICIES:
+        if not colon or not NAME.regex.match(tier):
+            where.fail(v, f"{_PINNED}:<tier> with a tier name ({NAME.description})")
+    elif colon or v not in POLICIES:
+        where.fail(v, _policies())
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
 class TLSConfig:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None  # when set, clients must present a certificate it signed
+    """Serve gRPC over TLS; with ``client_ca``, clients must present a certificate too."""
+
+    cert: Path = spec(must_exist=True, doc="server certificate chain (PEM)")
+    key: Path = spec(must_exist=True, doc="the certificate's private key (PEM)")
+    client_ca: Path | None = spec(
+        None, must_exist=True, doc="CA that signs client certificates; set: mutual TLS"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    """Require ``authorization: Bearer <token>`` on every call but the health checks."""
+
+    bearer_token_file: Path | None = spec(
+        None, must_exist=True, doc="file holding the token (a mounted secret)"
+    )
+    bearer_token: str | None = spec(
+        None, repr=False, doc="the token itself (prefer bearer_token_file)"
+    )
+
+    @property
+    def token(self) -> str:
+        """The token: the file's content (stripped) or the literal."""
+        if self.bearer_token_file is not None:
+            return self.bearer_token_file.read_text().strip()
+        return self.bearer_token or ""
+
+    def validate(self, where: Where) -> None:
+        if (self.bearer_token_file is None) == (self.bearer_token is None):
+            given = [k for k in ("bearer_token_file", "bearer_token") if getattr(self, k)]
+            where.fail(given, "exactly one of bearer_token_file and bearer_token")
+        if len(self.token) < 8:
+            where.fail("<token>", "a bearer token of at least 8 characters")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    repository: Path
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    max_message_bytes: int = 64 * 1024 * 1024
-    grace_period_s: float = 20.0
-    budget_margin_ms: float = 1.0  # subtracted from every budget: the response's way back
-    policy: str = "innfer"
-    backend: str | None = None
-    tls: TLSConfig | None = None
-    bearer_token: str | None = None
-    models: tuple[str, ...] = ()  # empty: every model in the repository
-    source: str = "<config>"
+    """The server's config file.
+
+    Example:
+        >>> cfg = ServerConfig.from_dict({"repository": "models", "policy": "fixed:w050"})
+        >>> cfg.policy, cfg.bearer_token
+        ('fixed:w050', None)
+    """
+
+    repository: Path = spec(doc="model repository root")
+    host: str = spec("127.0.0.1", expected="a host address such as 127.0.0.1", doc="listen address")
+    grpc_port: int = spec(8001, lo=0, hi=65535, expected=_PORT, doc="gRPC port")
+    metrics_port: int = spec(8002, lo=0, hi=65535, expected=_PORT, doc="Prometheus HTTP port")
+    max_message_bytes: int = spec(
+        64 * 1024 * 1024, lo=1024, hi=2**31 - 1, doc="largest gRPC message, either way"
+    )
+    grace_period_s: float = spec(
+        20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"
+    )
+    budget_margin_ms: float = spec(
+        1.0, lo=0, hi=10_000, hi_open=True, unit="milliseconds",
+        doc="taken off every latency budget for the response's way back",
+    )  # fmt: skip
+    policy: str = spec(
+        "innfer", parse=_policy, expected=_policies(), doc="scheduling policy for every model"
+    )
+    backend: str | None = spec(
+        None, choices=BACKENDS, doc="override every model's backend preference"
+    )
+    tls: TLSConfig | None = spec(None, doc="serve over TLS (default: plaintext)")
+    auth: AuthConfig | None = spec(None, doc="require a bearer token (health stays open)")
+    models: tuple[str, ...] = spec(
+        (), pattern=NAME, unique=True, doc="models to load; empty: every one in the repository"
+    )
+    source: str = spec("<config>", key=False, compare=False, doc="the file this was read from")
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token clients must send, or None when auth is off."""
+        return None if self.auth is None else self.auth.token
+
+    def validate(self, where: Where) -> None:
+        """Checks across fields (and, where it exists, against the repository's models)."""
+        if self.metrics_port and self.metrics_port == self.grpc_port:
+            where.child("metrics_port").fail(
+                self.metrics_port, f"a port other than grpc_port ({self.grpc_port})"
+            )
+        pinned = self.policy.partition(":")[2] if self.policy.startswith(_PINNED + ":") else None
+        if pinned is None and not self.backend:
+            return  # nothing below depends on the models
+        for name, model in self._known_models():
+            if pinned is not None and pinned not in {t.name for t in model.tiers}:
+                where.child("policy").fail(
+                    self.policy,
+                    f"{_PINNED}:<tier> naming a tier every served model has; model {name!r} "
+                    f"({model.source}) has {', '.join(t.name for t in model.tiers)}",
+                )
+            if self.backend and model.precision == "fp16" and self.backend not in FP16_BACKENDS:
+                where.child("backend").fail(
+                    self.backend,
+                    f"one of {', '.join(FP16_BACKENDS)} or null: model {name!r} "
+                    f"({model.source}) has precision fp16, which {self.backend} cannot build",
+                )
+
+    def _known_models(self) -> list[tuple[str, ModelConfig]]:
+        """The served models whose model.yaml exists and is valid now (others are refused
+        with their own error when loaded; a repository may be filled after this is read)."""
+        if not self.repository.is_dir():
+            return []
+        names = self.models or sorted(
+            p.name for p in self.repository.iterdir() if (p / "model.yaml").is_file()
+        )
+        found = []
+        for name in names:
+            path = self.repository / name / "model.yaml"
+            if not path.is_file():
+                continue
+            try:
+                found.append((name, ModelConfig.load(path)))
+            except ConfigError:
+                continue
+        return found
 
     @classmethod
     def load(cls, path: str | Path) -> ServerConfig:
+        """Read and validate ``path``; relative paths in it are relative to its directory."""
         path = Path(path)
         data = read_yaml(path) or {}
         return cls.from_dict(data, source=str(path), base=path.parent)
@@ -62,106 +197,28 @@ class ServerConfig:
     def from_dict(
         cls, data: Any, source: str = "<config>", base: Path | None = None
     ) -> ServerConfig:
-        def fail(field: str, value: Any, expected: str):
-            raise ConfigError(f"{source}: {field}: got {value!r}, expected {expected}")
+        """Validate a mapping (parsed YAML); ``source`` names it in errors, ``base`` is the
+        directory relative paths start from (default: the working directory)."""
+        return parse(cls, data, Where(source, base=base), source=source)
 
-        if not isinstance(data, dict):
-            fail("", data, "a mapping")
-        known = {
-            "repository", "host", "grpc_port", "metrics_port", "max_message_bytes",
-            "grace_period_s", "policy", "backend", "tls", "auth", "models", "budget_margin_ms",
-        }  # fmt: skip
-        for k in data:
-            if k not in known:
-                fail(k, data[k], f"a known field ({', '.join(sorted(known))})")
-        base = base or Path(".")
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with ``changes`` (e.g. command-line overrides), validated like the file.
 
-        def path(field: str, v: Any, must_exist: bool = True) -> Path:
-            if not isinstance(v, str) or not v:
-                fail(field, v, "a path")
-            p = Path(v) if Path(v).is_absolute() else base / v
-            if must_exist and not p.exists():
-                fail(field, v, "an existing file")
-            return p
+        Example:
+            >>> ServerConfig.from_dict({"repository": "m"}).replace(grpc_port=0).grpc_port
+            0
+        """
+        data = to_dict(self) | {k: _plain(v) for k, v in changes.items()}
+        return type(self).from_dict(data, source=self.source)
 
-        def port(field: str, default: int) -> int:
-            v = data.get(field, default)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-                fail(field, v, "a port number in [0, 65535] (0: pick a free port)")
-            return v
 
-        if "repository" not in data:
-            fail("repository", None, "a model repository directory (required)")
-        repo = path("repository", data["repository"], must_exist=False)
-        tls = None
-        if data.get("tls") is not None:
-            t = data["tls"]
-            if not isinstance(t, dict) or "cert" not in t or "key" not in t:
-                fail("tls", t, "a mapping with cert, key and optional client_ca")
-            ca = t.get("client_ca")
-            tls = TLSConfig(
-                path("tls.cert", t["cert"]),
-                path("tls.key", t["key"]),
-                path("tls.client_ca", ca) if ca else None,
-            )
-        token = None
-        if data.get("auth") is not None:
-            a = data["auth"]
-            if not isinstance(a, dict) or set(a) - {"bearer_token_file", "bearer_token"}:
-                fail("auth", a, "a mapping with bearer_token_file (or bearer_token)")
-            if "bearer_token_file" in a:
-                token = path("auth.bearer_token_file", a["bearer_token_file"]).read_text().strip()
-            else:
-                token = a.get("bearer_token")
-            if not isinstance(token, str) or len(token) < 8:
-                fail("auth", "<token>", "a bearer token of at least 8 characters")
-        grace = data.get("grace_period_s", 20.0)
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 3600:
-            fail("grace_period_s", grace, "seconds in [0, 3600]")
-        margin = data.get("budget_margin_ms", 1.0)
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, (int, float))
-            or not 0 <= margin < 1e4
-        ):
-            fail("budget_margin_ms", margin, "milliseconds in [0, 10000)")
-        max_msg = data.get("max_message_bytes", 64 * 1024 * 1024)
-        if isinstance(max_msg, bool) or not isinstance(max_msg, int) or max_msg < 1024:
-            fail("max_message_bytes", max_msg, "an integer >= 1024")
-        policy = data.get("policy", "innfer")
-        if not isinstance(policy, str) or not (
-            policy in ("innfer", "slackfit") or policy.startswith("fixed:")
-        ):
-            fail("policy", policy, "innfer, slackfit or fixed:<tier>")
-        backend = data.get("backend")
-        if backend not in (None, "onnxruntime", "tensorrt", "torch"):
-            fail("backend", backend, "onnxruntime, tensorrt or torch")
-        models = data.get("models", [])
-        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-            fail("models", models, "a list of model names")
-        host = data.get("host", "127.0.0.1")
-        if not isinstance(host, str) or not host:
-            fail("host", host, "a host address such as 127.0.0.1")
-        return cls(
-            repository=repo,
-            host=host,
-            grpc_port=port("grpc_port", 8001),
-            metrics_port=port("metrics_port", 8002),
-            max_message_bytes=max_msg,
-            grace_period_s=float(grace),
-            budget_margin_ms=float(margin),
-            policy=policy,
-            backend=backend,
-            tls=tls,
-            bearer_token=token,
-            models=tuple(models),
-            source=source,
-        )
+def _plain(v: Any) -> Any:
+    return str(v) if isinstance(v, Path) else v
 
 
 def safe_dump(cfg: ServerConfig) -> str:
     """The config as YAML with the token masked (for logs)."""
-    data = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()}
-    data["bearer_token"] = "***" if cfg.bearer_token else None
-    data["tls"] = None if cfg.tls is None else {k: str(v) for k, v in cfg.tls.__dict__.items()}
+    data = to_dict(cfg)
+    if data.get("auth") and data["auth"].get("bearer_token"):
+        data["auth"]["bearer_token"] = "***"
     return yaml.safe_dump(data, sort_keys=False)

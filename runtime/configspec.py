@@ -1,0 +1,488 @@
+"""Declarative config classes: each field is declared once, and the parser is derived from it.
+
+A config class is a frozen, keyword-only dataclass whose fields are made with :func:`spec`:
+the default, the bounds or choices and a one-line doc sit on the field itself. :func:`parse`
+walks ``dataclasses.fields()``, checks every value against its type annotation and its
+spec, refuses unknown keys (suggesting the nearest known one) and then calls the class's
+optional ``validate(where)`` hook for checks that involve more than one field. Every error
+has one format, naming the file, the field path, the value and what is allowed:
+
+    models/mnist/model.yaml: tiers[1].width: got 1.5, expected a number in (0, 1]
+
+No torch, no server imports and no pydantic: the serving image stays small, and this is all
+a dozen-field config needs. Both ``model.yaml`` (runtime.repository.config) and the server
+config (server.config) are built on it.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True, kw_only=True)
+    ... class Pool:
+    ...     size: int = spec(4, lo=1, hi=64, doc="worker threads")
+    >>> parse(Pool, {"size": 8}, Where("pool.yaml")).size
+    8
+    >>> parse(Pool, {"sise": 8}, Where("pool.yaml"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    runtime.configspec.ConfigError: pool.yaml: sise: got 8, expected ... (did you mean 'size'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import yaml
+
+__all__ = [
+    "NAME",
+    "ConfigError",
+    "FieldDoc",
+    "Pattern",
+    "Where",
+    "describe",
+    "parse",
+    "read_yaml",
+    "reference",
+    "spec",
+    "to_dict",
+]
+
+_SPEC = "innfer.spec"  # the metadata key a spec() field carries its Spec under
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message says where and what is allowed."""
+
+
+class Pattern(NamedTuple):
+    """A regular expression a string field must match, and how to describe it to a user."""
+
+    regex: re.Pattern[str]
+    description: str
+
+
+NAME = Pattern(
+    re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"),
+    "a name of letters, digits, '_', '.', '-' (at most 64)",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """Where a value sits: the file it came from, its field path, and the directory that
+    relative paths in the file are resolved against. ``fail`` raises the one error format.
+
+    Example:
+        >>> Where("server.yaml").child("tls").child("cert").path
+        'tls.cert'
+        >>> Where("model.yaml").child("tiers").child(1).path
+        'tiers[1]'
+    """
+
+    source: str
+    path: str = ""
+    base: Path | None = None
+
+    def child(self, key: str | int) -> Where:
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+        else:
+            path = f"{self.path}.{key}" if self.path else str(key)
+        return dataclasses.replace(self, path=path)
+
+    def fail(self, value: Any, expected: str) -> NoReturn:
+        loc = f"{self.source}: {self.path}: " if self.path else f"{self.source}: "
+        raise ConfigError(f"{loc}got {value!r}, expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What :func:`spec` records on a field (see there for the meaning of each)."""
+
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: Sequence[str] | None = None
+    pattern: Pattern | None = None
+    nonempty: bool = False
+    unique: bool | str = False
+    must_exist: bool = False
+    unit: str | None = None
+    expected: str | None = None
+    parse: Callable[[Any, Where], Any] | None = None
+    key: bool = True
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    choices: Sequence[str] | None = None,
+    pattern: Pattern | None = None,
+    nonempty: bool = False,
+    unique: bool | str = False,
+    must_exist: bool = False,
+    unit: str | None = None,
+    expected: str | None = None,
+    parse: Callable[[Any, Where], Any] | None = None,
+    key: bool = True,
+    compare: bool = True,
+    repr: bool = True,  # the dataclasses.field() argument of the same name
+) -> Any:
+    """A dataclass field that also carries its rules; no default means the key is required.
+
+    ``lo``/``hi`` bound numbers (``*_open`` excludes the bound); ``choices`` and ``pattern``
+    constrain strings. For a ``tuple[X, ...]`` field those apply to every item, ``nonempty``
+    refuses an empty list and ``unique`` refuses repeats (``unique="name"``: of the items'
+    ``name``). ``must_exist``: a
+    ``Path`` that must exist. ``unit`` words the bounds ("milliseconds in [0, 10000)"),
+    ``expected`` replaces the derived description, ``parse(value, where)`` replaces the
+    derived parser for an odd field. ``key=False``: not read from the file (e.g. ``source``).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Limits:
+        ...     max_batch: int = spec(8, lo=1, hi=4096, doc="largest batch")
+        >>> Limits().max_batch, Limits.__dataclass_fields__["max_batch"].metadata[_SPEC].hi
+        (8, 4096)
+    """
+    rules = Spec(
+        doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices,
+        pattern=pattern, nonempty=nonempty, unique=unique, must_exist=must_exist, unit=unit,
+        expected=expected, parse=parse, key=key,
+    )  # fmt: skip
+    return dataclasses.field(default=default, compare=compare, repr=repr, metadata={_SPEC: rules})
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+class _Field(NamedTuple):
+    name: str
+    hint: Any  # the annotation with None taken out of an Optional
+    optional: bool
+    required: bool
+    default: Any
+    spec: Spec
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if _SPEC not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with configspec.spec()")
+        hint, optional = _strip_none(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append(_Field(f.name, hint, optional, required, f.default, f.metadata[_SPEC]))
+    return tuple(out)
+
+
+def _strip_none(hint: Any) -> tuple[Any, bool]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        rest = tuple(a for a in args if a is not type(None))
+        if len(rest) < len(args):
+            return (rest[0] if len(rest) == 1 else typing.Union[rest]), True  # noqa: UP007
+    return hint, False
+
+
+def parse(cls: type, data: Any, where: Where, **extra: Any) -> Any:
+    """Build ``cls`` from a mapping parsed from YAML, checking every field, then validate.
+
+    ``extra``: values for fields declared with ``key=False`` (not read from ``data``).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Pool:
+        ...     size: int = spec(4, lo=1, hi=64, doc="worker threads")
+        >>> parse(Pool, {"size": 0}, Where("pool.yaml"))
+        Traceback (most recent call last):
+        ...
+        runtime.configspec.ConfigError: pool.yaml: size: got 0, expected an integer in [1, 64]
+    """
+    fields = _fields(cls)
+    keys = [f.name for f in fields if f.spec.key]
+    if not isinstance(data, dict):
+        where.fail(data, _mapping_expected(fields))
+    for k in data:
+        if k not in keys:
+            where.child(str(k)).fail(data[k], _known_field(str(k), keys))
+    values = dict(extra)
+    for f in fields:
+        if not f.spec.key:
+            continue
+        at = where.child(f.name)
+        if f.name not in data:
+            if f.required:
+                at.fail(None, f"{_expected(f)} (required)")
+            continue  # the dataclass default applies: declared once, on the field
+        values[f.name] = _value(f, data[f.name], at)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where)
+    return obj
+
+
+def _value(f: _Field, v: Any, at: Where) -> Any:
+    if v is None and (f.optional or (not f.required and f.default is None)):
+        return None
+    if f.spec.parse is not None:
+        return f.spec.parse(v, at)
+    if typing.get_origin(f.hint) is tuple:
+        return _tuple(f, v, at)
+    return _scalar(f.hint, f.spec, v, at, _expected(f))
+
+
+def _tuple(f: _Field, v: Any, at: Where) -> tuple:
+    if not isinstance(v, (list, tuple)) or (f.spec.nonempty and not v):
+        at.fail(v, _expected(f))
+    item = typing.get_args(f.hint)[0]
+    items = tuple(
+        _scalar(item, f.spec, x, at.child(i), _describe(item, f.spec)) for i, x in enumerate(v)
+    )
+    if f.spec.unique:
+        keys = [getattr(x, f.spec.unique) if isinstance(f.spec.unique, str) else x for x in items]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            what = (
+                f"unique {f.spec.unique}s"
+                if isinstance(f.spec.unique, str)
+                else "no repeated items"
+            )
+            at.fail(dup, what)
+    return items
+
+
+def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
+    """One value of type ``hint`` (a bool, int, float, str, Path or config class)."""
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, v, at)
+    if hint is bool:
+        if not isinstance(v, bool):
+            at.fail(v, expected)
+        return v
+    if hint in (int, float):
+        ok = isinstance(v, int) if hint is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
+            at.fail(v, expected)
+        if not _in_bounds(s, v):
+            at.fail(v, expected)
+        return hint(v)
+    if hint is str or hint is Path:
+        if not isinstance(v, str) or not v:
+            at.fail(v, expected)
+        if hint is Path:
+            p = Path(v)
+            p = p if p.is_absolute() or at.base is None else at.base / p
+            if s.must_exist and not p.exists():
+                at.fail(v, expected)
+            return p
+        if s.choices and v not in s.choices:
+            at.fail(v, expected + _did_you_mean(v, s.choices))
+        if s.pattern is not None and not s.pattern.regex.match(v):
+            at.fail(v, expected)
+        return v
+    raise TypeError(f"{at.path}: no parser for {hint!r}; give the field spec(parse=...)")
+
+
+def _in_bounds(s: Spec, v: float) -> bool:
+    if s.lo is not None and (v <= s.lo if s.lo_open else v < s.lo):
+        return False
+    return s.hi is None or (v < s.hi if s.hi_open else v <= s.hi)
+
+
+# --- how values are described to users --------------------------------------------------
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _bounds(s: Spec) -> str:
+    if s.lo is not None and s.hi is not None:
+        left, right = "(" if s.lo_open else "[", ")" if s.hi_open else "]"
+        return f"in {left}{_num(s.lo)}, {_num(s.hi)}{right}"
+    if s.lo is not None:
+        return f"{'>' if s.lo_open else '>='} {_num(s.lo)}"
+    if s.hi is not None:
+        return f"{'<' if s.hi_open else '<='} {_num(s.hi)}"
+    return ""
+
+
+def _describe(hint: Any, s: Spec) -> str:
+    """What one value of type ``hint`` under ``s`` may be, in words."""
+    if dataclasses.is_dataclass(hint):
+        return _mapping_expected(_fields(hint))
+    if hint is bool:
+        return "true or false"
+    if hint in (int, float):
+        noun = s.unit or ("an integer" if hint is int else "a number")
+        return f"{noun} {_bounds(s)}".strip()
+    if hint is Path:
+        return "an existing file" if s.must_exist else "a path"
+    if s.choices:
+        return f"one of {', '.join(s.choices)}"
+    if s.pattern is not None:
+        return s.pattern.description
+    return "a non-empty string"
+
+
+def _expected(f: _Field) -> str:
+    if f.spec.expected is not None:
+        text = f.spec.expected
+    elif typing.get_origin(f.hint) is tuple:
+        item = typing.get_args(f.hint)[0]
+        what = _describe(item, f.spec)
+        if dataclasses.is_dataclass(item):
+            what = what.replace("a mapping with", "mappings, each with", 1)
+        text = f"a {'non-empty ' if f.spec.nonempty else ''}list of {_plural(what)}"
+    else:
+        text = _describe(f.hint, f.spec)
+    return f"{text}, or null" if f.optional and not f.required else text
+
+
+def _plural(what: str) -> str:
+    # "a list of an integer >= 1" reads badly; "a list of integers >= 1" does not.
+    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a name", "names")):
+        if what.startswith(one):
+            return many + what[len(one) :]
+    return what
+
+
+def _mapping_expected(fields: Sequence[_Field]) -> str:
+    need = [f.name for f in fields if f.spec.key and f.required]
+    rest = [f.name for f in fields if f.spec.key and not f.required]
+    if need and rest:
+        return f"a mapping with {', '.join(need)} and optional {_and(rest, 'or')}"
+    if need:
+        return f"a mapping with {_and(need)}"
+    return f"a mapping with optional {_and(rest, 'or')}" if rest else "a mapping"
+
+
+def _and(names: Sequence[str], word: str = "and") -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
+
+
+def _known_field(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"a known field (did you mean {close[0]!r}?)"
+    return f"a known field ({', '.join(sorted(known))})"
+
+
+def _did_you_mean(value: Any, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- back to plain data, and documentation ----------------------------------------------
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The mapping :func:`parse` reads ``obj`` back from (keys only, ``key=False`` left out).
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Pool:
+        ...     size: int = spec(4, lo=1, hi=64, doc="worker threads")
+        >>> to_dict(Pool(size=8))
+        {'size': 8}
+    """
+    return {f.name: _plain(getattr(obj, f.name)) for f in _fields(type(obj)) if f.spec.key}
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_dict(v)
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+class FieldDoc(NamedTuple):
+    """One documented key: dotted path (``[]`` for list items), default, allowed, doc."""
+
+    key: str
+    default: str
+    allowed: str
+    doc: str
+
+
+def describe(cls: type, prefix: str = "") -> list[FieldDoc]:
+    """Every key of ``cls``, nested classes included, with its default, rules and doc.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Pool:
+        ...     size: int = spec(4, lo=1, hi=64, doc="worker threads")
+        >>> describe(Pool)
+        [FieldDoc(key='size', default='4', allowed='an integer in [1, 64]', doc='worker threads')]
+    """
+    rows = []
+    for f in _fields(cls):
+        if not f.spec.key:
+            continue
+        key = prefix + f.name
+        default = "(required)" if f.required else _default_text(f.default)
+        rows.append(FieldDoc(key, default, _expected(f), f.spec.doc))
+        item = typing.get_args(f.hint)[0] if typing.get_origin(f.hint) is tuple else f.hint
+        if dataclasses.is_dataclass(item) and f.spec.parse is None:
+            sub = f"{key}[]." if item is not f.hint else f"{key}."
+            rows.extend(describe(item, sub))
+    return rows
+
+
+def _default_text(v: Any) -> str:
+    return yaml.safe_dump(_plain(v), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def reference(cls: type) -> str:
+    """``describe(cls)`` as commented YAML-like lines, for docs and ``--help`` text.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Pool:
+        ...     size: int = spec(4, lo=1, hi=64, doc="worker threads")
+        >>> print(reference(Pool))
+        size: 4  # worker threads; an integer in [1, 64]
+    """
+    rows = describe(cls)
+    lines = [(f"{r.key}: {r.default}", f"# {r.doc}; {r.allowed}") for r in rows]
+    width = max((len(head) for head, _ in lines), default=0) + 2
+    return "\n".join(head.ljust(width) + tail for head, tail in lines)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc

@@ -1,0 +1,386 @@
+"""Config idiom (runtime/configspec.py) as used by model.yaml and the server config.
+
+Every field is declared once (default, bounds, doc), the parser is derived from the
+declarations, names of backends and policies come from their owners, and checks across
+fields refuse a config when it is read rather than when a model is built or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime.configspec import ConfigError, Where, describe, parse, reference, spec, to_dict
+from runtime.engines import BACKENDS
+from runtime.repository.config import (
+    FP16_BACKENDS,
+    EvaluationConfig,
+    ModelConfig,
+    TensorConfig,
+    TierConfig,
+)
+from server.config import AuthConfig, ServerConfig, TLSConfig, safe_dump
+from server.scheduling import POLICIES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+MODEL_YAMLS = sorted(DEPLOY.rglob("*.model.yaml"))
+SERVER_YAMLS = sorted(DEPLOY.glob("k8s/**/server.yaml"))
+CLASSES = [ModelConfig, TensorConfig, TierConfig, EvaluationConfig, ServerConfig, TLSConfig,
+           AuthConfig]  # fmt: skip
+# The one error format: <file>: <field>: got <value>, expected <allowed>
+FORMAT = re.compile(r"^(?P<file>[^:]+): (?P<field>[^:]+): got (?P<value>.+), expected (?P<exp>.+)$")
+
+MINIMAL = {
+    "inputs": [{"name": "x", "shape": [4]}],
+    "outputs": [{"name": "y", "shape": [2]}],
+    "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+}
+
+
+def _model(**patch) -> ModelConfig:
+    return ModelConfig.from_dict({**MINIMAL, **patch}, source="model.yaml")
+
+
+def _refused(fn, *args, **kw) -> re.Match:
+    with pytest.raises(ConfigError) as err:
+        fn(*args, **kw)
+    m = FORMAT.match(str(err.value))
+    assert m, f"not in the one error format: {err.value}"
+    return m
+
+
+# --- every default declared once -------------------------------------------------------------
+
+
+def test_model_defaults_come_from_the_dataclass():
+    cfg = ModelConfig.from_dict(MINIMAL, source="model.yaml")
+    by_hand = ModelConfig(
+        inputs=(TensorConfig(name="x", shape=(4,)),),
+        outputs=(TensorConfig(name="y", shape=(2,)),),
+        tiers=(TierConfig(name="w100", width=1.0), TierConfig(name="w050", width=0.5)),
+    )
+    assert cfg == by_hand
+    assert cfg.inputs[0].dtype == "float32" and cfg.backends == ("onnxruntime",)
+    ev = ModelConfig.from_dict({**MINIMAL, "evaluation": {"dataset": "d"}}).evaluation
+    assert ev == EvaluationConfig(dataset="d")
+
+
+def test_server_defaults_come_from_the_dataclass():
+    assert ServerConfig.from_dict({"repository": "m"}) == ServerConfig(repository=Path("m"))
+    assert ServerConfig.load  # the file path goes through the same from_dict
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_field_is_declared_with_a_doc(cls):
+    # parse() refuses a field not made with spec(); describe() shows what users read.
+    for f in dataclasses.fields(cls):
+        assert f.metadata["innfer.spec"].doc.strip(), f"{cls.__name__}.{f.name}"
+    rows = describe(cls)
+    keys = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    assert keys <= {r.key for r in rows}
+    assert all(r.doc and r.allowed and r.default for r in rows)
+
+
+def test_reference_lists_every_key_with_default_and_doc():
+    text = reference(ModelConfig)
+    assert "max_batch: 8" in text and "an integer in [1, 4096]" in text
+    assert "tiers[].width: (required)" in text
+    assert "tls.client_ca: null" in reference(ServerConfig)
+
+
+def test_a_field_without_spec_is_a_programming_error():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Bare:
+        n: int = 1
+
+    with pytest.raises(TypeError, match="spec"):
+        parse(Bare, {}, Where("x.yaml"))
+
+
+def test_generic_parse_on_a_new_class():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Pool:
+        size: int = spec(4, lo=1, hi=64, doc="workers")
+        ratio: float = spec(0.5, lo=0, hi=1, lo_open=True, doc="share")
+        tags: tuple[str, ...] = spec((), choices=("a", "b"), unique=True, doc="tags")
+        on: bool = spec(True, doc="switch")
+
+    assert parse(Pool, {}, Where("p.yaml")) == Pool()
+    assert parse(Pool, {"tags": ["a", "b"], "on": False}, Where("p.yaml")).tags == ("a", "b")
+    m = _refused(parse, Pool, {"ratio": 0}, Where("p.yaml"))
+    assert (m["field"], m["value"], m["exp"]) == ("ratio", "0", "a number in (0, 1]")
+    assert _refused(parse, Pool, {"tags": ["c"]}, Where("p.yaml"))["field"] == "tags[0]"
+    assert _refused(parse, Pool, {"on": "yes"}, Where("p.yaml"))["exp"] == "true or false"
+    assert to_dict(Pool(tags=("a",))) == {"size": 4, "ratio": 0.5, "tags": ["a"], "on": True}
+
+
+# --- unknown keys ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("load", "data", "field", "suggestion"),
+    [
+        ("model", {**MINIMAL, "max_btach": 4}, "max_btach", "max_batch"),
+        ("model", {**MINIMAL, "precison": "fp32"}, "precison", "precision"),
+        ("model", {**MINIMAL, "evaluation": {"dataset": "d", "limt": 5}}, "evaluation.limt",
+         "limit"),
+        ("model", {**MINIMAL, "tiers": [{"name": "a", "widht": 1}]}, "tiers[0].widht", "width"),
+        ("server", {"repository": "m", "gprc_port": 1}, "gprc_port", "grpc_port"),
+        ("server", {"repository": "m", "auth": {"bearer_tokn": "x" * 9}}, "auth.bearer_tokn",
+         "bearer_token"),
+    ],
+)  # fmt: skip
+def test_unknown_key_is_refused_with_a_suggestion(load, data, field, suggestion):
+    fn = ModelConfig.from_dict if load == "model" else ServerConfig.from_dict
+    m = _refused(fn, data, source=f"{load}.yaml")
+    assert m["field"] == field
+    assert m["exp"] == f"a known field (did you mean {suggestion!r}?)"
+
+
+def test_unknown_key_without_a_near_one_lists_the_known_fields():
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "zzz": 1}, source="s.yaml")
+    assert "grpc_port" in m["exp"] and "repository" in m["exp"]
+
+
+# --- values out of range ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "value"),
+    [
+        ({"max_batch": 0}, "max_batch", "0"),
+        ({"max_batch": 5000}, "max_batch", "5000"),
+        ({"max_batch": 2.5}, "max_batch", "2.5"),
+        ({"max_batch": True}, "max_batch", "True"),
+        ({"threads": 0}, "threads", "0"),
+        ({"multiple_of": 512}, "multiple_of", "512"),
+        ({"max_queue": 0}, "max_queue", "0"),
+        ({"default_latency_budget_ms": 0}, "default_latency_budget_ms", "0"),
+        ({"default_latency_budget_ms": float("nan")}, "default_latency_budget_ms", "nan"),
+        ({"precision": "int8"}, "precision", "'int8'"),
+        ({"method": "nearest"}, "method", "'nearest'"),
+        ({"backends": []}, "backends", "[]"),
+        ({"backends": ["onnx"]}, "backends[0]", "'onnx'"),
+        ({"tiers": [{"name": "w", "width": 1.5}]}, "tiers[0].width", "1.5"),
+        ({"tiers": [{"name": "w", "width": {"conv1": 0}}]}, "tiers[0].width.conv1", "0"),
+        ({"tiers": [{"name": "bad name", "width": 1}]}, "tiers[0].name", "'bad name'"),
+        ({"inputs": [{"name": "x", "shape": [0]}]}, "inputs[0].shape[0]", "0"),
+        ({"inputs": [{"name": "x", "dtype": "complex", "shape": [1]}]}, "inputs[0].dtype",
+         "'complex'"),
+        ({"evaluation": {"dataset": "d", "limit": 0}}, "evaluation.limit", "0"),
+        ({"evaluation": {"limit": 5}}, "evaluation.dataset", "None"),
+    ],
+)  # fmt: skip
+def test_model_value_out_of_range_names_field_and_value(patch, field, value):
+    m = _refused(_model, **patch)
+    assert (m["file"], m["field"], m["value"]) == ("model.yaml", field, value)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "value"),
+    [
+        ({"grpc_port": 70000}, "grpc_port", "70000"),
+        ({"metrics_port": -1}, "metrics_port", "-1"),
+        ({"max_message_bytes": 10}, "max_message_bytes", "10"),
+        ({"max_message_bytes": 2**31}, "max_message_bytes", str(2**31)),
+        ({"grace_period_s": 4000}, "grace_period_s", "4000"),
+        ({"budget_margin_ms": 10_000}, "budget_margin_ms", "10000"),
+        ({"host": ""}, "host", "''"),
+        ({"backend": "onnx"}, "backend", "'onnx'"),
+        ({"policy": "fastest"}, "policy", "'fastest'"),
+        ({"models": ["a b"]}, "models[0]", "'a b'"),
+        ({"models": "mnist"}, "models", "'mnist'"),
+        ({"tls": {"cert": "nope.crt", "key": "nope.key"}}, "tls.cert", "'nope.crt'"),
+        ({"tls": {"cert": str(ROOT / "README.md")}}, "tls.key", "None"),
+    ],
+)
+def test_server_value_out_of_range_names_field_and_value(patch, field, value):
+    m = _refused(ServerConfig.from_dict, {"repository": "m", **patch}, source="server.yaml")
+    assert (m["file"], m["field"], m["value"]) == ("server.yaml", field, value)
+
+
+def test_missing_required_field_says_so():
+    m = _refused(ModelConfig.from_dict, {"inputs": MINIMAL["inputs"]}, source="model.yaml")
+    assert m["field"] == "outputs" and m["exp"].endswith("(required)")
+    assert _refused(ServerConfig.from_dict, {}, source="s.yaml")["field"] == "repository"
+
+
+def test_not_a_mapping():
+    with pytest.raises(ConfigError, match=r"^model\.yaml: got \[1\], expected a mapping"):
+        ModelConfig.from_dict([1], source="model.yaml")
+
+
+# --- checks across fields --------------------------------------------------------------------
+
+
+def test_fp16_needs_a_backend_that_builds_it():
+    m = _refused(_model, precision="fp16", backends=["onnxruntime"])
+    assert m["field"] == "precision" and "add tensorrt or torch" in m["exp"]
+    for ok in (["tensorrt"], ["torch"], ["tensorrt", "onnxruntime"]):
+        assert _model(precision="fp16", backends=ok).precision == "fp16"
+    assert set(FP16_BACKENDS) <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("what", ["tiers", "inputs", "outputs"])
+def test_names_are_unique(what):
+    item = {"name": "a", "width": 1} if what == "tiers" else {"name": "a", "shape": [1]}
+    patch = {what: [item, item]}
+    if what == "inputs":
+        patch["outputs"] = [{"name": "b", "shape": [1]}]
+    m = _refused(_model, **patch)
+    assert (m["field"], m["value"], m["exp"]) == (what, "['a']", "unique names")
+
+
+def test_backends_and_models_are_not_repeated():
+    assert _refused(_model, backends=["torch", "torch"])["field"] == "backends"
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "models": ["a", "a"]})
+    assert m["field"] == "models"
+
+
+def test_an_output_cannot_share_an_input_name():
+    m = _refused(_model, outputs=[{"name": "x", "shape": [2]}])
+    assert (m["field"], m["value"]) == ("outputs", "['x']")
+
+
+def test_evaluation_needs_one_input_and_a_class_vector_output():
+    ev = {"dataset": "mnist5k"}
+    two = [{"name": "x", "shape": [4]}, {"name": "z", "shape": [4]}]
+    assert _refused(_model, evaluation=ev, inputs=two)["field"] == "evaluation"
+    m = _refused(_model, evaluation=ev, outputs=[{"name": "y", "shape": [2, 3]}])
+    assert m["field"] == "outputs[0].shape"
+    assert _model(inputs=two).evaluation is None  # fine without evaluation
+
+
+@pytest.mark.parametrize("policy", ["fixed:", "fixed", "fixed:bad name", "slackfit:w100"])
+def test_malformed_policy_is_refused(policy):
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "policy": policy})
+    assert (m["field"], m["value"]) == ("policy", repr(policy))
+
+
+def test_policy_names_come_from_the_scheduler():
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "policy": "nope"})
+    for p in POLICIES:
+        assert p in m["exp"]
+    for p in POLICIES:
+        name = f"{p}:w100" if p == "fixed" else p
+        assert ServerConfig.from_dict({"repository": "m", "policy": name}).policy == name
+
+
+def test_backend_names_come_from_the_engines():
+    for b in BACKENDS:
+        assert _model(backends=[b]).backends == (b,)
+        assert ServerConfig.from_dict({"repository": "m", "backend": b}).backend == b
+
+
+def test_metrics_port_must_differ_from_grpc_port():
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "metrics_port": 8001})
+    assert m["field"] == "metrics_port"
+    both_free = ServerConfig.from_dict({"repository": "m", "grpc_port": 0, "metrics_port": 0})
+    assert both_free.grpc_port == both_free.metrics_port == 0
+
+
+def test_auth_takes_exactly_one_token_source(tmp_path):
+    (tmp_path / "token").write_text("file-token-123\n")
+    data = {"repository": "m", "auth": {"bearer_token_file": "token"}}
+    assert ServerConfig.from_dict(data, base=tmp_path).bearer_token == "file-token-123"
+    both = {"bearer_token_file": "token", "bearer_token": "literal-123"}
+    assert _refused(ServerConfig.from_dict, {**data, "auth": both}, base=tmp_path)["field"] == (
+        "auth"
+    )
+    assert _refused(ServerConfig.from_dict, {**data, "auth": {}})["field"] == "auth"
+    (tmp_path / "short").write_text("abc")
+    short = {**data, "auth": {"bearer_token_file": "short"}}
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        ServerConfig.from_dict(short, base=tmp_path)
+
+
+def _repo(tmp_path: Path, **models: dict) -> Path:
+    for name, patch in models.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model.yaml").write_text(yaml.safe_dump({**MINIMAL, **patch}))
+    return tmp_path
+
+
+def test_fixed_policy_tier_must_exist_in_the_served_models(tmp_path):
+    repo = str(_repo(tmp_path, a={}, b={"tiers": [{"name": "w100", "width": 1.0}]}))
+    assert ServerConfig.from_dict({"repository": repo, "policy": "fixed:w100"})
+    m = _refused(ServerConfig.from_dict, {"repository": repo, "policy": "fixed:w050"})
+    assert m["field"] == "policy" and "'b'" in m["exp"] and "w100" in m["exp"]
+    # Only the models served count; a repository not there yet cannot be checked.
+    cfg = {"repository": repo, "policy": "fixed:w050", "models": ["a"]}
+    assert ServerConfig.from_dict(cfg).policy == "fixed:w050"
+    missing = {"repository": str(tmp_path / "later"), "policy": "fixed:w999"}
+    assert ServerConfig.from_dict(missing).policy == "fixed:w999"
+
+
+def test_a_broken_model_yaml_is_left_to_the_model_loader(tmp_path):
+    repo = _repo(tmp_path, a={})
+    (repo / "a" / "model.yaml").write_text("tiers: [unclosed")
+    assert ServerConfig.from_dict({"repository": str(repo), "policy": "fixed:w999"})
+
+
+def test_backend_override_must_build_each_models_precision(tmp_path):
+    repo = str(_repo(tmp_path, g={"precision": "fp16", "backends": ["tensorrt"]}))
+    m = _refused(ServerConfig.from_dict, {"repository": repo, "backend": "onnxruntime"})
+    assert m["field"] == "backend" and "fp16" in m["exp"]
+    assert ServerConfig.from_dict({"repository": repo, "backend": "tensorrt"}).backend
+
+
+def test_replace_validates_like_the_file():
+    cfg = ServerConfig.from_dict({"repository": "m"}, source="server.yaml")
+    assert cfg.replace(policy="slackfit", repository=Path("n")).repository == Path("n")
+    m = _refused(cfg.replace, policy="fixed:")
+    assert (m["file"], m["field"]) == ("server.yaml", "policy")
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path):
+    for name in ("server.crt", "server.key"):
+        (tmp_path / name).write_text("pem")
+    (tmp_path / "server.yaml").write_text(
+        "repository: models\ntls: {cert: server.crt, key: server.key}\n"
+    )
+    cfg = ServerConfig.load(tmp_path / "server.yaml")
+    assert cfg.tls == TLSConfig(cert=tmp_path / "server.crt", key=tmp_path / "server.key")
+    assert cfg.repository == tmp_path / "models"
+
+
+def test_safe_dump_masks_the_token():
+    cfg = ServerConfig.from_dict({"repository": "m", "auth": {"bearer_token": "s3cret-token"}})
+    text = safe_dump(cfg)
+    assert "s3cret" not in text and "***" in text
+    assert "s3cret" not in repr(cfg)
+
+
+# --- shipped configs -------------------------------------------------------------------------
+
+
+def test_shipped_configs_are_found():
+    assert len(MODEL_YAMLS) >= 3 and len(SERVER_YAMLS) >= 2
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_shipped_model_configs_load_and_round_trip(path):
+    cfg = ModelConfig.load(path)
+    again = ModelConfig.from_dict(to_dict(cfg), source=str(path))
+    assert again == cfg
+    assert again.evaluation == cfg.evaluation
+
+
+@pytest.mark.parametrize("path", SERVER_YAMLS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_shipped_server_configs_load_and_round_trip(path):
+    cfg = ServerConfig.load(path)
+    again = ServerConfig.from_dict(to_dict(cfg), source=str(path))
+    assert again == cfg
+    assert yaml.safe_load(safe_dump(cfg))["repository"] == str(cfg.repository)
+
+
+def test_config_method_names_match_the_inn():
+    continuous = pytest.importorskip("runtime.inn.continuous")  # imports torch
+    from runtime.repository.config import METHODS
+
+    assert tuple(continuous.METHODS) == METHODS
