@@ -30,10 +30,27 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import Metrics
-from server.scheduling import Decision, Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling import (
+    Decision,
+    InvalidRequest,
+    Refused,
+    Request,
+    Scheduler,
+    State,
+    TierInfo,
+    make_policy,
+)
 from server.scheduling.latency import tiers_from_profile
 
 log = logging.getLogger("innfer.model")
+
+# stop(): how long queued requests may still be served before they are failed with
+# UNAVAILABLE. Short: on a reload the new engines are already serving, and a client retry
+# (UNAVAILABLE is retryable) is faster than waiting behind a queue that is going away.
+DRAIN_S = 0.5
+# stop(): how long a running batch may take to finish before its engines are closed anyway
+# (an engine call cannot be interrupted; closing under it would crash the worker).
+RUNNING_WAIT_S = 10.0
 
 
 @dataclass
@@ -116,22 +133,53 @@ class ModelRuntime:
         self._dispatcher: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
+        self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
         self.stats = {t.name: {"count": 0, "ns": 0} for t in self.tiers}
         self.last_inference_ms = 0
         self._bind_metrics()
-        metrics.model_ready.labels(self.name).set(1)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = DRAIN_S) -> int:
+        """Stop serving: refuse new requests, serve the queue for up to ``drain_s``, fail
+        what is left with UNAVAILABLE, wait for running batches, then close the engines.
+
+        Every request admitted here is answered exactly once, within
+        ``drain_s`` + the running batch. Returns how many queued requests were failed.
+        The ``innfer_model_ready`` gauge belongs to the data plane, which knows whether a
+        new runtime has replaced this one.
+        """
+        self.stopping = True
+        deadline = self.clock() + drain_s
+        while self._pending and self.clock() < deadline:
+            await asyncio.sleep(0.005)
+        failed = 0
+        for pending in list(self._pending.values()):
+            if self.scheduler.cancel(pending.request, self.clock()):
+                failed += 1
+                self.metrics.requests.labels(self.name, "", "unavailable").inc()
+                pending.fail(Unavailable(
+                    f"model {self.name} was unloaded or reloaded before this request ran; retry"
+                ))  # fmt: skip
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=False)
-        self.metrics.model_ready.labels(self.name).set(0)
+        if self._tasks:  # batches already on an engine: let them answer their requests
+            await asyncio.wait(set(self._tasks), timeout=RUNNING_WAIT_S)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._close_engines)
+        return failed
+
+    def _close_engines(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for tier, engine in self.served.engines.items():
+            try:
+                engine.close()
+            except Exception:  # one engine's failure must not keep the others open
+                log.exception("model %s tier %s: closing the engine failed", self.name, tier)
 
     def warm_up(self) -> None:
         """Run every tier once so the first request does not pay for lazy initialisation."""
@@ -150,6 +198,8 @@ class ModelRuntime:
         min_tier: str | None = None,
         priority: int = 0,
     ) -> InferResult:
+        if self.stopping:
+            raise Unavailable(f"model {self.name} is being unloaded or reloaded; retry")
         now = self.clock()
         for what, tier in (("tier", pin), ("min_tier", min_tier)):
             if tier is not None and tier not in self.accuracy:
@@ -167,8 +217,8 @@ class ModelRuntime:
             if exc.state == State.REFUSED_FULL:
                 raise ResourceExhausted(f"model {self.name}: {exc}") from None
             raise DeadlineExceeded(f"model {self.name}: {exc}") from None
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgument(str(exc).strip("'\"")) from None
+        except InvalidRequest as exc:
+            raise InvalidArgument(str(exc)) from None
         # No await since submit: the dispatcher cannot have run the request before this.
         future = asyncio.get_running_loop().create_future()
         self._pending[req.id] = Pending(req, future)
@@ -210,6 +260,10 @@ class ModelRuntime:
         }
 
     def _gauges(self) -> None:
+        if self.stopping:
+            # A replacing runtime owns the model's gauges now; this one's stragglers must not
+            # overwrite them.
+            return
         self._queue_depth.set(len(self.scheduler.queue))
         self._inflight.set(self.inflight)
 

@@ -13,7 +13,7 @@ from .policy import (
     make_policy,
 )
 from .request import IllegalTransition, Request, State
-from .scheduler import Refused, Scheduler
+from .scheduler import InvalidRequest, Refused, Scheduler
 
 __all__ = [
     "POLICIES",
@@ -21,6 +21,7 @@ __all__ = [
     "Decision",
     "FixedTier",
     "IllegalTransition",
+    "InvalidRequest",
     "LatencyModel",
     "Planner",
     "Policy",

@@ -59,6 +59,15 @@ TIGHT_BUDGET_EVERY = 16
 VECTORISE_MIN_QUEUE = 32
 
 
+class InvalidRequest(KeyError, ValueError):
+    """A request the scheduler cannot take at all (an unknown tier, more rows than the
+    largest batch): the caller's mistake, not a load condition. A KeyError and a ValueError,
+    so existing handlers of either keep working."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class Refused(Exception):
     """A request was not admitted; ``state`` is REFUSED_FULL or REFUSED_DEADLINE."""
 
@@ -108,9 +117,9 @@ class Scheduler:
         names = {t.name for t in self.ctx.tiers}
         for what, tier in (("tier", r.pin), ("min_tier", r.min_tier)):
             if tier is not None and tier not in names:
-                raise KeyError(f"unknown {what} {tier!r}; tiers: {', '.join(sorted(names))}")
+                raise InvalidRequest(f"unknown {what} {tier!r}; tiers: {', '.join(sorted(names))}")
         if r.rows > self.ctx.max_batch:
-            raise ValueError(
+            raise InvalidRequest(
                 f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}"
             )
 
