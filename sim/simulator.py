@@ -1,18 +1,11 @@
 """``innfer simulate``: the real scheduler on a virtual clock, with an engine model drawn
 from a ``profile.json``. Deterministic for a seed.
 
-Traces (arrival times in seconds):
-  poisson      exponential inter-arrivals
-  gamma        Gamma inter-arrivals with squared coefficient of variation ``cv2`` (1, 4, 8):
-               the same mean rate, burstier as cv2 grows
-  varying      a time-varying rate: ramps from 0.5x to 1.5x the base, two short 3x bursts
-               and a quiet tail (thinning of a Poisson process)
-  file         one timestamp per line (seconds), replayed as given
-
-Load is a multiple of the full tier's capacity: ``slots * max_batch / latency(full, max_batch)``.
-The engine model draws each batch's time as the profiled p50 times a log-normal factor whose
-sigma puts the profiled p90 at its 90th percentile (or ``noise``, if given); the scheduler
-plans with the profile's p90 and its own online correction - exactly as in the server.
+Arrivals come from ``sim.traces`` (poisson, gamma, varying, file); load is a multiple of the
+full tier's capacity, ``slots * max_batch / latency(full, max_batch)``. Each batch's engine
+time comes from ``sim.engine_time``: the profiled p50 times a log-normal factor whose sigma
+puts the profiled p90 at its 90th percentile (or ``noise``, if given); the scheduler plans
+with the profile's p90 and its own online correction - exactly as in the server.
 
 Example:
     >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}),
@@ -25,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 from collections import Counter
@@ -37,8 +29,25 @@ import numpy as np
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
 from server.scheduling.latency import tiers_from_profile
+from sim.engine_time import EngineTime, full_capacity
+from sim.events import Events
+from sim.traces import TRACES, make_trace, read_trace, varying_multiplier
 
-TRACES = ("poisson", "gamma", "varying", "file")
+# Re-exported: callers import the traces and the capacity from here.
+__all__ = [
+    "TRACES",
+    "SimConfig",
+    "SimResult",
+    "format_summary",
+    "full_capacity",
+    "make_trace",
+    "plot_timeline",
+    "read_trace",
+    "simulate",
+    "summarise",
+    "tiers_from_model_dir",
+    "varying_multiplier",
+]
 
 
 @dataclass(frozen=True)
@@ -72,97 +81,35 @@ class SimResult:
         return {"config": asdict(self.config), "summary": self.summary}
 
 
-# -- traces ----------------------------------------------------------------------------------
-def make_trace(cfg: SimConfig, rate: float) -> np.ndarray:
-    """Arrival times in [0, duration) for mean ``rate`` requests per second."""
-    rng = np.random.default_rng(cfg.seed)
-    d = cfg.duration_s
-    if cfg.trace == "file":
-        if not cfg.trace_file:
-            raise ValueError("trace 'file' needs trace_file (one timestamp per line, seconds)")
-        return read_trace(cfg.trace_file)
-    if rate <= 0:
-        raise ValueError(f"arrival rate must be positive, got {rate}")
-    if cfg.trace == "poisson":
-        gaps = rng.exponential(1 / rate, int(rate * d * 1.5) + 10)
-    elif cfg.trace == "gamma":
-        if cfg.cv2 <= 0:
-            raise ValueError(f"cv2 must be positive, got {cfg.cv2}")
-        shape = 1 / cfg.cv2
-        gaps = rng.gamma(shape, cfg.cv2 / rate, int(rate * d * 3) + 10)
-    elif cfg.trace == "varying":
-        peak = 3 * rate
-        t = np.cumsum(rng.exponential(1 / peak, int(peak * d * 1.3) + 10))
-        t = t[t < d]
-        keep = rng.random(len(t)) < varying_multiplier(t / d) * rate / peak
-        return t[keep]
-    else:
-        raise ValueError(f"unknown trace {cfg.trace!r}; choose one of {', '.join(TRACES)}")
-    t = np.cumsum(gaps)
-    return t[t < d]
-
-
-def varying_multiplier(x: np.ndarray) -> np.ndarray:
-    """Rate multiplier over normalised time x in [0, 1): ramp up, bursts, ramp down, tail."""
-    m = np.interp(x, [0, 0.3, 0.6, 0.8, 1.0], [0.5, 1.5, 1.5, 0.5, 0.5])
-    bursts = ((x > 0.35) & (x < 0.40)) | ((x > 0.65) & (x < 0.68))
-    return np.where(bursts, 3.0, m)
-
-
-def read_trace(path: str | Path) -> np.ndarray:
-    values = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            values.append(float(line))
-        except ValueError:
-            raise ValueError(f"{path}:{i}: not a timestamp in seconds: {line!r}") from None
-    t = np.array(values)
-    if len(t) == 0 or not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0):
-        raise ValueError(f"{path}: timestamps must be finite, non-decreasing and non-empty")
-    return t - t[0]
-
-
 # -- the simulation --------------------------------------------------------------------------
-def full_capacity(tiers: Sequence[TierInfo], p50: Mapping, max_batch: int, slots: int) -> float:
-    full = max(tiers, key=lambda t: t.accuracy).name
-    return slots * max_batch / (_lat(p50[full], max_batch) / 1e3)
-
-
-def _sigma(tier: TierInfo, batch: int, typical_s: float) -> float:
-    """Log-normal sigma that puts the profiled p90 at the 90th percentile (z = 1.2816)."""
-    p90 = _lat(tier.latency_ms, batch) / 1e3
-    return max(math.log(max(p90, typical_s) / typical_s) / 1.2816, 0.0)
-
-
-def _lat(table: Mapping, batch: int) -> float:
-    sizes = sorted(int(b) for b in table)
-    fit = next(b for b in sizes if b >= batch)
-    return float(table[fit] if fit in table else table[str(fit)])
-
-
 def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> SimResult:
-    """Run the scheduler over a trace; ``p50`` drives the engine model (ms per batch)."""
+    """Run the scheduler over a trace; ``p50`` drives the engine model (ms per batch).
+
+    Example:
+        >>> tiers = [TierInfo("w100", 1.0, {8: 16.0}), TierInfo("w025", 0.3, {8: 4.0})]
+        >>> p50 = {"w100": {8: 14.0}, "w025": {8: 3.5}}
+        >>> r = simulate(tiers, p50, SimConfig(load=2.0, duration_s=2.0))
+        >>> r.summary["tier_mix"]["w025"] > 0.3  # twice the full tier's capacity
+        True
+    """
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
     rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
     arrivals = make_trace(cfg, rate)
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+    engine = EngineTime(tiers, p50, rng, cfg.noise)  # draws after the budgets, from one rng
     policy = make_policy(cfg.policy, tiers, cfg.slots)
     sched = Scheduler(tiers, policy, max_batch=max_batch, max_queue=cfg.max_queue, slots=cfg.slots)
-    tiers_by = {t.name: t for t in tiers}
     n = len(arrivals)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n
     state = ["queued"] * n
-    running: list = []  # heap of (end time, seq, decision, compute seconds)
-    seq, i = 0, 0
+    running = Events()  # batch ends: (decision, compute seconds)
+    i = 0
     while i < n or running:
         next_arrival = arrivals[i] if i < n else math.inf
-        if running and running[0][0] <= next_arrival:
-            now, _, d, compute = heapq.heappop(running)
+        if running.next_time() <= next_arrival:
+            now, (d, compute) = running.pop()
             sched.complete(d, now, compute)
             for r in d.requests:
                 finish[r.id], served_tier[r.id], state[r.id] = now, d.tier, "served"
@@ -177,13 +124,8 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
         for r in sched.expire(now):
             state[r.id] = State.REFUSED_DEADLINE.name.lower()
         while (d := sched.next(now)) is not None:
-            typical = _lat(p50[d.tier], d.rows) / 1e3
-            sigma = (
-                cfg.noise if cfg.noise is not None else _sigma(tiers_by[d.tier], d.rows, typical)
-            )
-            compute = typical * float(rng.lognormal(0, sigma))
-            seq += 1
-            heapq.heappush(running, (now + compute, seq, d, compute))
+            compute = engine.draw_s(d.tier, d.rows)
+            running.push(now + compute, (d, compute))
     deadlines = arrivals + budgets
     summary = summarise(arrivals, deadlines, finish, served_tier, state, tiers, cfg, rate)
     return SimResult(summary, arrivals, finish, served_tier, state, cfg)

@@ -1,4 +1,4 @@
-"""server/cluster.py: the cluster simulator (replicas of the real scheduler, a balancer, a
+"""sim/cluster.py: the cluster simulator (replicas of the real scheduler, a balancer, a
 model of the HPA) on a virtual clock. Small runs: replicas are made K times slower
 (``time_scale``), so a few thousand requests load several replicas."""
 

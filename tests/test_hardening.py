@@ -325,3 +325,49 @@ def test_garbage_bytes_get_a_clear_status(server, data):
         call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         code, msg = _status(call, data, timeout=10)
     assert code in ALLOWED, (code, msg)
+
+
+# -- reload and unload answer every queued request --------------------------------------------
+@pytest.mark.parametrize("action", ["reload", "unload"])
+def test_queued_requests_are_answered_across_reload_and_unload(tmp_path, repo, action):
+    import yaml
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    cfg_path = root / "wide" / "model.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["max_queue"] = 64
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    s = ServerThread({"repository": str(root)}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            req = pb.ModelInferRequest(model_name="wide")
+            req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+            req.raw_input_contents.append(np.zeros((1, 1, 28, 28), np.float32).tobytes())
+            req.parameters["latency_budget_ms"].int64_param = 5_000
+            futures = [stub.ModelInfer.future(req, timeout=20) for _ in range(40)]
+            t0 = time.perf_counter()
+            if action == "reload":
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="wide"))
+            else:
+                stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="wide"))
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            took = time.perf_counter() - t0
+            assert len(codes) == 40
+            assert set(codes) <= {
+                grpc.StatusCode.OK,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.NOT_FOUND,  # arrived after an unload finished
+            }, codes
+            assert took < 10, f"answers took {took:.1f} s after the {action}"
+            if action == "reload":  # the new runtime serves
+                assert stub.ModelInfer(req, timeout=10).outputs[0].name == "logits"
+    finally:
+        s.stop()

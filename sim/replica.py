@@ -1,0 +1,86 @@
+"""One pod of the cluster: its scheduler, when it was asked for, became ready and left, and
+per-``res``-second counters from which it reports the autoscaler's per-pod metrics.
+
+A pod is routable from ``ready_at`` until it is removed; a removed pod drains what it holds
+(no preStop limit) and stops costing once idle (``gone``).
+
+Example:
+    >>> from server.scheduling import TierInfo, make_policy, Scheduler
+    >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
+    >>> sched = Scheduler(tiers, make_policy("innfer", tiers, 1), max_batch=8, max_queue=100)
+    >>> pod = Replica(0, created=0.0, ready_at=10.0, sched=sched, n=120)
+    >>> pod.ready(5.0), pod.ready(10.0), pod.signals(0.0, 60.0)
+    (False, True, (0.0, 0.0))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.scheduling import Scheduler
+
+
+class Replica:
+    """One pod; counters have ``n`` slots of ``res`` seconds (the last takes any later time)."""
+
+    def __init__(
+        self, rid: int, created: float, ready_at: float, sched: Scheduler, n: int, res: float = 1.0
+    ):
+        self.id = rid
+        self.created = created
+        self.ready_at = ready_at
+        self.removed: float | None = None  # left the balancer (terminating)
+        self.gone: float | None = None  # drained: no longer costs
+        self.sched = sched
+        self.outstanding = 0  # queued + running requests
+        self.res = res
+        self.served = np.zeros(n)
+        self.degraded = np.zeros(n)
+        self.queue_s = np.zeros(n)
+        self.compute_s = np.zeros(n)
+        self.routed = 0
+
+    def ready(self, now: float) -> bool:
+        return self.ready_at <= now and self.removed is None
+
+    def idle(self) -> bool:
+        return self.outstanding == 0 and not self.sched.running
+
+    def record(self, now: float, decision, compute_s: float, degraded: bool) -> None:
+        """Count a finished batch (a ``Decision``) at ``now``: its requests leave the pod."""
+        m = min(int(now / self.res), len(self.served) - 1)
+        self.compute_s[m] += compute_s
+        for r in decision.requests:
+            self.queue_s[m] += r.started - r.arrival
+        n = len(decision.requests)
+        self.served[m] += n
+        if degraded:
+            self.degraded[m] += n
+        self.outstanding -= n
+
+    def signals(self, lo: float, hi: float) -> tuple[float, float]:
+        """(queue:compute, degraded share) over [lo, hi): queueing seconds of the requests
+        served / engine seconds of the batches, and the share served below the top tier.
+        0 where the pod served nothing - the recording rules' fallback."""
+        a, b = max(round(lo / self.res), 0), max(round(hi / self.res), 0)
+        served, compute = self.served[a:b].sum(), self.compute_s[a:b].sum()
+        queue_compute = self.queue_s[a:b].sum() / compute if compute > 0 else 0.0
+        degraded = self.degraded[a:b].sum() / served if served > 0 else 0.0
+        return queue_compute, degraded
+
+    def lifetimes(self, end: float) -> tuple[tuple[float, float], ...]:
+        """(alive, in spec, ready) intervals, clipped to [0, end]: alive costs, in spec is
+        what the HPA counts, ready takes traffic."""
+        gone = end if self.gone is None else min(self.gone, end)
+        spec = end if self.removed is None else min(self.removed, end)
+        return (self.created, gone), (self.created, spec), (min(self.ready_at, spec), spec)
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "created_s": self.created,
+            "ready_s": self.ready_at,
+            "removed_s": self.removed,
+            "gone_s": self.gone,
+            "routed": self.routed,
+        }

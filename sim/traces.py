@@ -1,0 +1,98 @@
+"""Arrival traces for the single-server simulator and the live load generator (seconds):
+
+  poisson      exponential inter-arrivals
+  gamma        Gamma inter-arrivals with squared coefficient of variation ``cv2`` (1, 4, 8):
+               the same mean rate, burstier as cv2 grows
+  varying      a time-varying rate: ramps from 0.5x to 1.5x the base, two short 3x bursts
+               and a quiet tail (thinning of a Poisson process)
+  file         one timestamp per line (seconds), replayed as given
+
+Example:
+    >>> from sim.simulator import SimConfig
+    >>> t = make_trace(SimConfig(trace="gamma", cv2=4.0, duration_s=10.0), rate=50.0)
+    >>> bool(0 <= t[0] and t[-1] < 10.0 and np.all(np.diff(t) >= 0))
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sim.simulator import SimConfig
+
+TRACES = ("poisson", "gamma", "varying", "file")
+
+
+def make_trace(cfg: SimConfig, rate: float) -> np.ndarray:
+    """Arrival times in [0, duration) for mean ``rate`` requests per second, drawn from a
+    generator seeded with ``cfg.seed``.
+
+    Example:
+        >>> from sim.simulator import SimConfig
+        >>> len(make_trace(SimConfig(duration_s=10.0, seed=1), rate=100.0))  # about 1000
+        991
+    """
+    rng = np.random.default_rng(cfg.seed)
+    d = cfg.duration_s
+    if cfg.trace == "file":
+        if not cfg.trace_file:
+            raise ValueError("trace 'file' needs trace_file (one timestamp per line, seconds)")
+        return read_trace(cfg.trace_file)
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be positive, got {rate}")
+    if cfg.trace == "poisson":
+        gaps = rng.exponential(1 / rate, int(rate * d * 1.5) + 10)
+    elif cfg.trace == "gamma":
+        if cfg.cv2 <= 0:
+            raise ValueError(f"cv2 must be positive, got {cfg.cv2}")
+        shape = 1 / cfg.cv2
+        gaps = rng.gamma(shape, cfg.cv2 / rate, int(rate * d * 3) + 10)
+    elif cfg.trace == "varying":
+        peak = 3 * rate
+        t = np.cumsum(rng.exponential(1 / peak, int(peak * d * 1.3) + 10))
+        t = t[t < d]
+        keep = rng.random(len(t)) < varying_multiplier(t / d) * rate / peak
+        return t[keep]
+    else:
+        raise ValueError(f"unknown trace {cfg.trace!r}; choose one of {', '.join(TRACES)}")
+    t = np.cumsum(gaps)
+    return t[t < d]
+
+
+def varying_multiplier(x: np.ndarray) -> np.ndarray:
+    """Rate multiplier over normalised time x in [0, 1): ramp up, bursts, ramp down, tail.
+
+    Example:
+        >>> varying_multiplier(np.array([0.0, 0.37, 0.9])).tolist()
+        [0.5, 3.0, 0.5]
+    """
+    m = np.interp(x, [0, 0.3, 0.6, 0.8, 1.0], [0.5, 1.5, 1.5, 0.5, 0.5])
+    bursts = ((x > 0.35) & (x < 0.40)) | ((x > 0.65) & (x < 0.68))
+    return np.where(bursts, 3.0, m)
+
+
+def read_trace(path: str | Path) -> np.ndarray:
+    """Timestamps (seconds, one a line; blank lines and ``#`` comments skipped), shifted to
+    start at 0.
+
+    Example:
+        >>> read_trace("arrivals.txt")  # lines "10.0", "10.5", "12"  # doctest: +SKIP
+        array([0. , 0.5, 2. ])
+    """
+    values = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            values.append(float(line))
+        except ValueError:
+            raise ValueError(f"{path}:{i}: not a timestamp in seconds: {line!r}") from None
+    t = np.array(values)
+    if len(t) == 0 or not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0):
+        raise ValueError(f"{path}: timestamps must be finite, non-decreasing and non-empty")
+    return t - t[0]
