@@ -11,6 +11,7 @@
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
+    limits: {max_inputs: 64, max_outputs: 64, max_inflight_bytes: 268435456}
 
 Each field is declared once with ``runtime.configspec.spec``; ``reference(ServerConfig)``
 lists them all. Relative paths are resolved against the config file's directory. Where the
@@ -35,12 +36,21 @@ import yaml
 from runtime.configspec import NAME, ConfigError, Where, parse, reference, spec, to_dict
 from runtime.engines import BACKENDS
 from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
+from server.limits import RequestLimits
 from server.scheduling import POLICIES
 
 # spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
 # ruff: noqa: RUF009
 
-__all__ = ["AuthConfig", "ConfigError", "ServerConfig", "TLSConfig", "reference", "safe_dump"]
+__all__ = [
+    "AuthConfig",
+    "ConfigError",
+    "RequestLimits",
+    "ServerConfig",
+    "TLSConfig",
+    "reference",
+    "safe_dump",
+]
 
 # The policy that pins one tier and takes its name after a colon (make_policy's "fixed:").
 _PINNED = "fixed"
@@ -136,6 +146,9 @@ class ServerConfig:
     auth: AuthConfig | None = spec(None, doc="require a bearer token (health stays open)")
     models: tuple[str, ...] = spec(
         (), pattern=NAME, unique=True, doc="models to load; empty: every one in the repository"
+    )
+    limits: RequestLimits = spec(
+        RequestLimits(), doc="per-request limits and the cap on request bytes in flight"
     )
     source: str = spec("<config>", key=False, compare=False, doc="the file this was read from")
 

@@ -30,7 +30,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.limits import RequestLimits, clip
+from server.limits import clip
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -59,7 +59,7 @@ class DataPlane:
         # that is not loaded failed: readiness and /metrics say which.
         self.expected: set[str] = set()
         self.broken: dict[str, str] = {}
-        self.limits = getattr(config, "limits", None) or RequestLimits()
+        self.limits = config.limits
         self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
         self.phase = Phase.LOADING
         self._lock = asyncio.Lock()

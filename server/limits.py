@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.configspec import spec
+
+# spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
+
 # A client string echoed in an error message is cut here: messages stay readable, and a
 # status message over gRPC's header limit (about 8-16 KiB) would be replaced by
 # "Stream removed" on the client, hiding the real error.
@@ -24,15 +28,20 @@ ECHO_CHARS = 48
 MESSAGE_CHARS = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestLimits:
-    """Limits on one ModelInfer request and on all of them together."""
+    """Limits on one ModelInfer request and on all of them together (``limits:`` in the
+    server config). Defaults fit any model: a model with more inputs raises them."""
 
-    max_inputs: int = 64  # tensors in request.inputs (the demo models have one)
-    max_outputs: int = 64  # names in request.outputs
-    max_name_bytes: int = 255  # a tensor, model, tier or parameter name
-    max_parameters: int = 64  # entries in request.parameters
-    max_inflight_bytes: int = 256 * 2**20  # request bytes accepted and not yet answered
+    max_inputs: int = spec(64, lo=1, hi=4096, doc="tensors in one request's inputs")
+    max_outputs: int = spec(64, lo=1, hi=4096, doc="names in one request's outputs")
+    max_name_bytes: int = spec(255, lo=16, hi=4096, doc="length of a tensor name")
+    max_parameters: int = spec(64, lo=4, hi=4096, doc="entries in one request's parameters")
+    max_inflight_bytes: int = spec(
+        256 * 2**20, lo=2**20, hi=2**40,
+        doc="request bytes accepted and not yet answered, all models together; more: "
+        "RESOURCE_EXHAUSTED (keeps memory bounded under many large requests)",
+    )  # fmt: skip
 
 
 def clip(text: str, limit: int = ECHO_CHARS) -> str:

@@ -371,3 +371,28 @@ def test_queued_requests_are_answered_across_reload_and_unload(tmp_path, repo, a
                 assert stub.ModelInfer(req, timeout=10).outputs[0].name == "logits"
     finally:
         s.stop()
+
+
+def test_bytes_in_flight_are_capped_and_released(repo):
+    s = ServerThread(
+        {"repository": str(repo), "limits": {"max_inflight_bytes": 2**20, "max_inputs": 4}}
+    ).start()
+    try:
+        with grpc.insecure_channel(s.address, options=[
+            ("grpc.max_send_message_length", 8 * 2**20),
+        ]) as ch:  # fmt: skip
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            big = _request()
+            big.raw_input_contents[0] = bytes(2 * 2**20)
+            code, msg = _status(stub.ModelInfer, big, timeout=10)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in msg
+            futures = [stub.ModelInfer.future(_request(), timeout=10) for _ in range(50)]
+            assert all(f.result().outputs for f in futures)
+            many = _request()
+            for i in range(5):
+                many.inputs.add(name=f"x{i}")
+            code, msg = _status(stub.ModelInfer, many, timeout=10)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 4" in msg
+        assert s.server.plane.inflight_bytes == 0
+    finally:
+        s.stop()
