@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml constraints/dev.txt
 	$(PY) -m pip install --quiet -c constraints/dev.txt -e '.[build,dev]'
 	touch $(STAMP)
 
-# The main job: train the demo CNN, convert it to an INN, build its tiers (ONNX Runtime on
-# the CPU), then serve them on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C.
+# The main job: train the demo CNN as an INN, build its tiers (ONNX Runtime on the CPU),
+# then serve them on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C. The model repository
+# is runs/demo/repository; a second `make run` reuses the INN trained there and rebuilds
+# only what changed, so it serves within seconds. Start over: `make run RETRAIN=1` (or
+# `rm -rf runs/demo`).
 run: $(STAMP)
-	$(VENV)/bin/innfer demo
+	$(VENV)/bin/innfer demo$(if $(RETRAIN), --retrain)
 	$(VENV)/bin/innfer serve --repository runs/demo/repository
 
 test: $(STAMP)

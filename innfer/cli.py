@@ -1,6 +1,6 @@
 """The ``innfer`` command line.
 
-innfer demo                 train the demo CNN, convert it to an INN, print accuracy by width
+innfer demo                 train the demo CNN as an INN, build its tiers (reused next time)
 innfer inspect DIR          list a saved INN's continuous groups and sizes at a width
 """
 
@@ -25,8 +25,26 @@ def _width(text: str) -> float:
     return w
 
 
+DEMO_FILE = "demo.json"  # beside the INN in the model directory: how the demo trained it
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train the demo model as an INN (or convert a trained one), report, build, serve."""
+    """Train the demo model as an INN (or convert a trained one), report, build, serve.
+
+    A model directory whose ``demo.json`` records the same recipe (model, seed, epochs,
+    widths, --convert) for the INN that is there is reused: no training, and the build
+    re-does only what changed (tier source hashes, engine cache, profile). ``--retrain``
+    starts over."""
+    model_dir = args.repository / args.name
+    recipe = _demo_recipe(args)
+    if not args.retrain:
+        record, why = _demo_reusable(model_dir, recipe)
+        if record is not None:
+            print(f"reusing {model_dir} (trained {record.get('trained_at', '?')}: "
+                  f"{_describe(recipe)}); {_start_over(model_dir)}")  # fmt: skip
+            return _demo_rebuild(args, model_dir)
+        if why:
+            print(f"not reusing {model_dir}: {why}; training again")
     import torch
 
     from runtime.inn.calibrate import reestimate_norms
@@ -43,9 +61,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
         inn, data = train_inn(args.model, seed=args.seed, epochs=args.epochs, progress=True)
     for w in args.widths:
         reestimate_norms(inn, w, data.x_train[:1024])
-    print(f"ready in {time.perf_counter() - t0:.1f} s; test accuracy by width:")
+    seconds = time.perf_counter() - t0
+    print(f"ready in {seconds:.1f} s; test accuracy by width:")
     print(format_report(width_report(inn, args.widths, data)))
-    return _demo_repository(args, inn, data)
+    return _demo_repository(args, inn, data, recipe, seconds)
+
+
+def _demo_recipe(args: argparse.Namespace) -> dict:
+    """What the demo's INN depends on; a saved INN trained by another recipe is not reused."""
+    from runtime.demo.training import TRAIN_DEFAULTS
+
+    epochs = args.epochs if args.epochs is not None else TRAIN_DEFAULTS[args.model].epochs
+    return {"model": args.model, "seed": args.seed, "epochs": epochs,
+            "widths": [float(w) for w in args.widths], "convert": bool(args.convert)}  # fmt: skip
+
+
+def _describe(recipe: dict) -> str:
+    how = "converted" if recipe["convert"] else "INN"
+    widths = " ".join(f"{w:g}" for w in recipe["widths"])
+    return (f"{recipe['model']} ({how}), seed {recipe['seed']}, {recipe['epochs']} epochs, "
+            f"widths {widths}")  # fmt: skip
+
+
+def _start_over(model_dir: Path) -> str:
+    return f"`innfer demo --retrain` or `rm -rf {model_dir}` to start over"
+
+
+def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
+    """(the demo record, "") when ``model_dir`` holds an INN trained by ``recipe``, else
+    (None, why not; "" when there is nothing there yet)."""
+    import json
+
+    if not (model_dir / DEMO_FILE).is_file():
+        return None, "" if not model_dir.exists() else f"it has no {DEMO_FILE}"
+    try:
+        record = json.loads((model_dir / DEMO_FILE).read_text())
+        inn_sha = json.loads((model_dir / "inn.json").read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"its files are unreadable ({exc})"
+    if not (model_dir / "model.yaml").is_file():
+        return None, "model.yaml is missing"
+    if record.get("inn_sha256") != inn_sha:
+        return None, "the INN there is not the one the demo trained"
+    if record.get("recipe") != recipe:
+        try:
+            return None, f"it was trained with {_describe(record['recipe'])}"
+        except (KeyError, TypeError):
+            return None, "it was trained with another recipe"
+    return record, ""
+
+
+def _demo_rebuild(args: argparse.Namespace, model_dir: Path) -> int:
+    """Build the reused model: tiers, engines and the profile are redone only if stale."""
+    import torch
+    import yaml
+
+    from runtime.build.pipeline import build_model
+    from runtime.repository import Repository
+
+    torch.set_num_threads(args.threads)
+    config = yaml.safe_load((model_dir / "model.yaml").read_text())
+    if config.get("threads") != args.threads:
+        (model_dir / "model.yaml").write_text(
+            yaml.safe_dump({**config, "threads": args.threads}, sort_keys=False)
+        )
+    repo = Repository(args.repository)
+    report = build_model(repo, args.name, profile=False)
+    if _profile_stale(repo, args.name, report):
+        report = build_model(repo, args.name)
+    _print_build(report, repo)
+    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(model_dir)})")
+    return 0
+
+
+def _profile_stale(repo, name: str, report) -> bool:
+    """Whether profile.json must be measured again: a tier or engine was (re)built, or the
+    profile is missing or from another backend, version, device or thread count."""
+    from runtime.engines import get_backend
+
+    if any(t.exported or t.engine_built for t in report.tiers):
+        return True
+    profile = repo.read_profile(name)
+    if profile is None or set(profile.get("tiers", {})) != {t.name for t in report.tiers}:
+        return True
+    backend = get_backend(report.backend)
+    now = {"backend": backend.name, "backend_version": backend.version(),
+           "device": backend.device(), "threads": repo.config(name).threads}  # fmt: skip
+    return any(profile.get(k) != v for k, v in now.items())
 
 
 def _demo_convert(args: argparse.Namespace):
@@ -54,7 +156,7 @@ def _demo_convert(args: argparse.Namespace):
     from runtime.inn.report import accuracy_by_width, format_table
 
     print(f"training {args.model} (seed {args.seed}) ...")
-    model, data = train_model(args.model, seed=args.seed, progress=True)
+    model, data = train_model(args.model, seed=args.seed, epochs=args.epochs, progress=True)
     full = evaluate(model, data.x_test, data.y_test)
     inn = convert(model, (data.x_test[:2],), seed=args.seed, progress=True, fold_norms=False)
     inn.info["input_shape"] = list(data.input_shape)
@@ -67,7 +169,9 @@ def _demo_convert(args: argparse.Namespace):
     return inn, data
 
 
-def _demo_repository(args: argparse.Namespace, inn, data) -> int:
+def _demo_repository(args: argparse.Namespace, inn, data, recipe: dict, seconds: float) -> int:
+    import json
+
     from runtime.build.pipeline import add_model, build_model
     from runtime.repository import Repository
 
@@ -83,9 +187,14 @@ def _demo_repository(args: argparse.Namespace, inn, data) -> int:
         "evaluation": {"dataset": data.name},
     }
     model_dir = add_model(args.repository, args.name, inn, config)
+    inn_sha = json.loads((model_dir / "inn.json").read_text())["weights_sha256"]
+    record = {"recipe": recipe, "inn_sha256": inn_sha, "train_seconds": round(seconds, 1),
+              "trained_at": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    (model_dir / DEMO_FILE).write_text(json.dumps(record, indent=1))
     print(f"\nmodel repository: {model_dir}")
     report = build_model(Repository(args.repository), args.name)
     _print_build(report, Repository(args.repository))
+    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(model_dir)})")
     return 0
 
 
@@ -354,6 +463,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from runtime.engines import BACKENDS  # torch-free; "fake" (tests only) is not offered
+
     parser = argparse.ArgumentParser(prog="innfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -369,12 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--convert", action="store_true", help="train a plain model and convert it instead"
     )
     demo.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    demo.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train again even if the repository holds this recipe's INN (default: reuse it)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     build = sub.add_parser("build", help="build every tier's engine and latency profile")
     build.add_argument("repository", type=Path)
     build.add_argument("--model", action="append", help="only this model (repeatable)")
-    build.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
+    build.add_argument("--backend", choices=BACKENDS)
     build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
     build.set_defaults(func=cmd_build)
 
@@ -425,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
     srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
-    srv.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"])
+    srv.add_argument("--backend", choices=BACKENDS)
     srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)

@@ -23,7 +23,8 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
+    # Checking for CUDA imports torch (seconds): only worth it when a GPU test was collected.
+    if not any("gpu" in item.keywords for item in items) or _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none present here)")
     for item in items:
@@ -33,7 +34,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory):
-    """A repository with two small built models (see tests/serverutil.py)."""
+    """A repository with two small models, 'tiny' and 'wide', tiers w100 and w050, engines
+    built and profiled on ONNX Runtime (see tests/serverutil.py). Written without torch
+    (ONNX graphs from onnx.helper) in about a second; tests/test_build.py builds real INNs.
+    """
     from serverutil import build_repository
 
     return build_repository(tmp_path_factory.mktemp("repository"))

@@ -1,56 +1,201 @@
-"""Helpers for server tests: a model repository built once, and a server in a thread."""
+"""Helpers for server tests: a model repository written without torch, and a server in a
+thread.
+
+The repository's tiers are real ONNX graphs written with ``onnx.helper`` (random weights,
+no training) and served by the real ONNX Runtime; only the torch build is skipped, which
+tests/test_build.py covers on its own. Each tier's engine is built through the engine cache
+and profiled with ``runtime.repository.profile.measure``, as ``innfer build`` does.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import threading
+import time
 from pathlib import Path
 
-import torch
-from torch import nn
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
 
-import runtime
-from runtime.build.pipeline import add_model, build_model
-from runtime.repository import Repository
+from runtime.engines import get_backend
+from runtime.repository import PROFILE_FILE, TIER_FILE, Repository, TierRecord
+from runtime.repository.config import ModelConfig
+from runtime.repository.profile import measure
 from server.app import Server
 from server.config import ServerConfig
 
+OPSET = 17
+
+TIERS = [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}]
+
+
+def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], fan_in: int):
+    w = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    return numpy_helper.from_array(w.astype(np.float32), name)
+
+
+def _model(nodes, inits, in_shape: list[int], name: str) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def tiny_cnn(width: float, seed: int = 0) -> tuple[bytes, dict[str, int], int, int]:
+    """Conv(1->16) ReLU Conv(16->32) ReLU GlobalAvgPool Linear(32->10) on 1x8x8, at
+    ``width``: (ONNX bytes, channel counts, FLOPs, params)."""
+    rng = np.random.default_rng(seed)
+    c1, c2 = round(16 * width), round(32 * width)
+    inits = [
+        _init(rng, "w1", (c1, 1, 3, 3), 9), _init(rng, "b1", (c1,), 9),
+        _init(rng, "w2", (c2, c1, 3, 3), 9 * c1), _init(rng, "b2", (c2,), 9 * c1),
+        _init(rng, "w3", (10, c2), c2), _init(rng, "b3", (10,), c2),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["h2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1),
+    ]
+    flops = 2 * 64 * 9 * (c1 + c1 * c2) + 2 * c2 * 10
+    params = sum(int(np.prod(i.dims)) for i in inits)
+    return _model(nodes, inits, [1, 8, 8], "tiny"), {"0": c1, "1": c2}, flops, params
+
+
+def wide_mlp(width: float, seed: int = 1) -> tuple[bytes, dict[str, int], int, int]:
+    """Flatten Linear(784->2048) ReLU Linear(2048->2048) ReLU Linear(2048->10) at ``width``
+    (about 1 ms per batch on a CPU core at full width)."""
+    rng = np.random.default_rng(seed)
+    h = round(2048 * width)
+    inits = [
+        _init(rng, "w1", (h, 784), 784), _init(rng, "b1", (h,), 784),
+        _init(rng, "w2", (h, h), h), _init(rng, "b2", (h,), h),
+        _init(rng, "w3", (10, h), h), _init(rng, "b3", (10,), h),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["h1"], transB=1),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], transB=1),
+    ]
+    flops = 2 * (784 * h + h * h + h * 10)
+    params = sum(int(np.prod(i.dims)) for i in inits)
+    return _model(nodes, inits, [1, 28, 28], "wide"), {"0": h, "1": h}, flops, params
+
+
+def slow_loop(width: float, trips: int = 4000, dim: int = 1024) -> tuple[bytes, dict, int, int]:
+    """A deliberately slow tier: an ONNX Loop of ``trips`` (1, dim) x (dim, dim) MatMuls
+    (identity weights, so the values stay put), then Linear(dim->10); about 0.35 s per
+    batch on one idle CPU core. Requests on it stay in flight long enough to observe."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "eye"], ["h_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None),
+        ],
+    )
+    inits = [
+        numpy_helper.from_array(np.eye(dim, dtype=np.float32), "eye"),
+        numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "cond"),
+        numpy_helper.from_array(np.full((10, dim), 1.0 / dim, np.float32), "head"),
+    ]
+    nodes = [
+        helper.make_node("Loop", ["trips", "cond", "input"], ["h"], body=body),
+        helper.make_node("Gemm", ["h", "head"], ["logits"], transB=1),
+    ]
+    flops = 2 * dim * dim * trips + 2 * dim * 10
+    return _model(nodes, inits, [dim], "slow"), {}, flops, dim * dim + 10 * dim
+
+
+def add_onnx_model(
+    root: Path, name: str, make, config: dict, warmup: int = 3, repeats: int = 5
+) -> Path:
+    """Write ``<root>/<name>``: model.yaml, each tier's ONNX and tier.json, then build the
+    engines (ONNX Runtime, through the engine cache) and write profile.json."""
+    d = root / name
+    cfg = ModelConfig.from_dict({"name": name, **config}, source=str(d / "model.yaml"))
+    d.mkdir(parents=True)
+    (d / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for tier in cfg.tiers:
+        data, sizes, flops, params = make(tier.width)
+        t = d / "tiers" / tier.name
+        t.mkdir(parents=True)
+        (t / "model.onnx").write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        TierRecord(name=tier.name, width=tier.width, sizes=sizes, onnx_sha256=digest,
+                   source_sha256=f"onnx.helper:{digest}", flops=flops, params=params,
+                   accuracy=None).write(t / TIER_FILE)  # fmt: skip
+    served = Repository(root).load(name)
+    backend = get_backend(served.backend)
+    tiers = {
+        t: measure(e, cfg.inputs, cfg.batch_sizes, warmup=warmup, repeats=repeats)
+        for t, e in served.engines.items()
+    }
+    profile = {
+        "device": backend.device(),
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "threads": cfg.threads,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tiers": tiers,
+    }
+    (d / PROFILE_FILE).write_text(json.dumps(profile, indent=1))
+    return d
+
 
 def build_repository(root: Path) -> Path:
-    """Two models: 'tiny' (a small CNN, fast) and 'wide' (784-2048-2048-10, ~1 ms, queue 2)."""
-    torch.manual_seed(0)
-    tiny = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    ).eval()  # fmt: skip
-    wide = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
-        nn.Linear(2048, 10),
-    ).eval()  # fmt: skip
+    """Two models: 'tiny' (a small CNN, fast) and 'wide' (784-2048-2048-10, ~1 ms, queue 2),
+    each with tiers w100 and w050, max_batch 4, no accuracy measured (FLOPs rank the tiers).
+    """
     io = {
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+        "tiers": TIERS,
         "max_batch": 4,
         "default_latency_budget_ms": 200,
     }
-    add_model(root, "tiny", runtime.convert(tiny, (torch.randn(1, 1, 8, 8),)), {
+    add_onnx_model(root, "tiny", tiny_cnn, {
         **io, "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
     })  # fmt: skip
-    add_model(root, "wide", runtime.convert(wide, (torch.randn(1, 1, 28, 28),)), {
+    add_onnx_model(root, "wide", wide_mlp, {
         **io, "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 28, 28]}],
         "max_queue": 2, "default_latency_budget_ms": 1000,
     })  # fmt: skip
-    repo = Repository(root)
-    for name in ("tiny", "wide"):
-        build_model(repo, name, progress=False, repeats=5)
     return root
 
 
 class ServerThread:
     """Run ``server.app.Server`` on its own event loop in a daemon thread."""
 
-    def __init__(self, config: dict) -> None:
-        self.config = ServerConfig.from_dict({"grpc_port": 0, "metrics_port": 0, **config})
+    def __init__(self, config: dict | ServerConfig) -> None:
+        if not isinstance(config, ServerConfig):
+            config = ServerConfig.from_dict({"grpc_port": 0, "metrics_port": 0, **config})
+        self.config = config
         self.loop = asyncio.new_event_loop()
         self.server: Server | None = None
         self._ready = threading.Event()

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from serverutil import ServerThread
+from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
 from runtime.repository.config import ConfigError
@@ -107,7 +109,22 @@ def test_bearer_token(model_repository):
         s.stop()
 
 
-def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
+@pytest.fixture(scope="module")
+def slow_repository(tmp_path_factory) -> Path:
+    """One model, 'slow': a single tier that takes about 0.35 s per request (an ONNX Loop of
+    MatMuls on ONNX Runtime), max_batch 1, so a second request waits behind the first."""
+    root = tmp_path_factory.mktemp("slow")
+    add_onnx_model(root, "slow", slow_loop, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+        "max_batch": 1, "default_latency_budget_ms": 60000,
+    }, warmup=1, repeats=1)  # fmt: skip
+    return root
+
+
+def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, str, Path]:
+    """``innfer serve`` in a child process: (process, gRPC address, metrics URL, log)."""
     log = tmp / "serve.log"
     with open(log, "w") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -116,14 +133,16 @@ def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
             stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     deadline = time.monotonic() + 120
-    address = None
+    address = metrics = None
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
             msg = json.loads(line).get("msg", "") if line.startswith("{") else ""
             if msg.startswith("listening on "):
                 address = msg.split()[2]
+                port = msg.rpartition(":")[2].rstrip(")")
+                metrics = f"http://127.0.0.1:{port}/metrics"
             if msg.startswith("ready:") and address:
-                return proc, address, log
+                return proc, address, metrics, log
         if proc.poll() is not None:
             raise RuntimeError(log.read_text())
         time.sleep(0.1)
@@ -131,19 +150,32 @@ def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
     raise TimeoutError(log.read_text())
 
 
-def test_sigterm_drains_in_flight_requests(model_repository, tmp_path):
-    proc, address, log = _start_process(model_repository, tmp_path)
-    x = np.zeros((4, 1, 28, 28), np.float32)
+def _inflight(metrics_url: str, model: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    key = f'innfer_inflight_requests{{model="{model}"}} '
+    return next((float(line[len(key) :]) for line in text.splitlines() if line.startswith(key)), 0)
+
+
+async def _until_inflight(metrics_url: str, model: str, n: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while await asyncio.to_thread(_inflight, metrics_url, model) < n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"{n} requests for {model} never were in flight together")
+        await asyncio.sleep(0.01)
+
+
+def test_sigterm_drains_in_flight_requests(slow_repository, tmp_path):
+    proc, address, metrics_url, log = _start_process(slow_repository, tmp_path)
+    x = np.ones((1, 1024), np.float32)
 
     async def run():
         async with tca.InferenceServerClient(address) as c:
             i = tca.InferInput("input", list(x.shape), "FP32")
             i.set_data_from_numpy(x)
-            calls = [
-                asyncio.ensure_future(c.infer("wide", [i], parameters={"tier": "w100"}))
-                for _ in range(2)
-            ]
-            await asyncio.sleep(0.3)  # let them be accepted
+            calls = [asyncio.ensure_future(c.infer("slow", [i]))]
+            await _until_inflight(metrics_url, "slow", 1)  # on the engine
+            calls.append(asyncio.ensure_future(c.infer("slow", [i])))
+            await _until_inflight(metrics_url, "slow", 2)  # and one queued behind it
             proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*calls, return_exceptions=True)
 
@@ -154,8 +186,13 @@ def test_sigterm_drains_in_flight_requests(model_repository, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    for o in outcomes:  # both finished their ~0.35 s on the engine after the signal
+        np.testing.assert_allclose(o.as_numpy("logits"), np.ones((1, 10)), rtol=1e-4)
     text = log.read_text()
-    assert "draining" in text and '"msg": "stopped"' in text
+    # At the signal the second request was in flight for sure (queued behind ~0.35 s of
+    # compute), the first almost surely (it may just have finished).
+    assert re.search(r"draining [12] in-flight requests", text), text
+    assert '"msg": "stopped"' in text
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,21 @@
 """Random-width training, calibration (grid tuning, norm re-estimation, calibrated tiers),
-report, CLI errors."""
+report; the CLI in-process (train, report, calibrate, their errors, and the demo reusing
+what it built)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import random
-import subprocess
-import sys
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import runtime
+from innfer import cli
 from runtime.demo.data import load
 from runtime.demo.training import evaluate
 from runtime.inn.calibrate import calibrate, finetune_module, reestimate_norms, tune_grid
@@ -239,48 +241,138 @@ def test_checkpoint_round_trip(digits, tmp_path):
     assert not any(p.suffix == ".pt" or p.suffix == ".pkl" for p in tmp_path.iterdir())
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "innfer.cli", *args], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+@pytest.fixture
+def cli_main(capsys):
+    """Run ``innfer`` in this process: (exit code, stdout, stderr). argparse's usage errors
+    (SystemExit) and the CLI's own (exit code 2 with a message) come back alike."""
+    threads = torch.get_num_threads()
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    torch.set_num_threads(threads)  # the commands set their --threads
 
 
-def test_cli_train_report_and_errors(tmp_path):
+# --resume fast-forwards the LR schedule before the optimizer's first step; torch warns.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+def test_cli_train_report_and_errors(cli_main, tmp_path):
     out = tmp_path / "inn"
-    r = _cli("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
-             "--widths", "1.0", "0.5")  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
+                            "--widths", "1.0", "0.5")  # fmt: skip
+    assert code == 0, err
     assert (out / "inn.json").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
     rows = json.loads((out / "report.json").read_text())
     assert [row["width"] for row in rows] == [1.0, 0.5]
     assert rows[1]["flops"] < rows[0]["flops"] and 0 <= rows[1]["accuracy"] <= 1
-    r = _cli("report", str(out), "--data", "digits", "--widths", "1.0", "0.25",
-             "--json", str(tmp_path / "r.json"))  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli_main("report", str(out), "--data", "digits", "--widths", "1.0", "0.25",
+                            "--json", str(tmp_path / "r.json"))  # fmt: skip
+    assert code == 0, err
     assert len(json.loads((tmp_path / "r.json").read_text())) == 2
     assert (out / "report.png").is_file()
-    r = _cli("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out), "--resume")
-    assert r.returncode == 0, r.stderr  # continues from epoch 1 of 2
+    code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out),
+                            "--resume")  # fmt: skip
+    assert code == 0, err  # continues from epoch 1 of 2
     cal = tmp_path / "cal"
-    r = _cli("calibrate", str(out), "--data", "digits", "--widths", "0.5", "--multiple-of", "8",
-             "--seconds", "2", "--samples", "256", "--out", str(cal))  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli_main("calibrate", str(out), "--data", "digits", "--widths", "0.5",
+                            "--multiple-of", "8", "--seconds", "2", "--samples", "256",
+                            "--out", str(cal))  # fmt: skip
+    assert code == 0, err
     tuned = load_inn(cal)
     assert set(tuned.tiers) == {tuned.sizes_key(tuned.sizes(0.5, multiple_of=8))}
-    r = _cli("report", str(cal), "--data", "digits", "--widths", "1.0", "0.5",
-             "--multiple-of", "8")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert [line.split()[-1] for line in r.stdout.splitlines()[1:3]] == ["sampled", "calibrated"]
-    bad = [
-        (("report", str(out), "--widths"), "width list is empty"),
-        (("report", str(out), "--widths", "1.5"), "width must be in (0, 1]"),
-        (("calibrate", str(tmp_path / "missing"), "--data", "digits"), "does not exist"),
-        (("calibrate", str(out), "--data", "digits", "--samples", "10"), "fewer than one batch"),
-        (("calibrate", str(out), "--data", "digits", "--seconds", "0"), "--seconds must be > 0"),
-        (("calibrate", str(out), "--data", "digits", "--widths"), "width list is empty"),
-        (("train", "--model", "digits_mlp", "--out", str(tmp_path / "x"), "--resume"),
+    code, stdout, err = cli_main("report", str(cal), "--data", "digits", "--widths", "1.0", "0.5",
+                                 "--multiple-of", "8")  # fmt: skip
+    assert code == 0, err
+    assert [line.split()[-1] for line in stdout.splitlines()[1:3]] == ["sampled", "calibrated"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("report", "{out}", "--widths"), "width list is empty"),
+        (("report", "{out}", "--widths", "1.5"), "width must be in (0, 1]"),
+        (("calibrate", "{tmp}/missing", "--data", "digits"), "does not exist"),
+        (("calibrate", "{out}", "--data", "digits", "--samples", "10"), "fewer than one batch"),
+        (("calibrate", "{out}", "--data", "digits", "--seconds", "0"), "--seconds must be > 0"),
+        (("calibrate", "{out}", "--data", "digits", "--widths"), "width list is empty"),
+        (("train", "--model", "digits_mlp", "--out", "{tmp}/x", "--resume"),
          "no checkpoint to resume"),
-    ]  # fmt: skip
-    for args, message in bad:
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
+        (("demo", "--widths", "0"), "width must be in (0, 1]"),
+        (("demo", "--model", "resnet50"), "invalid choice: 'resnet50'"),
+    ],
+)  # fmt: skip
+def test_cli_errors(cli_main, digits, tmp_path, args, message):
+    """Each error exits with status 2 and says what is wrong on stderr."""
+    out = tmp_path / "inn"
+    _untrained_inn(digits).save(out)
+    args = [a.format(out=out, tmp=tmp_path) for a in args]
+    code, stdout, err = cli_main(*args)
+    assert code == 2, (args, stdout, err)
+    assert message in err, (args, err)
+
+
+DEMO = ("demo", "--convert", "--model", "digits_mlp", "--epochs", "1", "--widths", "1.0", "0.5",
+        "--name", "digits")  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
+    import tritonclient.grpc as tc
+    from serverutil import ServerThread
+
+    from runtime.repository import Repository
+
+    repo = tmp_path / "repository"
+    model_dir = repo / "digits"
+    code, out, err = cli_main(*DEMO, "--repository", str(repo))
+    assert code == 0, err
+    assert "training digits_mlp" in out and "reusing" not in out
+    assert f"model repository: {model_dir} (reused next time;" in out
+    assert "`innfer demo --retrain` or `rm -rf" in out
+    recipe = {"model": "digits_mlp", "seed": 0, "epochs": 1, "widths": [1.0, 0.5],
+              "convert": True}  # fmt: skip
+    assert json.loads((model_dir / "demo.json").read_text())["recipe"] == recipe
+    built = sorted([*model_dir.glob("inn.*"), *model_dir.glob("tiers/*/*"),
+                    model_dir / "profile.json"])  # fmt: skip
+    stamps = {p: p.stat().st_mtime_ns for p in built}
+
+    # The same recipe again: nothing is trained, exported, built or profiled again.
+    code, out, err = cli_main(*DEMO, "--repository", str(repo))
+    assert code == 0, err
+    assert out.startswith(f"reusing {model_dir} (trained ")
+    assert "`innfer demo --retrain` or `rm -rf" in out.splitlines()[0]
+    assert "training" not in out
+    assert {p: p.stat().st_mtime_ns for p in built} == stamps
+    tier_lines = [line for line in out.splitlines() if line.startswith(("w100 ", "w050 "))]
+    assert len(tier_lines) == 2 and all(line.endswith("cached") for line in tier_lines)
+    # Another recipe, or another INN in the directory, is not reused (nor with --retrain).
+    assert cli._demo_reusable(model_dir, recipe)[0] is not None
+    record, why = cli._demo_reusable(model_dir, {**recipe, "seed": 1})
+    assert record is None and "trained with digits_mlp (converted), seed 0" in why
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("engines", "tiers"))
+    (other / "inn.json").write_text(json.dumps({"weights_sha256": "0" * 64}))
+    assert cli._demo_reusable(other, recipe) == (
+        None,
+        "the INN there is not the one the demo trained",
+    )
+    assert cli.build_parser().parse_args(["demo", "--retrain"]).retrain
+
+    # What the demo built is what `make run` serves.
+    s = ServerThread({"repository": str(repo)}).start()
+    try:
+        x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+        i = tc.InferInput("input", [2, 1, 8, 8], "FP32")
+        i.set_data_from_numpy(x)
+        result = tc.InferenceServerClient(s.address).infer("digits", [i])
+    finally:
+        s.stop()
+    tier = result.get_response().parameters["tier"].string_param
+    engine = Repository(repo).load("digits").engines[tier]
+    np.testing.assert_allclose(result.as_numpy("logits"), engine.run({"input": x})["logits"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -38,4 +38,8 @@ def get_backend(name: str) -> Backend:
         from .torch import TorchBackend
 
         return TorchBackend()
+    if name == "fake":  # tests and docs only: not in BACKENDS, so no config offers it
+        from .fake import FakeBackend
+
+        return FakeBackend()
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,265 @@
+"""DataPlane (server/dataplane.py) without a transport, on the fake backend.
+
+The repository's models are written by ``runtime.engines.fake.write_model`` and loaded with
+the server config's backend override set to ``fake``: engines that stand in for compute by
+sleeping their profiled time and returning outputs computed from their own input rows and
+their tier's scale. What is real here: the repository loader and engine cache, the codec,
+budgets and parameters, ModelRuntime and the scheduler, and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime.engines.fake import write_model
+from server.config import ServerConfig
+from server.dataplane import DataPlane
+from server.errors import DeadlineExceeded, InferError, InvalidArgument, NotFound, Unavailable
+from server.metrics import Metrics
+from server.proto_gen import grpc_service_pb2 as pb
+
+LATENCY = {"w100": {1: 2.0, 2: 2.0, 4: 2.0}, "w050": {1: 1.0, 2: 1.0, 4: 1.0}}
+
+
+@pytest.fixture
+def config(tmp_path) -> ServerConfig:
+    """Models 'a' (w100, w050; input [4] -> logits [3]) and 'b' (w100 only) on fake engines."""
+    write_model(tmp_path, "a", {"w100": 1.0, "w050": 0.5}, LATENCY, max_batch=4)
+    write_model(tmp_path, "b", {"w100": 1.0}, max_batch=2, default_latency_budget_ms=500)
+    # "fake" is not a backend users may configure: set past the config's validation.
+    return dataclasses.replace(
+        ServerConfig.from_dict({"repository": str(tmp_path)}), backend="fake"
+    )
+
+
+def _run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _x(rows: int, value: float) -> np.ndarray:
+    return np.full((rows, 4), value, np.float32) + np.arange(rows, dtype=np.float32)[:, None]
+
+
+def _request(model: str, x: np.ndarray, **params) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, id=f"{model}-{x[0, 0]:g}")
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    for key, value in params.items():
+        if isinstance(value, str):
+            req.parameters[key].string_param = value
+        else:
+            req.parameters[key].double_param = value
+    return req
+
+
+def _logits(resp: pb.ModelInferResponse) -> np.ndarray:
+    (out,) = resp.outputs
+    assert (out.name, out.datatype) == ("logits", "FP32")
+    return np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(out.shape))
+
+
+def _check_answer(plane: DataPlane, resp: pb.ModelInferResponse, x: np.ndarray) -> str:
+    """The response holds its tier's engine outputs for exactly these rows; returns the tier."""
+    tier = resp.parameters["tier"].string_param
+    engine = plane.models[resp.model_name].served.engines[tier]
+    np.testing.assert_array_equal(_logits(resp), engine.compute({"input": x})["logits"])
+    return tier
+
+
+def _ready_gauge(plane: DataPlane, name: str) -> float | None:
+    return plane.metrics.registry.get_sample_value("innfer_model_ready", {"model": name})
+
+
+def test_loading_ready_and_draining(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        assert plane.live() and not plane.ready()
+        with pytest.raises(Unavailable, match="still loading"):
+            plane.model("a")
+        await plane.load_all()
+        try:
+            assert plane.ready() and sorted(plane.models) == ["a", "b"]
+            assert {m.served.backend for m in plane.models.values()} == {"fake"}
+            assert _ready_gauge(plane, "a") == 1 and _ready_gauge(plane, "b") == 1
+            assert plane.model_ready("a") and not plane.model_ready("nope")
+            with pytest.raises(NotFound, match="unknown model 'nope'"):
+                plane.model("nope")
+            with pytest.raises(NotFound, match="has no version '7'"):
+                plane.model("a", "7")
+            plane.drain()
+            assert not plane.ready()
+            with pytest.raises(Unavailable, match="shutting down"):
+                plane.model("a")
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_metadata_and_tiers(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            meta = plane.model_metadata("a", "")
+            assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+                ("input", "FP32", [-1, 4])
+            ]
+            assert [(t.name, list(t.shape)) for t in meta.outputs] == [("logits", [-1, 3])]
+            tiers = json.loads(plane.tiers_json(plane.models["a"]))
+            assert [(t["name"], t["width"], t["latency_ms_batch1"]) for t in tiers] == [
+                ("w100", 1.0, 2.0),
+                ("w050", 0.5, 1.0),
+            ]
+            assert plane.server_metadata().name == "innfer"
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_infer_routes_to_the_requested_tier_and_returns_the_rows(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            x = _x(3, 5.0)
+            pinned = await plane.infer(_request("a", x, tier="w050"), None)
+            free = await plane.infer(_request("a", x, latency_budget_ms=100.0), None)
+            other = await plane.infer(_request("b", _x(2, 1.0)), 10.0)
+            return plane, pinned, free, other, x
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, pinned, free, other, x = _run(body())
+    assert _check_answer(plane, pinned, x) == "w050"
+    assert pinned.parameters["width"].double_param == 0.5
+    assert pinned.parameters["batch_size"].int64_param == 3
+    assert (pinned.model_name, pinned.model_version, pinned.id) == ("a", "1", "a-5")
+    assert _check_answer(plane, free, x) == "w100"  # idle: the full network
+    assert _check_answer(plane, other, _x(2, 1.0)) == "w100"
+    engines = plane.models["a"].served.engines
+    assert engines["w050"].calls[1:] == [3] and engines["w100"].calls[1:] == [3]  # [0]: warm-up
+
+
+def test_budgets_too_small_are_refused_at_once_and_bad_ones_are_invalid(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
+                await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=0.5), None)
+            with pytest.raises(DeadlineExceeded):  # the gRPC deadline caps the budget
+                await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=100.0), 0.0015)
+            elapsed = time.perf_counter() - t0
+            with pytest.raises(InvalidArgument, match="latency_budget_ms must be a positive"):
+                await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=-1.0), None)
+            return plane, elapsed
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, elapsed = _run(body())
+    assert elapsed < 0.5
+    assert all(not e.calls[1:] for e in plane.models["a"].served.engines.values())  # warm-up only
+
+
+def test_concurrent_requests_are_each_answered_once(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            xs = [_x(1 + i % 3, float(i)) for i in range(30)]
+            resps = await asyncio.gather(*(plane.infer(_request("a", x), None) for x in xs))
+            assert plane.inflight() == 0 and plane.inflight_bytes == 0
+            return plane, xs, resps
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, xs, resps = _run(body())
+    for x, resp in zip(xs, resps, strict=True):
+        _check_answer(plane, resp, x)
+    ran = [b for e in plane.models["a"].served.engines.values() for b in e.calls[1:]]
+    assert sum(ran) == sum(len(x) for x in xs)  # every row once (calls[0] is the warm-up)
+
+
+def test_unload_and_load_again(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            await plane.unload("a")
+            assert not plane.model_ready("a") and _ready_gauge(plane, "a") == 0
+            with pytest.raises(NotFound, match="unknown model 'a'"):
+                await plane.infer(_request("a", _x(1, 0.0)), None)
+            with pytest.raises(NotFound, match="not loaded"):
+                await plane.unload("a")
+            with pytest.raises(NotFound):
+                await plane.load("nope")
+            await plane.load("a")
+            assert plane.model_ready("a") and _ready_gauge(plane, "a") == 1
+            resp = await plane.infer(_request("a", _x(2, 1.0)), None)
+            _check_answer(plane, resp, _x(2, 1.0))
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_reload_swaps_the_runtime_and_answers_what_the_old_one_held(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        old = plane.models["a"]
+        gate = threading.Event()
+        for e in old.served.engines.values():
+            e.gate = gate
+        try:
+            first = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0)), None))
+            while sum(e.running for e in old.served.engines.values()) == 0:
+                await asyncio.sleep(0.002)  # on the engine, held
+            queued = [
+                asyncio.create_task(plane.infer(_request("a", _x(1, v)), None)) for v in (2, 3)
+            ]
+            depth = {"model": "a"}
+            while plane.metrics.registry.get_sample_value("innfer_queue_depth", depth) != 2:
+                await asyncio.sleep(0.002)
+            held = [first, *queued]
+            reload = asyncio.create_task(plane.load("a"))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.wait_for(reload, 15)
+            outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
+            new = plane.models["a"]
+            after = await plane.infer(_request("a", _x(1, 9.0)), None)
+            return plane, old, new, outcomes, after
+        finally:
+            gate.set()
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, old, new, outcomes, after = _run(body())
+    assert new is not old
+    assert _ready_gauge(plane, "a") == 1  # the old runtime's stop does not mark it unready
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert answered, outcomes  # the batch on the engine finished
+    for o in outcomes:  # the rest were served or failed with a clear, retryable error
+        assert not isinstance(o, BaseException) or isinstance(o, InferError), o
+    tier = after.parameters["tier"].string_param
+    assert new.served.engines[tier].calls[-1] == 1  # the new engines serve from now on
+    np.testing.assert_array_equal(
+        _logits(after), new.served.engines[tier].compute({"input": _x(1, 9.0)})["logits"]
+    )

@@ -1,0 +1,373 @@
+"""ModelRuntime (server/model_runtime.py) on the fake backend: the asyncio dispatcher, the
+engine worker, futures and metrics around the pure scheduler.
+
+The engines are ``runtime.engines.fake`` engines standing in for compute: each sleeps its
+tier's profiled time and returns outputs computed from its own input rows and its tier's
+scale, so a test can tell which rows and which tier answered. A test holds an engine with
+its ``gate`` to keep requests queued behind a running batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime.engines.fake import write_model
+from runtime.repository import Repository
+from server.errors import (
+    DeadlineExceeded,
+    InferError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime
+
+TIERS = {"w100": 1.0, "w050": 0.5}
+
+
+def _served(root, latency_ms=None, **config):
+    """A model 'm' with tiers w100 and w050 (input [4] -> logits [3]) on fake engines."""
+    latency_ms = latency_ms or {"w100": {1: 2.0, 4: 2.0}, "w050": {1: 1.0, 4: 1.0}}
+    config = {"max_batch": 4, **config}
+    write_model(root, "m", TIERS, latency_ms, **config)
+    return Repository(root).load("m", backend="fake")
+
+
+def _x(rows: int, value: float) -> dict[str, np.ndarray]:
+    x = np.full((rows, 4), value, np.float32) + np.arange(rows, dtype=np.float32)[:, None]
+    return {"input": x}
+
+
+def _count(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+def _check_answer(served, feeds, result) -> None:
+    """The result holds the engine of its tier's outputs for exactly these rows."""
+    want = served.engines[result.tier].compute(feeds)
+    np.testing.assert_array_equal(result.outputs["logits"], want["logits"])
+
+
+class _Gate:
+    """Hold every engine of ``served`` until released (always released on exit)."""
+
+    def __init__(self, served) -> None:
+        self.event = threading.Event()
+        self.engines = list(served.engines.values())
+
+    def __enter__(self):
+        for e in self.engines:
+            e.gate = self.event
+        return self
+
+    def running(self) -> int:
+        return sum(e.running for e in self.engines)
+
+    def release(self) -> None:
+        self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        self.event.set()
+
+
+def test_pinned_requests_run_on_their_tier_and_get_their_rows(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            for tier, width, rows in (("w050", 0.5, 3), ("w100", 1.0, 2)):
+                feeds = _x(rows, 7.0)
+                r = await rt.infer(feeds, rows, 1.0, pin=tier)
+                assert (r.tier, r.width, r.batch_size) == (tier, width, rows)
+                _check_answer(served, feeds, r)
+                assert r.compute_us > 0 and r.queue_us >= 0
+        finally:
+            await rt.stop()
+
+    _run(body())
+    assert served.engines["w050"].calls == [3] and served.engines["w100"].calls == [2]
+
+
+def test_the_tier_the_scheduler_picks_is_the_one_that_runs(tmp_path):
+    # w100 takes 40 ms, w050 2 ms: an idle model serves a loose budget on w100, and a
+    # budget only w050 can meet on w050.
+    latency = {"w100": {1: 40.0, 4: 40.0}, "w050": {1: 2.0, 4: 2.0}}
+    served = _served(tmp_path, latency)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            loose = await rt.infer(_x(1, 1.0), 1, 1.0)
+            tight = await rt.infer(_x(2, 2.0), 2, 0.025)
+            with pytest.raises(DeadlineExceeded):  # w100 is the fastest tier min_tier allows
+                await rt.infer(_x(1, 3.0), 1, 0.025, min_tier="w100")
+            return loose, tight
+        finally:
+            await rt.stop()
+
+    loose, tight = _run(body())
+    assert loose.tier == "w100" and tight.tier == "w050"
+    _check_answer(served, _x(1, 1.0), loose)
+    _check_answer(served, _x(2, 2.0), tight)
+    assert served.engines["w100"].calls == [1] and served.engines["w050"].calls == [2]
+
+
+def test_an_impossible_budget_is_refused_at_once(tmp_path):
+    served = _served(tmp_path)  # fastest tier: 1 ms (p90 1.1 ms)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
+                await rt.infer(_x(1, 0.0), 1, 0.0005)
+            return time.perf_counter() - t0
+        finally:
+            await rt.stop()
+
+    elapsed = _run(body())
+    assert elapsed < 0.5  # refused on arrival, not after waiting in the queue
+    assert all(not e.calls for e in served.engines.values())
+    refused = _count(
+        metrics, "innfer_requests_total", model="m", tier="", outcome="refused_deadline"
+    )
+    assert refused == 1
+
+
+def test_bad_tiers_and_oversized_requests(tmp_path):
+    served = _served(tmp_path)
+
+    async def body():
+        rt = ModelRuntime(served, Metrics())
+        rt.start()
+        try:
+            with pytest.raises(NotFound, match="no tier 'w999'"):
+                await rt.infer(_x(1, 0.0), 1, 1.0, pin="w999")
+            with pytest.raises(NotFound, match="no min_tier 'w1'"):
+                await rt.infer(_x(1, 0.0), 1, 1.0, min_tier="w1")
+            with pytest.raises(InvalidArgument, match="maximum batch is 4"):
+                await rt.infer(_x(5, 0.0), 5, 1.0)
+        finally:
+            await rt.stop()
+
+    _run(body())
+    assert all(not e.calls for e in served.engines.values())
+
+
+def test_a_full_queue_is_resource_exhausted_and_the_admitted_are_served(tmp_path):
+    served = _served(tmp_path, max_queue=2)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+                await _until(lambda: gate.running() == 1)  # on the engine, held
+                queued = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0)) for v in (2.0, 3.0)]
+                await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 2)
+                with pytest.raises(ResourceExhausted, match="queue full"):
+                    await rt.infer(_x(1, 4.0), 1, 10.0)
+                gate.release()
+                return await asyncio.gather(first, *queued)
+        finally:
+            await rt.stop()
+
+    results = _run(body())
+    for value, r in zip((1.0, 2.0, 3.0), results, strict=True):
+        _check_answer(served, _x(1, value), r)
+    assert sum(sum(e.calls) for e in served.engines.values()) == 3  # the refused one never ran
+    full = _count(metrics, "innfer_requests_total", model="m", tier="", outcome="refused_full")
+    assert full == 1
+
+
+def test_metrics_follow_the_requests(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            for _ in range(3):
+                await rt.infer(_x(2, 1.0), 2, 1.0, pin="w050")
+            await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+            with pytest.raises(DeadlineExceeded):
+                await rt.infer(_x(1, 1.0), 1, 1e-6)
+        finally:
+            await rt.stop()
+
+    _run(body())
+    m = {"model": "m"}
+    served_w050 = {"model": "m", "tier": "w050", "outcome": "served"}
+    assert _count(metrics, "innfer_requests_total", **served_w050) == 3
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="served") == 1
+    assert _count(metrics, "innfer_batch_size_count", model="m", tier="w050") == 3
+    assert _count(metrics, "innfer_batch_size_sum", model="m", tier="w050") == 6
+    assert _count(metrics, "innfer_request_duration_seconds_count", model="m", tier="w050") == 3
+    assert _count(metrics, "innfer_degraded_requests_total", **m) == 3  # w050 is below the top
+    assert _count(metrics, "innfer_served_accuracy_count", **m) == 4
+    assert _count(metrics, "innfer_deadline_met_total", **m) == 4
+    assert _count(metrics, "innfer_compute_seconds_total", **m) >= 4 * 0.0009  # slept >= 1 ms
+    assert _count(metrics, "innfer_queue_depth", **m) == 0
+    assert _count(metrics, "innfer_inflight_requests", **m) == 0
+
+
+def test_concurrent_requests_are_each_answered_once_with_their_own_rows(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+    rng = np.random.default_rng(0)
+    rows = [int(n) for n in rng.integers(1, 4, 60)]
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            calls = [rt.infer(_x(n, float(i)), n, 5.0) for i, n in enumerate(rows)]
+            return await asyncio.gather(*calls)
+        finally:
+            await rt.stop()
+
+    results = _run(body())
+    assert len(results) == 60
+    for i, (n, r) in enumerate(zip(rows, results, strict=True)):
+        assert r.outputs["logits"].shape == (n, 3)
+        _check_answer(served, _x(n, float(i)), r)
+    calls = [b for e in served.engines.values() for b in e.calls]
+    assert sum(calls) == sum(rows)  # every row ran exactly once
+    assert len(calls) < 60  # and requests shared batches
+    assert max(calls) <= 4
+    total = sum(
+        _count(metrics, "innfer_requests_total", model="m", tier=t, outcome="served") for t in TIERS
+    )
+    assert total == 60
+
+
+def test_a_failing_engine_fails_its_batch_and_the_model_keeps_serving(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            served.engines["w100"].fail = RuntimeError("engine exploded")
+            with pytest.raises(Exception, match="engine exploded"):
+                await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+            served.engines["w100"].fail = None
+            return await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+        finally:
+            await rt.stop()
+
+    r = _run(body())
+    _check_answer(served, _x(1, 1.0), r)
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="failed") == 1
+
+
+def test_a_cancelled_queued_request_never_runs(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+                await _until(lambda: gate.running() == 1)
+                second = asyncio.create_task(rt.infer(_x(2, 2.0), 2, 10.0))
+                await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 1)
+                second.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                gate.release()
+                return await first
+        finally:
+            await rt.stop()
+
+    _check_answer(served, _x(1, 1.0), _run(body()))
+    assert [b for e in served.engines.values() for b in e.calls] == [1]
+    cancelled = _count(metrics, "innfer_requests_total", model="m", tier="", outcome="cancelled")
+    assert cancelled == 1
+
+
+def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+                await _until(lambda: gate.running() == 1)
+                late = asyncio.create_task(rt.infer(_x(1, 2.0), 1, 0.05))
+                await asyncio.sleep(0.1)  # its 50 ms pass while the engine is held
+                gate.release()
+                await first
+                with pytest.raises(DeadlineExceeded, match="ran out in the queue"):
+                    await late
+        finally:
+            await rt.stop()
+
+    _run(body())
+    assert [b for e in served.engines.values() for b in e.calls] == [1]
+
+
+def test_stop_answers_every_admitted_request_once(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        with _Gate(served) as gate:
+            running = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+            await _until(lambda: gate.running() == 1)
+            queued = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0)) for v in (2.0, 3.0)]
+            await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 2)
+            stopping = asyncio.create_task(rt.stop())
+            await asyncio.sleep(0.05)
+            gate.release()
+            # Served, or failed with a retryable error - but answered, and soon.
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(running, *queued, return_exceptions=True), 5
+            )
+            await asyncio.wait_for(stopping, 15)
+            late = await asyncio.wait_for(
+                asyncio.gather(rt.infer(_x(1, 4.0), 1, 10.0), return_exceptions=True), 1
+            )
+        return outcomes, late[0]
+
+    outcomes, late = _run(body())
+    _check_answer(served, _x(1, 1.0), outcomes[0])  # the running batch finished
+    for o in outcomes[1:]:
+        assert not isinstance(o, BaseException) or isinstance(o, InferError), o
+    assert isinstance(late, InferError)  # a stopped model takes no new requests
