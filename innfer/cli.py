@@ -7,7 +7,6 @@ innfer inspect DIR          list a saved INN's continuous groups and sizes at a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -258,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    config = dataclasses.replace(config, **overrides)
+    config = config.replace(**overrides)  # validated like the file: --policy fixed: is refused
     asyncio.run(serve(config))
     return 0
 
