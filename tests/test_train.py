@@ -376,3 +376,43 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     engine = Repository(repo).load("digits").engines[tier]
     np.testing.assert_allclose(result.as_numpy("logits"), engine.run({"input": x})["logits"],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A 2-epoch run that crashes in epoch 2 and resumes from the epoch-1 checkpoint ends
+    with exactly the weights of the same 2-epoch run without the crash."""
+    import runtime.inn.train as inn_train
+    from runtime.demo.training import train_inn
+
+    kw = {"epochs": 2, "seed": 3, "batch_size": 512, "progress": False}  # 2 steps per epoch
+    whole, _ = train_inn("digits_mlp", **kw)
+
+    real_step, calls = inn_train.sandwich_step, {"n": 0}
+    steps_per_epoch = None
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if steps_per_epoch is not None and calls["n"] > steps_per_epoch + 1:
+            raise _Crash  # a few steps into epoch 2, after the epoch-1 checkpoint
+        return real_step(*args, **kwargs)
+
+    from runtime.demo import data as demo_data
+
+    n_train = len(demo_data.load("digits").x_train)
+    steps_per_epoch = n_train // kw["batch_size"]
+    monkeypatch.setattr(inn_train, "sandwich_step", crashing_step)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Crash):
+        train_inn("digits_mlp", checkpoint=ckpt, **kw)
+    monkeypatch.setattr(inn_train, "sandwich_step", real_step)
+    resumed, _ = train_inn("digits_mlp", checkpoint=ckpt, resume=True, **kw)
+    assert calls["n"] == steps_per_epoch + 2  # it did crash inside epoch 2
+    a, b = whole.state, resumed.state
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
