@@ -246,6 +246,9 @@ class DataPlane:
         p["queue_us"].int64_param = result.queue_us
         p["compute_us"].int64_param = result.compute_us
         p["batch_size"].int64_param = result.batch_size
+        # The budget the server planned with (after the margin): says which source won
+        # (parameter, gRPC deadline or the model's default) and what was left of it.
+        p["budget_us"].int64_param = int(budget_s * 1e6)
         return resp
 
 

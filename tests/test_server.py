@@ -98,16 +98,29 @@ def test_infer_matches_the_engine_and_reports_the_tier(model_repository, client)
     assert params["compute_us"].int64_param > 0 and params["queue_us"].int64_param >= 0
 
 
+def _budget_ms(result) -> float:
+    return result.get_response().parameters["budget_us"].int64_param / 1e3
+
+
+# tiny's default_latency_budget_ms is 200; the server takes budget_margin_ms (1) off.
 def test_infer_without_budget_uses_the_model_default(client):
     result = client.infer("tiny", [_input(_x(1))])
     assert result.as_numpy("logits").shape == (1, 10)
+    assert _budget_ms(result) == pytest.approx(199.0, abs=0.01)
 
 
 def test_budget_as_double_and_from_the_grpc_deadline(client):
     r = client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 80.5})
     assert r.as_numpy("logits").shape == (1, 10)
+    assert _budget_ms(r) == pytest.approx(79.5, abs=0.01)
     r = client.infer("tiny", [_input(_x(1))], client_timeout=5.0)
     assert r.as_numpy("logits").shape == (1, 10)
+    # what was left of the 5 s deadline, not 200 ms (grpc-timeout is sent rounded up)
+    assert 4_000 < _budget_ms(r) < 5_100
+    # Triton's timeout (us) caps a larger budget
+    r = client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 500},
+                     timeout=50_000)  # fmt: skip
+    assert _budget_ms(r) == pytest.approx(49.0, abs=0.01)
 
 
 def test_tier_pin_and_min_tier(client):
@@ -123,7 +136,7 @@ def test_triton_priority_and_timeout_are_accepted(client):
     assert r.as_numpy("logits").shape == (1, 10)
 
 
-def test_aio_client_concurrent_requests_each_answered_once(server):
+def test_aio_client_concurrent_requests_each_answered_once(server, model_repository):
     async def run():
         async with tca.InferenceServerClient(server.address) as c:
             xs = [_x(1, seed=i) for i in range(24)]
@@ -132,13 +145,16 @@ def test_aio_client_concurrent_requests_each_answered_once(server):
 
     xs, results = asyncio.run(run())
     assert sorted(int(r.get_response().id) for r in results) == list(range(24))
-    # Batched requests still get their own rows back.
-    direct = tc.InferenceServerClient(server.address)
-    for i in (0, 11, 23):
-        solo = direct.infer("tiny", [_input(xs[i])], parameters={"tier": "w100"})
-        got = results[i]
-        if got.get_response().parameters["tier"].string_param == "w100":
-            np.testing.assert_allclose(got.as_numpy("logits"), solo.as_numpy("logits"), atol=1e-5)
+    # Batched requests still get their own rows back: every row against the engine of the
+    # tier that served it.
+    engines = Repository(model_repository).load("tiny").engines
+    batched = 0
+    for x, got in zip(xs, results, strict=True):
+        params = got.get_response().parameters
+        want = engines[params["tier"].string_param].run({"input": x})["logits"]
+        np.testing.assert_allclose(got.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
+        batched += params["batch_size"].int64_param > 1
+    assert batched > 0, "no request was batched: the demux was not exercised"
 
 
 # -- errors ------------------------------------------------------------------------------------
