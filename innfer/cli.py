@@ -377,7 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     inn, data = train_inn(
         args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
-        per_group=args.per_group, seed=args.seed, lr=args.lr,
+        per_group=args.per_group, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
         checkpoint=args.out / "checkpoint", resume=args.resume,
     )  # fmt: skip
     widths = _widths(args.widths)
@@ -503,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--k", type=int, default=2, help="random widths per step")
     train.add_argument("--per-group", action="store_true", help="random widths per group")
     train.add_argument("--lr", type=float)
+    train.add_argument("--batch-size", type=int, help="default: the model's recipe")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train.add_argument("--threads", type=int, default=2)

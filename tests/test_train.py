@@ -264,7 +264,7 @@ def cli_main(capsys):
 def test_cli_train_report_and_errors(cli_main, tmp_path):
     out = tmp_path / "inn"
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
-                            "--widths", "1.0", "0.5")  # fmt: skip
+                            "--batch-size", "256", "--widths", "1.0", "0.5")  # fmt: skip
     assert code == 0, err
     assert (out / "inn.json").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
     rows = json.loads((out / "report.json").read_text())
@@ -276,7 +276,7 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
     assert len(json.loads((tmp_path / "r.json").read_text())) == 2
     assert (out / "report.png").is_file()
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out),
-                            "--resume")  # fmt: skip
+                            "--batch-size", "256", "--resume")  # fmt: skip
     assert code == 0, err  # continues from epoch 1 of 2
     cal = tmp_path / "cal"
     code, _, err = cli_main("calibrate", str(out), "--data", "digits", "--widths", "0.5",
