@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime.engines import get_backend
 from runtime.repository import PROFILE_FILE, TIER_FILE, Repository, TierRecord
 from runtime.repository.config import ModelConfig
-from runtime.repository.profile import measure
+from runtime.repository.profile import measure, profile_document
 from server.app import Server
 from server.config import ServerConfig
 
@@ -157,14 +156,7 @@ def add_onnx_model(
         t: measure(e, cfg.inputs, cfg.batch_sizes, warmup=warmup, repeats=repeats)
         for t, e in served.engines.items()
     }
-    profile = {
-        "device": backend.device(),
-        "backend": backend.name,
-        "backend_version": backend.version(),
-        "threads": cfg.threads,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tiers": tiers,
-    }
+    profile = profile_document(backend, cfg.threads, tiers)
     (d / PROFILE_FILE).write_text(json.dumps(profile, indent=1))
     return d
 

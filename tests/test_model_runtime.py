@@ -10,6 +10,7 @@ its ``gate`` to keep requests queued behind a running batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -60,6 +61,17 @@ async def _until(cond, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.002)
 
 
+@contextlib.asynccontextmanager
+async def _running(served, metrics, **kwargs):
+    """A started ModelRuntime, stopped on the way out whatever the test did."""
+    rt = ModelRuntime(served, metrics, **kwargs)
+    rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.stop()
+
+
 def _check_answer(served, feeds, result) -> None:
     """The result holds the engine of its tier's outputs for exactly these rows."""
     want = served.engines[result.tier].compute(feeds)
@@ -93,17 +105,13 @@ def test_pinned_requests_run_on_their_tier_and_get_their_rows(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             for tier, width, rows in (("w050", 0.5, 3), ("w100", 1.0, 2)):
                 feeds = _x(rows, 7.0)
                 r = await rt.infer(feeds, rows, 1.0, pin=tier)
                 assert (r.tier, r.width, r.batch_size) == (tier, width, rows)
                 _check_answer(served, feeds, r)
                 assert r.compute_us > 0 and r.queue_us >= 0
-        finally:
-            await rt.stop()
 
     _run(body())
     assert served.engines["w050"].calls == [3] and served.engines["w100"].calls == [2]
@@ -117,16 +125,12 @@ def test_the_tier_the_scheduler_picks_is_the_one_that_runs(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             loose = await rt.infer(_x(1, 1.0), 1, 1.0)
             tight = await rt.infer(_x(2, 2.0), 2, 0.025)
             with pytest.raises(DeadlineExceeded):  # w100 is the fastest tier min_tier allows
                 await rt.infer(_x(1, 3.0), 1, 0.025, min_tier="w100")
             return loose, tight
-        finally:
-            await rt.stop()
 
     loose, tight = _run(body())
     assert loose.tier == "w100" and tight.tier == "w050"
@@ -140,15 +144,11 @@ def test_an_impossible_budget_is_refused_at_once(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             t0 = time.perf_counter()
             with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
                 await rt.infer(_x(1, 0.0), 1, 0.0005)
             return time.perf_counter() - t0
-        finally:
-            await rt.stop()
 
     elapsed = _run(body())
     assert elapsed < 0.5  # refused on arrival, not after waiting in the queue
@@ -163,17 +163,13 @@ def test_bad_tiers_and_oversized_requests(tmp_path):
     served = _served(tmp_path)
 
     async def body():
-        rt = ModelRuntime(served, Metrics())
-        rt.start()
-        try:
+        async with _running(served, Metrics()) as rt:
             with pytest.raises(NotFound, match="no tier 'w999'"):
                 await rt.infer(_x(1, 0.0), 1, 1.0, pin="w999")
             with pytest.raises(NotFound, match="no min_tier 'w1'"):
                 await rt.infer(_x(1, 0.0), 1, 1.0, min_tier="w1")
             with pytest.raises(InvalidArgument, match="maximum batch is 4"):
                 await rt.infer(_x(5, 0.0), 5, 1.0)
-        finally:
-            await rt.stop()
 
     _run(body())
     assert all(not e.calls for e in served.engines.values())
@@ -184,9 +180,7 @@ def test_a_full_queue_is_resource_exhausted_and_the_admitted_are_served(tmp_path
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             with _Gate(served) as gate:
                 first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
                 await _until(lambda: gate.running() == 1)  # on the engine, held
@@ -196,8 +190,6 @@ def test_a_full_queue_is_resource_exhausted_and_the_admitted_are_served(tmp_path
                     await rt.infer(_x(1, 4.0), 1, 10.0)
                 gate.release()
                 return await asyncio.gather(first, *queued)
-        finally:
-            await rt.stop()
 
     results = _run(body())
     for value, r in zip((1.0, 2.0, 3.0), results, strict=True):
@@ -212,16 +204,12 @@ def test_metrics_follow_the_requests(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             for _ in range(3):
                 await rt.infer(_x(2, 1.0), 2, 1.0, pin="w050")
             await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
             with pytest.raises(DeadlineExceeded):
                 await rt.infer(_x(1, 1.0), 1, 1e-6)
-        finally:
-            await rt.stop()
 
     _run(body())
     m = {"model": "m"}
@@ -246,13 +234,9 @@ def test_concurrent_requests_are_each_answered_once_with_their_own_rows(tmp_path
     rows = [int(n) for n in rng.integers(1, 4, 60)]
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             calls = [rt.infer(_x(n, float(i)), n, 5.0) for i, n in enumerate(rows)]
             return await asyncio.gather(*calls)
-        finally:
-            await rt.stop()
 
     results = _run(body())
     assert len(results) == 60
@@ -274,16 +258,12 @@ def test_a_failing_engine_fails_its_batch_and_the_model_keeps_serving(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             served.engines["w100"].fail = RuntimeError("engine exploded")
             with pytest.raises(Exception, match="engine exploded"):
                 await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
             served.engines["w100"].fail = None
             return await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
-        finally:
-            await rt.stop()
 
     r = _run(body())
     _check_answer(served, _x(1, 1.0), r)
@@ -295,9 +275,7 @@ def test_a_cancelled_queued_request_never_runs(tmp_path):
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             with _Gate(served) as gate:
                 first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
                 await _until(lambda: gate.running() == 1)
@@ -308,8 +286,6 @@ def test_a_cancelled_queued_request_never_runs(tmp_path):
                     await second
                 gate.release()
                 return await first
-        finally:
-            await rt.stop()
 
     _check_answer(served, _x(1, 1.0), _run(body()))
     assert [b for e in served.engines.values() for b in e.calls] == [1]
@@ -322,9 +298,7 @@ def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp
     metrics = Metrics()
 
     async def body():
-        rt = ModelRuntime(served, metrics)
-        rt.start()
-        try:
+        async with _running(served, metrics) as rt:
             with _Gate(served) as gate:
                 first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
                 await _until(lambda: gate.running() == 1)
@@ -334,8 +308,6 @@ def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp
                 await first
                 with pytest.raises(DeadlineExceeded, match="ran out in the queue"):
                     await late
-        finally:
-            await rt.stop()
 
     _run(body())
     assert [b for e in served.engines.values() for b in e.calls] == [1]

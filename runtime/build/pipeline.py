@@ -29,7 +29,7 @@ from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
 from runtime.build.export import export_onnx
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
-from runtime.repository.profile import measure, random_feeds
+from runtime.repository.profile import measure, profile_document, random_feeds
 from runtime.repository import (
     PROFILE_FILE,
     TIER_FILE,
@@ -214,14 +214,7 @@ def _profile(repo, name, config, backend, engines, progress, repeats) -> Path:
     tiers = {}
     for tier, engine in tqdm(engines.items(), desc="profile", disable=not progress, unit="tier"):
         tiers[tier] = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
-    data = {
-        "device": backend.device(),
-        "backend": backend.name,
-        "backend_version": backend.version(),
-        "threads": config.threads,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tiers": tiers,
-    }
+    data = profile_document(backend, config.threads, tiers)
     path = repo.model_dir(name) / PROFILE_FILE
     path.write_text(json.dumps(data, indent=1))
     return path

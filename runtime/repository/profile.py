@@ -104,3 +104,22 @@ class Profile:
         if fit is None:
             raise ValueError(f"batch {batch} exceeds the profiled maximum {sizes[-1]}")
         return float(entries[str(fit)][f"{quantile}_ms"])
+
+
+def profile_document(backend, threads: int, tiers: dict[str, Any]) -> dict[str, Any]:
+    """The ``profile.json`` document for per-tier tables measured on ``backend``.
+
+    Example:
+        >>> from runtime.engines import get_backend
+        >>> doc = profile_document(get_backend("onnxruntime"), 1, {"w100": {}})
+        >>> doc["backend"], sorted(doc["tiers"])
+        ('onnxruntime', ['w100'])
+    """
+    return {
+        "device": backend.device(),
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "threads": threads,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tiers": tiers,
+    }

@@ -323,14 +323,7 @@ class Planner(Policy):
     ) -> Decision | None:
         """Step 2: the most accurate candidate whose largest batch leaves the rest feasible
         at the same tier; None if there is none."""
-        for tier in candidates:
-            found = self.largest_batch(queue, tier, now, ctx, snap)
-            if found is None:
-                continue
-            batch, finish = found
-            if self.rest_feasible(queue, batch, finish, now, ctx, snap, plan=tier):
-                return Decision(tier, batch)
-        return None
+        return self._first_feasible(queue, candidates, now, ctx, snap, rest_at_same_tier=True)
 
     def relaxed(
         self,
@@ -342,12 +335,26 @@ class Planner(Policy):
     ) -> Decision | None:
         """Step 3: the most accurate allowed tier whose largest batch leaves the rest
         feasible with each group on its fastest allowed tier; None if there is none."""
-        for tier in allowed:
+        return self._first_feasible(queue, allowed, now, ctx, snap, rest_at_same_tier=False)
+
+    def _first_feasible(
+        self,
+        queue: Sequence[Request],
+        tiers: Sequence[str],
+        now: float,
+        ctx: Context,
+        snap: Snapshot,
+        rest_at_same_tier: bool,
+    ) -> Decision | None:
+        """Steps 2 and 3 differ only in where the rest of the queue is planned: at the head's
+        tier (step 2) or on each group's fastest allowed tier (step 3)."""
+        for tier in tiers:
             found = self.largest_batch(queue, tier, now, ctx, snap)
             if found is None:
                 continue
             batch, finish = found
-            if self.rest_feasible(queue, batch, finish, now, ctx, snap, plan=None):
+            plan = tier if rest_at_same_tier else None
+            if self.rest_feasible(queue, batch, finish, now, ctx, snap, plan=plan):
                 return Decision(tier, batch)
         return None
 
