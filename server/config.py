@@ -11,6 +11,7 @@
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
+    model_control: none           # explicit: RepositoryModelLoad/Unload allowed
     limits: {max_inputs: 64, max_outputs: 64, max_inflight_bytes: 268435456}
 
 Each field is declared once with ``runtime.configspec.spec``; ``reference(ServerConfig)``
@@ -55,6 +56,8 @@ __all__ = [
 # The policy that pins one tier and takes its name after a colon (make_policy's "fixed:").
 _PINNED = "fixed"
 _PORT = "a port number in [0, 65535] (0: pick a free port)"
+MODEL_CONTROL = ("none", "explicit")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _policies() -> str:
@@ -147,6 +150,11 @@ class ServerConfig:
     models: tuple[str, ...] = spec(
         (), pattern=NAME, unique=True, doc="models to load; empty: every one in the repository"
     )
+    model_control: str = spec(
+        "none", choices=MODEL_CONTROL,
+        doc="explicit: clients may load and unload models (RepositoryModelLoad/Unload); "
+        "none: the models are fixed at start-up (Triton's --model-control-mode)",
+    )  # fmt: skip
     limits: RequestLimits = spec(
         RequestLimits(), doc="per-request limits and the cap on request bytes in flight"
     )
@@ -159,6 +167,17 @@ class ServerConfig:
 
     def validate(self, where: Where) -> None:
         """Checks across fields (and, where it exists, against the repository's models)."""
+        if (
+            self.model_control == "explicit"
+            and self.auth is None
+            and not (self.host in _LOOPBACK or self.host.startswith("127."))
+        ):
+            # Anyone reaching the port could load, reload and unload models.
+            where.child("model_control").fail(
+                self.model_control,
+                f"none, or auth (a bearer token) when listening on {self.host}: explicit "
+                "model control lets any client that reaches the port unload models",
+            )
         if self.metrics_port and self.metrics_port == self.grpc_port:
             where.child("metrics_port").fail(
                 self.metrics_port, f"a port other than grpc_port ({self.grpc_port})"

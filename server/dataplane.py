@@ -112,6 +112,15 @@ class DataPlane:
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
 
+    def check_model_control(self) -> None:
+        """Raise unless clients may load and unload models (``model_control: explicit``)."""
+        if self.config.model_control != "explicit":
+            raise FailedPrecondition(
+                "model control is disabled on this server (model_control: none); set "
+                "model_control: explicit (with auth on a network address) to load and unload "
+                "models over gRPC"
+            )
+
     def _mark_broken(self, name: str, why: str) -> None:
         if name in self.expected:
             self.broken[name] = why

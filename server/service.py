@@ -212,11 +212,13 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def RepositoryModelLoad(self, request, context):
+        self.plane.check_model_control()
         await self.plane.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @rpc_method
     async def RepositoryModelUnload(self, request, context):
+        self.plane.check_model_control()
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

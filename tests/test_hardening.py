@@ -38,7 +38,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    s = ServerThread({"repository": str(repo)}).start()
+    s = ServerThread({"repository": str(repo), "model_control": "explicit"}).start()
     yield s
     s.stop()
 
@@ -220,7 +220,7 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
     (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
-    s = ServerThread({"repository": str(root)}).start()
+    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
     try:
         with grpc.insecure_channel(s.address) as ch:
             stub = rpc.GRPCInferenceServiceStub(ch)
@@ -241,7 +241,7 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo):
 def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
-    s = ServerThread({"repository": str(root)}).start()
+    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
     try:
         assert _health(s) == SERVING
         with grpc.insecure_channel(s.address) as ch:
@@ -338,7 +338,7 @@ def test_queued_requests_are_answered_across_reload_and_unload(tmp_path, repo, a
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["max_queue"] = 64
     cfg_path.write_text(yaml.safe_dump(cfg))
-    s = ServerThread({"repository": str(root)}).start()
+    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
     try:
         with grpc.insecure_channel(s.address) as ch:
             stub = rpc.GRPCInferenceServiceStub(ch)
@@ -394,5 +394,51 @@ def test_bytes_in_flight_are_capped_and_released(repo):
             code, msg = _status(stub.ModelInfer, many, timeout=10)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 4" in msg
         assert s.server.plane.inflight_bytes == 0
+    finally:
+        s.stop()
+
+
+def test_model_control_none_refuses_load_and_unload(repo):
+    s = ServerThread({"repository": str(repo)}).start()  # the default: none
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            for call, req in (
+                (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="tiny")),
+                (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="tiny")),
+            ):
+                code, msg = _status(call, req, timeout=10)
+                assert code == grpc.StatusCode.FAILED_PRECONDITION and "model_control" in msg
+            assert stub.ModelInfer(_request(), timeout=10).outputs  # still served
+    finally:
+        s.stop()
+
+
+def test_explicit_model_control_on_a_network_address_needs_auth(repo):
+    from server.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="model_control"):
+        ServerConfig.from_dict(
+            {"repository": str(repo), "host": "0.0.0.0", "model_control": "explicit"}
+        )
+    ok = ServerConfig.from_dict({"repository": str(repo), "host": "0.0.0.0",
+                                 "model_control": "explicit",
+                                 "auth": {"bearer_token": "long-enough-token"}})  # fmt: skip
+    assert ok.model_control == "explicit"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_bearer_scheme_is_case_insensitive(repo, scheme):
+    token = "Tok-123456789"
+    s = ServerThread({"repository": str(repo), "auth": {"bearer_token": token}}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            resp = stub.ModelInfer(_request(), metadata=[("authorization", f"{scheme} {token}")])
+            assert resp.outputs
+            code, _ = _status(
+                stub.ModelInfer, _request(), metadata=[("authorization", f"{scheme} tok-123456789")]
+            )
+            assert code == grpc.StatusCode.UNAUTHENTICATED  # the token itself is case-sensitive
     finally:
         s.stop()

@@ -343,3 +343,18 @@ def test_stop_answers_every_admitted_request_once(tmp_path):
     for o in outcomes[1:]:
         assert not isinstance(o, BaseException) or isinstance(o, InferError), o
     assert isinstance(late, InferError)  # a stopped model takes no new requests
+
+
+def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+        assert not any(e.closed for e in served.engines.values())
+        await rt.stop()
+
+    _run(body())
+    assert all(e.closed for e in served.engines.values())

@@ -26,7 +26,7 @@ INVALID = "StatusCode.INVALID_ARGUMENT"
 
 @pytest.fixture(scope="module")
 def server(model_repository):
-    s = ServerThread({"repository": str(model_repository)}).start()
+    s = ServerThread({"repository": str(model_repository), "model_control": "explicit"}).start()
     yield s
     s.stop()
 

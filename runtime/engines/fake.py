@@ -79,6 +79,10 @@ class FakeEngine(Engine):
         self.running = 0  # runs in progress now
         self.max_running = 0  # the most that ever ran at once
         self._lock = threading.Lock()
+        self.closed = False  # set by close(): a test can check that unload released it
+
+    def close(self) -> None:
+        self.closed = True
 
     def seconds(self, batch: int) -> float:
         """How long ``run`` sleeps for ``batch`` rows."""
