@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -112,3 +113,88 @@ def _randomise_norms(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+
+
+# -- raw parameters through shape ops (issue 12) -----------------------------------------------
+# Each kind uses a (C,)-shaped parameter with a conv's C output channels. "refused" kinds
+# cannot follow resampling (a literal channel count, an op without a rule, a sum over the
+# channels), so conversion must refuse them - never return a wrong model.
+PARAM_KINDS = {
+    "view": False, "reshape": False, "index": False, "unsqueeze": False, "broadcast3d": False,
+    "expand_as": False, "bias_view": False, "mean": False, "spatial": False, "flinear": False,
+    "layernorm2d": False, "early_view": False,
+    "literal": True, "cumsum": True, "sum": True, "early_cumsum": True, "channel_index": True,
+}  # fmt: skip
+
+
+class ParamOp(nn.Module):
+    """conv -> one use of a raw parameter of kind ``kind`` -> relu."""
+
+    def __init__(self, c_in: int, c: int, kind: str, hw: int) -> None:
+        super().__init__()
+        self.kind, self.c = kind, c
+        self.conv = nn.Conv2d(c_in, c, 3, padding=1)
+        shape = {"broadcast3d": (c, 1, 1), "spatial": (1, 1, hw, hw), "flinear": (c, c)}
+        self.p = nn.Parameter(torch.randn(shape.get(kind, (c,))) * 0.5 + 1.0)
+        self.q = nn.Parameter(torch.randn(c) * 0.1)
+
+    def forward(self, x):
+        k, p = self.kind, self.p
+        if k == "early_view":
+            s = p.view(1, -1, 1, 1)  # used before the conv exists in the graph
+        elif k == "early_cumsum":
+            s = torch.cumsum(p, 0).view(1, -1, 1, 1)
+        h = self.conv(x)
+        if k == "view":
+            h = h * p.view(1, -1, 1, 1)
+        elif k == "reshape":
+            h = h.mul(p.reshape(1, -1, 1, 1))
+        elif k == "index":
+            h = h * p[None, :, None, None]
+        elif k == "unsqueeze":
+            h = h * p.unsqueeze(-1).unsqueeze(-1)
+        elif k == "broadcast3d":
+            h = p * h
+        elif k == "expand_as":
+            h = h + p.view(1, -1, 1, 1).expand_as(h)
+        elif k == "bias_view":
+            h = h * p.view(1, -1, 1, 1) + self.q.view(1, -1, 1, 1)
+        elif k == "mean":
+            h = h * p.view(1, -1, 1, 1) * p.mean()
+        elif k == "spatial":
+            h = h + p
+        elif k == "flinear":
+            h = F.linear(h.permute(0, 2, 3, 1), p, self.q).permute(0, 3, 1, 2)
+        elif k == "layernorm2d":
+            h = F.layer_norm(torch.permute(h, (0, 2, 3, 1)), (self.c,), p, self.q)
+            h = h.permute(0, 3, 1, 2)
+        elif k in ("early_view", "early_cumsum"):
+            h = h * s
+        elif k == "literal":
+            h = h * p.view(1, self.c, 1, 1)
+        elif k == "cumsum":
+            h = h * torch.cumsum(p, 0).view(1, -1, 1, 1)
+        elif k == "sum":  # a sum over channels changes with their number
+            h = h * p.view(1, -1, 1, 1) * p.sum()
+        elif k == "channel_index":  # channel 0 is another channel once permuted
+            h = h * p.view(1, -1, 1, 1) * p[0]
+        return torch.relu(h)
+
+
+def random_param_net(seed: int, in_channels: int = 2, hw: int = 6):
+    """A random CNN whose blocks use raw parameters through view/reshape/expand/mul etc.
+
+    Returns (model, input, refused): ``refused`` says whether a conversion must fail.
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    blocks: list[nn.Module] = []
+    c, refused = in_channels, False
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(sorted(PARAM_KINDS))
+        c_new = rng.choice([4, 6, 8])
+        blocks.append(ParamOp(c, c_new, kind, hw))
+        refused |= PARAM_KINDS[kind]
+        c = c_new
+    model = RandomCNN(blocks, c, 1, classes=rng.choice([2, 3]))
+    return model.eval(), torch.randn(rng.randint(1, 3), in_channels, hw, hw), refused

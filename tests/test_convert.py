@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from netgen import random_cnn, random_mlp
+from netgen import random_cnn, random_mlp, random_param_net
 from torch import nn
 
 import runtime
@@ -173,3 +173,28 @@ def test_unknown_op_on_channels_names_the_node():
 def test_literal_reshape_of_channels_is_refused():
     with pytest.raises(ConversionError, match=r"reshape .*torch.flatten"):
         runtime.convert(_LiteralView(), (torch.randn(2, 1, 4, 4),))
+
+
+# -- raw parameters through shape ops: exact or refused, never wrong (issue 12) ----------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 100_000))
+@torch.no_grad()
+def test_parameters_through_shape_ops_are_bound_or_refused(seed):
+    model, x, refused = random_param_net(seed)
+    try:
+        inn = runtime.convert(model, (x,), seed=seed)
+    except ConversionError:
+        assert refused, "a conversion every rule can follow was refused"
+        return
+    assert not refused, "a parameter use that cannot follow resampling was converted"
+    assert _rel_err(inn.sample(1.0)(x), model(x)) <= 1e-5  # permuted: any unbound use shows
+    y = inn.sample(0.5)(x)
+    assert y.shape == model(x).shape and torch.isfinite(y).all()
+    # every raw parameter tied to a continuous group is resampled with it
+    small = dict(inn.sample(0.5).named_parameters())
+    for b in inn.bindings:
+        g = [inn.all_groups[s.group] for s in b.layout]
+        if b.param.endswith(".p") and any(not gi.discrete for gi in g):
+            assert small[b.param].shape[b.dim] < inn.state[b.param].shape[b.dim]

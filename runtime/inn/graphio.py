@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from runtime.inn.identities import identity_input
+
 SPEC_VERSION = 1
 
 _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator, "math": math}
@@ -60,7 +62,8 @@ def _function_name(fn: Any) -> str:
     if name is None:
         raise SpecError(
             f"cannot store a call to {fn!r}: only functions of torch, torch.nn.functional, "
-            f"operator and math can be stored"
+            f"operator and math (and inference identities such as stochastic depth) can be "
+            f"stored"
         )
     return name
 
@@ -76,8 +79,24 @@ def _resolve_function(name: str) -> Any:
     return fn
 
 
+def _attention_kwargs(m: nn.MultiheadAttention) -> dict[str, Any]:
+    return {
+        "embed_dim": m.embed_dim, "num_heads": m.num_heads, "dropout": m.dropout,
+        "bias": m.in_proj_bias is not None, "add_bias_kv": m.bias_k is not None,
+        "add_zero_attn": m.add_zero_attn, "kdim": m.kdim, "vdim": m.vdim,
+        "batch_first": m.batch_first,
+    }  # fmt: skip
+
+
+# Modules whose constructor arguments are not all attributes of the same name.
+_KWARG_READERS = {nn.MultiheadAttention: _attention_kwargs}
+
+
 def module_kwargs(mod: nn.Module) -> dict[str, Any]:
     """Constructor kwargs of a ``torch.nn`` leaf module, read back from its attributes."""
+    reader = _KWARG_READERS.get(type(mod))
+    if reader is not None:
+        return {k: _encode(v) for k, v in reader(mod).items()}
     kwargs: dict[str, Any] = {}
     for pname, param in inspect.signature(type(mod).__init__).parameters.items():
         if pname in ("self", *_SKIP_KWARGS) or pname.startswith("_"):
@@ -109,7 +128,12 @@ def to_spec(gm: fx.GraphModule) -> dict[str, Any]:
     modules: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
     nodes: list[dict[str, Any]] = []
+    alias: dict[str, str] = {}  # an inference identity's name -> the node it passes on
     for node in gm.graph.nodes:
+        passed = identity_input(node)
+        if passed is not None:  # stochastic depth / drop path in eval mode: not stored
+            alias[node.name] = alias.get(passed.name, passed.name)
+            continue
         entry: dict[str, Any] = {"name": node.name, "op": node.op}
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
@@ -126,8 +150,8 @@ def to_spec(gm: fx.GraphModule) -> dict[str, Any]:
             entry["target"] = node.target
         else:
             entry["target"] = node.target
-        entry["args"] = _encode(node.args)
-        entry["kwargs"] = _encode(node.kwargs)
+        entry["args"] = _encode(node.args, alias)
+        entry["kwargs"] = _encode(node.kwargs, alias)
         nodes.append(entry)
     return {"version": SPEC_VERSION, "modules": modules, "attrs": attrs, "nodes": nodes}
 
@@ -182,17 +206,17 @@ def _set_path(root: nn.Module, path: str, value: Any, buffer: bool = False) -> N
         setattr(mod, leaf, value)
 
 
-def _encode(value: Any) -> Any:
+def _encode(value: Any, alias: dict[str, str] | None = None) -> Any:
     if isinstance(value, fx.Node):
-        return {"node": value.name}
+        return {"node": (alias or {}).get(value.name, value.name)}
     if isinstance(value, tuple):
-        return {"tuple": [_encode(v) for v in value]}
+        return {"tuple": [_encode(v, alias) for v in value]}
     if isinstance(value, list):
-        return [_encode(v) for v in value]
+        return [_encode(v, alias) for v in value]
     if isinstance(value, dict):
-        return {"dict": {k: _encode(v) for k, v in value.items()}}
+        return {"dict": {k: _encode(v, alias) for k, v in value.items()}}
     if isinstance(value, slice):
-        return {"slice": [_encode(value.start), _encode(value.stop), _encode(value.step)]}
+        return {"slice": [_encode(v, alias) for v in (value.start, value.stop, value.step)]}
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
     if value is Ellipsis:

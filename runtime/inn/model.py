@@ -27,7 +27,7 @@ from torch import fx
 from runtime.hashing import sha256_file
 from runtime.inn import graphio
 from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
-from runtime.inn.groups import Binding, GroupInfo, Layout, Segment, SizeField
+from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "inn.safetensors"
@@ -261,9 +261,9 @@ class IntegralModel:
             if not g.discrete and sizes.get(g.name, g.size) != g.size
         }
         spec = self._spec_for(counts)
-        for path, a in spec["attrs"].items():
-            b = next((b for b in self.bindings if b.param == path), None)
-            if b is not None:
+        for b in self.bindings:
+            a = spec["attrs"].get(b.param)
+            if a is not None:
                 a["shape"][b.dim] = sum(
                     n * s.inner for s, _, n in self._layout_sizes(b.layout, counts)
                 )
@@ -273,10 +273,22 @@ class IntegralModel:
     def _spec_for(self, counts: Mapping[int, int]) -> dict:
         """The architecture description with every size-bearing kwarg at ``counts``."""
         spec = copy.deepcopy(self.spec)
-        for module, fields in self.size_fields.items():
-            kwargs = spec["modules"][module]["kwargs"]
+        nodes = {e["name"]: e for e in spec["nodes"]}
+        for key, fields in self.size_fields.items():
+            if key.startswith(NODE_PREFIX):  # a literal size in a call (F.layer_norm)
+                entry = nodes[key[len(NODE_PREFIX) :]]
+                for f in fields:
+                    if f.kwarg.isdigit():
+                        args = list(entry["args"]["tuple"])
+                        args[int(f.kwarg)] = self._sized(args[int(f.kwarg)], f, counts)
+                        entry["args"] = {"tuple": args}
+                    else:
+                        kw = entry["kwargs"]["dict"]
+                        kw[f.kwarg] = self._sized(kw[f.kwarg], f, counts)
+                continue
+            kwargs = spec["modules"][key]["kwargs"]
             for f in fields:
-                self._set_size(kwargs, f, counts)
+                kwargs[f.kwarg] = self._sized(kwargs.get(f.kwarg), f, counts)
         return spec
 
     def _layout_sizes(self, layout: Layout, counts: Mapping[int, int]) -> list[tuple]:
@@ -291,14 +303,18 @@ class IntegralModel:
             out.append((s, m, n))
         return out
 
-    def _set_size(self, kwargs: dict, f: SizeField, counts: Mapping[int, int]) -> None:
+    def _sized(self, encoded: Any, f: SizeField, counts: Mapping[int, int]) -> Any:
+        """The stored argument ``encoded`` with ``f``'s size (element ``f.index``) set."""
         size = sum(n * s.inner for s, _, n in self._layout_sizes(f.layout, counts))
         if f.index is None:
-            kwargs[f.kwarg] = size
-        else:
-            items = list(graphio._decode(kwargs[f.kwarg]))
+            return size
+        if isinstance(encoded, dict) and "tuple" in encoded:
+            items = list(encoded["tuple"])
             items[f.index] = size
-            kwargs[f.kwarg] = graphio._encode(tuple(items))
+            return {"tuple": items}
+        items = list(encoded)
+        items[f.index] = size
+        return items
 
     def _resample_dim(
         self,

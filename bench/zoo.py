@@ -1,0 +1,121 @@
+"""Widely used architectures through ``runtime.convert`` (issue 12): which convert, which op
+refuses the rest.
+
+Per model (random init, no downloads; timm and torchvision only if installed): converts or
+the refusing node, convert time, continuous groups, relative error of sample(1.0), whether
+sample(0.5) runs, and whether the 0.5 tier exported to ONNX matches onnxruntime. Writes
+bench/results/zoo.json.
+
+    python bench/zoo.py [--models resnet18,convnext_atto,...] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from runtime.inn.conversion import convert
+from runtime.inn.groups import ConversionError
+
+OUT = Path(__file__).parent / "results"
+# The issue's list (issue 12): what users bring.
+TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+               "regnet_y_400mf", "densenet121", "shufflenet_v2_x0_5", "convnext_tiny",
+               "squeezenet1_0", "vgg11_bn", "vit_b_16", "swin_t")  # fmt: skip
+TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")  # fmt: skip
+
+
+def _builders() -> dict[str, object]:
+    out = {}
+    try:
+        from runtime.inn.compat import import_torchvision
+
+        tv = import_torchvision().models
+
+        for name in TORCHVISION:
+            out[f"tv/{name}"] = lambda n=name: getattr(tv, n)(weights=None)
+    except Exception:  # torchvision missing or its compiled ops unavailable
+        pass
+    try:
+        import timm
+
+        for name in TIMM:
+            out[f"timm/{name}"] = lambda n=name: timm.create_model(n, pretrained=False)
+    except Exception:
+        pass
+    return out
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def run_one(build, size: int) -> dict:
+    row: dict = {}
+    model = build().eval()
+    x = torch.randn(1, 3, size, size)
+    t0 = time.perf_counter()
+    try:
+        inn = convert(model, (x,))
+    except ConversionError as exc:
+        row.update(converts=False, refused=str(exc)[:300])
+        return row
+    row.update(converts=True, convert_s=round(time.perf_counter() - t0, 2),
+               groups=len(inn.groups))  # fmt: skip
+    row["rel_err_1"] = _rel_err(inn.sample(1.0)(x), model(x))
+    try:
+        half = inn.sample(0.5)
+        y = half(x)
+        row["sample_05"] = bool(torch.isfinite(y).all())
+    except Exception as exc:
+        row["sample_05"] = f"{type(exc).__name__}: {exc}"[:300]
+        return row
+    try:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        torch.onnx.export(half, (x,), buf, opset_version=17, dynamo=False)
+        sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        row["onnx_matches"] = _rel_err(torch.from_numpy(got), y) <= 1e-4
+    except Exception as exc:
+        row["onnx_matches"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="")
+    ap.add_argument("--size", type=int, default=64)
+    args = ap.parse_args()
+    builders = _builders()
+    wanted = [m for m in args.models.split(",") if m] or list(builders)
+    results = {}
+    for name in wanted:
+        if name not in builders:
+            results[name] = {"error": "not installed"}
+            continue
+        fixed = any(k in name for k in ("vit", "deit", "swin", "levit"))  # fixed input size
+        size = 224 if fixed else args.size
+        try:
+            results[name] = run_one(builders[name], size)
+        except Exception as exc:  # a bench row, not a crash: keep going
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300],
+                             "where": traceback.format_exc(limit=2)[-300:]}  # fmt: skip
+        print(name, json.dumps(results[name]), flush=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "zoo.json").write_text(json.dumps(results, indent=1))
+    ok = sum(r.get("converts", False) for r in results.values())
+    print(f"{ok}/{len(results)} convert")
+
+
+if __name__ == "__main__":
+    main()

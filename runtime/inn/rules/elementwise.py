@@ -1,0 +1,115 @@
+"""Rules for elementwise ops (unary, broadcasting binary), concat and reductions."""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from runtime.inn.identities import identity_input
+from runtime.inn.rules import register
+from runtime.inn.rules._args import arg
+
+if TYPE_CHECKING:
+    from runtime.inn.tracer import Labels, Tracer
+
+SAME_LAYOUT_FUNCTIONS = (
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+    F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.dropout, torch.dropout,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh,
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.softmax, F.log_softmax, torch.softmax,
+    torch.neg, torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, operator.neg,
+)  # fmt: skip
+SAME_LAYOUT_METHODS = (
+    "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "neg", "abs",
+    "exp", "softmax", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_",
+)  # fmt: skip
+_KEEPS_SOURCES = {"contiguous", "clone", "float", "half", "to", "detach", "type_as"}
+BINARY_FUNCTIONS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+    torch.pow,
+)  # fmt: skip
+BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimum", "pow")
+
+
+@register(functions=SAME_LAYOUT_FUNCTIONS, methods=SAME_LAYOUT_METHODS)
+def same_layout(tr: Tracer, node: fx.Node) -> None:
+    tr.copy(node, node.args[0], sources=node.target in _KEEPS_SOURCES)
+
+
+@register(when=lambda node: identity_input(node) is not None)
+def inference_identity(tr: Tracer, node: fx.Node) -> None:
+    """Stochastic depth / drop path in eval mode: the input itself."""
+    tr.copy(node, identity_input(node))
+
+
+@register(functions=BINARY_FUNCTIONS, methods=BINARY_METHODS)
+def broadcast(tr: Tracer, node: fx.Node) -> None:
+    """Every operand dim that is not broadcast (same size as the output's, > 1) is tied to
+    the output dim - including dims nothing labelled yet, which are fixed sizes."""
+    out_shape = tr.shape(node)
+    rank = len(out_shape)
+    labels: Labels = {}
+    for a in [*node.args, *node.kwargs.values()]:
+        shape = tr.shape(a)
+        if not shape:
+            continue
+        offset = rank - len(shape)
+        for dim, size in enumerate(shape):
+            od = dim + offset
+            if size == 1 or size != out_shape[od]:
+                continue  # a broadcast size-1 dim ties nothing
+            lay = tr.layout_of(a, dim)
+            where = f"node {node.name!r}"
+            labels[od] = tr.unify(labels[od], lay, where) if od in labels else lay
+    tr.labels[node] = labels
+
+
+@register(functions=(torch.cat, torch.concat))
+def concat(tr: Tracer, node: fx.Node) -> None:
+    parts = arg(node, 0, "tensors")
+    rank = len(tr.shape(node))
+    dim = arg(node, 1, "dim", 0) % rank
+    layout = ()
+    labels: Labels = {}
+    for part in parts:
+        layout += tr.layout_of(part, dim)
+        for d, size in enumerate(tr.shape(part)):
+            if d != dim and size > 1:
+                lay = tr.layout_of(part, d)
+                labels[d] = tr.unify(labels[d], lay, f"node {node.name!r}") if d in labels else lay
+    labels[dim] = layout
+    tr.labels[node] = labels
+
+
+_REDUCTIONS = {torch.mean: "mean", torch.amax: "amax", torch.amin: "amin", torch.sum: "sum",
+               torch.var: "var", torch.std: "std"}  # fmt: skip
+
+
+@register(functions=tuple(_REDUCTIONS), methods=("mean", "amax", "amin", "sum", "var", "std"))
+def reduction(tr: Tracer, node: fx.Node) -> None:
+    """A mean (amax, var, ...) over channels does not depend on how many there are; a sum
+    does, so summing a channel dim is fixed."""
+    x = node.args[0]
+    kind = _REDUCTIONS.get(node.target, node.target)
+    rank = len(tr.shape(x))
+    dims = arg(node, 1, "dim", None)
+    keepdim = arg(node, 2, "keepdim", False) if kind not in ("var", "std") else None
+    if keepdim is None:
+        keepdim = node.kwargs.get("keepdim", False)
+    if dims is None:
+        dims = tuple(range(rank))
+    dims = {d % rank for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    labels: Labels = {}
+    for dim, lay in tr.labels.get(x, {}).items():
+        if dim in dims:
+            if kind == "sum":
+                tr.fixed(node, "sum over a channel dim (use mean)", [lay])
+            continue
+        labels[dim if keepdim else dim - sum(d < dim for d in dims)] = lay
+    tr.labels[node] = labels

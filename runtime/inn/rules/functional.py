@@ -1,0 +1,79 @@
+"""Rules for functional layers that use the model's own parameters: ``F.linear``,
+``F.layer_norm`` (timm / torchvision ``LayerNorm2d``: permute -> layer_norm -> permute) and
+``F.batch_norm`` (timm ``BatchNormAct2d``).
+
+The parameters reach the call as ``get_attr`` nodes (possibly through shape ops), whose dims
+already carry bound groups; the rule ties those dims to the input's channels. A literal
+``normalized_shape`` becomes a size field of the node, rewritten when sampling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import fx
+
+from runtime.inn.layout import SizeField, node_key
+from runtime.inn.rules import register
+from runtime.inn.rules._args import arg
+
+if TYPE_CHECKING:
+    from runtime.inn.tracer import Tracer
+
+
+@register(functions=(F.layer_norm,))
+def layer_norm(tr: Tracer, node: fx.Node) -> None:
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    shape = arg(node, 1, "normalized_shape")
+    where = "1" if len(node.args) > 1 else "normalized_shape"
+    items = list(shape) if isinstance(shape, (tuple, list)) else [shape]
+    k = len(items)
+    params = [p for p in (arg(node, 2, "weight"), arg(node, 3, "bias")) if p is not None]
+    fields = []
+    for i in range(k):
+        lay = tr.layout_of(x, rank - k + i)
+        for p in params:
+            if isinstance(p, fx.Node) and tr.shape(p)[i] > 1:
+                tr.unify(tr.layout_of(p, i), lay, f"node {node.name!r}")
+        if isinstance(items[i], int):  # a literal size; a node (x.shape[-1]) follows anyway
+            index = i if isinstance(shape, (tuple, list)) else None
+            fields.append(SizeField(where, lay, index))
+    if fields:
+        tr.size_fields[node_key(node.name)] = fields
+    tr.copy(node, x, sources=False)
+
+
+@register(functions=(F.batch_norm,))
+def batch_norm(tr: Tracer, node: fx.Node) -> None:
+    x = node.args[0]
+    lay = tr.layout_of(x, 1)
+    names = ("running_mean", "running_var", "weight", "bias")
+    for pos, name in enumerate(names, start=1):
+        p = arg(node, pos, name)
+        if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:
+            tr.unify(tr.layout_of(p, 0), lay, f"node {node.name!r}")
+    tr.copy(node, x, sources=False)
+
+
+@register(functions=(F.linear,))
+def linear(tr: Tracer, node: fx.Node) -> None:
+    """y = x W^T + b: W's dim 1 sums over x's last dim (it gets the quadrature scale, so it
+    must be a parameter's own dim); W's dim 0 is a layer output (a continuous group)."""
+    x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+    rank = len(tr.shape(x))
+    l_in = tr.layout_of(x, -1)
+    if tr.shape(w)[1] > 1:
+        tr.unify(tr.layout_of(w, 1), l_in, f"node {node.name!r}")
+        source = tr.sources.get(w, {}).get(1)
+        if source is not None:
+            tr.mark_reduce(source)
+        else:
+            tr.fixed(node, "F.linear with a computed weight (not a parameter)", [l_in])
+    out = tr.layout_of(w, 0)
+    for s in out:
+        tr.uf.anchor(s.group)
+    if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
+        tr.unify(tr.layout_of(b, 0), out, f"node {node.name!r}")
+    tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}

@@ -1,0 +1,94 @@
+"""Rules for indexing (``x[:, 0]``, ``x[..., None]``) and splitting (split/chunk/unbind).
+
+Indexing keeps a dim it takes whole (``:``) and drops one it indexes with an int; an int or
+a partial slice on a channel dim picks channels by position, which resampling would change,
+so that dim is fixed. Splitting along a channel dim is fixed likewise; the other dims of
+every piece keep their layouts.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from runtime.inn.rules import register
+from runtime.inn.rules._args import arg
+
+if TYPE_CHECKING:
+    from runtime.inn.tracer import Labels, Tracer
+
+
+@register(functions=(operator.getitem,))
+def getitem(tr: Tracer, node: fx.Node) -> None:
+    x, index = node.args[0], node.args[1]
+    if x in tr.items:  # an element of split/chunk/unbind
+        if isinstance(index, int):
+            tr.labels[node] = dict(tr.items[x][index])
+        else:
+            tr.fixed_inputs(node, "a slice of a tuple of tensors")
+        return
+    if not tr.shape(x):
+        if tr.shape(node):  # an element of what an op without a rule returned
+            tr.opaque(node, "an element of the result of an op without a rule")
+        return  # x.shape[0] and the like: not a tensor
+    index = index if isinstance(index, tuple) else (index,)
+    rank = len(tr.shape(x))
+    labels, sources = tr.labels.get(x, {}), tr.sources.get(x, {})
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    entries = []
+    for e in index:
+        entries.extend([slice(None)] * (rank - consumed) if e is Ellipsis else [e])
+    out: Labels = {}
+    out_src = {}
+    d_in = d_out = 0
+    for e in entries:
+        if e is None:
+            d_out += 1
+        elif isinstance(e, int) or (isinstance(e, slice) and e != slice(None)):
+            if d_in in labels:
+                tr.fixed(node, f"indexes channel dim {d_in} with {e!r}", [labels[d_in]])
+            d_in += 1
+            d_out += isinstance(e, slice)
+        elif isinstance(e, slice):
+            if d_in in labels:
+                out[d_out] = labels[d_in]
+            if d_in in sources:
+                out_src[d_out] = sources[d_in]
+            d_in, d_out = d_in + 1, d_out + 1
+        else:  # tensor or list indices: advanced indexing
+            tr.fixed_inputs(node, "advanced indexing with a tensor or list")
+            return
+    for k in range(d_in, rank):  # dims after the index are untouched
+        if k in labels:
+            out[d_out + k - d_in] = labels[k]
+        if k in sources:
+            out_src[d_out + k - d_in] = sources[k]
+    tr.labels[node] = out
+    tr.sources[node] = out_src
+
+
+@register(functions=(torch.split, torch.chunk, torch.unbind),
+          methods=("split", "chunk", "unbind"))  # fmt: skip
+def split(tr: Tracer, node: fx.Node) -> None:
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dim = arg(node, 1, "dim", 0) if name == "unbind" else arg(node, 2, "dim", 0)
+    dim %= rank
+    labels = tr.labels.get(x, {})
+    if dim in labels:
+        tr.fixed(node, f"{name} along channel dim {dim}", [labels[dim]])
+    meta = node.meta.get("tensor_meta")
+    count = len(meta) if isinstance(meta, (tuple, list)) else 0
+    keep = {d: lay for d, lay in labels.items() if d != dim}
+    if name == "unbind":
+        keep = {d - (d > dim): lay for d, lay in keep.items()}
+    tr.items[node] = [dict(keep) for _ in range(count)]
+
+
+@register(functions=(getattr,), methods=("size", "dim", "numel"))
+def metadata(tr: Tracer, node: fx.Node) -> None:
+    """``x.shape``, ``x.size(1)``: read at run time, so they follow resampling."""

@@ -1,0 +1,125 @@
+"""Rules for torch.nn layers: conv, linear, norms, flatten, and layers that keep every dim."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from runtime.inn.layout import ConversionError, Segment, SizeField
+from runtime.inn.rules import register
+from runtime.inn.rules.shapes import flatten_dims
+
+if TYPE_CHECKING:
+    from runtime.inn.tracer import Tracer
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules that keep every dimension's channels where they are.
+SAME_LAYOUT_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Softmax, nn.LogSoftmax,
+    nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU,
+)  # fmt: skip
+
+
+def _module(tr: Tracer, node: fx.Node) -> tuple[nn.Module, str, fx.Node]:
+    return tr.modules[node.target], str(node.target), node.args[0]
+
+
+@register(modules=_CONV)
+def conv(tr: Tracer, node: fx.Node) -> None:
+    mod, name, x = _module(tr, node)
+    g, c_in, c_out = mod.groups, mod.in_channels, mod.out_channels
+    l_in = tr.layout_of(x, 1)
+    fields = [SizeField("in_channels", l_in)]
+    if g == 1:
+        tr.module_binding(name, "weight", 1, l_in, reduce=True)
+        out = tr.new_group(c_out, name)
+    elif g == c_in:
+        # Depthwise: output channel c*mult+j reads input channel c only, so the output dim
+        # is the input's layout with each channel spanning `mult` entries. No sum over
+        # channels, so no quadrature scale.
+        mult = c_out // c_in
+        out = tuple(Segment(s.group, s.inner * mult, s.per_block) for s in l_in)
+        fields.append(SizeField("groups", l_in))
+    else:
+        if len(l_in) != 1 or l_in[0].inner != 1:
+            raise ConversionError(
+                f"cannot convert node {node.name!r} (call_module Conv at {name!r}): grouped "
+                f"Conv ({g} groups) after a concat/flatten has no rule"
+            )
+        _set_blocks(tr, tr.uf.find(l_in[0].group), g, node)
+        tr.module_binding(name, "weight", 1, (Segment(l_in[0].group, 1, per_block=True),), True)
+        out = tr.new_group(c_out, name)
+        _set_blocks(tr, tr.uf.find(out[0].group), g, node)
+    tr.module_binding(name, "weight", 0, out)
+    if mod.bias is not None:
+        tr.module_binding(name, "bias", 0, out)
+    fields.append(SizeField("out_channels", out))
+    tr.size_fields[name] = fields
+    tr.labels[node] = {**tr.labels.get(x, {}), 1: out}
+
+
+def _set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
+    have = tr.uf.blocks[root]
+    if have > 1 and have != blocks:
+        raise ConversionError(
+            f"cannot convert node {node.name!r}: grouped Conv with {blocks} groups after {have}"
+        )
+    tr.uf.blocks[root] = blocks
+
+
+@register(modules=(nn.Linear,))
+def linear(tr: Tracer, node: fx.Node) -> None:
+    mod, name, x = _module(tr, node)
+    rank = len(tr.shape(x))
+    l_in = tr.layout_of(x, -1)
+    tr.module_binding(name, "weight", 1, l_in, reduce=True)
+    out = tr.new_group(mod.out_features, name)
+    tr.module_binding(name, "weight", 0, out)
+    if mod.bias is not None:
+        tr.module_binding(name, "bias", 0, out)
+    tr.size_fields[name] = [SizeField("in_features", l_in), SizeField("out_features", out)]
+    tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
+
+
+@register(modules=_NORM)
+def batch_norm(tr: Tracer, node: fx.Node) -> None:
+    mod, name, x = _module(tr, node)
+    lay = tr.layout_of(x, 1)
+    for p in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(mod, p, None) is not None:
+            tr.module_binding(name, p, 0, lay)
+    tr.size_fields[name] = [SizeField("num_features", lay)]
+    tr.copy(node, x, sources=False)
+
+
+@register(modules=(nn.LayerNorm,))
+def layer_norm(tr: Tracer, node: fx.Node) -> None:
+    mod, name, x = _module(tr, node)
+    rank = len(tr.shape(x))
+    k = len(mod.normalized_shape)
+    fields = []
+    for i in range(k):
+        lay = tr.layout_of(x, rank - k + i)
+        for p in ("weight", "bias"):
+            if getattr(mod, p, None) is not None:
+                tr.module_binding(name, p, i, lay)
+        fields.append(SizeField("normalized_shape", lay, index=i))
+    tr.size_fields[name] = fields
+    tr.copy(node, x, sources=False)
+
+
+@register(modules=(nn.Flatten,))
+def flatten_module(tr: Tracer, node: fx.Node) -> None:
+    mod, _, x = _module(tr, node)
+    flatten_dims(tr, node, x, mod.start_dim, mod.end_dim)
+
+
+@register(modules=SAME_LAYOUT_MODULES)
+def same_layout_module(tr: Tracer, node: fx.Node) -> None:
+    tr.copy(node, node.args[0], sources=False)

@@ -1,0 +1,177 @@
+"""Rules for ops that only move or regroup dims: view/reshape/flatten/unsqueeze/squeeze,
+expand, permute/transpose.
+
+A reshape is split into runs of dims whose sizes multiply to the same number (size-1 dims
+ignored). One dim -> one dim carries its layout; several -> one is a flatten (the first dim's
+channels, each spanning the rest, channel-major); one -> several un-flattens when every
+segment's span divides evenly. Anything else - a split of channels into (heads, head_dim),
+a channel shuffle, a merge with channels not first - fixes the dims involved (refused if
+continuous). An output dim that carries channels and whose size is given as a literal int
+would not follow resampling, so it is fixed too (use -1 or ``x.size(d)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from runtime.inn.layout import Segment
+from runtime.inn.rules import register
+from runtime.inn.rules._args import arg, flat, sizes
+
+if TYPE_CHECKING:
+    from runtime.inn.tracer import Labels, Tracer
+
+
+def reshape_runs(src: tuple, dst: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of ``src`` dims with runs of ``dst`` dims of equal product (size-1 dims are
+    skipped). None when the sizes do not line up (zero-size dims)."""
+    a = [d for d, n in enumerate(src) if n != 1]
+    b = [d for d, n in enumerate(dst) if n != 1]
+    runs, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        ra, rb = [a[i]], [b[j]]
+        pa, pb = src[a[i]], dst[b[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ra.append(a[i])
+                pa *= src[a[i]]
+                i += 1
+            elif pb < pa and j < len(b):
+                rb.append(b[j])
+                pb *= dst[b[j]]
+                j += 1
+            else:
+                return None
+        runs.append((ra, rb))
+    return runs if i == len(a) and j == len(b) else None
+
+
+def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) -> None:
+    """Label ``node`` = ``x`` reshaped to ``node``'s shape; ``size_args`` are the literal
+    sizes given (None when they come from another tensor, as in ``reshape_as``)."""
+    src, dst = tr.shape(x), tr.shape(node)
+    labels, srcs = tr.labels.get(x, {}), tr.sources.get(x, {})
+    out: Labels = {}
+    out_src = {}
+    runs = reshape_runs(src, dst)
+    what = f"reshape {src} -> {dst}"
+    if runs is None:
+        tr.fixed(node, f"{what} is not a regrouping of dims", labels.values())
+        return
+    for ra, rb in runs:
+        lays = [labels[d] for d in ra if d in labels]
+        if not lays:
+            continue
+        first = labels.get(ra[0])
+        if len(ra) == 1 and len(rb) == 1:
+            out[rb[0]] = first
+            if ra[0] in srcs:
+                out_src[rb[0]] = srcs[ra[0]]
+        elif len(rb) == 1:  # a flatten: channel-major only when channels come first
+            if first is not None:
+                inner = math.prod(src[d] for d in ra[1:])
+                out[rb[0]] = tuple(Segment(s.group, s.inner * inner, s.per_block) for s in first)
+            rest = [labels[d] for d in ra[1:] if d in labels]
+            tr.fixed(node, f"{what} merges a channel dim after another dim", rest)
+        elif len(ra) == 1 and all(s.inner % math.prod(dst[d] for d in rb[1:]) == 0 for s in first):
+            tail = math.prod(dst[d] for d in rb[1:])  # un-flatten: (C*H*W) -> (C, H, W)
+            out[rb[0]] = tuple(Segment(s.group, s.inner // tail, s.per_block) for s in first)
+        else:
+            tr.fixed(
+                node,
+                f"{what} splits a channel dim into several (attention heads, channel shuffle)",
+                lays,
+            )
+    if size_args is not None:
+        for d, lay in out.items():
+            given = size_args[d] if d < len(size_args) else None
+            if isinstance(given, int) and given != -1:
+                tr.fixed(
+                    node,
+                    f"{what} gives channel dim {d} the literal size {given}, which would not "
+                    f"follow resampling; use torch.flatten(x, {d}) or -1 for sizes",
+                    [lay],
+                )
+    tr.labels[node] = out
+    tr.sources[node] = out_src
+
+
+@register(methods=("view", "reshape"), functions=(torch.reshape,))
+def reshape(tr: Tracer, node: fx.Node) -> None:
+    if any(isinstance(a, torch.dtype) for a in node.args[1:]):  # x.view(dtype)
+        tr.fixed_inputs(node, "view as another dtype")
+        return
+    reshape_to(tr, node, node.args[0], sizes(node))
+
+
+@register(methods=("reshape_as", "view_as", "unsqueeze", "squeeze"),
+          functions=(torch.unsqueeze, torch.squeeze))  # fmt: skip
+def reshape_from_tensor(tr: Tracer, node: fx.Node) -> None:
+    reshape_to(tr, node, node.args[0], None)
+
+
+def flatten_dims(tr: Tracer, node: fx.Node, x: fx.Node, start: int, end: int) -> None:
+    reshape_to(tr, node, x, None)
+
+
+@register(methods=("flatten",), functions=(torch.flatten,))
+def flatten(tr: Tracer, node: fx.Node) -> None:
+    reshape_to(tr, node, node.args[0], None)
+
+
+@register(methods=("expand", "expand_as"))
+def expand(tr: Tracer, node: fx.Node) -> None:
+    """Leading dims are added; size-1 dims broadcast (they carry nothing); the rest carry."""
+    x = node.args[0]
+    src, dst = tr.shape(x), tr.shape(node)
+    given = sizes(node) if node.target == "expand" else None
+    offset = len(dst) - len(src)
+    out: Labels = {}
+    for d, lay in tr.labels.get(x, {}).items():
+        if src[d] == dst[d + offset]:
+            out[d + offset] = lay
+            size = given[d + offset] if given and d + offset < len(given) else None
+            if isinstance(size, int) and size != -1:
+                tr.fixed(
+                    node,
+                    f"expand gives channel dim {d + offset} the literal size {size}; use -1",
+                    [lay],
+                )
+    tr.labels[node] = out
+    tr.sources[node] = {
+        d + offset: s for d, s in tr.sources.get(x, {}).items() if src[d] == dst[d + offset]
+    }
+
+
+@register(methods=("transpose", "permute", "t", "movedim", "swapaxes", "swapdims"),
+          functions=(torch.transpose, torch.permute, torch.t, torch.movedim, torch.swapaxes,
+                     torch.swapdims))  # fmt: skip
+def transpose(tr: Tracer, node: fx.Node) -> None:
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "permute":
+        order = [d % rank for d in flat(node.args[1:] or [node.kwargs.get("dims")])]
+    elif name == "movedim":
+        moved = dict(
+            zip(
+                [int(d) % rank for d in flat([arg(node, 2, "destination")])],
+                [int(d) % rank for d in flat([arg(node, 1, "source")])],
+                strict=True,
+            )
+        )
+        rest = iter(d for d in range(rank) if d not in moved.values())
+        order = [moved[i] if i in moved else next(rest) for i in range(rank)]
+    else:
+        a, b = (0, 1) if name == "t" else (int(arg(node, 1, "dim0")), int(arg(node, 2, "dim1")))
+        order = list(range(rank))
+        if rank > 1 or name != "t":
+            order[a % rank], order[b % rank] = order[b % rank], order[a % rank]
+    labels, srcs_ = tr.labels.get(x, {}), tr.sources.get(x, {})
+    tr.labels[node] = {new: labels[old] for new, old in enumerate(order) if old in labels}
+    tr.sources[node] = {new: srcs_[old] for new, old in enumerate(order) if old in srcs_}

@@ -1,0 +1,250 @@
+"""The graph walk: every channel-carrying dim gets a layout; rules (``runtime.inn.rules``)
+tie dims, bind parameters and record what must stay fixed.
+
+Safety by construction:
+  * every dim of a raw parameter (``get_attr``) gets a group and a binding at once; shape ops
+    carry that group along, so whatever op later ties it to a layer's channels binds the
+    parameter (it is then resampled and permuted with them);
+  * a rule that cannot follow a dim (an op without a rule, a reshape that splits channels, a
+    literal channel count, a constant index) does not guess: it records *fixed* - the dim's
+    groups must end discrete. After the walk, any fixed group that ended continuous is an
+    error naming the node, the op and what to change. A parameter tied to a layer only
+    later in the graph is therefore caught as well.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from runtime.inn.layout import (
+    Analysis,
+    Binding,
+    ConversionError,
+    GroupInfo,
+    Layout,
+    Segment,
+    SizeField,
+)
+from runtime.inn.unionfind import UnionFind
+
+Labels = dict[int, Layout]
+Source = tuple[str, int]  # (parameter name, dim) a tensor dim is an unchanged view of
+
+
+class Tracer:
+    """Walks the graph once, assigning a layout to every channel-carrying dim."""
+
+    def __init__(self, gm: fx.GraphModule, discrete_modules: set[str]) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.uf = UnionFind()
+        self.labels: dict[fx.Node, Labels] = {}
+        self.items: dict[fx.Node, list[Labels]] = {}  # tuple-valued nodes (split, chunk)
+        self.sources: dict[fx.Node, dict[int, Source]] = {}
+        self.bindings: list[Binding] = []
+        self._bound: dict[Source, int] = {}
+        self.size_fields: dict[str, list[SizeField]] = {}
+        self.discrete_modules = discrete_modules
+        self._fixed: list[tuple[fx.Node, str, tuple[int, ...]]] = []
+
+    # -- helpers for rules -----------------------------------------------------------------
+    @staticmethod
+    def shape(node: object) -> tuple[int, ...]:
+        if not isinstance(node, fx.Node):
+            return ()
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+    def layout_of(self, node: fx.Node, dim: int) -> Layout:
+        """The layout of ``node``'s dim; a dim nothing labelled is a fresh discrete group."""
+        dim = dim % len(self.shape(node))
+        labels = self.labels.setdefault(node, {})
+        if dim not in labels:
+            g = self.uf.new(self.shape(node)[dim], f"{node.name}:{dim}", discrete=True)
+            labels[dim] = (Segment(g),)
+        return labels[dim]
+
+    def unify(self, a: Layout, b: Layout, where: str) -> Layout:
+        """Tie two dims that must hold the same channels.
+
+        Dims split into different segments (``cat([cls, tokens]) + pos_table``) cannot share
+        a resampling; that is fine while none of their groups is continuous - they are then
+        pinned discrete for good. A continuous one is an error.
+        """
+        if len(a) == len(b) and all(x.inner == y.inner for x, y in zip(a, b, strict=True)):
+            for x, y in zip(a, b, strict=True):
+                self.uf.union(x.group, y.group, where)
+            return a
+        if any(self.uf.continuous(s.group) for s in a + b):
+            raise ConversionError(
+                f"{where}: combines tensors whose channels are split differently "
+                f"(e.g. a residual add of a concat); this is not supported"
+            )
+        for s in a + b:
+            self.uf.pin(s.group)
+        return a
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if self.shape(a) or a in self.items]
+
+    def bind(self, param: str, dim: int, layout: Layout, reduce=False) -> None:
+        """``param``'s ``dim`` carries ``layout``; a dim bound twice is tied, never doubled."""
+        key = (param, dim)
+        if key in self._bound:
+            i = self._bound[key]
+            old = self.bindings[i]
+            self.unify(old.layout, layout, f"parameter {param!r} dim {dim}")
+            self.bindings[i] = Binding(param, dim, old.layout, old.reduce or reduce)
+            return
+        self._bound[key] = len(self.bindings)
+        self.bindings.append(Binding(param, dim, layout, reduce))
+
+    def bound(self, param: str, dim: int) -> Layout | None:
+        i = self._bound.get((param, dim))
+        return None if i is None else self.bindings[i].layout
+
+    def mark_reduce(self, source: Source) -> None:
+        """The parameter dim ``source`` is summed over by a layer: give it the quadrature."""
+        i = self._bound[source]
+        b = self.bindings[i]
+        self.bindings[i] = Binding(b.param, b.dim, b.layout, True)
+
+    def module_binding(self, module: str, pname: str, dim: int, layout: Layout, reduce=False):
+        self.bind(f"{module}.{pname}" if module else pname, dim, layout, reduce)
+
+    def new_group(self, size: int, origin: str) -> Layout:
+        g = self.uf.new(size, origin, discrete=origin in self.discrete_modules)
+        return (Segment(g),)
+
+    def copy(self, node: fx.Node, x: object, sources: bool = True) -> None:
+        """``node`` keeps every dim of ``x`` as it is (an elementwise op on one tensor)."""
+        if isinstance(x, fx.Node):
+            self.labels[node] = dict(self.labels.get(x, {}))
+            if sources and x in self.sources:
+                self.sources[node] = dict(self.sources[x])
+
+    def fixed(self, node: fx.Node, what: str, layouts) -> None:
+        """The groups of ``layouts`` must end discrete, or ``node`` is refused with ``what``."""
+        groups = tuple(s.group for lay in layouts for s in lay)
+        if groups:
+            self._fixed.append((node, what, groups))
+
+    def fixed_inputs(self, node: fx.Node, what: str) -> None:
+        """``node`` has no rule: every dim of every input must end discrete."""
+        for a in node.all_input_nodes:
+            self.fixed(node, what, self.labels.get(a, {}).values())
+            for item in self.items.get(a, []):
+                self.fixed(node, what, item.values())
+
+    def opaque(self, node: fx.Node, what: str) -> None:
+        """``node``'s output dims come from an op without a rule: their sizes are fixed, so
+        tying one to continuous channels later refuses ``node`` (rather than silently fixing
+        those channels or leaving a size that does not follow them)."""
+        labels: Labels = {}
+        for dim, size in enumerate(self.shape(node)):
+            if size > 1:
+                g = self.uf.new(size, f"{node.name}:{dim}", anchored=False)
+                labels[dim] = (Segment(g),)
+                self.fixed(node, what, [labels[dim]])
+        self.labels[node] = labels
+
+    # -- the walk --------------------------------------------------------------------------
+    def run(self) -> Analysis:
+        from runtime.inn.rules import lookup  # the rules register themselves on import
+
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue  # inputs get discrete groups lazily through layout_of
+            if node.op == "get_attr":
+                self.visit_get_attr(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    for lay in self.labels.get(arg, {}).values():
+                        for s in lay:
+                            self.uf.pin(s.group)
+            else:
+                module = self.modules.get(node.target) if node.op == "call_module" else None
+                rule = lookup(node, module)
+                if rule is not None:
+                    rule(self, node)
+                else:
+                    self.fixed_inputs(node, _no_rule(node, module))
+                    self.opaque(node, _no_rule(node, module))
+        self.check()
+        return self.analysis()
+
+    def visit_get_attr(self, node: fx.Node) -> None:
+        # A raw parameter: each dim gets a group bound to it now, so whichever op ties the
+        # dim to a layer's channels (through any shape ops) binds the parameter. Until then
+        # ("anchored") the group stays discrete.
+        labels: Labels = {}
+        sources: dict[int, Source] = {}
+        target = str(node.target)
+        for dim, size in enumerate(self.shape(node)):
+            if size > 1:
+                lay = self.bound(target, dim)
+                if lay is None:
+                    lay = (Segment(self.uf.new(size, f"{target}:{dim}", anchored=False)),)
+                    self.bind(target, dim, lay)
+                labels[dim] = lay
+                sources[dim] = (target, dim)
+        self.labels[node] = labels
+        self.sources[node] = sources
+
+    def check(self) -> None:
+        """Refuse the first node (in graph order) that needs a continuous group fixed."""
+        for node, what, groups in self._fixed:
+            live = [g for g in groups if self.uf.continuous(g)]
+            if not live:
+                continue
+            origin = self.uf.origin[self.uf.find(live[0])]
+            producer = origin if origin in self.modules else None
+            hint = (
+                f"keep its channels fixed with discrete=[{producer!r}]"
+                if producer
+                else "keep its channels fixed with discrete=[...] on the layers that produce them"
+            )
+            raise ConversionError(
+                f"cannot convert node {node.name!r} ({node.op} {_target_name(node)}): {what}; "
+                f"it acts on the continuous channels of group {origin!r}. Rewrite it with "
+                f"supported ops, or {hint}."
+            )
+
+    # -- result ----------------------------------------------------------------------------
+    def analysis(self) -> Analysis:
+        uf = self.uf
+        layouts = [b.layout for b in self.bindings]
+        layouts += [f.layout for fs in self.size_fields.values() for f in fs]
+        roots = sorted({uf.find(s.group) for lay in layouts for s in lay})
+        names: set[str] = set()
+        groups: list[GroupInfo] = []
+        for r in roots:
+            name = uf.origin[r]
+            while name in names:
+                name += "'"
+            names.add(name)
+            groups.append(GroupInfo(name, uf.size[r], uf.blocks[r], not uf.continuous(r)))
+        index = {r: i for i, r in enumerate(roots)}
+
+        def canon(lay: Layout) -> Layout:
+            return tuple(Segment(index[uf.find(s.group)], s.inner, s.per_block) for s in lay)
+
+        bindings = [Binding(b.param, b.dim, canon(b.layout), b.reduce) for b in self.bindings]
+        for b in bindings:
+            for s in b.layout:
+                groups[s.group].members.append((b.param, b.dim))
+        size_fields = {
+            m: [SizeField(f.kwarg, canon(f.layout), f.index) for f in fs]
+            for m, fs in self.size_fields.items()
+        }
+        return Analysis(groups, bindings, size_fields)
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _no_rule(node: fx.Node, module: object) -> str:
+    what = f"module {type(module).__name__}" if module is not None else repr(_target_name(node))
+    return f"innfer has no rule for {what}"

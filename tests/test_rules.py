@@ -1,0 +1,353 @@
+"""Per-pattern conversion rules (issue 12): each module reproduces one pattern of a widely
+used architecture (timm / torchvision) by hand, so no model zoo is needed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import runtime
+from runtime.inn.groups import ConversionError
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _converts(model: nn.Module, x: torch.Tensor, tmp_path=None, **kw):
+    """Convert; check exact at width 1.0, sample(0.5) runs, and save/load round-trips."""
+    model = model.eval()
+    with torch.no_grad():
+        inn = runtime.convert(model, (x,), **kw)
+        assert _rel_err(inn.sample(1.0)(x), model(x)) <= 1e-5
+        half = inn.sample(0.5)
+        y = half(x)
+        assert y.shape == model(x).shape and torch.isfinite(y).all()
+        if tmp_path is not None:
+            back = runtime.load(inn.save(tmp_path / "inn"))
+            torch.testing.assert_close(back.sample(0.5)(x), y, rtol=0, atol=0)
+    return inn
+
+
+def _members(inn, group: str) -> set[str]:
+    return {p for p, _ in inn.group(group).members}
+
+
+# -- 1. raw parameters through view/reshape (the correctness bug) -----------------------------
+
+
+class LayerScale(nn.Module):
+    """timm ConvNeXt: x.mul(self.gamma.reshape(1, -1, 1, 1)); torchvision: gamma (C, 1, 1)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        shape = (8, 1, 1) if how == "broadcast" else (8,)
+        self.gamma = nn.Parameter(torch.rand(shape) + 0.5)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "view":
+            h = h * self.gamma.view(1, -1, 1, 1)
+        elif self.how == "reshape":
+            h = h.mul(self.gamma.reshape(1, -1, 1, 1))
+        elif self.how == "expand":
+            h = h + self.gamma.view(1, -1, 1, 1).expand(x.size(0), -1, h.size(2), h.size(3))
+        else:
+            h = self.gamma * h
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "expand", "broadcast"])
+def test_layer_scale_parameter_is_bound_to_its_channels(how):
+    inn = _converts(LayerScale(how), torch.randn(2, 3, 6, 6))
+    assert "gamma" in _members(inn, "a")
+    assert inn.sample(0.5).gamma.shape[0] == 4
+
+
+class LiteralScale(LayerScale):
+    def forward(self, x):
+        return self.b(self.a(x) * self.gamma.view(1, 8, 1, 1))
+
+
+def test_parameter_viewed_with_a_literal_channel_count_is_refused():
+    with pytest.raises(ConversionError, match=r"literal size 8"):
+        runtime.convert(LiteralScale("view").eval(), (torch.randn(1, 3, 6, 6),))
+
+
+class EarlyUnknownOp(LayerScale):
+    def forward(self, x):
+        s = torch.cumsum(self.gamma, 0).view(1, -1, 1, 1)  # before any layer ties gamma
+        return self.b(self.a(x) * s)
+
+
+def test_parameter_through_an_op_without_a_rule_is_refused_even_before_its_layer():
+    with pytest.raises(ConversionError, match=r"'cumsum'.*no rule.*group 'a'"):
+        runtime.convert(EarlyUnknownOp("view").eval(), (torch.randn(1, 3, 6, 6),))
+
+
+# -- 2. functional norms and linears with the model's own parameters --------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm / torchvision ConvNeXt: permute -> F.layer_norm -> permute (both permute forms)."""
+
+    def forward(self, x):
+        x = torch.permute(x, (0, 2, 3, 1))
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm BatchNormAct2d: F.batch_norm with the running statistics, then an activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         False, 0.1, self.eps)  # fmt: skip
+        return torch.relu(x)
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in) / c_in**0.5)
+        self.bias = nn.Parameter(torch.randn(c_out) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class NormNet(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = LayerNorm2d(8) if functional else None
+        self.ln_ref = None if functional else nn.LayerNorm(8)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn = BatchNormAct2d(12) if functional else nn.BatchNorm2d(12)
+        self.fc1 = FunctionalLinear(12, 16) if functional else nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+        self.functional = functional
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.functional:
+            h = self.ln(h)
+        else:
+            h = self.ln_ref(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.bn(self.conv(h))
+        if not self.functional:
+            h = torch.relu(h)
+        return self.fc2(torch.relu(self.fc1(h.mean((2, 3)))))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if "running_var" in name:
+                t.uniform_(0.5, 2.0)
+            elif t.is_floating_point() and ("bias" in name or "running_mean" in name):
+                t.uniform_(-0.5, 0.5)
+            elif t.is_floating_point() and t.dim() == 1:
+                t.uniform_(0.5, 1.5)
+    return model
+
+
+def test_functional_norms_and_linear_sample_like_their_modules(tmp_path):
+    torch.manual_seed(0)
+    fun = _randomised(NormNet(functional=True))
+    ref = NormNet(functional=False)
+    state = {k.replace("ln.", "ln_ref."): v for k, v in fun.state_dict().items()}
+    ref.load_state_dict(state)
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(fun, x, tmp_path, fold_norms=False)
+    assert {"ln.weight", "ln.bias"} <= _members(inn, "stem")
+    assert {"bn.weight", "bn.running_mean", "bn.running_var", "fc1.weight"} <= _members(inn, "conv")
+    assert "fc1.weight" in _members(inn, "fc1.weight:0")
+    # the same network written with nn modules samples to the same numbers at every width
+    inn_ref = runtime.convert(ref.eval(), (x,), fold_norms=False, permute=False)
+    inn_fun = runtime.convert(fun.eval(), (x,), fold_norms=False, permute=False)
+    for w in (0.5, 0.75):
+        with torch.no_grad():
+            torch.testing.assert_close(inn_fun.sample(w)(x), inn_ref.sample(w)(x))
+
+
+# -- 3. stochastic depth / drop path: the identity at inference --------------------------------
+
+
+def stochastic_depth(input, p, mode, training=True):  # torchvision.ops.stochastic_depth
+    if not training or p == 0.0:
+        return input
+    keep = torch.empty([input.shape[0]] + [1] * (input.ndim - 1)).bernoulli_(1 - p)
+    return input * keep / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"  # what torchvision defines
+fx.wrap("stochastic_depth")  # torchvision wraps it: fx keeps one call node
+
+
+class StochasticResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + stochastic_depth(self.branch(torch.relu(h)), 0.1, "row", self.training)
+        return self.head(h.mean((2, 3)))
+
+
+def test_stochastic_depth_is_stored_as_the_identity(tmp_path):
+    inn = _converts(StochasticResidual(), torch.randn(2, 3, 6, 6), tmp_path)
+    assert "stochastic_depth" not in str(inn.spec["nodes"])
+    assert "branch.weight" in _members(inn, "stem")
+
+
+def test_real_torchvision_stochastic_depth(tmp_path):
+    if importlib.util.find_spec("torchvision") is None:  # not a dependency
+        pytest.skip("torchvision is not installed")
+    from runtime.inn.compat import import_torchvision
+
+    ops = import_torchvision().ops
+
+    class Net(StochasticResidual):
+        def __init__(self):
+            super().__init__()
+            self.sd = ops.StochasticDepth(0.2, "row")
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = h + self.sd(self.branch(torch.relu(h)))
+            return self.head(h.mean((2, 3)))
+
+    _converts(Net(), torch.randn(2, 3, 6, 6), tmp_path)
+
+
+# -- 4. token-dim concat, position table, class-token pooling ----------------------------------
+
+
+class TinyViTNoAttention(nn.Module):
+    """ViT's token plumbing: patch embed, class token cat, position add, x[:, 0] pooling."""
+
+    def __init__(self, d: int = 12, hidden: int = 24) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + 9, d) * 0.1)
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + self.pos_embed
+        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
+        return self.head(t[:, 0])
+
+
+def test_class_token_position_table_and_pooling_convert(tmp_path):
+    inn = _converts(TinyViTNoAttention(), torch.randn(2, 3, 6, 6), tmp_path)
+    d = _members(inn, "patch")
+    assert {"cls_token", "pos_embed", "norm.weight", "fc2.bias", "head.weight"} <= d
+    assert "fc1" in [g.name for g in inn.groups]
+    assert inn.sample(0.5).pos_embed.shape == (1, 10, 6)  # the token dim stays
+
+
+class IndexChannel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x)[:, 0])  # channel 0: another one once resampled
+
+
+def test_indexing_a_channel_is_refused():
+    with pytest.raises(ConversionError, match=r"indexes channel dim 1 with 0"):
+        runtime.convert(IndexChannel().eval(), (torch.randn(1, 3, 6, 6),))
+
+
+# -- still refused: channel-splitting reshapes and attention -----------------------------------
+
+
+class HeadSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_attention_head_split_is_refused():
+    with pytest.raises(ConversionError, match=r"splits a channel dim"):
+        runtime.convert(HeadSplit().eval(), (torch.randn(2, 5, 8),))
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        n, c, hh, ww = h.shape
+        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.b(h)
+
+
+def test_channel_shuffle_is_refused():
+    with pytest.raises(ConversionError, match=r"splits a channel dim"):
+        runtime.convert(ChannelShuffle().eval(), (torch.randn(1, 3, 4, 4),))
+
+
+class WithMHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_multihead_attention_is_refused_or_kept_discrete():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ConversionError, match=r"MultiheadAttention.*discrete=\['embed'\]"):
+        runtime.convert(WithMHA().eval(), (x,))
+    inn = _converts(WithMHA(), x, discrete=["embed"])
+    assert inn.groups == []
+
+
+class Unflatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.flatten(self.a(x), 1)
+        return self.b(h.view(h.size(0), -1, 4, 4))
+
+
+def test_flatten_then_view_back_keeps_the_channels():
+    inn = _converts(Unflatten(), torch.randn(2, 3, 4, 4))
+    assert [g.name for g in inn.groups] == ["a"]
