@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from runtime.inn.permute import smoothing_order, total_variation
+import runtime.inn.permute as permute
+from runtime.inn.permute import (
+    EXACT_MAX,
+    exact_order,
+    scalable_order,
+    smoothing_order,
+    total_variation,
+)
 
 
 def _shuffled_curve(m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,26 +22,89 @@ def _shuffled_curve(m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return curve[perm], curve
 
 
+def _noisy_curve(m: int, d: int, seed: int) -> torch.Tensor:
+    """A low-rank smooth structure plus noise, shuffled (bench/permutation.py's kind)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(m, 1, generator=g)
+    code = torch.sin(torch.pi * t * torch.arange(1, 9).float())
+    return code @ torch.randn(8, d, generator=g) + 0.5 * torch.randn(m, d, generator=g)
+
+
+def _is_permutation(order: torch.Tensor, m: int) -> bool:
+    return order.dtype == torch.int64 and sorted(order.tolist()) == list(range(m))
+
+
 def test_recovers_a_smooth_order_from_a_shuffle():
     shuffled, curve = _shuffled_curve(200, 6, seed=1)
     order = smoothing_order(shuffled)
-    assert sorted(order.tolist()) == list(range(200))
+    assert _is_permutation(order, 200)
     tv = total_variation(shuffled, order)
     assert tv <= total_variation(curve) * 1.02  # the true smooth order, within 2 %
     assert tv < total_variation(shuffled) / 10
 
 
+def test_scalable_path_recovers_a_smooth_order_too():
+    shuffled, curve = _shuffled_curve(300, 6, seed=2)
+    order = scalable_order(shuffled)
+    assert _is_permutation(order, 300)
+    assert total_variation(shuffled, order) <= total_variation(curve) * 1.02
+
+
+def test_scalable_path_within_2_percent_of_the_exact_path():
+    for seed in range(2):
+        x = _noisy_curve(160, 400, seed)
+        exact = total_variation(x, exact_order(x, seed=seed))
+        scalable = total_variation(x, scalable_order(x, seed=seed, rank=64))
+        assert scalable <= exact * 1.02
+
+
 def test_deterministic_for_a_seed():
     x = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(smoothing_order(x, seed=5), smoothing_order(x, seed=5))
+    y = _noisy_curve(150, 300, seed=3)
+    assert torch.equal(scalable_order(y, seed=5, rank=32), scalable_order(y, seed=5, rank=32))
 
 
 def test_never_worse_than_identity_on_random_features():
     for seed in range(5):
         x = torch.randn(48, 30, generator=torch.Generator().manual_seed(seed))
         assert total_variation(x, smoothing_order(x)) < total_variation(x)
+        assert total_variation(x, scalable_order(x, seed=seed)) < total_variation(x)
 
 
 def test_tiny_groups():
     assert smoothing_order(torch.zeros(1, 3)).tolist() == [0]
     assert sorted(smoothing_order(torch.randn(3, 2)).tolist()) == [0, 1, 2]
+    for m in range(1, 8):
+        x = torch.randn(m, 4, generator=torch.Generator().manual_seed(m))
+        assert _is_permutation(scalable_order(x), m)
+
+
+def test_identical_channels():
+    order = scalable_order(torch.ones(40, 5))
+    assert _is_permutation(order, 40)
+    assert total_variation(torch.ones(40, 5), order) == 0.0
+
+
+def test_reduced_features_keep_distances_of_low_rank_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 6, generator=g) @ torch.randn(6, 500, generator=g)  # rank 6
+    r = permute.reduced_features(x, rank=16, seed=0)
+    assert r.shape == (100, 16)
+    assert torch.allclose(torch.cdist(r, r), torch.cdist(x, x), rtol=1e-3, atol=0.1)
+
+
+def test_wide_groups_take_the_scalable_path(monkeypatch):
+    """Above EXACT_MAX channels the O(m^3) exact path is never entered (no timing asserted:
+    the group below takes well under a second on the scalable path)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("exact path taken above EXACT_MAX")
+
+    monkeypatch.setattr(permute, "exact_order", refuse)
+    monkeypatch.setattr(permute, "_two_opt", refuse)
+    m = 4 * EXACT_MAX
+    x = _noisy_curve(m, 64, seed=0)
+    order = smoothing_order(x)
+    assert _is_permutation(order, m)
+    assert total_variation(x, order) < 0.5 * total_variation(x)
