@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,81 @@ class InferResult:
     queue_us: int
     compute_us: int
     batch_size: int
+
+
+@dataclass
+class Duration:
+    """A count and the total time it took, in nanoseconds (Triton's StatisticDuration)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(0, int(seconds * 1e9))
+
+
+@dataclass
+class BatchStats:
+    """One batch size's executions: each phase counted once per execution."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class ModelStats:
+    """Triton's ModelStatistics counters, as perf_analyzer reads them.
+
+    ``inference_count`` counts rows (each element of a batched request is one inference),
+    ``execution_count`` engine runs (one per batch). Per request: ``success`` (arrival to
+    answer), ``fail`` (arrival to the error), ``queue`` (arrival to its batch's start) and the
+    three compute phases of the batch it ran in (concatenating the inputs, the engine,
+    splitting the outputs). ``batches`` holds per-execution phases keyed by the batch's rows.
+
+    Example:
+        >>> s = ModelStats()
+        >>> s.record_batch(rows=3, requests=2, compute=(1e-6, 2e-3, 1e-6))
+        >>> s.inference_count, s.execution_count, s.compute_infer.count
+        (3, 1, 2)
+        >>> s.batches[3].compute_infer
+        Duration(count=1, ns=2000000)
+    """
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+
+    def record_batch(self, rows: int, requests: int, compute: tuple[float, float, float]) -> None:
+        """One execution of ``rows`` rows for ``requests`` requests; ``compute`` is its
+        (input, infer, output) seconds. Queue and success are per request
+        (``record_request``)."""
+        self.inference_count += rows
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1e3)
+        batch = self.batches.get(rows)
+        if batch is None:
+            batch = self.batches[rows] = BatchStats()
+        phases = (
+            (self.compute_input, batch.compute_input),
+            (self.compute_infer, batch.compute_infer),
+            (self.compute_output, batch.compute_output),
+        )
+        for (per_request, per_batch), seconds in zip(phases, compute, strict=True):
+            per_request.add(seconds * requests, requests)
+            per_batch.add(seconds)
+
+    def record_request(self, queued: float, total: float) -> None:
+        self.queue.add(queued)
+        self.success.add(total)
 
 
 @dataclass(eq=False)
@@ -135,8 +210,7 @@ class ModelRuntime:
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
-        self.stats = {t.name: {"count": 0, "ns": 0} for t in self.tiers}
-        self.last_inference_ms = 0
+        self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
         self._bind_metrics()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -197,6 +271,24 @@ class ModelRuntime:
         pin: str | None = None,
         min_tier: str | None = None,
         priority: int = 0,
+    ) -> InferResult:
+        """Queue one request and await its answer. Every failure (refused, expired, engine
+        error, unloaded) is counted in ``stats.fail`` here; a cancelled request is not."""
+        arrival = self.clock()
+        try:
+            return await self._serve(inputs, rows, budget_s, pin, min_tier, priority)
+        except Exception:
+            self.stats.fail.add(self.clock() - arrival)
+            raise
+
+    async def _serve(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        budget_s: float,
+        pin: str | None,
+        min_tier: str | None,
+        priority: int,
     ) -> InferResult:
         if self.stopping:
             raise Unavailable(f"model {self.name} is being unloaded or reloaded; retry")
@@ -293,6 +385,7 @@ class ModelRuntime:
         engine = self.served.engines[d.tier]
         reqs = d.requests
         try:
+            t_in = time.perf_counter()
             feeds = {
                 s.name: np.concatenate([r.payload[s.name] for r in reqs])
                 if len(reqs) > 1
@@ -313,16 +406,22 @@ class ModelRuntime:
         now = self.clock()
         self.scheduler.complete(d, now, compute)
         self._record(d, compute, now)
+        t_out = time.perf_counter()
         offset = 0
+        answered = []
         for r in reqs:
             part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
             pending = self._pending.get(r.id)
             if pending is not None:
+                answered.append(r)
                 pending.resolve(InferResult(
                     part, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
                     int(1e6 * compute), d.rows,
                 ))  # fmt: skip
+        # Triton's statistics, before any caller resumes: a client that has its answer sees
+        # its request counted. A request cancelled while its batch ran is not a success.
+        self._record_triton(d, answered, (t0 - t_in, compute, time.perf_counter() - t_out))
         self._wake.set()
 
     def _reject(self, r: Request, exc: BaseException) -> None:
@@ -335,10 +434,6 @@ class ModelRuntime:
         served, request_s, queue_s, compute_s, batch = self._per_tier[tier]
         batch.observe(d.rows)
         self._compute_total.inc(compute)
-        stats = self.stats[tier]
-        stats["count"] += 1
-        stats["ns"] += int(compute * 1e9)
-        self.last_inference_ms = int(time.time() * 1e3)
         for r in d.requests:
             queued = r.started - r.arrival
             served.inc()
@@ -350,6 +445,14 @@ class ModelRuntime:
             if tier != self.top_tier:
                 self._degraded.inc()
             (self._met if now <= r.deadline else self._missed).inc()
+
+    def _record_triton(
+        self, d: Decision, answered: list[Request], compute: tuple[float, float, float]
+    ) -> None:
+        now = self.clock()
+        self.stats.record_batch(d.rows, len(answered), compute)
+        for r in answered:
+            self.stats.record_request(r.started - r.arrival, now - r.arrival)
 
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width

@@ -23,11 +23,13 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from server.limits import clip_message
+from server.limits import clip, clip_message
+from server.model_runtime import Duration, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
 from server.proto_gen import model_config_pb2 as mc
+from server.stream import serve_stream
 
 log = logging.getLogger("innfer.service")
 
@@ -170,17 +172,47 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def ModelConfig(self, request, context):
         m = self.plane.model(request.name, request.version)
-        cfg = mc.ModelConfig(name=m.name, platform="innfer_inn", max_batch_size=m.config.max_batch)
+        return pb.ModelConfigResponse(config=self._model_config(m))
+
+    def _model_config(self, m: ModelRuntime) -> mc.ModelConfig:
+        """Triton's ModelConfig for ``m``, with the fields perf_analyzer and model navigators
+        read: one version (latest 1), dynamic batching, the instance group, the backend."""
+        cfg = mc.ModelConfig(
+            name=m.name,
+            platform="innfer_inn",
+            backend=m.served.backend,
+            max_batch_size=m.config.max_batch,
+        )
+        cfg.version_policy.latest.num_versions = 1
         for spec, field in ((m.config.inputs, cfg.input), (m.config.outputs, cfg.output)):
             for t in spec:
                 entry = field.add(name=t.name, dims=list(t.shape))
                 entry.data_type = mc.DataType.Value(_triton_type(t.dtype))
+        # innfer's scheduler never holds a batch open to wait for more requests: a batch
+        # starts as soon as a slot is free, so the queue delay is 0; the batch sizes it plans
+        # with are the profiled ones (1, 2, 4, ... max_batch).
+        batching = cfg.dynamic_batching
+        batching.preferred_batch_size.extend(m.config.batch_sizes)
+        batching.max_queue_delay_microseconds = 0
+        queue = batching.default_queue_policy
+        queue.max_queue_size = m.config.max_queue
+        queue.timeout_action = mc.ModelQueuePolicy.REJECT
+        queue.default_timeout_microseconds = int(m.config.default_latency_budget_ms * 1e3)
+        queue.allow_timeout_override = True  # latency_budget_ms, the deadline, `timeout`
+        device = str((m.served.profile or {}).get("device", "cpu")).lower()
+        on_cpu = device == "cpu" or device.startswith(("cpu-", "fake"))
+        group = cfg.instance_group.add(name=f"{m.name}_0", count=m.scheduler.slots)
+        if on_cpu:
+            group.kind = mc.ModelInstanceGroup.KIND_CPU
+        else:
+            group.kind = mc.ModelInstanceGroup.KIND_GPU
+            group.gpus.append(0)  # engines run on the process's current CUDA device
         cfg.parameters["tiers"].string_value = self.plane.tiers_json(m)
         cfg.parameters["default_latency_budget_ms"].string_value = str(
             m.config.default_latency_budget_ms
         )
         cfg.parameters["policy"].string_value = self.plane.config.policy
-        return pb.ModelConfigResponse(config=cfg)
+        return cfg
 
     @rpc_method
     async def ModelStatistics(self, request, context):
@@ -188,16 +220,18 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         resp = pb.ModelStatisticsResponse()
         for name in names:
             m = self.plane.model(name, request.version)
+            st = m.stats
             s = resp.model_stats.add(name=name, version="1")
-            s.last_inference = m.last_inference_ms
-            served = sum(v["count"] for v in m.stats.values())
-            s.inference_count = served
-            s.execution_count = served
-            ns = sum(v["ns"] for v in m.stats.values())
-            s.inference_stats.success.count = served
-            s.inference_stats.success.ns = ns
-            s.inference_stats.compute_infer.count = served
-            s.inference_stats.compute_infer.ns = ns
+            s.last_inference = st.last_inference_ms
+            s.inference_count = st.inference_count
+            s.execution_count = st.execution_count
+            out = s.inference_stats
+            for field in _DURATIONS:
+                _duration(getattr(out, field), getattr(st, field))
+            for size in sorted(st.batches):
+                batch, entry = st.batches[size], s.batch_stats.add(batch_size=size)
+                for field in ("compute_input", "compute_infer", "compute_output"):
+                    _duration(getattr(entry, field), getattr(batch, field))
         return resp
 
     @rpc_method
@@ -226,6 +260,47 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         return await self.plane.infer(request, context.time_remaining())
 
+    async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Triton's bidirectional stream: each request is answered on the stream with its id,
+        through the same data plane as ModelInfer, concurrently and as it completes (see
+        ``server.stream``). A failed request is a response with ``error_message`` (its status
+        code's name first) and the stream stays open; only a wrong token ends it."""
+        try:
+            self.authenticate(context)
+        except InferError as exc:
+            await context.abort(status_of(exc), clip_message(str(exc)))
+
+        async def answer(request) -> pb.ModelStreamInferResponse:
+            return await self._stream_answer(request, context)
+
+        await serve_stream(request_iterator, answer, context.write)
+
+    async def _stream_answer(self, request, context) -> pb.ModelStreamInferResponse:
+        try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"the request bytes are not a valid {request.message}: {request.error}"
+                )
+            resp = await self.plane.infer(request, context.time_remaining())
+            return pb.ModelStreamInferResponse(infer_response=resp)
+        except InferError as exc:
+            code, text = status_of(exc), str(exc)
+        except Exception:
+            log.exception("ModelStreamInfer failed")
+            code, text = grpc.StatusCode.INTERNAL, "internal error in ModelStreamInfer; see logs"
+        # As Triton does, the failed request's id goes back in infer_response; tritonclient
+        # hands callbacks only the message, so it names the id too.
+        failed = pb.ModelStreamInferResponse()
+        if isinstance(request, pb.ModelInferRequest):
+            r = failed.infer_response
+            r.model_name, r.model_version, r.id = (
+                request.model_name[:255], request.model_version[:255], request.id[:255],
+            )  # fmt: skip
+            if request.id:
+                text += f" (request id {clip(request.id)})"
+        failed.error_message = clip_message(f"{code.name}: {text}")
+        return failed
+
 
 class HealthService(health_pb2_grpc.HealthServicer):
     """grpc.health.v1: "" and "liveness" are SERVING while the process runs; "readiness"
@@ -250,6 +325,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
+
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def _duration(out, value: Duration) -> None:
+    out.count, out.ns = value.count, value.ns
 
 
 def _triton_type(dtype: str) -> str:

@@ -1,0 +1,95 @@
+"""Serving one bidirectional stream of requests (Triton's ModelStreamInfer), transport-free.
+
+Requests on a stream are answered concurrently, each as soon as it completes (not in
+arrival order). The stream is bounded: at most ``limit`` requests are in flight - read and
+not yet written back - and no further message is read until one is written, so a client
+that sends faster than the server answers is slowed by gRPC's flow control instead of
+growing the server's memory. When the stream ends - the client half-closes, is cancelled
+or goes away - every request still running is cancelled (the scheduler drops it from the
+queue); after a half-close the requests already read are answered first.
+
+Example:
+    >>> async def demo():
+    ...     async def requests():
+    ...         for i in (3, 1, 2):
+    ...             yield i
+    ...     async def answer(i):
+    ...         await asyncio.sleep(i / 100)
+    ...         return i
+    ...     out = []
+    ...     async def write(x):
+    ...         out.append(x)
+    ...     await serve_stream(requests(), answer, write, limit=8)
+    ...     return out
+    >>> asyncio.run(demo())
+    [1, 2, 3]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import TypeVar
+
+# Requests of one stream read and not yet answered. Enough to keep a model's batches full
+# from one client (max_batch is typically 8-64); beyond it the stream waits.
+MAX_STREAM_INFLIGHT = 64
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+async def serve_stream(
+    requests: AsyncIterable[Req],
+    answer: Callable[[Req], Awaitable[Resp]],
+    write: Callable[[Resp], Awaitable[None]],
+    limit: int = MAX_STREAM_INFLIGHT,
+) -> None:
+    """Read ``requests``, run ``answer`` on each concurrently and ``write`` each result as it
+    completes, with at most ``limit`` requests between being read and being written.
+
+    ``answer`` must turn every error of its request into a response: an exception out of it
+    (like one out of reading or writing) ends the whole stream, cancelling the others.
+    Returns when the requests are exhausted and every answer is written; on cancellation
+    (the client went away) or an error, cancels whatever is still running and waits for it
+    to unwind before returning or raising.
+    """
+    loop = asyncio.get_running_loop()
+    slots = asyncio.Semaphore(limit)
+    finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+    running: set[asyncio.Task] = set()
+    incoming = aiter(requests)
+
+    async def read() -> None:
+        while True:
+            await slots.acquire()  # before reading: the bound includes the next message
+            try:
+                message = await anext(incoming)
+            except StopAsyncIteration:
+                slots.release()
+                return
+            task = loop.create_task(answer(message))
+            running.add(task)
+            task.add_done_callback(finished.put_nowait)
+
+    reader = loop.create_task(read())
+    reader.add_done_callback(finished.put_nowait)
+    try:
+        reading = True
+        while reading or running:
+            task = await finished.get()
+            if task is reader:
+                reading = False
+                task.result()  # a read error ends the stream
+                continue
+            running.discard(task)
+            try:
+                await write(task.result())
+            finally:
+                slots.release()
+    finally:
+        reader.cancel()
+        for task in running:
+            task.cancel()
+        # Let the cancelled requests leave the scheduler's queue before the stream ends.
+        await asyncio.gather(reader, *running, return_exceptions=True)

@@ -1,0 +1,356 @@
+"""Triton parity for the tools operators use: ModelConfig (version policy, dynamic batching,
+instance group, backend), ModelStatistics (every duration perf_analyzer reads, batch
+statistics) and ModelStreamInfer - the real tritonclient against innfer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+from server.proto_gen import grpc_service_pb2 as pb
+from server.stream import serve_stream
+
+pytestmark = pytest.mark.e2e
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@pytest.fixture(scope="module")
+def server(model_repository):
+    s = ServerThread({"repository": str(model_repository)}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    c = tc.InferenceServerClient(server.address)
+    yield c
+    c.close()
+
+
+def _input(x: np.ndarray, name: str = "input") -> tc.InferInput:
+    i = tc.InferInput(name, list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+def _x(batch: int = 1, shape=(1, 8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+
+
+def _wait_idle(server, timeout: float = 10.0) -> None:
+    """Until the server holds no request (nor its bytes) any more."""
+    plane = server.server.plane
+    deadline = time.monotonic() + timeout
+    while (plane.inflight() or plane.inflight_bytes) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert plane.inflight() == 0 and plane.inflight_bytes == 0
+
+
+# -- ModelConfig -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("model", "max_queue"), [("tiny", 256), ("wide", 2)])
+def test_model_config_has_the_fields_triton_tools_read(client, model, max_queue):
+    cfg = client.get_model_config(model).config  # parsed with tritonclient's own protos
+    assert cfg.name == model and cfg.backend == "onnxruntime" and cfg.max_batch_size == 4
+    # perf_analyzer: "failed to find the requested model version" without a version policy
+    assert cfg.version_policy.WhichOneof("policy_choice") == "latest"
+    assert cfg.version_policy.latest.num_versions == 1
+    assert cfg.WhichOneof("scheduling_choice") == "dynamic_batching"
+    batching = cfg.dynamic_batching
+    assert list(batching.preferred_batch_size) == [1, 2, 4]  # the profiled sizes
+    assert batching.max_queue_delay_microseconds == 0  # innfer never holds a batch open
+    assert batching.default_queue_policy.max_queue_size == max_queue
+    assert batching.default_queue_policy.allow_timeout_override
+    [group] = cfg.instance_group
+    assert (group.name, group.count, group.kind) == (f"{model}_0", 1, 2)  # KIND_CPU
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [("logits", [10])]
+    as_json = client.get_model_config(model, as_json=True)["config"]
+    assert as_json["version_policy"] == {"latest": {"num_versions": 1}}
+    assert as_json["instance_group"][0]["kind"] == "KIND_CPU"
+    assert as_json["dynamic_batching"]["preferred_batch_size"] == [1, 2, 4]
+
+
+# -- ModelStatistics ---------------------------------------------------------------------------
+def _stats(client, model: str):
+    return client.get_inference_statistics(model).model_stats[0]
+
+
+def _burst(server, n: int, rows: int = 1):
+    """``n`` concurrent requests to tiny (aio client): the scheduler batches them."""
+
+    async def run():
+        async with tca.InferenceServerClient(server.address) as c:
+            calls = [c.infer("tiny", [_input(_x(rows, seed=i))]) for i in range(n)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def test_statistics_count_requests_rows_and_batches(server, client):
+    before = _stats(client, "tiny")
+    served, batched = [], False
+    for _ in range(5):  # on a loaded machine a burst may, rarely, run unbatched
+        outcomes = _burst(server, 32)
+        ok = [o for o in outcomes if not isinstance(o, Exception)]
+        served += ok
+        batched = batched or any(
+            o.get_response().parameters["batch_size"].int64_param > 1 for o in ok
+        )
+        if batched:
+            break
+    assert batched, "no request was batched"
+    failed = 0
+    with pytest.raises(InferenceServerException):  # refused at once: a failure, counted
+        client.infer("tiny", [_input(_x())], parameters={"latency_budget_ms": 1e-4})
+    failed += 1
+    after = _stats(client, "tiny")
+    st, st0 = after.inference_stats, before.inference_stats
+
+    requests = st.success.count - st0.success.count
+    assert requests == len(served)
+    assert after.inference_count - before.inference_count == len(served)  # 1 row each
+    executions = after.execution_count - before.execution_count
+    assert 0 < executions < requests  # batches, not requests
+    assert st.fail.count - st0.fail.count == failed
+    # every per-request duration perf_analyzer reads: one entry per served request, time > 0
+    for field in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        got, was = getattr(st, field), getattr(st0, field)
+        assert got.count - was.count == requests, field
+        assert got.ns > was.ns, field
+    assert st.success.ns - st0.success.ns >= st.queue.ns - st0.queue.ns
+    assert after.last_inference > 0 and after.last_inference >= before.last_inference
+
+    # batch_stats: one entry per batch size, executions summing to execution_count
+    sizes = [b.batch_size for b in after.batch_stats]
+    assert sizes == sorted(set(sizes)) and max(sizes) > 1 and max(sizes) <= 4
+    assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
+    assert sum(b.batch_size * b.compute_infer.count for b in after.batch_stats) == (
+        after.inference_count
+    )
+    for b in after.batch_stats:
+        assert b.compute_input.count == b.compute_infer.count == b.compute_output.count
+        assert b.compute_infer.ns > 0
+    as_json = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+    assert int(as_json["execution_count"]) == after.execution_count
+
+
+def test_statistics_count_rows_of_a_batched_request(client):
+    before = _stats(client, "tiny")
+    client.infer("tiny", [_input(_x(3))], parameters={"tier": "w050"})
+    after = _stats(client, "tiny")
+    assert after.inference_count - before.inference_count == 3
+    assert after.execution_count - before.execution_count == 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 1
+
+
+def test_statistics_of_every_model_and_unknown_version(client):
+    names = {s.name for s in client.get_inference_statistics().model_stats}
+    assert names == {"tiny", "wide"}
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics("tiny", model_version="2")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+
+
+# -- ModelStreamInfer --------------------------------------------------------------------------
+class _Collector:
+    """The stream callback: every (result, error) the client's stream thread delivers."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue = queue.Queue()
+
+    def __call__(self, result, error) -> None:
+        self.items.put((result, error))
+
+    def take(self, n: int, timeout: float = 30.0) -> list:
+        return [self.items.get(timeout=timeout) for _ in range(n)]
+
+
+def test_stream_answers_each_request_once_with_its_id_and_tier(client):
+    xs = {f"r{i}": _x(1 + i % 3, seed=i) for i in range(20)}
+    tiers = {rid: ("w100", "w050", None)[i % 3] for i, rid in enumerate(xs)}
+    got = _Collector()
+    client.start_stream(callback=got)
+    try:
+        for rid, x in xs.items():
+            params = {"tier": tiers[rid]} if tiers[rid] else None
+            client.async_stream_infer("tiny", [_input(x)], request_id=rid, parameters=params)
+        answers = got.take(20)
+    finally:
+        client.stop_stream()
+    assert got.items.empty()  # nothing more than one answer per request
+    assert all(error is None for _, error in answers), [e for _, e in answers if e]
+    by_id = {r.get_response().id: r for r, _ in answers}
+    assert sorted(by_id) == sorted(xs)
+    for rid, result in by_id.items():
+        params = result.get_response().parameters
+        tier = params["tier"].string_param
+        assert tier == (tiers[rid] or tier) and params["batch_size"].int64_param >= 1
+        assert "width" in params and "compute_us" in params
+        unary = client.infer("tiny", [_input(xs[rid])], parameters={"tier": tier})
+        np.testing.assert_allclose(result.as_numpy("logits"), unary.as_numpy("logits"),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_stream_error_is_an_answer_and_the_stream_goes_on(client):
+    got = _Collector()
+    client.start_stream(callback=got)
+    try:
+        client.async_stream_infer("tiny", [_input(_x())], request_id="good-1")
+        client.async_stream_infer("tiny", [_input(_x(), name="image")], request_id="bad-1")
+        client.async_stream_infer("tiny", [_input(_x())], request_id="bad-2",
+                                  parameters={"tier": "w999"})  # fmt: skip
+        client.async_stream_infer("nope", [_input(_x())], request_id="bad-3")
+        client.async_stream_infer("tiny", [_input(_x(2))], request_id="good-2")
+        answers = got.take(5)
+    finally:
+        client.stop_stream()
+    ok = sorted(r.get_response().id for r, e in answers if e is None)
+    errors = sorted(str(e) for _, e in answers if e is not None)
+    assert ok == ["good-1", "good-2"]
+    assert len(errors) == 3
+    assert errors[0].startswith("INVALID_ARGUMENT: ") and "unknown input 'image'" in errors[0]
+    assert "(request id 'bad-1')" in errors[0]
+    assert errors[1].startswith("NOT_FOUND: ") and "no tier 'w999'" in errors[1]
+    assert errors[2].startswith("NOT_FOUND: ") and "unknown model 'nope'" in errors[2]
+
+
+def test_undecodable_stream_message_is_answered_and_the_stream_stays_open(server):
+    good = pb.ModelInferRequest(model_name="tiny", id="after")
+    good.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    good.raw_input_contents.append(_x().tobytes())
+    messages = [b"\x0a\xff\x01garbage", good.SerializeToString()]
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.stream_stream(
+            STREAM,
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers = list(call(iter(messages), timeout=30))
+    # answered as they complete: the undecodable one needs no engine and comes first
+    assert [bool(a.error_message) for a in answers] == [True, False]
+    assert answers[0].error_message.startswith("INVALID_ARGUMENT: the request bytes are not")
+    assert answers[1].infer_response.id == "after"
+
+
+def _cancelled(server) -> float:
+    labels = {"model": "tiny", "tier": "", "outcome": "cancelled"}
+    registry = server.server.metrics.registry
+    return registry.get_sample_value("innfer_requests_total", labels) or 0.0
+
+
+def test_closing_a_stream_with_requests_in_flight_cancels_them(server, client):
+    before = _cancelled(server)
+    got = _Collector()
+    client.start_stream(callback=got)
+    for i in range(150):  # more than a stream may hold in flight: the server stops reading
+        client.async_stream_infer("tiny", [_input(_x(4, seed=i))], request_id=str(i))
+    time.sleep(0.02)
+    client.stop_stream(cancel_requests=True)
+    _wait_idle(server)  # every accepted request was answered or cancelled, bytes released
+    answered = [r for r, e in got.take(got.items.qsize()) if e is None]
+    assert len(answered) < 150
+    assert _cancelled(server) > before  # queued requests left the scheduler's queue
+    # and the server goes on serving, unary and streaming
+    assert client.infer("tiny", [_input(_x())]).as_numpy("logits").shape == (1, 10)
+    again = _Collector()
+    client.start_stream(callback=again)
+    try:
+        client.async_stream_infer("tiny", [_input(_x())], request_id="again")
+        [(result, error)] = again.take(1)
+    finally:
+        client.stop_stream()
+    assert error is None and result.get_response().id == "again"
+
+
+def test_aio_client_stream(server):
+    async def run():
+        async def requests():
+            for i in range(10):
+                yield {"model_name": "tiny", "inputs": [_input(_x(1, seed=i))],
+                       "request_id": f"a{i}", "parameters": {"tier": "w050"}}  # fmt: skip
+
+        async with tca.InferenceServerClient(server.address) as c:
+            return [item async for item in c.stream_infer(requests())]
+
+    answers = asyncio.run(run())
+    assert all(error is None for _, error in answers)
+    assert sorted(r.get_response().id for r, _ in answers) == sorted(f"a{i}" for i in range(10))
+    assert {r.get_response().parameters["tier"].string_param for r, _ in answers} == {"w050"}
+
+
+def test_stream_needs_the_token_when_auth_is_on(model_repository):
+    token = "stream-token-0123456789"
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"],
+                      "auth": {"bearer_token": token}}).start()  # fmt: skip
+    try:
+        c = tc.InferenceServerClient(s.address)
+        for headers, ok in ((None, False), ({"authorization": f"Bearer {token}"}, True)):
+            got = _Collector()
+            c.start_stream(callback=got, headers=headers)
+            try:
+                try:
+                    c.async_stream_infer("tiny", [_input(_x())], request_id="t")
+                except InferenceServerException:
+                    assert not ok  # the server may end the stream before the client sends
+                [(result, error)] = got.take(1)
+            finally:
+                c.stop_stream(cancel_requests=not ok)
+            if ok:
+                assert error is None and result.get_response().id == "t"
+            else:
+                assert result is None and "UNAUTHENTICATED" in str(error)
+        c.close()
+    finally:
+        s.stop()
+
+
+# -- server.stream: the bound and the cancellation, without grpc -------------------------------
+def test_serve_stream_reads_no_more_than_its_limit_and_cancels_on_close():
+    async def run():
+        read, cancelled, written = [], [], []
+        release = asyncio.Event()
+
+        async def requests():
+            for i in range(100):
+                read.append(i)
+                yield i
+
+        async def answer(i):
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+            return i
+
+        async def write(i):
+            written.append(i)
+
+        # bounded: with every answer blocked, exactly `limit` requests are read
+        task = asyncio.create_task(serve_stream(requests(), answer, write, limit=4))
+        await asyncio.sleep(0.05)
+        assert len(read) == 4 and not written
+        release.set()
+        await asyncio.wait_for(task, 5)
+        assert sorted(written) == list(range(100))
+
+        # the client goes away with requests in flight: all of them cancelled and unwound
+        release.clear()
+        read.clear()
+        task = asyncio.create_task(serve_stream(requests(), answer, write, limit=8))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(cancelled) == list(range(8))
+
+    asyncio.run(run())
