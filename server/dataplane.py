@@ -25,6 +25,7 @@ from runtime.repository import (
 from server.config import ServerConfig
 from server.errors import (
     FailedPrecondition,
+    InferError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -73,7 +74,7 @@ class DataPlane:
         for name in names:
             try:
                 await self.load(name)
-            except (NotFound, FailedPrecondition, InvalidArgument) as exc:
+            except InferError as exc:  # reported in readiness and metrics; others go on
                 log.error("model %s not loaded: %s", name, exc)
         self.phase = Phase.READY
 
@@ -100,15 +101,23 @@ class DataPlane:
                 raise FailedPrecondition(
                     f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`"
                 ) from None
-            runtime = ModelRuntime(served, self.metrics, policy=self.config.policy)
-            await loop.run_in_executor(None, runtime.warm_up)
+            try:
+                runtime = ModelRuntime(served, self.metrics, policy=self.config.policy)
+                await loop.run_in_executor(None, runtime.warm_up)
+            except (InferError, EngineError) as exc:  # e.g. profile.json missing, engine fails
+                for engine in served.engines.values():
+                    engine.close()
+                self._mark_broken(name, str(exc))
+                raise FailedPrecondition(
+                    f"model {name!r} cannot be served: {exc}; rebuild it with `innfer build`"
+                ) from None
             runtime.start()
             old = self.models.pop(name, None)
             self.models[name] = runtime
             self.broken.pop(name, None)
             if old is not None:
                 await old.stop()
-            # After the old runtime's stop, which zeroes the gauge it shares with this one.
+            # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
 

@@ -216,10 +216,14 @@ def test_stale_build_directories_are_swept(tmp_path):
 
 
 # -- one broken model does not take the others down ----------------------------------------------
-def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo):
+@pytest.mark.parametrize("damage", ["corrupt onnx", "missing profile"])
+def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
-    (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
+    if damage == "corrupt onnx":
+        (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
+    else:  # an interrupted build
+        (root / "wide" / "profile.json").unlink()
     s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
     try:
         with grpc.insecure_channel(s.address) as ch:
