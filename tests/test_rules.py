@@ -278,7 +278,7 @@ def test_indexing_a_channel_is_refused():
         runtime.convert(IndexChannel().eval(), (torch.randn(1, 3, 6, 6),))
 
 
-# -- still refused: channel-splitting reshapes and attention -----------------------------------
+# -- 5. attention heads and channel shuffle: channel splits as structured groups --------------
 
 
 class HeadSplit(nn.Module):
@@ -294,27 +294,131 @@ class HeadSplit(nn.Module):
         return self.proj((a @ v).transpose(1, 2).reshape(b, n, 8))
 
 
-def test_attention_head_split_is_refused():
-    with pytest.raises(ConversionError, match=r"splits a channel dim"):
-        runtime.convert(HeadSplit().eval(), (torch.randn(2, 5, 8),))
+def test_attention_head_split_makes_heads_the_continuous_dim(tmp_path):
+    inn = _converts(HeadSplit(), torch.randn(2, 5, 8), tmp_path)
+    assert [(g.name, g.size) for g in inn.groups] == [("qkv", 2)]  # 2 heads of 4 channels
+    assert {"qkv.weight", "qkv.bias", "proj.weight"} <= _members(inn, "qkv")
+    half = inn.sample(0.5)
+    assert half.qkv.weight.shape == (12, 8) and half.proj.weight.shape == (8, 4)
+
+
+class TimmAttentionBlock(nn.Module):
+    """timm's ViT block: qkv -> reshape(B, N, 3, H, D) -> permute -> unbind -> attention
+    (fused SDPA or q @ k^T, softmax, @ v) -> transpose -> reshape(B, N, C) -> proj."""
+
+    def __init__(self, fused: bool, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.fused, self.heads, self.head_dim, self.d = fused, heads, d // heads, d
+        self.embed = nn.Linear(6, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, self.d))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_attention_block_samples_heads(fused, tmp_path):
+    torch.manual_seed(0)
+    inn = _converts(TimmAttentionBlock(fused), torch.randn(2, 5, 6), tmp_path)
+    assert {g.name: g.size for g in inn.groups} == {"embed": 32, "qkv": 4, "fc1": 64}
+    assert inn.sizes(0.5)["qkv"] == 2
+    half = inn.sample(0.5)
+    assert half.qkv.weight.shape == (3 * 2 * 8, 16)  # 2 heads of head_dim 8, for q, k and v
+    assert half.proj.weight.shape == (16, 16)
+    # the literal head count in reshape(B, N, 3, H, D) follows the sampled heads
+    assert "3, 2, 8" in half.code and ", 16)" in half.code
+
+
+class ComputedHeadDim(HeadSplit):
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.qkv(x)
+        q, k, v = h.reshape(b, n, 3, 2, h.shape[-1] // 6).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_head_split_with_a_computed_head_dim_is_refused():
+    # head_dim computed from the channel count follows the width: it, not the heads, would be
+    # the continuous dim, and q @ k^T sums over it
+    with pytest.raises(ConversionError, match=r"'matmul'.*sums over a channel dim.*'qkv'"):
+        runtime.convert(ComputedHeadDim().eval(), (torch.randn(2, 5, 8),))
+
+
+class ContractChannels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.a(x) @ self.b(x).transpose(-2, -1)  # sums over 8 continuous channels
+
+
+def test_matmul_over_continuous_channels_is_refused():
+    with pytest.raises(ConversionError, match=r"matmul sums over a channel dim"):
+        runtime.convert(ContractChannels().eval(), (torch.randn(2, 5, 4),))
 
 
 class ChannelShuffle(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, c1: int = 4, c2: int = 4) -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-        self.b = nn.Conv2d(8, 2, 1)
+        self.a = nn.Conv2d(3, c1, 1)
+        self.b = nn.Conv2d(3, c2, 1)
+        self.c = nn.Conv2d(c1 + c2, 2, 1)
 
     def forward(self, x):
-        h = self.a(x)
+        h = torch.cat([self.a(x), torch.relu(self.b(x))], 1)
         n, c, hh, ww = h.shape
         h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
-        return self.b(h)
+        return self.c(h)
 
 
-def test_channel_shuffle_is_refused():
+def test_channel_shuffle_ties_the_shuffled_branches(tmp_path):
+    inn = _converts(ChannelShuffle(), torch.randn(1, 3, 4, 4), tmp_path)
+    assert [(g.name, g.size) for g in inn.groups] == [("a", 4)]
+    assert {"a.weight", "b.weight", "c.weight"} <= _members(inn, "a")
+    assert inn.sample(0.5).c.in_channels == 4
+
+
+def test_channel_shuffle_of_unequal_branches_is_refused():
     with pytest.raises(ConversionError, match=r"splits a channel dim"):
-        runtime.convert(ChannelShuffle().eval(), (torch.randn(1, 3, 4, 4),))
+        runtime.convert(ChannelShuffle(3, 5).eval(), (torch.randn(1, 3, 4, 4),))
+
+
+class PatchFlatten(nn.Module):
+    """torchvision ViT's patch embedding: reshape(n, hidden_dim, h * w) with literal sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.patch(x)
+        return self.fc(h.reshape(h.shape[0], 8, 9).permute(0, 2, 1)).mean(1)
+
+
+def test_literal_channel_size_in_a_flatten_follows_the_width(tmp_path):
+    inn = _converts(PatchFlatten(), torch.randn(2, 3, 6, 6), tmp_path)
+    assert [g.name for g in inn.groups] == ["patch"]
+    assert "4, 9)" in inn.sample(0.5).code
 
 
 class WithMHA(nn.Module):

@@ -147,6 +147,8 @@ def to_spec(gm: fx.GraphModule) -> dict[str, Any]:
             value = _get_attr(gm, node.target)
             is_param = isinstance(value, nn.Parameter)
             attrs[node.target] = {"shape": list(value.shape), "parameter": is_param}
+            if value.dtype != torch.float32:  # index tables (timm LeViT's bias indices)
+                attrs[node.target]["dtype"] = str(value.dtype).removeprefix("torch.")
             entry["target"] = node.target
         else:
             entry["target"] = node.target
@@ -166,7 +168,10 @@ def from_spec(
     for path, m in spec["modules"].items():
         _set_path(root, path, build_module(m["type"], m["kwargs"]))
     for path, a in spec["attrs"].items():
-        t = torch.zeros(a["shape"])
+        dtype = getattr(torch, a.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise SpecError(f"unknown dtype {a.get('dtype')!r} of {path!r}")
+        t = torch.zeros(a["shape"], dtype=dtype)
         _set_path(root, path, nn.Parameter(t) if a["parameter"] else t, buffer=not a["parameter"])
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}

@@ -123,6 +123,43 @@ class Tracer:
             if sources and x in self.sources:
                 self.sources[node] = dict(self.sources[x])
 
+    def refine(self, g: int, parts: int, inner: int) -> int:
+        """Re-declare group ``g`` (``parts * n * inner`` channels) as ``parts`` copies of one
+        new group of ``n`` channels, each spanning ``inner`` of ``g``'s channels - attention
+        heads of ``inner`` channels, ``parts`` for q/k/v. Every layout stored so far that
+        holds ``g`` is rewritten in place (the same entries, in the same order), so the
+        parameters bound to ``g`` follow; the old group is orphaned and pinned."""
+        uf = self.uf
+        root = uf.find(g)
+        if parts == 1 and inner == 1:
+            return root
+        h = uf.new(uf.size[root] // (parts * inner), uf.origin[root],
+                   discrete=uf.discrete[root], anchored=uf.anchored[root])  # fmt: skip
+
+        def sub(lay: Layout) -> Layout:
+            out: list[Segment] = []
+            for s in lay:
+                if uf.find(s.group) != root:
+                    out.append(s)
+                elif s.per_block:  # callers refine only groups without conv blocks
+                    raise AssertionError("refine: a per-block segment")
+                else:
+                    out.extend([Segment(h, s.inner * inner)] * parts)
+            return tuple(out)
+
+        every = [*self.labels.values(), *(i for its in self.items.values() for i in its)]
+        for labels in every:
+            for d, lay in labels.items():
+                labels[d] = sub(lay)
+        self.bindings = [Binding(b.param, b.dim, sub(b.layout), b.reduce) for b in self.bindings]
+        for fs in self.size_fields.values():
+            fs[:] = [SizeField(f.kwarg, sub(f.layout), f.index) for f in fs]
+        self._fixed = [
+            (n, w, tuple(h if uf.find(x) == root else x for x in gs)) for n, w, gs in self._fixed
+        ]
+        uf.pin(root)  # nothing refers to it any more; were anything to, it stays fixed
+        return h
+
     def fixed(self, node: fx.Node, what: str, layouts) -> None:
         """The groups of ``layouts`` must end discrete, or ``node`` is refused with ``what``."""
         groups = tuple(s.group for lay in layouts for s in lay)

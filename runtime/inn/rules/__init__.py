@@ -8,7 +8,8 @@ without one has every input dim fixed (refused at the end if any of them is cont
 Modules: ``layers`` (torch.nn layers), ``functional`` (F.linear / F.layer_norm /
 F.batch_norm with the model's own parameters), ``elementwise`` (unary ops, broadcasting
 binary ops, concat, reductions), ``shapes`` (view/reshape/expand/permute/transpose),
-``indexing`` (getitem, split/chunk/unbind).
+``indexing`` (getitem, split/chunk/unbind), ``attention`` (matmul of two activations,
+scaled_dot_product_attention).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
 
 
 from runtime.inn.rules import (  # noqa: E402  (the modules register their rules on import)
+    attention,
     elementwise,
     functional,
     indexing,
@@ -70,5 +72,5 @@ from runtime.inn.rules import (  # noqa: E402  (the modules register their rules
     shapes,
 )
 
-__all__ = ["Rule", "elementwise", "functional", "indexing", "layers", "lookup", "register",
-           "shapes"]  # fmt: skip
+__all__ = ["Rule", "attention", "elementwise", "functional", "indexing", "layers", "lookup",
+           "register", "shapes"]  # fmt: skip

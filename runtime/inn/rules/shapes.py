@@ -4,10 +4,19 @@ expand, permute/transpose.
 A reshape is split into runs of dims whose sizes multiply to the same number (size-1 dims
 ignored). One dim -> one dim carries its layout; several -> one is a flatten (the first dim's
 channels, each spanning the rest, channel-major); one -> several un-flattens when every
-segment's span divides evenly. Anything else - a split of channels into (heads, head_dim),
-a channel shuffle, a merge with channels not first - fixes the dims involved (refused if
-continuous). An output dim that carries channels and whose size is given as a literal int
-would not follow resampling, so it is fixed too (use -1 or ``x.size(d)``).
+segment's span divides evenly, or splits channels into ``(parts..., heads, head_dim...)``
+(attention's ``reshape(B, N, 3, H, D)``, channel shuffle's ``view(B, g, C/g, ...)``): the
+channels become blocks of ``head_dim`` entries - a *structured* group whose elements are
+heads (``Tracer.refine``), one group for every part (q/k/v heads are tied). Heads are the
+continuous dim; head_dim and the parts keep their sizes. Anything else - a merge with
+channels not first, a split no layout describes - fixes the dims involved (refused if
+continuous).
+
+A channel dim's size given as a literal int would not follow resampling. The heads size of
+a split, and a channel size in a reshape that flattens or splits dims and gives no -1
+(patch embedding's ``reshape(B, C, H*W)``, attention's merge ``reshape(B, N, C)``), become
+size fields of the node, rewritten when sampling; anywhere else a literal fixes the dim
+(use -1 or ``x.size(d)``).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from runtime.inn.layout import Segment
+from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg, flat, sizes
 
@@ -63,6 +72,14 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
     if runs is None:
         tr.fixed(node, f"{what} is not a regrouping of dims", labels.values())
         return
+    # A literal channel size is rewritten when sampling only in a reshape that regroups dims
+    # and states every size (no -1 that would absorb a mismatch), or for the heads of a split.
+    stated = size_args is not None and not any(type(a) is int and a == -1 for a in size_args)
+    rewrite = (
+        set(range(len(dst)))
+        if stated and any(len(ra) > 1 or len(rb) > 1 for ra, rb in runs)
+        else set()
+    )
     for ra, rb in runs:
         lays = [labels[d] for d in ra if d in labels]
         if not lays:
@@ -82,23 +99,91 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
             tail = math.prod(dst[d] for d in rb[1:])  # un-flatten: (C*H*W) -> (C, H, W)
             out[rb[0]] = tuple(Segment(s.group, s.inner // tail, s.per_block) for s in first)
         else:
-            tr.fixed(
-                node,
-                f"{what} splits a channel dim into several (attention heads, channel shuffle)",
-                lays,
-            )
+            head = split_heads(tr, node, first, dst, rb, size_args) if len(ra) == 1 else None
+            if head is None:
+                tr.fixed(
+                    node,
+                    f"{what} splits a channel dim into several in a way no rule describes "
+                    f"(heads must be one dim, head_dim and the parts literal sizes)",
+                    lays,
+                )
+            else:
+                out[head[0]] = head[1]
+                rewrite.add(head[0])
+    fields = []
     if size_args is not None:
         for d, lay in out.items():
             given = size_args[d] if d < len(size_args) else None
             if isinstance(given, int) and given != -1:
+                if d in rewrite:
+                    fields.append(_size_field(node, d, lay))
+                    continue
                 tr.fixed(
                     node,
                     f"{what} gives channel dim {d} the literal size {given}, which would not "
                     f"follow resampling; use torch.flatten(x, {d}) or -1 for sizes",
                     [lay],
                 )
+    if fields:
+        tr.size_fields.setdefault(node_key(node.name), []).extend(fields)
     tr.labels[node] = out
     tr.sources[node] = out_src
+
+
+def _size_field(node: fx.Node, d: int, lay: Layout) -> SizeField:
+    """The size field rewriting output dim ``d``'s literal size in ``node``'s call."""
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        return SizeField("shape" if "shape" in node.kwargs else "size", lay, d)
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return SizeField("1", lay, d)  # x.view((B, N, C)) / torch.reshape(x, (B, N, C))
+    return SizeField(str(1 + d), lay, None)  # x.view(B, N, C)
+
+
+def split_heads(
+    tr: Tracer, node: fx.Node, lay: Layout, dst: tuple, rb: list[int], size_args: list | None
+) -> tuple[int, Layout] | None:
+    """Channels (layout ``lay``) reshaped to the dims ``rb`` = (parts..., heads,
+    head_dim...): every part must be whole heads of one group, each head ``head_dim``
+    consecutive channel entries. The parts' head groups are tied (refined where one group
+    spans several parts or heads span several of its channels, ``Tracer.refine``). Returns
+    (the heads dim, its layout), or None when no reading fits.
+
+    Part and head_dim sizes must be literal ints (or -1): they stay as they are, so a size
+    computed from the channel count would go wrong. The heads size may be a literal (then
+    rewritten when sampling) or -1; a computed one only when no size is -1 (then the
+    element count forces it right).
+    """
+    if size_args is None or len(size_args) != len(dst):
+        return None
+    uf = tr.uf
+    for j in (len(rb) - 2, len(rb) - 1):  # (3, H, D) / (g, C/g): heads next to last, or last
+        heads, inner = dst[rb[j]], math.prod(dst[d] for d in rb[j + 1 :])
+        others = [size_args[d] for d in rb if d != rb[j]]
+        if not all(type(a) is int for a in others):
+            continue
+        given = size_args[rb[j]]
+        if type(given) is not int and any(type(a) is int and a == -1 for a in size_args):
+            continue
+        block, pos, plan = heads * inner, 0, {}
+        for s in lay:
+            r = uf.find(s.group)
+            span = uf.size[r] * s.inner
+            if s.per_block or pos % block or span % block or inner % s.inner:
+                plan = None
+                break
+            qf = (span // block, inner // s.inner)  # parts it spans, channels per head
+            if plan.setdefault(r, qf) != qf or (qf != (1, 1) and uf.blocks[r] > 1):
+                plan = None
+                break
+            pos += span
+        if not plan:
+            continue
+        where = f"node {node.name!r} (heads of a channel split)"
+        groups = [tr.refine(r, q, f) for r, (q, f) in plan.items()]
+        for g in groups[1:]:
+            uf.union(groups[0], g, where)
+        return rb[j], (Segment(groups[0]),)
+    return None
 
 
 @register(methods=("view", "reshape"), functions=(torch.reshape,))
