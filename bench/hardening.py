@@ -110,7 +110,7 @@ GOALS = {
 SERVE = (
     "import asyncio, server.app, server.config\n"
     "asyncio.run(server.app.serve(server.config.ServerConfig.from_dict("
-    "{{'repository': {repo!r}, 'grpc_port': {port}, 'metrics_port': {mport}}})))"
+    "{{'repository': {repo!r}, 'grpc_port': {port}, 'metrics_port': {mport}, **{extra!r}}})))"
 )
 
 
@@ -137,8 +137,9 @@ def tail(path: Path, chars: int = 3000) -> str:
 class ServerProcess:
     """`server.app.serve` of one tree in a subprocess (cwd = PYTHONPATH = the tree)."""
 
-    def __init__(self, tree: Path, repo: Path, log: Path) -> None:
+    def __init__(self, tree: Path, repo: Path, log: Path, extra: dict | None = None) -> None:
         self.tree, self.repo, self.log = tree, repo, log
+        self.extra = extra or {}  # more server config fields (the tree must know them)
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.starts = 0
@@ -147,7 +148,7 @@ class ServerProcess:
         """Start the server and wait until readiness is SERVING; seconds it took."""
         port, mport = free_ports(2)
         self.address = f"{HOST}:{port}"
-        code = SERVE.format(repo=str(self.repo), port=port, mport=mport)
+        code = SERVE.format(repo=str(self.repo), port=port, mport=mport, extra=self.extra)
         env = {**os.environ, "PYTHONPATH": str(self.tree), "PYTHONUNBUFFERED": "1"}
         t0 = time.monotonic()
         with open(self.log, "a") as log:

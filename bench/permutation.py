@@ -54,7 +54,6 @@ from runtime.inn.permute import (
 )
 
 OUT = Path(__file__).parent / "results"
-_KEEP: list = []
 
 
 def layer4_pair(seed: int, m: int = 512, d_a: int = 512 * 9, d_b: int = 512 * 9) -> torch.Tensor:
@@ -206,15 +205,9 @@ def resnet50() -> tuple[nn.Module, str]:
     if importlib.util.find_spec("torchvision") is None:
         return ResNet50Like(), "bench.permutation.ResNet50Like"
     try:
-        if not hasattr(torch.ops.torchvision, "nms"):
-            # a CPU-only torch build without torchvision's kernels: declare the operator
-            # schemas torchvision registers meta kernels for, so that it imports
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _KEEP.append(lib)  # the definitions last as long as the library object
-        from torchvision.models import resnet50 as tv_resnet50
+        from runtime.inn.compat import import_torchvision
 
+        tv_resnet50 = import_torchvision().models.resnet50
         return tv_resnet50(), "torchvision.models.resnet50"
     except Exception:
         return ResNet50Like(), "bench.permutation.ResNet50Like"

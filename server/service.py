@@ -61,6 +61,14 @@ class Undecodable:
         self.error = error
 
 
+def _require_decoded(request) -> None:
+    """INVALID_ARGUMENT for a request our deserializer could not decode."""
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            f"the request bytes are not a valid {request.message}: {request.error}"
+        )
+
+
 def _tolerant(cls) -> Callable[[bytes], object]:
     def parse(data: bytes):
         try:
@@ -110,10 +118,7 @@ def rpc_method(fn: Callable) -> Callable:
         try:
             if name not in OPEN_METHODS:
                 self.authenticate(context)
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(
-                    f"the request bytes are not a valid {request.message}: {request.error}"
-                )
+            _require_decoded(request)
             return await fn(self, request, context)
         except InferError as exc:
             await context.abort(status_of(exc), clip_message(str(exc)))
@@ -277,10 +282,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     async def _stream_answer(self, request, context) -> pb.ModelStreamInferResponse:
         try:
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(
-                    f"the request bytes are not a valid {request.message}: {request.error}"
-                )
+            _require_decoded(request)
             resp = await self.plane.infer(request, context.time_remaining())
             return pb.ModelStreamInferResponse(infer_response=resp)
         except InferError as exc:

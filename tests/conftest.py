@@ -41,3 +41,24 @@ def model_repository(tmp_path_factory):
     from serverutil import build_repository
 
     return build_repository(tmp_path_factory.mktemp("repository"))
+
+
+@pytest.fixture(scope="module")
+def server(model_repository):
+    """A real server on 127.0.0.1 over ``model_repository``, one per test module; load and
+    unload are allowed (``model_control: explicit``, loopback only)."""
+    from serverutil import ServerThread
+
+    s = ServerThread({"repository": str(model_repository), "model_control": "explicit"}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    """A stock tritonclient gRPC client of ``server``."""
+    import tritonclient.grpc as tc
+
+    c = tc.InferenceServerClient(server.address)
+    yield c
+    c.close()

@@ -24,20 +24,6 @@ pytestmark = pytest.mark.e2e
 INVALID = "StatusCode.INVALID_ARGUMENT"
 
 
-@pytest.fixture(scope="module")
-def server(model_repository):
-    s = ServerThread({"repository": str(model_repository), "model_control": "explicit"}).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def client(server):
-    c = tc.InferenceServerClient(server.address)
-    yield c
-    c.close()
-
-
 def _input(x: np.ndarray, name: str = "input", dtype: str = "FP32") -> tc.InferInput:
     i = tc.InferInput(name, list(x.shape), dtype)
     i.set_data_from_numpy(x)

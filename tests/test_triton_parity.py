@@ -23,20 +23,6 @@ pytestmark = pytest.mark.e2e
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
-@pytest.fixture(scope="module")
-def server(model_repository):
-    s = ServerThread({"repository": str(model_repository)}).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def client(server):
-    c = tc.InferenceServerClient(server.address)
-    yield c
-    c.close()
-
-
 def _input(x: np.ndarray, name: str = "input") -> tc.InferInput:
     i = tc.InferInput(name, list(x.shape), "FP32")
     i.set_data_from_numpy(x)
