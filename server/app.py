@@ -68,9 +68,11 @@ class Server:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        limit = self.config.max_message_bytes or self.plane.message_limit()
+        log.info("gRPC messages up to %.1f MiB", limit / 2**20)
         opts = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ]
         self.grpc = grpc.aio.server(options=opts)

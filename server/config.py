@@ -4,7 +4,7 @@
     host: 127.0.0.1
     grpc_port: 8001
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
-    max_message_bytes: 67108864
+    max_message_bytes: null      # null: 2x the largest valid request (>= 4 MiB)
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
@@ -129,9 +129,12 @@ class ServerConfig:
     host: str = spec("127.0.0.1", expected="a host address such as 127.0.0.1", doc="listen address")
     grpc_port: int = spec(8001, lo=0, hi=65535, expected=_PORT, doc="gRPC port")
     metrics_port: int = spec(8002, lo=0, hi=65535, expected=_PORT, doc="Prometheus HTTP port")
-    max_message_bytes: int = spec(
-        64 * 1024 * 1024, lo=1024, hi=2**31 - 1, doc="largest gRPC message, either way"
-    )
+    max_message_bytes: int | None = spec(
+        None, lo=1024, hi=2**31 - 1,
+        doc="largest gRPC message, either way; null: twice the largest valid request of the "
+        "models found at start-up (at least 4 MiB), so oversized requests are refused by gRPC "
+        "before they are buffered",
+    )  # fmt: skip
     grace_period_s: float = spec(
         20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"
     )

@@ -22,6 +22,7 @@ from runtime.repository import (
     RepositoryError,
     check_model_name,
 )
+from runtime.repository.config import ConfigError
 from server.config import ServerConfig
 from server.errors import (
     FailedPrecondition,
@@ -31,7 +32,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.limits import clip
+from server.limits import clip, message_limit, request_bytes
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -120,6 +121,19 @@ class DataPlane:
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
+
+    def message_limit(self) -> int:
+        """The automatic gRPC message limit: from the largest valid request among the models
+        to be served (read from their model.yaml before loading; an unreadable one is
+        skipped here and reported when it loads)."""
+        largest = 0
+        for name in list(self.config.models) or self.repo.names():
+            try:
+                cfg = self.repo.config(name)
+            except (RepositoryError, ConfigError):
+                continue
+            largest = max(largest, request_bytes(cfg.max_batch, cfg.inputs))
+        return message_limit(largest)
 
     def check_model_control(self) -> None:
         """Raise unless clients may load and unload models (``model_control: explicit``)."""

@@ -56,3 +56,26 @@ def clip_message(text: str) -> str:
     if len(text) <= MESSAGE_CHARS:
         return text
     return text[: MESSAGE_CHARS - 20] + f"... ({len(text)} chars)"
+
+
+# The automatic gRPC message limit: twice the largest valid request (typed contents and
+# parameters take some room beyond the raw tensor bytes), and never below this.
+MIN_MESSAGE_BYTES = 4 * 2**20
+
+
+def request_bytes(max_batch: int, inputs) -> int:
+    """Raw tensor bytes of the largest valid request: a full batch of every input.
+
+    Example:
+        >>> from runtime.repository.config import TensorConfig
+        >>> request_bytes(8, [TensorConfig(name="x", dtype="float32", shape=(1, 28, 28))])
+        25088
+    """
+    import numpy as np
+
+    return max_batch * sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in inputs)
+
+
+def message_limit(largest_request: int) -> int:
+    """The gRPC message limit for servers whose largest valid request is that many bytes."""
+    return min(max(2 * largest_request, MIN_MESSAGE_BYTES), 2**31 - 1)

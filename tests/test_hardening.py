@@ -94,10 +94,21 @@ def test_repeated_output_names_are_refused(stub):
     code, msg = _status(stub.ModelInfer, req, timeout=10)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outputs requested" in msg
     many = _request()
-    for _ in range(1_000_000):
+    for _ in range(100_000):  # 0.95 MiB: inside the message limit, refused by the codec
         many.outputs.add(name="logits")
     code, _ = _status(stub.ModelInfer, many, timeout=20)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_messages_beyond_the_models_largest_request_are_refused_by_grpc(server, stub):
+    """The automatic message limit: 2x the largest valid request, at least 4 MiB. A 60 MiB
+    request is refused before it is buffered whole, and the server goes on serving."""
+    assert server.server.plane.message_limit() == 4 * 2**20  # the test models are tiny
+    big = _request()
+    big.raw_input_contents[0] = bytes(60 * 2**20)
+    code, msg = _status(stub.ModelInfer, big, timeout=20)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in msg
+    assert stub.ModelInfer(_request(), timeout=10).outputs
 
 
 def test_one_requested_output_is_served(stub):
