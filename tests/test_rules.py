@@ -76,9 +76,11 @@ class LiteralScale(LayerScale):
         return self.b(self.a(x) * self.gamma.view(1, 8, 1, 1))
 
 
-def test_parameter_viewed_with_a_literal_channel_count_is_refused():
-    with pytest.raises(ConversionError, match=r"literal size 8"):
-        runtime.convert(LiteralScale("view").eval(), (torch.randn(1, 3, 6, 6),))
+def test_parameter_viewed_with_a_literal_channel_count_follows_the_width(tmp_path):
+    # gamma.view(1, 8, 1, 1) keeps gamma's channels: the literal 8 is rewritten per tier
+    inn = _converts(LiteralScale("view"), torch.randn(1, 3, 6, 6), tmp_path)
+    assert "gamma" in _members(inn, "a")
+    assert "view(1, 4, 1, 1)" in inn.sample(0.5).code
 
 
 class EarlyUnknownOp(LayerScale):
@@ -169,7 +171,7 @@ def test_functional_norms_and_linear_sample_like_their_modules(tmp_path):
     inn = _converts(fun, x, tmp_path, fold_norms=False)
     assert {"ln.weight", "ln.bias"} <= _members(inn, "stem")
     assert {"bn.weight", "bn.running_mean", "bn.running_var", "fc1.weight"} <= _members(inn, "conv")
-    assert "fc1.weight" in _members(inn, "fc1.weight:0")
+    assert "fc1.weight" in _members(inn, "fc1")
     # the same network written with nn modules samples to the same numbers at every width
     inn_ref = runtime.convert(ref.eval(), (x,), fold_norms=False, permute=False)
     inn_fun = runtime.convert(fun.eval(), (x,), fold_norms=False, permute=False)
@@ -422,23 +424,37 @@ def test_literal_channel_size_in_a_flatten_follows_the_width(tmp_path):
 
 
 class WithMHA(nn.Module):
+    """torchvision ViT's encoder block: nn.MultiheadAttention, then an MLP."""
+
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(4, 8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         h = self.embed(x)
-        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h)
 
 
-def test_multihead_attention_is_refused_or_kept_discrete():
+def test_multihead_attention_pins_its_width_and_the_mlp_stays_elastic(tmp_path):
+    from runtime.build.export import export_onnx
+
     x = torch.randn(2, 5, 4)
-    with pytest.raises(ConversionError, match=r"MultiheadAttention.*discrete=\['embed'\]"):
-        runtime.convert(WithMHA().eval(), (x,))
-    inn = _converts(WithMHA(), x, discrete=["embed"])
-    assert inn.groups == []
+    inn = _converts(WithMHA(), x, tmp_path)
+    assert [g.name for g in inn.groups if not g.discrete] == ["fc1"]  # embed: pinned
+    # The eval fast path (aten::_native_multi_head_attention) has no ONNX op; export must
+    # take the plain path and still match.
+    data = export_onnx(inn.sample(0.5), [("x", (5, 4), torch.float32)], ["y"])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = inn.sample(0.5)(x).numpy()
+    assert abs(sess.run(None, {"x": x.numpy()})[0] - want).max() < 1e-5
 
 
 class Unflatten(nn.Module):
@@ -455,3 +471,45 @@ class Unflatten(nn.Module):
 def test_flatten_then_view_back_keeps_the_channels():
     inn = _converts(Unflatten(), torch.randn(2, 3, 4, 4))
     assert [g.name for g in inn.groups] == ["a"]
+
+
+class ChunkedQKV(nn.Module):
+    """q, k, v = qkv(x).chunk(3, -1), then heads: the three parts are copies of one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+
+        def heads(t):
+            return t.reshape(b, n, -1, 2).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_equal_chunks_of_one_projection_make_elastic_heads(tmp_path):
+    ids = torch.randint(0, 20, (2, 5))
+    inn = _converts(ChunkedQKV(), ids, tmp_path)
+    assert [(g.size, g.discrete) for g in inn.groups if not g.discrete] == [(4, False)]
+    assert inn.sample(0.5).qkv.out_features == 12  # 2 heads x 2 channels x q/k/v
+
+
+class UnequalSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(5, 2)
+
+    def forward(self, x):
+        first, _ = self.a(x).split([5, 3], dim=-1)
+        return self.b(first)
+
+
+def test_unequal_split_of_channels_is_refused():
+    with pytest.raises(ConversionError, match=r"split along channel dim 1 \(parts"):
+        runtime.convert(UnequalSplit().eval(), (torch.randn(2, 4),))

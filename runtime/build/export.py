@@ -10,9 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import onnx
 import torch
@@ -37,7 +38,7 @@ def export_onnx(
     dynamic = {n: {0: "batch"} for n in [*names, *output_names]}
     buf = io.BytesIO()
     module = module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), exportable_attention():
         warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
         torch.onnx.export(
             module,
@@ -53,3 +54,16 @@ def export_onnx(
     data = buf.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
+
+
+@contextlib.contextmanager
+def exportable_attention() -> Iterator[None]:
+    """``nn.MultiheadAttention`` without its inference fast path: in eval mode under no_grad
+    it calls ``aten::_native_multi_head_attention``, which no ONNX opset has; the plain path
+    (linear, matmul, softmax) computes the same values and exports."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

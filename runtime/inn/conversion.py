@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from runtime.inn import graphio
-from runtime.inn.groups import Analysis, ConversionError, GroupInfo, analyse, trace
+from runtime.inn.capture import Frontend, capture
+from runtime.inn.groups import Analysis, ConversionError, GroupInfo, analyse
 from runtime.inn.model import IntegralModel
 from runtime.inn.permute import smoothing_order
 
@@ -29,6 +30,8 @@ def convert(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,
     *,
+    example_kwargs: dict | None = None,
+    frontend: Frontend = "auto",
     discrete: Iterable[str] = (),
     permute: bool = True,
     fold_norms: bool = True,
@@ -37,7 +40,13 @@ def convert(
 ) -> IntegralModel:
     """Convert a trained ``model`` into an IntegralModel.
 
-    ``example_inputs``: a tensor or tuple of tensors the model accepts (shapes are traced).
+    ``example_inputs``: a tensor or tuple of tensors the model accepts (shapes are traced);
+    ``example_kwargs``: keyword inputs (``attention_mask`` of a transformers model).
+    ``frontend``: how the graph is captured (``runtime.inn.capture``): ``fx`` (torch.fx,
+    keeps ``torch.nn`` modules), ``export`` (torch.export, for models fx cannot trace such as
+    Hugging Face transformers) or ``auto`` (fx, then export; export when kwargs are given).
+    The converted model takes the inputs positionally, keyword inputs after the positional
+    ones in the order the model's ``forward`` names them.
     ``discrete``: names of modules whose output channels must keep their size.
     ``permute``: reorder each group's channels for smoothness (the function is unchanged).
     ``fold_norms``: fold each BatchNorm into the conv/linear before it (inference statistics).
@@ -52,10 +61,15 @@ def convert(
     was_training = model.training
     model.eval()
     try:
-        gm = trace(_fold_norms(model) if fold_norms else model)
-        analysis = analyse(gm, tuple(example_inputs), discrete)
+        # Fold first: fuse() traces with fx, and tracing twice can go wrong (timm's LeViT
+        # caches a tensor computed in its first traced forward: the second trace sees a
+        # proxy of the first). A model fx cannot trace is captured unfolded by torch.export.
+        folded = _fold_norms(model) if fold_norms and frontend != "export" else None
+        gm = capture(folded or model, tuple(example_inputs), example_kwargs, frontend)
+        captured_by = gm.meta["frontend"]
+        analysis = analyse(gm, _placeholder_inputs(gm, example_inputs, example_kwargs), discrete)
         spec = graphio.to_spec(gm)
-        state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
     finally:
         model.train(was_training)
     if permute:
@@ -65,21 +79,50 @@ def convert(
             order = smoothing_order(channel_features(state, analysis, gi), seed=seed)
             apply_order(state, analysis, gi, order)
     info = {"source": type(model).__name__, "permuted": permute, "folded_norms": fold_norms,
+            "frontend": captured_by,
             "seed": seed}  # fmt: skip
     return IntegralModel(
         spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info
     )
 
 
-def _fold_norms(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with Conv->BatchNorm pairs folded into one conv."""
+def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors the graph uses: its modules' state and every ``get_attr`` target -
+    non-persistent buffers included (transformers' ``position_ids``), unused ones left out
+    (an exported BatchNorm's ``num_batches_tracked``)."""
+    read = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    tensors = dict([*gm.named_parameters(), *gm.named_buffers()])
+    out = {k: v for k, v in gm.state_dict().items() if gm.meta["frontend"] == "fx" or k in read}
+    return out | {k: tensors[k] for k in read if k in tensors}
+
+
+def _placeholder_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> tuple:
+    """The example inputs in the graph's placeholder order (kwargs matched by name); inputs
+    not given are replaced by their defaults in the graph."""
+    kwargs, rest, out = dict(kwargs or {}), list(args), []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node.target in kwargs:
+            out.append(kwargs.pop(node.target))
+        elif rest:
+            out.append(rest.pop(0))
+        elif node.args:  # an optional argument left out (timm's ``is_causal=False``)
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            gm.graph.erase_node(node)  # baked in: the served graph takes tensors only
+        else:
+            raise ConversionError(f"no example value for the model input {node.target!r}")
+    gm.recompile()
+    return tuple(out)
+
+
+def _fold_norms(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` (eval mode) with Conv->BatchNorm pairs folded into one conv, or
+    None when torch.fx cannot trace it (norms then stay as they are)."""
     from torch.fx.experimental.optimization import fuse
 
     try:
         return fuse(model, inplace=False)
-    except Exception as exc:  # fuse traces the model; report it the way trace() does
-        trace(model)  # raises ConversionError with a helpful message if tracing is the cause
-        raise ConversionError(f"folding BatchNorm failed: {exc}") from exc
+    except Exception:  # fx cannot trace it (torch.export will) or fuse cannot fold it
+        return None
 
 
 def _runs(analysis: Analysis, gi: int):

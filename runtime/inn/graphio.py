@@ -3,7 +3,8 @@
 A converted model is stored without pickle: the traced graph (nodes, targets, arguments) and,
 for every leaf module, its ``torch.nn`` class name and constructor keyword arguments. Loading
 rebuilds a ``torch.fx.GraphModule`` from that description - only ``torch.nn`` classes and
-functions of ``torch``, ``torch.nn.functional``, ``operator`` and ``math`` can be named, so
+functions of ``torch``, ``torch.nn.functional``, ``operator``, ``math`` and ATen ops
+(``torch.ops.aten``) can be named, so
 loading never runs code from the file.
 
 Example:
@@ -56,6 +57,9 @@ _FUNCTIONS: dict[int, str] | None = None
 
 def _function_name(fn: Any) -> str:
     global _FUNCTIONS
+    if isinstance(fn, torch._ops.OpOverload) and fn.namespace == "aten":
+        # ATen ops a torch.export graph keeps (mask and position building): stored by name.
+        return f"torch.ops.aten.{fn.__name__}"
     if _FUNCTIONS is None:
         _FUNCTIONS = _function_names()
     name = _FUNCTIONS.get(id(fn))
@@ -71,6 +75,12 @@ def _function_name(fn: Any) -> str:
 def _resolve_function(name: str) -> Any:
     if name == "builtins.getattr":
         return getattr
+    if name.startswith("torch.ops.aten."):
+        packet, _, overload = name.removeprefix("torch.ops.aten.").partition(".")
+        try:
+            return getattr(getattr(torch.ops.aten, packet), overload)
+        except (AttributeError, RuntimeError) as exc:
+            raise SpecError(f"unknown ATen op {name!r} in the architecture description") from exc
     prefix, _, attr = name.rpartition(".")
     ns = _NAMESPACES.get(prefix)
     fn = getattr(ns, attr, None) if ns is not None else None
@@ -226,6 +236,10 @@ def _encode(value: Any, alias: dict[str, str] | None = None) -> Any:
         return {"dtype": str(value).removeprefix("torch.")}
     if value is Ellipsis:
         return {"ellipsis": True}
+    if isinstance(value, torch.device):  # ATen factory calls of exported graphs
+        return {"device": str(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise SpecError(f"cannot store argument {value!r} of type {type(value).__name__}")
@@ -253,4 +267,11 @@ def _decode(value: Any, env: dict[str, fx.Node] | None = None) -> Any:
         return dtype
     if "ellipsis" in value:
         return Ellipsis
+    if "device" in value:
+        return torch.device(value["device"])
+    if "layout" in value:
+        layout = getattr(torch, value["layout"], None)
+        if not isinstance(layout, torch.layout):
+            raise SpecError(f"unknown layout {value['layout']!r}")
+        return layout
     raise SpecError(f"cannot read argument {value!r}")

@@ -75,6 +75,9 @@ class Tracer:
             for x, y in zip(a, b, strict=True):
                 self.uf.union(x.group, y.group, where)
             return a
+        coarse = self._coarsen(a, b) or self._coarsen(b, a)
+        if coarse is not None:
+            return coarse
         if any(self.uf.continuous(s.group) for s in a + b):
             raise ConversionError(
                 f"{where}: combines tensors whose channels are split differently "
@@ -83,6 +86,26 @@ class Tracer:
         for s in a + b:
             self.uf.pin(s.group)
         return a
+
+    def _coarsen(self, single: Layout, multi: Layout) -> Layout | None:
+        """Tie a plain dim (one group, ``inner`` i) to a structured one (``n`` copies of one
+        group, each channel spanning j = k*i entries: heads of a head-dim k, q/k/v parts) by
+        refining the plain group into ``n`` copies of blocks of k (``refine``) - coarser
+        resampling is always valid. An output projection read as a raw parameter
+        (``F.linear(heads_merged, W)``) meets the heads this way. None if the shapes differ."""
+        if len(single) != 1 or single[0].per_block or any(s.per_block for s in multi):
+            return None
+        uf = self.uf
+        g, i = uf.find(single[0].group), single[0].inner
+        h, j = uf.find(multi[0].group), multi[0].inner
+        same = all(uf.find(s.group) == h and s.inner == j for s in multi)
+        if not same or g == h or j % i or uf.blocks[g] != 1 or (len(multi) == 1 and j == i):
+            return None
+        if uf.size[g] * i != len(multi) * uf.size[h] * j:
+            return None
+        refined = self.refine(g, len(multi), j // i)
+        self.uf.union(refined, h, "coarsen")
+        return multi
 
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if self.shape(a) or a in self.items]
@@ -217,11 +240,15 @@ class Tracer:
         labels: Labels = {}
         sources: dict[int, Source] = {}
         target = str(node.target)
+        owner = target.rpartition(".")[0]
         for dim, size in enumerate(self.shape(node)):
             if size > 1:
                 lay = self.bound(target, dim)
                 if lay is None:
-                    lay = (Segment(self.uf.new(size, f"{target}:{dim}", anchored=False)),)
+                    # discrete=[module] keeps its output channels: dim 0 of its parameters
+                    fixed = dim == 0 and owner in self.discrete_modules
+                    g = self.uf.new(size, f"{target}:{dim}", discrete=fixed, anchored=False)
+                    lay = (Segment(g),)
                     self.bind(target, dim, lay)
                 labels[dim] = lay
                 sources[dim] = (target, dim)
@@ -256,7 +283,7 @@ class Tracer:
         names: set[str] = set()
         groups: list[GroupInfo] = []
         for r in roots:
-            name = uf.origin[r]
+            name = _group_name(uf.origin[r])
             while name in names:
                 name += "'"
             names.add(name)
@@ -275,6 +302,16 @@ class Tracer:
             for m, fs in self.size_fields.items()
         }
         return Analysis(groups, bindings, size_fields)
+
+
+def _group_name(origin: str) -> str:
+    """A group born at a raw parameter's output dim is named by its module, as a module
+    rule names it: ``layers.0.fc1.weight:0`` -> ``layers.0.fc1`` (torch.export graphs and
+    functional layers hold parameters, not modules)."""
+    for suffix in (".weight:0", ".in_proj_weight:0"):
+        if origin.endswith(suffix):
+            return origin.removesuffix(suffix)
+    return origin
 
 
 def _target_name(node: fx.Node) -> str:

@@ -77,3 +77,17 @@ def linear(tr: Tracer, node: fx.Node) -> None:
     if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
         tr.unify(tr.layout_of(b, 0), out, f"node {node.name!r}")
     tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
+
+
+@register(functions=(F.embedding,))
+def embedding(tr: Tracer, node: fx.Node) -> None:
+    """out[..., d] = W[idx, d]: the table's dim 1 is the output's channels (a layer output);
+    its rows (the vocabulary) are indexed, never resampled."""
+    idx, w = node.args[0], arg(node, 1, "weight")
+    if tr.sources.get(w, {}).get(1) is None:
+        tr.fixed(node, "F.embedding with a computed table (not a parameter)", [tr.layout_of(w, 1)])
+    out = tr.layout_of(w, 1)
+    for s in out:
+        tr.uf.anchor(s.group)
+    rank = len(tr.shape(node))
+    tr.labels[node] = {**tr.labels.get(idx, {}), rank - 1: out}

@@ -2,7 +2,8 @@
 
 Indexing keeps a dim it takes whole (``:``) and drops one it indexes with an int; an int or
 a partial slice on a channel dim picks channels by position, which resampling would change,
-so that dim is fixed. Splitting along a channel dim is fixed likewise; the other dims of
+so that dim is fixed. Splitting a channel dim into equal parts that are copies of one group
+(q/k/v) refines that group; any other split of a channel dim is fixed. The other dims of
 every piece keep their layouts.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
+from runtime.inn.layout import Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
 
@@ -79,14 +81,51 @@ def split(tr: Tracer, node: fx.Node) -> None:
     dim = arg(node, 1, "dim", 0) if name == "unbind" else arg(node, 2, "dim", 0)
     dim %= rank
     labels = tr.labels.get(x, {})
-    if dim in labels:
-        tr.fixed(node, f"{name} along channel dim {dim}", [labels[dim]])
     meta = node.meta.get("tensor_meta")
     count = len(meta) if isinstance(meta, (tuple, list)) else 0
+    parts = _equal_parts(tr, node, name, labels.get(dim), count) if dim in labels else None
+    if dim in labels and parts is None:
+        tr.fixed(node, f"{name} along channel dim {dim} (parts that are not whole copies of "
+                       f"one group)", [labels[dim]])  # fmt: skip
     keep = {d: lay for d, lay in labels.items() if d != dim}
     if name == "unbind":
         keep = {d - (d > dim): lay for d, lay in keep.items()}
     tr.items[node] = [dict(keep) for _ in range(count)]
+    if parts is not None:
+        for item in tr.items[node]:
+            item[dim] = parts
+
+
+def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
+    """The layout of each part when ``lay`` splits into ``count`` equal parts that are copies
+    of one group (q/k/v from one projection, GPT-2's ``c_attn(x).split(E, dim=2)``): the
+    group is refined into ``count`` copies (``Tracer.refine``), so each part is resampled
+    alike. A literal split size becomes a size field of the node. None when the parts are
+    unequal or straddle groups differently."""
+    if name == "unbind" or count < 2:
+        return None
+    size = arg(node, 1, "split_size_or_sections" if name == "split" else "chunks")
+    if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+        return None
+    uf = tr.uf
+    # Only plain channels (inner 1): an interleaved layout (after a channel shuffle) would
+    # split cleanly here but cannot be regrouped by the next shuffle - refuse it here, where
+    # the message names the op a user can change.
+    plain = len(lay) == 1 and lay[0].inner == 1 and not lay[0].per_block
+    if plain and uf.blocks[uf.find(lay[0].group)] == 1:
+        if uf.size[uf.find(lay[0].group)] % count:
+            return None
+        h = tr.refine(lay[0].group, count, 1)
+        part = (Segment(h, lay[0].inner),)
+    elif len(lay) == count and len(set(lay)) == 1:  # already refined (qkv)
+        part = (lay[0],)
+    else:
+        return None
+    if name == "split":
+        index = None if isinstance(size, int) else list(range(count))
+        fields = [SizeField("1", part, i) for i in index] if index else [SizeField("1", part)]
+        tr.size_fields[node_key(node.name)] = fields
+    return part
 
 
 @register(functions=(getattr,), methods=("size", "dim", "numel"))

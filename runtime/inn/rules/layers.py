@@ -1,4 +1,5 @@
-"""Rules for torch.nn layers: conv, linear, norms, flatten, and layers that keep every dim."""
+"""Rules for torch.nn layers: conv, linear, norms, embedding, flatten, multi-head attention,
+and layers that keep every dim."""
 
 from __future__ import annotations
 
@@ -123,3 +124,38 @@ def flatten_module(tr: Tracer, node: fx.Node) -> None:
 @register(modules=SAME_LAYOUT_MODULES)
 def same_layout_module(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, node.args[0], sources=False)
+
+
+@register(modules=(nn.Embedding,))
+def embedding(tr: Tracer, node: fx.Node) -> None:
+    """A lookup table: its dim 1 is the output's channels; the vocabulary stays fixed."""
+    mod, name, idx = _module(tr, node)
+    out = tr.new_group(mod.embedding_dim, name)
+    tr.module_binding(name, "weight", 1, out)
+    tr.size_fields[name] = [SizeField("embedding_dim", out)]
+    rank = len(tr.shape(node))
+    tr.labels[node] = {**tr.labels.get(idx, {}), rank - 1: out}
+
+
+@register(modules=(nn.MultiheadAttention,))
+def multihead_attention(tr: Tracer, node: fx.Node) -> None:
+    """torch's fused attention block: query, key, value and output share ``embed_dim``, split
+    into heads inside the module. That width is tied across all four and pinned discrete (an
+    exact conversion, never a refusal): the module's heads cannot be resampled from outside.
+    The blocks around it (MLP hidden widths) stay elastic - torchvision's ViT converts so."""
+    mod, name, q = _module(tr, node)
+    k = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", q)
+    v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", k)
+    lay = tr.layout_of(q, -1)
+    for other in (k, v):
+        if other is not q and isinstance(other, fx.Node):
+            tr.unify(tr.layout_of(other, -1), lay, f"node {node.name!r}")
+    if mod._qkv_same_embed_dim:
+        tr.module_binding(name, "in_proj_weight", 1, lay)
+    tr.module_binding(f"{name}.out_proj", "weight", 0, lay)
+    if mod.out_proj.bias is not None:
+        tr.module_binding(f"{name}.out_proj", "bias", 0, lay)
+    for s in lay:  # pinned, not refused: this rule knows the width cannot follow
+        tr.uf.pin(s.group)
+    out = {**tr.labels.get(q, {}), len(tr.shape(q)) - 1: lay}
+    tr.items[node] = [out, {}]

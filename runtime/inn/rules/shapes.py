@@ -13,10 +13,12 @@ channels not first, a split no layout describes - fixes the dims involved (refus
 continuous).
 
 A channel dim's size given as a literal int would not follow resampling. The heads size of
-a split, and a channel size in a reshape that flattens or splits dims and gives no -1
-(patch embedding's ``reshape(B, C, H*W)``, attention's merge ``reshape(B, N, C)``), become
-size fields of the node, rewritten when sampling; anywhere else a literal fixes the dim
-(use -1 or ``x.size(d)``).
+a split, a dim that carries one input channel dim unchanged (``gamma.view(1, C, 1, 1)``,
+GPT-2's ``x.view(-1, C)``; torch.export graphs state every size as a literal), and a channel
+size in a reshape that flattens or splits dims and gives no -1 (patch embedding's
+``reshape(B, C, H*W)``, attention's merge ``reshape(B, N, C)``), become size fields of the
+node, rewritten when sampling; anywhere else (a merge with -1: ``view(-1, C*H*W)``) a literal
+fixes the dim (use -1 or ``x.size(d)``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
         first = labels.get(ra[0])
         if len(ra) == 1 and len(rb) == 1:
             out[rb[0]] = first
+            rewrite.add(rb[0])  # the same channels: a literal size is their sampled count
             if ra[0] in srcs:
                 out_src[rb[0]] = srcs[ra[0]]
         elif len(rb) == 1:  # a flatten: channel-major only when channels come first

@@ -1,0 +1,276 @@
+"""Graph capture: the fx graph conversion walks, from ``torch.fx`` or from ``torch.export``.
+
+Two front ends, one output (a plain ``fx.GraphModule`` whose parameters are ``get_attr``
+nodes and whose calls are torch-level functions, methods and ``torch.nn`` modules):
+
+* ``torch.fx.symbolic_trace`` keeps ``torch.nn`` leaf modules as ``call_module`` nodes, which
+  is what torchvision and timm models trace to. It cannot trace Hugging Face transformers
+  (mask building assigns into proxies; transformers 5 ships no fx tracer).
+* ``torch.export`` runs the model on fake tensors, so Python control flow that depends only
+  on shapes and configuration is resolved - it captures transformers models whole. Its graph
+  is ATen-level (``aten.linear``, ``aten.view``, ``aten.scaled_dot_product_attention``) with
+  parameters as ``get_attr`` nodes. ``lower`` rewrites the ATen ops that carry channels into
+  their torch-level equivalents (``F.linear``, ``Tensor.reshape``, ...), so the same rules and
+  the same ONNX export apply; ATen ops that only build masks and positions stay ATen (the
+  rules see no channels on them; ``graphio`` stores them by their ``aten`` name).
+
+Batch and every other input dim except the last are exported dynamic (the sampled model must
+serve any batch and sequence length); fx graphs are dynamic by construction.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> gm = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),),
+    ...              frontend="export")
+    >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
+    ['linear', 'relu']
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from runtime.inn.layout import ConversionError
+
+Frontend = Literal["auto", "fx", "export"]
+aten = torch.ops.aten
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple,
+    example_kwargs: dict[str, Any] | None = None,
+    frontend: Frontend = "auto",
+) -> fx.GraphModule:
+    """The graph of ``model`` for conversion; ``auto`` tries fx, then torch.export."""
+    if frontend not in ("auto", "fx", "export"):
+        raise ValueError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
+    if frontend == "export" or (frontend == "auto" and example_kwargs):
+        return _export(model, example_inputs, example_kwargs or {})
+    try:
+        gm = fx.symbolic_trace(model)
+        gm.meta["frontend"] = "fx"
+        return gm
+    except Exception as fx_error:  # fx raises many types (TraceError, TypeError, ...)
+        if frontend == "fx":
+            raise ConversionError(
+                f"torch.fx could not trace {type(model).__name__}: {fx_error}. Models must be "
+                f"traceable (no data-dependent control flow), or pass frontend='export'."
+            ) from fx_error
+        try:
+            return _export(model, example_inputs, {})
+        except ConversionError as exc:
+            export_error = str(exc.__cause__ or exc).strip().splitlines()[0][:300]
+            raise ConversionError(
+                f"cannot capture the graph of {type(model).__name__}. torch.fx: {fx_error}. "
+                f"torch.export: {export_error}. Conversion needs a graph without control flow "
+                f"on tensor values (branches on shapes and configuration are fine with "
+                f"torch.export)."
+            ) from exc
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
+    """torch.export with every input dim but the last dynamic, lowered to torch-level ops."""
+    try:
+        program = torch.export.export(
+            model,
+            args,
+            kwargs,
+            dynamic_shapes=_dynamic_shapes(model, args, kwargs),
+            strict=False,
+        )
+    except Exception as exc:
+        raise ConversionError(
+            f"torch.export could not capture {type(model).__name__}: "
+            f"{type(exc).__name__}: {str(exc)[:500]}"
+        ) from exc
+    gm = lower(program.module())
+    gm.meta["frontend"] = "export"
+    return gm
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Batch and sequence dims dynamic (shared by name across inputs); channels static.
+
+    Dims of size 1 stay static: torch.export specialises them anyway (0/1 specialisation).
+    """
+    dims: dict[int, Any] = {}
+
+    def spec(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        last = t.dim() - 1 if t.is_floating_point() and t.dim() > 1 else t.dim()
+        out = {}
+        for d in range(last):
+            if t.shape[d] > 1:
+                out[d] = dims.setdefault(d, torch.export.Dim.AUTO)
+        return out or None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+# -- lowering ATen to torch-level calls -------------------------------------------------------
+Lowered = tuple[str, Any, tuple, dict]  # (op, target, args, kwargs) of the replacement node
+
+
+def _function(fn: Callable, keep: int | None = None) -> Callable[[tuple, dict], Lowered]:
+    return lambda a, k: ("call_function", fn, a[:keep] if keep else a, {} if keep else k)
+
+
+def _method(name: str, spread: bool = False) -> Callable[[tuple, dict], Lowered]:
+    def lowered(a: tuple, k: dict) -> Lowered:
+        return ("call_method", name, (a[0], *a[1]) if spread else a, k)
+
+    return lowered
+
+
+def _slice(a: tuple, k: dict) -> Lowered:
+    x, dim, start, end, step = (*a, *(None,) * 5)[:5]
+    dim = 0 if dim is None else dim
+    index = (slice(None),) * dim + (slice(start, end, step if step != 1 else None),)
+    return ("call_function", operator.getitem, (x, index), {})
+
+
+def _embedding(a: tuple, k: dict) -> Lowered:
+    return ("call_function", F.embedding, (a[1], a[0]), {})
+
+
+def _addmm(a: tuple, k: dict) -> Lowered:  # bias + x @ W with W stored (in, out): GPT-2 Conv1D
+    return ("addmm", None, a, k)
+
+
+def _softmax(a: tuple, k: dict) -> Lowered:
+    return ("call_function", torch.softmax, a[:2], {})
+
+
+def _to(a: tuple, k: dict) -> Lowered:
+    """A dtype cast keeps the channels; device moves are dropped (the sampled module is moved
+    as a whole)."""
+    dtype = k.get("dtype") or next((v for v in a[1:] if isinstance(v, torch.dtype)), None)
+    if dtype is None:
+        return ("call_method", "contiguous", a[:1], {})
+    return ("call_method", "to", a[:1], {"dtype": dtype})
+
+
+def _gelu(a: tuple, k: dict) -> Lowered:
+    approximate = a[1] if len(a) > 1 else k.get("approximate", "none")
+    return ("call_function", F.gelu, a[:1], {"approximate": approximate})
+
+
+_TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
+    aten.linear.default: _function(F.linear),
+    aten.layer_norm.default: _function(F.layer_norm, keep=5),
+    aten.embedding.default: _embedding,
+    aten.view.default: _method("reshape", spread=True),
+    aten.reshape.default: _method("reshape", spread=True),
+    aten._unsafe_view.default: _method("reshape", spread=True),
+    aten.expand.default: _method("expand", spread=True),
+    aten.transpose.int: _function(torch.transpose),
+    aten.permute.default: _function(torch.permute),
+    aten.unsqueeze.default: _function(torch.unsqueeze),
+    aten.squeeze.dim: _function(torch.squeeze),
+    aten.flatten.using_ints: _function(torch.flatten),
+    aten.contiguous.default: _method("contiguous"),
+    aten.clone.default: _method("clone"),
+    # x.size(d): traced as a size (not a constant) by the ONNX exporter, so lengths stay dynamic
+    aten.sym_size.int: _method("size"),
+    aten.to.dtype: _to,
+    aten.to.dtype_layout: _to,
+    aten.to.device: _to,
+    aten._to_copy.default: _to,
+    aten.add.Tensor: _function(operator.add, keep=2),
+    aten.sub.Tensor: _function(operator.sub, keep=2),
+    aten.mul.Tensor: _function(operator.mul),
+    aten.div.Tensor: _function(operator.truediv),
+    aten.pow.Tensor_Scalar: _function(torch.pow),
+    aten.neg.default: _function(operator.neg),
+    aten.gelu.default: _gelu,
+    aten.relu.default: _function(torch.relu),
+    aten.silu.default: _function(F.silu),
+    aten.tanh.default: _function(torch.tanh),
+    aten.sigmoid.default: _function(torch.sigmoid),
+    aten.sqrt.default: _function(torch.sqrt),
+    aten.rsqrt.default: _function(torch.rsqrt),
+    aten.softmax.int: _softmax,
+    aten._softmax.default: _softmax,
+    aten.scaled_dot_product_attention.default: _function(F.scaled_dot_product_attention),
+    aten.matmul.default: _function(torch.matmul),
+    aten.bmm.default: _function(torch.bmm),
+    aten.select.int: _function(torch.select),
+    aten.slice.Tensor: _slice,
+    aten.mean.dim: _function(torch.mean),
+    aten.cat.default: _function(torch.cat),
+    aten.split.Tensor: _function(torch.split),
+    aten.split_with_sizes.default: _function(torch.split),
+    aten.chunk.default: _function(torch.chunk),
+    aten.t.default: _function(torch.t),
+    aten.addmm.default: _addmm,
+}
+# Identities at inference (the model is exported in eval mode: dropout's `train` is False).
+_IDENTITY = {aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
+             aten.detach.default, aten.alias.default}  # fmt: skip
+# Checks torch.export inserts; they have no users and no effect on the computed values.
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+            aten.sym_constrain_range_for_size.default}  # fmt: skip
+
+
+def lower(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite an exported graph in place into torch-level calls (see the module docstring).
+
+    Invariant: the lowered graph computes the same values (checked by the callers' tests at
+    width 1.0); only ops in ``_TABLE``/``_IDENTITY``/``_ASSERTS`` change.
+    """
+    graph = gm.graph
+    info = getattr(graph._codegen, "pytree_info", None)
+    single = info is not None and info.out_spec is not None and info.out_spec.is_leaf()
+    graph._codegen = fx.graph.CodeGen()  # flat tuple outputs, positional inputs (no pytree)
+    if single:  # a model returning one tensor keeps returning one tensor, not a 1-tuple
+        out = graph.output_node()
+        out.args = (out.args[0][0],)
+    for node in list(graph.nodes):
+        # The guard call re-checks inputs against the shapes export assumed (sequence within
+        # the position table, ...); served tiers are checked by their engine's input specs.
+        guard = node.op == "call_module" and node.target == "_guards_fn"
+        if guard or (node.op == "call_function" and node.target in _ASSERTS and not node.users):
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _IDENTITY:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _TABLE:
+            _replace(graph, node, _TABLE[node.target](tuple(node.args), dict(node.kwargs)))
+    for node in list(graph.find_nodes(op="placeholder")):
+        if not node.users and _constant(node):
+            graph.erase_node(node)  # a non-tensor argument (use_cache=False): baked in
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _constant(node: fx.Node) -> bool:
+    return not isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _replace(graph: fx.Graph, node: fx.Node, lowered: Lowered) -> None:
+    op, target, args, kwargs = lowered
+    with graph.inserting_before(node):
+        if op == "addmm":  # bias + x @ W  ==  F.linear(x, W.t(), bias)
+            bias, x, w = args[:3]
+            wt = graph.call_function(torch.t, (w,))
+            new = graph.call_function(F.linear, (x, wt, bias))
+        else:
+            new = graph.create_node(op, target, args, kwargs)
+    new.meta = dict(node.meta)
+    name = node.name
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new._rename(name)  # errors name the node the user sees in torch.export's graph
