@@ -246,6 +246,10 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _TABLE:
             _replace(graph, node, _TABLE[node.target](tuple(node.args), dict(node.kwargs)))
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
+            lowered = _public(node.target, tuple(node.args), dict(node.kwargs))
+            if lowered is not None:
+                _replace(graph, node, lowered)
     for node in list(graph.find_nodes(op="placeholder")):
         if not node.users and _constant(node):
             graph.erase_node(node)  # a non-tensor argument (use_cache=False): baked in
@@ -254,6 +258,28 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+# ATen ops of mask/position building whose arguments can be sizes (traced when exporting).
+_SIZED = {"arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros", "new_full",
+          "new_empty", "repeat", "eq", "ne", "lt", "le", "gt", "ge"}  # fmt: skip
+
+
+def _public(op: torch._ops.OpOverload, a: tuple, k: dict) -> Lowered | None:
+    """An ATen op that takes sizes (``arange``, ``new_ones``; ``_SIZED``) as its public torch
+    form: the same op, but one the ONNX exporter's tracer accepts a
+    traced size for (an ATen overload called directly rejects a 0-dim tensor where it wants
+    a number). A method when its first argument is ``self``, else a ``torch`` function."""
+    name = op._schema.name.split("::")[-1]
+    if name not in _SIZED:
+        return None
+    first = op._schema.arguments[0].name if op._schema.arguments else ""
+    if first == "self" and callable(getattr(torch.Tensor, name, None)):
+        return ("call_method", name, a, k)
+    fn = getattr(torch, name, None)
+    if callable(fn) and not isinstance(fn, type):
+        return ("call_function", fn, a, k)
+    return None
 
 
 def _constant(node: fx.Node) -> bool:
