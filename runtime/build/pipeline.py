@@ -22,14 +22,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from runtime.inn import graphio
-from runtime.repository.config import ModelConfig, TierConfig
+from runtime.build.export import export_onnx
 from runtime.engines import EngineError
 from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
-from runtime.build.export import export_onnx
+from runtime.inn import graphio
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
-from runtime.repository.profile import measure, profile_document, random_feeds
 from runtime.repository import (
     PROFILE_FILE,
     TIER_FILE,
@@ -38,6 +36,8 @@ from runtime.repository import (
     TierRecord,
     sha256_file,
 )
+from runtime.repository.config import ModelConfig, TierConfig
+from runtime.repository.profile import measure, profile_document, random_feeds
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 
