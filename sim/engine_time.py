@@ -1,18 +1,20 @@
 """The simulated engine: how long a batch takes, for ``simulate`` and ``simulate_cluster``.
 
-A batch of ``rows`` on a tier runs as the next profiled batch size (``rows`` rounded up to
-one in the profile) and takes that entry's p50 times a log-normal factor. The factor's
-sigma puts the profiled p90 at its 90th percentile, p50 x exp(1.2816 sigma) = p90, unless
-a fixed ``noise`` is given. The scheduler itself plans with the p90 and its own online
-correction, exactly as in the server; only the engine is simulated.
+A batch of ``rows`` on a tier takes its p50 times a log-normal factor; p50, p90 (and p99
+where profiled) at ``rows`` are interpolated linearly between the profiled batch sizes
+(``server.scheduling.latency.interpolate``, the scheduler's own), and the factor's sigma is
+the one the scheduler's latency model fits to them (``lognormal_sigma``: the profiled p90
+at the 90th percentile, p50 x exp(1.2816 sigma) = p90), unless a fixed ``noise`` is given.
+So the engine simulated here is the distribution the scheduler plans with, before its
+online correction.
 
 Example:
     >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0}),
     ...          TierInfo("w050", 0.5, {1: 2.0, 8: 6.0})]
     >>> p50 = {"w100": {1: 3.5, 8: 14.0}, "w050": {1: 1.6, 8: 5.0}}
     >>> engine = EngineTime(tiers, p50, np.random.default_rng(0))
-    >>> engine.typical_s("w100", 5)  # 5 rows run as the profiled batch of 8
-    0.014
+    >>> engine.typical_s("w100", 5)  # 3.5 + (14 - 3.5) * 4 / 7 ms
+    0.0095
     >>> 0.0 < engine.draw_s("w100", 5) < 0.1
     True
     >>> round(full_capacity(tiers, p50, max_batch=8, slots=1))  # 8 rows per 14 ms
@@ -21,29 +23,26 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from server.scheduling import TierInfo
+from server.scheduling.latency import Z90, interpolate, lognormal_sigma
 
-Z90 = 1.2816  # the standard normal's 90th percentile
+__all__ = ["Z90", "EngineTime", "full_capacity", "profiled_ms", "scale_tiers"]
 
 
 def profiled_ms(table: Mapping, batch: int) -> float:
-    """The entry of a latency table (ms per batch size) for the smallest profiled batch size
-    that holds ``batch`` rows. Keys may be ints or, as read from JSON, strings.
+    """A latency table's value (ms per batch size) at ``batch`` rows, linear between the
+    profiled sizes - the scheduler's ``interpolate``. Keys may be ints or, as read from JSON,
+    strings.
 
     Example:
         >>> profiled_ms({"1": 2.0, "4": 3.0, "8": 6.0}, 3)
-        3.0
+        2.6666666666666665
     """
-    sizes = sorted(int(b) for b in table)
-    fit = next((b for b in sizes if b >= batch), None)
-    if fit is None:
-        raise ValueError(f"batch {batch} exceeds the profiled batch sizes {sizes}")
-    return float(table[fit] if fit in table else table[str(fit)])
+    return interpolate(table, batch)
 
 
 def full_capacity(tiers: Sequence[TierInfo], p50: Mapping, max_batch: int, slots: int) -> float:
@@ -72,6 +71,7 @@ class EngineTime:
         noise: float | None = None,
     ) -> None:
         self.p90 = {t.name: t.latency_ms for t in tiers}
+        self.p99 = {t.name: t.tail_ms for t in tiers}
         self.p50 = p50
         self.rng = rng
         self.noise = noise
@@ -81,13 +81,16 @@ class EngineTime:
         return profiled_ms(self.p50[tier], rows) / 1e3
 
     def sigma(self, tier: str, rows: int) -> float:
-        """The log-normal sigma: ``noise`` if given, else the one that puts the profiled p90
-        at the 90th percentile (0 where the p90 is not above the p50)."""
+        """The log-normal sigma: ``noise`` if given, else the latency model's fit to the
+        profiled p90 (and p99) at ``rows`` (0 where they are not above the p50)."""
         if self.noise is not None:
             return self.noise
-        typical = self.typical_s(tier, rows)
-        p90 = profiled_ms(self.p90[tier], rows) / 1e3
-        return max(math.log(max(p90, typical) / typical) / Z90, 0.0)
+        p99 = self.p99[tier]
+        return lognormal_sigma(
+            profiled_ms(self.p50[tier], rows),
+            profiled_ms(self.p90[tier], rows),
+            None if p99 is None else profiled_ms(p99, rows),
+        )
 
     def draw_s(self, tier: str, rows: int) -> float:
         """One batch's engine seconds (one draw from ``rng``)."""
@@ -106,10 +109,12 @@ def scale_tiers(
     """
     if k == 1:
         return list(tiers), {n: dict(v) for n, v in p50.items()}
-    out = []
-    for t in tiers:
-        typical = None if t.typical_ms is None else {b: v * k for b, v in t.typical_ms.items()}
-        out.append(
-            TierInfo(t.name, t.accuracy, {b: v * k for b, v in t.latency_ms.items()}, typical)
-        )
+
+    def times(table):
+        return None if table is None else {b: v * k for b, v in table.items()}
+
+    out = [
+        TierInfo(t.name, t.accuracy, times(t.latency_ms), times(t.typical_ms), times(t.tail_ms))
+        for t in tiers
+    ]
     return out, {n: {b: float(v) * k for b, v in table.items()} for n, table in p50.items()}

@@ -4,8 +4,10 @@ from a ``profile.json``. Deterministic for a seed.
 Arrivals come from ``sim.traces`` (poisson, gamma, varying, file); load is a multiple of the
 full tier's capacity, ``slots * max_batch / latency(full, max_batch)``. Each batch's engine
 time comes from ``sim.engine_time``: the profiled p50 times a log-normal factor whose sigma
-puts the profiled p90 at its 90th percentile (or ``noise``, if given); the scheduler plans
-with the profile's p90 and its own online correction - exactly as in the server.
+puts the profiled p90 at its 90th percentile (or ``noise``, if given), both interpolated
+between profiled batch sizes as the scheduler does. The scheduler - its admission, its
+planner, its latency model with the ``slo_target`` quantile and online correction - is the
+server's own object; only the engine is simulated.
 
 Example:
     >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}),
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
-from server.scheduling.latency import tiers_from_profile
+from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
 from sim.engine_time import EngineTime, full_capacity
 from sim.events import Events
 from sim.traces import TRACES, make_trace, read_trace, varying_multiplier
@@ -66,6 +68,7 @@ class SimConfig:
     max_queue: int = 1000
     max_batch: int | None = None  # default: the profile's largest batch
     trace_file: str | None = None
+    slo_target: float = DEFAULT_SLO_TARGET  # probability plans meet deadlines (model.yaml)
 
 
 @dataclass
@@ -99,7 +102,14 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
     engine = EngineTime(tiers, p50, rng, cfg.noise)  # draws after the budgets, from one rng
     policy = make_policy(cfg.policy, tiers, cfg.slots)
-    sched = Scheduler(tiers, policy, max_batch=max_batch, max_queue=cfg.max_queue, slots=cfg.slots)
+    sched = Scheduler(
+        tiers,
+        policy,
+        max_batch=max_batch,
+        max_queue=cfg.max_queue,
+        slots=cfg.slots,
+        slo_target=cfg.slo_target,
+    )
     n = len(arrivals)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n

@@ -8,7 +8,7 @@ import pytest
 
 import sim.cluster
 import sim.simulator
-from server.scheduling import TierInfo
+from server.scheduling import LatencyModel, TierInfo
 from sim.engine_time import EngineTime, full_capacity, profiled_ms, scale_tiers
 from sim.events import Events
 
@@ -19,12 +19,31 @@ TIERS = [
 P50 = {"w100": {1: 3.0, 4: 6.0, 8: 10.0}, "w050": {"1": 2.0, "4": 3.0, "8": 5.0}}
 
 
-def test_lookup_rounds_up_to_a_profiled_batch_size():
+def test_lookup_interpolates_between_profiled_batch_sizes():
+    """Linear between measured sizes, as the scheduler's latency model: a batch of 2 costs
+    a third of the way from 1 row to 4, not the profiled 4 (it used to be rounded up)."""
     assert profiled_ms(P50["w100"], 1) == 3.0
-    assert profiled_ms(P50["w100"], 2) == 6.0
-    assert profiled_ms(P50["w050"], 5) == 5.0  # string keys, as read from JSON
+    assert profiled_ms(P50["w100"], 2) == pytest.approx(4.0)
+    assert profiled_ms(P50["w050"], 5) == pytest.approx(3.5)  # string keys, as from JSON
+    assert profiled_ms({4: 2.0, 8: 4.0}, 1) == 2.0  # below the smallest size: its value
     with pytest.raises(ValueError, match="batch 9"):
         profiled_ms(P50["w100"], 9)
+
+
+def test_the_engine_draws_from_the_distribution_the_scheduler_plans_with():
+    """Same interpolation, same sigma: the simulated engine's quantiles are the latency
+    model's (before online correction), at profiled and in-between batch sizes."""
+    tiers = [
+        TierInfo(t.name, t.accuracy, t.latency_ms, {int(b): v for b, v in P50[t.name].items()})
+        for t in TIERS
+    ]
+    model = LatencyModel(tiers, slo_target=0.9)
+    engine = EngineTime(tiers, P50, np.random.default_rng(1))
+    for rows in (2, 6):
+        assert engine.typical_s("w100", rows) == pytest.approx(model.median("w100", rows))
+        assert engine.sigma("w100", rows) == pytest.approx(model.sigma("w100", rows))
+        draws = np.array([engine.draw_s("w100", rows) for _ in range(20_000)])
+        assert np.quantile(draws, 0.9) == pytest.approx(model.estimate("w100", rows), rel=0.02)
 
 
 def test_sigma_puts_the_profiled_p90_at_the_90th_percentile():

@@ -1,6 +1,6 @@
 """Pure scheduling policy: no grpc, no torch; the clock is an argument."""
 
-from .latency import LatencyModel, TierInfo
+from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierEstimate, TierInfo
 from .policy import (
     POLICIES,
     Context,
@@ -16,6 +16,7 @@ from .request import IllegalTransition, Request, State
 from .scheduler import InvalidRequest, Refused, Scheduler
 
 __all__ = [
+    "DEFAULT_SLO_TARGET",
     "POLICIES",
     "Context",
     "Decision",
@@ -31,6 +32,7 @@ __all__ = [
     "SlackFit",
     "Snapshot",
     "State",
+    "TierEstimate",
     "TierInfo",
     "make_policy",
 ]

@@ -1,104 +1,410 @@
-"""What the scheduler knows about the tiers: accuracy, and latency per batch size.
+"""What the scheduler knows about the tiers: accuracy, and how long a batch takes.
 
-Latency starts from the build-time profile (p90 by default: the scheduler promises
-deadlines, so it plans with a high quantile) and is corrected online: an exponentially
-weighted moving average of observed/profiled compute time per tier. Contention on a shared
-CPU or GPU shows up here within a few batches.
+A batch's engine time on a tier is modelled as log-normal. Its median and spread come from
+the build-time profile (p50, p90 and, where measured, p99 per profiled batch size), linearly
+interpolated for batch sizes between the profiled ones, and are corrected online from the
+batches that ran:
+
+* the **level**: an EWMA of log(observed / profiled p50) per tier - the geometric mean, so a
+  profile that is 2x too slow is corrected as fast as one that is 2x too fast;
+* the **spread**: an EWMA of successive differences of those log ratios (a level shift counts
+  once, not for every batch until the level has caught up), blended with the profile's
+  spread as observations accumulate.
+
+The planning latency (``estimate``) is the ``slo_target`` quantile of that distribution: the
+scheduler promises deadlines with probability ``slo_target``.
 
 Example:
-    >>> t = TierInfo("w100", accuracy=0.99, latency_ms={1: 2.0, 8: 6.0})
+    >>> t = TierInfo("w100", accuracy=0.99, latency_ms={1: 2.0, 8: 9.0})
     >>> lat = LatencyModel([t])
-    >>> lat.estimate("w100", 4)   # between profiled sizes: the next larger one
-    0.006
-    >>> lat.observe("w100", 8, 0.012); lat.estimate("w100", 8) > 0.006
-    True
+    >>> round(lat.estimate("w100", 4) * 1e3, 3)   # between profiled sizes: interpolated
+    5.0
+    >>> for _ in range(20): lat.observe("w100", 8, 0.0045)    # the engine is 2x faster
+    >>> round(lat.estimate("w100", 8) * 1e3, 2)
+    4.5
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
-# Weight of the newest observation in the online correction: about the last 1/0.2 = 5
-# batches count, so contention shows in the plan within a few batches and one batch alone
-# moves it by a fifth of its surprise.
-EWMA_ALPHA = 0.2
+import numpy as np
+
+# The default probability of meeting a deadline that plans are made for (per model:
+# ``slo_target`` in model.yaml). 0.999: one late answer in a thousand admitted requests.
+DEFAULT_SLO_TARGET = 0.999
+# Weight of the newest batch in the online level correction. 0.3: a profile that is 2x off
+# is within 12% after 5 batches and 2% after 10 (a fraction of a second of traffic); the
+# level's own noise is then about 0.4 x the per-batch spread.
+EWMA_ALPHA = 0.3
+# Weight of the newest successive difference in the online spread. Smaller than the level's:
+# a spread needs more batches to estimate than a mean, and one odd batch must not make
+# every plan pessimistic for long.
+JITTER_ALPHA = 0.1
+# Batches after which the observed spread counts as much as the profile's (the blend weight
+# is n / (n + TRUST_BATCHES)): a profile measured under contention stops widening plans
+# within a few tens of batches; a quiet profile of a noisy engine widens them as fast.
+TRUST_BATCHES = 10
 # Observed/typical ratios are clipped to this range before they are averaged: a 20x slower
 # batch is already "the machine is contended"; an outlier beyond it (a GC pause, a page
 # fault storm) must not swing the plan by more.
 RATIO_MIN, RATIO_MAX = 0.2, 20.0
+# A successive difference of log ratios beyond this (a 2x jump) is clipped: a level shift
+# or one outlier then adds at most this much to the spread.
+DIFF_CLIP = math.log(2.0)
 # Seconds; guards the ratio against a zero typical time in a hand-written profile.
 MIN_TYPICAL_S = 1e-9
+# Spread (log-normal sigma) assumed for a batch that has run past its planned quantile when
+# the model's own spread is smaller (a hand-written profile has none): it then ends within
+# about a fifth of its estimate, sooner the longer it has overrun - never "at the old
+# estimate" (already past) nor "never".
+OVERRUN_SIGMA = 0.05
+
+_N = NormalDist()
+Z90 = _N.inv_cdf(0.90)
+Z99 = _N.inv_cdf(0.99)
+
+
+def interpolate(table: Mapping, rows: int) -> float:
+    """A latency table's value (ms per batch size) at ``rows`` rows: linear between the
+    profiled batch sizes, the smallest profiled size's value below it. Keys may be ints or,
+    as read from JSON, strings.
+
+    Example:
+        >>> interpolate({"1": 2.0, "8": 16.0}, 4), interpolate({2: 3.0, 8: 6.0}, 1)
+        (8.0, 3.0)
+    """
+    points = sorted((int(b), float(v)) for b, v in table.items())
+    if rows > points[-1][0]:
+        raise ValueError(f"batch {rows} exceeds the profiled batch sizes {[b for b, _ in points]}")
+    lo_b, lo_v = points[0]
+    if rows <= lo_b:
+        return lo_v
+    for hi_b, hi_v in points[1:]:
+        if rows <= hi_b:
+            return lo_v + (hi_v - lo_v) * (rows - lo_b) / (hi_b - lo_b)
+        lo_b, lo_v = hi_b, hi_v
+    return lo_v  # unreachable: rows <= the largest size
+
+
+def lognormal_sigma(p50: float, p90: float | None = None, p99: float | None = None) -> float:
+    """The log-normal sigma that puts the given quantiles where they were measured: the
+    larger of the fits to p90 and p99 (the tail is what a deadline cares about); 0 when no
+    quantile is above the median.
+
+    Example:
+        >>> round(lognormal_sigma(10.0, p90=10.0 * math.exp(Z90 * 0.2)), 6)
+        0.2
+    """
+    fits = [0.0]
+    for q, z in ((p90, Z90), (p99, Z99)):
+        if q is not None and p50 > 0 and q > p50:
+            fits.append(math.log(q / p50) / z)
+    return max(fits)
+
+
+def sum_quantile(mean, var, z):
+    """The quantile at standard-normal score ``z`` of a sum of independent log-normal batch
+    times with total ``mean`` and ``var`` (Fenton-Wilkinson: the log-normal with the same
+    two moments). Exact for one batch; works on floats and numpy arrays alike.
+
+    Example:
+        >>> float(sum_quantile(4.0, 0.0, 3.09))   # no spread: the mean
+        4.0
+    """
+    s2 = np.log1p(var / np.maximum(mean * mean, 1e-300))  # nothing to sum: 0
+    return mean * np.exp(z * np.sqrt(s2) - 0.5 * s2)
 
 
 @dataclass(frozen=True)
 class TierInfo:
-    """One tier: name, measured accuracy (or a proxy such as its width), the latency to
-    plan with in milliseconds per batch size (a high quantile, p90), and optionally the
-    typical (p50) latency that observed times are compared with."""
+    """One tier: name, measured accuracy (or a proxy such as its width), and latencies in
+    milliseconds per profiled batch size: ``latency_ms`` the profile's p90, ``typical_ms``
+    its p50 and ``tail_ms`` its p99 where measured. Without ``typical_ms`` the tier is taken
+    as deterministic at ``latency_ms`` (hand-written profiles).
+
+    Example:
+        >>> TierInfo("w050", 0.97, {1: 2.0, 8: 9.0}, {1: 1.8, 8: 8.0}).max_batch
+        8
+    """
 
     name: str
     accuracy: float
     latency_ms: Mapping[int, float]
     typical_ms: Mapping[int, float] | None = None
+    tail_ms: Mapping[int, float] | None = None
 
     @property
     def max_batch(self) -> int:
-        return max(self.latency_ms)
+        return max(int(b) for b in self.latency_ms)
+
+
+@dataclass(frozen=True)
+class TierEstimate:
+    """The latency model's current view of one tier, for metrics: ``factor`` = observed /
+    profiled median (1 = as profiled), ``sigma`` the spread used at the largest batch, and the
+    planning latency (``slo_target`` quantile, seconds) at batch 1 and at the largest batch."""
+
+    tier: str
+    factor: float
+    sigma: float
+    planned_s_batch1: float
+    planned_s_max_batch: float
+    observed_batches: int
 
 
 class LatencyModel:
-    """Profile x online correction. Times in seconds."""
+    """Profile x online correction, per tier and batch size. Times in seconds.
 
-    def __init__(self, tiers: Sequence[TierInfo], alpha: float = EWMA_ALPHA) -> None:
+    ``slo_target``: the probability with which plans meet deadlines; ``estimate`` is that
+    quantile of one batch's time. ``remaining`` is the same for a batch already running.
+    ``tables`` gives the per-(tier, rows) quantile / mean / variance as arrays for the
+    vectorised planner; they are rebuilt only for a tier that observed a batch.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[TierInfo],
+        alpha: float = EWMA_ALPHA,
+        slo_target: float = DEFAULT_SLO_TARGET,
+    ) -> None:
         if not tiers:
             raise ValueError("at least one tier is needed")
+        if not 0.5 <= slo_target < 1.0:
+            raise ValueError(f"slo_target must be in [0.5, 1), got {slo_target}")
         self.tiers = {t.name: t for t in tiers}
         self.alpha = alpha
-        self.factor = {t.name: 1.0 for t in tiers}  # observed / profiled typical, EWMA
-        self.spread = {t.name: 0.0 for t in tiers}  # EWMA of |ratio - factor|
-        self._sizes = {t.name: sorted(t.latency_ms) for t in tiers}
+        self.slo_target = slo_target
+        self.z = _N.inv_cdf(slo_target)
+        self._log_factor = {t.name: 0.0 for t in tiers}
+        self._jitter = {t.name: 0.0 for t in tiers}  # EWMA of |successive log-ratio diff|
+        self._last = dict.fromkeys(self._log_factor)  # the previous log ratio per tier
+        self._count = {t.name: 0 for t in tiers}
+        # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
+        self._p50: dict[str, list[float]] = {}
+        self._p90: dict[str, list[float]] = {}
+        self._sigma0: dict[str, list[float]] = {}
+        for t in tiers:
+            typical = t.typical_ms if t.typical_ms is not None else t.latency_ms
+            sizes = range(1, t.max_batch + 1)
+            p50 = [interpolate(typical, b) / 1e3 for b in sizes]
+            p90 = [interpolate(t.latency_ms, b) / 1e3 for b in sizes]
+            p99 = [interpolate(t.tail_ms, b) / 1e3 for b in sizes] if t.tail_ms else None
+            self._p50[t.name] = [0.0, *p50]
+            self._p90[t.name] = [0.0, *p90]
+            if t.typical_ms is None:
+                self._sigma0[t.name] = [0.0] * (t.max_batch + 1)
+            else:
+                self._sigma0[t.name] = [0.0] + [
+                    lognormal_sigma(p50[i], p90[i], p99[i] if p99 else None)
+                    for i in range(len(p50))
+                ]
+        self._width = max(t.max_batch for t in tiers) + 1
+        self._rows_cache: dict[str, tuple[list[float], ...]] = {}
+        # (names, width) -> (name -> row, read-only views, the writable arrays)
+        self._tables: dict[tuple, tuple[dict, tuple, tuple]] = {}
+        self.version = 0  # bumped by every observe
+        for name in self.tiers:
+            self._refresh(name)
 
-    def profiled(self, tier: str, batch: int) -> float:
-        sizes = self._sizes[tier]
-        fit = next((b for b in sizes if b >= batch), None)
-        if fit is None:
-            raise ValueError(f"batch {batch} exceeds tier {tier}'s profiled maximum {sizes[-1]}")
-        return self.tiers[tier].latency_ms[fit] / 1e3
+    # -- the distribution ------------------------------------------------------------------
+    def _check(self, tier: str, rows: int) -> None:
+        if rows > len(self._p50[tier]) - 1:
+            raise ValueError(
+                f"batch {rows} exceeds tier {tier}'s profiled maximum {len(self._p50[tier]) - 1}"
+            )
 
-    def estimate(self, tier: str, batch: int) -> float:
-        """Planning latency (s): the profiled quantile scaled by the observed slowdown, plus
-        the observed jitter - contention makes engine times both longer and less regular."""
-        return self.profiled(tier, batch) * (self.factor[tier] + self.spread[tier])
+    def _refresh(self, tier: str) -> None:
+        """Recompute the tier's per-rows median, sigma, quantile, mean and variance after a
+        change of its correction (the tables and the scalar methods read the same floats)."""
+        n = self._count[tier]
+        w = n / (n + TRUST_BATCHES)
+        observed = self._jitter[tier] * math.sqrt(math.pi) / 2  # E|d| = 2 sigma / sqrt(pi)
+        f = math.exp(self._log_factor[tier])
+        median = [v * f for v in self._p50[tier]]
+        sigma = [math.sqrt(w * observed**2 + (1 - w) * s * s) for s in self._sigma0[tier]]
+        quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, sigma, strict=True))
+        mean = [m * math.exp(0.5 * s * s) for m, s in zip(median, sigma, strict=True)]
+        var = [m * m * math.expm1(s * s) for m, s in zip(mean, sigma, strict=True)]
+        self._rows_cache[tier] = (median, sigma, quantile, mean, var)
 
-    def typical(self, tier: str, batch: int) -> float:
-        t = self.tiers[tier]
-        if t.typical_ms is None:
-            return self.profiled(tier, batch)
-        fit = next(b for b in self._sizes[tier] if b >= batch)
-        return t.typical_ms[fit] / 1e3
+    def median(self, tier: str, rows: int) -> float:
+        """The current median time (s) of a batch of ``rows`` on ``tier``."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][0][max(rows, 1)]
 
-    def observe(self, tier: str, batch: int, seconds: float) -> None:
+    def sigma(self, tier: str, rows: int) -> float:
+        """The current log-normal sigma of a batch of ``rows`` on ``tier``."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][1][max(rows, 1)]
+
+    def quantile(self, tier: str, rows: int, q: float) -> float:
+        """The ``q`` quantile (s) of one batch's time."""
+        return self.median(tier, rows) * math.exp(_N.inv_cdf(q) * self.sigma(tier, rows))
+
+    def estimate(self, tier: str, rows: int) -> float:
+        """Planning latency (s): the ``slo_target`` quantile of one batch's time."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][2][max(rows, 1)]
+
+    def planned(self, tier: str) -> Sequence[float]:
+        """``estimate(tier, rows)`` for every rows at once, indexed by rows (for hot loops;
+        read-only, replaced by the next ``observe``)."""
+        return self._rows_cache[tier][2]
+
+    def mean(self, tier: str, rows: int) -> float:
+        """The current mean time (s) of one batch."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][3][max(rows, 1)]
+
+    def var(self, tier: str, rows: int) -> float:
+        """The current variance (s^2) of one batch's time."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][4][max(rows, 1)]
+
+    def profiled(self, tier: str, rows: int) -> float:
+        """The profile's p90 (s) at ``rows``, interpolated; no online correction."""
+        self._check(tier, rows)
+        return self._p90[tier][max(rows, 1)]
+
+    def typical(self, tier: str, rows: int) -> float:
+        """The profile's p50 (s) at ``rows``, interpolated: what observations compare with."""
+        self._check(tier, rows)
+        return self._p50[tier][max(rows, 1)]
+
+    def remaining(self, tier: str, rows: int, elapsed: float) -> float:
+        """Planning time (s) still to go for a batch that has run ``elapsed`` seconds: the
+        ``slo_target`` quantile of its time given that it has not ended yet, less
+        ``elapsed``. A batch past its planned quantile is expected to end soon (see
+        ``OVERRUN_SIGMA``), not at the old estimate and not never.
+
+        Example:
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {8: 18.0})])
+            >>> round(lat.remaining("w100", 8, 0.001) * 1e3, 3)   # no spread: 18 - 1 ms
+            17.0
+            >>> 0 < lat.remaining("w100", 8, 0.030) < 0.004        # overran: ends soon
+            True
+        """
+        planned = self.estimate(tier, rows)
+        if elapsed <= 0:
+            return planned
+        s = self.sigma(tier, rows)
+        if elapsed < planned and s == 0:
+            return planned - elapsed
+        if elapsed >= planned:
+            s = max(s, OVERRUN_SIGMA)
+        mu = math.log(self.median(tier, rows))
+        z_e = (math.log(elapsed) - mu) / s
+        tail = 0.5 * math.erfc(z_e / math.sqrt(2))  # P(T > elapsed)
+        target = tail * (1 - self.slo_target)
+        if target <= 1e-300:  # far in the tail (z_e > 37): P(Z > z + x | Z > z) ~ exp(-z x)
+            z_t = z_e - math.log(1 - self.slo_target) / z_e
+            return max(math.exp(mu + s * z_t) - elapsed, 0.0)
+        return max(math.exp(mu - s * _N.inv_cdf(target)) - elapsed, 0.0)
+
+    # -- online correction -----------------------------------------------------------------
+    def observe(self, tier: str, rows: int, seconds: float) -> None:
+        """Learn from one batch: ``rows`` on ``tier`` took ``seconds`` of engine time. The
+        level moves towards it in either direction; the spread follows how much consecutive
+        batches differ."""
         # Compare with the typical time, not the planning quantile: on an uncontended
-        # machine the factor stays ~1 and the plan keeps its p90 margin; under contention
-        # both scale up together.
-        ratio = seconds / max(self.typical(tier, batch), MIN_TYPICAL_S)
-        ratio = min(max(ratio, RATIO_MIN), RATIO_MAX)
-        self.spread[tier] += self.alpha * (abs(ratio - self.factor[tier]) - self.spread[tier])
-        self.factor[tier] += self.alpha * (ratio - self.factor[tier])
+        # machine the factor stays ~1 and the plan keeps its margin; under contention both
+        # scale together.
+        ratio = seconds / max(self.typical(tier, rows), MIN_TYPICAL_S)
+        x = math.log(min(max(ratio, RATIO_MIN), RATIO_MAX))
+        self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
+        last = self._last[tier]
+        if last is not None:
+            d = min(abs(x - last), DIFF_CLIP)
+            self._jitter[tier] += JITTER_ALPHA * (d - self._jitter[tier])
+            self._count[tier] += 1
+        self._last[tier] = x
+        self._refresh(tier)
+        self._fill(tier)
+        self.version += 1
+
+    @property
+    def factor(self) -> dict[str, float]:
+        """Observed / profiled median per tier (1.0 = as profiled)."""
+        return {t: math.exp(v) for t, v in self._log_factor.items()}
+
+    def tier_estimate(self, tier: str) -> TierEstimate:
+        """The current view of ``tier`` - what a runtime exports as gauges.
+
+        Example:
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0, 8: 9.0})])
+            >>> lat.observe("w100", 8, 0.018); e = lat.tier_estimate("w100")
+            >>> (round(e.factor, 3), e.observed_batches)
+            (1.231, 1)
+        """
+        top = len(self._p50[tier]) - 1
+        return TierEstimate(
+            tier,
+            math.exp(self._log_factor[tier]),
+            self.sigma(tier, top),
+            self.estimate(tier, 1),
+            self.estimate(tier, top),
+            self._count[tier] + (self._last[tier] is not None),
+        )
+
+    def tables(
+        self, names: Sequence[str], width: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(quantile, mean, variance), each (T, W) in seconds: row i for tier ``names[i]``,
+        column b for a batch of b rows (W: at least ``width`` and the largest profiled batch
+        + 1; column 0 is 0, sizes beyond a tier's profile are inf, so a plan that needs them
+        is infeasible). Read-only views, kept current: ``observe`` rewrites the observed
+        tier's row in place (a few microseconds), so a caller may hold them."""
+        key = (*names, width)
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit[1]
+        shape = (len(names), max(self._width, width))
+        out = (np.full(shape, np.inf), np.full(shape, np.inf), np.full(shape, np.inf))
+        for table in out:
+            table[:, 0] = 0.0  # no rows, no time (a batch emptied by a candidate decision)
+        rows = {name: i for i, name in enumerate(names)}
+        self._tables[key] = (rows, tuple(_read_only(a) for a in out), out)
+        for name in rows:
+            self._fill(name)
+        return self._tables[key][1]
+
+    def _fill(self, tier: str) -> None:
+        """Write ``tier``'s current values into every table set handed out."""
+        cache = self._rows_cache[tier]
+        for rows, _, writable in self._tables.values():
+            i = rows.get(tier)
+            if i is None:
+                continue
+            for table, values in zip(writable, cache[2:], strict=True):
+                table[i, 1 : len(values)] = values[1:]
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
-    """(tiers with p90 planning latencies, p50 tables in ms) from a ``profile.json`` dict and
+    """(tiers with p50 / p90 / p99 tables, p50 tables in ms) from a ``profile.json`` dict and
     the tiers' build records (anything with ``flops`` and ``accuracy``). A tier without a
-    measured accuracy ranks by its FLOPs relative to the largest tier."""
+    measured accuracy ranks by its FLOPs relative to the largest tier. ``p99_ms`` is used
+    where the profile has it for every batch size."""
     full = max(r.flops for r in records.values()) or 1
     tiers, p50 = [], {}
     for name, table in profile["tiers"].items():
         rec = records[name]
         acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
         p50[name] = {int(b): v["p50_ms"] for b, v in table.items()}
-        tiers.append(
-            TierInfo(name, acc, {int(b): v["p90_ms"] for b, v in table.items()}, p50[name])
+        p99 = (
+            {int(b): v["p99_ms"] for b, v in table.items()}
+            if all("p99_ms" in v for v in table.values())
+            else None
         )
+        p90 = {int(b): v["p90_ms"] for b, v in table.items()}
+        tiers.append(TierInfo(name, acc, p90, p50[name], p99))
     return tiers, p50

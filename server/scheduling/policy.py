@@ -2,8 +2,9 @@
 the requests to batch. Pure functions of their inputs and ``now``: no clock, no transport.
 
 A policy sees two read-only things besides the queue: the scheduler's static ``Context``
-(tiers, latency model, batch limit) and a ``Snapshot`` of what the scheduler measured just
-before this decision (arrival rate, tight budget, the queue's deadlines as an array).
+(tiers, latency model with its ``slo_target``, batch limit) and a ``Snapshot`` of what the
+scheduler measured just before this decision (arrival rate, tight budget, the queue as
+columns, when the other slots free up).
 
 Policies:
   * ``FixedTier``: always one tier (the baselines: "always full", "always smallest").
@@ -19,17 +20,28 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
 
 from .latency import LatencyModel, TierInfo
+from .plan import (
+    SMALL_QUEUE,
+    Candidate,
+    Columns,
+    Groups,
+    SmallGroups,
+    feasible,
+    form_groups,
+    small_feasible,
+    small_groups,
+)
 from .request import Request
 
-# Planner step 1: plan to use at most 90% of a tier's full-batch throughput. The p90
-# latency already covers engine jitter; these 10% absorb the error of the decayed
-# arrival-rate estimate and the partial batches a real queue runs.
+# Planner step 1: plan to use at most 90% of a tier's full-batch throughput (at its mean
+# batch time). Jitter is the deadline checks' business; these 10% absorb the error of the
+# decayed arrival-rate estimate and the partial batches a real queue runs.
 SUSTAINABLE_HEADROOM = 0.9
 # SlackFit's latency bucket: (tier, batch) choices whose latencies differ by less than this
 # count as equally fast, so the larger batch, then the more accurate tier, wins. About one
@@ -63,45 +75,41 @@ class Snapshot:
     """What the scheduler measured just before one decision: built per call, never changed.
 
     ``arrival_rate``: recent arrivals in rows/s (exponentially decayed). ``tight_budget``:
-    seconds, a low percentile of recent request budgets (inf before any). ``deadlines``:
-    (|Q|,) absolute deadlines in queue order when every queued request is unconstrained and
-    one row and the queue is long (``Planner``'s numpy path), else None; the array is a
-    read-only view.
+    seconds, a low percentile of recent request budgets (inf before any). ``columns``: the
+    queue as read-only arrays (``plan.Columns``) in queue order, kept up to date by the
+    scheduler; None makes the planner build them from the queue. ``busy``: for each other
+    slot with a batch running, the planning time (s) until it frees - from the batch's real
+    start and the latency model's current view, never a stale end.
 
     Example:
-        >>> snap = Snapshot(arrival_rate=400.0, deadlines=np.array([0.01, 0.02]))
+        >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
         >>> snap.arrival_rate = 0.0
         Traceback (most recent call last):
         ...
         dataclasses.FrozenInstanceError: cannot assign to field 'arrival_rate'
-        >>> snap.deadlines[0] = 1.0
-        Traceback (most recent call last):
-        ...
-        ValueError: assignment destination is read-only
     """
 
     arrival_rate: float = 0.0
     tight_budget: float = math.inf
-    deadlines: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.deadlines is not None:
-            view = self.deadlines.view()  # the caller's array keeps its own flags
-            view.flags.writeable = False
-            object.__setattr__(self, "deadlines", view)
+    columns: Columns | None = None
+    busy: tuple[float, ...] = ()
 
 
 class Context:
     """The static part of what a policy sees, built once per scheduler: tiers (most accurate
     first), ``rank`` (tier name -> index in that order, 0 = most accurate), the latency
-    model and the batch limit in rows. Read-only: per-decision facts go in ``Snapshot``. (The
-    latency model it holds still learns online; that is the scheduler's doing.)
+    model, the batch limit in rows and ``slo_target`` - the probability with which plans
+    meet deadlines (the latency model's; ``Scheduler(slo_target=...)`` sets it). Read-only:
+    per-decision facts go in ``Snapshot``. (The latency model it holds still learns online;
+    that is the scheduler's doing.)
 
     Example:
         >>> tiers = [TierInfo("w050", 0.97, {8: 9.0}), TierInfo("w100", 0.99, {8: 18.0})]
         >>> ctx = Context(tiers, LatencyModel(tiers), max_batch=8)
         >>> ctx.allowed(Request(1, 0.0, 1.0)), ctx.fastest(Request(2, 0.0, 1.0, pin="w100"))
         (['w100', 'w050'], 'w100')
+        >>> ctx.bounds(Request(3, 0.0, 1.0, min_tier="w100")), ctx.slo_target
+        ((0, 0), 0.999)
     """
 
     __slots__ = ("_names", "latency", "max_batch", "rank", "tiers")
@@ -128,6 +136,35 @@ class Context:
 
     def fastest(self, r: Request) -> str:
         return self.allowed(r)[-1]
+
+    def bounds(self, r: Request) -> tuple[int, int]:
+        """(lo, hi): the ranks of the most accurate and the fastest tier ``r`` allows."""
+        if r.pin is not None:
+            k = self.rank[r.pin]
+            return k, k
+        if r.min_tier is not None:
+            return 0, self.rank[r.min_tier]
+        return 0, len(self._names) - 1
+
+    @property
+    def slo_target(self) -> float:
+        return self.latency.slo_target
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(quantile, mean, variance) per (tier rank, rows), seconds; see
+        ``LatencyModel.tables``."""
+        return self.latency.tables(self._names, self.max_batch + 1)
+
+    def columns(self, queue: Sequence[Request]) -> Columns:
+        """``queue`` as ``Columns`` (O(|Q|) in Python; the scheduler keeps its own up to
+        date and hands them over in ``Snapshot.columns``)."""
+        bounds = [self.bounds(r) for r in queue]
+        return Columns.build(
+            [r.deadline for r in queue],
+            [r.rows for r in queue],
+            [b[0] for b in bounds],
+            [b[1] for b in bounds],
+        )
 
     def take(self, queue: Sequence[Request], tier: str, limit_rows: int) -> list[Request]:
         """Deadline-ordered requests that may run on ``tier``, up to ``limit_rows`` rows."""
@@ -218,8 +255,12 @@ class SlackFit(Policy):
         return Decision(best[1], best[2])
 
 
-# (batch, finish time in seconds) of a head batch the planner considers.
+# (batch, finish time in seconds at the slo_target quantile) of a head batch.
 HeadBatch = tuple[list[Request], float]
+# A head batch's candidates are looked for in Python among the first SCAN_FIRST x B queued
+# requests (usually enough: most requests allow most tiers), then in numpy, so that a queue
+# full of requests pinned elsewhere costs no more Python steps than that.
+SCAN_FIRST = 4
 
 
 class Planner(Policy):
@@ -227,44 +268,49 @@ class Planner(Policy):
 
     Notation: Q = the queue in deadline order, head = Q[0], B = max batch (rows), S = slots,
     T = the tiers the head allows (most accurate first), lambda = the recent arrival rate
-    (rows/s, decayed). ``largest_batch(t)`` is the head batch every step uses: the first
-    requests of Q that tier t may serve, up to b rows for b = B, B-1, ..., 1, stopping at the
-    first that finishes by its own earliest deadline and runs no longer than
-    tight_budget - latency(fastest tier, 1 row) (or is one row), so a client with a tight
-    budget arriving just after it starts can still be served: bounded head-of-line
-    blocking. Only that largest batch is tried per tier - a smaller head batch leaves the
-    same requests, less batched, to the rest. ``rest_feasible(t, plan)`` checks that after
-    it, R = Q - batch still meets every deadline: R's groups of up to B rows in deadline
-    order, each on the slot that frees first, each on tier ``plan`` where the group's head
-    allows it, else on that group's fastest allowed tier. (The other slots count as free
-    now: optimistic with several slots.)
+    (rows/s, decayed), q = ``ctx.slo_target``. Every "meets its deadline" below means: at
+    the q quantile of the latency model (a batch's time is log-normal per tier and batch
+    size, corrected online; a sequence of batches is the sum of independent ones).
+    ``largest_batch(t)`` is the head batch every step uses: the first requests of Q that
+    tier t may serve (``Context.take``), the longest prefix of them that finishes by its own
+    earliest deadline and runs no longer than tight_budget - latency(fastest tier, 1 row)
+    (or is one request), so a client with a tight budget arriving just after it starts can
+    still be served: bounded head-of-line blocking. Only that largest batch is tried per
+    tier - a smaller head batch leaves the same requests, less batched, to the rest.
+    ``rest_feasible(t, plan)`` checks that after it, R = Q - batch still meets every
+    deadline, R planned as it would run (``plan``): batches per fastest allowed tier, in
+    deadline order, of their real sizes, each run on tier ``plan`` where its requests allow
+    it, else on their fastest allowed tier; in the order of their first request, each on
+    the slot that frees first - the head batch's slot after it, the other slots after their
+    running batches (``Snapshot.busy``).
 
     Per free slot, ``choose`` runs:
       1. ``sustainable_tiers``: the tiers t in T that keep up with arrivals at full
-         batches, lambda <= headroom * S * B / latency(t, B); choosing another builds a
+         batches, lambda <= headroom * S * B / mean latency(t, B); choosing another builds a
          backlog that later requests pay for. T's fastest tier if none does.
-      1b. ``one_tier_above``: if the whole queue fits one batch (we are keeping up) and the
-         most accurate sustainable tier is not T's first, the candidates are T from one
-         tier above it down to the fastest, so that the mix of tiers - not one tier -
-         matches the load. Otherwise the candidates are the sustainable tiers.
+      1b. ``one_tier_above``: if the whole queue fits one batch and we keep up (T's
+         fastest tier sustains lambda, and after the queue's batch one tier up a full batch
+         on the fastest tier still fits the tight budget) and the most accurate sustainable
+         tier is not T's first, the candidates are T from one tier above it down to the
+         fastest, so that the mix of tiers - not one tier - matches the load. Otherwise the
+         candidates are the sustainable tiers.
       2. ``accuracy_first``: for each candidate t, most accurate first, the first whose
          ``largest_batch(t)`` exists and leaves ``rest_feasible(t, plan=t)`` - the rest
          planned at the same tier - is chosen.
       3. ``relaxed``: else the same over every tier in T with the rest planned at each
-         group's fastest allowed tier (Q is too deep to stay at one tier; the head still
+         batch's fastest allowed tier (Q is too deep to stay at one tier; the head still
          gets the most accurate tier that leaves R feasible).
       4. ``throughput_fallback``: else the queue cannot be saved in full; to save as many
          as possible, ``largest_batch(t)`` of the fastest tier in T that has one, then the
          next tier up; else the head alone on T's fastest tier.
 
-    Cost per decision: steps 2-4 make at most 3T ``largest_batch`` calls (up to B ``take``
-    calls each, O(B) rows scanned each, O(|Q|) when requests pinned elsewhere are skipped) and
-    at most 2T ``rest_feasible`` calls. The plain ``rest_feasible`` rebuilds the rest once
-    per group: O(|Q| / B groups x |Q|) = O(|Q|^2 / B). So:
-      * plain path (a short queue, or any pinned, min_tier or multi-row request queued):
-        O(T x (B x |Q| + |Q|^2 / B));
-      * numpy path (``Snapshot.deadlines`` set): O(T x (B^2 + |Q| + G log G)) with
-        G = S x |Q| / B, the |Q| and G log G parts inside numpy.
+    Cost per decision: ``largest_batch`` once per tier (one ``take``: O(B) rows scanned, or
+    O(|Q|) in numpy when requests pinned elsewhere must be skipped; then O(B) prefixes); the
+    plan of Q built once (O(|Q|) numpy, O(|Q| / B) Python steps with multi-row requests
+    queued); steps 2 and 3 each check all their candidates in one vectorised pass, O(T x
+    |Q| / B) numpy work plus O(B^2) Python per candidate. Nothing is quadratic in |Q|,
+    pins, min_tier and multi-row requests included. ``work`` counts the requests and
+    batches a decision looked at (a cost probe for tests).
 
     Example:
         >>> tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 18.0}),
@@ -281,37 +327,70 @@ class Planner(Policy):
     def __init__(self, slots: int = 1, headroom: float = SUSTAINABLE_HEADROOM) -> None:
         self.slots = slots
         self.headroom = headroom
+        self.work = 0  # requests and batches looked at by the last decision: a cost probe
+        self._decision: _Decision | None = None  # what one decision computes once
 
     def choose(self, queue, now, ctx, snap):
+        if snap.columns is None or len(snap.columns) != len(queue):
+            snap = replace(snap, columns=ctx.columns(queue))
+        self._decision = _Decision()
+        self.work = 0
         allowed = ctx.allowed(queue[0])
         sustainable = self.sustainable_tiers(allowed, ctx, snap)  # 1
-        candidates = self.one_tier_above(allowed, sustainable, queue, ctx)  # 1b
-        return (
+        candidates = self.one_tier_above(allowed, sustainable, queue, ctx, snap)  # 1b
+        if len(queue) > SMALL_QUEUE:
+            # Steps 2 and 3 check their candidates in one vectorised pass: the cost of a
+            # check is mostly per pass, and a queue that fails step 2 needs step 3 anyway.
+            # (A short queue is checked in Python, one candidate at a time, as needed.)
+            pairs = [(t, t) for t in candidates] + [(t, None) for t in allowed]
+            self._precheck(queue, pairs, now, ctx, snap)
+        decision = (
             self.accuracy_first(queue, candidates, now, ctx, snap)  # 2
             or self.relaxed(queue, allowed, now, ctx, snap)  # 3
             or self.throughput_fallback(queue, allowed, now, ctx, snap)  # 4
         )
+        self._decision = None
+        return decision
 
     # -- the steps -------------------------------------------------------------------------
     def sustainable_tiers(self, allowed: list[str], ctx: Context, snap: Snapshot) -> list[str]:
         """Step 1: the tiers of ``allowed`` whose full-batch throughput over the slots,
         less the headroom, covers ``snap.arrival_rate``; the fastest if none does."""
-        b = ctx.max_batch
-        capacity = {t: self.slots * b / ctx.latency.estimate(t, b) for t in allowed}  # rows/s
-        keeps_up = [t for t in allowed if snap.arrival_rate <= self.headroom * capacity[t]]
-        return keeps_up or allowed[-1:]
+        return [t for t in allowed if self.keeps_up(t, ctx, snap)] or allowed[-1:]
 
-    @staticmethod
+    def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
+        """Whether ``tier`` at full batches on every slot, less the headroom, serves rows as
+        fast as they arrive (``snap.arrival_rate``)."""
+        b = ctx.max_batch
+        capacity = self.slots * b / ctx.latency.mean(tier, b)  # rows/s
+        return snap.arrival_rate <= self.headroom * capacity
+
     def one_tier_above(
-        allowed: list[str], sustainable: list[str], queue: Sequence[Request], ctx: Context
+        self,
+        allowed: list[str],
+        sustainable: list[str],
+        queue: Sequence[Request],
+        ctx: Context,
+        snap: Snapshot | None = None,
     ) -> list[str]:
         """Step 1b: the candidate tiers - from one above the most accurate sustainable tier
-        down to the fastest when the whole queue fits one batch, else ``sustainable``."""
+        down to the fastest when the whole queue fits one batch and we keep up, else
+        ``sustainable``. Keeping up: the fastest tier sustains the arrivals, and after the
+        queue's batch on the tier above, a full batch of new arrivals on the fastest tier
+        still fits the tight budget - clients in a closed loop return together, and a
+        slower batch must not make them unservable (with a 30 ms budget, a 2-row batch on
+        a tier 2x slower used to turn away the next 6 requests)."""
+        snap = snap or Snapshot()
         first = allowed.index(sustainable[0])
-        queued = sum(r.rows for r in queue)
-        if first and queued <= ctx.max_batch:
-            return allowed[first - 1 :]
-        return sustainable
+        b = ctx.max_batch
+        rows = sum(r.rows for r in queue) if len(queue) <= b else b + 1
+        if not first or rows > b or not self.keeps_up(allowed[-1], ctx, snap):
+            return sustainable
+        up = allowed[first - 1]
+        after = ctx.latency.estimate(up, rows) + ctx.latency.estimate(allowed[-1], b)
+        if after > snap.tight_budget:
+            return sustainable
+        return allowed[first - 1 :]
 
     def accuracy_first(
         self,
@@ -334,7 +413,7 @@ class Planner(Policy):
         snap: Snapshot,
     ) -> Decision | None:
         """Step 3: the most accurate allowed tier whose largest batch leaves the rest
-        feasible with each group on its fastest allowed tier; None if there is none."""
+        feasible with each batch on its fastest allowed tier; None if there is none."""
         return self._first_feasible(queue, allowed, now, ctx, snap, rest_at_same_tier=False)
 
     def _first_feasible(
@@ -347,16 +426,42 @@ class Planner(Policy):
         rest_at_same_tier: bool,
     ) -> Decision | None:
         """Steps 2 and 3 differ only in where the rest of the queue is planned: at the head's
-        tier (step 2) or on each group's fastest allowed tier (step 3)."""
+        tier (step 2) or on each batch's fastest allowed tier (step 3). All of a step's
+        candidates are checked in one pass; the first feasible one (in ``tiers`` order) wins,
+        as if they had been checked one by one."""
         for tier in tiers:
-            found = self.largest_batch(queue, tier, now, ctx, snap)
-            if found is None:
-                continue
-            batch, finish = found
             plan = tier if rest_at_same_tier else None
-            if self.rest_feasible(queue, batch, finish, now, ctx, snap, plan=plan):
-                return Decision(tier, batch)
+            if self._precheck(queue, [(tier, plan)], now, ctx, snap)[self._key(tier, plan, ctx)]:
+                return Decision(tier, self._largest_once(queue, tier, now, ctx, snap)[0])
         return None
+
+    @staticmethod
+    def _key(tier: str, plan: str | None, ctx: Context) -> tuple[str, int | None]:
+        """A check's identity: planning the rest on the fastest tier is planning it on each
+        batch's fastest allowed tier."""
+        p = None if plan is None else ctx.rank[plan]
+        return tier, None if p == len(ctx.tiers) - 1 else p
+
+    def _precheck(self, queue, pairs, now, ctx, snap) -> dict:
+        """Check the (head tier, plan tier) pairs not checked yet in this decision, in one
+        pass; returns every result so far (a pair whose tier has no head batch: False)."""
+        checked = self._decision.checked if self._decision is not None else {}
+        todo, heads, plans = [], [], []
+        for tier, plan in pairs:
+            key = self._key(tier, plan, ctx)
+            if key in checked or key in todo:
+                continue
+            head = self._largest_once(queue, tier, now, ctx, snap)
+            if head is None:
+                checked[key] = False
+                continue
+            todo.append(key)
+            heads.append((tier, head[0], head[2]))
+            plans.append(plan)
+        if todo:
+            ok = self._check(queue, heads, plans, now, ctx, snap)
+            checked.update(zip(todo, ok, strict=True))
+        return checked
 
     def throughput_fallback(
         self,
@@ -369,7 +474,7 @@ class Planner(Policy):
         """Step 4: the fastest allowed tier's largest batch, then the next tier up's; else
         the head alone on the fastest allowed tier."""
         for tier in reversed(allowed):
-            found = self.largest_batch(queue, tier, now, ctx, snap)
+            found = self._largest_once(queue, tier, now, ctx, snap)
             if found is not None:
                 return Decision(tier, found[0])
         tier = allowed[-1]
@@ -380,80 +485,144 @@ class Planner(Policy):
     def largest_batch(
         queue: Sequence[Request], tier: str, now: float, ctx: Context, snap: Snapshot
     ) -> HeadBatch | None:
-        """(batch, finish) for the largest b = B..1 whose batch on ``tier`` meets its own
-        deadlines and runs within the head-of-line bound; None if no b does."""
+        """(batch, finish) for the longest prefix of ``take(queue, tier, B)`` that meets its
+        own deadlines on ``tier`` and runs within the head-of-line bound; None if none
+        does."""
+        found = Planner._largest(queue, tier, now, ctx, snap)
+        return None if found is None else found[:2]
+
+    def _largest_once(self, queue, tier, now, ctx, snap):
+        """``_largest``, computed once per tier and decision (steps 2, 3 and 4 share it)."""
+        memo = self._decision.heads if self._decision is not None else {}
+        if tier not in memo:
+            memo[tier] = self._largest(queue, tier, now, ctx, snap)
+            self.work += ctx.max_batch
+        return memo[tier]
+
+    @staticmethod
+    def _largest(
+        queue: Sequence[Request], tier: str, now: float, ctx: Context, snap: Snapshot
+    ) -> tuple[list[Request], float, list[int]] | None:
+        """``largest_batch`` plus the queue indices of the batch's requests."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
-        seen = 0
-        for limit in range(ctx.max_batch, 0, -1):
-            batch = ctx.take(queue, tier, limit)
-            rows = sum(r.rows for r in batch)
-            if not batch or rows == seen:
-                continue  # the same batch as the larger limit: already rejected
-            seen = rows
-            took = ctx.latency.estimate(tier, rows)
-            if now + took <= min(r.deadline for r in batch) and (took <= limit_s or rows == 1):
-                return batch, now + took
+        batch, where = Planner._take(queue, tier, ctx, snap)
+        planned = ctx.latency.planned(tier)  # seconds by rows
+        rows = [0]
+        due = [math.inf]
+        for r in batch:
+            rows.append(rows[-1] + r.rows)
+            due.append(min(due[-1], r.deadline))
+        for k in range(len(batch), 0, -1):
+            took = planned[rows[k]]
+            if now + took <= due[k] and (took <= limit_s or rows[k] == 1):
+                return batch[:k], now + took, where[:k]
         return None
+
+    @staticmethod
+    def _take(
+        queue: Sequence[Request], tier: str, ctx: Context, snap: Snapshot
+    ) -> tuple[list[Request], list[int]]:
+        """``ctx.take(queue, tier, B)`` and the queue indices it took. B candidates are always
+        enough (each has a row, none more than B); see ``SCAN_FIRST``."""
+        cols = snap.columns
+        k = ctx.rank[tier]
+        b = ctx.max_batch
+        reach = min(len(queue), SCAN_FIRST * b)
+        candidates = []
+        for i in range(reach):
+            if _allows(ctx, queue[i], k):
+                candidates.append(i)
+                if len(candidates) == b:
+                    break
+        if len(candidates) < b and reach < len(queue):
+            # Requests pinned elsewhere fill the front of the queue: find the rest in numpy.
+            if cols is None:
+                cols = ctx.columns(queue)
+            more = np.flatnonzero((cols.lo[reach:] <= k) & (k <= cols.hi[reach:])) + reach
+            candidates += more[: b - len(candidates)].tolist()
+        batch, where, rows = [], [], 0
+        for i in candidates:
+            r = queue[i]
+            if rows + r.rows > ctx.max_batch:
+                break  # the first candidate always fits: it has at most B rows
+            batch.append(r)
+            where.append(i)
+            rows += r.rows
+        return batch, where
 
     def rest_feasible(
         self,
         queue: Sequence[Request],
         batch: list[Request],
-        finish: float,
+        tier: str,
         now: float,
         ctx: Context,
         snap: Snapshot,
         plan: str | None,
     ) -> bool:
-        """Whether every request of ``queue`` not in ``batch`` (which holds one slot until
-        ``finish``) meets its deadline, planned in groups of up to B rows on ``plan`` where a
-        group allows it, else on the group's fastest allowed tier (always when ``plan`` is
-        None). The other slots count as free now."""
-        if snap.deadlines is not None:
-            return self._rest_feasible_fast(snap.deadlines, len(batch), finish, now, ctx, plan)
-        chosen = {id(r) for r in batch}
-        rest = [r for r in queue if id(r) not in chosen]
-        free = [finish] + [now] * (self.slots - 1)  # slot i frees at free[i] (s)
-        while rest:
-            allowed = ctx.allowed(rest[0])
-            tier = plan if plan in allowed else allowed[-1]
-            group = ctx.take(rest, tier, ctx.max_batch)
-            i = min(range(len(free)), key=free.__getitem__)
-            free[i] += ctx.latency.estimate(tier, sum(r.rows for r in group))
-            if free[i] > min(r.deadline for r in group):
-                return False
-            taken = {id(r) for r in group}
-            rest = [r for r in rest if id(r) not in taken]  # O(|Q|) per group
-        return True
+        """Whether every request of ``queue`` not in ``batch`` (which runs on ``tier`` on this
+        slot, starting now) meets its deadline, its batch planned on ``plan`` where the
+        batch allows it, else on its fastest allowed tier (always when ``plan`` is None)."""
+        head = (tier, batch, _positions(batch, queue))
+        return self._check(queue, [head], [plan], now, ctx, snap)[0]
 
-    def _rest_feasible_fast(
-        self,
-        deadlines: np.ndarray,
-        taken: int,
-        finish: float,
-        now: float,
-        ctx: Context,
-        plan: str | None,
-    ) -> bool:
-        """Vectorised ``rest_feasible`` for a queue of unconstrained one-row requests:
-        ``take`` then returns prefixes, so the rest is ``queue[taken:]`` and its groups are
-        consecutive runs of B requests. O(|Q|) in numpy instead of O(|Q|^2 / B) in Python."""
-        rest = deadlines[taken:]  # (R,) deadlines in queue order
-        if rest.size == 0:
-            return True
-        b = ctx.max_batch
-        tier = plan or ctx.tiers[-1].name
-        starts = np.arange(0, rest.size, b)  # (G,) first index of each group
-        group_min = np.minimum.reduceat(rest, starts)  # (G,) tightest deadline per group
-        lat = np.full(len(starts), ctx.latency.estimate(tier, b))  # (G,) seconds
-        lat[-1] = ctx.latency.estimate(tier, rest.size - starts[-1])
-        # The plain path gives each group the slot that frees first. All groups but the last
-        # take lat[0], so slot i offers start times free_i, free_i + lat[0], ... and group j
-        # starts at the j-th smallest of them (cumsum adds in the plain path's order).
-        steps = np.full((self.slots, len(starts)), lat[0])  # (S, G)
-        steps[:, 0] = [finish] + [now] * (self.slots - 1)
-        begin = np.sort(np.cumsum(steps, axis=1), axis=None)[: len(starts)]  # (G,)
-        return bool(np.all(begin + lat <= group_min))
+    def _check(self, queue, heads, plans, now, ctx, snap) -> list[bool]:
+        """``rest_feasible`` for several (tier, batch, queue indices) at once."""
+        cols = snap.columns
+        if cols is None or len(cols) != len(queue):
+            cols = ctx.columns(queue)
+        state = self._decision
+        small = len(cols) <= SMALL_QUEUE
+        if state is None or state.groups is None:
+            groups = (small_groups if small else form_groups)(cols, ctx.max_batch)
+            self.work += len(cols)
+            if state is not None:
+                state.groups = groups
+        else:
+            groups = state.groups
+        candidates = []
+        for (tier, batch, where), plan in zip(heads, plans, strict=True):
+            rows = sum(r.rows for r in batch)
+            rank = None if plan is None else ctx.rank[plan]
+            lat = ctx.latency
+            candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
+        others = list(snap.busy[: self.slots - 1])
+        others += [0.0] * (self.slots - 1 - len(others))
+        self.work += len(candidates) * len(groups)
+        check = small_feasible if small else feasible
+        return check(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, now)
+
+
+class _Decision:
+    """What one ``Planner.choose`` computes once and its steps share."""
+
+    __slots__ = ("checked", "groups", "heads")
+
+    def __init__(self) -> None:
+        self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
+        self.groups: Groups | SmallGroups | None = None  # the plan of the whole queue
+        self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
+
+
+def _allows(ctx: Context, r: Request, k: int) -> bool:
+    """Whether ``r`` may run on the tier of rank ``k``."""
+    if r.pin is None and r.min_tier is None:
+        return True
+    lo, hi = ctx.bounds(r)
+    return lo <= k <= hi
+
+
+def _positions(batch: list[Request], queue: Sequence[Request]) -> list[int]:
+    """The queue indices of ``batch``'s requests (a scan from the front: a head batch's
+    requests are the first ones a tier allows)."""
+    wanted = {id(r) for r in batch}
+    found = {}
+    for i, r in enumerate(queue):
+        if id(r) in wanted:
+            found[id(r)] = i
+            if len(found) == len(wanted):
+                break
+    return [found[id(r)] for r in batch]
 
 
 POLICIES = ("innfer", "slackfit", "fixed")

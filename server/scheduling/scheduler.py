@@ -9,8 +9,14 @@ never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE). 
 goes through ``Request.advance``, which raises on any other.
 
 Per decision the scheduler hands the policy its static ``Context`` and a fresh, frozen
-``Snapshot`` (arrival rate, tight budget, deadlines array); the ``Decision`` it returns
-carries the slot it runs on, which ``complete`` frees.
+``Snapshot`` (arrival rate, tight budget, the queue as columns, when the other slots free
+up); the ``Decision`` it returns carries the slot it runs on, which ``complete`` frees.
+
+Admission counts the work ahead as it will run (``plan``): the running batches from their
+real start times with the latency model's current view of them (an overrun batch is
+expected to end soon), then the queue ahead of the new request as batches per tier with
+their real sizes, each on its fastest allowed tier. A request is refused when even that plan
+does not finish it by its deadline at the ``slo_target`` quantile.
 
 Example:
     >>> from server.scheduling import Scheduler, TierInfo, Request, make_policy
@@ -35,7 +41,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .latency import LatencyModel, TierInfo
+from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo
+from .plan import SMALL_QUEUE, Columns, admission_finish, small_admission, small_groups_of
 from .policy import Context, Decision, Policy, Snapshot
 from .request import Request, State
 
@@ -43,6 +50,9 @@ from .request import Request, State
 # latencies (about 1-20 ms each), so one batch's worth of arrivals does not look like a
 # trend, yet a burst is forgotten within about a second.
 RATE_WINDOW_S = 0.5
+# Seconds: the arrival rate's start-up correction treats the time since the first arrival as
+# at least this long, so that one early request is not an infinite rate (at most ~10x).
+RATE_WARMUP_S = 0.05
 # Recent admissible budgets kept for ``tight_budget``: at the 5th percentile the bound is
 # then about the 10th-smallest of 200, so one odd client cannot set it alone.
 BUDGET_WINDOW = 200
@@ -53,10 +63,6 @@ TIGHT_BUDGET_QUANTILE = 0.05
 # keeps that off the per-decision path while still following a change of client mix
 # within a few full batches.
 TIGHT_BUDGET_EVERY = 16
-# The planner's numpy path pays a fixed cost per call (building the array, reduceat, sort).
-# Measured: around 32 queued requests one plain rest check costs about as much as the
-# numpy one (tens of microseconds); above it the plain path grows as |Q|^2 / B.
-VECTORISE_MIN_QUEUE = 32
 
 
 class InvalidRequest(KeyError, ValueError):
@@ -78,7 +84,8 @@ class Refused(Exception):
 
 class Scheduler:
     """One model's queue, slots and policy. Times are seconds on the caller's clock; see the
-    module docstring for an example."""
+    module docstring for an example. ``slo_target``: the probability with which plans meet
+    deadlines (default 0.999); it sets the latency model's planning quantile."""
 
     def __init__(
         self,
@@ -90,15 +97,23 @@ class Scheduler:
         slots: int = 1,
         latency: LatencyModel | None = None,
         rate_window_s: float = RATE_WINDOW_S,
+        slo_target: float | None = None,
     ) -> None:
-        self.latency = latency or LatencyModel(tiers)
+        if latency is None:
+            latency = LatencyModel(tiers, slo_target=slo_target or DEFAULT_SLO_TARGET)
+        elif slo_target is not None and slo_target != latency.slo_target:
+            raise ValueError(
+                f"slo_target {slo_target} differs from the latency model's {latency.slo_target}"
+            )
+        self.latency = latency
         self.ctx = Context(tiers, self.latency, max_batch)
         self.policy = policy
         self.max_queue = max_queue
         self.slots = slots
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
-        # slot -> (the decision running there, its estimated end in seconds)
+        self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
+        # slot -> (the decision running there, the time it started)
         self.running: dict[int, tuple[Decision, float]] = {}
         self._seq = itertools.count()
         # Arrival rate, exponentially decayed with time constant tau: each arrival adds
@@ -107,10 +122,14 @@ class Scheduler:
         self._tau = rate_window_s
         self._rate = 0.0
         self._rate_at = 0.0
+        self._first: float | None = None  # the first arrival
         self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
         self._dispatches = 0
-        self._constrained = 0  # queued requests with a pin, a min_tier or several rows
+
+    @property
+    def slo_target(self) -> float:
+        return self.latency.slo_target
 
     # -- admission -------------------------------------------------------------------------
     def check_constraints(self, r: Request) -> None:
@@ -125,13 +144,23 @@ class Scheduler:
 
     def arrival_rate(self, now: float) -> float:
         """Recent arrival rate in rows per second (refused ones included: they are load
-        too)."""
+        too). The decayed sum counts only the time since the first arrival, so it is
+        divided by the share of the window that has passed (as an EWMA's start-up bias is
+        corrected): the first arrivals of a steady load must not look like light load."""
+        if self._first is None:
+            return 0.0
+        seen = max(now - self._first, RATE_WARMUP_S)
+        return self._raw_rate(now) / -math.expm1(-seen / self._tau)
+
+    def _raw_rate(self, now: float) -> float:
         return self._rate * math.exp(-max(0.0, now - self._rate_at) / self._tau)
 
     def submit(self, r: Request, now: float) -> None:
         """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
         self.check_constraints(r)
-        self._rate = self.arrival_rate(now) + r.rows / self._tau
+        if self._first is None:
+            self._first = now
+        self._rate = self._raw_rate(now) + r.rows / self._tau
         self._rate_at = now
         fastest = self.ctx.fastest(r)
         alone = self.latency.estimate(fastest, r.rows)
@@ -147,52 +176,83 @@ class Scheduler:
                 f"budget {1e3 * (r.deadline - now):.1f} ms is below the fastest allowed tier's "
                 f"latency ({fastest}: {1e3 * alone:.1f} ms)",
             )
-        finish = self._finish_if_admitted(r, now)
+        key = self._key(r)
+        i = bisect.bisect(self._keys, key)
+        finish = self.finish_if_admitted(r, now, i)
         if finish > r.deadline:
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget {1e3 * (r.deadline - now):.1f} ms cannot be met behind the "
-                f"{len(self.queue)} queued requests (estimated {1e3 * (finish - now):.1f} ms)",
+                f"{i} requests queued ahead and {len(self.running)} running "
+                f"(estimated {1e3 * (finish - now):.1f} ms at the {self.slo_target:g} quantile)",
             )
-        key = self._key(r)
-        i = bisect.bisect(self._keys, key)
         self._keys.insert(i, key)
         self.queue.insert(i, r)
-        self._constrained += _constrained(r)
+        self._cols.insert(i, r, self.ctx)
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
 
-    def _finish_if_admitted(self, r: Request, now: float) -> float:
-        """When ``r`` would finish if every request ahead of it ran at its fastest tier."""
-        free = sorted(end for _, end in self.running.values())
-        free += [now] * (self.slots - len(free))
-        free = [max(f, now) for f in free]
-        key = self._key(r)
-        ahead = [*self.queue[: bisect.bisect(self._keys, key)], r]
-        while True:  # r is in the last group at the latest
-            tier = self.ctx.fastest(ahead[0])
-            group = self.ctx.take(ahead, tier, self.ctx.max_batch)
-            i = min(range(len(free)), key=free.__getitem__)
-            free[i] += self.latency.estimate(tier, sum(g.rows for g in group))
-            if any(g is r for g in group):
-                return free[i]  # r's own group; groups planned after it do not delay it
-            taken = {id(g) for g in group}
-            ahead = [a for a in ahead if id(a) not in taken]
+    def slot_offsets(self, now: float, skip: int | None = None) -> list[float]:
+        """Per slot (except ``skip``), the planning time (s) until it is free: 0 for an idle
+        one, else what its running batch has left given how long it has run."""
+        out = []
+        for slot in range(self.slots):
+            if slot == skip:
+                continue
+            run = self.running.get(slot)
+            if run is None:
+                out.append(0.0)
+            else:
+                d, started = run
+                out.append(self.latency.remaining(d.tier, d.rows, now - started))
+        return out
+
+    def finish_if_admitted(self, r: Request, now: float, at: int | None = None) -> float:
+        """When ``r`` would finish (the ``slo_target`` quantile, absolute seconds) if queued
+        at index ``at`` (its place by priority and deadline; found if None): the queue ahead
+        of it run as the plan forms it on each batch's fastest allowed tier, after the
+        running batches - or, if sooner, with ``r`` added to an earlier batch that runs on a
+        tier it allows and has room for it (``plan.admission_finish``)."""
+        if at is None:
+            at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
+        lo, hi = self.ctx.bounds(r)
+        busy = self.slot_offsets(now)
+        tables, z, b = self.ctx.tables(), self.latency.z, self.ctx.max_batch
+        if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
+            ahead = [*self.queue[:at], r]
+            bounds = [self.ctx.bounds(q) for q in ahead]
+            groups = small_groups_of(
+                [q.deadline for q in ahead], [q.rows for q in ahead],
+                [x[0] for x in bounds], [x[1] for x in bounds], b,
+            )  # fmt: skip
+            return now + small_admission(groups, b, tables, z, busy[0], r.rows, lo, hi)
+        cols = self.columns().ahead_and(at, r.deadline, r.rows, lo, hi)
+        return now + admission_finish(cols, b, tables, z, busy)
+
+    def columns(self) -> Columns:
+        """The queue as ``Columns`` (read-only arrays, queue order)."""
+        if self._cols.n != len(self.queue):  # someone edited the queue list by hand
+            self._cols.rebuild(self.queue, self.ctx)
+        return self._cols.view()
 
     # -- dispatch --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
         return next((s for s in range(self.slots) if s not in self.running), None)
 
     def expire(self, now: float) -> list[Request]:
-        """Remove and return queued requests that can no longer meet their deadline."""
-        gone = [
-            r
-            for r in self.queue
-            if now + self.latency.estimate(self.ctx.fastest(r), r.rows) > r.deadline
-        ]
+        """Remove and return queued requests that can no longer meet their deadline, even
+        alone on their fastest allowed tier (at the ``slo_target`` quantile)."""
+        if not self.queue:
+            return []
+        cols = self.columns()
+        alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
+        late = np.flatnonzero(now + alone > cols.deadline).tolist()
+        if not late:
+            return []
+        gone = [self.queue[i] for i in late]
+        self._remove_at(late)
         for r in gone:
-            self._remove(r)
             r.finish(State.REFUSED_DEADLINE, now)
         return gone
 
@@ -203,32 +263,30 @@ class Scheduler:
         slot = self.free_slot()
         if slot is None or not self.queue:
             return None
-        decision = self.policy.choose(self.queue, now, self.ctx, self._snapshot(now))
+        decision = self.policy.choose(self.queue, now, self.ctx, self._snapshot(now, slot))
         if decision is None or not decision.requests:
             return None
         decision = replace(decision, slot=slot)
+        self._remove_all(decision.requests)
+        rows = decision.rows
         for r in decision.requests:
-            self._remove(r)
-            r.start(decision.tier, decision.rows, now)
-        self.running[slot] = (decision, now + self.latency.estimate(decision.tier, decision.rows))
+            r.start(decision.tier, rows, now)
+        self.running[slot] = (decision, now)
         return decision
 
-    def _snapshot(self, now: float) -> Snapshot:
+    def _snapshot(self, now: float, slot: int) -> Snapshot:
         """This decision's measurements, frozen before the policy sees them."""
-        # The deadlines array is only for the planner's numpy path: every queued request
-        # unconstrained and one row (``take`` then returns prefixes), and a long queue.
-        simple = self._constrained == 0 and len(self.queue) > VECTORISE_MIN_QUEUE
-        deadlines = (
-            np.fromiter((r.deadline for r in self.queue), float, len(self.queue))
-            if simple
-            else None
-        )
         # A lone queued request means light load: the sort costs nothing that matters then,
         # and the bound is current when a burst begins.
         if (self._budgets and len(self.queue) == 1) or not self._dispatches % TIGHT_BUDGET_EVERY:
             self._tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
-        return Snapshot(self.arrival_rate(now), self._tight_budget, deadlines)
+        busy = tuple(
+            self.latency.remaining(d.tier, d.rows, now - started)
+            for s, (d, started) in sorted(self.running.items())
+            if s != slot
+        )
+        return Snapshot(self.arrival_rate(now), self._tight_budget, self.columns(), busy)
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
         """The batch finished (or failed) after ``compute_s`` seconds of engine time.
@@ -245,15 +303,89 @@ class Scheduler:
         """Withdraw a queued request (client went away); False if it already started."""
         if r.state != State.QUEUED:
             return False
-        self._remove(r)
+        self._remove_all([r])
         r.finish(State.CANCELLED, now)
         return True
 
-    def _remove(self, r: Request) -> None:
-        i = next(i for i, q in enumerate(self.queue) if q is r)
-        del self.queue[i]
-        del self._keys[i]
-        self._constrained -= _constrained(r)
+    def _index(self, r: Request) -> int:
+        """``r``'s index in the queue: bisect on its deadline and priority, then a short scan
+        among equal keys (its sequence number is not kept)."""
+        i = bisect.bisect_left(self._keys, (-r.priority, r.deadline))
+        while self.queue[i] is not r:
+            i += 1
+        return i
+
+    def _remove_all(self, reqs: Sequence[Request]) -> None:
+        self._remove_at(sorted(self._index(r) for r in reqs))
+
+    def _remove_at(self, idx: list[int]) -> None:
+        """Remove the queued requests at the sorted indices ``idx``."""
+        for i in reversed(idx):
+            del self.queue[i]
+            del self._keys[i]
+        self._cols.delete(idx)
+
+
+class _Columns:
+    """The scheduler's queue as numpy arrays (see ``plan.Columns``): deadlines, and rows /
+    lo / hi stacked in one integer array, updated per insert and removal - a few O(|Q|)
+    memory copies, no Python loop - and replaced rather than written in place, so a view
+    handed to a policy never changes under it."""
+
+    def __init__(self) -> None:
+        self.deadline = np.empty(0)
+        self.ints = np.empty((3, 0), dtype=np.int64)  # rows, lo, hi
+        self.multi = 0  # queued requests with more than one row
+        self.constrained = 0  # queued requests whose fastest allowed tier is not the fastest
+        self.fastest = 0  # rank of the fastest tier (set on the first insert)
+        self._view: Columns | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.deadline)
+
+    def insert(self, i: int, r: Request, ctx: Context) -> None:
+        lo, hi = ctx.bounds(r)
+        self.fastest = len(ctx.tiers) - 1
+        self.constrained += hi != self.fastest
+        d, a = self.deadline, self.ints
+        self.deadline = np.concatenate((d[:i], (r.deadline,), d[i:]))
+        self.ints = np.concatenate((a[:, :i], ((r.rows,), (lo,), (hi,)), a[:, i:]), axis=1)
+        self.multi += r.rows > 1
+        self._view = None
+
+    def delete(self, idx: list[int]) -> None:
+        if not idx:
+            return
+        self.multi -= sum(self.ints[0].item(i) > 1 for i in idx)
+        self.constrained -= sum(self.ints[2].item(i) != self.fastest for i in idx)
+        # The kept runs between the removed indices, concatenated: idx is short (a batch),
+        # and slices plus one concatenate beat a boolean mask over the whole queue.
+        runs, prev = [], 0
+        for i in idx:
+            if i > prev:
+                runs.append(slice(prev, i))
+            prev = i + 1
+        runs.append(slice(prev, None))
+        self.deadline = np.concatenate([self.deadline[r] for r in runs])
+        self.ints = np.concatenate([self.ints[:, r] for r in runs], axis=1)
+        self._view = None
+
+    def rebuild(self, queue: Sequence[Request], ctx: Context) -> None:
+        cols = ctx.columns(queue)
+        self.deadline = np.array(cols.deadline)
+        self.ints = np.array([cols.rows, cols.lo, cols.hi], dtype=np.int64).reshape(3, -1)
+        self.multi = int(np.count_nonzero(cols.rows > 1))
+        self.fastest = len(ctx.tiers) - 1
+        self.constrained = int(np.count_nonzero(cols.hi != self.fastest))
+        self._view = None
+
+    def view(self) -> Columns:
+        if self._view is None:
+            deadline, ints = self.deadline.view(), self.ints.view()
+            deadline.flags.writeable = ints.flags.writeable = False
+            self._view = Columns(deadline, ints, self.multi > 0, self.constrained == 0)
+        return self._view
 
 
 def _low_percentile(values, q: float = TIGHT_BUDGET_QUANTILE) -> float:
@@ -261,7 +393,3 @@ def _low_percentile(values, q: float = TIGHT_BUDGET_QUANTILE) -> float:
         return math.inf
     ordered = sorted(values)
     return ordered[int(q * (len(ordered) - 1))]
-
-
-def _constrained(r: Request) -> bool:
-    return r.pin is not None or r.min_tier is not None or r.rows != 1

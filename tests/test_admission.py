@@ -1,0 +1,193 @@
+"""Admission counts the work ahead as it will run (issue 18): the running batch from its
+real start with the latency model's current view of it, the queue as the batches the plan
+forms (per fastest allowed tier, real sizes, interpolated latencies). A fake clock, a fake
+engine, small hand-made profiles.
+
+The live profile of issue 18 (ResNet-like CNN, max batch 8): w100 13.0 / 101.5 ms and w025
+2.3 / 18.4 ms at batch 1 / 8; 8 closed-loop clients with 30 ms budgets (29 ms after the
+server's margin) had 981 of 2,000 requests refused, 1,412 when pinned to w025.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import pytest
+
+from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+
+MS = 1e-3
+LIVE = {"w100": (13.0, 101.5), "w075": (8.0, 62.0), "w050": (4.6, 35.0), "w025": (2.3, 18.4)}
+ACCURACY = {"w100": 0.99, "w075": 0.985, "w050": 0.97, "w025": 0.93}
+
+
+def live_tiers(spread: float | None = None) -> list[TierInfo]:
+    """The live profile at batch 1 and 8 only (interpolation in between); ``spread``: p90 /
+    p50 (None: deterministic, the given times)."""
+    out = []
+    for name, (b1, b8) in LIVE.items():
+        p50 = {1: b1, 8: b8}
+        if spread is None:
+            out.append(TierInfo(name, ACCURACY[name], p50))
+        else:
+            out.append(TierInfo(name, ACCURACY[name], {b: v * spread for b, v in p50.items()}, p50))
+    return out
+
+
+def closed_loop(
+    policy: str,
+    pin: str | None = None,
+    spread: float | None = None,
+    clients: int = 8,
+    requests: int = 2000,
+    budget: float = 29 * MS,
+    seed: int = 0,
+):
+    """``clients`` clients, each sending its next request 0.3-0.6 ms after its answer (the
+    way back and the client's own work); the engine takes the profiled p50, times a
+    log-normal draw of the profile's spread when there is one. Returns the scheduler, the
+    requests and the refusal messages."""
+    tiers = live_tiers(spread)
+    sched = Scheduler(tiers, make_policy(policy, tiers), max_batch=8, max_queue=64)
+    rng = np.random.default_rng(seed)
+    arrivals = [(1.1 * MS * c, c) for c in range(clients)]  # (time, client), a heap
+    done, refused, running, k = [], [], None, 0
+    while k < requests or running is not None:
+        if running is not None and (not arrivals or k >= requests or running[0] <= arrivals[0][0]):
+            now, d, took = running
+            running = None
+            sched.complete(d, now, took)
+            done += d.requests
+            for r in d.requests:
+                heapq.heappush(arrivals, (now + (0.3 + 0.3 * rng.random()) * MS, r.payload))
+        else:
+            now, client = heapq.heappop(arrivals)
+            r = Request(k, now, now + budget, pin=pin, payload=client)
+            k += 1
+            try:
+                sched.submit(r, now)
+            except Refused as exc:
+                refused.append(str(exc))
+                heapq.heappush(arrivals, (now + 0.3 * MS, client))
+        assert not sched.expire(now)
+        if running is None and (d := sched.next(now)) is not None:
+            took = sched.latency.typical(d.tier, d.rows)
+            if spread is not None:
+                took *= float(rng.lognormal(0.0, _sigma(spread)))
+            running = (now + took, d, took)
+    return sched, done, refused
+
+
+def _sigma(spread: float) -> float:
+    """The log-normal sigma that puts p50 x ``spread`` at the 90th percentile."""
+    return float(np.log(spread) / 1.2815515655446004)
+
+
+@pytest.mark.parametrize(
+    ("policy", "pin"), [("innfer", None), ("innfer", "w025"), ("fixed:w025", None)]
+)
+@pytest.mark.parametrize("spread", [None, 1.1])
+def test_eight_closed_loop_clients_at_30ms_are_all_admitted(policy, pin, spread):
+    """w025 carries 8 clients: a batch of k rows takes 2.3 k ms, so a request waits at most
+    for the batch running when it arrives and then runs with the others that came meanwhile
+    - 18.4 ms for all 8, well inside 29 ms even at the 0.999 quantile of a 10% spread."""
+    _, done, refused = closed_loop(policy, pin, spread)
+    assert refused == []
+    assert len(done) == 2000 and all(r.state == State.SERVED for r in done)
+    assert all(r.finished <= r.deadline for r in done)
+    if pin is not None or policy.startswith("fixed"):
+        assert {r.tier for r in done} == {"w025"}
+
+
+def test_the_queue_ahead_is_counted_as_the_batches_it_forms():
+    """4 queued requests and a fifth on w025 run as one batch of 5: 2.3 + 16.1 x 4 / 7 =
+    11.5 ms, not a full batch of 8 (18.4 ms) - the estimate that refused the live
+    requests."""
+    tiers = live_tiers()
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    for k in range(4):
+        sched.submit(Request(k, 0.0, 0.0125, pin="w025"), now=0.0)
+    r = Request(4, 0.0, 0.0125, pin="w025")
+    assert sched.finish_if_admitted(r, 0.0) == pytest.approx((2.3 + 16.1 * 4 / 7) * MS)
+    sched.submit(r, now=0.0)  # 11.5 ms <= 12.5 ms
+    with pytest.raises(Refused, match="cannot be met"):  # a sixth: 13.8 ms
+        sched.submit(Request(5, 0.0, 0.0125, pin="w025"), now=0.0)
+
+
+def test_the_running_batch_counts_from_its_real_start():
+    """A batch of 8 on w025 (18.4 ms) started at t=0; at t=10 ms it has 8.4 ms left. A
+    request due at t=21 ms fits behind it (8.4 + 2.3 = 10.7 ms), one due at t=20.5 does not."""
+    tiers = live_tiers()
+    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+    for k in range(8):
+        sched.submit(Request(k, 0.0, 1.0), now=0.0)
+    assert sched.next(0.0).rows == 8
+    now = 10 * MS
+    assert sched.slot_offsets(now) == pytest.approx([8.4 * MS])
+    with pytest.raises(Refused):
+        sched.submit(Request(8, now, 20.5 * MS), now=now)
+    sched.submit(Request(9, now, 21 * MS), now=now)
+
+
+def test_a_batch_that_overran_its_estimate_is_expected_to_end_soon():
+    """The batch of 8 planned at 18.4 ms is still running at 25 ms. It is expected to end
+    soon - not at its old estimate (already past: that would admit too much), and not never
+    (that would refuse everything): a 3 ms budget on w025 (2.3 ms alone) is refused, a
+    10 ms one admitted."""
+    tiers = live_tiers()
+    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+    for k in range(8):
+        sched.submit(Request(k, 0.0, 1.0), now=0.0)
+    sched.next(0.0)
+    now = 25 * MS
+    left = sched.slot_offsets(now)[0]
+    assert 0 < left < 0.25 * 18.4 * MS
+    assert left < sched.slot_offsets(20 * MS)[0]  # the longer it overran, the sooner
+    with pytest.raises(Refused):
+        sched.submit(Request(8, now, now + 3 * MS), now=now)
+    sched.submit(Request(9, now, now + 10 * MS), now=now)
+
+
+def test_a_noisy_running_batch_is_planned_by_its_remaining_time_given_its_age():
+    """With a spread, the time left is the slo_target quantile of the batch's time given
+    that it has run ``elapsed``: more than (quantile - elapsed) early on, and still positive
+    once past the quantile."""
+    tiers = live_tiers(spread=1.2)
+    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+    lat = sched.latency
+    planned = lat.estimate("w025", 8)
+    assert lat.remaining("w025", 8, 0.0) == pytest.approx(planned)
+    mid = lat.remaining("w025", 8, planned / 2)
+    assert planned / 2 < mid < planned
+    late = lat.remaining("w025", 8, planned * 1.5)
+    assert 0 < late < mid
+
+
+def test_a_request_may_join_an_earlier_batch_with_room():
+    """A min_tier=w050 request is queued ahead, then an 8-row request pinned to w025. In
+    its own batch the new request would wait for both (4.6 + 18.4 + 2.3 = 25.3 ms); in the
+    w050 batch, which has room, it is done in 4.6 + 30.4 / 7 = 8.9 ms: admitted with a
+    10 ms budget, refused with 8 ms."""
+    tiers = live_tiers()
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    sched.submit(Request(0, 0.0, 1.0, min_tier="w050", priority=1), now=0.0)
+    sched.submit(Request(1, 0.0, 1.0, pin="w025", rows=8, priority=1), now=0.0)
+    with pytest.raises(Refused):
+        sched.submit(Request(2, 0.0, 0.008), now=0.0)
+    r = Request(3, 0.0, 0.010)
+    assert sched.finish_if_admitted(r, 0.0) == pytest.approx((4.6 + 30.4 / 7) * MS)
+    sched.submit(r, now=0.0)
+
+
+def test_refusal_says_what_was_ahead():
+    tiers = live_tiers()
+    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+    for k in range(8):
+        sched.submit(Request(k, 0.0, 1.0), now=0.0)
+    sched.next(0.0)
+    sched.submit(Request(8, 0.0, 1.0, rows=8, priority=1), now=0.0)  # ahead of the next
+    with pytest.raises(Refused) as exc:  # 17.4 ms left + 18.4 + 2.3 > 29 ms
+        sched.submit(Request(9, 0.001, 0.030), now=0.001)
+    message = str(exc.value)
+    assert "1 requests queued ahead and 1 running" in message and "0.999 quantile" in message

@@ -1,0 +1,179 @@
+"""server/scheduling/latency.py: interpolation between profiled batch sizes, the log-normal
+fit, the online correction in both directions, and what the runtime exports."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
+from server.scheduling.latency import (
+    Z90,
+    interpolate,
+    lognormal_sigma,
+    tiers_from_profile,
+)
+from sim.engine_time import EngineTime
+
+MS = 1e-3
+
+
+def test_latency_between_profiled_batch_sizes_is_linear():
+    """Profiled at 1 and 8 rows: 4 rows cost 3/7 of the way, not the 8-row time."""
+    lat = LatencyModel([TierInfo("w025", 0.93, {1: 2.3, 8: 18.4})])
+    assert lat.estimate("w025", 4) == pytest.approx((2.3 + 16.1 * 3 / 7) * MS)
+    assert lat.estimate("w025", 1) == pytest.approx(2.3 * MS)
+    assert lat.estimate("w025", 8) == pytest.approx(18.4 * MS)
+    assert interpolate({"2": 3.0, "8": 6.0}, 1) == 3.0  # below the smallest: its value
+    with pytest.raises(ValueError, match="batch 9"):
+        lat.estimate("w025", 9)
+
+
+def test_the_simulated_engine_and_the_latency_model_interpolate_alike():
+    tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0}, {1: 3.5, 8: 14.0})]
+    engine = EngineTime(tiers, {"w100": {1: 3.5, 8: 14.0}}, np.random.default_rng(0))
+    lat = LatencyModel(tiers)
+    for rows in range(1, 9):
+        assert engine.typical_s("w100", rows) == pytest.approx(lat.median("w100", rows))
+        assert engine.sigma("w100", rows) == pytest.approx(lat.sigma("w100", rows))
+
+
+def test_the_lognormal_fit_puts_the_profiled_quantiles_where_they_were_measured():
+    s = lognormal_sigma(10.0, p90=10.0 * math.exp(Z90 * 0.1))
+    assert s == pytest.approx(0.1)
+    # A p99 further out than the p90 suggests: the tail wins.
+    assert lognormal_sigma(10.0, p90=11.0, p99=20.0) > lognormal_sigma(10.0, p90=11.0)
+    assert lognormal_sigma(10.0, p90=9.0) == 0.0
+    lat = LatencyModel([TierInfo("t", 1.0, {8: 12.0}, {8: 10.0})], slo_target=0.9)
+    assert lat.estimate("t", 8) == pytest.approx(12.0 * MS)  # the p90 at q = 0.9
+
+
+def two_x_slow() -> tuple[LatencyModel, list[TierInfo]]:
+    """A profile measured under contention: p50 and p90 twice the engine's true times."""
+    true_p50 = {1: 2.0, 8: 9.0}
+    tiers = [
+        TierInfo(
+            "w050",
+            0.97,
+            {b: 2 * v * 1.1 for b, v in true_p50.items()},
+            {b: 2 * v for b, v in true_p50.items()},
+        )
+    ]
+    return LatencyModel(tiers), tiers
+
+
+def test_a_profile_2x_too_slow_is_corrected_within_a_few_batches():
+    lat, _ = two_x_slow()
+    before = lat.estimate("w050", 8)
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # the engine at its true speed, with a little jitter
+        lat.observe("w050", 8, 9.0 * MS * float(rng.lognormal(0, 0.05)))
+    assert lat.factor["w050"] == pytest.approx(0.5, rel=0.06)
+    assert lat.estimate("w050", 8) < 0.6 * before  # came down, not stuck at the profile
+    e = lat.tier_estimate("w050")
+    assert e.factor == pytest.approx(lat.factor["w050"]) and e.observed_batches == 10
+    assert e.planned_s_max_batch == pytest.approx(lat.estimate("w050", 8))
+
+
+def test_after_the_correction_admission_accepts_what_fits():
+    """A request with 12 ms for 8 rows: the 2x-slow profile says 18 ms (refused); after 10
+    batches at the true speed (9 ms) it is admitted."""
+    lat, tiers = two_x_slow()
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64, latency=lat)
+
+    def offer(k: int, now: float) -> bool:
+        try:
+            sched.submit(Request(k, now, now + 12 * MS, rows=8), now=now)
+        except Refused:
+            return False
+        return True
+
+    assert not offer(0, 0.0)
+    now = 0.0
+    for k in range(10):
+        sched.submit(Request(100 + k, now, now + 1.0, rows=8), now=now)
+        d = sched.next(now)
+        now += 9 * MS
+        sched.complete(d, now, 9 * MS)
+    assert offer(1, now)
+
+
+def test_the_estimate_goes_up_as_fast_as_it_comes_down():
+    lat = LatencyModel([TierInfo("w100", 1.0, {8: 18.0}, {8: 16.0})])
+    up, down = LatencyModel(lat.tiers.values()), LatencyModel(lat.tiers.values())
+    for _ in range(5):
+        up.observe("w100", 8, 32 * MS)
+        down.observe("w100", 8, 8 * MS)
+    assert math.log(up.factor["w100"]) == pytest.approx(-math.log(down.factor["w100"]))
+    assert up.factor["w100"] > 1.6 and down.factor["w100"] < 1 / 1.6
+
+
+def test_one_outlier_moves_the_plan_little_and_not_for_long():
+    lat = LatencyModel([TierInfo("w100", 1.0, {8: 18.0}, {8: 16.0})])
+    for _ in range(20):
+        lat.observe("w100", 8, 16 * MS)
+    calm = lat.estimate("w100", 8)
+    lat.observe("w100", 8, 16 * MS * 50)  # a GC pause: clipped to 20x
+    assert lat.estimate("w100", 8) < 5 * calm
+    for _ in range(15):
+        lat.observe("w100", 8, 16 * MS)
+    assert lat.estimate("w100", 8) < 1.3 * calm
+
+
+def test_the_spread_follows_the_engine_both_ways():
+    """A quiet profile of a noisy engine widens the plan; a noisy profile (measured under
+    contention) of a quiet engine narrows it as observations accumulate."""
+    rng = np.random.default_rng(1)
+    quiet = LatencyModel([TierInfo("t", 1.0, {8: 10.2}, {8: 10.0})])
+    noisy = LatencyModel([TierInfo("t", 1.0, {8: 15.0}, {8: 10.0})])
+    wide0, narrow0 = quiet.estimate("t", 8), noisy.estimate("t", 8)
+    for _ in range(100):
+        quiet.observe("t", 8, 10 * MS * float(rng.lognormal(0, 0.3)))
+        noisy.observe("t", 8, 10 * MS * float(rng.lognormal(0, 0.01)))
+    assert quiet.sigma("t", 8) == pytest.approx(0.3, rel=0.3)
+    assert quiet.estimate("t", 8) > 1.5 * wide0
+    assert noisy.sigma("t", 8) < 0.5 * lognormal_sigma(10.0, 15.0)
+    assert noisy.estimate("t", 8) < 0.8 * narrow0
+
+
+def test_tables_follow_the_model_in_place():
+    lat = LatencyModel([TierInfo("a", 1.0, {1: 2.0, 4: 5.0}), TierInfo("b", 0.5, {1: 1.0})])
+    q, m, v = lat.tables(["a", "b"], width=6)
+    assert q.shape == (2, 6) and q[0, 0] == 0.0 and math.isinf(q[1, 2]) and math.isinf(q[0, 5])
+    assert q[0, 3] == lat.estimate("a", 3) and not q.flags.writeable
+    assert m[1, 1] == lat.mean("b", 1) and v[1, 1] == 0.0  # deterministic: no variance
+    lat.observe("a", 4, 10 * MS)
+    assert q[0, 4] == lat.estimate("a", 4) > 5 * MS  # the same arrays, updated
+
+
+def test_slo_target_is_checked():
+    tiers = [TierInfo("a", 1.0, {1: 2.0})]
+    with pytest.raises(ValueError, match="slo_target"):
+        LatencyModel(tiers, slo_target=1.0)
+    with pytest.raises(ValueError, match="differs"):
+        Scheduler(
+            tiers,
+            make_policy("innfer", tiers),
+            max_batch=1,
+            max_queue=1,
+            latency=LatencyModel(tiers, slo_target=0.99),
+            slo_target=0.9,
+        )
+
+
+def test_tiers_from_profile_reads_p99_where_measured():
+    class Rec:
+        flops, accuracy = 100, None
+
+    profile = {
+        "tiers": {
+            "w100": {"1": {"p50_ms": 2.0, "p90_ms": 2.2, "p99_ms": 3.0}},
+            "w050": {"1": {"p50_ms": 1.0, "p90_ms": 1.1}},
+        }
+    }
+    tiers, p50 = tiers_from_profile(profile, {"w100": Rec(), "w050": Rec()})
+    by = {t.name: t for t in tiers}
+    assert by["w100"].tail_ms == {1: 3.0} and by["w050"].tail_ms is None
+    assert p50 == {"w100": {1: 2.0}, "w050": {1: 1.0}}

@@ -1,0 +1,94 @@
+"""One decision and one admission cost O(|Q|) - not O(|Q|^2) - with pins, min_tier and
+multi-row requests queued. Counted, not timed (this machine is shared): the planner's own
+probe (``Planner.work``: requests and batches it looked at) and how often Python code reads
+a queued request's fields (numpy does the per-request work; Python touches only the head
+of the queue). The wall-clock figures are bench/decision_cost.py's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.scheduling import Request, Scheduler, TierInfo, make_policy
+
+NAMES = ("w100", "w075", "w050", "w025")
+ACCURACY = {"w100": 0.99, "w075": 0.985, "w050": 0.97, "w025": 0.93}
+# Fast enough that a queue of 2,000 with these deadlines can be served: every plan check
+# then runs through the whole queue (the expensive case).
+FAST = {"w100": (0.33, 2.5), "w075": (0.2, 1.55), "w050": (0.12, 0.9), "w025": (0.06, 0.46)}
+TIERS = [
+    TierInfo(n, ACCURACY[n], {1: b1 * 1.1, 8: b8 * 1.1}, {1: b1, 8: b8})
+    for n, (b1, b8) in FAST.items()
+]
+FIELDS = frozenset({"deadline", "rows", "pin", "min_tier", "priority", "arrival"})
+
+
+class Counted(Request):
+    """A request that counts reads of its scheduling fields."""
+
+    reads = 0
+
+    def __getattribute__(self, name):
+        if name in FIELDS:
+            Counted.reads += 1
+        return super().__getattribute__(name)
+
+
+def scheduler(n: int, seed: int = 0) -> Scheduler:
+    """``n`` queued requests: 10% pinned, 10% with a min_tier, 20% of 2-4 rows; deadlines
+    0.2-2 s out. Built without admission (its cost is measured separately)."""
+    rng = np.random.default_rng(seed)
+    sched = Scheduler(TIERS, make_policy("innfer", TIERS), max_batch=8, max_queue=n + 10)
+    reqs = []
+    for k in range(n):
+        kw = {}
+        u = rng.random()
+        if u < 0.1:
+            kw["pin"] = NAMES[rng.integers(4)]
+        elif u < 0.2:
+            kw["min_tier"] = NAMES[rng.integers(3)]
+        if rng.random() < 0.2:
+            kw["rows"] = int(rng.integers(2, 5))
+        reqs.append(Counted(k, 0.0, float(rng.uniform(0.2, 2.0)), **kw))
+    reqs[0] = Counted(0, 0.0, 0.1)  # an unconstrained head: every tier is a candidate
+    reqs.sort(key=lambda r: r.deadline)
+    for k, r in enumerate(reqs):
+        sched.queue.append(r)
+        sched._keys.append((0, r.deadline, k))
+    sched.columns()  # the columns are kept as requests arrive, not built per decision
+    sched._seq = iter(range(n, 10**9))
+    return sched
+
+
+def decision_cost(n: int) -> tuple[int, int]:
+    """(Planner.work, request field reads) of one decision at ``n`` queued."""
+    sched = scheduler(n)
+    Counted.reads = 0
+    d = sched.next(0.0)
+    assert d is not None and d.requests
+    return sched.policy.work, Counted.reads
+
+
+def test_one_decision_is_linear_in_the_queue():
+    costs = {n: decision_cost(n) for n in (250, 500, 1000, 2000)}
+    work = {n: c[0] for n, c in costs.items()}
+    reads = {n: c[1] for n, c in costs.items()}
+    # The plan of the whole queue is looked at (a feasible deep queue): at least |Q|...
+    assert all(work[n] >= n for n in work)
+    # ... and linearly: doubling the queue at most doubles the work (+10% for rounding).
+    for n in (250, 500, 1000):
+        assert work[2 * n] <= 2.2 * work[n], work
+    # Python reads a bounded number of requests per decision, whatever the queue's length:
+    # the head batches' candidates (at most 4 B per tier) and the batch it starts.
+    assert max(reads.values()) <= 4 * 8 * len(NAMES) * 6, reads
+    assert reads[2000] <= reads[250] * 1.5 + 50, reads
+
+
+@pytest.mark.parametrize("n", [500, 2000])
+def test_one_admission_reads_only_the_new_request(n):
+    sched = scheduler(n)
+    Counted.reads = 0
+    r = Counted(n + 1, 0.0, 1.0, rows=2, min_tier="w050")
+    sched.submit(r, now=0.0)
+    assert Counted.reads <= 40  # r's own fields; the queue ahead is read as columns
+    assert r in sched.queue

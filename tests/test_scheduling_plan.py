@@ -1,0 +1,221 @@
+"""server/scheduling/plan.py: the queue as it will run, checked against a plain-Python
+reference of the same rules (per fastest allowed tier, next-fit batches in queue order; a
+batch runs on the plan's tier where all its requests allow it, else on their fastest
+allowed tier; a candidate's head batch taken out of its batches without re-forming them;
+batches in the order of their first request, each on the slot that frees first; a batch's
+end the Fenton-Wilkinson quantile of the sum of independent log-normal batch times)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.scheduling import Context, LatencyModel, Request, TierInfo
+from server.scheduling import plan as plan_module
+from server.scheduling.latency import sum_quantile
+from server.scheduling.plan import (
+    Candidate,
+    Columns,
+    admission_finish,
+    feasible,
+    form_groups,
+    slot_chains,
+    small_feasible,
+    small_groups,
+)
+
+# Noisy tiers (p90 above p50), so that variances and the quantile of sums are exercised.
+TIERS = [
+    TierInfo("big", 0.99, {1: 3.0, 4: 6.0, 8: 10.0}, {1: 2.5, 4: 5.0, 8: 8.5}),
+    TierInfo("mid", 0.95, {1: 2.0, 4: 4.0, 8: 6.5}, {1: 1.6, 4: 3.4, 8: 5.6}),
+    TierInfo("small", 0.9, {1: 1.0, 4: 2.0, 8: 3.0}, {1: 0.9, 4: 1.6, 8: 2.7}),
+]
+NAMES = [t.name for t in TIERS]
+
+
+def reference(queue, ctx, plan, skip, head, others, now):
+    """Whether the rest is feasible, plainly: the specification ``plan`` implements."""
+    lat = ctx.latency
+    open_batch: dict[str, list] = {}
+    batches = []  # [rows, [requests]] in the order of their first request
+    for r in queue:
+        fastest = ctx.fastest(r)
+        b = open_batch.get(fastest)
+        if b is None or b[0] + r.rows > ctx.max_batch:
+            b = [0, []]
+            batches.append(b)
+            open_batch[fastest] = b
+        b[0] += r.rows
+        b[1].append(r)
+    slots = [[0.0, *head]] + [[o, 0.0, 0.0] for o in others]  # offset, mean, variance
+    for _, reqs in batches:
+        left = [r for r in reqs if r.id not in skip]
+        if not left:
+            continue
+        may = set.intersection(*(set(ctx.allowed(r)) for r in left))
+        tier = plan if plan in may else ctx.fastest(left[0])
+        rows = sum(r.rows for r in left)
+        i = min(range(len(slots)), key=lambda k: (slots[k][0] + slots[k][1], k))
+        slots[i][1] += lat.mean(tier, rows)
+        slots[i][2] += lat.var(tier, rows)
+        off, m, v = slots[i]
+        if now + off + float(sum_quantile(m, v, lat.z)) > min(r.deadline for r in left):
+            return False
+    return True
+
+
+constraint = st.sampled_from(
+    [{}] * 5 + [{"pin": n} for n in NAMES] + [{"min_tier": n} for n in NAMES[:2]]
+)
+request = st.tuples(st.integers(1, 80), st.integers(1, 8), constraint, st.integers(0, 1))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=st.lists(request, min_size=1, max_size=60),
+    plans=st.lists(st.sampled_from([None, *NAMES]), min_size=1, max_size=3),
+    skip=st.sets(st.integers(0, 12), max_size=6),
+    slots=st.integers(1, 3),
+    max_batch=st.sampled_from([4, 8]),
+)
+def test_the_vectorised_plan_is_the_reference_plan(spec, plans, skip, slots, max_batch):
+    ctx = Context(TIERS, LatencyModel(TIERS), max_batch)
+    # Priorities make the queue order differ from the deadline order.
+    queue = [
+        Request(k, 0.0, ms * 1e-3, rows=min(rows, max_batch), priority=prio, **c)
+        for k, (ms, rows, c, prio) in enumerate(spec)
+    ]
+    queue.sort(key=lambda r: (-r.priority, r.deadline, r.id))
+    skip = sorted(i for i in skip if i < len(queue))
+    head = (ctx.latency.mean("mid", 2), ctx.latency.var("mid", 2))
+    others = [0.0005 * k for k in range(1, slots)]
+    now = 0.001
+    cols = ctx.columns(queue)
+    groups = form_groups(cols, max_batch)
+    candidates = [
+        Candidate(skip, *head, None if p is None else ctx.rank[p]) for p in plans
+    ]  # fmt: skip
+    got = feasible(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, now)
+    ids = {queue[i].id for i in skip}
+    want = [reference(queue, ctx, p, ids, head, others, now) for p in plans]
+    assert got == want
+    # The plain-Python path for short queues gives the same answers.
+    small = small_groups(cols, max_batch)
+    assert [b[4] for b in small.batches] == [groups.members(g) for g in range(len(groups))]
+    assert small.of == groups.of.tolist()
+    assert small_feasible(small, cols, candidates, ctx.tables(), ctx.latency.z, others, now) == got
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=st.lists(request, min_size=0, max_size=40),
+    new=request,
+    slots=st.integers(1, 3),
+    running=st.floats(0.0, 0.01),
+)
+def test_admission_finish_is_the_same_on_both_paths(spec, new, slots, running):
+    """The new request's end: its own batch on the fastest tiers' plan, or an earlier batch
+    it joins; plain Python for short queues and numpy agree, and equal a plain sum."""
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    queue = sorted(
+        (Request(k, 0.0, ms * 1e-3, rows=rows, **c) for k, (ms, rows, c, _) in enumerate(spec)),
+        key=lambda r: r.deadline,
+    )
+    _, rows, c, _ = new
+    r = Request(99, 0.0, 1.0, rows=rows, **c)  # queued last
+    cols = ctx.columns([*queue, r])
+    busy = [running] + [0.0] * (slots - 1)
+    args = (cols, 8, ctx.tables(), ctx.latency.z, busy)
+    saved = plan_module.SMALL_QUEUE
+    try:
+        plan_module.SMALL_QUEUE = 10**6
+        small = admission_finish(*args)
+        plan_module.SMALL_QUEUE = -1
+        big = admission_finish(*args)
+    finally:
+        plan_module.SMALL_QUEUE = saved
+    assert small == pytest.approx(big, rel=1e-12)
+    if slots == 1:  # a plain sum: every batch up to r's, or up to one it joins
+        lat, g = ctx.latency, form_groups(cols, 8)
+        mine = int(g.of[len(queue)])
+        names = [t.name for t in ctx.tiers]
+        options, m, v = [], 0.0, 0.0
+        lo, hi = ctx.bounds(r)
+        for k in range(mine + 1):
+            t, b = names[g.hi[k]], int(g.rows[k])
+            if k < mine and lo <= g.hi[k] <= hi and b + r.rows <= 8:
+                mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
+                options.append(float(sum_quantile(mj, vj, lat.z)))
+            m, v = m + lat.mean(t, b), v + lat.var(t, b)
+        options.append(float(sum_quantile(m, v, lat.z)))
+        assert big == pytest.approx(running + min(options), rel=1e-9)
+
+
+def test_batches_are_real_sizes_per_fastest_tier_in_the_order_of_their_first_request():
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    queue = [
+        Request(0, 0.0, 0.010, rows=3),
+        Request(1, 0.0, 0.011, pin="big"),
+        Request(2, 0.0, 0.012, rows=6),  # does not fit after the 3: a batch of its own
+        Request(3, 0.0, 0.013, rows=2),
+        Request(4, 0.0, 0.014, min_tier="mid"),
+    ]
+    g = form_groups(ctx.columns(queue), 8)
+    assert [NAMES[t] for t in g.hi] == ["small", "big", "small", "mid"]
+    assert g.rows.tolist() == [3, 1, 8, 1] and g.head.tolist() == [0, 1, 2, 4]
+    assert g.of.tolist() == [0, 1, 2, 2, 3] and g.members(2) == [2, 3]
+    assert [NAMES[t] for t in g.lo] == ["big", "big", "big", "big"]
+
+
+def test_one_slot_sums_batch_times_and_takes_the_quantile_of_the_sum():
+    lat = LatencyModel(TIERS)
+    ctx = Context(TIERS, lat, 8)
+    queue = [Request(k, 0.0, 1.0) for k in range(12)]  # 8 + 4 rows on "small"
+    g = form_groups(ctx.columns(queue), 8)
+    _, mean, var = ctx.tables()
+    off, m, v = slot_chains(mean[g.hi, g.rows], var[g.hi, g.rows], [(0.002, 0.0, 0.0)])
+    ends = off + sum_quantile(m, v, lat.z)
+    total_m = lat.mean("small", 8) + lat.mean("small", 4)
+    total_v = lat.var("small", 8) + lat.var("small", 4)
+    assert ends[0] == pytest.approx(0.002 + lat.estimate("small", 8))  # one batch: exact
+    assert ends[1] == pytest.approx(0.002 + sum_quantile(total_m, total_v, lat.z))
+    # Independent batches: the sum's quantile is below the sum of the quantiles.
+    assert ends[1] < 0.002 + lat.estimate("small", 8) + lat.estimate("small", 4)
+
+
+def test_a_candidates_head_batch_leaves_its_batches_without_reforming_them():
+    """The 12 requests form batches of 8 and 4; a head batch of the first 3 leaves 5 + 4,
+    not 8 + 1: the plan stays one that could run, and needs no re-forming per candidate."""
+    lat = LatencyModel(TIERS)
+    ctx = Context(TIERS, lat, 8)
+    queue = [Request(k, 0.0, 0.008) for k in range(12)]
+    cols = ctx.columns(queue)
+    g = form_groups(cols, 8)
+    head = (lat.mean("small", 3), lat.var("small", 3))
+    m = head[0] + lat.mean("small", 5) + lat.mean("small", 4)
+    v = head[1] + lat.var("small", 5) + lat.var("small", 4)
+    end = float(sum_quantile(m, v, lat.z))
+    assert end < 0.008
+    ok = feasible(g, cols, [Candidate([0, 1, 2], *head, None)], ctx.tables(), lat.z, [], 0.0)
+    assert ok == [True]
+    tight = feasible(g, cols, [Candidate([0, 1, 2], *head, None)], ctx.tables(), lat.z, [],
+                     0.008 - end + 1e-6)  # fmt: skip
+    assert tight == [False]
+
+
+def test_columns_ahead_and():
+    cols = Columns.build([0.1, 0.2, 0.3], [1, 1, 1], [0, 0, 0], [2, 2, 2])
+    assert not cols.multi and len(cols) == 3
+    more = cols.ahead_and(1, 0.15, 3, 1, 1)
+    assert more.deadline.tolist() == [0.1, 0.15] and more.multi and more.hi.tolist() == [2, 1]
+
+
+def test_sum_quantile_of_one_lognormal_is_its_quantile():
+    s, median, z = 0.3, 0.01, 3.09
+    mean = median * math.exp(s * s / 2)
+    var = mean * mean * math.expm1(s * s)
+    assert sum_quantile(mean, var, z) == pytest.approx(median * math.exp(z * s))
+    assert sum_quantile(0.0, 0.0, z) == 0.0  # nothing to sum
