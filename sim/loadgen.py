@@ -1,12 +1,17 @@
-"""``innfer bench``: an open-loop load generator over gRPC (the real tritonclient.grpc.aio).
+"""``innfer bench``: load generators over gRPC (the real tritonclient.grpc.aio).
 
-Arrivals come from the simulator's traces (same seed, same times), each request carries its
-budget as ``latency_budget_ms``; the client measures latency and checks it against the
-budget. Bounded in count and time, and only loopback addresses are accepted.
+``run_load`` is open loop: arrivals come from the simulator's traces (same seed, same
+times), whether or not earlier requests were answered. ``run_closed_loop`` is closed loop:
+N clients, each sending its next request as soon as the previous one is answered or
+refused. Each request carries its budget as ``latency_budget_ms``; the client measures
+latency and checks it against the budget. Bounded in count and time, and only loopback
+addresses are accepted.
 
 Example:
     >>> report = asyncio.run(run_load("127.0.0.1:8001", "mnist", arrivals, budgets,
     ...                               inputs))  # doctest: +SKIP
+    >>> report = asyncio.run(run_closed_loop("127.0.0.1:8001", "mnist", 8, 2000, 30.0,
+    ...                                      lambda i: 0.030, inputs))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+NO_ANSWER = "NO_ANSWER"  # sent, but the run's time bound passed before an answer came
+DRAIN_S = 30.0  # after the last send: how long to wait for outstanding answers
 
 
 @dataclass
@@ -25,7 +34,9 @@ class LoadReport:
     summary: dict
     latency_ms: np.ndarray  # nan where the request failed
     tiers: list[str | None]
-    codes: list[str]
+    codes: list[str]  # "OK", a gRPC status name, "unsent" or NO_ANSWER
+    budgets_s: np.ndarray | None = None  # each request's budget (closed loop draws them)
+    first_error: str | None = None  # "<code>: <message>" of the first refusal seen
 
 
 def check_loopback(address: str) -> None:
@@ -60,12 +71,9 @@ async def run_load(
     latency = np.full(n, np.nan)
     tiers: list[str | None] = [None] * n
     codes = ["unsent"] * n
+    errors: list[str] = []
     async with tca.InferenceServerClient(address) as client:
-        tensors = []
-        for name, x in inputs.items():
-            t = tca.InferInput(name, list(x.shape), _oip(x.dtype))
-            t.set_data_from_numpy(x)
-            tensors.append(t)
+        tensors = _tensors(tca, inputs)
 
         async def one(i: int) -> None:
             t0 = time.perf_counter()
@@ -77,7 +85,8 @@ async def run_load(
                 tiers[i] = r.get_response().parameters["tier"].string_param
                 codes[i] = "OK"
             except InferenceServerException as exc:
-                codes[i] = str(exc.status()).removeprefix("StatusCode.")
+                codes[i] = _code(exc)
+                errors.append(f"{codes[i]}: {exc.message()}")
 
         start = time.perf_counter()
         tasks = []
@@ -90,15 +99,108 @@ async def run_load(
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=max_seconds + 30)
         wall = time.perf_counter() - start
-    return LoadReport(
-        _summary(latency, budgets_s, tiers, codes, wall, accuracy), latency, tiers, codes
-    )
+    first = errors[0] if errors else None
+    summary = _summary(latency, budgets_s, tiers, codes, wall, accuracy, first)
+    return LoadReport(summary, latency, tiers, codes, np.asarray(budgets_s), first)
 
 
-def _summary(latency, budgets_s, tiers, codes, wall, accuracy) -> dict:
+async def run_closed_loop(
+    address: str,
+    model: str,
+    concurrency: int,
+    n_requests: int,
+    max_seconds: float,
+    budget_fn: Callable[[int], float],
+    inputs: dict[str, np.ndarray],
+    accuracy: dict[str, float] | None = None,
+    drain_s: float = DRAIN_S,
+) -> LoadReport:
+    """``concurrency`` clients on one channel, each sending its next request as soon as its
+    previous one is answered or refused, until ``n_requests`` are sent or ``max_seconds``
+    have passed (no send after that; answers are awaited ``drain_s`` more, then counted as
+    NO_ANSWER). Request ``i`` (in send order) carries the budget ``budget_fn(i)`` seconds.
+    The report covers the requests sent: sent = within budget + late + refused.
+
+    Example:
+        >>> r = asyncio.run(run_closed_loop("127.0.0.1:8001", "mnist", 8, 2000, 30.0,
+        ...                                 lambda i: 0.030, inputs))  # doctest: +SKIP
+        >>> r.summary["within_budget"] / r.summary["sent"]  # doctest: +SKIP
+        0.97
+    """
+    import tritonclient.grpc.aio as tca
+    from tritonclient.utils import InferenceServerException
+
+    check_loopback(address)
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if n_requests < 0 or not max_seconds > 0:
+        raise ValueError(
+            f"need n_requests >= 0 and max_seconds > 0, got {n_requests} and {max_seconds}"
+        )
+    latency = np.full(n_requests, np.nan)
+    budgets = np.full(n_requests, np.nan)
+    tiers: list[str | None] = [None] * n_requests
+    codes = ["unsent"] * n_requests
+    errors: list[str] = []
+    sent = 0
+    async with tca.InferenceServerClient(address) as client:
+        tensors = _tensors(tca, inputs)
+        start = time.perf_counter()
+
+        async def client_loop() -> None:
+            nonlocal sent
+            while sent < n_requests and time.perf_counter() - start < max_seconds:
+                i, sent = sent, sent + 1
+                budgets[i] = float(budget_fn(i))
+                codes[i] = NO_ANSWER
+                t0 = time.perf_counter()
+                try:
+                    r = await client.infer(
+                        model, tensors, parameters={"latency_budget_ms": float(budgets[i] * 1e3)}
+                    )
+                    latency[i] = (time.perf_counter() - t0) * 1e3
+                    tiers[i] = r.get_response().parameters["tier"].string_param
+                    codes[i] = "OK"
+                except InferenceServerException as exc:
+                    codes[i] = _code(exc)
+                    errors.append(f"{codes[i]}: {exc.message()}")
+
+        tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=max_seconds + drain_s)
+        for t in pending:  # their requests stay NO_ANSWER
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    latency, budgets = latency[:sent], budgets[:sent]
+    tiers, codes = tiers[:sent], codes[:sent]
+    first = errors[0] if errors else None
+    summary = _summary(latency, budgets, tiers, codes, wall, accuracy, first)
+    summary["concurrency"] = concurrency
+    return LoadReport(summary, latency, tiers, codes, budgets, first)
+
+
+def _tensors(tca, inputs: dict[str, np.ndarray]) -> list:
+    tensors = []
+    for name, x in inputs.items():
+        t = tca.InferInput(name, list(x.shape), _oip(x.dtype))
+        t.set_data_from_numpy(x)
+        tensors.append(t)
+    return tensors
+
+
+def _code(exc) -> str:
+    """A tritonclient exception's gRPC status name ("DEADLINE_EXCEEDED")."""
+    return str(exc.status()).removeprefix("StatusCode.")
+
+
+def _summary(latency, budgets_s, tiers, codes, wall, accuracy, first_error=None) -> dict:
+    """Figures over all ``len(latency)`` requests: ``slo_attainment`` = answered within
+    budget / requests (a refusal, no answer or unsent request is a miss); ``late`` = answered
+    after its budget; ``refused_total`` = sent without an answer (by code in ``refused``), so
+    that ``sent`` = ``within_budget`` + ``late`` + ``refused_total``."""
     n = len(latency)
     ok = ~np.isnan(latency)
-    met = ok & (latency <= budgets_s * 1e3)
+    met = ok & (latency <= np.asarray(budgets_s) * 1e3)
     mix = Counter(t for t in tiers if t)
     served = int(ok.sum())
     mean_acc = None
@@ -114,6 +216,11 @@ def _summary(latency, budgets_s, tiers, codes, wall, accuracy) -> dict:
         "goodput_per_s": float(met.sum() / wall) if wall else 0.0,
         "refused": {k: v for k, v in Counter(codes).items() if k != "OK"},
         "wall_seconds": wall,
+        "sent": sum(c != "unsent" for c in codes),
+        "within_budget": int(met.sum()),
+        "late": int((ok & ~met).sum()),
+        "refused_total": sum(c not in ("OK", "unsent") for c in codes),
+        "first_error": first_error,
     }
 
 

@@ -1,0 +1,715 @@
+"""The scheduler, live: `innfer serve` under closed- and open-loop load, against the simulator
+and (optionally) an older tree, all in one run.
+
+Model: the ResNet-18-like CNN (bench/models.py) at width 0.5 (converted to an INN, sampled at
+0.5 with channels in multiples of 8, and converted again, so that its full width is the
+half-width network), 3x224x224 input, 1,000 classes, untrained random weights (torch seed
+--seed); tiers w100/w075/w050/w025 (multiple_of 8); ONNX Runtime, 1 intra-op thread, max
+batch 8, max queue 1,000; built with the repository's pipeline (add_model, build_model) into
+runs/bench-live/ and reused while its recipe (bench-live.json beside the model) is the same.
+
+Points (each its own fresh server per tree, bounded by --requests and --seconds):
+  closed-c{1,8,32}-b30     closed loop, N clients, budget 30 ms each
+  closed-c{1,8,32}-u20-100 closed loop, N clients, budgets U(20, 100) ms (seeded)
+  open-{1,2,3}x            open loop, Poisson at 1/2/3x the full tier's capacity
+                           (max_batch / p50 of w100 at max batch, profile.json), U(20, 100) ms
+Per point: sent, answered within budget (client latency <= budget), late, refused (gRPC code,
+first message), attainment = within / sent, goodput (within / s), p50 / p99 latency of answered
+requests, mean served size (width of the tier that served, over answered requests), tier mix.
+closed-c32-b30 also gets the issue's Little's-law bound: w025's best rate (batch 8 / its p50 at
+batch 8), and achieved goodput / bound. Each open-loop point is also run through
+sim.simulator.simulate on the same profile, arrivals (trace file) and budgets; the simulator
+has no closed-loop mode, so closed-loop points have no simulated figures. The server is
+pinned to CPU --server-cpus, this process (the load generator) to --client-cpus.
+
+Writes bench/results/live_scheduler.json and live_scheduler.png, the servers' logs to
+bench/results/live_scheduler-<tree>.log, and prints a table.
+
+    .venv/bin/python -m bench.live_scheduler [--baseline-tree DIR] [--requests 2000]
+        [--seconds 30] [--points closed-c8-*,open-2x] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.hardening import free_ports, tail
+from bench.publish import publish
+from sim.loadgen import run_closed_loop, run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+REPO = ROOT / "runs" / "bench-live"
+MODEL = "resnet18w50"
+STEM = "live_scheduler"
+HOST = "127.0.0.1"
+
+BASE_WIDTH = 0.5
+INPUT = [3, 224, 224]
+CLASSES = 1000
+TIERS = {"w100": 1.0, "w075": 0.75, "w050": 0.5, "w025": 0.25}
+MAX_BATCH = 8
+THREADS = 1
+MULTIPLE_OF = 8
+MAX_QUEUE = 1000
+PROFILE_REPEATS = 30
+
+FIXED_BUDGET_MS = 30.0
+UNIFORM_BUDGET_MS = (20.0, 100.0)
+CONCURRENCY = (1, 8, 32)
+LOADS = (1.0, 2.0, 3.0)
+BOUND_POINT = "closed-c32-b30"
+WARMUP_BUDGET_MS = 1000.0
+READY_TIMEOUT_S = 300.0
+NO_CLOSED_LOOP_SIM = (
+    "sim.simulator.simulate replays open-loop arrival traces only (no closed-loop mode): "
+    "closed-loop points are compared live only"
+)
+
+
+# -- the model ------------------------------------------------------------------------------
+def recipe(seed: int) -> dict:
+    """What the built repository depends on; another recipe rebuilds it."""
+    return {
+        "model": "bench.models.ResNet18Like",
+        "base_width": BASE_WIDTH,
+        "input": INPUT,
+        "classes": CLASSES,
+        "torch_seed": seed,
+        "tiers": TIERS,
+        "multiple_of": MULTIPLE_OF,
+        "max_batch": MAX_BATCH,
+        "threads": THREADS,
+        "max_queue": MAX_QUEUE,
+        "backend": "onnxruntime",
+        "profile_repeats": PROFILE_REPEATS,
+    }
+
+
+def build_repo(seed: int, rebuild: bool = False) -> tuple[Path, str]:
+    """The model directory, built (minutes: export + engines + profile) or reused; and
+    "reused" / "built"."""
+    model_dir = REPO / MODEL
+    want = recipe(seed)
+    record = model_dir / "bench-live.json"
+    if (
+        not rebuild
+        and (model_dir / "profile.json").is_file()
+        and record.is_file()
+        and json.loads(record.read_text()).get("recipe") == want
+    ):
+        return model_dir, "reused"
+    import torch
+
+    import runtime
+    from bench.models import ResNet18Like
+    from runtime.build.pipeline import add_model, build_model
+    from runtime.repository import Repository
+
+    shutil.rmtree(model_dir, ignore_errors=True)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.manual_seed(seed)
+    x = torch.randn(1, *INPUT)
+    full = runtime.convert(ResNet18Like(num_classes=CLASSES).eval(), (x,), permute=False)
+    half = full.sample(BASE_WIDTH, multiple_of=MULTIPLE_OF)  # the served model's full width
+    inn = runtime.convert(half, (x,), permute=False)
+    add_model(
+        REPO,
+        MODEL,
+        inn,
+        {
+            "inputs": [{"name": "input", "dtype": "float32", "shape": INPUT}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [CLASSES]}],
+            "tiers": [{"name": k, "width": w} for k, w in TIERS.items()],
+            "backends": ["onnxruntime"],
+            "max_batch": MAX_BATCH,
+            "threads": THREADS,
+            "multiple_of": MULTIPLE_OF,
+            "max_queue": MAX_QUEUE,
+            "default_latency_budget_ms": 100,
+        },
+    )
+    build_model(Repository(REPO), MODEL, backend="onnxruntime", repeats=PROFILE_REPEATS)
+    record.write_text(json.dumps({"recipe": want, "built_at": time.strftime("%F %T")}))
+    return model_dir, "built"
+
+
+def tier_widths(model_dir: Path) -> dict[str, float]:
+    """Tier name -> width fraction (from tier.json; else parsed from a name like "w075")."""
+    out = {}
+    for name in TIERS:
+        try:
+            out[name] = float(
+                json.loads((model_dir / "tiers" / name / "tier.json").read_text())["width"]
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            out[name] = int(name[1:]) / 100
+    return out
+
+
+def p50_ms(profile: dict, tier: str, batch: int) -> float:
+    return float(profile["tiers"][tier][str(batch)]["p50_ms"])
+
+
+# -- points ---------------------------------------------------------------------------------
+def all_points() -> list[dict]:
+    pts = []
+    for c in CONCURRENCY:
+        pts.append(
+            {
+                "id": f"closed-c{c}-b30",
+                "kind": "closed",
+                "concurrency": c,
+                "budget": {"fixed_ms": FIXED_BUDGET_MS},
+            }
+        )
+        pts.append(
+            {
+                "id": f"closed-c{c}-u20-100",
+                "kind": "closed",
+                "concurrency": c,
+                "budget": {"uniform_ms": list(UNIFORM_BUDGET_MS)},
+            }
+        )
+    for load in LOADS:
+        pts.append(
+            {
+                "id": f"open-{load:g}x",
+                "kind": "open",
+                "load": load,
+                "budget": {"uniform_ms": list(UNIFORM_BUDGET_MS)},
+            }
+        )
+    return pts
+
+
+def select(points: list[dict], spec: str | None) -> list[dict]:
+    if not spec:
+        return points
+    pats = [p.strip() for p in spec.split(",") if p.strip()]
+    chosen = [p for p in points if any(fnmatch.fnmatchcase(p["id"], pat) for pat in pats)]
+    if not chosen:
+        ids = ", ".join(p["id"] for p in points)
+        raise SystemExit(f"--points {spec!r} matches none of: {ids}")
+    return chosen
+
+
+def uniform_budgets_s(seed: int, n: int) -> np.ndarray:
+    """U(20, 100) ms in seconds, drawn as sim.simulator.simulate draws them (seed + 1)."""
+    lo, hi = UNIFORM_BUDGET_MS
+    return np.random.default_rng(seed + 1).uniform(lo, hi, n) / 1e3
+
+
+def open_trace(point: dict, capacity: float, args, work: Path) -> tuple[np.ndarray, Path]:
+    """Poisson arrivals at load x capacity for min(--seconds, --requests / rate) s, at most
+    --requests of them, shifted to start at 0 and written to a trace file (so the simulator
+    replays exactly these arrivals)."""
+    from sim.simulator import SimConfig, make_trace
+
+    rate = point["load"] * capacity
+    duration = min(args.seconds, args.requests / rate)
+    t = make_trace(SimConfig(trace="poisson", duration_s=duration, seed=args.seed), rate)
+    t = t[: args.requests]
+    t = t - t[0] if len(t) else t
+    path = work / f"trace-{point['id']}-seed{args.seed}.txt"
+    path.write_text("".join(f"{float(v)!r}\n" for v in t))  # repr: exact round trip
+    return t, path
+
+
+def simulate_open(model_dir: Path, point: dict, trace: Path, arrivals: np.ndarray, args) -> dict:
+    """simulate() on the trace file, with the profile, max batch / queue and seed of the
+    live point; its budgets are drawn as uniform_budgets_s draws them."""
+    from runtime.repository.config import ModelConfig
+    from sim.simulator import SimConfig, simulate, tiers_from_model_dir
+
+    tiers, p50 = tiers_from_model_dir(model_dir)
+    span = float(arrivals[-1]) if len(arrivals) > 1 else 1.0
+    kw = {
+        "policy": "innfer",
+        "trace": "file",
+        "trace_file": str(trace),
+        "load": point["load"],
+        "duration_s": max(span, 1e-3),
+        "budget_ms": UNIFORM_BUDGET_MS,
+        "seed": args.seed,
+        "max_queue": MAX_QUEUE,
+        "max_batch": MAX_BATCH,
+    }
+    slo_target = getattr(ModelConfig.load(model_dir / "model.yaml"), "slo_target", None)
+    if slo_target is not None:  # the model's own, as the server plans with it
+        kw["slo_target"] = slo_target
+    known = {f.name for f in fields(SimConfig)}
+    cfg = SimConfig(**{k: v for k, v in kw.items() if k in known})
+    r = simulate(tiers, p50, cfg)
+    s = dict(r.summary)
+    widths = tier_widths(model_dir)
+    mix = s.get("tier_mix") or {}
+    served = sum(mix.values())
+    s["mean_served_size"] = sum(widths[k] * v for k, v in mix.items()) / served if served else None
+    s["config"] = {k: v for k, v in kw.items() if k in known}
+    s["same_arrivals_as_live"] = bool(
+        len(r.arrivals) == len(arrivals) and np.array_equal(r.arrivals, arrivals)
+    )
+    return s
+
+
+# -- the server under test ------------------------------------------------------------------
+class LiveServer:
+    """`innfer serve` of one tree (cwd = PYTHONPATH = the tree) on free loopback ports,
+    pinned to ``cpus`` (``taskset -c``; else os.sched_setaffinity on the child's pid)."""
+
+    def __init__(self, name: str, tree: Path, repo: Path, log: Path, cpus: set[int] | None):
+        self.name, self.tree, self.repo, self.log, self.cpus = name, tree, repo, log, cpus
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, label: str) -> dict:
+        import tritonclient.grpc as tc
+
+        port, mport = free_ports(2)
+        self.address = f"{HOST}:{port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "innfer.cli",
+            "serve",
+            "--repository",
+            str(self.repo),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mport),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(self.tree),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(THREADS),
+        }
+        taskset = shutil.which("taskset")
+        if self.cpus and taskset:  # pinned from exec on, before any thread exists
+            cmd = [taskset, "-c", ",".join(map(str, sorted(self.cpus))), *cmd]
+        with open(self.log, "a") as log:
+            log.write(f"\n===== {label}: {' '.join(cmd)}\n")
+            log.flush()
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.tree,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if self.cpus and not taskset:  # the interpreter starts no thread before its imports
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+        with tc.InferenceServerClient(self.address) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n{tail(self.log)}")
+                if time.monotonic() - t0 > READY_TIMEOUT_S:
+                    raise RuntimeError(
+                        f"not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(self.log)}"
+                    )
+                try:
+                    if client.is_model_ready(MODEL):
+                        break
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        try:
+            affinity = sorted(os.sched_getaffinity(self.proc.pid))
+        except OSError:
+            affinity = None
+        return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def commit_of(tree: Path) -> str:
+    """HEAD of ``tree`` (+dirty), read without taking git's index lock (the tree may be
+    in use: GIT_OPTIONAL_LOCKS=0)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    git = ["git", "-C", str(tree)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return f"{head}{'+dirty' if dirty else ''}" if head else "?"
+
+
+# -- one point on one tree ------------------------------------------------------------------
+def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> dict:
+    try:
+        info = server.start(point["id"])
+        if args.warmup:  # not recorded: the first batches of each size pay ORT's allocations
+            asyncio.run(
+                run_closed_loop(
+                    server.address,
+                    MODEL,
+                    min(8, args.warmup),
+                    args.warmup,
+                    30.0,
+                    lambda i: WARMUP_BUDGET_MS / 1e3,
+                    inputs,
+                )
+            )
+        load_before = os.getloadavg()[0]
+        if point["kind"] == "closed":
+            if "fixed_ms" in point["budget"]:
+                budgets = np.full(args.requests, FIXED_BUDGET_MS / 1e3)
+            else:
+                budgets = uniform_budgets_s(args.seed, args.requests)
+            report = asyncio.run(
+                run_closed_loop(
+                    server.address,
+                    MODEL,
+                    point["concurrency"],
+                    args.requests,
+                    args.seconds,
+                    lambda i: budgets[i],
+                    inputs,
+                )
+            )
+        else:
+            arrivals = trace
+            budgets = uniform_budgets_s(args.seed, len(arrivals))
+            report = asyncio.run(
+                run_load(
+                    server.address, MODEL, arrivals, budgets, inputs, max_seconds=args.seconds + 5
+                )
+            )
+        s = dict(report.summary)
+        served = [t for t in report.tiers if t]
+        s["mean_served_size"] = (
+            float(np.mean([widths.get(t, np.nan) for t in served])) if served else None
+        )
+        s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
+        s["loadavg_1m_before"] = load_before
+        s["loadavg_1m_after"] = os.getloadavg()[0]
+        s["server_alive_after"] = server.proc.poll() is None
+        return {**info, **s}
+    finally:
+        server.stop()
+
+
+def littles_law(profile: dict, live: dict) -> dict:
+    """The issue's bound for closed-c32-b30: w025's best rate, batch 8 / p50(w025, 8)."""
+    small = min(TIERS, key=TIERS.get)
+    lat = p50_ms(profile, small, MAX_BATCH)
+    bound = MAX_BATCH / (lat / 1e3)
+    out = {
+        "tier": small,
+        "batch": MAX_BATCH,
+        "p50_ms_at_batch": lat,
+        "fits_budget": lat <= FIXED_BUDGET_MS,
+        "bound_per_s": bound,
+        "note": "best within-budget goodput the smallest tier can give: batch 8 / its p50 "
+        "at batch 8 (profile.json); achieved = live within-budget goodput",
+    }
+    for tree, s in live.items():
+        if "goodput_per_s" in s:
+            out[tree] = {
+                "achieved_per_s": s["goodput_per_s"],
+                "achieved_over_bound": s["goodput_per_s"] / bound,
+            }
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _num(v, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def summarise(results: dict) -> str:
+    head = (
+        f"{'point':<20}{'tree':<10}{'sent':>6}{'ok':>6}{'late':>6}{'ref':>6}"
+        f"{'attain':>8}{'sim':>8}{'good/s':>8}{'p50ms':>7}{'p99ms':>7}{'size':>6}"
+        f"{'simsz':>6}  tiers (answered)"
+    )
+    lines = [head, "-" * len(head)]
+    for p in results["points"]:
+        sim = p.get("sim") or {}
+        for tree, s in p["live"].items():
+            if "error" in s:
+                lines.append(f"{p['id']:<20}{tree:<10}  error: {s['error'][:80]}")
+                continue
+            mix = " ".join(f"{k}:{v:.0%}" for k, v in s["tier_mix"].items())
+            lines.append(
+                f"{p['id']:<20}{tree:<10}{s['sent']:>6}{s['within_budget']:>6}{s['late']:>6}"
+                f"{s['refused_total']:>6}{_pct(s['slo_attainment']):>8}"
+                f"{_pct(sim.get('slo_attainment')):>8}{s['goodput_per_s']:>8.1f}"
+                f"{_num(s['p50_latency_ms']):>7}{_num(s['p99_latency_ms']):>7}"
+                f"{_num(s['mean_served_size'], '.3f'):>6}"
+                f"{_num(sim.get('mean_served_size'), '.3f'):>6}  {mix}"
+            )
+            if s["refused_total"]:
+                lines.append(
+                    f"{'':<30}refused {s['refused']}; first: {(s['first_error'] or '')[:100]}"
+                )
+    ll = results.get("littles_law")
+    if ll:
+        lines.append(
+            f"\nLittle's-law bound ({BOUND_POINT}): {ll['tier']} at batch {ll['batch']}, "
+            f"p50 {ll['p50_ms_at_batch']:.1f} ms -> {ll['bound_per_s']:.1f}/s"
+        )
+        for tree in results["trees"]:
+            if tree in ll:
+                lines.append(
+                    f"  {tree}: {ll[tree]['achieved_per_s']:.1f}/s = "
+                    f"{ll[tree]['achieved_over_bound']:.1%} of the bound"
+                )
+    c = results["config"]
+    lines.append(
+        f"\ncapacity (w100, batch {MAX_BATCH}) {c['capacity_per_s']:.1f}/s; "
+        f"affinity {results['affinity']}"
+    )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = results["points"]
+    ids = [p["id"] for p in pts]
+    series = [(f"live {t}", lambda p, t=t: p["live"].get(t, {})) for t in results["trees"]]
+    series.append(("simulated", lambda p: p.get("sim") or {}))
+    fig, ax = plt.subplots(2, 1, figsize=(max(7.0, 1.1 * len(ids) + 2), 6.5), sharex=True)
+    x = np.arange(len(ids))
+    w = 0.8 / len(series)
+    for k, (label, get) in enumerate(series):
+        att = [get(p).get("slo_attainment") for p in pts]
+        size = [get(p).get("mean_served_size") for p in pts]
+        off = x - 0.4 + w * (k + 0.5)
+        ax[0].bar(off, [np.nan if v is None else v for v in att], w, label=label)
+        ax[1].bar(off, [np.nan if v is None else v for v in size], w, label=label)
+    ax[0].set_ylabel("attainment (within budget / sent)")
+    ax[0].set_ylim(0, 1.05)
+    ax[1].set_ylabel("mean served size (width)")
+    ax[1].set_ylim(0, 1.05)
+    ax[1].set_xticks(x, ids, rotation=30, ha="right", fontsize=8)
+    ax[0].legend(fontsize=8, ncol=len(series))
+    ax[0].set_title(
+        f"{MODEL}: live vs simulated (simulator: open loop only), "
+        f"{results['params']['requests']} req / {results['params']['seconds']:g} s "
+        "per point",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------
+def _cpus(text: str) -> set[int]:
+    try:
+        return {int(c) for c in text.split(",") if c.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"CPU list like 0 or 0,1, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="a checkout of an older commit (git worktree add DIR <commit>)",
+    )
+    p.add_argument("--requests", type=int, default=2000, help="at most this many per point")
+    p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
+    p.add_argument("--points", help="comma-separated point ids or patterns (closed-c8-*)")
+    p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
+    p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per server")
+    p.add_argument("--server-cpus", type=_cpus, default={1})
+    p.add_argument("--client-cpus", type=_cpus, default={0})
+    p.add_argument("--rebuild", action="store_true", help="build the model again")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    if not 1 <= args.requests <= 1_000_000:
+        p.error("--requests must be in [1, 1000000]")
+    if not 0 < args.seconds <= 3600:
+        p.error("--seconds must be in (0, 3600]")
+    if not 0 <= args.warmup <= 1000:
+        p.error("--warmup must be in [0, 1000]")
+    points = select(all_points(), args.points)
+    trees = {"current": ROOT}
+    if args.baseline_tree is not None:
+        base = args.baseline_tree.resolve()
+        if not (base / "innfer" / "cli.py").is_file():
+            p.error(f"--baseline-tree {base}: no innfer/cli.py there")
+        trees["baseline"] = base
+
+    t_start = time.perf_counter()
+    model_dir, how = build_repo(args.seed, args.rebuild)
+    print(f"model {model_dir} ({how})", file=sys.stderr, flush=True)
+    profile = json.loads((model_dir / "profile.json").read_text())
+    widths = tier_widths(model_dir)
+    capacity = MAX_BATCH / (p50_ms(profile, "w100", MAX_BATCH) / 1e3)
+
+    work = REPO / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    repos = {}
+    for name in trees:  # each tree serves its own copy (an older tree may rebuild its cache)
+        repos[name] = work / f"repo-{name}"
+        shutil.copytree(REPO / MODEL, repos[name] / MODEL)
+
+    traces, sims = {}, {}
+    for pt in points:  # simulate first, before the servers and the pinning
+        if pt["kind"] == "open":
+            arrivals, path = open_trace(pt, capacity, args, work)
+            traces[pt["id"]] = arrivals
+            sims[pt["id"]] = simulate_open(model_dir, pt, path, arrivals, args)
+
+    usable = os.sched_getaffinity(0)
+    pinned = len(usable) >= 2 and args.server_cpus <= usable and args.client_cpus <= usable
+    affinity = {
+        "pinned": pinned,
+        "method": (
+            "server: taskset -c" if shutil.which("taskset") else "server: os.sched_setaffinity"
+        )
+        + "; load generator: os.sched_setaffinity",
+        "server_cpus": sorted(args.server_cpus) if pinned else None,
+        "client_cpus": sorted(args.client_cpus) if pinned else None,
+        "cpus_available": sorted(usable),
+        "os_cpu_count": os.cpu_count(),
+    }
+    if pinned:
+        os.sched_setaffinity(0, args.client_cpus)
+    else:
+        affinity["why_not"] = "fewer than 2 usable CPUs or the asked CPUs are not usable"
+
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.profile import random_feeds
+
+    config = ModelConfig.load(model_dir / "model.yaml")
+    inputs = random_feeds(config.inputs, 1, seed=args.seed)
+    (args.out).mkdir(parents=True, exist_ok=True)
+    servers = {}
+    for name, tree in trees.items():
+        log = args.out / f"{STEM}-{name}.log"
+        log.write_text("")
+        servers[name] = LiveServer(
+            name, tree, repos[name], log, args.server_cpus if pinned else None
+        )
+
+    results: dict = {
+        "params": {
+            "requests": args.requests,
+            "seconds": args.seconds,
+            "seed": args.seed,
+            "warmup": args.warmup,
+            "points": [pt["id"] for pt in points],
+        },
+        "seeds": {
+            "torch_weights": args.seed,
+            "poisson_trace": f"sim.traces.make_trace(SimConfig(seed={args.seed}))",
+            "uniform_budgets": (
+                f"numpy default_rng({args.seed + 1}).uniform(20, 100, n), "
+                "as sim.simulator.simulate draws them"
+            ),
+            "inputs": f"runtime.repository.profile.random_feeds(seed={args.seed})",
+        },
+        "config": {
+            "model": MODEL,
+            "recipe": recipe(args.seed),
+            "repository": str(REPO),
+            "build": how,
+            "tier_widths": widths,
+            "capacity_per_s": capacity,
+            "capacity_rule": f"max_batch / p50(w100, batch {MAX_BATCH}) from profile.json",
+            "server_command": (
+                "python -m innfer.cli serve --repository R --host 127.0.0.1 "
+                "--port P --metrics-port M (cwd = PYTHONPATH = tree)"
+            ),
+            "server_env": {"OMP_NUM_THREADS": str(THREADS)},
+            "fresh_server_per_point": True,
+        },
+        "profile": profile,
+        "affinity": affinity,
+        "trees": {n: {"tree": str(t), "commit": commit_of(t)} for n, t in trees.items()},
+        "simulator": {
+            "closed_loop": NO_CLOSED_LOOP_SIM,
+            "open_loop": "simulate(policy innfer, trace file = the live arrivals, budgets "
+            "U(20, 100) ms from the same seed, max_batch, max_queue and the model's profile)",
+            "budget_margin": "the server plans with budget - budget_margin_ms (default 1 ms) "
+            "and the client's latency includes the transport; the simulator has neither",
+        },
+        "points": [],
+    }
+    order = list(trees)
+    for k, pt in enumerate(points):
+        row = {**pt, "live": {}}
+        if pt["kind"] == "open":
+            row["rate_per_s"] = pt["load"] * capacity
+            row["n_arrivals"] = len(traces[pt["id"]])
+            row["sim"] = sims[pt["id"]]
+        else:
+            row["sim"] = None
+            row["sim_note"] = NO_CLOSED_LOOP_SIM
+        # alternate which tree goes first, so drift on this shared machine hits both
+        for name in order if k % 2 == 0 else order[::-1]:
+            print(f"[{name}] {pt['id']} ...", file=sys.stderr, flush=True)
+            try:
+                row["live"][name] = live_point(
+                    servers[name], pt, inputs, widths, traces.get(pt["id"]), args
+                )
+            except Exception as exc:  # record and go on
+                row["live"][name] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+        row["live"] = {n: row["live"][n] for n in order}
+        if pt["id"] == BOUND_POINT:
+            results["littles_law"] = littles_law(profile, row["live"])
+            row["littles_law"] = results["littles_law"]
+        results["points"].append(row)
+    results["wall_seconds"] = time.perf_counter() - t_start
+    publish(results, args.out, STEM, plot, summarise(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
