@@ -8,6 +8,8 @@
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
+    device_slots: 1               # batches at once on the device all models share (0: per model)
+    profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
@@ -147,6 +149,17 @@ class ServerConfig:
     )
     backend: str | None = spec(
         None, choices=BACKENDS, doc="override every model's backend preference"
+    )
+    device_slots: int = spec(
+        1, lo=0, hi=1024,
+        doc="batches that may run at once on the one device every model shares (one arbiter: "
+        "deadline order across models, each model plans behind the others' work); 0: every "
+        "model gets its own slot and ignores the others",
+    )  # fmt: skip
+    profile_at_load: bool = spec(
+        True,
+        doc="re-measure each tier briefly when a model loads and start the latency "
+        "correction from it (a profile measured on a busy or another machine is reconciled)",
     )
     tls: TLSConfig | None = spec(None, doc="serve over TLS (default: plaintext)")
     auth: AuthConfig | None = spec(None, doc="require a bearer token (health stays open)")

@@ -36,6 +36,7 @@ from server.limits import clip, message_limit, request_bytes
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
+from server.scheduling.device import Device
 
 from . import codec
 
@@ -65,6 +66,9 @@ class DataPlane:
         self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
         self.phase = Phase.LOADING
         self._lock = asyncio.Lock()
+        # One device, one arbiter for every model (server.scheduling.device); None: each
+        # model has its own slot and ignores the others (device_slots: 0).
+        self.device = Device(config.device_slots) if config.device_slots > 0 else None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -102,10 +106,17 @@ class DataPlane:
                 raise FailedPrecondition(
                     f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`"
                 ) from None
+            runtime = None
             try:
-                runtime = ModelRuntime(served, self.metrics, policy=self.config.policy)
-                await loop.run_in_executor(None, runtime.warm_up)
+                runtime = ModelRuntime(
+                    served, self.metrics, policy=self.config.policy, device=self.device
+                )
+                await loop.run_in_executor(
+                    None, lambda: runtime.warm_up(profile=self.config.profile_at_load)
+                )
             except (InferError, EngineError) as exc:  # e.g. profile.json missing, engine fails
+                if runtime is not None and self.device is not None:
+                    self.device.leave(runtime.scheduler)
                 for engine in served.engines.values():
                     engine.close()
                 self._mark_broken(name, str(exc))

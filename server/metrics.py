@@ -88,6 +88,18 @@ class Metrics:
             "innfer_degraded_requests", "Requests served below the model's top tier.", ["model"],
             registry=r,
         )  # fmt: skip
+        # The scheduler's current latency view per tier (issue 18): what it plans with, so a
+        # profile that drifted from the machine shows up here before deadlines are missed.
+        self.tier_latency_factor = Gauge(
+            "innfer_tier_latency_factor",
+            "Observed / profiled median batch time of the tier (1: as profiled).",
+            ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.tier_planned_latency = Gauge(
+            "innfer_tier_planned_latency_seconds",
+            "Planned time of a full batch on the tier: the slo_target quantile the scheduler "
+            "uses now.", ["model", "tier"], registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,

@@ -40,6 +40,7 @@ from server.scheduling import (
     TierInfo,
     make_policy,
 )
+from server.scheduling.device import Device
 from server.scheduling.latency import tiers_from_profile
 
 log = logging.getLogger("innfer.model")
@@ -51,6 +52,10 @@ DRAIN_S = 0.5
 # stop(): how long a running batch may take to finish before its engines are closed anyway
 # (an engine call cannot be interrupted; closing under it would crash the worker).
 RUNNING_WAIT_S = 10.0
+# warm_up(profile=True): timed batches per tier and size at load, and the time cap per tier.
+# Five pairs move the correction most of the way (EWMA, alpha 0.3) for a second or so.
+PROFILE_RUNS = 5
+PROFILE_BUDGET_S = 1.0
 
 
 @dataclass
@@ -186,6 +191,7 @@ class ModelRuntime:
         policy: str = "innfer",
         slots: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        device: Device | None = None,
     ) -> None:
         self.served = served
         self.name = served.name
@@ -195,12 +201,16 @@ class ModelRuntime:
         self.tiers = tier_infos(served)
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        self.device = device  # shared with the other models (dataplane); None: own slots
+        slots = device.slots if device is not None else slots
         self.scheduler = Scheduler(
             self.tiers,
             make_policy(policy, self.tiers, slots),
             max_batch=self.config.max_batch,
             max_queue=self.config.max_queue,
             slots=slots,
+            slo_target=self.config.slo_target,
+            device=device,
         )
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         self._ids = itertools.count(1)
@@ -216,7 +226,10 @@ class ModelRuntime:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._wake = asyncio.Event()
+        if self.device is not None:  # another model freed a device slot: look again
+            self.device.join(self.scheduler, on_release=self._wake.set)
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        self._latency_gauges()
 
     async def stop(self, drain_s: float = DRAIN_S) -> int:
         """Stop serving: refuse new requests, serve the queue for up to ``drain_s``, fail
@@ -228,6 +241,8 @@ class ModelRuntime:
         new runtime has replaced this one.
         """
         self.stopping = True
+        if self.device is not None:  # the others stop planning behind this queue
+            self.device.leave(self.scheduler)
         deadline = self.clock() + drain_s
         while self._pending and self.clock() < deadline:
             await asyncio.sleep(0.005)
@@ -255,12 +270,42 @@ class ModelRuntime:
             except Exception:  # one engine's failure must not keep the others open
                 log.exception("model %s tier %s: closing the engine failed", self.name, tier)
 
-    def warm_up(self) -> None:
-        """Run every tier once so the first request does not pay for lazy initialisation."""
+    def warm_up(self, profile: bool = False) -> dict[str, float]:
+        """Run every tier once so the first request does not pay for lazy initialisation;
+        with ``profile``, then time each tier briefly here (``PROFILE_RUNS`` batches of 1
+        and of ``max_batch`` rows, at most ``PROFILE_BUDGET_S`` per tier) and feed the
+        times to the latency model - the online correction starts from this machine, now,
+        not from whatever the build machine was doing. Returns tier -> latency factor."""
         from runtime.repository.profile import random_feeds
 
         for engine in self.served.engines.values():
             engine.run(random_feeds(self.config.inputs, 1))
+        if not profile:
+            return {}
+        latency = self.scheduler.latency
+        sizes = sorted({1, self.config.max_batch})
+        feeds = {b: random_feeds(self.config.inputs, b) for b in sizes}
+        for tier, engine in self.served.engines.items():
+            spent = 0.0
+            for _ in range(PROFILE_RUNS):
+                for b in sizes:
+                    t0 = time.perf_counter()
+                    engine.run(feeds[b])
+                    took = time.perf_counter() - t0
+                    latency.observe(tier, b, took)
+                    spent += took
+                if spent > PROFILE_BUDGET_S:
+                    break
+        factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
+        log.info("model %s measured at load: latency / profile.json %s", self.name,
+                 {t: round(f, 2) for t, f in factors.items()})  # fmt: skip
+        return factors
+
+    def _latency_gauges(self, tiers=None) -> None:
+        for tier in tiers or self.accuracy:
+            e = self.scheduler.latency.tier_estimate(tier)
+            self.metrics.tier_latency_factor.labels(self.name, tier).set(e.factor)
+            self.metrics.tier_planned_latency.labels(self.name, tier).set(e.planned_s_max_batch)
 
     # -- requests --------------------------------------------------------------------------
     async def infer(
@@ -405,6 +450,8 @@ class ModelRuntime:
             return
         now = self.clock()
         self.scheduler.complete(d, now, compute)
+        if not self.stopping:
+            self._latency_gauges((d.tier,))
         self._record(d, compute, now)
         t_out = time.perf_counter()
         offset = 0

@@ -34,9 +34,9 @@ def config(tmp_path) -> ServerConfig:
     write_model(tmp_path, "a", {"w100": 1.0, "w050": 0.5}, LATENCY, max_batch=4)
     write_model(tmp_path, "b", {"w100": 1.0}, max_batch=2, default_latency_budget_ms=500)
     # "fake" is not a backend users may configure: set past the config's validation.
-    return dataclasses.replace(
-        ServerConfig.from_dict({"repository": str(tmp_path)}), backend="fake"
-    )
+    # No timing at load: these tests count engine calls (see the profile_at_load test).
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    return dataclasses.replace(cfg, backend="fake")
 
 
 def _run(coro, timeout: float = 30):
@@ -263,3 +263,36 @@ def test_reload_swaps_the_runtime_and_answers_what_the_old_one_held(config):
     np.testing.assert_array_equal(
         _logits(after), new.served.engines[tier].compute({"input": _x(1, 9.0)})["logits"]
     )
+
+
+def _stale_profile(root, model: str, factor: float) -> None:
+    """Make ``model``'s profile.json claim every batch takes ``factor`` times longer (a
+    profile measured on a busy machine)."""
+    path = root / model / "profile.json"
+    doc = json.loads(path.read_text())
+    for sizes in doc["tiers"].values():
+        for entry in sizes.values():
+            for key in ("p50_ms", "p90_ms"):
+                entry[key] *= factor
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("at_load", [True, False])
+def test_profile_at_load_corrects_a_profile_measured_under_contention(config, at_load):
+    metrics = Metrics()
+
+    async def load(cfg, metrics):
+        plane = DataPlane(cfg, metrics)
+        await plane.load("a")
+        await plane.models["a"].stop()
+
+    _run(load(config, Metrics()))  # builds and caches the engines (2 ms per w100 batch)
+    _stale_profile(config.repository, "a", 4.0)  # now the profile claims 8 ms
+    _run(load(dataclasses.replace(config, profile_at_load=at_load), metrics))
+    factor = metrics.registry.get_sample_value(
+        "innfer_tier_latency_factor", {"model": "a", "tier": "w100"}
+    )
+    if at_load:  # five timed pairs move the correction most of the way to 1/4
+        assert factor < 0.5
+    else:
+        assert factor == pytest.approx(1.0)

@@ -23,6 +23,7 @@ Example ``model.yaml``:
     default_latency_budget_ms: 50
     multiple_of: 8               # round channel counts (vector lanes); 16 for tensor cores
     threads: 2                   # ONNX Runtime intra-op threads per engine
+    slo_target: 0.999            # admitted requests meet their deadline with this probability
 
 ``reference(ModelConfig)`` lists every key with its default, allowed values and doc.
 
@@ -160,6 +161,11 @@ class ModelConfig:
     method: str = spec("auto", choices=METHODS, doc="how a tier samples the INN's channels")
     threads: int = spec(1, lo=1, hi=256, doc="ONNX Runtime intra-op threads per engine")
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
+    slo_target: float = spec(
+        0.999, lo=0.5, hi=1, hi_open=True,
+        doc="probability with which admitted requests meet their deadline: tiers and batches "
+        "are planned at this quantile of each tier's latency distribution",
+    )  # fmt: skip
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
     name: str = spec("", doc="model name; load() defaults it to the directory's name")
     source: str = spec("", key=False, compare=False, doc="the file this was read from")

@@ -79,7 +79,10 @@ class Snapshot:
     queue as read-only arrays (``plan.Columns``) in queue order, kept up to date by the
     scheduler; None makes the planner build them from the queue. ``busy``: for each other
     slot with a batch running, the planning time (s) until it frees - from the batch's real
-    start and the latency model's current view, never a stale end.
+    start and the latency model's current view, never a stale end. ``backlog``: seconds of
+    other models' queued work on a shared device (``device.Device``) that runs before the
+    rest of this queue; the planner checks the rest as if it started that much later
+    (conservative: the head batch runs now).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -93,6 +96,7 @@ class Snapshot:
     tight_budget: float = math.inf
     columns: Columns | None = None
     busy: tuple[float, ...] = ()
+    backlog: float = 0.0
 
 
 class Context:
@@ -590,7 +594,8 @@ class Planner(Policy):
         others += [0.0] * (self.slots - 1 - len(others))
         self.work += len(candidates) * len(groups)
         check = small_feasible if small else feasible
-        return check(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, now)
+        start = now + snap.backlog  # a shared device's other work goes first
+        return check(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, start)
 
 
 class _Decision:

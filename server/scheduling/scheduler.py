@@ -41,6 +41,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .device import Device
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo
 from .plan import SMALL_QUEUE, Columns, admission_finish, small_admission, small_groups_of
 from .policy import Context, Decision, Policy, Snapshot
@@ -98,6 +99,7 @@ class Scheduler:
         latency: LatencyModel | None = None,
         rate_window_s: float = RATE_WINDOW_S,
         slo_target: float | None = None,
+        device: Device | None = None,
     ) -> None:
         if latency is None:
             latency = LatencyModel(tiers, slo_target=slo_target or DEFAULT_SLO_TARGET)
@@ -109,7 +111,12 @@ class Scheduler:
         self.ctx = Context(tiers, self.latency, max_batch)
         self.policy = policy
         self.max_queue = max_queue
-        self.slots = slots
+        # A shared device (``device.Device``) owns the slots: this model plans behind every
+        # batch on it and starts one only when the device grants a slot.
+        self.device = device
+        self.slots = device.slots if device is not None else slots
+        if device is not None:
+            device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
         self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
@@ -189,6 +196,8 @@ class Scheduler:
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         self._cols.insert(i, r, self.ctx)
+        if self.device is not None:
+            self.device.touched(self)
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
@@ -196,6 +205,8 @@ class Scheduler:
     def slot_offsets(self, now: float, skip: int | None = None) -> list[float]:
         """Per slot (except ``skip``), the planning time (s) until it is free: 0 for an idle
         one, else what its running batch has left given how long it has run."""
+        if self.device is not None:
+            return self.device.offsets(now, skip)
         out = []
         for slot in range(self.slots):
             if slot == skip:
@@ -218,6 +229,9 @@ class Scheduler:
             at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
         lo, hi = self.ctx.bounds(r)
         busy = self.slot_offsets(now)
+        if self.device is not None:  # the other models' work due first runs first
+            ahead = self.device.backlog(self, r.deadline)
+            busy = [b + ahead for b in busy]
         tables, z, b = self.ctx.tables(), self.latency.z, self.ctx.max_batch
         if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
             ahead = [*self.queue[:at], r]
@@ -238,7 +252,28 @@ class Scheduler:
 
     # -- dispatch --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
+        if self.device is not None:
+            return self.device.claim(self)
         return next((s for s in range(self.slots) if s not in self.running), None)
+
+    def work_due(self, before: float) -> float:
+        """Seconds of queued work due by ``before`` (absolute): per fastest allowed tier,
+        its rows as full batches plus one partial, at the planning quantile. What a shared
+        device's other members plan behind (``Device.backlog``)."""
+        if not self.queue:
+            return 0.0
+        cols = self.columns()
+        due = cols.deadline <= before
+        if not due.any():
+            return 0.0
+        quantile, b = self.ctx.tables()[0], self.ctx.max_batch
+        rows = np.bincount(cols.hi[due], weights=cols.rows[due], minlength=len(quantile))
+        total = 0.0
+        for tier, n in enumerate(rows.astype(np.int64).tolist()):
+            if n:
+                full, rest = divmod(n, b)
+                total += full * quantile[tier, b] + (quantile[tier, rest] if rest else 0.0)
+        return float(total)
 
     def expire(self, now: float) -> list[Request]:
         """Remove and return queued requests that can no longer meet their deadline, even
@@ -265,6 +300,8 @@ class Scheduler:
             return None
         decision = self.policy.choose(self.queue, now, self.ctx, self._snapshot(now, slot))
         if decision is None or not decision.requests:
+            if self.device is not None:
+                self.device.passed(self)
             return None
         decision = replace(decision, slot=slot)
         self._remove_all(decision.requests)
@@ -272,6 +309,8 @@ class Scheduler:
         for r in decision.requests:
             r.start(decision.tier, rows, now)
         self.running[slot] = (decision, now)
+        if self.device is not None:
+            self.device.started(self, decision, now)
         return decision
 
     def _snapshot(self, now: float, slot: int) -> Snapshot:
@@ -282,11 +321,20 @@ class Scheduler:
             self._tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
         busy = tuple(
-            self.latency.remaining(d.tier, d.rows, now - started)
-            for s, (d, started) in sorted(self.running.items())
-            if s != slot
+            self.device.busy(now, skip=slot)
+            if self.device is not None
+            else (
+                self.latency.remaining(d.tier, d.rows, now - started)
+                for s, (d, started) in sorted(self.running.items())
+                if s != slot
+            )
         )
-        return Snapshot(self.arrival_rate(now), self._tight_budget, self.columns(), busy)
+        backlog = 0.0
+        if self.device is not None and self.queue:
+            # The others' work due before our last queued request runs before the rest of
+            # our queue (EDF across models); nothing is due before our head (we got the slot).
+            backlog = self.device.backlog(self, float(self.columns().deadline.max()))
+        return Snapshot(self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog)
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
         """The batch finished (or failed) after ``compute_s`` seconds of engine time.
@@ -294,6 +342,8 @@ class Scheduler:
         if decision.slot is None:
             raise ValueError("complete() takes the Decision that next() returned (with its slot)")
         self.running.pop(decision.slot, None)
+        if self.device is not None:
+            self.device.release(decision)
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
         for r in decision.requests:

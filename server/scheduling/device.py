@@ -1,0 +1,162 @@
+"""One device shared by several models: slots, deadline order across models, and the
+backlog each model's scheduler must plan behind. Pure: no threads, no clock.
+
+Without it every model has its own slots and none knows what the others load on the same
+CPU or GPU, so model A's burst makes model B's batches slower than B planned and B misses
+deadlines it admitted. With it:
+
+* the device has ``slots`` (batches that may run at once); a model's scheduler may start a
+  batch only on a free device slot;
+* when a slot frees, the model whose queue head is most urgent (priority, then deadline)
+  goes first - ``claim`` refuses the others until it has started (they are woken on every
+  release);
+* each scheduler plans behind the device's backlog: every slot's running batch, whatever
+  model it belongs to, from its real start; and for admission, the other models' queued
+  work that is due before the new request (it will run first, in deadline order), as
+  full batches on each request's fastest allowed tier. So load on A shrinks B's tiers, or
+  refuses B's requests at arrival, before B's deadlines are missed.
+
+On a GPU, NVML utilisation from other processes is not an input yet (see docs/design.md).
+
+Example:
+    >>> from server.scheduling import Request, Scheduler, TierInfo, make_policy
+    >>> tiers = [TierInfo("w100", 0.99, {1: 5.0, 8: 20.0}),
+    ...          TierInfo("w050", 0.97, {1: 2.0, 8: 8.0})]
+    >>> dev = Device(slots=1)
+    >>> a, b = (Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64,
+    ...                   device=dev) for _ in range(2))
+    >>> a.submit(Request(1, 0.0, 0.100), now=0.0); b.submit(Request(2, 0.0, 0.050), now=0.0)
+    >>> a.next(now=0.0) is None  # b's head is due first
+    True
+    >>> b.next(now=0.0).slot, a.next(now=0.0)  # b runs; the one slot is taken
+    (0, None)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .policy import Decision
+    from .scheduler import Scheduler
+
+
+class Device:
+    """``slots`` batch slots shared by the schedulers that ``join`` it."""
+
+    def __init__(self, slots: int = 1, name: str = "device") -> None:
+        if slots < 1:
+            raise ValueError(f"a device needs at least one slot, got {slots}")
+        self.slots = slots
+        self.name = name
+        self.members: list[Scheduler] = []
+        # slot -> (scheduler, decision, start time)
+        self.running: dict[int, tuple[Scheduler, Decision, float]] = {}
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self._passed: set[int] = set()  # members whose policy chose to wait
+
+    # -- membership ------------------------------------------------------------------------
+    def join(self, scheduler: Scheduler, on_release: Callable[[], None] | None = None) -> None:
+        """Add ``scheduler``; ``on_release`` is called whenever another member frees a slot
+        (its dispatcher should look again: it may be the most urgent now)."""
+        if scheduler not in self.members:
+            self.members.append(scheduler)
+        if on_release is not None:
+            self._listeners[id(scheduler)] = on_release
+
+    def leave(self, scheduler: Scheduler) -> None:
+        """Remove ``scheduler`` (its model was unloaded); its running batches keep their
+        slots until they complete."""
+        if scheduler in self.members:
+            self.members.remove(scheduler)
+        self._listeners.pop(id(scheduler), None)
+        self._notify(None)
+
+    # -- slots -----------------------------------------------------------------------------
+    def free_slot(self) -> int | None:
+        return next((s for s in range(self.slots) if s not in self.running), None)
+
+    def claim(self, scheduler: Scheduler) -> int | None:
+        """A free slot for ``scheduler``'s next batch, or None: no slot is free, or another
+        member's queue head is more urgent (it must start first)."""
+        slot = self.free_slot()
+        if slot is None or not scheduler.queue:
+            return None
+        mine = _urgency(scheduler)
+        for other in self.members:
+            if other is scheduler or not other.queue or id(other) in self._passed:
+                continue
+            if _urgency(other) < mine:
+                return None
+        return slot
+
+    def passed(self, scheduler: Scheduler) -> None:
+        """``scheduler`` was granted a slot but its policy chose to wait (a fuller batch):
+        it stops holding back the others until its queue changes (``touched``)."""
+        self._passed.add(id(scheduler))
+        self._notify(scheduler)
+
+    def touched(self, scheduler: Scheduler) -> None:
+        """``scheduler``'s queue changed: its head counts again."""
+        self._passed.discard(id(scheduler))
+
+    def started(self, scheduler: Scheduler, decision: Decision, now: float) -> None:
+        """A batch started on ``decision.slot``; the others look again (another slot may be
+        free and the most urgent head is now someone else's)."""
+        self.running[decision.slot] = (scheduler, decision, now)
+        self._passed.discard(id(scheduler))
+        self._notify(scheduler)
+
+    def release(self, decision: Decision) -> None:
+        """``decision``'s batch ended: free its slot and wake the other members."""
+        run = self.running.pop(decision.slot, None)
+        self._notify(run[0] if run else None)
+
+    def _notify(self, owner: Scheduler | None) -> None:
+        for sched in list(self.members):
+            if sched is not owner:
+                wake = self._listeners.get(id(sched))
+                if wake is not None:
+                    wake()
+
+    # -- what a member plans behind ---------------------------------------------------------
+    def busy(self, now: float, skip: int | None = None) -> list[float]:
+        """The planning time (s) left on every running batch except on slot ``skip``."""
+        return [
+            sched.latency.remaining(d.tier, d.rows, now - started)
+            for slot, (sched, d, started) in sorted(self.running.items())
+            if slot != skip
+        ]
+
+    def offsets(self, now: float, skip: int | None = None) -> list[float]:
+        """Per slot (except ``skip``), the planning time (s) until it is free: 0 when idle,
+        else what the batch running there has left by its own model's latency view."""
+        out = []
+        for slot in range(self.slots):
+            if slot == skip:
+                continue
+            run = self.running.get(slot)
+            if run is None:
+                out.append(0.0)
+            else:
+                sched, d, started = run
+                out.append(sched.latency.remaining(d.tier, d.rows, now - started))
+        return out
+
+    def backlog(self, scheduler: Scheduler, before: float) -> float:
+        """Seconds of the other members' queued work due by ``before`` (absolute deadline):
+        it runs first in deadline order. Counted as full batches on each request's fastest
+        allowed tier at the planning quantile, spread over the device's slots."""
+        total = 0.0
+        for other in self.members:
+            if other is scheduler or not other.queue:
+                continue
+            total += other.work_due(before)
+        return total / self.slots
+
+
+def _urgency(s: Scheduler) -> tuple[float, float]:
+    head = s.queue[0]  # the queue is sorted by (-priority, deadline)
+    return (-head.priority, head.deadline if math.isfinite(head.deadline) else math.inf)

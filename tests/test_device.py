@@ -1,0 +1,103 @@
+"""Several models on one device (issue 18): one set of slots, deadline order across models,
+and each model planning behind the others' work. Pure, on a virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.scheduling import Refused, Request, Scheduler, Snapshot, TierInfo, make_policy
+from server.scheduling.device import Device
+
+# Two tiers; times per batch of 1 / 8 rows in ms. Narrow spread: p90 close to p50.
+TIERS = [TierInfo("w100", 0.99, {1: 10.0, 8: 40.0}), TierInfo("w025", 0.90, {1: 2.5, 8: 10.0})]
+
+
+def _scheduler(device=None, tiers=TIERS):
+    return Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=256,
+                     device=device)  # fmt: skip
+
+
+def test_one_slot_is_shared_and_the_most_urgent_head_goes_first():
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    a.submit(Request(1, 0.0, 0.200), 0.0)
+    b.submit(Request(2, 0.0, 0.080), 0.0)
+    assert a.next(0.0) is None  # b's head is due first
+    db = b.next(0.0)
+    assert db is not None and a.next(0.0) is None  # the only slot is b's
+    b.complete(db, 0.01, 0.01)
+    assert a.next(0.01) is not None
+
+
+def test_release_wakes_the_other_models():
+    dev = Device(slots=1)
+    woken = []
+    a, b = _scheduler(dev), _scheduler(dev)
+    dev.join(a, on_release=lambda: woken.append("a"))
+    dev.join(b, on_release=lambda: woken.append("b"))
+    b.submit(Request(1, 0.0, 0.1), 0.0)
+    d = b.next(0.0)
+    woken.clear()
+    b.complete(d, 0.01, 0.01)
+    assert woken == ["a"]
+
+
+def test_a_waiting_policy_does_not_hold_the_device():
+    # b was granted the slot but its policy chose to wait for a fuller batch: it passes.
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    b.submit(Request(1, 0.0, 0.050), 0.0)
+    a.submit(Request(2, 0.0, 0.300), 0.0)
+    dev.passed(b)
+    assert a.next(0.0) is not None  # b passed its turn: a may run
+    b.submit(Request(3, 0.001, 0.060), 0.001)  # b's queue changed: its head counts again
+    assert dev.claim(b) is None  # but the one slot is a's now
+
+
+def test_admission_counts_the_other_models_work_due_first():
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]  # every batch 10 ms
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    for i in range(24):  # 3 full batches (30 ms) due before b's request
+        a.submit(Request(100 + i, 0.0, 0.035 + 0.0001 * i), 0.0)
+    with pytest.raises(Refused, match="cannot be met"):
+        b.submit(Request(1, 0.0, 0.038), 0.0)  # 30 ms of a's work first, then its 10 ms
+    alone = _scheduler(None, one)
+    alone.submit(Request(1, 0.0, 0.038), 0.0)  # alone on the device it fits
+    b.submit(Request(2, 0.0, 0.080), 0.0)  # behind a's 30 ms + its own 10 ms: fits
+
+
+def test_the_other_models_work_is_the_planners_backlog():
+    # Planner: 12 queued, the rest after a full head batch has ~50 ms of slack on w100.
+    s = _scheduler()
+    for i in range(12):
+        s.submit(Request(i, 0.0, 0.060 + 0.005 * i), 0.0)
+
+    def tier(backlog: float) -> str:
+        snap = Snapshot(arrival_rate=0.0, columns=s.columns(), backlog=backlog)
+        return s.policy.choose(s.queue, 0.0, s.ctx, snap).tier
+
+    assert tier(0.0) == "w100"
+    assert tier(0.040) == "w025"  # 40 ms of another model's work first: shrink
+
+
+def test_a_shared_device_hands_the_other_models_work_to_the_snapshot():
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    b.submit(Request(1, 0.0, 0.100), 0.0)
+    assert b._snapshot(0.0, 0).backlog == 0.0
+    for i in range(16):  # two full batches on w025, due before b's request
+        a.submit(Request(100 + i, 0.0, 0.090), 0.0)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))
+
+
+def test_without_a_device_each_model_keeps_its_own_slot():
+    a, b = _scheduler(), _scheduler()
+    a.submit(Request(1, 0.0, 0.2), 0.0)
+    b.submit(Request(2, 0.0, 0.1), 0.0)
+    assert a.next(0.0) is not None and b.next(0.0) is not None
+
+
+def test_device_needs_a_slot():
+    with pytest.raises(ValueError, match="at least one slot"):
+        Device(slots=0)
