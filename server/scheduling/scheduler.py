@@ -232,7 +232,7 @@ class Scheduler:
         if self.device is not None:  # the other models' work due first runs first
             ahead = self.device.backlog(self, r.deadline)
             busy = [b + ahead for b in busy]
-        tables, z, b = self.ctx.tables(), self.latency.z, self.ctx.max_batch
+        tables, z, b = self.ctx.tables(), self.latency.z, self.ctx.plan_batch()
         if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
             ahead = [*self.queue[:at], r]
             bounds = [self.ctx.bounds(q) for q in ahead]
@@ -266,7 +266,7 @@ class Scheduler:
         due = cols.deadline <= before
         if not due.any():
             return 0.0
-        quantile, b = self.ctx.tables()[0], self.ctx.max_batch
+        quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
         rows = np.bincount(cols.hi[due], weights=cols.rows[due], minlength=len(quantile))
         total = 0.0
         for tier, n in enumerate(rows.astype(np.int64).tolist()):
