@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 
 class Device:
-    """``slots`` batch slots shared by the schedulers that ``join`` it."""
+    """``slots`` batch slots shared by the schedulers that ``join`` it. A scheduler given no
+    device gets a private one: one code path for slots, alone or shared."""
 
     def __init__(self, slots: int = 1, name: str = "device") -> None:
         if slots < 1:
@@ -80,10 +81,10 @@ class Device:
 
     def claim(self, scheduler: Scheduler) -> int | None:
         """A free slot for ``scheduler``'s next batch, or None: no slot is free, or another
-        member's queue head is more urgent (it must start first)."""
+        member's queue head is more urgent than ``scheduler``'s (it must start first)."""
         slot = self.free_slot()
         if slot is None or not scheduler.queue:
-            return None
+            return slot
         mine = _urgency(scheduler)
         for other in self.members:
             if other is scheduler or not other.queue or id(other) in self._passed:

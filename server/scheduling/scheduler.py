@@ -111,12 +111,11 @@ class Scheduler:
         self.ctx = Context(tiers, self.latency, max_batch)
         self.policy = policy
         self.max_queue = max_queue
-        # A shared device (``device.Device``) owns the slots: this model plans behind every
-        # batch on it and starts one only when the device grants a slot.
-        self.device = device
-        self.slots = device.slots if device is not None else slots
-        if device is not None:
-            device.join(self)
+        # The device (``device.Device``; a private one unless shared) owns the slots: this
+        # model plans behind every batch on it and starts one only when it grants a slot.
+        self.device = device if device is not None else Device(slots, name="private")
+        self.slots = self.device.slots
+        self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
         self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
@@ -196,28 +195,16 @@ class Scheduler:
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         self._cols.insert(i, r, self.ctx)
-        if self.device is not None:
-            self.device.touched(self)
+        self.device.touched(self)
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
 
     def slot_offsets(self, now: float, skip: int | None = None) -> list[float]:
-        """Per slot (except ``skip``), the planning time (s) until it is free: 0 for an idle
-        one, else what its running batch has left given how long it has run."""
-        if self.device is not None:
-            return self.device.offsets(now, skip)
-        out = []
-        for slot in range(self.slots):
-            if slot == skip:
-                continue
-            run = self.running.get(slot)
-            if run is None:
-                out.append(0.0)
-            else:
-                d, started = run
-                out.append(self.latency.remaining(d.tier, d.rows, now - started))
-        return out
+        """Per slot of the device (except ``skip``), the planning time (s) until it is
+        free: 0 for an idle one, else what its running batch has left given how long it has
+        run (by its own model's latency view, on a shared device)."""
+        return self.device.offsets(now, skip)
 
     def finish_if_admitted(self, r: Request, now: float, at: int | None = None) -> float:
         """When ``r`` would finish (the ``slo_target`` quantile, absolute seconds) if queued
@@ -229,8 +216,8 @@ class Scheduler:
             at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
         lo, hi = self.ctx.bounds(r)
         busy = self.slot_offsets(now)
-        if self.device is not None:  # the other models' work due first runs first
-            ahead = self.device.backlog(self, r.deadline)
+        ahead = self.device.backlog(self, r.deadline)  # a shared device's work due first
+        if ahead:
             busy = [b + ahead for b in busy]
         tables, z, b = self.ctx.tables(), self.latency.z, self.ctx.plan_batch()
         if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
@@ -252,9 +239,7 @@ class Scheduler:
 
     # -- dispatch --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
-        if self.device is not None:
-            return self.device.claim(self)
-        return next((s for s in range(self.slots) if s not in self.running), None)
+        return self.device.claim(self)
 
     def work_due(self, before: float) -> float:
         """Seconds of queued work due by ``before`` (absolute): per fastest allowed tier,
@@ -300,8 +285,7 @@ class Scheduler:
             return None
         decision = self.policy.choose(self.queue, now, self.ctx, self._snapshot(now, slot))
         if decision is None or not decision.requests:
-            if self.device is not None:
-                self.device.passed(self)
+            self.device.passed(self)
             return None
         decision = replace(decision, slot=slot)
         self._remove_all(decision.requests)
@@ -309,8 +293,7 @@ class Scheduler:
         for r in decision.requests:
             r.start(decision.tier, rows, now)
         self.running[slot] = (decision, now)
-        if self.device is not None:
-            self.device.started(self, decision, now)
+        self.device.started(self, decision, now)
         return decision
 
     def _snapshot(self, now: float, slot: int) -> Snapshot:
@@ -320,17 +303,9 @@ class Scheduler:
         if (self._budgets and len(self.queue) == 1) or not self._dispatches % TIGHT_BUDGET_EVERY:
             self._tight_budget = _low_percentile(self._budgets)
         self._dispatches += 1
-        busy = tuple(
-            self.device.busy(now, skip=slot)
-            if self.device is not None
-            else (
-                self.latency.remaining(d.tier, d.rows, now - started)
-                for s, (d, started) in sorted(self.running.items())
-                if s != slot
-            )
-        )
+        busy = tuple(self.device.busy(now, skip=slot))
         backlog = 0.0
-        if self.device is not None and self.queue:
+        if self.queue and len(self.device.members) > 1:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is due before our head (we got the slot).
             backlog = self.device.backlog(self, float(self.columns().deadline.max()))
@@ -342,8 +317,7 @@ class Scheduler:
         if decision.slot is None:
             raise ValueError("complete() takes the Decision that next() returned (with its slot)")
         self.running.pop(decision.slot, None)
-        if self.device is not None:
-            self.device.release(decision)
+        self.device.release(decision)
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
         for r in decision.requests:
