@@ -61,7 +61,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hardening import free_ports, tail
-from bench.live_scheduler import commit_of, select
+from bench.live_scheduler import _cpus, _num, _pct, commit_of, p50_ms, select, tier_widths
 from bench.live_scheduler import recipe as live_recipe
 from bench.publish import publish
 from sim.loadgen import run_closed_loop, run_load
@@ -196,24 +196,6 @@ def build_models(seed: int, rebuild: bool = False) -> dict[str, str]:
     return how
 
 
-def tier_widths(model_dir: Path) -> dict[str, float]:
-    """Tier name -> width fraction (tier.json; else parsed from a name like "w075")."""
-    out = {}
-    for name in TIERS:
-        try:
-            out[name] = float(
-                json.loads((model_dir / "tiers" / name / "tier.json").read_text())["width"]
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            out[name] = int(name[1:]) / 100
-    return out
-
-
-def p50_ms(profile: dict, tier: str, batch: int) -> float:
-    return float(profile["tiers"][tier][str(batch)]["p50_ms"])
-
-
-# -- the server under test ------------------------------------------------------------------
 class MultiServer:
     """`innfer serve --config FILE` over one repository holding both models, on free loopback
     ports, pinned to ``cpus`` (``taskset -c``; else os.sched_setaffinity on the child)."""
@@ -475,14 +457,6 @@ def run_config(server: MultiServer, name: str, point: dict, streams: dict, input
 
 
 # -- output ---------------------------------------------------------------------------------
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
-def _num(v, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def summarise(results: dict) -> str:
     head = (
         f"{'point':<9}{'config':<11}{'model':<13}{'rate/s':>8}{'sent':>7}{'ok':>7}{'late':>6}"
@@ -582,13 +556,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
-def _cpus(text: str) -> set[int]:
-    try:
-        return {int(c) for c in text.split(",") if c.strip()}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"CPU list like 0 or 0,1, got {text!r}") from None
-
-
 def all_points() -> list[dict]:
     return [{"id": f"open-{x:g}x", "load": x} for x in LOADS]
 
