@@ -203,3 +203,23 @@ def test_the_queue_is_planned_in_the_batch_size_that_serves_rows_fastest():
     for i in range(8):
         s.submit(Request(i, 0.0, 0.030), 0.0)  # none refused
     assert len(s.queue) == 8
+
+
+def test_one_closed_loop_client_is_served_the_full_tier_when_it_fits():
+    # Arrivals paced by the answers: served faster, the client sends faster. Read as load,
+    # that rate spiralled the planner down to the smallest tier (served size 0.29 live);
+    # with nearly every request finding the device idle, the full tier fits the budget.
+    cpu = [TierInfo("w100", 1.0, {1: 23.0, 8: 180.0}, {1: 21.8, 8: 170.0}),
+           TierInfo("w025", 0.3, {1: 5.6, 8: 40.0}, {1: 5.4, 8: 39.1})]  # fmt: skip
+    s = Scheduler(cpu, make_policy("innfer", cpu), max_batch=8, max_queue=64)
+    now, served = 0.0, []
+    for i in range(300):
+        s.submit(Request(i, now, now + 0.030), now)
+        d = s.next(now)
+        took = s.latency.typical(d.tier, d.rows)
+        now += took
+        s.complete(d, now, took)
+        served.append((d.tier, now <= d.requests[0].deadline))
+        now += 0.003  # the client's turn-around
+    assert all(ok for _, ok in served)
+    assert sum(t == "w100" for t, _ in served[50:]) >= 0.9 * 250

@@ -39,6 +39,11 @@ from .plan import (
 )
 from .request import Request
 
+# Planner step 1: when at least this share of recent requests arrived to an idle device,
+# the load is light whatever the arrival rate (it is paced by our answers); the deadline
+# checks of steps 2-4 still bound every choice. Poisson arrivals find the device idle with
+# probability 1 - utilisation, so open loads above ~10 % utilisation keep the rate test.
+LIGHT_IDLE_SHARE = 0.9
 # Context.plan_batch: batch sizes within 2 % of the best time per row count as equally
 # efficient, and the largest of them is planned (fewer, fuller batches at no cost).
 EFFICIENT_BATCH_SLACK = 0.02
@@ -85,7 +90,8 @@ class Snapshot:
     start and the latency model's current view, never a stale end. ``backlog``: seconds of
     other models' queued work on a shared device (``device.Device``) that runs before the
     rest of this queue; the planner checks the rest as if it started that much later
-    (conservative: the head batch runs now).
+    (conservative: the head batch runs now). ``idle_share``: the decayed share of recent
+    requests that arrived to an idle device (empty queue, nothing running).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -100,6 +106,7 @@ class Snapshot:
     columns: Columns | None = None
     busy: tuple[float, ...] = ()
     backlog: float = 0.0
+    idle_share: float = 0.0
 
 
 class Context:
@@ -375,7 +382,13 @@ class Planner(Policy):
     # -- the steps -------------------------------------------------------------------------
     def sustainable_tiers(self, allowed: list[str], ctx: Context, snap: Snapshot) -> list[str]:
         """Step 1: the tiers of ``allowed`` whose full-batch throughput over the slots,
-        less the headroom, covers ``snap.arrival_rate``; the fastest if none does."""
+        less the headroom, covers ``snap.arrival_rate``; the fastest if none does. When
+        nearly every recent request found the device idle (``snap.idle_share``), every
+        allowed tier: the arrivals are then paced by the answers (a closed loop of few
+        clients), so their rate measures how fast we answer, not a load to keep up with -
+        reading it as load spiralled one client down to the smallest tier."""
+        if snap.idle_share >= LIGHT_IDLE_SHARE:
+            return list(allowed)
         return [t for t in allowed if self.keeps_up(t, ctx, snap)] or allowed[-1:]
 
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:

@@ -64,6 +64,9 @@ TIGHT_BUDGET_QUANTILE = 0.05
 # keeps that off the per-decision path while still following a change of client mix
 # within a few full batches.
 TIGHT_BUDGET_EVERY = 16
+# Weight of each arrival in the idle share (Snapshot.idle_share): about the last 20 requests,
+# so a burst after a quiet spell turns the light-load reading off within a few arrivals.
+IDLE_ALPHA = 0.05
 
 
 class InvalidRequest(KeyError, ValueError):
@@ -132,6 +135,7 @@ class Scheduler:
         self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
         self._dispatches = 0
+        self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
 
     @property
     def slo_target(self) -> float:
@@ -168,6 +172,8 @@ class Scheduler:
             self._first = now
         self._rate = self._raw_rate(now) + r.rows / self._tau
         self._rate_at = now
+        idle = not self.queue and not self.device.running
+        self._idle_share += IDLE_ALPHA * (float(idle) - self._idle_share)
         fastest = self.ctx.fastest(r)
         alone = self.latency.estimate(fastest, r.rows)
         if now + alone <= r.deadline:
@@ -309,7 +315,10 @@ class Scheduler:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is due before our head (we got the slot).
             backlog = self.device.backlog(self, float(self.columns().deadline.max()))
-        return Snapshot(self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog)
+        return Snapshot(
+            self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog,
+            self._idle_share,
+        )  # fmt: skip
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
         """The batch finished (or failed) after ``compute_s`` seconds of engine time.
