@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 import json
 import os
@@ -278,24 +279,18 @@ class LiveServer:
         self.address = ""
 
     def start(self, label: str) -> dict:
+        port, mport = free_ports(2)
+        args = ["--repository", str(self.repo), "--host", HOST, "--port", str(port),
+                "--metrics-port", str(mport)]  # fmt: skip
+        return self._launch(label, args, port, (MODEL,))
+
+    def _launch(self, label: str, cli: list[str], port: int, models) -> dict:
+        """Start ``innfer serve <cli>`` from the tree, pinned, and wait until every one of
+        ``models`` is ready; returns the start-up time and the server's CPUs."""
         import tritonclient.grpc as tc
 
-        port, mport = free_ports(2)
         self.address = f"{HOST}:{port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "innfer.cli",
-            "serve",
-            "--repository",
-            str(self.repo),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(mport),
-        ]
+        cmd = [sys.executable, "-m", "innfer.cli", "serve", *cli]
         env = {
             **os.environ,
             "PYTHONPATH": str(self.tree),
@@ -310,29 +305,27 @@ class LiveServer:
             log.flush()
             t0 = time.monotonic()
             self.proc = subprocess.Popen(
-                cmd,
-                cwd=self.tree,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
+                cmd, cwd=self.tree, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
-            )
+            )  # fmt: skip
         if self.cpus and not taskset:  # the interpreter starts no thread before its imports
             os.sched_setaffinity(self.proc.pid, self.cpus)
+        waiting = set(models)
         with tc.InferenceServerClient(self.address) as client:
-            while True:
+            while waiting:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited ({self.proc.returncode}):\n{tail(self.log)}")
                 if time.monotonic() - t0 > READY_TIMEOUT_S:
                     raise RuntimeError(
-                        f"not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(self.log)}"
+                        f"{sorted(waiting)} not ready after {READY_TIMEOUT_S:.0f} s:\n"
+                        f"{tail(self.log)}"
                     )
-                try:
-                    if client.is_model_ready(MODEL):
-                        break
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.2)
+                for m in sorted(waiting):
+                    with contextlib.suppress(Exception):  # not listening yet
+                        if client.is_model_ready(m):
+                            waiting.discard(m)
+                if waiting:
+                    time.sleep(0.2)
         try:
             affinity = sorted(os.sched_getaffinity(self.proc.pid))
         except OSError:
@@ -545,6 +538,51 @@ def plot(results: dict, path: Path) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
+def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, example: str):
+    """The flags every live benchmark takes (bench/multi_model.py too)."""
+    p.add_argument("--requests", type=int, default=requests, help=requests_help)
+    p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
+    p.add_argument("--points", help=f"comma-separated point ids or patterns ({example})")
+    p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
+    p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per server")
+    p.add_argument("--server-cpus", type=_cpus, default={1})
+    p.add_argument("--client-cpus", type=_cpus, default={0})
+    p.add_argument("--rebuild", action="store_true", help="build the model(s) again")
+    p.add_argument("--out", type=Path, default=OUT)
+
+
+def check_common(p: argparse.ArgumentParser, args) -> None:
+    if not 1 <= args.requests <= 1_000_000:
+        p.error("--requests must be in [1, 1000000]")
+    if not 0 < args.seconds <= 3600:
+        p.error("--seconds must be in (0, 3600]")
+    if not 0 <= args.warmup <= 1000:
+        p.error("--warmup must be in [0, 1000]")
+
+
+def pin_client(args) -> dict:
+    """Pin this process (the load generator) to ``--client-cpus`` when the machine has room
+    for both sides; the servers pin themselves to ``--server-cpus``. Returns what was done."""
+    usable = os.sched_getaffinity(0)
+    pinned = len(usable) >= 2 and args.server_cpus <= usable and args.client_cpus <= usable
+    affinity = {
+        "pinned": pinned,
+        "method": (
+            "server: taskset -c" if shutil.which("taskset") else "server: os.sched_setaffinity"
+        )
+        + "; load generator: os.sched_setaffinity",
+        "server_cpus": sorted(args.server_cpus) if pinned else None,
+        "client_cpus": sorted(args.client_cpus) if pinned else None,
+        "cpus_available": sorted(usable),
+        "os_cpu_count": os.cpu_count(),
+    }
+    if pinned:
+        os.sched_setaffinity(0, args.client_cpus)
+    else:
+        affinity["why_not"] = "fewer than 2 usable CPUs or the asked CPUs are not usable"
+    return affinity
+
+
 def _cpus(text: str) -> set[int]:
     try:
         return {int(c) for c in text.split(",") if c.strip()}
@@ -560,22 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a checkout of an older commit (git worktree add DIR <commit>)",
     )
-    p.add_argument("--requests", type=int, default=2000, help="at most this many per point")
-    p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
-    p.add_argument("--points", help="comma-separated point ids or patterns (closed-c8-*)")
-    p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
-    p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per server")
-    p.add_argument("--server-cpus", type=_cpus, default={1})
-    p.add_argument("--client-cpus", type=_cpus, default={0})
-    p.add_argument("--rebuild", action="store_true", help="build the model again")
-    p.add_argument("--out", type=Path, default=OUT)
+    common_args(p, 2000, "at most this many per point", "closed-c8-*")
     args = p.parse_args(argv)
-    if not 1 <= args.requests <= 1_000_000:
-        p.error("--requests must be in [1, 1000000]")
-    if not 0 < args.seconds <= 3600:
-        p.error("--seconds must be in (0, 3600]")
-    if not 0 <= args.warmup <= 1000:
-        p.error("--warmup must be in [0, 1000]")
+    check_common(p, args)
     points = select(all_points(), args.points)
     trees = {"current": ROOT}
     if args.baseline_tree is not None:
@@ -606,23 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             traces[pt["id"]] = arrivals
             sims[pt["id"]] = simulate_open(model_dir, pt, path, arrivals, args)
 
-    usable = os.sched_getaffinity(0)
-    pinned = len(usable) >= 2 and args.server_cpus <= usable and args.client_cpus <= usable
-    affinity = {
-        "pinned": pinned,
-        "method": (
-            "server: taskset -c" if shutil.which("taskset") else "server: os.sched_setaffinity"
-        )
-        + "; load generator: os.sched_setaffinity",
-        "server_cpus": sorted(args.server_cpus) if pinned else None,
-        "client_cpus": sorted(args.client_cpus) if pinned else None,
-        "cpus_available": sorted(usable),
-        "os_cpu_count": os.cpu_count(),
-    }
-    if pinned:
-        os.sched_setaffinity(0, args.client_cpus)
-    else:
-        affinity["why_not"] = "fewer than 2 usable CPUs or the asked CPUs are not usable"
+    affinity = pin_client(args)
+    pinned = affinity["pinned"]
 
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds

@@ -60,8 +60,19 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hardening import free_ports, tail
-from bench.live_scheduler import _cpus, _num, _pct, commit_of, p50_ms, select, tier_widths
+from bench.hardening import free_ports
+from bench.live_scheduler import (
+    LiveServer,
+    _num,
+    _pct,
+    check_common,
+    commit_of,
+    common_args,
+    p50_ms,
+    pin_client,
+    select,
+    tier_widths,
+)
 from bench.live_scheduler import recipe as live_recipe
 from bench.publish import publish
 from sim.loadgen import run_closed_loop, run_load
@@ -196,20 +207,16 @@ def build_models(seed: int, rebuild: bool = False) -> dict[str, str]:
     return how
 
 
-class MultiServer:
+class MultiServer(LiveServer):
     """`innfer serve --config FILE` over one repository holding both models, on free loopback
-    ports, pinned to ``cpus`` (``taskset -c``; else os.sched_setaffinity on the child)."""
+    ports, pinned to ``cpus`` (``LiveServer``'s launch)."""
 
     def __init__(self, repo: Path, work: Path, log: Path, cpus: set[int] | None) -> None:
-        self.repo, self.work, self.log, self.cpus = repo, work, log, cpus
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
+        super().__init__("multi", ROOT, repo, log, cpus)
+        self.work = work
 
     def start(self, label: str, device_slots: int, policy: str = "innfer") -> dict:
-        import tritonclient.grpc as tc
-
         port, mport = free_ports(2)
-        self.address = f"{HOST}:{port}"
         config = {
             "repository": str(self.repo),
             "host": HOST,
@@ -220,50 +227,11 @@ class MultiServer:
         }
         path = self.work / f"server-slots{device_slots}-{policy.replace(':', '-')}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        cmd = [sys.executable, "-m", "innfer.cli", "serve", "--config", str(path)]
-        taskset = shutil.which("taskset")
-        if self.cpus and taskset:  # pinned from exec on, before any thread exists
-            cmd = [taskset, "-c", ",".join(map(str, sorted(self.cpus))), *cmd]
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(THREADS),
-        }
-        with open(self.log, "a") as log:
-            log.write(f"\n===== {label}: device_slots {device_slots}, policy {policy}: ")
-            log.write(f"{' '.join(cmd)}\n")
-            log.flush()
-            t0 = time.monotonic()
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        if self.cpus and not taskset:
-            os.sched_setaffinity(self.proc.pid, self.cpus)
-        with tc.InferenceServerClient(self.address) as client:
-            waiting = set(MODELS)
-            while waiting:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n{tail(self.log)}")
-                if time.monotonic() - t0 > READY_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"{sorted(waiting)} not ready after {READY_TIMEOUT_S:.0f} s:\n"
-                        f"{tail(self.log)}"
-                    )
-                for m in sorted(waiting):
-                    try:
-                        if client.is_model_ready(m):
-                            waiting.discard(m)
-                    except Exception:  # not listening yet
-                        pass
-                if waiting:
-                    time.sleep(0.2)
-        try:
-            affinity = sorted(os.sched_getaffinity(self.proc.pid))
-        except OSError:
-            affinity = None
-        return {"startup_s": time.monotonic() - t0, "server_cpus": affinity, "config": config}
+        info = self._launch(
+            f"{label}: device_slots {device_slots}, policy {policy}",
+            ["--config", str(path)], port, MODELS,
+        )  # fmt: skip
+        return {**info, "config": config}
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server process so far (NaN once it has exited)."""
@@ -275,16 +243,6 @@ class MultiServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def foreign_processes(server: MultiServer) -> list[str]:
@@ -562,11 +520,7 @@ def all_points() -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--requests", type=int, default=1500, help="at most this many of the slower model per point"
-    )
-    p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
-    p.add_argument("--points", help="comma-separated point ids or patterns (open-2x,open-3x)")
+    common_args(p, 1500, "at most this many of the slower model per point", "open-2x,open-3x")
     p.add_argument(
         "--capacity",
         choices=["served", "profile"],
@@ -574,21 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         help="served: min(profile rule, measured rate at w100); profile: the profile rule",
     )
     p.add_argument("--calibrate-seconds", type=float, default=5.0, help="per model (served)")
-    p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
-    p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per model/server")
-    p.add_argument("--server-cpus", type=_cpus, default={1})
-    p.add_argument("--client-cpus", type=_cpus, default={0})
-    p.add_argument("--rebuild", action="store_true", help="build the models again")
-    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    if not 1 <= args.requests <= 1_000_000:
-        p.error("--requests must be in [1, 1000000]")
-    if not 0 < args.seconds <= 3600:
-        p.error("--seconds must be in (0, 3600]")
+    check_common(p, args)
     if not 0 < args.calibrate_seconds <= 600:
         p.error("--calibrate-seconds must be in (0, 600]")
-    if not 0 <= args.warmup <= 1000:
-        p.error("--warmup must be in [0, 1000]")
     points = select(all_points(), args.points)
 
     t_start = time.perf_counter()
@@ -604,22 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in MODELS:
         shutil.copytree(MODELS_DIR / m, repo / m)
 
-    usable = os.sched_getaffinity(0)
-    pinned = len(usable) >= 2 and args.server_cpus <= usable and args.client_cpus <= usable
-    affinity = {
-        "pinned": pinned,
-        "method": (
-            "server: taskset -c" if shutil.which("taskset") else "server: os.sched_setaffinity"
-        )
-        + "; load generator: os.sched_setaffinity",
-        "server_cpus": sorted(args.server_cpus) if pinned else None,
-        "client_cpus": sorted(args.client_cpus) if pinned else None,
-        "cpus_available": sorted(usable),
-    }
-    if pinned:
-        os.sched_setaffinity(0, args.client_cpus)
-    else:
-        affinity["why_not"] = "fewer than 2 usable CPUs or the asked CPUs are not usable"
+    affinity = pin_client(args)
+    pinned = affinity["pinned"]
 
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds

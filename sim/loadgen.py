@@ -68,25 +68,13 @@ async def run_load(
 
     check_loopback(address)
     n = len(arrivals)
-    latency = np.full(n, np.nan)
-    tiers: list[str | None] = [None] * n
-    codes = ["unsent"] * n
-    errors: list[str] = []
+    rec = _Record(n, "unsent")
     async with tca.InferenceServerClient(address) as client:
         tensors = _tensors(tca, inputs)
 
         async def one(i: int) -> None:
-            t0 = time.perf_counter()
-            try:
-                r = await client.infer(
-                    model, tensors, parameters={"latency_budget_ms": float(budgets_s[i] * 1e3)}
-                )
-                latency[i] = (time.perf_counter() - t0) * 1e3
-                tiers[i] = r.get_response().parameters["tier"].string_param
-                codes[i] = "OK"
-            except InferenceServerException as exc:
-                codes[i] = _code(exc)
-                errors.append(f"{codes[i]}: {exc.message()}")
+            budget = float(budgets_s[i])
+            await rec.send(client, model, tensors, i, budget, InferenceServerException)
 
         start = time.perf_counter()
         tasks = []
@@ -99,9 +87,9 @@ async def run_load(
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=max_seconds + 30)
         wall = time.perf_counter() - start
-    first = errors[0] if errors else None
-    summary = _summary(latency, budgets_s, tiers, codes, wall, accuracy, first)
-    return LoadReport(summary, latency, tiers, codes, np.asarray(budgets_s), first)
+    first = rec.errors[0] if rec.errors else None
+    summary = _summary(rec.latency, budgets_s, rec.tiers, rec.codes, wall, accuracy, first)
+    return LoadReport(summary, rec.latency, rec.tiers, rec.codes, np.asarray(budgets_s), first)
 
 
 async def run_closed_loop(
@@ -137,11 +125,8 @@ async def run_closed_loop(
         raise ValueError(
             f"need n_requests >= 0 and max_seconds > 0, got {n_requests} and {max_seconds}"
         )
-    latency = np.full(n_requests, np.nan)
+    rec = _Record(n_requests, "unsent")
     budgets = np.full(n_requests, np.nan)
-    tiers: list[str | None] = [None] * n_requests
-    codes = ["unsent"] * n_requests
-    errors: list[str] = []
     sent = 0
     async with tca.InferenceServerClient(address) as client:
         tensors = _tensors(tca, inputs)
@@ -152,18 +137,8 @@ async def run_closed_loop(
             while sent < n_requests and time.perf_counter() - start < max_seconds:
                 i, sent = sent, sent + 1
                 budgets[i] = float(budget_fn(i))
-                codes[i] = NO_ANSWER
-                t0 = time.perf_counter()
-                try:
-                    r = await client.infer(
-                        model, tensors, parameters={"latency_budget_ms": float(budgets[i] * 1e3)}
-                    )
-                    latency[i] = (time.perf_counter() - t0) * 1e3
-                    tiers[i] = r.get_response().parameters["tier"].string_param
-                    codes[i] = "OK"
-                except InferenceServerException as exc:
-                    codes[i] = _code(exc)
-                    errors.append(f"{codes[i]}: {exc.message()}")
+                rec.codes[i] = NO_ANSWER
+                await rec.send(client, model, tensors, i, budgets[i], InferenceServerException)
 
         tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=max_seconds + drain_s)
@@ -171,12 +146,37 @@ async def run_closed_loop(
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         wall = time.perf_counter() - start
-    latency, budgets = latency[:sent], budgets[:sent]
-    tiers, codes = tiers[:sent], codes[:sent]
-    first = errors[0] if errors else None
+    latency, budgets = rec.latency[:sent], budgets[:sent]
+    tiers, codes = rec.tiers[:sent], rec.codes[:sent]
+    first = rec.errors[0] if rec.errors else None
     summary = _summary(latency, budgets, tiers, codes, wall, accuracy, first)
     summary["concurrency"] = concurrency
     return LoadReport(summary, latency, tiers, codes, budgets, first)
+
+
+class _Record:
+    """Per request: latency (ms, NaN without an answer), serving tier, status code; and the
+    error messages in the order they came."""
+
+    def __init__(self, n: int, code: str) -> None:
+        self.latency = np.full(n, np.nan)
+        self.tiers: list[str | None] = [None] * n
+        self.codes = [code] * n
+        self.errors: list[str] = []
+
+    async def send(self, client, model: str, tensors, i: int, budget_s: float, error) -> None:
+        """Request ``i`` with ``latency_budget_ms``; record its answer or its gRPC error."""
+        t0 = time.perf_counter()
+        try:
+            r = await client.infer(
+                model, tensors, parameters={"latency_budget_ms": float(budget_s * 1e3)}
+            )
+            self.latency[i] = (time.perf_counter() - t0) * 1e3
+            self.tiers[i] = r.get_response().parameters["tier"].string_param
+            self.codes[i] = "OK"
+        except error as exc:
+            self.codes[i] = _code(exc)
+            self.errors.append(f"{self.codes[i]}: {exc.message()}")
 
 
 def _tensors(tca, inputs: dict[str, np.ndarray]) -> list:
