@@ -95,7 +95,7 @@ def _engine_dirs(root):
 def test_corrupted_engine_file_is_rebuilt(built):
     root, _ = built
     entry = _engine_dirs(root)[0]
-    (entry / "model.ort.onnx").write_bytes(b"garbage")
+    (entry / "model.ort").write_bytes(b"garbage")
     built_keys = []
     served = Repository(root).load("tiny", on_build=lambda tier, key: built_keys.append(key))
     assert built_keys == [entry.name]
