@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling.plan import SMALL_QUEUE
 
 MS = 1e-3
 LIVE = {"w100": (13.0, 101.5), "w075": (8.0, 62.0), "w050": (4.6, 35.0), "w025": (2.3, 18.4)}
@@ -223,3 +224,40 @@ def test_one_closed_loop_client_is_served_the_full_tier_when_it_fits():
         now += 0.003  # the client's turn-around
     assert all(ok for _, ok in served)
     assert sum(t == "w100" for t, _ in served[50:]) >= 0.9 * 250
+
+
+def test_a_batch_grows_only_while_it_serves_rows_faster():
+    # A CPU convolution: 8 rows take 8x one row's time. Batching them buys no throughput,
+    # so the planner runs them one at a time and the first is answered after 12 ms, not 97.
+    flat = [TierInfo("w100", 1.0, {1: 12.5, 8: 100.0}, {1: 12.2, 8: 97.6})]
+    s = Scheduler(flat, make_policy("innfer", flat), max_batch=8, max_queue=64)
+    for i in range(8):
+        s.submit(Request(i, 0.0, 1.0), 0.0)
+    assert s.ctx.batch_cap("w100") == 1 and s.ctx.plan_batch() == 8  # planned: same work
+    assert s.next(0.0).rows == 1
+    # Where rows get cheaper per batch (a GPU, an MLP), the batch fills up.
+    gpu = [TierInfo("w100", 1.0, {1: 1.1, 8: 2.1}, {1: 1.0, 8: 2.0})]
+    s = Scheduler(gpu, make_policy("innfer", gpu), max_batch=8, max_queue=64)
+    for i in range(8):
+        s.submit(Request(i, 0.0, 1.0), 0.0)
+    assert s.ctx.batch_cap("w100") == 8 and s.next(0.0).rows == 8
+
+
+def test_batch_sizes_stay_within_max_batch_when_the_profile_is_wider():
+    # The profile was measured up to 8 rows; the model serves batches of at most 2.
+    tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 8.0}, {1: 3.9, 8: 7.8})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=64)
+    assert s.ctx.plan_batch() == s.ctx.batch_cap("w100") == 2
+
+
+def test_a_request_larger_than_the_planned_batch_is_planned_alone():
+    # plan_batch is 2 here; an 8-row request behind 1-row ones must end the planning walk
+    # (the next-fit walk of form_groups did not advance past it and never returned).
+    cpu = [TierInfo("w025", 0.5, {1: 5.6, 2: 6.5, 4: 19.5, 8: 40.0},
+                    {1: 5.4, 2: 6.3, 4: 18.8, 8: 39.1})]  # fmt: skip
+    s = Scheduler(cpu, make_policy("innfer", cpu), max_batch=8, max_queue=64)
+    for i in range(SMALL_QUEUE + 4):  # past the small-queue path: the vectorised one runs
+        s.submit(Request(i, 0.0, 10.0, rows=8 if i % 3 == 0 else 1), 0.0)
+    assert len(s.queue) == SMALL_QUEUE + 4
+    d = s.next(0.0)
+    assert d.requests[0].id == 0 and d.rows == 8  # larger than the cap: it runs alone

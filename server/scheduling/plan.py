@@ -174,7 +174,7 @@ def form_groups(cols: Columns, max_batch: int) -> Groups:
         out, i = [], 0
         while i < n:
             out.append(i)
-            i = nxt[i]
+            i = max(nxt[i], i + 1)  # a request of more rows than the batch runs alone
         starts = np.asarray(out, dtype=np.int64)
     stops = np.append(starts[1:], n)
     g_rows = np.add.reduceat(rows_s, starts)

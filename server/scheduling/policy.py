@@ -47,6 +47,10 @@ LIGHT_IDLE_SHARE = 0.9
 # Context.plan_batch: batch sizes within 2 % of the best time per row count as equally
 # efficient, and the largest of them is planned (fewer, fuller batches at no cost).
 EFFICIENT_BATCH_SLACK = 0.02
+# Context.batch_cap: a batch grows only while it still serves rows faster - to within 1 %
+# of the best time per row. A CPU convolution runs 8 rows in about 8x one row's time: a
+# batch of 8 serves no more rows per second and makes its first seven requests wait.
+BATCH_GROWTH_SLACK = 0.01
 # Planner step 1: plan to use at most 90% of a tier's full-batch throughput (at its mean
 # batch time). Jitter is the deadline checks' business; these 10% absorb the error of the
 # decayed arrival-rate estimate and the partial batches a real queue runs.
@@ -126,7 +130,7 @@ class Context:
         ((0, 0), 0.999)
     """
 
-    __slots__ = ("_names", "latency", "max_batch", "rank", "tiers")
+    __slots__ = ("_batch", "_names", "latency", "max_batch", "rank", "tiers")
 
     def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
         ordered = tuple(sorted(tiers, key=lambda t: t.accuracy, reverse=True))
@@ -136,6 +140,7 @@ class Context:
         init(self, "latency", latency)
         init(self, "max_batch", max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
+        init(self, "_batch", {})  # tier rank -> (latency.version, batch sizes): a cache
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Context is read-only (setting {name!r}); see Snapshot")
@@ -176,11 +181,30 @@ class Context:
         row than a batch of 2 (caches), so planning the queue as full batches would refuse
         work that fits (8 closed-loop clients at 30 ms with w025 at 5.4 / 6.3 / 39 ms for
         1 / 2 / 8 rows: as batches of 8 nothing fits; as batches of 2, all do)."""
+        return self._batch_sizes(tier)[0]
+
+    def batch_cap(self, tier: str) -> int:
+        """The most rows a batch on ``tier`` runs: the smallest size within
+        ``BATCH_GROWTH_SLACK`` of the best time per row (at most ``plan_batch``). Rows past
+        it buy no throughput and only delay the batch's first requests."""
+        return self._batch_sizes(tier)[1]
+
+    def _batch_sizes(self, tier: str | None) -> tuple[int, int]:
+        """(plan_batch, batch_cap), cached until the latency model learns (once a batch)."""
         k = self.rank[tier] if tier is not None else len(self._names) - 1
-        mean = self.tables()[1][k, 1:]  # (B,) seconds per batch of 1..B rows
+        version = self.latency.version
+        cached = self._batch.get(k)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        # (B,) seconds per batch of 1..B rows; the tables may be wider (the profile's sizes)
+        mean = self.tables()[1][k, 1 : self.max_batch + 1]
         per_row = mean / np.arange(1, len(mean) + 1)
-        ok = np.flatnonzero(per_row <= per_row.min() * (1 + EFFICIENT_BATCH_SLACK))
-        return int(ok[-1]) + 1
+        best = per_row.min()
+        plan = int(np.flatnonzero(per_row <= best * (1 + EFFICIENT_BATCH_SLACK))[-1]) + 1
+        cap = int(np.flatnonzero(per_row <= best * (1 + BATCH_GROWTH_SLACK))[0]) + 1
+        sizes = (plan, min(cap, plan))
+        self._batch[k] = (version, sizes)
+        return sizes
 
     def columns(self, queue: Sequence[Request]) -> Columns:
         """``queue`` as ``Columns`` (O(|Q|) in Python; the scheduler keeps its own up to
@@ -555,11 +579,13 @@ class Planner(Policy):
     def _take(
         queue: Sequence[Request], tier: str, ctx: Context, snap: Snapshot
     ) -> tuple[list[Request], list[int]]:
-        """``ctx.take(queue, tier, B)`` and the queue indices it took. B candidates are always
-        enough (each has a row, none more than B); see ``SCAN_FIRST``."""
+        """``ctx.take(queue, tier, b)`` and the queue indices it took, ``b`` the tier's
+        ``batch_cap`` (rows past it buy no throughput); a first request of more rows than
+        ``b`` runs alone. b candidates are always enough (each has a row); see
+        ``SCAN_FIRST``."""
         cols = snap.columns
         k = ctx.rank[tier]
-        b = ctx.max_batch
+        b = ctx.batch_cap(tier)
         reach = min(len(queue), SCAN_FIRST * b)
         candidates = []
         for i in range(reach):
@@ -576,8 +602,8 @@ class Planner(Policy):
         batch, where, rows = [], [], 0
         for i in candidates:
             r = queue[i]
-            if rows + r.rows > ctx.max_batch:
-                break  # the first candidate always fits: it has at most B rows
+            if batch and rows + r.rows > b:
+                break
             batch.append(r)
             where.append(i)
             rows += r.rows
