@@ -227,7 +227,7 @@ class LatencyModel:
         median = [v * f for v in self._p50[tier]]
         sigma = [math.sqrt(w * observed**2 + (1 - w) * s * s) for s in self._sigma0[tier]]
         quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, sigma, strict=True))
-        mean = [m * math.exp(0.5 * s * s) for m, s in zip(median, sigma, strict=True)]
+        mean = tuple(m * math.exp(0.5 * s * s) for m, s in zip(median, sigma, strict=True))
         var = [m * m * math.expm1(s * s) for m, s in zip(mean, sigma, strict=True)]
         self._rows_cache[tier] = (median, sigma, quantile, mean, var)
 
@@ -254,6 +254,12 @@ class LatencyModel:
         """``estimate(tier, rows)`` for every rows at once, indexed by rows (for hot loops;
         read-only, replaced by the next ``observe``)."""
         return self._rows_cache[tier][2]
+
+    def means(self, tier: str) -> Sequence[float]:
+        """``mean(tier, rows)`` for every rows at once, indexed by rows (read-only; a new
+        sequence after each ``observe`` of ``tier``, so its identity says whether it
+        changed)."""
+        return self._rows_cache[tier][3]
 
     def mean(self, tier: str, rows: int) -> float:
         """The current mean time (s) of one batch."""

@@ -140,7 +140,7 @@ class Context:
         init(self, "latency", latency)
         init(self, "max_batch", max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
-        init(self, "_batch", {})  # tier rank -> (latency.version, batch sizes): a cache
+        init(self, "_batch", {})  # tier -> (the means it was computed from, batch sizes)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Context is read-only (setting {name!r}); see Snapshot")
@@ -190,20 +190,21 @@ class Context:
         return self._batch_sizes(tier)[1]
 
     def _batch_sizes(self, tier: str | None) -> tuple[int, int]:
-        """(plan_batch, batch_cap), cached until the latency model learns (once a batch)."""
-        k = self.rank[tier] if tier is not None else len(self._names) - 1
-        version = self.latency.version
-        cached = self._batch.get(k)
-        if cached is not None and cached[0] == version:
+        """(plan_batch, batch_cap), cached until the latency model learns about ``tier``.
+        Plain Python: nine floats are cheaper in a loop than in numpy (two calls per
+        request)."""
+        name = tier if tier is not None else self._names[-1]
+        means = self.latency.means(name)  # indexed by rows; replaced when it changes
+        cached = self._batch.get(name)
+        if cached is not None and cached[0] is means:
             return cached[1]
-        # (B,) seconds per batch of 1..B rows; the tables may be wider (the profile's sizes)
-        mean = self.tables()[1][k, 1 : self.max_batch + 1]
-        per_row = mean / np.arange(1, len(mean) + 1)
-        best = per_row.min()
-        plan = int(np.flatnonzero(per_row <= best * (1 + EFFICIENT_BATCH_SLACK))[-1]) + 1
-        cap = int(np.flatnonzero(per_row <= best * (1 + BATCH_GROWTH_SLACK))[0]) + 1
+        top = min(self.max_batch, len(means) - 1)
+        per_row = [means[b] / b for b in range(1, top + 1)]
+        best = min(per_row)
+        plan = max(b for b, t in enumerate(per_row, 1) if t <= best * (1 + EFFICIENT_BATCH_SLACK))
+        cap = min(b for b, t in enumerate(per_row, 1) if t <= best * (1 + BATCH_GROWTH_SLACK))
         sizes = (plan, min(cap, plan))
-        self._batch[k] = (version, sizes)
+        self._batch[name] = (means, sizes)
         return sizes
 
     def columns(self, queue: Sequence[Request]) -> Columns:
@@ -627,6 +628,8 @@ class Planner(Policy):
 
     def _check(self, queue, heads, plans, now, ctx, snap) -> list[bool]:
         """``rest_feasible`` for several (tier, batch, queue indices) at once."""
+        if all(len(where) == len(queue) for _, _, where in heads):
+            return [True] * len(heads)  # each batch takes the whole queue: no rest to check
         cols = snap.columns
         if cols is None or len(cols) != len(queue):
             cols = ctx.columns(queue)

@@ -271,9 +271,17 @@ class Scheduler:
         alone on their fastest allowed tier (at the ``slo_target`` quantile)."""
         if not self.queue:
             return []
-        cols = self.columns()
-        alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
-        late = np.flatnonzero(now + alone > cols.deadline).tolist()
+        if len(self.queue) <= SMALL_QUEUE:  # plain Python beats numpy's call overhead here
+            planned, fastest = self.latency.planned, self.ctx.fastest
+            late = [
+                i
+                for i, r in enumerate(self.queue)
+                if now + planned(fastest(r))[max(r.rows, 1)] > r.deadline
+            ]
+        else:
+            cols = self.columns()
+            alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
+            late = np.flatnonzero(now + alone > cols.deadline).tolist()
         if not late:
             return []
         gone = [self.queue[i] for i in late]
@@ -389,6 +397,12 @@ class _Columns:
 
     def delete(self, idx: list[int]) -> None:
         if not idx:
+            return
+        if len(idx) == len(self.deadline):  # the queue empties (light load: every batch)
+            self.deadline = np.empty(0)
+            self.ints = np.empty((3, 0), dtype=np.int64)
+            self.multi = self.constrained = 0
+            self._view = None
             return
         self.multi -= sum(self.ints[0].item(i) > 1 for i in idx)
         self.constrained -= sum(self.ints[2].item(i) != self.fastest for i in idx)
