@@ -1,9 +1,14 @@
 """One served model: its engines, its scheduler, and the asyncio loop that executes batches.
 
-The scheduler (pure) decides; this module does the I/O around it: it wakes the dispatcher on
-every arrival and completion, concatenates the chosen requests' rows into one batch, runs
-the engine in a worker thread (ONNX Runtime and TensorRT release the GIL), splits the
-outputs back per request and resolves each request's future exactly once.
+The scheduler (pure) decides; this module does the I/O around it. On every arrival and
+completion it asks the scheduler for work at once (``_pump``, synchronous: no task to wake),
+concatenates the chosen requests' rows into one batch and hands it to an engine thread
+(ONNX Runtime and TensorRT release the GIL). The thread runs the engine and schedules one
+callback on the loop (``_finish``), which splits the outputs per request, resolves each
+request's future exactly once and pumps again. So a request costs one hop into the engine
+thread and one back - the event loop's own handoffs (a dispatcher task woken by an event,
+a task per batch, an executor future chained to an asyncio future) are gone: at one
+client on the MLP they cost more than the rest of the server's Python.
 
 The scheduler's ``Request`` knows nothing of asyncio: the future a caller awaits lives in a
 ``Pending`` beside it, found by request id.
@@ -12,6 +17,7 @@ The scheduler's ``Request`` knows nothing of asyncio: the future a caller awaits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -189,7 +195,6 @@ class ModelRuntime:
         served: ServedModel,
         metrics: Metrics,
         policy: str = "innfer",
-        slots: int = 1,
         clock: Callable[[], float] = time.monotonic,
         device: Device | None = None,
     ) -> None:
@@ -202,21 +207,25 @@ class ModelRuntime:
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
         self.device = device  # shared with the other models (dataplane); None: own slots
-        slots = device.slots if device is not None else slots
+        instances = self.config.instances
+        # The batches this model can have running at once: its instances, on a shared
+        # device no more than the device's slots.
+        slots = min(instances, device.slots) if device is not None else instances
         self.scheduler = Scheduler(
             self.tiers,
             make_policy(policy, self.tiers, slots),
             max_batch=self.config.max_batch,
             max_queue=self.config.max_queue,
-            slots=slots,
+            slots=instances if device is None else device.slots,
             slo_target=self.config.slo_target,
             device=device,
+            max_running=slots,
         )
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         self._ids = itertools.count(1)
-        self._wake: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = 0  # batches handed to an engine thread and not yet finished
+        self._all_done: asyncio.Event | None = None  # set while _running == 0
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
@@ -225,10 +234,13 @@ class ModelRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self._wake = asyncio.Event()
-        if self.device is not None:  # another model freed a device slot: look again
-            self.device.join(self.scheduler, on_release=self._wake.set)
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        self._loop = asyncio.get_running_loop()
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+        if self.device is not None:
+            # Another model freed a device slot: look again - on the next loop turn, not
+            # inside that model's completion (its scheduler is mid-update there).
+            self.device.join(self.scheduler, on_release=lambda: self._loop.call_soon(self._pump))
         self._latency_gauges()
 
     async def stop(self, drain_s: float = DRAIN_S) -> int:
@@ -254,10 +266,10 @@ class ModelRuntime:
                 pending.fail(Unavailable(
                     f"model {self.name} was unloaded or reloaded before this request ran; retry"
                 ))  # fmt: skip
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-        if self._tasks:  # batches already on an engine: let them answer their requests
-            await asyncio.wait(set(self._tasks), timeout=RUNNING_WAIT_S)
+        if self._all_done is not None and self._running:
+            # Batches already on an engine: let them answer their requests.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._close_engines)
         return failed
@@ -361,7 +373,7 @@ class ModelRuntime:
         self._pending[req.id] = Pending(req, future)
         self.inflight += 1
         self._gauges()
-        self._wake.set()
+        self._pump()
         try:
             return await future
         except asyncio.CancelledError:
@@ -405,49 +417,73 @@ class ModelRuntime:
         self._inflight.set(self.inflight)
 
     # -- execution -------------------------------------------------------------------------
-    async def _dispatch(self) -> None:
-        """Algorithm: on every wake-up, fail what can no longer make its deadline, then fill
-        every free slot with the policy's decision; sleep when nothing can start."""
-        while True:
-            now = self.clock()
-            for r in self.scheduler.expire(now):
-                self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
-                self._reject(r, DeadlineExceeded(
-                    f"model {self.name}: the request's budget ran out in the queue"
-                ))  # fmt: skip
-            decision = self.scheduler.next(now)
-            if decision is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            task = asyncio.get_running_loop().create_task(self._execute(decision))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            self._gauges()
+    def _pump(self) -> None:
+        """Fail what can no longer make its deadline, then start every batch the scheduler
+        decides on now (one per free slot). Called on every arrival and completion, on the
+        loop thread; it never awaits, so no other request runs in between."""
+        now = self.clock()
+        for r in self.scheduler.expire(now):
+            self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
+            self._reject(r, DeadlineExceeded(
+                f"model {self.name}: the request's budget ran out in the queue"
+            ))  # fmt: skip
+        while (decision := self.scheduler.next(now)) is not None:
+            self._launch(decision)
+        self._gauges()
 
-    async def _execute(self, d: Decision) -> None:
-        loop = asyncio.get_running_loop()
-        engine = self.served.engines[d.tier]
+    def _launch(self, d: Decision) -> None:
+        """Concatenate ``d``'s inputs and hand the batch to an engine thread."""
         reqs = d.requests
+        t_in = time.perf_counter()
         try:
-            t_in = time.perf_counter()
             feeds = {
                 s.name: np.concatenate([r.payload[s.name] for r in reqs])
                 if len(reqs) > 1
                 else reqs[0].payload[s.name]
                 for s in self.config.inputs
             }
-            t0 = time.perf_counter()
-            outputs = await loop.run_in_executor(self.pool, engine.run, feeds)
-            compute = time.perf_counter() - t0
-        except Exception as exc:
-            log.exception("model %s tier %s: engine failed", self.name, d.tier)
-            self.scheduler.complete(d, self.clock(), 0.0, ok=False)
-            for r in reqs:
-                self.metrics.requests.labels(self.name, d.tier, "failed").inc()
-                self._reject(r, exc)
-            self._wake.set()
+        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+            self._failed(d, exc)
             return
+        self._running += 1
+        self._all_done.clear()
+        self.pool.submit(self._run, d, feeds, t_in)
+
+    def _run(self, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> None:
+        """On an engine thread: run the batch, then hand the result to the loop (once)."""
+        t0 = time.perf_counter()
+        try:
+            outputs = self.served.engines[d.tier].run(feeds)
+        except Exception as exc:
+            outputs, error = None, exc
+        else:
+            error = None
+        compute = time.perf_counter() - t0
+        self._loop.call_soon_threadsafe(self._finish, d, outputs, error, (t0 - t_in, compute))
+
+    def _finish(self, d: Decision, outputs, error: BaseException | None, times) -> None:
+        """On the loop: answer ``d``'s requests from the engine's outputs (or fail them),
+        then look for the next batch."""
+        self._running -= 1
+        if not self._running:
+            self._all_done.set()
+        try:
+            if error is not None:
+                log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
+                self._failed(d, error)
+            else:
+                self._answer(d, outputs, times)
+        finally:
+            self._pump()
+
+    def _failed(self, d: Decision, exc: BaseException) -> None:
+        self.scheduler.complete(d, self.clock(), 0.0, ok=False)
+        for r in d.requests:
+            self.metrics.requests.labels(self.name, d.tier, "failed").inc()
+            self._reject(r, exc)
+
+    def _answer(self, d: Decision, outputs: dict[str, np.ndarray], times) -> None:
+        prepare, compute = times
         now = self.clock()
         self.scheduler.complete(d, now, compute)
         if not self.stopping:
@@ -456,7 +492,7 @@ class ModelRuntime:
         t_out = time.perf_counter()
         offset = 0
         answered = []
-        for r in reqs:
+        for r in d.requests:
             part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
             pending = self._pending.get(r.id)
@@ -468,8 +504,7 @@ class ModelRuntime:
                 ))  # fmt: skip
         # Triton's statistics, before any caller resumes: a client that has its answer sees
         # its request counted. A request cancelled while its batch ran is not a success.
-        self._record_triton(d, answered, (t0 - t_in, compute, time.perf_counter() - t_out))
-        self._wake.set()
+        self._record_triton(d, answered, (prepare, compute, time.perf_counter() - t_out))
 
     def _reject(self, r: Request, exc: BaseException) -> None:
         pending = self._pending.get(r.id)

@@ -358,3 +358,29 @@ def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
 
     _run(body())
     assert all(e.closed for e in served.engines.values())
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_run_that_many_batches_at_once(tmp_path, instances):
+    # Pinned to w100 with max_batch 1, each request is its own batch: with the engines held,
+    # exactly `instances` of three requests reach an engine and the rest stay queued.
+    served = _served(tmp_path, max_batch=1, instances=instances,
+                     latency_ms={"w100": {1: 1.0}, "w050": {1: 0.5}})  # fmt: skip
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            with _Gate(served) as gate:
+                tasks = [
+                    asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                    for v in (1.0, 2.0, 3.0)
+                ]
+                await _until(lambda: gate.running() == instances)
+                await asyncio.sleep(0.05)  # no further batch starts while they are held
+                assert gate.running() == instances
+                assert len(rt.scheduler.queue) == 3 - instances
+                gate.release()
+                return await asyncio.gather(*tasks)
+
+    for value, r in zip((1.0, 2.0, 3.0), _run(body()), strict=True):
+        _check_answer(served, _x(1, value), r)

@@ -23,6 +23,7 @@ Example ``model.yaml``:
     default_latency_budget_ms: 50
     multiple_of: 8               # round channel counts (vector lanes); 16 for tensor cores
     threads: 2                   # ONNX Runtime intra-op threads per engine
+    instances: 1                 # batches of this model at once (engine threads)
     slo_target: 0.999            # admitted requests meet their deadline with this probability
 
 ``reference(ModelConfig)`` lists every key with its default, allowed values and doc.
@@ -160,6 +161,12 @@ class ModelConfig:
     multiple_of: int = spec(1, lo=1, hi=256, doc="round channel counts to a multiple of this")
     method: str = spec("auto", choices=METHODS, doc="how a tier samples the INN's channels")
     threads: int = spec(1, lo=1, hi=256, doc="ONNX Runtime intra-op threads per engine")
+    instances: int = spec(
+        1, lo=1, hi=64,
+        doc="batches of this model that may run at once, each on its own engine thread "
+        "(Triton's instance_group count); a shared device (server device_slots) runs at most "
+        "its slots in all. On a CPU, instances x threads should not exceed the cores",
+    )  # fmt: skip
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
     slo_target: float = spec(
         0.999, lo=0.5, hi=1, hi_open=True,

@@ -103,6 +103,7 @@ class Scheduler:
         rate_window_s: float = RATE_WINDOW_S,
         slo_target: float | None = None,
         device: Device | None = None,
+        max_running: int | None = None,
     ) -> None:
         if latency is None:
             latency = LatencyModel(tiers, slo_target=slo_target or DEFAULT_SLO_TARGET)
@@ -118,6 +119,8 @@ class Scheduler:
         # model plans behind every batch on it and starts one only when it grants a slot.
         self.device = device if device is not None else Device(slots, name="private")
         self.slots = self.device.slots
+        # At most this many of the device's slots at once (the model's engine instances).
+        self.max_running = self.slots if max_running is None else max_running
         self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
@@ -245,6 +248,8 @@ class Scheduler:
 
     # -- dispatch --------------------------------------------------------------------------
     def free_slot(self) -> int | None:
+        if len(self.running) >= self.max_running:
+            return None
         return self.device.claim(self)
 
     def work_due(self, before: float) -> float:
