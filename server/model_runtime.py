@@ -241,7 +241,7 @@ class ModelRuntime:
             # Another model freed a device slot: look again - on the next loop turn, not
             # inside that model's completion (its scheduler is mid-update there).
             self.device.join(self.scheduler, on_release=lambda: self._loop.call_soon(self._pump))
-        self._latency_gauges()
+        self._gauges()
 
     async def stop(self, drain_s: float = DRAIN_S) -> int:
         """Stop serving: refuse new requests, serve the queue for up to ``drain_s``, fail
@@ -313,12 +313,6 @@ class ModelRuntime:
                  {t: round(f, 2) for t, f in factors.items()})  # fmt: skip
         return factors
 
-    def _latency_gauges(self, tiers=None) -> None:
-        for tier in tiers or self.accuracy:
-            e = self.scheduler.latency.tier_estimate(tier)
-            self.metrics.tier_latency_factor.labels(self.name, tier).set(e.factor)
-            self.metrics.tier_planned_latency.labels(self.name, tier).set(e.planned_s_max_batch)
-
     # -- requests --------------------------------------------------------------------------
     async def infer(
         self,
@@ -368,11 +362,10 @@ class ModelRuntime:
             raise DeadlineExceeded(f"model {self.name}: {exc}") from None
         except InvalidRequest as exc:
             raise InvalidArgument(str(exc)) from None
-        # No await since submit: the dispatcher cannot have run the request before this.
+        # No await since submit, and the pump runs below: the request cannot have run yet.
         future = asyncio.get_running_loop().create_future()
         self._pending[req.id] = Pending(req, future)
         self.inflight += 1
-        self._gauges()
         self._pump()
         try:
             return await future
@@ -383,7 +376,6 @@ class ModelRuntime:
         finally:
             del self._pending[req.id]
             self.inflight -= 1
-            self._gauges()
 
     def _bind_metrics(self) -> None:
         """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,
@@ -409,12 +401,19 @@ class ModelRuntime:
         }
 
     def _gauges(self) -> None:
-        if self.stopping:
-            # A replacing runtime owns the model's gauges now; this one's stragglers must not
-            # overwrite them.
-            return
-        self._queue_depth.set(len(self.scheduler.queue))
-        self._inflight.set(self.inflight)
+        """Queue depth, requests in flight and each tier's latency view, read when Prometheus
+        scrapes (``set_function``): nothing to update per request. A runtime that replaces
+        this one (a reload) binds the same series to itself when it starts."""
+        self._queue_depth.set_function(lambda: len(self.scheduler.queue))
+        self._inflight.set_function(lambda: self.inflight)
+        latency = self.scheduler.latency
+        for tier in self.accuracy:
+            self.metrics.tier_latency_factor.labels(self.name, tier).set_function(
+                lambda t=tier: latency.tier_estimate(t).factor
+            )
+            self.metrics.tier_planned_latency.labels(self.name, tier).set_function(
+                lambda t=tier: latency.tier_estimate(t).planned_s_max_batch
+            )
 
     # -- execution -------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -429,7 +428,6 @@ class ModelRuntime:
             ))  # fmt: skip
         while (decision := self.scheduler.next(now)) is not None:
             self._launch(decision)
-        self._gauges()
 
     def _launch(self, d: Decision) -> None:
         """Concatenate ``d``'s inputs and hand the batch to an engine thread."""
@@ -486,8 +484,6 @@ class ModelRuntime:
         prepare, compute = times
         now = self.clock()
         self.scheduler.complete(d, now, compute)
-        if not self.stopping:
-            self._latency_gauges((d.tier,))
         self._record(d, compute, now)
         t_out = time.perf_counter()
         offset = 0

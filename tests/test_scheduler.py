@@ -13,7 +13,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -938,3 +938,36 @@ def test_other_policies_ignore_the_snapshot():
     for snap in (IDLE, Snapshot(arrival_rate=1e6, tight_budget=0.001)):
         assert FixedTier("w050").choose(queue, 0.0, CTX, snap).requests == queue
         assert SlackFit().choose(queue, 0.0, CTX, snap).tier == FULL
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 8),
+    constraint=st.sampled_from([None, *(("pin", t) for t in NAMES), *(("min", t) for t in NAMES)]),
+    budget_ms=st.floats(0.5, 40.0),
+    rate=st.floats(0.0, 3000.0),
+    tight_ms=st.one_of(st.just(math.inf), st.floats(1.0, 40.0)),
+    idle=st.floats(0.0, 1.0),
+)
+def test_a_lone_request_gets_the_general_planners_decision(
+    rows, constraint, budget_ms, rate, tight_ms, idle
+):
+    """Planner.choose decides a one-request queue on a short path (most decisions at light
+    load); it must agree with steps 2-4 run in full."""
+    pin = constraint[1] if constraint and constraint[0] == "pin" else None
+    min_tier = constraint[1] if constraint and constraint[0] == "min" else None
+    r = Request(1, 0.0, budget_ms * MS, rows=rows, pin=pin, min_tier=min_tier)
+    snap = Snapshot(arrival_rate=rate, tight_budget=tight_ms * MS, idle_share=idle)
+    planner = Planner()
+    fast = planner.choose([r], 0.0, CTX, snap)
+    full = replace(snap, columns=CTX.columns([r]))
+    allowed = CTX.allowed(r)
+    candidates = planner.one_tier_above(
+        allowed, planner.sustainable_tiers(allowed, CTX, full), [r], CTX, full
+    )
+    general = (
+        planner.accuracy_first([r], candidates, 0.0, CTX, full)
+        or planner.relaxed([r], allowed, 0.0, CTX, full)
+        or planner.throughput_fallback([r], allowed, 0.0, CTX, full)
+    )
+    assert (fast.tier, fast.requests) == (general.tier, general.requests)

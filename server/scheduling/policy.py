@@ -383,13 +383,15 @@ class Planner(Policy):
         self._decision: _Decision | None = None  # what one decision computes once
 
     def choose(self, queue, now, ctx, snap):
-        if snap.columns is None or len(snap.columns) != len(queue):
-            snap = replace(snap, columns=ctx.columns(queue))
-        self._decision = _Decision()
         self.work = 0
         allowed = ctx.allowed(queue[0])
         sustainable = self.sustainable_tiers(allowed, ctx, snap)  # 1
         candidates = self.one_tier_above(allowed, sustainable, queue, ctx, snap)  # 1b
+        if len(queue) == 1:  # light load: most decisions
+            return self._alone(queue[0], candidates, allowed, now, ctx, snap)
+        if snap.columns is None or len(snap.columns) != len(queue):
+            snap = replace(snap, columns=ctx.columns(queue))
+        self._decision = _Decision()
         if len(queue) > SMALL_QUEUE:
             # Steps 2 and 3 check their candidates in one vectorised pass: the cost of a
             # check is mostly per pass, and a queue that fails step 2 needs step 3 anyway.
@@ -403,6 +405,21 @@ class Planner(Policy):
         )
         self._decision = None
         return decision
+
+    @staticmethod
+    def _alone(r: Request, candidates, allowed, now, ctx, snap) -> Decision:
+        """Steps 2-4 for a queue of one request, without their machinery: with nothing
+        behind it, every rest is feasible, so step 2 (then 3) picks the first candidate
+        (then allowed) tier on which ``r``'s batch passes ``_largest``'s checks - its
+        deadline, and the head-of-line bound unless it is one row - and step 4 runs it on
+        its fastest allowed tier. Same decisions as the general path (tested)."""
+        limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
+        for tiers in (candidates, allowed):
+            for tier in tiers:
+                took = ctx.latency.planned(tier)[r.rows]
+                if now + took <= r.deadline and (took <= limit_s or r.rows == 1):
+                    return Decision(tier, [r])
+        return Decision(allowed[-1], [r])
 
     # -- the steps -------------------------------------------------------------------------
     def sustainable_tiers(self, allowed: list[str], ctx: Context, snap: Snapshot) -> list[str]:
