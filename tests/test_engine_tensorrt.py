@@ -1,24 +1,40 @@
 """The TensorRT backend.
 
 Option checks, feed validation, the fp16 ONNX conversion and "no tensorrt here" behaviour
-run everywhere. ``gpu`` tests need an NVIDIA GPU: the CUDA plumbing ones need cuda-python
-only (a stub stands in for TensorRT), the build/run ones need TensorRT too and skip without.
+run everywhere. TensorRT and CUDA cannot be installed or run on these machines, so the build
+logic (strongly typed network, fp16 converter choice, timing cache) and the engine's buffer
+handling (pinned host staging, one synchronisation per run) are also tested everywhere
+against FAKES of ``tensorrt`` and ``cuda.bindings.runtime`` written from their documented
+Python APIs: they check what the backend asks of TensorRT/CUDA, not what TensorRT does.
+``gpu`` tests need an NVIDIA GPU: the CUDA plumbing ones need cuda-python only (a stub
+stands in for TensorRT), the build/run ones need TensorRT too and skip without.
 """
 
 from __future__ import annotations
 
+import ctypes
+import enum
+import json
+import logging
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from runtime.engines import tensorrt as trt_module
 from runtime.engines.base import BackendUnavailable, BuildOptions, EngineError, TensorSpec
 from runtime.engines.feeds import check_feeds
 from runtime.engines.fp16 import convert_to_fp16
-from runtime.engines.tensorrt import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBackend, TensorRTEngine
+from runtime.engines.tensorrt import (
+    PLAN_FILE,
+    TensorRTBackend,
+    TensorRTEngine,
+    timing_cache_name,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_F, OUT_F = 16, 8
@@ -365,6 +381,474 @@ def test_engine_buffers_and_copies_with_stub(monkeypatch):
         engine.run({"x": _inputs(1)})
 
 
+# --- everywhere: FAKES of tensorrt and cuda-python (neither can run on these machines) -----
+#
+# The fakes follow the documented Python APIs (tensorrt.Builder / IBuilderConfig /
+# ITimingCache, cuda.bindings.runtime's "(error, *values)" returns). "Device" memory is host
+# memory here, so copies really move bytes and the engine's results can be checked.
+
+FAKE_GPU = "NVIDIA Fake H100 80GB HBM3"
+FAKE_TRT_VERSION = "10.13.0.35"
+
+
+class _FakeStream:
+    """cudaStream_t stand-in: int() gives the handle, as the real one does."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __int__(self) -> int:
+        return self.handle
+
+
+class _FakeCudart(types.ModuleType):
+    """FAKE ``cuda.bindings.runtime``: records allocations, copies and synchronisations."""
+
+    class cudaError_t(enum.IntEnum):  # cuda-python's names
+        cudaSuccess = 0
+        cudaErrorInvalidValue = 1
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToHost = 0
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
+
+    cudaHostAllocDefault = 0
+
+    def __init__(self) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.keep: dict[int, ctypes.Array] = {}  # never freed: a bug reads stale, not garbage
+        self.device: dict[int, int] = {}  # live device allocations: address -> bytes
+        self.pinned: dict[int, int] = {}  # live page-locked host allocations
+        self.copies: list[tuple] = []  # (kind, dst, src, nbytes, stream handle)
+        self.syncs = 0
+        self.streams: set[int] = set()
+
+    def _ok(self, *values):
+        return (self.cudaError_t.cudaSuccess, *values)
+
+    def _alloc(self, table: dict[int, int], nbytes: int):
+        buf = ctypes.create_string_buffer(nbytes)
+        address = ctypes.addressof(buf)
+        self.keep[address] = buf
+        table[address] = nbytes
+        return self._ok(address)
+
+    def _free(self, table: dict[int, int], ptr: int):
+        if table.pop(int(ptr), None) is None:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        return self._ok()
+
+    def cudaMalloc(self, nbytes):
+        return self._alloc(self.device, nbytes)
+
+    def cudaFree(self, ptr):
+        return self._free(self.device, ptr)
+
+    def cudaHostAlloc(self, nbytes, flags):
+        assert flags == self.cudaHostAllocDefault
+        return self._alloc(self.pinned, nbytes)
+
+    def cudaFreeHost(self, ptr):
+        return self._free(self.pinned, ptr)
+
+    def cudaStreamCreate(self):
+        stream = _FakeStream(1000 + len(self.streams))
+        self.streams.add(int(stream))
+        return self._ok(stream)
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.discard(int(stream))
+        return self._ok()
+
+    def cudaStreamSynchronize(self, stream):
+        self.syncs += 1
+        return self._ok()
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(int(dst), int(src), nbytes)
+        self.copies.append((kind, int(dst), int(src), nbytes, int(stream)))
+        return self._ok()
+
+    def cudaGetDeviceCount(self):
+        return self._ok(1)
+
+    def cudaGetDevice(self):
+        return self._ok(0)
+
+    def cudaGetDeviceProperties(self, index):
+        return self._ok(types.SimpleNamespace(name=FAKE_GPU.encode() + b"\0\0\0"))
+
+    def cudaGetErrorString(self, err):
+        return self._ok(b"fake error")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The FAKE cuda-python, importable as ``cuda.bindings.runtime``."""
+    rt = _FakeCudart()
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = rt
+    package = types.ModuleType("cuda")
+    package.bindings = bindings
+    monkeypatch.setitem(sys.modules, "cuda", package)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+    return rt
+
+
+class _FakeTimingCache:
+    """ITimingCache: a set of entries; serialize() is JSON, combine() a union."""
+
+    def __init__(self, entries=()) -> None:
+        self.entries = set(entries)
+
+    @classmethod
+    def parse(cls, data: bytes) -> _FakeTimingCache:
+        return cls(json.loads(bytes(data).decode())["entries"] if data else ())
+
+    def serialize(self) -> bytes:
+        return json.dumps({"entries": sorted(self.entries)}).encode()
+
+    def combine(self, other: _FakeTimingCache, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False  # a per-device, per-version file: never mix them
+        self.entries |= other.entries
+        return True
+
+
+class _FakeConfig:
+    """IBuilderConfig: records flags, and the timing cache handed to it."""
+
+    def __init__(self) -> None:
+        self.set_flags: set[str] = set()
+        self.cleared_flags: set[str] = set()
+        self.loaded: list[bytes] = []  # every create_timing_cache(data) call's data
+        self.cache: _FakeTimingCache | None = None
+
+    def set_memory_pool_limit(self, pool, nbytes) -> None:
+        assert pool == "WORKSPACE" and nbytes > 0
+
+    def set_flag(self, flag) -> None:
+        self.set_flags.add(flag)
+
+    def clear_flag(self, flag) -> None:
+        self.cleared_flags.add(flag)
+
+    def add_optimization_profile(self, profile) -> int:
+        return 0
+
+    def create_timing_cache(self, data) -> _FakeTimingCache:
+        self.loaded.append(bytes(data))
+        return _FakeTimingCache.parse(data)  # ValueError for garbage, like a corrupt file
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+
+class _FakeNetwork:
+    num_inputs = 1
+
+    def __init__(self, flags: int) -> None:
+        self.flags, self.parsed = flags, None
+
+    def get_input(self, i):
+        return types.SimpleNamespace(name="x", shape=(-1, IN_F), is_shape_tensor=False)
+
+
+def _fake_trt(*, strongly_typed: bool = True, fp16_flag: bool = True, version=FAKE_TRT_VERSION):
+    """A FAKE ``tensorrt`` module; ``.record`` keeps its networks and configs.
+
+    strongly_typed + fp16_flag: TensorRT 10.12+ (weak typing deprecated); strongly_typed
+    alone: 11.x (FP16 flag removed); fp16_flag alone: a TensorRT without strong typing.
+    """
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.record = types.SimpleNamespace(networks=[], configs=[], during_build=None)
+
+    class Severity(enum.IntEnum):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    class ILogger:
+        def __init__(self) -> None:
+            pass
+
+    ILogger.Severity = Severity
+    trt.ILogger = ILogger
+    # Real values: EXPLICIT_BATCH = 0 (deprecated), STRONGLY_TYPED = 1.
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(
+        **({"STRONGLY_TYPED": 1} if strongly_typed else {})
+    )
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", **({"FP16": "FP16"} if fp16_flag else {}))
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+
+    class Builder:
+        def __init__(self, logger) -> None:
+            assert isinstance(logger, ILogger)
+
+        def create_network(self, flags: int) -> _FakeNetwork:
+            trt.record.networks.append(_FakeNetwork(flags))
+            return trt.record.networks[-1]
+
+        def create_builder_config(self) -> _FakeConfig:
+            trt.record.configs.append(_FakeConfig())
+            return trt.record.configs[-1]
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(set_shape=lambda name, lo, opt, hi: None)
+
+        def build_serialized_network(self, network, config) -> bytes:
+            if trt.record.during_build is not None:
+                trt.record.during_build()
+            # One new timing per distinct network: what a real build adds to the cache.
+            config.cache.entries.add(f"tactic-{len(network.parsed)}-{network.flags}")
+            return b"FAKE PLAN"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger) -> None:
+            self.network = network
+
+        def parse(self, data, path) -> bool:
+            self.network.parsed = bytes(data)
+            return True
+
+    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    return trt
+
+
+@pytest.fixture
+def install_trt(monkeypatch, fake_cuda):
+    """Install a FAKE tensorrt (and the fake cuda-python); returns it."""
+
+    def install(**kwargs):
+        trt = _fake_trt(**kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        # The logger is a process-wide singleton bound to the tensorrt module it was made with.
+        monkeypatch.setattr(trt_module, "_logger", None)
+        return trt
+
+    return install
+
+
+def _parsed_model(network):
+    onnx = pytest.importorskip("onnx")
+    return onnx.load_from_string(network.parsed)
+
+
+@pytest.mark.parametrize("fp16_flag", [True, False], ids=["trt10.12+", "trt11"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_is_strongly_typed_and_never_sets_fp16_flag(
+    tmp_path, install_trt, precision, fp16_flag
+):
+    from onnx import TensorProto
+
+    trt = install_trt(strongly_typed=True, fp16_flag=fp16_flag)
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(precision=precision, max_batch=8, opt_batch=4)
+    files = TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    assert files == [PLAN_FILE]
+    assert (tmp_path / "engines" / "k" / PLAN_FILE).read_bytes() == b"FAKE PLAN"
+    (network,), (config,) = trt.record.networks, trt.record.configs
+    assert network.flags == 1 << 1  # 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert "FP16" not in config.set_flags
+    model = _parsed_model(network)
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT]
+    weights = {i.data_type for i in model.graph.initializer}
+    if precision == "fp16":  # the precision is in the graph: fp16 weights, fp32 I/O
+        assert weights == {TensorProto.FLOAT16}
+        assert config.cleared_flags == set()
+    else:  # fp32: the ONNX file as it is, TF32 off
+        assert network.parsed == (tmp_path / "model.onnx").read_bytes()
+        assert config.cleared_flags == {"TF32"}
+
+
+def test_build_without_strong_typing_falls_back_to_the_fp16_flag(tmp_path, install_trt):
+    trt = install_trt(strongly_typed=False, fp16_flag=True)
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
+    TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    (network,), (config,) = trt.record.networks, trt.record.configs
+    assert network.flags == 0
+    assert config.set_flags == {"FP16"}
+    assert network.parsed == (tmp_path / "model.onnx").read_bytes()  # TensorRT picks fp16
+
+
+def _fake_onnxconverter(monkeypatch):
+    """A FAKE onnxconverter_common package whose converter records its calls."""
+    calls = []
+
+    def convert_float_to_float16(model, **kwargs):
+        calls.append(kwargs)
+        half = convert_to_fp16(model)
+        half.producer_name = "fake-onnxconverter-common"
+        return half
+
+    float16 = types.ModuleType("onnxconverter_common.float16")
+    float16.convert_float_to_float16 = convert_float_to_float16
+    package = types.ModuleType("onnxconverter_common")
+    package.float16 = float16
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", package)
+    monkeypatch.setitem(sys.modules, "onnxconverter_common.float16", float16)
+    return calls
+
+
+def test_fp16_build_uses_onnxconverter_common_when_installed(
+    tmp_path, install_trt, monkeypatch, caplog
+):
+    trt = install_trt()
+    calls = _fake_onnxconverter(monkeypatch)
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
+    with caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"):
+        TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    assert calls == [{"keep_io_types": True}]
+    assert _parsed_model(trt.record.networks[0]).producer_name == "fake-onnxconverter-common"
+    assert "with onnxconverter-common" in caplog.text
+
+
+def test_fp16_build_falls_back_to_the_builtin_pass(tmp_path, install_trt, monkeypatch, caplog):
+    from onnx import TensorProto
+
+    trt = install_trt()
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # not installed
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
+    with caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"):
+        TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    model = _parsed_model(trt.record.networks[0])
+    assert {i.data_type for i in model.graph.initializer} == {TensorProto.FLOAT16}
+    assert "with the built-in pass" in caplog.text
+
+
+def test_fp16_conversion_with_the_real_onnxconverter_common(tmp_path):
+    # Runs where the optional dependency is installed (pip install innfer[gpu]).
+    pytest.importorskip("onnxconverter_common")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    w, b = _mlp_onnx(tmp_path / "m.onnx")
+    half = onnx.load_from_string(trt_module._fp16_model_bytes(tmp_path / "m.onnx"))
+    onnx.checker.check_model(half, full_check=True)
+    assert [i.type.tensor_type.elem_type for i in half.graph.input] == [TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in half.graph.output] == [TensorProto.FLOAT]
+    assert TensorProto.FLOAT16 in {i.data_type for i in half.graph.initializer}
+    x = _inputs(5)
+    (y,) = ReferenceEvaluator(half).run(None, {"x": x})
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, _reference(x, w, b), atol=2e-2)
+
+
+def test_timing_cache_name_is_a_safe_file_name_per_device_and_version():
+    assert timing_cache_name("NVIDIA H100 80GB HBM3", "10.13.0.35") == (
+        "timing-nvidia-h100-80gb-hbm3-trt10.13.0.35.cache"
+    )
+    assert timing_cache_name("../../etc/passwd", "11.0") == "timing-etc-passwd-trt11.0.cache"
+    assert timing_cache_name("", "") == "timing-unknown-trtunknown.cache"
+    assert timing_cache_name("NVIDIA A100", "10.13") != timing_cache_name("NVIDIA H100", "10.13")
+
+
+def test_timing_cache_is_per_device_and_version_and_reused(tmp_path, install_trt):
+    _mlp_onnx(tmp_path / "model.onnx")
+    engines = tmp_path / "engines"
+    trt = install_trt()
+    backend = TensorRTBackend()
+    backend.build(tmp_path / "model.onnx", engines / "a", BuildOptions(precision="fp32"))
+    cache = engines / timing_cache_name(FAKE_GPU, FAKE_TRT_VERSION)
+    assert sorted(p.name for p in engines.glob("timing-*")) == [cache.name]
+    assert "nvidia-fake-h100-80gb-hbm3" in cache.name and "trt10.13.0.35" in cache.name
+    first = cache.read_bytes()
+    assert len(_FakeTimingCache.parse(first).entries) == 1
+
+    # A second build on this device and version starts from the saved timings.
+    backend.build(tmp_path / "model.onnx", engines / "b", BuildOptions(precision="fp16"))
+    assert trt.record.configs[1].loaded[0] == first
+    assert (
+        _FakeTimingCache.parse(cache.read_bytes()).entries > _FakeTimingCache.parse(first).entries
+    )
+
+    # Another TensorRT version gets its own file and leaves this one alone.
+    before = cache.read_bytes()
+    trt12 = install_trt(version="10.14.1")
+    backend.build(tmp_path / "model.onnx", engines / "c", BuildOptions(precision="fp32"))
+    assert trt12.record.configs[0].loaded == [b""]  # started empty
+    assert (engines / timing_cache_name(FAKE_GPU, "10.14.1")).is_file()
+    assert cache.read_bytes() == before
+    assert not list(engines.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_timing_cache_merges_what_another_build_saved_meanwhile(tmp_path, install_trt):
+    _mlp_onnx(tmp_path / "model.onnx")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    cache = engines / timing_cache_name(FAKE_GPU, FAKE_TRT_VERSION)
+    trt = install_trt()
+    # Another process saves its timings while this build runs.
+    trt.record.during_build = lambda: cache.write_bytes(
+        _FakeTimingCache({"other-process"}).serialize()
+    )
+    TensorRTBackend().build(tmp_path / "model.onnx", engines / "a", BuildOptions())
+    entries = _FakeTimingCache.parse(cache.read_bytes()).entries
+    assert "other-process" in entries and len(entries) == 2
+
+
+def test_unreadable_timing_cache_is_replaced(tmp_path, install_trt, caplog):
+    _mlp_onnx(tmp_path / "model.onnx")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    cache = engines / timing_cache_name(FAKE_GPU, FAKE_TRT_VERSION)
+    cache.write_bytes(b"\x00not a timing cache")
+    install_trt()
+    with caplog.at_level(logging.WARNING, logger="innfer.engines.tensorrt"):
+        TensorRTBackend().build(tmp_path / "model.onnx", engines / "a", BuildOptions())
+    assert "unreadable timing cache" in caplog.text
+    assert len(_FakeTimingCache.parse(cache.read_bytes()).entries) == 1
+
+
+def test_engine_stages_through_pinned_host_buffers(monkeypatch, fake_cuda):
+    # FAKE CUDA (host memory standing in for the GPU) and the stub engine computing y = x.
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    engine = TensorRTEngine(_StubEngine(rt), trt_module._Cuda(rt), max_batch=6)
+    nbytes = 6 * IN_F * 4  # max_batch rows of 16 float32, per tensor
+    assert sorted(rt.pinned.values()) == [nbytes, nbytes]  # one pinned buffer for x, one for y
+    assert sorted(rt.device.values()) == [nbytes, nbytes]
+    kinds = rt.cudaMemcpyKind
+    first = None
+    for batch in (1, 4, 6):
+        x = _inputs(batch, seed=batch)
+        copies, syncs = len(rt.copies), rt.syncs
+        y = engine.run({"x": x})["y"]
+        np.testing.assert_array_equal(y, x)
+        first = y if first is None else first
+        assert rt.syncs == syncs + 1  # one synchronisation per run
+        h2d, d2d, d2h = rt.copies[copies:]
+        assert h2d[0] == kinds.cudaMemcpyHostToDevice and h2d[2] in rt.pinned
+        assert d2d[0] == kinds.cudaMemcpyDeviceToDevice  # the stub engine's "compute"
+        assert d2h[0] == kinds.cudaMemcpyDeviceToHost and d2h[1] in rt.pinned
+        assert h2d[3] == d2h[3] == batch * IN_F * 4  # only the actual batch moves
+        assert {c[4] for c in (h2d, d2d, d2h)} == rt.streams  # all on the engine's stream
+    # Results are copies: the next runs overwrote the staging buffers, not the first result.
+    np.testing.assert_array_equal(first, _inputs(1, seed=1))
+    engine.close()
+    assert rt.pinned == {} and rt.device == {} and rt.streams == set()
+    engine.close()  # idempotent
+    with pytest.raises(EngineError, match="closed"):
+        engine.run({"x": _inputs(1)})
+
+
+def test_backend_available_with_fake_tensorrt_and_cuda(install_trt):
+    install_trt()
+    backend = TensorRTBackend()
+    assert backend.available() is True
+    assert backend.device() == FAKE_GPU
+    assert backend.version() == FAKE_TRT_VERSION
+
+
 # --- gpu + TensorRT: real builds ----------------------------------------------------------
 
 
@@ -388,11 +872,12 @@ def built(backend, tmp_path_factory):
 
 
 @pytest.mark.gpu
-def test_fp32_build_writes_plan_and_timing_cache(built):
+def test_fp32_build_writes_plan_and_timing_cache(backend, built):
     root, _, _, _, files = built
     assert files == [PLAN_FILE]
     assert (root / "engines" / "fp32" / PLAN_FILE).stat().st_size > 0
-    assert (root / "engines" / TIMING_CACHE_FILE).stat().st_size > 0
+    name = timing_cache_name(backend.device(), backend.version())
+    assert (root / "engines" / name).stat().st_size > 0
 
 
 @pytest.mark.gpu

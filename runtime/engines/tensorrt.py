@@ -1,20 +1,30 @@
 """TensorRT backend: one serialized engine (``engine.plan``) per tier, run on an NVIDIA GPU.
 
-``build`` parses the tier's ONNX file, gives every input whose batch axis is dynamic one
-optimisation profile (batch 1 .. ``max_batch``, tuned for ``opt_batch``), and serialises
-the engine. Builds on one machine share a timing cache (``out_dir.parent / "timing.cache"``),
-so every build after the first skips most kernel timing. ``load`` deserialises the plan,
-allocates device buffers once for ``max_batch`` and reuses them for every ``run``.
+``build`` parses the tier's ONNX file into a strongly typed network, gives every input whose
+batch axis is dynamic one optimisation profile (batch 1 .. ``max_batch``, tuned for
+``opt_batch``), and serialises the engine. Builds share one timing cache per GPU model and
+TensorRT version, ``timing-<device>-trt<version>.cache`` beside the engine directories (a
+cache is only valid for the device and version that made it), so every build after the
+first skips most kernel timing; it is merged with what other builds saved meanwhile and
+replaced atomically. ``load`` deserialises the plan, allocates device buffers and pinned
+(page-locked) host staging buffers once for ``max_batch`` and reuses them for every
+``run``: feeds are copied into the pinned buffers, moved with ``cudaMemcpyAsync`` on the
+engine's stream, and the stream is synchronised once per run.
 
 Neither ``tensorrt`` nor ``cuda-python`` is imported until a method needs it, so importing
-this module always works; torch is never imported. Device memory and the stream come from
-NVIDIA's ``cuda-python`` (``cuda.bindings.runtime``).
+this module always works; torch is never imported. Device memory, pinned host memory and
+the stream come from NVIDIA's ``cuda-python`` (``cuda.bindings.runtime``).
 
-Precision: "fp32" builds as the ONNX file says. "fp16" sets ``BuilderFlag.FP16`` on
-TensorRT 10 (which then picks per-layer precision); TensorRT 11 removed that flag (every
-network is strongly typed), so there the ONNX graph is converted to fp16 first
-(``runtime.engines.fp16.convert_to_fp16``, with fp32 inputs and outputs kept). Either way
-the engine's inputs and outputs keep the ONNX file's dtypes.
+Precision: networks are created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (weak
+typing, and with it ``BuilderFlag.FP16``, is deprecated since TensorRT 10.12 and gone in 11,
+where every network is strongly typed), so a tensor's precision is the one the ONNX graph
+gives it. "fp32" builds the ONNX file as it is (TF32 off unless ``extra["tf32"]``). "fp16"
+converts the graph to fp16 first with onnxconverter-common's documented
+``float16.convert_float_to_float16(model, keep_io_types=True)`` (``pip install
+innfer[gpu]``), or, where that package is not installed, with the built-in pass
+``runtime.engines.fp16.convert_to_fp16``; the log says which one ran. Either way the
+engine's inputs and outputs keep the ONNX file's (fp32) dtypes. Only a TensorRT without the
+STRONGLY_TYPED flag (older than 10) still gets the weakly typed ``BuilderFlag.FP16``.
 
 Example:
     >>> backend = TensorRTBackend()
@@ -30,8 +40,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -46,7 +58,8 @@ from .fp16 import convert_to_fp16
 log = logging.getLogger("innfer.engines.tensorrt")
 
 PLAN_FILE = "engine.plan"
-TIMING_CACHE_FILE = "timing.cache"
+# One timing cache per GPU model and TensorRT version, beside the engine directories.
+TIMING_CACHE_PATTERN = "timing-{device}-trt{version}.cache"
 PRECISIONS = ("fp32", "fp16")
 # Builder scratch memory; 1 GiB is ample for the small per-tier networks served here.
 # Override with BuildOptions(extra={"workspace_mib": N}).
@@ -160,17 +173,33 @@ class _Cuda:
     def synchronize(self, stream) -> None:
         self.call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
 
-    def to_device(self, dst: int, src: np.ndarray, stream) -> None:
-        """Queue a copy of the C-contiguous host array ``src`` to device address ``dst``."""
+    def host_alloc(self, nbytes: int) -> int:
+        """Page-locked host memory: copies from it are truly asynchronous (no staging copy
+        inside the driver). Free with ``free_host``."""
+        flags = getattr(self.rt, "cudaHostAllocDefault", 0)
+        res = self.rt.cudaHostAlloc(max(nbytes, 1), flags)
+        return int(self.call(f"cudaHostAlloc({nbytes} bytes)", res))
+
+    def free_host(self, ptr: int) -> None:
+        self.call("cudaFreeHost", self.rt.cudaFreeHost(ptr))
+
+    def to_device(self, dst: int, src: int, nbytes: int, stream) -> None:
+        """Queue a copy of ``nbytes`` from host address ``src`` to device address ``dst``."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        res = self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream)
+        res = self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream)
         self.call("cudaMemcpyAsync (host to device)", res)
 
-    def to_host(self, dst: np.ndarray, src: int, stream) -> None:
-        """Queue a copy from device address ``src`` into the C-contiguous host array ``dst``."""
+    def to_host(self, dst: int, src: int, nbytes: int, stream) -> None:
+        """Queue a copy of ``nbytes`` from device address ``src`` to host address ``dst``."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        res = self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream)
+        res = self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream)
         self.call("cudaMemcpyAsync (device to host)", res)
+
+
+def _host_array(ptr: int, nbytes: int, dtype: str) -> np.ndarray:
+    """A flat numpy view of ``nbytes`` of host memory at ``ptr`` (no copy, no ownership)."""
+    raw = (ctypes.c_ubyte * nbytes).from_address(ptr)
+    return np.ctypeslib.as_array(raw).view(np.dtype(dtype))
 
 
 def _cuda_error_name(cudart, err) -> str:
@@ -203,6 +232,23 @@ def _check_options(options: BuildOptions) -> None:
     workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
     if not isinstance(workspace, int) or workspace < 1:
         raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
+
+
+def timing_cache_name(device: str, version: str) -> str:
+    """The timing cache's file name for a GPU model and TensorRT version.
+
+    Both are reduced to ``[a-z0-9.]`` runs joined by '-', so the name is a safe file name
+    whatever the driver reports.
+
+    Example:
+        >>> timing_cache_name("NVIDIA H100 80GB HBM3", "10.13.0.35")
+        'timing-nvidia-h100-80gb-hbm3-trt10.13.0.35.cache'
+    """
+    return TIMING_CACHE_PATTERN.format(device=_slug(device), version=_slug(version))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-.") or "unknown"
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -261,8 +307,9 @@ class TensorRTBackend(Backend):
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Build ``onnx_path`` into ``out_dir / engine.plan``; returns ``["engine.plan"]``.
 
-        The shared timing cache (``out_dir.parent / timing.cache``) is read first if present
-        and saved back updated; it is not one of the engine's files.
+        The timing cache for this GPU and TensorRT version (``out_dir.parent /
+        timing-<device>-trt<version>.cache``) is read first if present and saved back
+        updated; it is not one of the engine's files.
         """
         _check_options(options)
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -271,6 +318,7 @@ class TensorRTBackend(Backend):
         trt = _import_trt()
         logger = _trt_logger(trt)
         started = time.perf_counter()
+        cache_path = out_dir.parent / timing_cache_name(self.device(), trt.__version__)
 
         try:
             builder = trt.Builder(logger)
@@ -278,16 +326,22 @@ class TensorRTBackend(Backend):
             raise EngineError(f"TensorRT could not create a builder: {exc}") from exc
         if builder is None:
             raise EngineError("TensorRT could not create a builder (is a CUDA device present?)")
-        # Flags 0: explicit batch is the only mode since TensorRT 10 (the flag is gone).
-        network = builder.create_network(0)
+        # Strongly typed wherever TensorRT has the flag (10.x: opt-in, weak typing deprecated
+        # since 10.12; 11.x: always on, the flag accepted and ignored). Explicit batch is the
+        # only mode since TensorRT 10, so no other flag is needed.
+        creation_flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+        strongly_typed = getattr(creation_flags, "STRONGLY_TYPED", None)
+        network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
         parser = trt.OnnxParser(network, logger)
 
-        weak_fp16 = options.precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")
+        # Weak typing only where TensorRT offers nothing else (no STRONGLY_TYPED flag).
+        weak_fp16 = (
+            options.precision == "fp16"
+            and strongly_typed is None
+            and hasattr(trt.BuilderFlag, "FP16")
+        )
         if options.precision == "fp16" and not weak_fp16:
-            # TensorRT >= 11: no FP16 builder flag; the precision must be in the graph.
-            log.info(
-                "converting %s to fp16 (TensorRT %s has no FP16 flag)", onnx_path, trt.__version__
-            )
+            # Strongly typed: the graph itself must say fp16.
             model_bytes = _fp16_model_bytes(onnx_path)
         else:
             model_bytes = onnx_path.read_bytes()
@@ -310,12 +364,12 @@ class TensorRTBackend(Backend):
             config.clear_flag(trt.BuilderFlag.TF32)
         self._add_batch_profile(trt, builder, network, config, options)
 
-        cache_path = out_dir.parent / TIMING_CACHE_FILE
         cache = self._timing_cache(config, cache_path)
 
         log.info(
-            "building %s engine for %s (batch 1..%d, tuned for %d)",
+            "building %s engine (%s network) for %s (batch 1..%d, tuned for %d)",
             options.precision,
+            "weakly typed" if strongly_typed is None else "strongly typed",
             onnx_path,
             options.max_batch,
             options.opt_batch,
@@ -331,10 +385,7 @@ class TensorRTBackend(Backend):
 
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(out_dir / PLAN_FILE, plan)
-        try:
-            _write_atomic(cache_path, cache.serialize())
-        except OSError as exc:  # a cache that cannot be saved only slows later builds
-            log.warning("cannot save the timing cache %s: %s", cache_path, exc)
+        self._save_timing_cache(config, cache, cache_path)
         log.info(
             "built %s (%.1f MiB) in %.1f s; timing cache %s",
             out_dir / PLAN_FILE,
@@ -385,7 +436,7 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _timing_cache(config, cache_path: Path):
-        """Attach the machine's timing cache (loaded if present, else empty) to ``config``."""
+        """Attach the device's and version's timing cache (loaded if present, else empty)."""
         data = b""
         if cache_path.is_file():
             data = cache_path.read_bytes()
@@ -405,6 +456,27 @@ class TensorRTBackend(Backend):
             if not config.set_timing_cache(cache, ignore_mismatch=False):
                 raise EngineError("TensorRT refused a new, empty timing cache")
         return cache
+
+    @staticmethod
+    def _save_timing_cache(config, cache, cache_path: Path) -> None:
+        """Save ``cache`` to ``cache_path``, merged with what other builds saved meanwhile.
+
+        Another process may have built (and saved its timings) since this build loaded the
+        file: its entries are combined in first, so neither build's timings are lost (bar a
+        save landing between this read and the rename). The file is replaced atomically.
+        """
+        try:
+            if cache_path.is_file():
+                theirs = config.create_timing_cache(cache_path.read_bytes())
+                # False when made by another TensorRT version or device: theirs is dropped.
+                if theirs is not None and not cache.combine(theirs, ignore_mismatch=False):
+                    log.info("not merging the timing cache %s: other device/version", cache_path)
+        except Exception as exc:  # an unreadable file is replaced by this build's cache
+            log.warning("not merging the unreadable timing cache %s: %s", cache_path, exc)
+        try:
+            _write_atomic(cache_path, cache.serialize())
+        except OSError as exc:  # a cache that cannot be saved only slows later builds
+            log.warning("cannot save the timing cache %s: %s", cache_path, exc)
 
     def load(self, out_dir: Path, options: BuildOptions) -> TensorRTEngine:
         """Deserialise ``out_dir / engine.plan``; EngineError if missing or unusable."""
@@ -441,10 +513,13 @@ class TensorRTBackend(Backend):
 class TensorRTEngine(Engine):
     """A deserialised engine with one execution context, one stream and fixed buffers.
 
-    Device buffers are allocated once for ``max_batch`` (the smaller of the load options'
-    and the plan's profile) and bound to the context; ``run`` copies the inputs in, runs,
-    copies the outputs out for the actual batch and synchronises. ``run`` is serialised by a
-    lock: one context cannot run two batches at once.
+    Device buffers and pinned host staging buffers are allocated once per tensor for
+    ``max_batch`` (the smaller of the load options' and the plan's profile); the device ones
+    are bound to the context. ``run`` copies the feeds into the pinned buffers, queues the
+    host-to-device copies, the execution and the device-to-host copies on the engine's
+    stream, synchronises once, and copies the outputs out of the pinned buffers for the
+    actual batch. ``run`` is serialised by a lock: one context cannot run two batches at
+    once, and the staging buffers are shared by every run.
 
     Example:
         >>> engine = TensorRTBackend().load(Path("engines/k"), BuildOptions())  # doctest: +SKIP
@@ -469,7 +544,9 @@ class TensorRTEngine(Engine):
         self._engine = engine
         self._context = None
         self._stream = None
-        self._buffers: dict[str, int] = {}
+        self._buffers: dict[str, int] = {}  # device addresses
+        self._host: dict[str, int] = {}  # pinned host addresses, same sizes
+        self._staging: dict[str, np.ndarray] = {}  # flat numpy views of self._host
         self._closed = False
         self.inputs, self.outputs = [], []
         try:
@@ -544,8 +621,12 @@ class TensorRTEngine(Engine):
             self._buffers[spec.name] = self._cuda.malloc(nbytes)
             if not self._context.set_tensor_address(spec.name, self._buffers[spec.name]):
                 raise EngineError(f"{self._source}: TensorRT refused the buffer for {spec.name!r}")
+            # Pinned staging: cudaMemcpyAsync from pageable memory is staged and synchronous
+            # inside the driver; from page-locked memory it is a real asynchronous DMA.
+            self._host[spec.name] = self._cuda.host_alloc(nbytes)
+            self._staging[spec.name] = _host_array(self._host[spec.name], nbytes, spec.dtype)
         log.debug(
-            "%s: %d device buffers for batch <= %d: %s",
+            "%s: %d device + pinned host buffers for batch <= %d: %s",
             self._source,
             len(self._buffers),
             capacity,
@@ -569,22 +650,35 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"{self._source}: engine is closed")
             for spec, array in zip(self.inputs, arrays, strict=True):
                 self._set_input_shape(spec.name, array.shape)
-                cuda.to_device(self._buffers[spec.name], array, self._stream)
+                # Every run ends synchronised, so no copy still reads this staging buffer.
+                self._staging[spec.name][: array.size] = array.reshape(-1)
+                cuda.to_device(
+                    self._buffers[spec.name], self._host[spec.name], array.nbytes, self._stream
+                )
             if not self._context.execute_async_v3(int(self._stream)):
+                # Let the queued copies finish: the next run rewrites the staging buffers.
+                with contextlib.suppress(EngineError):
+                    cuda.synchronize(self._stream)
                 raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
-            results = {}
+            shapes = {}
             for spec in self.outputs:
                 # The actual output shape for this batch (e.g. (batch, 10)).
                 shape = tuple(self._context.get_tensor_shape(spec.name))
-                out = np.empty(shape, dtype=spec.dtype)
-                cuda.to_host(out, self._buffers[spec.name], self._stream)
-                results[spec.name] = out
-            # The copies above are asynchronous: the arrays are filled only after this.
+                nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
+                cuda.to_host(self._host[spec.name], self._buffers[spec.name], nbytes, self._stream)
+                shapes[spec.name] = shape
+            # Everything above is queued on the stream: one synchronisation for the whole run.
             cuda.synchronize(self._stream)
+            # Copies out of the staging buffers, which the next run overwrites.
+            results = {
+                name: self._staging[name][: int(np.prod(shape))].reshape(shape).copy()
+                for name, shape in shapes.items()
+            }
         return results
 
     def close(self) -> None:
-        """Free the device buffers, the stream and the context; further runs fail."""
+        """Free the device and pinned host buffers, the stream and the context; further
+        runs fail."""
         with self._lock:
             if self._closed:
                 return
@@ -605,6 +699,13 @@ class TensorRTEngine(Engine):
             except EngineError as exc:
                 errors.append(str(exc))
         self._buffers = {}
+        self._staging = {}  # no view may outlive the pinned memory it points into
+        for ptr in self._host.values():
+            try:
+                self._cuda.free_host(ptr)
+            except EngineError as exc:
+                errors.append(str(exc))
+        self._host = {}
         if self._stream is not None:
             try:
                 self._cuda.stream_destroy(self._stream)
@@ -629,15 +730,37 @@ class TensorRTEngine(Engine):
 
 
 def _fp16_model_bytes(onnx_path: Path) -> bytes:
+    """The ONNX model at ``onnx_path`` converted to fp16 compute with fp32 inputs/outputs.
+
+    A strongly typed network computes in the precisions the graph states, so fp16 has to be
+    in the graph. onnxconverter-common's documented converter is used where installed
+    (``pip install innfer[gpu]``): it keeps precision-sensitive ops (Resize, TopK, Range, ...)
+    in fp32 behind casts. Otherwise the built-in pass (``fp16.convert_to_fp16``) runs.
+    """
     try:
         import onnx
     except ImportError as exc:
         raise EngineError(
-            "fp16 on TensorRT >= 11 converts the ONNX model to fp16 first, which needs the "
-            "onnx package: pip install onnx"
+            "fp16 TensorRT engines are built from an fp16 ONNX graph, and converting it needs "
+            "the onnx package: pip install onnx"
         ) from exc
     try:
+        from onnxconverter_common import float16
+    except ImportError:
+        float16 = None
+    try:
         model = onnx.load(str(onnx_path))  # also loads weights stored beside the file
-        return convert_to_fp16(model).SerializeToString()
-    except ValueError as exc:
+        if float16 is not None:
+            log.info("converting %s to fp16 with onnxconverter-common", onnx_path)
+            # keep_io_types: callers keep feeding and reading fp32, as the engine's I/O says.
+            half = float16.convert_float_to_float16(model, keep_io_types=True)
+        else:
+            log.info(
+                "converting %s to fp16 with the built-in pass (runtime.engines.fp16; "
+                "install onnxconverter-common for the documented converter)",
+                onnx_path,
+            )
+            half = convert_to_fp16(model)
+        return half.SerializeToString()
+    except Exception as exc:  # either converter: a graph it cannot convert is a build error
         raise EngineError(f"cannot convert {onnx_path} to fp16: {exc}") from exc

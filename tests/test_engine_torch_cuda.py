@@ -1,0 +1,244 @@
+"""The torch backend's CUDA graphs: one graph per batch size, captured lazily, replayed after.
+
+The ``gpu`` test runs the real thing and skips without CUDA. On CPU: the engine never touches
+CUDA graphs, the switches are honoured, and the capture/replay bookkeeping is checked against
+a FAKE of the few ``torch.cuda`` graph calls the engine makes (CUDA cannot run here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import fx, nn
+
+from runtime.engines.base import BuildOptions, TensorSpec
+from runtime.engines.torch import (
+    CUDA_GRAPHS_ENV,
+    MODULE_SPEC,
+    MODULE_WEIGHTS,
+    TorchBackend,
+    TorchEngine,
+    cuda_graphs_enabled,
+)
+from runtime.inn import graphio
+
+IN_F, OUT_F = 12, 5
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_F, 32), nn.ReLU(), nn.Linear(32, OUT_F)).eval()
+
+
+def _save_tier(d, net: nn.Module) -> None:
+    """A tier as the build writes it for the torch backend: module.json + safetensors."""
+    gm = fx.symbolic_trace(net)
+    meta = {
+        "architecture": graphio.to_spec(gm),
+        "inputs": [["input", "float32", [-1, IN_F]]],
+        "outputs": [["logits", "float32", [-1, OUT_F]]],
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    (d / MODULE_SPEC).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in gm.state_dict().items()}, str(d / MODULE_WEIGHTS))
+
+
+def _x(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, IN_F)).astype(np.float32)
+
+
+@torch.no_grad()
+def _expected(net: nn.Module, x: np.ndarray) -> np.ndarray:
+    return net(torch.from_numpy(x)).numpy()
+
+
+# --- CPU: no CUDA graphs, ever -------------------------------------------------------------
+
+
+def test_cpu_engine_never_uses_cuda_graphs(tmp_path, monkeypatch):
+    class Forbidden:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("a CUDA graph was created for a CPU engine")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Forbidden)
+    monkeypatch.setattr(torch.cuda, "graph", Forbidden)
+    net = _net()
+    _save_tier(tmp_path / "tier", net)
+    engine = TorchBackend().load(tmp_path / "tier", BuildOptions(max_batch=4))
+    assert engine.device == "cpu"
+    for batch, seed in ((1, 0), (3, 1), (3, 2), (9, 3)):  # 9 > max_batch: still just eager
+        x = _x(batch, seed)
+        np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x))
+    assert engine.graph_captures == 0 and engine.captured_batches == []
+
+
+def test_cuda_graphs_switches(monkeypatch):
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    assert cuda_graphs_enabled(BuildOptions()) is True
+    assert cuda_graphs_enabled(BuildOptions(extra={"cuda_graphs": False})) is False
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv(CUDA_GRAPHS_ENV, off)
+        assert cuda_graphs_enabled(BuildOptions()) is False
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "1")
+    assert cuda_graphs_enabled(BuildOptions()) is True
+
+
+# --- CPU: the capture/replay bookkeeping against a FAKE torch.cuda -------------------------
+
+
+class _FakeGraph:
+    """FAKE torch.cuda.CUDAGraph: replay() re-runs what was recorded during capture and
+    writes the results into the tensors the capture returned, as a real replay does."""
+
+    def __init__(self) -> None:
+        self.recorded = None  # (module, static args, static outputs)
+        self.replays = 0
+
+    def replay(self) -> None:
+        module, args, out = self.recorded
+        out.copy_(module.inner(*args))
+        self.replays += 1
+
+
+class _Recorder(nn.Module):
+    """Wraps the tier; during a FAKE capture it records the call on the graph."""
+
+    capturing: _FakeGraph | None = None
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        if _Recorder.capturing is not None:
+            _Recorder.capturing.recorded = (self, (x,), out)
+        return out
+
+
+class _FakeCuda:
+    """The torch.cuda calls the engine makes to capture, on CPU tensors."""
+
+    def __init__(self, fail_batches=()) -> None:
+        self.fail_batches = set(fail_batches)
+        self.graphs: list[_FakeGraph] = []
+        self.modes: list[str] = []
+
+    def install(self, monkeypatch) -> None:
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self._new_graph)
+        monkeypatch.setattr(torch.cuda, "graph", self._capture)
+
+    def _new_graph(self) -> _FakeGraph:
+        self.graphs.append(_FakeGraph())
+        return self.graphs[-1]
+
+    @contextlib.contextmanager
+    def _capture(self, graph, pool=None, capture_error_mode="global"):
+        assert pool == "pool"
+        self.modes.append(capture_error_mode)
+        _Recorder.capturing = graph
+        try:
+            yield
+            if graph.recorded[1][0].shape[0] in self.fail_batches:
+                raise RuntimeError("operation not permitted when stream is capturing")
+        finally:
+            _Recorder.capturing = None
+
+
+def _graph_engine(net: nn.Module, max_batch: int = 4) -> TorchEngine:
+    engine = TorchEngine(
+        _Recorder(net),
+        "cpu",
+        torch.float32,
+        [TensorSpec("input", "float32", (-1, IN_F))],
+        [TensorSpec("logits", "float32", (-1, OUT_F))],
+        max_batch=max_batch,
+    )
+    engine._use_graphs = True  # as on a CUDA device; the fake stands in for torch.cuda
+    return engine
+
+
+def test_one_graph_per_batch_size_captured_lazily_then_replayed(monkeypatch):
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    net = _net()
+    engine = _graph_engine(net, max_batch=4)
+
+    x = _x(1, 0)
+    np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
+    assert engine.graph_captures == 1 and engine.captured_batches == [1]
+    # Same batch size, new values: no capture, the values reach the graph through its inputs.
+    x = _x(1, 1)
+    np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
+    assert engine.graph_captures == 1 and fake.graphs[0].replays == 2
+    x = _x(3, 2)
+    np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
+    assert engine.captured_batches == [1, 3]
+    # Beyond max_batch: eager, no graph (memory stays bounded by 1..max_batch).
+    x = _x(6, 4)
+    np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
+    assert engine.captured_batches == [1, 3] and len(fake.graphs) == 2
+    assert set(fake.modes) == {"thread_local"}  # other engines' threads may run meanwhile
+    engine.close()
+    assert engine.captured_batches == []
+
+
+def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):
+    fake = _FakeCuda(fail_batches={2})
+    fake.install(monkeypatch)
+    net = _net()
+    engine = _graph_engine(net, max_batch=4)
+    engine.run({"input": _x(1, 0)})  # captured before the failure
+    with caplog.at_level(logging.WARNING, logger="innfer.engines.torch"):
+        for batch, seed in ((2, 1), (2, 2), (4, 3)):
+            x = _x(batch, seed)
+            got = engine.run({"input": x})["logits"]
+            np.testing.assert_allclose(got, _expected(net, x), rtol=1e-6)
+    assert caplog.text.count("CUDA graph capture failed") == 1
+    assert engine.captured_batches == [1]  # no further capture attempts after the failure
+    assert len(fake.graphs) == 2  # batch 1's and the failed one; none for batch 4
+    x = _x(1, 5)  # the graph captured earlier keeps replaying
+    np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
+    assert fake.graphs[0].replays == 2
+
+
+# --- gpu: real CUDA graphs -----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("torch here has no CUDA")
+    net = _net()
+    _save_tier(tmp_path / "tier", net)
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    extra = {"device": "cuda"}
+    graphs = TorchBackend().load(tmp_path / "tier", BuildOptions(max_batch=4, extra=extra))
+    eager = TorchBackend().load(
+        tmp_path / "tier", BuildOptions(max_batch=4, extra={**extra, "cuda_graphs": False})
+    )
+    results = {}
+    for batch in (1, 3):
+        for seed in (batch, batch + 10):  # the second call of a batch size replays
+            x = _x(batch, seed)
+            got = graphs.run({"input": x})["logits"]
+            np.testing.assert_allclose(got, eager.run({"input": x})["logits"], rtol=1e-5)
+            np.testing.assert_allclose(got, _expected(net, x), rtol=1e-4, atol=1e-5)
+            results[seed] = (x, got)
+    # Results are copies: later replays of the same graph left the earlier ones alone.
+    for x, got in results.values():
+        np.testing.assert_allclose(got, _expected(net, x), rtol=1e-4, atol=1e-5)
+    assert graphs.captured_batches == [1, 3]
+    assert graphs.graph_captures == 2  # one per batch size: the repeats replayed
+    assert eager.graph_captures == 0
