@@ -3,8 +3,10 @@
 ``run_load`` is open loop: arrivals come from the simulator's traces (same seed, same
 times), whether or not earlier requests were answered. ``run_closed_loop`` is closed loop:
 N clients, each sending its next request as soon as the previous one is answered or
-refused. Each request carries its budget as ``latency_budget_ms``; the client measures
-latency and checks it against the budget. Bounded in count and time, and only loopback
+refused. Each request carries its budget as ``latency_budget_ms`` (plus any extra request
+parameters the caller gives, e.g. innfer's ``tier`` pin); the client measures latency and
+checks it against the budget. Servers that answer without a ``tier`` response parameter (other
+OIP servers) are recorded with tier None. Bounded in count and time, and only loopback
 addresses are accepted.
 
 Example:
@@ -61,14 +63,17 @@ async def run_load(
     inputs: dict[str, np.ndarray],
     max_seconds: float = 600.0,
     accuracy: dict[str, float] | None = None,
+    parameters: dict | None = None,
 ) -> LoadReport:
-    """Send one request per arrival time (seconds from start); wait for all answers."""
+    """Send one request per arrival time (seconds from start); wait for all answers.
+    ``parameters``: extra request parameters sent with every request (the budget is set
+    per request and takes precedence)."""
     import tritonclient.grpc.aio as tca
     from tritonclient.utils import InferenceServerException
 
     check_loopback(address)
     n = len(arrivals)
-    rec = _Record(n, "unsent")
+    rec = _Record(n, "unsent", parameters)
     async with tca.InferenceServerClient(address) as client:
         tensors = _tensors(tca, inputs)
 
@@ -102,12 +107,14 @@ async def run_closed_loop(
     inputs: dict[str, np.ndarray],
     accuracy: dict[str, float] | None = None,
     drain_s: float = DRAIN_S,
+    parameters: dict | None = None,
 ) -> LoadReport:
     """``concurrency`` clients on one channel, each sending its next request as soon as its
     previous one is answered or refused, until ``n_requests`` are sent or ``max_seconds``
     have passed (no send after that; answers are awaited ``drain_s`` more, then counted as
-    NO_ANSWER). Request ``i`` (in send order) carries the budget ``budget_fn(i)`` seconds.
-    The report covers the requests sent: sent = within budget + late + refused.
+    NO_ANSWER). Request ``i`` (in send order) carries the budget ``budget_fn(i)`` seconds
+    and the extra request ``parameters``, if any (the budget takes precedence). The report
+    covers the requests sent: sent = within budget + late + refused.
 
     Example:
         >>> r = asyncio.run(run_closed_loop("127.0.0.1:8001", "mnist", 8, 2000, 30.0,
@@ -125,7 +132,7 @@ async def run_closed_loop(
         raise ValueError(
             f"need n_requests >= 0 and max_seconds > 0, got {n_requests} and {max_seconds}"
         )
-    rec = _Record(n_requests, "unsent")
+    rec = _Record(n_requests, "unsent", parameters)
     budgets = np.full(n_requests, np.nan)
     sent = 0
     async with tca.InferenceServerClient(address) as client:
@@ -155,24 +162,26 @@ async def run_closed_loop(
 
 
 class _Record:
-    """Per request: latency (ms, NaN without an answer), serving tier, status code; and the
-    error messages in the order they came."""
+    """Per request: latency (ms, NaN without an answer), serving tier (None where the server
+    did not say), status code; and the error messages in the order they came."""
 
-    def __init__(self, n: int, code: str) -> None:
+    def __init__(self, n: int, code: str, parameters: dict | None = None) -> None:
+        self.parameters = dict(parameters or {})
         self.latency = np.full(n, np.nan)
         self.tiers: list[str | None] = [None] * n
         self.codes = [code] * n
         self.errors: list[str] = []
 
     async def send(self, client, model: str, tensors, i: int, budget_s: float, error) -> None:
-        """Request ``i`` with ``latency_budget_ms``; record its answer or its gRPC error."""
+        """Request ``i`` with ``latency_budget_ms`` and the extra parameters; record its answer
+        or its gRPC error."""
+        params = {**self.parameters, "latency_budget_ms": float(budget_s * 1e3)}
         t0 = time.perf_counter()
         try:
-            r = await client.infer(
-                model, tensors, parameters={"latency_budget_ms": float(budget_s * 1e3)}
-            )
+            r = await client.infer(model, tensors, parameters=params)
             self.latency[i] = (time.perf_counter() - t0) * 1e3
-            self.tiers[i] = r.get_response().parameters["tier"].string_param
+            tier = r.get_response().parameters.get("tier")
+            self.tiers[i] = tier.string_param if tier is not None else None
             self.codes[i] = "OK"
         except error as exc:
             self.codes[i] = _code(exc)

@@ -1,14 +1,16 @@
 """The closed-loop load generator against the real server (tests/conftest.py ``server``):
-counts add up, refusals keep their gRPC code and message, and a run stops at its bounds."""
+counts add up, refusals keep their gRPC code and message, a run stops at its bounds, extra
+request parameters reach the server, and an answer without a tier is recorded as None."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from sim.loadgen import run_closed_loop
+from sim.loadgen import _Record, run_closed_loop, run_load
 
 pytestmark = pytest.mark.e2e
 
@@ -55,3 +57,36 @@ def test_closed_loop_checks_its_arguments():
         asyncio.run(run_closed_loop("10.0.0.1:8001", "tiny", 1, 1, 1.0, lambda i: 1.0, INPUTS))
     with pytest.raises(ValueError, match="concurrency"):
         asyncio.run(run_closed_loop("127.0.0.1:1", "tiny", 0, 1, 1.0, lambda i: 1.0, INPUTS))
+
+
+def test_extra_parameters_go_with_every_request(server):
+    # innfer's tier pin: every answer comes from the pinned tier, in both load generators.
+    report = asyncio.run(
+        run_closed_loop(
+            server.address, "tiny", 2, 12, 20.0, lambda i: 5.0, INPUTS, parameters={"tier": "w050"}
+        )
+    )
+    assert report.summary["sent"] == 12 and report.tiers == ["w050"] * 12
+    arrivals, budgets = np.linspace(0.0, 0.05, 6), np.full(6, 5.0)
+    report = asyncio.run(
+        run_load(server.address, "tiny", arrivals, budgets, INPUTS, parameters={"tier": "w050"})
+    )
+    assert report.codes == ["OK"] * 6 and report.tiers == ["w050"] * 6
+
+
+def test_an_answer_without_a_tier_is_recorded_as_none():
+    # Other OIP servers (KServe, Triton) send no "tier" response parameter.
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import InferenceServerException
+
+    sent = {}
+
+    class Client:
+        async def infer(self, model, tensors, parameters):
+            sent.update(parameters)
+            return SimpleNamespace(get_response=service_pb2.ModelInferResponse)
+
+    rec = _Record(1, "unsent", {"tier": "w100", "latency_budget_ms": 1.0})
+    asyncio.run(rec.send(Client(), "m", [], 0, 0.25, InferenceServerException))
+    assert rec.codes == ["OK"] and rec.tiers == [None] and rec.latency[0] >= 0
+    assert sent == {"tier": "w100", "latency_budget_ms": 250.0}  # the budget takes precedence

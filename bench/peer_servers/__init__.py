@@ -1,0 +1,1 @@
+"""Peer servers of bench/peers.py, run inside their own virtual environments."""

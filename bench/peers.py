@@ -1,0 +1,967 @@
+"""innfer against KServe and PyTriton, side by side in one run, with the same load generator.
+
+Servers (each its own process on 127.0.0.1, free ports, pinned to --server-cpus with taskset;
+ONNX Runtime with 1 intra-op and 1 inter-op thread in all three):
+  innfer    `innfer serve` from this tree (bench.live_scheduler.LiveServer), pinned to its full
+            tier by the request parameter tier=w100 (the same work as the peers), except at
+            the budget point, where it schedules freely
+  kserve    KServe 0.21, a custom `kserve.Model` running the ONNX file with ONNX Runtime, its
+            gRPC v2 endpoint (bench/peer_servers/kserve_onnx.py); no batching
+  pytriton  PyTriton 0.7 (Triton's dynamic batcher, max batch 8, queue delay
+            --pytriton-queue-delay-us) with an @batch function running the same ONNX file
+            (bench/peer_servers/pytriton_onnx.py)
+The peers run in their own virtual environments (--peers-venv DIR: DIR/kserve, DIR/pytriton),
+made here on first use with pip from the package registry (pinned versions, onnxruntime at
+this environment's version; a marker file lists the requirements) and kept out of the
+project's dependencies. Every server serves the same ONNX file: innfer's full tier source,
+<repo>/<model>/tiers/w100/model.onnx (innfer runs the ORT-optimised build of that file).
+
+Models: the MLP 784-2048-2048-10 (bench/server.py build_repo, runs/bench-server, "mlp") and
+the ResNet-18-like CNN at width 0.5, 3x224x224 (bench/live_scheduler.py build_repo,
+runs/bench-live, "resnet18w50"); inputs runtime.repository.profile.random_feeds(seed), batch 1.
+
+Points per model (load generator: sim.loadgen over tritonclient.grpc.aio, this process pinned
+to --client-cpus; at most --requests requests or --seconds s each):
+  c1, c8      closed loop, 1 and 8 clients, latency_budget_ms 10,000 (no budget), each run
+              --repeats times on a fresh server per repeat (servers in rotating order)
+  c8-b30      ResNet only: closed loop, 8 clients, latency_budget_ms 30; innfer unpinned;
+              goodput within budget (answered within 30 ms / s) for all three
+  open-0.8x   open loop, Poisson arrivals (seed --seed) at 0.8 x the best c8 throughput of
+              this run (any server), the same arrivals for all three, no budget
+Per point and server: sent, answered, throughput (answered / s), p50 / p90 / p99 latency of
+answered requests (client side), goodput within budget where budgets apply, errors by gRPC
+code, the mean batch size where the server keeps ModelStatistics (innfer, Triton), innfer's
+tier mix. With --repeats > 1: the median and min-max over repeats. Each started server is
+first checked to answer the benchmark input as the in-process engine does (max |diff|).
+Floors, in this run: the engine time (a plain ONNX Runtime session in this process, batch 1,
+median) and, for the MLP, the gRPC echo floor (bench/server_baselines.py echo, closed loop
+c=1, p50).
+Goals (the issue's): innfer throughput >= 1.1 x the best peer's and innfer p50 <= the lowest
+peer p50, at c1 and c8 of each model; MLP: innfer c1 p50 - (engine + echo) <= 0.3 ms.
+
+Writes bench/results/peers.json and peers.png, the servers' logs to
+bench/results/peers-<server>.log, and prints a table and the goals.
+
+    .venv/bin/python -m bench.peers [--requests 2000] [--seconds 30] [--models mlp,resnet]
+        [--repeats 1] [--peers-venv runs/peers-venv] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.hardening import free_ports, tail
+from bench.live_scheduler import (
+    READY_TIMEOUT_S,
+    LiveServer,
+    check_common,
+    commit_of,
+    common_args,
+    open_trace,
+    pin_client,
+    select,
+    tier_widths,
+)
+from bench.publish import publish
+from sim.loadgen import run_closed_loop, run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+WORK = ROOT / "runs" / "peers"
+PEER_SERVERS = Path(__file__).parent / "peer_servers"
+STEM = "peers"
+HOST = "127.0.0.1"
+
+SERVERS = ("innfer", "kserve", "pytriton")
+PEERS = SERVERS[1:]
+MODELS = {"mlp": "mlp", "resnet": "resnet18w50"}  # --models key -> served model name
+FULL_TIER = "w100"
+THREADS = 1
+NO_BUDGET_MS = 10_000.0  # "no budget": far above any latency here, so innfer never refuses
+BUDGET_MS = 30.0
+OPEN_LOAD = 0.8
+PIN = {"tier": FULL_TIER}
+PEER_REQUIREMENTS = {
+    "kserve": ["kserve==0.21.0"],
+    "pytriton": ["nvidia-pytriton==0.7.0", "numpy<2"],  # pytriton 0.7 is built on numpy 1
+}
+PEER_PACKAGES = {"kserve": ["kserve"], "pytriton": ["nvidia-pytriton", "numpy"]}
+MARKER = "innfer-requirements.txt"
+QUICK = {"requests": 200, "seconds": 10.0, "warmup": 8}
+OVERHEAD_GOAL_MS = 0.3
+THROUGHPUT_GOAL = 1.1
+HEADLINE = ("throughput_per_s", "p50_ms", "p90_ms", "p99_ms", "goodput_per_s")
+
+
+# -- the peers' environments ----------------------------------------------------------------
+def peer_requirements(name: str) -> list[str]:
+    """What the peer's venv installs: its pins, and onnxruntime at this environment's version
+    (innfer's), so that all three run the same ONNX Runtime."""
+    import onnxruntime
+
+    return [*PEER_REQUIREMENTS[name], f"onnxruntime=={onnxruntime.__version__}"]
+
+
+def ensure_venv(root: Path, name: str) -> Path:
+    """``root/name``'s python, made (python -m venv + pip install) unless its marker file
+    already lists exactly these requirements."""
+    venv, reqs = root / name, peer_requirements(name)
+    python, marker = venv / "bin" / "python", venv / MARKER
+    want = "".join(f"{r}\n" for r in reqs)
+    if python.is_file() and marker.is_file() and marker.read_text() == want:
+        return python
+    print(
+        f"peer venv {venv}: pip install {' '.join(reqs)} from the package registry "
+        "(once; a few minutes)",
+        file=sys.stderr,
+        flush=True,
+    )
+    marker.unlink(missing_ok=True)  # a failed install must not look finished
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--progress-bar", "off", *reqs], check=True, stdout=sys.stderr)
+    marker.write_text(want)
+    return python
+
+
+def versions(python: Path | None, packages: list[str]) -> dict[str, str]:
+    """Installed versions of ``packages`` in ``python``'s environment (None: this one)."""
+    if python is None:
+        return {p: importlib.metadata.version(p) for p in packages}
+    code = (
+        "import importlib.metadata as m, json, sys; "
+        "print(json.dumps({p: m.version(p) for p in sys.argv[1:]}))"
+    )
+    out = subprocess.run(
+        [str(python), "-c", code, *packages], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+# -- the models -----------------------------------------------------------------------------
+def model_repo(key: str, seed: int, rebuild: bool) -> tuple[Path, str]:
+    """The model directory (built or reused by the benchmark that owns it) and how."""
+    if key == "mlp":
+        from bench import server
+
+        if rebuild:
+            shutil.rmtree(server.REPO / "mlp", ignore_errors=True)
+        reused = (server.REPO / "mlp" / "profile.json").is_file()
+        server.build_repo()
+        return server.REPO / "mlp", "reused" if reused else "built"
+    from bench import live_scheduler
+
+    return live_scheduler.build_repo(seed, rebuild)
+
+
+def serving_copy(model_dir: Path) -> Path:
+    """A repository holding only this model (runs/bench-live has other folders beside it),
+    copied afresh so that innfer's caches do not touch the source."""
+    repo = WORK / f"repo-{model_dir.name}"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(model_dir, repo / model_dir.name)
+    return repo
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_points(key: str) -> list[dict]:
+    pts = [
+        {"id": "c1", "kind": "closed", "concurrency": 1, "budget_ms": None},
+        {"id": "c8", "kind": "closed", "concurrency": 8, "budget_ms": None},
+    ]
+    if key == "resnet":
+        pts.append({"id": "c8-b30", "kind": "closed", "concurrency": 8, "budget_ms": BUDGET_MS})
+    pts.append({"id": f"open-{OPEN_LOAD:g}x", "kind": "open", "load": OPEN_LOAD, "budget_ms": None})
+    return pts
+
+
+def request_parameters(server: str, point: dict) -> dict | None:
+    """innfer is pinned to its full tier where no budget applies; with a budget it chooses.
+    The peers get no extra parameters (they ignore latency_budget_ms, which all get)."""
+    return PIN if server == "innfer" and point["budget_ms"] is None else None
+
+
+# -- the servers ----------------------------------------------------------------------------
+class InnferServer(LiveServer):
+    """`innfer serve` of this tree over a one-model repository (LiveServer's launch)."""
+
+    def __init__(self, repo: Path, model: str, log: Path, cpus: set[int] | None) -> None:
+        super().__init__("innfer", ROOT, repo, log, cpus)
+        self.model = model
+
+    def start(self, label: str) -> dict:
+        port, mport = free_ports(2)
+        cli = ["--repository", str(self.repo), "--host", HOST, "--port", str(port),
+               "--metrics-port", str(mport)]  # fmt: skip
+        return self._launch(label, cli, port, (self.model,))
+
+
+class PeerServer:
+    """A peer server (or the echo floor) as a subprocess on free loopback ports, pinned to
+    ``cpus`` like LiveServer, in a session of its own so that stop() also ends what it
+    started (PyTriton runs tritonserver and a Python backend stub as children)."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Callable[[list[int]], list[str]],
+        n_ports: int,
+        model: str | None,
+        log: Path,
+        cpus: set[int] | None,
+    ) -> None:
+        self.name, self.command, self.n_ports = name, command, n_ports
+        self.model, self.log, self.cpus = model, log, cpus
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, label: str) -> dict:
+        """Start it and wait until ``model`` is ready (ModelReady; the echo server, which
+        has no models, until ServerLive)."""
+        import tritonclient.grpc as tc
+
+        ports = free_ports(self.n_ports)
+        self.address = f"{HOST}:{ports[0]}"
+        cmd = self.command(ports)
+        taskset = shutil.which("taskset")
+        if self.cpus and taskset:
+            cmd = [taskset, "-c", ",".join(map(str, sorted(self.cpus))), *cmd]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(THREADS))
+        with open(self.log, "a") as log:
+            log.write(f"\n===== {label}: {' '.join(cmd)}\n")
+            log.flush()
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if self.cpus and not taskset:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+        with tc.InferenceServerClient(self.address) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.proc.returncode}):\n{tail(self.log)}"
+                    )
+                if time.monotonic() - t0 > READY_TIMEOUT_S:
+                    raise RuntimeError(
+                        f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(self.log)}"
+                    )
+                with contextlib.suppress(Exception):  # not listening yet
+                    ready = (
+                        client.is_model_ready(self.model) if self.model else client.is_server_live()
+                    )
+                    if ready:
+                        break
+                time.sleep(0.2)
+        try:
+            affinity = sorted(os.sched_getaffinity(self.proc.pid))
+        except OSError:
+            affinity = None
+        return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()  # both peers shut down cleanly on SIGTERM
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind, if any
+
+
+def make_servers(
+    python: dict[str, Path], repo: Path, model: str, onnx: Path, args, cpus
+) -> dict[str, InnferServer | PeerServer]:
+    def log(name: str) -> Path:
+        return args.out / f"{STEM}-{name}.log"
+
+    def peer(name: str, ports: list[int], *extra: str) -> list[str]:
+        return [str(python[name]), str(PEER_SERVERS / f"{name}_onnx.py"), "--onnx", str(onnx),
+                "--model-name", model, "--grpc-port", str(ports[0]), "--http-port",
+                str(ports[1]), "--threads", str(THREADS), *extra]  # fmt: skip
+
+    def kserve(ports: list[int]) -> list[str]:
+        return peer("kserve", ports)
+
+    def pytriton(ports: list[int]) -> list[str]:
+        delay = str(args.pytriton_queue_delay_us)
+        return peer("pytriton", ports, "--metrics-port", str(ports[2]), "--queue-delay-us", delay)
+
+    return {
+        "innfer": InnferServer(repo, model, log("innfer"), cpus),
+        "kserve": PeerServer("kserve", kserve, 2, model, log("kserve"), cpus),
+        "pytriton": PeerServer("pytriton", pytriton, 3, model, log("pytriton"), cpus),
+    }
+
+
+# -- measuring ------------------------------------------------------------------------------
+def figures(report, budget_ms: float | None, widths: dict[str, float]) -> dict:
+    """One run of one point on one server, from sim.loadgen's report."""
+    s = report.summary
+    ok = np.array([c == "OK" for c in report.codes], dtype=bool)
+    lat = report.latency_ms[ok]
+    wall = s["wall_seconds"]
+
+    def pct(q: float) -> float | None:
+        return float(np.percentile(lat, q)) if len(lat) else None
+
+    errors = {k: v for k, v in s["refused"].items() if k != "unsent"}
+    out = {
+        "sent": s["sent"],
+        "answered": int(ok.sum()),
+        "throughput_per_s": float(ok.sum() / wall) if wall else 0.0,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "goodput_per_s": s["goodput_per_s"] if budget_ms is not None else None,
+        "within_budget": s["within_budget"] if budget_ms is not None else None,
+        "errors": errors,
+        "first_error": s["first_error"],
+        "wall_seconds": wall,
+    }
+    served = [t for t in report.tiers if t]
+    if served:  # innfer says which tier answered; the peers do not
+        out["tier_mix"] = s["tier_mix"]
+        out["mean_served_width"] = float(np.mean([widths.get(t, np.nan) for t in served]))
+    return out
+
+
+def run_point(server, point: dict, su: dict, args, arrivals=None) -> dict:
+    """One point on a started server; ``su``: the model's setup (name, inputs, widths)."""
+    model, inputs = su["model"], su["inputs"]
+    params = request_parameters(server.name, point)
+    budget_ms = point["budget_ms"]
+    budget_s = (NO_BUDGET_MS if budget_ms is None else budget_ms) / 1e3
+    load_before = os.getloadavg()[0]
+    counts_before = batch_counts(server, model)
+    if point["kind"] == "closed":
+        report = asyncio.run(
+            run_closed_loop(
+                server.address,
+                model,
+                point["concurrency"],
+                args.requests,
+                args.seconds,
+                lambda i: budget_s,
+                inputs,
+                parameters=params,
+            )
+        )
+    else:
+        budgets = np.full(len(arrivals), budget_s)
+        report = asyncio.run(
+            run_load(
+                server.address,
+                model,
+                arrivals,
+                budgets,
+                inputs,
+                max_seconds=args.seconds + 5,
+                parameters=params,
+            )
+        )
+    out = figures(report, budget_ms, su["widths"])
+    counts_after = batch_counts(server, model)
+    if counts_before and counts_after and counts_after[1] > counts_before[1]:
+        rows, runs = (a - b for a, b in zip(counts_after, counts_before, strict=True))
+        out["mean_batch"] = rows / runs
+    out["request_parameters"] = {**(params or {}), "latency_budget_ms": budget_s * 1e3}
+    out["loadavg_1m_before"] = load_before
+    return out
+
+
+def batch_counts(server, model: str) -> tuple[int, int] | None:
+    """(inference_count, execution_count) from ModelStatistics, where the server keeps them
+    (Triton, innfer; not KServe): their change over a point gives the mean batch size."""
+    import tritonclient.grpc as tc
+
+    try:
+        with tc.InferenceServerClient(server.address) as client:
+            stats = client.get_inference_statistics(model).model_stats
+        return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+    except Exception:  # KServe: UNIMPLEMENTED
+        return None
+
+
+def warm_up(server, su: dict, n: int) -> None:
+    """Unrecorded requests (ORT's first runs per batch size allocate), pinned for innfer."""
+    if n:
+        params = PIN if server.name == "innfer" else None
+        asyncio.run(
+            run_closed_loop(
+                server.address,
+                su["model"],
+                min(8, n),
+                n,
+                30.0,
+                lambda i: NO_BUDGET_MS / 1e3,
+                su["inputs"],
+                parameters=params,
+            )
+        )
+
+
+def session_points(
+    server, points: list[dict], label: str, su: dict, args, arrivals=None
+) -> dict[str, dict]:
+    """Start ``server``, check its answer against the in-process engine's, warm it up, run
+    ``points`` one after the other, stop it. A failure is recorded for every point not yet
+    run and the run goes on."""
+    out: dict[str, dict] = {}
+    try:
+        info = server.start(label)
+        info["max_abs_diff_vs_engine"] = answer_diff(server, su)
+        warm_up(server, su, args.warmup)
+        for pt in points:
+            print(f"  [{server.name}] {su['model']} {pt['id']} ...", file=sys.stderr, flush=True)
+            out[pt["id"]] = {**info, **run_point(server, pt, su, args, arrivals)}
+            out[pt["id"]]["server_alive_after"] = server.proc.poll() is None
+    except Exception as exc:  # record and go on with the next server
+        error = f"{type(exc).__name__}: {exc}"[:3000]
+        for pt in points:
+            out.setdefault(pt["id"], {"error": error})
+    finally:
+        server.stop()
+    return out
+
+
+def answer_diff(server, su: dict) -> float:
+    """The largest |difference| between the server's outputs for the benchmark's input and
+    the in-process engine's (``su["reference"]``): every server must compute the same model
+    (innfer runs the ORT-optimised build of the file: float rounding at most)."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, x in su["inputs"].items():
+        t = tc.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
+        t.set_data_from_numpy(x)
+        tensors.append(t)
+    params = {**(PIN if server.name == "innfer" else {}), "latency_budget_ms": NO_BUDGET_MS}
+    with tc.InferenceServerClient(server.address) as client:
+        r = client.infer(su["model"], tensors, parameters=params)
+    return max(float(np.max(np.abs(r.as_numpy(k) - v))) for k, v in su["reference"].items())
+
+
+def reference_outputs(onnx: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from bench.peer_servers.ort_session import session
+
+    sess = session(str(onnx), THREADS)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, inputs), strict=True))
+
+
+def engine_time(onnx: Path, inputs: dict[str, np.ndarray], n: int, max_s: float) -> dict:
+    """The in-process engine floor: the same ONNX Runtime session the peers run, called
+    directly at batch 1 (20 unrecorded runs, then n runs or max_s seconds)."""
+    from bench.peer_servers.ort_session import session
+
+    sess = session(str(onnx), THREADS)
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(20):
+        sess.run(names, inputs)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < n and time.perf_counter() - start < max_s:
+        t0 = time.perf_counter()
+        sess.run(names, inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "p50_ms": statistics.median(times),
+        "p90_ms": float(np.percentile(times, 90)),
+        "runs": len(times),
+        "how": f"onnxruntime.InferenceSession, {THREADS} thread, batch 1, in this process",
+    }
+
+
+def echo_floor(su: dict, args, cpus) -> dict:
+    """The transport floor: bench/server_baselines.py echo (answers at once, no outputs)
+    under the same load generator, closed loop c=1."""
+    script = str(ROOT / "bench" / "server_baselines.py")
+    echo = PeerServer(
+        "echo",
+        lambda ports: [sys.executable, script, "echo", str(ports[0]), "-", su["model"]],
+        1,
+        None,
+        args.out / f"{STEM}-echo.log",
+        cpus,
+    )
+    point = {"id": "echo-c1", "kind": "closed", "concurrency": 1, "budget_ms": None}
+    try:
+        echo.start("echo floor")
+        warm_up(echo, su, args.warmup)
+        return run_point(echo, point, su, args)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+    finally:
+        echo.stop()
+
+
+# -- summarising ----------------------------------------------------------------------------
+def headline(runs: list[dict]) -> dict:
+    """A point's figures on one server over its repeats: the median of each HEADLINE figure
+    and, with more than one run, its [min, max]; counts summed."""
+    good = [r for r in runs if "error" not in r]
+    out: dict = {"repeats": len(runs), "runs": runs}
+    if not good:
+        out["error"] = runs[-1]["error"] if runs else "not run"
+        return out
+    for k in HEADLINE:
+        vals = [r[k] for r in good if r.get(k) is not None]
+        out[k] = statistics.median(vals) if vals else None
+        if len(vals) > 1:
+            out[f"{k}_range"] = [min(vals), max(vals)]
+    out["sent"] = sum(r["sent"] for r in good)
+    out["answered"] = sum(r["answered"] for r in good)
+    out["errors"] = dict(sum((Counter(r["errors"]) for r in good), Counter()))
+    out["first_error"] = next((r["first_error"] for r in good if r["first_error"]), None)
+    widths = [r["mean_served_width"] for r in good if r.get("mean_served_width") is not None]
+    if widths:
+        out["mean_served_width"] = statistics.median(widths)
+        out["tier_mix"] = good[-1]["tier_mix"]
+    batches = [r["mean_batch"] for r in good if "mean_batch" in r]
+    if batches:
+        out["mean_batch"] = statistics.median(batches)
+    diffs = [r["max_abs_diff_vs_engine"] for r in good if "max_abs_diff_vs_engine" in r]
+    if diffs:
+        out["max_abs_diff_vs_engine"] = max(diffs)
+    if len(good) < len(runs):
+        out["failed_runs"] = len(runs) - len(good)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def goals(results: dict) -> list[dict]:
+    """The issue's goals from the headline figures: per model, at c1 and c8, innfer's
+    throughput over the best peer's (>= 1.1) and innfer's p50 against the lowest peer p50;
+    at the budget point the goodput within budget (reported, no target); the MLP's c1
+    overhead over engine + echo (<= 0.3 ms). ``met`` is None where a figure is missing."""
+    out = []
+    for key, m in results["models"].items():
+        for pt in m["points"]:
+            srv = pt["servers"]
+            inn = srv.get("innfer", {})
+            peers = {p: srv[p] for p in PEERS if p in srv and "error" not in srv[p]}
+            if pt["id"] in ("c1", "c8"):
+                tp = {p: s["throughput_per_s"] for p, s in peers.items()}
+                best = max(tp, key=tp.get) if tp else None
+                ratio = _ratio(inn.get("throughput_per_s"), tp.get(best))
+                out.append(
+                    {
+                        "kind": "throughput",
+                        "goal": f"throughput >= {THROUGHPUT_GOAL:g}x best peer",
+                        "unit": "req/s",
+                        "model": key,
+                        "point": pt["id"],
+                        "innfer": inn.get("throughput_per_s"),
+                        "best_peer": best,
+                        "peer": tp.get(best),
+                        "ratio": ratio,
+                        "met": None if ratio is None else ratio >= THROUGHPUT_GOAL,
+                    }
+                )
+                p50 = {p: s["p50_ms"] for p, s in peers.items() if s.get("p50_ms") is not None}
+                low = min(p50, key=p50.get) if p50 else None
+                mine = inn.get("p50_ms")
+                out.append(
+                    {
+                        "kind": "p50",
+                        "goal": "p50 <= best peer p50",
+                        "unit": "ms",
+                        "model": key,
+                        "point": pt["id"],
+                        "innfer": mine,
+                        "best_peer": low,
+                        "peer": p50.get(low),
+                        "ratio": _ratio(mine, p50.get(low)),
+                        "met": None if mine is None or low is None else mine <= p50[low],
+                    }
+                )
+            elif pt["budget_ms"] is not None:
+                good = {p: s.get("goodput_per_s") for p, s in peers.items()}
+                good = {p: v for p, v in good.items() if v is not None}
+                best = max(good, key=good.get) if good else None
+                out.append(
+                    {
+                        "kind": "goodput",
+                        "goal": f"goodput within {pt['budget_ms']:g} ms (reported)",
+                        "unit": "req/s",
+                        "model": key,
+                        "point": pt["id"],
+                        "innfer": inn.get("goodput_per_s"),
+                        "best_peer": best,
+                        "peer": good.get(best),
+                        "ratio": _ratio(inn.get("goodput_per_s"), good.get(best)),
+                        "met": None,
+                    }
+                )
+    ov = results.get("overhead")
+    if ov:
+        v = ov.get("overhead_ms")
+        out.append(
+            {
+                "kind": "overhead",
+                "goal": f"p50 - (engine + echo) <= {OVERHEAD_GOAL_MS:g} ms",
+                "unit": "ms",
+                "model": ov["model"],
+                "point": "c1",
+                "innfer": v,
+                "best_peer": None,
+                "peer": None,
+                "ratio": None,
+                "met": None if v is None else v <= OVERHEAD_GOAL_MS,
+            }
+        )
+    return out
+
+
+def overhead(results: dict, model_key: str = "mlp") -> dict | None:
+    """innfer c1 p50 minus (engine time + echo floor) on ``model_key``."""
+    m = results["models"].get(model_key)
+    floors = results["floors"].get(model_key, {})
+    if m is None or "echo" not in floors:
+        return None
+    c1 = next((p["servers"].get("innfer", {}) for p in m["points"] if p["id"] == "c1"), {})
+    engine = floors["engine"]["p50_ms"]
+    echo = floors["echo"].get("p50_ms")
+    p50 = c1.get("p50_ms")
+    value = p50 - engine - echo if None not in (p50, echo) else None
+    return {
+        "model": model_key,
+        "innfer_c1_p50_ms": p50,
+        "engine_p50_ms": engine,
+        "echo_c1_p50_ms": echo,
+        "overhead_ms": value,
+    }
+
+
+def _fig(s: dict, key: str, fmt: str, with_range: bool = True) -> str:
+    v = s.get(key)
+    if v is None:
+        return "-"
+    rng = s.get(f"{key}_range") if with_range else None
+    text = format(v, fmt)
+    return f"{text} [{format(rng[0], fmt)}-{format(rng[1], fmt)}]" if rng else text
+
+
+def summarise(results: dict) -> str:
+    rep = results["params"]["repeats"] > 1
+    w = 24 if rep else 9
+    head = (
+        f"{'model':<13}{'point':<11}{'server':<10}{'sent':>6}{'ok':>6}{'req/s':>{w}}"
+        f"{'p50 ms':>{w}}{'p90 ms':>9}{'p99 ms':>9}{'good/s':>9}  errors, mean batch, tiers"
+    )
+    lines = [head, "-" * len(head)]
+    for m in results["models"].values():
+        for pt in m["points"]:
+            for name, s in pt["servers"].items():
+                tag = f"{m['model']:<13}{pt['id']:<11}{name:<10}"
+                if "error" in s:
+                    lines.append(f"{tag}error: {s['error'][:90]}")
+                    continue
+                extra = " ".join(f"{k}:{v}" for k, v in s["errors"].items())
+                if s.get("mean_batch"):
+                    extra += f" batch {s['mean_batch']:.2f}"
+                if s.get("tier_mix"):
+                    extra += " " + " ".join(f"{k}:{v:.0%}" for k, v in s["tier_mix"].items())
+                lines.append(
+                    f"{tag}{s['sent']:>6}{s['answered']:>6}"
+                    f"{_fig(s, 'throughput_per_s', '.1f'):>{w}}{_fig(s, 'p50_ms', '.2f'):>{w}}"
+                    f"{_fig(s, 'p90_ms', '.2f', False):>9}{_fig(s, 'p99_ms', '.2f', False):>9}"
+                    f"{_fig(s, 'goodput_per_s', '.1f'):>9}  {extra.strip()}"
+                )
+            if pt.get("rate_per_s"):
+                lines.append(
+                    f"{'':<24}open loop at {pt['rate_per_s']:.1f}/s ({pt['n_arrivals']} arrivals)"
+                )
+    for m in results["models"].values():
+        diff = {}
+        for pt in m["points"]:
+            for name, s in pt["servers"].items():
+                if "max_abs_diff_vs_engine" in s:
+                    diff[name] = max(diff.get(name, 0.0), s["max_abs_diff_vs_engine"])
+        lines.append(
+            f"\n{m['model']}: answers vs the in-process engine, max |diff| "
+            + ", ".join(f"{k} {v:.2g}" for k, v in diff.items())
+        )
+    for key, f in results["floors"].items():
+        eng = f["engine"]["p50_ms"]
+        echo = f.get("echo", {}).get("p50_ms")
+        lines.append(
+            f"\nfloors {MODELS[key]}: engine p50 {eng:.3f} ms (in-process ORT, batch 1)"
+            + (f", gRPC echo c1 p50 {echo:.3f} ms" if echo is not None else "")
+        )
+    lines.append("\ngoals (innfer pinned to w100 except at the budget point):")
+    for g in results["goals"]:
+        met = {True: "met", False: "NOT met", None: "-"}[g["met"]]
+        fmt = ".3f" if g["unit"] == "ms" else ".1f"
+        val = "-" if g["innfer"] is None else f"innfer {g['innfer']:{fmt}} {g['unit']}"
+        peer = "" if g["best_peer"] is None else f" vs {g['best_peer']} {g['peer']:{fmt}}"
+        ratio = "" if g["ratio"] is None else f" ({g['ratio']:.3f}x)"
+        lines.append(
+            f"  {MODELS[g['model']]:<12}{g['point']:<8}{g['goal']:<33}{met:<9}{val}{peer}{ratio}"
+        )
+    lines.append(f"\naffinity {results['setup']['affinity']}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per model: throughput (goodput within budget at budget points) and p50 per point,
+    bars grouped by server; with repeats, whiskers span min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"].values())
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(max(8.0, 5.5 * len(models)), 6.5), squeeze=False
+    )
+    w = 0.8 / len(SERVERS)
+    for col, m in enumerate(models):
+        pts = m["points"]
+        x = np.arange(len(pts))
+        for row in (0, 1):
+            ax = axes[row][col]
+            for k, name in enumerate(SERVERS):
+                vals, err = [], []
+                for p in pts:
+                    key = "p50_ms" if row else _rate_key(p)
+                    s = p["servers"].get(name, {})
+                    v = np.nan if s.get(key) is None else s[key]
+                    lo, hi = s.get(f"{key}_range", (v, v))
+                    vals.append(v)
+                    err.append((v - lo, hi - v))
+                ax.bar(x - 0.4 + w * (k + 0.5), vals, w, label=name, yerr=np.array(err).T)
+            labels = [p["id"] + ("\n(goodput)" if p["budget_ms"] and not row else "") for p in pts]
+            ax.set_xticks(x, labels, fontsize=8)
+            ax.set_ylabel("p50 latency (ms)" if row else "throughput (req/s)")
+            if row == 0:
+                ax.set_title(m["model"], fontsize=9)
+                ax.legend(fontsize=8)
+    p = results["params"]
+    fig.suptitle(
+        f"innfer (tier w100; free at budget points) vs KServe vs PyTriton\nONNX Runtime "
+        f"{THREADS} thread, {p['requests']} requests / {p['seconds']:g} s per point, "
+        f"{p['repeats']} repeat(s)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _rate_key(point: dict) -> str:
+    """What a point's throughput bar shows: answered / s, or within budget / s."""
+    return "throughput_per_s" if point["budget_ms"] is None else "goodput_per_s"
+
+
+# -- main -----------------------------------------------------------------------------------
+def parse(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(p, 2000, "at most this many per point", "c8,open-*")
+    p.add_argument("--models", default="mlp,resnet", help="comma-separated: mlp, resnet")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each closed-loop point")
+    p.add_argument("--peers-venv", type=Path, default=ROOT / "runs" / "peers-venv")
+    p.add_argument(
+        "--pytriton-queue-delay-us",
+        type=int,
+        default=0,
+        help="Triton's max_queue_delay_microseconds",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: at most 200 requests / 10 s per point"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, QUICK["requests"])
+        args.seconds = min(args.seconds, QUICK["seconds"])
+        args.warmup = min(args.warmup, QUICK["warmup"])
+    check_common(p, args)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or set(args.models) - set(MODELS):
+        p.error(f"--models: a comma-separated subset of {', '.join(MODELS)}")
+    if not 1 <= args.repeats <= 20:
+        p.error("--repeats must be in [1, 20]")
+    if args.pytriton_queue_delay_us < 0:
+        p.error("--pytriton-queue-delay-us must be >= 0")
+    # --points may name points some models lack (c8-b30 is the ResNet's): match the union
+    union = {pt["id"]: pt for k in args.models for pt in model_points(k)}
+    args.point_ids = {pt["id"] for pt in select(list(union.values()), args.points)}
+    if any(i.startswith("open") for i in args.point_ids) and "c8" not in args.point_ids:
+        p.error("the open-loop point's rate comes from c8: select c8 too")
+    args.models = [
+        k for k in args.models if any(pt["id"] in args.point_ids for pt in model_points(k))
+    ]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    python = {name: ensure_venv(args.peers_venv.resolve(), name) for name in PEERS}
+    WORK.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in (*SERVERS, "echo"):
+        (args.out / f"{STEM}-{name}.log").write_text("")
+
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.profile import random_feeds
+
+    setups = {}
+    for key in args.models:
+        model_dir, how = model_repo(key, args.seed, args.rebuild)
+        print(f"model {model_dir} ({how})", file=sys.stderr, flush=True)
+        onnx = model_dir / "tiers" / FULL_TIER / "model.onnx"
+        config = ModelConfig.load(model_dir / "model.yaml")
+        setups[key] = {
+            "model": MODELS[key],
+            "model_dir": model_dir,
+            "build": how,
+            "onnx": onnx,
+            "inputs": random_feeds(config.inputs, 1, seed=args.seed),
+            "widths": tier_widths(model_dir),
+            "repo": serving_copy(model_dir),
+            "points": [pt for pt in model_points(key) if pt["id"] in args.point_ids],
+        }
+
+    affinity = pin_client(args)
+    cpus = args.server_cpus if affinity["pinned"] else None
+    results: dict = {
+        "params": {
+            "requests": args.requests,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "models": args.models,
+            "points": args.points,
+            "quick": args.quick,
+        },
+        "setup": {
+            "versions": {
+                "innfer": commit_of(ROOT),
+                "load generator (this environment)": versions(
+                    None, ["onnxruntime", "tritonclient", "grpcio", "numpy"]
+                ),
+                **{p: versions(python[p], [*PEER_PACKAGES[p], "onnxruntime"]) for p in PEERS},
+            },
+            "peer_venvs": {p: str(python[p].parents[1]) for p in PEERS},
+            "peer_requirements": {p: peer_requirements(p) for p in PEERS},
+            "onnxruntime": f"{THREADS} intra-op thread, 1 inter-op thread, sequential, full "
+            "graph optimisation (innfer: the ORT-format file optimised at build time)",
+            "innfer": f"innfer serve, request parameter tier={FULL_TIER} (except at budget "
+            f"points), latency_budget_ms {NO_BUDGET_MS:g} where no budget applies",
+            "kserve": "kserve.Model (sync predict, one request at a time), ModelServer "
+            "workers 1, gRPC v2 on 127.0.0.1, per-request logs off",
+            "pytriton": "Triton dynamic batcher, max_batch_size 8, max_queue_delay_microseconds "
+            f"{args.pytriton_queue_delay_us}, @batch infer function, one model instance",
+            "load_generator": "sim.loadgen over tritonclient.grpc.aio, one channel; "
+            "latency_budget_ms on every request (the peers ignore it)",
+            "affinity": affinity,
+            "seeds": {
+                "inputs": f"runtime.repository.profile.random_feeds(seed={args.seed})",
+                "open_loop": f"sim.traces.make_trace(SimConfig(trace='poisson', seed={args.seed}))",
+                "weights": args.seed,
+            },
+        },
+        "floors": {},
+        "models": {},
+    }
+
+    for key, su in setups.items():
+        model = su["model"]
+        print(f"{model}: floors ...", file=sys.stderr, flush=True)
+        su["reference"] = reference_outputs(su["onnx"], su["inputs"])
+        floors = {"engine": engine_time(su["onnx"], su["inputs"], args.requests, args.seconds / 3)}
+        if key == "mlp":
+            floors["echo"] = echo_floor(su, args, cpus)
+        results["floors"][key] = floors
+        servers = make_servers(python, su["repo"], model, su["onnx"], args, cpus)
+        closed = [pt for pt in su["points"] if pt["kind"] == "closed"]
+        runs: dict[str, dict[str, list]] = {pt["id"]: {s: [] for s in SERVERS} for pt in closed}
+        for r in range(args.repeats if closed else 0):
+            order = SERVERS[r % 3 :] + SERVERS[: r % 3]  # rotate: drift hits every server
+            for name in order:
+                label = f"{model} closed loop, repeat {r + 1}"
+                got = session_points(servers[name], closed, label, su, args)
+                for pid, fig in got.items():
+                    runs[pid][name].append(fig)
+        rows = [
+            {**pt, "servers": {s: headline(runs[pt["id"]][s]) for s in SERVERS}} for pt in closed
+        ]
+        for pt in su["points"]:
+            if pt["kind"] != "open":
+                continue
+            c8 = next(r for r in rows if r["id"] == "c8")["servers"]
+            best = max((s.get("throughput_per_s") or 0.0) for s in c8.values())
+            row = {**pt, "servers": {}}
+            if best <= 0:
+                row["servers"] = {s: {"error": "no c8 throughput to set the rate"} for s in SERVERS}
+                rows.append(row)
+                continue
+            arrivals, _ = open_trace(pt, best, args, WORK)
+            row.update(
+                rate_per_s=pt["load"] * best,
+                n_arrivals=len(arrivals),
+                rate_rule=f"{pt['load']:g} x the best c8 throughput of this run",
+            )
+            for name in SERVERS:
+                got = session_points(servers[name], [pt], f"{model} open loop", su, args, arrivals)
+                row["servers"][name] = headline([got[pt["id"]]])
+            rows.append(row)
+        results["models"][key] = {
+            "model": model,
+            "model_dir": str(su["model_dir"]),
+            "build": su["build"],
+            "onnx": str(su["onnx"]),
+            "onnx_sha256": sha256(su["onnx"]),
+            "points": rows,
+        }
+
+    results["overhead"] = overhead(results)
+    results["goals"] = goals(results)
+    results["wall_seconds"] = time.perf_counter() - t_start
+    publish(results, args.out, STEM, plot, summarise(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""bench/peers.py's pure parts on a synthetic result: repeats are summarised by their median
+and range, the goals compare innfer with the best peer, and the table prints. No servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import peers
+
+
+def _run(tp: float, p50: float, good: float | None = None, tiers: dict | None = None) -> dict:
+    run = {"sent": 100, "answered": 100, "throughput_per_s": tp, "p50_ms": p50,
+           "p90_ms": p50 * 1.2, "p99_ms": p50 * 1.5, "goodput_per_s": good, "errors": {},
+           "first_error": None}  # fmt: skip
+    if tiers:
+        run.update(tier_mix=tiers, mean_served_width=1.0)
+    return run
+
+
+def _results() -> dict:
+    def servers(innfer, kserve, pytriton) -> dict:
+        return {"innfer": peers.headline(innfer), "kserve": peers.headline(kserve),
+                "pytriton": peers.headline(pytriton)}  # fmt: skip
+
+    mlp = [
+        {"id": "c1", "budget_ms": None,
+         "servers": servers([_run(600, 1.5)], [_run(400, 2.4)], [_run(300, 3.1)])},
+        {"id": "c8", "budget_ms": None,
+         "servers": servers([_run(1000, 7.0)], [_run(950, 8.0)], [_run(700, 6.5)])},
+    ]  # fmt: skip
+    resnet = [
+        {"id": "c8-b30", "budget_ms": 30.0,
+         "servers": servers([_run(90, 20, 88, {"w100": 0.5, "w075": 0.5})],
+                            [_run(55, 140, 0.0)], [{"error": "boom"}])},
+    ]  # fmt: skip
+    results = {
+        "params": {"repeats": 1},
+        "setup": {"affinity": {"pinned": True}},
+        "floors": {"mlp": {"engine": {"p50_ms": 0.9}, "echo": {"p50_ms": 0.45}}},
+        "models": {"mlp": {"model": "mlp", "points": mlp},
+                   "resnet": {"model": "resnet18w50", "points": resnet}},
+    }  # fmt: skip
+    results["overhead"] = peers.overhead(results)
+    results["goals"] = peers.goals(results)
+    return results
+
+
+def test_headline_is_the_median_with_a_range_over_repeats():
+    h = peers.headline([_run(100, 3.0), _run(120, 2.0), {"error": "x"}, _run(110, 2.5)])
+    assert h["throughput_per_s"] == 110 and h["throughput_per_s_range"] == [100, 120]
+    assert h["p50_ms"] == 2.5 and h["p50_ms_range"] == [2.0, 3.0]
+    assert h["repeats"] == 4 and h["failed_runs"] == 1 and h["sent"] == 300
+    assert peers.headline([{"error": "down"}])["error"] == "down"
+
+
+def test_goals_compare_innfer_with_the_best_peer():
+    results = _results()
+    goals = {(g["model"], g["point"], g["kind"]): g for g in results["goals"]}
+    tp1 = goals["mlp", "c1", "throughput"]
+    assert tp1["best_peer"] == "kserve" and tp1["ratio"] == pytest.approx(1.5) and tp1["met"]
+    tp8 = goals["mlp", "c8", "throughput"]  # 1000 / 950 < 1.1
+    assert tp8["ratio"] == pytest.approx(1000 / 950) and tp8["met"] is False
+    p8 = goals["mlp", "c8", "p50"]  # the lowest peer p50 is PyTriton's 6.5 ms
+    assert p8["best_peer"] == "pytriton" and p8["met"] is False
+    assert goals["mlp", "c1", "p50"]["met"]
+    good = goals["resnet", "c8-b30", "goodput"]  # a failed peer is left out
+    assert good["best_peer"] == "kserve" and good["innfer"] == 88 and good["met"] is None
+    ov = goals["mlp", "c1", "overhead"]
+    assert ov["innfer"] == pytest.approx(1.5 - 0.9 - 0.45) and ov["met"]
+
+
+def test_summary_prints_every_server_and_goal():
+    results = _results()
+    text = peers.summarise(results)
+    assert text.count("NOT met") == 2 and "w075:50%" in text
+    assert "error:" in text  # the PyTriton run that failed at c8-b30
