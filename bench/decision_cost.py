@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import server.scheduling as new_scheduling  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "decision_cost.json"
-FILES = ("__init__", "latency", "plan", "policy", "request", "scheduler")
+FILES = ("__init__", "device", "latency", "plan", "policy", "request", "scheduler")
 SIZES = (8, 100, 1000, 2000)
 NAMES = ("w100", "w075", "w050", "w025")
 ACCURACY = {"w100": 0.99, "w075": 0.985, "w050": 0.97, "w025": 0.93}
@@ -117,6 +117,7 @@ def build(mod, tier_list, spec: list[dict], old: bool):
     s = mod.Scheduler(
         tier_list, mod.make_policy("innfer", tier_list), max_batch=8, max_queue=len(spec) + 10
     )
+    old = hasattr(s, "_constrained")  # a scheduler from before the queue kept its columns
     for i, r in enumerate(spec):
         req = mod.Request(i, -AGE_MS / 1e3, **r)
         s.queue.append(req)
@@ -135,6 +136,7 @@ def build(mod, tier_list, spec: list[dict], old: bool):
 def refill(mod, s, d, old: bool) -> None:
     """Put requests like the ones decision ``d`` started back in the queue (untimed, as if
     they had just arrived), so that every decision sees a queue of the same length."""
+    old = hasattr(s, "_constrained")  # see build
     for r in d.requests:
         req = mod.Request(r.id, r.arrival, r.deadline, r.rows, r.pin, r.min_tier)
         key = s._key(req)
