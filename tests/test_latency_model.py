@@ -177,3 +177,20 @@ def test_tiers_from_profile_reads_p99_where_measured():
     by = {t.name: t for t in tiers}
     assert by["w100"].tail_ms == {1: 3.0} and by["w050"].tail_ms is None
     assert p50 == {"w100": {1: 2.0}, "w050": {1: 1.0}}
+
+
+def test_forget_moves_the_correction_back_to_the_profile():
+    tier = TierInfo("t", 1.0, {1: 2.0, 8: 14.0}, {1: 1.9, 8: 13.5})
+    lat = LatencyModel([tier])
+    for _ in range(20):
+        lat.observe("t", 1, 0.0076)  # 4x the profile's 1.9 ms
+    slow = lat.tier_estimate("t").factor
+    version = lat.version
+    lat.forget("t", 0.5)
+    assert lat.version > version  # tables handed out are refreshed too
+    assert lat.tier_estimate("t").factor == pytest.approx(math.sqrt(slow))  # half the log
+    lat.forget("t", 0.0)
+    assert lat.tier_estimate("t").factor == pytest.approx(1.0)
+    assert lat.estimate("t", 1) == pytest.approx(LatencyModel([tier]).estimate("t", 1))
+    with pytest.raises(ValueError, match="keep must be in"):
+        lat.forget("t", 1.5)

@@ -92,3 +92,32 @@ def test_in_simulation_the_target_trades_accuracy_for_deadlines():
     assert loose["mean_served_accuracy"] > strict["mean_served_accuracy"] + 0.05
     assert strict["slo_attainment"] >= 0.999
     assert loose["slo_attainment"] <= strict["slo_attainment"]
+
+
+def test_a_correction_learned_under_contention_is_forgotten_while_everything_is_refused():
+    """Only batches correct a tier's estimate. A factor learned while the machine was busy
+    (4x here) made every later request look impossible; with nothing admitted, nothing
+    ran and the server refused for good. Refused on an idle device, the correction now
+    decays towards the profile within seconds, and the requests are served again."""
+    tiers = [TierInfo("w025", 0.9, {1: 2.0, 8: 14.0}, {1: 1.9, 8: 13.5})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    now = 0.0
+    for _ in range(20):  # contention: every batch of one takes 4x its profile
+        s.submit(Request(0, now, now + 1.0), now)
+        d = s.next(now)
+        now += 0.0076
+        s.complete(d, now, 0.0076)
+    assert s.latency.tier_estimate("w025").factor > 3
+    refused_at = []
+    for k in range(1, 200):  # then 4 ms budgets (2 ms at the profile), every 50 ms, idle
+        now += 0.050
+        try:
+            s.submit(Request(k, now, now + 0.004), now)
+        except Refused:
+            refused_at.append(now)
+            continue
+        break
+    else:
+        raise AssertionError("still refusing after 10 s")
+    assert refused_at and refused_at[-1] - refused_at[0] < 5.0  # seconds, not for good
+    assert s.latency.tier_estimate("w025").factor < 2

@@ -332,6 +332,21 @@ class LatencyModel:
         self._fill(tier)
         self.version += 1
 
+    def forget(self, tier: str, keep: float) -> None:
+        """Move ``tier``'s correction back towards the profile: the level (log factor), the
+        learned spread and the trust in it are multiplied by ``keep`` (0..1). For a tier
+        the scheduler has stopped running because of what it learned: without batches
+        nothing else could ever correct it (see ``Scheduler.submit``)."""
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
+        self._log_factor[tier] *= keep
+        self._jitter[tier] *= keep
+        self._count[tier] = int(self._count[tier] * keep)
+        self._last[tier] = None
+        self._refresh(tier)
+        self._fill(tier)
+        self.version += 1
+
     @property
     def factor(self) -> dict[str, float]:
         """Observed / profiled median per tier (1.0 = as profiled)."""

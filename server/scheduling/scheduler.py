@@ -67,6 +67,12 @@ TIGHT_BUDGET_EVERY = 16
 # Weight of each arrival in the idle share (Snapshot.idle_share): about the last 20 requests,
 # so a burst after a quiet spell turns the light-load reading off within a few arrivals.
 IDLE_ALPHA = 0.05
+# _forget_if_idle: a tier's correction starts decaying towards its profile once no batch of
+# it has completed for FORGET_AFTER_S and requests are still refused on its estimate, with
+# time constant FORGET_TAU_S: a 4x factor learned under contention is down to ~1.1x after
+# 5 s of refusals (the issue: a bad profile may cost a few seconds, not the rest of the run).
+FORGET_AFTER_S = 1.0
+FORGET_TAU_S = 2.0
 
 
 class InvalidRequest(KeyError, ValueError):
@@ -139,6 +145,8 @@ class Scheduler:
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
+        self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
+        self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
 
     @property
     def slo_target(self) -> float:
@@ -185,6 +193,8 @@ class Scheduler:
             self._budgets.append(r.deadline - now)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
+        if now + alone > r.deadline and self._forget_if_idle(fastest, now):
+            alone = self.latency.estimate(fastest, r.rows)
         if now + alone > r.deadline:
             raise Refused(
                 State.REFUSED_DEADLINE,
@@ -205,6 +215,25 @@ class Scheduler:
         self.queue.insert(i, r)
         self._cols.insert(i, r, self.ctx)
         self.device.touched(self)
+
+    def _forget_if_idle(self, tier: str, now: float) -> bool:
+        """A request is refused on ``tier``'s estimate while nothing runs or waits: only
+        batches correct an estimate, and this refusal means none will run - a correction
+        learned under contention (a profile at load on a busy machine, a burst of other
+        work) would refuse everything for good. So the correction of a tier not observed
+        for a while decays towards the profile, with time constant ``FORGET_TAU_S`` from
+        its last batch; if the device is still slow, the next batches say so again.
+        Returns whether the estimate changed."""
+        if self.queue or self.device.running:
+            return False
+        # Never run here (its correction came from the profile at load): since the first request.
+        first = self._first if self._first is not None else now
+        since = max(self._observed_at.get(tier, first), self._forgot_at.get(tier, -math.inf))
+        if now - since < FORGET_AFTER_S:
+            return False
+        self._forgot_at[tier] = now
+        self.latency.forget(tier, math.exp(-(now - since) / FORGET_TAU_S))
+        return True
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
@@ -342,6 +371,7 @@ class Scheduler:
         self.device.release(decision)
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
+            self._observed_at[decision.tier] = now
         for r in decision.requests:
             r.finish(State.SERVED if ok else State.FAILED, now)
 
