@@ -287,7 +287,6 @@ class LiveServer:
     def _launch(self, label: str, cli: list[str], port: int, models) -> dict:
         """Start ``innfer serve <cli>`` from the tree, pinned, and wait until every one of
         ``models`` is ready; returns the start-up time and the server's CPUs."""
-        import tritonclient.grpc as tc
 
         self.address = f"{HOST}:{port}"
         cmd = [sys.executable, "-m", "innfer.cli", "serve", *cli]
@@ -311,26 +310,14 @@ class LiveServer:
         if self.cpus and not taskset:  # the interpreter starts no thread before its imports
             os.sched_setaffinity(self.proc.pid, self.cpus)
         waiting = set(models)
-        with tc.InferenceServerClient(self.address) as client:
-            while waiting:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n{tail(self.log)}")
-                if time.monotonic() - t0 > READY_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"{sorted(waiting)} not ready after {READY_TIMEOUT_S:.0f} s:\n"
-                        f"{tail(self.log)}"
-                    )
-                for m in sorted(waiting):
-                    with contextlib.suppress(Exception):  # not listening yet
-                        if client.is_model_ready(m):
-                            waiting.discard(m)
-                if waiting:
-                    time.sleep(0.2)
-        try:
-            affinity = sorted(os.sched_getaffinity(self.proc.pid))
-        except OSError:
-            affinity = None
-        return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
+
+        def ready(client) -> bool:
+            for m in sorted(waiting):
+                if client.is_model_ready(m):
+                    waiting.discard(m)
+            return not waiting
+
+        return wait_ready(self.proc, self.log, self.address, ready, t0, f"models {sorted(models)}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -341,6 +328,29 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def wait_ready(proc, log: Path, address: str, ready, t0: float, what: str) -> dict:
+    """Poll ``ready(client)`` (a tritonclient.grpc client of ``address``) until it is true;
+    raise with the log's tail if ``proc`` exits or ``READY_TIMEOUT_S`` passes. Returns the
+    start-up time (from ``t0``, monotonic) and the CPUs the server may run on."""
+    import tritonclient.grpc as tc
+
+    with tc.InferenceServerClient(address) as client:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: server exited ({proc.returncode}):\n{tail(log)}")
+            if time.monotonic() - t0 > READY_TIMEOUT_S:
+                raise RuntimeError(f"{what} not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(log)}")
+            with contextlib.suppress(Exception):  # not listening yet
+                if ready(client):
+                    break
+            time.sleep(0.2)
+    try:
+        affinity = sorted(os.sched_getaffinity(proc.pid))
+    except OSError:
+        affinity = None
+    return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
 
 
 def commit_of(tree: Path) -> str:

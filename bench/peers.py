@@ -69,9 +69,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hardening import free_ports, tail
+from bench.hardening import free_ports
 from bench.live_scheduler import (
-    READY_TIMEOUT_S,
     LiveServer,
     check_common,
     commit_of,
@@ -80,6 +79,7 @@ from bench.live_scheduler import (
     pin_client,
     select,
     tier_widths,
+    wait_ready,
 )
 from bench.publish import publish
 from sim.loadgen import run_closed_loop, run_load
@@ -241,8 +241,6 @@ class PeerServer:
     def start(self, label: str) -> dict:
         """Start it and wait until ``model`` is ready (ModelReady; the echo server, which
         has no models, until ServerLive)."""
-        import tritonclient.grpc as tc
-
         ports = free_ports(self.n_ports)
         self.address = f"{HOST}:{ports[0]}"
         cmd = self.command(ports)
@@ -266,28 +264,12 @@ class PeerServer:
             )
         if self.cpus and not taskset:
             os.sched_setaffinity(self.proc.pid, self.cpus)
-        with tc.InferenceServerClient(self.address) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited ({self.proc.returncode}):\n{tail(self.log)}"
-                    )
-                if time.monotonic() - t0 > READY_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(self.log)}"
-                    )
-                with contextlib.suppress(Exception):  # not listening yet
-                    ready = (
-                        client.is_model_ready(self.model) if self.model else client.is_server_live()
-                    )
-                    if ready:
-                        break
-                time.sleep(0.2)
-        try:
-            affinity = sorted(os.sched_getaffinity(self.proc.pid))
-        except OSError:
-            affinity = None
-        return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
+        model = self.model
+
+        def ready(client) -> bool:
+            return client.is_model_ready(model) if model else client.is_server_live()
+
+        return wait_ready(self.proc, self.log, self.address, ready, t0, self.name)
 
     def stop(self) -> None:
         if self.proc is None:
