@@ -18,6 +18,7 @@ from runtime.configspec import ConfigError, Where, describe, parse, reference, s
 from runtime.engines import BACKENDS
 from runtime.repository.config import (
     FP16_BACKENDS,
+    ChannelSearchConfig,
     EvaluationConfig,
     ModelConfig,
     TensorConfig,
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 MODEL_YAMLS = sorted(DEPLOY.rglob("*.model.yaml"))
 SERVER_YAMLS = sorted(DEPLOY.glob("k8s/**/server.yaml"))
-CLASSES = [ModelConfig, TensorConfig, TierConfig, EvaluationConfig, ServerConfig, TLSConfig,
-           AuthConfig]  # fmt: skip
+CLASSES = [ModelConfig, TensorConfig, TierConfig, EvaluationConfig, ChannelSearchConfig,
+           ServerConfig, TLSConfig, AuthConfig]  # fmt: skip
 # The one error format: <file>: <field>: got <value>, expected <allowed>
 FORMAT = re.compile(r"^(?P<file>[^:]+): (?P<field>[^:]+): got (?P<value>.+), expected (?P<exp>.+)$")
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import onnx
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
+from runtime.inn import graphio
+from runtime.repository.config import ModelConfig
 
 OPSET = 17
 
@@ -53,6 +60,29 @@ def export_onnx(
         )
     data = buf.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    return data
+
+
+def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
+    """Export ``module`` to ``d/model.onnx`` and save it for the torch backend beside it
+    (architecture JSON + safetensors): the files every backend builds an engine from.
+    Returns the ONNX bytes.
+
+    Example:
+        >>> data = write_tier_files(Path("repo/mnist/tiers/w050"), module, config)  # doctest: +SKIP
+    """
+    dtypes = [getattr(torch, t.dtype) for t in config.inputs]
+    inputs = [(t.name, t.shape, dt) for t, dt in zip(config.inputs, dtypes, strict=True)]
+    data = export_onnx(module, inputs, [t.name for t in config.outputs])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.onnx").write_bytes(data)
+    meta = {
+        "architecture": graphio.to_spec(module),
+        "inputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.inputs],
+        "outputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.outputs],
+    }
+    (d / MODULE_SPEC).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
     return data
 
 

@@ -3,7 +3,9 @@
 Per tier: sample the INN (skipped when tier.json says the same INN and width produced the
 ONNX already), export ONNX, build or reuse the engine, validate it against the torch sample
 on random inputs, measure accuracy when an evaluation set is configured, then profile every
-tier at every batch size and write profile.json.
+tier at every batch size and write profile.json. With ``channel_search`` in model.yaml, a
+fractional tier's channel counts are the ones ``runtime.build.channels`` measured best, and
+tier.json records that search (a rebuild reads the choice back instead of searching again).
 
 Example:
     >>> report = build_model(Repository("models"), "mnist")  # doctest: +SKIP
@@ -19,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from runtime.build.export import export_onnx
-from runtime.engines import EngineError
-from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
-from runtime.inn import graphio
+from runtime.build.channels import chosen_sizes, search_channels, search_context
+from runtime.build.export import write_tier_files
+from runtime.engines import Backend, BuildOptions, EngineError
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import (
@@ -84,7 +84,9 @@ def build_model(
     for tier in bar:
         t0 = time.perf_counter()
         bar.set_postfix_str(f"{tier.name}: sample+export")
-        record, module, exported = _export_tier(repo, name, inn, config, tier)
+        record, module, exported = _export_tier(
+            repo, name, inn, config, tier, chosen, options, progress
+        )
         bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
         onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
         try:
@@ -92,7 +94,7 @@ def build_model(
         except EngineError as exc:
             raise BuildError(f"tier {tier.name}: {exc}") from exc
         if module is None:
-            module = inn.sample(tier.width, config.method, config.multiple_of)
+            module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
         err = _validate(engine, module, config, tier.name)
         accuracy = record.accuracy
         if config.evaluation is not None and (exported or accuracy is None):
@@ -109,8 +111,12 @@ def build_model(
     return report
 
 
-def source_hash(inn_dir: Path, config: ModelConfig, tier: TierConfig) -> str:
-    """What a tier's ONNX depends on: the INN's files and the sampling arguments."""
+def source_hash(
+    inn_dir: Path, config: ModelConfig, tier: TierConfig, backend: Backend | None = None
+) -> str:
+    """What a tier's ONNX depends on: the INN's files and the sampling arguments, and - where
+    the tier's channel counts are searched - the search settings and what it times on
+    (``backend``, its device, threads, batch): a change there re-runs the search."""
     meta = json.loads((inn_dir / "inn.json").read_text())
     payload = {
         "weights": meta["weights_sha256"],
@@ -122,56 +128,85 @@ def source_hash(inn_dir: Path, config: ModelConfig, tier: TierConfig) -> str:
         "inputs": [t.__dict__ for t in config.inputs],
         "outputs": [t.__dict__ for t in config.outputs],
     }
+    if _searches(config, tier):  # absent otherwise: hashes from before the search still match
+        if backend is None:
+            raise ValueError("source_hash needs the backend of a tier whose channels are searched")
+        payload["channel_search"] = search_context(config, backend)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def _export_tier(repo, name, inn: IntegralModel, config: ModelConfig, tier: TierConfig):
+def _export_tier(
+    repo,
+    name,
+    inn: IntegralModel,
+    config: ModelConfig,
+    tier: TierConfig,
+    backend: Backend,
+    options: BuildOptions,
+    progress: bool = False,
+):
     d = repo.tier_dir(name, tier.name)
-    src = source_hash(repo.model_dir(name), config, tier)
+    src = source_hash(repo.model_dir(name), config, tier, backend)
+    old = _recorded(d, src)
+    if old is not None and _onnx_matches(d, old):
+        return old, None, False  # cache hit: same INN and sampling -> same ONNX
+    search = old.channel_search if old is not None else None  # measured for these inputs
+    if search is None and _searches(config, tier):
+        accuracy = (lambda engine: _accuracy(engine, config)) if config.evaluation else None
+        try:
+            result = search_channels(
+                inn, config, tier.width, backend, options, accuracy, progress, tier.name
+            )
+        except (ValueError, EngineError) as exc:
+            raise BuildError(f"{config.source}: tier {tier.name}: channel search: {exc}") from exc
+        search = result.to_json()
+    width = chosen_sizes(search) if search is not None else tier.width
     try:
-        old = TierRecord.read(d / TIER_FILE)
-        onnx_ok = (d / "model.onnx").is_file() and sha256_file(d / "model.onnx") == old.onnx_sha256
-        if old.source_sha256 == src and onnx_ok:
-            return old, None, False  # cache hit: same INN and sampling -> same ONNX
-    except Exception:
-        pass
-    try:
-        module = inn.sample(tier.width, config.method, config.multiple_of)
+        module = inn.sample(width, config.method, config.multiple_of)
     except ValueError as exc:
         raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
-    d.mkdir(parents=True, exist_ok=True)
-    dtypes = [getattr(torch, t.dtype) for t in config.inputs]
-    inputs = [(t.name, t.shape, dt) for t, dt in zip(config.inputs, dtypes, strict=True)]
-    data = export_onnx(module, inputs, [t.name for t in config.outputs])
-    (d / "model.onnx").write_bytes(data)
-    _save_module(d, module, config)
+    data = write_tier_files(d, module, config)
     example = tuple(
-        torch.zeros((1, *t.shape), dtype=dt) for t, dt in zip(config.inputs, dtypes, strict=True)
+        torch.zeros((1, *t.shape), dtype=getattr(torch, t.dtype)) for t in config.inputs
     )
     record = TierRecord(
         name=tier.name,
         width=tier.width,
-        sizes=inn.sizes(tier.width, config.multiple_of),
+        sizes=inn.sizes(width, config.multiple_of),
         onnx_sha256=hashlib.sha256(data).hexdigest(),
         source_sha256=src,
         flops=count_flops(module, example),
         params=sum(p.numel() for p in module.parameters()),
         accuracy=None,
+        channel_search=search,
     )
     record.write(d / TIER_FILE)
     return record, module, True
 
 
-def _save_module(d: Path, module, config: ModelConfig) -> None:
-    """The sampled module for the torch backend: architecture JSON + safetensors."""
-    spec = graphio.to_spec(module)
-    meta = {
-        "architecture": spec,
-        "inputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.inputs],
-        "outputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.outputs],
-    }
-    (d / MODULE_SPEC).write_text(json.dumps(meta))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
+def _searches(config: ModelConfig, tier: TierConfig) -> bool:
+    """Whether the build searches this tier's channel counts: only a fractional width has
+    roundings to choose from; explicit per-group counts are the operator's choice."""
+    return config.channel_search is not None and not isinstance(tier.width, dict)
+
+
+def _sampled_width(tier: TierConfig, record: TierRecord) -> float | dict[str, int]:
+    """What the tier was sampled at: the searched channel counts, else its width."""
+    return chosen_sizes(record.channel_search) if record.channel_search else tier.width
+
+
+def _recorded(d: Path, src: str) -> TierRecord | None:
+    """The tier.json in ``d`` if it was built from exactly ``src`` (else None)."""
+    try:
+        old = TierRecord.read(d / TIER_FILE)
+    except Exception:
+        return None
+    return old if old.source_sha256 == src else None
+
+
+def _onnx_matches(d: Path, record: TierRecord) -> bool:
+    onnx_path = d / "model.onnx"
+    return onnx_path.is_file() and sha256_file(onnx_path) == record.onnx_sha256
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ Example ``model.yaml``:
     threads: 2                   # ONNX Runtime intra-op threads per engine
     instances: 1                 # batches of this model at once (engine threads)
     slo_target: 0.999            # admitted requests meet their deadline with this probability
+    # channel_search: {multiples: [8, 16, 32]}   # time channel counts near each width
 
 ``reference(ModelConfig)`` lists every key with its default, allowed values and doc.
 
@@ -63,6 +64,7 @@ __all__ = [
     "FP16_BACKENDS",
     "METHODS",
     "PRECISIONS",
+    "ChannelSearchConfig",
     "ConfigError",
     "EvaluationConfig",
     "ModelConfig",
@@ -126,6 +128,25 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChannelSearchConfig:
+    """Optional: time a few channel roundings of each fractional tier and keep the fastest per
+    unit of accuracy (runtime/build/channels.py has the rule)."""
+
+    multiples: tuple[int, ...] = spec(
+        (8, 16, 32),
+        lo=1,
+        hi=256,
+        nonempty=True,
+        unique=True,
+        doc="candidate roundings: one candidate per multiple, besides multiple_of's own",
+    )
+    batch: int | None = spec(
+        None, lo=1, hi=4096, doc="batch size the candidates are timed at; null: max_batch"
+    )
+    repeats: int = spec(10, lo=3, hi=1000, doc="timed runs per candidate (their median counts)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """One model's ``model.yaml``.
 
@@ -174,6 +195,12 @@ class ModelConfig:
         "are planned at this quantile of each tier's latency distribution",
     )  # fmt: skip
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
+    channel_search: ChannelSearchConfig | None = spec(
+        None,
+        doc="at build time, time each fractional tier's channel counts rounded to a few "
+        "multiples and keep the best accuracy per latency (tier.json records the search); "
+        "null: round to multiple_of only",
+    )
     name: str = spec("", doc="model name; load() defaults it to the directory's name")
     source: str = spec("", key=False, compare=False, doc="the file this was read from")
 
@@ -199,6 +226,12 @@ class ModelConfig:
                 where.child("outputs").child(0).child("shape").fail(
                     list(self.outputs[0].shape), "[classes] (evaluation scores its argmax)"
                 )
+
+        search = self.channel_search
+        if search is not None and search.batch is not None and search.batch > self.max_batch:
+            where.child("channel_search").child("batch").fail(
+                search.batch, f"a batch size <= max_batch ({self.max_batch}) or null"
+            )
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

@@ -30,6 +30,9 @@ class TierRecord:
     flops: int
     params: int
     accuracy: float | None = None
+    # The build's channel search (runtime/build/channels.py): candidates, timings, the choice.
+    # None when model.yaml has no channel_search; then tier.json has no such key, as before.
+    channel_search: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -42,4 +45,7 @@ class TierRecord:
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from exc
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__, indent=1))
+        data = dict(self.__dict__)
+        if data["channel_search"] is None:
+            del data["channel_search"]
+        path.write_text(json.dumps(data, indent=1))
