@@ -37,20 +37,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.live_scheduler import (  # the ResNet: the same model as the live benchmark
+    BASE_WIDTH,
+    CLASSES,
+    INPUT,
+    MAX_BATCH,
+    MODEL,
+    MULTIPLE_OF,
+    THREADS,
+    TIERS,
+)
 from bench.publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
 RUNS = ROOT / "runs" / "bench-channels"
 STEM = "channels"
-MODEL = "resnet18w50"
-BASE_WIDTH = 0.5
-INPUT = [3, 224, 224]
-CLASSES = 1000
-TIERS = {"w100": 1.0, "w075": 0.75, "w050": 0.5, "w025": 0.25}
-MULTIPLE_OF = 8
-MAX_BATCH = 8
-THREADS = 1
 SEARCH = {"multiples": [8, 16, 32]}
 BUILDS = {"plain": None, "searched": SEARCH}
 

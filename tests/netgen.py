@@ -199,3 +199,13 @@ def random_param_net(seed: int, in_channels: int = 2, hw: int = 6):
         c = c_new
     model = RandomCNN(blocks, c, 1, classes=rng.choice([2, 3]))
     return model.eval(), torch.randn(rng.randint(1, 3), in_channels, hw, hw), refused
+
+
+def tiny_cnn() -> nn.Module:
+    """The build tests' model: 1x8x8 -> conv 16 (BN) -> conv 24 -> pool -> 10 logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(24, 10),
+    ).eval()  # fmt: skip

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from netgen import tiny_cnn
 
 import runtime
 from runtime.build.pipeline import add_model, build_model
@@ -27,13 +27,7 @@ CONFIG = {
 }
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(24, 10),
-    ).eval()  # fmt: skip
+_net = tiny_cnn
 
 
 @pytest.fixture(scope="module")

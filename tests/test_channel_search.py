@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 import torch
-from torch import nn
+from netgen import tiny_cnn
 
 import runtime
 from runtime.build import channels
@@ -31,13 +31,7 @@ CONFIG = {
 SEARCH = {"multiples": [8, 16], "repeats": 3}
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(24, 10),
-    ).eval()  # fmt: skip
+_net = tiny_cnn
 
 
 def _inn():
