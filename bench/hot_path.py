@@ -1,0 +1,179 @@
+"""The request hot path at light load: what the scheduler and the data plane cost per request.
+
+1. Scheduler cycle, old code vs new in one run (alternating rounds): ``submit``,
+   ``expire``, ``next`` and ``complete`` of one request on an otherwise empty queue (the
+   light-load case: every request is decided alone), pinned and unpinned, on the MLP's
+   profiled tiers. The old
+   code is HEAD's ``server/scheduling`` or the one under ``--old DIR`` (loaded as in
+   bench/decision_cost.py).
+2. Data plane in process, this tree and (with ``--old``) the old tree's in a subprocess:
+   ``DataPlane.infer`` of one MLP request pinned to w100, awaited back to back on one event
+   loop with the real ONNX Runtime engine, minus the same engine run alone (interleaved):
+   the server's own work per request, without gRPC.
+
+    python -m bench.hot_path [--old DIR] [--cycles 3000] [--requests 3000]
+
+Needs runs/bench-server (bench/server.py builds it). Writes bench/results/hot_path.json.
+Run it pinned (``taskset -c 1``) on a quiet machine: the figures are tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# --data-plane-only --tree DIR: this script re-run with another tree's server/ on the path
+# (the old code's data plane, in a process of its own); bench/ always comes from this tree.
+_TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if _TREE:
+    sys.path.insert(0, _TREE)
+
+import server.scheduling as new_scheduling  # noqa: E402 - after the path is chosen
+from bench.decision_cost import load_old  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+REPO = ROOT / "runs" / "bench-server"
+MODEL = "mlp"
+PHASES = ("submit", "expire", "next", "complete")
+ROUNDS = 5  # alternating old / new rounds; the median of the rounds' medians is reported
+
+
+def mlp_tiers(mod) -> list:
+    """The MLP's tiers (accuracy by FLOPs, latency from profile.json) as ``mod.TierInfo``."""
+    from runtime.repository import Repository
+    from server.model_runtime import tier_infos
+
+    tiers = tier_infos(Repository(REPO).load(MODEL))
+    return [mod.TierInfo(t.name, t.accuracy, t.latency_ms, t.typical_ms, t.tail_ms) for t in tiers]
+
+
+def scheduler_cycle(mod, tiers, pin: str | None, cycles: int) -> dict:
+    """Median microseconds per phase of one request's cycle through ``mod.Scheduler``."""
+    s = mod.Scheduler(tiers, mod.make_policy("innfer", tiers), max_batch=8, max_queue=256)
+    times = {p: [] for p in PHASES}
+    now = 0.0
+    for i in range(cycles):
+        now += 0.004
+        r = mod.Request(i, now, now + 10.0, 1, pin, None, 0)
+        t0 = time.perf_counter()
+        s.submit(r, now)
+        t1 = time.perf_counter()
+        s.expire(now)
+        t2 = time.perf_counter()
+        d = s.next(now)
+        t3 = time.perf_counter()
+        s.complete(d, now + 0.001, 0.001)
+        t4 = time.perf_counter()
+        for p, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
+            times[p].append(b - a)
+    warm = cycles // 5  # the first decisions fill caches and the latency model's tables
+    out = {p: 1e6 * statistics.median(v[warm:]) for p, v in times.items()}
+    out["total"] = sum(out[p] for p in PHASES)
+    return out
+
+
+async def data_plane(requests: int) -> dict:
+    """Median microseconds of DataPlane.infer and of the engine inside it."""
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+    from server.metrics import Metrics
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    cfg = ServerConfig.from_dict(
+        {"repository": str(REPO), "grpc_port": 0, "profile_at_load": False, "models": [MODEL]}
+    )
+    plane = DataPlane(cfg, Metrics())
+    await plane.load_all()
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    req = pb.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    req.parameters["latency_budget_ms"].double_param = 10_000.0
+    req.parameters["tier"].string_param = "w100"
+    data = req.SerializeToString()
+    engine = plane.models[MODEL].served.engines["w100"]
+    total, alone = [], []
+    try:
+        for i in range(requests + 200):
+            t0 = time.perf_counter()
+            await plane.infer(pb.ModelInferRequest.FromString(data), None)
+            took = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            engine.run({"input": x})  # the same engine alone, interleaved: the floor
+            if i >= 200:  # warm-up
+                total.append(took)
+                alone.append(time.perf_counter() - t1)
+    finally:
+        for m in plane.models.values():
+            await m.stop()
+    t, e = statistics.median(total), statistics.median(alone)
+    return {"infer_us": 1e6 * t, "engine_alone_us": 1e6 * e, "overhead_us": 1e6 * (t - e)}
+
+
+def old_data_plane(tree: str, requests: int) -> dict:
+    """``data_plane`` with ``tree``'s server/ (a subprocess: the two cannot share one)."""
+    got = subprocess.run(
+        [sys.executable, __file__, "--data-plane-only", "--tree", tree,
+         "--requests", str(requests)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--old", help="directory holding the old server/scheduling (default: HEAD)")
+    p.add_argument("--cycles", type=int, default=3000)
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--data-plane-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tree", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not (REPO / MODEL / "profile.json").is_file():
+        p.error(f"{REPO / MODEL} is not built; run bench/server.py first")
+    if args.data_plane_only:
+        print(json.dumps(asyncio.run(data_plane(args.requests))))
+        return 0
+    old = load_old(args.old)
+    res: dict = {"scheduler_cycle_us": {}, "old": args.old or "HEAD", "rounds": ROUNDS}
+    mods = {"old": old, "new": new_scheduling}
+    tiers = {impl: mlp_tiers(mod) for impl, mod in mods.items()}
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(ROUNDS):  # old and new alternate: a slow spell of the machine hits both
+        for impl, mod in mods.items():
+            for pin in ("w100", None):
+                key = f"{impl} {'pinned' if pin else 'unpinned'}"
+                cycle = scheduler_cycle(mod, tiers[impl], pin, args.cycles // ROUNDS)
+                rounds.setdefault(key, []).append(cycle)
+    for key, runs in rounds.items():
+        res["scheduler_cycle_us"][key] = {
+            k: statistics.median(r[k] for r in runs) for k in (*PHASES, "total")
+        }
+    res["data_plane_us"] = {"new": asyncio.run(data_plane(args.requests))}
+    if args.old:
+        res["data_plane_us"]["old"] = old_data_plane(args.old, args.requests)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "hot_path.json").write_text(json.dumps(res, indent=1))
+    print("scheduler cycle on a one-deep queue, median us per phase")
+    for key, v in res["scheduler_cycle_us"].items():
+        phases = "  ".join(f"{ph} {v[ph]:6.1f}" for ph in PHASES)
+        print(f"  {key:16s} {phases}  total {v['total']:6.1f}")
+    for impl, d in res["data_plane_us"].items():
+        print(
+            f"data plane in process ({impl}): infer {d['infer_us']:.0f} us, the engine alone "
+            f"{d['engine_alone_us']:.0f} us, overhead {d['overhead_us']:.0f} us"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
