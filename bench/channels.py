@@ -46,6 +46,8 @@ from bench.live_scheduler import (  # the issue's ResNet: the same model as the 
     MULTIPLE_OF,
     THREADS,
     TIERS,
+    model_yaml,
+    resnet_inn,
 )
 from bench.publish import publish
 
@@ -59,33 +61,22 @@ BUILDS = {"plain": None, "searched": SEARCH}
 
 def build(seed: int, reuse: bool, tiers: dict[str, float], multiple_of: int) -> dict:
     """Build both repositories (unless --reuse finds them); wall seconds per build."""
-    import torch
-
-    import runtime
-    from bench.models import ResNet18Like
     from runtime.build.pipeline import add_model, build_model
     from runtime.repository import Repository
 
-    torch.manual_seed(seed)
-    x = torch.randn(1, *INPUT)
-    full = runtime.convert(ResNet18Like(num_classes=CLASSES).eval(), (x,), permute=False)
-    half = full.sample(BASE_WIDTH, multiple_of=MULTIPLE_OF)  # the served model's full width
-    inn = runtime.convert(half, (x,), permute=False)
+    inn = resnet_inn(seed)
     seconds = {}
     for name, search in BUILDS.items():
         root = RUNS / name
         if not reuse:
             shutil.rmtree(root, ignore_errors=True)
-        config = {
-            "inputs": [{"name": "input", "dtype": "float32", "shape": INPUT}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [CLASSES]}],
-            "tiers": [{"name": k, "width": w} for k, w in tiers.items()],
-            "backends": ["onnxruntime"],
-            "max_batch": MAX_BATCH,
-            "threads": THREADS,
-            "multiple_of": multiple_of,
+        config = model_yaml(
+            INPUT,
+            CLASSES,
+            tiers=[{"name": k, "width": w} for k, w in tiers.items()],
+            multiple_of=multiple_of,
             **({"channel_search": search} if search else {}),
-        }
+        )
         add_model(root, MODEL, inn, config)
         t0 = time.perf_counter()
         build_model(Repository(root), MODEL, backend="onnxruntime", profile=False)

@@ -115,6 +115,18 @@ SERVE = (
 
 
 # -- the server under test ------------------------------------------------------------------------
+def trees_to_measure(p, baseline: Path | None, marker: str) -> dict[str, Path]:
+    """{"current": this tree} and, with ``--baseline-tree``, {"baseline": it} - refused
+    through ``p`` unless it holds ``marker`` (a file that tree must have)."""
+    trees = {"current": ROOT}
+    if baseline is not None:
+        base = baseline.resolve()
+        if not (base / marker).is_file():
+            p.error(f"--baseline-tree {base}: no {marker} there")
+        trees["baseline"] = base
+    return trees
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports on the loopback address."""
     socks = [socket.socket() for _ in range(n)]
@@ -1193,12 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--overload-seconds must be in (0, 3600]")
     if not 1 <= args.repeats <= 100:
         p.error("--repeats must be in [1, 100]")
-    trees = {"current": ROOT}
-    if args.baseline_tree is not None:
-        base = args.baseline_tree.resolve()
-        if not (base / "server" / "app.py").is_file():
-            p.error(f"--baseline-tree {base}: no server/app.py there")
-        trees["baseline"] = base
+    trees = trees_to_measure(p, args.baseline_tree, "server/app.py")
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="innfer-hardening-"))
     try:

@@ -48,12 +48,16 @@ PHASES = ("submit", "expire", "next", "complete")
 ROUNDS = 5  # alternating old / new rounds; the median of the rounds' medians is reported
 
 
-def mlp_tiers(mod) -> list:
-    """The MLP's tiers (accuracy by FLOPs, latency from profile.json) as ``mod.TierInfo``."""
+def mlp_tiers() -> list:
+    """The MLP's tiers (accuracy by FLOPs, latency from profile.json), as this tree's
+    TierInfo; ``as_tiers`` copies them into another tree's."""
     from runtime.repository import Repository
     from server.model_runtime import tier_infos
 
-    tiers = tier_infos(Repository(REPO).load(MODEL))
+    return tier_infos(Repository(REPO).load(MODEL))
+
+
+def as_tiers(mod, tiers: list) -> list:
     return [mod.TierInfo(t.name, t.accuracy, t.latency_ms, t.typical_ms, t.tail_ms) for t in tiers]
 
 
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     old = load_old(args.old)
     res: dict = {"scheduler_cycle_us": {}, "old": args.old or "HEAD", "rounds": ROUNDS}
     mods = {"old": old, "new": new_scheduling}
-    tiers = {impl: mlp_tiers(mod) for impl, mod in mods.items()}
+    loaded = mlp_tiers()  # engines are built and loaded once, for both trees
+    tiers = {impl: as_tiers(mod, loaded) for impl, mod in mods.items()}
     rounds: dict[str, list[dict]] = {}
     for _ in range(ROUNDS):  # old and new alternate: a slow spell of the machine hits both
         for impl, mod in mods.items():

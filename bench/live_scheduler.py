@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hardening import free_ports, tail
+from bench.hardening import free_ports, tail, trees_to_measure
 from bench.publish import publish
 from sim.loadgen import run_closed_loop, run_load
 
@@ -101,6 +101,38 @@ def recipe(seed: int) -> dict:
     }
 
 
+def resnet_inn(seed: int):
+    """The issue's model as an INN: ResNet18Like (untrained, ``seed``) sampled at
+    ``BASE_WIDTH`` - the served model's full width - and converted again."""
+    import torch
+
+    import runtime
+    from bench.models import ResNet18Like
+
+    torch.manual_seed(seed)
+    x = torch.randn(1, *INPUT)
+    full = runtime.convert(ResNet18Like(num_classes=CLASSES).eval(), (x,), permute=False)
+    half = full.sample(BASE_WIDTH, multiple_of=MULTIPLE_OF)
+    return runtime.convert(half, (x,), permute=False)
+
+
+def model_yaml(inp: list[int], classes: int, **override) -> dict:
+    """model.yaml of the live benchmarks' models (input "input", output "logits", the
+    TIERS), with ``override`` keys replaced or added."""
+    return {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": inp}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [classes]}],
+        "tiers": [{"name": k, "width": w} for k, w in TIERS.items()],
+        "backends": ["onnxruntime"],
+        "max_batch": MAX_BATCH,
+        "threads": THREADS,
+        "multiple_of": MULTIPLE_OF,
+        "max_queue": MAX_QUEUE,
+        "default_latency_budget_ms": 100,
+        **override,
+    }
+
+
 def build_repo(seed: int, rebuild: bool = False) -> tuple[Path, str]:
     """The model directory, built (minutes: export + engines + profile) or reused; and
     "reused" / "built"."""
@@ -116,34 +148,12 @@ def build_repo(seed: int, rebuild: bool = False) -> tuple[Path, str]:
         return model_dir, "reused"
     import torch
 
-    import runtime
-    from bench.models import ResNet18Like
     from runtime.build.pipeline import add_model, build_model
     from runtime.repository import Repository
 
     shutil.rmtree(model_dir, ignore_errors=True)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    torch.manual_seed(seed)
-    x = torch.randn(1, *INPUT)
-    full = runtime.convert(ResNet18Like(num_classes=CLASSES).eval(), (x,), permute=False)
-    half = full.sample(BASE_WIDTH, multiple_of=MULTIPLE_OF)  # the served model's full width
-    inn = runtime.convert(half, (x,), permute=False)
-    add_model(
-        REPO,
-        MODEL,
-        inn,
-        {
-            "inputs": [{"name": "input", "dtype": "float32", "shape": INPUT}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [CLASSES]}],
-            "tiers": [{"name": k, "width": w} for k, w in TIERS.items()],
-            "backends": ["onnxruntime"],
-            "max_batch": MAX_BATCH,
-            "threads": THREADS,
-            "multiple_of": MULTIPLE_OF,
-            "max_queue": MAX_QUEUE,
-            "default_latency_budget_ms": 100,
-        },
-    )
+    add_model(REPO, MODEL, resnet_inn(seed), model_yaml(INPUT, CLASSES))
     build_model(Repository(REPO), MODEL, backend="onnxruntime", repeats=PROFILE_REPEATS)
     record.write_text(json.dumps({"recipe": want, "built_at": time.strftime("%F %T")}))
     return model_dir, "built"
@@ -357,22 +367,15 @@ def commit_of(tree: Path) -> str:
     """HEAD of ``tree`` (+dirty), read without taking git's index lock (the tree may be
     in use: GIT_OPTIONAL_LOCKS=0)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-    git = ["git", "-C", str(tree)]
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(tree), *cmd], capture_output=True, text=True, timeout=10, env=env
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env=env,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env=env,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "?"
     return f"{head}{'+dirty' if dirty else ''}" if head else "?"
@@ -612,12 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_common(p, args)
     points = select(all_points(), args.points)
-    trees = {"current": ROOT}
-    if args.baseline_tree is not None:
-        base = args.baseline_tree.resolve()
-        if not (base / "innfer" / "cli.py").is_file():
-            p.error(f"--baseline-tree {base}: no innfer/cli.py there")
-        trees["baseline"] = base
+    trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
 
     t_start = time.perf_counter()
     model_dir, how = build_repo(args.seed, args.rebuild)

@@ -62,14 +62,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hardening import free_ports
 from bench.live_scheduler import (
+    CLASSES,
+    INPUT,
+    MAX_BATCH,
+    MAX_QUEUE,
+    MULTIPLE_OF,
+    PROFILE_REPEATS,
+    THREADS,
+    TIERS,
     LiveServer,
     _num,
     _pct,
     check_common,
     commit_of,
     common_args,
+    model_yaml,
     p50_ms,
     pin_client,
+    resnet_inn,
     select,
     tier_widths,
 )
@@ -87,16 +97,9 @@ HOST = "127.0.0.1"
 
 RESNET, MLP = "resnet18w50", "mlp"
 MODELS = (RESNET, MLP)
-BASE_WIDTH = 0.5  # the ResNet's served full width, as in bench/live_scheduler.py
-RESNET_INPUT, RESNET_CLASSES = [3, 224, 224], 1000
+RESNET_INPUT, RESNET_CLASSES = INPUT, CLASSES  # bench/live_scheduler.py's model
 MLP_INPUT, MLP_CLASSES = [1, 28, 28], 10
-TIERS = {"w100": 1.0, "w075": 0.75, "w050": 0.5, "w025": 0.25}
 FULL, SMALL = "w100", "w025"
-MAX_BATCH = 8
-THREADS = 1
-MULTIPLE_OF = 8
-MAX_QUEUE = 1000
-PROFILE_REPEATS = 30
 
 CONFIGS = {"arbiter": 1, "per-model": 0}  # name -> device_slots
 LOADS = (1.0, 2.0, 3.0)
@@ -143,41 +146,24 @@ def _recipe_of(model_dir: Path, record: str) -> dict | None:
         return None
 
 
-def _model_yaml(inp: list[int], classes: int) -> dict:
-    return {
-        "inputs": [{"name": "input", "dtype": "float32", "shape": inp}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [classes]}],
-        "tiers": [{"name": k, "width": w} for k, w in TIERS.items()],
-        "backends": ["onnxruntime"],
-        "max_batch": MAX_BATCH,
-        "threads": THREADS,
-        "multiple_of": MULTIPLE_OF,
-        "max_queue": MAX_QUEUE,
-        "default_latency_budget_ms": 100,
-    }
-
-
 def _build(name: str, seed: int) -> None:
     """Convert and build ``name`` into MODELS_DIR (minutes for the ResNet)."""
     import torch
 
     import runtime
-    from bench.models import ResNet18Like, mlp
+    from bench.models import mlp
     from runtime.build.pipeline import add_model, build_model
     from runtime.repository import Repository
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    torch.manual_seed(seed)
     if name == RESNET:  # exactly bench/live_scheduler.py's build
-        x = torch.randn(1, *RESNET_INPUT)
-        full = runtime.convert(ResNet18Like(num_classes=RESNET_CLASSES).eval(), (x,), permute=False)
-        half = full.sample(BASE_WIDTH, multiple_of=MULTIPLE_OF)  # the served full width
-        inn = runtime.convert(half, (x,), permute=False)
-        config = _model_yaml(RESNET_INPUT, RESNET_CLASSES)
+        inn = resnet_inn(seed)
+        config = model_yaml(RESNET_INPUT, RESNET_CLASSES)
     else:
+        torch.manual_seed(seed)
         x = torch.randn(1, *MLP_INPUT)
         inn = runtime.convert(mlp().eval(), (x,), permute=False)
-        config = _model_yaml(MLP_INPUT, MLP_CLASSES)
+        config = model_yaml(MLP_INPUT, MLP_CLASSES)
     add_model(MODELS_DIR, name, inn, config)
     build_model(Repository(MODELS_DIR), name, backend="onnxruntime", repeats=PROFILE_REPEATS)
 

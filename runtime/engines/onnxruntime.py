@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeEngine(session)
 
 
+@functools.cache  # the CPU does not change under a running process; device() is per tier
 def cpu_isa() -> str:
     """The most specific vector instruction set of this CPU in ``_ISA_TAGS`` ("generic"
     where /proc/cpuinfo is missing or names none, e.g. on arm64 - NCHWc is x86-only).
