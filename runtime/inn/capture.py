@@ -207,6 +207,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.select.int: _function(torch.select),
     aten.slice.Tensor: _slice,
     aten.mean.dim: _function(torch.mean),
+    aten.sum.dim_IntList: _function(torch.sum),
     aten.cat.default: _function(torch.cat),
     aten.split.Tensor: _function(torch.split),
     aten.split_with_sizes.default: _function(torch.split),

@@ -38,6 +38,8 @@ TIER_PREFIX = "tier:"
 
 # A matrix builder: (group, n) -> (n, size) float64 resampling matrix.
 MatrixFn = Callable[[GroupInfo, int], torch.Tensor]
+# Kinds of continuous group a width may name fractions for (IntegralModel.kind).
+KINDS = ("heads", "ffn")
 
 
 class ModelFileError(ValueError):
@@ -104,27 +106,66 @@ class IntegralModel:
             f"unknown group {name!r}; the continuous groups are {[g.name for g in self.groups]}"
         )
 
-    def sizes(self, width: float | Mapping[str, int], multiple_of: int = 1) -> dict[str, int]:
+    def unit(self, g: GroupInfo) -> int:
+        """Channels one entry of group ``g`` spans: 1 for plain channels, ``head_dim`` for a
+        group of attention heads (its entries are whole heads; every member dim holds
+        ``size * head_dim`` values). The smallest over the members, because a member after a
+        flatten spans H*W per channel without the group being heads."""
+        spans = [self.state[p].shape[d] // g.size for p, d in g.members if p in self.state]
+        return max(1, min(spans, default=1))
+
+    def kind(self, g: GroupInfo) -> str:
+        """``"heads"`` for a group of attention heads, else ``"ffn"`` (a transformer's FFN
+        width; in a CNN every continuous group is of this kind). Tiers name fractions per
+        kind: ``{"heads": 0.5, "ffn": 0.25}``."""
+        return "heads" if self.unit(g) > 1 else "ffn"
+
+    def sizes(self, width: float | Mapping[str, Any], multiple_of: int = 1) -> dict[str, int]:
         """Channel count per continuous group for ``width``.
 
         ``width``: a fraction in (0, 1] applied to every group (rounded to the nearest count,
-        and to a multiple of ``multiple_of`` - vector lanes - where the group is that large),
-        or a mapping from group name to a channel count in [1, full size]; groups not named
-        keep their full size.
+        and to a multiple of ``multiple_of`` - vector lanes - where the group is that large;
+        for heads the multiple counts channels, ``heads * head_dim``); a mapping from kind
+        (``heads``, ``ffn``, see ``kind``) to a fraction for the groups of that kind; or a
+        mapping from group name to a count in [1, full size] (entries: heads for a heads
+        group). Groups not named keep their full size.
+
+        Example:
+            >>> inn.sizes({"heads": 0.5, "ffn": 0.5})  # doctest: +SKIP
+            {'m.encoder.layer.0.intermediate.dense': 768, 'm.encoder.layer.0...query': 6, ...}
         """
         if multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        if isinstance(width, Mapping) and set(width) & set(KINDS):
+            return self._sizes_from_kinds(width, multiple_of)
         if isinstance(width, Mapping):
             return self._sizes_from_counts(width)
         w = _check_width(width)
-        out = {}
-        for g in self.groups:
-            q = math.lcm(multiple_of, g.blocks)
-            if g.size < q or g.size % g.blocks:
-                q = g.blocks
-            n = min(g.size, max(q, round(w * g.size / q) * q))
-            out[g.name] = g.size if w == 1.0 else n
-        return out
+        return {g.name: self._rounded(g, w, multiple_of) for g in self.groups}
+
+    def _rounded(self, g: GroupInfo, w: float, multiple_of: int) -> int:
+        if w == 1.0:
+            return g.size
+        unit = self.unit(g)
+        # Entries per step: the fewest whose channels are a multiple of multiple_of, and a
+        # multiple of the conv groups (blocks); plain blocks where the group is too small.
+        q = math.lcm(multiple_of // math.gcd(multiple_of, unit), g.blocks)
+        if g.size < q or g.size % g.blocks:
+            q = g.blocks
+        return min(g.size, max(q, round(w * g.size / q) * q))
+
+    def _sizes_from_kinds(self, width: Mapping[str, Any], multiple_of: int) -> dict[str, int]:
+        unknown = sorted(set(width) - set(KINDS))
+        if unknown:
+            raise ValueError(
+                f"a width maps either kinds {list(KINDS)} to fractions or group names to "
+                f"counts, not both; got {unknown} beside {sorted(set(width) & set(KINDS))}"
+            )
+        fractions = {k: _check_width(v) for k, v in width.items()}
+        return {
+            g.name: self._rounded(g, fractions.get(self.kind(g), 1.0), multiple_of)
+            for g in self.groups
+        }
 
     def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
         out = {g.name: g.size for g in self.groups}

@@ -1,0 +1,67 @@
+"""Text -> token ids with a model's own ``tokenizer.json`` (Hugging Face ``tokenizers``; no torch).
+
+The same class tokenizes calibration text at build time and request text in the server, so
+a tier is calibrated on exactly the ids it is served with. The file's own padding and
+truncation settings are replaced: padding is to the longest text of the call (a batch is
+padded again, to its longest request, when the server forms it) and truncation is at
+``max_length`` tokens, special tokens included.
+
+Example:
+    >>> tok = TextTokenizer("models/minilm/tokenizer.json", max_length=256)  # doctest: +SKIP
+    >>> ids, mask = tok.encode(["a short sentence", "another"])  # doctest: +SKIP
+    >>> ids.shape, ids.dtype  # doctest: +SKIP
+    ((2, 5), dtype('int64'))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """The tokenizer file is missing or unreadable, or a text cannot be tokenized."""
+
+
+class TextTokenizer:
+    """``tokenizer.json`` with truncation at ``max_length`` and no padding of its own."""
+
+    def __init__(self, path: str | Path, max_length: int) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise TokenizerError(
+                "text inputs need the 'tokenizers' package: pip install tokenizers"
+            ) from exc
+        if max_length < 2:
+            raise TokenizerError(
+                f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}"
+            )
+        self.path = Path(path)
+        self.max_length = max_length
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as exc:  # tokenizers raises plain Exception on bad files
+            raise TokenizerError(f"cannot read tokenizer {self.path}: {exc}") from None
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length)
+
+    def lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token count of each text after truncation (what the model will run on)."""
+        return [len(e.ids) for e in self._tok.encode_batch(list(texts))]
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)``, each int64 of shape (len(texts), longest): ids
+        padded with 0 and mask 0 after each text's own tokens."""
+        if not texts:
+            raise TokenizerError("no texts to tokenize")
+        encodings = self._tok.encode_batch(list(texts))
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), longest), np.int64)
+        mask = np.zeros((len(texts), longest), np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask
