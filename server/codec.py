@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.repository.config import TensorConfig
+from runtime.repository.config import DYNAMIC, TensorConfig
 from server.errors import InvalidArgument
 from server.limits import RequestLimits, clip
 
@@ -33,13 +33,18 @@ def oip_datatype(dtype: str) -> str:
 
 
 def decode_inputs(
-    request, specs: Sequence[TensorConfig], max_batch: int, limits: RequestLimits = DEFAULT
+    request,
+    specs: Sequence[TensorConfig],
+    max_batch: int,
+    limits: RequestLimits = DEFAULT,
+    max_length: int = 0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``request.inputs`` against the model's ``specs``; return arrays and rows.
 
     Checks, each with its own message: counts against ``limits`` first (O(1)), then names
     (missing, unknown, duplicate - one pass), datatype, shape (rank, per-sample dims, batch
-    in [1, max_batch], equal batch across inputs), raw byte length or typed element count.
+    in [1, max_batch], equal batch across inputs; a dynamic (-1) dim in [1, max_length] and
+    equal across inputs), raw byte length or typed element count.
     Work is linear in the request's size; client strings in messages are clipped.
 
     Example:
@@ -78,19 +83,22 @@ def decode_inputs(
             f"raw_input_contents has {len(raw)} entries for {n} inputs; "
             f"give one per input, in order, or none"
         )
-    arrays, rows = {}, None
+    arrays, rows, length = {}, None, None
     for i, t in enumerate(request.inputs):
         spec = by_name[t.name]
-        batch = _check_shape(t, spec, max_batch)
+        batch, seq = _check_shape(t, spec, max_batch, max_length)
         if rows is not None and batch != rows:
             raise InvalidArgument(f"inputs disagree on the batch size ({rows} vs {batch})")
-        rows = batch
+        if seq is not None and length is not None and seq != length:
+            raise InvalidArgument(f"inputs disagree on the sequence length ({length} vs {seq})")
+        rows, length = batch, seq if seq is not None else length
         arrays[t.name] = _array(t, spec, raw[i] if raw else None)
     return arrays, int(rows or 0)
 
 
-def _check_shape(t, spec: TensorConfig, max_batch: int) -> int:
-    """The batch size of input ``t`` after checking datatype and shape against ``spec``."""
+def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tuple[int, int | None]:
+    """The batch size and sequence length (None: no dynamic axis) of input ``t`` after
+    checking datatype and shape against ``spec``."""
     want = oip_datatype(spec.dtype)
     if t.datatype != want:
         raise InvalidArgument(f"input {t.name!r}: datatype {t.datatype[:32]}, expected {want}")
@@ -98,14 +106,92 @@ def _check_shape(t, spec: TensorConfig, max_batch: int) -> int:
     if len(t.shape) != len(spec.shape) + 1:  # before reading the dims: there may be millions
         raise InvalidArgument(f"input {t.name!r}: {len(t.shape)} dims given, expected {expected}")
     shape = [int(d) for d in t.shape]
-    if tuple(shape[1:]) != spec.shape:
+    fixed = [(d, s) for d, s in zip(shape[1:], spec.shape, strict=True) if s != DYNAMIC]
+    if any(d != s for d, s in fixed):
         raise InvalidArgument(f"input {t.name!r}: shape {shape} does not match {expected}")
+    seq = None
+    for axis in spec.dynamic:
+        seq = shape[1 + axis]
+        if not 1 <= seq <= max_length:
+            raise InvalidArgument(
+                f"input {t.name!r}: sequence length {seq} is outside [1, {max_length}] "
+                f"(the longest profiled length); send shorter sequences"
+            )
     batch = shape[0]
     if not 1 <= batch <= max_batch:
         raise InvalidArgument(
             f"input {t.name!r}: batch {batch} is outside [1, {max_batch}] (max_batch)"
         )
-    return batch
+    return batch, seq
+
+
+def decode_text(
+    request, name: str, max_batch: int, max_bytes: int, limits: RequestLimits = DEFAULT
+) -> list[str]:
+    """The strings of BYTES input ``name`` (shape [rows] or [rows, 1]): the only input of
+    a text request. Each must be UTF-8 and at most ``max_bytes`` long (the tokenizer
+    truncates at the model's max_length tokens; the byte limit bounds its work).
+
+    Example:
+        >>> from server.proto_gen import grpc_service_pb2 as pb
+        >>> req = pb.ModelInferRequest()
+        >>> t = req.inputs.add(name="text", datatype="BYTES", shape=[2, 1])
+        >>> t.contents.bytes_contents.extend([b"hello", "h\u00e9".encode()])
+        >>> decode_text(req, "text", max_batch=8, max_bytes=100)
+        ['hello', 'hé']
+    """
+    if len(request.inputs) != 1 or request.inputs[0].name != name:
+        given = sorted(clip(t.name) for t in request.inputs[: limits.max_inputs])
+        raise InvalidArgument(f"a text request has one input, {name!r}; got {given}")
+    t = request.inputs[0]
+    if t.datatype != "BYTES":
+        raise InvalidArgument(f"input {name!r}: datatype {t.datatype[:32]}, expected BYTES")
+    if not 1 <= len(t.shape) <= 2 or (len(t.shape) == 2 and t.shape[1] != 1):
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(t.shape)[:4]}, expected [-1, 1] (one string per row)"
+        )
+    rows = int(t.shape[0])
+    if not 1 <= rows <= max_batch:
+        raise InvalidArgument(
+            f"input {name!r}: batch {rows} is outside [1, {max_batch}] (max_batch)"
+        )
+    raw = request.raw_input_contents
+    typed = t.contents.bytes_contents
+    if raw and typed:
+        raise InvalidArgument(
+            f"input {name!r} has both contents.bytes_contents and raw_input_contents; "
+            "send one or the other"
+        )
+    items = _length_prefixed(raw[0], name, rows) if raw else list(typed[: rows + 1])
+    if len(items) != rows:
+        raise InvalidArgument(f"input {name!r}: {len(items)} strings for {rows} rows")
+    texts = []
+    for i, b in enumerate(items):
+        if len(b) > max_bytes:
+            raise InvalidArgument(
+                f"input {name!r}[{i}]: {len(b)} bytes, more than {max_bytes} per text; "
+                "split the text (the model reads at most its max_length tokens anyway)"
+            )
+        try:
+            texts.append(b.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"input {name!r}[{i}] is not UTF-8: {exc.reason}") from None
+    return texts
+
+
+def _length_prefixed(data: bytes, name: str, rows: int) -> list[bytes]:
+    """OIP's raw BYTES layout: each element a 4-byte little-endian length, then its bytes.
+    Stops after ``rows + 1`` elements: more is an error either way."""
+    out, i = [], 0
+    while i < len(data) and len(out) <= rows:
+        if i + 4 > len(data):
+            raise InvalidArgument(f"input {name!r}: raw BYTES end inside a length prefix")
+        n = int.from_bytes(data[i : i + 4], "little")
+        if i + 4 + n > len(data):
+            raise InvalidArgument(f"input {name!r}: raw BYTES element {len(out)} runs past the end")
+        out.append(data[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
 
 
 def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:

@@ -32,7 +32,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.limits import clip, message_limit, request_bytes
+from server.limits import clip, message_limit, request_bytes, text_bytes
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -143,7 +143,7 @@ class DataPlane:
                 cfg = self.repo.config(name)
             except (RepositoryError, ConfigError):
                 continue
-            largest = max(largest, request_bytes(cfg.max_batch, cfg.inputs))
+            largest = max(largest, request_bytes(cfg))
         return message_limit(largest)
 
     def check_model_control(self) -> None:
@@ -235,6 +235,8 @@ class DataPlane:
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
         m = self.model(name, version)
         resp = pb.ModelMetadataResponse(name=name, versions=[VERSION], platform="innfer_inn")
+        if m.config.text is not None:  # either this alone, or the model's own inputs
+            resp.inputs.add(name=m.config.text.input, datatype="BYTES", shape=[-1, 1])
         for spec, field in ((m.config.inputs, resp.inputs), (m.config.outputs, resp.outputs)):
             for t in spec:
                 field.add(name=t.name, datatype=codec.oip_datatype(t.dtype), shape=[-1, *t.shape])
@@ -273,9 +275,7 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        inputs, rows = codec.decode_inputs(
-            request, m.config.inputs, m.config.max_batch, self.limits
-        )
+        inputs, rows = self._decode(m, request)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority)
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
@@ -293,6 +293,22 @@ class DataPlane:
         # (parameter, gRPC deadline or the model's default) and what was left of it.
         p["budget_us"].int64_param = int(budget_s * 1e6)
         return resp
+
+    def _decode(self, m: ModelRuntime, request) -> tuple[dict, int]:
+        """The model's input arrays and rows: from the tensors as sent, or - for a text
+        model sent its text input alone - from the strings, tokenized here."""
+        cfg = m.config
+        text = cfg.text
+        if text is not None and any(t.name == text.input for t in request.inputs):
+            texts = codec.decode_text(
+                request, text.input, cfg.max_batch, text_bytes(cfg), self.limits
+            )
+            ids, mask = m.served.tokenizer.encode(texts)
+            arrays = {text.ids: ids, text.mask: mask}
+            arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
+            return arrays, len(texts)
+        max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
+        return codec.decode_inputs(request, cfg.inputs, cfg.max_batch, self.limits, max_length)
 
 
 def _number(param, name: str) -> float | None:

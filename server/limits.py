@@ -63,17 +63,37 @@ def clip_message(text: str) -> str:
 MIN_MESSAGE_BYTES = 4 * 2**20
 
 
-def request_bytes(max_batch: int, inputs) -> int:
-    """Raw tensor bytes of the largest valid request: a full batch of every input.
+# Bytes a text may have per token of the model's max_length: room for any UTF-8 text the
+# model can read in full (a token is rarely more than a few characters); a longer text is
+# refused rather than tokenized only to be truncated.
+TEXT_BYTES_PER_TOKEN = 64
+
+
+def text_bytes(config) -> int:
+    """The most bytes one text of a text model may have (``TEXT_BYTES_PER_TOKEN`` per token
+    of its ``max_length``)."""
+    return TEXT_BYTES_PER_TOKEN * config.text.max_length
+
+
+def request_bytes(config) -> int:
+    """Raw bytes of the largest valid request of the model ``config`` (a ModelConfig): a full
+    batch of every input at the longest sequence, or of the longest texts.
 
     Example:
-        >>> from runtime.repository.config import TensorConfig
-        >>> request_bytes(8, [TensorConfig(name="x", dtype="float32", shape=(1, 28, 28))])
+        >>> from runtime.repository.config import ModelConfig
+        >>> cfg = ModelConfig.from_dict({"inputs": [{"name": "x", "shape": [1, 28, 28]}],
+        ...     "outputs": [{"name": "y", "shape": [10]}], "tiers": [{"name": "a", "width": 1}]})
+        >>> request_bytes(cfg)
         25088
     """
     import numpy as np
 
-    return max_batch * sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in inputs)
+    length = config.sequence_lengths[-1] if config.sequence_lengths else 1
+    tensors = sum(
+        int(np.prod(t.concrete(length))) * np.dtype(t.dtype).itemsize for t in config.inputs
+    )
+    text = text_bytes(config) + 4 if config.text is not None else 0  # + the length prefix
+    return config.max_batch * max(tensors, text)
 
 
 def message_limit(largest_request: int) -> int:

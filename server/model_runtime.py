@@ -12,6 +12,15 @@ client on the MLP they cost more than the rest of the server's Python.
 
 The scheduler's ``Request`` knows nothing of asyncio: the future a caller awaits lives in a
 ``Pending`` beside it, found by request id.
+
+A model with a sequence axis (a transformer) has one scheduler - a *lane* - per profiled
+length: a request joins the lane of the shortest length that holds it, is planned with that
+length's latency tables, and is batched only with requests of its lane (padded with zeros
+to the longest of the batch: at most the lane's length). The lanes share one device
+(``server.scheduling.device``: the server's, or the model's own with ``instances`` slots),
+which runs the most urgent head first across lanes and makes each lane plan behind the
+others' backlog. So a short sentence is never planned as a 256-token one, nor a long one
+as a short one.
 """
 
 from __future__ import annotations
@@ -165,6 +174,7 @@ class Pending:
 
     request: Request
     future: asyncio.Future[InferResult]
+    lane: int = 0  # the sequence length of the scheduler it queues in (0: fixed shapes)
 
     def resolve(self, result: InferResult) -> None:
         if not self.future.done():  # the caller may have cancelled meanwhile
@@ -175,15 +185,24 @@ class Pending:
             self.future.set_exception(exc)
 
 
-def tier_infos(served: ServedModel) -> list[TierInfo]:
+def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
     """Tiers for the scheduler: measured accuracy where the build had an evaluation set,
-    else the FLOPs fraction as a monotone proxy; latency from the profile (p90)."""
+    else the FLOPs fraction as a monotone proxy; latency from the profile (p90) - at
+    sequence ``length`` for a model with a sequence axis."""
     profile = served.profile
     if profile is None or set(profile.get("tiers", {})) != set(served.tiers):
         raise Unavailable(
             f"model {served.name}: profile.json is missing or does not cover every tier; "
             f"run `innfer build` to profile it"
         )
+    if length:
+        tables = profile.get("lengths", {}).get(str(length))
+        if tables is None or set(tables) != set(served.tiers):
+            raise Unavailable(
+                f"model {served.name}: profile.json has no tables at sequence length {length} "
+                f"for every tier (model.yaml lengths changed?); run `innfer build`"
+            )
+        profile = {"tiers": tables}
     return tiers_from_profile(profile, served.tiers)[0]
 
 
@@ -203,24 +222,34 @@ class ModelRuntime:
         self.config = served.config
         self.metrics = metrics
         self.clock = clock
-        self.tiers = tier_infos(served)
+        lengths = self.config.sequence_lengths or (0,)
+        self.tiers = tier_infos(served, lengths[-1])
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
-        self.device = device  # shared with the other models (dataplane); None: own slots
         instances = self.config.instances
+        if device is None and len(lengths) > 1:
+            device = Device(instances, name=f"{self.name}-lanes")  # the lanes share slots
+            self._own_device = True
+        else:
+            self._own_device = False
+        self.device = device  # shared with the other models (dataplane); None: own slots
         # The batches this model can have running at once: its instances, on a shared
         # device no more than the device's slots.
         slots = min(instances, device.slots) if device is not None else instances
-        self.scheduler = Scheduler(
-            self.tiers,
-            make_policy(policy, self.tiers, slots),
-            max_batch=self.config.max_batch,
-            max_queue=self.config.max_queue,
-            slots=instances if device is None else device.slots,
-            slo_target=self.config.slo_target,
-            device=device,
-            max_running=slots,
-        )
+        self.lanes = {
+            n: Scheduler(
+                tiers := tier_infos(served, n),
+                make_policy(policy, tiers, slots),
+                max_batch=self.config.max_batch,
+                max_queue=self.config.max_queue,
+                slots=instances if device is None else device.slots,
+                slo_target=self.config.slo_target,
+                device=device,
+                max_running=slots,
+            )
+            for n in lengths
+        }
+        self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,9 +267,10 @@ class ModelRuntime:
         self._all_done = asyncio.Event()
         self._all_done.set()
         if self.device is not None:
-            # Another model freed a device slot: look again - on the next loop turn, not
-            # inside that model's completion (its scheduler is mid-update there).
-            self.device.join(self.scheduler, on_release=lambda: self._loop.call_soon(self._pump))
+            # Another model (or lane) freed a device slot: look again - on the next loop
+            # turn, not inside that model's completion (its scheduler is mid-update there).
+            for lane in self.lanes.values():
+                self.device.join(lane, on_release=lambda: self._loop.call_soon(self._pump))
         self._gauges()
 
     async def stop(self, drain_s: float = DRAIN_S) -> int:
@@ -253,14 +283,15 @@ class ModelRuntime:
         new runtime has replaced this one.
         """
         self.stopping = True
-        if self.device is not None:  # the others stop planning behind this queue
-            self.device.leave(self.scheduler)
+        if self.device is not None and not self._own_device:  # others stop planning behind it
+            for lane in self.lanes.values():
+                self.device.leave(lane)
         deadline = self.clock() + drain_s
         while self._pending and self.clock() < deadline:
             await asyncio.sleep(0.005)
         failed = 0
         for pending in list(self._pending.values()):
-            if self.scheduler.cancel(pending.request, self.clock()):
+            if self.lanes[pending.lane].cancel(pending.request, self.clock()):
                 failed += 1
                 self.metrics.requests.labels(self.name, "", "unavailable").inc()
                 pending.fail(Unavailable(
@@ -294,20 +325,21 @@ class ModelRuntime:
             engine.run(random_feeds(self.config.inputs, 1))
         if not profile:
             return {}
-        latency = self.scheduler.latency
         sizes = sorted({1, self.config.max_batch})
-        feeds = {b: random_feeds(self.config.inputs, b) for b in sizes}
-        for tier, engine in self.served.engines.items():
-            spent = 0.0
-            for _ in range(PROFILE_RUNS):
-                for b in sizes:
-                    t0 = time.perf_counter()
-                    engine.run(feeds[b])
-                    took = time.perf_counter() - t0
-                    latency.observe(tier, b, took)
-                    spent += took
-                if spent > PROFILE_BUDGET_S:
-                    break
+        for n, lane in self.lanes.items():
+            feeds = {b: random_feeds(self.config.inputs, b, length=n or 1) for b in sizes}
+            for tier, engine in self.served.engines.items():
+                spent = 0.0
+                for _ in range(PROFILE_RUNS):
+                    for b in sizes:
+                        t0 = time.perf_counter()
+                        engine.run(feeds[b])
+                        took = time.perf_counter() - t0
+                        lane.latency.observe(tier, b, took)
+                        spent += took
+                    if spent > PROFILE_BUDGET_S / len(self.lanes):
+                        break
+        latency = self.scheduler.latency
         factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         log.info("model %s measured at load: latency / profile.json %s", self.name,
                  {t: round(f, 2) for t, f in factors.items()})  # fmt: skip
@@ -352,8 +384,9 @@ class ModelRuntime:
         req = Request(
             next(self._ids), now, now + budget_s, rows, pin, min_tier, priority, payload=inputs
         )
+        lane = self._lane(inputs)
         try:
-            self.scheduler.submit(req, now)
+            self.lanes[lane].submit(req, now)
         except Refused as exc:
             outcome = exc.state.name.lower()
             self.metrics.requests.labels(self.name, "", outcome).inc()
@@ -364,18 +397,27 @@ class ModelRuntime:
             raise InvalidArgument(str(exc)) from None
         # No await since submit, and the pump runs below: the request cannot have run yet.
         future = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = Pending(req, future)
+        self._pending[req.id] = Pending(req, future, lane)
         self.inflight += 1
         self._pump()
         try:
             return await future
         except asyncio.CancelledError:
-            if self.scheduler.cancel(req, self.clock()):
+            if self.lanes[lane].cancel(req, self.clock()):
                 self.metrics.requests.labels(self.name, "", "cancelled").inc()
             raise
         finally:
             del self._pending[req.id]
             self.inflight -= 1
+
+    def _lane(self, inputs: dict[str, np.ndarray]) -> int:
+        """The lane of a request: the shortest profiled length >= its sequence length (the
+        codec has checked it is at most the longest); 0 for a model with fixed shapes."""
+        if len(self.lanes) == 1:
+            return next(iter(self.lanes))
+        t = next(t for t in self.config.inputs if t.dynamic)
+        length = inputs[t.name].shape[1 + t.dynamic[0]]
+        return next(n for n in self.lanes if n >= length)
 
     def _bind_metrics(self) -> None:
         """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,
@@ -404,7 +446,7 @@ class ModelRuntime:
         """Queue depth, requests in flight and each tier's latency view, read when Prometheus
         scrapes (``set_function``): nothing to update per request. A runtime that replaces
         this one (a reload) binds the same series to itself when it starts."""
-        self._queue_depth.set_function(lambda: len(self.scheduler.queue))
+        self._queue_depth.set_function(lambda: sum(len(s.queue) for s in self.lanes.values()))
         self._inflight.set_function(lambda: self.inflight)
         latency = self.scheduler.latency
         for tier in self.accuracy:
@@ -421,33 +463,36 @@ class ModelRuntime:
         decides on now (one per free slot). Called on every arrival and completion, on the
         loop thread; it never awaits, so no other request runs in between."""
         now = self.clock()
-        for r in self.scheduler.expire(now):
-            self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
-            self._reject(r, DeadlineExceeded(
-                f"model {self.name}: the request's budget ran out in the queue"
-            ))  # fmt: skip
-        while (decision := self.scheduler.next(now)) is not None:
-            self._launch(decision)
+        for lane in self.lanes.values():
+            for r in lane.expire(now):
+                self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
+                self._reject(r, DeadlineExceeded(
+                    f"model {self.name}: the request's budget ran out in the queue"
+                ))  # fmt: skip
+        # Lanes in turn; on a shared device only the most urgent head's lane is granted a
+        # slot (Device.claim), so the order here does not decide who runs first.
+        for lane in self.lanes.values():
+            while (decision := lane.next(now)) is not None:
+                self._launch(lane, decision)
 
-    def _launch(self, d: Decision) -> None:
-        """Concatenate ``d``'s inputs and hand the batch to an engine thread."""
+    def _launch(self, lane: Scheduler, d: Decision) -> None:
+        """Concatenate ``d``'s inputs (padded to its longest sequence) and hand the batch to
+        an engine thread."""
         reqs = d.requests
         t_in = time.perf_counter()
         try:
             feeds = {
-                s.name: np.concatenate([r.payload[s.name] for r in reqs])
-                if len(reqs) > 1
-                else reqs[0].payload[s.name]
+                s.name: batch_rows([r.payload[s.name] for r in reqs], s.dynamic)
                 for s in self.config.inputs
             }
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
-            self._failed(d, exc)
+            self._failed(lane, d, exc)
             return
         self._running += 1
         self._all_done.clear()
-        self.pool.submit(self._run, d, feeds, t_in)
+        self.pool.submit(self._run, lane, d, feeds, t_in)
 
-    def _run(self, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> None:
+    def _run(self, lane: Scheduler, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> None:
         """On an engine thread: run the batch, then hand the result to the loop (once)."""
         t0 = time.perf_counter()
         try:
@@ -457,9 +502,11 @@ class ModelRuntime:
         else:
             error = None
         compute = time.perf_counter() - t0
-        self._loop.call_soon_threadsafe(self._finish, d, outputs, error, (t0 - t_in, compute))
+        self._loop.call_soon_threadsafe(self._finish, lane, d, outputs, error, (t0 - t_in, compute))
 
-    def _finish(self, d: Decision, outputs, error: BaseException | None, times) -> None:
+    def _finish(
+        self, lane: Scheduler, d: Decision, outputs, error: BaseException | None, times
+    ) -> None:
         """On the loop: answer ``d``'s requests from the engine's outputs (or fail them),
         then look for the next batch."""
         self._running -= 1
@@ -468,22 +515,22 @@ class ModelRuntime:
         try:
             if error is not None:
                 log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
-                self._failed(d, error)
+                self._failed(lane, d, error)
             else:
-                self._answer(d, outputs, times)
+                self._answer(lane, d, outputs, times)
         finally:
             self._pump()
 
-    def _failed(self, d: Decision, exc: BaseException) -> None:
-        self.scheduler.complete(d, self.clock(), 0.0, ok=False)
+    def _failed(self, lane: Scheduler, d: Decision, exc: BaseException) -> None:
+        lane.complete(d, self.clock(), 0.0, ok=False)
         for r in d.requests:
             self.metrics.requests.labels(self.name, d.tier, "failed").inc()
             self._reject(r, exc)
 
-    def _answer(self, d: Decision, outputs: dict[str, np.ndarray], times) -> None:
+    def _answer(self, lane: Scheduler, d: Decision, outputs: dict[str, np.ndarray], times) -> None:
         prepare, compute = times
         now = self.clock()
-        self.scheduler.complete(d, now, compute)
+        lane.complete(d, now, compute)
         self._record(d, compute, now)
         t_out = time.perf_counter()
         offset = 0
@@ -535,3 +582,27 @@ class ModelRuntime:
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width
         return float(w) if isinstance(w, (int, float)) else str(w)
+
+
+def batch_rows(parts: list[np.ndarray], dynamic: tuple[int, ...]) -> np.ndarray:
+    """One batch from the requests' arrays of one input (each (rows, *per-sample)): joined
+    along the batch axis, and where the input has a dynamic (sequence) axis, each part first
+    padded with zeros to the longest - id 0 and mask 0, which a masked model ignores.
+
+    Example:
+        >>> a, b = np.ones((1, 2), np.int64), np.ones((2, 3), np.int64)
+        >>> batch_rows([a, b], (0,)).tolist()
+        [[1, 1, 0], [1, 1, 1], [1, 1, 1]]
+    """
+    if len(parts) == 1:
+        return parts[0]
+    for axis in dynamic:
+        longest = max(p.shape[1 + axis] for p in parts)
+        pads = [[(0, 0)] * p.ndim for p in parts]
+        for p, pad in zip(parts, pads, strict=True):
+            pad[1 + axis] = (0, longest - p.shape[1 + axis])
+        parts = [
+            np.pad(p, pad) if any(x for _, x in pad) else p
+            for p, pad in zip(parts, pads, strict=True)
+        ]
+    return np.concatenate(parts)

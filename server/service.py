@@ -189,10 +189,16 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             max_batch_size=m.config.max_batch,
         )
         cfg.version_policy.latest.num_versions = 1
+        text = m.config.text
+        if text is not None:  # clients send this alone, or the model's own inputs
+            entry = cfg.input.add(name=text.input, dims=[1], optional=True)
+            entry.data_type = mc.DataType.TYPE_STRING
         for spec, field in ((m.config.inputs, cfg.input), (m.config.outputs, cfg.output)):
             for t in spec:
                 entry = field.add(name=t.name, dims=list(t.shape))
                 entry.data_type = mc.DataType.Value(_triton_type(t.dtype))
+                if text is not None and field is cfg.input:
+                    entry.optional = True
         # innfer's scheduler never holds a batch open to wait for more requests: a batch
         # starts as soon as a slot is free, so the queue delay is 0; the batch sizes it plans
         # with are the profiled ones (1, 2, 4, ... max_batch).

@@ -273,7 +273,10 @@ def _open_candidate(inn, config, cand: Candidate, backend, options, d: Path):
 
 def _example(config: ModelConfig) -> tuple[torch.Tensor, ...]:
     """Batch-1 zeros for each input: what FLOPs are counted on (as the build counts them)."""
-    return tuple(torch.zeros((1, *t.shape), dtype=getattr(torch, t.dtype)) for t in config.inputs)
+    length = config.example_length
+    return tuple(
+        torch.zeros((1, *t.concrete(length)), dtype=getattr(torch, t.dtype)) for t in config.inputs
+    )
 
 
 def time_candidates(

@@ -35,14 +35,22 @@ def export_onnx(
     output_names: Sequence[str],
     opset: int = OPSET,
 ) -> bytes:
-    """Export ``module`` with a dynamic batch axis on every input and output.
+    """Export ``module`` with a dynamic batch axis on every input and output, and a dynamic
+    ``sequence`` axis wherever an input's per-sample shape has -1.
 
     ``inputs``: (name, per-sample shape, dtype) for each model input, in call order.
     Returns the serialized ONNX model after ``onnx.checker.check_model`` passes.
     """
-    example = tuple(torch.zeros((2, *shape), dtype=dtype) for _, shape, dtype in inputs)
+    # Example sizes that no fixed dim is likely to equal, so the tracer cannot confuse a
+    # dynamic axis with a constant one (2 rows, 7 tokens).
+    example = tuple(
+        torch.zeros((2, *(7 if d == -1 else d for d in shape)), dtype=dtype)
+        for _, shape, dtype in inputs
+    )
     names = [name for name, _, _ in inputs]
     dynamic = {n: {0: "batch"} for n in [*names, *output_names]}
+    for name, shape, _ in inputs:
+        dynamic[name].update({1 + i: "sequence" for i, d in enumerate(shape) if d == -1})
     buf = io.BytesIO()
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings(), exportable_attention():

@@ -106,6 +106,7 @@ def build_model(
         report.tiers.append(
             TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
         )
+    repo.record_tokenizer(name, config)
     if profile:
         report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
     return report
@@ -167,7 +168,8 @@ def _export_tier(
         raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
     data = write_tier_files(d, module, config)
     example = tuple(
-        torch.zeros((1, *t.shape), dtype=getattr(torch, t.dtype)) for t in config.inputs
+        torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
+        for t in config.inputs
     )
     record = TierRecord(
         name=tier.name,
@@ -213,8 +215,10 @@ def _onnx_matches(d: Path, record: TierRecord) -> bool:
 def _validate(engine, module, config: ModelConfig, tier: str) -> float:
     rtol, atol = TOLERANCE[config.precision]
     worst = 0.0
-    for batch in sorted({1, config.max_batch}):
-        feeds = random_feeds(config.inputs, batch, seed=batch)
+    lengths = config.sequence_lengths or (1,)
+    # Batch 1 at the shortest length and a full batch at the longest: both ends of each axis.
+    for batch, length in sorted({(1, lengths[0]), (config.max_batch, lengths[-1])}):
+        feeds = random_feeds(config.inputs, batch, seed=batch, length=length)
         got = engine.run(feeds)
         ref = module(*[torch.from_numpy(feeds[t.name]) for t in config.inputs])
         refs = ref if isinstance(ref, (tuple, list)) else (ref,)
@@ -246,10 +250,16 @@ def _accuracy(engine, config: ModelConfig) -> float:
 
 
 def _profile(repo, name, config, backend, engines, progress, repeats) -> Path:
-    tiers = {}
-    for tier, engine in tqdm(engines.items(), desc="profile", disable=not progress, unit="tier"):
-        tiers[tier] = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
-    data = profile_document(backend, config.threads, tiers)
+    """Every tier at every batch size; a sequence model at every profiled length too."""
+    lengths = config.sequence_lengths or (1,)
+    points = [(tier, n) for tier in engines for n in lengths]
+    tables: dict[int, dict] = {n: {} for n in lengths}
+    for tier, n in tqdm(points, desc="profile", disable=not progress, unit="point"):
+        tables[n][tier] = measure(
+            engines[tier], config.inputs, config.batch_sizes, repeats=repeats, length=n
+        )
+    by_length = tables if config.sequence_lengths else None
+    data = profile_document(backend, config.threads, tables[lengths[-1]], by_length)
     path = repo.model_dir(name) / PROFILE_FILE
     path.write_text(json.dumps(data, indent=1))
     return path

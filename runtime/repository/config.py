@@ -69,6 +69,7 @@ __all__ = [
     "EvaluationConfig",
     "ModelConfig",
     "TensorConfig",
+    "TextConfig",
     "TierConfig",
     "describe",
     "read_yaml",
@@ -85,11 +86,27 @@ METHODS = ("auto", "point", "cell")
 # is the CPU provider, which builds fp32 only (runtime/engines/onnxruntime.py).
 FP16_BACKENDS = ("tensorrt", "torch")
 
-_WIDTH = "a number in (0, 1] or a mapping {group: channels}"
+_WIDTH = (
+    "a number in (0, 1], a mapping {group: channels} or a mapping of kinds "
+    "{heads: fraction, ffn: fraction}"
+)
+# Kinds of continuous group a width may give fractions for (runtime.inn.model.KINDS: heads
+# are attention heads, ffn every other group - a transformer's FFN width).
+KINDS = ("heads", "ffn")
+# A per-sample dim that varies per request (a sequence axis).
+DYNAMIC = -1
 
 
-def _width(v: Any, where: Where) -> float | dict[str, int]:
-    """A tier width: a fraction of every group's channels, or channels per group."""
+def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
+    """A tier width: a fraction of every group's channels, fractions per kind of group, or
+    channels per group."""
+    if isinstance(v, dict) and set(v) & set(KINDS):
+        if set(v) - set(KINDS):
+            where.fail(v, f"either kinds {list(KINDS)} with fractions or group counts, not both")
+        for k, f in v.items():
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                where.child(k).fail(f, "a fraction in (0, 1]")
+        return {k: float(f) for k, f in v.items()}
     if isinstance(v, dict):
         for g, n in v.items():
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -100,13 +117,38 @@ def _width(v: Any, where: Where) -> float | dict[str, int]:
     return float(v)
 
 
+_DIMS = "a list of per-sample dims: positive ints, -1 for a dynamic (sequence) axis"
+
+
+def _dims(v: Any, where: Where) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        where.fail(v, _DIMS)
+    for i, d in enumerate(v):
+        if isinstance(d, bool) or not isinstance(d, int) or not (d >= 1 or d == DYNAMIC):
+            where.child(i).fail(d, "a positive int, or -1 for a dynamic axis")
+    return tuple(v)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TensorConfig:
     """A model input or output: name, dtype and per-sample shape (batch axis excluded)."""
 
     name: str = spec(pattern=NAME, doc="tensor name, as in the ONNX graph and requests")
     dtype: str = spec("float32", choices=DTYPES, doc="element type (numpy name)")
-    shape: tuple[int, ...] = spec(lo=1, doc="per-sample shape; the batch axis is left out")
+    shape: tuple[int, ...] = spec(
+        parse=_dims,
+        expected=_DIMS,
+        doc="per-sample shape; the batch axis is left out; -1: varies per request (sequence)",
+    )
+
+    @property
+    def dynamic(self) -> tuple[int, ...]:
+        """Per-sample axes whose size varies per request (-1 in ``shape``)."""
+        return tuple(i for i, d in enumerate(self.shape) if d == DYNAMIC)
+
+    def concrete(self, length: int) -> tuple[int, ...]:
+        """The per-sample shape with every dynamic axis at ``length``."""
+        return tuple(length if d == DYNAMIC else d for d in self.shape)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +186,24 @@ class ChannelSearchConfig:
         None, lo=1, hi=4096, doc="batch size the candidates are timed at; null: max_batch"
     )
     repeats: int = spec(10, lo=3, hi=1000, doc="timed runs per candidate (their median counts)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """Optional: clients may send raw text (a BYTES input, one string per row); the server
+    tokenizes it with the model's own tokenizer file and feeds the ids and mask inputs."""
+
+    input: str = spec("text", pattern=NAME, doc="the BYTES input clients send strings on")
+    tokenizer: str = spec(
+        "tokenizer.json", pattern=NAME, doc="Hugging Face tokenizers file in the model's directory"
+    )
+    max_length: int = spec(
+        256, lo=2, hi=65536, doc="tokens per text (special tokens included); longer is truncated"
+    )
+    ids: str = spec("input_ids", pattern=NAME, doc="the model input the token ids feed")
+    mask: str = spec(
+        "attention_mask", pattern=NAME, doc="the model input the mask feeds (1 token, 0 pad)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +255,13 @@ class ModelConfig:
         "are planned at this quantile of each tier's latency distribution",
     )  # fmt: skip
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
+    text: TextConfig | None = spec(None, doc="accept raw text, tokenized in the server")
+    lengths: tuple[int, ...] | None = spec(
+        None, lo=1, hi=65536, nonempty=True, unique=True,
+        doc="sequence lengths each tier is profiled at (models with a -1 input dim); a "
+        "request is planned at the smallest one >= its own length, the largest is the "
+        "longest accepted; null with text: 16, 32, ... up to text.max_length",
+    )  # fmt: skip
     channel_search: ChannelSearchConfig | None = spec(
         None,
         doc="at build time, time each fractional tier's channel counts rounded to a few "
@@ -227,11 +294,74 @@ class ModelConfig:
                     list(self.outputs[0].shape), "[classes] (evaluation scores its argmax)"
                 )
 
+        self._validate_sequence(where)
         search = self.channel_search
         if search is not None and search.batch is not None and search.batch > self.max_batch:
             where.child("channel_search").child("batch").fail(
                 search.batch, f"a batch size <= max_batch ({self.max_batch}) or null"
             )
+
+    def _validate_sequence(self, where: Where) -> None:
+        for i, t in enumerate(self.outputs):
+            if t.dynamic:
+                where.child("outputs").child(i).child("shape").fail(
+                    list(t.shape), "fixed dims (dynamic outputs are not supported yet)"
+                )
+        for i, t in enumerate(self.inputs):
+            if len(t.dynamic) > 1:
+                where.child("inputs").child(i).child("shape").fail(
+                    list(t.shape), "at most one dynamic (-1) axis: the sequence"
+                )
+        dynamic = [t.name for t in self.inputs if t.dynamic]
+        if self.lengths is not None and not dynamic:
+            where.child("lengths").fail(list(self.lengths), "null (no input has a -1 dim)")
+        if dynamic and self.lengths is None and self.text is None:
+            where.child("lengths").fail(
+                None, f"the lengths to profile at, e.g. [16, 64, 256] (inputs {dynamic} are -1)"
+            )
+        if self.text is not None:
+            self._validate_text(where.child("text"))
+
+    def _validate_text(self, where: Where) -> None:
+        text = self.text
+        names = {t.name: t for t in self.inputs}
+        if text.input in names or text.input in {t.name for t in self.outputs}:
+            where.child("input").fail(text.input, "a name no model input or output has")
+        for key in ("ids", "mask"):
+            name = getattr(text, key)
+            t = names.get(name)
+            if t is None or t.shape != (DYNAMIC,) or t.dtype not in ("int64", "int32"):
+                where.child(key).fail(
+                    name, f"an int64/int32 input of shape [-1]; inputs: {list(names)}"
+                )
+        others = sorted(set(names) - {text.ids, text.mask})
+        if others:
+            where.fail(
+                to_dict(text), f"a model whose inputs are only ids and mask (also: {others})"
+            )
+        if self.lengths is not None and max(self.lengths) < text.max_length:
+            where.child("max_length").fail(
+                text.max_length, f"at most the largest profiled length ({max(self.lengths)})"
+            )
+
+    @property
+    def sequence_lengths(self) -> tuple[int, ...]:
+        """The profiled sequence lengths, ascending; () for a model with fixed shapes."""
+        if not any(t.dynamic for t in self.inputs):
+            return ()
+        if self.lengths is not None:
+            return tuple(sorted(self.lengths))
+        out, n = [], 16
+        while n < self.text.max_length:
+            out.append(n)
+            n *= 2
+        return (*out, self.text.max_length)
+
+    @property
+    def example_length(self) -> int:
+        """The sequence length FLOPs are counted and shapes exported at (the shortest
+        profiled one; 1 for a model with fixed shapes: unused)."""
+        return self.sequence_lengths[0] if self.sequence_lengths else 1
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -241,6 +371,13 @@ class ModelConfig:
             sizes.append(b)
             b *= 2
         return (*sizes, self.max_batch)
+
+    def input(self, name: str) -> TensorConfig:
+        """The input called ``name`` (KeyError if there is none)."""
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     def tier(self, name: str) -> TierConfig:
         """The tier called ``name`` (KeyError if there is none)."""

@@ -4,7 +4,8 @@
 
     {"device": "cpu-x86_64", "backend": "onnxruntime", "backend_version": "1.31.1",
      "measured_at": "...", "warmup": 3, "repeats": 20,
-     "tiers": {"w100": {"1": {"p50_ms": 1.9, "p90_ms": 2.1}, "2": {...}}, ...}}
+     "tiers": {"w100": {"1": {"p50_ms": 1.9, "p90_ms": 2.1}, "2": {...}}, ...},
+     "lengths": {"16": {"w100": {...}, ...}, "256": {...}}}   # sequence models only
 
 The scheduler reads it through ``Profile.latency_ms``.
 
@@ -29,19 +30,21 @@ from runtime.repository.config import TensorConfig
 
 
 def random_feeds(
-    inputs: Sequence[TensorConfig], batch: int, seed: int = 0
+    inputs: Sequence[TensorConfig], batch: int, seed: int = 0, length: int = 16
 ) -> dict[str, np.ndarray]:
-    """Batch-first random arrays matching each input's dtype and per-sample shape."""
+    """Batch-first random arrays matching each input's dtype and per-sample shape, dynamic
+    (-1) axes at ``length``. Integers are 0 or 1: a valid token id, index and mask value
+    alike (a mask of 9 would overflow a transformer's additive mask to inf)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for t in inputs:
-        shape = (batch, *t.shape)
+        shape = (batch, *t.concrete(length))
         if t.dtype.startswith("float"):
             feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
         elif t.dtype == "bool":
             feeds[t.name] = rng.integers(0, 2, shape).astype(bool)
         else:
-            feeds[t.name] = rng.integers(0, 10, shape).astype(t.dtype)
+            feeds[t.name] = rng.integers(0, 2, shape).astype(t.dtype)
     return feeds
 
 
@@ -52,15 +55,17 @@ def measure(
     warmup: int = 3,
     repeats: int = 20,
     max_seconds: float = 5.0,
+    length: int = 16,
 ) -> dict[str, dict[str, float]]:
-    """Median and p90 latency (ms) per batch size, after ``warmup`` untimed runs.
+    """Median and p90 latency (ms) per batch size, after ``warmup`` untimed runs; dynamic
+    (sequence) axes at ``length``.
 
     ``max_seconds`` bounds the timed runs per batch size (at least 5 are kept), so a slow
     tier cannot stretch a build without limit.
     """
     out = {}
     for batch in batch_sizes:
-        feeds = random_feeds(inputs, batch)
+        feeds = random_feeds(inputs, batch, length=length)
         for _ in range(warmup):
             engine.run(feeds)
         times: list[float] = []
@@ -106,8 +111,12 @@ class Profile:
         return float(entries[str(fit)][f"{quantile}_ms"])
 
 
-def profile_document(backend, threads: int, tiers: dict[str, Any]) -> dict[str, Any]:
-    """The ``profile.json`` document for per-tier tables measured on ``backend``.
+def profile_document(
+    backend, threads: int, tiers: dict[str, Any], lengths: dict[int, dict] | None = None
+) -> dict[str, Any]:
+    """The ``profile.json`` document for per-tier tables measured on ``backend``. A model
+    with a sequence axis has one set of tables per profiled length (``lengths``: length ->
+    tier -> table); ``tiers`` are then the tables at the longest length.
 
     Example:
         >>> from runtime.engines import get_backend
@@ -122,4 +131,5 @@ def profile_document(backend, threads: int, tiers: dict[str, Any]) -> dict[str, 
         "threads": threads,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tiers": tiers,
+        **({"lengths": {str(n): t for n, t in lengths.items()}} if lengths else {}),
     }

@@ -9,6 +9,8 @@ Layout of one model::
                                               sha256 of model.onnx, what it was sampled from
     <repo>/<model>/engines/<key>/...          engine files + manifest.json (cache.py)
     <repo>/<model>/profile.json               latency per tier x batch, with the device
+    <repo>/<model>/tokenizer.json, text.json  text models: the tokenizer, and its sha256 as
+                                              the build saw it (a changed file is refused)
 
 Example:
     >>> repo = Repository("models")  # doctest: +SKIP
@@ -32,10 +34,12 @@ from runtime.repository.cache import EngineCache
 from runtime.repository.config import ConfigError, ModelConfig
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.records import TIER_FILE, TierRecord
+from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger("innfer.repository")
 
 PROFILE_FILE = "profile.json"
+TEXT_FILE = "text.json"
 # A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
 # (file systems allow 255 per component; the engine cache adds suffixes to it).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -69,6 +73,7 @@ class ServedModel:
     engines: dict[str, Engine]
     profile: dict[str, Any] | None
     backend: str
+    tokenizer: TextTokenizer | None = None  # text models (model.yaml ``text``) only
 
 
 class Repository:
@@ -168,7 +173,45 @@ class Repository:
                 raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
-        return ServedModel(name, config, tiers, engines, self.read_profile(name), chosen.name)
+        tokenizer = self.load_tokenizer(name, config)
+        return ServedModel(
+            name, config, tiers, engines, self.read_profile(name), chosen.name, tokenizer
+        )
+
+    def record_tokenizer(self, name: str, config: ModelConfig) -> None:
+        """At build time: write ``text.json`` with the tokenizer file's sha256 (checked at
+        every load, so a tokenizer edited after the build is refused, not half-used)."""
+        if config.text is None:
+            return
+        path = self.model_dir(name) / config.text.tokenizer
+        if not path.is_file():
+            raise RepositoryError(
+                f"{config.source}: text.tokenizer {config.text.tokenizer!r} is not in the model "
+                "directory; copy the model's tokenizer.json there"
+            )
+        record = {"tokenizer": config.text.tokenizer, "sha256": sha256_file(path)}
+        (self.model_dir(name) / TEXT_FILE).write_text(json.dumps(record, indent=1))
+
+    def load_tokenizer(self, name: str, config: ModelConfig) -> TextTokenizer | None:
+        if config.text is None:
+            return None
+        d = self.model_dir(name)
+        path = d / config.text.tokenizer
+        try:
+            record = json.loads((d / TEXT_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            raise RepositoryError(
+                f"{name}/{TEXT_FILE} is missing or corrupted: run `innfer build`"
+            ) from None
+        if not path.is_file() or sha256_file(path) != record.get("sha256"):
+            raise RepositoryError(
+                f"{name}/{config.text.tokenizer} is missing or differs from the one the model "
+                "was built with: restore it or rebuild with `innfer build`"
+            )
+        try:
+            return TextTokenizer(path, config.text.max_length)
+        except TokenizerError as exc:
+            raise RepositoryError(str(exc)) from None
 
     def read_profile(self, name: str) -> dict[str, Any] | None:
         path = self.root / name / PROFILE_FILE

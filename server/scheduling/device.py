@@ -95,7 +95,11 @@ class Device:
 
     def passed(self, scheduler: Scheduler) -> None:
         """``scheduler`` was granted a slot but its policy chose to wait (a fuller batch):
-        it stops holding back the others until its queue changes (``touched``)."""
+        it stops holding back the others until its queue changes (``touched``). Passing
+        again with an unchanged queue wakes nobody: the others were woken the first time (a
+        model's lanes pump each other, so a second wake-up would spin)."""
+        if id(scheduler) in self._passed:
+            return
         self._passed.add(id(scheduler))
         self._notify(scheduler)
 

@@ -1,0 +1,280 @@
+"""Text in, embeddings out (issue 13): a tiny sentence embedder served by the real server
+and ONNX Runtime, called with the stock tritonclient - raw strings (BYTES) tokenized in the
+server with the model's own tokenizer.json, or INT64 ids and mask; dynamic batch and
+sequence length; one scheduler lane per profiled length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tc
+from serverutil import ServerThread
+from textmodel import LENGTHS, MAX_LENGTH, WORDS, build_text_repository
+from tritonclient.utils import InferenceServerException
+
+from runtime.repository import Repository
+from runtime.repository.tokenizer import TextTokenizer
+from server.errors import DeadlineExceeded
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime, batch_rows
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("textrepo")
+    d, model = build_text_repository(root)
+    return root, d, model
+
+
+@pytest.fixture(scope="module")
+def srv(repo):
+    s = ServerThread({"repository": str(repo[0])}).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(srv):
+    c = tc.InferenceServerClient(srv.address)
+    yield c
+    c.close()
+
+
+def _text_input(texts: list[str]) -> tc.InferInput:
+    t = tc.InferInput("text", [len(texts), 1], "BYTES")
+    t.set_data_from_numpy(np.array([[s.encode()] for s in texts], dtype=object))
+    return t
+
+
+def _embed(client, texts, tier="full", **params):
+    r = client.infer("embed", [_text_input(texts)], parameters={"tier": tier, **params})
+    return r.as_numpy("embedding"), r.get_response().parameters
+
+
+@torch.no_grad()
+def _reference(model, d, texts):
+    """What the source module computes on the tokenizer's ids, one text at a time."""
+    tok = TextTokenizer(d / "tokenizer.json", MAX_LENGTH)
+    out = []
+    for s in texts:
+        ids, mask = tok.encode([s])
+        out.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()[0])
+    return np.stack(out)
+
+
+def _code(exc_info) -> str:
+    return exc_info.value.status()
+
+
+def test_text_in_embeddings_out_match_the_source_model_one_text_at_a_time(repo, client):
+    _, d, model = repo
+    # Mixed lengths in one request: padded to the longest in the server, masked out.
+    texts = ["the model", "elastic width heads serve a sentence embedding fast", "text"]
+    got, params = _embed(client, texts)
+    assert got.shape == (3, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _reference(model, d, texts), atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert params["tier"].string_param == "full"
+
+
+def test_the_smaller_tier_serves_text_too_and_stays_close(client):
+    texts = ["the small model serves text", "a large network"]
+    full, _ = _embed(client, texts, "full")
+    half, params = _embed(client, texts, "half")
+    assert params["tier"].string_param == "half" and half.shape == (2, 16)
+    assert not np.allclose(half, full)  # a different network...
+    assert np.isfinite(half).all()  # ...that still runs on the same tokenized text
+
+
+def test_unicode_and_empty_strings_are_embedded(repo, client):
+    _, d, model = repo
+    texts = ["café naïve 😀 ünïcode", "", "   "]
+    got, _ = _embed(client, texts)
+    np.testing.assert_allclose(got, _reference(model, d, texts), atol=2e-5)
+    # Accents are stripped by the tokenizer's normaliser: "café naive" == "cafe naive".
+    np.testing.assert_allclose(_embed(client, ["café naïve"])[0], _embed(client, ["cafe naive"])[0])
+
+
+def test_over_long_text_is_truncated_at_max_length_tokens(client):
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # ~100 tokens
+    first = " ".join(words.split()[: MAX_LENGTH - 2])  # what fits beside [CLS] and [SEP]
+    np.testing.assert_allclose(_embed(client, [words])[0], _embed(client, [first])[0], atol=1e-6)
+
+
+def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
+    _, d, _ = repo
+    texts = ["the server", "a sentence embedding request"]
+    ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(texts)
+    inputs = []
+    for name, a in (("input_ids", ids), ("attention_mask", mask)):
+        t = tc.InferInput(name, list(a.shape), "INT64")
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    r = client.infer("embed", inputs, parameters={"tier": "full"})
+    np.testing.assert_allclose(r.as_numpy("embedding"), _embed(client, texts)[0], atol=1e-6)
+
+
+def _ids(name, shape, dtype="INT64"):
+    t = tc.InferInput(name, shape, dtype)
+    t.set_data_from_numpy(np.ones(shape, np.int64 if dtype == "INT64" else np.int32))
+    return t
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (lambda: [_ids("input_ids", [1, 5], "INT32"), _ids("attention_mask", [1, 5])],
+         "datatype INT32, expected INT64"),
+        (lambda: [_ids("input_ids", [1, 30]), _ids("attention_mask", [1, 30])],
+         f"sequence length 30 is outside \\[1, {LENGTHS[-1]}\\]"),
+        (lambda: [_ids("input_ids", [1, 5]), _ids("attention_mask", [1, 6])],
+         "disagree on the sequence length"),
+        (lambda: [_text_input(["a"]), _ids("input_ids", [1, 3])],
+         "a text request has one input, 'text'"),
+        (lambda: [_text_input(["x" * (64 * MAX_LENGTH + 1)])], "split the text"),
+    ],
+)  # fmt: skip
+def test_bad_text_and_id_requests_are_invalid_argument_with_the_reason(client, inputs, message):
+    with pytest.raises(InferenceServerException, match=message) as e:
+        client.infer("embed", inputs())
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_non_utf8_and_misshaped_text_are_refused(client):
+    t = tc.InferInput("text", [1, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[b"\xff\xfe bad"]], dtype=object))
+    with pytest.raises(InferenceServerException, match="is not UTF-8") as e:
+        client.infer("embed", [t])
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+    t = tc.InferInput("text", [1, 2], "BYTES")
+    t.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=object))
+    with pytest.raises(InferenceServerException, match=r"expected \[-1, 1\]"):
+        client.infer("embed", [t])
+    # The server is still up and answering.
+    assert _embed(client, ["still here"])[0].shape == (1, 16)
+
+
+def test_metadata_and_model_config_describe_text_and_dynamic_axes(client):
+    meta = client.get_model_metadata("embed", as_json=True)
+    inputs = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]}
+    assert inputs == {
+        "text": ("BYTES", ["-1", "1"]),
+        "input_ids": ("INT64", ["-1", "-1"]),
+        "attention_mask": ("INT64", ["-1", "-1"]),
+    }
+    cfg = client.get_model_config("embed", as_json=True)["config"]
+    by_name = {t["name"]: t for t in cfg["input"]}
+    assert by_name["text"]["data_type"] == "TYPE_STRING" and by_name["text"]["optional"]
+    assert by_name["input_ids"]["dims"] == ["-1"] and by_name["input_ids"]["optional"]
+
+
+def test_concurrent_requests_of_mixed_lengths_are_each_answered_with_their_own_embedding(repo, srv):
+    import tritonclient.grpc.aio as aio
+
+    _, d, model = repo
+    texts = [" ".join(WORDS[: 1 + (3 * k) % 19]) for k in range(24)]
+    want = _reference(model, d, texts)
+
+    async def go():
+        c = aio.InferenceServerClient(srv.address)
+        try:
+            calls = [c.infer("embed", [_text_input([s])], parameters={"tier": "full"})
+                     for s in texts]  # fmt: skip
+            return await asyncio.gather(*calls)
+        finally:
+            await c.close()
+
+    results = asyncio.run(go())
+    for k, r in enumerate(results):
+        np.testing.assert_allclose(r.as_numpy("embedding")[0], want[k], atol=2e-5)
+
+
+def test_a_batch_padded_across_requests_computes_what_each_request_alone_does(repo):
+    _, d, _ = repo
+    served = Repository(d.parent).load("embed")
+    tok = served.tokenizer
+    parts = [tok.encode([s]) for s in ("the model", "a small network serves text fast", "x")]
+    alone = [served.engines["full"].run({"input_ids": i, "attention_mask": m}) for i, m in parts]
+    feeds = {
+        "input_ids": batch_rows([i for i, _ in parts], (0,)),
+        "attention_mask": batch_rows([m for _, m in parts], (0,)),
+    }
+    together = served.engines["full"].run(feeds)["embedding"]
+    assert feeds["input_ids"].shape == (3, max(i.shape[1] for i, _ in parts))
+    want = np.concatenate([a["embedding"] for a in alone])
+    np.testing.assert_allclose(together, want, atol=1e-5)
+
+
+def test_a_tokenizer_changed_after_the_build_is_refused_at_load(repo, tmp_path):
+    import shutil
+
+    from runtime.repository import RepositoryError
+
+    _, d, _ = repo
+    copy = tmp_path / "repo" / "embed"
+    shutil.copytree(d, copy)
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zebra"] = len(tok["model"]["vocab"])
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(RepositoryError, match="differs from the one the model was built with"):
+        Repository(copy.parent).load("embed")
+
+
+# -- lanes: the scheduler plans a request at its own sequence length ---------------------------
+def _scripted_profile(d, ms_per_token: float) -> None:
+    """Replace the measured profile by one where a batch costs ``ms_per_token`` x its
+    length x its rows (deterministic estimates for the lane tests)."""
+    prof = json.loads((d / "profile.json").read_text())
+    lengths = {}
+    for n in LENGTHS:
+        lengths[str(n)] = {
+            tier: {str(b): dict.fromkeys(("p50_ms", "p90_ms"), ms_per_token * n * b * scale)
+                   for b in (1, 2, 4)}
+            for tier, scale in (("full", 1.0), ("half", 0.5))
+        }  # fmt: skip
+    prof["lengths"], prof["tiers"] = lengths, lengths[str(LENGTHS[-1])]
+    (d / "profile.json").write_text(json.dumps(prof))
+
+
+def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
+    import shutil
+
+    _, d, _ = repo
+    root = tmp_path / "repo"
+    shutil.copytree(d, root / "embed")
+    _scripted_profile(root / "embed", ms_per_token=1.0)  # half at 1 row: 4 / 8 / 12 ms
+    served = Repository(root).load("embed")
+    now = [0.0]
+    rt = ModelRuntime(served, Metrics(), clock=lambda: now[0])
+    assert list(rt.lanes) == LENGTHS
+    tok = served.tokenizer
+
+    def feeds(words: int):
+        ids, mask = tok.encode([" ".join(["the"] * words)])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    assert [rt._lane(feeds(w)) for w in (1, 6, 7, 14, 22)] == [8, 8, 16, 16, 24]
+    # Each lane estimates with its own length's table: 8 tokens at half width take 4 ms.
+    lat = {n: rt.lanes[n].latency.estimate("half", 1) * 1e3 for n in LENGTHS}
+    assert lat[8] == pytest.approx(4.0, rel=0.01) and lat[24] == pytest.approx(12.0, rel=0.01)
+
+    async def go():
+        rt.start()
+        try:
+            # 7 ms: the short sentence fits at half width (4 ms; full takes 8); the long one
+            # cannot (12 ms at half width).
+            short = await rt.infer(feeds(3), 1, budget_s=0.007)
+            with pytest.raises(DeadlineExceeded):
+                await rt.infer(feeds(20), 1, budget_s=0.007)
+            return short
+        finally:
+            await rt.stop()
+
+    assert asyncio.run(go()).tier == "half"
