@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from serverutil import ServerThread
+from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
 from runtime.repository import Repository
@@ -122,24 +122,37 @@ def test_triton_priority_and_timeout_are_accepted(client):
     assert r.as_numpy("logits").shape == (1, 10)
 
 
-def test_aio_client_concurrent_requests_each_answered_once(server, model_repository):
+def test_aio_client_concurrent_requests_each_answered_once(tmp_path):
+    # A model slow enough (~10 ms a batch, about the same for 1 or 4 rows) that concurrent
+    # requests queue behind the running batch and are batched: on the tiny CNN each one
+    # may finish before the next is decoded, and then nothing is batched.
+    add_onnx_model(tmp_path, "slow", lambda w: slow_loop(w, trips=100), {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+        "max_batch": 4, "default_latency_budget_ms": 60_000,
+    }, warmup=1, repeats=3)  # fmt: skip
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 1024)).astype(np.float32) for _ in range(24)]
+
     async def run():
         async with tca.InferenceServerClient(server.address) as c:
-            xs = [_x(1, seed=i) for i in range(24)]
-            calls = [c.infer("tiny", [_input(x)], request_id=str(i)) for i, x in enumerate(xs)]
-            return xs, await asyncio.gather(*calls)
+            calls = [c.infer("slow", [_input(x)], request_id=str(i)) for i, x in enumerate(xs)]
+            return await asyncio.gather(*calls)
 
-    xs, results = asyncio.run(run())
+    try:
+        results = asyncio.run(run())
+    finally:
+        server.stop()
     assert sorted(int(r.get_response().id) for r in results) == list(range(24))
-    # Batched requests still get their own rows back: every row against the engine of the
-    # tier that served it.
-    engines = Repository(model_repository).load("tiny").engines
+    # Batched requests still get their own rows back: every row against the engine alone.
+    engine = Repository(tmp_path).load("slow").engines["w100"]
     batched = 0
     for x, got in zip(xs, results, strict=True):
-        params = got.get_response().parameters
-        want = engines[params["tier"].string_param].run({"input": x})["logits"]
+        want = engine.run({"input": x})["logits"]
         np.testing.assert_allclose(got.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
-        batched += params["batch_size"].int64_param > 1
+        batched += got.get_response().parameters["batch_size"].int64_param > 1
     assert batched > 0, "no request was batched: the demux was not exercised"
 
 
