@@ -34,6 +34,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     widths, --convert) for the INN that is there is reused: no training, and the build
     re-does only what changed (tier source hashes, engine cache, profile). ``--retrain``
     starts over."""
+    if args.model == "minilm":
+        return _demo_minilm(args)
+    args.name = args.name or "mnist"
     model_dir = args.repository / args.name
     recipe = _demo_recipe(args)
     if not args.retrain:
@@ -64,6 +67,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"ready in {seconds:.1f} s; test accuracy by width:")
     print(format_report(width_report(inn, args.widths, data)))
     return _demo_repository(args, inn, data, recipe, seconds)
+
+
+def _demo_minilm(args: argparse.Namespace) -> int:
+    """all-MiniLM-L6-v2: convert, calibrate on text, build; then serve (unless --no-serve).
+    The INN is reused when the repository holds the one this recipe made."""
+    import torch
+
+    from runtime.build.pipeline import build_model
+    from runtime.demo import minilm_demo
+    from runtime.repository import Repository
+
+    torch.set_num_threads(args.threads)
+    args.name = args.name or "minilm"
+    model_dir = args.repository / args.name
+    seconds = args.calibrate_seconds
+    if not args.retrain and minilm_demo.reusable(model_dir, seconds):
+        print(f"reusing {model_dir} (same recipe); {_start_over(model_dir)}")
+    else:
+        minilm_demo.write_repository(args.repository, args.name, seconds, threads=1)
+    repo = Repository(args.repository)
+    _print_build(build_model(repo, args.name), repo)
+    print(f"\nmodel repository: {model_dir}")
+    if args.serve is False:
+        return 0
+    import asyncio
+
+    from server.app import serve, setup_logging
+    from server.config import ServerConfig
+
+    setup_logging("info")
+    config = {"repository": str(args.repository), "models": [args.name]}
+    asyncio.run(serve(ServerConfig.from_dict(config)))
+    return 0
 
 
 def _demo_recipe(args: argparse.Namespace) -> dict:
@@ -419,6 +455,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    if args.text is not None:
+        return _calibrate_text(args, inn, widths, multiple_of, method)
+    if args.data is None:
+        raise ValueError("give --data NAME (an image data set) or --text FILE (a text model)")
     data = load_data(args.data)
     x = data.x_train[: args.samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
@@ -429,6 +469,46 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, multiple_of=multiple_of)))
+    return 0
+
+
+def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, method: str) -> int:
+    """Distil each tier of a text model from its full width on the sentences of
+    ``--text`` (one per line), tokenized with the model directory's own tokenizer."""
+    import torch
+
+    from runtime.inn.distill import calibrate_text
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.tokenizer import TextTokenizer
+
+    config = ModelConfig.load(args.model_dir / "model.yaml")
+    if config.text is None:
+        raise ValueError(
+            f"{config.source} has no text: section (tokenizer, max_length); --text calibrates "
+            "text models only - use --data for image models"
+        )
+    lines = [ln.strip() for ln in args.text.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if len(lines) < 32:
+        raise ValueError(f"{args.text} has {len(lines)} non-empty lines; give at least 32")
+    tok = TextTokenizer(args.model_dir / config.text.tokenizer, config.text.max_length)
+    ids, mask = tok.encode(lines)
+    tiers = {inn.sizes_key(inn.sizes(w, multiple_of)) for w in widths} - {
+        inn.sizes_key(inn.sizes(1.0))
+    }
+    per_tier = args.seconds / max(len(tiers), 1)
+    tuned = calibrate_text(
+        inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
+        multiple_of=multiple_of, method=method, seed=args.seed,
+    )  # fmt: skip
+    out = tuned.save(args.out or args.model_dir)
+    print(
+        f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({per_tier:.0f} s each) -> {out}"
+    )
+    for key, rec in tuned.info.get("text_calibration", {}).items():
+        print(f"  {key[:60]}: {rec['steps']} steps, loss {rec['first_loss']:.4f} -> "
+              f"{rec['last_loss']:.4f}")  # fmt: skip
+    print("rebuild the tiers with `innfer build`")
     return 0
 
 
@@ -468,11 +548,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the demo CNN, convert it, print accuracy by width")
-    models = ["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn", "digits_mlp"]
-    demo.add_argument("--model", default="mnist_resnet", choices=models)
+    models = ["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn", "digits_mlp", "minilm"]
+    demo.add_argument(
+        "--model", default="mnist_resnet", choices=models,
+        help="minilm: all-MiniLM-L6-v2, text in, embeddings out (the [zoo] extra)",
+    )  # fmt: skip
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
-    demo.add_argument("--name", default="mnist")
+    demo.add_argument("--name", help="model name (default: mnist, or minilm)")
+    demo.add_argument(
+        "--calibrate-seconds", type=float, default=60.0,
+        help="minilm: distillation seconds per smaller tier (0: data-free)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--serve", action=argparse.BooleanOptionalAction, default=None,
+        help="minilm: serve on 127.0.0.1:8001 after the build (default: yes)",
+    )  # fmt: skip
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--epochs", type=int, help="training epochs (default: the model's)")
     demo.add_argument(
@@ -512,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")
     cal.add_argument("model_dir", type=Path)
-    cal.add_argument("--data", required=True, choices=["digits", "mnist5k", "mnist1d"])
+    cal.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"], help="image models")
+    cal.add_argument("--text", type=Path,
+                     help="text models: sentences, one per line (unlabelled)")  # fmt: skip
     cal.add_argument("--widths", type=_width, nargs="*",
                      help="default: the tiers of MODEL_DIR/model.yaml, else 0.5 0.25")  # fmt: skip
     cal.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")

@@ -1,0 +1,54 @@
+"""``innfer calibrate --text`` on the tiny sentence embedder (tests/textmodel.py): the
+tiers of a text model are distilled on a plain-text file, tokenized with the model's own
+tokenizer, and stored with the INN for the next build."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from textmodel import WORDS, build_text_repository
+
+import runtime
+from innfer.cli import main
+from runtime.inn.model import IntegralModel
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d, _ = build_text_repository(tmp_path_factory.mktemp("textcli"))
+    return d
+
+
+def _sentences(path, n: int):
+    lines = [" ".join(WORDS[(k + j) % len(WORDS)] for j in range(3 + k % 9)) for k in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_calibrate_text_stores_the_smaller_tier_and_leaves_the_full_width(model_dir, tmp_path):
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    text = _sentences(tmp_path / "calib.txt", 64)
+    assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "2"]) == 0
+    inn = runtime.load(copy)
+    half = IntegralModel.sizes_key(inn.sizes({"heads": 0.5, "ffn": 0.5}))
+    full = IntegralModel.sizes_key(inn.sizes(1.0))
+    assert half in inn.tiers and full not in inn.tiers
+    record = inn.info["text_calibration"][half]
+    assert record["steps"] >= 1 and record["sentences"] == 64
+
+
+def test_calibrate_text_refuses_too_little_text_and_models_without_a_tokenizer(
+    model_dir, tmp_path, capsys
+):
+    few = _sentences(tmp_path / "few.txt", 5)
+    assert main(["calibrate", str(model_dir), "--text", str(few), "--seconds", "1"]) != 0
+    assert "give at least 32" in capsys.readouterr().err
+    copy = tmp_path / "notext"
+    shutil.copytree(model_dir, copy)
+    yaml_text = (copy / "model.yaml").read_text()
+    (copy / "model.yaml").write_text(yaml_text.split("text:")[0] + "lengths: [8, 16, 24]\n")
+    enough = _sentences(tmp_path / "enough.txt", 40)
+    assert main(["calibrate", str(copy), "--text", str(enough), "--seconds", "1"]) != 0
+    assert "has no text: section" in capsys.readouterr().err
