@@ -104,7 +104,7 @@ async def run_closed_loop(
     n_requests: int,
     max_seconds: float,
     budget_fn: Callable[[int], float],
-    inputs: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray] | Callable[[int], dict[str, np.ndarray]],
     accuracy: dict[str, float] | None = None,
     drain_s: float = DRAIN_S,
     parameters: dict | None = None,
@@ -113,8 +113,10 @@ async def run_closed_loop(
     previous one is answered or refused, until ``n_requests`` are sent or ``max_seconds``
     have passed (no send after that; answers are awaited ``drain_s`` more, then counted as
     NO_ANSWER). Request ``i`` (in send order) carries the budget ``budget_fn(i)`` seconds
-    and the extra request ``parameters``, if any (the budget takes precedence). The report
-    covers the requests sent: sent = within budget + late + refused.
+    and the extra request ``parameters``, if any (the budget takes precedence). ``inputs``:
+    the same arrays for every request, or ``inputs(i)`` for request ``i`` (object arrays of
+    bytes are sent as BYTES: text). The report covers the requests sent: sent = within
+    budget + late + refused.
 
     Example:
         >>> r = asyncio.run(run_closed_loop("127.0.0.1:8001", "mnist", 8, 2000, 30.0,
@@ -136,7 +138,7 @@ async def run_closed_loop(
     budgets = np.full(n_requests, np.nan)
     sent = 0
     async with tca.InferenceServerClient(address) as client:
-        tensors = _tensors(tca, inputs)
+        same = None if callable(inputs) else _tensors(tca, inputs)
         start = time.perf_counter()
 
         async def client_loop() -> None:
@@ -145,6 +147,7 @@ async def run_closed_loop(
                 i, sent = sent, sent + 1
                 budgets[i] = float(budget_fn(i))
                 rec.codes[i] = NO_ANSWER
+                tensors = same if same is not None else _tensors(tca, inputs(i))
                 await rec.send(client, model, tensors, i, budgets[i], InferenceServerException)
 
         tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
@@ -235,4 +238,4 @@ def _summary(latency, budgets_s, tiers, codes, wall, accuracy, first_error=None)
 
 def _oip(dtype: np.dtype) -> str:
     return {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
-            "uint8": "UINT8", "bool": "BOOL"}[np.dtype(dtype).name]  # fmt: skip
+            "uint8": "UINT8", "bool": "BOOL", "object": "BYTES"}[np.dtype(dtype).name]  # fmt: skip

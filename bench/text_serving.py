@@ -1,0 +1,209 @@
+"""Text in, embeddings out, live: all-MiniLM-L6-v2 served by `innfer serve` to clients that
+send sentences, with one scheduler lane per sequence length against one lane planned at the
+longest length - the same tiers, engines and load, in one run.
+
+Model: the MiniLM repository of ``innfer demo --model minilm`` (tiers h100 / h075 / h050 /
+h050f025, ONNX Runtime 1 thread, max batch 8), written under runs/bench-text/ with
+``--calibrate-seconds`` per tier (default 0: data-free tiers - the scheduling does not depend
+on their quality) and reused while that recipe is the same.
+
+Servers (each fresh, pinned to --server-cpus; the load generator to --client-cpus):
+  lanes      model.yaml lengths [16, 32, 64, 128, 256]: a request is planned at the shortest
+             profiled length that holds it
+  one-lane   the same model with lengths [256] (profile.json cut to that length): every
+             request is planned as a 256-token one - what a length-blind scheduler does
+  full-only  the lanes server with every request pinned to h100 (tier=h100): serving the
+             full model only, as a server without tiers would
+Load: closed loop, --concurrency clients, one evaluation sentence per request (the offline
+corpus, seeded order; their token counts are reported), budgets 30 ms and U(20, 100) ms.
+Per point: attainment (answered within budget / sent; refusals count as misses), refused,
+late, mean served size (the serving tier's FLOPs / h100's), tier mix, p50 / p99 latency,
+goodput.
+
+Writes bench/results/text_serving.json and .png and prints a table.
+
+    .venv/bin/python -m bench.text_serving [--requests 600] [--seconds 30] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.live_scheduler import LiveServer, common_args, pin_client, uniform_budgets_s
+from bench.publish import publish
+from sim.loadgen import run_closed_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+WORK = ROOT / "runs" / "bench-text"
+MODEL = "minilm"
+STEM = "text_serving"
+FIXED_BUDGET_MS = 30.0
+
+
+def repositories(seconds: float, rebuild: bool) -> tuple[Path, Path]:
+    """(lanes, one-lane) repositories: the demo's MiniLM, built once; the one-lane copy
+    shares its tiers and engines and keeps only the 256-token profile."""
+    from runtime.build.pipeline import build_model
+    from runtime.demo import minilm_demo
+    from runtime.repository import Repository
+
+    lanes = WORK / "lanes"
+    if rebuild or not minilm_demo.reusable(lanes / MODEL, seconds):
+        shutil.rmtree(lanes, ignore_errors=True)
+        minilm_demo.write_repository(lanes, MODEL, seconds, threads=1)
+    build_model(Repository(lanes), MODEL)
+    one = WORK / "one-lane"
+    shutil.rmtree(one, ignore_errors=True)
+    shutil.copytree(lanes / MODEL, one / MODEL)
+    import yaml
+
+    cfg = yaml.safe_load((one / MODEL / "model.yaml").read_text())
+    longest = max(cfg["lengths"])
+    cfg["lengths"] = [longest]
+    (one / MODEL / "model.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    prof = json.loads((one / MODEL / "profile.json").read_text())
+    prof["lengths"] = {str(longest): prof["lengths"][str(longest)]}
+    (one / MODEL / "profile.json").write_text(json.dumps(prof, indent=1))
+    return lanes, one
+
+
+def workload(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """``n`` evaluation sentences in a seeded order (repeated if needed) and their token
+    counts under the model's tokenizer."""
+    from runtime.demo.minilm import MAX_LENGTH, tokenizer_path
+    from runtime.demo.text_corpus import load
+    from runtime.repository.tokenizer import TextTokenizer
+
+    texts = load("evaluation")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    chosen = [texts[order[i % len(texts)]] for i in range(n)]
+    return chosen, np.array(TextTokenizer(tokenizer_path(), MAX_LENGTH).lengths(chosen))
+
+
+def sizes(model_dir: Path) -> dict[str, float]:
+    """Each tier's FLOPs relative to the largest (tier.json), the served-size measure."""
+    flops = {
+        d.name: json.loads((d / "tier.json").read_text())["flops"]
+        for d in (model_dir / "tiers").iterdir()
+    }
+    top = max(flops.values())
+    return {t: f / top for t, f in flops.items()}
+
+
+def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None) -> dict:
+    try:
+        info = server.start(label, (MODEL,))
+
+        def inputs(i: int) -> dict:
+            return {"text": np.array([[texts[i].encode()]], dtype=object)}
+
+        params = {"tier": pin} if pin else None
+        warm = asyncio.run(run_closed_loop(server.address, MODEL, 2, 16, 20.0,
+                                           lambda i: 1.0, inputs, parameters=params))  # fmt: skip
+        del warm  # first batches pay ORT's allocations: not recorded
+        report = asyncio.run(
+            run_closed_loop(server.address, MODEL, args.concurrency, args.requests,
+                            args.seconds, lambda i: budgets[i], inputs, parameters=params)
+        )  # fmt: skip
+        s = dict(report.summary)
+        served = [t for t in report.tiers if t]
+        s["mean_served_size"] = float(np.mean([widths[t] for t in served])) if served else None
+        s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
+        s["server_alive_after"] = server.proc.poll() is None
+        return {**info, **s}
+    finally:
+        server.stop()
+
+
+def summarise(results: dict) -> str:
+    rows = [f"{'budget':<10}{'server':<11}{'attain':>8}{'refused':>9}{'late':>6}"
+            f"{'size':>7}{'p50 ms':>8}{'p99 ms':>8}{'good/s':>8}  tiers"]  # fmt: skip
+    for budget, servers in results["points"].items():
+        for name, s in servers.items():
+            sent = max(s["sent"], 1)
+            size = s["mean_served_size"]
+            rows.append(
+                f"{budget:<10}{name:<11}{s['within_budget'] / sent:>8.1%}"
+                f"{s['refused_total'] / sent:>9.1%}{s['late']:>6}"
+                f"{size if size is not None else float('nan'):>7.2f}"
+                f"{s['p50_latency_ms'] or float('nan'):>8.1f}"
+                f"{s['p99_latency_ms'] or float('nan'):>8.1f}"
+                f"{s['goodput_per_s']:>8.1f}  {s['tier_counts']}"
+            )
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    budgets = list(results["points"])
+    servers = list(next(iter(results["points"].values())))
+    x = np.arange(len(budgets))
+    for k, name in enumerate(servers):
+        rows = [results["points"][b][name] for b in budgets]
+        att = [r["within_budget"] / max(r["sent"], 1) for r in rows]
+        size = [r["mean_served_size"] or 0 for r in rows]
+        axes[0].bar(x + k * 0.25, att, 0.25, label=name)
+        axes[1].bar(x + k * 0.25, size, 0.25, label=name)
+    for ax, title in zip(axes, ("attainment (within budget / sent)", "mean served size (FLOPs)"),
+                         strict=True):  # fmt: skip
+        ax.set_xticks(x + 0.25, budgets)
+        ax.set_title(title)
+        ax.set_ylim(0, 1.05)
+    axes[0].legend()
+    fig.suptitle(f"all-MiniLM-L6-v2, text in, closed loop c={results['concurrency']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(p, 600, "requests per point", "b30,u20-100")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--calibrate-seconds", type=float, default=0.0)
+    args = p.parse_args()
+    lanes, one = repositories(args.calibrate_seconds, args.rebuild)
+    affinity = pin_client(args)
+    texts, tokens = workload(args.requests + 16, args.seed)
+    widths = sizes(lanes / MODEL)
+    budget_sets = {
+        "b30": np.full(args.requests, FIXED_BUDGET_MS / 1e3),
+        "u20-100": uniform_budgets_s(args.seed, args.requests),
+    }
+    log = args.out / f"{STEM}.log"
+    log.unlink(missing_ok=True)
+    results = {"concurrency": args.concurrency, "requests": args.requests,
+               "seconds": args.seconds, "seed": args.seed, "affinity": affinity,
+               "tokens": {"p50": float(np.median(tokens)), "p90": float(np.percentile(tokens, 90)),
+                          "max": int(tokens.max()), "mean": float(tokens.mean())},
+               "sizes": widths, "points": {}}  # fmt: skip
+    for name, budgets in budget_sets.items():
+        row = {}
+        for server, repo, pin in (("lanes", lanes, None), ("one-lane", one, None),
+                                  ("full-only", lanes, "h100")):  # fmt: skip
+            live = LiveServer(server, ROOT, repo, log, args.server_cpus)
+            row[server] = point(live, f"{name}/{server}", texts, budgets, args, widths, pin)
+        results["points"][name] = row
+    results["loadavg_1m_end"] = os.getloadavg()[0]
+    publish(results, args.out, STEM, plot, summarise(results))
+    print(f"tokens per request: {results['tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
