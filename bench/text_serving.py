@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--calibrate-seconds", type=float, default=0.0)
     args = p.parse_args()
+    t0 = time.perf_counter()
     lanes, one = repositories(args.calibrate_seconds, args.rebuild)
     affinity = pin_client(args)
     texts, tokens = workload(args.requests + 16, args.seed)
@@ -200,6 +202,7 @@ def main() -> int:
             row[server] = point(live, f"{name}/{server}", texts, budgets, args, widths, pin)
         results["points"][name] = row
     results["loadavg_1m_end"] = os.getloadavg()[0]
+    results["wall_seconds"] = time.perf_counter() - t0
     publish(results, args.out, STEM, plot, summarise(results))
     print(f"tokens per request: {results['tokens']}")
     return 0
