@@ -288,11 +288,12 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
-    def start(self, label: str, models: tuple[str, ...] = (MODEL,)) -> dict:
-        """Serve the repository; ready once every one of ``models`` is."""
+    def start(self, label: str, models: tuple[str, ...] = (MODEL,), extra=()) -> dict:
+        """Serve the repository (``extra``: more `innfer serve` flags); ready once every one
+        of ``models`` is."""
         port, mport = free_ports(2)
         args = ["--repository", str(self.repo), "--host", HOST, "--port", str(port),
-                "--metrics-port", str(mport)]  # fmt: skip
+                "--metrics-port", str(mport), *extra]  # fmt: skip
         return self._launch(label, args, port, models)
 
     def _launch(self, label: str, cli: list[str], port: int, models) -> dict:
