@@ -249,12 +249,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _print_build(report, repo) -> None:
     profile = repo.read_profile(report.model) or {"tiers": {}}
-    print(f"\n{report.model} ({report.backend}):")
+    lengths = sorted(map(int, profile.get("lengths", {})))
+    # A sequence model: latency at its shortest profiled length (the longest is in tiers).
+    tables = profile["lengths"][str(lengths[0])] if lengths else profile["tiers"]
+    at = f", latency at {lengths[0]} tokens (profiled {lengths})" if lengths else ""
+    print(f"\n{report.model} ({report.backend}{at}):")
     print(f"{'tier':<8} {'MFLOPs':>9} {'params':>9} {'accuracy':>9} {'p50 b=1':>9} "
           f"{'p50 b=8':>9} {'engine':>8}")  # fmt: skip
     for t in report.tiers:
         rec = repo.load_record(report.model, t.name)
-        lat = profile["tiers"].get(t.name, {})
+        lat = tables.get(t.name, {})
         b1 = lat.get("1", {}).get("p50_ms")
         b8 = lat.get(str(max(map(int, lat), default=1)), {}).get("p50_ms")
         acc = "-" if t.accuracy is None else f"{t.accuracy:.2%}"
