@@ -164,7 +164,10 @@ def decode_text(
         )
     items = _length_prefixed(raw[0], name, rows) if raw else list(typed[: rows + 1])
     if len(items) != rows:
-        raise InvalidArgument(f"input {name!r}: {len(items)} strings for {rows} rows")
+        given = (
+            len(typed) if not raw else f"{len(items)} or more" if len(items) > rows else len(items)
+        )
+        raise InvalidArgument(f"input {name!r}: {given} strings for {rows} rows")
     texts = []
     for i, b in enumerate(items):
         if len(b) > max_bytes:

@@ -278,3 +278,41 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
             await rt.stop()
 
     assert asyncio.run(go()).tier == "half"
+
+
+# -- the BYTES codec, without a server ----------------------------------------------------------
+def _text_request(shape, typed=None, raw=None):
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(raw_input_contents=[raw] if raw is not None else [])
+    t = req.inputs.add(name="text", datatype="BYTES", shape=shape)
+    if typed is not None:
+        t.contents.bytes_contents.extend(typed)
+    return req
+
+
+def _prefixed(*items: bytes) -> bytes:
+    return b"".join(len(b).to_bytes(4, "little") + b for b in items)
+
+
+@pytest.mark.parametrize(
+    "request_, expected",
+    [
+        (lambda: _text_request([2, 1], raw=_prefixed(b"a", "é".encode())), ["a", "é"]),
+        (lambda: _text_request([2], typed=[b"x", b""]), ["x", ""]),
+        (lambda: _text_request([2, 1], typed=[b"a", b"b", b"c"]), "3 strings for 2 rows"),
+        (lambda: _text_request([2, 1], raw=_prefixed(b"a", b"b", b"c")), "3 or more strings"),
+        (lambda: _text_request([1, 1], raw=(5).to_bytes(4, "little") + b"ab"), "runs past"),
+        (lambda: _text_request([1, 1], raw=b"\x01\x00"), "inside a length prefix"),
+        (lambda: _text_request([9, 1], typed=[b"a"] * 9), r"batch 9 is outside \[1, 4\]"),
+    ],
+)
+def test_bytes_inputs_decode_or_say_what_is_wrong(request_, expected):
+    from server.codec import decode_text
+    from server.errors import InvalidArgument
+
+    if isinstance(expected, list):
+        assert decode_text(request_(), "text", max_batch=4, max_bytes=64) == expected
+    else:
+        with pytest.raises(InvalidArgument, match=expected):
+            decode_text(request_(), "text", max_batch=4, max_bytes=64)
