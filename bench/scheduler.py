@@ -180,11 +180,14 @@ def _server_slo(log: Path) -> dict:
     port = re.search(r"metrics :(\d+)", log.read_text()).group(1)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
-    def value(name: str) -> float:
-        m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
+    def value(name: str, labels: str = "") -> float:
+        """The sum over the series of ``name`` whose labels contain ``labels``."""
+        rows = re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)
+        return sum(float(v) for lab, v in rows if labels in lab)
 
-    met, missed = value("innfer_deadline_met_total"), value("innfer_deadline_missed_total")
+    # Served requests only (late ones); refusals and expiries are in the client's figures.
+    met = value("innfer_deadline_met_total")
+    missed = value("innfer_deadline_missed_total", 'reason="late"')
     return {"met": met, "missed": missed, "slo_of_served": met / max(met + missed, 1)}
 
 

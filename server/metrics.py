@@ -1,10 +1,39 @@
-"""Prometheus metrics, declared once. Base units in names, few labels (model, tier, outcome).
+"""Prometheus metrics, declared once. Base units in names, few labels (model, tier, outcome,
+reason).
 
-Ratios the autoscaler uses (deploy/ records them):
+Every request that reaches a model is counted once in ``innfer_requests_total`` by outcome,
+and - unless it was cancelled by its client before its deadline - once in the SLO view:
+``innfer_deadline_met_total`` (answered within its budget) or
+``innfer_deadline_missed_total{reason}`` (the client did not get an answer within its budget):
+
+  late              answered (or still running when the client gave up) after the budget
+  expired           admitted, but the budget ran out in the queue (DEADLINE_EXCEEDED)
+  refused_deadline  refused at arrival: the work queued ahead (or this replica running slower
+                    than profiled, e.g. contended) would make it late
+  refused_budget    refused at arrival: the budget is below the fastest allowed tier's
+                    profiled p90 - no replica meets it however idle (the client's ask, not load)
+  refused_full      refused at arrival: the queue was full (RESOURCE_EXHAUSTED)
+  failed            the engine failed the batch
+  unavailable       the model was unloaded or reloaded before the request ran
+
+So SLO attainment = met / (met + missed) is what clients experience: a replica that refuses
+82 % of its requests and answers 13 % in time reads 0.13, not 0.95 (the share of *served*
+requests that were in time, which is what met / (met + late) alone would say).
+
+Ratios the autoscaler uses (deploy/monitoring/prometheusrule.yaml records them per pod):
   queue:compute  = rate(innfer_queue_seconds_total) / rate(innfer_compute_seconds_total)
-  degraded share = rate(innfer_degraded_requests_total)
-                   / rate(innfer_requests_total{outcome="served"})
+                   (queue time of every admitted request: served, failed, expired,
+                   cancelled or unloaded in the queue - not only of the served ones)
+  degraded share = (rate(innfer_degraded_requests_total) + rate(shed))
+                   / (rate(innfer_requests_total{outcome="served"}) + rate(shed))
+                   shed: innfer_deadline_missed_total of the reasons refused_deadline,
+                   refused_full and expired - load the replica could not take counts as
+                   degraded (refused_budget is not load: more replicas would not serve it)
   mean accuracy  = rate(innfer_served_accuracy_sum) / rate(innfer_served_accuracy_count)
+
+``innfer_requests_total{outcome="refused_deadline"}`` counts refused_deadline,
+refused_budget and expired together (the gRPC status they share); the ``reason`` label of
+``innfer_deadline_missed_total`` tells them apart.
 
 Each server owns its registry, so several servers can run in one process (tests).
 """
@@ -31,7 +60,16 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-OUTCOMES = ("served", "refused_deadline", "refused_full", "failed", "cancelled", "invalid")
+OUTCOMES = (
+    "served", "refused_deadline", "refused_full", "failed", "cancelled", "unavailable", "invalid",
+)  # fmt: skip
+# Why a request missed its deadline (innfer_deadline_missed_total{reason}); see above.
+MISS_REASONS = (
+    "late", "expired", "refused_deadline", "refused_budget", "refused_full", "failed",
+    "unavailable",
+)  # fmt: skip
+# The misses that are load the replica could not take (the degraded share counts them).
+SHED_REASONS = ("refused_deadline", "refused_full", "expired")
 
 
 class Metrics:
@@ -65,19 +103,24 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.deadline_met = Counter(
-            "innfer_deadline_met", "Served requests answered within their budget.", ["model"],
+            "innfer_deadline_met", "Requests answered within their latency budget.", ["model"],
             registry=r,
         )  # fmt: skip
         self.deadline_missed = Counter(
-            "innfer_deadline_missed", "Accepted requests answered after their budget.",
-            ["model"], registry=r,
+            "innfer_deadline_missed",
+            "Requests not answered within their latency budget, by reason: late, expired (in "
+            "the queue), refused_deadline / refused_budget / refused_full (at arrival), "
+            "failed, unavailable.", ["model", "reason"], registry=r,
         )  # fmt: skip
         self.served_accuracy = Summary(
             "innfer_served_accuracy", "Measured accuracy of the tier each request was served by.",
             ["model"], registry=r,
         )  # fmt: skip
         self.queue_total = Counter(
-            "innfer_queue_seconds", "Cumulative queueing time of served requests.", ["model"],
+            "innfer_queue_seconds",
+            "Cumulative queueing time of admitted requests, whatever their end (served, "
+            "failed, expired, cancelled, unloaded).",
+            ["model"],
             registry=r,
         )  # fmt: skip
         self.compute_total = Counter(

@@ -44,7 +44,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.metrics import Metrics
+from server.metrics import MISS_REASONS, Metrics
 from server.scheduling import (
     Decision,
     InvalidRequest,
@@ -294,6 +294,8 @@ class ModelRuntime:
             if self.lanes[pending.lane].cancel(pending.request, self.clock()):
                 failed += 1
                 self.metrics.requests.labels(self.name, "", "unavailable").inc()
+                self._missed["unavailable"].inc()
+                self._queue_total.inc(self.clock() - pending.request.arrival)
                 pending.fail(Unavailable(
                     f"model {self.name} was unloaded or reloaded before this request ran; retry"
                 ))  # fmt: skip
@@ -390,6 +392,15 @@ class ModelRuntime:
         except Refused as exc:
             outcome = exc.state.name.lower()
             self.metrics.requests.labels(self.name, "", outcome).inc()
+            why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
+            if exc.state == State.REFUSED_DEADLINE:
+                # refused_budget: the budget is below the fastest allowed tier's profiled p90
+                # (no online correction): no replica meets it however idle - the client's
+                # ask, not load. Contention that slowed this replica is load.
+                s = self.lanes[lane]
+                if now + s.latency.profiled(s.ctx.fastest(req), rows) > req.deadline:
+                    why = "refused_budget"
+            self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:
                 raise ResourceExhausted(f"model {self.name}: {exc}") from None
             raise DeadlineExceeded(f"model {self.name}: {exc}") from None
@@ -403,8 +414,11 @@ class ModelRuntime:
         try:
             return await future
         except asyncio.CancelledError:
-            if self.lanes[lane].cancel(req, self.clock()):
+            if self.lanes[lane].cancel(req, t := self.clock()):
                 self.metrics.requests.labels(self.name, "", "cancelled").inc()
+                self._queue_total.inc(t - req.arrival)
+                if t > req.deadline:  # the client waited out its budget: a miss
+                    self._missed["late"].inc()
             raise
         finally:
             del self._pending[req.id]
@@ -430,7 +444,13 @@ class ModelRuntime:
         self._served_accuracy = m.served_accuracy.labels(name)
         self._degraded = m.degraded.labels(name)
         self._met = m.deadline_met.labels(name)
-        self._missed = m.deadline_missed.labels(name)
+        self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}
+        # Every outcome's series exists from load, at 0: a counter that first appears at its
+        # first increment loses that increment to rate(), and the shares read it as absent.
+        for outcome in ("refused_deadline", "refused_full", "cancelled", "unavailable"):
+            m.requests.labels(name, "", outcome)
+        for t in self.tiers:
+            m.requests.labels(name, t.name, "failed")
         self._per_tier = {
             t.name: (
                 m.requests.labels(name, t.name, "served"),
@@ -466,6 +486,8 @@ class ModelRuntime:
         for lane in self.lanes.values():
             for r in lane.expire(now):
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
+                self._missed["expired"].inc()
+                self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
                 self._reject(r, DeadlineExceeded(
                     f"model {self.name}: the request's budget ran out in the queue"
                 ))  # fmt: skip
@@ -525,6 +547,8 @@ class ModelRuntime:
         lane.complete(d, self.clock(), 0.0, ok=False)
         for r in d.requests:
             self.metrics.requests.labels(self.name, d.tier, "failed").inc()
+            self._missed["failed"].inc()
+            self._queue_total.inc(r.started - r.arrival)
             self._reject(r, exc)
 
     def _answer(self, lane: Scheduler, d: Decision, outputs: dict[str, np.ndarray], times) -> None:
@@ -569,7 +593,7 @@ class ModelRuntime:
             self._served_accuracy.observe(self.accuracy[tier])
             if tier != self.top_tier:
                 self._degraded.inc()
-            (self._met if now <= r.deadline else self._missed).inc()
+            (self._met if now <= r.deadline else self._missed["late"]).inc()
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float]

@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 
 from runtime.repository.config import ModelConfig
 from server.config import ServerConfig
-from server.metrics import OUTCOMES, Metrics
+from server.metrics import MISS_REASONS, OUTCOMES, Metrics
 from server.service import HealthService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +192,9 @@ def _check_queries(exprs, server_metrics, records: set[str]) -> set[str]:
                 if label == "outcome":
                     hit = [o for o in OUTCOMES if re.fullmatch(value, o)]
                     assert hit if "Re" in op else value in OUTCOMES, f"outcome {value!r}"
+                if label == "reason":  # every alternative a reason the server counts
+                    alternatives = value.split("|") if "Re" in op else [value]
+                    assert set(alternatives) <= set(MISS_REASONS), f"reason {value!r}"
     return used
 
 
@@ -437,6 +440,8 @@ def test_recording_rules_and_alerts_use_real_metrics(server_metrics):
     for r in rules:  # the HPA's per-pod series must keep the pod and namespace labels
         if r.get("record") in ("innfer:queue_compute_ratio", "innfer:degraded_share"):
             assert "sum by (namespace, pod)" in r["expr"]
+        if r.get("record") == "innfer:degraded_share":  # shed load counts as degraded
+            assert "innfer_deadline_missed_total" in r["expr"]
 
 
 def test_podmonitor_scrapes_the_metrics_port():
