@@ -249,6 +249,7 @@ class DataPlane:
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize()
         if self.inflight_bytes + size > self.limits.max_inflight_bytes:
+            m.count_refused("refused_full", "refused_full")  # load this replica cannot take
             raise ResourceExhausted(
                 f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
                 f"{self.limits.max_inflight_bytes / 2**20:.0f} MiB); retry shortly or send "

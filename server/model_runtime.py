@@ -376,6 +376,7 @@ class ModelRuntime:
         priority: int,
     ) -> InferResult:
         if self.stopping:
+            self.count_refused("unavailable", "unavailable")
             raise Unavailable(f"model {self.name} is being unloaded or reloaded; retry")
         now = self.clock()
         for what, tier in (("tier", pin), ("min_tier", min_tier)):
@@ -423,6 +424,12 @@ class ModelRuntime:
         finally:
             del self._pending[req.id]
             self.inflight -= 1
+
+    def count_refused(self, outcome: str, reason: str) -> None:
+        """A request refused before it reached the scheduler (a stopping model, the server's
+        in-flight byte limit): counted like any refusal, as a miss of the SLO."""
+        self.metrics.requests.labels(self.name, "", outcome).inc()
+        self._missed[reason].inc()
 
     def _lane(self, inputs: dict[str, np.ndarray]) -> int:
         """The lane of a request: the shortest profiled length >= its sequence length (the
