@@ -36,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -47,6 +46,7 @@ import numpy as np
 import pytest
 import yaml
 from serverutil import TIERS, ServerThread, add_onnx_model, tiny_cnn, wide_mlp
+from test_deploy import _FakeNvml
 from test_prometheus_rules import extract_rules
 
 pytestmark = pytest.mark.e2e
@@ -76,18 +76,6 @@ KSM = "\n".join(
         ("kube_horizontalpodautoscaler_spec_max_replicas", "horizontalpodautoscaler", 3),
     )
 ) + "\n"  # fmt: skip
-
-
-class _FakeNvml(types.ModuleType):
-    """Stands in for pynvml so the servers export the GPU series the dashboard plots."""
-
-    def __init__(self) -> None:
-        super().__init__("pynvml")
-        self.nvmlInit = lambda: None
-        self.nvmlDeviceGetCount = lambda: 1
-        self.nvmlDeviceGetHandleByIndex = lambda i: i
-        self.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)
-        self.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=1 << 30)
 
 
 def _free_port() -> int:

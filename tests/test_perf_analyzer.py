@@ -118,6 +118,17 @@ def _close(a: float, b: float, abs_tol: float = 0.0) -> bool:
     return abs(a - b) <= max(REL * max(abs(a), abs(b)), abs_tol)
 
 
+def _measured(perf_analyzer, server, model: str, args: list[str]):
+    """Run perf_analyzer; (its parsed figures, innfer's statistics delta over the run, both
+    with its output as text for assertion messages)."""
+    before = _stats(server.address, model)
+    out = _run(perf_analyzer, server.address, args)
+    ours = _delta(before, _stats(server.address, model))
+    pa = _parse(out)
+    print(f"\n{' '.join(args)}\n  perf_analyzer {pa}\n  innfer        {ours}")
+    return pa, ours, f"perf_analyzer {pa}\ninnfer {ours}\n{out}"
+
+
 @pytest.mark.parametrize(
     ("model", "streaming", "batch"),
     [("tiny", False, 1), ("tiny", True, 1), ("wide", False, 2), ("wide", True, 2)],
@@ -131,12 +142,7 @@ def test_counts_and_breakdown_agree_with_model_statistics(
     requests = 300
     args = ["-m", model, "-b", str(batch), "--concurrency-range", "2"]
     args += ["--request-count", str(requests), *(["--streaming"] if streaming else [])]
-    before = _stats(pa_server.address, model)
-    out = _run(perf_analyzer, pa_server.address, args)
-    ours = _delta(before, _stats(pa_server.address, model))
-    pa = _parse(out)
-    figures = f"perf_analyzer {pa}\ninnfer {ours}\n{out}"
-    print(f"\n{' '.join(args)}\n  perf_analyzer {pa}\n  innfer        {ours}")
+    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args)
 
     assert pa["throughput"] > 0 and pa["client_requests"] == requests, figures
     assert ours["fail_count"] == 0, figures
@@ -161,12 +167,7 @@ def test_time_windows_as_operators_run_it(perf_analyzer, pa_server, streaming):
     model = "tiny"
     args = ["-m", model, "--concurrency-range", "2", "-p", "1000", "-r", "5", "-s", "1000"]
     args += ["--streaming"] if streaming else []
-    before = _stats(pa_server.address, model)
-    out = _run(perf_analyzer, pa_server.address, args)
-    ours = _delta(before, _stats(pa_server.address, model))
-    pa = _parse(out)
-    figures = f"perf_analyzer {pa}\ninnfer {ours}\n{out}"
-    print(f"\n{' '.join(args)}\n  perf_analyzer {pa}\n  innfer        {ours}")
+    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args)
 
     assert pa["throughput"] > 0 and pa["client_requests"] > 0, figures
     assert _close(pa["inference_count"], pa["client_requests"]), figures

@@ -21,13 +21,12 @@ import contextlib
 import re
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from test_model_runtime import _Gate, _run, _until
 
 from runtime.engines.fake import write_model
 from runtime.repository import Repository
@@ -83,36 +82,6 @@ def _slo(metrics: Metrics) -> tuple[float, dict[str, float]]:
     return met, missed
 
 
-async def _until(cond, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
-
-
-class _Gate:
-    """Hold every engine until released (always released on exit)."""
-
-    def __init__(self, served) -> None:
-        self.event = threading.Event()
-        self.engines = list(served.engines.values())
-
-    def __enter__(self):
-        for e in self.engines:
-            e.gate = self.event
-        return self
-
-    def running(self) -> int:
-        return sum(e.running for e in self.engines)
-
-    def release(self) -> None:
-        self.event.set()
-
-    def __exit__(self, *exc) -> None:
-        self.event.set()
-
-
 @contextlib.asynccontextmanager
 async def _runtime(served, metrics):
     rt = ModelRuntime(served, metrics)
@@ -122,10 +91,6 @@ async def _runtime(served, metrics):
     finally:
         if not rt.stopping:
             await rt.stop()
-
-
-def _run(coro, timeout: float = 30):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_every_reason_series_exists_from_load(tmp_path):
