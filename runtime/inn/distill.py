@@ -1,0 +1,504 @@
+"""Calibration of a converted transformer on unlabelled text: per-tier refit and distillation.
+
+``calibrate_text`` tunes, for each target width (tier), the network the INN samples at that
+width, with the full width as teacher, on a few thousand sentences and a time budget:
+
+  1. the sentences are sorted by length and cut into batches trimmed to their longest
+     sentence (``length_batches``), so a batch computes little padding;
+  2. the teacher runs once over every batch (``teacher_targets``): its output embedding and
+     the residual stream after every LayerNorm, kept for the whole calibration;
+  3. each tier starts from the INN's sample at its sizes. ``refit_readouts`` first solves
+     the layers that read a resampled group (attention output projection, FFN
+     down-projection) by least squares, layer after layer on ~1,000 sentences, so that the
+     residual sum each LayerNorm sees matches the teacher's (all-MiniLM-L6-v2 at 50 % heads
+     and FFN: mean cosine to the full model 0.31 -> 0.80 in about 40 s);
+  4. then AdamW steps (``distil``) for the rest of the budget on ``1 - cos`` between its
+     pooled embedding and the teacher's plus the mean squared error of every LayerNorm
+     output on the real tokens, each relative to the teacher's mean square there; the
+     learning rate warms up then decays by a cosine over the budget. The token embedding
+     tables are frozen: they are not resampled and the text covers little of the vocabulary.
+
+Steps 3-4 are ``calibrate_network``, which takes any start: bench/transformers.py gives
+pruned networks exactly the same treatment. The residual stream keeps the model width at
+every tier (only heads and FFN channels are resampled), so student and teacher states
+compare position by position; the per-layer term gives every layer a direct signal instead
+of only the pooled vector's gradient. The result is stored with the INN
+(``IntegralModel.set_tier``): ``sample`` returns it at exactly those channel counts; the
+nodes are unchanged, so the full width stays the source model.
+
+Example:
+    >>> tuned = calibrate_text(inn, ids, mask, [{"heads": 0.5, "ffn": 0.5}], seconds=300)
+    ... # doctest: +SKIP
+    >>> small = tuned.sample(tuned.sizes({"heads": 0.5, "ffn": 0.5}, multiple_of=8))
+    ... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from runtime.inn.model import IntegralModel
+
+# Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
+# on a freshly resampled network are large and noisy.
+WARMUP = 0.03
+_LAYER_NORM_FNS = (F.layer_norm, torch.layer_norm, torch.ops.aten.layer_norm.default)
+_EMBEDDING_FNS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
+_ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Sentences of similar length, trimmed to the longest of them."""
+
+    ids: torch.Tensor  # (B, T) int64 token ids
+    mask: torch.Tensor  # (B, T) int64, 1 on real tokens
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the teacher computed on one batch."""
+
+    embedding: torch.Tensor  # (B, D) the pooled output
+    hidden: tuple[torch.Tensor, ...]  # per LayerNorm: (B, T, H) float16 (halves the memory)
+
+
+@dataclass(frozen=True)
+class DistilResult:
+    """What one ``distil`` run did."""
+
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float  # mean over the last 5 % of the steps (one step is noisy)
+
+
+def check_text(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` as int64 tensors after checking they are one padded batch of text;
+    raises ValueError naming what is wrong."""
+    ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(
+            f"ids and mask must both be (N, T); got {tuple(ids.shape)} and {tuple(mask.shape)}"
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"no calibration text: ids has shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or mask.is_floating_point():
+        raise ValueError(f"ids and mask must be integer tensors, got {ids.dtype}, {mask.dtype}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold 0 (padding) and 1 (token) only")
+    if not mask.any(1).all():
+        raise ValueError("every sentence needs at least one token (a row of mask is all 0)")
+    return ids.long(), mask.long()
+
+
+def length_batches(ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> list[TextBatch]:
+    """Batches of ``batch_size`` sentences in order of length, each trimmed to its longest.
+
+    Example:
+        >>> ids = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 0]])
+        >>> [tuple(b.ids.shape) for b in length_batches(ids, (ids > 0).long(), 2)]
+        [(2, 2), (1, 3)]
+    """
+    ids, mask = check_text(ids, mask)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.argsort(mask.sum(1), stable=True)
+    batches = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        t = int(mask[idx].any(0).nonzero().max()) + 1  # last column holding a real token
+        batches.append(TextBatch(ids[idx, :t], mask[idx, :t]))
+    return batches
+
+
+def with_hidden_states(module: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``module``'s parameters whose forward returns ``(output,
+    (h_1, ..., h_k))``: the original output and every LayerNorm's output in graph order.
+
+    The sampled network is a flat graph of functional calls (torch.export keeps no
+    ``nn.LayerNorm`` to hook), so the states are read off the graph's layer_norm nodes.
+    """
+    modules = dict(module.named_modules())
+    return with_taps(module, lambda g: tuple(n for n in g.nodes if _is_layer_norm(n, modules)))
+
+
+def with_taps(module: fx.GraphModule, pick) -> fx.GraphModule:
+    """``module`` (parameters shared, not copied) also returning the values of the nodes
+    ``pick(graph)`` lists (a nested tuple of nodes): forward -> ``(output, picked)``."""
+    graph = copy.deepcopy(module.graph)
+    picked = pick(graph)
+    (output,) = graph.find_nodes(op="output")
+    output.args = ((output.args[0], picked),)
+    graph.lint()
+    tapped = fx.GraphModule(module, graph)
+    tapped.train(module.training)
+    return tapped
+
+
+def _is_layer_norm(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _LAYER_NORM_FNS
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.LayerNorm)
+
+
+def embedding_tables(module: fx.GraphModule) -> set[str]:
+    """Names of the parameters ``module`` looks tokens up in (frozen while distilling)."""
+    names = set()
+    for node in module.graph.nodes:
+        if node.op == "call_module" and isinstance(module.get_submodule(node.target), nn.Embedding):
+            names.add(f"{node.target}.weight")
+        elif node.op == "call_function" and node.target in _EMBEDDING_FNS:
+            # F.embedding(input, weight); aten.embedding(weight, indices)
+            weight = node.args[1] if node.target is F.embedding else node.args[0]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                names.add(str(weight.target))
+    return names
+
+
+def pooled(output, mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embedding (B, D) in a model's output: the output itself when it is
+    already (B, D) (a pooled model), else the mean of its token states over the real tokens."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    output = getattr(output, "last_hidden_state", output)
+    if output.ndim == 2:
+        return output
+    m = mask.unsqueeze(-1).to(output.dtype)  # (B, T, 1)
+    return (output * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
+
+
+def readouts(inn: IntegralModel, sizes: Mapping[str, int]) -> list[str]:
+    """Weights of the linear layers that read a group resampled at ``sizes`` (in a BERT
+    layer: the attention output projection reads the heads, the FFN down-projection the
+    FFN channels): the layers ``refit_readouts`` solves for."""
+    resampled = {gi for gi, g in enumerate(inn.all_groups)
+                 if not g.discrete and sizes.get(g.name, g.size) != g.size}  # fmt: skip
+    return [b.param for b in inn.bindings
+            if b.reduce and inn.state[b.param].ndim == 2
+            and any(seg.group in resampled for seg in b.layout)]  # fmt: skip
+
+
+def _readout_nodes(graph: fx.Graph, weights: Sequence[str]) -> tuple:
+    """Per readout weight, in graph order: (its linear's input, its output, the residual
+    its output is added to - None where it is added to nothing)."""
+    found = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is F.linear and n.args[1].op == "get_attr":
+            found[n.args[1].target] = n
+    missing = sorted(set(weights) - set(found))
+    if missing:
+        raise ValueError(f"no linear layer uses {missing}: cannot refit what reads them")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    out = []
+    for lin in sorted((found[w] for w in weights), key=order.__getitem__):
+        users = list(lin.users)
+        add = users[0] if len(users) == 1 and users[0].target in _ADDS else None
+        res = next((a for a in add.args if a is not lin), None) if add is not None else None
+        out.append((lin.args[0], lin, res))
+    return tuple(out)
+
+
+@torch.no_grad()
+def refit_readouts(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    weights: Sequence[str],
+    batches: Sequence[TextBatch],
+    ridge: float = 1e-4,
+) -> None:
+    """Solve every readout layer of ``student`` (in place, in graph order) by least squares
+    on ``batches``: its output on the student's own inputs should make the residual sum
+    (readout output + residual, what the next LayerNorm sees) equal the teacher's. Each
+    layer is solved after the ones before it, on the inputs they now produce, so the target
+    also absorbs the drift of the residual stream so far. ``ridge`` times the mean diagonal
+    of the Gram matrix regularises the solve; linear layers must have a bias.
+
+    Example:
+        >>> refit_readouts(small, full, readouts(inn, sizes), batches[:32])  # doctest: +SKIP
+    """
+    t_tapped = with_taps(teacher, lambda g: _readout_nodes(g, weights)).eval()
+    s_tapped = with_taps(student, lambda g: _readout_nodes(g, weights)).eval()
+    sums = []  # per batch, per readout: the teacher's residual sum (tokens, D)
+    for b in batches:
+        real = b.mask.bool()
+        _, taps = t_tapped(b.ids, b.mask)
+        sums.append([(y if res is None else y + res)[real] for _, y, res in taps])
+    linears = [n[1] for n in _readout_nodes(student.graph, weights)]
+    for k, lin in enumerate(linears):
+        gram, cross = 0.0, 0.0
+        for b, z in zip(batches, sums, strict=True):
+            real = b.mask.bool()
+            _, taps = s_tapped(b.ids, b.mask)
+            x, _, res = taps[k]
+            target = z[k] if res is None else z[k] - res[real]  # (tokens, D): lin's ideal
+            xa = F.pad(x[real], (0, 1), value=1.0)  # (tokens, k + 1): 1 is the bias' input
+            gram = gram + (xa.T @ xa).double()
+            cross = cross + (target.T @ xa).double()  # (D, k + 1)
+        reg = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        fitted = torch.linalg.solve(gram + reg, cross.T).T  # (D, k + 1)
+        student.get_parameter(lin.args[1].target).copy_(fitted[:, :-1])
+        student.get_parameter(lin.args[2].target).copy_(fitted[:, -1])
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: fx.GraphModule, batches: Sequence[TextBatch], progress: bool = False
+) -> list[Targets]:
+    """Run ``teacher`` (eval mode) once over every batch; its outputs per batch."""
+    tapped = with_hidden_states(teacher).eval()
+    out = []
+    for b in tqdm(batches, desc="teacher", unit="batch", disable=not progress):
+        y, hidden = tapped(b.ids, b.mask)
+        out.append(Targets(pooled(y, b.mask).float(), tuple(h.half() for h in hidden)))
+    return out
+
+
+def _hidden_power(batches: Sequence[TextBatch], targets: Sequence[Targets]) -> torch.Tensor:
+    """(k,) mean square of each LayerNorm's teacher output over the real tokens: divides the
+    per-layer errors so that every layer weighs alike whatever its scale."""
+    total, tokens = None, 0.0
+    for b, t in zip(batches, targets, strict=True):
+        m = b.mask.unsqueeze(-1).float()  # (B, T, 1)
+        sq = torch.stack([(h.float().pow(2) * m).mean(-1).sum() for h in t.hidden])  # (k,)
+        total = sq if total is None else total + sq
+        tokens += float(m.sum())
+    return (total / tokens).clamp_min(1e-12)
+
+
+def distil_loss(
+    output, hidden: Sequence[torch.Tensor], batch: TextBatch, target: Targets,
+    power: torch.Tensor, hidden_weight: float,
+) -> torch.Tensor:  # fmt: skip
+    """``1 - cos`` of the pooled embeddings (mean over sentences) plus ``hidden_weight``
+    times the mean over LayerNorms of the relative squared error on the real tokens."""
+    loss = 1 - F.cosine_similarity(pooled(output, batch.mask), target.embedding, dim=-1).mean()
+    if hidden_weight and hidden:
+        m = batch.mask.unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
+        tokens = m.sum()
+        errors = [((h - t.float()).pow(2) * m).mean(-1).sum() / tokens
+                  for h, t in zip(hidden, target.hidden, strict=True)]  # fmt: skip
+        loss = loss + hidden_weight * (torch.stack(errors) / power).mean()
+    return loss
+
+
+def distil(
+    student: fx.GraphModule,
+    batches: Sequence[TextBatch],
+    targets: Sequence[Targets],
+    seconds: float,
+    *,
+    max_steps: int | None = None,
+    lr: float = 3e-4,
+    weight_decay: float = 0.01,
+    hidden_weight: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "distil",
+) -> DistilResult:
+    """Distil ``student`` (in place) towards the teacher's ``targets`` for ``seconds`` or
+    ``max_steps`` AdamW steps, whichever ends first; one batch per step, in a seeded random
+    order renewed every pass. Leaves ``student`` in eval mode.
+
+    Example:
+        >>> batches = length_batches(ids, mask, 32)  # doctest: +SKIP
+        >>> targets = teacher_targets(inn.sample(1.0), batches)  # doctest: +SKIP
+        >>> distil(pruned, batches, targets, seconds=60).steps  # doctest: +SKIP
+        1234
+    """
+    if len(batches) != len(targets) or not batches:
+        raise ValueError(f"{len(batches)} batches but {len(targets)} targets")
+    tapped = with_hidden_states(student)
+    _check_taps(tapped, batches[0], targets[0])
+    frozen = embedding_tables(student)
+    params = [p for n, p in student.named_parameters() if n not in frozen]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    power = _hidden_power(batches, targets)
+    order = _batch_order(len(batches), seed)
+    losses: list[float] = []
+    bar = tqdm(total=max_steps or round(seconds), desc=desc, disable=not progress,
+               unit="step" if max_steps else "s", leave=False)  # fmt: skip
+    student.train()
+    start = time.perf_counter()
+    while max_steps is None or len(losses) < max_steps:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+        done = len(losses) / max_steps if max_steps else elapsed / seconds
+        for group in opt.param_groups:
+            group["lr"] = lr * _schedule(done)
+        i = next(order)
+        output, hidden = tapped(batches[i].ids, batches[i].mask)
+        loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+        bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    bar.close()
+    student.eval()
+    tail = losses[-max(1, len(losses) // 20) :] or [math.nan]
+    return DistilResult(len(losses), time.perf_counter() - start,
+                        losses[0] if losses else math.nan, sum(tail) / len(tail))  # fmt: skip
+
+
+def _schedule(done: float) -> float:
+    """Learning-rate factor at ``done`` in [0, 1] of the budget: linear warmup, cosine decay."""
+    if done < WARMUP:
+        return done / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * min((done - WARMUP) / (1 - WARMUP), 1.0)))
+
+
+def _batch_order(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=gen).tolist()
+
+
+@torch.no_grad()
+def _check_taps(tapped: fx.GraphModule, batch: TextBatch, target: Targets) -> None:
+    _, hidden = tapped(batch.ids, batch.mask)
+    got = [tuple(h.shape) for h in hidden]
+    want = [tuple(h.shape) for h in target.hidden]
+    if got != want:
+        raise ValueError(
+            f"the student's LayerNorm outputs {got} do not match the teacher's {want}: "
+            f"distillation compares the residual stream, whose width must not be resampled"
+        )
+
+
+def some_batches(batches: Sequence[TextBatch], sentences: int, seed: int) -> list[TextBatch]:
+    """A seeded random choice of whole batches holding at least ``sentences`` sentences
+    (all of them if there are fewer): the refit's sample, every length represented."""
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))
+    subset, count = [], 0
+    for i in order.tolist():
+        if count >= sentences:
+            break
+        subset.append(batches[i])
+        count += len(batches[i].ids)
+    return subset
+
+
+def calibrate_network(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    weights: Sequence[str],
+    batches: Sequence[TextBatch],
+    targets: Sequence[Targets],
+    seconds: float,
+    *,
+    refit_sentences: int = 1024,
+    max_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "distil",
+    **distil_options,
+) -> dict:
+    """One tier's calibration, in place: ``refit_readouts`` of ``weights`` on a seeded
+    subset of about ``refit_sentences`` sentences (0: skip), then ``distil`` for the rest
+    of ``seconds``. Any start works (the INN's sample, a pruned network): the baselines in
+    bench/transformers.py get exactly this. Returns what was spent and the losses.
+
+    Example:
+        >>> log = calibrate_network(small, full, readouts(inn, sizes), batches, targets, 300)
+        ... # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    if refit_sentences > 0 and weights:
+        refit_readouts(student, teacher, weights, some_batches(batches, refit_sentences, seed))
+    refit_seconds = time.perf_counter() - start
+    run = distil(student, batches, targets, max(seconds - refit_seconds, 0.0),
+                 max_steps=max_steps, seed=seed, progress=progress, desc=desc,
+                 **distil_options)  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "refit_seconds": refit_seconds,
+        "steps": run.steps,
+        "first_loss": run.first_loss,
+        "last_loss": run.last_loss,
+    }
+
+
+def calibrate_text(
+    inn: IntegralModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    widths: Sequence[float | Mapping],
+    seconds: float,
+    *,
+    multiple_of: int = 8,
+    method: str = "auto",
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+    refit_sentences: int = 1024,
+    **distil_options,
+) -> IntegralModel:
+    """Calibrate a converted transformer at every width in ``widths`` (see the module doc).
+
+    ``ids``, ``mask``: (N, T) int64, the calibration sentences padded at the end (as
+    ``runtime.repository.tokenizer.TextTokenizer.encode`` returns them). ``widths``: what
+    ``IntegralModel.sizes`` takes - a fraction, ``{"heads": f, "ffn": f}`` or counts per
+    group; the full width is skipped (it is the teacher). ``seconds``: the budget per width,
+    sampling included (the teacher's one pass is shared and not counted). ``multiple_of``
+    and ``method`` must match the tiers' (model.yaml) so the calibrated networks are the ones
+    the build samples. ``max_steps`` caps each width's steps (reproducible runs);
+    ``distil_options`` go to ``distil`` (``lr``, ``hidden_weight``, ``weight_decay``).
+    Returns a new IntegralModel (``inn`` is left as it was) whose ``info["text_calibration"]``
+    records, per tier, the seconds and steps spent and the first and last loss.
+
+    Example:
+        >>> tuned = calibrate_text(inn, ids, mask, [{"heads": 0.5, "ffn": 0.5}], 300)
+        ... # doctest: +SKIP
+    """
+    if not widths:
+        raise ValueError("widths is empty; give at least one width in (0, 1)")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    ids, mask = check_text(ids, mask)
+    tiers = _distinct([inn.sizes(w, multiple_of) for w in widths])
+    tiers = [s for s in tiers if s != inn.sizes(1.0)]  # the full width is the teacher itself
+    out = inn.copy()
+    if not tiers:
+        return out
+    batches = length_batches(ids, mask, batch_size)
+    teacher = inn.sample(1.0, calibrated=False)
+    targets = teacher_targets(teacher, batches, progress)
+    for i, sizes in enumerate(tqdm(tiers, desc="calibrate", unit="tier", disable=not progress)):
+        start = time.perf_counter()
+        torch.manual_seed(seed + i)
+        student = out.sample(sizes, method=method, calibrated=False)
+        log = calibrate_network(
+            student, teacher, readouts(inn, sizes), batches, targets,
+            seconds - (time.perf_counter() - start), refit_sentences=refit_sentences,
+            max_steps=max_steps, seed=seed + i, progress=progress,
+            desc=f"tier {i + 1}/{len(tiers)}", **distil_options,
+        )  # fmt: skip
+        key = out.set_tier(sizes, student.state_dict())
+        log = {**log, "seconds": time.perf_counter() - start, "method": method,
+               "batch_size": batch_size, "seed": seed + i, "sentences": len(ids)}  # fmt: skip
+        out.info.setdefault("text_calibration", {})[key] = log
+    return out
+
+
+def _distinct(tiers: list[dict[str, int]]) -> list[dict[str, int]]:
+    seen, out = set(), []
+    for s in tiers:
+        key = IntegralModel.sizes_key(s)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
