@@ -59,6 +59,8 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Tokens per request of a text model (its sequence length after truncation, padding excluded).
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 OUTCOMES = (
     "served", "refused_deadline", "refused_full", "failed", "cancelled", "unavailable", "invalid",
@@ -94,6 +96,11 @@ class Metrics:
         self.batch_size = Histogram(
             "innfer_batch_size", "Rows per executed batch.", ["model", "tier"],
             buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_tokens = Histogram(
+            "innfer_request_tokens", "Sequence length (tokens) of each request to a model with "
+            "a sequence axis, admitted or refused: what its scheduler lane is chosen by.",
+            ["model"], buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "innfer_queue_depth", "Requests waiting in the queue.", ["model"], registry=r

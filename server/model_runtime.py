@@ -388,6 +388,8 @@ class ModelRuntime:
             next(self._ids), now, now + budget_s, rows, pin, min_tier, priority, payload=inputs
         )
         lane = self._lane(inputs)
+        if lane:  # a sequence model: one observation per request
+            self._tokens.observe(self._length(inputs))
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
@@ -436,9 +438,14 @@ class ModelRuntime:
         codec has checked it is at most the longest); 0 for a model with fixed shapes."""
         if len(self.lanes) == 1:
             return next(iter(self.lanes))
-        t = next(t for t in self.config.inputs if t.dynamic)
-        length = inputs[t.name].shape[1 + t.dynamic[0]]
+        length = self._length(inputs)
         return next(n for n in self.lanes if n >= length)
+
+    def _length(self, inputs: dict[str, np.ndarray]) -> int:
+        """A request's sequence length: its first dynamic input's size on that axis (the
+        codec has checked they agree)."""
+        t = next(t for t in self.config.inputs if t.dynamic)
+        return int(inputs[t.name].shape[1 + t.dynamic[0]])
 
     def _bind_metrics(self) -> None:
         """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,
@@ -449,6 +456,7 @@ class ModelRuntime:
         self._compute_total = m.compute_total.labels(name)
         self._queue_total = m.queue_total.labels(name)
         self._served_accuracy = m.served_accuracy.labels(name)
+        self._tokens = m.request_tokens.labels(name)
         self._degraded = m.degraded.labels(name)
         self._met = m.deadline_met.labels(name)
         self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}

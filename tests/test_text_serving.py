@@ -252,7 +252,8 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
     _scripted_profile(root / "embed", ms_per_token=1.0)  # half at 1 row: 4 / 8 / 12 ms
     served = Repository(root).load("embed")
     now = [0.0]
-    rt = ModelRuntime(served, Metrics(), clock=lambda: now[0])
+    metrics = Metrics()
+    rt = ModelRuntime(served, metrics, clock=lambda: now[0])
     assert list(rt.lanes) == LENGTHS
     tok = served.tokenizer
 
@@ -278,6 +279,10 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
             await rt.stop()
 
     assert asyncio.run(go()).tier == "half"
+    # Both requests' lengths are in the token histogram (3 words + [CLS] [SEP]; 22 tokens).
+    count = metrics.registry.get_sample_value("innfer_request_tokens_count", {"model": "embed"})
+    total = metrics.registry.get_sample_value("innfer_request_tokens_sum", {"model": "embed"})
+    assert (count, total) == (2, 5 + 22)
 
 
 # -- the BYTES codec, without a server ----------------------------------------------------------
