@@ -114,9 +114,9 @@ def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None
             return {"text": np.array([[texts[i].encode()]], dtype=object)}
 
         params = {"tier": pin} if pin else None
-        warm = asyncio.run(run_closed_loop(server.address, MODEL, 2, 16, 20.0,
-                                           lambda i: 1.0, inputs, parameters=params))  # fmt: skip
-        del warm  # first batches pay ORT's allocations: not recorded
+        # Not recorded: the first batches pay ORT's allocations.
+        asyncio.run(run_closed_loop(server.address, MODEL, 2, 16, 20.0, lambda i: 1.0, inputs,
+                                    parameters=params))  # fmt: skip
         report = asyncio.run(
             run_closed_loop(server.address, MODEL, args.concurrency, args.requests,
                             args.seconds, lambda i: budgets[i], inputs, parameters=params)

@@ -223,7 +223,8 @@ class ModelRuntime:
         self.metrics = metrics
         self.clock = clock
         lengths = self.config.sequence_lengths or (0,)
-        self.tiers = tier_infos(served, lengths[-1])
+        infos = {n: tier_infos(served, n) for n in lengths}  # per lane (length)
+        self.tiers = infos[lengths[-1]]
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
         instances = self.config.instances
@@ -238,8 +239,8 @@ class ModelRuntime:
         slots = min(instances, device.slots) if device is not None else instances
         self.lanes = {
             n: Scheduler(
-                tiers := tier_infos(served, n),
-                make_policy(policy, tiers, slots),
+                infos[n],
+                make_policy(policy, infos[n], slots),
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 slots=instances if device is None else device.slots,
@@ -250,6 +251,10 @@ class ModelRuntime:
             for n in lengths
         }
         self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
+        # Where a request's sequence length is read: (input, axis incl. batch); None when
+        # the model has fixed shapes.
+        seq = next((t for t in self.config.inputs if t.dynamic), None)
+        self._seq_axis = (seq.name, 1 + seq.dynamic[0]) if seq is not None else None
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -387,9 +392,12 @@ class ModelRuntime:
         req = Request(
             next(self._ids), now, now + budget_s, rows, pin, min_tier, priority, payload=inputs
         )
-        lane = self._lane(inputs)
-        if lane:  # a sequence model: one observation per request
-            self._tokens.observe(self._length(inputs))
+        length = 0
+        if self._seq_axis is not None:  # a sequence model: one observation per request
+            name, axis = self._seq_axis
+            length = int(inputs[name].shape[axis])
+            self._tokens.observe(length)
+        lane = self._lane(length)
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
@@ -433,19 +441,12 @@ class ModelRuntime:
         self.metrics.requests.labels(self.name, "", outcome).inc()
         self._missed[reason].inc()
 
-    def _lane(self, inputs: dict[str, np.ndarray]) -> int:
-        """The lane of a request: the shortest profiled length >= its sequence length (the
-        codec has checked it is at most the longest); 0 for a model with fixed shapes."""
+    def _lane(self, length: int) -> int:
+        """The lane of a request of sequence ``length``: the shortest profiled length that
+        holds it (the codec has checked it is at most the longest); 0 for fixed shapes."""
         if len(self.lanes) == 1:
             return next(iter(self.lanes))
-        length = self._length(inputs)
         return next(n for n in self.lanes if n >= length)
-
-    def _length(self, inputs: dict[str, np.ndarray]) -> int:
-        """A request's sequence length: its first dynamic input's size on that axis (the
-        codec has checked they agree)."""
-        t = next(t for t in self.config.inputs if t.dynamic)
-        return int(inputs[t.name].shape[1 + t.dynamic[0]])
 
     def _bind_metrics(self) -> None:
         """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,

@@ -34,17 +34,11 @@ def repo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(repo):
+def server(repo):
+    """The text model's server: conftest's ``client`` fixture calls it."""
     s = ServerThread({"repository": str(repo[0])}).start()
     yield s
     s.stop()
-
-
-@pytest.fixture
-def client(srv):
-    c = tc.InferenceServerClient(srv.address)
-    yield c
-    c.close()
 
 
 def _text_input(texts: list[str]) -> tc.InferInput:
@@ -175,7 +169,9 @@ def test_metadata_and_model_config_describe_text_and_dynamic_axes(client):
     assert by_name["input_ids"]["dims"] == ["-1"] and by_name["input_ids"]["optional"]
 
 
-def test_concurrent_requests_of_mixed_lengths_are_each_answered_with_their_own_embedding(repo, srv):
+def test_concurrent_requests_of_mixed_lengths_are_each_answered_with_their_own_embedding(
+    repo, server
+):
     import tritonclient.grpc.aio as aio
 
     _, d, model = repo
@@ -183,7 +179,7 @@ def test_concurrent_requests_of_mixed_lengths_are_each_answered_with_their_own_e
     want = _reference(model, d, texts)
 
     async def go():
-        c = aio.InferenceServerClient(srv.address)
+        c = aio.InferenceServerClient(server.address)
         try:
             calls = [c.infer("embed", [_text_input([s])], parameters={"tier": "full"})
                      for s in texts]  # fmt: skip
@@ -261,7 +257,8 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
         ids, mask = tok.encode([" ".join(["the"] * words)])
         return {"input_ids": ids, "attention_mask": mask}
 
-    assert [rt._lane(feeds(w)) for w in (1, 6, 7, 14, 22)] == [8, 8, 16, 16, 24]
+    lengths = [feeds(w)["input_ids"].shape[1] for w in (1, 6, 7, 14, 22)]
+    assert [rt._lane(n) for n in lengths] == [8, 8, 16, 16, 24]
     # Each lane estimates with its own length's table: 8 tokens at half width take 4 ms.
     lat = {n: rt.lanes[n].latency.estimate("half", 1) * 1e3 for n in LENGTHS}
     assert lat[8] == pytest.approx(4.0, rel=0.01) and lat[24] == pytest.approx(12.0, rel=0.01)
