@@ -37,6 +37,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -386,7 +387,7 @@ def commit_of(tree: Path) -> str:
 # -- one point on one tree ------------------------------------------------------------------
 def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> dict:
     try:
-        info = server.start(point["id"])
+        info = server.start(point["id"], extra=args.serve_args)
         if args.warmup:  # not recorded: the first batches of each size pay ORT's allocations
             asyncio.run(
                 run_closed_loop(
@@ -430,6 +431,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
             float(np.mean([widths.get(t, np.nan) for t in served])) if served else None
         )
         s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
+        s["server_breakdown"] = report.breakdown()
         s["loadavg_1m_before"] = load_before
         s["loadavg_1m_after"] = os.getloadavg()[0]
         s["server_alive_after"] = server.proc.poll() is None
@@ -563,6 +565,12 @@ def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, e
     p.add_argument("--server-cpus", type=_cpus, default={1})
     p.add_argument("--client-cpus", type=_cpus, default={0})
     p.add_argument("--rebuild", action="store_true", help="build the model(s) again")
+    p.add_argument(
+        "--serve-args",
+        type=shlex.split,
+        default=[],
+        help="extra `innfer serve` flags for every server, e.g. '--budget-margin-ms 3'",
+    )
     p.add_argument("--out", type=Path, default=OUT)
 
 

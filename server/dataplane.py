@@ -244,8 +244,10 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------------
     async def infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
+        self, request: pb.ModelInferRequest, time_remaining: float | None, waited_s: float = 0.0
     ) -> pb.ModelInferResponse:
+        """Answer one request. ``waited_s``: seconds since the transport began parsing it
+        (counted against its budget)."""
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize()
         if self.inflight_bytes + size > self.limits.max_inflight_bytes:
@@ -257,28 +259,33 @@ class DataPlane:
             )
         self.inflight_bytes += size
         try:
-            return await self._infer(m, request, time_remaining)
+            return await self._infer(m, request, time_remaining, waited_s)
         finally:
             self.inflight_bytes -= size
 
     async def _infer(
-        self, m: ModelRuntime, request: pb.ModelInferRequest, time_remaining: float | None
+        self,
+        m: ModelRuntime,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        waited_s: float,
     ) -> pb.ModelInferResponse:
         params = request.parameters
         if len(params) > self.limits.max_parameters:
             raise InvalidArgument(
                 f"{len(params)} request parameters; at most {self.limits.max_parameters}"
             )
-        # The budget is the client's end to end; the margin covers what happens outside the
-        # server's clock (response encoding, the way back, the client's own processing).
+        # The budget is the client's end to end. What this process spends outside queue and
+        # compute is learned (server.overhead); the margin covers what it cannot see (the
+        # client's own processing, the kernel's sockets).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
-        budget_s -= self.config.budget_margin_ms / 1e3
+        budget_s -= self.config.budget_margin_ms / 1e3 + m.overhead.estimate()
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
         inputs, rows = self._decode(m, request)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
-        result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority)
+        result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority, waited_s)
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
         codec.encode_outputs(resp, result.outputs, outputs)
         p = resp.parameters
@@ -294,6 +301,16 @@ class DataPlane:
         # (parameter, gRPC deadline or the model's default) and what was left of it.
         p["budget_us"].int64_param = int(budget_s * 1e6)
         return resp
+
+    def answered(self, resp: pb.ModelInferResponse, total_s: float) -> None:
+        """``resp`` left the server ``total_s`` after its request began to be parsed: teach
+        its model the overhead (the part outside queue and compute)."""
+        m = self.models.get(resp.model_name)
+        p = resp.parameters
+        if m is None or "queue_us" not in p or "compute_us" not in p:
+            return
+        inside_us = p["queue_us"].int64_param + p["compute_us"].int64_param
+        m.overhead.observe(total_s - inside_us / 1e6)
 
     def _decode(self, m: ModelRuntime, request) -> tuple[dict, int]:
         """The model's input arrays and rows: from the tensors as sent, or - for a text

@@ -150,6 +150,12 @@ class Metrics:
             "Planned time of a full batch on the tier: the slo_target quantile the scheduler "
             "uses now.", ["model", "tier"], registry=r,
         )  # fmt: skip
+        self.request_overhead = Gauge(
+            "innfer_request_overhead_seconds",
+            "What every budget is planned short by: the recent p99 of requests' time in the "
+            "server outside queue and compute (parsing, the hop back, encoding, sending).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,

@@ -45,6 +45,7 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import MISS_REASONS, Metrics
+from server.overhead import Overhead
 from server.scheduling import (
     Decision,
     InvalidRequest,
@@ -264,6 +265,7 @@ class ModelRuntime:
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
         self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
+        self.overhead = Overhead()  # time outside queue + compute, learned from answers
         self._bind_metrics()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -361,12 +363,15 @@ class ModelRuntime:
         pin: str | None = None,
         min_tier: str | None = None,
         priority: int = 0,
+        waited_s: float = 0.0,
     ) -> InferResult:
         """Queue one request and await its answer. Every failure (refused, expired, engine
-        error, unloaded) is counted in ``stats.fail`` here; a cancelled request is not."""
+        error, unloaded) is counted in ``stats.fail`` here; a cancelled request is not.
+        ``waited_s``: how long ago the request reached the server (its parsing and decoding
+        before this call): its budget and queue time count from then."""
         arrival = self.clock()
         try:
-            return await self._serve(inputs, rows, budget_s, pin, min_tier, priority)
+            return await self._serve(inputs, rows, budget_s, pin, min_tier, priority, waited_s)
         except Exception:
             self.stats.fail.add(self.clock() - arrival)
             raise
@@ -379,6 +384,7 @@ class ModelRuntime:
         pin: str | None,
         min_tier: str | None,
         priority: int,
+        waited_s: float = 0.0,
     ) -> InferResult:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
@@ -389,9 +395,11 @@ class ModelRuntime:
                 raise NotFound(
                     f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
                 )
+        reached = now - max(waited_s, 0.0)
         req = Request(
-            next(self._ids), now, now + budget_s, rows, pin, min_tier, priority, payload=inputs
-        )
+            next(self._ids), reached, reached + budget_s, rows, pin, min_tier, priority,
+            payload=inputs,
+        )  # fmt: skip
         length = 0
         if self._seq_axis is not None:  # a sequence model: one observation per request
             name, axis = self._seq_axis
@@ -484,6 +492,7 @@ class ModelRuntime:
         this one (a reload) binds the same series to itself when it starts."""
         self._queue_depth.set_function(lambda: sum(len(s.queue) for s in self.lanes.values()))
         self._inflight.set_function(lambda: self.inflight)
+        self.metrics.request_overhead.labels(self.name).set_function(self.overhead.estimate)
         latency = self.scheduler.latency
         for tier in self.accuracy:
             self.metrics.tier_latency_factor.labels(self.name, tier).set_function(

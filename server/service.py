@@ -4,9 +4,11 @@ become status codes. No traceback ever reaches a client.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -69,8 +71,15 @@ def _require_decoded(request) -> None:
         )
 
 
+# When the current RPC's request began to be parsed (time.monotonic): the earliest moment
+# this process handles it. grpc.aio calls the deserializer in the RPC's own task, just
+# before the handler, so the handler reads it back from this task's context.
+RECEIVED: contextvars.ContextVar[float] = contextvars.ContextVar("innfer_received")
+
+
 def _tolerant(cls) -> Callable[[bytes], object]:
     def parse(data: bytes):
+        RECEIVED.set(time.monotonic())
         try:
             return cls.FromString(data)
         except DecodeError as exc:
@@ -269,7 +278,14 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def ModelInfer(self, request, context):
-        return await self.plane.infer(request, context.time_remaining())
+        received = RECEIVED.get(None)
+        waited = time.monotonic() - received if received is not None else 0.0
+        resp = await self.plane.infer(request, context.time_remaining(), waited)
+        if received is not None:  # once gRPC has sent it: the overhead the client also paid
+            context.add_done_callback(
+                lambda _: self.plane.answered(resp, time.monotonic() - received)
+            )
+        return resp
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
         """Triton's bidirectional stream: each request is answered on the stream with its id,

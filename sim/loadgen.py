@@ -39,6 +39,37 @@ class LoadReport:
     codes: list[str]  # "OK", a gRPC status name, "unsent" or NO_ANSWER
     budgets_s: np.ndarray | None = None  # each request's budget (closed loop draws them)
     first_error: str | None = None  # "<code>: <message>" of the first refusal seen
+    # (n, 3) ms per request as the server reported them (innfer's response parameters
+    # queue_us, compute_us, budget_us); NaN where it did not say
+    server_ms: np.ndarray | None = None
+
+    def breakdown(self) -> dict | None:
+        """Where answered requests' time went, by the server's own account: ``outside`` =
+        client latency - (queue + compute), the time the server's clock does not see
+        (transport, parsing before the request is stamped, encoding and sending after);
+        and why late requests were late: ``late_in_server`` (queue + compute past the
+        budget the server planned with) or ``late_outside`` (the rest). Percentiles in ms;
+        None when the server reported nothing."""
+        if self.server_ms is None:
+            return None
+        known = ~np.isnan(self.latency_ms) & ~np.isnan(self.server_ms).any(axis=1)
+        if not known.any():
+            return None
+        lat, (queue, compute, planned) = self.latency_ms[known], self.server_ms[known].T
+        outside = lat - queue - compute
+        late = lat > self.budgets_s[known] * 1e3 if self.budgets_s is not None else None
+        pct = {f"p{q}": float(np.percentile(outside, q)) for q in (10, 50, 90, 99)}
+        out = {"answered_with_times": int(known.sum()), "outside_ms": pct,
+               "queue_ms_p50": float(np.median(queue)),
+               "compute_ms_p50": float(np.median(compute))}  # fmt: skip
+        if self.budgets_s is not None:  # what the server took off each budget (margin, overhead)
+            short = self.budgets_s[known] * 1e3 - planned
+            out["planned_short_ms"] = {f"p{q}": float(np.percentile(short, q)) for q in (50, 99)}
+        if late is not None:
+            in_server = late & (queue + compute > planned)
+            out["late_in_server"] = int(in_server.sum())
+            out["late_outside"] = int((late & ~in_server).sum())
+        return out
 
 
 def check_loopback(address: str) -> None:
@@ -94,7 +125,8 @@ async def run_load(
         wall = time.perf_counter() - start
     first = rec.errors[0] if rec.errors else None
     summary = _summary(rec.latency, budgets_s, rec.tiers, rec.codes, wall, accuracy, first)
-    return LoadReport(summary, rec.latency, rec.tiers, rec.codes, np.asarray(budgets_s), first)
+    budgets = np.asarray(budgets_s)
+    return LoadReport(summary, rec.latency, rec.tiers, rec.codes, budgets, first, rec.server_ms)
 
 
 async def run_closed_loop(
@@ -161,7 +193,7 @@ async def run_closed_loop(
     first = rec.errors[0] if rec.errors else None
     summary = _summary(latency, budgets, tiers, codes, wall, accuracy, first)
     summary["concurrency"] = concurrency
-    return LoadReport(summary, latency, tiers, codes, budgets, first)
+    return LoadReport(summary, latency, tiers, codes, budgets, first, rec.server_ms[:sent])
 
 
 class _Record:
@@ -174,6 +206,7 @@ class _Record:
         self.tiers: list[str | None] = [None] * n
         self.codes = [code] * n
         self.errors: list[str] = []
+        self.server_ms = np.full((n, 3), np.nan)  # queue, compute, planned budget
 
     async def send(self, client, model: str, tensors, i: int, budget_s: float, error) -> None:
         """Request ``i`` with ``latency_budget_ms`` and the extra parameters; record its answer
@@ -183,8 +216,12 @@ class _Record:
         try:
             r = await client.infer(model, tensors, parameters=params)
             self.latency[i] = (time.perf_counter() - t0) * 1e3
-            tier = r.get_response().parameters.get("tier")
+            p = r.get_response().parameters
+            tier = p.get("tier")
             self.tiers[i] = tier.string_param if tier is not None else None
+            for k, key in enumerate(("queue_us", "compute_us", "budget_us")):
+                if key in p:
+                    self.server_ms[i, k] = p[key].int64_param / 1e3
             self.codes[i] = "OK"
         except error as exc:
             self.codes[i] = _code(exc)

@@ -90,3 +90,30 @@ def test_an_answer_without_a_tier_is_recorded_as_none():
     asyncio.run(rec.send(Client(), "m", [], 0, 0.25, InferenceServerException))
     assert rec.codes == ["OK"] and rec.tiers == [None] and rec.latency[0] >= 0
     assert sent == {"tier": "w100", "latency_budget_ms": 250.0}  # the budget takes precedence
+
+
+def test_breakdown_splits_late_answers_by_where_the_time_went():
+    from sim.loadgen import LoadReport
+
+    # ms: latency; server's queue, compute, planned budget; client budgets 20 ms each
+    latency = np.array([10.0, 25.0, 25.0, np.nan])
+    server_ms = np.array([[1.0, 5.0, 19.0], [2.0, 19.0, 19.0], [1.0, 5.0, 19.0], [np.nan] * 3])
+    r = LoadReport({}, latency, ["a", "a", "a", None], ["OK"] * 3 + ["DEADLINE_EXCEEDED"],
+                   np.full(4, 0.020), None, server_ms)  # fmt: skip
+    b = r.breakdown()
+    assert b["answered_with_times"] == 3
+    assert b["late_in_server"] == 1  # 2 + 19 ms past its planned 19 ms
+    assert b["late_outside"] == 1  # 6 ms inside, 19 ms the server did not see
+    assert b["outside_ms"]["p50"] == pytest.approx(4.0)  # of 4, 4, 19
+    assert b["planned_short_ms"]["p50"] == pytest.approx(1.0)
+    assert LoadReport({}, latency, [], [], None).breakdown() is None  # not an innfer server
+
+
+def test_closed_loop_reports_the_servers_times(server):
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    r = asyncio.run(run_closed_loop(server.address, "tiny", 2, 6, 30.0, lambda i: 0.5,
+                                    {"input": x}))  # fmt: skip
+    b = r.breakdown()
+    assert b["answered_with_times"] == 6
+    assert b["queue_ms_p50"] >= 0 and b["compute_ms_p50"] > 0
+    assert b["late_in_server"] == b["late_outside"] == 0

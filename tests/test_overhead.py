@@ -1,0 +1,101 @@
+"""Request overhead (server.overhead): learned from answers over the real gRPC stack, and
+every budget planned short by it."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from server.overhead import MIN_SAMPLES, REFRESH, WINDOW, Overhead
+
+
+def test_nothing_is_learned_before_enough_samples():
+    o = Overhead()
+    for _ in range(MIN_SAMPLES - 1):
+        o.observe(0.010)
+    assert o.estimate() == 0.0
+    o.observe(0.010)
+    assert o.estimate() == pytest.approx(0.010)
+
+
+def test_estimate_is_the_quantile_of_the_recent_window():
+    rng = np.random.default_rng(0)
+    o = Overhead(quantile=0.99)
+    old = rng.uniform(0.020, 0.030, WINDOW)
+    for s in old:
+        o.observe(s)
+    assert o.estimate() == pytest.approx(np.quantile(old, 0.99))
+    new = rng.uniform(0.001, 0.002, WINDOW)  # load fell: a window later, old samples are gone
+    for s in new:
+        o.observe(s)
+    assert o.estimate() == pytest.approx(np.quantile(new, 0.99))
+    assert o.samples == 2 * WINDOW
+
+
+def test_refreshed_every_few_samples_and_clipped():
+    o = Overhead()
+    for _ in range(MIN_SAMPLES):
+        o.observe(-0.5)  # clock noise counts as 0
+    assert o.estimate() == 0.0
+    for _ in range(REFRESH - 1):
+        o.observe(99.0)  # a stalled process is clipped
+    assert o.estimate() == 0.0  # not refreshed yet
+    o.observe(99.0)
+    assert 0 < o.estimate() <= 0.5
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        Overhead(quantile=1.0)
+    with pytest.raises(ValueError):
+        Overhead(window=MIN_SAMPLES - 1)
+
+
+def _x(rows: int) -> np.ndarray:
+    return np.random.default_rng(rows).standard_normal((rows, 1, 8, 8)).astype(np.float32)
+
+
+def _infer(client, budget_ms: float, rows: int = 1):
+    t = tc.InferInput("input", [rows, 1, 8, 8], "FP32")
+    t.set_data_from_numpy(_x(rows))
+    return client.infer("tiny", [t], parameters={"latency_budget_ms": budget_ms})
+
+
+def test_answers_teach_the_model_and_metrics_show_it(server, client):
+    m = server.server.plane.models["tiny"]
+    before = m.overhead.samples
+    n = MIN_SAMPLES + REFRESH
+    for _ in range(n):
+        _infer(client, 500)
+    # gRPC reports each RPC done after the client may already have its answer
+    deadline = time.monotonic() + 5
+    while m.overhead.samples < before + n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m.overhead.samples >= before + n  # every answer observed once sent
+    estimate = m.overhead.estimate()
+    assert 0 < estimate < 0.5  # parsing + encoding + sending a tiny request: > 0, not stalls
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith('innfer_request_overhead_seconds{model="tiny"}'))  # fmt: skip
+    assert float(line.split()[-1]) == pytest.approx(m.overhead.estimate())
+
+
+def test_budgets_are_planned_short_by_the_overhead(server, client):
+    m = server.server.plane.models["tiny"]
+    for _ in range(MIN_SAMPLES):
+        m.overhead.observe(0.300)  # as if every answer took 300 ms outside queue and compute
+    assert m.overhead.estimate() >= 0.29
+    # 250 ms would fit the engine many times over, but not after 300 ms of overhead
+    with pytest.raises(InferenceServerException) as e:
+        _infer(client, 250)
+    assert "DEADLINE_EXCEEDED" in str(e.value.status())
+    r = _infer(client, 800)  # room for both: served, planned short by the overhead
+    planned_ms = r.get_response().parameters["budget_us"].int64_param / 1e3
+    assert planned_ms <= 800 - 1 - 290
+    for _ in range(WINDOW):  # forget it again for the other tests of this module
+        m.overhead.observe(0.0)
