@@ -1,0 +1,75 @@
+"""sim.shared_core: the scheduler, its engine and request handling on one core."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.scheduling import TierInfo
+from sim.shared_core import HostCost, simulate_shared
+
+ONE = [TierInfo("w100", 1.0, {1: 10.0, 8: 40.0})]
+ONE_P50 = {"w100": {1: 10.0, 8: 40.0}}
+TWO = [TierInfo("w100", 1.0, {1: 10.0, 8: 40.0}), TierInfo("w025", 0.25, {1: 2.0, 8: 8.0})]
+TWO_P50 = {"w100": {1: 9.0, 8: 36.0}, "w025": {1: 1.8, 8: 7.2}}
+
+
+def test_a_lone_request_pays_parse_compute_answer_and_client():
+    host = HostCost(parse_s=0.001, answer_s=0.0005, client_s=0.002)
+    r = simulate_shared(ONE, ONE_P50, host, lambda i: 1.0, arrivals=np.array([0.0]), noise=0.0)
+    assert r.states == ["served"]
+    assert r.latency_ms[0] == pytest.approx(1.0 + 10.0 + 0.5 + 2.0)
+
+
+def test_handling_and_the_engine_share_the_core():
+    # Request 1 is sent as request 0's batch starts (t = P): its parsing and that batch
+    # run at half speed together; the batch ends at E + 2P. Request 1's batch then starts
+    # while request 0's answer is sent: both at half speed again, the answer done at
+    # E + 2P + 2A.
+    P, A, E = 0.001, 0.0005, 0.010
+    host = HostCost(parse_s=P, answer_s=A)
+    r = simulate_shared(ONE, ONE_P50, host, lambda i: 1.0, arrivals=np.array([0.0, P]),
+                        noise=0.0)  # fmt: skip
+    assert r.latency_ms[0] == pytest.approx((E + 2 * P + 2 * A) * 1e3)
+
+
+def test_closed_loop_throughput_is_bounded_by_the_cpu_each_request_costs():
+    # 8 clients, the fast tier pinned by policy: each request costs 2 ms of handling plus
+    # its share of a batch (7.2 / 8 ms): at most ~345 per second on one core.
+    host = HostCost(parse_s=0.0012, answer_s=0.0008)
+    r = simulate_shared(TWO, TWO_P50, host, lambda i: 1.0, clients=8, n_requests=2000,
+                        max_seconds=30.0, policy="fixed:w025", noise=0.0)  # fmt: skip
+    s = r.summary
+    assert s["sent"] == 2000 and s["refused_total"] == 0
+    bound = 1 / (0.002 + 0.0072 / 8)
+    # at most the bound (full batches); batches of fewer rows cost more per row
+    assert 0.6 * bound < s["goodput_per_s"] <= bound * 1.01
+    free = simulate_shared(TWO, TWO_P50, HostCost(0.0, 0.0), lambda i: 1.0, clients=8,
+                           n_requests=2000, policy="fixed:w025", noise=0.0)  # fmt: skip
+    assert free.summary["goodput_per_s"] > 2 * s["goodput_per_s"]
+
+
+def test_host_cost_makes_the_planner_pick_smaller_tiers():
+    # Open loop at a load the full tier carries alone; with handling on the same core the
+    # batches stretch, the correction learns it and fewer requests get the full tier.
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(1 / 150, 3000))
+    budgets = rng.uniform(0.020, 0.100, len(arrivals))
+    widths = {"w100": 1.0, "w025": 0.25}
+    runs = {
+        h: simulate_shared(
+            TWO, TWO_P50, HostCost(h, h), lambda i: budgets[i], arrivals=arrivals, widths=widths
+        ).summary
+        for h in (0.0, 0.0015)
+    }
+    assert runs[0.0]["slo_attainment"] > 0.99
+    assert runs[0.0015]["mean_served_size"] < runs[0.0]["mean_served_size"] - 0.05
+    for s in runs.values():
+        assert s["sent"] == s["within_budget"] + s["late"] + s["refused_total"] == 3000
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="arrivals"):
+        simulate_shared(ONE, ONE_P50, HostCost(0, 0), lambda i: 1.0)
+    with pytest.raises(ValueError, match="parse_s"):
+        HostCost(parse_s=-1.0, answer_s=0.0)
