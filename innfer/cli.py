@@ -294,6 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "policy": args.policy,
             "backend": args.backend,
             "budget_margin_ms": args.budget_margin_ms,
+            "plan_overhead": args.plan_overhead,
         }.items()
         if v is not None
     }
@@ -640,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
     srv.add_argument("--backend", choices=BACKENDS)
     srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")
+    srv.add_argument(
+        "--plan-overhead", action="store_true", default=None,
+        help="plan budgets short by the learned request overhead (server config plan_overhead)",
+    )  # fmt: skip
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)
 

@@ -10,6 +10,7 @@
     policy: innfer                # innfer | slackfit | fixed:<tier>
     device_slots: 1               # batches at once on the device all models share (0: per model)
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
+    plan_overhead: false          # plan budgets short by the learned request overhead
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
@@ -156,6 +157,12 @@ class ServerConfig:
         "deadline order across models, each model plans behind the others' work); 0: every "
         "model gets its own slot and ignores the others",
     )  # fmt: skip
+    plan_overhead: bool = spec(
+        False,
+        doc="count each budget from when its request began to be parsed and plan it short by "
+        "the learned request overhead (innfer_request_overhead_seconds); off by default: live "
+        "it cut late answers but refused more, and was not better overall (see docs/design.md)",
+    )
     profile_at_load: bool = spec(
         True,
         doc="re-measure each tier briefly when a model loads and start the latency "

@@ -276,10 +276,14 @@ class DataPlane:
                 f"{len(params)} request parameters; at most {self.limits.max_parameters}"
             )
         # The budget is the client's end to end. What this process spends outside queue and
-        # compute is learned (server.overhead); the margin covers what it cannot see (the
-        # client's own processing, the kernel's sockets).
+        # compute is learned (server.overhead) and, with plan_overhead, planned for; the
+        # margin covers what it cannot see (the client's own processing, the sockets).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
-        budget_s -= self.config.budget_margin_ms / 1e3 + m.overhead.estimate()
+        budget_s -= self.config.budget_margin_ms / 1e3
+        if self.config.plan_overhead:
+            budget_s -= m.overhead.estimate()
+        else:
+            waited_s = 0.0  # the budget counts from the scheduler's stamp
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)

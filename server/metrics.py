@@ -152,8 +152,9 @@ class Metrics:
         )  # fmt: skip
         self.request_overhead = Gauge(
             "innfer_request_overhead_seconds",
-            "What every budget is planned short by: the recent p99 of requests' time in the "
-            "server outside queue and compute (parsing, the hop back, encoding, sending).",
+            "The recent p99 of requests' time in the server outside queue and compute (parsing, "
+            "the hop back, encoding, sending); budgets are planned short by it with "
+            "plan_overhead.",
             ["model"], registry=r,
         )  # fmt: skip
         self.model_ready = Gauge(

@@ -9,9 +9,10 @@ shared by gRPC and the engine), it is 3.5 ms at the median and 10-27 ms at p99 a
 grows, and nearly every late answer was late there, not in the queue or the engine: the
 server had met the deadline it planned with. So the server measures it per request
 (``observe``: from when its bytes began to be parsed to when gRPC reported the RPC done,
-minus the reported queue and compute) and plans every budget short by a high quantile of
-the recent samples (``estimate``). Work outside this process (the client, the kernel's
-socket buffers) stays in ``budget_margin_ms``.
+minus the reported queue and compute), exports a high quantile of the recent samples
+(``estimate``) and, with the server's ``plan_overhead``, plans every budget short by it.
+Work outside this process (the client, the kernel's socket buffers) stays in
+``budget_margin_ms``.
 
 Pure: no clock, no grpc; the caller passes seconds.
 """

@@ -7,12 +7,13 @@ Per request the server spends ``HostCost.parse_s`` of CPU before the scheduler s
 ``answer_s`` after its batch (``refuse_s`` to turn it away). The handler thread works
 through that in arrival order; the engine thread runs one batch at a time. While both have
 work each runs at half speed (the kernel shares the core fairly), alone at full speed. The
-scheduler is the server's own object and sees what the live server sees: a request from
-when its parsing began, a batch's wall time (stretched by sharing) as its compute, budgets
-planned short by ``budget_margin_s`` and the learned overhead (``server.overhead``, fed the
-time from a batch's end to its answer leaving). The client sees the answer ``client_s``
-later. Open loop (arrival times) or closed loop (``clients`` each sending again when
-answered or refused). Deterministic for a seed.
+scheduler is the server's own object and sees what the live server sees: a request when
+its parsing ends, a batch's wall time (stretched by sharing) as its compute, budgets
+planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option),
+counted from when parsing began and planned short by the learned overhead too
+(``server.overhead``, fed the time from a batch's end to its answer leaving). The client
+sees the answer ``client_s`` later. Open loop (arrival times) or closed loop (``clients``
+each sending again when answered or refused). Deterministic for a seed.
 
 Example:
     >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0}), TierInfo("w025", 0.25, {1: 1.0, 8: 4.0})]
@@ -92,6 +93,7 @@ def simulate_shared(
     widths: Mapping[str, float] | None = None,
     seed: int = 0,
     noise: float | None = None,
+    plan_overhead: bool = False,
 ) -> SharedCoreResult:
     """Serve an open-loop trace (``arrivals``, seconds) or ``clients`` closed-loop clients
     (at most ``n_requests`` sends, none after ``max_seconds``) on one shared core; request
@@ -168,8 +170,11 @@ def simulate_shared(
             if work:
                 work[0].began = t
             if task.kind == "parse":
-                planned = budget[task.rid] - budget_margin_s - overhead.estimate()
-                r = Request(task.rid, task.began, task.began + planned)
+                planned = budget[task.rid] - budget_margin_s
+                stamp = t
+                if plan_overhead:
+                    planned, stamp = planned - overhead.estimate(), task.began
+                r = Request(task.rid, stamp, stamp + planned)
                 try:
                     sched.submit(r, t)
                 except Refused as exc:

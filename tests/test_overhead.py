@@ -85,17 +85,34 @@ def test_answers_teach_the_model_and_metrics_show_it(server, client):
     assert float(line.split()[-1]) == pytest.approx(m.overhead.estimate())
 
 
-def test_budgets_are_planned_short_by_the_overhead(server, client):
+def test_budgets_are_planned_short_by_the_overhead_when_asked(model_repository):
+    from serverutil import ServerThread
+
+    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
+    try:
+        client = tc.InferenceServerClient(s.address)
+        m = s.server.plane.models["tiny"]
+        for _ in range(MIN_SAMPLES):
+            m.overhead.observe(0.300)  # as if every answer took 300 ms outside queue + compute
+        assert m.overhead.estimate() >= 0.29
+        # 250 ms would fit the engine many times over, but not after 300 ms of overhead
+        with pytest.raises(InferenceServerException) as e:
+            _infer(client, 250)
+        assert "DEADLINE_EXCEEDED" in str(e.value.status())
+        r = _infer(client, 800)  # room for both: served, planned short by the overhead
+        planned_ms = r.get_response().parameters["budget_us"].int64_param / 1e3
+        assert planned_ms <= 800 - 1 - 290
+        client.close()
+    finally:
+        s.stop()
+
+
+def test_by_default_the_overhead_is_only_measured(server, client):
     m = server.server.plane.models["tiny"]
+    assert not server.server.config.plan_overhead
     for _ in range(MIN_SAMPLES):
-        m.overhead.observe(0.300)  # as if every answer took 300 ms outside queue and compute
-    assert m.overhead.estimate() >= 0.29
-    # 250 ms would fit the engine many times over, but not after 300 ms of overhead
-    with pytest.raises(InferenceServerException) as e:
-        _infer(client, 250)
-    assert "DEADLINE_EXCEEDED" in str(e.value.status())
-    r = _infer(client, 800)  # room for both: served, planned short by the overhead
-    planned_ms = r.get_response().parameters["budget_us"].int64_param / 1e3
-    assert planned_ms <= 800 - 1 - 290
+        m.overhead.observe(0.300)
+    r = _infer(client, 250)  # planned with the margin alone
+    assert r.get_response().parameters["budget_us"].int64_param / 1e3 == pytest.approx(249.0)
     for _ in range(WINDOW):  # forget it again for the other tests of this module
         m.overhead.observe(0.0)

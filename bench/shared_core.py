@@ -1,0 +1,154 @@
+"""The live scheduler's points replayed in the shared-core simulator (sim.shared_core),
+beside the live figures they model and the engine-only simulator (issue 18: "the same
+scenarios through innfer simulate within 1 point of attainment and 0.05 of mean served
+size").
+
+Reads bench/results/live_scheduler.json (the live run: its profile, seed, points and
+per-point figures) and replays every point - closed loop at its concurrency with its
+budgets, open loop on the same Poisson arrivals and budgets - through simulate_shared with
+the model's profile and the request handling cost ``--host-ms PARSE,ANSWER,CLIENT``:
+CPU milliseconds per request before the scheduler sees it and after its batch, on the
+engine's core, and the client's own time. The default is what this machine measured for
+the issue's 600 KB requests (README of this script's results): the server process used
+~1.6 ms of CPU per request beyond the engine's (thread CPU, `innfer serve` pinned to one
+core, w025 pinned, closed loop of 8), and the answered requests' time outside the server's
+queue and compute was ~2.6 ms at its 10th percentile with one client (so ~1.0 ms is the
+client's and the sockets'). The split of the 1.6 ms between parsing and answering is an
+assumption (1.0 / 0.6), stated in the output. Seeds as the live run's, so a rerun gives
+the same figures.
+
+Writes bench/results/shared_core.json and prints a table: per point, live vs engine-only
+simulator vs shared-core simulator, attainment and mean served size, and the gaps.
+
+    .venv/bin/python -m bench.shared_core [--host-ms 1.0,0.6,1.0] [--live FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.live_scheduler import (
+    FIXED_BUDGET_MS,
+    MAX_BATCH,
+    MAX_QUEUE,
+    MODEL,
+    REPO,
+    STEM,
+    tier_widths,
+    uniform_budgets_s,
+)
+
+OUT = Path(__file__).parent / "results"
+DEFAULT_HOST_MS = (1.0, 0.6, 1.0)
+GOAL_POINTS, GOAL_SIZE = 0.01, 0.05  # attainment (fraction), mean served size
+
+
+def _host(text: str) -> tuple[float, float, float]:
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) != 3 or min(parts) < 0:
+        raise argparse.ArgumentTypeError("--host-ms takes PARSE,ANSWER,CLIENT (ms, >= 0)")
+    return parts[0], parts[1], parts[2]
+
+
+def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo) -> dict:
+    """One live point through simulate_shared, with the live run's seeds and bounds."""
+    from sim.shared_core import HostCost, simulate_shared
+    from sim.simulator import SimConfig, make_trace
+
+    cost = HostCost(host[0] / 1e3, host[1] / 1e3, client_s=host[2] / 1e3)
+    seed, n = params["seed"], params["requests"]
+    common = {"max_batch": MAX_BATCH, "max_queue": MAX_QUEUE, "widths": widths, "seed": seed,
+              "slo_target": slo}  # fmt: skip
+    if point["kind"] == "closed":
+        if "fixed_ms" in point["budget"]:
+            budgets = np.full(n, FIXED_BUDGET_MS / 1e3)
+        else:
+            budgets = uniform_budgets_s(seed, n)
+        r = simulate_shared(tiers, p50, cost, lambda i: budgets[i],
+                            clients=point["concurrency"], n_requests=n,
+                            max_seconds=params["seconds"], **common)  # fmt: skip
+    else:
+        capacity = live["config"]["capacity_per_s"]
+        rate = point["load"] * capacity
+        duration = min(params["seconds"], n / rate)
+        t = make_trace(SimConfig(trace="poisson", duration_s=duration, seed=seed), rate)[:n]
+        t = t - t[0]
+        budgets = uniform_budgets_s(seed, len(t))
+        r = simulate_shared(tiers, p50, cost, lambda i: budgets[i], arrivals=t, **common)
+    return r.summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host-ms", type=_host, default=DEFAULT_HOST_MS)
+    p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
+    p.add_argument("--out", type=Path, default=OUT / "shared_core.json")
+    args = p.parse_args(argv)
+    from runtime.repository.config import ModelConfig
+    from sim.simulator import tiers_from_model_dir
+
+    live = json.loads(args.live.read_text())
+    model_dir = REPO / MODEL
+    tiers, p50 = tiers_from_model_dir(model_dir)
+    widths = tier_widths(model_dir)
+    slo = ModelConfig.load(model_dir / "model.yaml").slo_target
+    rows = []
+    for pt in live["points"]:
+        got = pt["live"].get("current")
+        if got is None:
+            continue
+        shared = replay(pt, live, live["params"], tiers, p50, widths, args.host_ms, slo)
+        engine_only = pt.get("sim")
+        row = {
+            "id": pt["id"],
+            "live": {k: got.get(k) for k in ("slo_attainment", "mean_served_size")},
+            "engine_only_sim": (
+                {k: engine_only.get(k) for k in ("slo_attainment", "mean_served_size")}
+                if engine_only
+                else None
+            ),
+            "shared_core_sim": {
+                k: shared[k]
+                for k in ("slo_attainment", "mean_served_size", "late", "refused_total", "tier_mix")
+            },
+        }
+        gap_a = abs(shared["slo_attainment"] - got["slo_attainment"])
+        size_live, size_sim = got.get("mean_served_size"), shared["mean_served_size"]
+        gap_s = abs(size_sim - size_live) if None not in (size_live, size_sim) else None
+        row["gap"] = {"attainment_points": 100 * gap_a, "mean_served_size": gap_s}
+        row["within_goal"] = gap_a <= GOAL_POINTS and (gap_s is None or gap_s <= GOAL_SIZE)
+        rows.append(row)
+    out = {
+        "host_ms": dict(zip(("parse", "answer", "client"), args.host_ms, strict=True)),
+        "host_note": "parse/answer split of the measured ~1.6 ms is assumed; see docstring",
+        "live_file": str(args.live),
+        "live_commit": live.get("trees", {}).get("current", {}).get("commit"),
+        "goal": f"|attainment gap| <= {100 * GOAL_POINTS:g} points and |size gap| <= {GOAL_SIZE}",
+        "points": rows,
+    }
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{'point':20} {'live':>14} {'engine-only sim':>16} {'shared-core sim':>16}  goal")
+    for r in rows:
+
+        def fmt(x):
+            if not x:
+                return "-"
+            size = x["mean_served_size"]
+            return f"{x['slo_attainment']:.1%} {size:.2f}" if size is not None else "-"
+
+        goal = "met" if r["within_goal"] else "not met"
+        live_s, engine_s = fmt(r["live"]), fmt(r["engine_only_sim"])
+        print(f"{r['id']:20} {live_s:>14} {engine_s:>16} {fmt(r['shared_core_sim']):>16}  {goal}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
