@@ -12,7 +12,8 @@ server had met the deadline it planned with. So the server measures it per reque
 minus the reported queue and compute), exports a high quantile of the recent samples
 (``estimate``) and, with the server's ``plan_overhead``, plans every budget short by it.
 Work outside this process (the client, the kernel's socket buffers) stays in
-``budget_margin_ms``.
+``budget_margin_ms``. (With ``plan_overhead`` the parse time is counted as queue time, so
+the samples then leave it out.)
 
 Pure: no clock, no grpc; the caller passes seconds.
 """
