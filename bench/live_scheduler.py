@@ -565,12 +565,6 @@ def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, e
     p.add_argument("--server-cpus", type=_cpus, default={1})
     p.add_argument("--client-cpus", type=_cpus, default={0})
     p.add_argument("--rebuild", action="store_true", help="build the model(s) again")
-    p.add_argument(
-        "--serve-args",
-        type=shlex.split,
-        default=[],
-        help="extra `innfer serve` flags for every server, e.g. '--budget-margin-ms 3'",
-    )
     p.add_argument("--out", type=Path, default=OUT)
 
 
@@ -622,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a checkout of an older commit (git worktree add DIR <commit>)",
     )
     common_args(p, 2000, "at most this many per point", "closed-c8-*")
+    p.add_argument(
+        "--serve-args",
+        type=shlex.split,
+        default=[],
+        help="extra `innfer serve` flags for every server, e.g. '--budget-margin-ms 3'",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     points = select(all_points(), args.points)
