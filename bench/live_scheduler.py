@@ -226,17 +226,29 @@ def uniform_budgets_s(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed + 1).uniform(lo, hi, n) / 1e3
 
 
-def open_trace(point: dict, capacity: float, args, work: Path) -> tuple[np.ndarray, Path]:
-    """Poisson arrivals at load x capacity for min(--seconds, --requests / rate) s, at most
-    --requests of them, shifted to start at 0 and written to a trace file (so the simulator
-    replays exactly these arrivals)."""
+def closed_budgets_s(point: dict, seed: int, n: int) -> np.ndarray:
+    """The budgets (s) of a closed-loop point's ``n`` requests: fixed or U(20, 100) ms."""
+    if "fixed_ms" in point["budget"]:
+        return np.full(n, FIXED_BUDGET_MS / 1e3)
+    return uniform_budgets_s(seed, n)
+
+
+def open_arrivals(point: dict, capacity: float, seconds: float, requests: int, seed: int):
+    """Poisson arrivals (s) at load x capacity for min(seconds, requests / rate) s, at most
+    ``requests`` of them, shifted to start at 0."""
     from sim.simulator import SimConfig, make_trace
 
     rate = point["load"] * capacity
-    duration = min(args.seconds, args.requests / rate)
-    t = make_trace(SimConfig(trace="poisson", duration_s=duration, seed=args.seed), rate)
-    t = t[: args.requests]
-    t = t - t[0] if len(t) else t
+    duration = min(seconds, requests / rate)
+    t = make_trace(SimConfig(trace="poisson", duration_s=duration, seed=seed), rate)
+    t = t[:requests]
+    return t - t[0] if len(t) else t
+
+
+def open_trace(point: dict, capacity: float, args, work: Path) -> tuple[np.ndarray, Path]:
+    """``open_arrivals`` for the run's --seconds, --requests and --seed, also written to a
+    trace file (so the simulator replays exactly these arrivals)."""
+    t = open_arrivals(point, capacity, args.seconds, args.requests, args.seed)
     path = work / f"trace-{point['id']}-seed{args.seed}.txt"
     path.write_text("".join(f"{float(v)!r}\n" for v in t))  # repr: exact round trip
     return t, path
@@ -402,10 +414,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
             )
         load_before = os.getloadavg()[0]
         if point["kind"] == "closed":
-            if "fixed_ms" in point["budget"]:
-                budgets = np.full(args.requests, FIXED_BUDGET_MS / 1e3)
-            else:
-                budgets = uniform_budgets_s(args.seed, args.requests)
+            budgets = closed_budgets_s(point, args.seed, args.requests)
             report = asyncio.run(
                 run_closed_loop(
                     server.address,

@@ -30,17 +30,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.live_scheduler import (
-    FIXED_BUDGET_MS,
     MAX_BATCH,
     MAX_QUEUE,
     MODEL,
     REPO,
     STEM,
+    closed_budgets_s,
+    open_arrivals,
     tier_widths,
     uniform_budgets_s,
 )
@@ -60,26 +59,19 @@ def _host(text: str) -> tuple[float, float, float]:
 def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo) -> dict:
     """One live point through simulate_shared, with the live run's seeds and bounds."""
     from sim.shared_core import HostCost, simulate_shared
-    from sim.simulator import SimConfig, make_trace
 
     cost = HostCost(host[0] / 1e3, host[1] / 1e3, client_s=host[2] / 1e3)
     seed, n = params["seed"], params["requests"]
     common = {"max_batch": MAX_BATCH, "max_queue": MAX_QUEUE, "widths": widths, "seed": seed,
               "slo_target": slo}  # fmt: skip
     if point["kind"] == "closed":
-        if "fixed_ms" in point["budget"]:
-            budgets = np.full(n, FIXED_BUDGET_MS / 1e3)
-        else:
-            budgets = uniform_budgets_s(seed, n)
+        budgets = closed_budgets_s(point, seed, n)
         r = simulate_shared(tiers, p50, cost, lambda i: budgets[i],
                             clients=point["concurrency"], n_requests=n,
                             max_seconds=params["seconds"], **common)  # fmt: skip
     else:
         capacity = live["config"]["capacity_per_s"]
-        rate = point["load"] * capacity
-        duration = min(params["seconds"], n / rate)
-        t = make_trace(SimConfig(trace="poisson", duration_s=duration, seed=seed), rate)[:n]
-        t = t - t[0]
+        t = open_arrivals(point, capacity, params["seconds"], n, seed)
         budgets = uniform_budgets_s(seed, len(t))
         r = simulate_shared(tiers, p50, cost, lambda i: budgets[i], arrivals=t, **common)
     return r.summary
