@@ -295,6 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "backend": args.backend,
             "budget_margin_ms": args.budget_margin_ms,
             "plan_overhead": args.plan_overhead,
+            "tune_malloc": args.tune_malloc,
         }.items()
         if v is not None
     }
@@ -644,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--plan-overhead", action="store_true", default=None,
         help="plan budgets short by the learned request overhead (server config plan_overhead)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
+        help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",
     )  # fmt: skip
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)

@@ -21,6 +21,7 @@ import time
 import grpc
 
 from runtime import __version__
+from server.allocator import malloc_settings, tune_malloc
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.metrics import Metrics
@@ -65,11 +66,12 @@ class Server:
         self.grpc: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self.message_limit = 0  # bytes, either way; set by start
         self._http = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        limit = self.config.max_message_bytes or self.plane.message_limit()
+        limit = self.message_limit = self.config.max_message_bytes or self.plane.message_limit()
         log.info("gRPC messages up to %.1f MiB", limit / 2**20)
         opts = [
             ("grpc.max_receive_message_length", limit),
@@ -146,6 +148,8 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await server.start()
+    if config.tune_malloc:
+        tune_malloc(malloc_settings(server.message_limit, config.limits.max_inflight_bytes))
     # What loading made (engines, configs, imported modules) lives as long as the process:
     # out of the collector's sight, a full collection no longer walks it - one paused the
     # loop for ~20 ms under load, a tail every request in flight then paid. (Here, not in
