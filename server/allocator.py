@@ -1,14 +1,16 @@
 """Request buffers reused, not mapped afresh: glibc's malloc tuned for a server whose messages
 are hundreds of kilobytes.
 
-glibc serves an allocation above ``M_MMAP_THRESHOLD`` (128 KiB by default) with a fresh
-``mmap`` and gives freed memory above ``M_TRIM_THRESHOLD`` at the top of a heap back to the
-kernel. A 3x224x224 FP32 image request (602 KB) is copied from gRPC's buffers and parsed by
-protobuf into such blocks, so every request faulted ~150 fresh pages in, twice or more: on
-this 2-core VM a grpc.aio echo server spent 1.8-2.0 ms of CPU per 600 KB request, most of it
-in page faults under ``memcpy``; with both thresholds raised, 0.8-1.0 ms. Both are needed
-(either alone: 1.7-1.8 ms): the first keeps the blocks in the heap, the second keeps them
-there once freed.
+glibc serves an allocation above ``M_MMAP_THRESHOLD`` with a fresh ``mmap`` and gives freed
+memory above ``M_TRIM_THRESHOLD`` at the top of a heap back to the kernel; its dynamic rule
+raises them only as far as the largest block freed so far (trim: twice that). With 8
+requests of a 3x224x224 FP32 image (602 KB) in flight, 4.8 MB is freed at once, so every
+buffer gRPC copies and protobuf parses is faulted in again, ~150 pages at a time: on this
+2-core VM a grpc.aio echo server spent 1.8-2.0 ms of CPU per 600 KB request, most of it in
+page faults under ``memcpy``; with both thresholds raised, 0.8-1.0 ms (either alone:
+1.7-1.8 ms). A server whose engines freed larger blocks while loading already has high
+thresholds (the ResNet of issue 18: 2-6 faults per request either way); tuning makes the
+cost independent of what a model happened to allocate.
 
 The thresholds: messages up to ``mmap_threshold`` bytes (glibc's ceiling: 32 MiB on 64-bit)
 come from the heap, and up to ``trim_threshold`` bytes of freed heap stay mapped for reuse -

@@ -168,7 +168,7 @@ class ServerConfig:
         True,
         doc="innfer serve: raise glibc's mmap and trim thresholds to the message limit and "
         "the in-flight cap, so request buffers are reused rather than mapped and faulted in "
-        "afresh (halved gRPC's CPU per 600 KB request; see server/allocator.py)",
+        "afresh (an echo server: half the CPU per 600 KB request; see server/allocator.py)",
     )
     profile_at_load: bool = spec(
         True,
