@@ -12,6 +12,7 @@
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     plan_overhead: false          # plan budgets short by the learned request overhead
     tune_malloc: true             # keep large request buffers in glibc's heap (server.allocator)
+    inline_max_ms: 2.0            # light load: a batch this short runs on the loop thread
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
@@ -164,6 +165,12 @@ class ServerConfig:
         "the learned request overhead (innfer_request_overhead_seconds); off by default: live "
         "it cut late answers but refused more, and was not better overall (see docs/design.md)",
     )
+    inline_max_ms: float = spec(
+        2.0, lo=0, hi=1000, unit="milliseconds",
+        doc="a batch planned at most this long runs on the event loop thread when nothing else "
+        "is in flight on the device (no hand-off to an engine thread and back); 0: always on "
+        "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only",
+    )  # fmt: skip
     tune_malloc: bool = spec(
         True,
         doc="innfer serve: raise glibc's mmap and trim thresholds to the message limit and "

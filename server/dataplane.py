@@ -109,8 +109,9 @@ class DataPlane:
             runtime = None
             try:
                 runtime = ModelRuntime(
-                    served, self.metrics, policy=self.config.policy, device=self.device
-                )
+                    served, self.metrics, policy=self.config.policy, device=self.device,
+                    inline_max_s=self.config.inline_max_ms / 1e3,
+                )  # fmt: skip
                 await loop.run_in_executor(
                     None, lambda: runtime.warm_up(profile=self.config.profile_at_load)
                 )

@@ -28,6 +28,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
+from server.scheduling.device import Device
 
 TIERS = {"w100": 1.0, "w050": 0.5}
 
@@ -384,3 +385,66 @@ def test_instances_run_that_many_batches_at_once(tmp_path, instances):
 
     for value, r in zip((1.0, 2.0, 3.0), _run(body()), strict=True):
         _check_answer(served, _x(1, value), r)
+
+
+class _Threads:
+    """Records which thread ran each batch of ``served``'s engines."""
+
+    def __init__(self, served) -> None:
+        self.names: list[str] = []
+        for engine in served.engines.values():
+            run = engine.run
+
+            def spy(feeds, run=run):
+                self.names.append(threading.current_thread().name)
+                return run(feeds)
+
+            engine.run = spy
+
+
+def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
+    # w100 2 ms, w050 1 ms. One request at a time with nothing else in flight: no hand-off
+    # to an engine thread (inline_max_s 5 ms), and the answer is the same as on one.
+    served = _served(tmp_path)
+    threads = _Threads(served)
+
+    async def body(**kwargs):
+        kwargs.setdefault("device", Device(1))
+        async with _running(served, Metrics(), **kwargs) as rt:
+            feeds = _x(2, 3.0)
+            r = await rt.infer(feeds, 2, 1.0, pin="w100")
+            _check_answer(served, feeds, r)
+            assert r.compute_us > 0
+            return threading.current_thread().name
+
+    loop_thread = _run(body(inline_max_s=0.005))
+    assert threads.names == [loop_thread]
+    _run(body(inline_max_s=0.0))  # off: an engine thread
+    assert threads.names[1].startswith("engine-m")
+    _run(body(inline_max_s=0.0015))  # w100's 2 ms batch is longer than the cap
+    assert threads.names[2].startswith("engine-m")
+    _run(body(inline_max_s=0.005, device=None))  # no shared device to ask: never inline
+    assert threads.names[3].startswith("engine-m")
+
+
+def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
+    # Four requests at once: the first runs alone on the loop thread (nothing else had
+    # arrived); every later batch starts while others are queued, or (the last) while the
+    # request before it has its answer but has not yet returned it, and goes to an engine
+    # thread. Each request is answered once with its own rows.
+    served = _served(tmp_path, max_batch=1)
+    threads = _Threads(served)
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            results = await asyncio.gather(
+                *(rt.infer(_x(1, v), 1, 1.0, pin="w050") for v in (1.0, 2.0, 3.0, 4.0))
+            )
+            return results, threading.current_thread().name
+
+    results, loop_thread = _run(body())
+    for value, r in zip((1.0, 2.0, 3.0, 4.0), results, strict=True):
+        _check_answer(served, _x(1, value), r)
+    assert threads.names[0] == loop_thread
+    assert len(threads.names) == 4
+    assert all(name.startswith("engine-m") for name in threads.names[1:])
