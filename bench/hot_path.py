@@ -6,12 +6,13 @@
    profiled tiers. The old
    code is HEAD's ``server/scheduling`` or the one under ``--old DIR`` (loaded as in
    bench/decision_cost.py).
-2. Data plane in process, this tree and (with ``--old``) the old tree's in a subprocess:
-   ``DataPlane.infer`` of one MLP request pinned to w100, awaited back to back on one event
-   loop with the real ONNX Runtime engine, minus the same engine run alone (interleaved):
-   the server's own work per request, without gRPC.
+2. Data plane in process, this tree and (with ``--old``) the old tree's, each in
+   subprocesses taking turns over ``--rounds`` rounds: ``DataPlane.infer`` of one MLP
+   request pinned to w100, awaited back to back on one event loop with the real ONNX
+   Runtime engine, minus the same engine run alone (interleaved): the server's own work
+   per request, without gRPC; medians over the rounds, and relative to the engine's time.
 
-    python -m bench.hot_path [--old DIR] [--cycles 3000] [--requests 3000]
+    python -m bench.hot_path [--old DIR] [--cycles 3000] [--requests 8000] [--rounds 4]
 
 Needs runs/bench-server (bench/server.py builds it). Writes bench/results/hot_path.json.
 Run it pinned (``taskset -c 1``) on a quiet machine: the figures are tens of microseconds.
@@ -124,8 +125,31 @@ async def data_plane(requests: int) -> dict:
     return {"infer_us": 1e6 * t, "engine_alone_us": 1e6 * e, "overhead_us": 1e6 * (t - e)}
 
 
-def old_data_plane(tree: str, requests: int) -> dict:
-    """``data_plane`` with ``tree``'s server/ (a subprocess: the two cannot share one)."""
+def data_plane_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
+    """Per tree (name -> directory), ``rounds`` runs of ``data_plane`` of ``requests``
+    each, in subprocesses, the trees taking turns (this VM's speed drifts by up to ~1.5x
+    over minutes, and the in-process engine with it): every round's figures, and the
+    medians of infer, engine and overhead time and of overhead / engine time - the ratio is
+    what the drift moves least."""
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for k in range(rounds):
+        for name in trees if k % 2 == 0 else list(trees)[::-1]:
+            runs[name].append(tree_data_plane(trees[name], requests))
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {
+            key: statistics.median(r[key] for r in rs)
+            for key in ("infer_us", "engine_alone_us", "overhead_us")
+        }
+        out[name]["overhead_per_engine"] = statistics.median(
+            r["overhead_us"] / r["engine_alone_us"] for r in rs
+        )
+        out[name]["rounds"] = rs
+    return out
+
+
+def tree_data_plane(tree: str, requests: int) -> dict:
+    """``data_plane`` with ``tree``'s server/ (a subprocess: two trees cannot share one)."""
     got = subprocess.run(
         [sys.executable, __file__, "--data-plane-only", "--tree", tree,
          "--requests", str(requests)],
@@ -138,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--old", help="directory holding the old server/scheduling (default: HEAD)")
     p.add_argument("--cycles", type=int, default=3000)
-    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--requests", type=int, default=8000, help="data plane, over all rounds")
+    p.add_argument("--rounds", type=int, default=4, help="data plane runs per tree, alternating")
     p.add_argument("--data-plane-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -163,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         res["scheduler_cycle_us"][key] = {
             k: statistics.median(r[k] for r in runs) for k in (*PHASES, "total")
         }
-    res["data_plane_us"] = {"new": asyncio.run(data_plane(args.requests))}
-    if args.old:
-        res["data_plane_us"]["old"] = old_data_plane(args.old, args.requests)
+    trees = {"new": str(ROOT), **({"old": args.old} if args.old else {})}
+    res["data_plane_us"] = data_plane_rounds(trees, args.requests // args.rounds, args.rounds)
+    res["data_plane_rounds"] = args.rounds
     OUT.mkdir(exist_ok=True)
     (OUT / "hot_path.json").write_text(json.dumps(res, indent=1))
     print("scheduler cycle on a one-deep queue, median us per phase")
@@ -173,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         phases = "  ".join(f"{ph} {v[ph]:6.1f}" for ph in PHASES)
         print(f"  {key:16s} {phases}  total {v['total']:6.1f}")
     for impl, d in res["data_plane_us"].items():
+        each = ", ".join(f"{r['overhead_us']:.0f}" for r in d["rounds"])
         print(
-            f"data plane in process ({impl}): infer {d['infer_us']:.0f} us, the engine alone "
-            f"{d['engine_alone_us']:.0f} us, overhead {d['overhead_us']:.0f} us"
+            f"data plane in process ({impl}, median of {args.rounds} rounds): infer "
+            f"{d['infer_us']:.0f} us, the engine alone {d['engine_alone_us']:.0f} us, overhead "
+            f"{d['overhead_us']:.0f} us = {d['overhead_per_engine']:.2f} of the engine's time "
+            f"(rounds: {each} us)"
         )
     return 0
 
