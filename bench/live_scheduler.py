@@ -397,9 +397,17 @@ def commit_of(tree: Path) -> str:
 
 
 # -- one point on one tree ------------------------------------------------------------------
+def serve_args(args, tree: str) -> list[str]:
+    """The extra `innfer serve` flags of ``tree``'s servers: --baseline-serve-args for the
+    baseline where given (two configurations of one tree), else --serve-args."""
+    if tree == "baseline" and args.baseline_serve_args is not None:
+        return args.baseline_serve_args
+    return args.serve_args
+
+
 def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> dict:
     try:
-        info = server.start(point["id"], extra=args.serve_args)
+        info = server.start(point["id"], extra=serve_args(args, server.name))
         if args.warmup:  # not recorded: the first batches of each size pay ORT's allocations
             asyncio.run(
                 run_closed_loop(
@@ -631,6 +639,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra `innfer serve` flags for every server, e.g. '--budget-margin-ms 3'",
     )
+    p.add_argument(
+        "--baseline-serve-args",
+        type=shlex.split,
+        default=None,
+        help="the baseline's flags instead (compare two configurations: --baseline-tree "
+        "a checkout of the same commit, e.g. --serve-args '--engine-nice 4' "
+        "--baseline-serve-args '')",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     points = select(all_points(), args.points)
@@ -709,7 +725,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "profile": profile,
         "affinity": affinity,
-        "trees": {n: {"tree": str(t), "commit": commit_of(t)} for n, t in trees.items()},
+        "trees": {
+            n: {"tree": str(t), "commit": commit_of(t), "serve_args": serve_args(args, n)}
+            for n, t in trees.items()
+        },
         "simulator": {
             "closed_loop": NO_CLOSED_LOOP_SIM,
             "open_loop": "simulate(policy innfer, trace file = the live arrivals, budgets "
