@@ -296,7 +296,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "budget_margin_ms": args.budget_margin_ms,
             "plan_overhead": args.plan_overhead,
             "tune_malloc": args.tune_malloc,
-            "engine_nice": args.engine_nice,
         }.items()
         if v is not None
     }
@@ -647,12 +646,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan-overhead", action="store_true", default=None,
         help="plan budgets short by the learned request overhead (server config plan_overhead)",
     )  # fmt: skip
-    srv.add_argument(
-        "--engine-nice",
-        type=int,
-        help="niceness added to engine threads: request handling preempts inference on a "
-        "shared core (server config engine_nice; default 0)",
-    )
     srv.add_argument(
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
         help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",

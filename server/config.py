@@ -13,7 +13,6 @@
     plan_overhead: false          # plan budgets short by the learned request overhead
     tune_malloc: true             # keep large request buffers in glibc's heap (server.allocator)
     inline_max_ms: 2.0            # light load: a batch this short runs on the loop thread
-    engine_nice: 0                # >0: request handling preempts inference on a shared core
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
@@ -171,13 +170,6 @@ class ServerConfig:
         doc="a batch planned at most this long runs on the event loop thread when nothing else "
         "is in flight on the device (no hand-off to an engine thread and back); 0: always on "
         "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only",
-    )  # fmt: skip
-    engine_nice: int = spec(
-        0, lo=0, hi=19,
-        doc="niceness added to the engine threads (Linux), so that parsing, admission and "
-        "answers preempt inference where they share a core: under open-loop overload requests "
-        "are seen and refused sooner, but a closed loop at the edge of capacity can collapse "
-        "into refusals (measured in docs/design.md); 0: equal shares",
     )  # fmt: skip
     tune_malloc: bool = spec(
         True,

@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -192,17 +190,6 @@ class Pending:
             self.future.set_exception(exc)
 
 
-def _lower_priority(nice: int) -> None:
-    """On a new engine thread: raise its niceness by ``nice`` (Linux schedules threads
-    separately), so that request handling on the loop thread - parsing, admission,
-    answering - runs first when both want the same core. Elsewhere: a warning, no change."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except (OSError, AttributeError) as exc:
-        log.warning("engine_nice %d not applied: %s", nice, exc)
-
-
 def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
     """Tiers for the scheduler: measured accuracy where the build had an evaluation set,
     else the FLOPs fraction as a monotone proxy; latency from the profile (p90) - at
@@ -235,7 +222,6 @@ class ModelRuntime:
         clock: Callable[[], float] = time.monotonic,
         device: Device | None = None,
         inline_max_s: float = 0.0,
-        engine_nice: int = 0,
     ) -> None:
         self.served = served
         self.name = served.name
@@ -275,10 +261,7 @@ class ModelRuntime:
         # the model has fixed shapes.
         seq = next((t for t in self.config.inputs if t.dynamic), None)
         self._seq_axis = (seq.name, 1 + seq.dynamic[0]) if seq is not None else None
-        self.pool = ThreadPoolExecutor(
-            max_workers=slots, thread_name_prefix=f"engine-{self.name}",
-            initializer=_lower_priority if engine_nice else None, initargs=(engine_nice,),
-        )  # fmt: skip
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         # A batch planned at most this long may run on the loop thread when nothing else is
         # in flight (``_may_run_inline``).
         self.inline_max_s = inline_max_s if served.backend in INLINE_BACKENDS else 0.0

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import threading
 import time
 
@@ -450,26 +448,3 @@ def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_pa
     assert threads.names[0] == loop_thread
     assert len(threads.names) == 4
     assert all(name.startswith("engine-m") for name in threads.names[1:])
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-@pytest.mark.parametrize("nice", [0, 3])
-def test_engine_nice_lowers_only_the_engine_threads_priority(tmp_path, nice):
-    served = _served(tmp_path)
-    seen = []
-    run = served.engines["w100"].run
-
-    def spy(feeds):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return run(feeds)
-
-    served.engines["w100"].run = spy
-
-    async def body():
-        async with _running(served, Metrics(), engine_nice=nice) as rt:
-            r = await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
-            _check_answer(served, _x(1, 1.0), r)
-            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    loop_nice = _run(body())
-    assert seen == [min(loop_nice + nice, 19)]
