@@ -245,12 +245,16 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------------
     async def infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None, waited_s: float = 0.0
+        self,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        waited_s: float = 0.0,
+        size: int | None = None,
     ) -> pb.ModelInferResponse:
         """Answer one request. ``waited_s``: seconds since the transport began parsing it
-        (counted against its budget)."""
+        (counted against its budget); ``size``: its bytes on the wire, if known."""
         m = self.model(request.model_name, request.model_version)
-        size = request.ByteSize()
+        size = request.ByteSize() if size is None else size
         if self.inflight_bytes + size > self.limits.max_inflight_bytes:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
             raise ResourceExhausted(
