@@ -295,6 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "backend": args.backend,
             "budget_margin_ms": args.budget_margin_ms,
             "plan_overhead": args.plan_overhead,
+            "overhead_quantile": args.overhead_quantile,
             "tune_malloc": args.tune_malloc,
         }.items()
         if v is not None
@@ -646,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan-overhead", action="store_true", default=None,
         help="plan budgets short by the learned request overhead (server config plan_overhead)",
     )  # fmt: skip
+    srv.add_argument(
+        "--overhead-quantile",
+        type=float,
+        help="the overhead quantile --plan-overhead plans with (server config "
+        "overhead_quantile; default 0.99)",
+    )
     srv.add_argument(
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
         help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",

@@ -11,6 +11,7 @@
     device_slots: 1               # batches at once on the device all models share (0: per model)
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     plan_overhead: false          # plan budgets short by the learned request overhead
+    overhead_quantile: 0.99       # ... by this quantile of it (and the metric exports it)
     tune_malloc: true             # keep large request buffers in glibc's heap (server.allocator)
     inline_max_ms: 2.0            # light load: a batch this short runs on the loop thread
     backend: null                 # override every model's backend preference
@@ -177,6 +178,11 @@ class ServerConfig:
         "the in-flight cap, so request buffers are reused rather than mapped and faulted in "
         "afresh (an echo server: half the CPU per 600 KB request; see server/allocator.py)",
     )
+    overhead_quantile: float = spec(
+        0.99, lo=0.5, hi=0.999,
+        doc="the quantile of the learned request overhead that plan_overhead plans every "
+        "budget short by, and innfer_request_overhead_seconds exports",
+    )  # fmt: skip
     profile_at_load: bool = spec(
         True,
         doc="re-measure each tier briefly when a model loads and start the latency "

@@ -111,6 +111,7 @@ class DataPlane:
                 runtime = ModelRuntime(
                     served, self.metrics, policy=self.config.policy, device=self.device,
                     inline_max_s=self.config.inline_max_ms / 1e3,
+                    overhead_quantile=self.config.overhead_quantile,
                 )  # fmt: skip
                 await loop.run_in_executor(
                     None, lambda: runtime.warm_up(profile=self.config.profile_at_load)

@@ -45,6 +45,7 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import MISS_REASONS, Metrics
+from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.overhead import Overhead
 from server.scheduling import (
     Decision,
@@ -222,6 +223,7 @@ class ModelRuntime:
         clock: Callable[[], float] = time.monotonic,
         device: Device | None = None,
         inline_max_s: float = 0.0,
+        overhead_quantile: float = OVERHEAD_QUANTILE,
     ) -> None:
         self.served = served
         self.name = served.name
@@ -273,7 +275,8 @@ class ModelRuntime:
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
         self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
-        self.overhead = Overhead()  # time outside queue + compute, learned from answers
+        # Time outside queue + compute, learned from answers.
+        self.overhead = Overhead(quantile=overhead_quantile)
         self._bind_metrics()
 
     # -- lifecycle -------------------------------------------------------------------------
