@@ -116,3 +116,29 @@ def test_by_default_the_overhead_is_only_measured(server, client):
     assert r.get_response().parameters["budget_us"].int64_param / 1e3 == pytest.approx(249.0)
     for _ in range(WINDOW):  # forget it again for the other tests of this module
         m.overhead.observe(0.0)
+
+
+def test_the_planned_quantile_is_the_configured_one(model_repository):
+    # A third of the answers took 300 ms outside queue + compute, the rest 10 ms: the median
+    # plans a budget 10 ms short, the default p99 300 ms short (and refuses 290 ms).
+    from serverutil import ServerThread
+
+    for q, served in ((0.5, True), (0.99, False)):
+        cfg = {"repository": str(model_repository), "plan_overhead": True}
+        s = ServerThread({**cfg, "overhead_quantile": q}).start()
+        try:
+            client = tc.InferenceServerClient(s.address)
+            m = s.server.plane.models["tiny"]
+            assert m.overhead.quantile == q
+            for k in range(WINDOW):
+                m.overhead.observe(0.300 if k % 3 == 0 else 0.010)
+            if served:
+                planned = _infer(client, 290).get_response().parameters["budget_us"]
+                assert planned.int64_param / 1e3 == pytest.approx(290 - 1 - 10, abs=0.5)
+            else:
+                with pytest.raises(InferenceServerException) as e:
+                    _infer(client, 290)
+                assert "DEADLINE_EXCEEDED" in str(e.value.status())
+            client.close()
+        finally:
+            s.stop()
