@@ -296,7 +296,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "budget_margin_ms": args.budget_margin_ms,
             "plan_overhead": args.plan_overhead,
             "overhead_quantile": args.overhead_quantile,
-            "plan_overhead_min_idle": args.plan_overhead_min_idle,
             "tune_malloc": args.tune_malloc,
         }.items()
         if v is not None
@@ -653,12 +652,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the overhead quantile --plan-overhead plans with (server config "
         "overhead_quantile; default 0.99)",
-    )
-    srv.add_argument(
-        "--plan-overhead-min-idle",
-        type=float,
-        help="--plan-overhead only while this share of arrivals finds the device idle "
-        "(server config plan_overhead_min_idle; default 0: always)",
     )
     srv.add_argument(
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,

@@ -12,7 +12,6 @@
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     plan_overhead: false          # plan budgets short by the learned request overhead
     overhead_quantile: 0.99       # ... by this quantile of it (and the metric exports it)
-    plan_overhead_min_idle: 0.0   # ... only while this share of arrivals finds the device idle
     tune_malloc: true             # keep large request buffers in glibc's heap (server.allocator)
     inline_max_ms: 2.0            # light load: a batch this short runs on the loop thread
     backend: null                 # override every model's backend preference
@@ -184,13 +183,6 @@ class ServerConfig:
         doc="the quantile of the learned request overhead that plan_overhead plans every "
         "budget short by, and innfer_request_overhead_seconds exports",
     )  # fmt: skip
-    plan_overhead_min_idle: float = spec(
-        0.0,
-        lo=0.0,
-        hi=1.0,
-        doc="with plan_overhead: plan short only while at least this share of recent "
-        "arrivals found the device idle (light load); 0: always",
-    )
     profile_at_load: bool = spec(
         True,
         doc="re-measure each tier briefly when a model loads and start the latency "

@@ -286,9 +286,7 @@ class DataPlane:
         # margin covers what it cannot see (the client's own processing, the sockets).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
         budget_s -= self.config.budget_margin_ms / 1e3
-        if self.config.plan_overhead and (
-            m.scheduler.idle_share >= self.config.plan_overhead_min_idle
-        ):
+        if self.config.plan_overhead:
             budget_s -= m.overhead.estimate()
         else:
             waited_s = 0.0  # the budget counts from the scheduler's stamp

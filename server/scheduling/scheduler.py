@@ -149,12 +149,6 @@ class Scheduler:
         self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
 
     @property
-    def idle_share(self) -> float:
-        """Recent share of arrivals that found the device idle (an EWMA): ~1 at light load,
-        ~0 when every request queues."""
-        return self._idle_share
-
-    @property
     def slo_target(self) -> float:
         return self.latency.slo_target
 
