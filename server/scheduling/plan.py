@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -343,10 +343,14 @@ def _taken_out(groups: Groups, cols: Columns, skip: Sequence[int]):
 @dataclass(frozen=True)
 class SmallGroups:
     """``Groups`` as Python lists, in run order: per batch [hi, lo, rows, deadline,
-    members]; ``of`` maps a queue index to its batch."""
+    members]; ``of`` maps a queue index to its batch. ``lists`` keeps what
+    ``small_feasible`` last read from numpy for it (the tables and columns it was given,
+    and their lists): a decision checks one plan several times, and a plan lives for one
+    decision, during which the latency tables do not change."""
 
     batches: list[list]
     of: list[int]
+    lists: list = field(default_factory=list, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -387,9 +391,14 @@ def small_feasible(
     now: float,
 ) -> list[bool]:
     """``feasible`` in plain Python (see ``SMALL_QUEUE``): the same sums in the same order."""
-    mean, var = tables[1].tolist(), tables[2].tolist()
+    memo = groups.lists
+    if not memo or memo[0] is not tables or memo[1] is not cols:
+        memo[:] = (
+            tables, cols, tables[1].tolist(), tables[2].tolist(),
+            cols.rows.tolist(), cols.deadline.tolist(), cols.lo.tolist(),
+        )  # fmt: skip
+    mean, var, rows_of, due_of, lo_of = memo[2:]
     names = len(mean)
-    rows_of, due_of, lo_of = cols.rows.tolist(), cols.deadline.tolist(), cols.lo.tolist()
     out = []
     for cand in candidates:
         plan = names if cand.plan is None else cand.plan

@@ -30,8 +30,6 @@ from .plan import (
     SMALL_QUEUE,
     Candidate,
     Columns,
-    Groups,
-    SmallGroups,
     feasible,
     form_groups,
     small_feasible,
@@ -647,40 +645,48 @@ class Planner(Policy):
         """``rest_feasible`` for several (tier, batch, queue indices) at once."""
         if all(len(where) == len(queue) for _, _, where in heads):
             return [True] * len(heads)  # each batch takes the whole queue: no rest to check
+        state = self._decision
+        if state is None or state.plan is None:
+            plan = self._plan(queue, now, ctx, snap)
+            if state is not None:
+                state.plan = plan
+        else:
+            plan = state.plan
+        groups, cols, tables, others, start, small = plan
+        lat = ctx.latency
+        candidates = []
+        for (tier, batch, where), rest in zip(heads, plans, strict=True):
+            rows = sum(r.rows for r in batch)
+            rank = None if rest is None else ctx.rank[rest]
+            candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
+        self.work += len(candidates) * len(groups)
+        check = small_feasible if small else feasible
+        return check(groups, cols, candidates, tables, lat.z, others, start)
+
+    def _plan(self, queue, now, ctx, snap) -> tuple:
+        """What every check of one decision shares: the queue's plan (batches), its
+        columns, the latency tables, the other slots' planning times, the time the rest may
+        start, and whether the plan is the plain-Python one."""
         cols = snap.columns
         if cols is None or len(cols) != len(queue):
             cols = ctx.columns(queue)
-        state = self._decision
         small = len(cols) <= SMALL_QUEUE
-        if state is None or state.groups is None:
-            groups = (small_groups if small else form_groups)(cols, ctx.plan_batch())
-            self.work += len(cols)
-            if state is not None:
-                state.groups = groups
-        else:
-            groups = state.groups
-        candidates = []
-        for (tier, batch, where), plan in zip(heads, plans, strict=True):
-            rows = sum(r.rows for r in batch)
-            rank = None if plan is None else ctx.rank[plan]
-            lat = ctx.latency
-            candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
+        groups = (small_groups if small else form_groups)(cols, ctx.plan_batch())
+        self.work += len(cols)
         others = list(snap.busy[: self.slots - 1])
         others += [0.0] * (self.slots - 1 - len(others))
-        self.work += len(candidates) * len(groups)
-        check = small_feasible if small else feasible
         start = now + snap.backlog  # a shared device's other work goes first
-        return check(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, start)
+        return groups, cols, ctx.tables(), others, start, small
 
 
 class _Decision:
     """What one ``Planner.choose`` computes once and its steps share."""
 
-    __slots__ = ("checked", "groups", "heads")
+    __slots__ = ("checked", "heads", "plan")
 
     def __init__(self) -> None:
         self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
-        self.groups: Groups | SmallGroups | None = None  # the plan of the whole queue
+        self.plan: tuple | None = None  # Planner._plan: the whole queue's plan and context
         self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
 
 
