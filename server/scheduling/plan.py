@@ -292,7 +292,7 @@ def feasible(
         v[:, 0] += [x.var for x in candidates]
         np.cumsum(m, axis=1, out=m)
         np.cumsum(v, axis=1, out=v)
-        ends = _sum_quantile_inplace(m, v, z)
+        ends = sum_quantile(m, v, z)
         ends += now  # (C, G) absolute
     else:
         ends = np.empty_like(m)
@@ -304,22 +304,6 @@ def feasible(
     for k, b, due in late:
         ok[k, b] = ends[k, b] <= due
     return ok.all(axis=1).tolist()
-
-
-def _sum_quantile_inplace(m: np.ndarray, v: np.ndarray, z: float) -> np.ndarray:
-    """``sum_quantile(m, v, z)`` for (C, G) float arrays with ``m`` > 0 everywhere (each sum
-    holds a head batch), computed in ``v``'s memory (and returned): the same operations, no
-    temporaries."""
-    s2 = np.multiply(m, m)
-    np.divide(v, s2, out=s2)
-    np.log1p(s2, out=s2)
-    out = np.sqrt(s2, out=v)
-    out *= z
-    s2 *= 0.5
-    out -= s2
-    np.exp(out, out=out)
-    out *= m
-    return out
 
 
 def _taken_out(groups: Groups, cols: Columns, skip: Sequence[int]):

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from .plan import (
     SMALL_QUEUE,
     Candidate,
     Columns,
+    Groups,
+    SmallGroups,
     feasible,
     form_groups,
     small_feasible,
@@ -652,21 +655,20 @@ class Planner(Policy):
                 state.plan = plan
         else:
             plan = state.plan
-        groups, cols, tables, others, start, small = plan
         lat = ctx.latency
         candidates = []
         for (tier, batch, where), rest in zip(heads, plans, strict=True):
             rows = sum(r.rows for r in batch)
             rank = None if rest is None else ctx.rank[rest]
             candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
-        self.work += len(candidates) * len(groups)
-        check = small_feasible if small else feasible
-        return check(groups, cols, candidates, tables, lat.z, others, start)
+        self.work += len(candidates) * len(plan.groups)
+        check = small_feasible if plan.small else feasible
+        return check(
+            plan.groups, plan.cols, candidates, plan.tables, lat.z, plan.others, plan.start
+        )
 
-    def _plan(self, queue, now, ctx, snap) -> tuple:
-        """What every check of one decision shares: the queue's plan (batches), its
-        columns, the latency tables, the other slots' planning times, the time the rest may
-        start, and whether the plan is the plain-Python one."""
+    def _plan(self, queue, now, ctx, snap) -> _Plan:
+        """What every check of one decision shares (see ``_Plan``)."""
         cols = snap.columns
         if cols is None or len(cols) != len(queue):
             cols = ctx.columns(queue)
@@ -676,7 +678,20 @@ class Planner(Policy):
         others = list(snap.busy[: self.slots - 1])
         others += [0.0] * (self.slots - 1 - len(others))
         start = now + snap.backlog  # a shared device's other work goes first
-        return groups, cols, ctx.tables(), others, start, small
+        return _Plan(groups, cols, ctx.tables(), others, start, small)
+
+
+class _Plan(NamedTuple):
+    """The queue's plan for one decision's checks: its batches (``groups``), its columns,
+    the latency tables, the other slots' planning times (s), when the rest may start (s),
+    and whether the plan is the plain-Python one (``small``)."""
+
+    groups: Groups | SmallGroups
+    cols: Columns
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray]
+    others: list[float]
+    start: float
+    small: bool
 
 
 class _Decision:
@@ -686,7 +701,7 @@ class _Decision:
 
     def __init__(self) -> None:
         self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
-        self.plan: tuple | None = None  # Planner._plan: the whole queue's plan and context
+        self.plan: _Plan | None = None  # the whole queue's plan, for every check
         self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
 
 
