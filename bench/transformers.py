@@ -7,8 +7,13 @@ the same budget per tier (``--seconds``); what is shared by all tiers and method
 teacher's pass over the text, the activation statistics pass - is timed apart, not charged.
 
   inn             the INN sampled at the tier (``auto``), no data: the reference row.
-  inn_distil      ``runtime.inn.distill.calibrate_text``: the INN's sample distilled from the
-                  full model (pooled-embedding cosine + per-LayerNorm hidden-state MSE).
+  inn_distil      ``runtime.inn.distill.calibrate_text``: the INN sampled on the grid of nodes
+                  ``runtime.inn.selection`` chooses from the text (greedy least-squares
+                  reconstruction of each readout), its readouts refitted, then distilled from
+                  the full model (pooled-embedding cosine + per-LayerNorm hidden-state MSE).
+  inn_lsq         that start and refit alone, no gradient steps (compare act_lsq).
+  inn_uniform_distil  ``calibrate_text(grid="uniform")``: the same from the INN's uniform grid
+                  (the method before data-chosen grids), at the goal tier only.
   norm_distil     whole heads pruned by the L2 norm of their q/k/v/o weights, FFN channels by
                   the L2 norm of their in/out weights, then the same distillation (``distil``).
   act_distil      pruned by activation statistics on the calibration text - each head's or
@@ -43,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +73,7 @@ from runtime.inn.distill import (
     with_taps,
 )
 from runtime.inn.model import IntegralModel
+from runtime.inn.selection import readout_weights
 from runtime.repository.tokenizer import TextTokenizer
 
 TIERS = {
@@ -76,7 +83,9 @@ TIERS = {
     "h50_f25": {"heads": 0.5, "ffn": 0.25},
 }
 GOAL_TIER = "h50_f50"
-METHODS = ("inn", "inn_distil", "norm_distil", "act_distil", "act_lsq")
+METHODS = (
+    "inn", "inn_lsq", "inn_distil", "inn_uniform_distil", "norm_distil", "act_distil", "act_lsq"
+)  # fmt: skip
 BASELINES = ("norm_distil", "act_distil", "act_lsq")
 MULTIPLE_OF = 8
 BATCH_SIZE = 32
@@ -169,20 +178,6 @@ def weight_norm_scores(inn: IntegralModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def consumers(inn: IntegralModel) -> dict[str, str]:
-    """Group -> the weight of the linear layer that reads it (attention output projection,
-    FFN down-projection): the layer pruning leaves with fewer inputs."""
-    out = {}
-    for gi, g in enumerate(inn.all_groups):
-        if g.discrete:
-            continue
-        reads = [p for p, _, reduce in group_slices(inn, gi) if reduce and inn.state[p].ndim == 2]
-        if len(reads) != 1:
-            raise ValueError(f"group {g.name!r} is read by {reads}; expected one linear layer")
-        out[g.name] = reads[0]
-    return out
-
-
 def _linear_inputs(graph: fx.Graph, weights: list[str]) -> tuple:
     found = {
         n.args[1].target: n.args[0]
@@ -196,7 +191,7 @@ def _linear_inputs(graph: fx.Graph, weights: list[str]) -> tuple:
 def activation_scores(inn: IntegralModel, batches: list[TextBatch], progress: bool) -> dict:
     """One pass of the full model over the calibration text: per group, each entry's mean
     contribution to its consumer's output, ``E|W[:, c] x_c|`` over the real tokens."""
-    reads = consumers(inn)
+    reads = readout_weights(inn)
     full = inn.sample(1.0)
     tapped = with_taps(full, lambda g: _linear_inputs(g, list(reads.values())))
     score = {g: 0.0 for g in reads}
@@ -335,12 +330,12 @@ def pruned_and_calibrated(inn, keep, batches, targets, seconds, seed) -> tuple:
     return module, {**log, "seconds": time.perf_counter() - start}
 
 
-def pruned_and_refitted(inn, keep, batches, seed) -> tuple:
-    """Prune to ``keep``, then only the readout refit, on the sentences calibrate_network
-    refits on."""
+def refitted(inn, start_network, sizes, batches, seed) -> tuple:
+    """``start_network()`` (the tier's start: pruned, or the INN on its chosen grid), then
+    only the readout refit, on the sentences calibrate_network refits on."""
     start = time.perf_counter()
-    module = prune(inn, keep)
-    weights = readouts(inn, {g: len(k) for g, k in keep.items()})
+    module = start_network()
+    weights = readouts(inn, sizes)
     refit_readouts(module, inn.sample(1.0), weights, some_batches(batches, REFIT_SENTENCES, seed))
     return module, {"seconds": time.perf_counter() - start, "steps": 0}
 
@@ -385,6 +380,12 @@ def run(args) -> dict:
     for tier in small:
         log = tuned.info["text_calibration"][IntegralModel.sizes_key(tiers[tier])]
         record("inn_distil", tier, tuned.sample(tiers[tier]), dict(log))
+    # Before data-chosen grids (same run): the uniform grid's start, at the goal tier.
+    uniform = calibrate_text(inn, *text["calibration"], [TIERS[GOAL_TIER]], args.seconds,
+                             multiple_of=MULTIPLE_OF, grid="uniform", batch_size=BATCH_SIZE,
+                             seed=SEED + small.index(GOAL_TIER))  # fmt: skip
+    log = uniform.info["text_calibration"][IntegralModel.sizes_key(tiers[GOAL_TIER])]
+    record("inn_uniform_distil", GOAL_TIER, uniform.sample(tiers[GOAL_TIER]), dict(log))
 
     # The baselines' shared passes: the teacher's outputs and the activation statistics.
     start = time.perf_counter()
@@ -410,8 +411,13 @@ def run(args) -> dict:
             )
             record(method, tier, module, log)
     for i, tier in enumerate(small):
-        module, log = pruned_and_refitted(inn, kept(act_scores, tiers[tier]), batches, SEED + i)
-        record("act_lsq", tier, module, log)
+        starts = {
+            "act_lsq": partial(prune, inn, kept(act_scores, tiers[tier])),
+            "inn_lsq": partial(tuned.sample, tiers[tier], calibrated=False),  # its chosen grid
+        }
+        for method, make in starts.items():
+            module, log = refitted(inn, make, tiers[tier], batches, SEED + i)
+            record(method, tier, module, log)
     for method in METHODS[1:]:  # the full model heads every method's rows
         rows[method] = {"h100_f100": rows["inn"]["h100_f100"], **rows[method]}
 
@@ -432,6 +438,7 @@ def run(args) -> dict:
         },
         "shared_seconds": {
             "calibrate_text_wall": calibrate_wall,
+            "inn_selection_statistics": tuned.info["selection_seconds"],
             "teacher": teacher_seconds,
             "activation_statistics": stats_seconds,
         },

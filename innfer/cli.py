@@ -506,7 +506,7 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     per_tier = args.seconds / max(len(tiers), 1)
     tuned = calibrate_text(
         inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
-        multiple_of=multiple_of, method=method, seed=args.seed,
+        multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
     )  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     print(
@@ -620,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seconds", type=float, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
+    cal.add_argument("--grid", choices=["selected", "uniform"], default="selected",
+                     help="text models: start each tier on the channels chosen from the text "
+                          "(default) or on the INN's uniform grid")  # fmt: skip
     cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
     cal.add_argument("--threads", type=int, default=2)
     cal.set_defaults(func=cmd_calibrate)

@@ -62,3 +62,22 @@ def client(server):
     c = tc.InferenceServerClient(server.address)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """(model, inn): test_capture's hand-written BERT with mean pooling, and its conversion
+    (torch.export, ~40 s here: done once). Tests must not change either (``inn.copy()``)."""
+    import torch
+    from test_capture import TinyBert
+    from test_distill import _text
+
+    import runtime
+    from runtime.demo.minilm import SentenceEmbedder
+
+    torch.manual_seed(0)
+    model = SentenceEmbedder(TinyBert(vocab=50, d=32, dh=8, ffn=64)).eval()
+    ids, mask = _text(2, 0)
+    with torch.no_grad():
+        inn = runtime.convert(model, (ids, mask))
+    return model, inn

@@ -2,17 +2,15 @@
 
 A hand-written BERT-style encoder (test_capture.TinyBert, converted through torch.export as
 a Hugging Face model is) with mean pooling stands in for all-MiniLM-L6-v2
-(bench/transformers.py runs the real one)."""
+(bench/transformers.py runs the real one); conftest's ``tiny_bert`` converts it once."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_capture import TinyBert
 
 import runtime
-from runtime.demo.minilm import SentenceEmbedder
 from runtime.inn.distill import calibrate_text, length_batches, readouts
 
 HALF = {"heads": 0.5, "ffn": 0.5}
@@ -27,23 +25,13 @@ def _text(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids * mask, mask
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = SentenceEmbedder(TinyBert(vocab=50, d=32, dh=8, ffn=64)).eval()
-    ids, mask = _text(2, 0)
-    with torch.no_grad():
-        inn = runtime.convert(model, (ids, mask))
-    return model, inn
-
-
 @torch.no_grad()
 def _cosine(module, ids, mask, reference) -> float:
     return float(F.cosine_similarity(module(ids, mask), reference, dim=-1).mean())
 
 
-def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny):
-    model, inn = tiny
+def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny_bert):
+    model, inn = tiny_bert
     ids, mask = _text(256, 1)
     held_ids, held_mask = _text(128, 2)
     with torch.no_grad():
@@ -67,8 +55,8 @@ def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny):
     torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_readouts_are_the_layers_reading_resampled_groups(tiny):
-    _, inn = tiny
+def test_readouts_are_the_layers_reading_resampled_groups(tiny_bert):
+    _, inn = tiny_bert
     heads_only = inn.sizes({"heads": 0.5})
     names = readouts(inn, heads_only)
     assert names and all(n.endswith("o.weight") for n in names)
@@ -100,7 +88,7 @@ def test_length_batches_trim_padding_and_keep_every_sentence():
          "widths is empty"),
     ],
 )  # fmt: skip
-def test_bad_input_is_a_clear_error(tiny, ids, mask, widths, match):
-    _, inn = tiny
+def test_bad_input_is_a_clear_error(tiny_bert, ids, mask, widths, match):
+    _, inn = tiny_bert
     with pytest.raises(ValueError, match=match):
         calibrate_text(inn, ids, mask, widths, seconds=1, progress=False)

@@ -51,7 +51,7 @@ def model_config(threads: int = 1, max_length: int = 256) -> dict:
 
 def recipe(seconds: float) -> dict:
     return {"model": "all-MiniLM-L6-v2", "tiers": TIERS, "calibration_seconds": seconds,
-            "sentences": CALIBRATION_SENTENCES}  # fmt: skip
+            "sentences": CALIBRATION_SENTENCES, "grid": "selected"}  # fmt: skip
 
 
 def reusable(model_dir: Path, seconds: float) -> bool:

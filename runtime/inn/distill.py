@@ -48,6 +48,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from runtime.inn.model import IntegralModel
+from runtime.inn.selection import readout_grams, select_nodes, store_grids
 
 # Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
 # on a freshly resampled network are large and noisy.
@@ -55,6 +56,8 @@ WARMUP = 0.03
 _LAYER_NORM_FNS = (F.layer_norm, torch.layer_norm, torch.ops.aten.layer_norm.default)
 _EMBEDDING_FNS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+# Where a tier's sample points start (calibrate_text's ``grid``).
+GRIDS = ("selected", "uniform")
 
 
 @dataclass(frozen=True)
@@ -440,6 +443,7 @@ def calibrate_text(
     *,
     multiple_of: int = 8,
     method: str = "auto",
+    grid: str = "selected",
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
@@ -455,8 +459,11 @@ def calibrate_text(
     group; the full width is skipped (it is the teacher). ``seconds``: the budget per width,
     sampling included (the teacher's one pass is shared and not counted). ``multiple_of``
     and ``method`` must match the tiers' (model.yaml) so the calibrated networks are the ones
-    the build samples. ``max_steps`` caps each width's steps (reproducible runs);
-    ``distil_options`` go to ``distil`` (``lr``, ``hidden_weight``, ``weight_decay``).
+    the build samples. ``grid``: ``"selected"`` (default) starts each tier on the nodes
+    ``runtime.inn.selection`` chooses on the refit's sentences, stored with the INN as that
+    count's grid; ``"uniform"`` starts it from the uniform grid of ``method``. ``max_steps``
+    caps each width's steps (reproducible runs; 0: the refit alone); ``distil_options`` go
+    to ``distil`` (``lr``, ``hidden_weight``, ``weight_decay``).
     Returns a new IntegralModel (``inn`` is left as it was) whose ``info["text_calibration"]``
     records, per tier, the seconds and steps spent and the first and last loss.
 
@@ -468,6 +475,8 @@ def calibrate_text(
         raise ValueError("widths is empty; give at least one width in (0, 1)")
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     ids, mask = check_text(ids, mask)
     tiers = _distinct([inn.sizes(w, multiple_of) for w in widths])
     tiers = [s for s in tiers if s != inn.sizes(1.0)]  # the full width is the teacher itself
@@ -477,9 +486,18 @@ def calibrate_text(
     batches = length_batches(ids, mask, batch_size)
     teacher = inn.sample(1.0, calibrated=False)
     targets = teacher_targets(teacher, batches, progress)
+    grams = None
+    if grid == "selected":  # one pass shared by the tiers, like the teacher's
+        start = time.perf_counter()
+        sample = some_batches(batches, refit_sentences or len(ids), seed)
+        grams = readout_grams(inn, teacher, sample, progress)
+        out.info["selection_seconds"] = time.perf_counter() - start
     for i, sizes in enumerate(tqdm(tiers, desc="calibrate", unit="tier", disable=not progress)):
         start = time.perf_counter()
         torch.manual_seed(seed + i)
+        if grams is not None:
+            store_grids(out, select_nodes(inn, teacher, grams, sizes))
+        select_seconds = time.perf_counter() - start
         student = out.sample(sizes, method=method, calibrated=False)
         log = calibrate_network(
             student, teacher, readouts(inn, sizes), batches, targets,
@@ -488,8 +506,9 @@ def calibrate_text(
             desc=f"tier {i + 1}/{len(tiers)}", **distil_options,
         )  # fmt: skip
         key = out.set_tier(sizes, student.state_dict())
-        log = {**log, "seconds": time.perf_counter() - start, "method": method,
-               "batch_size": batch_size, "seed": seed + i, "sentences": len(ids)}  # fmt: skip
+        log = {**log, "seconds": time.perf_counter() - start, "method": method, "grid": grid,
+               "select_seconds": select_seconds, "batch_size": batch_size, "seed": seed + i,
+               "sentences": len(ids)}  # fmt: skip
         out.info.setdefault("text_calibration", {})[key] = log
     return out
 

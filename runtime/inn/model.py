@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,10 @@ TIER_PREFIX = "tier:"
 MatrixFn = Callable[[GroupInfo, int], torch.Tensor]
 # Kinds of continuous group a width may name fractions for (IntegralModel.kind).
 KINDS = ("heads", "ffn")
+# How a stored grid weighs the input side (IntegralModel.grid): "midpoint" scales it by m / n
+# (the integral over the channel coordinate is kept), "unit" leaves the sampled nodes as they
+# are (a grid on chosen nodes samples a sub-network, runtime.inn.selection).
+GRID_QUADRATURES = ("midpoint", "unit")
 
 
 class ModelFileError(ValueError):
@@ -204,7 +208,8 @@ class IntegralModel:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         sizes = self.sizes(width, multiple_of)
-        module = self.resample(sizes, lambda g, n: self.matrix(g, n, method))
+        unit = {g.name for g in self.all_groups if self._unit_grid(g, sizes.get(g.name, g.size))}
+        module = self.resample(sizes, lambda g, n: self.matrix(g, n, method), unit=unit)
         self._apply_norm_stats(module, sizes)
         tier = self.tiers.get(self.sizes_key(sizes)) if calibrated else None
         if tier is not None:
@@ -230,13 +235,36 @@ class IntegralModel:
         self.tiers[key] = {k: v.detach().clone() for k, v in weights.items()}
         return key
 
+    def grid(self, group: str, n: int) -> dict | None:
+        """The sampling grid stored for ``group`` at ``n`` channels, or None (uniform):
+        ``{"points": [...], "quadrature": "midpoint" | "unit"}``. ``runtime.inn.calibrate``
+        stores tuned points (a bare list: midpoint quadrature, the input side scaled by
+        m / n); ``runtime.inn.selection`` stores points on chosen nodes with ``"unit"``
+        quadrature (the sampled channels are those nodes, unscaled)."""
+        grid = self.info.get("grids", {}).get(f"{group}@{n}")
+        if grid is None:
+            return None
+        if not isinstance(grid, dict):
+            grid = {"points": grid, "quadrature": "midpoint"}
+        if grid.get("quadrature") not in GRID_QUADRATURES or len(grid.get("points", ())) != n:
+            raise ValueError(
+                f"the grid stored for {group}@{n} must hold {n} points and a quadrature in "
+                f"{GRID_QUADRATURES}; got {len(grid.get('points', ()))} points and "
+                f"{grid.get('quadrature')!r}: recalibrate the model"
+            )
+        return grid
+
+    def _unit_grid(self, g: GroupInfo, n: int) -> bool:
+        grid = None if g.discrete or n == g.size else self.grid(g.name, n)
+        return grid is not None and grid["quadrature"] == "unit"
+
     def matrix(self, g: GroupInfo, n: int, method: Method = "auto") -> torch.Tensor:
-        """The (n, size) float64 matrix for group ``g``: a tuned grid if one was stored for
-        this group and count (``runtime.inn.calibrate``), else the uniform one for ``method``."""
-        pts = self.info.get("grids", {}).get(f"{g.name}@{n}")
+        """The (n, size) float64 matrix for group ``g``: a stored grid if there is one for
+        this group and count (``grid``), else the uniform one for ``method``."""
+        grid = self.grid(g.name, n)
         b = g.blocks
-        if pts is not None:  # tuned grids are point-sampling positions
-            block = resample_matrix(g.size // b, n // b, "point", torch.tensor(pts))
+        if grid is not None:  # stored grids are point-sampling positions
+            block = resample_matrix(g.size // b, n // b, "point", torch.tensor(grid["points"]))
         else:
             block = resample_matrix(g.size // b, n // b, method)
         return torch.block_diag(*[block] * b) if b > 1 else block
@@ -262,22 +290,31 @@ class IntegralModel:
         mats: Mapping[int, torch.Tensor],
         quadrature: bool = True,
         differentiable: bool = False,
+        unit: Collection[int] = (),
     ) -> dict[str, torch.Tensor]:
         """``state`` with every bound tensor resampled by ``mats`` (group index -> matrix).
-        ``differentiable=True`` keeps autograd (float32 matmuls): training and grid tuning."""
+        ``differentiable=True`` keeps autograd (float32 matmuls): training and grid tuning.
+        Groups in ``unit`` (indices) keep their input side unscaled whatever ``quadrature``."""
         out = dict(state)
         for b in self.bindings:
             if any(s.group in mats for s in b.layout):
-                out[b.param] = self._resample_dim(out[b.param], b, mats, quadrature, differentiable)
+                out[b.param] = self._resample_dim(
+                    out[b.param], b, mats, quadrature, differentiable, unit
+                )
         return out
 
     def resample(
-        self, sizes: Mapping[str, int], matrix: MatrixFn, quadrature: bool = True
+        self,
+        sizes: Mapping[str, int],
+        matrix: MatrixFn,
+        quadrature: bool = True,
+        unit: Collection[str] = (),
     ) -> fx.GraphModule:
         """Sample with caller-given matrices: the hook for baselines (pruning, truncation).
 
         ``matrix(group, n)`` returns the ``(n, size)`` map for one group. ``quadrature=False``
-        leaves input-side dims unscaled (as channel pruning does).
+        leaves input-side dims unscaled (as channel pruning does); ``unit`` names the groups
+        for which that holds alone (their matrices pick nodes, as a selected grid does).
         """
         mats = {}
         for gi, g in enumerate(self.all_groups):
@@ -287,7 +324,8 @@ class IntegralModel:
                 if tuple(a.shape) != (n, g.size):
                     raise ValueError(f"matrix for {g.name!r}: shape {tuple(a.shape)}")
                 mats[gi] = a.to(torch.float64)
-        state = self.resampled_state(self.state, mats, quadrature)
+        unit_idx = {gi for gi, g in enumerate(self.all_groups) if g.name in unit}
+        state = self.resampled_state(self.state, mats, quadrature, unit=unit_idx)
         spec = self._spec_for({gi: a.shape[0] for gi, a in mats.items()})
         for path, a in spec["attrs"].items():
             a["shape"] = list(state[path].shape)
@@ -364,6 +402,7 @@ class IntegralModel:
         mats: Mapping[int, torch.Tensor],
         quadrature: bool,
         differentiable: bool = False,
+        unit: Collection[int] = (),
     ) -> torch.Tensor:
         work = t.dtype if differentiable else torch.float64
         x = (t if differentiable else t.detach()).movedim(b.dim, 0)  # (L, *rest): bound dim
@@ -378,7 +417,7 @@ class IntegralModel:
                 if s.per_block:  # a is block-diagonal; one block maps a block's channels
                     a = a[:n, :m]
                 chunk = torch.einsum("nm,mir->nir", a.to(work), chunk.to(work))
-                if b.reduce and quadrature:
+                if b.reduce and quadrature and s.group not in unit:
                     chunk = chunk * quadrature_scale(m, n)
             pieces.append(chunk.reshape(-1, *rest).to(t.dtype))
         return torch.cat(pieces).movedim(0, b.dim).contiguous()
