@@ -23,6 +23,7 @@ from runtime.inn.selection import (
     select_nodes,
     store_grids,
 )
+from runtime.inn.train import TrainableINN
 
 
 def _readout(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +120,9 @@ def test_a_grid_on_chosen_nodes_samples_exactly_those_channels(tiny_bert, tmp_pa
     torch.testing.assert_close(inn.sample(sizes, calibrated=False)(ids, mask), expected)
     inn.save(tmp_path)
     torch.testing.assert_close(load(tmp_path).sample(sizes)(ids, mask), expected)
+    trainable = TrainableINN(inn).sampled_state(sizes)  # training samples the same network
+    for name, t in pruned.state_dict().items():
+        torch.testing.assert_close(trainable[name], t, rtol=1e-5, atol=1e-6)
     other = inn.sizes(0.75, 4)  # other counts keep the uniform grid
     assert all(inn.grid(g, n) is None for g, n in other.items())
 

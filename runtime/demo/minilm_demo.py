@@ -50,8 +50,11 @@ def model_config(threads: int = 1, max_length: int = 256) -> dict:
 
 
 def recipe(seconds: float) -> dict:
-    return {"model": "all-MiniLM-L6-v2", "tiers": TIERS, "calibration_seconds": seconds,
-            "sentences": CALIBRATION_SENTENCES, "grid": "selected"}  # fmt: skip
+    out = {"model": "all-MiniLM-L6-v2", "tiers": TIERS, "calibration_seconds": seconds,
+           "sentences": CALIBRATION_SENTENCES}  # fmt: skip
+    if seconds > 0:  # where calibration starts (data-free tiers have no grid to choose)
+        out["grid"] = "selected"
+    return out
 
 
 def reusable(model_dir: Path, seconds: float) -> bool:

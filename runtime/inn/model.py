@@ -208,8 +208,9 @@ class IntegralModel:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         sizes = self.sizes(width, multiple_of)
-        unit = {g.name for g in self.all_groups if self._unit_grid(g, sizes.get(g.name, g.size))}
-        module = self.resample(sizes, lambda g, n: self.matrix(g, n, method), unit=unit)
+        module = self.resample(
+            sizes, lambda g, n: self.matrix(g, n, method), unit=self.unit_grids(sizes)
+        )
         self._apply_norm_stats(module, sizes)
         tier = self.tiers.get(self.sizes_key(sizes)) if calibrated else None
         if tier is not None:
@@ -254,9 +255,16 @@ class IntegralModel:
             )
         return grid
 
-    def _unit_grid(self, g: GroupInfo, n: int) -> bool:
-        grid = None if g.discrete or n == g.size else self.grid(g.name, n)
-        return grid is not None and grid["quadrature"] == "unit"
+    def unit_grids(self, sizes: Mapping[str, int]) -> set[str]:
+        """Names of the groups whose stored grid at ``sizes`` has ``"unit"`` quadrature: their
+        input side is sampled unscaled (``resample``'s ``unit``)."""
+        out = set()
+        for g in self.all_groups:
+            n = sizes.get(g.name, g.size)
+            grid = None if g.discrete or n == g.size else self.grid(g.name, n)
+            if grid is not None and grid["quadrature"] == "unit":
+                out.add(g.name)
+        return out
 
     def matrix(self, g: GroupInfo, n: int, method: Method = "auto") -> torch.Tensor:
         """The (n, size) float64 matrix for group ``g``: a stored grid if there is one for

@@ -87,7 +87,9 @@ class TrainableINN(nn.Module):
             n = sizes.get(g.name, g.size)
             if not g.discrete and n != g.size:
                 mats[gi] = self._matrix(g, n)
-        return self.inn.resampled_state(self.state_at_nodes(), mats, differentiable=True)
+        names = self.inn.unit_grids(sizes)
+        unit = {gi for gi, g in enumerate(self.inn.all_groups) if g.name in names}
+        return self.inn.resampled_state(self.state_at_nodes(), mats, differentiable=True, unit=unit)
 
     def forward(self, x: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
         sizes = self.inn.sizes(width)
