@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import statistics
@@ -460,6 +461,49 @@ def run(args) -> dict:
     }
 
 
+def seed_check(args) -> dict:
+    """The goal tier only, INN (chosen nodes) vs activation pruning, each with the same
+    refit and distillation, for every seed in ``args.seeds``: the seed orders the batches
+    and picks the refit's (and the selection's) sentences. The spread of the lead."""
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    text, corpus = load_text(args.max_length)
+    inn = convert_minilm()
+    sizes = inn.sizes(TIERS[GOAL_TIER], MULTIPLE_OF)
+    full_emb = embed(inn.sample(1.0), *text["evaluation"])
+    batches = length_batches(*text["calibration"], BATCH_SIZE)
+    targets = teacher_targets(inn.sample(1.0), batches, progress=True)
+    act_scores = activation_scores(inn, batches, progress=True)
+    per_seed = {}
+    for seed in args.seeds:
+        seed_everything(seed)
+        tuned = calibrate_text(inn, *text["calibration"], [TIERS[GOAL_TIER]], args.seconds,
+                               multiple_of=MULTIPLE_OF, batch_size=BATCH_SIZE,
+                               seed=seed)  # fmt: skip
+        log = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
+        ours = {**evaluate(tuned.sample(sizes), text["evaluation"], full_emb), **log}
+        module, log = pruned_and_calibrated(
+            inn, kept(act_scores, sizes), batches, targets, args.seconds, seed
+        )
+        rival = {**evaluate(module, text["evaluation"], full_emb), **log}
+        per_seed[seed] = {"inn_distil": ours, "act_distil": rival,
+                          "lead": ours["cosine"] - rival["cosine"]}  # fmt: skip
+        print(f"seed {seed}: inn_distil {ours['cosine']:.4f} act_distil {rival['cosine']:.4f}",
+              flush=True)  # fmt: skip
+    leads = [r["lead"] for r in per_seed.values()]
+    return {
+        "tier": GOAL_TIER,
+        "seconds_per_method": args.seconds,
+        "per_seed": per_seed,
+        "lead_mean": statistics.mean(leads),
+        "lead_min": min(leads),
+        "lead_max": max(leads),
+        "corpus": corpus,
+        "machine": machine(),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
 def goals(rows: dict, latency: dict) -> dict:
     ours = rows["inn_distil"][GOAL_TIER]
     rivals = {m: rows[m][GOAL_TIER]["cosine"] for m in BASELINES if GOAL_TIER in rows[m]}
@@ -553,7 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="instead: the goal tier only, INN vs activation pruning, at each of these seeds "
+        "(writes transformers_seeds.json)",
+    )
     args = parser.parse_args(argv)
+    if args.seeds:
+        results = seed_check(args)
+        (args.out / "transformers_seeds.json").write_text(json.dumps(results, indent=1))
+        return 0
     results = run(args)
     publish(results, args.out, "transformers", plot, summary(results))
     return 0

@@ -30,12 +30,17 @@ def _cosine(module, ids, mask, reference) -> float:
     return float(F.cosine_similarity(module(ids, mask), reference, dim=-1).mean())
 
 
+@torch.no_grad()
+def _held_out(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, the model's embeddings): 128 sentences no calibration here sees."""
+    ids, mask = _text(128, 2)
+    return ids, mask, model(ids, mask)
+
+
 def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny_bert):
     model, inn = tiny_bert
     ids, mask = _text(256, 1)
-    held_ids, held_mask = _text(128, 2)
-    with torch.no_grad():
-        reference = model(held_ids, held_mask)
+    held_ids, held_mask, reference = _held_out(model)
     sizes = inn.sizes(HALF, multiple_of=8)
     before = _cosine(inn.sample(sizes), held_ids, held_mask, reference)
 

@@ -10,8 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from test_distill import HALF, _text
+from test_distill import HALF, _cosine, _held_out, _text
 
 import runtime
 from runtime.inn.distill import calibrate_text, length_batches
@@ -136,16 +135,10 @@ def test_a_grid_with_the_wrong_number_of_points_is_a_clear_error(tiny_bert):
         inn.sample({g.name: 2})
 
 
-@torch.no_grad()
-def _cosine(module, ids, mask, reference) -> float:
-    return float(F.cosine_similarity(module(ids, mask), reference, dim=-1).mean())
-
-
 def test_calibrating_from_chosen_nodes_starts_closer_than_the_uniform_grid(tiny_bert):
     model, inn = tiny_bert
     ids, mask = _text(256, 1)
-    held_ids, held_mask = _text(128, 2)
-    reference = model(held_ids, held_mask)
+    held_ids, held_mask, reference = _held_out(model)
     sizes = inn.sizes(HALF, multiple_of=8)
     # max_steps=0: the readout refit alone, so the start is what differs
     runs = {grid: calibrate_text(inn, ids, mask, [HALF], seconds=60, grid=grid, max_steps=0,
