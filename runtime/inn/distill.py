@@ -462,10 +462,11 @@ def calibrate_text(
     sampling included (the teacher's one pass is shared and not counted). ``multiple_of``
     and ``method`` must match the tiers' (model.yaml) so the calibrated networks are the ones
     the build samples. ``grid``: ``"selected"`` (default) starts each tier on the nodes
-    ``runtime.inn.selection`` chooses on the refit's sentences, stored with the INN as that
-    count's grid; ``"uniform"`` starts it from the uniform grid of ``method``. ``max_steps``
-    caps each width's steps (reproducible runs; 0: the refit alone); ``distil_options`` go
-    to ``distil`` (``lr``, ``hidden_weight``, ``weight_decay``).
+    ``runtime.inn.selection`` chooses on about ``refit_sentences`` of the sentences (one
+    seeded subset for all tiers), stored with the INN as that count's grid; ``"uniform"``
+    starts it from the uniform grid of ``method``. ``max_steps`` caps each width's steps
+    (reproducible runs; 0: the refit alone); ``distil_options`` go to ``distil`` (``lr``,
+    ``hidden_weight``, ``weight_decay``).
     Returns a new IntegralModel (``inn`` is left as it was) whose ``info["text_calibration"]``
     records, per tier, the seconds and steps spent and the first and last loss.
 
