@@ -74,7 +74,7 @@ from runtime.inn.distill import (
     with_taps,
 )
 from runtime.inn.model import IntegralModel
-from runtime.inn.selection import readout_weights
+from runtime.inn.selection import linear_nodes, readout_weights
 from runtime.repository.tokenizer import TextTokenizer
 
 TIERS = {
@@ -180,12 +180,8 @@ def weight_norm_scores(inn: IntegralModel) -> dict[str, torch.Tensor]:
 
 
 def _linear_inputs(graph: fx.Graph, weights: list[str]) -> tuple:
-    found = {
-        n.args[1].target: n.args[0]
-        for n in graph.nodes
-        if n.op == "call_function" and n.target is F.linear
-    }
-    return tuple(found[w] for w in weights)
+    found = linear_nodes(graph)
+    return tuple(found[w].args[0] for w in weights)
 
 
 @torch.no_grad()

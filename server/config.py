@@ -44,6 +44,7 @@ from runtime.configspec import NAME, ConfigError, Where, parse, reference, spec,
 from runtime.engines import BACKENDS
 from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
 from server.limits import RequestLimits
+from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.scheduling import POLICIES
 
 # spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
@@ -179,7 +180,7 @@ class ServerConfig:
         "afresh (an echo server: half the CPU per 600 KB request; see server/allocator.py)",
     )
     overhead_quantile: float = spec(
-        0.99, lo=0.5, hi=0.999,
+        OVERHEAD_QUANTILE, lo=0.5, hi=0.999,
         doc="the quantile of the learned request overhead that plan_overhead plans every "
         "budget short by, and innfer_request_overhead_seconds exports",
     )  # fmt: skip

@@ -50,7 +50,13 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from runtime.inn.model import IntegralModel
-from runtime.inn.selection import readout_grams, select_nodes, store_grids
+from runtime.inn.selection import (
+    linear_nodes,
+    readers,
+    readout_grams,
+    select_nodes,
+    store_grids,
+)
 
 # Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
 # on a freshly resampled network are large and noisy.
@@ -189,18 +195,13 @@ def readouts(inn: IntegralModel, sizes: Mapping[str, int]) -> list[str]:
     FFN channels): the layers ``refit_readouts`` solves for."""
     resampled = {gi for gi, g in enumerate(inn.all_groups)
                  if not g.discrete and sizes.get(g.name, g.size) != g.size}  # fmt: skip
-    return [b.param for b in inn.bindings
-            if b.reduce and inn.state[b.param].ndim == 2
-            and any(seg.group in resampled for seg in b.layout)]  # fmt: skip
+    return readers(inn, resampled)
 
 
 def _readout_nodes(graph: fx.Graph, weights: Sequence[str]) -> tuple:
     """Per readout weight, in graph order: (its linear's input, its output, the residual
     its output is added to - None where it is added to nothing)."""
-    found = {}
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target is F.linear and n.args[1].op == "get_attr":
-            found[n.args[1].target] = n
+    found = linear_nodes(graph)
     missing = sorted(set(weights) - set(found))
     if missing:
         raise ValueError(f"no linear layer uses {missing}: cannot refit what reads them")

@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,14 @@ from runtime.inn.model import IntegralModel
 _COLLINEAR = 1e-9
 
 
+def readers(inn: IntegralModel, groups: Collection[int]) -> list[str]:
+    """Weights (in binding order) of the linear layers whose input side holds channels of
+    any of ``groups`` (indices into ``inn.all_groups``)."""
+    return [b.param for b in inn.bindings
+            if b.reduce and inn.state[b.param].ndim == 2
+            and any(s.group in groups for s in b.layout)]  # fmt: skip
+
+
 def readout_weights(inn: IntegralModel) -> dict[str, str]:
     """Group name -> the weight of the one linear layer that reads the group (its input side
     is the group's channels): the layers a selection reconstructs and the refit solves."""
@@ -56,9 +64,7 @@ def readout_weights(inn: IntegralModel) -> dict[str, str]:
     for gi, g in enumerate(inn.all_groups):
         if g.discrete:
             continue
-        reads = [b.param for b in inn.bindings
-                 if b.reduce and inn.state[b.param].ndim == 2
-                 and any(s.group == gi for s in b.layout)]  # fmt: skip
+        reads = readers(inn, {gi})
         if len(reads) != 1:
             raise ValueError(
                 f"group {g.name!r} is read by {reads or 'no layer'}; a data-chosen grid needs "
@@ -68,7 +74,7 @@ def readout_weights(inn: IntegralModel) -> dict[str, str]:
     return out
 
 
-def _linears(graph: fx.Graph) -> dict[str, fx.Node]:
+def linear_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
     """Weight name -> the ``F.linear`` node using it (the sampled networks are flat graphs)."""
     return {n.args[1].target: n for n in graph.nodes
             if n.op == "call_function" and n.target is F.linear
@@ -85,11 +91,11 @@ def readout_grams(
     from runtime.inn.distill import with_taps
 
     reads = readout_weights(inn)
-    linears = _linears(teacher.graph)
+    linears = linear_nodes(teacher.graph)
     missing = sorted(set(reads.values()) - set(linears))
     if missing:
         raise ValueError(f"no linear layer of the teacher uses {missing}")
-    tapped = with_taps(teacher, lambda g: tuple(_linears(g)[w].args[0] for w in reads.values()))
+    tapped = with_taps(teacher, lambda g: tuple(linear_nodes(g)[w].args[0] for w in reads.values()))
     tapped.eval()
     grams: dict[str, torch.Tensor] = {}
     for b in tqdm(batches, desc="readout statistics", unit="batch", disable=not progress):
@@ -212,7 +218,7 @@ def select_nodes(
     """Per group resampled at ``sizes`` (continuous, one block, fewer channels than stored),
     the sorted node indices ``greedy_selection`` keeps; groups without a Gram are skipped."""
     reads = readout_weights(inn)
-    linears = _linears(teacher.graph)
+    linears = linear_nodes(teacher.graph)
     out = {}
     for g in inn.all_groups:
         n = sizes.get(g.name, g.size)
