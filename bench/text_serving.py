@@ -17,6 +17,8 @@ Servers (each fresh, pinned to --server-cpus; the load generator to --client-cpu
              waiting for the CPU the engine holds), which the default margin does not cover
   full-only  the lanes server with every request pinned to h100 (tier=h100): serving the
              full model only, as a server without tiers would
+  lanes@baseline  with --baseline-tree DIR: the lanes server run from that checkout (an
+             older commit), in the same run - what a scheduling change did
 Load: closed loop, --concurrency clients, one evaluation sentence per request (the offline
 corpus, seeded order; their token counts are reported), budgets 30 ms and U(20, 100) ms.
 Per point: attainment (answered within budget / sent; refusals count as misses), refused,
@@ -26,6 +28,7 @@ goodput.
 Writes bench/results/text_serving.json and .png and prints a table.
 
     .venv/bin/python -m bench.text_serving [--requests 600] [--seconds 30] [--concurrency 4]
+        [--baseline-tree DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.hardening import trees_to_measure
 from bench.live_scheduler import LiveServer, common_args, pin_client, uniform_budgets_s
 from bench.publish import publish
 from sim.loadgen import run_closed_loop
@@ -186,7 +190,11 @@ def main() -> int:
         help="budget_margin_ms of the lanes-m server: the per-request time outside the plan "
         "(decode, tokenize, encode, the way back) measured here on one shared core",
     )  # fmt: skip
+    p.add_argument("--baseline-tree", type=Path, default=None,
+                   help="a checkout of an older commit (git worktree add DIR <commit>): its "
+                   "lanes server runs beside this tree's")  # fmt: skip
     args = p.parse_args()
+    trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
     t0 = time.perf_counter()
     lanes, one = repositories(args.calibrate_seconds, args.rebuild)
     affinity = pin_client(args)
@@ -206,13 +214,16 @@ def main() -> int:
     for name, budgets in budget_sets.items():
         row = {}
         margin = ["--budget-margin-ms", str(args.margin_ms)]
-        for server, repo, pin, extra in (
-            ("lanes", lanes, None, ()),
-            (f"lanes-m{args.margin_ms:g}", lanes, None, margin),
-            ("one-lane", one, None, ()),
-            ("full-only", lanes, "h100", ()),
-        ):
-            live = LiveServer(server, ROOT, repo, log, args.server_cpus)
+        servers = [("lanes", ROOT, lanes, None, ())]
+        if "baseline" in trees:
+            servers.append(("lanes@baseline", trees["baseline"], lanes, None, ()))
+        servers += [
+            (f"lanes-m{args.margin_ms:g}", ROOT, lanes, None, margin),
+            ("one-lane", ROOT, one, None, ()),
+            ("full-only", ROOT, lanes, "h100", ()),
+        ]
+        for server, tree, repo, pin, extra in servers:
+            live = LiveServer(server, tree, repo, log, args.server_cpus)
             row[server] = point(live, f"{name}/{server}", texts, budgets, args, widths, pin,
                                 extra)  # fmt: skip
         results["points"][name] = row

@@ -91,6 +91,43 @@ def test_a_shared_device_hands_the_other_models_work_to_the_snapshot():
     assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))
 
 
+def test_the_slot_holder_keeps_the_others_deadlines():
+    # Two lanes of one model. a's head is the most urgent; alone it would run on w100
+    # (10 ms of its 11.5). But b's request waits behind it, due at 12 ms and needing its own
+    # 2.5 ms on w025: a batch of 10 ms would make it miss, so a runs on w025.
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    a.submit(Request(1, 0.0, 0.0115), 0.0)
+    b.submit(Request(2, 0.0, 0.012), 0.0)
+    hold = a._snapshot(0.0, 0).hold
+    assert hold == pytest.approx(0.012 - b.latency.planned("w025")[1])  # b's slack
+    assert b.latency.planned("w025")[1] < hold < a.latency.planned("w100")[1]
+    d = a.next(0.0)
+    assert d.tier == "w025" and [r.id for r in d.requests] == [1]
+    alone = _scheduler(Device(slots=1))  # the same request with nobody behind it: w100
+    alone.submit(Request(1, 0.0, 0.0115), 0.0)
+    assert alone.next(0.0).tier == "w100"
+
+
+def test_the_hold_binds_only_while_the_others_can_still_be_served():
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    b.submit(Request(2, 0.0, 0.100), 0.0)  # plenty of slack behind a's 10 ms on w100
+    a.submit(Request(1, 0.0, 0.020, priority=1), 0.0)
+    assert a.next(0.0).tier == "w100"
+    # b's 16 requests (two batches on w025, ~20 ms) due at 200 ms; 1 ms before their last
+    # chance not even one row on w025 can run first without making them miss: they are lost
+    # whatever runs, so a more urgent request of a's is not held back to w025.
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    for i in range(16):
+        b.submit(Request(10 + i, 0.0, 0.200), 0.0)
+    now = 0.200 - b.work_ahead(16)[-1][2] - 0.001
+    a.submit(Request(1, now, now + 0.025, priority=1), now)
+    assert a._snapshot(now, 0).hold == pytest.approx(0.001)
+    assert a.next(now).tier == "w100"
+
+
 def test_without_a_device_each_model_keeps_its_own_slot():
     a, b = _scheduler(), _scheduler()
     a.submit(Request(1, 0.0, 0.2), 0.0)

@@ -14,7 +14,11 @@ deadlines it admitted. With it:
   model it belongs to, from its real start; and for admission, the other models' queued
   work that is due before the new request (it will run first, in deadline order), as
   full batches on each request's fastest allowed tier. So load on A shrinks B's tiers, or
-  refuses B's requests at arrival, before B's deadlines are missed.
+  refuses B's requests at arrival, before B's deadlines are missed;
+* and the other way round: the member that got the slot may run its batch only as long as
+  the others' queued requests, which wait behind it, can afford (``hold``). Without it a
+  lane of short sentences, alone in planning its own queue, picked the full tier while the
+  long-sentence lane's requests waited behind it and missed.
 
 On a GPU, NVML utilisation from other processes is not an input yet (see docs/design.md).
 
@@ -41,6 +45,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .policy import Decision
     from .scheduler import Scheduler
+
+# Device.hold: queued requests looked at per other member. The slack that binds is almost
+# always among the most urgent few; a deep queue past them is the planner's own business
+# (its admission and plans count the backlog), and the bound must stay cheap per decision.
+HOLD_SCAN = 32
 
 
 class Device:
@@ -160,6 +169,24 @@ class Device:
                 continue
             total += other.work_due(before)
         return total / self.slots
+
+    def hold(self, scheduler: Scheduler, now: float) -> float:
+        """Seconds ``scheduler``'s next batch may run (at the planning quantile) before
+        some other member's queued request would miss its deadline, the others' queued
+        work running after it in urgency order across members, as ``work_ahead`` counts it
+        (the first ``HOLD_SCAN`` of each queue), spread over the device's slots; inf when no
+        other member has queued work. Negative when one is already lost."""
+        events = []
+        for i, other in enumerate(self.members):
+            if other is not scheduler and other.queue:
+                events += [(key, i, due, work) for key, due, work in other.work_ahead(HOLD_SCAN)]
+        events.sort(key=lambda e: e[0])
+        ahead: dict[int, float] = {}  # member -> its work up to the current request
+        slack = math.inf
+        for _, i, due, work in events:
+            ahead[i] = work
+            slack = min(slack, due - now - sum(ahead.values()) / self.slots)
+        return slack
 
 
 def _urgency(s: Scheduler) -> tuple[float, float]:

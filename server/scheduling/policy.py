@@ -96,7 +96,12 @@ class Snapshot:
     other models' queued work on a shared device (``device.Device``) that runs before the
     rest of this queue; the planner checks the rest as if it started that much later
     (conservative: the head batch runs now). ``idle_share``: the decayed share of recent
-    requests that arrived to an idle device (empty queue, nothing running).
+    requests that arrived to an idle device (empty queue, nothing running). ``hold``: on a
+    shared device, the longest (s, at the planning quantile) this decision's batch may run
+    before another member's queued requests - which run after it, most urgent first - would
+    miss a deadline (``Device.hold``; inf when nothing else is queued): without it a lane or
+    model that got the slot plans only its own queue and may pick a slow tier that makes the
+    others' requests late.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -112,6 +117,7 @@ class Snapshot:
     busy: tuple[float, ...] = ()
     backlog: float = 0.0
     idle_share: float = 0.0
+    hold: float = math.inf
 
 
 class Context:
@@ -328,7 +334,9 @@ class Planner(Policy):
     tier t may serve (``Context.take``), the longest prefix of them that finishes by its own
     earliest deadline and runs no longer than tight_budget - latency(fastest tier, 1 row)
     (or is one request), so a client with a tight budget arriving just after it starts can
-    still be served: bounded head-of-line blocking. Only that largest batch is tried per
+    still be served: bounded head-of-line blocking; on a shared device it also runs no
+    longer than ``Snapshot.hold``, so the other lanes' or models' queued requests, which run
+    after it, keep their deadlines. Only that largest batch is tried per
     tier - a smaller head batch leaves the same requests, less batched, to the rest.
     ``rest_feasible(t, plan)`` checks that after it, R = Q - batch still meets every
     deadline, R planned as it would run (``plan``): batches per fastest allowed tier, in
@@ -415,10 +423,11 @@ class Planner(Policy):
         deadline, and the head-of-line bound unless it is one row - and step 4 runs it on
         its fastest allowed tier. Same decisions as the general path (tested)."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
+        hold = _hold(ctx, snap)
         for tiers in (candidates, allowed):
             for tier in tiers:
                 took = ctx.latency.planned(tier)[r.rows]
-                if now + took <= r.deadline and (took <= limit_s or r.rows == 1):
+                if now + took <= r.deadline and (took <= limit_s or r.rows == 1) and took <= hold:
                     return Decision(tier, [r])
         return Decision(allowed[-1], [r])
 
@@ -581,6 +590,7 @@ class Planner(Policy):
     ) -> tuple[list[Request], float, list[int]] | None:
         """``largest_batch`` plus the queue indices of the batch's requests."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
+        hold = _hold(ctx, snap)
         batch, where = Planner._take(queue, tier, ctx, snap)
         planned = ctx.latency.planned(tier)  # seconds by rows
         rows = [0]
@@ -590,7 +600,7 @@ class Planner(Policy):
             due.append(min(due[-1], r.deadline))
         for k in range(len(batch), 0, -1):
             took = planned[rows[k]]
-            if now + took <= due[k] and (took <= limit_s or rows[k] == 1):
+            if now + took <= due[k] and (took <= limit_s or rows[k] == 1) and took <= hold:
                 return batch[:k], now + took, where[:k]
         return None
 
@@ -703,6 +713,16 @@ class _Decision:
         self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
         self.plan: _Plan | None = None  # the whole queue's plan, for every check
         self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
+
+
+def _hold(ctx: Context, snap: Snapshot) -> float:
+    """``snap.hold``, unless not even one row on the fastest tier fits it: the others'
+    requests then miss whatever runs (or are refused), and bounding this batch would only
+    cost throughput."""
+    hold = snap.hold
+    if hold == math.inf or hold < ctx.latency.planned(ctx.tiers[-1].name)[1]:
+        return math.inf
+    return hold
 
 
 def _allows(ctx: Context, r: Request, k: int) -> bool:

@@ -300,6 +300,25 @@ class Scheduler:
                 total += full * quantile[tier, b] + (quantile[tier, rest] if rest else 0.0)
         return float(total)
 
+    def work_ahead(self, limit: int) -> list[tuple[tuple[float, float], float, float]]:
+        """For each of the first ``limit`` queued requests, in run order: (its urgency key
+        (-priority, deadline), its deadline, seconds of this queue's work up to and including
+        it), counted as ``work_due`` counts (per fastest allowed tier, full batches plus one
+        partial, at the planning quantile). What ``Device.hold`` weighs."""
+        quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
+        rows: dict[int, int] = {}  # fastest tier rank -> rows so far
+        cost: dict[int, float] = {}  # fastest tier rank -> their seconds
+        total, out = 0.0, []
+        for r in itertools.islice(self.queue, limit):
+            t = self.ctx.bounds(r)[1]
+            n = rows.get(t, 0) + r.rows
+            full, rest = divmod(n, b)
+            c = full * float(quantile[t, b]) + (float(quantile[t, rest]) if rest else 0.0)
+            total += c - cost.get(t, 0.0)
+            rows[t], cost[t] = n, c
+            out.append(((-r.priority, r.deadline), r.deadline, total))
+        return out
+
     def expire(self, now: float) -> list[Request]:
         """Remove and return queued requests that can no longer meet their deadline, even
         alone on their fastest allowed tier (at the ``slo_target`` quantile)."""
@@ -357,9 +376,12 @@ class Scheduler:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is due before our head (we got the slot).
             backlog = self.device.backlog(self, float(self.columns().deadline.max()))
+        # ... and the others' queued requests wait behind our batch: it may run only as long
+        # as they can afford.
+        hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog,
-            self._idle_share,
+            self._idle_share, hold,
         )  # fmt: skip
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
