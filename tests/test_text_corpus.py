@@ -169,6 +169,22 @@ def test_load_builds_and_rebuilds_a_damaged_corpus(tmp_path, monkeypatch):
         tc.load("train", tmp_path)
 
 
+def test_load_rebuilds_a_corpus_built_by_other_rules(tmp_path, monkeypatch):
+    built = []
+
+    def fake_build(root):
+        built.append(root)
+        return tc.build_from_documents(_fake_documents(), root, 0, 50, 20)
+
+    monkeypatch.setattr(tc, "build", fake_build)
+    tc.load("calibration", tmp_path)
+    assert tc.is_current(tmp_path) and len(built) == 1
+    monkeypatch.setattr(tc, "CALIBRATION_TARGET", tc.CALIBRATION_TARGET + 1)  # a new version
+    assert not tc.is_current(tmp_path)
+    tc.load("calibration", tmp_path)
+    assert len(built) == 2 and tc.is_current(tmp_path)
+
+
 @pytest.mark.slow  # 4-6 s: parses a few thousand docstrings of the installed packages
 def test_real_build_from_installed_docs(tmp_path):
     manifest = tc.build(tmp_path)

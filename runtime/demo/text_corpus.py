@@ -56,6 +56,7 @@ __all__ = [
     "build",
     "build_from_documents",
     "installed_documents",
+    "is_current",
     "is_prose",
     "load",
     "sentences_of",
@@ -428,12 +429,24 @@ def is_intact(root: Path) -> bool:
     return set(manifest["sha256"]) == {f"{s}.txt" for s in SPLITS}
 
 
+def is_current(root: Path) -> bool:
+    """Whether root's manifest was written by these rules and targets (a corpus built by an
+    older version of this module - fewer sentences, other filters - is rebuilt, not used)."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    targets = {"calibration": CALIBRATION_TARGET, "evaluation": EVALUATION_TARGET}
+    return manifest.get("format") == _MANIFEST_VERSION and manifest.get("rules") == _rules(targets)
+
+
 def load(split: str, root: Path = DEFAULT_ROOT) -> list[str]:
-    """The sentences of a split, building (or rebuilding a damaged) corpus in root first."""
+    """The sentences of a split, building (or rebuilding a damaged or outdated) corpus in
+    root first."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
     root = Path(root)
-    if not is_intact(root):
+    if not (is_intact(root) and is_current(root)):
         build(root)
     return (root / f"{split}.txt").read_text(encoding="utf-8").splitlines()
 
