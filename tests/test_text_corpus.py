@@ -185,7 +185,7 @@ def test_load_rebuilds_a_corpus_built_by_other_rules(tmp_path, monkeypatch):
     assert len(built) == 2 and tc.is_current(tmp_path)
 
 
-@pytest.mark.slow  # 4-6 s: parses a few thousand docstrings of the installed packages
+@pytest.mark.slow  # ~25 s: parses the docstrings of the installed packages until 30,000 sentences
 def test_real_build_from_installed_docs(tmp_path):
     manifest = tc.build(tmp_path)
     cal = tc.load("calibration", tmp_path)
