@@ -17,8 +17,8 @@ deadlines it admitted. With it:
   refuses B's requests at arrival, before B's deadlines are missed;
 * and the other way round: the member that got the slot may run its batch only as long as
   the others' queued requests, which wait behind it, can afford (``hold``). Without it a
-  lane of short sentences, alone in planning its own queue, picked the full tier while the
-  long-sentence lane's requests waited behind it and missed.
+  lane of short sentences, alone in planning its own queue, could pick the full tier while
+  the long-sentence lane's requests waited behind it and missed.
 
 On a GPU, NVML utilisation from other processes is not an input yet (see docs/design.md).
 
