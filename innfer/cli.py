@@ -265,6 +265,8 @@ def _print_build(report, repo) -> None:
         state = "built" if t.engine_built else "cached"
         print(f"{t.name:<8} {rec.flops / 1e6:>9.2f} {rec.params:>9,} {acc:>9} "
               f"{_ms(b1):>9} {_ms(b8):>9} {state:>8}")  # fmt: skip
+    for warning in report.warnings:
+        print(f"warning: {warning}")
 
 
 def _ms(v: float | None) -> str:

@@ -270,7 +270,7 @@ def teacher_targets(
     return out
 
 
-def _hidden_power(batches: Sequence[TextBatch], targets: Sequence[Targets]) -> torch.Tensor:
+def hidden_power(batches: Sequence[TextBatch], targets: Sequence[Targets]) -> torch.Tensor:
     """(k,) mean square of each LayerNorm's teacher output over the real tokens: divides the
     per-layer errors so that every layer weighs alike whatever its scale."""
     total, tokens = None, 0.0
@@ -329,8 +329,8 @@ def distil(
     frozen = embedding_tables(student)
     params = [p for n, p in student.named_parameters() if n not in frozen]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    power = _hidden_power(batches, targets)
-    order = _batch_order(len(batches), seed)
+    power = hidden_power(batches, targets)
+    order = batch_order(len(batches), seed)
     losses: list[float] = []
     bar = tqdm(total=max_steps or round(seconds), desc=desc, disable=not progress,
                unit="step" if max_steps else "s", leave=False)  # fmt: skip
@@ -342,7 +342,7 @@ def distil(
             break
         done = len(losses) / max_steps if max_steps else elapsed / seconds
         for group in opt.param_groups:
-            group["lr"] = lr * _schedule(done)
+            group["lr"] = lr * warmup_cosine(done)
         i = next(order)
         output, hidden = tapped(batches[i].ids, batches[i].mask)
         loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
@@ -359,14 +359,15 @@ def distil(
                         losses[0] if losses else math.nan, sum(tail) / len(tail))  # fmt: skip
 
 
-def _schedule(done: float) -> float:
+def warmup_cosine(done: float) -> float:
     """Learning-rate factor at ``done`` in [0, 1] of the budget: linear warmup, cosine decay."""
     if done < WARMUP:
         return done / WARMUP
     return 0.5 * (1 + math.cos(math.pi * min((done - WARMUP) / (1 - WARMUP), 1.0)))
 
 
-def _batch_order(n: int, seed: int):
+def batch_order(n: int, seed: int):
+    """Indices 0..n-1 in a seeded random order, renewed every pass, forever."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         yield from torch.randperm(n, generator=gen).tolist()

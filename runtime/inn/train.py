@@ -41,13 +41,20 @@ class TrainableINN(nn.Module):
     """The INN as a trainable module: ``model(x, width)`` for any width in (0, 1].
 
     ``method``: resampling used in training ("auto", "point" or "cell"); the same one should
-    be used when sampling tiers afterwards.
+    be used when sampling tiers afterwards. ``x`` is the input, or a tuple of the inputs of
+    a model that takes several (a transformer's ``(ids, mask)``). ``wrap``: applied to each
+    sampled architecture before it runs, keeping its parameter names - e.g.
+    ``runtime.inn.distill.with_hidden_states``, so that a text model also returns the
+    states its distillation compares.
     """
 
-    def __init__(self, inn: IntegralModel, method: str = "auto", cache: int = 64) -> None:
+    def __init__(
+        self, inn: IntegralModel, method: str = "auto", cache: int = 64, wrap=None
+    ) -> None:
         super().__init__()
         self.inn = inn
         self.method = method
+        self._wrap = wrap
         full = graphio.from_spec(inn.spec, inn.state)
         self._param_names = [n for n, _ in full.named_parameters()]
         self.nodes = nn.ParameterList(
@@ -61,6 +68,10 @@ class TrainableINN(nn.Module):
         # took ~40 % of a training step. At most one entry per (group, count).
         self._matrices: dict[tuple[str, int], torch.Tensor] = {}
 
+    def named_nodes(self) -> list[tuple[str, nn.Parameter]]:
+        """(parameter name in the sampled network, its node values) for every parameter."""
+        return list(zip(self._param_names, self.nodes, strict=True))
+
     def state_at_nodes(self) -> dict[str, torch.Tensor]:
         state = dict(self._buffers_full)
         state.update(zip(self._param_names, self.nodes, strict=True))
@@ -69,7 +80,8 @@ class TrainableINN(nn.Module):
     def _skeleton(self, sizes: Mapping[str, int]) -> nn.Module:
         key = IntegralModel.sizes_key(sizes)
         if key not in self._skeletons:
-            self._skeletons[key] = self.inn.skeleton(sizes)
+            skeleton = self.inn.skeleton(sizes)
+            self._skeletons[key] = skeleton if self._wrap is None else self._wrap(skeleton)
             if len(self._skeletons) > self._cache:
                 self._skeletons.popitem(last=False)
         self._skeletons.move_to_end(key)
@@ -91,11 +103,12 @@ class TrainableINN(nn.Module):
         unit = {gi for gi, g in enumerate(self.inn.all_groups) if g.name in names}
         return self.inn.resampled_state(self.state_at_nodes(), mats, differentiable=True, unit=unit)
 
-    def forward(self, x: torch.Tensor, width: Width = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], width: Width = 1.0):
         sizes = self.inn.sizes(width)
         skeleton = self._skeleton(sizes)
         skeleton.train(self.training)
-        return functional_call(skeleton, self.sampled_state(sizes), (x,))
+        inputs = x if isinstance(x, tuple) else (x,)
+        return functional_call(skeleton, self.sampled_state(sizes), inputs)
 
     def to_inn(self) -> IntegralModel:
         """A new IntegralModel holding the trained node values (norm stats must be
