@@ -41,7 +41,7 @@ import copy
 import math
 import operator
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -331,10 +331,44 @@ def distil(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     power = hidden_power(batches, targets)
     order = batch_order(len(batches), seed)
+
+    def step() -> float:
+        i = next(order)
+        output, hidden = tapped(batches[i].ids, batches[i].mask)
+        loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach().item()
+
+    student.train()
+    run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress)
+    student.eval()
+    return run
+
+
+def budgeted_steps(
+    step: Callable[[], float],
+    opt: torch.optim.Optimizer,
+    lr: float,
+    seconds: float,
+    max_steps: int | None,
+    desc: str,
+    progress: bool,
+) -> DistilResult:
+    """Call ``step`` (one optimizer step; returns its loss) until ``seconds`` have passed or
+    ``max_steps`` steps are done, whichever is first, setting every parameter group's
+    learning rate to ``lr * warmup_cosine(done)`` before each; a progress bar in steps or
+    seconds. What ``distil`` and ``width_distill.distil_widths`` share.
+
+    Example:
+        >>> budgeted_steps(lambda: 0.0, opt, 1e-3, 1.0, 10, "demo", False).steps
+        ... # doctest: +SKIP
+        10
+    """
     losses: list[float] = []
     bar = tqdm(total=max_steps or round(seconds), desc=desc, disable=not progress,
                unit="step" if max_steps else "s", leave=False)  # fmt: skip
-    student.train()
     start = time.perf_counter()
     while max_steps is None or len(losses) < max_steps:
         elapsed = time.perf_counter() - start
@@ -343,17 +377,10 @@ def distil(
         done = len(losses) / max_steps if max_steps else elapsed / seconds
         for group in opt.param_groups:
             group["lr"] = lr * warmup_cosine(done)
-        i = next(order)
-        output, hidden = tapped(batches[i].ids, batches[i].mask)
-        loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().item())
+        losses.append(step())
         bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
-    student.eval()
     tail = losses[-max(1, len(losses) // 20) :] or [math.nan]
     return DistilResult(len(losses), time.perf_counter() - start,
                         losses[0] if losses else math.nan, sum(tail) / len(tail))  # fmt: skip

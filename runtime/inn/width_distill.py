@@ -22,23 +22,20 @@ Example:
 
 from __future__ import annotations
 
-import math
 import random
-import time
 from collections.abc import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from runtime.inn.distill import (
     batch_order,
+    budgeted_steps,
     check_text,
     distil_loss,
     embedding_tables,
     hidden_power,
     length_batches,
     teacher_targets,
-    warmup_cosine,
     with_hidden_states,
 )
 from runtime.inn.model import IntegralModel
@@ -123,38 +120,25 @@ def distil_widths(
     opt = torch.optim.AdamW([p for p in model.nodes if p.requires_grad], lr=lr,
                             weight_decay=weight_decay)  # fmt: skip
     rng, order = random.Random(seed), batch_order(len(batches), seed)
-    losses: list[float] = []
-    bar = tqdm(total=max_steps or round(seconds), desc="random widths", disable=not progress,
-               unit="step" if max_steps else "s", leave=False)  # fmt: skip
-    start = time.perf_counter()
-    while max_steps is None or len(losses) < max_steps:
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-        done = len(losses) / max_steps if max_steps else elapsed / seconds
-        for group in opt.param_groups:
-            group["lr"] = lr * warmup_cosine(done)
+
+    def step() -> float:
         i = next(order)
         b, target = batches[i], targets[i]
         randoms = [random_sizes(inn, smallest, rng, levels, multiple_of) for _ in range(k)]
-        widths = [full, low, *randoms]
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for sizes in widths:
+        for sizes in (full, low, *randoms):
             output, hidden = model((b.ids, b.mask), sizes)
             loss = distil_loss(output, hidden, b, target, power, hidden_weight)
-            loss.backward()
+            loss.backward()  # the widths' gradients accumulate into one step
             total += float(loss.detach())
         opt.step()
-        losses.append(total)
-        bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
-        bar.set_postfix(loss=f"{total:.4f}", refresh=False)
-    bar.close()
+        return total
+
+    run = budgeted_steps(step, opt, lr, seconds, max_steps, "random widths", progress)
     trained = model.to_inn()
-    tail = losses[-max(1, len(losses) // 20) :] or [math.nan]
-    log = {"steps": len(losses), "seconds": time.perf_counter() - start, "widths_per_step":
-           2 + k, "first_loss": losses[0] if losses else math.nan,
-           "last_loss": sum(tail) / len(tail), "lr": lr, "seed": seed,
+    log = {"steps": run.steps, "seconds": run.seconds, "widths_per_step": 2 + k,
+           "first_loss": run.first_loss, "last_loss": run.last_loss, "lr": lr, "seed": seed,
            "sentences": len(ids)}  # fmt: skip
     trained.info["random_width_distillation"] = log
     return trained, log
