@@ -152,14 +152,20 @@ def test_build_raises_on_too_few_sentences(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_load_builds_and_rebuilds_a_damaged_corpus(tmp_path, monkeypatch):
-    built = []
+@pytest.fixture
+def built(monkeypatch) -> list:
+    """``tc.build`` replaced by a build from the fake documents; lists the roots it built."""
+    roots = []
 
     def fake_build(root):
-        built.append(root)
+        roots.append(root)
         return tc.build_from_documents(_fake_documents(), root, 0, 50, 20)
 
     monkeypatch.setattr(tc, "build", fake_build)
+    return roots
+
+
+def test_load_builds_and_rebuilds_a_damaged_corpus(tmp_path, built):
     cal = tc.load("calibration", tmp_path)
     assert len(built) == 1 and len(cal) >= 50
     assert tc.load("evaluation", tmp_path) and len(built) == 1  # intact: not rebuilt
@@ -169,14 +175,7 @@ def test_load_builds_and_rebuilds_a_damaged_corpus(tmp_path, monkeypatch):
         tc.load("train", tmp_path)
 
 
-def test_load_rebuilds_a_corpus_built_by_other_rules(tmp_path, monkeypatch):
-    built = []
-
-    def fake_build(root):
-        built.append(root)
-        return tc.build_from_documents(_fake_documents(), root, 0, 50, 20)
-
-    monkeypatch.setattr(tc, "build", fake_build)
+def test_load_rebuilds_a_corpus_built_by_other_rules(tmp_path, built, monkeypatch):
     tc.load("calibration", tmp_path)
     assert tc.is_current(tmp_path) and len(built) == 1
     monkeypatch.setattr(tc, "CALIBRATION_TARGET", tc.CALIBRATION_TARGET + 1)  # a new version
