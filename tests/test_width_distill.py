@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_distill import HALF, _cosine, _held_out, _text
 
+from runtime.build.pipeline import _data_free_transformer_tier
 from runtime.inn.distill import with_hidden_states
 from runtime.inn.train import TrainableINN
 from runtime.inn.width_distill import distil_widths, random_sizes
@@ -65,3 +66,16 @@ def test_bad_arguments_are_refused(tiny_bert):
         distil_widths(inn, ids, mask, HALF, seconds=0)
     with pytest.raises(ValueError, match="k must be >= 0"):
         distil_widths(inn, ids, mask, HALF, seconds=1, k=-1)
+
+
+def test_the_build_warning_spares_trained_and_calibrated_tiers(tiny_bert):
+    _, inn = tiny_bert
+    sizes = inn.sizes(HALF, multiple_of=8)
+    assert _data_free_transformer_tier(inn, sizes)
+    assert not _data_free_transformer_tier(inn, inn.sizes(1.0))
+    trained = inn.copy()
+    trained.info["trained"] = True  # what distil_widths' to_inn records
+    assert not _data_free_transformer_tier(trained, sizes)
+    calibrated = inn.copy()
+    calibrated.set_tier(sizes, inn.sample(sizes).state_dict())
+    assert not _data_free_transformer_tier(calibrated, sizes)

@@ -125,8 +125,11 @@ def build_model(
 
 def _data_free_transformer_tier(inn: IntegralModel, sizes: dict[str, int]) -> bool:
     """Whether ``sizes`` is a smaller width of a transformer (a model with attention-head
-    groups) for which no calibrated weights are stored: its data-free sample."""
+    groups) for which no calibrated weights are stored and whose node values were not
+    trained at random widths (``info["trained"]``): its data-free sample."""
     if not any(inn.kind(g) == "heads" for g in inn.groups) or sizes == inn.sizes(1.0):
+        return False
+    if inn.info.get("trained"):
         return False
     return IntegralModel.sizes_key(sizes) not in inn.tiers
 
