@@ -181,7 +181,10 @@ def test_concurrent_requests_are_each_answered_once(config):
         await plane.load_all()
         try:
             xs = [_x(1 + i % 3, float(i)) for i in range(30)]
-            resps = await asyncio.gather(*(plane.infer(_request("a", x), None) for x in xs))
+            # A long budget: this is about answering each request once, and with the default
+            # one a slow spell of a loaded CI machine expired a request in the queue.
+            reqs = [_request("a", x, latency_budget_ms=10_000.0) for x in xs]
+            resps = await asyncio.gather(*(plane.infer(r, None) for r in reqs))
             assert plane.inflight() == 0 and plane.inflight_bytes == 0
             return plane, xs, resps
         finally:
