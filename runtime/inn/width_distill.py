@@ -55,8 +55,8 @@ def random_sizes(
     """Counts per group for one random width: per kind (heads, FFN), a fraction drawn from
     ``levels`` evenly spaced ones between the smallest's (``smallest``: one fraction, or one
     per kind) and 1, every group of that kind at it. A few levels, not any count per group:
-    each distinct set of counts costs building its network's architecture (seconds on
-    all-MiniLM-L6-v2), and ``TrainableINN`` caches the ones it has seen.
+    each distinct set of counts costs building its network's architecture and resampling
+    matrices (not timed apart), and ``TrainableINN`` caches the ones it has seen.
 
     Example:
         >>> random_sizes(inn, {"heads": 0.5, "ffn": 0.25}, random.Random(0))  # doctest: +SKIP
