@@ -37,12 +37,19 @@ def _held_out(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, model(ids, mask)
 
 
-def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny_bert):
-    model, inn = tiny_bert
+def _half_tier_setup(model, inn):
+    """(ids, mask, held_ids, held_mask, reference, sizes, before): 256 calibration
+    sentences, the held-out set, the half tier's sizes and its data-free held-out cosine."""
     ids, mask = _text(256, 1)
     held_ids, held_mask, reference = _held_out(model)
     sizes = inn.sizes(HALF, multiple_of=8)
     before = _cosine(inn.sample(sizes), held_ids, held_mask, reference)
+    return ids, mask, held_ids, held_mask, reference, sizes, before
+
+
+def test_calibrating_a_tier_raises_its_cosine_and_is_what_sample_returns(tiny_bert):
+    model, inn = tiny_bert
+    ids, mask, held_ids, held_mask, reference, sizes, before = _half_tier_setup(model, inn)
 
     tuned = calibrate_text(inn, ids, mask, [HALF, 1.0], seconds=60, max_steps=60,
                            batch_size=32, lr=1e-3, progress=False)  # fmt: skip

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from test_distill import HALF, _cosine, _held_out, _text
+from test_distill import HALF, _cosine, _half_tier_setup, _held_out, _text
 
 from runtime.build.pipeline import _data_free_transformer_tier
 from runtime.inn.distill import with_hidden_states
@@ -45,10 +45,7 @@ def test_random_sizes_are_levels_between_the_smallest_and_the_full_width(tiny_be
 
 def test_random_width_distillation_improves_the_small_widths_and_keeps_the_full(tiny_bert):
     model, inn = tiny_bert
-    ids, mask = _text(256, 1)
-    held_ids, held_mask, reference = _held_out(model)
-    sizes = inn.sizes(HALF, multiple_of=8)
-    before = _cosine(inn.sample(sizes), held_ids, held_mask, reference)
+    ids, mask, held_ids, held_mask, reference, sizes, before = _half_tier_setup(model, inn)
     trained, log = distil_widths(inn, ids, mask, HALF, seconds=600, max_steps=40, lr=1e-3,
                                  progress=False)  # fmt: skip
     after = _cosine(trained.sample(sizes), held_ids, held_mask, reference)

@@ -352,6 +352,11 @@ def _rules(targets: dict[str, int]) -> dict:
     }
 
 
+def _targets() -> dict[str, int]:
+    """Sentences per split the walk stops at (read at call time: tests change them)."""
+    return {"calibration": CALIBRATION_TARGET, "evaluation": EVALUATION_TARGET}
+
+
 def _check_counts(counts: dict[str, int], minimums: dict[str, int]) -> None:
     if any(counts[s] < minimums[s] for s in SPLITS):
         found = ", ".join(f"{s} {counts[s]} (need {minimums[s]})" for s in SPLITS)
@@ -374,8 +379,7 @@ def build_from_documents(
     writing nothing, if a split has fewer sentences than its minimum.
     """
     minimums = {"calibration": min_calibration, "evaluation": min_evaluation}
-    targets = {"calibration": CALIBRATION_TARGET, "evaluation": EVALUATION_TARGET}
-    targets = {s: max(targets[s], minimums[s]) for s in SPLITS}
+    targets = {s: max(t, minimums[s]) for s, t in _targets().items()}
     splits = split_documents(documents, seed, targets)
     counts = {s: len(splits.sentences[s]) for s in SPLITS}
     _check_counts(counts, minimums)
@@ -436,8 +440,9 @@ def is_current(root: Path) -> bool:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    targets = {"calibration": CALIBRATION_TARGET, "evaluation": EVALUATION_TARGET}
-    return manifest.get("format") == _MANIFEST_VERSION and manifest.get("rules") == _rules(targets)
+    return manifest.get("format") == _MANIFEST_VERSION and manifest.get("rules") == _rules(
+        _targets()
+    )
 
 
 def load(split: str, root: Path = DEFAULT_ROOT) -> list[str]:

@@ -182,10 +182,11 @@ class Device:
                 events += [(key, i, due, work) for key, due, work in other.work_ahead(HOLD_SCAN)]
         events.sort(key=lambda e: e[0])
         ahead: dict[int, float] = {}  # member -> its work up to the current request
-        slack = math.inf
+        total, slack = 0.0, math.inf  # total: the sum of ahead's values
         for _, i, due, work in events:
+            total += work - ahead.get(i, 0.0)
             ahead[i] = work
-            slack = min(slack, due - now - sum(ahead.values()) / self.slots)
+            slack = min(slack, due - now - total / self.slots)
         return slack
 
 
