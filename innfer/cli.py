@@ -678,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-requests", type=int, default=20000)
     bench.set_defaults(func=cmd_bench)
 
+    from innfer import tiers
+
+    tiers.add_parser(sub)
+
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)
     inspect.add_argument("--width", type=_width, default=0.5)

@@ -45,6 +45,7 @@ __all__ = [
     "make_trace",
     "plot_timeline",
     "read_trace",
+    "replay",
     "simulate",
     "summarise",
     "tiers_from_model_dir",
@@ -100,6 +101,33 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
     arrivals = make_trace(cfg, rate)
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+    return replay(tiers, p50, arrivals, budgets, cfg, rng=rng, rate=rate)
+
+
+def replay(
+    tiers: Sequence[TierInfo],
+    p50: Mapping[str, Mapping],
+    arrivals: np.ndarray,
+    budgets: np.ndarray,
+    cfg: SimConfig,
+    rows: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+    rate: float | None = None,
+) -> SimResult:
+    """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
+    ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
+    the policy, slots, queue, batch, noise, SLO target and seed (engine times); the trace
+    and budget fields are ignored.
+
+    Example:
+        >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
+        >>> r = replay(tiers, {"w100": {1: 3.5, 8: 14.0}}, np.array([0.0, 0.001]),
+        ...            np.array([0.05, 0.05]), SimConfig())
+        >>> r.summary["slo_attainment"]
+        1.0
+    """
+    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    rng = rng if rng is not None else np.random.default_rng(cfg.seed + 1)
     engine = EngineTime(tiers, p50, rng, cfg.noise)  # draws after the budgets, from one rng
     policy = make_policy(cfg.policy, tiers, cfg.slots)
     sched = Scheduler(
@@ -125,7 +153,7 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
                 finish[r.id], served_tier[r.id], state[r.id] = now, d.tier, "served"
         else:
             now = next_arrival
-            r = Request(i, now, now + budgets[i])
+            r = Request(i, now, now + budgets[i], int(rows[i]) if rows is not None else 1)
             try:
                 sched.submit(r, now)
             except Refused as exc:
@@ -137,6 +165,9 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
             compute = engine.draw_s(d.tier, d.rows)
             running.push(now + compute, (d, compute))
     deadlines = arrivals + budgets
+    if rate is None:
+        span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
+        rate = (n - 1) / span if span > 0 else 0.0
     summary = summarise(arrivals, deadlines, finish, served_tier, state, tiers, cfg, rate)
     return SimResult(summary, arrivals, finish, served_tier, state, cfg)
 

@@ -9,14 +9,28 @@ Example:
 from runtime.hashing import sha256_file
 from runtime.repository.cache import MANIFEST, EngineCache, engine_key
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
+from runtime.repository.frontier import (
+    ACTIVE_FILE,
+    FRONTIER_DIR,
+    FRONTIER_FILE,
+    ActiveTiers,
+    Candidate,
+    Frontier,
+)
 from runtime.repository.records import TIER_FILE, TierRecord
 from runtime.repository.store import PROFILE_FILE, Repository, ServedModel, check_model_name
 
 __all__ = [
+    "ACTIVE_FILE",
+    "FRONTIER_DIR",
+    "FRONTIER_FILE",
     "MANIFEST",
     "PROFILE_FILE",
     "TIER_FILE",
+    "ActiveTiers",
+    "Candidate",
     "EngineCache",
+    "Frontier",
     "InvalidModelName",
     "ModelNotFound",
     "Repository",

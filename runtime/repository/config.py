@@ -26,6 +26,7 @@ Example ``model.yaml``:
     instances: 1                 # batches of this model at once (engine threads)
     slo_target: 0.999            # admitted requests meet their deadline with this probability
     # channel_search: {multiples: [8, 16, 32]}   # time channel counts near each width
+    # auto_tiers: {max_tiers: 4, accuracy_floor: 0.9}  # let the server choose the widths
 
 ``reference(ModelConfig)`` lists every key with its default, allowed values and doc.
 
@@ -64,6 +65,7 @@ __all__ = [
     "FP16_BACKENDS",
     "METHODS",
     "PRECISIONS",
+    "AutoTiersConfig",
     "ChannelSearchConfig",
     "ConfigError",
     "EvaluationConfig",
@@ -188,6 +190,60 @@ class ChannelSearchConfig:
     repeats: int = spec(10, lo=3, hi=1000, doc="timed runs per candidate (their median counts)")
 
 
+# The default candidate widths of auto-tiering: 1/16 steps from a quarter to the full width.
+AUTO_WIDTHS = tuple(k / 16 for k in range(16, 3, -1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RebuildConfig:
+    """When auto-tiering may replace the live tier set (``auto_tiers.rebuild``)."""
+
+    min_interval_s: float = spec(
+        600.0, lo=0, unit="seconds", doc="at least this long between two tier-set changes"
+    )
+    check_interval_s: float = spec(
+        30.0, lo=1, unit="seconds", doc="how often the server re-evaluates its tier set"
+    )
+    min_gain: float = spec(
+        0.005, lo=0, hi=1,
+        doc="expected gain in mean served accuracy (misses count 0) a new set must bring",
+    )  # fmt: skip
+    min_requests: int = spec(
+        500, lo=10, hi=10**7, doc="recorded requests needed before a choice is made"
+    )
+    nice: int = spec(10, lo=0, hi=19, doc="niceness of the background builder process")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoTiersConfig:
+    """Goals instead of widths: the server chooses its tiers from the traffic it sees
+    (runtime/build/frontier.py measures the candidates, sim/tiering.py chooses among them).
+    ``tiers`` stay the set served until the first choice is made."""
+
+    max_tiers: int = spec(4, lo=1, hi=16, doc="tiers served at once (engines in memory)")
+    accuracy_floor: float | None = spec(
+        None, lo=0, hi=1, doc="no tier less accurate than this (evaluation accuracy)"
+    )
+    max_memory_mb: float | None = spec(
+        None, lo=0, lo_open=True, unit="megabytes",
+        doc="the chosen tiers' weights together (fp32 parameters) stay within this",
+    )  # fmt: skip
+    widths: tuple[float, ...] = spec(
+        AUTO_WIDTHS, lo=0, hi=1, lo_open=True, nonempty=True, unique=True,
+        doc="uniform candidate widths measured for the frontier",
+    )  # fmt: skip
+    shaped: bool = spec(
+        True,
+        doc="also measure non-uniform candidates that keep the groups whose narrowing costs "
+        "most accuracy wider (per-group sensitivity)",
+    )
+    window_s: float = spec(120.0, lo=1, unit="seconds", doc="recent traffic the choice is made for")
+    simulate_requests: int = spec(
+        3000, lo=100, hi=10**6, doc="requests of that traffic each candidate set is simulated on"
+    )
+    rebuild: RebuildConfig = spec(RebuildConfig(), doc="when the live set may change")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
     """Optional: clients may send raw text (a BYTES input, one string per row); the server
@@ -268,6 +324,11 @@ class ModelConfig:
         "multiples and keep the best accuracy per latency (tier.json records the search); "
         "null: round to multiple_of only",
     )
+    auto_tiers: AutoTiersConfig | None = spec(
+        None,
+        doc="let the server choose and swap its tier widths from the traffic it sees; the "
+        "tiers above are served until then (null: serve the tiers above only)",
+    )
     name: str = spec("", doc="model name; load() defaults it to the directory's name")
     source: str = spec("", key=False, compare=False, doc="the file this was read from")
 
@@ -295,6 +356,12 @@ class ModelConfig:
                 )
 
         self._validate_sequence(where)
+        if self.auto_tiers is not None and self.sequence_lengths:
+            where.child("auto_tiers").fail(
+                to_dict(self.auto_tiers),
+                "null for a model with a sequence (-1) axis (auto-tiering measures one "
+                "latency per batch size; sequence models are not supported yet)",
+            )
         search = self.channel_search
         if search is not None and search.batch is not None and search.batch > self.max_batch:
             where.child("channel_search").child("batch").fail(

@@ -11,6 +11,8 @@ Layout of one model::
     <repo>/<model>/profile.json               latency per tier x batch, with the device
     <repo>/<model>/tokenizer.json, text.json  text models: the tokenizer, and its sha256 as
                                               the build saw it (a changed file is refused)
+    <repo>/<model>/frontier/, auto_tiers.json auto-tiering: measured candidates and the live
+                                              choice among them (frontier.py)
 
 Example:
     >>> repo = Repository("models")  # doctest: +SKIP
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -31,8 +34,15 @@ from typing import Any
 from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
-from runtime.repository.config import ConfigError, ModelConfig
+from runtime.repository.config import ConfigError, ModelConfig, TierConfig
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
+from runtime.repository.frontier import (
+    ACTIVE_FILE,
+    FRONTIER_DIR,
+    FRONTIER_FILE,
+    ActiveTiers,
+    Frontier,
+)
 from runtime.repository.records import TIER_FILE, TierRecord
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
@@ -162,10 +172,18 @@ class Repository:
         options = self.build_options(config, chosen)
         cache = EngineCache(self.root / name / "engines")
         cache.sweep()
+        auto = self.auto_tiers(name, config)
+        profile = self.read_profile(name)
+        if auto is not None:
+            config, records, profile = auto
         tiers, engines = {}, {}
         for tier in config.tiers:
-            d = self.tier_dir(name, tier.name)
-            tiers[tier.name] = TierRecord.read(d / TIER_FILE)
+            if auto is not None:
+                d = self.model_dir(name) / FRONTIER_DIR / tier.name
+                tiers[tier.name] = records[tier.name]
+            else:
+                d = self.tier_dir(name, tier.name)
+                tiers[tier.name] = TierRecord.read(d / TIER_FILE)
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
@@ -174,9 +192,42 @@ class Repository:
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
         tokenizer = self.load_tokenizer(name, config)
-        return ServedModel(
-            name, config, tiers, engines, self.read_profile(name), chosen.name, tokenizer
-        )
+        return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer)
+
+    def auto_tiers(
+        self, name: str, config: ModelConfig
+    ) -> tuple[ModelConfig, dict[str, TierRecord], dict[str, Any]] | None:
+        """The tier set auto-tiering chose (``auto_tiers.json``) as (config with those
+        tiers, their records, their profile); None where model.yaml has no ``auto_tiers``,
+        nothing was chosen yet, or the choice refers to a frontier measured before the last
+        build (then the hand-written tiers are served, with a warning)."""
+        if config.auto_tiers is None:
+            return None
+        d = self.model_dir(name)
+        active = ActiveTiers.read(d / ACTIVE_FILE)
+        if active is None:
+            return None
+        frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+        if active.frontier_sha256 != frontier.source_sha256:
+            log.warning(
+                "%s/%s was chosen on an older frontier; serving the tiers of model.yaml until "
+                "auto-tiering chooses again", name, ACTIVE_FILE,
+            )  # fmt: skip
+            return None
+        records = {}
+        for tier in active.tiers:
+            try:
+                c = frontier.candidate(tier)
+            except KeyError as exc:
+                raise RepositoryError(f"{name}/{ACTIVE_FILE}: {exc.args[0]}") from None
+            records[tier] = TierRecord(
+                name=c.name, width=c.width, sizes=c.sizes,
+                onnx_sha256=c.onnx_sha256, source_sha256=frontier.source_sha256,
+                flops=c.flops, params=c.params, accuracy=c.accuracy,
+            )  # fmt: skip
+        tiers = tuple(TierConfig(name=t, width=records[t].sizes) for t in active.tiers)
+        served = dataclasses.replace(config, tiers=tiers)
+        return served, records, frontier.profile(list(active.tiers))
 
     def record_tokenizer(self, name: str, config: ModelConfig) -> None:
         """At build time: write ``text.json`` with the tokenizer file's sha256 (checked at

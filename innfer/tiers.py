@@ -1,0 +1,239 @@
+"""``innfer tiers``: auto-tiering from the command line.
+
+    innfer tiers frontier REPOSITORY MODEL       measure the candidates (also run by build)
+    innfer tiers suggest MODEL_DIR --traffic CSV print the set the traffic calls for, and the
+                                                 expected gain over the live set; changes nothing
+    innfer tiers apply REPOSITORY MODEL --traffic CSV
+                                                 the same, then (gain >= rebuild.min_gain)
+                                                 build and check the engines and write
+                                                 auto_tiers.json; exit 0 applied, 3 kept
+
+``apply`` is what a server with ``auto_tiers`` runs in the background (server/autotier.py);
+it needs no torch: the candidates' ONNX files are in the frontier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+KEPT = 3  # exit status of `apply` when the live set stays
+
+
+def add_parser(sub) -> None:
+    tiers = sub.add_parser("tiers", help="auto-tiering: frontier, suggest, apply")
+    tsub = tiers.add_subparsers(dest="tiers_command", required=True)
+    fr = tsub.add_parser("frontier", help="measure accuracy and latency of candidate widths")
+    fr.add_argument("repository", type=Path)
+    fr.add_argument("model")
+    fr.set_defaults(func=cmd_frontier)
+    sug = tsub.add_parser("suggest", help="the tiers recorded traffic calls for (no changes)")
+    sug.add_argument("model_dir", type=Path)
+    sug.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
+    sug.add_argument("--json", type=Path, help="also write the choice here")
+    sug.set_defaults(func=cmd_suggest)
+    app = tsub.add_parser("apply", help="choose, build and switch the live tier set")
+    app.add_argument("repository", type=Path)
+    app.add_argument("model")
+    app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
+    app.add_argument("--force", action="store_true", help="apply even below rebuild.min_gain")
+    app.set_defaults(func=cmd_apply)
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from runtime.build.frontier import build_frontier
+    from runtime.repository import Repository
+
+    repo = Repository(args.repository)
+    frontier = build_frontier(repo, args.model)
+    print(format_frontier(frontier))
+    png = repo.model_dir(args.model) / "frontier.png"
+    plot_frontier(frontier, _active_names(repo, args.model), png)
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from runtime.repository import Repository
+
+    d = args.model_dir.resolve()
+    repo = Repository(d.parent)
+    choice, _ = _choose(repo, d.name, args.traffic)
+    print(format_choice(choice, repo.config(d.name).auto_tiers.rebuild.min_gain))
+    if args.json:
+        args.json.write_text(json.dumps(choice.to_json(), indent=1))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from runtime.repository import ACTIVE_FILE, ActiveTiers, Repository
+
+    repo = Repository(args.repository)
+    config = repo.config(args.model)
+    choice, frontier = _choose(repo, args.model, args.traffic)
+    min_gain = config.auto_tiers.rebuild.min_gain
+    print(format_choice(choice, min_gain))
+    if not choice.changes or (choice.gain < min_gain and not args.force):
+        print("kept the live tiers")
+        return KEPT
+    t0 = time.perf_counter()
+    _check_engines(repo, args.model, choice.best.tiers)
+    active = ActiveTiers(
+        tiers=choice.best.tiers,
+        frontier_sha256=frontier.source_sha256,
+        chosen_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        reason={
+            **choice.to_json(),
+            "replaces": list(choice.current.tiers),
+            "engines_s": time.perf_counter() - t0,
+        },
+    )
+    active.write(repo.model_dir(args.model) / ACTIVE_FILE)
+    print(f"applied: {', '.join(choice.best.tiers)} (engines ready in "
+          f"{time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    return 0
+
+
+def _choose(repo, name: str, traffic_path: Path):
+    """(choice, frontier) for ``name`` on the traffic in ``traffic_path``."""
+    from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier
+    from sim.simulator import SimConfig
+    from sim.tiering import Traffic, choose, frontier_options
+
+    config = repo.config(name)
+    if config.auto_tiers is None:
+        raise ValueError(f"{config.source}: add auto_tiers (e.g. {{max_tiers: 4}}) first")
+    frontier = Frontier.read(repo.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE)
+    traffic = Traffic.read(traffic_path)
+    goals = config.auto_tiers
+    sim = SimConfig(
+        slo_target=config.slo_target, max_batch=config.max_batch, max_queue=config.max_queue,
+        slots=config.instances,
+    )  # fmt: skip
+    options = frontier_options(frontier, goals.accuracy_floor)
+    current = live_options(repo, name, frontier)
+    return choose(options, traffic, goals, current, sim), frontier
+
+
+def live_options(repo, name: str, frontier):
+    """The tier set serving now - the auto-tiering choice, else model.yaml's tiers - as
+    options with the frontier's latency where a tier has a candidate's channel counts (one
+    measurement for both sides), else profile.json's."""
+    from runtime.repository import TierRecord
+    from sim.tiering import profile_options
+
+    config = repo.config(name)
+    auto = repo.auto_tiers(name, config)
+    if auto is not None:
+        _, records, profile = auto
+    else:
+        records = {t.name: TierRecord.read(repo.tier_dir(name, t.name) / "tier.json")
+                   for t in config.tiers}  # fmt: skip
+        profile = repo.read_profile(name)
+        if profile is None:
+            raise ValueError(f"{name}/profile.json is missing: run `innfer build`")
+        by_sizes = {json.dumps(c.sizes, sort_keys=True): c for c in frontier.candidates}
+        tables = dict(profile["tiers"])
+        for t, rec in records.items():
+            c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
+            if c is not None:
+                tables[t] = c.latency
+        profile = {**profile, "tiers": {t: tables[t] for t in records}}
+    memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
+    return profile_options(profile, records, memory), list(records)
+
+
+def _check_engines(repo, name: str, tiers) -> None:
+    """Build (or find in the cache) and run each chosen candidate's engine once: a set
+    whose engine cannot load or run is never written."""
+    from runtime.repository import FRONTIER_DIR, EngineCache
+    from runtime.repository.profile import random_feeds
+
+    config = repo.config(name)
+    backend = repo.choose_backend(config)
+    options = repo.build_options(config, backend)
+    cache = EngineCache(repo.model_dir(name) / "engines")
+    for tier in tiers:
+        engine, _ = cache.get(backend, repo.model_dir(name) / FRONTIER_DIR / tier / "model.onnx",
+                              options)  # fmt: skip
+        try:
+            engine.run(random_feeds(config.inputs, 1, length=config.example_length))
+        finally:
+            engine.close()
+
+
+def _active_names(repo, name: str) -> list[str]:
+    from runtime.repository import ACTIVE_FILE, ActiveTiers
+
+    active = ActiveTiers.read(repo.model_dir(name) / ACTIVE_FILE)
+    return list(active.tiers) if active else []
+
+
+def format_frontier(frontier) -> str:
+    lines = [f"frontier ({frontier.accuracy_source}; {frontier.backend} on {frontier.device}):",
+             f"{'candidate':<10} {'MFLOPs':>8} {'accuracy':>9} {'p50 b=1':>9} "
+             f"{'p50 b=' + str(frontier.max_batch):>9} {'pareto':>7}"]  # fmt: skip
+    for c in sorted(frontier.candidates, key=lambda c: -c.flops):
+        lines.append(
+            f"{c.name:<10} {c.flops / 1e6:>8.2f} {c.accuracy:>9.2%} {c.p50_ms(1):>7.3f}ms "
+            f"{c.p50_ms(frontier.max_batch):>7.3f}ms {'*' if c.pareto else '':>7}"
+        )
+    return "\n".join(lines)
+
+
+def format_choice(choice, min_gain: float) -> str:
+    def row(label, e):
+        acc = "-" if e.mean_accuracy is None else f"{e.mean_accuracy:.2%}"
+        return (f"  {label:<8} {', '.join(e.tiers):<34} attainment {e.attainment:.2%}  "
+                f"mean accuracy {acc}  served accuracy {e.served_accuracy:.2%}")  # fmt: skip
+
+    t = choice.traffic
+    lo, mid, hi = t["budget_ms_p10_p50_p90"]
+    if not choice.changes:
+        verdict = "keep (same set)"
+    elif choice.gain < min_gain:
+        verdict = "keep (gain below rebuild.min_gain)"
+    else:
+        verdict = "apply"
+    return "\n".join([
+        f"traffic: {t['requests']} requests at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
+        f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",
+        row("live", choice.current),
+        row("chosen", choice.best),
+        f"  expected gain {choice.gain:+.2%} served accuracy -> {verdict}",
+    ])  # fmt: skip
+
+
+def plot_frontier(frontier, chosen: list[str], path: Path, hand: dict | None = None) -> None:
+    """Accuracy vs latency at batch 1 of every candidate, the frontier joined, the chosen
+    set ringed, and (``hand``: name -> (latency, accuracy)) the hand-written tiers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for shaped, marker in ((False, "o"), (True, "s")):
+        cs = [c for c in frontier.candidates if c.shaped == shaped]
+        ax.scatter([c.p50_ms(1) for c in cs], [c.accuracy for c in cs], marker=marker,
+                   alpha=0.5, label="shaped" if shaped else "uniform")  # fmt: skip
+    p = frontier.pareto()
+    ax.plot([c.p50_ms(1) for c in p], [c.accuracy for c in p], "k-", lw=1, label="frontier")
+    for name in chosen:
+        c = frontier.candidate(name)
+        ax.scatter([c.p50_ms(1)], [c.accuracy], s=160, facecolors="none", edgecolors="red")
+        ax.annotate(name, (c.p50_ms(1), c.accuracy), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    for name, (lat, acc) in (hand or {}).items():
+        ax.scatter([lat], [acc], marker="x", color="green")
+        ax.annotate(name, (lat, acc), fontsize=8, color="green", xytext=(4, -10),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("p50 latency at batch 1 (ms)")
+    ax.set_ylabel(f"accuracy ({frontier.accuracy_source.split(' (')[0]})")
+    ax.set_title("candidate widths; red rings: the chosen tiers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,259 @@
+"""The accuracy-vs-latency frontier of a model's widths: what auto-tiering chooses from.
+
+For a model whose ``model.yaml`` has ``auto_tiers``, ``innfer build`` measures candidate width
+settings besides the hand-written tiers:
+
+* uniform: every continuous group at each fraction of ``auto_tiers.widths``;
+* shaped (``auto_tiers.shaped``): for each uniform width below 1, the same total channels
+  spread by per-group sensitivity - a group whose narrowing distorts the output more keeps
+  more of its channels. Sensitivity is label-free: the mean squared change of the model's
+  first output, relative to its mean square, when only that group is sampled at half width
+  (on the evaluation set's training inputs where there is one, else on random inputs).
+
+Each candidate is sampled (BatchNorm statistics re-estimated on those inputs where the model
+keeps norms), exported to ``frontier/<name>/model.onnx``, built with the model's backend
+(the engine cache: the swap later reuses the entry), scored on the evaluation set (else its
+FLOPs fraction, the scheduler's proxy) and timed at every profiled batch size. Candidates no
+other one beats on accuracy and latency (at batch 1 or at max_batch) are the frontier.
+A rebuild with the same INN, widths, sampling, data and backend reads the file back.
+
+Example:
+    >>> frontier = build_frontier(Repository("models"), "mnist")  # doctest: +SKIP
+    >>> [(c.name, c.accuracy) for c in frontier.pareto()]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from runtime.build.export import write_tier_files
+from runtime.inn.calibrate import recompute_norm_stats
+from runtime.inn.model import IntegralModel, load
+from runtime.inn.report import count_flops
+from runtime.repository import EngineCache, Repository, sha256_file
+from runtime.repository.config import ModelConfig
+from runtime.repository.errors import RepositoryError
+from runtime.repository.frontier import (
+    FRONTIER_DIR,
+    FRONTIER_FILE,
+    Candidate,
+    Frontier,
+    mark_pareto,
+)
+from runtime.repository.profile import measure, random_feeds
+
+log = logging.getLogger("innfer.frontier")
+
+SENSITIVITY_WIDTH = 0.5  # the width one group is sampled at to measure its sensitivity
+SHAPE_POWER = 0.5  # channels per group scale with sensitivity ** this (0: uniform)
+CALIBRATION = 512  # inputs for norm statistics and sensitivity
+
+
+def build_frontier(
+    repo: Repository, name: str, progress: bool = True, repeats: int = 20
+) -> Frontier:
+    """Measure every candidate of ``name``'s ``auto_tiers`` and write
+    ``frontier/frontier.json`` (see the module doc); returns the frontier."""
+    config = repo.config(name)
+    if config.auto_tiers is None:
+        raise ValueError(f"{config.source}: no auto_tiers, so no frontier to build")
+    model_dir = repo.model_dir(name)
+    inn = load(model_dir)
+    backend = repo.choose_backend(config)
+    options = repo.build_options(config, backend)
+    x_cal, evaluation = _data(config)
+    src = _source_hash(model_dir, config, backend)
+    out = model_dir / FRONTIER_DIR
+    old = _reusable(out, src)
+    if old is not None:
+        return old
+    with torch.no_grad():
+        full = inn.sample(1.0, config.method, config.multiple_of)
+        example = _example(config)
+        full_flops = count_flops(full, example)
+        sensitivity = _sensitivity(inn, config, x_cal) if config.auto_tiers.shaped else {}
+    settings = candidate_sizes(inn, config, sensitivity)
+    cache = EngineCache(model_dir / "engines")
+    candidates = []
+    bar = tqdm(settings.items(), desc=f"frontier {name}", disable=not progress, unit="cand")
+    for cname, (width, sizes, shaped) in bar:
+        bar.set_postfix_str(cname)
+        with torch.no_grad():
+            module = inn.sample(sizes, config.method)
+            if x_cal is not None:
+                recompute_norm_stats(module, x_cal)
+        d = out / cname
+        data = write_tier_files(d, module, config)
+        engine, _ = cache.get(backend, d / "model.onnx", options)
+        try:
+            flops = count_flops(module, example)
+            accuracy = evaluation(engine) if evaluation else flops / full_flops
+            latency = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
+        finally:
+            engine.close()
+        candidates.append(Candidate(
+            name=cname, sizes=sizes, width=width, flops=flops,
+            params=sum(p.numel() for p in module.parameters()), accuracy=float(accuracy),
+            latency=latency, onnx_sha256=hashlib.sha256(data).hexdigest(), shaped=shaped,
+        ))  # fmt: skip
+    frontier = Frontier(
+        candidates=mark_pareto(candidates, (1, config.max_batch)),
+        accuracy_source=_accuracy_source(config),
+        source_sha256=src,
+        backend=backend.name,
+        device=backend.device(),
+        threads=config.threads,
+        max_batch=config.max_batch,
+        sensitivity=sensitivity,
+    )
+    for stale in out.iterdir():
+        if stale.is_dir() and stale.name not in settings:
+            shutil.rmtree(stale)
+    frontier.write(out / FRONTIER_FILE)
+    return frontier
+
+
+def candidate_sizes(
+    inn: IntegralModel, config: ModelConfig, sensitivity: dict[str, float]
+) -> dict[str, tuple[float, dict[str, int], bool]]:
+    """name -> (width, channel counts, shaped) for every distinct candidate: uniform
+    ``w<percent>`` and, where ``sensitivity`` is given, shaped ``s<percent>``."""
+    out: dict[str, tuple[float, dict[str, int], bool]] = {}
+    seen: set[str] = set()
+
+    def add(cname: str, width: float, sizes: dict[str, int], shaped: bool) -> None:
+        key = IntegralModel.sizes_key(sizes)
+        if key not in seen:
+            seen.add(key)
+            out[cname] = (width, sizes, shaped)
+
+    for w in sorted(config.auto_tiers.widths, reverse=True):
+        add(f"w{round(w * 100):03d}", w, inn.sizes(w, config.multiple_of), False)
+    if len(sensitivity) >= 2:
+        for w in sorted(config.auto_tiers.widths, reverse=True):
+            if w < 1.0:
+                add(f"s{round(w * 100):03d}", w, _shaped(inn, config, w, sensitivity), True)
+    return out
+
+
+def _shaped(
+    inn: IntegralModel, config: ModelConfig, width: float, sensitivity: dict[str, float]
+) -> dict[str, int]:
+    """Channel counts with the same total as the uniform ``width`` (over continuous
+    groups), each group's fraction proportional to sensitivity ** SHAPE_POWER, clipped to
+    (0, 1]; found by bisection on the common scale."""
+    full = inn.sizes(1.0)
+    groups = [g for g in sensitivity if g in full]
+    s = np.array([max(sensitivity[g], 1e-12) for g in groups])
+    r = (s / np.exp(np.log(s).mean())) ** SHAPE_POWER
+    n = np.array([full[g] for g in groups], dtype=float)
+    target = width * n.sum()
+    lo, hi = 0.0, 1.0 / r.min()
+    for _ in range(50):
+        k = (lo + hi) / 2
+        if (np.clip(k * width * r, 0, 1) * n).sum() < target:
+            lo = k
+        else:
+            hi = k
+    fractions = np.clip(hi * width * r, 1.0 / n, 1.0)
+    # Each group rounded as a uniform width would round it (multiple_of, conv blocks, heads).
+    counts = {
+        g: inn.sizes(float(f), config.multiple_of)[g]
+        for g, f in zip(groups, fractions, strict=True)
+    }
+    return inn.sizes({**inn.sizes(width, config.multiple_of), **counts})
+
+
+@torch.no_grad()
+def _sensitivity(inn: IntegralModel, config: ModelConfig, x_cal) -> dict[str, float]:
+    """Per continuous group: relative mean squared change of the first output when only
+    that group is sampled at SENSITIVITY_WIDTH (norm statistics re-estimated)."""
+    x = x_cal if x_cal is not None else _random_inputs(config)
+    full_sizes = inn.sizes(1.0)
+    ref = _first(inn.sample(1.0, config.method)(x))
+    scale = float((ref**2).mean()) or 1.0
+    out = {}
+    for g, n in full_sizes.items():
+        half = inn.sizes({g: inn.sizes(SENSITIVITY_WIDTH, config.multiple_of)[g]})
+        if half[g] == n:
+            continue
+        module = inn.sample(half, config.method)
+        recompute_norm_stats(module, x)
+        out[g] = float(((_first(module(x)) - ref) ** 2).mean()) / scale
+    return out
+
+
+def _data(config: ModelConfig):
+    """(calibration inputs or None, accuracy function of an engine or None)."""
+    if config.evaluation is None:
+        return None, None
+    from runtime.build.pipeline import _accuracy
+    from runtime.demo.data import load as load_data
+
+    data = load_data(config.evaluation.dataset)
+    return data.x_train[:CALIBRATION], lambda engine: _accuracy(engine, config)
+
+
+def _accuracy_source(config: ModelConfig) -> str:
+    e = config.evaluation
+    if e is None:
+        return "flops (no evaluation set: FLOPs fraction of the full width)"
+    return f"evaluation {e.dataset} ({e.limit} samples)"
+
+
+def _random_inputs(config: ModelConfig) -> torch.Tensor:
+    feeds = random_feeds(config.inputs, 64, seed=0, length=config.example_length)
+    return torch.from_numpy(feeds[config.inputs[0].name])
+
+
+def _example(config: ModelConfig) -> tuple:
+    return tuple(
+        torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
+        for t in config.inputs
+    )
+
+
+def _first(y):
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _source_hash(model_dir, config: ModelConfig, backend) -> str:
+    """What the frontier depends on: the INN, the candidates, sampling, data, backend."""
+    meta = json.loads((model_dir / "inn.json").read_text())
+    payload = {
+        "weights": meta["weights_sha256"],
+        "info": {k: meta.get("info", {}).get(k) for k in ("grids", "norm_stats", "tiers")},
+        "auto_tiers": {k: v for k, v in asdict(config.auto_tiers).items() if k != "rebuild"},
+        "method": config.method,
+        "multiple_of": config.multiple_of,
+        "evaluation": asdict(config.evaluation) if config.evaluation else None,
+        "inputs": [t.__dict__ for t in config.inputs],
+        "outputs": [t.__dict__ for t in config.outputs],
+        "max_batch": config.max_batch,
+        "backend": [backend.name, backend.version(), backend.device(), config.threads],
+        "precision": config.precision,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _reusable(out, src: str) -> Frontier | None:
+    """The frontier in ``out`` if it was measured from exactly ``src`` with its files."""
+    try:
+        old = Frontier.read(out / FRONTIER_FILE)
+    except RepositoryError:
+        return None
+    if old.source_sha256 != src:
+        return None
+    for c in old.candidates:
+        onnx_path = out / c.name / "model.onnx"
+        if not onnx_path.is_file() or sha256_file(onnx_path) != c.onnx_sha256:
+            return None
+    return old

@@ -1,0 +1,182 @@
+"""Auto-tiering's files: the measured frontier of candidate widths, and the tier set chosen
+from it. No torch: the serving side reads both, and swaps tiers without sampling the INN.
+
+Layout inside one model's directory::
+
+    frontier/frontier.json         every candidate: channel counts, accuracy, FLOPs, params,
+                                   latency per batch size, on the Pareto frontier or not
+    frontier/<candidate>/model.onnx  the candidate, exported (an engine builds from it alone)
+    auto_tiers.json                the live choice: candidate names, why, expected gain
+
+``auto_tiers.json`` names its frontier's ``source_sha256``: a choice made on another frontier
+(the INN was rebuilt since) is ignored and the hand-written tiers are served.
+
+Example:
+    >>> f = Frontier.read(Path("repo/mnist/frontier/frontier.json"))  # doctest: +SKIP
+    >>> [c.name for c in f.pareto()]  # doctest: +SKIP
+    ['w100', 'w081', 's056', 'w044', 'w025']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.repository.errors import RepositoryError
+
+FRONTIER_DIR = "frontier"
+FRONTIER_FILE = "frontier.json"
+ACTIVE_FILE = "auto_tiers.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One measured width setting.
+
+    ``latency`` is a profile table (``{"1": {"p50_ms", "p90_ms", "runs"}, "8": ...}``, the
+    shape of profile.json's per-tier tables); ``width`` is the uniform fraction, or for a
+    ``shaped`` (non-uniform) candidate the uniform width whose channel total it keeps;
+    ``accuracy`` is measured on the evaluation set, or the FLOPs fraction where the model
+    has none (``Frontier.accuracy_source`` says which)."""
+
+    name: str
+    sizes: dict[str, int]
+    width: float
+    flops: int
+    params: int
+    accuracy: float
+    latency: dict[str, dict[str, float]]
+    onnx_sha256: str
+    shaped: bool = False
+    pareto: bool = False
+
+    def p50_ms(self, batch: int) -> float:
+        """Median latency at ``batch`` (the next profiled size up)."""
+        sizes = sorted(int(b) for b in self.latency)
+        fit = next((b for b in sizes if b >= batch), sizes[-1])
+        return float(self.latency[str(fit)]["p50_ms"])
+
+    @property
+    def memory_mb(self) -> float:
+        """The weights' size in fp32, megabytes: what the engine keeps in memory at least."""
+        return self.params * 4 / 2**20
+
+
+@dataclass
+class Frontier:
+    """All candidates measured for one model, on one device and backend."""
+
+    candidates: list[Candidate]
+    accuracy_source: str  # e.g. "evaluation mnist5k (1000 samples)" or "flops"
+    source_sha256: str  # what the candidates were sampled from (INN, widths, sampling)
+    backend: str
+    device: str
+    threads: int
+    max_batch: int
+    sensitivity: dict[str, float] = field(default_factory=dict)  # accuracy lost per group
+    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def candidate(self, name: str) -> Candidate:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        known = ", ".join(c.name for c in self.candidates)
+        raise KeyError(f"no candidate {name!r} on the frontier (candidates: {known})")
+
+    def pareto(self) -> list[Candidate]:
+        """The candidates no other one beats on both accuracy and latency, fastest first."""
+        return sorted((c for c in self.candidates if c.pareto), key=lambda c: c.p50_ms(1))
+
+    def profile(self, names: list[str]) -> dict[str, Any]:
+        """A profile.json document for the candidates ``names``, from their measurements."""
+        return {
+            "device": self.device,
+            "backend": self.backend,
+            "threads": self.threads,
+            "measured_at": self.measured_at,
+            "tiers": {n: self.candidate(n).latency for n in names},
+        }
+
+    def write(self, path: Path) -> None:
+        data = asdict(self)
+        _write_atomic(path, data)
+
+    @classmethod
+    def read(cls, path: Path) -> Frontier:
+        try:
+            data = json.loads(Path(path).read_text())
+            data["candidates"] = [Candidate(**c) for c in data["candidates"]]
+            return cls(**data)
+        except FileNotFoundError:
+            raise RepositoryError(
+                f"{path} is missing: run `innfer build` (model.yaml has auto_tiers)"
+            ) from None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
+
+
+def mark_pareto(candidates: list[Candidate], batches: tuple[int, ...] = (1,)) -> list[Candidate]:
+    """The same candidates with ``pareto`` set: True where, at one of ``batches`` at least,
+    no other candidate is as accurate and as fast while strictly better in one of the two.
+
+    Example:
+        >>> a = Candidate("a", {}, 1.0, 4, 4, 0.99, {"1": {"p50_ms": 4.0}}, "")
+        >>> b = Candidate("b", {}, 0.5, 1, 1, 0.97, {"1": {"p50_ms": 1.0}}, "")
+        >>> c = Candidate("c", {}, 0.7, 2, 2, 0.96, {"1": {"p50_ms": 2.0}}, "")
+        >>> [x.pareto for x in mark_pareto([a, b, c])]
+        [True, True, False]
+    """
+
+    def beaten(c: Candidate, batch: int) -> bool:
+        t, a = c.p50_ms(batch), c.accuracy
+        return any(
+            o.p50_ms(batch) <= t and o.accuracy >= a and (o.p50_ms(batch) < t or o.accuracy > a)
+            for o in candidates
+            if o is not c
+        )
+
+    return [
+        Candidate(**{**asdict(c), "pareto": not all(beaten(c, b) for b in batches)})
+        for c in candidates
+    ]
+
+
+@dataclass(frozen=True)
+class ActiveTiers:
+    """``auto_tiers.json``: the tier set auto-tiering chose, and why."""
+
+    tiers: tuple[str, ...]
+    frontier_sha256: str  # Frontier.source_sha256 the names refer to
+    chosen_at: str
+    reason: dict[str, Any]  # expected gain, traffic summary, the set it replaced
+
+    def write(self, path: Path) -> None:
+        data = asdict(self)
+        data["tiers"] = list(self.tiers)
+        _write_atomic(path, data)
+
+    @classmethod
+    def read(cls, path: Path) -> ActiveTiers | None:
+        """The choice in ``path``; None when there is none yet."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{**data, "tiers": tuple(data["tiers"])})
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise RepositoryError(
+                f"{path} is corrupted ({exc}): delete it to serve the hand-written tiers"
+            ) from None
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

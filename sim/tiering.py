@@ -1,0 +1,296 @@
+"""Auto-tiering's choice: which K tiers of the frontier serve the recorded traffic best.
+
+A tier set is judged by replaying recorded requests (arrival times, budgets, rows) through
+the server's own scheduler on a virtual clock (``sim.simulator.replay``), with the engine
+times of the candidates as the frontier measured them. Its score is the expected served
+accuracy - the mean over requests of the serving tier's accuracy, 0 for a request not
+answered within its budget - less a penalty where attainment falls below the SLO target:
+
+    score = mean(accuracy if met else 0) - PENALTY * max(0, slo_target - attainment)
+
+so a set that serves more accurately is chosen only where it keeps deadlines too. The
+search: greedy (add the tier that raises the score most, up to ``max_tiers``, stopping when
+none does), then swaps of one member for one non-member while any improves it. Every set is
+replayed on the same requests with the same engine-time draws (one seed), so two sets differ
+by what they are, not by luck. Candidates: the frontier's Pareto points that satisfy
+``accuracy_floor``; ``max_memory_mb`` bounds a set's weights.
+
+Example:
+    >>> traffic = Traffic.read("traffic.csv")  # doctest: +SKIP
+    >>> choice = choose(frontier, traffic, config.auto_tiers, current)  # doctest: +SKIP
+    >>> choice.best.tiers, choice.gain  # doctest: +SKIP
+    (('w100', 's069', 'w050', 'w031'), 0.021)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.repository.config import AutoTiersConfig
+from runtime.repository.frontier import Frontier
+from server.scheduling import TierInfo
+from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
+from sim.simulator import SimConfig, replay
+
+PENALTY = 10.0  # score lost per unit of attainment below the SLO target
+TRAFFIC_COLUMNS = ("arrival_s", "budget_ms", "rows")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Recorded requests: arrival time (s, non-decreasing), latency budget (ms), rows."""
+
+    arrival_s: np.ndarray
+    budget_ms: np.ndarray
+    rows: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_s)
+        if len(self.budget_ms) != n or len(self.rows) != n:
+            raise ValueError("traffic columns must have one entry per request each")
+        if n and (np.any(np.diff(self.arrival_s) < 0) or not np.all(np.isfinite(self.arrival_s))):
+            raise ValueError("traffic arrival times must be finite and non-decreasing")
+        if n and (np.any(self.budget_ms <= 0) or np.any(self.rows < 1)):
+            raise ValueError("traffic budgets must be > 0 ms and rows >= 1")
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    def last(self, n: int) -> Traffic:
+        """The most recent ``n`` requests, their arrivals starting at 0."""
+        a = self.arrival_s[-n:]
+        return Traffic(a - (a[0] if len(a) else 0.0), self.budget_ms[-n:], self.rows[-n:])
+
+    def summary(self) -> dict:
+        """Request count, mean rate and budget quantiles: what the choice was made for."""
+        n = len(self)
+        span = float(self.arrival_s[-1] - self.arrival_s[0]) if n > 1 else 0.0
+        q = np.percentile(self.budget_ms, [10, 50, 90]) if n else [np.nan] * 3
+        return {
+            "requests": n,
+            "seconds": span,
+            "rate_per_s": (n - 1) / span if span > 0 else 0.0,
+            "budget_ms_p10_p50_p90": [float(v) for v in q],
+            "rows_mean": float(self.rows.mean()) if n else 0.0,
+        }
+
+    def write(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(TRAFFIC_COLUMNS)
+            for a, b, r in zip(self.arrival_s, self.budget_ms, self.rows, strict=True):
+                w.writerow([f"{a:.6f}", f"{b:.3f}", int(r)])
+
+    @classmethod
+    def read(cls, path: str | Path) -> Traffic:
+        """A CSV with a header ``arrival_s,budget_ms[,rows]`` (what the server records;
+        ``rows`` defaults to 1). Errors name the file and line."""
+        cols: list[list[float]] = [[], [], []]
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if header[:2] != list(TRAFFIC_COLUMNS[:2]):
+                raise ValueError(
+                    f"{path}: the first line must be the header 'arrival_s,budget_ms[,rows]', "
+                    f"got {','.join(header)!r}"
+                )
+            for i, line in enumerate(reader, 2):
+                if not line:
+                    continue
+                try:
+                    values = [float(v) for v in line[: len(header)]]
+                except ValueError:
+                    raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
+                cols[0].append(values[0])
+                cols[1].append(values[1])
+                cols[2].append(values[2] if len(values) > 2 else 1)
+        try:
+            return cls(np.array(cols[0]), np.array(cols[1]), np.array(cols[2], dtype=int))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One tier set replayed on the traffic."""
+
+    tiers: tuple[str, ...]
+    score: float
+    attainment: float
+    mean_accuracy: float | None  # over answered requests
+    served_accuracy: float  # over all requests, 0 where the budget was missed
+    mean_width: float | None  # nominal width over answered requests
+    tier_mix: dict[str, float]
+    memory_mb: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen set, the live one, and every set the search evaluated."""
+
+    best: Evaluation
+    current: Evaluation
+    evaluated: list[Evaluation]
+    traffic: dict
+
+    @property
+    def gain(self) -> float:
+        """Expected served accuracy of the chosen set minus that of the live one."""
+        return self.best.served_accuracy - self.current.served_accuracy
+
+    @property
+    def changes(self) -> bool:
+        return set(self.best.tiers) != set(self.current.tiers)
+
+    def to_json(self) -> dict:
+        return {
+            "best": dataclasses.asdict(self.best),
+            "current": dataclasses.asdict(self.current),
+            "gain": self.gain,
+            "traffic": self.traffic,
+            "evaluated": len(self.evaluated),
+        }
+
+
+@dataclass(frozen=True)
+class Option:
+    """A tier that may be served: its scheduler view, p50 table, width and memory."""
+
+    tier: TierInfo
+    p50: dict[int, float]
+    width: float
+    memory_mb: float
+
+
+def frontier_options(frontier: Frontier, floor: float | None = None) -> dict[str, Option]:
+    """The frontier's Pareto candidates at or above ``floor`` accuracy, as options."""
+    keep = [c for c in frontier.pareto() if floor is None or c.accuracy >= floor]
+    if not keep:
+        best = max(c.accuracy for c in frontier.candidates)
+        raise ValueError(
+            f"no frontier candidate reaches accuracy_floor {floor} (the best is {best:.4f}): "
+            "lower the floor or measure wider candidates"
+        )
+    infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
+    return {
+        t.name: Option(t, p50[t.name], c.width, c.memory_mb)
+        for t, c in zip(infos, keep, strict=True)
+    }
+
+
+def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, float]) -> dict:
+    """Options for tiers served from a profile.json and their build records (the
+    hand-written set), for comparison with the frontier's."""
+    infos, p50 = tiers_from_profile(profile, records)
+    return {
+        t.name: Option(t, p50[t.name], _nominal(records[t.name].width), memory_mb.get(t.name, 0))
+        for t in infos
+    }
+
+
+def evaluate(
+    options: Mapping[str, Option],
+    names: Sequence[str],
+    traffic: Traffic,
+    sim: SimConfig,
+) -> Evaluation:
+    """Replay ``traffic`` with the tiers ``names`` (see the module doc for the score)."""
+    tiers = [options[n].tier for n in names]
+    p50 = {n: options[n].p50 for n in names}
+    budgets = traffic.budget_ms / 1e3
+    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
+    met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
+    acc = {n: options[n].tier.accuracy for n in names}
+    served = [(acc[t], options[t].width) for t in r.tiers if t is not None]
+    served_acc = float(np.where(met, [acc[t] if t else 0.0 for t in r.tiers], 0.0).mean())
+    attainment = float(met.mean()) if len(met) else 1.0
+    return Evaluation(
+        tiers=tuple(sorted(names, key=lambda n: -acc[n])),
+        score=served_acc - PENALTY * max(0.0, sim.slo_target - attainment),
+        attainment=attainment,
+        mean_accuracy=float(np.mean([a for a, _ in served])) if served else None,
+        served_accuracy=served_acc,
+        mean_width=float(np.mean([w for _, w in served])) if served else None,
+        tier_mix=dict(r.summary["tier_mix"]),
+        memory_mb=sum(options[n].memory_mb for n in names),
+    )
+
+
+def choose(
+    options: Mapping[str, Option],
+    traffic: Traffic,
+    goals: AutoTiersConfig,
+    current: tuple[Mapping[str, Option], Sequence[str]],
+    sim: SimConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Choice:
+    """The best set of at most ``goals.max_tiers`` among ``options`` for the most recent
+    ``goals.simulate_requests`` requests of ``traffic``, and the live set (``current``:
+    its options and names) replayed on the same requests. ``progress`` is called with the
+    number of sets evaluated so far.
+
+    Example:
+        >>> choice = choose(frontier_options(f), traffic, goals, (live, names))  # doctest: +SKIP
+    """
+    if len(traffic) == 0:
+        raise ValueError("no traffic recorded: nothing to choose tiers for")
+    sim = sim or SimConfig(slo_target=DEFAULT_SLO_TARGET)
+    recent = traffic.last(goals.simulate_requests)
+    cache: dict[frozenset, Evaluation] = {}
+
+    def run(names) -> Evaluation:
+        key = frozenset(names)
+        if key not in cache:
+            cache[key] = evaluate(options, list(names), recent, sim)
+            if progress:
+                progress(len(cache))
+        return cache[key]
+
+    def fits(names) -> bool:
+        limit = goals.max_memory_mb
+        return limit is None or sum(options[n].memory_mb for n in names) <= limit
+
+    chosen: list[str] = []
+    best: Evaluation | None = None
+    while len(chosen) < goals.max_tiers:
+        trials = [run([*chosen, n]) for n in options if n not in chosen and fits([*chosen, n])]
+        top = max(trials, key=lambda e: e.score, default=None)
+        if top is None or (best is not None and top.score <= best.score):
+            break
+        best, chosen = top, list(top.tiers)
+    if best is None:
+        raise ValueError(
+            f"no frontier candidate fits max_memory_mb {goals.max_memory_mb}: the smallest "
+            f"needs {min(o.memory_mb for o in options.values()):.2f} MB"
+        )
+    improved = True
+    while improved:  # one-for-one swaps until none helps
+        improved = False
+        for out in list(best.tiers):
+            for n in options:
+                if n in best.tiers:
+                    continue
+                names = [t for t in best.tiers if t != out] + [n]
+                if fits(names) and (e := run(names)).score > best.score:
+                    best, improved = e, True
+                    break
+            if improved:
+                break
+    live_options, live_names = current
+    live = evaluate(live_options, list(live_names), recent, sim)
+    return Choice(best, live, list(cache.values()), recent.summary())
+
+
+def _by_name(candidates) -> dict:
+    return {c.name: c for c in candidates}
+
+
+def _nominal(width) -> float:
+    """A tier's width as one number (a {group: channels} width has none: 0)."""
+    return float(width) if isinstance(width, (int, float)) else 0.0
