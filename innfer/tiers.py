@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     app.add_argument("model")
     app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     app.add_argument("--force", action="store_true", help="apply even below rebuild.min_gain")
+    app.add_argument("--result", type=Path, help="write the choice here (JSON), applied or not")
     app.set_defaults(func=cmd_apply)
 
 
@@ -75,6 +76,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     choice, frontier = _choose(repo, args.model, args.traffic)
     min_gain = config.auto_tiers.rebuild.min_gain
     print(format_choice(choice, min_gain))
+    if args.result:
+        args.result.write_text(json.dumps(choice.to_json(), indent=1))
     if not choice.changes or (choice.gain < min_gain and not args.force):
         print("kept the live tiers")
         return KEPT
@@ -119,8 +122,13 @@ def _choose(repo, name: str, traffic_path: Path):
 
 def live_options(repo, name: str, frontier):
     """The tier set serving now - the auto-tiering choice, else model.yaml's tiers - as
-    options with the frontier's latency where a tier has a candidate's channel counts (one
-    measurement for both sides), else profile.json's."""
+    options measured like the frontier's: a hand-written tier with a candidate's channel
+    counts takes that candidate's latency (one measurement for both sides), and where its
+    build measured no accuracy, the candidate's accuracy - or, with no such candidate, that
+    of the candidate closest in FLOPs (an estimate; a FLOPs fraction would not compare
+    with measured accuracies)."""
+    import dataclasses
+
     from runtime.repository import TierRecord
     from sim.tiering import profile_options
 
@@ -140,6 +148,9 @@ def live_options(repo, name: str, frontier):
             c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
             if c is not None:
                 tables[t] = c.latency
+            if rec.accuracy is None:
+                c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
+                records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
         profile = {**profile, "tiers": {t: tables[t] for t in records}}
     memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
     return profile_options(profile, records, memory), list(records)

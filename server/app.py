@@ -99,6 +99,7 @@ class Server:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
         grace = self.config.grace_period_s if grace is None else grace
         self.plane.drain()
+        self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)
         deadline = time.monotonic() + grace
         while self.plane.inflight() and time.monotonic() < deadline:

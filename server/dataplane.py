@@ -23,6 +23,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
+from server.autotier import AutoTierer
 from server.config import ServerConfig
 from server.errors import (
     FailedPrecondition,
@@ -34,9 +35,10 @@ from server.errors import (
 )
 from server.limits import clip, message_limit, request_bytes, text_bytes
 from server.metrics import Metrics
-from server.model_runtime import ModelRuntime
+from server.model_runtime import DRAIN_S, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
+from server.traffic import TrafficLog
 
 from . import codec
 
@@ -69,6 +71,10 @@ class DataPlane:
         # One device, one arbiter for every model (server.scheduling.device); None: each
         # model has its own slot and ignores the others (device_slots: 0).
         self.device = Device(config.device_slots) if config.device_slots > 0 else None
+        # Auto-tiering (models with auto_tiers): what each was sent, kept across reloads,
+        # and the background task that may change its tiers.
+        self.traffic: dict[str, TrafficLog] = {}
+        self.tierers: dict[str, AutoTierer] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -83,9 +89,15 @@ class DataPlane:
                 log.error("model %s not loaded: %s", name, exc)
         self.phase = Phase.READY
 
-    async def load(self, name: str) -> None:
+    async def swap(self, name: str) -> None:
+        """Reload ``name`` for a new tier set (auto-tiering): as ``load``, but the old
+        runtime serves its whole queue, so no accepted request is failed."""
+        await self.load(name, drain_s=None)
+
+    async def load(self, name: str, drain_s: float | None = DRAIN_S) -> None:
         """Load (or reload) ``name``: engines built or verified off the event loop, then
-        swapped in atomically; the old runtime answers or fails its queue and closes."""
+        swapped in atomically; the old runtime answers its queue (for up to ``drain_s``,
+        None: all of it), fails the rest, and closes."""
         try:
             check_model_name(name)
         except InvalidModelName as exc:
@@ -112,6 +124,7 @@ class DataPlane:
                     served, self.metrics, policy=self.config.policy, device=self.device,
                     inline_max_s=self.config.inline_max_ms / 1e3,
                     overhead_quantile=self.config.overhead_quantile,
+                    traffic=self._traffic(name, served.config),
                 )  # fmt: skip
                 await loop.run_in_executor(
                     None, lambda: runtime.warm_up(profile=self.config.profile_at_load)
@@ -130,10 +143,38 @@ class DataPlane:
             self.models[name] = runtime
             self.broken.pop(name, None)
             if old is not None:
-                await old.stop()
+                await old.stop(drain_s)
+            self._start_tierer(name, served.config)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
+
+    def _traffic(self, name: str, config) -> TrafficLog | None:
+        if config.auto_tiers is None:
+            return None
+        return self.traffic.setdefault(name, TrafficLog())
+
+    def _start_tierer(self, name: str, config) -> None:
+        """One auto-tiering loop per model with auto_tiers (kept across its reloads)."""
+        tierer = self.tierers.get(name)
+        if config.auto_tiers is None:
+            if tierer is not None:
+                self.tierers.pop(name).stop()
+            return
+        if tierer is None or tierer.goals != config.auto_tiers:
+            if tierer is not None:
+                tierer.stop()
+            self.tierers[name] = AutoTierer(
+                name, self.repo.root, config.auto_tiers, self.traffic[name], self.swap,
+                self.metrics,
+            )  # fmt: skip
+            self.tierers[name].start()
+
+    def stop_tierers(self) -> None:
+        """Stop every auto-tiering loop (server shutdown)."""
+        for tierer in self.tierers.values():
+            tierer.stop()
+        self.tierers.clear()
 
     def message_limit(self) -> int:
         """The automatic gRPC message limit: from the largest valid request among the models
@@ -171,6 +212,9 @@ class DataPlane:
             runtime = self.models.pop(name, None)
             if runtime is None:
                 raise NotFound(f"model {name!r} is not loaded")
+            tierer = self.tierers.pop(name, None)
+            if tierer is not None:
+                tierer.stop()
             await runtime.stop()
             self.metrics.model_ready.labels(name).set(0)
 

@@ -157,6 +157,21 @@ class Metrics:
             "plan_overhead.",
             ["model"], registry=r,
         )  # fmt: skip
+        # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.
+        self.tier_set_checks = Counter(
+            "innfer_tier_set_checks", "Auto-tiering checks by outcome: applied (the tier set "
+            "changed), kept, waiting (too little traffic or too soon), failed.",
+            ["model", "outcome"], registry=r,
+        )  # fmt: skip
+        self.tier_set_gain = Gauge(
+            "innfer_tier_set_expected_gain", "Expected served accuracy of the set auto-tiering "
+            "chose minus the live set's, on the recent traffic (last check).", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.tier_set_swap_seconds = Gauge(
+            "innfer_tier_set_swap_seconds", "Duration of the last tier-set change: background "
+            "choice and engine builds, then the reload.", ["model"], registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,

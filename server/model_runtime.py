@@ -59,6 +59,7 @@ from server.scheduling import (
 )
 from server.scheduling.device import Device
 from server.scheduling.latency import tiers_from_profile
+from server.traffic import TrafficLog
 
 # Backends whose engines run on the CPU and may be called from any thread, so a short batch
 # may run on the event loop's (ModelRuntime._may_run_inline): ONNX Runtime's CPU session,
@@ -224,8 +225,10 @@ class ModelRuntime:
         device: Device | None = None,
         inline_max_s: float = 0.0,
         overhead_quantile: float = OVERHEAD_QUANTILE,
+        traffic: TrafficLog | None = None,
     ) -> None:
         self.served = served
+        self.traffic = traffic  # auto-tiering's record of what was asked (kept across reloads)
         self.name = served.name
         self.config = served.config
         self.metrics = metrics
@@ -291,22 +294,31 @@ class ModelRuntime:
                 self.device.join(lane, on_release=lambda: self._loop.call_soon(self._pump))
         self._gauges()
 
-    async def stop(self, drain_s: float = DRAIN_S) -> int:
+    async def stop(self, drain_s: float | None = DRAIN_S) -> int:
         """Stop serving: refuse new requests, serve the queue for up to ``drain_s``, fail
         what is left with UNAVAILABLE, wait for running batches, then close the engines.
+        ``drain_s=None`` (a tier swap: another runtime already takes the new requests)
+        serves the whole queue: every queued request runs or expires by its own deadline,
+        so none is failed.
 
         Every request admitted here is answered exactly once, within
-        ``drain_s`` + the running batch. Returns how many queued requests were failed.
+        ``drain_s`` (or the latest queued deadline) + the running batch. Returns how many
+        queued requests were failed.
         The ``innfer_model_ready`` gauge belongs to the data plane, which knows whether a
         new runtime has replaced this one.
         """
         self.stopping = True
-        if self.device is not None and not self._own_device:  # others stop planning behind it
-            for lane in self.lanes.values():
-                self.device.leave(lane)
-        deadline = self.clock() + drain_s
+        if drain_s is None:  # each queued request leaves by its deadline (run or expired)
+            latest = max((p.request.deadline for p in self._pending.values()), default=0.0)
+            deadline = max(latest, self.clock()) + DRAIN_S
+        else:
+            self._leave_device()  # others stop planning behind a queue that will be failed
+            deadline = self.clock() + drain_s
         while self._pending and self.clock() < deadline:
             await asyncio.sleep(0.005)
+            if drain_s is None:
+                self._pump()  # expire what can no longer run, though nothing arrives here
+        self._leave_device()
         failed = 0
         for pending in list(self._pending.values()):
             if self.lanes[pending.lane].cancel(pending.request, self.clock()):
@@ -324,6 +336,11 @@ class ModelRuntime:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._close_engines)
         return failed
+
+    def _leave_device(self) -> None:
+        if self.device is not None and not self._own_device:
+            for lane in self.lanes.values():
+                self.device.leave(lane)
 
     def _close_engines(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -407,6 +424,8 @@ class ModelRuntime:
                     f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
                 )
         reached = now - max(waited_s, 0.0)
+        if self.traffic is not None:
+            self.traffic.record(reached, budget_s, rows)
         req = Request(
             next(self._ids), reached, reached + budget_s, rows, pin, min_tier, priority,
             payload=inputs,

@@ -21,8 +21,19 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.engines import get_backend
-from runtime.repository import PROFILE_FILE, TIER_FILE, Repository, TierRecord
+from runtime.repository import (
+    FRONTIER_DIR,
+    FRONTIER_FILE,
+    PROFILE_FILE,
+    TIER_FILE,
+    Candidate,
+    EngineCache,
+    Frontier,
+    Repository,
+    TierRecord,
+)
 from runtime.repository.config import ModelConfig
+from runtime.repository.frontier import mark_pareto
 from runtime.repository.profile import measure, profile_document
 from server.app import Server
 from server.config import ServerConfig
@@ -229,3 +240,33 @@ class ServerThread:
             self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def add_frontier(model_dir: Path, make, widths: dict[str, tuple[float, float]]) -> Frontier:
+    """Write ``frontier/`` for the ONNX model ``make`` at each width: ``widths`` maps a
+    candidate name to (width, accuracy); latency measured as ``innfer build`` does. The
+    torch-free stand-in for runtime.build.frontier (tests/test_auto_tiers.py builds a real
+    one from an INN)."""
+    cfg = ModelConfig.load(model_dir / "model.yaml")
+    backend = get_backend("onnxruntime")
+    candidates = []
+    for name, (width, accuracy) in widths.items():
+        data, sizes, flops, params = make(width)
+        d = model_dir / FRONTIER_DIR / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.onnx").write_bytes(data)
+        options = Repository(model_dir.parent).build_options(cfg, backend)
+        engine, _ = EngineCache(model_dir / "engines").get(backend, d / "model.onnx", options)
+        latency = measure(engine, cfg.inputs, cfg.batch_sizes, warmup=2, repeats=5)
+        engine.close()
+        candidates.append(Candidate(
+            name=name, sizes=sizes, width=width, flops=flops, params=params, accuracy=accuracy,
+            latency=latency, onnx_sha256=hashlib.sha256(data).hexdigest(),
+        ))  # fmt: skip
+    frontier = Frontier(
+        candidates=mark_pareto(candidates, (1, cfg.max_batch)), accuracy_source="test",
+        source_sha256="test-frontier", backend=backend.name, device=backend.device(),
+        threads=cfg.threads, max_batch=cfg.max_batch,
+    )  # fmt: skip
+    frontier.write(model_dir / FRONTIER_DIR / FRONTIER_FILE)
+    return frontier

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.build.export import write_tier_files
+from runtime.build.pipeline import evaluate_accuracy, validate
 from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
@@ -94,6 +95,7 @@ def build_frontier(
         data = write_tier_files(d, module, config)
         engine, _ = cache.get(backend, d / "model.onnx", options)
         try:
+            validate(engine, module, config, cname)
             flops = count_flops(module, example)
             accuracy = evaluation(engine) if evaluation else flops / full_flops
             latency = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
@@ -195,11 +197,10 @@ def _data(config: ModelConfig):
     """(calibration inputs or None, accuracy function of an engine or None)."""
     if config.evaluation is None:
         return None, None
-    from runtime.build.pipeline import _accuracy
     from runtime.demo.data import load as load_data
 
     data = load_data(config.evaluation.dataset)
-    return data.x_train[:CALIBRATION], lambda engine: _accuracy(engine, config)
+    return data.x_train[:CALIBRATION], lambda engine: evaluate_accuracy(engine, config)
 
 
 def _accuracy_source(config: ModelConfig) -> str:

@@ -3,9 +3,11 @@
 Per tier: sample the INN (skipped when tier.json says the same INN and width produced the
 ONNX already), export ONNX, build or reuse the engine, validate it against the torch sample
 on random inputs, measure accuracy when an evaluation set is configured, then profile every
-tier at every batch size and write profile.json. With ``channel_search`` in model.yaml, a
-fractional tier's channel counts are the ones ``runtime.build.channels`` measured best, and
-tier.json records that search (a rebuild reads the choice back instead of searching again).
+tier at every batch size and write profile.json; for a model with ``auto_tiers``, then
+measure its frontier of candidate widths (runtime/build/frontier.py). With
+``channel_search`` in model.yaml, a fractional tier's channel counts are the ones
+``runtime.build.channels`` measured best, and tier.json records that search (a rebuild
+reads the choice back instead of searching again).
 
 Example:
     >>> report = build_model(Repository("models"), "mnist")  # doctest: +SKIP
@@ -19,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +68,7 @@ class BuildReport:
     tiers: list[TierReport] = field(default_factory=list)
     profile_path: Path | None = None
     warnings: list[str] = field(default_factory=list)  # what the user should act on
+    frontier: Any = None  # runtime.repository.Frontier, for a model with auto_tiers
 
 
 def build_model(
@@ -98,11 +102,11 @@ def build_model(
             raise BuildError(f"tier {tier.name}: {exc}") from exc
         if module is None:
             module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
-        err = _validate(engine, module, config, tier.name)
+        err = validate(engine, module, config, tier.name)
         accuracy = record.accuracy
         if config.evaluation is not None and (exported or accuracy is None):
             bar.set_postfix_str(f"{tier.name}: accuracy")
-            accuracy = _accuracy(engine, config)
+            accuracy = evaluate_accuracy(engine, config)
             record = TierRecord(**{**record.__dict__, "accuracy": accuracy})
             record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
         if _data_free_transformer_tier(inn, record.sizes):
@@ -120,6 +124,10 @@ def build_model(
     repo.record_tokenizer(name, config)
     if profile:
         report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
+    if config.auto_tiers is not None:
+        from runtime.build.frontier import build_frontier  # it reuses this module's helpers
+
+        report.frontier = build_frontier(repo, name, progress, repeats)
     return report
 
 
@@ -175,7 +183,7 @@ def _export_tier(
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
     if search is None and _searches(config, tier):
-        accuracy = (lambda engine: _accuracy(engine, config)) if config.evaluation else None
+        accuracy = (lambda engine: evaluate_accuracy(engine, config)) if config.evaluation else None
         try:
             result = search_channels(
                 inn, config, tier.width, backend, options, accuracy, progress, tier.name
@@ -234,7 +242,7 @@ def _onnx_matches(d: Path, record: TierRecord) -> bool:
 
 
 @torch.no_grad()
-def _validate(engine, module, config: ModelConfig, tier: str) -> float:
+def validate(engine, module, config: ModelConfig, tier: str) -> float:
     rtol, atol = TOLERANCE[config.precision]
     worst = 0.0
     lengths = config.sequence_lengths or (1,)
@@ -257,7 +265,7 @@ def _validate(engine, module, config: ModelConfig, tier: str) -> float:
     return worst
 
 
-def _accuracy(engine, config: ModelConfig) -> float:
+def evaluate_accuracy(engine, config: ModelConfig) -> float:
     from runtime.demo.data import load as load_data
 
     data = load_data(config.evaluation.dataset)

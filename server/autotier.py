@@ -1,0 +1,179 @@
+"""Auto-tiering in a running server: record traffic, choose in the background, swap.
+
+For each model whose ``model.yaml`` has ``auto_tiers``, one asyncio task checks every
+``rebuild.check_interval_s``. Once ``rebuild.min_requests`` requests were recorded in the
+last ``window_s`` and ``rebuild.min_interval_s`` passed since the last change, it writes
+that window to ``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it in a
+separate process at a lower CPU priority (``rebuild.nice``, one intra-op thread): the
+choice (simulations), the engine builds and checks happen there, never on the serving
+loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``; then
+the model is reloaded as a swap: the new runtime takes new requests at once, the old one
+serves its whole queue (each request runs or expires by its own deadline: none is failed)
+and closes. Only the task and the reload run in the server; the server imports no
+simulator, so the serving image needs ``sim/`` only as that process's code.
+
+Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, waiting, failed),
+``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live set),
+and ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change);
+the log says what changed and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from runtime.repository.config import AutoTiersConfig
+from server.traffic import TrafficLog
+
+log = logging.getLogger("innfer.autotier")
+
+KEPT = 3  # exit status of `innfer tiers apply` when the live set stays (innfer/tiers.py)
+APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
+
+
+class AutoTierer:
+    """The background loop of one model.
+
+    ``reload`` swaps the model (DataPlane.swap); ``command`` builds the argv of the apply
+    process from (repository, model, traffic file, result file): tests pass their own.
+
+    Example:
+        >>> t = AutoTierer("mnist", root, goals, traffic, plane.swap, metrics)  # doctest: +SKIP
+        >>> t.start()  # on the server's loop; t.stop() ends it  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        name: str,
+        repository: Path,
+        goals: AutoTiersConfig,
+        traffic: TrafficLog,
+        reload: Callable[[str], Awaitable[None]],
+        metrics,
+        clock: Callable[[], float] = time.monotonic,
+        command: Callable[[Path, str, Path, Path], list[str]] | None = None,
+    ) -> None:
+        self.name = name
+        self.repository = Path(repository)
+        self.goals = goals
+        self.traffic = traffic
+        self.reload = reload
+        self.metrics = metrics
+        self.clock = clock
+        self.command = command or apply_command
+        self.last_change = -float("inf")
+        self.changes = 0
+        self._task: asyncio.Task | None = None
+        self._checking = asyncio.Lock()  # the loop and a caller never check at once
+
+    def start(self) -> None:
+        """Start the loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def stop(self) -> None:
+        """Cancel the loop (a running apply process is killed; the live set stays)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> None:
+        """Check forever (cancel the task to stop); one failed check never ends the loop."""
+        while True:
+            await asyncio.sleep(self.goals.rebuild.check_interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model %s: auto-tiering check failed", self.name)
+                self._count("failed")
+
+    async def check(self) -> str:
+        """One check; returns its outcome (applied, kept, waiting, failed)."""
+        async with self._checking:
+            return await self._check()
+
+    async def _check(self) -> str:
+        now = self.clock()
+        rebuild = self.goals.rebuild
+        if now - self.last_change < rebuild.min_interval_s:
+            return self._count("waiting")
+        work = self.repository / self.name / "auto"
+        work.mkdir(parents=True, exist_ok=True)
+        traffic, result = work / "traffic.csv", work / "choice.json"
+        result.unlink(missing_ok=True)
+        n = self.traffic.write_csv(traffic, now, self.goals.window_s)
+        if n < rebuild.min_requests:
+            return self._count("waiting")
+        t0 = self.clock()
+        code = await self._apply(self.command(self.repository, self.name, traffic, result))
+        choice = _read(result)
+        if choice is not None:
+            self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))
+        if code == KEPT:
+            return self._count("kept")
+        if code != 0:
+            log.error("model %s: `innfer tiers apply` exited %s; the live tiers stay", self.name,
+                      code)  # fmt: skip
+            return self._count("failed")
+        await self.reload(self.name)
+        seconds = self.clock() - t0
+        self.last_change = self.clock()
+        self.changes += 1
+        self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
+        if choice is not None:
+            best, old = choice["best"]["tiers"], choice["current"]["tiers"]
+            log.info(
+                "model %s: tiers %s -> %s (expected served accuracy %+.2f%% on %d recent "
+                "requests, budgets p50 %.1f ms, %.1f req/s); swapped in %.1f s",
+                self.name, old, best, 100 * choice["gain"], choice["traffic"]["requests"],
+                choice["traffic"]["budget_ms_p10_p50_p90"][1], choice["traffic"]["rate_per_s"],
+                seconds,
+            )  # fmt: skip
+        return self._count("applied")
+
+    async def _apply(self, argv: list[str]) -> int:
+        # nice(1) rather than a preexec_fn: the server has engine threads, and a fork that
+        # runs Python code before exec may deadlock in a threaded process.
+        nice = self.goals.rebuild.nice
+        argv = ["nice", "-n", str(nice), *argv] if nice else argv
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), APPLY_TIMEOUT_S)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        for line in out.decode(errors="replace").splitlines()[-20:]:
+            log.info("model %s: tiers apply: %s", self.name, line)
+        return proc.returncode
+
+    def _count(self, outcome: str) -> str:
+        self.metrics.tier_set_checks.labels(self.name, outcome).inc()
+        return outcome
+
+
+def apply_command(repository: Path, name: str, traffic: Path, result: Path) -> list[str]:
+    """``innfer tiers apply`` in this interpreter (the serving image installs the CLI)."""
+    return [
+        sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
+        "--traffic", str(traffic), "--result", str(result),
+    ]  # fmt: skip
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,318 @@
+"""Auto-tiering (issue 16): goals in model.yaml, the frontier, the choice by replaying traffic,
+`innfer tiers`, and a live swap under load that fails no request.
+
+The repository here is torch-free (tests/serverutil.py: ONNX graphs from onnx.helper, real
+ONNX Runtime engines, a hand-written frontier with made-up accuracies); the frontier of a
+real INN is built in test_frontier_of_a_real_inn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from serverutil import ServerThread, add_frontier, add_onnx_model, tiny_cnn, wide_mlp
+
+from innfer.cli import main as cli
+from runtime.repository import (
+    ACTIVE_FILE,
+    ActiveTiers,
+    Candidate,
+    Frontier,
+    Repository,
+    RepositoryError,
+)
+from runtime.repository.config import AutoTiersConfig, ConfigError, ModelConfig, RebuildConfig
+from runtime.repository.frontier import mark_pareto
+from server.scheduling import TierInfo
+from server.traffic import TrafficLog
+from sim.simulator import SimConfig
+from sim.tiering import Option, Traffic, choose, evaluate, frontier_options
+
+IO = {
+    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+}
+# Candidates of the tiny CNN: (width, accuracy). w075 is the most accurate (as a calibrated
+# tier can be), so a choice on any traffic wants it and differs from the hand-written set.
+CANDIDATES = {"w100": (1.0, 0.90), "w075": (0.75, 0.95), "w050": (0.5, 0.85), "w025": (0.25, 0.7)}
+
+
+def _auto_model(root, name="tiny", make=tiny_cnn, io=IO, **auto):
+    goals = {"max_tiers": 2, "simulate_requests": 300, **auto}
+    config = {**io, "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+              "max_batch": 4, "default_latency_budget_ms": 200, "auto_tiers": goals}  # fmt: skip
+    d = add_onnx_model(root, name, make, config, repeats=3)
+    add_frontier(d, make, CANDIDATES)
+    return d
+
+
+# -- config --------------------------------------------------------------------------------
+def test_auto_tiers_config_is_validated():
+    base = {**IO, "tiers": [{"name": "w100", "width": 1.0}]}
+    cfg = ModelConfig.from_dict({**base, "auto_tiers": {"max_tiers": 3, "rebuild": {
+        "min_interval_s": 60}}})  # fmt: skip
+    assert cfg.auto_tiers.max_tiers == 3 and cfg.auto_tiers.rebuild.min_interval_s == 60
+    assert ModelConfig.from_dict(base).auto_tiers is None  # hand-written tiers alone
+    with pytest.raises(ConfigError, match=r"auto_tiers.max_tier: .*did you mean 'max_tiers'"):
+        ModelConfig.from_dict({**base, "auto_tiers": {"max_tier": 3}})
+    with pytest.raises(ConfigError, match=r"auto_tiers.widths\[0\]: got 1.5"):
+        ModelConfig.from_dict({**base, "auto_tiers": {"widths": [1.5]}})
+    seq = {"inputs": [{"name": "ids", "dtype": "int64", "shape": [-1]}], "lengths": [16],
+           "outputs": IO["outputs"], "tiers": base["tiers"]}  # fmt: skip
+    with pytest.raises(ConfigError, match="sequence models are not supported yet"):
+        ModelConfig.from_dict({**seq, "auto_tiers": {}})
+
+
+# -- frontier files ------------------------------------------------------------------------
+def _candidate(name, acc, ms1, ms8=None, params=1000):
+    lat = {"1": {"p50_ms": ms1, "p90_ms": ms1 * 1.1},
+           "8": {"p50_ms": ms8 or ms1 * 4, "p90_ms": (ms8 or ms1 * 4) * 1.1}}  # fmt: skip
+    return Candidate(name, {"g": 8}, 1.0, 100, params, acc, lat, "sha")
+
+
+def test_pareto_keeps_what_nothing_beats_at_some_batch():
+    a = _candidate("a", 0.99, 4.0)
+    b = _candidate("b", 0.97, 2.0)
+    c = _candidate("c", 0.96, 3.0)  # slower and less accurate than b at both batches
+    d = _candidate("d", 0.95, 2.5, ms8=1.0)  # beaten at batch 1, fastest at batch 8
+    flags = {x.name: x.pareto for x in mark_pareto([a, b, c, d], (1, 8))}
+    assert flags == {"a": True, "b": True, "c": False, "d": True}
+    assert {x.name: x.pareto for x in mark_pareto([a, b, c, d], (1,))}["d"] is False
+
+
+def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
+    f = Frontier([_candidate("a", 0.9, 1.0)], "test", "sha1", "onnxruntime", "cpu", 1, 8)
+    f.write(tmp_path / "frontier.json")
+    assert Frontier.read(tmp_path / "frontier.json") == f
+    (tmp_path / "frontier.json").write_text("{not json")
+    with pytest.raises(RepositoryError, match=r"corrupted.*innfer build"):
+        Frontier.read(tmp_path / "frontier.json")
+    assert ActiveTiers.read(tmp_path / "none.json") is None
+    (tmp_path / "a.json").write_text('{"tiers": ["a"]}')
+    with pytest.raises(RepositoryError, match="delete it to serve the hand-written tiers"):
+        ActiveTiers.read(tmp_path / "a.json")
+
+
+def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path):
+    d = _auto_model(tmp_path)
+    repo = Repository(tmp_path)
+    assert sorted(repo.load("tiny").engines) == ["w050", "w100"]  # nothing chosen yet
+    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    served = repo.load("tiny")
+    assert sorted(served.engines) == ["w025", "w075"]
+    assert served.tiers["w075"].accuracy == 0.95 and served.tiers["w075"].sizes == {
+        "0": 12,
+        "1": 24,
+    }
+    assert sorted(served.profile["tiers"]) == ["w025", "w075"]
+    assert [t.name for t in served.config.tiers] == ["w075", "w025"]
+    # A choice made on an older frontier (the model was rebuilt since) is not served.
+    ActiveTiers(("w075",), "older-frontier", "now", {}).write(d / ACTIVE_FILE)
+    assert sorted(repo.load("tiny").engines) == ["w050", "w100"]
+    ActiveTiers(("w090",), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    with pytest.raises(RepositoryError, match="no candidate 'w090'"):
+        repo.load("tiny")
+
+
+# -- traffic -------------------------------------------------------------------------------
+def test_traffic_log_keeps_the_recent_window_in_order():
+    log = TrafficLog(capacity=5)
+    for i in range(8):  # the first 3 are overwritten
+        log.record(i * 0.1, 0.02 + i * 0.001, 1 + i % 2)
+    arrivals, budgets_ms, rows = log.window(now=0.7, seconds=0.25)
+    assert np.allclose(arrivals, [0.5, 0.6, 0.7]) and np.allclose(budgets_ms, [25, 26, 27])
+    assert rows.tolist() == [2, 1, 2]
+    assert len(log.window(now=0.7, seconds=10)[0]) == 5
+
+
+def test_traffic_csv_round_trip_and_errors(tmp_path):
+    t = Traffic(np.array([0.0, 0.5, 0.5]), np.array([20.0, 30.0, 40.0]), np.array([1, 2, 1]))
+    t.write(tmp_path / "t.csv")
+    back = Traffic.read(tmp_path / "t.csv")
+    assert back.arrival_s.tolist() == [0, 0.5, 0.5] and back.rows.tolist() == [1, 2, 1]
+    assert back.last(2).arrival_s.tolist() == [0.0, 0.0]
+    (tmp_path / "bad.csv").write_text("time,budget\n1,2\n")
+    with pytest.raises(ValueError, match="header 'arrival_s,budget_ms"):
+        Traffic.read(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text("arrival_s,budget_ms\n0,10\nx,10\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: not numbers"):
+        Traffic.read(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text("arrival_s,budget_ms\n1,10\n0,10\n")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Traffic.read(tmp_path / "bad.csv")
+
+
+# -- the choice ----------------------------------------------------------------------------
+# name: (accuracy, p50 ms at batch 1, at batch 8, width)
+SYNTH = {"w100": (0.99, 4.0, 16.0, 1.0), "w075": (0.98, 2.5, 10.0, 0.75),
+         "w050": (0.96, 1.5, 6.0, 0.5), "w025": (0.90, 0.8, 3.0, 0.25)}  # fmt: skip
+
+
+def _options(names=SYNTH, memory=None):
+    out = {}
+    for n in names:
+        acc, b1, b8, w = SYNTH[n]
+        p50 = {1: b1, 2: b1 + (b8 - b1) / 7, 4: b1 + 3 * (b8 - b1) / 7, 8: b8}
+        p90 = {b: v * 1.1 for b, v in p50.items()}
+        out[n] = Option(TierInfo(n, acc, p90, p50), p50, w, (memory or {}).get(n, w))
+    return out
+
+
+def _traffic(rate, budget_ms, n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(1 / rate, n))
+    return Traffic(t - t[0], rng.uniform(*budget_ms, n), np.ones(n, dtype=int))
+
+
+def test_loose_budgets_at_light_load_choose_the_most_accurate_tier():
+    goals = AutoTiersConfig(max_tiers=2, simulate_requests=400)
+    live = (_options(["w050", "w025"]), ["w050", "w025"])
+    c = choose(_options(), _traffic(20, (50, 100)), goals, live)
+    assert "w100" in c.best.tiers and c.best.attainment == 1.0
+    assert c.best.mean_accuracy == pytest.approx(0.99)  # nothing needs a smaller tier
+    assert c.gain == pytest.approx(0.99 - c.current.served_accuracy) and c.gain > 0.02
+    assert c.changes
+
+
+def test_tight_budgets_under_load_choose_faster_tiers_than_the_full_one():
+    # w100 alone: 8 rows / 16 ms = 500/s at best; 800/s with 5-10 ms budgets cannot be met.
+    goals = AutoTiersConfig(max_tiers=2, simulate_requests=400)
+    traffic = _traffic(800, (5, 10))
+    only_full = evaluate(_options(), ["w100"], traffic, SimConfig())
+    c = choose(_options(), traffic, goals, (_options(["w100"]), ["w100"]))
+    assert c.current.attainment == only_full.attainment < 0.9
+    assert c.best.attainment > only_full.attainment + 0.05
+    assert set(c.best.tiers) - {"w100"}  # a faster tier joined (or replaced) it
+    assert c.best.score > c.current.score
+
+
+def test_goals_bound_the_set_count_memory_and_accuracy():
+    traffic = _traffic(800, (5, 10))
+    c = choose(_options(), traffic, AutoTiersConfig(max_tiers=1, simulate_requests=400),
+               (_options(["w100"]), ["w100"]))  # fmt: skip
+    assert len(c.best.tiers) == 1
+    mem = {"w100": 4.0, "w075": 2.0, "w050": 1.0, "w025": 0.5}
+    goals = AutoTiersConfig(max_tiers=4, max_memory_mb=1.6, simulate_requests=400)
+    c = choose(_options(memory=mem), traffic, goals, (_options(["w100"]), ["w100"]))
+    assert c.best.memory_mb <= 1.6 and "w100" not in c.best.tiers
+    f = Frontier([_candidate("hi", 0.95, 4.0), _candidate("lo", 0.80, 1.0)], "t", "s", "o",
+                 "cpu", 1, 8)  # fmt: skip
+    f = Frontier(mark_pareto(f.candidates, (1, 8)), "t", "s", "o", "cpu", 1, 8)
+    assert sorted(frontier_options(f, floor=0.9)) == ["hi"]
+    with pytest.raises(ValueError, match=r"no frontier candidate reaches accuracy_floor 0\.99"):
+        frontier_options(f, floor=0.99)
+
+
+# -- innfer tiers suggest / apply -----------------------------------------------------------
+def test_suggest_changes_nothing_and_apply_writes_the_choice(tmp_path, capsys):
+    d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "live     w100, w050" in out and "chosen" in out and "expected gain" in out
+    assert not (d / ACTIVE_FILE).exists()
+    result = tmp_path / "choice.json"
+    code = cli(["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv"),
+                "--result", str(result)])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    active = ActiveTiers.read(d / ACTIVE_FILE)
+    assert "w075" in active.tiers and active.reason["replaces"] == ["w100", "w050"]
+    assert json.loads(result.read_text())["best"]["tiers"] == list(active.tiers)
+    # The same traffic again: the live set is now the chosen one, so it is kept.
+    code = cli(["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")])
+    assert code == 3 and "keep (same set)" in capsys.readouterr().out
+
+
+def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):
+    add_onnx_model(tmp_path, "plain", tiny_cnn, {**IO, "tiers": [{"name": "w100", "width": 1.0}]})
+    _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
+    argv = ["tiers", "apply", str(tmp_path), "plain", "--traffic", str(tmp_path / "t.csv")]
+    assert cli(argv) == 2
+    assert "add auto_tiers" in capsys.readouterr().err
+
+
+# -- live: the server swaps its tiers under load and fails nothing --------------------------
+def test_live_swap_under_load_answers_every_request(tmp_path):
+    """8 closed-loop clients on the MLP (about 1 ms a batch at full width, so requests queue)
+    while the server changes its tier set: every request is answered, none fails - the old
+    runtime serves its queue - and after the swap only the new tiers serve."""
+    import tritonclient.grpc as tc
+
+    io = {**IO, "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 28, 28]}]}
+    _auto_model(tmp_path, "mlp", wide_mlp, io, window_s=60,
+                rebuild={"min_gain": 0.0, "min_requests": 50, "min_interval_s": 0,
+                         "check_interval_s": 3600})  # fmt: skip
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        plane = server.server.plane
+        stop, results, errors = threading.Event(), [], []
+
+        def client_loop():
+            c = tc.InferenceServerClient(server.address)
+            x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            while not stop.is_set():
+                try:
+                    r = c.infer("mlp", [inp], parameters={"latency_budget_ms": 2000})
+                    results.append(r.get_response().parameters["tier"].string_param)
+                except Exception as exc:  # every failure is a test failure
+                    errors.append(str(exc))
+            c.close()
+
+        threads = [threading.Thread(target=client_loop) for _ in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(plane.traffic["mlp"]) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        outcome = server.call(plane.tierers["mlp"].check(), timeout=120)
+        served_after = len(results)
+        time.sleep(0.5)  # more load on the new tiers
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert outcome == "applied"
+        assert errors == []
+        assert len(results) > served_after  # the new set served too
+        new = set(ActiveTiers.read(tmp_path / "mlp" / ACTIVE_FILE).tiers)
+        assert "w075" in new and set(results[served_after + 8 :]) <= new
+        assert set(results[:10]) <= {"w100", "w050"}
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        assert 'innfer_tier_set_checks_total{model="mlp",outcome="applied"} 1.0' in metrics
+        assert 'innfer_tier_set_swap_seconds{model="mlp"}' in metrics
+    finally:
+        server.stop()
+
+
+def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=100))
+    log, calls = TrafficLog(), []
+    clock = [1000.0]
+
+    async def reload(name):
+        calls.append(name)
+
+    def command(repo, name, traffic, result):  # stands in for `innfer tiers apply`
+        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
+                                      "current": {"tiers": ["b"]}, "traffic": {
+                                          "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
+                                          "rate_per_s": 5.0}}))  # fmt: skip
+        return ["true"]
+
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: clock[0], command)
+    assert asyncio.run(tierer.check()) == "waiting"  # no traffic yet
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+    assert asyncio.run(tierer.check()) == "applied" and calls == ["m"]
+    clock[0] += 50
+    assert asyncio.run(tierer.check()) == "waiting"  # min_interval_s since the change
