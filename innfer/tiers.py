@@ -121,37 +121,45 @@ def _choose(repo, name: str, traffic_path: Path):
 
 
 def live_options(repo, name: str, frontier):
-    """The tier set serving now - the auto-tiering choice, else model.yaml's tiers - as
-    options measured like the frontier's: a hand-written tier with a candidate's channel
-    counts takes that candidate's latency (one measurement for both sides), and where its
-    build measured no accuracy, the candidate's accuracy - or, with no such candidate, that
-    of the candidate closest in FLOPs (an estimate; a FLOPs fraction would not compare
-    with measured accuracies)."""
+    """The tier set serving now as (options, names): the auto-tiering choice where there is
+    a current one (measured on the frontier), else model.yaml's tiers (``hand_options``)."""
+    from sim.tiering import profile_options
+
+    auto = repo.auto_tiers(name, repo.config(name))
+    if auto is None:
+        return hand_options(repo, name, frontier)
+    _, records, profile = auto
+    memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
+    return profile_options(profile, records, memory), list(records)
+
+
+def hand_options(repo, name: str, frontier):
+    """model.yaml's tiers as (options, names), measured like the frontier's: a tier with a
+    candidate's channel counts takes that candidate's latency (one measurement for both
+    sides), and where its build measured no accuracy, the candidate's accuracy - or, with
+    no such candidate, that of the candidate closest in FLOPs (an estimate; a FLOPs
+    fraction would not compare with measured accuracies)."""
     import dataclasses
 
     from runtime.repository import TierRecord
     from sim.tiering import profile_options
 
     config = repo.config(name)
-    auto = repo.auto_tiers(name, config)
-    if auto is not None:
-        _, records, profile = auto
-    else:
-        records = {t.name: TierRecord.read(repo.tier_dir(name, t.name) / "tier.json")
-                   for t in config.tiers}  # fmt: skip
-        profile = repo.read_profile(name)
-        if profile is None:
-            raise ValueError(f"{name}/profile.json is missing: run `innfer build`")
-        by_sizes = {json.dumps(c.sizes, sort_keys=True): c for c in frontier.candidates}
-        tables = dict(profile["tiers"])
-        for t, rec in records.items():
-            c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
-            if c is not None:
-                tables[t] = c.latency
-            if rec.accuracy is None:
-                c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
-                records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
-        profile = {**profile, "tiers": {t: tables[t] for t in records}}
+    records = {t.name: TierRecord.read(repo.tier_dir(name, t.name) / "tier.json")
+               for t in config.tiers}  # fmt: skip
+    profile = repo.read_profile(name)
+    if profile is None:
+        raise ValueError(f"{name}/profile.json is missing: run `innfer build`")
+    by_sizes = {json.dumps(c.sizes, sort_keys=True): c for c in frontier.candidates}
+    tables = dict(profile["tiers"])
+    for t, rec in records.items():
+        c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
+        if c is not None:
+            tables[t] = c.latency
+        if rec.accuracy is None:
+            c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
+            records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
+    profile = {**profile, "tiers": {t: tables[t] for t in records}}
     memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
     return profile_options(profile, records, memory), list(records)
 

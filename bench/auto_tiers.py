@@ -1,0 +1,393 @@
+"""Auto-tiering against hand-written tiers and the best fixed set, when the traffic shifts.
+
+Models: the demo model (`innfer demo`: the small ResNet on MNIST, trained at random widths;
+accuracy on 1,000 test digits) and the ResNet-18-like CNN of the live benchmarks (width 0.5,
+3x224x224, untrained random weights: its "accuracy" is the FLOPs fraction, the scheduler's
+proxy, so its figures are mean served size, not accuracy). Each gets ``auto_tiers`` in a
+copy of its repository and its frontier measured by the build's own code
+(runtime/build/frontier.py) on this machine; the hand-written tiers are its model.yaml's
+w100/w075/w050/w025.
+
+Traffic (Poisson, seeded), in two phases of ``--phase-s`` seconds each, scaled to the model:
+with T = the full tier's p50 at batch 1 and C = its capacity (max_batch / p50 at max_batch),
+
+  phase 1   budgets U(1.5 T, 8 T) at 0.5 C     (ResNet: U(20, 100) ms, the issue's first phase)
+  phase 2   90 % of budgets U(0.4 T, 1.2 T), 10 % as phase 1, at 1.0 C
+            (ResNet: mostly 5-15 ms)
+
+Arms, all replayed by the server's scheduler on a virtual clock (sim.simulator.replay) with
+engine times drawn from the frontier's measurements, the same draws for every arm:
+
+  hand      model.yaml's tiers throughout
+  fixed     the set sim.tiering.choose picks for phase 1 (on another seed's phase-1 traffic),
+            throughout: the best an operator could fix offline
+  auto      the server's control loop: every ``check_interval_s`` a choice on the last
+            ``window_s`` of traffic (at most ``simulate_requests`` requests), applied when it
+            gains ``min_gain``; the new set serves from the check + the measured time of that
+            choice (wall clock, this machine) + 1 s for the reload. It starts with ``fixed``.
+            Segments between swaps are replayed separately (a queue is not carried across a
+            swap; the live swap serves it on the old tiers - tests/test_auto_tiers.py).
+
+Per arm and phase: attainment (answered within budget / sent), mean served accuracy (over
+answered), served accuracy (misses count 0), mean served width; auto's swaps with when, what
+and how long the choice took. Seeds --seeds; mean and spread (min..max) over seeds.
+
+Writes bench/results/auto_tiers.json and auto_tiers.png.
+
+    .venv/bin/python -m bench.auto_tiers [--models mnist,resnet18w50] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.publish import publish
+from innfer.tiers import hand_options
+from runtime.repository import ACTIVE_FILE, Repository
+from runtime.repository.config import AutoTiersConfig, RebuildConfig
+from sim.simulator import SimConfig
+from sim.tiering import Traffic, choose, frontier_options
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+WORK = ROOT / "runs" / "bench-auto"
+SOURCES = {  # model -> (repository it is copied from, how to make it)
+    "mnist": (ROOT / "runs" / "demo" / "repository", "make run (innfer demo)"),
+    "resnet18w50": (ROOT / "runs" / "bench-live", "python -m bench.live_scheduler"),
+}
+RELOAD_S = 1.0  # allowance for the reload after a choice (engines come from the cache)
+
+
+def prepare(model: str, goals: dict) -> Repository:
+    """A copy of ``model``'s repository with ``auto_tiers`` and its frontier built."""
+    from runtime.build.frontier import build_frontier
+
+    src_root, how = SOURCES[model]
+    src = src_root / model
+    if not (src / "profile.json").is_file():
+        raise SystemExit(f"{src} is not built: run {how} first")
+    dst = WORK / model
+    if not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("frontier", ACTIVE_FILE))
+    config = yaml.safe_load((src / "model.yaml").read_text())
+    config["auto_tiers"] = goals
+    (dst / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (dst / ACTIVE_FILE).unlink(missing_ok=True)
+    repo = Repository(WORK)
+    t0 = time.perf_counter()
+    build_frontier(repo, model, progress=True)
+    print(f"{model}: frontier ready in {time.perf_counter() - t0:.0f} s")
+    return repo
+
+
+def phases(options, names, phase_s: float, seed: int) -> tuple[Traffic, float]:
+    """The two-phase traffic (see the module doc) and the shift time."""
+    full = options[names[0]]
+    t1 = full.p50[1]
+    batch = max(full.p50)
+    capacity = batch / full.p50[batch] * 1e3  # rows per second
+    rng = np.random.default_rng(seed)
+    parts, start = [], 0.0
+    for load, tight in ((0.5, 0.0), (1.0, 0.9)):
+        n = int(load * capacity * phase_s * 1.3) + 10
+        t = start + np.cumsum(rng.exponential(1 / (load * capacity), n))
+        t = t[t < start + phase_s]
+        loose = rng.uniform(1.5 * t1, 8 * t1, len(t))
+        narrow = rng.uniform(0.4 * t1, 1.2 * t1, len(t))
+        parts.append((t, np.where(rng.random(len(t)) < tight, narrow, loose)))
+        start += phase_s
+    arrivals = np.concatenate([p[0] for p in parts])
+    budgets = np.concatenate([p[1] for p in parts])
+    return Traffic(arrivals, budgets, np.ones(len(arrivals), dtype=int)), phase_s
+
+
+def window(traffic: Traffic, lo: float, hi: float) -> Traffic:
+    keep = (traffic.arrival_s >= lo) & (traffic.arrival_s < hi)
+    a = traffic.arrival_s[keep]
+    return Traffic(a, traffic.budget_ms[keep], traffic.rows[keep])
+
+
+def control_loop(options, start_set, traffic, goals, sim, end_s) -> list[dict]:
+    """Auto's swaps: [{at, tiers, choice_s, gain}] starting with ``start_set`` at 0."""
+    sets = [{"at": 0.0, "tiers": list(start_set), "choice_s": 0.0, "gain": 0.0}]
+    rebuild = goals.rebuild
+    t = rebuild.check_interval_s
+    while t < end_s:
+        recent = window(traffic, t - goals.window_s, t)
+        live = sets[-1]
+        if len(recent) >= rebuild.min_requests and t - live["at"] >= rebuild.min_interval_s:
+            t0 = time.perf_counter()
+            c = choose(options, recent, goals, (options, live["tiers"]), sim)
+            took = time.perf_counter() - t0
+            if c.changes and c.gain >= rebuild.min_gain:
+                at = t + took + RELOAD_S
+                sets.append({"at": at, "tiers": list(c.best.tiers), "choice_s": took,
+                             "gain": c.gain, "checked_at": t})  # fmt: skip
+        t += rebuild.check_interval_s
+    return sets
+
+
+def run_arm(options, sets, traffic, sim) -> dict:
+    """Replay ``traffic`` with the tier sets in force over time; per-request outcomes."""
+    n = len(traffic)
+    met = np.zeros(n, dtype=bool)
+    acc = np.zeros(n)
+    width = np.full(n, np.nan)
+    bounds = [s["at"] for s in sets[1:]] + [np.inf]
+    lo = 0.0
+    for s, hi in zip(sets, bounds, strict=True):
+        idx = np.flatnonzero((traffic.arrival_s >= lo) & (traffic.arrival_s < hi))
+        lo = hi
+        if len(idx) == 0:
+            continue
+        seg = Traffic(traffic.arrival_s[idx], traffic.budget_ms[idx], traffic.rows[idx])
+        m, a, w = outcomes(options, s["tiers"], seg, sim)
+        met[idx], acc[idx], width[idx] = m, a, w
+    return {"met": met, "accuracy": acc, "width": width}
+
+
+def outcomes(options, names, traffic, sim):
+    """Per request: met, accuracy of the serving tier (0 if not answered), width (nan)."""
+    from sim.simulator import replay
+
+    tiers = [options[n].tier for n in names]
+    p50 = {n: options[n].p50 for n in names}
+    budgets = traffic.budget_ms / 1e3
+    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
+    met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
+    acc = np.array([options[t].tier.accuracy if t else 0.0 for t in r.tiers])
+    width = np.array([options[t].width if t else np.nan for t in r.tiers])
+    return met, acc, width
+
+
+def summarise(arm: dict, mask: np.ndarray) -> dict:
+    met, acc, width = arm["met"][mask], arm["accuracy"][mask], arm["width"][mask]
+    answered = ~np.isnan(width)
+    return {
+        "requests": int(mask.sum()),
+        "attainment": float(met.mean()),
+        "mean_served_accuracy": float(acc[answered].mean()) if answered.any() else None,
+        "served_accuracy": float(np.where(met, acc, 0.0).mean()),
+        "mean_served_width": float(width[answered].mean()) if answered.any() else None,
+    }
+
+
+def one_model(model: str, args, goals: AutoTiersConfig) -> dict:
+    repo = prepare(model, _goals_yaml(goals))
+    from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier
+
+    frontier = Frontier.read(repo.model_dir(model) / FRONTIER_DIR / FRONTIER_FILE)
+    options = frontier_options(frontier, goals.accuracy_floor)
+    hand, hand_names = hand_options(repo, model, frontier)
+    config = repo.config(model)
+    sim = SimConfig(slo_target=config.slo_target, max_batch=config.max_batch,
+                    max_queue=config.max_queue, slots=config.instances)  # fmt: skip
+    merged = {**options, **{f"hand:{n}": o for n, o in hand.items()}}
+    merged_hand = [f"hand:{n}" for n in hand_names]
+    for n in hand_names:  # the scheduler sees the names; keep them apart from candidates'
+        merged[f"hand:{n}"] = dataclasses.replace(
+            hand[n], tier=dataclasses.replace(hand[n].tier, name=f"hand:{n}")
+        )
+    runs = []
+    for seed in args.seeds:
+        traffic, shift = phases(hand, hand_names, args.phase_s, seed)
+        offline, _ = phases(hand, hand_names, args.phase_s, seed + 1000)
+        t0 = time.perf_counter()
+        fixed = choose(options, window(offline, 0, shift), goals, (merged, merged_hand), sim)
+        fixed_s = time.perf_counter() - t0
+        sets = control_loop(options, fixed.best.tiers, traffic, goals, sim, 2 * args.phase_s)
+        fixed_set = [{"at": 0.0, "tiers": list(fixed.best.tiers)}]
+        arms = {
+            "hand": run_arm(merged, [{"at": 0.0, "tiers": merged_hand}], traffic, sim),
+            "fixed": run_arm(options, fixed_set, traffic, sim),
+            "auto": run_arm(options, sets, traffic, sim),
+        }
+        p1 = traffic.arrival_s < shift
+        result = {
+            "seed": seed,
+            "requests": len(traffic),
+            "fixed_set": list(fixed.best.tiers),
+            "fixed_choice_s": fixed_s,
+            "auto_sets": sets,
+            "arms": {
+                a: {"phase1": summarise(v, p1), "phase2": summarise(v, ~p1)}
+                for a, v in arms.items()
+            },
+            "timeline": timeline(arms, traffic, 2 * args.phase_s),
+        }
+        runs.append(result)
+        print(_seed_line(model, result))
+    return {
+        "model": model,
+        "accuracy_source": frontier.accuracy_source,
+        "hand_tiers": hand_names,
+        "frontier": [dataclasses.asdict(c) for c in frontier.pareto()],
+        "candidates": len(frontier.candidates),
+        "full_p50_b1_ms": hand[hand_names[0]].p50[1],
+        "runs": runs,
+        "summary": aggregate(runs),
+    }
+
+
+def timeline(arms: dict, traffic: Traffic, end_s: float, bins: int = 40) -> dict:
+    edges = np.linspace(0, end_s, bins + 1)
+    idx = np.clip(np.digitize(traffic.arrival_s, edges) - 1, 0, bins - 1)
+    out = {"t": ((edges[:-1] + edges[1:]) / 2).tolist()}
+    for a, v in arms.items():
+        served = np.where(v["met"], v["accuracy"], 0.0)
+        out[a] = [float(served[idx == b].mean()) if np.any(idx == b) else None
+                  for b in range(bins)]  # fmt: skip
+    return out
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out = {}
+    for arm in ("hand", "fixed", "auto"):
+        for phase in ("phase1", "phase2"):
+            for k in ("attainment", "mean_served_accuracy", "served_accuracy",
+                      "mean_served_width"):  # fmt: skip
+                v = [r["arms"][arm][phase][k] for r in runs if r["arms"][arm][phase][k] is not None]
+                out.setdefault(arm, {}).setdefault(phase, {})[k] = {
+                    "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))
+                }  # fmt: skip
+    gain = [r["arms"]["auto"]["phase2"]["mean_served_accuracy"]
+            - r["arms"]["hand"]["phase2"]["mean_served_accuracy"] for r in runs]  # fmt: skip
+    att = [r["arms"]["auto"]["phase2"]["attainment"] - r["arms"]["hand"]["phase2"]["attainment"]
+           for r in runs]  # fmt: skip
+    out["auto_minus_hand_phase2"] = {
+        "mean_served_accuracy": {"mean": float(np.mean(gain)), "min": float(np.min(gain)),
+                                 "max": float(np.max(gain))},
+        "attainment": {"mean": float(np.mean(att)), "min": float(np.min(att)),
+                       "max": float(np.max(att))},
+    }  # fmt: skip
+    out["goal_met"] = bool(min(gain) >= 0.02 and min(att) >= 0.0)
+    return out
+
+
+def _seed_line(model: str, r: dict) -> str:
+    a = r["arms"]
+    cells = [f"{k} {a[k]['phase2']['mean_served_accuracy']:.4f}/{a[k]['phase2']['attainment']:.1%}"
+             for k in ("hand", "fixed", "auto")]  # fmt: skip
+    swaps = ", ".join(f"{s['at']:.0f}s {'+'.join(s['tiers'])}" for s in r["auto_sets"][1:])
+    return (
+        f"{model} seed {r['seed']}: phase 2 acc/attainment "
+        + "  ".join(cells)
+        + f"  (auto swaps: {swaps or 'none'})"
+    )
+
+
+def _goals_yaml(goals: AutoTiersConfig) -> dict:
+    d = dataclasses.asdict(goals)
+    d["widths"] = list(d["widths"])
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 7.5), squeeze=False)
+    colors = {"hand": "tab:gray", "fixed": "tab:blue", "auto": "tab:red"}
+    for j, m in enumerate(models):
+        r0 = m["runs"][0]
+        ax = axes[0][j]
+        for arm, c in colors.items():
+            ax.plot(r0["timeline"]["t"], r0["timeline"][arm], color=c, label=arm)
+        for s in r0["auto_sets"][1:]:
+            ax.axvline(s["at"], color="tab:red", ls=":", lw=1)
+        ax.axvline(m["phase_s"], color="k", lw=1)
+        ax.set_title(f"{m['model']}: served accuracy over time (seed {r0['seed']}; "
+                     "misses count 0)", fontsize=9)  # fmt: skip
+        ax.set_xlabel("time (s); black: the shift, dotted: auto's swaps")
+        ax.legend(fontsize=8)
+        ax = axes[1][j]
+        s = m["summary"]
+        xs = np.arange(3)
+        for k, (key, label) in enumerate((("mean_served_accuracy", "mean served acc"),
+                                          ("attainment", "attainment"))):  # fmt: skip
+            vals = [s[a]["phase2"][key]["mean"] for a in colors]
+            lo = [v - s[a]["phase2"][key]["min"] for v, a in zip(vals, colors, strict=True)]
+            hi = [s[a]["phase2"][key]["max"] - v for v, a in zip(vals, colors, strict=True)]
+            ax.bar(xs + k * 0.4, vals, 0.38, yerr=[lo, hi], label=label, alpha=0.8)
+        ax.set_xticks(xs + 0.2, list(colors))
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{m['model']}: phase 2 (after the shift), mean and min..max over "
+                     f"{len(m['runs'])} seeds", fontsize=9)  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for m in results["models"]:
+        s = m["summary"]
+        lines.append(f"\n{m['model']} ({m['accuracy_source']}); phase 2, mean [min..max] over "
+                     f"{len(m['runs'])} seeds:")  # fmt: skip
+        for arm in ("hand", "fixed", "auto"):
+            p = s[arm]["phase2"]
+            lines.append(
+                f"  {arm:<6} mean served acc {p['mean_served_accuracy']['mean']:.4f} "
+                f"[{p['mean_served_accuracy']['min']:.4f}..{p['mean_served_accuracy']['max']:.4f}]"
+                f"  attainment {p['attainment']['mean']:.2%} "
+                f"[{p['attainment']['min']:.2%}..{p['attainment']['max']:.2%}]"
+                f"  width {p['mean_served_width']['mean']:.3f}"
+            )
+        d = s["auto_minus_hand_phase2"]
+        acc, att = d["mean_served_accuracy"], d["attainment"]
+        verdict = "met" if s["goal_met"] else "NOT met"
+        lines.append(
+            f"  auto - hand: accuracy {acc['mean']:+.4f} [{acc['min']:+.4f}..{acc['max']:+.4f}], "
+            f"attainment {att['mean']:+.2%} [{att['min']:+.2%}..{att['max']:+.2%}]; goal (>= "
+            f"+0.02 at equal or better attainment, every seed) {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="mnist,resnet18w50")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--phase-s", type=float, default=None,
+                   help="seconds per phase (default: 600; 20 for mnist)")  # fmt: skip
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    models = []
+    for model in args.models.split(","):
+        # Seconds scale with the model: the mnist net serves ~100x the ResNet's rate, so its
+        # phases are shorter for a like number of requests and checks.
+        long = model != "mnist"
+        phase_s = args.phase_s or (600.0 if long else 20.0)
+        goals = AutoTiersConfig(
+            max_tiers=4, window_s=60.0 if long else 2.0, simulate_requests=2000,
+            rebuild=RebuildConfig(min_interval_s=120.0 if long else 4.0,
+                                  check_interval_s=30.0 if long else 1.0, min_gain=0.005,
+                                  min_requests=200),
+        )  # fmt: skip
+        m = one_model(model, argparse.Namespace(**{**vars(args), "phase_s": phase_s}), goals)
+        m["phase_s"] = phase_s
+        m["goals"] = _goals_yaml(goals)
+        models.append(m)
+    results = {"models": models, "seeds": args.seeds, "reload_s": RELOAD_S,
+               "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+    publish(results, OUT, "auto_tiers", plot, table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
