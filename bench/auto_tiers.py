@@ -21,10 +21,11 @@ engine times drawn from the frontier's measurements, the same draws for every ar
   hand      model.yaml's tiers throughout
   fixed     the set sim.tiering.choose picks for phase 1 (on another seed's phase-1 traffic),
             throughout: the best an operator could fix offline
-  auto      the server's control loop: every ``check_interval_s`` a choice on the last
-            ``window_s`` of traffic (at most ``simulate_requests`` requests), applied when it
-            gains ``min_gain``; the new set serves from the check + the measured time of that
-            choice (wall clock, this machine) + 1 s for the reload. It starts with ``fixed``.
+  auto      the server's control loop: every ``check_interval_s``, where the traffic of the
+            last ``window_s`` drifted from what the live set was chosen for, a choice on it
+            (at most ``simulate_requests`` requests), applied when it gains ``min_gain``;
+            the new set serves from the check + the measured time of that choice (wall
+            clock, this machine) + 1 s for the reload. It starts with ``fixed``.
             Segments between swaps are replayed separately (a queue is not carried across a
             swap; the live swap serves it on the old tiers - tests/test_auto_tiers.py).
 
@@ -55,6 +56,7 @@ from bench.publish import publish
 from innfer.tiers import hand_options
 from runtime.repository import ACTIVE_FILE, Repository
 from runtime.repository.config import AutoTiersConfig, RebuildConfig
+from server.traffic import drifted
 from sim.simulator import SimConfig
 from sim.tiering import Traffic, choose, frontier_options
 
@@ -122,13 +124,20 @@ def control_loop(options, start_set, traffic, goals, sim, end_s) -> list[dict]:
     sets = [{"at": 0.0, "tiers": list(start_set), "choice_s": 0.0, "gain": 0.0}]
     rebuild = goals.rebuild
     t = rebuild.check_interval_s
+    chosen_for = None  # as server/autotier.py: choose again only when the traffic moved
     while t < end_s:
         recent = window(traffic, t - goals.window_s, t)
         live = sets[-1]
-        if len(recent) >= rebuild.min_requests and t - live["at"] >= rebuild.min_interval_s:
+        summary = recent.summary()
+        if (
+            len(recent) >= rebuild.min_requests
+            and t - live["at"] >= rebuild.min_interval_s
+            and (chosen_for is None or drifted(chosen_for, summary, rebuild.drift))
+        ):
             t0 = time.perf_counter()
             c = choose(options, recent, goals, (options, live["tiers"]), sim)
             took = time.perf_counter() - t0
+            chosen_for = summary
             if c.changes and c.gain >= rebuild.min_gain:
                 at = t + took + RELOAD_S
                 sets.append({"at": at, "tiers": list(c.best.tiers), "choice_s": took,

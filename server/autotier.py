@@ -2,9 +2,11 @@
 
 For each model whose ``model.yaml`` has ``auto_tiers``, one asyncio task checks every
 ``rebuild.check_interval_s``. Once ``rebuild.min_requests`` requests were recorded in the
-last ``window_s`` and ``rebuild.min_interval_s`` passed since the last change, it writes
-that window to ``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it in a
-separate process at a lower CPU priority (``rebuild.nice``, one intra-op thread): the
+last ``window_s``, ``rebuild.min_interval_s`` passed since the last change and the traffic
+moved by more than ``rebuild.drift`` since the last choice (rate, budget quantiles, rows:
+simulating costs CPU the serving process shares, so unchanged traffic is not re-judged), it
+writes that window to ``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it in
+a separate process at a lower CPU priority (``rebuild.nice``, one intra-op thread): the
 choice (simulations), the engine builds and checks happen there, never on the serving
 loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``; then
 the model is reloaded as a swap: the new runtime takes new requests at once, the old one
@@ -12,9 +14,9 @@ serves its whole queue (each request runs or expires by its own deadline: none i
 and closes. Only the task and the reload run in the server; the server imports no
 simulator, so the serving image needs ``sim/`` only as that process's code.
 
-Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, waiting, failed),
-``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live set),
-and ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change);
+Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
+failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
+set) and ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change);
 the log says what changed and why.
 """
 
@@ -31,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from runtime.repository.config import AutoTiersConfig
-from server.traffic import TrafficLog
+from server.traffic import TrafficLog, drifted
 
 log = logging.getLogger("innfer.autotier")
 
@@ -71,6 +73,7 @@ class AutoTierer:
         self.command = command or apply_command
         self.last_change = -float("inf")
         self.changes = 0
+        self.chosen_for: dict | None = None  # traffic summary of the last completed choice
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
 
@@ -96,7 +99,7 @@ class AutoTierer:
                 self._count("failed")
 
     async def check(self) -> str:
-        """One check; returns its outcome (applied, kept, waiting, failed)."""
+        """One check; returns its outcome (applied, kept, unchanged, waiting, failed)."""
         async with self._checking:
             return await self._check()
 
@@ -105,15 +108,20 @@ class AutoTierer:
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")
+        summary = self.traffic.summary(now, self.goals.window_s)
+        if summary["requests"] < rebuild.min_requests:
+            return self._count("waiting")
+        if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
+            return self._count("unchanged")  # the live set was chosen for traffic like this
         work = self.repository / self.name / "auto"
         work.mkdir(parents=True, exist_ok=True)
         traffic, result = work / "traffic.csv", work / "choice.json"
         result.unlink(missing_ok=True)
-        n = self.traffic.write_csv(traffic, now, self.goals.window_s)
-        if n < rebuild.min_requests:
-            return self._count("waiting")
+        self.traffic.write_csv(traffic, now, self.goals.window_s)
         t0 = self.clock()
         code = await self._apply(self.command(self.repository, self.name, traffic, result))
+        if code in (0, KEPT):
+            self.chosen_for = summary
         choice = _read(result)
         if choice is not None:
             self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))

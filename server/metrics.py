@@ -160,7 +160,8 @@ class Metrics:
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.
         self.tier_set_checks = Counter(
             "innfer_tier_set_checks", "Auto-tiering checks by outcome: applied (the tier set "
-            "changed), kept, waiting (too little traffic or too soon), failed.",
+            "changed), kept, unchanged (traffic as at the last choice), waiting (too little "
+            "traffic or too soon), failed.",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
         self.tier_set_gain = Gauge(

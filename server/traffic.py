@@ -47,6 +47,10 @@ class TrafficLog:
         rows = rows[np.argsort(rows[:, 0], kind="stable")]
         return rows[:, 0], rows[:, 1] * 1e3, rows[:, 2].astype(int)
 
+    def summary(self, now: float, seconds: float) -> dict:
+        """``summarise_traffic`` of the last ``seconds``."""
+        return summarise_traffic(*self.window(now, seconds))
+
     def write_csv(self, path: Path, now: float, seconds: float) -> int:
         """Write the window to ``path`` (arrivals from 0); returns the request count."""
         arrivals, budgets_ms, rows = self.window(now, seconds)
@@ -56,3 +60,38 @@ class TrafficLog:
         lines += [f"{a:.6f},{b:.3f},{r}" for a, b, r in rows_out]
         Path(path).write_text("\n".join(lines) + "\n")
         return len(arrivals)
+
+
+def summarise_traffic(arrivals: np.ndarray, budgets_ms: np.ndarray, rows: np.ndarray) -> dict:
+    """Request count, span, mean rate, budget p10/p50/p90 and mean rows of some traffic.
+
+    Example:
+        >>> s = summarise_traffic(np.array([0.0, 1.0, 2.0]), np.array([10.0, 20, 30]),
+        ...                       np.array([1, 1, 1]))
+        >>> s["rate_per_s"], s["budget_ms_p10_p50_p90"]
+        (1.0, [12.0, 20.0, 28.0])
+    """
+    n = len(arrivals)
+    span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
+    q = np.percentile(budgets_ms, [10, 50, 90]) if n else [float("nan")] * 3
+    return {
+        "requests": n,
+        "seconds": span,
+        "rate_per_s": (n - 1) / span if span > 0 else 0.0,
+        "budget_ms_p10_p50_p90": [float(v) for v in q],
+        "rows_mean": float(rows.mean()) if n else 0.0,
+    }
+
+
+def drifted(before: dict, now: dict, tolerance: float) -> bool:
+    """Whether traffic moved since ``before`` (a summary a choice was made for): its rate,
+    a budget quantile or the mean rows changed by more than ``tolerance`` (relative).
+
+    Example:
+        >>> a = {"rate_per_s": 100.0, "budget_ms_p10_p50_p90": [20, 50, 90], "rows_mean": 1}
+        >>> drifted(a, {**a, "rate_per_s": 110.0}, 0.2), drifted(a, {**a, "rate_per_s": 150.0}, 0.2)
+        (False, True)
+    """
+    pairs = [(before["rate_per_s"], now["rate_per_s"]), (before["rows_mean"], now["rows_mean"])]
+    pairs += list(zip(before["budget_ms_p10_p50_p90"], now["budget_ms_p10_p50_p90"], strict=True))
+    return any(abs(b - a) > tolerance * max(abs(a), 1e-9) for a, b in pairs)

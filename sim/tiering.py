@@ -4,11 +4,14 @@ A tier set is judged by replaying recorded requests (arrival times, budgets, row
 the server's own scheduler on a virtual clock (``sim.simulator.replay``), with the engine
 times of the candidates as the frontier measured them. Its score is the expected served
 accuracy - the mean over requests of the serving tier's accuracy, 0 for a request not
-answered within its budget - less a penalty where attainment falls below the SLO target:
+answered within its budget - less a penalty where attainment falls below a floor:
 
-    score = mean(accuracy if met else 0) - PENALTY * max(0, slo_target - attainment)
+    score = mean(accuracy if met else 0) - PENALTY * max(0, floor - attainment)
+    floor = min(slo_target, attainment of the live set on the same requests)
 
-so a set that serves more accurately is chosen only where it keeps deadlines too. The
+so a set is chosen for serving more accurately only at equal or better attainment than the
+live one (or the SLO target, where the live set meets it): the penalty makes a point of
+attainment cost more than any accuracy it could buy. The
 search: greedy (add the tier that raises the score most, up to ``max_tiers``, stopping when
 none does), then swaps of one member for one non-member while any improves it. Every set is
 replayed on the same requests with the same engine-time draws (one seed), so two sets differ
@@ -36,6 +39,7 @@ from runtime.repository.config import AutoTiersConfig
 from runtime.repository.frontier import Frontier
 from server.scheduling import TierInfo
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
+from server.traffic import summarise_traffic
 from sim.simulator import SimConfig, replay
 
 PENALTY = 10.0  # score lost per unit of attainment below the SLO target
@@ -69,16 +73,7 @@ class Traffic:
 
     def summary(self) -> dict:
         """Request count, mean rate and budget quantiles: what the choice was made for."""
-        n = len(self)
-        span = float(self.arrival_s[-1] - self.arrival_s[0]) if n > 1 else 0.0
-        q = np.percentile(self.budget_ms, [10, 50, 90]) if n else [np.nan] * 3
-        return {
-            "requests": n,
-            "seconds": span,
-            "rate_per_s": (n - 1) / span if span > 0 else 0.0,
-            "budget_ms_p10_p50_p90": [float(v) for v in q],
-            "rows_mean": float(self.rows.mean()) if n else 0.0,
-        }
+        return summarise_traffic(self.arrival_s, self.budget_ms, self.rows)
 
     def write(self, path: str | Path) -> None:
         with open(path, "w", newline="") as f:
@@ -199,8 +194,10 @@ def evaluate(
     names: Sequence[str],
     traffic: Traffic,
     sim: SimConfig,
+    floor: float | None = None,
 ) -> Evaluation:
-    """Replay ``traffic`` with the tiers ``names`` (see the module doc for the score)."""
+    """Replay ``traffic`` with the tiers ``names``; the score's attainment ``floor``
+    defaults to the SLO target (see the module doc)."""
     tiers = [options[n].tier for n in names]
     p50 = {n: options[n].p50 for n in names}
     budgets = traffic.budget_ms / 1e3
@@ -212,7 +209,7 @@ def evaluate(
     attainment = float(met.mean()) if len(met) else 1.0
     return Evaluation(
         tiers=tuple(sorted(names, key=lambda n: -acc[n])),
-        score=served_acc - PENALTY * max(0.0, sim.slo_target - attainment),
+        score=served_acc - PENALTY * max(0.0, _floor(sim, floor) - attainment),
         attainment=attainment,
         mean_accuracy=float(np.mean([a for a, _ in served])) if served else None,
         served_accuracy=served_acc,
@@ -242,12 +239,16 @@ def choose(
         raise ValueError("no traffic recorded: nothing to choose tiers for")
     sim = sim or SimConfig(slo_target=DEFAULT_SLO_TARGET)
     recent = traffic.last(goals.simulate_requests)
+    live_options, live_names = current
+    live = evaluate(live_options, list(live_names), recent, sim)
+    floor = min(sim.slo_target, live.attainment)
+    live = dataclasses.replace(live, score=live.served_accuracy)  # at its own floor
     cache: dict[frozenset, Evaluation] = {}
 
     def run(names) -> Evaluation:
         key = frozenset(names)
         if key not in cache:
-            cache[key] = evaluate(options, list(names), recent, sim)
+            cache[key] = evaluate(options, list(names), recent, sim, floor)
             if progress:
                 progress(len(cache))
         return cache[key]
@@ -282,9 +283,11 @@ def choose(
                     break
             if improved:
                 break
-    live_options, live_names = current
-    live = evaluate(live_options, list(live_names), recent, sim)
     return Choice(best, live, list(cache.values()), recent.summary())
+
+
+def _floor(sim: SimConfig, floor: float | None) -> float:
+    return sim.slo_target if floor is None else floor
 
 
 def _by_name(candidates) -> dict:

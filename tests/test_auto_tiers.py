@@ -314,5 +314,13 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     for i in range(10):
         log.record(999.0 + i * 0.01, 0.05, 1)
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m"]
+    assert (tmp_path / "m" / "auto" / "traffic.csv").read_text().count("\n") == 11
     clock[0] += 50
     assert asyncio.run(tierer.check()) == "waiting"  # min_interval_s since the change
+    clock[0] += 100
+    for i in range(10):  # the same rate and budgets as what the set was chosen for
+        log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
+    assert asyncio.run(tierer.check()) == "unchanged" and calls == ["m"]
+    for i in range(10):  # budgets half as long: the traffic moved
+        log.record(clock[0] - 0.5 + i * 0.01, 0.025, 1)
+    assert asyncio.run(tierer.check()) == "applied" and calls == ["m", "m"]

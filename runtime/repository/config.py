@@ -211,6 +211,11 @@ class RebuildConfig:
     min_requests: int = spec(
         500, lo=10, hi=10**7, doc="recorded requests needed before a choice is made"
     )
+    drift: float = spec(
+        0.2, lo=0, hi=10,
+        doc="choose again only when the recent traffic's rate, a budget quantile (p10, p50, "
+        "p90) or mean rows moved by more than this fraction since the last choice",
+    )  # fmt: skip
     nice: int = spec(10, lo=0, hi=19, doc="niceness of the background builder process")
 
 
