@@ -535,6 +535,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     save_report(rows, Path(args.json) if args.json else None, png if data else None)
     if data:
         print(f"plot: {png}")
+    from innfer.tiers import report_frontier
+
+    report_frontier(Path(args.model_dir))  # a model with auto_tiers: its measured frontier
     return 0
 
 

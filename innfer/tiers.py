@@ -47,13 +47,28 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from runtime.build.frontier import build_frontier
     from runtime.repository import Repository
 
-    repo = Repository(args.repository)
-    frontier = build_frontier(repo, args.model)
-    print(format_frontier(frontier))
-    png = repo.model_dir(args.model) / "frontier.png"
-    plot_frontier(frontier, _active_names(repo, args.model), png)
-    print(f"plot: {png}")
+    build_frontier(Repository(args.repository), args.model)
+    report_frontier(args.repository / args.model)
     return 0
+
+
+def report_frontier(model_dir: Path) -> Path | None:
+    """Print the frontier of ``model_dir`` and plot it (``frontier.png``: the chosen tiers
+    ringed, the hand-written ones marked); None where it has no frontier."""
+    from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier, Repository
+
+    path = model_dir / FRONTIER_DIR / FRONTIER_FILE
+    if not path.is_file():
+        return None
+    frontier = Frontier.read(path)
+    repo, name = Repository(model_dir.parent), model_dir.name
+    print(format_frontier(frontier))
+    options, names = hand_options(repo, name, frontier)
+    hand = {n: (options[n].p50[1], options[n].tier.accuracy) for n in names}
+    png = model_dir / "frontier.png"
+    plot_frontier(frontier, _active_names(repo, name), png, hand)
+    print(f"plot: {png}")
+    return png
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
