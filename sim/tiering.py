@@ -4,19 +4,21 @@ A tier set is judged by replaying recorded requests (arrival times, budgets, row
 the server's own scheduler on a virtual clock (``sim.simulator.replay``), with the engine
 times of the candidates as the frontier measured them. Its score is the expected served
 accuracy - the mean over requests of the serving tier's accuracy, 0 for a request not
-answered within its budget - less a penalty where attainment falls below a floor:
+answered within its budget - less a steep penalty where attainment falls below a floor:
 
     score = mean(accuracy if met else 0) - PENALTY * max(0, floor - attainment)
-    floor = min(slo_target, attainment of the live set on the same requests)
+    floor = min(slo_target, attainment the traffic allows) - TOLERANCE
 
-so a set is chosen for serving more accurately only at equal or better attainment than the
-live one (or the SLO target, where the live set meets it): the penalty makes a point of
-attainment cost more than any accuracy it could buy. The
-search: greedy (add the tier that raises the score most, up to ``max_tiers``, stopping when
-none does), then swaps of one member for one non-member while any improves it. Every set is
-replayed on the same requests with the same engine-time draws (one seed), so two sets differ
-by what they are, not by luck. Candidates: the frontier's Pareto points that satisfy
-``accuracy_floor``; ``max_memory_mb`` bounds a set's weights.
+where the attainment the traffic allows is the better of the live set's and that of a
+reference set spread over the whole frontier, fastest candidate included (about the best
+any set reaches: the scheduler can always fall back to the fastest tier). So accuracy is
+maximised at the SLO target, or - where the traffic makes the target unreachable - at the
+best attainment within reach, never bought with deadlines. The search: over the frontier's
+Pareto candidates thinned to distinct latencies (``thin``), greedy (add the tier that raises
+the score most, up to ``max_tiers``, stopping when none does), then moves of one member to
+a neighbour on the frontier while any improves it. Every set is replayed on the same
+requests with the same engine-time draws (one seed), so two sets differ by what they are,
+not by luck. ``accuracy_floor`` bounds the candidates, ``max_memory_mb`` a set's weights.
 
 Example:
     >>> traffic = Traffic.read("traffic.csv")  # doctest: +SKIP
@@ -42,7 +44,9 @@ from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
 from server.traffic import summarise_traffic
 from sim.simulator import SimConfig, replay
 
-PENALTY = 10.0  # score lost per unit of attainment below the SLO target
+PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.1 point
+TOLERANCE = 0.002  # attainment within this of the floor counts as equal (replay noise)
+STEP = 0.1  # candidates closer than this in latency (relative) are one option
 TRAFFIC_COLUMNS = ("arrival_s", "budget_ms", "rows")
 
 
@@ -163,8 +167,11 @@ class Option:
     memory_mb: float
 
 
-def frontier_options(frontier: Frontier, floor: float | None = None) -> dict[str, Option]:
-    """The frontier's Pareto candidates at or above ``floor`` accuracy, as options."""
+def frontier_options(
+    frontier: Frontier, floor: float | None = None, step: float = STEP
+) -> dict[str, Option]:
+    """The frontier's Pareto candidates at or above ``floor`` accuracy, as options, thinned
+    (``thin``), fastest first."""
     keep = [c for c in frontier.pareto() if floor is None or c.accuracy >= floor]
     if not keep:
         best = max(c.accuracy for c in frontier.candidates)
@@ -172,11 +179,29 @@ def frontier_options(frontier: Frontier, floor: float | None = None) -> dict[str
             f"no frontier candidate reaches accuracy_floor {floor} (the best is {best:.4f}): "
             "lower the floor or measure wider candidates"
         )
+    keep = thin(keep, frontier.max_batch, step)
     infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
     return {
         t.name: Option(t, p50[t.name], c.width, c.memory_mb)
         for t, c in zip(infos, keep, strict=True)
     }
+
+
+def thin(candidates: list, batch: int, step: float = STEP) -> list:
+    """Fastest first (p50 at ``batch``), keeping a candidate only where it is at least
+    ``step`` (relative) slower than the last one kept and more accurate; the most accurate
+    is always kept. Timing noise makes many near-equal points Pareto-optimal; telling them
+    apart costs simulations and buys nothing the scheduler could use."""
+    ordered = sorted(candidates, key=lambda c: c.p50_ms(batch))
+    top = max(candidates, key=lambda c: c.accuracy)
+    out = [ordered[0]]
+    for c in ordered[1:]:
+        last = out[-1]
+        if c is top or (
+            c.p50_ms(batch) >= last.p50_ms(batch) * (1 + step) and c.accuracy > last.accuracy
+        ):
+            out.append(c)
+    return out[: out.index(top) + 1]
 
 
 def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, float]) -> dict:
@@ -209,7 +234,7 @@ def evaluate(
     attainment = float(met.mean()) if len(met) else 1.0
     return Evaluation(
         tiers=tuple(sorted(names, key=lambda n: -acc[n])),
-        score=served_acc - PENALTY * max(0.0, _floor(sim, floor) - attainment),
+        score=served_acc - PENALTY * max(0.0, _or(floor, sim.slo_target) - attainment),
         attainment=attainment,
         mean_accuracy=float(np.mean([a for a, _ in served])) if served else None,
         served_accuracy=served_acc,
@@ -241,8 +266,10 @@ def choose(
     recent = traffic.last(goals.simulate_requests)
     live_options, live_names = current
     live = evaluate(live_options, list(live_names), recent, sim)
-    floor = min(sim.slo_target, live.attainment)
-    live = dataclasses.replace(live, score=live.served_accuracy)  # at its own floor
+    order = list(options)  # fastest first
+    reach = evaluate(options, _spread(order, goals.max_tiers), recent, sim)
+    floor = min(sim.slo_target, max(live.attainment, reach.attainment)) - TOLERANCE
+    live = dataclasses.replace(live, score=_score(live, floor))
     cache: dict[frozenset, Evaluation] = {}
 
     def run(names) -> Evaluation:
@@ -260,7 +287,7 @@ def choose(
     chosen: list[str] = []
     best: Evaluation | None = None
     while len(chosen) < goals.max_tiers:
-        trials = [run([*chosen, n]) for n in options if n not in chosen and fits([*chosen, n])]
+        trials = [run([*chosen, n]) for n in order if n not in chosen and fits([*chosen, n])]
         top = max(trials, key=lambda e: e.score, default=None)
         if top is None or (best is not None and top.score <= best.score):
             break
@@ -271,10 +298,11 @@ def choose(
             f"needs {min(o.memory_mb for o in options.values()):.2f} MB"
         )
     improved = True
-    while improved:  # one-for-one swaps until none helps
+    while improved:  # move one member to a neighbour on the frontier while that helps
         improved = False
         for out in list(best.tiers):
-            for n in options:
+            i = order.index(out)
+            for n in order[max(0, i - 1) : i + 2]:
                 if n in best.tiers:
                     continue
                 names = [t for t in best.tiers if t != out] + [n]
@@ -286,8 +314,19 @@ def choose(
     return Choice(best, live, list(cache.values()), recent.summary())
 
 
-def _floor(sim: SimConfig, floor: float | None) -> float:
-    return sim.slo_target if floor is None else floor
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _score(e: Evaluation, floor: float) -> float:
+    return e.served_accuracy - PENALTY * max(0.0, floor - e.attainment)
+
+
+def _spread(order: list[str], k: int) -> list[str]:
+    """``k`` names spread evenly over ``order`` (fastest first), both ends included."""
+    if len(order) <= k:
+        return list(order)
+    return [order[round(i * (len(order) - 1) / (k - 1))] for i in range(k)] if k > 1 else order[:1]
 
 
 def _by_name(candidates) -> dict:

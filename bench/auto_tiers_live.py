@@ -1,0 +1,237 @@
+"""Auto-tiering live: `innfer serve` with auto_tiers against the same server with its
+hand-written tiers, the same shifting load, one after the other in one run.
+
+Model: the ResNet-18-like CNN of bench/live_scheduler.py (width 0.5, 3x224x224, random
+weights: "accuracy" is the FLOPs fraction, so the figure is mean served size), its
+repository and frontier as bench/auto_tiers.py prepares them (runs/bench-auto/). Two copies
+of it: ``hand`` (model.yaml's w100/w075/w050/w025) and ``auto`` (the same plus auto_tiers
+with a fast loop: window 20 s, checks every 5 s, at least 20 s between changes, 200
+requests, drift 0.2; it starts on the hand-written tiers).
+
+Load (tritonclient.grpc.aio, open loop, Poisson, seeded), C = the full tier's capacity
+(max_batch / p50 at max_batch, profile.json):
+
+  phase 1  --phase-s seconds at 0.5 C, budgets U(20, 100) ms
+  phase 2  --phase-s seconds at 1.0 C, 90 % of budgets U(5, 15) ms, 10 % U(20, 100) ms
+
+The server is pinned to --server-cpus (default CPU 1), this process to the others; the
+background `innfer tiers apply` inherits the server's CPU, at nice 10 - its cost to serving
+is part of what is measured. Per arm and phase: attainment (answered within budget / sent),
+mean served size, failed requests (any code but OK and the scheduler's DEADLINE_EXCEEDED /
+RESOURCE_EXHAUSTED refusals), attainment per 5 s bin; the auto arm's swaps (from its log:
+when, from what to what, how long) and its attainment in the bins while an apply ran.
+
+Writes bench/results/auto_tiers_live.json and .png.
+
+    .venv/bin/python -m bench.auto_tiers_live [--phase-s 60] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.live_scheduler import LiveServer
+from bench.publish import publish
+from runtime.repository import ACTIVE_FILE
+from sim.loadgen import run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).parent / "results"
+SOURCE = ROOT / "runs" / "bench-auto" / "resnet18w50"
+WORK = ROOT / "runs" / "bench-auto-live"
+MODEL = "resnet18w50"
+GOALS = {
+    "max_tiers": 4, "window_s": 20.0, "simulate_requests": 1500,
+    "rebuild": {"min_interval_s": 20.0, "check_interval_s": 5.0, "min_gain": 0.005,
+                "min_requests": 200, "drift": 0.2},
+}  # fmt: skip
+# Failures: anything but an answer or the scheduler's own refusals (budget, full queue).
+REFUSALS = ("OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "unsent")
+SWAP = re.compile(r"tiers (\[.*?\]) -> (\[.*?\]) .*swapped in ([\d.]+) s")
+
+
+def prepare(arm: str) -> Path:
+    """runs/bench-auto-live/<arm>/<model>: a copy of the prepared model, model.yaml with
+    (auto) or without (hand) auto_tiers, no earlier choice."""
+    if not (SOURCE / "frontier" / "frontier.json").is_file():
+        raise SystemExit(f"{SOURCE} has no frontier: run python -m bench.auto_tiers first")
+    dst = WORK / arm / MODEL
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(SOURCE, dst, ignore=shutil.ignore_patterns(ACTIVE_FILE, "auto"))
+    config = yaml.safe_load((SOURCE / "model.yaml").read_text())
+    config.pop("auto_tiers", None)
+    if arm == "auto":
+        config["auto_tiers"] = GOALS
+    (dst / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dst.parent
+
+
+def load(profile: dict, phase_s: float, seed: int):
+    """(arrivals s, budgets s, shift s) of the two phases."""
+    batch = max(int(b) for b in profile["tiers"]["w100"])
+    capacity = batch / profile["tiers"]["w100"][str(batch)]["p50_ms"] * 1e3
+    rng = np.random.default_rng(seed)
+    arrivals, budgets, start = [], [], 0.0
+    for rate, tight in ((0.5 * capacity, 0.0), (capacity, 0.9)):
+        t = start + np.cumsum(rng.exponential(1 / rate, int(rate * phase_s * 1.3) + 10))
+        t = t[t < start + phase_s]
+        loose, narrow = rng.uniform(20, 100, len(t)), rng.uniform(5, 15, len(t))
+        arrivals.append(t)
+        budgets.append(np.where(rng.random(len(t)) < tight, narrow, loose) / 1e3)
+        start += phase_s
+    return np.concatenate(arrivals), np.concatenate(budgets), phase_s
+
+
+def widths(model_dir: Path) -> dict[str, float]:
+    """Tier name -> FLOPs fraction of the full width, hand-written tiers and candidates."""
+    out = {}
+    frontier = json.loads((model_dir / "frontier" / "frontier.json").read_text())
+    full = max(c["flops"] for c in frontier["candidates"])
+    for c in frontier["candidates"]:
+        out[c["name"]] = c["flops"] / full
+    for t in (model_dir / "tiers").iterdir():
+        rec = json.loads((t / "tier.json").read_text())
+        out.setdefault(t.name, rec["flops"] / full)
+    return out
+
+
+def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
+    repo = prepare(arm)
+    log = OUT / f"auto_tiers_live-{arm}.log"
+    log.write_text("")
+    server = LiveServer(arm, ROOT, repo, log, args.server_cpus)
+    try:
+        info = server.start(arm, models=(MODEL,))
+        t0 = time.monotonic()
+        report = asyncio.run(run_load(server.address, MODEL, arrivals, budgets, inputs,
+                                      max_seconds=2 * args.phase_s + 5))  # fmt: skip
+        wall = time.monotonic() - t0
+    finally:
+        server.stop()
+    codes = np.array(report.codes)
+    met = ~np.isnan(report.latency) & (report.latency <= budgets * 1e3)
+    served = np.array([size.get(t, np.nan) if t else np.nan for t in report.tiers])
+    p1 = arrivals < shift
+    swaps = [{"from": json.loads(a.replace("'", '"')), "to": json.loads(b.replace("'", '"')),
+              "seconds": float(s)} for a, b, s in SWAP.findall(log.read_text())]  # fmt: skip
+    return {
+        "startup_s": info["startup_s"],
+        "wall_s": wall,
+        "phases": {
+            "phase1": phase(p1, met, served, codes),
+            "phase2": phase(~p1, met, served, codes),
+        },
+        "failed": {c: int((codes == c).sum()) for c in set(codes) if c not in REFUSALS},
+        "swaps": swaps,
+        "tier_by_time": tier_changes(arrivals, report.tiers),
+        "bins": bins(arrivals, met, served, 2 * args.phase_s),
+    }
+
+
+def phase(mask, met, served, codes) -> dict:
+    answered = ~np.isnan(served[mask])
+    return {
+        "sent": int(mask.sum()),
+        "attainment": float(met[mask].mean()),
+        "mean_served_size": float(served[mask][answered].mean()) if answered.any() else None,
+        "refused": {c: int((codes[mask] == c).sum()) for c in set(codes[mask]) if c != "OK"},
+    }
+
+
+def tier_changes(arrivals, tiers) -> list[dict]:
+    """When each tier was first and last seen serving (arrival time of the request)."""
+    out: dict[str, list[float]] = {}
+    for t, tier in zip(arrivals, tiers, strict=True):
+        if tier:
+            out.setdefault(tier, [t, t])[1] = t
+    return [{"tier": k, "first_s": v[0], "last_s": v[1]} for k, v in sorted(out.items())]
+
+
+def bins(arrivals, met, served, end_s: float, width: float = 5.0) -> dict:
+    edges = np.arange(0, end_s + width, width)
+    idx = np.digitize(arrivals, edges) - 1
+    att, size = [], []
+    for b in range(len(edges) - 1):
+        m = idx == b
+        att.append(float(met[m].mean()) if m.any() else None)
+        s = served[m]
+        size.append(float(np.nanmean(s)) if np.any(~np.isnan(s)) else None)
+    return {"t": (edges[:-1] + width / 2).tolist(), "attainment": att, "size": size}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for arm, color in (("hand", "tab:gray"), ("auto", "tab:red")):
+        b = results["arms"][arm]["bins"]
+        axes[0].plot(b["t"], b["attainment"], color=color, label=arm)
+        axes[1].plot(b["t"], b["size"], color=color, label=arm)
+    for ax in axes:
+        ax.axvline(results["phase_s"], color="k", lw=1)
+    axes[0].set_ylabel("attainment (5 s bins)")
+    axes[1].set_ylabel("mean served size (FLOPs)")
+    axes[1].set_xlabel("time (s); black line: the shift")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("ResNet-18-like w50, live: hand-written tiers vs auto-tiering", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for arm, r in results["arms"].items():
+        for name, p in r["phases"].items():
+            size = "-" if p["mean_served_size"] is None else f"{p['mean_served_size']:.3f}"
+            lines.append(f"{arm:<5} {name}: {p['sent']} sent, attainment {p['attainment']:.2%}, "
+                         f"size {size}, refused {p['refused'] or 'none'}")  # fmt: skip
+        lines.append(f"{arm:<5} failed {r['failed'] or 'none'}; swaps " + (
+            "; ".join(f"{s['from']} -> {s['to']} in {s['seconds']:.1f} s" for s in r["swaps"])
+            or "none"))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--phase-s", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-cpus", default="1")
+    args = p.parse_args(argv)
+    args.server_cpus = {int(c) for c in args.server_cpus.split(",")}
+    others = set(range(os.cpu_count() or 1)) - args.server_cpus
+    if others:
+        os.sched_setaffinity(0, others)
+    t0 = time.perf_counter()
+    profile = json.loads((SOURCE / "profile.json").read_text())
+    arrivals, budgets, shift = load(profile, args.phase_s, args.seed)
+    x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    size = widths(SOURCE)
+    arms = {arm: run_arm(arm, args, arrivals, budgets, shift, {"input": x}, size)
+            for arm in ("hand", "auto")}  # fmt: skip
+    results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
+               "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
+               "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+    publish(results, OUT, "auto_tiers_live", plot, table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
