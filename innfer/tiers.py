@@ -236,7 +236,9 @@ def format_choice(choice, min_gain: float) -> str:
         f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",
         row("live", choice.current),
         row("chosen", choice.best),
-        f"  expected gain {choice.gain:+.2%} served accuracy -> {verdict}",
+        f"  expected gain {choice.gain:+.4f} (served accuracy "
+        f"{choice.best.served_accuracy - choice.current.served_accuracy:+.2%}, attainment "
+        f"{choice.best.attainment - choice.current.attainment:+.2%}) -> {verdict}",
     ])  # fmt: skip
 
 

@@ -139,9 +139,11 @@ class AutoTierer:
         if choice is not None:
             best, old = choice["best"]["tiers"], choice["current"]["tiers"]
             log.info(
-                "model %s: tiers %s -> %s (expected served accuracy %+.2f%% on %d recent "
-                "requests, budgets p50 %.1f ms, %.1f req/s); swapped in %.1f s",
-                self.name, old, best, 100 * choice["gain"], choice["traffic"]["requests"],
+                "model %s: tiers %s -> %s (expected: served accuracy %+.2f%%, attainment "
+                "%+.2f%% on %d recent requests, budgets p50 %.1f ms, %.1f req/s); swapped in "
+                "%.1f s",
+                self.name, old, best, 100 * choice.get("served_accuracy_gain", 0.0),
+                100 * choice.get("attainment_gain", 0.0), choice["traffic"]["requests"],
                 choice["traffic"]["budget_ms_p10_p50_p90"][1], choice["traffic"]["rate_per_s"],
                 seconds,
             )  # fmt: skip

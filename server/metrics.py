@@ -165,8 +165,9 @@ class Metrics:
             ["model", "outcome"], registry=r,
         )  # fmt: skip
         self.tier_set_gain = Gauge(
-            "innfer_tier_set_expected_gain", "Expected served accuracy of the set auto-tiering "
-            "chose minus the live set's, on the recent traffic (last check).", ["model"],
+            "innfer_tier_set_expected_gain", "Score of the set auto-tiering chose minus the live "
+            "set's on the recent traffic (last check): expected served accuracy, less a "
+            "penalty for attainment below the floor (sim/tiering.py).", ["model"],
             registry=r,
         )  # fmt: skip
         self.tier_set_swap_seconds = Gauge(

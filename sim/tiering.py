@@ -140,8 +140,10 @@ class Choice:
 
     @property
     def gain(self) -> float:
-        """Expected served accuracy of the chosen set minus that of the live one."""
-        return self.best.served_accuracy - self.current.served_accuracy
+        """Score of the chosen set minus the live one's (what ``rebuild.min_gain`` bounds):
+        the gain in expected served accuracy where both meet the attainment floor; where
+        the live set misses it, its shortfall counts PENALTY per unit."""
+        return self.best.score - self.current.score
 
     @property
     def changes(self) -> bool:
@@ -152,6 +154,8 @@ class Choice:
             "best": dataclasses.asdict(self.best),
             "current": dataclasses.asdict(self.current),
             "gain": self.gain,
+            "served_accuracy_gain": self.best.served_accuracy - self.current.served_accuracy,
+            "attainment_gain": self.best.attainment - self.current.attainment,
             "traffic": self.traffic,
             "evaluated": len(self.evaluated),
         }

@@ -32,7 +32,7 @@ from runtime.repository.frontier import mark_pareto
 from server.scheduling import TierInfo
 from server.traffic import TrafficLog
 from sim.simulator import SimConfig
-from sim.tiering import Option, Traffic, choose, evaluate, frontier_options
+from sim.tiering import Option, Traffic, choose, evaluate, frontier_options, thin
 
 IO = {
     "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
@@ -84,6 +84,14 @@ def test_pareto_keeps_what_nothing_beats_at_some_batch():
     flags = {x.name: x.pareto for x in mark_pareto([a, b, c, d], (1, 8))}
     assert flags == {"a": True, "b": True, "c": False, "d": True}
     assert {x.name: x.pareto for x in mark_pareto([a, b, c, d], (1,))}["d"] is False
+
+
+def test_thin_keeps_distinct_latencies_and_the_most_accurate():
+    cs = [_candidate("a", 0.90, 1.0, 4.0), _candidate("b", 0.91, 1.0, 4.2),  # +5 %: same
+          _candidate("c", 0.95, 2.0, 6.0), _candidate("d", 0.94, 2.0, 7.0),  # less accurate
+          _candidate("e", 0.99, 3.0, 6.3)]  # the most accurate: always kept  # fmt: skip
+    assert [c.name for c in thin(cs, 8)] == ["a", "c", "e"]
+    assert [c.name for c in thin(cs, 8, step=0.0)] == ["a", "b", "c", "e"]
 
 
 def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
