@@ -7,13 +7,13 @@ accuracy - the mean over requests of the serving tier's accuracy, 0 for a reques
 answered within its budget - less a steep penalty where attainment falls below a floor:
 
     score = mean(accuracy if met else 0) - PENALTY * max(0, floor - attainment)
-    floor = min(slo_target, attainment the traffic allows) - TOLERANCE
+    floor = min(slo_target, attainment the traffic allows) - attainment_slack
 
-where the attainment the traffic allows is the better of the live set's and that of a
-reference set spread over the whole frontier, fastest candidate included (about the best
-any set reaches: the scheduler can always fall back to the fastest tier). So accuracy is
+where the attainment the traffic allows is the best of the live set's, the fastest
+candidate's alone and that of a set spread over the whole frontier. So accuracy is
 maximised at the SLO target, or - where the traffic makes the target unreachable - at the
-best attainment within reach, never bought with deadlines. The search: over the frontier's
+best attainment within reach less ``auto_tiers.attainment_slack`` (default 0.002: replay
+noise), never bought with more deadlines than the operator allows. The search: over the frontier's
 Pareto candidates thinned to distinct latencies (``thin``), greedy (add the tier that raises
 the score most, up to ``max_tiers``, stopping when none does), then moves of one member to
 a neighbour on the frontier while any improves it. Every set is replayed on the same
@@ -45,7 +45,6 @@ from server.traffic import summarise_traffic
 from sim.simulator import SimConfig, replay
 
 PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.1 point
-TOLERANCE = 0.002  # attainment within this of the floor counts as equal (replay noise)
 STEP = 0.1  # candidates closer than this in latency (relative) are one option
 TRAFFIC_COLUMNS = ("arrival_s", "budget_ms", "rows")
 
@@ -192,20 +191,30 @@ def frontier_options(
 
 
 def thin(candidates: list, batch: int, step: float = STEP) -> list:
-    """Fastest first (p50 at ``batch``), keeping a candidate only where it is at least
-    ``step`` (relative) slower than the last one kept and more accurate; the most accurate
-    is always kept. Timing noise makes many near-equal points Pareto-optimal; telling them
-    apart costs simulations and buys nothing the scheduler could use."""
+    """Fastest first (p50 at ``batch``), candidates within ``step`` (relative) of the
+    fastest of a run are one option: the most accurate of the run stands for it; a run's
+    choice is kept only where it is more accurate than the previous one kept. The fastest
+    candidate is always kept. Timing noise
+    makes many near-equal points Pareto-optimal; telling them apart costs simulations and
+    buys nothing the scheduler could use.
+
+    Example:
+        >>> [c.name for c in thin(frontier.pareto(), 8)]  # doctest: +SKIP
+        ['w031', 'w038', 'w044', 'w062', 'w075', 'w088', 'w100']
+    """
     ordered = sorted(candidates, key=lambda c: c.p50_ms(batch))
-    top = max(candidates, key=lambda c: c.accuracy)
-    out = [ordered[0]]
-    for c in ordered[1:]:
-        last = out[-1]
-        if c is top or (
-            c.p50_ms(batch) >= last.p50_ms(batch) * (1 + step) and c.accuracy > last.accuracy
-        ):
-            out.append(c)
-    return out[: out.index(top) + 1]
+    runs: list[list] = []
+    for c in ordered:
+        if runs and c.p50_ms(batch) < runs[-1][0].p50_ms(batch) * (1 + step):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    out = [ordered[0]]  # the fastest always: what deadlines fall back to
+    for run in runs:
+        best = max(run, key=lambda c: c.accuracy)
+        if best.accuracy > out[-1].accuracy:
+            out.append(best)
+    return out
 
 
 def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, float]) -> dict:
@@ -271,8 +280,13 @@ def choose(
     live_options, live_names = current
     live = evaluate(live_options, list(live_names), recent, sim)
     order = list(options)  # fastest first
-    reach = evaluate(options, _spread(order, goals.max_tiers), recent, sim)
-    floor = min(sim.slo_target, max(live.attainment, reach.attainment)) - TOLERANCE
+    # What the traffic allows: the fastest tier alone (no larger tier to tempt the planner
+    # into work that later arrivals wait behind), or a spread over the frontier.
+    reach = max(
+        evaluate(options, order[:1], recent, sim).attainment,
+        evaluate(options, _spread(order, goals.max_tiers), recent, sim).attainment,
+    )
+    floor = min(sim.slo_target, max(live.attainment, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
     cache: dict[frozenset, Evaluation] = {}
 

@@ -30,13 +30,16 @@ CONFIG = {
 _net = tiny_cnn
 
 
+def build_tiny(root, config: dict = CONFIG, repeats: int = 5):
+    """The tiny CNN converted, added as 'tiny' with ``config`` and built: (root, report)."""
+    inn = runtime.convert(_net(), (torch.randn(1, 1, 8, 8),))
+    add_model(root, "tiny", inn, config)
+    return root, build_model(Repository(root), "tiny", progress=False, repeats=repeats)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    inn = runtime.convert(_net(), (torch.randn(1, 1, 8, 8),))
-    add_model(root, "tiny", inn, CONFIG)
-    report = build_model(Repository(root), "tiny", progress=False, repeats=5)
-    return root, report
+    return build_tiny(tmp_path_factory.mktemp("repo"))
 
 
 def test_build_end_to_end(built):

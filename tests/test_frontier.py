@@ -6,32 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from netgen import tiny_cnn
+from test_build import CONFIG as BUILD_CONFIG
+from test_build import build_tiny
 
-import runtime
 from runtime.build.frontier import candidate_sizes
-from runtime.build.pipeline import add_model, build_model
+from runtime.build.pipeline import build_model
 from runtime.inn.model import load
 from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier, Repository, sha256_file
 
-CONFIG = {
-    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-    "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
-    "max_batch": 4,
-    "evaluation": {"dataset": "digits", "limit": 64},
-    "auto_tiers": {"widths": [1.0, 0.75, 0.5, 0.25]},
-}
+CONFIG = {**BUILD_CONFIG, "auto_tiers": {"widths": [1.0, 0.75, 0.5, 0.25]}}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),))
-    add_model(root, "tiny", inn, CONFIG)
-    report = build_model(Repository(root), "tiny", progress=False, repeats=3)
-    return root, report
+    return build_tiny(tmp_path_factory.mktemp("repo"), CONFIG, repeats=3)
 
 
 def test_build_measures_the_frontier(built):

@@ -242,6 +242,11 @@ class AutoTiersConfig:
         doc="also measure non-uniform candidates that keep the groups whose narrowing costs "
         "most accuracy wider (per-group sensitivity)",
     )
+    attainment_slack: float = spec(
+        0.002, lo=0, hi=1,
+        doc="attainment a set may give up, below the SLO target or (where that is out of "
+        "reach) the best attainment the traffic allows, for accuracy",
+    )  # fmt: skip
     window_s: float = spec(120.0, lo=1, unit="seconds", doc="recent traffic the choice is made for")
     simulate_requests: int = spec(
         3000, lo=100, hi=10**6, doc="requests of that traffic each candidate set is simulated on"
