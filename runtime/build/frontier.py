@@ -232,7 +232,8 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
     payload = {
         "weights": meta["weights_sha256"],
         "info": {k: meta.get("info", {}).get(k) for k in ("grids", "norm_stats", "tiers")},
-        "auto_tiers": {k: v for k, v in asdict(config.auto_tiers).items() if k != "rebuild"},
+        # Only what makes the candidates; the choice's goals do not change the frontier.
+        "candidates": [list(config.auto_tiers.widths), config.auto_tiers.shaped],
         "method": config.method,
         "multiple_of": config.multiple_of,
         "evaluation": asdict(config.evaluation) if config.evaluation else None,
