@@ -123,7 +123,7 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
     finally:
         server.stop()
     codes = np.array(report.codes)
-    met = ~np.isnan(report.latency) & (report.latency <= budgets * 1e3)
+    met = ~np.isnan(report.latency_ms) & (report.latency_ms <= budgets * 1e3)
     served = np.array([size.get(t, np.nan) if t else np.nan for t in report.tiers])
     p1 = arrivals < shift
     swaps = [{"from": json.loads(a.replace("'", '"')), "to": json.loads(b.replace("'", '"')),
