@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-KEPT = 3  # exit status of `apply` when the live set stays
+from runtime.repository.frontier import weights_mb
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
     app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     app.add_argument("--force", action="store_true", help="apply even below rebuild.min_gain")
     app.add_argument("--result", type=Path, help="write the choice here (JSON), applied or not")
+    app.add_argument(
+        "--live", help="the set the server serves, SOURCE:NAMES (model.yaml:w100,w050 or "
+        "frontier:w075,w031); default: what auto_tiers.json or model.yaml say",
+    )  # fmt: skip
     app.set_defaults(func=cmd_apply)
 
 
@@ -84,18 +88,18 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from runtime.repository import ACTIVE_FILE, ActiveTiers, Repository
+    from runtime.repository import ACTIVE_FILE, APPLY_KEPT, ActiveTiers, Repository
 
     repo = Repository(args.repository)
     config = repo.config(args.model)
-    choice, frontier = _choose(repo, args.model, args.traffic)
+    choice, frontier = _choose(repo, args.model, args.traffic, args.live)
     min_gain = config.auto_tiers.rebuild.min_gain
     print(format_choice(choice, min_gain))
     if args.result:
         args.result.write_text(json.dumps(choice.to_json(), indent=1))
     if not choice.changes or (choice.gain < min_gain and not args.force):
         print("kept the live tiers")
-        return KEPT
+        return APPLY_KEPT
     t0 = time.perf_counter()
     _check_engines(repo, args.model, choice.best.tiers)
     active = ActiveTiers(
@@ -114,8 +118,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose(repo, name: str, traffic_path: Path):
-    """(choice, frontier) for ``name`` on the traffic in ``traffic_path``."""
+def _choose(repo, name: str, traffic_path: Path, live: str | None = None):
+    """(choice, frontier) for ``name`` on the traffic in ``traffic_path``; ``live`` as
+    `apply --live` takes it."""
     from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier
     from sim.simulator import SimConfig
     from sim.tiering import Traffic, choose, frontier_options
@@ -131,20 +136,32 @@ def _choose(repo, name: str, traffic_path: Path):
         slots=config.instances,
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor)
-    current = live_options(repo, name, frontier)
+    current = live_options(repo, name, frontier, live)
     return choose(options, traffic, goals, current, sim), frontier
 
 
-def live_options(repo, name: str, frontier):
-    """The tier set serving now as (options, names): the auto-tiering choice where there is
-    a current one (measured on the frontier), else model.yaml's tiers (``hand_options``)."""
+def live_options(repo, name: str, frontier, live: str | None = None):
+    """The tier set serving now as (options, names). ``live`` (``SOURCE:NAMES``, what the
+    server says it serves) names it; else the auto-tiering choice on disk where there is a
+    current one, else model.yaml's tiers (``hand_options``)."""
     from sim.tiering import profile_options
 
+    if live is not None:
+        source, _, names = live.partition(":")
+        names = [n for n in names.split(",") if n]
+        if source not in ("model.yaml", "frontier") or not names:
+            raise ValueError(f"--live: got {live!r}, expected model.yaml:NAMES or frontier:NAMES")
+        if source == "model.yaml":
+            options, _ = hand_options(repo, name, frontier)
+            return {n: options[n] for n in names}, names
+        records = {n: frontier.candidate(n) for n in names}
+        memory = {n: c.memory_mb for n, c in records.items()}
+        return profile_options(frontier.profile(names), records, memory), names
     auto = repo.auto_tiers(name, repo.config(name))
     if auto is None:
         return hand_options(repo, name, frontier)
     _, records, profile = auto
-    memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
+    memory = {t: weights_mb(r.params) for t, r in records.items()}
     return profile_options(profile, records, memory), list(records)
 
 
@@ -175,7 +192,7 @@ def hand_options(repo, name: str, frontier):
             c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
             records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
     profile = {**profile, "tiers": {t: tables[t] for t in records}}
-    memory = {t: r.params * 4 / 2**20 for t, r in records.items()}
+    memory = {t: weights_mb(r.params) for t, r in records.items()}
     return profile_options(profile, records, memory), list(records)
 
 
@@ -199,10 +216,9 @@ def _check_engines(repo, name: str, tiers) -> None:
 
 
 def _active_names(repo, name: str) -> list[str]:
-    from runtime.repository import ACTIVE_FILE, ActiveTiers
-
-    active = ActiveTiers.read(repo.model_dir(name) / ACTIVE_FILE)
-    return list(active.tiers) if active else []
+    """The chosen tiers being served (none where the choice is absent or stale)."""
+    auto = repo.auto_tiers(name, repo.config(name))
+    return list(auto[1]) if auto is not None else []
 
 
 def format_frontier(frontier) -> str:

@@ -5,14 +5,20 @@ For each model whose ``model.yaml`` has ``auto_tiers``, one asyncio task checks 
 last ``window_s``, ``rebuild.min_interval_s`` passed since the last change and the traffic
 moved by more than ``rebuild.drift`` since the last choice (rate, budget quantiles, rows:
 simulating costs CPU the serving process shares, so unchanged traffic is not re-judged), it
-writes that window to ``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it in
-a separate process at a lower CPU priority (``rebuild.nice``, one intra-op thread): the
+writes that window (its last ``simulate_requests`` requests: all the choice replays) to
+``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it, told which set the
+server serves, in a separate process at a lower CPU priority (``rebuild.nice``;
+OMP_NUM_THREADS=1 for its numpy, the engine check uses the model's own threads): the
 choice (simulations), the engine builds and checks happen there, never on the serving
 loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``; then
 the model is reloaded as a swap: the new runtime takes new requests at once, the old one
 serves its whole queue (each request runs or expires by its own deadline: none is failed)
-and closes. Only the task and the reload run in the server; the server imports no
-simulator, so the serving image needs ``sim/`` only as that process's code.
+and closes. A failed apply, or a new set that does not load, leaves the live set (and
+``auto_tiers.json`` as it was) and waits ``min_interval_s`` before trying again. Clients
+that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new set does
+not have: pin names with auto-tiering only where the set is fixed. Only the task and the
+reload run in the server; the server imports no simulator, so the serving image needs
+``sim/`` only as that process's code.
 
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
 failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
@@ -32,20 +38,22 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from runtime.repository import ACTIVE_FILE, APPLY_KEPT
 from runtime.repository.config import AutoTiersConfig
-from server.traffic import TrafficLog, drifted
+from server.traffic import TrafficLog, drifted, write_traffic
 
 log = logging.getLogger("innfer.autotier")
 
-KEPT = 3  # exit status of `innfer tiers apply` when the live set stays (innfer/tiers.py)
 APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
 
 
 class AutoTierer:
     """The background loop of one model.
 
-    ``reload`` swaps the model (DataPlane.swap); ``command`` builds the argv of the apply
-    process from (repository, model, traffic file, result file): tests pass their own.
+    ``reload`` swaps the model (DataPlane.swap); ``live`` says what the server serves now
+    (``SOURCE:NAMES``, `innfer tiers apply --live`); ``command`` builds the argv of the
+    apply process from (repository, model, traffic file, result file, live): tests pass
+    their own.
 
     Example:
         >>> t = AutoTierer("mnist", root, goals, traffic, plane.swap, metrics)  # doctest: +SKIP
@@ -60,8 +68,9 @@ class AutoTierer:
         traffic: TrafficLog,
         reload: Callable[[str], Awaitable[None]],
         metrics,
+        live: Callable[[], str],
         clock: Callable[[], float] = time.monotonic,
-        command: Callable[[Path, str, Path, Path], list[str]] | None = None,
+        command: Callable[[Path, str, Path, Path, str], list[str]] | None = None,
     ) -> None:
         self.name = name
         self.repository = Path(repository)
@@ -69,6 +78,7 @@ class AutoTierer:
         self.traffic = traffic
         self.reload = reload
         self.metrics = metrics
+        self.live = live
         self.clock = clock
         self.command = command or apply_command
         self.last_change = -float("inf")
@@ -117,23 +127,38 @@ class AutoTierer:
         work.mkdir(parents=True, exist_ok=True)
         traffic, result = work / "traffic.csv", work / "choice.json"
         result.unlink(missing_ok=True)
-        self.traffic.write_csv(traffic, now, self.goals.window_s)
+        # Copied on the loop (the ring changes there), formatted and written off it.
+        rows = self.traffic.window(now, self.goals.window_s)
+        rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
+        await asyncio.get_running_loop().run_in_executor(None, write_traffic, traffic, *rows)
+        active = self.repository / self.name / ACTIVE_FILE
+        before = active.read_bytes() if active.is_file() else None
         t0 = self.clock()
-        code = await self._apply(self.command(self.repository, self.name, traffic, result))
-        if code in (0, KEPT):
-            self.chosen_for = summary
+        argv = self.command(self.repository, self.name, traffic, result, self.live())
+        code = await self._apply(argv)
         choice = _read(result)
         if choice is not None:
             self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))
-        if code == KEPT:
+        if code == APPLY_KEPT:
+            self.chosen_for = summary
             return self._count("kept")
         if code != 0:
+            self.last_change = self.clock()  # back off: the next try waits min_interval_s
             log.error("model %s: `innfer tiers apply` exited %s; the live tiers stay", self.name,
                       code)  # fmt: skip
             return self._count("failed")
-        await self.reload(self.name)
+        try:
+            # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
+            # half - the old runtime, already out of the data plane, still drains its queue.
+            await asyncio.shield(self.reload(self.name))
+        except Exception:
+            _restore(active, before)  # what is served stays what the file says
+            self.last_change = self.clock()
+            log.exception("model %s: the new tiers did not load; the live tiers stay", self.name)
+            return self._count("failed")
         seconds = self.clock() - t0
         self.last_change = self.clock()
+        self.chosen_for = summary
         self.changes += 1
         self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
         if choice is not None:
@@ -160,7 +185,7 @@ class AutoTierer:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), APPLY_TIMEOUT_S)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -174,12 +199,22 @@ class AutoTierer:
         return outcome
 
 
-def apply_command(repository: Path, name: str, traffic: Path, result: Path) -> list[str]:
+def apply_command(repository: Path, name: str, traffic: Path, result: Path, live: str) -> list:
     """``innfer tiers apply`` in this interpreter (the serving image installs the CLI)."""
     return [
         sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
-        "--traffic", str(traffic), "--result", str(result),
+        "--traffic", str(traffic), "--result", str(result), "--live", live,
     ]  # fmt: skip
+
+
+def _restore(path: Path, content: bytes | None) -> None:
+    """Put ``path`` back as it was (``None``: absent)."""
+    if content is None:
+        path.unlink(missing_ok=True)
+    else:
+        tmp = path.with_name(f".{path.name}.restore")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
 
 
 def _read(path: Path) -> dict | None:

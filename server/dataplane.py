@@ -142,12 +142,14 @@ class DataPlane:
             old = self.models.pop(name, None)
             self.models[name] = runtime
             self.broken.pop(name, None)
-            if old is not None:
-                await old.stop(drain_s)
             self._start_tierer(name, served.config)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
+        # Outside the lock: a swap's drain lasts until the old queue's latest deadline, and
+        # other models' loads need not wait for it.
+        if old is not None:
+            await old.stop(drain_s)
 
     def _traffic(self, name: str, config) -> TrafficLog | None:
         if config.auto_tiers is None:
@@ -166,9 +168,14 @@ class DataPlane:
                 tierer.stop()
             self.tierers[name] = AutoTierer(
                 name, self.repo.root, config.auto_tiers, self.traffic[name], self.swap,
-                self.metrics,
+                self.metrics, live=lambda: self._serving(name),
             )  # fmt: skip
             self.tierers[name].start()
+
+    def _serving(self, name: str) -> str:
+        """What ``name`` serves now, as `innfer tiers apply --live` takes it."""
+        served = self.models[name].served
+        return f"{served.tier_source}:{','.join(served.tiers)}"
 
     def stop_tierers(self) -> None:
         """Stop every auto-tiering loop (server shutdown)."""

@@ -52,14 +52,24 @@ class TrafficLog:
         return summarise_traffic(*self.window(now, seconds))
 
     def write_csv(self, path: Path, now: float, seconds: float) -> int:
-        """Write the window to ``path`` (arrivals from 0); returns the request count."""
+        """Write the window to ``path`` (``write_traffic``); returns the request count."""
         arrivals, budgets_ms, rows = self.window(now, seconds)
-        start = arrivals[0] if len(arrivals) else 0.0
-        lines = ["arrival_s,budget_ms,rows"]
-        rows_out = zip(arrivals - start, budgets_ms, rows, strict=True)
-        lines += [f"{a:.6f},{b:.3f},{r}" for a, b, r in rows_out]
-        Path(path).write_text("\n".join(lines) + "\n")
+        write_traffic(path, arrivals, budgets_ms, rows)
         return len(arrivals)
+
+
+def write_traffic(path: Path, arrivals: np.ndarray, budgets_ms: np.ndarray, rows) -> None:
+    """The CSV ``sim.tiering.Traffic.read`` parses: header ``arrival_s,budget_ms,rows``,
+    arrivals from 0. A budget at or below 0 (a request refused at once: its client's
+    deadline had passed) is written as 0.001 ms: demand that no tier meets."""
+    start = arrivals[0] if len(arrivals) else 0.0
+    budgets_ms = np.maximum(budgets_ms, 1e-3)
+    lines = ["arrival_s,budget_ms,rows"]
+    lines += [
+        f"{a:.6f},{b:.3f},{int(r)}"
+        for a, b, r in zip(arrivals - start, budgets_ms, rows, strict=True)
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def summarise_traffic(arrivals: np.ndarray, budgets_ms: np.ndarray, rows: np.ndarray) -> dict:

@@ -116,8 +116,8 @@ def replay(
 ) -> SimResult:
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
-    the policy, slots, queue, batch, noise, SLO target and seed (engine times); the trace
-    and budget fields are ignored.
+    the policy, slots, queue, batch, noise, SLO target and seed (engine times), and
+    ``duration_s`` for the summary's goodput; the trace and budget fields are ignored.
 
     Example:
         >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]

@@ -22,7 +22,8 @@ not by luck. ``accuracy_floor`` bounds the candidates, ``max_memory_mb`` a set's
 
 Example:
     >>> traffic = Traffic.read("traffic.csv")  # doctest: +SKIP
-    >>> choice = choose(frontier, traffic, config.auto_tiers, current)  # doctest: +SKIP
+    >>> options = frontier_options(frontier)  # doctest: +SKIP
+    >>> choice = choose(options, traffic, config.auto_tiers, (live, names))  # doctest: +SKIP
     >>> choice.best.tiers, choice.gain  # doctest: +SKIP
     (('w100', 's069', 'w050', 'w031'), 0.021)
 """
@@ -41,7 +42,7 @@ from runtime.repository.config import AutoTiersConfig
 from runtime.repository.frontier import Frontier
 from server.scheduling import TierInfo
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
-from server.traffic import summarise_traffic
+from server.traffic import summarise_traffic, write_traffic
 from sim.simulator import SimConfig, replay
 
 PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.1 point
@@ -63,7 +64,7 @@ class Traffic:
             raise ValueError("traffic columns must have one entry per request each")
         if n and (np.any(np.diff(self.arrival_s) < 0) or not np.all(np.isfinite(self.arrival_s))):
             raise ValueError("traffic arrival times must be finite and non-decreasing")
-        if n and (np.any(self.budget_ms <= 0) or np.any(self.rows < 1)):
+        if n and (not np.all(self.budget_ms > 0) or np.any(self.rows < 1)):  # NaN too
             raise ValueError("traffic budgets must be > 0 ms and rows >= 1")
 
     def __len__(self) -> int:
@@ -79,11 +80,7 @@ class Traffic:
         return summarise_traffic(self.arrival_s, self.budget_ms, self.rows)
 
     def write(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(TRAFFIC_COLUMNS)
-            for a, b, r in zip(self.arrival_s, self.budget_ms, self.rows, strict=True):
-                w.writerow([f"{a:.6f}", f"{b:.3f}", int(r)])
+        write_traffic(Path(path), self.arrival_s, self.budget_ms, self.rows)
 
     @classmethod
     def read(cls, path: str | Path) -> Traffic:
@@ -105,6 +102,8 @@ class Traffic:
                     values = [float(v) for v in line[: len(header)]]
                 except ValueError:
                     raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
+                if len(values) < 2:
+                    raise ValueError(f"{path}:{i}: expected arrival_s,budget_ms[,rows]")
                 cols[0].append(values[0])
                 cols[1].append(values[1])
                 cols[2].append(values[2] if len(values) > 2 else 1)
@@ -247,7 +246,7 @@ def evaluate(
     attainment = float(met.mean()) if len(met) else 1.0
     return Evaluation(
         tiers=tuple(sorted(names, key=lambda n: -acc[n])),
-        score=served_acc - PENALTY * max(0.0, _or(floor, sim.slo_target) - attainment),
+        score=_penalised(served_acc, attainment, _or(floor, sim.slo_target)),
         attainment=attainment,
         mean_accuracy=float(np.mean([a for a, _ in served])) if served else None,
         served_accuracy=served_acc,
@@ -336,8 +335,13 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def _penalised(served_accuracy: float, attainment: float, floor: float) -> float:
+    """The score (module doc): served accuracy less PENALTY per unit below ``floor``."""
+    return served_accuracy - PENALTY * max(0.0, floor - attainment)
+
+
 def _score(e: Evaluation, floor: float) -> float:
-    return e.served_accuracy - PENALTY * max(0.0, floor - e.attainment)
+    return _penalised(e.served_accuracy, e.attainment, floor)
 
 
 def _spread(order: list[str], k: int) -> list[str]:

@@ -245,8 +245,8 @@ class ServerThread:
 def add_frontier(model_dir: Path, make, widths: dict[str, tuple[float, float]]) -> Frontier:
     """Write ``frontier/`` for the ONNX model ``make`` at each width: ``widths`` maps a
     candidate name to (width, accuracy); latency measured as ``innfer build`` does. The
-    torch-free stand-in for runtime.build.frontier (tests/test_auto_tiers.py builds a real
-    one from an INN)."""
+    torch-free stand-in for runtime.build.frontier (tests/test_frontier.py builds a real one
+    from an INN)."""
     cfg = ModelConfig.load(model_dir / "model.yaml")
     backend = get_backend("onnxruntime")
     candidates = []

@@ -310,14 +310,16 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     async def reload(name):
         calls.append(name)
 
-    def command(repo, name, traffic, result):  # stands in for `innfer tiers apply`
+    def command(repo, name, traffic, result, live):  # stands in for `innfer tiers apply`
+        assert live == "model.yaml:b"
         result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
                                       "current": {"tiers": ["b"]}, "traffic": {
                                           "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
                                           "rate_per_s": 5.0}}))  # fmt: skip
         return ["true"]
 
-    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: clock[0], command)
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
+                        lambda: clock[0], command)  # fmt: skip
     assert asyncio.run(tierer.check()) == "waiting"  # no traffic yet
     for i in range(10):
         log.record(999.0 + i * 0.01, 0.05, 1)
@@ -329,6 +331,7 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     for i in range(10):  # the same rate and budgets as what the set was chosen for
         log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
     assert asyncio.run(tierer.check()) == "unchanged" and calls == ["m"]
-    for i in range(10):  # budgets half as long: the traffic moved
-        log.record(clock[0] - 0.5 + i * 0.01, 0.025, 1)
+    clock[0] += 200
+    for i in range(10):  # the same rate, budgets half as long: the traffic moved
+        log.record(clock[0] - 1 + i * 0.01, 0.025, 1)
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m", "m"]

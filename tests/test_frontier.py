@@ -35,7 +35,7 @@ def test_build_measures_the_frontier(built):
         assert 0 <= c.accuracy <= 1 and set(c.latency) == {"1", "2", "4"}
         onnx_path = root / "tiny" / FRONTIER_DIR / c.name / "model.onnx"
         assert sha256_file(onnx_path) == c.onnx_sha256
-    assert f.pareto() and all(c.pareto for c in f.pareto())
+    assert f.pareto() and not all(c.pareto for c in f.candidates)  # something is beaten
     w = {c.name: c for c in f.candidates}
     assert w["w100"].flops > w["w050"].flops > w["w025"].flops
 

@@ -206,7 +206,8 @@ class RebuildConfig:
     )
     min_gain: float = spec(
         0.005, lo=0, hi=1,
-        doc="expected gain in mean served accuracy (misses count 0) a new set must bring",
+        doc="score gain a new set must bring: expected served accuracy (misses count 0), "
+        "where the live set misses the attainment floor also its shortfall (sim/tiering.py)",
     )  # fmt: skip
     min_requests: int = spec(
         500, lo=10, hi=10**7, doc="recorded requests needed before a choice is made"

@@ -31,6 +31,12 @@ from runtime.repository.errors import RepositoryError
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
 ACTIVE_FILE = "auto_tiers.json"
+APPLY_KEPT = 3  # exit status of `innfer tiers apply` when the live set stays
+
+
+def weights_mb(params: int) -> float:
+    """fp32 weights of ``params`` parameters, in megabytes (what max_memory_mb bounds)."""
+    return params * 4 / 2**20
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Candidate:
     @property
     def memory_mb(self) -> float:
         """The weights' size in fp32, megabytes: what the engine keeps in memory at least."""
-        return self.params * 4 / 2**20
+        return weights_mb(self.params)
 
 
 @dataclass

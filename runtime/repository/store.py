@@ -84,6 +84,7 @@ class ServedModel:
     profile: dict[str, Any] | None
     backend: str
     tokenizer: TextTokenizer | None = None  # text models (model.yaml ``text``) only
+    tier_source: str = "model.yaml"  # or "frontier": the auto-tiering choice is served
 
 
 class Repository:
@@ -192,7 +193,8 @@ class Repository:
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
         tokenizer = self.load_tokenizer(name, config)
-        return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer)
+        source = "frontier" if auto is not None else "model.yaml"
+        return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer, source)
 
     def auto_tiers(
         self, name: str, config: ModelConfig
@@ -207,7 +209,11 @@ class Repository:
         active = ActiveTiers.read(d / ACTIVE_FILE)
         if active is None:
             return None
-        frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+        try:
+            frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+        except RepositoryError as exc:
+            log.warning("%s: %s; serving the tiers of model.yaml", name, exc)
+            return None
         if active.frontier_sha256 != frontier.source_sha256:
             log.warning(
                 "%s/%s was chosen on an older frontier; serving the tiers of model.yaml until "
@@ -219,7 +225,9 @@ class Repository:
             try:
                 c = frontier.candidate(tier)
             except KeyError as exc:
-                raise RepositoryError(f"{name}/{ACTIVE_FILE}: {exc.args[0]}") from None
+                raise RepositoryError(
+                    f"{name}/{ACTIVE_FILE}: {exc.args[0]}; delete it to serve model.yaml's tiers"
+                ) from None
             records[tier] = TierRecord(
                 name=c.name, width=c.width, sizes=c.sizes,
                 onnx_sha256=c.onnx_sha256, source_sha256=frontier.source_sha256,
