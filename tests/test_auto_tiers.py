@@ -335,3 +335,41 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     for i in range(10):  # the same rate, budgets half as long: the traffic moved
         log.record(clock[0] - 1 + i * 0.01, 0.025, 1)
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m", "m"]
+
+
+def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_path):
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=100))
+    log, clock, exits = TrafficLog(), [1000.0], []
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir()
+    active.write_text('{"before": true}')
+
+    async def reload(name):
+        raise RuntimeError("the new engines do not load")
+
+    def command(repo, name, traffic, result, live):  # `apply` that wrote a new choice
+        code = exits.pop(0)
+        if code == 0:
+            active.write_text('{"new": true}')
+        return ["sh", "-c", f"exit {code}"]
+
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
+                        lambda: clock[0], command)  # fmt: skip
+    exits[:] = [0, 2, 3]
+    assert asyncio.run(tierer.check()) == "failed"  # applied, but the reload failed
+    assert active.read_text() == '{"before": true}'  # what is served is what the file says
+    assert asyncio.run(tierer.check()) == "waiting"  # backs off min_interval_s
+    clock[0] += 100
+    for i in range(10):
+        log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
+    assert asyncio.run(tierer.check()) == "failed"  # exit 2: an apply error
+    assert asyncio.run(tierer.check()) == "waiting"  # backs off again
+    clock[0] += 100
+    for i in range(10):
+        log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
+    assert asyncio.run(tierer.check()) == "kept" and exits == []
