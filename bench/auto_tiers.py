@@ -58,7 +58,7 @@ from runtime.repository import ACTIVE_FILE, Repository
 from runtime.repository.config import AutoTiersConfig, RebuildConfig
 from server.traffic import drifted
 from sim.simulator import SimConfig
-from sim.tiering import Traffic, choose, frontier_options
+from sim.tiering import Traffic, choose, frontier_options, outcomes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
@@ -160,23 +160,9 @@ def run_arm(options, sets, traffic, sim) -> dict:
         if len(idx) == 0:
             continue
         seg = Traffic(traffic.arrival_s[idx], traffic.budget_ms[idx], traffic.rows[idx])
-        m, a, w = outcomes(options, s["tiers"], seg, sim)
+        m, a, w, _ = outcomes(options, s["tiers"], seg, sim)
         met[idx], acc[idx], width[idx] = m, a, w
     return {"met": met, "accuracy": acc, "width": width}
-
-
-def outcomes(options, names, traffic, sim):
-    """Per request: met, accuracy of the serving tier (0 if not answered), width (nan)."""
-    from sim.simulator import replay
-
-    tiers = [options[n].tier for n in names]
-    p50 = {n: options[n].p50 for n in names}
-    budgets = traffic.budget_ms / 1e3
-    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
-    met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
-    acc = np.array([options[t].tier.accuracy if t else 0.0 for t in r.tiers])
-    width = np.array([options[t].width if t else np.nan for t in r.tiers])
-    return met, acc, width
 
 
 def summarise(arm: dict, mask: np.ndarray) -> dict:
@@ -201,12 +187,12 @@ def one_model(model: str, args, goals: AutoTiersConfig) -> dict:
     config = repo.config(model)
     sim = SimConfig(slo_target=config.slo_target, max_batch=config.max_batch,
                     max_queue=config.max_queue, slots=config.instances)  # fmt: skip
-    merged = {**options, **{f"hand:{n}": o for n, o in hand.items()}}
+    # The scheduler sees tier names: keep the hand-written ones apart from candidates'.
     merged_hand = [f"hand:{n}" for n in hand_names]
-    for n in hand_names:  # the scheduler sees the names; keep them apart from candidates'
-        merged[f"hand:{n}"] = dataclasses.replace(
-            hand[n], tier=dataclasses.replace(hand[n].tier, name=f"hand:{n}")
-        )
+    merged = {**options, **{
+        f"hand:{n}": dataclasses.replace(o, tier=dataclasses.replace(o.tier, name=f"hand:{n}"))
+        for n, o in hand.items()
+    }}  # fmt: skip
     runs = []
     for seed in args.seeds:
         traffic, shift = phases(hand, hand_names, args.phase_s, seed)

@@ -226,6 +226,22 @@ def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, flo
     }
 
 
+def outcomes(
+    options: Mapping[str, Option], names: Sequence[str], traffic: Traffic, sim: SimConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Replay ``traffic`` with the tiers ``names``. Per request: met (answered within its
+    budget), the serving tier's accuracy (0 where not answered), its width (nan where not
+    answered); and the simulator's summary."""
+    tiers = [options[n].tier for n in names]
+    p50 = {n: options[n].p50 for n in names}
+    budgets = traffic.budget_ms / 1e3
+    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
+    met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
+    acc = np.array([options[t].tier.accuracy if t else 0.0 for t in r.tiers])
+    width = np.array([options[t].width if t else np.nan for t in r.tiers])
+    return met, acc, width, r.summary
+
+
 def evaluate(
     options: Mapping[str, Option],
     names: Sequence[str],
@@ -235,23 +251,18 @@ def evaluate(
 ) -> Evaluation:
     """Replay ``traffic`` with the tiers ``names``; the score's attainment ``floor``
     defaults to the SLO target (see the module doc)."""
-    tiers = [options[n].tier for n in names]
-    p50 = {n: options[n].p50 for n in names}
-    budgets = traffic.budget_ms / 1e3
-    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
-    met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
-    acc = {n: options[n].tier.accuracy for n in names}
-    served = [(acc[t], options[t].width) for t in r.tiers if t is not None]
-    served_acc = float(np.where(met, [acc[t] if t else 0.0 for t in r.tiers], 0.0).mean())
+    met, acc, width, summary = outcomes(options, names, traffic, sim)
+    answered = ~np.isnan(width)
+    served_acc = float(np.where(met, acc, 0.0).mean()) if len(met) else 0.0
     attainment = float(met.mean()) if len(met) else 1.0
     return Evaluation(
-        tiers=tuple(sorted(names, key=lambda n: -acc[n])),
+        tiers=tuple(sorted(names, key=lambda n: -options[n].tier.accuracy)),
         score=_penalised(served_acc, attainment, _or(floor, sim.slo_target)),
         attainment=attainment,
-        mean_accuracy=float(np.mean([a for a, _ in served])) if served else None,
+        mean_accuracy=float(acc[answered].mean()) if answered.any() else None,
         served_accuracy=served_acc,
-        mean_width=float(np.mean([w for _, w in served])) if served else None,
-        tier_mix=dict(r.summary["tier_mix"]),
+        mean_width=float(width[answered].mean()) if answered.any() else None,
+        tier_mix=dict(summary["tier_mix"]),
         memory_mb=sum(options[n].memory_mb for n in names),
     )
 

@@ -67,15 +67,15 @@ def build_frontier(
     if config.auto_tiers is None:
         raise ValueError(f"{config.source}: no auto_tiers, so no frontier to build")
     model_dir = repo.model_dir(name)
-    inn = load(model_dir)
     backend = repo.choose_backend(config)
-    options = repo.build_options(config, backend)
-    x_cal, evaluation = _data(config)
     src = _source_hash(model_dir, config, backend)
     out = model_dir / FRONTIER_DIR
     old = _reusable(out, src)
-    if old is not None:
+    if old is not None:  # before the INN and the data are loaded: a rebuild costs nothing
         return old
+    inn = load(model_dir)
+    options = repo.build_options(config, backend)
+    x_cal, evaluation = _data(config)
     with torch.no_grad():
         full = inn.sample(1.0, config.method, config.multiple_of)
         example = _example(config)
