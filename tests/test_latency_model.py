@@ -138,6 +138,40 @@ def test_the_spread_follows_the_engine_both_ways():
     assert noisy.estimate("t", 8) < 0.8 * narrow0
 
 
+def test_the_learned_spread_keeps_the_profiles_shape_across_batch_sizes():
+    """A tier run almost only at batch 1 (sigma 0.1) whose batch of 2 is profiled - and, in
+    this engine, really is - five times noisier: the plan for 2 rows keeps that spread. The
+    spread learned at batch 1 alone put its 0.999 quantile at ~17 ms when 62 ms was true."""
+    rng = np.random.default_rng(0)
+    s1, s2 = 0.1, 0.5
+    tier = TierInfo("w100", 1.0, {1: 6.5 * math.exp(Z90 * s1), 2: 13.0 * math.exp(Z90 * s2)},
+                    {1: 6.5, 2: 13.0})  # fmt: skip
+    lat = LatencyModel([tier])
+    for _ in range(200):
+        lat.observe("w100", 1, 6.5 * MS * float(rng.lognormal(0, s1)))
+    assert lat.sigma("w100", 1) == pytest.approx(s1, rel=0.3)
+    assert lat.sigma("w100", 2) == pytest.approx(s2, rel=0.3)
+    true_q = 13.0 * MS * math.exp(lat.z * s2)
+    assert lat.estimate("w100", 2) > 0.8 * true_q
+
+
+def test_a_size_the_profile_got_wrong_is_corrected_by_its_own_batches():
+    """The profile says batch 2 spreads 0.5 (measured under contention); the engine is tight
+    (0.05) at every size. Batches of 8 alone keep the profile's shape at 2; batches of 2
+    bring it down to the truth."""
+    rng = np.random.default_rng(2)
+    tier = TierInfo("w100", 1.0, {2: 13.0 * math.exp(Z90 * 0.5), 8: 59.0 * math.exp(Z90 * 0.05)},
+                    {2: 13.0, 8: 59.0})  # fmt: skip
+    lat = LatencyModel([tier])
+    for _ in range(100):
+        lat.observe("w100", 8, 59.0 * MS * float(rng.lognormal(0, 0.05)))
+    assert lat.sigma("w100", 2) > 0.3
+    for _ in range(60):
+        lat.observe("w100", 2, 13.0 * MS * float(rng.lognormal(0, 0.05)))
+    assert lat.sigma("w100", 2) < 0.09
+    assert lat.sigma("w100", 8) == pytest.approx(0.05, rel=0.5)
+
+
 def test_tables_follow_the_model_in_place():
     lat = LatencyModel([TierInfo("a", 1.0, {1: 2.0, 4: 5.0}), TierInfo("b", 0.5, {1: 1.0})])
     q, m, v = lat.tables(["a", "b"], width=6)
