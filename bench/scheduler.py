@@ -105,7 +105,7 @@ def goals(rows: list[dict], target: float = 0.999, policy: str = "innfer") -> di
                 f"{where}: size {r['mean_served_accuracy']:.3f} < slackfit "
                 f"{sf['mean_served_accuracy']:.3f} at equal or better attainment"
             )
-    attainment = [m for m in misses if "attainment" in m]
+    attainment = [m for m in misses if ": attainment " in m]
     return {"cells": cells, "met": cells - len({m.split(":")[0] for m in misses}),
             "attainment_met": cells - len(attainment), "misses": misses}  # fmt: skip
 

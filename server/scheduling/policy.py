@@ -56,6 +56,10 @@ BATCH_GROWTH_SLACK = 0.01
 # batch time). Jitter is the deadline checks' business; these 10% absorb the error of the
 # decayed arrival-rate estimate and the partial batches a real queue runs.
 SUSTAINABLE_HEADROOM = 0.9
+# A one-row batch may run past the head-of-line bound only while the arrivals it is expected
+# to turn away (those whose budgets its extra time makes unmeetable) stay under this share
+# of the misses the SLO allows: the planner's quantile plans spend the rest.
+BLOCKING_MISS_SHARE = 0.5
 # SlackFit's latency bucket: (tier, batch) choices whose latencies differ by less than this
 # count as equally fast, so the larger batch, then the more accurate tier, wins. About one
 # single-row inference of a small tier: finer buckets would make SlackFit pick by latency
@@ -101,7 +105,8 @@ class Snapshot:
     before another member's queued requests - which run after it, most urgent first - would
     miss a deadline (``Device.hold``; inf when nothing else is queued): without it a lane or
     model that got the slot plans only its own queue and may pick a slow tier that makes the
-    others' requests late.
+    others' requests late. ``budgets``: the recent admissible budgets (s), sorted - their
+    empirical distribution prices the arrivals a long batch would turn away (None: unknown).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -118,6 +123,7 @@ class Snapshot:
     backlog: float = 0.0
     idle_share: float = 0.0
     hold: float = math.inf
+    budgets: np.ndarray | None = None
 
 
 class Context:
@@ -332,9 +338,12 @@ class Planner(Policy):
     size, corrected online; a sequence of batches is the sum of independent ones).
     ``largest_batch(t)`` is the head batch every step uses: the first requests of Q that
     tier t may serve (``Context.take``), the longest prefix of them that finishes by its own
-    earliest deadline and runs no longer than tight_budget - latency(fastest tier, 1 row)
-    (or is one request), so a client with a tight budget arriving just after it starts can
-    still be served: bounded head-of-line blocking; on a shared device it also runs no
+    earliest deadline and runs no longer than tight_budget - latency(fastest tier, 1 row),
+    so a client with a tight budget arriving just after it starts can still be served:
+    bounded head-of-line blocking. A single row may run longer where the arrivals its extra
+    time is expected to turn away - priced from the arrival rate and the recent budgets'
+    distribution - stay under half the misses ``slo_target`` allows (``_blocks_little``);
+    the head's fastest tier is always allowed; on a shared device it also runs no
     longer than ``Snapshot.hold``, so the other lanes' or models' queued requests, which run
     after it, keep their deadlines. Only that largest batch is tried per
     tier - a smaller head batch leaves the same requests, less batched, to the rest.
@@ -424,10 +433,13 @@ class Planner(Policy):
         its fastest allowed tier. Same decisions as the general path (tested)."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
         hold = _hold(ctx, snap)
+        least = ctx.latency.planned(allowed[-1])[r.rows]  # r alone on its fastest tier
         for tiers in (candidates, allowed):
             for tier in tiers:
                 took = ctx.latency.planned(tier)[r.rows]
-                if now + took <= r.deadline and (took <= limit_s or r.rows == 1) and took <= hold:
+                if now + took > r.deadline or took > hold:
+                    continue
+                if took <= limit_s or (r.rows == 1 and _blocks_little(took, least, ctx, snap)):
                     return Decision(tier, [r])
         return Decision(allowed[-1], [r])
 
@@ -600,8 +612,14 @@ class Planner(Policy):
             due.append(min(due[-1], r.deadline))
         for k in range(len(batch), 0, -1):
             took = planned[rows[k]]
-            if now + took <= due[k] and (took <= limit_s or rows[k] == 1) and took <= hold:
+            if now + took > due[k] or took > hold:
+                continue
+            if took <= limit_s:
                 return batch[:k], now + took, where[:k]
+            if rows[k] == 1:
+                least = ctx.latency.planned(ctx.fastest(batch[0]))[1]
+                if _blocks_little(took, least, ctx, snap):
+                    return batch[:k], now + took, where[:k]
         return None
 
     @staticmethod
@@ -713,6 +731,38 @@ class _Decision:
         self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
         self.plan: _Plan | None = None  # the whole queue's plan, for every check
         self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
+
+
+def turned_away(budgets: np.ndarray, lo: float, hi: float) -> float:
+    """The integral of the budgets' empirical CDF F over [lo, hi] (seconds): arrivals at
+    rate 1/s during a batch that ends ``hi - l`` seconds from now, each needing ``l`` more
+    after it, are turned away at the rate F(remaining + l) - integrated over the batch, and
+    counted only beyond the first ``lo - l`` seconds (what the batch costs in any case).
+
+    Example:
+        >>> budgets = np.array([0.005, 0.010, 0.020, 0.040])
+        >>> turned_away(budgets, 0.0, 0.010)   # F: 1/4 from 5 ms, 1/2 from 10 ms
+        0.00125
+        >>> turned_away(budgets, 0.010, 0.010)
+        0.0
+    """
+    if hi <= lo or len(budgets) == 0:
+        return 0.0
+    return float(np.clip(hi - budgets, 0.0, hi - lo).mean())
+
+
+def _blocks_little(took: float, least: float, ctx: Context, snap: Snapshot) -> bool:
+    """Whether a one-row batch of ``took`` seconds, past the head-of-line bound, turns
+    away few enough arrivals: beyond ``least`` (the request alone on its fastest tier, which
+    it must run on anyway), at the recent arrival rate and budgets, the expected arrivals
+    whose budgets its extra time makes unmeetable (each then needs the fastest tier's one
+    row) stay under ``BLOCKING_MISS_SHARE`` of the misses ``slo_target`` allows. Without
+    known budgets it may (the bound is then inf anyway)."""
+    if took <= least or snap.budgets is None:
+        return True
+    after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
+    lost = snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)
+    return lost <= BLOCKING_MISS_SHARE * (1 - ctx.slo_target)
 
 
 def _hold(ctx: Context, snap: Snapshot) -> float:

@@ -143,6 +143,7 @@ class Scheduler:
         self._first: float | None = None  # the first arrival
         self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
+        self._budget_cdf: np.ndarray | None = None  # the budgets, sorted; with it
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
@@ -368,7 +369,8 @@ class Scheduler:
         # A lone queued request means light load: the sort costs nothing that matters then,
         # and the bound is current when a burst begins.
         if (self._budgets and len(self.queue) == 1) or not self._dispatches % TIGHT_BUDGET_EVERY:
-            self._tight_budget = _low_percentile(self._budgets)
+            self._budget_cdf = np.sort(np.fromiter(self._budgets, float, len(self._budgets)))
+            self._tight_budget = _low_percentile(self._budget_cdf)
         self._dispatches += 1
         busy = tuple(self.device.busy(now, skip=slot))
         backlog = 0.0
@@ -381,7 +383,7 @@ class Scheduler:
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog,
-            self._idle_share, hold,
+            self._idle_share, hold, self._budget_cdf,
         )  # fmt: skip
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
@@ -492,8 +494,8 @@ class _Columns:
         return self._view
 
 
-def _low_percentile(values, q: float = TIGHT_BUDGET_QUANTILE) -> float:
-    if not values:
+def _low_percentile(ordered: np.ndarray, q: float = TIGHT_BUDGET_QUANTILE) -> float:
+    """The ``q`` percentile (lower) of sorted values; inf for none."""
+    if not len(ordered):
         return math.inf
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
+    return float(ordered[int(q * (len(ordered) - 1))])
