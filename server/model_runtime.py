@@ -58,7 +58,7 @@ from server.scheduling import (
     make_policy,
 )
 from server.scheduling.device import Device
-from server.scheduling.latency import tiers_from_profile
+from server.scheduling.latency import slower_than_more_accurate, tiers_from_profile
 from server.traffic import TrafficLog
 
 # Backends whose engines run on the CPU and may be called from any thread, so a short batch
@@ -238,6 +238,14 @@ class ModelRuntime:
         self.tiers = infos[lengths[-1]]
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        for slow, fast, sizes in slower_than_more_accurate(self.tiers):
+            log.warning(
+                "model %s: tier %s is slower than the more accurate %s at batch %s "
+                "(profile.json); the scheduler counts a request's least accurate tier as its "
+                "fastest, so it may refuse work %s could serve: drop %s from model.yaml, or "
+                "re-profile on a quiet machine (`innfer build`)",
+                self.name, slow, fast, sizes, fast, slow,
+            )  # fmt: skip
         instances = self.config.instances
         if device is None and len(lengths) > 1:
             device = Device(instances, name=f"{self.name}-lanes")  # the lanes share slots

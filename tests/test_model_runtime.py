@@ -448,3 +448,16 @@ def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_pa
     assert threads.names[0] == loop_thread
     assert len(threads.names) == 4
     assert all(name.startswith("engine-m") for name in threads.names[1:])
+
+
+def test_a_tier_slower_than_a_more_accurate_one_is_named_at_load(tmp_path, caplog):
+    """w050 profiled slower than w100 at one row (as the demo model's sub-ms tiers measure):
+    the planner would count requests on it as their fastest tier, so the load warns."""
+    slow = _served(tmp_path / "a", {"w100": {1: 1.0, 4: 3.0}, "w050": {1: 1.5, 4: 2.0}})
+    with caplog.at_level("WARNING", logger="innfer.model"):
+        ModelRuntime(slow, Metrics())
+    assert "tier w050 is slower than the more accurate w100 at batch [1]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="innfer.model"):
+        ModelRuntime(_served(tmp_path / "b"), Metrics())
+    assert "slower" not in caplog.text

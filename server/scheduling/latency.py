@@ -503,6 +503,38 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return view
 
 
+# ``slower_than_more_accurate``: a less accurate tier counts as slower only beyond this
+# margin, so that timing noise between near-equal tiers (launch-bound GPU batches) is quiet.
+SLOWER_MARGIN = 0.05
+
+
+def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str, list[int]]]:
+    """(tier, a more accurate tier, batch sizes) wherever a tier's typical time (p50, else
+    p90) is more than ``SLOWER_MARGIN`` above a more accurate tier's at those profiled sizes.
+    The planner takes the least accurate allowed tier as the fastest; such a tier makes it
+    count work on the slower one (and refuse what the faster could serve), so the server
+    warns about it at load.
+
+    Example:
+        >>> slower_than_more_accurate([TierInfo("w050", 0.96, {1: 0.06, 8: 0.2}),
+        ...                            TierInfo("w025", 0.95, {1: 0.09, 8: 0.18})])
+        [('w025', 'w050', [1])]
+    """
+    ordered = sorted(tiers, key=lambda t: -t.accuracy)
+    out = []
+    for i, slow in enumerate(ordered):
+        for fast in ordered[:i]:
+            a = slow.typical_ms or slow.latency_ms
+            b = fast.typical_ms or fast.latency_ms
+            sizes = sorted(int(k) for k in a if int(k) <= fast.max_batch)
+            margin = 1 + SLOWER_MARGIN
+            worse = [n for n in sizes if interpolate(a, n) > interpolate(b, n) * margin]
+            if worse:
+                out.append((slow.name, fast.name, worse))
+                break  # the most accurate tier it loses to is enough to name
+    return out
+
+
 def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
     """(tiers with p50 / p90 / p99 tables, p50 tables in ms) from a ``profile.json`` dict and
     the tiers' build records (anything with ``flops`` and ``accuracy``). A tier without a
