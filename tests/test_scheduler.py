@@ -1003,6 +1003,11 @@ def test_a_lone_row_on_a_slow_tier_is_priced_by_the_arrivals_it_turns_away():
         assert Planner().choose([r], 0.0, ctx, snap).tier == tier
         head = Planner.largest_batch([r], "w100", 0.0, ctx, snap)  # the general path
         assert (head is not None) == (tier == "w100")
+    # Two slots, the other one free: a tight arrival runs there, so nothing is turned away.
+    snap = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets)
+    assert Planner(slots=2).choose([r], 0.0, ctx, snap).tier == "w100"
+    busy = replace(snap, busy=(0.005,))
+    assert Planner(slots=2).choose([r], 0.0, ctx, busy).tier == "w025"
 
 
 def test_mostly_tight_budgets_under_load_are_met_with_four_tiers_as_with_the_smallest():

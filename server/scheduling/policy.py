@@ -402,6 +402,9 @@ class Planner(Policy):
 
     def choose(self, queue, now, ctx, snap):
         self.work = 0
+        if snap.budgets is not None and len(snap.busy) < self.slots - 1:
+            # Another slot is free: a tight arrival runs there, not behind a long row.
+            snap = replace(snap, budgets=None)
         allowed = ctx.allowed(queue[0])
         sustainable = self.sustainable_tiers(allowed, ctx, snap)  # 1
         candidates = self.one_tier_above(allowed, sustainable, queue, ctx, snap)  # 1b
