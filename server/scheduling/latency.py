@@ -12,12 +12,10 @@ batches that ran:
   spread as observations accumulate. Where the profile says some batch sizes spread more
   than others, the learned spread keeps that shape: the observed differences are also
   compared with those the profile predicts for the same pairs of batches, and a batch size
-  is planned with at least the profile's spread for it times that ratio (a tier run mostly
-  at batch 1 must not teach the planner that its noisier batch of 2 is as tight);
-* per batch size, once batches of that size have run: the spread of successive differences
-  among their log ratios alone, which replaces the tier-wide estimate for that size as its own
-  observations accumulate (a profile noisy at one size, measured under contention, stops
-  widening that size's plans after a few tens of its batches).
+  is planned with at least the profile's spread for it times that ratio, at most 1 (a tier
+  run mostly at batch 1 must not teach the planner that its noisier batch of 2 is as tight;
+  an engine noisier than its profile everywhere gets the observed spread at every size, not
+  the profile's differences between sizes magnified).
 
 The planning latency (``estimate``) is the ``slo_target`` quantile of that distribution: the
 scheduler promises deadlines with probability ``slo_target``.
@@ -132,31 +130,6 @@ def clipped_abs_mean(sd: float, clip: float) -> float:
     return clip * tail + 2 * sd * density
 
 
-def sigma_from_clipped(mean_abs: float, clip: float) -> float:
-    """The sd whose ``clipped_abs_mean`` is ``mean_abs`` (bisection; 3.0 - a 20x spread - at
-    or beyond the clip's reach).
-
-    Example:
-        >>> round(sigma_from_clipped(clipped_abs_mean(0.4, 0.7), 0.7), 4)
-        0.4
-    """
-    if mean_abs <= 0:
-        return 0.0
-    unclipped = mean_abs * math.sqrt(math.pi / 2)
-    if unclipped <= clip / 3:  # the clip cuts < 0.3 % of |D|'s mean: no search needed
-        return unclipped
-    lo, hi = 0.0, 3.0
-    if clipped_abs_mean(hi, clip) <= mean_abs:
-        return hi
-    for _ in range(20):  # to 3e-6
-        mid = 0.5 * (lo + hi)
-        if clipped_abs_mean(mid, clip) < mean_abs:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
 def sum_quantile(mean, var, z):
     """The quantile at standard-normal score ``z`` of a sum of independent log-normal batch
     times with total ``mean`` and ``var`` (Fenton-Wilkinson: the log-normal with the same
@@ -237,12 +210,6 @@ class LatencyModel:
         self._expected = {t.name: 0.0 for t in tiers}
         self._last = dict.fromkeys(self._log_factor)  # the previous (log ratio, rows) per tier
         self._count = {t.name: 0 for t in tiers}
-        # Per tier and rows: the previous log ratio at that size, the EWMA of clipped
-        # successive differences between them, its sigma, and how many differences.
-        self._last_at: dict[str, list[float | None]] = {}
-        self._resid: dict[str, list[float]] = {}
-        self._own: dict[str, list[float]] = {}
-        self._seen: dict[str, list[int]] = {}
         # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
         self._p50: dict[str, list[float]] = {}
         self._p90: dict[str, list[float]] = {}
@@ -254,10 +221,6 @@ class LatencyModel:
             p90 = [interpolate(t.latency_ms, b) / 1e3 for b in sizes]
             p99 = [interpolate(t.tail_ms, b) / 1e3 for b in sizes] if t.tail_ms else None
             self._p50[t.name] = [0.0, *p50]
-            self._last_at[t.name] = [None] * (t.max_batch + 1)
-            self._resid[t.name] = [0.0] * (t.max_batch + 1)
-            self._own[t.name] = [0.0] * (t.max_batch + 1)
-            self._seen[t.name] = [0] * (t.max_batch + 1)
             self._p90[t.name] = [0.0, *p90]
             if t.typical_ms is None:
                 self._sigma0[t.name] = [0.0] * (t.max_batch + 1)
@@ -288,17 +251,15 @@ class LatencyModel:
         w = n / (n + TRUST_BATCHES)
         observed = self._jitter[tier] * math.sqrt(math.pi) / 2  # E|d| = 2 sigma / sqrt(pi)
         expected = self._expected[tier]
-        scale = self._jitter[tier] / expected if expected > 1e-12 else 0.0
+        scale = min(self._jitter[tier] / expected, 1.0) if expected > 1e-12 else 0.0
         f = math.exp(self._log_factor[tier])
         median = [v * f for v in self._p50[tier]]
-        # Tier-wide: the observed spread, or the profile's at this size scaled by what was
-        # observed, whichever is larger; trusted as batches accumulate. Then per size: its
-        # own observed spread, trusted as batches of that size accumulate.
-        sigma = []
-        for s, own, k in zip(self._sigma0[tier], self._own[tier], self._seen[tier], strict=True):
-            shaped = w * max(observed, scale * s) ** 2 + (1 - w) * s * s
-            wk = k / (k + TRUST_BATCHES)
-            sigma.append(math.sqrt(wk * own * own + (1 - wk) * shaped))
+        # Learned: the observed spread, or the profile's at this size scaled down by what
+        # was observed, whichever is larger; trusted as batches accumulate.
+        sigma = [
+            math.sqrt(w * max(observed, scale * s) ** 2 + (1 - w) * s * s)
+            for s in self._sigma0[tier]
+        ]
         quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, sigma, strict=True))
         mean = tuple(m * math.exp(0.5 * s * s) for m, s in zip(median, sigma, strict=True))
         var = [m * m * math.expm1(s * s) for m, s in zip(mean, sigma, strict=True)]
@@ -394,7 +355,6 @@ class LatencyModel:
         # scale together.
         ratio = seconds / max(self.typical(tier, rows), MIN_TYPICAL_S)
         x = math.log(min(max(ratio, RATIO_MIN), RATIO_MAX))
-        self._observe_size(tier, max(rows, 1), x)
         self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
         last = self._last[tier]
         if last is not None:
@@ -409,19 +369,6 @@ class LatencyModel:
         self._fill(tier)
         self.version += 1
 
-    def _observe_size(self, tier: str, b: int, x: float) -> None:
-        """The per-size spread: successive differences of log ratios at ``b`` rows only (a
-        level shift between two of them counts once)."""
-        last = self._last_at[tier][b]
-        self._last_at[tier][b] = x
-        if last is None:
-            return
-        d = min(abs(x - last), DIFF_CLIP)
-        self._resid[tier][b] += JITTER_ALPHA * (d - self._resid[tier][b])
-        self._seen[tier][b] += 1
-        # A difference of two draws has sqrt(2) times the spread of one.
-        self._own[tier][b] = sigma_from_clipped(self._resid[tier][b], DIFF_CLIP) / math.sqrt(2)
-
     def forget(self, tier: str, keep: float) -> None:
         """Move ``tier``'s correction back towards the profile: the level (log factor), the
         learned spread and the trust in it are multiplied by ``keep`` (0..1). For a tier
@@ -433,8 +380,6 @@ class LatencyModel:
         self._jitter[tier] *= keep
         self._expected[tier] *= keep
         self._count[tier] = int(self._count[tier] * keep)
-        self._seen[tier] = [int(k * keep) for k in self._seen[tier]]
-        self._last_at[tier] = [None] * len(self._last_at[tier])
         self._last[tier] = None
         self._refresh(tier)
         self._fill(tier)
