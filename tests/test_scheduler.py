@@ -1003,6 +1003,9 @@ def test_a_lone_row_on_a_slow_tier_is_priced_by_the_arrivals_it_turns_away():
         assert Planner().choose([r], 0.0, ctx, snap).tier == tier
         head = Planner.largest_batch([r], "w100", 0.0, ctx, snap)  # the general path
         assert (head is not None) == (tier == "w100")
+    # Nearly every request found the device idle: a closed loop, nobody arrives meanwhile.
+    paced = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets, idle_share=0.99)
+    assert Planner().choose([r], 0.0, ctx, paced).tier == "w100"
     # Two slots, the other one free: a tight arrival runs there, so nothing is turned away.
     snap = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets)
     assert Planner(slots=2).choose([r], 0.0, ctx, snap).tier == "w100"

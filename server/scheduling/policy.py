@@ -60,6 +60,11 @@ SUSTAINABLE_HEADROOM = 0.9
 # to turn away (those whose budgets its extra time makes unmeetable) stay under this share
 # of the misses the SLO allows: the planner's quantile plans spend the rest.
 BLOCKING_MISS_SHARE = 0.5
+# ... unless at least this share of recent requests found the device idle: then arrivals
+# are paced by the answers (one closed-loop client) and none comes during the batch. Higher
+# than LIGHT_IDLE_SHARE: Poisson arrivals at 20 % utilisation find it idle 80 % of the time,
+# and the decayed share (about 20 arrivals) then reaches 0.98 only by chance.
+PACED_IDLE_SHARE = 0.98
 # SlackFit's latency bucket: (tier, batch) choices whose latencies differ by less than this
 # count as equally fast, so the larger batch, then the more accurate tier, wins. About one
 # single-row inference of a small tier: finer buckets would make SlackFit pick by latency
@@ -760,8 +765,10 @@ def _blocks_little(took: float, least: float, ctx: Context, snap: Snapshot) -> b
     it must run on anyway), at the recent arrival rate and budgets, the expected arrivals
     whose budgets its extra time makes unmeetable (each then needs the fastest tier's one
     row) stay under ``BLOCKING_MISS_SHARE`` of the misses ``slo_target`` allows. Without
-    known budgets it may (the bound is then inf anyway)."""
-    if took <= least or snap.budgets is None:
+    known budgets it may (the bound is then inf anyway); so it may when arrivals are paced
+    by the answers (``PACED_IDLE_SHARE``: one closed-loop client comes back after its
+    answer, never during the batch)."""
+    if took <= least or snap.budgets is None or snap.idle_share >= PACED_IDLE_SHARE:
         return True
     after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
     lost = snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)
