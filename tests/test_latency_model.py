@@ -138,21 +138,27 @@ def test_the_spread_follows_the_engine_both_ways():
     assert noisy.estimate("t", 8) < 0.8 * narrow0
 
 
+def _lognormal_tier(name: str, table: dict[int, tuple[float, float]]) -> TierInfo:
+    """A tier profiled as log-normal: {rows: (p50 ms, sigma)} -> p90 and p50 tables."""
+    p90 = {b: m * math.exp(Z90 * s) for b, (m, s) in table.items()}
+    return TierInfo(name, 1.0, p90, {b: m for b, (m, _) in table.items()})
+
+
+def _run(lat: LatencyModel, tier: str, rows: int, p50_ms: float, sigma: float, n: int, rng):
+    """``n`` batches of ``rows`` whose times are log-normal around ``p50_ms``."""
+    for _ in range(n):
+        lat.observe(tier, rows, p50_ms * MS * float(rng.lognormal(0, sigma)))
+
+
 def test_the_learned_spread_keeps_the_profiles_shape_across_batch_sizes():
     """A tier run almost only at batch 1 (sigma 0.1) whose batch of 2 is profiled - and, in
     this engine, really is - five times noisier: the plan for 2 rows keeps that spread. The
     spread learned at batch 1 alone put its 0.999 quantile at ~17 ms when 62 ms was true."""
-    rng = np.random.default_rng(0)
-    s1, s2 = 0.1, 0.5
-    tier = TierInfo("w100", 1.0, {1: 6.5 * math.exp(Z90 * s1), 2: 13.0 * math.exp(Z90 * s2)},
-                    {1: 6.5, 2: 13.0})  # fmt: skip
-    lat = LatencyModel([tier])
-    for _ in range(200):
-        lat.observe("w100", 1, 6.5 * MS * float(rng.lognormal(0, s1)))
-    assert lat.sigma("w100", 1) == pytest.approx(s1, rel=0.3)
-    assert lat.sigma("w100", 2) == pytest.approx(s2, rel=0.3)
-    true_q = 13.0 * MS * math.exp(lat.z * s2)
-    assert lat.estimate("w100", 2) > 0.8 * true_q
+    lat = LatencyModel([_lognormal_tier("w100", {1: (6.5, 0.1), 2: (13.0, 0.5)})])
+    _run(lat, "w100", 1, 6.5, 0.1, 200, np.random.default_rng(0))
+    assert lat.sigma("w100", 1) == pytest.approx(0.1, rel=0.3)
+    assert lat.sigma("w100", 2) == pytest.approx(0.5, rel=0.3)
+    assert lat.estimate("w100", 2) > 0.8 * 13.0 * MS * math.exp(lat.z * 0.5)
 
 
 def test_a_profile_noisier_than_the_engine_is_scaled_down_not_kept():
@@ -160,14 +166,10 @@ def test_a_profile_noisier_than_the_engine_is_scaled_down_not_kept():
     (0.05) at every size. Batches of 8 alone keep the profile's shape at 2 (nothing says
     otherwise); batches of 2 show the profile overstated it and bring it down."""
     rng = np.random.default_rng(2)
-    tier = TierInfo("w100", 1.0, {2: 13.0 * math.exp(Z90 * 0.5), 8: 59.0 * math.exp(Z90 * 0.05)},
-                    {2: 13.0, 8: 59.0})  # fmt: skip
-    lat = LatencyModel([tier])
-    for _ in range(100):
-        lat.observe("w100", 8, 59.0 * MS * float(rng.lognormal(0, 0.05)))
+    lat = LatencyModel([_lognormal_tier("w100", {2: (13.0, 0.5), 8: (59.0, 0.05)})])
+    _run(lat, "w100", 8, 59.0, 0.05, 100, rng)
     assert lat.sigma("w100", 2) > 0.3
-    for _ in range(60):
-        lat.observe("w100", 2, 13.0 * MS * float(rng.lognormal(0, 0.05)))
+    _run(lat, "w100", 2, 13.0, 0.05, 60, rng)
     assert lat.sigma("w100", 2) < 0.2
     assert lat.sigma("w100", 8) == pytest.approx(0.05, rel=0.5)
 
@@ -176,12 +178,8 @@ def test_an_engine_noisier_than_its_profile_gets_the_observed_spread_at_every_si
     """A quiet profile (sigma 0.02 at 1 row, 0.1 at 2) of an engine with 0.3 everywhere: the
     plan at 2 rows uses ~0.3 - the profile's 5x difference between sizes is its noise, not
     something to magnify (0.3 x 5 would refuse nearly everything at 2 rows)."""
-    rng = np.random.default_rng(3)
-    tier = TierInfo("w025", 0.9, {1: 2.0 * math.exp(Z90 * 0.02), 2: 4.0 * math.exp(Z90 * 0.1)},
-                    {1: 2.0, 2: 4.0})  # fmt: skip
-    lat = LatencyModel([tier])
-    for _ in range(200):
-        lat.observe("w025", 1, 2.0 * MS * float(rng.lognormal(0, 0.3)))
+    lat = LatencyModel([_lognormal_tier("w025", {1: (2.0, 0.02), 2: (4.0, 0.1)})])
+    _run(lat, "w025", 1, 2.0, 0.3, 200, np.random.default_rng(3))
     assert lat.sigma("w025", 1) == pytest.approx(0.3, rel=0.3)
     assert lat.sigma("w025", 2) == pytest.approx(lat.sigma("w025", 1), rel=0.05)
 
