@@ -949,16 +949,19 @@ def test_other_policies_ignore_the_snapshot():
     rate=st.floats(0.0, 3000.0),
     tight_ms=st.one_of(st.just(math.inf), st.floats(1.0, 40.0)),
     idle=st.floats(0.0, 1.0),
+    budgets_ms=st.one_of(st.none(), st.lists(st.floats(0.5, 60.0), min_size=1, max_size=40)),
 )
 def test_a_lone_request_gets_the_general_planners_decision(
-    rows, constraint, budget_ms, rate, tight_ms, idle
+    rows, constraint, budget_ms, rate, tight_ms, idle, budgets_ms
 ):
     """Planner.choose decides a one-request queue on a short path (most decisions at light
-    load); it must agree with steps 2-4 run in full."""
+    load); it must agree with steps 2-4 run in full - long single rows priced alike."""
     pin = constraint[1] if constraint and constraint[0] == "pin" else None
     min_tier = constraint[1] if constraint and constraint[0] == "min" else None
     r = Request(1, 0.0, budget_ms * MS, rows=rows, pin=pin, min_tier=min_tier)
-    snap = Snapshot(arrival_rate=rate, tight_budget=tight_ms * MS, idle_share=idle)
+    budgets = None if budgets_ms is None else np.sort(np.array(budgets_ms)) * MS
+    snap = Snapshot(arrival_rate=rate, tight_budget=tight_ms * MS, idle_share=idle,
+                    budgets=budgets)  # fmt: skip
     planner = Planner()
     fast = planner.choose([r], 0.0, CTX, snap)
     full = replace(snap, columns=CTX.columns([r]))
@@ -992,8 +995,8 @@ def _tight_traffic_budgets(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def test_a_lone_row_on_a_slow_tier_is_priced_by_the_arrivals_it_turns_away():
     """A lone request with 12 ms may run alone on w100 (11.2 ms) only when few arrivals
-    come while it runs: at 90/s, most with budgets of 4.5-13.5 ms, it would turn away about
-    one in twenty of them; at 0.05/s it turns away almost none."""
+    come while it runs: at 90/s, most with budgets of 4.5-13.5 ms, about one arrives per
+    such run and a third of one would be turned away; at 0.05/s almost none."""
     ctx = Context(RESNET_TIERS, LatencyModel(RESNET_TIERS), max_batch=8)
     budgets = np.sort(_tight_traffic_budgets(200, np.random.default_rng(0)))
     tight = float(budgets[int(0.05 * 199)])
@@ -1006,11 +1009,13 @@ def test_a_lone_row_on_a_slow_tier_is_priced_by_the_arrivals_it_turns_away():
     # Nearly every request found the device idle: a closed loop, nobody arrives meanwhile.
     paced = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets, idle_share=0.99)
     assert Planner().choose([r], 0.0, ctx, paced).tier == "w100"
-    # Two slots, the other one free: a tight arrival runs there, so nothing is turned away.
+    # Two slots, the other one free: a tight arrival runs there, so nothing is turned away -
+    # unless another request takes that slot at once (a queue of two: the general path).
     snap = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets)
     assert Planner(slots=2).choose([r], 0.0, ctx, snap).tier == "w100"
-    busy = replace(snap, busy=(0.005,))
-    assert Planner(slots=2).choose([r], 0.0, ctx, busy).tier == "w025"
+    assert Planner(slots=2).choose([r], 0.0, ctx, replace(snap, busy=(0.005,))).tier == "w025"
+    pair = [r, Request(1, 0.0, 0.012, pin="w100")]
+    assert Planner(slots=2).choose(pair, 0.0, ctx, snap).tier == "w025"
 
 
 def test_mostly_tight_budgets_under_load_are_met_with_four_tiers_as_with_the_smallest():

@@ -469,9 +469,12 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
     out = []
     for i, slow in enumerate(ordered):
         for fast in ordered[:i]:
-            a = slow.typical_ms or slow.latency_ms
-            b = fast.typical_ms or fast.latency_ms
-            sizes = sorted(int(k) for k in a if int(k) <= fast.max_batch)
+            # p50 against p50 where both have it, else p90 against p90.
+            typical = slow.typical_ms and fast.typical_ms
+            a = slow.typical_ms if typical else slow.latency_ms
+            b = fast.typical_ms if typical else fast.latency_ms
+            top = max(int(k) for k in b)
+            sizes = sorted(int(k) for k in a if int(k) <= top)
             margin = 1 + SLOWER_MARGIN
             worse = [n for n in sizes if interpolate(a, n) > interpolate(b, n) * margin]
             if worse:

@@ -110,8 +110,9 @@ class Snapshot:
     before another member's queued requests - which run after it, most urgent first - would
     miss a deadline (``Device.hold``; inf when nothing else is queued): without it a lane or
     model that got the slot plans only its own queue and may pick a slow tier that makes the
-    others' requests late. ``budgets``: the recent admissible budgets (s), sorted - their
-    empirical distribution prices the arrivals a long batch would turn away (None: unknown).
+    others' requests late. ``budgets``: the recent admissible budgets (s), sorted and
+    read-only - their empirical distribution prices the arrivals a long single row would
+    turn away (None: none yet, nothing is priced).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -347,8 +348,9 @@ class Planner(Policy):
     so a client with a tight budget arriving just after it starts can still be served:
     bounded head-of-line blocking. A single row may run longer where the arrivals its extra
     time is expected to turn away - priced from the arrival rate and the recent budgets'
-    distribution - stay under half the misses ``slo_target`` allows (``_blocks_little``);
-    the head's fastest tier is always allowed; on a shared device it also runs no
+    distribution - stay under half the misses ``slo_target`` allows (``_blocks_little``),
+    where arrivals are paced by the answers, or, for a lone request, where another slot
+    stays free; the head's fastest tier is always allowed; on a shared device it also runs no
     longer than ``Snapshot.hold``, so the other lanes' or models' queued requests, which run
     after it, keep their deadlines. Only that largest batch is tried per
     tier - a smaller head batch leaves the same requests, less batched, to the rest.
@@ -407,14 +409,14 @@ class Planner(Policy):
 
     def choose(self, queue, now, ctx, snap):
         self.work = 0
-        if snap.budgets is not None and len(snap.busy) < self.slots - 1:
-            # Another slot is free: a tight arrival runs there, not behind a long row.
-            snap = replace(snap, budgets=None)
         allowed = ctx.allowed(queue[0])
         sustainable = self.sustainable_tiers(allowed, ctx, snap)  # 1
         candidates = self.one_tier_above(allowed, sustainable, queue, ctx, snap)  # 1b
         if len(queue) == 1:  # light load: most decisions
-            return self._alone(queue[0], candidates, allowed, now, ctx, snap)
+            # Another slot stays free (nothing else waits for it, here or on a shared
+            # device): a tight arrival runs there, not behind a long row.
+            spare = len(snap.busy) < self.slots - 1 and snap.hold == math.inf
+            return self._alone(queue[0], candidates, allowed, now, ctx, snap, spare)
         if snap.columns is None or len(snap.columns) != len(queue):
             snap = replace(snap, columns=ctx.columns(queue))
         self._decision = _Decision()
@@ -433,21 +435,23 @@ class Planner(Policy):
         return decision
 
     @staticmethod
-    def _alone(r: Request, candidates, allowed, now, ctx, snap) -> Decision:
+    def _alone(r: Request, candidates, allowed, now, ctx, snap, spare: bool = False) -> Decision:
         """Steps 2-4 for a queue of one request, without their machinery: with nothing
         behind it, every rest is feasible, so step 2 (then 3) picks the first candidate
         (then allowed) tier on which ``r``'s batch passes ``_largest``'s checks - its
         deadline, and the head-of-line bound unless it is one row - and step 4 runs it on
-        its fastest allowed tier. Same decisions as the general path (tested)."""
+        its fastest allowed tier. Same decisions as the general path (tested). ``spare``: a
+        long single row is not priced (``_blocks_little``): another slot stays free."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
         hold = _hold(ctx, snap)
-        least = ctx.latency.planned(allowed[-1])[r.rows]  # r alone on its fastest tier
         for tiers in (candidates, allowed):
             for tier in tiers:
                 took = ctx.latency.planned(tier)[r.rows]
                 if now + took > r.deadline or took > hold:
                     continue
-                if took <= limit_s or (r.rows == 1 and _blocks_little(took, least, ctx, snap)):
+                if took <= limit_s:
+                    return Decision(tier, [r])
+                if r.rows == 1 and (spare or _blocks_little(took, allowed[-1], ctx, snap)):
                     return Decision(tier, [r])
         return Decision(allowed[-1], [r])
 
@@ -624,10 +628,8 @@ class Planner(Policy):
                 continue
             if took <= limit_s:
                 return batch[:k], now + took, where[:k]
-            if rows[k] == 1:
-                least = ctx.latency.planned(ctx.fastest(batch[0]))[1]
-                if _blocks_little(took, least, ctx, snap):
-                    return batch[:k], now + took, where[:k]
+            if rows[k] == 1 and _blocks_little(took, ctx.fastest(batch[0]), ctx, snap):
+                return batch[:k], now + took, where[:k]
         return None
 
     @staticmethod
@@ -759,15 +761,18 @@ def turned_away(budgets: np.ndarray, lo: float, hi: float) -> float:
     return float(np.clip(hi - budgets, 0.0, hi - lo).mean())
 
 
-def _blocks_little(took: float, least: float, ctx: Context, snap: Snapshot) -> bool:
+def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot) -> bool:
     """Whether a one-row batch of ``took`` seconds, past the head-of-line bound, turns
-    away few enough arrivals: beyond ``least`` (the request alone on its fastest tier, which
-    it must run on anyway), at the recent arrival rate and budgets, the expected arrivals
-    whose budgets its extra time makes unmeetable (each then needs the fastest tier's one
-    row) stay under ``BLOCKING_MISS_SHARE`` of the misses ``slo_target`` allows. Without
-    known budgets it may (the bound is then inf anyway); so it may when arrivals are paced
-    by the answers (``PACED_IDLE_SHARE``: one closed-loop client comes back after its
-    answer, never during the batch)."""
+    away few enough arrivals: beyond the request's one row on ``fastest`` (its fastest
+    allowed tier, which it must run on anyway), at the recent arrival rate and budgets, the
+    expected arrivals whose budgets its extra time makes unmeetable (each then needs the
+    fastest tier's one row) stay under ``BLOCKING_MISS_SHARE`` of the misses ``slo_target``
+    allows. The rate is in rows/s, so multi-row traffic is priced as that many arrivals
+    (conservative), and it counts refused arrivals, which would be refused anyway. It may
+    when the budgets are unknown (none admissible yet: the bound is inf too), and when
+    arrivals are paced by the answers (``PACED_IDLE_SHARE``: one closed-loop client comes
+    back after its answer, never during the batch)."""
+    least = ctx.latency.planned(fastest)[1]
     if took <= least or snap.budgets is None or snap.idle_share >= PACED_IDLE_SHARE:
         return True
     after = ctx.latency.estimate(ctx.tiers[-1].name, 1)

@@ -370,6 +370,7 @@ class Scheduler:
         # and the bound is current when a burst begins.
         if (self._budgets and len(self.queue) == 1) or not self._dispatches % TIGHT_BUDGET_EVERY:
             self._budget_cdf = np.sort(np.fromiter(self._budgets, float, len(self._budgets)))
+            self._budget_cdf.flags.writeable = False  # shared by the snapshots until replaced
             self._tight_budget = _low_percentile(self._budget_cdf)
         self._dispatches += 1
         busy = tuple(self.device.busy(now, skip=slot))
