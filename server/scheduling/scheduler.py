@@ -146,6 +146,7 @@ class Scheduler:
         self._budget_cdf: np.ndarray | None = None  # the budgets, sorted; with it
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
+        self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
         self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
 
@@ -186,6 +187,7 @@ class Scheduler:
         self._rate_at = now
         idle = not self.queue and not self.device.running
         self._idle_share += IDLE_ALPHA * (float(idle) - self._idle_share)
+        self._idle_weight += IDLE_ALPHA * (1.0 - self._idle_weight)
         fastest = self.ctx.fastest(r)
         alone = self.latency.estimate(fastest, r.rows)
         if now + alone <= r.deadline:
@@ -384,8 +386,15 @@ class Scheduler:
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog,
-            self._idle_share, hold, self._budget_cdf,
+            self.idle_share, hold, self._budget_cdf,
         )  # fmt: skip
+
+    @property
+    def idle_share(self) -> float:
+        """The decayed share of recent requests that arrived to an idle device, over the
+        arrivals seen so far (the EWMA divided by its weight: the first requests of a closed
+        loop count as idle at once, not after ~20 of them)."""
+        return self._idle_share / self._idle_weight if self._idle_weight else 0.0
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
         """The batch finished (or failed) after ``compute_s`` seconds of engine time.
