@@ -961,7 +961,7 @@ def test_a_lone_request_gets_the_general_planners_decision(
     r = Request(1, 0.0, budget_ms * MS, rows=rows, pin=pin, min_tier=min_tier)
     budgets = None if budgets_ms is None else np.sort(np.array(budgets_ms)) * MS
     snap = Snapshot(arrival_rate=rate, tight_budget=tight_ms * MS, idle_share=idle,
-                    budgets=budgets)  # fmt: skip
+                    budgets=budgets, paced_share=idle)  # fmt: skip
     planner = Planner()
     fast = planner.choose([r], 0.0, CTX, snap)
     full = replace(snap, columns=CTX.columns([r]))
@@ -1007,7 +1007,8 @@ def test_a_lone_row_on_a_slow_tier_is_priced_by_the_arrivals_it_turns_away():
         head = Planner.largest_batch([r], "w100", 0.0, ctx, snap)  # the general path
         assert (head is not None) == (tier == "w100")
     # Nearly every request found the device idle: a closed loop, nobody arrives meanwhile.
-    paced = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets, idle_share=0.99)
+    paced = Snapshot(arrival_rate=90.0, tight_budget=tight, budgets=budgets,
+                     idle_share=0.99, paced_share=0.99)  # fmt: skip
     assert Planner().choose([r], 0.0, ctx, paced).tier == "w100"
     # Two slots, the other one free: a tight arrival runs there, so nothing is turned away -
     # unless another request takes that slot at once (a queue of two: the general path).

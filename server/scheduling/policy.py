@@ -112,7 +112,9 @@ class Snapshot:
     model that got the slot plans only its own queue and may pick a slow tier that makes the
     others' requests late. ``budgets``: the recent admissible budgets (s), sorted and
     read-only - their empirical distribution prices the arrivals a long single row would
-    turn away (None: none yet, nothing is priced).
+    turn away (None: none yet, nothing is priced). ``paced_share``: the idle share over the
+    arrivals seen so far (not decayed from 0 at start): whether arrivals are paced by the
+    answers, for that pricing.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -130,6 +132,7 @@ class Snapshot:
     idle_share: float = 0.0
     hold: float = math.inf
     budgets: np.ndarray | None = None
+    paced_share: float = 0.0
 
 
 class Context:
@@ -773,7 +776,7 @@ def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot) -> b
     arrivals are paced by the answers (``PACED_IDLE_SHARE``: one closed-loop client comes
     back after its answer, never during the batch)."""
     least = ctx.latency.planned(fastest)[1]
-    if took <= least or snap.budgets is None or snap.idle_share >= PACED_IDLE_SHARE:
+    if took <= least or snap.budgets is None or snap.paced_share >= PACED_IDLE_SHARE:
         return True
     after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
     lost = snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)

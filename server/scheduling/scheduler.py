@@ -386,14 +386,15 @@ class Scheduler:
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, self.columns(), busy, backlog,
-            self.idle_share, hold, self._budget_cdf,
+            self._idle_share, hold, self._budget_cdf, self.idle_share,
         )  # fmt: skip
 
     @property
     def idle_share(self) -> float:
         """The decayed share of recent requests that arrived to an idle device, over the
         arrivals seen so far (the EWMA divided by its weight: the first requests of a closed
-        loop count as idle at once, not after ~20 of them)."""
+        loop count as idle at once, not after ~20 of them). ``Snapshot.paced_share``; step 1
+        of the planner keeps the plain EWMA (``Snapshot.idle_share``), which starts at 0."""
         return self._idle_share / self._idle_weight if self._idle_weight else 0.0
 
     def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
