@@ -442,7 +442,8 @@ class Planner(Policy):
         """Steps 2-4 for a queue of one request, without their machinery: with nothing
         behind it, every rest is feasible, so step 2 (then 3) picks the first candidate
         (then allowed) tier on which ``r``'s batch passes ``_largest``'s checks - its
-        deadline, and the head-of-line bound unless it is one row - and step 4 runs it on
+        deadline, and the head-of-line bound unless it is one row that turns away few
+        arrivals (``_blocks_little``) - and step 4 runs it on
         its fastest allowed tier. Same decisions as the general path (tested). ``spare``: a
         long single row is not priced (``_blocks_little``): another slot stays free."""
         limit_s = snap.tight_budget - ctx.latency.estimate(ctx.tiers[-1].name, 1)
