@@ -466,6 +466,7 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
         [('w025', 'w050', [1])]
     """
     ordered = sorted(tiers, key=lambda t: -t.accuracy)
+    margin = 1 + SLOWER_MARGIN
     out = []
     for i, slow in enumerate(ordered):
         for fast in ordered[:i]:
@@ -475,7 +476,6 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
             b = fast.typical_ms if typical else fast.latency_ms
             top = max(int(k) for k in b)
             sizes = sorted(int(k) for k in a if int(k) <= top)
-            margin = 1 + SLOWER_MARGIN
             worse = [n for n in sizes if interpolate(a, n) > interpolate(b, n) * margin]
             if worse:
                 out.append((slow.name, fast.name, worse))

@@ -143,7 +143,7 @@ class Scheduler:
         self._first: float | None = None  # the first arrival
         self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
-        self._budget_cdf: np.ndarray | None = None  # the budgets, sorted; with it
+        self._budget_cdf: np.ndarray | None = None  # the budgets sorted, refreshed with it
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
         self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
