@@ -1,4 +1,4 @@
-"""Tier latency vs FLOPs, ONNX Runtime vs torch eager, cold start and memory per tier set.
+"""Tier latency vs FLOPs, ONNX Runtime vs torch, cold start and memory per tier set.
 
 For a ResNet-18-like CNN at 224x224 and an MLP (784-2048-2048-10), tiers at 100/75/50/25 %
 width (channel counts rounded to multiples of 8) are built into a model repository with
@@ -7,15 +7,18 @@ the real build path (sample -> ONNX -> engine cache -> validation). Measured in 
     tier, against the FLOPs ratio; goal at batch 8: latency ratio <= 1.15 x FLOPs ratio;
   * cold start: a fresh process (torch blocked) loads the cached engines of 4 tiers;
   * peak RSS of a process holding 4 tiers vs one holding only the full tier.
+torch runs where the build puts it: on the CPU here; on an NVIDIA GPU with CUDA graphs
+(``torch``) beside eager CUDA (``torch_eager``, INNFER_CUDA_GRAPHS=0), timed in the same run.
 Writes bench/results/tiers.json and tiers.png.
 
-    python bench/tiers.py [--threads 2] [--repeats 7] [--device cpu|cuda]
+    python bench/tiers.py [--threads 2] [--repeats 20] [--models resnet18,mlp] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime
 from bench.models import ResNet18Like, mlp
 from runtime.build.pipeline import add_model, build_model
+from runtime.engines.torch import CUDA_GRAPHS_ENV
 from runtime.repository import Repository
 
 OUT = Path(__file__).parent / "results"
@@ -104,12 +108,20 @@ def bench_model(key: str, root: Path, args) -> dict:
     rows = {}
     backends = ["onnxruntime", "torch"]
     served = {b: repo.load(key, backend=b) for b in backends}
+    if torch.cuda.is_available():  # torch runs on the GPU: CUDA graphs beside eager CUDA
+        os.environ[CUDA_GRAPHS_ENV] = "0"
+        try:
+            served["torch_eager"] = repo.load(key, backend="torch")
+        finally:
+            del os.environ[CUDA_GRAPHS_ENV]
+        backends.append("torch_eager")
     full_flops = repo.load_record(key, "w100").flops
     engines = {(t, b): served[b].engines[t] for t in WIDTHS for b in backends}
     medians = interleaved_medians(engines, in_shape, args.repeats)
     for tier in WIDTHS:
         rec = repo.load_record(key, tier)
         row = {"flops": rec.flops, "flops_ratio": rec.flops / full_flops, "params": rec.params}
+        row["sizes"] = rec.sizes
         for b in backends:
             for batch in (1, 8):
                 row[f"{b}_b{batch}_ms"] = medians[(tier, b, batch)]
@@ -135,6 +147,8 @@ def bench_model(key: str, root: Path, args) -> dict:
     full_only = child(LOAD.format(root=str(only_full), name=key))
     return {
         "tiers": rows,
+        "backends": backends,
+        "torch_device": served["torch"].engines["w100"].device,
         "first_build_s": first_build_s,
         "cold_start_4_tiers_s": cold["ready_s"],
         "peak_rss_mb_4_tiers": cold["peak_rss_mb"],
@@ -145,14 +159,19 @@ def bench_model(key: str, root: Path, args) -> dict:
 def print_table(key: str, r: dict) -> None:
     print(f"\n{key}: first build {r['first_build_s']:.1f} s, cold start (4 cached tiers, no "
           f"torch) {r['cold_start_4_tiers_s']:.2f} s, peak RSS {r['peak_rss_mb_4_tiers']:.0f} MB "
-          f"(full tier only: {r['peak_rss_mb_full_only']:.0f} MB)")  # fmt: skip
-    print(f"{'tier':<6}{'FLOPs':>8}{'ORT b1':>10}{'ratio':>7}{'ORT b8':>10}{'ratio':>7}"
-          f"{'lat/FLOP':>9}{'torch b8':>10}{'ORT speedup':>12}")  # fmt: skip
+          f"(full tier only: {r['peak_rss_mb_full_only']:.0f} MB); torch on "
+          f"{r['torch_device']}")  # fmt: skip
+    backends = r.get("backends", ["onnxruntime", "torch"])
+    head = f"{'tier':<6}{'FLOPs':>7}{'lat/FLOP':>9}"
+    for b in backends:
+        head += f"{b[:11] + ' b1':>15}{'b8':>8}{'ratio b1/b8':>13}"
+    print(head)
     for tier, row in r["tiers"].items():
-        print(f"{tier:<6}{row['flops_ratio']:>8.3f}{row['onnxruntime_b1_ms']:>9.2f}m"
-              f"{row['onnxruntime_b1_ratio']:>7.3f}{row['onnxruntime_b8_ms']:>9.2f}m"
-              f"{row['onnxruntime_b8_ratio']:>7.3f}{row['ort_b8_ratio_over_flops_ratio']:>9.2f}"
-              f"{row['torch_b8_ms']:>9.2f}m{row['ort_speedup_vs_torch_b8']:>11.2f}x")  # fmt: skip
+        line = f"{tier:<6}{row['flops_ratio']:>7.3f}{row['ort_b8_ratio_over_flops_ratio']:>9.2f}"
+        for b in backends:
+            line += (f"{row[f'{b}_b1_ms']:>13.3f}ms{row[f'{b}_b8_ms']:>6.2f}ms"
+                     f"{row[f'{b}_b1_ratio']:>7.2f}/{row[f'{b}_b8_ratio']:.2f}")  # fmt: skip
+        print(line)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -167,7 +186,7 @@ def plot(results: dict, path: Path) -> None:
         fr = [row["flops_ratio"] for row in rows]
         ax.plot([0, 1], [0, 1], "k:", label="latency = FLOPs")
         ax.plot([0, 1], [0, 1.15], "k--", alpha=0.4, label="goal bound (1.15x)")
-        for b in ("onnxruntime", "torch"):
+        for b in r.get("backends", ["onnxruntime", "torch"]):
             for batch, mk in ((1, "o"), (8, "s")):
                 ax.plot(fr, [row[f"{b}_b{batch}_ratio"] for row in rows], marker=mk,
                         label=f"{b} batch {batch}")  # fmt: skip
@@ -195,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = bench_model(key, root, args)
             print_table(key, results[key])
     meta = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name(0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tiers.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
     plot(results, args.out / "tiers.png")

@@ -123,6 +123,26 @@ def test_torch_backend_matches_onnxruntime(built):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_profile_from_another_backend_is_measured_again_at_load(built, caplog):
+    """profile.json holds latency's shape over batch sizes, which differs between backends
+    and devices (a GPU's batch of 4 costs little more than one row): serving on a backend
+    the profile was not measured with re-measures it at load, and says so."""
+    root, _ = built
+    repo = Repository(root)
+    stored = json.loads((root / "tiny" / "profile.json").read_text())
+    assert stored["backend"] == "onnxruntime"
+    assert repo.load("tiny").profile == stored  # measured here, with this backend: kept
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        eager = repo.load("tiny", backend="torch")
+    assert (eager.profile["backend"], eager.profile["device"]) == ("torch", "cpu")
+    assert set(eager.profile["tiers"]) == {"w100", "w050"}
+    assert set(eager.profile["tiers"]["w050"]) == set(stored["tiers"]["w050"])  # same sizes
+    assert all(e["p50_ms"] > 0 for e in eager.profile["tiers"]["w100"].values())
+    assert "measured with onnxruntime" in caplog.text and "re-measured" in caplog.text
+    # Not written back: the stored profile is the build's.
+    assert json.loads((root / "tiny" / "profile.json").read_text()) == stored
+
+
 def test_serving_loader_never_imports_torch(built):
     root, _ = built
     code = textwrap.dedent(f"""

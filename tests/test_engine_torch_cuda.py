@@ -242,3 +242,43 @@ def test_cuda_graph_replay_matches_eager(tmp_path, monkeypatch):
     assert graphs.captured_batches == [1, 3]
     assert graphs.graph_captures == 2  # one per batch size: the repeats replayed
     assert eager.graph_captures == 0
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_capture_and_replay_while_other_engines_run(tmp_path, monkeypatch):
+    """Engine threads capture while other engines run (eagerly or replaying) in other
+    threads - the server's situation: capture_error_mode="thread_local" must keep their
+    work out of the capture, and every answer must be this batch's own."""
+    import threading
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch here has no CUDA")
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    nets, engines = [], []
+    for k, graphs in enumerate((True, True, False)):  # two capturing, one eager
+        torch.manual_seed(k)
+        net = nn.Sequential(nn.Linear(IN_F, 64), nn.ReLU(), nn.Linear(64, OUT_F)).eval()
+        _save_tier(tmp_path / f"t{k}", net)
+        options = BuildOptions(max_batch=8, extra={"device": "cuda", "cuda_graphs": graphs})
+        nets.append(net)
+        engines.append(TorchBackend().load(tmp_path / f"t{k}", options))
+    errors: list[BaseException] = []
+
+    def work(k: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(60):
+                x = _x(int(rng.integers(1, 9)), int(rng.integers(1 << 30)))
+                got = engines[k].run({"input": x})["logits"]
+                np.testing.assert_allclose(got, _expected(nets[k], x), rtol=1e-4, atol=1e-4)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k % 3, k)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    assert engines[0].graph_captures == len(engines[0].captured_batches) > 1
+    assert engines[2].graph_captures == 0

@@ -41,7 +41,7 @@ from runtime.repository import (
     sha256_file,
 )
 from runtime.repository.config import ModelConfig, TierConfig
-from runtime.repository.profile import measure, profile_document, random_feeds
+from runtime.repository.profile import profile_tiers, random_feeds
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 log = logging.getLogger("innfer.build")
@@ -281,15 +281,11 @@ def evaluate_accuracy(engine, config: ModelConfig) -> float:
 
 def _profile(repo, name, config, backend, engines, progress, repeats) -> Path:
     """Every tier at every batch size; a sequence model at every profiled length too."""
-    lengths = config.sequence_lengths or (1,)
-    points = [(tier, n) for tier in engines for n in lengths]
-    tables: dict[int, dict] = {n: {} for n in lengths}
-    for tier, n in tqdm(points, desc="profile", disable=not progress, unit="point"):
-        tables[n][tier] = measure(
-            engines[tier], config.inputs, config.batch_sizes, repeats=repeats, length=n
-        )
-    by_length = tables if config.sequence_lengths else None
-    data = profile_document(backend, config.threads, tables[lengths[-1]], by_length)
+
+    def bar(points):
+        return tqdm(points, desc="profile", disable=not progress, unit="point")
+
+    data = profile_tiers(engines, config, backend, repeats=repeats, points=bar)
     path = repo.model_dir(name) / PROFILE_FILE
     path.write_text(json.dumps(data, indent=1))
     return path

@@ -71,6 +71,14 @@ def cuda_graphs_enabled(options: BuildOptions) -> bool:
     return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """``array`` contiguous and writable: a request's arrays are read-only views of its
+    message, and torch warns on (and would allow writes to) tensors over them. The engine
+    never writes its inputs; the copy is made only when the view is read-only."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
 class TorchEngine(Engine):
     """A sampled tier run by torch; on CUDA, one CUDA graph per batch size (see module doc).
 
@@ -114,7 +122,7 @@ class TorchEngine(Engine):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs]
+        args = [torch.from_numpy(_writable(feeds[s.name])) for s in self.inputs]
         with self._lock, torch.inference_mode():
             outs = self._replay(args) if self._use_graphs else None
             if outs is None:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.engines import Engine
-from runtime.repository.config import TensorConfig
+from runtime.engines import Backend, Engine
+from runtime.repository.config import ModelConfig, TensorConfig
 
 
 def random_feeds(
@@ -133,3 +133,59 @@ def profile_document(
         "tiers": tiers,
         **({"lengths": {str(n): t for n, t in lengths.items()}} if lengths else {}),
     }
+
+
+def profile_tiers(
+    engines: Mapping[str, Engine],
+    config: ModelConfig,
+    backend: Backend,
+    repeats: int = 20,
+    max_seconds: float = 5.0,
+    points: Callable[[list[tuple[str, int]]], Iterable[tuple[str, int]]] = iter,
+) -> dict[str, Any]:
+    """The ``profile.json`` document for ``engines``: every tier at every batch size of
+    ``config``, a sequence model at every profiled length too. ``points`` wraps the list of
+    (tier, length) points measured, for a progress bar.
+
+    Example:
+        >>> doc = profile_tiers(served.engines, served.config, backend)  # doctest: +SKIP
+        >>> sorted(doc["tiers"]["w100"])  # doctest: +SKIP
+        ['1', '2', '3', '4', '5', '6', '7', '8']
+    """
+    lengths = config.sequence_lengths or (1,)
+    tables: dict[int, dict] = {n: {} for n in lengths}
+    for tier, n in points([(tier, n) for tier in engines for n in lengths]):
+        tables[n][tier] = measure(
+            engines[tier],
+            config.inputs,
+            config.batch_sizes,
+            repeats=repeats,
+            max_seconds=max_seconds,
+            length=n,
+        )
+    by_length = tables if config.sequence_lengths else None
+    return profile_document(backend, config.threads, tables[lengths[-1]], by_length)
+
+
+def measured_elsewhere(profile: Mapping[str, Any] | None, backend: Backend) -> str | None:
+    """Why ``profile`` does not describe ``backend`` on this machine, or None when it does
+    (or says nothing about where it was measured: a hand-written profile is trusted).
+
+    A profile holds the shape of latency over batch sizes, which the scheduler plans with: a
+    CPU's batch of 8 costs ~8x one row, a GPU's little more than one. The load-time factor
+    per tier can rescale a profile, not reshape it, so one from another backend or device is
+    no profile at all for this one.
+
+    Example:
+        >>> from runtime.engines import get_backend
+        >>> ort = get_backend("onnxruntime")
+        >>> measured_elsewhere({"backend": "torch", "device": "NVIDIA H200"}, ort)
+        'profile.json was measured with torch on NVIDIA H200'
+        >>> measured_elsewhere({"tiers": {}}, ort) is None
+        True
+    """
+    if not profile or "backend" not in profile or "device" not in profile:
+        return None
+    if (profile["backend"], profile["device"]) == (backend.name, backend.device()):
+        return None
+    return f"profile.json was measured with {profile['backend']} on {profile['device']}"

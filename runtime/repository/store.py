@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from runtime.repository.frontier import (
     ActiveTiers,
     Frontier,
 )
+from runtime.repository.profile import measured_elsewhere, profile_tiers
 from runtime.repository.records import TIER_FILE, TierRecord
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
@@ -52,6 +54,10 @@ PROFILE_FILE = "profile.json"
 TEXT_FILE = "text.json"
 # A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
 # (file systems allow 255 per component; the engine cache adds suffixes to it).
+# A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
+# and the time cap per point - enough for the scheduler's median and p90 to start from.
+LOAD_PROFILE_REPEATS = 7
+LOAD_PROFILE_S = 0.5
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
@@ -192,6 +198,7 @@ class Repository:
                 raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
+        profile = self._profile_here(name, config, chosen, engines, profile)
         tokenizer = self.load_tokenizer(name, config)
         source = "frontier" if auto is not None else "model.yaml"
         return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer, source)
@@ -271,6 +278,26 @@ class Repository:
             return TextTokenizer(path, config.text.max_length)
         except TokenizerError as exc:
             raise RepositoryError(str(exc)) from None
+
+    def _profile_here(self, name, config, backend, engines, profile) -> dict[str, Any] | None:
+        """``profile``, or, where it was measured with another backend or on another device,
+        a new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less
+        on a GPU). Not written back: the repository may be read-only, and ``innfer build``
+        on this machine is how a profile is stored."""
+        why = measured_elsewhere(profile, backend)
+        if why is None:
+            return profile
+        t0 = time.perf_counter()
+        fresh = profile_tiers(
+            engines, config, backend, repeats=LOAD_PROFILE_REPEATS, max_seconds=LOAD_PROFILE_S
+        )
+        log.warning(
+            "model %s: %s, not with %s on %s: re-measured every tier at load in %.1f s "
+            "(`innfer build --model %s --backend %s` on this machine stores a profile)",
+            name, why, backend.name, backend.device(), time.perf_counter() - t0, name,
+            backend.name,
+        )  # fmt: skip
+        return fresh
 
     def read_profile(self, name: str) -> dict[str, Any] | None:
         path = self.root / name / PROFILE_FILE
