@@ -14,6 +14,7 @@ from netgen import tiny_cnn
 
 import runtime
 from runtime.build.pipeline import add_model, build_model
+from runtime.engines import get_backend
 from runtime.repository import Repository, RepositoryError
 from runtime.repository.config import ConfigError, ModelConfig
 
@@ -134,7 +135,8 @@ def test_a_profile_from_another_backend_is_measured_again_at_load(built, caplog)
     assert repo.load("tiny").profile == stored  # measured here, with this backend: kept
     with caplog.at_level("WARNING", logger="innfer.repository"):
         eager = repo.load("tiny", backend="torch")
-    assert (eager.profile["backend"], eager.profile["device"]) == ("torch", "cpu")
+    here = get_backend("torch").device()  # "cpu" here; the GPU's name on a GPU
+    assert (eager.profile["backend"], eager.profile["device"]) == ("torch", here)
     assert set(eager.profile["tiers"]) == {"w100", "w050"}
     assert set(eager.profile["tiers"]["w050"]) == set(stored["tiers"]["w050"])  # same sizes
     assert all(e["p50_ms"] > 0 for e in eager.profile["tiers"]["w100"].values())

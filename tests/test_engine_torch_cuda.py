@@ -213,6 +213,44 @@ def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):
     assert fake.graphs[0].replays == 2
 
 
+def test_capture_gate_waits_for_runs_and_holds_new_runs_behind_it():
+    """A capture starts only once running batches finish, and a run that arrives while a
+    capture waits goes after it (a busy server cannot starve a capture)."""
+    import threading
+
+    from runtime.engines.torch import _CaptureGate
+
+    gate, order = _CaptureGate(), []
+    release_run = threading.Event()
+
+    def running():
+        with gate.shared():
+            order.append("run-1 started")
+            release_run.wait(5)
+            order.append("run-1 done")
+
+    def capture():
+        with gate.exclusive():
+            order.append("capture")
+
+    def late_run():
+        with gate.shared():
+            order.append("run-2")
+
+    threads = [threading.Thread(target=f) for f in (running, capture, late_run)]
+    threads[0].start()
+    while not order:
+        pass
+    threads[1].start()
+    while gate._waiting == 0:  # the capture is queued behind run-1
+        pass
+    threads[2].start()
+    release_run.set()
+    for t in threads:
+        t.join(5)
+    assert order == ["run-1 started", "run-1 done", "capture", "run-2"]
+
+
 # --- gpu: real CUDA graphs -----------------------------------------------------------------
 
 

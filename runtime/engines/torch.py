@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -57,6 +58,60 @@ class _Graph:
     shapes: tuple[tuple[int, ...], ...]  # the input shapes it was captured for
     inputs: list[Any]  # static input tensors (device)
     outputs: tuple[Any, ...]  # static output tensors (device), rewritten by every replay
+
+
+class _CaptureGate:
+    """Shared by CUDA runs, held alone by a capture. Measured on an H200 with torch 2.11:
+    while one thread captures, another thread's host-to-device copy raises ("Cannot copy
+    between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned")
+    and the capture itself fails (cudaErrorIllegalState) - the process's CUDA work must
+    stop for a capture, whatever the capture mode. Captures are rare (once per engine and
+    batch size), so they wait for running batches, and new runs wait behind a waiting
+    capture (else a busy server would starve it).
+
+    Example:
+        >>> gate = _CaptureGate()
+        >>> with gate.shared():
+        ...     pass  # a CUDA run; others may run beside it, no capture can start
+        >>> with gate.exclusive():
+        ...     pass  # a capture: nothing else runs on CUDA meanwhile
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._capturing = False
+        self._waiting = 0  # captures waiting for the running batches to finish
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing and not self._waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._capturing and not self._running)
+            self._waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+
+# One per process: CUDA graph capture stops every engine's CUDA work, not only its own.
+_GATE = _CaptureGate()
 
 
 def cuda_graphs_enabled(options: BuildOptions) -> bool:
@@ -109,7 +164,8 @@ class TorchEngine(Engine):
         self.max_batch = max_batch
         self._lock = threading.Lock()  # one module; eager forward is not re-entrant on CUDA
         # Only a CUDA device can capture; on CPU nothing below is ever touched.
-        self._use_graphs = cuda_graphs and str(device).split(":", 1)[0] == "cuda"
+        self._on_cuda = str(device).split(":", 1)[0] == "cuda"
+        self._use_graphs = cuda_graphs and self._on_cuda
         self._graphs: dict[int, _Graph] = {}
         self._pool = None  # one memory pool shared by this engine's graphs
         self._capture_failed = False
@@ -124,13 +180,16 @@ class TorchEngine(Engine):
 
         args = [torch.from_numpy(_writable(feeds[s.name])) for s in self.inputs]
         with self._lock, torch.inference_mode():
-            outs = self._replay(args) if self._use_graphs else None
-            if outs is None:
-                args = [a.to(self.device, self._dtype_for(a)) for a in args]
-                out = self.module(*args)
-                outs = out if isinstance(out, (tuple, list)) else (out,)
-            # .cpu() copies: the arrays never alias a graph's static outputs.
-            arrays = [o.float().cpu().numpy() for o in outs]
+            entry = self._graph_for(args) if self._use_graphs else None
+            with _GATE.shared() if self._on_cuda else contextlib.nullcontext():
+                if entry is not None:
+                    outs = self._replay(entry, args)
+                else:
+                    args = [a.to(self.device, self._dtype_for(a)) for a in args]
+                    out = self.module(*args)
+                    outs = out if isinstance(out, (tuple, list)) else (out,)
+                # .cpu() copies: the arrays never alias a graph's static outputs.
+                arrays = [o.float().cpu().numpy() for o in outs]
         return {s.name: a for s, a in zip(self.outputs, arrays, strict=True)}
 
     def close(self) -> None:
@@ -142,8 +201,8 @@ class TorchEngine(Engine):
     def _dtype_for(self, tensor):
         return self.dtype if tensor.is_floating_point() else tensor.dtype
 
-    def _replay(self, args) -> tuple | None:
-        """Replay (capturing first if needed) this batch's graph; None: run eagerly instead."""
+    def _graph_for(self, args) -> _Graph | None:
+        """This batch's graph, captured first if it is new; None: run eagerly instead."""
         shapes = tuple(tuple(a.shape) for a in args)
         if not shapes or not all(shapes) or len({s[0] for s in shapes}) != 1:
             return None  # scalars or inputs disagreeing on the batch: eager reports it
@@ -154,11 +213,14 @@ class TorchEngine(Engine):
         if entry is None:
             if self._capture_failed:
                 return None
-            entry = self._capture(args, shapes)
-            if entry is None:
-                return None
+            with _GATE.exclusive():
+                entry = self._capture(args, shapes)
         elif entry.shapes != shapes:
             return None  # same batch, other trailing dims: not what the tier was exported for
+        return entry
+
+    @staticmethod
+    def _replay(entry: _Graph, args) -> tuple:
         for static, arg in zip(entry.inputs, args, strict=True):
             static.copy_(arg)  # host -> device (and fp32 -> fp16 where the engine is fp16)
         entry.graph.replay()
@@ -183,9 +245,10 @@ class TorchEngine(Engine):
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            # thread_local: other engines keep running eagerly in other threads meanwhile;
-            # the default "global" mode would make their allocations fail during capture.
-            # Sharing one pool is safe here: replays are serialised by the lock and the
+            # _GATE holds every torch engine's CUDA work off meanwhile; thread_local keeps
+            # other threads' CUDA calls outside torch engines (another library's) from
+            # failing the capture, as the default "global" mode would. Sharing one pool is
+            # safe here: replays are serialised by the lock and the
             # outputs are copied out before the next replay of any of these graphs.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.module(*static)
