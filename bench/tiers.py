@@ -7,9 +7,8 @@ the real build path (sample -> ONNX -> engine cache -> validation). Measured in 
     tier, against the FLOPs ratio; goal at batch 8: latency ratio <= 1.15 x FLOPs ratio;
   * cold start: a fresh process (torch blocked) loads the cached engines of 4 tiers;
   * peak RSS of a process holding 4 tiers vs one holding only the full tier.
-torch runs where the build puts it: on the CPU here; on an NVIDIA GPU with CUDA graphs and
-pinned staging (``torch``) beside graphs with plain copies (``torch_unpinned``,
-INNFER_CUDA_PINNED=0) and eager CUDA (``torch_eager``, INNFER_CUDA_GRAPHS=0), in one run.
+torch runs where the build puts it: on the CPU here; on an NVIDIA GPU with CUDA graphs
+(``torch``) beside eager CUDA (``torch_eager``, INNFER_CUDA_GRAPHS=0), timed in the same run.
 Writes bench/results/tiers.json and tiers.png.
 
     python bench/tiers.py [--threads 2] [--repeats 20] [--models resnet18,mlp] [--out DIR]
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime
 from bench.models import ResNet18Like, mlp
 from runtime.build.pipeline import add_model, build_model
-from runtime.engines.torch import CUDA_GRAPHS_ENV, CUDA_PINNED_ENV
+from runtime.engines.torch import CUDA_GRAPHS_ENV
 from runtime.repository import Repository
 
 OUT = Path(__file__).parent / "results"
@@ -109,14 +108,13 @@ def bench_model(key: str, root: Path, args) -> dict:
     rows = {}
     backends = ["onnxruntime", "torch"]
     served = {b: repo.load(key, backend=b) for b in backends}
-    if torch.cuda.is_available():  # torch on the GPU: graphs (pinned staging) beside...
-        for variant, env in (("torch_unpinned", CUDA_PINNED_ENV), ("torch_eager", CUDA_GRAPHS_ENV)):
-            os.environ[env] = "0"  # ...graphs with plain copies, and eager CUDA
-            try:
-                served[variant] = repo.load(key, backend="torch")
-            finally:
-                del os.environ[env]
-            backends.append(variant)
+    if torch.cuda.is_available():  # torch runs on the GPU: CUDA graphs beside eager CUDA
+        os.environ[CUDA_GRAPHS_ENV] = "0"
+        try:
+            served["torch_eager"] = repo.load(key, backend="torch")
+        finally:
+            del os.environ[CUDA_GRAPHS_ENV]
+        backends.append("torch_eager")
     full_flops = repo.load_record(key, "w100").flops
     engines = {(t, b): served[b].engines[t] for t in WIDTHS for b in backends}
     medians = interleaved_medians(engines, in_shape, args.repeats)

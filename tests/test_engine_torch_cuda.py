@@ -320,31 +320,3 @@ def test_cuda_graphs_capture_and_replay_while_other_engines_run(tmp_path, monkey
     assert not errors, errors[0]
     assert engines[0].graph_captures == len(engines[0].captured_batches) > 1
     assert engines[2].graph_captures == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_pinned_staging_matches_plain_copies(tmp_path, monkeypatch, precision):
-    """Replays through pinned staging buffers (shared by every batch size) give what plain
-    copies give, in both precisions; the fp16 engine stages fp32 in and out."""
-    from runtime.engines.torch import CUDA_PINNED_ENV
-
-    if not torch.cuda.is_available():
-        pytest.skip("torch here has no CUDA")
-    net = _net()
-    _save_tier(tmp_path / "tier", net)
-    options = BuildOptions(max_batch=8, precision=precision, extra={"device": "cuda"})
-    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
-    monkeypatch.delenv(CUDA_PINNED_ENV, raising=False)
-    staged = TorchBackend().load(tmp_path / "tier", options)
-    monkeypatch.setenv(CUDA_PINNED_ENV, "0")
-    plain = TorchBackend().load(tmp_path / "tier", options)
-    tol = 1e-5 if precision == "fp32" else 2e-2
-    for batch in (8, 1, 5, 8, 1):
-        x = _x(batch, 100 + batch)
-        got = staged.run({"input": x})["logits"]
-        assert got.dtype == np.float32 and got.shape == (batch, OUT_F)
-        np.testing.assert_allclose(got, plain.run({"input": x})["logits"], rtol=tol, atol=tol)
-        np.testing.assert_allclose(got, _expected(net, x), rtol=tol, atol=tol)
-    assert len(staged._staging) == 1  # one set of buffers for every batch size
-    assert not plain._staging

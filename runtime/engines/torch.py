@@ -8,9 +8,7 @@ On CPU a batch runs eagerly, module call by module call. On CUDA a small tier is
 launch-bound (eager at batch 8: w100 1.62 ms, w025 1.45 ms), so the engine captures one
 ``torch.cuda.CUDAGraph`` per batch size, lazily on the first batch of that size (only sizes
 1..``max_batch``, so memory stays bounded), and replays it afterwards: inputs are copied into
-the graph's static input tensors, the graph is replayed, the static outputs copied out -
-through page-locked (pinned) staging buffers of ``max_batch`` rows, so both copies are DMA
-on the stream with one synchronisation (``INNFER_CUDA_PINNED=0``: plain copies).
+the graph's static input tensors, the graph is replayed, the static outputs copied out.
 ``BuildOptions(extra={"cuda_graphs": False})`` or the environment variable
 ``INNFER_CUDA_GRAPHS=0`` turns graphs off; a capture that fails is logged once and the engine
 runs eagerly from then on (graphs already captured keep replaying).
@@ -46,8 +44,6 @@ MODULE_SPEC = "module.json"
 MODULE_WEIGHTS = "module.safetensors"
 # Operators' switch, outside the cache key: INNFER_CUDA_GRAPHS=0 runs CUDA engines eagerly.
 CUDA_GRAPHS_ENV = "INNFER_CUDA_GRAPHS"
-# Likewise INNFER_CUDA_PINNED=0 copies replays' inputs and outputs without pinned staging.
-CUDA_PINNED_ENV = "INNFER_CUDA_PINNED"
 # Eager runs before a capture, on a side stream as PyTorch's CUDA graph notes ask: they
 # initialise lazily created state (cuBLAS/cuDNN handles, workspaces) that must not be
 # created inside a capture. Three is torch.cuda.make_graphed_callables' default.
@@ -62,7 +58,6 @@ class _Graph:
     shapes: tuple[tuple[int, ...], ...]  # the input shapes it was captured for
     inputs: list[Any]  # static input tensors (device)
     outputs: tuple[Any, ...]  # static output tensors (device), rewritten by every replay
-    host_dtypes: tuple[Any, ...]  # the callers' input dtypes (torch), staged as they come
 
 
 class _CaptureGate:
@@ -128,11 +123,7 @@ def cuda_graphs_enabled(options: BuildOptions) -> bool:
     """
     if not options.extra.get("cuda_graphs", True):
         return False
-    return _env_on(CUDA_GRAPHS_ENV)
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -175,9 +166,6 @@ class TorchEngine(Engine):
         # Only a CUDA device can capture; on CPU nothing below is ever touched.
         self._on_cuda = str(device).split(":", 1)[0] == "cuda"
         self._use_graphs = cuda_graphs and self._on_cuda
-        # Page-locked host buffers for graph replays (see _replay); INNFER_CUDA_PINNED=0: off.
-        self._pinned = self._use_graphs and _env_on(CUDA_PINNED_ENV)
-        self._staging: dict[Any, tuple[list[Any], list[Any]]] = {}
         self._graphs: dict[int, _Graph] = {}
         self._pool = None  # one memory pool shared by this engine's graphs
         self._capture_failed = False
@@ -195,19 +183,19 @@ class TorchEngine(Engine):
             entry = self._graph_for(args) if self._use_graphs else None
             with _GATE.shared() if self._on_cuda else contextlib.nullcontext():
                 if entry is not None:
-                    arrays = self._replay(entry, args)
+                    outs = self._replay(entry, args)
                 else:
                     args = [a.to(self.device, self._dtype_for(a)) for a in args]
                     out = self.module(*args)
                     outs = out if isinstance(out, (tuple, list)) else (out,)
-                    arrays = [o.float().cpu().numpy() for o in outs]
+                # .cpu() copies: the arrays never alias a graph's static outputs.
+                arrays = [o.float().cpu().numpy() for o in outs]
         return {s.name: a for s, a in zip(self.outputs, arrays, strict=True)}
 
     def close(self) -> None:
         """Release the captured graphs and their memory pool (later runs capture again)."""
         with self._lock:
             self._graphs.clear()
-            self._staging.clear()
             self._pool = None
 
     def _dtype_for(self, tensor):
@@ -231,49 +219,12 @@ class TorchEngine(Engine):
             return None  # same batch, other trailing dims: not what the tier was exported for
         return entry
 
-    def _replay(self, entry: _Graph, args) -> list[np.ndarray]:
-        """Copy in, replay, copy out: through page-locked staging buffers on CUDA (host
-        copies into them, then DMA both ways on the stream, one synchronisation), else
-        with plain copies. The arrays returned never alias a graph's static outputs."""
-        staging = self._staging_for(entry) if self._pinned else None
-        if staging is None:
-            for static, arg in zip(entry.inputs, args, strict=True):
-                static.copy_(arg)  # host -> device (and fp32 -> fp16 where the engine is)
-            entry.graph.replay()
-            return [o.float().cpu().numpy() for o in entry.outputs]  # .cpu() copies
-        import torch
-
-        rows = args[0].shape[0]
-        host_in, host_out = staging
-        for host, static, arg in zip(host_in, entry.inputs, args, strict=True):
-            host[:rows].copy_(arg)
-            static.copy_(host[:rows], non_blocking=True)
+    @staticmethod
+    def _replay(entry: _Graph, args) -> tuple:
+        for static, arg in zip(entry.inputs, args, strict=True):
+            static.copy_(arg)  # host -> device (and fp32 -> fp16 where the engine is fp16)
         entry.graph.replay()
-        for host, out in zip(host_out, entry.outputs, strict=True):
-            host[:rows].copy_(out, non_blocking=True)
-        torch.cuda.current_stream(torch.device(self.device)).synchronize()
-        return [host[:rows].numpy().copy() for host in host_out]  # the buffers are reused
-
-    def _staging_for(self, entry: _Graph):
-        """Pinned host buffers of ``max_batch`` rows for this graph's row shapes (shared by
-        every batch size with them), or None where a tensor is not batch-first."""
-        import torch
-
-        rows = entry.shapes[0][0]
-        tensors = [*entry.inputs, *entry.outputs]
-        if any(t.dim() == 0 or t.shape[0] != rows for t in tensors):
-            return None
-        key = (tuple((tuple(t.shape[1:]), t.dtype) for t in tensors), entry.host_dtypes)
-        if key not in self._staging:
-            # Inputs staged in the caller's dtype (the device copy converts), outputs in fp32.
-            dtypes = [*entry.host_dtypes, *[torch.float32] * len(entry.outputs)]
-            buffers = [
-                torch.empty((self.max_batch, *t.shape[1:]), dtype=d, pin_memory=True)
-                for t, d in zip(tensors, dtypes, strict=True)
-            ]
-            n = len(entry.inputs)
-            self._staging[key] = (buffers[:n], buffers[n:])
-        return self._staging[key]
+        return entry.outputs
 
     def _capture(self, args, shapes) -> _Graph | None:
         """Warm up on a side stream, then capture one forward; None if capture fails."""
@@ -312,7 +263,7 @@ class TorchEngine(Engine):
             )
             return None
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        entry = _Graph(graph, shapes, static, outs, tuple(a.dtype for a in args))
+        entry = _Graph(graph, shapes, static, outs)
         self._graphs[shapes[0][0]] = entry
         self.graph_captures += 1
         log.debug("captured a CUDA graph for batch %d on %s", shapes[0][0], self.device)
