@@ -320,3 +320,22 @@ def test_cuda_graphs_capture_and_replay_while_other_engines_run(tmp_path, monkey
     assert not errors, errors[0]
     assert engines[0].graph_captures == len(engines[0].captured_batches) > 1
     assert engines[2].graph_captures == 0
+
+
+@pytest.mark.gpu
+def test_fp16_graphs_take_and_give_fp32(tmp_path, monkeypatch):
+    """An fp16 engine's graphs take the request's fp32 rows (the copy into the static input
+    converts) and answer fp32, close to the fp32 model, at every batch size it serves."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch here has no CUDA")
+    net = _net()
+    _save_tier(tmp_path / "tier", net)
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    options = BuildOptions(max_batch=8, precision="fp16", extra={"device": "cuda"})
+    engine = TorchBackend().load(tmp_path / "tier", options)
+    for batch in (8, 1, 5, 8, 1):
+        x = _x(batch, 100 + batch)
+        got = engine.run({"input": x})["logits"]
+        assert got.dtype == np.float32 and got.shape == (batch, OUT_F)
+        np.testing.assert_allclose(got, _expected(net, x), rtol=2e-2, atol=2e-2)
+    assert engine.captured_batches == [1, 5, 8]
