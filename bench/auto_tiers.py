@@ -26,6 +26,8 @@ engine times drawn from the frontier's measurements, the same draws for every ar
             (at most ``simulate_requests`` requests), applied when it gains ``min_gain``;
             the new set serves from the check + the measured time of that choice (wall
             clock, this machine) + 1 s for the reload. It starts with ``fixed``.
+  auto_prev the same, choosing as the previous release did (``keep_fastest: false``: a set
+            need not keep the fastest candidate), starting from its own phase-1 choice
             Segments between swaps are replayed separately (a queue is not carried across a
             swap; the live swap serves it on the old tiers - tests/test_auto_tiers.py).
 
@@ -67,6 +69,7 @@ SOURCES = {  # model -> (repository it is copied from, how to make it)
     "mnist": (ROOT / "runs" / "demo" / "repository", "make run (innfer demo)"),
     "resnet18w50": (ROOT / "runs" / "bench-live", "python -m bench.live_scheduler"),
 }
+ARMS = ("hand", "fixed", "auto", "auto_prev")
 RELOAD_S = 1.0  # allowance for the reload after a choice (engines come from the cache)
 
 
@@ -202,10 +205,17 @@ def one_model(model: str, args, goals: AutoTiersConfig) -> dict:
         fixed_s = time.perf_counter() - t0
         sets = control_loop(options, fixed.best.tiers, traffic, goals, sim, 2 * args.phase_s)
         fixed_set = [{"at": 0.0, "tiers": list(fixed.best.tiers)}]
+        # The previous release's choice (keep_fastest off), started and run the same way.
+        prev_goals = dataclasses.replace(goals, keep_fastest=False)
+        prev = choose(options, window(offline, 0, shift), prev_goals, (merged, merged_hand), sim)
+        prev_sets = control_loop(
+            options, prev.best.tiers, traffic, prev_goals, sim, 2 * args.phase_s
+        )
         arms = {
             "hand": run_arm(merged, [{"at": 0.0, "tiers": merged_hand}], traffic, sim),
             "fixed": run_arm(options, fixed_set, traffic, sim),
             "auto": run_arm(options, sets, traffic, sim),
+            "auto_prev": run_arm(options, prev_sets, traffic, sim),
         }
         p1 = traffic.arrival_s < shift
         result = {
@@ -214,6 +224,7 @@ def one_model(model: str, args, goals: AutoTiersConfig) -> dict:
             "fixed_set": list(fixed.best.tiers),
             "fixed_choice_s": fixed_s,
             "auto_sets": sets,
+            "auto_prev_sets": prev_sets,
             "arms": {
                 a: {"phase1": summarise(v, p1), "phase2": summarise(v, ~p1)}
                 for a, v in arms.items()
@@ -247,7 +258,7 @@ def timeline(arms: dict, traffic: Traffic, end_s: float, bins: int = 40) -> dict
 
 def aggregate(runs: list[dict]) -> dict:
     out = {}
-    for arm in ("hand", "fixed", "auto"):
+    for arm in ARMS:
         for phase in ("phase1", "phase2"):
             for k in ("attainment", "mean_served_accuracy", "served_accuracy",
                       "mean_served_width"):  # fmt: skip
@@ -272,7 +283,7 @@ def aggregate(runs: list[dict]) -> dict:
 def _seed_line(model: str, r: dict) -> str:
     a = r["arms"]
     cells = [f"{k} {a[k]['phase2']['mean_served_accuracy']:.4f}/{a[k]['phase2']['attainment']:.1%}"
-             for k in ("hand", "fixed", "auto")]  # fmt: skip
+             for k in ARMS]  # fmt: skip
     swaps = ", ".join(f"{s['at']:.0f}s {'+'.join(s['tiers'])}" for s in r["auto_sets"][1:])
     return (
         f"{model} seed {r['seed']}: phase 2 acc/attainment "
@@ -295,7 +306,8 @@ def plot(results: dict, path: Path) -> None:
 
     models = results["models"]
     fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 7.5), squeeze=False)
-    colors = {"hand": "tab:gray", "fixed": "tab:blue", "auto": "tab:red"}
+    colors = {"hand": "tab:gray", "fixed": "tab:blue", "auto": "tab:red",
+              "auto_prev": "tab:orange"}  # fmt: skip
     for j, m in enumerate(models):
         r0 = m["runs"][0]
         ax = axes[0][j]
@@ -310,7 +322,7 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
         ax = axes[1][j]
         s = m["summary"]
-        xs = np.arange(3)
+        xs = np.arange(len(colors))
         for k, (key, label) in enumerate((("mean_served_accuracy", "mean served acc"),
                                           ("attainment", "attainment"))):  # fmt: skip
             vals = [s[a]["phase2"][key]["mean"] for a in colors]
@@ -333,10 +345,10 @@ def table(results: dict) -> str:
         s = m["summary"]
         lines.append(f"\n{m['model']} ({m['accuracy_source']}); phase 2, mean [min..max] over "
                      f"{len(m['runs'])} seeds:")  # fmt: skip
-        for arm in ("hand", "fixed", "auto"):
+        for arm in ARMS:
             p = s[arm]["phase2"]
             lines.append(
-                f"  {arm:<6} mean served acc {p['mean_served_accuracy']['mean']:.4f} "
+                f"  {arm:<9} mean served acc {p['mean_served_accuracy']['mean']:.4f} "
                 f"[{p['mean_served_accuracy']['min']:.4f}..{p['mean_served_accuracy']['max']:.4f}]"
                 f"  attainment {p['attainment']['mean']:.2%} "
                 f"[{p['attainment']['min']:.2%}..{p['attainment']['max']:.2%}]"

@@ -16,9 +16,15 @@ best attainment within reach less ``auto_tiers.attainment_slack`` (default 0.002
 noise), never bought with more deadlines than the operator allows. The search: over the frontier's
 Pareto candidates thinned to distinct latencies (``thin``), greedy (add the tier that raises
 the score most, up to ``max_tiers``, stopping when none does), then moves of one member to
-a neighbour on the frontier while any improves it. Every set is replayed on the same
-requests with the same engine-time draws (one seed), so two sets differ by what they are,
-not by luck. ``accuracy_floor`` bounds the candidates, ``max_memory_mb`` a set's weights.
+a neighbour on the frontier while any improves it. With ``keep_fastest`` (the default; for
+``max_tiers`` >= 2) the set starts from, and keeps, the fastest candidate: a choice is made
+for the traffic of the last ``window_s`` and swapped in a check interval, a choice and a
+reload later, and a set without a fast tier misses every tight budget meanwhile; with one,
+the scheduler absorbs a shift at once (bench/auto_tiers.py: after the shift the ResNet's
+previous set, without it, served tight budgets for ~44 s before the swap). Every set is
+replayed on the same requests with the same engine-time draws (one seed), so two sets
+differ by what they are, not by luck. ``accuracy_floor`` bounds the candidates,
+``max_memory_mb`` a set's weights.
 
 Example:
     >>> traffic = Traffic.read("traffic.csv")  # doctest: +SKIP
@@ -289,7 +295,8 @@ def choose(
     recent = traffic.last(goals.simulate_requests)
     live_options, live_names = current
     live = evaluate(live_options, list(live_names), recent, sim)
-    order = list(options)  # fastest first
+    # Fastest first (p50 at the largest profiled batch, as ``thin`` orders the frontier).
+    order = sorted(options, key=lambda n: options[n].p50[max(options[n].p50)])
     # What the traffic allows: the fastest tier alone (no larger tier to tempt the planner
     # into work that later arrivals wait behind), or a spread over the frontier.
     reach = max(
@@ -312,8 +319,11 @@ def choose(
         limit = goals.max_memory_mb
         return limit is None or sum(options[n].memory_mb for n in names) <= limit
 
-    chosen: list[str] = []
-    best: Evaluation | None = None
+    # keep_fastest: the set starts from the fastest candidate and keeps it (see the doc).
+    keep = goals.keep_fastest and goals.max_tiers > 1 and fits(order[:1])
+    kept = order[:1] if keep else []
+    chosen: list[str] = list(kept)
+    best: Evaluation | None = run(kept) if kept else None
     while len(chosen) < goals.max_tiers:
         trials = [run([*chosen, n]) for n in order if n not in chosen and fits([*chosen, n])]
         top = max(trials, key=lambda e: e.score, default=None)
@@ -329,6 +339,8 @@ def choose(
     while improved:  # move one member to a neighbour on the frontier while that helps
         improved = False
         for out in list(best.tiers):
+            if out in kept:
+                continue
             i = order.index(out)
             for n in order[max(0, i - 1) : i + 2]:
                 if n in best.tiers:

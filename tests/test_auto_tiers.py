@@ -200,6 +200,25 @@ def test_tight_budgets_under_load_choose_faster_tiers_than_the_full_one():
     assert c.best.score > c.current.score
 
 
+def test_keep_fastest_leaves_a_set_chosen_for_loose_budgets_ready_for_tight_ones():
+    """A set is chosen for the last window's traffic and swapped in later: the set chosen
+    for loose budgets keeps the fastest tier (unused there), so when the budgets tighten
+    the scheduler serves them before the next choice; without it, they are missed."""
+    loose, tight = _traffic(20, (50, 100)), _traffic(800, (5, 10))
+    live = (_options(["w100"]), ["w100"])
+    chosen = {}
+    for keep in (True, False):
+        goals = AutoTiersConfig(max_tiers=2, keep_fastest=keep, simulate_requests=400)
+        c = choose(_options(), loose, goals, live)
+        assert "w100" in c.best.tiers and c.best.mean_accuracy == pytest.approx(0.99)
+        chosen[keep] = evaluate(_options(), c.best.tiers, tight, SimConfig())
+    assert "w025" in chosen[True].tiers and "w025" not in chosen[False].tiers
+    assert chosen[True].attainment > chosen[False].attainment + 0.2
+    # One tier: nothing to keep beside it, so the choice is the traffic's alone.
+    one = AutoTiersConfig(max_tiers=1, simulate_requests=400)
+    assert choose(_options(), loose, one, live).best.tiers == ("w100",)
+
+
 def test_goals_bound_the_set_count_memory_and_accuracy():
     traffic = _traffic(800, (5, 10))
     c = choose(_options(), traffic, AutoTiersConfig(max_tiers=1, simulate_requests=400),

@@ -248,6 +248,11 @@ class AutoTiersConfig:
         doc="attainment a set may give up, below the SLO target or (where that is out of "
         "reach) the best attainment the traffic allows, for accuracy",
     )  # fmt: skip
+    keep_fastest: bool = spec(
+        True,
+        doc="every chosen set keeps the fastest candidate: a shift to tighter budgets is "
+        "absorbed by the scheduler at once, not after the next choice and swap",
+    )
     window_s: float = spec(120.0, lo=1, unit="seconds", doc="recent traffic the choice is made for")
     simulate_requests: int = spec(
         3000, lo=100, hi=10**6, doc="requests of that traffic each candidate set is simulated on"
