@@ -248,8 +248,8 @@ class TorchEngine(Engine):
             # _GATE holds every torch engine's CUDA work off meanwhile; thread_local keeps
             # other threads' CUDA calls outside torch engines (another library's) from
             # failing the capture, as the default "global" mode would. Sharing one pool is
-            # safe here: replays are serialised by the lock and the
-            # outputs are copied out before the next replay of any of these graphs.
+            # safe here: replays are serialised by the lock and the outputs are copied out
+            # before the next replay of any of these graphs.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.module(*static)
         except Exception as exc:  # anything torch refuses to capture: serve eagerly instead

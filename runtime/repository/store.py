@@ -52,12 +52,12 @@ log = logging.getLogger("innfer.repository")
 
 PROFILE_FILE = "profile.json"
 TEXT_FILE = "text.json"
-# A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
-# (file systems allow 255 per component; the engine cache adds suffixes to it).
 # A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
 # and the time cap per point - enough for the scheduler's median and p90 to start from.
 LOAD_PROFILE_REPEATS = 7
 LOAD_PROFILE_S = 0.5
+# A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
+# (file systems allow 255 per component; the engine cache adds suffixes to it).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
