@@ -132,7 +132,8 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None):
     traffic = Traffic.read(traffic_path)
     goals = config.auto_tiers
     sim = SimConfig(
-        slo_target=config.slo_target, max_batch=config.max_batch, max_queue=config.max_queue,
+        slo_target=config.slo_target, admit_quantile=config.admit_quantile,
+        max_batch=config.max_batch, max_queue=config.max_queue,
         slots=config.instances,
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor)

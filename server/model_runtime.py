@@ -264,6 +264,7 @@ class ModelRuntime:
                 max_queue=self.config.max_queue,
                 slots=instances if device is None else device.slots,
                 slo_target=self.config.slo_target,
+                admit_quantile=self.config.admit_quantile,
                 device=device,
                 max_running=slots,
             )

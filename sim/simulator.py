@@ -31,6 +31,7 @@ import numpy as np
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
+from server.scheduling.scheduler import DEFAULT_ADMIT_QUANTILE
 from sim.engine_time import EngineTime, full_capacity
 from sim.events import Events
 from sim.traces import TRACES, make_trace, read_trace, varying_multiplier
@@ -70,6 +71,7 @@ class SimConfig:
     max_batch: int | None = None  # default: the profile's largest batch
     trace_file: str | None = None
     slo_target: float = DEFAULT_SLO_TARGET  # probability plans meet deadlines (model.yaml)
+    admit_quantile: float = DEFAULT_ADMIT_QUANTILE  # refusal at arrival (model.yaml)
 
 
 @dataclass
@@ -137,6 +139,7 @@ def replay(
         max_queue=cfg.max_queue,
         slots=cfg.slots,
         slo_target=cfg.slo_target,
+        admit_quantile=cfg.admit_quantile,
     )
     n = len(arrivals)
     finish = np.full(n, np.nan)

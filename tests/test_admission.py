@@ -134,10 +134,11 @@ def test_the_running_batch_counts_from_its_real_start():
 def test_a_batch_that_overran_its_estimate_is_expected_to_end_soon():
     """The batch of 8 planned at 18.4 ms is still running at 25 ms. It is expected to end
     soon - not at its old estimate (already past: that would admit too much), and not never
-    (that would refuse everything): a 3 ms budget on w025 (2.3 ms alone) is refused, a
-    10 ms one admitted."""
+    (that would refuse everything): admitting at the 0.999 quantile, a 3 ms budget on w025
+    (2.3 ms alone) is refused, a 10 ms one admitted."""
     tiers = live_tiers()
-    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+    sched = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64,
+                      admit_quantile=0.999)  # fmt: skip
     for k in range(8):
         sched.submit(Request(k, 0.0, 1.0), now=0.0)
     sched.next(0.0)
@@ -191,7 +192,34 @@ def test_refusal_says_what_was_ahead():
     with pytest.raises(Refused) as exc:  # 17.4 ms left + 18.4 + 2.3 > 29 ms
         sched.submit(Request(9, 0.001, 0.030), now=0.001)
     message = str(exc.value)
-    assert "1 requests queued ahead and 1 running" in message and "0.999 quantile" in message
+    assert "1 requests queued ahead and 1 running" in message and "0.5 quantile" in message
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_request_more_likely_met_than_not_is_admitted(behind):
+    # A refusal is a certain miss (and a closed-loop client sends again at once): admission
+    # refuses only when the median plan misses (admit_quantile 0.5), while plans are still
+    # made at slo_target. p90 = 1.5 x p50 on w025: its 0.999 quantile is ~2.6x the median.
+    tiers = live_tiers(spread=1.5)
+
+    def scheduler(**kw):
+        s = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64, **kw)
+        if behind:  # one row running since t=0, then the request at t=0
+            s.submit(Request(0, 0.0, 1.0), now=0.0)
+            assert s.next(0.0) is not None
+        return s
+
+    budget = (7.0 if behind else 4.0) * MS  # median plan: 4.6 / 2.3 ms; 0.999: > 8 / 6 ms
+    default = scheduler()
+    default.submit(Request(1, 0.0, budget), now=0.0)
+    assert [r.id for r in default.queue] == [1]
+    strict = scheduler(admit_quantile=0.999)
+    with pytest.raises(Refused, match="0.999 quantile" if behind else "fastest allowed tier"):
+        strict.submit(Request(1, 0.0, budget), now=0.0)
+    assert strict.queue == []
+    with pytest.raises(ValueError, match="admit_quantile"):
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64,
+                  admit_quantile=1.0)  # fmt: skip
 
 
 def test_the_queue_is_planned_in_the_batch_size_that_serves_rows_fastest():

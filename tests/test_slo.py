@@ -50,12 +50,15 @@ def test_a_higher_slo_target_chooses_a_faster_tier():
     assert (loose.slo_target, strict.slo_target) == (0.9, 0.999)
 
 
-def test_a_higher_slo_target_refuses_what_it_cannot_promise():
+def test_admission_at_the_slo_target_refuses_what_it_cannot_promise():
     """One row pinned to w100 with 6 ms: the 0.9 quantile (5.2 ms) fits, the 0.999 one
-    (7.5 ms) does not - refused at once rather than answered late one time in a hundred."""
-    for slo, admitted in ((0.9, True), (0.999, False)):
+    (7.5 ms) does not. With ``admit_quantile`` set to the target it is refused at once rather
+    than answered late one time in a hundred; by default (the median, 4.6 ms) it is
+    admitted whatever the target."""
+    for slo, admit, admitted in ((0.9, 0.9, True), (0.999, 0.999, False), (0.999, None, True)):
+        kw = {} if admit is None else {"admit_quantile": admit}
         sched = Scheduler(
-            NOISY, make_policy("innfer", NOISY), max_batch=8, max_queue=8, slo_target=slo
+            NOISY, make_policy("innfer", NOISY), max_batch=8, max_queue=8, slo_target=slo, **kw
         )
         assert sched.slo_target == sched.ctx.slo_target == slo
         r = Request(0, 0.0, 6 * MS, pin="w100")

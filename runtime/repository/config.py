@@ -24,7 +24,8 @@ Example ``model.yaml``:
     multiple_of: 8               # round channel counts (vector lanes); 16 for tensor cores
     threads: 2                   # ONNX Runtime intra-op threads per engine
     instances: 1                 # batches of this model at once (engine threads)
-    slo_target: 0.999            # admitted requests meet their deadline with this probability
+    slo_target: 0.999            # plans meet their deadlines with this probability
+    admit_quantile: 0.5          # refuse at arrival only if this quantile of the plan misses
     # channel_search: {multiples: [8, 16, 32]}   # time channel counts near each width
     # auto_tiers: {max_tiers: 4, accuracy_floor: 0.9}  # let the server choose the widths
 
@@ -325,6 +326,13 @@ class ModelConfig:
         0.999, lo=0.5, hi=1, hi_open=True,
         doc="probability with which admitted requests meet their deadline: tiers and batches "
         "are planned at this quantile of each tier's latency distribution",
+    )  # fmt: skip
+    admit_quantile: float = spec(
+        0.5, lo=0.01, hi=0.999,
+        doc="a request is refused at arrival (DEADLINE_EXCEEDED) only when this quantile of "
+        "the plan that serves it misses its deadline; 0.5: refused when more likely missed "
+        "than met (a refusal always misses); set it to slo_target to refuse everything the "
+        "plans do not promise",
     )  # fmt: skip
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
     text: TextConfig | None = spec(None, doc="accept raw text, tokenized in the server")

@@ -13,9 +13,10 @@ from .policy import (
     make_policy,
 )
 from .request import IllegalTransition, Request, State
-from .scheduler import InvalidRequest, Refused, Scheduler
+from .scheduler import DEFAULT_ADMIT_QUANTILE, InvalidRequest, Refused, Scheduler
 
 __all__ = [
+    "DEFAULT_ADMIT_QUANTILE",
     "DEFAULT_SLO_TARGET",
     "POLICIES",
     "Context",

@@ -144,9 +144,10 @@ class Device:
             if slot != skip
         ]
 
-    def offsets(self, now: float, skip: int | None = None) -> list[float]:
+    def offsets(self, now: float, skip: int | None = None, q: float | None = None) -> list[float]:
         """Per slot (except ``skip``), the planning time (s) until it is free: 0 when idle,
-        else what the batch running there has left by its own model's latency view."""
+        else what the batch running there has left by its own model's latency view (at
+        quantile ``q``; default: that model's ``slo_target``)."""
         out = []
         for slot in range(self.slots):
             if slot == skip:
@@ -156,7 +157,7 @@ class Device:
                 out.append(0.0)
             else:
                 sched, d, started = run
-                out.append(sched.latency.remaining(d.tier, d.rows, now - started))
+                out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
         return out
 
     def backlog(self, scheduler: Scheduler, before: float) -> float:

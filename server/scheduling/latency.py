@@ -315,10 +315,10 @@ class LatencyModel:
         self._check(tier, rows)
         return self._p50[tier][max(rows, 1)]
 
-    def remaining(self, tier: str, rows: int, elapsed: float) -> float:
+    def remaining(self, tier: str, rows: int, elapsed: float, q: float | None = None) -> float:
         """Planning time (s) still to go for a batch that has run ``elapsed`` seconds: the
-        ``slo_target`` quantile of its time given that it has not ended yet, less
-        ``elapsed``. A batch past its planned quantile is expected to end soon (see
+        ``q`` (default ``slo_target``) quantile of its time given that it has not ended yet,
+        less ``elapsed``. A batch past that quantile is expected to end soon (see
         ``OVERRUN_SIGMA``), not at the old estimate and not never.
 
         Example:
@@ -328,7 +328,10 @@ class LatencyModel:
             >>> 0 < lat.remaining("w100", 8, 0.030) < 0.004        # overran: ends soon
             True
         """
-        planned = self.estimate(tier, rows)
+        q = self.slo_target if q is None else q
+        planned = (
+            self.estimate(tier, rows) if q == self.slo_target else self.quantile(tier, rows, q)
+        )
         if elapsed <= 0:
             return planned
         s = self.sigma(tier, rows)
@@ -339,9 +342,9 @@ class LatencyModel:
         mu = math.log(self.median(tier, rows))
         z_e = (math.log(elapsed) - mu) / s
         tail = 0.5 * math.erfc(z_e / math.sqrt(2))  # P(T > elapsed)
-        target = tail * (1 - self.slo_target)
+        target = tail * (1 - q)
         if target <= 1e-300:  # far in the tail (z_e > 37): P(Z > z + x | Z > z) ~ exp(-z x)
-            z_t = z_e - math.log(1 - self.slo_target) / z_e
+            z_t = z_e - math.log(1 - q) / z_e
             return max(math.exp(mu + s * z_t) - elapsed, 0.0)
         return max(math.exp(mu - s * _N.inv_cdf(target)) - elapsed, 0.0)
 
