@@ -9,6 +9,7 @@ times; at every event completions are reported first, then arrivals are submitte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections import Counter
@@ -1033,3 +1034,31 @@ def test_mostly_tight_budgets_under_load_are_met_with_four_tiers_as_with_the_sma
     alone = replay(RESNET_TIERS[-1:], p50, arrivals, budgets, SimConfig(noise=0.05, seed=3))
     assert alone.summary["slo_attainment"] >= 0.99
     assert four.summary["slo_attainment"] >= alone.summary["slo_attainment"] - 0.005
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from("snc"), st.integers(0, 7)), max_size=60))
+def test_the_queue_arrays_match_the_queue_through_every_edit(ops):
+    # The arrays are not written for a lone request (light load) and are rebuilt when a
+    # second one arrives; whatever the sequence of arrivals, batches and cancellations,
+    # what columns() returns is the queue itself.
+    s = Scheduler(TIERS, make_policy("innfer", TIERS), max_batch=8, max_queue=64)
+    now, ids = 0.0, iter(range(10**6))
+    for op, k in ops:
+        now += 0.001
+        if op == "s":
+            pin = [None, None, "w050"][k % 3]
+            with contextlib.suppress(Refused):
+                s.submit(
+                    Request(next(ids), now, now + 0.01 * (k + 1), rows=1 + k % 2, pin=pin), now
+                )
+        elif op == "n" and (d := s.next(now)) is not None:
+            s.complete(d, now, 0.001)
+        elif op == "c" and s.queue:
+            s.cancel(s.queue[k % len(s.queue)], now)
+        got, want = s.columns(), s.ctx.columns(s.queue)
+        np.testing.assert_array_equal(got.deadline, want.deadline)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        np.testing.assert_array_equal(got.lo, want.lo)
+        np.testing.assert_array_equal(got.hi, want.hi)
+        assert len(got) == len(s.queue) and got.multi == want.multi
