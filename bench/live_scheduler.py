@@ -300,11 +300,13 @@ class LiveServer:
         self.name, self.tree, self.repo, self.log, self.cpus = name, tree, repo, log, cpus
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.metrics_url = ""
 
     def start(self, label: str, models: tuple[str, ...] = (MODEL,), extra=()) -> dict:
         """Serve the repository (``extra``: more `innfer serve` flags); ready once every one
         of ``models`` is."""
         port, mport = free_ports(2)
+        self.metrics_url = f"http://{HOST}:{mport}/metrics"
         args = ["--repository", str(self.repo), "--host", HOST, "--port", str(port),
                 "--metrics-port", str(mport), *extra]  # fmt: skip
         return self._launch(label, args, port, models)
@@ -353,6 +355,51 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# The server's CPU account, from its Prometheus metrics: the process's CPU, and the engine
+# threads' CPU and wall time while running batches (all models). Older trees export fewer.
+CPU_METRICS = {
+    "process_s": "process_cpu_seconds_total",
+    "engine_cpu_s": "innfer_compute_cpu_seconds_total",
+    "engine_wall_s": "innfer_compute_seconds_total",
+}
+
+
+def cpu_account(metrics_url: str) -> dict[str, float]:
+    """The ``CPU_METRICS`` sums now (seconds; a metric the server lacks is left out)."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        base = name.split("{", 1)[0]
+        for key, metric in CPU_METRICS.items():
+            if base == metric:
+                out[key] = out.get(key, 0.0) + float(value.split()[0])
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, sent: int) -> dict | None:
+    """Milliseconds of server CPU per request sent (answered or refused) during a point:
+    the process's, the engine's (thread CPU while running batches) and the rest - request
+    handling (gRPC, parsing, admission, answering), what ``sim.shared_core`` calls the host
+    cost - plus the engine's wall / CPU ratio (above 1: it waited for the core)."""
+    if not sent or "process_s" not in after or "engine_cpu_s" not in after:
+        return None
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    out = {
+        "process_ms": 1e3 * d["process_s"] / sent,
+        "engine_ms": 1e3 * d["engine_cpu_s"] / sent,
+        "host_ms": 1e3 * (d["process_s"] - d["engine_cpu_s"]) / sent,
+    }
+    if d["engine_cpu_s"] > 0 and "engine_wall_s" in d:
+        out["engine_wall_over_cpu"] = d["engine_wall_s"] / d["engine_cpu_s"]
+    return out
 
 
 def wait_ready(proc, log: Path, address: str, ready, t0: float, what: str) -> dict:
@@ -421,6 +468,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
                 )
             )
         load_before = os.getloadavg()[0]
+        cpu_before = cpu_account(server.metrics_url)
         if point["kind"] == "closed":
             budgets = closed_budgets_s(point, args.seed, args.requests)
             report = asyncio.run(
@@ -449,6 +497,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
         )
         s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
         s["server_breakdown"] = report.breakdown()
+        s["server_cpu"] = cpu_per_request(cpu_before, cpu_account(server.metrics_url), s["sent"])
         s["loadavg_1m_before"] = load_before
         s["loadavg_1m_after"] = os.getloadavg()[0]
         s["server_alive_after"] = server.proc.poll() is None

@@ -30,6 +30,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.live_scheduler import (
@@ -56,6 +58,30 @@ def _host(text: str) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
+def measured_host(live: dict) -> tuple[tuple[float, float, float], str]:
+    """The host cost the live run measured: the median over its points (current tree) of
+    the server's CPU per request beyond the engine threads' (``server_cpu.host_ms``, from
+    its Prometheus metrics), split between parsing and answering as ``DEFAULT_HOST_MS``
+    splits its 1.6 ms (an assumption), the client's own time as there. A live file without
+    it (an older run): ``DEFAULT_HOST_MS``."""
+    per_point = [
+        pt["live"]["current"]["server_cpu"]["host_ms"]
+        for pt in live["points"]
+        if (pt["live"].get("current") or {}).get("server_cpu")
+    ]
+    if not per_point:
+        return DEFAULT_HOST_MS, "the default (the live file has no CPU account)"
+    host = float(np.median(per_point))
+    parse_share = DEFAULT_HOST_MS[0] / (DEFAULT_HOST_MS[0] + DEFAULT_HOST_MS[1])
+    split = (host * parse_share, host * (1 - parse_share), DEFAULT_HOST_MS[2])
+    note = (
+        f"measured live: median {host:.2f} ms of server CPU per request beyond the engine's "
+        f"over {len(per_point)} points ({min(per_point):.2f}-{max(per_point):.2f}); the "
+        f"parse/answer split ({parse_share:.3f}) and the client's time are assumed"
+    )
+    return split, note
+
+
 def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo) -> dict:
     """One live point through simulate_shared, with the live run's seeds and bounds."""
     from sim.shared_core import HostCost, simulate_shared
@@ -79,7 +105,12 @@ def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host-ms", type=_host, default=DEFAULT_HOST_MS)
+    p.add_argument(
+        "--host-ms",
+        type=_host,
+        default=None,
+        help="PARSE,ANSWER,CLIENT ms; default: measured by the live run (see measured_host)",
+    )
     p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
     p.add_argument("--out", type=Path, default=OUT / "shared_core.json")
     args = p.parse_args(argv)
@@ -87,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     from sim.simulator import tiers_from_model_dir
 
     live = json.loads(args.live.read_text())
+    host, host_note = (
+        (args.host_ms, "given with --host-ms") if args.host_ms else measured_host(live)
+    )
     model_dir = REPO / MODEL
     tiers, p50 = tiers_from_model_dir(model_dir)
     widths = tier_widths(model_dir)
@@ -96,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         got = pt["live"].get("current")
         if got is None:
             continue
-        shared = replay(pt, live, live["params"], tiers, p50, widths, args.host_ms, slo)
+        shared = replay(pt, live, live["params"], tiers, p50, widths, host, slo)
         engine_only = pt.get("sim")
         row = {
             "id": pt["id"],
@@ -118,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         row["within_goal"] = gap_a <= GOAL_POINTS and (gap_s is None or gap_s <= GOAL_SIZE)
         rows.append(row)
     out = {
-        "host_ms": dict(zip(("parse", "answer", "client"), args.host_ms, strict=True)),
-        "host_note": "parse/answer split of the measured ~1.6 ms is assumed; see docstring",
+        "host_ms": dict(zip(("parse", "answer", "client"), host, strict=True)),
+        "host_note": host_note,
         "live_file": str(args.live),
         "live_commit": live.get("trees", {}).get("current", {}).get("commit"),
         "goal": f"|attainment gap| <= {100 * GOAL_POINTS:g} points and |size gap| <= {GOAL_SIZE}",

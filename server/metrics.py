@@ -48,6 +48,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     Summary,
     start_http_server,
 )
@@ -77,6 +78,9 @@ SHED_REASONS = ("refused_deadline", "refused_full", "expired")
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
         r = self.registry = registry or CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (the standard process
+        # metrics a Prometheus client exports; a private registry does not get them itself).
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "innfer_requests", "Inference requests by outcome.", ["model", "tier", "outcome"],
             registry=r,
@@ -133,6 +137,14 @@ class Metrics:
         self.compute_total = Counter(
             "innfer_compute_seconds", "Cumulative engine time of executed batches.", ["model"],
             registry=r,
+        )  # fmt: skip
+        self.compute_cpu_total = Counter(
+            "innfer_compute_cpu_seconds", "Cumulative CPU time of the threads that ran the "
+            "executed batches (the engine's own thread; ONNX Runtime's intra-op pool beyond "
+            "it is not counted). Beside innfer_compute_seconds (wall): a wall/CPU ratio above "
+            "1 means the engine waited for a core; process_cpu_seconds_total minus this is "
+            "the request handling's CPU (with one intra-op thread).",
+            ["model"], registry=r,
         )  # fmt: skip
         self.degraded = Counter(
             "innfer_degraded_requests", "Requests served below the model's top tier.", ["model"],

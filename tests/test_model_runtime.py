@@ -224,6 +224,8 @@ def test_metrics_follow_the_requests(tmp_path):
     assert _count(metrics, "innfer_served_accuracy_count", **m) == 4
     assert _count(metrics, "innfer_deadline_met_total", **m) == 4
     assert _count(metrics, "innfer_compute_seconds_total", **m) >= 4 * 0.0009  # slept >= 1 ms
+    # The fake engine sleeps: wall time, next to no CPU (the engine waited, it did not work).
+    assert _count(metrics, "innfer_compute_cpu_seconds_total", **m) < 0.5 * 4 * 0.0009
     assert _count(metrics, "innfer_queue_depth", **m) == 0
     assert _count(metrics, "innfer_inflight_requests", **m) == 0
 

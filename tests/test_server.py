@@ -265,6 +265,9 @@ def test_metrics_move_with_traffic(server, client):
     assert after['innfer_model_ready{model="tiny"}'] == 1
     assert 'innfer_queue_depth{model="tiny"}' in after
     assert after['innfer_compute_seconds_total{model="tiny"}'] > 0
+    # A real engine computes: CPU time, within the process's (the standard process metrics).
+    cpu = after['innfer_compute_cpu_seconds_total{model="tiny"}']
+    assert 0 < cpu < after["process_cpu_seconds_total"]
     stats = client.get_inference_statistics("tiny").model_stats[0]
     assert stats.inference_count >= 3 and stats.inference_stats.success.ns > 0
 

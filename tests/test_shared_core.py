@@ -73,3 +73,28 @@ def test_bad_arguments_are_refused():
         simulate_shared(ONE, ONE_P50, HostCost(0, 0), lambda i: 1.0)
     with pytest.raises(ValueError, match="parse_s"):
         HostCost(parse_s=-1.0, answer_s=0.0)
+
+
+def test_the_live_runs_cpu_account_sets_the_host_cost():
+    # bench/live_scheduler.py reads the server's CPU from its metrics before and after a
+    # point; bench/shared_core.py replays the points with the median of what it measured.
+    from bench.live_scheduler import cpu_per_request
+    from bench.shared_core import DEFAULT_HOST_MS, measured_host
+
+    before = {"process_s": 10.0, "engine_cpu_s": 4.0, "engine_wall_s": 5.0}
+    after = {"process_s": 15.0, "engine_cpu_s": 6.0, "engine_wall_s": 8.0}
+    got = cpu_per_request(before, after, sent=1000)
+    assert got == pytest.approx(
+        {"process_ms": 5.0, "engine_ms": 2.0, "host_ms": 3.0, "engine_wall_over_cpu": 1.5}
+    )
+    assert cpu_per_request(before, {"process_s": 15.0}, sent=1000) is None  # an older server
+
+    def point(host_ms):
+        cpu = None if host_ms is None else {"host_ms": host_ms}
+        return {"live": {"current": {"server_cpu": cpu}}}
+
+    live = {"points": [point(1.0), point(3.0), point(2.0), point(None)]}
+    (parse, answer, client), note = measured_host(live)
+    assert parse + answer == pytest.approx(2.0) and parse > answer  # the median, split
+    assert client == DEFAULT_HOST_MS[2] and "3 points" in note
+    assert measured_host({"points": [point(None)]})[0] == DEFAULT_HOST_MS
