@@ -480,6 +480,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
                     args.seconds,
                     lambda i: budgets[i],
                     inputs,
+                    deadline=args.client_deadline,
                 )
             )
         else:
@@ -487,7 +488,13 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
             budgets = uniform_budgets_s(args.seed, len(arrivals))
             report = asyncio.run(
                 run_load(
-                    server.address, MODEL, arrivals, budgets, inputs, max_seconds=args.seconds + 5
+                    server.address,
+                    MODEL,
+                    arrivals,
+                    budgets,
+                    inputs,
+                    max_seconds=args.seconds + 5,
+                    deadline=args.client_deadline,
                 )
             )
         s = dict(report.summary)
@@ -683,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     common_args(p, 2000, "at most this many per point", "closed-c8-*")
     p.add_argument(
+        "--client-deadline",
+        action="store_true",
+        help="clients also send each budget as the gRPC deadline (tritonclient client_timeout)",
+    )
+    p.add_argument(
         "--serve-args",
         type=shlex.split,
         default=[],
@@ -747,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "warmup": args.warmup,
             "points": [pt["id"] for pt in points],
+            "client_deadline": args.client_deadline,
         },
         "seeds": {
             "torch_weights": args.seed,

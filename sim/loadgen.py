@@ -95,16 +95,19 @@ async def run_load(
     max_seconds: float = 600.0,
     accuracy: dict[str, float] | None = None,
     parameters: dict | None = None,
+    deadline: bool = False,
 ) -> LoadReport:
     """Send one request per arrival time (seconds from start); wait for all answers.
     ``parameters``: extra request parameters sent with every request (the budget is set
-    per request and takes precedence)."""
+    per request and takes precedence). ``deadline``: also set each request's gRPC deadline
+    to its budget (tritonclient's ``client_timeout``), as a client that gives up then
+    does; past it the client reports DEADLINE_EXCEEDED, a miss like a late answer."""
     import tritonclient.grpc.aio as tca
     from tritonclient.utils import InferenceServerException
 
     check_loopback(address)
     n = len(arrivals)
-    rec = _Record(n, "unsent", parameters)
+    rec = _Record(n, "unsent", parameters, deadline)
     async with tca.InferenceServerClient(address) as client:
         tensors = _tensors(tca, inputs)
 
@@ -140,12 +143,14 @@ async def run_closed_loop(
     accuracy: dict[str, float] | None = None,
     drain_s: float = DRAIN_S,
     parameters: dict | None = None,
+    deadline: bool = False,
 ) -> LoadReport:
     """``concurrency`` clients on one channel, each sending its next request as soon as its
     previous one is answered or refused, until ``n_requests`` are sent or ``max_seconds``
     have passed (no send after that; answers are awaited ``drain_s`` more, then counted as
     NO_ANSWER). Request ``i`` (in send order) carries the budget ``budget_fn(i)`` seconds
-    and the extra request ``parameters``, if any (the budget takes precedence). ``inputs``:
+    and the extra request ``parameters``, if any (the budget takes precedence), and with
+    ``deadline`` a gRPC deadline of the same length (see ``run_load``). ``inputs``:
     the same arrays for every request, or ``inputs(i)`` for request ``i`` (object arrays of
     bytes are sent as BYTES: text). The report covers the requests sent: sent = within
     budget + late + refused.
@@ -166,7 +171,7 @@ async def run_closed_loop(
         raise ValueError(
             f"need n_requests >= 0 and max_seconds > 0, got {n_requests} and {max_seconds}"
         )
-    rec = _Record(n_requests, "unsent", parameters)
+    rec = _Record(n_requests, "unsent", parameters, deadline)
     budgets = np.full(n_requests, np.nan)
     sent = 0
     async with tca.InferenceServerClient(address) as client:
@@ -200,8 +205,11 @@ class _Record:
     """Per request: latency (ms, NaN without an answer), serving tier (None where the server
     did not say), status code; and the error messages in the order they came."""
 
-    def __init__(self, n: int, code: str, parameters: dict | None = None) -> None:
+    def __init__(
+        self, n: int, code: str, parameters: dict | None = None, deadline: bool = False
+    ) -> None:
         self.parameters = dict(parameters or {})
+        self.deadline = deadline  # send the budget as the gRPC deadline too
         self.latency = np.full(n, np.nan)
         self.tiers: list[str | None] = [None] * n
         self.codes = [code] * n
@@ -214,7 +222,8 @@ class _Record:
         params = {**self.parameters, "latency_budget_ms": float(budget_s * 1e3)}
         t0 = time.perf_counter()
         try:
-            r = await client.infer(model, tensors, parameters=params)
+            deadline = {"client_timeout": budget_s} if self.deadline else {}
+            r = await client.infer(model, tensors, parameters=params, **deadline)
             self.latency[i] = (time.perf_counter() - t0) * 1e3
             p = r.get_response().parameters
             tier = p.get("tier")

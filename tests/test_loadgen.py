@@ -92,6 +92,23 @@ def test_an_answer_without_a_tier_is_recorded_as_none():
     assert sent == {"tier": "w100", "latency_budget_ms": 250.0}  # the budget takes precedence
 
 
+def test_a_client_with_deadlines_sends_each_budget_as_its_grpc_deadline():
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import InferenceServerException
+
+    timeouts = []
+
+    class Client:
+        async def infer(self, model, tensors, parameters, client_timeout=None):
+            timeouts.append(client_timeout)
+            return SimpleNamespace(get_response=service_pb2.ModelInferResponse)
+
+    for deadline in (False, True):
+        rec = _Record(1, "unsent", None, deadline)
+        asyncio.run(rec.send(Client(), "m", [], 0, 0.03, InferenceServerException))
+    assert timeouts == [None, 0.03]
+
+
 def test_breakdown_splits_late_answers_by_where_the_time_went():
     from sim.loadgen import LoadReport
 
