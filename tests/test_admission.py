@@ -289,3 +289,24 @@ def test_a_request_larger_than_the_planned_batch_is_planned_alone():
     assert len(s.queue) == SMALL_QUEUE + 4
     d = s.next(0.0)
     assert d.requests[0].id == 0 and d.rows == 8  # larger than the cap: it runs alone
+
+
+def test_behind_a_full_batch_of_waiting_requests_admission_returns_to_the_slo_target():
+    # More work waiting than one batch means more arrives than runs: a refusal then also
+    # sheds load (and part of the backlog sits in gRPC's buffers, unseen), so a request is
+    # admitted only if its plan meets the deadline at slo_target, as the plans are made.
+    # w025 alone: 2.3 ms at the median, ~6 ms at 0.999 (p90 = 1.5 x p50); budget 4 ms,
+    # queued first (the earliest deadline) behind nothing running.
+    tiers = live_tiers(spread=1.5)
+    for waiting, admitted in ((7, True), (8, False)):
+        s = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
+        for k in range(waiting):
+            s.submit(Request(k, 0.0, 10.0), now=0.0)
+        assert s.admission_quantile() == (0.5 if admitted else s.slo_target)
+        r = Request(99, 0.0, 0.004)
+        if admitted:
+            s.submit(r, now=0.0)
+            assert s.queue[0] is r
+        else:
+            with pytest.raises(Refused, match="fastest allowed tier"):
+                s.submit(r, now=0.0)

@@ -329,10 +329,11 @@ class ModelConfig:
     )  # fmt: skip
     admit_quantile: float = spec(
         0.5, lo=0.01, hi=0.999,
-        doc="a request is refused at arrival (DEADLINE_EXCEEDED) only when this quantile of "
-        "the plan that serves it misses its deadline; 0.5: refused when more likely missed "
-        "than met (a refusal always misses); set it to slo_target to refuse everything the "
-        "plans do not promise",
+        doc="while fewer than max_batch requests wait, a request is refused at arrival "
+        "(DEADLINE_EXCEEDED) only when this quantile of the plan that serves it misses its "
+        "deadline (0.5: more likely missed than met; a refusal always misses); behind a "
+        "full batch, at slo_target (a refusal then also sheds load). Set it to slo_target "
+        "to refuse everything the plans do not promise",
     )  # fmt: skip
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
     text: TextConfig | None = spec(None, doc="accept raw text, tokenized in the server")
