@@ -504,7 +504,11 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
         )
         s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
         s["server_breakdown"] = report.breakdown()
-        s["server_cpu"] = cpu_per_request(cpu_before, cpu_account(server.metrics_url), s["sent"])
+        try:
+            cpu_after = cpu_account(server.metrics_url)
+        except OSError as exc:  # the figures above stand without it
+            cpu_after, s["server_cpu_error"] = {}, f"{type(exc).__name__}: {exc}"
+        s["server_cpu"] = cpu_per_request(cpu_before, cpu_after, s["sent"])
         s["loadavg_1m_before"] = load_before
         s["loadavg_1m_after"] = os.getloadavg()[0]
         s["server_alive_after"] = server.proc.poll() is None
@@ -520,7 +524,7 @@ def core_demand(point: dict, s: dict, rate_per_s: float | None) -> dict | None:
     closed loop, the shortest mean latency N clients can see (Little: N x CPU per request,
     the core never idle) - above the budget, no schedule meets it on average."""
     cpu = s.get("server_cpu")
-    if not cpu:
+    if not cpu or cpu["process_ms"] <= 0:  # (process CPU moves in 10 ms ticks)
         return None
     per_ms = cpu["process_ms"]
     out = {"cpu_ms_per_request": per_ms, "capacity_per_s": 1e3 / per_ms}
@@ -553,8 +557,8 @@ def littles_law(profile: dict, live: dict) -> dict:
         "bound_per_s": bound,
         "note": "best within-budget goodput the smallest tier can give: batch 8 / its p50 "
         "at batch 8 (profile.json); achieved = live within-budget goodput. The engine's time "
-        "only: with the request handling this run measured on the same core "
-        "(core.min_mean_latency_ms), 32 clients wait longer than the budget on average",
+        "only: min_mean_latency_ms_with_request_handling is Little's bound with the CPU per "
+        "request this run measured on the server's core (engine and request handling)",
     }
     for tree, s in live.items():
         if "goodput_per_s" in s:

@@ -8,14 +8,15 @@ per-point figures) and replays every point - closed loop at its concurrency with
 budgets, open loop on the same Poisson arrivals and budgets - through simulate_shared with
 the model's profile and the request handling cost ``--host-ms PARSE,ANSWER,CLIENT``:
 CPU milliseconds per request before the scheduler sees it and after its batch, on the
-engine's core, and the client's own time. The default is what this machine measured for
-the issue's 600 KB requests (README of this script's results): the server process used
-~1.6 ms of CPU per request beyond the engine's (thread CPU, `innfer serve` pinned to one
-core, w025 pinned, closed loop of 8), and the answered requests' time outside the server's
-queue and compute was ~2.6 ms at its 10th percentile with one client (so ~1.0 ms is the
-client's and the sockets'). The split of the 1.6 ms between parsing and answering is an
-assumption (1.0 / 0.6), stated in the output. Seeds as the live run's, so a rerun gives
-the same figures.
+engine's core, and the client's own time. By default the live run's own measurement
+(``measured_host``): the median over its points of the server's CPU per request beyond
+the engine threads' (bench/live_scheduler.py reads both from the server's metrics), split
+between parsing and answering as ``DEFAULT_HOST_MS`` splits its 1.6 ms (an assumption,
+stated in the output). ``DEFAULT_HOST_MS`` is what an earlier machine measured for the
+issue's 600 KB requests (thread CPU, `innfer serve` pinned to one core, w025 pinned, closed
+loop of 8: ~1.6 ms beyond the engine's; ~1.0 ms of the client's and the sockets' own time
+from the 10th percentile outside the server with one client); it is used for a live file
+without a CPU account. Seeds as the live run's, so a rerun gives the same figures.
 
 Writes bench/results/shared_core.json and prints a table: per point, live vs engine-only
 simulator vs shared-core simulator, attainment and mean served size, and the gaps.

@@ -624,6 +624,7 @@ class ModelRuntime:
         self._running -= 1
         if not self._running:
             self._all_done.set()
+        self._compute_cpu_total.inc(times[2])  # a failed batch's CPU was the engine's too
         try:
             if error is not None:
                 log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
@@ -642,11 +643,10 @@ class ModelRuntime:
             self._reject(r, exc)
 
     def _answer(self, lane: Scheduler, d: Decision, outputs: dict[str, np.ndarray], times) -> None:
-        prepare, compute, compute_cpu = times
+        prepare, compute, _ = times
         now = self.clock()
         lane.complete(d, now, compute)
         self._record(d, compute, now)
-        self._compute_cpu_total.inc(compute_cpu)
         t_out = time.perf_counter()
         offset = 0
         answered = []

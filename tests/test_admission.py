@@ -213,6 +213,11 @@ def test_a_request_more_likely_met_than_not_is_admitted(behind):
     default = scheduler()
     default.submit(Request(1, 0.0, budget), now=0.0)
     assert [r.id for r in default.queue] == [1]
+    # ... and the server's next pump does not expire it by a stricter rule: it runs.
+    assert default.expire(0.0) == []
+    if not behind:
+        d = default.next(0.0)
+        assert d is not None and [r.id for r in d.requests] == [1]
     strict = scheduler(admit_quantile=0.999)
     with pytest.raises(Refused, match="0.999 quantile" if behind else "fastest allowed tier"):
         strict.submit(Request(1, 0.0, budget), now=0.0)

@@ -324,11 +324,12 @@ class ModelConfig:
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
     slo_target: float = spec(
         0.999, lo=0.5, hi=1, hi_open=True,
-        doc="probability with which admitted requests meet their deadline: tiers and batches "
-        "are planned at this quantile of each tier's latency distribution",
+        doc="probability with which plans meet their deadlines: tiers and batches are "
+        "planned at this quantile of each tier's latency distribution (admission: see "
+        "admit_quantile)",
     )  # fmt: skip
     admit_quantile: float = spec(
-        0.5, lo=0.01, hi=0.999,
+        0.5, lo=0.01, hi=1, hi_open=True,
         doc="while fewer than max_batch requests wait, a request is refused at arrival "
         "(DEADLINE_EXCEEDED) only when this quantile of the plan that serves it misses its "
         "deadline (0.5: more likely missed than met; a refusal always misses); behind a "

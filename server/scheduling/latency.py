@@ -70,6 +70,7 @@ MIN_TYPICAL_S = 1e-9
 OVERRUN_SIGMA = 0.05
 
 _N = NormalDist()
+_Z: dict[float, float] = {}  # quantile -> its standard normal score (LatencyModel.quantile)
 Z90 = _N.inv_cdf(0.90)
 Z99 = _N.inv_cdf(0.99)
 
@@ -277,7 +278,10 @@ class LatencyModel:
 
     def quantile(self, tier: str, rows: int, q: float) -> float:
         """The ``q`` quantile (s) of one batch's time."""
-        return self.median(tier, rows) * math.exp(_N.inv_cdf(q) * self.sigma(tier, rows))
+        z = _Z.get(q)
+        if z is None:  # a handful of quantiles are asked for: admission's, the target
+            z = _Z[q] = _N.inv_cdf(q)
+        return self.median(tier, rows) * math.exp(z * self.sigma(tier, rows))
 
     def estimate(self, tier: str, rows: int) -> float:
         """Planning latency (s): the ``slo_target`` quantile of one batch's time."""

@@ -205,16 +205,16 @@ class Scheduler:
         self._idle_share += IDLE_ALPHA * (float(idle) - self._idle_share)
         self._idle_weight += IDLE_ALPHA * (1.0 - self._idle_weight)
         fastest = self.ctx.fastest(r)
-        q = self.admission_quantile()
-        alone = self.latency.quantile(fastest, r.rows, q)
-        if now + alone <= r.deadline:
-            # A budget no tier can meet is refused whatever the batching: it must not shrink
-            # (via tight_budget) the batches of the requests that can be served.
+        if now + self.latency.estimate(fastest, r.rows) <= r.deadline:
+            # A budget no tier can meet (at the quantile plans are made at) must not shrink,
+            # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
+        q = self.admission_quantile()
+        alone = self._alone(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         if now + alone > r.deadline and self._forget_if_idle(fastest, now):
-            alone = self.latency.quantile(fastest, r.rows, q)
+            alone = self._alone(fastest, r.rows, q)
         if now + alone > r.deadline:
             raise Refused(
                 State.REFUSED_DEADLINE,
@@ -251,6 +251,12 @@ class Scheduler:
         if len(self.queue) < self.ctx.max_batch:
             return self.admit_quantile
         return self.slo_target
+
+    def _alone(self, tier: str, rows: int, q: float) -> float:
+        """Seconds one batch of ``rows`` takes on ``tier`` at quantile ``q``."""
+        if q == self.slo_target:
+            return self.latency.estimate(tier, rows)
+        return self.latency.quantile(tier, rows, q)
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
         """A request is refused on ``tier``'s estimate while nothing runs or waits: only
@@ -298,7 +304,12 @@ class Scheduler:
         ahead = self.device.backlog(self, r.deadline)
         if ahead:
             busy = [b + ahead for b in busy]
-        z = self._admit_z if q == self.admit_quantile else NormalDist().inv_cdf(q)
+        if q == self.slo_target:
+            z = self.latency.z
+        elif q == self.admit_quantile:
+            z = self._admit_z
+        else:
+            z = NormalDist().inv_cdf(q)
         tables, b = self.ctx.tables(), self.ctx.plan_batch()
         if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
             ahead = [*self.queue[:at], r]
@@ -363,15 +374,19 @@ class Scheduler:
 
     def expire(self, now: float) -> list[Request]:
         """Remove and return queued requests that can no longer meet their deadline, even
-        alone on their fastest allowed tier (at the ``slo_target`` quantile)."""
+        alone on their fastest allowed tier, at the quantile admission uses now
+        (``admission_quantile``: what was admitted is not expired by a stricter rule)."""
         if not self.queue:
             return []
-        if len(self.queue) <= SMALL_QUEUE:  # plain Python beats numpy's call overhead here
-            planned, fastest = self.latency.planned, self.ctx.fastest
+        q = self.admission_quantile()
+        if len(self.queue) <= SMALL_QUEUE or q != self.slo_target:
+            # Plain Python beats numpy's call overhead on a short queue (and a queue below
+            # max_batch, the median's case, is short unless max_batch is large).
+            fastest = self.ctx.fastest
             late = [
                 i
                 for i, r in enumerate(self.queue)
-                if now + planned(fastest(r))[max(r.rows, 1)] > r.deadline
+                if now + self._alone(fastest(r), r.rows, q) > r.deadline
             ]
         else:
             cols = self.columns()
@@ -409,8 +424,8 @@ class Scheduler:
         """This decision's measurements, frozen before the policy sees them."""
         # Every TIGHT_BUDGET_EVERY decisions, and while the sorted window holds fewer than
         # half the budgets seen (start-up). (Sorting at every lone request, so that the bound
-        # was current when a burst began, was ~9 % of the in-process request path; 16
-        # budgets of 200 move the 5th percentile little.)
+        # was current when a burst began, was ~9 % of the in-process request path; at light
+        # load 16 decisions are 16 new budgets of 200, which move the 5th percentile little.)
         stale = self._budget_cdf is None or 2 * len(self._budget_cdf) < len(self._budgets)
         if stale or not self._dispatches % TIGHT_BUDGET_EVERY:
             self._budget_cdf = np.sort(np.fromiter(self._budgets, float, len(self._budgets)))
