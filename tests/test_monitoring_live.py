@@ -292,6 +292,9 @@ def repository(tmp_path_factory) -> Path:
         **io, "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 28, 28]}],
         "tiers": [{"name": "w100", "width": 1.0}, {"name": "w025", "width": 0.25}],
         "max_queue": 2, "default_latency_budget_ms": 500,
+        # Admission at the planning quantile, as the rules' scenario was written for: the
+        # overloaded pod must be refusal-heavy (the median admits most 3 ms budgets).
+        "admit_quantile": 0.999,
     })  # fmt: skip
     return root
 
