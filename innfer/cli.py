@@ -335,6 +335,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     tiers, p50 = tiers_from_model_dir(args.model_dir)
     policies = args.policy or ["innfer", "slackfit"]
+    if args.host_ms is not None:
+        if args.plot or args.slots != 1:
+            raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
+        return _simulate_shared(args, tiers, p50, policies)
     results = {}
     for policy in policies:
         result = simulate(tiers, p50, _sim_config(args, policy))
@@ -349,6 +353,64 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) -> int:
+    """``innfer simulate --host-ms``: the same trace and budgets as the engine-only
+    simulation, served by the scheduler and engine on one core that also does the request
+    handling (``sim.shared_core``): each request costs PARSE ms of that core before the
+    scheduler sees it, ANSWER ms after its batch (and to be refused), and CLIENT ms of the
+    client's own time. A server's ``process_cpu_seconds_total`` minus its
+    ``innfer_compute_cpu_seconds_total``, per request, is what PARSE + ANSWER add up to."""
+    import json
+
+    import numpy as np
+
+    from sim.shared_core import HostCost, simulate_shared
+    from sim.simulator import format_summary, full_capacity, make_trace
+
+    parse, answer, client = args.host_ms
+    host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3)
+    accuracy = {t.name: t.accuracy for t in tiers}
+    results = {}
+    for policy in policies:
+        cfg = _sim_config(args, policy)
+        max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+        rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
+        arrivals = make_trace(cfg, rate)
+        rng = np.random.default_rng(cfg.seed + 1)  # the budgets `simulate` draws
+        budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+        r = simulate_shared(
+            tiers, p50, host, lambda i, b=budgets: float(b[i]), arrivals=arrivals,
+            policy=policy, max_batch=max_batch, max_queue=cfg.max_queue,
+            slo_target=cfg.slo_target, widths=accuracy, seed=cfg.seed, noise=cfg.noise,
+        )  # fmt: skip
+        s = {
+            **r.summary,
+            "requests": r.summary["sent"],
+            "offered_rate_per_s": rate,
+            "mean_served_accuracy": r.summary["mean_served_size"],
+            "full_tier_accuracy": max(accuracy.values()),
+            "host_ms": {"parse": parse, "answer": answer, "client": client},
+        }
+        results[policy] = {"config": {"policy": policy, "load": args.load}, "summary": s}
+        title = f"{policy} ({args.trace}, load {args.load}x, one core: host {parse}+{answer} ms)"
+        print(format_summary(s, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _host_ms(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or not all(v >= 0 for v in parts):
+        raise argparse.ArgumentTypeError(
+            f"--host-ms takes PARSE,ANSWER[,CLIENT] in ms (each >= 0), got {text!r}"
+        )
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -672,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_args(sim)
     sim.add_argument("--policy", action="append", help="innfer | slackfit | fixed:<tier>")
     sim.add_argument("--plot", help="PNG over time (load, tier mix, latency)")
+    sim.add_argument(
+        "--host-ms",
+        type=_host_ms,
+        help="PARSE,ANSWER[,CLIENT]: simulate a server whose request handling shares the "
+        "engine's core, at these ms of CPU per request (and the client's own ms)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", help="live open-loop load against a server (loopback)")

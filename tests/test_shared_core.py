@@ -98,3 +98,34 @@ def test_the_live_runs_cpu_account_sets_the_host_cost():
     assert parse + answer == pytest.approx(2.0) and parse > answer  # the median, split
     assert client == DEFAULT_HOST_MS[2] and "3 points" in note
     assert measured_host({"points": [point(None)]})[0] == DEFAULT_HOST_MS
+
+
+def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys):
+    # `innfer simulate --host-ms PARSE,ANSWER[,CLIENT]`: the same trace and budgets as the
+    # engine-only simulation, with request handling on the engine's core. Free handling
+    # meets the budgets at half the full tier's capacity; 6 ms of it per request (more
+    # than the engine's own time per row on this model) cannot keep up.
+    import json
+
+    from innfer.cli import main
+    from tests.serverutil import TIERS, add_onnx_model, slow_loop
+
+    d = add_onnx_model(tmp_path, "loop", lambda w: slow_loop(w, trips=40), {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": TIERS, "max_batch": 4,
+    }, warmup=1, repeats=3)  # fmt: skip
+    out = {}
+    for label, host in (("free", "0,0"), ("heavy", "4,2,0.5")):
+        path = tmp_path / f"{label}.json"
+        args = ["simulate", str(d), "--policy", "innfer", "--load", "0.5", "--duration", "3",
+                "--host-ms", host, "--json", str(path)]  # fmt: skip
+        assert main(args) == 0
+        out[label] = json.loads(path.read_text())["innfer"]["summary"]
+    assert "one core" in capsys.readouterr().out
+    assert out["free"]["requests"] == out["heavy"]["requests"] > 20  # the same trace
+    assert out["heavy"]["host_ms"] == {"parse": 4.0, "answer": 2.0, "client": 0.5}
+    assert out["free"]["slo_attainment"] > 0.95, out
+    assert out["heavy"]["slo_attainment"] < 0.5 * out["free"]["slo_attainment"], out
+    assert main(["simulate", str(d), "--host-ms", "1,1", "--slots", "2"]) != 0
+    assert "--host-ms simulates one shared core" in capsys.readouterr().err
