@@ -319,12 +319,19 @@ def _budget_range(text: str) -> tuple[float, float]:
 
 
 def _sim_config(args: argparse.Namespace, policy: str):
+    """The simulation's settings: the trace from the flags; the scheduler's from the model's
+    model.yaml, as the server would run it (max_batch, max_queue, slo_target,
+    admit_quantile)."""
+    from runtime.repository.config import ModelConfig
     from sim.simulator import SimConfig
 
+    model = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     return SimConfig(
         policy=policy, trace=args.trace, load=args.load, cv2=args.cv2,
         duration_s=args.duration, budget_ms=args.budget, seed=args.seed, noise=args.noise,
-        slots=args.slots, trace_file=args.trace_file,
+        slots=args.slots, trace_file=args.trace_file, max_batch=model.max_batch,
+        max_queue=model.max_queue, slo_target=model.slo_target,
+        admit_quantile=model.admit_quantile,
     )  # fmt: skip
 
 
@@ -383,7 +390,8 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
         r = simulate_shared(
             tiers, p50, host, lambda i, b=budgets: float(b[i]), arrivals=arrivals,
             policy=policy, max_batch=max_batch, max_queue=cfg.max_queue,
-            slo_target=cfg.slo_target, widths=accuracy, seed=cfg.seed, noise=cfg.noise,
+            slo_target=cfg.slo_target, admit_quantile=cfg.admit_quantile, widths=accuracy,
+            seed=cfg.seed, noise=cfg.noise,
         )  # fmt: skip
         s = {
             **r.summary,

@@ -37,6 +37,7 @@ import numpy as np
 from server.overhead import Overhead
 from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET
+from server.scheduling.scheduler import DEFAULT_ADMIT_QUANTILE
 from sim.engine_time import EngineTime
 from sim.events import Events
 
@@ -89,6 +90,7 @@ def simulate_shared(
     max_batch: int | None = None,
     max_queue: int = 1000,
     slo_target: float = DEFAULT_SLO_TARGET,
+    admit_quantile: float = DEFAULT_ADMIT_QUANTILE,
     budget_margin_s: float = 0.001,
     widths: Mapping[str, float] | None = None,
     seed: int = 0,
@@ -104,7 +106,8 @@ def simulate_shared(
     max_batch = max_batch or min(t.max_batch for t in tiers)
     engine = EngineTime(tiers, p50, np.random.default_rng(seed + 1), noise)
     sched = Scheduler(tiers, make_policy(policy, tiers, 1), max_batch=max_batch,
-                      max_queue=max_queue, slots=1, slo_target=slo_target)  # fmt: skip
+                      max_queue=max_queue, slots=1, slo_target=slo_target,
+                      admit_quantile=admit_quantile)  # fmt: skip
     overhead = Overhead()
     refuse_s = host.answer_s if host.refuse_s is None else host.refuse_s
     n = len(arrivals) if arrivals is not None else n_requests

@@ -113,7 +113,7 @@ def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys
     d = add_onnx_model(tmp_path, "loop", lambda w: slow_loop(w, trips=40), {
         "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-        "tiers": TIERS, "max_batch": 4,
+        "tiers": TIERS, "max_batch": 4, "max_queue": 50, "slo_target": 0.99,
     }, warmup=1, repeats=3)  # fmt: skip
     out = {}
     for label, host in (("free", "0,0"), ("heavy", "4,2,0.5")):
@@ -129,3 +129,9 @@ def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys
     assert out["heavy"]["slo_attainment"] < 0.5 * out["free"]["slo_attainment"], out
     assert main(["simulate", str(d), "--host-ms", "1,1", "--slots", "2"]) != 0
     assert "--host-ms simulates one shared core" in capsys.readouterr().err
+    # Either way the scheduler runs as the model's model.yaml configures it.
+    path = tmp_path / "engine-only.json"
+    assert main(["simulate", str(d), "--policy", "innfer", "--duration", "1",
+                 "--json", str(path)]) == 0  # fmt: skip
+    config = json.loads(path.read_text())["innfer"]["config"]
+    assert (config["max_queue"], config["slo_target"], config["max_batch"]) == (50, 0.99, 4)
