@@ -370,17 +370,17 @@ def cpu_account(metrics_url: str) -> dict[str, float]:
     """The ``CPU_METRICS`` sums now (seconds; a metric the server lacks is left out)."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
+    key_of = {metric: key for key, metric in CPU_METRICS.items()}
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name, _, value = line.partition(" ")
-        base = name.split("{", 1)[0]
-        for key, metric in CPU_METRICS.items():
-            if base == metric:
-                out[key] = out.get(key, 0.0) + float(value.split()[0])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = key_of.get(sample.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

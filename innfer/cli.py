@@ -371,10 +371,8 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
     ``innfer_compute_cpu_seconds_total``, per request, is what PARSE + ANSWER add up to."""
     import json
 
-    import numpy as np
-
     from sim.shared_core import HostCost, simulate_shared
-    from sim.simulator import format_summary, full_capacity, make_trace
+    from sim.simulator import format_summary, requests_for
 
     parse, answer, client = args.host_ms
     host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3)
@@ -382,14 +380,10 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
     results = {}
     for policy in policies:
         cfg = _sim_config(args, policy)
-        max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
-        rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
-        arrivals = make_trace(cfg, rate)
-        rng = np.random.default_rng(cfg.seed + 1)  # the budgets `simulate` draws
-        budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+        rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
         r = simulate_shared(
             tiers, p50, host, lambda i, b=budgets: float(b[i]), arrivals=arrivals,
-            policy=policy, max_batch=max_batch, max_queue=cfg.max_queue,
+            policy=policy, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
             slo_target=cfg.slo_target, admit_quantile=cfg.admit_quantile, widths=accuracy,
             seed=cfg.seed, noise=cfg.noise,
         )  # fmt: skip
@@ -425,20 +419,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    import numpy as np
-
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load
-    from sim.simulator import full_capacity, make_trace, tiers_from_model_dir
+    from sim.simulator import requests_for, tiers_from_model_dir
 
     tiers, p50 = tiers_from_model_dir(args.model_dir)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
-    cfg = _sim_config(args, "innfer")
-    rate = args.load * full_capacity(tiers, p50, config.max_batch, args.slots)
-    arrivals = make_trace(cfg, rate)[: args.max_requests]
-    rng = np.random.default_rng(args.seed + 1)
-    budgets = rng.uniform(args.budget[0], args.budget[1], len(arrivals)) / 1e3
+    rate, arrivals, budgets, _ = requests_for(tiers, p50, _sim_config(args, "innfer"))
+    arrivals, budgets = arrivals[: args.max_requests], budgets[: args.max_requests]
     inputs = random_feeds(config.inputs, 1)
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}

@@ -98,12 +98,21 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
         >>> r.summary["tier_mix"]["w025"] > 0.3  # twice the full tier's capacity
         True
     """
+    rate, arrivals, budgets, rng = requests_for(tiers, p50, cfg)
+    return replay(tiers, p50, arrivals, budgets, cfg, rng=rng, rate=rate)
+
+
+def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig):
+    """What ``simulate`` serves for ``cfg``: (rate per s, arrival times s, budgets s, the
+    rng the budgets were drawn from - the engine times continue from it). The same requests
+    for the shared-core model (``innfer simulate --host-ms``) and a live run
+    (``innfer bench``)."""
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
     rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
     arrivals = make_trace(cfg, rate)
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
-    return replay(tiers, p50, arrivals, budgets, cfg, rng=rng, rate=rate)
+    return rate, arrivals, budgets, rng
 
 
 def replay(

@@ -70,9 +70,18 @@ MIN_TYPICAL_S = 1e-9
 OVERRUN_SIGMA = 0.05
 
 _N = NormalDist()
-_Z: dict[float, float] = {}  # quantile -> its standard normal score (LatencyModel.quantile)
+_Z: dict[float, float] = {}  # quantile -> its standard normal score (z_score's cache)
 Z90 = _N.inv_cdf(0.90)
 Z99 = _N.inv_cdf(0.99)
+
+
+def z_score(q: float) -> float:
+    """The standard normal score of quantile ``q``, cached: a scheduler asks for a handful
+    (its ``slo_target``, its admission quantile) on every request."""
+    z = _Z.get(q)
+    if z is None:
+        z = _Z[q] = _N.inv_cdf(q)
+    return z
 
 
 def interpolate(table: Mapping, rows: int) -> float:
@@ -203,7 +212,7 @@ class LatencyModel:
         self.tiers = {t.name: t for t in tiers}
         self.alpha = alpha
         self.slo_target = slo_target
-        self.z = _N.inv_cdf(slo_target)
+        self.z = z_score(slo_target)
         self._log_factor = {t.name: 0.0 for t in tiers}
         self._jitter = {t.name: 0.0 for t in tiers}  # EWMA of |successive log-ratio diff|
         # EWMA of the profile's expected (clipped) |successive diff| for the same pairs of
@@ -277,11 +286,11 @@ class LatencyModel:
         return self._rows_cache[tier][1][max(rows, 1)]
 
     def quantile(self, tier: str, rows: int, q: float) -> float:
-        """The ``q`` quantile (s) of one batch's time."""
-        z = _Z.get(q)
-        if z is None:  # a handful of quantiles are asked for: admission's, the target
-            z = _Z[q] = _N.inv_cdf(q)
-        return self.median(tier, rows) * math.exp(z * self.sigma(tier, rows))
+        """The ``q`` quantile (s) of one batch's time (``estimate``'s cached value at
+        ``slo_target``)."""
+        if q == self.slo_target:
+            return self.estimate(tier, rows)
+        return self.median(tier, rows) * math.exp(z_score(q) * self.sigma(tier, rows))
 
     def estimate(self, tier: str, rows: int) -> float:
         """Planning latency (s): the ``slo_target`` quantile of one batch's time."""
@@ -333,9 +342,7 @@ class LatencyModel:
             True
         """
         q = self.slo_target if q is None else q
-        planned = (
-            self.estimate(tier, rows) if q == self.slo_target else self.quantile(tier, rows, q)
-        )
+        planned = self.quantile(tier, rows, q)
         if elapsed <= 0:
             return planned
         s = self.sigma(tier, rows)

@@ -40,12 +40,11 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
-from statistics import NormalDist
 
 import numpy as np
 
 from .device import Device
-from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo
+from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
 from .plan import SMALL_QUEUE, Columns, admission_finish, small_admission, small_groups_of
 from .policy import Context, Decision, Policy, Snapshot
 from .request import Request, State
@@ -133,7 +132,6 @@ class Scheduler:
         # Admission refuses a request only when even this quantile of its plan misses the
         # deadline (the planner still chooses tiers and batches at ``slo_target``).
         self.admit_quantile = admit_quantile
-        self._admit_z = NormalDist().inv_cdf(admit_quantile)
         self.ctx = Context(tiers, self.latency, max_batch)
         self.policy = policy
         self.max_queue = max_queue
@@ -210,11 +208,11 @@ class Scheduler:
             # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
         q = self.admission_quantile()
-        alone = self._alone(fastest, r.rows, q)
+        alone = self.latency.quantile(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         if now + alone > r.deadline and self._forget_if_idle(fastest, now):
-            alone = self._alone(fastest, r.rows, q)
+            alone = self.latency.quantile(fastest, r.rows, q)
         if now + alone > r.deadline:
             raise Refused(
                 State.REFUSED_DEADLINE,
@@ -251,12 +249,6 @@ class Scheduler:
         if len(self.queue) < self.ctx.max_batch:
             return self.admit_quantile
         return self.slo_target
-
-    def _alone(self, tier: str, rows: int, q: float) -> float:
-        """Seconds one batch of ``rows`` takes on ``tier`` at quantile ``q``."""
-        if q == self.slo_target:
-            return self.latency.estimate(tier, rows)
-        return self.latency.quantile(tier, rows, q)
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
         """A request is refused on ``tier``'s estimate while nothing runs or waits: only
@@ -304,13 +296,7 @@ class Scheduler:
         ahead = self.device.backlog(self, r.deadline)
         if ahead:
             busy = [b + ahead for b in busy]
-        if q == self.slo_target:
-            z = self.latency.z
-        elif q == self.admit_quantile:
-            z = self._admit_z
-        else:
-            z = NormalDist().inv_cdf(q)
-        tables, b = self.ctx.tables(), self.ctx.plan_batch()
+        tables, z, b = self.ctx.tables(), z_score(q), self.ctx.plan_batch()
         if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
             ahead = [*self.queue[:at], r]
             bounds = [self.ctx.bounds(q) for q in ahead]
@@ -386,7 +372,7 @@ class Scheduler:
             late = [
                 i
                 for i, r in enumerate(self.queue)
-                if now + self._alone(fastest(r), r.rows, q) > r.deadline
+                if now + self.latency.quantile(fastest(r), r.rows, q) > r.deadline
             ]
         else:
             cols = self.columns()
