@@ -113,6 +113,9 @@ async def data_plane(requests: int) -> dict:
             t0 = time.perf_counter()
             await plane.infer(pb.ModelInferRequest.FromString(data), None)
             took = time.perf_counter() - t0
+            # The loop waits for the next request, as it waits for a client's (a loop that
+            # never waits reads as saturated: no inline runs, server/loop_idle.py).
+            await asyncio.sleep(1e-4)
             t1 = time.perf_counter()
             engine.run({"input": x})  # the same engine alone, interleaved: the floor
             if i >= 200:  # warm-up

@@ -27,7 +27,7 @@ from server.errors import (
     ResourceExhausted,
 )
 from server.metrics import Metrics
-from server.model_runtime import ModelRuntime
+from server.model_runtime import INLINE_AFTER_ALONE, ModelRuntime
 from server.scheduling.device import Device
 
 TIERS = {"w100": 1.0, "w050": 0.5}
@@ -405,51 +405,96 @@ class _Threads:
 
 
 def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
-    # w100 2 ms, w050 1 ms. One request at a time with nothing else in flight: no hand-off
-    # to an engine thread (inline_max_s 5 ms), and the answer is the same as on one.
+    # w100 2 ms, w050 1 ms. One request at a time, the loop idle in between: once
+    # INLINE_AFTER_ALONE arrivals in a row found the model empty, a batch runs on the loop
+    # thread (inline_max_s 5 ms) - no hand-off to an engine thread - and the answer is the
+    # same as on one.
     served = _served(tmp_path)
     threads = _Threads(served)
+    n = INLINE_AFTER_ALONE
 
     async def body(**kwargs):
         kwargs.setdefault("device", Device(1))
         async with _running(served, Metrics(), **kwargs) as rt:
-            feeds = _x(2, 3.0)
-            r = await rt.infer(feeds, 2, 1.0, pin="w100")
-            _check_answer(served, feeds, r)
-            assert r.compute_us > 0
+            for k in range(n):
+                feeds = _x(2, 3.0 + k)
+                r = await rt.infer(feeds, 2, 1.0, pin="w100")
+                _check_answer(served, feeds, r)
+                assert r.compute_us > 0
             return threading.current_thread().name
 
     loop_thread = _run(body(inline_max_s=0.005))
-    assert threads.names == [loop_thread]
-    _run(body(inline_max_s=0.0))  # off: an engine thread
-    assert threads.names[1].startswith("engine-m")
-    _run(body(inline_max_s=0.0015))  # w100's 2 ms batch is longer than the cap
-    assert threads.names[2].startswith("engine-m")
-    _run(body(inline_max_s=0.005, device=None))  # no shared device to ask: never inline
-    assert threads.names[3].startswith("engine-m")
+    assert all(name.startswith("engine-m") for name in threads.names[: n - 1])
+    assert threads.names[n - 1 :] == [loop_thread]
+    for kwargs in (
+        {"inline_max_s": 0.0},  # off: an engine thread
+        {"inline_max_s": 0.0015},  # w100's 2 ms batch is longer than the cap
+        {"inline_max_s": 0.005, "device": None},  # no shared device to ask: never inline
+    ):
+        threads.names.clear()
+        _run(body(**kwargs))
+        assert len(threads.names) == n
+        assert all(name.startswith("engine-m") for name in threads.names), kwargs
 
 
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
-    # Four requests at once: the first runs alone on the loop thread (nothing else had
-    # arrived); every later batch starts while others are queued, or (the last) while the
+    # After a light-load streak the next lone request runs on the loop thread. Then four
+    # requests at once: each batch starts while others are queued, or (the last) while the
     # request before it has its answer but has not yet returned it, and goes to an engine
-    # thread. Each request is answered once with its own rows.
+    # thread; and the next lone request too - a burst breaks the streak, and only
+    # INLINE_AFTER_ALONE quiet arrivals in a row bring inline runs back. Each request is
+    # answered once with its own rows.
     served = _served(tmp_path, max_batch=1)
     threads = _Threads(served)
 
     async def body():
         async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            for _ in range(INLINE_AFTER_ALONE):
+                await rt.infer(_x(1, 0.0), 1, 1.0, pin="w050")
+            quiet = len(threads.names)
             results = await asyncio.gather(
                 *(rt.infer(_x(1, v), 1, 1.0, pin="w050") for v in (1.0, 2.0, 3.0, 4.0))
             )
-            return results, threading.current_thread().name
+            await rt.infer(_x(1, 5.0), 1, 1.0, pin="w050")
+            return quiet, results, threading.current_thread().name
 
-    results, loop_thread = _run(body())
+    quiet, results, loop_thread = _run(body())
     for value, r in zip((1.0, 2.0, 3.0, 4.0), results, strict=True):
         _check_answer(served, _x(1, value), r)
-    assert threads.names[0] == loop_thread
-    assert len(threads.names) == 4
-    assert all(name.startswith("engine-m") for name in threads.names[1:])
+    assert threads.names[quiet - 1] == loop_thread  # the streak's last: inline
+    assert len(threads.names) == quiet + 5
+    assert all(name.startswith("engine-m") for name in threads.names[quiet:])
+
+
+def test_a_saturated_loop_keeps_batches_off_the_loop_thread(tmp_path):
+    """Requests that arrive one at a time but while the loop is busy (they waited, as behind
+    gRPC's queue at load): each finds the model empty, yet none runs inline - an inline run
+    would keep the next one out of the batch. The loop is kept busy by a task that yields
+    without ever waiting for I/O."""
+    served = _served(tmp_path)
+    threads = _Threads(served)
+    n = max(16, 2 * INLINE_AFTER_ALONE)
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            stop = False
+
+            async def spin():  # always a callback ready: the loop never blocks in select
+                while not stop:
+                    await asyncio.sleep(0)
+
+            busy = asyncio.create_task(spin())
+            try:
+                for _ in range(n):
+                    await rt.infer(_x(1, 1.0), 1, 1.0, pin="w050")
+            finally:
+                stop = True
+                await busy
+            return threading.current_thread().name
+
+    loop_thread = _run(body())
+    assert len(threads.names) == n
+    assert loop_thread not in threads.names
 
 
 def test_a_tier_slower_than_a_more_accurate_one_is_named_at_load(tmp_path, caplog):
