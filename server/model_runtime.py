@@ -66,9 +66,13 @@ from server.traffic import TrafficLog
 # may run on the event loop's (ModelRuntime._may_run_inline): ONNX Runtime's CPU session,
 # and the test backend that stands in for it. CUDA/TensorRT engines keep their own threads.
 INLINE_BACKENDS = ("onnxruntime", "fake")
-# Arrivals in a row that must find the model empty and the loop idle before a batch runs
-# inline again (ModelRuntime._may_run_inline): a lone one also happens between bursts.
-INLINE_AFTER_ALONE = 8
+# Of the last INLINE_WINDOW arrivals, how many must have found the model empty and the loop
+# idle for a batch to run inline (ModelRuntime._may_run_inline). Not all: at one client a
+# fast client's next request is sometimes there before the loop gets back to waiting (a
+# quarter of them, MLP over loopback gRPC); at saturation almost none.
+INLINE_WINDOW = 8
+INLINE_MIN_ALONE = 4
+_WINDOW_MASK = (1 << INLINE_WINDOW) - 1
 log = logging.getLogger("innfer.model")
 
 # stop(): how long queued requests may still be served before they are failed with
@@ -287,7 +291,9 @@ class ModelRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: IdleWatch | None = None  # the loop's waits for I/O (start() binds it)
         self._idle_mark = -1  # its count when the last batch was launched
-        self._alone_streak = 0  # arrivals in a row that found the model empty, loop idle
+        # The last INLINE_WINDOW arrivals, newest in bit 0: 1 where it found the model empty
+        # and the loop idle since the last launch.
+        self._alone_bits = 0
         self._running = 0  # batches handed to an engine thread and not yet finished
         self._all_done: asyncio.Event | None = None  # set while _running == 0
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
@@ -478,7 +484,7 @@ class ModelRuntime:
         # Light load, as inline runs need it: the request found the model empty and the loop
         # idle since the last launch (nothing waiting in gRPC's queue either).
         alone = self.inflight == 0 and self._idle.waits != self._idle_mark
-        self._alone_streak = self._alone_streak + 1 if alone else 0
+        self._alone_bits = (self._alone_bits << 1 | alone) & _WINDOW_MASK
         self.inflight += 1
         self._pump()
         try:
@@ -601,10 +607,11 @@ class ModelRuntime:
     def _may_run_inline(self, lane: Scheduler, d: Decision) -> bool:
         """Whether ``d`` runs on the loop thread rather than an engine thread: it is planned
         within ``inline_max_s``, its requests are all this model has in flight, no other
-        batch runs or waits on the device, and the last ``INLINE_AFTER_ALONE`` arrivals
-        each found the model empty and the loop idle. At light load every request is such
-        a batch, and the two thread hand-offs (to the engine thread, and back through the
-        loop's self-pipe) cost ~0.1 ms of a ~0.7 ms request path (bench/hot_path.py).
+        batch runs or waits on the device, and at least ``INLINE_MIN_ALONE`` of the last
+        ``INLINE_WINDOW`` arrivals found the model empty and the loop idle. At light load
+        every request is such a batch, and the two thread hand-offs (to the engine thread,
+        and back through the loop's self-pipe) cost ~0.1 ms of a ~0.7 ms request path
+        (bench/hot_path.py).
 
         The price: a request that arrives meanwhile is parsed up to ``inline_max_s`` later
         (its budget counts from then) and misses the next batch. At load that is every
@@ -612,10 +619,10 @@ class ModelRuntime:
         so each is found alone, run inline, and the server never batches (the MLP at 8
         closed-loop clients: 87 % batches of one, 20-30 % less throughput). Whether the
         loop went idle before an arrival (server/loop_idle.py) is what tells the two
-        apart; a streak of such arrivals, not one, lets inline runs resume."""
+        apart; a majority of recent arrivals, not one, lets inline runs resume."""
         if self.inline_max_s <= 0 or self.inflight != len(d.requests) or self.device is None:
             return False
-        if self._alone_streak < INLINE_AFTER_ALONE:
+        if self._alone_bits.bit_count() < INLINE_MIN_ALONE:
             return False
         if len(self.device.running) != 1 or any(m.queue for m in self.device.members):
             return False

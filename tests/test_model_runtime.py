@@ -27,7 +27,7 @@ from server.errors import (
     ResourceExhausted,
 )
 from server.metrics import Metrics
-from server.model_runtime import INLINE_AFTER_ALONE, ModelRuntime
+from server.model_runtime import INLINE_MIN_ALONE, INLINE_WINDOW, ModelRuntime
 from server.scheduling.device import Device
 
 TIERS = {"w100": 1.0, "w050": 0.5}
@@ -406,12 +406,12 @@ class _Threads:
 
 def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
     # w100 2 ms, w050 1 ms. One request at a time, the loop idle in between: once
-    # INLINE_AFTER_ALONE arrivals in a row found the model empty, a batch runs on the loop
+    # INLINE_MIN_ALONE recent arrivals found the model empty, a batch runs on the loop
     # thread (inline_max_s 5 ms) - no hand-off to an engine thread - and the answer is the
     # same as on one.
     served = _served(tmp_path)
     threads = _Threads(served)
-    n = INLINE_AFTER_ALONE
+    n = INLINE_MIN_ALONE
 
     async def body(**kwargs):
         kwargs.setdefault("device", Device(1))
@@ -438,31 +438,34 @@ def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
 
 
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
-    # After a light-load streak the next lone request runs on the loop thread. Then four
+    # After a quiet spell the next lone request runs on the loop thread. Then bursts of four
     # requests at once: each batch starts while others are queued, or (the last) while the
     # request before it has its answer but has not yet returned it, and goes to an engine
-    # thread; and the next lone request too - a burst breaks the streak, and only
-    # INLINE_AFTER_ALONE quiet arrivals in a row bring inline runs back. Each request is
-    # answered once with its own rows.
+    # thread; and once the bursts fill the recent arrivals, so does the next lone request -
+    # only INLINE_MIN_ALONE quiet arrivals among the last INLINE_WINDOW bring inline runs
+    # back. Each request is answered once with its own rows.
     served = _served(tmp_path, max_batch=1)
     threads = _Threads(served)
+    bursts = -(-INLINE_WINDOW // 4)
 
     async def body():
         async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
-            for _ in range(INLINE_AFTER_ALONE):
+            for _ in range(INLINE_WINDOW):
                 await rt.infer(_x(1, 0.0), 1, 1.0, pin="w050")
             quiet = len(threads.names)
-            results = await asyncio.gather(
-                *(rt.infer(_x(1, v), 1, 1.0, pin="w050") for v in (1.0, 2.0, 3.0, 4.0))
-            )
+            results = []
+            for _ in range(bursts):
+                results += await asyncio.gather(
+                    *(rt.infer(_x(1, v), 1, 1.0, pin="w050") for v in (1.0, 2.0, 3.0, 4.0))
+                )
             await rt.infer(_x(1, 5.0), 1, 1.0, pin="w050")
             return quiet, results, threading.current_thread().name
 
     quiet, results, loop_thread = _run(body())
-    for value, r in zip((1.0, 2.0, 3.0, 4.0), results, strict=True):
+    for value, r in zip((1.0, 2.0, 3.0, 4.0) * bursts, results, strict=True):
         _check_answer(served, _x(1, value), r)
-    assert threads.names[quiet - 1] == loop_thread  # the streak's last: inline
-    assert len(threads.names) == quiet + 5
+    assert threads.names[quiet - 1] == loop_thread  # the quiet spell's last: inline
+    assert len(threads.names) == quiet + 4 * bursts + 1
     assert all(name.startswith("engine-m") for name in threads.names[quiet:])
 
 
@@ -473,7 +476,7 @@ def test_a_saturated_loop_keeps_batches_off_the_loop_thread(tmp_path):
     without ever waiting for I/O."""
     served = _served(tmp_path)
     threads = _Threads(served)
-    n = max(16, 2 * INLINE_AFTER_ALONE)
+    n = max(16, 2 * INLINE_WINDOW)
 
     async def body():
         async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
