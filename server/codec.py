@@ -38,8 +38,11 @@ def decode_inputs(
     max_batch: int,
     limits: RequestLimits = DEFAULT,
     max_length: int = 0,
+    raw: Sequence | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``request.inputs`` against the model's ``specs``; return arrays and rows.
+    ``raw``: the request's raw_input_contents when they are not in ``request`` itself
+    (views of the received bytes, server/wire.py); the arrays are built on them uncopied.
 
     Checks, each with its own message: counts against ``limits`` first (O(1)), then names
     (missing, unknown, duplicate - one pass), datatype, shape (rank, per-sample dims, batch
@@ -77,7 +80,7 @@ def decode_inputs(
     missing = sorted(set(by_name) - seen)
     if missing:
         raise InvalidArgument(f"missing input {missing[0]!r}; expected inputs {sorted(by_name)}")
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != n:
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {n} inputs; "
@@ -126,11 +129,17 @@ def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tupl
 
 
 def decode_text(
-    request, name: str, max_batch: int, max_bytes: int, limits: RequestLimits = DEFAULT
+    request,
+    name: str,
+    max_batch: int,
+    max_bytes: int,
+    limits: RequestLimits = DEFAULT,
+    raw: Sequence | None = None,
 ) -> list[str]:
     """The strings of BYTES input ``name`` (shape [rows] or [rows, 1]): the only input of
     a text request. Each must be UTF-8 and at most ``max_bytes`` long (the tokenizer
-    truncates at the model's max_length tokens; the byte limit bounds its work).
+    truncates at the model's max_length tokens; the byte limit bounds its work). ``raw``:
+    as for ``decode_inputs``.
 
     Example:
         >>> from server.proto_gen import grpc_service_pb2 as pb
@@ -155,7 +164,7 @@ def decode_text(
         raise InvalidArgument(
             f"input {name!r}: batch {rows} is outside [1, {max_batch}] (max_batch)"
         )
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw is None else raw
     typed = t.contents.bytes_contents
     if raw and typed:
         raise InvalidArgument(
@@ -176,7 +185,7 @@ def decode_text(
                 "split the text (the model reads at most its max_length tokens anyway)"
             )
         try:
-            texts.append(b.decode("utf-8"))
+            texts.append(str(b, "utf-8"))  # bytes, or a view of the received bytes
         except UnicodeDecodeError as exc:
             raise InvalidArgument(f"input {name!r}[{i}] is not UTF-8: {exc.reason}") from None
     return texts

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Sequence
 from enum import Enum
 
 from runtime import __version__
@@ -302,9 +303,12 @@ class DataPlane:
         time_remaining: float | None,
         waited_s: float = 0.0,
         size: int | None = None,
+        raw: Sequence[memoryview] | None = None,
     ) -> pb.ModelInferResponse:
         """Answer one request. ``waited_s``: seconds since the transport began parsing it
-        (counted against its budget); ``size``: its bytes on the wire, if known."""
+        (counted against its budget); ``size``: its bytes on the wire, if known; ``raw``:
+        its raw_input_contents when the transport took them out of the message uncopied
+        (server/wire.py), else None."""
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize() if size is None else size
         if self.inflight_bytes + size > self.limits.max_inflight_bytes:
@@ -316,7 +320,7 @@ class DataPlane:
             )
         self.inflight_bytes += size
         try:
-            return await self._infer(m, request, time_remaining, waited_s)
+            return await self._infer(m, request, time_remaining, waited_s, raw)
         finally:
             self.inflight_bytes -= size
 
@@ -326,6 +330,7 @@ class DataPlane:
         request: pb.ModelInferRequest,
         time_remaining: float | None,
         waited_s: float,
+        raw: Sequence[memoryview] | None = None,
     ) -> pb.ModelInferResponse:
         params = request.parameters
         if len(params) > self.limits.max_parameters:
@@ -344,7 +349,7 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        inputs, rows = self._decode(m, request)
+        inputs, rows = self._decode(m, request, raw)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority, waited_s)
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
@@ -373,21 +378,24 @@ class DataPlane:
         inside_us = p["queue_us"].int64_param + p["compute_us"].int64_param
         m.overhead.observe(total_s - inside_us / 1e6)
 
-    def _decode(self, m: ModelRuntime, request) -> tuple[dict, int]:
+    def _decode(
+        self, m: ModelRuntime, request, raw: Sequence[memoryview] | None = None
+    ) -> tuple[dict, int]:
         """The model's input arrays and rows: from the tensors as sent, or - for a text
-        model sent its text input alone - from the strings, tokenized here."""
+        model sent its text input alone - from the strings, tokenized here. ``raw``: the
+        request's raw_input_contents, when not in ``request`` itself."""
         cfg = m.config
         text = cfg.text
         if text is not None and any(t.name == text.input for t in request.inputs):
             texts = codec.decode_text(
-                request, text.input, cfg.max_batch, text_bytes(cfg), self.limits
+                request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
             ids, mask = m.served.tokenizer.encode(texts)
             arrays = {text.ids: ids, text.mask: mask}
             arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
             return arrays, len(texts)
         max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
-        return codec.decode_inputs(request, cfg.inputs, cfg.max_batch, self.limits, max_length)
+        return codec.decode_inputs(request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw)
 
 
 def _number(param, name: str) -> float | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from server import wire
 from server.dataplane import DataPlane
 from server.errors import (
     DeadlineExceeded,
@@ -77,13 +78,24 @@ def _require_decoded(request) -> None:
 # deserializer in the RPC's own task, just before the handler, so the handler reads it back
 # from this task's context.
 RECEIVED: contextvars.ContextVar[tuple[float, int]] = contextvars.ContextVar("innfer_received")
+# A ModelInferRequest's raw_input_contents as views of the received bytes (server/wire.py),
+# set beside RECEIVED; the parsed message holds none of them. None: read the message's own.
+RAW_INPUTS: contextvars.ContextVar[list[memoryview] | None] = contextvars.ContextVar(
+    "innfer_raw_inputs", default=None
+)
 
 
-def _tolerant(cls) -> Callable[[bytes], object]:
+def _tolerant(cls, split: bool = False) -> Callable[[bytes], object]:
+    """``cls``'s parser that returns Undecodable instead of raising. ``split`` (unary
+    ModelInfer only: its handler reads RAW_INPUTS; a stream's requests share one context):
+    the tensors are taken out uncopied."""
+
     def parse(data: bytes):
         RECEIVED.set((time.monotonic(), len(data)))
+        parts = wire.split_field(data, wire.RAW_INPUT_CONTENTS) if split else None
+        RAW_INPUTS.set(parts[1] if parts is not None and parts[1] else None)
         try:
-            return cls.FromString(data)
+            return cls.FromString(data if parts is None or not parts[1] else parts[0])
         except DecodeError as exc:
             return Undecodable(cls.DESCRIPTOR.full_name, exc)
 
@@ -107,7 +119,7 @@ def add_inference_service(servicer: InferenceService, server) -> None:
         )
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=_tolerant(request),
+            request_deserializer=_tolerant(request, split=method.name == "ModelInfer"),
             response_serializer=response.SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -282,7 +294,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         received, size = RECEIVED.get((None, None))
         waited = time.monotonic() - received if received is not None else 0.0
-        resp = await self.plane.infer(request, context.time_remaining(), waited, size)
+        raw = RAW_INPUTS.get()
+        resp = await self.plane.infer(request, context.time_remaining(), waited, size, raw)
         if received is not None:  # once gRPC has sent it: the overhead the client also paid
             context.add_done_callback(
                 lambda _: self.plane.answered(resp, time.monotonic() - received)

@@ -293,3 +293,21 @@ def test_draining_server_answers_unavailable(model_repository):
         assert _code(err.value) == "StatusCode.UNAVAILABLE"
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("pad", range(4))
+def test_tensors_at_any_offset_give_the_engines_answer(model_repository, server, pad):
+    """The server builds each input array on the received bytes (server/wire.py), so a
+    tensor starts wherever the message puts it: an id 0-3 bytes longer shifts it off
+    4-byte alignment. Every offset gives the engine's answer."""
+    x = _x(2, seed=pad)
+    req = pb.ModelInferRequest(model_name="tiny", id="x" * pad)
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    req.parameters["tier"].string_param = "w050"
+    with grpc.insecure_channel(server.address) as ch:
+        resp = rpc.GRPCInferenceServiceStub(ch).ModelInfer(req)
+    got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(2, 10)
+    engine = Repository(model_repository).load("tiny").engines["w050"]
+    np.testing.assert_allclose(got, engine.run({"input": x})["logits"], rtol=1e-5, atol=1e-6)
+    assert resp.id == "x" * pad
