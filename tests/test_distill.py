@@ -104,29 +104,3 @@ def test_bad_input_is_a_clear_error(tiny_bert, ids, mask, widths, match):
     _, inn = tiny_bert
     with pytest.raises(ValueError, match=match):
         calibrate_text(inn, ids, mask, widths, seconds=1, progress=False)
-
-
-def test_the_relation_term_sees_the_neighbour_structure_and_nothing_else():
-    """``relation_weight``: the batch's cosine matrices compared. Zero for the teacher's own
-    embeddings and for any per-sentence rescaling of them (cosines do not change); positive
-    when the sentences' embeddings are swapped around, which the pooled cosine term also
-    sees, and when they are rotated together, which it does not."""
-    from runtime.inn.distill import Targets, TextBatch, distil_loss
-
-    gen = torch.Generator().manual_seed(0)
-    teacher = torch.randn(6, 16, generator=gen)  # (B, D) pooled embeddings
-    mask = torch.ones(6, 3, dtype=torch.long)
-    batch = TextBatch(torch.zeros(6, 3, dtype=torch.long), mask)
-    target = Targets(teacher, ())
-
-    def loss(student: torch.Tensor, weight: float) -> float:
-        return float(distil_loss(student, (), batch, target, torch.ones(0), 0.0, weight))
-
-    scaled = teacher * torch.rand(6, 1, generator=gen).add(0.5)
-    assert loss(scaled, 10.0) == pytest.approx(0.0, abs=1e-6)
-    swapped = teacher[[1, 0, 2, 3, 4, 5]]
-    assert loss(swapped, 10.0) > loss(swapped, 0.0) > 0.0
-    rotation = torch.linalg.qr(torch.randn(16, 16, generator=gen))[0]
-    rotated = teacher @ rotation  # every cosine between sentences kept, each one moved
-    assert loss(rotated, 10.0) == pytest.approx(loss(rotated, 0.0), abs=1e-5)
-    assert loss(rotated, 0.0) > 0.1

@@ -284,17 +284,11 @@ def hidden_power(batches: Sequence[TextBatch], targets: Sequence[Targets]) -> to
 
 def distil_loss(
     output, hidden: Sequence[torch.Tensor], batch: TextBatch, target: Targets,
-    power: torch.Tensor, hidden_weight: float, relation_weight: float = 0.0,
+    power: torch.Tensor, hidden_weight: float,
 ) -> torch.Tensor:  # fmt: skip
     """``1 - cos`` of the pooled embeddings (mean over sentences) plus ``hidden_weight``
-    times the mean over LayerNorms of the relative squared error on the real tokens, plus
-    ``relation_weight`` times the mean squared error between the batch's sentence-to-sentence
-    cosine matrices (student vs teacher): what nearest-neighbour retrieval reads."""
-    emb = pooled(output, batch.mask)  # (B, D)
-    loss = 1 - F.cosine_similarity(emb, target.embedding, dim=-1).mean()
-    if relation_weight and len(emb) > 1:
-        s, t = F.normalize(emb, dim=-1), F.normalize(target.embedding, dim=-1)
-        loss = loss + relation_weight * (s @ s.T - t @ t.T).pow(2).mean()  # (B, B) -> ()
+    times the mean over LayerNorms of the relative squared error on the real tokens."""
+    loss = 1 - F.cosine_similarity(pooled(output, batch.mask), target.embedding, dim=-1).mean()
     if hidden_weight and hidden:
         m = batch.mask.unsqueeze(-1).to(hidden[0].dtype)  # (B, T, 1)
         tokens = m.sum()
@@ -314,7 +308,6 @@ def distil(
     lr: float = 3e-4,
     weight_decay: float = 0.01,
     hidden_weight: float = 1.0,
-    relation_weight: float = 0.0,
     seed: int = 0,
     progress: bool = False,
     desc: str = "distil",
@@ -342,9 +335,7 @@ def distil(
     def step() -> float:
         i = next(order)
         output, hidden = tapped(batches[i].ids, batches[i].mask)
-        loss = distil_loss(
-            output, hidden, batches[i], targets[i], power, hidden_weight, relation_weight
-        )
+        loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
