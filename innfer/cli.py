@@ -299,7 +299,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "plan_overhead": args.plan_overhead,
             "overhead_quantile": args.overhead_quantile,
             "tune_malloc": args.tune_malloc,
-            "engine_nice": args.engine_nice,
         }.items()
         if v is not None
     }
@@ -724,10 +723,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
         help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",
-    )  # fmt: skip
-    srv.add_argument(
-        "--engine-nice", type=int,
-        help="niceness added to the engine threads (server config engine_nice; default 0)",
     )  # fmt: skip
     srv.add_argument("--log-level", default="INFO")
     srv.set_defaults(func=cmd_serve)

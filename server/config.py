@@ -173,11 +173,6 @@ class ServerConfig:
         "is in flight on the device (no hand-off to an engine thread and back); 0: always on "
         "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only",
     )  # fmt: skip
-    engine_nice: int = spec(
-        0, lo=0, hi=19,
-        doc="niceness added to the engine threads (Linux), so that request handling on the "
-        "same core - parsing, admission, answers - preempts inference; 0: the process's own",
-    )  # fmt: skip
     tune_malloc: bool = spec(
         True,
         doc="innfer serve: raise glibc's mmap and trim thresholds to the message limit and "

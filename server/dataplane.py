@@ -124,7 +124,6 @@ class DataPlane:
                 runtime = ModelRuntime(
                     served, self.metrics, policy=self.config.policy, device=self.device,
                     inline_max_s=self.config.inline_max_ms / 1e3,
-                    engine_nice=self.config.engine_nice,
                     overhead_quantile=self.config.overhead_quantile,
                     traffic=self._traffic(name, served.config),
                 )  # fmt: skip

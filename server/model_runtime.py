@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -236,7 +234,6 @@ class ModelRuntime:
         inline_max_s: float = 0.0,
         overhead_quantile: float = OVERHEAD_QUANTILE,
         traffic: TrafficLog | None = None,
-        engine_nice: int = 0,
     ) -> None:
         self.served = served
         self.traffic = traffic  # auto-tiering's record of what was asked (kept across reloads)
@@ -286,10 +283,7 @@ class ModelRuntime:
         # the model has fixed shapes.
         seq = next((t for t in self.config.inputs if t.dynamic), None)
         self._seq_axis = (seq.name, 1 + seq.dynamic[0]) if seq is not None else None
-        self.pool = ThreadPoolExecutor(
-            max_workers=slots, thread_name_prefix=f"engine-{self.name}",
-            initializer=lower_priority, initargs=(engine_nice,),
-        )  # fmt: skip
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
         # A batch planned at most this long may run on the loop thread when nothing else is
         # in flight (``_may_run_inline``).
         self.inline_max_s = inline_max_s if served.backend in INLINE_BACKENDS else 0.0
@@ -732,19 +726,6 @@ class ModelRuntime:
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width
         return float(w) if isinstance(w, (int, float)) else str(w)
-
-
-def lower_priority(nice: int) -> None:
-    """On an engine thread as it starts: add ``nice`` to its niceness (Linux schedules
-    threads apart; elsewhere, or without permission, it stays as it is). A lower priority
-    lets the loop thread's parsing and answers preempt inference on a shared core."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except OSError as exc:
-        log.warning("engine thread: cannot lower its priority by %d: %s", nice, exc)
 
 
 def batch_rows(parts: list[np.ndarray], dynamic: tuple[int, ...]) -> np.ndarray:
