@@ -417,6 +417,7 @@ def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
         kwargs.setdefault("device", Device(1))
         async with _running(served, Metrics(), **kwargs) as rt:
             for k in range(n):
+                await asyncio.sleep(0.002)  # the client thinks: the loop waits for I/O
                 feeds = _x(2, 3.0 + k)
                 r = await rt.infer(feeds, 2, 1.0, pin="w100")
                 _check_answer(served, feeds, r)
@@ -438,19 +439,22 @@ def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
 
 
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
-    # After a quiet spell the next lone request runs on the loop thread. Then bursts of four
-    # requests at once: each batch starts while others are queued, or (the last) while the
-    # request before it has its answer but has not yet returned it, and goes to an engine
-    # thread; and once the bursts fill the recent arrivals, so does the next lone request -
-    # only INLINE_MIN_ALONE quiet arrivals among the last INLINE_WINDOW bring inline runs
-    # back. Each request is answered once with its own rows.
+    # A quiet spell: its last request runs on the loop thread. Then bursts of four requests
+    # at once. The first burst's first request still finds the recent arrivals quiet and
+    # runs inline; once the bursts fill the last INLINE_WINDOW arrivals, every batch starts
+    # while others are queued, or (the last of a burst) while the request before it has its
+    # answer but has not yet returned it, and goes to an engine thread - and so does the
+    # next lone request: only INLINE_MIN_ALONE quiet arrivals among the last INLINE_WINDOW
+    # bring inline runs back. Each request is answered once with its own rows.
     served = _served(tmp_path, max_batch=1)
     threads = _Threads(served)
-    bursts = -(-INLINE_WINDOW // 4)
+    flush = -(-INLINE_WINDOW // 4)  # bursts that push the quiet arrivals out of the window
+    bursts = flush + 2
 
     async def body():
         async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
             for _ in range(INLINE_WINDOW):
+                await asyncio.sleep(0.002)  # the client thinks: the loop waits for I/O
                 await rt.infer(_x(1, 0.0), 1, 1.0, pin="w050")
             quiet = len(threads.names)
             results = []
@@ -458,15 +462,19 @@ def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_pa
                 results += await asyncio.gather(
                     *(rt.infer(_x(1, v), 1, 1.0, pin="w050") for v in (1.0, 2.0, 3.0, 4.0))
                 )
+            await asyncio.sleep(0.002)
             await rt.infer(_x(1, 5.0), 1, 1.0, pin="w050")
             return quiet, results, threading.current_thread().name
 
     quiet, results, loop_thread = _run(body())
     for value, r in zip((1.0, 2.0, 3.0, 4.0) * bursts, results, strict=True):
         _check_answer(served, _x(1, value), r)
-    assert threads.names[quiet - 1] == loop_thread  # the quiet spell's last: inline
-    assert len(threads.names) == quiet + 4 * bursts + 1
-    assert all(name.startswith("engine-m") for name in threads.names[quiet:])
+    names = threads.names
+    assert len(names) == quiet + 4 * bursts + 1
+    assert names[quiet - 1] == loop_thread  # the quiet spell's last
+    assert names[quiet] == loop_thread  # the first burst's first: the window was quiet
+    assert all(name.startswith("engine-m") for name in names[quiet + 1 : quiet + 4])
+    assert all(name.startswith("engine-m") for name in names[quiet + 4 * flush :])
 
 
 def test_a_saturated_loop_keeps_batches_off_the_loop_thread(tmp_path):
