@@ -46,17 +46,11 @@ from bench.live_scheduler import (
     tier_widths,
     uniform_budgets_s,
 )
+from sim.shared_core import host_ms
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_HOST_MS = (1.0, 0.6, 1.0)
 GOAL_POINTS, GOAL_SIZE = 0.01, 0.05  # attainment (fraction), mean served size
-
-
-def _host(text: str) -> tuple[float, float, float]:
-    parts = [float(x) for x in text.split(",")]
-    if len(parts) != 3 or min(parts) < 0:
-        raise argparse.ArgumentTypeError("--host-ms takes PARSE,ANSWER,CLIENT (ms, >= 0)")
-    return parts[0], parts[1], parts[2]
 
 
 def measured_host(live: dict) -> tuple[tuple[float, float, float], str]:
@@ -108,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--host-ms",
-        type=_host,
+        type=host_ms,
         default=None,
-        help="PARSE,ANSWER,CLIENT ms; default: measured by the live run (see measured_host)",
+        help="PARSE,ANSWER[,CLIENT] ms; default: measured by the live run (see measured_host)",
     )
     p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
     p.add_argument("--out", type=Path, default=OUT / "shared_core.json")

@@ -403,16 +403,10 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
     return 0
 
 
-def _host_ms(text: str) -> tuple[float, float, float]:
-    try:
-        parts = [float(x) for x in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (2, 3) or not all(v >= 0 for v in parts):
-        raise argparse.ArgumentTypeError(
-            f"--host-ms takes PARSE,ANSWER[,CLIENT] in ms (each >= 0), got {text!r}"
-        )
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
+def _host_ms_arg(text: str) -> tuple[float, float, float]:
+    from sim.shared_core import host_ms  # the simulators load only when a command needs them
+
+    return host_ms(text)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -733,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", help="PNG over time (load, tier mix, latency)")
     sim.add_argument(
         "--host-ms",
-        type=_host_ms,
+        type=_host_ms_arg,
         help="PARSE,ANSWER[,CLIENT]: simulate a server whose request handling shares the "
         "engine's core, at these ms of CPU per request (and the client's own ms)",
     )

@@ -629,7 +629,8 @@ class ModelRuntime:
         return lane.latency.planned(d.tier)[d.rows] <= self.inline_max_s
 
     def _execute(self, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> tuple:
-        """Run the batch: (outputs or None, the error or None, (prepare s, compute s))."""
+        """Run the batch: (outputs or None, the error or None, (prepare s, compute wall s,
+        compute CPU s of this thread))."""
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             outputs = self.served.engines[d.tier].run(feeds)

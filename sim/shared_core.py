@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,25 @@ class HostCost:
                 raise ValueError(f"HostCost.{name} must be >= 0 seconds")
         if self.refuse_s is not None and not self.refuse_s >= 0:
             raise ValueError("HostCost.refuse_s must be >= 0 seconds")
+
+
+def host_ms(text: str) -> tuple[float, float, float]:
+    """``--host-ms PARSE,ANSWER[,CLIENT]`` (ms, each >= 0; CLIENT 0 when left out) as a
+    tuple, for ``HostCost``; the one parser of ``innfer simulate`` and bench/shared_core.py.
+
+    Example:
+        >>> host_ms("1.1,0.7")
+        (1.1, 0.7, 0.0)
+    """
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or not all(v >= 0 for v in parts):
+        raise argparse.ArgumentTypeError(
+            f"--host-ms takes PARSE,ANSWER[,CLIENT] in ms (each >= 0), got {text!r}"
+        )
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
 
 
 @dataclass
