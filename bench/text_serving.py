@@ -129,6 +129,8 @@ def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None
         served = [t for t in report.tiers if t]
         s["mean_served_size"] = float(np.mean([widths[t] for t in served])) if served else None
         s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
+        s["server_breakdown"] = report.breakdown()
+        s["server_breakdown"] = report.breakdown()
         s["server_alive_after"] = server.proc.poll() is None
         return {**info, **s}
     finally:

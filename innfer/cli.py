@@ -705,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", choices=BACKENDS)
     srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")
     srv.add_argument(
-        "--plan-overhead", action="store_true", default=None,
-        help="plan budgets short by the learned request overhead (server config plan_overhead)",
+        "--plan-overhead", action=argparse.BooleanOptionalAction, default=None,
+        help="plan budgets short by the learned request overhead (server config "
+        "plan_overhead; default on)",
     )  # fmt: skip
     srv.add_argument(
         "--overhead-quantile",

@@ -342,8 +342,13 @@ class DataPlane:
         # margin covers what it cannot see (the client's own processing, the sockets).
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
         budget_s -= self.config.budget_margin_ms / 1e3
+        reserve_s = grace_s = 0.0
         if self.config.plan_overhead:
-            budget_s -= m.overhead.estimate()
+            # Plans leave room for the overhead's high quantile; admission, which refuses
+            # only what its median plan misses, gets back the part above its median.
+            reserve_s = m.overhead.estimate()
+            budget_s -= reserve_s
+            grace_s = reserve_s - m.overhead.median()
         else:
             waited_s = 0.0  # the budget counts from the scheduler's stamp
         pin = _string_param(params, "tier")
@@ -351,7 +356,10 @@ class DataPlane:
         priority = _priority(params)
         inputs, rows = self._decode(m, request, raw)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
-        result = await m.infer(inputs, rows, budget_s, pin, min_tier, priority, waited_s)
+        result = await m.infer(
+            inputs, rows, budget_s, pin, min_tier, priority, waited_s,
+            reserve_s=reserve_s, grace_s=grace_s,
+        )  # fmt: skip
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
         codec.encode_outputs(resp, result.outputs, outputs)
         p = resp.parameters
@@ -369,8 +377,9 @@ class DataPlane:
         return resp
 
     def answered(self, resp: pb.ModelInferResponse, total_s: float) -> None:
-        """``resp`` left the server ``total_s`` after its request began to be parsed: teach
-        its model the overhead (the part outside queue and compute)."""
+        """``resp`` left the server ``total_s`` after its handler began (its request parsed):
+        teach its model the overhead (the part outside queue and compute: decoding before
+        the scheduler's stamp, the hop back, encoding and sending)."""
         m = self.models.get(resp.model_name)
         p = resp.parameters
         if m is None or "queue_us" not in p or "compute_us" not in p:

@@ -164,9 +164,9 @@ class Metrics:
         )  # fmt: skip
         self.request_overhead = Gauge(
             "innfer_request_overhead_seconds",
-            "The recent p99 of requests' time in the server outside queue and compute (parsing, "
-            "the hop back, encoding, sending); budgets are planned short by it with "
-            "plan_overhead.",
+            "The recent p99 (overhead_quantile) of requests' time in the server outside queue "
+            "and compute (decoding, the hop back, encoding, sending); budgets are planned "
+            "short by it (plan_overhead, default on).",
             ["model"], registry=r,
         )  # fmt: skip
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.

@@ -415,14 +415,23 @@ class ModelRuntime:
         min_tier: str | None = None,
         priority: int = 0,
         waited_s: float = 0.0,
+        *,
+        reserve_s: float = 0.0,
+        grace_s: float = 0.0,
     ) -> InferResult:
         """Queue one request and await its answer. Every failure (refused, expired, engine
         error, unloaded) is counted in ``stats.fail`` here; a cancelled request is not.
         ``waited_s``: how long ago the request reached the server (its parsing and decoding
-        before this call): its budget and queue time count from then."""
+        before this call): its budget counts from then, its queue time from this call.
+        ``reserve_s``: how much shorter than the client's ``budget_s`` already is (the
+        server's overhead reserve; an answer is on time until it is spent too);
+        ``grace_s``: seconds past the budget that admission at the median still accepts
+        (``Request.reserve`` and ``Request.grace``)."""
         arrival = self.clock()
         try:
-            return await self._serve(inputs, rows, budget_s, pin, min_tier, priority, waited_s)
+            return await self._serve(
+                inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s
+            )
         except Exception:
             self.stats.fail.add(self.clock() - arrival)
             raise
@@ -436,6 +445,8 @@ class ModelRuntime:
         min_tier: str | None,
         priority: int,
         waited_s: float = 0.0,
+        reserve_s: float = 0.0,
+        grace_s: float = 0.0,
     ) -> InferResult:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
@@ -447,11 +458,13 @@ class ModelRuntime:
                     f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
                 )
         reached = now - max(waited_s, 0.0)
-        if self.traffic is not None:
-            self.traffic.record(reached, budget_s, rows)
+        if self.traffic is not None:  # the client's budget (less the margin), not the plan's
+            self.traffic.record(reached, budget_s + reserve_s, rows)
+        # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
+        # due from when the request reached the server.
         req = Request(
-            next(self._ids), reached, reached + budget_s, rows, pin, min_tier, priority,
-            payload=inputs,
+            next(self._ids), now, reached + budget_s, rows, pin, min_tier, priority,
+            payload=inputs, grace=max(grace_s, 0.0), reserve=max(reserve_s, 0.0),
         )  # fmt: skip
         length = 0
         if self._seq_axis is not None:  # a sequence model: one observation per request
@@ -470,7 +483,7 @@ class ModelRuntime:
                 # (no online correction): no replica meets it however idle - the client's
                 # ask, not load. Contention that slowed this replica is load.
                 s = self.lanes[lane]
-                if now + s.latency.profiled(s.ctx.fastest(req), rows) > req.deadline:
+                if now + s.latency.profiled(s.ctx.fastest(req), rows) > req.deadline + req.grace:
                     why = "refused_budget"
             self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:
@@ -493,7 +506,7 @@ class ModelRuntime:
             if self.lanes[lane].cancel(req, t := self.clock()):
                 self.metrics.requests.labels(self.name, "", "cancelled").inc()
                 self._queue_total.inc(t - req.arrival)
-                if t > req.deadline:  # the client waited out its budget: a miss
+                if t > req.due:  # the client waited out its budget: a miss
                     self._missed["late"].inc()
             raise
         finally:
@@ -714,7 +727,7 @@ class ModelRuntime:
             self._served_accuracy.observe(self.accuracy[tier])
             if tier != self.top_tier:
                 self._degraded.inc()
-            (self._met if now <= r.deadline else self._missed["late"]).inc()
+            (self._met if now <= r.due else self._missed["late"]).inc()
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float]

@@ -8,12 +8,13 @@ the engine thread, encoding the answer and handing it to gRPC - was a fixed
 shared by gRPC and the engine), it is 3.5 ms at the median and 10-27 ms at p99 as load
 grows, and nearly every late answer was late there, not in the queue or the engine: the
 server had met the deadline it planned with. So the server measures it per request
-(``observe``: from when its bytes began to be parsed to when gRPC reported the RPC done,
-minus the reported queue and compute), exports a high quantile of the recent samples
-(``estimate``) and, with the server's ``plan_overhead``, plans every budget short by it.
-Work outside this process (the client, the kernel's socket buffers) stays in
-``budget_margin_ms``. (With ``plan_overhead`` the parse time is counted as queue time, so
-the samples then leave it out.)
+(``observe``: from when its handler began - the request parsed - to when gRPC reported the
+RPC done, minus the reported queue and compute), exports a high quantile of the recent
+samples (``estimate``) and, with the server's ``plan_overhead`` (default on), plans every
+budget short by it, counted from when its bytes began to be parsed. Admission refuses at the
+plan's median, so it takes the budget short by the samples' ``median`` only
+(``Request.grace``). Work outside this process (the client, the kernel's socket buffers)
+stays in ``budget_margin_ms``.
 
 Pure: no clock, no grpc; the caller passes seconds.
 """
@@ -47,6 +48,7 @@ class Overhead:
         self._samples = np.zeros(window)  # ring buffer, seconds
         self._n = 0  # samples seen
         self._estimate = 0.0
+        self._median = 0.0
 
     def observe(self, seconds: float) -> None:
         """One answered request's overhead (negative values, clock noise, count as 0)."""
@@ -54,12 +56,18 @@ class Overhead:
         self._n += 1
         if self._n >= MIN_SAMPLES and self._n % REFRESH == 0:
             held = self._samples[: min(self._n, len(self._samples))]
-            self._estimate = float(np.quantile(held, self.quantile))
+            median, high = np.quantile(held, (0.5, self.quantile))
+            self._median, self._estimate = float(median), float(max(high, median))
 
     def estimate(self) -> float:
         """Seconds to plan each budget short by: the ``quantile`` of the last ``window``
         samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES`` were seen."""
         return self._estimate
+
+    def median(self) -> float:
+        """The median of the same samples (refreshed with ``estimate``; 0 until then): what
+        admission, which refuses only a plan more likely missed than met, reserves."""
+        return self._median
 
     @property
     def samples(self) -> int:

@@ -297,8 +297,10 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         raw = RAW_INPUTS.get()
         resp = await self.plane.infer(request, context.time_remaining(), waited, size, raw)
         if received is not None:  # once gRPC has sent it: the overhead the client also paid
+            # From this handler's start: the budget already counts the parse before it, and
+            # the queue time counts from the scheduler's stamp (decoding is overhead).
             context.add_done_callback(
-                lambda _: self.plane.answered(resp, time.monotonic() - received)
+                lambda _: self.plane.answered(resp, time.monotonic() - received - waited)
             )
         return resp
 

@@ -64,7 +64,13 @@ class Request:
     (by width order) than this. ``priority``: 0 is default; larger is more urgent (Triton:
     smaller number = higher priority; the server converts before it gets here).
     ``payload``: the caller's data (the server's input tensors); the scheduler never reads
-    it. ``state`` is read-only: it changes through ``start``, ``finish`` or ``advance``.
+    it. ``reserve``: seconds the server moved ``deadline`` earlier than the client's own
+    (a high quantile of the time it spends outside queue and compute); the scheduler never
+    reads it, the answer is on time until ``due``. ``grace``: seconds past ``deadline`` that
+    admission and expiry still accept while they check at ``admit_quantile`` (the median):
+    the part of the reserve above the overhead's median, so that a refusal - a certain miss
+    - is judged at the median throughout. ``state`` is read-only: it changes through
+    ``start``, ``finish`` or ``advance``.
 
     Example:
         >>> r = Request(7, arrival=0.0, deadline=0.020, rows=2, pin="w050")
@@ -80,6 +86,8 @@ class Request:
     min_tier: str | None = None
     priority: int = 0
     payload: Any = None
+    grace: float = 0.0
+    reserve: float = 0.0
     # Outcome, written by the transitions below (None / 0 until they happen).
     tier: str | None = None
     started: float | None = None
@@ -94,6 +102,11 @@ class Request:
     @property
     def budget(self) -> float:
         return self.deadline - self.arrival
+
+    @property
+    def due(self) -> float:
+        """The client's deadline as the server counts it: ``deadline`` + ``reserve``."""
+        return self.deadline + self.reserve
 
     def advance(self, to: State, now: float) -> None:
         """The one place the state changes: move to ``to`` at time ``now`` (``started`` for

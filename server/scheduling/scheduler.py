@@ -208,24 +208,25 @@ class Scheduler:
             # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
         q = self.admission_quantile()
+        due = self.admission_deadline(r, q)
         alone = self.latency.quantile(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
-        if now + alone > r.deadline and self._forget_if_idle(fastest, now):
+        if now + alone > due and self._forget_if_idle(fastest, now):
             alone = self.latency.quantile(fastest, r.rows, q)
-        if now + alone > r.deadline:
+        if now + alone > due:
             raise Refused(
                 State.REFUSED_DEADLINE,
-                f"budget {1e3 * (r.deadline - now):.1f} ms is below the fastest allowed tier's "
+                f"budget {1e3 * (due - now):.1f} ms is below the fastest allowed tier's "
                 f"latency ({fastest}: {1e3 * alone:.1f} ms)",
             )
         key = self._key(r)
         i = bisect.bisect(self._keys, key)
         finish = self.finish_if_admitted(r, now, i, q)
-        if finish > r.deadline:
+        if finish > due:
             raise Refused(
                 State.REFUSED_DEADLINE,
-                f"budget {1e3 * (r.deadline - now):.1f} ms cannot be met behind the "
+                f"budget {1e3 * (due - now):.1f} ms cannot be met behind the "
                 f"{i} requests queued ahead and {len(self.running)} running "
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile)",
             )
@@ -249,6 +250,13 @@ class Scheduler:
         if len(self.queue) < self.ctx.max_batch:
             return self.admit_quantile
         return self.slo_target
+
+    def admission_deadline(self, r: Request, q: float) -> float:
+        """The latest finish admission and expiry accept for ``r`` when they check at
+        quantile ``q``: its deadline, plus its ``grace`` while ``q`` is below ``slo_target``
+        (the median of a short queue). At ``slo_target`` (a backlog) the planning deadline
+        holds: the reserve the grace gives back is then load to shed."""
+        return r.deadline + r.grace if q < self.slo_target else r.deadline
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
         """A request is refused on ``tier``'s estimate while nothing runs or waits: only
@@ -372,7 +380,8 @@ class Scheduler:
             late = [
                 i
                 for i, r in enumerate(self.queue)
-                if now + self.latency.quantile(fastest(r), r.rows, q) > r.deadline
+                if now + self.latency.quantile(fastest(r), r.rows, q)
+                > self.admission_deadline(r, q)
             ]
         else:
             cols = self.columns()
