@@ -67,10 +67,9 @@ class Request:
     it. ``reserve``: seconds the server moved ``deadline`` earlier than the client's own
     (a high quantile of the time it spends outside queue and compute); the scheduler never
     reads it, the answer is on time until ``due``. ``grace``: seconds past ``deadline`` that
-    admission and expiry still accept while they check at ``admit_quantile`` (the median):
-    the part of the reserve above the overhead's median, so that a refusal - a certain miss
-    - is judged at the median throughout. ``state`` is read-only: it changes through
-    ``start``, ``finish`` or ``advance``.
+    admission and expiry still accept: the part of the reserve above the overhead's median,
+    so that a refusal - a certain miss - judges the overhead at its median. ``state`` is
+    read-only: it changes through ``start``, ``finish`` or ``advance``.
 
     Example:
         >>> r = Request(7, arrival=0.0, deadline=0.020, rows=2, pin="w050")

@@ -208,7 +208,7 @@ class Scheduler:
             # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
         q = self.admission_quantile()
-        due = self.admission_deadline(r, q)
+        due = self.admission_deadline(r)
         alone = self.latency.quantile(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
@@ -251,12 +251,13 @@ class Scheduler:
             return self.admit_quantile
         return self.slo_target
 
-    def admission_deadline(self, r: Request, q: float) -> float:
-        """The latest finish admission and expiry accept for ``r`` when they check at
-        quantile ``q``: its deadline, plus its ``grace`` while ``q`` is below ``slo_target``
-        (the median of a short queue). At ``slo_target`` (a backlog) the planning deadline
-        holds: the reserve the grace gives back is then load to shed."""
-        return r.deadline + r.grace if q < self.slo_target else r.deadline
+    def admission_deadline(self, r: Request) -> float:
+        """The latest finish admission and expiry accept for ``r``: its deadline plus its
+        ``grace``, at either quantile admission checks at. Behind a backlog (``slo_target``)
+        the compute is already judged at the planner's quantile; judging the overhead at its
+        high quantile on top of that compounded two tails, and refused 2-4x as many
+        requests at Poisson 3x live (27 / 50 vs 11 / 13, same runs) for no fewer late ones."""
+        return r.deadline + r.grace
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
         """A request is refused on ``tier``'s estimate while nothing runs or waits: only
@@ -380,13 +381,17 @@ class Scheduler:
             late = [
                 i
                 for i, r in enumerate(self.queue)
-                if now + self.latency.quantile(fastest(r), r.rows, q)
-                > self.admission_deadline(r, q)
+                if now + self.latency.quantile(fastest(r), r.rows, q) > self.admission_deadline(r)
             ]
         else:
             cols = self.columns()
             alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
-            late = np.flatnonzero(now + alone > cols.deadline).tolist()
+            # Late by the planning deadline, then by the grace too (few: those expiring).
+            late = [
+                i
+                for i in np.flatnonzero(now + alone > cols.deadline).tolist()
+                if now + alone.item(i) > self.admission_deadline(self.queue[i])
+            ]
         if not late:
             return []
         gone = [self.queue[i] for i in late]
