@@ -12,9 +12,10 @@ Servers (each fresh, pinned to --server-cpus; the load generator to --client-cpu
              profiled length that holds it
   one-lane   the same model with lengths [256] (profile.json cut to that length): every
              request is planned as a 256-token one - what a length-blind scheduler does
-  lanes-m6   the lanes server with budget_margin_ms 6 (default 1): about the time a
-             request spends outside queue + compute on one shared core here (gRPC, tokenizer,
-             waiting for the CPU the engine holds), which the default margin does not cover
+  lanes-m6   the lanes server planning with a fixed budget_margin_ms of 6 instead of the
+             learned request overhead (--no-plan-overhead): about the time a request
+             spends outside queue + compute on one shared core here (gRPC, tokenizer,
+             waiting for the CPU the engine holds) - what an operator would hand-tune
   full-only  the lanes server with every request pinned to h100 (tier=h100): serving the
              full model only, as a server without tiers would
   lanes@baseline  with --baseline-tree DIR: the lanes server run from that checkout (an
@@ -189,7 +190,8 @@ def main() -> int:
     p.add_argument("--calibrate-seconds", type=float, default=0.0)
     p.add_argument(
         "--margin-ms", type=float, default=6.0,
-        help="budget_margin_ms of the lanes-m server: the per-request time outside the plan "
+        help="budget_margin_ms of the lanes-m server (which does not plan with the learned "
+        "overhead): the per-request time outside the plan "
         "(decode, tokenize, encode, the way back) measured here on one shared core",
     )  # fmt: skip
     p.add_argument("--baseline-tree", type=Path, default=None,
@@ -215,7 +217,7 @@ def main() -> int:
                "sizes": widths, "points": {}}  # fmt: skip
     for name, budgets in budget_sets.items():
         row = {}
-        margin = ["--budget-margin-ms", str(args.margin_ms)]
+        margin = ["--no-plan-overhead", "--budget-margin-ms", str(args.margin_ms)]
         servers = [("lanes", ROOT, lanes, None, ())]
         if "baseline" in trees:
             servers.append(("lanes@baseline", trees["baseline"], lanes, None, ()))
