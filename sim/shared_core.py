@@ -9,9 +9,10 @@ through that in arrival order; the engine thread runs one batch at a time. While
 work each runs at half speed (the kernel shares the core fairly), alone at full speed. The
 scheduler is the server's own object and sees what the live server sees: a request when
 its parsing ends, a batch's wall time (stretched by sharing) as its compute, budgets
-planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option),
-counted from when parsing began and planned short by the learned overhead too
-(``server.overhead``, fed the time from a batch's end to its answer leaving). The client
+planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
+default on), counted from when parsing began and planned short by the learned overhead too
+(``server.overhead``, fed the time from a batch's end to its answer leaving), with the part
+above the overhead's median given back to admission (``Request.grace``). The client
 sees the answer ``client_s`` later. Open loop (arrival times) or closed loop (``clients``
 each sending again when answered or refused). Deterministic for a seed.
 
@@ -115,7 +116,7 @@ def simulate_shared(
     widths: Mapping[str, float] | None = None,
     seed: int = 0,
     noise: float | None = None,
-    plan_overhead: bool = False,
+    plan_overhead: bool = True,
 ) -> SharedCoreResult:
     """Serve an open-loop trace (``arrivals``, seconds) or ``clients`` closed-loop clients
     (at most ``n_requests`` sends, none after ``max_seconds``) on one shared core; request
@@ -194,10 +195,15 @@ def simulate_shared(
                 work[0].began = t
             if task.kind == "parse":
                 planned = budget[task.rid] - budget_margin_s
-                stamp = t
-                if plan_overhead:
-                    planned, stamp = planned - overhead.estimate(), task.began
-                r = Request(task.rid, stamp, stamp + planned)
+                began, grace = t, 0.0
+                if plan_overhead:  # as server.dataplane plans it
+                    reserve = overhead.estimate()
+                    planned, began, grace = (
+                        planned - reserve,
+                        task.began,
+                        reserve - overhead.median(),
+                    )
+                r = Request(task.rid, t, began + planned, grace=grace)
                 try:
                     sched.submit(r, t)
                 except Refused as exc:
