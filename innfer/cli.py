@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--plan-overhead", action=argparse.BooleanOptionalAction, default=None,
         help="plan budgets short by the learned request overhead (server config "
-        "plan_overhead; default on)",
+        "plan_overhead; default off)",
     )  # fmt: skip
     srv.add_argument(
         "--overhead-quantile",

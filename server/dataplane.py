@@ -343,7 +343,10 @@ class DataPlane:
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
         budget_s -= self.config.budget_margin_ms / 1e3
         reserve_s = grace_s = 0.0
-        if self.config.plan_overhead:
+        plan_overhead = m.config.plan_overhead
+        if plan_overhead is None:
+            plan_overhead = self.config.plan_overhead
+        if plan_overhead:
             # Plans leave room for the overhead's high quantile; admission, which refuses
             # only what its median plan misses, gets back the part above its median.
             reserve_s = m.overhead.estimate()

@@ -10,7 +10,7 @@ work each runs at half speed (the kernel shares the core fairly), alone at full 
 scheduler is the server's own object and sees what the live server sees: a request when
 its parsing ends, a batch's wall time (stretched by sharing) as its compute, budgets
 planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
-default on), counted from when parsing began and planned short by the learned overhead too
+default off), counted from when parsing began and planned short by the learned overhead too
 (``server.overhead``, fed the time from a batch's end to its answer leaving), with the part
 above the overhead's median given back to admission (``Request.grace``). The client
 sees the answer ``client_s`` later. Open loop (arrival times) or closed loop (``clients``
@@ -116,7 +116,7 @@ def simulate_shared(
     widths: Mapping[str, float] | None = None,
     seed: int = 0,
     noise: float | None = None,
-    plan_overhead: bool = True,
+    plan_overhead: bool = False,
 ) -> SharedCoreResult:
     """Serve an open-loop trace (``arrivals``, seconds) or ``clients`` closed-loop clients
     (at most ``n_requests`` sends, none after ``max_seconds``) on one shared core; request

@@ -93,12 +93,11 @@ def test_answers_teach_the_model_and_metrics_show_it(server, client):
     assert float(line.split()[-1]) == pytest.approx(m.overhead.estimate())
 
 
-def test_budgets_are_planned_short_by_the_overhead_by_default(model_repository):
+def test_budgets_are_planned_short_by_the_overhead_when_asked(model_repository):
     from serverutil import ServerThread
 
-    s = ServerThread({"repository": str(model_repository)}).start()
+    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
     try:
-        assert s.server.config.plan_overhead
         client = tc.InferenceServerClient(s.address)
         m = s.server.plane.models["tiny"]
         for _ in range(MIN_SAMPLES):
@@ -116,11 +115,12 @@ def test_budgets_are_planned_short_by_the_overhead_by_default(model_repository):
         s.stop()
 
 
-def test_turned_off_the_overhead_is_only_measured(model_repository):
+def test_by_default_the_overhead_is_only_measured(model_repository):
     from serverutil import ServerThread
 
-    s = ServerThread({"repository": str(model_repository), "plan_overhead": False}).start()
+    s = ServerThread({"repository": str(model_repository)}).start()
     try:
+        assert not s.server.config.plan_overhead
         client = tc.InferenceServerClient(s.address)
         m = s.server.plane.models["tiny"]
         for _ in range(MIN_SAMPLES):
@@ -159,3 +159,28 @@ def test_the_planned_quantile_is_the_configured_one_and_admission_takes_the_medi
             client.close()
         finally:
             s.stop()
+
+
+@pytest.mark.parametrize("server_setting, model_setting, planned", [
+    (False, True, True), (True, False, False), (True, None, True), (False, None, False),
+])  # fmt: skip
+def test_a_model_may_set_its_own_plan_overhead(tmp_path, server_setting, model_setting, planned):
+    # model.yaml's plan_overhead wins over the server's; null (absent) takes the server's.
+    from serverutil import TIERS, ServerThread, add_onnx_model, tiny_cnn
+
+    cfg = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+           "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+           "tiers": TIERS, "max_batch": 4}  # fmt: skip
+    if model_setting is not None:
+        cfg["plan_overhead"] = model_setting
+    add_onnx_model(tmp_path, "tiny", tiny_cnn, cfg)
+    s = ServerThread({"repository": str(tmp_path), "plan_overhead": server_setting}).start()
+    try:
+        client = tc.InferenceServerClient(s.address)
+        for _ in range(MIN_SAMPLES):
+            s.server.plane.models["tiny"].overhead.observe(0.100)
+        got = _infer(client, 500).get_response().parameters["budget_us"].int64_param / 1e3
+        assert got == pytest.approx(500 - 1 - (100 if planned else 0), abs=0.5)
+        client.close()
+    finally:
+        s.stop()
