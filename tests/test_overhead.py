@@ -184,3 +184,13 @@ def test_a_model_may_set_its_own_plan_overhead(tmp_path, server_setting, model_s
         client.close()
     finally:
         s.stop()
+
+
+def test_the_minilm_demo_plans_for_its_overhead():
+    # Its plans per length are precise, so the time outside queue and compute decides what
+    # is late (bench/text_serving): its model.yaml turns plan_overhead on for it alone.
+    from runtime.demo.minilm_demo import model_config
+    from runtime.repository.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({"name": "minilm", **model_config()}, source="model.yaml")
+    assert cfg.plan_overhead is True
