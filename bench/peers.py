@@ -349,7 +349,7 @@ def run_point(server, point: dict, su: dict, args, arrivals=None) -> dict:
     budget_ms = point["budget_ms"]
     budget_s = (NO_BUDGET_MS if budget_ms is None else budget_ms) / 1e3
     load_before = os.getloadavg()[0]
-    counts_before = batch_counts(server, model)
+    stats_before = server_stats(server, model)
     if point["kind"] == "closed":
         report = asyncio.run(
             run_closed_loop(
@@ -377,26 +377,43 @@ def run_point(server, point: dict, su: dict, args, arrivals=None) -> dict:
             )
         )
     out = figures(report, budget_ms, su["widths"])
-    counts_after = batch_counts(server, model)
-    if counts_before and counts_after and counts_after[1] > counts_before[1]:
-        rows, runs = (a - b for a, b in zip(counts_after, counts_before, strict=True))
-        out["mean_batch"] = rows / runs
+    stats_after = server_stats(server, model)
+    if stats_before and stats_after:
+        diff = {k: np.subtract(stats_after[k], stats_before[k]) for k in stats_after}
+        if diff["batches"][1] > 0:
+            rows, runs = diff["batches"]
+            out["mean_batch"] = float(rows / runs)
+        # The server's own account, mean ms per request over the point (Triton's
+        # statistics): success = from its receipt to its answer, of which queue and the
+        # engine's run (compute_infer).
+        out["server_mean_ms"] = {
+            k: float(ns / n / 1e6) for k, (n, ns) in diff.items() if k != "batches" and n > 0
+        }
     out["request_parameters"] = {**(params or {}), "latency_budget_ms": budget_s * 1e3}
     out["loadavg_1m_before"] = load_before
     return out
 
 
-def batch_counts(server, model: str) -> tuple[int, int] | None:
-    """(inference_count, execution_count) from ModelStatistics, where the server keeps them
-    (Triton, innfer; not KServe): their change over a point gives the mean batch size."""
+STAT_FIELDS = ("success", "queue", "compute_infer")  # of Triton's InferStatistics
+
+
+def server_stats(server, model: str) -> dict[str, tuple[int, int]] | None:
+    """From ModelStatistics, where the server keeps them (Triton, innfer; not KServe):
+    ``batches`` (inference_count, execution_count), whose change over a point gives the
+    mean batch size, and (count, ns) of each of ``STAT_FIELDS``."""
     import tritonclient.grpc as tc
 
     try:
         with tc.InferenceServerClient(server.address) as client:
             stats = client.get_inference_statistics(model).model_stats
-        return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
     except Exception:  # KServe: UNIMPLEMENTED
         return None
+    out = {"batches": (sum(s.inference_count for s in stats),
+                       sum(s.execution_count for s in stats))}  # fmt: skip
+    for f in STAT_FIELDS:
+        durations = [getattr(s.inference_stats, f) for s in stats]
+        out[f] = (sum(d.count for d in durations), sum(d.ns for d in durations))
+    return out
 
 
 def warm_up(server, su: dict, n: int) -> None:
@@ -538,6 +555,10 @@ def headline(runs: list[dict]) -> dict:
     batches = [r["mean_batch"] for r in good if "mean_batch" in r]
     if batches:
         out["mean_batch"] = statistics.median(batches)
+    own = [r["server_mean_ms"] for r in good if r.get("server_mean_ms")]
+    if own:  # the median per field over the repeats that reported it
+        out["server_mean_ms"] = {k: statistics.median(o[k] for o in own if k in o)
+                                 for k in own[0]}  # fmt: skip
     diffs = [r["max_abs_diff_vs_engine"] for r in good if "max_abs_diff_vs_engine" in r]
     if diffs:
         out["max_abs_diff_vs_engine"] = max(diffs)
@@ -645,13 +666,25 @@ def overhead(results: dict, model_key: str = "mlp") -> dict | None:
     echo = floors["echo"].get("p50_ms")
     p50 = c1.get("p50_ms")
     value = p50 - engine - echo if None not in (p50, echo) else None
-    return {
+    out = {
         "model": model_key,
         "innfer_c1_p50_ms": p50,
         "engine_p50_ms": engine,
         "echo_c1_p50_ms": echo,
         "overhead_ms": value,
     }
+    # Where it goes, by the server's own means: the engine run in the server against the
+    # same engine back to back in one process (caches warm), the server's other work,
+    # and the rest (transport, client) against the echo floor.
+    own = c1.get("server_mean_ms") or {}
+    if {"success", "compute_infer"} <= own.keys():
+        out["split_ms"] = {
+            "engine_in_server_over_floor": own["compute_infer"] - engine,
+            "server_outside_engine": own["success"] - own["compute_infer"],
+            "outside_server_over_echo": None if p50 is None or echo is None
+            else p50 - own["success"] - echo,
+        }  # fmt: skip
+    return out
 
 
 def _fig(s: dict, key: str, fmt: str, with_range: bool = True) -> str:
@@ -720,6 +753,11 @@ def summarise(results: dict) -> str:
         lines.append(
             f"  {MODELS[g['model']]:<12}{g['point']:<8}{g['goal']:<33}{met:<9}{val}{peer}{ratio}"
         )
+    split = (results.get("overhead") or {}).get("split_ms")
+    if split:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in split.items()
+                          if v is not None)  # fmt: skip
+        lines.append(f"  overhead by the server's means (ms per request): {parts}")
     lines.append(f"\naffinity {results['setup']['affinity']}")
     return "\n".join(lines)
 
