@@ -166,7 +166,7 @@ class ServerConfig:
         doc="count each budget from when its request began to be parsed and plan it short by "
         "the learned request overhead (innfer_request_overhead_seconds, overhead_quantile); "
         "admission still refuses only what misses at the overhead's median. Turn it on where "
-        "plans are precise and budgets tight (text lanes at 30 ms: 99.5 vs 90.3 %); off by "
+        "plans are precise and budgets tight (text lanes at 30 ms: 99.5 vs 83.7 %); off by "
         "default: a closed loop at the core's capacity can settle into small batches (see "
         "docs/design.md)",
     )

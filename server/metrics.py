@@ -166,7 +166,7 @@ class Metrics:
             "innfer_request_overhead_seconds",
             "The recent p99 (overhead_quantile) of requests' time in the server outside queue "
             "and compute (decoding, the hop back, encoding, sending); budgets are planned "
-            "short by it (plan_overhead, default on).",
+            "short by it with plan_overhead.",
             ["model"], registry=r,
         )  # fmt: skip
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.

@@ -10,7 +10,7 @@ grows, and nearly every late answer was late there, not in the queue or the engi
 server had met the deadline it planned with. So the server measures it per request
 (``observe``: from when its handler began - the request parsed - to when gRPC reported the
 RPC done, minus the reported queue and compute), exports a high quantile of the recent
-samples (``estimate``) and, with the server's ``plan_overhead`` (default on), plans every
+samples (``estimate``) and, with ``plan_overhead`` (server or model config), plans every
 budget short by it, counted from when its bytes began to be parsed. Admission refuses at the
 plan's median, so it takes the budget short by the samples' ``median`` only
 (``Request.grace``). Work outside this process (the client, the kernel's socket buffers)
