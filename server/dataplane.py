@@ -127,8 +127,11 @@ class DataPlane:
                     overhead_quantile=self.config.overhead_quantile,
                     traffic=self._traffic(name, served.config),
                 )  # fmt: skip
+                # Loaded while requests are in flight (a reload, a swap of tiers, another
+                # model busy): the timing at load shares the CPU with serving.
+                busy = any(m.serving() for m in self.models.values())
                 await loop.run_in_executor(
-                    None, lambda: runtime.warm_up(profile=self.config.profile_at_load)
+                    None, lambda: runtime.warm_up(self.config.profile_at_load, contended=busy)
                 )
             except (InferError, EngineError) as exc:  # e.g. profile.json missing, engine fails
                 if runtime is not None and self.device is not None:

@@ -373,12 +373,18 @@ class ModelRuntime:
             except Exception:  # one engine's failure must not keep the others open
                 log.exception("model %s tier %s: closing the engine failed", self.name, tier)
 
-    def warm_up(self, profile: bool = False) -> dict[str, float]:
+    def warm_up(self, profile: bool = False, contended: bool = False) -> dict[str, float]:
         """Run every tier once so the first request does not pay for lazy initialisation;
         with ``profile``, then time each tier briefly here (``PROFILE_RUNS`` batches of 1
         and of ``max_batch`` rows, at most ``PROFILE_BUDGET_S`` per tier) and feed the
         times to the latency model - the online correction starts from this machine, now,
-        not from whatever the build machine was doing. Returns tier -> latency factor."""
+        not from whatever the build machine was doing. ``contended``: the timing shares the
+        CPU with requests being served (a reload under load): it may then show that the
+        profile is too slow, never that it is too fast - a tier it finds slower starts from
+        its profile, and its own batches correct it. (Live, a swap of tiers under load
+        measured them 1.5-2.8x their profile, and the new set planned as if that were so:
+        77 vs 92 % within budget, bench/results/auto_tiers_live.json.)
+        Returns tier -> latency factor."""
         from runtime.repository.profile import random_feeds
 
         for engine in self.served.engines.values():
@@ -401,9 +407,23 @@ class ModelRuntime:
                         break
         latency = self.scheduler.latency
         factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
-        log.info("model %s measured at load: latency / profile.json %s", self.name,
+        log.info("model %s measured at load%s: latency / profile.json %s", self.name,
+                 " while serving" if contended else "",
                  {t: round(f, 2) for t, f in factors.items()})  # fmt: skip
+        if contended:
+            for lane in self.lanes.values():
+                for tier in self.served.engines:
+                    if lane.latency.tier_estimate(tier).factor > 1.0:
+                        lane.latency.forget(tier, 0.0)
+            factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         return factors
+
+    def serving(self) -> bool:
+        """Whether requests are in flight or arrived lately (a decayed rate of at least one
+        row a second, about the last second's arrivals): what a load beside it competes
+        with for the CPU."""
+        now = self.clock()
+        return self.inflight > 0 or any(s.arrival_rate(now) >= 1.0 for s in self.lanes.values())
 
     # -- requests --------------------------------------------------------------------------
     async def infer(

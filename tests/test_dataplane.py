@@ -299,3 +299,62 @@ def test_profile_at_load_corrects_a_profile_measured_under_contention(config, at
         assert factor < 0.5
     else:
         assert factor == pytest.approx(1.0)
+
+
+def test_timing_at_load_while_serving_may_only_lower_the_profile(config):
+    # The profile claims every batch is 4x faster than it runs. On a quiet server the
+    # timing at load says so (factor > 1). While requests are served the same timing shares
+    # the CPU with them, so a tier it finds slower starts from its profile (factor 1) and
+    # its own batches correct it; one it finds faster keeps the lower estimate.
+    async def load_and_time():
+        plane = DataPlane(config, Metrics())
+        await plane.load("a")
+        m = plane.models["a"]
+        quiet = m.warm_up(True)
+        busy = m.warm_up(True, contended=True)
+        await m.stop()
+        return quiet, busy
+
+    _run(load_and_time())  # builds and caches the engines
+    _stale_profile(config.repository, "a", 0.25)
+    quiet, busy = _run(load_and_time())
+    assert quiet["w100"] > 1.5
+    assert busy["w100"] == pytest.approx(1.0)
+    _stale_profile(config.repository, "a", 16.0)  # now 4x slower than it runs
+    quiet, busy = _run(load_and_time())
+    assert quiet["w100"] < 0.7 and busy["w100"] < 0.7
+
+
+def test_a_load_beside_traffic_times_its_tiers_as_contended(config, monkeypatch):
+    # Model b is loaded while a serves (a swap of tiers, a second model): b's timing at load
+    # shares the CPU with a's requests, so it is told so; once a's arrivals have stopped
+    # for a few seconds, not.
+    from server.model_runtime import ModelRuntime
+
+    seen = []
+    real = ModelRuntime.warm_up
+
+    def spy(self, profile=False, contended=False):
+        seen.append((self.name, contended))
+        return real(self, profile, contended)
+
+    monkeypatch.setattr(ModelRuntime, "warm_up", spy)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load("a")
+        a = plane.models["a"]
+        assert not a.serving()
+        for k in range(5):
+            await plane.infer(_request("a", _x(1, float(k))), None)
+        assert a.serving()
+        await plane.load("b")
+        start = a.clock()
+        a.clock = lambda: start + 5.0  # a's arrival rate has decayed: ~e^-10 of 10/s
+        assert not a.serving()
+        await plane.load("b")
+        for m in list(plane.models.values()):
+            await m.stop()
+
+    _run(body())
+    assert seen == [("a", False), ("b", True), ("b", False)]
