@@ -352,9 +352,8 @@ class DataPlane:
         if plan_overhead:
             # Plans leave room for the overhead's high quantile; admission, which refuses
             # only what its median plan misses, gets back the part above its median.
-            reserve_s = m.overhead.estimate()
+            reserve_s, grace_s = m.overhead.reserve()
             budget_s -= reserve_s
-            grace_s = reserve_s - m.overhead.median()
         else:
             waited_s = 0.0  # the budget counts from the scheduler's stamp
         pin = _string_param(params, "tier")

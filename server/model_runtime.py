@@ -503,7 +503,7 @@ class ModelRuntime:
                 # (no online correction): no replica meets it however idle - the client's
                 # ask, not load. Contention that slowed this replica is load.
                 s = self.lanes[lane]
-                if now + s.latency.profiled(s.ctx.fastest(req), rows) > req.deadline + req.grace:
+                if now + s.latency.profiled(s.ctx.fastest(req), rows) > s.admission_deadline(req):
                     why = "refused_budget"
             self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:

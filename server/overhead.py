@@ -12,8 +12,8 @@ server had met the deadline it planned with. So the server measures it per reque
 RPC done, minus the reported queue and compute), exports a high quantile of the recent
 samples (``estimate``) and, with ``plan_overhead`` (server or model config), plans every
 budget short by it, counted from when its bytes began to be parsed. Admission refuses at the
-plan's median, so it takes the budget short by the samples' ``median`` only
-(``Request.grace``). Work outside this process (the client, the kernel's socket buffers)
+plan's median, so it takes the budget short by the samples' median only (``reserve``
+gives both; ``Request.grace``). Work outside this process (the client, the kernel's socket buffers)
 stays in ``budget_margin_ms``.
 
 Pure: no clock, no grpc; the caller passes seconds.
@@ -64,10 +64,19 @@ class Overhead:
         samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES`` were seen."""
         return self._estimate
 
-    def median(self) -> float:
-        """The median of the same samples (refreshed with ``estimate``; 0 until then): what
-        admission, which refuses only a plan more likely missed than met, reserves."""
-        return self._median
+    def reserve(self) -> tuple[float, float]:
+        """(reserve, grace) in seconds for one budget: the plan is made ``reserve`` (the
+        high quantile) short, and admission gives back ``grace`` (its excess over the
+        median), so a refusal judges the overhead at its median (``Request.grace``).
+
+        Example:
+            >>> o = Overhead(quantile=0.99)
+            >>> for k in range(64):
+            ...     o.observe(0.010 if k % 2 else 0.002)
+            >>> [round(x * 1e3, 1) for x in o.reserve()]
+            [10.0, 4.0]
+        """
+        return self._estimate, self._estimate - self._median
 
     @property
     def samples(self) -> int:

@@ -197,12 +197,8 @@ def simulate_shared(
                 planned = budget[task.rid] - budget_margin_s
                 began, grace = t, 0.0
                 if plan_overhead:  # as server.dataplane plans it
-                    reserve = overhead.estimate()
-                    planned, began, grace = (
-                        planned - reserve,
-                        task.began,
-                        reserve - overhead.median(),
-                    )
+                    reserve, grace = overhead.reserve()
+                    planned, began = planned - reserve, task.began
                 r = Request(task.rid, t, began + planned, grace=grace)
                 try:
                     sched.submit(r, t)
