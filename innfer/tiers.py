@@ -21,6 +21,12 @@ from pathlib import Path
 
 from runtime.repository.frontier import weights_mb
 
+HOST_HELP = (
+    "the serving process's time outside queue and compute and its engine speed (host.json, "
+    "written by a server with auto_tiers beside its traffic): the choice replays them; "
+    "default: engine time only"
+)
+
 
 def add_parser(sub) -> None:
     tiers = sub.add_parser("tiers", help="auto-tiering: frontier, suggest, apply")
@@ -33,6 +39,7 @@ def add_parser(sub) -> None:
     sug.add_argument("model_dir", type=Path)
     sug.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     sug.add_argument("--json", type=Path, help="also write the choice here")
+    sug.add_argument("--host", type=Path, help=HOST_HELP)
     sug.set_defaults(func=cmd_suggest)
     app = tsub.add_parser("apply", help="choose, build and switch the live tier set")
     app.add_argument("repository", type=Path)
@@ -44,6 +51,7 @@ def add_parser(sub) -> None:
         "--live", help="the set the server serves, SOURCE:NAMES (model.yaml:w100,w050 or "
         "frontier:w075,w031); default: what auto_tiers.json or model.yaml say",
     )  # fmt: skip
+    app.add_argument("--host", type=Path, help=HOST_HELP)
     app.set_defaults(func=cmd_apply)
 
 
@@ -80,7 +88,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     d = args.model_dir.resolve()
     repo = Repository(d.parent)
-    choice, _ = _choose(repo, d.name, args.traffic)
+    choice, _ = _choose(repo, d.name, args.traffic, host=args.host)
     print(format_choice(choice, repo.config(d.name).auto_tiers.rebuild.min_gain))
     if args.json:
         args.json.write_text(json.dumps(choice.to_json(), indent=1))
@@ -92,7 +100,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     repo = Repository(args.repository)
     config = repo.config(args.model)
-    choice, frontier = _choose(repo, args.model, args.traffic, args.live)
+    choice, frontier = _choose(repo, args.model, args.traffic, args.live, args.host)
     min_gain = config.auto_tiers.rebuild.min_gain
     print(format_choice(choice, min_gain))
     if args.result:
@@ -118,10 +126,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose(repo, name: str, traffic_path: Path, live: str | None = None):
+def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: Path | None = None):
     """(choice, frontier) for ``name`` on the traffic in ``traffic_path``; ``live`` as
-    `apply --live` takes it."""
+    `apply --live` takes it; ``host``: a host.json (``sim.live_host``) or None."""
     from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier
+    from sim.live_host import LiveHost
     from sim.simulator import SimConfig
     from sim.tiering import Traffic, choose, frontier_options
 
@@ -138,7 +147,8 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None):
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor)
     current = live_options(repo, name, frontier, live)
-    return choose(options, traffic, goals, current, sim), frontier
+    view = LiveHost.read(host) if host is not None else None
+    return choose(options, traffic, goals, current, sim, host=view), frontier
 
 
 def live_options(repo, name: str, frontier, live: str | None = None):

@@ -6,19 +6,22 @@ last ``window_s``, ``rebuild.min_interval_s`` passed since the last change and t
 moved by more than ``rebuild.drift`` since the last choice (rate, budget quantiles, rows:
 simulating costs CPU the serving process shares, so unchanged traffic is not re-judged), it
 writes that window (its last ``simulate_requests`` requests: all the choice replays) to
-``<model>/auto/traffic.csv`` and runs ``innfer tiers apply`` on it, told which set the
-server serves, in a separate process at a lower CPU priority (``rebuild.nice``;
-OMP_NUM_THREADS=1 for its numpy, the engine check uses the model's own threads): the
-choice (simulations), the engine builds and checks happen there, never on the serving
-loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``; then
-the model is reloaded as a swap: the new runtime takes new requests at once, the old one
-serves its whole queue (each request runs or expires by its own deadline: none is failed)
-and closes. A failed apply, or a new set that does not load, leaves the live set (and
-``auto_tiers.json`` as it was) and waits ``min_interval_s`` before trying again. Clients
-that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new set does
-not have: pin names with auto-tiering only where the set is fixed. Only the task and the
-reload run in the server; the server imports no simulator, so the serving image needs
-``sim/`` only as that process's code.
+``<model>/auto/traffic.csv``, and what serving adds to each request beyond queue and compute
+(the learned overhead's recent samples, the budget margin, plan_overhead, the engines' live
+speed against their profiles) to ``auto/host.json`` - the choice replays both, so that it
+judges a set by what clients would see (``sim.live_host``) - and runs ``innfer tiers apply``
+on them, told which set the server serves, in a separate process at a lower CPU priority
+(``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check uses the model's own
+threads): the choice (simulations), the engine builds and checks happen there, never on the
+serving loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``;
+then the model is reloaded as a swap: the new runtime takes new requests at once, the old
+one serves its whole queue (each request runs or expires by its own deadline: none is
+failed) and closes. A failed apply, or a new set that does not load, leaves the live set
+(and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before trying again.
+Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new
+set does not have: pin names with auto-tiering only where the set is fixed. Only the task
+and the reload run in the server; the server imports no simulator, so the serving image
+needs ``sim/`` only as that process's code.
 
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
 failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
@@ -44,6 +47,7 @@ from server.traffic import TrafficLog, drifted, write_traffic
 
 log = logging.getLogger("innfer.autotier")
 
+HOST_FILE = "host.json"  # beside traffic.csv: the view sim.live_host reads
 APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
 
 
@@ -71,6 +75,7 @@ class AutoTierer:
         live: Callable[[], str],
         clock: Callable[[], float] = time.monotonic,
         command: Callable[[Path, str, Path, Path, str], list[str]] | None = None,
+        host: Callable[[], dict] | None = None,
     ) -> None:
         self.name = name
         self.repository = Path(repository)
@@ -81,6 +86,7 @@ class AutoTierer:
         self.live = live
         self.clock = clock
         self.command = command or apply_command
+        self.host = host
         self.last_change = -float("inf")
         self.changes = 0
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
@@ -130,7 +136,10 @@ class AutoTierer:
         # Copied on the loop (the ring changes there), formatted and written off it.
         rows = self.traffic.window(now, self.goals.window_s)
         rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
-        await asyncio.get_running_loop().run_in_executor(None, write_traffic, traffic, *rows)
+        host = self.host() if self.host is not None else None
+        await asyncio.get_running_loop().run_in_executor(
+            None, _write_inputs, traffic, rows, work / HOST_FILE, host
+        )
         active = self.repository / self.name / ACTIVE_FILE
         before = active.read_bytes() if active.is_file() else None
         t0 = self.clock()
@@ -200,11 +209,26 @@ class AutoTierer:
 
 
 def apply_command(repository: Path, name: str, traffic: Path, result: Path, live: str) -> list:
-    """``innfer tiers apply`` in this interpreter (the serving image installs the CLI)."""
+    """``innfer tiers apply`` in this interpreter (the serving image installs the CLI), with
+    the host view written beside the traffic where there is one."""
+    host = traffic.with_name(HOST_FILE)
     return [
         sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
         "--traffic", str(traffic), "--result", str(result), "--live", live,
+        *(["--host", str(host)] if host.is_file() else []),
     ]  # fmt: skip
+
+
+def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None) -> None:
+    """The apply process's inputs: the traffic window, and the host view (removed where
+    there is none, so that a stale one is never replayed)."""
+    write_traffic(traffic, *rows)
+    if host is None:
+        host_path.unlink(missing_ok=True)
+    else:
+        tmp = host_path.with_name(f".{host_path.name}.tmp")
+        tmp.write_text(json.dumps(host))
+        os.replace(tmp, host_path)
 
 
 def _restore(path: Path, content: bytes | None) -> None:

@@ -173,6 +173,7 @@ class DataPlane:
             self.tierers[name] = AutoTierer(
                 name, self.repo.root, config.auto_tiers, self.traffic[name], self.swap,
                 self.metrics, live=lambda: self._serving(name),
+                host=lambda: self._host(name),
             )  # fmt: skip
             self.tierers[name].start()
 
@@ -180,6 +181,24 @@ class DataPlane:
         """What ``name`` serves now, as `innfer tiers apply --live` takes it."""
         served = self.models[name].served
         return f"{served.tier_source}:{','.join(served.tiers)}"
+
+    def _host(self, name: str) -> dict:
+        """What serving ``name`` adds to each request beyond queue and compute, and how fast
+        its engines run now: the host view auto-tiering's choice replays (``sim.live_host``
+        reads this dict)."""
+        m = self.models[name]
+        return {
+            "overhead_ms": (m.overhead.recent() * 1e3).tolist(),
+            "budget_margin_ms": self.config.budget_margin_ms,
+            "plan_overhead": self._plans_overhead(m),
+            "overhead_quantile": m.overhead.quantile,
+            "engine_speed": m.engine_speed(),
+        }
+
+    def _plans_overhead(self, m: ModelRuntime) -> bool:
+        """The model's plan_overhead, or the server's where the model leaves it unset."""
+        own = m.config.plan_overhead
+        return self.config.plan_overhead if own is None else own
 
     def stop_tierers(self) -> None:
         """Stop every auto-tiering loop (server shutdown)."""
@@ -346,10 +365,7 @@ class DataPlane:
         budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
         budget_s -= self.config.budget_margin_ms / 1e3
         reserve_s = grace_s = 0.0
-        plan_overhead = m.config.plan_overhead
-        if plan_overhead is None:
-            plan_overhead = self.config.plan_overhead
-        if plan_overhead:
+        if self._plans_overhead(m):
             # Plans leave room for the overhead's high quantile; admission, which refuses
             # only what its median plan misses, gets back the part above its median.
             reserve_s, grace_s = m.overhead.reserve()

@@ -85,6 +85,7 @@ RUNNING_WAIT_S = 10.0
 # warm_up(profile=True): timed batches per tier and size at load, and the time cap per tier.
 # Five pairs move the correction most of the way (EWMA, alpha 0.3) for a second or so.
 PROFILE_RUNS = 5
+SPEED_MIN_BATCHES = 8  # a tier's factor counts in engine_speed after this many batches
 PROFILE_BUDGET_S = 1.0
 
 
@@ -417,6 +418,15 @@ class ModelRuntime:
                         lane.latency.forget(tier, 0.0)
             factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         return factors
+
+    def engine_speed(self, min_batches: int = SPEED_MIN_BATCHES) -> float:
+        """Live engine time / profiled, the median over tiers that ran at least
+        ``min_batches`` batches (1.0 where none has): how much slower or faster this
+        machine runs now than the profiles say - auto-tiering's choice scales its
+        candidates' times by it (``sim.live_host``)."""
+        estimates = [self.scheduler.latency.tier_estimate(t) for t in self.served.engines]
+        seen = [e.factor for e in estimates if e.observed_batches >= min_batches]
+        return float(np.median(seen)) if seen else 1.0
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one

@@ -64,6 +64,11 @@ class Overhead:
         samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES`` were seen."""
         return self._estimate
 
+    def recent(self) -> np.ndarray:
+        """The recent samples (seconds, a copy, at most ``window``): what auto-tiering's
+        choice replays as each request's time outside queue and compute."""
+        return self._samples[: min(self._n, len(self._samples))].copy()
+
     def reserve(self) -> tuple[float, float]:
         """(reserve, grace) in seconds for one budget: the plan is made ``reserve`` (the
         high quantile) short, and admission gives back ``grace`` (its excess over the

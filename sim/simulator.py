@@ -124,11 +124,17 @@ def replay(
     rows: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
     rate: float | None = None,
+    planned: np.ndarray | None = None,
+    grace: float = 0.0,
+    speed: float = 1.0,
 ) -> SimResult:
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
     the policy, slots, queue, batch, noise, SLO target and seed (engine times), and
     ``duration_s`` for the summary's goodput; the trace and budget fields are ignored.
+    A live server's view (``sim.live_host``): the scheduler plans with ``planned`` budgets
+    (default ``budgets``) and admission ``grace`` while answers are judged by ``budgets``,
+    and every batch runs ``speed`` times its profiled time.
 
     Example:
         >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
@@ -165,7 +171,8 @@ def replay(
                 finish[r.id], served_tier[r.id], state[r.id] = now, d.tier, "served"
         else:
             now = next_arrival
-            r = Request(i, now, now + budgets[i], int(rows[i]) if rows is not None else 1)
+            plan = budgets[i] if planned is None else planned[i]
+            r = Request(i, now, now + plan, int(rows[i]) if rows is not None else 1, grace=grace)
             try:
                 sched.submit(r, now)
             except Refused as exc:
@@ -174,7 +181,7 @@ def replay(
         for r in sched.expire(now):
             state[r.id] = State.REFUSED_DEADLINE.name.lower()
         while (d := sched.next(now)) is not None:
-            compute = engine.draw_s(d.tier, d.rows)
+            compute = engine.draw_s(d.tier, d.rows) * speed
             running.push(now + compute, (d, compute))
     deadlines = arrivals + budgets
     if rate is None:

@@ -49,6 +49,7 @@ from runtime.repository.frontier import Frontier
 from server.scheduling import TierInfo
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
 from server.traffic import summarise_traffic, write_traffic
+from sim.live_host import LiveHost
 from sim.simulator import SimConfig, replay
 
 PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.1 point
@@ -233,15 +234,26 @@ def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, flo
 
 
 def outcomes(
-    options: Mapping[str, Option], names: Sequence[str], traffic: Traffic, sim: SimConfig
+    options: Mapping[str, Option],
+    names: Sequence[str],
+    traffic: Traffic,
+    sim: SimConfig,
+    host: LiveHost | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Replay ``traffic`` with the tiers ``names``. Per request: met (answered within its
     budget), the serving tier's accuracy (0 where not answered), its width (nan where not
-    answered); and the simulator's summary."""
+    answered); and the simulator's summary. ``host``: the live server's time outside queue
+    and compute, its planning and its engine speed (``sim.live_host``); None: engine time
+    only, every budget planned whole."""
     tiers = [options[n].tier for n in names]
     p50 = {n: options[n].p50 for n in names}
     budgets = traffic.budget_ms / 1e3
-    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows)
+    planned, grace, speed = None, 0.0, 1.0
+    if host is not None:
+        budgets, planned, grace = host.budgets(budgets, sim.seed)
+        speed = host.engine_speed
+    r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows,
+               planned=planned, grace=grace, speed=speed)  # fmt: skip
     met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
     acc = np.array([options[t].tier.accuracy if t else 0.0 for t in r.tiers])
     width = np.array([options[t].width if t else np.nan for t in r.tiers])
@@ -254,10 +266,11 @@ def evaluate(
     traffic: Traffic,
     sim: SimConfig,
     floor: float | None = None,
+    host: LiveHost | None = None,
 ) -> Evaluation:
-    """Replay ``traffic`` with the tiers ``names``; the score's attainment ``floor``
-    defaults to the SLO target (see the module doc)."""
-    met, acc, width, summary = outcomes(options, names, traffic, sim)
+    """Replay ``traffic`` with the tiers ``names`` (``host`` as ``outcomes`` takes it); the
+    score's attainment ``floor`` defaults to the SLO target (see the module doc)."""
+    met, acc, width, summary = outcomes(options, names, traffic, sim, host)
     answered = ~np.isnan(width)
     served_acc = float(np.where(met, acc, 0.0).mean()) if len(met) else 0.0
     attainment = float(met.mean()) if len(met) else 1.0
@@ -280,11 +293,13 @@ def choose(
     current: tuple[Mapping[str, Option], Sequence[str]],
     sim: SimConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    host: LiveHost | None = None,
 ) -> Choice:
     """The best set of at most ``goals.max_tiers`` among ``options`` for the most recent
     ``goals.simulate_requests`` requests of ``traffic``, and the live set (``current``:
     its options and names) replayed on the same requests. ``progress`` is called with the
-    number of sets evaluated so far.
+    number of sets evaluated so far. ``host``: what the serving process adds to each
+    request (``sim.live_host``; a server's choice passes it, offline ones may not).
 
     Example:
         >>> choice = choose(frontier_options(f), traffic, goals, (live, names))  # doctest: +SKIP
@@ -294,14 +309,14 @@ def choose(
     sim = sim or SimConfig(slo_target=DEFAULT_SLO_TARGET)
     recent = traffic.last(goals.simulate_requests)
     live_options, live_names = current
-    live = evaluate(live_options, list(live_names), recent, sim)
+    live = evaluate(live_options, list(live_names), recent, sim, host=host)
     # Fastest first (p50 at the largest profiled batch, as ``thin`` orders the frontier).
     order = sorted(options, key=lambda n: options[n].p50[max(options[n].p50)])
     # What the traffic allows: the fastest tier alone (no larger tier to tempt the planner
     # into work that later arrivals wait behind), or a spread over the frontier.
     reach = max(
-        evaluate(options, order[:1], recent, sim).attainment,
-        evaluate(options, _spread(order, goals.max_tiers), recent, sim).attainment,
+        evaluate(options, order[:1], recent, sim, host=host).attainment,
+        evaluate(options, _spread(order, goals.max_tiers), recent, sim, host=host).attainment,
     )
     floor = min(sim.slo_target, max(live.attainment, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
@@ -310,7 +325,7 @@ def choose(
     def run(names) -> Evaluation:
         key = frozenset(names)
         if key not in cache:
-            cache[key] = evaluate(options, list(names), recent, sim, floor)
+            cache[key] = evaluate(options, list(names), recent, sim, floor, host)
             if progress:
                 progress(len(cache))
         return cache[key]

@@ -9,6 +9,7 @@ real INN is built in test_frontier_of_a_real_inn.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -31,6 +32,7 @@ from runtime.repository.config import AutoTiersConfig, ConfigError, ModelConfig,
 from runtime.repository.frontier import mark_pareto
 from server.scheduling import TierInfo
 from server.traffic import TrafficLog
+from sim.live_host import LiveHost
 from sim.simulator import SimConfig
 from sim.tiering import Option, Traffic, choose, evaluate, frontier_options, thin
 
@@ -236,6 +238,99 @@ def test_goals_bound_the_set_count_memory_and_accuracy():
         frontier_options(f, floor=0.99)
 
 
+# -- the host view: what the live server adds ----------------------------------------------
+def test_the_host_view_judges_after_the_overhead_and_plans_as_the_server():
+    host = LiveHost(overhead_ms=(2.0, 4.0, 6.0, 30.0), margin_ms=1.0)
+    budgets = np.full(2000, 0.050)
+    judged, planned, grace = host.budgets(budgets, seed=3)
+    assert np.allclose(planned, 0.049) and grace == 0.0  # the margin alone, as by default
+    outside = 0.049 - judged
+    assert set(np.round(outside * 1e3, 6)) == {2.0, 4.0, 6.0, 30.0}  # one sample each
+    assert np.array_equal(judged, host.budgets(budgets, seed=3)[0])  # same draws per seed
+    planning = dataclasses.replace(host, plan_overhead=True, quantile=0.5)
+    _, planned, grace = planning.budgets(budgets, seed=3)
+    assert np.allclose(planned, 0.049 - 0.005) and grace == 0.0  # p50 = median of 4, 6
+    _, planned, grace = dataclasses.replace(planning, quantile=0.99).budgets(budgets, 3)
+    high = np.quantile([2.0, 4.0, 6.0, 30.0], 0.99) / 1e3
+    assert np.allclose(planned, 0.049 - high) and grace == pytest.approx(high - 0.005)
+
+
+def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
+    with pytest.raises(ValueError, match="overhead_ms samples must be finite and >= 0"):
+        LiveHost(overhead_ms=(-1.0,))
+    with pytest.raises(ValueError, match="engine_speed must be > 0"):
+        LiveHost(engine_speed=0.0)
+    (tmp_path / "h.json").write_text('{"overhead_ms": [1.0], "speed": 2}')
+    with pytest.raises(ValueError, match=r"h\.json: not a host view .*\['speed'\]"):
+        LiveHost.read(tmp_path / "h.json")
+    (tmp_path / "h.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"h\.json: not a host view"):
+        LiveHost.read(tmp_path / "h.json")
+    host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3)
+    assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
+
+
+def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
+    traffic = _traffic(100, (5, 10))
+    names = list(SYNTH)
+    bare = evaluate(_options(), names, traffic, SimConfig())
+    slow = evaluate(_options(), names, traffic, SimConfig(), host=LiveHost(engine_speed=2.0))
+    outside = evaluate(_options(), names, traffic, SimConfig(),
+                       host=LiveHost(overhead_ms=(3.0,) * 8))  # fmt: skip
+    assert bare.attainment > 0.99
+    # Twice as slow: the replayed scheduler learns it online and serves smaller tiers.
+    assert slow.attainment <= bare.attainment
+    assert slow.mean_accuracy < bare.mean_accuracy - 0.05
+    # The overhead: the plan still fills the budget, the answers land after it.
+    assert outside.attainment < bare.attainment - 0.1
+
+
+def test_the_choice_made_with_the_host_view_serves_clients_better():
+    """Budgets of 5-10 ms with 3-4 ms of them spent outside queue and compute: engine time
+    alone says a large tier meets most of them; what clients see says it misses, and the
+    choice that knows it keeps to faster tiers - better served accuracy as clients see it."""
+    traffic = _traffic(100, (5, 10))
+    host = LiveHost(overhead_ms=(3.0, 3.5, 4.0), margin_ms=1.0)
+    goals = AutoTiersConfig(max_tiers=2, simulate_requests=400)
+    live = (_options(["w100"]), ["w100"])
+    blind = choose(_options(), traffic, goals, live)
+    seeing = choose(_options(), traffic, goals, live, host=host)
+
+    def slowest(tiers):
+        return max(SYNTH[t][1] for t in tiers)
+
+    assert slowest(seeing.best.tiers) < slowest(blind.best.tiers)
+    assert seeing.best.attainment < blind.best.attainment  # it predicts what clients see
+    as_seen = evaluate(_options(), blind.best.tiers, traffic, SimConfig(), host=host)
+    assert seeing.best.served_accuracy > as_seen.served_accuracy + 0.1
+    assert seeing.best.attainment > as_seen.attainment
+
+
+def test_the_server_hands_its_host_view_to_the_apply_process(tmp_path):
+    from server.autotier import HOST_FILE, AutoTierer, apply_command
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=0))
+    log, views, argvs = TrafficLog(), [{"overhead_ms": [3.0], "engine_speed": 1.2}], []
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+
+    def command(repo, name, traffic, result, live):
+        argvs.append(apply_command(repo, name, traffic, result, live))
+        return ["sh", "-c", "exit 3"]  # kept
+
+    host = tmp_path / "m" / "auto" / HOST_FILE
+    tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
+                        lambda: 1000.0, command, host=lambda: views[-1])  # fmt: skip
+    assert asyncio.run(tierer.check()) == "kept"
+    assert LiveHost.read(host) == LiveHost(overhead_ms=(3.0,), engine_speed=1.2)
+    assert argvs[-1][-2:] == ["--host", str(host)]
+    tierer.host = None  # a server that gives none: no stale view is replayed
+    tierer.chosen_for = None
+    assert asyncio.run(tierer.check()) == "kept"
+    assert not host.exists() and "--host" not in argvs[-1]
+
+
 # -- innfer tiers suggest / apply -----------------------------------------------------------
 def test_suggest_changes_nothing_and_apply_writes_the_choice(tmp_path, capsys):
     d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
@@ -254,6 +349,23 @@ def test_suggest_changes_nothing_and_apply_writes_the_choice(tmp_path, capsys):
     # The same traffic again: the live set is now the chosen one, so it is kept.
     code = cli(["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")])
     assert code == 3 and "keep (same set)" in capsys.readouterr().out
+
+
+def test_suggest_replays_the_host_view_it_is_given(tmp_path, capsys):
+    d = _auto_model(tmp_path)
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    base = ["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]
+    assert cli([*base, "--json", str(tmp_path / "bare.json")]) == 0
+    # 60 ms of every budget spent outside queue and compute: most 20-100 ms budgets are
+    # missed whatever the tiers, and the choice says so.
+    (tmp_path / "host.json").write_text(json.dumps({"overhead_ms": [60.0]}))
+    argv = [*base, "--json", str(tmp_path / "host_c.json"), "--host", str(tmp_path / "host.json")]
+    assert cli(argv) == 0
+    bare, seen = (json.loads((tmp_path / f).read_text()) for f in ("bare.json", "host_c.json"))
+    assert bare["current"]["attainment"] > 0.95 > 0.6 > seen["current"]["attainment"]
+    (tmp_path / "host.json").write_text('{"overhead_ms": "x"}')
+    assert cli([*base, "--host", str(tmp_path / "host.json")]) == 2
+    assert "host.json: not a host view" in capsys.readouterr().err
 
 
 def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):

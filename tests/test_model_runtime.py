@@ -519,3 +519,21 @@ def test_a_tier_slower_than_a_more_accurate_one_is_named_at_load(tmp_path, caplo
     with caplog.at_level("WARNING", logger="innfer.model"):
         ModelRuntime(_served(tmp_path / "b"), Metrics())
     assert "slower" not in caplog.text
+
+
+def test_engine_speed_is_the_median_factor_of_the_tiers_that_ran(tmp_path):
+    from server.model_runtime import SPEED_MIN_BATCHES
+
+    rt = ModelRuntime(_served(tmp_path), Metrics())
+    assert rt.engine_speed() == 1.0  # nothing ran: as profiled
+    lat = rt.scheduler.latency
+    for _ in range(SPEED_MIN_BATCHES):
+        lat.observe("w100", 1, 0.004)  # twice its profiled 2 ms
+    w100 = lat.tier_estimate("w100").factor
+    assert w100 > 1.5 and rt.engine_speed() == pytest.approx(w100)
+    for _ in range(SPEED_MIN_BATCHES - 1):
+        lat.observe("w050", 1, 0.0005)  # half its profile, but too few batches to count
+    assert rt.engine_speed() == pytest.approx(w100)
+    lat.observe("w050", 1, 0.0005)
+    both = (w100 + lat.tier_estimate("w050").factor) / 2  # the median of two
+    assert rt.engine_speed() == pytest.approx(both)

@@ -195,3 +195,25 @@ def test_the_minilm_demo_plans_for_its_overhead():
 
     cfg = ModelConfig.from_dict({"name": "minilm", **model_config()}, source="model.yaml")
     assert cfg.plan_overhead is True
+
+
+def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
+    """The dict a server writes as auto/host.json parses as the choice's host view and
+    carries the overhead the answers taught, the server's margin and planning."""
+    from sim.live_host import LiveHost
+
+    plane = server.server.plane
+    m = plane.models["tiny"]
+    before = m.overhead.samples
+    for _ in range(MIN_SAMPLES):
+        _infer(client, 500)
+    deadline = time.monotonic() + 5  # every answer observed once gRPC reports it sent
+    while m.overhead.samples < before + MIN_SAMPLES and time.monotonic() < deadline:
+        time.sleep(0.01)
+    host = LiveHost.from_json(plane._host("tiny"))
+    held = min(m.overhead.samples, WINDOW)
+    assert len(host.overhead_ms) == held
+    assert np.allclose(host.overhead_ms, m.overhead.recent() * 1e3, atol=1e-3)
+    assert host.margin_ms == server.server.config.budget_margin_ms
+    assert host.plan_overhead is False and host.quantile == m.overhead.quantile
+    assert host.engine_speed > 0

@@ -1,0 +1,121 @@
+"""What a live server adds to each request beyond its queue and its batch's compute, as
+auto-tiering's choice replays it.
+
+The choice replays recorded traffic through the scheduler on a virtual clock, where an
+answer is on time when its batch ends by the deadline. Live, a client's budget also covers
+the time the server spends outside queue and compute - receiving and parsing the request,
+the hop back from the engine thread, encoding and sending (``server.overhead``: 3.5 ms at
+the median for a 600 KB image on one shared core, 10-27 ms at p99 under load) - and engines
+run at whatever speed the serving machine has now, not the frontier's quiet-machine times.
+Without both, the choice judged a shifted load at 100 % within budget that the live server
+answered 86-90 % of (bench/results/auto_tiers_live.json), and it picked tiers for budgets
+that the overhead had already spent.
+
+A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it hands to
+``innfer tiers apply`` (``--host``)::
+
+    {"overhead_ms": [...],        recent per-request samples (server.overhead's window)
+     "budget_margin_ms": 1.0,     the server's budget_margin_ms
+     "plan_overhead": false,      whether the model plans for the overhead (resolved)
+     "overhead_quantile": 0.99,   the quantile it plans with
+     "engine_speed": 1.1}         live engine time / profiled, median over the live tiers
+
+and the replay then, per request (the same draws for every tier set compared): judges the
+answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
+plans it as the server does (``budget - margin``, and with ``plan_overhead`` short by the
+samples' quantile with the excess over their median given back to admission), and runs
+each batch ``engine_speed`` times its frontier time.
+
+Example:
+    >>> host = LiveHost(overhead_ms=(2.0, 3.0, 9.0), margin_ms=1.0)
+    >>> judged, planned, grace = host.budgets(np.array([0.010, 0.020]), seed=0)
+    >>> bool(np.all(judged <= planned)), grace
+    (True, 0.0)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HOST_FILE = "host.json"
+
+
+@dataclass(frozen=True)
+class LiveHost:
+    """The serving process's view (see the module doc); times in milliseconds."""
+
+    overhead_ms: tuple[float, ...] = ()
+    margin_ms: float = 1.0
+    plan_overhead: bool = False
+    quantile: float = 0.99
+    engine_speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
+            raise ValueError("overhead_ms samples must be finite and >= 0")
+        if not (np.isfinite(self.margin_ms) and self.margin_ms >= 0):
+            raise ValueError(f"budget_margin_ms must be >= 0, got {self.margin_ms}")
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"overhead_quantile must be in (0, 1), got {self.quantile}")
+        if not (np.isfinite(self.engine_speed) and self.engine_speed > 0):
+            raise ValueError(f"engine_speed must be > 0, got {self.engine_speed}")
+
+    def budgets(self, budgets_s: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(judged, planned, grace) for requests with client budgets ``budgets_s``: the
+        budget an answer must meet after the overhead (one sample each, seeded), the one
+        the scheduler plans with, and the admission grace (seconds)."""
+        budgets_s = np.asarray(budgets_s, dtype=float)
+        margin = self.margin_ms / 1e3
+        samples = np.asarray(self.overhead_ms, dtype=float) / 1e3
+        if len(samples):
+            outside = np.random.default_rng(seed).choice(samples, len(budgets_s))
+        else:
+            outside = np.zeros(len(budgets_s))
+        planned = budgets_s - margin
+        grace = 0.0
+        if self.plan_overhead and len(samples):
+            median, high = np.quantile(samples, (0.5, self.quantile))
+            high = max(high, median)
+            planned = planned - high
+            grace = float(high - median)
+        return budgets_s - margin - outside, planned, grace
+
+    def to_json(self) -> dict:
+        return {
+            "overhead_ms": [round(float(v), 4) for v in self.overhead_ms],
+            "budget_margin_ms": self.margin_ms,
+            "plan_overhead": self.plan_overhead,
+            "overhead_quantile": self.quantile,
+            "engine_speed": self.engine_speed,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> LiveHost:
+        """From the server's dict (the module doc's fields; unknown ones are an error)."""
+        known = {"overhead_ms", "budget_margin_ms", "plan_overhead", "overhead_quantile",
+                 "engine_speed"}  # fmt: skip
+        if not isinstance(data, dict) or set(data) - known:
+            extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
+        try:
+            return cls(
+                overhead_ms=tuple(float(v) for v in data.get("overhead_ms", ())),
+                margin_ms=float(data.get("budget_margin_ms", 1.0)),
+                plan_overhead=bool(data.get("plan_overhead", False)),
+                quantile=float(data.get("overhead_quantile", 0.99)),
+                engine_speed=float(data.get("engine_speed", 1.0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"host view: {exc}") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> LiveHost:
+        """``host.json`` as a server writes it; errors name the file."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a host view ({exc})") from None
