@@ -60,3 +60,38 @@ def test_rebuild_reads_the_frontier_back(built):
     again = build_model(Repository(root), "tiny", progress=False, repeats=3)
     assert again.frontier.measured_at == report.frontier.measured_at  # not measured again
     assert np.isclose(again.frontier.candidates[0].accuracy, report.frontier.candidates[0].accuracy)
+
+
+def test_a_candidate_at_stored_counts_is_the_network_they_describe(tmp_path):
+    """Norm statistics the INN stores for a width (``innfer demo`` estimates them on 1,024
+    inputs for each tier) are what a candidate at those channel counts keeps; a candidate
+    without them has its statistics re-estimated on the calibration inputs."""
+    import onnxruntime as ort
+    import torch
+    from netgen import tiny_cnn
+
+    import runtime
+    from runtime.build.pipeline import add_model
+    from runtime.inn.calibrate import reestimate_norms
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),), fold_norms=False)
+    odd = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    reestimate_norms(inn, 0.5, odd)  # statistics of other inputs than the calibration set
+    add_model(tmp_path, "tiny", inn, CONFIG)
+    build_model(Repository(tmp_path), "tiny", progress=False, repeats=2)
+    frontier = Frontier.read(tmp_path / "tiny" / FRONTIER_DIR / FRONTIER_FILE)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def run(name):
+        path = tmp_path / "tiny" / FRONTIER_DIR / name / "model.onnx"
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": x.numpy()})[0]
+
+    stored = load(tmp_path / "tiny")
+    half = frontier.candidate("w050").sizes
+    assert stored.calibrated(half) and not stored.calibrated(frontier.candidate("w075").sizes)
+    with torch.no_grad():
+        np.testing.assert_allclose(run("w050"), stored.sample(half)(x).numpy(), atol=1e-4)
+        wider = frontier.candidate("w075").sizes
+        resampled = stored.sample(wider)(x).numpy()  # no stored statistics: re-estimated
+    assert not np.allclose(run("w075"), resampled, atol=1e-4)

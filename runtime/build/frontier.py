@@ -11,11 +11,12 @@ settings besides the hand-written tiers:
   (on the evaluation set's training inputs where there is one, else on random inputs).
 
 Each candidate is sampled (BatchNorm statistics re-estimated on those inputs where the model
-keeps norms), exported to ``frontier/<name>/model.onnx``, built with the model's backend
-(the engine cache: the swap later reuses the entry), scored on the evaluation set (else its
-FLOPs fraction, the scheduler's proxy) and timed at every profiled batch size. Candidates no
-other one beats on accuracy and latency (at batch 1 or at max_batch) are the frontier.
-A rebuild with the same INN, widths, sampling, data and backend reads the file back.
+keeps norms and stores none for its channel counts), exported to
+``frontier/<name>/model.onnx``, built with the model's backend (the engine cache: the swap
+later reuses the entry), scored on the evaluation set (else its FLOPs fraction, the
+scheduler's proxy) and timed at every profiled batch size. Candidates no other one beats on
+accuracy and latency (at batch 1 or at max_batch) are the frontier. A rebuild with the same
+INN, widths, sampling, data and backend reads the file back.
 
 Example:
     >>> frontier = build_frontier(Repository("models"), "mnist")  # doctest: +SKIP
@@ -56,6 +57,7 @@ log = logging.getLogger("innfer.frontier")
 SENSITIVITY_WIDTH = 0.5  # the width one group is sampled at to measure its sensitivity
 SHAPE_POWER = 0.5  # channels per group scale with sensitivity ** this (0: uniform)
 CALIBRATION = 512  # inputs for norm statistics and sensitivity
+RECIPE = 2  # the candidates' making, in the source hash (see _source_hash)
 
 
 def build_frontier(
@@ -89,7 +91,10 @@ def build_frontier(
         bar.set_postfix_str(cname)
         with torch.no_grad():
             module = inn.sample(sizes, config.method)
-            if x_cal is not None:
+            if x_cal is not None and not inn.calibrated(sizes):
+                # Statistics or weights stored for these counts (estimated on more data at
+                # the hand-written tiers' widths, or tuned) are what a tier at these counts
+                # serves: the candidate must be that network, not a re-estimate of it.
                 recompute_norm_stats(module, x_cal)
         d = out / cname
         data = write_tier_files(d, module, config)
@@ -230,6 +235,9 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
     """What the frontier depends on: the INN, the candidates, sampling, data, backend."""
     meta = json.loads((model_dir / "inn.json").read_text())
     payload = {
+        # How candidates are made: bumped when that changes, so a rebuild measures again
+        # (2: statistics stored for a candidate's counts are kept, not re-estimated).
+        "recipe": RECIPE,
         "weights": meta["weights_sha256"],
         "info": {k: meta.get("info", {}).get(k) for k in ("grids", "norm_stats", "tiers")},
         # Only what makes the candidates; the choice's goals do not change the frontier.

@@ -282,6 +282,18 @@ class IntegralModel:
         """Canonical text for a set of channel counts (keys per-width calibration data)."""
         return ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
 
+    def calibrated(self, sizes: Mapping[str, int]) -> bool:
+        """Whether ``sample(sizes)`` returns stored statistics or weights for exactly these
+        channel counts (``reestimate_norms``, ``runtime.inn.calibrate``) rather than the
+        resampled ones alone.
+
+        Example:
+            >>> inn.calibrated(inn.sizes(0.5))  # doctest: +SKIP
+            True
+        """
+        key = self.sizes_key(sizes)
+        return key in self.tiers or bool(self.info.get("norm_stats", {}).get(key))
+
     def _apply_norm_stats(self, module: fx.GraphModule, sizes: Mapping[str, int]) -> None:
         """Norm statistics re-estimated for exactly these sizes replace the resampled ones."""
         stats = self.info.get("norm_stats", {}).get(self.sizes_key(sizes))
