@@ -14,6 +14,9 @@ Load (tritonclient.grpc.aio, open loop, Poisson, seeded), C = the full tier's ca
   phase 1  --phase-s seconds at 0.5 C, budgets U(20, 100) ms
   phase 2  --phase-s seconds at 1.0 C, 90 % of budgets U(5, 15) ms, 10 % U(20, 100) ms
 
+With ``--baseline-tree DIR`` (a checkout of an earlier release) a third arm, ``auto_prev``,
+serves the same auto-tiering model from that tree: the release's change, in the same run.
+
 The server is pinned to --server-cpus (default CPU 1), this process to the others; the
 background `innfer tiers apply` inherits the server's CPU, at nice 10 - its cost to serving
 is part of what is measured. Per arm and phase: attainment (answered within budget / sent),
@@ -34,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,7 +69,7 @@ SWAP = re.compile(r"tiers (\[.*?\]) -> (\[.*?\]) .*swapped in ([\d.]+) s")
 
 def prepare(arm: str) -> Path:
     """runs/bench-auto-live/<arm>/<model>: a copy of the prepared model, model.yaml with
-    (auto) or without (hand) auto_tiers, no earlier choice."""
+    (auto, auto_prev) or without (hand) auto_tiers, no earlier choice."""
     if not (SOURCE / "frontier" / "frontier.json").is_file():
         raise SystemExit(f"{SOURCE} has no frontier: run python -m bench.auto_tiers first")
     dst = WORK / arm / MODEL
@@ -74,7 +78,7 @@ def prepare(arm: str) -> Path:
     shutil.copytree(SOURCE, dst, ignore=shutil.ignore_patterns(ACTIVE_FILE, "auto"))
     config = yaml.safe_load((SOURCE / "model.yaml").read_text())
     config.pop("auto_tiers", None)
-    if arm == "auto":
+    if arm != "hand":
         config["auto_tiers"] = GOALS
     (dst / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dst.parent
@@ -113,7 +117,8 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
     repo = prepare(arm)
     log = OUT / f"auto_tiers_live-{arm}.log"
     log.write_text("")
-    server = LiveServer(arm, ROOT, repo, log, args.server_cpus)
+    tree = args.baseline_tree if arm == "auto_prev" else ROOT
+    server = LiveServer(arm, tree, repo, log, args.server_cpus)
     try:
         info = server.start(arm, models=(MODEL,))
         t0 = time.monotonic()
@@ -180,7 +185,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for arm, color in (("hand", "tab:gray"), ("auto", "tab:red")):
+    for arm, color in (("hand", "tab:gray"), ("auto", "tab:red"), ("auto_prev", "tab:blue")):
+        if arm not in results["arms"]:
+            continue
         b = results["arms"][arm]["bins"]
         axes[0].plot(b["t"], b["attainment"], color=color, label=arm)
         axes[1].plot(b["t"], b["size"], color=color, label=arm)
@@ -209,11 +216,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _revision(tree: Path | None) -> str | None:
+    """The commit checked out at ``tree`` (None without one)."""
+    if tree is None:
+        return None
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip() or str(tree)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phase-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cpus", default="1")
+    p.add_argument("--baseline-tree", type=Path,
+                   help="also run auto-tiering served from this checkout (arm auto_prev; "
+                        "e.g. a git worktree of the previous release), same load")  # fmt: skip
     args = p.parse_args(argv)
     args.server_cpus = {int(c) for c in args.server_cpus.split(",")}
     others = set(range(os.cpu_count() or 1)) - args.server_cpus
@@ -224,10 +243,12 @@ def main(argv=None) -> int:
     arrivals, budgets, shift = load(profile, args.phase_s, args.seed)
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
     size = widths(SOURCE)
+    names = ("hand", "auto", *(["auto_prev"] if args.baseline_tree else []))
     arms = {arm: run_arm(arm, args, arrivals, budgets, shift, {"input": x}, size)
-            for arm in ("hand", "auto")}  # fmt: skip
+            for arm in names}  # fmt: skip
     results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
+               "baseline_tree": _revision(args.baseline_tree),
                "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     publish(results, OUT, "auto_tiers_live", plot, table(results))
     return 0
