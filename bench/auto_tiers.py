@@ -35,7 +35,8 @@ Per arm and phase: attainment (answered within budget / sent), mean served accur
 answered), served accuracy (misses count 0), mean served width; auto's swaps with when, what
 and how long the choice took. Seeds --seeds; mean and spread (min..max) over seeds.
 
-Writes bench/results/auto_tiers.json and auto_tiers.png.
+Writes bench/results/auto_tiers.json and auto_tiers.png; with ``--models`` a subset, the other
+models' results are carried over from the file there.
 
     .venv/bin/python -m bench.auto_tiers [--models mnist,resnet18w50] [--seeds 0,1,2]
 """
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -390,10 +392,23 @@ def main(argv=None) -> int:
         m["phase_s"] = phase_s
         m["goals"] = _goals_yaml(goals)
         models.append(m)
-    results = {"models": models, "seeds": args.seeds, "reload_s": RELOAD_S,
-               "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+    results = {"models": carried(models, OUT / "auto_tiers.json"), "seeds": args.seeds,
+               "reload_s": RELOAD_S, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     publish(results, OUT, "auto_tiers", plot, table(results))
     return 0
+
+
+def carried(models: list[dict], previous: Path) -> list[dict]:
+    """``models`` and, after them, the models of the ``previous`` results that this run did
+    not measure (``--models`` a subset), each marked with where its figures come from."""
+    try:
+        old = json.loads(previous.read_text())["models"]
+    except (OSError, ValueError, KeyError):
+        return models
+    ran = {m["model"] for m in models}
+    kept = [{**m, "measured": m.get("measured") or f"carried over from {previous.name}"}
+            for m in old if m["model"] not in ran]  # fmt: skip
+    return models + kept
 
 
 if __name__ == "__main__":
