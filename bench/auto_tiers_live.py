@@ -12,7 +12,8 @@ Load (tritonclient.grpc.aio, open loop, Poisson, seeded), C = the full tier's ca
 (max_batch / p50 at max_batch, profile.json):
 
   phase 1  --phase-s seconds at 0.5 C, budgets U(20, 100) ms
-  phase 2  --phase-s seconds at 1.0 C, 90 % of budgets U(5, 15) ms, 10 % U(20, 100) ms
+  phase 2  --phase-s seconds at 1.0 C, 90 % of budgets U(5, 15) ms (``--tight-ms``),
+           10 % U(20, 100) ms
 
 With ``--baseline-tree DIR`` (a checkout of an earlier release) a third arm, ``auto_prev``,
 serves the same auto-tiering model from that tree: the release's change, in the same run.
@@ -84,7 +85,7 @@ def prepare(arm: str) -> Path:
     return dst.parent
 
 
-def load(profile: dict, phase_s: float, seed: int):
+def load(profile: dict, phase_s: float, seed: int, tight_ms=(5.0, 15.0)):
     """(arrivals s, budgets s, shift s) of the two phases."""
     batch = max(int(b) for b in profile["tiers"]["w100"])
     capacity = batch / profile["tiers"]["w100"][str(batch)]["p50_ms"] * 1e3
@@ -93,7 +94,7 @@ def load(profile: dict, phase_s: float, seed: int):
     for rate, tight in ((0.5 * capacity, 0.0), (capacity, 0.9)):
         t = start + np.cumsum(rng.exponential(1 / rate, int(rate * phase_s * 1.3) + 10))
         t = t[t < start + phase_s]
-        loose, narrow = rng.uniform(20, 100, len(t)), rng.uniform(5, 15, len(t))
+        loose, narrow = rng.uniform(20, 100, len(t)), rng.uniform(*tight_ms, len(t))
         arrivals.append(t)
         budgets.append(np.where(rng.random(len(t)) < tight, narrow, loose) / 1e3)
         start += phase_s
@@ -115,7 +116,7 @@ def widths(model_dir: Path) -> dict[str, float]:
 
 def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
     repo = prepare(arm)
-    log = OUT / f"auto_tiers_live-{arm}.log"
+    log = OUT / f"{args.name}-{arm}.log"
     log.write_text("")
     tree = args.baseline_tree if arm == "auto_prev" else ROOT
     server = LiveServer(arm, tree, repo, log, args.server_cpus)
@@ -233,14 +234,25 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-tree", type=Path,
                    help="also run auto-tiering served from this checkout (arm auto_prev; "
                         "e.g. a git worktree of the previous release), same load")  # fmt: skip
+    p.add_argument("--tight-ms", default="5,15",
+                   help="LO,HI: phase 2's tight budgets, U(LO, HI) ms (default 5,15); other "
+                        "than the default, results go to auto_tiers_live_tLO-HI.json")  # fmt: skip
     args = p.parse_args(argv)
+    try:
+        args.tight_ms = tuple(float(v) for v in args.tight_ms.split(","))
+    except ValueError:
+        args.tight_ms = ()
+    if len(args.tight_ms) != 2 or not 0 < args.tight_ms[0] <= args.tight_ms[1]:
+        p.error("--tight-ms takes LO,HI in ms with 0 < LO <= HI, e.g. 10,30")
+    lo, hi = (f"{v:g}" for v in args.tight_ms)
+    args.name = "auto_tiers_live" if args.tight_ms == (5.0, 15.0) else f"auto_tiers_live_t{lo}-{hi}"
     args.server_cpus = {int(c) for c in args.server_cpus.split(",")}
     others = set(range(os.cpu_count() or 1)) - args.server_cpus
     if others:
         os.sched_setaffinity(0, others)
     t0 = time.perf_counter()
     profile = json.loads((SOURCE / "profile.json").read_text())
-    arrivals, budgets, shift = load(profile, args.phase_s, args.seed)
+    arrivals, budgets, shift = load(profile, args.phase_s, args.seed, args.tight_ms)
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
     size = widths(SOURCE)
     names = ("hand", "auto", *(["auto_prev"] if args.baseline_tree else []))
@@ -248,9 +260,9 @@ def main(argv=None) -> int:
             for arm in names}  # fmt: skip
     results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
-               "baseline_tree": _revision(args.baseline_tree),
+               "baseline_tree": _revision(args.baseline_tree), "tight_ms": args.tight_ms,
                "wall_seconds": time.perf_counter() - t0}  # fmt: skip
-    publish(results, OUT, "auto_tiers_live", plot, table(results))
+    publish(results, OUT, args.name, plot, table(results))
     return 0
 
 
