@@ -4,12 +4,13 @@ auto-tiering's choice replays it.
 The choice replays recorded traffic through the scheduler on a virtual clock, where an
 answer is on time when its batch ends by the deadline. Live, a client's budget also covers
 the time the server spends outside queue and compute - receiving and parsing the request,
-the hop back from the engine thread, encoding and sending (``server.overhead``: 3.5 ms at
-the median for a 600 KB image on one shared core, 10-27 ms at p99 under load) - and engines
-run at whatever speed the serving machine has now, not the frontier's quiet-machine times.
-Without both, the choice judged a shifted load at 100 % within budget that the live server
-answered 86-90 % of (bench/results/auto_tiers_live.json), and it picked tiers for budgets
-that the overhead had already spent.
+the hop back from the engine thread, encoding and sending (``server.overhead``; for a
+600 KB image on one shared core 1.6 ms at the median and 6-7 ms at p99 in
+bench/auto_tiers_live.py's tight phase) - and engines run at the speed the serving machine
+has now, not the frontier's quiet-machine times (there, 1.7x their profile: the engine
+thread shares the core with request handling). Without both, the choice judged a shifted
+load at 100 % within budget that the live server answered 86-90 % of, and it picked tiers
+for budgets that the overhead had already spent.
 
 A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it hands to
 ``innfer tiers apply`` (``--host``)::
@@ -40,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-HOST_FILE = "host.json"
 
 
 @dataclass(frozen=True)
