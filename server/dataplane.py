@@ -193,6 +193,7 @@ class DataPlane:
             "plan_overhead": self._plans_overhead(m),
             "overhead_quantile": m.overhead.quantile,
             "engine_speed": m.engine_speed(),
+            "engine_sigma": m.engine_spread(),
         }
 
     def _plans_overhead(self, m: ModelRuntime) -> bool:

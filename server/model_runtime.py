@@ -424,9 +424,23 @@ class ModelRuntime:
         ``min_batches`` batches (1.0 where none has): how much slower or faster this
         machine runs now than the profiles say - auto-tiering's choice scales its
         candidates' times by it (``sim.live_host``)."""
-        estimates = [self.scheduler.latency.tier_estimate(t) for t in self.served.engines]
-        seen = [e.factor for e in estimates if e.observed_batches >= min_batches]
-        return float(np.median(seen)) if seen else 1.0
+        seen = self._seen_tiers(min_batches)
+        latency = self.scheduler.latency
+        return float(np.median([latency.tier_estimate(t).factor for t in seen])) if seen else 1.0
+
+    def engine_spread(self, min_batches: int = SPEED_MIN_BATCHES) -> float | None:
+        """The log-normal sigma of one batch's time as the latency model has learned it
+        here (at batch 1), the median over tiers that ran at least ``min_batches`` batches;
+        None where none has. On one core shared with request handling it is several times
+        the quiet profile's, and auto-tiering's replay draws engine times with it."""
+        seen = self._seen_tiers(min_batches)
+        latency = self.scheduler.latency
+        return float(np.median([latency.sigma(t, 1) for t in seen])) if seen else None
+
+    def _seen_tiers(self, min_batches: int) -> list[str]:
+        latency = self.scheduler.latency
+        return [t for t in self.served.engines
+                if latency.tier_estimate(t).observed_batches >= min_batches]  # fmt: skip
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one

@@ -19,13 +19,16 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
      "budget_margin_ms": 1.0,     the server's budget_margin_ms
      "plan_overhead": false,      whether the model plans for the overhead (resolved)
      "overhead_quantile": 0.99,   the quantile it plans with
-     "engine_speed": 1.1}         live engine time / profiled, median over the live tiers
+     "engine_speed": 1.1,         live engine time / profiled, median over the live tiers
+     "engine_sigma": 0.3}         the spread the latency model learned live (null: none yet)
 
 and the replay then, per request (the same draws for every tier set compared): judges the
 answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
 plans it as the server does (``budget - margin``, and with ``plan_overhead`` short by the
 samples' quantile with the excess over their median given back to admission), and runs
-each batch ``engine_speed`` times its frontier time.
+each batch ``engine_speed`` times its frontier time, drawn with the live spread where there
+is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
+replay with their spread plans larger tiers than the live scheduler dares to).
 
 Example:
     >>> host = LiveHost(overhead_ms=(2.0, 3.0, 9.0), margin_ms=1.0)
@@ -52,6 +55,7 @@ class LiveHost:
     plan_overhead: bool = False
     quantile: float = 0.99
     engine_speed: float = 1.0
+    engine_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
@@ -62,6 +66,9 @@ class LiveHost:
             raise ValueError(f"overhead_quantile must be in (0, 1), got {self.quantile}")
         if not (np.isfinite(self.engine_speed) and self.engine_speed > 0):
             raise ValueError(f"engine_speed must be > 0, got {self.engine_speed}")
+        sigma = self.engine_sigma
+        if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
 
     def budgets(self, budgets_s: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(judged, planned, grace) for requests with client budgets ``budgets_s``: the
@@ -90,13 +97,14 @@ class LiveHost:
             "plan_overhead": self.plan_overhead,
             "overhead_quantile": self.quantile,
             "engine_speed": self.engine_speed,
+            "engine_sigma": self.engine_sigma,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
         known = {"overhead_ms", "budget_margin_ms", "plan_overhead", "overhead_quantile",
-                 "engine_speed"}  # fmt: skip
+                 "engine_speed", "engine_sigma"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
@@ -107,6 +115,7 @@ class LiveHost:
                 plan_overhead=bool(data.get("plan_overhead", False)),
                 quantile=float(data.get("overhead_quantile", 0.99)),
                 engine_speed=float(data.get("engine_speed", 1.0)),
+                engine_sigma=_optional(data.get("engine_sigma")),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"host view: {exc}") from None
@@ -118,3 +127,7 @@ class LiveHost:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, ValueError) as exc:
             raise ValueError(f"{path}: not a host view ({exc})") from None
+
+
+def _optional(value) -> float | None:
+    return None if value is None else float(value)

@@ -243,8 +243,8 @@ def outcomes(
     """Replay ``traffic`` with the tiers ``names``. Per request: met (answered within its
     budget), the serving tier's accuracy (0 where not answered), its width (nan where not
     answered); and the simulator's summary. ``host``: the live server's time outside queue
-    and compute, its planning and its engine speed (``sim.live_host``); None: engine time
-    only, every budget planned whole."""
+    and compute, its planning, its engine speed and spread (``sim.live_host``); None: engine
+    time only, as profiled, every budget planned whole."""
     tiers = [options[n].tier for n in names]
     p50 = {n: options[n].p50 for n in names}
     budgets = traffic.budget_ms / 1e3
@@ -252,6 +252,8 @@ def outcomes(
     if host is not None:
         budgets, planned, grace = host.budgets(budgets, sim.seed)
         speed = host.engine_speed
+        if host.engine_sigma is not None:
+            sim = dataclasses.replace(sim, noise=host.engine_sigma)
     r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows,
                planned=planned, grace=grace, speed=speed)  # fmt: skip
     met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)

@@ -266,8 +266,11 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
     (tmp_path / "h.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"h\.json: not a host view"):
         LiveHost.read(tmp_path / "h.json")
-    host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3)
-    assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
+    with pytest.raises(ValueError, match="engine_sigma must be >= 0 or null"):
+        LiveHost(engine_sigma=float("nan"))
+    for sigma in (None, 0.4):
+        host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma)
+        assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
 
 
 def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
@@ -283,6 +286,10 @@ def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
     assert slow.mean_accuracy < bare.mean_accuracy - 0.05
     # The overhead: the plan still fills the budget, the answers land after it.
     assert outside.attainment < bare.attainment - 0.1
+    # The live spread: the replayed scheduler, planning at the SLO target's quantile, learns
+    # it and keeps to smaller tiers, as the live one does on a shared core.
+    jittery = evaluate(_options(), names, traffic, SimConfig(), host=LiveHost(engine_sigma=0.5))
+    assert jittery.mean_accuracy < bare.mean_accuracy - 0.02
 
 
 def test_the_choice_made_with_the_host_view_serves_clients_better():

@@ -537,3 +537,16 @@ def test_engine_speed_is_the_median_factor_of_the_tiers_that_ran(tmp_path):
     lat.observe("w050", 1, 0.0005)
     both = (w100 + lat.tier_estimate("w050").factor) / 2  # the median of two
     assert rt.engine_speed() == pytest.approx(both)
+
+
+def test_engine_spread_is_what_the_latency_model_learned_live(tmp_path):
+    from server.model_runtime import SPEED_MIN_BATCHES
+
+    rt = ModelRuntime(_served(tmp_path), Metrics())
+    assert rt.engine_spread() is None  # nothing ran
+    lat = rt.scheduler.latency
+    quiet = lat.sigma("w100", 1)
+    for k in range(2 * SPEED_MIN_BATCHES):
+        lat.observe("w100", 1, 0.001 if k % 2 else 0.004)  # 1 and 4 ms in turn: jittery
+    assert rt.engine_spread() == pytest.approx(lat.sigma("w100", 1))
+    assert rt.engine_spread() > quiet + 0.2

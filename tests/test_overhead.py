@@ -217,3 +217,5 @@ def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
     assert host.margin_ms == server.server.config.budget_margin_ms
     assert host.plan_overhead is False and host.quantile == m.overhead.quantile
     assert host.engine_speed > 0
+    assert host.engine_sigma is None or host.engine_sigma >= 0
+    assert host.engine_sigma == m.engine_spread()
