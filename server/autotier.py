@@ -10,18 +10,18 @@ writes that window (its last ``simulate_requests`` requests: all the choice repl
 (the learned overhead's recent samples, the budget margin, plan_overhead, the engines' live
 speed against their profiles) to ``auto/host.json`` - the choice replays both, so that it
 judges a set by what clients would see (``sim.live_host``) - and runs ``innfer tiers apply``
-on them, told which set the server serves, in a separate process at a lower CPU priority
-(``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check uses the model's own
-threads): the choice (simulations), the engine builds and checks happen there, never on the
-serving loop. That process writes ``auto_tiers.json`` only for a set worth its ``min_gain``;
-then the model is reloaded as a swap: the new runtime takes new requests at once, the old
-one serves its whole queue (each request runs or expires by its own deadline: none is
-failed) and closes. A failed apply, or a new set that does not load, leaves the live set
-(and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before trying again.
-Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new
-set does not have: pin names with auto-tiering only where the set is fixed. Only the task
-and the reload run in the server; the server imports no simulator, so the serving image
-needs ``sim/`` only as that process's code.
+on them, told which set the server serves, in a separate process at the lowest CPU priority
+(Linux SCHED_IDLE, and ``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check
+uses the model's own threads): the choice (simulations), the engine builds and checks happen
+there, never on the serving loop. That process writes ``auto_tiers.json`` only for a set
+worth its ``min_gain``; then the model is reloaded as a swap: the new runtime takes new
+requests at once, the old one serves its whole queue (each request runs or expires by its
+own deadline: none is failed) and closes. A failed apply, or a new set that does not load,
+leaves the live set (and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before
+trying again. Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a
+name the new set does not have: pin names with auto-tiering only where the set is fixed.
+Only the task and the reload run in the server; the server imports no simulator, so the
+serving image needs ``sim/`` only as that process's code.
 
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
 failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
@@ -214,7 +214,7 @@ def apply_command(repository: Path, name: str, traffic: Path, result: Path, live
     host = traffic.with_name(HOST_FILE)
     return [
         sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
-        "--traffic", str(traffic), "--result", str(result), "--live", live,
+        "--traffic", str(traffic), "--result", str(result), "--live", live, "--background",
         *(["--host", str(host)] if host.is_file() else []),
     ]  # fmt: skip
 

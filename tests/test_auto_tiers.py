@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -331,11 +334,24 @@ def test_the_server_hands_its_host_view_to_the_apply_process(tmp_path):
                         lambda: 1000.0, command, host=lambda: views[-1])  # fmt: skip
     assert asyncio.run(tierer.check()) == "kept"
     assert LiveHost.read(host) == LiveHost(overhead_ms=(3.0,), engine_speed=1.2)
-    assert argvs[-1][-2:] == ["--host", str(host)]
+    assert argvs[-1][-2:] == ["--host", str(host)] and "--background" in argvs[-1]
     tierer.host = None  # a server that gives none: no stale view is replayed
     tierer.chosen_for = None
     assert asyncio.run(tierer.check()) == "kept"
     assert not host.exists() and "--host" not in argvs[-1]
+
+
+def test_a_background_apply_runs_only_on_idle_cpu():
+    """In a child process: the class is inherited by threads started later (numpy's,
+    ONNX Runtime's), and the test process keeps its own."""
+    code = ("import os, threading; from innfer.tiers import yield_cpu; ok = yield_cpu(); "
+            "seen = []; t = threading.Thread(target=lambda: seen.append("
+            "os.sched_getscheduler(0))); t.start(); t.join(); "
+            "idle = os.SCHED_IDLE; "
+            "print(ok, os.sched_getscheduler(0) == idle, seen[0] == idle)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
 # -- innfer tiers suggest / apply -----------------------------------------------------------
