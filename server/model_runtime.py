@@ -382,9 +382,9 @@ class ModelRuntime:
         not from whatever the build machine was doing. ``contended``: the timing shares the
         CPU with requests being served (a reload under load): it may then show that the
         profile is too slow, never that it is too fast - a tier it finds slower starts from
-        its profile, and its own batches correct it. (Live, a swap of tiers under load
-        measured them 1.5-2.8x their profile, and the new set planned as if that were so:
-        77 vs 92 % within budget, bench/results/auto_tiers_live.json.)
+        its profile, and its own batches correct it - and it times batch 1 only. (Live, a
+        swap of tiers under load measured them 1.5-2.8x their profile, and the new set
+        planned as if that were so: 77 vs 92 % within budget, bench/auto_tiers_live.py.)
         Returns tier -> latency factor."""
         from runtime.repository.profile import random_feeds
 
@@ -392,7 +392,11 @@ class ModelRuntime:
             engine.run(random_feeds(self.config.inputs, 1))
         if not profile:
             return {}
-        sizes = sorted({1, self.config.max_batch})
+        # Contended, batch 1 alone: the timing can only lower a tier's level (one factor
+        # per tier), which batch 1 shows as well; timing max_batch too took ~1.5 s of the
+        # serving core per swap of four ResNet tiers, and attainment fell to 87-93 % in the
+        # 5 s after each swap (bench/auto_tiers_live.py).
+        sizes = [1] if contended else sorted({1, self.config.max_batch})
         for n, lane in self.lanes.items():
             feeds = {b: random_feeds(self.config.inputs, b, length=n or 1) for b in sizes}
             for tier, engine in self.served.engines.items():

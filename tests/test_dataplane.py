@@ -325,6 +325,32 @@ def test_timing_at_load_while_serving_may_only_lower_the_profile(config):
     assert quiet["w100"] < 0.7 and busy["w100"] < 0.7
 
 
+def test_timing_at_load_while_serving_runs_no_full_batches(config):
+    # Beside traffic the timing costs the serving core what it runs: batch 1 tells a tier's
+    # level as well, so full batches are left out (and timed when quiet).
+    rows = {True: [], False: []}
+
+    async def time_tiers(contended):
+        plane = DataPlane(config, Metrics())
+        await plane.load("a")
+        m = plane.models["a"]
+        for engine in m.served.engines.values():
+            run = engine.run
+
+            def spy(feeds, run=run):
+                rows[contended].append(len(next(iter(feeds.values()))))
+                return run(feeds)
+
+            engine.run = spy
+        m.warm_up(True, contended=contended)
+        await m.stop()
+
+    for contended in (True, False):
+        _run(time_tiers(contended))
+    assert rows[True] and set(rows[True]) == {1}
+    assert max(rows[False]) == 4  # model a's max_batch
+
+
 def test_a_load_beside_traffic_times_its_tiers_as_contended(config, monkeypatch):
     # Model b is loaded while a serves (a swap of tiers, a second model): b's timing at load
     # shares the CPU with a's requests, so it is told so; once a's arrivals have stopped
