@@ -133,6 +133,10 @@ class DataPlane:
                 await loop.run_in_executor(
                     None, lambda: runtime.warm_up(self.config.profile_at_load, contended=busy)
                 )
+                replaced = self.models.get(name)
+                if replaced is not None and replaced.serving():
+                    # The engines run beside this traffic as slowly as the old set's did.
+                    runtime.assume_speed(replaced.engine_speed())
             except (InferError, EngineError) as exc:  # e.g. profile.json missing, engine fails
                 if runtime is not None and self.device is not None:
                     self.device.leave(runtime.scheduler)

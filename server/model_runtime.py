@@ -423,6 +423,25 @@ class ModelRuntime:
             factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         return factors
 
+    def assume_speed(self, speed: float) -> list[str]:
+        """Start every tier whose timing at load did not find it faster than its profile
+        from ``speed`` x its profile (only ``speed`` > 1: assuming slower engines costs
+        served size until corrected, assuming faster ones costs deadlines). A runtime that
+        replaces one serving under load (a swap of tiers) takes the old one's
+        ``engine_speed``: the engines run as slowly beside this traffic whatever the set,
+        and a fresh runtime planned each new tier at its quiet profile until its own
+        batches corrected it (live, 87-93 % within budget in the 5 s after a swap).
+        Returns the tiers changed."""
+        if not speed > 1.0:
+            return []
+        changed = []
+        for lane in self.lanes.values():
+            for tier in self.served.engines:
+                if lane.latency.tier_estimate(tier).factor >= 1.0:
+                    lane.latency.start_from(tier, speed)
+                    changed.append(tier)
+        return sorted(set(changed))
+
     def engine_speed(self, min_batches: int = SPEED_MIN_BATCHES) -> float:
         """Live engine time / profiled, the median over tiers that ran at least
         ``min_batches`` batches (1.0 where none has): how much slower or faster this

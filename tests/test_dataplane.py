@@ -384,3 +384,36 @@ def test_a_load_beside_traffic_times_its_tiers_as_contended(config, monkeypatch)
 
     _run(body())
     assert seen == [("a", False), ("b", True), ("b", False)]
+
+
+def test_a_swap_under_load_starts_from_the_speed_the_old_set_ran_at(config):
+    # The old runtime learned that its engines run twice their profile beside this traffic;
+    # the runtime replacing it plans its tiers from that, not from the quiet profile. A
+    # reload with no traffic starts from the profile.
+    from server.model_runtime import SPEED_MIN_BATCHES
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load("a")
+        old = plane.models["a"]
+        for tier, ms in (("w100", 2.0), ("w050", 1.0)):
+            for _ in range(SPEED_MIN_BATCHES):
+                old.scheduler.latency.observe(tier, 1, 2 * ms / 1e3)
+        assert old.engine_speed() > 1.8
+        for k in range(5):
+            await plane.infer(_request("a", _x(1, float(k))), None)
+        assert old.serving()
+        await plane.swap("a")
+        new = plane.models["a"]
+        swapped = {t: new.scheduler.latency.tier_estimate(t).factor for t in ("w100", "w050")}
+        start = new.clock()
+        new.clock = lambda: start + 10.0  # its arrivals long past: not serving
+        await plane.load("a")
+        quiet = plane.models["a"].scheduler.latency.tier_estimate("w100").factor
+        for m in list(plane.models.values()):
+            await m.stop()
+        return old.engine_speed(), swapped, quiet
+
+    speed, swapped, quiet = _run(body())
+    assert swapped == pytest.approx({"w100": speed, "w050": speed})
+    assert quiet == pytest.approx(1.0)

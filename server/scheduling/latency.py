@@ -399,6 +399,23 @@ class LatencyModel:
         self._fill(tier)
         self.version += 1
 
+    def start_from(self, tier: str, factor: float) -> None:
+        """Set ``tier``'s level to ``factor`` x its profile, as a prior its own batches then
+        correct (the trust in it and the learned spread stay as they are): what a runtime
+        replacing another one under load knows about this machine before its first batch.
+
+        Example:
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0})])
+            >>> lat.start_from("w100", 1.6); round(lat.tier_estimate("w100").factor, 2)
+            1.6
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self._log_factor[tier] = math.log(min(max(factor, RATIO_MIN), RATIO_MAX))
+        self._refresh(tier)
+        self._fill(tier)
+        self.version += 1
+
     @property
     def factor(self) -> dict[str, float]:
         """Observed / profiled median per tier (1.0 = as profiled)."""
