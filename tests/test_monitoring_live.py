@@ -410,8 +410,11 @@ def _check(prom: Prometheus, counts: dict[str, Counter], tight_ms: float) -> Non
         assert math.isfinite(v) and v >= 0, report
     for v in (*ds.values(), *slo.values(), *acc.values(), *refused.values()):
         assert v <= 1, report
-    # Queue : compute rises where load exceeds capacity.
-    assert qc["innfer-c"] > max(qc["innfer-a"], qc["innfer-b"]), qc
+    # Queue : compute rises where load exceeds capacity: c against b, the same model under
+    # capacity. Not against a: its batches take ~50 us, so the microseconds its requests wait
+    # for the GIL that the two other servers in this process hold decide its ratio (3.5 in
+    # one CI run, above c's 0.46); in a cluster each pod is its own process.
+    assert qc["innfer-c"] > qc["innfer-b"], qc
     # Degraded share: 0 where all ran on the top tier; high where budgets forced the narrow
     # tier (b) and where load was shed (c).
     assert ds["innfer-a"] < 0.05, ds
