@@ -19,7 +19,7 @@ With ``--baseline-tree DIR`` (a checkout of an earlier release) a third arm, ``a
 serves the same auto-tiering model from that tree: the release's change, in the same run.
 
 The server is pinned to --server-cpus (default CPU 1), this process to the others; the
-background `innfer tiers apply` inherits the server's CPU, at nice 10 - its cost to serving
+background `innfer tiers apply` inherits the server's CPU, at idle priority - its cost to serving
 is part of what is measured. Per arm and phase: attainment (answered within budget / sent),
 mean served size, failed requests (any code but OK and the scheduler's DEADLINE_EXCEEDED /
 RESOURCE_EXHAUSTED refusals), attainment per 5 s bin; the auto arm's swaps (from its log:
