@@ -393,9 +393,9 @@ class ModelRuntime:
         if not profile:
             return {}
         # Contended, batch 1 alone: the timing can only lower a tier's level (one factor
-        # per tier), which batch 1 shows as well; timing max_batch too took ~1.5 s of the
-        # serving core per swap of four ResNet tiers, and attainment fell to 87-93 % in the
-        # 5 s after each swap (bench/auto_tiers_live.py).
+        # per tier), which batch 1 shows as well. Full batches of four ResNet tiers take
+        # 1.1 s of a quiet core (batch 1: 0.16 s), taken from serving during a swap; live,
+        # attainment was 87-93 % in the 5 s after each swap (bench/auto_tiers_live.py).
         sizes = [1] if contended else sorted({1, self.config.max_batch})
         for n, lane in self.lanes.items():
             feeds = {b: random_feeds(self.config.inputs, b, length=n or 1) for b in sizes}
@@ -454,8 +454,8 @@ class ModelRuntime:
     def engine_spread(self, min_batches: int = SPEED_MIN_BATCHES) -> float | None:
         """The log-normal sigma of one batch's time as the latency model has learned it
         here (at batch 1), the median over tiers that ran at least ``min_batches`` batches;
-        None where none has. On one core shared with request handling it is several times
-        the quiet profile's, and auto-tiering's replay draws engine times with it."""
+        None where none has. Auto-tiering's replay draws engine times with it: the spread
+        that makes the live planner keep to smaller tiers (``sim.live_host``)."""
         seen = self._seen_tiers(min_batches)
         latency = self.scheduler.latency
         return float(np.median([latency.sigma(t, 1) for t in seen])) if seen else None
