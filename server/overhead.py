@@ -30,6 +30,21 @@ MIN_SAMPLES = 16  # below this many samples the estimate is 0 (nothing learned y
 CAP_S = 0.5  # a sample above this (a stalled process, a debugger) is clipped to it
 
 
+def reserve_of(samples: np.ndarray, quantile: float) -> tuple[float, float]:
+    """(reserve, grace) in seconds from overhead samples: the ``quantile`` (at least the
+    median) that plans are made short by, and its excess over the median that admission
+    gives back. The server's ``Overhead`` and auto-tiering's replay (``sim.live_host``)
+    both plan with it.
+
+    Example:
+        >>> [round(x, 3) for x in reserve_of(np.array([0.002, 0.004, 0.010]), 0.5)]
+        [0.004, 0.0]
+    """
+    median, high = np.quantile(samples, (0.5, quantile))
+    high = max(high, median)
+    return float(high), float(high - median)
+
+
 class Overhead:
     """Online high quantile of per-request overhead, in seconds.
 
@@ -48,7 +63,7 @@ class Overhead:
         self._samples = np.zeros(window)  # ring buffer, seconds
         self._n = 0  # samples seen
         self._estimate = 0.0
-        self._median = 0.0
+        self._grace = 0.0
 
     def observe(self, seconds: float) -> None:
         """One answered request's overhead (negative values, clock noise, count as 0)."""
@@ -56,8 +71,7 @@ class Overhead:
         self._n += 1
         if self._n >= MIN_SAMPLES and self._n % REFRESH == 0:
             held = self._samples[: min(self._n, len(self._samples))]
-            median, high = np.quantile(held, (0.5, self.quantile))
-            self._median, self._estimate = float(median), float(max(high, median))
+            self._estimate, self._grace = reserve_of(held, self.quantile)
 
     def estimate(self) -> float:
         """Seconds to plan each budget short by: the ``quantile`` of the last ``window``
@@ -81,7 +95,7 @@ class Overhead:
             >>> [round(x * 1e3, 1) for x in o.reserve()]
             [10.0, 4.0]
         """
-        return self._estimate, self._estimate - self._median
+        return self._estimate, self._grace
 
     @property
     def samples(self) -> int:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.overhead import reserve_of
+
 
 @dataclass(frozen=True)
 class LiveHost:
@@ -84,10 +86,8 @@ class LiveHost:
         planned = budgets_s - margin
         grace = 0.0
         if self.plan_overhead and len(samples):
-            median, high = np.quantile(samples, (0.5, self.quantile))
-            high = max(high, median)
-            planned = planned - high
-            grace = float(high - median)
+            reserve, grace = reserve_of(samples, self.quantile)
+            planned = planned - reserve
         return budgets_s - margin - outside, planned, grace
 
     def to_json(self) -> dict:
