@@ -34,6 +34,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.host_cpu import HostCpu
 from server.limits import clip, message_limit, request_bytes, text_bytes
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
@@ -72,6 +73,10 @@ class DataPlane:
         # One device, one arbiter for every model (server.scheduling.device); None: each
         # model has its own slot and ignores the others (device_slots: 0).
         self.device = Device(config.device_slots) if config.device_slots > 0 else None
+        # Request handling's CPU per row, shared by every model (server.host_cpu).
+        self.host_cpu = HostCpu()
+        metrics.host_cpu.set_function(lambda: self.host_cpu.estimate)
+        metrics.host_cpu_shared.set_function(lambda: float(self.host_cpu.shares_cpus))
         # Auto-tiering (models with auto_tiers): what each was sent, kept across reloads,
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}
@@ -125,7 +130,7 @@ class DataPlane:
                     served, self.metrics, policy=self.config.policy, device=self.device,
                     inline_max_s=self.config.inline_max_ms / 1e3,
                     overhead_quantile=self.config.overhead_quantile,
-                    traffic=self._traffic(name, served.config),
+                    traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
                 )  # fmt: skip
                 # Loaded while requests are in flight (a reload, a swap of tiers, another
                 # model busy): the timing at load shares the CPU with serving.
@@ -149,6 +154,7 @@ class DataPlane:
             runtime.start()
             old = self.models.pop(name, None)
             self.models[name] = runtime
+            self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
             self._start_tierer(name, served.config)
             # The data plane owns this gauge: it alone knows a replacement is serving.
@@ -247,11 +253,21 @@ class DataPlane:
             runtime = self.models.pop(name, None)
             if runtime is None:
                 raise NotFound(f"model {name!r} is not loaded")
+            self.host_cpu.engine_threads = self._engine_threads()
             tierer = self.tierers.pop(name, None)
             if tierer is not None:
                 tierer.stop()
             await runtime.stop()
             self.metrics.model_ready.labels(name).set(0)
+
+    def _engine_threads(self) -> int:
+        """The engine threads the loaded models may run at once: a shared device's slots
+        (each batch with its model's intra-op threads), or every model's own instances."""
+        if not self.models:
+            return 1
+        if self.device is not None:
+            return self.device.slots * max(m.config.threads for m in self.models.values())
+        return sum(m.config.instances * m.config.threads for m in self.models.values())
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

@@ -169,6 +169,18 @@ class Metrics:
             "short by it with plan_overhead.",
             ["model"], registry=r,
         )  # fmt: skip
+        # Set by the data plane to read its server.host_cpu.HostCpu (no labels: one process).
+        self.host_cpu = Gauge(
+            "innfer_host_cpu_seconds_per_row",
+            "CPU the server spends per arriving request row outside its engines (receive, "
+            "decode, admit, encode, send), recent windows.", registry=r,
+        )  # fmt: skip
+        self.host_cpu_shared = Gauge(
+            "innfer_host_cpu_shared",
+            "1 when request handling runs on the engines' CPUs (no more CPUs than engine "
+            "threads): the planner then counts innfer_host_cpu_seconds_per_row as tier time.",
+            registry=r,
+        )  # fmt: skip
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.
         self.tier_set_checks = Counter(
             "innfer_tier_set_checks", "Auto-tiering checks by outcome: applied (the tier set "

@@ -44,6 +44,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.host_cpu import HostCpu
 from server.loop_idle import IdleWatch, idle_watch
 from server.metrics import MISS_REASONS, Metrics
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
@@ -235,8 +236,12 @@ class ModelRuntime:
         inline_max_s: float = 0.0,
         overhead_quantile: float = OVERHEAD_QUANTILE,
         traffic: TrafficLog | None = None,
+        host_cpu: HostCpu | None = None,
     ) -> None:
         self.served = served
+        # The process's CPU per row outside the engines, shared by every model: fed here,
+        # handed to the planner (Scheduler.host_s). None: not measured (tests, tools).
+        self.host_cpu = host_cpu
         self.traffic = traffic  # auto-tiering's record of what was asked (kept across reloads)
         self.name = served.name
         self.config = served.config
@@ -539,6 +544,8 @@ class ModelRuntime:
             length = int(inputs[name].shape[axis])
             self._tokens.observe(length)
         lane = self._lane(length)
+        if self.host_cpu is not None:
+            self.host_cpu.arrived(rows)
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
@@ -735,6 +742,7 @@ class ModelRuntime:
         if not self._running:
             self._all_done.set()
         self._compute_cpu_total.inc(times[2])  # a failed batch's CPU was the engine's too
+        self._meter_host(times[2])
         try:
             if error is not None:
                 log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
@@ -743,6 +751,18 @@ class ModelRuntime:
                 self._answer(lane, d, outputs, times)
         finally:
             self._pump()
+
+    def _meter_host(self, engine_cpu_s: float) -> None:
+        """Count a batch's engine CPU; every ``WINDOW_S`` hand the planner the process's
+        CPU per row outside the engines (``server.host_cpu``)."""
+        if self.host_cpu is None:
+            return
+        self.host_cpu.engine(engine_cpu_s)
+        now = self.clock()
+        if self.host_cpu.due(now):
+            self.host_cpu.refresh(time.process_time(), now)
+        for lane in self.lanes.values():
+            lane.host_s = self.host_cpu.per_row
 
     def _failed(self, lane: Scheduler, d: Decision, exc: BaseException) -> None:
         lane.complete(d, self.clock(), 0.0, ok=False)

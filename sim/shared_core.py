@@ -129,6 +129,9 @@ def simulate_shared(
     sched = Scheduler(tiers, make_policy(policy, tiers, 1), max_batch=max_batch,
                       max_queue=max_queue, slots=1, slo_target=slo_target,
                       admit_quantile=admit_quantile)  # fmt: skip
+    # The server measures its CPU per request outside the engine (server.host_cpu) and
+    # hands it to its scheduler; here it is known.
+    sched.host_s = host.parse_s + host.answer_s
     overhead = Overhead()
     refuse_s = host.answer_s if host.refuse_s is None else host.refuse_s
     n = len(arrivals) if arrivals is not None else n_requests

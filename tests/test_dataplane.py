@@ -198,6 +198,37 @@ def test_concurrent_requests_are_each_answered_once(config):
     assert sum(ran) == sum(len(x) for x in xs)  # every row once (calls[0] is the warm-up)
 
 
+def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cpus(config):
+    """The data plane meters its CPU outside the engines per arrived row and hands it to
+    every lane's scheduler - only while handling runs on the engines' CPUs."""
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        assert plane.host_cpu.engine_threads == 1  # one device slot, one intra-op thread
+        plane.host_cpu.cpus, plane.host_cpu.window_s = 1.0, 0.0  # one CPU: shared
+        try:
+            seen = []
+            for share in (True, False):
+                plane.host_cpu.cpus = 1.0 if share else 64.0
+                for k in range(3):  # windows of >= MIN_ROWS rows each
+                    xs = [_x(1, float(i)) for i in range(24)]
+                    reqs = [_request("a", x, latency_budget_ms=10_000.0) for x in xs]
+                    await asyncio.gather(*(plane.infer(r, None) for r in reqs))
+                seen.append([lane.host_s for lane in plane.models["a"].lanes.values()])
+            return plane, seen
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, (shared, own) = _run(body())
+    assert plane.host_cpu.estimate > 0
+    assert shared and all(s > 0 for s in shared)
+    assert own and all(s == 0.0 for s in own)
+    gauge = plane.metrics.registry.get_sample_value("innfer_host_cpu_seconds_per_row")
+    assert gauge == plane.host_cpu.estimate
+
+
 def test_unload_and_load_again(config):
     async def body():
         plane = DataPlane(config, Metrics())

@@ -161,6 +161,10 @@ class Scheduler:
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
         self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
+        # CPU seconds per row the serving process spends outside the engine on the engine's
+        # CPUs (Snapshot.host_s); its owner sets it from what it measures. 0: the host runs
+        # elsewhere, or is not measured (the engine-time simulator).
+        self.host_s = 0.0
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
         self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
 
@@ -445,7 +449,7 @@ class Scheduler:
         columns = self.columns() if len(self.queue) > 1 else None
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, columns, busy, backlog,
-            self._idle_share, hold, self._budget_cdf, self.idle_share,
+            self._idle_share, hold, self._budget_cdf, self.idle_share, self.host_s,
         )  # fmt: skip
 
     @property

@@ -1,0 +1,107 @@
+"""Host CPU: the CPU the serving process spends outside its engines per request row -
+receiving, decoding, admitting, encoding, sending - and whether that CPU is the engines'
+own.
+
+Where the process has no more CPUs than its engines have threads (a pod with a one-CPU
+limit, a server pinned to one core), every request's handling takes CPU the engines would
+have run on: a tier that keeps up with the arrivals on engine time alone does not keep up
+once handling is counted. The planner's first step counts it (``Snapshot.host_s``); with
+CPUs to spare the handling runs beside the engines and counts nothing.
+
+Measured, not configured: the process's CPU time (``time.process_time``, every thread) less
+the engines' own thread CPU over a window of a few hundred milliseconds, per row that
+arrived in it (refused rows cost handling too, and the planner compares with the arrival
+rate, which counts them). Pure: the caller passes CPU seconds and the time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+WINDOW_S = 0.5  # a new sample at most this often: ~100 rows at a few hundred per second
+MIN_ROWS = 16  # a window with fewer arrivals extends until it has this many
+ALPHA = 0.3  # weight of each window's sample in the estimate: about the last 3 windows
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit) when one is set.
+
+    Example:
+        >>> available_cpus() >= 1
+        True
+    """
+    cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(int(quota) / int(period), 1.0))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+class HostCpu:
+    """CPU seconds per arrived row outside the engines (an EWMA over windows), and 0 where
+    the engines have CPUs of their own.
+
+    Example:
+        >>> h = HostCpu(cpus=1.0)
+        >>> h.engine_threads = 1
+        >>> h.refresh(process_cpu_s=0.0, now=0.0)
+        >>> h.arrived(100); h.engine(0.2)
+        >>> h.refresh(process_cpu_s=0.3, now=1.0)   # 0.3 s of CPU, 0.2 s of it in engines
+        >>> round(h.per_row * 1e3, 3)                # 1 ms per row
+        1.0
+        >>> h.shares_cpus, HostCpu(cpus=4.0).shares_cpus   # 1 engine thread on 1 / 4 CPUs
+        (True, False)
+    """
+
+    def __init__(self, cpus: float | None = None, window_s: float = WINDOW_S) -> None:
+        self.cpus = available_cpus() if cpus is None else cpus
+        self.window_s = window_s
+        # Engine threads the loaded models may run at once (slots x intra-op threads):
+        # the data plane sets it as models load.
+        self.engine_threads = 1
+        self.estimate = 0.0  # CPU s per row, measured whether or not it is shared
+        self._rows = 0
+        self._engine_s = 0.0
+        self._since: tuple[float, float] | None = None  # (time, process CPU) at window start
+
+    @property
+    def shares_cpus(self) -> bool:
+        """Whether request handling runs on the engines' CPUs: no CPU is left over."""
+        return self.cpus <= self.engine_threads
+
+    @property
+    def per_row(self) -> float:
+        """What the planner counts per row: the estimate where handling shares the
+        engines' CPUs, else 0."""
+        return self.estimate if self.shares_cpus else 0.0
+
+    def arrived(self, rows: int) -> None:
+        self._rows += rows
+
+    def engine(self, cpu_s: float) -> None:
+        """A batch's engine-thread CPU seconds."""
+        self._engine_s += cpu_s
+
+    def due(self, now: float) -> bool:
+        return self._since is None or now - self._since[0] >= self.window_s
+
+    def refresh(self, process_cpu_s: float, now: float) -> None:
+        """Close the window if it has rows enough: its host CPU per row joins the estimate."""
+        if self._since is None:
+            self._since, self._rows, self._engine_s = (now, process_cpu_s), 0, 0.0
+            return
+        if self._rows < MIN_ROWS:
+            return
+        host = max(0.0, process_cpu_s - self._since[1] - self._engine_s) / self._rows
+        if math.isfinite(host):
+            self.estimate = (
+                host if not self.estimate else self.estimate + ALPHA * (host - self.estimate)
+            )
+        self._since, self._rows, self._engine_s = (now, process_cpu_s), 0, 0.0
