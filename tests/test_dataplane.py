@@ -211,7 +211,7 @@ def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cp
             seen = []
             for share in (True, False):
                 plane.host_cpu.cpus = 1.0 if share else 64.0
-                for k in range(3):  # windows of >= MIN_ROWS rows each
+                for _ in range(3):  # windows of >= MIN_ROWS rows each
                     xs = [_x(1, float(i)) for i in range(24)]
                     reqs = [_request("a", x, latency_budget_ms=10_000.0) for x in xs]
                     await asyncio.gather(*(plane.infer(r, None) for r in reqs))
