@@ -475,7 +475,8 @@ class Planner(Policy):
     # -- the steps -------------------------------------------------------------------------
     def sustainable_tiers(self, allowed: list[str], ctx: Context, snap: Snapshot) -> list[str]:
         """Step 1: the tiers of ``allowed`` whose full-batch throughput over the slots,
-        less the headroom, covers ``snap.arrival_rate``; the fastest if none does. When
+        times the headroom, covers ``snap.arrival_rate`` (``keeps_up``); the fastest if none
+        does. When
         nearly every recent request found the device idle (``snap.idle_share``), every
         allowed tier: the arrivals are then paced by the answers (a closed loop of few
         clients), so their rate measures how fast we answer, not a load to keep up with -
@@ -485,9 +486,9 @@ class Planner(Policy):
         return [t for t in allowed if self.keeps_up(t, ctx, snap)] or allowed[-1:]
 
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
-        """Whether ``tier`` at full batches on every slot, with the host's CPU per row
-        (``snap.host_s``) and the headroom, serves rows as fast as they arrive
-        (``snap.arrival_rate``)."""
+        """Whether ``tier`` at full batches on every slot, on the CPU share request
+        handling leaves (``snap.host_s`` per arriving row), times the headroom, serves rows
+        as fast as they arrive (``snap.arrival_rate``)."""
         b = ctx.max_batch
         # The host's CPU is spent whatever the tier: the engines share what it leaves.
         left = max(0.0, 1.0 - snap.arrival_rate * snap.host_s / self.slots)
