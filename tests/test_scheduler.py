@@ -854,7 +854,7 @@ def test_step1_sustainable_tiers_and_step1b_one_tier_above():
     assert planner.sustainable_tiers(NAMES, CTX, IDLE) == NAMES
     assert planner.sustainable_tiers(NAMES, CTX, busy) == NAMES[1:]
     assert planner.sustainable_tiers(NAMES, CTX, Snapshot(arrival_rate=416.0)) == NAMES
-    hosted = Snapshot(arrival_rate=416.0, host_s=0.001)
+    hosted = Snapshot(arrival_rate=416.0, host_share=0.416)
     assert planner.sustainable_tiers(NAMES, CTX, hosted) == NAMES[1:]
     flood = Snapshot(arrival_rate=1e6)
     assert planner.sustainable_tiers(NAMES, CTX, flood) == ["w025"]  # the fastest, always

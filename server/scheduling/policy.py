@@ -53,13 +53,14 @@ EFFICIENT_BATCH_SLACK = 0.02
 # batch of 8 serves no more rows per second and makes its first seven requests wait.
 BATCH_GROWTH_SLACK = 0.01
 # Planner step 1: a tier is a candidate while the arrivals are at most 1.5x its full-batch
-# throughput (at its mean batch time, plus the host's CPU per row where it shares the
-# device: ``Snapshot.host_s``). Above 1x it cannot carry the load alone: the deadline checks
-# of steps 2-4 mix in faster tiers as the queue deepens, which is how the load is carried
-# at the highest mean accuracy. Measured on the issue-18 grid (engine time only, 2 profiles
-# x 5 traces x 5 loads, 3 seeds): at 0.9 (no tier past its throughput) the mean served size
-# was below SlackFit's in 23 of 50 cells; at 1.5 in none, attainment >= 99.94 %. With no
-# bound at all, the shared-core simulation (host CPU on the engine's core) lost a point of
+# throughput (at its mean batch time, on the CPU share request handling leaves where it
+# runs on the engines' CPUs: ``Snapshot.host_share``). Above 1x it cannot carry the load
+# alone: the deadline checks of steps 2-4 mix in faster tiers as the queue deepens, which
+# is how the load is carried at the highest mean accuracy. Measured on the issue-18 grid
+# (engine time only, 2 profiles x 5 traces x 5 loads, 3 seeds): at 0.9 (no tier past its
+# throughput) the mean served size was below SlackFit's, at equal or better attainment, in
+# 19 of the 40 distinct cells; at 1.5 in none, attainment >= 99.94 %. With no bound at
+# all, the shared-core simulation (host CPU on the engine's core) lost a point of
 # attainment at 3x: what the deadline checks do not see - the host's CPU per request, the
 # requests still in the transport's buffers - this bound still keeps out.
 SUSTAINABLE_HEADROOM = 1.5
@@ -121,10 +122,10 @@ class Snapshot:
     read-only - their empirical distribution prices the arrivals a long single row would
     turn away (None: none yet, nothing is priced). ``paced_share``: the idle share over the
     arrivals seen so far (not decayed from 0 at start): whether arrivals are paced by the
-    answers, for that pricing. ``host_s``: CPU seconds per row the serving process spends
-    outside the engine on the engine's own CPUs (receiving, decoding, encoding, sending;
-    ``Scheduler.host_s``, 0 where the host runs on other CPUs): step 1 counts it as part of
-    each tier's time per row.
+    answers, for that pricing. ``host_share``: the share of the device's CPU that request
+    handling (receiving, decoding, encoding, sending) takes at the recent arrival rate of
+    every model on the device (``Scheduler.host_s`` per row; 0 where handling runs on
+    other CPUs): step 1's tiers share what it leaves.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -143,7 +144,7 @@ class Snapshot:
     hold: float = math.inf
     budgets: np.ndarray | None = None
     paced_share: float = 0.0
-    host_s: float = 0.0
+    host_share: float = 0.0
 
 
 class Context:
@@ -487,11 +488,11 @@ class Planner(Policy):
 
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
         """Whether ``tier`` at full batches on every slot, on the CPU share request
-        handling leaves (``snap.host_s`` per arriving row), times the headroom, serves rows
-        as fast as they arrive (``snap.arrival_rate``)."""
+        handling leaves (``snap.host_share``), times the headroom, serves rows as fast as
+        they arrive (``snap.arrival_rate``)."""
         b = ctx.max_batch
         # The host's CPU is spent whatever the tier: the engines share what it leaves.
-        left = max(0.0, 1.0 - snap.arrival_rate * snap.host_s / self.slots)
+        left = max(0.0, 1.0 - snap.host_share)
         capacity = left * self.slots * b / ctx.latency.mean(tier, b)  # rows/s
         return snap.arrival_rate <= self.headroom * capacity
 
