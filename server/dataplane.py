@@ -204,6 +204,7 @@ class DataPlane:
             "overhead_quantile": m.overhead.quantile,
             "engine_speed": m.engine_speed(),
             "engine_sigma": m.engine_spread(),
+            "host_cpu_ms": self.host_cpu.per_row * 1e3,
         }
 
     def _plans_overhead(self, m: ModelRuntime) -> bool:

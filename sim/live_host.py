@@ -20,7 +20,9 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
      "plan_overhead": false,      whether the model plans for the overhead (resolved)
      "overhead_quantile": 0.99,   the quantile it plans with
      "engine_speed": 1.1,         live engine time / profiled, median over the live tiers
-     "engine_sigma": 0.3}         the spread the latency model learned live (null: none yet)
+     "engine_sigma": 0.3,         the spread the latency model learned live (null: none yet)
+     "host_cpu_ms": 2.2}          request handling's CPU per row on the engines' CPUs, as
+                                  the live planner counts it (server.host_cpu; 0: none)
 
 and the replay then, per request (the same draws for every tier set compared): judges the
 answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
@@ -28,7 +30,8 @@ plans it as the server does (``budget - margin``, and with ``plan_overhead`` sho
 samples' quantile with the excess over their median given back to admission), and runs
 each batch ``engine_speed`` times its frontier time, drawn with the live spread where there
 is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
-replay with their spread plans larger tiers than the live scheduler dares to).
+replay with their spread plans larger tiers than the live scheduler dares to), with its
+planner told the host CPU per row the live one counts (``Scheduler.host_s``).
 
 Example:
     >>> host = LiveHost(overhead_ms=(2.0, 3.0, 9.0), margin_ms=1.0)
@@ -58,6 +61,7 @@ class LiveHost:
     quantile: float = 0.99
     engine_speed: float = 1.0
     engine_sigma: float | None = None
+    host_cpu_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
@@ -71,6 +75,8 @@ class LiveHost:
         sigma = self.engine_sigma
         if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
+        if not (np.isfinite(self.host_cpu_ms) and self.host_cpu_ms >= 0):
+            raise ValueError(f"host_cpu_ms must be >= 0, got {self.host_cpu_ms}")
 
     def budgets(self, budgets_s: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(judged, planned, grace) for requests with client budgets ``budgets_s``: the
@@ -98,13 +104,14 @@ class LiveHost:
             "overhead_quantile": self.quantile,
             "engine_speed": self.engine_speed,
             "engine_sigma": self.engine_sigma,
+            "host_cpu_ms": self.host_cpu_ms,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
         known = {"overhead_ms", "budget_margin_ms", "plan_overhead", "overhead_quantile",
-                 "engine_speed", "engine_sigma"}  # fmt: skip
+                 "engine_speed", "engine_sigma", "host_cpu_ms"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
@@ -116,6 +123,7 @@ class LiveHost:
                 quantile=float(data.get("overhead_quantile", 0.99)),
                 engine_speed=float(data.get("engine_speed", 1.0)),
                 engine_sigma=_optional(data.get("engine_sigma")),
+                host_cpu_ms=float(data.get("host_cpu_ms", 0.0)),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"host view: {exc}") from None

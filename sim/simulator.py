@@ -127,6 +127,7 @@ def replay(
     planned: np.ndarray | None = None,
     grace: float = 0.0,
     speed: float = 1.0,
+    host_s: float = 0.0,
 ) -> SimResult:
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
@@ -134,7 +135,8 @@ def replay(
     ``duration_s`` for the summary's goodput; the trace and budget fields are ignored.
     A live server's view (``sim.live_host``): the scheduler plans with ``planned`` budgets
     (default ``budgets``) and admission ``grace`` while answers are judged by ``budgets``,
-    and every batch runs ``speed`` times its profiled time.
+    and every batch runs ``speed`` times its profiled time; its planner counts ``host_s`` of
+    request handling's CPU per row (``Scheduler.host_s``).
 
     Example:
         >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
@@ -156,6 +158,7 @@ def replay(
         slo_target=cfg.slo_target,
         admit_quantile=cfg.admit_quantile,
     )
+    sched.host_s = host_s
     n = len(arrivals)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n

@@ -271,8 +271,10 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
         LiveHost.read(tmp_path / "h.json")
     with pytest.raises(ValueError, match="engine_sigma must be >= 0 or null"):
         LiveHost(engine_sigma=float("nan"))
+    with pytest.raises(ValueError, match="host_cpu_ms must be >= 0"):
+        LiveHost(host_cpu_ms=-0.5)
     for sigma in (None, 0.4):
-        host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma)
+        host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma, host_cpu_ms=2.2)
         assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
 
 
@@ -293,6 +295,12 @@ def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
     # it and keeps to smaller tiers, as the live one does on a shared core.
     jittery = evaluate(_options(), names, traffic, SimConfig(), host=LiveHost(engine_sigma=0.5))
     assert jittery.mean_accuracy < bare.mean_accuracy - 0.02
+    # Request handling's CPU on the engines' CPUs (1 ms per row at 800 rows/s: 80 % of the
+    # core): the replayed planner, told it as the live one is, keeps the large tiers out.
+    busy = _traffic(800, (20, 60))
+    engine_only = evaluate(_options(), names, busy, SimConfig())
+    handled = evaluate(_options(), names, busy, SimConfig(), host=LiveHost(host_cpu_ms=1.0))
+    assert handled.mean_accuracy < engine_only.mean_accuracy - 0.01
 
 
 def test_the_choice_made_with_the_host_view_serves_clients_better():
