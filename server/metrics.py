@@ -171,14 +171,14 @@ class Metrics:
         )  # fmt: skip
         # Set by the data plane to read its server.host_cpu.HostCpu (no labels: one process).
         self.host_cpu = Gauge(
-            "innfer_host_cpu_seconds_per_row",
+            "innfer_host_cpu_per_row_seconds",
             "CPU the server spends per arriving request row outside its engines (receive, "
             "decode, admit, encode, send), recent windows.", registry=r,
         )  # fmt: skip
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
             "1 when request handling runs on the engines' CPUs (no more CPUs than engine "
-            "threads): the planner then counts innfer_host_cpu_seconds_per_row as tier time.",
+            "threads): the planner then counts innfer_host_cpu_per_row_seconds as tier time.",
             registry=r,
         )  # fmt: skip
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.

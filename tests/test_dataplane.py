@@ -225,7 +225,7 @@ def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cp
     assert plane.host_cpu.estimate > 0
     assert shared and all(s > 0 for s in shared)
     assert own and all(s == 0.0 for s in own)
-    gauge = plane.metrics.registry.get_sample_value("innfer_host_cpu_seconds_per_row")
+    gauge = plane.metrics.registry.get_sample_value("innfer_host_cpu_per_row_seconds")
     assert gauge == plane.host_cpu.estimate
 
 
