@@ -146,6 +146,7 @@ def test_degraded_share_adds_replicas_while_latency_is_within_budget():
     # ... while latency was within budget: the requests since the step met their deadlines.
     since = (innfer.arrivals >= 60.0) & (innfer.arrivals < first["t"])
     assert (innfer.finish <= innfer.deadlines)[since].mean() >= 0.99
+
     # Latency-only: the planner answers the step with narrower tiers first, so p95 rises
     # only as those fill the budgets, and the latency autoscaler follows later - fewer
     # replicas than the degraded share's at every tick of the minute after the step (with
