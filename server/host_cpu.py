@@ -5,8 +5,9 @@ own.
 Where the process has no more CPUs than its engines have threads (a pod with a one-CPU
 limit, a server pinned to one core), every request's handling takes CPU the engines would
 have run on: a tier that keeps up with the arrivals on engine time alone does not keep up
-once handling is counted. The planner's first step counts it (``Snapshot.host_s``); with
-CPUs to spare the handling runs beside the engines and counts nothing.
+once handling is counted. The planner's first step counts it (``Scheduler.host_s``, and
+per decision ``Snapshot.host_share``); with CPUs to spare the handling runs beside the
+engines and counts nothing.
 
 Measured, not configured: the process's CPU time (``time.process_time``, every thread) less
 the engines' own thread CPU over a window of a few hundred milliseconds, per row that

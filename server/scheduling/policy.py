@@ -59,7 +59,7 @@ BATCH_GROWTH_SLACK = 0.01
 # is how the load is carried at the highest mean accuracy. Measured on the issue-18 grid
 # (engine time only, 2 profiles x 5 traces x 5 loads, 3 seeds): at 0.9 (no tier past its
 # throughput) the mean served size was below SlackFit's, at equal or better attainment, in
-# 19 of the 40 distinct cells; at 1.5 in none, attainment >= 99.94 %. With no bound at
+# 22 of the 50 cells; at 1.5 in none, attainment >= 99.93 % (scheduler.json). With no bound at
 # all, the shared-core simulation (host CPU on the engine's core) lost a point of
 # attainment at 3x: what the deadline checks do not see - the host's CPU per request, the
 # requests still in the transport's buffers - this bound still keeps out.
