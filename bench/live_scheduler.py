@@ -26,7 +26,7 @@ Writes bench/results/live_scheduler.json and live_scheduler.png, the servers' lo
 bench/results/live_scheduler-<tree>.log, and prints a table.
 
     .venv/bin/python -m bench.live_scheduler [--baseline-tree DIR] [--requests 2000]
-        [--seconds 30] [--points closed-c8-*,open-2x] [--seed 0]
+        [--seconds 30] [--points closed-c8-*,open-2x] [--seed 0] [--repeat N]
 """
 
 from __future__ import annotations
@@ -754,8 +754,18 @@ def main(argv: list[str] | None = None) -> int:
         "a checkout of the same commit, e.g. --serve-args '--engine-nice 4' "
         "--baseline-serve-args '')",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the selected points this many times over (each a row of its own, with "
+        "the same arrivals); the tree that goes first alternates from row to row, also for "
+        "one point: on this machine the first arm of an A/A pair did worse",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     points = select(all_points(), args.points)
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
 
@@ -847,8 +857,9 @@ def main(argv: list[str] | None = None) -> int:
         "points": [],
     }
     order = list(trees)
-    for k, pt in enumerate(points):
-        row = {**pt, "live": {}}
+    rows = [(r, pt) for r in range(args.repeat) for pt in points]
+    for k, (repeat, pt) in enumerate(rows):
+        row = {**pt, "repeat": repeat, "live": {}}
         if pt["kind"] == "open":
             row["rate_per_s"] = pt["load"] * capacity
             row["n_arrivals"] = len(traces[pt["id"]])
