@@ -868,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             row["sim"] = None
             row["sim_note"] = NO_CLOSED_LOOP_SIM
         # alternate which tree goes first, so drift on this shared machine hits both
+        row["first"] = (order if k % 2 == 0 else order[::-1])[0]
         for name in order if k % 2 == 0 else order[::-1]:
             print(f"[{name}] {pt['id']} ...", file=sys.stderr, flush=True)
             try:
