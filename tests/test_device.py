@@ -91,20 +91,14 @@ def test_a_shared_device_hands_the_other_models_work_to_the_snapshot():
     assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))
 
 
-def test_request_handling_is_priced_at_every_models_arrivals():
-    """The host CPU per row (``Scheduler.host_s``, set by the server's meter) times the
-    rows arriving at the whole device is the CPU share handling takes: model b's planner
-    sees a's arrivals in it, and nothing where handling is not metered."""
-    dev = Device(slots=1)
-    a, b = _scheduler(dev), _scheduler(dev)
-    for i in range(10):
-        a.submit(Request(i, 0.01 * i, 1.0), 0.01 * i)
-    b.submit(Request(99, 0.1, 1.0), 0.1)
-    assert b._snapshot(0.1, 0).host_share == 0.0
-    a.host_s = b.host_s = 0.002
-    rows_per_s = a.arrival_rate(0.1) + b.arrival_rate(0.1)
-    assert rows_per_s > b.arrival_rate(0.1) > 0
-    assert b._snapshot(0.1, 0).host_share == pytest.approx(0.002 * rows_per_s)
+def test_a_measured_host_cpu_makes_the_planner_plan_as_on_a_shared_cpu():
+    """``Scheduler.host_s`` (set by the server's meter where handling runs on the engines'
+    CPUs) turns on the snapshot's ``shared_cpu``, and step 1's tighter bound with it."""
+    sched = _scheduler()
+    sched.submit(Request(1, 0.0, 0.100), 0.0)
+    assert not sched._snapshot(0.0, 0).shared_cpu
+    sched.host_s = 0.002
+    assert sched._snapshot(0.0, 0).shared_cpu
 
 
 def test_the_slot_holder_keeps_the_others_deadlines():

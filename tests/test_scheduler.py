@@ -846,15 +846,15 @@ IDLE = Snapshot()  # no recent arrivals, no tight budgets
 
 
 def test_step1_sustainable_tiers_and_step1b_one_tier_above():
-    """700 rows/s: w100 is allowed up to 1.5 x 8 / 18 ms = 667 rows/s, w075 889. The
-    host's CPU per row, where it shares the engines' CPUs, leaves the engines less: at
-    416 rows/s and 1 ms per row, 58.4 % of the CPU, and w100 (389 rows/s) drops out."""
+    """700 rows/s: w100 is allowed up to 1.5 x 8 / 18 ms = 667 rows/s, w075 889. Where
+    request handling shares the engines' CPUs the bound is 0.9x: at 416 rows/s w100
+    (0.9 x 444 = 400 rows/s) drops out."""
     planner = Planner(slots=1)
     busy = Snapshot(arrival_rate=700.0)
     assert planner.sustainable_tiers(NAMES, CTX, IDLE) == NAMES
     assert planner.sustainable_tiers(NAMES, CTX, busy) == NAMES[1:]
     assert planner.sustainable_tiers(NAMES, CTX, Snapshot(arrival_rate=416.0)) == NAMES
-    hosted = Snapshot(arrival_rate=416.0, host_share=0.416)
+    hosted = Snapshot(arrival_rate=416.0, shared_cpu=True)
     assert planner.sustainable_tiers(NAMES, CTX, hosted) == NAMES[1:]
     flood = Snapshot(arrival_rate=1e6)
     assert planner.sustainable_tiers(NAMES, CTX, flood) == ["w025"]  # the fastest, always

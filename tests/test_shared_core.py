@@ -71,9 +71,9 @@ def test_host_cost_makes_the_planner_pick_smaller_tiers():
 def test_the_planner_is_told_the_host_cpu_per_row(monkeypatch):
     """The server meters its CPU per row outside the engine and hands it to the planner
     (``Scheduler.host_s``); the simulator hands it its ``HostCost``. At 200 rows/s with
-    1 ms of handling each, handling takes 20 % of the core: a planner told so lets the
-    full tier into step 1 less often than one that plans on engine time alone (which
-    then leans on the deadline checks; their attainment is within 0.05 point here)."""
+    1 ms of handling each, a planner told that handling shares the core keeps step 1's
+    tighter bound and lets the full tier in less often than one that plans as if the
+    engine had the core to itself."""
     import sim.shared_core as shared_core
 
     class Deaf(shared_core.Scheduler):

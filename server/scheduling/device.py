@@ -160,10 +160,6 @@ class Device:
                 out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
         return out
 
-    def arrival_rate(self, now: float) -> float:
-        """Rows per second arriving at every member: the load request handling meets."""
-        return sum(m.arrival_rate(now) for m in self.members)
-
     def backlog(self, scheduler: Scheduler, before: float) -> float:
         """Seconds of the other members' queued work due by ``before`` (absolute deadline):
         it runs first in deadline order. Counted as full batches on each request's fastest

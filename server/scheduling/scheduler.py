@@ -163,8 +163,8 @@ class Scheduler:
         self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
         # CPU seconds per row the serving process spends outside the engine on the engine's
         # CPUs; its owner sets it from what it measures. 0: the host runs elsewhere, or is
-        # not measured (the engine-time simulator). Times the device's arrival rate it is
-        # the share of the CPU request handling takes (Snapshot.host_share).
+        # not measured (the engine-time simulator). Above 0 the planner plans as on a
+        # shared CPU (Snapshot.shared_cpu).
         self.host_s = 0.0
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
         self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
@@ -448,13 +448,9 @@ class Scheduler:
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
-        # Request handling runs for every model's arrivals, not only this one's.
-        host_share = 0.0
-        if self.host_s:
-            host_share = self.host_s * self.device.arrival_rate(now) / self.slots
         return Snapshot(
             self.arrival_rate(now), self._tight_budget, columns, busy, backlog,
-            self._idle_share, hold, self._budget_cdf, self.idle_share, host_share,
+            self._idle_share, hold, self._budget_cdf, self.idle_share, self.host_s > 0,
         )  # fmt: skip
 
     @property
