@@ -4,10 +4,10 @@ own.
 
 Where the process has no more CPUs than its engines have threads (a pod with a one-CPU
 limit, a server pinned to one core), every request's handling takes CPU the engines would
-have run on: a tier that keeps up with the arrivals on engine time alone does not keep up
-once handling is counted. The planner's first step counts it (``Scheduler.host_s``, and
-per decision ``Snapshot.host_share``); with CPUs to spare the handling runs beside the
-engines and counts nothing.
+have run on, and the planner's deadline checks do not see it: the planner's first step
+then keeps its tighter bound (``Scheduler.host_s`` > 0 turns on ``Snapshot.shared_cpu``).
+With CPUs to spare the handling runs beside the engines and counts nothing. The amount is
+exported and handed to auto-tiering's replay (``sim.live_host``).
 
 Measured, not configured: the process's CPU time (``time.process_time``, every thread) less
 the engines' own thread CPU over a window of a few hundred milliseconds, per row that

@@ -21,8 +21,8 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
      "overhead_quantile": 0.99,   the quantile it plans with
      "engine_speed": 1.1,         live engine time / profiled, median over the live tiers
      "engine_sigma": 0.3,         the spread the latency model learned live (null: none yet)
-     "host_cpu_ms": 2.2}          request handling's CPU per row on the engines' CPUs, as
-                                  the live planner counts it (server.host_cpu; 0: none)
+     "host_cpu_ms": 2.2}          request handling's CPU per row on the engines' CPUs
+                                  (server.host_cpu; 0: handling has CPUs of its own)
 
 and the replay then, per request (the same draws for every tier set compared): judges the
 answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
@@ -31,7 +31,8 @@ samples' quantile with the excess over their median given back to admission), an
 each batch ``engine_speed`` times its frontier time, drawn with the live spread where there
 is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
 replay with their spread plans larger tiers than the live scheduler dares to), with its
-planner told the host CPU per row the live one counts (``Scheduler.host_s``).
+planner told, as the live one is, whether handling shares the engines' CPUs
+(``Scheduler.host_s``).
 
 Example:
     >>> host = LiveHost(overhead_ms=(2.0, 3.0, 9.0), margin_ms=1.0)

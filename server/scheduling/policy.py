@@ -482,12 +482,12 @@ class Planner(Policy):
     # -- the steps -------------------------------------------------------------------------
     def sustainable_tiers(self, allowed: list[str], ctx: Context, snap: Snapshot) -> list[str]:
         """Step 1: the tiers of ``allowed`` whose full-batch throughput over the slots,
-        times the headroom, covers ``snap.arrival_rate`` (``keeps_up``); the fastest if none
-        does. When
-        nearly every recent request found the device idle (``snap.idle_share``), every
-        allowed tier: the arrivals are then paced by the answers (a closed loop of few
-        clients), so their rate measures how fast we answer, not a load to keep up with -
-        reading it as load spiralled one client down to the smallest tier."""
+        times the headroom, covers ``snap.arrival_rate`` (``keeps_up``); the fastest if
+        none does. When nearly every recent request found the device idle
+        (``snap.idle_share``), every allowed tier: the arrivals are then paced by the
+        answers (a closed loop of few clients), so their rate measures how fast we answer,
+        not a load to keep up with - reading it as load spiralled one client down to the
+        smallest tier."""
         if snap.idle_share >= LIGHT_IDLE_SHARE:
             return list(allowed)
         return [t for t in allowed if self.keeps_up(t, ctx, snap)] or allowed[-1:]
