@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.hardening import commit_of
 from bench.live_scheduler import LiveServer
 from bench.publish import publish
 from runtime.repository import ACTIVE_FILE
@@ -217,15 +217,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _revision(tree: Path | None) -> str | None:
-    """The commit checked out at ``tree`` (None without one)."""
-    if tree is None:
-        return None
-    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True)  # fmt: skip
-    return out.stdout.strip() or str(tree)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phase-s", type=float, default=60.0)
@@ -260,7 +251,8 @@ def main(argv=None) -> int:
             for arm in names}  # fmt: skip
     results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
-               "baseline_tree": _revision(args.baseline_tree), "tight_ms": args.tight_ms,
+               "baseline_tree": args.baseline_tree and commit_of(args.baseline_tree),
+               "tight_ms": args.tight_ms,
                "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     publish(results, OUT, args.name, plot, table(results))
     return 0

@@ -759,8 +759,9 @@ class ModelRuntime:
             return
         self.host_cpu.engine(engine_cpu_s)
         now = self.clock()
-        if self.host_cpu.due(now):
-            self.host_cpu.refresh(time.process_time(), now)
+        if not self.host_cpu.due(now):
+            return
+        self.host_cpu.refresh(time.process_time(), now)
         for lane in self.lanes.values():
             lane.host_s = self.host_cpu.per_row
 

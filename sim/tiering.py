@@ -244,8 +244,7 @@ def outcomes(
     budget), the serving tier's accuracy (0 where not answered), its width (nan where not
     answered); and the simulator's summary. ``host``: the live server's time outside queue
     and compute, its planning, its engine speed and spread, its handling's CPU per row
-    (``sim.live_host``); None: engine
-    time only, as profiled, every budget planned whole."""
+    (``sim.live_host``); None: engine time only, as profiled, every budget planned whole."""
     tiers = [options[n].tier for n in names]
     p50 = {n: options[n].p50 for n in names}
     budgets = traffic.budget_ms / 1e3
