@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import server.scheduling as new_scheduling  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "decision_cost.json"
-FILES = ("__init__", "device", "latency", "plan", "policy", "request", "scheduler")
+FILES = ("__init__", "_kernel", "device", "latency", "plan", "policy", "request", "scheduler")
 SIZES = (8, 100, 1000, 2000)
 NAMES = ("w100", "w075", "w050", "w025")
 ACCURACY = {"w100": 0.99, "w075": 0.985, "w050": 0.97, "w025": 0.93}

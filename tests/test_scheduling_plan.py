@@ -14,18 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.scheduling import Context, LatencyModel, Request, TierInfo
-from server.scheduling import plan as plan_module
 from server.scheduling.latency import sum_quantile
-from server.scheduling.plan import (
-    Candidate,
-    Columns,
-    admission_finish,
-    feasible,
-    form_groups,
-    slot_chains,
-    small_feasible,
-    small_groups,
-)
+from server.scheduling.plan import Candidate, admission_finish, feasible, form_groups
 
 # Noisy tiers (p90 above p50), so that variances and the quantile of sums are exercised.
 TIERS = [
@@ -102,11 +92,10 @@ def test_the_vectorised_plan_is_the_reference_plan(spec, plans, skip, slots, max
     ids = {queue[i].id for i in skip}
     want = [reference(queue, ctx, p, ids, head, others, now) for p in plans]
     assert got == want
-    # The plain-Python path for short queues gives the same answers.
-    small = small_groups(cols, max_batch)
-    assert [b[4] for b in small.batches] == [groups.members(g) for g in range(len(groups))]
-    assert small.of == groups.of.tolist()
-    assert small_feasible(small, cols, candidates, ctx.tables(), ctx.latency.z, others, now) == got
+    # Every request is in exactly one batch, the one ``of`` names.
+    members = [groups.members(g) for g in range(len(groups))]
+    assert sorted(i for m in members for i in m) == list(range(len(queue)))
+    assert all(groups.of[i] == g for g, m in enumerate(members) for i in m)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,9 +105,11 @@ def test_the_vectorised_plan_is_the_reference_plan(spec, plans, skip, slots, max
     slots=st.integers(1, 3),
     running=st.floats(0.0, 0.01),
 )
-def test_admission_finish_is_the_same_on_both_paths(spec, new, slots, running):
+def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
+    spec, new, slots, running
+):
     """The new request's end: its own batch on the fastest tiers' plan, or an earlier batch
-    it joins; plain Python for short queues and numpy agree, and equal a plain sum."""
+    it joins - a plain sum per slot, each batch on the slot that frees first."""
     ctx = Context(TIERS, LatencyModel(TIERS), 8)
     queue = sorted(
         (Request(k, 0.0, ms * 1e-3, rows=rows, **c) for k, (ms, rows, c, _) in enumerate(spec)),
@@ -126,32 +117,28 @@ def test_admission_finish_is_the_same_on_both_paths(spec, new, slots, running):
     )
     _, rows, c, _ = new
     r = Request(99, 0.0, 1.0, rows=rows, **c)  # queued last
-    cols = ctx.columns([*queue, r])
-    busy = [running] + [0.0] * (slots - 1)
-    args = (cols, 8, ctx.tables(), ctx.latency.z, busy)
-    saved = plan_module.SMALL_QUEUE
-    try:
-        plan_module.SMALL_QUEUE = 10**6
-        small = admission_finish(*args)
-        plan_module.SMALL_QUEUE = -1
-        big = admission_finish(*args)
-    finally:
-        plan_module.SMALL_QUEUE = saved
-    assert small == pytest.approx(big, rel=1e-12)
-    if slots == 1:  # a plain sum: every batch up to r's, or up to one it joins
-        lat, g = ctx.latency, form_groups(cols, 8)
-        mine = int(g.of[len(queue)])
-        names = [t.name for t in ctx.tiers]
-        options, m, v = [], 0.0, 0.0
-        lo, hi = ctx.bounds(r)
-        for k in range(mine + 1):
-            t, b = names[g.hi[k]], int(g.rows[k])
-            if k < mine and lo <= g.hi[k] <= hi and b + r.rows <= 8:
-                mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
-                options.append(float(sum_quantile(mj, vj, lat.z)))
-            m, v = m + lat.mean(t, b), v + lat.var(t, b)
-        options.append(float(sum_quantile(m, v, lat.z)))
-        assert big == pytest.approx(running + min(options), rel=1e-9)
+    lo, hi = ctx.bounds(r)
+    busy = [running] + [0.0005 * k for k in range(1, slots)]
+    behind = ctx.columns([*queue, Request(100, 0.0, 2.0)])  # one more queued behind r
+    got = admission_finish(behind, len(queue), (r.rows, lo, hi), 8, ctx.tables(), ctx.latency.z,
+                           busy[::-1])  # fmt: skip
+    lat, g = ctx.latency, form_groups(ctx.columns([*queue, r]), 8)
+    mine = int(g.of[len(queue)])
+    names = [t.name for t in ctx.tiers]
+    chains = [[off, 0.0, 0.0] for off in sorted(busy)]  # offset, mean, variance per slot
+    options = []
+    for k in range(mine + 1):
+        t, b = names[g.hi[k]], int(g.rows[k])
+        off, m, v = min(chains, key=lambda x: x[0] + x[1])
+        if k < mine and lo <= g.hi[k] <= hi and b + r.rows <= 8:
+            mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
+            options.append(off + float(sum_quantile(mj, vj, lat.z)))
+        slot = min(chains, key=lambda x: x[0] + x[1])
+        slot[1] += lat.mean(t, b)
+        slot[2] += lat.var(t, b)
+    off, m, v = slot
+    options.append(off + float(sum_quantile(m, v, lat.z)))
+    assert got == pytest.approx(min(options), rel=1e-9)
 
 
 def test_batches_are_real_sizes_per_fastest_tier_in_the_order_of_their_first_request():
@@ -173,17 +160,18 @@ def test_batches_are_real_sizes_per_fastest_tier_in_the_order_of_their_first_req
 def test_one_slot_sums_batch_times_and_takes_the_quantile_of_the_sum():
     lat = LatencyModel(TIERS)
     ctx = Context(TIERS, lat, 8)
-    queue = [Request(k, 0.0, 1.0) for k in range(12)]  # 8 + 4 rows on "small"
-    g = form_groups(ctx.columns(queue), 8)
-    _, mean, var = ctx.tables()
-    off, m, v = slot_chains(mean[g.hi, g.rows], var[g.hi, g.rows], [(0.002, 0.0, 0.0)])
-    ends = off + sum_quantile(m, v, lat.z)
+    tables, z = ctx.tables(), lat.z
+
+    def end(n):  # the n-th request's end: batches of 8 rows on "small", after 2 ms
+        cols = ctx.columns([Request(k, 0.0, 1.0) for k in range(n - 1)])
+        return admission_finish(cols, n - 1, (1, 0, 2), 8, tables, z, [0.002])
+
     total_m = lat.mean("small", 8) + lat.mean("small", 4)
     total_v = lat.var("small", 8) + lat.var("small", 4)
-    assert ends[0] == pytest.approx(0.002 + lat.estimate("small", 8))  # one batch: exact
-    assert ends[1] == pytest.approx(0.002 + sum_quantile(total_m, total_v, lat.z))
+    assert end(8) == pytest.approx(0.002 + lat.estimate("small", 8))  # one batch: exact
+    assert end(12) == pytest.approx(0.002 + sum_quantile(total_m, total_v, z))
     # Independent batches: the sum's quantile is below the sum of the quantiles.
-    assert ends[1] < 0.002 + lat.estimate("small", 8) + lat.estimate("small", 4)
+    assert end(12) < 0.002 + lat.estimate("small", 8) + lat.estimate("small", 4)
 
 
 def test_a_candidates_head_batch_leaves_its_batches_without_reforming_them():
@@ -204,13 +192,6 @@ def test_a_candidates_head_batch_leaves_its_batches_without_reforming_them():
     tight = feasible(g, cols, [Candidate([0, 1, 2], *head, None)], ctx.tables(), lat.z, [],
                      0.008 - end + 1e-6)  # fmt: skip
     assert tight == [False]
-
-
-def test_columns_ahead_and():
-    cols = Columns.build([0.1, 0.2, 0.3], [1, 1, 1], [0, 0, 0], [2, 2, 2])
-    assert not cols.multi and len(cols) == 3
-    more = cols.ahead_and(1, 0.15, 3, 1, 1)
-    assert more.deadline.tolist() == [0.1, 0.15] and more.multi and more.hi.tolist() == [2, 1]
 
 
 def test_sum_quantile_of_one_lognormal_is_its_quantile():

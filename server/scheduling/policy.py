@@ -27,17 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .latency import LatencyModel, TierInfo
-from .plan import (
-    SMALL_QUEUE,
-    Candidate,
-    Columns,
-    Groups,
-    SmallGroups,
-    feasible,
-    form_groups,
-    small_feasible,
-    small_groups,
-)
+from .plan import SMALL_QUEUE, Candidate, Columns, Groups, feasible, form_groups
 from .request import Request
 
 # Planner step 1: when at least this share of recent requests arrived to an idle device,
@@ -406,9 +396,8 @@ class Planner(Policy):
 
     Cost per decision: ``largest_batch`` once per tier (one ``take``: O(B) rows scanned, or
     O(|Q|) in numpy when requests pinned elsewhere must be skipped; then O(B) prefixes); the
-    plan of Q built once (O(|Q|) numpy, O(|Q| / B) Python steps with multi-row requests
-    queued); steps 2 and 3 each check all their candidates in one vectorised pass, O(T x
-    |Q| / B) numpy work plus O(B^2) Python per candidate. Nothing is quadratic in |Q|,
+    plan of Q built once (one compiled O(|Q|) pass); steps 2 and 3 each check all their
+    candidates in one compiled pass, O(T x (|Q| / B + B^2)). Nothing is quadratic in |Q|,
     pins, min_tier and multi-row requests included. ``work`` counts the requests and
     batches a decision looked at (a cost probe for tests).
 
@@ -444,9 +433,9 @@ class Planner(Policy):
             snap = replace(snap, columns=ctx.columns(queue))
         self._decision = _Decision()
         if len(queue) > SMALL_QUEUE:
-            # Steps 2 and 3 check their candidates in one vectorised pass: the cost of a
-            # check is mostly per pass, and a queue that fails step 2 needs step 3 anyway.
-            # (A short queue is checked in Python, one candidate at a time, as needed.)
+            # Steps 2 and 3 check their candidates in one pass: a long queue's check costs
+            # mostly per pass, and a queue that fails step 2 needs step 3 anyway. (A short
+            # queue usually passes step 2's first candidate: checked one at a time.)
             pairs = [(t, t) for t in candidates] + [(t, None) for t in allowed]
             self._precheck(queue, pairs, now, ctx, snap)
         decision = (
@@ -727,8 +716,7 @@ class Planner(Policy):
             rank = None if rest is None else ctx.rank[rest]
             candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
         self.work += len(candidates) * len(plan.groups)
-        check = small_feasible if plan.small else feasible
-        return check(
+        return feasible(
             plan.groups, plan.cols, candidates, plan.tables, lat.z, plan.others, plan.start
         )
 
@@ -737,26 +725,24 @@ class Planner(Policy):
         cols = snap.columns
         if cols is None or len(cols) != len(queue):
             cols = ctx.columns(queue)
-        small = len(cols) <= SMALL_QUEUE
-        groups = (small_groups if small else form_groups)(cols, ctx.plan_batch())
+        groups = form_groups(cols, ctx.plan_batch())
         self.work += len(cols)
         others = list(snap.busy[: self.slots - 1])
         others += [0.0] * (self.slots - 1 - len(others))
         start = now + snap.backlog  # a shared device's other work goes first
-        return _Plan(groups, cols, ctx.tables(), others, start, small)
+        return _Plan(groups, cols, ctx.tables(), others, start)
 
 
 class _Plan(NamedTuple):
     """The queue's plan for one decision's checks: its batches (``groups``), its columns,
-    the latency tables, the other slots' planning times (s), when the rest may start (s),
-    and whether the plan is the plain-Python one (``small``)."""
+    the latency tables, the other slots' planning times (s) and when the rest may start
+    (s)."""
 
-    groups: Groups | SmallGroups
+    groups: Groups
     cols: Columns
     tables: tuple[np.ndarray, np.ndarray, np.ndarray]
     others: list[float]
     start: float
-    small: bool
 
 
 class _Decision:

@@ -45,7 +45,7 @@ import numpy as np
 
 from .device import Device
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
-from .plan import SMALL_QUEUE, Columns, admission_finish, small_admission, small_groups_of
+from .plan import SMALL_QUEUE, Columns, admission_finish, quantile, warm
 from .policy import Context, Decision, Policy, Snapshot
 from .request import Request, State
 
@@ -133,6 +133,7 @@ class Scheduler:
         # deadline (the planner still chooses tiers and batches at ``slo_target``).
         self.admit_quantile = admit_quantile
         self.ctx = Context(tiers, self.latency, max_batch)
+        warm()  # the plan's compiled loops, before the first request
         self.policy = policy
         self.max_queue = max_queue
         # The device (``device.Device``; a private one unless shared) owns the slots: this
@@ -311,16 +312,10 @@ class Scheduler:
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z, b = self.ctx.tables(), z_score(q), self.ctx.plan_batch()
-        if at < SMALL_QUEUE and self.slots == 1:  # plain Python from the requests themselves
-            ahead = [*self.queue[:at], r]
-            bounds = [self.ctx.bounds(q) for q in ahead]
-            groups = small_groups_of(
-                [q.deadline for q in ahead], [q.rows for q in ahead],
-                [x[0] for x in bounds], [x[1] for x in bounds], b,
-            )  # fmt: skip
-            return now + small_admission(groups, b, tables, z, busy[0], r.rows, lo, hi)
-        cols = self.columns().ahead_and(at, r.deadline, r.rows, lo, hi)
-        return now + admission_finish(cols, b, tables, z, busy)
+        if at == 0:  # nothing ahead (light load): its own batch on the first free slot
+            _, mean, var = tables
+            return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
+        return now + admission_finish(self.columns(), at, (r.rows, lo, hi), b, tables, z, busy)
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
@@ -520,9 +515,6 @@ class _Columns:
         self.synced = True  # False: out of step with the queue until rebuilt
         self.deadline = np.empty(0)
         self.ints = np.empty((3, 0), dtype=np.int64)  # rows, lo, hi
-        self.multi = 0  # queued requests with more than one row
-        self.constrained = 0  # queued requests whose fastest allowed tier is not the fastest
-        self.fastest = 0  # rank of the fastest tier (set on the first insert)
         self._view: Columns | None = None
 
     @property
@@ -538,7 +530,6 @@ class _Columns:
         """The queue is empty: so are the arrays, in step."""
         self.deadline = np.empty(0)
         self.ints = np.empty((3, 0), dtype=np.int64)
-        self.multi = self.constrained = 0
         self.synced = True
         self._view = None
 
@@ -546,12 +537,9 @@ class _Columns:
         if not self.synced:
             return
         lo, hi = ctx.bounds(r)
-        self.fastest = len(ctx.tiers) - 1
-        self.constrained += hi != self.fastest
         d, a = self.deadline, self.ints
         self.deadline = np.concatenate((d[:i], (r.deadline,), d[i:]))
         self.ints = np.concatenate((a[:, :i], ((r.rows,), (lo,), (hi,)), a[:, i:]), axis=1)
-        self.multi += r.rows > 1
         self._view = None
 
     def delete(self, idx: list[int]) -> None:
@@ -560,8 +548,6 @@ class _Columns:
         if len(idx) == len(self.deadline):  # the queue empties
             self.clear()
             return
-        self.multi -= sum(self.ints[0].item(i) > 1 for i in idx)
-        self.constrained -= sum(self.ints[2].item(i) != self.fastest for i in idx)
         # The kept runs between the removed indices, concatenated: idx is short (a batch),
         # and slices plus one concatenate beat a boolean mask over the whole queue.
         runs, prev = [], 0
@@ -577,10 +563,7 @@ class _Columns:
     def rebuild(self, queue: Sequence[Request], ctx: Context) -> None:
         cols = ctx.columns(queue)
         self.deadline = np.array(cols.deadline)
-        self.ints = np.array([cols.rows, cols.lo, cols.hi], dtype=np.int64).reshape(3, -1)
-        self.multi = int(np.count_nonzero(cols.rows > 1))
-        self.fastest = len(ctx.tiers) - 1
-        self.constrained = int(np.count_nonzero(cols.hi != self.fastest))
+        self.ints = np.array(cols.ints)
         self.synced = True
         self._view = None
 
@@ -588,7 +571,7 @@ class _Columns:
         if self._view is None:
             deadline, ints = self.deadline.view(), self.ints.view()
             deadline.flags.writeable = ints.flags.writeable = False
-            self._view = Columns(deadline, ints, self.multi > 0, self.constrained == 0)
+            self._view = Columns(deadline, ints)
         return self._view
 
 

@@ -1,0 +1,213 @@
+"""The plan's loops, compiled with numba (see ``plan``'s docstring for the rules they
+implement and why they are compiled). Arrays in, arrays out; no Python objects.
+
+Conventions: tier ranks index the latency tables' rows and a batch's rows their columns;
+a request's rows never exceed the tables' width - 1 (``Scheduler.submit`` refuses larger
+requests), which the loops check, since compiled indexing is not bounds-checked. A batch
+end is compared as ``not (end <= deadline)`` so that a NaN (an inf variance over an inf
+mean: a batch size the profile lacks) is late, as in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# cache=True: compiled once per machine into __pycache__ (or numba's user cache dir where
+# the package is read-only); nogil: a decision does not hold up the server's other threads.
+_jit = njit(cache=True, nogil=True)
+
+
+@_jit
+def quantile(mean, var, z):
+    """``latency.sum_quantile`` for one (mean, var): Fenton-Wilkinson's log-normal."""
+    s2 = math.log1p(var / max(mean * mean, 1e-300))
+    return mean * math.exp(z * math.sqrt(s2) - 0.5 * s2)
+
+
+@_jit
+def next_fit(rows, lo, hi, deadline, max_batch):
+    """Per fastest allowed tier (``hi``), next-fit batches in queue order, numbered in the
+    order of their first request. Returns (hi, lo, rows, deadline, head) per batch, each
+    (n,) of which the first G are used, ``of`` (n,) and G."""
+    n = len(rows)
+    g_hi = np.empty(n, np.int64)
+    g_lo = np.empty(n, np.int64)
+    g_rows = np.empty(n, np.int64)
+    g_due = np.empty(n, np.float64)
+    g_head = np.empty(n, np.int64)
+    of = np.empty(n, np.int64)
+    classes = 0
+    for i in range(n):
+        classes = max(classes, hi[i] + 1)
+    open_batch = np.full(classes, -1, np.int64)  # class -> the batch being filled
+    g = 0
+    for i in range(n):
+        c = hi[i]
+        k = open_batch[c]
+        if k < 0 or g_rows[k] + rows[i] > max_batch:
+            k = g
+            g += 1
+            open_batch[c] = k
+            g_hi[k], g_lo[k], g_rows[k], g_due[k], g_head[k] = c, lo[i], 0, deadline[i], i
+        else:
+            g_lo[k] = max(g_lo[k], lo[i])
+            g_due[k] = min(g_due[k], deadline[i])
+        g_rows[k] += rows[i]
+        of[i] = k
+    return g_hi, g_lo, g_rows, g_due, g_head, of, g
+
+
+@_jit
+def groups(ints, deadline, max_batch):
+    """``plan.Groups``' arrays for the queue's columns (``ints``: rows, lo, hi; (3, n)):
+    ``batch`` (4, n) - hi, lo, rows and head of each of ``next_fit``'s batches in its
+    first G columns; ``due`` (n,) - their earliest deadlines, first G; ``index`` (3, n + 1)
+    - ``of`` (row 0, first n), the queue indices of each batch's members in queue order
+    (row 1, first n; batch g's from ``bounds[g]`` to ``bounds[g + 1]``) and ``bounds``
+    (row 2, first G + 1); and G. Few arrays: returning one costs about a microsecond."""
+    n = ints.shape[1]
+    g_hi, g_lo, g_rows, g_due, g_head, of, g = next_fit(
+        ints[0], ints[1], ints[2], deadline, max_batch
+    )
+    batch = np.empty((4, n), np.int64)
+    batch[0] = g_hi
+    batch[1] = g_lo
+    batch[2] = g_rows
+    batch[3] = g_head
+    index = np.zeros((3, n + 1), np.int64)
+    of_, order, bounds = index[0], index[1], index[2]
+    of_[:n] = of  # (the three rows are views: they write into index)
+    for i in range(n):
+        bounds[of[i] + 1] += 1
+    for k in range(g):
+        bounds[k + 1] += bounds[k]
+    fill = bounds[:g].copy()
+    for i in range(n):
+        k = of[i]
+        order[fill[k]] = i
+        fill[k] += 1
+    return batch, g_due, index, g
+
+
+@_jit
+def _earliest_slot(off, mean):
+    """The slot whose expected free time (offset + mean so far) is earliest; the lowest
+    index among equals."""
+    best = 0
+    for s in range(1, len(off)):
+        if off[s] + mean[s] < off[best] + mean[best]:
+            best = s
+    return best
+
+
+@_jit
+def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, others, now):
+    """Per candidate k - ``cand[k]``: the tier rank the rest is planned at (T: each batch
+    on its fastest), the head batch's mean and variance on this slot, then its queue
+    indices, -1 padded (floats holding small integers exactly) - whether every batch of
+    ``groups``' plan that the head leaves ends by its deadline. Slots: this one (after the
+    head), then ``others`` (their planning offsets); each batch on the slot that frees
+    first."""
+    g_hi, g_lo, g_rows = batch[0], batch[1], batch[2]
+    of, order, bounds = index[0], index[1], index[2]
+    rows, lo = ints[0], ints[1]
+    n_cand, width, most = cand.shape[0], mean.shape[1], cand.shape[1] - 3
+    ok = np.ones(n_cand, np.bool_)
+    touched = np.full(n_groups, -1, np.int64)  # batch -> its row in left_* (this candidate)
+    skip = np.empty(most, np.int64)
+    hit = np.empty(most, np.int64)
+    left_rows = np.empty(most, np.int64)
+    left_due = np.empty(most, np.float64)
+    left_lo = np.empty(most, np.int64)
+    slots = 1 + len(others)
+    off, m, v = np.empty(slots), np.empty(slots), np.empty(slots)
+    for k in range(n_cand):
+        # What the head batch leaves of each batch it takes requests from.
+        n_skip = 0
+        while n_skip < most and cand[k, 3 + n_skip] >= 0:
+            skip[n_skip] = int(cand[k, 3 + n_skip])
+            n_skip += 1
+        n_hit = 0
+        for j in range(n_skip):
+            b = of[skip[j]]
+            if touched[b] < 0:
+                touched[b] = n_hit
+                hit[n_hit] = b
+                left_rows[n_hit], left_due[n_hit], left_lo[n_hit] = 0, np.inf, 0
+                n_hit += 1
+        for q in range(n_hit):
+            b = hit[q]
+            for p in range(bounds[b], bounds[b + 1]):
+                i = order[p]
+                gone = False
+                for j in range(n_skip):
+                    if skip[j] == i:
+                        gone = True
+                        break
+                if not gone:
+                    left_rows[q] += rows[i]
+                    left_due[q] = min(left_due[q], deadline[i])
+                    left_lo[q] = max(left_lo[q], lo[i])
+        off[0], m[0], v[0] = 0.0, cand[k, 1], cand[k, 2]
+        for s in range(1, slots):
+            off[s], m[s], v[s] = others[s - 1], 0.0, 0.0
+        plan = int(cand[k, 0])
+        for b in range(n_groups):
+            r, end_by, low = g_rows[b], due[b], g_lo[b]
+            q = touched[b]
+            if q >= 0:
+                r, end_by, low = left_rows[q], left_due[q], left_lo[q]
+                if r == 0:
+                    continue  # emptied: takes no slot
+            if r >= width:
+                raise ValueError("a batch has more rows than the latency tables")
+            t = plan if low <= plan <= g_hi[b] else g_hi[b]
+            s = _earliest_slot(off, m) if slots > 1 else 0
+            m[s] += mean[t, r]
+            v[s] += var[t, r]
+            if not (now + off[s] + quantile(m[s], v[s], z) <= end_by):
+                ok[k] = False
+                break
+        for q in range(n_hit):
+            touched[hit[q]] = -1
+    return ok
+
+
+@_jit
+def admission(ints, at, r_rows, r_lo, r_hi, mean, var, max_batch, z, busy):
+    """When a new request (``r_rows``, ``r_lo``, ``r_hi``) queued after the first ``at``
+    requests of the columns (``ints``: rows, lo, hi) ends (seconds from now), the batches
+    on their fastest allowed tiers after the slots free (``busy``: per slot): with its own
+    batch, or, if sooner, added to an earlier batch that runs on a tier it allows and has
+    room for it."""
+    ahead_rows, ahead_lo, ahead_hi = (
+        np.empty(at + 1, np.int64),
+        np.empty(at + 1, np.int64),
+        np.empty(at + 1, np.int64),
+    )
+    ahead_rows[:at], ahead_lo[:at], ahead_hi[:at] = ints[0, :at], ints[1, :at], ints[2, :at]
+    ahead_rows[at], ahead_lo[at], ahead_hi[at] = r_rows, r_lo, r_hi
+    deadline = np.zeros(at + 1)  # next-fit does not look at deadlines
+    g_hi, _, g_rows, _, _, of, _ = next_fit(ahead_rows, ahead_lo, ahead_hi, deadline, max_batch)
+    mine = of[at]
+    width = mean.shape[1]
+    off = np.sort(busy)
+    m, v = np.zeros(len(busy)), np.zeros(len(busy))
+    best = np.inf
+    for k in range(mine + 1):
+        t, b = g_hi[k], g_rows[k]
+        if b >= width:
+            raise ValueError("a batch has more rows than the latency tables")
+        s = _earliest_slot(off, m)
+        m[s] += mean[t, b]
+        v[s] += var[t, b]
+        if k == mine:
+            best = min(best, off[s] + quantile(m[s], v[s], z))
+        elif r_lo <= t <= r_hi and b + r_rows <= max_batch:
+            dm = mean[t, b + r_rows] - mean[t, b]
+            dv = var[t, b + r_rows] - var[t, b]
+            best = min(best, off[s] + quantile(m[s] + dm, v[s] + dv, z))
+    return best
