@@ -324,8 +324,11 @@ def make_streams(rates: dict[str, float], args, k: int) -> dict:
     return {"duration_s": duration, "streams": streams}
 
 
-async def _drive(address: str, streams: dict, inputs: dict, max_seconds: float):
-    """Both models' open-loop streams at once, plus a probe of this loop's lateness."""
+async def _drive(
+    address: str, streams: dict, inputs: dict, max_seconds: float, deadline: bool = False
+):
+    """Both models' open-loop streams at once, plus a probe of this loop's lateness.
+    ``deadline``: every request also carries its budget as its gRPC deadline."""
     lag: list[float] = []
     done = asyncio.Event()
 
@@ -346,6 +349,7 @@ async def _drive(address: str, streams: dict, inputs: dict, max_seconds: float):
                     streams[m]["budgets"],
                     inputs[m],
                     max_seconds=max_seconds,
+                    deadline=deadline,
                 )
                 for m in MODELS
             )
@@ -363,7 +367,9 @@ def run_config(server: MultiServer, name: str, point: dict, streams: dict, input
         load_before = os.getloadavg()[0]
         foreign = foreign_processes(server)
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
-        reports, lag = asyncio.run(_drive(server.address, streams, inputs, args.seconds + 5))
+        reports, lag = asyncio.run(
+            _drive(server.address, streams, inputs, args.seconds + 5, args.client_deadline)
+        )
         wall = time.perf_counter() - t0
         cpu = server.cpu_seconds() - cpu0
         foreign += [f for f in foreign_processes(server) if f not in foreign]
@@ -514,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         help="served: min(profile rule, measured rate at w100); profile: the profile rule",
     )
     p.add_argument("--calibrate-seconds", type=float, default=5.0, help="per model (served)")
+    p.add_argument(
+        "--client-deadline",
+        action="store_true",
+        help="clients also send each budget as the gRPC deadline (tritonclient client_timeout)",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     if not 0 < args.calibrate_seconds <= 600:
@@ -595,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "capacity": args.capacity,
             "calibrate_seconds": args.calibrate_seconds,
+            "client_deadline": args.client_deadline,
             "points": [pt["id"] for pt in points],
             "requests_rule": "D = min(seconds, requests / slower model's rate); the slower "
             "model sends at most `requests`, the faster covers the same window",

@@ -7,7 +7,7 @@ Runs one setting per call (each 300 s of two cores; run them one after another, 
 side by side) and appends a line to bench/results/transformers_sweep.jsonl:
 
     python -m bench.transformers_sweep NAME '{"lr": 0.001}' [--seconds 300]
-        [--sentences 6000] [--seed 1]
+        [--sentences 6000] [--seed 1] [--batch-size 32]
 
 ``--sentences``: a seeded subset of the calibration split (the teacher's pass over all
 30,000 takes ~2 minutes and is not charged to the budget anyway; bench/transformers.py
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=6000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     text, _ = load_text(MAX_LENGTH)
@@ -60,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     t0 = time.perf_counter()
     tuned = calibrate_text(inn, ids[pick], mask[pick], [TIERS[GOAL_TIER]], args.seconds,
-                           multiple_of=MULTIPLE_OF, batch_size=BATCH_SIZE, seed=args.seed,
+                           multiple_of=MULTIPLE_OF, batch_size=args.batch_size, seed=args.seed,
                            progress=False, **args.options)  # fmt: skip
     log = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
     row = {**evaluate(tuned.sample(sizes), text["evaluation"], full_emb), **log}
     row = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
     out = {"name": args.name, "options": args.options, "seconds": args.seconds,
-           "sentences": args.sentences, **row, "wall": time.perf_counter() - t0}  # fmt: skip
+           "sentences": args.sentences, "batch_size": args.batch_size, **row,
+           "wall": time.perf_counter() - t0}  # fmt: skip
     print(json.dumps(out))
     with OUT.open("a") as f:
         f.write(json.dumps(out) + "\n")

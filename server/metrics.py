@@ -178,7 +178,7 @@ class Metrics:
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
             "1 when request handling runs on the engines' CPUs (no more CPUs than engine "
-            "threads): the planner then counts innfer_host_cpu_per_row_seconds as tier time.",
+            "threads): the planner then keeps its tighter throughput bound.",
             registry=r,
         )  # fmt: skip
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.
