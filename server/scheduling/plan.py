@@ -49,8 +49,7 @@ import numpy as np
 from . import _kernel
 
 # Queue length up to which plain Python over the requests beats numpy's cost per call
-# (microseconds per call, a few per request): expiry, and the planner's choice between
-# checking its candidates one at a time or all in one pass.
+# (microseconds per call, a few per request): the scheduler's expiry.
 SMALL_QUEUE = 24
 
 # ``latency.sum_quantile`` for one (mean, var) of floats, compiled (a call costs less than

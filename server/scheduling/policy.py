@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .latency import LatencyModel, TierInfo
-from .plan import SMALL_QUEUE, Candidate, Columns, Groups, feasible, form_groups
+from .plan import Candidate, Columns, Groups, feasible, form_groups
 from .request import Request
 
 # Planner step 1: when at least this share of recent requests arrived to an idle device,
@@ -396,8 +396,9 @@ class Planner(Policy):
 
     Cost per decision: ``largest_batch`` once per tier (one ``take``: O(B) rows scanned, or
     O(|Q|) in numpy when requests pinned elsewhere must be skipped; then O(B) prefixes); the
-    plan of Q built once (one compiled O(|Q|) pass); steps 2 and 3 each check all their
-    candidates in one compiled pass, O(T x (|Q| / B + B^2)). Nothing is quadratic in |Q|,
+    plan of Q built once (one compiled O(|Q|) pass); step 2's first candidate checked
+    alone, then the other checks of steps 2 and 3 in one compiled pass, O(T x (|Q| / B +
+    B^2)). Nothing is quadratic in |Q|,
     pins, min_tier and multi-row requests included. ``work`` counts the requests and
     batches a decision looked at (a cost probe for tests).
 
@@ -432,11 +433,13 @@ class Planner(Policy):
         if snap.columns is None or len(snap.columns) != len(queue):
             snap = replace(snap, columns=ctx.columns(queue))
         self._decision = _Decision()
-        if len(queue) > SMALL_QUEUE:
-            # Steps 2 and 3 check their candidates in one pass: a long queue's check costs
-            # mostly per pass, and a queue that fails step 2 needs step 3 anyway. (A short
-            # queue usually passes step 2's first candidate: checked one at a time.)
-            pairs = [(t, t) for t in candidates] + [(t, None) for t in allowed]
+        # Step 2's first candidate alone (most decisions end there), then every other check
+        # of steps 2 and 3 in one pass: a check's cost is mostly per pass (the Python
+        # around the compiled loop), and a queue that fails step 2 needs step 3 anyway.
+        first = candidates[0]
+        checked = self._precheck(queue, [(first, first)], now, ctx, snap)
+        if not checked[self._key(first, first, ctx)]:
+            pairs = [(t, t) for t in candidates[1:]] + [(t, None) for t in allowed]
             self._precheck(queue, pairs, now, ctx, snap)
         decision = (
             self.accuracy_first(queue, candidates, now, ctx, snap)  # 2
