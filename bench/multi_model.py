@@ -510,6 +510,21 @@ def all_points() -> list[dict]:
     return [{"id": f"open-{x:g}x", "load": x} for x in LOADS]
 
 
+def _rates(text: str) -> dict[str, float]:
+    """``resnet18w50=68.4,mlp=480`` -> {model: req/s}, each positive."""
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not MODEL=RATE") from None
+        if not rate > 0:
+            raise argparse.ArgumentTypeError(f"{name}: the rate must be > 0, got {value}")
+        out[name.strip()] = rate
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_args(p, 1500, "at most this many of the slower model per point", "open-2x,open-3x")
@@ -521,6 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--calibrate-seconds", type=float, default=5.0, help="per model (served)")
     p.add_argument(
+        "--used-rates",
+        type=_rates,
+        default=None,
+        metavar="MODEL=R,...",
+        help="each model's 1x capacity (req/s) instead of this run's measurement, so that "
+        "two runs (two trees) offer the same load; the measurement still runs and is reported",
+    )
+    p.add_argument(
         "--client-deadline",
         action="store_true",
         help="clients also send each budget as the gRPC deadline (tritonclient client_timeout)",
@@ -530,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.calibrate_seconds <= 600:
         p.error("--calibrate-seconds must be in (0, 600]")
     points = select(all_points(), args.points)
+    if args.used_rates is not None and set(args.used_rates) != set(MODELS):
+        p.error(f"--used-rates needs a rate for each of {', '.join(MODELS)}")
 
     t_start = time.perf_counter()
     how = build_models(args.seed, args.rebuild)
@@ -584,7 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             "served_small": cal[SMALL][m],
             "used_per_s": min(prof, served) if args.capacity == "served" else prof,
         }
+        if args.used_rates is not None:
+            c["used_per_s"] = args.used_rates[m]
         capacity[m] = c
+    capacity["used_rates_given"] = args.used_rates is not None
     # If every request ran on the smallest tier at its served rate, the device is full at
     # sum_i L * SHARE * used_i / served_small_i = 1: no scheduler carries more than this L.
     cost = sum(
@@ -607,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             "capacity": args.capacity,
             "calibrate_seconds": args.calibrate_seconds,
             "client_deadline": args.client_deadline,
+            "used_rates": args.used_rates,
             "points": [pt["id"] for pt in points],
             "requests_rule": "D = min(seconds, requests / slower model's rate); the slower "
             "model sends at most `requests`, the faster covers the same window",
