@@ -200,3 +200,10 @@ def test_sum_quantile_of_one_lognormal_is_its_quantile():
     var = mean * mean * math.expm1(s * s)
     assert sum_quantile(mean, var, z) == pytest.approx(median * math.exp(z * s))
     assert sum_quantile(0.0, 0.0, z) == 0.0  # nothing to sum
+
+
+def test_admission_needs_a_slot():
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    cols = ctx.columns([Request(0, 0.0, 1.0)])
+    with pytest.raises(ValueError, match="busy is empty"):
+        admission_finish(cols, 1, (1, 0, 2), 8, ctx.tables(), ctx.latency.z, [])

@@ -207,6 +207,8 @@ def admission_finish(
     on their fastest allowed tiers after the slots free (``busy``: seconds per slot): with
     its own batch, or, if sooner, added to an earlier batch that runs on a tier it allows
     and has room for it."""
+    if not len(busy):
+        raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
     rows, lo, hi = request
     return _kernel.admission(
