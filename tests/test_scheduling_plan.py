@@ -207,3 +207,11 @@ def test_admission_needs_a_slot():
     cols = ctx.columns([Request(0, 0.0, 1.0)])
     with pytest.raises(ValueError, match="busy is empty"):
         admission_finish(cols, 1, (1, 0, 2), 8, ctx.tables(), ctx.latency.z, [])
+
+
+def test_a_head_batch_index_past_the_queue_is_an_error_not_a_read_past_it():
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    cols = ctx.columns([Request(k, 0.0, 1.0) for k in range(3)])
+    g = form_groups(cols, 8)
+    with pytest.raises(ValueError, match="past the queue"):
+        feasible(g, cols, [Candidate([0, 3], 1e-3, 0.0, None)], ctx.tables(), 3.0, [], 0.0)

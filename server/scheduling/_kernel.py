@@ -129,6 +129,8 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
         n_skip = 0
         while n_skip < most and cand[k, 3 + n_skip] >= 0:
             skip[n_skip] = int(cand[k, 3 + n_skip])
+            if skip[n_skip] >= len(rows):
+                raise ValueError("a head batch's queue index is past the queue")
             n_skip += 1
         n_hit = 0
         for j in range(n_skip):
