@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -215,3 +216,14 @@ def test_a_head_batch_index_past_the_queue_is_an_error_not_a_read_past_it():
     g = form_groups(cols, 8)
     with pytest.raises(ValueError, match="past the queue"):
         feasible(g, cols, [Candidate([0, 3], 1e-3, 0.0, None)], ctx.tables(), 3.0, [], 0.0)
+
+
+def test_a_batch_wider_than_the_latency_tables_is_an_error_not_a_read_past_them():
+    ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    cols = ctx.columns([Request(0, 0.0, 1.0, rows=4), Request(1, 0.0, 1.0)])
+    narrow = tuple(np.ascontiguousarray(t[:, :4]) for t in ctx.tables())  # batches of <= 3
+    g = form_groups(cols, 8)  # one batch of 5 rows
+    with pytest.raises(ValueError, match="more rows than the latency tables"):
+        feasible(g, cols, [Candidate([], 1e-3, 0.0, None)], narrow, 3.0, [], 0.0)
+    with pytest.raises(ValueError, match="more rows than the latency tables"):
+        admission_finish(cols, 1, (1, 0, 2), 8, narrow, 3.0, [0.0])
