@@ -289,7 +289,7 @@ def test_a_request_larger_than_the_planned_batch_is_planned_alone():
     cpu = [TierInfo("w025", 0.5, {1: 5.6, 2: 6.5, 4: 19.5, 8: 40.0},
                     {1: 5.4, 2: 6.3, 4: 18.8, 8: 39.1})]  # fmt: skip
     s = Scheduler(cpu, make_policy("innfer", cpu), max_batch=8, max_queue=64)
-    for i in range(SMALL_QUEUE + 4):  # past the small-queue path: the vectorised one runs
+    for i in range(SMALL_QUEUE + 4):  # a queue past the old small-queue path's length
         s.submit(Request(i, 0.0, 10.0, rows=8 if i % 3 == 0 else 1), 0.0)
     assert len(s.queue) == SMALL_QUEUE + 4
     d = s.next(0.0)

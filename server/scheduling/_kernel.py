@@ -1,11 +1,15 @@
 """The plan's loops, compiled with numba (see ``plan``'s docstring for the rules they
 implement and why they are compiled). Arrays in, arrays out; no Python objects.
 
-Conventions: tier ranks index the latency tables' rows and a batch's rows their columns;
-a request's rows never exceed the tables' width - 1 (``Scheduler.submit`` refuses larger
-requests), which the loops check, since compiled indexing is not bounds-checked. A batch
-end is compared as ``not (end <= deadline)`` so that a NaN (an inf variance over an inf
-mean: a batch size the profile lacks) is late, as in numpy.
+Conventions: tier ranks index the latency tables' rows and a batch's rows their columns.
+Compiled indexing is not bounds-checked, so the loops raise ValueError on a tier rank
+outside the tables or a batch wider than them (``Scheduler`` never produces either:
+``Scheduler.submit`` refuses requests wider than ``max_batch``), and ``plan``'s wrappers
+check the indices they are handed. A batch end is compared as ``not (end <= deadline)``:
+a NaN (an inf variance over an inf mean, a batch size a tier's profile does not reach)
+is late - never on time - and admission's ``min`` keeps the inf. (The plain-Python path
+for short queues this replaced counted such a NaN as on time, and numpy admission let it
+through as NaN.)
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def next_fit(rows, lo, hi, deadline, max_batch):
     of = np.empty(n, np.int64)
     classes = 0
     for i in range(n):
+        if hi[i] < 0 or lo[i] < 0:
+            raise ValueError("a tier rank is negative")
         classes = max(classes, hi[i] + 1)
     open_batch = np.full(classes, -1, np.int64)  # class -> the batch being filled
     g = 0
@@ -114,7 +120,7 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
     g_hi, g_lo, g_rows = batch[0], batch[1], batch[2]
     of, order, bounds = index[0], index[1], index[2]
     rows, lo = ints[0], ints[1]
-    n_cand, width, most = cand.shape[0], mean.shape[1], cand.shape[1] - 3
+    n_cand, n_tiers, width, most = cand.shape[0], mean.shape[0], mean.shape[1], cand.shape[1] - 3
     ok = np.ones(n_cand, np.bool_)
     touched = np.full(n_groups, -1, np.int64)  # batch -> its row in left_* (this candidate)
     skip = np.empty(most, np.int64)
@@ -166,6 +172,8 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
                     continue  # emptied: takes no slot
             if r >= width:
                 raise ValueError("a batch has more rows than the latency tables")
+            if g_hi[b] >= n_tiers:
+                raise ValueError("a tier rank is past the latency tables")
             t = plan if low <= plan <= g_hi[b] else g_hi[b]
             s = _earliest_slot(off, m) if slots > 1 else 0
             m[s] += mean[t, r]
@@ -203,12 +211,14 @@ def admission(ints, at, r_rows, r_lo, r_hi, mean, var, max_batch, z, busy):
         t, b = g_hi[k], g_rows[k]
         if b >= width:
             raise ValueError("a batch has more rows than the latency tables")
+        if t >= mean.shape[0]:
+            raise ValueError("a tier rank is past the latency tables")
         s = _earliest_slot(off, m)
         m[s] += mean[t, b]
         v[s] += var[t, b]
         if k == mine:
             best = min(best, off[s] + quantile(m[s], v[s], z))
-        elif r_lo <= t <= r_hi and b + r_rows <= max_batch:
+        elif r_lo <= t <= r_hi and b + r_rows <= max_batch:  # max_batch < width: plan.py
             dm = mean[t, b + r_rows] - mean[t, b]
             dv = var[t, b + r_rows] - var[t, b]
             best = min(best, off[s] + quantile(m[s] + dm, v[s] + dv, z))

@@ -196,7 +196,7 @@ class LatencyModel:
     ``slo_target``: the probability with which plans meet deadlines; ``estimate`` is that
     quantile of one batch's time. ``remaining`` is the same for a batch already running.
     ``tables`` gives the per-(tier, rows) quantile / mean / variance as arrays for the
-    vectorised planner; they are rebuilt only for a tier that observed a batch.
+    planner's compiled checks; they are rebuilt only for a tier that observed a batch.
     """
 
     def __init__(

@@ -23,12 +23,13 @@ The loops are compiled (numba, ``_kernel``): next-fit and the chains of batch en
 sequential scans, which numpy can only approximate with a few dozen whole-array calls per
 decision - at 1,000 queued requests those calls, not the arithmetic, were a decision's
 cost (~0.5 ms, issue 18's budget). Compiled, a pass is O(|Q|) plain loads and stores, and a
-check stops at a candidate's first late batch. The first call compiles them (about a
-second; cached on disk after that: ``cache=True``), so a server warms them at load
-(``warm``).
+check stops at a candidate's first late batch. The first call compiles them (several
+seconds; loaded from numba's on-disk cache in about a second after that: ``cache=True``),
+so every ``Scheduler`` warms them when it is built (``warm``).
 
-Cost: building the plan is O(|Q|); checking C candidates is O(C x (G x S + B^2)) for G
-batches on S slots and head batches of up to B rows. Nothing is quadratic in |Q|.
+Cost: building the plan is O(|Q|); checking C candidates is O(C x (G x S + B^3)) for G
+batches on S slots and head batches of up to B rows (B^3: each of up to B touched batches
+scans its up to B members against the B head indices). Nothing is quadratic in |Q|.
 
 Example:
     >>> cols = Columns.build(deadline=[0.010, 0.020, 0.030], rows=[1, 2, 8], lo=[0, 0, 1],
@@ -174,6 +175,10 @@ def feasible(
     slots freeing after the given planning times (s)."""
     if not candidates or not groups.count:
         return [True] * len(candidates)
+    n = len(cols)
+    for x in candidates:
+        if len(x.skip) and not (min(x.skip) >= 0 and max(x.skip) < n):
+            raise ValueError(f"head batch indices {list(x.skip)} outside a queue of {n}")
     _, mean, var = tables
     none = mean.shape[0]  # a plan past the fastest tier: each batch on its fastest
     width = max(len(x.skip) for x in candidates)
@@ -211,6 +216,12 @@ def admission_finish(
         raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
     rows, lo, hi = request
+    if not 0 <= at <= len(cols):
+        raise ValueError(f"at {at} is outside a queue of {len(cols)}")
+    if not 0 <= lo <= hi < mean.shape[0]:
+        raise ValueError(f"tier ranks {lo}..{hi} outside the {mean.shape[0]} tiers")
+    if max_batch >= mean.shape[1]:
+        raise ValueError(f"max_batch {max_batch} exceeds the latency tables' {mean.shape[1] - 1}")
     return _kernel.admission(
         cols.ints, at, rows, lo, hi, mean, var, max_batch, float(z), np.asarray(busy, np.float64)
     )
@@ -227,3 +238,4 @@ def warm() -> None:
     g = form_groups(cols, 3)
     feasible(g, cols, [Candidate([0], 1e-3, 1e-9, None)], tables, 3.0, [0.0], 0.0)
     admission_finish(cols, 1, (1, 0, 0), 3, tables, 3.0, [0.0])
+    quantile(1e-3, 1e-9, 3.0)

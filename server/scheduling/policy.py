@@ -397,8 +397,8 @@ class Planner(Policy):
     Cost per decision: ``largest_batch`` once per tier (one ``take``: O(B) rows scanned, or
     O(|Q|) in numpy when requests pinned elsewhere must be skipped; then O(B) prefixes); the
     plan of Q built once (one compiled O(|Q|) pass); step 2's first candidate checked
-    alone, then the other checks of steps 2 and 3 in one compiled pass, O(T x (|Q| / B +
-    B^2)). Nothing is quadratic in |Q|,
+    alone, then the other checks of steps 2 and 3 in one compiled pass, O(T x (|Q| / B x
+    S + B^3)) with S slots. Nothing is quadratic in |Q|,
     pins, min_tier and multi-row requests included. ``work`` counts the requests and
     batches a decision looked at (a cost probe for tests).
 
@@ -554,9 +554,10 @@ class Planner(Policy):
         rest_at_same_tier: bool,
     ) -> Decision | None:
         """Steps 2 and 3 differ only in where the rest of the queue is planned: at the head's
-        tier (step 2) or on each batch's fastest allowed tier (step 3). All of a step's
-        candidates are checked in one pass; the first feasible one (in ``tiers`` order) wins,
-        as if they had been checked one by one."""
+        tier (step 2) or on each batch's fastest allowed tier (step 3). The checks ``choose``
+        ran ahead (step 2's first candidate, then the others in one pass) are reused; the
+        first feasible candidate in ``tiers`` order wins, as if they had been checked one by
+        one."""
         for tier in tiers:
             plan = tier if rest_at_same_tier else None
             if self._precheck(queue, [(tier, plan)], now, ctx, snap)[self._key(tier, plan, ctx)]:
