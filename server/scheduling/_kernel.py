@@ -32,17 +32,17 @@ def quantile(mean, var, z):
 
 
 @_jit
-def next_fit(rows, lo, hi, deadline, max_batch):
-    """Per fastest allowed tier (``hi``), next-fit batches in queue order, numbered in the
-    order of their first request. Returns (hi, lo, rows, deadline, head) per batch, each
-    (n,) of which the first G are used, ``of`` (n,) and G."""
+def next_fit(ints, deadline, max_batch, of):
+    """Per fastest allowed tier, next-fit batches of the queue's columns (``ints``: rows,
+    lo, hi; (3, n)) in queue order, numbered in the order of their first request. Returns
+    ``batch`` (4, n) - hi, lo, rows and head (queue index of the first request) of batch g
+    in column g, the first G columns used - ``due`` (n,), each batch's earliest deadline
+    (first G), and G; writes each request's batch into ``of`` (n,)."""
+    rows, lo, hi = ints[0], ints[1], ints[2]
     n = len(rows)
-    g_hi = np.empty(n, np.int64)
-    g_lo = np.empty(n, np.int64)
-    g_rows = np.empty(n, np.int64)
-    g_due = np.empty(n, np.float64)
-    g_head = np.empty(n, np.int64)
-    of = np.empty(n, np.int64)
+    batch = np.empty((4, n), np.int64)
+    g_hi, g_lo, g_rows, g_head = batch[0], batch[1], batch[2], batch[3]  # views
+    due = np.empty(n, np.float64)
     classes = 0
     for i in range(n):
         if hi[i] < 0 or lo[i] < 0:
@@ -57,35 +57,26 @@ def next_fit(rows, lo, hi, deadline, max_batch):
             k = g
             g += 1
             open_batch[c] = k
-            g_hi[k], g_lo[k], g_rows[k], g_due[k], g_head[k] = c, lo[i], 0, deadline[i], i
+            g_hi[k], g_lo[k], g_rows[k], due[k], g_head[k] = c, lo[i], 0, deadline[i], i
         else:
             g_lo[k] = max(g_lo[k], lo[i])
-            g_due[k] = min(g_due[k], deadline[i])
+            due[k] = min(due[k], deadline[i])
         g_rows[k] += rows[i]
         of[i] = k
-    return g_hi, g_lo, g_rows, g_due, g_head, of, g
+    return batch, due, g
 
 
 @_jit
 def groups(ints, deadline, max_batch):
     """``plan.Groups``' arrays for the queue's columns (``ints``: rows, lo, hi; (3, n)):
-    ``batch`` (4, n) - hi, lo, rows and head of each of ``next_fit``'s batches in its
-    first G columns; ``due`` (n,) - their earliest deadlines, first G; ``index`` (3, n + 1)
-    - ``of`` (row 0, first n), the queue indices of each batch's members in queue order
-    (row 1, first n; batch g's from ``bounds[g]`` to ``bounds[g + 1]``) and ``bounds``
-    (row 2, first G + 1); and G. Few arrays: returning one costs about a microsecond."""
+    ``next_fit``'s ``batch`` and ``due``; ``index`` (3, n + 1) - ``of`` (row 0, first n),
+    the queue indices of each batch's members in queue order (row 1, first n; batch g's
+    from ``bounds[g]`` to ``bounds[g + 1]``) and ``bounds`` (row 2, first G + 1); and G.
+    Few arrays: returning one costs about a microsecond."""
     n = ints.shape[1]
-    g_hi, g_lo, g_rows, g_due, g_head, of, g = next_fit(
-        ints[0], ints[1], ints[2], deadline, max_batch
-    )
-    batch = np.empty((4, n), np.int64)
-    batch[0] = g_hi
-    batch[1] = g_lo
-    batch[2] = g_rows
-    batch[3] = g_head
     index = np.zeros((3, n + 1), np.int64)
-    of_, order, bounds = index[0], index[1], index[2]
-    of_[:n] = of  # (the three rows are views: they write into index)
+    of, order, bounds = index[0], index[1], index[2]  # views: they write into index
+    batch, due, g = next_fit(ints, deadline, max_batch, of)
     for i in range(n):
         bounds[of[i] + 1] += 1
     for k in range(g):
@@ -95,7 +86,7 @@ def groups(ints, deadline, max_batch):
         k = of[i]
         order[fill[k]] = i
         fill[k] += 1
-    return batch, g_due, index, g
+    return batch, due, index, g
 
 
 @_jit
@@ -134,9 +125,7 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
         # What the head batch leaves of each batch it takes requests from.
         n_skip = 0
         while n_skip < most and cand[k, 3 + n_skip] >= 0:
-            skip[n_skip] = int(cand[k, 3 + n_skip])
-            if skip[n_skip] >= len(rows):
-                raise ValueError("a head batch's queue index is past the queue")
+            skip[n_skip] = int(cand[k, 3 + n_skip])  # in range: plan.feasible checks
             n_skip += 1
         n_hit = 0
         for j in range(n_skip):
@@ -193,15 +182,12 @@ def admission(ints, at, r_rows, r_lo, r_hi, mean, var, max_batch, z, busy):
     on their fastest allowed tiers after the slots free (``busy``: per slot): with its own
     batch, or, if sooner, added to an earlier batch that runs on a tier it allows and has
     room for it."""
-    ahead_rows, ahead_lo, ahead_hi = (
-        np.empty(at + 1, np.int64),
-        np.empty(at + 1, np.int64),
-        np.empty(at + 1, np.int64),
-    )
-    ahead_rows[:at], ahead_lo[:at], ahead_hi[:at] = ints[0, :at], ints[1, :at], ints[2, :at]
-    ahead_rows[at], ahead_lo[at], ahead_hi[at] = r_rows, r_lo, r_hi
-    deadline = np.zeros(at + 1)  # next-fit does not look at deadlines
-    g_hi, _, g_rows, _, _, of, _ = next_fit(ahead_rows, ahead_lo, ahead_hi, deadline, max_batch)
+    ahead = np.empty((3, at + 1), np.int64)  # the queue ahead, then the new request
+    ahead[:, :at] = ints[:, :at]
+    ahead[0, at], ahead[1, at], ahead[2, at] = r_rows, r_lo, r_hi
+    of = np.empty(at + 1, np.int64)
+    batch, _, _ = next_fit(ahead, np.zeros(at + 1), max_batch, of)  # deadlines unused
+    g_hi, g_rows = batch[0], batch[2]
     mine = of[at]
     width = mean.shape[1]
     off = np.sort(busy)
