@@ -36,7 +36,7 @@ from bench.transformers import (
     MULTIPLE_OF,
     OUT,
     SEED,
-    TIERS,
+    UNIFORM_TIERS,
     embed,
     evaluate,
     load_text,
@@ -57,11 +57,11 @@ def run(args) -> dict:
     text, corpus = load_text(MAX_LENGTH)
     inn = convert_minilm()
     full_emb = embed(inn.sample(1.0), *text["evaluation"])
-    sizes = {name: inn.sizes(w, MULTIPLE_OF) for name, w in TIERS.items()}
+    sizes = {name: inn.sizes(w, MULTIPLE_OF) for name, w in UNIFORM_TIERS.items()}
     rows = {"data_free": {}, "random_width": {}}
     for name, s in sizes.items():
         rows["data_free"][name] = evaluate(inn.sample(s), text["evaluation"], full_emb)
-    trained, log = distil_widths(inn, *text["calibration"], TIERS[SMALLEST], args.seconds,
+    trained, log = distil_widths(inn, *text["calibration"], UNIFORM_TIERS[SMALLEST], args.seconds,
                                  multiple_of=MULTIPLE_OF, batch_size=BATCH_SIZE,
                                  seed=SEED)  # fmt: skip
     for name, s in sizes.items():
@@ -93,7 +93,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tiers = list(TIERS)
+    tiers = list(UNIFORM_TIERS)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     labels = {
         "data_free": "data-free INN",

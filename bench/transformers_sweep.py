@@ -50,24 +50,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument(
+        "--shaped",
+        action="store_true",
+        help="the goal tier shaped by measured sensitivity (runtime.inn.shaping)",
+    )
+    p.add_argument("--counts", type=json.loads, default={},
+                   help="channel counts per group over the goal tier's, as JSON")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     text, _ = load_text(MAX_LENGTH)
     inn = convert_minilm()
-    sizes = inn.sizes(TIERS[GOAL_TIER], MULTIPLE_OF)
+    width = {**TIERS[GOAL_TIER], "shaped": True} if args.shaped else TIERS[GOAL_TIER]
+    if args.counts:
+        width = {**inn.sizes(TIERS[GOAL_TIER], MULTIPLE_OF), **args.counts}
     full_emb = embed(inn.sample(1.0), *text["evaluation"])
     ids, mask = text["calibration"]
     pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[: args.sentences]
     seed_everything(args.seed)
     t0 = time.perf_counter()
-    tuned = calibrate_text(inn, ids[pick], mask[pick], [TIERS[GOAL_TIER]], args.seconds,
+    tuned = calibrate_text(inn, ids[pick], mask[pick], [width], args.seconds,
                            multiple_of=MULTIPLE_OF, batch_size=args.batch_size, seed=args.seed,
                            progress=False, **args.options)  # fmt: skip
+    sizes = tuned.sizes(width, MULTIPLE_OF)
     log = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
     row = {**evaluate(tuned.sample(sizes), text["evaluation"], full_emb), **log}
     row = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
     out = {"name": args.name, "options": args.options, "seconds": args.seconds,
-           "sentences": args.sentences, "batch_size": args.batch_size, **row,
+           "sentences": args.sentences, "batch_size": args.batch_size, "counts": args.counts,
+           "shaped": args.shaped, "sizes": sizes,
+           "sensitivity": tuned.info.get("sensitivity"),
+           **row,
            "wall": time.perf_counter() - t0}  # fmt: skip
     print(json.dumps(out))
     with OUT.open("a") as f:

@@ -540,6 +540,7 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     import torch
 
     from runtime.inn.distill import calibrate_text
+    from runtime.inn.shaping import unshaped
     from runtime.repository.config import ModelConfig
     from runtime.repository.tokenizer import TextTokenizer
 
@@ -555,7 +556,9 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
         raise ValueError(f"{args.text} has {len(lines)} non-empty lines; give at least 32")
     tok = TextTokenizer(args.model_dir / config.text.tokenizer, config.text.max_length)
     ids, mask = tok.encode(lines)
-    tiers = {inn.sizes_key(inn.sizes(w, multiple_of)) for w in widths} - {
+    # counted on the uniform widths: a shaped one has their totals, and its counts are only
+    # known once calibration has measured the sensitivity
+    tiers = {inn.sizes_key(inn.sizes(unshaped(w), multiple_of)) for w in widths} - {
         inn.sizes_key(inn.sizes(1.0))
     }
     per_tier = args.seconds / max(len(tiers), 1)

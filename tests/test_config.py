@@ -151,6 +151,13 @@ def test_unknown_key_without_a_near_one_lists_the_known_fields():
 # --- values out of range ---------------------------------------------------------------------
 
 
+def test_a_kinds_width_may_ask_to_be_shaped():
+    cfg = _model(tiers=[{"name": "h50", "width": {"heads": 0.5, "ffn": 0.25, "shaped": True}}])
+    assert cfg.tiers[0].width == {"heads": 0.5, "ffn": 0.25, "shaped": True}
+    cfg = _model(tiers=[{"name": "h50", "width": {"heads": 1, "shaped": False}}])
+    assert cfg.tiers[0].width == {"heads": 1.0, "shaped": False}
+
+
 @pytest.mark.parametrize(
     ("patch", "field", "value"),
     [
@@ -169,6 +176,10 @@ def test_unknown_key_without_a_near_one_lists_the_known_fields():
         ({"backends": ["onnx"]}, "backends[0]", "'onnx'"),
         ({"tiers": [{"name": "w", "width": 1.5}]}, "tiers[0].width", "1.5"),
         ({"tiers": [{"name": "w", "width": {"conv1": 0}}]}, "tiers[0].width.conv1", "0"),
+        ({"tiers": [{"name": "w", "width": {"heads": 0.5, "shaped": 1}}]},
+         "tiers[0].width.shaped", "1"),
+        ({"tiers": [{"name": "w", "width": {"heads": 0.5, "shape": True}}]}, "tiers[0].width",
+         "{'heads': 0.5, 'shape': True}"),
         ({"tiers": [{"name": "bad name", "width": 1}]}, "tiers[0].name", "'bad name'"),
         ({"inputs": [{"name": "x", "shape": [0]}]}, "inputs[0].shape[0]", "0"),
         ({"inputs": [{"name": "x", "dtype": "complex", "shape": [1]}]}, "inputs[0].dtype",

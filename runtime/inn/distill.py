@@ -57,6 +57,7 @@ from runtime.inn.selection import (
     select_nodes,
     store_grids,
 )
+from runtime.inn.shaping import unshaped
 
 # Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
 # on a freshly resampled network are large and noisy.
@@ -513,20 +514,32 @@ def calibrate_text(
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     ids, mask = check_text(ids, mask)
-    tiers = _distinct([inn.sizes(w, multiple_of) for w in widths])
-    tiers = [s for s in tiers if s != inn.sizes(1.0)]  # the full width is the teacher itself
     out = inn.copy()
-    if not tiers:
+    # A shaped width has its uniform width's totals: all full means nothing to calibrate.
+    if not _tiers(inn, [unshaped(w) for w in widths], multiple_of):
         return out
     batches = length_batches(ids, mask, batch_size)
     teacher = inn.sample(1.0, calibrated=False)
     targets = teacher_targets(teacher, batches, progress)
     grams = None
+    sample = some_batches(batches, refit_sentences or len(ids), seed)
     if grid == "selected":  # one pass shared by the tiers, like the teacher's
         start = time.perf_counter()
-        sample = some_batches(batches, refit_sentences or len(ids), seed)
         grams = readout_grams(inn, teacher, sample, progress)
         out.info["selection_seconds"] = time.perf_counter() - start
+    if any(unshaped(w) is not w for w in widths):  # shared by the tiers too
+        # imported here: runtime.inn.sensitivity builds on this module
+        from runtime.inn.sensitivity import SCORE_SENTENCES, measure_sensitivity
+
+        rest = [b for b in batches if all(b is not s for s in sample)] or batches
+        score = some_batches(rest, SCORE_SENTENCES, seed)
+        # the probes choose their nodes whatever grid the tiers start on
+        probe_grams = readout_grams(inn, teacher, sample) if grams is None else grams
+        out.info["sensitivity"] = measure_sensitivity(
+            inn, teacher, probe_grams, score, multiple_of=multiple_of, method=method,
+            progress=progress,
+        )  # fmt: skip
+    tiers = _tiers(out, widths, multiple_of)
     for i, sizes in enumerate(tqdm(tiers, desc="calibrate", unit="tier", disable=not progress)):
         start = time.perf_counter()
         torch.manual_seed(seed + i)
@@ -546,6 +559,12 @@ def calibrate_text(
                "sentences": len(ids)}  # fmt: skip
         out.info.setdefault("text_calibration", {})[key] = log
     return out
+
+
+def _tiers(inn: IntegralModel, widths: Sequence, multiple_of: int) -> list[dict[str, int]]:
+    """The distinct channel counts of ``widths``, the full width left out (the teacher)."""
+    tiers = _distinct([inn.sizes(w, multiple_of) for w in widths])
+    return [s for s in tiers if s != inn.sizes(1.0)]
 
 
 def _distinct(tiers: list[dict[str, int]]) -> list[dict[str, int]]:

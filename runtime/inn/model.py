@@ -28,6 +28,7 @@ from runtime.hashing import sha256_file
 from runtime.inn import graphio
 from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
 from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
+from runtime.inn.shaping import SHAPED, allocate
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "inn.safetensors"
@@ -147,29 +148,57 @@ class IntegralModel:
         w = _check_width(width)
         return {g.name: self._rounded(g, w, multiple_of) for g in self.groups}
 
+    def step(self, g: GroupInfo, multiple_of: int) -> int:
+        """Entries per step of ``g``'s rounded widths: the fewest whose channels are a
+        multiple of ``multiple_of`` and a multiple of the conv groups (blocks); plain blocks
+        where the group is too small."""
+        q = math.lcm(multiple_of // math.gcd(multiple_of, self.unit(g)), g.blocks)
+        return g.blocks if g.size < q or g.size % g.blocks else q
+
     def _rounded(self, g: GroupInfo, w: float, multiple_of: int) -> int:
         if w == 1.0:
             return g.size
-        unit = self.unit(g)
-        # Entries per step: the fewest whose channels are a multiple of multiple_of, and a
-        # multiple of the conv groups (blocks); plain blocks where the group is too small.
-        q = math.lcm(multiple_of // math.gcd(multiple_of, unit), g.blocks)
-        if g.size < q or g.size % g.blocks:
-            q = g.blocks
+        q = self.step(g, multiple_of)
         return min(g.size, max(q, round(w * g.size / q) * q))
 
     def _sizes_from_kinds(self, width: Mapping[str, Any], multiple_of: int) -> dict[str, int]:
-        unknown = sorted(set(width) - set(KINDS))
+        unknown = sorted(set(width) - {*KINDS, SHAPED})
         if unknown:
             raise ValueError(
-                f"a width maps either kinds {list(KINDS)} to fractions or group names to "
-                f"counts, not both; got {unknown} beside {sorted(set(width) & set(KINDS))}"
+                f"a width maps either kinds {list(KINDS)} to fractions (and optionally "
+                f"{SHAPED!r}: true) or group names to counts, not both; got {unknown} beside "
+                f"{sorted(set(width) & set(KINDS))}"
             )
-        fractions = {k: _check_width(v) for k, v in width.items()}
-        return {
+        shaped = width.get(SHAPED, False)
+        if not isinstance(shaped, bool):
+            raise ValueError(f"{SHAPED!r} must be true or false, got {shaped!r}")
+        fractions = {k: _check_width(v) for k, v in width.items() if k != SHAPED}
+        uniform = {
             g.name: self._rounded(g, fractions.get(self.kind(g), 1.0), multiple_of)
             for g in self.groups
         }
+        return self._shaped(uniform, fractions, multiple_of) if shaped else uniform
+
+    def _shaped(
+        self, uniform: dict[str, int], fractions: Mapping[str, float], multiple_of: int
+    ) -> dict[str, int]:
+        """``uniform``'s totals per kind, spread by the stored sensitivity curves
+        (runtime.inn.shaping)."""
+        curves = self.info.get("sensitivity", {}).get("groups")
+        if not curves:
+            raise ValueError(
+                f"a width with {SHAPED!r}: true spreads channels by the per-layer sensitivity "
+                "that text calibration measures, and this INN has none: run `innfer "
+                "calibrate MODEL_DIR --text FILE` first (or drop 'shaped')"
+            )
+        out = dict(uniform)
+        for kind in fractions:
+            groups = [g for g in self.groups if self.kind(g) == kind]
+            out.update(allocate(
+                {g.name: g.size for g in groups}, {g.name: uniform[g.name] for g in groups},
+                {g.name: self.step(g, multiple_of) for g in groups}, curves,
+            ))  # fmt: skip
+        return out
 
     def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
         out = {g.name: g.size for g in self.groups}

@@ -92,11 +92,14 @@ FP16_BACKENDS = ("tensorrt", "torch")
 
 _WIDTH = (
     "a number in (0, 1], a mapping {group: channels} or a mapping of kinds "
-    "{heads: fraction, ffn: fraction}"
+    "{heads: fraction, ffn: fraction} (add shaped: true to spread each kind's channels over "
+    "the layers by the sensitivity text calibration measured)"
 )
 # Kinds of continuous group a width may give fractions for (runtime.inn.model.KINDS: heads
 # are attention heads, ffn every other group - a transformer's FFN width).
 KINDS = ("heads", "ffn")
+# The key of a kinds width asking for a shaped tier (runtime.inn.shaping.SHAPED).
+SHAPED = "shaped"
 # A per-sample dim that varies per request (a sequence axis).
 DYNAMIC = -1
 
@@ -105,12 +108,18 @@ def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
     """A tier width: a fraction of every group's channels, fractions per kind of group, or
     channels per group."""
     if isinstance(v, dict) and set(v) & set(KINDS):
-        if set(v) - set(KINDS):
-            where.fail(v, f"either kinds {list(KINDS)} with fractions or group counts, not both")
+        if set(v) - {*KINDS, SHAPED}:
+            where.fail(
+                v, f"either kinds {list(KINDS)} with fractions (and {SHAPED}: true|false) or "
+                "group counts, not both",
+            )  # fmt: skip
         for k, f in v.items():
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            if k == SHAPED:
+                if not isinstance(f, bool):
+                    where.child(k).fail(f, "true (spread by measured sensitivity) or false")
+            elif isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
                 where.child(k).fail(f, "a fraction in (0, 1]")
-        return {k: float(f) for k, f in v.items()}
+        return {k: f if k == SHAPED else float(f) for k, f in v.items()}
     if isinstance(v, dict):
         for g, n in v.items():
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
