@@ -1,7 +1,10 @@
 """all-MiniLM-L6-v2 tiers: INN + text distillation vs pruning baselines, and ONNX latency.
 
 Tiers (heads, FFN) = (100 %, 100 %), (75 %, 75 %), (50 %, 50 %), (50 %, 25 %) of every layer,
-channel counts rounded to multiples of 8 (``IntegralModel.sizes(..., multiple_of=8)``). Every
+channel counts rounded to multiples of 8 (``IntegralModel.sizes(..., multiple_of=8)``), and
+each smaller one shaped (``_s``: the same totals per kind spread over the layers by the
+sensitivity ``calibrate_text`` measures, ``runtime.inn.shaping``; measured once, its time
+reported apart). Every
 method gets the same calibration sentences (``runtime.demo.text_corpus``, "calibration") and
 the same budget per tier (``--seconds``); what is shared by all tiers and methods - the
 teacher's pass over the text, the activation statistics pass - is timed apart, not charged.
@@ -82,14 +85,16 @@ TIERS = {
     "h75_f75": {"heads": 0.75, "ffn": 0.75},
     "h50_f50": {"heads": 0.5, "ffn": 0.5},
     "h50_f25": {"heads": 0.5, "ffn": 0.25},
-    # The goal tier's totals (the same parameters), spread over the layers by the
-    # sensitivity calibration measures (runtime.inn.shaping): every method gets these counts.
-    "h50_f50_s": {"heads": 0.5, "ffn": 0.5, "shaped": True},
 }
+# Each smaller tier shaped: its totals per kind (the same parameters), spread over the layers
+# by the sensitivity calibration measures (runtime.inn.shaping); a baseline at a shaped tier
+# gets the same counts.
+UNIFORM_TIERS = dict(TIERS)
+TIERS.update({f"{name}_s": {**w, "shaped": True} for name, w in UNIFORM_TIERS.items()
+              if name != "h100_f100"})  # fmt: skip
 GOAL_TIER = "h50_f50"
 SHAPED_GOAL = "h50_f50_s"
 GOAL_TIERS = (GOAL_TIER, SHAPED_GOAL)
-UNIFORM_TIERS = {k: w for k, w in TIERS.items() if k != SHAPED_GOAL}
 METHODS = (
     "inn", "inn_lsq", "inn_distil", "inn_uniform_distil", "norm_distil", "act_distil", "act_lsq"
 )  # fmt: skip

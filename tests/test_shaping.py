@@ -184,3 +184,14 @@ def test_calibrating_a_shaped_width_measures_the_curves_and_tunes_those_counts(t
     assert tuned.calibrated(shaped)
     with torch.no_grad():
         tuned.sample(shaped)(ids[:2], mask[:2])
+
+
+def test_the_minilm_demo_shapes_its_smaller_tiers_only_when_it_calibrates():
+    from runtime.demo.minilm_demo import model_config, tiers
+    from runtime.repository.config import ModelConfig
+
+    shaped = [t["width"] for t in tiers(True)]
+    assert shaped[0] == 1.0 and all(w["shaped"] is True for w in shaped[1:])
+    assert all(w == 1.0 or "shaped" not in w for w in (t["width"] for t in tiers(False)))
+    cfg = ModelConfig.from_dict({"name": "minilm", **model_config()}, source="model.yaml")
+    assert cfg.tiers[2].width == {"heads": 0.5, "ffn": 0.5, "shaped": True}

@@ -4,16 +4,19 @@ tokenizer, and stored with the INN for the next build."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
+import yaml
 from textmodel import WORDS, build_text_repository
 
 import runtime
 from innfer.cli import main
-from runtime.build.pipeline import build_model
+from runtime.build.pipeline import BuildError, build_model
 from runtime.inn.model import IntegralModel
 from runtime.repository import Repository
+from runtime.repository.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +70,27 @@ def test_calibrate_text_refuses_too_little_text_and_models_without_a_tokenizer(
     enough = _sentences(tmp_path / "enough.txt", 40)
     assert main(["calibrate", str(copy), "--text", str(enough), "--seconds", "1"]) != 0
     assert "has no text: section" in capsys.readouterr().err
+
+
+def test_a_shaped_tier_is_refused_until_calibrated_then_built_at_the_measured_counts(
+    model_dir, tmp_path
+):
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    config = yaml.safe_load((copy / "model.yaml").read_text())
+    shaped = {"heads": 0.5, "ffn": 0.5, "shaped": True}
+    config["tiers"][1]["width"] = shaped
+    (copy / "model.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(BuildError, match=r"tier half: .*innfer calibrate MODEL_DIR --text FILE"):
+        build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+
+    text = _sentences(tmp_path / "calib.txt", 64)
+    assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "4"]) == 0
+    inn = runtime.load(copy)
+    assert inn.info["sensitivity"]["groups"]
+    sizes = inn.sizes(shaped, ModelConfig.load(copy / "model.yaml").multiple_of)
+    assert IntegralModel.sizes_key(sizes) in inn.tiers  # calibrated at the shaped counts
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    assert report.warnings == []
+    tier = json.loads((Repository(tmp_path).tier_dir("embed", "half") / "tier.json").read_text())
+    assert tier["sizes"] == sizes

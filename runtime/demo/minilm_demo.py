@@ -24,21 +24,33 @@ TIERS = [
     {"name": "h050", "width": {"heads": 0.5, "ffn": 0.5}},
     {"name": "h050f025", "width": {"heads": 0.5, "ffn": 0.25}},
 ]
+
+
+def tiers(calibrated: bool) -> list[dict]:
+    """``TIERS``, the smaller ones shaped where calibration runs (it measures the per-layer
+    sensitivity a shaped width is spread by; data-free tiers have none): the same totals,
+    kept where the layers need them (runtime.inn.shaping; bench/transformers.py)."""
+    if not calibrated:
+        return TIERS
+    return [t if t["width"] == 1.0 else {**t, "width": {**t["width"], "shaped": True}}
+            for t in TIERS]  # fmt: skip
+
+
 MULTIPLE_OF = 8
 CALIBRATION_SENTENCES = 3000
 RECORD = "demo.json"  # how the INN there was made; the same recipe is reused, not redone
 
 
-def model_config(threads: int = 1, max_length: int = 256) -> dict:
+def model_config(threads: int = 1, max_length: int = 256, calibrated: bool = True) -> dict:
     """The demo's model.yaml: ids and mask (INT64, dynamic length) or raw text in, the
-    normalised 384-d embedding out."""
+    normalised 384-d embedding out; shaped tiers where ``calibrated``."""
     return {
         "inputs": [
             {"name": "input_ids", "dtype": "int64", "shape": [-1]},
             {"name": "attention_mask", "dtype": "int64", "shape": [-1]},
         ],
         "outputs": [{"name": "embedding", "dtype": "float32", "shape": [384]}],
-        "tiers": TIERS,
+        "tiers": tiers(calibrated),
         "text": {"input": "text", "max_length": max_length},
         "lengths": [16, 32, 64, 128, max_length],
         "backends": ["onnxruntime"],
@@ -53,7 +65,7 @@ def model_config(threads: int = 1, max_length: int = 256) -> dict:
 
 
 def recipe(seconds: float) -> dict:
-    out = {"model": "all-MiniLM-L6-v2", "tiers": TIERS, "calibration_seconds": seconds,
+    out = {"model": "all-MiniLM-L6-v2", "tiers": tiers(seconds > 0), "calibration_seconds": seconds,
            "sentences": CALIBRATION_SENTENCES}  # fmt: skip
     if seconds > 0:  # where calibration starts (data-free tiers have no grid to choose)
         out["grid"] = "selected"
@@ -92,11 +104,10 @@ def write_repository(
         texts = load_text("calibration")[:CALIBRATION_SENTENCES]
         ids, mask = TextTokenizer(tokenizer_path(), MAX_LENGTH).encode(texts)
         print(f"calibrating {len(TIERS) - 1} tiers on {len(texts)} sentences, {seconds:.0f} s each")
-        inn = calibrate_text(
-            inn, torch.from_numpy(ids), torch.from_numpy(mask), [t["width"] for t in TIERS[1:]],
-            seconds, multiple_of=MULTIPLE_OF, progress=progress,
-        )  # fmt: skip
-    model_dir = add_model(root, name, inn, model_config(threads, MAX_LENGTH))
+        widths = [t["width"] for t in tiers(True)[1:]]
+        inn = calibrate_text(inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, seconds,
+                             multiple_of=MULTIPLE_OF, progress=progress)  # fmt: skip
+    model_dir = add_model(root, name, inn, model_config(threads, MAX_LENGTH, seconds > 0))
     shutil.copyfile(tokenizer_path(), model_dir / "tokenizer.json")
     inn_sha = json.loads((model_dir / "inn.json").read_text())["weights_sha256"]
     record = {"recipe": recipe(seconds), "inn_sha256": inn_sha,

@@ -490,9 +490,13 @@ def calibrate_text(
 
     ``ids``, ``mask``: (N, T) int64, the calibration sentences padded at the end (as
     ``runtime.repository.tokenizer.TextTokenizer.encode`` returns them). ``widths``: what
-    ``IntegralModel.sizes`` takes - a fraction, ``{"heads": f, "ffn": f}`` or counts per
-    group; the full width is skipped (it is the teacher). ``seconds``: the budget per width,
-    sampling included (the teacher's one pass is shared and not counted). ``multiple_of``
+    ``IntegralModel.sizes`` takes - a fraction, ``{"heads": f, "ffn": f}`` (with
+    ``"shaped": True`` or not) or counts per group; the full width is skipped (the teacher).
+    A shaped width first has every group's sensitivity measured on the text
+    (``runtime.inn.sensitivity``; stored as ``info["sensitivity"]``, which decides its
+    counts, ``runtime.inn.shaping``). ``seconds``: the budget per width, sampling included
+    (the teacher's pass and the sensitivity probes are shared and not counted; their
+    seconds are recorded). ``multiple_of``
     and ``method`` must match the tiers' (model.yaml) so the calibrated networks are the ones
     the build samples. ``grid``: ``"selected"`` (default) starts each tier on the nodes
     ``runtime.inn.selection`` chooses on about ``refit_sentences`` of the sentences (one
