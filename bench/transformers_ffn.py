@@ -9,6 +9,10 @@ Rows per FFN fraction (75 / 50 / 25 %), mean cosine to the full model's embeddin
   l2_prune_refit     the L2 pruning, then the same refit
   inn_chosen_refit   the nodes ``runtime.inn.selection`` chooses (on those sentences), then
                      the same refit
+  inn_shaped_refit   the same FFN channels in total spread over the layers by measured
+                     sensitivity (``{"ffn": f, "shaped": True}``, runtime.inn.shaping), chosen
+                     nodes, the same refit (at 25 % every layer is at the narrowest probed
+                     width, so it equals inn_chosen_refit)
 
 Writes bench/results/transformers_ffn_only.json (~5 min).
 
@@ -40,6 +44,7 @@ from bench.transformers import (
 from runtime.demo.minilm import MAX_LENGTH, convert_minilm
 from runtime.inn.distill import length_batches, some_batches
 from runtime.inn.selection import readout_grams, select_nodes, store_grids
+from runtime.inn.sensitivity import SCORE_SENTENCES, measure_sensitivity
 
 FRACTIONS = (0.75, 0.5, 0.25)
 
@@ -51,8 +56,14 @@ def run() -> dict:
     full = inn.sample(1.0)
     full_emb = embed(full, *text["evaluation"])
     batches = length_batches(*text["calibration"], BATCH_SIZE)
-    grams = readout_grams(inn, full, some_batches(batches, REFIT_SENTENCES, SEED))
+    sample = some_batches(batches, REFIT_SENTENCES, SEED)
+    grams = readout_grams(inn, full, sample)
     norm = weight_norm_scores(inn)
+    shaped = inn.copy()  # as calibrate_text measures it: scored on other sentences
+    rest = [b for b in batches if all(b is not s for s in sample)]
+    shaped.info["sensitivity"] = measure_sensitivity(
+        inn, full, grams, some_batches(rest, SCORE_SENTENCES, SEED), multiple_of=MULTIPLE_OF
+    )
     out = {}
     for f in FRACTIONS:
         sizes = inn.sizes({"ffn": f}, MULTIPLE_OF)
@@ -70,9 +81,17 @@ def run() -> dict:
                 inn, partial(chosen.sample, sizes, calibrated=False), sizes, batches, SEED
             )[0],
         }
+        shaped_sizes = shaped.sizes({"ffn": f, "shaped": True}, MULTIPLE_OF)
+        store_grids(shaped, select_nodes(shaped, full, grams, shaped_sizes))
+        modules["inn_shaped_refit"] = refitted(
+            inn, partial(shaped.sample, shaped_sizes, calibrated=False), shaped_sizes, batches,
+            SEED,
+        )[0]  # fmt: skip
         out[str(f)] = {k: evaluate(m, text["evaluation"], full_emb) for k, m in modules.items()}
+        out[str(f)]["inn_shaped_refit"]["sizes"] = shaped_sizes
         print(f, {k: round(v["cosine"], 4) for k, v in out[str(f)].items()}, flush=True)
-    return {"ffn_fractions": out, "corpus": corpus, "refit_sentences": REFIT_SENTENCES}
+    return {"ffn_fractions": out, "corpus": corpus, "refit_sentences": REFIT_SENTENCES,
+            "sensitivity": shaped.info["sensitivity"]}  # fmt: skip
 
 
 def main() -> int:
