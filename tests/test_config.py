@@ -396,3 +396,11 @@ def test_config_method_names_match_the_inn():
     from runtime.repository.config import METHODS
 
     assert tuple(continuous.METHODS) == METHODS
+
+
+def test_config_width_keys_match_the_inn():
+    model = pytest.importorskip("runtime.inn.model")  # imports torch
+    from runtime.inn.shaping import SHAPED as INN_SHAPED
+    from runtime.repository.config import KINDS, SHAPED
+
+    assert (tuple(model.KINDS), INN_SHAPED) == (KINDS, SHAPED)
