@@ -42,7 +42,7 @@ from bench.transformers import (
     weight_norm_scores,
 )
 from runtime.demo.minilm import MAX_LENGTH, convert_minilm
-from runtime.inn.distill import length_batches, some_batches
+from runtime.inn.distill import length_batches, other_batches, some_batches
 from runtime.inn.selection import readout_grams, select_nodes, store_grids
 from runtime.inn.sensitivity import SCORE_SENTENCES, measure_sensitivity
 
@@ -60,10 +60,10 @@ def run() -> dict:
     grams = readout_grams(inn, full, sample)
     norm = weight_norm_scores(inn)
     shaped = inn.copy()  # as calibrate_text measures it: scored on other sentences
-    rest = [b for b in batches if all(b is not s for s in sample)]
     shaped.info["sensitivity"] = measure_sensitivity(
-        inn, full, grams, some_batches(rest, SCORE_SENTENCES, SEED), multiple_of=MULTIPLE_OF
-    )
+        inn, full, grams, other_batches(batches, sample, SCORE_SENTENCES, SEED),
+        multiple_of=MULTIPLE_OF,
+    )  # fmt: skip
     out = {}
     for f in FRACTIONS:
         sizes = inn.sizes({"ffn": f}, MULTIPLE_OF)

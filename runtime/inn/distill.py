@@ -429,6 +429,15 @@ def some_batches(batches: Sequence[TextBatch], sentences: int, seed: int) -> lis
     return subset
 
 
+def other_batches(
+    batches: Sequence[TextBatch], taken: Sequence[TextBatch], sentences: int, seed: int
+) -> list[TextBatch]:
+    """``some_batches`` of those ``batches`` that are not in ``taken`` (all of ``batches``
+    if every one is): sentences held apart from a first sample, to score on."""
+    rest = [b for b in batches if all(b is not t for t in taken)] or list(batches)
+    return some_batches(rest, sentences, seed)
+
+
 def calibrate_network(
     student: fx.GraphModule,
     teacher: fx.GraphModule,
@@ -535,8 +544,7 @@ def calibrate_text(
         # imported here: runtime.inn.sensitivity builds on this module
         from runtime.inn.sensitivity import SCORE_SENTENCES, measure_sensitivity
 
-        rest = [b for b in batches if all(b is not s for s in sample)] or batches
-        score = some_batches(rest, SCORE_SENTENCES, seed)
+        score = other_batches(batches, sample, SCORE_SENTENCES, seed)
         # the probes choose their nodes whatever grid the tiers start on
         probe_grams = readout_grams(inn, teacher, sample) if grams is None else grams
         out.info["sensitivity"] = measure_sensitivity(

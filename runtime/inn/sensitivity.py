@@ -63,8 +63,8 @@ def measure_sensitivity(
     probe = inn.copy()  # grids chosen per group land in the copy's info, not the caller's
     full = inn.sizes(1.0)
     reads = readout_weights(inn)
-    probes = [(g, n) for g in inn.groups
-              for n in sorted({inn.sizes(f, multiple_of)[g.name] for f in fractions})
+    uniform = [inn.sizes(f, multiple_of) for f in fractions]
+    probes = [(g, n) for g in inn.groups for n in sorted({u[g.name] for u in uniform})
               if n < g.size]  # fmt: skip
     groups: dict[str, list[list[float]]] = {g.name: [] for g in inn.groups}
     for g, n in tqdm(probes, desc="sensitivity", unit="probe", disable=not progress):

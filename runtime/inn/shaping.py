@@ -103,7 +103,7 @@ def allocate(
             cost = (fns[g](narrower) - fns[g](n)) / (n - narrower)
             if cost < best_cost:
                 best, best_cost = g, cost
-        if best is None:  # cannot happen: the floors fit in the budget (checked above)
+        if best is None:  # every group is one step from going below its floor
             return dict(uniform)
         n, q = counts[best], steps[best]
         counts[best] = n - q if n % q == 0 else n - n % q
