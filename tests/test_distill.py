@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from runtime.inn.distill import calibrate_text, length_batches, readouts, relation_loss
+from runtime.inn.distill import calibrate_text, length_batches, readouts
 
 HALF = {"heads": 0.5, "ffn": 0.5}
 
@@ -104,39 +104,3 @@ def test_bad_input_is_a_clear_error(tiny_bert, ids, mask, widths, match):
     _, inn = tiny_bert
     with pytest.raises(ValueError, match=match):
         calibrate_text(inn, ids, mask, widths, seconds=1, progress=False)
-
-
-def test_relation_loss_compares_rankings_and_leaves_the_batch_out():
-    gen = torch.Generator().manual_seed(0)
-    bank = F.normalize(torch.randn(40, 8, generator=gen), dim=-1)
-    teacher = torch.randn(4, 8, generator=gen)
-    own = slice(10, 14)
-
-    def loss(student, b=bank):
-        return float(relation_loss(student, teacher, b, own, 0.05))
-
-    assert loss(teacher) == pytest.approx(0.0, abs=1e-6)
-    assert loss(3 * teacher) == pytest.approx(0.0, abs=1e-6)  # directions, not lengths
-    moved = teacher + 0.5 * torch.randn(4, 8, generator=gen)
-    assert loss(moved) > 0.01
-    # the batch's own rows (the same sentences, in practice) say nothing about its neighbours
-    other = bank.clone()
-    other[own] = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
-    assert loss(moved, other) == pytest.approx(loss(moved), rel=1e-6)
-    other[20] = -other[20]
-    assert loss(moved, other) != pytest.approx(loss(moved), rel=1e-6)
-
-
-def test_the_relation_term_reaches_the_distillation_loss(tiny_bert):
-    _, inn = tiny_bert
-    ids, mask = _text(256, 1)
-
-    def run(weight: float):
-        return calibrate_text(inn, ids, mask, [HALF], seconds=60, max_steps=3, batch_size=32,
-                              relation_weight=weight, progress=False)  # fmt: skip
-
-    runs = {w: run(w) for w in (0.0, 1.0)}
-    key = runtime.IntegralModel.sizes_key(inn.sizes(HALF, multiple_of=8))
-    first = {w: r.info["text_calibration"][key]["first_loss"] for w, r in runs.items()}
-    # the same start and first batch: the added KL term is all the difference
-    assert first[1.0] > first[0.0], first
