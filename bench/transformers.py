@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx
 from tqdm import tqdm
 
@@ -76,6 +75,7 @@ from runtime.inn.distill import (
     teacher_targets,
     with_taps,
 )
+from runtime.inn.fidelity import embed, evaluate
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import linear_nodes, readout_weights
 from runtime.repository.tokenizer import TextTokenizer
@@ -124,43 +124,6 @@ def load_text(max_length: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
     return text, manifest
 
 
-@torch.no_grad()
-def embed(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N, D) embeddings in the sentences' order (batches by length, for speed)."""
-    order = torch.argsort(mask.sum(1), stable=True)  # length_batches' order
-    sorted_emb = torch.cat([module(b.ids, b.mask).float() for b in length_batches(ids, mask, 64)])
-    out = torch.empty_like(sorted_emb)
-    out[order] = sorted_emb
-    return out
-
-
-def retrieval_agreement(full: torch.Tensor, tier: torch.Tensor, k: int = 10) -> tuple:
-    """(top-1, top-k) agreement of nearest neighbours, each sentence queried against the rest."""
-
-    def neighbours(e: torch.Tensor) -> torch.Tensor:
-        sim = e @ e.T  # (N, N) cosine: embeddings are unit vectors
-        sim.fill_diagonal_(-float("inf"))
-        return sim.topk(k, dim=1).indices  # (N, k) best first
-
-    a, b = neighbours(full), neighbours(tier)
-    top1 = float((a[:, 0] == b[:, 0]).float().mean())
-    overlap = (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1).float() / k  # (N,)
-    return top1, float(overlap.mean())
-
-
-def evaluate(module: torch.nn.Module, text: tuple, full: torch.Tensor) -> dict:
-    emb = embed(module, *text)
-    cos = F.cosine_similarity(emb, full, dim=-1)  # (N,)
-    top1, top10 = retrieval_agreement(full, emb)
-    return {
-        "cosine": float(cos.mean()),
-        "cosine_std": float(cos.std(correction=0)),
-        "top1": top1,
-        "top10": top10,
-    }
-
-
-# -- pruning -------------------------------------------------------------------------------
 def group_slices(inn: IntegralModel, gi: int):
     """Yield ``(param, x, reduce)`` for every tensor that binds group ``gi``: ``x`` is the
     tensor's slice of that group as (entries, values per entry), one row per head/channel."""

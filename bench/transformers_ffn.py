@@ -33,8 +33,6 @@ from bench.transformers import (
     OUT,
     REFIT_SENTENCES,
     SEED,
-    embed,
-    evaluate,
     kept,
     load_text,
     prune,
@@ -43,6 +41,7 @@ from bench.transformers import (
 )
 from runtime.demo.minilm import MAX_LENGTH, convert_minilm
 from runtime.inn.distill import length_batches, other_batches, some_batches
+from runtime.inn.fidelity import embed, evaluate
 from runtime.inn.selection import readout_grams, select_nodes, store_grids
 from runtime.inn.sensitivity import SCORE_SENTENCES, measure_sensitivity
 

@@ -37,13 +37,12 @@ from bench.transformers import (
     OUT,
     SEED,
     UNIFORM_TIERS,
-    embed,
-    evaluate,
     load_text,
     machine,
 )
 from runtime.demo.minilm import MAX_LENGTH, convert_minilm
 from runtime.demo.training import seed_everything
+from runtime.inn.fidelity import embed, evaluate
 from runtime.inn.width_distill import distil_widths
 
 SMALLEST = "h50_f25"

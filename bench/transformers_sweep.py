@@ -29,13 +29,12 @@ from bench.transformers import (
     GOAL_TIER,
     MULTIPLE_OF,
     TIERS,
-    embed,
-    evaluate,
     load_text,
 )
 from runtime.demo.minilm import MAX_LENGTH, convert_minilm
 from runtime.demo.training import seed_everything
 from runtime.inn.distill import calibrate_text
+from runtime.inn.fidelity import embed, evaluate
 from runtime.inn.model import IntegralModel
 
 OUT = Path(__file__).parent / "results" / "transformers_sweep.jsonl"

@@ -541,21 +541,8 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
 
     from runtime.inn.distill import calibrate_text
     from runtime.inn.shaping import unshaped
-    from runtime.repository.config import ModelConfig
-    from runtime.repository.tokenizer import TextTokenizer
 
-    config = ModelConfig.load(args.model_dir / "model.yaml")
-    if config.text is None:
-        raise ValueError(
-            f"{config.source} has no text: section (tokenizer, max_length); --text calibrates "
-            "text models only - use --data for image models"
-        )
-    lines = [ln.strip() for ln in args.text.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln]
-    if len(lines) < 32:
-        raise ValueError(f"{args.text} has {len(lines)} non-empty lines; give at least 32")
-    tok = TextTokenizer(args.model_dir / config.text.tokenizer, config.text.max_length)
-    ids, mask = tok.encode(lines)
+    lines, ids, mask = _text_file(args.model_dir, args.text, "calibrates")
     # counted on the uniform widths: a shaped one has their totals, and its counts are only
     # known once calibration has measured the sensitivity
     tiers = {inn.sizes_key(inn.sizes(unshaped(w), multiple_of)) for w in widths} - {
@@ -577,15 +564,73 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     return 0
 
 
+def _text_file(model_dir: Path, path: Path, what: str, limit: int | None = None) -> tuple:
+    """(lines, ids, mask) of ``path``'s non-empty lines (the first ``limit``), tokenized with
+    MODEL_DIR's own tokenizer; ``what`` the command does, for the error on a non-text model."""
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.tokenizer import TextTokenizer
+
+    config = ModelConfig.load(model_dir / "model.yaml")
+    if config.text is None:
+        raise ValueError(
+            f"{config.source} has no text: section (tokenizer, max_length); --text {what} "
+            "text models only - use --data for image models"
+        )
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln][:limit]
+    if len(lines) < 32:
+        raise ValueError(f"{path} has {len(lines)} non-empty lines; give at least 32")
+    tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
+    ids, mask = tok.encode(lines)
+    return lines, ids, mask
+
+
+def _report_text(args: argparse.Namespace, inn) -> int:
+    """Embedding fidelity of a text model's tiers (model.yaml's, or ``--widths``) on the
+    sentences of ``--text``: cosine and neighbour agreement with the full width."""
+    import torch
+
+    from runtime.inn.fidelity import fidelity_report, format_fidelity, save_fidelity
+    from runtime.repository.config import ModelConfig
+
+    lines, ids, mask = _text_file(args.model_dir, args.text, "reports on", args.sentences)
+    config = ModelConfig.load(args.model_dir / "model.yaml")
+    if args.widths is not None:
+        widths = {f"w{round(w * 100):03d}": w for w in _widths(args.widths)}
+    else:
+        widths = {t.name: t.width for t in config.tiers}
+    torch.set_num_threads(args.threads)
+    rows = fidelity_report(inn, torch.from_numpy(ids), torch.from_numpy(mask), widths,
+                           multiple_of=args.multiple_of or config.multiple_of,
+                           method=config.method)  # fmt: skip
+    print(f"embedding fidelity to the full width on {len(lines)} sentences of {args.text}:")
+    print(format_fidelity(rows))
+    png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
+    save_fidelity(rows, Path(args.json) if args.json else None, png)
+    print(f"plot: {png}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from runtime.demo.data import load as load_data
     from runtime.inn.model import load
-    from runtime.inn.report import format_report, save_report, width_report
+    from runtime.inn.report import DEFAULT_WIDTHS, format_report, save_report, width_report
 
     inn = load(args.model_dir)
+    if args.text:
+        return _report_text(args, inn)
+    if "input_shape" not in inn.info and (Path(args.model_dir) / "model.yaml").is_file():
+        from runtime.repository.config import ModelConfig
+
+        if ModelConfig.load(Path(args.model_dir) / "model.yaml").text is not None:
+            raise ValueError(
+                f"{args.model_dir} is a text model: give held-out sentences, one per line, "
+                "with --text FILE to report each tier's embedding fidelity"
+            )
     data = load_data(args.data) if args.data else None
     multiple_of = args.multiple_of or _tier_defaults(args.model_dir)[1]
-    rows = width_report(inn, _widths(args.widths), data, multiple_of=multiple_of)
+    widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
+    rows = width_report(inn, widths, data, multiple_of=multiple_of)
     print(format_report(rows))
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
     save_report(rows, Path(args.json) if args.json else None, png if data else None)
@@ -691,8 +736,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
     rep.add_argument("model_dir", type=Path)
     rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"])
+    rep.add_argument(
+        "--text", type=Path,
+        help="a text model: held-out sentences, one per line; reports each tier's embedding "
+        "fidelity (cosine, top-1/top-10 neighbour agreement) to the full width",
+    )  # fmt: skip
+    rep.add_argument("--sentences", type=int, default=2000,
+                     help="with --text: use the first N sentences (default 2000)")  # fmt: skip
+    rep.add_argument("--threads", type=int, default=2, help="with --text: torch threads")
     rep.add_argument("--widths", type=_width, nargs="*",
-                     default=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])  # fmt: skip
+                     help="widths to report (default: 1.0 to 0.25 by 1/8; with --text: "
+                     "model.yaml's tiers)")  # fmt: skip
     rep.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")
     rep.add_argument("--json")
     rep.add_argument("--png")

@@ -94,3 +94,34 @@ def test_a_shaped_tier_is_refused_until_calibrated_then_built_at_the_measured_co
     assert report.warnings == []
     tier = json.loads((Repository(tmp_path).tier_dir("embed", "half") / "tier.json").read_text())
     assert tier["sizes"] == sizes
+
+
+def test_report_text_gives_each_tiers_fidelity_and_marks_calibrated_ones(model_dir, tmp_path):
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    held = _sentences(tmp_path / "held.txt", 48)
+    out = tmp_path / "fidelity.json"
+    args = ["report", str(copy), "--text", str(held), "--json", str(out),
+            "--png", str(tmp_path / "f.png")]  # fmt: skip
+    assert main(args) == 0
+    before = {r["tier"]: r for r in json.loads(out.read_text())}
+    assert list(before) == ["full", "half"]  # model.yaml's tiers; the full width first
+    assert before["full"]["cosine"] == pytest.approx(1.0) and before["full"]["top10"] == 1.0
+    assert before["half"]["cosine"] < 1.0 and not before["half"]["calibrated"]
+    assert before["half"]["channels"]["heads"] < before["full"]["channels"]["heads"]
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+    calib = _sentences(tmp_path / "calib.txt", 64)
+    assert main(["calibrate", str(copy), "--text", str(calib), "--seconds", "4"]) == 0
+    assert main(args) == 0
+    after = {r["tier"]: r for r in json.loads(out.read_text())}
+    assert after["half"]["calibrated"]
+    assert after["half"]["cosine"] != before["half"]["cosine"]  # the calibrated weights
+
+
+def test_report_on_a_text_model_asks_for_text(model_dir, tmp_path, capsys):
+    assert main(["report", str(model_dir)]) != 0
+    assert "is a text model" in capsys.readouterr().err
+    few = _sentences(tmp_path / "few.txt", 5)
+    assert main(["report", str(model_dir), "--text", str(few)]) != 0
+    assert "give at least 32" in capsys.readouterr().err
