@@ -84,6 +84,10 @@ def _demo_minilm(args: argparse.Namespace) -> int:
     seconds = args.calibrate_seconds
     if not args.retrain and minilm_demo.reusable(model_dir, seconds):
         print(f"reusing {model_dir} (same recipe); {_start_over(model_dir)}")
+        from runtime.demo.minilm import MAX_LENGTH
+
+        config = minilm_demo.model_config(1, MAX_LENGTH, calibrated=seconds > 0)
+        minilm_demo.write_files(model_dir, config)
     else:
         minilm_demo.write_repository(args.repository, args.name, seconds, threads=1)
     repo = Repository(args.repository)
@@ -253,15 +257,17 @@ def _print_build(report, repo) -> None:
     # A sequence model: latency at its shortest profiled length (the longest is in tiers).
     tables = profile["lengths"][str(lengths[0])] if lengths else profile["tiers"]
     at = f", latency at {lengths[0]} tokens (profiled {lengths})" if lengths else ""
+    evaluation = repo.config(report.model).evaluation
+    fidelity = evaluation is not None and evaluation.text is not None  # a text embedder
     print(f"\n{report.model} ({report.backend}{at}):")
-    print(f"{'tier':<8} {'MFLOPs':>9} {'params':>9} {'accuracy':>9} {'p50 b=1':>9} "
-          f"{'p50 b=8':>9} {'engine':>8}")  # fmt: skip
+    print(f"{'tier':<8} {'MFLOPs':>9} {'params':>9} {'cosine' if fidelity else 'accuracy':>9} "
+          f"{'p50 b=1':>9} {'p50 b=8':>9} {'engine':>8}")  # fmt: skip
     for t in report.tiers:
         rec = repo.load_record(report.model, t.name)
         lat = tables.get(t.name, {})
         b1 = lat.get("1", {}).get("p50_ms")
         b8 = lat.get(str(max(map(int, lat), default=1)), {}).get("p50_ms")
-        acc = "-" if t.accuracy is None else f"{t.accuracy:.2%}"
+        acc = "-" if t.accuracy is None else format(t.accuracy, ".4f" if fidelity else ".2%")
         state = "built" if t.engine_built else "cached"
         print(f"{t.name:<8} {rec.flops / 1e6:>9.2f} {rec.params:>9,} {acc:>9} "
               f"{_ms(b1):>9} {_ms(b8):>9} {state:>8}")  # fmt: skip

@@ -125,3 +125,44 @@ def test_report_on_a_text_model_asks_for_text(model_dir, tmp_path, capsys):
     few = _sentences(tmp_path / "few.txt", 5)
     assert main(["report", str(model_dir), "--text", str(few)]) != 0
     assert "give at least 32" in capsys.readouterr().err
+
+
+def test_build_scores_text_tiers_by_embedding_fidelity_on_held_out_sentences(model_dir, tmp_path):
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    config = yaml.safe_load((copy / "model.yaml").read_text())
+    config["evaluation"] = {"text": "held.txt", "limit": 40}
+    (copy / "model.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(BuildError, match=r"evaluation.text: .*held.txt does not exist"):
+        build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+
+    _sentences(copy / "held.txt", 48)
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    accuracy = {t.name: t.accuracy for t in report.tiers}
+    assert accuracy["full"] == pytest.approx(1.0, abs=1e-5)  # the engine against torch
+    assert 0 < accuracy["half"] < 0.999
+    record = Repository(tmp_path).load_record("embed", "half")
+    assert record.accuracy == accuracy["half"]  # the scheduler's accuracy for the tier
+
+    calib = _sentences(tmp_path / "calib.txt", 64)
+    assert main(["calibrate", str(copy), "--text", str(calib), "--seconds", "4"]) == 0
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    rebuilt = {t.name: t.accuracy for t in report.tiers}
+    assert rebuilt["half"] != accuracy["half"]  # re-scored: the calibrated weights
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "text", "match"),
+    [
+        ({"text": "held.txt"}, False, "evaluation.text: .*without a text: section"),
+        ({"text": "held.txt", "dataset": "digits"}, True, "exactly one of dataset"),
+        ({"limit": 10}, True, "exactly one of dataset"),
+    ],
+)
+def test_text_evaluation_config_is_checked(model_dir, evaluation, text, match):
+    config = yaml.safe_load((model_dir / "model.yaml").read_text())
+    config["evaluation"] = evaluation
+    if not text:
+        del config["text"]
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(config)

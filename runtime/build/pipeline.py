@@ -86,13 +86,14 @@ def build_model(
     options = repo.build_options(config, chosen)
     cache = EngineCache(model_dir / "engines")
     report = BuildReport(name, chosen.name)
+    score = accuracy_scorer(inn, config, model_dir)
     engines = {}
     bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
     for tier in bar:
         t0 = time.perf_counter()
         bar.set_postfix_str(f"{tier.name}: sample+export")
         record, module, exported = _export_tier(
-            repo, name, inn, config, tier, chosen, options, progress
+            repo, name, inn, config, tier, chosen, options, progress, score
         )
         bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
         onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
@@ -104,9 +105,9 @@ def build_model(
             module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
         err = validate(engine, module, config, tier.name)
         accuracy = record.accuracy
-        if config.evaluation is not None and (exported or accuracy is None):
+        if score is not None and (exported or accuracy is None):
             bar.set_postfix_str(f"{tier.name}: accuracy")
-            accuracy = evaluate_accuracy(engine, config)
+            accuracy = score(engine)
             record = TierRecord(**{**record.__dict__, "accuracy": accuracy})
             record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
         if _data_free_transformer_tier(inn, record.sizes):
@@ -175,7 +176,10 @@ def _export_tier(
     backend: Backend,
     options: BuildOptions,
     progress: bool = False,
+    score=None,
 ):
+    """``score(engine) -> accuracy`` (``accuracy_scorer``) ranks a channel search's
+    candidates; None: their FLOPs do."""
     d = repo.tier_dir(name, tier.name)
     src = source_hash(repo.model_dir(name), config, tier, backend)
     old = _recorded(d, src)
@@ -183,10 +187,9 @@ def _export_tier(
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
     if search is None and _searches(config, tier):
-        accuracy = (lambda engine: evaluate_accuracy(engine, config)) if config.evaluation else None
         try:
             result = search_channels(
-                inn, config, tier.width, backend, options, accuracy, progress, tier.name
+                inn, config, tier.width, backend, options, score, progress, tier.name
             )
         except (ValueError, EngineError) as exc:
             raise BuildError(f"{config.source}: tier {tier.name}: channel search: {exc}") from exc
@@ -263,6 +266,70 @@ def validate(engine, module, config: ModelConfig, tier: str) -> float:
                     f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {config.precision})"
                 )
     return worst
+
+
+def accuracy_scorer(inn: IntegralModel, config: ModelConfig, model_dir: Path):
+    """``score(engine) -> float``, the tier accuracy model.yaml's ``evaluation`` asks for, or
+    None without one: a classifier's top-1 accuracy on its data set's test split, or a
+    text model's embedding fidelity on the held-out sentences of ``evaluation.text`` - the
+    mean cosine of the tier's embeddings to the full width's (the INN sampled at 1.0,
+    computed once, at the first score)."""
+    if config.evaluation is None:
+        return None
+    if config.evaluation.text is None:
+        return lambda engine: evaluate_accuracy(engine, config)
+    ids, mask = _evaluation_text(config, model_dir)
+    reference: list[np.ndarray] = []
+
+    def score(engine) -> float:
+        if not reference:
+            from runtime.inn.fidelity import embed
+
+            full = embed(inn.sample(1.0), torch.from_numpy(ids), torch.from_numpy(mask))
+            reference.append(full.numpy())
+        emb = _engine_embeddings(engine, config, ids, mask)  # (N, D)
+        full = reference[0]
+        cos = (emb * full).sum(1) / (
+            np.linalg.norm(emb, axis=1) * np.linalg.norm(full, axis=1) + 1e-12
+        )
+        return float(cos.mean())
+
+    return score
+
+
+def _evaluation_text(config: ModelConfig, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), (N, T) int64: the first ``evaluation.limit`` non-empty lines of the
+    model's ``evaluation.text`` file, tokenized with its tokenizer; BuildError if absent."""
+    from runtime.repository.tokenizer import TextTokenizer
+
+    path = model_dir / config.evaluation.text
+    if not path.is_file():
+        raise BuildError(
+            f"{config.source}: evaluation.text: {path} does not exist; put held-out "
+            f"sentences there, one per line (not the calibration text)"
+        )
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln][: config.evaluation.limit]
+    if not lines:
+        raise BuildError(f"{config.source}: evaluation.text: {path} has no sentences")
+    tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
+    return tok.encode(lines)
+
+
+def _engine_embeddings(engine, config: ModelConfig, ids: np.ndarray, mask: np.ndarray):
+    """(N, D) the engine's first output for every sentence, in order; batches of
+    ``max_batch`` sentences of similar length, each trimmed to its longest."""
+    order = np.argsort(mask.sum(1), kind="stable")
+    out = None
+    for i in range(0, len(order), config.max_batch):
+        idx = order[i : i + config.max_batch]
+        t = int(mask[idx].sum(1).max())
+        feeds = {config.text.ids: ids[idx, :t], config.text.mask: mask[idx, :t]}
+        y = engine.run(feeds)[config.outputs[0].name]  # (b, D)
+        if out is None:
+            out = np.empty((len(ids), y.shape[1]), dtype=np.float32)
+        out[idx] = y
+    return out
 
 
 def evaluate_accuracy(engine, config: ModelConfig) -> float:

@@ -38,6 +38,10 @@ def tiers(calibrated: bool) -> list[dict]:
 
 MULTIPLE_OF = 8
 CALIBRATION_SENTENCES = 3000
+# Held-out sentences (the corpus's evaluation split) the build scores each tier's embedding
+# fidelity on: ~2 s per tier at 1 thread.
+EVALUATION_SENTENCES = 500
+EVALUATION_FILE = "evaluation.txt"
 RECORD = "demo.json"  # how the INN there was made; the same recipe is reused, not redone
 
 
@@ -58,6 +62,9 @@ def model_config(threads: int = 1, max_length: int = 256, calibrated: bool = Tru
         "max_batch": 8,
         "threads": threads,
         "default_latency_budget_ms": 100,
+        # each tier's "accuracy" (tier.json, the build table, innfer_served_accuracy): the
+        # mean cosine of its embeddings to the full width's on held-out sentences
+        "evaluation": {"text": EVALUATION_FILE, "limit": EVALUATION_SENTENCES},
         # Plans per length are precise, so the time outside queue and compute decides what
         # is late: plan for it (bench/text_serving: 99.5 vs 83.7 % within 30 ms budgets).
         "plan_overhead": True,
@@ -108,9 +115,25 @@ def write_repository(
         inn = calibrate_text(inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, seconds,
                              multiple_of=MULTIPLE_OF, progress=progress)  # fmt: skip
     model_dir = add_model(root, name, inn, model_config(threads, MAX_LENGTH, seconds > 0))
-    shutil.copyfile(tokenizer_path(), model_dir / "tokenizer.json")
+    write_files(model_dir)
     inn_sha = json.loads((model_dir / "inn.json").read_text())["weights_sha256"]
     record = {"recipe": recipe(seconds), "inn_sha256": inn_sha,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     (model_dir / RECORD).write_text(json.dumps(record, indent=1))
     return model_dir
+
+
+def write_files(model_dir: Path, config: dict | None = None) -> None:
+    """The files beside the INN that model.yaml names: the tokenizer and the held-out
+    evaluation sentences; and ``config`` as model.yaml when given (a reused INN gets the
+    current config)."""
+    import yaml
+
+    from runtime.demo.minilm import tokenizer_path
+    from runtime.demo.text_corpus import load as load_text
+
+    if config is not None:
+        (model_dir / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copyfile(tokenizer_path(), model_dir / "tokenizer.json")
+    held_out = load_text("evaluation")[:EVALUATION_SENTENCES]
+    (model_dir / EVALUATION_FILE).write_text("".join(f"{t}\n" for t in held_out), encoding="utf-8")

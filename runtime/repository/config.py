@@ -176,10 +176,24 @@ class TierConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluationConfig:
-    """Optional: the data set whose test split measures each tier's accuracy at build time."""
+    """Optional: what measures each tier's accuracy at build time - a classifier's data set
+    (top-1 accuracy on its test split), or a text embedder's held-out sentences (embedding
+    fidelity: the mean cosine of the tier's embeddings to the full width's)."""
 
-    dataset: str = spec(doc="data set name in runtime.demo.data.DATASETS, e.g. mnist5k")
+    dataset: str | None = spec(
+        None, doc="classifier: data set name in runtime.demo.data.DATASETS, e.g. mnist5k"
+    )
+    text: str | None = spec(
+        None,
+        pattern=NAME,
+        doc="text model: a file in the model's directory, one held-out sentence per line "
+        "(not the calibration text)",
+    )
     limit: int = spec(1000, lo=1, hi=10**7, doc="test samples per tier (build time grows)")
+
+    def validate(self, where: Where) -> None:
+        if (self.dataset is None) == (self.text is None):
+            where.fail(to_dict(self), "exactly one of dataset (classifier) or text (text model)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,7 +399,12 @@ class ModelConfig:
                 f"fp32 for backends {list(self.backends)} (they build fp32 engines only); "
                 f"for fp16 add {' or '.join(FP16_BACKENDS)} to backends",
             )
-        if self.evaluation is not None:
+        if self.evaluation is not None and self.evaluation.text is not None:
+            if self.text is None:
+                where.child("evaluation").child("text").fail(
+                    self.evaluation.text, "null for a model without a text: section (tokenizer)"
+                )
+        elif self.evaluation is not None:
             # runtime/build/pipeline.py scores accuracy as argmax over the first output,
             # feeding the data set to the only input.
             if len(self.inputs) != 1:
