@@ -185,7 +185,9 @@ def test_a_kinds_width_may_ask_to_be_shaped():
         ({"inputs": [{"name": "x", "dtype": "complex", "shape": [1]}]}, "inputs[0].dtype",
          "'complex'"),
         ({"evaluation": {"dataset": "d", "limit": 0}}, "evaluation.limit", "0"),
-        ({"evaluation": {"limit": 5}}, "evaluation.dataset", "None"),
+        # neither a data set nor a text file: nothing to score on
+        ({"evaluation": {"limit": 5}}, "evaluation",
+         "{'dataset': None, 'text': None, 'limit': 5}"),
     ],
 )  # fmt: skip
 def test_model_value_out_of_range_names_field_and_value(patch, field, value):

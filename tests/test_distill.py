@@ -104,3 +104,26 @@ def test_bad_input_is_a_clear_error(tiny_bert, ids, mask, widths, match):
     _, inn = tiny_bert
     with pytest.raises(ValueError, match=match):
         calibrate_text(inn, ids, mask, widths, seconds=1, progress=False)
+
+
+def test_a_distillation_that_moves_away_from_the_teacher_is_not_kept(tiny_bert):
+    _, inn = tiny_bert
+    ids, mask = _text(256, 1)
+    key = runtime.IntegralModel.sizes_key(inn.sizes(HALF, multiple_of=8))
+
+    def calibrate(**options):
+        tuned = calibrate_text(inn, ids, mask, [HALF], seconds=60, batch_size=32,
+                               progress=False, **options)  # fmt: skip
+        return tuned, tuned.info["text_calibration"][key]
+
+    refit, log = calibrate(max_steps=0)
+    assert log["kept"] == "distilled" and log["steps"] == 0  # nothing to compare
+    # an absurd learning rate wrecks the network in a few steps: the refitted start stays
+    wrecked, log = calibrate(max_steps=5, lr=5.0)
+    assert log["check_cosine"]["distilled"] < log["check_cosine"]["start"]
+    assert log["kept"] == "start"
+    for name, t in refit.tiers[key].items():
+        torch.testing.assert_close(wrecked.tiers[key][name], t)
+    _, log = calibrate(max_steps=60, lr=1e-3)
+    assert log["kept"] == "distilled"
+    assert log["check_cosine"]["distilled"] > log["check_cosine"]["start"]

@@ -143,6 +143,16 @@ def test_build_scores_text_tiers_by_embedding_fidelity_on_held_out_sentences(mod
     assert 0 < accuracy["half"] < 0.999
     record = Repository(tmp_path).load_record("embed", "half")
     assert record.accuracy == accuracy["half"]  # the scheduler's accuracy for the tier
+    assert "held.txt" in record.accuracy_on
+
+    # other sentences in the file: re-scored although no tier is exported again
+    (copy / "held.txt").write_text(
+        "".join(f"{w} {w}\n" for w in WORDS * 2), encoding="utf-8"
+    )  # fmt: skip
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    assert not any(t.exported for t in report.tiers)
+    assert Repository(tmp_path).load_record("embed", "half").accuracy != accuracy["half"]
+    _sentences(copy / "held.txt", 48)
 
     calib = _sentences(tmp_path / "calib.txt", 64)
     assert main(["calibrate", str(copy), "--text", str(calib), "--seconds", "4"]) == 0

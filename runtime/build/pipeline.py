@@ -105,10 +105,16 @@ def build_model(
             module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
         err = validate(engine, module, config, tier.name)
         accuracy = record.accuracy
-        if score is not None and (exported or accuracy is None):
+        measured_on = evaluation_key(config, model_dir)
+        stale = exported or accuracy is None or record.accuracy_on != measured_on
+        if score is not None and stale:
             bar.set_postfix_str(f"{tier.name}: accuracy")
             accuracy = score(engine)
-            record = TierRecord(**{**record.__dict__, "accuracy": accuracy})
+        elif score is None:
+            accuracy = None  # no evaluation configured now: no stale figure to schedule by
+        if (accuracy, measured_on) != (record.accuracy, record.accuracy_on):
+            record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
+                                   "accuracy_on": measured_on})  # fmt: skip
             record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
         if _data_free_transformer_tier(inn, record.sizes):
             report.warnings.append(
@@ -266,6 +272,19 @@ def validate(engine, module, config: ModelConfig, tier: str) -> float:
                     f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {config.precision})"
                 )
     return worst
+
+
+def evaluation_key(config: ModelConfig, model_dir: Path) -> str | None:
+    """What a tier's accuracy is measured on, as tier.json records it: the data set or the
+    text file (by content hash) and the limit; None without an evaluation."""
+    e = config.evaluation
+    if e is None:
+        return None
+    if e.text is None:
+        return f"dataset {e.dataset}, first {e.limit}"
+    path = model_dir / e.text
+    digest = sha256_file(path)[:16] if path.is_file() else "missing"
+    return f"text {e.text} (sha256 {digest}), first {e.limit}"
 
 
 def accuracy_scorer(inn: IntegralModel, config: ModelConfig, model_dir: Path):

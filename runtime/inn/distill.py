@@ -17,10 +17,14 @@ width, with the full width as teacher, on a few thousand sentences and a time bu
   4. then AdamW steps (``distil``) for the rest of the budget on ``1 - cos`` between its
      pooled embedding and the teacher's plus the mean squared error of every LayerNorm
      output on the real tokens, each relative to the teacher's mean square there; the
-     learning rate warms up then decays by a cosine over the budget. The token embedding
-     tables are frozen: they are not resampled and the text covers little of the vocabulary.
+     learning rate warms up (over 3 % of the budget and at least 50 steps) then decays by a
+     cosine over the budget. The token embedding tables are frozen: they are not resampled
+     and the text covers little of the vocabulary;
+  5. the distilled network is kept only if its embeddings are closer to the teacher's than
+     the refitted start's on 256 sentences the refit did not use: a budget too short to
+     recover from Adam's first steps leaves the refit.
 
-Steps 3-4 are ``calibrate_network``, which takes any start: bench/transformers.py gives
+Steps 3-5 are ``calibrate_network``, which takes any start: bench/transformers.py gives
 pruned networks exactly the same treatment. The residual stream keeps the model width at
 every tier (only heads and FFN channels are resampled), so student and teacher states
 compare position by position; the per-layer term gives every layer a direct signal instead
@@ -62,6 +66,15 @@ from runtime.inn.shaping import unshaped
 # Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
 # on a freshly resampled network are large and noisy.
 WARMUP = 0.03
+# ... and at least this many steps: Adam's first updates move every weight by about the
+# learning rate whatever its gradient, which undoes a refitted start. With a short budget
+# (the MiniLM demo's 60 s, ~40 of them spent choosing nodes and refitting, 5 steps left)
+# the 3 % were under one step: h075's loss went 0.028 -> 0.30 in one step and the tier
+# ended at 0.89 cosine, below its refit.
+WARMUP_STEPS = 50
+# Sentences a tier's calibration checks the distillation on (not the refit's): if the
+# distilled network is further from the teacher than the refitted start, the start is kept.
+CHECK_SENTENCES = 256
 _LAYER_NORM_FNS = (F.layer_norm, torch.layer_norm, torch.ops.aten.layer_norm.default)
 _EMBEDDING_FNS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
@@ -350,7 +363,7 @@ def distil(
         return loss.detach().item()
 
     student.train()
-    run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress)
+    run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress, WARMUP_STEPS)
     student.eval()
     return run
 
@@ -363,11 +376,14 @@ def budgeted_steps(
     max_steps: int | None,
     desc: str,
     progress: bool,
+    warmup_steps: int = 0,
 ) -> DistilResult:
     """Call ``step`` (one optimizer step; returns its loss) until ``seconds`` have passed or
     ``max_steps`` steps are done, whichever is first, setting every parameter group's
-    learning rate to ``lr * warmup_cosine(done)`` before each; a progress bar in steps or
-    seconds. What ``distil`` and ``width_distill.distil_widths`` share.
+    learning rate to ``lr * warmup_cosine(done)`` before each - times ``k / warmup_steps``
+    at the k-th step while k < ``warmup_steps`` (a warm-up of at least that many steps);
+    a progress bar in steps or seconds. What ``distil`` and ``width_distill.distil_widths``
+    share.
 
     Example:
         >>> budgeted_steps(lambda: 0.0, opt, 1e-3, 1.0, 10, "demo", False).steps
@@ -383,8 +399,9 @@ def budgeted_steps(
         if elapsed >= seconds:
             break
         done = len(losses) / max_steps if max_steps else elapsed / seconds
+        ramp = min(1.0, (len(losses) + 1) / warmup_steps) if warmup_steps else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr * warmup_cosine(done)
+            group["lr"] = lr * warmup_cosine(done) * ramp
         losses.append(step())
         bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -459,27 +476,55 @@ def calibrate_network(
 ) -> dict:
     """One tier's calibration, in place: ``refit_readouts`` of ``weights`` on a seeded
     subset of about ``refit_sentences`` sentences (0: skip), then ``distil`` for the rest
-    of ``seconds``. Any start works (the INN's sample, a pruned network): the baselines in
-    bench/transformers.py get exactly this. Returns what was spent and the losses.
+    of ``seconds``; if the distilled network's embeddings are further from the teacher's
+    than the start's on ``CHECK_SENTENCES`` sentences the refit did not use (a budget too
+    short to recover from the first steps), the start is kept. Any start works (the INN's
+    sample, a pruned network): the baselines in bench/transformers.py get exactly this.
+    Returns what was spent, the losses and the check.
 
     Example:
         >>> log = calibrate_network(small, full, readouts(inn, sizes), batches, targets, 300)
         ... # doctest: +SKIP
     """
     start = time.perf_counter()
-    if refit_sentences > 0 and weights:
-        refit_readouts(student, teacher, weights, some_batches(batches, refit_sentences, seed))
+    sample = some_batches(batches, refit_sentences, seed) if refit_sentences > 0 else []
+    if sample and weights:
+        refit_readouts(student, teacher, weights, sample)
     refit_seconds = time.perf_counter() - start
-    run = distil(student, batches, targets, max(seconds - refit_seconds, 0.0),
+    index = {id(b): i for i, b in enumerate(batches)}
+    check = [(b, targets[index[id(b)]])
+             for b in other_batches(batches, sample, CHECK_SENTENCES, seed + 1)]  # fmt: skip
+    before = embedding_cosine(student, check)
+    kept = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    check_seconds = time.perf_counter() - start - refit_seconds
+    run = distil(student, batches, targets, max(seconds - refit_seconds - 2 * check_seconds, 0),
                  max_steps=max_steps, seed=seed, progress=progress, desc=desc,
                  **distil_options)  # fmt: skip
+    after = embedding_cosine(student, check) if run.steps else before
+    if after < before:
+        student.load_state_dict(kept)
     return {
         "seconds": time.perf_counter() - start,
         "refit_seconds": refit_seconds,
         "steps": run.steps,
         "first_loss": run.first_loss,
         "last_loss": run.last_loss,
+        "check_cosine": {"start": before, "distilled": after},
+        "kept": "distilled" if after >= before else "start",
     }
+
+
+@torch.no_grad()
+def embedding_cosine(student: fx.GraphModule, pairs: Sequence[tuple[TextBatch, Targets]]):
+    """Mean cosine, over the sentences of ``pairs``, of the student's pooled embedding to
+    the teacher's."""
+    student.eval()
+    total, n = 0.0, 0
+    for batch, target in pairs:
+        emb = pooled(student(batch.ids, batch.mask), batch.mask)
+        total += float(F.cosine_similarity(emb, target.embedding, dim=-1).sum())
+        n += len(batch.ids)
+    return total / max(n, 1)
 
 
 def calibrate_text(

@@ -33,6 +33,9 @@ class TierRecord:
     # The build's channel search (runtime/build/channels.py): candidates, timings, the choice.
     # None when model.yaml has no channel_search; then tier.json has no such key, as before.
     channel_search: dict[str, Any] | None = None
+    # What ``accuracy`` was measured on (runtime.build.pipeline.evaluation_key): another
+    # evaluation set, or an edited file, is scored again. None: no key in tier.json.
+    accuracy_on: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -46,6 +49,7 @@ class TierRecord:
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        if data["channel_search"] is None:
-            del data["channel_search"]
+        for optional in ("channel_search", "accuracy_on"):
+            if data[optional] is None:
+                del data[optional]
         path.write_text(json.dumps(data, indent=1))
