@@ -547,8 +547,10 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
 
     from runtime.inn.distill import calibrate_text
     from runtime.inn.shaping import unshaped
+    from runtime.repository.config import ModelConfig
 
-    lines, ids, mask = _text_file(args.model_dir, args.text, "calibrates")
+    config = ModelConfig.load(args.model_dir / "model.yaml")
+    lines, ids, mask = _text_file(config, args.model_dir, args.text, "calibrates")
     # counted on the uniform widths: a shaped one has their totals, and its counts are only
     # known once calibration has measured the sensitivity
     tiers = {inn.sizes_key(inn.sizes(unshaped(w), multiple_of)) for w in widths} - {
@@ -570,20 +572,18 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     return 0
 
 
-def _text_file(model_dir: Path, path: Path, what: str, limit: int | None = None) -> tuple:
+def _text_file(config, model_dir: Path, path: Path, what: str, limit: int | None = None):
     """(lines, ids, mask) of ``path``'s non-empty lines (the first ``limit``), tokenized with
-    MODEL_DIR's own tokenizer; ``what`` the command does, for the error on a non-text model."""
-    from runtime.repository.config import ModelConfig
-    from runtime.repository.tokenizer import TextTokenizer
+    MODEL_DIR's own tokenizer (``config``: its model.yaml); ``what`` the command does, for
+    the error on a non-text model."""
+    from runtime.repository.tokenizer import TextTokenizer, read_sentences
 
-    config = ModelConfig.load(model_dir / "model.yaml")
     if config.text is None:
         raise ValueError(
             f"{config.source} has no text: section (tokenizer, max_length); --text {what} "
             "text models only - use --data for image models"
         )
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln][:limit]
+    lines = read_sentences(path, limit)
     if len(lines) < 32:
         raise ValueError(f"{path} has {len(lines)} non-empty lines; give at least 32")
     tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
@@ -599,8 +599,8 @@ def _report_text(args: argparse.Namespace, inn) -> int:
     from runtime.inn.fidelity import fidelity_report, format_fidelity, save_fidelity
     from runtime.repository.config import ModelConfig
 
-    lines, ids, mask = _text_file(args.model_dir, args.text, "reports on", args.sentences)
     config = ModelConfig.load(args.model_dir / "model.yaml")
+    lines, ids, mask = _text_file(config, args.model_dir, args.text, "reports on", args.sentences)
     if args.widths is not None:
         widths = {f"w{round(w * 100):03d}": w for w in _widths(args.widths)}
     else:

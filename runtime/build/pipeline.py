@@ -87,6 +87,7 @@ def build_model(
     cache = EngineCache(model_dir / "engines")
     report = BuildReport(name, chosen.name)
     score = accuracy_scorer(inn, config, model_dir)
+    measured_on = evaluation_key(config, model_dir)
     engines = {}
     bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
     for tier in bar:
@@ -105,7 +106,6 @@ def build_model(
             module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
         err = validate(engine, module, config, tier.name)
         accuracy = record.accuracy
-        measured_on = evaluation_key(config, model_dir)
         stale = exported or accuracy is None or record.accuracy_on != measured_on
         if score is not None and stale:
             bar.set_postfix_str(f"{tier.name}: accuracy")
@@ -319,7 +319,7 @@ def accuracy_scorer(inn: IntegralModel, config: ModelConfig, model_dir: Path):
 def _evaluation_text(config: ModelConfig, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask), (N, T) int64: the first ``evaluation.limit`` non-empty lines of the
     model's ``evaluation.text`` file, tokenized with its tokenizer; BuildError if absent."""
-    from runtime.repository.tokenizer import TextTokenizer
+    from runtime.repository.tokenizer import TextTokenizer, read_sentences
 
     path = model_dir / config.evaluation.text
     if not path.is_file():
@@ -327,8 +327,7 @@ def _evaluation_text(config: ModelConfig, model_dir: Path) -> tuple[np.ndarray, 
             f"{config.source}: evaluation.text: {path} does not exist; put held-out "
             f"sentences there, one per line (not the calibration text)"
         )
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln][: config.evaluation.limit]
+    lines = read_sentences(path, config.evaluation.limit)
     if not lines:
         raise BuildError(f"{config.source}: evaluation.text: {path} has no sentences")
     tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)

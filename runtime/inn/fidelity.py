@@ -80,7 +80,11 @@ def retrieval_agreement(full: torch.Tensor, tier: torch.Tensor, k: int = 10) -> 
 def evaluate(module: torch.nn.Module, text: tuple, full: torch.Tensor) -> dict:
     """Cosine (mean, spread, 5th percentile) and retrieval agreement of ``module``'s
     embeddings of ``text`` = (ids, mask) against the full width's ``full`` (N, D)."""
-    emb = embed(module, *text)
+    return compare(embed(module, *text), full)
+
+
+def compare(emb: torch.Tensor, full: torch.Tensor) -> dict:
+    """``evaluate``'s figures for embeddings ``emb`` (N, D) already computed."""
     cos = F.cosine_similarity(emb, full, dim=-1)  # (N,)
     top1, top10 = retrieval_agreement(full, emb)
     return {
@@ -117,7 +121,8 @@ def fidelity_report(
     rows = []
     for name, sizes in {full_name: full_sizes, **smaller}.items():
         net = inn.sample(sizes, method=method)
-        scores = evaluate(net, text, full)
+        # the full width against itself: its embeddings are the reference already
+        scores = compare(full, full) if sizes == full_sizes else evaluate(net, text, full)
         channels: dict[str, int] = {}
         for g in inn.groups:
             channels[inn.kind(g)] = channels.get(inn.kind(g), 0) + sizes[g.name]

@@ -21,6 +21,14 @@ from pathlib import Path
 import numpy as np
 
 
+def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (one sentence per line), ends stripped; the
+    first ``limit`` of them. What ``innfer calibrate --text``, ``innfer report --text`` and
+    the build's ``evaluation.text`` read."""
+    lines = (ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines())
+    return [ln for ln in lines if ln][:limit]
+
+
 class TokenizerError(ValueError):
     """The tokenizer file is missing or unreadable, or a text cannot be tokenized."""
 
