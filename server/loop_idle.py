@@ -13,6 +13,14 @@ default on Linux): a ``select`` that would block first polls; only when nothing 
 does it count a wait and block. A loop without a selector (uvloop) gets a watch that
 always reports idle, which keeps the data plane's previous behaviour.
 
+The same moment runs **deferred work** (``IdleWatch.defer``): bookkeeping that no answer
+waits for - a finished batch's latency observation, metrics and statistics - queued while
+the answers go out and run when the loop is about to wait (then it polls again: the work
+may have taken long enough for the next request to arrive). Whoever reads the state that
+work updates calls ``flush`` first (the scheduler before a decision, the statistics RPC,
+a model's stop), so no decision or report sees it stale. Without a watched selector the
+work runs at once.
+
 Example:
     >>> import asyncio
     >>> async def demo():
@@ -27,8 +35,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import logging
 import weakref
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 _WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -41,6 +54,7 @@ class IdleWatch:
         self.counting = counting  # False: the loop could not be watched; every read differs
         self._waits = 0
         self._ticks = itertools.count(1)
+        self._deferred: collections.deque = collections.deque()
 
     @property
     def waits(self) -> int:
@@ -48,6 +62,28 @@ class IdleWatch:
 
     def waited(self) -> None:
         self._waits += 1
+
+    def defer(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on this loop's thread when the loop is next about to wait, or
+        at the next ``flush``, whichever comes first (at once where the loop is not
+        watched). Called in the order deferred."""
+        if not self.counting:
+            fn(*args)
+            return
+        self._deferred.append((fn, args))
+
+    def flush(self) -> bool:
+        """Run the deferred work now; whether there was any. A failure is logged and the
+        rest still runs (bookkeeping must not take the loop down)."""
+        if not self._deferred:
+            return False
+        while self._deferred:
+            fn, args = self._deferred.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("deferred %s failed", getattr(fn, "__qualname__", fn))
+        return True
 
 
 class _WatchedSelector:
@@ -64,7 +100,14 @@ class _WatchedSelector:
         ready = self._inner.select(0)  # one poll; at load it finds the next request here
         if ready:
             return ready
+        # Nothing to do: the loop is idle (counted so even if the deferred work below
+        # lasts until the next request is there).
         self._watch.waited()
+        if self._watch.flush():
+            # Poll, not wait: the work may have scheduled callbacks (a freed device slot
+            # wakes other models), which this select's timeout does not know about. With
+            # none, the loop comes straight back here and waits.
+            return self._inner.select(0)
         return self._inner.select(timeout)
 
     def __getattr__(self, name: str):

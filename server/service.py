@@ -254,6 +254,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         resp = pb.ModelStatisticsResponse()
         for name in names:
             m = self.plane.model(name, request.version)
+            m.flush()  # the batches answered last are counted once their answers are out
             st = m.stats
             s = resp.model_stats.add(name=name, version="1")
             s.last_inference = st.last_inference_ms

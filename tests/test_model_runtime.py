@@ -553,3 +553,51 @@ def test_engine_spread_is_what_the_latency_model_learned_live(tmp_path):
         lat.observe("w100", 1, 0.001 if k % 2 else 0.004)  # 1 and 4 ms in turn: jittery
     assert rt.engine_spread() == pytest.approx(lat.sigma("w100", 1))
     assert rt.engine_spread() > quiet + 0.2
+
+
+def test_at_light_load_the_answer_goes_out_before_the_batchs_bookkeeping(tmp_path):
+    # One request on an idle model: its caller resumes with the answer while the batch's
+    # bookkeeping (latency model, metrics, Triton statistics) waits for the loop to go
+    # idle - or for the next reader, which flushes it first.
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            await rt.infer(_x(1, 1.0), 1, 1.0, pin="w050")
+            pending = (rt.stats.inference_count, rt.scheduler.latency.tier_estimate("w050"))
+            rt.flush()
+            settled = (rt.stats.inference_count, rt.scheduler.latency.tier_estimate("w050"))
+            await rt.infer(_x(1, 1.0), 1, 1.0, pin="w050")
+            await asyncio.sleep(0.01)  # the loop waits: the second batch settles unasked
+            idle = rt.stats.inference_count
+            return pending, settled, idle
+
+    pending, settled, idle = _run(body())
+    assert pending[0] == 0 and pending[1].observed_batches == 0
+    assert settled[0] == 1 and settled[1].observed_batches == 1
+    assert idle == 2
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w050", outcome="served") == 2
+
+
+def test_with_requests_queued_a_finished_batch_settles_before_the_next_decision(tmp_path):
+    # A queue behind the running batch: its slot is freed and its time learned at once,
+    # so the next batch is planned on current figures.
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            with _Gate(served) as gate:
+                first = asyncio.ensure_future(rt.infer(_x(1, 1.0), 1, 1.0, pin="w050"))
+                await _until(lambda: gate.running() == 1)
+                rest = [asyncio.ensure_future(rt.infer(_x(1, 1.0), 1, 1.0, pin="w050"))
+                        for _ in range(2)]  # fmt: skip
+                await asyncio.sleep(0.01)
+                gate.release()
+                await first
+                counted_when_first_returned = rt.stats.execution_count
+                await asyncio.gather(*rest)
+            return counted_when_first_returned
+
+    assert _run(body()) >= 1
