@@ -176,3 +176,28 @@ def test_text_evaluation_config_is_checked(model_dir, evaluation, text, match):
         del config["text"]
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_dict(config)
+
+
+def test_channel_search_times_and_scores_a_text_tier_by_embedding_fidelity(model_dir, tmp_path):
+    # A uniform text tier: the search's candidates (FFN 13 / 8 / 16 of 32 channels) are
+    # exported with dynamic batch and length, timed at the model's example length and
+    # scored by the build's text scorer (cosine to the full width on held-out sentences).
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    config = yaml.safe_load((copy / "model.yaml").read_text())
+    config["tiers"] = [{"name": "full", "width": 1.0}, {"name": "w040", "width": 0.4}]
+    config["channel_search"] = {"multiples": [8, 16], "repeats": 3}
+    config["evaluation"] = {"text": "held.txt", "limit": 40}
+    (copy / "model.yaml").write_text(yaml.safe_dump(config))
+    _sentences(copy / "held.txt", 48)
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    record = Repository(tmp_path).load_record("embed", "w040")
+    search = record.channel_search
+    cands = search["candidates"]
+    assert len(cands) >= 2
+    assert all(c["latency_ms"] > 0 and 0 < c["accuracy"] <= 1 for c in cands)
+    assert search["evaluation"]["text"] == "held.txt"
+    assert record.sizes == cands[search["chosen"]]["sizes"]
+    built = {t.name: t for t in report.tiers}
+    assert built["w040"].max_abs_err < 1e-4  # the exported choice runs as torch does
+    assert Repository(tmp_path).load("embed").engines["w040"] is not None
