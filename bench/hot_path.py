@@ -11,8 +11,14 @@
    request pinned to w100, awaited back to back on one event loop with the real ONNX
    Runtime engine, minus the same engine run alone (interleaved): the server's own work
    per request, without gRPC; medians over the rounds, and relative to the engine's time.
+3. Through gRPC (``--grpc-rounds N``, needs ``--old``): `innfer serve` of each tree on the
+   MLP, pinned to CPU 1, the load generator (sim.loadgen, tritonclient.grpc.aio) on CPU 0,
+   one closed-loop client pinned to w100, ``--grpc-requests`` per round, the trees taking
+   turns on fresh servers: client p50 and throughput per round, their medians, and the
+   paired per-round differences (new - old).
 
     python -m bench.hot_path [--old DIR] [--cycles 3000] [--requests 8000] [--rounds 4]
+        [--grpc-rounds 8] [--grpc-requests 1500]
 
 Needs runs/bench-server (bench/server.py builds it). Writes bench/results/hot_path.json.
 Run it pinned (``taskset -c 1``) on a quiet machine: the figures are tens of microseconds.
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -161,12 +169,54 @@ def tree_data_plane(tree: str, requests: int) -> dict:
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
+def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
+    """Closed loop c=1 through gRPC, per tree, the trees taking turns (section 3)."""
+    from bench.live_scheduler import LiveServer
+    from runtime.repository.config import ModelConfig
+    from runtime.repository.profile import random_feeds
+    from sim.loadgen import run_closed_loop
+
+    inputs = random_feeds(ModelConfig.load(REPO / MODEL / "model.yaml").inputs, 1, seed=0)
+    params = {"tier": "w100"}
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {0})
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for k in range(rounds):
+        for name in trees if k % 2 == 0 else list(trees)[::-1]:
+            server = LiveServer(name, Path(trees[name]), REPO, OUT / f"hot_path-{name}.log", {1})
+            server.start(f"round {k}", (MODEL,))
+            try:
+                for n in (200, requests):  # warm-up, then the measured run
+                    report = asyncio.run(run_closed_loop(
+                        server.address, MODEL, 1, n, 60.0, lambda i: 10.0, inputs,
+                        parameters=params,
+                    ))  # fmt: skip
+            finally:
+                server.stop()
+            s = report.summary
+            runs[name].append({"p50_ms": s["p50_latency_ms"],
+                               "throughput_per_s": s["sent"] / s["wall_seconds"],
+                               "errors": s["refused_total"]})  # fmt: skip
+    out: dict = {
+        name: {key: statistics.median(r[key] for r in rs) for key in ("p50_ms", "throughput_per_s")}
+        | {"rounds": rs}
+        for name, rs in runs.items()
+    }
+    if "old" in runs:
+        diffs = [n["p50_ms"] - o["p50_ms"] for n, o in zip(runs["new"], runs["old"], strict=True)]
+        out["paired_p50_diff_ms"] = {"median": statistics.median(diffs), "each": diffs,
+                                     "new_lower": sum(d < 0 for d in diffs)}  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--old", help="directory holding the old server/scheduling (default: HEAD)")
     p.add_argument("--cycles", type=int, default=3000)
     p.add_argument("--requests", type=int, default=8000, help="data plane, over all rounds")
     p.add_argument("--rounds", type=int, default=4, help="data plane runs per tree, alternating")
+    p.add_argument("--grpc-rounds", type=int, default=0, help="gRPC c=1 rounds per tree")
+    p.add_argument("--grpc-requests", type=int, default=1500)
     p.add_argument("--data-plane-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -194,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"new": str(ROOT), **({"old": args.old} if args.old else {})}
     res["data_plane_us"] = data_plane_rounds(trees, args.requests // args.rounds, args.rounds)
     res["data_plane_rounds"] = args.rounds
+    if args.grpc_rounds:
+        res["grpc_c1"] = grpc_rounds(trees, args.grpc_requests, args.grpc_rounds)
     OUT.mkdir(exist_ok=True)
     (OUT / "hot_path.json").write_text(json.dumps(res, indent=1))
     print("scheduler cycle on a one-deep queue, median us per phase")
@@ -208,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{d['overhead_us']:.0f} us = {d['overhead_per_engine']:.2f} of the engine's time "
             f"(rounds: {each} us)"
         )
+    for impl, d in res.get("grpc_c1", {}).items():
+        if impl == "paired_p50_diff_ms":
+            print(f"gRPC c=1 p50 new - old, paired rounds: median {d['median']:+.3f} ms, new "
+                  f"lower in {d['new_lower']} of {len(d['each'])}")  # fmt: skip
+            continue
+        each = ", ".join(f"{r['p50_ms']:.2f}" for r in d["rounds"])
+        print(f"gRPC c=1 ({impl}): p50 {d['p50_ms']:.3f} ms, {d['throughput_per_s']:.1f} req/s "
+              f"(rounds' p50: {each})")  # fmt: skip
     return 0
 
 
