@@ -751,30 +751,26 @@ class ModelRuntime:
         self._running -= 1
         if not self._running:
             self._all_done.set()
-        if error is None and not self._device_waiting():
-            # Nothing waits for a slot: answer first, account later. The bookkeeping
-            # (latency model, metrics, statistics: ~0.1-0.3 ms at one client on the MLP)
-            # runs when the loop is next idle - after the answers are sent - or before the
-            # next decision or report, whichever is first (server/loop_idle.py).
-            now = self.clock()
-            answered, output_s = self._resolve(d, outputs, times[1])
-            self._idle.defer(self._settle, lane, d, times, now, answered, output_s)
-            return
-        try:
-            if error is not None:
-                self._account_cpu(times[2])
-                log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
+        if error is not None:
+            self._account_cpu(times[2])
+            log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
+            try:
                 self._failed(lane, d, error)
-            else:
-                now = self.clock()
-                answered, output_s = self._resolve(d, outputs, times[1])
-                self._settle(lane, d, times, now, answered, output_s)
-        finally:
-            self._pump()
+            finally:
+                self._pump()
+            return
+        # Answer first, account later: the bookkeeping (latency model, slot, metrics,
+        # statistics: ~0.1-0.3 ms at one client on the MLP) runs when the loop is next idle -
+        # after the answers are sent - or at the next flush (server/loop_idle.py).
+        now = self.clock()
+        answered, output_s = self._resolve(d, outputs, times[1])
+        self._idle.defer(self._settle, lane, d, times, now, answered, output_s)
+        if self._device_waiting():
+            self._pump()  # its flush settles this batch before the next decision
 
     def _device_waiting(self) -> bool:
-        """Whether a request of any model on this model's device is queued (then the batch's
-        slot is freed and the next decision taken at once)."""
+        """Whether a request of any model on this model's device is queued (then a finished
+        batch is settled and the next decision taken at once)."""
         if self.device is None:
             return any(lane.queue for lane in self.lanes.values())
         return any(m.queue for m in self.device.members)
