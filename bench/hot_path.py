@@ -18,9 +18,10 @@
    paired per-round differences (new - old).
 
     python -m bench.hot_path [--old DIR] [--cycles 3000] [--requests 8000] [--rounds 4]
-        [--grpc-rounds 8] [--grpc-requests 1500]
+        [--grpc-rounds 8] [--grpc-requests 1500] [--out hot_path.json]
 
-Needs runs/bench-server (bench/server.py builds it). Writes bench/results/hot_path.json.
+Needs runs/bench-server (bench/server.py builds it). Writes bench/results/hot_path.json
+(or ``--out``).
 Run it pinned (``taskset -c 1``) on a quiet machine: the figures are tens of microseconds.
 """
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="data plane runs per tree, alternating")
     p.add_argument("--grpc-rounds", type=int, default=0, help="gRPC c=1 rounds per tree")
     p.add_argument("--grpc-requests", type=int, default=1500)
+    p.add_argument("--out", default="hot_path.json", help="file name in bench/results")
     p.add_argument("--data-plane-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grpc_rounds:
         res["grpc_c1"] = grpc_rounds(trees, args.grpc_requests, args.grpc_rounds)
     OUT.mkdir(exist_ok=True)
-    (OUT / "hot_path.json").write_text(json.dumps(res, indent=1))
+    (OUT / args.out).write_text(json.dumps(res, indent=1))
     print("scheduler cycle on a one-deep queue, median us per phase")
     for key, v in res["scheduler_cycle_us"].items():
         phases = "  ".join(f"{ph} {v[ph]:6.1f}" for ph in PHASES)

@@ -99,19 +99,25 @@ def decode_inputs(
     return arrays, int(rows or 0)
 
 
+def _expected(spec: TensorConfig) -> str:
+    """The shape ``spec`` accepts, as an error message writes it (built only on errors)."""
+    return f"[-1, {', '.join(map(str, spec.shape))}]" if spec.shape else "[-1]"
+
+
 def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tuple[int, int | None]:
     """The batch size and sequence length (None: no dynamic axis) of input ``t`` after
     checking datatype and shape against ``spec``."""
     want = oip_datatype(spec.dtype)
     if t.datatype != want:
         raise InvalidArgument(f"input {t.name!r}: datatype {t.datatype[:32]}, expected {want}")
-    expected = f"[-1, {', '.join(map(str, spec.shape))}]" if spec.shape else "[-1]"
     if len(t.shape) != len(spec.shape) + 1:  # before reading the dims: there may be millions
-        raise InvalidArgument(f"input {t.name!r}: {len(t.shape)} dims given, expected {expected}")
+        raise InvalidArgument(
+            f"input {t.name!r}: {len(t.shape)} dims given, expected {_expected(spec)}"
+        )
     shape = [int(d) for d in t.shape]
     fixed = [(d, s) for d, s in zip(shape[1:], spec.shape, strict=True) if s != DYNAMIC]
     if any(d != s for d, s in fixed):
-        raise InvalidArgument(f"input {t.name!r}: shape {shape} does not match {expected}")
+        raise InvalidArgument(f"input {t.name!r}: shape {shape} does not match {_expected(spec)}")
     seq = None
     for axis in spec.dynamic:
         seq = shape[1 + axis]

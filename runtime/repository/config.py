@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -472,7 +473,7 @@ class ModelConfig:
                 text.max_length, f"at most the largest profiled length ({max(self.lengths)})"
             )
 
-    @property
+    @functools.cached_property  # read per request (server/dataplane.py); the config is frozen
     def sequence_lengths(self) -> tuple[int, ...]:
         """The profiled sequence lengths, ascending; () for a model with fixed shapes."""
         if not any(t.dynamic for t in self.inputs):

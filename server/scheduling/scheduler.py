@@ -39,7 +39,6 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
@@ -411,7 +410,7 @@ class Scheduler:
         if decision is None or not decision.requests:
             self.device.passed(self)
             return None
-        decision = replace(decision, slot=slot)
+        decision = Decision(decision.tier, decision.requests, slot)  # (replace() is slower)
         self._remove_all(decision.requests)
         rows = decision.rows
         for r in decision.requests:
