@@ -67,10 +67,9 @@ class IdleWatch:
         """Run ``fn(*args)`` on this loop's thread when the loop is next about to wait, or
         at the next ``flush``, whichever comes first (at once where the loop is not
         watched). Called in the order deferred."""
-        if not self.counting:
-            fn(*args)
-            return
         self._deferred.append((fn, args))
+        if not self.counting:
+            self.flush()  # nothing would run it later; a failure is logged as there
 
     def flush(self) -> bool:
         """Run the deferred work now; whether there was any. A failure is logged and the

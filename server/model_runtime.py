@@ -460,6 +460,7 @@ class ModelRuntime:
         ``min_batches`` batches (1.0 where none has): how much slower or faster this
         machine runs now than the profiles say - auto-tiering's choice scales its
         candidates' times by it (``sim.live_host``)."""
+        self.flush()  # the latency model as of the last answered batch
         seen = self._seen_tiers(min_batches)
         latency = self.scheduler.latency
         return float(np.median([latency.tier_estimate(t).factor for t in seen])) if seen else 1.0
@@ -469,6 +470,7 @@ class ModelRuntime:
         here (at batch 1), the median over tiers that ran at least ``min_batches`` batches;
         None where none has. Auto-tiering's replay draws engine times with it: the spread
         that makes the live planner keep to smaller tiers (``sim.live_host``)."""
+        self.flush()
         seen = self._seen_tiers(min_batches)
         latency = self.scheduler.latency
         return float(np.median([latency.sigma(t, 1) for t in seen])) if seen else None
@@ -751,7 +753,15 @@ class ModelRuntime:
         self._running -= 1
         if not self._running:
             self._all_done.set()
+        now = self.clock()
+        if error is None:
+            try:
+                answered, output_s = self._resolve(d, outputs, times[1])
+            except Exception as exc:  # outputs that do not split into its requests' rows
+                error = exc
         if error is not None:
+            # Whatever was answered stays answered (a future resolves once); the rest fail,
+            # and the slot is freed here, not left to a settle that never comes.
             self._account_cpu(times[2])
             log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
             try:
@@ -762,18 +772,18 @@ class ModelRuntime:
         # Answer first, account later: the bookkeeping (latency model, slot, metrics,
         # statistics: ~0.1-0.3 ms at one client on the MLP) runs when the loop is next idle -
         # after the answers are sent - or at the next flush (server/loop_idle.py).
-        now = self.clock()
-        answered, output_s = self._resolve(d, outputs, times[1])
         self._idle.defer(self._settle, lane, d, times, now, answered, output_s)
         if self._device_waiting():
             self._pump()  # its flush settles this batch before the next decision
 
     def _device_waiting(self) -> bool:
-        """Whether a request of any model on this model's device is queued (then a finished
-        batch is settled and the next decision taken at once)."""
-        if self.device is None:
-            return any(lane.queue for lane in self.lanes.values())
-        return any(m.queue for m in self.device.members)
+        """Whether a request of this model or of any model on its device is queued (then a
+        finished batch is settled and the next decision taken at once). Its own lanes count
+        apart from the device's members: a stopping model has left the device, and its
+        queue must still run within the drain."""
+        if any(lane.queue for lane in self.lanes.values()):
+            return True
+        return self.device is not None and any(m.queue for m in self.device.members)
 
     def _account_cpu(self, engine_cpu_s: float) -> None:
         self._compute_cpu_total.inc(engine_cpu_s)  # a failed batch's CPU was the engine's too

@@ -116,3 +116,17 @@ def test_without_a_selector_deferred_work_runs_at_once():
     ran = []
     watch.defer(ran.append, 1)
     assert ran == [1]
+
+
+def test_without_a_selector_a_failing_deferred_call_is_logged_not_raised(caplog):
+    # As on a watched loop: the caller (a batch's answer path) goes on whatever the
+    # bookkeeping does.
+    class NoSelector:
+        pass
+
+    watch = idle_watch(NoSelector())
+    ran = []
+    watch.defer(lambda: 1 / 0)
+    watch.defer(ran.append, "next")
+    assert ran == ["next"]
+    assert "ZeroDivisionError" in caplog.text

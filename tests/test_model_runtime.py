@@ -351,6 +351,59 @@ def test_stop_answers_every_admitted_request_once(tmp_path):
     assert isinstance(late, InferError)  # a stopped model takes no new requests
 
 
+def test_a_stopping_model_on_a_shared_device_serves_its_queue_within_the_drain(tmp_path):
+    # A reload's stop leaves the shared device first (others stop planning behind it), but
+    # its own queue must still run when the running batch ends: the two requests queued
+    # behind it are served, not failed with UNAVAILABLE when the drain runs out.
+    served = _served(tmp_path, max_batch=1)
+    metrics = Metrics()
+
+    async def body():
+        rt = ModelRuntime(served, metrics, device=Device(1))
+        rt.start()
+        with _Gate(served) as gate:
+            running = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0, pin="w100"))
+            await _until(lambda: gate.running() == 1)
+            queued = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                      for v in (2.0, 3.0)]  # fmt: skip
+            await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 2)
+            stopping = asyncio.create_task(rt.stop(drain_s=2.0))
+            await asyncio.sleep(0.05)
+            gate.release()
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(running, *queued, return_exceptions=True), 5
+            )
+            failed = await asyncio.wait_for(stopping, 15)
+        return outcomes, failed
+
+    outcomes, failed = _run(body())
+    for value, o in zip((1.0, 2.0, 3.0), outcomes, strict=True):
+        _check_answer(served, _x(1, value), o)
+    assert failed == 0
+
+
+def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(tmp_path):
+    # An engine that returns a 0-d output (no rows to hand out): its request fails with the
+    # error, and the device's only slot is free again - the next request is served.
+    served = _served(tmp_path, max_batch=1)
+    engine = served.engines["w100"]
+    good = engine.run
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1)) as rt:
+            engine.run = lambda feeds: {"logits": np.float32(0.0)}
+            bad = await asyncio.gather(
+                rt.infer(_x(1, 1.0), 1, 10.0, pin="w100"), return_exceptions=True
+            )
+            engine.run = good
+            ok = await asyncio.wait_for(rt.infer(_x(1, 2.0), 1, 10.0, pin="w100"), 5)
+        return bad[0], ok
+
+    bad, ok = _run(body())
+    assert isinstance(bad, IndexError), bad
+    _check_answer(served, _x(1, 2.0), ok)
+
+
 def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
