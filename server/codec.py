@@ -52,7 +52,7 @@ def decode_inputs(
 
     Example:
         >>> from server.proto_gen import grpc_service_pb2 as pb
-        >>> spec = TensorConfig("x", "float32", (2,))
+        >>> spec = TensorConfig(name="x", dtype="float32", shape=(2,))
         >>> req = pb.ModelInferRequest(raw_input_contents=[bytes(8)])
         >>> _ = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
         >>> arrays, rows = decode_inputs(req, [spec], max_batch=8)
@@ -171,6 +171,11 @@ def decode_text(
             f"input {name!r}: batch {rows} is outside [1, {max_batch}] (max_batch)"
         )
     raw = request.raw_input_contents if raw is None else raw
+    if raw and len(raw) != 1:
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for 1 input; give one per input, "
+            "in order, or none"
+        )
     typed = t.contents.bytes_contents
     if raw and typed:
         raise InvalidArgument(
@@ -237,7 +242,53 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
             f"input {t.name!r}: {typed} values in contents.{field or 'raw'}, "
             f"expected {count} for shape {shape}"
         )
-    return np.asarray(getattr(t.contents, field), dtype=np_dtype).reshape(shape)
+    values = getattr(t.contents, field)
+    if np_dtype.kind in "iu" and np_dtype.itemsize < 4:  # carried in 32-bit fields
+        wide = np.asarray(values, dtype=np.int64)
+        _check_range(t.name, t.datatype, wide, np.iinfo(np_dtype))
+        return wide.astype(np_dtype).reshape(shape)
+    return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def _check_range(name: str, datatype: str, values: np.ndarray, info: np.iinfo) -> None:
+    """Typed contents of a narrow integer type arrive in 32-bit fields: each must fit."""
+    bad = (values < info.min) | (values > info.max)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidArgument(
+            f"input {name!r}: value {int(values[i])} (element {i}) is out of range for "
+            f"{datatype} [{info.min}, {info.max}]"
+        )
+
+
+def check_token_inputs(
+    ids: np.ndarray, mask: np.ndarray, vocab_size: int, ids_name: str, mask_name: str
+) -> None:
+    """Token ids a client sent itself must be ids of the model's tokenizer, and the mask 0
+    or 1: an id past the embedding table fails inside the engine (and with it every request
+    batched beside it), a negative one silently reads another row.
+
+    Example:
+        >>> check_token_inputs(np.array([[101, 7592, 102]]), np.ones((1, 3)), 30522, "i", "m")
+        >>> check_token_inputs(np.array([[101, 40000]]), np.ones((1, 2)), 30522, "i", "m")
+        Traceback (most recent call last):
+        ...
+        server.errors.InvalidArgument: input 'i': token id 40000 at [0, 1] is outside ...
+    """
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InvalidArgument(
+            f"input {ids_name!r}: token id {int(ids[at])} at {list(at)} is outside "
+            f"[0, {vocab_size}) (the model tokenizer's ids)"
+        )
+    odd = (mask != 0) & (mask != 1)
+    if odd.any():
+        at = tuple(int(i) for i in np.argwhere(odd)[0])
+        raise InvalidArgument(
+            f"input {mask_name!r}: value {mask[at]} at {list(at)}; an attention mask holds 0 "
+            "(padding) or 1 (a token)"
+        )
 
 
 def requested_outputs(
@@ -250,7 +301,8 @@ def requested_outputs(
         >>> from server.proto_gen import grpc_service_pb2 as pb
         >>> req = pb.ModelInferRequest()
         >>> _ = req.outputs.add(name="y")
-        >>> [s.name for s in requested_outputs(req, [TensorConfig("y", "float32", (2,))])]
+        >>> y = TensorConfig(name="y", dtype="float32", shape=(2,))
+        >>> [s.name for s in requested_outputs(req, [y])]
         ['y']
     """
     if not request.outputs:

@@ -447,7 +447,24 @@ class DataPlane:
             arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
             return arrays, len(texts)
         max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
-        return codec.decode_inputs(request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw)
+        if text is None:
+            return codec.decode_inputs(
+                request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
+            )
+        names = {t.name for t in request.inputs[: self.limits.max_inputs + 1]}
+        if not names or not names <= {s.name for s in cfg.inputs}:
+            raise InvalidArgument(
+                f"model {m.name} takes text as {text.input!r} (BYTES, shape [-1, 1]) alone, "
+                f"or token ids as {text.ids!r} and {text.mask!r}; got inputs "
+                f"{sorted(clip(n) for n in names)}"
+            )
+        arrays, rows = codec.decode_inputs(
+            request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
+        )
+        codec.check_token_inputs(
+            arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
+        )
+        return arrays, rows
 
 
 def _number(param, name: str) -> float | None:

@@ -10,6 +10,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "server.codec",
     "server.scheduling.device",
     "server.scheduling.latency",
     "server.scheduling.plan",

@@ -140,6 +140,31 @@ def test_bad_priority_is_invalid_argument(stub, value):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "priority" in msg
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1, 300], r"value 300 \(element 1\) is out of range for UINT8 \[0, 255\]"),
+        ([2**32 - 1], r"value 4294967295 \(element 0\)"),
+    ],
+)
+def test_typed_uint8_contents_out_of_range_are_invalid(values, message):
+    # Typed UINT8 contents travel in a 32-bit protobuf field; numpy refused the cast with
+    # OverflowError, which reached the client as INTERNAL.
+    from runtime.repository.config import TensorConfig
+    from server.codec import decode_inputs
+
+    req = pb.ModelInferRequest()
+    t = req.inputs.add(name="x", datatype="UINT8", shape=[1, len(values)])
+    t.contents.uint_contents.extend(values)
+    spec = TensorConfig(name="x", dtype="uint8", shape=(len(values),))
+    with pytest.raises(InvalidArgument, match=message):
+        decode_inputs(req, [spec], max_batch=4)
+    t.ClearField("contents")
+    t.contents.uint_contents.extend([255] * len(values))  # in range: decoded as given
+    arrays, _ = decode_inputs(req, [spec], max_batch=4)
+    assert arrays["x"].dtype == np.uint8 and arrays["x"].tolist() == [[255] * len(values)]
+
+
 def test_undecodable_bytes_are_invalid_argument(server):
     with grpc.insecure_channel(server.address) as ch:
         call = ch.unary_unary(

@@ -41,8 +41,8 @@ def server(repo):
     s.stop()
 
 
-def _text_input(texts: list[str]) -> tc.InferInput:
-    t = tc.InferInput("text", [len(texts), 1], "BYTES")
+def _text_input(texts: list[str], name: str = "text") -> tc.InferInput:
+    t = tc.InferInput(name, [len(texts), 1], "BYTES")
     t.set_data_from_numpy(np.array([[s.encode()] for s in texts], dtype=object))
     return t
 
@@ -121,11 +121,28 @@ def _ids(name, shape, dtype="INT64"):
     return t
 
 
+def _ids_of(name, values):
+    a = np.asarray(values, np.int64)
+    t = tc.InferInput(name, list(a.shape), "INT64")
+    t.set_data_from_numpy(a)
+    return t
+
+
 @pytest.mark.parametrize(
     "inputs, message",
     [
         (lambda: [_ids("input_ids", [1, 5], "INT32"), _ids("attention_mask", [1, 5])],
          "datatype INT32, expected INT64"),
+        # Ids past the vocabulary failed inside the engine (INTERNAL, and every request in
+        # the batch with it); negative ones silently read another embedding row.
+        (lambda: [_ids_of("input_ids", [[2, 10**6, 3]]), _ids("attention_mask", [1, 3])],
+         r"token id 1000000 at \[0, 1\] is outside \[0, "),
+        (lambda: [_ids_of("input_ids", [[2, -1]]), _ids("attention_mask", [1, 2])],
+         r"token id -1 at \[0, 1\]"),
+        (lambda: [_ids("input_ids", [1, 2]), _ids_of("attention_mask", [[1, 2]])],
+         "an attention mask holds 0"),
+        (lambda: [_text_input(["a"], name="texts")],
+         "takes text as 'text' .* or token ids as 'input_ids' and 'attention_mask'"),
         (lambda: [_ids("input_ids", [1, 30]), _ids("attention_mask", [1, 30])],
          f"sequence length 30 is outside \\[1, {LENGTHS[-1]}\\]"),
         (lambda: [_ids("input_ids", [1, 5]), _ids("attention_mask", [1, 6])],
@@ -293,6 +310,11 @@ def _text_request(shape, typed=None, raw=None):
     return req
 
 
+def _with_raw(req, extra: bytes):
+    req.raw_input_contents.append(extra)
+    return req
+
+
 def _prefixed(*items: bytes) -> bytes:
     return b"".join(len(b).to_bytes(4, "little") + b for b in items)
 
@@ -307,6 +329,10 @@ def _prefixed(*items: bytes) -> bytes:
         (lambda: _text_request([1, 1], raw=(5).to_bytes(4, "little") + b"ab"), "runs past"),
         (lambda: _text_request([1, 1], raw=b"\x01\x00"), "inside a length prefix"),
         (lambda: _text_request([9, 1], typed=[b"a"] * 9), r"batch 9 is outside \[1, 4\]"),
+        (
+            lambda: _with_raw(_text_request([1, 1], raw=_prefixed(b"a")), b"junk"),
+            "raw_input_contents has 2 entries for 1 input",
+        ),
     ],
 )
 def test_bytes_inputs_decode_or_say_what_is_wrong(request_, expected):

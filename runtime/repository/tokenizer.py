@@ -55,6 +55,9 @@ class TextTokenizer:
             raise TokenizerError(f"cannot read tokenizer {self.path}: {exc}") from None
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
+        # One more than the largest id it can produce: ids a client sends itself must be
+        # below it (an id past the model's embedding table fails inside the engine).
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def lengths(self, texts: Sequence[str]) -> list[int]:
         """Token count of each text after truncation (what the model will run on)."""
