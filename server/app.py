@@ -106,8 +106,7 @@ class Server:
             await asyncio.sleep(0.02)
         if self.grpc is not None:
             await self.grpc.stop(max(0.0, deadline - time.monotonic()))
-        for m in list(self.plane.models.values()):
-            await m.stop()
+        await self.plane.stop_models()
         if self._http is not None:
             self._http.shutdown()
         self._stopped.set()

@@ -110,7 +110,8 @@ class AutoTierer:
                 await self.check()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # e.g. the apply timed out, the repository is read-only
+                self.last_change = self.clock()  # back off like a failed apply
                 log.exception("model %s: auto-tiering check failed", self.name)
                 self._count("failed")
 

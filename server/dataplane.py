@@ -81,6 +81,9 @@ class DataPlane:
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}
         self.tierers: dict[str, AutoTierer] = {}
+        # Runtimes replaced or unloaded and still stopping (answering their queue): owned
+        # here, so that a cancelled RPC cannot abandon them half way (``_retire``).
+        self._retiring: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -93,14 +96,19 @@ class DataPlane:
                 await self.load(name)
             except InferError as exc:  # reported in readiness and metrics; others go on
                 log.error("model %s not loaded: %s", name, exc)
+            except Exception:  # not foreseen (a library's own error): still this model only
+                log.exception("model %s not loaded", name)
+                self._mark_broken(name, "unexpected error while loading; see the server log")
         self.phase = Phase.READY
 
     async def swap(self, name: str) -> None:
         """Reload ``name`` for a new tier set (auto-tiering): as ``load``, but the old
-        runtime serves its whole queue, so no accepted request is failed."""
-        await self.load(name, drain_s=None)
+        runtime serves its whole queue, so no accepted request is failed. Nothing happens
+        if ``name`` was unloaded meanwhile (an Unload must not be undone by a choice made
+        before it) or the server is shutting down."""
+        await self.load(name, drain_s=None, swap=True)
 
-    async def load(self, name: str, drain_s: float | None = DRAIN_S) -> None:
+    async def load(self, name: str, drain_s: float | None = DRAIN_S, swap: bool = False) -> None:
         """Load (or reload) ``name``: engines built or verified off the event loop, then
         swapped in atomically; the old runtime answers its queue (for up to ``drain_s``,
         None: all of it), fails the rest, and closes."""
@@ -109,6 +117,11 @@ class DataPlane:
         except InvalidModelName as exc:
             raise InvalidArgument(str(exc)) from None
         async with self._lock:
+            if self.phase is Phase.DRAINING or (swap and name not in self.models):
+                if swap:
+                    log.info("model %s: tier swap skipped (unloaded, or shutting down)", name)
+                    return
+                raise Unavailable("the server is shutting down; load the model elsewhere")
             loop = asyncio.get_running_loop()
             try:
                 served = await loop.run_in_executor(
@@ -142,15 +155,23 @@ class DataPlane:
                 if replaced is not None and replaced.serving():
                     # The engines run beside this traffic as slowly as the old set's did.
                     runtime.assume_speed(replaced.engine_speed())
-            except (InferError, EngineError) as exc:  # e.g. profile.json missing, engine fails
-                if runtime is not None and self.device is not None:
-                    self.device.leave(runtime.scheduler)
-                for engine in served.engines.values():
-                    engine.close()
+            except Exception as exc:  # e.g. profile.json missing, the engine fails its first run
+                if not isinstance(exc, (InferError, EngineError)):  # ONNX Runtime's own errors
+                    log.exception("model %s: loading failed", name)
+                if runtime is not None:
+                    runtime.abandon()
+                else:
+                    for engine in served.engines.values():
+                        engine.close()
                 self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
                     f"model {name!r} cannot be served: {exc}; rebuild it with `innfer build`"
                 ) from None
+            if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
+                runtime.abandon()
+                if swap:
+                    return
+                raise Unavailable("the server is shutting down; load the model elsewhere")
             runtime.start()
             old = self.models.pop(name, None)
             self.models[name] = runtime
@@ -163,7 +184,26 @@ class DataPlane:
         # Outside the lock: a swap's drain lasts until the old queue's latest deadline, and
         # other models' loads need not wait for it.
         if old is not None:
-            await old.stop(drain_s)
+            await self._retire(old, drain_s)
+
+    async def _retire(self, runtime: ModelRuntime, drain_s: float | None) -> None:
+        """Stop ``runtime`` (no longer in ``models``) in a task of the data plane's own: the
+        caller - a Load or Unload RPC - may be cancelled (its client's deadline), and a stop
+        cut short would leave admitted requests unanswered and engines open."""
+        task = asyncio.ensure_future(runtime.stop(drain_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        await asyncio.shield(task)
+
+    async def stop_models(self) -> None:
+        """Shutdown (after ``drain``): once any load in progress has settled, stop every
+        model, and wait for the runtimes still being retired by a reload, swap or unload."""
+        async with self._lock:  # a load or swap that holds it ends before the snapshot
+            models = list(self.models.values())
+        for m in models:
+            await self._retire(m, DRAIN_S)
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
 
     def _traffic(self, name: str, config) -> TrafficLog | None:
         if config.auto_tiers is None:
@@ -241,6 +281,9 @@ class DataPlane:
             )
 
     def _mark_broken(self, name: str, why: str) -> None:
+        if name in self.models:  # a failed reload: the loaded version keeps serving
+            log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
+            return
         if name in self.expected:
             self.broken[name] = why
             self.metrics.model_ready.labels(name).set(0)
@@ -258,8 +301,8 @@ class DataPlane:
             tierer = self.tierers.pop(name, None)
             if tierer is not None:
                 tierer.stop()
-            await runtime.stop()
             self.metrics.model_ready.labels(name).set(0)
+            await self._retire(runtime, DRAIN_S)
 
     def _engine_threads(self) -> int:
         """The engine threads the loaded models may run at once: a shared device's slots

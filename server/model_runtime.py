@@ -345,8 +345,9 @@ class ModelRuntime:
             deadline = self.clock() + drain_s
         while self._pending and self.clock() < deadline:
             await asyncio.sleep(0.005)
-            if drain_s is None:
-                self._pump()  # expire what can no longer run, though nothing arrives here
+            # Nothing arrives here to pump: expire what can no longer run, and start what a
+            # freed device slot allows - having left the device, no release wakes this model.
+            self._pump()
         self.flush()
         self._leave_device()
         failed = 0
@@ -378,6 +379,14 @@ class ModelRuntime:
         if self.device is not None and not self._own_device:
             for lane in self.lanes.values():
                 self.device.leave(lane)
+
+    def abandon(self) -> None:
+        """Undo a runtime that never started (its warm-up failed): take its lanes off the
+        shared device (they joined it when made) and close its engines."""
+        if self.device is not None:
+            for lane in self.lanes.values():
+                self.device.leave(lane)
+        self._close_engines()
 
     def _close_engines(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -448,3 +448,123 @@ def test_a_swap_under_load_starts_from_the_speed_the_old_set_ran_at(config):
     speed, swapped, quiet = _run(body())
     assert swapped == pytest.approx({"w100": speed, "w050": speed})
     assert quiet == pytest.approx(1.0)
+
+
+# -- lifecycle under races (cases a review of the load, swap and unload paths found) ---------
+def _hold(runtime) -> threading.Event:
+    gate = threading.Event()
+    for e in runtime.served.engines.values():
+        e.gate = gate
+    return gate
+
+
+async def _until_running(runtime) -> None:
+    while sum(e.running for e in runtime.served.engines.values()) == 0:
+        await asyncio.sleep(0.002)
+
+
+def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(config):
+    # The Unload RPC's client gives up (its deadline): the stop it started goes on, so the
+    # requests the model admitted are answered and its engines closed.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        a = plane.models["a"]
+        gate = _hold(a)
+        try:
+            held = [asyncio.create_task(plane.infer(_request("a", _x(1, v), tier="w100"), None))
+                    for v in (1.0, 2.0)]  # fmt: skip
+            await _until_running(a)
+            unload = asyncio.create_task(plane.unload("a"))
+            await asyncio.sleep(0.05)
+            unload.cancel()
+            await asyncio.sleep(0.01)
+            gate.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
+            await plane.stop_models()
+            return outcomes, a
+        finally:
+            gate.set()
+
+    outcomes, a = _run(body())
+    for o in outcomes:  # answered: served, or failed with a clear error - never left hanging
+        assert not isinstance(o, BaseException) or isinstance(o, InferError), o
+    assert all(e.closed for e in a.served.engines.values())
+
+
+def test_a_warm_up_error_of_any_kind_breaks_that_model_only(config, monkeypatch):
+    # ONNX Runtime's own errors (onnxruntime...Fail) are plain Exceptions, not EngineError:
+    # one escaping load() stopped the start-up, left 'b' unloaded and 'a' on the device.
+    from server.model_runtime import ModelRuntime
+
+    warm_up = ModelRuntime.warm_up
+
+    def failing(self, *args, **kwargs):
+        if self.name == "a":
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : kernel failed")
+        return warm_up(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRuntime, "warm_up", failing)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            members = list(plane.device.members)
+            return plane, members, plane.models["b"]
+        finally:
+            await plane.stop_models()
+
+    plane, members, b = _run(body())
+    assert sorted(plane.models) == ["b"] and "kernel failed" in plane.broken["a"]
+    assert plane.phase.value == "ready" and _ready_gauge(plane, "a") == 0
+    assert members == list(b.lanes.values())  # nothing of 'a' left on the shared device
+
+
+def test_a_failed_reload_leaves_the_loaded_version_serving_and_ready(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            (config_path := plane.repo.root / "a" / "model.yaml").write_text("max_batch: [")
+            with pytest.raises(InferError):
+                await plane.load("a")
+            resp = await plane.infer(_request("a", _x(1, 1.0)), None)
+            return plane, resp, config_path
+        finally:
+            await plane.stop_models()
+
+    plane, resp, _ = _run(body())
+    assert "a" not in plane.broken and _ready_gauge(plane, "a") == 1 and plane.ready()
+    _check_answer(plane, resp, _x(1, 1.0))
+
+
+def test_a_swap_after_an_unload_does_not_load_the_model_again(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            await plane.unload("a")
+            await plane.swap("a")  # auto-tiering's choice, made before the unload
+            return sorted(plane.models), _ready_gauge(plane, "a")
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == (["b"], 0)
+
+
+def test_no_model_loads_once_the_server_drains(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            plane.drain()
+            with pytest.raises(Unavailable, match="shutting down"):
+                await plane.load("a")
+            await plane.swap("b")  # a swap just does nothing
+            return plane.models["a"], plane.models["b"]
+        finally:
+            await plane.stop_models()
+
+    a, b = _run(body())
+    assert all(e.closed for m in (a, b) for e in m.served.engines.values())

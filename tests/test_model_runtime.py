@@ -382,6 +382,42 @@ def test_a_stopping_model_on_a_shared_device_serves_its_queue_within_the_drain(t
     assert failed == 0
 
 
+def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp_path):
+    # Model b's batch holds the shared device's only slot; model a's requests wait behind
+    # it. a's stop leaves the device (so b stops planning behind a), and no release wakes a
+    # any more: its drain must look for a slot itself, or a's queue fails at the drain's end
+    # with the device free.
+    a_served = _served(tmp_path / "a", max_batch=1)
+    b_served = _served(tmp_path / "b", max_batch=1)
+    device = Device(1)
+
+    async def body():
+        a = ModelRuntime(a_served, Metrics(), device=device)
+        b = ModelRuntime(b_served, Metrics(), device=device)
+        a.start()
+        b.start()
+        try:
+            with _Gate(b_served) as gate:
+                running = asyncio.create_task(b.infer(_x(1, 1.0), 1, 10.0, pin="w100"))
+                await _until(lambda: gate.running() == 1)
+                queued = [asyncio.create_task(a.infer(_x(1, v), 1, 10.0, pin="w100"))
+                          for v in (2.0, 3.0)]  # fmt: skip
+                await asyncio.sleep(0.02)
+                stopping = asyncio.create_task(a.stop(drain_s=2.0))
+                await asyncio.sleep(0.05)
+                gate.release()
+                outcomes = await asyncio.wait_for(asyncio.gather(*queued), 1.5)
+                await running
+                return outcomes, await stopping
+        finally:
+            await b.stop()
+
+    outcomes, failed = _run(body())
+    for value, o in zip((2.0, 3.0), outcomes, strict=True):
+        _check_answer(a_served, _x(1, value), o)
+    assert failed == 0
+
+
 def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(tmp_path):
     # An engine that returns a 0-d output (no rows to hand out): its request fails with the
     # error, and the device's only slot is free again - the next request is served.
