@@ -298,7 +298,7 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
             return p
         if s.choices and v not in s.choices:
             at.fail(v, expected + _did_you_mean(v, s.choices))
-        if s.pattern is not None and not s.pattern.regex.match(v):
+        if s.pattern is not None and not s.pattern.regex.fullmatch(v):  # "$" allows a "\n"
             at.fail(v, expected)
         return v
     raise TypeError(f"{at.path}: no parser for {hint!r}; give the field spec(parse=...)")
@@ -484,5 +484,5 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: file not found")
     try:
         return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc

@@ -220,7 +220,22 @@ def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
                 f"for every tier (model.yaml lengths changed?); run `innfer build`"
             )
         profile = {"tiers": tables}
+    _check_batches(served, profile["tiers"], length)
     return tiers_from_profile(profile, served.tiers)[0]
+
+
+def _check_batches(served: ServedModel, tables: dict, length: int) -> None:
+    """Every tier's table must reach max_batch: a profile kept from before max_batch was
+    raised would fail the first larger batch inside the latency model (INTERNAL)."""
+    want = served.config.max_batch
+    for tier, table in tables.items():
+        largest = max((int(b) for b in table), default=0)
+        if largest < want:
+            at = f" at sequence length {length}" if length else ""
+            raise Unavailable(
+                f"model {served.name}: profile.json times tier {tier}{at} up to batch "
+                f"{largest}, but max_batch is {want} (model.yaml changed?); run `innfer build`"
+            )
 
 
 class ModelRuntime:

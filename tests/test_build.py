@@ -112,6 +112,18 @@ def test_mismatched_key_is_rebuilt(built):
     assert rebuilt == [entry.name]
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe{}", b"[]"])
+def test_an_unreadable_manifest_is_rebuilt_not_a_traceback(built, damage):
+    # Bytes that are not UTF-8, or JSON that is not an object: the entry is rebuilt (it
+    # raised UnicodeDecodeError / AttributeError from Repository.load).
+    root, _ = built
+    entry = _engine_dirs(root)[0]
+    (entry / "manifest.json").write_bytes(damage)
+    rebuilt = []
+    Repository(root).load("tiny", on_build=lambda tier, key: rebuilt.append(key))
+    assert rebuilt == [entry.name]
+
+
 def test_torch_backend_matches_onnxruntime(built):
     root, _ = built
     repo = Repository(root)

@@ -181,6 +181,8 @@ def test_a_kinds_width_may_ask_to_be_shaped():
         ({"tiers": [{"name": "w", "width": {"heads": 0.5, "shape": True}}]}, "tiers[0].width",
          "{'heads': 0.5, 'shape': True}"),
         ({"tiers": [{"name": "bad name", "width": 1}]}, "tiers[0].name", "'bad name'"),
+        # "$" matched before a trailing newline: it became a directory "tiers/w100\n"
+        ({"tiers": [{"name": "w100\n", "width": 1}]}, "tiers[0].name", "'w100\\n'"),
         ({"inputs": [{"name": "x", "shape": [0]}]}, "inputs[0].shape[0]", "0"),
         ({"inputs": [{"name": "x", "dtype": "complex", "shape": [1]}]}, "inputs[0].dtype",
          "'complex'"),
@@ -406,3 +408,15 @@ def test_config_width_keys_match_the_inn():
     from runtime.repository.config import KINDS, SHAPED
 
     assert (tuple(model.KINDS), INN_SHAPED) == (KINDS, SHAPED)
+
+
+def test_fp16_builds_where_the_backend_can_and_a_cpu_fallback_builds_fp32(tmp_path):
+    # backends: [tensorrt, onnxruntime] on a CPU host: ONNX Runtime serves fp32 (its
+    # build raised a bare ValueError on fp16, which reached the client as INTERNAL).
+    from runtime.engines import get_backend
+    from runtime.repository import Repository
+
+    cfg = _model(precision="fp16", backends=["tensorrt", "onnxruntime"])
+    repo = Repository(tmp_path)
+    assert repo.build_options(cfg, get_backend("onnxruntime")).precision == "fp32"
+    assert repo.build_options(cfg, get_backend("tensorrt")).precision == "fp16"

@@ -252,14 +252,41 @@ def test_stale_build_directories_are_swept(tmp_path):
 
 
 # -- one broken model does not take the others down ----------------------------------------------
-@pytest.mark.parametrize("damage", ["corrupt onnx", "missing profile"])
+def _flip_a_byte(path: Path) -> None:
+    """A byte that is not UTF-8 in a text file (disk or copy damage)."""
+    data = bytearray(path.read_bytes())
+    data[5] |= 0x80
+    path.write_bytes(bytes(data))
+
+
+def _raise_max_batch(model_dir: Path) -> None:
+    """model.yaml's max_batch raised after the build: profile.json stops short of it."""
+    import yaml
+
+    doc = yaml.safe_load((model_dir / "model.yaml").read_text())
+    doc["max_batch"] = 2 * doc["max_batch"]
+    (model_dir / "model.yaml").write_text(yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["corrupt onnx", "missing profile", "non-utf8 profile", "non-utf8 tier.json",
+     "non-utf8 model.yaml", "max_batch above the profile"],
+)  # fmt: skip
 def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    wide = root / "wide"
     if damage == "corrupt onnx":
-        (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
-    else:  # an interrupted build
-        (root / "wide" / "profile.json").unlink()
+        (wide / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
+    elif damage == "missing profile":  # an interrupted build
+        (wide / "profile.json").unlink()
+    elif damage == "max_batch above the profile":
+        _raise_max_batch(wide)
+    else:  # each used to reach the client as a traceback (INTERNAL), not "innfer build"
+        _flip_a_byte(wide / {"non-utf8 profile": "profile.json",
+                             "non-utf8 tier.json": "tiers/w050/tier.json",
+                             "non-utf8 model.yaml": "model.yaml"}[damage])  # fmt: skip
     s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
     try:
         with grpc.insecure_channel(s.address) as ch:

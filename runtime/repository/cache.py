@@ -133,8 +133,10 @@ class EngineCache:
     def _verify(entry: Path, fields: dict[str, Any]) -> str | None:
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
             return f"manifest unreadable: {exc}"
+        if not isinstance(manifest, dict):
+            return "manifest is not a JSON object"
         if manifest.get("fields") != fields:
             return "key fields do not match (different ONNX, backend, device or options)"
         for name, digest in manifest.get("files", {}).items():

@@ -332,7 +332,12 @@ class ModelConfig:
         unique=True,
         doc="engine backends in preference order; the first available one is used",
     )
-    precision: str = spec("fp32", choices=PRECISIONS, doc="engine precision")
+    precision: str = spec(
+        "fp32",
+        choices=PRECISIONS,
+        doc="engine precision; fp16 on the backends that build it (tensorrt, torch), fp32 on "
+        "a listed fallback that does not (onnxruntime)",
+    )
     max_batch: int = spec(8, lo=1, hi=4096, doc="largest batch; profiled at 1, 2, 4, ...")
     default_latency_budget_ms: float = spec(
         100.0, lo=0, lo_open=True, unit="milliseconds", doc="budget when a request gives none"

@@ -121,7 +121,7 @@ class Frontier:
             raise RepositoryError(
                 f"{path} is missing: run `innfer build` (model.yaml has auto_tiers)"
             ) from None
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
 
 
@@ -173,7 +173,7 @@ class ActiveTiers:
             return cls(**{**data, "tiers": tuple(data["tiers"])})
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
             raise RepositoryError(
                 f"{path} is corrupted ({exc}): delete it to serve the hand-written tiers"
             ) from None

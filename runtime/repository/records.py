@@ -44,7 +44,7 @@ class TierRecord:
             return cls(**data)
         except FileNotFoundError:
             raise RepositoryError(f"{path} is missing: run `innfer build` for this model") from None
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # bad JSON, bytes that are not UTF-8, fields
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from exc
 
     def write(self, path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
-from runtime.repository.config import ConfigError, ModelConfig, TierConfig
+from runtime.repository.config import FP16_BACKENDS, ConfigError, ModelConfig, TierConfig
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.frontier import (
     ACTIVE_FILE,
@@ -156,8 +156,18 @@ class Repository:
         extra = (
             {"device": "cuda"} if backend.name == "torch" and "cpu" not in backend.device() else {}
         )
+        precision = config.precision
+        if precision == "fp16" and backend.name not in FP16_BACKENDS:
+            # fp16 where a backend builds it; a listed fallback that builds fp32 only (the
+            # ONNX Runtime CPU backend: `backends: [tensorrt, onnxruntime]` on a CPU host)
+            # serves fp32 rather than not at all.
+            log.warning(
+                "%s: precision fp16, but %s builds fp32 engines only: building fp32",
+                config.source, backend.name,
+            )  # fmt: skip
+            precision = "fp32"
         return BuildOptions(
-            precision=config.precision,
+            precision=precision,
             max_batch=config.max_batch,
             opt_batch=min(config.max_batch, 4),
             threads=config.threads,
@@ -265,7 +275,9 @@ class Repository:
         path = d / config.text.tokenizer
         try:
             record = json.loads((d / TEXT_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
             raise RepositoryError(
                 f"{name}/{TEXT_FILE} is missing or corrupted: run `innfer build`"
             ) from None
@@ -304,7 +316,10 @@ class Repository:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("%s is corrupted; the model will be re-profiled", path)
+            profile = json.loads(path.read_text())
+        except ValueError:  # bad JSON, or bytes that are not UTF-8
+            profile = None
+        if not isinstance(profile, dict):
+            log.warning("%s is corrupted; run `innfer build` to profile the model again", path)
             return None
+        return profile
