@@ -35,7 +35,7 @@ from server.errors import (
     Unavailable,
 )
 from server.host_cpu import HostCpu
-from server.limits import clip, message_limit, request_bytes, text_bytes
+from server.limits import clip, message_limit, request_bytes, response_bytes, text_bytes
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -47,6 +47,7 @@ from . import codec
 log = logging.getLogger("innfer.dataplane")
 
 EXTENSIONS = ("model_repository", "statistics", "innfer_latency_budget")
+MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
 VERSION = "1"  # innfer serves one version per model: the INN
 
 
@@ -259,8 +260,8 @@ class DataPlane:
         self.tierers.clear()
 
     def message_limit(self) -> int:
-        """The automatic gRPC message limit: from the largest valid request among the models
-        to be served (read from their model.yaml before loading; an unreadable one is
+        """The automatic gRPC message limit: from the largest valid request or answer among
+        the models to be served (read from their model.yaml before loading; an unreadable one is
         skipped here and reported when it loads)."""
         largest = 0
         for name in list(self.config.models) or self.repo.names():
@@ -268,7 +269,7 @@ class DataPlane:
                 cfg = self.repo.config(name)
             except (RepositoryError, ConfigError):
                 continue
-            largest = max(largest, request_bytes(cfg))
+            largest = max(largest, request_bytes(cfg), response_bytes(cfg))
         return message_limit(largest)
 
     def check_model_control(self) -> None:
@@ -525,6 +526,11 @@ def _budget(params, time_remaining: float | None, default_ms: float) -> float:
         ms = _number(params["latency_budget_ms"], "latency_budget_ms")
         if not math.isfinite(ms) or ms <= 0:
             raise InvalidArgument(f"latency_budget_ms must be a positive number, got {ms}")
+        if ms > MAX_BUDGET_MS:  # the answer reports it in int64 microseconds
+            raise InvalidArgument(
+                f"latency_budget_ms {ms:g} is above {MAX_BUDGET_MS:g} (11.6 days); leave it "
+                "out to use the model's default budget"
+            )
         budget = ms / 1e3
     elif time_remaining is not None:
         budget = time_remaining

@@ -96,6 +96,27 @@ def request_bytes(config) -> int:
     return config.max_batch * max(tensors, text)
 
 
+def response_bytes(config) -> int:
+    """Raw bytes of the largest answer of the model ``config``: a full batch of every output
+    (outputs have fixed shapes). The message limit covers answers too - gRPC applies its
+    send limit to them, and a larger one failed (on a stream, the whole stream).
+
+    Example:
+        >>> from runtime.repository.config import ModelConfig
+        >>> cfg = ModelConfig.from_dict({"inputs": [{"name": "x", "shape": [4]}],
+        ...     "outputs": [{"name": "y", "shape": [4, 256, 256]}], "max_batch": 8,
+        ...     "tiers": [{"name": "a", "width": 1}]})
+        >>> response_bytes(cfg) // 2**20
+        8
+    """
+    import numpy as np
+
+    return config.max_batch * sum(
+        int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in config.outputs
+    )
+
+
 def message_limit(largest_request: int) -> int:
-    """The gRPC message limit for servers whose largest valid request is that many bytes."""
+    """The gRPC message limit for servers whose largest valid request (or answer) is that
+    many bytes."""
     return min(max(2 * largest_request, MIN_MESSAGE_BYTES), 2**31 - 1)

@@ -85,14 +85,15 @@ RAW_INPUTS: contextvars.ContextVar[list[memoryview] | None] = contextvars.Contex
 )
 
 
-def _tolerant(cls, split: bool = False) -> Callable[[bytes], object]:
+def _tolerant(cls, split: int = 0) -> Callable[[bytes], object]:
     """``cls``'s parser that returns Undecodable instead of raising. ``split`` (unary
     ModelInfer only: its handler reads RAW_INPUTS; a stream's requests share one context):
-    the tensors are taken out uncopied."""
+    the tensors are taken out uncopied from a message of at most that many top-level
+    fields (a longer one is parsed by protobuf, and refused by the request limits)."""
 
     def parse(data: bytes):
         RECEIVED.set((time.monotonic(), len(data)))
-        parts = wire.split_field(data, wire.RAW_INPUT_CONTENTS) if split else None
+        parts = wire.split_field(data, wire.RAW_INPUT_CONTENTS, split) if split else None
         RAW_INPUTS.set(parts[1] if parts is not None and parts[1] else None)
         try:
             return cls.FromString(data if parts is None or not parts[1] else parts[0])
@@ -106,6 +107,10 @@ def add_inference_service(servicer: InferenceService, server) -> None:
     """Register ``servicer`` like the generated ``add_GRPCInferenceServiceServicer_to_server``,
     with deserializers that turn undecodable request bytes into INVALID_ARGUMENT."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    limits = servicer.plane.limits
+    # A valid ModelInferRequest's top-level fields: name, version, id, one per parameter,
+    # input, output and raw tensor (the limits), and room for fields added to the protocol.
+    fields = 3 + limits.max_parameters + 2 * limits.max_inputs + limits.max_outputs + 16
     handlers = {}
     for method in service.methods:
         request, response = (
@@ -119,7 +124,7 @@ def add_inference_service(servicer: InferenceService, server) -> None:
         )
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=_tolerant(request, split=method.name == "ModelInfer"),
+            request_deserializer=_tolerant(request, fields if method.name == "ModelInfer" else 0),
             response_serializer=response.SerializeToString,
         )
     server.add_generic_rpc_handlers(

@@ -568,3 +568,13 @@ def test_no_model_loads_once_the_server_drains(config):
 
     a, b = _run(body())
     assert all(e.closed for m in (a, b) for e in m.served.engines.values())
+
+
+def test_the_message_limit_covers_the_largest_answer_too(tmp_path):
+    # 8 rows of a [4, 256, 256] float32 output are 8 MiB against a 16 KiB request: the limit
+    # came from the requests alone (4 MiB), and gRPC refused to send the answer.
+    outputs = [{"name": "logits", "dtype": "float32", "shape": [4, 256, 256]}]
+    write_model(tmp_path, "big", {"w100": 1.0}, outputs=outputs, max_batch=8)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+    assert plane.message_limit() >= 2 * 8 * 4 * 256 * 256 * 4

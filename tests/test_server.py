@@ -182,6 +182,14 @@ def test_bad_budget(client, budget):
     assert "latency_budget_ms must be a positive number" in err.value.message()
 
 
+def test_a_budget_beyond_any_deadline_is_invalid_before_it_runs(client):
+    # 1e16 ms overflowed the answer's int64 budget_us: INTERNAL, after the engine had run.
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 1e16})
+    assert _code(err.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "is above 1e+09" in err.value.message()
+
+
 def test_raw_byte_length_mismatch(server):
     req = pb.ModelInferRequest(model_name="tiny")
     req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
