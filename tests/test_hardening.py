@@ -259,19 +259,24 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _raise_max_batch(model_dir: Path) -> None:
-    """model.yaml's max_batch raised after the build: profile.json stops short of it."""
+def _edit_yaml(model_dir: Path, change) -> None:
+    """model.yaml edited after the build."""
     import yaml
 
     doc = yaml.safe_load((model_dir / "model.yaml").read_text())
-    doc["max_batch"] = 2 * doc["max_batch"]
+    change(doc)
     (model_dir / "model.yaml").write_text(yaml.safe_dump(doc))
+
+
+def _raise_max_batch(model_dir: Path) -> None:
+    """max_batch raised after the build: profile.json stops short of it."""
+    _edit_yaml(model_dir, lambda doc: doc.update(max_batch=2 * doc["max_batch"]))
 
 
 @pytest.mark.parametrize(
     "damage",
     ["corrupt onnx", "missing profile", "non-utf8 profile", "non-utf8 tier.json",
-     "non-utf8 model.yaml", "max_batch above the profile"],
+     "non-utf8 model.yaml", "max_batch above the profile", "a width edited, not rebuilt"],
 )  # fmt: skip
 def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
     root = tmp_path / "repo"
@@ -283,6 +288,8 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
         (wide / "profile.json").unlink()
     elif damage == "max_batch above the profile":
         _raise_max_batch(wide)
+    elif damage == "a width edited, not rebuilt":  # the old ONNX was served under it
+        _edit_yaml(wide, lambda doc: doc["tiers"][-1].update(width=0.3))
     else:  # each used to reach the client as a traceback (INTERNAL), not "innfer build"
         _flip_a_byte(wide / {"non-utf8 profile": "profile.json",
                              "non-utf8 tier.json": "tiers/w050/tier.json",

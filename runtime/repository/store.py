@@ -201,6 +201,12 @@ class Repository:
             else:
                 d = self.tier_dir(name, tier.name)
                 tiers[tier.name] = TierRecord.read(d / TIER_FILE)
+                if tiers[tier.name].width != tier.width:  # model.yaml edited, not rebuilt
+                    raise RepositoryError(
+                        f"{d / TIER_FILE} was built at width {tiers[tier.name].width}, but "
+                        f"{config.source} now gives tier {tier.name} width {tier.width}: "
+                        "run `innfer build`"
+                    )
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
