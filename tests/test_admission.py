@@ -301,17 +301,20 @@ def test_behind_a_full_batch_of_waiting_requests_admission_returns_to_the_slo_ta
     # sheds load (and part of the backlog sits in gRPC's buffers, unseen), so a request is
     # admitted only if its plan meets the deadline at slo_target, as the plans are made.
     # w025 alone: 2.3 ms at the median, ~6 ms at 0.999 (p90 = 1.5 x p50); budget 4 ms,
-    # queued first (the earliest deadline) behind nothing running.
+    # queued first (the earliest deadline) behind nothing running. The request that would
+    # fill the queue to a full batch is judged as that queue (expiry judges it so at the
+    # next pump: admitting it at the median only had it expired at once).
     tiers = live_tiers(spread=1.5)
-    for waiting, admitted in ((7, True), (8, False)):
+    for waiting, admitted in ((6, True), (7, False), (8, False)):
         s = Scheduler(tiers, make_policy("fixed:w025", tiers), max_batch=8, max_queue=64)
         for k in range(waiting):
             s.submit(Request(k, 0.0, 10.0), now=0.0)
-        assert s.admission_quantile() == (0.5 if admitted else s.slo_target)
         r = Request(99, 0.0, 0.004)
+        assert s.admission_quantile(joining=r) == (0.5 if admitted else s.slo_target)
         if admitted:
             s.submit(r, now=0.0)
             assert s.queue[0] is r
+            assert s.expire(0.0) == []  # what was admitted is not expired at once
         else:
             with pytest.raises(Refused, match="fastest allowed tier"):
                 s.submit(r, now=0.0)

@@ -148,3 +148,22 @@ def test_without_a_device_each_model_keeps_its_own_slot():
 def test_device_needs_a_slot():
     with pytest.raises(ValueError, match="at least one slot"):
         Device(slots=0)
+
+
+def test_a_member_at_its_instance_limit_does_not_hold_back_a_free_slot():
+    # A runs its one instance on slot 0 and its queue head outranks B's: B may still take
+    # slot 1 - A cannot start anything until its batch ends (claim waited for it, and B's
+    # request expired with a slot free).
+    tiers = [TierInfo("w100", 0.99, {1: 10.0})]
+    device = Device(slots=2)
+    a, b = (
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=16,
+                  device=device, max_running=1)
+        for _ in "ab"
+    )  # fmt: skip
+    a.submit(Request(1, 0.0, 0.1), 0.0)
+    assert a.next(0.0) is not None  # on slot 0
+    a.submit(Request(2, 0.0, 0.1, priority=1), 0.0)
+    b.submit(Request(3, 0.0, 0.015), 0.0)
+    d = b.next(0.0)
+    assert d is not None and [r.id for r in d.requests] == [3]

@@ -1071,3 +1071,22 @@ def test_the_queue_arrays_match_the_queue_through_every_edit(ops):
         np.testing.assert_array_equal(got.lo, want.lo)
         np.testing.assert_array_equal(got.hi, want.hi)
         assert len(got) == len(s.queue)
+
+
+def test_cancelling_a_request_refused_at_submit_is_a_no_op():
+    tiers = [TierInfo("w100", 0.99, {1: 10.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=1)
+    s.submit(Request(1, 0.0, 1.0), 0.0)
+    r = Request(2, 0.0, 1.0)
+    with pytest.raises(Refused):  # the queue is full
+        s.submit(r, 0.0)
+    assert s.cancel(r, 0.0) is False and len(s.queue) == 1  # (it raised IndexError)
+
+
+def test_a_zero_median_in_a_profile_does_not_break_the_running_batch_estimate():
+    # A hand-written profile may say 0 ms; a batch that has run past it still gets an
+    # estimate of what is left (it raised "math domain error" in every snapshot).
+    from server.scheduling.latency import LatencyModel
+
+    lat = LatencyModel([TierInfo("w", 1.0, {1: 0.0})])
+    assert lat.remaining("w", 1, 0.005) >= 0.0

@@ -98,6 +98,8 @@ class Device:
         for other in self.members:
             if other is scheduler or not other.queue or id(other) in self._passed:
                 continue
+            if len(other.running) >= other.max_running:  # it cannot start anyway: no stall
+                continue
             if _urgency(other) < mine:
                 return None
         return slot

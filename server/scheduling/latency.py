@@ -350,7 +350,7 @@ class LatencyModel:
             return planned - elapsed
         if elapsed >= planned:
             s = max(s, OVERRUN_SIGMA)
-        mu = math.log(self.median(tier, rows))
+        mu = math.log(max(self.median(tier, rows), MIN_TYPICAL_S))  # a profile may say 0
         z_e = (math.log(elapsed) - mu) / s
         tail = 0.5 * math.erfc(z_e / math.sqrt(2))  # P(T > elapsed)
         target = tail * (1 - q)

@@ -212,7 +212,10 @@ class Scheduler:
             # A budget no tier can meet (at the quantile plans are made at) must not shrink,
             # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
-        q = self.admission_quantile()
+        # The quantile of the queue it would make: expiry judges the queue at that one, so
+        # the request that fills it to a full batch is refused here rather than admitted at
+        # the median and expired at the next pump.
+        q = self.admission_quantile(joining=r)
         due = self.admission_deadline(r)
         alone = self.latency.quantile(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
@@ -243,16 +246,17 @@ class Scheduler:
             self._cols.insert(i, r, self.ctx)
         self.device.touched(self)
 
-    def admission_quantile(self) -> float:
+    def admission_quantile(self, joining: Request | None = None) -> float:
         """The quantile a new request's plan is checked at: ``admit_quantile`` while fewer
-        than a full batch (``max_batch``) of requests wait, else ``slo_target``. A short
+        than a full batch (``max_batch``) of requests wait - ``joining``, the request being
+        admitted, counted - else ``slo_target``. A short
         queue is refused only what is more likely missed than met - a refusal is a certain
         miss, and a closed-loop client sends again at once. A longer one means more work
         arrives than runs: a refusal then also sheds load, and the work that piles up is
         partly where the scheduler cannot see it (gRPC's buffers; see docs/design.md).
         Admitting at the median there let a backlog build on one core (Poisson at 3x:
         collapsed to 1-52 % within budget in 6 of 8 runs; at slo_target, 64-96 %)."""
-        if len(self.queue) < self.ctx.max_batch:
+        if len(self.queue) + (joining is not None) < self.ctx.max_batch:
             return self.admit_quantile
         return self.slo_target
 
@@ -369,7 +373,10 @@ class Scheduler:
     def expire(self, now: float) -> list[Request]:
         """Remove and return queued requests that can no longer meet their deadline, even
         alone on their fastest allowed tier, at the quantile admission uses now
-        (``admission_quantile``: what was admitted is not expired by a stricter rule)."""
+        (``admission_quantile``). A queue that has grown to a full batch judges every
+        request at ``slo_target``, those admitted at the median included: load shedding
+        (``admission_quantile``'s doc). Admission counts the request it admits, so the one
+        that fills the queue is judged as the queue it joins."""
         if not self.queue:
             return []
         q = self.admission_quantile()
@@ -469,8 +476,9 @@ class Scheduler:
             r.finish(State.SERVED if ok else State.FAILED, now)
 
     def cancel(self, r: Request, now: float) -> bool:
-        """Withdraw a queued request (client went away); False if it already started."""
-        if r.state != State.QUEUED:
+        """Withdraw a queued request (client went away); False if it already started, or
+        never joined the queue (refused at ``submit``)."""
+        if r.state != State.QUEUED or r not in self.queue:
             return False
         self._remove_all([r])
         r.finish(State.CANCELLED, now)
