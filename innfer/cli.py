@@ -309,8 +309,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     config = config.replace(**overrides)  # validated like the file: --policy fixed: is refused
+    _check_repository(config)
     asyncio.run(serve(config))
     return 0
+
+
+def _check_repository(config) -> None:
+    """A server that can serve nothing is a mistake, not a ready server (it answered
+    readiness SERVING with no models): a missing repository, or - with no way to load
+    models later - one without any."""
+    from runtime.repository import Repository
+
+    repo = Path(config.repository)
+    if not repo.is_dir():
+        raise ValueError(
+            f"repository {repo} is not a directory; build one with `innfer demo` or `innfer build`"
+        )
+    if config.model_control == "none" and not config.models and not Repository(repo).names():
+        own = (repo / "model.yaml").is_file()
+        hint = " (it is a model's own folder: give its parent)" if own else ""
+        raise ValueError(f"no models in {repo}: each is a folder <model>/model.yaml{hint}")
 
 
 def _budget_range(text: str) -> tuple[float, float]:
@@ -444,7 +462,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=1))
+    refused = s["refused"] or {}
+    if s["sent"] and sum(refused.values()) == s["sent"] and set(refused) <= NOTHING_SERVED:
+        # every request failed before any model saw it: no server there, or no such model
+        raise RuntimeError(
+            f"no request was served ({refused}): is a server listening on {args.address}, "
+            f"and does it serve {name!r}?"
+        )
     return 0
+
+
+# gRPC codes that, for every request of a run, mean the run measured nothing.
+NOTHING_SERVED = {"UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "UNIMPLEMENTED"}
 
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
@@ -506,10 +535,38 @@ def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
     return [t.width for t in config.tiers], config.multiple_of, config.method
 
 
+def _data_for(model_dir: Path, inn, name: str):
+    """The data set ``name``, refused unless its samples fit the model: another data set's
+    images ran through the model without an error (8x8 digits into a 28x28 model) and
+    calibration then overwrote the trained tiers with what it learnt from them."""
+    from runtime.demo.data import load as load_data
+    from runtime.repository.config import ModelConfig
+
+    data = load_data(name)
+    want, classes, hint = inn.info.get("input_shape"), None, ""
+    yaml_path = Path(model_dir) / "model.yaml"
+    if yaml_path.is_file():
+        config = ModelConfig.load(yaml_path)
+        want = want or list(config.inputs[0].shape)
+        classes = config.outputs[0].shape[-1] if config.outputs[0].shape else None
+        if config.evaluation is not None and config.evaluation.dataset:
+            hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"
+    if want is not None and tuple(want) != tuple(data.input_shape):
+        raise ValueError(
+            f"--data {name}: samples of shape {list(data.input_shape)}, but the model takes "
+            f"{list(want)}; give the data set it was trained on{hint}"
+        )
+    if classes is not None and classes != data.num_classes:
+        raise ValueError(
+            f"--data {name}: {data.num_classes} classes, but the model has {classes} "
+            f"outputs; give the data set it was trained on{hint}"
+        )
+    return data
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from runtime.demo.data import load as load_data
     from runtime.inn.calibrate import calibrate
     from runtime.inn.model import load
     from runtime.inn.report import format_report, width_report
@@ -527,7 +584,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     if args.data is None:
         raise ValueError("give --data NAME (an image data set) or --text FILE (a text model)")
-    data = load_data(args.data)
+    data = _data_for(args.model_dir, inn, args.data)
     x = data.x_train[: args.samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
     print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
@@ -618,7 +675,6 @@ def _report_text(args: argparse.Namespace, inn) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from runtime.demo.data import load as load_data
     from runtime.inn.model import load
     from runtime.inn.report import DEFAULT_WIDTHS, format_report, save_report, width_report
 
@@ -633,7 +689,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"{args.model_dir} is a text model: give held-out sentences, one per line, "
                 "with --text FILE to report each tier's embedding fidelity"
             )
-    data = load_data(args.data) if args.data else None
+    data = _data_for(args.model_dir, inn, args.data) if args.data else None
     multiple_of = args.multiple_of or _tier_defaults(args.model_dir)[1]
     widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
     rows = width_report(inn, widths, data, multiple_of=multiple_of)
@@ -820,7 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
+        # OSError: a busy port, a directory where a file belongs; ArithmeticError: an
+        # infinite rate or size that reached the arithmetic (a traceback otherwise).
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

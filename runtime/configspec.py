@@ -148,8 +148,8 @@ def spec(
     ``lo``/``hi`` bound numbers (``*_open`` excludes the bound); ``choices`` and ``pattern``
     constrain strings. For a ``tuple[X, ...]`` field those apply to every item, ``nonempty``
     refuses an empty list and ``unique`` refuses repeats (``unique="name"``: of the items'
-    ``name``). ``must_exist``: a
-    ``Path`` that must exist. ``unit`` words the bounds ("milliseconds in [0, 10000)"),
+    ``name``). ``must_exist``: a ``Path`` that must be an existing file. ``unit`` words the
+    bounds ("milliseconds in [0, 10000)"),
     ``expected`` replaces the derived description, ``parse(value, where)`` replaces the
     derived parser for an odd field. ``key=False``: not read from the file (e.g. ``source``).
 
@@ -293,7 +293,7 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
         if hint is Path:
             p = Path(v)
             p = p if p.is_absolute() or at.base is None else at.base / p
-            if s.must_exist and not p.exists():
+            if s.must_exist and not p.is_file():  # a mounted Secret's folder is not its file
                 at.fail(v, expected)
             return p
         if s.choices and v not in s.choices:

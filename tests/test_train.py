@@ -316,6 +316,30 @@ def test_cli_errors(cli_main, digits, tmp_path, args, message):
     assert message in err, (args, err)
 
 
+@pytest.mark.parametrize("command", ["calibrate", "report"])
+def test_a_data_set_that_does_not_fit_the_model_is_refused(cli_main, digits, tmp_path, command):
+    # 28x28 MNIST into an 8x8 digits model: calibrate ran, and overwrote the trained tiers
+    # with what it learnt from images the model cannot read.
+    out = tmp_path / "inn"
+    inn = _untrained_inn(digits)
+    inn.info["input_shape"] = list(digits.input_shape)
+    inn.save(out)
+    before = (out / "inn.safetensors").read_bytes()
+    code, _, err = cli_main(command, str(out), "--data", "mnist5k")
+    assert code == 2 and "samples of shape [1, 28, 28], but the model takes [1, 8, 8]" in err
+    assert (out / "inn.safetensors").read_bytes() == before
+
+
+def test_serve_refuses_a_repository_it_could_serve_nothing_from(cli_main, tmp_path):
+    # It reported ready with no models, and served nothing, forever.
+    code, _, err = cli_main("serve", "--repository", str(tmp_path / "missing"))
+    assert code == 2 and "is not a directory" in err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.yaml").write_text("max_batch: 1\n")
+    code, _, err = cli_main("serve", "--repository", str(tmp_path / "m"))
+    assert code == 2 and "no models in" in err and "give its parent" in err
+
+
 DEMO = ("demo", "--convert", "--model", "digits_mlp", "--epochs", "1", "--widths", "1.0", "0.5",
         "--name", "digits")  # fmt: skip
 
