@@ -145,6 +145,7 @@ class DataPlane:
                     inline_max_s=self.config.inline_max_ms / 1e3,
                     overhead_quantile=self.config.overhead_quantile,
                     traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
+                    margin_s=self.config.budget_margin_ms / 1e3,
                 )  # fmt: skip
                 # Loaded while requests are in flight (a reload, a swap of tiers, another
                 # model busy): the timing at load shares the CPU with serving.
@@ -175,6 +176,8 @@ class DataPlane:
                 raise Unavailable("the server is shutting down; load the model elsewhere")
             runtime.start()
             old = self.models.pop(name, None)
+            if old is not None:  # tiers the new set dropped: their series would stay, frozen
+                old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
             self.models[name] = runtime
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
@@ -304,6 +307,7 @@ class DataPlane:
                 tierer.stop()
             self.metrics.model_ready.labels(name).set(0)
             await self._retire(runtime, DRAIN_S)
+            runtime.unbind_gauges()  # its series (and with them the runtime) go
 
     def _engine_threads(self) -> int:
         """The engine threads the loaded models may run at once: a shared device's slots

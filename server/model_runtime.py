@@ -30,7 +30,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -252,8 +252,12 @@ class ModelRuntime:
         overhead_quantile: float = OVERHEAD_QUANTILE,
         traffic: TrafficLog | None = None,
         host_cpu: HostCpu | None = None,
+        margin_s: float = 0.0,
     ) -> None:
         self.served = served
+        # The server's budget margin, taken off each budget before infer(): the traffic log
+        # records the client's own budget (the replay takes the margin off again itself).
+        self.margin_s = margin_s
         # The process's CPU per row outside the engines, shared by every model: fed here,
         # handed to the planner (Scheduler.host_s). None: not measured (tests, tools).
         self.host_cpu = host_cpu
@@ -565,8 +569,8 @@ class ModelRuntime:
                     f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
                 )
         reached = now - max(waited_s, 0.0)
-        if self.traffic is not None:  # the client's budget (less the margin), not the plan's
-            self.traffic.record(reached, budget_s + reserve_s, rows)
+        if self.traffic is not None:  # the client's budget, not the plan's
+            self.traffic.record(reached, budget_s + reserve_s + self.margin_s, rows)
         # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
         # due from when the request reached the server.
         req = Request(
@@ -681,6 +685,20 @@ class ModelRuntime:
             self.metrics.tier_planned_latency.labels(self.name, tier).set_function(
                 lambda t=tier: latency.tier_estimate(t).planned_s_max_batch
             )
+
+    def unbind_gauges(self, tiers: Iterable[str] | None = None) -> None:
+        """Remove the scrape-time series ``_gauges`` bound to this runtime - their callbacks
+        hold it, and its engines, alive: all of them when its model is unloaded, those of
+        ``tiers`` when a reload's new set drops them (the new runtime rebinds the rest)."""
+        m, name = self.metrics, self.name
+        for tier in self.accuracy if tiers is None else tiers:
+            for gauge in (m.tier_latency_factor, m.tier_planned_latency):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name, tier)
+        if tiers is None:
+            for gauge in (m.queue_depth, m.inflight, m.request_overhead):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
 
     # -- execution -------------------------------------------------------------------------
     def _pump(self) -> None:

@@ -578,3 +578,29 @@ def test_the_message_limit_covers_the_largest_answer_too(tmp_path):
     cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
     plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
     assert plane.message_limit() >= 2 * 8 * 4 * 256 * 256 * 4
+
+
+def test_an_unloaded_model_leaves_no_scrape_time_series_and_is_freed(config):
+    # Its gauges' callbacks held the runtime (and its engines) alive, and kept exporting
+    # its queue depth and tier estimates after the unload.
+    import gc
+    import weakref
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            await plane.infer(_request("a", _x(1, 1.0)), None)
+            ref = weakref.ref(plane.models["a"])
+            await plane.unload("a")
+            return plane, ref
+        finally:
+            await plane.stop_models()
+
+    plane, ref = _run(body())
+    gc.collect()
+    assert ref() is None
+    text = plane.metrics.registry.get_sample_value
+    assert text("innfer_queue_depth", {"model": "a"}) is None
+    assert text("innfer_tier_latency_factor", {"model": "a", "tier": "w100"}) is None
+    assert text("innfer_queue_depth", {"model": "b"}) == 0  # the other model's stay

@@ -690,3 +690,21 @@ def test_with_requests_queued_a_finished_batch_settles_before_the_next_decision(
             return counted_when_first_returned
 
     assert _run(body()) >= 1
+
+
+def test_the_traffic_log_records_the_clients_budget_with_the_margin_put_back(tmp_path):
+    # The data plane takes budget_margin_ms off before infer(); auto-tiering's replay takes
+    # it off the recorded budgets again (sim.live_host), so the log must hold the client's:
+    # 30 ms was recorded as 29 and replayed as 28.
+    from server.traffic import TrafficLog
+
+    served = _served(tmp_path)
+    log = TrafficLog()
+
+    async def body():
+        async with _running(served, Metrics(), traffic=log, margin_s=0.001) as rt:
+            await rt.infer(_x(1, 1.0), 1, 0.029)
+
+    _run(body())
+    _, budgets_ms, rows = log.window(now=time.monotonic(), seconds=60)
+    assert budgets_ms.tolist() == pytest.approx([30.0]) and rows.tolist() == [1]
