@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime.engines import EngineError
 from runtime.repository import ServedModel
 from server.errors import (
     DeadlineExceeded,
@@ -858,6 +859,12 @@ class ModelRuntime:
         """Hand each of ``d``'s requests its rows of ``outputs``; (the requests answered -
         not those cancelled while the batch ran -, the seconds it took)."""
         t_out = time.perf_counter()
+        for k, v in outputs.items():  # a graph with its batch fixed at 1 mixed the requests
+            if v.ndim == 0 or v.shape[0] != d.rows:
+                raise EngineError(
+                    f"tier {d.tier}: output {k!r} has shape {list(v.shape)} for a batch of "
+                    f"{d.rows} rows (its batch axis must follow the input's); rebuild the model"
+                )
         offset = 0
         answered = []
         for r in d.requests:

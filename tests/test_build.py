@@ -235,3 +235,25 @@ def test_torch_backend_on_cuda_matches_onnxruntime(built):
     for tier in ("w100", "w050"):
         a = repo.load("tiny").engines[tier].run({"input": x})["logits"]
         np.testing.assert_allclose(gpu.engines[tier].run({"input": x})["logits"], a, atol=1e-3)
+
+
+def test_validation_refuses_an_engine_whose_batch_axis_is_fixed():
+    # Compared with the same broken sample, a graph that returns one row whatever the batch
+    # passed validation (both sides (1, D)); the output's batch rows are now checked first.
+    from runtime.build.pipeline import BuildError, validate
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "shape": [4]}], "outputs": [{"name": "y", "shape": [3]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
+    })  # fmt: skip
+
+    class OneRow(torch.nn.Module):
+        def forward(self, x):
+            return x[:1, :3]
+
+    class Engine:
+        def run(self, feeds):
+            return {"y": feeds["input"][:1, :3]}
+
+    with pytest.raises(BuildError, match=r"has shape \[1, 3\] for a batch of 4"):
+        validate(Engine(), OneRow(), config, "w100")

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from runtime.engines import EngineError
 from runtime.engines.fake import write_model
 from runtime.repository import Repository
 from server.errors import (
@@ -436,8 +437,32 @@ def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(t
         return bad[0], ok
 
     bad, ok = _run(body())
-    assert isinstance(bad, IndexError), bad
+    assert isinstance(bad, EngineError) and "has shape [] for a batch of 1" in str(bad), bad
     _check_answer(served, _x(1, 2.0), ok)
+
+
+def test_a_batch_answered_with_too_few_rows_fails_every_request_in_it(tmp_path):
+    # An engine whose batch axis was fixed at 1 returned one row for a batch of two: the
+    # first request got a mix of both, the second an empty answer - both "OK".
+    served = _served(tmp_path, max_batch=2)
+    engine = served.engines["w100"]
+    good = engine.run
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1)) as rt:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w100"))
+                await _until(lambda: gate.running() == 1)
+                engine.run = lambda feeds: {k: v[:1] for k, v in good(feeds).items()}
+                pair = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                        for v in (1.0, 2.0)]  # fmt: skip
+                await asyncio.sleep(0.02)
+                gate.release()
+                await first
+                return await asyncio.gather(*pair, return_exceptions=True)
+
+    outcomes = _run(body())
+    assert all(isinstance(o, EngineError) and "for a batch of 2" in str(o) for o in outcomes)
 
 
 def test_stop_closes_every_engine_after_the_running_batch(tmp_path):

@@ -264,6 +264,12 @@ def validate(engine, module, config: ModelConfig, tier: str) -> float:
         for t, r in zip(config.outputs, refs, strict=True):
             r = r.numpy()
             g = got[t.name].astype(np.float32)
+            if g.shape != (batch, *t.shape):  # e.g. a capture that fixed the batch at 1
+                raise BuildError(
+                    f"tier {tier}: engine output {t.name!r} has shape {list(g.shape)} for a "
+                    f"batch of {batch}, expected {[batch, *t.shape]} (was the model captured "
+                    "with a batch-1 example? give one of batch >= 2)"
+                )
             err = float(np.abs(g - r).max())
             worst = max(worst, err)
             if not np.allclose(g, r, rtol=rtol, atol=atol):
