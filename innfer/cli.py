@@ -7,6 +7,7 @@ innfer inspect DIR          list a saved INN's continuous groups and sizes at a 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -337,9 +338,20 @@ def _budget_range(text: str) -> tuple[float, float]:
         lo_f, hi_f = float(lo), float(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be LO:HI in ms, got {text!r}") from None
-    if not 0 < lo_f <= hi_f:
-        raise argparse.ArgumentTypeError(f"budget must satisfy 0 < LO <= HI, got {text!r}")
+    if not 0 < lo_f <= hi_f < math.inf:
+        raise argparse.ArgumentTypeError(f"budget must satisfy 0 < LO <= HI < inf, got {text!r}")
     return lo_f, hi_f
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (an infinite load or duration reached the trace's arithmetic)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
 
 
 def _sim_config(args: argparse.Namespace, policy: str):
@@ -481,8 +493,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="poisson", choices=["poisson", "gamma", "varying", "file"])
     p.add_argument("--trace-file", help="timestamps in seconds, one per line (--trace file)")
     p.add_argument("--cv2", type=float, default=1.0, help="gamma trace: squared CV")
-    p.add_argument("--load", type=float, default=1.0, help="x the full tier's capacity")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")
+    p.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -876,9 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
-        # OSError: a busy port, a directory where a file belongs; ArithmeticError: an
-        # infinite rate or size that reached the arithmetic (a traceback otherwise).
+    except (ValueError, OSError, RuntimeError) as exc:
+        # OSError: a missing file, a busy port, a directory where a file belongs.
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

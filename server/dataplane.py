@@ -82,8 +82,8 @@ class DataPlane:
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}
         self.tierers: dict[str, AutoTierer] = {}
-        # Runtimes replaced or unloaded and still stopping (answering their queue): owned
-        # here, so that a cancelled RPC cannot abandon them half way (``_retire``).
+        # Loads in progress and runtimes replaced or unloaded and still stopping (answering
+        # their queue): owned here, so that a cancelled RPC cannot abandon them half way.
         self._retiring: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -112,7 +112,15 @@ class DataPlane:
     async def load(self, name: str, drain_s: float | None = DRAIN_S, swap: bool = False) -> None:
         """Load (or reload) ``name``: engines built or verified off the event loop, then
         swapped in atomically; the old runtime answers its queue (for up to ``drain_s``,
-        None: all of it), fails the rest, and closes."""
+        None: all of it), fails the rest, and closes. Runs in a task of the data plane's
+        own: a Load RPC cancelled by its client's deadline does not cut it short (a new
+        runtime half made would stay on the device with its engines open)."""
+        task = asyncio.ensure_future(self._load(name, drain_s, swap))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        await asyncio.shield(task)
+
+    async def _load(self, name: str, drain_s: float | None, swap: bool) -> None:
         try:
             check_model_name(name)
         except InvalidModelName as exc:
@@ -129,14 +137,13 @@ class DataPlane:
                     None, lambda: self.repo.load(name, backend=self.config.backend)
                 )
             except ModelNotFound as exc:
-                self._mark_broken(name, str(exc))
-                raise NotFound(str(exc)) from None
+                raise NotFound(f"{exc}{self._mark_broken(name, str(exc))}") from None
             except InvalidModelName as exc:
                 raise InvalidArgument(str(exc)) from None
             except (RepositoryError, EngineError, OSError) as exc:
-                self._mark_broken(name, str(exc))
+                kept = self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`"
+                    f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`{kept}"
                 ) from None
             runtime = None
             try:
@@ -165,9 +172,9 @@ class DataPlane:
                 else:
                     for engine in served.engines.values():
                         engine.close()
-                self._mark_broken(name, str(exc))
+                kept = self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be served: {exc}; rebuild it with `innfer build`"
+                    f"model {name!r} cannot be served: {exc}; rebuild it with `innfer build`{kept}"
                 ) from None
             if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
                 runtime.abandon()
@@ -284,13 +291,15 @@ class DataPlane:
                 "models over gRPC"
             )
 
-    def _mark_broken(self, name: str, why: str) -> None:
+    def _mark_broken(self, name: str, why: str) -> str:
+        """Record why ``name`` is not served; returns what to tell the caller besides."""
         if name in self.models:  # a failed reload: the loaded version keeps serving
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
-            return
+            return " (the loaded version keeps serving)"
         if name in self.expected:
             self.broken[name] = why
             self.metrics.model_ready.labels(name).set(0)
+        return ""
 
     async def unload(self, name: str) -> None:
         try:
@@ -306,8 +315,8 @@ class DataPlane:
             if tierer is not None:
                 tierer.stop()
             self.metrics.model_ready.labels(name).set(0)
-            await self._retire(runtime, DRAIN_S)
-            runtime.unbind_gauges()  # its series (and with them the runtime) go
+            runtime.unbind_gauges()  # its series, whose callbacks hold it, go (before the
+            await self._retire(runtime, DRAIN_S)  # await: the RPC may be cancelled there)
 
     def _engine_threads(self) -> int:
         """The engine threads the loaded models may run at once: a shared device's slots

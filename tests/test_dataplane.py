@@ -482,14 +482,49 @@ def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(confi
             gate.set()
             outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
             await plane.stop_models()
-            return outcomes, a
+            return outcomes, a, plane
         finally:
             gate.set()
 
-    outcomes, a = _run(body())
+    outcomes, a, plane = _run(body())
     for o in outcomes:  # answered: served, or failed with a clear error - never left hanging
         assert not isinstance(o, BaseException) or isinstance(o, InferError), o
     assert all(e.closed for e in a.served.engines.values())
+    assert plane.metrics.registry.get_sample_value("innfer_queue_depth", {"model": "a"}) is None
+
+
+def test_a_cancelled_load_still_completes_and_leaves_nothing_half_made(config, monkeypatch):
+    # The Load RPC's client gives up during the warm-up: the load goes on in the data
+    # plane's own task (a new runtime cut short stayed on the device, its engines open).
+    from server.model_runtime import ModelRuntime
+
+    warm_up = ModelRuntime.warm_up
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.2)
+        return warm_up(self, *args, **kwargs)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            await plane.unload("a")
+            monkeypatch.setattr(ModelRuntime, "warm_up", slow)
+            load = asyncio.create_task(plane.load("a"))
+            await asyncio.sleep(0.05)
+            load.cancel()
+            while "a" not in plane.models:
+                await asyncio.sleep(0.01)
+            resp = await plane.infer(_request("a", _x(1, 1.0)), None)
+            members = [m for m in plane.device.members if m.device is plane.device]
+            return plane, resp, members
+        finally:
+            await plane.stop_models()
+
+    plane, resp, members = _run(body())
+    _check_answer(plane, resp, _x(1, 1.0))
+    lanes = [lane for m in plane.models.values() for lane in m.lanes.values()]
+    assert sorted(map(id, members)) == sorted(map(id, lanes))  # nothing else on the device
 
 
 def test_a_warm_up_error_of_any_kind_breaks_that_model_only(config, monkeypatch):
@@ -527,7 +562,7 @@ def test_a_failed_reload_leaves_the_loaded_version_serving_and_ready(config):
         await plane.load_all()
         try:
             (config_path := plane.repo.root / "a" / "model.yaml").write_text("max_batch: [")
-            with pytest.raises(InferError):
+            with pytest.raises(InferError, match="the loaded version keeps serving"):
                 await plane.load("a")
             resp = await plane.infer(_request("a", _x(1, 1.0)), None)
             return plane, resp, config_path

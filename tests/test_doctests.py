@@ -11,6 +11,7 @@ import pytest
 
 MODULES = [
     "server.codec",
+    "server.limits",
     "server.scheduling.device",
     "server.scheduling.latency",
     "server.scheduling.plan",

@@ -303,6 +303,7 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
         (("train", "--model", "digits_mlp", "--out", "{tmp}/x", "--resume"),
          "no checkpoint to resume"),
         (("demo", "--widths", "0"), "width must be in (0, 1]"),
+        (("simulate", "{out}", "--load", "inf"), "expected a finite number > 0"),
         (("demo", "--model", "resnet50"), "invalid choice: 'resnet50'"),
     ],
 )  # fmt: skip
