@@ -422,6 +422,9 @@ class DataPlane:
         self.inflight_bytes += size
         try:
             return await self._infer(m, request, time_remaining, waited_s, raw)
+        except (InvalidArgument, NotFound):  # the client's request, not load: not a miss
+            m.count_invalid()
+            raise
         finally:
             self.inflight_bytes -= size
 

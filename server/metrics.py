@@ -2,7 +2,8 @@
 reason).
 
 Every request that reaches a model is counted once in ``innfer_requests_total`` by outcome,
-and - unless it was cancelled by its client before its deadline - once in the SLO view:
+and - unless it was cancelled by its client before its deadline, or refused as malformed
+(outcome ``invalid``: a bad input, parameter or tier name) - once in the SLO view:
 ``innfer_deadline_met_total`` (answered within its budget) or
 ``innfer_deadline_missed_total{reason}`` (the client did not get an answer within its budget):
 

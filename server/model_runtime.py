@@ -627,6 +627,11 @@ class ModelRuntime:
             del self._pending[req.id]
             self.inflight -= 1
 
+    def count_invalid(self) -> None:
+        """A request refused as malformed (a bad input, parameter or tier name): counted in
+        innfer_requests_total{outcome="invalid"}, not as a miss of the SLO."""
+        self.metrics.requests.labels(self.name, "", "invalid").inc()
+
     def count_refused(self, outcome: str, reason: str) -> None:
         """A request refused before it reached the scheduler (a stopping model, the server's
         in-flight byte limit): counted like any refusal, as a miss of the SLO."""
@@ -656,7 +661,7 @@ class ModelRuntime:
         self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}
         # Every outcome's series exists from load, at 0: a counter that first appears at its
         # first increment loses that increment to rate(), and the shares read it as absent.
-        for outcome in ("refused_deadline", "refused_full", "cancelled", "unavailable"):
+        for outcome in ("refused_deadline", "refused_full", "cancelled", "unavailable", "invalid"):
             m.requests.labels(name, "", outcome)
         for t in self.tiers:
             m.requests.labels(name, t.name, "failed")

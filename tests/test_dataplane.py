@@ -639,3 +639,26 @@ def test_an_unloaded_model_leaves_no_scrape_time_series_and_is_freed(config):
     assert text("innfer_queue_depth", {"model": "a"}) is None
     assert text("innfer_tier_latency_factor", {"model": "a", "tier": "w100"}) is None
     assert text("innfer_queue_depth", {"model": "b"}) == 0  # the other model's stay
+
+
+def test_malformed_requests_are_counted_as_invalid_not_as_misses(config):
+    # The "invalid" outcome was declared but never counted: a bad parameter, input or tier
+    # name left no trace in innfer_requests_total.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            for bad in (_request("a", _x(1, 0.0), latency_budget_ms=-1.0),
+                        _request("a", _x(1, 0.0), tier="w999"),
+                        _request("a", _x(9, 0.0))):  # fmt: skip
+                with pytest.raises(InferError):
+                    await plane.infer(bad, None)
+            return plane.metrics.registry.get_sample_value
+        finally:
+            await plane.stop_models()
+
+    value = _run(body())
+    assert value("innfer_requests_total", {"model": "a", "tier": "", "outcome": "invalid"}) == 3
+    missed = [value("innfer_deadline_missed_total", {"model": "a", "reason": r}) or 0
+              for r in ("refused_deadline", "refused_budget", "failed")]  # fmt: skip
+    assert missed == [0, 0, 0]
