@@ -84,7 +84,7 @@ class DataPlane:
         self.tierers: dict[str, AutoTierer] = {}
         # Loads in progress and runtimes replaced or unloaded and still stopping (answering
         # their queue): owned here, so that a cancelled RPC cannot abandon them half way.
-        self._retiring: set[asyncio.Task] = set()
+        self._owned: set[asyncio.Task] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -116,8 +116,8 @@ class DataPlane:
         own: a Load RPC cancelled by its client's deadline does not cut it short (a new
         runtime half made would stay on the device with its engines open)."""
         task = asyncio.ensure_future(self._load(name, drain_s, swap))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._owned.add(task)
+        task.add_done_callback(self._owned.discard)
         await asyncio.shield(task)
 
     async def _load(self, name: str, drain_s: float | None, swap: bool) -> None:
@@ -202,8 +202,8 @@ class DataPlane:
         caller - a Load or Unload RPC - may be cancelled (its client's deadline), and a stop
         cut short would leave admitted requests unanswered and engines open."""
         task = asyncio.ensure_future(runtime.stop(drain_s))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._owned.add(task)
+        task.add_done_callback(self._owned.discard)
         await asyncio.shield(task)
 
     async def stop_models(self) -> None:
@@ -213,8 +213,8 @@ class DataPlane:
             models = list(self.models.values())
         for m in models:
             await self._retire(m, DRAIN_S)
-        while self._retiring:
-            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        while self._owned:
+            await asyncio.gather(*list(self._owned), return_exceptions=True)
 
     def _traffic(self, name: str, config) -> TrafficLog | None:
         if config.auto_tiers is None:

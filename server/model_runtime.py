@@ -328,6 +328,7 @@ class ModelRuntime:
         self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
         # Time outside queue + compute, learned from answers.
         self.overhead = Overhead(quantile=overhead_quantile)
+        self._bound: list[tuple] = []  # (gauge, labels) of each scrape-time series bound here
         self._bind_metrics()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -403,9 +404,7 @@ class ModelRuntime:
     def abandon(self) -> None:
         """Undo a runtime that never started (its warm-up failed): take its lanes off the
         shared device (they joined it when made) and close its engines."""
-        if self.device is not None:
-            for lane in self.lanes.values():
-                self.device.leave(lane)
+        self._leave_device()
         self._close_engines()
 
     def _close_engines(self) -> None:
@@ -649,8 +648,6 @@ class ModelRuntime:
         """Resolve every labelled child once: ``.labels()`` is a dict lookup under a lock,
         and the request path would otherwise do a dozen of them per request."""
         m, name = self.metrics, self.name
-        self._queue_depth = m.queue_depth.labels(name)
-        self._inflight = m.inflight.labels(name)
         self._compute_total = m.compute_total.labels(name)
         self._compute_cpu_total = m.compute_cpu_total.labels(name)
         self._queue_total = m.queue_total.labels(name)
@@ -680,31 +677,28 @@ class ModelRuntime:
         """Queue depth, requests in flight and each tier's latency view, read when Prometheus
         scrapes (``set_function``): nothing to update per request. A runtime that replaces
         this one (a reload) binds the same series to itself when it starts."""
-        self._queue_depth.set_function(lambda: sum(len(s.queue) for s in self.lanes.values()))
-        self._inflight.set_function(lambda: self.inflight)
-        self.metrics.request_overhead.labels(self.name).set_function(self.overhead.estimate)
-        latency = self.scheduler.latency
+        m, name, latency = self.metrics, self.name, self.scheduler.latency
+        self._bind(m.queue_depth, (name,), lambda: sum(len(s.queue) for s in self.lanes.values()))
+        self._bind(m.inflight, (name,), lambda: self.inflight)
+        self._bind(m.request_overhead, (name,), self.overhead.estimate)
         for tier in self.accuracy:
-            self.metrics.tier_latency_factor.labels(self.name, tier).set_function(
-                lambda t=tier: latency.tier_estimate(t).factor
-            )
-            self.metrics.tier_planned_latency.labels(self.name, tier).set_function(
-                lambda t=tier: latency.tier_estimate(t).planned_s_max_batch
-            )
+            self._bind(m.tier_latency_factor, (name, tier),
+                       lambda t=tier: latency.tier_estimate(t).factor)  # fmt: skip
+            self._bind(m.tier_planned_latency, (name, tier),
+                       lambda t=tier: latency.tier_estimate(t).planned_s_max_batch)  # fmt: skip
+
+    def _bind(self, gauge, labels: tuple[str, ...], read: Callable[[], float]) -> None:
+        gauge.labels(*labels).set_function(read)
+        self._bound.append((gauge, labels))
 
     def unbind_gauges(self, tiers: Iterable[str] | None = None) -> None:
         """Remove the scrape-time series ``_gauges`` bound to this runtime - their callbacks
         hold it, and its engines, alive: all of them when its model is unloaded, those of
         ``tiers`` when a reload's new set drops them (the new runtime rebinds the rest)."""
-        m, name = self.metrics, self.name
-        for tier in self.accuracy if tiers is None else tiers:
-            for gauge in (m.tier_latency_factor, m.tier_planned_latency):
+        for gauge, labels in self._bound:
+            if tiers is None or (len(labels) > 1 and labels[1] in tiers):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(name, tier)
-        if tiers is None:
-            for gauge in (m.queue_depth, m.inflight, m.request_overhead):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+                    gauge.remove(*labels)
 
     # -- execution -------------------------------------------------------------------------
     def _pump(self) -> None:
