@@ -420,3 +420,27 @@ def test_fp16_builds_where_the_backend_can_and_a_cpu_fallback_builds_fp32(tmp_pa
     repo = Repository(tmp_path)
     assert repo.build_options(cfg, get_backend("onnxruntime")).precision == "fp32"
     assert repo.build_options(cfg, get_backend("tensorrt")).precision == "fp16"
+
+
+def test_a_sequence_model_builds_with_a_sequence_profile_and_its_own_cache_key(tmp_path):
+    # TensorRT needs the length range of a (-1) sequence axis; fixed-shape models keep the
+    # cache keys they had before sequence profiles existed.
+    from runtime.engines import get_backend
+    from runtime.repository import Repository
+    from runtime.repository.cache import engine_key
+
+    seq = _model(
+        inputs=[{"name": "ids", "dtype": "int64", "shape": [-1]}], lengths=[16, 32, 64, 128]
+    )
+    fixed = _model()
+    repo, backend = Repository(tmp_path), get_backend("onnxruntime")
+    assert seq.sequence_profile == (1, 64, 128)  # any length 1..longest; tuned for the middle
+    assert fixed.sequence_profile is None
+    assert repo.build_options(seq, backend).sequence == (1, 64, 128)
+    assert repo.build_options(fixed, backend).sequence is None
+    key, fields = engine_key("0" * 64, backend, repo.build_options(seq, backend))
+    assert fields["sequence_profile"] == [1, 64, 128]
+    _, fixed_fields = engine_key("0" * 64, backend, repo.build_options(fixed, backend))
+    assert "sequence_profile" not in fixed_fields
+    shorter = dataclasses.replace(repo.build_options(seq, backend), sequence=(1, 64, 96))
+    assert engine_key("0" * 64, backend, shorter)[0] != key

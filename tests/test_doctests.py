@@ -10,6 +10,8 @@ import importlib
 import pytest
 
 MODULES = [
+    "runtime.engines.base",
+    "runtime.engines.tensorrt",
     "server.codec",
     "server.limits",
     "server.scheduling.device",

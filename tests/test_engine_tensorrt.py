@@ -299,12 +299,17 @@ class _StubTRT:
 
 
 class _StubEngine:
-    """An 'engine' computing y = x for x: (batch<=8, 16) float32, on the GPU."""
+    """An 'engine' computing y = x for x: (batch<=8, 16) float32, on the GPU; with
+    ``longest``, x: (batch<=8, length<=longest) float32, a sequence model's shape."""
 
     num_io_tensors = 2
 
-    def __init__(self, cudart) -> None:
+    def __init__(self, cudart, longest: int | None = None) -> None:
         self.cudart = cudart
+        self.shape = (-1, IN_F) if longest is None else (-1, -1)
+        self.profile = [(1, IN_F), (4, IN_F), (8, IN_F)]
+        if longest is not None:
+            self.profile = [(1, 1), (4, longest // 2), (8, longest)]
 
     def get_tensor_name(self, i):
         return ("x", "y")[i]
@@ -316,13 +321,13 @@ class _StubEngine:
         return "float32"
 
     def get_tensor_shape(self, name):
-        return (-1, IN_F)
+        return self.shape
 
     def get_tensor_mode(self, name):
         return _StubTRT.TensorIOMode.INPUT if name == "x" else _StubTRT.TensorIOMode.OUTPUT
 
     def get_tensor_profile_shape(self, name, profile):
-        return [(1, IN_F), (4, IN_F), (8, IN_F)]
+        return self.profile
 
     def create_execution_context(self):
         return _StubContext(self.cudart)
@@ -525,6 +530,7 @@ class _FakeConfig:
         self.cleared_flags: set[str] = set()
         self.loaded: list[bytes] = []  # every create_timing_cache(data) call's data
         self.cache: _FakeTimingCache | None = None
+        self.profiles: list[_FakeProfile] = []
 
     def set_memory_pool_limit(self, pool, nbytes) -> None:
         assert pool == "WORKSPACE" and nbytes > 0
@@ -536,7 +542,8 @@ class _FakeConfig:
         self.cleared_flags.add(flag)
 
     def add_optimization_profile(self, profile) -> int:
-        return 0
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
 
     def create_timing_cache(self, data) -> _FakeTimingCache:
         self.loaded.append(bytes(data))
@@ -548,13 +555,45 @@ class _FakeConfig:
 
 
 class _FakeNetwork:
-    num_inputs = 1
+    """INetworkDefinition: its inputs are the parsed ONNX graph's, named dims read as -1."""
 
     def __init__(self, flags: int) -> None:
         self.flags, self.parsed = flags, None
 
+    def _inputs(self) -> list:
+        onnx = pytest.importorskip("onnx")
+        graph = onnx.load_from_string(self.parsed).graph
+        weights = {i.name for i in graph.initializer}
+        return [
+            types.SimpleNamespace(
+                name=i.name,
+                shape=tuple(
+                    d.dim_value if d.HasField("dim_value") else -1
+                    for d in i.type.tensor_type.shape.dim
+                ),
+                is_shape_tensor=False,
+            )
+            for i in graph.input
+            if i.name not in weights
+        ]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self._inputs())
+
     def get_input(self, i):
-        return types.SimpleNamespace(name="x", shape=(-1, IN_F), is_shape_tensor=False)
+        return self._inputs()[i]
+
+
+class _FakeProfile:
+    """IOptimizationProfile: records set_shape(name, min, opt, max)."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, name, lo, opt, hi) -> None:
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), (lo, opt, hi)
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
 
 
 def _fake_trt(*, strongly_typed: bool = True, fp16_flag: bool = True, version=FAKE_TRT_VERSION):
@@ -595,8 +634,8 @@ def _fake_trt(*, strongly_typed: bool = True, fp16_flag: bool = True, version=FA
             trt.record.configs.append(_FakeConfig())
             return trt.record.configs[-1]
 
-        def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda name, lo, opt, hi: None)
+        def create_optimization_profile(self) -> _FakeProfile:
+            return _FakeProfile()
 
         def build_serialized_network(self, network, config) -> bytes:
             if trt.record.during_build is not None:
@@ -839,6 +878,94 @@ def test_engine_stages_through_pinned_host_buffers(monkeypatch, fake_cuda):
     engine.close()  # idempotent
     with pytest.raises(EngineError, match="closed"):
         engine.run({"x": _inputs(1)})
+
+
+def _token_onnx(path: Path, vocab: int = 30, dim: int = 4) -> None:
+    """A sequence model: ids, mask (batch, length) int64 -> (batch, dim) masked mean of an
+    embedding table, dynamic batch and length as exported for a text tier."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((vocab, dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["h"]),  # (B, T, dim)
+            helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),  # (B, T, 1)
+            helper.make_node("Mul", ["h", "m3"], ["hm"]),
+            helper.make_node("ReduceSum", ["hm", "one"], ["y"], keepdims=0),
+        ],
+        "tokens",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "length"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "length"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def test_profile_covers_the_batch_axis_of_a_fixed_shape_model(tmp_path, install_trt):
+    trt = install_trt()
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(max_batch=8, opt_batch=4)
+    TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    ((profile,),) = [c.profiles for c in trt.record.configs]
+    assert profile.shapes == {"x": ((1, IN_F), (4, IN_F), (8, IN_F))}
+
+
+def test_profile_covers_the_sequence_axis_of_a_token_model(tmp_path, install_trt):
+    # Token ids and mask (batch, length): both axes dynamic, both inputs the same range,
+    # since the server pads a batch's inputs to one length.
+    trt = install_trt()
+    _token_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(max_batch=16, opt_batch=4, sequence=(1, 64, 256))
+    assert TensorRTBackend().build(
+        tmp_path / "model.onnx", tmp_path / "engines" / "k", options
+    ) == [PLAN_FILE]
+    ((profile,),) = [c.profiles for c in trt.record.configs]
+    expected = ((1, 1), (4, 64), (16, 256))
+    assert profile.shapes == {"ids": expected, "mask": expected}
+
+
+def test_token_model_without_a_sequence_profile_is_refused_with_the_fix(tmp_path, install_trt):
+    install_trt()
+    _token_onnx(tmp_path / "model.onnx")
+    with pytest.raises(EngineError, match=r"'ids'.*\(-1, -1\).*sequence profile"):
+        TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "out", BuildOptions())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sequence", [(0, 4, 8), (1, 9, 8), (4, 2, 8), (1, 2), (1.0, 2, 3)])
+def test_build_rejects_a_bad_sequence_profile_before_tensorrt(tmp_path, monkeypatch, sequence):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ValueError, match="sequence must be"):
+        TensorRTBackend().build(
+            tmp_path / "m.onnx", tmp_path / "out", BuildOptions(sequence=sequence)
+        )
+
+
+def test_engine_runs_any_length_up_to_the_plan_and_refuses_longer(monkeypatch, fake_cuda):
+    # The stub plan: x (batch <= 8, length <= 32); buffers hold the longest batch once.
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    engine = TensorRTEngine(_StubEngine(rt, longest=32), trt_module._Cuda(rt), max_batch=4)
+    assert engine.inputs == [TensorSpec("x", "float32", (-1, -1))]
+    assert sorted(rt.device.values()) == [4 * 32 * 4] * 2  # max_batch 4 rows of 32 floats
+    for shape in ((1, 1), (3, 7), (4, 32), (2, 5)):
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(engine.run({"x": x})["y"], x)
+    with pytest.raises(EngineError, match=r"axis 1 is 33, must be 1\.\.32"):
+        engine.run({"x": np.zeros((2, 33), np.float32)})
+    engine.close()
 
 
 def test_backend_available_with_fake_tensorrt_and_cuda(install_trt):

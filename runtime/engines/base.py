@@ -48,6 +48,14 @@ class BuildOptions:
     ``precision``: "fp32" or "fp16" (fp16 only where the backend supports it).
     ``max_batch``: the batch profile's upper end (TensorRT optimisation profile).
     ``opt_batch``: the batch TensorRT tunes for. ``threads``: CPU intra-op threads (ORT).
+    ``sequence``: (shortest, tuned-for, longest) length of a sequence model's dynamic
+    per-sample axis, e.g. ``(1, 64, 256)`` for token ids of shape (batch, length); None for
+    a model with fixed per-sample shapes. TensorRT needs it for its optimisation profile;
+    ONNX Runtime and torch run any length and ignore it.
+
+    Example:
+        >>> BuildOptions(max_batch=16, opt_batch=4, sequence=(1, 64, 256)).sequence
+        (1, 64, 256)
     """
 
     precision: str = "fp32"
@@ -55,6 +63,7 @@ class BuildOptions:
     opt_batch: int = 4
     threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    sequence: tuple[int, int, int] | None = None
 
 
 class Engine(ABC):

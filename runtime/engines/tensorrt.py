@@ -2,14 +2,16 @@
 
 ``build`` parses the tier's ONNX file into a strongly typed network, gives every input whose
 batch axis is dynamic one optimisation profile (batch 1 .. ``max_batch``, tuned for
-``opt_batch``), and serialises the engine. Builds share one timing cache per GPU model and
-TensorRT version, ``timing-<device>-trt<version>.cache`` beside the engine directories (a
-cache is only valid for the device and version that made it), so every build after the
-first skips most kernel timing; it is merged with what other builds saved meanwhile and
-replaced atomically. ``load`` deserialises the plan, allocates device buffers and pinned
-(page-locked) host staging buffers once for ``max_batch`` and reuses them for every
-``run``: feeds are copied into the pinned buffers, moved with ``cudaMemcpyAsync`` on the
-engine's stream, and the stream is synchronised once per run.
+``opt_batch``; a sequence model's length axis 1 .. its longest profiled length, tuned for
+the middle one, ``BuildOptions.sequence``), and serialises the engine. Builds share one
+timing cache per GPU model and TensorRT version, ``timing-<device>-trt<version>.cache``
+beside the engine directories (a cache is only valid for the device and version that made
+it), so every build after the first skips most kernel timing; it is merged with what
+other builds saved meanwhile and replaced atomically. ``load`` deserialises the plan,
+allocates device buffers and pinned (page-locked) host staging buffers once for
+``max_batch`` and reuses them for every ``run``: feeds are copied into the pinned
+buffers, moved with ``cudaMemcpyAsync`` on the engine's stream, and the stream is
+synchronised once per run.
 
 Neither ``tensorrt`` nor ``cuda-python`` is imported until a method needs it, so importing
 this module always works; torch is never imported. Device memory, pinned host memory and
@@ -229,6 +231,14 @@ def _check_options(options: BuildOptions) -> None:
             f"opt_batch must be between 1 and max_batch={options.max_batch}, "
             f"got {options.opt_batch}"
         )
+    seq = options.sequence
+    if seq is not None and not (
+        len(seq) == 3 and all(isinstance(n, int) for n in seq) and 1 <= seq[0] <= seq[1] <= seq[2]
+    ):
+        raise ValueError(
+            f"sequence must be (shortest, tuned-for, longest) lengths with "
+            f"1 <= shortest <= tuned-for <= longest, got {seq!r}"
+        )
     workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
     if not isinstance(workspace, int) or workspace < 1:
         raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
@@ -362,7 +372,7 @@ class TensorRTBackend(Backend):
             # TensorRT allows TF32 (10-bit mantissa) matmuls by default: ~1e-3 relative error.
             # "fp32" means fp32 here; BuildOptions(extra={"tf32": True}) trades it for speed.
             config.clear_flag(trt.BuilderFlag.TF32)
-        self._add_batch_profile(trt, builder, network, config, options)
+        self._add_profile(trt, builder, network, config, options)
 
         cache = self._timing_cache(config, cache_path)
 
@@ -396,17 +406,21 @@ class TensorRTBackend(Backend):
         return [PLAN_FILE]
 
     @staticmethod
-    def _add_batch_profile(trt, builder, network, config, options: BuildOptions) -> None:
-        """One optimisation profile: batch axis 1 / opt_batch / max_batch for every input.
+    def _add_profile(trt, builder, network, config, options: BuildOptions) -> None:
+        """One optimisation profile for every input with a dynamic axis.
 
-        Only axis 0 may be dynamic: other dims are fixed at export (the tier's shapes), so
-        min, opt and max share them. Inputs without a dynamic axis need no profile entry.
+        Axis 0 is the batch: 1 / opt_batch / max_batch. A sequence model's inputs (token
+        ids and mask, shape (-1, -1)) have one more dynamic axis, the sequence:
+        ``options.sequence`` gives its shortest / tuned-for / longest length, the same
+        for every input (the server pads a batch's inputs to one length). Other dims are
+        fixed at export (the tier's shapes), so min, opt and max share them. Inputs without
+        a dynamic axis need no profile entry.
         """
         profile = builder.create_optimization_profile()
         dynamic = []
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
-            shape = tuple(tensor.shape)  # e.g. (-1, 3, 32, 32)
+            shape = tuple(tensor.shape)  # e.g. (-1, 3, 32, 32) or (-1, -1) for token ids
             if tensor.is_shape_tensor:
                 raise EngineError(
                     f"input {tensor.name!r} is a shape tensor; the tensorrt backend "
@@ -414,25 +428,13 @@ class TensorRTBackend(Backend):
                 )
             if -1 not in shape:
                 continue
-            if shape[0] != -1 or -1 in shape[1:]:
-                raise EngineError(
-                    f"input {tensor.name!r} has shape {shape}: only the batch axis (0) may "
-                    "be dynamic; export the tier with fixed non-batch dims"
-                )
-            rest = shape[1:]
-            profile.set_shape(
-                tensor.name,
-                (1, *rest),
-                (options.opt_batch, *rest),
-                (options.max_batch, *rest),
-            )
-            dynamic.append(tensor.name)
+            lo, opt, hi = _profile_shapes(tensor.name, shape, options)
+            profile.set_shape(tensor.name, lo, opt, hi)
+            dynamic.append(f"{tensor.name} {lo}..{hi}")
         if dynamic:
             if config.add_optimization_profile(profile) < 0:
-                raise EngineError(f"TensorRT rejected the batch profile for inputs {dynamic}")
-            log.info(
-                "batch profile 1/%d/%d for inputs %s", options.opt_batch, options.max_batch, dynamic
-            )
+                raise EngineError(f"TensorRT rejected the optimisation profile {dynamic}")
+            log.info("optimisation profile (tuned for batch %d): %s", options.opt_batch, dynamic)
 
     @staticmethod
     def _timing_cache(config, cache_path: Path):
@@ -505,6 +507,33 @@ class TensorRTBackend(Backend):
         return TensorRTEngine(
             engine, cuda, max_batch=options.max_batch, source=str(path), keep=(runtime,)
         )
+
+
+def _profile_shapes(name: str, shape: tuple[int, ...], options: BuildOptions):
+    """(min, opt, max) shapes of one input: the batch axis from ``options``' batch range,
+    every other dynamic axis from ``options.sequence``.
+
+    Example:
+        >>> _profile_shapes("ids", (-1, -1), BuildOptions(max_batch=8, sequence=(1, 64, 256)))
+        ((1, 1), (4, 64), (8, 256))
+    """
+    if shape[0] != -1:
+        raise EngineError(
+            f"input {name!r} has shape {shape}: a dynamic axis needs a dynamic batch axis "
+            "(0); export the tier with a dynamic batch"
+        )
+    batch = (1, options.opt_batch, options.max_batch)
+    if -1 in shape[1:] and options.sequence is None:
+        raise EngineError(
+            f"input {name!r} has shape {shape}: a dynamic axis past the batch needs a "
+            "sequence profile (BuildOptions.sequence; a model.yaml with a -1 input dim "
+            "gets one from its profiled lengths)"
+        )
+    shapes = []
+    for k in range(3):
+        seq = options.sequence[k] if options.sequence is not None else 0
+        shapes.append((batch[k], *(seq if d == -1 else d for d in shape[1:])))
+    return tuple(shapes)
 
 
 # --- engine -------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The engine cache, ``<model>/engines/<key>/``. No torch.
 
 An engine's cache key hashes the ONNX bytes' sha256, the backend and its version, the device
-name, the precision and the batch profile. An entry whose manifest, key or checksums do not
-match - or that fails to load - is logged and rebuilt from the tier's ONNX, never trusted.
+name, the precision, the batch profile and (sequence models) the sequence profile. An entry
+whose manifest, key or checksums do not match - or that fails to load - is logged and
+rebuilt from the tier's ONNX, never trusted.
 Rebuilding from ONNX needs no torch, so a serving image can heal its own cache.
 
 Example:
@@ -48,6 +49,8 @@ def engine_key(
         "batch_profile": [1, options.opt_batch, options.max_batch],
         "extra": options.extra,
     }
+    if options.sequence is not None:  # absent for fixed shapes: their keys stay as they were
+        fields["sequence_profile"] = list(options.sequence)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return digest[:20], fields
 

@@ -492,6 +492,22 @@ class ModelConfig:
         return (*out, self.text.max_length)
 
     @property
+    def sequence_profile(self) -> tuple[int, int, int] | None:
+        """(shortest, tuned-for, longest) sequence length an engine must run, for a
+        TensorRT optimisation profile; None for fixed shapes. Requests are padded to their
+        batch's longest, so any length from 1 to the longest profiled one reaches the
+        engine; TensorRT tunes for the middle profiled length.
+
+        Example:
+            >>> cfg.sequence_lengths, cfg.sequence_profile  # doctest: +SKIP
+            ((16, 32, 64, 128), (1, 64, 128))
+        """
+        lengths = self.sequence_lengths
+        if not lengths:
+            return None
+        return (1, lengths[len(lengths) // 2], lengths[-1])
+
+    @property
     def example_length(self) -> int:
         """The sequence length FLOPs are counted and shapes exported at (the shortest
         profiled one; 1 for a model with fixed shapes: unused)."""

@@ -172,6 +172,7 @@ class Repository:
             opt_batch=min(config.max_batch, 4),
             threads=config.threads,
             extra=extra,
+            sequence=config.sequence_profile,
         )
 
     def load(
