@@ -166,14 +166,17 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
     frontier = Frontier.read(repo.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE)
     traffic = Traffic.read(traffic_path)
     goals = config.auto_tiers
+    view = LiveHost.read(host) if host is not None else None
+    # As the server runs the model: its slots (instances, capped by a shared device's) and
+    # policy where it says; model.yaml's instances and innfer's planner otherwise.
     sim = SimConfig(
         slo_target=config.slo_target, admit_quantile=config.admit_quantile,
         max_batch=config.max_batch, max_queue=config.max_queue,
-        slots=config.instances,
+        slots=view.slots if view is not None and view.slots else config.instances,
+        policy=view.policy if view is not None and view.policy else "innfer",
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor)
     current = live_options(repo, name, frontier, live)
-    view = LiveHost.read(host) if host is not None else None
     return choose(options, traffic, goals, current, sim, host=view), frontier
 
 

@@ -256,6 +256,10 @@ class DataPlane:
             "engine_speed": m.engine_speed(),
             "engine_sigma": m.engine_spread(),
             "host_cpu_ms": self.host_cpu.per_row * 1e3,
+            # Batches it may run at once (instances, capped by a shared device's slots).
+            "slots": m.scheduler.max_running,
+            # A pinned tier names one tier of the live set; another set need not have it.
+            "policy": None if self.config.policy.startswith("fixed") else self.config.policy,
         }
 
     def _plans_overhead(self, m: ModelRuntime) -> bool:

@@ -21,8 +21,13 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
      "overhead_quantile": 0.99,   the quantile it plans with
      "engine_speed": 1.1,         live engine time / profiled, median over the live tiers
      "engine_sigma": 0.3,         the spread the latency model learned live (null: none yet)
-     "host_cpu_ms": 2.2}          request handling's CPU per row on the engines' CPUs
+     "host_cpu_ms": 2.2,          request handling's CPU per row on the engines' CPUs
                                   (server.host_cpu; 0: handling has CPUs of its own)
+     "slots": 1,                  batches the model runs at once: its instances, no more
+                                  than a shared device's slots (null: model.yaml's instances)
+     "policy": "innfer"}          the server's scheduling policy (null: innfer; a server
+                                  pinned to one tier, fixed:<tier>, writes null: another
+                                  set need not have that tier)
 
 and the replay then, per request (the same draws for every tier set compared): judges the
 answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
@@ -51,6 +56,9 @@ import numpy as np
 
 from server.overhead import reserve_of
 
+# The policies a choice replays as the server runs them (``host.json``'s "policy").
+REPLAYED_POLICIES = ("innfer", "slackfit")
+
 
 @dataclass(frozen=True)
 class LiveHost:
@@ -63,6 +71,8 @@ class LiveHost:
     engine_speed: float = 1.0
     engine_sigma: float | None = None
     host_cpu_ms: float = 0.0
+    slots: int | None = None
+    policy: str | None = None
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
@@ -78,6 +88,12 @@ class LiveHost:
             raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
         if not (np.isfinite(self.host_cpu_ms) and self.host_cpu_ms >= 0):
             raise ValueError(f"host_cpu_ms must be >= 0, got {self.host_cpu_ms}")
+        if self.slots is not None and not (isinstance(self.slots, int) and self.slots >= 1):
+            raise ValueError(f"slots must be an int >= 1 or null, got {self.slots!r}")
+        if self.policy is not None and self.policy not in REPLAYED_POLICIES:
+            raise ValueError(
+                f"policy must be one of {list(REPLAYED_POLICIES)} or null, got {self.policy!r}"
+            )
 
     def budgets(self, budgets_s: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(judged, planned, grace) for requests with client budgets ``budgets_s``: the
@@ -106,13 +122,15 @@ class LiveHost:
             "engine_speed": self.engine_speed,
             "engine_sigma": self.engine_sigma,
             "host_cpu_ms": self.host_cpu_ms,
+            "slots": self.slots,
+            "policy": self.policy,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
         known = {"overhead_ms", "budget_margin_ms", "plan_overhead", "overhead_quantile",
-                 "engine_speed", "engine_sigma", "host_cpu_ms"}  # fmt: skip
+                 "engine_speed", "engine_sigma", "host_cpu_ms", "slots", "policy"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
@@ -125,6 +143,8 @@ class LiveHost:
                 engine_speed=float(data.get("engine_speed", 1.0)),
                 engine_sigma=_optional(data.get("engine_sigma")),
                 host_cpu_ms=float(data.get("host_cpu_ms", 0.0)),
+                slots=data.get("slots"),
+                policy=data.get("policy"),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"host view: {exc}") from None

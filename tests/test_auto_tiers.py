@@ -20,6 +20,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import yaml
 from serverutil import ServerThread, add_frontier, add_onnx_model, tiny_cnn, wide_mlp
 
 from innfer.cli import main as cli
@@ -273,8 +274,12 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
         LiveHost(engine_sigma=float("nan"))
     with pytest.raises(ValueError, match="host_cpu_ms must be >= 0"):
         LiveHost(host_cpu_ms=-0.5)
-    for sigma in (None, 0.4):
-        host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma, host_cpu_ms=2.2)
+    with pytest.raises(ValueError, match="slots must be an int >= 1 or null"):
+        LiveHost(slots=0)
+    with pytest.raises(ValueError, match=r"policy must be one of \['innfer', 'slackfit'\]"):
+        LiveHost(policy="fixed:w100")
+    for sigma, slots, policy in ((None, None, None), (0.4, 2, "slackfit")):
+        host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma, 2.2, slots, policy)
         assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
 
 
@@ -398,6 +403,27 @@ def test_suggest_replays_the_host_view_it_is_given(tmp_path, capsys):
     (tmp_path / "host.json").write_text('{"overhead_ms": "x"}')
     assert cli([*base, "--host", str(tmp_path / "host.json")]) == 2
     assert "host.json: not a host view" in capsys.readouterr().err
+
+
+def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monkeypatch):
+    # A model with 2 instances on a server whose shared device has one slot runs one batch
+    # at a time, and a server may run SlackFit: the replay must too, not model.yaml's
+    # instances under innfer's planner.
+    import sim.tiering
+    from innfer.tiers import _choose
+    from runtime.repository import Repository
+
+    d = _auto_model(tmp_path)
+    config = yaml.safe_load((d / "model.yaml").read_text())
+    (d / "model.yaml").write_text(yaml.safe_dump({**config, "instances": 2}))
+    _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
+    seen = []
+    monkeypatch.setattr(sim.tiering, "choose", lambda *a, **kw: seen.append(a[4]))
+    repo = Repository(tmp_path)
+    _choose(repo, "tiny", tmp_path / "t.csv")
+    (tmp_path / "h.json").write_text(json.dumps({"slots": 1, "policy": "slackfit"}))
+    _choose(repo, "tiny", tmp_path / "t.csv", host=tmp_path / "h.json")
+    assert [(s.slots, s.policy) for s in seen] == [(2, "innfer"), (1, "slackfit")]
 
 
 def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):

@@ -167,3 +167,25 @@ def test_a_member_at_its_instance_limit_does_not_hold_back_a_free_slot():
     b.submit(Request(3, 0.0, 0.015), 0.0)
     d = b.next(0.0)
     assert d is not None and [r.id for r in d.requests] == [3]
+
+
+def test_admission_plans_a_model_on_its_instances_not_on_every_slot():
+    # A has one instance on a two-slot device and runs a 50 ms batch. Its next batch cannot
+    # start before that one ends, whatever the other slot does: a 65 ms budget is refused
+    # at the door rather than queued to miss (it was admitted on the idle slot 1 before).
+    tiers = [TierInfo("w100", 0.99, {1: 50.0, 2: 50.0})]
+    device = Device(slots=2)
+    a, b = (
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=16,
+                  device=device, max_running=n)
+        for n in (1, 2)
+    )  # fmt: skip
+    a.submit(Request(1, 0.0, 0.2), 0.0)
+    assert a.next(0.0) is not None  # slot 0, 50 ms
+    assert device.lanes(a, 0.01, 1) == pytest.approx([0.04], abs=0.005)
+    with pytest.raises(Refused, match="cannot be met"):
+        a.submit(Request(2, 0.01, 0.075), 0.01)  # its lane frees at ~50 ms, then 50 ms more
+    a.submit(Request(3, 0.01, 0.2), 0.01)  # behind its own batch it fits
+    # B may use both slots: its request runs on the idle one and fits.
+    b.submit(Request(4, 0.01, 0.07), 0.01)
+    assert device.lanes(b, 0.01, 2) == pytest.approx([0.0, 0.04], abs=0.005)

@@ -219,3 +219,6 @@ def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
     assert host.engine_speed > 0
     assert host.engine_sigma is None or host.engine_sigma >= 0
     assert host.engine_sigma == m.engine_spread()
+    # The choice replays the model as the server runs it: its slots and the policy.
+    assert host.slots == m.scheduler.max_running >= 1
+    assert host.policy == server.server.config.policy == "innfer"

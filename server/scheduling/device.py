@@ -162,6 +162,30 @@ class Device:
                 out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
         return out
 
+    def lanes(
+        self, scheduler: Scheduler, now: float, limit: int, q: float | None = None
+    ) -> list[float]:
+        """The planning times (s) until each of the ``limit`` batches ``scheduler`` may
+        run at once (its engine instances, fewer than the device's slots) can start: its
+        own running batches' time left, then, for the lanes it is not using, the other
+        slots that free first. ``offsets`` counts every slot - as if this model could run
+        a batch on each, which it cannot.
+
+        Example: two slots, this model (one instance) running 50 ms more, the other slot
+        idle: ``lanes(m, now, 1)`` is ``[0.05]``, where ``offsets`` says ``[0.05, 0.0]``.
+        """
+        own, others = [], []
+        for slot in range(self.slots):
+            run = self.running.get(slot)
+            if run is None:
+                others.append(0.0)
+                continue
+            sched, d, started = run
+            left = sched.latency.remaining(d.tier, d.rows, now - started, q)
+            (own if sched is scheduler else others).append(left)
+        others.sort()
+        return own[:limit] + others[: max(0, limit - len(own))]
+
     def backlog(self, scheduler: Scheduler, before: float) -> float:
         """Seconds of the other members' queued work due by ``before`` (absolute deadline):
         it runs first in deadline order. Counted as full batches on each request's fastest

@@ -309,7 +309,10 @@ class Scheduler:
             at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
         lo, hi = self.ctx.bounds(r)
         q = self.admission_quantile() if q is None else q
-        busy = self.device.offsets(now, q=q)
+        if self.max_running < self.slots:  # fewer instances than the device has slots
+            busy = self.device.lanes(self, now, self.max_running, q=q)
+        else:
+            busy = self.device.offsets(now, q=q)
         # A shared device's work due first (at the planning quantile: others' plans).
         ahead = self.device.backlog(self, r.deadline)
         if ahead:
