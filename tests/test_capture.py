@@ -200,6 +200,17 @@ def test_an_aten_op_without_a_rule_is_refused_by_name():
         runtime.convert(CumsumChannels().eval(), (torch.randn(2, 3, 4),), frontend="export")
 
 
+def test_a_one_row_example_is_refused_with_the_fix():
+    # torch.export keeps a size-1 batch static: the tiers would serve batches of one only.
+    ids, mask = _text(1, 8)
+    with pytest.raises(ConversionError, match=r"example input 0 has a batch of 1.*at least 2"):
+        capture(TinyBert().eval(), (ids, mask), frontend="export")
+    with pytest.raises(ConversionError, match=r"attention_mask has a batch of 1"):
+        runtime.convert(TinyBert().eval(), _text(2, 8)[:1], example_kwargs={"attention_mask": mask})
+    # fx graphs are dynamic by construction: a one-row example is fine there.
+    assert capture(nn.Sequential(nn.Linear(4, 3)), (torch.randn(1, 4),), frontend="fx")
+
+
 def test_unknown_frontend_is_a_clear_error():
     with pytest.raises(ValueError, match="frontend must be"):
         runtime.convert(CumsumChannels().eval(), (torch.randn(2, 4),), frontend="jit")

@@ -78,6 +78,7 @@ def capture(
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
     """torch.export with every input dim but the last dynamic, lowered to torch-level ops."""
+    _check_batch(args, kwargs)
     try:
         program = torch.export.export(
             model,
@@ -94,6 +95,20 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphMo
     gm = lower(program.module())
     gm.meta["frontend"] = "export"
     return gm
+
+
+def _check_batch(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Refuse example tensors with one row: torch.export keeps a dim of size 1 static, so the
+    graph - and every tier exported from it - would serve batches of one only (the build and
+    the server refuse such an engine, far from the cause)."""
+    named = [(f"example input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
+            raise ConversionError(
+                f"{name} has a batch of 1 (shape {list(t.shape)}): torch.export fixes a dim "
+                f"of size 1, so the converted model could serve batches of one only. Pass "
+                f"example inputs with at least 2 rows, e.g. torch.cat([x, x])."
+            )
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
