@@ -257,3 +257,23 @@ def test_validation_refuses_an_engine_whose_batch_axis_is_fixed():
 
     with pytest.raises(BuildError, match=r"has shape \[1, 3\] for a batch of 4"):
         validate(Engine(), OneRow(), config, "w100")
+
+
+def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_path):
+    # A retrained INN saved over the old one: serving the old tiers would answer with the
+    # old model under the new one's name.
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    record = Repository(root).load_record("tiny", "w050")
+    inn_json = json.loads((root / "tiny" / "inn.json").read_text())
+    assert record.weights_sha256 == inn_json["weights_sha256"]
+    net = _net()
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)  # "retrained"
+    runtime.convert(net, (torch.randn(2, 1, 8, 8),)).save(root / "tiny")
+    with pytest.raises(RepositoryError, match=r"w100.*other INN weights.*run `innfer build`"):
+        Repository(root).load("tiny")
+    build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert len(Repository(root).load("tiny").engines) == 2

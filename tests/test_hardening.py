@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serverutil import ServerThread, build_repository
 
+from runtime.engines import EngineError
 from runtime.repository import EngineCache, InvalidModelName, Repository, check_model_name
 from runtime.repository.cache import STALE_BUILD_S
 from server.errors import InferError, InvalidArgument
@@ -249,6 +250,30 @@ def test_stale_build_directories_are_swept(tmp_path):
     os.utime(old, (past, past))
     assert EngineCache(tmp_path).sweep() == [old.name]
     assert not old.exists() and new.exists()
+
+
+def test_an_onnx_rewritten_during_its_engine_build_is_not_cached(tmp_path, repo):
+    # The real ONNX Runtime backend, with another build rewriting the tier's ONNX while it
+    # runs: the engine would otherwise be cached under the old bytes' key.
+    from runtime.engines import BuildOptions, get_backend
+
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes((repo / "tiny" / "tiers" / "w050" / "model.onnx").read_bytes())
+    other = (repo / "tiny" / "tiers" / "w100" / "model.onnx").read_bytes()
+    real = get_backend("onnxruntime")
+
+    class Rewritten(type(real)):
+        def build(self, onnx, out_dir, options):
+            files = super().build(onnx, out_dir, options)
+            onnx_path.write_bytes(other)
+            return files
+
+    cache = EngineCache(tmp_path / "engines")
+    with pytest.raises(EngineError, match=r"model\.onnx changed while its engine was built"):
+        cache.get(Rewritten(), onnx_path, BuildOptions(max_batch=4))
+    assert list((tmp_path / "engines").iterdir()) == []  # nothing cached, no temporaries
+    engine, built = cache.get(real, onnx_path, BuildOptions(max_batch=4))  # settled: builds
+    assert built and engine.run({"input": np.zeros((1, 1, 8, 8), np.float32)})
 
 
 # -- one broken model does not take the others down ----------------------------------------------

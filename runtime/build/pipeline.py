@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -188,8 +189,12 @@ def _export_tier(
     candidates; None: their FLOPs do."""
     d = repo.tier_dir(name, tier.name)
     src = source_hash(repo.model_dir(name), config, tier, backend)
+    weights = json.loads((repo.model_dir(name) / "inn.json").read_text())["weights_sha256"]
     old = _recorded(d, src)
     if old is not None and _onnx_matches(d, old):
+        if old.weights_sha256 != weights:  # a record from before it was kept (same source)
+            old = dataclasses.replace(old, weights_sha256=weights)
+            old.write(d / TIER_FILE)
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
     if search is None and _searches(config, tier):
@@ -220,6 +225,7 @@ def _export_tier(
         params=sum(p.numel() for p in module.parameters()),
         accuracy=None,
         channel_search=search,
+        weights_sha256=weights,
     )
     record.write(d / TIER_FILE)
     return record, module, True

@@ -115,6 +115,14 @@ class EngineCache:
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         t0 = time.perf_counter()
         files = backend.build(onnx_path, tmp, options)
+        # The backend read the file again: a rewrite since it was hashed (``innfer build`` on
+        # the same volume) would put another model's engine under this key.
+        if sha256_file(onnx_path) != fields["onnx_sha256"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EngineError(
+                f"{onnx_path} changed while its engine was built (another build writing the "
+                "tier?); load the model again once that build is done"
+            )
         manifest = {
             "key": entry.name,
             "fields": fields,

@@ -36,6 +36,9 @@ class TierRecord:
     # What ``accuracy`` was measured on (runtime.build.pipeline.evaluation_key): another
     # evaluation set, or an edited file, is scored again. None: no key in tier.json.
     accuracy_on: str | None = None
+    # The INN weights it was sampled from (inn.json's weights_sha256): a server refuses a
+    # tier whose INN was replaced or recalibrated since. None: built before this was kept.
+    weights_sha256: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -49,7 +52,7 @@ class TierRecord:
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        for optional in ("channel_search", "accuracy_on"):
+        for optional in ("channel_search", "accuracy_on", "weights_sha256"):
             if data[optional] is None:
                 del data[optional]
         path.write_text(json.dumps(data, indent=1))

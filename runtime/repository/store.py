@@ -208,6 +208,7 @@ class Repository:
                         f"{config.source} now gives tier {tier.name} width {tier.width}: "
                         "run `innfer build`"
                     )
+                self._check_weights(name, d, tiers[tier.name])
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
@@ -260,6 +261,29 @@ class Repository:
         tiers = tuple(TierConfig(name=t, width=records[t].sizes) for t in active.tiers)
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
+
+    def _check_weights(self, name: str, tier_dir: Path, record: TierRecord) -> None:
+        """Refuse a tier sampled from other INN weights than the model directory holds now
+        (the INN was replaced, retrained or recalibrated after the build): serving it would
+        answer with the old model under the new one's name. A repository without the INN
+        (a serving image with tiers only) or a record from before weights were kept is not
+        checked."""
+        inn_json = self.model_dir(name) / "inn.json"
+        if record.weights_sha256 is None or not inn_json.is_file():
+            return
+        try:
+            current = json.loads(inn_json.read_text())["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RepositoryError(
+                f"{inn_json} is unreadable ({type(exc).__name__}: {exc}); restore it, or "
+                "save the INN again (IntegralModel.save) and run `innfer build`"
+            ) from None
+        if current != record.weights_sha256:
+            raise RepositoryError(
+                f"{tier_dir / TIER_FILE} was sampled from other INN weights than "
+                f"{self.model_dir(name) / 'inn.safetensors'} holds now (replaced, retrained "
+                "or recalibrated after the build): run `innfer build`"
+            )
 
     def record_tokenizer(self, name: str, config: ModelConfig) -> None:
         """At build time: write ``text.json`` with the tokenizer file's sha256 (checked at
