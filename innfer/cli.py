@@ -354,6 +354,39 @@ def _positive(text: str) -> float:
     return v
 
 
+def _at_least(lo: int):
+    """An argparse type: an int >= ``lo``, refused at parse time with the option's name
+    (``--slots 0`` reached the simulator as "negative dimensions are not allowed").
+
+    Example:
+        >>> _at_least(1)("3")
+        3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}")
+        return v
+
+    parse.__name__ = f"int >= {lo}"  # argparse names the type in its messages
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    """A finite number >= 0 (a noise sigma, a squared CV, seconds that may be 0)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
 def _sim_config(args: argparse.Namespace, policy: str):
     """The simulation's settings: the trace from the flags; the scheduler's from the model's
     model.yaml, as the server would run it (max_batch, max_queue, slo_target,
@@ -492,17 +525,17 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", type=Path, help="a built model: <repo>/<model>")
     p.add_argument("--trace", default="poisson", choices=["poisson", "gamma", "varying", "file"])
     p.add_argument("--trace-file", help="timestamps in seconds, one per line (--trace file)")
-    p.add_argument("--cv2", type=float, default=1.0, help="gamma trace: squared CV")
+    p.add_argument("--cv2", type=_positive, default=1.0, help="gamma trace: squared CV")
     p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")
     p.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--noise",
-        type=float,
+        type=_non_negative,
         help="engine time log-normal sigma (default: from the profile's p90/p50)",
     )
-    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--slots", type=_at_least(1), default=1)
     p.add_argument("--json", help="write the figures as JSON")
 
 
@@ -744,15 +777,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
     demo.add_argument("--name", help="model name (default: mnist, or minilm)")
     demo.add_argument(
-        "--calibrate-seconds", type=float, default=60.0,
+        "--calibrate-seconds", type=_non_negative, default=60.0,
         help="minilm: distillation seconds per smaller tier (0: data-free)",
     )  # fmt: skip
     demo.add_argument(
         "--serve", action=argparse.BooleanOptionalAction, default=None,
         help="minilm: serve on 127.0.0.1:8001 after the build (default: yes)",
     )  # fmt: skip
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--epochs", type=int, help="training epochs (default: the model's)")
+    demo.add_argument("--threads", type=_at_least(1), default=2)
+    demo.add_argument("--epochs", type=_at_least(1), help="training epochs (default: the model's)")
     demo.add_argument(
         "--convert", action="store_true", help="train a plain model and convert it instead"
     )
@@ -776,15 +809,15 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn",
                                 "digits_mlp"])  # fmt: skip
     train.add_argument("--out", type=Path, required=True, help="where to save the INN")
-    train.add_argument("--epochs", type=int)
+    train.add_argument("--epochs", type=_at_least(1))
     train.add_argument("--min-width", type=_width, default=0.25)
-    train.add_argument("--k", type=int, default=2, help="random widths per step")
+    train.add_argument("--k", type=_at_least(1), default=2, help="random widths per step")
     train.add_argument("--per-group", action="store_true", help="random widths per group")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--batch-size", type=int, help="default: the model's recipe")
+    train.add_argument("--lr", type=_positive)
+    train.add_argument("--batch-size", type=_at_least(1), help="default: the model's recipe")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=_at_least(1), default=2)
     train.add_argument("--widths", type=_width, nargs="*", default=[1.0, 0.75, 0.5, 0.25])
     train.set_defaults(func=cmd_train)
 
@@ -795,8 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: sentences, one per line (unlabelled)")  # fmt: skip
     cal.add_argument("--widths", type=_width, nargs="*",
                      help="default: the tiers of MODEL_DIR/model.yaml, else 0.5 0.25")  # fmt: skip
-    cal.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")
-    cal.add_argument("--samples", type=int, default=1000)
+    cal.add_argument(
+        "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
+    )
+    cal.add_argument("--samples", type=_at_least(1), default=1000)
     cal.add_argument("--seconds", type=float, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
@@ -804,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: start each tier on the channels chosen from the text "
                           "(default) or on the INN's uniform grid")  # fmt: skip
     cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
-    cal.add_argument("--threads", type=int, default=2)
+    cal.add_argument("--threads", type=_at_least(1), default=2)
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
@@ -815,13 +850,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a text model: held-out sentences, one per line; reports each tier's embedding "
         "fidelity (cosine, top-1/top-10 neighbour agreement) to the full width",
     )  # fmt: skip
-    rep.add_argument("--sentences", type=int, default=2000,
+    rep.add_argument("--sentences", type=_at_least(1), default=2000,
                      help="with --text: use the first N sentences (default 2000)")  # fmt: skip
-    rep.add_argument("--threads", type=int, default=2, help="with --text: torch threads")
+    rep.add_argument("--threads", type=_at_least(1), default=2, help="with --text: torch threads")
     rep.add_argument("--widths", type=_width, nargs="*",
                      help="widths to report (default: 1.0 to 0.25 by 1/8; with --text: "
                      "model.yaml's tiers)")  # fmt: skip
-    rep.add_argument("--multiple-of", type=int, help="channel rounding (default: model.yaml's)")
+    rep.add_argument(
+        "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
+    )
     rep.add_argument("--json")
     rep.add_argument("--png")
     rep.set_defaults(func=cmd_report)
@@ -869,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_args(bench)
     bench.add_argument("--address", default="127.0.0.1:8001")
     bench.add_argument("--model", help="model name (default: the directory's name)")
-    bench.add_argument("--max-requests", type=int, default=20000)
+    bench.add_argument("--max-requests", type=_at_least(1), default=20000)
     bench.set_defaults(func=cmd_bench)
 
     from innfer import tiers
@@ -879,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)
     inspect.add_argument("--width", type=_width, default=0.5)
-    inspect.add_argument("--multiple-of", type=int, default=1)
+    inspect.add_argument("--multiple-of", type=_at_least(1), default=1)
     inspect.set_defaults(func=cmd_inspect)
     return parser
 

@@ -304,6 +304,12 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
          "no checkpoint to resume"),
         (("demo", "--widths", "0"), "width must be in (0, 1]"),
         (("simulate", "{out}", "--load", "inf"), "expected a finite number > 0"),
+        # ranges refused by name at parse time, not as numpy's "negative dimensions" later
+        (("simulate", "{out}", "--slots", "0"), "argument --slots: expected a whole number >= 1"),
+        (("simulate", "{out}", "--noise", "-0.1"), "argument --noise: expected a finite number"),
+        (("bench", "{out}", "--max-requests", "0"), "argument --max-requests: expected a whole"),
+        (("demo", "--epochs", "0"), "argument --epochs: expected a whole number >= 1, got '0'"),
+        (("train", "--out", "{tmp}/x", "--k", "2.5"), "argument --k: expected a whole number, got"),
         (("demo", "--model", "resnet50"), "invalid choice: 'resnet50'"),
     ],
 )  # fmt: skip
