@@ -204,7 +204,17 @@ class Cluster:
             rep.outstanding += 1
         except Refused as exc:
             self.out.states[i] = exc.state.name.lower()
+            if not self._below_profile(rep.sched, i, now):  # load, not the client's ask
+                rep.record_shed(now)
         self._dispatch(rep, now)
+
+    def _below_profile(self, sched: Scheduler, i: int, now: float) -> bool:
+        """Whether request ``i``'s budget is below its fastest tier's profiled latency: no
+        replica could meet it however idle (the server's reason refused_budget)."""
+        r = Request(i, now, now + self.budgets[i])
+        return now + sched.latency.profiled(sched.ctx.fastest(r), r.rows) > (
+            sched.admission_deadline(r)
+        )
 
     def _complete(self, rep: Replica, decision, compute: float, now: float) -> None:
         rep.sched.complete(decision, now, compute)
@@ -239,6 +249,7 @@ class Cluster:
         for r in rep.sched.expire(now):
             self.out.states[r.id] = "refused_deadline"
             rep.outstanding -= 1
+            rep.record_shed(now, now - r.arrival)
         while (decision := rep.sched.next(now)) is not None:
             compute = self.engine.draw_s(decision.tier, decision.rows)
             self.events.push(now + compute, partial(self._complete, rep, decision, compute))

@@ -36,6 +36,7 @@ class Replica:
         self.res = res
         self.served = np.zeros(n)
         self.degraded = np.zeros(n)
+        self.shed = np.zeros(n)  # refused for load (deadline, queue full) or expired queued
         self.queue_s = np.zeros(n)
         self.compute_s = np.zeros(n)
         self.routed = 0
@@ -58,14 +59,26 @@ class Replica:
             self.degraded[m] += n
         self.outstanding -= n
 
+    def record_shed(self, now: float, queued_s: float = 0.0) -> None:
+        """Count a request the pod could not take at ``now``: refused at arrival for the
+        work ahead or a full queue (``queued_s`` 0), or expired after ``queued_s`` in the
+        queue. A budget below the fastest tier's profile is the client's ask, not load: the
+        caller leaves it out, as the recording rules do (reason refused_budget)."""
+        m = min(int(now / self.res), len(self.served) - 1)
+        self.shed[m] += 1
+        self.queue_s[m] += queued_s
+
     def signals(self, lo: float, hi: float) -> tuple[float, float]:
-        """(queue:compute, degraded share) over [lo, hi): queueing seconds of the requests
-        served / engine seconds of the batches, and the share served below the top tier.
-        0 where the pod served nothing - the recording rules' fallback."""
+        """(queue:compute, degraded share) over [lo, hi), as deploy/monitoring's recording
+        rules compute them: queueing seconds of every request that queued (served or
+        expired) / engine seconds of the batches, and (served below the top tier + shed) /
+        (served + shed). 0 where the pod served and shed nothing - the rules' fallback."""
         a, b = max(round(lo / self.res), 0), max(round(hi / self.res), 0)
         served, compute = self.served[a:b].sum(), self.compute_s[a:b].sum()
+        shed = self.shed[a:b].sum()
         queue_compute = self.queue_s[a:b].sum() / compute if compute > 0 else 0.0
-        degraded = self.degraded[a:b].sum() / served if served > 0 else 0.0
+        took = served + shed
+        degraded = (self.degraded[a:b].sum() + shed) / took if took > 0 else 0.0
         return queue_compute, degraded
 
     def lifetimes(self, end: float) -> tuple[tuple[float, float], ...]:

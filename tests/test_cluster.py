@@ -199,3 +199,41 @@ def test_diurnal_trace_shape():
     bursty = replace(cfg, diurnal=replace(cfg.diurnal, bursts=((0.5, 60.0, 3.0),)))
     assert load_at(bursty, np.array([750.0]))[0] == pytest.approx(3 * load_at(cfg, [750.0])[0])
     assert load_at(bursty, np.array([800.0]))[0] == pytest.approx(load_at(cfg, [800.0])[0])
+
+
+def test_a_pods_signals_count_shed_load_as_the_recording_rules_do():
+    # deploy/monitoring: degraded share = (served below the top tier + shed) / (served +
+    # shed), queue:compute counts the queue time of expired requests too. The simulator
+    # counted served requests only: a pod that shed most of its load read as healthy.
+    from server.scheduling import Decision, Request, Scheduler, make_policy
+    from sim.replica import Replica
+
+    sched = Scheduler(TIERS, make_policy("innfer", TIERS, 1), max_batch=8, max_queue=100)
+    pod = Replica(0, created=0.0, ready_at=0.0, sched=sched, n=60)
+    served = [Request(i, 1.0, 2.0) for i in range(2)]
+    for r in served:
+        r.started = 1.5
+    pod.outstanding = 2
+    pod.record(2.0, Decision("w025", served), compute_s=0.5, degraded=True)
+    assert pod.signals(0.0, 60.0) == pytest.approx((2.0, 1.0))  # 1 s queued / 0.5 s engine
+    pod.record_shed(3.0)  # refused at arrival for the work ahead
+    pod.record_shed(4.0, queued_s=0.5)  # expired after 0.5 s in the queue
+    queue_compute, degraded = pod.signals(0.0, 60.0)
+    assert queue_compute == pytest.approx(3.0) and degraded == pytest.approx(1.0)
+    pod.record(5.0, Decision("w100", served), compute_s=0.5, degraded=False)
+    assert pod.signals(0.0, 60.0)[1] == pytest.approx((2 + 2) / (4 + 2))
+
+
+def test_every_request_refused_for_load_is_counted_by_its_pod():
+    # 20 replica-capacities on 2 replicas: thousands refused for the work queued ahead or
+    # expired queued; each is in its pod's shed count, none is a budget below the profile.
+    from sim.cluster import Cluster
+
+    cfg = ClusterConfig(time_scale=K, trace="steps", steps=((0.0, 20.0),), duration_s=60.0,
+                        hpa=HPAConfig(min_replicas=2, max_replicas=2))  # fmt: skip
+    cluster = Cluster(TIERS, P50, cfg)
+    r = cluster.run()
+    refused = r.states.count("refused_deadline") + r.states.count("refused_full")
+    assert refused > 1000
+    assert sum(p.shed.sum() for p in cluster.replicas) == refused
+    assert all(t["degraded_share"] > 0.9 for t in r.ticks if t["t"] > 15.0)
