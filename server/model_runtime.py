@@ -38,6 +38,7 @@ import numpy as np
 
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
+from server.apart import Apart, run_apart
 from server.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -773,10 +774,13 @@ class ModelRuntime:
         """Run the batch: (outputs or None, the error or None, (prepare s, compute wall s,
         compute CPU s of this thread))."""
         t0, c0 = time.perf_counter(), time.thread_time()
+        engine = self.served.engines[d.tier]
         try:
-            outputs = self.served.engines[d.tier].run(feeds)
+            outputs = engine.run(feeds)
         except Exception as exc:
             outputs, error = None, exc
+            if len(d.requests) > 1:  # maybe not every request's error: each runs alone
+                outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc)
         else:
             error = None
         # Wall time (what latency plans need) and this thread's CPU time: on a core shared
@@ -796,6 +800,12 @@ class ModelRuntime:
         if not self._running:
             self._all_done.set()
         now = self.clock()
+        if isinstance(outputs, Apart):
+            try:
+                self._finish_apart(lane, d, outputs, times, now)
+            finally:
+                self._pump()
+            return
         if error is None:
             try:
                 answered, output_s = self._resolve(d, outputs, times[1])
@@ -847,10 +857,44 @@ class ModelRuntime:
     def _failed(self, lane: Scheduler, d: Decision, exc: BaseException) -> None:
         lane.complete(d, self.clock(), 0.0, ok=False)
         for r in d.requests:
-            self.metrics.requests.labels(self.name, d.tier, "failed").inc()
-            self._missed["failed"].inc()
-            self._queue_total.inc(r.started - r.arrival)
-            self._reject(r, exc)
+            self._fail_one(d.tier, r, exc)
+
+    def _fail_one(self, tier: str, r: Request, exc: BaseException) -> None:
+        self.metrics.requests.labels(self.name, tier, "failed").inc()
+        self._missed["failed"].inc()
+        self._queue_total.inc(r.started - r.arrival)
+        self._reject(r, exc)
+
+    def _finish_apart(
+        self, lane: Scheduler, d: Decision, apart: Apart, times: tuple, now: float
+    ) -> None:
+        """``d`` failed whole and its requests ran again alone (``server.apart``): answer
+        the ones that ran, fail the rest with their own error. The slot is freed and the
+        latency model learns nothing (the time holds the failed batch and the re-runs)."""
+        self._account_cpu(times[2])
+        log.error(
+            "model %s tier %s: a batch of %d requests failed (%s: %s); run again one by one, "
+            "%d answered", self.name, d.tier, len(d.requests), type(apart.error).__name__,
+            apart.error, apart.answered,
+        )  # fmt: skip
+        ran = [r for r, exc in zip(d.requests, apart.errors, strict=True) if exc is None]
+        lane.complete(d, now, 0.0, ok=False, served=ran)
+        answered = []
+        for r, out, exc in zip(d.requests, apart.outputs, apart.errors, strict=True):
+            if exc is not None:
+                self._fail_one(d.tier, r, exc)
+                continue
+            pending = self._pending.get(r.id)
+            if pending is not None:
+                answered.append(r)
+                pending.resolve(InferResult(
+                    out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
+                    int(1e6 * times[1]), r.rows,
+                ))  # fmt: skip
+        if ran:
+            alone = Decision(d.tier, ran, d.slot)
+            self._record(alone, times[1], now)
+            self._record_triton(alone, answered, (times[0], times[1], 0.0), now)
 
     def _resolve(
         self, d: Decision, outputs: dict[str, np.ndarray], compute: float

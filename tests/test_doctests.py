@@ -10,6 +10,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "server.apart",
     "runtime.engines.base",
     "runtime.engines.tensorrt",
     "server.codec",

@@ -733,3 +733,63 @@ def test_the_traffic_log_records_the_clients_budget_with_the_margin_put_back(tmp
     _run(body())
     _, budgets_ms, rows = log.window(now=time.monotonic(), seconds=60)
     assert budgets_ms.tolist() == pytest.approx([30.0]) and rows.tolist() == [1]
+
+
+def test_a_failed_batch_runs_again_request_by_request_and_fails_only_its_culprit(tmp_path):
+    # An engine that cannot take one request's input fails the whole batch; run alone, the
+    # other requests are answered with their own rows, and only the culprit fails.
+    served = _served(tmp_path, max_batch=4)
+    engine = served.engines["w100"]
+    good = engine.run
+
+    tried = []
+
+    def picky(feeds):
+        tried.append(len(feeds["input"]))
+        if (feeds["input"] < 0).any():
+            raise EngineError("cannot take a negative input")
+        return good(feeds)
+
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, device=Device(1)) as rt:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w100"))
+                await _until(lambda: gate.running() == 1)
+                engine.run = picky
+                values = (1.0, -50.0, 2.0, 3.0)
+                batch = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                         for v in values]  # fmt: skip
+                await asyncio.sleep(0.02)  # all four queued: they run as one batch
+                gate.release()
+                await first
+                outcomes = await asyncio.gather(*batch, return_exceptions=True)
+            after = await rt.infer(_x(2, 4.0), 2, 10.0, pin="w100")  # the slot is free
+            return values, outcomes, after
+
+    values, outcomes, after = _run(body())
+    assert tried == [4, 1, 1, 1, 1, 2]  # the batch, each request alone, then the next
+    for v, o in zip(values, outcomes, strict=True):
+        if v < 0:
+            assert isinstance(o, EngineError) and "negative input" in str(o)
+        else:
+            _check_answer(served, _x(1, v), o)
+            assert o.batch_size == 1
+    _check_answer(served, _x(2, 4.0), after)
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="failed") == 1
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="served") == 5
+
+
+def test_a_batch_of_one_that_fails_is_not_run_again(tmp_path):
+    served = _served(tmp_path)
+    engine = served.engines["w100"]
+
+    async def body():
+        async with _running(served, Metrics()) as rt:
+            engine.fail = EngineError("out of memory")
+            with pytest.raises(EngineError, match="out of memory"):
+                await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+
+    _run(body())
+    assert engine.calls == [1]

@@ -465,9 +465,18 @@ class Scheduler:
         of the planner keeps the plain EWMA (``Snapshot.idle_share``), which starts at 0."""
         return self._idle_share / self._idle_weight if self._idle_weight else 0.0
 
-    def complete(self, decision: Decision, now: float, compute_s: float, ok: bool = True) -> None:
-        """The batch finished (or failed) after ``compute_s`` seconds of engine time.
-        ``decision`` is the one ``next`` returned: its slot is freed."""
+    def complete(
+        self,
+        decision: Decision,
+        now: float,
+        compute_s: float,
+        ok: bool = True,
+        served: Sequence[Request] | None = None,
+    ) -> None:
+        """The batch finished (``ok``: its time is learned) or failed after ``compute_s``
+        seconds of engine time. ``decision`` is the one ``next`` returned: its slot is
+        freed. ``served``: the requests answered, where a failed batch's ran again alone
+        (default: all of them if ``ok``, else none)."""
         if decision.slot is None:
             raise ValueError("complete() takes the Decision that next() returned (with its slot)")
         self.running.pop(decision.slot, None)
@@ -475,8 +484,11 @@ class Scheduler:
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
             self._observed_at[decision.tier] = now
+        if served is None:
+            served = decision.requests if ok else ()
+        done = {id(r) for r in served}
         for r in decision.requests:
-            r.finish(State.SERVED if ok else State.FAILED, now)
+            r.finish(State.SERVED if id(r) in done else State.FAILED, now)
 
     def cancel(self, r: Request, now: float) -> bool:
         """Withdraw a queued request (client went away); False if it already started, or

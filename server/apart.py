@@ -1,0 +1,77 @@
+"""A batch that failed whole, run again request by request. Torch-free.
+
+An engine error fails a batch, but most such errors are not every request's: one request's
+input the engine cannot take, or a batch too large for the memory left (a GPU's, or a CPU
+arena's). Failing every request beside it for that answers good requests with an error. So
+the engine runs each request of the failed batch again, alone, on the same thread and the
+same slot: the ones that run alone are answered, only the ones that fail alone fail. A
+batch of one is not run again (its error is its request's).
+
+Each request's rows are its own slice of the batch's feeds (padded as in the batch: a
+sequence model's mask covers the padding, so a row's output is the one it gets in any
+batch).
+
+Example:
+    >>> import numpy as np
+    >>> class Picky:  # fails any batch holding a negative row
+    ...     def run(self, feeds):
+    ...         if (feeds["x"] < 0).any():
+    ...             raise ValueError("negative input")
+    ...         return {"y": feeds["x"] * 2}
+    >>> feeds = {"x": np.array([[1.0], [-1.0], [3.0]])}
+    >>> apart = run_apart(Picky(), feeds, [1, 1, 1], ValueError("negative input"))
+    >>> [e is None for e in apart.errors], apart.outputs[2]["y"].tolist()
+    ([True, False, True], [[6.0]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.engines import EngineError
+
+
+@dataclass
+class Apart:
+    """What running a failed batch's requests one by one gave, in the batch's order: each
+    request's outputs (None where it failed alone) and error (None where it ran)."""
+
+    error: BaseException  # the whole batch's
+    outputs: list[dict[str, np.ndarray] | None]
+    errors: list[BaseException | None]
+
+    @property
+    def answered(self) -> int:
+        return sum(e is None for e in self.errors)
+
+
+def run_apart(
+    engine, feeds: dict[str, np.ndarray], rows: Sequence[int], error: BaseException
+) -> Apart:
+    """Run each request's slice of ``feeds`` (``rows[i]`` rows each, in order) alone on
+    ``engine``; ``error`` is what the whole batch raised. An output without one row per
+    input row fails its request (EngineError), as a batch's would."""
+    outputs: list[dict[str, np.ndarray] | None] = []
+    errors: list[BaseException | None] = []
+    offset = 0
+    for n in rows:
+        part = {k: v[offset : offset + n] for k, v in feeds.items()}
+        offset += n
+        try:
+            out = engine.run(part)
+            for k, v in out.items():
+                if v.ndim == 0 or v.shape[0] != n:
+                    raise EngineError(
+                        f"output {k!r} has shape {list(v.shape)} for {n} rows alone "
+                        "(its batch axis must follow the input's); rebuild the model"
+                    )
+        except Exception as exc:  # this request's own error, whatever the engine raised
+            outputs.append(None)
+            errors.append(exc)
+        else:
+            outputs.append(out)
+            errors.append(None)
+    return Apart(error, outputs, errors)
