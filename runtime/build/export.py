@@ -27,6 +27,9 @@ from runtime.inn import graphio
 from runtime.repository.config import ModelConfig
 
 OPSET = 17
+# One ONNX file holds at most 2 GiB (protobuf's limit); larger models need their weights in
+# external data files, which innfer's tiers, hashes and engine builds do not handle yet.
+MAX_ONNX_BYTES = 2**31 - 2**24  # 16 MiB left for the graph itself
 
 
 def export_onnx(
@@ -41,6 +44,13 @@ def export_onnx(
     ``inputs``: (name, per-sample shape, dtype) for each model input, in call order.
     Returns the serialized ONNX model after ``onnx.checker.check_model`` passes.
     """
+    weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    if weights > MAX_ONNX_BYTES:
+        raise ValueError(
+            f"this tier's weights take {weights / 2**30:.2f} GiB, over the 2 GiB one ONNX file "
+            "holds; innfer does not write ONNX external data yet: serve narrower tiers "
+            "(a smaller width in model.yaml) or a smaller model"
+        )
     # Example sizes that no fixed dim is likely to equal, so the tracer cannot confuse a
     # dynamic axis with a constant one (2 rows, 7 tokens).
     example = tuple(

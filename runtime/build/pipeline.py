@@ -210,7 +210,10 @@ def _export_tier(
         module = inn.sample(width, config.method, config.multiple_of)
     except ValueError as exc:
         raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
-    data = write_tier_files(d, module, config)
+    try:
+        data = write_tier_files(d, module, config)
+    except ValueError as exc:  # over ONNX's 2 GiB
+        raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
     example = tuple(
         torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
         for t in config.inputs
