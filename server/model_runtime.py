@@ -593,11 +593,13 @@ class ModelRuntime:
             self.metrics.requests.labels(self.name, "", outcome).inc()
             why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
             if exc.state == State.REFUSED_DEADLINE:
-                # refused_budget: the budget is below the fastest allowed tier's profiled p90
-                # (no online correction): no replica meets it however idle - the client's
-                # ask, not load. Contention that slowed this replica is load.
+                # refused_budget: the budget is below the fastest allowed tier's profiled
+                # time at the quantile an idle replica admits at (no online correction): no
+                # replica meets it however idle - the client's ask, not load. Contention
+                # that slowed this replica is load.
                 s = self.lanes[lane]
-                if now + s.latency.profiled(s.ctx.fastest(req), rows) > s.admission_deadline(req):
+                idle = s.latency.profiled(s.ctx.fastest(req), rows, s.admit_quantile)
+                if now + idle > s.admission_deadline(req):
                     why = "refused_budget"
             self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:

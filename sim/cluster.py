@@ -212,9 +212,8 @@ class Cluster:
         """Whether request ``i``'s budget is below its fastest tier's profiled latency: no
         replica could meet it however idle (the server's reason refused_budget)."""
         r = Request(i, now, now + self.budgets[i])
-        return now + sched.latency.profiled(sched.ctx.fastest(r), r.rows) > (
-            sched.admission_deadline(r)
-        )
+        idle = sched.latency.profiled(sched.ctx.fastest(r), r.rows, sched.admit_quantile)
+        return now + idle > sched.admission_deadline(r)
 
     def _complete(self, rep: Replica, decision, compute: float, now: float) -> None:
         rep.sched.complete(decision, now, compute)

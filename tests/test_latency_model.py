@@ -240,3 +240,16 @@ def test_forget_moves_the_correction_back_to_the_profile():
     assert lat.estimate("t", 1) == pytest.approx(LatencyModel([tier]).estimate("t", 1))
     with pytest.raises(ValueError, match="keep must be in"):
         lat.forget("t", 1.5)
+
+
+def test_the_profile_quantile_an_idle_replica_admits_at():
+    # p50 10 ms, p90 15 ms at batch 1: the median is the p50, the 0.9 quantile the p90 and
+    # no online correction moves them (refused_budget is judged on them).
+    tier = TierInfo("w", 1.0, {1: 15.0, 2: 24.0}, {1: 10.0, 2: 16.0})
+    model = LatencyModel([tier])
+    assert model.profiled("w", 1, 0.5) == pytest.approx(0.010)
+    assert model.profiled("w", 1, 0.9) == pytest.approx(0.015) == model.profiled("w", 1)
+    assert 0.010 < model.profiled("w", 1, 0.7) < 0.015
+    for _ in range(50):
+        model.observe("w", 1, 0.030)  # a slow spell: the estimate moves, the profile not
+    assert model.estimate("w", 1) > 0.02 and model.profiled("w", 1, 0.5) == pytest.approx(0.010)

@@ -161,6 +161,33 @@ def test_an_impossible_budget_is_refused_at_once(tmp_path):
     assert refused == 1
 
 
+def test_a_budget_an_idle_replica_admits_refused_for_load_is_counted_as_load(tmp_path):
+    # The fastest tier: p50 20 ms, p90 22 ms. A 21 ms budget is admitted by an idle replica
+    # (it admits at the median); refused behind a running batch, it is load
+    # (refused_deadline), not the client's ask (refused_budget: judged on the p90 before).
+    served = _served(tmp_path, {"w100": {1: 40.0, 4: 40.0}, "w050": {1: 20.0, 4: 20.0}})
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, device=Device(1)) as rt:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w050"))
+                await _until(lambda: gate.running() == 1)
+                with pytest.raises(DeadlineExceeded, match="cannot be met behind"):
+                    await rt.infer(_x(1, 1.0), 1, 0.021)
+                gate.release()
+                await first
+            lane = rt.scheduler
+            assert lane.latency.profiled("w050", 1, lane.admit_quantile) < 0.021  # idle: in
+
+    _run(body())
+
+    def missed(reason):
+        return _count(metrics, "innfer_deadline_missed_total", model="m", reason=reason)
+
+    assert (missed("refused_deadline"), missed("refused_budget")) == (1, 0)
+
+
 def test_bad_tiers_and_oversized_requests(tmp_path):
     served = _served(tmp_path)
 

@@ -318,10 +318,16 @@ class LatencyModel:
         self._check(tier, rows)
         return self._rows_cache[tier][4][max(rows, 1)]
 
-    def profiled(self, tier: str, rows: int) -> float:
-        """The profile's p90 (s) at ``rows``, interpolated; no online correction."""
+    def profiled(self, tier: str, rows: int, q: float | None = None) -> float:
+        """The profile's p90 (s) at ``rows``, interpolated; no online correction. With
+        ``q``: the profile's ``q`` quantile (its median and log-normal spread), e.g. the
+        quantile an idle replica admits at."""
         self._check(tier, rows)
-        return self._p90[tier][max(rows, 1)]
+        if q is None:
+            return self._p90[tier][max(rows, 1)]
+        return self._p50[tier][max(rows, 1)] * math.exp(
+            z_score(q) * self._sigma0[tier][max(rows, 1)]
+        )
 
     def typical(self, tier: str, rows: int) -> float:
         """The profile's p50 (s) at ``rows``, interpolated: what observations compare with."""
