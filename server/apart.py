@@ -26,7 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,41 +38,50 @@ from runtime.engines import EngineError
 @dataclass
 class Apart:
     """What running a failed batch's requests one by one gave, in the batch's order: each
-    request's outputs (None where it failed alone) and error (None where it ran)."""
+    request's outputs (None where it failed alone or was skipped), error (None where it
+    ran or was skipped) and engine seconds alone (0 where skipped)."""
 
     error: BaseException  # the whole batch's
     outputs: list[dict[str, np.ndarray] | None]
     errors: list[BaseException | None]
+    seconds: list[float]
 
     @property
     def answered(self) -> int:
-        return sum(e is None for e in self.errors)
+        return sum(o is not None for o in self.outputs)
 
 
 def run_apart(
-    engine, feeds: dict[str, np.ndarray], rows: Sequence[int], error: BaseException
+    engine,
+    feeds: dict[str, np.ndarray],
+    rows: Sequence[int],
+    error: BaseException,
+    wanted: Callable[[int], bool] = lambda i: True,
 ) -> Apart:
     """Run each request's slice of ``feeds`` (``rows[i]`` rows each, in order) alone on
-    ``engine``; ``error`` is what the whole batch raised. An output without one row per
-    input row fails its request (EngineError), as a batch's would."""
+    ``engine``; ``error`` is what the whole batch raised. ``wanted(i)``: whether request
+    ``i`` still waits for an answer (a cancelled one is skipped). An output without one row
+    per input row fails its request (EngineError), as a batch's would."""
     outputs: list[dict[str, np.ndarray] | None] = []
     errors: list[BaseException | None] = []
+    seconds: list[float] = []
     offset = 0
-    for n in rows:
+    for i, n in enumerate(rows):
         part = {k: v[offset : offset + n] for k, v in feeds.items()}
         offset += n
-        try:
-            out = engine.run(part)
-            for k, v in out.items():
-                if v.ndim == 0 or v.shape[0] != n:
-                    raise EngineError(
-                        f"output {k!r} has shape {list(v.shape)} for {n} rows alone "
-                        "(its batch axis must follow the input's); rebuild the model"
-                    )
-        except Exception as exc:  # this request's own error, whatever the engine raised
-            outputs.append(None)
-            errors.append(exc)
-        else:
-            outputs.append(out)
-            errors.append(None)
-    return Apart(error, outputs, errors)
+        out, exc, t0 = None, None, time.perf_counter()
+        if wanted(i):
+            try:
+                out = engine.run(part)
+                for k, v in out.items():
+                    if v.ndim == 0 or v.shape[0] != n:
+                        raise EngineError(
+                            f"output {k!r} has shape {list(v.shape)} for {n} rows alone "
+                            "(its batch axis must follow the input's); rebuild the model"
+                        )
+            except Exception as e:  # this request's own error, whatever the engine raised
+                out, exc = None, e
+        outputs.append(out)
+        errors.append(exc)
+        seconds.append(time.perf_counter() - t0)
+    return Apart(error, outputs, errors, seconds)

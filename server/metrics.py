@@ -12,9 +12,12 @@ and - unless it was cancelled by its client before its deadline, or refused as m
   refused_deadline  refused at arrival: the work queued ahead (or this replica running slower
                     than profiled, e.g. contended) would make it late
   refused_budget    refused at arrival: the budget is below the fastest allowed tier's
-                    profiled p90 - no replica meets it however idle (the client's ask, not load)
+                    profiled time at the quantile an idle replica admits at (admit_quantile,
+                    the median by default) - no replica meets it however idle (the client's
+                    ask, not load)
   refused_full      refused at arrival: the queue was full (RESOURCE_EXHAUSTED)
-  failed            the engine failed the batch
+  failed            the engine failed the request: its batch failed, and so did its run alone
+                    (server/apart.py)
   unavailable       the model was unloaded or reloaded before the request ran
 
 So SLO attainment = met / (met + missed) is what clients experience: a replica that refuses

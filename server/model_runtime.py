@@ -61,7 +61,7 @@ from server.scheduling import (
     TierInfo,
     make_policy,
 )
-from server.scheduling.device import Device
+from server.scheduling.device import Device, Instances
 from server.scheduling.latency import slower_than_more_accurate, tiers_from_profile
 from server.traffic import TrafficLog
 
@@ -291,6 +291,7 @@ class ModelRuntime:
         # The batches this model can have running at once: its instances, on a shared
         # device no more than the device's slots.
         slots = min(instances, device.slots) if device is not None else instances
+        limit = Instances(slots)  # over all the lanes: a lane alone must not take them all
         self.lanes = {
             n: Scheduler(
                 infos[n],
@@ -301,7 +302,7 @@ class ModelRuntime:
                 slo_target=self.config.slo_target,
                 admit_quantile=self.config.admit_quantile,
                 device=device,
-                max_running=slots,
+                instances=limit,
             )
             for n in lengths
         }
@@ -782,7 +783,11 @@ class ModelRuntime:
         except Exception as exc:
             outputs, error = None, exc
             if len(d.requests) > 1:  # maybe not every request's error: each runs alone
-                outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc)
+
+                def waiting(i: int) -> bool:  # (the loop removes a cancelled request)
+                    return d.requests[i].id in self._pending
+
+                outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc, waiting)
         else:
             error = None
         # Wall time (what latency plans need) and this thread's CPU time: on a core shared
@@ -871,32 +876,39 @@ class ModelRuntime:
         self, lane: Scheduler, d: Decision, apart: Apart, times: tuple, now: float
     ) -> None:
         """``d`` failed whole and its requests ran again alone (``server.apart``): answer
-        the ones that ran, fail the rest with their own error. The slot is freed and the
-        latency model learns nothing (the time holds the failed batch and the re-runs)."""
+        the ones that ran, fail the rest with their own error; one cancelled meanwhile was
+        skipped. The slot is freed and the latency model learns nothing (the time holds the
+        failed batch and the re-runs); metrics and statistics count each re-run as the
+        batch of one request it was."""
         self._account_cpu(times[2])
         log.error(
-            "model %s tier %s: a batch of %d requests failed (%s: %s); run again one by one, "
-            "%d answered", self.name, d.tier, len(d.requests), type(apart.error).__name__,
-            apart.error, apart.answered,
+            "model %s tier %s: a batch of %d requests failed; run again one by one, %d "
+            "answered", self.name, d.tier, len(d.requests), apart.answered,
+            exc_info=apart.error,
         )  # fmt: skip
-        ran = [r for r, exc in zip(d.requests, apart.errors, strict=True) if exc is None]
+        ran = [r for r, out in zip(d.requests, apart.outputs, strict=True) if out is not None]
         lane.complete(d, now, 0.0, ok=False, served=ran)
-        answered = []
-        for r, out, exc in zip(d.requests, apart.outputs, apart.errors, strict=True):
+        # The engine time outside the answered re-runs: the failed batch, failed re-runs.
+        self._compute_total.inc(max(0.0, times[1] - sum(
+            t for t, out in zip(apart.seconds, apart.outputs, strict=True) if out is not None
+        )))  # fmt: skip
+        for r, out, exc, secs in zip(
+            d.requests, apart.outputs, apart.errors, apart.seconds, strict=True
+        ):
             if exc is not None:
                 self._fail_one(d.tier, r, exc)
                 continue
             pending = self._pending.get(r.id)
-            if pending is not None:
-                answered.append(r)
-                pending.resolve(InferResult(
-                    out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
-                    int(1e6 * times[1]), r.rows,
-                ))  # fmt: skip
-        if ran:
-            alone = Decision(d.tier, ran, d.slot)
-            self._record(alone, times[1], now)
-            self._record_triton(alone, answered, (times[0], times[1], 0.0), now)
+            if out is None or pending is None:  # cancelled: skipped, or gone meanwhile
+                self.metrics.requests.labels(self.name, "", "cancelled").inc()
+                continue
+            pending.resolve(InferResult(
+                out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
+                int(1e6 * secs), r.rows,
+            ))  # fmt: skip
+            alone = Decision(d.tier, [r], d.slot)
+            self._record(alone, secs, now)
+            self._record_triton(alone, [r], (0.0, secs, 0.0), now)
 
     def _resolve(
         self, d: Decision, outputs: dict[str, np.ndarray], compute: float

@@ -47,7 +47,7 @@ from functools import partial
 
 import numpy as np
 
-from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
+from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
 from sim.autoscaler import AUTOSCALERS, Autoscaler, Completions
 from sim.balancer import BALANCERS, Balancer
 from sim.cluster_bins import cluster_bins
@@ -204,7 +204,9 @@ class Cluster:
             rep.outstanding += 1
         except Refused as exc:
             self.out.states[i] = exc.state.name.lower()
-            if not self._below_profile(rep.sched, i, now):  # load, not the client's ask
+            # Load, not the client's ask (a budget below the profile: refused_budget); a
+            # full queue is always load.
+            if exc.state != State.REFUSED_DEADLINE or not self._below_profile(rep.sched, i, now):
                 rep.record_shed(now)
         self._dispatch(rep, now)
 

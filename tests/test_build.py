@@ -266,17 +266,28 @@ def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_pat
 
     root = tmp_path / "repo"
     shutil.copytree(built[0], root)
+    from runtime.repository.records import inn_fingerprint
+
     record = Repository(root).load_record("tiny", "w050")
     inn_json = json.loads((root / "tiny" / "inn.json").read_text())
-    assert record.weights_sha256 == inn_json["weights_sha256"]
+    assert record.inn_sha256 == inn_fingerprint(inn_json)
     net = _net()
     with torch.no_grad():
         net[0].weight.mul_(1.5)  # "retrained"
     runtime.convert(net, (torch.randn(2, 1, 8, 8),)).save(root / "tiny")
-    with pytest.raises(RepositoryError, match=r"w100.*other INN weights.*run `innfer build`"):
+    with pytest.raises(RepositoryError, match=r"w100.*another INN.*run `innfer build`"):
         Repository(root).load("tiny")
     build_model(Repository(root), "tiny", progress=False, profile=False)
     assert len(Repository(root).load("tiny").engines) == 2
+    # Recalibration that changes only inn.json (grid tuning, norm re-estimation): the
+    # weights' hash stays, the tiers are stale all the same.
+    weights = json.loads((root / "tiny" / "inn.json").read_text())["weights_sha256"]
+    inn = runtime.load(root / "tiny")
+    inn.info["norm_stats"] = {"0": {"mean": [0.5]}}
+    inn.save(root / "tiny")
+    assert json.loads((root / "tiny" / "inn.json").read_text())["weights_sha256"] == weights
+    with pytest.raises(RepositoryError, match=r"grids or norm statistics changed"):
+        Repository(root).load("tiny")
 
 
 def test_a_tier_over_onnxs_2_gib_is_refused_with_what_to_do(tmp_path, monkeypatch):

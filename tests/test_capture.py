@@ -207,6 +207,9 @@ def test_a_one_row_example_is_refused_with_the_fix():
         capture(TinyBert().eval(), (ids, mask), frontend="export")
     with pytest.raises(ConversionError, match=r"attention_mask has a batch of 1"):
         runtime.convert(TinyBert().eval(), _text(2, 8)[:1], example_kwargs={"attention_mask": mask})
+    # fx cannot trace it, and the fallback names the example, not control flow.
+    with pytest.raises(ConversionError, match=r"^example input 0 has a batch of 1"):
+        capture(TinyBert().eval(), (ids, mask))
     # fx graphs are dynamic by construction: a one-row example is fine there.
     assert capture(nn.Sequential(nn.Linear(4, 3)), (torch.randn(1, 4),), frontend="fx")
 

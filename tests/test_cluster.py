@@ -237,3 +237,24 @@ def test_every_request_refused_for_load_is_counted_by_its_pod():
     assert refused > 1000
     assert sum(p.shed.sum() for p in cluster.replicas) == refused
     assert all(t["degraded_share"] > 0.9 for t in r.ticks if t["t"] > 15.0)
+
+
+def test_a_full_queue_is_shed_load_whatever_the_budget():
+    # Budgets from far below the fastest tier's profile (w025: 0.85 ms x K = 17 ms at the
+    # median) to ample, and a queue of 4: a request refused for the full queue is load
+    # even when its budget is below the profile (the server counts it refused_full); one
+    # refused at a queue with room for a budget below the profile is the client's ask.
+    from sim.cluster import Cluster
+
+    cfg = ClusterConfig(time_scale=K, trace="steps", steps=((0.0, 20.0),), duration_s=40.0,
+                        budget_ms=(0.1, 60.0), max_queue=4,
+                        hpa=HPAConfig(min_replicas=2, max_replicas=2))  # fmt: skip
+    cluster = Cluster(TIERS, P50, cfg)
+    r = cluster.run()
+    budgets = r.deadlines - r.arrivals
+    states = np.array(r.states)
+    full = int((states == "refused_full").sum())
+    assert full > 100 and ((states == "refused_full") & (budgets < 0.015)).sum() > 10
+    shed = sum(p.shed.sum() for p in cluster.replicas)
+    late = states == "refused_deadline"
+    assert full + (late & (budgets > 0.02)).sum() <= shed <= full + (late & (budgets > 0.015)).sum()

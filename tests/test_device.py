@@ -182,10 +182,39 @@ def test_admission_plans_a_model_on_its_instances_not_on_every_slot():
     )  # fmt: skip
     a.submit(Request(1, 0.0, 0.2), 0.0)
     assert a.next(0.0) is not None  # slot 0, 50 ms
-    assert device.lanes(a, 0.01, 1) == pytest.approx([0.04], abs=0.005)
+    assert device.lanes(a, 0.01) == pytest.approx([0.04], abs=0.005)
     with pytest.raises(Refused, match="cannot be met"):
         a.submit(Request(2, 0.01, 0.075), 0.01)  # its lane frees at ~50 ms, then 50 ms more
     a.submit(Request(3, 0.01, 0.2), 0.01)  # behind its own batch it fits
     # B may use both slots: its request runs on the idle one and fits.
     b.submit(Request(4, 0.01, 0.07), 0.01)
-    assert device.lanes(b, 0.01, 2) == pytest.approx([0.0, 0.04], abs=0.005)
+    assert device.lanes(b, 0.01) == pytest.approx([0.0, 0.04], abs=0.005)
+
+
+def test_a_models_lanes_share_its_instances_on_a_larger_device():
+    # A sequence model has a scheduler per length (lanes); on a two-slot device with one
+    # instance, its second lane neither starts a batch beside the first lane's (only one
+    # engine thread would run it) nor plans a request on the idle slot.
+    from server.scheduling.device import Instances
+
+    tiers = [TierInfo("w100", 0.99, {1: 50.0, 2: 50.0})]
+    device, one = Device(slots=2), Instances(1)
+    short, long = (
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=16,
+                  device=device, instances=one)
+        for _ in "ab"
+    )  # fmt: skip
+    short.submit(Request(1, 0.0, 0.2), 0.0)
+    first = short.next(0.0)
+    assert first is not None  # slot 0, 50 ms
+    assert device.lanes(long, 0.01) == pytest.approx([0.04], abs=0.005)
+    with pytest.raises(Refused, match="cannot be met"):
+        long.submit(Request(2, 0.01, 0.075), 0.01)
+    long.submit(Request(3, 0.01, 0.2), 0.01)
+    assert long.next(0.01) is None  # the model's one instance is busy; slot 1 stays free
+    assert device.free_slot() == 1
+    short.complete(first, 0.05, 0.05)
+    assert long.next(0.05) is not None
+    with pytest.raises(ValueError, match="max_running 2 differs"):
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=16,
+                  device=device, instances=one, max_running=2)  # fmt: skip

@@ -10,6 +10,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "runtime.repository.records",
     "server.apart",
     "runtime.engines.base",
     "runtime.engines.tensorrt",

@@ -806,6 +806,9 @@ def test_a_failed_batch_runs_again_request_by_request_and_fails_only_its_culprit
     _check_answer(served, _x(2, 4.0), after)
     assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="failed") == 1
     assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="served") == 5
+    # Each re-run is counted as the batch of one it was (not one batch of three).
+    batches = _count(metrics, "innfer_batch_size_count", model="m", tier="w100")
+    assert batches == 1 + 3 + 1  # the first request, three re-runs answered, the last pair
 
 
 def test_a_batch_of_one_that_fails_is_not_run_again(tmp_path):
@@ -820,3 +823,26 @@ def test_a_batch_of_one_that_fails_is_not_run_again(tmp_path):
 
     _run(body())
     assert engine.calls == [1]
+
+
+def test_run_apart_skips_what_nobody_waits_for_and_times_each_run():
+    from server.apart import run_apart
+
+    class Engine:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def run(self, feeds):
+            self.calls.append(feeds["x"][:, 0].tolist())
+            if (feeds["x"] < 0).any():
+                raise EngineError("negative")
+            return {"y": feeds["x"] + 1}
+
+    feeds = {"x": np.array([[1.0], [2.0], [3.0], [-1.0], [5.0]], np.float32)}
+    engine = Engine()
+    apart = run_apart(engine, feeds, [2, 1, 1, 1], EngineError("batch"), lambda i: i != 1)
+    assert engine.calls == [[1.0, 2.0], [-1.0], [5.0]]  # request 1 was cancelled: skipped
+    assert apart.outputs[0]["y"].tolist() == [[2.0], [3.0]] and apart.outputs[1] is None
+    assert apart.errors[1] is None and isinstance(apart.errors[2], EngineError)
+    assert apart.answered == 2 and apart.outputs[3]["y"].tolist() == [[6.0]]
+    assert len(apart.seconds) == 4 and all(t >= 0 for t in apart.seconds)

@@ -43,6 +43,7 @@ from runtime.repository import (
 )
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.profile import profile_tiers, random_feeds
+from runtime.repository.records import inn_fingerprint
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 log = logging.getLogger("innfer.build")
@@ -189,11 +190,11 @@ def _export_tier(
     candidates; None: their FLOPs do."""
     d = repo.tier_dir(name, tier.name)
     src = source_hash(repo.model_dir(name), config, tier, backend)
-    weights = json.loads((repo.model_dir(name) / "inn.json").read_text())["weights_sha256"]
+    inn_sha = inn_fingerprint(json.loads((repo.model_dir(name) / "inn.json").read_text()))
     old = _recorded(d, src)
     if old is not None and _onnx_matches(d, old):
-        if old.weights_sha256 != weights:  # a record from before it was kept (same source)
-            old = dataclasses.replace(old, weights_sha256=weights)
+        if old.inn_sha256 != inn_sha:  # a record from before it was kept (same source)
+            old = dataclasses.replace(old, inn_sha256=inn_sha)
             old.write(d / TIER_FILE)
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
@@ -228,7 +229,7 @@ def _export_tier(
         params=sum(p.numel() for p in module.parameters()),
         accuracy=None,
         channel_search=search,
-        weights_sha256=weights,
+        inn_sha256=inn_sha,
     )
     record.write(d / TIER_FILE)
     return record, module, True

@@ -66,6 +66,8 @@ def capture(
             ) from fx_error
         try:
             return _export(model, example_inputs, {})
+        except OneRowExample:
+            raise  # the fix is the example's, not the model's control flow
         except ConversionError as exc:
             export_error = str(exc.__cause__ or exc).strip().splitlines()[0][:300]
             raise ConversionError(
@@ -97,6 +99,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphMo
     return gm
 
 
+class OneRowExample(ConversionError):
+    """An example input with one row on the torch.export path (``_check_batch``)."""
+
+
 def _check_batch(args: tuple, kwargs: dict[str, Any]) -> None:
     """Refuse example tensors with one row: torch.export keeps a dim of size 1 static, so the
     graph - and every tier exported from it - would serve batches of one only (the build and
@@ -104,7 +110,7 @@ def _check_batch(args: tuple, kwargs: dict[str, Any]) -> None:
     named = [(f"example input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     for name, t in named:
         if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
-            raise ConversionError(
+            raise OneRowExample(
                 f"{name} has a batch of 1 (shape {list(t.shape)}): torch.export fixes a dim "
                 f"of size 1, so the converted model could serve batches of one only. Pass "
                 f"example inputs with at least 2 rows, e.g. torch.cat([x, x])."

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,10 @@ class TierRecord:
     # What ``accuracy`` was measured on (runtime.build.pipeline.evaluation_key): another
     # evaluation set, or an edited file, is scored again. None: no key in tier.json.
     accuracy_on: str | None = None
-    # The INN weights it was sampled from (inn.json's weights_sha256): a server refuses a
-    # tier whose INN was replaced or recalibrated since. None: built before this was kept.
-    weights_sha256: str | None = None
+    # The INN it was sampled from (``inn_fingerprint`` of inn.json: weights, grids, norm
+    # statistics): a server refuses a tier whose INN was replaced, retrained or recalibrated
+    # since. None: built before this was kept.
+    inn_sha256: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -52,7 +54,27 @@ class TierRecord:
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        for optional in ("channel_search", "accuracy_on", "weights_sha256"):
+        for optional in ("channel_search", "accuracy_on", "inn_sha256"):
             if data[optional] is None:
                 del data[optional]
         path.write_text(json.dumps(data, indent=1))
+
+
+def inn_fingerprint(meta: dict[str, Any]) -> str:
+    """What a tier sampled from an INN depends on in its ``inn.json`` (``meta``): the
+    weights' hash (calibrated tiers' weights included), the grids and the stored norm
+    statistics - recalibration may change only the last two. KeyError/TypeError where
+    ``meta`` is not an INN's.
+
+    Example:
+        >>> a = inn_fingerprint({"weights_sha256": "ab", "info": {"grids": {"g": [0.5]}}})
+        >>> a == inn_fingerprint({"weights_sha256": "ab", "info": {}})
+        False
+    """
+    info = meta.get("info") or {}
+    payload = {
+        "weights": meta["weights_sha256"],
+        "grids": info.get("grids", {}),
+        "norm_stats": info.get("norm_stats", {}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()

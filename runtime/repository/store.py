@@ -45,7 +45,7 @@ from runtime.repository.frontier import (
     Frontier,
 )
 from runtime.repository.profile import measured_elsewhere, profile_tiers
-from runtime.repository.records import TIER_FILE, TierRecord
+from runtime.repository.records import TIER_FILE, TierRecord, inn_fingerprint
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger("innfer.repository")
@@ -172,7 +172,10 @@ class Repository:
             opt_batch=min(config.max_batch, 4),
             threads=config.threads,
             extra=extra,
-            sequence=config.sequence_profile,
+            # TensorRT's optimisation profile needs the length range; the other backends run
+            # any length, and their cache keys stay free of it (a new `lengths` rebuilds
+            # nothing there).
+            sequence=config.sequence_profile if backend.name == "tensorrt" else None,
         )
 
     def load(
@@ -208,7 +211,7 @@ class Repository:
                         f"{config.source} now gives tier {tier.name} width {tier.width}: "
                         "run `innfer build`"
                     )
-                self._check_weights(name, d, tiers[tier.name])
+                self._check_inn(name, d, tiers[tier.name])
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
@@ -262,27 +265,28 @@ class Repository:
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
 
-    def _check_weights(self, name: str, tier_dir: Path, record: TierRecord) -> None:
-        """Refuse a tier sampled from other INN weights than the model directory holds now
-        (the INN was replaced, retrained or recalibrated after the build): serving it would
-        answer with the old model under the new one's name. A repository without the INN
-        (a serving image with tiers only) or a record from before weights were kept is not
+    def _check_inn(self, name: str, tier_dir: Path, record: TierRecord) -> None:
+        """Refuse a tier sampled from another INN than the model directory holds now (it
+        was replaced, retrained or recalibrated after the build): serving it would answer
+        with the old model under the new one's name. A repository without the INN (a
+        serving image with tiers only) or a record from before this was kept is not
         checked."""
         inn_json = self.model_dir(name) / "inn.json"
-        if record.weights_sha256 is None or not inn_json.is_file():
+        if record.inn_sha256 is None or not inn_json.is_file():
             return
         try:
-            current = json.loads(inn_json.read_text())["weights_sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            current = inn_fingerprint(json.loads(inn_json.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RepositoryError(
                 f"{inn_json} is unreadable ({type(exc).__name__}: {exc}); restore it, or "
                 "save the INN again (IntegralModel.save) and run `innfer build`"
             ) from None
-        if current != record.weights_sha256:
+        if current != record.inn_sha256:
             raise RepositoryError(
-                f"{tier_dir / TIER_FILE} was sampled from other INN weights than "
-                f"{self.model_dir(name) / 'inn.safetensors'} holds now (replaced, retrained "
-                "or recalibrated after the build): run `innfer build`"
+                f"{tier_dir / TIER_FILE} was sampled from another INN than "
+                f"{self.model_dir(name)} holds now (its weights, grids or norm statistics "
+                "changed: replaced, retrained or recalibrated after the build): run "
+                "`innfer build`"
             )
 
     def record_tokenizer(self, name: str, config: ModelConfig) -> None:

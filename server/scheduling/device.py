@@ -52,6 +52,30 @@ if TYPE_CHECKING:
 HOLD_SCAN = 32
 
 
+class Instances:
+    """How many batches one model may run at once across its schedulers - its lanes, one
+    per profiled length for a sequence model - whatever slots the device has: its engine
+    instances. The model's lanes share one; a scheduler given none gets its own.
+
+    Example:
+        >>> limit = Instances(1)
+        >>> limit.full(), limit.limit
+        (False, 1)
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a model runs at least one batch at once, got {limit}")
+        self.limit = limit
+        self.members: list[Scheduler] = []
+
+    def running(self) -> int:
+        return sum(len(s.running) for s in self.members)
+
+    def full(self) -> bool:
+        return self.running() >= self.limit
+
+
 class Device:
     """``slots`` batch slots shared by the schedulers that ``join`` it. A scheduler given no
     device gets a private one: one code path for slots, alone or shared."""
@@ -98,7 +122,7 @@ class Device:
         for other in self.members:
             if other is scheduler or not other.queue or id(other) in self._passed:
                 continue
-            if len(other.running) >= other.max_running:  # it cannot start anyway: no stall
+            if other.instances.full():  # it cannot start anyway: no stall
                 continue
             if _urgency(other) < mine:
                 return None
@@ -162,18 +186,17 @@ class Device:
                 out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
         return out
 
-    def lanes(
-        self, scheduler: Scheduler, now: float, limit: int, q: float | None = None
-    ) -> list[float]:
-        """The planning times (s) until each of the ``limit`` batches ``scheduler`` may
-        run at once (its engine instances, fewer than the device's slots) can start: its
-        own running batches' time left, then, for the lanes it is not using, the other
-        slots that free first. ``offsets`` counts every slot - as if this model could run
-        a batch on each, which it cannot.
+    def lanes(self, scheduler: Scheduler, now: float, q: float | None = None) -> list[float]:
+        """The planning times (s) until each of the batches ``scheduler``'s model may run
+        at once (``Instances``, fewer than the device's slots) can start: its own running
+        batches' time left (any of its lanes'), then, for the instances it is not using,
+        the other slots that free first. ``offsets`` counts every slot - as if the model
+        could run a batch on each, which it cannot.
 
         Example: two slots, this model (one instance) running 50 ms more, the other slot
-        idle: ``lanes(m, now, 1)`` is ``[0.05]``, where ``offsets`` says ``[0.05, 0.0]``.
+        idle: ``lanes(m, now)`` is ``[0.05]``, where ``offsets`` says ``[0.05, 0.0]``.
         """
+        mine = scheduler.instances.members
         own, others = [], []
         for slot in range(self.slots):
             run = self.running.get(slot)
@@ -182,7 +205,9 @@ class Device:
                 continue
             sched, d, started = run
             left = sched.latency.remaining(d.tier, d.rows, now - started, q)
-            (own if sched is scheduler else others).append(left)
+            (own if any(sched is m for m in mine) else others).append(left)
+        limit = scheduler.instances.limit
+        own.sort()
         others.sort()
         return own[:limit] + others[: max(0, limit - len(own))]
 

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .device import Device
+from .device import Device, Instances
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
 from .plan import SMALL_QUEUE, Columns, admission_finish, quantile, warm
 from .policy import Context, Decision, Policy, Snapshot
@@ -117,6 +117,7 @@ class Scheduler:
         slo_target: float | None = None,
         device: Device | None = None,
         max_running: int | None = None,
+        instances: Instances | None = None,
         admit_quantile: float = DEFAULT_ADMIT_QUANTILE,
     ) -> None:
         if not 0 < admit_quantile < 1:
@@ -139,8 +140,14 @@ class Scheduler:
         # model plans behind every batch on it and starts one only when it grants a slot.
         self.device = device if device is not None else Device(slots, name="private")
         self.slots = self.device.slots
-        # At most this many of the device's slots at once (the model's engine instances).
-        self.max_running = self.slots if max_running is None else max_running
+        # At most this many of the device's slots at once (the model's engine instances),
+        # counted over the model's lanes where they share ``instances``.
+        if instances is None:
+            instances = Instances(self.slots if max_running is None else max_running)
+        elif max_running is not None and max_running != instances.limit:
+            raise ValueError(f"max_running {max_running} differs from instances' {instances.limit}")
+        self.instances = instances
+        instances.members.append(self)
         self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
@@ -310,7 +317,7 @@ class Scheduler:
         lo, hi = self.ctx.bounds(r)
         q = self.admission_quantile() if q is None else q
         if self.max_running < self.slots:  # fewer instances than the device has slots
-            busy = self.device.lanes(self, now, self.max_running, q=q)
+            busy = self.device.lanes(self, now, q=q)
         else:
             busy = self.device.offsets(now, q=q)
         # A shared device's work due first (at the planning quantile: others' plans).
@@ -330,8 +337,13 @@ class Scheduler:
         return self._cols.view()
 
     # -- dispatch --------------------------------------------------------------------------
+    @property
+    def max_running(self) -> int:
+        """Batches this model may run at once (``Instances``), over all its lanes."""
+        return self.instances.limit
+
     def free_slot(self) -> int | None:
-        if len(self.running) >= self.max_running:
+        if self.instances.full():
             return None
         return self.device.claim(self)
 
