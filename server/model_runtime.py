@@ -307,6 +307,7 @@ class ModelRuntime:
             for n in lengths
         }
         self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
+        self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
         # Where a request's sequence length is read: (input, axis incl. batch); None when
         # the model has fixed shapes.
         seq = next((t for t in self.config.inputs if t.dynamic), None)
@@ -726,13 +727,17 @@ class ModelRuntime:
                 self._launch(lane, decision)
 
     def _launch(self, lane: Scheduler, d: Decision) -> None:
-        """Concatenate ``d``'s inputs (padded to its longest sequence) and hand the batch to
-        an engine thread."""
+        """Concatenate ``d``'s inputs (padded to its longest sequence, or to its lane's
+        length for an engine that prefers fixed lengths) and hand the batch to an engine
+        thread."""
         reqs = d.requests
         t_in = time.perf_counter()
+        pad_to = self._lane_length[id(lane)]
+        if not self.served.engines[d.tier].prefers_fixed_lengths:
+            pad_to = None
         try:
             feeds = {
-                s.name: batch_rows([r.payload[s.name] for r in reqs], s.dynamic)
+                s.name: batch_rows([r.payload[s.name] for r in reqs], s.dynamic, pad_to)
                 for s in self.config.inputs
             }
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
@@ -984,20 +989,25 @@ class ModelRuntime:
         return float(w) if isinstance(w, (int, float)) else str(w)
 
 
-def batch_rows(parts: list[np.ndarray], dynamic: tuple[int, ...]) -> np.ndarray:
+def batch_rows(
+    parts: list[np.ndarray], dynamic: tuple[int, ...], pad_to: int | None = None
+) -> np.ndarray:
     """One batch from the requests' arrays of one input (each (rows, *per-sample)): joined
     along the batch axis, and where the input has a dynamic (sequence) axis, each part first
-    padded with zeros to the longest - id 0 and mask 0, which a masked model ignores.
+    padded with zeros to the longest (at least ``pad_to``) - id 0 and mask 0, which a masked
+    model ignores.
 
     Example:
         >>> a, b = np.ones((1, 2), np.int64), np.ones((2, 3), np.int64)
         >>> batch_rows([a, b], (0,)).tolist()
         [[1, 1, 0], [1, 1, 1], [1, 1, 1]]
+        >>> batch_rows([a], (0,), pad_to=4).tolist()
+        [[1, 1, 0, 0]]
     """
-    if len(parts) == 1:
+    if len(parts) == 1 and (pad_to is None or not dynamic):
         return parts[0]
     for axis in dynamic:
-        longest = max(p.shape[1 + axis] for p in parts)
+        longest = max(max(p.shape[1 + axis] for p in parts), pad_to or 0)
         pads = [[(0, 0)] * p.ndim for p in parts]
         for p, pad in zip(parts, pads, strict=True):
             pad[1 + axis] = (0, longest - p.shape[1 + axis])

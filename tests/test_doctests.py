@@ -10,6 +10,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "server.model_runtime",
     "runtime.repository.records",
     "server.apart",
     "runtime.engines.base",

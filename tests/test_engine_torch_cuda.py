@@ -1,4 +1,4 @@
-"""The torch backend's CUDA graphs: one graph per batch size, captured lazily, replayed after.
+"""The torch backend's CUDA graphs: one graph per input shape, captured lazily, replayed after.
 
 The ``gpu`` test runs the real thing and skips without CUDA. On CPU: the engine never touches
 CUDA graphs, the switches are honoured, and the capture/replay bookkeeping is checked against
@@ -192,6 +192,44 @@ def test_one_graph_per_batch_size_captured_lazily_then_replayed(monkeypatch):
     assert set(fake.modes) == {"thread_local"}  # other engines' threads may run meanwhile
     engine.close()
     assert engine.captured_batches == []
+
+
+class _SumTokens(nn.Module):
+    """(batch, length) -> (batch, 1): a sequence model's shape, any length."""
+
+    def forward(self, x):
+        return x.sum(dim=1, keepdim=True)
+
+
+def test_a_sequence_model_gets_a_graph_per_batch_and_length_within_a_bound(monkeypatch):
+    # The server pads a text batch to its lane's length for this engine
+    # (prefers_fixed_lengths), so (batch, length) shapes repeat and their graphs replay.
+    from runtime.engines.torch import MAX_LENGTHS
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    net = _SumTokens()
+    engine = TorchEngine(_Recorder(net), "cpu", torch.float32,
+                         [TensorSpec("ids", "float32", (-1, -1))],
+                         [TensorSpec("y", "float32", (-1, 1))], max_batch=1)  # fmt: skip
+    assert engine.prefers_fixed_lengths is False  # on a CPU: no graphs, any length is fine
+    engine._use_graphs = True
+    assert engine.prefers_fixed_lengths is True
+
+    def run(length: int, seed: int) -> None:
+        x = np.random.default_rng(seed).standard_normal((1, length)).astype(np.float32)
+        np.testing.assert_allclose(engine.run({"ids": x})["y"], x.sum(1, keepdims=True),
+                                   rtol=1e-5)  # fmt: skip
+
+    run(8, 0)
+    run(8, 1)  # the same shape again: replayed, not captured
+    run(16, 2)
+    assert engine.captured_shapes == [((1, 8),), ((1, 16),)] and engine.graph_captures == 2
+    assert fake.graphs[0].replays == 2
+    for length in range(17, 17 + MAX_LENGTHS):  # lengths nobody padded: bounded, then eager
+        run(length, length)
+    assert engine.graph_captures == MAX_LENGTHS  # max_batch x MAX_LENGTHS graphs at most
+    assert engine.captured_batches == [1]
 
 
 def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):

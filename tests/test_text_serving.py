@@ -225,6 +225,41 @@ def test_a_batch_padded_across_requests_computes_what_each_request_alone_does(re
     np.testing.assert_allclose(together, want, atol=1e-5)
 
 
+def test_an_engine_that_prefers_fixed_lengths_gets_batches_padded_to_its_lane(repo):
+    # A torch CUDA engine replays one graph per shape: padded to the batch's longest request
+    # every length is a new shape (a graph rarely replayed); padded to the lane's length,
+    # a profiled one, there are a few. The embeddings are the same (the mask covers it).
+    _, d, model = repo
+    served = Repository(d.parent).load("embed")
+    shapes = []
+    for engine in served.engines.values():
+        engine.prefers_fixed_lengths = True  # as a torch engine on CUDA says
+        run = engine.run
+        engine.run = lambda feeds, run=run: shapes.append(feeds["input_ids"].shape) or run(feeds)
+    tok = served.tokenizer
+    texts = ["the model", " ".join(WORDS[:9]), " ".join(WORDS[:17])]  # 4, 11, 19 tokens
+
+    async def go():
+        rt = ModelRuntime(served, Metrics())
+        rt.start()
+        try:
+            calls = []
+            for s in texts:
+                ids, mask = tok.encode([s])
+                calls.append(rt.infer({"input_ids": ids, "attention_mask": mask}, 1, 5.0,
+                                      pin="full"))  # fmt: skip
+            return await asyncio.gather(*calls)
+        finally:
+            await rt.stop()
+
+    results = asyncio.run(go())
+    lengths = {n for _, n in shapes}
+    assert lengths <= set(LENGTHS) and {8, 24} <= lengths
+    want = _reference(model, d, texts)
+    for k, r in enumerate(results):
+        np.testing.assert_allclose(r.outputs["embedding"][0], want[k], atol=2e-5)
+
+
 def test_a_tokenizer_changed_after_the_build_is_refused_at_load(repo, tmp_path):
     import shutil
 

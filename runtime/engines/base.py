@@ -72,6 +72,10 @@ class Engine(ABC):
     backend: str = ""
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # True: the engine runs a few fixed shapes fastest (a torch CUDA engine replays one
+    # captured graph per shape), so the server pads a sequence model's batch to its lane's
+    # length - a profiled length - rather than to its longest request.
+    prefers_fixed_lengths: bool = False
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,8 +6,10 @@ the serving image without torch simply reports this backend unavailable.
 
 On CPU a batch runs eagerly, module call by module call. On CUDA a small tier is
 launch-bound (eager at batch 8: w100 1.62 ms, w025 1.45 ms), so the engine captures one
-``torch.cuda.CUDAGraph`` per batch size, lazily on the first batch of that size (only sizes
-1..``max_batch``, so memory stays bounded), and replays it afterwards: inputs are copied into
+``torch.cuda.CUDAGraph`` per input shape, lazily on the first batch of that shape (batch
+sizes 1..``max_batch``, and for a sequence model at most ``MAX_LENGTHS`` lengths per size,
+so memory stays bounded: the server pads a text batch to its lane's profiled length for
+such an engine, ``prefers_fixed_lengths``), and replays it afterwards: inputs are copied into
 the graph's static input tensors, the graph is replayed, the static outputs copied out.
 ``BuildOptions(extra={"cuda_graphs": False})`` or the environment variable
 ``INNFER_CUDA_GRAPHS=0`` turns graphs off; a capture that fails is logged once and the engine
@@ -48,6 +50,9 @@ CUDA_GRAPHS_ENV = "INNFER_CUDA_GRAPHS"
 # initialise lazily created state (cuBLAS/cuDNN handles, workspaces) that must not be
 # created inside a capture. Three is torch.cuda.make_graphed_callables' default.
 _WARMUP_ITERS = 3
+# Graphs per batch size at most: one per profiled length of a sequence model (ModelConfig's
+# doubling lengths 16..max_length make 5-6); a model with fixed shapes has one.
+MAX_LENGTHS = 8
 
 
 @dataclass
@@ -135,7 +140,7 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 
 class TorchEngine(Engine):
-    """A sampled tier run by torch; on CUDA, one CUDA graph per batch size (see module doc).
+    """A sampled tier run by torch; on CUDA, one CUDA graph per input shape (module doc).
 
     ``graph_captures`` counts captures (a replay does not add one); ``captured_batches``
     lists the batch sizes that have a graph.
@@ -166,13 +171,23 @@ class TorchEngine(Engine):
         # Only a CUDA device can capture; on CPU nothing below is ever touched.
         self._on_cuda = str(device).split(":", 1)[0] == "cuda"
         self._use_graphs = cuda_graphs and self._on_cuda
-        self._graphs: dict[int, _Graph] = {}
+        # One graph per input shapes: per batch size, and for a sequence model per length
+        # too (the server pads to a few lengths for it: prefers_fixed_lengths).
+        self._graphs: dict[tuple, _Graph] = {}
         self._pool = None  # one memory pool shared by this engine's graphs
         self._capture_failed = False
         self.graph_captures = 0
 
     @property
+    def prefers_fixed_lengths(self) -> bool:
+        return self._use_graphs
+
+    @property
     def captured_batches(self) -> list[int]:
+        return sorted({shapes[0][0] for shapes in self._graphs})
+
+    @property
+    def captured_shapes(self) -> list[tuple]:
         return sorted(self._graphs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -209,14 +224,12 @@ class TorchEngine(Engine):
         batch = shapes[0][0]
         if not 1 <= batch <= self.max_batch:
             return None  # outside the profile: not worth a graph's memory
-        entry = self._graphs.get(batch)
+        entry = self._graphs.get(shapes)
         if entry is None:
-            if self._capture_failed:
-                return None
+            if self._capture_failed or len(self._graphs) >= self.max_batch * MAX_LENGTHS:
+                return None  # (lengths the server did not pad to a profiled one: eager)
             with _GATE.exclusive():
                 entry = self._capture(args, shapes)
-        elif entry.shapes != shapes:
-            return None  # same batch, other trailing dims: not what the tier was exported for
         return entry
 
     @staticmethod
@@ -264,7 +277,7 @@ class TorchEngine(Engine):
             return None
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         entry = _Graph(graph, shapes, static, outs)
-        self._graphs[shapes[0][0]] = entry
+        self._graphs[shapes] = entry
         self.graph_captures += 1
         log.debug("captured a CUDA graph for batch %d on %s", shapes[0][0], self.device)
         return entry
