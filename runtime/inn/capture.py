@@ -80,7 +80,6 @@ def capture(
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
     """torch.export with every input dim but the last dynamic, lowered to torch-level ops."""
-    _check_batch(args, kwargs)
     try:
         program = torch.export.export(
             model,
@@ -94,6 +93,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphMo
             f"torch.export could not capture {type(model).__name__}: "
             f"{type(exc).__name__}: {str(exc)[:500]}"
         ) from exc
+    # After the export, not before: a model it cannot capture at all is told so first (a
+    # second row would not help it).
+    _check_batch(args, kwargs)
     gm = lower(program.module())
     gm.meta["frontend"] = "export"
     return gm
