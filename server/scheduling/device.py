@@ -73,6 +73,9 @@ class Instances:
         return sum(len(s.running) for s in self.members)
 
     def full(self) -> bool:
+        members = self.members
+        if len(members) == 1:  # a model with fixed shapes: one scheduler (the hot path)
+            return len(members[0].running) >= self.limit
         return self.running() >= self.limit
 
 

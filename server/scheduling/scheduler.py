@@ -496,8 +496,11 @@ class Scheduler:
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
             self._observed_at[decision.tier] = now
-        if served is None:
-            served = decision.requests if ok else ()
+        if served is None:  # every request alike (the hot path: no set to build)
+            state = State.SERVED if ok else State.FAILED
+            for r in decision.requests:
+                r.finish(state, now)
+            return
         done = {id(r) for r in served}
         for r in decision.requests:
             r.finish(State.SERVED if id(r) in done else State.FAILED, now)
