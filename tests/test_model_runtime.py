@@ -102,6 +102,18 @@ class _Gate:
         self.event.set()
 
 
+@contextlib.asynccontextmanager
+async def _one_running(rt, served, pin: str):
+    """A first request running on tier ``pin``, its engine held until released (at the
+    latest when the block ends, which awaits its answer)."""
+    with _Gate(served) as gate:
+        first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin=pin))
+        await _until(lambda: gate.running() == 1)
+        yield gate
+        gate.release()
+        await first
+
+
 def test_pinned_requests_run_on_their_tier_and_get_their_rows(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
@@ -170,13 +182,9 @@ def test_a_budget_an_idle_replica_admits_refused_for_load_is_counted_as_load(tmp
 
     async def body():
         async with _running(served, metrics, device=Device(1)) as rt:
-            with _Gate(served) as gate:
-                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w050"))
-                await _until(lambda: gate.running() == 1)
+            async with _one_running(rt, served, "w050"):
                 with pytest.raises(DeadlineExceeded, match="cannot be met behind"):
                     await rt.infer(_x(1, 1.0), 1, 0.021)
-                gate.release()
-                await first
             lane = rt.scheduler
             assert lane.latency.profiled("w050", 1, lane.admit_quantile) < 0.021  # idle: in
 
@@ -781,17 +789,13 @@ def test_a_failed_batch_runs_again_request_by_request_and_fails_only_its_culprit
 
     async def body():
         async with _running(served, metrics, device=Device(1)) as rt:
-            with _Gate(served) as gate:
-                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w100"))
-                await _until(lambda: gate.running() == 1)
+            async with _one_running(rt, served, "w100"):
                 engine.run = picky
                 values = (1.0, -50.0, 2.0, 3.0)
                 batch = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
                          for v in values]  # fmt: skip
                 await asyncio.sleep(0.02)  # all four queued: they run as one batch
-                gate.release()
-                await first
-                outcomes = await asyncio.gather(*batch, return_exceptions=True)
+            outcomes = await asyncio.gather(*batch, return_exceptions=True)
             after = await rt.infer(_x(2, 4.0), 2, 10.0, pin="w100")  # the slot is free
             return values, outcomes, after
 
