@@ -160,7 +160,9 @@ def tune_grid(
             mats[gi] = interpolation_matrix(g.size, _grid_points(logits[gi]))
         state = inn.resampled_state(frozen, mats, differentiable=True)
         for name in buffer_names:  # statistics are not learned here (and BN refuses grads)
-            state[name] = state[name].detach()
+            # A copy: in train mode BatchNorm updates its running statistics in place, and
+            # an unresampled group's buffers are the INN's own stored tensors.
+            state[name] = state[name].detach().clone()
         out = functional_call(skeleton, state, (x[idx],))
         loss = F.kl_div(out.log_softmax(-1), teacher[idx].softmax(-1), reduction="batchmean")
         opt.zero_grad()
