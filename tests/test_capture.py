@@ -200,6 +200,28 @@ def test_an_aten_op_without_a_rule_is_refused_by_name():
         runtime.convert(CumsumChannels().eval(), (torch.randn(2, 3, 4),), frontend="export")
 
 
+class ScaledResidual(nn.Module):
+    """torch.add(..., alpha=) / torch.sub(..., alpha=): aten.add with its alpha."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = torch.add(self.a(x), self.c(x), alpha=0.25)
+        return self.b(torch.relu(torch.sub(h, self.c(x), alpha=2.0)))
+
+
+@torch.no_grad()
+def test_add_and_sub_keep_their_alpha_on_the_export_path():
+    # The lowering kept two arguments and dropped alpha: the full width was off by 0.35.
+    torch.manual_seed(0)
+    model, x = ScaledResidual().eval(), torch.randn(4, 8)
+    inn = runtime.convert(model, (x,), frontend="export")
+    torch.testing.assert_close(inn.sample(1.0)(x), model(x), atol=1e-5, rtol=1e-5)
+    assert inn.sample(0.5)(x).shape == (4, 4)
+
+
 def test_a_one_row_example_is_refused_with_the_fix():
     # torch.export keeps a size-1 batch static: the tiers would serve batches of one only.
     ids, mask = _text(1, 8)

@@ -167,7 +167,29 @@ def _embedding(a: tuple, k: dict) -> Lowered:
 
 
 def _addmm(a: tuple, k: dict) -> Lowered:  # bias + x @ W with W stored (in, out): GPT-2 Conv1D
+    beta, alpha = (
+        k.get("beta", a[3] if len(a) > 3 else 1),
+        k.get("alpha", a[4] if len(a) > 4 else 1),
+    )
+    if beta != 1 or alpha != 1:
+        raise ConversionError(
+            f"addmm with beta={beta}, alpha={alpha}: only bias + x @ W (beta = alpha = 1) "
+            "is converted"
+        )
     return ("addmm", None, a, k)
+
+
+def _scaled(fn: Callable) -> Callable[[tuple, dict], Lowered]:
+    """``aten.add`` / ``aten.sub``: ``a op alpha * b``; the scale becomes a multiplication
+    (dropping it changed what the model computes)."""
+
+    def lowered(a: tuple, k: dict) -> Lowered:
+        alpha = k.get("alpha", a[2] if len(a) > 2 else 1)
+        if alpha == 1:
+            return ("call_function", fn, a[:2], {})
+        return ("scaled", fn, (a[0], a[1], alpha), {})
+
+    return lowered
 
 
 def _softmax(a: tuple, k: dict) -> Lowered:
@@ -209,8 +231,8 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.to.dtype_layout: _to,
     aten.to.device: _to,
     aten._to_copy.default: _to,
-    aten.add.Tensor: _function(operator.add, keep=2),
-    aten.sub.Tensor: _function(operator.sub, keep=2),
+    aten.add.Tensor: _scaled(operator.add),
+    aten.sub.Tensor: _scaled(operator.sub),
     aten.mul.Tensor: _function(operator.mul),
     aten.div.Tensor: _function(operator.truediv),
     aten.pow.Tensor_Scalar: _function(torch.pow),
@@ -317,6 +339,9 @@ def _replace(graph: fx.Graph, node: fx.Node, lowered: Lowered) -> None:
             bias, x, w = args[:3]
             wt = graph.call_function(torch.t, (w,))
             new = graph.call_function(F.linear, (x, wt, bias))
+        elif op == "scaled":  # a + alpha * b (or a - alpha * b)
+            a, b, alpha = args
+            new = graph.call_function(target, (a, graph.call_function(operator.mul, (b, alpha))))
         else:
             new = graph.create_node(op, target, args, kwargs)
     new.meta = dict(node.meta)
