@@ -513,3 +513,26 @@ class UnequalSplit(nn.Module):
 def test_unequal_split_of_channels_is_refused():
     with pytest.raises(ConversionError, match=r"split along channel dim 1 \(parts"):
         runtime.convert(UnequalSplit().eval(), (torch.randn(2, 4),))
+
+
+class RemainderSplit(nn.Module):
+    """split(5) / chunk(5) of 12 channels: 5, 5, 2 and 3, 3, 3, 3 - parts that are not
+    copies of one group at another width (the count of parts divided 12 evenly, so they
+    passed as equal: split(5) became split(4) at every width, width 1.0 included)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.c = nn.Linear(4, 12), nn.Linear(5, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "split":
+            return self.b(h.split(5, dim=-1)[0])
+        return self.c(h.chunk(5, dim=-1)[0])
+
+
+@pytest.mark.parametrize("how", ["split", "chunk"])
+def test_a_split_with_a_remainder_is_refused(how):
+    with pytest.raises(ConversionError, match=rf"{how} along channel dim 1 \(parts"):
+        runtime.convert(RemainderSplit(how).eval(), (torch.randn(2, 4),))

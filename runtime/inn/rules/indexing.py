@@ -107,6 +107,14 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
     size = arg(node, 1, "split_size_or_sections" if name == "split" else "chunks")
     if isinstance(size, (list, tuple)) and len(set(size)) != 1:
         return None
+    # Whole equal parts only: split(5) of 12 channels is 5, 5, 2 and chunk(12, 5) is four
+    # parts of 3 - neither divides the group into as many copies at another width. Only
+    # split(size) with size x count == channels, and chunk(count), are equal everywhere.
+    total = tr.shape(node.args[0])[arg(node, 2, "dim", 0) % len(tr.shape(node.args[0]))]
+    if name == "split" and isinstance(size, int) and size * count != total:
+        return None
+    if name == "chunk" and size != count:
+        return None
     uf = tr.uf
     # Only plain channels (inner 1): an interleaved layout (after a channel shuffle) would
     # split cleanly here but cannot be regrouped by the next shuffle - refuse it here, where
