@@ -199,3 +199,24 @@ def test_parameters_through_shape_ops_are_bound_or_refused(seed):
         g = [inn.all_groups[s.group] for s in b.layout]
         if b.param.endswith(".p") and any(not gi.discrete for gi in g):
             assert small[b.param].shape[b.dim] < inn.state[b.param].shape[b.dim]
+
+
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("method", ["point", "cell"])
+@torch.no_grad()
+def test_unfolded_batchnorm_variances_stay_positive_at_every_width(permute, method):
+    # Variances that alternate 10 / 0.01 across channels: the cubic kernel's negative lobes
+    # took resampled ones below zero (down to -1.24), and the sampled network gave NaN.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    m[1].running_var.copy_(torch.tensor([10.0, 0.01] * 8))
+    m[1].running_mean.normal_()
+    m.eval()
+    x = torch.randn(2, 3, 8, 8)
+    inn = runtime.convert(m, (x,), fold_norms=False, permute=permute)
+    torch.testing.assert_close(inn.sample(1.0)(x), m(x), atol=1e-5, rtol=1e-5)
+    for width in (0.75, 0.5, 0.3):
+        sampled = inn.sample(width, method=method)
+        (var,) = [b for n, b in sampled.named_buffers() if n.endswith("running_var")]
+        assert float(var.min()) >= 0.01 - 1e-7
+        assert torch.isfinite(sampled(x)).all()

@@ -350,6 +350,11 @@ class IntegralModel:
                 out[b.param] = self._resample_dim(
                     out[b.param], b, mats, quadrature, differentiable, unit
                 )
+                if b.param.endswith("running_var"):
+                    # The cubic kernel's negative lobes can take a variance below zero (NaN
+                    # outputs): none is smaller than the smallest stored one.
+                    floor = max(float(state[b.param].min()), 0.0)
+                    out[b.param] = out[b.param].clamp_min(floor)
         return out
 
     def resample(
