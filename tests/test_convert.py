@@ -220,3 +220,17 @@ def test_unfolded_batchnorm_variances_stay_positive_at_every_width(permute, meth
         (var,) = [b for n, b in sampled.named_buffers() if n.endswith("running_var")]
         assert float(var.min()) >= 0.01 - 1e-7
         assert torch.isfinite(sampled(x)).all()
+
+
+@torch.no_grad()
+def test_a_constant_tensor_does_not_change_the_channel_order():
+    # A bias of ones (a fresh norm weight, a layer scale): divided by its ~0 spread it
+    # became features of ~1e12 that swamped the weights' own, and the order was noise.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 512), nn.ReLU(), nn.Linear(512, 4)).eval()  # float32 path
+    orders = []
+    for value in (0.0, 1.0):
+        m[0].bias.fill_(value)
+        inn = runtime.convert(m, (torch.randn(2, 300),))
+        orders.append(inn.state["0.weight"].clone())
+    torch.testing.assert_close(orders[0], orders[1])

@@ -145,8 +145,14 @@ def channel_features(state: dict, analysis: Analysis, gi: int) -> torch.Tensor:
     for b, offset, inner in _runs(analysis, gi):
         x = state[b.param].movedim(b.dim, 0)[offset : offset + m * inner]
         x = x.reshape(m, -1).to(torch.float64)
-        rows.append(x / (x.std() + 1e-12))  # each tensor weighs alike, whatever its scale
-    return torch.cat(rows, dim=1)
+        x = x - x.mean()  # distances are unchanged; their float32 arithmetic is better off
+        sd = float(x.std()) if x.numel() > 1 else 0.0
+        if not sd > 1e-9 * (1.0 + float(x.abs().max())):
+            # A constant tensor (a fresh norm weight of ones, a layer scale) says nothing
+            # about the order; divided by its ~0 spread it swamped every other feature.
+            continue
+        rows.append(x / sd)  # each tensor weighs alike, whatever its scale
+    return torch.cat(rows, dim=1) if rows else torch.zeros(m, 1, dtype=torch.float64)
 
 
 def apply_order(state: dict, analysis: Analysis, gi: int, order: torch.Tensor) -> None:
