@@ -302,3 +302,21 @@ def test_a_tier_over_onnxs_2_gib_is_refused_with_what_to_do(tmp_path, monkeypatc
     add_model(tmp_path, "tiny", inn, {k: v for k, v in CONFIG.items() if k != "evaluation"})
     with pytest.raises(BuildError, match=r"tier w100: .* GiB, over the 2 GiB one ONNX file"):
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+
+
+def test_the_build_closes_every_engine_it_opened(tmp_path, monkeypatch):
+    # A TensorRT or CUDA engine holds device memory until closed; the build kept them all.
+    from runtime.repository.cache import EngineCache
+
+    opened = []
+    real_get = EngineCache.get
+
+    def get(self, *args, **kwargs):
+        engine, built = real_get(self, *args, **kwargs)
+        opened.append(engine)
+        engine.close = lambda e=engine: setattr(e, "closed_by_test", True)
+        return engine, built
+
+    monkeypatch.setattr(EngineCache, "get", get)
+    build_tiny(tmp_path)
+    assert len(opened) == 2 and all(getattr(e, "closed_by_test", False) for e in opened)

@@ -91,52 +91,56 @@ def build_model(
     score = accuracy_scorer(inn, config, model_dir)
     measured_on = evaluation_key(config, model_dir)
     engines = {}
-    bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
-    for tier in bar:
-        t0 = time.perf_counter()
-        bar.set_postfix_str(f"{tier.name}: sample+export")
-        record, module, exported = _export_tier(
-            repo, name, inn, config, tier, chosen, options, progress, score
-        )
-        bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
-        onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
-        try:
-            engine, built = cache.get(chosen, onnx_path, options)
-        except EngineError as exc:
-            raise BuildError(f"tier {tier.name}: {exc}") from exc
-        if module is None:
-            module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
-        err = validate(engine, module, config, tier.name)
-        accuracy = record.accuracy
-        stale = exported or accuracy is None or record.accuracy_on != measured_on
-        if score is not None and stale:
-            bar.set_postfix_str(f"{tier.name}: accuracy")
-            accuracy = score(engine)
-        elif score is None:
-            accuracy = None  # no evaluation configured now: no stale figure to schedule by
-        if (accuracy, measured_on) != (record.accuracy, record.accuracy_on):
-            record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
-                                   "accuracy_on": measured_on})  # fmt: skip
-            record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
-        if _data_free_transformer_tier(inn, record.sizes):
-            report.warnings.append(
-                f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
-                f"transformer such tiers keep little of the model (all-MiniLM-L6-v2 at 50 % "
-                f"heads and FFN: cosine 0.31 to the full model's embeddings). Calibrate on "
-                f"text first: innfer calibrate {model_dir} --text FILE (one sentence per line)"
+    try:
+        bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
+        for tier in bar:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(f"{tier.name}: sample+export")
+            record, module, exported = _export_tier(
+                repo, name, inn, config, tier, chosen, options, progress, score
             )
-            log.warning("%s", report.warnings[-1])
-        engines[tier.name] = engine
-        report.tiers.append(
-            TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
-        )
-    repo.record_tokenizer(name, config)
-    if profile:
-        report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
-    if config.auto_tiers is not None:
-        from runtime.build.frontier import build_frontier  # it reuses this module's helpers
+            bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
+            onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
+            try:
+                engine, built = cache.get(chosen, onnx_path, options)
+            except EngineError as exc:
+                raise BuildError(f"tier {tier.name}: {exc}") from exc
+            engines[tier.name] = engine  # closed at the end, whatever happens in between
+            if module is None:
+                module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
+            err = validate(engine, module, config, tier.name)
+            accuracy = record.accuracy
+            stale = exported or accuracy is None or record.accuracy_on != measured_on
+            if score is not None and stale:
+                bar.set_postfix_str(f"{tier.name}: accuracy")
+                accuracy = score(engine)
+            elif score is None:
+                accuracy = None  # no evaluation configured now: no stale figure to schedule by
+            if (accuracy, measured_on) != (record.accuracy, record.accuracy_on):
+                record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
+                                       "accuracy_on": measured_on})  # fmt: skip
+                record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
+            if _data_free_transformer_tier(inn, record.sizes):
+                report.warnings.append(
+                    f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
+                    f"transformer such tiers keep little of the model (all-MiniLM-L6-v2 at 50 % "
+                    f"heads and FFN: cosine 0.31 to the full model's embeddings). Calibrate on "
+                    f"text first: innfer calibrate {model_dir} --text FILE (one sentence per line)"
+                )
+                log.warning("%s", report.warnings[-1])
+            report.tiers.append(
+                TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
+            )
+        repo.record_tokenizer(name, config)
+        if profile:
+            report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
+        if config.auto_tiers is not None:
+            from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 
-        report.frontier = build_frontier(repo, name, progress, repeats)
+            report.frontier = build_frontier(repo, name, progress, repeats)
+    finally:  # a TensorRT or CUDA engine holds device memory until closed
+        for engine in engines.values():
+            engine.close()
     return report
 
 
