@@ -98,6 +98,24 @@ def test_per_group_widths_are_channel_counts(digits):
     assert model(digits.x_test[:2], widths[2]).shape == (2, 10)
 
 
+def test_per_group_random_widths_respect_grouped_convolutions():
+    # A group feeding a conv with groups=4: its counts must be multiples of 4, or sampling
+    # raises mid-training ("must be a multiple of its 4 conv groups, got 6").
+    from runtime.inn.train import TrainableINN
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.ReLU(),
+                      nn.Conv2d(16, 4, 1)).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    inn = runtime.convert(m, (x,))
+    assert {g.blocks for g in inn.groups} == {4}
+    model = TrainableINN(inn)
+    widths = sandwich_widths(random.Random(1), 0.25, 20, inn.groups)
+    for w in widths[2:]:
+        assert all(n % 4 == 0 and 4 <= n <= 16 for n in w.values()), w
+        assert model(x, w).shape == (2, 4, 4, 4)
+
+
 @pytest.mark.parametrize(("min_width", "k"), [(0.0, 2), (1.5, 2), (0.5, -1)])
 def test_bad_sandwich_arguments(min_width, k):
     with pytest.raises(ValueError):

@@ -122,11 +122,18 @@ class TrainableINN(nn.Module):
         )
 
 
+def _count(g, w: float) -> int:
+    """``w`` of group ``g``'s channels, a whole multiple of its blocks (at least one each)."""
+    q = g.blocks
+    return min(g.size, max(q, round(w * g.size / q) * q))
+
+
 def sandwich_widths(
     rng: random.Random, min_width: float, k: int = 2, groups: Sequence | None = None
 ) -> list[Width]:
     """[1.0, min_width, k random widths in between]; with ``groups`` (IntegralModel.groups),
-    the random ones are drawn per group as channel counts."""
+    the random ones are drawn per group as channel counts, whole multiples of a grouped
+    convolution's groups (``blocks``)."""
     if not 0 < min_width <= 1:
         raise ValueError(f"min_width must be in (0, 1], got {min_width}")
     if k < 0:
@@ -134,9 +141,7 @@ def sandwich_widths(
     widths: list[Width] = [1.0, min_width]
     for _ in range(k):
         if groups:
-            widths.append({
-                g.name: max(1, round(rng.uniform(min_width, 1.0) * g.size)) for g in groups
-            })  # fmt: skip
+            widths.append({g.name: _count(g, rng.uniform(min_width, 1.0)) for g in groups})
         else:
             widths.append(rng.uniform(min_width, 1.0))
     return widths
