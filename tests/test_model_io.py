@@ -103,6 +103,28 @@ def test_mismatched_shapes_are_detected_even_with_a_fixed_checksum(saved):
         runtime.load(saved)
 
 
+@pytest.mark.parametrize("edit", ["group size", "module kwargs", "binding param"])
+def test_an_edited_structure_is_refused_at_load(saved, edit):
+    # Only the weights carry a checksum: a group's size halved loaded fine and sample(0.5)
+    # resampled half of the rows; a module's size escaped as torch's RuntimeError.
+    meta = json.loads((saved / META_FILE).read_text())
+    if edit == "group size":
+        group = next(g for g in meta["groups"] if not g["discrete"])
+        group["size"] //= 2
+        pattern = r"malformed: binding of .* cover \d+ channels, the tensor has shape"
+    elif edit == "module kwargs":
+        module = next(m for m in meta["architecture"]["modules"].values() if "kwargs" in m
+                      and "out_channels" in m["kwargs"])  # fmt: skip
+        module["kwargs"]["out_channels"] -= 1
+        pattern = r"(?s)malformed: .*size mismatch"
+    else:
+        meta["bindings"][0]["param"] = "nope"
+        pattern = r"malformed: 'nope'"
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=pattern):
+        runtime.load(saved)
+
+
 def test_unknown_module_type_in_architecture_is_refused(saved):
     meta = json.loads((saved / META_FILE).read_text())
     name = next(iter(meta["architecture"]["modules"]))

@@ -566,13 +566,29 @@ def load(directory: str | Path) -> IntegralModel:
         model = IntegralModel(
             meta["architecture"], state, groups, bindings, fields, meta["info"], tiers
         )
+        _check_bindings(model)  # the groups' sizes must cover the tensors they resample
         graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
         for key in tiers:  # each calibrated tier must fit the network sampled at its sizes
             sizes = dict(item.split("=") for item in key.split(","))
             model.set_tier({k: int(v) for k, v in sizes.items()}, tiers[key])
-    except (KeyError, TypeError, ValueError, graphio.SpecError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, graphio.SpecError) as exc:
+        # RuntimeError: torch refusing the weights for the architecture (size mismatch)
         raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
     return model
+
+
+def _check_bindings(model: IntegralModel) -> None:
+    """Every bound dimension is exactly its layout's channels: an edited group size (the
+    file is not checksummed, only the weights are) would otherwise sample a wrong network
+    without an error. ValueError naming the tensor."""
+    for b in model.bindings:
+        shape = model.state[b.param].shape  # KeyError: a binding to no tensor
+        covered = sum(m * s.inner for s, m, _ in model._layout_sizes(b.layout, {}))
+        if not 0 <= b.dim < len(shape) or covered != shape[b.dim]:
+            raise ValueError(
+                f"binding of {b.param!r} dim {b.dim}: its groups cover {covered} channels, "
+                f"the tensor has shape {list(shape)}"
+            )
 
 
 def _check_width(width: Any) -> float:
