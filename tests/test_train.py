@@ -189,6 +189,12 @@ def test_calibration_set_smaller_than_a_batch_is_refused(digits):
         calibrate(inn, digits.x_train[:100], [1.5], seconds=1, progress=False)
     with pytest.raises(ValueError, match="one per input"):
         calibrate(inn, digits.x_train[:100], [0.5], labels=digits.y_train[:99], progress=False)
+    # Without a whole batch the statistics were reset to 0 / 1 and never recomputed.
+    from runtime.inn.calibrate import recompute_norm_stats
+
+    module = runtime.convert(_net(), (digits.x_test[:2],), fold_norms=False).sample(0.5)
+    with pytest.raises(ValueError, match="at least one batch of 64 samples, got 10"):
+        recompute_norm_stats(module, digits.x_train[:10])
 
 
 @pytest.fixture(scope="module")

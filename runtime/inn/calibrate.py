@@ -65,6 +65,8 @@ def recompute_norm_stats(
     norms = [m for m in module.modules() if isinstance(m, _NORMS)]
     if not norms:
         return False
+    if len(x) < batch_size:  # no whole batch: the statistics would be reset and never run
+        raise ValueError(f"need at least one batch of {batch_size} samples, got {len(x)}")
     was_training = module.training
     module.eval()
     for m in norms:
@@ -85,12 +87,14 @@ def reestimate_norms(
     batch_size: int = 64,
     max_batches: int = 20,
     method: str = "auto",
+    multiple_of: int = 1,
 ) -> str | None:
     """Recompute BatchNorm statistics for ``width``; returns the sizes key, None if the
-    model has no norm layers (e.g. converted with fold_norms=True). ``method``: the sampling
-    the width is served with (model.yaml's); the statistics belong to that network."""
+    model has no norm layers (e.g. converted with fold_norms=True). ``method`` and
+    ``multiple_of``: the sampling the width is served with (model.yaml's); the statistics
+    belong to that network and are stored under its channel counts."""
     _check_calibration(x, batch_size)
-    sizes = inn.sizes(width)
+    sizes = inn.sizes(width, multiple_of)
     key = IntegralModel.sizes_key(sizes)
     inn.info.setdefault("norm_stats", {}).pop(key, None)  # start from the resampled stats
     module = inn.sample(sizes, method=method, calibrated=False)
@@ -290,8 +294,11 @@ def calibrate(
         )
     out = inn.copy()
     full = inn.sizes(1.0)
-    targets = [out.sizes(w, multiple_of) for w in widths]
-    targets = [s for s in targets if s != full]  # the full width is the teacher itself
+    targets = []
+    for w in widths:  # widths that round to the same counts are one network: calibrated once
+        sizes = out.sizes(w, multiple_of)
+        if sizes != full and sizes not in targets:  # the full width is the teacher itself
+            targets.append(sizes)
     teacher = inn.sample(1.0, calibrated=False)
     if grid_share > 0:  # grid tuning distils from the teacher's logits on the clean inputs
         with torch.no_grad():
