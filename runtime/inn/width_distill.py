@@ -94,9 +94,10 @@ def distil_widths(
     """Train ``inn``'s node values at random widths for ``seconds`` (or ``max_steps``) on
     the sentences ``ids``/``mask`` (N, T); see the module doc. ``smallest``: one fraction or
     fractions per kind, the least width trained; ``levels``: see ``random_sizes``. Returns
-    a new IntegralModel (``inn`` is unchanged; per-tier grids and weights it stored are not
-    carried over: the node values they were chosen for change) and a log: steps, seconds,
-    first and last loss (summed over the widths of a step)."""
+    a new IntegralModel (``inn`` is unchanged; per-tier grids and weights and the measured
+    sensitivity it stored are not carried over: the node values they were chosen for
+    change) and a log: steps, seconds, first and last loss (summed over the widths of a
+    step)."""
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if k < 0:
@@ -107,6 +108,9 @@ def distil_widths(
     inn = inn.copy()
     inn.info.pop("grids", None)
     inn.info.pop("text_calibration", None)
+    # Measured on the old node values too: a shaped width is measured again by
+    # `innfer calibrate --text` before the build samples it (it refuses one without).
+    inn.info.pop("sensitivity", None)
     inn.tiers.clear()
     batches = length_batches(ids, mask, batch_size)
     teacher = inn.sample(1.0, calibrated=False)
