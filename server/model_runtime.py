@@ -16,7 +16,8 @@ The scheduler's ``Request`` knows nothing of asyncio: the future a caller awaits
 A model with a sequence axis (a transformer) has one scheduler - a *lane* - per profiled
 length: a request joins the lane of the shortest length that holds it, is planned with that
 length's latency tables, and is batched only with requests of its lane (padded with zeros
-to the longest of the batch: at most the lane's length). The lanes share one device
+to the longest of the batch: at most the lane's length; for an engine that prefers fixed
+lengths, a text model's batch to the lane's length). The lanes share one device
 (``server.scheduling.device``: the server's, or the model's own with ``instances`` slots),
 which runs the most urgent head first across lanes and makes each lane plan behind the
 others' backlog. So a short sentence is never planned as a 256-token one, nor a long one
@@ -732,7 +733,9 @@ class ModelRuntime:
         thread."""
         reqs = d.requests
         t_in = time.perf_counter()
-        pad_to = self._lane_length[id(lane)]
+        # Only a text model's: its mask covers the padding (another sequence model's answer
+        # could change with it).
+        pad_to = self._lane_length[id(lane)] if self.config.text is not None else None
         if not self.served.engines[d.tier].prefers_fixed_lengths:
             pad_to = None
         try:

@@ -320,3 +320,20 @@ def test_the_build_closes_every_engine_it_opened(tmp_path, monkeypatch):
     monkeypatch.setattr(EngineCache, "get", get)
     build_tiny(tmp_path)
     assert len(opened) == 2 and all(getattr(e, "closed_by_test", False) for e in opened)
+
+
+def test_a_change_to_sampling_exports_the_tiers_again(built, tmp_path, monkeypatch):
+    # The tier's ONNX is reused while its source hash holds; a sampling change (the running
+    # variance floor, SAMPLER_VERSION 2) kept the old ONNX, which then failed validation
+    # against the new sample with no way out but deleting the tier by hand.
+    import shutil
+
+    from runtime.inn.model import IntegralModel
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    again = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not any(t.exported for t in again.tiers)
+    monkeypatch.setattr(IntegralModel, "SAMPLER_VERSION", IntegralModel.SAMPLER_VERSION + 1)
+    changed = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert all(t.exported for t in changed.tiers)

@@ -228,8 +228,12 @@ def test_a_sequence_model_gets_a_graph_per_batch_and_length_within_a_bound(monke
     assert fake.graphs[0].replays == 2
     for length in range(17, 17 + MAX_LENGTHS):  # lengths nobody padded: bounded, then eager
         run(length, length)
-    assert engine.graph_captures == MAX_LENGTHS  # max_batch x MAX_LENGTHS graphs at most
+    assert engine.graph_captures == MAX_LENGTHS  # at most MAX_LENGTHS lengths per batch size
     assert engine.captured_batches == [1]
+    engine.max_batch = 2
+    x = np.ones((2, 8), np.float32)  # another batch size has lengths of its own
+    np.testing.assert_allclose(engine.run({"ids": x})["y"], x.sum(1, keepdims=True))
+    assert engine.captured_batches == [1, 2] and engine.graph_captures == MAX_LENGTHS + 1
 
 
 def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):
@@ -245,6 +249,7 @@ def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):
             np.testing.assert_allclose(got, _expected(net, x), rtol=1e-6)
     assert caplog.text.count("CUDA graph capture failed") == 1
     assert engine.captured_batches == [1]  # no further capture attempts after the failure
+    assert engine.prefers_fixed_lengths is False  # padding would buy no replay now
     assert len(fake.graphs) == 2  # batch 1's and the failed one; none for batch 4
     x = _x(1, 5)  # the graph captured earlier keeps replaying
     np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)

@@ -238,6 +238,7 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
         # How candidates are made: bumped when that changes, so a rebuild measures again
         # (2: statistics stored for a candidate's counts are kept, not re-estimated).
         "recipe": RECIPE,
+        "sampler": IntegralModel.SAMPLER_VERSION,
         "weights": meta["weights_sha256"],
         "info": {k: meta.get("info", {}).get(k) for k in ("grids", "norm_stats", "tiers")},
         # Only what makes the candidates; the choice's goals do not change the frontier.

@@ -134,14 +134,22 @@ def build_model(
         repo.record_tokenizer(name, config)
         if profile:
             report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
-        if config.auto_tiers is not None:
-            from runtime.build.frontier import build_frontier  # it reuses this module's helpers
-
-            report.frontier = build_frontier(repo, name, progress, repeats)
     finally:  # a TensorRT or CUDA engine holds device memory until closed
-        for engine in engines.values():
-            engine.close()
+        _close_all(engines.values())
+    if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
+        from runtime.build.frontier import build_frontier  # it reuses this module's helpers
+
+        report.frontier = build_frontier(repo, name, progress, repeats)
     return report
+
+
+def _close_all(engines) -> None:
+    """Close every engine; one that fails to close is logged, the others still close."""
+    for engine in engines:
+        try:
+            engine.close()
+        except Exception:  # closing must not hide the build's own error
+            log.exception("closing an engine failed")
 
 
 def _data_free_transformer_tier(inn: IntegralModel, sizes: dict[str, int]) -> bool:
@@ -163,6 +171,7 @@ def source_hash(
     (``backend``, its device, threads, batch): a change there re-runs the search."""
     meta = json.loads((inn_dir / "inn.json").read_text())
     payload = {
+        "sampler": IntegralModel.SAMPLER_VERSION,
         "weights": meta["weights_sha256"],
         "grids": meta.get("info", {}).get("grids", {}),
         "norm_stats": meta.get("info", {}).get("norm_stats", {}),

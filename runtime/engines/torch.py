@@ -180,7 +180,8 @@ class TorchEngine(Engine):
 
     @property
     def prefers_fixed_lengths(self) -> bool:
-        return self._use_graphs
+        # Padding pays only while graphs are captured and replayed.
+        return self._use_graphs and not self._capture_failed
 
     @property
     def captured_batches(self) -> list[int]:
@@ -226,7 +227,9 @@ class TorchEngine(Engine):
             return None  # outside the profile: not worth a graph's memory
         entry = self._graphs.get(shapes)
         if entry is None:
-            if self._capture_failed or len(self._graphs) >= self.max_batch * MAX_LENGTHS:
+            if self._capture_failed:
+                return None
+            if sum(1 for s in self._graphs if s[0][0] == batch) >= MAX_LENGTHS:
                 return None  # (lengths the server did not pad to a profiled one: eager)
             with _GATE.exclusive():
                 entry = self._capture(args, shapes)

@@ -92,7 +92,8 @@ def reestimate_norms(
     """Recompute BatchNorm statistics for ``width``; returns the sizes key, None if the
     model has no norm layers (e.g. converted with fold_norms=True). ``method`` and
     ``multiple_of``: the sampling the width is served with (model.yaml's); the statistics
-    belong to that network and are stored under its channel counts."""
+    belong to that network and are stored under its channel counts. (``innfer train`` and
+    the demo pass neither: their widths are unrounded; ``calibrate`` passes counts.)"""
     _check_calibration(x, batch_size)
     sizes = inn.sizes(width, multiple_of)
     key = IntegralModel.sizes_key(sizes)

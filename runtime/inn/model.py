@@ -333,6 +333,13 @@ class IntegralModel:
             for name, values in stats.items():
                 buffers[name].copy_(torch.tensor(values, dtype=buffers[name].dtype))
 
+    # Bumped whenever sampling computes something else for the same INN and width: part of
+    # every tier's source hash (runtime/build), so `innfer build` exports the tiers again
+    # instead of keeping an ONNX that no longer matches `sample`. 2: running variances kept
+    # at or above the smallest stored one. (An INN converted before a conversion fix - such
+    # as add/sub's alpha on the torch.export path - must be converted again.)
+    SAMPLER_VERSION = 2
+
     def resampled_state(
         self,
         state: Mapping[str, torch.Tensor],
