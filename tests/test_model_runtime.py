@@ -485,16 +485,12 @@ def test_a_batch_answered_with_too_few_rows_fails_every_request_in_it(tmp_path):
 
     async def body():
         async with _running(served, Metrics(), device=Device(1)) as rt:
-            with _Gate(served) as gate:
-                first = asyncio.create_task(rt.infer(_x(1, 0.0), 1, 10.0, pin="w100"))
-                await _until(lambda: gate.running() == 1)
+            async with _one_running(rt, served, "w100"):
                 engine.run = lambda feeds: {k: v[:1] for k, v in good(feeds).items()}
                 pair = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
                         for v in (1.0, 2.0)]  # fmt: skip
                 await asyncio.sleep(0.02)
-                gate.release()
-                await first
-                return await asyncio.gather(*pair, return_exceptions=True)
+            return await asyncio.gather(*pair, return_exceptions=True)
 
     outcomes = _run(body())
     assert all(isinstance(o, EngineError) and "for a batch of 2" in str(o) for o in outcomes)

@@ -172,9 +172,7 @@ def source_hash(
     meta = json.loads((inn_dir / "inn.json").read_text())
     payload = {
         "sampler": IntegralModel.SAMPLER_VERSION,
-        "weights": meta["weights_sha256"],
-        "grids": meta.get("info", {}).get("grids", {}),
-        "norm_stats": meta.get("info", {}).get("norm_stats", {}),
+        "inn": inn_fingerprint(meta),  # weights, grids, norm statistics
         "width": tier.width,
         "method": config.method,
         "multiple_of": config.multiple_of,

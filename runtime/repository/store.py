@@ -198,6 +198,7 @@ class Repository:
         if auto is not None:
             config, records, profile = auto
         tiers, engines = {}, {}
+        inn_now = self._inn_fingerprint(name) if auto is None else None  # read once
         for tier in config.tiers:
             if auto is not None:
                 d = self.model_dir(name) / FRONTIER_DIR / tier.name
@@ -211,7 +212,7 @@ class Repository:
                         f"{config.source} now gives tier {tier.name} width {tier.width}: "
                         "run `innfer build`"
                     )
-                self._check_inn(name, d, tiers[tier.name])
+                self._check_inn(name, d, tiers[tier.name], inn_now)
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
@@ -265,22 +266,29 @@ class Repository:
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
 
-    def _check_inn(self, name: str, tier_dir: Path, record: TierRecord) -> None:
-        """Refuse a tier sampled from another INN than the model directory holds now (it
-        was replaced, retrained or recalibrated after the build): serving it would answer
-        with the old model under the new one's name. A repository without the INN (a
-        serving image with tiers only) or a record from before this was kept is not
-        checked."""
+    def _inn_fingerprint(self, name: str) -> str | None:
+        """``inn_fingerprint`` of the model directory's INN now; None without one (a
+        serving image with tiers only)."""
         inn_json = self.model_dir(name) / "inn.json"
-        if record.inn_sha256 is None or not inn_json.is_file():
-            return
+        if not inn_json.is_file():
+            return None
         try:
-            current = inn_fingerprint(json.loads(inn_json.read_text()))
+            return inn_fingerprint(json.loads(inn_json.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RepositoryError(
                 f"{inn_json} is unreadable ({type(exc).__name__}: {exc}); restore it, or "
                 "save the INN again (IntegralModel.save) and run `innfer build`"
             ) from None
+
+    def _check_inn(
+        self, name: str, tier_dir: Path, record: TierRecord, current: str | None
+    ) -> None:
+        """Refuse a tier sampled from another INN than the model directory holds now
+        (``current``; it was replaced, retrained or recalibrated after the build): serving
+        it would answer with the old model under the new one's name. A repository without
+        the INN or a record from before this was kept is not checked."""
+        if record.inn_sha256 is None or current is None:
+            return
         if current != record.inn_sha256:
             raise RepositoryError(
                 f"{tier_dir / TIER_FILE} was sampled from another INN than "
