@@ -536,3 +536,23 @@ class RemainderSplit(nn.Module):
 def test_a_split_with_a_remainder_is_refused(how):
     with pytest.raises(ConversionError, match=rf"{how} along channel dim 1 \(parts"):
         runtime.convert(RemainderSplit(how).eval(), (torch.randn(2, 4),))
+
+
+class CatOfChunks(nn.Module):
+    """``torch.cat(h.chunk(2, -1), dim)``: cat takes the chunk's whole tuple (one fx node,
+    not a list), along the channels or along the batch (the parts' channels then tie)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = nn.Linear(4, 12), nn.Linear(12 if dim == -1 else 6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(torch.cat(self.a(x).chunk(2, dim=-1), dim=self.dim)))
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_cat_of_a_chunk_tuple_converts(dim, tmp_path):
+    inn = _converts(CatOfChunks(dim), torch.randn(2, 4), tmp_path)
+    assert [(g.size, g.discrete) for g in inn.groups] == [(6, False)]
+    assert inn.sample(0.5).b.in_features == (6 if dim == -1 else 3)

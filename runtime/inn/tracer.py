@@ -60,9 +60,12 @@ class Tracer:
         dim = dim % len(self.shape(node))
         labels = self.labels.setdefault(node, {})
         if dim not in labels:
-            g = self.uf.new(self.shape(node)[dim], f"{node.name}:{dim}", discrete=True)
-            labels[dim] = (Segment(g),)
+            labels[dim] = self.fresh_layout(self.shape(node)[dim], f"{node.name}:{dim}")
         return labels[dim]
+
+    def fresh_layout(self, size: int, name: str) -> Layout:
+        """A new discrete group of ``size`` channels (a dim no rule has labelled)."""
+        return (Segment(self.uf.new(size, name, discrete=True)),)
 
     def unify(self, a: Layout, b: Layout, where: str) -> Layout:
         """Tie two dims that must hold the same channels.

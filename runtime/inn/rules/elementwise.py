@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from runtime.inn.groups import ConversionError
 from runtime.inn.identities import identity_input
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
@@ -72,19 +73,45 @@ def broadcast(tr: Tracer, node: fx.Node) -> None:
 
 @register(functions=(torch.cat, torch.concat))
 def concat(tr: Tracer, node: fx.Node) -> None:
-    parts = arg(node, 0, "tensors")
+    """Each part keeps its own sub-interval of the concatenated dim; the other dims of every
+    part are tied. The parts are a list of tensors or one tuple-valued node
+    (``torch.cat(x.chunk(3, 1), 1)``), whose elements the split rule labelled."""
     rank = len(tr.shape(node))
     dim = arg(node, 1, "dim", 0) % rank
     layout = ()
     labels: Labels = {}
-    for part in parts:
-        layout += tr.layout_of(part, dim)
-        for d, size in enumerate(tr.shape(part)):
+    for part_labels, shape in _labelled_parts(tr, node, arg(node, 0, "tensors"), dim):
+        layout += part_labels[dim]
+        for d, size in enumerate(shape):
             if d != dim and size > 1:
-                lay = tr.layout_of(part, d)
+                lay = part_labels[d]
                 labels[d] = tr.unify(labels[d], lay, f"node {node.name!r}") if d in labels else lay
     labels[dim] = layout
     tr.labels[node] = labels
+
+
+def _labelled_parts(tr: Tracer, node: fx.Node, parts, dim: int):
+    """(labels, shape) of each part, every dim that matters labelled: the concatenated one,
+    and each of size > 1 (a dim nothing labelled becomes a fresh discrete group, kept on the
+    part so that its other uses see the same group)."""
+    if isinstance(parts, fx.Node) and parts in tr.items:
+        shapes = [tuple(m.shape) for m in parts.meta["tensor_meta"]]
+        pairs = list(zip(tr.items[parts], shapes, strict=True))
+        for i, (item, shape) in enumerate(pairs):
+            for d, size in enumerate(shape):
+                if (d == dim or size > 1) and d not in item:
+                    item[d] = tr.fresh_layout(size, f"{parts.name}[{i}]:{d}")
+        return pairs
+    if isinstance(parts, fx.Node):
+        raise ConversionError(
+            f"node {node.name!r}: torch.cat of {parts.name!r}, which is neither a list of "
+            f"tensors nor a split/chunk/unbind; pass the tensors as a list"
+        )
+    for part in parts:
+        for d, size in enumerate(tr.shape(part)):
+            if d == dim or size > 1:
+                tr.layout_of(part, d)
+    return [(tr.labels[part], tr.shape(part)) for part in parts]
 
 
 _REDUCTIONS = {torch.mean: "mean", torch.amax: "amax", torch.amin: "amin", torch.sum: "sum",
