@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     if args.config:
-        config = ServerConfig.load(args.config)
+        config = ServerConfig.load(args.config, repository=args.repository)
     elif args.repository:
         config = ServerConfig.from_dict({"repository": str(args.repository)})
     else:
@@ -296,7 +296,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         k: v
         for k, v in {
-            "repository": args.repository if args.config and args.repository else None,
             "host": args.host,
             "grpc_port": args.port,
             "metrics_port": args.metrics_port,
@@ -864,7 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
-    srv.add_argument("--repository", type=Path, help="model repository (or set it in --config)")
+    srv.add_argument(
+        "--repository", type=Path, help="model repository (or set it in --config; this one wins)"
+    )
     srv.add_argument("--config", type=Path, help="server YAML (ports, TLS, auth, limits)")
     srv.add_argument("--host")
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")

@@ -266,10 +266,15 @@ class ServerConfig:
         return found
 
     @classmethod
-    def load(cls, path: str | Path) -> ServerConfig:
-        """Read and validate ``path``; relative paths in it are relative to its directory."""
+    def load(cls, path: str | Path, repository: str | Path | None = None) -> ServerConfig:
+        """Read and validate ``path``; relative paths in it are relative to its directory.
+        ``repository`` (``innfer serve --repository``) replaces the file's, or stands in for
+        it where the file names none (a file of tuning only); it is relative to the working
+        directory."""
         path = Path(path)
         data = read_yaml(path) or {}
+        if repository is not None and isinstance(data, dict):
+            data = {**data, "repository": str(Path(repository).resolve())}
         return cls.from_dict(data, source=str(path), base=path.parent)
 
     @classmethod

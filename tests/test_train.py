@@ -490,3 +490,14 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_serve_takes_the_repository_from_the_command_line_beside_a_config(cli_main, tmp_path):
+    # A config of tuning only (no repository) beside --repository was refused: "repository:
+    # got None, expected a path (required)".
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("inline_max_ms: 5\n")
+    code, _, err = cli_main("serve", "--config", str(cfg), "--repository", str(tmp_path / "gone"))
+    assert code == 2 and f"repository {tmp_path / 'gone'} is not a directory" in err
+    code, _, err = cli_main("serve", "--config", str(cfg))
+    assert code == 2 and "repository" in err and "required" in err
