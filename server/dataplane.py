@@ -409,10 +409,14 @@ class DataPlane:
         waited_s: float = 0.0,
         size: int | None = None,
         raw: Sequence[memoryview] | None = None,
+        deadline_is_budget: bool = True,
     ) -> pb.ModelInferResponse:
-        """Answer one request. ``waited_s``: seconds since the transport began parsing it
-        (counted against its budget); ``size``: its bytes on the wire, if known; ``raw``:
-        its raw_input_contents when the transport took them out of the message uncopied
+        """Answer one request. ``time_remaining``: seconds to the call's gRPC deadline, if
+        any - the request's budget where it sends none (``deadline_is_budget``: a unary
+        call's), else only a cap (a stream's deadline is the whole stream's, not each
+        request's); ``waited_s``: seconds since the transport began parsing it (counted
+        against its budget); ``size``: its bytes on the wire, if known; ``raw``: its
+        raw_input_contents when the transport took them out of the message uncopied
         (server/wire.py), else None."""
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize() if size is None else size
@@ -425,7 +429,7 @@ class DataPlane:
             )
         self.inflight_bytes += size
         try:
-            return await self._infer(m, request, time_remaining, waited_s, raw)
+            return await self._infer(m, request, time_remaining, waited_s, raw, deadline_is_budget)
         except (InvalidArgument, NotFound):  # the client's request, not load: not a miss
             m.count_invalid()
             raise
@@ -439,6 +443,7 @@ class DataPlane:
         time_remaining: float | None,
         waited_s: float,
         raw: Sequence[memoryview] | None = None,
+        deadline_is_budget: bool = True,
     ) -> pb.ModelInferResponse:
         params = request.parameters
         if len(params) > self.limits.max_parameters:
@@ -448,7 +453,9 @@ class DataPlane:
         # The budget is the client's end to end. What this process spends outside queue and
         # compute is learned (server.overhead) and, with plan_overhead, planned for; the
         # margin covers what it cannot see (the client's own processing, the sockets).
-        budget_s = _budget(params, time_remaining, m.config.default_latency_budget_ms)
+        budget_s = _budget(
+            params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
+        )
         budget_s -= self.config.budget_margin_ms / 1e3
         reserve_s = grace_s = 0.0
         if self._plans_overhead(m):
@@ -538,9 +545,12 @@ def _number(param, name: str) -> float | None:
     raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
 
 
-def _budget(params, time_remaining: float | None, default_ms: float) -> float:
-    """Seconds: ``latency_budget_ms`` parameter, else the gRPC deadline, else the default.
-    Triton's ``timeout`` (microseconds) caps it: past it the request is not worth serving."""
+def _budget(
+    params, time_remaining: float | None, default_ms: float, deadline_is_budget: bool = True
+) -> float:
+    """Seconds: ``latency_budget_ms`` parameter, else the gRPC deadline (where it is the
+    request's own: ``deadline_is_budget``), else the default. Triton's ``timeout``
+    (microseconds) and the deadline cap it: past them the request is not worth serving."""
     budget = None
     if "latency_budget_ms" in params:
         ms = _number(params["latency_budget_ms"], "latency_budget_ms")
@@ -552,7 +562,7 @@ def _budget(params, time_remaining: float | None, default_ms: float) -> float:
                 "out to use the model's default budget"
             )
         budget = ms / 1e3
-    elif time_remaining is not None:
+    elif time_remaining is not None and deadline_is_budget:
         budget = time_remaining
     if budget is None:
         budget = default_ms / 1e3

@@ -328,7 +328,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def _stream_answer(self, request, context) -> pb.ModelStreamInferResponse:
         try:
             _require_decoded(request)
-            resp = await self.plane.infer(request, context.time_remaining())
+            # The stream's deadline is the whole stream's: a cap, not each request's budget
+            # (a 10-minute stream would plan every request at minutes, on the top tier).
+            resp = await self.plane.infer(
+                request, context.time_remaining(), deadline_is_budget=False
+            )
             return pb.ModelStreamInferResponse(infer_response=resp)
         except InferError as exc:
             code, text = status_of(exc), str(exc)

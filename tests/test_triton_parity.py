@@ -361,3 +361,19 @@ def test_serve_stream_reads_no_more_than_its_limit_and_cancels_on_close():
         assert sorted(cancelled) == list(range(8))
 
     asyncio.run(run())
+
+
+def test_a_streams_deadline_caps_its_requests_budgets_but_is_not_their_budget(client):
+    # The stream's deadline is the whole stream's: it was taken as each request's budget
+    # (a 600 s stream planned every request at 600 s), where a unary call's is its own.
+    got = _Collector()
+    client.start_stream(callback=got, stream_timeout=600)
+    try:
+        client.async_stream_infer("tiny", [_input(_x())], request_id="s")
+        [(result, error)] = got.take(1)
+    finally:
+        client.stop_stream()
+    assert error is None
+    planned_s = result.get_response().parameters["budget_us"].int64_param / 1e6
+    unary = client.infer("tiny", [_input(_x())], client_timeout=600)
+    assert 0 < planned_s < 60 and unary.get_response().parameters["budget_us"].int64_param > 590e6
