@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -291,9 +292,29 @@ def check_token_inputs(
         )
 
 
+@dataclass(frozen=True)
+class Requested:
+    """An output a request asked for; ``classes`` > 0: Triton's classification extension
+    (``InferRequestedOutput(name, class_count=k)``), the top ``classes`` of each row as
+    BYTES ``"value:index"`` strings, best first, instead of the tensor."""
+
+    spec: TensorConfig
+    classes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+# Output parameters understood: ``classification`` (above) and ``binary_data`` (tritonclient's
+# HTTP flag; over gRPC outputs are always raw). Any other (``shared_memory_region``: the
+# shared-memory extension, not offered) is refused rather than silently ignored.
+_OUTPUT_PARAMETERS = ("classification", "binary_data")
+
+
 def requested_outputs(
     request, specs: Sequence[TensorConfig], limits: RequestLimits = DEFAULT
-) -> list[TensorConfig]:
+) -> list[Requested]:
     """The outputs the client asked for (all when it named none). Unknown or repeated names
     are errors: a repeated name would be computed once and encoded many times.
 
@@ -306,7 +327,7 @@ def requested_outputs(
         ['y']
     """
     if not request.outputs:
-        return list(specs)
+        return [Requested(s) for s in specs]
     if len(request.outputs) > min(limits.max_outputs, len(specs)):
         raise InvalidArgument(
             f"{len(request.outputs)} outputs requested; the model has {len(specs)} "
@@ -322,16 +343,73 @@ def requested_outputs(
         if o.name in seen:
             raise InvalidArgument(f"output {o.name!r} is requested more than once")
         seen.add(o.name)
-        out.append(by_name[o.name])
+        out.append(Requested(by_name[o.name], _classes(o, by_name[o.name])))
     return out
 
 
-def encode_outputs(response, arrays: dict[str, np.ndarray], specs: Sequence[TensorConfig]) -> None:
+def _classes(o, spec: TensorConfig) -> int:
+    """The classification count ``o`` asks for (0: the tensor), checked against ``spec``."""
+    for key in o.parameters:
+        if key not in _OUTPUT_PARAMETERS:
+            raise InvalidArgument(
+                f"output {o.name!r}: parameter {clip(key)} is not supported (innfer takes "
+                f"{', '.join(_OUTPUT_PARAMETERS)}; no shared memory: send tensors in the request)"
+            )
+    if "classification" not in o.parameters:
+        return 0
+    p = o.parameters["classification"]
+    k = p.int64_param if p.WhichOneof("parameter_choice") == "int64_param" else None
+    if k is None or k < 1:
+        raise InvalidArgument(
+            f"output {o.name!r}: classification must be a positive int64 (the class count)"
+        )
+    if len(spec.shape) != 1 or not np.issubdtype(np.dtype(spec.dtype), np.number):
+        raise InvalidArgument(
+            f"output {o.name!r} has shape {list(spec.shape)} per row; classification needs "
+            "one axis of class scores"
+        )
+    return min(k, spec.shape[0])  # as Triton: at most every class
+
+
+def encode_outputs(response, arrays: dict[str, np.ndarray], wanted: Sequence[Requested]) -> None:
     """Append outputs to ``response`` as raw_output_contents (what Triton does)."""
-    for s in specs:
-        a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
+    for w in wanted:
+        a = np.ascontiguousarray(arrays[w.name], dtype=w.spec.dtype)
         t = response.outputs.add()
-        t.name = s.name
-        t.datatype = oip_datatype(s.dtype)
+        t.name = w.name
+        if w.classes:
+            a = top_classes(a, w.classes)
+            t.datatype = "BYTES"
+            t.shape.extend(a.shape)
+            response.raw_output_contents.append(bytes_tensor(a))
+            continue
+        t.datatype = oip_datatype(w.spec.dtype)
         t.shape.extend(a.shape)
         response.raw_output_contents.append(a.tobytes())
+
+
+def top_classes(scores: np.ndarray, k: int) -> np.ndarray:
+    """(rows, classes) scores -> (rows, k) strings ``"value:index"``, highest first (Triton's
+    classification format; ties keep the lower index first).
+
+    Example:
+        >>> top_classes(np.array([[0.1, 0.7, 0.2]], np.float32), 2).tolist()
+        [['0.700000:1', '0.200000:2']]
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    return np.array(
+        [
+            [f"{v:f}:{i}" for v, i in zip(vs, idx, strict=True)]
+            for vs, idx in zip(top, order, strict=True)
+        ]
+    )
+
+
+def bytes_tensor(strings: np.ndarray) -> bytes:
+    """OIP's raw BYTES layout: each element as a 4-byte little-endian length and its UTF-8."""
+    parts = []
+    for s in strings.reshape(-1):
+        b = str(s).encode()
+        parts += [len(b).to_bytes(4, "little"), b]
+    return b"".join(parts)

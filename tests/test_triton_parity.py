@@ -377,3 +377,36 @@ def test_a_streams_deadline_caps_its_requests_budgets_but_is_not_their_budget(cl
     planned_s = result.get_response().parameters["budget_us"].int64_param / 1e6
     unary = client.infer("tiny", [_input(_x())], client_timeout=600)
     assert 0 < planned_s < 60 and unary.get_response().parameters["budget_us"].int64_param > 590e6
+
+
+def test_classification_output_gives_the_top_classes_as_triton_does(client):
+    # InferRequestedOutput(class_count=k) was ignored: the client got the float logits.
+    x = _x(2)
+    logits = client.infer("tiny", [_input(x)], parameters={"tier": "w100"}).as_numpy("logits")
+    got = client.infer(
+        "tiny", [_input(x)], outputs=[tc.InferRequestedOutput("logits", class_count=3)],
+        parameters={"tier": "w100"},
+    ).as_numpy("logits")  # fmt: skip
+    assert got.shape == (2, 3) and got.dtype == np.object_
+    for row, scores in zip(got, logits, strict=True):
+        values, idx = zip(*(s.decode().split(":") for s in row), strict=True)
+        assert [int(i) for i in idx] == list(np.argsort(-scores, kind="stable")[:3])
+        np.testing.assert_allclose([float(v) for v in values], np.sort(scores)[::-1][:3], atol=1e-6)
+    every = tc.InferRequestedOutput("logits", class_count=10_000)  # more than there are: all
+    assert client.infer("tiny", [_input(x)], outputs=[every]).as_numpy("logits").shape[1] == 10
+
+
+def test_unsupported_output_parameters_are_refused():
+    from runtime.repository.config import TensorConfig
+    from server.codec import requested_outputs
+    from server.errors import InvalidArgument
+
+    spec = [TensorConfig(name="y", dtype="float32", shape=(4,))]
+    req = pb.ModelInferRequest()
+    req.outputs.add(name="y").parameters["shared_memory_region"].string_param = "r0"
+    with pytest.raises(InvalidArgument, match="parameter 'shared_memory_region' is not supp"):
+        requested_outputs(req, spec)
+    req.outputs[0].parameters.clear()
+    req.outputs[0].parameters["classification"].int64_param = 0
+    with pytest.raises(InvalidArgument, match="classification must be a positive int64"):
+        requested_outputs(req, spec)
