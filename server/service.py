@@ -287,6 +287,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def RepositoryModelLoad(self, request, context):
         self.plane.check_model_control()
+        if request.parameters:  # Triton's config override / file upload: refused, not ignored
+            raise InvalidArgument(
+                f"RepositoryModelLoad parameters are not supported "
+                f"({', '.join(sorted(clip(k) for k in request.parameters))}): innfer loads the "
+                "model as its repository has it; change model.yaml there and load again"
+            )
         await self.plane.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 

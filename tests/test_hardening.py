@@ -189,6 +189,14 @@ def test_long_client_strings_are_clipped_and_paths_not_revealed(stub, repo):
     assert code == grpc.StatusCode.NOT_FOUND and str(repo) not in msg
 
 
+def test_load_with_a_config_override_is_refused_not_ignored(stub):
+    # tritonclient's load_model(name, config=...) answered OK and loaded model.yaml as it was.
+    req = pb.RepositoryModelLoadRequest(model_name="tiny")
+    req.parameters["config"].string_param = '{"max_batch_size": 4}'
+    code, msg = _status(stub.RepositoryModelLoad, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'config'" in msg and "model.yaml" in msg
+
+
 # -- model names stay inside the repository -----------------------------------------------------
 @pytest.mark.parametrize(
     "name", ["../outside", "/tmp/outside", "tiny/../../outside", "./tiny", "..", ".", "a/b", ""]
