@@ -72,6 +72,7 @@ class Server:
 
     async def start(self) -> None:
         limit = self.message_limit = self.config.max_message_bytes or self.plane.message_limit()
+        self.plane.transport_limit = limit
         log.info("gRPC messages up to %.1f MiB", limit / 2**20)
         opts = [
             ("grpc.max_receive_message_length", limit),

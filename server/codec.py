@@ -371,6 +371,14 @@ def _classes(o, spec: TensorConfig) -> int:
     return min(k, spec.shape[0])  # as Triton: at most every class
 
 
+def row_bytes(w: Requested) -> int:
+    """Upper bound of the bytes one row of ``w`` takes in an answer (a classification
+    string: its length prefix, a "%f" value up to 48 characters, ":" and an index)."""
+    if w.classes:
+        return w.classes * (4 + 48 + 1 + 20)
+    return int(np.prod(w.spec.shape)) * np.dtype(w.spec.dtype).itemsize
+
+
 def encode_outputs(response, arrays: dict[str, np.ndarray], wanted: Sequence[Requested]) -> None:
     """Append outputs to ``response`` as raw_output_contents (what Triton does)."""
     for w in wanted:

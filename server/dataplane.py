@@ -48,6 +48,8 @@ log = logging.getLogger("innfer.dataplane")
 
 EXTENSIONS = ("model_repository", "statistics", "innfer_latency_budget")
 MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
+# What an answer holds besides its tensors (names, shapes, parameters), at most.
+ANSWER_FRAME_BYTES = 64 * 2**10
 VERSION = "1"  # innfer serves one version per model: the INN
 
 
@@ -68,6 +70,9 @@ class DataPlane:
         self.expected: set[str] = set()
         self.broken: dict[str, str] = {}
         self.limits = config.limits
+        # The transport's message limit (bytes, both ways), fixed when the server started
+        # (Server.start); None: no transport (an embedding, tests).
+        self.transport_limit: int | None = None
         self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
         self.phase = Phase.LOADING
         self._lock = asyncio.Lock()
@@ -145,6 +150,7 @@ class DataPlane:
                 raise FailedPrecondition(
                     f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`{kept}"
                 ) from None
+            self._warn_over_limit(name, served.config)
             runtime = None
             try:
                 runtime = ModelRuntime(
@@ -285,6 +291,35 @@ class DataPlane:
                 continue
             largest = max(largest, request_bytes(cfg), response_bytes(cfg))
         return message_limit(largest)
+
+    def _warn_over_limit(self, name: str, cfg) -> None:
+        """A model loaded after start (model control, a reload with a larger max_batch or
+        shapes) may need more than the limit the transport was started with: say so once,
+        with the fix; its answers above the limit are refused before they run
+        (``_check_answer_fits``), its requests above it by gRPC."""
+        largest = max(request_bytes(cfg), response_bytes(cfg))
+        if self.transport_limit is not None and largest > self.transport_limit:
+            log.warning(
+                "model %s: a full batch is %.1f MiB, above this server's gRPC message limit "
+                "of %.1f MiB (fixed at start from the models then configured): requests and "
+                "answers above it fail; set max_message_bytes to at least %d and restart, or "
+                "lower its max_batch", name, largest / 2**20, self.transport_limit / 2**20,
+                message_limit(largest),
+            )  # fmt: skip
+
+    def _check_answer_fits(self, m: ModelRuntime, rows: int, outputs) -> None:
+        """Refuse, before it runs, a request whose answer gRPC could not send (it failed
+        after the engine's work, and on a stream ended the stream)."""
+        if self.transport_limit is None:
+            return
+        per_row = sum(codec.row_bytes(o) for o in outputs)
+        room = self.transport_limit - ANSWER_FRAME_BYTES
+        if rows * per_row > room:
+            raise ResourceExhausted(
+                f"the answer to {rows} rows would be {rows * per_row / 2**20:.1f} MiB, above "
+                f"this server's message limit of {self.transport_limit / 2**20:.1f} MiB; send "
+                f"fewer rows per request (at most {max(1, room // per_row)})"
+            )
 
     def check_model_control(self) -> None:
         """Raise unless clients may load and unload models (``model_control: explicit``)."""
@@ -470,6 +505,7 @@ class DataPlane:
         priority = _priority(params)
         inputs, rows = self._decode(m, request, raw)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
+        self._check_answer_fits(m, rows, outputs)
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s,

@@ -21,7 +21,14 @@ import pytest
 from runtime.engines.fake import write_model
 from server.config import ServerConfig
 from server.dataplane import DataPlane
-from server.errors import DeadlineExceeded, InferError, InvalidArgument, NotFound, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    InferError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
 
@@ -613,6 +620,32 @@ def test_the_message_limit_covers_the_largest_answer_too(tmp_path):
     cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
     plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
     assert plane.message_limit() >= 2 * 8 * 4 * 256 * 256 * 4
+
+
+def test_an_answer_above_the_transport_limit_is_refused_before_it_runs(tmp_path, caplog):
+    # A model loaded after start can need more than the limit the transport started with:
+    # its answer failed in gRPC after the engine's work (on a stream, ending the stream).
+    outputs = [{"name": "logits", "dtype": "float32", "shape": [4, 256, 256]}]  # 1 MiB a row
+    write_model(tmp_path, "big", {"w100": 1.0}, outputs=outputs, max_batch=8)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+    plane.transport_limit = 4 * 2**20
+
+    async def body():
+        await plane.load_all()
+        try:
+            ok = await plane.infer(_request("big", _x(2, 1.0)), None)
+            with pytest.raises(ResourceExhausted, match=r"at most 3\)"):
+                await plane.infer(_request("big", _x(5, 1.0)), None)
+            return ok
+        finally:
+            await plane.stop_models()
+
+    with caplog.at_level("WARNING", logger="innfer.dataplane"):
+        ok = _run(body())
+    assert list(ok.outputs[0].shape) == [2, 4, 256, 256]
+    assert "set max_message_bytes to at least" in caplog.text
+    assert plane.models["big"].stats.inference_count == 2  # the refused one never ran
 
 
 def test_an_unloaded_model_leaves_no_scrape_time_series_and_is_freed(config):
