@@ -2,7 +2,10 @@
 from a ``profile.json``. Deterministic for a seed.
 
 Arrivals come from ``sim.traces`` (poisson, gamma, varying, file); load is a multiple of the
-full tier's capacity, ``slots * max_batch / latency(full, max_batch)``. Each batch's engine
+full tier's capacity, ``slots * max_batch / latency(full, max_batch)`` (the base rate of
+``varying``; a ``file`` brings its own times). The offered rate and goodput reported are per
+the trace's window (``sim.traces.trace_window``): what it holds, not what was asked for.
+Each batch's engine
 time comes from ``sim.engine_time``: the profiled p50 times a log-normal factor whose sigma
 puts the profiled p90 at its 90th percentile (or ``noise``, if given), both interpolated
 between profiled batch sizes as the scheduler does. The scheduler - its admission, its
@@ -34,7 +37,14 @@ from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
 from server.scheduling.scheduler import DEFAULT_ADMIT_QUANTILE
 from sim.engine_time import EngineTime, full_capacity
 from sim.events import Events
-from sim.traces import TRACES, make_trace, read_trace, varying_multiplier
+from sim.traces import (
+    TRACES,
+    make_trace,
+    offered_rate,
+    read_trace,
+    trace_window,
+    varying_multiplier,
+)
 
 # Re-exported: callers import the traces and the capacity from here.
 __all__ = [
@@ -44,12 +54,14 @@ __all__ = [
     "format_summary",
     "full_capacity",
     "make_trace",
+    "offered_rate",
     "plot_timeline",
     "read_trace",
     "replay",
     "simulate",
     "summarise",
     "tiers_from_model_dir",
+    "trace_window",
     "varying_multiplier",
 ]
 
@@ -103,16 +115,17 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
 
 
 def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig):
-    """What ``simulate`` serves for ``cfg``: (rate per s, arrival times s, budgets s, the
-    rng the budgets were drawn from - the engine times continue from it). The same requests
-    for the shared-core model (``innfer simulate --host-ms``) and a live run
-    (``innfer bench``)."""
+    """What ``simulate`` serves for ``cfg``: (offered rate per s, arrival times s, budgets s,
+    the rng the budgets were drawn from - the engine times continue from it). The same
+    requests for the shared-core model (``innfer simulate --host-ms``) and a live run
+    (``innfer bench``). The rate is what the trace offers over its window
+    (``offered_rate``): about 1.18x ``load`` x capacity for ``varying``, the file's own for
+    ``file``."""
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
-    rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
-    arrivals = make_trace(cfg, rate)
+    arrivals = make_trace(cfg, cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots))
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
-    return rate, arrivals, budgets, rng
+    return offered_rate(cfg, arrivals), arrivals, budgets, rng
 
 
 def replay(
@@ -132,7 +145,9 @@ def replay(
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
     the policy, slots, queue, batch, noise, SLO target and seed (engine times), and
-    ``duration_s`` for the summary's goodput; the trace and budget fields are ignored.
+    ``duration_s`` (or the last arrival, if later: ``trace_window``) as the window of the
+    summary's goodput and offered rate (default: arrivals / window); the trace and budget
+    fields are ignored.
     A live server's view (``sim.live_host``): the scheduler plans with ``planned`` budgets
     (default ``budgets``) and admission ``grace`` while answers are judged by ``budgets``,
     and every batch runs ``speed`` times its profiled time; its planner counts ``host_s`` of
@@ -188,8 +203,7 @@ def replay(
             running.push(now + compute, (d, compute))
     deadlines = arrivals + budgets
     if rate is None:
-        span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
-        rate = (n - 1) / span if span > 0 else 0.0
+        rate = offered_rate(cfg, arrivals)
     summary = summarise(arrivals, deadlines, finish, served_tier, state, tiers, cfg, rate)
     return SimResult(summary, arrivals, finish, served_tier, state, cfg)
 
@@ -213,7 +227,7 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
         "tier_mix": {t.name: mix.get(t.name, 0) / max(int(served.sum()), 1) for t in tiers},
         "p50_latency_ms": float(np.percentile(latency, 50)) if len(latency) else None,
         "p99_latency_ms": float(np.percentile(latency, 99)) if len(latency) else None,
-        "goodput_per_s": float(met.sum() / cfg.duration_s),
+        "goodput_per_s": float(met.sum() / trace_window(cfg, arrivals)),
         "refused": {k: v for k, v in Counter(states).items() if k != "served"},
     }
 
@@ -236,13 +250,13 @@ def format_summary(s: dict, title: str = "") -> str:
 
 
 def plot_timeline(result: SimResult, tiers: Sequence[TierInfo], path: str | Path) -> None:
-    """Load, tier mix and p99 latency over time."""
+    """Load, tier mix and p99 latency over time, in 60 bins over the trace's window."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = result.config.duration_s
+    d = trace_window(result.config, result.arrivals)
     bins = np.linspace(0, d, 61)
     width = bins[1] - bins[0]
     idx = np.clip(np.digitize(result.arrivals, bins) - 1, 0, len(bins) - 2)
@@ -263,9 +277,10 @@ def plot_timeline(result: SimResult, tiers: Sequence[TierInfo], path: str | Path
     ax[2].set_ylabel("p99 latency (ms)")
     ax[2].set_xlabel("time (s)")
     c = result.config
-    fig.suptitle(
-        f"{c.policy}, {c.trace}, load {c.load}x, SLO {result.summary['slo_attainment']:.2%}"
+    load = f"{result.summary['offered_rate_per_s']:.1f}/s" + (
+        f" (load {c.load}x)" if c.trace != "file" else ""
     )
+    fig.suptitle(f"{c.policy}, {c.trace}, {load}, SLO {result.summary['slo_attainment']:.2%}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -4,8 +4,15 @@
   gamma        Gamma inter-arrivals with squared coefficient of variation ``cv2`` (1, 4, 8):
                the same mean rate, burstier as cv2 grows
   varying      a time-varying rate: ramps from 0.5x to 1.5x the base, two short 3x bursts
-               and a quiet tail (thinning of a Poisson process)
-  file         one timestamp per line (seconds), replayed as given
+               and a quiet tail (thinning of a Poisson process); over the whole trace the
+               multiplier averages 1.18, so it offers about 1.18x the base rate
+  file         one timestamp per line (seconds), replayed as given and whole: the rate
+               asked for is not used, and the run covers the file's span where that is
+               longer than the duration
+
+A run's window (``trace_window``) is its duration, or up to the last arrival where that is
+later; its offered rate (``offered_rate``) is the arrivals it holds over that window - what
+the trace offers, not the base rate it was drawn for.
 
 Example:
     >>> from sim.simulator import SimConfig
@@ -28,8 +35,9 @@ TRACES = ("poisson", "gamma", "varying", "file")
 
 
 def make_trace(cfg: SimConfig, rate: float) -> np.ndarray:
-    """Arrival times in [0, duration) for mean ``rate`` requests per second, drawn from a
-    generator seeded with ``cfg.seed``.
+    """Arrival times in [0, duration) for mean ``rate`` requests per second (the base rate
+    of ``varying``), drawn from a generator seeded with ``cfg.seed``; a ``file`` trace's
+    times as the file gives them, whatever ``rate`` and the duration.
 
     Example:
         >>> from sim.simulator import SimConfig
@@ -70,6 +78,33 @@ def _until(d: float, draw) -> np.ndarray:
         gaps = np.concatenate([gaps, draw()])
         t = np.cumsum(gaps)
     return t[t < d]
+
+
+def trace_window(cfg: SimConfig, arrivals: np.ndarray) -> float:
+    """The seconds a run covers: ``cfg.duration_s``, or up to the last arrival where that is
+    later (a ``file`` trace longer than the duration). Goodput, the offered rate and the
+    timeline's bins are per this window.
+
+    Example:
+        >>> from sim.simulator import SimConfig
+        >>> trace_window(SimConfig(duration_s=30.0), np.array([0.0, 10.0, 100.0]))
+        100.0
+    """
+    last = float(arrivals[-1]) if len(arrivals) else 0.0
+    return max(float(cfg.duration_s), last)
+
+
+def offered_rate(cfg: SimConfig, arrivals: np.ndarray) -> float:
+    """Requests per second the trace offers: its arrivals over its window (``varying``
+    offers about 1.18x its base rate; a ``file`` trace, whatever it holds).
+
+    Example:
+        >>> from sim.simulator import SimConfig
+        >>> offered_rate(SimConfig(duration_s=30.0), np.arange(0.0, 101.0, 10.0))  # 11 in 100 s
+        0.11
+    """
+    window = trace_window(cfg, arrivals)
+    return len(arrivals) / window if window > 0 else 0.0
 
 
 def varying_multiplier(x: np.ndarray) -> np.ndarray:

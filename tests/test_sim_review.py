@@ -6,8 +6,11 @@ swap does, and configurations refused with a message instead of a hang or a trac
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from sim.simulator import SimConfig, make_trace
+from innfer.cli import main as cli
+from server.scheduling import TierInfo
+from sim.simulator import SimConfig, full_capacity, make_trace, plot_timeline, simulate
 
 
 # -- traces --------------------------------------------------------------------------------
@@ -24,3 +27,95 @@ def test_bursty_traces_run_to_their_duration():
         t = make_trace(SimConfig(trace="poisson", duration_s=d, seed=seed), rate)
         ref = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, 1000))
         assert np.array_equal(t, ref[ref < d]), seed
+
+
+# -- what a trace offers: its rate, goodput and timeline over its own window -----------------
+TIERS = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 6.0})]
+P50 = {"w100": {1: 3.5, 8: 14.0}, "w050": {1: 1.6, 8: 5.0}}
+
+
+def _file_trace(tmp_path):
+    """11 arrivals, one every 10 s: 0.11 requests a second over 100 s."""
+    path = tmp_path / "arrivals.txt"
+    path.write_text("\n".join(str(10 * i) for i in range(11)))
+    return path
+
+
+def test_a_file_trace_reports_its_own_rate_and_goodput_over_its_span(tmp_path, monkeypatch):
+    # --duration 30 and --load 5 say nothing about a file's times: the file is replayed
+    # whole, its rate is what it holds, and goodput counts over its 100 s.
+    cfg = SimConfig(trace="file", trace_file=str(_file_trace(tmp_path)), duration_s=30, load=5)
+    r = simulate(TIERS, P50, cfg)
+    s = r.summary
+    assert s["requests"] == 11 and s["slo_attainment"] == 1.0
+    assert s["offered_rate_per_s"] == pytest.approx(0.11)
+    assert s["goodput_per_s"] == pytest.approx(0.11)
+    # The timeline's bins cover the 100 s, not the first 30 with the rest in the last bin.
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
+    )
+    plot_timeline(r, TIERS, tmp_path / "t.png")
+    arrivals = figures[0].axes[0].lines[0]
+    assert arrivals.get_xdata().max() > 95
+    assert sum(arrivals.get_ydata()) * 100 / 60 == pytest.approx(11)  # per-second rates
+
+
+def test_the_varying_trace_reports_the_rate_it_offers():
+    # Its multiplier averages 1.18 over the trace: at load 1 it offers about 1.18x capacity,
+    # and the summary says what it offered, not the base rate.
+    cfg = SimConfig(trace="varying", duration_s=20.0, load=1.0)
+    s = simulate(TIERS, P50, cfg).summary
+    assert s["offered_rate_per_s"] == pytest.approx(s["requests"] / 20.0)
+    assert s["offered_rate_per_s"] > 1.1 * full_capacity(TIERS, P50, 8, 1)
+
+
+def _bench_model(tmp_path):
+    from serverutil import add_onnx_model, tiny_cnn
+
+    io = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+          "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+          "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+          "max_batch": 4}  # fmt: skip
+    return add_onnx_model(tmp_path, "tiny", tiny_cnn, io, warmup=1, repeats=2)
+
+
+def _fake_run_load(monkeypatch, seen, codes=None):
+    """``run_load`` without a server: records its arguments, answers every request sent
+    (or gives each request the code in ``codes``)."""
+    import sim.loadgen
+
+    async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
+        seen.update(arrivals=arrivals, max_seconds=max_seconds)
+        n = len(arrivals)
+        sent = [at <= max_seconds for at in arrivals]
+        got = codes or ["OK" if s else "unsent" for s in sent]
+        latency = np.array([1.0 if c == "OK" else np.nan for c in got])
+        s = sim.loadgen._summary(latency, budgets_s, ["w100"] * n, got, 1.0, accuracy)
+        return sim.loadgen.LoadReport(s, latency, ["w100"] * n, got)
+
+    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+
+
+def test_bench_sends_a_whole_file_trace_and_says_its_rate(tmp_path, monkeypatch, capsys):
+    d = _bench_model(tmp_path)
+    seen = {}
+    _fake_run_load(monkeypatch, seen)
+    argv = ["bench", str(d), "--trace", "file", "--trace-file", str(_file_trace(tmp_path)),
+            "--duration", "30", "--load", "5"]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "sending 11 requests at 0.1/s over 100 s" in out
+    assert len(seen["arrivals"]) == 11 and seen["max_seconds"] >= 100  # none left unsent
+
+
+def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
+    tmp_path, monkeypatch, capsys
+):
+    # Requests never sent (the run's time bound) are not evidence that a server exists.
+    d = _bench_model(tmp_path)
+    _fake_run_load(monkeypatch, {}, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
+    assert cli(["bench", str(d), "--duration", "1", "--max-requests", "1005"]) == 2
+    assert "no request was served" in capsys.readouterr().err
