@@ -622,15 +622,25 @@ class ModelRuntime:
         try:
             return await future
         except asyncio.CancelledError:
-            if self.lanes[lane].cancel(req, t := self.clock()):
-                self.metrics.requests.labels(self.name, "", "cancelled").inc()
-                self._queue_total.inc(t - req.arrival)
-                if t > req.due:  # the client waited out its budget: a miss
-                    self._missed["late"].inc()
+            self._cancelled(req, lane, future)
             raise
         finally:
             del self._pending[req.id]
             self.inflight -= 1
+
+    def _cancelled(self, req: Request, lane: int, future: asyncio.Future) -> None:
+        """Count a request its client cancelled: once, as ``cancelled`` (a miss only if the
+        client waited out its budget). Queued, it leaves the queue; running, its batch goes
+        on and its answer is dropped (``_resolve`` finds it gone; nothing counts it served
+        or failed). Answered already (cancelled on its way out), it was counted served."""
+        if future.done() and not future.cancelled():
+            return
+        t = self.clock()
+        if self.lanes[lane].cancel(req, t):
+            self._queue_total.inc(t - req.arrival)
+        self.metrics.requests.labels(self.name, "", "cancelled").inc()
+        if t > req.due:  # the client waited out its budget: a miss
+            self._missed["late"].inc()
 
     def count_invalid(self) -> None:
         """A request refused as malformed (a bad input, parameter or tier name): counted in
@@ -875,6 +885,8 @@ class ModelRuntime:
             self._fail_one(d.tier, r, exc)
 
     def _fail_one(self, tier: str, r: Request, exc: BaseException) -> None:
+        if r.id not in self._pending:  # cancelled while it ran: counted then (_cancelled)
+            return
         self.metrics.requests.labels(self.name, tier, "failed").inc()
         self._missed["failed"].inc()
         self._queue_total.inc(r.started - r.arrival)
@@ -907,15 +919,14 @@ class ModelRuntime:
                 self._fail_one(d.tier, r, exc)
                 continue
             pending = self._pending.get(r.id)
-            if out is None or pending is None:  # cancelled: skipped, or gone meanwhile
-                self.metrics.requests.labels(self.name, "", "cancelled").inc()
+            if out is None or pending is None:  # cancelled (counted then): skipped, or gone
                 continue
             pending.resolve(InferResult(
                 out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
                 int(1e6 * secs), r.rows,
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
-            self._record(alone, secs, now)
+            self._record(alone, [r], secs, now)
             self._record_triton(alone, [r], (0.0, secs, 0.0), now)
 
     def _resolve(
@@ -953,7 +964,7 @@ class ModelRuntime:
         prepare, compute, cpu = times
         lane.complete(d, now, compute)
         self._account_cpu(cpu)
-        self._record(d, compute, now)
+        self._record(d, answered, compute, now)
         # A request cancelled while its batch ran is not a success.
         self._record_triton(d, answered, (prepare, compute, output_s), now)
 
@@ -962,12 +973,16 @@ class ModelRuntime:
         if pending is not None:
             pending.fail(exc)
 
-    def _record(self, d: Decision, compute: float, now: float) -> None:
+    def _record(
+        self, d: Decision, answered: list[Request], compute: float, now: float
+    ) -> None:
+        """Metrics of batch ``d``; per request, of those ``answered`` (one cancelled while
+        the batch ran was counted as cancelled, not served nor met)."""
         tier = d.tier
         served, request_s, queue_s, compute_s, batch = self._per_tier[tier]
         batch.observe(d.rows)
         self._compute_total.inc(compute)
-        for r in d.requests:
+        for r in answered:
             queued = r.started - r.arrival
             served.inc()
             request_s.observe(now - r.arrival)

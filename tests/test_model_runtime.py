@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 
@@ -333,6 +334,30 @@ def test_a_cancelled_queued_request_never_runs(tmp_path):
     assert [b for e in served.engines.values() for b in e.calls] == [1]
     cancelled = _count(metrics, "innfer_requests_total", model="m", tier="", outcome="cancelled")
     assert cancelled == 1
+
+
+def test_a_request_cancelled_while_its_batch_runs_is_counted_cancelled_not_served(tmp_path):
+    # Its batch ran on and _settle counted every request of it as served and met.
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            with _Gate(served) as gate:
+                first = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0, pin="w100"))
+                await _until(lambda: gate.running() == 1)
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                gate.release()
+            return await rt.infer(_x(1, 2.0), 1, 10.0, pin="w100")  # settles the first batch
+
+    _check_answer(served, _x(1, 2.0), _run(body()))
+    count = functools.partial(_count, metrics, "innfer_requests_total", model="m")
+    assert count(tier="", outcome="cancelled") == 1
+    assert count(tier="w100", outcome="served") == 1
+    assert _count(metrics, "innfer_deadline_met_total", model="m") == 1
+    assert served.engines["w100"].calls == [1, 1]
 
 
 def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp_path):
