@@ -503,8 +503,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = asyncio.run(run_load(args.address, name, arrivals, budgets, inputs, window, accuracy))
     s = report.summary
     print(f"  SLO attainment  {s['slo_attainment']:.2%}")
-    acc = s["mean_served_accuracy"]
-    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}")
+    acc, unknown = s["mean_served_accuracy"], s["answers_without_accuracy"]
+    # An auto-tiered model answers from frontier candidates profile.json does not list.
+    note = f" ({unknown} answers from tiers without a known accuracy left out)" if unknown else ""
+    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}{note}")
     print(f"  tier mix        {', '.join(f'{k} {v:.0%}' for k, v in s['tier_mix'].items())}")
     print(f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms")
     print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")

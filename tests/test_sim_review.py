@@ -5,11 +5,15 @@ swap does, and configurations refused with a message instead of a hang or a trac
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from innfer.cli import main as cli
 from server.scheduling import TierInfo
+from sim.loadgen import NO_ANSWER, run_load
 from sim.simulator import SimConfig, full_capacity, make_trace, plot_timeline, simulate
 
 
@@ -119,3 +123,59 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
     _fake_run_load(monkeypatch, {}, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
     assert cli(["bench", str(d), "--duration", "1", "--max-requests", "1005"]) == 2
     assert "no request was served" in capsys.readouterr().err
+
+
+# -- the open-loop load generator's report -------------------------------------------------
+def _fake_client(monkeypatch, answer):
+    """tritonclient's aio client, replaced: request ``i`` (in send order) gets
+    ``answer(i)``'s response, or none ever where that is None."""
+    import tritonclient.grpc.aio as tca
+    from tritonclient.grpc import service_pb2
+
+    class Client:
+        def __init__(self, address):
+            self.sent = 0
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def infer(self, model, tensors, parameters):
+            i, self.sent = self.sent, self.sent + 1
+            tier = answer(i)
+            if tier is None:
+                await asyncio.Event().wait()  # never answered
+            response = service_pb2.ModelInferResponse()
+            response.parameters["tier"].string_param = tier
+            return SimpleNamespace(get_response=lambda: response)
+
+    monkeypatch.setattr(tca, "InferenceServerClient", Client)
+
+
+INPUTS = {"input": np.zeros((1, 1, 8, 8), np.float32)}
+
+
+def test_open_loop_report_survives_requests_never_answered(monkeypatch):
+    # Every third request hangs: the run ends drain_s after the last send and reports them
+    # as NO_ANSWER misses, instead of losing the whole report to a TimeoutError.
+    _fake_client(monkeypatch, lambda i: None if i % 3 == 2 else "w100")
+    arrivals, budgets = np.linspace(0.0, 0.05, 9), np.full(9, 1.0)
+    r = asyncio.run(run_load("127.0.0.1:1", "m", arrivals, budgets, INPUTS, drain_s=0.3))
+    s = r.summary
+    assert r.codes == ["OK", "OK", NO_ANSWER] * 3
+    assert s["sent"] == 9 and s["within_budget"] == 6 and s["refused"] == {NO_ANSWER: 3}
+    assert s["slo_attainment"] == pytest.approx(6 / 9) and s["wall_seconds"] < 5
+
+
+def test_open_loop_report_keeps_answers_from_tiers_without_a_known_accuracy(monkeypatch):
+    # A server serving an auto-tiering choice answers from frontier candidates ("s069")
+    # that profile.json's accuracies do not list: the mean is over the known ones.
+    _fake_client(monkeypatch, lambda i: "s069" if i % 2 else "w100")
+    arrivals, budgets = np.linspace(0.0, 0.05, 6), np.full(6, 1.0)
+    accuracy = {"w100": 0.9, "w050": 0.8}
+    r = asyncio.run(run_load("127.0.0.1:1", "m", arrivals, budgets, INPUTS, accuracy=accuracy))
+    s = r.summary
+    assert s["mean_served_accuracy"] == pytest.approx(0.9)
+    assert s["answers_without_accuracy"] == 3 and s["tier_mix"] == {"s069": 0.5, "w100": 0.5}
