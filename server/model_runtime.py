@@ -618,8 +618,8 @@ class ModelRuntime:
         alone = self.inflight == 0 and self._idle.waits != self._idle_mark
         self._alone_bits = (self._alone_bits << 1 | alone) & _WINDOW_MASK
         self.inflight += 1
-        self._pump()
         try:
+            self._pump()  # inside: a pump that raises must not leak the pending entry
             return await future
         except asyncio.CancelledError:
             self._cancelled(req, lane, future)

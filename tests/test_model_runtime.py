@@ -871,3 +871,22 @@ def test_run_apart_skips_what_nobody_waits_for_and_times_each_run():
     assert apart.errors[1] is None and isinstance(apart.errors[2], EngineError)
     assert apart.answered == 2 and apart.outputs[3]["y"].tolist() == [[6.0]]
     assert len(apart.seconds) == 4 and all(t >= 0 for t in apart.seconds)
+
+
+def test_a_pump_that_raises_leaves_nothing_in_flight(tmp_path):
+    # The pump ran before the try whose finally undoes the request's entry: a pump that
+    # raised left it pending and in flight for good (a stop then waited out its drain).
+    served = _served(tmp_path)
+
+    async def body():
+        async with _running(served, Metrics()) as rt:
+
+            def broken(lane, decision):
+                raise RuntimeError("launch failed")
+
+            rt._launch = broken
+            with pytest.raises(RuntimeError, match="launch failed"):
+                await rt.infer(_x(1, 1.0), 1, 10.0)
+            return rt.inflight, len(rt._pending)
+
+    assert _run(body()) == (0, 0)
