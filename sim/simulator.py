@@ -150,8 +150,9 @@ def replay(
     fields are ignored.
     A live server's view (``sim.live_host``): the scheduler plans with ``planned`` budgets
     (default ``budgets``) and admission ``grace`` while answers are judged by ``budgets``,
-    and every batch runs ``speed`` times its profiled time; its planner counts ``host_s`` of
-    request handling's CPU per row (``Scheduler.host_s``).
+    and every batch runs ``speed`` times its profiled time - a ``speed`` above 1 is also the
+    latency model's starting level for every tier, as the server's swap sets it; its
+    planner counts ``host_s`` of request handling's CPU per row (``Scheduler.host_s``).
 
     Example:
         >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
@@ -174,6 +175,11 @@ def replay(
         admit_quantile=cfg.admit_quantile,
     )
     sched.host_s = host_s
+    if speed > 1.0:
+        # As a live swap starts its new runtime (ModelRuntime.assume_speed): each tier from
+        # the measured speed, not its quiet profile, until its own batches correct it.
+        for t in tiers:
+            sched.latency.start_from(t.name, speed)
     n = len(arrivals)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n

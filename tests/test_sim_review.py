@@ -14,7 +14,14 @@ import pytest
 from innfer.cli import main as cli
 from server.scheduling import TierInfo
 from sim.loadgen import NO_ANSWER, run_load
-from sim.simulator import SimConfig, full_capacity, make_trace, plot_timeline, simulate
+from sim.simulator import (
+    SimConfig,
+    full_capacity,
+    make_trace,
+    plot_timeline,
+    replay,
+    simulate,
+)
 
 
 # -- traces --------------------------------------------------------------------------------
@@ -179,3 +186,14 @@ def test_open_loop_report_keeps_answers_from_tiers_without_a_known_accuracy(monk
     s = r.summary
     assert s["mean_served_accuracy"] == pytest.approx(0.9)
     assert s["answers_without_accuracy"] == 3 and s["tier_mix"] == {"s069": 0.5, "w100": 0.5}
+
+
+# -- the replay of a live host -------------------------------------------------------------
+def test_a_replay_at_engine_speed_plans_its_first_batches_at_that_speed():
+    # Engines at 2x their profile: w100 takes 7 ms. A live swap starts every tier's latency
+    # model at 2x, so a 6 ms budget goes to w050; planned at the quiet profile (about 4 ms)
+    # the replay chose w100 and missed, predicting what the server would not do.
+    tiers = [TierInfo("w100", 0.99, {1: 4.0}), TierInfo("w050", 0.97, {1: 2.0})]
+    p50 = {"w100": {1: 3.5}, "w050": {1: 1.6}}
+    r = replay(tiers, p50, np.array([0.0]), np.array([0.006]), SimConfig(noise=0.0), speed=2.0)
+    assert r.tiers == ["w050"] and r.summary["slo_attainment"] == 1.0
