@@ -108,8 +108,10 @@ class Server:
         if self.grpc is not None:
             await self.grpc.stop(max(0.0, deadline - time.monotonic()))
         await self.plane.stop_models()
-        if self._http is not None:
-            self._http.shutdown()
+        if self._http is not None:  # off the loop (shutdown waits for its poll, <= 0.5 s)
+            http, self._http = self._http, None
+            await asyncio.get_running_loop().run_in_executor(None, http.shutdown)
+            http.server_close()  # else the port stays bound after the stop
         self._stopped.set()
         log.info("stopped")
 
@@ -146,9 +148,19 @@ async def serve(config: ServerConfig) -> None:
     server = Server(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+
+    def on_signal() -> None:
+        stopping.set()
+        # A start-up still loading (engine builds can take minutes) loads nothing more: the
+        # model in progress finishes its step, then the server drains and stops.
+        server.plane.drain()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     await server.start()
+    if stopping.is_set():
+        await server.stop()
+        return
     if config.tune_malloc:
         tune_malloc(malloc_settings(server.message_limit, config.limits.max_inflight_bytes))
     # What loading made (engines, configs, imported modules) lives as long as the process:

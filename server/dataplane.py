@@ -98,6 +98,9 @@ class DataPlane:
         names = list(self.config.models) or self.repo.names()
         self.expected = set(names)
         for name in names:
+            if self.phase is Phase.DRAINING:  # stopped while starting: load nothing more
+                log.info("shutting down: models %s not loaded", names[names.index(name) :])
+                return
             try:
                 await self.load(name)
             except InferError as exc:  # reported in readiness and metrics; others go on
@@ -105,7 +108,8 @@ class DataPlane:
             except Exception:  # not foreseen (a library's own error): still this model only
                 log.exception("model %s not loaded", name)
                 self._mark_broken(name, "unexpected error while loading; see the server log")
-        self.phase = Phase.READY
+        if self.phase is Phase.LOADING:  # not once draining began (a stop during start-up)
+            self.phase = Phase.READY
 
     async def swap(self, name: str) -> None:
         """Reload ``name`` for a new tier set (auto-tiering): as ``load``, but the old

@@ -622,6 +622,28 @@ def test_the_message_limit_covers_the_largest_answer_too(tmp_path):
     assert plane.message_limit() >= 2 * 8 * 4 * 256 * 256 * 4
 
 
+def test_a_stop_during_start_up_loads_nothing_more_and_stays_draining(config):
+    # Loading went on through every model after a SIGTERM, and then set the phase back to
+    # READY: a draining server reported ready again.
+    plane = DataPlane(dataclasses.replace(config, models=("a", "b")), Metrics())
+    load = plane.load
+
+    async def load_then_stop(name, *args, **kwargs):
+        await load(name, *args, **kwargs)
+        plane.drain()  # what SIGTERM does (server.app.serve)
+
+    plane.load = load_then_stop
+
+    async def body():
+        await plane.load_all()
+        try:
+            return sorted(plane.models), plane.phase.value, plane.ready()
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == (["a"], "draining", False)
+
+
 def test_an_answer_above_the_transport_limit_is_refused_before_it_runs(tmp_path, caplog):
     # A model loaded after start can need more than the limit the transport started with:
     # its answer failed in gRPC after the engine's work (on a stream, ending the stream).

@@ -210,3 +210,14 @@ def test_sigterm_drains_in_flight_requests(slow_repository, tmp_path):
 def test_server_config_errors(data, match):
     with pytest.raises(ConfigError, match=match):
         ServerConfig.from_dict(data, source="server.yaml")
+
+
+def test_a_stopped_server_frees_its_metrics_port(model_repository):
+    # The Prometheus listener was shut down but never closed: its port stayed bound.
+    import socket
+
+    srv = ServerThread({"repository": str(model_repository)}).start()
+    port = srv.server.metrics_port
+    srv.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
