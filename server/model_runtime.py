@@ -973,9 +973,7 @@ class ModelRuntime:
         if pending is not None:
             pending.fail(exc)
 
-    def _record(
-        self, d: Decision, answered: list[Request], compute: float, now: float
-    ) -> None:
+    def _record(self, d: Decision, answered: list[Request], compute: float, now: float) -> None:
         """Metrics of batch ``d``; per request, of those ``answered`` (one cancelled while
         the batch ran was counted as cancelled, not served nor met)."""
         tier = d.tier
