@@ -10,7 +10,8 @@ answered within its budget - less a steep penalty where attainment falls below a
     floor = min(slo_target, attainment the traffic allows) - attainment_slack
 
 where the attainment the traffic allows is the best of the live set's, the fastest
-candidate's alone and that of a set spread over the whole frontier. So accuracy is
+candidate's alone and that of a set spread over the whole frontier (the latter two less
+their largest members where the set would exceed ``max_memory_mb``). So accuracy is
 maximised at the SLO target, or - where the traffic makes the target unreachable - at the
 best attainment within reach less ``auto_tiers.attainment_slack`` (default 0.002: replay
 noise), never bought with more deadlines than the operator allows. The search: over the frontier's
@@ -314,12 +315,27 @@ def choose(
     live = evaluate(live_options, list(live_names), recent, sim, host=host)
     # Fastest first (p50 at the largest profiled batch, as ``thin`` orders the frontier).
     order = sorted(options, key=lambda n: options[n].p50[max(options[n].p50)])
+
+    def fits(names) -> bool:
+        limit = goals.max_memory_mb
+        return limit is None or sum(options[n].memory_mb for n in names) <= limit
+
+    def fitting(names) -> list[str]:
+        """``names`` less its largest members (memory) until the set fits the goals."""
+        names = list(names)
+        while names and not fits(names):
+            names.remove(max(names, key=lambda n: options[n].memory_mb))
+        return names
+
     # What the traffic allows: the fastest tier alone (no larger tier to tempt the planner
-    # into work that later arrivals wait behind), or a spread over the frontier.
+    # into work that later arrivals wait behind), or a spread over the frontier - each as
+    # far as the goals allow it: a floor no allowed set can reach penalises every one.
     reach = max(
-        evaluate(options, order[:1], recent, sim, host=host).attainment,
-        evaluate(options, _spread(order, goals.max_tiers), recent, sim, host=host).attainment,
-    )
+        (evaluate(options, names, recent, sim, host=host).attainment
+         for names in (fitting(order[:1]), fitting(_spread(order, goals.max_tiers)))
+         if names),
+        default=0.0,
+    )  # fmt: skip
     floor = min(sim.slo_target, max(live.attainment, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
     cache: dict[frozenset, Evaluation] = {}
@@ -331,10 +347,6 @@ def choose(
             if progress:
                 progress(len(cache))
         return cache[key]
-
-    def fits(names) -> bool:
-        limit = goals.max_memory_mb
-        return limit is None or sum(options[n].memory_mb for n in names) <= limit
 
     # keep_fastest: the set starts from the fastest candidate and keeps it (see the doc).
     keep = goals.keep_fastest and goals.max_tiers > 1 and fits(order[:1])

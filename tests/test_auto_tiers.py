@@ -242,6 +242,18 @@ def test_goals_bound_the_set_count_memory_and_accuracy():
         frontier_options(f, floor=0.99)
 
 
+def test_the_attainment_floor_comes_from_sets_the_goals_allow():
+    # w025 is the fastest but too large for max_memory_mb: the attainment it alone reaches
+    # (800/s, 5-10 ms budgets) is no floor for the allowed sets; taken as one, it penalised
+    # every one of them, the best allowed set included (score -1.01 for w050's 0.94).
+    mem = {"w100": 4.0, "w075": 1.0, "w050": 0.5, "w025": 2.0}
+    goals = AutoTiersConfig(max_tiers=2, max_memory_mb=1.6, simulate_requests=400)
+    c = choose(_options(memory=mem), _traffic(800, (5, 10)), goals,
+               (_options(["w050"]), ["w050"]))  # fmt: skip
+    assert "w025" not in c.best.tiers and c.best.memory_mb <= 1.6
+    assert c.best.score == pytest.approx(c.best.served_accuracy)  # not penalised
+
+
 # -- the host view: what the live server adds ----------------------------------------------
 def test_the_host_view_judges_after_the_overhead_and_plans_as_the_server():
     host = LiveHost(overhead_ms=(2.0, 4.0, 6.0, 30.0), margin_ms=1.0)
