@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,15 @@ class Traffic:
                     raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
                 if len(values) < 2:
                     raise ValueError(f"{path}:{i}: expected arrival_s,budget_ms[,rows]")
+                rows = values[2] if len(values) > 2 else 1.0
+                # int() would raise OverflowError on inf and cut 1.7 to 1 unsaid.
+                if not (math.isfinite(rows) and rows >= 1 and rows == int(rows)):
+                    raise ValueError(
+                        f"{path}:{i}: rows must be a whole number >= 1, got {line[2].strip()!r}"
+                    )
                 cols[0].append(values[0])
                 cols[1].append(values[1])
-                cols[2].append(values[2] if len(values) > 2 else 1)
+                cols[2].append(int(rows))
         try:
             return cls(np.array(cols[0]), np.array(cols[1]), np.array(cols[2], dtype=int))
         except ValueError as exc:

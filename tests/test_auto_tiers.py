@@ -162,6 +162,17 @@ def test_traffic_csv_round_trip_and_errors(tmp_path):
         Traffic.read(tmp_path / "bad.csv")
 
 
+def test_traffic_rows_must_be_whole_numbers_of_at_least_one(tmp_path):
+    # inf raised OverflowError (a traceback past `innfer tiers`' handler); 1.7 was read as 1.
+    for rows in ("inf", "1.7", "0", "nan"):
+        (tmp_path / "bad.csv").write_text(f"arrival_s,budget_ms,rows\n0,10,1\n0.1,10,{rows}\n")
+        want = rf"bad.csv:3: rows must be a whole number >= 1, got '{rows}'"
+        with pytest.raises(ValueError, match=want):
+            Traffic.read(tmp_path / "bad.csv")
+    (tmp_path / "ok.csv").write_text("arrival_s,budget_ms,rows\n0,10,2.0\n0.1,10\n")
+    assert Traffic.read(tmp_path / "ok.csv").rows.tolist() == [2, 1]
+
+
 # -- the choice ----------------------------------------------------------------------------
 # name: (accuracy, p50 ms at batch 1, at batch 8, width)
 SYNTH = {"w100": (0.99, 4.0, 16.0, 1.0), "w075": (0.98, 2.5, 10.0, 0.75),
