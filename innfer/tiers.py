@@ -193,7 +193,9 @@ def live_options(repo, name: str, frontier, live: str | None = None):
             raise ValueError(f"--live: got {live!r}, expected model.yaml:NAMES or frontier:NAMES")
         if source == "model.yaml":
             options, _ = hand_options(repo, name, frontier)
+            _check_known(live, names, list(options))
             return {n: options[n] for n in names}, names
+        _check_known(live, names, [c.name for c in frontier.candidates])
         records = {n: frontier.candidate(n) for n in names}
         memory = {n: c.memory_mb for n, c in records.items()}
         return profile_options(frontier.profile(names), records, memory), names
@@ -203,6 +205,17 @@ def live_options(repo, name: str, frontier, live: str | None = None):
     _, records, profile = auto
     memory = {t: weights_mb(r.params) for t, r in records.items()}
     return profile_options(profile, records, memory), list(records)
+
+
+def _check_known(live: str, names: list[str], known: list[str]) -> None:
+    """``--live``'s names must be tiers of its source: a ValueError naming the known ones."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        source = live.partition(":")[0]
+        raise ValueError(
+            f"--live {live}: {source} has no tier {', '.join(map(repr, unknown))}; "
+            f"its tiers: {', '.join(known)}"
+        )
 
 
 def hand_options(repo, name: str, frontier):

@@ -449,6 +449,19 @@ def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monke
     assert [(s.slots, s.policy) for s in seen] == [(2, "innfer"), (1, "slackfit")]
 
 
+def test_apply_refuses_live_tiers_its_source_does_not_have(tmp_path, capsys):
+    # A KeyError traceback before; now the error names the tiers there are.
+    _auto_model(tmp_path)
+    _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
+    base = ["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")]
+    assert cli([*base, "--live", "model.yaml:w100,w999"]) == 2
+    err = capsys.readouterr().err
+    assert "model.yaml:w100,w999: model.yaml has no tier 'w999'; its tiers: w100, w050" in err
+    assert cli([*base, "--live", "frontier:s069"]) == 2
+    err = capsys.readouterr().err
+    assert "frontier has no tier 's069'; its tiers: " in err and "w075" in err
+
+
 def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):
     add_onnx_model(tmp_path, "plain", tiny_cnn, {**IO, "tiers": [{"name": "w100", "width": 1.0}]})
     _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
