@@ -403,7 +403,12 @@ class DataPlane:
             )
         runtime = self.models.get(name)
         if runtime is None:
-            if self.phase == Phase.LOADING:
+            if name in self.broken:  # not a typo, and retrying will not help
+                raise FailedPrecondition(
+                    f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
+                    "and the server log say why (fix it, then load it again or restart)"
+                )
+            if self.phase == Phase.LOADING and name in self.expected:
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
             raise NotFound(
                 f"unknown model {clip(name)}; models: {', '.join(sorted(self.models)) or 'none'}"
@@ -413,7 +418,7 @@ class DataPlane:
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
             self.model(name, version)
-        except (NotFound, Unavailable):
+        except (NotFound, Unavailable, FailedPrecondition):
             return False
         return True
 

@@ -281,7 +281,10 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             loaded = name in self.plane.models
             if request.ready and not loaded:
                 continue
-            resp.models.add(name=name, version="1", state="READY" if loaded else "UNAVAILABLE")
+            resp.models.add(
+                name=name, version="1", state="READY" if loaded else "UNAVAILABLE",
+                reason="" if loaded else clip_message(self.plane.broken.get(name, "")),
+            )  # fmt: skip
         return resp
 
     @rpc_method

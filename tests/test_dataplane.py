@@ -23,6 +23,7 @@ from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InferError,
     InvalidArgument,
     NotFound,
@@ -88,8 +89,11 @@ def test_loading_ready_and_draining(config):
     async def body():
         plane = DataPlane(config, Metrics())
         assert plane.live() and not plane.ready()
+        plane.expected = {"a", "b"}  # what load_all sets first, before it awaits
         with pytest.raises(Unavailable, match="still loading"):
             plane.model("a")
+        with pytest.raises(NotFound, match="unknown model 'nope'"):  # a typo: not "retry"
+            plane.model("nope")
         await plane.load_all()
         try:
             assert plane.ready() and sorted(plane.models) == ["a", "b"]
@@ -553,6 +557,8 @@ def test_a_warm_up_error_of_any_kind_breaks_that_model_only(config, monkeypatch)
         await plane.load_all()
         try:
             members = list(plane.device.members)
+            with pytest.raises(FailedPrecondition, match="'a' failed to load"):
+                plane.model("a")  # was NOT_FOUND "unknown model": it is known, and broken
             return plane, members, plane.models["b"]
         finally:
             await plane.stop_models()

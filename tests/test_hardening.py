@@ -338,6 +338,12 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
                 stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="wide")
             )
             assert code == grpc.StatusCode.FAILED_PRECONDITION and "innfer build" in msg
+            # Known and broken, not "unknown model": the infer and the index say why.
+            code, msg = _status(stub.ModelInfer, _request("wide"), timeout=10)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load" in msg
+            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+            reason = s.server.plane.broken["wide"]
+            assert index["wide"].state == "UNAVAILABLE" and index["wide"].reason == reason != ""
         assert _health(s) == NOT_SERVING
         assert 'innfer_model_ready{model="wide"} 0.0' in _metrics(s)
         assert "wide" in s.server.plane.not_ready_reason()
