@@ -198,13 +198,19 @@ def live_options(repo, name: str, frontier, live: str | None = None):
         _check_known(live, names, [c.name for c in frontier.candidates])
         records = {n: frontier.candidate(n) for n in names}
         memory = {n: c.memory_mb for n, c in records.items()}
-        return profile_options(frontier.profile(names), records, memory), names
+        full = full_channels(frontier)
+        return profile_options(frontier.profile(names), records, memory, full), names
     auto = repo.auto_tiers(name, repo.config(name))
     if auto is None:
         return hand_options(repo, name, frontier)
     _, records, profile = auto
     memory = {t: weights_mb(r.params) for t, r in records.items()}
-    return profile_options(profile, records, memory), list(records)
+    return profile_options(profile, records, memory, full_channels(frontier)), list(records)
+
+
+def full_channels(frontier) -> int:
+    """The full width's channel total: the widest candidate's (the frontier measures it)."""
+    return max(sum(c.sizes.values()) for c in frontier.candidates)
 
 
 def _check_known(live: str, names: list[str], known: list[str]) -> None:
@@ -246,7 +252,7 @@ def hand_options(repo, name: str, frontier):
             records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
     profile = {**profile, "tiers": {t: tables[t] for t in records}}
     memory = {t: weights_mb(r.params) for t, r in records.items()}
-    return profile_options(profile, records, memory), list(records)
+    return profile_options(profile, records, memory, full_channels(frontier)), list(records)
 
 
 def _check_engines(repo, name: str, tiers) -> None:
@@ -300,6 +306,8 @@ def format_choice(choice, min_gain: float) -> str:
         verdict = "keep (gain below rebuild.min_gain)"
     else:
         verdict = "apply"
+    if choice.changes and choice.best.tiers == choice.current.tiers:
+        verdict += " (the same names, other channel counts)"
     return "\n".join([
         f"traffic: {t['requests']} requests at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
         f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,9 @@ class Evaluation:
     mean_width: float | None  # nominal width over answered requests
     tier_mix: dict[str, float]
     memory_mb: float
+    # Each tier's name and channel counts, sorted: what makes two sets the same (a
+    # hand-written tier and a frontier candidate may share a name, not their channels).
+    identity: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -160,12 +164,13 @@ class Choice:
 
     @property
     def changes(self) -> bool:
-        return set(self.best.tiers) != set(self.current.tiers)
+        """Whether the chosen set differs from the live one in a tier's name or channels."""
+        return self.best.identity != self.current.identity
 
     def to_json(self) -> dict:
         return {
-            "best": dataclasses.asdict(self.best),
-            "current": dataclasses.asdict(self.current),
+            "best": _public(self.best),
+            "current": _public(self.current),
             "gain": self.gain,
             "served_accuracy_gain": self.best.served_accuracy - self.current.served_accuracy,
             "attainment_gain": self.best.attainment - self.current.attainment,
@@ -176,12 +181,14 @@ class Choice:
 
 @dataclass(frozen=True)
 class Option:
-    """A tier that may be served: its scheduler view, p50 table, width and memory."""
+    """A tier that may be served: its scheduler view, p50 table, width, memory and channel
+    counts (None: unknown - the name alone identifies it)."""
 
     tier: TierInfo
     p50: dict[int, float]
     width: float
     memory_mb: float
+    sizes: Mapping[str, int] | None = None
 
 
 def frontier_options(
@@ -199,7 +206,7 @@ def frontier_options(
     keep = thin(keep, frontier.max_batch, step)
     infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
     return {
-        t.name: Option(t, p50[t.name], c.width, c.memory_mb)
+        t.name: Option(t, p50[t.name], c.width, c.memory_mb, c.sizes)
         for t, c in zip(infos, keep, strict=True)
     }
 
@@ -231,14 +238,22 @@ def thin(candidates: list, batch: int, step: float = STEP) -> list:
     return out
 
 
-def profile_options(profile: dict, records: Mapping, memory_mb: Mapping[str, float]) -> dict:
+def profile_options(
+    profile: dict,
+    records: Mapping,
+    memory_mb: Mapping[str, float],
+    full_channels: int | None = None,
+) -> dict:
     """Options for tiers served from a profile.json and their build records (the
-    hand-written set), for comparison with the frontier's."""
+    hand-written set), for comparison with the frontier's. ``full_channels``: the full
+    width's channel total, for the nominal width of a tier given as channels per group."""
     infos, p50 = tiers_from_profile(profile, records)
-    return {
-        t.name: Option(t, p50[t.name], _nominal(records[t.name].width), memory_mb.get(t.name, 0))
-        for t in infos
-    }
+    out = {}
+    for t in infos:
+        rec = records[t.name]
+        width = _nominal(rec.width, rec.sizes, full_channels)
+        out[t.name] = Option(t, p50[t.name], width, memory_mb.get(t.name, 0), rec.sizes)
+    return out
 
 
 def outcomes(
@@ -293,6 +308,7 @@ def evaluate(
         mean_width=float(width[answered].mean()) if answered.any() else None,
         tier_mix=dict(summary["tier_mix"]),
         memory_mb=sum(options[n].memory_mb for n in names),
+        identity=tuple(sorted(_identity(n, options[n]) for n in names)),
     )
 
 
@@ -414,6 +430,23 @@ def _by_name(candidates) -> dict:
     return {c.name: c for c in candidates}
 
 
-def _nominal(width) -> float:
-    """A tier's width as one number (a {group: channels} width has none: 0)."""
-    return float(width) if isinstance(width, (int, float)) else 0.0
+def _nominal(width, sizes: Mapping[str, int], full_channels: int | None) -> float:
+    """A tier's width as one number: a fraction as it is; channels per group (or fractions
+    per kind of group) as the share of the full width's channels its channel counts keep -
+    the uniform width of the same total, as a shaped frontier candidate's - or 0 where the
+    full width's total is unknown."""
+    if isinstance(width, (int, float)):
+        return float(width)
+    return sum(sizes.values()) / full_channels if full_channels else 0.0
+
+
+def _identity(name: str, option: Option) -> str:
+    sizes = "" if option.sizes is None else json.dumps(dict(option.sizes), sort_keys=True)
+    return f"{name} {sizes}"
+
+
+def _public(e: Evaluation) -> dict:
+    """An evaluation as the choice's JSON gives it (the names, without the channel counts)."""
+    out = dataclasses.asdict(e)
+    del out["identity"]
+    return out

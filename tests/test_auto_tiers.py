@@ -265,6 +265,42 @@ def test_the_attainment_floor_comes_from_sets_the_goals_allow():
     assert c.best.score == pytest.approx(c.best.served_accuracy)  # not penalised
 
 
+def test_a_tier_of_the_same_name_with_other_channels_is_a_change():
+    # The live w100 (hand-written, 12 channels) and the frontier's w100 (16) share a name:
+    # the choice of the frontier's is a change to apply, not "keep (same set)".
+    from innfer.tiers import format_choice
+
+    frontier = {n: dataclasses.replace(o, sizes={"g": 16}) for n, o in _options(["w100"]).items()}
+    hand = _options(["w100"])["w100"]
+    live = {"w100": dataclasses.replace(hand, tier=dataclasses.replace(hand.tier, accuracy=0.9),
+                                        sizes={"g": 12})}  # fmt: skip
+    goals = AutoTiersConfig(max_tiers=1, simulate_requests=400)
+    c = choose(frontier, _traffic(20, (50, 100)), goals, (live, ["w100"]))
+    assert c.best.tiers == c.current.tiers == ("w100",) and c.gain > 0.05
+    assert c.changes
+    assert "-> apply (the same names, other channel counts)" in format_choice(c, 0.01)
+    assert "identity" not in c.to_json()["best"]
+    same = choose(frontier, _traffic(20, (50, 100)), goals, (frontier, ["w100"]))
+    assert not same.changes and "keep (same set)" in format_choice(same, 0.01)
+
+
+def test_a_tier_given_as_channels_per_group_has_a_nominal_width():
+    # Its share of the full width's channels, not 0 (which pulled mean_width down).
+    from types import SimpleNamespace
+
+    from sim.tiering import profile_options
+
+    profile = {"tiers": {"s": {"1": {"p50_ms": 1.0, "p90_ms": 1.2}},
+                         "u": {"1": {"p50_ms": 2.0, "p90_ms": 2.4}}}}  # fmt: skip
+    records = {"s": SimpleNamespace(width={"a": 4, "b": 2}, sizes={"a": 4, "b": 2}, flops=1,
+                                    accuracy=0.9),
+               "u": SimpleNamespace(width=0.75, sizes={"a": 6, "b": 6}, flops=2,
+                                    accuracy=0.95)}  # fmt: skip
+    options = profile_options(profile, records, {}, full_channels=16)
+    assert options["s"].width == pytest.approx(6 / 16) and options["u"].width == 0.75
+    assert options["s"].sizes == {"a": 4, "b": 2}
+
+
 # -- the host view: what the live server adds ----------------------------------------------
 def test_the_host_view_judges_after_the_overhead_and_plans_as_the_server():
     host = LiveHost(overhead_ms=(2.0, 4.0, 6.0, 30.0), margin_ms=1.0)
