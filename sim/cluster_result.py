@@ -134,12 +134,35 @@ def cluster_totals(
         "p99_latency_ms": float(np.percentile(lat, 99)) if len(lat) else None,
         "replica_seconds": float(replica_s),
         "mean_replicas": float(replica_s / cfg.duration_s),
-        "max_replicas": max((t["desired"] for t in ticks), default=len(replicas)),
+        "max_replicas": peak_in_spec(replicas, cfg.duration_s),
         "scale_ups": sum(1 for t in ticks if t["desired"] > t["replicas"]),
         "scale_downs": sum(1 for t in ticks if t["desired"] < t["replicas"]),
         "replicas_started": len(replicas),
         "time_scale": cfg.time_scale,
     }
+
+
+def peak_in_spec(replicas: Sequence[Replica], end: float) -> int:
+    """The most pods in spec at once over [0, ``end``]: the replicas that ran, the starting
+    ones included (the HPA's desired counts alone miss those it scales down from).
+
+    Example:
+        >>> from types import SimpleNamespace as Pod
+        >>> pods = [Pod(lifetimes=lambda end, a=a, b=b: ((a, b), (a, b), (a, b)))
+        ...         for a, b in ((0, 10), (0, 5), (5, 20))]  # one replaces one at 5 s
+        >>> peak_in_spec(pods, 20.0)
+        2
+    """
+    changes = []
+    for r in replicas:
+        start, stop = r.lifetimes(end)[1]
+        if stop > start:
+            changes += [(start, 1), (stop, -1)]
+    peak = count = 0
+    for _, delta in sorted(changes):  # at one instant, removals before additions
+        count += delta
+        peak = max(peak, count)
+    return peak
 
 
 def format_totals(rows: Mapping[str, dict]) -> str:

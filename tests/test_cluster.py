@@ -258,3 +258,17 @@ def test_a_full_queue_is_shed_load_whatever_the_budget():
     shed = sum(p.shed.sum() for p in cluster.replicas)
     late = states == "refused_deadline"
     assert full + (late & (budgets > 0.02)).sum() <= shed <= full + (late & (budgets > 0.015)).sum()
+
+
+def test_max_replicas_counts_the_pods_a_run_started_with():
+    # 8 pods for one replica's capacity, scaled down at the first evaluation: the peak is
+    # the 8 that ran, not the HPA's largest desired count after them (6).
+    hpa = HPAConfig(min_replicas=1, max_replicas=10, down_stabilization_s=0.0)
+    r = run(trace="steps", steps=((0.0, 1.0),), duration_s=120.0, initial_replicas=8, hpa=hpa)
+    t = r.totals
+    assert t["replicas_started"] == 8 and t["scale_downs"] > 0
+    assert t["max_replicas"] == 8
+    # Scaling up: the peak is the most in spec at once.
+    up = run(trace="steps", steps=((0.0, 4.0),), duration_s=120.0,
+             hpa=HPAConfig(min_replicas=1, max_replicas=3))  # fmt: skip
+    assert up.totals["max_replicas"] == max(row["desired"] for row in up.ticks) == 3
