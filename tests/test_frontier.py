@@ -95,3 +95,30 @@ def test_a_candidate_at_stored_counts_is_the_network_they_describe(tmp_path):
         wider = frontier.candidate("w075").sizes
         resampled = stored.sample(wider)(x).numpy()  # no stored statistics: re-estimated
     assert not np.allclose(run("w075"), resampled, atol=1e-4)
+
+
+def test_a_chosen_set_on_a_frontier_of_a_replaced_inn_is_refused(built, tmp_path):
+    # Tiers from model.yaml were checked against the INN the directory holds; a chosen set
+    # from the frontier was not, and served the old model under the new one's name.
+    import json
+    import shutil
+
+    import torch
+
+    from runtime.inn.model import load as load_inn
+    from runtime.repository import ACTIVE_FILE, ActiveTiers, RepositoryError
+    from runtime.repository.records import inn_fingerprint
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    d = root / "tiny"
+    frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+    assert frontier.inn_sha256 == inn_fingerprint(json.loads((d / "inn.json").read_text()))
+    ActiveTiers(("w075",), frontier.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+    assert sorted(Repository(root).load("tiny").engines) == ["w075"]
+    inn = load_inn(d)
+    with torch.no_grad():
+        next(iter(inn.state.values())).mul_(1.5)  # "retrained" and saved over the old one
+    inn.save(d)
+    with pytest.raises(RepositoryError, match=r"another INN.*run `innfer build`"):
+        Repository(root).load("tiny")

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from runtime.repository.frontier import (
     mark_pareto,
 )
 from runtime.repository.profile import measure, random_feeds
+from runtime.repository.records import inn_fingerprint
 
 log = logging.getLogger("innfer.frontier")
 
@@ -72,8 +74,12 @@ def build_frontier(
     backend = repo.choose_backend(config)
     src = _source_hash(model_dir, config, backend)
     out = model_dir / FRONTIER_DIR
+    inn_sha = inn_fingerprint(json.loads((model_dir / "inn.json").read_text()))
     old = _reusable(out, src)
     if old is not None:  # before the INN and the data are loaded: a rebuild costs nothing
+        if old.inn_sha256 != inn_sha:  # measured before it was kept (the same source)
+            old = dataclasses.replace(old, inn_sha256=inn_sha)
+            old.write(out / FRONTIER_FILE)
         return old
     inn = load(model_dir)
     options = repo.build_options(config, backend)
@@ -120,6 +126,7 @@ def build_frontier(
         threads=config.threads,
         max_batch=config.max_batch,
         sensitivity=sensitivity,
+        inn_sha256=inn_sha,
     )
     for stale in out.iterdir():
         if stale.is_dir() and stale.name not in settings:

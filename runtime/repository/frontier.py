@@ -84,6 +84,9 @@ class Frontier:
     threads: int
     max_batch: int
     sensitivity: dict[str, float] = field(default_factory=dict)  # accuracy lost per group
+    # ``inn_fingerprint`` of the INN the candidates were sampled from (None: a frontier from
+    # before it was kept), checked at load like a tier's: a replaced INN is not served stale.
+    inn_sha256: str | None = None
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def candidate(self, name: str) -> Candidate:

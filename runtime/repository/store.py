@@ -243,6 +243,13 @@ class Repository:
         except RepositoryError as exc:
             log.warning("%s: %s; serving the tiers of model.yaml", name, exc)
             return None
+        current = self._inn_fingerprint(name)
+        if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
+            raise RepositoryError(
+                f"{d / FRONTIER_DIR / FRONTIER_FILE} was measured on another INN than {d} "
+                "holds now (replaced, retrained or recalibrated after the build): run "
+                "`innfer build`"
+            )
         if active.frontier_sha256 != frontier.source_sha256:
             log.warning(
                 "%s/%s was chosen on an older frontier; serving the tiers of model.yaml until "
