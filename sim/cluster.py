@@ -110,6 +110,16 @@ class ClusterConfig:
     bin_s: float = 30.0  # resolution of the per-bin output
     metric_res_s: float = 1.0  # resolution of the per-pod counters
 
+    def __post_init__(self) -> None:
+        # Zero resolutions divided by zero; a zero time scale made every replica infinitely fast.
+        for name in ("duration_s", "time_scale", "bin_s", "metric_res_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ClusterConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.pod_start_s >= 0:
+            raise ValueError(
+                f"ClusterConfig.pod_start_s must be >= 0 seconds, got {self.pod_start_s}"
+            )
+
 
 def simulate_cluster(
     tiers: Sequence[TierInfo],

@@ -69,6 +69,16 @@ class HPAConfig:
     latency_target_s: float | None = None  # None: 0.8 x the median budget (time-scaled)
     latency_quantile: float = 0.95
 
+    def __post_init__(self) -> None:
+        # A zero period re-ran the evaluation at the same instant forever.
+        for name in ("period_s", "window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HPAConfig.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not self.metric_lag_s >= 0:
+            raise ValueError(
+                f"HPAConfig.metric_lag_s must be >= 0 seconds, got {self.metric_lag_s}"
+            )
+
 
 class HPA:
     """The controller's state: its recent recommendations and scaling events. Times are

@@ -272,3 +272,23 @@ def test_max_replicas_counts_the_pods_a_run_started_with():
     up = run(trace="steps", steps=((0.0, 4.0),), duration_s=120.0,
              hpa=HPAConfig(min_replicas=1, max_replicas=3))  # fmt: skip
     assert up.totals["max_replicas"] == max(row["desired"] for row in up.ticks) == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: HPAConfig(period_s=0), r"HPAConfig.period_s must be > 0 seconds, got 0"),
+        (lambda: HPAConfig(window_s=-1.0), r"HPAConfig.window_s must be > 0"),
+        (lambda: HPAConfig(metric_lag_s=-1.0), r"HPAConfig.metric_lag_s must be >= 0"),
+        (lambda: ClusterConfig(metric_res_s=0), r"ClusterConfig.metric_res_s must be > 0"),
+        (lambda: ClusterConfig(bin_s=0), r"ClusterConfig.bin_s must be > 0"),
+        (lambda: ClusterConfig(time_scale=0), r"ClusterConfig.time_scale must be > 0"),
+        (lambda: ClusterConfig(duration_s=float("nan")), r"ClusterConfig.duration_s must be"),
+        (lambda: ClusterConfig(pod_start_s=-1), r"ClusterConfig.pod_start_s must be >= 0"),
+    ],
+)
+def test_a_config_that_cannot_run_is_refused_with_its_field(make, message):
+    # period_s 0 hung the run (its evaluation re-queued at the same instant forever);
+    # a zero resolution raised ZeroDivisionError.
+    with pytest.raises(ValueError, match=message):
+        make()
