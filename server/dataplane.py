@@ -260,6 +260,8 @@ class DataPlane:
         m = self.models[name]
         return {
             "overhead_ms": (m.overhead.recent() * 1e3).tolist(),
+            # Each sample's wait before the handler (same order): the client paid it too.
+            "waited_ms": (m.overhead.recent_waited() * 1e3).tolist(),
             "budget_margin_ms": self.config.budget_margin_ms,
             "plan_overhead": self._plans_overhead(m),
             "overhead_quantile": m.overhead.quantile,
@@ -535,7 +537,7 @@ class DataPlane:
         p["budget_us"].int64_param = int(budget_s * 1e6)
         return resp
 
-    def answered(self, resp: pb.ModelInferResponse, total_s: float) -> None:
+    def answered(self, resp: pb.ModelInferResponse, total_s: float, waited_s: float = 0.0) -> None:
         """``resp`` left the server ``total_s`` after its handler began (its request parsed):
         teach its model the overhead (the part outside queue and compute: decoding before
         the scheduler's stamp, the hop back, encoding and sending)."""
@@ -544,7 +546,7 @@ class DataPlane:
         if m is None or "queue_us" not in p or "compute_us" not in p:
             return
         inside_us = p["queue_us"].int64_param + p["compute_us"].int64_param
-        m.overhead.observe(total_s - inside_us / 1e6)
+        m.overhead.observe(total_s - inside_us / 1e6, waited_s)
 
     def _decode(
         self, m: ModelRuntime, request, raw: Sequence[memoryview] | None = None

@@ -61,13 +61,20 @@ class Overhead:
             raise ValueError(f"need 0 < quantile < 1 and window >= {MIN_SAMPLES}")
         self.quantile = quantile
         self._samples = np.zeros(window)  # ring buffer, seconds
+        # Each sample's wait before its handler ran (parse, the loop's turn): not part of
+        # the overhead planned for (plans count from the parse where plan_overhead says so),
+        # but a client's time all the same - auto-tiering's replay judges answers after it.
+        self._waited = np.zeros(window)
         self._n = 0  # samples seen
         self._estimate = 0.0
         self._grace = 0.0
 
-    def observe(self, seconds: float) -> None:
-        """One answered request's overhead (negative values, clock noise, count as 0)."""
-        self._samples[self._n % len(self._samples)] = min(max(seconds, 0.0), CAP_S)
+    def observe(self, seconds: float, waited: float = 0.0) -> None:
+        """One answered request's overhead, and the seconds it waited before its handler
+        ran (negative values, clock noise, count as 0)."""
+        at = self._n % len(self._samples)
+        self._samples[at] = min(max(seconds, 0.0), CAP_S)
+        self._waited[at] = min(max(waited, 0.0), CAP_S)
         self._n += 1
         if self._n >= MIN_SAMPLES and self._n % REFRESH == 0:
             held = self._samples[: min(self._n, len(self._samples))]
@@ -82,6 +89,10 @@ class Overhead:
         """The recent samples (seconds, a copy, at most ``window``): what auto-tiering's
         choice replays as each request's time outside queue and compute."""
         return self._samples[: min(self._n, len(self._samples))].copy()
+
+    def recent_waited(self) -> np.ndarray:
+        """The waits before the handler of the ``recent`` samples, in the same order."""
+        return self._waited[: min(self._n, len(self._samples))].copy()
 
     def reserve(self) -> tuple[float, float]:
         """(reserve, grace) in seconds for one budget: the plan is made ``reserve`` (the

@@ -315,7 +315,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # From this handler's start: the budget already counts the parse before it, and
             # the queue time counts from the scheduler's stamp (decoding is overhead).
             context.add_done_callback(
-                lambda _: self.plane.answered(resp, time.monotonic() - received - waited)
+                lambda _: self.plane.answered(resp, time.monotonic() - received - waited, waited)
             )
         return resp
 

@@ -16,6 +16,8 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
 ``innfer tiers apply`` (``--host``)::
 
     {"overhead_ms": [...],        recent per-request samples (server.overhead's window)
+     "waited_ms": [...],          each sample's wait before its handler ran (parse, the
+                                  loop's turn; same order; absent: not recorded)
      "budget_margin_ms": 1.0,     the server's budget_margin_ms
      "plan_overhead": false,      whether the model plans for the overhead (resolved)
      "overhead_quantile": 0.99,   the quantile it plans with
@@ -30,9 +32,12 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
                                   set need not have that tier)
 
 and the replay then, per request (the same draws for every tier set compared): judges the
-answer against ``budget - margin - overhead`` (one recorded sample, drawn at random),
-plans it as the server does (``budget - margin``, and with ``plan_overhead`` short by the
-samples' quantile with the excess over their median given back to admission), and runs
+answer against ``budget - margin - overhead - waited`` (one recorded sample, drawn at
+random: the replay starts a request where the traffic log stamped it, and the client paid
+the wait before the handler too), plans it as the server does (``budget - margin``, and
+with ``plan_overhead`` - whose budgets count from the parse - short by the samples'
+quantile, with the excess over their median given back to admission, and by the sample's
+wait, which live leaves the scheduler that much less of the budget), and runs
 each batch ``engine_speed`` times its frontier time, drawn with the live spread where there
 is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
 replay with their spread plans larger tiers than the live scheduler dares to), with its
@@ -73,10 +78,18 @@ class LiveHost:
     host_cpu_ms: float = 0.0
     slots: int | None = None
     policy: str | None = None
+    waited_ms: tuple[float, ...] = ()  # empty, or one per overhead sample
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
             raise ValueError("overhead_ms samples must be finite and >= 0")
+        if self.waited_ms and len(self.waited_ms) != len(self.overhead_ms):
+            raise ValueError(
+                f"waited_ms has {len(self.waited_ms)} samples, overhead_ms "
+                f"{len(self.overhead_ms)}: one each, or none"
+            )
+        if not all(np.isfinite(v) and v >= 0 for v in self.waited_ms):
+            raise ValueError("waited_ms samples must be finite and >= 0")
         if not (np.isfinite(self.margin_ms) and self.margin_ms >= 0):
             raise ValueError(f"budget_margin_ms must be >= 0, got {self.margin_ms}")
         if not 0 < self.quantile < 1:
@@ -102,20 +115,23 @@ class LiveHost:
         budgets_s = np.asarray(budgets_s, dtype=float)
         margin = self.margin_ms / 1e3
         samples = np.asarray(self.overhead_ms, dtype=float) / 1e3
-        if len(samples):
-            outside = np.random.default_rng(seed).choice(samples, len(budgets_s))
+        waits = np.asarray(self.waited_ms or [0.0] * len(samples), dtype=float) / 1e3
+        if len(samples):  # one sample per request: its overhead and its wait go together
+            drawn = np.random.default_rng(seed).integers(0, len(samples), len(budgets_s))
+            outside, waited = samples[drawn], waits[drawn]
         else:
-            outside = np.zeros(len(budgets_s))
+            outside = waited = np.zeros(len(budgets_s))
         planned = budgets_s - margin
         grace = 0.0
         if self.plan_overhead and len(samples):
             reserve, grace = reserve_of(samples, self.quantile)
-            planned = planned - reserve
-        return budgets_s - margin - outside, planned, grace
+            planned = planned - reserve - waited
+        return budgets_s - margin - outside - waited, planned, grace
 
     def to_json(self) -> dict:
         return {
             "overhead_ms": [round(float(v), 4) for v in self.overhead_ms],
+            "waited_ms": [round(float(v), 4) for v in self.waited_ms],
             "budget_margin_ms": self.margin_ms,
             "plan_overhead": self.plan_overhead,
             "overhead_quantile": self.quantile,
@@ -129,14 +145,16 @@ class LiveHost:
     @classmethod
     def from_json(cls, data: dict) -> LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
-        known = {"overhead_ms", "budget_margin_ms", "plan_overhead", "overhead_quantile",
-                 "engine_speed", "engine_sigma", "host_cpu_ms", "slots", "policy"}  # fmt: skip
+        known = {"overhead_ms", "waited_ms", "budget_margin_ms", "plan_overhead",
+                 "overhead_quantile", "engine_speed", "engine_sigma", "host_cpu_ms", "slots",
+                 "policy"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
         try:
             return cls(
                 overhead_ms=tuple(float(v) for v in data.get("overhead_ms", ())),
+                waited_ms=tuple(float(v) for v in data.get("waited_ms", ())),
                 margin_ms=float(data.get("budget_margin_ms", 1.0)),
                 plan_overhead=bool(data.get("plan_overhead", False)),
                 quantile=float(data.get("overhead_quantile", 0.99)),

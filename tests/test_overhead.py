@@ -214,6 +214,9 @@ def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
     held = min(m.overhead.samples, WINDOW)
     assert len(host.overhead_ms) == held
     assert np.allclose(host.overhead_ms, m.overhead.recent() * 1e3, atol=1e-3)
+    # Each sample's wait before its handler (parse, the loop's turn), in the same order.
+    assert len(host.waited_ms) == held and max(host.waited_ms) > 0
+    assert np.allclose(host.waited_ms, m.overhead.recent_waited() * 1e3, atol=1e-3)
     assert host.margin_ms == server.server.config.budget_margin_ms
     assert host.plan_overhead is False and host.quantile == m.overhead.quantile
     assert host.engine_speed > 0
@@ -222,3 +225,37 @@ def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
     # The choice replays the model as the server runs it: its slots and the policy.
     assert host.slots == m.scheduler.max_running >= 1
     assert host.policy == server.server.config.policy == "innfer"
+
+
+def test_the_replay_judges_and_plans_after_each_samples_wait():
+    """The replay starts a request where the traffic log stamped it: the wait before its
+    handler was missing from the judged budget (and, with plan_overhead, from the plan)."""
+    from sim.live_host import LiveHost
+
+    budgets = np.full(400, 0.030)
+    plain = LiveHost(overhead_ms=(2.0, 4.0), margin_ms=1.0)
+    waits = LiveHost(overhead_ms=(2.0, 4.0), waited_ms=(0.5, 3.0), margin_ms=1.0)
+    j0, p0, _ = plain.budgets(budgets, seed=1)
+    j1, p1, _ = waits.budgets(budgets, seed=1)
+    # The same draws (the seed's), each overhead with its own wait: 2 + 0.5 or 4 + 3 ms.
+    assert np.allclose(j0 - j1, np.where(np.isclose(j0, 0.027), 0.0005, 0.003))
+    assert np.array_equal(p0, p1)  # not planned for: the plan counts from the stamp
+    # With plan_overhead the budget counts from the parse: the wait is the plan's loss too.
+    planned = LiveHost(overhead_ms=(2.0, 4.0), plan_overhead=True)
+    both = LiveHost(overhead_ms=(2.0, 4.0), waited_ms=(0.5, 3.0), plan_overhead=True)
+    _, pp, _ = planned.budgets(budgets, seed=1)
+    jb, pb_, _ = both.budgets(budgets, seed=1)
+    assert np.allclose(jb, j1) and np.allclose(pp - pb_, j0 - j1)
+    assert LiveHost.from_json(waits.to_json()) == waits
+    with pytest.raises(ValueError, match="one each, or none"):
+        LiveHost(overhead_ms=(2.0, 4.0), waited_ms=(1.0,))
+
+
+def test_the_overhead_keeps_each_samples_wait_beside_it():
+    o = Overhead()
+    for k in range(WINDOW + 3):
+        o.observe(0.001 * (k % 5), waited=0.0001 * k)
+    assert len(o.recent_waited()) == len(o.recent()) == WINDOW
+    k = WINDOW + 2  # the newest sample overwrote slot (WINDOW + 2) % WINDOW
+    assert o.recent()[2] == pytest.approx(0.001 * (k % 5))
+    assert o.recent_waited()[2] == pytest.approx(0.0001 * k)
