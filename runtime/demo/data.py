@@ -10,7 +10,7 @@ and test sees the same test set. Loaded sets are cached per process: treat the r
 tensors as read-only, since every caller shares them.
 
 Example:
-    >>> from runtime import data
+    >>> from runtime.demo import data
     >>> ds = data.load("digits")
     >>> ds.input_shape, ds.num_classes
     ((1, 8, 8), 10)

@@ -5,9 +5,9 @@ initialisation comes from the seeded global RNG, batch order from a private
 ``torch.Generator``. Thread count is left to the caller (``torch.set_num_threads``).
 
 Example:
-    >>> from runtime import training
-    >>> model, ds = training.train_model("digits_mlp", seed=0)
-    >>> training.evaluate(model, ds.x_test, ds.y_test) > 0.95
+    >>> from runtime.demo import training
+    >>> model, ds = training.train_model("digits_mlp", seed=0)  # doctest: +SKIP
+    >>> training.evaluate(model, ds.x_test, ds.y_test) > 0.95  # doctest: +SKIP
     True
 """
 
@@ -160,7 +160,7 @@ def train_model(
     in eval mode and the data set it was trained on.
 
     Example:
-        >>> model, ds = train_model("digits_cnn", seed=0)
+        >>> model, ds = train_model("digits_mlp", seed=0, epochs=1)
         >>> ds.name, model.training
         ('digits', False)
     """

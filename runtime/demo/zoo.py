@@ -8,7 +8,7 @@ gather channel statistics) keep the pre-activation values.
 
 Example:
     >>> import torch
-    >>> from runtime import zoo
+    >>> from runtime.demo import zoo
     >>> model = zoo.build("digits_cnn")
     >>> model(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])

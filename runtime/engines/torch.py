@@ -147,7 +147,8 @@ class TorchEngine(Engine):
 
     Example:
         >>> engine = TorchBackend().load(Path("engines/k"), BuildOptions())  # doctest: +SKIP
-        >>> engine.run({"input": np.zeros((2, 1, 8, 8), np.float32)})["logits"].shape
+        >>> x = np.zeros((2, 1, 8, 8), np.float32)
+        >>> engine.run({"input": x})["logits"].shape  # doctest: +SKIP
         (2, 10)
     """
 
