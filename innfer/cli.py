@@ -403,6 +403,14 @@ def _sim_config(args: argparse.Namespace, policy: str):
     )  # fmt: skip
 
 
+def _offered(args: argparse.Namespace) -> str:
+    """The load a simulation's title names: a file trace is replayed as recorded, whatever
+    ``--load`` says."""
+    if args.trace == "file":
+        return f"trace {Path(args.trace_file).name}"
+    return f"{args.trace}, load {args.load}x"
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -418,7 +426,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for policy in policies:
         result = simulate(tiers, p50, _sim_config(args, policy))
         results[policy] = result.to_json()
-        print(format_summary(result.summary, f"{policy} ({args.trace}, load {args.load}x)"))
+        print(format_summary(result.summary, f"{policy} ({_offered(args)})"))
         if args.plot:
             path = Path(args.plot)
             if len(policies) > 1:
@@ -464,7 +472,7 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
             "host_ms": {"parse": parse, "answer": answer, "client": client},
         }
         results[policy] = {"config": {"policy": policy, "load": args.load}, "summary": s}
-        title = f"{policy} ({args.trace}, load {args.load}x, one core: host {parse}+{answer} ms)"
+        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms)"
         print(format_summary(s, title))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -162,3 +162,10 @@ def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys
                  "--json", str(path)]) == 0  # fmt: skip
     config = json.loads(path.read_text())["innfer"]["config"]
     assert (config["max_queue"], config["slo_target"], config["max_batch"]) == (50, 0.99, 4)
+    # A file trace is replayed as recorded: the title names it, not a --load it ignores.
+    (trace := tmp_path / "arrivals.csv").write_text("0.0\n0.1\n0.2\n")
+    capsys.readouterr()
+    assert main(["simulate", str(d), "--policy", "innfer", "--trace", "file", "--trace-file",
+                 str(trace), "--load", "7"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "trace arrivals.csv" in out and "load 7" not in out
