@@ -571,11 +571,34 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def good_repeats(h: dict | None) -> int:
+    """How many of a headline's repeats ran without error (0 for a missing or failed one)."""
+    if not h or "error" in h:
+        return 0
+    return h.get("repeats", 0) - h.get("failed_runs", 0)
+
+
+def missing_peers(srv: dict, key: str) -> list[str]:
+    """The peers (of PEERS) whose ``key`` figure at a point is not comparable with innfer's:
+    no headline, a failed one, no figure, or fewer (or more) good repeats than innfer's."""
+    inn = good_repeats(srv.get("innfer"))
+    out = []
+    for p in PEERS:
+        h = srv.get(p) or {}
+        n = good_repeats(h)
+        if n == 0 or n != inn or h.get(key) is None:
+            out.append(p)
+    return out
+
+
 def goals(results: dict) -> list[dict]:
     """The issue's goals from the headline figures: per model, at c1 and c8, innfer's
     throughput over the best peer's (>= 1.1) and innfer's p50 against the lowest peer p50;
     at the budget point the goodput within budget (reported, no target); the MLP's c1
-    overhead over engine + echo (<= 0.3 ms). ``met`` is None where a figure is missing."""
+    overhead over engine + echo (<= 0.3 ms). ``met`` is None ("incomplete") where a figure
+    is missing, and for a comparison unless every peer in PEERS has the figure over as many
+    good repeats as innfer: the peers that do not are listed in the row's
+    ``missing_peers`` (the ratio is then against the best of those that remain)."""
     out = []
     for key, m in results["models"].items():
         for pt in m["points"]:
@@ -583,9 +606,11 @@ def goals(results: dict) -> list[dict]:
             inn = srv.get("innfer", {})
             peers = {p: srv[p] for p in PEERS if p in srv and "error" not in srv[p]}
             if pt["id"] in ("c1", "c8"):
-                tp = {p: s["throughput_per_s"] for p, s in peers.items()}
+                tp = {p: s["throughput_per_s"] for p, s in peers.items()
+                      if s.get("throughput_per_s") is not None}  # fmt: skip
                 best = max(tp, key=tp.get) if tp else None
                 ratio = _ratio(inn.get("throughput_per_s"), tp.get(best))
+                missing = missing_peers(srv, "throughput_per_s")
                 out.append(
                     {
                         "kind": "throughput",
@@ -597,12 +622,14 @@ def goals(results: dict) -> list[dict]:
                         "best_peer": best,
                         "peer": tp.get(best),
                         "ratio": ratio,
-                        "met": None if ratio is None else ratio >= THROUGHPUT_GOAL,
+                        "missing_peers": missing,
+                        "met": None if ratio is None or missing else ratio >= THROUGHPUT_GOAL,
                     }
                 )
                 p50 = {p: s["p50_ms"] for p, s in peers.items() if s.get("p50_ms") is not None}
                 low = min(p50, key=p50.get) if p50 else None
                 mine = inn.get("p50_ms")
+                missing = missing_peers(srv, "p50_ms")
                 out.append(
                     {
                         "kind": "p50",
@@ -614,7 +641,8 @@ def goals(results: dict) -> list[dict]:
                         "best_peer": low,
                         "peer": p50.get(low),
                         "ratio": _ratio(mine, p50.get(low)),
-                        "met": None if mine is None or low is None else mine <= p50[low],
+                        "missing_peers": missing,
+                        "met": None if mine is None or low is None or missing else mine <= p50[low],
                     }
                 )
             elif pt["budget_ms"] is not None:
@@ -632,6 +660,7 @@ def goals(results: dict) -> list[dict]:
                         "best_peer": best,
                         "peer": good.get(best),
                         "ratio": _ratio(inn.get("goodput_per_s"), good.get(best)),
+                        "missing_peers": missing_peers(srv, "goodput_per_s"),
                         "met": None,
                     }
                 )
@@ -746,12 +775,17 @@ def summarise(results: dict) -> str:
     lines.append("\ngoals (innfer pinned to w100 except at the budget point):")
     for g in results["goals"]:
         met = {True: "met", False: "NOT met", None: "-"}[g["met"]]
+        if g.get("missing_peers") and g["kind"] != "goodput":
+            met = "incomplete"
         fmt = ".3f" if g["unit"] == "ms" else ".1f"
         val = "-" if g["innfer"] is None else f"innfer {g['innfer']:{fmt}} {g['unit']}"
         peer = "" if g["best_peer"] is None else f" vs {g['best_peer']} {g['peer']:{fmt}}"
         ratio = "" if g["ratio"] is None else f" ({g['ratio']:.3f}x)"
+        miss = g.get("missing_peers")
+        miss = f"; missing or unequal repeats: {', '.join(miss)}" if miss else ""
         lines.append(
-            f"  {MODELS[g['model']]:<12}{g['point']:<8}{g['goal']:<33}{met:<9}{val}{peer}{ratio}"
+            f"  {MODELS[g['model']]:<12}{g['point']:<8}{g['goal']:<33}{met:<11}{val}{peer}{ratio}"
+            + miss
         )
     split = (results.get("overhead") or {}).get("split_ms")
     if split:

@@ -74,3 +74,54 @@ def test_summary_prints_every_server_and_goal():
     text = peers.summarise(results)
     assert text.count("NOT met") == 2 and "w075:50%" in text
     assert "error:" in text  # the PyTriton run that failed at c8-b30
+
+
+def _point(innfer: list[dict], **peer_runs: list[dict]) -> dict:
+    servers = {"innfer": peers.headline(innfer)}
+    servers.update({p: peers.headline(r) for p, r in peer_runs.items()})
+    return {"id": "c8", "budget_ms": None, "servers": servers}
+
+
+def _goals(pt: dict) -> dict:
+    results = {"models": {"mlp": {"model": "mlp", "points": [pt]}}}
+    return {g["kind"]: g for g in peers.goals(results)}
+
+
+def test_a_failed_peer_leaves_the_goals_incomplete_not_met():
+    # KServe failed: innfer (900/s) only beats PyTriton (700/s); that is no verdict
+    g = _goals(_point([_run(900, 1.0)], kserve=[{"error": "boom"}], pytriton=[_run(700, 2.0)]))
+    assert g["throughput"]["met"] is None and g["throughput"]["missing_peers"] == ["kserve"]
+    assert g["p50"]["met"] is None and g["p50"]["missing_peers"] == ["kserve"]
+    assert g["throughput"]["best_peer"] == "pytriton"  # still reported
+    # a peer not run at all is missing too
+    g = _goals(_point([_run(900, 1.0)], pytriton=[_run(700, 2.0)]))
+    assert g["throughput"]["met"] is None and g["throughput"]["missing_peers"] == ["kserve"]
+
+
+def test_a_peer_with_fewer_good_repeats_leaves_the_goals_incomplete():
+    g = _goals(
+        _point(
+            [_run(900, 1.0), _run(910, 1.0)],
+            kserve=[_run(500, 2.0), {"error": "one repeat failed"}],
+            pytriton=[_run(700, 2.0), _run(710, 2.0)],
+        )
+    )
+    assert g["throughput"]["met"] is None and g["throughput"]["missing_peers"] == ["kserve"]
+    full = _goals(
+        _point(
+            [_run(900, 1.0), _run(910, 1.0)],
+            kserve=[_run(500, 2.0), _run(510, 2.0)],
+            pytriton=[_run(700, 2.0), _run(710, 2.0)],
+        )
+    )
+    assert full["throughput"]["met"] is True and full["throughput"]["missing_peers"] == []
+    assert full["p50"]["met"] is True
+
+
+def test_the_summary_says_incomplete_and_names_the_missing_peer():
+    results = _results()
+    pt = _point([_run(900, 1.0)], kserve=[{"error": "boom"}], pytriton=[_run(700, 2.0)])
+    results["models"]["mlp"]["points"].append(pt | {"id": "c1"})
+    results["goals"] = peers.goals(results)
+    text = peers.summarise(results)
+    assert "incomplete" in text and "missing or unequal repeats: kserve" in text
