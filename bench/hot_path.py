@@ -194,19 +194,48 @@ def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
                     ))  # fmt: skip
             finally:
                 server.stop()
-            s = report.summary
-            runs[name].append({"p50_ms": s["p50_latency_ms"],
-                               "throughput_per_s": s["sent"] / s["wall_seconds"],
-                               "errors": s["refused_total"]})  # fmt: skip
-    out: dict = {
-        name: {key: statistics.median(r[key] for r in rs) for key in ("p50_ms", "throughput_per_s")}
-        | {"rounds": rs}
-        for name, rs in runs.items()
+            runs[name].append(round_figures(report.summary))
+    return grpc_summary(runs)
+
+
+def round_figures(s: dict) -> dict:
+    """One gRPC round from sim.loadgen's summary: p50 over the answered requests and the
+    throughput of the same answered requests (within budget + late, as bench/peers.py's
+    figures()), not of those sent: a refused or failed request is no throughput. A round
+    with any error (or no answer) is marked unusable."""
+    answered = s["within_budget"] + s["late"]
+    wall = s["wall_seconds"]
+    return {
+        "p50_ms": s["p50_latency_ms"],
+        "throughput_per_s": answered / wall if wall else 0.0,
+        "sent": s["sent"],
+        "answered": answered,
+        "errors": s["refused_total"],
+        "usable": s["refused_total"] == 0 and answered > 0,
     }
-    if "old" in runs:
-        diffs = [n["p50_ms"] - o["p50_ms"] for n, o in zip(runs["new"], runs["old"], strict=True)]
-        out["paired_p50_diff_ms"] = {"median": statistics.median(diffs), "each": diffs,
-                                     "new_lower": sum(d < 0 for d in diffs)}  # fmt: skip
+
+
+def grpc_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per tree the medians of p50 and throughput over its usable rounds (None if none),
+    how many rounds were left out for errors, and (with "old" and "new") the paired p50
+    differences over the rounds both trees ran usably."""
+    out: dict = {}
+    for name, rs in runs.items():
+        good = [r for r in rs if r["usable"]]
+        out[name] = {
+            key: statistics.median(r[key] for r in good) if good else None
+            for key in ("p50_ms", "throughput_per_s")
+        } | {"usable_rounds": len(good), "unusable_rounds": len(rs) - len(good), "rounds": rs}
+    if "old" in runs and "new" in runs:
+        diffs = [n["p50_ms"] - o["p50_ms"]
+                 for n, o in zip(runs["new"], runs["old"], strict=True)
+                 if n["usable"] and o["usable"]]  # fmt: skip
+        out["paired_p50_diff_ms"] = {
+            "median": statistics.median(diffs) if diffs else None,
+            "each": diffs,
+            "new_lower": sum(d < 0 for d in diffs),
+            "pairs_left_out": len(runs["new"]) - len(diffs),
+        }
     return out
 
 
@@ -264,11 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     for impl, d in res.get("grpc_c1", {}).items():
         if impl == "paired_p50_diff_ms":
-            print(f"gRPC c=1 p50 new - old, paired rounds: median {d['median']:+.3f} ms, new "
-                  f"lower in {d['new_lower']} of {len(d['each'])}")  # fmt: skip
+            med = "-" if d["median"] is None else f"{d['median']:+.3f} ms"
+            print(f"gRPC c=1 p50 new - old, paired rounds: median {med}, new lower in "
+                  f"{d['new_lower']} of {len(d['each'])}"
+                  + (f" ({d['pairs_left_out']} pairs left out: a round with errors)"
+                     if d["pairs_left_out"] else ""))  # fmt: skip
             continue
-        each = ", ".join(f"{r['p50_ms']:.2f}" for r in d["rounds"])
-        print(f"gRPC c=1 ({impl}): p50 {d['p50_ms']:.3f} ms, {d['throughput_per_s']:.1f} req/s "
+        each = ", ".join(
+            f"{r['p50_ms']:.2f}" if r["usable"] else f"unusable ({r['errors']} errors)"
+            for r in d["rounds"]
+        )
+        if d["p50_ms"] is None:
+            print(f"gRPC c=1 ({impl}): no usable round (rounds: {each})")
+            continue
+        n_bad = d["unusable_rounds"]
+        left = f", {n_bad} rounds with errors left out" if n_bad else ""
+        print(f"gRPC c=1 ({impl}): p50 {d['p50_ms']:.3f} ms, {d['throughput_per_s']:.1f} "
+              f"answered/s over {d['usable_rounds']} rounds{left} "
               f"(rounds' p50: {each})")  # fmt: skip
     return 0
 
