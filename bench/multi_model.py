@@ -360,6 +360,16 @@ async def _drive(
     return dict(zip(MODELS, reports, strict=True)), lag
 
 
+def attains_goal(models: dict[str, dict]) -> bool:
+    """Whether every model's stream attained GOAL_ATTAINMENT. A model whose stream sent
+    nothing (sim.loadgen's summary then reads 1.0 attainment) or that has no summary at all
+    has not: an empty run is no evidence."""
+    return all(
+        m in models and models[m]["sent"] > 0 and models[m]["slo_attainment"] >= GOAL_ATTAINMENT
+        for m in MODELS
+    )
+
+
 def run_config(server: MultiServer, name: str, point: dict, streams: dict, inputs, widths, args):
     try:
         info = server.start(f"{point['id']} {name}", device_slots=CONFIGS[name])
@@ -386,9 +396,7 @@ def run_config(server: MultiServer, name: str, point: dict, streams: dict, input
         return {
             **info,
             "models": models,
-            "both_attain_goal": all(
-                s["slo_attainment"] >= GOAL_ATTAINMENT for s in models.values()
-            ),
+            "both_attain_goal": attains_goal(models),
             "window_wall_s": wall,
             "server_cpu_s": cpu,
             "server_cpu_share": cpu / wall if wall else None,

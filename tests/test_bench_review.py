@@ -33,3 +33,39 @@ def test_hot_path_leaves_rounds_with_errors_out_of_the_medians_and_pairs():
     assert pairs["each"] == pytest.approx([0.0, 0.1]) and pairs["pairs_left_out"] == 1
     none = hot_path.grpc_summary({"new": [bad]})
     assert none["new"]["p50_ms"] is None and none["new"]["unusable_rounds"] == 1
+
+
+# -- finding 3: a run with no requests is no evidence that a goal was met ---------------------
+def test_an_empty_loadgen_run_reads_as_full_attainment_in_the_summary():
+    from sim.loadgen import _summary
+
+    s = _summary([], [], [], [], 1.0, None)  # what the fixes below guard against
+    assert s["slo_attainment"] == 1.0 and s["sent"] == 0
+
+
+def test_multi_model_goal_is_not_met_by_a_stream_that_sent_nothing():
+    from bench import multi_model
+    from sim.loadgen import _summary
+
+    a, b = multi_model.MODELS[:2]
+    full = {"sent": 100, "slo_attainment": 1.0}
+    empty = _summary([], [], [], [], 1.0, None)
+    assert multi_model.attains_goal({a: full, b: full})
+    assert not multi_model.attains_goal({a: full, b: empty})
+    assert not multi_model.attains_goal({a: full})  # a model with no summary at all
+    assert not multi_model.attains_goal({a: full, b: {"sent": 100, "slo_attainment": 0.9}})
+
+
+def test_scheduler_goal_counts_an_empty_simulated_cell_as_short():
+    from bench import scheduler
+
+    def row(policy: str, att: float, requests: int) -> dict:
+        return {"policy": policy, "profile": "own", "trace": "poisson", "load": 1.0,
+                "slo_attainment": att, "mean_served_accuracy": 0.9, "requests": requests,
+                "per_seed": [{"requests": requests, "slo_attainment": att}]}  # fmt: skip
+
+    ok = scheduler.goals([row("innfer", 1.0, 500), row("slackfit", 1.0, 500)])
+    assert ok["attainment_met"] == 1 and ok["met"] == 1
+    empty = scheduler.goals([row("innfer", 1.0, 0), row("slackfit", 1.0, 0)])
+    assert empty["attainment_met"] == 0 and empty["met"] == 0
+    assert "no requests" in empty["misses"][0]
