@@ -34,7 +34,8 @@ code, the mean batch size where the server keeps ModelStatistics (innfer, Triton
 tier mix. With --repeats > 1: the median and min-max over repeats. Each started server is
 first checked to answer the benchmark input as the in-process engine does (max |diff|).
 Floors, in this run: the engine time (a plain ONNX Runtime session in this process, batch 1,
-median) and, for the MLP, the gRPC echo floor (bench/server_baselines.py echo, closed loop
+median; run on --server-cpus, where the servers run, then the process returns to
+--client-cpus) and, for the MLP, the gRPC echo floor (bench/server_baselines.py echo, closed loop
 c=1, p50).
 Goals (the issue's): innfer throughput >= 1.1 x the best peer's and innfer p50 <= the lowest
 peer p50, at c1 and c8 of each model; MLP: innfer c1 p50 - (engine + echo) <= 0.3 ms.
@@ -507,6 +508,31 @@ def engine_time(onnx: Path, inputs: dict[str, np.ndarray], n: int, max_s: float)
     }
 
 
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None):
+    """Run this process on ``cpus`` inside the block (None: leave it), then restore the
+    affinity it had (the load generator's)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def engine_floor(su: dict, args, cpus: set[int] | None) -> dict:
+    """``engine_time`` on the servers' CPUs (``cpus``, None when not pinned), not on the
+    load generator's: the floor is subtracted from a server's latency, so it must run
+    where the servers run. The process is back on its own CPUs afterwards."""
+    with on_cpus(cpus):
+        floor = engine_time(su["onnx"], su["inputs"], args.requests, args.seconds / 3)
+    floor["cpus"] = sorted(cpus) if cpus else None
+    return floor
+
+
 def echo_floor(su: dict, args, cpus) -> dict:
     """The transport floor: bench/server_baselines.py echo (answers at once, no outputs)
     under the same load generator, closed loop c=1."""
@@ -704,15 +730,23 @@ def overhead(results: dict, model_key: str = "mlp") -> dict | None:
     }
     # Where it goes, by the server's own means: the engine run in the server against the
     # same engine back to back in one process (caches warm), the server's other work,
-    # and the rest (transport, client) against the echo floor.
+    # and what is left (transport, client) against the echo floor. The last is a residual:
+    # the client's median p50 minus the server's mean time and the echo p50 - medians and
+    # means mixed, so it is not a measured time and can even be negative.
     own = c1.get("server_mean_ms") or {}
     if {"success", "compute_infer"} <= own.keys():
         out["split_ms"] = {
             "engine_in_server_over_floor": own["compute_infer"] - engine,
             "server_outside_engine": own["success"] - own["compute_infer"],
-            "outside_server_over_echo": None if p50 is None or echo is None
+            "residual_outside_server": None if p50 is None or echo is None
             else p50 - own["success"] - echo,
         }  # fmt: skip
+        out["split_note"] = (
+            "engine_in_server_over_floor and server_outside_engine: the server's own mean "
+            "times (Triton statistics); residual_outside_server = client median p50 - server "
+            "mean success time - echo median p50, a residual mixing a median with means, "
+            "not a measured time"
+        )
     return out
 
 
@@ -769,7 +803,8 @@ def summarise(results: dict) -> str:
         eng = f["engine"]["p50_ms"]
         echo = f.get("echo", {}).get("p50_ms")
         lines.append(
-            f"\nfloors {MODELS[key]}: engine p50 {eng:.3f} ms (in-process ORT, batch 1)"
+            f"\nfloors {MODELS[key]}: engine p50 {eng:.3f} ms (in-process ORT, batch 1, "
+            f"CPUs {f['engine'].get('cpus') or 'unpinned'})"
             + (f", gRPC echo c1 p50 {echo:.3f} ms" if echo is not None else "")
         )
     lines.append("\ngoals (innfer pinned to w100 except at the budget point):")
@@ -791,7 +826,10 @@ def summarise(results: dict) -> str:
     if split:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in split.items()
                           if v is not None)  # fmt: skip
-        lines.append(f"  overhead by the server's means (ms per request): {parts}")
+        lines.append(
+            f"  overhead by the server's means (ms per request): {parts} (the residual: "
+            "client median p50 - server mean - echo p50, medians and means mixed)"
+        )
     lines.append(f"\naffinity {results['setup']['affinity']}")
     return "\n".join(lines)
 
@@ -964,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
         model = su["model"]
         print(f"{model}: floors ...", file=sys.stderr, flush=True)
         su["reference"] = reference_outputs(su["onnx"], su["inputs"])
-        floors = {"engine": engine_time(su["onnx"], su["inputs"], args.requests, args.seconds / 3)}
+        floors = {"engine": engine_floor(su, args, cpus)}  # on the servers' CPUs
         if key == "mlp":
             floors["echo"] = echo_floor(su, args, cpus)
         results["floors"][key] = floors

@@ -125,3 +125,41 @@ def test_the_summary_says_incomplete_and_names_the_missing_peer():
     results["goals"] = peers.goals(results)
     text = peers.summarise(results)
     assert "incomplete" in text and "missing or unequal repeats: kserve" in text
+
+
+def test_the_engine_floor_runs_on_the_server_cpus_then_the_client_cpus_return(monkeypatch):
+    import os
+
+    usable = sorted(os.sched_getaffinity(0))
+    server, client = {usable[-1]}, {usable[0]}
+    seen = []
+
+    def fake_engine_time(onnx, inputs, n, max_s):
+        seen.append(os.sched_getaffinity(0))
+        return {"p50_ms": 0.5}
+
+    monkeypatch.setattr(peers, "engine_time", fake_engine_time)
+    args = type("Args", (), {"requests": 10, "seconds": 3.0})()
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, client)  # the load generator, pinned
+    try:
+        floor = peers.engine_floor({"onnx": None, "inputs": {}}, args, server)
+        assert seen == [server] and floor["cpus"] == sorted(server)
+        assert os.sched_getaffinity(0) == client  # back on the client's CPUs
+        assert peers.engine_floor({"onnx": None, "inputs": {}}, args, None)["cpus"] is None
+        assert seen[-1] == client  # not pinned: left where it is
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_the_overhead_split_labels_its_last_term_a_residual():
+    results = _results()
+    c1 = results["models"]["mlp"]["points"][0]["servers"]["innfer"]
+    c1["server_mean_ms"] = {"success": 1.0, "compute_infer": 0.95}
+    ov = peers.overhead(results)
+    split = ov["split_ms"]
+    assert "outside_server_over_echo" not in split
+    assert split["residual_outside_server"] == pytest.approx(1.5 - 1.0 - 0.45)
+    assert "residual" in ov["split_note"] and "median" in ov["split_note"]
+    results["overhead"] = ov
+    assert "residual outside server" in peers.summarise(results)
