@@ -149,43 +149,49 @@ def refill(mod, s, d, old: bool) -> None:
             s._cols.insert(i, req, s.ctx)
 
 
-def time_decisions(mods, tier_lists, spec, samples: dict) -> tuple[dict, list]:
-    """Per implementation, ``samples[impl]`` timed decisions, each at the full queue length:
+def turns(impls, samples: int) -> list[str]:
+    """The order of timed calls: ``samples`` per implementation, in rounds of one call each,
+    the order reversed every round (no implementation always first), so that every
+    implementation has as many samples (a p99 over 60 is not one over 200) and all of them
+    interleaved over the same stretch of a shared, noisy machine."""
+    impls = list(impls)
+    return [impl for k in range(samples) for impl in (impls if k % 2 else impls[::-1])]
+
+
+def time_decisions(mods, tier_lists, spec, samples: int) -> tuple[dict, list]:
+    """Per implementation, ``samples`` timed decisions, each at the full queue length:
     the started requests are completed (their engine time the profiled p50, teaching the
-    latency model as a server would) and put back, untimed. The implementations take turns,
-    so that both see the same machine (shared, noisy)."""
+    latency model as a server would) and put back, untimed. The implementations take turns
+    (``turns``), so that both see the same machine (shared, noisy)."""
     scheds = {impl: build(mods[impl], tier_lists[impl], spec, impl == "old") for impl in mods}
     times = {impl: [] for impl in mods}
     work = []
-    for k in range(max(samples.values())):
-        for impl in mods if k % 2 else reversed(list(mods)):
-            if k >= samples[impl]:
-                continue
-            s = scheds[impl]
-            gc.disable()
-            t0 = time.perf_counter_ns()
-            d = s.next(0.0)
-            t1 = time.perf_counter_ns()
-            gc.enable()
-            times[impl].append((t1 - t0) / 1e3)
-            if impl == "new":
-                work.append(s.policy.work)
-            s.complete(d, 0.0, s.latency.typical(d.tier, d.rows))  # the engine as profiled
-            refill(mods[impl], s, d, impl == "old")
+    for impl in turns(mods, samples):
+        s = scheds[impl]
+        gc.disable()
+        t0 = time.perf_counter_ns()
+        d = s.next(0.0)
+        t1 = time.perf_counter_ns()
+        gc.enable()
+        times[impl].append((t1 - t0) / 1e3)
+        if impl == "new":
+            work.append(s.policy.work)
+        s.complete(d, 0.0, s.latency.typical(d.tier, d.rows))  # the engine as profiled
+        refill(mods[impl], s, d, impl == "old")
     return times, work
 
 
-def time_admissions(mods, tier_lists, spec, samples: dict, seed: int) -> dict:
-    """Per implementation, timed ``submit`` calls of a new request (deadline 20-100 ms) into
-    the queue; one admitted is cancelled again (untimed), so the queue stays as built."""
+def time_admissions(mods, tier_lists, spec, samples: int, seed: int) -> dict:
+    """Per implementation, ``samples`` timed ``submit`` calls of a new request (deadline
+    20-100 ms) into the queue, taking turns as in ``turns`` (each round's request the same
+    for all); one admitted is cancelled again (untimed), so the queue stays as built."""
     scheds = {impl: build(mods[impl], tier_lists[impl], spec, impl == "old") for impl in mods}
     rng = np.random.default_rng(seed)
     times = {impl: [] for impl in mods}
-    for k in range(max(samples.values())):
+    order = turns(mods, samples)
+    for k in range(samples):
         deadline = float(rng.uniform(*BUDGET_MS) / 1e3)
-        for impl in mods if k % 2 else reversed(list(mods)):
-            if k >= samples[impl]:
-                continue
+        for impl in order[k * len(mods) : (k + 1) * len(mods)]:
             mod, s = mods[impl], scheds[impl]
             req = mod.Request(10**6 + k, 0.0, deadline, rows=1)
             gc.disable()
@@ -231,13 +237,16 @@ def stats(times: list[float]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old", help="directory holding the old server/scheduling (default: HEAD)")
-    p.add_argument("--samples", type=int, default=200, help="decisions timed per case")
-    p.add_argument("--old-samples", type=int, default=60, help="for the old code (slow)")
+    p.add_argument(
+        "--samples", type=int, default=200,
+        help="decisions and admissions timed per case and implementation (the same for old "
+        "and new: a p99 over fewer samples is not comparable)",
+    )  # fmt: skip
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     mods = {"old": load_old(args.old), "new": new_scheduling}
-    samples = {"old": args.old_samples, "new": args.samples}
+    samples = args.samples
     rows = []
     for profile, scale in (("cpu", 1.0), ("gpu", 40.0)):
         tier_lists = {impl: tiers(mod, scale) for impl, mod in mods.items()}

@@ -69,3 +69,29 @@ def test_scheduler_goal_counts_an_empty_simulated_cell_as_short():
     empty = scheduler.goals([row("innfer", 1.0, 0), row("slackfit", 1.0, 0)])
     assert empty["attainment_met"] == 0 and empty["met"] == 0
     assert "no requests" in empty["misses"][0]
+
+
+# -- finding 5: decision_cost times old and new code equally often, interleaved --------------
+def test_decision_cost_turns_interleave_equal_samples():
+    from bench import decision_cost
+
+    order = decision_cost.turns(["old", "new"], 5)
+    assert order.count("old") == order.count("new") == 5
+    rounds = [order[k : k + 2] for k in range(0, 10, 2)]
+    assert all(sorted(r) == ["new", "old"] for r in rounds)  # one of each per round
+    assert {r[0] for r in rounds} == {"old", "new"}  # neither always first
+
+
+def test_decision_cost_times_both_implementations_the_same_number_of_times():
+    import numpy as np
+
+    from bench import decision_cost
+    from server import scheduling
+
+    mods = {"old": scheduling, "new": scheduling}
+    tier_lists = {impl: decision_cost.tiers(m, 40.0) for impl, m in mods.items()}
+    spec = decision_cost.queue_spec(50, True, np.random.default_rng(0))
+    dec, work = decision_cost.time_decisions(mods, tier_lists, spec, 12)
+    assert len(dec["old"]) == len(dec["new"]) == 12 and len(work) == 12
+    adm = decision_cost.time_admissions(mods, tier_lists, spec, 12, seed=0)
+    assert len(adm["old"]) == len(adm["new"]) == 12
