@@ -53,6 +53,7 @@ from bench.decision_cost import load_old  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
 REPO = ROOT / "runs" / "bench-server"
+WORK = ROOT / "runs" / "hot-path"  # the per-tree copies of REPO's model for the gRPC rounds
 MODEL = "mlp"
 PHASES = ("submit", "expire", "next", "complete")
 ROUNDS = 5  # alternating old / new rounds; the median of the rounds' medians is reported
@@ -172,7 +173,7 @@ def tree_data_plane(tree: str, requests: int) -> dict:
 
 def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
     """Closed loop c=1 through gRPC, per tree, the trees taking turns (section 3)."""
-    from bench.live_scheduler import LiveServer
+    from bench.live_scheduler import LiveServer, copy_per_tree
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_closed_loop
@@ -181,10 +182,13 @@ def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
     params = {"tier": "w100"}
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {0})
+    # Each tree serves its own copy of the repository (an older tree may rewrite its cache).
+    repos = copy_per_tree(REPO / MODEL, trees, WORK)
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for k in range(rounds):
         for name in trees if k % 2 == 0 else list(trees)[::-1]:
-            server = LiveServer(name, Path(trees[name]), REPO, OUT / f"hot_path-{name}.log", {1})
+            log = OUT / f"hot_path-{name}.log"
+            server = LiveServer(name, Path(trees[name]), repos[name], log, {1})
             server.start(f"round {k}", (MODEL,))
             try:
                 for n in (200, requests):  # warm-up, then the measured run

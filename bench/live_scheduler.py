@@ -719,6 +719,18 @@ def pin_client(args) -> dict:
     return affinity
 
 
+def copy_per_tree(model_dir: Path, trees, work: Path, stem: str = "repo") -> dict[str, Path]:
+    """A repository per tree (``work/<stem>-<tree>``) holding a copy of ``model_dir``: each
+    tree's server serves its own, so that one tree's caches (an older tree may rebuild or
+    rewrite them) are not what the other loads. Returns tree name -> repository."""
+    repos = {}
+    for name in trees:
+        repos[name] = work / f"{stem}-{name}"
+        shutil.rmtree(repos[name], ignore_errors=True)
+        shutil.copytree(model_dir, repos[name] / model_dir.name)
+    return repos
+
+
 def _cpus(text: str) -> set[int]:
     try:
         return {int(c) for c in text.split(",") if c.strip()}
@@ -779,10 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     work = REPO / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    repos = {}
-    for name in trees:  # each tree serves its own copy (an older tree may rebuild its cache)
-        repos[name] = work / f"repo-{name}"
-        shutil.copytree(REPO / MODEL, repos[name] / MODEL)
+    repos = copy_per_tree(REPO / MODEL, trees, work)  # an older tree may rebuild its cache
 
     traces, sims = {}, {}
     for pt in points:  # simulate first, before the servers and the pinning

@@ -7,7 +7,9 @@ h050f025, ONNX Runtime 1 thread, max batch 8), written under runs/bench-text/ wi
 ``--calibrate-seconds`` per tier (default 0: data-free tiers - the scheduling does not depend
 on their quality) and reused while that recipe is the same.
 
-Servers (each fresh, pinned to --server-cpus; the load generator to --client-cpus):
+Servers (each fresh, pinned to --server-cpus and the load generator to --client-cpus where
+the machine has room for both, else neither; each tree serves its own copy of the lanes
+repository):
   lanes      model.yaml lengths [16, 32, 64, 128, 256]: a request is planned at the shortest
              profiled length that holds it
   one-lane   the same model with lengths [256] (profile.json cut to that length): every
@@ -24,7 +26,8 @@ Servers (each fresh, pinned to --server-cpus; the load generator to --client-cpu
   lanes@baseline  with --baseline-tree DIR: the lanes server run from that checkout (an
              older commit), in the same run - what a scheduling change did
 Load: closed loop, --concurrency clients, one evaluation sentence per request (the offline
-corpus, seeded order; their token counts are reported), budgets 30 ms and U(20, 100) ms.
+corpus, seeded order; their token counts are reported), budgets 30 ms and U(20, 100) ms;
+before each, 16 unrecorded warm-up requests with 16 further sentences of the same draw.
 Per point: attainment (answered within budget / sent; refusals count as misses), refused,
 late, mean served size (the serving tier's FLOPs / h100's), tier mix, p50 / p99 latency,
 goodput.
@@ -51,7 +54,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hardening import trees_to_measure
-from bench.live_scheduler import LiveServer, common_args, pin_client, uniform_budgets_s
+from bench.live_scheduler import (
+    LiveServer,
+    common_args,
+    copy_per_tree,
+    pin_client,
+    uniform_budgets_s,
+)
 from bench.publish import publish
 from sim.loadgen import run_closed_loop
 
@@ -110,6 +119,12 @@ def workload(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return chosen, np.array(TextTokenizer(tokenizer_path(), MAX_LENGTH).lengths(chosen))
 
 
+def server_cpus(affinity: dict, cpus: set[int]) -> set[int] | None:
+    """The servers' CPUs: ``cpus`` where pin_client pinned the load generator, else None
+    (not pinned either: one side pinned and the other free is neither layout)."""
+    return set(cpus) if affinity.get("pinned") else None
+
+
 def sizes(model_dir: Path) -> dict[str, float]:
     """Each tier's FLOPs relative to the largest (tier.json), the served-size measure."""
     flops = {
@@ -120,17 +135,35 @@ def sizes(model_dir: Path) -> dict[str, float]:
     return {t: f / top for t, f in flops.items()}
 
 
-def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None, extra=()):
+WARMUP = 16  # unrecorded requests per server, sentences of their own (not the measured)
+
+
+def split_workload(texts: list[str], tokens: np.ndarray, requests: int):
+    """(measured texts, warm-up texts, measured token counts) from ``workload(requests +
+    WARMUP)``: the first ``requests`` are measured and their token counts reported, the
+    last WARMUP warm the server up - no measured sentence is sent before it is measured
+    and no warm-up sentence is counted in the token statistics."""
+    return texts[:requests], texts[requests:], tokens[:requests]
+
+
+def text_inputs(texts: list[str]):
+    def inputs(i: int) -> dict:
+        return {"text": np.array([[texts[i].encode()]], dtype=object)}
+
+    return inputs
+
+
+def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None, extra=(),
+          warm=()):  # fmt: skip
     try:
         info = server.start(label, (MODEL,), extra)
-
-        def inputs(i: int) -> dict:
-            return {"text": np.array([[texts[i].encode()]], dtype=object)}
-
+        inputs = text_inputs(texts)
         params = {"tier": pin} if pin else None
-        # Not recorded: the first batches pay ORT's allocations.
-        asyncio.run(run_closed_loop(server.address, MODEL, 2, 16, 20.0, lambda i: 1.0, inputs,
-                                    parameters=params))  # fmt: skip
+        # Not recorded: the first batches pay ORT's allocations; sentences of their own.
+        if warm:
+            asyncio.run(run_closed_loop(server.address, MODEL, 2, len(warm), 20.0,
+                                        lambda i: 1.0, text_inputs(list(warm)),
+                                        parameters=params))  # fmt: skip
         report = asyncio.run(
             run_closed_loop(server.address, MODEL, args.concurrency, args.requests,
                             args.seconds, lambda i: budgets[i], inputs, parameters=params)
@@ -139,7 +172,6 @@ def point(server: LiveServer, label: str, texts, budgets, args, widths, pin=None
         served = [t for t in report.tiers if t]
         s["mean_served_size"] = float(np.mean([widths[t] for t in served])) if served else None
         s["tier_counts"] = {t: served.count(t) for t in sorted(set(served))}
-        s["server_breakdown"] = report.breakdown()
         s["server_breakdown"] = report.breakdown()
         s["server_alive_after"] = server.proc.poll() is None
         return {**info, **s}
@@ -211,8 +243,14 @@ def main() -> int:
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
     t0 = time.perf_counter()
     lanes, one = repositories(args.calibrate_seconds, args.rebuild)
+    # Each tree serves its own copy of the repositories (as bench/live_scheduler.py does):
+    # an older tree's server may rewrite what the other then loads.
+    lanes_of = copy_per_tree(lanes / MODEL, trees, WORK / "trees", "lanes")
     affinity = pin_client(args)
-    texts, tokens = workload(args.requests + 16, args.seed)
+    cpus = server_cpus(affinity, args.server_cpus)
+    texts, warm, tokens = split_workload(
+        *workload(args.requests + WARMUP, args.seed), args.requests
+    )
     widths = sizes(lanes / MODEL)
     budget_sets = {
         "b30": np.full(args.requests, FIXED_BUDGET_MS / 1e3),
@@ -222,25 +260,27 @@ def main() -> int:
     log.unlink(missing_ok=True)
     results = {"concurrency": args.concurrency, "requests": args.requests,
                "seconds": args.seconds, "seed": args.seed, "affinity": affinity,
+               "warmup": f"{WARMUP} requests per server, sentences drawn after the measured",
                "tokens": {"p50": float(np.median(tokens)), "p90": float(np.percentile(tokens, 90)),
                           "max": int(tokens.max()), "mean": float(tokens.mean())},
                "sizes": widths, "points": {}}  # fmt: skip
     for name, budgets in budget_sets.items():
         row = {}
         margin = ["--no-plan-overhead", "--budget-margin-ms", str(args.margin_ms)]
-        servers = [("lanes", ROOT, lanes, None, ())]
+        mine = lanes_of["current"]
+        servers = [("lanes", ROOT, mine, None, ())]
         if "baseline" in trees:
-            servers.append(("lanes@baseline", trees["baseline"], lanes, None, ()))
+            servers.append(("lanes@baseline", trees["baseline"], lanes_of["baseline"], None, ()))
         servers += [
-            ("lanes-po", ROOT, lanes, None, ("--plan-overhead",)),
-            (f"lanes-m{args.margin_ms:g}", ROOT, lanes, None, margin),
+            ("lanes-po", ROOT, mine, None, ("--plan-overhead",)),
+            (f"lanes-m{args.margin_ms:g}", ROOT, mine, None, margin),
             ("one-lane", ROOT, one, None, ()),
-            ("full-only", ROOT, lanes, "h100", ()),
+            ("full-only", ROOT, mine, "h100", ()),
         ]
         for server, tree, repo, pin, extra in servers:
-            live = LiveServer(server, tree, repo, log, args.server_cpus)
+            live = LiveServer(server, tree, repo, log, cpus)
             row[server] = point(live, f"{name}/{server}", texts, budgets, args, widths, pin,
-                                extra)  # fmt: skip
+                                extra, warm)  # fmt: skip
         results["points"][name] = row
     results["loadavg_1m_end"] = os.getloadavg()[0]
     results["wall_seconds"] = time.perf_counter() - t0

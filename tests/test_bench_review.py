@@ -95,3 +95,41 @@ def test_decision_cost_times_both_implementations_the_same_number_of_times():
     assert len(dec["old"]) == len(dec["new"]) == 12 and len(work) == 12
     adm = decision_cost.time_admissions(mods, tier_lists, spec, 12, seed=0)
     assert len(adm["old"]) == len(adm["new"]) == 12
+
+
+# -- finding 6: text_serving's warm-up, pinning and per-tree repositories --------------------
+def test_text_serving_warms_up_on_sentences_it_does_not_measure():
+    import numpy as np
+
+    from bench import text_serving
+
+    texts = [f"s{i}" for i in range(10 + text_serving.WARMUP)]
+    tokens = np.arange(len(texts))
+    measured, warm, tok = text_serving.split_workload(texts, tokens, 10)
+    assert measured == texts[:10] and len(warm) == text_serving.WARMUP
+    assert not set(warm) & set(measured)
+    assert list(tok) == list(range(10))  # the warm-up sentences are not in the statistics
+
+
+def test_text_serving_pins_servers_only_where_the_client_was_pinned():
+    from bench import text_serving
+
+    assert text_serving.server_cpus({"pinned": True}, {1}) == {1}
+    assert text_serving.server_cpus({"pinned": False}, {1}) is None
+
+
+def test_each_tree_serves_its_own_copy_of_the_repository(tmp_path):
+    from bench.live_scheduler import copy_per_tree
+
+    model = tmp_path / "src" / "minilm"
+    model.mkdir(parents=True)
+    (model / "model.yaml").write_text("name: minilm\n")
+    trees = {"current": tmp_path / "a", "baseline": tmp_path / "b"}
+    repos = copy_per_tree(model, trees, tmp_path / "work", "lanes")
+    assert repos["current"] != repos["baseline"]
+    for repo in repos.values():
+        assert (repo / "minilm" / "model.yaml").read_text() == "name: minilm\n"
+    (repos["baseline"] / "minilm" / "cache").write_text("old tree's")
+    assert not (repos["current"] / "minilm" / "cache").exists()
+    again = copy_per_tree(model, trees, tmp_path / "work", "lanes")  # a fresh copy per run
+    assert not (again["baseline"] / "minilm" / "cache").exists()
