@@ -175,9 +175,9 @@ def summarise(arm: dict, mask: np.ndarray) -> dict:
     answered = ~np.isnan(width)
     return {
         "requests": int(mask.sum()),
-        "attainment": float(met.mean()),
+        "attainment": float(met.mean()) if len(met) else None,  # no requests: no figure
         "mean_served_accuracy": float(acc[answered].mean()) if answered.any() else None,
-        "served_accuracy": float(np.where(met, acc, 0.0).mean()),
+        "served_accuracy": float(np.where(met, acc, 0.0).mean()) if len(met) else None,
         "mean_served_width": float(width[answered].mean()) if answered.any() else None,
     }
 
@@ -258,34 +258,51 @@ def timeline(arms: dict, traffic: Traffic, end_s: float, bins: int = 40) -> dict
     return out
 
 
+def _spread(v: list[float]) -> dict:
+    """mean, min and max of ``v``; None each when it is empty (nothing to average)."""
+    if not v:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+
+
 def aggregate(runs: list[dict]) -> dict:
+    """Per arm and phase the spread of each figure over the seeds that have it, and the
+    goal: auto - hand in phase 2, every seed. A seed where either arm has no phase-2 accuracy
+    or attainment (nothing answered, or nothing sent) is no evidence: it is counted in
+    ``seeds_without_figures`` and the goal is then not met (never a crash on an empty set)."""
     out = {}
     for arm in ARMS:
         for phase in ("phase1", "phase2"):
             for k in ("attainment", "mean_served_accuracy", "served_accuracy",
                       "mean_served_width"):  # fmt: skip
                 v = [r["arms"][arm][phase][k] for r in runs if r["arms"][arm][phase][k] is not None]
-                out.setdefault(arm, {}).setdefault(phase, {})[k] = {
-                    "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))
-                }  # fmt: skip
-    gain = [r["arms"]["auto"]["phase2"]["mean_served_accuracy"]
-            - r["arms"]["hand"]["phase2"]["mean_served_accuracy"] for r in runs]  # fmt: skip
-    att = [r["arms"]["auto"]["phase2"]["attainment"] - r["arms"]["hand"]["phase2"]["attainment"]
-           for r in runs]  # fmt: skip
+                out.setdefault(arm, {}).setdefault(phase, {})[k] = _spread(v)
+    gain, att = [], []
+    for r in runs:
+        auto, hand = r["arms"]["auto"]["phase2"], r["arms"]["hand"]["phase2"]
+        keys = ("mean_served_accuracy", "attainment")
+        if any(x[k] is None for x in (auto, hand) for k in keys):
+            continue
+        gain.append(auto["mean_served_accuracy"] - hand["mean_served_accuracy"])
+        att.append(auto["attainment"] - hand["attainment"])
+    missing = len(runs) - len(gain)
     out["auto_minus_hand_phase2"] = {
-        "mean_served_accuracy": {"mean": float(np.mean(gain)), "min": float(np.min(gain)),
-                                 "max": float(np.max(gain))},
-        "attainment": {"mean": float(np.mean(att)), "min": float(np.min(att)),
-                       "max": float(np.max(att))},
-    }  # fmt: skip
-    out["goal_met"] = bool(min(gain) >= 0.02 and min(att) >= 0.0)
+        "mean_served_accuracy": _spread(gain),
+        "attainment": _spread(att),
+        "seeds_without_figures": missing,
+    }
+    out["goal_met"] = bool(gain) and not missing and min(gain) >= 0.02 and min(att) >= 0.0
     return out
 
 
 def _seed_line(model: str, r: dict) -> str:
     a = r["arms"]
-    cells = [f"{k} {a[k]['phase2']['mean_served_accuracy']:.4f}/{a[k]['phase2']['attainment']:.1%}"
-             for k in ARMS]  # fmt: skip
+
+    def fig(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    cells = [f"{k} {fig(a[k]['phase2']['mean_served_accuracy'], '.4f')}/"
+             f"{fig(a[k]['phase2']['attainment'], '.1%')}" for k in ARMS]  # fmt: skip
     swaps = ", ".join(f"{s['at']:.0f}s {'+'.join(s['tiers'])}" for s in r["auto_sets"][1:])
     return (
         f"{model} seed {r['seed']}: phase 2 acc/attainment "
@@ -327,9 +344,11 @@ def plot(results: dict, path: Path) -> None:
         xs = np.arange(len(colors))
         for k, (key, label) in enumerate((("mean_served_accuracy", "mean served acc"),
                                           ("attainment", "attainment"))):  # fmt: skip
-            vals = [s[a]["phase2"][key]["mean"] for a in colors]
-            lo = [v - s[a]["phase2"][key]["min"] for v, a in zip(vals, colors, strict=True)]
-            hi = [s[a]["phase2"][key]["max"] - v for v, a in zip(vals, colors, strict=True)]
+            got = [s[a]["phase2"][key] for a in colors]  # None (no figure) plots as nothing
+            vals = [np.nan if g["mean"] is None else g["mean"] for g in got]
+            pairs = list(zip(vals, got, strict=True))
+            lo = [0.0 if g["mean"] is None else v - g["min"] for v, g in pairs]
+            hi = [0.0 if g["mean"] is None else g["max"] - v for v, g in pairs]
             ax.bar(xs + k * 0.4, vals, 0.38, yerr=[lo, hi], label=label, alpha=0.8)
         ax.set_xticks(xs + 0.2, list(colors))
         ax.set_ylim(0, 1.05)
@@ -341,6 +360,13 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _spread_text(d: dict, fmt: str, with_range: bool = True) -> str:
+    if d["mean"] is None:
+        return "-"
+    text = format(d["mean"], fmt)
+    return f"{text} [{d['min']:{fmt}}..{d['max']:{fmt}}]" if with_range else text
+
+
 def table(results: dict) -> str:
     lines = []
     for m in results["models"]:
@@ -350,19 +376,19 @@ def table(results: dict) -> str:
         for arm in ARMS:
             p = s[arm]["phase2"]
             lines.append(
-                f"  {arm:<9} mean served acc {p['mean_served_accuracy']['mean']:.4f} "
-                f"[{p['mean_served_accuracy']['min']:.4f}..{p['mean_served_accuracy']['max']:.4f}]"
-                f"  attainment {p['attainment']['mean']:.2%} "
-                f"[{p['attainment']['min']:.2%}..{p['attainment']['max']:.2%}]"
-                f"  width {p['mean_served_width']['mean']:.3f}"
+                f"  {arm:<9} mean served acc {_spread_text(p['mean_served_accuracy'], '.4f')}"
+                f"  attainment {_spread_text(p['attainment'], '.2%')}"
+                f"  width {_spread_text(p['mean_served_width'], '.3f', False)}"
             )
         d = s["auto_minus_hand_phase2"]
         acc, att = d["mean_served_accuracy"], d["attainment"]
         verdict = "met" if s["goal_met"] else "NOT met"
+        without = d.get("seeds_without_figures")
         lines.append(
-            f"  auto - hand: accuracy {acc['mean']:+.4f} [{acc['min']:+.4f}..{acc['max']:+.4f}], "
-            f"attainment {att['mean']:+.2%} [{att['min']:+.2%}..{att['max']:+.2%}]; goal (>= "
+            f"  auto - hand: accuracy {_spread_text(acc, '+.4f')}, "
+            f"attainment {_spread_text(att, '+.2%')}; goal (>= "
             f"+0.02 at equal or better attainment, every seed) {verdict}"
+            + (f" ({without} seeds without phase-2 figures)" if without else "")
         )
     return "\n".join(lines)
 

@@ -573,6 +573,13 @@ def littles_law(profile: dict, live: dict) -> dict:
     return out
 
 
+def littles_law_rows(points: list[dict]) -> list[dict]:
+    """Every row's Little's-law figures (BOUND_POINT's rows: one per repeat), each with its
+    repeat - not the last repeat's alone."""
+    return [{"repeat": r.get("repeat", 0), **r["littles_law"]} for r in points
+            if "littles_law" in r]  # fmt: skip
+
+
 # -- output ---------------------------------------------------------------------------------
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
@@ -610,11 +617,14 @@ def summarise(results: dict) -> str:
                 )
             if s.get("core"):
                 lines.append(f"{'':<30}{core_line(s['core'])}")
-    ll = results.get("littles_law")
-    if ll:
+    lls = results.get("littles_law") or []
+    if isinstance(lls, dict):  # a results file from before the per-repeat list
+        lls = [lls]
+    for ll in lls:
         lines.append(
-            f"\nLittle's-law bound ({BOUND_POINT}): {ll['tier']} at batch {ll['batch']}, "
-            f"p50 {ll['p50_ms_at_batch']:.1f} ms -> {ll['bound_per_s']:.1f}/s"
+            f"\nLittle's-law bound ({BOUND_POINT}, repeat {ll.get('repeat', 0)}): {ll['tier']} "
+            f"at batch {ll['batch']}, p50 {ll['p50_ms_at_batch']:.1f} ms -> "
+            f"{ll['bound_per_s']:.1f}/s"
         )
         for tree in results["trees"]:
             if tree in ll:
@@ -890,10 +900,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in row["live"].values():
             if "error" not in s:
                 s["core"] = core_demand(pt, s, row.get("rate_per_s"))
-        if pt["id"] == BOUND_POINT:
-            results["littles_law"] = littles_law(profile, row["live"])
-            row["littles_law"] = results["littles_law"]
+        if pt["id"] == BOUND_POINT:  # per row: with --repeat, one per repeat
+            row["littles_law"] = littles_law(profile, row["live"])
         results["points"].append(row)
+    results["littles_law"] = littles_law_rows(results["points"])
     results["wall_seconds"] = time.perf_counter() - t_start
     publish(results, args.out, STEM, plot, summarise(results))
     return 0

@@ -98,6 +98,23 @@ def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo)
     return r.summary
 
 
+def gap(live: dict, sim: dict) -> tuple[dict, bool]:
+    """The live - shared-core-sim gaps of one point and whether both are within the goal.
+    A gap that cannot be taken (no mean served size on either side: nothing answered) is not
+    within the goal, nor is a point whose live run sent nothing (its summary reads 1.0
+    attainment for no requests)."""
+    gap_a = abs(sim["slo_attainment"] - live["slo_attainment"])
+    size_live, size_sim = live.get("mean_served_size"), sim.get("mean_served_size")
+    gap_s = abs(size_sim - size_live) if None not in (size_live, size_sim) else None
+    within = (
+        live.get("sent", 1) > 0
+        and gap_a <= GOAL_POINTS
+        and gap_s is not None
+        and gap_s <= GOAL_SIZE
+    )
+    return {"attainment_points": 100 * gap_a, "mean_served_size": gap_s}, within
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -140,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("slo_attainment", "mean_served_size", "late", "refused_total", "tier_mix")
             },
         }
-        gap_a = abs(shared["slo_attainment"] - got["slo_attainment"])
-        size_live, size_sim = got.get("mean_served_size"), shared["mean_served_size"]
-        gap_s = abs(size_sim - size_live) if None not in (size_live, size_sim) else None
-        row["gap"] = {"attainment_points": 100 * gap_a, "mean_served_size": gap_s}
-        row["within_goal"] = gap_a <= GOAL_POINTS and (gap_s is None or gap_s <= GOAL_SIZE)
+        row["gap"], row["within_goal"] = gap(got, shared)
         rows.append(row)
     out = {
         "host_ms": dict(zip(("parse", "answer", "client"), host, strict=True)),

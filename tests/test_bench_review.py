@@ -133,3 +133,65 @@ def test_each_tree_serves_its_own_copy_of_the_repository(tmp_path):
     assert not (repos["current"] / "minilm" / "cache").exists()
     again = copy_per_tree(model, trees, tmp_path / "work", "lanes")  # a fresh copy per run
     assert not (again["baseline"] / "minilm" / "cache").exists()
+
+
+# -- finding 7: per-repeat Little's law, a missing size gap, an empty answered set ----------
+def test_live_scheduler_keeps_littles_law_per_repeat():
+    from bench import live_scheduler as ls
+
+    rows = []
+    for repeat, goodput in ((0, 50.0), (1, 70.0)):
+        row = {"id": ls.BOUND_POINT, "repeat": repeat, "live": {"current": {}}}
+        row["littles_law"] = {"tier": "w025", "bound_per_s": 100.0,
+                              "current": {"achieved_per_s": goodput}}  # fmt: skip
+        rows.append(row)
+    rows.append({"id": "other", "repeat": 0, "live": {}})
+    got = ls.littles_law_rows(rows)
+    assert [g["repeat"] for g in got] == [0, 1]
+    assert [g["current"]["achieved_per_s"] for g in got] == [50.0, 70.0]
+
+
+def test_shared_core_gap_without_a_size_is_not_within_the_goal():
+    from bench import shared_core
+
+    live = {"slo_attainment": 0.95, "mean_served_size": None, "sent": 100}
+    sim = {"slo_attainment": 0.951, "mean_served_size": 0.6}
+    g, within = shared_core.gap(live, sim)
+    assert g["mean_served_size"] is None and within is False
+    g, within = shared_core.gap(live | {"mean_served_size": 0.62}, sim)
+    assert within is True and g["mean_served_size"] == pytest.approx(0.02)
+    empty = {"slo_attainment": 1.0, "mean_served_size": 0.6, "sent": 0}
+    assert shared_core.gap(empty, {"slo_attainment": 1.0, "mean_served_size": 0.6})[1] is False
+
+
+def _auto_run(auto_acc, hand_acc, auto_att=0.99, hand_att=0.99) -> dict:
+    def arm(acc, att):
+        p = {"attainment": att, "mean_served_accuracy": acc, "served_accuracy": acc,
+             "mean_served_width": None if acc is None else 0.5}  # fmt: skip
+        return {"phase1": p, "phase2": p}
+
+    arms = {"hand": arm(hand_acc, hand_att), "fixed": arm(0.9, 0.99),
+            "auto": arm(auto_acc, auto_att), "auto_prev": arm(0.9, 0.99)}  # fmt: skip
+    return {"arms": arms}
+
+
+def test_auto_tiers_aggregate_records_an_empty_answered_set_as_not_met():
+    from bench import auto_tiers
+
+    ok = auto_tiers.aggregate([_auto_run(0.95, 0.90), _auto_run(0.96, 0.92)])
+    assert ok["goal_met"] is True
+    # one seed's auto arm answered nothing in phase 2: no accuracy to compare
+    got = auto_tiers.aggregate([_auto_run(None, 0.90), _auto_run(0.96, 0.92)])
+    assert got["goal_met"] is False
+    assert got["auto_minus_hand_phase2"]["seeds_without_figures"] == 1
+    none = auto_tiers.aggregate([_auto_run(None, None, None, None)])
+    assert none["goal_met"] is False and none["auto"]["phase2"]["attainment"]["mean"] is None
+    text = auto_tiers.table(
+        {"models": [{"model": "m", "accuracy_source": "x", "runs": [1], "summary": none}]}
+    )
+    assert "NOT met" in text
+    import numpy as np
+
+    arm = {"met": np.zeros(3, bool), "accuracy": np.zeros(3), "width": np.full(3, np.nan)}
+    s = auto_tiers.summarise(arm, np.zeros(3, bool))  # a phase with no requests
+    assert s["requests"] == 0 and s["attainment"] is None
