@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hardening import commit_of
 from bench.live_scheduler import LiveServer
+from bench.order import rotated
 from bench.publish import publish
 from runtime.repository import ACTIVE_FILE
 from sim.loadgen import run_load
@@ -247,10 +248,15 @@ def main(argv=None) -> int:
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
     size = widths(SOURCE)
     names = ("hand", "auto", *(["auto_prev"] if args.baseline_tree else []))
-    arms = {arm: run_arm(arm, args, arrivals, budgets, shift, {"input": x}, size)
-            for arm in names}  # fmt: skip
+    # The arm that runs first does worse on this machine: the order rotates with the seed
+    # (seeds 0, 1, 2 put each arm first once) and is recorded.
+    order = rotated(names, args.seed)
+    ran = {arm: run_arm(arm, args, arrivals, budgets, shift, {"input": x}, size)
+           for arm in order}  # fmt: skip
+    arms = {arm: ran[arm] for arm in names}
     results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
+               "arm_order": order,
                "baseline_tree": args.baseline_tree and commit_of(args.baseline_tree),
                "tight_ms": args.tight_ms,
                "wall_seconds": time.perf_counter() - t0}  # fmt: skip

@@ -49,6 +49,7 @@ if _TREE:
 
 import server.scheduling as new_scheduling  # noqa: E402 - after the path is chosen
 from bench.decision_cost import load_old  # noqa: E402
+from bench.order import rotated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
@@ -266,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = mlp_tiers()  # engines are built and loaded once, for both trees
     tiers = {impl: as_tiers(mod, loaded) for impl, mod in mods.items()}
     rounds: dict[str, list[dict]] = {}
-    for _ in range(ROUNDS):  # old and new alternate: a slow spell of the machine hits both
-        for impl, mod in mods.items():
+    res["scheduler_cycle_orders"] = []
+    for r in range(ROUNDS):  # old and new alternate: a slow spell of the machine hits both
+        order = rotated(list(mods), r)  # and neither always goes first
+        res["scheduler_cycle_orders"].append(order)
+        for impl in order:
+            mod = mods[impl]
             for pin in ("w100", None):
                 key = f"{impl} {'pinned' if pin else 'unpinned'}"
                 cycle = scheduler_cycle(mod, tiers[impl], pin, args.cycles // ROUNDS)

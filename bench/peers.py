@@ -82,6 +82,7 @@ from bench.live_scheduler import (
     tier_widths,
     wait_ready,
 )
+from bench.order import rotated
 from bench.publish import publish
 from sim.loadgen import run_closed_loop, run_load
 
@@ -998,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
 
+    n_open = 0  # open-loop points run so far: their server order rotates
     for key, su in setups.items():
         model = su["model"]
         print(f"{model}: floors ...", file=sys.stderr, flush=True)
@@ -1009,8 +1011,10 @@ def main(argv: list[str] | None = None) -> int:
         servers = make_servers(python, su["repo"], model, su["onnx"], args, cpus)
         closed = [pt for pt in su["points"] if pt["kind"] == "closed"]
         runs: dict[str, dict[str, list]] = {pt["id"]: {s: [] for s in SERVERS} for pt in closed}
+        closed_orders = []
         for r in range(args.repeats if closed else 0):
-            order = SERVERS[r % 3 :] + SERVERS[: r % 3]  # rotate: drift hits every server
+            order = rotated(SERVERS, r)  # rotate: drift hits every server
+            closed_orders.append(order)
             for name in order:
                 label = f"{model} closed loop, repeat {r + 1}"
                 got = session_points(servers[name], closed, label, su, args)
@@ -1035,9 +1039,13 @@ def main(argv: list[str] | None = None) -> int:
                 n_arrivals=len(arrivals),
                 rate_rule=f"{pt['load']:g} x the best c8 throughput of this run",
             )
-            for name in SERVERS:
+            # one run per server: the first rotates from model to model (and with --seed)
+            row["order"] = rotated(SERVERS, n_open + args.seed)
+            n_open += 1
+            for name in row["order"]:
                 got = session_points(servers[name], [pt], f"{model} open loop", su, args, arrivals)
                 row["servers"][name] = headline([got[pt["id"]]])
+            row["servers"] = {s: row["servers"][s] for s in SERVERS}
             rows.append(row)
         results["models"][key] = {
             "model": model,
@@ -1045,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
             "build": su["build"],
             "onnx": str(su["onnx"]),
             "onnx_sha256": sha256(su["onnx"]),
+            "closed_orders": closed_orders,
             "points": rows,
         }
 

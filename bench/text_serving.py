@@ -61,6 +61,7 @@ from bench.live_scheduler import (
     pin_client,
     uniform_budgets_s,
 )
+from bench.order import rotated
 from bench.publish import publish
 from sim.loadgen import run_closed_loop
 
@@ -264,7 +265,8 @@ def main() -> int:
                "tokens": {"p50": float(np.median(tokens)), "p90": float(np.percentile(tokens, 90)),
                           "max": int(tokens.max()), "mean": float(tokens.mean())},
                "sizes": widths, "points": {}}  # fmt: skip
-    for name, budgets in budget_sets.items():
+    results["orders"] = {}
+    for k, (name, budgets) in enumerate(budget_sets.items()):
         row = {}
         margin = ["--no-plan-overhead", "--budget-margin-ms", str(args.margin_ms)]
         mine = lanes_of["current"]
@@ -277,11 +279,15 @@ def main() -> int:
             ("one-lane", ROOT, one, None, ()),
             ("full-only", ROOT, mine, "h100", ()),
         ]
-        for server, tree, repo, pin, extra in servers:
+        # The server that runs first does worse on this machine: the order rotates from
+        # budget set to budget set (and with --seed) and is recorded.
+        order = rotated(servers, k + args.seed)
+        results["orders"][name] = [sv[0] for sv in order]
+        for server, tree, repo, pin, extra in order:
             live = LiveServer(server, tree, repo, log, cpus)
             row[server] = point(live, f"{name}/{server}", texts, budgets, args, widths, pin,
                                 extra, warm)  # fmt: skip
-        results["points"][name] = row
+        results["points"][name] = {sv[0]: row[sv[0]] for sv in servers}
     results["loadavg_1m_end"] = os.getloadavg()[0]
     results["wall_seconds"] = time.perf_counter() - t0
     publish(results, args.out, STEM, plot, summarise(results))

@@ -195,3 +195,14 @@ def test_auto_tiers_aggregate_records_an_empty_answered_set_as_not_met():
     arm = {"met": np.zeros(3, bool), "accuracy": np.zeros(3), "width": np.full(3, np.nan)}
     s = auto_tiers.summarise(arm, np.zeros(3, bool))  # a phase with no requests
     assert s["requests"] == 0 and s["attainment"] is None
+
+
+# -- finding 8: A/B benches rotate their arm order ------------------------------------------
+def test_rotated_puts_every_arm_first_in_turn():
+    from bench.order import rotated
+
+    arms = ["hand", "auto", "auto_prev"]
+    firsts = [rotated(arms, k)[0] for k in range(3)]
+    assert firsts == arms and rotated(arms, 4) == ["auto", "auto_prev", "hand"]
+    assert all(sorted(rotated(arms, k)) == sorted(arms) for k in range(5))
+    assert rotated([], 2) == []
