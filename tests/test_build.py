@@ -337,3 +337,33 @@ def test_a_change_to_sampling_exports_the_tiers_again(built, tmp_path, monkeypat
     monkeypatch.setattr(IntegralModel, "SAMPLER_VERSION", IntegralModel.SAMPLER_VERSION + 1)
     changed = build_model(Repository(root), "tiny", progress=False, profile=False)
     assert all(t.exported for t in changed.tiers)
+
+
+def test_a_tier_rebuilt_without_profiling_is_timed_again_at_load(built, tmp_path, caplog):
+    # profile.json said nothing of the engines it timed: after a width change built with
+    # --no-profile (or a build interrupted while profiling) the new engines were planned
+    # with the old ones' times.
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    repo = Repository(root)
+    profile = json.loads((root / "tiny" / "profile.json").read_text())
+    assert profile["onnx_sha256"] == {
+        t: repo.load_record("tiny", t).onnx_sha256 for t in ("w100", "w050")
+    }
+    doc = yaml.safe_load((root / "tiny" / "model.yaml").read_text())
+    doc["tiers"][1]["width"] = 0.25
+    (root / "tiny" / "model.yaml").write_text(yaml.safe_dump(doc))
+    report = build_model(repo, "tiny", progress=False, profile=False)
+    assert any("does not time the engines of tiers w050" in w for w in report.warnings)
+    assert json.loads((root / "tiny" / "profile.json").read_text()) == profile  # untouched
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        served = Repository(root).load("tiny")
+    assert "timed other engines for tiers w050" in caplog.text
+    new_sha = repo.load_record("tiny", "w050").onnx_sha256
+    assert served.profile["onnx_sha256"]["w050"] == new_sha != profile["onnx_sha256"]["w050"]
+    for e in served.engines.values():
+        e.close()

@@ -41,8 +41,9 @@ from runtime.repository import (
     TierRecord,
     sha256_file,
 )
+from runtime.repository.atomic import write_json
 from runtime.repository.config import ModelConfig, TierConfig
-from runtime.repository.profile import profile_tiers, random_feeds
+from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
 from runtime.repository.records import inn_fingerprint
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
@@ -132,8 +133,20 @@ def build_model(
                 TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
             )
         repo.record_tokenizer(name, config)
+        onnx = {t.name: repo.load_record(name, t.name).onnx_sha256 for t in config.tiers}
         if profile:
-            report.profile_path = _profile(repo, name, config, chosen, engines, progress, repeats)
+            report.profile_path = _profile(
+                repo, name, config, chosen, engines, progress, repeats, onnx
+            )
+        elif stale := stale_tiers(repo.read_profile(name), onnx) or [
+            t.name for t in report.tiers if t.exported
+        ]:
+            report.warnings.append(
+                f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
+                f"now (--no-profile); innfer serve re-measures a profile that records other "
+                f"engines at load, and `innfer build {model_dir}` stores a new one"
+            )
+            log.warning("%s", report.warnings[-1])
     finally:  # a TensorRT or CUDA engine holds device memory until closed
         _close_all(engines.values())
     if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
@@ -391,15 +404,16 @@ def evaluate_accuracy(engine, config: ModelConfig) -> float:
     return correct / len(x)
 
 
-def _profile(repo, name, config, backend, engines, progress, repeats) -> Path:
-    """Every tier at every batch size; a sequence model at every profiled length too."""
+def _profile(repo, name, config, backend, engines, progress, repeats, onnx) -> Path:
+    """Every tier at every batch size; a sequence model at every profiled length too; with
+    the ONNX each tier's tables timed (``onnx``), written whole or not at all."""
 
     def bar(points):
         return tqdm(points, desc="profile", disable=not progress, unit="point")
 
-    data = profile_tiers(engines, config, backend, repeats=repeats, points=bar)
+    data = profile_tiers(engines, config, backend, repeats=repeats, points=bar, onnx=onnx)
     path = repo.model_dir(name) / PROFILE_FILE
-    path.write_text(json.dumps(data, indent=1))
+    write_json(path, data)
     return path
 
 

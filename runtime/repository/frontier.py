@@ -20,12 +20,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.repository.atomic import write_json
 from runtime.repository.errors import RepositoryError
 
 FRONTIER_DIR = "frontier"
@@ -112,7 +112,7 @@ class Frontier:
 
     def write(self, path: Path) -> None:
         data = asdict(self)
-        _write_atomic(path, data)
+        write_json(path, data)
 
     @classmethod
     def read(cls, path: Path) -> Frontier:
@@ -166,7 +166,7 @@ class ActiveTiers:
     def write(self, path: Path) -> None:
         data = asdict(self)
         data["tiers"] = list(self.tiers)
-        _write_atomic(path, data)
+        write_json(path, data)
 
     @classmethod
     def read(cls, path: Path) -> ActiveTiers | None:
@@ -180,12 +180,3 @@ class ActiveTiers:
             raise RepositoryError(
                 f"{path} is corrupted ({exc}): delete it to serve the hand-written tiers"
             ) from None
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

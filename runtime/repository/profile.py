@@ -112,11 +112,17 @@ class Profile:
 
 
 def profile_document(
-    backend, threads: int, tiers: dict[str, Any], lengths: dict[int, dict] | None = None
+    backend,
+    threads: int,
+    tiers: dict[str, Any],
+    lengths: dict[int, dict] | None = None,
+    onnx: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``profile.json`` document for per-tier tables measured on ``backend``. A model
     with a sequence axis has one set of tables per profiled length (``lengths``: length ->
-    tier -> table); ``tiers`` are then the tables at the longest length.
+    tier -> table); ``tiers`` are then the tables at the longest length. ``onnx``: each
+    tier's ONNX sha256, which the tables timed (a tier rebuilt since is not these times:
+    ``stale_tiers``).
 
     Example:
         >>> from runtime.engines import get_backend
@@ -132,6 +138,7 @@ def profile_document(
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tiers": tiers,
         **({"lengths": {str(n): t for n, t in lengths.items()}} if lengths else {}),
+        **({"onnx_sha256": dict(onnx)} if onnx else {}),
     }
 
 
@@ -142,10 +149,12 @@ def profile_tiers(
     repeats: int = 20,
     max_seconds: float = 5.0,
     points: Callable[[list[tuple[str, int]]], Iterable[tuple[str, int]]] = iter,
+    onnx: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``profile.json`` document for ``engines``: every tier at every batch size of
     ``config``, a sequence model at every profiled length too. ``points`` wraps the list of
-    (tier, length) points measured, for a progress bar.
+    (tier, length) points measured, for a progress bar; ``onnx``: each tier's ONNX sha256
+    (``profile_document``).
 
     Example:
         >>> doc = profile_tiers(served.engines, served.config, backend)  # doctest: +SKIP
@@ -164,7 +173,24 @@ def profile_tiers(
             length=n,
         )
     by_length = tables if config.sequence_lengths else None
-    return profile_document(backend, config.threads, tables[lengths[-1]], by_length)
+    return profile_document(backend, config.threads, tables[lengths[-1]], by_length, onnx)
+
+
+def stale_tiers(profile: Mapping[str, Any] | None, onnx: Mapping[str, str]) -> list[str]:
+    """The tiers whose ONNX (``onnx``: tier -> sha256 now) is not the one ``profile`` timed:
+    rebuilt since without profiling (``innfer build --no-profile``, or a build interrupted
+    while profiling). A profile that records no hashes (hand-written, or older) is trusted.
+
+    Example:
+        >>> stale_tiers({"onnx_sha256": {"w100": "a", "w050": "b"}}, {"w100": "a", "w050": "c"})
+        ['w050']
+        >>> stale_tiers({"tiers": {}}, {"w100": "a"})
+        []
+    """
+    timed = (profile or {}).get("onnx_sha256")
+    if not isinstance(timed, dict):
+        return []
+    return [t for t, sha in onnx.items() if timed.get(t) != sha]
 
 
 def measured_elsewhere(profile: Mapping[str, Any] | None, backend: Backend) -> str | None:

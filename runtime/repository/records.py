@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.repository.atomic import write_json
 from runtime.repository.errors import RepositoryError
 
 TIER_FILE = "tier.json"
@@ -57,7 +58,7 @@ class TierRecord:
         for optional in ("channel_search", "accuracy_on", "inn_sha256"):
             if data[optional] is None:
                 del data[optional]
-        path.write_text(json.dumps(data, indent=1))
+        write_json(path, data)
 
 
 def inn_fingerprint(meta: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ from runtime.repository.frontier import (
     ActiveTiers,
     Frontier,
 )
-from runtime.repository.profile import measured_elsewhere, profile_tiers
+from runtime.repository.profile import measured_elsewhere, profile_tiers, stale_tiers
 from runtime.repository.records import TIER_FILE, TierRecord, inn_fingerprint
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
@@ -220,7 +220,8 @@ class Repository:
                 raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
-        profile = self._profile_here(name, config, chosen, engines, profile)
+        onnx = {t: r.onnx_sha256 for t, r in tiers.items()}
+        profile = self._profile_here(name, config, chosen, engines, profile, onnx)
         tokenizer = self.load_tokenizer(name, config)
         source = "frontier" if auto is not None else "model.yaml"
         return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer, source)
@@ -341,21 +342,27 @@ class Repository:
         except TokenizerError as exc:
             raise RepositoryError(str(exc)) from None
 
-    def _profile_here(self, name, config, backend, engines, profile) -> dict[str, Any] | None:
+    def _profile_here(
+        self, name, config, backend, engines, profile, onnx: dict[str, str]
+    ) -> dict[str, Any] | None:
         """``profile``, or, where it was measured with another backend or on another device,
-        a new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less
-        on a GPU). Not written back: the repository may be read-only, and ``innfer build``
-        on this machine is how a profile is stored."""
+        or timed other engines than the tiers' ONNX (``onnx``: tier -> sha256) make now, a
+        new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less on
+        a GPU). Not written back: the repository may be read-only, and ``innfer build`` on
+        this machine is how a profile is stored."""
         why = measured_elsewhere(profile, backend)
+        if why is None and (stale := stale_tiers(profile, onnx)):
+            why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
         if why is None:
             return profile
         t0 = time.perf_counter()
         fresh = profile_tiers(
-            engines, config, backend, repeats=LOAD_PROFILE_REPEATS, max_seconds=LOAD_PROFILE_S
-        )
+            engines, config, backend, repeats=LOAD_PROFILE_REPEATS, max_seconds=LOAD_PROFILE_S,
+            onnx=onnx,
+        )  # fmt: skip
         log.warning(
-            "model %s: %s, not with %s on %s: re-measured every tier at load in %.1f s "
-            "(`innfer build --model %s --backend %s` on this machine stores a profile)",
+            "model %s: %s, not with %s on %s as served now: re-measured every tier at load in "
+            "%.1f s (`innfer build --model %s --backend %s` on this machine stores a profile)",
             name, why, backend.name, backend.device(), time.perf_counter() - t0, name,
             backend.name,
         )  # fmt: skip

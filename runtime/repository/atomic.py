@@ -1,0 +1,37 @@
+"""Repository files written whole or not at all.
+
+A build or a calibration interrupted (Ctrl-C, a killed pod) must leave the file it was
+writing as it was or as it became, never a part of it that a reader then trusts or
+refuses with a confusing error.
+
+Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.json"
+    >>> write_json(path, {"x": 1})
+    >>> path.read_text()
+    '{\\n "x": 1\\n}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON: a reader sees the old file or the new one."""
+    write_bytes(path, json.dumps(data, indent=1).encode())
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
