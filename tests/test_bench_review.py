@@ -206,3 +206,37 @@ def test_rotated_puts_every_arm_first_in_turn():
     assert firsts == arms and rotated(arms, 4) == ["auto", "auto_prev", "hand"]
     assert all(sorted(rotated(arms, k)) == sorted(arms) for k in range(5))
     assert rotated([], 2) == []
+
+
+# -- finding 9: calibration's "beats" needs every seed's paired difference, not the mean -----
+def _calibration(inn: list[float], base: list[float]) -> dict:
+    from bench import calibration
+
+    runs = []
+    for s, (a, b) in enumerate(zip(inn, base, strict=True)):
+        acc = {"inn_calibrated": [a]} | {m: [b] for m in calibration.BASELINES}
+        runs.append({"seed": s, "full": 0.95, "accuracy": {"10": acc}})
+    return {"widths": [0.5], "models": {"mlp": runs}}
+
+
+def test_calibration_a_positive_mean_margin_with_a_losing_seed_is_within_noise():
+    from bench import calibration
+
+    # mean margin +1 point, but seed 1 loses by 2 points
+    g = calibration.goal_check(_calibration([0.95, 0.90, 0.95], [0.93, 0.92, 0.92]))["mlp"]["10"]
+    assert g["margin_over_best_baseline"]["0.5"] > 0
+    assert g["beats_baselines_every_width"] is False and g["pass"] is False
+    assert g["verdict_per_width"]["0.5"] == "within noise"
+    assert g["per_seed_differences"]["0.5"]["scratch"] == pytest.approx([0.02, -0.02, 0.03])
+    win = calibration.goal_check(_calibration([0.95, 0.94, 0.95], [0.93, 0.94, 0.92]))
+    assert win["mlp"]["10"]["beats_baselines_every_width"] is True
+    assert win["mlp"]["10"]["verdict_per_width"]["0.5"] == "beats"
+
+
+def test_calibration_paired_win():
+    from bench.calibration import paired_win
+
+    assert paired_win([0.01, 0.0, 0.02]) == "beats"
+    assert paired_win([0.01, -0.001, 0.02]) == "within noise"
+    assert paired_win([0.05]) == "within noise"  # one seed: no spread to judge by
+    assert paired_win([-0.01, -0.02]) == "behind"
