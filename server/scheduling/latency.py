@@ -522,14 +522,25 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
 
 def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:
     """(tiers with p50 / p90 / p99 tables, p50 tables in ms) from a ``profile.json`` dict and
-    the tiers' build records (anything with ``flops`` and ``accuracy``). A tier without a
-    measured accuracy ranks by its FLOPs relative to the largest tier. ``p99_ms`` is used
-    where the profile has it for every batch size."""
+    the tiers' build records (anything with ``flops`` and ``accuracy``). Tiers rank by their
+    measured accuracy where every one has it, else all by FLOPs relative to the largest tier
+    (one proxy for all: a tier left unscored, by a build interrupted while scoring, at 0.17
+    beside others' 0.96 would rank below them all). ``p99_ms`` is used where the profile has
+    it for every batch size.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> table = {"1": {"p50_ms": 1.0, "p90_ms": 1.2}}
+        >>> recs = {"a": R(flops=4, accuracy=0.9), "b": R(flops=1, accuracy=None)}
+        >>> [t.accuracy for t in tiers_from_profile({"tiers": {"a": table, "b": table}}, recs)[0]]
+        [1.0, 0.25]
+    """
     full = max(r.flops for r in records.values()) or 1
+    measured = all(records[name].accuracy is not None for name in profile["tiers"])
     tiers, p50 = [], {}
     for name, table in profile["tiers"].items():
         rec = records[name]
-        acc = rec.accuracy if rec.accuracy is not None else rec.flops / full
+        acc = rec.accuracy if measured else rec.flops / full
         p50[name] = {int(b): v["p50_ms"] for b, v in table.items()}
         p99 = (
             {int(b): v["p99_ms"] for b, v in table.items()}
