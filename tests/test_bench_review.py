@@ -240,3 +240,16 @@ def test_calibration_paired_win():
     assert paired_win([0.01, -0.001, 0.02]) == "within noise"
     assert paired_win([0.05]) == "within noise"  # one seed: no spread to judge by
     assert paired_win([-0.01, -0.02]) == "behind"
+
+
+# -- finding 10: bench/server.py reports the median [min-max] over repeats ------------------
+def test_server_bench_summarises_repeats_by_median_and_range():
+    from bench import server
+
+    runs = [{"p50_ms": p, "p99_ms": 2 * p, "throughput_per_s": 1000 / p, "requests": 800}
+            for p in (1.0, 1.4, 1.1)]  # fmt: skip
+    out = server.over_repeats(runs)
+    assert out["p50_ms"] == 1.1 and out["p50_ms_range"] == [1.0, 1.4]
+    assert out["repeats"] == 3 and out["requests"] == 2400
+    assert "p50_ms_range" not in server.over_repeats(runs[:1])
+    assert server._fig(out, "p50_ms", ".1f") == "1.1 [1.0-1.4]"
