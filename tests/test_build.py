@@ -367,3 +367,32 @@ def test_a_tier_rebuilt_without_profiling_is_timed_again_at_load(built, tmp_path
     assert served.profile["onnx_sha256"]["w050"] == new_sha != profile["onnx_sha256"]["w050"]
     for e in served.engines.values():
         e.close()
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [(lambda d: d["outputs"][0].update(name="scores"), r"outputs logits \[10\].*gives scores"),
+     (lambda d: d["inputs"][0].update(shape=[1, 9, 9]), r"inputs input \[1, 8, 8\].*\[1, 9, 9\]")],
+)  # fmt: skip
+def test_an_engine_that_is_not_model_yamls_model_is_refused_at_load(
+    built, tmp_path, edit, says, monkeypatch
+):
+    # model.yaml edited after the build (an output renamed) loaded, passed its warm-up, and
+    # then failed every request with INTERNAL (the codec found no output of that name).
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    doc = yaml.safe_load((root / "tiny" / "model.yaml").read_text())
+    edit(doc)
+    (root / "tiny" / "model.yaml").write_text(yaml.safe_dump(doc))
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    closed = []
+    close = OnnxRuntimeEngine.close
+    monkeypatch.setattr(OnnxRuntimeEngine, "close", lambda e: (closed.append(e), close(e))[1])
+    with pytest.raises(RepositoryError, match=says + r".*run `innfer build`"):
+        Repository(root).load("tiny")
+    assert len(closed) == 1  # the engine it opened is closed, not left to the collector

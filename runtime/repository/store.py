@@ -195,12 +195,33 @@ class Repository:
         cache.sweep()
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
+        records = None  # the frontier's, for a chosen set; else each tier's tier.json
         if auto is not None:
             config, records, profile = auto
         tiers, engines = {}, {}
-        inn_now = self._inn_fingerprint(name) if auto is None else None  # read once
+        try:
+            self._load_tiers(
+                name, config, records, chosen, options, cache, on_build, tiers, engines
+            )
+            onnx = {t: r.onnx_sha256 for t, r in tiers.items()}
+            profile = self._profile_here(name, config, chosen, engines, profile, onnx)
+            tokenizer = self.load_tokenizer(name, config)
+        except BaseException:  # what opened stays open otherwise (a GPU engine: its memory)
+            for engine in engines.values():
+                engine.close()
+            raise
+        source = "frontier" if auto is not None else "model.yaml"
+        return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer, source)
+
+    def _load_tiers(
+        self, name, config, records, chosen, options, cache, on_build, tiers: dict, engines: dict
+    ) -> None:
+        """Each tier's record (``records``: a chosen set's, from the frontier; None: its
+        tier.json, checked against model.yaml and the INN) and its engine, into ``tiers`` and
+        ``engines`` (so that the caller can close what opened on an error)."""
+        inn_now = self._inn_fingerprint(name) if records is None else None  # read once
         for tier in config.tiers:
-            if auto is not None:
+            if records is not None:
                 d = self.model_dir(name) / FRONTIER_DIR / tier.name
                 tiers[tier.name] = records[tier.name]
             else:
@@ -220,11 +241,7 @@ class Repository:
                 raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
-        onnx = {t: r.onnx_sha256 for t, r in tiers.items()}
-        profile = self._profile_here(name, config, chosen, engines, profile, onnx)
-        tokenizer = self.load_tokenizer(name, config)
-        source = "frontier" if auto is not None else "model.yaml"
-        return ServedModel(name, config, tiers, engines, profile, chosen.name, tokenizer, source)
+            _check_io(config, tier.name, engines[tier.name], d)
 
     def auto_tiers(
         self, name: str, config: ModelConfig
@@ -380,3 +397,28 @@ class Repository:
             log.warning("%s is corrupted; run `innfer build` to profile the model again", path)
             return None
         return profile
+
+
+def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
+    """Refuse an engine whose inputs or outputs are not model.yaml's (names, and each
+    per-sample dim both give): model.yaml edited after the build loaded, passed its warm-up
+    and then failed every request (an output renamed: a KeyError, INTERNAL)."""
+    for what, want, got in (
+        ("inputs", config.inputs, engine.inputs),
+        ("outputs", config.outputs, engine.outputs),
+    ):
+        have = {s.name: s for s in got}
+        for t in want:
+            spec = have.get(t.name)
+            dims = None if spec is None else tuple(spec.shape[1:])
+            fits = (
+                dims is not None
+                and len(dims) == len(t.shape)
+                and all(a == b or a < 0 or b < 0 for a, b in zip(dims, t.shape, strict=True))
+            )
+            if not fits:
+                found = ", ".join(f"{s.name} {list(s.shape[1:])}" for s in got)
+                raise RepositoryError(
+                    f"{tier_dir}: tier {tier}'s engine has {what} {found}, but model.yaml gives "
+                    f"{t.name} {list(t.shape)} (edited after the build?): run `innfer build`"
+                )
