@@ -39,6 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _demo_minilm(args)
     args.name = args.name or "mnist"
     model_dir = args.repository / args.name
+    _demo_tiers(args.widths)  # before minutes of training: a clash found after lost them
     recipe = _demo_recipe(args)
     if not args.retrain:
         record, why = _demo_reusable(model_dir, recipe)
@@ -209,13 +210,32 @@ def _demo_convert(args: argparse.Namespace):
     return inn, data
 
 
+def _demo_tiers(widths: list[float]) -> list[dict]:
+    """model.yaml's tiers for the demo's ``--widths``, named by percent (``w050``); two
+    widths that round to one name are refused.
+
+    Example:
+        >>> [t["name"] for t in _demo_tiers([1.0, 0.5])]
+        ['w100', 'w050']
+    """
+    tiers = [{"name": f"w{round(w * 100):03d}", "width": w} for w in widths]
+    names = [t["name"] for t in tiers]
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        clash = [w for w, n in zip(widths, names, strict=True) if n == name]
+        raise ValueError(
+            f"--widths {' and '.join(map(str, clash))} both make tier {name} (tiers are named "
+            "by percent); give each width once, at least 0.01 apart"
+        )
+    return tiers
+
+
 def _demo_repository(args: argparse.Namespace, inn, data, recipe: dict, seconds: float) -> int:
     import json
 
     from runtime.build.pipeline import add_model, build_model
     from runtime.repository import Repository
 
-    tiers = [{"name": f"w{round(w * 100):03d}", "width": w} for w in args.widths]
+    tiers = _demo_tiers(args.widths)
     config = {
         "inputs": [{"name": "input", "dtype": "float32", "shape": list(data.input_shape)}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [data.num_classes]}],
@@ -411,9 +431,20 @@ def _offered(args: argparse.Namespace) -> str:
     return f"{args.trace}, load {args.load}x"
 
 
+def _resolve_trace(args: argparse.Namespace) -> None:
+    """``--trace-file`` means ``--trace file`` (it was ignored beside the default Poisson
+    trace, a missing file included); with another ``--trace`` it is an error."""
+    if args.trace_file is not None and args.trace not in (None, "file"):
+        raise ValueError(f"--trace-file is a --trace file's; --trace {args.trace} takes none")
+    args.trace = args.trace or ("file" if args.trace_file is not None else "poisson")
+    if args.trace_file is not None and not Path(args.trace_file).is_file():
+        raise ValueError(f"--trace-file {args.trace_file}: no such file")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
+    _resolve_trace(args)
     from sim.simulator import format_summary, plot_timeline, simulate, tiers_from_model_dir
 
     tiers, p50 = tiers_from_model_dir(args.model_dir)
@@ -489,6 +520,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
+    _resolve_trace(args)
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load
@@ -536,7 +568,10 @@ NOTHING_SERVED = {"UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "UNIMPLEMENTED"
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", type=Path, help="a built model: <repo>/<model>")
-    p.add_argument("--trace", default="poisson", choices=["poisson", "gamma", "varying", "file"])
+    p.add_argument(
+        "--trace", choices=["poisson", "gamma", "varying", "file"],
+        help="arrivals (default poisson; file with --trace-file)",
+    )  # fmt: skip
     p.add_argument(
         "--trace-file",
         help="timestamps in seconds, one per line (--trace file): replayed whole, whatever "
@@ -849,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
     )
     cal.add_argument("--samples", type=_at_least(1), default=1000)
-    cal.add_argument("--seconds", type=float, default=60.0, help="budget for all widths")
+    cal.add_argument("--seconds", type=_positive, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
     cal.add_argument("--grid", choices=["selected", "uniform"], default="selected",

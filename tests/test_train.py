@@ -501,3 +501,25 @@ def test_serve_takes_the_repository_from_the_command_line_beside_a_config(cli_ma
     assert code == 2 and f"repository {tmp_path / 'gone'} is not a directory" in err
     code, _, err = cli_main("serve", "--config", str(cfg))
     assert code == 2 and "repository" in err and "required" in err
+
+
+def test_demo_refuses_widths_that_name_one_tier_before_it_trains(cli_main, tmp_path):
+    # It trained (minutes for the default model), then refused the repository: lost.
+    code, out, err = cli_main("demo", "--model", "digits_mlp", "--widths", "1", "0.5", "0.501",
+                              "--epochs", "1", "--repository", str(tmp_path), "--no-serve")  # fmt: skip
+    assert code == 2 and "--widths 0.5 and 0.501 both make tier w050" in err
+    assert "training" not in out and not (tmp_path / "mnist").exists()
+
+
+def test_calibrate_refuses_an_endless_budget(cli_main, tmp_path):
+    for seconds in ("inf", "nan", "0"):
+        code, _, err = cli_main("calibrate", str(tmp_path), "--seconds", seconds)
+        assert code == 2 and "--seconds" in err and "finite number > 0" in err
+
+
+def test_a_trace_file_means_a_file_trace(cli_main, tmp_path):
+    # --trace-file beside the default (Poisson) trace was ignored, a missing file included.
+    code, _, err = cli_main("simulate", str(tmp_path), "--trace-file", str(tmp_path / "none"))
+    assert code == 2 and f"--trace-file {tmp_path / 'none'}: no such file" in err
+    code, _, err = cli_main("simulate", str(tmp_path), "--trace", "gamma", "--trace-file", "x")
+    assert code == 2 and "--trace gamma takes none" in err
