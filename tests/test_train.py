@@ -505,8 +505,9 @@ def test_serve_takes_the_repository_from_the_command_line_beside_a_config(cli_ma
 
 def test_demo_refuses_widths_that_name_one_tier_before_it_trains(cli_main, tmp_path):
     # It trained (minutes for the default model), then refused the repository: lost.
-    code, out, err = cli_main("demo", "--model", "digits_mlp", "--widths", "1", "0.5", "0.501",
-                              "--epochs", "1", "--repository", str(tmp_path), "--no-serve")  # fmt: skip
+    widths = ("--widths", "1", "0.5", "0.501")
+    code, out, err = cli_main("demo", "--model", "digits_mlp", *widths, "--epochs", "1",
+                              "--repository", str(tmp_path), "--no-serve")  # fmt: skip
     assert code == 2 and "--widths 0.5 and 0.501 both make tier w050" in err
     assert "training" not in out and not (tmp_path / "mnist").exists()
 
