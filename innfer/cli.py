@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -983,6 +984,18 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a missing file, a busy port, a directory where a file belongs.
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"innfer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # not foreseen: one line for the user, the traceback on request
+        if os.environ.get("INNFER_DEBUG"):
+            raise
+        print(
+            f"innfer {args.command}: internal error: {type(exc).__name__}: {exc} (a bug: please "
+            "report it; INNFER_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

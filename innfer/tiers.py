@@ -250,6 +250,12 @@ def hand_options(repo, name: str, frontier):
         if rec.accuracy is None:
             c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
             records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
+    missing = [t for t in records if t not in tables]
+    if missing:  # built with --no-profile, or a build interrupted while profiling
+        raise ValueError(
+            f"{name}/profile.json has no tier {', '.join(missing)} (built without profiling?): "
+            "run `innfer build`"
+        )
     profile = {**profile, "tiers": {t: tables[t] for t in records}}
     memory = {t: weights_mb(r.params) for t, r in records.items()}
     return profile_options(profile, records, memory, full_channels(frontier)), list(records)

@@ -634,3 +634,18 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
     for i in range(10):
         log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
     assert asyncio.run(tierer.check()) == "kept" and exits == []
+
+
+def test_suggest_names_a_tier_the_profile_does_not_time(tmp_path, capsys):
+    # A tier built without profiling, with channels no frontier candidate has, was a
+    # KeyError traceback.
+    d = _auto_model(tmp_path)
+    record = json.loads((d / "tiers" / "w050" / "tier.json").read_text())
+    record["sizes"] = {k: v - 1 for k, v in record["sizes"].items()}
+    (d / "tiers" / "w050" / "tier.json").write_text(json.dumps(record))
+    profile = json.loads((d / "profile.json").read_text())
+    del profile["tiers"]["w050"]
+    (d / "profile.json").write_text(json.dumps(profile))
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 2
+    assert "profile.json has no tier w050" in capsys.readouterr().err

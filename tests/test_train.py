@@ -524,3 +524,15 @@ def test_a_trace_file_means_a_file_trace(cli_main, tmp_path):
     assert code == 2 and f"--trace-file {tmp_path / 'none'}: no such file" in err
     code, _, err = cli_main("simulate", str(tmp_path), "--trace", "gamma", "--trace-file", "x")
     assert code == 2 and "--trace gamma takes none" in err
+
+
+def test_an_unforeseen_error_is_one_line_unless_asked(cli_main, monkeypatch):
+    def broken(args):
+        raise KeyError("w030")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    code, _, err = cli_main("inspect", ".")
+    assert code == 1 and "internal error: KeyError: 'w030'" in err and "Traceback" not in err
+    monkeypatch.setenv("INNFER_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["inspect", "."])
