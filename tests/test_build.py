@@ -124,6 +124,20 @@ def test_an_unreadable_manifest_is_rebuilt_not_a_traceback(built, damage):
     assert rebuilt == [entry.name]
 
 
+@pytest.mark.parametrize("files", [["model.ort"], {}, {"../model.onnx": "0" * 64}])
+def test_a_manifest_with_a_malformed_file_list_is_rebuilt(built, files):
+    # "files" as a list raised AttributeError from Repository.load; an empty list verified
+    # nothing; a path outside the entry was hashed.
+    root, _ = built
+    entry = _engine_dirs(root)[0]
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    rebuilt = []
+    Repository(root).load("tiny", on_build=lambda tier, key: rebuilt.append(key))
+    assert rebuilt == [entry.name]
+    assert not list(entry.parent.glob("*.bad-*"))  # set aside, then removed
+
+
 def test_torch_backend_matches_onnxruntime(built):
     root, _ = built
     repo = Repository(root)

@@ -258,6 +258,9 @@ def test_stale_build_directories_are_swept(tmp_path):
     os.utime(old, (past, past))
     assert EngineCache(tmp_path).sweep() == [old.name]
     assert not old.exists() and new.exists()
+    aside = tmp_path / "k3.bad-3-cccc"  # set aside as unusable; its removal cut short
+    aside.mkdir()
+    assert EngineCache(tmp_path).sweep() == [aside.name] and new.exists()
 
 
 def test_an_onnx_rewritten_during_its_engine_build_is_not_cached(tmp_path, repo):

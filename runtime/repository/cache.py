@@ -62,7 +62,8 @@ class EngineCache:
         self.root = root
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove interrupted builds (``*.tmp-*`` older than ``STALE_BUILD_S``); their names.
+        """Remove interrupted builds (``*.tmp-*`` older than ``STALE_BUILD_S``) and entries
+        set aside as unusable whose removal was cut short (``*.bad-*``); their names.
 
         Example:
             >>> EngineCache(Path("repo/mnist/engines")).sweep()  # doctest: +SKIP
@@ -72,9 +73,9 @@ class EngineCache:
         removed = []
         if not self.root.is_dir():
             return removed
-        for entry in self.root.glob("*.tmp-*"):
-            try:
-                stale = now - entry.stat().st_mtime > STALE_BUILD_S
+        for entry in [*self.root.glob("*.tmp-*"), *self.root.glob("*.bad-*")]:
+            try:  # an entry set aside as bad (``_discard``) is never used: at any age
+                stale = ".bad-" in entry.name or now - entry.stat().st_mtime > STALE_BUILD_S
             except OSError:
                 continue  # finished or removed by its builder meanwhile
             if stale:
@@ -103,11 +104,24 @@ class EngineCache:
                 except EngineError as exc:
                     problem = str(exc)
             log.warning("engine cache entry %s is unusable (%s); rebuilding", entry, problem)
-            shutil.rmtree(entry, ignore_errors=True)
+            self._discard(entry, fields)
         if on_build is not None:
             on_build(key)
         self._build(backend, onnx_path, entry, options, fields)
         return backend.load(entry, options), True
+
+    def _discard(self, entry: Path, fields: dict[str, Any]) -> None:
+        """Remove an unusable entry - unless another builder has put a good one in its place
+        meanwhile (two pods repairing one key on a shared volume): it is renamed aside first,
+        so that a delete never takes an entry someone has just made."""
+        if self._verify(entry, fields) is None:
+            return  # repaired by another builder since it was found bad: keep theirs
+        aside = entry.with_name(f"{entry.name}.bad-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            entry.rename(aside)
+        except OSError:  # gone already (another builder moved it)
+            return
+        shutil.rmtree(aside, ignore_errors=True)
 
     def _build(self, backend, onnx_path, entry, options, fields) -> None:
         # A directory of our own: two pods building the same key on a shared volume must
@@ -150,7 +164,12 @@ class EngineCache:
             return "manifest is not a JSON object"
         if manifest.get("fields") != fields:
             return "key fields do not match (different ONNX, backend, device or options)"
-        for name, digest in manifest.get("files", {}).items():
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            return "manifest lists no files"
+        for name, digest in files.items():
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                return f"manifest names {name!r}, not a file of the entry"
             path = entry / name
             if not path.is_file():
                 return f"{name} is missing"
