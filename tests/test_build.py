@@ -410,3 +410,20 @@ def test_an_engine_that_is_not_model_yamls_model_is_refused_at_load(
     with pytest.raises(RepositoryError, match=says + r".*run `innfer build`"):
         Repository(root).load("tiny")
     assert len(closed) == 1  # the engine it opened is closed, not left to the collector
+
+
+def test_a_new_build_recipe_is_a_new_cache_key():
+    # The key held the ONNX, the library's version, the device and options, but not how the
+    # backend builds: a change of optimisation level alone would have reused old engines.
+    from runtime.engines import BuildOptions, get_backend
+    from runtime.repository.cache import engine_key
+
+    ort = get_backend("onnxruntime")
+    before, fields = engine_key("ab" * 32, ort, BuildOptions())
+    assert "recipe" not in fields  # the first recipe keeps the keys engines have now
+    ort.recipe = 2
+    try:
+        after, fields = engine_key("ab" * 32, ort, BuildOptions())
+    finally:
+        ort.recipe = 1
+    assert after != before and fields["recipe"] == 2

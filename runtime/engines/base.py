@@ -89,6 +89,10 @@ class Backend(ABC):
     """Builds engines from ONNX and loads them from a cache directory."""
 
     name: str = ""
+    # How this backend makes an engine (optimisation level, saved format, passes): part of
+    # the cache key. Bump it when that changes, or engines built the old way are reused -
+    # the library's version and the device need not change with it.
+    recipe: int = 1
 
     @abstractmethod
     def available(self) -> bool:

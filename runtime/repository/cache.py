@@ -51,6 +51,8 @@ def engine_key(
     }
     if options.sequence is not None:  # absent for fixed shapes: their keys stay as they were
         fields["sequence_profile"] = list(options.sequence)
+    if backend.recipe != 1:  # absent at the first recipe: keys from before it stay valid
+        fields["recipe"] = backend.recipe
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return digest[:20], fields
 
