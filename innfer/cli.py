@@ -676,8 +676,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     multiple_of = args.multiple_of or tier_multiple
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if args.seconds <= 0:
-        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
     if args.text is not None:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     if args.data is None:

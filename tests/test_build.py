@@ -427,3 +427,27 @@ def test_a_new_build_recipe_is_a_new_cache_key():
     finally:
         ort.recipe = 1
     assert after != before and fields["recipe"] == 2
+
+
+def test_an_interrupted_save_leaves_the_inn_it_replaces(built, tmp_path, monkeypatch):
+    # inn.safetensors was written in place: a Ctrl-C mid-write left neither model.
+    import shutil
+
+    import safetensors.torch
+
+    d = tmp_path / "tiny"
+    shutil.copytree(built[0] / "tiny", d)
+    before = {f: (d / f).read_bytes() for f in ("inn.safetensors", "inn.json")}
+    inn = runtime.load(d)
+
+    def interrupted(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        inn.save(d)
+    assert {f: (d / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+    runtime.load(d)  # still loads

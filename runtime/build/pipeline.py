@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.atomic import write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import write_tier_files
 from runtime.engines import Backend, BuildOptions, EngineError
@@ -41,7 +42,6 @@ from runtime.repository import (
     TierRecord,
     sha256_file,
 )
-from runtime.repository.atomic import write_json
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
 from runtime.repository.records import inn_fingerprint

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from runtime.atomic import write_json
 from runtime.hashing import sha256_file
 from runtime.inn import graphio
 from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
@@ -485,16 +487,25 @@ class IntegralModel:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``inn.safetensors`` and ``inn.json`` into ``directory`` (created if needed)."""
+        """Write ``inn.safetensors`` and ``inn.json`` into ``directory`` (created if needed).
+
+        Both are written beside their names first and then renamed into place, weights then
+        metadata: an interrupted save (``innfer calibrate`` and ``train`` save over the
+        model they read) leaves the old INN whole, short of the instant between the two
+        renames (a weights file its metadata's checksum refuses)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        weights = d / WEIGHTS_FILE
+        weights = d / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
         tensors = dict(self.state)
         for key, tier in self.tiers.items():
             tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+        except BaseException:
+            weights.unlink(missing_ok=True)
+            raise
         meta = {
             "format": "innfer-inn",
             "version": FORMAT_VERSION,
@@ -508,7 +519,8 @@ class IntegralModel:
             },
             "info": self.info,
         }
-        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        os.replace(weights, d / WEIGHTS_FILE)
+        write_json(d / META_FILE, meta)
         return d
 
     def module(self) -> fx.GraphModule:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.repository.atomic import write_json
+from runtime.atomic import write_json
 from runtime.repository.errors import RepositoryError
 
 FRONTIER_DIR = "frontier"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.repository.atomic import write_json
+from runtime.atomic import write_json
 from runtime.repository.errors import RepositoryError
 
 TIER_FILE = "tier.json"
