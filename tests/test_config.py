@@ -451,3 +451,18 @@ def test_a_sequence_model_builds_with_a_sequence_profile_and_its_own_cache_key(t
         "sequence_profile" not in engine_key("0" * 64, backend, repo.build_options(seq, backend))[1]
     )
     assert engine_key("0" * 64, backend, shorter)[0] != key
+
+
+def test_a_model_name_other_than_its_directorys_is_refused(tmp_path):
+    # name: was read, documented and ignored: the model was served under its directory's.
+    d = tmp_path / "mnist"
+    d.mkdir()
+    body = (
+        "inputs: [{name: x, shape: [4]}]\noutputs: [{name: y, shape: [2]}]\n"
+        "tiers: [{name: w100, width: 1.0}]\n"
+    )
+    (d / "model.yaml").write_text(body + "name: mnist\n")
+    assert ModelConfig.load(d / "model.yaml").name == "mnist"
+    (d / "model.yaml").write_text(body + "name: digits-v2\n")
+    with pytest.raises(ConfigError, match=r"name: 'digits-v2' is not its directory's name"):
+        ModelConfig.load(d / "model.yaml")

@@ -391,7 +391,7 @@ class ModelConfig:
         doc="let the server choose and swap its tier widths from the traffic it sees; the "
         "tiers above are served until then (null: serve the tiers above only)",
     )
-    name: str = spec("", doc="model name; load() defaults it to the directory's name")
+    name: str = spec("", doc="model name: its directory's (another is refused); may be left out")
     source: str = spec("", key=False, compare=False, doc="the file this was read from")
 
     def validate(self, where: Where) -> None:
@@ -538,9 +538,17 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        """Read and validate ``path``; the model name defaults to its directory's name."""
+        """Read and validate ``path``; the model name is its directory's name (a ``name`` that
+        differs is refused: a model is served as its directory is named, and a ``name`` the
+        server ignored misled whoever wrote it)."""
         path = Path(path)
         data = read_yaml(path)
+        if isinstance(data, dict) and data.get("name", path.parent.name) != path.parent.name:
+            raise ConfigError(
+                f"{path}: name: {data['name']!r} is not its directory's name "
+                f"{path.parent.name!r}; a model is served under its directory's name: rename "
+                "the directory, or leave name out"
+            )
         data = {"name": path.parent.name, **data} if isinstance(data, dict) else data
         return cls.from_dict(data, source=str(path))
 
