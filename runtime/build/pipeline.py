@@ -32,6 +32,7 @@ from runtime.atomic import write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import write_tier_files
 from runtime.engines import Backend, BuildOptions, EngineError
+from runtime.inn.calibrate import has_norms
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import (
@@ -121,6 +122,14 @@ def build_model(
                 record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
                                        "accuracy_on": measured_on})  # fmt: skip
                 record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
+            if _unnormed_tier(inn, module, record.sizes):
+                report.warnings.append(
+                    f"tier {tier.name} of {name} has no BatchNorm statistics of its own (they "
+                    f"are resampled from the full width's, which on a BatchNorm model can cost "
+                    f"most of the accuracy): store them with innfer calibrate {model_dir} --data "
+                    f"DATASET (or reestimate_norms) and build again"
+                )
+                log.warning("%s", report.warnings[-1])
             if _data_free_transformer_tier(inn, record.sizes):
                 report.warnings.append(
                     f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
@@ -138,9 +147,9 @@ def build_model(
             report.profile_path = _profile(
                 repo, name, config, chosen, engines, progress, repeats, onnx
             )
-        elif stale := stale_tiers(repo.read_profile(name), onnx) or [
-            t.name for t in report.tiers if t.exported
-        ]:
+        elif (kept := repo.read_profile(name)) is not None and (
+            stale := stale_tiers(kept, onnx) or [t.name for t in report.tiers if t.exported]
+        ):
             report.warnings.append(
                 f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
                 f"now (--no-profile); innfer serve re-measures a profile that records other "
@@ -163,6 +172,13 @@ def _close_all(engines) -> None:
             engine.close()
         except Exception:  # closing must not hide the build's own error
             log.exception("closing an engine failed")
+
+
+def _unnormed_tier(inn: IntegralModel, module, sizes: dict[str, int]) -> bool:
+    """Whether ``sizes`` is a smaller width of a model with BatchNorm for which the INN
+    stores no statistics (nor calibrated weights): its running statistics are the full
+    width's resampled, not what the smaller network computes."""
+    return sizes != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes)
 
 
 def _data_free_transformer_tier(inn: IntegralModel, sizes: dict[str, int]) -> bool:
