@@ -48,6 +48,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"reusing {model_dir} (trained {record.get('trained_at', '?')}: "
                   f"{_describe(recipe)}); {_start_over(model_dir)}")  # fmt: skip
             return _demo_rebuild(args, model_dir)
+        if why in (NOT_THE_DEMOS, NO_DEMO_RECORD):  # someone's model: not ours to train over
+            if not (model_dir / "model.yaml").is_file():
+                raise ValueError(
+                    f"{model_dir}: {why}, and no model.yaml to build it with; give the demo "
+                    "another --name, or --retrain to train the demo over it"
+                )
+            print(f"serving {model_dir} as it is: {why} (calibrated, replaced or converted "
+                  "since?); `innfer demo --retrain` trains the demo over it")  # fmt: skip
+            return _demo_rebuild(args, model_dir)
         if why:
             print(f"not reusing {model_dir}: {why}; training again")
     import torch
@@ -129,12 +138,19 @@ def _start_over(model_dir: Path) -> str:
     return f"`innfer demo --retrain` or `rm -rf {model_dir}` to start over"
 
 
+# Why a demo directory is not reused, where it holds an INN the demo did not make.
+NOT_THE_DEMOS = "the INN there is not the one the demo trained"
+NO_DEMO_RECORD = f"it holds an INN the demo did not make (no {DEMO_FILE})"
+
+
 def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     """(the demo record, "") when ``model_dir`` holds an INN trained by ``recipe``, else
     (None, why not; "" when there is nothing there yet)."""
     import json
 
     if not (model_dir / DEMO_FILE).is_file():
+        if (model_dir / "inn.json").is_file():
+            return None, NO_DEMO_RECORD
         return None, "" if not model_dir.exists() else f"it has no {DEMO_FILE}"
     try:
         record = json.loads((model_dir / DEMO_FILE).read_text())
@@ -144,7 +160,7 @@ def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     if not (model_dir / "model.yaml").is_file():
         return None, "model.yaml is missing"
     if record.get("inn_sha256") != inn_sha:
-        return None, "the INN there is not the one the demo trained"
+        return None, NOT_THE_DEMOS
     if record.get("recipe") != recipe:
         try:
             return None, f"it was trained with {_describe(record['recipe'])}"

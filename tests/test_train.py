@@ -436,6 +436,23 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
         "the INN there is not the one the demo trained",
     )
     assert cli.build_parser().parse_args(["demo", "--retrain"]).retrain
+    # ... and not trained over either (a calibrated or converted model was overwritten):
+    # it is built and served as it is; without a model.yaml, refused.
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated, ignore=shutil.ignore_patterns("engines"))
+    inn = runtime.load(calibrated)
+    with torch.no_grad():  # "calibrated since": other weights than the demo trained
+        next(iter(inn.state.values())).mul_(1.01)
+    inn.save(calibrated)
+    weights = (calibrated / "inn.safetensors").read_bytes()
+    code, out, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "calibrated")
+    assert code == 0, err
+    assert out.startswith(f"serving {calibrated} as it is: the INN there is not the one")
+    assert "training" not in out and (calibrated / "inn.safetensors").read_bytes() == weights
+    (other / "demo.json").unlink()
+    (other / "model.yaml").unlink()
+    code, _, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "other")
+    assert code == 2 and "holds an INN the demo did not make" in err and "--retrain" in err
 
     # What the demo built is what `make run` serves.
     s = ServerThread({"repository": str(repo)}).start()
