@@ -44,12 +44,16 @@ import numpy as np
 # (the old code's data plane, in a process of its own); bench/ always comes from this tree.
 _TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else None
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The bench package is bound to this tree before the other tree goes on the path (an older
+# tree's bench/ lacks bench.order: "No module named" in every old-tree round); nothing that
+# imports server/ may come before it, or the "old" rounds would run this tree's server.
+from bench.order import rotated  # noqa: E402 - torch- and server-free
+
 if _TREE:
     sys.path.insert(0, _TREE)
 
 import server.scheduling as new_scheduling  # noqa: E402 - after the path is chosen
-from bench.decision_cost import load_old  # noqa: E402
-from bench.order import rotated  # noqa: E402
+from bench.decision_cost import load_old  # noqa: E402 - imports server: after the path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
