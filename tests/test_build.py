@@ -451,6 +451,16 @@ def test_an_interrupted_save_leaves_the_inn_it_replaces(built, tmp_path, monkeyp
     assert {f: (d / f).read_bytes() for f in before} == before
     assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
     runtime.load(d)  # still loads
+    # Interrupted while the metadata is written (large norm statistics): the old pair too.
+    monkeypatch.undo()
+    with torch.no_grad():
+        next(iter(inn.state.values())).mul_(2.0)  # other weights than the saved ones
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        inn.save(d)
+    monkeypatch.undo()
+    assert {f: (d / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_batchnorm_tier_without_statistics_of_its_own_is_warned_about(tmp_path):
@@ -468,3 +478,55 @@ def test_a_batchnorm_tier_without_statistics_of_its_own_is_warned_about(tmp_path
     reestimate_norms(inn, 0.5, x)
     inn.save(tmp_path / "bn")
     assert build_model(Repository(tmp_path), "bn", progress=False, profile=False).warnings == []
+
+
+def test_recomputing_norm_statistics_builds_no_autograd_graph():
+    # A helper inserted above it took its @torch.no_grad(): every calibration batch built
+    # an autograd graph (slower, more memory; the statistics the same).
+    from runtime.inn.calibrate import recompute_norm_stats
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    seen = []
+    net[1].register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    assert recompute_norm_stats(net, torch.rand(64, 4), batch_size=32)
+    assert seen == [False, False]
+
+
+def test_an_entry_that_verifies_but_does_not_load_is_rebuilt(tmp_path):
+    # The repair kept it (its manifest verified: "repaired by another builder"), the new
+    # build could not be renamed over it, and the same load error came back every time.
+    from runtime.engines import Backend, BuildOptions, EngineError
+    from runtime.hashing import sha256_file
+    from runtime.repository.cache import EngineCache, engine_key
+
+    class Toy(Backend):
+        name, content = "toy", b"old-format"
+
+        def available(self):
+            return True
+
+        def version(self):
+            return "1"
+
+        def device(self):
+            return "cpu"
+
+        def build(self, onnx_path, out_dir, options):
+            out_dir.mkdir(parents=True)
+            (out_dir / "e.bin").write_bytes(self.content)
+            return ["e.bin"]
+
+        def load(self, out_dir, options):
+            if (out_dir / "e.bin").read_bytes() != b"new-format":
+                raise EngineError("cannot deserialize an engine of another build")
+            return "engine"
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    cache, toy, opts = EngineCache(tmp_path / "engines"), Toy(), BuildOptions()
+    key, fields = engine_key(sha256_file(onnx), toy, opts)
+    cache.root.mkdir()
+    cache._build(toy, onnx, cache.root / key, opts, fields)  # verifies, does not load
+    toy.content = b"new-format"
+    assert cache.get(toy, onnx, opts) == ("engine", True)
+    assert (cache.root / key / "e.bin").read_bytes() == b"new-format"

@@ -56,12 +56,12 @@ def _batches(x: torch.Tensor, batch_size: int, rng: torch.Generator):
             yield perm[i : i + batch_size]
 
 
-@torch.no_grad()
 def has_norms(module: nn.Module) -> bool:
     """Whether ``module`` has BatchNorm layers (whose running statistics are per width)."""
     return any(isinstance(m, _NORMS) for m in module.modules())
 
 
+@torch.no_grad()
 def recompute_norm_stats(
     module: nn.Module, x: torch.Tensor, batch_size: int = 64, max_batches: int = 20
 ) -> bool:

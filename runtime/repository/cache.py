@@ -99,6 +99,7 @@ class EngineCache:
         key, fields = engine_key(onnx_sha, backend, options)
         entry = self.root / key
         if entry.exists():
+            judged = _manifest_bytes(entry)  # the entry as it was when judged (below)
             problem = self._verify(entry, fields)
             if problem is None:
                 try:
@@ -106,17 +107,20 @@ class EngineCache:
                 except EngineError as exc:
                     problem = str(exc)
             log.warning("engine cache entry %s is unusable (%s); rebuilding", entry, problem)
-            self._discard(entry, fields)
+            self._discard(entry, fields, judged)
         if on_build is not None:
             on_build(key)
         self._build(backend, onnx_path, entry, options, fields)
         return backend.load(entry, options), True
 
-    def _discard(self, entry: Path, fields: dict[str, Any]) -> None:
-        """Remove an unusable entry - unless another builder has put a good one in its place
-        meanwhile (two pods repairing one key on a shared volume): it is renamed aside first,
-        so that a delete never takes an entry someone has just made."""
-        if self._verify(entry, fields) is None:
+    def _discard(self, entry: Path, fields: dict[str, Any], judged: bytes | None) -> None:
+        """Remove an unusable entry - unless another builder has put a new one in its place
+        since it was judged (its manifest then differs from ``judged``, and verifies; two
+        pods repairing one key on a shared volume): it is renamed aside first, so that a
+        delete never takes an entry someone has just made. An entry that verifies but fails
+        to load (the same manifest) is removed."""
+        now = _manifest_bytes(entry)
+        if now != judged and self._verify(entry, fields) is None:
             return  # repaired by another builder since it was found bad: keep theirs
         aside = entry.with_name(f"{entry.name}.bad-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
@@ -177,4 +181,12 @@ class EngineCache:
                 return f"{name} is missing"
             if sha256_file(path) != digest:
                 return f"{name} fails its checksum"
+        return None
+
+
+def _manifest_bytes(entry: Path) -> bytes | None:
+    """The entry's manifest as stored (None where unreadable): what identifies one build."""
+    try:
+        return (entry / MANIFEST).read_bytes()
+    except OSError:
         return None
