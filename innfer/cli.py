@@ -56,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 )
             print(f"serving {model_dir} as it is: {why} (calibrated, replaced or converted "
                   "since?); `innfer demo --retrain` trains the demo over it")  # fmt: skip
-            return _demo_rebuild(args, model_dir)
+            return _demo_rebuild(args, model_dir, as_it_is=True)
         if why:
             print(f"not reusing {model_dir}: {why}; training again")
     import torch
@@ -169,8 +169,10 @@ def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     return record, ""
 
 
-def _demo_rebuild(args: argparse.Namespace, model_dir: Path) -> int:
-    """Build the reused model: tiers, engines and the profile are redone only if stale."""
+def _demo_rebuild(args: argparse.Namespace, model_dir: Path, as_it_is: bool = False) -> int:
+    """Build the reused model: tiers, engines and the profile are redone only if stale.
+    ``as_it_is``: a model the demo did not make - its model.yaml is not rewritten (the
+    demo's own gets the --threads it runs with)."""
     import torch
     import yaml
 
@@ -179,7 +181,7 @@ def _demo_rebuild(args: argparse.Namespace, model_dir: Path) -> int:
 
     torch.set_num_threads(args.threads)
     config = yaml.safe_load((model_dir / "model.yaml").read_text())
-    if config.get("threads") != args.threads:
+    if config.get("threads") != args.threads and not as_it_is:
         (model_dir / "model.yaml").write_text(
             yaml.safe_dump({**config, "threads": args.threads}, sort_keys=False)
         )

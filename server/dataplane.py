@@ -336,6 +336,15 @@ class DataPlane:
                 "models over gRPC"
             )
 
+    def broken_reason(self, name: str) -> str:
+        """Why ``name`` failed to load, for clients (RepositoryIndex): the repository's own
+        path left out ("<repository>/..."), as in every other message they get."""
+        why = self.broken.get(name, "")
+        root = self.repo.root
+        for path in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
+            why = why.replace(path, "<repository>")
+        return why
+
     def _mark_broken(self, name: str, why: str) -> str:
         """Record why ``name`` is not served; returns what to tell the caller besides."""
         if name in self.models:  # a failed reload: the loaded version keeps serving
@@ -516,7 +525,11 @@ class DataPlane:
         priority = _priority(params)
         inputs, rows = self._decode(m, request, raw)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
-        self._check_answer_fits(m, rows, outputs)
+        try:
+            self._check_answer_fits(m, rows, outputs)
+        except ResourceExhausted:
+            m.count_refused("refused_full", "refused_full")  # as the in-flight byte cap's
+            raise
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s,

@@ -453,7 +453,7 @@ def test_a_sequence_model_builds_with_a_sequence_profile_and_its_own_cache_key(t
     assert engine_key("0" * 64, backend, shorter)[0] != key
 
 
-def test_a_model_name_other_than_its_directorys_is_refused(tmp_path):
+def test_a_model_name_other_than_its_directorys_is_refused(tmp_path, monkeypatch):
     # name: was read, documented and ignored: the model was served under its directory's.
     d = tmp_path / "mnist"
     d.mkdir()
@@ -466,3 +466,6 @@ def test_a_model_name_other_than_its_directorys_is_refused(tmp_path):
     (d / "model.yaml").write_text(body + "name: digits-v2\n")
     with pytest.raises(ConfigError, match=r"name: 'digits-v2' is not its directory's name"):
         ModelConfig.load(d / "model.yaml")
+    (d / "model.yaml").write_text(body + "name: mnist\n")
+    monkeypatch.chdir(d)  # `innfer calibrate .`: the directory of "model.yaml" is d, not ""
+    assert ModelConfig.load(Path("model.yaml")).name == "mnist"

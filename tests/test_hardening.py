@@ -345,8 +345,10 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
             code, msg = _status(stub.ModelInfer, _request("wide"), timeout=10)
             assert code == grpc.StatusCode.FAILED_PRECONDITION and "failed to load" in msg
             index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            reason = s.server.plane.broken["wide"]
-            assert index["wide"].state == "UNAVAILABLE" and index["wide"].reason == reason != ""
+            reason = index["wide"].reason
+            assert index["wide"].state == "UNAVAILABLE" and reason
+            assert str(root) not in reason  # no server paths to clients: "<repository>/..."
+            assert ("<repository>/wide" in reason) == (str(root) in s.server.plane.broken["wide"])
         assert _health(s) == NOT_SERVING
         assert 'innfer_model_ready{model="wide"} 0.0' in _metrics(s)
         assert "wide" in s.server.plane.not_ready_reason()

@@ -445,10 +445,13 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
         next(iter(inn.state.values())).mul_(1.01)
     inn.save(calibrated)
     weights = (calibrated / "inn.safetensors").read_bytes()
+    yaml_text = (calibrated / "model.yaml").read_text().replace("threads: ", "threads: 1")
+    (calibrated / "model.yaml").write_text(yaml_text)  # "threads: 1N": not the demo's
     code, out, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "calibrated")
     assert code == 0, err
     assert out.startswith(f"serving {calibrated} as it is: the INN there is not the one")
     assert "training" not in out and (calibrated / "inn.safetensors").read_bytes() == weights
+    assert (calibrated / "model.yaml").read_text() == yaml_text  # as it is: not rewritten
     (other / "demo.json").unlink()
     (other / "model.yaml").unlink()
     code, _, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "other")

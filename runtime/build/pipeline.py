@@ -152,8 +152,9 @@ def build_model(
         ):
             report.warnings.append(
                 f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
-                f"now (--no-profile); innfer serve re-measures a profile that records other "
-                f"engines at load, and `innfer build {model_dir}` stores a new one"
+                f"now (--no-profile); `innfer build {model_dir}` stores a new one (innfer "
+                f"serve re-measures at load a profile that records the engines it timed; one "
+                f"written before profiles recorded them is trusted)"
             )
             log.warning("%s", report.warnings[-1])
     finally:  # a TensorRT or CUDA engine holds device memory until closed

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from runtime.atomic import write_json
 from runtime.hashing import sha256_file
 from runtime.inn import graphio
 from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
@@ -489,27 +488,35 @@ class IntegralModel:
     def save(self, directory: str | Path) -> Path:
         """Write ``inn.safetensors`` and ``inn.json`` into ``directory`` (created if needed).
 
-        Both are written beside their names first and then renamed into place, weights then
-        metadata: an interrupted save (``innfer calibrate`` and ``train`` save over the
-        model they read) leaves the old INN whole, short of the instant between the two
-        renames (a weights file its metadata's checksum refuses)."""
+        Both are written in full beside their names, then renamed into place back to back
+        (weights, then metadata): an interrupted save (``innfer calibrate`` and ``train``
+        save over the model they read) leaves the old INN whole, short of the instant
+        between two renames (a weights file its metadata's checksum then refuses)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         weights = d / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+        meta_tmp = d / f".{META_FILE}.{os.getpid()}.tmp"
         tensors = dict(self.state)
         for key, tier in self.tiers.items():
             tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
-        except BaseException:
+            meta_tmp.write_text(json.dumps(self._meta(tensors, sha256_file(weights)), indent=1))
+            os.replace(weights, d / WEIGHTS_FILE)
+            os.replace(meta_tmp, d / META_FILE)
+        finally:  # an interrupted save leaves no temporary files either
             weights.unlink(missing_ok=True)
-            raise
-        meta = {
+            meta_tmp.unlink(missing_ok=True)
+        return d
+
+    def _meta(self, tensors: Mapping[str, torch.Tensor], weights_sha256: str) -> dict:
+        """``inn.json``: everything but the tensors, and the checksum of the file of them."""
+        return {
             "format": "innfer-inn",
             "version": FORMAT_VERSION,
-            "weights_sha256": sha256_file(weights),
+            "weights_sha256": weights_sha256,
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "architecture": self.spec,
             "groups": [asdict(g) for g in self.all_groups],
@@ -519,9 +526,6 @@ class IntegralModel:
             },
             "info": self.info,
         }
-        os.replace(weights, d / WEIGHTS_FILE)
-        write_json(d / META_FILE, meta)
-        return d
 
     def module(self) -> fx.GraphModule:
         """The full-width network (same as ``sample(1.0)``)."""

@@ -543,13 +543,14 @@ class ModelConfig:
         server ignored misled whoever wrote it)."""
         path = Path(path)
         data = read_yaml(path)
-        if isinstance(data, dict) and data.get("name", path.parent.name) != path.parent.name:
+        directory = path.resolve().parent.name  # "model.yaml" run from inside: not ""
+        if isinstance(data, dict) and data.get("name", directory) != directory:
             raise ConfigError(
-                f"{path}: name: {data['name']!r} is not its directory's name "
-                f"{path.parent.name!r}; a model is served under its directory's name: rename "
-                "the directory, or leave name out"
+                f"{path}: name: {data['name']!r} is not its directory's name {directory!r}; a "
+                "model is served under its directory's name: rename the directory, or leave "
+                "name out"
             )
-        data = {"name": path.parent.name, **data} if isinstance(data, dict) else data
+        data = {"name": directory, **data} if isinstance(data, dict) else data
         return cls.from_dict(data, source=str(path))
 
     @classmethod
