@@ -295,7 +295,7 @@ class DataPlane:
                 cfg = self.repo.config(name)
             except (RepositoryError, ConfigError):
                 continue
-            largest = max(largest, request_bytes(cfg), response_bytes(cfg))
+            largest = max(largest, _largest_message(cfg))
         return message_limit(largest)
 
     def _warn_over_limit(self, name: str, cfg) -> None:
@@ -303,7 +303,7 @@ class DataPlane:
         shapes) may need more than the limit the transport was started with: say so once,
         with the fix; its answers above the limit are refused before they run
         (``_check_answer_fits``), its requests above it by gRPC."""
-        largest = max(request_bytes(cfg), response_bytes(cfg))
+        largest = _largest_message(cfg)
         if self.transport_limit is not None and largest > self.transport_limit:
             log.warning(
                 "model %s: a full batch is %.1f MiB, above this server's gRPC message limit "
@@ -313,7 +313,7 @@ class DataPlane:
                 message_limit(largest),
             )  # fmt: skip
 
-    def _check_answer_fits(self, m: ModelRuntime, rows: int, outputs) -> None:
+    def _check_answer_fits(self, rows: int, outputs) -> None:
         """Refuse, before it runs, a request whose answer gRPC could not send (it failed
         after the engine's work, and on a stream ended the stream)."""
         if self.transport_limit is None:
@@ -526,7 +526,7 @@ class DataPlane:
         inputs, rows = self._decode(m, request, raw)
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
-            self._check_answer_fits(m, rows, outputs)
+            self._check_answer_fits(rows, outputs)
         except ResourceExhausted:
             m.count_refused("refused_full", "refused_full")  # as the in-flight byte cap's
             raise
@@ -603,6 +603,11 @@ def _number(param, name: str) -> float | None:
     if kind in ("int64_param", "uint64_param", "double_param"):
         return float(getattr(param, kind))
     raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
+
+
+def _largest_message(cfg) -> int:
+    """Bytes of the model's largest valid request or answer (a full batch)."""
+    return max(request_bytes(cfg), response_bytes(cfg))
 
 
 def _budget(

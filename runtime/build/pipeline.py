@@ -92,15 +92,17 @@ def build_model(
     report = BuildReport(name, chosen.name)
     score = accuracy_scorer(inn, config, model_dir)
     measured_on = evaluation_key(config, model_dir)
-    engines = {}
+    inn_sha = _inn_sha(model_dir)
+    engines, onnx = {}, {}  # tier -> engine, tier -> its ONNX's sha256
     try:
         bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
         for tier in bar:
             t0 = time.perf_counter()
             bar.set_postfix_str(f"{tier.name}: sample+export")
             record, module, exported = _export_tier(
-                repo, name, inn, config, tier, chosen, options, progress, score
+                repo, name, inn, config, tier, chosen, options, progress, score, inn_sha
             )
+            onnx[tier.name] = record.onnx_sha256
             bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
             onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
             try:
@@ -142,7 +144,6 @@ def build_model(
                 TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
             )
         repo.record_tokenizer(name, config)
-        onnx = {t.name: repo.load_record(name, t.name).onnx_sha256 for t in config.tiers}
         if profile:
             report.profile_path = _profile(
                 repo, name, config, chosen, engines, progress, repeats, onnx
@@ -194,15 +195,22 @@ def _data_free_transformer_tier(inn: IntegralModel, sizes: dict[str, int]) -> bo
 
 
 def source_hash(
-    inn_dir: Path, config: ModelConfig, tier: TierConfig, backend: Backend | None = None
+    inn_dir: Path,
+    config: ModelConfig,
+    tier: TierConfig,
+    backend: Backend | None = None,
+    inn_sha: str | None = None,
 ) -> str:
     """What a tier's ONNX depends on: the INN's files and the sampling arguments, and - where
     the tier's channel counts are searched - the search settings and what it times on
-    (``backend``, its device, threads, batch): a change there re-runs the search."""
-    meta = json.loads((inn_dir / "inn.json").read_text())
+    (``backend``, its device, threads, batch): a change there re-runs the search.
+    ``inn_sha``: the INN's ``inn_fingerprint`` where the caller has it (else inn.json is
+    read)."""
+    if inn_sha is None:
+        inn_sha = _inn_sha(inn_dir)
     payload = {
         "sampler": IntegralModel.SAMPLER_VERSION,
-        "inn": inn_fingerprint(meta),  # weights, grids, norm statistics
+        "inn": inn_sha,  # weights, grids, norm statistics
         "width": tier.width,
         "method": config.method,
         "multiple_of": config.multiple_of,
@@ -216,6 +224,11 @@ def source_hash(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
+def _inn_sha(model_dir: Path) -> str:
+    """``inn_fingerprint`` of the INN in ``model_dir`` (inn.json read once per call)."""
+    return inn_fingerprint(json.loads((model_dir / "inn.json").read_text()))
+
+
 def _export_tier(
     repo,
     name,
@@ -226,12 +239,14 @@ def _export_tier(
     options: BuildOptions,
     progress: bool = False,
     score=None,
+    inn_sha: str | None = None,
 ):
     """``score(engine) -> accuracy`` (``accuracy_scorer``) ranks a channel search's
-    candidates; None: their FLOPs do."""
+    candidates; None: their FLOPs do. ``inn_sha``: the INN's ``inn_fingerprint`` (read
+    once per build, not per tier)."""
     d = repo.tier_dir(name, tier.name)
-    src = source_hash(repo.model_dir(name), config, tier, backend)
-    inn_sha = inn_fingerprint(json.loads((repo.model_dir(name) / "inn.json").read_text()))
+    inn_sha = inn_sha or _inn_sha(repo.model_dir(name))
+    src = source_hash(repo.model_dir(name), config, tier, backend, inn_sha)
     old = _recorded(d, src)
     if old is not None and _onnx_matches(d, old):
         if old.inn_sha256 != inn_sha:  # a record from before it was kept (same source)
