@@ -440,17 +440,38 @@ def test_a_sequence_model_builds_with_a_sequence_profile_and_its_own_cache_key(t
     assert repo.build_options(fixed, backend).sequence is None
     # Backends that run any length keep it out of their options, so out of their keys.
     assert repo.build_options(seq, get_backend("onnxruntime")).sequence is None
-    backend = get_backend("onnxruntime")  # engine_key asks the backend its version, device
-    key, fields = engine_key("0" * 64, backend, dataclasses.replace(
-        repo.build_options(seq, backend), sequence=(1, 64, 128)))  # fmt: skip
+    # TensorRT's key holds the length range (engine_key asks only version() and device()
+    # of the backend: a stand-in for the library this machine lacks).
+    trt = get_backend("tensorrt")
+    trt.version, trt.device = (lambda: "10.x"), (lambda: "gpu")
+    key, fields = engine_key("0" * 64, trt, repo.build_options(seq, trt))
     assert fields["sequence_profile"] == [1, 64, 128]
-    _, fixed_fields = engine_key("0" * 64, backend, repo.build_options(fixed, backend))
+    _, fixed_fields = engine_key("0" * 64, trt, repo.build_options(fixed, trt))
     assert "sequence_profile" not in fixed_fields
-    shorter = dataclasses.replace(repo.build_options(seq, backend), sequence=(1, 64, 96))
-    assert (
-        "sequence_profile" not in engine_key("0" * 64, backend, repo.build_options(seq, backend))[1]
-    )
-    assert engine_key("0" * 64, backend, shorter)[0] != key
+    shorter = dataclasses.replace(repo.build_options(seq, trt), sequence=(1, 64, 96))
+    assert engine_key("0" * 64, trt, shorter)[0] != key
+
+
+def test_engines_that_run_any_shape_keep_batch_and_length_out_of_their_cache_key(tmp_path):
+    # ONNX Runtime and torch engines run any batch and length: a new max_batch (or lengths)
+    # in model.yaml rebuilt every tier's engine for nothing. TensorRT's optimisation profile
+    # is built for the range, so its key keeps it.
+    from runtime.engines import get_backend
+    from runtime.repository import Repository
+    from runtime.repository.cache import engine_key
+
+    repo = Repository(tmp_path)
+    small, large = _model(), _model(max_batch=32)
+    for name in ("onnxruntime", "torch"):
+        backend = get_backend(name)
+        key, fields = engine_key("0" * 64, backend, repo.build_options(small, backend))
+        assert "batch_profile" not in fields and "sequence_profile" not in fields
+        assert engine_key("0" * 64, backend, repo.build_options(large, backend))[0] == key
+    trt = get_backend("tensorrt")
+    trt.version, trt.device = (lambda: "10.x"), (lambda: "gpu")
+    key, fields = engine_key("0" * 64, trt, repo.build_options(small, trt))
+    assert fields["batch_profile"] == [1, 4, small.max_batch]
+    assert engine_key("0" * 64, trt, repo.build_options(large, trt))[0] != key
 
 
 def test_a_model_name_other_than_its_directorys_is_refused(tmp_path, monkeypatch):

@@ -93,6 +93,10 @@ class Backend(ABC):
     # the cache key. Bump it when that changes, or engines built the old way are reused -
     # the library's version and the device need not change with it.
     recipe: int = 1
+    # True: an engine is built for the batch (and sequence) range in BuildOptions - TensorRT's
+    # optimisation profile - so that range is part of its cache key. False: the engine runs
+    # any shape (ONNX Runtime, torch), and a new max_batch or `lengths` rebuilds nothing.
+    shape_profiled: bool = True
 
     @abstractmethod
     def available(self) -> bool:

@@ -154,6 +154,7 @@ class FakeBackend(Backend):
     """Builds fake engines from a repository model's files (see the module docstring)."""
 
     name = "fake"
+    shape_profiled = False
 
     def available(self) -> bool:
         return True

@@ -65,6 +65,7 @@ class OnnxRuntimeEngine(Engine):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    shape_profiled = False  # the saved ORT graph runs any batch and length
 
     def available(self) -> bool:
         try:

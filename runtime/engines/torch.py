@@ -297,6 +297,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    shape_profiled = False  # build copies the module; CUDA graphs are captured at load
 
     def available(self) -> bool:
         try:

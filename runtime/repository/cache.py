@@ -1,7 +1,9 @@
 """The engine cache, ``<model>/engines/<key>/``. No torch.
 
 An engine's cache key hashes the ONNX bytes' sha256, the backend and its version, the device
-name, the precision, the batch profile and (sequence models) the sequence profile. An entry
+name, the precision and - for a backend whose engines are built for a shape range
+(``Backend.shape_profiled``: TensorRT) - the batch profile and (sequence models) the
+sequence profile. An entry
 whose manifest, key or checksums do not match - or that fails to load - is logged and
 rebuilt from the tier's ONNX, never trusted.
 Rebuilding from ONNX needs no torch, so a serving image can heal its own cache.
@@ -46,10 +48,12 @@ def engine_key(
         "backend_version": backend.version(),
         "device": backend.device(),
         "precision": options.precision,
-        "batch_profile": [1, options.opt_batch, options.max_batch],
         "extra": options.extra,
     }
-    if options.sequence is not None:  # absent for fixed shapes: their keys stay as they were
+    if backend.shape_profiled:
+        fields["batch_profile"] = [1, options.opt_batch, options.max_batch]
+    # absent for fixed shapes: their keys stay as they were
+    if options.sequence is not None and backend.shape_profiled:
         fields["sequence_profile"] = list(options.sequence)
     if backend.recipe != 1:  # absent at the first recipe: keys from before it stay valid
         fields["recipe"] = backend.recipe

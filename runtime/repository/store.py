@@ -175,7 +175,7 @@ class Repository:
             # TensorRT's optimisation profile needs the length range; the other backends run
             # any length, and their cache keys stay free of it (a new `lengths` rebuilds
             # nothing there).
-            sequence=config.sequence_profile if backend.name == "tensorrt" else None,
+            sequence=config.sequence_profile if backend.shape_profiled else None,
         )
 
     def load(
