@@ -153,7 +153,9 @@ def phase(mask, met, served, codes) -> dict:
     answered = ~np.isnan(served[mask])
     return {
         "sent": int(mask.sum()),
-        "attainment": float(met[mask].mean()),
+        # None, not NaN (invalid JSON) nor 1.0 (a vacuous "all met"), for a phase with no
+        # requests (a --phase-s shorter than the first arrival)
+        "attainment": float(met[mask].mean()) if mask.any() else None,
         "mean_served_size": float(served[mask][answered].mean()) if answered.any() else None,
         "refused": {c: int((codes[mask] == c).sum()) for c in set(codes[mask]) if c != "OK"},
     }
@@ -210,7 +212,8 @@ def table(results: dict) -> str:
     for arm, r in results["arms"].items():
         for name, p in r["phases"].items():
             size = "-" if p["mean_served_size"] is None else f"{p['mean_served_size']:.3f}"
-            lines.append(f"{arm:<5} {name}: {p['sent']} sent, attainment {p['attainment']:.2%}, "
+            met = "-" if p["attainment"] is None else f"{p['attainment']:.2%}"
+            lines.append(f"{arm:<5} {name}: {p['sent']} sent, attainment {met}, "
                          f"size {size}, refused {p['refused'] or 'none'}")  # fmt: skip
         lines.append(f"{arm:<5} failed {r['failed'] or 'none'}; swaps " + (
             "; ".join(f"{s['from']} -> {s['to']} in {s['seconds']:.1f} s" for s in r["swaps"])

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -176,24 +174,27 @@ def tree_data_plane(tree: str, requests: int) -> dict:
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
-def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
-    """Closed loop c=1 through gRPC, per tree, the trees taking turns (section 3)."""
-    from bench.live_scheduler import LiveServer, copy_per_tree
+def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> tuple[dict, dict]:
+    """Closed loop c=1 through gRPC, per tree, the trees taking turns (section 3); the
+    figures and how the two sides were pinned."""
+    from bench.live_scheduler import LiveServer, copy_per_tree, pin_client
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_closed_loop
 
     inputs = random_feeds(ModelConfig.load(REPO / MODEL / "model.yaml").inputs, 1, seed=0)
     params = {"tier": "w100"}
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {0})
+    # load generator on CPU 0, server on CPU 1, where this machine lets both be used (it
+    # pinned to {0} and {1} unchecked: taskset failed on a 1-CPU or restricted machine)
+    affinity = pin_client(argparse.Namespace(server_cpus={1}, client_cpus={0}))
+    server_cpus = {1} if affinity["pinned"] else None
     # Each tree serves its own copy of the repository (an older tree may rewrite its cache).
     repos = copy_per_tree(REPO / MODEL, trees, WORK)
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for k in range(rounds):
         for name in trees if k % 2 == 0 else list(trees)[::-1]:
             log = OUT / f"hot_path-{name}.log"
-            server = LiveServer(name, Path(trees[name]), repos[name], log, {1})
+            server = LiveServer(name, Path(trees[name]), repos[name], log, server_cpus)
             server.start(f"round {k}", (MODEL,))
             try:
                 for n in (200, requests):  # warm-up, then the measured run
@@ -204,7 +205,7 @@ def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> dict:
             finally:
                 server.stop()
             runs[name].append(round_figures(report.summary))
-    return grpc_summary(runs)
+    return grpc_summary(runs), affinity
 
 
 def round_figures(s: dict) -> dict:
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     res["data_plane_us"] = data_plane_rounds(trees, args.requests // args.rounds, args.rounds)
     res["data_plane_rounds"] = args.rounds
     if args.grpc_rounds:
-        res["grpc_c1"] = grpc_rounds(trees, args.grpc_requests, args.grpc_rounds)
+        res["grpc_c1"], res["grpc_affinity"] = grpc_rounds(
+            trees, args.grpc_requests, args.grpc_rounds
+        )
     OUT.mkdir(exist_ok=True)
     (OUT / args.out).write_text(json.dumps(res, indent=1))
     print("scheduler cycle on a one-deep queue, median us per phase")

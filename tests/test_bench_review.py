@@ -253,3 +253,19 @@ def test_server_bench_summarises_repeats_by_median_and_range():
     assert out["repeats"] == 3 and out["requests"] == 2400
     assert "p50_ms_range" not in server.over_repeats(runs[:1])
     assert server._fig(out, "p50_ms", ".1f") == "1.1 [1.0-1.4]"
+
+
+def test_auto_tiers_live_phase_without_requests_has_no_attainment():
+    # met[mask].mean() over no requests was NaN (invalid JSON, "nan%" in the table).
+    import numpy as np
+
+    from bench import auto_tiers_live
+
+    mask = np.zeros(3, bool)
+    met, served = np.ones(3, bool), np.array([0.5, 0.5, np.nan])
+    p = auto_tiers_live.phase(mask, met, served, np.array(["OK"] * 3))
+    assert p["sent"] == 0 and p["attainment"] is None and p["mean_served_size"] is None
+    text = auto_tiers_live.table({"arms": {"hand": {"phases": {"phase2": p}, "failed": {},
+                                                    "swaps": []}}})  # fmt: skip
+    assert "attainment -," in text
+    assert auto_tiers_live.phase(~mask, met, served, np.array(["OK"] * 3))["attainment"] == 1.0
