@@ -1083,3 +1083,35 @@ def test_unparseable_onnx_is_engine_error(backend, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(EngineError, match=r"bad\.onnx"):
         backend.build(tmp_path / "bad.onnx", tmp_path / "out", BuildOptions())
+
+
+def test_fp16_conversion_of_a_text_tier_is_a_valid_graph(tmp_path, caplog):
+    # onnxconverter-common 1.15-1.16 keep Cast(to=float) nodes but declare their outputs
+    # fp16 (its issue 320); a text tier casts its attention mask, so the graph handed to a
+    # strongly typed TensorRT network mixed fp32 and fp16 operands. The converter's graph is
+    # checked and, where invalid, the built-in pass builds it. (Real converter, real text
+    # tier, ONNX Runtime as the judge: no GPU needed.)
+    pytest.importorskip("onnxconverter_common")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    from onnx import TensorProto
+    from textmodel import TinyEmbedder
+
+    from runtime.build.export import export_onnx
+
+    torch.manual_seed(0)
+    specs = [("input_ids", (-1,), torch.int64), ("attention_mask", (-1,), torch.int64)]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(export_onnx(TinyEmbedder().eval(), specs, ["embedding"]))
+    with caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"):
+        data = trt_module._fp16_model_bytes(path)
+    half = onnx.load_from_string(data)
+    onnx.checker.check_model(half, full_check=True)
+    assert TensorProto.FLOAT16 in {i.data_type for i in half.graph.initializer}
+    ids = np.array([[5, 9, 3, 0], [7, 2, 0, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    (want,) = ort.InferenceSession(str(path)).run(None, feeds)
+    (got,) = ort.InferenceSession(data).run(None, feeds)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=5e-3)

@@ -46,6 +46,7 @@ import ctypes
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -758,13 +759,24 @@ class TensorRTEngine(Engine):
             self.close()
 
 
+def _graph_problem(onnx, model) -> str | None:
+    """Why ``model`` is not a valid, consistently typed ONNX graph (the checker with strict
+    type inference), or None."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError: the first line says which node
+        return str(exc).strip().splitlines()[0][:300]
+    return None
+
+
 def _fp16_model_bytes(onnx_path: Path) -> bytes:
     """The ONNX model at ``onnx_path`` converted to fp16 compute with fp32 inputs/outputs.
 
     A strongly typed network computes in the precisions the graph states, so fp16 has to be
     in the graph. onnxconverter-common's documented converter is used where installed
     (``pip install innfer[gpu]``): it keeps precision-sensitive ops (Resize, TopK, Range, ...)
-    in fp32 behind casts. Otherwise the built-in pass (``fp16.convert_to_fp16``) runs.
+    in fp32 behind casts. Otherwise - or where its graph fails the ONNX checker's strict
+    type inference - the built-in pass (``fp16.convert_to_fp16``) runs.
     """
     try:
         import onnx
@@ -779,16 +791,30 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
         float16 = None
     try:
         model = onnx.load(str(onnx_path))  # also loads weights stored beside the file
+        half = None
         if float16 is not None:
             log.info("converting %s to fp16 with onnxconverter-common", onnx_path)
             # keep_io_types: callers keep feeding and reading fp32, as the engine's I/O says.
             half = float16.convert_float_to_float16(model, keep_io_types=True)
+            problem = _graph_problem(onnx, half)
+            if problem is not None:
+                # onnxconverter-common 1.15-1.16 keep Cast(to=float) nodes but declare their
+                # outputs fp16 (its issue 320): every text tier has such casts (the mask).
+                log.warning(
+                    "onnxconverter-common %s made an invalid fp16 graph of %s (%s); "
+                    "building it with the built-in pass (runtime.engines.fp16) instead",
+                    getattr(sys.modules.get("onnxconverter_common"), "__version__", "?"),
+                    onnx_path, problem,
+                )  # fmt: skip
+                half = None
+                model = onnx.load(str(onnx_path))  # the converter may have edited it
         else:
             log.info(
                 "converting %s to fp16 with the built-in pass (runtime.engines.fp16; "
                 "install onnxconverter-common for the documented converter)",
                 onnx_path,
             )
+        if half is None:
             half = convert_to_fp16(model)
         return half.SerializeToString()
     except Exception as exc:  # either converter: a graph it cannot convert is a build error
