@@ -122,3 +122,70 @@ def test_a_chosen_set_on_a_frontier_of_a_replaced_inn_is_refused(built, tmp_path
     inn.save(d)
     with pytest.raises(RepositoryError, match=r"another INN.*run `innfer build`"):
         Repository(root).load("tiny")
+
+
+def _copy(built, tmp_path):
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    return root
+
+
+def test_an_interrupted_frontier_rebuild_leaves_the_chosen_set_served(built, tmp_path):
+    # Candidates were overwritten in place: during a rebuild (or after one was cut short)
+    # the chosen set's ONNX no longer matched frontier.json, and every load of the model
+    # failed. The rebuild is staged beside the frontier and installed whole.
+    from runtime.build import frontier as frontier_module
+    from runtime.repository import ACTIVE_FILE, ActiveTiers
+
+    root = _copy(built, tmp_path)
+    d = root / "tiny"
+    before = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+    ActiveTiers(("w075",), before.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+    calls = []
+    measure = frontier_module._Measure.__call__
+
+    def interrupted(self, *args):
+        calls.append(args[0].name)
+        if len(calls) == 2:  # sampling the second candidate: Ctrl-C
+            raise KeyboardInterrupt
+        return measure(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(frontier_module._Measure, "__call__", interrupted)
+        with pytest.raises(KeyboardInterrupt):  # another backend: a new source, a rebuild
+            frontier_module.build_frontier(Repository(root), "tiny", False, 3, "torch")
+    assert calls == ["w100", "w075"]
+    served = Repository(root).load("tiny")
+    assert served.tier_source == "frontier" and sorted(served.engines) == ["w075"]
+    assert Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE) == before
+    assert sorted(p.name for p in root.glob("tiny/frontier.*")) == []  # staging removed
+
+
+def test_the_frontier_is_measured_with_the_backend_the_build_names(built, tmp_path):
+    # innfer build --backend torch built the tiers with torch but the frontier with
+    # model.yaml's first backend: auto-tiering chose on another engine's latencies.
+    from runtime.build.frontier import build_frontier
+
+    root = _copy(built, tmp_path)
+    assert Frontier.read(root / "tiny" / FRONTIER_DIR / FRONTIER_FILE).backend == "onnxruntime"
+    f = build_frontier(Repository(root), "tiny", False, 3, backend="torch")
+    assert f.backend == "torch" and f.device == "cpu"
+    assert Frontier.read(root / "tiny" / FRONTIER_DIR / FRONTIER_FILE) == f
+    for c in f.candidates:  # the installed files are the ones measured
+        assert sha256_file(root / "tiny" / FRONTIER_DIR / c.name / "model.onnx") == c.onnx_sha256
+
+
+def test_stale_frontier_builds_are_swept_and_a_young_one_is_left(tmp_path):
+    import os
+
+    from runtime.build.frontier import _sweep_staging
+
+    old, young, aside = (tmp_path / n for n in ("frontier.build-1", "frontier.build-2",
+                                                  "frontier.old-3"))  # fmt: skip
+    for p in (old, young, aside):
+        (p / "w050").mkdir(parents=True)
+    os.utime(old, (0, 0))
+    _sweep_staging(tmp_path)
+    assert not old.exists() and not aside.exists() and young.exists()

@@ -25,12 +25,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
+import time
+import uuid
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import EngineCache, Repository, sha256_file
+from runtime.repository.cache import STALE_BUILD_S
 from runtime.repository.config import ModelConfig
 from runtime.repository.errors import RepositoryError
 from runtime.repository.frontier import (
@@ -63,16 +68,27 @@ RECIPE = 2  # the candidates' making, in the source hash (see _source_hash)
 
 
 def build_frontier(
-    repo: Repository, name: str, progress: bool = True, repeats: int = 20
+    repo: Repository,
+    name: str,
+    progress: bool = True,
+    repeats: int = 20,
+    backend: str | None = None,
 ) -> Frontier:
     """Measure every candidate of ``name``'s ``auto_tiers`` and write
-    ``frontier/frontier.json`` (see the module doc); returns the frontier."""
+    ``frontier/frontier.json`` (see the module doc); returns the frontier. ``backend``: the
+    one ``innfer build --backend`` names (default: model.yaml's first available), so the
+    frontier is timed on the engines the tiers are.
+
+    Example:
+        >>> build_frontier(Repository("models"), "mnist", backend="onnxruntime")
+        ... # doctest: +SKIP
+    """
     config = repo.config(name)
     if config.auto_tiers is None:
         raise ValueError(f"{config.source}: no auto_tiers, so no frontier to build")
     model_dir = repo.model_dir(name)
-    backend = repo.choose_backend(config)
-    src = _source_hash(model_dir, config, backend)
+    chosen = repo.choose_backend(config, backend)
+    src = _source_hash(model_dir, config, chosen)
     out = model_dir / FRONTIER_DIR
     inn_sha = inn_fingerprint(json.loads((model_dir / "inn.json").read_text()))
     old = _reusable(out, src)
@@ -82,57 +98,106 @@ def build_frontier(
             old.write(out / FRONTIER_FILE)
         return old
     inn = load(model_dir)
-    options = repo.build_options(config, backend)
-    x_cal, evaluation = _data(config)
+    measure_one = _Measure(
+        inn, config, chosen, repo.build_options(config, chosen),
+        EngineCache(model_dir / "engines"), repeats,
+    )  # fmt: skip
     with torch.no_grad():
-        full = inn.sample(1.0, config.method, config.multiple_of)
-        example = _example(config)
-        full_flops = count_flops(full, example)
-        sensitivity = _sensitivity(inn, config, x_cal) if config.auto_tiers.shaped else {}
+        sensitivity = (
+            _sensitivity(inn, config, measure_one.x_cal) if config.auto_tiers.shaped else {}
+        )
     settings = candidate_sizes(inn, config, sensitivity)
-    cache = EngineCache(model_dir / "engines")
-    candidates = []
-    bar = tqdm(settings.items(), desc=f"frontier {name}", disable=not progress, unit="cand")
-    for cname, (width, sizes, shaped) in bar:
-        bar.set_postfix_str(cname)
+    _sweep_staging(model_dir)
+    # Candidates are written beside the served frontier and swapped in whole at the end: a
+    # rebuild overwrote frontier/<name>/model.onnx in place, so while it ran (or after it
+    # was interrupted) the chosen set's files no longer matched frontier.json and
+    # auto_tiers.json, and every load of the model failed.
+    staging = model_dir / f"{FRONTIER_DIR}.build-{uuid.uuid4().hex[:8]}"
+    try:
+        bar = tqdm(settings.items(), desc=f"frontier {name}", disable=not progress, unit="cand")
+        candidates = []
+        for cname, (width, sizes, shaped) in bar:
+            bar.set_postfix_str(cname)
+            candidates.append(measure_one(staging / cname, width, sizes, shaped))
+        frontier = Frontier(
+            candidates=mark_pareto(candidates, (1, config.max_batch)),
+            accuracy_source=_accuracy_source(config),
+            source_sha256=src,
+            backend=chosen.name,
+            device=chosen.device(),
+            threads=config.threads,
+            max_batch=config.max_batch,
+            sensitivity=sensitivity,
+            inn_sha256=inn_sha,
+        )
+        frontier.write(staging / FRONTIER_FILE)
+        _install(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return frontier
+
+
+class _Measure:
+    """One candidate: sampled, exported to its directory, built, validated, scored on the
+    evaluation set (else its FLOPs fraction) and timed at every profiled batch."""
+
+    def __init__(self, inn, config, backend, options, cache, repeats) -> None:
+        self.inn, self.config, self.backend, self.options = inn, config, backend, options
+        self.cache, self.repeats = cache, repeats
+        self.x_cal, self.evaluation = _data(config)
+        self.example = _example(config)
         with torch.no_grad():
-            module = inn.sample(sizes, config.method)
-            if x_cal is not None and not inn.calibrated(sizes):
+            full = inn.sample(1.0, config.method, config.multiple_of)
+            self.full_flops = count_flops(full, self.example)
+
+    def __call__(self, d: Path, width: float, sizes: dict[str, int], shaped: bool) -> Candidate:
+        config = self.config
+        with torch.no_grad():
+            module = self.inn.sample(sizes, config.method)
+            if self.x_cal is not None and not self.inn.calibrated(sizes):
                 # Statistics or weights stored for these counts (estimated on more data at
                 # the hand-written tiers' widths, or tuned) are what a tier at these counts
                 # serves: the candidate must be that network, not a re-estimate of it.
-                recompute_norm_stats(module, x_cal)
-        d = out / cname
-        data = write_tier_files(d, module, config)
-        engine, _ = cache.get(backend, d / "model.onnx", options)
+                recompute_norm_stats(module, self.x_cal)
+        onnx = write_tier_files(d, module, config)
+        engine, _ = self.cache.get(self.backend, d / "model.onnx", self.options)
         try:
-            validate(engine, module, config, cname)
-            flops = count_flops(module, example)
-            accuracy = evaluation(engine) if evaluation else flops / full_flops
-            latency = measure(engine, config.inputs, config.batch_sizes, repeats=repeats)
+            validate(engine, module, config, d.name)
+            flops = count_flops(module, self.example)
+            accuracy = self.evaluation(engine) if self.evaluation else flops / self.full_flops
+            latency = measure(engine, config.inputs, config.batch_sizes, repeats=self.repeats)
         finally:
             engine.close()
-        candidates.append(Candidate(
-            name=cname, sizes=sizes, width=width, flops=flops,
+        return Candidate(
+            name=d.name, sizes=sizes, width=width, flops=flops,
             params=sum(p.numel() for p in module.parameters()), accuracy=float(accuracy),
-            latency=latency, onnx_sha256=hashlib.sha256(data).hexdigest(), shaped=shaped,
-        ))  # fmt: skip
-    frontier = Frontier(
-        candidates=mark_pareto(candidates, (1, config.max_batch)),
-        accuracy_source=_accuracy_source(config),
-        source_sha256=src,
-        backend=backend.name,
-        device=backend.device(),
-        threads=config.threads,
-        max_batch=config.max_batch,
-        sensitivity=sensitivity,
-        inn_sha256=inn_sha,
-    )
-    for stale in out.iterdir():
-        if stale.is_dir() and stale.name not in settings:
-            shutil.rmtree(stale)
-    frontier.write(out / FRONTIER_FILE)
-    return frontier
+            latency=latency, onnx_sha256=hashlib.sha256(onnx).hexdigest(), shaped=shaped,
+        )  # fmt: skip
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Replace the frontier directory ``out`` by ``staging`` (two renames). A load between
+    them finds no frontier.json and serves model.yaml's tiers with a warning, never a
+    chosen set whose files are half rewritten. A concurrent builder that installs its own
+    (the same measurement) in between wins; ours is discarded."""
+    aside = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(FileNotFoundError):
+        out.rename(aside)
+    try:
+        staging.rename(out)
+    except OSError:  # another builder's frontier is in place: keep it
+        log.info("%s was installed by another build meanwhile; keeping it", out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sweep_staging(model_dir: Path, now: float | None = None) -> None:
+    """Remove frontier builds interrupted more than ``STALE_BUILD_S`` ago and old frontiers
+    whose removal was cut short (a younger build may be another builder's, still running)."""
+    now = time.time() if now is None else now
+    for entry in model_dir.glob(f"{FRONTIER_DIR}.*-*"):
+        with contextlib.suppress(OSError):
+            if ".old-" in entry.name or now - entry.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(entry)
 
 
 def candidate_sizes(

@@ -163,7 +163,7 @@ def build_model(
     if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
         from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 
-        report.frontier = build_frontier(repo, name, progress, repeats)
+        report.frontier = build_frontier(repo, name, progress, repeats, backend)
     return report
 
 
