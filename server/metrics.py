@@ -151,8 +151,10 @@ class Metrics:
             ["model"], registry=r,
         )  # fmt: skip
         self.degraded = Counter(
-            "innfer_degraded_requests", "Requests served below the model's top tier.", ["model"],
-            registry=r,
+            "innfer_degraded_requests",
+            "Requests served below the best tier they allowed: the model's top tier (or the "
+            "fixed policy's), or the tier the request pinned.",
+            ["model"], registry=r,
         )  # fmt: skip
         # The scheduler's current latency view per tier (issue 18): what it plans with, so a
         # profile that drifted from the machine shows up here before deadlines are missed.

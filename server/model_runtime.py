@@ -308,6 +308,12 @@ class ModelRuntime:
             for n in lengths
         }
         self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
+        # The tier a request is served at when load takes nothing from it: the top tier, or
+        # the operator's fixed one (policy fixed:<tier>); below it (or below a request's own
+        # pin) is degraded - the autoscaler's signal, so a choice made by the operator or
+        # the client must not read as load.
+        policy_tier = getattr(self.scheduler.policy, "tier", None)
+        self.nominal_tier = policy_tier if isinstance(policy_tier, str) else self.top_tier
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
         # Where a request's sequence length is read: (input, axis incl. batch); None when
         # the model has fixed shapes.
@@ -988,7 +994,7 @@ class ModelRuntime:
             compute_s.observe(compute)
             self._queue_total.inc(queued)
             self._served_accuracy.observe(self.accuracy[tier])
-            if tier != self.top_tier:
+            if tier != (r.pin or self.nominal_tier):
                 self._degraded.inc()
             (self._met if now <= r.due else self._missed["late"]).inc()
 

@@ -259,7 +259,8 @@ def test_metrics_follow_the_requests(tmp_path):
     assert _count(metrics, "innfer_batch_size_count", model="m", tier="w050") == 3
     assert _count(metrics, "innfer_batch_size_sum", model="m", tier="w050") == 6
     assert _count(metrics, "innfer_request_duration_seconds_count", model="m", tier="w050") == 3
-    assert _count(metrics, "innfer_degraded_requests_total", **m) == 3  # w050 is below the top
+    # w050 is below the top tier, but these were pinned to it: the client's choice, not load
+    assert _count(metrics, "innfer_degraded_requests_total", **m) == 0
     assert _count(metrics, "innfer_served_accuracy_count", **m) == 4
     assert _count(metrics, "innfer_deadline_met_total", **m) == 4
     compute = _count(metrics, "innfer_compute_seconds_total", **m)
@@ -268,6 +269,27 @@ def test_metrics_follow_the_requests(tmp_path):
     assert _count(metrics, "innfer_compute_cpu_seconds_total", **m) < 0.25 * compute
     assert _count(metrics, "innfer_queue_depth", **m) == 0
     assert _count(metrics, "innfer_inflight_requests", **m) == 0
+
+
+@pytest.mark.parametrize("policy", [None, "fixed:w050"])
+def test_degraded_counts_requests_load_served_below_their_best_tier(tmp_path, policy):
+    # The autoscaler's degraded share counted every request served below the top tier: at
+    # no load, clients pinning w050 (or an operator's fixed:w050 policy) read as a pod
+    # shedding half its work, and the HPA scaled out for nothing.
+    served = _served(tmp_path, {"w100": {1: 500.0, 4: 500.0}, "w050": {1: 1.0, 4: 1.0}})
+    metrics = Metrics()
+
+    async def body():
+        kwargs = {"policy": policy} if policy else {}
+        async with _running(served, metrics, **kwargs) as rt:
+            for _ in range(2):
+                assert (await rt.infer(_x(1, 1.0), 1, 10.0, pin="w050")).tier == "w050"
+            # 100 ms: w100's 500 ms does not fit, the planner serves w050
+            assert (await rt.infer(_x(1, 1.0), 1, 0.1)).tier == "w050"
+
+    _run(body())
+    degraded = _count(metrics, "innfer_degraded_requests_total", model="m")
+    assert degraded == (0 if policy else 1)
 
 
 def test_concurrent_requests_are_each_answered_once_with_their_own_rows(tmp_path):
