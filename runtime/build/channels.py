@@ -14,9 +14,11 @@ worth, only calibrated candidates compete (the FLOPs proxy cannot see what calib
 
 Measurement (``search_channels``): each candidate is sampled, exported to ONNX in a temporary
 directory, built and loaded with the model's backend and options exactly as a tier would be,
-and timed at one batch size (``channel_search.batch``, else ``max_batch``): ``repeats`` runs
-each, round-robin across the candidates with a rotating start, so that a burst of load from
-elsewhere on a shared machine lands on all of them rather than on one; the median counts.
+and timed at one batch size (``channel_search.batch``, else ``max_batch``) and, for a sequence
+model, at the length TensorRT tunes for (``sequence_profile[1]``: a length the model is served
+at, inside every engine's profile): ``repeats`` runs each, round-robin across the candidates
+with a rotating start, so that a burst of load from elsewhere on a shared machine lands on all
+of them rather than on one; the median counts.
 Accuracy is measured on ``evaluation`` when model.yaml has one, else FLOPs relative to the
 full width stand in for it, the scheduler's own proxy (server/scheduling/latency.py).
 
@@ -182,7 +184,8 @@ def chosen_sizes(record: dict[str, Any]) -> dict[str, int]:
 
 def search_context(config: ModelConfig, backend: Backend) -> dict[str, Any]:
     """What a search's outcome depends on besides the INN and the width: the search settings,
-    the backend and device, threads, precision, batch and evaluation set. Part of the tier's
+    the backend and device, threads, precision, batch, evaluation set and - for a sequence
+    model - the length the candidates are timed at (``search_length``). Part of the tier's
     source hash, so a change re-runs the search.
 
     Example:
@@ -190,7 +193,7 @@ def search_context(config: ModelConfig, backend: Backend) -> dict[str, Any]:
         8
     """
     search = config.channel_search
-    return {
+    context = {
         "multiples": list(search.multiples),
         "repeats": search.repeats,
         "batch": search.batch or config.max_batch,
@@ -201,6 +204,25 @@ def search_context(config: ModelConfig, backend: Backend) -> dict[str, Any]:
         # the candidates' accuracy: the evaluation set, or null for the FLOPs proxy
         "evaluation": to_dict(config.evaluation) if config.evaluation else None,
     }
+    length = search_length(config)
+    if length is not None:  # absent for fixed shapes: their hashes from before still match
+        context["length"] = length
+    return context
+
+
+def search_length(config: ModelConfig) -> int | None:
+    """The sequence length candidates are timed at: the one TensorRT tunes its profile for
+    (``sequence_profile[1]``, a profiled length); None for a model with fixed shapes.
+    Not the shortest profiled length: a tier's cost at short lengths says little about
+    its cost where most of the work is, and not a fixed 16, which may lie outside the
+    profile (a TensorRT engine refuses it) or be a length never served.
+
+    Example:
+        >>> search_length(config)  # lengths [16, 64, 256]  # doctest: +SKIP
+        64
+    """
+    profile = config.sequence_profile
+    return None if profile is None else profile[1]
 
 
 def search_channels(
@@ -250,7 +272,9 @@ def search_channels(
                 measured.append(Candidate(cand.multiples, cand.sizes, flops, score))
                 bar.update()
             bar.set_postfix_str("timing")
-            feeds = random_feeds(config.inputs, context["batch"])
+            # (a model with fixed shapes has no dynamic axis for the length to size)
+            length = context.get("length", 1)
+            feeds = random_feeds(config.inputs, context["batch"], length=length)
             medians = time_candidates(engines, feeds, search.repeats, on_round=bar.update)
         finally:
             for engine in engines:

@@ -339,10 +339,19 @@ class TensorRTBackend(Backend):
             raise EngineError("TensorRT could not create a builder (is a CUDA device present?)")
         # Strongly typed wherever TensorRT has the flag (10.x: opt-in, weak typing deprecated
         # since 10.12; 11.x: always on, the flag accepted and ignored). Explicit batch is the
-        # only mode since TensorRT 10, so no other flag is needed.
+        # only mode since TensorRT 10 (EXPLICIT_BATCH deprecated and ignored there); before
+        # it, flags 0 meant implicit batch, which the ONNX parser refuses - so a TensorRT
+        # without STRONGLY_TYPED gets EXPLICIT_BATCH.
         creation_flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
         strongly_typed = getattr(creation_flags, "STRONGLY_TYPED", None)
-        network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+        explicit_batch = getattr(creation_flags, "EXPLICIT_BATCH", None)
+        if strongly_typed is not None:
+            network_flags = 1 << int(strongly_typed)
+        elif explicit_batch is not None:
+            network_flags = 1 << int(explicit_batch)
+        else:
+            network_flags = 0
+        network = builder.create_network(network_flags)
         parser = trt.OnnxParser(network, logger)
 
         # Weak typing only where TensorRT offers nothing else (no STRONGLY_TYPED flag).

@@ -131,6 +131,40 @@ def cuda_graphs_enabled(options: BuildOptions) -> bool:
     return os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _torch_dtype(name: str):
+    """The torch dtype of a TensorSpec's numpy dtype name ("float32", "int64", "bool", ...).
+
+    Example:
+        >>> _torch_dtype("int64")
+        torch.int64
+    """
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise EngineError(f"output dtype {name!r} has no torch equivalent")
+    return dtype
+
+
+def _set_cpu_threads(threads: int) -> None:
+    """Set torch's intra-op threads to ``threads`` (``BuildOptions.threads``), as ONNX
+    Runtime's session option does for its engines - so profile.json's threads are the ones
+    the engine ran with. Process-wide: torch has one intra-op pool, so every torch engine
+    and torch call in this process shares it, and the last engine loaded decides. A change
+    is logged (once per change) since it overrides whatever was set before."""
+    import torch
+
+    current = torch.get_num_threads()
+    if current != threads:
+        log.info(
+            "torch intra-op threads %d -> %d for a CPU torch engine (process-wide: every "
+            "torch engine and torch computation in this process uses them)",
+            current,
+            threads,
+        )
+        torch.set_num_threads(threads)
+
+
 def _writable(array: np.ndarray) -> np.ndarray:
     """``array`` contiguous and writable: a request's arrays are read-only views of its
     message, and torch warns on (and would allow writes to) tensors over them. The engine
@@ -205,8 +239,13 @@ class TorchEngine(Engine):
                     args = [a.to(self.device, self._dtype_for(a)) for a in args]
                     out = self.module(*args)
                     outs = out if isinstance(out, (tuple, list)) else (out,)
+                # Each output as its spec declares it: fp16 compute back to the declared
+                # float32, integer and bool outputs (labels, masks) kept as they are.
                 # .cpu() copies: the arrays never alias a graph's static outputs.
-                arrays = [o.float().cpu().numpy() for o in outs]
+                arrays = [
+                    o.to(_torch_dtype(s.dtype)).cpu().numpy()
+                    for s, o in zip(self.outputs, outs, strict=True)
+                ]
         return {s.name: a for s, a in zip(self.outputs, arrays, strict=True)}
 
     def close(self) -> None:
@@ -289,7 +328,8 @@ class TorchEngine(Engine):
 
 class TorchBackend(Backend):
     """``BuildOptions.extra['device']``: 'cpu' (default) or 'cuda'; ``extra['cuda_graphs']``:
-    False runs CUDA engines eagerly (default True; see also ``INNFER_CUDA_GRAPHS``).
+    False runs CUDA engines eagerly (default True; see also ``INNFER_CUDA_GRAPHS``);
+    ``threads``: torch's intra-op threads on CPU, set at load for the whole process.
 
     Example:
         >>> TorchBackend().name
@@ -328,6 +368,9 @@ class TorchBackend(Backend):
         return [MODULE_SPEC, MODULE_WEIGHTS]
 
     def load(self, out_dir: Path, options: BuildOptions) -> TorchEngine:
+        """Load the module from ``out_dir``. On CPU this sets torch's intra-op threads to
+        ``options.threads`` for the whole process (torch has one pool: ``_set_cpu_threads``).
+        """
         import json
 
         import torch
@@ -341,6 +384,8 @@ class TorchBackend(Backend):
         except Exception as exc:
             raise EngineError(f"cannot load the torch module in {out_dir}: {exc}") from exc
         device = options.extra.get("device", "cpu")
+        if str(device).split(":", 1)[0] == "cpu":
+            _set_cpu_threads(options.threads)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
         module = module.to(device=device, dtype=dtype).eval()
         inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in meta["inputs"]]

@@ -285,6 +285,22 @@ class AutoTiersConfig:
     )
     rebuild: RebuildConfig = spec(RebuildConfig(), doc="when the live set may change")
 
+    def validate(self, where: Where) -> None:
+        # A candidate is named w<percent> (runtime/build/frontier.py): two widths that round
+        # to the same percent would share a name and one would silently not be measured.
+        by_name: dict[int, list[float]] = {}
+        for w in self.widths:
+            by_name.setdefault(round(w * 100), []).append(w)
+        clashes = [ws for ws in by_name.values() if len(ws) > 1]
+        if clashes:
+            where.child("widths").fail(
+                list(self.widths),
+                "widths that round to distinct whole percents (candidates are named "
+                "w<percent>: "
+                + "; ".join(f"{ws} would all be w{round(ws[0] * 100):03d}" for ws in clashes)
+                + ")",
+            )
+
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
