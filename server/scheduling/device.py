@@ -189,30 +189,35 @@ class Device:
                 out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
         return out
 
-    def lanes(self, scheduler: Scheduler, now: float, q: float | None = None) -> list[float]:
+    def lanes(
+        self, scheduler: Scheduler, now: float, q: float | None = None, skip: int | None = None
+    ) -> list[float]:
         """The planning times (s) until each of the batches ``scheduler``'s model may run
         at once (``Instances``, fewer than the device's slots) can start: its own running
         batches' time left (any of its lanes'), then, for the instances it is not using,
-        the other slots that free first. ``offsets`` counts every slot - as if the model
-        could run a batch on each, which it cannot.
+        the other slots that free first (0 for an idle one). ``offsets`` counts every slot -
+        as if the model could run a batch on each, which it cannot. ``skip``: the slot a
+        decision of this model is about to take; it is left out and takes one instance, so
+        the rest are the model's other lanes (what the planner plans its queue's other
+        batches on: ``Snapshot.busy``) - never another model's batch in place of its own.
 
         Example: two slots, this model (one instance) running 50 ms more, the other slot
         idle: ``lanes(m, now)`` is ``[0.05]``, where ``offsets`` says ``[0.05, 0.0]``.
         """
         mine = scheduler.instances.members
         own, others = [], []
-        for slot in range(self.slots):
-            run = self.running.get(slot)
-            if run is None:
-                others.append(0.0)
+        for slot, (sched, d, started) in self.running.items():
+            if slot == skip:
                 continue
-            sched, d, started = run
             left = sched.latency.remaining(d.tier, d.rows, now - started, q)
             (own if any(sched is m for m in mine) else others).append(left)
-        limit = scheduler.instances.limit
+        idle = self.slots - len(self.running) - (skip is not None and skip not in self.running)
+        limit = scheduler.instances.limit - (skip is not None)
         own.sort()
+        if len(own) >= limit:
+            return own[:limit]
         others.sort()
-        return own[:limit] + others[: max(0, limit - len(own))]
+        return own + ([0.0] * idle + others)[: limit - len(own)]
 
     def backlog(self, scheduler: Scheduler, before: float) -> float:
         """Seconds of the other members' queued work due by ``before`` (absolute deadline):

@@ -104,8 +104,10 @@ class Snapshot:
     ``arrival_rate``: recent arrivals in rows/s (exponentially decayed). ``tight_budget``:
     seconds, a low percentile of recent request budgets (inf before any). ``columns``: the
     queue as read-only arrays (``plan.Columns``) in queue order, kept up to date by the
-    scheduler; None makes the planner build them from the queue. ``busy``: for each other
-    slot with a batch running, the planning time (s) until it frees - from the batch's real
+    scheduler; None makes the planner build them from the queue. ``busy``: for each of the
+    model's other lanes (``Device.lanes``: its instances less this decision's), the planning
+    time (s) until it can start a batch - its own running batches first, then the device
+    slots that free first (0: idle; lanes not listed count as idle) - from each batch's real
     start and the latency model's current view, never a stale end. ``backlog``: seconds of
     other models' queued work on a shared device (``device.Device``) that runs before the
     rest of this queue; the planner checks the rest as if it started that much later
@@ -369,8 +371,8 @@ class Planner(Policy):
     deadline, R planned as it would run (``plan``): batches per fastest allowed tier, in
     deadline order, of their real sizes, each run on tier ``plan`` where its requests allow
     it, else on their fastest allowed tier; in the order of their first request, each on
-    the slot that frees first - the head batch's slot after it, the other slots after their
-    running batches (``Snapshot.busy``).
+    the slot that frees first - the head batch's slot after it, the model's other lanes
+    (its instances) after their running batches (``Snapshot.busy``).
 
     Per free slot, ``choose`` runs:
       1. ``sustainable_tiers``: the tiers t in T within the headroom of keeping up with
@@ -428,7 +430,8 @@ class Planner(Policy):
         if len(queue) == 1:  # light load: most decisions
             # Another slot stays free (nothing else waits for it, here or on a shared
             # device): a tight arrival runs there, not behind a long row.
-            spare = len(snap.busy) < self.slots - 1 and snap.hold == math.inf
+            others = snap.busy[: self.slots - 1]
+            spare = (len(others) < self.slots - 1 or 0.0 in others) and snap.hold == math.inf
             return self._alone(queue[0], candidates, allowed, now, ctx, snap, spare)
         if snap.columns is None or len(snap.columns) != len(queue):
             snap = replace(snap, columns=ctx.columns(queue))

@@ -9,8 +9,9 @@ never enters the queue: ``Refused`` says why (REFUSED_FULL / REFUSED_DEADLINE). 
 goes through ``Request.advance``, which raises on any other.
 
 Per decision the scheduler hands the policy its static ``Context`` and a fresh, frozen
-``Snapshot`` (arrival rate, tight budget, the queue as columns, when the other slots free
-up); the ``Decision`` it returns carries the slot it runs on, which ``complete`` frees.
+``Snapshot`` (arrival rate, tight budget, the queue as columns, when the model's other
+lanes free up); the ``Decision`` it returns carries the slot it runs on, which
+``complete`` frees.
 
 Admission counts the work ahead as it will run (``plan``): the running batches from their
 real start times with the latency model's current view of them (an overrun batch is
@@ -453,7 +454,10 @@ class Scheduler:
             self._budget_cdf.flags.writeable = False  # shared by the snapshots until replaced
             self._tight_budget = _low_percentile(self._budget_cdf)
         self._dispatches += 1
-        busy = tuple(self.device.busy(now, skip=slot))
+        # The model's other lanes - its own running batches first, then the device slots
+        # that free first, up to its instances - not every running batch on the device: a
+        # neighbour's nearly finished batch is not a slot this model's next batch can take.
+        busy = tuple(self.device.lanes(self, now, skip=slot))
         backlog = 0.0
         if self.queue and len(self.device.members) > 1:
             # The others' work due before our last queued request runs before the rest of

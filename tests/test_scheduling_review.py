@@ -1,0 +1,89 @@
+"""Review findings on server/scheduling/ (one test per fix; pure, on a scripted clock)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from server.scheduling import LatencyModel, Request, Scheduler, Snapshot, TierInfo
+from server.scheduling.device import Device, Instances
+from server.scheduling.policy import Context, Planner
+
+MS = 1e-3
+
+
+# -- 1. the planner's other slots are the model's own lanes ------------------------------------
+# w100 runs 9 ms at any batch size, w050 2-3 ms; no spread (hand-written profile).
+LANE_TIERS = [TierInfo("w100", 0.99, {1: 9.0, 8: 9.0}), TierInfo("w050", 0.97, {1: 2.0, 8: 3.0})]
+
+
+def _three_models(a_on_low_slot: bool):
+    """A three-slot device: model A (two instances) runs a 9 ms batch of its own, model B (one
+    instance) a batch with ~1.6 ms left; 16 requests due at 11.5 ms wait at A. Which slot
+    numbers the two batches got is decided by a third model C, which runs first and leaves."""
+    dev = Device(3)
+    a, b, c = (
+        Scheduler(LANE_TIERS, Planner(slots=n), max_batch=8, max_queue=64, device=dev,
+                  instances=Instances(n))
+        for n in (2, 1, 1)
+    )  # fmt: skip
+    if a_on_low_slot:  # C takes slot 0, so B lands on slot 1; C leaves before A starts
+        c.submit(Request(100, -0.010, 1.0, pin="w100"), -0.010)
+        dc = c.next(-0.010)
+    b.submit(Request(200, -0.009, 1.0, pin="w100"), -0.009)
+    db = b.next(-0.009)
+    if a_on_low_slot:
+        c.complete(dc, -0.0001, 0.0099)
+    a.submit(Request(1, 0.0, 1.0, pin="w100"), 0.0)
+    da = a.next(0.0)
+    assert (da.slot < db.slot) == a_on_low_slot
+    for k in range(16):
+        a.submit(Request(10 + k, 0.0, 0.0115), 0.0)
+    return dev, a, b
+
+
+@pytest.mark.parametrize("a_on_low_slot", [False, True])
+def test_the_planner_plans_its_queue_on_its_own_lanes_not_on_another_models_slot(a_on_low_slot):
+    """A's second batch can start only when one of A's two instances frees: its running
+    batch (9 ms) or the batch it starts now. B's batch ending in 1.6 ms frees a slot A has no
+    instance for. Planned as if it did (slot numbers decided which batch counted), A ran 8 on
+    w100 and the other 8 (w050 after 9 ms: 12 ms) missed 11.5 ms; planned on its own lanes,
+    w050 now and w050 at 3 ms meets all 16, whatever the slot numbers."""
+    dev, a, _ = _three_models(a_on_low_slot)
+    d = a.next(0.0)
+    assert (d.tier, d.rows) == ("w050", 8)
+    # What A planned behind: its own running batch, not B's.
+    assert dev.lanes(a, 0.0, skip=d.slot) == pytest.approx([9 * MS])
+
+
+def test_a_lone_row_is_not_priced_when_one_of_its_lanes_is_idle():
+    """Two of three slots idle, one running another model's batch: the model (two
+    instances) has an idle lane besides the slot its decision takes, so a long single row is
+    not priced (a tight arrival runs on that lane). Counted by running batches, the other
+    model's batch read as "no spare slot"."""
+    dev = Device(3)
+    a = Scheduler(LANE_TIERS, Planner(slots=2), max_batch=8, max_queue=64, device=dev,
+                  instances=Instances(2))  # fmt: skip
+    b = Scheduler(LANE_TIERS, Planner(slots=1), max_batch=8, max_queue=64, device=dev,
+                  instances=Instances(1))  # fmt: skip
+    b.submit(Request(1, 0.0, 1.0, pin="w100"), 0.0)
+    assert b.next(0.0).slot == 0
+    assert a._snapshot(0.001, slot=1).busy == (0.0,)  # slot 2 is A's other lane, idle
+    # The policy reads a listed idle lane as a spare one (as it reads an unlisted one).
+    tiers = [
+        TierInfo("w100", 1.0, {1: 11.2, 8: 90.0}),
+        TierInfo("w025", 0.07, {1: 2.2, 8: 12.0}),
+    ]
+    ctx = Context(tiers, LatencyModel(tiers), max_batch=8)
+    rng = np.random.default_rng(0)
+    tight = rng.random(200) < 0.9
+    budgets = np.sort(
+        np.where(tight, rng.uniform(4.5e-3, 13.5e-3, 200), rng.uniform(17e-3, 90e-3, 200))
+    )
+    snap = Snapshot(arrival_rate=90.0, tight_budget=float(budgets[9]), budgets=budgets)
+    r = Request(0, 0.0, 0.012)
+    assert Planner().choose([r], 0.0, ctx, snap).tier == "w025"  # priced: turns away arrivals
+    assert Planner(slots=2).choose([r], 0.0, ctx, replace(snap, busy=(0.0,))).tier == "w100"
+    assert Planner(slots=2).choose([r], 0.0, ctx, replace(snap, busy=(0.005,))).tier == "w025"
