@@ -7,7 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from server.scheduling import LatencyModel, Request, Scheduler, Snapshot, TierInfo
+from server.scheduling import (
+    LatencyModel,
+    Refused,
+    Request,
+    Scheduler,
+    Snapshot,
+    TierInfo,
+    make_policy,
+)
 from server.scheduling.device import Device, Instances
 from server.scheduling.policy import Context, Planner
 
@@ -87,3 +95,40 @@ def test_a_lone_row_is_not_priced_when_one_of_its_lanes_is_idle():
     assert Planner().choose([r], 0.0, ctx, snap).tier == "w025"  # priced: turns away arrivals
     assert Planner(slots=2).choose([r], 0.0, ctx, replace(snap, busy=(0.0,))).tier == "w100"
     assert Planner(slots=2).choose([r], 0.0, ctx, replace(snap, busy=(0.005,))).tier == "w025"
+
+
+# -- 2. forgetting an inflated estimate does not wait for the other models ---------------------
+def test_an_inflated_estimate_is_forgotten_while_another_model_keeps_the_device_busy():
+    """A's w025 learned 5x its profile in a burst of contention, then the engine is back to
+    its profile. A's own batches are what would correct it, and a refusal means none runs:
+    so the correction decays. That decay waited for the whole device to be idle, and a
+    neighbour with a batch running at each of A's arrivals kept A refusing all 200 requests
+    (10 s); it now waits only for A's own queue and batches - and applies to a refusal
+    behind the neighbour's running batch too, not only to one on A's estimate alone."""
+    tiers = [
+        TierInfo("w100", 0.99, {1: 10.0}, {1: 9.0}),
+        TierInfo("w025", 0.90, {1: 3.0}, {1: 2.7}),
+    ]
+    dev = Device(1)
+    a, b = (
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=64, device=dev)
+        for _ in "ab"
+    )
+    for _ in range(10):
+        a.latency.observe("w025", 1, 0.0135)
+    refused, ids = 0, iter(range(1, 10**6))
+    for step in range(200):  # an A request every 50 ms, 10 ms budget
+        now = 0.05 * step
+        b.submit(Request(next(ids), now - 0.001, now + 1.0, pin="w025"), now - 0.001)
+        bd = b.next(now - 0.001)  # B's batch runs while A's request arrives
+        assert bd is not None
+        try:
+            a.submit(Request(next(ids), now, now + 0.010), now)
+        except Refused:
+            refused += 1
+        b.complete(bd, now + 0.002, 0.003)
+        d = a.next(now + 0.002)
+        if d is not None:
+            a.complete(d, now + 0.0047, 0.0027)
+    assert refused <= 50  # the first two seconds (40: FORGET_AFTER_S, FORGET_TAU_S)
+    assert a.latency.factor["w025"] < 1.5

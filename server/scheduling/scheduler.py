@@ -239,6 +239,8 @@ class Scheduler:
         key = self._key(r)
         i = bisect.bisect(self._keys, key)
         finish = self.finish_if_admitted(r, now, i, q)
+        if finish > due and self._forget_if_idle(fastest, now):  # behind others' batches
+            finish = self.finish_if_admitted(r, now, i, q)
         if finish > due:
             raise Refused(
                 State.REFUSED_DEADLINE,
@@ -277,14 +279,16 @@ class Scheduler:
         return r.deadline + r.grace
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
-        """A request is refused on ``tier``'s estimate while nothing runs or waits: only
-        batches correct an estimate, and this refusal means none will run - a correction
-        learned under contention (a profile at load on a busy machine, a burst of other
-        work) would refuse everything for good. So the correction of a tier not observed
-        for a while decays towards the profile, with time constant ``FORGET_TAU_S`` from
-        its last batch; if the device is still slow, the next batches say so again.
+        """A request is refused on ``tier``'s estimate while nothing of this scheduler's
+        runs or waits: only its own batches correct its estimate, and this refusal means
+        none will run - a correction learned under contention (a profile at load on a busy
+        machine, a burst of other work) would refuse everything for good. So the correction
+        of a tier not observed for a while decays towards the profile, with time constant
+        ``FORGET_TAU_S`` from its last batch; if the device is still slow, the next batches
+        say so again. Other models' batches on a shared device do not count: they never
+        correct this model's estimate, and a busy neighbour must not keep it refusing.
         Returns whether the estimate changed."""
-        if self.queue or self.device.running:
+        if self.queue or self.running:
             return False
         # Never run here (its correction came from the profile at load): since the first request.
         first = self._first if self._first is not None else now
