@@ -134,6 +134,78 @@ def test_unknown_module_type_in_architecture_is_refused(saved):
         runtime.load(saved)
 
 
+def _node(name, op, target, *args):
+    return {"name": name, "op": op, "target": target, "args": {"tuple": list(args)},
+            "kwargs": {"dict": {}}}  # fmt: skip
+
+
+_EXEC_CHAIN = [  # getattr(x, "__class__").__repr__.__globals__["__builtins__"]["exec"](...)
+    _node("c", "call_function", "builtins.getattr", {"node": "X"}, "__class__"),
+    _node("r", "call_function", "builtins.getattr", {"node": "c"}, "__repr__"),
+    _node("g", "call_function", "builtins.getattr", {"node": "r"}, "__globals__"),
+    _node("b", "call_function", "operator.getitem", {"node": "g"}, "__builtins__"),
+    _node("e", "call_function", "operator.getitem", {"node": "b"}, "exec"),
+    _node("run", "call_method", "__call__", {"node": "e"}, "open(MARKER, 'w').write('ran')"),
+]
+
+
+@pytest.mark.parametrize(
+    "nodes, says",
+    [
+        (_EXEC_CHAIN, r"getattr of \('__class__',\): only public attributes"),
+        ([_node("run", "call_method", "__call__", {"node": "X"})],
+         r"'__call__' is not a public torch.Tensor method"),
+        ([_node("s", "call_function", "torch.save", {"node": "X"}, "/tmp/x")],
+         r"unknown function 'torch.save'"),
+        ([_node("s", "call_function", "torch.load", "/tmp/x")], r"unknown function 'torch.load'"),
+        ([_node("a", "call_function", "operator.attrgetter", "__class__")],
+         r"'operator.attrgetter' cannot be named"),
+        ([_node("a", "get_attr", "forward.__globals__")], r"is not a stored attribute"),
+        ([_node("m", "call_module", "nowhere", {"node": "X"})], r"is not a stored module"),
+    ],
+)  # fmt: skip
+def test_an_architecture_that_reaches_beyond_tensor_operations_is_refused(
+    saved, tmp_path, nodes, says
+):
+    # inn.json is not checksummed: a chain of allowed calls (getattr of dunders, an
+    # operator.getitem, a call_method "__call__") ran exec when the sampled model was
+    # called - which innfer build does before exporting - and torch.save wrote anywhere.
+    marker = tmp_path / "ran"
+    meta = json.loads((saved / META_FILE).read_text())
+    graph = meta["architecture"]["nodes"]
+    text = json.dumps(nodes).replace('"X"', json.dumps(graph[0]["name"]))
+    graph[1:1] = json.loads(text.replace("MARKER", repr(str(marker))))
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=says):
+        runtime.load(saved).sample(0.5)(torch.randn(1, 3, 8, 8))
+    assert not marker.exists()
+
+
+def test_a_model_stored_in_double_or_bfloat16_samples_in_its_dtype(tmp_path):
+    # Leaf modules were rebuilt in float32 while free parameters kept their dtype: a
+    # float64 or bfloat16 model failed at sample(1.0) ("mat1 and mat2 must have the same
+    # dtype") or, without free parameters, silently became float32.
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+            self.gamma = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * self.gamma)
+
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        net = Net().to(dtype).eval()
+        x = torch.randn(4, 8, dtype=dtype)
+        loaded = runtime.load(runtime.convert(net, (x,)).save(tmp_path / str(dtype)))
+        full = loaded.sample(1.0)
+        assert {p.dtype for p in full.parameters()} == {dtype}
+        with torch.no_grad():
+            torch.testing.assert_close(full(x), net(x))
+            assert loaded.sample(0.5)(x).dtype == dtype
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         runtime.load(tmp_path / "nowhere")

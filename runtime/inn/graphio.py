@@ -2,10 +2,13 @@
 
 A converted model is stored without pickle: the traced graph (nodes, targets, arguments) and,
 for every leaf module, its ``torch.nn`` class name and constructor keyword arguments. Loading
-rebuilds a ``torch.fx.GraphModule`` from that description - only ``torch.nn`` classes and
-functions of ``torch``, ``torch.nn.functional``, ``operator``, ``math`` and ATen ops
-(``torch.ops.aten``) can be named, so
-loading never runs code from the file.
+rebuilds a ``torch.fx.GraphModule`` from that description - only ``torch.nn`` classes, the
+tensor operations of ``torch`` and ``torch.nn.functional``, ``operator``'s and ``math``'s
+arithmetic, ATen ops (``torch.ops.aten``), public ``torch.Tensor`` methods and public
+attributes (``getattr(x, "shape")``) can be named, so loading never runs code from the file.
+The file is not checksummed (only the weights are): an edited ``inn.json`` must not reach
+``torch.load``/``torch.save``, ``operator.attrgetter`` or a dunder attribute (``__class__``
+-> ``__globals__`` -> ``exec``) - each is refused with a SpecError.
 
 Example:
     >>> import torch
@@ -35,10 +38,40 @@ SPEC_VERSION = 1
 
 _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator, "math": math}
 _SKIP_KWARGS = {"device", "dtype"}
+_OPS = {"placeholder", "get_attr", "call_function", "call_method", "call_module", "output"}
+# Where each namespace's tensor operations are defined: torch's serialisation, global state
+# (seeds, default dtype, threads), compile and dlpack live elsewhere and are not allowed.
+_OP_MODULES = {
+    "torch": {"torch", "torch.functional", "torch._VariableFunctions"},
+    "torch.nn.functional": {"torch.nn.functional", "torch._C._nn", "torch"},
+}
+# Callables that call or reach anything given a name, or touch files.
+_REFUSED = {
+    "operator.attrgetter", "operator.methodcaller", "operator.call", "operator.itemgetter",
+    "torch.from_file", "torch.ops.aten.from_file",
+}  # fmt: skip
+# Private names a traced graph holds: fx turns ``assert`` into torch._assert.
+_ALSO_ALLOWED = {"torch._assert"}
 
 
 class SpecError(ValueError):
     """The architecture description is malformed or names something not allowed."""
+
+
+def _allowed(prefix: str, attr: str, obj: Any) -> bool:
+    """Whether ``prefix.attr`` (``obj``) may be named in an architecture description."""
+    if f"{prefix}.{attr}" in _ALSO_ALLOWED:
+        return True
+    if attr.startswith("__") and attr.endswith("__") and len(attr) > 4:
+        # files saved before the allow-list name operator.add by its alias operator.__add__
+        public = attr[2:-2]
+        return getattr(_NAMESPACES[prefix], public, None) is obj and _allowed(prefix, public, obj)
+    if attr.startswith("_") or not callable(obj) or isinstance(obj, type):
+        return False
+    if f"{prefix}.{attr}" in _REFUSED:
+        return False
+    modules = _OP_MODULES.get(prefix)
+    return modules is None or getattr(obj, "__module__", None) in modules
 
 
 def _function_names() -> dict[int, str]:
@@ -46,7 +79,7 @@ def _function_names() -> dict[int, str]:
     for prefix, ns in _NAMESPACES.items():
         for attr in dir(ns):
             obj = getattr(ns, attr, None)
-            if callable(obj) and not isinstance(obj, type):
+            if _allowed(prefix, attr, obj):
                 table.setdefault(id(obj), f"{prefix}.{attr}")
     table[id(getattr)] = "builtins.getattr"
     return table
@@ -65,9 +98,9 @@ def _function_name(fn: Any) -> str:
     name = _FUNCTIONS.get(id(fn))
     if name is None:
         raise SpecError(
-            f"cannot store a call to {fn!r}: only functions of torch, torch.nn.functional, "
-            f"operator and math (and inference identities such as stochastic depth) can be "
-            f"stored"
+            f"cannot store a call to {fn!r}: only tensor operations of torch and "
+            f"torch.nn.functional, operator's and math's functions (and inference identities "
+            f"such as stochastic depth) can be stored"
         )
     return name
 
@@ -75,6 +108,8 @@ def _function_name(fn: Any) -> str:
 def _resolve_function(name: str) -> Any:
     if name == "builtins.getattr":
         return getattr
+    if name in _REFUSED:
+        raise SpecError(f"{name!r} cannot be named in an architecture description")
     if name.startswith("torch.ops.aten."):
         packet, _, overload = name.removeprefix("torch.ops.aten.").partition(".")
         try:
@@ -84,9 +119,38 @@ def _resolve_function(name: str) -> Any:
     prefix, _, attr = name.rpartition(".")
     ns = _NAMESPACES.get(prefix)
     fn = getattr(ns, attr, None) if ns is not None else None
-    if fn is None or not callable(fn):
-        raise SpecError(f"unknown function {name!r} in the architecture description")
+    if fn is None or not _allowed(prefix, attr, fn):
+        raise SpecError(
+            f"unknown function {name!r} in the architecture description (only tensor "
+            f"operations of torch and torch.nn.functional, operator and math can be named)"
+        )
     return fn
+
+
+def _check_node(entry: dict[str, Any], args: tuple, spec: dict[str, Any]) -> None:
+    """Refuse a node that could reach beyond tensor operations (see the module doc)."""
+    op, target, name = entry["op"], entry["target"], entry.get("name")
+    if op not in _OPS:
+        raise SpecError(f"node {name!r}: unknown op {op!r}")
+    if op == "call_method" and not (
+        isinstance(target, str) and not target.startswith("_") and hasattr(torch.Tensor, target)
+    ):
+        raise SpecError(f"node {name!r}: {target!r} is not a public torch.Tensor method")
+    if (
+        op == "call_function"
+        and target == "builtins.getattr"
+        and not (len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_"))
+    ):
+        raise SpecError(f"node {name!r}: getattr of {args[1:]!r}: only public attributes")
+    if op == "get_attr" and target not in spec["attrs"]:
+        raise SpecError(f"node {name!r}: get_attr {target!r} is not a stored attribute")
+    if op == "call_module" and target not in spec["modules"]:
+        raise SpecError(f"node {name!r}: call_module {target!r} is not a stored module")
+
+
+def _check_path(path: str) -> None:
+    if not all(part and not part.startswith("__") for part in path.split(".")):
+        raise SpecError(f"module or attribute path {path!r} is not allowed")
 
 
 def _attention_kwargs(m: nn.MultiheadAttention) -> dict[str, Any]:
@@ -175,6 +239,8 @@ def from_spec(
     if spec.get("version") != SPEC_VERSION:
         raise SpecError(f"architecture version {spec.get('version')!r}, expected {SPEC_VERSION}")
     root = nn.Module()
+    for path in [*spec["modules"], *spec["attrs"]]:
+        _check_path(path)
     for path, m in spec["modules"].items():
         _set_path(root, path, build_module(m["type"], m["kwargs"]))
     for path, a in spec["attrs"].items():
@@ -191,14 +257,29 @@ def from_spec(
             target = _resolve_function(target)
         args = _decode(entry["args"], env)
         kwargs = _decode(entry["kwargs"], env)
+        _check_node(entry, tuple(args), spec)
         node = graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
         env[entry["name"]] = node
+    _match_dtypes(root, spec["modules"], state)
     gm = fx.GraphModule(root, graph)
     missing, unexpected = gm.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise SpecError(f"weights do not match the architecture: missing {missing}, "
                         f"unexpected {unexpected}")  # fmt: skip
     return gm.eval()
+
+
+def _match_dtypes(root: nn.Module, modules: dict[str, Any], state: dict) -> None:
+    """Cast each leaf module to the floating dtype its stored weights have: modules are
+    built in torch's default (float32), so a float64 or bfloat16 model came back as a mix
+    (its free parameters keep their dtype) and failed, or silently became float32."""
+    for path in modules:
+        dtypes = {
+            t.dtype for k, t in state.items()
+            if k.rpartition(".")[0] == path and t.is_floating_point()
+        }  # fmt: skip
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.get_default_dtype():
+            root.get_submodule(path).to(dtype)
 
 
 def _get_attr(gm: nn.Module, path: str) -> Any:
