@@ -54,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.build.export import write_tier_files
+from runtime.build.sampling import norm_inputs, sample_tier
 from runtime.engines import Backend, BuildOptions, Engine
 from runtime.inn.model import IntegralModel
 from runtime.inn.report import count_flops
@@ -287,8 +288,10 @@ def search_channels(
 
 
 def _open_candidate(inn, config, cand: Candidate, backend, options, d: Path):
-    """(engine, FLOPs) for one candidate: sampled, exported, built and loaded like a tier."""
-    module = inn.sample(cand.sizes, config.method)
+    """(engine, FLOPs) for one candidate: sampled (BatchNorm statistics re-estimated where
+    the tier's would be: an accuracy-scored search ranked candidates on the full width's
+    statistics resampled), exported, built and loaded like a tier."""
+    module, _ = sample_tier(inn, config, cand.sizes, norm_inputs(config))
     flops = count_flops(module, _example(config))
     write_tier_files(d, module, config)
     backend.build(d / "model.onnx", d / "engine", options)

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from runtime.atomic import write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import write_tier_files
+from runtime.build.sampling import norm_inputs, norm_source, sample_tier, unnormed
 from runtime.engines import Backend, BuildOptions, EngineError
-from runtime.inn.calibrate import has_norms
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import (
@@ -93,6 +93,7 @@ def build_model(
     score = accuracy_scorer(inn, config, model_dir)
     measured_on = evaluation_key(config, model_dir)
     inn_sha = _inn_sha(model_dir)
+    norm_x = norm_inputs(config)  # BatchNorm statistics for tiers the INN stores none for
     engines, onnx = {}, {}  # tier -> engine, tier -> its ONNX's sha256
     try:
         bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
@@ -100,7 +101,7 @@ def build_model(
             t0 = time.perf_counter()
             bar.set_postfix_str(f"{tier.name}: sample+export")
             record, module, exported = _export_tier(
-                repo, name, inn, config, tier, chosen, options, progress, score, inn_sha
+                repo, name, inn, config, tier, chosen, options, progress, score, inn_sha, norm_x
             )
             onnx[tier.name] = record.onnx_sha256
             bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
@@ -110,8 +111,8 @@ def build_model(
             except EngineError as exc:
                 raise BuildError(f"tier {tier.name}: {exc}") from exc
             engines[tier.name] = engine  # closed at the end, whatever happens in between
-            if module is None:
-                module = inn.sample(_sampled_width(tier, record), config.method, config.multiple_of)
+            if module is None:  # the exported network, as _export_tier samples it
+                module, _ = sample_tier(inn, config, _sampled_width(tier, record), norm_x)
             err = validate(engine, module, config, tier.name)
             accuracy = record.accuracy
             stale = exported or accuracy is None or record.accuracy_on != measured_on
@@ -124,12 +125,13 @@ def build_model(
                 record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
                                        "accuracy_on": measured_on})  # fmt: skip
                 record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
-            if _unnormed_tier(inn, module, record.sizes):
+            if norm_x is None and unnormed(inn, module, record.sizes):
                 report.warnings.append(
                     f"tier {tier.name} of {name} has no BatchNorm statistics of its own (they "
                     f"are resampled from the full width's, which on a BatchNorm model can cost "
-                    f"most of the accuracy): store them with innfer calibrate {model_dir} --data "
-                    f"DATASET (or reestimate_norms) and build again"
+                    f"most of the accuracy): name an evaluation dataset in model.yaml (the "
+                    f"build re-estimates them on its training inputs) or store them with innfer "
+                    f"calibrate {model_dir} --data DATASET, and build again"
                 )
                 log.warning("%s", report.warnings[-1])
             if _data_free_transformer_tier(inn, record.sizes):
@@ -176,13 +178,6 @@ def _close_all(engines) -> None:
             log.exception("closing an engine failed")
 
 
-def _unnormed_tier(inn: IntegralModel, module, sizes: dict[str, int]) -> bool:
-    """Whether ``sizes`` is a smaller width of a model with BatchNorm for which the INN
-    stores no statistics (nor calibrated weights): its running statistics are the full
-    width's resampled, not what the smaller network computes."""
-    return sizes != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes)
-
-
 def _data_free_transformer_tier(inn: IntegralModel, sizes: dict[str, int]) -> bool:
     """Whether ``sizes`` is a smaller width of a transformer (a model with attention-head
     groups) for which no calibrated weights are stored and whose node values were not
@@ -217,6 +212,8 @@ def source_hash(
         "inputs": [t.__dict__ for t in config.inputs],
         "outputs": [t.__dict__ for t in config.outputs],
     }
+    if norm_source(config) is not None:  # re-estimated BatchNorm statistics (sampling.py)
+        payload["norm_inputs"] = norm_source(config)
     if _searches(config, tier):  # absent otherwise: hashes from before the search still match
         if backend is None:
             raise ValueError("source_hash needs the backend of a tier whose channels are searched")
@@ -240,10 +237,12 @@ def _export_tier(
     progress: bool = False,
     score=None,
     inn_sha: str | None = None,
+    norm_x=None,
 ):
     """``score(engine) -> accuracy`` (``accuracy_scorer``) ranks a channel search's
     candidates; None: their FLOPs do. ``inn_sha``: the INN's ``inn_fingerprint`` (read
-    once per build, not per tier)."""
+    once per build, not per tier). ``norm_x``: inputs BatchNorm statistics are re-estimated
+    on where the INN stores none for the tier's counts (``sampling.norm_inputs``)."""
     d = repo.tier_dir(name, tier.name)
     inn_sha = inn_sha or _inn_sha(repo.model_dir(name))
     src = source_hash(repo.model_dir(name), config, tier, backend, inn_sha)
@@ -264,9 +263,12 @@ def _export_tier(
         search = result.to_json()
     width = chosen_sizes(search) if search is not None else tier.width
     try:
-        module = inn.sample(width, config.method, config.multiple_of)
+        module, reestimated = sample_tier(inn, config, width, norm_x)
     except ValueError as exc:
         raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
+    if reestimated:
+        log.info("tier %s: BatchNorm statistics re-estimated on %d training inputs of %s",
+                 tier.name, len(norm_x), config.evaluation.dataset)  # fmt: skip
     try:
         data = write_tier_files(d, module, config)
     except ValueError as exc:  # over ONNX's 2 GiB
