@@ -132,3 +132,31 @@ def test_an_inflated_estimate_is_forgotten_while_another_model_keeps_the_device_
             a.complete(d, now + 0.0047, 0.0027)
     assert refused <= 50  # the first two seconds (40: FORGET_AFTER_S, FORGET_TAU_S)
     assert a.latency.factor["w025"] < 1.5
+
+
+# -- 4. "a full batch waits" counts rows ------------------------------------------------------
+SPREAD_TIERS = [
+    TierInfo("w100", 0.99, {1: 10.0, 8: 40.0}, {1: 8.0, 8: 32.0}),
+    TierInfo("w050", 0.97, {1: 8.0, 8: 20.0}, {1: 5.0, 8: 10.0}),
+]
+
+
+def test_admission_switches_to_slo_target_once_a_full_batch_of_rows_waits():
+    """Admission returns to ``slo_target`` once a full batch waits; it counted requests, so
+    six 8-row requests (six full batches) still admitted at the median."""
+    s = Scheduler(SPREAD_TIERS, make_policy("innfer", SPREAD_TIERS), max_batch=8, max_queue=64)
+    one = Request(99, 0.0, 1.0)
+    assert s.admission_quantile(joining=one) == 0.5
+    s.submit(Request(1, 0.0, 1.0, rows=3), 0.0)
+    s.submit(Request(2, 0.0, 1.0, rows=4), 0.0)
+    assert s.admission_quantile() == 0.5  # 7 rows wait
+    assert s.admission_quantile(joining=one) == s.slo_target  # with it, 8: a full batch
+    s.cancel(s.queue[-1], 0.0)
+    assert s.admission_quantile(joining=Request(98, 0.0, 1.0, rows=4)) == 0.5  # 3 + 4
+    assert s.admission_quantile(joining=Request(97, 0.0, 1.0, rows=5)) == s.slo_target
+    # Behind one queued 8-row request (ahead by priority) a 1-row request due in 40 ms is
+    # met at the median (~10 + 5 ms on w050) but not at 0.999: refused (it was admitted).
+    s = Scheduler(SPREAD_TIERS, make_policy("innfer", SPREAD_TIERS), max_batch=8, max_queue=64)
+    s.submit(Request(1, 0.0, 1.0, rows=8, priority=1), 0.0)
+    with pytest.raises(Refused):
+        s.submit(Request(2, 0.0, 0.040), 0.0)

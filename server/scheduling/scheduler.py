@@ -18,7 +18,7 @@ real start times with the latency model's current view of them (an overrun batch
 expected to end soon), then the queue ahead of the new request as batches per tier with
 their real sizes, each on its fastest allowed tier. A request is refused when even that plan
 does not finish it by its deadline at the ``admit_quantile`` (default the median: a
-refusal is a certain miss) while less than a full batch waits, at the ``slo_target``
+refusal is a certain miss) while less than a full batch of rows waits, at the ``slo_target``
 quantile beyond (``admission_quantile``); the plans are made at ``slo_target``.
 
 Example:
@@ -258,17 +258,20 @@ class Scheduler:
 
     def admission_quantile(self, joining: Request | None = None) -> float:
         """The quantile a new request's plan is checked at: ``admit_quantile`` while fewer
-        than a full batch (``max_batch``) of requests wait - ``joining``, the request being
-        admitted, counted - else ``slo_target``. A short
+        than a full batch of rows (``max_batch``) wait - the rows of ``joining``, the request
+        being admitted, counted - else ``slo_target``. A short
         queue is refused only what is more likely missed than met - a refusal is a certain
         miss, and a closed-loop client sends again at once. A longer one means more work
         arrives than runs: a refusal then also sheds load, and the work that piles up is
         partly where the scheduler cannot see it (gRPC's buffers; see docs/design.md).
         Admitting at the median there let a backlog build on one core (Poisson at 3x:
         collapsed to 1-52 % within budget in 6 of 8 runs; at slo_target, 64-96 %)."""
-        if len(self.queue) + (joining is not None) < self.ctx.max_batch:
-            return self.admit_quantile
-        return self.slo_target
+        b = self.ctx.max_batch
+        n = len(self.queue) + (joining is not None)
+        if n >= b:  # every request has a row at least: a full batch (no sum over the queue)
+            return self.slo_target
+        rows = sum(r.rows for r in self.queue) + (joining.rows if joining is not None else 0)
+        return self.admit_quantile if rows < b else self.slo_target
 
     def admission_deadline(self, r: Request) -> float:
         """The latest finish admission and expiry accept for ``r``: its deadline plus its
@@ -393,7 +396,7 @@ class Scheduler:
     def expire(self, now: float) -> list[Request]:
         """Remove and return queued requests that can no longer meet their deadline, even
         alone on their fastest allowed tier, at the quantile admission uses now
-        (``admission_quantile``). A queue that has grown to a full batch judges every
+        (``admission_quantile``). A queue that has grown to a full batch of rows judges every
         request at ``slo_target``, those admitted at the median included: load shedding
         (``admission_quantile``'s doc). Admission counts the request it admits, so the one
         that fills the queue is judged as the queue it joins."""
