@@ -590,3 +590,21 @@ def test_readme_covers_the_operator_tasks():
         "## Cluster-scale plan (simulation)",
     ):
         assert needle in text, needle
+
+
+def test_the_model_not_ready_alert_can_fire_before_the_startup_probe_restarts_the_pod():
+    # A model that never loads keeps innfer_model_ready at 0 until the startup probe gives
+    # up and the container restarts, which gaps the series and resets a pending alert: at
+    # `for: 15m` against the CPU base's 10-minute budget it could never fire.
+    def minutes(text: str) -> float:
+        return float(text[:-1]) * {"s": 1 / 60, "m": 1, "h": 60}[text[-1]]
+
+    rules = yaml.safe_load((DEPLOY / "monitoring/prometheusrule.yaml").read_text())
+    alert = next(r for g in rules["spec"]["groups"] for r in g["rules"]
+                 if r.get("alert") == "InnferModelNotReady")  # fmt: skip
+    deployment = yaml.safe_load((DEPLOY / "k8s/base/deployment.yaml").read_text())
+    (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                 if "startupProbe" in c]  # fmt: skip
+    probe = server["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"] / 60
+    assert minutes(alert["for"]) < budget, (alert["for"], budget)
