@@ -18,6 +18,7 @@ from server.scheduling import (
 )
 from server.scheduling.device import Device, Instances
 from server.scheduling.policy import Context, Planner
+from server.scheduling.scheduler import InvalidRequest
 
 MS = 1e-3
 
@@ -160,3 +161,41 @@ def test_admission_switches_to_slo_target_once_a_full_batch_of_rows_waits():
     s.submit(Request(1, 0.0, 1.0, rows=8, priority=1), 0.0)
     with pytest.raises(Refused):
         s.submit(Request(2, 0.0, 0.040), 0.0)
+
+
+# -- 5. non-finite and non-positive inputs -----------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.004])
+def test_a_batch_time_that_is_not_a_positive_finite_number_is_not_learned(bad):
+    """One NaN observation made the level NaN for good: every estimate NaN, every deadline
+    check False (a request pinned to the tier admitted whatever its budget)."""
+    lat = LatencyModel(SPREAD_TIERS)
+    before = lat.estimate("w100", 1)
+    lat.observe("w100", 1, bad)
+    assert lat.estimate("w100", 1) == before and lat.factor["w100"] == 1.0
+    for _ in range(30):
+        lat.observe("w100", 1, 0.004)  # half the profile's median: still learned
+    assert lat.factor["w100"] == pytest.approx(0.5, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("what", "bad"),
+    [
+        ("NaN deadline", Request(1, 0.0, float("nan"))),
+        ("NaN grace", Request(1, 0.0, 0.05, grace=float("nan"))),
+        ("0 rows", Request(1, 0.0, 0.05, rows=0)),
+        ("-1 rows", Request(1, 0.0, 0.05, rows=-1)),
+    ],
+)
+def test_a_request_with_a_nan_deadline_or_no_rows_is_invalid(what, bad):
+    """A NaN deadline was admitted and broke the queue's deadline order (a later request
+    due sooner queued behind it); a request of 0 or -1 rows was admitted and ran as a batch
+    of 0 or -1 rows. Both are the caller's mistake: InvalidRequest (INVALID_ARGUMENT)."""
+    s = Scheduler(SPREAD_TIERS, make_policy("innfer", SPREAD_TIERS), max_batch=8, max_queue=64)
+    s.submit(Request(0, 0.0, 0.050), 0.0)
+    with pytest.raises(InvalidRequest, match=r"NaN|rows"):
+        s.submit(bad, 0.0)
+    assert [r.id for r in s.queue] == [0]
+    s.submit(Request(2, 0.0, 0.040), 0.0)
+    assert [r.deadline for r in s.queue] == [0.040, 0.050]  # still in deadline order
+    s.submit(Request(3, 0.0, float("inf")), 0.0)  # no deadline at all: still fine
+    assert s.queue[-1].id == 3

@@ -369,7 +369,10 @@ class LatencyModel:
     def observe(self, tier: str, rows: int, seconds: float) -> None:
         """Learn from one batch: ``rows`` on ``tier`` took ``seconds`` of engine time. The
         level moves towards it in either direction; the spread follows how much consecutive
-        batches differ."""
+        batches differ. A time that is not a positive finite number (a broken clock, a NaN
+        from the caller) is ignored: it would make the level NaN for good."""
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
         # Compare with the typical time, not the planning quantile: on an uncontended
         # machine the factor stays ~1 and the plan keeps its margin; under contention both
         # scale together.

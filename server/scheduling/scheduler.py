@@ -183,6 +183,10 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------------------------
     def check_constraints(self, r: Request) -> None:
+        """Raise ``InvalidRequest`` for a request the scheduler cannot take at all: an
+        unknown tier, no rows or more than the largest batch, a NaN deadline or grace (an
+        infinite deadline is fine: no budget). A NaN would pass every deadline comparison
+        and break the queue's order."""
         names = {t.name for t in self.ctx.tiers}
         for what, tier in (("tier", r.pin), ("min_tier", r.min_tier)):
             if tier is not None and tier not in names:
@@ -190,6 +194,12 @@ class Scheduler:
         if r.rows > self.ctx.max_batch:
             raise InvalidRequest(
                 f"request has {r.rows} rows; the maximum batch is {self.ctx.max_batch}"
+            )
+        if r.rows < 1:
+            raise InvalidRequest(f"request has {r.rows} rows; it needs at least 1")
+        if math.isnan(r.deadline) or math.isnan(r.grace):
+            raise InvalidRequest(
+                f"request {r.id} has a NaN deadline or grace; give a finite latency budget or none"
             )
 
     def arrival_rate(self, now: float) -> float:
