@@ -18,6 +18,7 @@ from server.scheduling import (
 )
 from server.scheduling.device import Device, Instances
 from server.scheduling.policy import Context, Planner
+from server.scheduling.request import IllegalTransition
 from server.scheduling.scheduler import InvalidRequest
 
 MS = 1e-3
@@ -199,3 +200,38 @@ def test_a_request_with_a_nan_deadline_or_no_rows_is_invalid(what, bad):
     assert [r.deadline for r in s.queue] == [0.040, 0.050]  # still in deadline order
     s.submit(Request(3, 0.0, float("inf")), 0.0)  # no deadline at all: still fine
     assert s.queue[-1].id == 3
+
+
+# -- 6. completing a batch twice changes nothing ----------------------------------------------
+def test_completing_a_batch_twice_raises_before_freeing_the_slot_or_learning_again():
+    """A's batch completed twice, the second time after B's batch took the one slot: the
+    second complete freed B's slot (and observed A's time again) before the requests'
+    state machine raised, so A started a batch beside B's on a one-slot device."""
+    dev = Device(1)
+    a, b = (
+        Scheduler(SPREAD_TIERS, make_policy("innfer", SPREAD_TIERS), max_batch=8, max_queue=64,
+                  device=dev)
+        for _ in "ab"
+    )  # fmt: skip
+    a.submit(Request(1, 0.0, 0.050), 0.0)
+    d1 = a.next(0.0)
+    a.complete(d1, 0.005, 0.005)
+    seen = a.latency.tier_estimate(d1.tier).observed_batches
+    b.submit(Request(2, 0.005, 0.055), 0.005)
+    d2 = b.next(0.005)
+    with pytest.raises(IllegalTransition, match="completed twice"):
+        a.complete(d1, 0.006, 0.005)
+    assert dev.running[0][1] is d2 and 0 in b.running
+    assert a.latency.tier_estimate(d1.tier).observed_batches == seen
+    a.submit(Request(3, 0.006, 0.056), 0.006)
+    assert a.next(0.006) is None  # the slot is still B's
+    b.complete(d2, 0.010, 0.004)
+    # One scheduler: the stale decision must not free its own newer batch either.
+    d3 = a.next(0.010)
+    with pytest.raises(IllegalTransition):
+        a.complete(d1, 0.011, 0.005)
+    assert a.running[d3.slot][0] is d3 and dev.running[d3.slot][1] is d3
+    with pytest.raises(IllegalTransition):  # nor a device release of a stale decision
+        dev.release(d1)
+    a.complete(d3, 0.012, 0.002)
+    assert not dev.running and not a.running

@@ -42,6 +42,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .request import IllegalTransition
+
 if TYPE_CHECKING:
     from .policy import Decision
     from .scheduler import Scheduler
@@ -153,9 +155,17 @@ class Device:
         self._notify(scheduler)
 
     def release(self, decision: Decision) -> None:
-        """``decision``'s batch ended: free its slot and wake the other members."""
-        run = self.running.pop(decision.slot, None)
-        self._notify(run[0] if run else None)
+        """``decision``'s batch ended: free its slot and wake the other members. Raises
+        ``IllegalTransition`` (and frees nothing) when ``decision`` is not the batch running
+        on its slot: a batch released twice must not free another one's slot."""
+        run = self.running.get(decision.slot)
+        if run is None or run[1] is not decision:
+            raise IllegalTransition(
+                f"release(): slot {decision.slot} of device {self.name} does not run this batch "
+                "(released twice?)"
+            )
+        del self.running[decision.slot]
+        self._notify(run[0])
 
     def _notify(self, owner: Scheduler | None) -> None:
         for sched in list(self.members):

@@ -47,7 +47,7 @@ from .device import Device, Instances
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
 from .plan import SMALL_QUEUE, Columns, admission_finish, quantile, warm
 from .policy import Context, Decision, Policy, Snapshot
-from .request import Request, State
+from .request import IllegalTransition, Request, State
 
 # Seconds: time constant of the decayed arrival rate. Tens of batches at the profiled
 # latencies (about 1-20 ms each), so one batch's worth of arrivals does not look like a
@@ -509,11 +509,19 @@ class Scheduler:
         """The batch finished (``ok``: its time is learned) or failed after ``compute_s``
         seconds of engine time. ``decision`` is the one ``next`` returned: its slot is
         freed. ``served``: the requests answered, where a failed batch's ran again alone
-        (default: all of them if ``ok``, else none)."""
+        (default: all of them if ``ok``, else none). A decision that is not running on its
+        slot here (completed twice, or another scheduler's) raises ``IllegalTransition``
+        before anything changes: freeing the slot would free whatever batch runs there now."""
         if decision.slot is None:
             raise ValueError("complete() takes the Decision that next() returned (with its slot)")
-        self.running.pop(decision.slot, None)
+        run = self.running.get(decision.slot)
+        if run is None or run[0] is not decision:
+            raise IllegalTransition(
+                f"complete(): the batch of requests {[r.id for r in decision.requests]} is not "
+                f"running on slot {decision.slot} of this scheduler (completed twice?)"
+            )
         self.device.release(decision)
+        del self.running[decision.slot]
         if ok:
             self.latency.observe(decision.tier, decision.rows, compute_s)
             self._observed_at[decision.tier] = now
