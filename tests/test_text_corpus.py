@@ -195,3 +195,15 @@ def test_real_build_from_installed_docs(tmp_path):
     assert all(tc.is_prose(s) for s in cal + ev)
     names = {p["name"] for p in manifest["packages"]}
     assert {"numpy", "torch"} <= names and all(p["version"] for p in manifest["packages"])
+
+
+def test_sentences_differing_only_by_markup_or_punctuation_are_one_sentence():
+    # Keyed by the lowercase form alone, "a -- b" and "a - b" (or ``x`` and x) sat in both
+    # splits: two evaluation sentences had been calibrated on.
+    splits = tc._Splits({"calibration": 10, "evaluation": 10})
+    splits.add("calibration", "Call ``load()`` -- it reads the file back.", "a")
+    splits.add("evaluation", "Call load() - it reads the file back", "b")
+    splits.add("evaluation", "Größe und Maß sind zwei verschiedene Wörter hier.", "b")
+    splits.add("evaluation", "Grösse und Mass sind zwei verschiedene Wörter hier.", "b")
+    assert len(splits.sentences["calibration"]) == 1
+    assert len(splits.sentences["evaluation"]) == 2  # other letters are other sentences

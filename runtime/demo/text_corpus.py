@@ -276,7 +276,7 @@ def split_of(doc_id: str, seed: int) -> str:
 
 @dataclass
 class _Splits:
-    """Sentences per split, keyed by their lowercase form (insertion-ordered), and the source
+    """Sentences per split, keyed by ``duplicate_key`` (insertion-ordered), and the source
     each came from."""
 
     targets: dict[str, int]
@@ -287,7 +287,7 @@ class _Splits:
         return len(self.sentences[split]) >= self.targets[split]
 
     def add(self, split: str, sentence: str, source: str) -> None:
-        key = sentence.lower()
+        key = duplicate_key(sentence)
         calibration, evaluation = self.sentences["calibration"], self.sentences["evaluation"]
         if key in self.sentences[split] or (split == "evaluation" and key in calibration):
             return
@@ -304,6 +304,19 @@ class _Splits:
                 per_split = counts.setdefault(self.origin[key], {})
                 per_split[split] = per_split.get(split, 0) + 1
         return counts
+
+
+def duplicate_key(sentence: str) -> str:
+    """What two sentences share when they are the same text: lowercase letters and digits
+    (any script), words separated by one space. Keyed by the lowercase form alone, sentences
+    that differed only by markup or punctuation ("--" for "-", backticks) sat in both
+    splits, so an evaluation sentence had been calibrated on.
+
+    Example:
+        >>> duplicate_key("Use ``load()`` -- not save.") == duplicate_key("use load() - not save")
+        True
+    """
+    return " ".join(re.sub(r"[\W_]+", " ", sentence.lower()).split())
 
 
 def split_documents(
@@ -349,6 +362,7 @@ def _rules(targets: dict[str, int]) -> dict:
         "evaluation_fraction": EVALUATION_FRACTION,
         "targets": targets,
         "distributions": list(DISTRIBUTIONS),
+        "duplicate_key": "lowercase letters and digits (any script), one space between words",
     }
 
 
