@@ -235,3 +235,22 @@ def test_completing_a_batch_twice_raises_before_freeing_the_slot_or_learning_aga
         dev.release(d1)
     a.complete(d3, 0.012, 0.002)
     assert not dev.running and not a.running
+
+
+# -- 7. min_tier ranks by the tiers' order as served (accuracy) ---------------------------------
+def test_min_tier_allows_the_tier_and_the_more_accurate_ones_not_the_wider_ones():
+    """What Request's docstring now says (it said "by width order"): a wider tier that
+    measured less accurate (w100 0.951 < w050 0.953) ranks below, so min_tier="w050" does not
+    allow it and min_tier="w100" allows w050 - the most accurate allowed tier, so it runs
+    there. (Only the docstring changed: this pins the behaviour it now describes.)"""
+    tiers = [
+        TierInfo("w100", 0.951, {1: 8.0}),
+        TierInfo("w050", 0.953, {1: 3.0}),
+        TierInfo("w025", 0.90, {1: 1.0}),
+    ]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=8)
+    assert s.ctx.allowed(Request(1, 0.0, 1.0, min_tier="w050")) == ["w050"]
+    assert s.ctx.allowed(Request(2, 0.0, 1.0, min_tier="w100")) == ["w050", "w100"]
+    s.submit(Request(3, 0.0, 0.010, min_tier="w100"), 0.0)
+    assert s.next(0.0).tier == "w050"
+    assert "accuracy" in Request.__doc__ and "width order" not in Request.__doc__

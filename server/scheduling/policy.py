@@ -178,7 +178,8 @@ class Context:
         raise AttributeError(f"Context is read-only (setting {name!r}); see Snapshot")
 
     def allowed(self, r: Request) -> list[str]:
-        """Tiers request ``r`` may run on, most accurate first (pin / min_tier honoured)."""
+        """Tiers request ``r`` may run on, most accurate first: ``r.pin`` alone, or
+        ``r.min_tier`` and every tier more accurate than it (not: every wider tier)."""
         if r.pin is not None:
             return [r.pin]
         if r.min_tier is not None:

@@ -60,9 +60,12 @@ class Request:
     """One inference request as the policy sees it (times in seconds on the injected clock).
 
     ``rows``: samples in the request (its batch dimension). ``deadline``: absolute time by
-    which the response must be sent. ``pin``: only this tier. ``min_tier``: no tier smaller
-    (by width order) than this. ``priority``: 0 is default; larger is more urgent (Triton:
-    smaller number = higher priority; the server converts before it gets here).
+    which the response must be sent. ``pin``: only this tier. ``min_tier``: this tier or one
+    ranked above it in the tiers' order as served (``Context.tiers``: by accuracy - measured
+    where every tier has it, else the FLOPs fraction, i.e. by size); a wider tier that
+    measured less accurate ranks below it. ``priority``: 0 is default; larger is more
+    urgent (Triton: smaller number = higher priority; the server converts before it gets
+    here).
     ``payload``: the caller's data (the server's input tensors); the scheduler never reads
     it. ``reserve``: seconds the server moved ``deadline`` earlier than the client's own
     (a high quantile of the time it spends outside queue and compute); the scheduler never
