@@ -10,9 +10,10 @@ nodes and whose calls are torch-level functions, methods and ``torch.nn`` module
   on shapes and configuration is resolved - it captures transformers models whole. Its graph
   is ATen-level (``aten.linear``, ``aten.view``, ``aten.scaled_dot_product_attention``) with
   parameters as ``get_attr`` nodes. ``lower`` rewrites the ATen ops that carry channels into
-  their torch-level equivalents (``F.linear``, ``Tensor.reshape``, ...), so the same rules and
-  the same ONNX export apply; ATen ops that only build masks and positions stay ATen (the
-  rules see no channels on them; ``graphio`` stores them by their ``aten`` name).
+  their torch-level equivalents (``F.linear``, ``F.conv2d``, ``F.batch_norm``,
+  ``Tensor.reshape``, ...), so the same rules and the same ONNX export apply; ATen ops that
+  only build masks and positions stay ATen (the rules see no channels on them; ``graphio``
+  stores them by their ``aten`` name).
 
 Batch and every other input dim except the last are exported dynamic (the sampled model must
 serve any batch and sequence length); fx graphs are dynamic by construction.
@@ -158,7 +159,15 @@ def _method(name: str, spread: bool = False) -> Callable[[tuple, dict], Lowered]
 def _slice(a: tuple, k: dict) -> Lowered:
     x, dim, start, end, step = (*a, *(None,) * 5)[:5]
     dim = 0 if dim is None else dim
-    index = (slice(None),) * dim + (slice(start, end, step if step != 1 else None),)
+    part = slice(start, end, step if step != 1 else None)
+    if dim >= 0:
+        index = (*(slice(None),) * dim, part)
+    else:  # counted from the end: (slice(None),) * -1 is empty, which sliced dim 0
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            index = (*(slice(None),) * (dim % val.dim()), part)
+        else:  # rank unknown: the same slice, written from the end
+            index = (Ellipsis, part, *(slice(None),) * (-dim - 1))
     return ("call_function", operator.getitem, (x, index), {})
 
 
@@ -205,6 +214,14 @@ def _to(a: tuple, k: dict) -> Lowered:
     return ("call_method", "to", a[:1], {"dtype": dtype})
 
 
+def _batch_norm(a: tuple, k: dict) -> Lowered:
+    """``aten.batch_norm(x, weight, bias, mean, var, training, momentum, eps, cudnn)`` as
+    ``F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)`` (its argument
+    order), so that the functional norm rule ties its parameters to the channels."""
+    x, w, b, mean, var, training, momentum, eps = a[:8]
+    return ("call_function", F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {})
+
+
 def _gelu(a: tuple, k: dict) -> Lowered:
     approximate = a[1] if len(a) > 1 else k.get("approximate", "none")
     return ("call_function", F.gelu, a[:1], {"approximate": approximate})
@@ -213,6 +230,29 @@ def _gelu(a: tuple, k: dict) -> Lowered:
 _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.linear.default: _function(F.linear),
     aten.layer_norm.default: _function(F.layer_norm, keep=5),
+    # Convolutions and norms carry a CNN's channels: left ATen they were opaque, and a CNN
+    # captured by torch.export converted with no elastic width at all.
+    aten.conv1d.default: _function(F.conv1d),
+    aten.conv2d.default: _function(F.conv2d),
+    aten.conv3d.default: _function(F.conv3d),
+    aten.conv1d.padding: _function(F.conv1d),
+    aten.conv2d.padding: _function(F.conv2d),
+    aten.conv3d.padding: _function(F.conv3d),
+    aten.batch_norm.default: _batch_norm,
+    # A CNN's pooling and activations, so that its channels pass through them (the ATen
+    # overloads take the same arguments in the same order as these F. forms).
+    aten.max_pool1d.default: _function(F.max_pool1d),
+    aten.max_pool2d.default: _function(F.max_pool2d),
+    aten.avg_pool1d.default: _function(F.avg_pool1d),
+    aten.avg_pool2d.default: _function(F.avg_pool2d),
+    aten.adaptive_avg_pool1d.default: _function(F.adaptive_avg_pool1d),
+    aten.adaptive_avg_pool2d.default: _function(F.adaptive_avg_pool2d),
+    aten.hardtanh.default: _function(F.hardtanh),
+    aten.hardswish.default: _function(F.hardswish),
+    aten.hardsigmoid.default: _function(F.hardsigmoid),
+    aten.leaky_relu.default: _function(F.leaky_relu),
+    aten.softplus.default: _function(F.softplus),
+    aten.mish.default: _function(F.mish),
     aten.embedding.default: _embedding,
     aten.view.default: _method("reshape", spread=True),
     aten.reshape.default: _method("reshape", spread=True),
@@ -260,6 +300,18 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.t.default: _function(torch.t),
     aten.addmm.default: _addmm,
 }
+# In-place activations (nn.ReLU(inplace=True)) as their out-of-place forms, where nothing
+# else can see the difference (``_private``): the lowered graph is cleaned of dead code, which
+# would drop an in-place call whose result is unused, and a mutation through a view changes
+# another tensor. Elsewhere they stay ATen (refused on continuous channels).
+_INPLACE: dict[Any, Callable[[tuple, dict], Lowered]] = {
+    aten.relu_.default: _function(torch.relu),
+    aten.sigmoid_.default: _function(torch.sigmoid),
+    aten.hardtanh_.default: _function(F.hardtanh),
+    aten.silu_.default: _function(F.silu),
+    aten.leaky_relu_.default: _function(F.leaky_relu),
+    aten.hardswish_.default: _function(F.hardswish),
+}
 # Identities at inference (the model is exported in eval mode: dropout's `train` is False).
 _IDENTITY = {aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
              aten.detach.default, aten.alias.default}  # fmt: skip
@@ -281,6 +333,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     if single:  # a model returning one tensor keeps returning one tensor, not a 1-tuple
         out = graph.output_node()
         out.args = (out.args[0][0],)
+    private = {n for n in graph.nodes if n.target in _INPLACE and _private(n)}  # before changes
     for node in list(graph.nodes):
         # The guard call re-checks inputs against the shapes export assumed (sequence within
         # the position table, ...); served tiers are checked by their engine's input specs.
@@ -290,6 +343,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         elif node.op == "call_function" and node.target in _IDENTITY:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+        elif node in private:
+            _replace(graph, node, _INPLACE[node.target](tuple(node.args), dict(node.kwargs)))
         elif node.op == "call_function" and node.target in _TABLE:
             _replace(graph, node, _TABLE[node.target](tuple(node.args), dict(node.kwargs)))
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
@@ -304,6 +359,18 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _private(node: fx.Node) -> bool:
+    """An in-place op on a new tensor that nothing else reads: computing it out of place
+    changes nothing another node could see. New: made by an ATen op whose schema returns no
+    alias (not a view, not an in-place result; an inference identity returns its input)."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or len(x.users) != 1 or x.target in _IDENTITY:
+        return False
+    op = x.target
+    returns = op._schema.returns if isinstance(op, torch._ops.OpOverload) else None
+    return bool(returns) and all(r.alias_info is None for r in returns)
 
 
 # ATen ops of mask/position building whose arguments can be sizes (traced when exporting).

@@ -12,10 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from tqdm.auto import tqdm
 
 from runtime.inn import graphio
@@ -67,6 +70,11 @@ def convert(
         folded = _fold_norms(model) if fold_norms and frontend != "export" else None
         gm = capture(folded or model, tuple(example_inputs), example_kwargs, frontend)
         captured_by = gm.meta["frontend"]
+        # What was folded, not what was asked: an exported graph is folded here (fuse()
+        # needs fx), a model fuse() could not fold keeps its norms.
+        did_fold = folded is not None
+        if fold_norms and captured_by == "export":
+            did_fold = fold_graph_norms(gm)
         analysis = analyse(gm, _placeholder_inputs(gm, example_inputs, example_kwargs), discrete)
         spec = graphio.to_spec(gm)
         state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
@@ -78,7 +86,14 @@ def convert(
             gi = analysis.groups.index(g)
             order = smoothing_order(channel_features(state, analysis, gi), seed=seed)
             apply_order(state, analysis, gi, order)
-    info = {"source": type(model).__name__, "permuted": permute, "folded_norms": fold_norms,
+    if not any(not g.discrete for g in analysis.groups):
+        warnings.warn(
+            f"{type(model).__name__} converted with no elastic width: every channel group is "
+            f"discrete (tied to the model's inputs or outputs, or to ops that keep their "
+            f"size), so sample() returns the full model at every width",
+            stacklevel=2,
+        )
+    info = {"source": type(model).__name__, "permuted": permute, "folded_norms": did_fold,
             "frontend": captured_by,
             "seed": seed}  # fmt: skip
     return IntegralModel(
@@ -123,6 +138,81 @@ def _fold_norms(model: nn.Module) -> nn.Module | None:
         return fuse(model, inplace=False)
     except Exception:  # fx cannot trace it (torch.export will) or fuse cannot fold it
         return None
+
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def fold_graph_norms(gm: torch.fx.GraphModule) -> bool:
+    """``fuse()``'s fold on a captured graph, where norms are ``F.batch_norm`` calls (the
+    torch.export path): an inference-mode norm whose input is a conv's (or a linear's, on
+    (B, C) rows) only use is folded into that layer's weight and bias, both of them
+    parameters read by that layer alone. The tensors are replaced, never written in place
+    (they are the source model's). True: the pass ran (whether or not a pair matched)."""
+    graph = gm.graph
+    for bn in list(graph.find_nodes(op="call_function", target=F.batch_norm)):
+        x, mean, var, w, b, training, _, eps = (*bn.args, *(None,) * 8)[:8]
+        if training or not isinstance(x, torch.fx.Node) or len(x.users) != 1:
+            continue
+        linear = x.target is F.linear and getattr(x.meta.get("val"), "ndim", 0) == 2
+        if not (x.op == "call_function" and (x.target in _CONVS or linear)):
+            continue
+        lw, lb = x.args[1], x.args[2] if len(x.args) > 2 else x.kwargs.get("bias")
+        if not all(_own_attr(n) for n in (lw, mean, var)):
+            continue
+        if not all(n is None or _own_attr(n) for n in (lb, w, b)):
+            continue
+        lw_t, lb_t, mean_t, var_t, w_t, b_t = (
+            None if n is None else _get_attr(gm, n.target) for n in (lw, lb, mean, var, w, b)
+        )
+        if linear:  # fuse_linear_bn_weights wants the norm's affine parameters
+            w_t = torch.ones_like(mean_t) if w_t is None else w_t
+            b_t = torch.zeros_like(mean_t) if b_t is None else b_t
+            fw, fb = fuse_linear_bn_weights(lw_t, lb_t, mean_t, var_t, eps, w_t, b_t)
+        else:
+            fw, fb = fuse_conv_bn_weights(lw_t, lb_t, mean_t, var_t, eps, w_t, b_t)
+        _set_attr(gm, lw.target, fw)
+        if lb is None:  # a layer without a bias gets one, read by a new node
+            lb_name = _free_name(gm, lw.target.rpartition(".")[0], "bias")
+            _set_attr(gm, lb_name, fb)
+            with graph.inserting_before(x):
+                lb = graph.get_attr(lb_name)
+            x.args = (*x.args[:2], lb, *x.args[3:])
+            x.kwargs = {k: v for k, v in x.kwargs.items() if k != "bias"}
+        else:
+            _set_attr(gm, lb.target, fb)
+        bn.replace_all_uses_with(x)
+        graph.erase_node(bn)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return True
+
+
+def _own_attr(node: object) -> bool:
+    """A ``get_attr`` node that is the only reader of its tensor, read by one node."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr" or len(node.users) != 1:
+        return False
+    graph = node.graph
+    return sum(1 for n in graph.find_nodes(op="get_attr") if n.target == node.target) == 1
+
+
+def _get_attr(gm: torch.fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, leaf = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
+
+
+def _set_attr(gm: torch.fx.GraphModule, path: str, value: torch.Tensor) -> None:
+    owner, _, leaf = path.rpartition(".")
+    setattr(gm.get_submodule(owner), leaf, nn.Parameter(value.detach()))
+
+
+def _free_name(gm: torch.fx.GraphModule, owner: str, leaf: str) -> str:
+    mod = gm.get_submodule(owner)
+    name, i = leaf, 0
+    while hasattr(mod, name):
+        i += 1
+        name = f"{leaf}_{i}"
+    return f"{owner}.{name}" if owner else name
 
 
 def _runs(analysis: Analysis, gi: int):

@@ -125,6 +125,27 @@ class Tracer:
         self._bound[key] = len(self.bindings)
         self.bindings.append(Binding(param, dim, layout, reduce))
 
+    def rebind(self, node: fx.Node, dim: int, layout: Layout, reduce: bool) -> bool:
+        """Re-declare what dim ``dim`` of raw parameter ``node`` carries: ``layout`` instead of
+        the fresh group ``visit_get_attr`` gave it (a grouped conv's weight, whose dim 1 is one
+        block of the input's channels - a group of another size, so it cannot be tied).
+        Only while nothing else can have seen that group: a ``get_attr`` read by one node,
+        its dim not tied yet. False (nothing changed) otherwise."""
+        source = self.sources.get(node, {}).get(dim)
+        if node.op != "get_attr" or source is None or len(node.users) != 1:
+            return False
+        if len([n for n in self.gm.graph.find_nodes(op="get_attr") if n.target == node.target]) > 1:
+            return False  # another read of the tensor holds the old group
+        i = self._bound[source]
+        old = self.bindings[i].layout
+        g = old[0].group
+        if len(old) != 1 or self.uf.find(g) != g or self.uf.anchored[g] or self.uf.discrete[g]:
+            return False
+        self.bindings[i] = Binding(source[0], source[1], layout, reduce)
+        self.labels[node][dim] = layout
+        self.uf.pin(g)  # orphaned: nothing refers to it any more
+        return True
+
     def bound(self, param: str, dim: int) -> Layout | None:
         i = self._bound.get((param, dim))
         return None if i is None else self.bindings[i].layout

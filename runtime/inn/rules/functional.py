@@ -1,6 +1,7 @@
 """Rules for functional layers that use the model's own parameters: ``F.linear``,
-``F.layer_norm`` (timm / torchvision ``LayerNorm2d``: permute -> layer_norm -> permute) and
-``F.batch_norm`` (timm ``BatchNormAct2d``).
+``F.conv1d/2d/3d`` (every conv of a CNN captured by torch.export), ``F.layer_norm`` (timm /
+torchvision ``LayerNorm2d``: permute -> layer_norm -> permute) and ``F.batch_norm`` (timm
+``BatchNormAct2d``, and every BatchNorm captured by torch.export).
 
 The parameters reach the call as ``get_attr`` nodes (possibly through shape ops), whose dims
 already carry bound groups; the rule ties those dims to the input's channels. A literal
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import fx
 
-from runtime.inn.layout import SizeField, node_key
+from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
+from runtime.inn.rules.layers import set_blocks
 
 if TYPE_CHECKING:
     from runtime.inn.tracer import Tracer
@@ -77,6 +79,63 @@ def linear(tr: Tracer, node: fx.Node) -> None:
     if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
         tr.unify(tr.layout_of(b, 0), out, f"node {node.name!r}")
     tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
+
+
+@register(functions=(F.conv1d, F.conv2d, F.conv3d))
+def conv(tr: Tracer, node: fx.Node) -> None:
+    """The conv module rule (``rules.layers.conv``) on a call with the weight as an argument:
+    ``groups=1`` sums over the input channels (W's dim 1, the quadrature side) and W's dim 0
+    is a layer output; depthwise (``groups`` = input channels) keeps the input's layout, each
+    channel spanning ``C_out / C_in`` outputs, and ``groups`` becomes a size field. Other
+    grouped convs resample each of their ``groups`` blocks alike (``_grouped``)."""
+    x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    where = f"node {node.name!r}"
+    c_in = tr.shape(x)[1]
+    l_in = tr.layout_of(x, 1)
+    if groups == 1:
+        if tr.shape(w)[1] > 1:
+            tr.unify(tr.layout_of(w, 1), l_in, where)
+            source = tr.sources.get(w, {}).get(1)
+            if source is not None:
+                tr.mark_reduce(source)
+            else:
+                tr.fixed(node, "a conv with a computed weight (not a parameter)", [l_in])
+        out = tr.layout_of(w, 0)
+        for s in out:
+            tr.uf.anchor(s.group)
+    elif groups == c_in:
+        mult = tr.shape(w)[0] // c_in
+        spread = tuple(Segment(s.group, s.inner * mult, s.per_block) for s in l_in)
+        out = tr.unify(tr.layout_of(w, 0), spread, where)
+        key = "6" if len(node.args) > 6 else "groups"
+        tr.size_fields[node_key(node.name)] = [SizeField(key, l_in)]
+    else:
+        out = _grouped(tr, node, w, groups, l_in)
+    if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
+        tr.unify(tr.layout_of(b, 0), out, where)
+    # The batch dim is kept; the spatial dims change size, so their labels are not carried.
+    tr.labels[node] = {**{d: v for d, v in tr.labels.get(x, {}).items() if d == 0}, 1: out}
+
+
+def _grouped(tr: Tracer, node: fx.Node, w: fx.Node, groups: int, l_in: Layout) -> Layout:
+    """A conv of ``groups`` blocks: as the module rule, W's dim 1 is one block of the input's
+    channels and both sides get ``groups`` blocks. Where W's dim 1 cannot be re-declared so
+    (a weight read twice or computed, an input after a concat) both sides are pinned discrete:
+    exact, but not elastic there."""
+    block = (Segment(l_in[0].group, 1, per_block=True),)
+    plain = len(l_in) == 1 and l_in[0].inner == 1 and tr.shape(w)[1] > 1
+    if plain and tr.rebind(w, 1, block, reduce=True):
+        set_blocks(tr, tr.uf.find(l_in[0].group), groups, node)
+        out = tr.layout_of(w, 0)
+        for s in out:
+            tr.uf.anchor(s.group)
+        set_blocks(tr, tr.uf.find(out[0].group), groups, node)
+        return out
+    out = tr.layout_of(w, 0)
+    for s in (*l_in, *out):
+        tr.uf.pin(s.group)
+    return out
 
 
 @register(functions=(F.embedding,))

@@ -53,10 +53,10 @@ def conv(tr: Tracer, node: fx.Node) -> None:
                 f"cannot convert node {node.name!r} (call_module Conv at {name!r}): grouped "
                 f"Conv ({g} groups) after a concat/flatten has no rule"
             )
-        _set_blocks(tr, tr.uf.find(l_in[0].group), g, node)
+        set_blocks(tr, tr.uf.find(l_in[0].group), g, node)
         tr.module_binding(name, "weight", 1, (Segment(l_in[0].group, 1, per_block=True),), True)
         out = tr.new_group(c_out, name)
-        _set_blocks(tr, tr.uf.find(out[0].group), g, node)
+        set_blocks(tr, tr.uf.find(out[0].group), g, node)
     tr.module_binding(name, "weight", 0, out)
     if mod.bias is not None:
         tr.module_binding(name, "bias", 0, out)
@@ -65,7 +65,7 @@ def conv(tr: Tracer, node: fx.Node) -> None:
     tr.labels[node] = {**tr.labels.get(x, {}), 1: out}
 
 
-def _set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
+def set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
     have = tr.uf.blocks[root]
     if have > 1 and have != blocks:
         raise ConversionError(

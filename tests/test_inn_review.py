@@ -1,0 +1,207 @@
+"""Defects a review of runtime/inn found, each pinned by a test that fails without its fix
+(one section per finding of the review, numbered as it numbered them)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from runtime import convert
+from runtime.build.export import export_onnx
+from runtime.inn.capture import capture, lower
+from runtime.inn.groups import ConversionError
+from runtime.inn.model import IntegralModel, load
+
+aten = torch.ops.aten
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    """Statistics and affine parameters far from a fresh norm's, so that a fold shows."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+
+
+class CheckedCNN(nn.Module):
+    """A CNN with a shape check (torch.fx cannot trace it; torch.export can): 2d and 1d convs,
+    one without a bias, a grouped and a depthwise one (a channel multiplier of 2), a norm
+    after each kind, an in-place ReLU, max and adaptive pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.check = True  # False: the same network, traceable by torch.fx
+        self.c1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.c3 = nn.Conv2d(24, 32, 1)
+        self.dw, self.bn3 = nn.Conv1d(32, 64, 3, groups=32), nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):  # (B, 1, 8, 8)
+        if self.check and x.shape[-1] != 8:
+            raise ValueError("expects 8x8 inputs")
+        h = F.relu(self.bn1(self.c1(x)), inplace=True)  # (B, 16, 8, 8)
+        h = F.max_pool2d(torch.relu(self.bn2(self.c2(h))), 2)  # (B, 24, 4, 4)
+        h = self.dw(self.c3(h).flatten(2))  # (B, 64, 14)
+        return self.fc(F.adaptive_avg_pool1d(self.bn3(h), 1).flatten(1))  # (B, 10)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    net = CheckedCNN().eval()
+    _randomise_norms(net)
+    return net, torch.randn(6, 1, 8, 8)
+
+
+def _traceable(net: CheckedCNN) -> CheckedCNN:
+    twin = CheckedCNN().eval()
+    twin.load_state_dict(net.state_dict())
+    twin.check = False
+    return twin
+
+
+def _batch_norms(module: fx.GraphModule) -> int:
+    return sum(n.target is F.batch_norm for n in module.graph.nodes) + sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()
+    )
+
+
+def _shape(inn: IntegralModel) -> list:
+    return [(g.name, g.size, g.blocks) for g in inn.groups]
+
+
+# -- 2: a CNN captured by torch.export ----------------------------------------------------------
+def test_export_captured_cnn_is_elastic_and_samples_as_its_fx_conversion(cnn):
+    net, x = cnn
+    source = {k: v.clone() for k, v in net.state_dict().items()}
+    inn = convert(net, (x[:2],))  # auto: fx cannot trace it, torch.export captures it
+    ref = convert(_traceable(net), (x[:2],), frontend="fx")
+    assert inn.info["frontend"] == "export" and ref.info["frontend"] == "fx"
+    # the same groups as torch.fx's module rules find: every conv's width, the grouped
+    # conv's blocks, the depthwise conv following its input
+    assert _shape(inn) == _shape(ref) == [("c1", 16, 4), ("c2", 24, 4), ("c3", 32, 1)]
+    assert inn.info["folded_norms"] and _batch_norms(inn.sample(1.0)) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), net(x), rtol=1e-4, atol=1e-5)
+        for w in (0.5, 0.25):
+            torch.testing.assert_close(inn.sample(w)(x), ref.sample(w)(x), rtol=1e-4, atol=1e-5)
+    half = sum(p.numel() for p in inn.sample(0.5).parameters())
+    assert half < 0.5 * sum(p.numel() for p in inn.sample(1.0).parameters())
+    # the fold replaced the source's tensors, it did not write into them
+    assert all(torch.equal(source[k], v) for k, v in net.state_dict().items())
+
+
+def test_export_captured_cnn_keeps_its_norms_when_asked_and_says_so(cnn):
+    net, x = cnn
+    inn = convert(net, (x[:2],), frontend="export", fold_norms=False)
+    ref = convert(_traceable(net), (x[:2],), frontend="fx", fold_norms=False)
+    assert not inn.info["folded_norms"] and _batch_norms(inn.sample(0.5)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(0.5)(x), ref.sample(0.5)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_captured_cnn_tier_round_trips_and_runs_in_onnx_runtime(cnn, tmp_path):
+    net, x = cnn
+    inn = convert(net, (x[:2],), frontend="export")
+    half = load(inn.save(tmp_path / "inn")).sample(0.5)
+    onnx = export_onnx(half, [("x", (1, 8, 8), torch.float32)], ["y"])
+    (y,) = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(y, inn.sample(0.5)(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.c(x)
+        h.relu_()  # on a new tensor nothing else reads: lowered out of place
+        F.hardtanh_(h[:, :2], 0.0, 0.5)  # result unused; it changes h through the view
+        return self.e(h)
+
+
+def test_in_place_activations_lower_only_where_nothing_else_sees_the_difference():
+    torch.manual_seed(0)
+    net, x = InPlace().eval(), torch.randn(2, 3, 4, 4)
+    gm = capture(net, (x,), frontend="export")
+    kept = [n.target for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    assert kept == [aten.hardtanh_.default]  # relu_ became torch.relu; the view's op stays
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x))
+
+
+def test_a_conversion_without_elastic_width_warns():
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="no elastic width"):
+        inn = convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), (x,))
+    assert inn.groups == []
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no elastic width")
+        convert(mlp, (x,))  # an elastic hidden width: nothing to say
+
+
+# -- 4: aten.slice with a negative dim ----------------------------------------------------------
+class SliceLast(nn.Module):
+    def forward(self, x):  # (B, T, 8) -> (B, T, 2)
+        return aten.slice.Tensor(x, -1, 0, 2) * 2
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_lowering_slices_a_negative_dim_from_the_end(frontend):
+    """An exported graph knows each tensor's rank; an fx graph does not (sliced from the end)."""
+    x = torch.randn(3, 5, 8)
+    if frontend == "export":
+        gm = torch.export.export(SliceLast(), (x,), strict=False).module()
+    else:
+        gm = fx.symbolic_trace(SliceLast())
+    torch.testing.assert_close(lower(gm)(x), x[..., :2] * 2)
+
+
+class SliceSteps(nn.Module):
+    """Keeps the first two steps (dim -2, not a channel dim) of a hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, T, 8) -> (B, 2, 3)
+        return self.b(torch.relu(aten.slice.Tensor(self.a(x), -2, 0, 2)))
+
+
+def test_export_conversion_with_a_negative_slice_dim_is_exact():
+    torch.manual_seed(0)
+    net, x = SliceSteps().eval(), torch.randn(3, 5, 8)
+    inn = convert(net, (x,), frontend="export")
+    assert _shape(inn) == [("a", 16, 1)]
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), net(x))
+        assert inn.sample(0.5)(x).shape == (3, 2, 3)
+
+
+def test_a_negative_slice_of_continuous_channels_is_refused():
+    class SliceChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 3)
+
+        def forward(self, x):  # the first 8 of a's 16 channels: picked by position
+            return self.b(aten.slice.Tensor(torch.relu(self.a(x)), -1, 0, 8))
+
+    with pytest.raises(ConversionError, match="indexes channel dim 2"):
+        convert(SliceChannels().eval(), (torch.randn(3, 5, 8),), frontend="export")
