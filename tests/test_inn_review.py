@@ -205,3 +205,48 @@ def test_a_negative_slice_of_continuous_channels_is_refused():
 
     with pytest.raises(ConversionError, match="indexes channel dim 2"):
         convert(SliceChannels().eval(), (torch.randn(3, 5, 8),), frontend="export")
+
+
+# -- 5: softmax over continuous channels ---------------------------------------------------------
+class HiddenSoftmax(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.softmax = nn.Linear(4, 64), nn.Linear(64, 3), nn.Softmax(dim=-1)
+
+    def forward(self, x):  # (B, 4)
+        h = self.a(x)  # (B, 64): a continuous group
+        if self.kind == "function":
+            h = torch.softmax(h, dim=-1)
+        elif self.kind == "log":
+            h = F.log_softmax(h, 1)
+        elif self.kind == "method":
+            h = h.softmax(-1)
+        else:
+            h = self.softmax(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    ("kind", "frontend"),
+    [("function", "fx"), ("log", "fx"), ("method", "fx"), ("module", "fx"),
+     ("function", "export"), ("log", "export")],
+)  # fmt: skip
+def test_softmax_over_continuous_channels_is_refused(kind, frontend):
+    """Its normaliser sums the channels: at width n of m every output was scaled by m / n."""
+    with pytest.raises(ConversionError, match="softmax over a channel dim"):
+        convert(HiddenSoftmax(kind).eval(), (torch.randn(2, 4),), frontend=frontend)
+
+
+def test_softmax_over_classes_or_fixed_channels_still_converts():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    classes = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3), nn.Softmax(-1))
+    inn = convert(classes.eval(), (x,))
+    assert _shape(inn) == [("0", 32, 1)]  # the hidden width stays elastic
+    net = HiddenSoftmax("function").eval()
+    with pytest.warns(UserWarning, match="no elastic width"):
+        fixed = convert(net, (x,), discrete=["a"])
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), classes(x))
+        torch.testing.assert_close(fixed.sample(0.5)(x), net(x))

@@ -286,6 +286,8 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.rsqrt.default: _function(torch.rsqrt),
     aten.softmax.int: _softmax,
     aten._softmax.default: _softmax,
+    aten.log_softmax.int: lambda a, k: ("call_function", torch.log_softmax, a[:2], {}),
+    aten._log_softmax.default: lambda a, k: ("call_function", torch.log_softmax, a[:2], {}),
     aten.scaled_dot_product_attention.default: _function(F.scaled_dot_product_attention),
     aten.matmul.default: _function(torch.matmul),
     aten.bmm.default: _function(torch.bmm),

@@ -1,4 +1,4 @@
-"""Rules for elementwise ops (unary, broadcasting binary), concat and reductions."""
+"""Rules for elementwise ops (unary, broadcasting binary, softmax), concat and reductions."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ SAME_LAYOUT_FUNCTIONS = (
     F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.dropout, torch.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh,
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.softmax, F.log_softmax, torch.softmax,
-    torch.neg, torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, operator.neg,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.neg, torch.abs, torch.exp, torch.sqrt,
+    torch.rsqrt, torch.erf, operator.neg,
 )  # fmt: skip
 SAME_LAYOUT_METHODS = (
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "neg", "abs",
-    "exp", "softmax", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_",
+    "exp", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_",
 )  # fmt: skip
 _KEEPS_SOURCES = {"contiguous", "clone", "float", "half", "to", "detach", "type_as"}
 BINARY_FUNCTIONS = (
@@ -41,6 +41,27 @@ BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimu
 @register(functions=SAME_LAYOUT_FUNCTIONS, methods=SAME_LAYOUT_METHODS)
 def same_layout(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, node.args[0], sources=node.target in _KEEPS_SOURCES)
+
+
+@register(functions=(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
+          methods=("softmax", "log_softmax"))  # fmt: skip
+def softmax(tr: Tracer, node: fx.Node) -> None:
+    """Elementwise but for its normaliser, a sum over ``dim``: over continuous channels that
+    sum grows with the width (every output scaled by m / n), so that dim is fixed. Over any
+    other dim (attention's keys, a classifier's classes) it keeps every layout."""
+    x = node.args[0]
+    softmax_dim(tr, node, x, arg(node, 1, "dim", None))
+
+
+def softmax_dim(tr: Tracer, node: fx.Node, x: fx.Node, dim: int | None) -> None:
+    """The softmax rule for input ``x`` and ``dim`` (None: torch's legacy implicit dim)."""
+    rank = len(tr.shape(x))
+    if dim is None:  # torch.nn.functional._get_softmax_dim
+        dim = 0 if rank in (0, 1, 3) else 1
+    lay = tr.labels.get(x, {}).get(dim % rank) if rank else None
+    if lay is not None:
+        tr.fixed(node, "softmax over a channel dim (its normaliser sums the channels)", [lay])
+    tr.copy(node, x, sources=False)
 
 
 @register(when=lambda node: identity_input(node) is not None)

@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from runtime.inn.layout import ConversionError, Segment, SizeField
 from runtime.inn.rules import register
+from runtime.inn.rules.elementwise import softmax_dim
 from runtime.inn.rules.shapes import flatten_dims
 
 if TYPE_CHECKING:
@@ -22,8 +23,8 @@ SAME_LAYOUT_MODULES = (
     nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Softmax, nn.LogSoftmax,
-    nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Softplus, nn.Hardtanh,
+    nn.SELU, nn.CELU,
 )  # fmt: skip
 
 
@@ -124,6 +125,12 @@ def flatten_module(tr: Tracer, node: fx.Node) -> None:
 @register(modules=SAME_LAYOUT_MODULES)
 def same_layout_module(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, node.args[0], sources=False)
+
+
+@register(modules=(nn.Softmax, nn.LogSoftmax))
+def softmax_module(tr: Tracer, node: fx.Node) -> None:
+    mod, _, x = _module(tr, node)
+    softmax_dim(tr, node, x, mod.dim)
 
 
 @register(modules=(nn.Embedding,))
