@@ -250,3 +250,29 @@ def test_softmax_over_classes_or_fixed_channels_still_converts():
     with torch.no_grad():
         torch.testing.assert_close(inn.sample(1.0)(x), classes(x))
         torch.testing.assert_close(fixed.sample(0.5)(x), net(x))
+
+
+# -- 9: nn.MultiheadAttention with kdim / vdim ---------------------------------------------------
+class CrossAttention(nn.Module):
+    """Queries of 16 channels attend to a memory of 8 (kdim = vdim = 8); an elastic MLP after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.m = nn.Linear(4, 16), nn.Linear(4, 8)
+        self.att = nn.MultiheadAttention(16, 4, kdim=8, vdim=8, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 2)
+
+    def forward(self, x, mem):  # (B, S, 4), (B, T, 4)
+        mem = self.m(mem)
+        a, _ = self.att(self.q(x), mem, mem)
+        return self.fc2(torch.relu(self.fc1(a)))
+
+
+def test_cross_attention_with_its_own_key_width_converts_exactly():
+    torch.manual_seed(0)
+    net, x, mem = CrossAttention().eval(), torch.randn(2, 5, 4), torch.randn(2, 7, 4)
+    inn = convert(net, (x, mem))
+    assert _shape(inn) == [("fc1", 32, 1)]  # query and memory widths pinned, the MLP elastic
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x, mem), net(x, mem))
+        assert inn.sample(0.5)(x, mem).shape == (2, 5, 2)

@@ -149,16 +149,26 @@ def multihead_attention(tr: Tracer, node: fx.Node) -> None:
     """torch's fused attention block: query, key, value and output share ``embed_dim``, split
     into heads inside the module. That width is tied across all four and pinned discrete (an
     exact conversion, never a refusal): the module's heads cannot be resampled from outside.
-    The blocks around it (MLP hidden widths) stay elastic - torchvision's ViT converts so."""
+    The blocks around it (MLP hidden widths) stay elastic - torchvision's ViT converts so.
+    With ``kdim`` / ``vdim`` other than ``embed_dim`` (cross-attention on a memory of another
+    width) key and value are projected by their own weights: their channels are not the
+    query's, so each input keeps its own width, pinned discrete as well."""
     mod, name, q = _module(tr, node)
     k = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", q)
     v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", k)
     lay = tr.layout_of(q, -1)
-    for other in (k, v):
-        if other is not q and isinstance(other, fx.Node):
-            tr.unify(tr.layout_of(other, -1), lay, f"node {node.name!r}")
     if mod._qkv_same_embed_dim:
+        for other in (k, v):
+            if other is not q and isinstance(other, fx.Node):
+                tr.unify(tr.layout_of(other, -1), lay, f"node {node.name!r}")
         tr.module_binding(name, "in_proj_weight", 1, lay)
+    else:
+        for pname, t in (("q_proj_weight", q), ("k_proj_weight", k), ("v_proj_weight", v)):
+            if isinstance(t, fx.Node):
+                lt = tr.layout_of(t, -1)
+                tr.module_binding(name, pname, 1, lt)
+                for s in lt:
+                    tr.uf.pin(s.group)
     tr.module_binding(f"{name}.out_proj", "weight", 0, lay)
     if mod.out_proj.bias is not None:
         tr.module_binding(f"{name}.out_proj", "bias", 0, lay)
