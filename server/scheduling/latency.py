@@ -17,8 +17,13 @@ batches that ran:
   an engine noisier than its profile everywhere gets the observed spread at every size, not
   the profile's differences between sizes magnified).
 
-The planning latency (``estimate``) is the ``slo_target`` quantile of that distribution: the
-scheduler promises deadlines with probability ``slo_target``.
+The planning latency (``estimate``) is the ``slo_target`` quantile of the next batch's time
+as predicted from those estimates: the scheduler promises deadlines with probability
+``slo_target``. The estimates are themselves noisy - the level is an average of the last few
+batches, the spread of the last few tens - so the prediction is wider than the learned
+spread (``planning_sigma``): by the level's own noise, and by a margin for the spread's, sized
+for ``slo_target`` (planned with the learned spread as if exact, 0.999 plans were missed 5-6x
+as often as promised). The median is the level's, unchanged.
 
 Example:
     >>> t = TierInfo("w100", accuracy=0.99, latency_ms={1: 2.0, 8: 9.0})
@@ -32,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +56,13 @@ EWMA_ALPHA = 0.3
 # a spread needs more batches to estimate than a mean, and one odd batch must not make
 # every plan pessimistic for long.
 JITTER_ALPHA = 0.1
+# The planning spread's margin for the noise of the learned spread: the relative variance of
+# one successive difference's magnitude, |D|, per batch it averages over. Var|D| / E|D|^2 =
+# pi/2 - 1 (0.57) for a normal D, times ~1.4 for the correlation between successive
+# differences (two share a batch: corr(|d_i|, |d_i+1|) ~ 0.22). Over the EWMA's effective
+# number of batches (19 at JITTER_ALPHA 0.1) the learned spread is then ~20 % off at 1 sd
+# (measured: 20 %; 15 % at sigma 0.3, where DIFF_CLIP cuts the largest differences).
+SPREAD_NOISE = 0.8
 # Batches after which the observed spread counts as much as the profile's (the blend weight
 # is n / (n + TRUST_BATCHES)): a profile measured under contention stops widening plans
 # within a few tens of batches; a quiet profile of a noisy engine widens them as fast.
@@ -220,6 +233,11 @@ class LatencyModel:
         self._expected = {t.name: 0.0 for t in tiers}
         self._last = dict.fromkeys(self._log_factor)  # the previous (log ratio, rows) per tier
         self._count = {t.name: 0 for t in tiers}
+        # The noise of the two estimates, for the planning spread (``_planning_scale``): the
+        # level's variance in units of one batch's (the EWMA's sum of squared weights), and
+        # the spread EWMA's sum of weights and of squared weights.
+        self._level_var = {t.name: 0.0 for t in tiers}
+        self._jitter_w = {t.name: (0.0, 0.0) for t in tiers}
         # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
         self._p50: dict[str, list[float]] = {}
         self._p90: dict[str, list[float]] = {}
@@ -270,10 +288,29 @@ class LatencyModel:
             math.sqrt(w * max(observed, scale * s) ** 2 + (1 - w) * s * s)
             for s in self._sigma0[tier]
         ]
-        quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, sigma, strict=True))
-        mean = tuple(m * math.exp(0.5 * s * s) for m, s in zip(median, sigma, strict=True))
-        var = [m * m * math.expm1(s * s) for m, s in zip(mean, sigma, strict=True)]
-        self._rows_cache[tier] = (median, sigma, quantile, mean, var)
+        k = self._planning_scale(tier, w)
+        plan = [s * k for s in sigma]
+        quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, plan, strict=True))
+        mean = tuple(m * math.exp(0.5 * s * s) for m, s in zip(median, plan, strict=True))
+        var = [m * m * math.expm1(s * s) for m, s in zip(mean, plan, strict=True)]
+        self._rows_cache[tier] = (median, sigma, quantile, mean, var, plan)
+
+    def _planning_scale(self, tier: str, trust: float) -> float:
+        """The planning spread over the learned one. In units of the learned sigma, the
+        next batch's log time less the level is normal with variance 1 + v, v the level's
+        own variance (the EWMA's sum of squared weights); the learned sigma is off by a
+        log-normal factor of log-variance tau^2 = log(1 + r), r its relative variance
+        (``SPREAD_NOISE`` over the spread EWMA's effective batches, times the blend's trust
+        in it, squared). Planned at z k sigma, a batch is late with probability 1 -
+        slo_target when k = sqrt(1 + v) a / z, a solving E[P(Z > a exp(tau N))] = P(Z > z)
+        (``_tail_threshold``). Both noises are 0 before the first batch: the profile's
+        spread is planned as is."""
+        s1, s2 = self._jitter_w[tier]
+        r = SPREAD_NOISE * trust * trust * s2 / (s1 * s1) if s1 > 0 else 0.0
+        level = math.sqrt(1 + self._level_var[tier])
+        if self.z <= 0 or r <= 0:
+            return level
+        return level * _tail_threshold(self.z, round(math.log1p(r), 3)) / self.z
 
     def median(self, tier: str, rows: int) -> float:
         """The current median time (s) of a batch of ``rows`` on ``tier``."""
@@ -281,16 +318,24 @@ class LatencyModel:
         return self._rows_cache[tier][0][max(rows, 1)]
 
     def sigma(self, tier: str, rows: int) -> float:
-        """The current log-normal sigma of a batch of ``rows`` on ``tier``."""
+        """The current log-normal sigma of a batch of ``rows`` on ``tier``: the engine's
+        spread as learned (``planning_sigma`` is what plans use)."""
         self._check(tier, rows)
         return self._rows_cache[tier][1][max(rows, 1)]
+
+    def planning_sigma(self, tier: str, rows: int) -> float:
+        """The log-normal sigma the next batch is planned with: ``sigma`` widened for the
+        noise of the learned level and spread (``_planning_scale``); ``estimate``,
+        ``quantile``, ``mean``, ``var`` and ``remaining`` use it."""
+        self._check(tier, rows)
+        return self._rows_cache[tier][5][max(rows, 1)]
 
     def quantile(self, tier: str, rows: int, q: float) -> float:
         """The ``q`` quantile (s) of one batch's time (``estimate``'s cached value at
         ``slo_target``)."""
         if q == self.slo_target:
             return self.estimate(tier, rows)
-        return self.median(tier, rows) * math.exp(z_score(q) * self.sigma(tier, rows))
+        return self.median(tier, rows) * math.exp(z_score(q) * self.planning_sigma(tier, rows))
 
     def estimate(self, tier: str, rows: int) -> float:
         """Planning latency (s): the ``slo_target`` quantile of one batch's time."""
@@ -351,7 +396,7 @@ class LatencyModel:
         planned = self.quantile(tier, rows, q)
         if elapsed <= 0:
             return planned
-        s = self.sigma(tier, rows)
+        s = self.planning_sigma(tier, rows)
         if elapsed < planned and s == 0:
             return planned - elapsed
         if elapsed >= planned:
@@ -379,10 +424,15 @@ class LatencyModel:
         ratio = seconds / max(self.typical(tier, rows), MIN_TYPICAL_S)
         x = math.log(min(max(ratio, RATIO_MIN), RATIO_MAX))
         self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
+        keep = 1 - self.alpha
+        self._level_var[tier] = keep * keep * self._level_var[tier] + self.alpha * self.alpha
         last = self._last[tier]
         if last is not None:
             d = min(abs(x - last[0]), DIFF_CLIP)
             self._jitter[tier] += JITTER_ALPHA * (d - self._jitter[tier])
+            s1, s2 = self._jitter_w[tier]
+            keep = 1 - JITTER_ALPHA
+            self._jitter_w[tier] = (keep * s1 + JITTER_ALPHA, keep * keep * s2 + JITTER_ALPHA**2)
             s0 = self._sigma0[tier]
             e = clipped_abs_mean(math.hypot(s0[max(rows, 1)], s0[max(last[1], 1)]), DIFF_CLIP)
             self._expected[tier] += JITTER_ALPHA * (e - self._expected[tier])
@@ -400,6 +450,7 @@ class LatencyModel:
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
         self._log_factor[tier] *= keep
+        self._level_var[tier] *= keep * keep  # the level is that much less of the batches'
         self._jitter[tier] *= keep
         self._expected[tier] *= keep
         self._count[tier] = int(self._count[tier] * keep)
@@ -478,8 +529,51 @@ class LatencyModel:
             i = rows.get(tier)
             if i is None:
                 continue
-            for table, values in zip(writable, cache[2:], strict=True):
+            for table, values in zip(writable, cache[2:5], strict=True):
                 table[i, 1 : len(values)] = values[1:]
+
+
+# Gauss-Hermite nodes and weights for E[f(N)], N standard normal (``_tail_threshold``).
+_GH_NODES, _GH_WEIGHTS = (
+    a.tolist()
+    for a in np.polynomial.hermite_e.hermegauss(48) / np.array([[1.0], [math.sqrt(2 * math.pi)]])
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tail_threshold(z: float, tau2: float) -> float:
+    """The a with E[P(Z > a exp(tau N))] = P(Z > z), Z and N independent standard normals,
+    tau2 = tau^2: the threshold (in sigmas) that keeps a tail probability when sigma is known
+    only up to a log-normal factor. a = z at tau2 = 0, larger otherwise. Cached: the caller
+    rounds ``tau2`` to 0.001 (at 0.999 a moves ~0.4 % per 0.001; tau2 is at most ~0.045),
+    so a process computes it a few dozen times (~0.3 ms each), in its first batches.
+
+    Example:
+        >>> _tail_threshold(3.0902, 0.0) == 3.0902, round(_tail_threshold(3.0902, 0.04), 2)
+        (True, 3.6)
+    """
+    if tau2 <= 0:
+        return z
+    tau = math.sqrt(tau2)
+    target = math.log(0.5 * math.erfc(z / math.sqrt(2)))
+
+    def log_miss(a: float) -> float:
+        total = sum(
+            w * math.erfc(a * math.exp(tau * n) / math.sqrt(2))
+            for n, w in zip(_GH_NODES, _GH_WEIGHTS, strict=True)
+        )
+        return math.log(max(0.5 * total, 1e-300))
+
+    lo, hi = z, z * math.exp(3 * tau) + tau
+    while log_miss(hi) > target:
+        lo, hi = hi, 2 * hi
+    for _ in range(25):  # to ~1e-7 of z
+        mid = 0.5 * (lo + hi)
+        if log_miss(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
