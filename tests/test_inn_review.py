@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import numpy as np
@@ -10,10 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from netgen import tiny_cnn
 from torch import fx, nn
 
+import runtime.inn.calibrate as calibrate_module
 from runtime import convert
 from runtime.build.export import export_onnx
+from runtime.inn.calibrate import calibrate, recompute_norm_stats
 from runtime.inn.capture import capture, lower
 from runtime.inn.groups import ConversionError
 from runtime.inn.model import IntegralModel, load
@@ -252,6 +256,31 @@ def test_softmax_over_classes_or_fixed_channels_still_converts():
         torch.testing.assert_close(fixed.sample(0.5)(x), net(x))
 
 
+# -- 6: calibrate(max_steps=...) bounded by steps alone ------------------------------------------
+def test_calibrate_with_max_steps_repeats_exactly_however_slow_the_machine(monkeypatch):
+    """A clock that jumps 10 s per reading (a loaded machine): the time budget is spent at
+    once, yet with max_steps both phases run their steps and the tier is the same."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 1, 8, 8)
+    inn = convert(tiny_cnn(), (x[:2],), fold_norms=False)
+
+    def run():
+        return calibrate(inn, x, [0.5], seconds=30, max_steps=9, seed=0, progress=False)
+
+    a = run()
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(calibrate_module, "time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(clock))))  # fmt: skip
+    b = run()
+    key = inn.sizes_key(inn.sizes(0.5))
+    assert a.info["grids"] and a.info["grids"] == b.info["grids"]
+    assert a.info["grids"] != convert(tiny_cnn(), (x[:2],), fold_norms=False).info.get("grids")
+    for name, t in a.tiers[key].items():
+        assert torch.equal(b.tiers[key][name], t), name
+    untuned = inn.sample(0.5, calibrated=False).state_dict()
+    assert not torch.equal(a.tiers[key]["0.weight"], untuned["0.weight"])  # steps ran
+
+
 # -- 9: nn.MultiheadAttention with kdim / vdim ---------------------------------------------------
 class CrossAttention(nn.Module):
     """Queries of 16 channels attend to a memory of 8 (kdim = vdim = 8); an elastic MLP after."""
@@ -276,3 +305,16 @@ def test_cross_attention_with_its_own_key_width_converts_exactly():
     with torch.no_grad():
         torch.testing.assert_close(inn.sample(1.0)(x, mem), net(x, mem))
         assert inn.sample(0.5)(x, mem).shape == (2, 5, 2)
+
+
+# -- 10: recompute_norm_stats leaves the caller's momentum --------------------------------------
+def test_recompute_norm_stats_restores_each_norms_momentum():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.BatchNorm2d(4, momentum=None)
+    ).eval()  # a cumulative one stays so
+    before = net[1].running_mean.clone()
+    assert recompute_norm_stats(net, torch.randn(128, 1, 8, 8))
+    assert not torch.equal(net[1].running_mean, before)  # the statistics were recomputed
+    assert net[1].momentum == 0.3 and net[2].momentum is None
+    assert not net.training

@@ -73,14 +73,19 @@ def recompute_norm_stats(
     if len(x) < batch_size:  # no whole batch: the statistics would be reset and never run
         raise ValueError(f"need at least one batch of {batch_size} samples, got {len(x)}")
     was_training = module.training
+    momenta = [m.momentum for m in norms]
     module.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
         m.train()
-    for i in range(0, min(len(x), batch_size * max_batches) - batch_size + 1, batch_size):
-        module(x[i : i + batch_size])
-    module.train(was_training)
+    try:
+        for i in range(0, min(len(x), batch_size * max_batches) - batch_size + 1, batch_size):
+            module(x[i : i + batch_size])
+    finally:  # the caller's norms keep their own momentum for any later training
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        module.train(was_training)
     return True
 
 
@@ -283,8 +288,12 @@ def calibrate(
     distillation from the full width (``finetune_module``). ``seconds`` is the
     budget for all widths together, split evenly; ``grid_share`` of each width's share goes
     to grid tuning. ``multiple_of`` and ``method`` must match the tiers' (model.yaml) so that
-    the calibrated networks are the ones the build samples. ``max_steps`` caps each width's
-    fine-tuning (reproducible runs). Returns a new IntegralModel; ``inn`` is left as it was.
+    the calibrated networks are the ones the build samples. ``max_steps`` bounds each width
+    by steps instead of ``seconds``: ``max_steps`` of fine-tuning and, before them, the
+    share ``grid_share`` of the steps for grid tuning (``ceil(max_steps * grid_share /
+    (1 - grid_share))``), so that a run with the same ``seed`` repeats exactly (a time
+    bound stops wherever the machine's load says). Returns a new IntegralModel; ``inn`` is
+    left as it was.
     """
     if not widths:
         raise ValueError("widths is empty; give at least one width in (0, 1)")
@@ -310,16 +319,22 @@ def calibrate(
         with torch.no_grad():
             logits = torch.cat([teacher(x[i : i + 256]) for i in range(0, len(x), 256)])
     share = seconds / max(len(targets), 1)
+    if max_steps is None:
+        grid_steps, grid_seconds = 1000, share * grid_share
+    else:
+        grid_steps = math.ceil(max_steps * grid_share / (1 - grid_share))
+        grid_seconds = None
     bar = tqdm(targets, desc="calibrate", unit="tier", disable=not progress)
     for i, sizes in enumerate(bar):
         bar.set_postfix(tier=IntegralModel.sizes_key(sizes)[:40])
         start = time.perf_counter()
         if grid_share > 0:
-            tune_grid(out, sizes, x, logits, steps=1000, seconds=share * grid_share,
+            tune_grid(out, sizes, x, logits, steps=grid_steps, seconds=grid_seconds,
                       batch_size=batch_size, seed=seed + i)  # fmt: skip
         reestimate_norms(out, sizes, x, batch_size, method=method)
         module = out.sample(sizes, method=method, calibrated=False)
-        left = max(share - (time.perf_counter() - start), 0.0)
+        left = math.inf if max_steps is not None else share - (time.perf_counter() - start)
+        left = max(left, 0.0)
         finetune_module(module, x, teacher, left, max_steps=max_steps, labels=labels,
                         batch_size=batch_size, seed=seed + i, **finetune_options)  # fmt: skip
         out.set_tier(sizes, module.state_dict())
