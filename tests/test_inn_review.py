@@ -281,6 +281,25 @@ def test_calibrate_with_max_steps_repeats_exactly_however_slow_the_machine(monke
     assert not torch.equal(a.tiers[key]["0.weight"], untuned["0.weight"])  # steps ran
 
 
+# -- 7: set_tier with some groups named -------------------------------------------------------
+def test_set_tier_with_partial_sizes_is_what_sample_returns():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 3)).eval()  # fmt: skip
+    x = torch.randn(4, 8)
+    inn = convert(net, (x,))
+    sizes = {"0": 8}  # group "2" keeps its 16 channels
+    tuned = inn.sample(sizes)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.zero_()  # recognisable "calibrated" weights
+    key = inn.set_tier(sizes, tuned.state_dict())
+    assert key == inn.sizes_key(inn.sizes(sizes)) == "0=8,2=16"
+    assert inn.calibrated(inn.sizes(sizes))
+    with torch.no_grad():
+        assert (inn.sample(sizes)(x) == 0).all()
+
+
 # -- 9: nn.MultiheadAttention with kdim / vdim ---------------------------------------------------
 class CrossAttention(nn.Module):
     """Queries of 16 channels attend to a memory of 8 (kdim = vdim = 8); an elastic MLP after."""

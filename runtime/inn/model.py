@@ -254,6 +254,9 @@ class IntegralModel:
         Example:
             >>> key = inn.set_tier(sizes, tuned_module.state_dict())  # doctest: +SKIP
         """
+        # Every group named, as `sample` looks tiers up: a partial mapping (the groups left
+        # out keep their full size) was stored under a key nothing would ever find.
+        sizes = self.sizes(dict(sizes))
         key = self.sizes_key(sizes)
         expected = {k: tuple(v.shape) for k, v in self.skeleton(sizes).state_dict().items()}
         got = {k: tuple(v.shape) for k, v in weights.items()}
