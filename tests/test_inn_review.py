@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from netgen import tiny_cnn
+from textmodel import TinyEmbedder
 from torch import fx, nn
 
 import runtime.inn.calibrate as calibrate_module
@@ -19,6 +20,7 @@ from runtime import convert
 from runtime.build.export import export_onnx
 from runtime.inn.calibrate import calibrate, recompute_norm_stats
 from runtime.inn.capture import capture, lower
+from runtime.inn.distill import calibrate_text
 from runtime.inn.groups import ConversionError
 from runtime.inn.model import IntegralModel, load
 
@@ -298,6 +300,27 @@ def test_set_tier_with_partial_sizes_is_what_sample_returns():
     assert inn.calibrated(inn.sizes(sizes))
     with torch.no_grad():
         assert (inn.sample(sizes)(x) == 0).all()
+
+
+# -- 8: text calibration of readouts without a bias --------------------------------------------
+@pytest.mark.parametrize("grid", ["uniform", "selected"])
+def test_text_calibration_refits_readouts_without_a_bias(grid):
+    torch.manual_seed(0)
+    model = TinyEmbedder().eval()
+    for block in model.encoder.layers:  # readouts without a bias, as in Llama-style blocks
+        block.o, block.fc2 = nn.Linear(16, 16, bias=False), nn.Linear(32, 16, bias=False)
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(5, 26, (64, 7), generator=gen), torch.ones(64, 7, dtype=torch.long)
+    inn = convert(model, (ids[:2], mask[:2]))
+    half = {"heads": 0.5, "ffn": 0.5}
+    tuned = calibrate_text(inn, ids, mask, [half], seconds=60, max_steps=0, grid=grid,
+                           progress=False)  # fmt: skip
+    sizes = inn.sizes(half, multiple_of=8)
+    with torch.no_grad():
+        ref = model(ids, mask)
+        cos = [float(F.cosine_similarity(m(ids, mask), ref, dim=-1).mean())
+               for m in (inn.sample(sizes), tuned.sample(sizes))]  # fmt: skip
+    assert tuned.calibrated(sizes) and cos[1] > cos[0], cos
 
 
 # -- 9: nn.MultiheadAttention with kdim / vdim ---------------------------------------------------

@@ -245,7 +245,7 @@ def refit_readouts(
     (readout output + residual, what the next LayerNorm sees) equal the teacher's. Each
     layer is solved after the ones before it, on the inputs they now produce, so the target
     also absorbs the drift of the residual stream so far. ``ridge`` times the mean diagonal
-    of the Gram matrix regularises the solve; linear layers must have a bias.
+    of the Gram matrix regularises the solve; a layer without a bias is solved without one.
 
     Example:
         >>> refit_readouts(small, full, readouts(inn, sizes), batches[:32])  # doctest: +SKIP
@@ -262,18 +262,24 @@ def refit_readouts(
         # (MiniLM's 12 readouts: 6.5 passes' work instead of 12)
         upto = with_taps(student, lambda g, k=k: _readout_nodes(g, weights)[k], only=True)
         upto.eval()
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
         gram, cross = 0.0, 0.0
         for b, z in zip(batches, sums, strict=True):
             real = b.mask.bool()
             x, _, res = upto(b.ids, b.mask)
             target = z[k] if res is None else z[k] - res[real]  # (tokens, D): lin's ideal
-            xa = F.pad(x[real], (0, 1), value=1.0)  # (tokens, k + 1): 1 is the bias' input
+            # (tokens, k + 1): the last column, 1, is the bias' input (none without a bias)
+            xa = x[real] if bias is None else F.pad(x[real], (0, 1), value=1.0)
             gram = gram + (xa.T @ xa).double()
             cross = cross + (target.T @ xa).double()  # (D, k + 1)
         reg = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
         fitted = torch.linalg.solve(gram + reg, cross.T).T  # (D, k + 1)
-        student.get_parameter(lin.args[1].target).copy_(fitted[:, :-1])
-        student.get_parameter(lin.args[2].target).copy_(fitted[:, -1])
+        weight = student.get_parameter(lin.args[1].target)
+        if bias is None:
+            weight.copy_(fitted)
+        else:
+            weight.copy_(fitted[:, :-1])
+            student.get_parameter(bias.target).copy_(fitted[:, -1])
 
 
 @torch.no_grad()
