@@ -233,7 +233,16 @@ class ServerConfig:
         if pinned is None and not self.backend:
             return  # nothing below depends on the models
         for name, model in self._known_models():
-            if pinned is not None and pinned not in {t.name for t in model.tiers}:
+            if pinned is not None and model.auto_tiers is not None:
+                # auto-tiering replaces the tier set (the choice may drop the pinned tier):
+                # every swap failed after its build, and a restart did not load the model
+                where.child("policy").fail(
+                    self.policy,
+                    f"innfer or slackfit: model {name!r} ({model.source}) has auto_tiers, which "
+                    f"choose its tiers - pin a tier per request (parameter tier) instead, or "
+                    f"remove auto_tiers",
+                )
+            elif pinned is not None and pinned not in {t.name for t in model.tiers}:
                 where.child("policy").fail(
                     self.policy,
                     f"{_PINNED}:<tier> naming a tier every served model has; model {name!r} "

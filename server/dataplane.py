@@ -183,8 +183,15 @@ class DataPlane:
                     for engine in served.engines.values():
                         engine.close()
                 kept = self._mark_broken(name, str(exc))
+                # a FailedPrecondition says its own fix (the server's policy); the rest is
+                # the repository's (profile, engines): a rebuild
+                advice = (
+                    ""
+                    if isinstance(exc, FailedPrecondition)
+                    else "; rebuild it with `innfer build`"
+                )
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be served: {exc}; rebuild it with `innfer build`{kept}"
+                    f"model {name!r} cannot be served: {exc}{advice}{kept}"
                 ) from None
             if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
                 runtime.abandon()

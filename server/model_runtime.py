@@ -42,6 +42,7 @@ from runtime.repository import ServedModel
 from server.apart import Apart, run_apart
 from server.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -293,10 +294,18 @@ class ModelRuntime:
         # device no more than the device's slots.
         slots = min(instances, device.slots) if device is not None else instances
         limit = Instances(slots)  # over all the lanes: a lane alone must not take them all
+        try:
+            policies = {n: make_policy(policy, infos[n], slots) for n in lengths}
+        except ValueError as exc:  # fixed:<tier> naming a tier this set lacks
+            raise FailedPrecondition(
+                f"the server's policy {policy!r} does not fit its tiers "
+                f"({', '.join(t.name for t in self.tiers)}): {exc}; use policy innfer or "
+                "slackfit and pin a tier per request (parameter tier)"
+            ) from None
         self.lanes = {
             n: Scheduler(
                 infos[n],
-                make_policy(policy, infos[n], slots),
+                policies[n],
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 slots=instances if device is None else device.slots,
@@ -383,6 +392,8 @@ class ModelRuntime:
         self._leave_device()
         failed = 0
         for pending in list(self._pending.values()):
+            if pending.future.done():  # cancelled by its client meanwhile: counted then
+                continue
             if self.lanes[pending.lane].cancel(pending.request, self.clock()):
                 failed += 1
                 self.metrics.requests.labels(self.name, "", "unavailable").inc()
@@ -393,7 +404,8 @@ class ModelRuntime:
                 ))  # fmt: skip
         if self._all_done is not None and self._running:
             # Batches already on an engine: let them answer their requests.
-            with contextlib.suppress(TimeoutError):
+            # (asyncio's own TimeoutError: another class before Python 3.11)
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
         self.flush()  # the last batches' bookkeeping, before the engines close
         loop = asyncio.get_running_loop()
@@ -731,6 +743,8 @@ class ModelRuntime:
         now = self.clock()
         for lane in self.lanes.values():
             for r in lane.expire(now):
+                if self._waiting(r) is None:  # its client cancelled: counted as that
+                    continue
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
                 self._missed["expired"].inc()
                 self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
@@ -808,8 +822,8 @@ class ModelRuntime:
             outputs, error = None, exc
             if len(d.requests) > 1:  # maybe not every request's error: each runs alone
 
-                def waiting(i: int) -> bool:  # (the loop removes a cancelled request)
-                    return d.requests[i].id in self._pending
+                def waiting(i: int) -> bool:  # (a read from this thread: no state changes)
+                    return self._waiting(d.requests[i]) is not None
 
                 outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc, waiting)
         else:
@@ -846,6 +860,7 @@ class ModelRuntime:
             # Whatever was answered stays answered (a future resolves once); the rest fail,
             # and the slot is freed here, not left to a settle that never comes.
             self._account_cpu(times[2])
+            self._compute_total.inc(times[1])  # the engine ran (and failed): its time counts
             log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
             try:
                 self._failed(lane, d, error)
@@ -890,8 +905,15 @@ class ModelRuntime:
         for r in d.requests:
             self._fail_one(d.tier, r, exc)
 
+    def _waiting(self, r: Request) -> Pending | None:
+        """``r``'s entry while its caller still waits for an answer; None once it has one
+        or was cancelled. A cancelled caller's entry stays until its task resumes (in a
+        later loop turn): an answer, expiry or failure in between must not count it too."""
+        pending = self._pending.get(r.id)
+        return pending if pending is not None and not pending.future.done() else None
+
     def _fail_one(self, tier: str, r: Request, exc: BaseException) -> None:
-        if r.id not in self._pending:  # cancelled while it ran: counted then (_cancelled)
+        if self._waiting(r) is None:  # cancelled while it ran: counted then (_cancelled)
             return
         self.metrics.requests.labels(self.name, tier, "failed").inc()
         self._missed["failed"].inc()
@@ -924,7 +946,7 @@ class ModelRuntime:
             if exc is not None:
                 self._fail_one(d.tier, r, exc)
                 continue
-            pending = self._pending.get(r.id)
+            pending = self._waiting(r)
             if out is None or pending is None:  # cancelled (counted then): skipped, or gone
                 continue
             pending.resolve(InferResult(
@@ -952,7 +974,7 @@ class ModelRuntime:
         for r in d.requests:
             part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
-            pending = self._pending.get(r.id)
+            pending = self._waiting(r)
             if pending is not None:
                 answered.append(r)
                 pending.resolve(InferResult(
@@ -975,7 +997,7 @@ class ModelRuntime:
         self._record_triton(d, answered, (prepare, compute, output_s), now)
 
     def _reject(self, r: Request, exc: BaseException) -> None:
-        pending = self._pending.get(r.id)
+        pending = self._waiting(r)
         if pending is not None:
             pending.fail(exc)
 
@@ -994,9 +1016,17 @@ class ModelRuntime:
             compute_s.observe(compute)
             self._queue_total.inc(queued)
             self._served_accuracy.observe(self.accuracy[tier])
-            if tier != (r.pin or self.nominal_tier):
+            if self.accuracy[tier] < self.accuracy[self._best_allowed(r)]:
                 self._degraded.inc()
             (self._met if now <= r.due else self._missed["late"]).inc()
+
+    def _best_allowed(self, r: Request) -> str:
+        """The tier ``r`` is served at when load takes nothing from it: its pin, else the
+        nominal tier (top, or a fixed policy's) or its min_tier, whichever is better."""
+        if r.pin is not None:
+            return r.pin
+        floor = r.min_tier or self.nominal_tier
+        return max((self.nominal_tier, floor), key=self.accuracy.__getitem__)
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],

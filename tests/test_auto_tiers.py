@@ -649,3 +649,15 @@ def test_suggest_names_a_tier_the_profile_does_not_time(tmp_path, capsys):
     _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
     assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 2
     assert "profile.json has no tier w050" in capsys.readouterr().err
+
+
+def test_a_fixed_policy_is_refused_for_an_auto_tiered_model(tmp_path):
+    # The pinned tier was checked against model.yaml's tiers only: a chosen set without it
+    # could never be served - every swap failed after its background build, a restart left
+    # the model unloaded, and the error said to rebuild it.
+    from server.config import ServerConfig
+
+    _auto_model(tmp_path)
+    with pytest.raises(ConfigError, match=r"model 'tiny' .* has auto_tiers.*parameter tier"):
+        ServerConfig.from_dict({"repository": str(tmp_path), "policy": "fixed:w100"})
+    ServerConfig.from_dict({"repository": str(tmp_path), "policy": "slackfit"})

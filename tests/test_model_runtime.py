@@ -286,10 +286,24 @@ def test_degraded_counts_requests_load_served_below_their_best_tier(tmp_path, po
                 assert (await rt.infer(_x(1, 1.0), 1, 10.0, pin="w050")).tier == "w050"
             # 100 ms: w100's 500 ms does not fit, the planner serves w050
             assert (await rt.infer(_x(1, 1.0), 1, 0.1)).tier == "w050"
+            if policy:  # min_tier above the fixed tier: served at the best it allowed
+                r = await rt.infer(_x(1, 1.0), 1, 10.0, min_tier="w100")
+                assert r.tier == "w100"
 
     _run(body())
     degraded = _count(metrics, "innfer_degraded_requests_total", model="m")
     assert degraded == (0 if policy else 1)
+
+
+def test_a_fixed_policy_naming_a_tier_the_set_lacks_says_so(tmp_path):
+    # A model loaded later (model control, an auto-tiering swap) whose tiers lack the
+    # policy's: "unknown tier", and the data plane told the operator to rebuild the model.
+    from server.errors import FailedPrecondition
+
+    served = _served(tmp_path)
+    with pytest.raises(FailedPrecondition, match=r"policy 'fixed:w025' does not fit its tiers "
+                       r"\(w100, w050\).*use policy innfer or slackfit"):  # fmt: skip
+        ModelRuntime(served, Metrics(), policy="fixed:w025")
 
 
 def test_concurrent_requests_are_each_answered_once_with_their_own_rows(tmp_path):
@@ -327,6 +341,8 @@ def test_a_failing_engine_fails_its_batch_and_the_model_keeps_serving(tmp_path):
             served.engines["w100"].fail = RuntimeError("engine exploded")
             with pytest.raises(Exception, match="engine exploded"):
                 await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+            # the engine ran and failed: its time is engine time (a batch of one counted 0)
+            assert _count(metrics, "innfer_compute_seconds_total", model="m") > 0
             served.engines["w100"].fail = None
             return await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
 
@@ -380,6 +396,40 @@ def test_a_request_cancelled_while_its_batch_runs_is_counted_cancelled_not_serve
     assert count(tier="w100", outcome="served") == 1
     assert _count(metrics, "innfer_deadline_met_total", model="m") == 1
     assert served.engines["w100"].calls == [1, 1]
+
+
+def test_a_cancel_in_the_same_loop_turn_as_the_answer_is_counted_once(tmp_path):
+    # The client's cancel leaves the request's entry until its task resumes, a loop turn
+    # later: an answer (or expiry) queued in between counted it served (deadline met,
+    # Triton success) and cancelled too.
+    served = _served(tmp_path)
+    metrics = Metrics()
+    clock = [1000.0]
+
+    async def body():
+        async with _running(served, metrics, clock=lambda: clock[0]) as rt:
+            with _Gate(served) as gate:
+                answered = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+                await _until(lambda: gate.running() == 1)
+                expires = asyncio.create_task(rt.infer(_x(1, 2.0), 1, 0.05))
+                await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 1)
+                gate.release()
+                time.sleep(0.3)  # the loop is busy: the batch's answer is queued on it
+                clock[0] += 1.0  # and the queued request's budget has run out
+                answered.cancel()  # both clients go away in that same loop turn
+                expires.cancel()
+                for task in (answered, expires):
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+            assert rt.stats.success.count == 0
+
+    _run(body())
+    count = functools.partial(_count, metrics, "innfer_requests_total", model="m")
+    assert count(tier="", outcome="cancelled") == 2
+    assert sum(count(tier=t, outcome="served") for t in ("w100", "w050")) == 0
+    assert count(tier="", outcome="refused_deadline") == 0
+    assert _count(metrics, "innfer_deadline_met_total", model="m") == 0
+    assert _count(metrics, "innfer_deadline_missed_total", model="m", reason="expired") == 0
 
 
 def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp_path):
