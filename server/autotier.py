@@ -43,7 +43,7 @@ from pathlib import Path
 
 from runtime.repository import ACTIVE_FILE, APPLY_KEPT
 from runtime.repository.config import AutoTiersConfig
-from server.traffic import TrafficLog, drifted, write_traffic
+from server.traffic import TrafficLog, drifted, summarise_traffic, write_traffic
 
 log = logging.getLogger("innfer.autotier")
 
@@ -125,7 +125,11 @@ class AutoTierer:
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")
-        summary = self.traffic.summary(now, self.goals.window_s)
+        # Copied on the loop (the ring changes there), filtered, sorted and summarised off it.
+        loop = asyncio.get_running_loop()
+        rows, summary = await loop.run_in_executor(
+            None, _observed, self.traffic.snapshot(), now, self.goals.window_s
+        )
         if summary["requests"] < rebuild.min_requests:
             return self._count("waiting")
         if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
@@ -134,13 +138,9 @@ class AutoTierer:
         work.mkdir(parents=True, exist_ok=True)
         traffic, result = work / "traffic.csv", work / "choice.json"
         result.unlink(missing_ok=True)
-        # Copied on the loop (the ring changes there), formatted and written off it.
-        rows = self.traffic.window(now, self.goals.window_s)
         rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
         host = self.host() if self.host is not None else None
-        await asyncio.get_running_loop().run_in_executor(
-            None, _write_inputs, traffic, rows, work / HOST_FILE, host
-        )
+        await loop.run_in_executor(None, _write_inputs, traffic, rows, work / HOST_FILE, host)
         active = self.repository / self.name / ACTIVE_FILE
         before = active.read_bytes() if active.is_file() else None
         t0 = self.clock()
@@ -218,6 +218,13 @@ def apply_command(repository: Path, name: str, traffic: Path, result: Path, live
         "--traffic", str(traffic), "--result", str(result), "--live", live, "--background",
         *(["--host", str(host)] if host.is_file() else []),
     ]  # fmt: skip
+
+
+def _observed(traffic: TrafficLog, now: float, seconds: float) -> tuple[tuple, dict]:
+    """(arrivals, budgets ms, rows) of the last ``seconds`` of ``traffic`` and their
+    ``summarise_traffic`` (off the loop: a full ring sorts for tens of milliseconds)."""
+    rows = traffic.window(now, seconds)
+    return rows, summarise_traffic(*rows)
 
 
 def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None) -> None:

@@ -661,3 +661,30 @@ def test_a_fixed_policy_is_refused_for_an_auto_tiered_model(tmp_path):
     with pytest.raises(ConfigError, match=r"model 'tiny' .* has auto_tiers.*parameter tier"):
         ServerConfig.from_dict({"repository": str(tmp_path), "policy": "fixed:w100"})
     ServerConfig.from_dict({"repository": str(tmp_path), "policy": "slackfit"})
+
+
+def test_the_traffic_window_is_sorted_off_the_serving_loop(tmp_path, monkeypatch):
+    # Every check (30 s) filtered and argsorted the whole ring on the event loop: 16-34 ms
+    # with 200,000 requests recorded, against budgets of 5-15 ms. The loop now copies the
+    # ring; the window and its summary are computed on an executor thread.
+    import threading
+
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=0))
+    log, threads = TrafficLog(), []
+    for i in range(20):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+    window = TrafficLog.window
+
+    def spy(self, now, seconds):
+        threads.append(threading.current_thread())
+        return window(self, now, seconds)
+
+    monkeypatch.setattr(TrafficLog, "window", spy)
+    tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
+                        lambda: 1000.0, lambda *a: ["sh", "-c", "exit 3"])  # fmt: skip
+    assert asyncio.run(tierer.check()) == "kept"
+    assert threads and threading.main_thread() not in threads
+    assert (tmp_path / "m" / "auto" / "traffic.csv").read_text().count("\n") == 21
