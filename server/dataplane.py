@@ -90,6 +90,8 @@ class DataPlane:
         # Loads in progress and runtimes replaced or unloaded and still stopping (answering
         # their queue): owned here, so that a cancelled RPC cannot abandon them half way.
         self._owned: set[asyncio.Task] = set()
+        # Runtimes replaced or unloaded and still draining: their requests are in flight.
+        self._retiring: set[ModelRuntime] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def load_all(self) -> None:
@@ -202,6 +204,8 @@ class DataPlane:
             old = self.models.pop(name, None)
             if old is not None:  # tiers the new set dropped: their series would stay, frozen
                 old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
+                # its queue and in-flight requests still count until it has drained
+                runtime.predecessors.append(old)
             self.models[name] = runtime
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
@@ -220,7 +224,16 @@ class DataPlane:
         cut short would leave admitted requests unanswered and engines open."""
         task = asyncio.ensure_future(runtime.stop(drain_s))
         self._owned.add(task)
-        task.add_done_callback(self._owned.discard)
+        self._retiring.add(runtime)
+
+        def retired(_: asyncio.Future) -> None:
+            self._owned.discard(task)
+            self._retiring.discard(runtime)
+            for successor in self.models.values():
+                if runtime in successor.predecessors:
+                    successor.predecessors.remove(runtime)
+
+        task.add_done_callback(retired)
         await asyncio.shield(task)
 
     async def stop_models(self) -> None:
@@ -392,7 +405,9 @@ class DataPlane:
         self.phase = Phase.DRAINING
 
     def inflight(self) -> int:
-        return sum(m.inflight for m in self.models.values())
+        """Requests admitted and not yet answered, those of runtimes still draining after a
+        reload, swap or unload included (shutdown waits for and reports them)."""
+        return sum(m.inflight for m in (*self.models.values(), *self._retiring))
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:

@@ -344,6 +344,9 @@ class ModelRuntime:
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
         self.inflight = 0
+        # Runtimes of this model this one replaced, still draining (the data plane keeps the
+        # list): their queued and in-flight requests count in this one's gauges.
+        self.predecessors: list[ModelRuntime] = []
         self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
         # Time outside queue + compute, learned from answers.
         self.overhead = Overhead(quantile=overhead_quantile)
@@ -710,10 +713,16 @@ class ModelRuntime:
     def _gauges(self) -> None:
         """Queue depth, requests in flight and each tier's latency view, read when Prometheus
         scrapes (``set_function``): nothing to update per request. A runtime that replaces
-        this one (a reload) binds the same series to itself when it starts."""
+        this one (a reload) binds the same series to itself when it starts; the requests of
+        the runtimes it replaced (``predecessors``: still draining) count in them."""
         m, name, latency = self.metrics, self.name, self.scheduler.latency
-        self._bind(m.queue_depth, (name,), lambda: sum(len(s.queue) for s in self.lanes.values()))
-        self._bind(m.inflight, (name,), lambda: self.inflight)
+
+        def queued() -> int:
+            return sum(len(s.queue) for r in (self, *self.predecessors) for s in r.lanes.values())
+
+        self._bind(m.queue_depth, (name,), queued)
+        self._bind(m.inflight, (name,), lambda: self.inflight + sum(
+            p.inflight for p in self.predecessors))  # fmt: skip
         self._bind(m.request_overhead, (name,), self.overhead.estimate)
         for tier in self.accuracy:
             self._bind(m.tier_latency_factor, (name, tier),

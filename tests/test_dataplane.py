@@ -310,6 +310,42 @@ def test_reload_swaps_the_runtime_and_answers_what_the_old_one_held(config):
     )
 
 
+def test_a_draining_runtimes_requests_stay_in_the_gauges_and_in_flight(config):
+    # The queue-depth and in-flight gauges were bound to the new runtime at its start: while
+    # the swapped-out set still served its queue they read 0, and so did the count shutdown
+    # waits on and reports.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        old, gate = plane.models["a"], threading.Event()
+        for e in old.served.engines.values():
+            e.gate = gate
+        g = plane.metrics.registry.get_sample_value
+        try:
+            held = [asyncio.create_task(plane.infer(_request("a", _x(1, v),
+                    latency_budget_ms=5000), None)) for v in (1, 2, 3)]  # fmt: skip
+            while old.inflight < 3:
+                await asyncio.sleep(0.005)
+            swap = asyncio.create_task(plane.swap("a"))
+            while plane.models["a"] is old:
+                await asyncio.sleep(0.005)
+            during = (g("innfer_inflight_requests", {"model": "a"}),
+                      g("innfer_queue_depth", {"model": "a"}), plane.inflight())  # fmt: skip
+            gate.set()
+            await asyncio.wait_for(swap, 15)
+            await asyncio.wait_for(asyncio.gather(*held), 5)
+            after = (g("innfer_inflight_requests", {"model": "a"}), plane.inflight())
+            return during, after, plane.models["a"].predecessors
+        finally:
+            gate.set()
+            for m in plane.models.values():
+                await m.stop()
+
+    during, after, predecessors = _run(body())
+    assert during == (3.0, 2.0, 3)  # one batch running (max_batch 4, one slot), two queued
+    assert after == (0.0, 0) and predecessors == []
+
+
 def _stale_profile(root, model: str, factor: float) -> None:
     """Make ``model``'s profile.json claim every batch takes ``factor`` times longer (a
     profile measured on a busy machine)."""
