@@ -13,6 +13,12 @@ Measured, not configured: the process's CPU time (``time.process_time``, every t
 the engines' own thread CPU over a window of a few hundred milliseconds, per row that
 arrived in it (refused rows cost handling too, and the planner compares with the arrival
 rate, which counts them). Pure: the caller passes CPU seconds and the time.
+
+Known limit: an engine's CPU is its calling thread's (``time.thread_time``); with more than
+one intra-op thread (ONNX Runtime ``threads: 2``) the pool threads' CPU - work and spin -
+is counted as host CPU (0.5 ms per row measured with no request handling at all). The
+planner reads the estimate only as "handling shares the engines' CPUs" (> 0), which is then
+true anyway; the exported figure and auto-tiering's host view overstate it.
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ class Metrics:
         self.host_cpu = Gauge(
             "innfer_host_cpu_per_row_seconds",
             "CPU the server spends per arriving request row outside its engines (receive, "
-            "decode, admit, encode, send), recent windows.", registry=r,
+            "decode, admit, encode, send), recent windows. With more than one intra-op "
+            "thread per engine the engine's pool threads count here too (an overestimate).",
+            registry=r,
         )  # fmt: skip
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
