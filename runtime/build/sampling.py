@@ -35,15 +35,15 @@ NORM_SAMPLES = 512  # training inputs BatchNorm statistics are re-estimated on
 
 def norm_source(config: ModelConfig) -> list | None:
     """What re-estimated statistics depend on (part of a tier's source hash), or None
-    where the model names no evaluation dataset."""
-    if config.evaluation is None:
+    where the model names no evaluation dataset (none, or held-out text)."""
+    if config.evaluation is None or config.evaluation.dataset is None:
         return None
     return [config.evaluation.dataset, NORM_SAMPLES]
 
 
 def norm_inputs(config: ModelConfig) -> torch.Tensor | None:
     """(NORM_SAMPLES, ...) training inputs of the model's evaluation dataset, or None."""
-    if config.evaluation is None:
+    if norm_source(config) is None:
         return None
     return _training_inputs(config.evaluation.dataset)
 
