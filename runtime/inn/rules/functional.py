@@ -59,6 +59,23 @@ def batch_norm(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, x, sources=False)
 
 
+def _summed_into(tr: Tracer, node: fx.Node, x, w: fx.Node, what: str):
+    """W's dim 1 sums over the input channels ``x`` (a layout): it gets the quadrature scale,
+    so it must be a parameter's own dim (else the channels are fixed); W's dim 0 is a layer
+    output (a continuous group), returned as the output's layout."""
+    if tr.shape(w)[1] > 1:
+        tr.unify(tr.layout_of(w, 1), x, f"node {node.name!r}")
+        source = tr.sources.get(w, {}).get(1)
+        if source is not None:
+            tr.mark_reduce(source)
+        else:
+            tr.fixed(node, f"{what} with a computed weight (not a parameter)", [x])
+    out = tr.layout_of(w, 0)
+    for s in out:
+        tr.uf.anchor(s.group)
+    return out
+
+
 @register(functions=(F.linear,))
 def linear(tr: Tracer, node: fx.Node) -> None:
     """y = x W^T + b: W's dim 1 sums over x's last dim (it gets the quadrature scale, so it
@@ -66,16 +83,7 @@ def linear(tr: Tracer, node: fx.Node) -> None:
     x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
     rank = len(tr.shape(x))
     l_in = tr.layout_of(x, -1)
-    if tr.shape(w)[1] > 1:
-        tr.unify(tr.layout_of(w, 1), l_in, f"node {node.name!r}")
-        source = tr.sources.get(w, {}).get(1)
-        if source is not None:
-            tr.mark_reduce(source)
-        else:
-            tr.fixed(node, "F.linear with a computed weight (not a parameter)", [l_in])
-    out = tr.layout_of(w, 0)
-    for s in out:
-        tr.uf.anchor(s.group)
+    out = _summed_into(tr, node, x=l_in, w=w, what="F.linear")
     if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
         tr.unify(tr.layout_of(b, 0), out, f"node {node.name!r}")
     tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
@@ -94,16 +102,7 @@ def conv(tr: Tracer, node: fx.Node) -> None:
     c_in = tr.shape(x)[1]
     l_in = tr.layout_of(x, 1)
     if groups == 1:
-        if tr.shape(w)[1] > 1:
-            tr.unify(tr.layout_of(w, 1), l_in, where)
-            source = tr.sources.get(w, {}).get(1)
-            if source is not None:
-                tr.mark_reduce(source)
-            else:
-                tr.fixed(node, "a conv with a computed weight (not a parameter)", [l_in])
-        out = tr.layout_of(w, 0)
-        for s in out:
-            tr.uf.anchor(s.group)
+        out = _summed_into(tr, node, x=l_in, w=w, what="a conv")
     elif groups == c_in:
         mult = tr.shape(w)[0] // c_in
         spread = tuple(Segment(s.group, s.inner * mult, s.per_block) for s in l_in)
