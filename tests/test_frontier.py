@@ -189,3 +189,23 @@ def test_stale_frontier_builds_are_swept_and_a_young_one_is_left(tmp_path):
     os.utime(old, (0, 0))
     _sweep_staging(tmp_path)
     assert not old.exists() and not aside.exists() and young.exists()
+
+
+def test_the_frontiers_full_width_is_the_built_full_tier(tmp_path):
+    # The frontier re-estimated BatchNorm statistics at every width the INN stored none
+    # for - the full width included, whose own statistics are the trained ones - so its
+    # w100 was another network than the tier innfer build serves. Both now sample through
+    # runtime/build/sampling.py.
+    import torch
+    from netgen import tiny_cnn
+
+    import runtime
+    from runtime.build.pipeline import add_model
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),), fold_norms=False)
+    add_model(tmp_path, "bn", inn, CONFIG)
+    report = build_model(Repository(tmp_path), "bn", progress=False, repeats=2)
+    by_name = {c.name: c for c in report.frontier.candidates}
+    tier = Repository(tmp_path).load_record("bn", "w100")
+    assert by_name["w100"].onnx_sha256 == tier.onnx_sha256
+    assert by_name["w050"].onnx_sha256 != tier.onnx_sha256

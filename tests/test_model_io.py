@@ -161,6 +161,12 @@ _EXEC_CHAIN = [  # getattr(x, "__class__").__repr__.__globals__["__builtins__"][
         ([_node("a", "call_function", "operator.attrgetter", "__class__")],
          r"'operator.attrgetter' cannot be named"),
         ([_node("a", "get_attr", "forward.__globals__")], r"is not a stored attribute"),
+        ([_node("t", "call_function", "torch.set_default_dtype", "X")],
+         r"unknown function 'torch.set_default_dtype'"),
+        ([_node("t", "call_function", "torch.set_num_threads", 1)],
+         r"unknown function 'torch.set_num_threads'"),
+        ([_node("t", "call_function", "torch.compile", {"node": "X"})],
+         r"unknown function 'torch.compile'"),
         ([_node("m", "call_module", "nowhere", {"node": "X"})], r"is not a stored module"),
     ],
 )  # fmt: skip
@@ -179,6 +185,21 @@ def test_an_architecture_that_reaches_beyond_tensor_operations_is_refused(
     with pytest.raises(ModelFileError, match=says):
         runtime.load(saved).sample(0.5)(torch.randn(1, 3, 8, 8))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["operator.__or__", "operator.__and__", "operator.__not__", "operator.__add__",
+     "torch.nn.functional._threshold", "torch._assert", "torch._sym_sqrt"],
+)  # fmt: skip
+def test_names_saved_before_the_allow_list_still_resolve(name):
+    # Saves named each function by the first of its names dir() listed - dunder and private
+    # aliases first: operator.__or__ for operator.or_ (a boolean mask's |), F._threshold for
+    # F.threshold. Models with | & not or F.threshold failed to load after the allow-list.
+    from runtime.inn import graphio
+
+    prefix, _, attr = name.rpartition(".")
+    assert graphio._resolve_function(name) is getattr(graphio._NAMESPACES[prefix], attr)
 
 
 def test_a_model_stored_in_double_or_bfloat16_samples_in_its_dtype(tmp_path):

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from runtime.build.export import write_tier_files
 from runtime.build.pipeline import evaluate_accuracy, validate
+from runtime.build.sampling import sample_tier
 from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
@@ -64,7 +65,7 @@ log = logging.getLogger("innfer.frontier")
 SENSITIVITY_WIDTH = 0.5  # the width one group is sampled at to measure its sensitivity
 SHAPE_POWER = 0.5  # channels per group scale with sensitivity ** this (0: uniform)
 CALIBRATION = 512  # inputs for norm statistics and sensitivity
-RECIPE = 2  # the candidates' making, in the source hash (see _source_hash)
+RECIPE = 3  # the candidates' making, in the source hash (see _source_hash)
 
 
 def build_frontier(
@@ -152,13 +153,11 @@ class _Measure:
 
     def __call__(self, d: Path, width: float, sizes: dict[str, int], shaped: bool) -> Candidate:
         config = self.config
-        with torch.no_grad():
-            module = self.inn.sample(sizes, config.method)
-            if self.x_cal is not None and not self.inn.calibrated(sizes):
-                # Statistics or weights stored for these counts (estimated on more data at
-                # the hand-written tiers' widths, or tuned) are what a tier at these counts
-                # serves: the candidate must be that network, not a re-estimate of it.
-                recompute_norm_stats(module, self.x_cal)
+        # The network a tier at these counts serves (runtime/build/sampling.py): stored
+        # statistics or weights where the INN has them (and the full width's own), else
+        # statistics re-estimated on the calibration inputs. The full width was re-estimated
+        # here, so the frontier's w100 was another network than the built tier.
+        module, _ = sample_tier(self.inn, config, sizes, self.x_cal)
         onnx = write_tier_files(d, module, config)
         engine, _ = self.cache.get(self.backend, d / "model.onnx", self.options)
         try:

@@ -39,12 +39,12 @@ SPEC_VERSION = 1
 _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator, "math": math}
 _SKIP_KWARGS = {"device", "dtype"}
 _OPS = {"placeholder", "get_attr", "call_function", "call_method", "call_module", "output"}
-# Where each namespace's tensor operations are defined: torch's serialisation, global state
-# (seeds, default dtype, threads), compile and dlpack live elsewhere and are not allowed.
-_OP_MODULES = {
-    "torch": {"torch", "torch.functional", "torch._VariableFunctions"},
-    "torch.nn.functional": {"torch.nn.functional", "torch._C._nn", "torch"},
-}
+# torch's tensor operations: its C++ ops (torch._C._VariableFunctions) and torch.functional's.
+# Everything else torch defines at its top level is refused: serialisation (load, save),
+# global state (set_default_dtype, set_num_threads, use_deterministic_algorithms, seeds),
+# compile, cond - a tampered inn.json must not reach them through a sampled model's call.
+_TORCH_OPS = frozenset(n for n in dir(torch._C._VariableFunctions) if not n.startswith("_"))
+_F_MODULES = {"torch.nn.functional", "torch._C._nn"}
 # Callables that call or reach anything given a name, or touch files.
 _REFUSED = {
     "operator.attrgetter", "operator.methodcaller", "operator.call", "operator.itemgetter",
@@ -60,18 +60,18 @@ class SpecError(ValueError):
 
 def _allowed(prefix: str, attr: str, obj: Any) -> bool:
     """Whether ``prefix.attr`` (``obj``) may be named in an architecture description."""
-    if f"{prefix}.{attr}" in _ALSO_ALLOWED:
+    name = f"{prefix}.{attr}"
+    if name in _ALSO_ALLOWED:
         return True
-    if attr.startswith("__") and attr.endswith("__") and len(attr) > 4:
-        # files saved before the allow-list name operator.add by its alias operator.__add__
-        public = attr[2:-2]
-        return getattr(_NAMESPACES[prefix], public, None) is obj and _allowed(prefix, public, obj)
-    if attr.startswith("_") or not callable(obj) or isinstance(obj, type):
+    if name in _REFUSED or attr.startswith("_") or not callable(obj) or isinstance(obj, type):
         return False
-    if f"{prefix}.{attr}" in _REFUSED:
-        return False
-    modules = _OP_MODULES.get(prefix)
-    return modules is None or getattr(obj, "__module__", None) in modules
+    module = getattr(obj, "__module__", None)
+    if prefix == "torch":
+        # sym_*: symbolic-size arithmetic (sym_int, sym_max, sym_sqrt ...) export graphs hold
+        return attr in _TORCH_OPS or module == "torch.functional" or attr.startswith("sym_")
+    if prefix == "torch.nn.functional":
+        return module in _F_MODULES or attr in _TORCH_OPS
+    return True  # operator, math: arithmetic (the few that reach further are _REFUSED)
 
 
 def _function_names() -> dict[int, str]:
@@ -88,14 +88,19 @@ def _function_names() -> dict[int, str]:
 _FUNCTIONS: dict[int, str] | None = None
 
 
-def _function_name(fn: Any) -> str:
+def _table() -> dict[int, str]:
+    """id of every function that may be named -> the name a save gives it (built once)."""
     global _FUNCTIONS
+    if _FUNCTIONS is None:
+        _FUNCTIONS = _function_names()
+    return _FUNCTIONS
+
+
+def _function_name(fn: Any) -> str:
     if isinstance(fn, torch._ops.OpOverload) and fn.namespace == "aten":
         # ATen ops a torch.export graph keeps (mask and position building): stored by name.
         return f"torch.ops.aten.{fn.__name__}"
-    if _FUNCTIONS is None:
-        _FUNCTIONS = _function_names()
-    name = _FUNCTIONS.get(id(fn))
+    name = _table().get(id(fn))
     if name is None:
         raise SpecError(
             f"cannot store a call to {fn!r}: only tensor operations of torch and "
@@ -119,7 +124,12 @@ def _resolve_function(name: str) -> Any:
     prefix, _, attr = name.rpartition(".")
     ns = _NAMESPACES.get(prefix)
     fn = getattr(ns, attr, None) if ns is not None else None
-    if fn is None or not _allowed(prefix, attr, fn):
+    # An alias of an allowed function also resolves: saves before the allow-list named
+    # functions by the first of their names dir() gave (operator.__or__ for operator.or_,
+    # torch.nn.functional._threshold for threshold).
+    if fn is None or not (
+        _allowed(prefix, attr, fn) or _table().get(id(fn)) not in (None, "builtins.getattr")
+    ):
         raise SpecError(
             f"unknown function {name!r} in the architecture description (only tensor "
             f"operations of torch and torch.nn.functional, operator and math can be named)"
