@@ -204,8 +204,9 @@ class DataPlane:
             old = self.models.pop(name, None)
             if old is not None:  # tiers the new set dropped: their series would stay, frozen
                 old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
-                # its queue and in-flight requests still count until it has drained
-                runtime.predecessors.append(old)
+                # its queue and in-flight requests (and those of the runtimes it replaced,
+                # if they still drain) count until it has drained
+                runtime.predecessors += [old, *old.predecessors]
             self.models[name] = runtime
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from runtime.build.export import write_tier_files
 from runtime.build.pipeline import evaluate_accuracy, validate
-from runtime.build.sampling import sample_tier
+from runtime.build.sampling import norm_inputs, sample_tier
 from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
@@ -64,7 +64,6 @@ log = logging.getLogger("innfer.frontier")
 
 SENSITIVITY_WIDTH = 0.5  # the width one group is sampled at to measure its sensitivity
 SHAPE_POWER = 0.5  # channels per group scale with sensitivity ** this (0: uniform)
-CALIBRATION = 512  # inputs for norm statistics and sensitivity
 RECIPE = 3  # the candidates' making, in the source hash (see _source_hash)
 
 
@@ -270,13 +269,11 @@ def _sensitivity(inn: IntegralModel, config: ModelConfig, x_cal) -> dict[str, fl
 
 
 def _data(config: ModelConfig):
-    """(calibration inputs or None, accuracy function of an engine or None)."""
+    """(calibration inputs or None, accuracy function of an engine or None): the inputs the
+    build re-estimates norm statistics on (``sampling.norm_inputs``), also the sensitivity's."""
     if config.evaluation is None:
         return None, None
-    from runtime.demo.data import load as load_data
-
-    data = load_data(config.evaluation.dataset)
-    return data.x_train[:CALIBRATION], lambda engine: evaluate_accuracy(engine, config)
+    return norm_inputs(config), lambda engine: evaluate_accuracy(engine, config)
 
 
 def _accuracy_source(config: ModelConfig) -> str:
