@@ -175,14 +175,6 @@ class Device:
                     wake()
 
     # -- what a member plans behind ---------------------------------------------------------
-    def busy(self, now: float, skip: int | None = None) -> list[float]:
-        """The planning time (s) left on every running batch except on slot ``skip``."""
-        return [
-            sched.latency.remaining(d.tier, d.rows, now - started)
-            for slot, (sched, d, started) in sorted(self.running.items())
-            if slot != skip
-        ]
-
     def offsets(self, now: float, skip: int | None = None, q: float | None = None) -> list[float]:
         """Per slot (except ``skip``), the planning time (s) until it is free: 0 when idle,
         else what the batch running there has left by its own model's latency view (at
