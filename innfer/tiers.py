@@ -117,7 +117,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("kept the live tiers")
         return APPLY_KEPT
     t0 = time.perf_counter()
-    _check_engines(repo, args.model, choice.best.tiers)
+    _check_engines(repo, args.model, choice.best.tiers, frontier)
     active = ActiveTiers(
         tiers=choice.best.tiers,
         frontier_sha256=frontier.source_sha256,
@@ -261,10 +261,18 @@ def hand_options(repo, name: str, frontier):
     return profile_options(profile, records, memory, full_channels(frontier)), list(records)
 
 
-def _check_engines(repo, name: str, tiers) -> None:
+def _check_engines(repo, name: str, tiers, frontier) -> None:
     """Build (or find in the cache) and run each chosen candidate's engine once: a set
-    whose engine cannot load or run is never written."""
-    from runtime.repository import FRONTIER_DIR, EngineCache
+    whose engine cannot load or run is never written. Each ONNX must be the one
+    ``frontier`` measured: a load refuses any other (and then serves nothing of the model),
+    so a set written over a candidate rewritten or damaged since was a model taken down."""
+    from runtime.repository import (
+        FRONTIER_DIR,
+        FRONTIER_FILE,
+        EngineCache,
+        RepositoryError,
+        sha256_file,
+    )
     from runtime.repository.profile import random_feeds
 
     config = repo.config(name)
@@ -272,8 +280,14 @@ def _check_engines(repo, name: str, tiers) -> None:
     options = repo.build_options(config, backend)
     cache = EngineCache(repo.model_dir(name) / "engines")
     for tier in tiers:
-        engine, _ = cache.get(backend, repo.model_dir(name) / FRONTIER_DIR / tier / "model.onnx",
-                              options)  # fmt: skip
+        onnx = repo.model_dir(name) / FRONTIER_DIR / tier / "model.onnx"
+        if not onnx.is_file() or sha256_file(onnx) != frontier.candidate(tier).onnx_sha256:
+            raise RepositoryError(
+                f"{onnx} is missing or is not the candidate {FRONTIER_FILE} measured "
+                "(rewritten since?): kept the live tiers; run `innfer build` to measure the "
+                "frontier again"
+            )
+        engine, _ = cache.get(backend, onnx, options)
         try:
             engine.run(random_feeds(config.inputs, 1, length=config.example_length))
         finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The pid alone is not unique: two threads of one process, or two pods on a shared volume
+    # (each apply may run as the same pid in its container) wrote the same temporary file and
+    # one writer's rename failed or moved the other's half-written bytes into place.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -478,11 +478,38 @@ def reference(cls: type) -> str:
     return "\n".join(head.ljust(width) + tail for head, tail in lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second ``tiers:`` block further down a model.yaml dropped the first one's
+    tiers without a word. Merge keys (``<<: *base``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (YAML would "
+                        "keep only the last): remove one", key_node.start_mark,
+                    )  # fmt: skip
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming it."""
+    """Parse a YAML file; a missing file, a syntax error or a key given twice in one mapping
+    is a ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as f:  # a stream: YAML's marks name the file
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc

@@ -123,9 +123,14 @@ def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
         return {k: f if k == SHAPED else float(f) for k, f in v.items()}
     if isinstance(v, dict):
         for g, n in v.items():
+            # Group names are strings, but YAML reads `{0: 4}` with an int key: the build then
+            # refused "unknown group 0" while listing group '0' (an nn.Sequential's layers are
+            # named 0, 1, ...), and tier.json's JSON key would never equal it again.
+            if isinstance(g, bool) or not isinstance(g, (str, int)):
+                where.child(str(g)).fail(g, "a group name (quote it: 'name': channels)")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 where.child(str(g)).fail(n, "a positive channel count")
-        return dict(v)
+        return {str(g): n for g, n in v.items()}
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
         where.fail(v, _WIDTH)
     return float(v)
@@ -439,6 +444,16 @@ class ModelConfig:
                 )
 
         self._validate_sequence(where)
+        floor = None if self.auto_tiers is None else self.auto_tiers.accuracy_floor
+        if floor is not None and self.evaluation is None:
+            # Without an evaluation the frontier's "accuracy" is each candidate's FLOPs
+            # fraction (runtime/build/frontier.py): a floor of 0.9 silently kept only the
+            # candidates with 90 % of the full width's FLOPs.
+            where.child("auto_tiers").child("accuracy_floor").fail(
+                floor,
+                "null for a model without an evaluation: section (the candidates' accuracy is "
+                "then their FLOPs fraction); add evaluation to measure it",
+            )
         if self.auto_tiers is not None and self.sequence_lengths:
             where.child("auto_tiers").fail(
                 to_dict(self.auto_tiers),

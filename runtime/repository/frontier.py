@@ -173,7 +173,18 @@ class ActiveTiers:
         """The choice in ``path``; None when there is none yet."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{**data, "tiers": tuple(data["tiers"])})
+            tiers = data["tiers"]
+            # A set is one or more distinct candidate names: an empty list loaded a model
+            # with no tiers (the runtime then failed on max() of nothing), a string was read
+            # as one tier per letter, a repeated name served one engine twice.
+            if (
+                not isinstance(tiers, list)
+                or not tiers
+                or not all(isinstance(t, str) for t in tiers)
+                or len(set(tiers)) < len(tiers)
+            ):
+                raise ValueError(f"tiers: got {tiers!r}, expected distinct candidate names")
+            return cls(**{**data, "tiers": tuple(tiers)})
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8

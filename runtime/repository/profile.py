@@ -193,14 +193,20 @@ def stale_tiers(profile: Mapping[str, Any] | None, onnx: Mapping[str, str]) -> l
     return [t for t, sha in onnx.items() if timed.get(t) != sha]
 
 
-def measured_elsewhere(profile: Mapping[str, Any] | None, backend: Backend) -> str | None:
-    """Why ``profile`` does not describe ``backend`` on this machine, or None when it does
-    (or says nothing about where it was measured: a hand-written profile is trusted).
+def measured_elsewhere(
+    profile: Mapping[str, Any] | None, backend: Backend, threads: int | None = None
+) -> str | None:
+    """Why ``profile`` does not describe ``backend`` on this machine with ``threads`` intra-op
+    threads per engine, or None when it does (or says nothing about where it was measured:
+    a hand-written profile is trusted; nor about what it does not record).
 
     A profile holds the shape of latency over batch sizes, which the scheduler plans with: a
     CPU's batch of 8 costs ~8x one row, a GPU's little more than one. The load-time factor
     per tier can rescale a profile, not reshape it, so one from another backend or device is
-    no profile at all for this one.
+    no profile at all for this one. Nor is one of another backend version (its engines are
+    rebuilt: the cache key holds the version) or, on a CPU, another thread count
+    (model.yaml's ``threads`` edited after the build: more threads speed large batches more
+    than small ones) - ``innfer build`` and the demo re-profile for both already.
 
     Example:
         >>> from runtime.engines import get_backend
@@ -209,9 +215,19 @@ def measured_elsewhere(profile: Mapping[str, Any] | None, backend: Backend) -> s
         'profile.json was measured with torch on NVIDIA H200'
         >>> measured_elsewhere({"tiers": {}}, ort) is None
         True
+        >>> measured_elsewhere({"backend": "onnxruntime", "device": ort.device(), "threads": 1},
+        ...                    ort, threads=2)
+        'profile.json was measured with 1 intra-op threads per engine'
     """
     if not profile or "backend" not in profile or "device" not in profile:
         return None
-    if (profile["backend"], profile["device"]) == (backend.name, backend.device()):
-        return None
-    return f"profile.json was measured with {profile['backend']} on {profile['device']}"
+    if (profile["backend"], profile["device"]) != (backend.name, backend.device()):
+        return f"profile.json was measured with {profile['backend']} on {profile['device']}"
+    version = profile.get("backend_version")
+    if version is not None and version != backend.version():
+        return f"profile.json was measured with {backend.name} {version}"
+    timed = profile.get("threads")
+    # (a GPU engine's speed does not depend on the CPU threads)
+    if None not in (threads, timed) and timed != threads and "cpu" in backend.device():
+        return f"profile.json was measured with {timed} intra-op threads per engine"
+    return None

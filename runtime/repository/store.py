@@ -224,9 +224,11 @@ class Repository:
             if records is not None:
                 d = self.model_dir(name) / FRONTIER_DIR / tier.name
                 tiers[tier.name] = records[tier.name]
+                record = d.parent / FRONTIER_FILE  # a candidate has no tier.json of its own
             else:
                 d = self.tier_dir(name, tier.name)
-                tiers[tier.name] = TierRecord.read(d / TIER_FILE)
+                record = d / TIER_FILE
+                tiers[tier.name] = TierRecord.read(record)
                 if tiers[tier.name].width != tier.width:  # model.yaml edited, not rebuilt
                     raise RepositoryError(
                         f"{d / TIER_FILE} was built at width {tiers[tier.name].width}, but "
@@ -238,7 +240,7 @@ class Repository:
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
             if sha256_file(onnx_path) != tiers[tier.name].onnx_sha256:
-                raise RepositoryError(f"{onnx_path} does not match {d / TIER_FILE}: rebuild")
+                raise RepositoryError(f"{onnx_path} does not match {record}: rebuild")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
             _check_io(config, tier.name, engines[tier.name], d)
@@ -362,12 +364,13 @@ class Repository:
     def _profile_here(
         self, name, config, backend, engines, profile, onnx: dict[str, str]
     ) -> dict[str, Any] | None:
-        """``profile``, or, where it was measured with another backend or on another device,
-        or timed other engines than the tiers' ONNX (``onnx``: tier -> sha256) make now, a
+        """``profile``, or, where it was measured with another backend (or version) or on
+        another device, or (CPU) with other threads than model.yaml's, or timed other engines
+        than the tiers' ONNX (``onnx``: tier -> sha256) make now, a
         new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less on
         a GPU). Not written back: the repository may be read-only, and ``innfer build`` on
         this machine is how a profile is stored."""
-        why = measured_elsewhere(profile, backend)
+        why = measured_elsewhere(profile, backend, config.threads)
         if why is None and (stale := stale_tiers(profile, onnx)):
             why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
         if why is None:
@@ -378,10 +381,11 @@ class Repository:
             onnx=onnx,
         )  # fmt: skip
         log.warning(
-            "model %s: %s, not with %s on %s as served now: re-measured every tier at load in "
-            "%.1f s (`innfer build --model %s --backend %s` on this machine stores a profile)",
-            name, why, backend.name, backend.device(), time.perf_counter() - t0, name,
-            backend.name,
+            "model %s: %s, not with %s %s on %s and %d threads as served now: re-measured every "
+            "tier at load in %.1f s (`innfer build --model %s --backend %s` on this machine "
+            "stores a profile)",
+            name, why, backend.name, backend.version(), backend.device(), config.threads,
+            time.perf_counter() - t0, name, backend.name,
         )  # fmt: skip
         return fresh
 
