@@ -83,7 +83,7 @@ class Server:
         add_inference_service(InferenceService(self.plane, self.config.bearer_token), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
         _enable_reflection(self.grpc)
-        address = f"{self.config.host}:{self.config.grpc_port}"
+        address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"
         if self.config.tls is None:
             self.port = self.grpc.add_insecure_port(address)
         else:
@@ -117,6 +117,17 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def grpc_host(host: str) -> str:
+    """``host`` as a gRPC address writes it: an IPv6 literal in brackets (gRPC reads the last
+    colon as the port's, so ``::1:8001`` failed to bind).
+
+    Example:
+        >>> grpc_host("::1"), grpc_host("127.0.0.1")
+        ('[::1]', '127.0.0.1')
+    """
+    return f"[{host}]" if ":" in host else host
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials:

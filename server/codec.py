@@ -238,9 +238,14 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
                 f"({count} x {np_dtype.name})"
             )
         return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    if field is None:  # OIP has no typed field for it: "0 values in contents.raw" said nothing
+        raise InvalidArgument(
+            f"input {t.name!r}: {t.datatype} has no typed contents field; send its values "
+            "in raw_input_contents (little-endian, one entry per input)"
+        )
     if typed != count:
         raise InvalidArgument(
-            f"input {t.name!r}: {typed} values in contents.{field or 'raw'}, "
+            f"input {t.name!r}: {typed} values in contents.{field}, "
             f"expected {count} for shape {shape}"
         )
     values = getattr(t.contents, field)

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,14 @@ _PINNED = "fixed"
 _PORT = "a port number in [0, 65535] (0: pick a free port)"
 MODEL_CONTROL = ("none", "explicit")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _policies() -> str:
@@ -118,8 +127,17 @@ class AuthConfig:
         if (self.bearer_token_file is None) == (self.bearer_token is None):
             given = [k for k in ("bearer_token_file", "bearer_token") if getattr(self, k)]
             where.fail(given, "exactly one of bearer_token_file and bearer_token")
-        if len(self.token) < 8:
+        token = self.token
+        if len(token) < 8:
             where.fail("<token>", "a bearer token of at least 8 characters")
+        # A client sends it in gRPC metadata, which carries printable ASCII only, and the
+        # server strips the header's ends: any other token could never authenticate.
+        if not (token.isascii() and token.isprintable()) or token != token.strip():
+            where.fail(
+                "<token>",
+                "a bearer token of printable ASCII characters (what gRPC metadata carries), "
+                "without leading or trailing spaces",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +242,14 @@ class ServerConfig:
                 self.model_control,
                 f"none, or auth (a bearer token) when listening on {self.host}: explicit "
                 "model control lets any client that reaches the port unload models",
+            )
+        if ":" in self.host and not _ipv6(self.host):
+            # "localhost:9000" or "[::1]": gRPC would bind "<host>:<grpc_port>" and fail, or
+            # Prometheus's server would not resolve it.
+            where.child("host").fail(
+                self.host,
+                "a host name or IP address without a port (the ports are grpc_port and "
+                "metrics_port); an IPv6 address without brackets, e.g. ::1",
             )
         if self.metrics_port and self.metrics_port == self.grpc_port:
             where.child("metrics_port").fail(

@@ -498,12 +498,18 @@ class DataPlane:
         (server/wire.py), else None."""
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize() if size is None else size
-        if self.inflight_bytes + size > self.limits.max_inflight_bytes:
+        cap = self.limits.max_inflight_bytes
+        if self.inflight_bytes + size > cap:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
+            if size > cap:  # alone above the cap: a retry is refused the same way
+                raise ResourceExhausted(
+                    f"the request is {size / 2**20:.1f} MiB, more than this server takes in "
+                    f"flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer "
+                    "rows per request, or raise the limit"
+                )
             raise ResourceExhausted(
                 f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
-                f"{self.limits.max_inflight_bytes / 2**20:.0f} MiB); retry shortly or send "
-                "smaller batches"
+                f"{cap / 2**20:.0f} MiB); retry shortly or send smaller batches"
             )
         self.inflight_bytes += size
         try:

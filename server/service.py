@@ -240,7 +240,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         queue.allow_timeout_override = True  # latency_budget_ms, the deadline, `timeout`
         device = str((m.served.profile or {}).get("device", "cpu")).lower()
         on_cpu = device == "cpu" or device.startswith(("cpu-", "fake"))
-        group = cfg.instance_group.add(name=f"{m.name}_0", count=m.scheduler.slots)
+        # Triton's count is the model's instances: its batches at once (``max_running``,
+        # capped by a shared device's slots), not the slots of the device it shares.
+        group = cfg.instance_group.add(name=f"{m.name}_0", count=m.scheduler.max_running)
         if on_cpu:
             group.kind = mc.ModelInstanceGroup.KIND_CPU
         else:
