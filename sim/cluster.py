@@ -119,6 +119,12 @@ class ClusterConfig:
             raise ValueError(
                 f"ClusterConfig.pod_start_s must be >= 0 seconds, got {self.pod_start_s}"
             )
+        # 0 started hpa.min_replicas pods unsaid (``or``); the HPA does not scale from zero.
+        if self.initial_replicas is not None and not self.initial_replicas >= 1:
+            raise ValueError(
+                f"ClusterConfig.initial_replicas must be >= 1 (None: hpa.min_replicas), "
+                f"got {self.initial_replicas}"
+            )
 
 
 def simulate_cluster(
@@ -178,9 +184,11 @@ class Cluster:
         self.events = Events()
         self.replicas: list[Replica] = []
         self.routable: list[Replica] = []  # ready, not terminating, in id order
-        for _ in range(cfg.initial_replicas or cfg.hpa.min_replicas):
+        n = cfg.hpa.min_replicas if cfg.initial_replicas is None else cfg.initial_replicas
+        for _ in range(n):
             self._add_replica(0.0, 0.0)
-        if self.autoscaler.active:
+        # No evaluation after the trace's end (a run shorter than one period has none).
+        if self.autoscaler.active and cfg.hpa.period_s <= cfg.duration_s:
             self.events.push(cfg.hpa.period_s, self._tick)
         self._ran = False
 

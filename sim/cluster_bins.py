@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,16 +26,15 @@ if TYPE_CHECKING:
 
 
 def bin_edges(duration_s: float, bin_s: float) -> np.ndarray:
-    """Bins of ``bin_s`` over [0, duration); the last one shorter if need be.
+    """Bins of ``bin_s`` over [0, duration); the last one shorter if need be (never past
+    the duration: a last edge beyond it divided the bin's counts by seconds not run).
 
     Example:
-        >>> bin_edges(70.0, 30.0).tolist()
-        [0.0, 30.0, 60.0, 70.0]
+        >>> bin_edges(70.0, 30.0).tolist(), bin_edges(80.0, 30.0).tolist()
+        ([0.0, 30.0, 60.0, 70.0], [0.0, 30.0, 60.0, 80.0])
     """
-    edges = np.arange(0.0, duration_s + bin_s / 2, bin_s)
-    if edges[-1] < duration_s:
-        edges = np.append(edges, duration_s)
-    return edges
+    n = max(math.ceil(duration_s / bin_s - 1e-9), 1)
+    return np.minimum(np.arange(n + 1, dtype=float) * bin_s, float(duration_s))
 
 
 def overlap(a: float, b: float, edges: np.ndarray) -> np.ndarray:

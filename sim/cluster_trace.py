@@ -74,10 +74,19 @@ def load_at(cfg: ClusterConfig, t: np.ndarray) -> np.ndarray:
 def make_cluster_trace(cfg: ClusterConfig, capacity: float) -> np.ndarray:
     """Arrival times in [0, duration): a Poisson process at ``load_at x capacity`` requests
     per second (thinning of one at the highest rate), seeded with ``cfg.seed``; see the
-    module's example."""
+    module's example. The highest rate is sought on a 0.25 s grid (with 0.1 % to spare for
+    the diurnal curve between its points) and at every step and burst start: a step or
+    burst shorter than the grid, missed, was thinned at a lower rate than its own, and
+    offered a fraction of the load it reports."""
     rng = np.random.default_rng(cfg.seed)
-    grid = np.arange(0.0, cfg.duration_s, 0.25)
-    top = float(np.max(load_at(cfg, grid))) * capacity * 1.001
+    top = float(np.max(load_at(cfg, np.arange(0.0, cfg.duration_s, 0.25)))) * capacity * 1.001
+    if cfg.trace == "steps":
+        starts = [s for s, _ in cfg.steps]
+    else:
+        starts = [start * cfg.diurnal.day_s for start, _, _ in cfg.diurnal.bursts]
+    starts = [s for s in starts if 0 <= s < cfg.duration_s]
+    if starts:
+        top = max(top, float(np.max(load_at(cfg, np.array(starts)))) * capacity)
     if top <= 0:
         return np.zeros(0)
     n = int(top * cfg.duration_s * 1.2) + 20

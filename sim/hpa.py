@@ -110,8 +110,18 @@ class HPA:
 
     def step(self, now: float, current: int, desired: int) -> int:
         """The new replica count from the metrics' ``desired`` (normalizeDesiredReplicas-
-        WithBehaviors: stabilise, then limit the rate, then clamp to [min, max])."""
+        WithBehaviors: stabilise, then limit the rate, then clamp to [min, max]). A count
+        outside [min, max] goes to the bound at once, as the controller does before it reads
+        any metric: no stabilisation, no rate limit, no recommendation kept; at 0 (scaled to
+        zero by hand) the controller does nothing."""
         c = self.cfg
+        if current == 0:
+            return 0
+        if not c.min_replicas <= current <= c.max_replicas:
+            rec = min(max(current, c.min_replicas), c.max_replicas)
+            events = self.up_events if rec > current else self.down_events
+            events.append((now, abs(rec - current)))
+            return rec
         up, down = desired, desired
         for t, rec in self.recommendations:
             if t > now - c.up_stabilization_s:
