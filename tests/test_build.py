@@ -568,3 +568,15 @@ def test_a_batchnorm_tier_without_stored_statistics_gets_its_own(tmp_path, evalu
     warned = [w for w in report.warnings if "no BatchNorm statistics of its own" in w]
     assert bool(warned) is not evaluation
     assert all(t.max_abs_err < 1e-4 for t in report.tiers)  # validated against the same net
+
+
+def test_a_misspelt_evaluation_dataset_names_the_field_before_any_work(tmp_path):
+    # It was accepted and the build failed later with "unknown data set 'mnsit'",
+    # naming neither the file nor the field.
+    from runtime.build.pipeline import BuildError
+
+    inn = runtime.convert(_net(), (torch.randn(2, 1, 8, 8),))
+    add_model(tmp_path, "tiny", inn, {**CONFIG, "evaluation": {"dataset": "mnsit"}})
+    with pytest.raises(BuildError, match=r"model.yaml: evaluation.dataset 'mnsit' .*digits"):
+        build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+    assert not (tmp_path / "tiny" / "engines").exists()

@@ -85,6 +85,7 @@ def build_model(
 ) -> BuildReport:
     config = repo.config(name)
     model_dir = repo.model_dir(name)
+    _check_dataset(config, model_dir)
     inn = load(model_dir)
     chosen = repo.choose_backend(config, backend)
     options = repo.build_options(config, chosen)
@@ -422,6 +423,20 @@ def _engine_embeddings(engine, config: ModelConfig, ids: np.ndarray, mask: np.nd
             out = np.empty((len(ids), y.shape[1]), dtype=np.float32)
         out[idx] = y
     return out
+
+
+def _check_dataset(config: ModelConfig, model_dir: Path) -> None:
+    """Refuse an unknown ``evaluation.dataset`` before any work, naming the file and field
+    (the config cannot list the data sets: it may not import the demo's torch loaders)."""
+    from runtime.demo.data import DATASETS
+
+    dataset = config.evaluation.dataset if config.evaluation is not None else None
+    if dataset is not None and dataset not in DATASETS:
+        raise BuildError(
+            f"{model_dir / 'model.yaml'}: evaluation.dataset {dataset!r} is not a data set "
+            f"innfer ships; use one of {', '.join(sorted(DATASETS))}, or remove the field "
+            f"(text models: evaluation.text)"
+        )
 
 
 def evaluate_accuracy(engine, config: ModelConfig) -> float:
