@@ -46,7 +46,12 @@ from . import codec
 
 log = logging.getLogger("innfer.dataplane")
 
-EXTENSIONS = ("model_repository", "statistics", "innfer_latency_budget")
+# Triton's names for the extensions served (classification: an output's class_count;
+# model_configuration: the ModelConfig RPC; parameters: request and response parameters).
+EXTENSIONS = (
+    "classification", "model_configuration", "model_repository", "parameters", "statistics",
+    "innfer_latency_budget",
+)  # fmt: skip
 MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
 # What an answer holds besides its tensors (names, shapes, parameters), at most.
 ANSWER_FRAME_BYTES = 64 * 2**10

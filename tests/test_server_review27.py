@@ -121,3 +121,13 @@ def test_typed_fp16_contents_say_to_send_raw_bytes():
     req.inputs.add(name="x", datatype="FP16", shape=[1, 2])
     arrays, rows = codec.decode_inputs(req, [spec], max_batch=4)
     assert rows == 1 and arrays["x"].dtype == np.float16
+
+
+def test_server_metadata_lists_the_triton_extensions_served(shared):
+    # classification (class_count) and the ModelConfig RPC were served but not declared.
+    with tc.InferenceServerClient(shared.address) as c:
+        extensions = set(c.get_server_metadata().extensions)
+        assert {"classification", "model_configuration", "statistics"} <= extensions
+        out = tc.InferRequestedOutput("logits", class_count=2)
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        assert c.infer("tiny", [_input(x)], outputs=[out]).as_numpy("logits").shape == (1, 2)
