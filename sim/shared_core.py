@@ -223,7 +223,7 @@ def simulate_shared(
 
 def _result(send, received, budget, tiers_used, states, widths) -> SharedCoreResult:
     sent = ~np.isnan(send)
-    served = np.array([s == "served" for s in states]) & ~np.isnan(received)
+    served = np.array([s == "served" for s in states], dtype=bool) & ~np.isnan(received)
     latency = np.where(served, (received - send) * 1e3, np.nan)
     met = served & (latency <= budget * 1e3 + 1e-9)
     n = int(sent.sum())

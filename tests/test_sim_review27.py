@@ -86,3 +86,15 @@ def test_a_count_outside_min_max_goes_to_the_bound_at_once():
     r = run(steps=((0.0, 6.0),), duration_s=30.0, initial_replicas=1)
     assert r.ticks[0]["replicas"] == 1 and r.ticks[0]["desired_raw"] > 2
     assert r.ticks[0]["desired"] == 2
+
+
+def test_the_shared_core_model_runs_with_no_requests():
+    # An empty open-loop trace or a closed loop of 0 requests raised TypeError in the
+    # summary (an empty list of states became a float array, and & on floats fails).
+    from sim.shared_core import HostCost, simulate_shared
+
+    host = HostCost(parse_s=0.0005, answer_s=0.0003)
+    for kw in ({"arrivals": np.zeros(0)}, {"clients": 2, "n_requests": 0}):
+        s = simulate_shared(TIERS, P50, host, budgets_s=lambda i: 0.05, **kw).summary
+        assert s["sent"] == 0 and s["slo_attainment"] == 1.0 and s["refused"] == {}
+        assert s["p50_latency_ms"] is None and s["goodput_per_s"] == 0.0
