@@ -168,7 +168,11 @@ class Cluster:
             cfg.hpa.latency_target_s or 0.8 * (cfg.budget_ms[0] + cfg.budget_ms[1]) / 2e3 * k,
         )
         self.tiers, p50 = scale_tiers(tiers, p50, k)
-        self.top = max(self.tiers, key=lambda t: t.accuracy).name
+        # Below this tier a request is degraded (the HPA signal): a fixed policy's tier, else
+        # the top one - the server's nominal tier; an operator's fixed tier is not load.
+        top = max(self.tiers, key=lambda t: t.accuracy).name
+        fixed = getattr(make_policy(cfg.policy, self.tiers, cfg.slots), "tier", None)
+        self.nominal = fixed if isinstance(fixed, str) else top
         self.max_batch = cfg.max_batch or min(t.max_batch for t in self.tiers)
         self.capacity = full_capacity(self.tiers, p50, self.max_batch, cfg.slots)  # one replica
         if arrivals is None:
@@ -237,7 +241,7 @@ class Cluster:
 
     def _complete(self, rep: Replica, decision, compute: float, now: float) -> None:
         rep.sched.complete(decision, now, compute)
-        rep.record(now, decision, compute, degraded=decision.tier != self.top)
+        rep.record(now, decision, compute, degraded=decision.tier != self.nominal)
         for r in decision.requests:
             self.out.serve(r.id, now, decision.tier)
             self.completions.add(now, now - r.arrival)

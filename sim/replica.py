@@ -71,8 +71,9 @@ class Replica:
     def signals(self, lo: float, hi: float) -> tuple[float, float]:
         """(queue:compute, degraded share) over [lo, hi), as deploy/monitoring's recording
         rules compute them: queueing seconds of every request that queued (served or
-        expired) / engine seconds of the batches, and (served below the top tier + shed) /
-        (served + shed). 0 where the pod served and shed nothing - the rules' fallback."""
+        expired) / engine seconds of the batches, and (served below the nominal tier - the
+        top one, or a fixed policy's - + shed) / (served + shed). 0 where the pod served
+        and shed nothing - the rules' fallback."""
         a, b = max(round(lo / self.res), 0), max(round(hi / self.res), 0)
         served, compute = self.served[a:b].sum(), self.compute_s[a:b].sum()
         shed = self.shed[a:b].sum()

@@ -98,3 +98,17 @@ def test_the_shared_core_model_runs_with_no_requests():
         s = simulate_shared(TIERS, P50, host, budgets_s=lambda i: 0.05, **kw).summary
         assert s["sent"] == 0 and s["slo_attainment"] == 1.0 and s["refused"] == {}
         assert s["p50_latency_ms"] is None and s["goodput_per_s"] == 0.0
+
+
+def test_a_fixed_policy_is_not_degraded_load():
+    # The server counts a request as degraded below its nominal tier - a fixed policy's own
+    # (ModelRuntime.nominal_tier): an operator's choice is not load. The cluster compared
+    # with the top tier, so fixed:w025 at 0.3 of a replica's load read a degraded share of
+    # 1.0 and the HPA scaled to max_replicas.
+    r = run(policy="fixed:w025", steps=((0.0, 0.3),), duration_s=60.0)
+    assert r.totals["tier_mix"]["w025"] == 1.0 and r.totals["refused"] == 0
+    assert all(t["degraded_share"] == 0.0 for t in r.ticks)
+    assert all(t["desired"] == 2 for t in r.ticks)
+    # The innfer policy still counts what it serves below the top tier.
+    r = run(steps=((0.0, 4.0),), duration_s=30.0)
+    assert r.ticks[0]["degraded_share"] > 0.2
