@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from runtime.atomic import write_bytes, write_json
 from runtime.repository import ACTIVE_FILE, APPLY_KEPT
 from runtime.repository.config import AutoTiersConfig
 from server.traffic import TrafficLog, drifted, summarise_traffic, write_traffic
@@ -234,9 +235,7 @@ def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None
     if host is None:
         host_path.unlink(missing_ok=True)
     else:
-        tmp = host_path.with_name(f".{host_path.name}.tmp")
-        tmp.write_text(json.dumps(host))
-        os.replace(tmp, host_path)
+        write_json(host_path, host)
 
 
 def _restore(path: Path, content: bytes | None) -> None:
@@ -244,9 +243,7 @@ def _restore(path: Path, content: bytes | None) -> None:
     if content is None:
         path.unlink(missing_ok=True)
     else:
-        tmp = path.with_name(f".{path.name}.restore")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+        write_bytes(path, content)
 
 
 def _read(path: Path) -> dict | None:

@@ -50,6 +50,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.atomic import write_bytes
+
 __all__ = [
     "DISTRIBUTIONS",
     "SPLITS",
@@ -337,9 +339,7 @@ def split_documents(
 
 def _write_bytes(path: Path, data: bytes) -> str:
     """Writes data atomically (temporary file, then rename); returns its sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

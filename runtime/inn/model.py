@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -499,8 +500,9 @@ class IntegralModel:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        weights = d / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-        meta_tmp = d / f".{META_FILE}.{os.getpid()}.tmp"
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # two savers of one pid: no collision
+        weights = d / f".{WEIGHTS_FILE}.{tag}.tmp"
+        meta_tmp = d / f".{META_FILE}.{tag}.tmp"
         tensors = dict(self.state)
         for key, tier in self.tiers.items():
             tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
