@@ -80,6 +80,7 @@ class DataPlane:
         self.transport_limit: int | None = None
         self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
         self.phase = Phase.LOADING
+        self.closing = asyncio.Event()  # set when draining begins: open streams stop reading
         self._lock = asyncio.Lock()
         # One device, one arbiter for every model (server.scheduling.device); None: each
         # model has its own slot and ignores the others (device_slots: 0).
@@ -409,6 +410,7 @@ class DataPlane:
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING
+        self.closing.set()
 
     def inflight(self) -> int:
         """Requests admitted and not yet answered, those of runtimes still draining after a

@@ -334,7 +334,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         async def answer(request) -> pb.ModelStreamInferResponse:
             return await self._stream_answer(request, context)
 
-        await serve_stream(request_iterator, answer, context.write)
+        if await serve_stream(request_iterator, answer, context.write, closing=self.plane.closing):
+            # Draining: the requests read are answered; the client reopens the stream
+            # (elsewhere) and resends what it sent after them, as after any UNAVAILABLE.
+            exc = Unavailable("the server is shutting down: open the stream again")
+            await context.abort(status_of(exc), str(exc))
 
     async def _stream_answer(self, request, context) -> pb.ModelStreamInferResponse:
         try:

@@ -44,9 +44,15 @@ async def serve_stream(
     answer: Callable[[Req], Awaitable[Resp]],
     write: Callable[[Resp], Awaitable[None]],
     limit: int = MAX_STREAM_INFLIGHT,
-) -> None:
+    closing: asyncio.Event | None = None,
+) -> bool:
     """Read ``requests``, run ``answer`` on each concurrently and ``write`` each result as it
     completes, with at most ``limit`` requests between being read and being written.
+
+    When ``closing`` is set (the server drains), no further message is read; the requests
+    already read are answered and written, and it returns True (else False once the requests
+    are exhausted): an idle stream would otherwise hold a server's shutdown for its whole
+    grace period, waiting for a client that has nothing to send.
 
     ``answer`` must turn every error of its request into a response: an exception out of it
     (like one out of reading or writing) ends the whole stream, cancelling the others.
@@ -74,13 +80,17 @@ async def serve_stream(
 
     reader = loop.create_task(read())
     reader.add_done_callback(finished.put_nowait)
+    closed = loop.create_task(closing.wait()) if closing is not None else None
+    if closed is not None:
+        closed.add_done_callback(lambda _: reader.cancel())
     try:
         reading = True
         while reading or running:
             task = await finished.get()
             if task is reader:
                 reading = False
-                task.result()  # a read error ends the stream
+                if not (task.cancelled() and closed is not None and closed.done()):
+                    task.result()  # a read error ends the stream
                 continue
             running.discard(task)
             try:
@@ -89,7 +99,10 @@ async def serve_stream(
                 slots.release()
     finally:
         reader.cancel()
+        if closed is not None:
+            closed.cancel()
         for task in running:
             task.cancel()
         # Let the cancelled requests leave the scheduler's queue before the stream ends.
         await asyncio.gather(reader, *running, return_exceptions=True)
+    return closed is not None and closed.done() and not closed.cancelled()

@@ -410,3 +410,61 @@ def test_unsupported_output_parameters_are_refused():
     req.outputs[0].parameters["classification"].int64_param = 0
     with pytest.raises(InvalidArgument, match="classification must be a positive int64"):
         requested_outputs(req, spec)
+
+
+def test_a_shutdown_answers_what_open_streams_sent_and_does_not_wait_out_its_grace(
+    model_repository,
+):
+    # An idle stream (a client holding it open with nothing to send) held every shutdown
+    # for its whole grace period: grpc's stop waits for open calls, and the stream handler
+    # waited for the client's next message. Now the stream stops reading when draining
+    # begins, answers what it read and ends with UNAVAILABLE (reopen elsewhere).
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"]}).start()
+    client = tc.InferenceServerClient(s.address)
+    got = _Collector()
+    client.start_stream(callback=got)
+    try:
+        client.async_stream_infer("tiny", [_input(_x())], request_id="before")
+        [(result, error)] = got.take(1)
+        assert error is None and result.get_response().id == "before"
+        t0 = time.monotonic()
+        s.stop(grace=30.0)
+        stopped_in = time.monotonic() - t0
+        [(result, error)] = got.take(1)  # the stream's end
+    finally:
+        client.stop_stream()
+        client.close()
+    assert stopped_in < 15.0, stopped_in  # the grace (30 s) was not waited out
+    assert result is None and "UNAVAILABLE" in str(error.status()), error
+    assert "shutting down" in str(error)
+
+
+def test_serve_stream_on_closing_answers_what_it_read_and_stops_reading():
+    async def run(closing):
+        more = asyncio.Event()  # never set: a client that sends nothing after its first two
+
+        async def requests():
+            yield 1
+            yield 2
+            await more.wait()
+            yield 3
+
+        async def answer(i):
+            await asyncio.sleep(0.05 * i)
+            return i
+
+        out = []
+
+        async def write(x):
+            out.append(x)
+            if x == 1 and closing is not None:
+                closing.set()  # draining begins while request 2 is still running
+
+        stream = serve_stream(requests(), answer, write, closing=closing)
+        try:
+            return await asyncio.wait_for(stream, 2.0), out
+        except asyncio.TimeoutError:
+            return None, out
+
+    assert asyncio.run(run(asyncio.Event())) == (True, [1, 2])
+    assert asyncio.run(run(None)) == (None, [1, 2])  # without it: waits for the client
