@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -593,6 +594,18 @@ class ModelRuntime:
                 raise NotFound(
                     f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
                 )
+        if (
+            pin is not None
+            and min_tier is not None
+            and self.accuracy[pin] < self.accuracy[min_tier]
+        ):
+            # The pin would win and min_tier be dropped without a word: ask which was meant.
+            raise InvalidArgument(
+                f"tier {pin!r} ranks below min_tier {min_tier!r} (tiers rank by measured "
+                f"accuracy, else by size, lowest first: "
+                f"{', '.join(sorted(self.accuracy, key=self.accuracy.__getitem__))}); send one "
+                f"of the two, or pin a tier from {min_tier!r} up"
+            )
         reached = now - max(waited_s, 0.0)
         if self.traffic is not None:  # the client's budget, not the plan's
             self.traffic.record(reached, budget_s + reserve_s + self.margin_s, rows)
@@ -628,7 +641,10 @@ class ModelRuntime:
             self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:
                 raise ResourceExhausted(f"model {self.name}: {exc}") from None
-            raise DeadlineExceeded(f"model {self.name}: {exc}") from None
+            raise DeadlineExceeded(
+                f"model {self.name}: {exc}; "
+                f"{self._budget_spent(budget_s, reserve_s, now - reached)}"
+            ) from None
         except InvalidRequest as exc:
             raise InvalidArgument(str(exc)) from None
         # No await since submit, and the pump runs below: the request cannot have run yet.
@@ -662,6 +678,17 @@ class ModelRuntime:
         self.metrics.requests.labels(self.name, "", "cancelled").inc()
         if t > req.due:  # the client waited out its budget: a miss
             self._missed["late"].inc()
+
+    def _budget_spent(self, budget_s: float, reserve_s: float, waited_s: float) -> str:
+        """What the server set aside of the client's budget before planning: a refusal's
+        "left to plan with" is what remains (a 0.5 ms budget read "-0.5 ms" on its own)."""
+        parts = [f"the server's {1e3 * self.margin_s:.1f} ms margin"]
+        if reserve_s > 0:
+            parts.append(f"{1e3 * reserve_s:.1f} ms reserved for request handling")
+        if waited_s >= 5e-5:
+            parts.append(f"{1e3 * waited_s:.1f} ms already spent before it was planned")
+        client_ms = 1e3 * (budget_s + reserve_s + self.margin_s)
+        return f"the client's budget was {client_ms:.1f} ms, less {', '.join(parts)}"
 
     def count_invalid(self) -> None:
         """A request refused as malformed (a bad input, parameter or tier name): counted in
@@ -1047,7 +1074,9 @@ class ModelRuntime:
 
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width
-        return float(w) if isinstance(w, (int, float)) else str(w)
+        # A per-group width goes back as JSON, as ModelConfig's tier list writes it (str() of
+        # the mapping was a Python repr no client could parse).
+        return float(w) if isinstance(w, (int, float)) else json.dumps(w, sort_keys=True)
 
 
 def batch_rows(

@@ -761,3 +761,58 @@ def test_malformed_requests_are_counted_as_invalid_not_as_misses(config):
     missed = [value("innfer_deadline_missed_total", {"model": "a", "reason": r}) or 0
               for r in ("refused_deadline", "refused_budget", "failed")]  # fmt: skip
     assert missed == [0, 0, 0]
+
+
+def test_a_per_group_width_is_answered_as_json(tmp_path):
+    # It went back as str() of the mapping, "{'fc': 2}": a Python repr no client parses.
+    write_model(tmp_path, "a", {"w100": 1.0, "custom": {"fc": 2, "conv": 8}}, max_batch=4)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+
+    async def body():
+        plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+        await plane.load_all()
+        try:
+            return await plane.infer(_request("a", _x(1, 1.0), tier="custom"), None)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    width = _run(body()).parameters["width"].string_param
+    assert json.loads(width) == {"conv": 8, "fc": 2}
+
+
+def test_a_pin_below_min_tier_is_refused_not_served_with_min_tier_dropped(config):
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            with pytest.raises(InvalidArgument, match=r"'w050' ranks below min_tier 'w100'"):
+                await plane.infer(_request("a", _x(1, 1.0), tier="w050", min_tier="w100"), None)
+            ok = await plane.infer(_request("a", _x(1, 2.0), tier="w100", min_tier="w050"), None)
+            return ok.parameters["tier"].string_param
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    assert _run(body()) == "w100"
+
+
+def test_a_refused_budget_says_what_the_server_set_aside_of_it(config):
+    # "budget -0.5 ms is below ..." for a client that sent 0.5 ms: the margin had been taken
+    # off without a word.
+    cfg = dataclasses.replace(config, budget_margin_ms=1.0)
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            with pytest.raises(DeadlineExceeded) as info:
+                await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=0.5), None)
+            return str(info.value)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    message = _run(body())
+    assert "(-0.5 ms left to plan with) is below the fastest allowed tier" in message
+    assert "the client's budget was 0.5 ms, less the server's 1.0 ms margin" in message

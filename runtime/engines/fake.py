@@ -229,8 +229,9 @@ def write_model(
     ``tier.json`` per tier, and ``profile.json``. Returns the model directory. The files
     follow the repository layout (runtime.repository); loading them validates them.
 
-    ``tiers``: tier name -> width. ``latency_ms``: tier -> {batch: p50 ms} (p90 is 1.1 x
-    p50); default: 1 ms x width at every batch size 1, 2, 4, ... up to max_batch.
+    ``tiers``: tier name -> width (a fraction, or a mapping of group sizes, taken as 0.5).
+    ``latency_ms``: tier -> {batch: p50 ms} (p90 is 1.1 x p50); default: 1 ms x width at
+    every batch size 1, 2, 4, ... up to max_batch.
     ``accuracy``: tier -> measured accuracy (default: none, so the tiers rank by FLOPs, as
     after a build without an evaluation set). Inputs/outputs default to ``input`` [4] ->
     ``logits`` [3].
@@ -254,6 +255,8 @@ def write_model(
     profile: dict[str, Any] = {"device": "fake", "backend": "fake", "backend_version": "1",
                                "threads": config.get("threads", 1), "tiers": {}}  # fmt: skip
     for tier, width in tiers.items():
+        # A per-group width (a mapping of channel counts) stands in as half the network.
+        size = float(width) if isinstance(width, (int, float)) else 0.5
         t = d / "tiers" / tier
         t.mkdir(parents=True, exist_ok=True)
         placeholder = f"innfer fake tier {name}/{tier} width {width}\n".encode()
@@ -264,12 +267,12 @@ def write_model(
             "sizes": {},
             "onnx_sha256": hashlib.sha256(placeholder).hexdigest(),
             "source_sha256": "fake",
-            "flops": max(1, round(1e6 * width * width)),
-            "params": max(1, round(1e4 * width)),
+            "flops": max(1, round(1e6 * size * size)),
+            "params": max(1, round(1e4 * size)),
             "accuracy": (accuracy or {}).get(tier),
         }
         (t / "tier.json").write_text(json.dumps(record, indent=1))
-        table = (latency_ms or {}).get(tier) or {b: 1.0 * width for b in batches}
+        table = (latency_ms or {}).get(tier) or {b: 1.0 * size for b in batches}
         profile["tiers"][tier] = {
             str(b): {"p50_ms": float(ms), "p90_ms": 1.1 * float(ms), "runs": 1}
             for b, ms in sorted(table.items())

@@ -243,7 +243,8 @@ class Scheduler:
         if now + alone > due:
             raise Refused(
                 State.REFUSED_DEADLINE,
-                f"budget {1e3 * (due - now):.1f} ms is below the fastest allowed tier's "
+                f"budget ({1e3 * (due - now):.1f} ms left to plan with) is below the fastest "
+                f"allowed tier's "
                 f"latency ({fastest}: {1e3 * alone:.1f} ms)",
             )
         key = self._key(r)
@@ -254,7 +255,7 @@ class Scheduler:
         if finish > due:
             raise Refused(
                 State.REFUSED_DEADLINE,
-                f"budget {1e3 * (due - now):.1f} ms cannot be met behind the "
+                f"budget ({1e3 * (due - now):.1f} ms left to plan with) cannot be met behind the "
                 f"{i} requests queued ahead and {len(self.running)} running "
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile)",
             )
