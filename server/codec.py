@@ -157,8 +157,8 @@ def decode_text(
         ['hello', 'hé']
     """
     if len(request.inputs) != 1 or request.inputs[0].name != name:
-        given = sorted(clip(t.name) for t in request.inputs[: limits.max_inputs])
-        raise InvalidArgument(f"a text request has one input, {name!r}; got {given}")
+        given = ", ".join(sorted(clip(t.name) for t in request.inputs[: limits.max_inputs]))
+        raise InvalidArgument(f"a text request has one input, {name!r}; got {given or 'none'}")
     t = request.inputs[0]
     if t.datatype != "BYTES":
         raise InvalidArgument(f"input {name!r}: datatype {t.datatype[:32]}, expected BYTES")

@@ -160,7 +160,7 @@ class DataPlane:
             except (RepositoryError, EngineError, OSError) as exc:
                 kept = self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be loaded: {exc}; rebuild it with `innfer build`{kept}"
+                    f"model {name!r} cannot be loaded: {exc}{_advice(exc)}{kept}"
                 ) from None
             self._warn_over_limit(name, served.config)
             runtime = None
@@ -193,11 +193,7 @@ class DataPlane:
                 kept = self._mark_broken(name, str(exc))
                 # a FailedPrecondition says its own fix (the server's policy); the rest is
                 # the repository's (profile, engines): a rebuild
-                advice = (
-                    ""
-                    if isinstance(exc, FailedPrecondition)
-                    else "; rebuild it with `innfer build`"
-                )
+                advice = "" if isinstance(exc, FailedPrecondition) else _advice(exc)
                 raise FailedPrecondition(
                     f"model {name!r} cannot be served: {exc}{advice}{kept}"
                 ) from None
@@ -377,9 +373,12 @@ class DataPlane:
         if name in self.models:  # a failed reload: the loaded version keeps serving
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
             return " (the loaded version keeps serving)"
-        if name in self.expected:
-            self.broken[name] = why
-            self.metrics.model_ready.labels(name).set(0)
+        if name not in self.expected:  # a load a client asked for (startup's are logged)
+            if not (self.repo.root / name / "model.yaml").is_file():
+                return ""  # not a model of the repository: nothing to report on
+            log.error("model %s: load failed: %s", name, why)
+        self.broken[name] = why
+        self.metrics.model_ready.labels(name).set(0)
         return ""
 
     async def unload(self, name: str) -> None:
@@ -396,6 +395,7 @@ class DataPlane:
             if tierer is not None:
                 tierer.stop()
             self.metrics.model_ready.labels(name).set(0)
+            log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go (before the
             await self._retire(runtime, DRAIN_S)  # await: the RPC may be cancelled there)
 
@@ -623,7 +623,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"model {m.name} takes text as {text.input!r} (BYTES, shape [-1, 1]) alone, "
                 f"or token ids as {text.ids!r} and {text.mask!r}; got inputs "
-                f"{sorted(clip(n) for n in names)}"
+                f"{', '.join(sorted(clip(n) for n in names)) or 'none'}"
             )
         arrays, rows = codec.decode_inputs(
             request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
@@ -698,3 +698,13 @@ def _priority(params) -> int:
     if not math.isfinite(level) or level < 0 or level != int(level) or level >= 1_000_000:
         raise InvalidArgument(f"priority must be an integer in [0, 999999], got {level}")
     return 0 if level == 0 else 1_000_000 - int(level)
+
+
+def _advice(exc: BaseException) -> str:
+    """What to do about a model that failed to load, unless its message already says it: a
+    model.yaml that is not valid is edited, anything else of the repository is rebuilt."""
+    if "innfer build" in str(exc):
+        return ""
+    if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):
+        return "; fix model.yaml, then load the model again"
+    return "; rebuild it with `innfer build`"

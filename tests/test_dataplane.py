@@ -816,3 +816,39 @@ def test_a_refused_budget_says_what_the_server_set_aside_of_it(config):
     message = _run(body())
     assert "(-0.5 ms left to plan with) is below the fastest allowed tier" in message
     assert "the client's budget was 0.5 ms, less the server's 1.0 ms margin" in message
+
+
+def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog):
+    # Only models configured at start were recorded: a client's failed load of another was
+    # not logged, had no reason in RepositoryIndex, no ready gauge, and its requests got
+    # NOT_FOUND "unknown model". Its message also said "rebuild it with innfer build" after
+    # a model.yaml error (an edit fixes it) or after saying "run innfer build" itself.
+    root = config.repository
+    write_model(root, "c", {"w100": 1.0}, max_batch=2)
+    (root / "c" / "model.yaml").write_text(
+        (root / "c" / "model.yaml").read_text().replace("max_batch: 2", "max_batch: 0")
+    )
+    cfg = dataclasses.replace(config, models=("a",))
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            with pytest.raises(FailedPrecondition) as failed:
+                await plane.load("c")
+            with pytest.raises(FailedPrecondition, match="failed to load"):
+                await plane.infer(_request("c", _x(1, 0.0)), None)
+            with pytest.raises(NotFound):  # not a model of the repository: nothing recorded
+                await plane.load("nope")
+            return plane, str(failed.value)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    with caplog.at_level("ERROR", logger="innfer"):
+        plane, message = _run(body())
+    assert "max_batch" in message and message.endswith("fix model.yaml, then load the model again")
+    assert "innfer build" not in message
+    assert "max_batch" in plane.broken_reason("c") and "nope" not in plane.broken
+    assert _ready_gauge(plane, "c") == 0
+    assert any("model c: load failed" in r.getMessage() for r in caplog.records)

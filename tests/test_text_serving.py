@@ -142,13 +142,14 @@ def _ids_of(name, values):
         (lambda: [_ids("input_ids", [1, 2]), _ids_of("attention_mask", [[1, 2]])],
          "an attention mask holds 0"),
         (lambda: [_text_input(["a"], name="texts")],
-         "takes text as 'text' .* or token ids as 'input_ids' and 'attention_mask'"),
+         "takes text as 'text' .* or token ids as 'input_ids' and 'attention_mask'; "
+         "got inputs 'texts'$"),  # each name quoted once (was ["'texts'"])
         (lambda: [_ids("input_ids", [1, 30]), _ids("attention_mask", [1, 30])],
          f"sequence length 30 is outside \\[1, {LENGTHS[-1]}\\]"),
         (lambda: [_ids("input_ids", [1, 5]), _ids("attention_mask", [1, 6])],
          "disagree on the sequence length"),
         (lambda: [_text_input(["a"]), _ids("input_ids", [1, 3])],
-         "a text request has one input, 'text'"),
+         "a text request has one input, 'text'; got 'input_ids', 'text'$"),
         (lambda: [_text_input(["x" * (64 * MAX_LENGTH + 1)])], "split the text"),
     ],
 )  # fmt: skip
