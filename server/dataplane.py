@@ -506,14 +506,17 @@ class DataPlane:
         m = self.model(request.model_name, request.model_version)
         size = request.ByteSize() if size is None else size
         cap = self.limits.max_inflight_bytes
+        if size > cap:  # alone above the cap: a retry, on any replica, is refused the same
+            # way - the request as sent, not load: counted as invalid, not as a shed request
+            # (the autoscaler adds replicas for those)
+            m.count_invalid()
+            raise ResourceExhausted(
+                f"the request is {size / 2**20:.1f} MiB, more than this server takes in "
+                f"flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer "
+                "rows per request, or raise the limit"
+            )
         if self.inflight_bytes + size > cap:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
-            if size > cap:  # alone above the cap: a retry is refused the same way
-                raise ResourceExhausted(
-                    f"the request is {size / 2**20:.1f} MiB, more than this server takes in "
-                    f"flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer "
-                    "rows per request, or raise the limit"
-                )
             raise ResourceExhausted(
                 f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
                 f"{cap / 2**20:.0f} MiB); retry shortly or send smaller batches"
@@ -564,7 +567,7 @@ class DataPlane:
         try:
             self._check_answer_fits(rows, outputs)
         except ResourceExhausted:
-            m.count_refused("refused_full", "refused_full")  # as the in-flight byte cap's
+            m.count_invalid()  # too many rows for any replica's transport: not load
             raise
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,

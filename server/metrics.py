@@ -3,7 +3,9 @@ reason).
 
 Every request that reaches a model is counted once in ``innfer_requests_total`` by outcome,
 and - unless it was cancelled by its client before its deadline, or refused as malformed
-(outcome ``invalid``: a bad input, parameter or tier name) - once in the SLO view:
+(outcome ``invalid``: a bad input, parameter or tier name, or a request no replica takes
+as sent - above ``limits.max_inflight_bytes`` alone, or an answer over the message limit)
+- once in the SLO view:
 ``innfer_deadline_met_total`` (answered within its budget) or
 ``innfer_deadline_missed_total{reason}`` (the client did not get an answer within its budget):
 
@@ -15,7 +17,8 @@ and - unless it was cancelled by its client before its deadline, or refused as m
                     profiled time at the quantile an idle replica admits at (admit_quantile,
                     the median by default) - no replica meets it however idle (the client's
                     ask, not load)
-  refused_full      refused at arrival: the queue was full (RESOURCE_EXHAUSTED)
+  refused_full      refused at arrival: the queue was full, or the replica's request bytes
+                    in flight were at their cap (RESOURCE_EXHAUSTED)
   failed            the engine failed the request: its batch failed, and so did its run alone
                     (server/apart.py)
   unavailable       the model was unloaded or reloaded before the request ran
