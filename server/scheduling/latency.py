@@ -585,19 +585,26 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 # ``slower_than_more_accurate``: a less accurate tier counts as slower only beyond this
 # margin, so that timing noise between near-equal tiers (launch-bound GPU batches) is quiet.
 SLOWER_MARGIN = 0.05
+# ... and by at least this much (ms): a tiny model's tiers differ by timer noise of tens of
+# microseconds (a 0.02 ms MLP warned at a 0.01 ms difference), far below any budget.
+SLOWER_MIN_MS = 0.05
 
 
 def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str, list[int]]]:
     """(tier, a more accurate tier, batch sizes) wherever a tier's typical time (p50, else
-    p90) is more than ``SLOWER_MARGIN`` above a more accurate tier's at those profiled sizes.
+    p90) is more than ``SLOWER_MARGIN`` (and ``SLOWER_MIN_MS``) above a more accurate tier's
+    at those profiled sizes.
     The planner takes the least accurate allowed tier as the fastest; such a tier makes it
     count work on the slower one (and refuse what the faster could serve), so the server
     warns about it at load.
 
     Example:
-        >>> slower_than_more_accurate([TierInfo("w050", 0.96, {1: 0.06, 8: 0.2}),
-        ...                            TierInfo("w025", 0.95, {1: 0.09, 8: 0.18})])
+        >>> slower_than_more_accurate([TierInfo("w050", 0.96, {1: 0.6, 8: 2.0}),
+        ...                            TierInfo("w025", 0.95, {1: 0.9, 8: 1.8})])
         [('w025', 'w050', [1])]
+        >>> slower_than_more_accurate([TierInfo("w050", 0.96, {1: 0.02}),
+        ...                            TierInfo("w025", 0.95, {1: 0.03})])  # timer noise
+        []
     """
     ordered = sorted(tiers, key=lambda t: -t.accuracy)
     margin = 1 + SLOWER_MARGIN
@@ -610,7 +617,11 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
             b = fast.typical_ms if typical else fast.latency_ms
             top = max(int(k) for k in b)
             sizes = sorted(int(k) for k in a if int(k) <= top)
-            worse = [n for n in sizes if interpolate(a, n) > interpolate(b, n) * margin]
+            worse = [
+                n for n in sizes
+                if interpolate(a, n) > max(interpolate(b, n) * margin,
+                                           interpolate(b, n) + SLOWER_MIN_MS)
+            ]  # fmt: skip
             if worse:
                 out.append((slow.name, fast.name, worse))
                 break  # the most accurate tier it loses to is enough to name
