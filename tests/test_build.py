@@ -580,3 +580,25 @@ def test_a_misspelt_evaluation_dataset_names_the_field_before_any_work(tmp_path)
     with pytest.raises(BuildError, match=r"model.yaml: evaluation.dataset 'mnsit' .*digits"):
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
     assert not (tmp_path / "tiny" / "engines").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"inputs": [{"name": "input", "dtype": "float32", "shape": [64]}]},
+         r"the model does not run on model.yaml's inputs \(input: float32 \[64\] per row\): .*"
+         r"do inputs\[\]\.shape and dtype match"),
+        ({"outputs": [{"name": "logits", "dtype": "float32", "shape": [5]}]},
+         r"model.yaml outputs\[0\] 'logits' has shape \[5\] per row; the model returns \[10\]"),
+    ],
+)  # fmt: skip
+def test_model_yaml_io_that_is_not_the_models_is_named_before_export(tmp_path, change, message):
+    # Both reached the user as torch's own error ("Expected 3D (unbatched) or 4D (batched)
+    # input ...") or an engine/validation message, naming neither model.yaml nor the field.
+    from runtime.build.pipeline import BuildError
+
+    inn = runtime.convert(_net(), (torch.randn(2, 1, 8, 8),))
+    config = {k: v for k, v in CONFIG.items() if k != "evaluation"}
+    add_model(tmp_path, "tiny", inn, {**config, **change})
+    with pytest.raises(BuildError, match=r"model.yaml: tier w100: " + message):
+        build_model(Repository(tmp_path), "tiny", progress=False, profile=False)

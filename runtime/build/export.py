@@ -81,6 +81,44 @@ def export_onnx(
     return data
 
 
+def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
+    """Run ``module`` once on model.yaml's inputs (a batch of 2) and compare what it returns
+    with model.yaml's outputs; a mismatch is a ValueError naming the fields to correct (the
+    exporter's own error was torch's, e.g. "mat1 and mat2 shapes cannot be multiplied")."""
+    said = ", ".join(f"{name}: {dt} {list(shape)}" for name, shape, dt in inputs)
+    said = said.replace("torch.", "")
+    example = tuple(
+        torch.zeros((2, *(7 if d == -1 else d for d in shape)), dtype=dtype)
+        for _, shape, dtype in inputs
+    )
+    try:
+        with torch.no_grad():
+            out = module.eval()(*example)
+    except Exception as exc:  # torch's own message says what the layer wanted
+        raise ValueError(
+            f"the model does not run on model.yaml's inputs ({said} per row): {exc}; "
+            f"do inputs[].shape and dtype match the model? (or was it captured with a "
+            f"batch-1 example that fixed the batch? capture it with batch >= 2)"
+        ) from None
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if len(outs) != len(config.outputs):
+        raise ValueError(
+            f"the model returns {len(outs)} output(s), model.yaml's outputs list "
+            f"{len(config.outputs)}: list one entry per output, in order"
+        )
+    for i, (spec, got) in enumerate(zip(config.outputs, outs, strict=True)):
+        shape = list(getattr(got, "shape", []))[1:]
+        fits = len(shape) == len(spec.shape) and all(
+            w in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"model.yaml outputs[{i}] {spec.name!r} has shape {list(spec.shape)} per row; "
+                f"the model returns {shape} per row (for model.yaml's inputs): correct "
+                f"outputs[{i}].shape"
+            )
+
+
 def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     """Export ``module`` to ``d/model.onnx`` and save it for the torch backend beside it
     (architecture JSON + safetensors): the files every backend builds an engine from.
@@ -91,6 +129,7 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     """
     dtypes = [getattr(torch, t.dtype) for t in config.inputs]
     inputs = [(t.name, t.shape, dt) for t, dt in zip(config.inputs, dtypes, strict=True)]
+    check_io(module, inputs, config)
     data = export_onnx(module, inputs, [t.name for t in config.outputs])
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.onnx").write_bytes(data)

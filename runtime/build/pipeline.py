@@ -272,7 +272,7 @@ def _export_tier(
                  tier.name, len(norm_x), config.evaluation.dataset)  # fmt: skip
     try:
         data = write_tier_files(d, module, config)
-    except ValueError as exc:  # over ONNX's 2 GiB
+    except ValueError as exc:  # inputs / outputs not the model's, or over ONNX's 2 GiB
         raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
     example = tuple(
         torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
