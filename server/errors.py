@@ -38,3 +38,7 @@ class FailedPrecondition(InferError):
 
 class Unauthenticated(InferError):
     """Missing or wrong bearer token."""
+
+
+class Unimplemented(InferError):
+    """A Triton RPC innfer does not implement (shared memory, trace and log settings)."""

@@ -25,6 +25,7 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 from server.limits import clip, clip_message
 from server.model_runtime import Duration, ModelRuntime
@@ -44,6 +45,7 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -306,6 +308,51 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         self.plane.check_model_control()
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # -- Triton's RPCs innfer leaves out: a message that says so and what to do instead
+    # (grpc's default was "Unexpected <class 'NotImplementedError'>: Method not implemented!")
+    _NO_SHM = (
+        "innfer does not implement {} shared memory: send the tensors in the request "
+        "(raw_input_contents; tritonclient's set_data_from_numpy)"
+    )
+
+    @rpc_method
+    async def SystemSharedMemoryStatus(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("system"))
+
+    @rpc_method
+    async def SystemSharedMemoryRegister(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("system"))
+
+    @rpc_method
+    async def SystemSharedMemoryUnregister(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("system"))
+
+    @rpc_method
+    async def CudaSharedMemoryStatus(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("CUDA"))
+
+    @rpc_method
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("CUDA"))
+
+    @rpc_method
+    async def CudaSharedMemoryUnregister(self, request, context):
+        raise Unimplemented(self._NO_SHM.format("CUDA"))
+
+    @rpc_method
+    async def TraceSetting(self, request, context):
+        raise Unimplemented(
+            "innfer does not implement Triton's trace settings: each answer carries its "
+            "queue_us / compute_us / tier parameters, and ModelStatistics the totals"
+        )
+
+    @rpc_method
+    async def LogSettings(self, request, context):
+        raise Unimplemented(
+            "innfer does not implement Triton's log settings: set the log level when "
+            "starting the server (innfer serve --log-level)"
+        )
 
     @rpc_method
     async def ModelInfer(self, request, context):

@@ -468,3 +468,22 @@ def test_serve_stream_on_closing_answers_what_it_read_and_stops_reading():
 
     assert asyncio.run(run(asyncio.Event())) == (True, [1, 2])
     assert asyncio.run(run(None)) == (None, [1, 2])  # without it: waits for the client
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: c.get_system_shared_memory_status(), "system shared memory: send the tensors"),
+        (lambda c: c.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
+         "CUDA shared memory: send the tensors"),
+        (lambda c: c.get_trace_settings(), "trace settings: each answer carries"),
+        (lambda c: c.get_log_settings(), "log settings: set the log level"),
+    ],
+)  # fmt: skip
+def test_triton_rpcs_innfer_leaves_out_say_so_and_what_to_do(client, call, message):
+    # grpc's default answer was "Unexpected <class 'NotImplementedError'>: Method not
+    # implemented!"
+    with pytest.raises(InferenceServerException, match=message) as e:
+        call(client)
+    assert e.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert client.is_server_live()
