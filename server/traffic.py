@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.atomic import write_bytes
+
 CAPACITY = 200_000  # requests kept (~5 MB): minutes of traffic at the rates one replica takes
 
 
@@ -77,7 +79,7 @@ def write_traffic(path: Path, arrivals: np.ndarray, budgets_ms: np.ndarray, rows
         f"{a:.6f},{b:.3f},{int(r)}"
         for a, b, r in zip(arrivals - start, budgets_ms, rows, strict=True)
     ]
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_bytes(path, ("\n".join(lines) + "\n").encode())  # the apply process reads it
 
 
 def summarise_traffic(arrivals: np.ndarray, budgets_ms: np.ndarray, rows: np.ndarray) -> dict:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from runtime.atomic import write_bytes
 from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
 from runtime.inn import graphio
 from runtime.repository.config import ModelConfig
@@ -132,7 +133,7 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     check_io(module, inputs, config)
     data = export_onnx(module, inputs, [t.name for t in config.outputs])
     d.mkdir(parents=True, exist_ok=True)
-    (d / "model.onnx").write_bytes(data)
+    write_bytes(d / "model.onnx", data)  # an interrupted build leaves no half file
     meta = {
         "architecture": graphio.to_spec(module),
         "inputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.inputs],

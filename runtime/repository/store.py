@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.atomic import write_json
 from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
@@ -336,7 +337,7 @@ class Repository:
                 "directory; copy the model's tokenizer.json there"
             )
         record = {"tokenizer": config.text.tokenizer, "sha256": sha256_file(path)}
-        (self.model_dir(name) / TEXT_FILE).write_text(json.dumps(record, indent=1))
+        write_json(self.model_dir(name) / TEXT_FILE, record)
 
     def load_tokenizer(self, name: str, config: ModelConfig) -> TextTokenizer | None:
         if config.text is None:
