@@ -83,13 +83,15 @@ async def serve_stream(
     closed = loop.create_task(closing.wait()) if closing is not None else None
     if closed is not None:
         closed.add_done_callback(lambda _: reader.cancel())
+    cut = False  # reading stopped by ``closing``, not by the client's half-close
     try:
         reading = True
         while reading or running:
             task = await finished.get()
             if task is reader:
                 reading = False
-                if not (task.cancelled() and closed is not None and closed.done()):
+                cut = task.cancelled() and closed is not None and closed.done()
+                if not cut:
                     task.result()  # a read error ends the stream
                 continue
             running.discard(task)
@@ -105,4 +107,4 @@ async def serve_stream(
             task.cancel()
         # Let the cancelled requests leave the scheduler's queue before the stream ends.
         await asyncio.gather(reader, *running, return_exceptions=True)
-    return closed is not None and closed.done() and not closed.cancelled()
+    return cut

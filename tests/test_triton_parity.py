@@ -469,6 +469,27 @@ def test_serve_stream_on_closing_answers_what_it_read_and_stops_reading():
     assert asyncio.run(run(asyncio.Event())) == (True, [1, 2])
     assert asyncio.run(run(None)) == (None, [1, 2])  # without it: waits for the client
 
+    async def half_closed_then_closing():
+        closing = asyncio.Event()
+
+        async def requests():
+            yield 1
+
+        async def answer(i):
+            await asyncio.sleep(0.05)
+            closing.set()  # draining begins after the client half-closed
+            return i
+
+        out = []
+
+        async def write(x):
+            out.append(x)
+
+        return await serve_stream(requests(), answer, write, closing=closing), out
+
+    # every request was read before draining began: the stream ends normally (OK)
+    assert asyncio.run(half_closed_then_closing()) == (False, [1])
+
 
 @pytest.mark.parametrize(
     "call, message",
