@@ -797,27 +797,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     inn = load(args.model_dir)
     if args.text:
         return _report_text(args, inn)
-    if "input_shape" not in inn.info and (Path(args.model_dir) / "model.yaml").is_file():
+    yaml_path = Path(args.model_dir) / "model.yaml"
+    config = None
+    if yaml_path.is_file():
         from runtime.repository.config import ModelConfig
 
-        if ModelConfig.load(Path(args.model_dir) / "model.yaml").text is not None:
+        config = ModelConfig.load(yaml_path)
+        if config.text is not None:
             raise ValueError(
                 f"{args.model_dir} is a text model: give held-out sentences, one per line, "
                 "with --text FILE to report each tier's embedding fidelity"
             )
     data = _data_for(args.model_dir, inn, args.data) if args.data else None
+    from innfer.tiers import report_frontier
+
+    shape = _report_shape(inn, config)
+    if data is None and shape is None:
+        print(f"{args.model_dir}: no input shape (the INN records none, and there is no "
+              "model.yaml with one input): FLOPs by width need one; give --data NAME")  # fmt: skip
+        if report_frontier(Path(args.model_dir)) is None:  # an auto_tiers model's frontier
+            raise ValueError(f"{args.model_dir}: nothing to report without an input shape")
+        return 0
+    if data is None:
+        inn.info["input_shape"] = shape  # this run only: the INN on disk is not rewritten
     multiple_of = args.multiple_of or _tier_defaults(args.model_dir)[1]
     widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
     rows = width_report(inn, widths, data, multiple_of=multiple_of)
     print(format_report(rows))
+    if data is None:
+        print(f"FLOPs at batch 1 of input {shape}; accuracy: not measured (no evaluation set), "
+              f"give --data NAME ({DATA_SETS}) for a model trained on one of them")  # fmt: skip
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
     save_report(rows, Path(args.json) if args.json else None, png if data else None)
     if data:
         print(f"plot: {png}")
-    from innfer.tiers import report_frontier
-
     report_frontier(Path(args.model_dir))  # a model with auto_tiers: its measured frontier
     return 0
+
+
+DATA_SETS = "digits, mnist5k, mnist1d"  # the bundled data sets --data takes
+
+
+def _report_shape(inn, config) -> list[int] | None:
+    """The sample shape (no batch) ``innfer report`` counts FLOPs at without data: a
+    repository model's model.yaml input (the shape it serves), else the one the INN
+    recorded at conversion; None for a model of several inputs or none recorded."""
+    if config is not None and len(config.inputs) == 1:
+        spec = config.inputs[0]
+        if spec.dtype.startswith("float") and spec.shape and min(spec.shape) > 0:
+            return [int(d) for d in spec.shape]
+    shape = inn.info.get("input_shape")
+    return None if shape is None else [int(d) for d in shape]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -6,6 +6,11 @@ defined. The model definitions are pure Python: declaring the two operator schem
 its import registers kernels for is enough to import them (calling ``nms`` itself would
 still fail, and conversion never does).
 
+Hugging Face transformers imports torchvision where it is installed, so call this before
+importing transformers (``AutoModel.from_pretrained`` otherwise fails with "Could not import
+module 'BertModel'"). It cannot be done for you by ``import runtime`` (which must not import
+torch: the server imports it) nor by ``runtime.convert`` (the model is loaded before).
+
 Example:
     >>> tv = import_torchvision()  # doctest: +SKIP
     >>> net = tv.models.resnet18(weights=None)  # doctest: +SKIP

@@ -96,9 +96,29 @@ def convert(
     info = {"source": type(model).__name__, "permuted": permute, "folded_norms": did_fold,
             "frontend": captured_by,
             "seed": seed}  # fmt: skip
+    shape = _sample_shape(example_inputs, example_kwargs)
+    if shape is not None:  # what `innfer report` counts FLOPs at without an evaluation set
+        info["input_shape"] = shape
     return IntegralModel(
         spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info
     )
+
+
+def _sample_shape(args: tuple, kwargs: dict | None) -> list[int] | None:
+    """One sample's shape (no batch dim) of a model with a single floating-point input (an
+    image, a feature vector); None for token ids or several inputs, whose shapes a FLOPs
+    count could not feed from one zero tensor.
+
+    Example:
+        >>> _sample_shape((torch.zeros(2, 3, 8, 8),), None)
+        [3, 8, 8]
+        >>> _sample_shape((torch.zeros(2, 16, dtype=torch.long),), None) is None
+        True
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    return list(x.shape[1:]) if x.is_floating_point() and x.dim() >= 1 else None
 
 
 def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
