@@ -283,13 +283,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     from runtime.build.pipeline import build_model
     from runtime.repository import Repository
 
+    _check_repository_dir(args.repository)
     repo = Repository(args.repository)
     names = args.model or repo.names()
     if not names:
-        raise ValueError(f"no models in {args.repository} (each needs <model>/model.yaml)")
+        raise ValueError(_no_models(args.repository))
+    failed = []
     for name in names:
-        report = build_model(repo, name, backend=args.backend, profile=not args.no_profile)
+        # One broken model no longer stops the others (it built none after it): each model
+        # is its own directory, so a failure leaves the rest as they were; every failure is
+        # said at once and again at the end, and the exit status is 2.
+        try:
+            report = build_model(repo, name, backend=args.backend, profile=not args.no_profile)
+        except (ValueError, OSError, RuntimeError) as exc:
+            if len(names) == 1:
+                raise
+            print(f"innfer build: {name}: error: {exc}", file=sys.stderr)
+            failed.append(name)
+            continue
         _print_build(report, repo)
+    if failed:
+        built = len(names) - len(failed)
+        raise RuntimeError(
+            f"{len(failed)} of {len(names)} models failed: {', '.join(failed)} (errors above; "
+            f"{built} built)"
+        )
     return 0
 
 
@@ -299,20 +317,29 @@ def _print_build(report, repo) -> None:
     # A sequence model: latency at its shortest profiled length (the longest is in tiers).
     tables = profile["lengths"][str(lengths[0])] if lengths else profile["tiers"]
     at = f", latency at {lengths[0]} tokens (profiled {lengths})" if lengths else ""
-    evaluation = repo.config(report.model).evaluation
-    fidelity = evaluation is not None and evaluation.text is not None  # a text embedder
-    print(f"\n{report.model} ({report.backend}{at}):")
-    print(f"{'tier':<8} {'MFLOPs':>9} {'params':>9} {'cosine' if fidelity else 'accuracy':>9} "
-          f"{'p50 b=1':>9} {'p50 b=8':>9} {'engine':>8}")  # fmt: skip
+    config = repo.config(report.model)
+    fidelity = config.evaluation is not None and config.evaluation.text is not None  # text
+    top = max(config.batch_sizes)  # the largest batch profiled: model.yaml's max_batch
+    rows = []
     for t in report.tiers:
         rec = repo.load_record(report.model, t.name)
         lat = tables.get(t.name, {})
         b1 = lat.get("1", {}).get("p50_ms")
-        b8 = lat.get(str(max(map(int, lat), default=1)), {}).get("p50_ms")
+        bmax = lat.get(str(top), {}).get("p50_ms")
         acc = "-" if t.accuracy is None else format(t.accuracy, ".4f" if fidelity else ".2%")
         state = "built" if t.engine_built else "cached"
-        print(f"{t.name:<8} {rec.flops / 1e6:>9.2f} {rec.params:>9,} {acc:>9} "
-              f"{_ms(b1):>9} {_ms(b8):>9} {state:>8}")  # fmt: skip
+        rows.append((t.name, f"{rec.flops / 1e6:.2f}", f"{rec.params:,}", acc, _ms(b1),
+                     _ms(bmax), state))  # fmt: skip
+    head = ("tier", "MFLOPs", "params", "cosine" if fidelity else "accuracy", "p50 b=1",
+            f"p50 b={top}", "engine")  # fmt: skip
+    # Each column as wide as its widest cell (an 11,176,842-parameter ResNet-18 overflowed
+    # a fixed 9): the tier name left-aligned, numbers right.
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    widths = [max(w, m) for w, m in zip(widths, (8, 9, 9, 9, 9, 9, 8), strict=True)]
+    print(f"\n{report.model} ({report.backend}{at}):")
+    for r in [head, *rows]:
+        print(" ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
     for warning in report.warnings:
         print(f"warning: {warning}")
 
@@ -349,10 +376,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    config = config.replace(**overrides)  # validated like the file: --policy fixed: is refused
+    config = _override(config, overrides)  # validated like the file: --policy fixed: is refused
     _check_repository(config)
     asyncio.run(serve(config))
     return 0
+
+
+# innfer serve's flags by the server config field they set (where the names differ).
+SERVE_FLAGS = {"grpc_port": "--port"}
+
+
+def _override(config, overrides: dict):
+    """``config`` with the command line's ``overrides``, validated like the file; a value
+    refused is named by its flag (it was "<config>: policy: got 'foo'" for ``--policy foo``,
+    or the config file's name, which did not hold it)."""
+    try:
+        return config.replace(**overrides)
+    except ValueError as exc:
+        for field in overrides:
+            prefix = f"{config.source}: {field}: "
+            if str(exc).startswith(prefix):
+                flag = SERVE_FLAGS.get(field, "--" + field.replace("_", "-"))
+                raise ValueError(f"{flag}: {str(exc)[len(prefix) :]}") from None
+        raise
 
 
 def _check_repository(config) -> None:
@@ -362,14 +408,25 @@ def _check_repository(config) -> None:
     from runtime.repository import Repository
 
     repo = Path(config.repository)
-    if not repo.is_dir():
+    _check_repository_dir(repo)
+    if config.model_control == "none" and not config.models and not Repository(repo).names():
+        raise ValueError(_no_models(repo))
+
+
+def _check_repository_dir(repo: Path) -> None:
+    """``innfer serve`` and ``build`` say the same of a repository that is not there."""
+    if not Path(repo).is_dir():
         raise ValueError(
             f"repository {repo} is not a directory; build one with `innfer demo` or `innfer build`"
         )
-    if config.model_control == "none" and not config.models and not Repository(repo).names():
-        own = (repo / "model.yaml").is_file()
-        hint = " (it is a model's own folder: give its parent)" if own else ""
-        raise ValueError(f"no models in {repo}: each is a folder <model>/model.yaml{hint}")
+
+
+def _no_models(repo: Path) -> str:
+    """What ``serve`` and ``build`` say of a repository without models (a model's own folder,
+    given for its repository, is the usual cause)."""
+    own = (Path(repo) / "model.yaml").is_file()
+    hint = " (it is a model's own folder: give its parent)" if own else ""
+    return f"no models in {repo}: each is a folder <model>/model.yaml{hint}"
 
 
 def _budget_range(text: str) -> tuple[float, float]:
@@ -458,6 +515,8 @@ def _resolve_trace(args: argparse.Namespace) -> None:
     if args.trace_file is not None and args.trace not in (None, "file"):
         raise ValueError(f"--trace-file is a --trace file's; --trace {args.trace} takes none")
     args.trace = args.trace or ("file" if args.trace_file is not None else "poisson")
+    if args.trace == "file" and args.trace_file is None:  # it said "needs trace_file"
+        raise ValueError("--trace file needs --trace-file PATH (timestamps in seconds, one a line)")
     if args.trace_file is not None and not Path(args.trace_file).is_file():
         raise ValueError(f"--trace-file {args.trace_file}: no such file")
 
@@ -468,17 +527,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _resolve_trace(args)
     from sim.simulator import format_summary, plot_timeline, simulate, tiers_from_model_dir
 
+    _check_built(args.model_dir)
     tiers, p50 = tiers_from_model_dir(args.model_dir)
+    note = _accuracy_note(args.model_dir)
+    note = note and f"; accuracy: {note}"
     policies = args.policy or ["innfer", "slackfit"]
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
             raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
-        return _simulate_shared(args, tiers, p50, policies)
+        return _simulate_shared(args, tiers, p50, policies, note)
     results = {}
     for policy in policies:
         result = simulate(tiers, p50, _sim_config(args, policy))
         results[policy] = result.to_json()
-        print(format_summary(result.summary, f"{policy} ({_offered(args)})"))
+        print(format_summary(result.summary, f"{policy} ({_offered(args)}){note}"))
         if args.plot:
             path = Path(args.plot)
             if len(policies) > 1:
@@ -490,7 +552,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) -> int:
+def _simulate_shared(
+    args: argparse.Namespace, tiers, p50, policies: list[str], note: str = ""
+) -> int:
     """``innfer simulate --host-ms``: the same trace and budgets as the engine-only
     simulation, served by the scheduler and engine on one core that also does the request
     handling (``sim.shared_core``): each request costs PARSE ms of that core before the
@@ -524,11 +588,46 @@ def _simulate_shared(args: argparse.Namespace, tiers, p50, policies: list[str]) 
             "host_ms": {"parse": parse, "answer": answer, "client": client},
         }
         results[policy] = {"config": {"policy": policy, "load": args.load}, "summary": s}
-        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms)"
+        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms){note}"
         print(format_summary(s, title))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _check_built(model_dir: Path) -> None:
+    """A model ``innfer simulate`` / ``bench`` can read: its profile.json (the latencies)
+    exists; else a ValueError that says what to run (it was a bare "[Errno 2] No such file")."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ValueError(f"no such model: {d} is not a directory (give <repository>/<model>)")
+    if not (d / "model.yaml").is_file():
+        raise ValueError(f"{d} is not a model: it has no model.yaml (give <repository>/<model>)")
+    if not (d / "profile.json").is_file():
+        raise ValueError(
+            f"{d} has no profile.json: run `innfer build {d.parent} --model {d.name}` first"
+        )
+
+
+def _accuracy_note(model_dir: Path) -> str:
+    """What a simulation's or a run's "accuracy" is where it is not a measured one: the
+    scheduler ranks tiers by their FLOPs fraction of the full width unless every tier has
+    a measured accuracy (``tiers_from_profile``); said as ``innfer tiers frontier`` says it.
+    "" where every tier's accuracy was measured."""
+    import json
+
+    from innfer.tiers import FLOPS_PROXY
+    from runtime.repository import TierRecord
+
+    d = Path(model_dir)
+    try:
+        names = json.loads((d / "profile.json").read_text())["tiers"]
+        measured = all(
+            TierRecord.read(d / "tiers" / t / "tier.json").accuracy is not None for t in names
+        )
+    except (OSError, ValueError, KeyError):
+        return ""  # the caller has read them already; nothing to add where it could not
+    return "" if measured else FLOPS_PROXY
 
 
 def _host_ms_arg(text: str) -> tuple[float, float, float]:
@@ -547,6 +646,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sim.loadgen import run_load
     from sim.simulator import requests_for, tiers_from_model_dir, trace_window
 
+    _check_built(args.model_dir)
     tiers, p50 = tiers_from_model_dir(args.model_dir)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     cfg = _sim_config(args, "innfer")
@@ -567,7 +667,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     acc, unknown = s["mean_served_accuracy"], s["answers_without_accuracy"]
     # An auto-tiered model answers from frontier candidates profile.json does not list.
     note = f" ({unknown} answers from tiers without a known accuracy left out)" if unknown else ""
-    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}{note}")
+    source = _accuracy_note(args.model_dir)
+    source = source and f" ({source})"
+    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}{source}{note}")
     print(f"  tier mix        {', '.join(f'{k} {v:.0%}' for k, v in s['tier_mix'].items())}")
     print(f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms")
     print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")
@@ -900,7 +1002,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    build = sub.add_parser("build", help="build every tier's engine and latency profile")
+    build = sub.add_parser(
+        "build", help="build every tier's engine and latency profile (a model that fails is "
+        "reported at the end, exit 2; the others are built)",
+    )  # fmt: skip
     build.add_argument("repository", type=Path)
     build.add_argument("--model", action="append", help="only this model (repeatable)")
     build.add_argument("--backend", choices=BACKENDS)

@@ -22,6 +22,10 @@ from pathlib import Path
 
 from runtime.repository.frontier import weights_mb
 
+# What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
+# it so in the frontier): every command that prints such an accuracy says so in these words.
+FLOPS_PROXY = "no evaluation set: FLOPs fraction of the full width"
+
 HOST_HELP = (
     "the serving process's time outside queue and compute and its engine speed (host.json, "
     "written by a server with auto_tiers beside its traffic): the choice replays them; "
@@ -94,8 +98,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     d = args.model_dir.resolve()
     repo = Repository(d.parent)
-    choice, _ = _choose(repo, d.name, args.traffic, host=args.host)
-    print(format_choice(choice, repo.config(d.name).auto_tiers.rebuild.min_gain))
+    choice, frontier = _choose(repo, d.name, args.traffic, host=args.host)
+    min_gain = repo.config(d.name).auto_tiers.rebuild.min_gain
+    print(format_choice(choice, min_gain, frontier.accuracy_source))
     if args.json:
         args.json.write_text(json.dumps(choice.to_json(), indent=1))
     return 0
@@ -110,7 +115,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     config = repo.config(args.model)
     choice, frontier = _choose(repo, args.model, args.traffic, args.live, args.host)
     min_gain = config.auto_tiers.rebuild.min_gain
-    print(format_choice(choice, min_gain))
+    print(format_choice(choice, min_gain, frontier.accuracy_source))
     if args.result:
         args.result.write_text(json.dumps(choice.to_json(), indent=1))
     if not choice.changes or (choice.gain < min_gain and not args.force):
@@ -312,7 +317,10 @@ def format_frontier(frontier) -> str:
     return "\n".join(lines)
 
 
-def format_choice(choice, min_gain: float) -> str:
+def format_choice(choice, min_gain: float, accuracy_source: str = "") -> str:
+    """The choice as ``tiers suggest`` / ``apply`` print it; ``accuracy_source``: the
+    frontier's (a FLOPs fraction where the model has no evaluation set, said so)."""
+
     def row(label, e):
         acc = "-" if e.mean_accuracy is None else f"{e.mean_accuracy:.2%}"
         return (f"  {label:<8} {', '.join(e.tiers):<34} attainment {e.attainment:.2%}  "
@@ -328,9 +336,11 @@ def format_choice(choice, min_gain: float) -> str:
         verdict = "apply"
     if choice.changes and choice.best.tiers == choice.current.tiers:
         verdict += " (the same names, other channel counts)"
+    flops = accuracy_source.startswith("flops")
     return "\n".join([
         f"traffic: {t['requests']} requests at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
         f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",
+        *([f"  accuracy: {FLOPS_PROXY}"] if flops else []),
         row("live", choice.current),
         row("chosen", choice.best),
         f"  expected gain {choice.gain:+.4f} (served accuracy "

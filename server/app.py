@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -89,7 +90,18 @@ class Server:
         else:
             self.port = self.grpc.add_secure_port(address, _credentials(self.config))
         if self.config.metrics_port or self.config.metrics_port == 0:
-            self._http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            port = self.config.metrics_port
+            try:
+                self._http, _ = self.metrics.serve_http(port, self.config.host)
+            except OSError as exc:  # it said only "[Errno 98] Address already in use"
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                error = OSError(
+                    f"metrics port {port} is in use on {self.config.host} (metrics_port in "
+                    "the server config / --metrics-port)"
+                )
+                error.errno = exc.errno
+                raise error from exc
             self.metrics_port = self._http.server_port
         await self.grpc.start()
         log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)

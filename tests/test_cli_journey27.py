@@ -4,17 +4,22 @@ build table's columns, and the errors of simulate / bench / serve / build say wh
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from netgen import tiny_cnn
 
 import runtime
-from innfer.cli import main
+from innfer.cli import _print_build, main
 from runtime.build.pipeline import add_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +86,152 @@ def test_the_readme_transformers_snippet_runs_as_written(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OK (2, 16, 384) (2, 384)" in done.stdout
+
+
+# -- 3. the build table ---------------------------------------------------------------------
+
+
+def test_build_table_names_the_largest_batch_and_keeps_its_columns(capsys):
+    lat = {"1": {"p50_ms": 1.5}, "2": {"p50_ms": 2.5}, "4": {"p50_ms": 4.25}}
+    config = SimpleNamespace(evaluation=None, batch_sizes=(1, 2, 4))
+    records = {"w100": SimpleNamespace(flops=296_102_000, params=11_176_842),
+               "w050": SimpleNamespace(flops=78_845_000, params=2_799_050)}  # fmt: skip
+    repo = SimpleNamespace(
+        read_profile=lambda name: {"tiers": {"w100": lat, "w050": lat}},
+        config=lambda name: config,
+        load_record=lambda name, tier: records[tier],
+    )
+    tiers = [SimpleNamespace(name=n, accuracy=None, engine_built=True) for n in records]
+    _print_build(SimpleNamespace(model="r18", backend="onnxruntime", tiers=tiers, warnings=[]),
+                 repo)  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert "p50 b=4" in lines[0] and "b=8" not in lines[0]
+    assert "11,176,842" in lines[1] and "4.250ms" in lines[1]
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header
+    ends = [m.end() for m in re.finditer(r"\S+", lines[0].replace("p50 b", "p50_b"))][1:]
+    for line in lines[1:]:  # each right-aligned cell ends where its heading does
+        assert [m.end() for m in re.finditer(r"\S+", line)][1:] == ends
+
+
+# -- 4. and 5. simulate / bench: an unbuilt model; what "accuracy" is -------------------------
+
+
+def test_simulate_and_bench_say_to_build_a_model_without_a_profile(tmp_path, capsys):
+    d = tmp_path / "repo" / "nobuild"
+    d.mkdir(parents=True)
+    (d / "model.yaml").write_text(yaml.safe_dump(IO))
+    for command in ("simulate", "bench"):
+        code, _, err = _cli(capsys, command, d)
+        assert code == 2
+        assert f"has no profile.json: run `innfer build {d.parent} --model nobuild` first" in err
+    code, _, err = _cli(capsys, "simulate", tmp_path / "repo" / "nothere")
+    assert code == 2 and "no such model" in err and "Errno" not in err
+
+
+def _built(tmp_path):
+    from serverutil import add_onnx_model
+    from serverutil import tiny_cnn as onnx_cnn
+
+    return add_onnx_model(tmp_path, "tiny", onnx_cnn, IO, warmup=1, repeats=2)
+
+
+def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, capsys, monkeypatch):
+    d = _built(tmp_path)
+    code, out, err = _cli(
+        capsys, "simulate", d, "--duration", "1", "--load", "0.001", "--policy", "innfer"
+    )
+    assert code == 0, err
+    assert out.splitlines()[0].endswith(f"; accuracy: {FLOPS_PROXY}")
+
+    import numpy as np
+
+    import sim.loadgen
+
+    async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
+        n = len(arrivals)
+        s = sim.loadgen._summary(np.ones(n), budgets_s, ["w050"] * n, ["OK"] * n, 1.0, accuracy)
+        return sim.loadgen.LoadReport(s, np.ones(n), ["w050"] * n, ["OK"] * n)
+
+    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+    code, out, err = _cli(capsys, "bench", d, "--duration", "1", "--load", "0.001")
+    assert code == 0, err
+    [line] = [x for x in out.splitlines() if "mean accuracy" in x]
+    assert line.endswith(f"({FLOPS_PROXY})")
+
+    from runtime.repository import TierRecord
+
+    for tier in ("w100", "w050"):  # measured accuracies: nothing to say
+        path = d / "tiers" / tier / "tier.json"
+        dataclasses.replace(TierRecord.read(path), accuracy=0.9).write(path)
+    code, out, _ = _cli(
+        capsys, "simulate", d, "--duration", "1", "--load", "0.001", "--policy", "innfer"
+    )
+    assert code == 0 and FLOPS_PROXY not in out
+
+
+def test_tiers_suggest_says_when_accuracy_is_a_flops_fraction():
+    from innfer.tiers import format_choice
+
+    e = SimpleNamespace(tiers=("w100",), attainment=1.0, mean_accuracy=0.39, served_accuracy=0.39)
+    choice = SimpleNamespace(
+        traffic={"requests": 10, "rate_per_s": 1.0, "budget_ms_p10_p50_p90": (1, 2, 3)},
+        evaluated=[e], changes=False, gain=0.0, best=e, current=e,
+    )  # fmt: skip
+    flops = format_choice(choice, 0.01, f"flops ({FLOPS_PROXY})")
+    assert f"accuracy: {FLOPS_PROXY}" in flops
+    assert FLOPS_PROXY not in format_choice(choice, 0.01, "evaluation digits (64 samples)")
+
+
+# -- 6. serve: the metrics port in use; a bad flag is named ----------------------------------
+
+
+def test_a_metrics_port_in_use_is_named(tmp_path):
+    from server.app import Server
+    from server.config import ServerConfig
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = ServerConfig.from_dict(
+            {"repository": str(tmp_path), "grpc_port": 0, "metrics_port": port}
+        )
+        with pytest.raises(OSError, match=rf"metrics port {port} is in use .*--metrics-port"):
+            asyncio.run(Server(config).start())
+
+
+def test_a_bad_serve_flag_is_named_by_its_flag(tmp_path, capsys):
+    code, _, err = _cli(capsys, "serve", "--repository", tmp_path, "--policy", "foo")
+    assert code == 2 and "--policy: got 'foo'" in err and "<config>" not in err
+    code, _, err = _cli(capsys, "serve", "--repository", tmp_path, "--port", "99999")
+    assert code == 2 and "--port: got 99999" in err
+
+
+# -- 7. build: the repository's errors as serve says them; one broken model fails alone -------
+
+
+def test_build_says_what_serve_says_of_a_wrong_repository(tmp_path, capsys):
+    code, _, err = _cli(capsys, "build", tmp_path / "nonexist")
+    assert code == 2 and "is not a directory" in err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.yaml").write_text(yaml.safe_dump(IO))
+    code, _, err = _cli(capsys, "build", tmp_path / "m")
+    assert code == 2 and "(it is a model's own folder: give its parent)" in err
+
+
+def test_trace_file_without_a_file_names_the_flag(tmp_path, capsys):
+    d = _built(tmp_path)
+    code, _, err = _cli(capsys, "simulate", d, "--trace", "file")
+    assert code == 2 and "--trace file needs --trace-file" in err
+
+
+def test_build_builds_every_model_and_reports_the_broken_ones(tmp_path, capsys):
+    (tmp_path / "a_broken").mkdir()
+    (tmp_path / "a_broken" / "model.yaml").write_text(yaml.safe_dump({**IO, "max_batch": 0}))
+    add_model(tmp_path, "b_good", runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),)), IO)
+    code, out, err = _cli(capsys, "build", tmp_path, "--no-profile")
+    assert code == 2
+    assert "a_broken: error:" in err and "max_batch" in err
+    assert "1 of 2 models failed: a_broken" in err
+    assert "b_good (onnxruntime" in out
+    assert (tmp_path / "b_good" / "tiers" / "w050" / "model.onnx").is_file()
