@@ -767,7 +767,8 @@ def _data_for(model_dir: Path, inn, name: str):
     yaml_path = Path(model_dir) / "model.yaml"
     if yaml_path.is_file():
         config = ModelConfig.load(yaml_path)
-        want = want or list(config.inputs[0].shape)
+        # the shape it serves; the INN's recorded one is the example it was converted with
+        want = list(config.inputs[0].shape)
         classes = config.outputs[0].shape[-1] if config.outputs[0].shape else None
         if config.evaluation is not None and config.evaluation.dataset:
             hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"

@@ -235,3 +235,25 @@ def test_build_builds_every_model_and_reports_the_broken_ones(tmp_path, capsys):
     assert "1 of 2 models failed: a_broken" in err
     assert "b_good (onnxruntime" in out
     assert (tmp_path / "b_good" / "tiers" / "w050" / "model.onnx").is_file()
+
+
+def test_the_width_report_keeps_its_columns_for_large_counts():
+    from runtime.inn.report import ReportRow, format_report
+
+    text = format_report([ReportRow(1.0, 1_819_000_000, 11_176_842, None),
+                          ReportRow(0.5, 460_000_000, 2_800_000, 0.9, True)])  # fmt: skip
+    head, *rows = text.splitlines()
+    # every row right-aligned under its header (a fixed 9-wide params column overflowed)
+    assert len({len(line.rstrip().rsplit(" ", 1)[0]) for line in rows}) == 1
+    assert head.index("params") + len("params") == rows[0].index("11,176,842") + len("11,176,842")
+
+
+def test_calibration_data_is_checked_against_the_shape_model_yaml_serves(tmp_path, capsys):
+    # The INN records the shape it was converted with; a model served at another size
+    # (model.yaml) had --data checked against the conversion's.
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 28, 28),))
+    assert inn.info["input_shape"] == [1, 28, 28]
+    d = add_model(tmp_path, "cnn", inn, IO)  # served at 1x8x8: the digits' shape
+    from innfer.cli import _data_for
+
+    assert _data_for(d, inn, "digits").input_shape == (1, 8, 8)

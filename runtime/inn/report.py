@@ -72,12 +72,17 @@ def _input_shape(inn: IntegralModel) -> tuple[int, ...]:
 
 def format_report(rows: Sequence[ReportRow]) -> str:
     full = rows[0]
-    lines = [f"{'width':>6} {'MFLOPs':>9} {'FLOPs':>6} {'params':>9} {'accuracy':>9}  weights"]
+    # as wide as the largest count (11,176,842 params overflowed a fixed 9 and shifted the row)
+    pw = max(9, *(len(f"{r.params:,}") for r in rows))
+    fw = max(9, *(len(f"{r.flops / 1e6:.3f}") for r in rows))
+    head = f"{'width':>6} {'MFLOPs':>{fw}} {'FLOPs':>6} {'params':>{pw}} {'accuracy':>9}"
+    lines = [f"{head}  weights"]
     for r in rows:
         acc = "-" if r.accuracy is None else f"{r.accuracy:.2%}"
         src = "calibrated" if r.calibrated else "sampled"
-        lines.append(f"{r.width:>6.1%} {r.flops / 1e6:>9.3f} {r.flops / max(full.flops, 1):>6.2f} "
-                     f"{r.params:>9,} {acc:>9}  {src}")  # fmt: skip
+        share = r.flops / max(full.flops, 1)
+        lines.append(f"{r.width:>6.1%} {r.flops / 1e6:>{fw}.3f} {share:>6.2f} "
+                     f"{r.params:>{pw},} {acc:>9}  {src}")  # fmt: skip
     return "\n".join(lines)
 
 
