@@ -65,7 +65,7 @@ from server.scheduling import (
     make_policy,
 )
 from server.scheduling.device import Device, Instances
-from server.scheduling.latency import slower_than_more_accurate, tiers_from_profile
+from server.scheduling.latency import dominated, slower_than_more_accurate, tiers_from_profile
 from server.traffic import TrafficLog
 
 # Backends whose engines run on the CPU and may be called from any thread, so a short batch
@@ -276,7 +276,17 @@ class ModelRuntime:
         self.tiers = infos[lengths[-1]]
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        beaten = dominated(self.tiers)
+        for slow, fast in beaten.items():
+            log.warning(
+                "model %s: tier %s is slower than the more accurate %s at every profiled "
+                "batch size (profile.json): requests run on it only when they pin it; drop it "
+                "from model.yaml, or re-profile on a quiet machine (`innfer build`)",
+                self.name, slow, fast,
+            )  # fmt: skip
         for slow, fast, sizes in slower_than_more_accurate(self.tiers):
+            if slow in beaten:
+                continue
             log.warning(
                 "model %s: tier %s is slower than the more accurate %s at batch %s "
                 "(profile.json); the scheduler counts a request's least accurate tier as its "

@@ -607,25 +607,56 @@ def slower_than_more_accurate(tiers: Sequence[TierInfo]) -> list[tuple[str, str,
         []
     """
     ordered = sorted(tiers, key=lambda t: -t.accuracy)
-    margin = 1 + SLOWER_MARGIN
     out = []
     for i, slow in enumerate(ordered):
         for fast in ordered[:i]:
-            # p50 against p50 where both have it, else p90 against p90.
-            typical = slow.typical_ms and fast.typical_ms
-            a = slow.typical_ms if typical else slow.latency_ms
-            b = fast.typical_ms if typical else fast.latency_ms
-            top = max(int(k) for k in b)
-            sizes = sorted(int(k) for k in a if int(k) <= top)
-            worse = [
-                n for n in sizes
-                if interpolate(a, n) > max(interpolate(b, n) * margin,
-                                           interpolate(b, n) + SLOWER_MIN_MS)
-            ]  # fmt: skip
+            _, worse = _slower_at(slow, fast)
             if worse:
                 out.append((slow.name, fast.name, worse))
                 break  # the most accurate tier it loses to is enough to name
     return out
+
+
+def dominated(tiers: Sequence[TierInfo]) -> dict[str, str]:
+    """Tier -> a tier at least as accurate that is faster at every batch size both profile
+    (as ``slower_than_more_accurate`` counts slower). Such a tier is never the better plan
+    for a request that may run on either: whatever deadline it meets, the other meets too,
+    with at least its accuracy (a calibrated w050 more accurate than the full network makes
+    the full network one). The planner falls back to a request's least accurate allowed tier
+    as its fastest; a dominated one there is skipped (pins still run on it).
+
+    Example:
+        >>> dominated([TierInfo("w100", 0.85, {1: 8.0, 4: 25.0}),
+        ...            TierInfo("w050", 0.88, {1: 1.5, 4: 5.0}),
+        ...            TierInfo("w025", 0.80, {1: 0.9, 4: 2.0})])
+        {'w100': 'w050'}
+    """
+    ordered = sorted(tiers, key=lambda t: -t.accuracy)
+    out = {}
+    for i, slow in enumerate(ordered):
+        for fast in ordered[:i]:
+            sizes, worse = _slower_at(slow, fast)
+            if sizes and worse == sizes:
+                out[slow.name] = fast.name
+                break
+    return out
+
+
+def _slower_at(slow: TierInfo, fast: TierInfo) -> tuple[list[int], list[int]]:
+    """(batch sizes both profile, those at which ``slow`` is slower than ``fast`` by more
+    than ``SLOWER_MARGIN`` and ``SLOWER_MIN_MS``)."""
+    # p50 against p50 where both have it, else p90 against p90.
+    typical = slow.typical_ms and fast.typical_ms
+    a = slow.typical_ms if typical else slow.latency_ms
+    b = fast.typical_ms if typical else fast.latency_ms
+    top = max(int(k) for k in b)
+    sizes = sorted(int(k) for k in a if int(k) <= top)
+    margin = 1 + SLOWER_MARGIN
+    worse = [
+        n for n in sizes
+        if interpolate(a, n) > max(interpolate(b, n) * margin, interpolate(b, n) + SLOWER_MIN_MS)
+    ]  # fmt: skip
+    return sizes, worse
 
 
 def tiers_from_profile(profile: dict, records: Mapping) -> tuple[list[TierInfo], dict]:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .latency import LatencyModel, TierInfo
+from .latency import LatencyModel, TierInfo, dominated
 from .plan import Candidate, Columns, Groups, feasible, form_groups
 from .request import Request
 
@@ -162,7 +162,7 @@ class Context:
         ((0, 0), 0.999)
     """
 
-    __slots__ = ("_batch", "_names", "latency", "max_batch", "rank", "tiers")
+    __slots__ = ("_batch", "_names", "_tail", "latency", "max_batch", "rank", "tiers")
 
     def __init__(self, tiers: Sequence[TierInfo], latency: LatencyModel, max_batch: int) -> None:
         ordered = tuple(sorted(tiers, key=lambda t: t.accuracy, reverse=True))
@@ -173,18 +173,27 @@ class Context:
         init(self, "max_batch", max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
         init(self, "_batch", {})  # tier -> (the means it was computed from, batch sizes)
+        # _tail[k]: the last rank <= k not dominated by a more accurate tier (latency.
+        # dominated). An unpinned request's range ends there: its least accurate allowed tier
+        # is what plans fall back to as its fastest, and a dominated one is slower than a
+        # tier it also allows (under overload, a slow full network beside a calibrated w050
+        # that beats it took 98 % of the requests).
+        beaten, tail, last = dominated(ordered), [], 0
+        for k, t in enumerate(ordered):
+            last = last if t.name in beaten else k
+            tail.append(last)
+        init(self, "_tail", tuple(tail))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Context is read-only (setting {name!r}); see Snapshot")
 
     def allowed(self, r: Request) -> list[str]:
         """Tiers request ``r`` may run on, most accurate first: ``r.pin`` alone, or
-        ``r.min_tier`` and every tier more accurate than it (not: every wider tier)."""
+        ``r.min_tier`` and every tier more accurate than it (not: every wider tier) - less
+        the dominated tiers at the end of that list (slower than a tier above them)."""
         if r.pin is not None:
             return [r.pin]
-        if r.min_tier is not None:
-            return list(self._names[: self.rank[r.min_tier] + 1])
-        return list(self._names)
+        return list(self._names[: self.bounds(r)[1] + 1])
 
     def fastest(self, r: Request) -> str:
         return self.allowed(r)[-1]
@@ -195,8 +204,8 @@ class Context:
             k = self.rank[r.pin]
             return k, k
         if r.min_tier is not None:
-            return 0, self.rank[r.min_tier]
-        return 0, len(self._names) - 1
+            return 0, self._tail[self.rank[r.min_tier]]
+        return 0, self._tail[-1]
 
     @property
     def slo_target(self) -> float:
