@@ -161,6 +161,22 @@ def rpc_method(fn: Callable) -> Callable:
     return wrapper
 
 
+_NO_SHM = (
+    "innfer does not implement {} shared memory: send the tensors in the request "
+    "(raw_input_contents; tritonclient's set_data_from_numpy)"
+)
+
+
+def _not_served(name: str, message: str) -> Callable:
+    """An RPC method ``name`` that answers UNIMPLEMENTED with ``message``."""
+
+    async def method(self, request, context):
+        raise Unimplemented(message)
+
+    method.__name__ = method.__qualname__ = name  # rpc_method keys on the name (auth, logs)
+    return rpc_method(method)
+
+
 class InferenceService(rpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, token: str | None) -> None:
         self.plane = plane
@@ -309,50 +325,26 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    # -- Triton's RPCs innfer leaves out: a message that says so and what to do instead
-    # (grpc's default was "Unexpected <class 'NotImplementedError'>: Method not implemented!")
-    _NO_SHM = (
-        "innfer does not implement {} shared memory: send the tensors in the request "
-        "(raw_input_contents; tritonclient's set_data_from_numpy)"
+    # -- Triton's RPCs innfer leaves out: UNIMPLEMENTED with what to do instead (grpc's
+    # default answer was "Unexpected <class 'NotImplementedError'>: Method not implemented!")
+    SystemSharedMemoryStatus = _not_served("SystemSharedMemoryStatus", _NO_SHM.format("system"))
+    SystemSharedMemoryRegister = _not_served("SystemSharedMemoryRegister", _NO_SHM.format("system"))
+    SystemSharedMemoryUnregister = _not_served(
+        "SystemSharedMemoryUnregister", _NO_SHM.format("system")
     )
-
-    @rpc_method
-    async def SystemSharedMemoryStatus(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("system"))
-
-    @rpc_method
-    async def SystemSharedMemoryRegister(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("system"))
-
-    @rpc_method
-    async def SystemSharedMemoryUnregister(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("system"))
-
-    @rpc_method
-    async def CudaSharedMemoryStatus(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("CUDA"))
-
-    @rpc_method
-    async def CudaSharedMemoryRegister(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("CUDA"))
-
-    @rpc_method
-    async def CudaSharedMemoryUnregister(self, request, context):
-        raise Unimplemented(self._NO_SHM.format("CUDA"))
-
-    @rpc_method
-    async def TraceSetting(self, request, context):
-        raise Unimplemented(
-            "innfer does not implement Triton's trace settings: each answer carries its "
-            "queue_us / compute_us / tier parameters, and ModelStatistics the totals"
-        )
-
-    @rpc_method
-    async def LogSettings(self, request, context):
-        raise Unimplemented(
-            "innfer does not implement Triton's log settings: set the log level when "
-            "starting the server (innfer serve --log-level)"
-        )
+    CudaSharedMemoryStatus = _not_served("CudaSharedMemoryStatus", _NO_SHM.format("CUDA"))
+    CudaSharedMemoryRegister = _not_served("CudaSharedMemoryRegister", _NO_SHM.format("CUDA"))
+    CudaSharedMemoryUnregister = _not_served("CudaSharedMemoryUnregister", _NO_SHM.format("CUDA"))
+    TraceSetting = _not_served(
+        "TraceSetting",
+        "innfer does not implement Triton's trace settings: each answer carries its "
+        "queue_us / compute_us / tier parameters, and ModelStatistics the totals",
+    )
+    LogSettings = _not_served(
+        "LogSettings",
+        "innfer does not implement Triton's log settings: set the log level when starting "
+        "the server (innfer serve --log-level)",
+    )
 
     @rpc_method
     async def ModelInfer(self, request, context):
