@@ -66,3 +66,45 @@ def test_flops_ratio_is_to_the_full_width_whatever_the_order(digits, trained):
     rows = width_report(trained, (0.25, 0.5), digits)
     shares = [float(line.split()[2]) for line in format_report(rows).splitlines()[1:]]
     assert shares[0] < shares[1] < 1.0
+
+
+# -- 3. calibrate keeps a stored tier the new one does worse than -------------------------
+
+
+def test_calibrate_keeps_the_stored_tier_when_the_new_one_is_worse(
+    digits, trained, tmp_path, capsys, monkeypatch
+):
+    from innfer.cli import main
+    from runtime.inn import calibrate as cal
+    from runtime.inn.model import load as load_inn
+
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    good = cal.calibrate(trained, x, [0.5], max_steps=40, labels=y, progress=False)
+    key = good.sizes_key(good.sizes(0.5))
+    good.save(tmp_path / "m")
+
+    def ruin(module, *args, **kwargs):  # a run that learnt nothing useful
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+        return 0
+
+    monkeypatch.setattr(cal, "finetune_module", ruin)
+    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
+            "--samples", "256", "--seconds", "1"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "width 0.5: kept the stored tier (the new one is worse)" in out, out
+    saved = load_inn(tmp_path / "m")
+    for name, t in good.tiers[key].items():
+        torch.testing.assert_close(saved.tiers[key][name], t)
+    assert saved.info["norm_stats"][key] == good.info["norm_stats"][key]
+    # a better (or equal) new tier replaces the stored one
+    monkeypatch.undo()
+    better = cal.calibrate(good, x, [0.5], max_steps=40, labels=y, progress=False,
+                           holdout=(digits.x_test, digits.y_test))  # fmt: skip
+    rec = better.info["calibration"][key]
+    kept = better.tiers[key] if rec["kept"] == "new" else good.tiers[key]
+    assert (rec["new"] >= rec["stored"]) == (rec["kept"] == "new")
+    for name, t in kept.items():
+        torch.testing.assert_close(better.tiers[key][name], t)
