@@ -797,17 +797,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
     widths = _widths(tier_widths if args.widths is None else args.widths)
     multiple_of = args.multiple_of or tier_multiple
-    if args.samples < 1:
+    if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.text is not None:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     if args.data is None:
         raise ValueError("give --data NAME (an image data set) or --text FILE (a text model)")
     data = _data_for(args.model_dir, inn, args.data)
-    x = data.x_train[: args.samples]
+    samples = 1000 if args.samples is None else args.samples
+    x = data.x_train[:samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
     print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
-    labels = None if args.no_labels else data.y_train[: args.samples]
+    labels = None if args.no_labels else data.y_train[:samples]
     # a width already calibrated keeps its stored tier unless the new one scores at least
     # as well on the test split the tables show (a short run on a loaded machine replaced
     # 88.1 % by 45.3 %)
@@ -858,7 +859,8 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     from runtime.repository.config import ModelConfig
 
     config = ModelConfig.load(args.model_dir / "model.yaml")
-    lines, ids, mask = _text_file(config, args.model_dir, args.text, "calibrates")
+    # --samples: the first N sentences (it was ignored: "on 30000 sentences" with 500)
+    lines, ids, mask = _text_file(config, args.model_dir, args.text, "calibrates", args.samples)
     # counted on the uniform widths: a shaped one has their totals, and its counts are only
     # known once calibration has measured the sensitivity
     tiers = {inn.sizes_key(inn.sizes(unshaped(w), multiple_of)) for w in widths} - {
@@ -870,14 +872,41 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
         multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
     )  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
+    shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0
     print(
-        f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({per_tier:.0f} s each) -> {out}"
+        f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({per_tier:.3g} s each"
+        + (f"; choosing the nodes took {shared:.1f} s more, outside it" if shared >= 0.05 else "")
+        + f") -> {out}"
     )
-    for key, rec in tuned.info.get("text_calibration", {}).items():
-        print(f"  {key[:60]}: {rec['steps']} steps, loss {rec['first_loss']:.4f} -> "
-              f"{rec['last_loss']:.4f}")  # fmt: skip
+    print(_text_summary(inn, tuned, widths, multiple_of, per_tier, args.model_dir))
     print("rebuild the tiers with `innfer build`")
     return 0
+
+
+def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir) -> str:
+    """One line per tier calibrated in this run: its name, the distillation steps and loss
+    (or that the refit alone ran), and the time it took where that exceeded ``budget``
+    (node choice and refit are not cut short)."""
+    old = inn.info.get("text_calibration", {})
+    names = _tier_names(model_dir, tuned, widths, multiple_of)
+    lines = []
+    for key, rec in tuned.info.get("text_calibration", {}).items():
+        if old.get(key) == rec:  # an earlier run's record
+            continue
+        if rec.get("steps"):
+            what = (f"{rec['steps']} distillation steps, loss {rec['first_loss']:.4f} -> "
+                    f"{rec['last_loss']:.4f}")  # fmt: skip
+        else:
+            what = "refit only, no distillation steps"
+        if rec.get("kept") == "start":
+            what += " (distilled network was further from the full width: the refit kept)"
+        took = rec.get("seconds", 0.0)
+        if took > budget * 1.1 + 0.5:
+            what += (f"; took {took:.1f} s of a {budget:.1f} s budget (node choice "
+                     f"{rec.get('select_seconds', 0.0):.1f} s and refit "
+                     f"{rec.get('refit_seconds', 0.0):.1f} s are not cut short)")  # fmt: skip
+        lines.append(f"  {names.get(key, key[:60])}: {what}")
+    return "\n".join(lines)
 
 
 def _text_file(config, model_dir: Path, path: Path, what: str, limit: int | None = None):
@@ -1072,7 +1101,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
     )
-    cal.add_argument("--samples", type=_at_least(1), default=1000)
+    cal.add_argument("--samples", type=_at_least(1),
+                     help="calibration samples: the first N training images (default 1000) "
+                          "or sentences of --text (default: all)")  # fmt: skip
     cal.add_argument("--seconds", type=_positive, default=60.0, help="budget for all widths")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")

@@ -108,3 +108,25 @@ def test_calibrate_keeps_the_stored_tier_when_the_new_one_is_worse(
     assert (rec["new"] >= rec["stored"]) == (rec["kept"] == "new")
     for name, t in kept.items():
         torch.testing.assert_close(better.tiers[key][name], t)
+
+
+# -- 4. text calibration: --samples, tier names, a refit-only tier -------------------------
+
+
+def test_text_calibration_takes_samples_and_names_its_tiers(tmp_path, capsys):
+    from textmodel import WORDS, build_text_repository
+
+    from innfer.cli import main
+
+    model_dir, _ = build_text_repository(tmp_path / "repo")
+    lines = [" ".join(WORDS[(k + j) % len(WORDS)] for j in range(3 + k % 9)) for k in range(90)]
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["calibrate", model_dir, "--text", text, "--samples", "40", "--seconds", "0.01"]
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "on 40 sentences" in out, out
+    assert "  half: refit only, no distillation steps" in out, out
+    assert "nan" not in out
+    inn = runtime.load(model_dir)
+    assert {r["sentences"] for r in inn.info["text_calibration"].values()} == {40}
