@@ -972,7 +972,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"{args.model_dir} is a text model: give held-out sentences, one per line, "
                 "with --text FILE to report each tier's embedding fidelity"
             )
-    data = _data_for(args.model_dir, inn, args.data) if args.data else None
+    name = args.data
+    # model.yaml names the data set the model is evaluated on: report accuracy on it (it
+    # said "not measured (no evaluation set), give --data NAME")
+    evaluation = None if config is None or config.evaluation is None else config.evaluation
+    if name is None and evaluation is not None and evaluation.dataset in DATA_SETS.split(", "):
+        name = evaluation.dataset
+        print(f"data: {name} (model.yaml's evaluation; --data NAME for another)")
+    data = _data_for(args.model_dir, inn, name) if name else None
     from innfer.tiers import report_frontier
 
     shape = _report_shape(inn, config)
@@ -1116,7 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
     rep.add_argument("model_dir", type=Path)
-    rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"])
+    rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"],
+                     help="evaluation set (default: model.yaml's evaluation dataset)")  # fmt: skip
     rep.add_argument(
         "--text", type=Path,
         help="a text model: held-out sentences, one per line; reports each tier's embedding "

@@ -130,3 +130,26 @@ def test_text_calibration_takes_samples_and_names_its_tiers(tmp_path, capsys):
     assert "nan" not in out
     inn = runtime.load(model_dir)
     assert {r["sentences"] for r in inn.info["text_calibration"].values()} == {40}
+
+
+# -- 5. report measures accuracy on model.yaml's evaluation set ----------------------------
+
+
+def test_report_defaults_to_the_evaluation_set_model_yaml_names(trained, tmp_path, capsys):
+    from innfer.cli import main
+    from runtime.build.pipeline import add_model
+
+    io = {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+        "evaluation": {"dataset": "digits"},
+    }
+    d = add_model(tmp_path, "cnn", trained, io)
+    assert main(["report", str(d), "--widths", "1.0", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "data: digits (model.yaml's evaluation" in out and "not measured" not in out, out
+    rows = [
+        line.split() for line in out.splitlines() if line.strip().startswith(("100.0%", "50.0%"))
+    ]
+    assert len(rows) == 2 and all(r[4].endswith("%") for r in rows), out
