@@ -98,9 +98,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     d = args.model_dir.resolve()
     repo = Repository(d.parent)
-    choice, frontier = _choose(repo, d.name, args.traffic, host=args.host)
+    choice, frontier, recorded = _choose(repo, d.name, args.traffic, host=args.host)
     min_gain = repo.config(d.name).auto_tiers.rebuild.min_gain
-    print(format_choice(choice, min_gain, frontier.accuracy_source))
+    print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
     if args.json:
         args.json.write_text(json.dumps(choice.to_json(), indent=1))
     return 0
@@ -113,9 +113,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         yield_cpu()
     repo = Repository(args.repository)
     config = repo.config(args.model)
-    choice, frontier = _choose(repo, args.model, args.traffic, args.live, args.host)
+    choice, frontier, recorded = _choose(repo, args.model, args.traffic, args.live, args.host)
     min_gain = config.auto_tiers.rebuild.min_gain
-    print(format_choice(choice, min_gain, frontier.accuracy_source))
+    print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
     if args.result:
         args.result.write_text(json.dumps(choice.to_json(), indent=1))
     if not choice.changes or (choice.gain < min_gain and not args.force):
@@ -158,7 +158,8 @@ def yield_cpu() -> bool:
 
 
 def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: Path | None = None):
-    """(choice, frontier) for ``name`` on the traffic in ``traffic_path``; ``live`` as
+    """(choice, frontier, requests in the file) for ``name`` on the traffic in
+    ``traffic_path`` (the choice replays its last ``simulate_requests``); ``live`` as
     `apply --live` takes it; ``host``: a host.json (``sim.live_host``) or None."""
     from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier
     from sim.live_host import LiveHost
@@ -182,7 +183,7 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor)
     current = live_options(repo, name, frontier, live)
-    return choose(options, traffic, goals, current, sim, host=view), frontier
+    return choose(options, traffic, goals, current, sim, host=view), frontier, len(traffic)
 
 
 def live_options(repo, name: str, frontier, live: str | None = None):
@@ -317,9 +318,20 @@ def format_frontier(frontier) -> str:
     return "\n".join(lines)
 
 
-def format_choice(choice, min_gain: float, accuracy_source: str = "") -> str:
+def _requests(replayed: int, recorded: int | None) -> str:
+    if recorded is not None and recorded > replayed:
+        return f"last {replayed:,} of {recorded:,} requests (auto_tiers.simulate_requests)"
+    return f"{replayed:,} requests"
+
+
+def format_choice(
+    choice, min_gain: float, accuracy_source: str = "", recorded: int | None = None
+) -> str:
     """The choice as ``tiers suggest`` / ``apply`` print it; ``accuracy_source``: the
-    frontier's (a FLOPs fraction where the model has no evaluation set, said so)."""
+    frontier's (a FLOPs fraction where the model has no evaluation set, said so);
+    ``recorded``: the requests in the traffic file, of which the choice replayed the last
+    ``simulate_requests`` (said so where that is fewer: "traffic: 3000 requests" hid that
+    47,978 were recorded)."""
 
     def row(label, e):
         acc = "-" if e.mean_accuracy is None else f"{e.mean_accuracy:.2%}"
@@ -337,8 +349,9 @@ def format_choice(choice, min_gain: float, accuracy_source: str = "") -> str:
     if choice.changes and choice.best.tiers == choice.current.tiers:
         verdict += " (the same names, other channel counts)"
     flops = accuracy_source.startswith("flops")
+    requests = _requests(t["requests"], recorded)
     return "\n".join([
-        f"traffic: {t['requests']} requests at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
+        f"traffic: {requests} at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
         f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",
         *([f"  accuracy: {FLOPS_PROXY}"] if flops else []),
         row("live", choice.current),

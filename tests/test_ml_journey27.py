@@ -153,3 +153,30 @@ def test_report_defaults_to_the_evaluation_set_model_yaml_names(trained, tmp_pat
         line.split() for line in out.splitlines() if line.strip().startswith(("100.0%", "50.0%"))
     ]
     assert len(rows) == 2 and all(r[4].endswith("%") for r in rows), out
+
+
+# -- 6. tiers suggest/apply say the choice replayed only the file's last requests ----------
+
+
+def test_tiers_traffic_line_says_how_much_of_the_file_was_replayed(tmp_path, capsys):
+    import numpy as np
+    from serverutil import add_frontier, add_onnx_model, tiny_cnn
+
+    from innfer.cli import main
+    from sim.tiering import Traffic
+
+    config = {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+        "max_batch": 4, "default_latency_budget_ms": 200,
+        "auto_tiers": {"max_tiers": 2, "simulate_requests": 100},
+    }  # fmt: skip
+    d = add_onnx_model(tmp_path, "tiny", tiny_cnn, config, repeats=3)
+    add_frontier(d, tiny_cnn, {"w100": (1.0, 0.9), "w050": (0.5, 0.85)})
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.exponential(1 / 200, 250))
+    Traffic(t - t[0], rng.uniform(20, 100, 250), np.ones(250, dtype=int)).write(tmp_path / "t.csv")
+    assert main(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "traffic: last 100 of 250 requests" in out, out
