@@ -180,3 +180,31 @@ def test_tiers_traffic_line_says_how_much_of_the_file_was_replayed(tmp_path, cap
     assert main(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
     assert "traffic: last 100 of 250 requests" in out, out
+
+
+# -- 7. weights files honour the umask like every other repository file --------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_weights_files_honour_the_umask(trained, tmp_path, umask):
+    import os
+    import stat
+
+    from runtime.build.export import write_tier_files
+    from runtime.repository.config import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    })  # fmt: skip
+    old = os.umask(umask)
+    try:
+        trained.save(tmp_path / "inn")
+        write_tier_files(tmp_path / "tier", trained.sample(0.5), config)
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for path in (tmp_path / "inn" / "inn.safetensors", tmp_path / "tier" / "module.safetensors",
+                 tmp_path / "tier" / "model.onnx"):  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path.name, oct(path.stat().st_mode))

@@ -25,6 +25,7 @@ from torch import nn
 from runtime.atomic import write_bytes
 from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
 from runtime.inn import graphio
+from runtime.inn.model import honour_umask
 from runtime.repository.config import ModelConfig
 
 OPSET = 17
@@ -141,6 +142,7 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     }
     (d / MODULE_SPEC).write_text(json.dumps(meta))
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
+    honour_umask(d / MODULE_WEIGHTS)  # save_file writes 0o600: another user could not serve it
     return data
 
 

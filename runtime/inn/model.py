@@ -53,6 +53,26 @@ class ModelFileError(ValueError):
     """A saved INN is missing, corrupted or does not match its description."""
 
 
+def honour_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open`` gives (0o666 less the umask): safetensors'
+    ``save_file`` writes 0o600, so a repository built by one user could not be served by
+    another while every other file it wrote was readable."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # read, not set and restored: another thread may be creating files meanwhile
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class IntegralModel:
     """A network whose continuous channel groups can be sampled at any width.
 
@@ -508,6 +528,7 @@ class IntegralModel:
             tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+            honour_umask(weights)
             meta_tmp.write_text(json.dumps(self._meta(tensors, sha256_file(weights)), indent=1))
             os.replace(weights, d / WEIGHTS_FILE)
             os.replace(meta_tmp, d / META_FILE)
