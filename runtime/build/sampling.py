@@ -24,13 +24,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from runtime.inn.calibrate import has_norms, recompute_norm_stats
+from runtime.inn.calibrate import NORM_SAMPLES, recompute_norm_stats, unnormed
 from runtime.inn.model import IntegralModel
 from runtime.repository.config import ModelConfig
 
 log = logging.getLogger("innfer.build")
-
-NORM_SAMPLES = 512  # training inputs BatchNorm statistics are re-estimated on
 
 
 def norm_source(config: ModelConfig) -> list | None:
@@ -54,13 +52,6 @@ def _training_inputs(dataset: str) -> torch.Tensor:
 
     x = load_data(dataset).x_train[:NORM_SAMPLES]
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-
-
-def unnormed(inn: IntegralModel, module: nn.Module, sizes: Mapping[str, int]) -> bool:
-    """Whether ``sizes`` is a smaller width of a model with BatchNorm for which the INN
-    stores no statistics (nor calibrated weights): its running statistics are the full
-    width's resampled, not what the smaller network computes."""
-    return dict(sizes) != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes)
 
 
 @torch.no_grad()

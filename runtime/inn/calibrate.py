@@ -40,6 +40,9 @@ from runtime.inn.continuous import interpolation_matrix
 from runtime.inn.model import IntegralModel
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Training inputs BatchNorm statistics are re-estimated on where the INN stores none for a
+# width (innfer build's tiers, innfer report's widths).
+NORM_SAMPLES = 512
 
 
 def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
@@ -60,6 +63,13 @@ def _batches(x: torch.Tensor, batch_size: int, rng: torch.Generator):
 def has_norms(module: nn.Module) -> bool:
     """Whether ``module`` has BatchNorm layers (whose running statistics are per width)."""
     return any(isinstance(m, _NORMS) for m in module.modules())
+
+
+def unnormed(inn: IntegralModel, module: nn.Module, sizes: Mapping[str, int]) -> bool:
+    """Whether ``sizes`` is a smaller width of a model with BatchNorm for which the INN
+    stores no statistics (nor calibrated weights): its running statistics are the full
+    width's resampled, not what the smaller network computes."""
+    return dict(sizes) != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes)
 
 
 @torch.no_grad()

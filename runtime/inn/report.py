@@ -62,8 +62,7 @@ def width_report(
     MNIST ResNet trained one epoch scored 10.5 % where the built tier scores 69.9 %."""
     if not widths:
         raise ValueError("widths is empty; give at least one width in (0, 1]")
-    from runtime.build.sampling import NORM_SAMPLES, unnormed
-    from runtime.inn.calibrate import recompute_norm_stats
+    from runtime.inn.calibrate import NORM_SAMPLES, recompute_norm_stats, unnormed
 
     shape = data.input_shape if data is not None else _input_shape(inn)
     x_norm = getattr(data, "x_train", None) if reestimate_norms else None
