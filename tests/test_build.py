@@ -602,3 +602,17 @@ def test_model_yaml_io_that_is_not_the_models_is_named_before_export(tmp_path, c
     add_model(tmp_path, "tiny", inn, {**config, **change})
     with pytest.raises(BuildError, match=r"model.yaml: tier w100: " + message):
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_build_warning_is_logged_once_where_no_bar_shows_it(tmp_path, caplog, progress):
+    # Beside a progress bar the logged copy was printed into the bar's line, and the CLI
+    # printed the report's copy again below its table: the report's copy is the one shown.
+    torch.manual_seed(1)
+    inn = runtime.convert(_net(), (torch.rand(2, 1, 8, 8),), fold_norms=False)
+    add_model(tmp_path, "bn", inn, {k: v for k, v in CONFIG.items() if k != "evaluation"})
+    with caplog.at_level("INFO", logger="innfer.build"):
+        report = build_model(Repository(tmp_path), "bn", progress=progress, profile=False)
+    assert [w.split(" of ")[0] for w in report.warnings] == ["tier w050"]
+    logged = [r for r in caplog.records if "has no BatchNorm statistics" in r.getMessage()]
+    assert [r.levelname for r in logged] == (["INFO"] if progress else ["WARNING"])

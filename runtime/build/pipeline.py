@@ -134,7 +134,7 @@ def build_model(
                     f"build re-estimates them on its training inputs) or store them with innfer "
                     f"calibrate {model_dir} --data DATASET, and build again"
                 )
-                log.warning("%s", report.warnings[-1])
+                _warn(report.warnings[-1], progress)
             if _data_free_transformer_tier(inn, record.sizes):
                 report.warnings.append(
                     f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
@@ -142,7 +142,7 @@ def build_model(
                     f"heads and FFN: cosine 0.31 to the full model's embeddings). Calibrate on "
                     f"text first: innfer calibrate {model_dir} --text FILE (one sentence per line)"
                 )
-                log.warning("%s", report.warnings[-1])
+                _warn(report.warnings[-1], progress)
             report.tiers.append(
                 TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
             )
@@ -160,7 +160,7 @@ def build_model(
                 f"serve re-measures at load a profile that records the engines it timed; one "
                 f"written before profiles recorded them is trusted)"
             )
-            log.warning("%s", report.warnings[-1])
+            _warn(report.warnings[-1], progress)
     finally:  # a TensorRT or CUDA engine holds device memory until closed
         _close_all(engines.values())
     if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
@@ -423,6 +423,13 @@ def _engine_embeddings(engine, config: ModelConfig, ids: np.ndarray, mask: np.nd
             out = np.empty((len(ids), y.shape[1]), dtype=np.float32)
         out[idx] = y
     return out
+
+
+def _warn(text: str, progress: bool) -> None:
+    """A build warning, also kept in ``BuildReport.warnings``: logged at WARNING, or at INFO
+    beside a progress bar - the caller shows the report's warnings then (the logged copy
+    was printed into the bar's line, and the CLI printed it again below its table)."""
+    (log.info if progress else log.warning)("%s", text)
 
 
 def _check_dataset(config: ModelConfig, model_dir: Path) -> None:
