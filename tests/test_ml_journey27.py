@@ -208,3 +208,29 @@ def test_weights_files_honour_the_umask(trained, tmp_path, umask):
     for path in (tmp_path / "inn" / "inn.safetensors", tmp_path / "tier" / "module.safetensors",
                  tmp_path / "tier" / "model.onnx"):  # fmt: skip
         assert stat.S_IMODE(path.stat().st_mode) == want, (path.name, oct(path.stat().st_mode))
+
+
+def test_calibrate_chooses_between_tiers_on_held_out_training_inputs_not_the_test_split(
+    digits, trained, tmp_path, capsys, monkeypatch
+):
+    # Choosing on the test split biased the accuracy the after-table then reports there.
+    from innfer.cli import main
+    from runtime.inn import calibrate as cal
+
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    cal.calibrate(trained, x, [0.5], max_steps=20, labels=y, progress=False).save(tmp_path / "m")
+    seen = []
+    real = cal.calibrate
+
+    def spy(*args, holdout=None, **kwargs):
+        seen.append(holdout)
+        return real(*args, holdout=holdout, **kwargs)
+
+    monkeypatch.setattr(cal, "calibrate", spy)
+    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
+            "--samples", "256", "--seconds", "1"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    [(hx, hy)] = seen
+    assert list(torch.as_tensor(hy)) == list(torch.as_tensor(digits.y_train[256:1256]))
+    torch.testing.assert_close(torch.as_tensor(hx), torch.as_tensor(digits.x_train[256:1256]))
+    assert "held-out training samples" in capsys.readouterr().out
