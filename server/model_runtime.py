@@ -63,6 +63,7 @@ from server.scheduling import (
     State,
     TierInfo,
     make_policy,
+    nominal_tier,
 )
 from server.scheduling.device import Device, Instances
 from server.scheduling.latency import dominated, slower_than_more_accurate, tiers_from_profile
@@ -328,12 +329,9 @@ class ModelRuntime:
             for n in lengths
         }
         self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
-        # The tier a request is served at when load takes nothing from it: the top tier, or
-        # the operator's fixed one (policy fixed:<tier>); below it (or below a request's own
-        # pin) is degraded - the autoscaler's signal, so a choice made by the operator or
-        # the client must not read as load.
-        policy_tier = getattr(self.scheduler.policy, "tier", None)
-        self.nominal_tier = policy_tier if isinstance(policy_tier, str) else self.top_tier
+        # Below it (or below a request's own pin) a request is degraded: a choice made by
+        # the operator or the client must not read as load.
+        self.nominal_tier = nominal_tier(self.scheduler.policy, self.tiers)
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
         # Where a request's sequence length is read: (input, axis incl. batch); None when
         # the model has fixed shapes.

@@ -47,7 +47,15 @@ from functools import partial
 
 import numpy as np
 
-from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling import (
+    Refused,
+    Request,
+    Scheduler,
+    State,
+    TierInfo,
+    make_policy,
+    nominal_tier,
+)
 from sim.autoscaler import AUTOSCALERS, Autoscaler, Completions
 from sim.balancer import BALANCERS, Balancer
 from sim.cluster_bins import cluster_bins
@@ -168,11 +176,8 @@ class Cluster:
             cfg.hpa.latency_target_s or 0.8 * (cfg.budget_ms[0] + cfg.budget_ms[1]) / 2e3 * k,
         )
         self.tiers, p50 = scale_tiers(tiers, p50, k)
-        # Below this tier a request is degraded (the HPA signal): a fixed policy's tier, else
-        # the top one - the server's nominal tier; an operator's fixed tier is not load.
-        top = max(self.tiers, key=lambda t: t.accuracy).name
-        fixed = getattr(make_policy(cfg.policy, self.tiers, cfg.slots), "tier", None)
-        self.nominal = fixed if isinstance(fixed, str) else top
+        # Below it a request is degraded (the HPA signal), as the server counts it.
+        self.nominal = nominal_tier(make_policy(cfg.policy, self.tiers, cfg.slots), self.tiers)
         self.max_batch = cfg.max_batch or min(t.max_batch for t in self.tiers)
         self.capacity = full_capacity(self.tiers, p50, self.max_batch, cfg.slots)  # one replica
         if arrivals is None:

@@ -11,6 +11,7 @@ from .policy import (
     SlackFit,
     Snapshot,
     make_policy,
+    nominal_tier,
 )
 from .request import IllegalTransition, Request, State
 from .scheduler import DEFAULT_ADMIT_QUANTILE, InvalidRequest, Refused, Scheduler
@@ -36,4 +37,5 @@ __all__ = [
     "TierEstimate",
     "TierInfo",
     "make_policy",
+    "nominal_tier",
 ]

@@ -310,6 +310,21 @@ class FixedTier(Policy):
         return Decision(tier, ctx.take(queue, tier, ctx.max_batch))
 
 
+def nominal_tier(policy: Policy, tiers: Sequence[TierInfo]) -> str:
+    """The tier a request is served at when load takes nothing from it: a fixed policy's
+    tier (the operator's choice), else the most accurate. Below it a request is degraded -
+    the autoscaler's signal - so a choice the operator made must not read as load.
+
+    Example:
+        >>> tiers = [TierInfo("w100", 0.99, {8: 18.0}), TierInfo("w050", 0.97, {8: 9.0})]
+        >>> nominal_tier(FixedTier("w050"), tiers), nominal_tier(Planner(), tiers)
+        ('w050', 'w100')
+    """
+    if isinstance(policy, FixedTier):
+        return policy.tier
+    return max(tiers, key=lambda t: t.accuracy).name
+
+
 class SlackFit(Policy):
     """SuperServe's SlackFit with latency buckets of ``bucket_ms`` milliseconds.
 
