@@ -525,12 +525,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
     _resolve_trace(args)
-    from sim.simulator import format_summary, plot_timeline, simulate, tiers_from_model_dir
+    from sim.simulator import format_summary, plot_timeline, simulate
 
     _check_built(args.model_dir)
-    tiers, p50 = tiers_from_model_dir(args.model_dir)
-    note = _accuracy_note(args.model_dir)
-    note = note and f"; accuracy: {note}"
+    tiers, p50, chosen, proxy = _served(args.model_dir)
+    note = "".join(f"; {n}" for n in (chosen, proxy and f"accuracy: {proxy}") if n)
     policies = args.policy or ["innfer", "slackfit"]
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
@@ -609,25 +608,24 @@ def _check_built(model_dir: Path) -> None:
         )
 
 
-def _accuracy_note(model_dir: Path) -> str:
-    """What a simulation's or a run's "accuracy" is where it is not a measured one: the
-    scheduler ranks tiers by their FLOPs fraction of the full width unless every tier has
-    a measured accuracy (``tiers_from_profile``); said as ``innfer tiers frontier`` says it.
-    "" where every tier's accuracy was measured."""
-    import json
-
+def _served(model_dir: Path) -> tuple[list, dict, str, str]:
+    """(TierInfo list, p50 tables, where the tiers come from, what "accuracy" is) for the
+    tiers a server would serve from a built model: auto-tiering's choice where it made one
+    (then the first note names them), else model.yaml's (""). The second note is
+    ``FLOPS_PROXY`` where an accuracy is not a measured one (the scheduler then ranks tiers
+    by FLOPs: ``tiers_from_profile``), as ``innfer tiers frontier`` says it; "" else."""
     from innfer.tiers import FLOPS_PROXY
-    from runtime.repository import TierRecord
+    from runtime.repository import Repository
+    from server.scheduling.latency import tiers_from_profile
 
-    d = Path(model_dir)
-    try:
-        names = json.loads((d / "profile.json").read_text())["tiers"]
-        measured = all(
-            TierRecord.read(d / "tiers" / t / "tier.json").accuracy is not None for t in names
-        )
-    except (OSError, ValueError, KeyError):
-        return ""  # the caller has read them already; nothing to add where it could not
-    return "" if measured else FLOPS_PROXY
+    d = Path(model_dir).resolve()
+    records, profile, source = Repository(d.parent).served_tiers(d.name)
+    tiers, p50 = tiers_from_profile(profile, records)
+    chosen = ""
+    if source == "frontier":
+        chosen = f"tiers chosen by auto-tiering ({', '.join(records)}; auto_tiers.json)"
+    proxy = any(records[t].accuracy is None for t in profile["tiers"])
+    return tiers, p50, chosen, FLOPS_PROXY if proxy else ""
 
 
 def _host_ms_arg(text: str) -> tuple[float, float, float]:
@@ -644,10 +642,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load
-    from sim.simulator import requests_for, tiers_from_model_dir, trace_window
+    from sim.simulator import requests_for, trace_window
 
     _check_built(args.model_dir)
-    tiers, p50 = tiers_from_model_dir(args.model_dir)
+    tiers, p50, chosen, proxy = _served(args.model_dir)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     cfg = _sim_config(args, "innfer")
     rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
@@ -661,15 +659,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")
+    if chosen:
+        print(f"  planned on the {chosen}")
     report = asyncio.run(run_load(args.address, name, arrivals, budgets, inputs, window, accuracy))
     s = report.summary
     print(f"  SLO attainment  {s['slo_attainment']:.2%}")
     acc, unknown = s["mean_served_accuracy"], s["answers_without_accuracy"]
-    # An auto-tiered model answers from frontier candidates profile.json does not list.
+    # A server whose auto-tiering swapped during the run answers from tiers not planned here.
     note = f" ({unknown} answers from tiers without a known accuracy left out)" if unknown else ""
-    source = _accuracy_note(args.model_dir)
-    source = source and f" ({source})"
-    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}{source}{note}")
+    proxy = proxy and f" ({proxy})"
+    print(f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'}{proxy}{note}")
     print(f"  tier mix        {', '.join(f'{k} {v:.0%}' for k, v in s['tier_mix'].items())}")
     print(f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms")
     print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")

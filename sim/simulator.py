@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -292,10 +291,11 @@ def plot_timeline(result: SimResult, tiers: Sequence[TierInfo], path: str | Path
 
 
 def tiers_from_model_dir(model_dir: str | Path) -> tuple[list[TierInfo], dict]:
-    """(TierInfo with p90 latencies and accuracies, p50 tables) from a built model."""
-    from runtime.repository import TierRecord
+    """(TierInfo with p90 latencies and accuracies, p50 tables) for the tiers a server
+    would serve from a built model: auto-tiering's choice where it made one, else
+    model.yaml's (``Repository.served_tiers``)."""
+    from runtime.repository import Repository
 
-    d = Path(model_dir)
-    profile = json.loads((d / "profile.json").read_text())
-    records = {t: TierRecord.read(d / "tiers" / t / "tier.json") for t in profile["tiers"]}
+    d = Path(model_dir).resolve()  # "." inside the model directory has a name too
+    records, profile, _ = Repository(d.parent).served_tiers(d.name)
     return tiers_from_profile(profile, records)

@@ -209,3 +209,28 @@ def test_the_frontiers_full_width_is_the_built_full_tier(tmp_path):
     tier = Repository(tmp_path).load_record("bn", "w100")
     assert by_name["w100"].onnx_sha256 == tier.onnx_sha256
     assert by_name["w050"].onnx_sha256 != tier.onnx_sha256
+
+
+def test_simulate_and_bench_plan_the_tiers_auto_tiering_chose(built, tmp_path, capsys):
+    # They read profile.json (model.yaml's tiers) while the server served the chosen set:
+    # `innfer simulate` predicted another server than the one running.
+    from innfer.cli import main
+    from runtime.repository import ACTIVE_FILE, ActiveTiers
+    from sim.simulator import tiers_from_model_dir
+
+    root = _copy(built, tmp_path)
+    d = root / "tiny"
+    before = {t.name for t in tiers_from_model_dir(d)[0]}
+    frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+    shaped = next(c.name for c in frontier.candidates if c.shaped)
+    ActiveTiers(("w075", shaped), frontier.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+
+    tiers, p50 = tiers_from_model_dir(d)
+    assert before != {"w075", shaped} == {t.name for t in tiers} == set(p50)
+    acc = {c.name: c.accuracy for c in frontier.candidates}
+    assert {t.name: t.accuracy for t in tiers} == {"w075": acc["w075"], shaped: acc[shaped]}
+    args = ["simulate", str(d), "--duration", "1", "--load", "0.01", "--policy", "innfer"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"tiers chosen by auto-tiering (w075, {shaped}; auto_tiers.json)" in out.splitlines()[0]
+    assert "tier mix" in out and "w100" not in out

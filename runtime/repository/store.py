@@ -294,6 +294,33 @@ class Repository:
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
 
+    def served_tiers(self, name: str) -> tuple[dict[str, TierRecord], dict[str, Any], str]:
+        """What a server would serve for ``name`` now, read without loading an engine:
+        (build records, profile, source). Source "frontier": auto-tiering's choice
+        (``auto_tiers``), its records and profile from the frontier; else "model.yaml": its
+        tiers, with their tier.json and profile.json. For tools that plan offline (``innfer
+        simulate``, ``innfer bench``): model.yaml's tiers are not what a model with a
+        chosen set is served on.
+
+        Example:
+            >>> records, profile, source = Repository("models").served_tiers("mnist")
+            ... # doctest: +SKIP
+        """
+        try:
+            config = self.config(name)
+        except ConfigError as exc:
+            raise RepositoryError(str(exc)) from exc
+        auto = self.auto_tiers(name, config)
+        if auto is not None:
+            _, records, profile = auto
+            return records, profile, "frontier"
+        profile = self.read_profile(name)
+        if profile is None or not isinstance(profile.get("tiers"), dict):
+            raise RepositoryError(
+                f"{self.root / name / PROFILE_FILE} is missing or corrupted: run `innfer build`"
+            )
+        return {t: self.load_record(name, t) for t in profile["tiers"]}, profile, "model.yaml"
+
     def _inn_fingerprint(self, name: str) -> str | None:
         """``inn_fingerprint`` of the model directory's INN now; None without one (a
         serving image with tiers only)."""
