@@ -512,6 +512,32 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+def test_resume_refuses_another_runs_checkpoint_and_says_when_nothing_is_left(
+    tmp_path, monkeypatch, caplog
+):
+    # A finished run resumed trained nothing and said nothing; another seed or learning
+    # rate continued the checkpoint under settings it was not made with.
+    import runtime.inn.train as inn_train
+    from runtime.demo.training import train_inn
+
+    kw = {"epochs": 1, "seed": 3, "batch_size": 512, "progress": False}
+    ckpt = tmp_path / "ckpt"
+    trained, _ = train_inn("digits_mlp", checkpoint=ckpt, **kw)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["meta"]["epochs"] == 1
+    with pytest.raises(ValueError, match=r"another run: seed 3 \(now 4\), lr .*another --out"):
+        train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "seed": 4, "lr": 0.5})
+
+    steps = []
+    monkeypatch.setattr(inn_train, "sandwich_step", lambda *a, **k: steps.append(1))
+    with caplog.at_level("WARNING", logger="innfer.train"):
+        again, _ = train_inn("digits_mlp", checkpoint=ckpt, resume=True, **kw)
+    assert steps == []
+    assert "has finished 1 of 1 epochs: nothing left to train" in caplog.text
+    for key, value in trained.state.items():
+        assert torch.equal(value, again.state[key]), key
+
+
 def test_serve_takes_the_repository_from_the_command_line_beside_a_config(cli_main, tmp_path):
     # A config of tuning only (no repository) beside --repository was refused: "repository:
     # got None, expected a path (required)".

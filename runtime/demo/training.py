@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from runtime.demo import zoo
 from runtime.demo.data import Dataset
 from runtime.inn.model import IntegralModel
 from runtime.inn.report import evaluate
+
+log = logging.getLogger("innfer.train")
 
 __all__ = [
     "TRAIN_DEFAULTS",
@@ -184,6 +187,38 @@ def train_model(
     return model, ds
 
 
+def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
+    """The first epoch a resumed run trains, after checking the checkpoint was made by the
+    same run: another model, seed, learning rate, batch size or width sampling would
+    continue someone else's run (or fail on mismatched shapes) under this one's name. More
+    epochs than the checkpoint's run had are allowed (training on), with a warning: the
+    learning-rate cycle spans ``epochs``, so the result is not the longer run from scratch.
+    """
+    differ = [
+        f"{key} {meta[key]!r} (now {value!r})"
+        for key, value in run.items()
+        if key in meta and meta[key] != value
+    ]
+    if differ:
+        raise ValueError(
+            f"the checkpoint in {checkpoint} is of another run: {', '.join(differ)}; resume "
+            "with its settings, or train into another --out"
+        )
+    start = int(meta["epoch"]) + 1
+    if start >= epochs:
+        log.warning(
+            "the checkpoint in %s has finished %d of %d epochs: nothing left to train "
+            "(give --epochs above %d to train on)", checkpoint, start, epochs, start,
+        )  # fmt: skip
+    elif meta.get("epochs", epochs) != epochs:
+        log.warning(
+            "resuming a %s-epoch run as a %d-epoch one: the learning-rate cycle now spans %d "
+            "epochs, so the result differs from a %d-epoch run from scratch",
+            meta["epochs"], epochs, epochs, epochs,
+        )  # fmt: skip
+    return start
+
+
 def train_inn(
     name: str,
     epochs: int | None = None,
@@ -236,15 +271,17 @@ def train_inn(
     steps_per_epoch = len(data.x_train) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
     start_epoch = 0
+    run = {"model": name, "seed": seed, "lr": lr, "batch_size": batch_size,
+           "min_width": min_width, "k": k, "per_group": per_group}  # fmt: skip
     if resume:
         if checkpoint is None or not (Path(checkpoint) / "checkpoint.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
         meta = load_checkpoint(checkpoint, model, opt)
-        start_epoch = meta["epoch"] + 1
-        for _ in range(start_epoch * steps_per_epoch):
+        start_epoch = _resumed_epoch(meta, run, epochs, checkpoint)
+        for _ in range(min(start_epoch, epochs) * steps_per_epoch):
             sched.step()
     groups = inn.groups if per_group else None
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+    bar = tqdm(total=epochs * steps_per_epoch, initial=min(start_epoch, epochs) * steps_per_epoch,
                desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(seed + epoch)
@@ -258,7 +295,8 @@ def train_inn(
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "model": name, "seed": seed})
+            meta = {"epoch": epoch, "epochs": epochs, **run}
+            save_checkpoint(checkpoint, model, opt, meta)
     bar.close()
     trained = model.to_inn()
     calib = data.x_train[:1024]

@@ -187,8 +187,11 @@ def _label(w: Width) -> str:
 
 # -- checkpoints without pickle ---------------------------------------------------------------
 def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict) -> None:
-    """Node values + optimizer state as safetensors, scalars as JSON (resumable, no pickle)."""
-    from safetensors.torch import save_file
+    """Node values + optimizer state as safetensors, scalars as JSON (resumable, no pickle).
+    Each file is replaced whole: a run killed while saving leaves the previous epoch's."""
+    from safetensors.torch import save
+
+    from runtime.atomic import write_bytes
 
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
@@ -202,8 +205,8 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
                 tensors[f"opt.{pid}.{k}"] = v.contiguous()
             else:
                 scalars["state"][str(pid)][k] = float(v)
-    save_file(tensors, str(d / "checkpoint.safetensors"))
-    (d / "checkpoint.json").write_text(json.dumps({"meta": meta, "optimizer": scalars}))
+    write_bytes(d / "checkpoint.safetensors", save(tensors))
+    write_bytes(d / "checkpoint.json", json.dumps({"meta": meta, "optimizer": scalars}).encode())
 
 
 def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
