@@ -281,8 +281,9 @@ class ModelRuntime:
         for slow, fast in beaten.items():
             log.warning(
                 "model %s: tier %s is slower than the more accurate %s at every profiled "
-                "batch size (profile.json): requests run on it only when they pin it; drop it "
-                "from model.yaml, or re-profile on a quiet machine (`innfer build`)",
+                "batch size (profile.json): requests run on it only when they pin it (or a "
+                "fixed policy names it); drop it from model.yaml, or re-profile on a quiet "
+                "machine (`innfer build`)",
                 self.name, slow, fast,
             )  # fmt: skip
         for slow, fast, sizes in slower_than_more_accurate(self.tiers):

@@ -46,7 +46,7 @@ import numpy as np
 from .device import Device, Instances
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
 from .plan import SMALL_QUEUE, Columns, admission_finish, quantile, warm
-from .policy import Context, Decision, Policy, Snapshot
+from .policy import Context, Decision, FixedTier, Policy, Snapshot
 from .request import IllegalTransition, Request, State
 
 # Seconds: time constant of the decayed arrival rate. Tens of batches at the profiled
@@ -133,7 +133,8 @@ class Scheduler:
         # Admission refuses a request only when even this quantile of its plan misses the
         # deadline (the planner still chooses tiers and batches at ``slo_target``).
         self.admit_quantile = admit_quantile
-        self.ctx = Context(tiers, self.latency, max_batch)
+        trim = not isinstance(policy, FixedTier)  # a fixed tier runs even where dominated
+        self.ctx = Context(tiers, self.latency, max_batch, trim_dominated=trim)
         warm()  # the plan's compiled loops, before the first request
         self.policy = policy
         self.max_queue = max_queue
@@ -238,7 +239,10 @@ class Scheduler:
         alone = self.latency.quantile(fastest, r.rows, q)
         if len(self.queue) >= self.max_queue:
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
-        if now + alone > due and self._forget_if_idle(fastest, now):
+        # Forgetting helps only a budget the profile itself meets: one below even that (a
+        # client's 0.2 ms) would wipe a slowdown learned rightly and plan the next ones short.
+        profile_meets = now + self.latency.profiled(fastest, r.rows, q) <= due
+        if now + alone > due and profile_meets and self._forget_if_idle(fastest, now):
             alone = self.latency.quantile(fastest, r.rows, q)
         if now + alone > due:
             raise Refused(
