@@ -105,3 +105,13 @@ def test_a_fixed_policy_serves_its_tier_even_where_a_more_accurate_one_is_faster
         assert d.tier == served == nominal_tier(policy, tiers) and d.rows == 3
     planner = Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=16)
     assert planner.ctx.allowed(Request(9, 0.0, 1.0)) == ["w100", "w050"]  # still trimmed
+
+
+def test_a_scheduler_refuses_a_max_batch_above_a_tiers_profile():
+    # It was accepted; a 6-row request then failed deep in planning with a bare ValueError.
+    from server.scheduling import Scheduler, make_policy
+
+    tiers = [TierInfo("w100", 0.99, {1: 4.0, 8: 16.0}), TierInfo("w050", 0.97, {1: 2.0, 4: 6.0})]
+    with pytest.raises(ValueError, match=r"max_batch 8 is above .* tier w050 \(to 4\)"):
+        Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=64)

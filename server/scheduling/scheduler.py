@@ -123,6 +123,12 @@ class Scheduler:
     ) -> None:
         if not 0 < admit_quantile < 1:
             raise ValueError(f"admit_quantile must be in (0, 1), got {admit_quantile}")
+        short = [f"{t.name} (to {t.max_batch})" for t in tiers if t.max_batch < max_batch]
+        if short:  # else a request of more rows than a profile has fails deep in planning
+            raise ValueError(
+                f"max_batch {max_batch} is above the batch sizes profiled for tier "
+                f"{', '.join(short)}: profile every tier up to max_batch, or lower it"
+            )
         if latency is None:
             latency = LatencyModel(tiers, slo_target=slo_target or DEFAULT_SLO_TARGET)
         elif slo_target is not None and slo_target != latency.slo_target:
