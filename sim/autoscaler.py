@@ -44,10 +44,11 @@ class Completions:
         self.t.append(t)
         self.latency.append(latency)
 
-    def quantile(self, lo: float, hi: float, q: float) -> float:
-        """The ``q`` quantile of the latencies of requests finished in [lo, hi); 0 if none."""
+    def quantile(self, lo: float, hi: float, q: float) -> float | None:
+        """The ``q`` quantile of the latencies of requests finished in [lo, hi); None if
+        none finished (Prometheus's histogram_quantile then has no value)."""
         i, j = bisect.bisect_left(self.t, lo), bisect.bisect_left(self.t, hi)
-        return float(np.quantile(self.latency[i:j], q)) if j > i else 0.0
+        return float(np.quantile(self.latency[i:j], q)) if j > i else None
 
 
 class Autoscaler:
@@ -105,4 +106,9 @@ class Autoscaler:
     ) -> int:
         p = completions.quantile(lo, hi, self.cfg.latency_quantile)
         row.update(latency_q_s=p, latency_target_s=self.latency_target_s)
+        if p is None:
+            # Nothing finished in the window (idle, or every request refused or timed out):
+            # the metric has no value, and a Kubernetes HPA without a metric keeps the
+            # replicas it has. Read as 0 ms it scaled down - in an outage, to the minimum.
+            return current
         return self.hpa.object_metric(p, self.latency_target_s, current, ready)
