@@ -7,20 +7,20 @@
      "tiers": {"w100": {"1": {"p50_ms": 1.9, "p90_ms": 2.1}, "2": {...}}, ...},
      "lengths": {"16": {"w100": {...}, ...}, "256": {...}}}   # sequence models only
 
-The scheduler reads it through ``Profile.latency_ms``.
+``innfer build`` writes it (``profile_tiers``). ``Repository.load`` reads it back as a plain
+dict (``ServedModel.profile``), re-measuring at load one that ``stale_tiers`` or
+``measured_elsewhere`` says no longer times the engines it would serve; the server turns its
+tables into the scheduler's latency model (``server.scheduling.latency.tiers_from_profile``).
 
 Example:
-    >>> p = Profile({"tiers": {"w100": {"1": {"p50_ms": 2.0, "p90_ms": 2.5}}}})
-    >>> p.latency_ms("w100", 1), p.latency_ms("w100", 1, "p90")
-    (2.0, 2.5)
+    >>> stale_tiers({"onnx_sha256": {"w100": "a"}}, {"w100": "b"})
+    ['w100']
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,33 +82,6 @@ def measure(
             "runs": len(times),
         }
     return out
-
-
-class Profile:
-    """Read access to a ``profile.json``: latency per (tier, batch)."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    @classmethod
-    def load(cls, path: str | Path) -> Profile:
-        return cls(json.loads(Path(path).read_text()))
-
-    @property
-    def tiers(self) -> list[str]:
-        return list(self.data["tiers"])
-
-    def batches(self, tier: str) -> list[int]:
-        return sorted(int(b) for b in self.data["tiers"][tier])
-
-    def latency_ms(self, tier: str, batch: int, quantile: str = "p50") -> float:
-        """Profiled latency; a batch between profiled sizes takes the next larger one's."""
-        entries = self.data["tiers"][tier]
-        sizes = self.batches(tier)
-        fit = next((b for b in sizes if b >= batch), None)
-        if fit is None:
-            raise ValueError(f"batch {batch} exceeds the profiled maximum {sizes[-1]}")
-        return float(entries[str(fit)][f"{quantile}_ms"])
 
 
 def profile_document(
