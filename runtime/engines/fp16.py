@@ -106,17 +106,22 @@ def convert_to_fp16(model):
     for node in graph.node:
         node.input[:] = [renamed.get(n, n) for n in node.input]
 
-    # Outputs: the graph now makes y_fp16; a final Cast gives the caller float32 y.
-    input_names = {vi.name for vi in graph.input}
+    # Outputs: the graph now makes y_fp16; a final Cast gives the caller float32 y. A weight
+    # that is also an output (a constant head) is fp16 now: renamed too, and cast the same.
+    # A graph input passed through stays the caller's float32 (the graph uses its cast).
+    fed = {vi.name for vi in graph.input} - initializers
     tail, renamed = [], {}
     for vi in graph.output:
-        if elem_type(vi) != float32 or vi.name in input_names or vi.name in initializers:
+        if elem_type(vi) != float32 or vi.name in fed or vi.name in keep32:
             continue
         renamed[vi.name] = fresh(vi.name)
         tail.append(helper.make_node("Cast", [renamed[vi.name]], [vi.name], to=float32))
     for node in graph.node:
         node.input[:] = [renamed.get(n, n) for n in node.input]
         node.output[:] = [renamed.get(n, n) for n in node.output]
+    for item in (*graph.initializer, *graph.input):  # (an old-style input naming a weight)
+        if item.name in renamed:
+            item.name = renamed[item.name]
 
     for vi in graph.value_info:
         if vi.name in renamed:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import re
 import sys
 import threading
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.atomic import write_bytes
 
 from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineError, TensorSpec
 from .feeds import check_feeds
@@ -262,17 +263,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", str(text).lower()).strip("-.") or "unknown"
 
 
-def _write_atomic(path: Path, data) -> None:
-    """Write ``data`` (bytes or any buffer) so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- backend ------------------------------------------------------------------------------
 
 
@@ -404,7 +394,7 @@ class TensorRTBackend(Backend):
             )
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / PLAN_FILE, plan)
+        write_bytes(out_dir / PLAN_FILE, plan)  # (any buffer: IHostMemory)
         self._save_timing_cache(config, cache, cache_path)
         log.info(
             "built %s (%.1f MiB) in %.1f s; timing cache %s",
@@ -486,7 +476,7 @@ class TensorRTBackend(Backend):
         except Exception as exc:  # an unreadable file is replaced by this build's cache
             log.warning("not merging the unreadable timing cache %s: %s", cache_path, exc)
         try:
-            _write_atomic(cache_path, cache.serialize())
+            write_bytes(cache_path, cache.serialize())
         except OSError as exc:  # a cache that cannot be saved only slows later builds
             log.warning("cannot save the timing cache %s: %s", cache_path, exc)
 
@@ -785,7 +775,8 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
     in the graph. onnxconverter-common's documented converter is used where installed
     (``pip install innfer[gpu]``): it keeps precision-sensitive ops (Resize, TopK, Range, ...)
     in fp32 behind casts. Otherwise - or where its graph fails the ONNX checker's strict
-    type inference - the built-in pass (``fp16.convert_to_fp16``) runs.
+    type inference - the built-in pass (``fp16.convert_to_fp16``) runs, its graph checked
+    the same way (EngineError naming the first problem).
     """
     try:
         import onnx
@@ -825,6 +816,11 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
             )
         if half is None:
             half = convert_to_fp16(model)
+            # Checked like the converter's: TensorRT's parser reports a mistyped graph far
+            # less clearly (or builds it with casts nobody asked for).
+            problem = _graph_problem(onnx, half)
+            if problem is not None:
+                raise EngineError(f"the built-in fp16 pass made an invalid graph: {problem}")
         return half.SerializeToString()
     except Exception as exc:  # either converter: a graph it cannot convert is a build error
         raise EngineError(f"cannot convert {onnx_path} to fp16: {exc}") from exc
