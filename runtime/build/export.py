@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import warnings
@@ -19,13 +20,12 @@ from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from runtime.atomic import write_bytes
 from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
 from runtime.inn import graphio
-from runtime.inn.model import honour_umask
 from runtime.repository.config import ModelConfig
 
 OPSET = 17
@@ -126,6 +126,12 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     (architecture JSON + safetensors): the files every backend builds an engine from.
     Returns the ONNX bytes.
 
+    Each file is written whole (``runtime.atomic``), the module files first and the ONNX
+    last, module.json recording the sha256 of the ONNX and of the weights: a reader that
+    sees the new model.onnx sees its module files too, and the torch backend refuses
+    module files of another export (a server loading the tier mid-write, an interrupted
+    build) rather than caching them under this ONNX's key.
+
     Example:
         >>> data = write_tier_files(Path("repo/mnist/tiers/w050"), module, config)  # doctest: +SKIP
     """
@@ -133,16 +139,19 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     inputs = [(t.name, t.shape, dt) for t, dt in zip(config.inputs, dtypes, strict=True)]
     check_io(module, inputs, config)
     data = export_onnx(module, inputs, [t.name for t in config.outputs])
-    d.mkdir(parents=True, exist_ok=True)
-    write_bytes(d / "model.onnx", data)  # an interrupted build leaves no half file
+    weights = save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
     meta = {
         "architecture": graphio.to_spec(module),
         "inputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.inputs],
         "outputs": [[t.name, t.dtype, [-1, *t.shape]] for t in config.outputs],
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
-    (d / MODULE_SPEC).write_text(json.dumps(meta))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / MODULE_WEIGHTS))
-    honour_umask(d / MODULE_WEIGHTS)  # save_file writes 0o600: another user could not serve it
+    d.mkdir(parents=True, exist_ok=True)
+    # (written through a temporary file: the mode a plain open gives, not save_file's 0o600)
+    write_bytes(d / MODULE_WEIGHTS, weights)
+    write_bytes(d / MODULE_SPEC, json.dumps(meta).encode())
+    write_bytes(d / "model.onnx", data)  # last: see above
     return data
 
 

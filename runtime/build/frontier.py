@@ -41,8 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.build.export import write_tier_files
-from runtime.build.pipeline import evaluate_accuracy, validate
+from runtime.build.pipeline import evaluate_accuracy, validated_engine
 from runtime.build.sampling import norm_inputs, sample_tier
+from runtime.engines.torch import module_files_problem
 from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
@@ -158,9 +159,12 @@ class _Measure:
         # here, so the frontier's w100 was another network than the built tier.
         module, _ = sample_tier(self.inn, config, sizes, self.x_cal)
         onnx = write_tier_files(d, module, config)
-        engine, _ = self.cache.get(self.backend, d / "model.onnx", self.options)
+        onnx_sha = hashlib.sha256(onnx).hexdigest()
+        engine, _, _ = validated_engine(
+            self.cache, self.backend, d / "model.onnx", onnx_sha, self.options, module, config,
+            d.name,
+        )  # fmt: skip
         try:
-            validate(engine, module, config, d.name)
             flops = count_flops(module, self.example)
             accuracy = self.evaluation(engine) if self.evaluation else flops / self.full_flops
             latency = measure(engine, config.inputs, config.batch_sizes, repeats=self.repeats)
@@ -169,7 +173,7 @@ class _Measure:
         return Candidate(
             name=d.name, sizes=sizes, width=width, flops=flops,
             params=sum(p.numel() for p in module.parameters()), accuracy=float(accuracy),
-            latency=latency, onnx_sha256=hashlib.sha256(onnx).hexdigest(), shaped=shaped,
+            latency=latency, onnx_sha256=onnx_sha, shaped=shaped,
         )  # fmt: skip
 
 
@@ -324,7 +328,8 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
 
 
 def _reusable(out, src: str) -> Frontier | None:
-    """The frontier in ``out`` if it was measured from exactly ``src`` with its files."""
+    """The frontier in ``out`` if it was measured from exactly ``src`` with its files: each
+    candidate's model.onnx, and the module files exported with it (the torch backend's)."""
     try:
         old = Frontier.read(out / FRONTIER_FILE)
     except RepositoryError:
@@ -334,5 +339,9 @@ def _reusable(out, src: str) -> Frontier | None:
     for c in old.candidates:
         onnx_path = out / c.name / "model.onnx"
         if not onnx_path.is_file() or sha256_file(onnx_path) != c.onnx_sha256:
+            return None
+        problem = module_files_problem(out / c.name, c.onnx_sha256)
+        if problem is not None:
+            log.info("frontier candidate %s: %s; measuring the frontier again", c.name, problem)
             return None
     return old

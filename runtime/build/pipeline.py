@@ -33,6 +33,7 @@ from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import write_tier_files
 from runtime.build.sampling import norm_inputs, norm_source, sample_tier, unnormed
 from runtime.engines import Backend, BuildOptions, EngineError
+from runtime.engines.torch import module_files_problem
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import (
@@ -107,14 +108,12 @@ def build_model(
             onnx[tier.name] = record.onnx_sha256
             bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
             onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
-            try:
-                engine, built = cache.get(chosen, onnx_path, options)
-            except EngineError as exc:
-                raise BuildError(f"tier {tier.name}: {exc}") from exc
-            engines[tier.name] = engine  # closed at the end, whatever happens in between
             if module is None:  # the exported network, as _export_tier samples it
                 module, _ = sample_tier(inn, config, _sampled_width(tier, record), norm_x)
-            err = validate(engine, module, config, tier.name)
+            engine, built, err = validated_engine(
+                cache, chosen, onnx_path, record.onnx_sha256, options, module, config, tier.name
+            )
+            engines[tier.name] = engine  # closed at the end, whatever happens in between
             accuracy = record.accuracy
             stale = exported or accuracy is None or record.accuracy_on != measured_on
             if score is not None and stale:
@@ -248,7 +247,9 @@ def _export_tier(
     inn_sha = inn_sha or _inn_sha(repo.model_dir(name))
     src = source_hash(repo.model_dir(name), config, tier, backend, inn_sha)
     old = _recorded(d, src)
-    if old is not None and _onnx_matches(d, old):
+    # Reused only with the module files exported with it: the torch backend builds from
+    # those, and refuses them when missing or of another export ("run innfer build").
+    if old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
         if old.inn_sha256 != inn_sha:  # a record from before it was kept (same source)
             old = dataclasses.replace(old, inn_sha256=inn_sha)
             old.write(d / TIER_FILE)
@@ -319,9 +320,58 @@ def _onnx_matches(d: Path, record: TierRecord) -> bool:
     return onnx_path.is_file() and sha256_file(onnx_path) == record.onnx_sha256
 
 
+def _module_matches(d: Path, record: TierRecord, tier: str) -> bool:
+    """Whether ``d``'s module files are the ones exported with its model.onnx (else the
+    tier is exported again, and says why)."""
+    problem = module_files_problem(d, record.onnx_sha256)
+    if problem is not None:
+        log.info("tier %s: %s; exporting it again", tier, problem)
+    return problem is None
+
+
+def validated_engine(
+    cache: EngineCache,
+    backend: Backend,
+    onnx_path: Path,
+    onnx_sha256: str,
+    options: BuildOptions,
+    module,
+    config: ModelConfig,
+    tier: str,
+):
+    """(engine, built, max abs error): the engine of the ONNX at ``onnx_path`` (sha256
+    ``onnx_sha256``) from ``cache``, validated against ``module``, the network exported to
+    it. An engine that fails validation leaves the cache: kept, it would be served, and
+    fail every later build again. A cached one is then built afresh and validated once
+    more (an entry from before its files were checked); a new one's failure is the
+    build's (BuildError)."""
+    for attempt in (1, 2):
+        try:
+            engine, built = cache.get(backend, onnx_path, options)
+        except EngineError as exc:
+            raise BuildError(f"tier {tier}: {exc}") from exc
+        try:
+            return engine, built, validate(engine, module, config, tier, options.precision)
+        except BuildError as exc:
+            _close_all([engine])
+            cache.discard(backend, onnx_sha256, options)
+            if built or attempt == 2:
+                raise
+            log.warning("tier %s: removed its cached engine (%s); building it again", tier, exc)
+        except BaseException:  # (an engine may hold device memory until closed)
+            _close_all([engine])
+            raise
+    raise AssertionError("unreachable")
+
+
 @torch.no_grad()
-def validate(engine, module, config: ModelConfig, tier: str) -> float:
-    rtol, atol = TOLERANCE[config.precision]
+def validate(engine, module, config: ModelConfig, tier: str, precision: str | None = None) -> float:
+    """The largest absolute difference between ``engine``'s outputs and ``module``'s on
+    random inputs (batch 1 and ``max_batch``); BuildError beyond the tolerance of
+    ``precision``, the engine's (default: model.yaml's; a backend that builds fp32 only
+    builds fp32 engines for an fp16 model.yaml, ``Repository.build_options``)."""
+    precision = precision or config.precision
+    rtol, atol = TOLERANCE[precision]
     worst = 0.0
     lengths = config.sequence_lengths or (1,)
     # Batch 1 at the shortest length and a full batch at the longest: both ends of each axis.
@@ -344,7 +394,7 @@ def validate(engine, module, config: ModelConfig, tier: str) -> float:
             if not np.allclose(g, r, rtol=rtol, atol=atol):
                 raise BuildError(
                     f"tier {tier}: engine output {t.name!r} differs from the torch sample by "
-                    f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {config.precision})"
+                    f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {precision})"
                 )
     return worst
 

@@ -1,8 +1,10 @@
 """Torch backend: the reference for correctness, and the fallback; CUDA graphs on a GPU.
 
 Its "engine" is the sampled tier itself, stored without pickle as ``module.json`` (the
-architecture, see ``runtime.inn.graphio``) plus ``module.safetensors``. Needs torch by nature:
-the serving image without torch simply reports this backend unavailable.
+architecture, see ``runtime.inn.graphio``) plus ``module.safetensors``; module.json names the
+tier's model.onnx it was exported with, and ``build`` refuses files of another export
+(``module_files_problem``). Needs torch by nature: the serving image without torch simply
+reports this backend unavailable.
 
 On CPU a batch runs eagerly, module call by module call. On CUDA a small tier is
 launch-bound (eager at batch 8: w100 1.62 ms, w025 1.45 ms), so the engine captures one
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.hashing import sha256_file
 
 from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec
 
@@ -117,6 +122,41 @@ class _CaptureGate:
 
 # One per process: CUDA graph capture stops every engine's CUDA work, not only its own.
 _GATE = _CaptureGate()
+
+
+def module_files_problem(d: Path, onnx_sha256: str, shown: Path | None = None) -> str | None:
+    """Why ``d``'s module.json and module.safetensors are not the tier whose model.onnx has
+    sha256 ``onnx_sha256``, or None when they are; ``shown``: the directory the message
+    names instead of ``d`` (the tier a copy in ``d`` was made of). ``innfer build`` writes
+    them before the ONNX, module.json recording the sha256 of both that ONNX and the
+    weights file: a server that loads the tier between those writes (or after an
+    interrupted build) must not build one export's weights into the engine cache under
+    another export's key.
+
+    Example:
+        >>> module_files_problem(Path("no-such-tier"), "0" * 64)
+        'no-such-tier/module.json is missing'
+    """
+    shown = d if shown is None else shown
+    spec, weights = shown / MODULE_SPEC, shown / MODULE_WEIGHTS
+    try:
+        meta = json.loads((d / MODULE_SPEC).read_text())
+    except FileNotFoundError:
+        return f"{spec} is missing"
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        return f"{spec} is unreadable: {exc}"
+    if not isinstance(meta, dict):
+        return f"{spec} is not a JSON object"
+    recorded = meta.get("onnx_sha256")
+    if recorded is None:
+        return f"{spec} does not say which model.onnx it belongs to (written by an older innfer)"
+    if recorded != onnx_sha256:
+        return f"{spec} belongs to another export of the tier than its model.onnx"
+    if not (d / MODULE_WEIGHTS).is_file():
+        return f"{weights} is missing"
+    if sha256_file(d / MODULE_WEIGHTS) != meta.get("weights_sha256"):
+        return f"{weights} is not the weights file {spec} was written with"
+    return None
 
 
 def cuda_graphs_enabled(options: BuildOptions) -> bool:
@@ -359,20 +399,28 @@ class TorchBackend(Backend):
         return "cpu"
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
+        """Copy the tier's module.json and module.safetensors (beside ``onnx_path``) into
+        ``out_dir``; EngineError unless the copies are the module exported with that ONNX
+        (``module_files_problem``)."""
         src = onnx_path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (MODULE_SPEC, MODULE_WEIGHTS):
             if not (src / name).is_file():
                 raise EngineError(f"{src / name} is missing; rebuild the tier with innfer build")
             shutil.copyfile(src / name, out_dir / name)
+        # The copies are checked, not the sources: ``innfer build`` may be rewriting the tier.
+        problem = module_files_problem(out_dir, sha256_file(onnx_path), shown=src)
+        if problem is not None:
+            raise EngineError(
+                f"{problem}; rebuild the tier with innfer build (or, where a build is writing "
+                "it now, load it again once that build is done)"
+            )
         return [MODULE_SPEC, MODULE_WEIGHTS]
 
     def load(self, out_dir: Path, options: BuildOptions) -> TorchEngine:
         """Load the module from ``out_dir``. On CPU this sets torch's intra-op threads to
         ``options.threads`` for the whole process (torch has one pool: ``_set_cpu_threads``).
         """
-        import json
-
         import torch
         from safetensors.torch import load_file
 
@@ -380,16 +428,18 @@ class TorchBackend(Backend):
 
         try:
             meta = json.loads((out_dir / MODULE_SPEC).read_text())
+            # [name, dtype, shape] per tensor; a file without them is no module to serve
+            inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in meta["inputs"]]
+            outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in meta["outputs"]]
             module = from_spec(meta["architecture"], load_file(str(out_dir / MODULE_WEIGHTS)))
         except Exception as exc:
-            raise EngineError(f"cannot load the torch module in {out_dir}: {exc}") from exc
+            what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise EngineError(f"cannot load the torch module in {out_dir}: {what}") from exc
         device = options.extra.get("device", "cpu")
         if str(device).split(":", 1)[0] == "cpu":
             _set_cpu_threads(options.threads)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
         module = module.to(device=device, dtype=dtype).eval()
-        inputs = [TensorSpec(n, d, tuple(s)) for n, d, s in meta["inputs"]]
-        outputs = [TensorSpec(n, d, tuple(s)) for n, d, s in meta["outputs"]]
         return TorchEngine(
             module,
             device,

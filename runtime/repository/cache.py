@@ -5,7 +5,9 @@ name, the precision and - for a backend whose engines are built for a shape rang
 (``Backend.shape_profiled``: TensorRT) - the batch profile and (sequence models) the
 sequence profile. An entry
 whose manifest, key or checksums do not match - or that fails to load - is logged and
-rebuilt from the tier's ONNX, never trusted.
+rebuilt from the tier's ONNX, never trusted; so is one whose engine ``innfer build`` finds
+disagrees with the network the ONNX was exported from (``discard``). A build that fails
+leaves nothing behind.
 Rebuilding from ONNX needs no torch, so a serving image can heal its own cache.
 
 Example:
@@ -102,64 +104,101 @@ class EngineCache:
         onnx_sha = sha256_file(onnx_path)
         key, fields = engine_key(onnx_sha, backend, options)
         entry = self.root / key
-        if entry.exists():
+        # The entry as found; then, where another builder repaired it while this one judged
+        # it unusable (``_discard`` keeps theirs), the repaired one: loaded, not built again.
+        for _ in range(2):
+            if not entry.exists():
+                break
             judged = _manifest_bytes(entry)  # the entry as it was when judged (below)
             problem = self._verify(entry, fields)
-            if problem is None:
+            verified = problem is None
+            if verified:
                 try:
                     return backend.load(entry, options), False
                 except EngineError as exc:
                     problem = str(exc)
-            log.warning("engine cache entry %s is unusable (%s); rebuilding", entry, problem)
-            self._discard(entry, fields, judged)
+            log.warning("engine cache entry %s is unusable (%s)", entry, problem)
+            if not self._discard(entry, fields, judged, verified):
+                break  # removed: build it
+            log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
         if on_build is not None:
             on_build(key)
         self._build(backend, onnx_path, entry, options, fields)
         return backend.load(entry, options), True
 
-    def _discard(self, entry: Path, fields: dict[str, Any], judged: bytes | None) -> None:
+    def discard(self, backend: Backend, onnx_sha256: str, options: BuildOptions) -> bool:
+        """Remove the entry of ``backend``'s engine for the ONNX with that sha256 (``innfer
+        build`` found it disagrees with the network it was exported from: kept, it would be
+        served, and fail every later build's validation); True if there was one.
+
+        Example:
+            >>> cache.discard(backend, record.onnx_sha256, options)  # doctest: +SKIP
+            True
+        """
+        key, _ = engine_key(onnx_sha256, backend, options)
+        return self._remove(self.root / key)
+
+    def _discard(
+        self, entry: Path, fields: dict[str, Any], judged: bytes | None, verified: bool
+    ) -> bool:
         """Remove an unusable entry - unless another builder has put a new one in its place
-        since it was judged (its manifest then differs from ``judged``, and verifies; two
-        pods repairing one key on a shared volume): it is renamed aside first, so that a
+        since it was judged (two pods repairing one key on a shared volume): one that
+        verifies now where it did not (``verified``: whether it did when judged), or whose
+        manifest differs from ``judged`` and verifies. It is renamed aside first, so that a
         delete never takes an entry someone has just made. An entry that verifies but fails
-        to load (the same manifest) is removed."""
-        now = _manifest_bytes(entry)
-        if now != judged and self._verify(entry, fields) is None:
-            return  # repaired by another builder since it was found bad: keep theirs
+        to load (the same manifest) is removed. True: the entry was kept (repaired by
+        another builder), False: removed or gone."""
+        changed = not verified or _manifest_bytes(entry) != judged
+        if changed and self._verify(entry, fields) is None:
+            return True  # repaired by another builder since it was found bad: keep theirs
+        self._remove(entry)
+        return False
+
+    @staticmethod
+    def _remove(entry: Path) -> bool:
+        """Rename ``entry`` aside and delete it; False if it was gone already."""
         aside = entry.with_name(f"{entry.name}.bad-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             entry.rename(aside)
         except OSError:  # gone already (another builder moved it)
-            return
+            return False
         shutil.rmtree(aside, ignore_errors=True)
+        return True
 
     def _build(self, backend, onnx_path, entry, options, fields) -> None:
         # A directory of our own: two pods building the same key on a shared volume must
         # not delete each other's half-built files.
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        t0 = time.perf_counter()
-        files = backend.build(onnx_path, tmp, options)
-        # The backend read the file again: a rewrite since it was hashed (``innfer build`` on
-        # the same volume) would put another model's engine under this key.
-        if sha256_file(onnx_path) != fields["onnx_sha256"]:
+        try:
+            t0 = time.perf_counter()
+            files = backend.build(onnx_path, tmp, options)
+            # The backend read the file again: a rewrite since it was hashed (``innfer build``
+            # on the same volume) would put another model's engine under this key.
+            if sha256_file(onnx_path) != fields["onnx_sha256"]:
+                raise EngineError(
+                    f"{onnx_path} changed while its engine was built (another build writing "
+                    "the tier?); load the model again once that build is done"
+                )
+            manifest = {
+                "key": entry.name,
+                "fields": fields,
+                "files": {f: sha256_file(tmp / f) for f in files},
+                "build_seconds": round(time.perf_counter() - t0, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        except BaseException:  # a failed (or interrupted) build leaves no directory behind
             shutil.rmtree(tmp, ignore_errors=True)
-            raise EngineError(
-                f"{onnx_path} changed while its engine was built (another build writing the "
-                "tier?); load the model again once that build is done"
-            )
-        manifest = {
-            "key": entry.name,
-            "fields": fields,
-            "files": {f: sha256_file(tmp / f) for f in files},
-            "build_seconds": round(time.perf_counter() - t0, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            raise
         try:
             tmp.rename(entry)  # atomic: a crash mid-build leaves only a .tmp, never half an entry
-        except OSError:
-            # Someone else finished the same key first; theirs is as good as ours if it verifies.
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not entry.exists():  # not another builder's entry in the way: a real failure
+                raise EngineError(
+                    f"cannot put the engine built for {onnx_path} in place as {entry}: {exc}"
+                ) from exc
+            # Someone else finished the same key first; theirs is as good as ours if it verifies.
             problem = self._verify(entry, fields)
             if problem is not None:
                 raise EngineError(f"engine cache entry {entry} is unusable: {problem}") from None
