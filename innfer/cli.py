@@ -114,7 +114,7 @@ def _demo_minilm(args: argparse.Namespace) -> int:
     from server.app import serve, setup_logging
     from server.config import ServerConfig
 
-    setup_logging("info")
+    setup_logging("INFO")
     config = {"repository": str(args.repository), "models": [args.name]}
     asyncio.run(serve(ServerConfig.from_dict(config)))
     return 0
@@ -1173,7 +1173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
         help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",
     )  # fmt: skip
-    srv.add_argument("--log-level", default="INFO")
+    srv.add_argument(
+        "--log-level", default="INFO", type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="any case",
+    )  # fmt: skip
     srv.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("simulate", help="simulate the scheduler with a model's profile")

@@ -49,12 +49,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr at ``level`` (any case: "info" is INFO; logging's own setLevel
+    knows upper case only, and the MiniLM demo's "info" stopped it before it served).
+
+    Example:
+        >>> setup_logging("warning")  # doctest: +SKIP
+    """
+    if str(level).upper() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r}; choose one of {', '.join(LOG_LEVELS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(str(level).upper())
 
 
 class Server:
