@@ -32,3 +32,33 @@ def test_serve_takes_log_level_in_any_case():
     assert args.log_level == "DEBUG"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--repository", "x", "--log-level", "loud"])
+
+
+def test_the_minilm_demo_reaches_its_server_after_the_build(tmp_path, monkeypatch, capsys):
+    # The build and the server are stubbed (minutes of CPU; tests/test_text_*.py run them):
+    # this is the glue between them, which crashed.
+    import server.app
+    from innfer import cli
+    from runtime.build import pipeline
+    from runtime.demo import minilm_demo
+
+    served = []
+
+    async def serve(config):
+        served.append((config, logging.getLogger().level))
+
+    monkeypatch.setattr(minilm_demo, "reusable", lambda *a: True)
+    monkeypatch.setattr(minilm_demo, "write_files", lambda *a: None)
+    monkeypatch.setattr(pipeline, "build_model", lambda repo, name: None)
+    monkeypatch.setattr(cli, "_print_build", lambda *a: None)
+    monkeypatch.setattr(server.app, "serve", serve)
+    root = logging.getLogger()
+    before = (root.level, root.handlers[:])
+    try:
+        assert cli.main(["demo", "--model", "minilm", "--repository", str(tmp_path)]) == 0
+    finally:
+        root.setLevel(before[0])
+        root.handlers[:] = before[1]
+    [(config, level)] = served
+    assert list(config.models) == ["minilm"] and config.repository == tmp_path
+    assert level == logging.INFO
