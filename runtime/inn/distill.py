@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import operator
 import time
@@ -62,6 +63,8 @@ from runtime.inn.selection import (
     store_grids,
 )
 from runtime.inn.shaping import unshaped
+
+log = logging.getLogger("innfer.calibrate")
 
 # Share of a tier's budget over which the learning rate warms up from 0: Adam's first steps
 # on a freshly resampled network are large and noisy.
@@ -521,7 +524,8 @@ def calibrate_network(
         "first_loss": run.first_loss,
         "last_loss": run.last_loss,
         "check_cosine": {"start": before, "distilled": after},
-        "kept": "distilled" if after >= before else "start",
+        # "refit": no step ran (the budget went to the refit), so nothing was distilled
+        "kept": "start" if after < before else "distilled" if run.steps else "refit",
     }
 
 
@@ -619,17 +623,23 @@ def calibrate_text(
             store_grids(out, select_nodes(inn, teacher, grams, sizes))
         select_seconds = time.perf_counter() - start
         student = out.sample(sizes, method=method, calibrated=False)
-        log = calibrate_network(
+        record = calibrate_network(
             student, teacher, readouts(inn, sizes), batches, targets,
             seconds - (time.perf_counter() - start), refit_sentences=refit_sentences,
             max_steps=max_steps, seed=seed + i, progress=progress,
             desc=f"tier {i + 1}/{len(tiers)}", **distil_options,
         )  # fmt: skip
         key = out.set_tier(sizes, student.state_dict())
-        log = {**log, "seconds": time.perf_counter() - start, "method": method, "grid": grid,
-               "select_seconds": select_seconds, "batch_size": batch_size, "seed": seed + i,
-               "sentences": len(ids)}  # fmt: skip
-        out.info.setdefault("text_calibration", {})[key] = log
+        record = {**record, "seconds": time.perf_counter() - start, "method": method,
+                  "grid": grid, "select_seconds": select_seconds, "batch_size": batch_size,
+                  "seed": seed + i, "sentences": len(ids)}  # fmt: skip
+        out.info.setdefault("text_calibration", {})[key] = record
+        if not record["steps"] and max_steps != 0:
+            log.warning(
+                "tier %d/%d: its %.0f s went to choosing nodes (%.1f s) and the refit (%.1f s); "
+                "no distillation step ran, so it is the refit alone: give it more seconds",
+                i + 1, len(tiers), seconds, select_seconds, record["refit_seconds"],
+            )  # fmt: skip
     return out
 
 
