@@ -673,7 +673,8 @@ def test_load_is_measured_in_rows():
     big = make("innfer")
     for k, t in enumerate(times):
         big.submit(Request(k, t, 2.0, rows=8), now=t)
-    assert big.arrival_rate(0.5) == pytest.approx(16 / math.expm1(1 / 46))
+    n = 46 * 8  # rows: k arrivals estimate k - 1 gaps
+    assert big.arrival_rate(0.5) == pytest.approx(16 / math.expm1(1 / 46) * (n - 1) / n)
     assert big.next(0.5).tier == "w075"
     small = make("innfer")
     for k, t in enumerate(times):
@@ -795,9 +796,9 @@ def test_the_policy_gets_a_fresh_frozen_snapshot_per_decision():
     assert len(policy.errors) == 6  # every write attempt failed, in both decisions
     assert sched.ctx.max_batch == 8
     # Each snapshot holds what was measured at its own decision: 40 rows at t=0 over the
-    # 0.5 s window, of which 50 ms count as seen (the start-up correction), decayed and
-    # two more rows by t=0.1.
-    assert a.arrival_rate == pytest.approx(40 / 0.5 / -math.expm1(-0.05 / 0.5))
+    # 0.5 s window, of which 50 ms count as seen (the start-up correction; 40 arrivals are
+    # 39 gaps), decayed and two more rows by t=0.1.
+    assert a.arrival_rate == pytest.approx(40 / 0.5 / -math.expm1(-0.05 / 0.5) * 39 / 40)
     assert b.arrival_rate == pytest.approx(sched.arrival_rate(0.1)) != a.arrival_rate
     # The queue as columns, as it was at each decision: the scheduler replaces its arrays
     # rather than writing them, so the first snapshot's did not change with the queue.

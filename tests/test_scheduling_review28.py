@@ -115,3 +115,24 @@ def test_a_scheduler_refuses_a_max_batch_above_a_tiers_profile():
     with pytest.raises(ValueError, match=r"max_batch 8 is above .* tier w050 \(to 4\)"):
         Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
     Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=64)
+
+
+def test_a_lone_first_request_is_no_load():
+    # One arrival read as 1 / RATE_WARMUP_S (21 rows/s): the first request to a new server,
+    # or to a text model's lane of long sentences, went to a small tier with 2 s to spare on
+    # an idle device (MiniLM, 256 tokens: h050 or h050f025 instead of h100).
+    from server.scheduling import Scheduler, make_policy
+
+    tiers = [
+        TierInfo("h100", 1.0, {1: 122.0, 8: 1791.0}, {1: 120.0, 8: 1038.0}),
+        TierInfo("h050", 0.97, {1: 72.0, 8: 893.0}, {1: 56.0, 8: 805.0}),
+    ]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    s.submit(Request(0, 100.0, 102.0), 100.0)
+    assert s.arrival_rate(100.0) == 0.0
+    assert s.next(100.0).tier == "h100"
+    # Eight at once are load from the first: 7 gaps' worth over the warm-up.
+    burst = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    for k in range(8):
+        burst.submit(Request(k, 0.0, 2.0), 0.0)
+    assert burst.arrival_rate(0.0) > 100

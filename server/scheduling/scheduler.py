@@ -170,6 +170,7 @@ class Scheduler:
         self._rate = 0.0
         self._rate_at = 0.0
         self._first: float | None = None  # the first arrival
+        self._rows_seen = 0  # rows of every arrival so far
         self._budgets: deque[float] = deque(maxlen=BUDGET_WINDOW)  # seconds
         self._tight_budget = math.inf  # seconds; refreshed by _snapshot
         self._budget_cdf: np.ndarray | None = None  # the budgets sorted, refreshed with it
@@ -213,11 +214,16 @@ class Scheduler:
         """Recent arrival rate in rows per second (refused ones included: they are load
         too). The decayed sum counts only the time since the first arrival, so it is
         divided by the share of the window that has passed (as an EWMA's start-up bias is
-        corrected): the first arrivals of a steady load must not look like light load."""
+        corrected): the first arrivals of a steady load must not look like light load. And
+        times (n - 1) / n after n rows, as k arrivals over a span estimate k - 1 gaps: one
+        arrival is no rate at all. Read as 1 / ``RATE_WARMUP_S`` (21 rows/s), a lone first
+        request - to a new server, or to a text model's lane of long sentences - was served
+        on a small tier with a 2 s budget on an idle device."""
         if self._first is None:
             return 0.0
         seen = max(now - self._first, RATE_WARMUP_S)
-        return self._raw_rate(now) / -math.expm1(-seen / self._tau)
+        n = self._rows_seen
+        return self._raw_rate(now) / -math.expm1(-seen / self._tau) * (n - 1) / n
 
     def _raw_rate(self, now: float) -> float:
         return self._rate * math.exp(-max(0.0, now - self._rate_at) / self._tau)
@@ -227,6 +233,7 @@ class Scheduler:
         self.check_constraints(r)
         if self._first is None:
             self._first = now
+        self._rows_seen += r.rows
         self._rate = self._raw_rate(now) + r.rows / self._tau
         self._rate_at = now
         idle = not self.queue and not self.device.running
