@@ -640,11 +640,12 @@ class ModelRuntime:
             why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
             if exc.state == State.REFUSED_DEADLINE:
                 # refused_budget: the budget is below the fastest allowed tier's profiled
-                # time at the quantile an idle replica admits at (no online correction): no
-                # replica meets it however idle - the client's ask, not load. Contention
-                # that slowed this replica is load.
+                # time at the quantile an idle replica admits at (no online correction; a
+                # full batch's own rows are checked at slo_target): no replica meets it
+                # however idle - the client's ask, not load, which the autoscaler must not
+                # scale out for. Contention that slowed this replica is load.
                 s = self.lanes[lane]
-                idle = s.latency.profiled(s.ctx.fastest(req), rows, s.admit_quantile)
+                idle = s.latency.profiled(s.ctx.fastest(req), rows, s.idle_quantile(req))
                 if now + idle > s.admission_deadline(req):
                     why = "refused_budget"
             self._missed[why].inc()

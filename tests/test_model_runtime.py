@@ -197,6 +197,29 @@ def test_a_budget_an_idle_replica_admits_refused_for_load_is_counted_as_load(tmp
     assert (missed("refused_deadline"), missed("refused_budget")) == (1, 0)
 
 
+def test_a_full_batch_no_idle_replica_admits_is_the_clients_ask_not_load(tmp_path):
+    # A request whose own rows fill a batch is checked at slo_target even on an empty queue;
+    # its refusal was labelled at the median (p50 20 ms < 22 ms: "load"), and the
+    # autoscaler's degraded share scaled an idle fleet out for it (deploy review 28).
+    served = _served(tmp_path, {"w100": {1: 40.0, 4: 40.0}, "w050": {1: 20.0, 4: 20.0}})
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
+                await rt.infer(_x(4, 1.0), 4, 0.022)  # 4 rows: max_batch
+            lane = rt.scheduler
+            assert lane.latency.profiled("w050", 4, lane.admit_quantile) < 0.022
+            assert lane.latency.profiled("w050", 4, lane.slo_target) > 0.022
+
+    _run(body())
+
+    def missed(reason):
+        return _count(metrics, "innfer_deadline_missed_total", model="m", reason=reason)
+
+    assert (missed("refused_deadline"), missed("refused_budget")) == (0, 1)
+
+
 def test_bad_tiers_and_oversized_requests(tmp_path):
     served = _served(tmp_path)
 

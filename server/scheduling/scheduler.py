@@ -301,6 +301,11 @@ class Scheduler:
         rows = sum(r.rows for r in self.queue) + (joining.rows if joining is not None else 0)
         return self.admit_quantile if rows < b else self.slo_target
 
+    def idle_quantile(self, r: Request) -> float:
+        """The quantile ``admission_quantile`` checks ``r`` at on an empty queue - what an
+        idle replica asks of it: ``slo_target`` where its own rows fill a batch."""
+        return self.admit_quantile if r.rows < self.ctx.max_batch else self.slo_target
+
     def admission_deadline(self, r: Request) -> float:
         """The latest finish admission and expiry accept for ``r``: its deadline plus its
         ``grace``, at either quantile admission checks at. Behind a backlog (``slo_target``)
