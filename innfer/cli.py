@@ -528,7 +528,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.simulator import format_summary, plot_timeline, simulate
 
     _check_built(args.model_dir)
-    tiers, p50, chosen, proxy = _served(args.model_dir)
+    tiers, p50, chosen, proxy, _ = _served(args.model_dir, args.tokens)
     note = "".join(f"; {n}" for n in (chosen, proxy and f"accuracy: {proxy}") if n)
     policies = args.policy or ["innfer", "slackfit"]
     if args.host_ms is not None:
@@ -608,24 +608,48 @@ def _check_built(model_dir: Path) -> None:
         )
 
 
-def _served(model_dir: Path) -> tuple[list, dict, str, str]:
-    """(TierInfo list, p50 tables, where the tiers come from, what "accuracy" is) for the
-    tiers a server would serve from a built model: auto-tiering's choice where it made one
-    (then the first note names them), else model.yaml's (""). The second note is
+def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str, str, int]:
+    """(TierInfo list, p50 tables, where the tiers come from, what "accuracy" is, lane) for
+    the tiers a server would serve from a built model: auto-tiering's choice where it made
+    one (then the first note names them), else model.yaml's (""). The second note is
     ``FLOPS_PROXY`` where an accuracy is not a measured one (the scheduler then ranks tiers
-    by FLOPs: ``tiers_from_profile``), as ``innfer tiers frontier`` says it; "" else."""
+    by FLOPs: ``tiers_from_profile``), as ``innfer tiers frontier`` says it; "" else. A
+    model with sequence lengths (a transformer) is planned at the lane a request of
+    ``tokens`` joins - the shortest profiled length that holds it; default the longest -
+    and the first note says which (lane 0: fixed shapes)."""
     from innfer.tiers import FLOPS_PROXY
     from runtime.repository import Repository
     from server.scheduling.latency import tiers_from_profile
 
     d = Path(model_dir).resolve()
     records, profile, source = Repository(d.parent).served_tiers(d.name)
+    profile, lane = _lane_profile(profile, tokens)
     tiers, p50 = tiers_from_profile(profile, records)
     chosen = ""
     if source == "frontier":
-        chosen = f"tiers chosen by auto-tiering ({', '.join(records)}; auto_tiers.json)"
+        chosen = f"the tiers auto-tiering chose ({', '.join(records)}; auto_tiers.json)"
+    if lane:
+        lengths = sorted(int(n) for n in profile["lengths"])
+        chosen = f"every request at {lane} tokens (lanes {lengths}; --tokens to change)"
     proxy = any(records[t].accuracy is None for t in profile["tiers"])
-    return tiers, p50, chosen, FLOPS_PROXY if proxy else ""
+    return tiers, p50, chosen, FLOPS_PROXY if proxy else "", lane
+
+
+def _lane_profile(profile: dict, tokens: int | None) -> tuple[dict, int]:
+    """(profile with the tables of the lane a request of ``tokens`` joins, that lane's
+    length) for a model profiled per sequence length; (profile, 0) for fixed shapes. The
+    top-level tables of a text model's profile are its longest length's: planning every
+    request as a 256-token one put all of them on the smallest tier."""
+    lengths = sorted(int(n) for n in profile.get("lengths") or {})
+    if not lengths:
+        if tokens is not None:
+            raise ValueError("--tokens is for models with sequence lengths (a text model)")
+        return profile, 0
+    want = lengths[-1] if tokens is None else tokens
+    lane = next((n for n in lengths if n >= want), None)
+    if lane is None or want < 1:
+        raise ValueError(f"--tokens must be in [1, {lengths[-1]}] (profiled lengths {lengths})")
+    return {**profile, "tiers": profile["lengths"][str(lane)]}, lane
 
 
 def _host_ms_arg(text: str) -> tuple[float, float, float]:
@@ -645,7 +669,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sim.simulator import requests_for, trace_window
 
     _check_built(args.model_dir)
-    tiers, p50, chosen, proxy = _served(args.model_dir)
+    tiers, p50, chosen, proxy, lane = _served(args.model_dir, args.tokens)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     cfg = _sim_config(args, "innfer")
     rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
@@ -655,12 +679,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(arrivals) > args.max_requests:
         what = f"the first {args.max_requests} of {len(arrivals)} requests (--max-requests)"
         arrivals, budgets = arrivals[: args.max_requests], budgets[: args.max_requests]
-    inputs = random_feeds(config.inputs, 1)
+    inputs = random_feeds(config.inputs, 1, length=lane or 16)  # a text model: lane's length
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")
     if chosen:
-        print(f"  planned on the {chosen}")
+        print(f"  planned with {chosen}")
     report = asyncio.run(run_load(args.address, name, arrivals, budgets, inputs, window, accuracy))
     s = report.summary
     print(f"  SLO attainment  {s['slo_attainment']:.2%}")
@@ -710,6 +734,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
         help="engine time log-normal sigma (default: from the profile's p90/p50)",
     )
     p.add_argument("--slots", type=_at_least(1), default=1)
+    p.add_argument(
+        "--tokens", type=_at_least(1),
+        help="text models: every request's length in tokens (default: the longest profiled)",
+    )  # fmt: skip
     p.add_argument("--json", help="write the figures as JSON")
 
 

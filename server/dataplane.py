@@ -467,13 +467,24 @@ class DataPlane:
         return pb.ServerMetadataResponse(name="innfer", version=__version__, extensions=EXTENSIONS)
 
     def tiers_json(self, m: ModelRuntime) -> str:
-        """Tier list clients may ask for: name, width, accuracy, profiled p50 at batch 1."""
+        """Tier list clients may ask for: name, width, accuracy, profiled p50 at batch 1 - for
+        a model with sequence lengths, at its longest (``latency_tokens``), and per length
+        in ``latency_ms_batch1_by_tokens`` (one 256-token figure read as the tier's latency
+        for every sentence)."""
         rows = []
         profile = m.served.profile or {"tiers": {}}
+        lengths = profile.get("lengths") or {}
         for name, rec in m.served.tiers.items():
             p50 = profile["tiers"].get(name, {}).get("1", {}).get("p50_ms")
-            rows.append({"name": name, "width": rec.width, "accuracy": rec.accuracy,
-                         "latency_ms_batch1": p50, "flops": rec.flops})  # fmt: skip
+            row = {"name": name, "width": rec.width, "accuracy": rec.accuracy,
+                   "latency_ms_batch1": p50, "flops": rec.flops}  # fmt: skip
+            if lengths:
+                row["latency_tokens"] = max(int(n) for n in lengths)
+                row["latency_ms_batch1_by_tokens"] = {
+                    n: t.get(name, {}).get("1", {}).get("p50_ms")
+                    for n, t in sorted(lengths.items(), key=lambda kv: int(kv[0]))
+                }
+            rows.append(row)
         return json.dumps(rows)
 
     def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:

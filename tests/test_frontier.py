@@ -232,5 +232,5 @@ def test_simulate_and_bench_plan_the_tiers_auto_tiering_chose(built, tmp_path, c
     args = ["simulate", str(d), "--duration", "1", "--load", "0.01", "--policy", "innfer"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert f"tiers chosen by auto-tiering (w075, {shaped}; auto_tiers.json)" in out.splitlines()[0]
+    assert f"the tiers auto-tiering chose (w075, {shaped}; auto_tiers.json)" in out.splitlines()[0]
     assert "tier mix" in out and "w100" not in out

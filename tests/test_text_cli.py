@@ -205,3 +205,50 @@ def test_channel_search_times_and_scores_a_text_tier_by_embedding_fidelity(model
     built = {t.name: t for t in report.tiers}
     assert built["w040"].max_abs_err < 1e-4  # the exported choice runs as torch does
     assert Repository(tmp_path).load("embed").engines["w040"] is not None
+
+
+def test_simulate_plans_a_text_model_at_the_length_asked(model_dir, capsys):
+    # Every request was planned as one of the longest length (the profile's top tables),
+    # with nothing said: 64 % within budget where short sentences met nearly all.
+    import json
+
+    from innfer.cli import _served, main
+
+    profile = json.loads((model_dir / "profile.json").read_text())
+    longest = max(int(n) for n in profile["lengths"])
+    _, p50, _, _, lane = _served(model_dir)
+    assert lane == longest and p50 == _served(model_dir, longest)[1]
+    _, p50_short, note, _, lane = _served(model_dir, 5)
+    assert lane == 8 and "every request at 8 tokens (lanes [8, 16, 24]" in note
+    want = {t: {int(b): v["p50_ms"] for b, v in table.items()}
+            for t, table in profile["lengths"]["8"].items()}  # fmt: skip
+    assert p50_short == want != p50
+    assert main(["simulate", str(model_dir), "--duration", "1", "--load", "0.01",
+                 "--policy", "innfer", "--tokens", "12"]) == 0  # fmt: skip
+    assert "every request at 16 tokens" in capsys.readouterr().out.splitlines()[0]
+    assert main(["simulate", str(model_dir), "--tokens", "99"]) == 2
+    assert "--tokens must be in [1, 24]" in capsys.readouterr().err
+
+
+def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, monkeypatch, capsys):
+    # bench planned at the longest length and sent 16-token requests (another lane).
+    import numpy as np
+
+    import sim.loadgen
+    from innfer.cli import main
+
+    sent = []
+
+    async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
+        sent.append({k: v.shape for k, v in inputs.items()})
+        n = len(arrivals)
+        s = sim.loadgen._summary(np.ones(n), budgets_s, ["x"] * n, ["OK"] * n, 1.0, accuracy)
+        return sim.loadgen.LoadReport(s, np.ones(n), ["x"] * n, ["OK"] * n)
+
+    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+    for tokens, lane in ((None, 24), (7, 8)):
+        extra = [] if tokens is None else ["--tokens", str(tokens)]
+        code = main(["bench", str(model_dir), "--duration", "1", "--load", "0.01", *extra])
+        assert code == 0, capsys.readouterr().err
+        assert {shape[1] for shape in sent.pop().values()} == {lane}
+        assert f"planned with every request at {lane} tokens" in capsys.readouterr().out

@@ -185,6 +185,13 @@ def test_metadata_and_model_config_describe_text_and_dynamic_axes(client):
     by_name = {t["name"]: t for t in cfg["input"]}
     assert by_name["text"]["data_type"] == "TYPE_STRING" and by_name["text"]["optional"]
     assert by_name["input_ids"]["dims"] == ["-1"] and by_name["input_ids"]["optional"]
+    # Each tier's latency per profiled length; the plain figure is the longest's, says so.
+    tiers = json.loads(cfg["parameters"]["tiers"]["string_value"])
+    for t in tiers:
+        assert t["latency_tokens"] == 24 and list(t["latency_ms_batch1_by_tokens"]) == [
+            "8", "16", "24"
+        ]  # fmt: skip
+        assert t["latency_ms_batch1"] == t["latency_ms_batch1_by_tokens"]["24"] > 0
 
 
 def test_concurrent_requests_of_mixed_lengths_are_each_answered_with_their_own_embedding(
