@@ -81,11 +81,12 @@ def test_the_readme_transformers_snippet_runs_as_written(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     [snippet] = [b for b in blocks if "AutoModel.from_pretrained" in b]
     script = tmp_path / "snippet.py"
-    script.write_text(snippet + "\nprint('OK', tuple(hidden.shape), tuple(pooled.shape))\n")
+    script.write_text(snippet + "\nprint('OK', tuple(hidden.shape), tuple(pooled.shape), "
+                      "tuple(embedder.sample(0.5)(ids, mask).shape))\n")  # fmt: skip
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "OK (2, 16, 384) (2, 384)" in done.stdout
+    assert "OK (2, 16, 384) (2, 384) (2, 384)" in done.stdout
 
 
 # -- 3. the build table ---------------------------------------------------------------------
