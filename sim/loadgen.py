@@ -9,6 +9,15 @@ checks it against the budget. Servers that answer without a ``tier`` response pa
 OIP servers) are recorded with tier None. Bounded in count and time, and only loopback
 addresses are accepted.
 
+Open loop, a request's latency runs from its scheduled send time (start + its arrival), not
+from when the client got round to sending it: a client that falls behind its schedule
+(its own CPU) sends late, and that wait is the server's queue it did not see, so it counts;
+each request's send lag (actual send - scheduled) is kept and summarised
+(``send_lag_p50_ms``, ``send_lag_p99_ms``, ``send_lag_max_ms``) so that a lagging client
+shows. An exception other than the server's (tritonclient's InferenceServerException) is
+recorded per request as ``CLIENT_ERROR: <type>`` and the client goes on; an exception that
+escapes a client task anyway is raised by the run, not left unread.
+
 Example:
     >>> report = asyncio.run(run_load("127.0.0.1:8001", "mnist", arrivals, budgets,
     ...                               inputs))  # doctest: +SKIP
@@ -28,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NO_ANSWER = "NO_ANSWER"  # sent, but the run's time bound passed before an answer came
+CLIENT_ERROR = "CLIENT_ERROR"  # "CLIENT_ERROR: <exception type>": failed in the client
 DRAIN_S = 30.0  # after the last send: how long to wait for outstanding answers
 
 
@@ -36,12 +46,14 @@ class LoadReport:
     summary: dict
     latency_ms: np.ndarray  # nan where the request failed
     tiers: list[str | None]
-    codes: list[str]  # "OK", a gRPC status name, "unsent" or NO_ANSWER
+    codes: list[str]  # "OK", a gRPC status name, "unsent", NO_ANSWER or "CLIENT_ERROR: <type>"
     budgets_s: np.ndarray | None = None  # each request's budget (closed loop draws them)
     first_error: str | None = None  # "<code>: <message>" of the first refusal seen
     # (n, 3) ms per request as the server reported them (innfer's response parameters
     # queue_us, compute_us, budget_us); NaN where it did not say
     server_ms: np.ndarray | None = None
+    # open loop: ms from each request's scheduled send time to its actual send (NaN unsent)
+    send_lag_ms: np.ndarray | None = None
 
     def breakdown(self) -> dict | None:
         """Where answered requests' time went, by the server's own account: ``outside`` =
@@ -101,6 +113,9 @@ async def run_load(
     """Send one request per arrival time (seconds from start; none later than
     ``max_seconds``: "unsent"); wait for the answers, ``drain_s`` at most after the last
     send (what has none by then is NO_ANSWER, a miss - the report covers the run anyway).
+    Latency is timed from each request's scheduled time (start + its arrival), so a send
+    the client made late counts its wait; the lag of each send is in ``send_lag_ms`` and
+    summarised as ``send_lag_p50_ms`` / ``send_lag_p99_ms`` / ``send_lag_max_ms``.
     ``parameters``: extra request parameters sent with every request (the budget is set
     per request and takes precedence). ``deadline``: also set each request's gRPC deadline
     to its budget (tritonclient's ``client_timeout``), as a client that gives up then
@@ -114,10 +129,10 @@ async def run_load(
     async with tca.InferenceServerClient(address) as client:
         tensors = _tensors(tca, inputs)
 
-        async def one(i: int) -> None:
+        async def one(i: int, scheduled: float) -> None:
             rec.codes[i] = NO_ANSWER  # until an answer or an error comes
             budget = float(budgets_s[i])
-            await rec.send(client, model, tensors, i, budget, InferenceServerException)
+            await rec.send(client, model, tensors, i, budget, InferenceServerException, scheduled)
 
         start = time.perf_counter()
         tasks = []
@@ -127,17 +142,16 @@ async def run_load(
             delay = at - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=drain_s)
-            for t in pending:  # their requests stay NO_ANSWER
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            tasks.append(asyncio.create_task(one(i, start + float(at))))
+        await _finish(tasks, drain_s)
         wall = time.perf_counter() - start
     first = rec.errors[0] if rec.errors else None
     summary = _summary(rec.latency, budgets_s, rec.tiers, rec.codes, wall, accuracy, first)
+    summary.update(_lag_summary(rec.lag))
     budgets = np.asarray(budgets_s)
-    return LoadReport(summary, rec.latency, rec.tiers, rec.codes, budgets, first, rec.server_ms)
+    return LoadReport(
+        summary, rec.latency, rec.tiers, rec.codes, budgets, first, rec.server_ms, rec.lag
+    )
 
 
 async def run_closed_loop(
@@ -161,7 +175,8 @@ async def run_closed_loop(
     ``deadline`` a gRPC deadline of the same length (see ``run_load``). ``inputs``:
     the same arrays for every request, or ``inputs(i)`` for request ``i`` (object arrays of
     bytes are sent as BYTES: text). The report covers the requests sent: sent = within
-    budget + late + refused.
+    budget + late + refused. A request that fails in the client (not a server refusal) is
+    ``CLIENT_ERROR: <type>`` and its client goes on with the next.
 
     Example:
         >>> r = asyncio.run(run_closed_loop("127.0.0.1:8001", "mnist", 8, 2000, 30.0,
@@ -190,16 +205,18 @@ async def run_closed_loop(
             nonlocal sent
             while sent < n_requests and time.perf_counter() - start < max_seconds:
                 i, sent = sent, sent + 1
-                budgets[i] = float(budget_fn(i))
                 rec.codes[i] = NO_ANSWER
-                tensors = same if same is not None else _tensors(tca, inputs(i))
+                try:
+                    budgets[i] = float(budget_fn(i))
+                    tensors = same if same is not None else _tensors(tca, inputs(i))
+                except Exception as exc:  # this request fails in the client; go on
+                    rec.client_error(i, exc)
+                    await asyncio.sleep(0)  # let the other clients run
+                    continue
                 await rec.send(client, model, tensors, i, budgets[i], InferenceServerException)
 
         tasks = [asyncio.create_task(client_loop()) for _ in range(concurrency)]
-        _, pending = await asyncio.wait(tasks, timeout=max_seconds + drain_s)
-        for t in pending:  # their requests stay NO_ANSWER
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await _finish(tasks, max_seconds + drain_s)
         wall = time.perf_counter() - start
     latency, budgets = rec.latency[:sent], budgets[:sent]
     tiers, codes = rec.tiers[:sent], rec.codes[:sent]
@@ -209,9 +226,38 @@ async def run_closed_loop(
     return LoadReport(summary, latency, tiers, codes, budgets, first, rec.server_ms[:sent])
 
 
+async def _finish(tasks: list[asyncio.Task], timeout: float) -> None:
+    """Wait for ``tasks`` ``timeout`` s at most, cancel the rest (their requests stay
+    NO_ANSWER), and read every task's outcome: requests record their own failures, so an
+    exception that still ended a task is a fault of the load generator, raised here (once
+    all tasks are done) rather than left as "Task exception was never retrieved"."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for o in outcomes:
+        if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError):
+            raise o
+
+
+def _lag_summary(lag_ms: np.ndarray) -> dict:
+    """p50 / p99 / max of the send lags (ms) of the requests sent (None when none was)."""
+    lag = lag_ms[~np.isnan(lag_ms)]
+    if not len(lag):
+        return {"send_lag_p50_ms": None, "send_lag_p99_ms": None, "send_lag_max_ms": None}
+    return {
+        "send_lag_p50_ms": float(np.percentile(lag, 50)),
+        "send_lag_p99_ms": float(np.percentile(lag, 99)),
+        "send_lag_max_ms": float(lag.max()),
+    }
+
+
 class _Record:
     """Per request: latency (ms, NaN without an answer), serving tier (None where the server
-    did not say), status code; and the error messages in the order they came."""
+    did not say), status code, send lag (ms behind its schedule, open loop; NaN unsent or
+    unscheduled); and the error messages in the order they came."""
 
     def __init__(
         self, n: int, code: str, parameters: dict | None = None, deadline: bool = False
@@ -223,12 +269,37 @@ class _Record:
         self.codes = [code] * n
         self.errors: list[str] = []
         self.server_ms = np.full((n, 3), np.nan)  # queue, compute, planned budget
+        self.lag = np.full(n, np.nan)
 
-    async def send(self, client, model: str, tensors, i: int, budget_s: float, error) -> None:
-        """Request ``i`` with ``latency_budget_ms`` and the extra parameters; record its answer
-        or its gRPC error."""
+    def client_error(self, i: int, exc: Exception) -> None:
+        """Request ``i`` failed in the client, not in the server: no answer, code
+        ``CLIENT_ERROR: <type>``."""
+        self.latency[i] = np.nan
+        self.tiers[i] = None
+        self.server_ms[i] = np.nan
+        self.codes[i] = f"{CLIENT_ERROR}: {type(exc).__name__}"
+        self.errors.append(f"{self.codes[i]}: {exc}")
+
+    async def send(
+        self,
+        client,
+        model: str,
+        tensors,
+        i: int,
+        budget_s: float,
+        error,
+        scheduled: float | None = None,
+    ) -> None:
+        """Request ``i`` with ``latency_budget_ms`` and the extra parameters; record its answer,
+        its gRPC error (``error``: the server's exception type), or any other exception as a
+        client error. ``scheduled``: the ``time.perf_counter()`` the request was due to be
+        sent (open loop): its latency is timed from then and its lag recorded; without it,
+        from the send."""
         params = {**self.parameters, "latency_budget_ms": float(budget_s * 1e3)}
-        t0 = time.perf_counter()
+        t_send = time.perf_counter()
+        t0 = t_send if scheduled is None else scheduled
+        if scheduled is not None:
+            self.lag[i] = (t_send - scheduled) * 1e3
         try:
             deadline = {"client_timeout": budget_s} if self.deadline else {}
             r = await client.infer(model, tensors, parameters=params, **deadline)
@@ -241,8 +312,11 @@ class _Record:
                     self.server_ms[i, k] = p[key].int64_param / 1e3
             self.codes[i] = "OK"
         except error as exc:
+            self.latency[i] = np.nan
             self.codes[i] = _code(exc)
             self.errors.append(f"{self.codes[i]}: {exc.message()}")
+        except Exception as exc:  # not the server's refusal: the client failed; go on
+            self.client_error(i, exc)
 
 
 def _tensors(tca, inputs: dict[str, np.ndarray]) -> list:
