@@ -14,6 +14,8 @@ Safety by construction:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import fx
 
 from runtime.inn.layout import (
@@ -46,6 +48,10 @@ class Tracer:
         self.size_fields: dict[str, list[SizeField]] = {}
         self.discrete_modules = discrete_modules
         self._fixed: list[tuple[fx.Node, str, tuple[int, ...]]] = []
+        # Who sums over each parameter dim bound with ``reduce`` (a call node, or the name of
+        # the module whose rule bound it): any other reader pins the dim (``_pin_mixed_uses``).
+        self._summed: dict[Source, set[fx.Node | str]] = {}
+        self._after_walk: list[Callable[[], None]] = []  # see ``after_walk``
 
     # -- helpers for rules -----------------------------------------------------------------
     @staticmethod
@@ -142,6 +148,8 @@ class Tracer:
         if len(old) != 1 or self.uf.find(g) != g or self.uf.anchored[g] or self.uf.discrete[g]:
             return False
         self.bindings[i] = Binding(source[0], source[1], layout, reduce)
+        if reduce:
+            self._summed.setdefault(source, set()).update(node.users)
         self.labels[node][dim] = layout
         self.uf.pin(g)  # orphaned: nothing refers to it any more
         return True
@@ -150,14 +158,19 @@ class Tracer:
         i = self._bound.get((param, dim))
         return None if i is None else self.bindings[i].layout
 
-    def mark_reduce(self, source: Source) -> None:
-        """The parameter dim ``source`` is summed over by a layer: give it the quadrature."""
+    def mark_reduce(self, source: Source, by: fx.Node) -> None:
+        """The parameter dim ``source`` is summed over by node ``by`` (a functional layer):
+        give it the quadrature."""
         i = self._bound[source]
         b = self.bindings[i]
         self.bindings[i] = Binding(b.param, b.dim, b.layout, True)
+        self._summed.setdefault(source, set()).add(by)
 
     def module_binding(self, module: str, pname: str, dim: int, layout: Layout, reduce=False):
-        self.bind(f"{module}.{pname}" if module else pname, dim, layout, reduce)
+        param = f"{module}.{pname}" if module else pname
+        self.bind(param, dim, layout, reduce)
+        if reduce:
+            self._summed.setdefault((param, dim), set()).add(module)
 
     def new_group(self, size: int, origin: str) -> Layout:
         g = self.uf.new(size, origin, discrete=origin in self.discrete_modules)
@@ -207,6 +220,14 @@ class Tracer:
         uf.pin(root)  # nothing refers to it any more; were anything to, it stays fixed
         return h
 
+    def after_walk(self, decide: Callable[[], None]) -> None:
+        """Call ``decide`` once the whole graph is walked (before the final check): for a
+        rule whose answer depends on ties made later in the graph - whether a computed size
+        reads the size of the channels it is given for, whether those end continuous. It
+        reads layouts from ``labels`` (kept current by ``refine``) and may call ``fixed``
+        or add size fields."""
+        self._after_walk.append(decide)
+
     def fixed(self, node: fx.Node, what: str, layouts) -> None:
         """The groups of ``layouts`` must end discrete, or ``node`` is refused with ``what``."""
         groups = tuple(s.group for lay in layouts for s in lay)
@@ -242,8 +263,11 @@ class Tracer:
             if node.op == "get_attr":
                 self.visit_get_attr(node)
             elif node.op == "output":
+                # A returned tuple-valued node (``return y.chunk(2, -1)``) holds its layouts in
+                # ``items``: its elements are outputs too.
                 for arg in node.all_input_nodes:
-                    for lay in self.labels.get(arg, {}).values():
+                    every = [self.labels.get(arg, {}), *self.items.get(arg, [])]
+                    for lay in (lay for labels in every for lay in labels.values()):
                         for s in lay:
                             self.uf.pin(s.group)
             else:
@@ -254,8 +278,45 @@ class Tracer:
                 else:
                     self.fixed_inputs(node, _no_rule(node, module))
                     self.opaque(node, _no_rule(node, module))
+        self._pin_mixed_uses()
+        for decide in self._after_walk:
+            decide()
         self.check()
         return self.analysis()
+
+    def _pin_mixed_uses(self) -> None:
+        """The quadrature scale of a summed (``reduce``) dim is applied to the stored tensor,
+        so every reader of the parameter sees it. Where a parameter is also read other than
+        by a layer summing over that dim - a table tied as embedding and output head,
+        ``F.linear(F.embedding(ids, W), W)``: the embedding's channels must not be scaled -
+        that dim's groups are pinned: exact at every width, not elastic there."""
+        for b in self.bindings:
+            if b.reduce and self._readers(b.param) - self._summed.get((b.param, b.dim), set()):
+                for s in b.layout:
+                    self.uf.pin(s.group)
+
+    def _readers(self, param: str) -> set[fx.Node | str]:
+        """What reads ``param``'s values: the modules owning it (by name) and the nodes that
+        use a ``get_attr`` of it, through views of it (nodes that keep its dims, ``sources``);
+        reading its shape does not count."""
+        from runtime.inn.rules.indexing import METADATA_ATTRIBUTES
+
+        out: set[fx.Node | str] = {
+            n.target for n in self.gm.graph.find_nodes(op="call_module")
+            if param.startswith(f"{n.target}.")
+        }  # fmt: skip
+        todo = [n for n in self.gm.graph.find_nodes(op="get_attr") if n.target == param]
+        seen = set(todo)
+        while todo:
+            for user in todo.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if any(p == param for p, _ in self.sources.get(user, {}).values()):
+                    todo.append(user)  # a view of the parameter: its users read it
+                elif not _reads_metadata(user, METADATA_ATTRIBUTES):
+                    out.add(user)
+        return out
 
     def visit_get_attr(self, node: fx.Node) -> None:
         # A raw parameter: each dim gets a group bound to it now, so whichever op ties the
@@ -336,6 +397,13 @@ def _group_name(origin: str) -> str:
         if origin.endswith(suffix):
             return origin.removesuffix(suffix)
     return origin
+
+
+def _reads_metadata(node: fx.Node, attributes: frozenset[str]) -> bool:
+    """``x.shape``, ``x.size(1)``, ``x.dtype``: reads no values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in attributes
 
 
 def _target_name(node: fx.Node) -> str:

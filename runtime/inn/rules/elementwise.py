@@ -20,11 +20,17 @@ if TYPE_CHECKING:
 SAME_LAYOUT_FUNCTIONS = (
     torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
     F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.dropout, torch.dropout,
-    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh,
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.neg, torch.abs, torch.exp, torch.sqrt,
-    torch.rsqrt, torch.erf, operator.neg,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh, torch.neg,
+    torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, operator.neg,
 )  # fmt: skip
+# Pools, by the number of trailing dims their window slides over (1d: the last, 2d: the
+# last two, ...); the dims before them (batch, channels) are kept.
+POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
+    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}  # fmt: skip
 SAME_LAYOUT_METHODS = (
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "neg", "abs",
     "exp", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_",
@@ -41,6 +47,36 @@ BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimu
 @register(functions=SAME_LAYOUT_FUNCTIONS, methods=SAME_LAYOUT_METHODS)
 def same_layout(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, node.args[0], sources=node.target in _KEEPS_SOURCES)
+
+
+def slid_over(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, what: str) -> Labels:
+    """The labels of ``x``'s dims that a window sliding over its last ``spatial`` dims (a
+    pool, a conv's kernel) keeps: the leading ones (batch, channels). A window mixes
+    neighbouring entries of the dims it slides over (and pooling or a stride changes their
+    size), so channels there - a pool over features, ECA's conv along the channels - are
+    fixed; the output's dims there carry nothing."""
+    first = len(tr.shape(x)) - spatial
+    labels = tr.labels.get(x, {})
+    for d, lay in labels.items():
+        if d >= first:
+            tr.fixed(node, f"{what} slides a window over dim {d}, which holds channels", [lay])
+    return {d: lay for d, lay in labels.items() if d < first}
+
+
+def pool(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int) -> None:
+    """A pool over ``x``'s last ``spatial`` dims (``slid_over``); with ``return_indices``
+    the result is a (values, indices) pair of one layout."""
+    kept = slid_over(tr, node, x, spatial, "pooling")
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # not one TensorMetadata
+        tr.items[node] = [dict(kept) for _ in meta]
+    else:
+        tr.labels[node] = kept
+
+
+@register(functions=tuple(POOL_FUNCTIONS))
+def pool_function(tr: Tracer, node: fx.Node) -> None:
+    pool(tr, node, node.args[0], POOL_FUNCTIONS[node.target])
 
 
 @register(functions=(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
@@ -147,10 +183,13 @@ def reduction(tr: Tracer, node: fx.Node) -> None:
     kind = _REDUCTIONS.get(node.target, node.target)
     rank = len(tr.shape(x))
     dims = arg(node, 1, "dim", None)
-    keepdim = arg(node, 2, "keepdim", False) if kind not in ("var", "std") else None
-    if keepdim is None:
-        keepdim = node.kwargs.get("keepdim", False)
-    if dims is None:
+    if kind in ("var", "std"):
+        # (dim, unbiased, keepdim), correction= a keyword; var(x, False) is var(x, unbiased)
+        dims = None if isinstance(dims, bool) else dims
+        keepdim = arg(node, 3, "keepdim", False)
+    else:
+        keepdim = arg(node, 2, "keepdim", False)
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # every dim
         dims = tuple(range(rank))
     dims = {d % rank for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     labels: Labels = {}

@@ -18,7 +18,7 @@ from torch import fx
 from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
-from runtime.inn.rules.layers import set_blocks
+from runtime.inn.rules.layers import conv_kept, pointwise, set_blocks
 
 if TYPE_CHECKING:
     from runtime.inn.tracer import Tracer
@@ -67,7 +67,7 @@ def _summed_into(tr: Tracer, node: fx.Node, x, w: fx.Node, what: str):
         tr.unify(tr.layout_of(w, 1), x, f"node {node.name!r}")
         source = tr.sources.get(w, {}).get(1)
         if source is not None:
-            tr.mark_reduce(source)
+            tr.mark_reduce(source, node)
         else:
             tr.fixed(node, f"{what} with a computed weight (not a parameter)", [x])
     out = tr.layout_of(w, 0)
@@ -99,8 +99,11 @@ def conv(tr: Tracer, node: fx.Node) -> None:
     x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
     groups = arg(node, 6, "groups", 1)
     where = f"node {node.name!r}"
-    c_in = tr.shape(x)[1]
-    l_in = tr.layout_of(x, 1)
+    kernel = tr.shape(w)[2:]
+    spatial = len(kernel)
+    cdim = len(tr.shape(x)) - spatial - 1  # 1, or 0 for an unbatched input
+    c_in = tr.shape(x)[cdim]
+    l_in = tr.layout_of(x, cdim)
     if groups == 1:
         out = _summed_into(tr, node, x=l_in, w=w, what="a conv")
     elif groups == c_in:
@@ -113,8 +116,8 @@ def conv(tr: Tracer, node: fx.Node) -> None:
         out = _grouped(tr, node, w, groups, l_in)
     if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
         tr.unify(tr.layout_of(b, 0), out, where)
-    # The batch dim is kept; the spatial dims change size, so their labels are not carried.
-    tr.labels[node] = {**{d: v for d, v in tr.labels.get(x, {}).items() if d == 0}, 1: out}
+    same = pointwise(kernel, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0))
+    tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
 
 
 def _grouped(tr: Tracer, node: fx.Node, w: fx.Node, groups: int, l_in: Layout) -> Layout:

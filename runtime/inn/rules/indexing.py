@@ -136,6 +136,41 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
     return part
 
 
-@register(functions=(getattr,), methods=("size", "dim", "numel"))
+@register(methods=("size", "dim", "numel"))
 def metadata(tr: Tracer, node: fx.Node) -> None:
     """``x.shape``, ``x.size(1)``: read at run time, so they follow resampling."""
+
+
+# Attributes that describe a tensor rather than hold its values: read at run time, so they
+# follow resampling (``B, N, C = x.shape``).
+METADATA_ATTRIBUTES = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_cpu", "is_meta", "is_mps",
+    "is_xpu", "is_sparse", "is_quantized", "is_nested", "is_leaf", "requires_grad",
+    "itemsize", "nbytes",
+})  # fmt: skip
+
+
+@register(functions=(getattr,))
+def attribute(tr: Tracer, node: fx.Node) -> None:
+    """``getattr(x, name)`` as fx records ``x.shape``, ``x.T``, ``x.data``: metadata follows
+    resampling; ``T`` (all dims reversed; a 2-D transpose) and ``mT`` (the last two swapped)
+    move the dims' layouts; ``data`` is the tensor itself. Any other attribute has no rule:
+    its input's dims are fixed and its result's are opaque (an attribute that returns a
+    tensor - ``x.real``, ``x.grad`` - must not pass for one that keeps the channels)."""
+    x, name = node.args[0], node.args[1]
+    if name in METADATA_ATTRIBUTES:
+        return
+    if isinstance(x, fx.Node) and tr.shape(x) and name in ("T", "mT", "data"):
+        rank = len(tr.shape(x))
+        order = list(range(rank))
+        if name == "T":
+            order.reverse()
+        elif name == "mT" and rank >= 2:
+            order[-2], order[-1] = order[-1], order[-2]
+        labels, srcs = tr.labels.get(x, {}), tr.sources.get(x, {})
+        tr.labels[node] = {new: labels[old] for new, old in enumerate(order) if old in labels}
+        tr.sources[node] = {new: srcs[old] for new, old in enumerate(order) if old in srcs}
+        return
+    what = f"innfer has no rule for the attribute {name!r}"
+    tr.fixed_inputs(node, what)
+    tr.opaque(node, what)

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from runtime.inn.layout import ConversionError, Segment, SizeField
 from runtime.inn.rules import register
-from runtime.inn.rules.elementwise import softmax_dim
+from runtime.inn.rules.elementwise import pool, slid_over, softmax_dim
 from runtime.inn.rules.shapes import flatten_dims
 
 if TYPE_CHECKING:
@@ -21,11 +21,14 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SAME_LAYOUT_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
     nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Softplus, nn.Hardtanh,
-    nn.SELU, nn.CELU,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU,
 )  # fmt: skip
+# Pools, by the number of trailing dims they slide over (``elementwise.slid_over``).
+POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}  # fmt: skip
 
 
 def _module(tr: Tracer, node: fx.Node) -> tuple[nn.Module, str, fx.Node]:
@@ -36,7 +39,9 @@ def _module(tr: Tracer, node: fx.Node) -> tuple[nn.Module, str, fx.Node]:
 def conv(tr: Tracer, node: fx.Node) -> None:
     mod, name, x = _module(tr, node)
     g, c_in, c_out = mod.groups, mod.in_channels, mod.out_channels
-    l_in = tr.layout_of(x, 1)
+    spatial = len(mod.kernel_size)
+    cdim = len(tr.shape(x)) - spatial - 1  # 1, or 0 for an unbatched input
+    l_in = tr.layout_of(x, cdim)
     fields = [SizeField("in_channels", l_in)]
     if g == 1:
         tr.module_binding(name, "weight", 1, l_in, reduce=True)
@@ -63,7 +68,29 @@ def conv(tr: Tracer, node: fx.Node) -> None:
         tr.module_binding(name, "bias", 0, out)
     fields.append(SizeField("out_channels", out))
     tr.size_fields[name] = fields
-    tr.labels[node] = {**tr.labels.get(x, {}), 1: out}
+    same = pointwise(mod.kernel_size, mod.stride, mod.padding)
+    tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
+
+
+def pointwise(kernel, stride, padding) -> bool:
+    """A 1x1 conv with stride 1 and no padding (``"same"``/``"valid"`` pad nothing then):
+    each position maps to itself. ``stride`` / ``padding``: an int or one per dim."""
+
+    def each(v) -> tuple:
+        return (v,) if isinstance(v, int) else tuple(v)
+
+    ones = all(k == 1 for k in kernel) and all(s == 1 for s in each(stride))
+    return ones and (isinstance(padding, str) or all(p == 0 for p in each(padding)))
+
+
+def conv_kept(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, same: bool):
+    """The labels of ``x``'s dims a conv's output keeps besides its channels: the batch dim,
+    and the spatial dims only for a pointwise conv (a token-mixing ``Conv1d(N, N', 1)`` over
+    features keeps them, ``same``); a kernel that slides over channels fixes them
+    (``slid_over``)."""
+    if same:
+        return dict(tr.labels.get(x, {}))
+    return slid_over(tr, node, x, spatial, "a conv kernel")
 
 
 def set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
@@ -125,6 +152,12 @@ def flatten_module(tr: Tracer, node: fx.Node) -> None:
 @register(modules=SAME_LAYOUT_MODULES)
 def same_layout_module(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, node.args[0], sources=False)
+
+
+@register(modules=tuple(POOL_MODULES))
+def pool_module(tr: Tracer, node: fx.Node) -> None:
+    mod, _, x = _module(tr, node)
+    pool(tr, node, x, next(n for cls, n in POOL_MODULES.items() if isinstance(mod, cls)))
 
 
 @register(modules=(nn.Softmax, nn.LogSoftmax))

@@ -24,6 +24,7 @@ fixes the dim (use -1 or ``x.size(d)``).
 from __future__ import annotations
 
 import math
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -114,11 +115,21 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
                 out[head[0]] = head[1]
                 rewrite.add(head[0])
     fields = []
-    if size_args is not None:
+    if size_args is not None and len(size_args) != len(dst):  # x.view(shape): one computed size
+        for d in out:
+            tr.after_walk(lambda d=d: _computed_size(tr, node, d, size_args[0], what, whole=True))
+    elif size_args is not None:
         for d, lay in out.items():
-            given = size_args[d] if d < len(size_args) else None
-            if isinstance(given, int) and given != -1:
-                if d in rewrite:
+            given = size_args[d]
+            if isinstance(given, fx.Node):
+                stated = d in rewrite
+                tr.after_walk(
+                    lambda d=d, given=given, stated=stated: _computed_size(
+                        tr, node, d, given, what, rewrite=stated
+                    )
+                )
+            elif isinstance(given, int) and given != -1:
+                if d in rewrite:  # stated: the sampled count replaces it
                     fields.append(_size_field(node, d, lay))
                     continue
                 tr.fixed(
@@ -131,6 +142,64 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
         tr.size_fields.setdefault(node_key(node.name), []).extend(fields)
     tr.labels[node] = out
     tr.sources[node] = out_src
+
+
+def _computed_size(
+    tr: Tracer, node: fx.Node, d: int, size: fx.Node, what: str, rewrite=False, whole=False
+) -> None:
+    """After the walk (``Tracer.after_walk``): output dim ``d`` of reshape ``node`` got the
+    computed ``size`` (``B, N, C = x.shape`` ... ``reshape(B, N, C)``; ``whole``: the
+    shape of every dim as one value, ``x.view(y.shape)``). It follows the channels of ``d``
+    only if it reads the size of a dim that holds them. Otherwise, where the reshape states
+    every size (``rewrite``) the sampled count replaces it - if those channels end
+    continuous: a discrete dim (batch, sequence) keeps it, and stays dynamic; elsewhere (a
+    -1 among the sizes, a whole shape) the dim is fixed."""
+    lay = tr.labels[node][d]
+    read = _shape_read(size, whole)
+    if read is not None:
+        t, k, rank = read[0], d if whole else read[1], len(tr.shape(read[0]))
+        inside = isinstance(k, int) and -rank <= k < rank
+        if inside and _same(tr, tr.labels.get(t, {}).get(k % rank), lay):
+            return
+    if rewrite:
+        if any(tr.uf.continuous(s.group) for s in lay):
+            tr.size_fields.setdefault(node_key(node.name), []).append(_size_field(node, d, lay))
+        return
+    tr.fixed(
+        node,
+        f"{what} gives channel dim {d} the computed size {size.name!r}, which need not "
+        f"follow resampling; use torch.flatten(x, {d}), -1 or x.size({d}) of these channels",
+        [lay],
+    )
+
+
+def _shape_read(size: object, whole: bool = False) -> tuple[fx.Node, int | None] | None:
+    """(tensor, dim) when ``size`` is ``t.shape[dim]``, ``t.size(dim)`` or ``t.size()[dim]``
+    (``whole``: (tensor, None) when it is ``t.shape`` or ``t.size()``); else None."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size":
+        dim = arg(size, 1, "dim", None)
+        if (dim is None) == whole and isinstance(size.args[0], fx.Node):
+            return size.args[0], dim
+        return None
+    if size.op == "call_function" and size.target is getattr and size.args[1] == "shape":
+        return (size.args[0], None) if whole else None
+    if not whole and size.op == "call_function" and size.target is operator.getitem:
+        of, dim = size.args
+        shape = _shape_read(of, whole=True)
+        if shape is not None and isinstance(dim, int):
+            return shape[0], dim
+    return None
+
+
+def _same(tr: Tracer, a: Layout | None, b: Layout) -> bool:
+    """Whether layouts ``a`` and ``b`` hold the same channels (so the same count)."""
+    if a is None or len(a) != len(b):
+        return False
+    find = tr.uf.find
+    return all((find(x.group), x.inner, x.per_block) == (find(y.group), y.inner, y.per_block)
+               for x, y in zip(a, b, strict=True))  # fmt: skip
 
 
 def _size_field(node: fx.Node, d: int, lay: Layout) -> SizeField:
