@@ -14,6 +14,7 @@ from torch import nn
 
 from runtime import convert
 from runtime.inn.groups import ConversionError
+from runtime.inn.shaping import allocate
 
 
 def _convert(model: nn.Module, *inputs, **kw):
@@ -419,3 +420,12 @@ def test_var_and_std_read_a_positional_keepdim(kind):
     assert [(g.name, g.size) for g in inn.groups] == [("a", 8)]
     _exact(inn, model, x)  # was 0.30 off: the kept dim's channels were shifted by one
     assert inn.sample(0.5)(x).shape == (2, 3)
+
+
+# -- 7. shaped widths never go below the uniform total ------------------------------------
+def test_allocate_never_goes_below_the_budget_with_unequal_steps():
+    curves = {"a": [[2, 0.5], [4, 0.1], [6, 0.05]], "b": [[3, 0.9], [6, 0.2], [9, 0.1]]}
+    uniform = {"a": 6, "b": 6}
+    got = allocate({"a": 8, "b": 12}, uniform, {"a": 2, "b": 3}, curves)
+    assert sum(got.values()) >= sum(uniform.values())  # was 10 of 12
+    assert got["a"] % 2 == 0 and got["b"] % 3 == 0

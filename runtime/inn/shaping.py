@@ -76,7 +76,9 @@ def allocate(
     """Counts per group keeping ``sum(uniform)`` in total, removed greedily where the loss
     rises least per channel (module doc). No group goes below its narrowest measured count
     (nothing says what narrower costs) or one step; where those floors add up to more than
-    the total, the uniform counts are returned. ``full``, ``uniform``, ``steps``: per group
+    the total, the uniform counts are returned. No step takes the total below
+    ``sum(uniform)``: where groups of different steps cannot meet it exactly, the counts
+    end just above it. ``full``, ``uniform``, ``steps``: per group
     (one kind's groups); ``curves``: per group, measured ``[count, loss]`` points.
 
     Example:
@@ -94,17 +96,22 @@ def allocate(
         return dict(uniform)
     counts = dict(full)
     while sum(counts.values()) > budget:
-        best, best_cost = None, np.inf
+        best, best_cost, over = None, np.inf, False
         for g in full:  # in the given order: ties go to the first group
             n, q = counts[g], steps[g]
             narrower = n - q if n % q == 0 else n - n % q  # back onto the step's multiples
             if narrower < floors[g]:
                 continue
+            if sum(counts.values()) - (n - narrower) < budget:
+                over = True  # groups of other steps: never below the uniform total
+                continue
             cost = (fns[g](narrower) - fns[g](n)) / (n - narrower)
             if cost < best_cost:
                 best, best_cost = g, cost
-        if best is None:  # every group is one step from going below its floor
-            return dict(uniform)
+        if best is None:
+            # Every step left goes below a floor (uniform) or below the total: the steps
+            # cannot meet it exactly, so these counts hold a little more.
+            return counts if over else dict(uniform)
         n, q = counts[best], steps[best]
         counts[best] = n - q if n % q == 0 else n - n % q
     return counts
