@@ -14,6 +14,7 @@ from torch import nn
 
 from runtime import convert
 from runtime.inn.groups import ConversionError
+from runtime.inn.model import IntegralModel, load
 from runtime.inn.shaping import allocate
 
 
@@ -429,3 +430,16 @@ def test_allocate_never_goes_below_the_budget_with_unequal_steps():
     got = allocate({"a": 8, "b": 12}, uniform, {"a": 2, "b": 3}, curves)
     assert sum(got.values()) >= sum(uniform.values())  # was 10 of 12
     assert got["a"] % 2 == 0 and got["b"] % 3 == 0
+
+
+# -- 8. a tier on a model without continuous groups loads back ----------------------------
+def test_a_tier_of_a_model_without_groups_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
+    inn = _convert(model, x)
+    weights = {k: v + 1 for k, v in inn.sample(1.0).state_dict().items()}
+    assert inn.set_tier({}, weights) == ""
+    back = load(inn.save(tmp_path / "m"))  # was ModelFileError: the key '' did not parse
+    assert list(back.tiers) == [""]
+    torch.testing.assert_close(back.sample(1.0)(x), inn.sample(1.0)(x), rtol=0, atol=0)
+    assert IntegralModel.parse_sizes_key("a=4,b.c=2") == {"a": 4, "b.c": 2}

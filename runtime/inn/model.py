@@ -336,6 +336,23 @@ class IntegralModel:
         """Canonical text for a set of channel counts (keys per-width calibration data)."""
         return ",".join(f"{k}={sizes[k]}" for k in sorted(sizes))
 
+    @staticmethod
+    def parse_sizes_key(key: str) -> dict[str, int]:
+        """The channel counts ``sizes_key`` wrote: ``""`` (a model without continuous
+        groups) is no counts. ValueError on anything else that is not ``name=count,...``.
+
+        Example:
+            >>> IntegralModel.parse_sizes_key("a=4,b=2"), IntegralModel.parse_sizes_key("")
+            ({'a': 4, 'b': 2}, {})
+        """
+        out = {}
+        for item in key.split(",") if key else ():
+            name, sep, count = item.rpartition("=")
+            if not sep or not name:
+                raise ValueError(f"tier key {key!r}: {item!r} is not name=count")
+            out[name] = int(count)
+        return out
+
     def calibrated(self, sizes: Mapping[str, int]) -> bool:
         """Whether ``sample(sizes)`` returns stored statistics or weights for exactly these
         channel counts (``reestimate_norms``, ``runtime.inn.calibrate``) rather than the
@@ -618,8 +635,7 @@ def load(directory: str | Path) -> IntegralModel:
         _check_bindings(model)  # the groups' sizes must cover the tensors they resample
         graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
         for key in tiers:  # each calibrated tier must fit the network sampled at its sizes
-            sizes = dict(item.split("=") for item in key.split(","))
-            model.set_tier({k: int(v) for k, v in sizes.items()}, tiers[key])
+            model.set_tier(IntegralModel.parse_sizes_key(key), tiers[key])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, graphio.SpecError) as exc:
         # RuntimeError: torch refusing the weights for the architecture (size mismatch)
         raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
