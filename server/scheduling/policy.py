@@ -655,7 +655,8 @@ class Planner(Policy):
         for plain full batches)."""
         fastest = allowed[-1]
         found = self._largest_once(queue, fastest, now, ctx, snap)
-        batch, _ = self._take(queue, fastest, ctx, snap)
+        takes = self._decision.takes if self._decision is not None else {}
+        batch, _ = takes.get(fastest) or self._take(queue, fastest, ctx, snap)
         if found is None or len(found[0]) < len(batch):
             rates = _met_rates(batch, fastest, now, ctx, _hold(ctx, snap))
             least = 0.0 if found is None else rates[len(found[0]) - 1]
@@ -683,20 +684,35 @@ class Planner(Policy):
 
     def _largest_once(self, queue, tier, now, ctx, snap):
         """``_largest``, computed once per tier and decision (steps 2, 3 and 4 share it)."""
-        memo = self._decision.heads if self._decision is not None else {}
-        if tier not in memo:
-            memo[tier] = self._largest(queue, tier, now, ctx, snap, self.slots)
+        state = self._decision if self._decision is not None else _Decision()
+        if tier not in state.heads:
+            if state.hol is None:
+                state.hol = _hol_limit(ctx, snap, self.slots)
+            state.heads[tier] = self._largest(
+                queue, tier, now, ctx, snap, self.slots, state.hol, state.takes
+            )
             self.work += ctx.max_batch
-        return memo[tier]
+        return state.heads[tier]
 
     @staticmethod
     def _largest(
-        queue: Sequence[Request], tier: str, now: float, ctx: Context, snap: Snapshot, slots=1
+        queue: Sequence[Request],
+        tier: str,
+        now: float,
+        ctx: Context,
+        snap: Snapshot,
+        slots: int = 1,
+        limit_s: float | None = None,
+        takes: dict | None = None,
     ) -> tuple[list[Request], float, list[int]] | None:
-        """``largest_batch`` plus the queue indices of the batch's requests."""
-        limit_s = _hol_limit(ctx, snap, slots)
+        """``largest_batch`` plus the queue indices of the batch's requests. ``limit_s``:
+        ``_hol_limit`` if already known; ``takes``: where to keep ``_take``'s answer."""
+        if limit_s is None:
+            limit_s = _hol_limit(ctx, snap, slots)
         hold = _hold(ctx, snap)
         batch, where = Planner._take(queue, tier, ctx, snap)
+        if takes is not None:
+            takes[tier] = (batch, where)
         planned = ctx.latency.planned(tier)  # seconds by rows
         rows = [0]
         due = [math.inf]
@@ -813,10 +829,12 @@ class _Plan(NamedTuple):
 class _Decision:
     """What one ``Planner.choose`` computes once and its steps share."""
 
-    __slots__ = ("checked", "heads", "plan")
+    __slots__ = ("checked", "heads", "hol", "plan", "takes")
 
     def __init__(self) -> None:
         self.heads: dict[str, tuple | None] = {}  # tier -> _largest's answer
+        self.takes: dict[str, tuple] = {}  # tier -> _take's answer (the batch before cuts)
+        self.hol: float | None = None  # _hol_limit, the same for every tier
         self.plan: _Plan | None = None  # the whole queue's plan, for every check
         self.checked: dict[tuple, bool] = {}  # (tier, plan rank) -> rest feasible
 
