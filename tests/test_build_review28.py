@@ -24,6 +24,7 @@ import pytest
 import torch
 from netgen import tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
+from test_channel_search import CONFIG as CHANNEL_CONFIG
 
 import runtime
 import runtime.build.export as export_module
@@ -39,13 +40,7 @@ from runtime.repository import cache as cache_module
 from runtime.repository import profile as profile_module
 from runtime.repository.config import ModelConfig
 
-CONFIG = {
-    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-    "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
-    "max_batch": 4,
-    "threads": 1,
-}
+CONFIG = CHANNEL_CONFIG  # two tiers of the tiny CNN, no evaluation set
 
 
 def _inn():
