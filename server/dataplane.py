@@ -562,18 +562,19 @@ class DataPlane:
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
         budget_s -= self.config.budget_margin_ms / 1e3
-        reserve_s = grace_s = 0.0
-        if self._plans_overhead(m):
-            # Plans leave room for the overhead's high quantile; admission, which refuses
-            # only what its median plan misses, gets back the part above its median.
-            reserve_s, grace_s = m.overhead.reserve()
-            budget_s -= reserve_s
-        else:
-            waited_s = 0.0  # the budget counts from the scheduler's stamp
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
         inputs, rows = self._decode(m, request, raw)
+        reserve_s = grace_s = 0.0
+        if self._plans_overhead(m):
+            # Plans leave room for the overhead's high quantile - of the request's own lane:
+            # a text model's long texts cost more to tokenize - and admission, which refuses
+            # only what its median plan misses, gets back the part above its median.
+            reserve_s, grace_s = m.overheads[m.lane_for(inputs)].reserve()
+            budget_s -= reserve_s
+        else:
+            waited_s = 0.0  # the budget counts from the scheduler's stamp
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
             self._check_answer_fits(rows, outputs)
@@ -595,6 +596,8 @@ class DataPlane:
         p["queue_us"].int64_param = result.queue_us
         p["compute_us"].int64_param = result.compute_us
         p["batch_size"].int64_param = result.batch_size
+        if result.lane:  # a text model: the profiled length it was planned at
+            p["sequence_length"].int64_param = result.lane
         # The budget the server planned with (after the margin): says which source won
         # (parameter, gRPC deadline or the model's default) and what was left of it.
         p["budget_us"].int64_param = int(budget_s * 1e6)
@@ -609,7 +612,9 @@ class DataPlane:
         if m is None or "queue_us" not in p or "compute_us" not in p:
             return
         inside_us = p["queue_us"].int64_param + p["compute_us"].int64_param
-        m.overhead.observe(total_s - inside_us / 1e6, waited_s)
+        lane = p["sequence_length"].int64_param if "sequence_length" in p else 0
+        overhead = m.overheads.get(lane, m.overhead)  # a reloaded model: other lanes
+        overhead.observe(total_s - inside_us / 1e6, waited_s)
 
     def _decode(
         self, m: ModelRuntime, request, raw: Sequence[memoryview] | None = None

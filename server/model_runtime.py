@@ -104,6 +104,7 @@ class InferResult:
     queue_us: int
     compute_us: int
     batch_size: int
+    lane: int = 0  # the sequence length it was planned at (0: fixed shapes)
 
 
 @dataclass
@@ -358,8 +359,12 @@ class ModelRuntime:
         # list): their queued and in-flight requests count in this one's gauges.
         self.predecessors: list[ModelRuntime] = []
         self.stats = ModelStats()  # Triton's ModelStatistics (server.service reports it)
-        # Time outside queue + compute, learned from answers.
-        self.overhead = Overhead(quantile=overhead_quantile)
+        # Time outside queue + compute, learned from answers - per lane: a text model's long
+        # texts (tokenizing 10k characters) must not shrink every short sentence's budget
+        # (demo MiniLM: a 7.2 ms reserve became 11.9 ms after 8 of them). ``overhead`` is
+        # the longest lane's (the only one of a fixed-shape model).
+        self.overheads = {n: Overhead(quantile=overhead_quantile) for n in lengths}
+        self.overhead = self.overheads[lengths[-1]]
         self._bound: list[tuple] = []  # (gauge, labels) of each scrape-time series bound here
         self._bind_metrics()
 
@@ -624,12 +629,10 @@ class ModelRuntime:
             next(self._ids), now, reached + budget_s, rows, pin, min_tier, priority,
             payload=inputs, grace=max(grace_s, 0.0), reserve=max(reserve_s, 0.0),
         )  # fmt: skip
-        length = 0
+        lane = self.lane_for(inputs)
         if self._seq_axis is not None:  # a sequence model: one observation per request
             name, axis = self._seq_axis
-            length = int(inputs[name].shape[axis])
-            self._tokens.observe(length)
-        lane = self._lane(length)
+            self._tokens.observe(int(inputs[name].shape[axis]))
         if self.host_cpu is not None:
             self.host_cpu.arrived(rows)
         try:
@@ -711,6 +714,13 @@ class ModelRuntime:
         self.metrics.requests.labels(self.name, "", outcome).inc()
         self._missed[reason].inc()
 
+    def lane_for(self, inputs: dict[str, np.ndarray]) -> int:
+        """The lane a request of these (decoded) inputs joins: 0 for fixed shapes."""
+        if self._seq_axis is None:
+            return self._lane(0)
+        name, axis = self._seq_axis
+        return self._lane(int(inputs[name].shape[axis]))
+
     def _lane(self, length: int) -> int:
         """The lane of a request of sequence ``length``: the shortest profiled length that
         holds it (the codec has checked it is at most the longest); 0 for fixed shapes."""
@@ -760,7 +770,8 @@ class ModelRuntime:
         self._bind(m.queue_depth, (name,), queued)
         self._bind(m.inflight, (name,), lambda: self.inflight + sum(
             p.inflight for p in self.predecessors))  # fmt: skip
-        self._bind(m.request_overhead, (name,), self.overhead.estimate)
+        self._bind(m.request_overhead, (name,),
+                   lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
         for tier in self.accuracy:
             self._bind(m.tier_latency_factor, (name, tier),
                        lambda t=tier: latency.tier_estimate(t).factor)  # fmt: skip
@@ -997,7 +1008,7 @@ class ModelRuntime:
                 continue
             pending.resolve(InferResult(
                 out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
-                int(1e6 * secs), r.rows,
+                int(1e6 * secs), r.rows, pending.lane,
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
             self._record(alone, [r], secs, now)
@@ -1025,7 +1036,7 @@ class ModelRuntime:
                 answered.append(r)
                 pending.resolve(InferResult(
                     part, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
-                    int(1e6 * compute), d.rows,
+                    int(1e6 * compute), d.rows, pending.lane,
                 ))  # fmt: skip
         return answered, time.perf_counter() - t_out
 

@@ -387,3 +387,42 @@ def test_bytes_inputs_decode_or_say_what_is_wrong(request_, expected):
     else:
         with pytest.raises(InvalidArgument, match=expected):
             decode_text(request_(), "text", max_batch=4, max_bytes=64)
+
+
+def test_each_lane_learns_its_own_overhead(server, client):
+    # One estimate per model let long texts' tokenization shrink every short sentence's
+    # budget (demo MiniLM: a 7.2 ms reserve became 11.9 ms after 8 texts of 10k characters).
+    import time
+
+    m = server.server.plane.models["embed"]
+    assert sorted(m.overheads) == LENGTHS and m.overhead is m.overheads[LENGTHS[-1]]
+    before = {n: o.samples for n, o in m.overheads.items()}
+    short, long = "the model", " ".join(WORDS)  # 2 and 21 words: lanes 8 and 24
+    for text, lane in ((short, 8), (long, 24), (long, 24)):
+        _, params = _embed(client, [text])
+        assert params["sequence_length"].int64_param == lane
+    deadline = time.monotonic() + 5  # observed once gRPC reports each answer sent
+    want = {**before, 8: before[8] + 1, 24: before[24] + 2}
+    while {n: o.samples for n, o in m.overheads.items()} != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {n: o.samples for n, o in m.overheads.items()} == want
+
+
+def test_a_short_sentence_is_planned_short_by_its_own_lanes_overhead(server, client, monkeypatch):
+    from server.dataplane import DataPlane
+    from server.overhead import Overhead
+
+    m = server.server.plane.models["embed"]
+    monkeypatch.setattr(DataPlane, "_plans_overhead", lambda self, model: True)
+    lanes = {8: Overhead(), 16: Overhead(), 24: Overhead()}
+    for n, seconds in ((8, 0.001), (16, 0.001), (24, 0.020)):
+        for _ in range(64):
+            lanes[n].observe(seconds)
+    monkeypatch.setattr(m, "overheads", lanes)
+    margin_ms = server.server.config.budget_margin_ms
+    budget = {}
+    for text in ("the model", " ".join(WORDS)):
+        _, params = _embed(client, [text], latency_budget_ms=100)
+        budget[params["sequence_length"].int64_param] = params["budget_us"].int64_param / 1e3
+    assert budget[8] == pytest.approx(100 - margin_ms - 1.0, abs=0.01)
+    assert budget[24] == pytest.approx(100 - margin_ms - 20.0, abs=0.01)
