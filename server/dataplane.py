@@ -571,7 +571,7 @@ class DataPlane:
             # Plans leave room for the overhead's high quantile - of the request's own lane:
             # a text model's long texts cost more to tokenize - and admission, which refuses
             # only what its median plan misses, gets back the part above its median.
-            reserve_s, grace_s = m.overheads[m.lane_for(inputs)].reserve()
+            reserve_s, grace_s = m.overhead_for(m.lane_for(inputs)).reserve()
             budget_s -= reserve_s
         else:
             waited_s = 0.0  # the budget counts from the scheduler's stamp

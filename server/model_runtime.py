@@ -52,6 +52,7 @@ from server.errors import (
 from server.host_cpu import HostCpu
 from server.loop_idle import IdleWatch, idle_watch
 from server.metrics import MISS_REASONS, Metrics
+from server.overhead import MIN_SAMPLES as OVERHEAD_MIN_SAMPLES
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.overhead import Overhead
 from server.scheduling import (
@@ -713,6 +714,15 @@ class ModelRuntime:
         in-flight byte limit): counted like any refusal, as a miss of the SLO."""
         self.metrics.requests.labels(self.name, "", outcome).inc()
         self._missed[reason].inc()
+
+    def overhead_for(self, lane: int) -> Overhead:
+        """The overhead a request of ``lane`` is planned with: its lane's, once that has
+        learnt from ``MIN_SAMPLES`` answers; until then the lane's with the most answers (a
+        rarely used lane of long texts planned with none at all otherwise)."""
+        own = self.overheads[lane]
+        if own.samples >= OVERHEAD_MIN_SAMPLES:
+            return own
+        return max(self.overheads.values(), key=lambda o: o.samples)
 
     def lane_for(self, inputs: dict[str, np.ndarray]) -> int:
         """The lane a request of these (decoded) inputs joins: 0 for fixed shapes."""

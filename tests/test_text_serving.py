@@ -426,3 +426,17 @@ def test_a_short_sentence_is_planned_short_by_its_own_lanes_overhead(server, cli
         budget[params["sequence_length"].int64_param] = params["budget_us"].int64_param / 1e3
     assert budget[8] == pytest.approx(100 - margin_ms - 1.0, abs=0.01)
     assert budget[24] == pytest.approx(100 - margin_ms - 20.0, abs=0.01)
+
+
+def test_a_lane_without_enough_answers_plans_with_the_best_known_overhead(server, monkeypatch):
+    # Else a rarely used lane of long texts is planned with no overhead at all.
+    from server.overhead import MIN_SAMPLES, Overhead
+
+    m = server.server.plane.models["embed"]
+    lanes = {8: Overhead(), 16: Overhead(), 24: Overhead()}
+    for n, count in ((8, MIN_SAMPLES + 4), (16, MIN_SAMPLES), (24, MIN_SAMPLES - 1)):
+        for _ in range(count):
+            lanes[n].observe(0.002)
+    monkeypatch.setattr(m, "overheads", lanes)
+    assert m.overhead_for(8) is lanes[8] and m.overhead_for(16) is lanes[16]
+    assert m.overhead_for(24) is lanes[8]  # 15 answers: the lane with the most instead
