@@ -152,9 +152,17 @@ def tune_grid(
     batch_size: int = 64,
     seconds: float | None = None,
     seed: int = 0,
+    method: str = "auto",
 ) -> dict[str, list[float]]:
     """Learn the sampling points of every group resampled at ``width`` (KD from ``teacher``
-    logits, everything else frozen) and store them with ``inn``. Returns the grids."""
+    logits, everything else frozen) and store them with ``inn``. Returns the grids.
+
+    The network tuned is the one ``inn.sample(width, method)`` builds, run as at inference
+    (dropout off) except that BatchNorm normalises by batch statistics. ``method``: how the
+    groups that keep no tuned grid (a grouped convolution's) are sampled - the tiers' method.
+    (With the whole skeleton in train mode, dropout made the grid fit a noisy network and
+    the result depend on torch's global random state; those groups were point-sampled
+    where the tier samples them by ``method``.)"""
     _check_calibration(x, batch_size)
     sizes = inn.sizes(width)
     targets = {
@@ -166,11 +174,14 @@ def tune_grid(
     logits = {gi: nn.Parameter(_uniform_logits(sizes[g.name])) for gi, g in targets.items()}
     opt = torch.optim.Adam(logits.values(), lr=lr)
     skeleton = inn.skeleton(sizes)
-    skeleton.train()  # batch statistics: the grid must not fit stale running stats
+    skeleton.eval()  # dropout (and anything else train-only) off, as the tier runs
+    for m in skeleton.modules():
+        if isinstance(m, _NORMS):
+            m.train()  # batch statistics: the grid must not fit stale running stats
     buffer_names = [n for n, _ in skeleton.named_buffers()]
     frozen = {k: v.detach() for k, v in inn.state.items()}
     others = {
-        gi: inn.matrix(g, sizes[g.name], "point")
+        gi: inn.matrix(g, sizes[g.name], method)
         for gi, g in enumerate(inn.all_groups)
         if gi not in targets and not g.discrete and sizes.get(g.name, g.size) != g.size
     }
@@ -236,7 +247,9 @@ def finetune_module(
     25 % width and 5 s: 93.0 % with labels vs 90.5 % without); the learning rate decays by
     a cosine over the budget.
     Norm layers train on batch statistics; afterwards the running statistics are recomputed
-    on the clean inputs. Returns the number of steps; leaves ``module`` in eval mode.
+    on the clean inputs. Dropout is on, drawn from torch's generator seeded with ``seed``
+    (the caller's random state is left as it was), so ``max_steps`` runs repeat exactly.
+    Returns the number of steps; leaves ``module`` in eval mode.
 
     Example:
         >>> steps = finetune_module(pruned, x_calib, full_model, seconds=20)  # doctest: +SKIP
@@ -246,32 +259,39 @@ def finetune_module(
     opt = torch.optim.AdamW(module.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     batches = _batches(x, batch_size, torch.Generator().manual_seed(seed))
-    module.train()
-    steps, start = 0, time.perf_counter()
-    while max_steps is None or steps < max_steps:
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-        progress = steps / max_steps if max_steps else elapsed / seconds
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        idx = next(batches)
-        xb, lam, perm = _mix(x[idx], mixup, rng)
-        with torch.no_grad():
-            soft = (teacher(xb) / temperature).softmax(-1)  # (B, classes)
-        logits = module(xb)  # (B, classes)
-        out = logits / temperature
-        loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean") * temperature**2
-        if labels is not None:
-            y = labels[idx]
-            ce = lam * F.cross_entropy(logits, y, reduction="none")
-            loss = (
-                loss + (ce + (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none")).mean()
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
+    # Dropout draws from torch's global generator: seeded here (and the caller's state
+    # restored after), or two runs with the same seed trained different tiers.
+    cuda = x.device.type == "cuda"
+    with torch.random.fork_rng(devices=[x.device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(x.device):
+                torch.cuda.manual_seed(seed)
+        module.train()
+        steps, start = 0, time.perf_counter()
+        while max_steps is None or steps < max_steps:
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+            progress = steps / max_steps if max_steps else elapsed / seconds
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            idx = next(batches)
+            xb, lam, perm = _mix(x[idx], mixup, rng)
+            with torch.no_grad():
+                soft = (teacher(xb) / temperature).softmax(-1)  # (B, classes)
+            logits = module(xb)  # (B, classes)
+            out = logits / temperature
+            loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean") * temperature**2
+            if labels is not None:
+                y = labels[idx]
+                ce = lam * F.cross_entropy(logits, y, reduction="none")
+                ce = ce + (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none")
+                loss = loss + ce.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
     recompute_norm_stats(module, x, batch_size, max_batches=len(x) // batch_size)
     module.eval()
     return steps
@@ -309,6 +329,8 @@ def calibrate(
     unless the new one scores at least as well (a short run on a loaded machine replaced a
     tier at 88.1 % by one at 45.3 %); each such decision is recorded in the result's
     ``info["calibration"][key]`` (``kept``: "new" or "stored", and both accuracies).
+    A tuned grid serves every width that samples its group at its count: statistics ``inn``
+    stores for such a width without a calibrated tier are re-estimated on ``x``.
     Returns a new IntegralModel; ``inn`` is left as it was.
     """
     if not widths:
@@ -347,7 +369,7 @@ def calibrate(
         grids = {}
         if grid_share > 0:
             grids = tune_grid(out, sizes, x, logits, steps=grid_steps, seconds=grid_seconds,
-                              batch_size=batch_size, seed=seed + i)  # fmt: skip
+                              batch_size=batch_size, seed=seed + i, method=method)  # fmt: skip
         reestimate_norms(out, sizes, x, batch_size, method=method)
         module = out.sample(sizes, method=method, calibrated=False)
         left = math.inf if max_steps is not None else share - (time.perf_counter() - start)
@@ -357,7 +379,28 @@ def calibrate(
         key = out.set_tier(sizes, module.state_dict())
         if holdout is not None and key in inn.tiers:
             _keep_better(inn, out, sizes, grids, holdout, method)
+    _refresh_stale_norms(inn, out, x, batch_size, method)
     return out
+
+
+def _refresh_stale_norms(inn, out, x, batch_size: int, method: str) -> list[str]:
+    """Re-estimate, on ``x``, the norm statistics ``out`` stores for channel counts without a
+    calibrated tier that sample a group at a count whose grid calibration changed; returns
+    their keys. Grids are keyed "<group>@<count>", shared by every width that samples the
+    group at that count: statistics re-estimated earlier (``innfer train``'s widths) belong
+    to the old grid, and ``calibrated`` says they need no re-estimation. (A tier's own
+    weights carry their statistics, so tiers need nothing.)"""
+    before, after = inn.info.get("grids", {}), out.info.get("grids", {})
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    stale = [
+        key
+        for key in out.info.get("norm_stats", {})
+        if key not in out.tiers
+        and any(f"{g}@{n}" in changed for g, n in IntegralModel.parse_sizes_key(key).items())
+    ]
+    for key in stale:
+        reestimate_norms(out, IntegralModel.parse_sizes_key(key), x, batch_size, method=method)
+    return stale
 
 
 def _keep_better(inn, out, sizes, grids, holdout, method: str) -> None:

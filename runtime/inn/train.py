@@ -73,7 +73,12 @@ class TrainableINN(nn.Module):
         return list(zip(self._param_names, self.nodes, strict=True))
 
     def state_at_nodes(self) -> dict[str, torch.Tensor]:
-        state = dict(self._buffers_full)
+        # Buffers as copies: in train mode BatchNorm updates its running statistics in place,
+        # and a norm that is not resampled (the full width, a discrete group) would write one
+        # width's statistics into the stored ones every other width then starts from (the
+        # eval-mode full width drifted from the source model after a step at another width).
+        # Training uses batch statistics; they are re-estimated per width afterwards.
+        state = {n: b.clone() for n, b in self._buffers_full.items()}
         state.update(zip(self._param_names, self.nodes, strict=True))
         return state
 
