@@ -834,7 +834,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     samples = 1000 if args.samples is None else args.samples
     x = data.x_train[:samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
-    print("before:\n" + format_report(width_report(inn, shown, data, multiple_of=multiple_of)))
+    print("before:\n" + format_report(
+        width_report(inn, shown, data, method=method, multiple_of=multiple_of)))  # fmt: skip
     labels = None if args.no_labels else data.y_train[:samples]
     # A width already calibrated keeps its stored tier unless the new one scores at least
     # as well on held-out training inputs (a short run on a loaded machine replaced 88.1 %
@@ -858,7 +859,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
-    print(format_report(width_report(tuned, shown, data, multiple_of=multiple_of)))
+    print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
     return 0
 
 
@@ -1023,9 +1024,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     if data is None:
         inn.info["input_shape"] = shape  # this run only: the INN on disk is not rewritten
-    multiple_of = args.multiple_of or _tier_defaults(args.model_dir)[1]
+    _, tier_multiple, method = _tier_defaults(args.model_dir)  # as the build samples them
+    multiple_of = args.multiple_of or tier_multiple
     widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
-    rows = width_report(inn, widths, data, multiple_of=multiple_of)
+    rows = width_report(inn, widths, data, method=method, multiple_of=multiple_of)
     print(format_report(rows))
     if data is None:
         print(f"FLOPs at batch 1 of input {shape}; accuracy: not measured (no evaluation set), "

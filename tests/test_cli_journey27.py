@@ -258,3 +258,24 @@ def test_calibration_data_is_checked_against_the_shape_model_yaml_serves(tmp_pat
     from innfer.cli import _data_for
 
     assert _data_for(d, inn, "digits").input_shape == (1, 8, 8)
+
+
+def test_report_samples_uncalibrated_widths_with_the_tiers_method(tmp_path, capsys, monkeypatch):
+    # innfer report (and calibrate's before/after tables) sampled with "auto" whatever
+    # model.yaml's method, so a "point" model's rows were not the networks the build serves
+    # (review 28).
+    import runtime.inn.report as report
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),))
+    add_model(tmp_path, "cnn", inn, {**IO, "method": "point"})
+    seen = []
+    real = report.width_report
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("method"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "width_report", spy)
+    code, _, err = _cli(capsys, "report", tmp_path / "cnn", "--widths", "1.0", "0.5")
+    assert code == 0, err
+    assert seen == ["point"]
