@@ -119,7 +119,9 @@ async def run_load(
     ``parameters``: extra request parameters sent with every request (the budget is set
     per request and takes precedence). ``deadline``: also set each request's gRPC deadline
     to its budget (tritonclient's ``client_timeout``), as a client that gives up then
-    does; past it the client reports DEADLINE_EXCEEDED, a miss like a late answer."""
+    does; past it the client reports DEADLINE_EXCEEDED, a miss like a late answer. The
+    deadline and the budget sent count from the actual send, so a request the client sent
+    late may come back late rather than DEADLINE_EXCEEDED: a miss either way."""
     import tritonclient.grpc.aio as tca
     from tritonclient.utils import InferenceServerException
 

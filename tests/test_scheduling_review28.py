@@ -136,3 +136,16 @@ def test_a_lone_first_request_is_no_load():
     for k in range(8):
         burst.submit(Request(k, 0.0, 2.0), 0.0)
     assert burst.arrival_rate(0.0) > 100
+
+
+def test_step4_survives_a_profile_whose_planned_time_falls_with_rows():
+    # A noisy profile (p90 / p50 per size) plans 2 rows at 150 ms and 4 at 6 ms; with a
+    # shared device's hold of 6.5 ms, _largest took 4 rows past the 2-row prefix over the
+    # hold, while the rates stopped at it: IndexError in every decision of that queue.
+    t = TierInfo("w100", 0.99, {1: 2.0, 2: 8.0, 4: 2.2, 5: 2.3}, {1: 1.0, 2: 1.0, 4: 1.1, 5: 1.2})
+    ctx = Context([t], LatencyModel([t]), max_batch=5)
+    planned = ctx.latency.planned("w100")
+    assert planned[2] > 0.0065 > planned[4]
+    queue = [Request(k, 0.0, 0.003 if k == 4 else 0.0065) for k in range(12)]
+    d = Planner().choose(queue, 0.0, ctx, Snapshot(hold=0.0065))
+    assert d.tier == "w100" and d.rows >= 1

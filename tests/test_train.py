@@ -615,3 +615,21 @@ def test_an_unforeseen_error_is_one_line_unless_asked(cli_main, monkeypatch):
     monkeypatch.setenv("INNFER_DEBUG", "1")
     with pytest.raises(KeyError):
         cli.main(["inspect", "."])
+
+
+def test_a_checkpoint_torn_between_its_two_files_is_refused(digits, tmp_path):
+    # Killed between the tensors' rename and the JSON's: epoch N+1's weights beside epoch
+    # N's meta were resumed silently (epoch N+1 trained twice, Adam's state mismatched).
+    model = TrainableINN(_untrained_inn(digits)).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    sandwich_step(model, opt, digits.x_train[:32], digits.y_train[:32], [1.0, 0.5])
+    save_checkpoint(tmp_path / "a", model, opt, {"epoch": 0})
+    with torch.no_grad():
+        model.nodes[0].add_(1.0)
+    save_checkpoint(tmp_path / "b", model, opt, {"epoch": 1})
+    assert load_checkpoint(tmp_path / "b", model, opt) == {"epoch": 1}
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "a", torn)
+    shutil.copy(tmp_path / "b" / "checkpoint.safetensors", torn / "checkpoint.safetensors")
+    with pytest.raises(ValueError, match="is torn"):
+        load_checkpoint(torn, model, opt)

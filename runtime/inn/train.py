@@ -193,7 +193,11 @@ def _label(w: Width) -> str:
 # -- checkpoints without pickle ---------------------------------------------------------------
 def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict) -> None:
     """Node values + optimizer state as safetensors, scalars as JSON (resumable, no pickle).
-    Each file is replaced whole: a run killed while saving leaves the previous epoch's."""
+    Each file is replaced whole, tensors first; the JSON records the tensors' sha256, so a
+    run killed between the two renames leaves a pair ``load_checkpoint`` refuses rather than
+    the new weights beside the old epoch's meta."""
+    import hashlib
+
     from safetensors.torch import save
 
     from runtime.atomic import write_bytes
@@ -210,17 +214,32 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
                 tensors[f"opt.{pid}.{k}"] = v.contiguous()
             else:
                 scalars["state"][str(pid)][k] = float(v)
-    write_bytes(d / "checkpoint.safetensors", save(tensors))
-    write_bytes(d / "checkpoint.json", json.dumps({"meta": meta, "optimizer": scalars}).encode())
+    blob = save(tensors)
+    write_bytes(d / "checkpoint.safetensors", blob)
+    record = {"meta": meta, "optimizer": scalars,
+              "tensors_sha256": hashlib.sha256(blob).hexdigest()}  # fmt: skip
+    write_bytes(d / "checkpoint.json", json.dumps(record).encode())
 
 
 def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
-    """Restore what ``save_checkpoint`` wrote; returns its ``meta`` (epoch, rng state...)."""
-    from safetensors.torch import load_file
+    """Restore what ``save_checkpoint`` wrote; returns its ``meta`` (epoch, rng state...).
+    A ValueError where the tensors are not the ones the JSON was saved with (a run killed
+    between the two writes)."""
+    import hashlib
+
+    from safetensors.torch import load
 
     d = Path(path)
-    tensors = load_file(str(d / "checkpoint.safetensors"))
+    blob = (d / "checkpoint.safetensors").read_bytes()
     data = json.loads((d / "checkpoint.json").read_text())
+    want = data.get("tensors_sha256")  # absent: a checkpoint from before it was recorded
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise ValueError(
+            f"the checkpoint in {d} is torn: checkpoint.safetensors is not the file "
+            "checkpoint.json was saved with (a run stopped while saving); train into "
+            "another --out, or from an older copy of the checkpoint"
+        )
+    tensors = load(blob)
     with torch.no_grad():
         for i, p in enumerate(model.nodes):
             p.copy_(tensors[f"node.{i}"])

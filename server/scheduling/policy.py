@@ -659,7 +659,7 @@ class Planner(Policy):
         batch, _ = takes.get(fastest) or self._take(queue, fastest, ctx, snap)
         if found is None or len(found[0]) < len(batch):
             rates = _met_rates(batch, fastest, now, ctx, _hold(ctx, snap))
-            least = 0.0 if found is None else rates[len(found[0]) - 1]
+            least = 0.0 if found is None else max(rates[len(found[0]) - 1], 0.0)
             best = max(range(len(rates)), key=lambda k: (rates[k], k), default=None)
             if best is not None and rates[best] > least * (1 + 1e-9):
                 return Decision(fastest, batch[: best + 1])
@@ -877,17 +877,21 @@ def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot) -> b
 
 
 def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: float) -> list:
-    """For each prefix of ``batch`` on ``tier`` (k = 1, 2, ... requests, as long as its
-    planned time stays within ``hold``; the first always), the deadlines it is expected to
-    meet per second: the expected number of its requests whose deadline its batch time
-    meets - that time log-normal with the latency model's current median and planning
-    sigma - over its mean time."""
+    """For each prefix of ``batch`` on ``tier`` (k = 1, 2, ... requests; one entry each,
+    so that entry k - 1 is the prefix of k), the deadlines it is expected to meet per
+    second: the expected number of its requests whose deadline its batch time meets - that
+    time log-normal with the latency model's current median and planning sigma - over its
+    mean time; -inf where its planned time exceeds ``hold`` (the first is always allowed).
+    Not cut at the first prefix over ``hold``: a noisy profile's planned times need not
+    grow with the rows, and ``_largest`` may have taken a longer prefix past a shorter one
+    that is over it."""
     lat = ctx.latency
     rates, rows = [], 0
     for k, r in enumerate(batch, 1):
         rows += r.rows
         if k > 1 and lat.planned(tier)[rows] > hold:
-            break
+            rates.append(-math.inf)
+            continue
         median, sigma = lat.median(tier, rows), lat.planning_sigma(tier, rows)
         met = 0.0
         for q in batch[:k]:

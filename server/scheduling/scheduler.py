@@ -216,9 +216,10 @@ class Scheduler:
         divided by the share of the window that has passed (as an EWMA's start-up bias is
         corrected): the first arrivals of a steady load must not look like light load. And
         times (n - 1) / n after n rows, as k arrivals over a span estimate k - 1 gaps: one
-        arrival is no rate at all. Read as 1 / ``RATE_WARMUP_S`` (21 rows/s), a lone first
-        request - to a new server, or to a text model's lane of long sentences - was served
-        on a small tier with a 2 s budget on an idle device."""
+        one-row arrival is no rate at all (a first request of 8 rows reads as 7/8 of a
+        burst). Read as 1 / ``RATE_WARMUP_S`` (21 rows/s), a lone first request - to a new
+        server, or to a text model's lane of long sentences - was served on a small tier
+        with a 2 s budget on an idle device."""
         if self._first is None:
             return 0.0
         seen = max(now - self._first, RATE_WARMUP_S)
