@@ -886,10 +886,11 @@ def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: 
     grow with the rows, and ``_largest`` may have taken a longer prefix past a shorter one
     that is over it."""
     lat = ctx.latency
+    planned = lat.planned(tier)  # seconds by rows
     rates, rows = [], 0
     for k, r in enumerate(batch, 1):
         rows += r.rows
-        if k > 1 and lat.planned(tier)[rows] > hold:
+        if k > 1 and planned[rows] > hold:
             rates.append(-math.inf)
             continue
         median, sigma = lat.median(tier, rows), lat.planning_sigma(tier, rows)
