@@ -268,6 +268,22 @@ def test_calibrated_tiers_round_trip_and_are_checked(digits, trained, tmp_path):
         load_inn(tmp_path / "bad")
 
 
+def test_sandwich_step_keeps_one_loss_per_width(digits):
+    """Equal labels overwrote each other: with min_width 1.0 the full width's cross-entropy
+    was replaced by its own copy's near-zero KL, and per-group draws kept only the last."""
+    inn = _untrained_inn(digits)
+    model = TrainableINN(inn).train()
+    opt = torch.optim.SGD(model.parameters(), 0.0)  # lr 0: every width sees the same weights
+    counts = {g.name: g.size // 2 for g in inn.groups}
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    losses = sandwich_step(model, opt, x, y, [1.0, 1.0, counts, dict(counts)])
+    assert list(losses) == ["1.000", "1.000#2", "groups", "groups#2"]
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x, 1.0), y)
+    assert losses["1.000"] == pytest.approx(float(ce), rel=1e-5)
+    assert losses["1.000#2"] == pytest.approx(0.0, abs=1e-5)  # KL of the full width to itself
+
+
 def test_checkpoint_round_trip(digits, tmp_path):
     inn = _untrained_inn(digits)
     model = TrainableINN(inn).train()

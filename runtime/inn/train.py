@@ -165,7 +165,10 @@ def sandwich_step(
 
     ``teacher_logits``: outputs of a frozen model to distil every width from (calibration);
     otherwise the full width learns from the labels and teaches the rest (in-place).
-    Gradients of all widths accumulate before the single step. Returns the losses.
+    Gradients of all widths accumulate before the single step. Returns the losses, one per
+    width in order, keyed by the width (``'1.000'``; ``'groups'`` for per-group counts), a
+    repeated key numbered from its second use (``'groups#2'``, ``'1.000#2'`` when min_width
+    is 1.0) - the full width's loss is always ``losses['1.000']``.
     """
     optimizer.zero_grad(set_to_none=True)
     losses = {}
@@ -181,13 +184,22 @@ def sandwich_step(
         else:
             loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean")
         loss.backward()
-        losses[_label(w)] = float(loss.detach())
+        losses[_label(w, losses)] = float(loss.detach())
     optimizer.step()
     return losses
 
 
-def _label(w: Width) -> str:
-    return f"{w:.3f}" if isinstance(w, float) else "groups"
+def _label(w: Width, taken: dict) -> str:
+    """The loss key of ``w``, numbered when already ``taken`` (two random widths within
+    0.0005, every per-group draw, or min_width 1.0 beside the full width would otherwise
+    overwrite each other's loss - the progress bar then showed a distilled copy's loss as
+    the full width's)."""
+    base = f"{float(w):.3f}" if isinstance(w, (int, float)) else "groups"
+    label, n = base, 1
+    while label in taken:
+        n += 1
+        label = f"{base}#{n}"
+    return label
 
 
 # -- checkpoints without pickle ---------------------------------------------------------------
