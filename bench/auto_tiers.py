@@ -29,7 +29,10 @@ engine times drawn from the frontier's measurements, the same draws for every ar
   auto_prev the same, choosing as the previous release did (``keep_fastest: false``: a set
             need not keep the fastest candidate), starting from its own phase-1 choice
             Segments between swaps are replayed separately (a queue is not carried across a
-            swap; the live swap serves it on the old tiers - tests/test_auto_tiers.py).
+            swap; the live swap serves it on the old tiers - tests/test_auto_tiers.py). The
+            new segment starts on an empty device, which can only flatter auto for requests
+            arriving within the longest budget after a swap: their count and share are
+            reported per run (``swap_exposure``), the bound of that bias.
 
 Per arm and phase: attainment (answered within budget / sent), mean served accuracy (over
 answered), served accuracy (misses count 0), mean served width; auto's swaps with when, what
@@ -170,6 +173,19 @@ def run_arm(options, sets, traffic, sim) -> dict:
     return {"met": met, "accuracy": acc, "width": width}
 
 
+def swap_exposure(sets: list[dict], traffic: Traffic) -> dict:
+    """Requests whose outcome the empty queue at a replayed swap can change: those arriving
+    within the longest budget after it (later ones see a queue the new tiers built
+    themselves). ``share``: of every request sent."""
+    horizon = float(traffic.budget_ms.max()) / 1e3 if len(traffic) else 0.0
+    exposed = np.zeros(len(traffic), dtype=bool)
+    for s in sets[1:]:
+        exposed |= (traffic.arrival_s >= s["at"]) & (traffic.arrival_s < s["at"] + horizon)
+    n = int(exposed.sum())
+    return {"requests": n, "share": n / len(traffic) if len(traffic) else 0.0,
+            "horizon_s": horizon}  # fmt: skip
+
+
 def summarise(arm: dict, mask: np.ndarray) -> dict:
     met, acc, width = arm["met"][mask], arm["accuracy"][mask], arm["width"][mask]
     answered = ~np.isnan(width)
@@ -227,6 +243,10 @@ def one_model(model: str, args, goals: AutoTiersConfig) -> dict:
             "fixed_choice_s": fixed_s,
             "auto_sets": sets,
             "auto_prev_sets": prev_sets,
+            "swap_exposure": {
+                "auto": swap_exposure(sets, traffic),
+                "auto_prev": swap_exposure(prev_sets, traffic),
+            },
             "arms": {
                 a: {"phase1": summarise(v, p1), "phase2": summarise(v, ~p1)}
                 for a, v in arms.items()

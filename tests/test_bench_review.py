@@ -197,6 +197,22 @@ def test_auto_tiers_aggregate_records_an_empty_answered_set_as_not_met():
     assert s["requests"] == 0 and s["attainment"] is None
 
 
+def test_auto_tiers_swap_exposure_counts_requests_within_the_longest_budget_of_a_swap():
+    """A replayed swap starts its segment on an empty device; only requests arriving within
+    the longest budget after it can be flattered, and the run reports how many."""
+    import numpy as np
+
+    from bench import auto_tiers
+    from sim.tiering import Traffic
+
+    t = Traffic(np.array([0.0, 1.0, 1.01, 1.05, 1.2, 3.0]),
+                np.array([10.0, 10.0, 100.0, 10.0, 10.0, 10.0]), np.ones(6, int))  # fmt: skip
+    sets = [{"at": 0.0}, {"at": 1.0}, {"at": 2.95}]
+    got = auto_tiers.swap_exposure(sets, t)  # horizon 0.1 s: 1.0, 1.01, 1.05 and 3.0
+    assert got["requests"] == 4 and got["share"] == 4 / 6 and got["horizon_s"] == 0.1
+    assert auto_tiers.swap_exposure(sets[:1], t)["requests"] == 0  # no swap, no exposure
+
+
 # -- finding 8: A/B benches rotate their arm order ------------------------------------------
 def test_rotated_puts_every_arm_first_in_turn():
     from bench.order import rotated
