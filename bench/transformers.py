@@ -282,9 +282,10 @@ def onnx_latency(
 
 
 # -- the benchmark ---------------------------------------------------------------------------
-def pruned_and_calibrated(inn, keep, batches, targets, seconds, seed) -> tuple:
+def pruned_and_calibrated(inn, keep, batches, targets, seconds, seed, max_steps=None) -> tuple:
     """Prune to ``keep``, then exactly the INN arm's per-tier calibration (readout refit,
-    then distillation) on the same text and budget."""
+    then distillation) on the same text and budget (``max_steps``: and at most so many
+    steps)."""
     start = time.perf_counter()
     module = prune(inn, keep)
     weights = readouts(inn, {g: len(k) for g, k in keep.items()})
@@ -295,6 +296,7 @@ def pruned_and_calibrated(inn, keep, batches, targets, seconds, seed) -> tuple:
         batches,
         targets,
         seconds - (time.perf_counter() - start),
+        max_steps=max_steps,
         seed=seed,
         progress=True,
     )
@@ -437,46 +439,84 @@ def run(args) -> dict:
 
 
 def seed_check(args) -> dict:
-    """The goal tier only, INN (chosen nodes) vs activation pruning, each with the same
-    refit and distillation, for every seed in ``args.seeds``: the seed orders the batches
-    and picks the refit's (and the selection's) sentences. The spread of the lead."""
+    """One goal tier (``args.seed_tier``: uniform or shaped), INN (chosen nodes) vs
+    activation pruning at the same counts, each with the same refit and distillation, for
+    every seed in ``args.seeds``: the seed orders the batches and picks the refit's (and
+    the selection's, and a shaped tier's sensitivity probes') sentences. The spread of the
+    lead. With ``args.equal_steps`` the baseline runs exactly as many distillation steps as
+    the INN ran in its ``args.seconds`` (its time recorded, not capped at the budget), so a
+    slower or faster spell of a shared machine cannot hand either arm more steps; otherwise
+    both run for the budget, the arm that goes first alternating by seed (the INN first at
+    a shaped tier: the baseline takes the counts its probes chose)."""
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     text, corpus = load_text(args.max_length)
     inn = convert_minilm()
-    sizes = inn.sizes(TIERS[GOAL_TIER], MULTIPLE_OF)
-    full_emb = embed(inn.sample(1.0), *text["evaluation"])
+    tier = args.seed_tier
     batches = length_batches(*text["calibration"], BATCH_SIZE)
-    targets = teacher_targets(inn.sample(1.0), batches, progress=True)
-    act_scores = activation_scores(inn, batches, progress=True)
+    ctx = {
+        "inn": inn,
+        "text": text,
+        "tier": tier,
+        "seconds": args.seconds,
+        "full": embed(inn.sample(1.0), *text["evaluation"]),
+        "batches": batches,
+        "targets": teacher_targets(inn.sample(1.0), batches, progress=True),
+        "act_scores": activation_scores(inn, batches, progress=True),
+    }
     per_seed = {}
-    for seed in args.seeds:
-        seed_everything(seed)
-        tuned = calibrate_text(inn, *text["calibration"], [TIERS[GOAL_TIER]], args.seconds,
-                               multiple_of=MULTIPLE_OF, batch_size=BATCH_SIZE,
-                               seed=seed)  # fmt: skip
-        log = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
-        ours = {**evaluate(tuned.sample(sizes), text["evaluation"], full_emb), **log}
-        module, log = pruned_and_calibrated(
-            inn, kept(act_scores, sizes), batches, targets, args.seconds, seed
-        )
-        rival = {**evaluate(module, text["evaluation"], full_emb), **log}
+    for k, seed in enumerate(args.seeds):
+        inn_first = args.equal_steps or tier == SHAPED_GOAL or k % 2 == 0
+        if inn_first:
+            ours = _seed_inn(ctx, seed)
+            steps = ours["steps"] if args.equal_steps else None
+            rival = _seed_act(ctx, seed, ours["sizes"], steps)
+        else:
+            rival = _seed_act(ctx, seed, inn.sizes(TIERS[tier], MULTIPLE_OF), None)
+            ours = _seed_inn(ctx, seed)
         per_seed[seed] = {"inn_distil": ours, "act_distil": rival,
-                          "lead": ours["cosine"] - rival["cosine"]}  # fmt: skip
-        print(f"seed {seed}: inn_distil {ours['cosine']:.4f} act_distil {rival['cosine']:.4f}",
-              flush=True)  # fmt: skip
+                          "lead": ours["cosine"] - rival["cosine"],
+                          "first": "inn_distil" if inn_first else "act_distil"}  # fmt: skip
+        print(f"seed {seed}: inn_distil {ours['cosine']:.4f} ({ours['steps']} steps) "
+              f"act_distil {rival['cosine']:.4f} ({rival['steps']} steps)", flush=True)  # fmt: skip
     leads = [r["lead"] for r in per_seed.values()]
     return {
-        "tier": GOAL_TIER,
+        "tier": tier,
         "seconds_per_method": args.seconds,
+        "equal_steps": args.equal_steps,
         "per_seed": per_seed,
         "lead_mean": statistics.mean(leads),
         "lead_min": min(leads),
         "lead_max": max(leads),
+        "goal_lead_met_every_seed": min(leads) >= 0.01,
         "corpus": corpus,
         "machine": machine(),
         "wall_seconds": time.perf_counter() - t0,
     }
+
+
+def _seed_inn(ctx: dict, seed: int) -> dict:
+    """seed_check's INN arm: calibrate_text at the tier (a shaped tier's counts from this
+    seed's sensitivity probes, not charged), evaluated; its counts in ``sizes``."""
+    seed_everything(seed)
+    inn, text, w = ctx["inn"], ctx["text"], TIERS[ctx["tier"]]
+    tuned = calibrate_text(inn, *text["calibration"], [w], ctx["seconds"],
+                           multiple_of=MULTIPLE_OF, batch_size=BATCH_SIZE, seed=seed)  # fmt: skip
+    sizes = tuned.sizes(w, MULTIPLE_OF)
+    log = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
+    return {**evaluate(tuned.sample(sizes), text["evaluation"], ctx["full"]), **log,
+            "sizes": sizes}  # fmt: skip
+
+
+def _seed_act(ctx: dict, seed: int, sizes: dict, steps: int | None) -> dict:
+    """seed_check's baseline: activation pruning to ``sizes`` + the same calibration, for
+    the budget or (``steps``) exactly that many steps."""
+    seed_everything(seed)
+    seconds = ctx["seconds"] if steps is None else 10 * ctx["seconds"]  # ends by its steps
+    keep = kept(ctx["act_scores"], sizes)
+    module, log = pruned_and_calibrated(ctx["inn"], keep, ctx["batches"], ctx["targets"],
+                                        seconds, seed, max_steps=steps)  # fmt: skip
+    return {**evaluate(module, ctx["text"]["evaluation"], ctx["full"]), **log, "sizes": sizes}
 
 
 def goals(rows: dict, latency: dict) -> dict:
@@ -587,13 +627,25 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         nargs="+",
-        help="instead: the goal tier only, INN vs activation pruning, at each of these seeds "
-        "(writes transformers_seeds.json)",
+        help="instead: one goal tier (--seed-tier), INN vs activation pruning, at each of "
+        "these seeds (writes transformers_seeds[_<tier>][_equal_steps].json)",
     )
+    parser.add_argument(
+        "--seed-tier",
+        choices=GOAL_TIERS,
+        default=GOAL_TIER,
+        help="the tier --seeds compares at (default %(default)s)",
+    )
+    parser.add_argument("--equal-steps", action="store_true",
+                        help="with --seeds: the baseline runs as many steps as the INN ran "
+                        "in --seconds, not --seconds")  # fmt: skip
     args = parser.parse_args(argv)
     if args.seeds:
         results = seed_check(args)
-        (args.out / "transformers_seeds.json").write_text(json.dumps(results, indent=1))
+        name = "transformers_seeds"
+        name += "" if args.seed_tier == GOAL_TIER else f"_{args.seed_tier}"
+        name += "_equal_steps" if args.equal_steps else ""
+        (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
         return 0
     results = run(args)
     publish(results, args.out, "transformers", plot, summary(results))
