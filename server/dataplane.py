@@ -8,6 +8,7 @@ number, and maps ``server.errors`` to status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -373,9 +374,10 @@ class DataPlane:
         if name in self.models:  # a failed reload: the loaded version keeps serving
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
             return " (the loaded version keeps serving)"
-        if name not in self.expected:  # a load a client asked for (startup's are logged)
-            if not (self.repo.root / name / "model.yaml").is_file():
-                return ""  # not a model of the repository: nothing to report on
+        configured = name in self.expected
+        if not configured and not (self.repo.root / name / "model.yaml").is_file():
+            return ""  # a client's name for no model of the repository: nothing to report
+        if not (configured and self.phase is Phase.LOADING):  # load_all logs start-up's
             log.error("model %s: load failed: %s", name, why)
         self.broken[name] = why
         self.metrics.model_ready.labels(name).set(0)
@@ -394,10 +396,24 @@ class DataPlane:
             tierer = self.tierers.pop(name, None)
             if tierer is not None:
                 tierer.stop()
-            self.metrics.model_ready.labels(name).set(0)
+            self._forget_series(name)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go (before the
             await self._retire(runtime, DRAIN_S)  # await: the RPC may be cancelled there)
+
+    def _forget_series(self, name: str) -> None:
+        """An unloaded model's gauges: a model configured at start stays in readiness at 0
+        (health is NOT_SERVING without it, and the not-ready alert is right to fire); one a
+        client loaded later goes, with its auto-tiering gauges - an operator's deliberate
+        unload must not leave a critical alert firing forever."""
+        gauges = [self.metrics.tier_set_gain, self.metrics.tier_set_swap_seconds]
+        if name in self.expected:
+            self.metrics.model_ready.labels(name).set(0)
+        else:
+            gauges.append(self.metrics.model_ready)
+        for gauge in gauges:
+            with contextlib.suppress(KeyError):  # never set for this model
+                gauge.remove(name)
 
     def _engine_threads(self) -> int:
         """The engine threads the loaded models may run at once: a shared device's slots

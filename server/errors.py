@@ -40,5 +40,10 @@ class Unauthenticated(InferError):
     """Missing or wrong bearer token."""
 
 
+class EngineFailed(InferError):
+    """The engine raised on the request's batch (a backend error, e.g. an index out of its
+    table's range); the message names the model, the tier and the engine's own reason."""
+
+
 class Unimplemented(InferError):
     """A Triton RPC innfer does not implement (shared memory, trace and log settings)."""

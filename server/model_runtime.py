@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,13 +44,16 @@ from runtime.repository import ServedModel
 from server.apart import Apart, run_apart
 from server.errors import (
     DeadlineExceeded,
+    EngineFailed,
     FailedPrecondition,
+    InferError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from server.host_cpu import HostCpu
+from server.log_throttle import LogThrottle
 from server.loop_idle import IdleWatch, idle_watch
 from server.metrics import MISS_REASONS, Metrics
 from server.overhead import MIN_SAMPLES as OVERHEAD_MIN_SAMPLES
@@ -82,6 +86,25 @@ INLINE_WINDOW = 8
 INLINE_MIN_ALONE = 4
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
 log = logging.getLogger("innfer.model")
+
+# An absolute path in an engine's message (its build tree, a model file): not the client's.
+_PATH = re.compile(r"(?:/[\w.+-]+){2,}")
+
+
+def engine_failed(model: str, tier: str, exc: BaseException) -> EngineFailed:
+    """What a client is told when the engine raised on its batch: model, tier and the
+    engine's reason (first line, paths left out, clipped), not "see logs" - the reason is
+    often the client's own input (an index outside an embedding table).
+
+    Example:
+        >>> str(engine_failed("m", "w100", RuntimeError("idx=100 out of range\\n at /a/b/c.cc")))
+        'model m tier w100: inference failed: RuntimeError: idx=100 out of range'
+    """
+    first = (str(exc).strip().splitlines() or [""])[0]
+    reason = _PATH.sub("<path>", first)[:300]
+    return EngineFailed(f"model {model} tier {tier}: inference failed: "
+                        f"{type(exc).__name__}: {reason}".rstrip(": "))  # fmt: skip
+
 
 # stop(): how long queued requests may still be served before they are failed with
 # UNAVAILABLE. Short: on a reload the new engines are already serving, and a client retry
@@ -274,6 +297,7 @@ class ModelRuntime:
         self.config = served.config
         self.metrics = metrics
         self.clock = clock
+        self._log_throttle = LogThrottle()
         lengths = self.config.sequence_lengths or (0,)
         infos = {n: tier_infos(served, n) for n in lengths}  # per lane (length)
         self.tiers = infos[lengths[-1]]
@@ -928,7 +952,7 @@ class ModelRuntime:
             # and the slot is freed here, not left to a settle that never comes.
             self._account_cpu(times[2])
             self._compute_total.inc(times[1])  # the engine ran (and failed): its time counts
-            log.error("model %s tier %s: engine failed", self.name, d.tier, exc_info=error)
+            self._log_failure(d.tier, error, "engine failed on a batch of %d", d.rows)
             try:
                 self._failed(lane, d, error)
             finally:
@@ -985,7 +1009,17 @@ class ModelRuntime:
         self.metrics.requests.labels(self.name, tier, "failed").inc()
         self._missed["failed"].inc()
         self._queue_total.inc(r.started - r.arrival)
-        self._reject(r, exc)
+        self._reject(r, exc if isinstance(exc, InferError) else engine_failed(self.name, tier, exc))
+
+    def _log_failure(self, tier: str, error: BaseException | None, what: str, *args) -> None:
+        """One record per tier and ``LogThrottle`` window (with the traceback), saying how
+        many failures it left out: a model failing at 1,000 requests/s logs a line per 10 s,
+        not per batch. The clients' errors name the reason (``engine_failed``)."""
+        skipped = self._log_throttle.allow(tier, self.clock())
+        if skipped is None:
+            return
+        more = f" ({skipped} more failures not logged since the last)" if skipped else ""
+        log.error("model %s tier %s: " + what + more, self.name, tier, *args, exc_info=error)
 
     def _finish_apart(
         self, lane: Scheduler, d: Decision, apart: Apart, times: tuple, now: float
@@ -996,10 +1030,9 @@ class ModelRuntime:
         failed batch and the re-runs); metrics and statistics count each re-run as the
         batch of one request it was."""
         self._account_cpu(times[2])
-        log.error(
-            "model %s tier %s: a batch of %d requests failed; run again one by one, %d "
-            "answered", self.name, d.tier, len(d.requests), apart.answered,
-            exc_info=apart.error,
+        self._log_failure(
+            d.tier, apart.error, "a batch of %d requests failed; run again one by one, %d "
+            "answered", len(d.requests), apart.answered,
         )  # fmt: skip
         ran = [r for r, out in zip(d.requests, apart.outputs, strict=True) if out is not None]
         lane.complete(d, now, 0.0, ok=False, served=ran)

@@ -18,6 +18,7 @@ from server import wire
 from server.dataplane import DataPlane
 from server.errors import (
     DeadlineExceeded,
+    EngineFailed,
     FailedPrecondition,
     InferError,
     InvalidArgument,
@@ -46,6 +47,7 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    EngineFailed: grpc.StatusCode.INTERNAL,  # Triton answers a backend's error so, too
 }
 
 

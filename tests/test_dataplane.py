@@ -856,3 +856,52 @@ def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog
     assert "max_batch" in plane.broken_reason("c") and "nope" not in plane.broken
     assert _ready_gauge(plane, "c") == 0
     assert any("model c: load failed" in r.getMessage() for r in caplog.records)
+
+
+def test_unloading_a_model_loaded_later_removes_its_series(config):
+    """Observability review 29: an operator's unload of a model a client loaded (not
+    configured at start) left innfer_model_ready 0 forever - a critical alert that never
+    cleared; a configured model keeps its 0 (health is NOT_SERVING without it)."""
+    cfg = dataclasses.replace(config, models=("a",))
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            await plane.load("b")
+            plane.metrics.tier_set_gain.labels("b").set(0.1)
+            assert _ready_gauge(plane, "b") == 1
+            await plane.unload("b")
+            assert _ready_gauge(plane, "b") is None
+            gain = plane.metrics.registry.get_sample_value(
+                "innfer_tier_set_expected_gain", {"model": "b"}
+            )
+            assert gain is None
+            await plane.unload("a")
+            assert _ready_gauge(plane, "a") == 0
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_a_failed_load_of_a_configured_model_after_start_is_logged(config, caplog):
+    """Observability review 29: a Load RPC for a model configured at start that failed was
+    answered but never logged (only start-up's failures were)."""
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            (config.repository / "a" / "profile.json").write_text("{broken")
+            with caplog.at_level("ERROR", logger="innfer"):
+                await plane.unload("a")
+                with pytest.raises(FailedPrecondition):
+                    await plane.load("a")
+            assert any("model a: load failed" in r.getMessage() for r in caplog.records)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())

@@ -83,3 +83,26 @@ def test_a_corrupted_engine_is_an_engine_error(engine_dir):
     (root / "engine" / ENGINE_FILE).write_bytes(b"not a flatbuffer")
     with pytest.raises(EngineError, match="cannot load"):
         backend.load(root / "engine", BuildOptions())
+
+
+def test_a_failed_run_raises_without_writing_to_stderr(tmp_path, capfd):
+    """Observability review 29: each failed batch also printed ONNX Runtime's own error on
+    the process's stderr (not JSON, colour codes, no throttle) beside the server's record."""
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["output"])],
+        "gather",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    backend = get_backend("onnxruntime")
+    backend.build(tmp_path / "model.onnx", tmp_path / "engine", BuildOptions())
+    engine = backend.load(tmp_path / "engine", BuildOptions())
+    capfd.readouterr()
+    with pytest.raises(Exception, match="idx=100"):
+        engine.run({"ids": np.array([100], np.int64)})
+    assert capfd.readouterr().err == ""

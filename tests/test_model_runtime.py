@@ -23,6 +23,7 @@ from runtime.engines.fake import write_model
 from runtime.repository import Repository
 from server.errors import (
     DeadlineExceeded,
+    EngineFailed,
     InferError,
     InvalidArgument,
     NotFound,
@@ -592,7 +593,8 @@ def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(t
         return bad[0], ok
 
     bad, ok = _run(body())
-    assert isinstance(bad, EngineError) and "has shape [] for a batch of 1" in str(bad), bad
+    # the client is told why (EngineFailed, INTERNAL), with the engine's reason
+    assert isinstance(bad, EngineFailed) and "has shape [] for a batch of 1" in str(bad), bad
     _check_answer(served, _x(1, 2.0), ok)
 
 
@@ -613,7 +615,7 @@ def test_a_batch_answered_with_too_few_rows_fails_every_request_in_it(tmp_path):
             return await asyncio.gather(*pair, return_exceptions=True)
 
     outcomes = _run(body())
-    assert all(isinstance(o, EngineError) and "for a batch of 2" in str(o) for o in outcomes)
+    assert all(isinstance(o, EngineFailed) and "for a batch of 2" in str(o) for o in outcomes)
 
 
 def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
@@ -919,7 +921,7 @@ def test_a_failed_batch_runs_again_request_by_request_and_fails_only_its_culprit
     assert tried == [4, 1, 1, 1, 1, 2]  # the batch, each request alone, then the next
     for v, o in zip(values, outcomes, strict=True):
         if v < 0:
-            assert isinstance(o, EngineError) and "negative input" in str(o)
+            assert isinstance(o, EngineFailed) and "negative input" in str(o)
         else:
             _check_answer(served, _x(1, v), o)
             assert o.batch_size == 1
@@ -938,7 +940,7 @@ def test_a_batch_of_one_that_fails_is_not_run_again(tmp_path):
     async def body():
         async with _running(served, Metrics()) as rt:
             engine.fail = EngineError("out of memory")
-            with pytest.raises(EngineError, match="out of memory"):
+            with pytest.raises(EngineFailed, match="out of memory"):
                 await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
 
     _run(body())
@@ -985,3 +987,40 @@ def test_a_pump_that_raises_leaves_nothing_in_flight(tmp_path):
             return rt.inflight, len(rt._pending)
 
     assert _run(body()) == (0, 0)
+
+
+def test_engine_failures_name_their_reason_and_are_logged_once_per_window(tmp_path, caplog):
+    """Observability review 29: a failing engine's clients got INTERNAL "see logs", and each
+    failure was logged 2-3 times (runtime, batch, RPC layer) with no limit - 62 lines for 20
+    failed requests. Now the client's error names model, tier and the engine's reason (an
+    EngineFailed, answered INTERNAL as Triton does), and the runtime logs one record per
+    tier and window, saying how many it left out."""
+    from server.service import status_of
+
+    served = _served(tmp_path)
+    clock = {"t": 0.0}
+
+    async def body():
+        async with _running(served, Metrics()) as rt:
+            real = rt.clock
+            rt.clock = lambda: real() + clock["t"]  # the throttle's window, scripted
+            served.engines["w100"].fail = RuntimeError("idx=100 out of range\n at /src/a/b.cc")
+            errors = []
+            with caplog.at_level("ERROR", logger="innfer.model"):
+                for _ in range(5):
+                    with pytest.raises(EngineFailed) as info:
+                        await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+                    errors.append(info.value)
+                clock["t"] = 60.0  # past the window: logged again, with the count
+                with pytest.raises(EngineFailed):
+                    await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+            return errors
+
+    errors = _run(body())
+    assert str(errors[0]) == (
+        "model m tier w100: inference failed: RuntimeError: idx=100 out of range"
+    )
+    assert status_of(errors[0]).name == "INTERNAL"
+    records = [r for r in caplog.records if r.name == "innfer.model"]
+    assert len(records) == 2, [r.getMessage() for r in records]
+    assert "4 more failures not logged" in records[1].getMessage()

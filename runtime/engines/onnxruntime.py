@@ -112,6 +112,9 @@ class OnnxRuntimeBackend(Backend):
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # A failed run raises, and the server logs that (throttled, as JSON); ORT's own copy
+        # on stderr is neither, and is written for every failed batch.
+        so.log_severity_level = 4
         try:
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
