@@ -210,6 +210,8 @@ class DataPlane:
                 # its queue and in-flight requests (and those of the runtimes it replaced,
                 # if they still drain) count until it has drained
                 runtime.predecessors += [old, *old.predecessors]
+                if swap:  # the server's own change, not a new version: Triton's counters go
+                    runtime.stats = old.stats  # on, and the old set's drain counts in them
             self.models[name] = runtime
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
@@ -531,6 +533,25 @@ class DataPlane:
         raw_input_contents when the transport took them out of the message uncopied
         (server/wire.py), else None."""
         m = self.model(request.model_name, request.model_version)
+        start = m.clock()
+        try:
+            return await self._admit(m, request, time_remaining, waited_s, size, raw,
+                                     deadline_is_budget)  # fmt: skip
+        except Exception:  # Triton's fail: every error after the model is known, once (a
+            m.stats.fail.add(m.clock() - start)  # cancelled call is no Exception: not one)
+            raise
+
+    async def _admit(
+        self,
+        m: ModelRuntime,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        waited_s: float,
+        size: int | None,
+        raw: Sequence[memoryview] | None,
+        deadline_is_budget: bool,
+    ) -> pb.ModelInferResponse:
+        """``infer`` past the model's lookup: the in-flight cap, then the request."""
         size = request.ByteSize() if size is None else size
         cap = self.limits.max_inflight_bytes
         if size > cap:  # alone above the cap: a retry, on any replica, is refused the same

@@ -156,15 +156,17 @@ class BatchStats:
 class ModelStats:
     """Triton's ModelStatistics counters, as perf_analyzer reads them.
 
-    ``inference_count`` counts rows (each element of a batched request is one inference),
-    ``execution_count`` engine runs (one per batch). Per request: ``success`` (arrival to
-    answer), ``fail`` (arrival to the error), ``queue`` (arrival to its batch's start) and the
-    three compute phases of the batch it ran in (concatenating the inputs, the engine,
-    splitting the outputs). ``batches`` holds per-execution phases keyed by the batch's rows.
+    ``inference_count`` counts the rows of answered requests (each element of a batched
+    request is one inference), ``execution_count`` engine runs (one per batch). Per request:
+    ``success`` (arrival to answer), ``fail`` (the data plane's: from the model's lookup to
+    the error, every error once), ``queue`` (arrival to its batch's start) and the three
+    compute phases of the batch it ran in (concatenating the inputs, the engine, splitting
+    the outputs). ``batches`` holds per-execution phases keyed by the batch's rows.
 
     Example:
         >>> s = ModelStats()
         >>> s.record_batch(rows=3, requests=2, compute=(1e-6, 2e-3, 1e-6))
+        >>> s.record_request(0.001, 0.004, rows=2); s.record_request(0.001, 0.004, rows=1)
         >>> s.inference_count, s.execution_count, s.compute_infer.count
         (3, 1, 2)
         >>> s.batches[3].compute_infer
@@ -186,7 +188,6 @@ class ModelStats:
         """One execution of ``rows`` rows for ``requests`` requests; ``compute`` is its
         (input, infer, output) seconds. Queue and success are per request
         (``record_request``)."""
-        self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1e3)
         batch = self.batches.get(rows)
@@ -201,7 +202,10 @@ class ModelStats:
             per_request.add(seconds * requests, requests)
             per_batch.add(seconds)
 
-    def record_request(self, queued: float, total: float) -> None:
+    def record_request(self, queued: float, total: float, rows: int = 1) -> None:
+        """A request of ``rows`` rows answered: Triton's inference_count counts the rows of
+        successful requests only (not those of one cancelled while its batch ran)."""
+        self.inference_count += rows
         self.queue.add(queued)
         self.success.add(total)
 
@@ -594,22 +598,18 @@ class ModelRuntime:
         reserve_s: float = 0.0,
         grace_s: float = 0.0,
     ) -> InferResult:
-        """Queue one request and await its answer. Every failure (refused, expired, engine
-        error, unloaded) is counted in ``stats.fail`` here; a cancelled request is not.
+        """Queue one request and await its answer (a failure - refused, expired, engine
+        error, unloaded - raises; ``DataPlane.infer`` counts it in ``stats.fail`` with the
+        failures before the runtime, such as a malformed input).
         ``waited_s``: how long ago the request reached the server (its parsing and decoding
         before this call): its budget counts from then, its queue time from this call.
         ``reserve_s``: how much shorter than the client's ``budget_s`` already is (the
         server's overhead reserve; an answer is on time until it is spent too);
         ``grace_s``: seconds past the budget that admission at the median still accepts
         (``Request.reserve`` and ``Request.grace``)."""
-        arrival = self.clock()
-        try:
-            return await self._serve(
-                inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s
-            )
-        except Exception:
-            self.stats.fail.add(self.clock() - arrival)
-            raise
+        return await self._serve(
+            inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s
+        )
 
     async def _serve(
         self,
@@ -1134,7 +1134,7 @@ class ModelRuntime:
     ) -> None:  # fmt: skip
         self.stats.record_batch(d.rows, len(answered), compute)
         for r in answered:
-            self.stats.record_request(r.started - r.arrival, now - r.arrival)
+            self.stats.record_request(r.started - r.arrival, now - r.arrival, r.rows)
 
     def _width(self, tier: str) -> float | str:
         w = self.served.tiers[tier].width

@@ -905,3 +905,28 @@ def test_a_failed_load_of_a_configured_model_after_start_is_logged(config, caplo
                 await m.stop()
 
     _run(body())
+
+
+def test_triton_statistics_go_on_across_a_swap_and_restart_on_a_reload(config):
+    """Observability and lifecycle reviews 29: an auto-tiering swap - the server's own
+    change - reset ModelStatistics (success 37 -> 0 while Prometheus said 120), so
+    perf_analyzer's deltas went negative; a Load RPC (a new version) still resets them, as
+    Triton does."""
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            for i in range(3):
+                await plane.infer(_request("a", _x(2, float(i))), None)
+            await plane.swap("a")
+            after_swap = plane.models["a"].stats
+            await plane.infer(_request("a", _x(1, 9.0)), None)
+            await asyncio.sleep(0.05)  # statistics are settled when the loop is next idle
+            swapped = (after_swap.success.count, after_swap.inference_count)
+            await plane.load("a")
+            return swapped, plane.models["a"].stats.success.count
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == ((4, 7), 0)

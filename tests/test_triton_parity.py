@@ -102,6 +102,11 @@ def test_statistics_count_requests_rows_and_batches(server, client):
     with pytest.raises(InferenceServerException):  # refused at once: a failure, counted
         client.infer("tiny", [_input(_x())], parameters={"latency_budget_ms": 1e-4})
     failed += 1
+    bad = tc.InferInput("input", [1, 3], "FP32")  # a malformed input: a failure too, counted
+    bad.set_data_from_numpy(np.zeros((1, 3), np.float32))  # once (observability review 29)
+    with pytest.raises(InferenceServerException, match="dims given"):
+        client.infer("tiny", [bad])
+    failed += 1
     after = _stats(client, "tiny")
     st, st0 = after.inference_stats, before.inference_stats
 
