@@ -63,8 +63,13 @@ from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("innfer.metrics")
 
+# Seconds. Budgets run from a few ms to 10 s and more: a boundary at common budgets (20, 30,
+# 50, 100 ms, ...) tells whether a quantile met one - with 20 -> 50 ms, a p99 under a 30 ms
+# budget could not be read - and steps stay at most 2.5x; beyond 10 s only +Inf.
+# tests/test_deploy.py checks this against the deployed tier sets' default budgets.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
+    5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Tokens per request of a text model (its sequence length after truncation, padding excluded).

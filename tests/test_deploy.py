@@ -12,6 +12,7 @@ CRDs with no offline schema: their structure is checked here in Python instead.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from prometheus_client import generate_latest
 
 from runtime.repository.config import ModelConfig
 from server.config import ServerConfig
-from server.metrics import MISS_REASONS, OUTCOMES, Metrics
+from server.metrics import LATENCY_BUCKETS, MISS_REASONS, OUTCOMES, Metrics
 from server.service import HealthService
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,18 @@ KUSTOMIZATIONS = ("k8s/base", *OVERLAYS, "monitoring")
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}  # monitoring.coreos.com: no offline schema
 K8S_VERSIONS = ("1.30.0", "latest")  # oldest supported (gRPC probes GA 1.27) and newest
 HPA_METRICS = {"innfer_queue_compute_ratio", "innfer_degraded_share"}
-# Series from kube-state-metrics, not from innfer.
+# Series from kube-state-metrics, and Prometheus' own `up`, not from innfer.
 EXTERNAL_METRICS = {
     "kube_deployment_status_replicas",
     "kube_horizontalpodautoscaler_status_desired_replicas",
     "kube_horizontalpodautoscaler_status_current_replicas",
     "kube_horizontalpodautoscaler_spec_max_replicas",
+    "kube_horizontalpodautoscaler_status_condition",
+    "up",
 }
+# innfer:queue_compute_ratio's cap (prometheusrule.yaml): a pod's value is the replicas it
+# alone asks the HPA for (AverageValue, target 1), so no pod may read more than this.
+QUEUE_COMPUTE_CAP = 20
 TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance"}
 UID = 10001
 
@@ -414,6 +420,7 @@ def _rules() -> list[dict]:
             if "alert" in r:
                 assert r["labels"]["severity"] in ("warning", "critical")
                 assert r["annotations"]["summary"] and "for" in r
+                assert r["annotations"]["description"], r["alert"]  # what to check
             else:
                 assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+", r["record"])
             out.append(r)
@@ -592,13 +599,15 @@ def test_readme_covers_the_operator_tasks():
         assert needle in text, needle
 
 
+def _minutes(text: str) -> float:
+    return float(text[:-1]) * {"s": 1 / 60, "m": 1, "h": 60}[text[-1]]
+
+
 def test_the_model_not_ready_alert_can_fire_before_the_startup_probe_restarts_the_pod():
     # A model that never loads keeps innfer_model_ready at 0 until the startup probe gives
     # up and the container restarts, which gaps the series and resets a pending alert: at
     # `for: 15m` against the CPU base's 10-minute budget it could never fire.
-    def minutes(text: str) -> float:
-        return float(text[:-1]) * {"s": 1 / 60, "m": 1, "h": 60}[text[-1]]
-
+    minutes = _minutes
     rules = yaml.safe_load((DEPLOY / "monitoring/prometheusrule.yaml").read_text())
     alert = next(r for g in rules["spec"]["groups"] for r in g["rules"]
                  if r.get("alert") == "InnferModelNotReady")  # fmt: skip
@@ -608,3 +617,93 @@ def test_the_model_not_ready_alert_can_fire_before_the_startup_probe_restarts_th
     probe = server["startupProbe"]
     budget = probe["periodSeconds"] * probe["failureThreshold"] / 60
     assert minutes(alert["for"]) < budget, (alert["for"], budget)
+
+
+# --- what the alerts watch beyond innfer's own series (review: a stalled HPA was silent) ----
+
+
+def _alerts() -> dict[str, dict]:
+    return {r["alert"]: r for r in _rules() if "alert" in r}
+
+
+def test_an_alert_fires_when_the_hpa_metrics_are_absent():
+    """Every rule reads innfer's own series, so with all scrapes down (or the rules not
+    loaded) each was silent while the HPA kept its replica count: each recording rule the
+    adapter serves the HPA needs an absent() alert of at most 5 minutes."""
+    values = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    served = {_selectors(r["seriesQuery"])[0][0] for r in values["rules"]["custom"]}
+    assert served == {"innfer:queue_compute_ratio", "innfer:degraded_share"}
+    alerts = _alerts().values()
+    for record in served:
+        watching = [a for a in alerts if f"absent({record})" in re.sub(r"\s", "", a["expr"])]
+        assert watching, f"no alert on absent({record})"
+        assert min(_minutes(a["for"]) for a in watching) <= 5, record
+
+
+def test_an_alert_fires_when_the_hpa_cannot_scale():
+    hpa = _one(_render("k8s/base"), "HorizontalPodAutoscaler")
+    name = hpa["metadata"]["name"]
+    hits = []
+    for alert in _alerts().values():
+        for metric, matchers in _selectors(alert["expr"]):
+            if metric == "kube_horizontalpodautoscaler_status_condition":
+                m = {label: value for label, _, value in matchers}
+                if m == {"horizontalpodautoscaler": name, "condition": "ScalingActive",
+                         "status": "false"}:  # fmt: skip
+                    hits.append(alert)
+    (alert,) = hits
+    assert "kube-state-metrics" in alert["annotations"]["description"]
+    assert "describe hpa" in alert["annotations"]["description"]
+
+
+def test_an_alert_fires_when_innfer_scrapes_fail():
+    """prometheus-operator labels a PodMonitor's targets job="<namespace>/<name>"."""
+    pm = _one(_render("monitoring"), "PodMonitor", "innfer")
+    job = f"{pm['metadata']['namespace']}/{pm['metadata']['name']}"
+    hits = []
+    for alert in _alerts().values():
+        for metric, matchers in _selectors(alert["expr"]):
+            for label, op, value in matchers if metric == "up" else ():
+                if label == "job" and (re.fullmatch(value, job) if "Re" in op else value == job):
+                    hits.append(alert)
+    (alert,) = hits
+    assert re.search(r"\bup\{[^}]*\}\s*==\s*0\b", alert["expr"]), alert["expr"]
+    assert _minutes(alert["for"]) <= 5
+
+
+def test_queue_compute_ratio_is_bounded_and_a_stuck_engine_alerts():
+    """The HPA averages the ratio over pods: divided by clamp_min(compute, 1e-9), one pod
+    with a stuck engine read ~2e8 and asked for maxReplicas, which cannot unstick it."""
+    (rule,) = (r for r in _rules() if r.get("record") == "innfer:queue_compute_ratio")
+    expr = re.sub(r"\s", "", rule["expr"])
+    assert "clamp_min" not in expr and "1e-9" not in expr, rule["expr"]
+    assert expr.startswith("clamp_max(") and f",{QUEUE_COMPUTE_CAP})or" in expr, rule["expr"]
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"capped at {QUEUE_COMPUTE_CAP}" in readme
+    stuck = [a for a in _alerts().values()
+             if {"innfer_queue_seconds_total", "innfer_compute_seconds_total"}
+             <= {m for m, _ in _selectors(a["expr"])}]  # fmt: skip
+    assert len(stuck) == 1 and "unless" in stuck[0]["expr"], stuck
+
+
+def test_latency_buckets_resolve_the_budgets():
+    """Budgets run from a few ms to 10 s and more: the buckets must reach 10 s, put a
+    boundary at each budget a tier set here defaults to and at common tight ones (30 ms:
+    20 -> 50 ms could not tell whether a p99 met it), and step by at most 2.5x."""
+    buckets = LATENCY_BUCKETS
+    assert list(buckets) == sorted(set(buckets))
+    assert buckets[-1] >= 10.0, buckets
+    assert len(buckets) <= 20, "each (model, tier) of three histograms pays per bucket"
+    steps = [b / a for a, b in itertools.pairwise(buckets)]
+    assert max(steps) <= 2.5, dict(zip(buckets[1:], steps, strict=True))
+    defaults = {
+        ModelConfig.load(p).default_latency_budget_ms / 1e3
+        for p in sorted((DEPLOY / "tiers").glob("*.model.yaml"))
+    }
+    for budget in sorted(defaults | {0.01, 0.02, 0.03, 0.05, 0.1, 0.5, 1.0, 10.0}):
+        assert any(abs(b - budget) < 1e-12 for b in buckets), f"no bucket at {budget} s"
+    # A query that picks a bucket by its le must name one that exists.
+    dash = (DEPLOY / "monitoring" / "innfer-dashboard.json").read_text()
+    exprs = [r["expr"] for r in _rules()] + [dash]
+    for le in re.findall(r'le\\?="([^"\\]+)', " ".join(exprs)):
+        assert le == "+Inf" or float(le) in buckets, le
