@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint format bench clean
 
-$(STAMP): pyproject.toml constraints/dev.txt
+$(STAMP): pyproject.toml constraints/dev.txt constraints/serve.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/dev.txt -e '.[build,dev]'
+	$(PY) -m pip install --quiet -c constraints/dev.txt -c constraints/serve.txt -e '.[build,dev]'
 	touch $(STAMP)
 
 # The main job: train the demo CNN as an INN, build its tiers (ONNX Runtime on the CPU),
