@@ -98,7 +98,9 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.request_seconds = Histogram(
-            "innfer_request_duration_seconds", "Time from arrival to response, in the server.",
+            "innfer_request_duration_seconds", "Time from the scheduler's admission to the end "
+            "of the request's batch: queue and compute. Decoding before it and encoding and "
+            "sending after it are not in it; innfer_request_overhead_seconds is their p99.",
             ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_seconds = Histogram(
