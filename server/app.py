@@ -130,7 +130,14 @@ class Server:
             await asyncio.sleep(0.02)
         if self.grpc is not None:
             await self.grpc.stop(max(0.0, deadline - time.monotonic()))
-        await self.plane.stop_models()
+        # Within what is left of the grace period: an engine call that hangs (or a load that
+        # takes minutes) must not hold the exit past it. What is cut short goes on while the
+        # loop runs (an embedding's); at the process's exit it ends there.
+        stopping = asyncio.ensure_future(self.plane.stop_models())
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            log.error("grace period over: not waiting for %s", self.plane.describe_stopping())
         if self._http is not None:  # off the loop (shutdown waits for its poll, <= 0.5 s)
             http, self._http = self._http, None
             await asyncio.get_running_loop().run_in_executor(None, http.shutdown)

@@ -155,13 +155,13 @@ class DataPlane:
                     None, lambda: self.repo.load(name, backend=self.config.backend)
                 )
             except ModelNotFound as exc:
-                raise NotFound(f"{exc}{self._mark_broken(name, str(exc))}") from None
+                raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
             except InvalidModelName as exc:
-                raise InvalidArgument(str(exc)) from None
+                raise InvalidArgument(self._public(str(exc))) from None
             except (RepositoryError, EngineError, OSError) as exc:
                 kept = self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be loaded: {exc}{_advice(exc)}{kept}"
+                    self._public(f"model {name!r} cannot be loaded: {exc}{_advice(exc)}{kept}")
                 ) from None
             self._warn_over_limit(name, served.config)
             runtime = None
@@ -196,7 +196,7 @@ class DataPlane:
                 # the repository's (profile, engines): a rebuild
                 advice = "" if isinstance(exc, FailedPrecondition) else _advice(exc)
                 raise FailedPrecondition(
-                    f"model {name!r} cannot be served: {exc}{advice}{kept}"
+                    self._public(f"model {name!r} cannot be served: {exc}{advice}{kept}")
                 ) from None
             if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
                 runtime.abandon()
@@ -215,7 +215,7 @@ class DataPlane:
             self.models[name] = runtime
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
-            self._start_tierer(name, served.config)
+            self._start_tierer(name, served.config, swap)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
@@ -228,6 +228,10 @@ class DataPlane:
         """Stop ``runtime`` (no longer in ``models``) in a task of the data plane's own: the
         caller - a Load or Unload RPC - may be cancelled (its client's deadline), and a stop
         cut short would leave admitted requests unanswered and engines open."""
+        await asyncio.shield(self._start_retire(runtime, drain_s))
+
+    def _start_retire(self, runtime: ModelRuntime, drain_s: float | None) -> asyncio.Task:
+        """``_retire``'s task, started (await it shielded)."""
         task = asyncio.ensure_future(runtime.stop(drain_s))
         self._owned.add(task)
         self._retiring.add(runtime)
@@ -240,39 +244,62 @@ class DataPlane:
                     successor.predecessors.remove(runtime)
 
         task.add_done_callback(retired)
-        await asyncio.shield(task)
+        return task
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every
-        model, and wait for the runtimes still being retired by a reload, swap or unload."""
+        model - all at once: one whose engine hangs must not hold up the others' - and wait
+        for the runtimes still being retired by a reload, swap or unload."""
         async with self._lock:  # a load or swap that holds it ends before the snapshot
-            models = list(self.models.values())
-        for m in models:
-            await self._retire(m, DRAIN_S)
+            for m in list(self.models.values()):
+                self._start_retire(m, DRAIN_S)
         while self._owned:
             await asyncio.gather(*list(self._owned), return_exceptions=True)
+
+    def describe_stopping(self) -> str:
+        """What a shutdown cut short by its grace period leaves behind, for the log: a load
+        in progress, models not stopped yet, and those stopping with their running batches
+        (an engine call that hangs is named by model and tier)."""
+        parts = ["a model load in progress"] if self._lock.locked() else []
+        for m in dict.fromkeys([*self.models.values(), *self._retiring]):
+            if m in self._retiring:
+                running = "; ".join(m.running_batches()) or "draining its queue"
+                parts.append(f"model {m.name} stopping ({running})")
+            elif not m.stopping:
+                parts.append(f"model {m.name} (not stopped yet)")
+        return ", ".join(parts) or "nothing"
 
     def _traffic(self, name: str, config) -> TrafficLog | None:
         if config.auto_tiers is None:
             return None
         return self.traffic.setdefault(name, TrafficLog())
 
-    def _start_tierer(self, name: str, config) -> None:
-        """One auto-tiering loop per model with auto_tiers (kept across its reloads)."""
+    def _start_tierer(self, name: str, config, swap: bool = False) -> None:
+        """One auto-tiering loop per model with auto_tiers (kept across its reloads; one
+        with new goals takes over its predecessor's back-off: ``swap``, this load is the
+        predecessor's own change)."""
         tierer = self.tierers.get(name)
         if config.auto_tiers is None:
             if tierer is not None:
                 self.tierers.pop(name).stop()
             return
         if tierer is None or tierer.goals != config.auto_tiers:
-            if tierer is not None:
-                tierer.stop()
-            self.tierers[name] = AutoTierer(
+            fresh = AutoTierer(
                 name, self.repo.root, config.auto_tiers, self.traffic[name], self.swap,
                 self.metrics, live=lambda: self._serving(name),
                 host=lambda: self._host(name),
             )  # fmt: skip
-            self.tierers[name].start()
+            if tierer is not None:
+                tierer.stop()
+                # New goals for the same model (an unload drops the loop): the back-off goes
+                # on - min_interval_s counts from the old loop's last change or failed try,
+                # or from now where this load is that loop's own swap (stopping it cut its
+                # check short before it noted the change). Only the choice, made for the old
+                # goals, is judged anew.
+                fresh.last_change = fresh.clock() if swap else tierer.last_change
+                fresh.changes = tierer.changes
+            self.tierers[name] = fresh
+            fresh.start()
 
     def _serving(self, name: str) -> str:
         """What ``name`` serves now, as `innfer tiers apply --live` takes it."""
@@ -339,18 +366,19 @@ class DataPlane:
                 message_limit(largest),
             )  # fmt: skip
 
-    def _check_answer_fits(self, rows: int, outputs) -> None:
+    def _check_answer_fits(self, rows: int, outputs, id_bytes: int = 0) -> None:
         """Refuse, before it runs, a request whose answer gRPC could not send (it failed
-        after the engine's work, and on a stream ended the stream)."""
+        after the engine's work, and on a stream ended the stream): its tensors and the
+        request id it echoes."""
         if self.transport_limit is None:
             return
         per_row = sum(codec.row_bytes(o) for o in outputs)
-        room = self.transport_limit - ANSWER_FRAME_BYTES
+        room = self.transport_limit - ANSWER_FRAME_BYTES - id_bytes
         if rows * per_row > room:
             raise ResourceExhausted(
                 f"the answer to {rows} rows would be {rows * per_row / 2**20:.1f} MiB, above "
                 f"this server's message limit of {self.transport_limit / 2**20:.1f} MiB; send "
-                f"fewer rows per request (at most {max(1, room // per_row)})"
+                f"fewer rows per request (at most {max(1, room // max(per_row, 1))})"
             )
 
     def check_model_control(self) -> None:
@@ -363,13 +391,16 @@ class DataPlane:
             )
 
     def broken_reason(self, name: str) -> str:
-        """Why ``name`` failed to load, for clients (RepositoryIndex): the repository's own
-        path left out ("<repository>/..."), as in every other message they get."""
-        why = self.broken.get(name, "")
+        """Why ``name`` failed to load, for clients (RepositoryIndex)."""
+        return self._public(self.broken.get(name, ""))
+
+    def _public(self, text: str) -> str:
+        """``text`` for a client: the repository's own path left out ("<repository>/..."),
+        as in every other message they get (the server log keeps it)."""
         root = self.repo.root
         for path in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
-            why = why.replace(path, "<repository>")
-        return why
+            text = text.replace(path, "<repository>")
+        return text
 
     def _mark_broken(self, name: str, why: str) -> str:
         """Record why ``name`` is not served; returns what to tell the caller besides."""
@@ -400,8 +431,13 @@ class DataPlane:
                 tierer.stop()
             self._forget_series(name)
             log.info("model %s unloaded", name)
-            runtime.unbind_gauges()  # its series, whose callbacks hold it, go (before the
-            await self._retire(runtime, DRAIN_S)  # await: the RPC may be cancelled there)
+            runtime.unbind_gauges()  # its series, whose callbacks hold it, go
+            # Started before the lock is let go (the RPC may be cancelled from then on) and
+            # awaited outside it, as a reload's: a stop lasts up to the drain and the running
+            # batch (an engine stuck in a call: RUNNING_WAIT_S), and other models' loads,
+            # unloads and swaps need not wait for it.
+            retiring = self._start_retire(runtime, DRAIN_S)
+        await asyncio.shield(retiring)
 
     def _forget_series(self, name: str) -> None:
         """An unloaded model's gauges: a model configured at start stays in readiness at 0
@@ -587,6 +623,7 @@ class DataPlane:
         raw: Sequence[memoryview] | None = None,
         deadline_is_budget: bool = True,
     ) -> pb.ModelInferResponse:
+        id_bytes = _id_bytes(request.id, self.limits.max_id_bytes)
         params = request.parameters
         if len(params) > self.limits.max_parameters:
             raise InvalidArgument(
@@ -614,7 +651,7 @@ class DataPlane:
             waited_s = 0.0  # the budget counts from the scheduler's stamp
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
-            self._check_answer_fits(rows, outputs)
+            self._check_answer_fits(rows, outputs, id_bytes)
         except ResourceExhausted:
             m.count_invalid()  # too many rows for any replica's transport: not load
             raise
@@ -695,6 +732,19 @@ def _number(param, name: str) -> float | None:
     if kind in ("int64_param", "uint64_param", "double_param"):
         return float(getattr(param, kind))
     raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
+
+
+def _id_bytes(request_id: str, limit: int) -> int:
+    """Bytes of a request's id (its answer echoes it); INVALID_ARGUMENT above ``limit``."""
+    size = len(request_id)  # characters: no more than its UTF-8 bytes
+    if size <= limit:
+        size = len(request_id.encode())
+    if size > limit:
+        raise InvalidArgument(
+            f"the request id is longer than {limit} bytes ({len(request_id)} characters; "
+            "limits.max_id_bytes): send a shorter id"
+        )
+    return size
 
 
 def _largest_message(cfg) -> int:

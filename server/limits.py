@@ -37,6 +37,11 @@ class RequestLimits:
     max_outputs: int = spec(64, lo=1, hi=4096, doc="names in one request's outputs")
     max_name_bytes: int = spec(255, lo=16, hi=4096, doc="length of a tensor name")
     max_parameters: int = spec(64, lo=4, hi=4096, doc="entries in one request's parameters")
+    max_id_bytes: int = spec(
+        1024, lo=16, hi=2**16,
+        doc="bytes of a request's id (its answer echoes it: a longer one could take the answer "
+        "past the message limit after the model ran)",
+    )  # fmt: skip
     max_inflight_bytes: int = spec(
         256 * 2**20, lo=2**20, hi=2**40,
         doc="request bytes accepted and not yet answered, all models together; more: "

@@ -31,10 +31,11 @@ import contextlib
 import itertools
 import json
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,6 +238,59 @@ class Pending:
             self.future.set_exception(exc)
 
 
+class EngineThreads:
+    """A model's engine threads: at most ``n``, started by the first batch, each running the
+    calls ``submit`` hands it in order. Daemon threads, unlike ``concurrent.futures``' (which
+    the interpreter joins at exit): one stuck in an engine call - a hung GPU - must not keep
+    a server that was told to stop from exiting.
+
+    Example:
+        >>> threads, out = EngineThreads(2, "demo"), []
+        >>> threads.submit(out.append, 1)
+        >>> threads.shutdown(); threads.join(); out
+        [1]
+    """
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n = n
+        self.name = name
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # submit (the loop) and shutdown (a closing thread)
+        self._shut = False
+
+    def submit(self, fn: Callable, *args) -> None:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError(f"{self.name}: engine threads already shut down")
+            if not self._threads:
+                for i in range(self.n):
+                    t = threading.Thread(target=self._work, name=f"{self.name}_{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+            self._calls.put((fn, args))
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, args = call
+            try:
+                fn(*args)
+            except Exception:  # e.g. the loop closed under a batch that outlived the server
+                log.exception("%s: a batch's hand-off failed", self.name)
+
+    def shutdown(self) -> None:
+        """No more calls; each thread ends after the calls already submitted."""
+        with self._lock:
+            self._shut = True
+            for _ in self._threads:
+                self._calls.put(None)
+
+    def join(self) -> None:
+        """Wait until every thread ended (``shutdown`` first)."""
+        for t in self._threads:
+            t.join()
+
+
 def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
     """Tiers for the scheduler: measured accuracy where the build had an evaluation set,
     else the FLOPs fraction as a monotone proxy; latency from the profile (p90) - at
@@ -345,30 +399,14 @@ class ModelRuntime:
                 f"({', '.join(t.name for t in self.tiers)}): {exc}; use policy innfer or "
                 "slackfit and pin a tier per request (parameter tier)"
             ) from None
-        self.lanes = {
-            n: Scheduler(
-                infos[n],
-                policies[n],
-                max_batch=self.config.max_batch,
-                max_queue=self.config.max_queue,
-                slots=instances if device is None else device.slots,
-                slo_target=self.config.slo_target,
-                admit_quantile=self.config.admit_quantile,
-                device=device,
-                instances=limit,
-            )
-            for n in lengths
-        }
-        self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
         # Below it (or below a request's own pin) a request is degraded: a choice made by
         # the operator or the client must not read as load.
-        self.nominal_tier = nominal_tier(self.scheduler.policy, self.tiers)
-        self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
+        self.nominal_tier = nominal_tier(policies[lengths[-1]], self.tiers)
         # Where a request's sequence length is read: (input, axis incl. batch); None when
         # the model has fixed shapes.
         seq = next((t for t in self.config.inputs if t.dynamic), None)
         self._seq_axis = (seq.name, 1 + seq.dynamic[0]) if seq is not None else None
-        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"engine-{self.name}")
+        self.pool = EngineThreads(slots, f"engine-{self.name}")
         # A batch planned at most this long may run on the loop thread when nothing else is
         # in flight (``_may_run_inline``).
         self.inline_max_s = inline_max_s if served.backend in INLINE_BACKENDS else 0.0
@@ -396,6 +434,31 @@ class ModelRuntime:
         self.overhead = self.overheads[lengths[-1]]
         self._bound: list[tuple] = []  # (gauge, labels) of each scrape-time series bound here
         self._bind_metrics()
+        # Last: each lane joins the device as it is made (Scheduler). One that fails (a
+        # length's profile table that does not parse) takes the lanes made before it off
+        # the device again - else a runtime that never existed would stay a member for good.
+        try:
+            self.lanes = {
+                n: Scheduler(
+                    infos[n],
+                    policies[n],
+                    max_batch=self.config.max_batch,
+                    max_queue=self.config.max_queue,
+                    slots=instances if device is None else device.slots,
+                    slo_target=self.config.slo_target,
+                    admit_quantile=self.config.admit_quantile,
+                    device=device,
+                    instances=limit,
+                )
+                for n in lengths
+            }
+        except BaseException:
+            if device is not None:
+                for lane in list(limit.members):
+                    device.leave(lane)
+            raise
+        self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
+        self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -419,7 +482,9 @@ class ModelRuntime:
 
         Every request admitted here is answered exactly once, within
         ``drain_s`` (or the latest queued deadline) + the running batch. Returns how many
-        queued requests were failed.
+        queued requests were failed. A batch still running after ``RUNNING_WAIT_S`` (an
+        engine call that hangs) is not waited for: it is logged, and the engines close
+        when it returns (its requests are answered then, or by their clients' deadlines).
         The ``innfer_model_ready`` gauge belongs to the data plane, which knows whether a
         new runtime has replaced this one.
         """
@@ -455,9 +520,30 @@ class ModelRuntime:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
         self.flush()  # the last batches' bookkeeping, before the engines close
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._close_engines)
+        closed = self._close_in_thread()
+        if self._running:
+            # An engine call that does not return (a hung GPU, a deadlocked library) cannot
+            # be interrupted, and closing its engine under it could crash the process: the
+            # engines close once it returns (never, if the process exits first), and no
+            # reload, unload or shutdown waits for it any longer.
+            log.error(
+                "model %s: an engine call has not returned %.0f s after the model stopped "
+                "(%s); its engines close when it does", self.name, RUNNING_WAIT_S,
+                "; ".join(self.running_batches()),
+            )  # fmt: skip
+            return failed
+        await closed
         return failed
+
+    def running_batches(self) -> list[str]:
+        """The batches on an engine now, as the log names them (tier, rows, for how long)."""
+        self.flush()  # a batch answered already is settled, not running
+        now = self.clock()
+        return [
+            f"tier {d.tier}, {d.rows} rows, running for {now - started:.1f} s"
+            for lane in self.lanes.values()
+            for d, started in lane.running.values()
+        ]
 
     def flush(self) -> None:
         """Run the loop's deferred bookkeeping (``_settle``) now: call before reading what
@@ -476,8 +562,32 @@ class ModelRuntime:
         self._leave_device()
         self._close_engines()
 
+    def _close_in_thread(self) -> asyncio.Future:
+        """Close the engines on a thread of their own, once the engine threads have ended;
+        the future is done when they are closed. Not the loop's default executor: repository
+        loads run there, and a close waiting for a stuck batch must not hold one up."""
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        def done() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        def close() -> None:
+            try:
+                self._close_engines()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
+                    loop.call_soon_threadsafe(done)
+
+        threading.Thread(target=close, name=f"close-{self.name}", daemon=True).start()
+        return closed
+
     def _close_engines(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """After the batches on the engine threads (every one submitted runs): close every
+        engine."""
+        self.pool.shutdown()
+        self.pool.join()
         for tier, engine in self.served.engines.items():
             try:
                 engine.close()

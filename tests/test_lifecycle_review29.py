@@ -1,0 +1,432 @@
+"""Lifecycle review 29: an engine call that hangs, request ids, load errors, construction
+failures and auto-tiering's back-off across reloads.
+
+On the fake backend (``runtime.engines.fake``: engines that sleep their profiled time; a
+test holds one with its ``gate`` as a hung GPU call would), through the data plane, the
+model runtime, and - where the transport is the point - a real gRPC server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from serverutil import ServerThread
+
+import server.model_runtime as model_runtime
+from runtime.engines import EngineError
+from runtime.engines.fake import write_model
+from runtime.repository import Repository
+from server.config import ConfigError, ServerConfig
+from server.dataplane import ANSWER_FRAME_BYTES, DataPlane
+from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.scheduling.device import Device
+
+ROOT = Path(__file__).resolve().parent.parent
+# Fake engines at 20 ms: never run on the loop thread (inline runs are off besides).
+LATENCY = {"w100": {1: 20.0, 2: 20.0}, "w050": {1: 10.0, 2: 10.0}}
+
+
+def _config(root: Path, **extra) -> ServerConfig:
+    """Models 'a' and 'b' (w100, w050; input [4] -> logits [3]) on fake engines."""
+    for name in ("a", "b"):
+        if not (root / name).exists():
+            write_model(root, name, {"w100": 1.0, "w050": 0.5}, LATENCY, max_batch=2,
+                        default_latency_budget_ms=5000)  # fmt: skip
+    data = {"repository": str(root), "profile_at_load": False, "inline_max_ms": 0, **extra}
+    return dataclasses.replace(ServerConfig.from_dict(data), backend="fake")
+
+
+def _run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _request(model: str, rid: str = "", value: float = 1.0, **params) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, id=rid)
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.full((1, 4), value, np.float32).tobytes())
+    for key, v in params.items():
+        req.parameters[key].string_param = v
+    return req
+
+
+def _hold(runtime) -> threading.Event:
+    """Hold every engine of ``runtime`` (a hung engine call) until the event is set."""
+    gate = threading.Event()
+    for e in runtime.served.engines.values():
+        e.gate = gate
+    return gate
+
+
+async def _until_running(runtime) -> None:
+    while sum(e.running for e in runtime.served.engines.values()) == 0:
+        await asyncio.sleep(0.002)
+
+
+# -- 1. an unload stuck behind a hung engine call holds no one else up ---------------------
+def test_an_unload_waiting_for_a_hung_engine_does_not_hold_up_other_loads(tmp_path, monkeypatch):
+    # The unload held the data plane's lock through the whole stop: a Load of another model
+    # waited for the hung engine call (29.5 s in the review's run).
+    monkeypatch.setattr(model_runtime, "RUNNING_WAIT_S", 5.0)
+    config = _config(tmp_path, device_slots=2)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        a = plane.models["a"]
+        gate = _hold(a)
+        try:
+            stuck = asyncio.create_task(plane.infer(_request("a", tier="w100"), None))
+            await _until_running(a)
+            unload = asyncio.create_task(plane.unload("a"))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            await asyncio.wait_for(plane.load("b"), 3.0)  # a reload of b, beside it
+            took = time.monotonic() - t0
+            unloading = not unload.done()
+            gate.set()
+            await asyncio.wait_for(unload, 10)
+            answer = await asyncio.wait_for(stuck, 10)
+            await plane.stop_models()
+            return took, unloading, answer, a
+        finally:
+            gate.set()
+
+    took, unloading, answer, a = _run(body())
+    assert unloading and took < 2.0, took  # while the unload still waited for the engine
+    assert answer.parameters["tier"].string_param == "w100"  # the held request was answered
+    assert all(e.closed for e in a.served.engines.values())
+
+
+# -- 2. a stop, and the server's shutdown, bounded with an engine call hung -----------------
+def test_a_stop_does_not_wait_for_a_hung_engine_call_and_closes_its_engines_later(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(model_runtime, "RUNNING_WAIT_S", 0.3)
+    write_model(tmp_path, "m", {"w100": 1.0, "w050": 0.5}, LATENCY, max_batch=2)
+    served = Repository(tmp_path).load("m", backend="fake")
+
+    async def body():
+        rt = ModelRuntime(served, Metrics(), device=Device(1))
+        rt.start()
+        gate = _hold(rt)
+        try:
+            held = asyncio.create_task(rt.infer({"input": np.ones((1, 4), np.float32)}, 1, 30.0,
+                                                pin="w100"))  # fmt: skip
+            await _until_running(rt)
+            t0 = time.monotonic()
+            with caplog.at_level(logging.ERROR, logger="innfer.model"):
+                await asyncio.wait_for(rt.stop(), 5.0)
+            took = time.monotonic() - t0
+            closed_at_stop = any(e.closed for e in served.engines.values())
+            gate.set()  # the engine call returns: its request is answered, then they close
+            result = await asyncio.wait_for(held, 5.0)
+            end = time.monotonic() + 5
+            while not all(e.closed for e in served.engines.values()):
+                assert time.monotonic() < end, "engines not closed after the call returned"
+                await asyncio.sleep(0.01)
+            return took, closed_at_stop, result
+        finally:
+            gate.set()
+
+    took, closed_at_stop, result = _run(body())
+    assert took < 2.0, took
+    assert not closed_at_stop  # never closed under the running call
+    assert result.tier == "w100"
+    assert any("model m" in r.getMessage() and "tier w100" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]  # fmt: skip
+
+
+def test_server_stop_returns_within_its_grace_with_an_engine_call_hung(tmp_path):
+    # Server.stop(grace=2.0) returned after 24.9 s in the review's run (the fake engine's
+    # own give-up time): the wait for the running batch, then the engine pool's shutdown.
+    server = ServerThread(_config(tmp_path, device_slots=2, grpc_port=0, metrics_port=0,
+                                  host="127.0.0.1")).start()  # fmt: skip
+    gate = threading.Event()
+    try:
+        plane = server.server.plane
+        for e in plane.models["a"].served.engines.values():
+            e.gate = gate
+        ch = grpc.insecure_channel(server.address)
+        call = rpc.GRPCInferenceServiceStub(ch).ModelInfer.future(_request("a"), timeout=30)
+        server.call(_until_running(plane.models["a"]), timeout=10)
+        t0 = time.monotonic()
+        server.call(server.server.stop(1.0), timeout=8)
+        took = time.monotonic() - t0
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+        ch.close()
+    finally:
+        gate.set()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+        server.thread.join(10)
+    assert took < 3.0, took
+
+
+def test_the_process_exits_within_its_grace_with_an_engine_call_hung(tmp_path):
+    # Even with Server.stop bounded, a thread stuck in an engine call kept the interpreter
+    # from exiting (concurrent.futures joins its threads at exit).
+    _config(tmp_path)  # writes the models
+    script = textwrap.dedent(f"""
+        import asyncio, dataclasses, sys, threading, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np
+        import runtime.engines.fake as fake
+        fake.GATE_TIMEOUT_S = 120.0
+        from server.app import Server
+        from server.config import ServerConfig
+
+        async def main():
+            cfg = ServerConfig.from_dict({{"repository": {str(tmp_path)!r}, "grpc_port": 0,
+                "metrics_port": 0, "host": "127.0.0.1", "profile_at_load": False,
+                "inline_max_ms": 0, "models": ["a"]}})
+            server = Server(dataclasses.replace(cfg, backend="fake"))
+            await server.start()
+            a = server.plane.models["a"]
+            for e in a.served.engines.values():
+                e.gate = threading.Event()
+            x = np.ones((1, 4), np.float32)
+            asyncio.ensure_future(a.infer({{"input": x}}, 1, 60.0, pin="w100"))
+            while not any(e.running for e in a.served.engines.values()):
+                await asyncio.sleep(0.01)
+            print("stopping", time.monotonic(), flush=True)
+            await server.stop(1.0)
+
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("stopping"), line
+        stopping = float(line.split()[1])
+        proc.wait(timeout=40)
+        exited = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert exited - stopping < 6.0, exited - stopping  # grace 1 s (and the engine held 120 s)
+
+
+# -- 3. request ids bounded -----------------------------------------------------------------
+def test_a_request_id_over_the_limit_is_refused_before_it_runs(tmp_path):
+    config = _config(tmp_path)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        engines = plane.models["a"].served.engines.values()
+        warm = sum(sum(e.calls) for e in engines)  # rows run at load
+        try:
+            with pytest.raises(InvalidArgument, match=r"limits\.max_id_bytes") as exc:
+                await plane.infer(_request("a", "x" * 1025), None)
+            # UTF-8 bytes, not characters: 400 characters of 3 bytes each
+            with pytest.raises(InvalidArgument, match=r"limits\.max_id_bytes"):
+                await plane.infer(_request("a", "\u20ac" * 400), None)
+            calls = sum(sum(e.calls) for e in engines) - warm
+            ok = await plane.infer(_request("a", "y" * 1024), None)  # at the limit: served
+            return str(exc.value), calls, ok, plane
+        finally:
+            await plane.stop_models()
+
+    message, calls, ok, plane = _run(body())
+    assert calls == 0 and len(message) < 300  # nothing ran; the id is not echoed
+    assert ok.id == "y" * 1024
+    invalid = plane.metrics.registry.get_sample_value(
+        "innfer_requests_total", {"model": "a", "tier": "", "outcome": "invalid"}
+    )
+    assert invalid == 2
+    with pytest.raises(ConfigError, match="max_id_bytes"):
+        ServerConfig.from_dict({"repository": str(tmp_path), "limits": {"max_id_bytes": 8}})
+    custom = ServerConfig.from_dict({"repository": "m", "limits": {"max_id_bytes": 64}})
+    assert custom.limits.max_id_bytes == 64
+
+
+def test_the_answers_room_counts_the_id_it_echoes(tmp_path):
+    config = _config(tmp_path)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            # Room for the answer's frame and one row of 3 floats, not for a 1000-byte id too.
+            plane.transport_limit = ANSWER_FRAME_BYTES + 12 + 500
+            with pytest.raises(ResourceExhausted, match="message limit"):
+                await plane.infer(_request("a", "x" * 1000), None)
+            return await plane.infer(_request("a", "x" * 100), None)
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()).id == "x" * 100
+
+
+def test_a_huge_id_on_a_stream_fails_that_request_alone(tmp_path):
+    # An id just under the message limit made the answer exceed gRPC's send limit after the
+    # engine ran: RESOURCE_EXHAUSTED counted as served, and on a stream the stream ended,
+    # losing every request after it.
+    server = ServerThread(_config(tmp_path, grpc_port=0, metrics_port=0, host="127.0.0.1"))
+    server.start()
+    try:
+        limit = server.server.message_limit
+        engines = server.server.plane.models["a"].served.engines.values()
+        warm = sum(sum(e.calls) for e in engines)  # rows run at load
+        big = "x" * (limit - _request("a").ByteSize() - 64)
+        opts = [("grpc.max_send_message_length", 2 * limit),
+                ("grpc.max_receive_message_length", 2 * limit)]  # fmt: skip
+        with grpc.insecure_channel(server.address, options=opts) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_request("a", big), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            sent = [_request("a", "0"), _request("a", big), _request("a", "2")]
+            answers = list(stub.ModelStreamInfer(iter(sent), timeout=20))
+        rows = sum(sum(e.calls) for e in engines) - warm
+    finally:
+        server.stop()
+    assert len(answers) == 3
+    failed = [r for r in answers if r.error_message]
+    assert len(failed) == 1 and failed[0].error_message.startswith("INVALID_ARGUMENT")
+    assert sorted(r.infer_response.id for r in answers if not r.error_message) == ["0", "2"]
+    assert rows == 2  # the two others' rows ran, the refused one's did not
+
+
+# -- 4. load errors name no server path -----------------------------------------------------
+def test_a_failed_load_names_the_repository_not_its_path(tmp_path, monkeypatch):
+    config = _config(tmp_path, model_control="explicit")
+    (tmp_path / "a" / "model.yaml").write_text("inputs: [unclosed\n")
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        messages = []
+        with pytest.raises(FailedPrecondition) as exc:
+            await plane.load("a")
+        messages.append(str(exc.value))
+
+        def warm_up(self, *args, **kwargs):  # an engine whose first run names its file
+            raise EngineError(f"{tmp_path}/b/tiers/w100/model.onnx: cannot run")
+
+        monkeypatch.setattr(ModelRuntime, "warm_up", warm_up)
+        with pytest.raises(FailedPrecondition) as exc:
+            await plane.load("b")
+        messages.append(str(exc.value))
+        return messages
+
+    for message in _run(body()):
+        assert str(tmp_path) not in message and str(tmp_path.resolve()) not in message, message
+        assert "<repository>/" in message, message
+
+
+# -- 5. a runtime that fails to build leaves the shared device -----------------------------
+def _lanes_model(root: Path) -> None:
+    """A sequence model of two lanes (lengths 4, 8) whose profile at length 8 does not parse
+    (a null p90): the lane of length 4 is made - and joins the device - before it fails."""
+    d = write_model(root, "t", {"w100": 1.0, "w050": 0.5}, max_batch=2, lengths=[4, 8],
+                    inputs=[{"name": "ids", "dtype": "int64", "shape": [-1]}])  # fmt: skip
+    profile = json.loads((d / "profile.json").read_text())
+    bad = json.loads(json.dumps(profile["tiers"]))
+    bad["w050"]["2"]["p90_ms"] = None
+    profile["lengths"] = {"4": profile["tiers"], "8": bad}
+    (d / "profile.json").write_text(json.dumps(profile))
+
+
+def test_a_runtime_that_fails_to_build_leaves_the_shared_device(tmp_path):
+    _lanes_model(tmp_path)
+    served = Repository(tmp_path).load("t", backend="fake")
+    device = Device(1)
+    with pytest.raises(TypeError):
+        ModelRuntime(served, Metrics(), device=device)
+    assert device.members == []
+
+    config = _config(tmp_path, device_slots=1, models=["a", "t"])
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()  # t fails, a is served
+        members = list(plane.device.members)
+        lanes = list(plane.models["a"].lanes.values())
+        await plane.stop_models()
+        return members, lanes, plane
+
+    members, lanes, plane = _run(body())
+    assert "t" in plane.broken and "t" not in plane.models
+    assert members == lanes  # a's lane alone
+
+
+# -- 6. new auto-tiering goals keep the back-off -------------------------------------------
+def test_new_auto_tiering_goals_keep_the_back_off_of_the_last_change(tmp_path):
+    goals = {"max_tiers": 2, "rebuild": {"min_interval_s": 600, "min_requests": 10}}
+    d = write_model(tmp_path, "m", {"w100": 1.0, "w050": 0.5}, max_batch=2, auto_tiers=goals)
+    config = _config(tmp_path, models=["m"])
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            old = plane.tierers["m"]
+            old.last_change = old.clock() - 10  # the set changed 10 s ago
+            data = yaml.safe_load((d / "model.yaml").read_text())
+            data["auto_tiers"]["max_tiers"] = 3  # the operator edits the goals, reloads
+            (d / "model.yaml").write_text(yaml.safe_dump(data))
+            await plane.load("m")
+            new = plane.tierers["m"]
+            log = plane.traffic["m"]
+            for i in range(20):  # enough traffic to choose on
+                log.record(new.clock() - 1 + i * 0.01, 0.05, 1)
+            new.command = lambda *args: ["sh", "-c", "exit 3"]  # an apply that keeps the set
+            return old, new, await new.check()
+        finally:
+            plane.stop_tierers()
+            await plane.stop_models()
+
+    old, new, outcome = _run(body())
+    assert new is not old and new.goals.max_tiers == 3
+    assert new.last_change == old.last_change
+    assert outcome == "waiting"  # min_interval_s from the last change, not a fresh start
+
+
+def test_a_swap_that_brings_new_goals_counts_as_the_last_change(tmp_path):
+    # The swap is the old loop's own change, but the loop is stopped (new goals) before it
+    # notes it: the new loop starts its back-off from the swap.
+    goals = {"max_tiers": 2, "rebuild": {"min_interval_s": 600, "min_requests": 10}}
+    d = write_model(tmp_path, "m", {"w100": 1.0, "w050": 0.5}, max_batch=2, auto_tiers=goals)
+    config = _config(tmp_path, models=["m"])
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            data = yaml.safe_load((d / "model.yaml").read_text())
+            data["auto_tiers"]["max_tiers"] = 3
+            (d / "model.yaml").write_text(yaml.safe_dump(data))
+            before = time.monotonic()
+            await plane.swap("m")
+            new = plane.tierers["m"]
+            for i in range(20):
+                plane.traffic["m"].record(new.clock() - 1 + i * 0.01, 0.05, 1)
+            new.command = lambda *args: ["sh", "-c", "exit 3"]
+            return before, new, await new.check()
+        finally:
+            plane.stop_tierers()
+            await plane.stop_models()
+
+    before, new, outcome = _run(body())
+    assert new.goals.max_tiers == 3 and new.last_change >= before
+    assert outcome == "waiting"
