@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -427,6 +428,54 @@ def test_a_new_build_recipe_is_a_new_cache_key():
     finally:
         ort.recipe = 1
     assert after != before and fields["recipe"] == 2
+
+
+def _other_cpu(backend):
+    """``backend`` as it reports itself on another CPU: the same engine files, another ISA
+    (a repository volume moved to an older machine)."""
+    backend.device = lambda: "cpu-x86_64-sse4_2"
+    return backend
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda b, o: (b, dataclasses.replace(o, precision="fp16")),
+     lambda b, o: (_other_cpu(b), o),
+     lambda b, o: (b, dataclasses.replace(o, extra={"device": "cuda"}))],
+    ids=["precision", "device", "extra"],
+)  # fmt: skip
+def test_precision_device_and_extra_are_each_part_of_the_cache_key(change):
+    # None of them was tested: dropping any one from the key left every test passing, and an
+    # fp32 engine would be served for fp16, an engine built for another CPU loaded here.
+    from runtime.engines import BuildOptions, get_backend
+    from runtime.repository.cache import engine_key
+
+    options = BuildOptions()
+    before, _ = engine_key("ab" * 32, get_backend("onnxruntime"), options)
+    after, _ = engine_key("ab" * 32, *change(get_backend("onnxruntime"), options))
+    assert after != before
+
+
+def test_an_engine_cached_for_other_build_options_is_not_reused(tmp_path):
+    from test_build_review28 import _add_onnx
+
+    from runtime.engines import BuildOptions
+    from runtime.engines.onnxruntime import OnnxRuntimeBackend
+    from runtime.repository import EngineCache
+
+    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
+    cache, fp32 = EngineCache(tmp_path / "engines"), BuildOptions()
+    assert cache.get(OnnxRuntimeBackend(), onnx_path, fp32)[1]  # built
+    assert not cache.get(OnnxRuntimeBackend(), onnx_path, fp32)[1]  # the same: loaded
+    # Another CPU and other extra options each build an engine of their own...
+    assert cache.get(_other_cpu(OnnxRuntimeBackend()), onnx_path, fp32)[1]
+    extra = dataclasses.replace(fp32, extra={"note": "tuned"})
+    engine, built = cache.get(OnnxRuntimeBackend(), onnx_path, extra)
+    assert built and engine.run({"x": np.zeros((1, 4), np.float32)})["y"].tolist() == [[1] * 4]
+    assert len(list((tmp_path / "engines").iterdir())) == 3
+    # ... and fp16 is a build too - which this backend refuses - not the fp32 engine.
+    with pytest.raises(ValueError, match="builds fp32 engines only"):
+        cache.get(OnnxRuntimeBackend(), onnx_path, dataclasses.replace(fp32, precision="fp16"))
 
 
 def test_an_interrupted_save_leaves_the_inn_it_replaces(built, tmp_path, monkeypatch):
