@@ -874,6 +874,19 @@ def test_step1_sustainable_tiers_and_step1b_one_tier_above():
     assert planner.one_tier_above(NAMES, NAMES[1:], short, CTX, roomy) == NAMES
 
 
+def test_step1_counts_every_slot_in_what_a_tier_keeps_up_with():
+    """1,000 rows/s: w100 keeps up with 1.5 x 8 / 18 ms = 667 rows/s on one slot and twice
+    that on two, so it is sustainable with two slots and not with one (nor is w075, 889
+    rows/s on one slot)."""
+    capacity = CTX.max_batch / CTX.latency.mean("w100", CTX.max_batch)  # one slot, rows/s
+    one, two = Planner(slots=1), Planner(slots=2)
+    load = Snapshot(arrival_rate=1.5 * one.headroom * capacity)
+    assert one.headroom * capacity < load.arrival_rate < 2 * two.headroom * capacity
+    assert not one.keeps_up("w100", CTX, load) and two.keeps_up("w100", CTX, load)
+    assert one.sustainable_tiers(NAMES, CTX, load) == NAMES[2:]
+    assert two.sustainable_tiers(NAMES, CTX, load) == NAMES
+
+
 def tight_head_queue() -> list[Request]:
     """A head due in 5 ms and eight requests due in 12 ms (one row each)."""
     return [Request(0, 0.0, 0.005)] + [Request(k, 0.0, 0.012) for k in range(1, 9)]
