@@ -159,6 +159,26 @@ def test_bad_text_and_id_requests_are_invalid_argument_with_the_reason(client, i
     assert _code(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+def test_ids_of_the_longest_profiled_length_are_served_and_one_token_more_is_refused(repo, client):
+    # The bound was tested only far beyond it (30 tokens): one past the longest profiled
+    # length (the position table holds more) was let through unnoticed.
+    _, d, model = repo
+    longest = LENGTHS[-1]
+    tok = TextTokenizer(d / "tokenizer.json", longest)
+    ids, mask = tok.encode([" ".join(WORDS[i % len(WORDS)] for i in range(100))])
+    assert ids.shape == (1, longest) and mask.all()  # every position a real token
+    r = client.infer("embed", [_ids_of("input_ids", ids), _ids_of("attention_mask", mask)],
+                     parameters={"tier": "full"})  # fmt: skip
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(r.as_numpy("embedding"), want, atol=1e-5)
+    longer = [_ids("input_ids", [1, longest + 1]), _ids("attention_mask", [1, longest + 1])]
+    with pytest.raises(InferenceServerException, match=rf"sequence length {longest + 1} is "
+                       rf"outside \[1, {longest}\]") as e:  # fmt: skip
+        client.infer("embed", longer)
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+
+
 def test_non_utf8_and_misshaped_text_are_refused(client):
     t = tc.InferInput("text", [1, 1], "BYTES")
     t.set_data_from_numpy(np.array([[b"\xff\xfe bad"]], dtype=object))
