@@ -575,6 +575,37 @@ def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp
     assert failed == 0
 
 
+def test_instances_beyond_the_shared_devices_slots_get_no_threads_or_slots_of_their_own(
+    tmp_path,
+):
+    # A model of 2 instances on a device of 1 slot: its engine threads, its batch limit and
+    # the slots its policy plans with are the device's 1. Taking its instances instead
+    # passed every test (the device alone still runs one batch at a time) while the policy
+    # planned with a second slot that never frees.
+    served = _served(tmp_path, max_batch=1, instances=2)
+    assert served.config.instances == 2
+
+    async def body():
+        alone = ModelRuntime(served, Metrics())  # no shared device: its own 2 instances
+        own = (alone.pool.n, alone.scheduler.instances.limit, alone.scheduler.policy.slots)
+        async with _running(served, Metrics(), device=Device(1)) as rt:
+            shared = (rt.pool.n, rt.scheduler.instances.limit, rt.scheduler.policy.slots)
+            with _Gate(served) as gate:
+                calls = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                         for v in (1.0, 2.0, 3.0)]  # fmt: skip
+                await _until(lambda: gate.running() == 1)
+                gate.release()
+                answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
+        return own, shared, answers
+
+    own, shared, answers = _run(body())
+    assert own == (2, 2, 2)
+    assert shared == (1, 1, 1)
+    for value, answer in zip((1.0, 2.0, 3.0), answers, strict=True):
+        _check_answer(served, _x(1, value), answer)
+    assert served.engines["w100"].max_running == 1 and served.engines["w100"].calls == [1] * 3
+
+
 def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(tmp_path):
     # An engine that returns a 0-d output (no rows to hand out): its request fails with the
     # error, and the device's only slot is free again - the next request is served.
