@@ -277,6 +277,24 @@ def test_multiple_of_rounds_channel_counts(inn):
 
 
 @torch.no_grad()
+def test_full_width_keeps_every_channel_whatever_multiple_of():
+    # 10 channels with multiple_of=8: rounding 1.0 x 10 to the nearest multiple gives 8, so
+    # without full width's own case the "full" tier silently dropped 2 channels.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 12), torch.nn.ReLU(),
+        torch.nn.Linear(12, 3),
+    ).eval()  # fmt: skip
+    x = torch.randn(5, 6)
+    inn = runtime.convert(model, (x,))
+    full = {g.name: g.size for g in inn.groups}
+    assert sorted(full.values()) == [10, 12]  # 10 is not a multiple of 8
+    assert inn.sizes(1.0, multiple_of=8) == full
+    assert inn.sizes(0.5, multiple_of=8) != full  # (rounding does apply below full width)
+    torch.testing.assert_close(inn.sample(1.0, multiple_of=8)(x), model(x))
+
+
+@torch.no_grad()
 def test_sample_is_eval_mode_and_deterministic(inn):
     a, b = inn.sample(0.6), inn.sample(0.6)
     assert not a.training
