@@ -403,6 +403,19 @@ def test_classification_output_gives_the_top_classes_as_triton_does(client):
     assert client.infer("tiny", [_input(x)], outputs=[every]).as_numpy("logits").shape[1] == 10
 
 
+def test_classification_ties_keep_the_lower_class_index_first():
+    # The parity test above draws random logits (no ties); sorting ascending and reversing
+    # put tied classes highest index first, and no test noticed.
+    from server.codec import top_classes
+
+    scores = np.array([[0.5, 0.5, 0.1], [0.2, 0.7, 0.7], [0.3, 0.3, 0.3]], np.float32)
+    assert top_classes(scores, 2).tolist() == [
+        ["0.500000:0", "0.500000:1"],
+        ["0.700000:1", "0.700000:2"],
+        ["0.300000:0", "0.300000:1"],
+    ]
+
+
 def test_unsupported_output_parameters_are_refused():
     from runtime.repository.config import TensorConfig
     from server.codec import requested_outputs
