@@ -5,8 +5,11 @@ statistics) and ModelStreamInfer - the real tritonclient against innfer on 127.0
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -81,22 +84,57 @@ def _burst(server, n: int, rows: int = 1):
     return asyncio.run(run())
 
 
+@contextlib.contextmanager
+def _held(runtime):
+    """Every engine of ``runtime`` (a ModelRuntime of the server) held until the block
+    releases it (``release()``, at the latest on the way out), and no batch run on the
+    event loop's thread meanwhile (inline runs are off in the block): what arrives while a
+    batch is held queues behind it. Yields ``(held, release)``: ``held`` is set once a batch
+    waits in an engine."""
+    held, gate = threading.Event(), threading.Event()
+    engines = list(runtime.served.engines.values())
+
+    def holding(run):
+        def run_held(feeds):
+            held.set()
+            gate.wait(30)
+            return run(feeds)
+
+        return run_held
+
+    inline_max_s = runtime.inline_max_s
+    runtime.inline_max_s = 0.0
+    for e in engines:
+        e.run = holding(e.run)
+    try:
+        yield held, gate.set
+    finally:
+        gate.set()
+        for e in engines:
+            del e.run  # the class's own run again
+        runtime.inline_max_s = inline_max_s
+
+
 def test_statistics_count_requests_rows_and_batches(server, client):
     before = _stats(client, "tiny")
-    served, batched, refused = [], False, 0
-    # On a loaded machine a burst may run unbatched: each request parsed after the previous
-    # one finished (a tiny model's batch takes microseconds), so try a few times. There a
-    # burst's request may also be refused (its budget behind the others): a failure, counted.
-    for _ in range(20):
-        outcomes = _burst(server, 32)
-        ok = [o for o in outcomes if not isinstance(o, Exception)]
-        served += ok
-        refused += len(outcomes) - len(ok)
-        batched = batched or any(
-            o.get_response().parameters["batch_size"].int64_param > 1 for o in ok
-        )
-        if batched:
-            break
+    # A burst batches only if it finds a batch running: on a loaded machine each request
+    # may be parsed after the previous one finished (a tiny model's batch takes
+    # microseconds), or run on the loop's thread. So the burst's first batch is held in its
+    # engine until a full batch (4) waits behind it. A request may still be refused on a
+    # loaded machine (its budget behind the others): a failure, counted.
+    tiny = server.server.plane.models["tiny"]
+    with _held(tiny) as (held, release), ThreadPoolExecutor(1) as pool:
+        burst = pool.submit(_burst, server, 32)
+        assert held.wait(10), "no batch of the burst reached an engine"
+        deadline = time.monotonic() + 10
+        while len(tiny.scheduler.queue) < 4 and not burst.done():
+            assert time.monotonic() < deadline, "the burst did not queue behind the held batch"
+            time.sleep(0.002)
+        release()
+        outcomes = burst.result(30)
+    served = [o for o in outcomes if not isinstance(o, Exception)]
+    refused = len(outcomes) - len(served)
+    batched = any(o.get_response().parameters["batch_size"].int64_param > 1 for o in served)
     assert batched, "no request was batched"
     failed = refused
     with pytest.raises(InferenceServerException):  # refused at once: a failure, counted
