@@ -437,8 +437,14 @@ def test_a_cancel_in_the_same_loop_turn_as_the_answer_is_counted_once(tmp_path):
                 await _until(lambda: gate.running() == 1)
                 expires = asyncio.create_task(rt.infer(_x(1, 2.0), 1, 0.05))
                 await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 1)
+                # The loop is busy from here on (no await): the batch's answer is queued on
+                # it. The model's only engine thread runs a call submitted after the batch
+                # once the batch has handed its answer to the loop.
+                assert rt.pool.n == 1
+                handed = threading.Event()
+                rt.pool.submit(handed.set)
                 gate.release()
-                time.sleep(0.3)  # the loop is busy: the batch's answer is queued on it
+                assert handed.wait(10), "the engine thread did not hand back the answer"
                 clock[0] += 1.0  # and the queued request's budget has run out
                 answered.cancel()  # both clients go away in that same loop turn
                 expires.cancel()
