@@ -84,14 +84,30 @@ def test_stored_peers_goals_are_the_per_repeat_verdicts_of_their_runs():
     stored = {(g["model"], g["point"], g["kind"]): g for g in d["goals"]}
     fresh = {(g["model"], g["point"], g["kind"]): g for g in peers.goals(d)}
     assert {k: g["met"] for k, g in stored.items()} == {k: g["met"] for k, g in fresh.items()}
+    # The c8 throughput goal, recomputed from the stored runs (not from a pasted figure: a
+    # re-run of the benchmark changes them): innfer over the best peer, repeat by repeat.
     c8 = stored["mlp", "c8", "throughput"]
-    assert c8["met"] is False and c8["repeat_ratio_min"] == pytest.approx(1.057, abs=1e-3)
+    point = next(p for p in d["models"]["mlp"]["points"] if p["id"] == "c8")
+    runs = {s: point["servers"][s]["runs"] for s in peers.SERVERS}
+    ratios = [
+        inn["throughput_per_s"] / max(runs[p][r]["throughput_per_s"] for p in peers.PEERS)
+        for r, inn in enumerate(runs["innfer"])
+    ]
+    assert c8["repeat_ratios"] == pytest.approx(ratios)
+    assert c8["repeat_ratio_min"] == pytest.approx(min(ratios))
+    if min(ratios) < peers.THROUGHPUT_GOAL:  # one repeat short fails it, whatever the medians
+        assert c8["met"] is False
 
 
 # -- sim/loadgen.py ----------------------------------------------------------------------------
 def _fake_client(monkeypatch, behave):
     """tritonclient's aio client, replaced: request ``i`` (in send order) first runs
-    ``behave(i)`` (which may block the event loop or raise), then is answered."""
+    ``behave(i)`` (which may block the event loop or raise), then is answered.
+
+    A fake because the faults are the client's own, at chosen requests: its event loop
+    held 60 ms by request 0, an exception raised (not an InferenceServerException) by
+    requests 3 and 7. No server can make the real client's loop stall or its call raise at a
+    given request, and these tests measure the load generator, not a server."""
     import tritonclient.grpc.aio as tca
     from tritonclient.grpc import service_pb2
 

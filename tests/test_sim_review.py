@@ -135,7 +135,13 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
 # -- the open-loop load generator's report -------------------------------------------------
 def _fake_client(monkeypatch, answer):
     """tritonclient's aio client, replaced: request ``i`` (in send order) gets
-    ``answer(i)``'s response, or none ever where that is None."""
+    ``answer(i)``'s response, or none ever where that is None.
+
+    A fake because the tests need answers no server here gives on cue: requests that are
+    never answered, at chosen positions (a real server answers or fails each), and answers
+    from a tier the accuracy table lacks ("s069", an auto-tiering candidate: a real server
+    answers from one only after a tier swap); and they test the load generator's report,
+    not a server."""
     import tritonclient.grpc.aio as tca
     from tritonclient.grpc import service_pb2
 
