@@ -270,3 +270,17 @@ def add_frontier(model_dir: Path, make, widths: dict[str, tuple[float, float]]) 
     )  # fmt: skip
     frontier.write(model_dir / FRONTIER_DIR / FRONTIER_FILE)
     return frontier
+
+
+def hold_engines(runtime) -> threading.Event:
+    """Hold every (fake) engine of ``runtime`` - a hung engine call - until the event is set."""
+    gate = threading.Event()
+    for e in runtime.served.engines.values():
+        e.gate = gate
+    return gate
+
+
+async def until_engine_runs(runtime) -> None:
+    """Return once one of ``runtime``'s (fake) engines is inside a call."""
+    while sum(e.running for e in runtime.served.engines.values()) == 0:
+        await asyncio.sleep(0.002)

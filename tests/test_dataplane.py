@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from serverutil import hold_engines, until_engine_runs
 
 from runtime.engines.fake import write_model
 from server.config import ServerConfig
@@ -507,16 +508,6 @@ def test_a_swap_under_load_starts_from_the_speed_the_old_set_ran_at(config):
 
 
 # -- lifecycle under races (cases a review of the load, swap and unload paths found) ---------
-def _hold(runtime) -> threading.Event:
-    gate = threading.Event()
-    for e in runtime.served.engines.values():
-        e.gate = gate
-    return gate
-
-
-async def _until_running(runtime) -> None:
-    while sum(e.running for e in runtime.served.engines.values()) == 0:
-        await asyncio.sleep(0.002)
 
 
 def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(config):
@@ -526,11 +517,11 @@ def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(confi
         plane = DataPlane(config, Metrics())
         await plane.load_all()
         a = plane.models["a"]
-        gate = _hold(a)
+        gate = hold_engines(a)
         try:
             held = [asyncio.create_task(plane.infer(_request("a", _x(1, v), tier="w100"), None))
                     for v in (1.0, 2.0)]  # fmt: skip
-            await _until_running(a)
+            await until_engine_runs(a)
             unload = asyncio.create_task(plane.unload("a"))
             await asyncio.sleep(0.05)
             unload.cancel()

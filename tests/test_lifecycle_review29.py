@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from serverutil import ServerThread
+from serverutil import ServerThread, hold_engines, until_engine_runs
 
 import server.model_runtime as model_runtime
 from runtime.engines import EngineError
@@ -66,19 +66,6 @@ def _request(model: str, rid: str = "", value: float = 1.0, **params) -> pb.Mode
     return req
 
 
-def _hold(runtime) -> threading.Event:
-    """Hold every engine of ``runtime`` (a hung engine call) until the event is set."""
-    gate = threading.Event()
-    for e in runtime.served.engines.values():
-        e.gate = gate
-    return gate
-
-
-async def _until_running(runtime) -> None:
-    while sum(e.running for e in runtime.served.engines.values()) == 0:
-        await asyncio.sleep(0.002)
-
-
 # -- 1. an unload stuck behind a hung engine call holds no one else up ---------------------
 def test_an_unload_waiting_for_a_hung_engine_does_not_hold_up_other_loads(tmp_path, monkeypatch):
     # The unload held the data plane's lock through the whole stop: a Load of another model
@@ -93,10 +80,10 @@ def test_an_unload_waiting_for_a_hung_engine_does_not_hold_up_other_loads(tmp_pa
         plane = DataPlane(config, Metrics())
         await plane.load_all()
         a = plane.models["a"]
-        gate = _hold(a)
+        gate = hold_engines(a)
         try:
             stuck = asyncio.create_task(plane.infer(_request("a", tier="w100"), None))
-            await _until_running(a)
+            await until_engine_runs(a)
             unload = asyncio.create_task(plane.unload("a"))
             await asyncio.sleep(0.1)
             await asyncio.wait_for(plane.load("b"), 10.0)  # a reload of b, beside it
@@ -126,11 +113,11 @@ def test_a_stop_does_not_wait_for_a_hung_engine_call_and_closes_its_engines_late
     async def body():
         rt = ModelRuntime(served, Metrics(), device=Device(1))
         rt.start()
-        gate = _hold(rt)
+        gate = hold_engines(rt)
         try:
             held = asyncio.create_task(rt.infer({"input": np.ones((1, 4), np.float32)}, 1, 30.0,
                                                 pin="w100"))  # fmt: skip
-            await _until_running(rt)
+            await until_engine_runs(rt)
             with caplog.at_level(logging.ERROR, logger="innfer.model"):
                 await asyncio.wait_for(rt.stop(), 5.0)  # a hang guard (the call holds 30 s)
             # the stop returned with the call still hung, its engines open
@@ -170,7 +157,7 @@ def test_server_stop_returns_within_its_grace_with_an_engine_call_hung(tmp_path,
         ch = grpc.insecure_channel(server.address)
         call = rpc.GRPCInferenceServiceStub(ch).ModelInfer.future(_request("a"), timeout=30)
         engines = plane.models["a"].served.engines.values()
-        server.call(_until_running(plane.models["a"]), timeout=10)
+        server.call(until_engine_runs(plane.models["a"]), timeout=10)
         t0 = time.monotonic()
         server.call(server.server.stop(1.0), timeout=20)  # a hang guard: it took 24.9 s
         took = time.monotonic() - t0
