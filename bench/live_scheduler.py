@@ -18,7 +18,11 @@ first message), attainment = within / sent, goodput (within / s), p50 / p99 late
 requests, mean served size (width of the tier that served, over answered requests), tier mix.
 closed-c32-b30 also gets the issue's Little's-law bound: w025's best rate (batch 8 / its p50 at
 batch 8), and achieved goodput / bound. Each open-loop point is also run through
-sim.simulator.simulate on the same profile, arrivals (trace file) and budgets; the simulator
+sim.simulator.simulate on the same profile, arrivals (trace file) and budgets, and again
+(column simL, sim_at_load) on that profile scaled per tier by what the live server planned
+with when the point's load began (innfer_tier_latency_factor: its timing at load): a profile
+measured on a busier or quieter machine makes the first sim differ from live for reasons that
+are not the scheduler's. The simulator
 has no closed-loop mode, so closed-loop points have no simulated figures. The server is
 pinned to CPU --server-cpus, this process (the load generator) to --client-cpus.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import fnmatch
 import json
 import os
@@ -254,13 +259,25 @@ def open_trace(point: dict, capacity: float, args, work: Path) -> tuple[np.ndarr
     return t, path
 
 
-def simulate_open(model_dir: Path, point: dict, trace: Path, arrivals: np.ndarray, args) -> dict:
+def simulate_open(
+    model_dir: Path,
+    point: dict,
+    trace: Path,
+    arrivals: np.ndarray,
+    args,
+    factors: dict[str, float] | None = None,
+) -> dict:
     """simulate() on the trace file, with the profile, max batch / queue and seed of the
-    live point; its budgets are drawn as uniform_budgets_s draws them."""
+    live point; its budgets are drawn as uniform_budgets_s draws them. ``factors`` (tier ->
+    observed / profiled time, the server's ``innfer_tier_latency_factor`` after its timing
+    at load) scale each tier's stored latencies: the profile the live server planned with."""
+    from runtime.repository import Repository
     from runtime.repository.config import ModelConfig
-    from sim.simulator import SimConfig, simulate, tiers_from_model_dir
+    from server.scheduling.latency import tiers_from_profile
+    from sim.simulator import SimConfig, simulate
 
-    tiers, p50 = tiers_from_model_dir(model_dir)
+    records, stored, _ = Repository(model_dir.parent).served_tiers(model_dir.name)
+    tiers, p50 = tiers_from_profile(scaled_profile(stored, factors or {}), records)
     span = float(arrivals[-1]) if len(arrivals) > 1 else 1.0
     kw = {
         "policy": "innfer",
@@ -289,6 +306,51 @@ def simulate_open(model_dir: Path, point: dict, trace: Path, arrivals: np.ndarra
         len(r.arrivals) == len(arrivals) and np.array_equal(r.arrivals, arrivals)
     )
     return s
+
+
+def sims_at_load(model_dir: Path, pt: dict, files: dict, traces: dict, row: dict, args):
+    """Per tree, the open-loop point simulated on the profile its server planned with when
+    the load began (stored latencies x ``tier_factors_before``): the stored profile may
+    have been measured on a busier or quieter machine than the server's timing at load,
+    and the parity goal is about the scheduler, not about a stale file."""
+    out = {}
+    for tree, s in row["live"].items():
+        factors = s.get("tier_factors_before")
+        if factors:
+            sim = simulate_open(model_dir, pt, files[pt["id"]], traces[pt["id"]], args, factors)
+            out[tree] = {**sim, "tier_factors": factors}
+    return out
+
+
+def scaled_profile(profile: dict, factors: dict[str, float]) -> dict:
+    """``profile`` with every latency of tier t (keys ending in _ms) times factors[t]."""
+    out = copy.deepcopy(profile)
+    for tier, factor in factors.items():
+        for row in out["tiers"].get(tier, {}).values():
+            for key in [k for k in row if k.endswith("_ms")]:
+                row[key] *= factor
+    return out
+
+
+def tier_factors(metrics_url: str) -> dict[str, float]:
+    """The server's ``innfer_tier_latency_factor`` per tier of MODEL now (observed /
+    profiled batch time; {} when the server exports none)."""
+    out = {}
+    for sample in scrape(metrics_url):
+        if sample.name == "innfer_tier_latency_factor" and sample.labels.get("model") == MODEL:
+            out[sample.labels["tier"]] = float(sample.value)
+    return out
+
+
+def scrape(metrics_url: str) -> list:
+    """Every sample the server's /metrics page shows now."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 # -- the server under test ------------------------------------------------------------------
@@ -368,19 +430,12 @@ CPU_METRICS = {
 
 def cpu_account(metrics_url: str) -> dict[str, float]:
     """The ``CPU_METRICS`` sums now (seconds; a metric the server lacks is left out)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
     key_of = {metric: key for key, metric in CPU_METRICS.items()}
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = key_of.get(sample.name)
-            if key is not None:
-                out[key] = out.get(key, 0.0) + sample.value
+    for sample in scrape(metrics_url):
+        key = key_of.get(sample.name)
+        if key is not None:
+            out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -469,6 +524,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
             )
         load_before = os.getloadavg()[0]
         cpu_before = cpu_account(server.metrics_url)
+        factors = tier_factors(server.metrics_url)  # its timing at load, then the warm-up
         if point["kind"] == "closed":
             budgets = closed_budgets_s(point, args.seed, args.requests)
             report = asyncio.run(
@@ -512,6 +568,7 @@ def live_point(server: LiveServer, point: dict, inputs, widths, trace, args) -> 
         s["loadavg_1m_before"] = load_before
         s["loadavg_1m_after"] = os.getloadavg()[0]
         s["server_alive_after"] = server.proc.poll() is None
+        s["tier_factors_before"] = factors
         return {**info, **s}
     finally:
         server.stop()
@@ -592,8 +649,8 @@ def _num(v, fmt: str = ".1f") -> str:
 def summarise(results: dict) -> str:
     head = (
         f"{'point':<20}{'tree':<10}{'sent':>6}{'ok':>6}{'late':>6}{'ref':>6}"
-        f"{'attain':>8}{'sim':>8}{'good/s':>8}{'p50ms':>7}{'p99ms':>7}{'size':>6}"
-        f"{'simsz':>6}  tiers (answered)"
+        f"{'attain':>8}{'sim':>8}{'simL':>8}{'good/s':>8}{'p50ms':>7}{'p99ms':>7}"
+        f"{'size':>6}{'simsz':>6}{'simLsz':>7}  tiers (answered)"
     )
     lines = [head, "-" * len(head)]
     for p in results["points"]:
@@ -603,13 +660,16 @@ def summarise(results: dict) -> str:
                 lines.append(f"{p['id']:<20}{tree:<10}  error: {s['error'][:80]}")
                 continue
             mix = " ".join(f"{k}:{v:.0%}" for k, v in s["tier_mix"].items())
+            at_load = (p.get("sim_at_load") or {}).get(tree) or {}
             lines.append(
                 f"{p['id']:<20}{tree:<10}{s['sent']:>6}{s['within_budget']:>6}{s['late']:>6}"
                 f"{s['refused_total']:>6}{_pct(s['slo_attainment']):>8}"
-                f"{_pct(sim.get('slo_attainment')):>8}{s['goodput_per_s']:>8.1f}"
+                f"{_pct(sim.get('slo_attainment')):>8}{_pct(at_load.get('slo_attainment')):>8}"
+                f"{s['goodput_per_s']:>8.1f}"
                 f"{_num(s['p50_latency_ms']):>7}{_num(s['p99_latency_ms']):>7}"
                 f"{_num(s['mean_served_size'], '.3f'):>6}"
-                f"{_num(sim.get('mean_served_size'), '.3f'):>6}  {mix}"
+                f"{_num(sim.get('mean_served_size'), '.3f'):>6}"
+                f"{_num(at_load.get('mean_served_size'), '.3f'):>7}  {mix}"
             )
             if s["refused_total"]:
                 lines.append(
@@ -803,11 +863,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     repos = copy_per_tree(REPO / MODEL, trees, work)  # an older tree may rebuild its cache
 
-    traces, sims = {}, {}
+    traces, trace_files, sims = {}, {}, {}
     for pt in points:  # simulate first, before the servers and the pinning
         if pt["kind"] == "open":
             arrivals, path = open_trace(pt, capacity, args, work)
-            traces[pt["id"]] = arrivals
+            traces[pt["id"]], trace_files[pt["id"]] = arrivals, path
             sims[pt["id"]] = simulate_open(model_dir, pt, path, arrivals, args)
 
     affinity = pin_client(args)
@@ -870,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
             "closed_loop": NO_CLOSED_LOOP_SIM,
             "open_loop": "simulate(policy innfer, trace file = the live arrivals, budgets "
             "U(20, 100) ms from the same seed, max_batch, max_queue and the model's profile)",
+            "open_loop_at_load": "sim_at_load: the same, on the stored profile scaled per "
+            "tier by the server's innfer_tier_latency_factor when the point's load began (its "
+            "timing at load and the warm-up): the profile the live scheduler planned with",
             "budget_margin": "the server plans with budget - budget_margin_ms (default 1 ms) "
             "and the client's latency includes the transport; the simulator has neither",
         },
@@ -897,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # record and go on
                 row["live"][name] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
         row["live"] = {n: row["live"][n] for n in order}
+        if pt["kind"] == "open":
+            row["sim_at_load"] = sims_at_load(model_dir, pt, trace_files, traces, row, args)
         for s in row["live"].values():
             if "error" not in s:
                 s["core"] = core_demand(pt, s, row.get("rate_per_s"))

@@ -151,6 +151,20 @@ def test_live_scheduler_keeps_littles_law_per_repeat():
     assert [g["current"]["achieved_per_s"] for g in got] == [50.0, 70.0]
 
 
+def test_live_scheduler_sim_at_load_scales_each_tiers_latencies_by_its_factor():
+    # The open-loop points are simulated again on the profile the live server planned with
+    # (stored x innfer_tier_latency_factor): only the named tiers, only the *_ms figures,
+    # the stored profile untouched.
+    from bench import live_scheduler as ls
+
+    stored = {"tiers": {"w100": {"1": {"p50_ms": 10.0, "p90_ms": 12.0, "runs": 30}},
+                        "w025": {"1": {"p50_ms": 2.0, "p90_ms": 3.0, "runs": 30}}}}  # fmt: skip
+    got = ls.scaled_profile(stored, {"w100": 0.5})
+    assert got["tiers"]["w100"]["1"] == {"p50_ms": 5.0, "p90_ms": 6.0, "runs": 30}
+    assert got["tiers"]["w025"]["1"] == {"p50_ms": 2.0, "p90_ms": 3.0, "runs": 30}
+    assert stored["tiers"]["w100"]["1"]["p50_ms"] == 10.0
+
+
 def test_shared_core_gap_without_a_size_is_not_within_the_goal():
     from bench import shared_core
 
