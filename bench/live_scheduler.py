@@ -17,7 +17,11 @@ Per point: sent, answered within budget (client latency <= budget), late, refuse
 first message), attainment = within / sent, goodput (within / s), p50 / p99 latency of answered
 requests, mean served size (width of the tier that served, over answered requests), tier mix.
 closed-c32-b30 also gets the issue's Little's-law bound: w025's best rate (batch 8 / its p50 at
-batch 8), and achieved goodput / bound. Each open-loop point is also run through
+batch 8), and achieved goodput / bound. Each closed-loop point is also run (at most
+1,000 requests) against a transport floor, bench/server_baselines.py echo on the server's CPUs:
+a grpc.aio servicer that answers at once with an empty response - what any Python gRPC server
+attains with these 600 KB requests on this core before it does any work (--no-floor skips
+it). Each open-loop point is also run through
 sim.simulator.simulate on the same profile, arrivals (trace file) and budgets, and again
 (column simL, sim_at_load) on that profile scaled per tier by what the live server planned
 with when the point's load began (innfer_tier_latency_factor: its timing at load): a profile
@@ -419,6 +423,61 @@ class LiveServer:
             self.proc.wait(10)
 
 
+# -- the transport floor -------------------------------------------------------------------
+FLOOR_REQUESTS = 1000  # per closed-loop point; the floor settles within a few hundred
+
+
+def transport_floor(point: dict, inputs, args, log: Path, cpus: set[int] | None) -> dict:
+    """The point's closed loop against bench/server_baselines.py ``echo`` - a grpc.aio
+    ModelInfer servicer that answers at once with an empty response (no decode, no model) -
+    on the server's CPUs: what any Python gRPC server attains with these requests on this
+    core before it does any work. Its CPU per request is read from /proc (utime + stime)."""
+    port = free_ports(1)[0]
+    script = Path(__file__).resolve().parent / "server_baselines.py"
+    cmd = [sys.executable, str(script), "echo", str(port), "-", "-"]
+    taskset = shutil.which("taskset")
+    if cpus and taskset:
+        cmd = [taskset, "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    address = f"{HOST}:{port}"
+    with open(log, "a") as out:
+        out.write(f"\n===== floor {point['id']}: {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_ready(proc, log, address, lambda c: c.is_server_live(), time.monotonic(), "echo")
+        n = min(args.requests, FLOOR_REQUESTS)
+        budgets = closed_budgets_s(point, args.seed, n)
+        cpu0 = process_cpu_s(proc.pid)
+        report = asyncio.run(
+            run_closed_loop(
+                address, MODEL, point["concurrency"], n, args.seconds, lambda i: budgets[i], inputs
+            )
+        )
+        cpu = process_cpu_s(proc.pid) - cpu0
+        s = report.summary
+        keep = ("sent", "within_budget", "late", "refused_total", "slo_attainment",
+                "p50_latency_ms", "p99_latency_ms", "goodput_per_s", "wall_seconds")  # fmt: skip
+        out = {k: s.get(k) for k in keep}
+        out["cpu_ms_per_request"] = 1e3 * cpu / s["sent"] if s["sent"] else None
+        out["server"] = "bench/server_baselines.py echo (grpc.aio, empty answer)"
+        return out
+    except Exception as exc:  # the point's own figures stand without it
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, from /proc/PID/stat."""
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # The server's CPU account, from its Prometheus metrics: the process's CPU, and the engine
 # threads' CPU and wall time while running batches (all models). Older trees export fewer.
 CPU_METRICS = {
@@ -592,6 +651,17 @@ def core_demand(point: dict, s: dict, rate_per_s: float | None) -> dict | None:
     return out
 
 
+def floor_line(f: dict) -> str:
+    if "error" in f:
+        return f"transport floor (echo): {f['error'][:90]}"
+    cpu = f.get("cpu_ms_per_request")
+    return (
+        f"transport floor (echo server, answers at once): {_pct(f['slo_attainment'])} within "
+        f"budget, p50 {_num(f['p50_latency_ms'])} ms, p99 {_num(f['p99_latency_ms'])} ms, "
+        f"server CPU {_num(cpu, '.2f')} ms/request ({f['sent']} sent)"
+    )
+
+
 def core_line(c: dict) -> str:
     text = f"server CPU {c['cpu_ms_per_request']:.2f} ms/request -> {c['capacity_per_s']:.0f}/s"
     if "core_share_offered" in c:
@@ -677,6 +747,9 @@ def summarise(results: dict) -> str:
                 )
             if s.get("core"):
                 lines.append(f"{'':<30}{core_line(s['core'])}")
+        floor = p.get("transport_floor")
+        if floor:
+            lines.append(f"{'':<30}{floor_line(floor)}")
     lls = results.get("littles_law") or []
     if isinstance(lls, dict):  # a results file from before the per-repeat list
         lls = [lls]
@@ -844,6 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         "the same arrivals); the tree that goes first alternates from row to row, also for "
         "one point: on this machine the first arm of an A/A pair did worse",
     )
+    p.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the transport floor: each closed-loop point against an echo server "
+        "that answers at once (bench/server_baselines.py echo) on the server's CPUs",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     if args.repeat < 1:
@@ -962,6 +1042,11 @@ def main(argv: list[str] | None = None) -> int:
         row["live"] = {n: row["live"][n] for n in order}
         if pt["kind"] == "open":
             row["sim_at_load"] = sims_at_load(model_dir, pt, trace_files, traces, row, args)
+        elif args.floor:
+            print(f"[echo] {pt['id']} ...", file=sys.stderr, flush=True)
+            floor_log = args.out / f"{STEM}-echo.log"
+            cpus = args.server_cpus if pinned else None
+            row["transport_floor"] = transport_floor(pt, inputs, args, floor_log, cpus)
         for s in row["live"].values():
             if "error" not in s:
                 s["core"] = core_demand(pt, s, row.get("rate_per_s"))

@@ -165,6 +165,21 @@ def test_live_scheduler_sim_at_load_scales_each_tiers_latencies_by_its_factor():
     assert stored["tiers"]["w100"]["1"]["p50_ms"] == 10.0
 
 
+def test_live_scheduler_reads_a_process_cpu_from_proc_as_the_kernel_counts_it():
+    # The transport floor's CPU per request comes from /proc/PID/stat (utime + stime): the
+    # fields after the command name, which may itself hold spaces and parentheses.
+    import os
+    import time
+
+    from bench import live_scheduler as ls
+
+    end = time.process_time() + 0.2
+    while time.process_time() < end:  # burn a little CPU so that both clocks move
+        pass
+    t = os.times()
+    assert ls.process_cpu_s(os.getpid()) == pytest.approx(t.user + t.system, abs=0.05)
+
+
 def test_shared_core_gap_without_a_size_is_not_within_the_goal():
     from bench import shared_core
 
