@@ -90,6 +90,7 @@ class Server:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *connection_age_options(self.config),
         ]
         self.grpc = grpc.aio.server(options=opts)
         add_inference_service(InferenceService(self.plane, self.config.bearer_token), self.grpc)
@@ -147,6 +148,28 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC server options for ``max_connection_age_s`` and its grace (none where unset).
+
+    A gRPC client resolves DNS when it connects, and again only when a connection drops: a
+    client connected before the autoscaler added pods kept calling the old ones. An aged
+    connection is sent GOAWAY; the client's next call connects afresh (re-resolving), the
+    calls in flight on the old one finish.
+
+    Example:
+        >>> cfg = ServerConfig.from_dict({"repository": "m", "max_connection_age_s": 60})
+        >>> connection_age_options(cfg)
+        [('grpc.max_connection_age_ms', 60000)]
+    """
+    opts = []
+    if config.max_connection_age_s is not None:
+        opts.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
+        if config.max_connection_age_grace_s is not None:
+            grace = round(config.max_connection_age_grace_s * 1000)
+            opts.append(("grpc.max_connection_age_grace_ms", grace))
+    return opts
 
 
 def grpc_host(host: str) -> str:

@@ -6,6 +6,9 @@
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
     max_message_bytes: null      # null: 2x the largest valid request (>= 4 MiB)
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
+    max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
+                                  # and reach replicas added since (null: never)
+    max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
     device_slots: 1               # batches at once on the device all models share (0: per model)
@@ -163,6 +166,19 @@ class ServerConfig:
     grace_period_s: float = spec(
         20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"
     )
+    max_connection_age_s: float | None = spec(
+        300.0, lo=1, hi=86_400, unit="seconds",
+        doc="a client connection this old is sent GOAWAY (gRPC adds +-10 % jitter): its calls "
+        "go on, new ones go over a new connection, which re-resolves DNS and so reaches "
+        "replicas the autoscaler added since (without it a connected client stays on the "
+        "pods it first reached); null: connections live until the client closes them",
+    )  # fmt: skip
+    max_connection_age_grace_s: float | None = spec(
+        None, lo=0, hi=86_400, unit="seconds",
+        doc="after that GOAWAY, calls still open on the old connection (a long-lived "
+        "ModelStreamInfer stream) are cut after this long and the connection closed; null: "
+        "never cut (a stream stays on its replica until the client ends it)",
+    )  # fmt: skip
     budget_margin_ms: float = spec(
         1.0, lo=0, hi=10_000, hi_open=True, unit="milliseconds",
         doc="taken off every latency budget for the response's way back",
@@ -250,6 +266,12 @@ class ServerConfig:
                 self.host,
                 "a host name or IP address without a port (the ports are grpc_port and "
                 "metrics_port); an IPv6 address without brackets, e.g. ::1",
+            )
+        if self.max_connection_age_grace_s is not None and self.max_connection_age_s is None:
+            where.child("max_connection_age_grace_s").fail(
+                self.max_connection_age_grace_s,
+                "null, or set max_connection_age_s too: the grace counts from an aged "
+                "connection's GOAWAY, which max_connection_age_s: null never sends",
             )
         if self.metrics_port and self.metrics_port == self.grpc_port:
             where.child("metrics_port").fail(

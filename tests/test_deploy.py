@@ -282,6 +282,10 @@ def test_deployment_probes_drain_and_security(overlay):
 
     pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.grace_period_s
+    # Connected clients reach pods the HPA adds only once their connection is aged out
+    # (GOAWAY, then a reconnect that re-resolves): within a couple of minutes, not the
+    # server's default 5 (README: Autoscaling).
+    assert cfg.max_connection_age_s is not None and cfg.max_connection_age_s <= 120
 
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == UID

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -20,8 +21,12 @@ import tritonclient.grpc.aio as tca
 from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
+import server.app as app
 from runtime.repository.config import ConfigError
 from server.config import ServerConfig
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.service import InferenceService
 
 pytestmark = pytest.mark.e2e
 X = np.zeros((1, 1, 8, 8), np.float32)
@@ -221,3 +226,50 @@ def test_a_stopped_server_frees_its_metrics_port(model_repository):
     srv.stop()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_an_aged_connection_is_replaced_without_failing_a_call(tmp_path, monkeypatch):
+    # Without grpc.max_connection_age_ms a client kept its first connection for ever: it
+    # re-resolves DNS only when a connection drops, so pods the HPA added got none of its
+    # calls. With max_connection_age_s the server sends GOAWAY; the channel reconnects and
+    # the calls on it go on.
+    peers = []
+    live = InferenceService.ServerLive
+
+    async def recording_live(self, request, context):
+        peers.append(context.peer())  # "ipv4:127.0.0.1:<client port>": one per connection
+        return await live(self, request, context)
+
+    monkeypatch.setattr(InferenceService, "ServerLive", recording_live)
+    s = ServerThread({"repository": str(tmp_path), "max_connection_age_s": 1}).start()
+    calls = 0
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            end = time.monotonic() + 3.0  # ~3 connection ages (1 s +- 10 % jitter)
+            while time.monotonic() < end:
+                assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # none fails
+                calls += 1
+                time.sleep(0.01)
+    finally:
+        s.stop()
+    assert len(peers) == calls
+    assert len(set(peers)) >= 2, set(peers)  # the connection was replaced
+
+
+def test_connection_age_config():
+    cfg = ServerConfig.from_dict({"repository": "m"})
+    assert cfg.max_connection_age_s == 300 and cfg.max_connection_age_grace_s is None
+    assert app.connection_age_options(cfg) == [("grpc.max_connection_age_ms", 300_000)]
+    cfg = cfg.replace(max_connection_age_s=60, max_connection_age_grace_s=2.5)
+    assert app.connection_age_options(cfg) == [
+        ("grpc.max_connection_age_ms", 60_000),
+        ("grpc.max_connection_age_grace_ms", 2_500),
+    ]
+    assert app.connection_age_options(cfg.replace(max_connection_age_s=None,
+                                              max_connection_age_grace_s=None)) == []  # fmt: skip
+    with pytest.raises(ConfigError, match="max_connection_age_grace_s"):
+        ServerConfig.from_dict({"repository": "m", "max_connection_age_s": None,
+                                "max_connection_age_grace_s": 10})  # fmt: skip
+    with pytest.raises(ConfigError, match="max_connection_age_s"):
+        ServerConfig.from_dict({"repository": "m", "max_connection_age_s": 0})
