@@ -102,6 +102,78 @@ def test_over_long_text_is_truncated_at_max_length_tokens(client):
     np.testing.assert_allclose(_embed(client, [words])[0], _embed(client, [first])[0], atol=1e-6)
 
 
+def test_long_text_is_tokenized_off_the_event_loop_while_a_short_request_is_answered(
+    server, monkeypatch
+):
+    # Tokenizing ran on the event loop: 8 texts of 16 KB took 49 ms there, and no other
+    # request was decoded, scheduled or answered meanwhile.
+    import threading
+    import time
+
+    import tritonclient.grpc.aio as aio
+
+    encode = TextTokenizer.encode
+    threads, long_started = {}, threading.Event()
+
+    def slow(self, texts):  # records where it ran; a long text takes 0.5 s
+        long = sum(len(s) for s in texts) > 4000
+        threads["long" if long else "short"] = threading.get_ident()
+        if long:
+            long_started.set()
+            time.sleep(0.5)
+        return encode(self, texts)
+
+    monkeypatch.setattr(TextTokenizer, "encode", slow)
+    long_text = " ".join(WORDS * 20)[:1500]  # 4 rows: 6,000 characters
+
+    async def go():
+        c = aio.InferenceServerClient(server.address)
+        answered = []
+
+        async def call(name, texts):
+            await c.infer("embed", [_text_input(texts)], parameters={"tier": "full"})
+            answered.append(name)
+
+        try:
+            long = asyncio.ensure_future(call("long", [long_text] * 4))
+            assert await asyncio.to_thread(long_started.wait, 10)
+            await call("short", ["the model"])
+            await long
+        finally:
+            await c.close()
+        return answered
+
+    assert asyncio.run(go()) == ["short", "long"]
+    assert threads["short"] == server.thread.ident  # short text: inline, no hop
+    assert threads["long"] != server.thread.ident
+
+
+def test_the_tokenizer_threads_end_when_the_server_stops(repo):
+    import threading
+
+    def tokenizer_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("tokenize_")}
+
+    others = tokenizer_threads()  # the module's server's
+    s = ServerThread({"repository": str(repo[0])}).start()
+    try:
+        s.call(s.server.plane.infer(_bytes_request([" ".join(WORDS * 20)[:1500]] * 2), None))
+        assert tokenizer_threads() - others  # this server's, started by the long text
+    finally:
+        s.stop()
+    assert tokenizer_threads() <= others
+
+
+def _bytes_request(texts):
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="embed")
+    req.parameters["tier"].string_param = "full"
+    t = req.inputs.add(name="text", datatype="BYTES", shape=[len(texts), 1])
+    t.contents.bytes_contents.extend(s.encode() for s in texts)
+    return req
+
+
 def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
     _, d, _ = repo
     texts = ["the server", "a sentence embedding request"]
