@@ -47,7 +47,11 @@ Each server owns its registry, so several servers can run in one process (tests)
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -57,11 +61,18 @@ from prometheus_client import (
     Info,
     ProcessCollector,
     Summary,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger("innfer.metrics")
+
+# Hosts that mean "every interface": /metrics then listens on IPv6 and IPv4 both.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# What binding "::" raises where the kernel has no IPv6 (disabled at boot, or no address).
+_NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 
 # Seconds. Budgets run from a few ms to 10 s and more: a boundary at common budgets (20, 30,
 # 50, 100 ms, ...) tells whether a quantile met one - with 20 -> 50 ms, a p99 under a 30 ms
@@ -224,8 +235,48 @@ class Metrics:
         r.register(_NvmlCollector())
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
-        """Expose /metrics; returns (server, thread) (prometheus_client's WSGI server)."""
+        """Expose /metrics; returns (server, thread) (prometheus_client's WSGI server).
+
+        A wildcard ``host`` (0.0.0.0, ::) listens on IPv6 and IPv4 both - one dual-stack
+        socket on ``::``, as gRPC does for the same host - or on 0.0.0.0 where the kernel
+        has no IPv6: with 0.0.0.0 alone, every scrape of a pod on an IPv6 cluster failed
+        while its gRPC port answered.
+        """
+        if host in WILDCARD_HOSTS:
+            try:
+                return _serve_dual_stack(port, self.registry)
+            except OSError as exc:
+                if exc.errno not in _NO_IPV6:
+                    raise
+                log.info("no IPv6 here (%s): /metrics listens on IPv4 (0.0.0.0) only", exc)
+                host = "0.0.0.0"
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _DualStackServer(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server on an IPv6 socket that takes IPv4 too
+    (IPV6_V6ONLY off: IPv4 clients arrive as ::ffff:a.b.c.d, whatever the host's
+    net.ipv6.bindv6only says)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # no line on stderr per scrape
+        pass
+
+
+def _serve_dual_stack(port: int, registry: CollectorRegistry):
+    httpd = make_server(
+        "::", port, make_wsgi_app(registry), _DualStackServer, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 class _NvmlCollector:

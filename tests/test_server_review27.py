@@ -5,7 +5,9 @@ Real parts: the gRPC server on loopback, tritonclient, ONNX Runtime engines (the
 
 from __future__ import annotations
 
+import errno
 import socket
+import urllib.request
 
 import grpc
 import numpy as np
@@ -15,8 +17,10 @@ from serverutil import ServerThread
 
 from runtime.repository.config import TensorConfig
 from server import codec
+from server import metrics as metrics_module
 from server.config import ConfigError, ServerConfig
 from server.errors import InvalidArgument
+from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 
@@ -131,3 +135,33 @@ def test_server_metadata_lists_the_triton_extensions_served(shared):
         out = tc.InferRequestedOutput("logits", class_count=2)
         x = np.zeros((1, 1, 8, 8), np.float32)
         assert c.infer("tiny", [_input(x)], outputs=[out]).as_numpy("logits").shape == (1, 2)
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_metrics_on_a_wildcard_host_answer_over_ipv6_and_ipv4(tmp_path):
+    # host 0.0.0.0: gRPC listened on both families, /metrics on IPv4 only - on an IPv6
+    # cluster every scrape failed (and the HPA lost its metrics).
+    s = ServerThread({"repository": str(tmp_path), "host": "0.0.0.0"}).start()
+    try:
+        port = s.server.metrics_port
+        for url in (f"http://[::1]:{port}/metrics", f"http://127.0.0.1:{port}/metrics"):
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert "innfer_build_info" in r.read().decode(), url
+    finally:
+        s.stop()
+
+
+def test_metrics_on_a_wildcard_host_fall_back_to_ipv4_without_ipv6(monkeypatch):
+    def no_ipv6(port, registry):
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(metrics_module, "_serve_dual_stack", no_ipv6)
+    httpd, _ = Metrics(version="test").serve_http(0, "0.0.0.0")
+    try:
+        assert httpd.address_family == socket.AF_INET
+        url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert "innfer_build_info" in r.read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
