@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from enum import Enum
 
+import numpy as np
+
 from runtime import __version__
 from runtime.engines import EngineError
 from runtime.repository import (
@@ -737,7 +739,7 @@ class DataPlane:
         codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
-        return arrays, rows
+        return _cut_padding(arrays, cfg, text.mask), rows
 
     async def _tokenize(self, m: ModelRuntime, texts: list[str]):
         """``m``'s tokenizer's encoding of ``texts``: inline when they are short, else on the
@@ -770,6 +772,24 @@ class DataPlane:
         except RuntimeError:  # shut down: a request decoded past the grace period
             return tokenizer.encode(texts)
         return await done
+
+
+def _cut_padding(arrays: dict, cfg, mask_name: str) -> dict:
+    """Token inputs as sent, cut (views) after the last column where any row's mask is 1:
+    a client that pads to a fixed length (``max_length=256``) sends a 4-token sentence as
+    256 columns, which was planned (its lane), counted (``innfer_request_tokens``) and run
+    at 256 tokens. What is cut is padding the model masks out: the embedding is the same."""
+    used = np.flatnonzero(arrays[mask_name].any(axis=0))
+    if not len(used) or used[-1] + 1 == arrays[mask_name].shape[1]:
+        return arrays
+    width = int(used[-1]) + 1
+    out = dict(arrays)
+    for t in cfg.inputs:
+        if t.dynamic:  # (rows, tokens): the codec checked they agree on the length
+            cut = [slice(None)] * arrays[t.name].ndim
+            cut[1 + t.dynamic[0]] = slice(0, width)
+            out[t.name] = arrays[t.name][tuple(cut)]
+    return out
 
 
 def _number(param, name: str) -> float | None:

@@ -187,6 +187,20 @@ def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
     np.testing.assert_allclose(r.as_numpy("embedding"), _embed(client, texts)[0], atol=1e-6)
 
 
+def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, client):
+    # A client padding to max_length sent a 4-token sentence as 24 columns: it was planned
+    # (lane, sequence_length), counted and run as 24 tokens.
+    _, d, _ = repo
+    texts = ["the model", "a small model serves"]  # 4 and 6 tokens
+    ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(texts)
+    width = LENGTHS[-1]
+    ids, mask = (np.pad(a, [(0, 0), (0, width - a.shape[1])]) for a in (ids, mask))
+    r = client.infer("embed", [_ids_of("input_ids", ids), _ids_of("attention_mask", mask)],
+                     parameters={"tier": "full"})  # fmt: skip
+    assert r.get_response().parameters["sequence_length"].int64_param == LENGTHS[0]
+    np.testing.assert_allclose(r.as_numpy("embedding"), _embed(client, texts)[0], atol=1e-6)
+
+
 def _ids(name, shape, dtype="INT64"):
     t = tc.InferInput(name, shape, dtype)
     t.set_data_from_numpy(np.ones(shape, np.int64 if dtype == "INT64" else np.int32))
