@@ -387,14 +387,18 @@ def _gate(etc: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_check_tiers_gate_blocks_a_repository_built_for_other_tiers(tmp_path):
+def _gate_etc(tmp_path: Path) -> tuple[Path, Path]:
+    """(/etc/innfer as the CPU overlay's ConfigMap mounts it, the repository it names)."""
     _, data = _server_config(_render("k8s/overlays/cpu"))
     etc, repo = tmp_path / "etc", tmp_path / "models" / "v1"
     etc.mkdir()
     for key, text in data.items():  # what the ConfigMap mounts at /etc/innfer
         (etc / key).write_text(text.replace("/models/v1", str(repo)))
-    tier_set = etc / "mnist.model.yaml"
-    assert _gate(etc).returncode == 1  # nothing built yet
+    return etc, repo
+
+
+def _build_for(repo: Path, tier_set: Path) -> Path:
+    """What `innfer build` leaves for the gate to find: model.yaml, each tier's files."""
     model = repo / "mnist"
     model.mkdir(parents=True)
     (model / "model.yaml").write_text(tier_set.read_text())
@@ -402,11 +406,40 @@ def test_check_tiers_gate_blocks_a_repository_built_for_other_tiers(tmp_path):
         (model / "tiers" / t.name).mkdir(parents=True)
         (model / "tiers" / t.name / "model.onnx").write_bytes(b"onnx")
         (model / "tiers" / t.name / "tier.json").write_text("{}")
+    return model
+
+
+def test_check_tiers_gate_blocks_a_repository_built_for_other_tiers(tmp_path):
+    etc, repo = _gate_etc(tmp_path)
+    tier_set = etc / "mnist.model.yaml"
+    assert _gate(etc).returncode == 1  # nothing built yet
+    model = _build_for(repo, tier_set)
     ok = _gate(etc)
     assert ok.returncode == 0, ok.stderr
     (model / "model.yaml").write_text(tier_set.read_text().replace("width: 0.75", "width: 0.7"))
     bad = _gate(etc)
     assert bad.returncode == 1 and "tiers" in bad.stderr and "innfer build" in bad.stderr
+
+
+def test_check_tiers_gate_needs_no_secret_the_init_container_lacks(tmp_path):
+    # The gate loaded the whole ServerConfig, which checks that tls.* and
+    # auth.bearer_token_file exist; the init container mounts only config, models and /tmp,
+    # so with auth or TLS configured every new pod hung in Init:CrashLoopBackOff.
+    dep = _one(_render("k8s/overlays/cpu"), "Deployment", "innfer")
+    (init,) = dep["spec"]["template"]["spec"]["initContainers"]
+    mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    secrets = "/var/run/secrets/innfer"
+    assert not any(secrets.startswith(m) for m in mounts)  # absent there, as here
+    etc, repo = _gate_etc(tmp_path)
+    with (etc / "server.yaml").open("a") as f:
+        f.write(f"auth: {{bearer_token_file: {secrets}/token}}\n"
+                f"tls: {{cert: {secrets}/tls.crt, key: {secrets}/tls.key}}\n")  # fmt: skip
+    _build_for(repo, etc / "mnist.model.yaml")
+    ok = _gate(etc)
+    assert ok.returncode == 0, ok.stderr
+    (etc / "server.yaml").write_text("host: 0.0.0.0\n")  # what it does need: the repository
+    bad = _gate(etc)
+    assert bad.returncode == 1 and "repository" in bad.stderr, bad.stderr
 
 
 # --- monitoring ------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ backends, precision, batch, ...) and, for every tier, the files ``innfer build``
 differs and how to fix it, and exit 1, so a rollout of a new tier set waits (the old pods keep
 serving, maxUnavailable is 0) until the repository has been rebuilt for it. Engines are not
 checked: the server rebuilds missing or stale ones from each tier's ONNX at start-up.
+
+Of the server config it reads the repository alone (``GateConfig``), not the whole
+ServerConfig: that one checks that ``tls.*`` and ``auth.bearer_token_file`` exist, and this
+container mounts only the config, the models and /tmp - with auth or TLS configured the gate
+failed on the missing secret and the pod never started (Init:CrashLoopBackOff). The server
+checks the rest of its config when it starts.
 """
 
 from __future__ import annotations
@@ -19,16 +25,36 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from runtime.configspec import Where, parse, read_yaml, spec
 from runtime.repository.config import ConfigError, ModelConfig
-from server.config import ServerConfig
 
 SUFFIX = ".model.yaml"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """What the gate reads of the server config (every other key is the server's)."""
+
+    repository: Path = spec(  # noqa: RUF009 - spec() is a dataclasses.field() with rules
+        doc="model repository root (relative paths: from the config file's directory)"
+    )
+
+
+def read_repository(server_yaml: Path) -> Path:
+    """The repository ``server_yaml`` names, resolved as the server resolves it; no other
+    key is read or checked (ConfigError where the file or its repository is unusable)."""
+    data = read_yaml(server_yaml)
+    where = Where(str(server_yaml), base=server_yaml.parent)
+    if not isinstance(data, dict):
+        where.fail(data, "a mapping of server settings (repository: ...)")
+    read = {k: data[k] for k in ("repository",) if k in data}
+    return parse(GateConfig, read, where).repository
 
 
 def check(server_yaml: Path, tier_dir: Path) -> list[str]:
     """Problems found (empty: the repository matches every tier set)."""
     try:
-        repo = ServerConfig.load(server_yaml).repository
+        repo = read_repository(server_yaml)
     except ConfigError as exc:
         return [str(exc)]
     problems = []
