@@ -270,9 +270,11 @@ def _check_range(name: str, datatype: str, values: np.ndarray, info: np.iinfo) -
 def check_token_inputs(
     ids: np.ndarray, mask: np.ndarray, vocab_size: int, ids_name: str, mask_name: str
 ) -> None:
-    """Token ids a client sent itself must be ids of the model's tokenizer, and the mask 0
-    or 1: an id past the embedding table fails inside the engine (and with it every request
-    batched beside it), a negative one silently reads another row.
+    """Token ids a client sent itself must be ids of the model's tokenizer, and each mask
+    row 1 for its tokens, then 0 for its padding (at least one token): an id past the
+    embedding table fails inside the engine (and with it every request batched beside it),
+    a negative one silently reads another row, and a left-padded or empty row is embedded
+    wrongly without a word.
 
     Example:
         >>> check_token_inputs(np.array([[101, 7592, 102]]), np.ones((1, 3)), 30522, "i", "m")
@@ -294,6 +296,17 @@ def check_token_inputs(
         raise InvalidArgument(
             f"input {mask_name!r}: value {mask[at]} at {list(at)}; an attention mask holds 0 "
             "(padding) or 1 (a token)"
+        )
+    # Each row ones then zeros: a left-padded row was embedded wrongly (the positions of its
+    # tokens shift; cosine 0.79 to the right-padded row's), an all-zero row as a zero vector.
+    bad = mask[:, 0] != 1
+    if mask.shape[1] > 1:
+        bad |= (np.diff(mask, axis=1) > 0).any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InvalidArgument(
+            f"input {mask_name!r}: row {row} is left-padded, has gaps or has no token; send "
+            "right-padded rows 1 ... 1 0 ... 0 (each row's tokens first, then its padding)"
         )
 
 

@@ -227,6 +227,16 @@ def _ids_of(name, values):
          r"token id -1 at \[0, 1\]"),
         (lambda: [_ids("input_ids", [1, 2]), _ids_of("attention_mask", [[1, 2]])],
          "an attention mask holds 0"),
+        # Served silently: a left-padded row's embedding was wrong (cosine 0.79 to the
+        # right-padded row's), an all-zero row came back as a zero vector.
+        (lambda: [_ids("input_ids", [1, 4]), _ids_of("attention_mask", [[0, 0, 1, 1]])],
+         "'attention_mask': row 0 is left-padded, has gaps or has no token; send "
+         "right-padded rows 1 ... 1 0 ... 0"),
+        (lambda: [_ids("input_ids", [2, 4]),
+                  _ids_of("attention_mask", [[1, 1, 1, 1], [1, 0, 1, 0]])], "row 1 is left-padded"),
+        (lambda: [_ids("input_ids", [3, 3]),
+                  _ids_of("attention_mask", [[1, 1, 0], [1, 0, 0], [0, 0, 0]])],
+         "row 2 is left-padded, has gaps or has no token"),
         (lambda: [_text_input(["a"], name="texts")],
          "takes text as 'text' .* or token ids as 'input_ids' and 'attention_mask'; "
          "got inputs 'texts'$"),  # each name quoted once (was ["'texts'"])
