@@ -4,8 +4,9 @@
     innfer tiers suggest MODEL_DIR --traffic CSV print the set the traffic calls for, and the
                                                  expected gain over the live set; changes nothing
     innfer tiers apply REPOSITORY MODEL --traffic CSV
-                                                 the same, then (gain >= rebuild.min_gain)
-                                                 build and check the engines and write
+                                                 the same, then (gain >= rebuild.min_gain,
+                                                 or the live set breaks a goal) build and
+                                                 check the engines and write
                                                  auto_tiers.json; exit 0 applied, 3 kept
 
 ``apply`` is what a server with ``auto_tiers`` runs in the background (server/autotier.py);
@@ -118,7 +119,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
     if args.result:
         args.result.write_text(json.dumps(choice.to_json(), indent=1))
-    if not choice.changes or (choice.gain < min_gain and not args.force):
+    if not (choice.worth(min_gain) or (args.force and choice.changes)):
         print("kept the live tiers")
         return APPLY_KEPT
     t0 = time.perf_counter()
@@ -340,8 +341,11 @@ def format_choice(
 
     t = choice.traffic
     lo, mid, hi = t["budget_ms_p10_p50_p90"]
+    breaks = getattr(choice, "live_breaks", ())
     if not choice.changes:
         verdict = "keep (same set)"
+    elif breaks:  # replaced whatever the gain: a set the goals forbid is not kept
+        verdict = f"apply (the live set breaks the goals: {'; '.join(breaks)})"
     elif choice.gain < min_gain:
         verdict = "keep (gain below rebuild.min_gain)"
     else:

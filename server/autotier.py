@@ -174,14 +174,16 @@ class AutoTierer:
         self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
         if choice is not None:
             best, old = choice["best"]["tiers"], choice["current"]["tiers"]
+            # A live set that broke the goals is replaced whatever the gain: say why.
+            breaks = "; ".join(choice.get("live_breaks") or [])
             log.info(
                 "model %s: tiers %s -> %s (expected: served accuracy %+.2f%%, attainment "
-                "%+.2f%% on %d recent requests, budgets p50 %.1f ms, %.1f req/s); swapped in "
+                "%+.2f%% on %d recent requests, budgets p50 %.1f ms, %.1f req/s)%s; swapped in "
                 "%.1f s",
                 self.name, old, best, 100 * choice.get("served_accuracy_gain", 0.0),
                 100 * choice.get("attainment_gain", 0.0), choice["traffic"]["requests"],
                 choice["traffic"]["budget_ms_p10_p50_p90"][1], choice["traffic"]["rate_per_s"],
-                seconds,
+                f", replacing a set that broke the goals ({breaks})" if breaks else "", seconds,
             )  # fmt: skip
         return self._count("applied")
 

@@ -10,8 +10,13 @@ answered within its budget - less a steep penalty where attainment falls below a
     floor = min(slo_target, attainment the traffic allows) - attainment_slack
 
 where the attainment the traffic allows is the best of the live set's, the fastest
-candidate's alone and that of a set spread over the whole frontier (the latter two less
-their largest members where the set would exceed ``max_memory_mb``). So accuracy is
+candidate's alone and that of a set spread over the whole frontier - each only as the
+goals allow it: the fastest candidate that fits ``max_memory_mb`` alone, the spread less its
+largest members until it fits, and the live set only where it keeps every goal itself
+(``max_tiers``, ``max_memory_mb``, ``accuracy_floor``; hand-written tiers before the first
+choice may not). A live set that breaks a goal is no yardstick - its attainment, bought
+with what the goals forbid, would penalise every allowed set - and is replaced by the best
+allowed set whatever the gain (``Choice.live_breaks`` says why). So accuracy is
 maximised at the SLO target, or - where the traffic makes the target unreachable - at the
 best attainment within reach less ``auto_tiers.attainment_slack`` (default 0.002: replay
 noise), never bought with more deadlines than the operator allows. The search: over the frontier's
@@ -148,12 +153,14 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Choice:
-    """The chosen set, the live one, and every set the search evaluated."""
+    """The chosen set, the live one, and every set the search evaluated; ``live_breaks``:
+    the goals the live set itself breaks (then it is replaced whatever the gain)."""
 
     best: Evaluation
     current: Evaluation
     evaluated: list[Evaluation]
     traffic: dict
+    live_breaks: tuple[str, ...] = ()
 
     @property
     def gain(self) -> float:
@@ -167,6 +174,11 @@ class Choice:
         """Whether the chosen set differs from the live one in a tier's name or channels."""
         return self.best.identity != self.current.identity
 
+    def worth(self, min_gain: float) -> bool:
+        """Whether to apply the choice: it changes the set, and it gains ``min_gain`` or the
+        live set breaks a goal (a set the goals forbid is not kept for its score)."""
+        return self.changes and (self.gain >= min_gain or bool(self.live_breaks))
+
     def to_json(self) -> dict:
         return {
             "best": _public(self.best),
@@ -176,6 +188,7 @@ class Choice:
             "attainment_gain": self.best.attainment - self.current.attainment,
             "traffic": self.traffic,
             "evaluated": len(self.evaluated),
+            "live_breaks": list(self.live_breaks),
         }
 
 
@@ -336,6 +349,7 @@ def choose(
     recent = traffic.last(goals.simulate_requests)
     live_options, live_names = current
     live = evaluate(live_options, list(live_names), recent, sim, host=host)
+    breaks = live_breaks(live_options, live_names, goals)
     # Fastest first (p50 at the largest profiled batch, as ``thin`` orders the frontier).
     order = sorted(options, key=lambda n: options[n].p50[max(options[n].p50)])
 
@@ -352,14 +366,17 @@ def choose(
 
     # What the traffic allows: the fastest tier alone (no larger tier to tempt the planner
     # into work that later arrivals wait behind), or a spread over the frontier - each as
-    # far as the goals allow it: a floor no allowed set can reach penalises every one.
+    # far as the goals allow it: a floor no allowed set can reach penalises every one. The
+    # live set counts only where it keeps the goals itself, for the same reason.
+    fastest = next(([n] for n in order if fits([n])), [])
     reach = max(
         (evaluate(options, names, recent, sim, host=host).attainment
-         for names in (fitting(order[:1]), fitting(_spread(order, goals.max_tiers)))
+         for names in (fastest, fitting(_spread(order, goals.max_tiers)))
          if names),
         default=0.0,
     )  # fmt: skip
-    floor = min(sim.slo_target, max(live.attainment, reach)) - goals.attainment_slack
+    allowed = live.attainment if not breaks else 0.0
+    floor = min(sim.slo_target, max(allowed, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
     cache: dict[frozenset, Evaluation] = {}
 
@@ -403,7 +420,31 @@ def choose(
                     break
             if improved:
                 break
-    return Choice(best, live, list(cache.values()), recent.summary())
+    return Choice(best, live, list(cache.values()), recent.summary(), breaks)
+
+
+def live_breaks(
+    options: Mapping[str, Option], names: Sequence[str], goals: AutoTiersConfig
+) -> tuple[str, ...]:
+    """The goals the set ``names`` breaks, each said with its numbers (empty: none):
+    hand-written tiers serve until the first choice and need not keep ``auto_tiers``' goals.
+
+    Example:
+        >>> live_breaks(options, ["w025"], AutoTiersConfig(max_memory_mb=1.6))  # doctest: +SKIP
+        ('its weights need 2 MB, over max_memory_mb 1.6',)
+    """
+    out = []
+    if len(names) > goals.max_tiers:
+        out.append(f"it has {len(names)} tiers, over max_tiers {goals.max_tiers}")
+    memory = sum(options[n].memory_mb for n in names)
+    if goals.max_memory_mb is not None and memory > goals.max_memory_mb:
+        out.append(f"its weights need {memory:.4g} MB, over max_memory_mb {goals.max_memory_mb}")
+    if goals.accuracy_floor is not None:
+        low = [n for n in names if options[n].tier.accuracy < goals.accuracy_floor]
+        if low:
+            accs = ", ".join(f"{n} {options[n].tier.accuracy:.4f}" for n in low)
+            out.append(f"{accs} below accuracy_floor {goals.accuracy_floor}")
+    return tuple(out)
 
 
 def _or(value: float | None, default: float) -> float:

@@ -38,7 +38,15 @@ from server.scheduling import TierInfo
 from server.traffic import TrafficLog
 from sim.live_host import LiveHost
 from sim.simulator import SimConfig
-from sim.tiering import Option, Traffic, choose, evaluate, frontier_options, thin
+from sim.tiering import (
+    Option,
+    Traffic,
+    choose,
+    evaluate,
+    frontier_options,
+    live_breaks,
+    thin,
+)
 
 IO = {
     "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
@@ -265,6 +273,41 @@ def test_the_attainment_floor_comes_from_sets_the_goals_allow():
     assert c.best.score == pytest.approx(c.best.served_accuracy)  # not penalised
 
 
+def test_a_live_set_over_max_memory_mb_is_replaced_whatever_the_gain():
+    # Hand-written w025 at 2.0 MB under max_memory_mb 1.6: its attainment (every tight
+    # budget met) was the floor every allowed set fell short of, each was penalised, the
+    # gain came out -48.1 and the set the goals forbid was kept for good.
+    from innfer.tiers import format_choice
+
+    mem = {"w100": 4.0, "w075": 1.0, "w050": 0.5, "w025": 2.0}
+    goals = AutoTiersConfig(max_tiers=2, max_memory_mb=1.6, simulate_requests=400)
+    live = (_options(["w025"], memory=mem), ["w025"])
+    c = choose(_options(memory=mem), _traffic(2000, (4, 8)), goals, live)
+    assert c.best.memory_mb <= 1.6 and c.current.attainment > c.best.attainment
+    assert c.best.score == pytest.approx(c.best.served_accuracy)  # the live set sets no floor
+    assert c.live_breaks == ("its weights need 2 MB, over max_memory_mb 1.6",)
+    assert c.worth(min_gain=0.005)  # replaced although the allowed set serves less
+    out = format_choice(c, 0.005)
+    assert "-> apply (the live set breaks the goals: its weights need 2 MB" in out
+    assert c.to_json()["live_breaks"] == list(c.live_breaks)
+
+
+def test_a_live_set_below_the_accuracy_floor_is_replaced_whatever_the_gain():
+    goals = AutoTiersConfig(max_tiers=2, accuracy_floor=0.95, simulate_requests=400)
+    options = {n: o for n, o in _options().items() if o.tier.accuracy >= 0.95}
+    c = choose(options, _traffic(2000, (4, 8)), goals, (_options(["w025"]), ["w025"]))
+    assert "w025" not in c.best.tiers and c.current.attainment > c.best.attainment
+    assert c.best.score == pytest.approx(c.best.served_accuracy)  # the live set sets no floor
+    assert c.live_breaks == ("w025 0.9000 below accuracy_floor 0.95",) and c.worth(0.005)
+    # A live set that keeps the goals is still the yardstick, and kept below min_gain.
+    ok = choose(options, _traffic(20, (50, 100)), goals, (_options(["w100"]), ["w100"]))
+    assert ok.live_breaks == () and not ok.worth(min_gain=1.0)
+    # More engines than max_tiers break the goals too (hand-written sets may have them).
+    assert live_breaks(_options(), ["w100", "w075", "w050"], goals) == (
+        "it has 3 tiers, over max_tiers 2",
+    )
+
+
 def test_a_tier_of_the_same_name_with_other_channels_is_a_change():
     # The live w100 (hand-written, 12 channels) and the frontier's w100 (16) share a name:
     # the choice of the frontier's is a change to apply, not "keep (same set)".
@@ -483,6 +526,20 @@ def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monke
     (tmp_path / "h.json").write_text(json.dumps({"slots": 1, "policy": "slackfit"}))
     _choose(repo, "tiny", tmp_path / "t.csv", host=tmp_path / "h.json")
     assert [(s.slots, s.policy) for s in seen] == [(2, "innfer"), (1, "slackfit")]
+
+
+def test_apply_replaces_hand_written_tiers_that_break_max_memory_mb(tmp_path, capsys):
+    # model.yaml's w100 + w050 need 0.025 MB of weights; max_memory_mb is 0.02. Before, the
+    # choice had to beat them by min_gain on the score, and a set bought with forbidden
+    # memory kept its place; now any allowed set replaces it.
+    d = _auto_model(tmp_path, max_memory_mb=0.02, rebuild={"min_gain": 1.0})
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    argv = ["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")]
+    assert cli(argv) == 0, capsys.readouterr().out
+    assert "the live set breaks the goals: its weights need 0.02498 MB" in capsys.readouterr().out
+    active = ActiveTiers.read(d / ACTIVE_FILE)
+    assert active.reason["best"]["memory_mb"] <= 0.02
+    assert active.reason["live_breaks"] == ["its weights need 0.02498 MB, over max_memory_mb 0.02"]
 
 
 def test_apply_refuses_live_tiers_its_source_does_not_have(tmp_path, capsys):
