@@ -1,8 +1,10 @@
 """``innfer serve``: start the gRPC server, the metrics endpoint, and shut down gracefully.
 
-SIGTERM / SIGINT: readiness goes false at once (Kubernetes stops routing), new requests get
-UNAVAILABLE, in-flight requests finish, then the process exits - bounded by the grace
-period.
+SIGTERM / SIGINT: readiness goes false at once (Kubernetes stops routing), the gRPC server
+sends GOAWAY on every connection and closes its port (clients move their new calls to other
+replicas without failing them), in-flight requests finish, then the process exits - bounded
+by the grace period. A call that still reaches the data plane (sent before the GOAWAY
+arrived) is answered UNAVAILABLE.
 
 Example:
     >>> asyncio.run(serve(ServerConfig.from_dict({"repository": "models"})))  # doctest: +SKIP
@@ -123,14 +125,20 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
         grace = self.config.grace_period_s if grace is None else grace
-        self.plane.drain()
+        self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)
         deadline = time.monotonic() + grace
+        # The transport's shutdown at once, not after the drain: GOAWAY on every connection
+        # and the port closed, so clients send their new calls elsewhere (a reconnect they
+        # do by themselves) instead of having them refused here with UNAVAILABLE for the
+        # whole drain. Calls in flight go on until they end or the grace is over (then gRPC
+        # cancels them); it returns as soon as they all ended.
+        closing = None if self.grpc is None else asyncio.ensure_future(self.grpc.stop(grace))
         while self.plane.inflight() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self.grpc is not None:
-            await self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        if closing is not None:
+            await closing
         # Within what is left of the grace period: an engine call that hangs (or a load that
         # takes minutes) must not hold the exit past it. What is cut short goes on while the
         # loop runs (an embedding's); at the process's exit it ends there.

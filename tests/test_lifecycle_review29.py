@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -222,6 +223,53 @@ def test_the_process_exits_within_its_grace_with_an_engine_call_hung(tmp_path):
     # exited with its engine call still held (120 s): its grace (1 s) and the interpreter's
     # exit, with room for a loaded machine
     assert exited - stopping < 20.0, exited - stopping
+
+
+def _refuses_connections(port: int, within: float) -> bool:
+    """Whether 127.0.0.1:``port`` refuses TCP connections within ``within`` seconds."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_drain_sends_goaway_at_once_and_the_held_request_still_completes(tmp_path):
+    # The drain kept the gRPC port open and every connection up until the requests in
+    # flight had finished: for up to the whole grace period each new call - on a connection
+    # the client had, or a new one - was accepted and answered UNAVAILABLE by the data plane,
+    # where a GOAWAY and a closed port would have sent it to another replica.
+    server = ServerThread(_config(tmp_path, device_slots=2, grpc_port=0, metrics_port=0,
+                                  host="127.0.0.1")).start()  # fmt: skip
+    plane = server.server.plane
+    gate = hold_engines(plane.models["a"])
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            held = rpc.GRPCInferenceServiceStub(ch).ModelInfer.future(
+                _request("a", "held"), timeout=30
+            )
+            server.call(until_engine_runs(plane.models["a"]), timeout=10)
+            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(20.0), server.loop)
+            refused = _refuses_connections(server.server.port, within=5.0)
+            fresh = grpc.insecure_channel(server.address)
+            with fresh, pytest.raises(grpc.RpcError) as err:
+                rpc.GRPCInferenceServiceStub(fresh).ModelInfer(_request("a"), timeout=5)
+            inflight = plane.inflight()
+            gate.set()  # the engine call returns: the held request is answered
+            answer = held.result(timeout=10)
+        stopping.result(timeout=20)
+    finally:
+        gate.set()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+        server.thread.join(10)
+    assert refused  # the port closed while the held request was still in flight
+    assert inflight == 1
+    # the new call never reached the data plane ("the server is shutting down; retry ...")
+    assert "shutting down" not in (err.value.details() or ""), err.value.details()
+    assert answer.id == "held" and answer.parameters["tier"].string_param  # not lost
 
 
 # -- 3. request ids bounded -----------------------------------------------------------------
