@@ -27,6 +27,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
+from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
 from server.errors import (
@@ -654,7 +655,7 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        inputs, rows = await self._decode(m, request, raw)
+        inputs, rows, truncated = await self._decode(m, request, raw)
         reserve_s = grace_s = 0.0
         if self._plans_overhead(m):
             # Plans leave room for the overhead's high quantile - of the request's own lane:
@@ -687,6 +688,8 @@ class DataPlane:
         p["batch_size"].int64_param = result.batch_size
         if result.lane:  # a text model: the profiled length it was planned at
             p["sequence_length"].int64_param = result.lane
+        if truncated:  # texts cut at the model's max_length (truncate=true, the default)
+            p["truncated_rows"].string_param = json.dumps(truncated)
         # The budget the server planned with (after the margin): says which source won
         # (parameter, gRPC deadline or the model's default) and what was left of it.
         p["budget_us"].int64_param = int(budget_s * 1e6)
@@ -707,25 +710,35 @@ class DataPlane:
 
     async def _decode(
         self, m: ModelRuntime, request, raw: Sequence[memoryview] | None = None
-    ) -> tuple[dict, int]:
+    ) -> tuple[dict, int, list[int]]:
         """The model's input arrays and rows: from the tensors as sent, or - for a text
-        model sent its text input alone - from the strings, tokenized here. ``raw``: the
-        request's raw_input_contents, when not in ``request`` itself."""
+        model sent its text input alone - from the strings, tokenized here; and the rows
+        whose text was truncated at the model's ``max_length`` (the request parameter
+        ``truncate=false`` refuses such a text instead). ``raw``: the request's
+        raw_input_contents, when not in ``request`` itself."""
         cfg = m.config
         text = cfg.text
         if text is not None and any(t.name == text.input for t in request.inputs):
+            truncate = _bool_param(request.parameters, "truncate", default=True)
             texts = codec.decode_text(
                 request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
-            ids, mask = await self._tokenize(m, texts)
+            ids, mask, truncated = await self._tokenize(m, texts)
+            if truncated and not truncate:
+                row = min(truncated)
+                raise InvalidArgument(
+                    f"{text.input}[{row}] is {truncated[row]} tokens, over max_length "
+                    f"{text.max_length}; shorten it or send truncate=true"
+                )
             arrays = {text.ids: ids, text.mask: mask}
             arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
-            return arrays, len(texts)
+            return arrays, len(texts), sorted(truncated)
         max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
         if text is None:
-            return codec.decode_inputs(
+            arrays, rows = codec.decode_inputs(
                 request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
             )
+            return arrays, rows, []
         names = {t.name for t in request.inputs[: self.limits.max_inputs + 1]}
         if not names or not names <= {s.name for s in cfg.inputs}:
             raise InvalidArgument(
@@ -739,15 +752,15 @@ class DataPlane:
         codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
-        return _cut_padding(arrays, cfg, text.mask), rows
+        return _cut_padding(arrays, cfg, text.mask), rows, []
 
-    async def _tokenize(self, m: ModelRuntime, texts: list[str]):
+    async def _tokenize(self, m: ModelRuntime, texts: list[str]) -> Encoded:
         """``m``'s tokenizer's encoding of ``texts``: inline when they are short, else on the
         tokenizer threads while the loop serves other requests (inline once those are shut
         down: the server stopping)."""
         tokenizer = m.served.tokenizer
         if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS:
-            return tokenizer.encode(texts)
+            return tokenizer.encode_rows(texts)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -761,7 +774,7 @@ class DataPlane:
 
         def encode() -> None:
             try:
-                result, error = tokenizer.encode(texts), None
+                result, error = tokenizer.encode_rows(texts), None
             except Exception as exc:  # (TokenizerError) raised in the request's handler
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
@@ -770,7 +783,7 @@ class DataPlane:
         try:
             self.tokenizer_threads.submit(encode)
         except RuntimeError:  # shut down: a request decoded past the grace period
-            return tokenizer.encode(texts)
+            return tokenizer.encode_rows(texts)
         return await done
 
 
@@ -847,6 +860,15 @@ def _budget(
     if time_remaining is not None:
         budget = min(budget, time_remaining)  # never answer after the client gave up
     return budget
+
+
+def _bool_param(params, name: str, default: bool) -> bool:
+    if name not in params:
+        return default
+    p = params[name]
+    if p.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument(f"parameter {name!r} must be a bool (true or false)")
+    return p.bool_param
 
 
 def _string_param(params, name: str) -> str | None:

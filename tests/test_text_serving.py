@@ -99,7 +99,32 @@ def test_unicode_and_empty_strings_are_embedded(repo, client):
 def test_over_long_text_is_truncated_at_max_length_tokens(client):
     words = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # ~100 tokens
     first = " ".join(words.split()[: MAX_LENGTH - 2])  # what fits beside [CLS] and [SEP]
-    np.testing.assert_allclose(_embed(client, [words])[0], _embed(client, [first])[0], atol=1e-6)
+    cut, params = _embed(client, ["the model", words])
+    whole, plain = _embed(client, ["the model", first])
+    np.testing.assert_allclose(cut, whole, atol=1e-6)
+    # The cut was silent: the answer now says which rows lost tokens (only when one did).
+    assert params["truncated_rows"].string_param == "[1]"
+    assert "truncated_rows" not in plain
+
+
+def test_truncate_false_refuses_an_over_long_text_naming_its_row_and_length(repo, client):
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(100))
+    tokens = TextTokenizer(repo[1] / "tokenizer.json", 1000).lengths([words])[0]
+    assert tokens == 102  # 100 words, [CLS] and [SEP]
+    with pytest.raises(InferenceServerException) as e:
+        _embed(client, ["the model", words, words], truncate=False)
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+    assert e.value.message().endswith(
+        f"text[1] is 102 tokens, over max_length {MAX_LENGTH}; shorten it or send truncate=true"
+    )
+    # Texts that fit are served as ever; truncate=true is the default's behaviour.
+    fits, params = _embed(client, ["the model"], truncate=False)
+    np.testing.assert_allclose(fits, _embed(client, ["the model"])[0])
+    assert "truncated_rows" not in params
+    assert _embed(client, [words], truncate=True)[1]["truncated_rows"].string_param == "[0]"
+    with pytest.raises(InferenceServerException, match="'truncate' must be a bool") as e:
+        _embed(client, ["the model"], truncate="no")
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
 
 
 def test_long_text_is_tokenized_off_the_event_loop_while_a_short_request_is_answered(
@@ -112,7 +137,7 @@ def test_long_text_is_tokenized_off_the_event_loop_while_a_short_request_is_answ
 
     import tritonclient.grpc.aio as aio
 
-    encode = TextTokenizer.encode
+    encode = TextTokenizer.encode_rows
     threads, long_started = {}, threading.Event()
 
     def slow(self, texts):  # records where it ran; a long text takes 0.5 s
@@ -123,7 +148,7 @@ def test_long_text_is_tokenized_off_the_event_loop_while_a_short_request_is_answ
             time.sleep(0.5)
         return encode(self, texts)
 
-    monkeypatch.setattr(TextTokenizer, "encode", slow)
+    monkeypatch.setattr(TextTokenizer, "encode_rows", slow)
     long_text = " ".join(WORDS * 20)[:1500]  # 4 rows: 6,000 characters
 
     async def go():

@@ -11,12 +11,15 @@ Example:
     >>> ids, mask = tok.encode(["a short sentence", "another"])  # doctest: +SKIP
     >>> ids.shape, ids.dtype  # doctest: +SKIP
     ((2, 5), dtype('int64'))
+    >>> tok.encode_rows(["a short sentence", "a long document ..."]).truncated  # doctest: +SKIP
+    {1: 412}
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +34,15 @@ def read_sentences(path: str | Path, limit: int | None = None) -> list[str]:
 
 class TokenizerError(ValueError):
     """The tokenizer file is missing or unreadable, or a text cannot be tokenized."""
+
+
+class Encoded(NamedTuple):
+    """``TextTokenizer.encode_rows``: ids and mask, int64 (rows, longest), and the rows cut
+    at ``max_length``, each with its token count before the cut (special tokens included)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    truncated: dict[int, int]
 
 
 class TextTokenizer:
@@ -55,6 +67,7 @@ class TextTokenizer:
             raise TokenizerError(f"cannot read tokenizer {self.path}: {exc}") from None
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
+        self._specials = self._tok.num_special_tokens_to_add(is_pair=False)  # [CLS], [SEP]
         # One more than the largest id it can produce: ids a client sends itself must be
         # below it (an id past the model's embedding table fails inside the engine).
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -66,13 +79,23 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)``, each int64 of shape (len(texts), longest): ids
         padded with 0 and mask 0 after each text's own tokens."""
+        ids, mask, _ = self.encode_rows(texts)
+        return ids, mask
+
+    def encode_rows(self, texts: Sequence[str]) -> Encoded:
+        """``encode``, and which rows were truncated at ``max_length`` (a client is told:
+        the server's ``truncated_rows``, or an error with ``truncate=false``)."""
         if not texts:
             raise TokenizerError("no texts to tokenize")
         encodings = self._tok.encode_batch(list(texts))
         longest = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(texts), longest), np.int64)
         mask = np.zeros((len(texts), longest), np.int64)
+        truncated = {}
         for i, e in enumerate(encodings):
             ids[i, : len(e.ids)] = e.ids
             mask[i, : len(e.ids)] = 1
-        return ids, mask
+            if e.overflowing:  # the rest, in pieces of max_length with their own specials
+                extra = sum(len(o.ids) - self._specials for o in e.overflowing)
+                truncated[i] = len(e.ids) + extra
+        return Encoded(ids, mask, truncated)
