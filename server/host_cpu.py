@@ -23,32 +23,74 @@ true anyway; the exported figure and auto-tiering's host view overstate it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
+log = logging.getLogger("innfer.host_cpu")
+
 WINDOW_S = 0.5  # a new sample at most this often: ~100 rows at a few hundred per second
 MIN_ROWS = 16  # a window with fewer arrivals extends until it has this many
 ALPHA = 0.3  # weight of each window's sample in the estimate: about the last 3 windows
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max ..."
+# cgroup v1's CPU controller (the container's own cgroup is mounted there): quota -1 = none
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 
 
-def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> float:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
-    Kubernetes CPU limit) when one is set.
+def _quota(cpu_max: Path, cpu_v1: Path) -> float | None:
+    """CPUs the cgroup CPU quota allows (v2's cpu.max, else v1's cfs quota / period), or
+    None where no quota is set or none can be read."""
+    try:
+        quota, period = cpu_max.read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:  # cgroup v1 (older nodes: Kubernetes < 1.25 defaults, RHEL/CentOS 7, ...)
+        quota = int((cpu_v1 / "cpu.cfs_quota_us").read_text())
+        period = int((cpu_v1 / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cpu_max: Path | None = None, cpu_v1: Path | None = None) -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a
+    Kubernetes CPU limit) when one is set - cgroup v2's ``cpu.max``, else cgroup v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (on v1, a 2-CPU pod counted every core of
+    its node). ``cpu_max`` / ``cpu_v1`` default to the module's paths.
 
     Example:
         >>> available_cpus() >= 1
         True
     """
     cpus = float(len(os.sched_getaffinity(0)))
-    try:
-        quota, period = cpu_max.read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(int(quota) / int(period), 1.0))
-    except (OSError, ValueError):
-        pass
+    quota = _quota(
+        CGROUP_CPU_MAX if cpu_max is None else cpu_max, CGROUP_V1_CPU if cpu_v1 is None else cpu_v1
+    )
+    if quota is not None:
+        cpus = min(cpus, max(quota, 1.0))
     return cpus
+
+
+def oversubscription(engine_threads: int, cpus: float) -> str | None:
+    """What to tell an operator whose engines may run more threads at once than the
+    process has CPUs (None: they fit).
+
+    Example:
+        >>> oversubscription(2, 2.0) is None
+        True
+        >>> oversubscription(4, 2.0)[:40]
+        'the loaded models may run 4 engine threa'
+    """
+    if engine_threads <= cpus:
+        return None
+    return (
+        f"the loaded models may run {engine_threads} engine threads at once (device_slots, "
+        f"or each model's instances, x its threads) on {cpus:g} CPUs (affinity and cgroup "
+        "CPU quota): they take turns on the CPUs, and batch latencies rise past their "
+        "profiles - lower threads in model.yaml or device_slots, or raise the CPU limit"
+    )
 
 
 class HostCpu:
@@ -71,12 +113,26 @@ class HostCpu:
         self.cpus = available_cpus() if cpus is None else cpus
         self.window_s = window_s
         # Engine threads the loaded models may run at once (slots x intra-op threads):
-        # the data plane sets it as models load.
-        self.engine_threads = 1
+        # the data plane sets it as models load (a warning when it exceeds the CPUs).
+        self._engine_threads = 1
         self.estimate = 0.0  # CPU s per row, measured whether or not it is shared
         self._rows = 0
         self._engine_s = 0.0
         self._since: tuple[float, float] | None = None  # (time, process CPU) at window start
+
+    @property
+    def engine_threads(self) -> int:
+        return self._engine_threads
+
+    @engine_threads.setter
+    def engine_threads(self, n: int) -> None:
+        """Set as models load and unload; warns (once per new count) where it exceeds the
+        CPUs."""
+        if n != self._engine_threads:
+            message = oversubscription(n, self.cpus)
+            if message is not None:
+                log.warning("%s", message)
+        self._engine_threads = n
 
     @property
     def shares_cpus(self) -> bool:
