@@ -6,10 +6,12 @@ last ``window_s``, ``rebuild.min_interval_s`` passed since the last change and t
 moved by more than ``rebuild.drift`` since the last choice (rate, budget quantiles, rows:
 simulating costs CPU the serving process shares, so unchanged traffic is not re-judged), it
 writes that window (its last ``simulate_requests`` requests: all the choice replays) to
-``<model>/auto/traffic.csv``, and what serving adds to each request beyond queue and compute
-(the learned overhead's recent samples, the budget margin, plan_overhead, the engines' live
-speed against their profiles) to ``auto/host.json`` - the choice replays both, so that it
-judges a set by what clients would see (``sim.live_host``) - and runs ``innfer tiers apply``
+``traffic.csv`` in its own work directory, ``<model>/auto/<hostname>-<pid>-<n>/`` (replicas
+sharing the repository's volume each have theirs; removed when the loop stops), and what
+serving adds to each request beyond queue and compute (the learned overhead's recent
+samples, the budget margin, plan_overhead, the engines' live speed against their profiles)
+to ``host.json`` beside it - the choice replays both, so that it judges a set by what
+clients would see (``sim.live_host``) - and runs ``innfer tiers apply``
 on them, told which set the server serves, in a separate process at the lowest CPU priority
 (Linux SCHED_IDLE, and ``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check
 uses the model's own threads): the choice (simulations), the engine builds and checks happen
@@ -18,7 +20,13 @@ worth its ``min_gain``; then the model is reloaded as a swap: the new runtime ta
 requests at once, the old one serves its whole queue (each request runs or expires by its
 own deadline: none is failed) and closes. A failed apply, or a new set that does not load,
 leaves the live set (and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before
-trying again. Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a
+trying again. Replicas sharing a volume take turns: the apply, the reload and the undo run
+under an ``flock`` of ``<model>/auto/apply.lock`` (a replica that finds it taken counts
+"waiting" and tries at its next check); the undo puts the old file back only while the file
+still holds what this apply wrote (a newer choice written meanwhile - by hand, or by a
+replica of a release without the lock - stays), and the log says what the reload serves,
+which is what ``auto_tiers.json`` held then, not necessarily this replica's choice.
+Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a
 name the new set does not have: pin names with auto-tiering only where the set is fixed.
 Only the task and the reload run in the server; the server imports no simulator, so the
 serving image needs ``sim/`` only as that process's code.
@@ -33,9 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import itertools
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +63,9 @@ log = logging.getLogger("innfer.autotier")
 
 HOST_FILE = "host.json"  # beside traffic.csv: the view sim.live_host reads
 APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
+WORK_DIR = "auto"  # <model>/auto/: one work directory per replica, and the lock
+LOCK_FILE = "apply.lock"  # in <model>/auto/: one apply -> reload -> undo at a time
+_loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
 class AutoTierer:
@@ -91,6 +107,8 @@ class AutoTierer:
         self.last_change = -float("inf")
         self.changes = 0
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
+        # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
+        self.work = self.repository / name / WORK_DIR / f"{_replica()}-{next(_loops)}"
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
 
@@ -99,9 +117,16 @@ class AutoTierer:
         self._task = asyncio.get_running_loop().create_task(self.run())
 
     def stop(self) -> None:
-        """Cancel the loop (a running apply process is killed; the live set stays)."""
-        if self._task is not None:
-            self._task.cancel()
+        """Cancel the loop (a running apply process is killed; the live set stays) and
+        remove this loop's work directory once it has ended."""
+        if self._task is None:
+            self._remove_work()
+            return
+        self._task.add_done_callback(lambda _: self._remove_work())
+        self._task.cancel()
+
+    def _remove_work(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
 
     async def run(self) -> None:
         """Check forever (cancel the task to stop); one failed check never ends the loop."""
@@ -135,15 +160,27 @@ class AutoTierer:
             return self._count("waiting")
         if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
             return self._count("unchanged")  # the live set was chosen for traffic like this
-        work = self.repository / self.name / "auto"
-        work.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        lock = _try_lock(self.work.parent / LOCK_FILE)
+        if lock is None:  # another replica (or loop) is applying a set for this model
+            log.info("model %s: another replica is choosing this model's tiers; trying again "
+                     "at the next check", self.name)  # fmt: skip
+            return self._count("waiting")
+        try:
+            return await self._apply_and_swap(summary, rows, loop)
+        finally:
+            os.close(lock)  # releases the flock
+
+    async def _apply_and_swap(self, summary: dict, rows: tuple, loop) -> str:
+        """Choose, apply and reload, under the model's lock (``_check``)."""
+        work = self.work
         traffic, result = work / "traffic.csv", work / "choice.json"
         result.unlink(missing_ok=True)
         rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
         host = self.host() if self.host is not None else None
         await loop.run_in_executor(None, _write_inputs, traffic, rows, work / HOST_FILE, host)
         active = self.repository / self.name / ACTIVE_FILE
-        before = active.read_bytes() if active.is_file() else None
+        before = _bytes(active)
         t0 = self.clock()
         argv = self.command(self.repository, self.name, traffic, result, self.live())
         code = await self._apply(argv)
@@ -158,29 +195,50 @@ class AutoTierer:
             log.error("model %s: `innfer tiers apply` exited %s; the live tiers stay", self.name,
                       code)  # fmt: skip
             return self._count("failed")
+        written = _bytes(active)  # what this apply wrote: the undo takes back only that
         try:
             # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
             # half - the old runtime, already out of the data plane, still drains its queue.
             await asyncio.shield(self.reload(self.name))
         except Exception:
-            _restore(active, before)  # what is served stays what the file says
             self.last_change = self.clock()
             log.exception("model %s: the new tiers did not load; the live tiers stay", self.name)
+            if _bytes(active) == written:
+                _restore(active, before)  # what is served stays what the file says
+            else:  # a newer choice, written during the reload: not this apply's to undo
+                log.warning(
+                    "model %s: %s was rewritten during the reload (another replica, or "
+                    "`innfer tiers apply`); left as it is", self.name, ACTIVE_FILE,
+                )  # fmt: skip
             return self._count("failed")
         seconds = self.clock() - t0
         self.last_change = self.clock()
         self.chosen_for = summary
         self.changes += 1
         self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
-        if choice is not None:
-            best, old = choice["best"]["tiers"], choice["current"]["tiers"]
+        # What the reload serves is what auto_tiers.json held then: this apply's choice, or
+        # a newer one another writer put there meanwhile. Say what is served.
+        try:
+            served = self.live()
+        except Exception:  # the swap is done; a log line is no reason to fail the check
+            log.exception("model %s: could not tell what the reload serves", self.name)
+            served = "?"
+        chosen = choice["best"]["tiers"] if choice is not None else None
+        if chosen is None or set(served.partition(":")[2].split(",")) != set(chosen):
+            log.warning(
+                "model %s: now serving %s, not this replica's choice %s: %s was rewritten "
+                "meanwhile (another replica, or `innfer tiers apply`); swapped in %.1f s",
+                self.name, served, chosen, ACTIVE_FILE, seconds,
+            )  # fmt: skip
+        else:
             # A live set that broke the goals is replaced whatever the gain: say why.
             breaks = "; ".join(choice.get("live_breaks") or [])
             log.info(
                 "model %s: tiers %s -> %s (expected: served accuracy %+.2f%%, attainment "
                 "%+.2f%% on %d recent requests, budgets p50 %.1f ms, %.1f req/s)%s; swapped in "
                 "%.1f s",
-                self.name, old, best, 100 * choice.get("served_accuracy_gain", 0.0),
+                self.name, choice["current"]["tiers"], served,
+                100 * choice.get("served_accuracy_gain", 0.0),
                 100 * choice.get("attainment_gain", 0.0), choice["traffic"]["requests"],
                 choice["traffic"]["budget_ms_p10_p50_p90"][1], choice["traffic"]["rate_per_s"],
                 f", replacing a set that broke the goals ({breaks})" if breaks else "", seconds,
@@ -238,6 +296,34 @@ def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None
         host_path.unlink(missing_ok=True)
     else:
         write_json(host_path, host)
+
+
+def _replica() -> str:
+    """This process in a file name: ``<hostname>-<pid>`` (a pod's name on Kubernetes)."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` of ``path`` (created where missing) as an open descriptor -
+    closing it releases the lock - or None where another process or loop holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _bytes(path: Path) -> bytes | None:
+    """``path``'s content, None where it is absent."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _restore(path: Path, content: bytes | None) -> None:

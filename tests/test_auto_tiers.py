@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -445,9 +446,9 @@ def test_the_server_hands_its_host_view_to_the_apply_process(tmp_path):
         argvs.append(apply_command(repo, name, traffic, result, live))
         return ["sh", "-c", "exit 3"]  # kept
 
-    host = tmp_path / "m" / "auto" / HOST_FILE
     tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
                         lambda: 1000.0, command, host=lambda: views[-1])  # fmt: skip
+    host = tierer.work / HOST_FILE
     assert asyncio.run(tierer.check()) == "kept"
     assert LiveHost.read(host) == LiveHost(overhead_ms=(3.0,), engine_speed=1.2)
     assert argvs[-1][-2:] == ["--host", str(host)] and "--background" in argvs[-1]
@@ -649,7 +650,7 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     for i in range(10):
         log.record(999.0 + i * 0.01, 0.05, 1)
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m"]
-    assert (tmp_path / "m" / "auto" / "traffic.csv").read_text().count("\n") == 11
+    assert (tierer.work / "traffic.csv").read_text().count("\n") == 11
     clock[0] += 50
     assert asyncio.run(tierer.check()) == "waiting"  # min_interval_s since the change
     clock[0] += 100
@@ -698,6 +699,104 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
     for i in range(10):
         log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
     assert asyncio.run(tierer.check()) == "kept" and exits == []
+
+
+def _tierer(tmp_path, reload, command, live=lambda: "model.yaml:b", min_interval_s=0):
+    """An AutoTierer of model 'm' in ``tmp_path`` with 10 requests recorded."""
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10,
+                                                  min_interval_s=min_interval_s))  # fmt: skip
+    log = TrafficLog()
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+    return AutoTierer("m", tmp_path, goals, log, reload, Metrics(), live, lambda: 1000.0,
+                      command)  # fmt: skip
+
+
+def test_replicas_on_one_repository_keep_their_inputs_apart(tmp_path):
+    # Every replica wrote <model>/auto/traffic.csv, host.json and choice.json, and deleted
+    # choice.json before each run: replicas sharing a volume replayed each other's traffic
+    # and read each other's results. Each loop now has its own work directory.
+    seen = []
+
+    def command(repo, name, traffic, result, live):
+        seen.append((traffic, result))
+        return ["sh", "-c", "exit 3"]  # kept
+
+    a, b = (_tierer(tmp_path, None, command) for _ in range(2))
+    assert asyncio.run(a.check()) == "kept" and asyncio.run(b.check()) == "kept"
+    (ta, ra), (tb, rb) = seen
+    assert ta.parent != tb.parent and ra.parent != rb.parent
+    assert ta.parent == a.work and tb.parent == b.work
+    assert a.work.parent == b.work.parent == tmp_path / "m" / "auto"
+    assert a.work.name.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    assert ta.is_file() and tb.is_file()
+    a.stop()  # its own directory goes, the other replica's stays
+    assert not a.work.exists() and tb.is_file()
+
+
+def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path):
+    # Reviewer's scenario: this replica's apply writes "A", another writes "B" while the
+    # reload runs, the reload fails. The undo wrote back the file as it was before the
+    # apply, silently reverting "B"; it now takes back only what this apply wrote.
+    import fcntl
+
+    from runtime.repository import ACTIVE_FILE
+
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir()
+    active.write_text("before")
+
+    def command(repo, name, traffic, result, live):
+        return ["sh", "-c", f"printf A > {active}"]  # `innfer tiers apply` writing its set
+
+    async def reload_b(name):
+        active.write_text("B")  # another writer, during the reload
+        raise RuntimeError("the new engines do not load")
+
+    assert asyncio.run(_tierer(tmp_path, reload_b, command).check()) == "failed"
+    assert active.read_text() == "B"
+
+    async def reload_fails(name):
+        raise RuntimeError("the new engines do not load")
+
+    assert asyncio.run(_tierer(tmp_path, reload_fails, command).check()) == "failed"
+    assert active.read_text() == "B"  # this apply's "A" taken back: "B" as before it
+    # While another replica holds the model's lock, a check waits its turn: no apply runs.
+    runs = []
+    tierer = _tierer(tmp_path, reload_fails, lambda *a: runs.append(a) or ["true"])
+    with open(tmp_path / "m" / "auto" / "apply.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert asyncio.run(tierer.check()) == "waiting" and runs == []
+    assert asyncio.run(tierer.check()) == "failed" and len(runs) == 1
+
+
+def test_the_swap_log_says_what_is_served(tmp_path, caplog):
+    # A reload loads whatever auto_tiers.json holds; the log named this replica's choice.
+    choice = {"gain": 0.1, "best": {"tiers": ["a"]}, "current": {"tiers": ["b"]},
+              "traffic": {"requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
+                          "rate_per_s": 5.0}}  # fmt: skip
+    served = ["frontier:a"]
+
+    def command(repo, name, traffic, result, live):
+        result.write_text(json.dumps(choice))
+        return ["true"]
+
+    async def reload(name):
+        pass
+
+    tierer = _tierer(tmp_path, reload, command, live=lambda: served[-1])
+    with caplog.at_level("INFO", logger="innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "applied"
+    assert "tiers ['b'] -> frontier:a" in caplog.text
+    caplog.clear()
+    served.append("frontier:c,d")  # another writer's set was in the file at the reload
+    tierer.chosen_for = None
+    with caplog.at_level("INFO", logger="innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "applied"
+    assert "now serving frontier:c,d, not this replica's choice ['a']" in caplog.text
 
 
 def test_suggest_names_a_tier_the_profile_does_not_time(tmp_path, capsys):
@@ -751,4 +850,4 @@ def test_the_traffic_window_is_sorted_off_the_serving_loop(tmp_path, monkeypatch
                         lambda: 1000.0, lambda *a: ["sh", "-c", "exit 3"])  # fmt: skip
     assert asyncio.run(tierer.check()) == "kept"
     assert threads and threading.main_thread() not in threads
-    assert (tmp_path / "m" / "auto" / "traffic.csv").read_text().count("\n") == 21
+    assert (tierer.work / "traffic.csv").read_text().count("\n") == 21
