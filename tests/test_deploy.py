@@ -586,7 +586,14 @@ def test_dockerfile_structure(kind, base):
     assert users and users[-1].split(":")[0] == str(UID), "runs as uid 10001"
     expose = {p for op, a in final if op == "EXPOSE" for p in a.split()}
     assert {"8001", "8002"} <= expose
-    assert json.loads(dict(final)["ENTRYPOINT"]) == ["innfer", "serve"]
+    # The GPU image keeps NVIDIA's entrypoint in front (CUDA forward compatibility on a
+    # driver older than the image's CUDA, which this README promises); the Deployment sets
+    # args only, so a pod runs the image's ENTRYPOINT too - a `command` replaced it.
+    entry = ["/opt/nvidia/nvidia_entrypoint.sh"] if kind == "gpu" else []
+    assert json.loads(dict(final)["ENTRYPOINT"]) == [*entry, "innfer", "serve"]
+    pod = _one(_render(f"k8s/overlays/{kind}"), "Deployment", "innfer")["spec"]["template"]
+    (server,) = [c for c in pod["spec"]["containers"] if c["name"] == "server"]
+    assert "command" not in server and server["args"][0] == "--config", server
     for op, args in final:
         if op in ("COPY", "ADD"):
             assert op == "COPY" and args.startswith("--from=builder /wheels"), args
