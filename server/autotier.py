@@ -20,14 +20,16 @@ worth its ``min_gain``; then the model is reloaded as a swap: the new runtime ta
 requests at once, the old one serves its whole queue (each request runs or expires by its
 own deadline: none is failed) and closes. A failed apply, or a new set that does not load,
 leaves the live set (and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before
-trying again. Replicas sharing a volume take turns: the apply, the reload and the undo run
-under an ``flock`` of ``<model>/auto/apply.lock`` (a replica that finds it taken counts
-"waiting" and tries at its next check); the undo puts the old file back only while the file
-still holds what this apply wrote (a newer choice written meanwhile - by hand, or by a
-replica of a release without the lock - stays), and the log says what the reload serves,
-which is what ``auto_tiers.json`` held then, not necessarily this replica's choice.
-Clients that pin a tier by name (``tier``, ``min_tier``) get NOT_FOUND for a
-name the new set does not have: pin names with auto-tiering only where the set is fixed.
+trying again; that interval counts from ``auto_tiers.json``'s ``chosen_at`` at start, so a
+restarted server or a new replica does not change the set again at once. Replicas sharing a
+volume take turns: the apply, the reload and the undo run under an ``flock`` of
+``<model>/auto/apply.lock`` (a replica that finds it taken counts "waiting" and tries at
+its next check); the undo puts the old file back only while the file still holds what this
+apply wrote (a newer choice written meanwhile - by hand, or by a replica of a release
+without the lock - stays), and the log says what the reload serves, which is what
+``auto_tiers.json`` held then, not necessarily this replica's choice. Clients that pin a
+tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new set does not have:
+pin names with auto-tiering only where the set is fixed.
 Only the task and the reload run in the server; the server imports no simulator, so the
 serving image needs ``sim/`` only as that process's code.
 
@@ -40,6 +42,7 @@ the log says what changed and why.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import fcntl
 import itertools
@@ -104,7 +107,9 @@ class AutoTierer:
         self.clock = clock
         self.command = command or apply_command
         self.host = host
-        self.last_change = -float("inf")
+        # min_interval_s counts from the last change on disk, made by this process before a
+        # restart or by another replica: a new process must not change the set at once.
+        self.last_change = _last_change(self.repository / name / ACTIVE_FILE, clock)
         self.changes = 0
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
         # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
@@ -316,6 +321,18 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def _last_change(active: Path, clock: Callable[[], float]) -> float:
+    """When ``active`` (auto_tiers.json) was chosen, on ``clock``: its ``chosen_at`` (UTC,
+    written by `innfer tiers apply`) as seconds before now, clamped at 0 (a clock ahead of
+    ours); -inf where there is no such file or it says no time."""
+    try:
+        chosen_at = json.loads(active.read_text())["chosen_at"]
+        then = calendar.timegm(time.strptime(chosen_at, "%Y-%m-%dT%H:%M:%SZ"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return -float("inf")
+    return clock() - max(0.0, time.time() - then)
 
 
 def _bytes(path: Path) -> bytes | None:

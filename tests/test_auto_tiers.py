@@ -799,6 +799,31 @@ def test_the_swap_log_says_what_is_served(tmp_path, caplog):
     assert "now serving frontier:c,d, not this replica's choice ['a']" in caplog.text
 
 
+def test_min_interval_counts_from_the_last_choice_on_disk(tmp_path):
+    # A restarted server (or a new replica) started with last_change = -inf: it could
+    # change the set again at its first check, seconds after the last change.
+    runs = []
+
+    def command(*args):
+        runs.append(args)
+        return ["sh", "-c", "exit 3"]  # kept
+
+    def chosen(seconds_ago):
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
+        ActiveTiers(("w050",), "f", at, {}).write(tmp_path / "m" / ACTIVE_FILE)
+
+    (tmp_path / "m").mkdir()
+    chosen(5)
+    tierer = _tierer(tmp_path, None, command, min_interval_s=600)
+    assert asyncio.run(tierer.check()) == "waiting" and runs == []
+    assert 1000.0 - 600 < tierer.last_change <= 1000.0 - 5
+    chosen(-3600)  # a clock ahead of ours: counts as chosen now
+    assert _tierer(tmp_path, None, command, min_interval_s=600).last_change == 1000.0
+    chosen(700)  # longer ago than min_interval_s: a check may choose
+    assert asyncio.run(_tierer(tmp_path, None, command, min_interval_s=600).check()) == "kept"
+    assert len(runs) == 1
+
+
 def test_suggest_names_a_tier_the_profile_does_not_time(tmp_path, capsys):
     # A tier built without profiling, with channels no frontier candidate has, was a
     # KeyError traceback.
