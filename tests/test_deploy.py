@@ -307,6 +307,19 @@ def test_deployment_probes_drain_and_security(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_spread_over_nodes_and_zones(overlay):
+    # Only a per-node spread: every replica could land in one zone, and that zone's outage
+    # took the whole service down.
+    pod = _one(_render(overlay), "Deployment", "innfer")["spec"]["template"]
+    spread = {c["topologyKey"]: c for c in pod["spec"]["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for key, c in spread.items():
+        # a preference: a one-zone cluster (or a full node) must still schedule the pods
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway" and c["maxSkew"] == 1, key
+        assert c["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_pdb_and_hpa_select_the_pods(overlay):
     docs = _render(overlay)
     dep = _one(docs, "Deployment", "innfer")
