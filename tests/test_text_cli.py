@@ -59,6 +59,35 @@ def test_build_warns_about_data_free_transformer_tiers_until_calibrated(model_di
     assert [w.split(" does")[0] for w in report.warnings] == ["profile.json"]
 
 
+def test_build_refuses_a_tokenizer_with_more_ids_than_the_models_embedding_rows(
+    model_dir, tmp_path
+):
+    # Client ids are checked against the tokenizer alone: with two tokens past the model's
+    # 26 embedding rows, every batch holding one failed in ONNX Runtime (INTERNAL for each
+    # request in it), and the build passed (its validation fed ids 0 and 1).
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    assert len(vocab) == len(WORDS) + 5  # TinyEmbedder's rows (tests/textmodel.py)
+    vocab.update({"zebra": len(vocab), "yak": len(vocab) + 1})
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(BuildError, match=r"tier full: tokenizer ids reach 27, the model "
+                       r"embeds 26 rows \(ids 0-25\)"):  # fmt: skip
+        build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    # Without the ONNX to read the table from, the engine's error gives its rows.
+    from runtime.build.pipeline import check_token_ids
+
+    served = Repository(model_dir.parent).load("embed")
+    try:
+        with pytest.raises(BuildError, match="tokenizer ids reach 27, the model embeds 26 rows"):
+            check_token_ids(served.engines["full"], served.config, "full", vocab_size=28)
+        check_token_ids(served.engines["full"], served.config, "full", vocab_size=26)  # fits
+    finally:
+        for engine in served.engines.values():
+            engine.close()
+
+
 def test_calibrate_text_refuses_too_little_text_and_models_without_a_tokenizer(
     model_dir, tmp_path, capsys
 ):

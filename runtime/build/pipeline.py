@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ def build_model(
     measured_on = evaluation_key(config, model_dir)
     inn_sha = _inn_sha(model_dir)
     norm_x = norm_inputs(config)  # BatchNorm statistics for tiers the INN stores none for
+    vocab_size = _tokenizer_vocab(config, model_dir)  # a text model's token ids
     engines, onnx = {}, {}  # tier -> engine, tier -> its ONNX's sha256
     try:
         bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
@@ -114,6 +116,8 @@ def build_model(
                 cache, chosen, onnx_path, record.onnx_sha256, options, module, config, tier.name
             )
             engines[tier.name] = engine  # closed at the end, whatever happens in between
+            if vocab_size is not None:
+                check_token_ids(engine, config, tier.name, vocab_size, onnx_path)
             accuracy = record.accuracy
             stale = exported or accuracy is None or record.accuracy_on != measured_on
             if score is not None and stale:
@@ -397,6 +401,71 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
                     f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {precision})"
                 )
     return worst
+
+
+def _tokenizer_vocab(config: ModelConfig, model_dir: Path) -> int | None:
+    """One more than the largest id a text model's tokenizer produces; None for a model
+    without text, or whose tokenizer file is missing (the build says so when it records
+    the tokenizer)."""
+    if config.text is None or not (model_dir / config.text.tokenizer).is_file():
+        return None
+    from runtime.repository.tokenizer import TextTokenizer, TokenizerError
+
+    try:
+        return TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length).vocab_size
+    except TokenizerError as exc:
+        raise BuildError(f"{config.source}: {exc}") from None
+
+
+def check_token_ids(
+    engine, config: ModelConfig, tier: str, vocab_size: int, onnx_path: Path | None = None
+) -> None:
+    """BuildError unless ``engine`` embeds every id of the model's tokenizer (ids below
+    ``vocab_size``): the server checks client ids against the tokenizer alone, and a
+    tokenizer with more tokens than the model's embedding table made every batch holding
+    such an id fail in the engine (INTERNAL for each request in it). ``validate`` feeds ids
+    0 and 1 only; this runs one row of the largest id. The table's rows are read from the
+    ONNX at ``onnx_path`` (the Gather of the ids input) where it shows them, else from the
+    engine's error."""
+    top = vocab_size - 1
+    length = (config.sequence_lengths or (1,))[0]
+    feeds = random_feeds(config.inputs, 1, seed=1, length=length)
+    feeds[config.text.ids][:] = top
+    feeds[config.text.mask][:] = 1
+    rows = _embedding_rows(onnx_path, config.text.ids) if onnx_path is not None else None
+    try:
+        engine.run(feeds)
+        error = None
+    except Exception as exc:  # the backend's own error type (ONNX Runtime: an index error)
+        error = exc
+    if error is None and (rows is None or top < rows):
+        return
+    if rows is None:
+        found = re.search(r"inclusive range \[-(\d+),", str(error))
+        rows = int(found[1]) if found else None
+    embeds = f"{rows} rows (ids 0-{rows - 1})" if rows is not None else "fewer rows"
+    raise BuildError(
+        f"tier {tier}: tokenizer ids reach {top}, the model embeds {embeds}: a request with "
+        f"such an id would fail its whole batch. {config.text.tokenizer} is not the model's "
+        f"tokenizer (or tokens were added to it): use the one it was trained with"
+        + (f" (the engine: {error})" if error is not None and rows is None else "")
+    )
+
+
+def _embedding_rows(onnx_path: Path, ids_name: str) -> int | None:
+    """Rows of the embedding table the graph input ``ids_name`` indexes (the initializer a
+    Gather reads at those ids), or None where the graph does not show it."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # a file the backend reads but onnx does not: the engine's error says it
+        return None
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[1] == ids_name and node.input[0] in tables:
+            return int(tables[node.input[0]][0])
+    return None
 
 
 def evaluation_key(config: ModelConfig, model_dir: Path) -> str | None:
