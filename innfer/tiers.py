@@ -16,8 +16,12 @@ it needs no torch: the candidates' ONNX files are in the frontier.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +66,11 @@ def add_parser(sub) -> None:
         "--background", action="store_true",
         help="run only on CPU time nothing else wants (Linux SCHED_IDLE): what a serving "
         "process's own apply uses",
+    )  # fmt: skip
+    app.add_argument(
+        "--parent-pid", type=int, metavar="PID",
+        help="the process that started this one (a server's own apply): end with it, "
+        "never outlive it",
     )  # fmt: skip
     app.set_defaults(func=cmd_apply)
 
@@ -110,6 +119,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from runtime.repository import ACTIVE_FILE, APPLY_KEPT, ActiveTiers, Repository
 
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     if args.background:
         yield_cpu()
     repo = Repository(args.repository)
@@ -156,6 +167,42 @@ def yield_cpu() -> bool:
     except (AttributeError, OSError):
         return False
     return True
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> bool:
+    """End this process when ``parent`` (the pid that started it) ends: a server's apply
+    must not go on building engines and writing ``auto_tiers.json`` for a server that
+    crashed. On Linux the kernel sends SIGKILL at the parent's death (prctl
+    PR_SET_PDEATHSIG; strictly, at the death of the thread that started this process - a
+    server's event loop thread, which lives as long as it); elsewhere a daemon thread
+    polls ``getppid()`` every second. Exits at once where ``parent`` already died before
+    this was set (this process was reparented). True where the kernel watches.
+
+    Example:
+        >>> die_with_parent(os.getppid())  # doctest: +SKIP
+        True
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):  # no libc prctl: poll instead
+            armed = False
+    if os.getppid() != parent:
+        raise SystemExit(f"innfer tiers apply: the process that started it ({parent}) is gone")
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return armed
 
 
 def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: Path | None = None):

@@ -277,11 +277,13 @@ class AutoTierer:
 
 def apply_command(repository: Path, name: str, traffic: Path, result: Path, live: str) -> list:
     """``innfer tiers apply`` in this interpreter (the serving image installs the CLI), with
-    the host view written beside the traffic where there is one."""
+    the host view written beside the traffic where there is one; it ends with this process
+    (``--parent-pid``: a crashed server leaves no builder behind)."""
     host = traffic.with_name(HOST_FILE)
     return [
         sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
-        "--traffic", str(traffic), "--result", str(result), "--live", live, "--background",
+        "--traffic", str(traffic), "--result", str(result), "--live", live,
+        "--parent-pid", str(os.getpid()), "--background",
         *(["--host", str(host)] if host.is_file() else []),
     ]  # fmt: skip
 

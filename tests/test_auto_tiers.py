@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -469,6 +470,61 @@ def test_a_background_apply_runs_only_on_idle_cpu():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "True"]
     assert os.sched_getscheduler(0) != os.SCHED_IDLE
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_background_apply_ends_with_the_server_that_started_it():
+    """A server killed while its apply ran left the builder behind, building engines and
+    writing auto_tiers.json for no one. The apply's entry (``die_with_parent``, what
+    `tiers apply --parent-pid` runs first) ties it to its parent: a SIGKILLed parent takes
+    it along within the test's 3 s."""
+    import signal
+
+    child = (
+        "import os, time; from innfer.tiers import die_with_parent; "
+        "die_with_parent(os.getppid()); print('armed', flush=True); time.sleep(60)"
+    )
+    parent = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+              f"{child!r}], stdout=subprocess.PIPE, text=True); "
+              "print(c.pid, c.stdout.readline().strip(), flush=True); time.sleep(60)")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid, armed = server.stdout.readline().split()
+        pid = int(pid)
+        assert armed == "armed" and _alive(pid)
+        server.send_signal(signal.SIGKILL)  # a crash: no cleanup of its own runs
+        server.wait(10)
+        deadline = time.monotonic() + 3
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the apply outlived the server that started it"
+    finally:
+        server.kill()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    # Started by a parent that is gone already (reparented before it could arm): it exits.
+    gone = subprocess.run([sys.executable, "-c", "from innfer.tiers import die_with_parent; "
+                           "die_with_parent(1); print('still here')"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert gone.returncode != 0 and "still here" not in gone.stdout
+    assert "the process that started it (1) is gone" in gone.stderr
+    # The server's apply is started so: `tiers apply --parent-pid <the server's pid>`.
+    from innfer.cli import build_parser
+    from server.autotier import apply_command
+
+    argv = apply_command(Path("r"), "m", Path("t.csv"), Path("c.json"), "model.yaml:b")
+    assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
+    assert build_parser().parse_args(argv[3:]).parent_pid == os.getpid()
 
 
 # -- innfer tiers suggest / apply -----------------------------------------------------------
