@@ -100,34 +100,52 @@ class Traffic:
     @classmethod
     def read(cls, path: str | Path) -> Traffic:
         """A CSV with a header ``arrival_s,budget_ms[,rows]`` (what the server records;
-        ``rows`` defaults to 1). Errors name the file and line."""
-        cols: list[list[float]] = [[], [], []]
-        with open(path, newline="") as f:
+        ``rows`` defaults to 1), UTF-8 with or without a byte-order mark (Excel's). Errors
+        are ValueErrors that name the file (and line) and say what to do."""
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM, which read as part of 'arrival_s'.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            if header[:2] != list(TRAFFIC_COLUMNS[:2]):
+            try:
+                return cls._parse(path, reader)
+            except UnicodeDecodeError as exc:  # a .gz, a spreadsheet, UTF-16
+                byte = exc.object[exc.start : exc.start + 1].hex()
                 raise ValueError(
-                    f"{path}: the first line must be the header 'arrival_s,budget_ms[,rows]', "
-                    f"got {','.join(header)!r}"
+                    f"{path}: not a UTF-8 CSV (byte 0x{byte}: compressed? decompress it "
+                    "first; a spreadsheet? save it as CSV UTF-8)"
+                ) from None
+            except csv.Error as exc:  # a NUL byte, a field over csv's 128 KiB limit
+                raise ValueError(
+                    f"{path}:{reader.line_num}: not a traffic CSV ({exc}); expected lines "
+                    "arrival_s,budget_ms[,rows]"
+                ) from None
+
+    @classmethod
+    def _parse(cls, path: str | Path, reader) -> Traffic:
+        cols: list[list[float]] = [[], [], []]
+        header = [h.strip() for h in next(reader, [])]
+        if header[:2] != list(TRAFFIC_COLUMNS[:2]):
+            raise ValueError(
+                f"{path}: the first line must be the header 'arrival_s,budget_ms[,rows]', "
+                f"got {','.join(header)!r}"
+            )
+        for i, line in enumerate(reader, 2):
+            if not line:
+                continue
+            try:
+                values = [float(v) for v in line[: len(header)]]
+            except ValueError:
+                raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
+            if len(values) < 2:
+                raise ValueError(f"{path}:{i}: expected arrival_s,budget_ms[,rows]")
+            rows = values[2] if len(values) > 2 else 1.0
+            # int() would raise OverflowError on inf and cut 1.7 to 1 unsaid.
+            if not (math.isfinite(rows) and rows >= 1 and rows == int(rows)):
+                raise ValueError(
+                    f"{path}:{i}: rows must be a whole number >= 1, got {line[2].strip()!r}"
                 )
-            for i, line in enumerate(reader, 2):
-                if not line:
-                    continue
-                try:
-                    values = [float(v) for v in line[: len(header)]]
-                except ValueError:
-                    raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
-                if len(values) < 2:
-                    raise ValueError(f"{path}:{i}: expected arrival_s,budget_ms[,rows]")
-                rows = values[2] if len(values) > 2 else 1.0
-                # int() would raise OverflowError on inf and cut 1.7 to 1 unsaid.
-                if not (math.isfinite(rows) and rows >= 1 and rows == int(rows)):
-                    raise ValueError(
-                        f"{path}:{i}: rows must be a whole number >= 1, got {line[2].strip()!r}"
-                    )
-                cols[0].append(values[0])
-                cols[1].append(values[1])
-                cols[2].append(int(rows))
+            cols[0].append(values[0])
+            cols[1].append(values[1])
+            cols[2].append(int(rows))
         try:
             return cls(np.array(cols[0]), np.array(cols[1]), np.array(cols[2], dtype=int))
         except ValueError as exc:

@@ -155,7 +155,7 @@ def test_traffic_log_keeps_the_recent_window_in_order():
     assert len(log.window(now=0.7, seconds=10)[0]) == 5
 
 
-def test_traffic_csv_round_trip_and_errors(tmp_path):
+def test_traffic_csv_round_trip_and_errors(tmp_path, capsys):
     t = Traffic(np.array([0.0, 0.5, 0.5]), np.array([20.0, 30.0, 40.0]), np.array([1, 2, 1]))
     t.write(tmp_path / "t.csv")
     back = Traffic.read(tmp_path / "t.csv")
@@ -170,6 +170,23 @@ def test_traffic_csv_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("arrival_s,budget_ms\n1,10\n0,10\n")
     with pytest.raises(ValueError, match="non-decreasing"):
         Traffic.read(tmp_path / "bad.csv")
+    # Excel's "CSV UTF-8" starts with a byte-order mark: it was read into the header.
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfarrival_s,budget_ms\r\n0,10\r\n")
+    assert Traffic.read(tmp_path / "excel.csv").budget_ms.tolist() == [10.0]
+    # A gzipped trace: "'utf-8' codec can't decode byte 0x8b", no file named.
+    import gzip
+
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress((tmp_path / "t.csv").read_bytes()))
+    with pytest.raises(ValueError, match=r"t\.csv\.gz: not a UTF-8 CSV .*decompress it first"):
+        Traffic.read(tmp_path / "t.csv.gz")
+    # A field over csv's 128 KiB limit raised csv.Error: "internal error ... a bug".
+    (tmp_path / "bad.csv").write_text("arrival_s,budget_ms\n0,10\n0," + "9" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: not a traffic CSV \(field larger"):
+        Traffic.read(tmp_path / "bad.csv")
+    d = _auto_model(tmp_path / "repo")
+    for name, says in (("t.csv.gz", "not a UTF-8 CSV"), ("bad.csv", "not a traffic CSV")):
+        assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / name)]) == 2
+        assert f"{tmp_path / name}" in (err := capsys.readouterr().err) and says in err
 
 
 def test_traffic_rows_must_be_whole_numbers_of_at_least_one(tmp_path):
