@@ -218,6 +218,9 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
     if config.auto_tiers is None:
         raise ValueError(f"{config.source}: add auto_tiers (e.g. {{max_tiers: 4}}) first")
     frontier = Frontier.read(repo.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE)
+    # As every load does: a set chosen from a frontier of a replaced INN would be written,
+    # refused by every load, restored, and tried again each min_interval_s.
+    repo.check_frontier_inn(name, frontier)
     traffic = Traffic.read(traffic_path)
     goals = config.auto_tiers
     view = LiveHost.read(host) if host is not None else None

@@ -124,6 +124,34 @@ def test_a_chosen_set_on_a_frontier_of_a_replaced_inn_is_refused(built, tmp_path
         Repository(root).load("tiny")
 
 
+def test_apply_refuses_a_frontier_of_a_replaced_inn(built, tmp_path, capsys):
+    # Loading checked which INN the frontier was measured on; `tiers suggest` and `apply`
+    # did not: suggest recommended from the stale frontier, and apply wrote an
+    # auto_tiers.json every load refused (the server then restored it and tried again
+    # every min_interval_s).
+    import torch
+
+    from innfer.cli import main as cli
+    from runtime.inn.model import load as load_inn
+    from runtime.repository import ACTIVE_FILE
+
+    root = _copy(built, tmp_path)
+    d = root / "tiny"
+    inn = load_inn(d)
+    with torch.no_grad():
+        next(iter(inn.state.values())).mul_(1.5)  # "retrained" and saved over the old one
+    inn.save(d)
+    lines = [f"{i * 0.01:.2f},{20 + i % 50}" for i in range(200)]
+    (tmp_path / "t.csv").write_text("arrival_s,budget_ms\n" + "\n".join(lines) + "\n")
+    traffic = ["--traffic", str(tmp_path / "t.csv")]
+    argv = ["tiers", "apply", str(root), "tiny", *traffic, "--live", "frontier:w025", "--force"]
+    assert cli(argv) == 2
+    assert "was measured on another INN" in capsys.readouterr().err
+    assert not (d / ACTIVE_FILE).exists()
+    assert cli(["tiers", "suggest", str(d), *traffic]) == 2
+    assert "was measured on another INN" in capsys.readouterr().err
+
+
 def _copy(built, tmp_path):
     import shutil
 

@@ -264,13 +264,7 @@ class Repository:
         except RepositoryError as exc:
             log.warning("%s: %s; serving the tiers of model.yaml", name, exc)
             return None
-        current = self._inn_fingerprint(name)
-        if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
-            raise RepositoryError(
-                f"{d / FRONTIER_DIR / FRONTIER_FILE} was measured on another INN than {d} "
-                "holds now (replaced, retrained or recalibrated after the build): run "
-                "`innfer build`"
-            )
+        self.check_frontier_inn(name, frontier)
         if active.frontier_sha256 != frontier.source_sha256:
             log.warning(
                 "%s/%s was chosen on an older frontier; serving the tiers of model.yaml until "
@@ -293,6 +287,21 @@ class Repository:
         tiers = tuple(TierConfig(name=t, width=records[t].sizes) for t in active.tiers)
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
+
+    def check_frontier_inn(self, name: str, frontier: Frontier) -> None:
+        """Refuse ``frontier`` where it was measured on another INN than the model directory
+        holds now (replaced, retrained or recalibrated after the build): a set chosen from it
+        would serve the old model under the new one's name. Not checked where either
+        fingerprint is unknown (a frontier from before they were kept, a serving image
+        without the INN)."""
+        d = self.model_dir(name)
+        current = self._inn_fingerprint(name)
+        if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
+            raise RepositoryError(
+                f"{d / FRONTIER_DIR / FRONTIER_FILE} was measured on another INN than {d} "
+                "holds now (replaced, retrained or recalibrated after the build): run "
+                "`innfer build`"
+            )
 
     def served_tiers(self, name: str) -> tuple[dict[str, TierRecord], dict[str, Any], str]:
         """What a server would serve for ``name`` now, read without loading an engine:
