@@ -146,7 +146,7 @@ def control_loop(options, start_set, traffic, goals, sim, end_s) -> list[dict]:
             c = choose(options, recent, goals, (options, live["tiers"]), sim)
             took = time.perf_counter() - t0
             chosen_for = summary
-            if c.changes and c.gain >= rebuild.min_gain:
+            if c.worth(rebuild.min_gain):  # as the server decides (server/autotier.py)
                 at = t + took + RELOAD_S
                 sets.append({"at": at, "tiers": list(c.best.tiers), "choice_s": took,
                              "gain": c.gain, "checked_at": t})  # fmt: skip

@@ -238,7 +238,9 @@ class RebuildConfig:
     min_gain: float = spec(
         0.005, lo=0, hi=1,
         doc="score gain a new set must bring: expected served accuracy (misses count 0), "
-        "where the live set misses the attainment floor also its shortfall (sim/tiering.py)",
+        "where the live set misses the attainment floor also its shortfall (sim/tiering.py); "
+        "a live set that breaks max_tiers, max_memory_mb or accuracy_floor is replaced "
+        "whatever the gain",
     )  # fmt: skip
     min_requests: int = spec(
         500, lo=10, hi=10**7, doc="recorded requests needed before a choice is made"
