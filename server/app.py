@@ -94,8 +94,11 @@ class Server:
             ("grpc.so_reuseport", 0),
             *connection_age_options(self.config),
         ]
-        self.grpc = grpc.aio.server(options=opts)
-        add_inference_service(InferenceService(self.plane, self.config.bearer_token), self.grpc)
+        service = InferenceService(self.plane, self.config.bearer_token)
+        # With auth on, an interceptor refuses a call without the token before its request
+        # is parsed (server.service.AuthInterceptor).
+        self.grpc = grpc.aio.server(options=opts, interceptors=service.interceptors() or None)
+        add_inference_service(service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
         _enable_reflection(self.grpc)
         address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"

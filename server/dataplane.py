@@ -718,6 +718,13 @@ class DataPlane:
         raw_input_contents, when not in ``request`` itself."""
         cfg = m.config
         text = cfg.text
+        n = len(request.inputs)
+        if n > self.limits.max_inputs:  # counted before any scan of them (the any() below)
+            raise InvalidArgument(
+                f"{n} inputs given; at most {self.limits.max_inputs} are accepted "
+                f"(limits.max_inputs); model {m.name}'s inputs are "
+                f"{sorted(s.name for s in cfg.inputs)}"
+            )
         if text is not None and any(t.name == text.input for t in request.inputs):
             truncate = _bool_param(request.parameters, "truncate", default=True)
             texts = codec.decode_text(

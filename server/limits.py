@@ -49,6 +49,37 @@ class RequestLimits:
     )  # fmt: skip
 
 
+# Fields one input or output of a valid ModelInferRequest holds: its name, datatype, shape
+# (one packed field), contents and up to two parameters (binary_data, classification), with
+# room for an unpacked shape's dims. A request's tensors may hold max_parameters more in all.
+TENSOR_FIELDS = 8
+# Top-level fields of a request other than ModelInfer's beside its parameters: a name, a
+# version, a flag - and room for fields added to the protocol.
+OTHER_FIELDS = 16
+
+
+def request_fields(limits: RequestLimits) -> int:
+    """The most top-level fields a valid ModelInferRequest holds: name, version, id, one per
+    parameter, input, output and raw tensor, and room for fields added to the protocol.
+
+    Example:
+        >>> request_fields(RequestLimits())
+        275
+    """
+    return 3 + limits.max_parameters + 2 * limits.max_inputs + limits.max_outputs + 16
+
+
+def tensor_fields(limits: RequestLimits) -> int:
+    """The most fields a valid ModelInferRequest's inputs and outputs hold together
+    (``TENSOR_FIELDS`` each, and ``max_parameters`` more parameters in all).
+
+    Example:
+        >>> tensor_fields(RequestLimits())
+        1088
+    """
+    return TENSOR_FIELDS * (limits.max_inputs + limits.max_outputs) + limits.max_parameters
+
+
 def clip(text: str, limit: int = ECHO_CHARS) -> str:
     """``repr`` of a client string, cut to ``limit`` characters with its length said."""
     if len(text) <= limit:

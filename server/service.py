@@ -28,7 +28,15 @@ from server.errors import (
     Unavailable,
     Unimplemented,
 )
-from server.limits import clip, clip_message
+from server.limits import (
+    OTHER_FIELDS,
+    TENSOR_FIELDS,
+    RequestLimits,
+    clip,
+    clip_message,
+    request_fields,
+    tensor_fields,
+)
 from server.model_runtime import Duration, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
@@ -37,6 +45,9 @@ from server.proto_gen import model_config_pb2 as mc
 from server.stream import serve_stream
 
 log = logging.getLogger("innfer.service")
+
+# ModelInferRequest's fields that hold its input and output tensors (grpc_service.proto).
+INPUTS, OUTPUTS = 5, 6
 
 STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -69,8 +80,11 @@ class Undecodable:
 
 
 def _require_decoded(request) -> None:
-    """INVALID_ARGUMENT for a request our deserializer could not decode."""
+    """INVALID_ARGUMENT for a request our deserializer could not decode, or refused unparsed
+    for holding more fields than any valid request (server/wire.py)."""
     if isinstance(request, Undecodable):
+        if isinstance(request.error, wire.TooManyFields):
+            raise InvalidArgument(f"the request has {request.error}")
         raise InvalidArgument(
             f"the request bytes are not a valid {request.message}: {request.error}"
         )
@@ -89,32 +103,65 @@ RAW_INPUTS: contextvars.ContextVar[list[memoryview] | None] = contextvars.Contex
 )
 
 
-def _tolerant(cls, split: int = 0) -> Callable[[bytes], object]:
-    """``cls``'s parser that returns Undecodable instead of raising. ``split`` (unary
+def _tolerant(cls, bound: wire.Bound | int = 0, split: bool = False) -> Callable[[bytes], object]:
+    """``cls``'s parser that returns Undecodable instead of raising. ``bound`` (an int: top-
+    level fields only; 0: none): a message with more fields is Undecodable without being
+    parsed - protobuf's parse costs per field, on the event loop. ``split`` (unary
     ModelInfer only: its handler reads RAW_INPUTS; a stream's requests share one context):
-    the tensors are taken out uncopied from a message of at most that many top-level
-    fields (a longer one is parsed by protobuf, and refused by the request limits)."""
+    the tensors are taken out uncopied (server/wire.py)."""
 
     def parse(data: bytes):
         RECEIVED.set((time.monotonic(), len(data)))
-        parts = wire.split_field(data, wire.RAW_INPUT_CONTENTS, split) if split else None
-        RAW_INPUTS.set(parts[1] if parts is not None and parts[1] else None)
+        parts = None
         try:
-            return cls.FromString(data if parts is None or not parts[1] else parts[0])
+            if bound or split:
+                number = wire.RAW_INPUT_CONTENTS if split else None
+                parts = wire.split_field(data, number, bound or 1 << 20)
+        except wire.TooManyFields as exc:
+            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+        raw = parts[1] if parts is not None and parts[1] else None
+        RAW_INPUTS.set(raw)
+        try:
+            return cls.FromString(data if raw is None else parts[0])
         except DecodeError as exc:
             return Undecodable(cls.DESCRIPTOR.full_name, exc)
 
     return parse
 
 
+def request_bounds(limits: RequestLimits) -> tuple[wire.Bound, wire.Bound]:
+    """The field bounds of a ModelInferRequest (unary or streamed) and of every other
+    request, from the request limits (server/limits.py)."""
+    fix = (
+        f"send at most {limits.max_parameters} request parameters, {limits.max_inputs} inputs "
+        f"and {limits.max_outputs} outputs (limits.max_parameters, max_inputs, max_outputs in "
+        "the server config)"
+    )
+    infer = wire.Bound(
+        request_fields(limits),
+        what="top-level fields (model_name, model_version, id, and one per request "
+        "parameter, input, output and raw tensor)",
+        nested=frozenset({INPUTS, OUTPUTS}),
+        nested_fields=tensor_fields(limits),
+        nested_what="fields in its inputs and outputs together (each one's name, datatype, "
+        f"shape and contents, and their parameters: {TENSOR_FIELDS} per tensor, "
+        f"{limits.max_parameters} more in all)",
+        fix=fix,
+    )
+    other = wire.Bound(
+        OTHER_FIELDS + limits.max_parameters,
+        what="top-level fields (a name, a version, and one per parameter)",
+        fix=f"send at most {limits.max_parameters} parameters (limits.max_parameters)",
+    )
+    return infer, other
+
+
 def add_inference_service(servicer: InferenceService, server) -> None:
     """Register ``servicer`` like the generated ``add_GRPCInferenceServiceServicer_to_server``,
-    with deserializers that turn undecodable request bytes into INVALID_ARGUMENT."""
+    with deserializers that turn undecodable request bytes into INVALID_ARGUMENT and refuse
+    unparsed a request of more fields than the request limits allow."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    limits = servicer.plane.limits
-    # A valid ModelInferRequest's top-level fields: name, version, id, one per parameter,
-    # input, output and raw tensor (the limits), and room for fields added to the protocol.
-    fields = 3 + limits.max_parameters + 2 * limits.max_inputs + limits.max_outputs + 16
+    infer, other = request_bounds(servicer.plane.limits)
     handlers = {}
     for method in service.methods:
         request, response = (
@@ -126,9 +173,10 @@ def add_inference_service(servicer: InferenceService, server) -> None:
             if method.client_streaming
             else grpc.unary_unary_rpc_method_handler
         )
+        bound = infer if request is pb.ModelInferRequest else other
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=_tolerant(request, fields if method.name == "ModelInfer" else 0),
+            request_deserializer=_tolerant(request, bound, split=method.name == "ModelInfer"),
             response_serializer=response.SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -148,8 +196,8 @@ def rpc_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def wrapper(self: InferenceService, request, context: grpc.aio.ServicerContext):
         try:
-            if name not in OPEN_METHODS:
-                self.authenticate(context)
+            if name not in OPEN_METHODS:  # AuthInterceptor refused it before; kept here
+                self.authenticate(context.invocation_metadata())  # for servers without it
             _require_decoded(request)
             return await fn(self, request, context)
         except InferError as exc:
@@ -179,15 +227,62 @@ def _not_served(name: str, message: str) -> Callable:
     return rpc_method(method)
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses an OIP call without the bearer token (``InferenceService.authenticate``)
+    before its request is read into a message: the call is handed to a handler without a
+    deserializer that answers UNAUTHENTICATED, so an unauthenticated client costs no parse
+    (before, a request was parsed - protobuf's cost per field, on the event loop - and only
+    then refused). ServerLive, ServerReady, grpc.health and reflection stay open."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        prefix, _, name = details.method.rpartition("/")
+        if handler is None or prefix != f"/{SERVICE_NAME}" or name in OPEN_METHODS:
+            return handler
+        try:
+            self.service.authenticate(details.invocation_metadata)
+        except InferError as exc:
+            return _refusal(handler, status_of(exc), clip_message(str(exc)))
+        return handler
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """A handler of ``handler``'s kind that reads no request and answers ``code``."""
+
+    async def refuse(request, context):  # request: raw bytes, or the stream unread
+        await context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
 class InferenceService(rpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, token: str | None) -> None:
         self.plane = plane
         self._token = token.encode() if token else None
 
-    def authenticate(self, context) -> None:
+    def interceptors(self) -> tuple[grpc.aio.ServerInterceptor, ...]:
+        """What the gRPC server must be made with (``grpc.aio.server(interceptors=...)``):
+        with auth on, the check before any request is parsed; none without (no cost)."""
+        return () if self._token is None else (AuthInterceptor(self),)
+
+    def authenticate(self, metadata) -> None:
+        """Unauthenticated unless ``metadata`` (a call's invocation metadata: key, value
+        pairs) carries ``authorization: Bearer <token>``; nothing to check with auth off."""
         if self._token is None:
             return
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value
                 scheme, _, credentials = given.strip().partition(b" ")
@@ -368,7 +463,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         ``server.stream``). A failed request is a response with ``error_message`` (its status
         code's name first) and the stream stays open; only a wrong token ends it."""
         try:
-            self.authenticate(context)
+            self.authenticate(context.invocation_metadata())
         except InferError as exc:
             await context.abort(status_of(exc), clip_message(str(exc)))
 

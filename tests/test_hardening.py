@@ -21,12 +21,13 @@ from serverutil import ServerThread, build_repository
 from runtime.engines import EngineError
 from runtime.repository import EngineCache, InvalidModelName, Repository, check_model_name
 from runtime.repository.cache import STALE_BUILD_S
+from server import service
 from server.errors import InferError, InvalidArgument
 from server.limits import MESSAGE_CHARS, clip
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
-from server.service import status_of
+from server.service import Undecodable, _require_decoded, _tolerant, status_of
 
 pytestmark = pytest.mark.e2e
 X = np.zeros((1, 1, 8, 8), np.float32)
@@ -86,6 +87,131 @@ def test_many_input_names_are_refused_at_once(stub):
     took = time.perf_counter() - t0
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in msg
     assert took < 5, f"{took:.2f} s: the check is not O(1) in the number of names"
+
+
+class _Parses:
+    """Stands in for pb.ModelInferRequest in a deserializer and counts its parses."""
+
+    DESCRIPTOR = pb.ModelInferRequest.DESCRIPTOR
+    count = 0
+
+    @classmethod
+    def FromString(cls, data: bytes) -> pb.ModelInferRequest:
+        cls.count += 1
+        return pb.ModelInferRequest.FromString(data)
+
+
+def test_a_request_of_too_many_fields_is_refused_without_being_parsed():
+    # 4 MiB of 2 M empty inputs: protobuf's parse took 0.46 s and 176 MiB, on the event loop
+    # and before authentication. Past the field bound the walk stopped and handed the whole
+    # message to protobuf anyway; now it is refused unparsed, INVALID_ARGUMENT saying why.
+    parses = type("Parses", (_Parses,), {})
+    got = _tolerant(parses, 275)(b"\x2a\x00" * 2**21)
+    assert isinstance(got, Undecodable) and parses.count == 0
+    with pytest.raises(InvalidArgument, match=r"more than 275 top-level fields.*at most 275"):
+        _require_decoded(got)
+    assert _tolerant(parses, 275)(_request().SerializeToString()).model_name == "tiny"
+    assert parses.count == 1  # a valid request is parsed as before
+
+
+def test_too_many_fields_are_invalid_argument_over_grpc(server):
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        code, msg = _status(call, b"\x2a\x00" * 2**20, timeout=10)  # 1 M empty inputs
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, msg)
+    assert "top-level fields" in msg and "at most 64 request parameters" in msg, msg
+
+
+def _many_input_parameters(n: int = 2000) -> pb.ModelInferRequest:
+    req = _request()
+    for i in range(n):  # ignored by the server, but parsed: 300 k took 1.2 s
+        req.inputs[0].parameters[f"p{i}"].bool_param = True
+    return req
+
+
+def test_parameters_nested_in_an_input_are_bounded(stub):
+    # The bound counted top-level fields only: entries of one input's parameters map passed
+    # it, however many (300 k in 3.65 MiB: 1.2 s to parse).
+    code, msg = _status(stub.ModelInfer, _many_input_parameters(), timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, msg)
+    assert "fields in its inputs and outputs together" in msg and "at most 1088" in msg, msg
+    assert stub.ModelInfer(_request(), timeout=10).outputs
+
+
+def test_a_streamed_request_is_bounded_as_a_unary_one(stub):
+    (resp,) = stub.ModelStreamInfer(iter([_many_input_parameters()]), timeout=10)
+    assert resp.error_message.startswith("INVALID_ARGUMENT"), resp.error_message
+    assert "fields in its inputs and outputs together" in resp.error_message
+    many = pb.ModelInferRequest(model_name="tiny")
+    many.inputs.extend(pb.ModelInferRequest.InferInputTensor() for _ in range(1000))
+    (resp,) = stub.ModelStreamInfer(iter([many]), timeout=10)
+    assert "top-level fields" in resp.error_message
+
+
+def test_a_text_models_inputs_are_counted_before_they_are_scanned(tmp_path):
+    # DataPlane._decode looked for a text model's text input among every input (any())
+    # before any count was checked.
+    import asyncio
+    import types
+
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+    from server.metrics import Metrics
+
+    class Inputs(list):
+        scanned = 0
+
+        def __iter__(self):
+            Inputs.scanned += 1
+            return super().__iter__()
+
+    plane = DataPlane(ServerConfig.from_dict({"repository": str(tmp_path)}), Metrics())
+    text = types.SimpleNamespace(input="text", ids="ids", mask="mask")
+    cfg = types.SimpleNamespace(text=text, inputs=[types.SimpleNamespace(name="ids")])
+    m = types.SimpleNamespace(name="enc", config=cfg)
+    tensor = types.SimpleNamespace(name="x")
+    request = types.SimpleNamespace(inputs=Inputs([tensor] * 100_000), parameters={})
+    with pytest.raises(InvalidArgument, match="100000 inputs given; at most 64"):
+        asyncio.run(plane._decode(m, request))
+    assert Inputs.scanned == 0
+
+
+def test_an_unauthenticated_call_is_refused_before_its_request_is_parsed(repo, monkeypatch):
+    parsed: list[str] = []
+    real = service._tolerant
+
+    def counting(cls, *args, **kw):
+        parse = real(cls, *args, **kw)
+
+        def count(data: bytes):
+            parsed.append(cls.DESCRIPTOR.name)
+            return parse(data)
+
+        return count
+
+    monkeypatch.setattr(service, "_tolerant", counting)
+    token = "Tok-123456789"
+    s = ServerThread({"repository": str(repo), "auth": {"bearer_token": token}}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            for bad in ([], [("authorization", "Bearer wrong-token")]):
+                code, msg = _status(stub.ModelInfer, _request(), metadata=bad, timeout=10)
+                assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer <token>" in msg
+                stream = stub.ModelStreamInfer(iter([_request()]), metadata=bad, timeout=10)
+                code, _ = _status(list, stream)
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+                code, _ = _status(stub.ModelMetadata, pb.ModelMetadataRequest(name="tiny"),
+                                  metadata=bad, timeout=10)  # fmt: skip
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert parsed == []  # no request of theirs was read into a message
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live  # probes: open
+            assert _health(s) == SERVING
+            auth = [("authorization", f"Bearer {token}")]
+            assert stub.ModelInfer(_request(), metadata=auth, timeout=10).outputs
+            assert parsed == ["ServerLiveRequest", "ModelInferRequest"]
+    finally:
+        s.stop()
 
 
 def test_repeated_output_names_are_refused(stub):

@@ -7,8 +7,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.limits import RequestLimits
 from server.proto_gen import grpc_service_pb2 as pb
-from server.wire import RAW_INPUT_CONTENTS, split_field
+from server.service import request_bounds
+from server.wire import RAW_INPUT_CONTENTS, Bound, TooManyFields, split_field
 
 names = st.text(max_size=12)
 
@@ -75,14 +77,77 @@ def test_malformed_bytes_are_left_to_protobuf_to_refuse(cut):
 
 
 @pytest.mark.parametrize("body", [b"\x78\x00", b"\x3a\x00"])  # empty unknown / raw fields
-def test_a_message_of_more_fields_than_allowed_is_left_to_protobuf(body):
+def test_a_message_of_more_fields_than_allowed_is_refused(body):
     # The splitter runs before any handler (before authentication), in Python: 2 M empty
     # fields took seconds, and 2 M empty tensors ~1 GiB of views. Past the bound it stops at
-    # once and the caller parses with protobuf (whose limits then refuse the request).
+    # once. It used to return None there, and the caller then parsed the whole message with
+    # protobuf - the very cost the bound is for (2 M empty inputs: 0.46 s, 176 MiB) - so past
+    # the bound it now raises, and the caller refuses the request unparsed (INVALID_ARGUMENT
+    # saying how many fields are accepted).
     data = body * 2**21
-    assert split_field(data, RAW_INPUT_CONTENTS, max_fields=300) is None
+    with pytest.raises(TooManyFields, match="more than 300 top-level fields; at most 300"):
+        split_field(data, RAW_INPUT_CONTENTS, 300)
     req = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"ab", b"cd"])
-    rest, raw = split_field(req.SerializeToString(), RAW_INPUT_CONTENTS, max_fields=3)
+    rest, raw = split_field(req.SerializeToString(), RAW_INPUT_CONTENTS, 3)
     assert pb.ModelInferRequest.FromString(rest).model_name == "m"
     assert [bytes(v) for v in raw] == [b"ab", b"cd"]
-    assert split_field(req.SerializeToString(), RAW_INPUT_CONTENTS, max_fields=2) is None
+    with pytest.raises(TooManyFields):
+        split_field(req.SerializeToString(), RAW_INPUT_CONTENTS, 2)
+
+
+NESTED = Bound(10, nested=frozenset({5, 6}), nested_fields=20, nested_what="nested fields")
+
+
+def test_fields_inside_inputs_and_outputs_count_against_the_nested_bound():
+    req = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"ab"])
+    t = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    for i in range(16):
+        t.parameters[f"p{i}"].bool_param = True  # name, datatype, shape + 16 entries: 19
+    rest, raw = split_field(req.SerializeToString(), RAW_INPUT_CONTENTS, NESTED)
+    assert pb.ModelInferRequest.FromString(rest).inputs[0] == t and len(raw) == 1
+    assert split_field(req.SerializeToString(), None, NESTED)[1] == []  # counted only
+    o = req.outputs.add(name="y")  # one more input field and one of an output: 21
+    o.parameters["binary_data"].bool_param = True
+    for number in (RAW_INPUT_CONTENTS, None):
+        with pytest.raises(TooManyFields, match="more than 20 nested fields; at most 20"):
+            split_field(req.SerializeToString(), number, NESTED)
+
+
+def test_the_servers_bounds_refuse_300k_parameters_of_one_input_and_pass_valid_requests():
+    infer, other = request_bounds(RequestLimits())
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="x", datatype="BYTES", shape=[1])
+    data = req.SerializeToString()
+    entry = pb.ModelInferRequest(inputs=[{"parameters": {"k": {"bool_param": True}}}])
+    one = entry.SerializeToString()[2:]  # the input's one map entry, without its own header
+    body = one * 300_000  # 3.4 MiB of parameters in one input: 1.2 s to parse
+    data += b"\x2a" + _varint(len(body)) + body
+    with pytest.raises(TooManyFields, match="more than 1088 fields in its inputs and outputs"):
+        split_field(data, RAW_INPUT_CONTENTS, infer)
+    full = pb.ModelInferRequest(model_name="m", id="r")
+    for i in range(64):  # the largest valid request: every limit at its maximum
+        full.parameters[f"p{i}"].int64_param = i
+        t = full.inputs.add(name=f"x{i}", datatype="FP32", shape=[1, 2])
+        o = full.outputs.add(name=f"y{i}")
+        o.parameters["binary_data"].bool_param = True
+        o.parameters["classification"].int64_param = 1
+        t.parameters[f"q{i}"].bool_param = True
+        full.raw_input_contents.append(bytes(8))
+    rest, raw = split_field(full.SerializeToString(), RAW_INPUT_CONTENTS, infer)
+    assert len(raw) == 64 and len(pb.ModelInferRequest.FromString(rest).inputs) == 64
+    load = pb.RepositoryModelLoadRequest(model_name="m")
+    for i in range(79):  # its name and 79 parameters: 80 top-level fields
+        load.parameters[f"p{i}"].bool_param = True
+    assert split_field(load.SerializeToString(), None, other) is not None
+    load.parameters["one-more"].bool_param = True
+    with pytest.raises(TooManyFields, match="more than 80 top-level fields"):
+        split_field(load.SerializeToString(), None, other)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
