@@ -121,16 +121,24 @@ class AuthConfig:
 
     @property
     def token(self) -> str:
-        """The token: the file's content (stripped) or the literal."""
-        if self.bearer_token_file is not None:
-            return self.bearer_token_file.read_text().strip()
-        return self.bearer_token or ""
+        """The token: the file's content (stripped) or the literal. Read once - when the
+        config is validated - and kept (not a field: repr and safe_dump never show it): the
+        file was read again at every use, so a server started with whatever it held then,
+        unchecked - a secret mount that read empty at start turned auth off."""
+        token = self.__dict__.get("_token")
+        if token is None:
+            if self.bearer_token_file is not None:
+                token = self.bearer_token_file.read_text().strip()
+            else:
+                token = self.bearer_token or ""
+            object.__setattr__(self, "_token", token)  # frozen: set once, here
+        return token
 
     def validate(self, where: Where) -> None:
         if (self.bearer_token_file is None) == (self.bearer_token is None):
             given = [k for k in ("bearer_token_file", "bearer_token") if getattr(self, k)]
             where.fail(given, "exactly one of bearer_token_file and bearer_token")
-        token = self.token
+        token = self.token  # the one read; the server starts with this token
         if len(token) < 8:
             where.fail("<token>", "a bearer token of at least 8 characters")
         # A client sends it in gRPC metadata, which carries printable ASCII only, and the

@@ -269,8 +269,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 class InferenceService(rpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, token: str | None) -> None:
+        if token is not None and not token:
+            # None is auth off; an empty token (a secret file that read empty) must never
+            # turn it off: every client would be let in.
+            raise ValueError(
+                "auth is configured but the bearer token is empty: put the token in "
+                "auth.bearer_token_file (or auth.bearer_token), or remove auth"
+            )
         self.plane = plane
-        self._token = token.encode() if token else None
+        self._token = token.encode() if token is not None else None
 
     def interceptors(self) -> tuple[grpc.aio.ServerInterceptor, ...]:
         """What the gRPC server must be made with (``grpc.aio.server(interceptors=...)``):

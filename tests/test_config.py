@@ -365,6 +365,19 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path):
     assert cfg.repository == tmp_path / "models"
 
 
+def test_the_token_file_is_read_once_when_the_config_is_validated(tmp_path):
+    # AuthConfig.token read the file at every use: the server started with whatever it held
+    # then - unchecked, and an empty read turned auth off.
+    token = tmp_path / "token"
+    token.write_text("file-token-123\n")
+    cfg = ServerConfig.from_dict(
+        {"repository": "m", "auth": {"bearer_token_file": "token"}}, base=tmp_path
+    )
+    token.write_text("")
+    assert cfg.bearer_token == "file-token-123"
+    assert "file-token" not in repr(cfg) and "file-token" not in safe_dump(cfg)
+
+
 def test_safe_dump_masks_the_token():
     cfg = ServerConfig.from_dict({"repository": "m", "auth": {"bearer_token": "s3cret-token"}})
     text = safe_dump(cfg)

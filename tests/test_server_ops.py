@@ -273,3 +273,28 @@ def test_connection_age_config():
                                 "max_connection_age_grace_s": 10})  # fmt: skip
     with pytest.raises(ConfigError, match="max_connection_age_s"):
         ServerConfig.from_dict({"repository": "m", "max_connection_age_s": 0})
+
+
+def test_a_token_file_emptied_after_the_config_was_read_keeps_auth_on(model_repository, tmp_path):
+    # The token file was read again when the server started: a secret mount that read empty
+    # by then gave an empty token, which InferenceService took for "auth off".
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-123\n")
+    (tmp_path / "server.yaml").write_text(
+        f"repository: {model_repository}\nmodels: [tiny]\ngrpc_port: 0\nmetrics_port: 0\n"
+        "auth: {bearer_token_file: token}\n"
+    )
+    cfg = ServerConfig.load(tmp_path / "server.yaml")
+    token.write_text("")
+    s = ServerThread(cfg).start()
+    try:
+        c = tc.InferenceServerClient(s.address)
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("tiny", [_input()])
+        assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        good = c.infer("tiny", [_input()], headers={"authorization": "Bearer s3cret-token-123"})
+        assert good.as_numpy("logits").shape == (1, 10)
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="bearer token is empty"):
+        InferenceService(None, "")  # None is auth off; "" must never be taken for it
