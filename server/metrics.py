@@ -50,7 +50,9 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 import threading
+import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
@@ -62,10 +64,11 @@ from prometheus_client import (
     ProcessCollector,
     Summary,
     make_wsgi_app,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from server.log_throttle import LogThrottle
 
 log = logging.getLogger("innfer.metrics")
 
@@ -235,7 +238,9 @@ class Metrics:
         r.register(_NvmlCollector())
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
-        """Expose /metrics; returns (server, thread) (prometheus_client's WSGI server).
+        """Expose /metrics; returns (server, thread): prometheus_client's WSGI app on a
+        threading server that closes idle connections and caps how many are open
+        (``METRICS_TIMEOUT_S``, ``METRICS_MAX_CONNECTIONS``).
 
         A wildcard ``host`` (0.0.0.0, ::) listens on IPv6 and IPv4 both - one dual-stack
         socket on ``::``, as gRPC does for the same host - or on 0.0.0.0 where the kernel
@@ -250,13 +255,68 @@ class Metrics:
                     raise
                 log.info("no IPv6 here (%s): /metrics listens on IPv4 (0.0.0.0) only", exc)
                 host = "0.0.0.0"
-        return start_http_server(port, addr=host, registry=self.registry)
+        # The family of the address, as prometheus_client's start_http_server picks it.
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = info[0]
+        server = type("_MetricsServerOn", (_MetricsServer,), {"address_family": family})
+        return _serve(port, address[0], self.registry, server)
 
 
-class _DualStackServer(ThreadingWSGIServer):
-    """prometheus_client's threading WSGI server on an IPv6 socket that takes IPv4 too
-    (IPV6_V6ONLY off: IPv4 clients arrive as ::ffff:a.b.c.d, whatever the host's
-    net.ipv6.bindv6only says)."""
+# /metrics connections: prometheus_client's server started a thread per connection and
+# waited on each socket without a timeout, so a client that connected and sent nothing held
+# a thread of the serving process for good - thousands of them exhausted its threads. Now a
+# connection idle this long (seconds, per read or write) is closed, and beyond this many at
+# once a new one is closed at once. A scrape is one short request (Prometheus sends one at a
+# time per target; two for an HA pair).
+METRICS_TIMEOUT_S = 5.0
+METRICS_MAX_CONNECTIONS = 16
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server with at most ``METRICS_MAX_CONNECTIONS``
+    connections (threads) at once: one more is closed without a thread."""
+
+    max_connections = METRICS_MAX_CONNECTIONS
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._log_throttle = LogThrottle()  # only the serve_forever thread uses it
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            left_out = self._log_throttle.allow("full", time.monotonic())
+            if left_out is not None:  # one line per window, not one per connection
+                log.warning(
+                    "/metrics: %d connections open, the most allowed: closed one from %s "
+                    "(%d more closed since the last such line)",
+                    self.max_connections, client_address[0], left_out,
+                )  # fmt: skip
+            return
+        try:
+            super().process_request(request, client_address)  # its thread releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """socketserver printed a traceback to stderr for every error - every idle
+        connection closed by its timeout too: those are routine, the rest logged."""
+        if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+            return
+        log.exception("/metrics: serving %s failed", client_address[0])
+
+
+class _DualStackServer(_MetricsServer):
+    """The metrics server on an IPv6 socket that takes IPv4 too (IPV6_V6ONLY off: IPv4
+    clients arrive as ::ffff:a.b.c.d, whatever the host's net.ipv6.bindv6only says)."""
 
     address_family = socket.AF_INET6
 
@@ -266,13 +326,22 @@ class _DualStackServer(ThreadingWSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # no line on stderr per scrape
+    """No line on stderr per scrape; a connection idle for ``METRICS_TIMEOUT_S`` is closed
+    (socketserver's StreamRequestHandler sets it on the socket)."""
+
+    timeout = METRICS_TIMEOUT_S
+
+    def log_message(self, format: str, *args) -> None:
         pass
 
 
 def _serve_dual_stack(port: int, registry: CollectorRegistry):
+    return _serve(port, "::", registry, _DualStackServer)
+
+
+def _serve(port: int, host: str, registry: CollectorRegistry, server_class):
     httpd = make_server(
-        "::", port, make_wsgi_app(registry), _DualStackServer, handler_class=_QuietHandler
+        host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
     )
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -219,8 +220,6 @@ def test_server_config_errors(data, match):
 
 def test_a_stopped_server_frees_its_metrics_port(model_repository):
     # The Prometheus listener was shut down but never closed: its port stayed bound.
-    import socket
-
     srv = ServerThread({"repository": str(model_repository)}).start()
     port = srv.server.metrics_port
     srv.stop()
@@ -298,3 +297,60 @@ def test_a_token_file_emptied_after_the_config_was_read_keeps_auth_on(model_repo
         s.stop()
     with pytest.raises(ValueError, match="bearer token is empty"):
         InferenceService(None, "")  # None is auth off; "" must never be taken for it
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock`` (it sent nothing); fails after ``seconds``."""
+    sock.settimeout(seconds)
+    t0 = time.monotonic()
+    try:
+        assert sock.recv(1) == b""
+    except TimeoutError:
+        pytest.fail(f"the server kept an idle connection open for {seconds} s")
+    return time.monotonic() - t0
+
+
+def test_an_idle_metrics_connection_is_closed():
+    # prometheus_client's server gave each connection a thread that waited without a
+    # timeout: a client that connected and sent nothing pinned a thread for good, and
+    # thousands of them exhausted the serving process's threads.
+    from server.metrics import Metrics
+
+    httpd, _ = Metrics().serve_http(0)
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port)) as idle:
+            assert 3 < _closed_within(idle, 10) < 10  # METRICS_TIMEOUT_S: 5 s
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_metrics_connections_are_capped():
+    import server.metrics as metrics
+
+    cap = 16  # metrics.METRICS_MAX_CONNECTIONS, checked last (the old server had no cap)
+    httpd, _ = metrics.Metrics().serve_http(0)
+    address = ("127.0.0.1", httpd.server_port)
+    try:
+        held = [socket.create_connection(address) for _ in range(cap)]
+        try:
+            time.sleep(0.2)  # each has its thread and slot
+            with socket.create_connection(address) as extra:
+                assert _closed_within(extra, 10) < 2.5  # refused at once, not timed out
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the slots come back as their threads see the clients gone
+            try:
+                with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/metrics") as r:
+                    assert b"innfer_build_info" in r.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert cap == metrics.METRICS_MAX_CONNECTIONS
