@@ -25,7 +25,7 @@ import grpc
 
 from runtime import __version__
 from server.allocator import malloc_settings, tune_malloc
-from server.config import ServerConfig
+from server.config import ServerConfig, loopback
 from server.dataplane import DataPlane
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
@@ -85,6 +85,7 @@ class Server:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        warn_cleartext_token(self.config)
         limit = self.message_limit = self.config.max_message_bytes or self.plane.message_limit()
         self.plane.transport_limit = limit
         log.info("gRPC messages up to %.1f MiB", limit / 2**20)
@@ -159,6 +160,21 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def warn_cleartext_token(config: ServerConfig) -> None:
+    """Warn when clients would send the bearer token unencrypted over a network: ``auth``
+    without ``tls`` on an address other machines reach. (Not an error: in Kubernetes a mesh
+    sidecar or gateway often terminates TLS in front of the pod - the kubelet's gRPC probes
+    speak plaintext only.)"""
+    if config.auth is not None and config.tls is None and not loopback(config.host):
+        log.warning(
+            "auth is on without tls while listening on %s: clients send the bearer token in "
+            "cleartext, readable (and replayable) by anyone on the network path. Set tls "
+            "(cert, key) in the server config, or terminate TLS in front of this port (a "
+            "mesh or gateway) and let nothing else reach it",
+            config.host,
+        )
 
 
 def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -71,6 +71,16 @@ MODEL_CONTROL = ("none", "explicit")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address: only this machine can connect.
+
+    Example:
+        >>> loopback("127.0.0.2"), loopback("::1"), loopback("0.0.0.0")
+        (True, True, False)
+    """
+    return host in _LOOPBACK or host.startswith("127.")
+
+
 def _ipv6(host: str) -> bool:
     try:
         ipaddress.IPv6Address(host)
@@ -256,11 +266,7 @@ class ServerConfig:
 
     def validate(self, where: Where) -> None:
         """Checks across fields (and, where it exists, against the repository's models)."""
-        if (
-            self.model_control == "explicit"
-            and self.auth is None
-            and not (self.host in _LOOPBACK or self.host.startswith("127."))
-        ):
+        if self.model_control == "explicit" and self.auth is None and not loopback(self.host):
             # Anyone reaching the port could load, reload and unload models.
             where.child("model_control").fail(
                 self.model_control,

@@ -350,6 +350,32 @@ def test_services_pdb_and_hpa_select_the_pods(overlay):
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_grpc_is_served_through_a_service_and_a_network_policy_guards_the_pods(overlay):
+    # The ClusterIP Service also exposed /metrics (8002) - to every pod in the cluster,
+    # though the PodMonitor scrapes the pods directly - and no NetworkPolicy limited who
+    # reached either port.
+    docs = _render(overlay)
+    dep = _one(docs, "Deployment", "innfer")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    (server,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
+    for name in ("innfer", "innfer-headless"):
+        assert [p["name"] for p in _one(docs, "Service", name)["spec"]["ports"]] == ["grpc"]
+    policy = _one(docs, "NetworkPolicy", "innfer")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]  # only what comes in is limited
+    admitted = {p["port"]: rule["from"] for rule in spec["ingress"] for p in rule["ports"]}
+    assert set(admitted) == {p["name"] for p in server["ports"]} == {"grpc", "metrics"}
+    assert admitted["grpc"] == [{"namespaceSelector": {}}]  # any namespace of the cluster
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}  # where Prometheus runs
+    assert admitted["metrics"] == [{"namespaceSelector": {"matchLabels": monitoring}}]
+    pm = _one(_render("monitoring"), "PodMonitor", "innfer")  # scrapes pods, not a Service
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} == {"metrics"}
+    assert "helm install kube-prometheus-stack" in (DEPLOY / "README.md").read_text()
+    assert "-n monitoring" in (DEPLOY / "README.md").read_text()
+
+
 def test_cpu_and_gpu_overlays_differ_where_they_should():
     cpu, gpu = _render("k8s/overlays/cpu"), _render("k8s/overlays/gpu")
     for docs, tiers, backend in ((cpu, "cpu", None), (gpu, "gpu", "tensorrt")):

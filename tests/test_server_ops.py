@@ -354,3 +354,20 @@ def test_metrics_connections_are_capped():
         httpd.shutdown()
         httpd.server_close()
     assert cap == metrics.METRICS_MAX_CONNECTIONS
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "warned"),
+    [("0.0.0.0", True, True), ("127.0.0.1", True, False), ("0.0.0.0", False, False)],
+)
+def test_a_token_sent_in_cleartext_is_warned_about_at_start(tmp_path, caplog, host, auth, warned):
+    data = {"repository": str(tmp_path), "host": host}
+    if auth:
+        data["auth"] = {"bearer_token": "s3cret-token-123"}
+    with caplog.at_level("WARNING", logger="innfer.server"):
+        s = ServerThread(data).start()
+        s.stop()
+    said = [r.getMessage() for r in caplog.records if "cleartext" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert host in said[0] and "tls" in said[0] and "s3cret" not in said[0]
