@@ -532,7 +532,11 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def Check(self, request, context):
         status = self.status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown service {clip(request.service)}; this server answers "
+                f"{', '.join(map(repr, self.SERVICES))}",
+            )
         return health_pb2.HealthCheckResponse(status=status)
 
 

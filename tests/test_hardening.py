@@ -354,6 +354,17 @@ def test_symlinked_model_directory_is_not_followed(stub, repo):
     assert "linked" not in {m.name for m in index.models}
 
 
+def test_an_unknown_health_service_name_is_clipped(server):
+    # The health check echoed the service name whole: 100,000 characters went back in the
+    # status message (past gRPC's header limit, where clients see "Stream removed").
+    with grpc.insecure_channel(server.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        code, msg = _status(h.Check, health_pb2.HealthCheckRequest(service="x" * 100_000),
+                            timeout=10)  # fmt: skip
+    assert code == grpc.StatusCode.NOT_FOUND, (code, msg[:200])
+    assert len(msg) <= 1024 and "(100000 characters)" in msg and "'readiness'" in msg, msg
+
+
 def test_model_name_rules():
     check_model_name("mnist_v2.1-cpu")
     for bad in ("../x", "x/y", "", ".", "..", "-x", "x" * 129, "é", "a\x00b"):
