@@ -38,6 +38,8 @@ Example:
 from __future__ import annotations
 
 import ipaddress
+import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,73 @@ class TLSConfig:
     client_ca: Path | None = spec(
         None, must_exist=True, doc="CA that signs client certificates; set: mutual TLS"
     )
+
+    def validate(self, where: Where) -> None:
+        """Load the files as the server will (OpenSSL reads the PEM gRPC reads), so a bad one
+        is refused here, naming its field: gRPC said only "Failed to bind to address" when
+        the server started."""
+        try:
+            _tls_context().load_verify_locations(cafile=self.cert)
+        except (ssl.SSLError, OSError) as exc:
+            where.child("cert").fail(
+                str(self.cert), f"a PEM certificate chain, the server's own first ({_why(exc)})"
+            )
+        try:
+            _tls_context().load_cert_chain(self.cert, self.key, password=_no_passphrase)
+        except _Encrypted:
+            where.child("key").fail(
+                str(self.key),
+                "an unencrypted PEM private key (gRPC reads no passphrase): write one with "
+                "`openssl pkey -in <key> -out <plain key>`",
+            )
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None)
+            if reason in _CERT_REASONS:  # the certificate's own key or signature
+                where.child("cert").fail(str(self.cert), f"a usable certificate ({_why(exc)})")
+            if reason == "KEY_VALUES_MISMATCH":
+                expected = f"the private key of the certificate in tls.cert ({self.cert.name})"
+                where.child("key").fail(str(self.key), f"{expected}; this one does not match it")
+            where.child("key").fail(
+                str(self.key), f"a PEM private key (none could be read; {_why(exc)})"
+            )
+        if self.client_ca is not None:
+            try:
+                _tls_context().load_verify_locations(cafile=self.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                where.child("client_ca").fail(
+                    str(self.client_ca),
+                    f"a PEM file of the CA certificates that sign client certificates "
+                    f"({_why(exc)})",
+                )
+
+
+# What load_cert_chain says of a certificate it parsed but will not use (OpenSSL's security
+# level; the check context sets it to 0, so these are rare).
+_CERT_REASONS = {"EE_KEY_TOO_SMALL", "CA_MD_TOO_WEAK", "CA_KEY_TOO_SMALL"}
+
+
+class _Encrypted(Exception):
+    """The private key asked for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted  # else OpenSSL would prompt on the terminal
+
+
+def _tls_context() -> ssl.SSLContext:
+    """A server context for checking that the files parse and match: security level 0, as
+    the policy is gRPC's (BoringSSL's) to apply, not this check's."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def _why(exc: Exception) -> str:
+    """What OpenSSL (or the file system) said, in one line."""
+    if isinstance(exc, ssl.SSLError):
+        said = exc.reason or re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(exc.args[-1]))
+        return f"OpenSSL: {said}"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True, kw_only=True)

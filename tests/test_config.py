@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -354,15 +356,63 @@ def test_replace_validates_like_the_file():
     assert (m["file"], m["field"]) == ("server.yaml", "policy")
 
 
-def test_tls_paths_are_relative_to_the_config_file(tmp_path):
-    for name in ("server.crt", "server.key"):
-        (tmp_path / name).write_text("pem")
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory) -> Path:
+    """Two self-signed certificates with their keys (EC P-256: fast to make): a.crt, a.key,
+    b.crt, b.key."""
+    d = tmp_path_factory.mktemp("pems")
+    for name in ("a", "b"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.crt", "-days", "2", "-subj", f"/CN={name}"],
+            cwd=d, check=True, capture_output=True,
+        )  # fmt: skip
+    return d
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path, pems):
+    for name, pem in (("server.crt", "a.crt"), ("server.key", "a.key")):
+        shutil.copy(pems / pem, tmp_path / name)
     (tmp_path / "server.yaml").write_text(
         "repository: models\ntls: {cert: server.crt, key: server.key}\n"
     )
     cfg = ServerConfig.load(tmp_path / "server.yaml")
     assert cfg.tls == TLSConfig(cert=tmp_path / "server.crt", key=tmp_path / "server.key")
     assert cfg.repository == tmp_path / "models"
+
+
+@pytest.mark.parametrize(
+    ("tls", "field", "expected"),
+    [
+        ({"cert": "garbage.pem", "key": "a.key"}, "tls.cert", "a PEM certificate chain"),
+        ({"cert": "a.key", "key": "a.key"}, "tls.cert", "a PEM certificate chain"),
+        ({"cert": "a.crt", "key": "b.key"}, "tls.key", "the private key of the certificate"),
+        ({"cert": "a.crt", "key": "garbage.pem"}, "tls.key", "a PEM private key"),
+        ({"cert": "a.crt", "key": "a.key", "client_ca": "garbage.pem"}, "tls.client_ca",
+         "a PEM file of the CA certificates"),
+    ],
+)  # fmt: skip
+def test_tls_files_that_do_not_load_name_their_field(pems, tls, field, expected):
+    # A bad certificate or key passed the config (which checked only that the files exist)
+    # and the server then failed to start with gRPC's "Failed to bind to address".
+    (pems / "garbage.pem").write_text("not a PEM file\n")
+    data = {"repository": "m", "tls": tls}
+    m = _refused(ServerConfig.from_dict, data, source="server.yaml", base=pems)
+    assert (m["field"], m["value"]) == (field, repr(str(pems / tls[field.split(".")[1]])))
+    assert m["exp"].startswith(expected), m["exp"]
+    good = {"cert": "a.crt", "key": "a.key", "client_ca": "b.crt"}
+    assert ServerConfig.from_dict({"repository": "m", "tls": good}, base=pems).tls.client_ca
+
+
+def test_an_encrypted_tls_key_is_refused_without_a_prompt(pems, tmp_path):
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(pems / "a.key"), "-aes256", "-passout", "pass:secret",
+         "-out", str(tmp_path / "enc.key")], check=True, capture_output=True,
+    )  # fmt: skip
+    data = {"repository": "m", "tls": {"cert": str(pems / "a.crt"), "key": "enc.key"}}
+    m = _refused(ServerConfig.from_dict, data, source="server.yaml", base=tmp_path)
+    assert m["field"] == "tls.key" and "unencrypted" in m["exp"] and "openssl pkey" in m["exp"]
 
 
 def test_the_token_file_is_read_once_when_the_config_is_validated(tmp_path):
