@@ -101,7 +101,8 @@ class Server:
         self.grpc = grpc.aio.server(options=opts, interceptors=service.interceptors() or None)
         add_inference_service(service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
-        _enable_reflection(self.grpc)
+        if self.config.reflection:
+            _enable_reflection(self.grpc)
         address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"
         if self.config.tls is None:
             self.port = self.grpc.add_insecure_port(address)

@@ -20,6 +20,7 @@
     backend: null                 # override every model's backend preference
     tls: {cert: server.crt, key: server.key, client_ca: null}   # client_ca -> mTLS required
     auth: {bearer_token_file: token.txt}                         # health stays open
+    reflection: true              # gRPC server reflection (grpcurl); open without a token
     model_control: none           # explicit: RepositoryModelLoad/Unload allowed
     limits: {max_inputs: 64, max_outputs: 64, max_inflight_bytes: 268435456}
 
@@ -312,6 +313,13 @@ class ServerConfig:
         True,
         doc="re-measure each tier briefly when a model loads and start the latency "
         "correction from it (a profile measured on a busy or another machine is reconciled)",
+    )
+    reflection: bool = spec(
+        True,
+        doc="serve gRPC server reflection: any client, without a token, may list the "
+        "services and their message types (what grpcurl, Postman and evans use). The schema "
+        "is the public Open Inference Protocol; false tells clients that are not yours "
+        "nothing about the port. The Kubernetes deploy sets false",
     )
     tls: TLSConfig | None = spec(None, doc="serve over TLS (default: plaintext)")
     auth: AuthConfig | None = spec(None, doc="require a bearer token (health stays open)")

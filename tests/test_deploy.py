@@ -259,6 +259,7 @@ def test_deployment_probes_drain_and_security(overlay):
     docs = _render(overlay)
     cfg, _ = _server_config(docs)
     assert cfg.host == "0.0.0.0"
+    assert cfg.reflection is False  # nothing told to clients that are not yours
     dep = _one(docs, "Deployment", "innfer")
     assert "replicas" not in dep["spec"], "the HPA owns replicas"
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

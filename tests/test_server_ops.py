@@ -371,3 +371,27 @@ def test_a_token_sent_in_cleartext_is_warned_about_at_start(tmp_path, caplog, ho
     assert bool(said) == warned, said
     if warned:
         assert host in said[0] and "tls" in said[0] and "s3cret" not in said[0]
+
+
+@pytest.mark.parametrize("reflection", [None, True, False])
+def test_server_reflection_is_a_config_switch(tmp_path, reflection):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    data = {"repository": str(tmp_path)}
+    if reflection is not None:
+        data["reflection"] = reflection
+    s = ServerThread(data).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            try:
+                (answer,) = stub.ServerReflectionInfo(iter([ask]), timeout=10)
+                served = {x.name for x in answer.list_services_response.service}
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+                served = set()
+    finally:
+        s.stop()
+    on = reflection is not False  # default: on
+    assert ("inference.GRPCInferenceService" in served) == on, served
