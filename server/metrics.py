@@ -234,8 +234,64 @@ class Metrics:
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,
         )  # fmt: skip
+        # The gRPC ecosystem's server metrics (grpc-ecosystem's go-grpc-middleware
+        # providers/prometheus, py-grpc-prometheus): names, labels and code names as there,
+        # so that existing gRPC dashboards and alerts read innfer too. Per RPC, from its
+        # handler's start (the request parsed) to its answer or error; a call refused before
+        # it (an unparseable or unauthenticated request at the transport) is not counted.
+        rpc = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", rpc, registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by status code.",
+            [*rpc, "grpc_code"], registry=r,
+        )  # fmt: skip
+        self.grpc_handling = Histogram(
+            "grpc_server_handling_seconds", "Time from an RPC's handler start to its answer "
+            "(a stream: to its end): decode, queue, compute, encode.", rpc,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._rpc_children: dict = {}
         Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
         r.register(_NvmlCollector())
+
+    def rpc_started(self, kind: str, service: str, method: str) -> None:
+        """Count an RPC's start (``kind``: unary, bidi_stream, ...)."""
+        self._rpc(kind, service, method)[0].inc()
+
+    def rpc_handled(self, kind: str, service: str, method: str, code: str, seconds: float):
+        """Count an RPC's end with its status ``code`` (go-grpc's name: OK, InvalidArgument,
+        ...) and its handling time.
+
+        Example:
+            >>> m = Metrics()
+            >>> m.rpc_started("unary", "inference.GRPCInferenceService", "ModelInfer")
+            >>> m.rpc_handled("unary", "inference.GRPCInferenceService", "ModelInfer",
+            ...               "OK", 0.004)
+            >>> m.registry.get_sample_value("grpc_server_handled_total", {
+            ...     "grpc_type": "unary", "grpc_service": "inference.GRPCInferenceService",
+            ...     "grpc_method": "ModelInfer", "grpc_code": "OK"})
+            1.0
+        """
+        _, handling = self._rpc(kind, service, method)
+        handling.observe(seconds)
+        key = (kind, service, method, code)
+        handled = self._rpc_children.get(key)
+        if handled is None:
+            handled = self._rpc_children[key] = self.grpc_handled.labels(*key)
+        handled.inc()
+
+    def _rpc(self, kind: str, service: str, method: str):
+        # Bound children, cached: labels() costs microseconds on every request otherwise.
+        key = (kind, service, method)
+        pair = self._rpc_children.get(key)
+        if pair is None:
+            pair = self._rpc_children[key] = (
+                self.grpc_started.labels(*key),
+                self.grpc_handling.labels(*key),
+            )
+        return pair
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
         """Expose /metrics; returns (server, thread): prometheus_client's WSGI app on a

@@ -4,6 +4,7 @@ become status codes. No traceback ever reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import hmac
@@ -189,26 +190,55 @@ OPEN_METHODS = {"ServerLive", "ServerReady"}  # probes need no token
 
 def rpc_method(fn: Callable) -> Callable:
     """Authenticate, run, and map errors: domain errors to their code and message,
-    anything else to INTERNAL with the traceback logged here and never sent."""
+    anything else to INTERNAL with the traceback logged here and never sent. Each call is
+    counted in the grpc_server_* metrics with the code it ends with."""
 
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self: InferenceService, request, context: grpc.aio.ServicerContext):
+        metrics = self.plane.metrics
+        metrics.rpc_started("unary", SERVICE, name)
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             if name not in OPEN_METHODS:  # AuthInterceptor refused it before; kept here
                 self.authenticate(context.invocation_metadata())  # for servers without it
             _require_decoded(request)
             return await fn(self, request, context)
         except InferError as exc:
-            await context.abort(status_of(exc), clip_message(str(exc)))
+            code = status_of(exc)
+            await context.abort(code, clip_message(str(exc)))
         except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
             log.exception("%s failed", name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}; see logs")
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, f"internal error in {name}; see logs")
+        finally:
+            metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], time.perf_counter() - t0)
 
     return wrapper
+
+
+SERVICE = "inference.GRPCInferenceService"
+# grpc-go's names of the status codes (codes.Code.String()): what gRPC dashboards filter on.
+CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc.StatusCode} | {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+}
+
+
+def _aborted_code(context) -> grpc.StatusCode:
+    """The code a handler aborted ``context`` with (UNKNOWN where gRPC does not say)."""
+    try:
+        code = context.code()
+    except Exception:  # an older grpc.aio without ServicerContext.code()
+        return grpc.StatusCode.UNKNOWN
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 _NO_SHM = (
@@ -469,6 +499,22 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         through the same data plane as ModelInfer, concurrently and as it completes (see
         ``server.stream``). A failed request is a response with ``error_message`` (its status
         code's name first) and the stream stays open; only a wrong token ends it."""
+        metrics = self.plane.metrics
+        metrics.rpc_started("bidi_stream", SERVICE, "ModelStreamInfer")
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            await self._stream(request_iterator, context)
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:  # the client closed it (or the server stops)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            took = time.perf_counter() - t0
+            metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
+
+    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         try:
             self.authenticate(context.invocation_metadata())
         except InferError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import urllib.request
 
 import grpc
@@ -278,6 +279,51 @@ def test_metrics_move_with_traffic(server, client):
     assert 0 < cpu < after["process_cpu_seconds_total"]
     stats = client.get_inference_statistics("tiny").model_stats[0]
     assert stats.inference_count >= 3 and stats.inference_stats.success.ns > 0
+
+
+def test_grpc_server_metrics_count_every_rpc_with_its_code(server, client):
+    # The gRPC ecosystem's server metrics (go-grpc-prometheus names, labels and code names),
+    # so that existing gRPC dashboards read innfer: each RPC started and handled, by the code
+    # it ended with, and its handling time.
+    def key(name, method, code=None, kind="unary"):
+        labels = f'grpc_method="{method}",grpc_service="inference.GRPCInferenceService",'
+        labels += f'grpc_type="{kind}"'
+        if code is not None:
+            labels = f'grpc_code="{code}",' + labels
+        return f"{name}{{{labels}}}"
+
+    before = _scrape(server.metrics_url)
+    client.infer("tiny", [_input(_x(1))], parameters={"tier": "w050"})
+    client.infer("tiny", [_input(_x(1))], parameters={"tier": "w050"})
+    for bad, params in (("nope", {}), ("tiny", {"latency_budget_ms": -1.0})):
+        with pytest.raises(InferenceServerException):
+            client.infer(bad, [_input(_x(1))], parameters=params)
+    answers = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    client.async_stream_infer("tiny", [_input(_x(1))], parameters={"tier": "w050"})
+    deadline = time.monotonic() + 10
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.stop_stream()
+    deadline = time.monotonic() + 10
+    stream_ok = key("grpc_server_handled_total", "ModelStreamInfer", "OK", "bidi_stream")
+    after = _scrape(server.metrics_url)
+    while after.get(stream_ok, 0) == before.get(stream_ok, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the stream's handler ends after the client closed it
+        after = _scrape(server.metrics_url)
+
+    def moved(k):
+        return after.get(k, 0) - before.get(k, 0)
+
+    assert moved(key("grpc_server_started_total", "ModelInfer")) == 4
+    assert moved(key("grpc_server_handled_total", "ModelInfer", "OK")) == 2
+    assert moved(key("grpc_server_handled_total", "ModelInfer", "NotFound")) == 1
+    assert moved(key("grpc_server_handled_total", "ModelInfer", "InvalidArgument")) == 1
+    assert moved(key("grpc_server_handling_seconds_count", "ModelInfer")) == 4
+    assert moved(key("grpc_server_handling_seconds_sum", "ModelInfer")) > 0
+    assert answers and answers[0][1] is None
+    assert moved(key("grpc_server_started_total", "ModelStreamInfer", kind="bidi_stream")) == 1
+    assert moved(stream_ok) == 1
 
 
 def test_unload_and_load(client):
