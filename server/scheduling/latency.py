@@ -17,6 +17,13 @@ batches that ran:
   an engine noisier than its profile everywhere gets the observed spread at every size, not
   the profile's differences between sizes magnified).
 
+Work outside this server - other processes on the same GPU - enters as an **external
+factor** (``set_external``, >= 1, from NVML utilisation: ``server.gpu_load``): the median
+is profile x learned level x external factor now, and batches teach the level only the
+residual, observed / (profile x the external factor in force when they are observed). With
+steady outside load the learned level stays ~1; a change of outside load moves every plan at
+once, before any batch has shown it. At 1 (the default, and always on CPU) nothing changes.
+
 The planning latency (``estimate``) is the ``slo_target`` quantile of the next batch's time
 as predicted from those estimates: the scheduler promises deadlines with probability
 ``slo_target``. The estimates are themselves noisy - the level is an average of the last few
@@ -74,6 +81,14 @@ RATIO_MIN, RATIO_MAX = 0.2, 20.0
 # A successive difference of log ratios beyond this (a 2x jump) is clipped: a level shift
 # or one outlier then adds at most this much to the spread.
 DIFF_CLIP = math.log(2.0)
+# The largest external factor ``set_external`` accepts: 10x, outside work holding 90 % of
+# the device (``server.gpu_load`` clips the others' share there). Beyond it the
+# utilisation says little more (a saturated GPU time-slices, it does not slow by 100x), and
+# the learned level can still follow what batches show.
+EXTERNAL_MAX = 10.0
+# A new external factor within this relative change of the one in force is ignored: NVML
+# samples jitter by a few percent, and each change rewrites every tier's tables.
+EXTERNAL_STEP = 0.02
 # Seconds; guards the ratio against a zero typical time in a hand-written profile.
 MIN_TYPICAL_S = 1e-9
 # Spread (log-normal sigma) assumed for a batch that has run past its planned quantile when
@@ -261,7 +276,10 @@ class LatencyModel:
         self._rows_cache: dict[str, tuple[list[float], ...]] = {}
         # (names, width) -> (name -> row, read-only views, the writable arrays)
         self._tables: dict[tuple, tuple[dict, tuple, tuple]] = {}
-        self.version = 0  # bumped by every observe
+        # Outside work's slowdown of the device (``set_external``): a multiplier on every
+        # tier's median, not learned from batches (those learn the residual).
+        self._external = 1.0
+        self.version = 0  # bumped by every change of the tables (observe, set_external, ...)
         for name in self.tiers:
             self._refresh(name)
 
@@ -280,7 +298,7 @@ class LatencyModel:
         observed = self._jitter[tier] * math.sqrt(math.pi) / 2  # E|d| = 2 sigma / sqrt(pi)
         expected = self._expected[tier]
         scale = min(self._jitter[tier] / expected, 1.0) if expected > 1e-12 else 0.0
-        f = math.exp(self._log_factor[tier])
+        f = math.exp(self._log_factor[tier]) * self._external  # x 1.0 at rest: exact
         median = [v * f for v in self._p50[tier]]
         # Learned: the observed spread, or the profile's at this size scaled down by what
         # was observed, whichever is larger; trusted as batches accumulate.
@@ -420,8 +438,10 @@ class LatencyModel:
             return
         # Compare with the typical time, not the planning quantile: on an uncontended
         # machine the factor stays ~1 and the plan keeps its margin; under contention both
-        # scale together.
-        ratio = seconds / max(self.typical(tier, rows), MIN_TYPICAL_S)
+        # scale together. Outside load in force now (``set_external``) is divided out: the
+        # level learns only what it does not explain, so the two never count it twice.
+        expected = self.typical(tier, rows) * self._external
+        ratio = seconds / max(expected, MIN_TYPICAL_S)
         x = math.log(min(max(ratio, RATIO_MIN), RATIO_MAX))
         self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
         keep = 1 - self.alpha
@@ -476,9 +496,47 @@ class LatencyModel:
         self._fill(tier)
         self.version += 1
 
+    def set_external(self, factor: float) -> bool:
+        """How much slower the device runs now because of work outside this server (other
+        processes on the GPU): ``factor`` >= 1 multiplies every tier's median at once;
+        clamped to [1, ``EXTERNAL_MAX``]. A change within ``EXTERNAL_STEP`` of the factor in
+        force is ignored (a factor that close to 1 counts as exactly 1, always applied).
+        Returns whether the plans changed. Batches observed from now on teach the learned
+        level the residual only (``observe``), so the learned factor (``factor``,
+        ``tier_estimate``) excludes it.
+
+        Example:
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0})])
+            >>> lat.set_external(2.0), round(lat.estimate("w100", 1) * 1e3, 3)
+            (True, 4.0)
+            >>> lat.set_external(2.01), lat.external   # within 2 %: no change
+            (False, 2.0)
+        """
+        if not math.isfinite(factor):
+            raise ValueError(f"external factor must be a finite number >= 1, got {factor}")
+        factor = min(max(factor, 1.0), EXTERNAL_MAX)
+        if factor <= 1.0 + EXTERNAL_STEP:  # within a sample's noise of none: exactly none,
+            factor = 1.0  # so that the plans come back to today's numbers, not 1 % above
+        if factor == self._external or (
+            factor != 1.0 and abs(factor - self._external) <= EXTERNAL_STEP * self._external
+        ):
+            return False
+        self._external = factor
+        for tier in self.tiers:
+            self._refresh(tier)
+            self._fill(tier)
+        self.version += 1
+        return True
+
+    @property
+    def external(self) -> float:
+        """The external factor in force (``set_external``; 1.0: no outside load)."""
+        return self._external
+
     @property
     def factor(self) -> dict[str, float]:
-        """Observed / profiled median per tier (1.0 = as profiled)."""
+        """Observed / profiled median per tier (1.0 = as profiled), apart from the external
+        factor (``set_external``): the part the batches taught."""
         return {t: math.exp(v) for t, v in self._log_factor.items()}
 
     def tier_estimate(self, tier: str) -> TierEstimate:
