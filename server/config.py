@@ -12,6 +12,7 @@
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
     device_slots: 1               # batches at once on the device all models share (0: per model)
+    nvml_load: true               # GPU models: other processes' NVML utilisation slows plans
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     plan_overhead: false          # plan budgets short by the learned request overhead
     overhead_quantile: 0.99       # ... by this quantile of it (and the metric exports it)
@@ -282,6 +283,12 @@ class ServerConfig:
         doc="batches that may run at once on the one device every model shares (one arbiter: "
         "deadline order across models, each model plans behind the others' work); 0: every "
         "model gets its own slot and ignores the others",
+    )  # fmt: skip
+    nvml_load: bool = spec(
+        True,
+        doc="where a model runs on an NVIDIA GPU and pynvml imports (the nvml extra): sample "
+        "the GPU's utilisation by other processes every 0.5 s and plan that much slower at "
+        "once (server/gpu_load.py); no effect on a CPU-only server",
     )  # fmt: skip
     plan_overhead: bool = spec(
         False,

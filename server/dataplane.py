@@ -38,6 +38,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.gpu_load import NvmlLoad, gpu_index
 from server.host_cpu import HostCpu
 from server.limits import clip, message_limit, request_bytes, response_bytes, text_bytes
 from server.metrics import Metrics
@@ -96,6 +97,11 @@ class DataPlane:
         # One device, one arbiter for every model (server.scheduling.device); None: each
         # model has its own slot and ignores the others (device_slots: 0).
         self.device = Device(config.device_slots) if config.device_slots > 0 else None
+        # Outside load per GPU in use (server.gpu_load; the nvml_load switch): a reader per
+        # CUDA index, started by the first model loaded there (None: NVML unusable), and
+        # the factor each last reported. A CPU-only server never makes one.
+        self._gpu_readers: dict[int, NvmlLoad | None] = {}
+        self.external_load: dict[int, float] = {}
         # Request handling's CPU per row, shared by every model (server.host_cpu).
         self.host_cpu = HostCpu()
         metrics.host_cpu.set_function(lambda: self.host_cpu.estimate)
@@ -225,6 +231,7 @@ class DataPlane:
                 if swap:  # the server's own change, not a new version: Triton's counters go
                     runtime.stats = old.stats  # on, and the old set's drain counts in them
             self.models[name] = runtime
+            self._watch_gpu(runtime)
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
             self._start_tierer(name, served.config, swap)
@@ -271,6 +278,58 @@ class DataPlane:
         # end after the texts they hold (milliseconds), waited for off the loop.
         self.tokenizer_threads.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.tokenizer_threads.join)
+        readers = [r for r in self._gpu_readers.values() if r is not None]
+        self._gpu_readers.clear()
+        for reader in readers:  # joined off the loop: a read may be inside the driver
+            await asyncio.get_running_loop().run_in_executor(None, reader.stop)
+
+    # -- outside load on a GPU (server.gpu_load) --------------------------------------------
+    def _watch_gpu(self, runtime: ModelRuntime) -> None:
+        """Start the outside-load reader for ``runtime``'s GPU if it is the first model
+        there, and give it the factor in force; nothing for a CPU model or with nvml_load
+        off (no thread, no import of pynvml)."""
+        index = gpu_index(runtime.served) if self.config.nvml_load else None
+        if index is None:
+            return
+        if index not in self._gpu_readers:
+            loop = asyncio.get_running_loop()
+
+            def report(i: int, factor: float) -> None:
+                # On the reader's thread: the schedulers are the loop's alone.
+                with contextlib.suppress(RuntimeError):  # the loop closed (process exit)
+                    loop.call_soon_threadsafe(self._apply_external, i, factor)
+
+            reader = NvmlLoad(index, report, own_busy=lambda: self._busy_s(index))
+            self._gpu_readers[index] = reader if reader.start() else None
+        factor = self.external_load.get(index)
+        if factor is not None:
+            _set_external(runtime, factor)
+
+    def _apply_external(self, index: int, factor: float) -> None:
+        """On the loop: GPU ``index``'s outside load is ``factor`` - every model there
+        (and those still draining) plans with it from now on."""
+        self.external_load[index] = factor
+        self.metrics.device_external_load.labels(f"cuda:{index}").set(factor)
+        for m in (*self.models.values(), *self._retiring):
+            if gpu_index(m.served) == index:
+                _set_external(m, factor)
+
+    def _busy_s(self, index: int) -> float | None:
+        """Engine seconds run so far on GPU ``index`` by the models loaded now (a reader's
+        fallback for its own share). Read on the reader's thread: a snapshot that meets
+        the loop changing the models or a model's batch sizes gives up (None)."""
+        try:
+            return (
+                sum(
+                    b.compute_infer.ns
+                    for m in list(self.models.values())
+                    if gpu_index(m.served) == index
+                    for b in list(m.stats.batches.values())
+                )
+                / 1e9
+            )
+        except RuntimeError:  # dictionary changed size during iteration
+            return None
 
     def describe_stopping(self) -> str:
         """What a shutdown cut short by its grace period leaves behind, for the log: a load
@@ -792,6 +851,12 @@ class DataPlane:
         except RuntimeError:  # shut down: a request decoded past the grace period
             return tokenizer.encode_rows(texts)
         return await done
+
+
+def _set_external(runtime: ModelRuntime, factor: float) -> None:
+    """Every lane of ``runtime`` plans with outside load ``factor`` (``set_external``)."""
+    for lane in runtime.lanes.values():
+        lane.latency.set_external(factor)
 
 
 def _cut_padding(arrays: dict, cfg, mask_name: str) -> dict:

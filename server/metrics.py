@@ -192,6 +192,14 @@ class Metrics:
             "Planned time of a full batch on the tier: the slo_target quantile the scheduler "
             "uses now.", ["model", "tier"], registry=r,
         )  # fmt: skip
+        # Outside load on a GPU (server.gpu_load): how much slower than profiled the
+        # scheduler plans every model on the device because of other processes' work.
+        self.device_external_load = Gauge(
+            "innfer_device_external_load_factor",
+            "How much slower the device runs because of work outside this server (NVML "
+            "utilisation of other processes; 1: none), as the scheduler plans with it.",
+            ["device"], registry=r,
+        )  # fmt: skip
         self.request_overhead = Gauge(
             "innfer_request_overhead_seconds",
             "The recent p99 (overhead_quantile) of requests' time in the server outside queue "

@@ -8,11 +8,25 @@ real driver reports (and how it lags) is untested on this machine.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import math
+import os
+import sys
+import threading
+import time
+import types
 
 import numpy as np
 import pytest
 
+from runtime.engines.fake import write_model
+from runtime.repository import Repository
+from server.config import ServerConfig
+from server.dataplane import DataPlane
+from server.gpu_load import NvmlLoad, nvml_handle
+from server.metrics import Metrics
 from server.scheduling import LatencyModel, TierInfo
 from server.scheduling.latency import EXTERNAL_MAX
 
@@ -127,3 +141,229 @@ def test_a_change_of_outside_load_the_batches_saw_first_is_absorbed_by_the_level
         lat.observe("w050", 1, 3 * lat.typical("w050", 1))
     assert lat.factor["w050"] == pytest.approx(1.0, rel=0.01)
     assert lat.median("w050", 1) == pytest.approx(3 * lat.typical("w050", 1), rel=0.01)
+
+
+# -- the NVML reader (server/gpu_load.py) against a stand-in pynvml ---------------------------
+class FakeNvml(types.ModuleType):
+    """A stand-in for the ``pynvml`` module: no GPU and no NVML on this machine. Tests set
+    ``total`` (the device's utilisation, %) and ``samples`` (pid -> SM utilisation %, the
+    per-process samples since the last read), or ``process_error`` (an NVML error code)."""
+
+    NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
+
+    class NVMLError(Exception):
+        def __init__(self, value: int) -> None:
+            super().__init__(f"NVML error {value}")
+            self.value = value
+
+    def __init__(self, fail_init: bool = False) -> None:
+        super().__init__("pynvml")
+        self.fail_init = fail_init
+        self.total = 0
+        self.samples: dict[int, int] = {}
+        self.process_error: int | None = None
+        self.calls: list[str] = []
+        self.ts = 0
+
+    def nvmlInit(self) -> None:
+        self.calls.append("init")
+        if self.fail_init:
+            raise self.NVMLError(9)  # NVML_ERROR_DRIVER_NOT_LOADED
+
+    def nvmlShutdown(self) -> None:
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):
+        return ("handle", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str):
+        return ("handle", uuid)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        self.calls.append("util")
+        return types.SimpleNamespace(gpu=self.total, memory=0)
+
+    def nvmlDeviceGetProcessUtilization(self, handle, last_seen):
+        if self.process_error is not None:
+            raise self.NVMLError(self.process_error)
+        self.ts += 1000
+        return [
+            types.SimpleNamespace(pid=pid, timeStamp=self.ts, smUtil=sm, memUtil=0)
+            for pid, sm in self.samples.items()
+        ]
+
+
+OTHER_PID = 1  # init's: never this test process
+
+
+def test_scripted_utilisations_give_smoothed_factors():
+    nvml, seen = FakeNvml(), []
+    reader = NvmlLoad(0, lambda i, f: seen.append((i, f)), nvml=nvml, interval_s=3600)
+    assert reader.start() is True  # the thread waits an hour: the reads below are ours
+    try:
+        script = [
+            # (total %, our SM %, others' SM %) -> others' share after the EWMA (alpha 0.5)
+            (30, 30, 0, 0.0),  # all of it ours: no outside load
+            (80, 30, 50, 0.25),  # others 0.5, smoothed from 0
+            (80, 30, 50, 0.375),
+            (100, 0, 100, 0.6375),  # others 1.0, clipped to 0.9
+        ]
+        for total, ours, others, want in script:
+            nvml.total, nvml.samples = total, {os.getpid(): ours, OTHER_PID: others}
+            assert reader.sample() == pytest.approx(1 / (1 - want))
+        assert [i for i, _ in seen] == [0] * 4
+        assert [f for _, f in seen] == pytest.approx([1 / (1 - w) for *_, w in script])
+        # Nobody ran a kernel since the last read (NVML: NOT_FOUND): our share is 0.
+        nvml.process_error, nvml.total = nvml.NVML_ERROR_NOT_FOUND, 0
+        assert reader.sample() == pytest.approx(1 / (1 - 0.6375 / 2))
+    finally:
+        reader.stop()
+    assert nvml.calls[0] == "init" and nvml.calls[-1] == "shutdown"
+
+
+def test_without_our_own_samples_the_engines_busy_time_stands_in():
+    """In a container NVML reports host PIDs: our samples never match os.getpid(). The
+    data plane's engine seconds say how busy we were; with neither, nothing is reported."""
+    now, busy = [0.0], [0.0]
+    nvml, seen = FakeNvml(), []
+    reader = NvmlLoad(
+        0, lambda i, f: seen.append(f), own_busy=lambda: busy[0], nvml=nvml,
+        interval_s=3600, clock=lambda: now[0],
+    )  # fmt: skip
+    assert reader.start()
+    try:
+        nvml.process_error = nvml.NVML_ERROR_NOT_SUPPORTED
+        nvml.total = 90
+        assert reader.sample() is None and seen == []  # first read: no busy rate yet
+        now[0], busy[0] = 1.0, 0.4  # our engines ran 40 % of the last second
+        assert reader.sample() == pytest.approx(2.0)  # others 0.9 - 0.4
+        # NVML's samples see only a stranger (the host PID of this very process) at 20 %:
+        # the larger own share, 0.4, wins - our work never counts as outside load.
+        nvml.process_error, nvml.samples = None, {OTHER_PID: 20}
+        now[0], busy[0] = 2.0, 0.8
+        assert reader.sample() == pytest.approx(2.0)
+    finally:
+        reader.stop()
+
+
+def test_nvml_missing_or_failing_disables_the_reader_without_raising(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="server.gpu_load")
+    broken = FakeNvml(fail_init=True)
+    reader = NvmlLoad(0, lambda i, f: None, nvml=broken)
+    assert reader.start() is False and reader._thread is None
+    reader.stop()  # harmless
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # the package is not installed
+    assert NvmlLoad(0, lambda i, f: None).start() is False
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    assert "NVML unavailable" in caplog.text
+
+
+def test_the_thread_samples_until_stopped():
+    nvml, seen = FakeNvml(), []
+    nvml.total, nvml.samples = 50, {OTHER_PID: 50}
+    reader = NvmlLoad(3, lambda i, f: seen.append((i, f)), nvml=nvml, interval_s=0.01)
+    assert reader.start()
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    thread = reader._thread
+    reader.stop()
+    assert not thread.is_alive()
+    assert seen[0] == (3, pytest.approx(2.0))
+    count = len(seen)
+    time.sleep(0.05)
+    assert len(seen) == count  # no read after stop()
+
+
+def test_cuda_visible_devices_maps_cuda_indices_to_nvml_handles(monkeypatch):
+    nvml = FakeNvml()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-abc")
+    assert nvml_handle(nvml, 0) == ("handle", 2)
+    assert nvml_handle(nvml, 1) == ("handle", "GPU-abc")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert nvml_handle(nvml, 1) == ("handle", 1)
+
+
+# -- the wiring: data plane -> every scheduler on the device, on the loop -------------------
+@pytest.fixture
+def gpu_config(tmp_path, monkeypatch):
+    """Model 'gpu' on fake engines that say they run on cuda:0 (the fake backend has no
+    device: the attribute is set after loading, as a torch CUDA engine carries it), and
+    model 'cpu' on plain fake engines; pynvml is the stand-in."""
+    write_model(tmp_path, "gpu", {"w100": 1.0, "w050": 0.5}, max_batch=4)
+    write_model(tmp_path, "cpu", {"w100": 1.0}, max_batch=2)
+    load = Repository.load
+
+    def on_cuda(self, name, **kw):
+        served = load(self, name, **kw)
+        if name == "gpu":
+            for engine in served.engines.values():
+                engine.device = "cuda:0"
+        return served
+
+    monkeypatch.setattr(Repository, "load", on_cuda)
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    return dataclasses.replace(cfg, backend="fake"), nvml
+
+
+def _externals(plane: DataPlane, name: str) -> set[float]:
+    return {lane.latency.external for lane in plane.models[name].lanes.values()}
+
+
+def test_the_factor_reaches_every_scheduler_on_the_gpu_on_the_loop(gpu_config, monkeypatch):
+    config, nvml = gpu_config
+    # The data plane's reader reads every 10 ms here rather than every POLL_S.
+    monkeypatch.setattr("server.gpu_load.POLL_S", 0.01)
+    nvml.total, nvml.samples = 75, {OTHER_PID: 75}  # others hold 3/4 of the GPU: 4x
+    applied_on: list[threading.Thread] = []
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        apply = plane._apply_external
+
+        def on_loop(index, factor):
+            applied_on.append(threading.current_thread())
+            apply(index, factor)
+
+        plane._apply_external = on_loop
+        await plane.load_all()
+        try:
+            assert list(plane._gpu_readers) == [0]  # one reader, for cuda:0 only
+            for _ in range(500):
+                if _externals(plane, "gpu") == {4.0}:
+                    break
+                await asyncio.sleep(0.01)
+            assert _externals(plane, "gpu") == {4.0}
+            assert _externals(plane, "cpu") == {1.0}  # a CPU model is not touched
+            gauge = plane.metrics.registry.get_sample_value(
+                "innfer_device_external_load_factor", {"device": "cuda:0"}
+            )
+            assert gauge == pytest.approx(4.0)
+            reader = plane._gpu_readers[0]
+        finally:
+            await plane.stop_models()
+        assert reader._thread is None and nvml.calls[-1] == "shutdown"
+        assert set(applied_on) == {threading.main_thread()}  # the loop's, never the reader's
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_cpu_only_or_switched_off_makes_no_reader(gpu_config, tmp_path):
+    config, nvml = gpu_config
+
+    async def body(cfg, names):
+        plane = DataPlane(dataclasses.replace(cfg, models=names), Metrics())
+        await plane.load_all()
+        try:
+            return dict(plane._gpu_readers)
+        finally:
+            await plane.stop_models()
+
+    assert asyncio.run(body(config, ["cpu"])) == {}
+    assert asyncio.run(body(dataclasses.replace(config, nvml_load=False), ["gpu"])) == {}
+    # No reader made, started or stopped (server.metrics' utilisation gauges initialise
+    # NVML themselves where it imports, as before: those are the "init" calls).
+    assert "shutdown" not in nvml.calls and "util" not in nvml.calls
