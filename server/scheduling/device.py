@@ -20,7 +20,10 @@ deadlines it admitted. With it:
   lane of short sentences, alone in planning its own queue, could pick the full tier while
   the long-sentence lane's requests waited behind it and missed.
 
-On a GPU, NVML utilisation from other processes is not an input yet (see docs/design.md).
+On a GPU, other processes' work enters each member's latency model, not the arbiter:
+``LatencyModel.set_external`` from NVML utilisation (server/gpu_load.py, the data plane's
+``nvml_load``), so every plan on the device - and the backlog the arbiter sums - slows at
+once when another process takes the GPU. On a CPU the shared queue here is the only signal.
 
 Example:
     >>> from server.scheduling import Request, Scheduler, TierInfo, make_policy
