@@ -104,6 +104,15 @@ RAW_INPUTS: contextvars.ContextVar[list[memoryview] | None] = contextvars.Contex
 )
 
 
+# A message the bounded walk cannot follow is parsed whole by protobuf (which names its
+# error) only up to this size: its field count, and so its parse, stays small.
+WALK_FALLBACK_BYTES = 4096
+MALFORMED = (
+    "a group (wire type 3/4, not part of this protocol), an invalid wire type or a field cut "
+    "short; send a message serialized by a protobuf library"
+)
+
+
 def _tolerant(cls, bound: wire.Bound | int = 0, split: bool = False) -> Callable[[bytes], object]:
     """``cls``'s parser that returns Undecodable instead of raising. ``bound`` (an int: top-
     level fields only; 0: none): a message with more fields is Undecodable without being
@@ -120,6 +129,12 @@ def _tolerant(cls, bound: wire.Bound | int = 0, split: bool = False) -> Callable
                 parts = wire.split_field(data, number, bound or 1 << 20)
         except wire.TooManyFields as exc:
             return Undecodable(cls.DESCRIPTOR.full_name, exc)
+        if parts is None and bound and len(data) > WALK_FALLBACK_BYTES:
+            # Not well formed where the walk went (a group, an invalid wire type, a field cut
+            # short): protobuf would parse the rest unbounded (an unknown group in front of
+            # 2 M empty inputs: 0.14 s, 180 MiB), so only a small message goes to it for its
+            # precise error.
+            return Undecodable(cls.DESCRIPTOR.full_name, ValueError(MALFORMED))
         raw = parts[1] if parts is not None and parts[1] else None
         RAW_INPUTS.set(raw)
         try:
@@ -509,6 +524,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             raise
         except asyncio.CancelledError:  # the client closed it (or the server stops)
             code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:  # a read or write error: gRPC answers the client UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
             raise
         finally:
             took = time.perf_counter() - t0

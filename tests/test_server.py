@@ -326,6 +326,33 @@ def test_grpc_server_metrics_count_every_rpc_with_its_code(server, client):
     assert moved(stream_ok) == 1
 
 
+def test_a_stream_that_fails_is_counted_with_its_code(server, client, monkeypatch):
+    # A stream ending in an unexpected error (a read or write failing) was counted OK in
+    # grpc_server_handled_total while its client got UNKNOWN: error-ratio alerts missed it.
+    from server import service
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("write failed")
+
+    monkeypatch.setattr(service, "serve_stream", broken)
+    unknown = (
+        'grpc_server_handled_total{grpc_code="Unknown",grpc_method="ModelStreamInfer",'
+        'grpc_service="inference.GRPCInferenceService",grpc_type="bidi_stream"}'
+    )
+    before = _scrape(server.metrics_url).get(unknown, 0)
+    errors = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    client.async_stream_infer("tiny", [_input(_x(1))])
+    deadline = time.monotonic() + 10
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.stop_stream()
+    while _scrape(server.metrics_url).get(unknown, 0) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert errors and errors[0] is not None
+    assert _scrape(server.metrics_url).get(unknown, 0) - before == 1
+
+
 def test_unload_and_load(client):
     client.unload_model("wide")
     assert not client.is_model_ready("wide")
