@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from enum import Enum
 
@@ -829,6 +830,11 @@ class DataPlane:
             return tokenizer.encode_rows(texts)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        # A request cancelled while its texts wait (its client gave up: in-flight bytes are
+        # released) must not still cost the threads its encoding: a client sending long
+        # texts with tiny deadlines would queue unbounded work otherwise.
+        gone = threading.Event()
+        done.add_done_callback(lambda f: gone.set() if f.cancelled() else None)
 
         def settle(result, error: Exception | None) -> None:
             if done.done():  # the request was cancelled meanwhile
@@ -839,6 +845,8 @@ class DataPlane:
                 done.set_exception(error)
 
         def encode() -> None:
+            if gone.is_set():
+                return
             try:
                 result, error = tokenizer.encode_rows(texts), None
             except Exception as exc:  # (TokenizerError) raised in the request's handler

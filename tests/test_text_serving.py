@@ -581,3 +581,42 @@ def test_a_lane_without_enough_answers_plans_with_the_best_known_overhead(server
     monkeypatch.setattr(m, "overheads", lanes)
     assert m.overhead_for(8) is lanes[8] and m.overhead_for(16) is lanes[16]
     assert m.overhead_for(24) is lanes[8]  # 15 answers: the lane with the most instead
+
+
+def test_a_cancelled_requests_texts_are_not_tokenized():
+    # A request cancelled while its long texts wait for the tokenizer threads (its client
+    # gave up; its in-flight bytes are released) must not still cost them its encoding:
+    # before, all 40 queued encodes ran after their requests were gone.
+    import asyncio
+    import time
+    import types
+
+    from server.dataplane import TOKENIZE_THREADS, DataPlane
+    from server.model_runtime import EngineThreads
+
+    ran = []
+
+    class Slow:
+        def encode_rows(self, texts):
+            ran.append(len(texts))
+            time.sleep(0.05)
+            return None
+
+    plane = DataPlane.__new__(DataPlane)  # only its tokenizer threads are used
+    plane.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
+    m = types.SimpleNamespace(served=types.SimpleNamespace(tokenizer=Slow()))
+
+    async def main():
+        tasks = [asyncio.ensure_future(plane._tokenize(m, ["x" * 3000])) for _ in range(40)]
+        await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.5)  # time for ten encodes per thread, had they run
+
+    try:
+        asyncio.run(main())
+    finally:
+        plane.tokenizer_threads.shutdown()
+        plane.tokenizer_threads.join()
+    assert len(ran) <= TOKENIZE_THREADS  # those already running when the requests went
