@@ -372,8 +372,7 @@ def choose(
     order = sorted(options, key=lambda n: options[n].p50[max(options[n].p50)])
 
     def fits(names) -> bool:
-        limit = goals.max_memory_mb
-        return limit is None or sum(options[n].memory_mb for n in names) <= limit
+        return over_memory(options, names, goals) is None
 
     def fitting(names) -> list[str]:
         """``names`` less its largest members (memory) until the set fits the goals."""
@@ -454,8 +453,8 @@ def live_breaks(
     out = []
     if len(names) > goals.max_tiers:
         out.append(f"it has {len(names)} tiers, over max_tiers {goals.max_tiers}")
-    memory = sum(options[n].memory_mb for n in names)
-    if goals.max_memory_mb is not None and memory > goals.max_memory_mb:
+    memory = over_memory(options, names, goals)
+    if memory is not None:
         out.append(f"its weights need {memory:.4g} MB, over max_memory_mb {goals.max_memory_mb}")
     if goals.accuracy_floor is not None:
         low = [n for n in names if options[n].tier.accuracy < goals.accuracy_floor]
@@ -463,6 +462,16 @@ def live_breaks(
             accs = ", ".join(f"{n} {options[n].tier.accuracy:.4f}" for n in low)
             out.append(f"{accs} below accuracy_floor {goals.accuracy_floor}")
     return tuple(out)
+
+
+def over_memory(
+    options: Mapping[str, Option], names: Sequence[str], goals: AutoTiersConfig
+) -> float | None:
+    """The set's memory (MB: fp32 weights, what max_memory_mb counts) where it is over
+    max_memory_mb, else None: the one rule both the choice and ``live_breaks`` apply."""
+    memory = sum(options[n].memory_mb for n in names)
+    limit = goals.max_memory_mb
+    return memory if limit is not None and memory > limit else None
 
 
 def _or(value: float | None, default: float) -> float:
