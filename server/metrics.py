@@ -246,7 +246,8 @@ class Metrics:
         # providers/prometheus, py-grpc-prometheus): names, labels and code names as there,
         # so that existing gRPC dashboards and alerts read innfer too. Per RPC, from its
         # handler's start (the request parsed) to its answer or error; a call refused before
-        # it (an unparseable or unauthenticated request at the transport) is not counted.
+        # it (a call without the token, with auth on: refused by the interceptor) is not
+        # counted; an unparseable request reaches its handler and counts as InvalidArgument.
         rpc = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.", rpc, registry=r
