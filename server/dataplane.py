@@ -32,6 +32,7 @@ from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
 from server.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InferError,
     InvalidArgument,
@@ -715,16 +716,25 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        inputs, rows, truncated = await self._decode(m, request, raw)
+        plans = self._plans_overhead(m)
+        decoding = m.clock()
+        # When the request is due, as far as its decode can tell (the plan's reserve for
+        # the overhead comes after): a text queued for the tokenizer threads past it is
+        # refused there, not encoded for an answer that would be late.
+        due = decoding - (waited_s if plans else 0.0) + budget_s
+        inputs, rows, truncated = await self._decode(m, request, raw, due)
         reserve_s = grace_s = 0.0
-        if self._plans_overhead(m):
+        if plans:
             # Plans leave room for the overhead's high quantile - of the request's own lane:
             # a text model's long texts cost more to tokenize - and admission, which refuses
             # only what its median plan misses, gets back the part above its median.
             reserve_s, grace_s = m.overhead_for(m.lane_for(inputs)).reserve()
             budget_s -= reserve_s
         else:
-            waited_s = 0.0  # the budget counts from the scheduler's stamp
+            # The budget counts from the decode's start: what the decode took is the
+            # client's time too (microseconds for tensors; for long texts, their wait for
+            # the tokenizer threads, which under load runs to seconds - before, unseen).
+            waited_s = m.clock() - decoding
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
             self._check_answer_fits(rows, outputs, id_bytes)
@@ -769,13 +779,18 @@ class DataPlane:
         overhead.observe(total_s - inside_us / 1e6, waited_s)
 
     async def _decode(
-        self, m: ModelRuntime, request, raw: Sequence[memoryview] | None = None
+        self,
+        m: ModelRuntime,
+        request,
+        raw: Sequence[memoryview] | None = None,
+        due: float = math.inf,
     ) -> tuple[dict, int, list[int]]:
         """The model's input arrays and rows: from the tensors as sent, or - for a text
         model sent its text input alone - from the strings, tokenized here; and the rows
         whose text was truncated at the model's ``max_length`` (the request parameter
         ``truncate=false`` refuses such a text instead). ``raw``: the request's
-        raw_input_contents, when not in ``request`` itself."""
+        raw_input_contents, when not in ``request`` itself; ``due``: when (``m.clock``)
+        its budget runs out (``_tokenize``)."""
         cfg = m.config
         text = cfg.text
         n = len(request.inputs)
@@ -790,7 +805,7 @@ class DataPlane:
             texts = codec.decode_text(
                 request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
-            ids, mask, truncated = await self._tokenize(m, texts)
+            ids, mask, truncated = await self._tokenize(m, texts, due)
             if truncated and not truncate:
                 row = min(truncated)
                 raise InvalidArgument(
@@ -821,15 +836,19 @@ class DataPlane:
         )
         return _cut_padding(arrays, cfg, text.mask), rows, []
 
-    async def _tokenize(self, m: ModelRuntime, texts: list[str]) -> Encoded:
+    async def _tokenize(self, m: ModelRuntime, texts: list[str], due: float = math.inf) -> Encoded:
         """``m``'s tokenizer's encoding of ``texts``: inline when they are short, else on the
         tokenizer threads while the loop serves other requests (inline once those are shut
-        down: the server stopping)."""
+        down: the server stopping). Texts still waiting for a thread at ``due`` (``m.clock``:
+        the request's budget has run out) are not encoded: DEADLINE_EXCEEDED, counted as a
+        refusal - under more long text than the threads keep up with, the queue sheds what
+        could only be answered late instead of growing behind it."""
         tokenizer = m.served.tokenizer
         if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS:
             return tokenizer.encode_rows(texts)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        start = m.clock()
         # A request cancelled while its texts wait (its client gave up: in-flight bytes are
         # released) must not still cost the threads its encoding: a client sending long
         # texts with tiny deadlines would queue unbounded work otherwise.
@@ -847,6 +866,11 @@ class DataPlane:
         def encode() -> None:
             if gone.is_set():
                 return
+            late = m.clock() - due
+            if late >= 0:
+                with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
+                    loop.call_soon_threadsafe(settle, None, _TokenizerLate(late))
+                return
             try:
                 result, error = tokenizer.encode_rows(texts), None
             except Exception as exc:  # (TokenizerError) raised in the request's handler
@@ -858,7 +882,25 @@ class DataPlane:
             self.tokenizer_threads.submit(encode)
         except RuntimeError:  # shut down: a request decoded past the grace period
             return tokenizer.encode_rows(texts)
-        return await done
+        try:
+            return await done
+        except _TokenizerLate as exc:
+            m.count_refused("refused_deadline", "refused_deadline")
+            raise DeadlineExceeded(
+                f"model {m.name}: the request's budget ran out while its texts waited "
+                f"{1e3 * (m.clock() - start):.0f} ms for the tokenizer threads "
+                f"({1e3 * exc.late_s:.1f} ms past it when a thread was free); the server "
+                "has more long text to tokenize than it keeps up with: retry later, send "
+                "shorter texts, or spread the load over more replicas"
+            ) from None
+
+
+class _TokenizerLate(Exception):
+    """A text's budget ran out before a tokenizer thread took it (``DataPlane._tokenize``)."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__(late_s)
+        self.late_s = late_s
 
 
 def _set_external(runtime: ModelRuntime, factor: float) -> None:

@@ -620,3 +620,78 @@ def test_a_cancelled_requests_texts_are_not_tokenized():
         plane.tokenizer_threads.shutdown()
         plane.tokenizer_threads.join()
     assert len(ran) <= TOKENIZE_THREADS  # those already running when the requests went
+
+
+def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused_unencoded():
+    # Before, a request's long texts waited for the tokenizer threads however long the
+    # queue was, and were encoded for an answer already late: under more long text than
+    # the threads keep up with, the queue grew without bound behind them.
+    import time
+    import types
+
+    from server.dataplane import TOKENIZE_THREADS, DataPlane
+    from server.model_runtime import EngineThreads
+
+    ran, refused = [], []
+
+    class Slow:
+        def encode_rows(self, texts):
+            ran.append(texts[0][0])
+            time.sleep(0.3)
+            return texts[0][0]
+
+    plane = DataPlane.__new__(DataPlane)  # only its tokenizer threads are used
+    plane.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
+    m = types.SimpleNamespace(
+        name="embed",
+        clock=time.monotonic,
+        served=types.SimpleNamespace(tokenizer=Slow()),
+        count_refused=lambda outcome, reason: refused.append((outcome, reason)),
+    )
+
+    async def main():
+        now = time.monotonic()
+        busy = [asyncio.ensure_future(plane._tokenize(m, [c * 3000], now + 10)) for c in "ab"]
+        await asyncio.sleep(0.02)  # both threads encoding for 0.3 s
+        late = asyncio.ensure_future(plane._tokenize(m, ["c" * 3000], time.monotonic() + 0.05))
+        fits = asyncio.ensure_future(plane._tokenize(m, ["d" * 3000], time.monotonic() + 10))
+        with pytest.raises(DeadlineExceeded, match=r"waited \d+ ms for the tokenizer threads"):
+            await late
+        return await asyncio.gather(*busy, fits)
+
+    try:
+        assert asyncio.run(main()) == ["a", "b", "d"]
+    finally:
+        plane.tokenizer_threads.shutdown()
+        plane.tokenizer_threads.join()
+    assert sorted(ran) == ["a", "b", "d"]  # "c" was never encoded
+    assert refused == [("refused_deadline", "refused_deadline")]
+
+
+def test_the_time_a_text_spent_with_the_tokenizer_counts_against_its_budget(
+    server, client, monkeypatch
+):
+    # Without plan_overhead the budget counted from the scheduler's stamp, after the
+    # decode: a text that took 150 ms to tokenize (the threads busy under load) was still
+    # planned with its whole 100 ms and answered 150 ms late, "within budget" by the
+    # server's own account.
+    import time
+
+    from server.dataplane import DataPlane
+
+    encode = TextTokenizer.encode_rows
+
+    def slow(self, texts):
+        if sum(len(s) for s in texts) > 4000:
+            time.sleep(0.15)
+        return encode(self, texts)
+
+    monkeypatch.setattr(TextTokenizer, "encode_rows", slow)
+    monkeypatch.setattr(DataPlane, "_plans_overhead", lambda self, model: False)
+    long_text = " ".join(WORDS * 20)[:1500]  # 4 rows: 6,000 characters
+    with pytest.raises(InferenceServerException) as e:
+        _embed(client, [long_text] * 4, latency_budget_ms=100)
+    assert _code(e) == "StatusCode.DEADLINE_EXCEEDED"
+    assert "below the fastest allowed tier" in str(e.value)
+    got, _ = _embed(client, [long_text] * 4, latency_budget_ms=1000)  # the wait fits
+    assert got.shape == (4, 16)
