@@ -107,9 +107,11 @@ def repositories(seconds: float, rebuild: bool) -> tuple[Path, Path]:
     return lanes, one
 
 
-def workload(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+def workload(n: int, seed: int, chars: int = 0) -> tuple[list[str], np.ndarray]:
     """``n`` evaluation sentences in a seeded order (repeated if needed) and their token
-    counts under the model's tokenizer."""
+    counts under the model's tokenizer; with ``chars``, each text is its sentence followed
+    by the next ones in that order up to ``chars`` characters (long texts: tokenized on the
+    server's tokenizer threads above 2,048, truncated at max_length tokens)."""
     from runtime.demo.minilm import MAX_LENGTH, tokenizer_path
     from runtime.demo.text_corpus import load
     from runtime.repository.tokenizer import TextTokenizer
@@ -117,7 +119,17 @@ def workload(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     texts = load("evaluation")
     order = np.random.default_rng(seed).permutation(len(texts))
     chosen = [texts[order[i % len(texts)]] for i in range(n)]
+    if chars:
+        chosen = [_long(texts, order, i, chars) for i in range(n)]
     return chosen, np.array(TextTokenizer(tokenizer_path(), MAX_LENGTH).lengths(chosen))
+
+
+def _long(texts: list[str], order: np.ndarray, i: int, chars: int) -> str:
+    out, k = [], i
+    while sum(len(t) + 1 for t in out) < chars:
+        out.append(texts[order[k % len(texts)]])
+        k += 1
+    return " ".join(out)[:chars]
 
 
 def server_cpus(affinity: dict, cpus: set[int]) -> set[int] | None:
@@ -240,7 +252,15 @@ def main() -> int:
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="a checkout of an older commit (git worktree add DIR <commit>): its "
                    "lanes server runs beside this tree's")  # fmt: skip
+    p.add_argument("--text-chars", type=int, default=0,
+                   help="send long texts of this many characters (sentences joined; at most "
+                   "16,384, the model's limit) instead of one sentence each; results go to "
+                   "text_serving_chars<N>.json")  # fmt: skip
+    p.add_argument(
+        "--servers", default=None, help="comma-separated server names to run (default: all)"
+    )
     args = p.parse_args()
+    stem = f"{STEM}_chars{args.text_chars}" if args.text_chars else STEM
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
     t0 = time.perf_counter()
     lanes, one = repositories(args.calibrate_seconds, args.rebuild)
@@ -250,14 +270,14 @@ def main() -> int:
     affinity = pin_client(args)
     cpus = server_cpus(affinity, args.server_cpus)
     texts, warm, tokens = split_workload(
-        *workload(args.requests + WARMUP, args.seed), args.requests
+        *workload(args.requests + WARMUP, args.seed, args.text_chars), args.requests
     )
     widths = sizes(lanes / MODEL)
     budget_sets = {
         "b30": np.full(args.requests, FIXED_BUDGET_MS / 1e3),
         "u20-100": uniform_budgets_s(args.seed, args.requests),
     }
-    log = args.out / f"{STEM}.log"
+    log = args.out / f"{stem}.log"
     log.unlink(missing_ok=True)
     results = {"concurrency": args.concurrency, "requests": args.requests,
                "seconds": args.seconds, "seed": args.seed, "affinity": affinity,
@@ -279,6 +299,8 @@ def main() -> int:
             ("one-lane", ROOT, one, None, ()),
             ("full-only", ROOT, mine, "h100", ()),
         ]
+        if args.servers:
+            servers = [sv for sv in servers if sv[0] in args.servers.split(",")]
         # The server that runs first does worse on this machine: the order rotates from
         # budget set to budget set (and with --seed) and is recorded.
         order = rotated(servers, k + args.seed)
@@ -290,7 +312,8 @@ def main() -> int:
         results["points"][name] = {sv[0]: row[sv[0]] for sv in servers}
     results["loadavg_1m_end"] = os.getloadavg()[0]
     results["wall_seconds"] = time.perf_counter() - t0
-    publish(results, args.out, STEM, plot, summarise(results))
+    results["text_chars"] = args.text_chars
+    publish(results, args.out, stem, plot, summarise(results))
     print(f"tokens per request: {results['tokens']}")
     return 0
 
