@@ -68,6 +68,16 @@ HOST_FILE = "host.json"  # beside traffic.csv: the view sim.live_host reads
 APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
 WORK_DIR = "auto"  # <model>/auto/: one work directory per replica, and the lock
 LOCK_FILE = "apply.lock"  # in <model>/auto/: one apply -> reload -> undo at a time
+# In each work directory: flocked by its loop while it lives. A replica that died without
+# stopping its loop (SIGKILL, OOM, a lost node) left its directory - a traffic window of up
+# to simulate_requests rows - on the shared volume for good; with pods coming and going
+# under an autoscaler they piled up. The next replica to take the model's lock removes a
+# directory whose lock it can take (its owner is gone) or, from a release before the lock,
+# one untouched for STALE_WORK_S. Younger ones are left: their owner may be between
+# creating the directory and locking it.
+ALIVE_FILE = "alive.lock"
+STALE_WORK_S = 3600.0
+MIN_ALIVE_AGE_S = 60.0  # an unlocked ALIVE_FILE younger than this may be about to be locked
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -114,6 +124,7 @@ class AutoTierer:
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
         # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
         self.work = self.repository / name / WORK_DIR / f"{_replica()}-{next(_loops)}"
+        self._alive: int | None = None  # our flock of work/ALIVE_FILE while the loop lives
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
 
@@ -131,7 +142,17 @@ class AutoTierer:
         self._task.cancel()
 
     def _remove_work(self) -> None:
+        if self._alive is not None:
+            os.close(self._alive)
+            self._alive = None
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _make_work(self) -> None:
+        """This loop's work directory, flocked as alive (again after another replica
+        removed it, which it does only once the lock can be taken: never while we hold it)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self._alive is None:
+            self._alive = _try_lock(self.work / ALIVE_FILE)
 
     async def run(self) -> None:
         """Check forever (cancel the task to stop); one failed check never ends the loop."""
@@ -165,13 +186,14 @@ class AutoTierer:
             return self._count("waiting")
         if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
             return self._count("unchanged")  # the live set was chosen for traffic like this
-        self.work.mkdir(parents=True, exist_ok=True)
+        self._make_work()
         lock = _try_lock(self.work.parent / LOCK_FILE)
         if lock is None:  # another replica (or loop) is applying a set for this model
             log.info("model %s: another replica is choosing this model's tiers; trying again "
                      "at the next check", self.name)  # fmt: skip
             return self._count("waiting")
         try:
+            await loop.run_in_executor(None, prune_work, self.work, time.time())
             return await self._apply_and_swap(summary, rows, loop)
         finally:
             os.close(lock)  # releases the flock
@@ -303,6 +325,43 @@ def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None
         host_path.unlink(missing_ok=True)
     else:
         write_json(host_path, host)
+
+
+def prune_work(own: Path, now: float) -> list[str]:
+    """Remove the work directories beside ``own`` that no live loop holds and return their
+    names: those whose ``ALIVE_FILE`` is free to lock and older than MIN_ALIVE_AGE_S, and
+    those without one untouched for STALE_WORK_S. Called under the model's apply lock, so
+    one replica prunes at a time.
+
+    Example:
+        >>> prune_work(Path("/nonexistent/m/auto/me-1-1"), time.time())
+        []
+    """
+    removed = []
+    try:
+        siblings = [d for d in own.parent.iterdir() if d.is_dir() and d != own]
+    except OSError:
+        return removed
+    for d in siblings:
+        alive = d / ALIVE_FILE
+        has_alive = alive.exists()
+        try:
+            age = now - (alive if has_alive else d).stat().st_mtime
+        except OSError:  # removed meanwhile
+            continue
+        if age < (MIN_ALIVE_AGE_S if has_alive else STALE_WORK_S):
+            continue
+        if has_alive:
+            fd = _try_lock(alive)
+            if fd is None:  # its loop lives
+                continue
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    if removed:
+        log.info("removed the work directories of %d stopped replicas: %s", len(removed),
+                 ", ".join(sorted(removed)))  # fmt: skip
+    return removed
 
 
 def _replica() -> str:

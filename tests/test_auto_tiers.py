@@ -949,3 +949,39 @@ def test_the_traffic_window_is_sorted_off_the_serving_loop(tmp_path, monkeypatch
     assert asyncio.run(tierer.check()) == "kept"
     assert threads and threading.main_thread() not in threads
     assert (tierer.work / "traffic.csv").read_text().count("\n") == 21
+
+
+def test_a_stopped_replicas_work_directory_is_removed_by_the_next_check(tmp_path):
+    # A replica killed without stopping its loop (SIGKILL, OOM, a lost node) left its
+    # <model>/auto/<host>-<pid>-<n>/ (a traffic window) on the shared volume for good.
+    from server.autotier import ALIVE_FILE, MIN_ALIVE_AGE_S, STALE_WORK_S
+
+    def command(repo, name, traffic, result, live):
+        return ["sh", "-c", "exit 3"]  # kept
+
+    auto = tmp_path / "m" / "auto"
+    old = time.time() - 2 * STALE_WORK_S
+
+    def replica(name, alive_age=None, age=0.0):
+        d = auto / name
+        d.mkdir(parents=True)
+        (d / "traffic.csv").write_text("t\n")
+        if alive_age is not None:
+            (d / ALIVE_FILE).touch()
+            os.utime(d / ALIVE_FILE, (time.time() - alive_age,) * 2)
+        os.utime(d, (time.time() - age,) * 2)
+        return d
+
+    dead = replica("killed-1-1", alive_age=2 * MIN_ALIVE_AGE_S)
+    starting = replica("starting-1-1", alive_age=0.0)  # may be about to lock it
+    legacy_old = replica("legacy-1-1", age=time.time() - old)
+    legacy_new = replica("legacy-2-1")
+    living = _tierer(tmp_path, None, command)
+    assert asyncio.run(living.check()) == "kept"
+    os.utime(living.work / ALIVE_FILE, (old, old))  # old, but its loop holds the lock
+    me = _tierer(tmp_path, None, command)
+    assert asyncio.run(me.check()) == "kept"
+    assert not dead.exists() and not legacy_old.exists()
+    assert starting.exists() and legacy_new.exists() and living.work.is_dir()
+    living.stop()  # its loop ends: its lock released with its directory
+    assert not living.work.exists() and me.work.is_dir()
