@@ -59,7 +59,6 @@ from bench.live_scheduler import (
     common_args,
     copy_per_tree,
     pin_client,
-    uniform_budgets_s,
 )
 from bench.order import rotated
 from bench.publish import publish
@@ -130,6 +129,21 @@ def _long(texts: list[str], order: np.ndarray, i: int, chars: int) -> str:
         out.append(texts[order[k % len(texts)]])
         k += 1
     return " ".join(out)[:chars]
+
+
+def budgets_s(name: str, seed: int, n: int) -> np.ndarray:
+    """A budget set by name, in seconds: ``b30`` (every request 30 ms) or ``u20-100``
+    (uniform between, drawn as sim.simulator.simulate draws them: seed + 1)."""
+    try:
+        if name.startswith("b"):
+            return np.full(n, float(name[1:]) / 1e3)
+        if name.startswith("u"):
+            lo, hi = (float(v) for v in name[1:].split("-"))
+            if 0 < lo <= hi:
+                return np.random.default_rng(seed + 1).uniform(lo, hi, n) / 1e3
+    except ValueError:
+        pass
+    raise ValueError(f"budget set {name!r}: give bMS (b30) or uLO-HI (u20-100), in ms")
 
 
 def server_cpus(affinity: dict, cpus: set[int]) -> set[int] | None:
@@ -259,7 +273,15 @@ def main() -> int:
     p.add_argument(
         "--servers", default=None, help="comma-separated server names to run (default: all)"
     )
+    p.add_argument("--budgets", type=lambda t: t.split(","), default=["b30", "u20-100"],
+                   help="budget sets: bMS (every request MS) or uLO-HI (uniform, ms), comma-"
+                   "separated (default b30,u20-100)")  # fmt: skip
     args = p.parse_args()
+    for name in args.budgets:
+        try:
+            budgets_s(name, 0, 1)
+        except ValueError as exc:
+            p.error(str(exc))
     stem = f"{STEM}_chars{args.text_chars}" if args.text_chars else STEM
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
     t0 = time.perf_counter()
@@ -273,10 +295,7 @@ def main() -> int:
         *workload(args.requests + WARMUP, args.seed, args.text_chars), args.requests
     )
     widths = sizes(lanes / MODEL)
-    budget_sets = {
-        "b30": np.full(args.requests, FIXED_BUDGET_MS / 1e3),
-        "u20-100": uniform_budgets_s(args.seed, args.requests),
-    }
+    budget_sets = {name: budgets_s(name, args.seed, args.requests) for name in args.budgets}
     log = args.out / f"{stem}.log"
     log.unlink(missing_ok=True)
     results = {"concurrency": args.concurrency, "requests": args.requests,
