@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -721,15 +722,18 @@ class DataPlane:
         # When the request is due, as far as its decode can tell (the plan's reserve for
         # the overhead comes after): a text queued for the tokenizer threads past it is
         # refused there, not encoded for an answer that would be late.
-        due = decoding - (waited_s if plans else 0.0) + budget_s
-        inputs, rows, truncated = await self._decode(m, request, raw, due)
+        clock = DecodeClock(due=decoding - (waited_s if plans else 0.0) + budget_s)
+        inputs, rows, truncated = await self._decode(m, request, raw, clock)
         reserve_s = grace_s = 0.0
         if plans:
             # Plans leave room for the overhead's high quantile - of the request's own lane:
             # a text model's long texts cost more to tokenize - and admission, which refuses
-            # only what its median plan misses, gets back the part above its median.
+            # only what its median plan misses, gets back the part above its median. A long
+            # text's wait for a tokenizer thread is counted as well: near zero while the
+            # threads keep up (what the reserve learnt), seconds when they do not.
             reserve_s, grace_s = m.overhead_for(m.lane_for(inputs)).reserve()
             budget_s -= reserve_s
+            waited_s += clock.queued_s
         else:
             # The budget counts from the decode's start: what the decode took is the
             # client's time too (microseconds for tensors; for long texts, their wait for
@@ -783,14 +787,14 @@ class DataPlane:
         m: ModelRuntime,
         request,
         raw: Sequence[memoryview] | None = None,
-        due: float = math.inf,
+        clock: DecodeClock | None = None,
     ) -> tuple[dict, int, list[int]]:
         """The model's input arrays and rows: from the tensors as sent, or - for a text
         model sent its text input alone - from the strings, tokenized here; and the rows
         whose text was truncated at the model's ``max_length`` (the request parameter
         ``truncate=false`` refuses such a text instead). ``raw``: the request's
-        raw_input_contents, when not in ``request`` itself; ``due``: when (``m.clock``)
-        its budget runs out (``_tokenize``)."""
+        raw_input_contents, when not in ``request`` itself; ``clock``: when its budget
+        runs out, and where ``_tokenize`` notes the wait for a tokenizer thread."""
         cfg = m.config
         text = cfg.text
         n = len(request.inputs)
@@ -805,7 +809,7 @@ class DataPlane:
             texts = codec.decode_text(
                 request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
-            ids, mask, truncated = await self._tokenize(m, texts, due)
+            ids, mask, truncated = await self._tokenize(m, texts, clock)
             if truncated and not truncate:
                 row = min(truncated)
                 raise InvalidArgument(
@@ -836,19 +840,26 @@ class DataPlane:
         )
         return _cut_padding(arrays, cfg, text.mask), rows, []
 
-    async def _tokenize(self, m: ModelRuntime, texts: list[str], due: float = math.inf) -> Encoded:
+    async def _tokenize(
+        self, m: ModelRuntime, texts: list[str], clock: DecodeClock | None = None
+    ) -> Encoded:
         """``m``'s tokenizer's encoding of ``texts``: inline when they are short, else on the
         tokenizer threads while the loop serves other requests (inline once those are shut
-        down: the server stopping). Texts still waiting for a thread at ``due`` (``m.clock``:
-        the request's budget has run out) are not encoded: DEADLINE_EXCEEDED, counted as a
+        down: the server stopping). Texts a thread reaches after ``clock.due`` (the
+        request's budget has run out) are not encoded: DEADLINE_EXCEEDED, counted as a
         refusal - under more long text than the threads keep up with, the queue sheds what
-        could only be answered late instead of growing behind it."""
+        could only be answered late instead of growing behind it. A budget already spent
+        when the texts are queued (below the margin) is left to the scheduler to judge.
+        ``clock.queued_s``: how long the texts waited for a thread."""
         tokenizer = m.served.tokenizer
         if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS:
             return tokenizer.encode_rows(texts)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         start = m.clock()
+        clock = clock or DecodeClock()
+        # Refused on the thread only where the budget was not already spent at the start.
+        due = clock.due if clock.due > start else math.inf
         # A request cancelled while its texts wait (its client gave up: in-flight bytes are
         # released) must not still cost the threads its encoding: a client sending long
         # texts with tiny deadlines would queue unbounded work otherwise.
@@ -866,7 +877,9 @@ class DataPlane:
         def encode() -> None:
             if gone.is_set():
                 return
-            late = m.clock() - due
+            took = m.clock()
+            clock.queued_s = took - start  # one float written before settle: seen after it
+            late = took - due
             if late >= 0:
                 with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
                     loop.call_soon_threadsafe(settle, None, _TokenizerLate(late))
@@ -893,6 +906,15 @@ class DataPlane:
                 "has more long text to tokenize than it keeps up with: retry later, send "
                 "shorter texts, or spread the load over more replicas"
             ) from None
+
+
+@dataclass
+class DecodeClock:
+    """A request's budget as its decode sees it: ``due`` (``ModelRuntime.clock``), and the
+    seconds its texts waited for a tokenizer thread (``queued_s``, set by ``_tokenize``)."""
+
+    due: float = math.inf
+    queued_s: float = 0.0
 
 
 class _TokenizerLate(Exception):

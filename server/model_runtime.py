@@ -781,10 +781,12 @@ class ModelRuntime:
                 # time at the quantile an idle replica admits at (no online correction; a
                 # full batch's own rows are checked at slo_target): no replica meets it
                 # however idle - the client's ask, not load, which the autoscaler must not
-                # scale out for. Contention that slowed this replica is load.
+                # scale out for. Contention that slowed this replica is load, and so is
+                # time the request already spent here (a long text's wait for a tokenizer
+                # thread): judged from when it reached the server, not from now.
                 s = self.lanes[lane]
                 idle = s.latency.profiled(s.ctx.fastest(req), rows, s.idle_quantile(req))
-                if now + idle > s.admission_deadline(req):
+                if reached + idle > s.admission_deadline(req):
                     why = "refused_budget"
             self._missed[why].inc()
             if exc.state == State.REFUSED_FULL:
