@@ -68,16 +68,17 @@ HOST_FILE = "host.json"  # beside traffic.csv: the view sim.live_host reads
 APPLY_TIMEOUT_S = 1800.0  # a stuck builder is killed, the live set stays
 WORK_DIR = "auto"  # <model>/auto/: one work directory per replica, and the lock
 LOCK_FILE = "apply.lock"  # in <model>/auto/: one apply -> reload -> undo at a time
-# In each work directory: flocked by its loop while it lives. A replica that died without
-# stopping its loop (SIGKILL, OOM, a lost node) left its directory - a traffic window of up
-# to simulate_requests rows - on the shared volume for good; with pods coming and going
-# under an autoscaler they piled up. The next replica to take the model's lock removes a
-# directory whose lock it can take (its owner is gone) or, from a release before the lock,
-# one untouched for STALE_WORK_S. Younger ones are left: their owner may be between
-# creating the directory and locking it.
+# In each work directory: flocked by its loop while it lives, and touched at its every
+# check. A replica that died without stopping its loop (SIGKILL, OOM, a lost node) left its
+# directory - a traffic window of up to simulate_requests rows - on the shared volume for
+# good; with pods coming and going under an autoscaler they piled up. The next replica to
+# take the model's lock removes a directory untouched for ``stale_work_s`` (at least
+# STALE_WORK_S, and longer than an apply can hold a loop's check) whose lock it can take.
+# Both, because flock across nodes depends on the volume (NFS emulates it with POSIX locks;
+# a mount with local_lock ignores other nodes): the age alone keeps a live loop's directory
+# where the lock says nothing.
 ALIVE_FILE = "alive.lock"
 STALE_WORK_S = 3600.0
-MIN_ALIVE_AGE_S = 60.0  # an unlocked ALIVE_FILE younger than this may be about to be locked
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -148,11 +149,32 @@ class AutoTierer:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _make_work(self) -> None:
-        """This loop's work directory, flocked as alive (again after another replica
-        removed it, which it does only once the lock can be taken: never while we hold it)."""
+        """This loop's work directory, flocked as alive - again where the file we hold is
+        no longer the one there (the directory was removed: by hand, or by a replica that
+        found it stale)."""
         self.work.mkdir(parents=True, exist_ok=True)
+        alive = self.work / ALIVE_FILE
+        if self._alive is not None:
+            try:
+                same = os.path.samestat(os.fstat(self._alive), os.stat(alive))
+            except OSError:
+                same = False
+            if not same:
+                os.close(self._alive)
+                self._alive = None
         if self._alive is None:
-            self._alive = _try_lock(self.work / ALIVE_FILE)
+            self._alive = _try_lock(alive)
+
+    def _touch_alive(self) -> None:
+        """Mark this loop's work directory as in use now (``prune_work`` reads the age)."""
+        if self._alive is not None:
+            with contextlib.suppress(OSError):
+                os.utime(self.work / ALIVE_FILE)
+
+    def stale_work_s(self) -> float:
+        """How long a work directory may go untouched before another replica may remove
+        it: longer than an apply can hold this loop's check, and than a few checks."""
+        return max(STALE_WORK_S, APPLY_TIMEOUT_S + 3 * self.goals.rebuild.check_interval_s)
 
     async def run(self) -> None:
         """Check forever (cancel the task to stop); one failed check never ends the loop."""
@@ -173,6 +195,7 @@ class AutoTierer:
             return await self._check()
 
     async def _check(self) -> str:
+        self._touch_alive()
         now = self.clock()
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
@@ -193,7 +216,9 @@ class AutoTierer:
                      "at the next check", self.name)  # fmt: skip
             return self._count("waiting")
         try:
-            await loop.run_in_executor(None, prune_work, self.work, time.time())
+            await loop.run_in_executor(
+                None, prune_work, self.work, time.time(), self.stale_work_s()
+            )
             return await self._apply_and_swap(summary, rows, loop)
         finally:
             os.close(lock)  # releases the flock
@@ -327,11 +352,11 @@ def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None
         write_json(host_path, host)
 
 
-def prune_work(own: Path, now: float) -> list[str]:
+def prune_work(own: Path, now: float, stale_s: float = STALE_WORK_S) -> list[str]:
     """Remove the work directories beside ``own`` that no live loop holds and return their
-    names: those whose ``ALIVE_FILE`` is free to lock and older than MIN_ALIVE_AGE_S, and
-    those without one untouched for STALE_WORK_S. Called under the model's apply lock, so
-    one replica prunes at a time.
+    names: those untouched for ``stale_s`` (their ``ALIVE_FILE``, else the directory)
+    whose ``ALIVE_FILE``, if any, is free to lock - held while it is removed. Called under
+    the model's apply lock, so one replica prunes at a time.
 
     Example:
         >>> prune_work(Path("/nonexistent/m/auto/me-1-1"), time.time())
@@ -344,19 +369,26 @@ def prune_work(own: Path, now: float) -> list[str]:
         return removed
     for d in siblings:
         alive = d / ALIVE_FILE
-        has_alive = alive.exists()
         try:
-            age = now - (alive if has_alive else d).stat().st_mtime
-        except OSError:  # removed meanwhile
-            continue
-        if age < (MIN_ALIVE_AGE_S if has_alive else STALE_WORK_S):
-            continue
-        if has_alive:
-            fd = _try_lock(alive)
-            if fd is None:  # its loop lives
+            has_alive = alive.exists()
+            if now - (alive if has_alive else d).stat().st_mtime < stale_s:
                 continue
+            # Read-only, never created: a directory removed meanwhile (its loop stopped) or
+            # a lock file we may not write is skipped, not an error that fails the check.
+            fd = os.open(alive, os.O_RDONLY) if has_alive else None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its loop lives (BlockingIOError), or the lock cannot be had
             os.close(fd)
-        shutil.rmtree(d, ignore_errors=True)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
         removed.append(d.name)
     if removed:
         log.info("removed the work directories of %d stopped replicas: %s", len(removed),

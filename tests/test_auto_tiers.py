@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -954,34 +955,52 @@ def test_the_traffic_window_is_sorted_off_the_serving_loop(tmp_path, monkeypatch
 def test_a_stopped_replicas_work_directory_is_removed_by_the_next_check(tmp_path):
     # A replica killed without stopping its loop (SIGKILL, OOM, a lost node) left its
     # <model>/auto/<host>-<pid>-<n>/ (a traffic window) on the shared volume for good.
-    from server.autotier import ALIVE_FILE, MIN_ALIVE_AGE_S, STALE_WORK_S
+    from server.autotier import ALIVE_FILE
 
     def command(repo, name, traffic, result, live):
         return ["sh", "-c", "exit 3"]  # kept
 
     auto = tmp_path / "m" / "auto"
-    old = time.time() - 2 * STALE_WORK_S
+    living = _tierer(tmp_path, None, command)
+    assert asyncio.run(living.check()) == "kept"
+    me = _tierer(tmp_path, None, command)
+    stale = me.stale_work_s()
+    assert stale >= 3600
 
-    def replica(name, alive_age=None, age=0.0):
+    def age(path, seconds):
+        os.utime(path, (time.time() - seconds,) * 2)
+
+    def replica(name, alive_age=None, age_s=0.0):
         d = auto / name
         d.mkdir(parents=True)
         (d / "traffic.csv").write_text("t\n")
         if alive_age is not None:
             (d / ALIVE_FILE).touch()
-            os.utime(d / ALIVE_FILE, (time.time() - alive_age,) * 2)
-        os.utime(d, (time.time() - age,) * 2)
+            age(d / ALIVE_FILE, alive_age)
+        age(d, age_s)
         return d
 
-    dead = replica("killed-1-1", alive_age=2 * MIN_ALIVE_AGE_S)
-    starting = replica("starting-1-1", alive_age=0.0)  # may be about to lock it
-    legacy_old = replica("legacy-1-1", age=time.time() - old)
+    dead = replica("killed-1-1", alive_age=2 * stale)
+    recent = replica("paused-1-1", alive_age=stale / 2)  # unlocked (another node?) but touched
+    legacy_old = replica("legacy-1-1", age_s=2 * stale)
     legacy_new = replica("legacy-2-1")
-    living = _tierer(tmp_path, None, command)
-    assert asyncio.run(living.check()) == "kept"
-    os.utime(living.work / ALIVE_FILE, (old, old))  # old, but its loop holds the lock
-    me = _tierer(tmp_path, None, command)
-    assert asyncio.run(me.check()) == "kept"
-    assert not dead.exists() and not legacy_old.exists()
-    assert starting.exists() and legacy_new.exists() and living.work.is_dir()
-    living.stop()  # its loop ends: its lock released with its directory
-    assert not living.work.exists() and me.work.is_dir()
+    age(living.work / ALIVE_FILE, 2 * stale)  # untouched for long, but its loop holds the lock
+    try:
+        assert asyncio.run(me.check()) == "kept"
+        assert not dead.exists() and not legacy_old.exists()
+        assert recent.exists() and legacy_new.exists() and living.work.is_dir()
+        # Any check touches its loop's lock file, one that finds nothing to do as well.
+        assert asyncio.run(living.check()) == "unchanged"
+        assert time.time() - (living.work / ALIVE_FILE).stat().st_mtime < 60
+        # Removed by hand under a living loop: its next check makes and locks a new one.
+        shutil.rmtree(me.work)
+        me.chosen_for = None  # (traffic as before: a check would not get that far)
+        assert asyncio.run(me.check()) == "kept"
+        age(me.work / ALIVE_FILE, 2 * stale)
+        living.chosen_for = None
+        assert asyncio.run(living.check()) == "kept"
+        assert me.work.is_dir()  # locked again: kept though old
+    finally:
+        living.stop()  # its loop ends: its lock released with its directory
+        me.stop()
+    assert not living.work.exists() and not me.work.exists()
