@@ -845,10 +845,11 @@ class DataPlane:
     ) -> Encoded:
         """``m``'s tokenizer's encoding of ``texts``: inline when they are short, else on the
         tokenizer threads while the loop serves other requests (inline once those are shut
-        down: the server stopping). Texts a thread reaches after ``clock.due`` (the
-        request's budget has run out) are not encoded: DEADLINE_EXCEEDED, counted as a
-        refusal - under more long text than the threads keep up with, the queue sheds what
-        could only be answered late instead of growing behind it. A budget already spent
+        down: the server stopping). Texts no thread has taken by ``clock.due`` (the
+        request's budget has run out) are refused then and never encoded
+        (DEADLINE_EXCEEDED, counted as a refusal): under more long text than the threads
+        keep up with, the queue sheds what could only be answered late instead of growing
+        behind it. A budget already spent
         when the texts are queued (below the margin) is left to the scheduler to judge.
         ``clock.queued_s``: how long the texts waited for a thread."""
         tokenizer = m.served.tokenizer
@@ -858,7 +859,7 @@ class DataPlane:
         done = loop.create_future()
         start = m.clock()
         clock = clock or DecodeClock()
-        # Refused on the thread only where the budget was not already spent at the start.
+        # Refused at ``due`` only where the budget was not already spent at the start.
         due = clock.due if clock.due > start else math.inf
         # A request cancelled while its texts wait (its client gave up: in-flight bytes are
         # released) must not still cost the threads its encoding: a client sending long
@@ -874,15 +875,25 @@ class DataPlane:
             else:
                 done.set_exception(error)
 
+        started = threading.Event()
+
+        def expire() -> None:
+            # On the loop, at the budget's end: texts no thread has taken yet are refused
+            # now - the client hears at its deadline, not when a thread frees up, and the
+            # request's in-flight bytes are released - and will not be encoded (``gone``).
+            if not started.is_set() and not done.done():
+                gone.set()
+                settle(None, _TokenizerLate())
+
         def encode() -> None:
             if gone.is_set():
                 return
+            started.set()
             took = m.clock()
             clock.queued_s = took - start  # one float written before settle: seen after it
-            late = took - due
-            if late >= 0:
+            if took >= due:  # (the timer below is due too, and may not have run yet)
                 with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
-                    loop.call_soon_threadsafe(settle, None, _TokenizerLate(late))
+                    loop.call_soon_threadsafe(settle, None, _TokenizerLate())
                 return
             try:
                 result, error = tokenizer.encode_rows(texts), None
@@ -895,17 +906,20 @@ class DataPlane:
             self.tokenizer_threads.submit(encode)
         except RuntimeError:  # shut down: a request decoded past the grace period
             return tokenizer.encode_rows(texts)
+        timer = loop.call_later(due - start, expire) if due < math.inf else None
         try:
             return await done
-        except _TokenizerLate as exc:
+        except _TokenizerLate:
             m.count_refused("refused_deadline", "refused_deadline")
             raise DeadlineExceeded(
                 f"model {m.name}: the request's budget ran out while its texts waited "
-                f"{1e3 * (m.clock() - start):.0f} ms for the tokenizer threads "
-                f"({1e3 * exc.late_s:.1f} ms past it when a thread was free); the server "
+                f"{1e3 * (m.clock() - start):.0f} ms for the tokenizer threads; the server "
                 "has more long text to tokenize than it keeps up with: retry later, send "
                 "shorter texts, or spread the load over more replicas"
             ) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 @dataclass
@@ -919,10 +933,6 @@ class DecodeClock:
 
 class _TokenizerLate(Exception):
     """A text's budget ran out before a tokenizer thread took it (``DataPlane._tokenize``)."""
-
-    def __init__(self, late_s: float) -> None:
-        super().__init__(late_s)
-        self.late_s = late_s
 
 
 def _set_external(runtime: ModelRuntime, factor: float) -> None:

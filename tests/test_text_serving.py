@@ -637,7 +637,7 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
     class Slow:
         def encode_rows(self, texts):
             ran.append(texts[0][0])
-            time.sleep(0.3)
+            time.sleep(0.6)
             return texts[0][0]
 
     plane = DataPlane.__new__(DataPlane)  # only its tokenizer threads are used
@@ -656,11 +656,14 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
             return asyncio.ensure_future(plane._tokenize(m, [text], DecodeClock(due)))
 
         busy = [tokenize(c * 3000, now + 10) for c in "ab"]
-        await asyncio.sleep(0.02)  # both threads encoding for 0.3 s
+        await asyncio.sleep(0.02)  # both threads encoding for 0.6 s
         late = tokenize("c" * 3000, time.monotonic() + 0.05)
         fits = tokenize("d" * 3000, time.monotonic() + 10)
         with pytest.raises(DeadlineExceeded, match=r"waited \d+ ms for the tokenizer threads"):
             await late
+        # Refused at its budget's end, not when a thread came free (its client hears at
+        # its deadline; its in-flight bytes are released then).
+        assert not any(b.done() for b in busy)
         done = await asyncio.gather(*busy, fits)
         # A budget spent before its texts were queued (below the margin) is the scheduler's
         # to judge (refused_budget), not the tokenizer queue's (load).
