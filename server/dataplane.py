@@ -720,8 +720,8 @@ class DataPlane:
         plans = self._plans_overhead(m)
         decoding = m.clock()
         # When the request is due, as far as its decode can tell (the plan's reserve for
-        # the overhead comes after): a text queued for the tokenizer threads past it is
-        # refused there, not encoded for an answer that would be late.
+        # the overhead comes after): a text still queued for the tokenizer threads then is
+        # refused at that moment, not encoded for an answer that would be late.
         clock = DecodeClock(due=decoding - (waited_s if plans else 0.0) + budget_s)
         inputs, rows, truncated = await self._decode(m, request, raw, clock)
         reserve_s = grace_s = 0.0
@@ -849,9 +849,9 @@ class DataPlane:
         request's budget has run out) are refused then and never encoded
         (DEADLINE_EXCEEDED, counted as a refusal): under more long text than the threads
         keep up with, the queue sheds what could only be answered late instead of growing
-        behind it. A budget already spent
-        when the texts are queued (below the margin) is left to the scheduler to judge.
-        ``clock.queued_s``: how long the texts waited for a thread."""
+        behind it. A budget already spent when the texts are queued (below the margin) is
+        left to the scheduler to judge. ``clock.queued_s``: how long they waited for a
+        thread."""
         tokenizer = m.served.tokenizer
         if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS:
             return tokenizer.encode_rows(texts)
