@@ -710,6 +710,12 @@ class DataPlane:
         # The budget is the client's end to end. What this process spends outside queue and
         # compute is learned (server.overhead) and, with plan_overhead, planned for; the
         # margin covers what it cannot see (the client's own processing, the sockets).
+        plans = self._plans_overhead(m)
+        if plans and time_remaining is not None:
+            # The gRPC deadline was read at this handler's start, after the parse; plans
+            # count the budget from the parse's start (``waited_s`` before it), so the
+            # deadline is that much further from there - else the parse counts twice.
+            time_remaining += waited_s
         budget_s = _budget(
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
@@ -717,7 +723,6 @@ class DataPlane:
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
         priority = _priority(params)
-        plans = self._plans_overhead(m)
         decoding = m.clock()
         # When the request is due, as far as its decode can tell (the plan's reserve for
         # the overhead comes after): a text still queued for the tokenizer threads then is

@@ -934,3 +934,27 @@ def test_triton_statistics_go_on_across_a_swap_and_restart_on_a_reload(config):
             await plane.stop_models()
 
     assert _run(body()) == ((4, 7), 0)
+
+
+def test_with_plan_overhead_a_grpc_deadline_counts_the_parse_once(config):
+    # plan_overhead counts a budget from the parse's start (waited_s before the handler),
+    # but a budget taken from the gRPC deadline was read at the handler's start, after the
+    # parse: the parse was taken off twice (20 ms of a 100 ms deadline planned as 60 ms).
+    cfg = dataclasses.replace(config, plan_overhead=True, budget_margin_ms=1.0)
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            budgets = []
+            for waited in (0.0, 0.02):
+                resp = await plane.infer(_request("b", _x(1, waited)), 0.1, waited)
+                budgets.append(resp.parameters["budget_us"].int64_param / 1e3)
+            return budgets
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    fresh, parsed_20ms = _run(body())
+    # The deadline is 100 ms from the handler either way: from the parse's start, 120 ms.
+    assert parsed_20ms == pytest.approx(fresh + 20.0, abs=0.5)
