@@ -939,7 +939,7 @@ def test_triton_statistics_go_on_across_a_swap_and_restart_on_a_reload(config):
 def test_with_plan_overhead_a_grpc_deadline_counts_the_parse_once(config):
     # plan_overhead counts a budget from the parse's start (waited_s before the handler),
     # but a budget taken from the gRPC deadline was read at the handler's start, after the
-    # parse: the parse was taken off twice (20 ms of a 100 ms deadline planned as 60 ms).
+    # parse: the parse was taken off twice (20 ms of parse: a 100 ms deadline planned as 80 ms).
     cfg = dataclasses.replace(config, plan_overhead=True, budget_margin_ms=1.0)
 
     async def body():
