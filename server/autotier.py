@@ -31,7 +31,9 @@ without the lock - stays), and the log says what the reload serves, which is wha
 tier by name (``tier``, ``min_tier``) get NOT_FOUND for a name the new set does not have:
 pin names with auto-tiering only where the set is fixed.
 Only the task and the reload run in the server; the server imports no simulator, so the
-serving image needs ``sim/`` only as that process's code.
+serving image needs ``sim/`` only as that process's code. The task's file operations (its
+work directory, the locks, ``auto_tiers.json``) run on a thread of its own: on a shared
+volume they can stall, and the serving loop must not stall with them.
 
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
 failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import concurrent.futures
 import contextlib
 import fcntl
 import itertools
@@ -79,6 +82,10 @@ LOCK_FILE = "apply.lock"  # in <model>/auto/: one apply -> reload -> undo at a t
 # where the lock says nothing.
 ALIVE_FILE = "alive.lock"
 STALE_WORK_S = 3600.0
+# How often a loop looks for stopped replicas' directories (at its first check, then at most
+# this often): at every check that finds something to do was not enough - a model whose
+# traffic never moves is never re-chosen, and its dead replicas' windows stayed.
+PRUNE_EVERY_S = 600.0
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -128,6 +135,16 @@ class AutoTierer:
         self._alive: int | None = None  # our flock of work/ALIVE_FILE while the loop lives
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
+        self._pruned_at = -float("inf")  # on ``clock``: when this loop last looked
+        # Every file operation of a check runs on this one thread, in order, never on the
+        # serving loop: the work directories live on a volume replicas share, where an
+        # open, a lock or a stat can stall for seconds (an NFS server failing over), and
+        # on the loop that stalled every request. One thread: the work directory's state
+        # (``_alive``) is only touched there, and ``stop``'s removal comes after any
+        # operation still running. Started at the first use.
+        self._files = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"innfer-autotier-{name}"
+        )
 
     def start(self) -> None:
         """Start the loop on the running event loop."""
@@ -138,9 +155,31 @@ class AutoTierer:
         remove this loop's work directory once it has ended."""
         if self._task is None:
             self._remove_work()
+            self._files.shutdown(wait=False)
             return
-        self._task.add_done_callback(lambda _: self._remove_work())
+
+        def remove(_: asyncio.Task) -> None:  # after whatever the file thread still runs
+            with contextlib.suppress(RuntimeError):  # (shut down already: stopped twice)
+                self._files.submit(self._remove_work)
+            self._files.shutdown(wait=False)
+
+        self._task.add_done_callback(remove)
         self._task.cancel()
+
+    async def _io(self, fn: Callable, *args, undo: Callable | None = None):
+        """``fn(*args)`` on the file thread, awaited. Cancelling the caller does not stop
+        ``fn`` once it runs; ``undo(result)`` then runs on that thread when it is done (a
+        lock it took must not stay held by nobody)."""
+        fut = self._files.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if undo is not None:
+                fut.add_done_callback(
+                    lambda f: undo(f.result()) if not f.cancelled() and f.exception() is None
+                    else None
+                )  # fmt: skip
+            raise
 
     def _remove_work(self) -> None:
         if self._alive is not None:
@@ -171,6 +210,32 @@ class AutoTierer:
             with contextlib.suppress(OSError):
                 os.utime(self.work / ALIVE_FILE)
 
+    def _housekeep(self, prune: bool) -> None:
+        """At every check, on the file thread: touch this loop's lock file, and where
+        ``prune``, remove stopped replicas' work directories under the model's lock (one
+        replica at a time; one that finds it taken leaves them to the holder or a later
+        check). Housekeeping never fails a check: a read-only volume is skipped."""
+        self._touch_alive()
+        if not prune or not self.work.parent.is_dir():  # no directory yet: nothing to prune
+            return
+        try:
+            lock = _try_lock(self.work.parent / LOCK_FILE)
+        except OSError as exc:
+            log.debug("model %s: cannot lock %s to prune: %s", self.name, LOCK_FILE, exc)
+            return
+        if lock is None:
+            return
+        try:
+            prune_work(self.work, time.time(), self.stale_work_s())
+        finally:
+            os.close(lock)
+
+    def _enter(self) -> int | None:
+        """This loop's work directory, made and flocked, and the model's apply lock as
+        ``_try_lock`` gives it (None: another replica or loop holds it)."""
+        self._make_work()
+        return _try_lock(self.work.parent / LOCK_FILE)
+
     def stale_work_s(self) -> float:
         """How long a work directory may go untouched before another replica may remove
         it: longer than an apply can hold this loop's check, and than a few checks."""
@@ -195,8 +260,11 @@ class AutoTierer:
             return await self._check()
 
     async def _check(self) -> str:
-        self._touch_alive()
         now = self.clock()
+        prune = now - self._pruned_at >= PRUNE_EVERY_S
+        if prune:
+            self._pruned_at = now
+        await self._io(self._housekeep, prune)
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")
@@ -209,34 +277,32 @@ class AutoTierer:
             return self._count("waiting")
         if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
             return self._count("unchanged")  # the live set was chosen for traffic like this
-        self._make_work()
-        lock = _try_lock(self.work.parent / LOCK_FILE)
+        lock = await self._io(self._enter, undo=_close)
         if lock is None:  # another replica (or loop) is applying a set for this model
             log.info("model %s: another replica is choosing this model's tiers; trying again "
                      "at the next check", self.name)  # fmt: skip
             return self._count("waiting")
         try:
-            await loop.run_in_executor(
-                None, prune_work, self.work, time.time(), self.stale_work_s()
-            )
-            return await self._apply_and_swap(summary, rows, loop)
+            return await self._apply_and_swap(summary, rows)
         finally:
-            os.close(lock)  # releases the flock
+            # Released on the file thread too (on NFS an unlock is a call to the server),
+            # after this check's last file operation; not awaited, a cancelled check's too.
+            self._files.submit(os.close, lock)
 
-    async def _apply_and_swap(self, summary: dict, rows: tuple, loop) -> str:
+    async def _apply_and_swap(self, summary: dict, rows: tuple) -> str:
         """Choose, apply and reload, under the model's lock (``_check``)."""
         work = self.work
         traffic, result = work / "traffic.csv", work / "choice.json"
-        result.unlink(missing_ok=True)
         rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
         host = self.host() if self.host is not None else None
-        await loop.run_in_executor(None, _write_inputs, traffic, rows, work / HOST_FILE, host)
+        await self._io(_write_inputs, traffic, rows, work / HOST_FILE, host, result)
         active = self.repository / self.name / ACTIVE_FILE
-        before = _bytes(active)
+        before = await self._io(_bytes, active)
         t0 = self.clock()
-        argv = self.command(self.repository, self.name, traffic, result, self.live())
+        live = self.live()  # the data plane's state: read on the loop
+        argv = await self._io(self.command, self.repository, self.name, traffic, result, live)
         code = await self._apply(argv)
-        choice = _read(result)
+        choice = await self._io(_read, result)
         if choice is not None:
             self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))
         if code == APPLY_KEPT:
@@ -247,7 +313,7 @@ class AutoTierer:
             log.error("model %s: `innfer tiers apply` exited %s; the live tiers stay", self.name,
                       code)  # fmt: skip
             return self._count("failed")
-        written = _bytes(active)  # what this apply wrote: the undo takes back only that
+        written = await self._io(_bytes, active)  # this apply's: the undo takes back only that
         try:
             # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
             # half - the old runtime, already out of the data plane, still drains its queue.
@@ -255,9 +321,9 @@ class AutoTierer:
         except Exception:
             self.last_change = self.clock()
             log.exception("model %s: the new tiers did not load; the live tiers stay", self.name)
-            if _bytes(active) == written:
-                _restore(active, before)  # what is served stays what the file says
-            else:  # a newer choice, written during the reload: not this apply's to undo
+            # What is served stays what the file says - unless a newer choice was written
+            # during the reload: not this apply's to undo.
+            if not await self._io(_restore_if, active, written, before):
                 log.warning(
                     "model %s: %s was rewritten during the reload (another replica, or "
                     "`innfer tiers apply`); left as it is", self.name, ACTIVE_FILE,
@@ -342,9 +408,12 @@ def _observed(traffic: TrafficLog, now: float, seconds: float) -> tuple[tuple, d
     return rows, summarise_traffic(*rows)
 
 
-def _write_inputs(traffic: Path, rows: tuple, host_path: Path, host: dict | None) -> None:
+def _write_inputs(
+    traffic: Path, rows: tuple, host_path: Path, host: dict | None, result: Path
+) -> None:
     """The apply process's inputs: the traffic window, and the host view (removed where
-    there is none, so that a stale one is never replayed)."""
+    there is none, so that a stale one is never replayed); the last result removed."""
+    result.unlink(missing_ok=True)
     write_traffic(traffic, *rows)
     if host is None:
         host_path.unlink(missing_ok=True)
@@ -436,12 +505,21 @@ def _bytes(path: Path) -> bytes | None:
         return None
 
 
-def _restore(path: Path, content: bytes | None) -> None:
-    """Put ``path`` back as it was (``None``: absent)."""
-    if content is None:
+def _restore_if(path: Path, written: bytes | None, before: bytes | None) -> bool:
+    """Put ``path`` back as it was (``before``; ``None``: absent) where it still holds
+    ``written``; whether it did."""
+    if _bytes(path) != written:
+        return False
+    if before is None:
         path.unlink(missing_ok=True)
     else:
-        write_bytes(path, content)
+        write_bytes(path, before)
+    return True
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def _read(path: Path) -> dict | None:

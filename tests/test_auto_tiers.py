@@ -1004,3 +1004,111 @@ def test_a_stopped_replicas_work_directory_is_removed_by_the_next_check(tmp_path
         living.stop()  # its loop ends: its lock released with its directory
         me.stop()
     assert not living.work.exists() and not me.work.exists()
+
+
+def test_a_check_does_no_file_operation_on_the_serving_loop(tmp_path, monkeypatch):
+    # Each check touched its lock file, made its directory, took the model's flock, and read
+    # and restored auto_tiers.json on the event loop. The repository is a volume replicas
+    # share; on NFS any of those can stall for seconds (a server failing over), and every
+    # request with them. They now run on the tierer's file thread.
+    from runtime.repository import ACTIVE_FILE
+
+    on_loop = []
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def call(path, *args, **kwargs):
+            if str(tmp_path) in str(path) and asyncio._get_running_loop() is not None:
+                on_loop.append(f"{name} {path}")  # (a loop runs only on the test's thread)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, call)
+
+    for name in ("open", "utime", "stat", "mkdir"):
+        spy(os, name)
+    for name in ("read_bytes", "read_text", "unlink", "is_file", "is_dir", "iterdir"):
+        spy(Path, name)
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir()
+    active.write_text("before")
+
+    def command(repo, name, traffic, result, live):
+        return ["sh", "-c", f"printf A > {active}"]
+
+    reloads = []
+
+    async def reload(name):
+        reloads.append(name)
+        if len(reloads) == 1:
+            raise RuntimeError("the new engines do not load")
+
+    tierer = _tierer(tmp_path, reload, command)
+    assert asyncio.run(tierer.check()) == "failed"  # applied, the reload failed, undone
+    assert active.read_text() == "before"
+    tierer.last_change = -float("inf")  # (the failure's back-off)
+    assert asyncio.run(tierer.check()) == "applied"
+    assert active.read_text() == "A" and len(reloads) == 2
+    assert on_loop == []
+
+
+def test_a_check_cancelled_while_it_takes_the_lock_leaves_it_free(tmp_path, monkeypatch):
+    # The lock is taken on the file thread: a check cancelled meanwhile (the server
+    # stopping, new goals) must not leave the model's lock held by nobody - every replica
+    # would wait for it for good.
+    import fcntl
+
+    import server.autotier as autotier
+
+    real = autotier._try_lock
+
+    def slow(path):
+        time.sleep(0.3)
+        return real(path)
+
+    monkeypatch.setattr(autotier, "_try_lock", slow)
+    tierer = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])
+    tierer._pruned_at = 1000.0  # no prune: the apply's lock is the only one taken
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(tierer.check())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    time.sleep(0.6)  # the thread takes the lock, then the undo closes it
+    with open(tmp_path / "m" / "auto" / "apply.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+    tierer.stop()
+
+
+def test_stopped_replicas_are_pruned_by_checks_that_choose_nothing(tmp_path):
+    # Pruning ran only in checks that took the model's lock to choose: a model whose traffic
+    # never drifts is never re-chosen, and its dead replicas' windows stayed on the volume.
+    # Every loop now prunes at its first check and then every PRUNE_EVERY_S, whatever the
+    # check decides.
+    from server.autotier import ALIVE_FILE
+
+    clock = [1000.0]
+    tierer = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])
+    tierer.clock = lambda: clock[0]
+    assert asyncio.run(tierer.check()) == "kept"
+
+    def dead(name):
+        d = tmp_path / "m" / "auto" / name
+        d.mkdir()
+        (d / ALIVE_FILE).touch()
+        old = time.time() - 2 * tierer.stale_work_s()
+        os.utime(d / ALIVE_FILE, (old, old))
+        return d
+
+    first = dead("killed-1-1")
+    clock[0] += 1.0
+    assert asyncio.run(tierer.check()) == "unchanged"
+    assert first.exists()  # looked at the first check; not again before PRUNE_EVERY_S
+    clock[0] += 3600.0  # (PRUNE_EVERY_S is less)
+    assert asyncio.run(tierer.check()) == "waiting"  # the recorded traffic is out of window
+    assert not first.exists() and tierer.work.is_dir()
+    tierer.stop()
