@@ -727,7 +727,9 @@ class DataPlane:
         # When the request is due, as far as its decode can tell (the plan's reserve for
         # the overhead comes after): a text still queued for the tokenizer threads then is
         # refused at that moment, not encoded for an answer that would be late.
-        clock = DecodeClock(due=decoding - (waited_s if plans else 0.0) + budget_s)
+        clock = DecodeClock(
+            due=decoding - (waited_s if plans else 0.0) + budget_s, budget_s=budget_s
+        )
         inputs, rows, truncated = await self._decode(m, request, raw, clock)
         reserve_s = grace_s = 0.0
         if plans:
@@ -916,6 +918,10 @@ class DataPlane:
             return await done
         except _TokenizerLate:
             m.count_refused("refused_deadline", "refused_deadline")
+            # Traffic all the same: auto-tiering replays what clients sent, and a window
+            # without the requests refused here would understate the load it chooses for.
+            if clock.budget_s < math.inf:
+                m.record_traffic(clock.due - clock.budget_s, clock.budget_s, len(texts))
             raise DeadlineExceeded(
                 f"model {m.name}: the request's budget ran out while its texts waited "
                 f"{1e3 * (m.clock() - start):.0f} ms for the tokenizer threads; the server "
@@ -929,11 +935,13 @@ class DataPlane:
 
 @dataclass
 class DecodeClock:
-    """A request's budget as its decode sees it: ``due`` (``ModelRuntime.clock``), and the
+    """A request's budget as its decode sees it: ``due`` (``ModelRuntime.clock``), the
+    budget after the margin (``budget_s``: it counts from ``due - budget_s``), and the
     seconds its texts waited for a tokenizer thread (``queued_s``, set by ``_tokenize``)."""
 
     due: float = math.inf
     queued_s: float = 0.0
+    budget_s: float = math.inf
 
 
 class _TokenizerLate(Exception):

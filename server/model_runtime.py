@@ -756,8 +756,7 @@ class ModelRuntime:
                 f"of the two, or pin a tier from {min_tier!r} up"
             )
         reached = now - max(waited_s, 0.0)
-        if self.traffic is not None:  # the client's budget, not the plan's
-            self.traffic.record(reached, budget_s + reserve_s + self.margin_s, rows)
+        self.record_traffic(reached, budget_s + reserve_s, rows)
         # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
         # due from when the request reached the server.
         req = Request(
@@ -850,6 +849,13 @@ class ModelRuntime:
         in-flight byte limit): counted like any refusal, as a miss of the SLO."""
         self.metrics.requests.labels(self.name, "", outcome).inc()
         self._missed[reason].inc()
+
+    def record_traffic(self, reached: float, budget_s: float, rows: int) -> None:
+        """Note a request in the traffic log auto-tiering replays (where it has one): when
+        it reached the server (``clock``), its budget as planned (the client's less the
+        margin, which is added back: the log holds what the client asked) and its rows."""
+        if self.traffic is not None:
+            self.traffic.record(reached, budget_s + self.margin_s, rows)
 
     def overhead_for(self, lane: int) -> Overhead:
         """The overhead a request of ``lane`` is planned with: its lane's, once that has

@@ -632,7 +632,7 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
     from server.dataplane import TOKENIZE_THREADS, DataPlane, DecodeClock
     from server.model_runtime import EngineThreads
 
-    ran, refused = [], []
+    ran, refused, traffic, late_due = [], [], [], []
 
     class Slow:
         def encode_rows(self, texts):
@@ -647,17 +647,21 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
         clock=time.monotonic,
         served=types.SimpleNamespace(tokenizer=Slow()),
         count_refused=lambda outcome, reason: refused.append((outcome, reason)),
+        record_traffic=lambda *arrival: traffic.append(arrival),
     )
 
     async def main():
         now = time.monotonic()
 
-        def tokenize(text, due):
-            return asyncio.ensure_future(plane._tokenize(m, [text], DecodeClock(due)))
+        def tokenize(text, due, budget_s=10.0):
+            return asyncio.ensure_future(
+                plane._tokenize(m, [text], DecodeClock(due, 0.0, budget_s))
+            )
 
         busy = [tokenize(c * 3000, now + 10) for c in "ab"]
         await asyncio.sleep(0.02)  # both threads encoding for 0.6 s
-        late = tokenize("c" * 3000, time.monotonic() + 0.05)
+        late_due.append(time.monotonic() + 0.05)
+        late = tokenize("c" * 3000, late_due[0], budget_s=0.07)
         fits = tokenize("d" * 3000, time.monotonic() + 10)
         with pytest.raises(DeadlineExceeded, match=r"waited \d+ ms for the tokenizer threads"):
             await late
@@ -677,6 +681,10 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
         plane.tokenizer_threads.join()
     assert sorted(ran) == ["a", "b", "d", "e"]  # "c" was never encoded
     assert refused == [("refused_deadline", "refused_deadline")]
+    # ... but it is traffic: auto-tiering's replay sees it (before, only requests that
+    # reached the scheduler were logged), arriving 20 ms before its decode, with its budget.
+    [(reached, budget_s, rows)] = traffic
+    assert reached == late_due[0] - 0.07 and budget_s == 0.07 and rows == 1
 
 
 def test_the_time_a_text_spent_with_the_tokenizer_counts_against_its_budget(
