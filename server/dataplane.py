@@ -679,6 +679,7 @@ class DataPlane:
             )
         if self.inflight_bytes + size > cap:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
+            self._log_refused(m, request, time_remaining, waited_s, deadline_is_budget)
             raise ResourceExhausted(
                 f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
                 f"{cap / 2**20:.0f} MiB); retry shortly or send smaller batches"
@@ -691,6 +692,32 @@ class DataPlane:
             raise
         finally:
             self.inflight_bytes -= size
+
+    def _log_refused(
+        self,
+        m: ModelRuntime,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        waited_s: float,
+        deadline_is_budget: bool,
+    ) -> None:
+        """Log a request refused before its decode as traffic all the same, from its
+        parameters and first input's batch dim (clamped to ``max_batch``): auto-tiering
+        replays what clients sent, and a window without what a full server shed would
+        understate the load a tier set is chosen for. Nothing where auto-tiering is off, or
+        for parameters that do not parse (not traffic: the client's mistake)."""
+        if m.traffic is None:
+            return
+        if time_remaining is not None:  # read after the parse: from the parse's start
+            time_remaining += waited_s
+        try:
+            budget_s = _budget(request.parameters, time_remaining,
+                               m.config.default_latency_budget_ms, deadline_is_budget)  # fmt: skip
+        except InvalidArgument:
+            return
+        shape = request.inputs[0].shape if request.inputs else ()
+        rows = min(max(int(shape[0]) if shape else 1, 1), m.config.max_batch)
+        m.record_traffic(m.clock() - waited_s, budget_s - m.margin_s, rows)
 
     async def _infer(
         self,

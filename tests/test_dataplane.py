@@ -958,3 +958,34 @@ def test_with_plan_overhead_a_grpc_deadline_counts_the_parse_once(config):
     fresh, parsed_20ms = _run(body())
     # The deadline is 100 ms from the handler either way: from the parse's start, 120 ms.
     assert parsed_20ms == pytest.approx(fresh + 20.0, abs=0.5)
+
+
+def test_a_request_shed_by_a_full_server_is_logged_as_traffic(config):
+    # Auto-tiering replays the traffic log to choose tiers; requests refused by the in-flight
+    # byte cap never reached the log, so the window it chose for understated the load.
+    from server.traffic import TrafficLog
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        m = plane.models["a"]
+        m.traffic = TrafficLog()  # what a model with auto_tiers has
+        try:
+            await plane.infer(_request("a", _x(2, 1.0), latency_budget_ms=80), None)
+            plane.inflight_bytes = plane.limits.max_inflight_bytes  # full
+            with pytest.raises(ResourceExhausted, match="in flight"):
+                await plane.infer(
+                    _request("a", _x(3, 1.0), latency_budget_ms=40), None, waited_s=0.01
+                )
+            with pytest.raises(ResourceExhausted, match="in flight"):  # not traffic: malformed
+                await plane.infer(_request("a", _x(1, 1.0), latency_budget_ms=-1), None)
+            now = m.clock()
+            return now, m.traffic.window(now, 60.0)
+        finally:
+            plane.inflight_bytes = 0
+            await plane.stop_models()
+
+    now, (arrivals, budgets_ms, rows) = _run(body())
+    logged = sorted(zip(rows.tolist(), budgets_ms.tolist(), arrivals.tolist(), strict=True))
+    assert [(r, round(b, 6)) for r, b, _ in logged] == [(2, 80.0), (3, 40.0)]
+    assert now - 1.0 < logged[1][2] < now - 0.01  # arrived when its parse began
