@@ -264,6 +264,7 @@ class DataPlane:
             for successor in self.models.values():
                 if runtime in successor.predecessors:
                     successor.predecessors.remove(runtime)
+            self._unwatch_gpu(runtime)
 
         task.add_done_callback(retired)
         return task
@@ -300,7 +301,7 @@ class DataPlane:
             def report(i: int, factor: float) -> None:
                 # On the reader's thread: the schedulers are the loop's alone.
                 with contextlib.suppress(RuntimeError):  # the loop closed (process exit)
-                    loop.call_soon_threadsafe(self._apply_external, i, factor)
+                    loop.call_soon_threadsafe(self._apply_external, i, factor, reader)
 
             reader = NvmlLoad(index, report, own_busy=lambda: self._busy_s(index))
             self._gpu_readers[index] = reader if reader.start() else None
@@ -308,9 +309,32 @@ class DataPlane:
         if factor is not None:
             _set_external(runtime, factor)
 
-    def _apply_external(self, index: int, factor: float) -> None:
+    def _unwatch_gpu(self, runtime: ModelRuntime) -> None:
+        """``runtime`` has stopped: where no model loaded or still draining runs on its
+        GPU any more (the last one there was unloaded), stop that GPU's reader - it read
+        NVML every POLL_S for nothing until shutdown - and drop its factor and gauge (a new
+        model there starts a fresh reader). A reload or swap keeps it: the successor is
+        loaded by then."""
+        index = gpu_index(runtime.served) if self.config.nvml_load else None
+        if index is None or index not in self._gpu_readers:
+            return
+        if any(gpu_index(m.served) == index for m in (*self.models.values(), *self._retiring)):
+            return
+        reader = self._gpu_readers.pop(index)
+        self.external_load.pop(index, None)
+        with contextlib.suppress(KeyError):  # never set: no read reported yet
+            self.metrics.device_external_load.remove(f"cuda:{index}")
+        if reader is not None:  # joined off the loop: a read may be inside the driver
+            task = asyncio.ensure_future(asyncio.to_thread(reader.stop))
+            self._owned.add(task)  # (a shutdown waits for it)
+            task.add_done_callback(self._owned.discard)
+
+    def _apply_external(self, index: int, factor: float, reader: NvmlLoad | None = None) -> None:
         """On the loop: GPU ``index``'s outside load is ``factor`` - every model there
-        (and those still draining) plans with it from now on."""
+        (and those still draining) plans with it from now on. A report of ``reader`` that
+        is no longer the GPU's (stopped with the GPU's last model) is dropped."""
+        if reader is not None and self._gpu_readers.get(index) is not reader:
+            return
         self.external_load[index] = factor
         self.metrics.device_external_load.labels(f"cuda:{index}").set(factor)
         for m in (*self.models.values(), *self._retiring):

@@ -324,9 +324,9 @@ def test_the_factor_reaches_every_scheduler_on_the_gpu_on_the_loop(gpu_config, m
         plane = DataPlane(config, Metrics())
         apply = plane._apply_external
 
-        def on_loop(index, factor):
+        def on_loop(*args):
             applied_on.append(threading.current_thread())
-            apply(index, factor)
+            apply(*args)
 
         plane._apply_external = on_loop
         await plane.load_all()
@@ -367,3 +367,47 @@ def test_cpu_only_or_switched_off_makes_no_reader(gpu_config, tmp_path):
     # No reader made, started or stopped (server.metrics' utilisation gauges initialise
     # NVML themselves where it imports, as before: those are the "init" calls).
     assert "shutdown" not in nvml.calls and "util" not in nvml.calls
+
+
+def test_unloading_the_last_model_on_a_gpu_stops_its_reader(gpu_config, monkeypatch):
+    # The reader went on reading NVML every POLL_S until shutdown, and its factor and gauge
+    # stayed, after the GPU's last model was unloaded; a reload keeps it (the successor is
+    # there), a model loaded there again starts a fresh one.
+    config, nvml = gpu_config
+    monkeypatch.setattr("server.gpu_load.POLL_S", 0.01)
+    nvml.total, nvml.samples = 50, {OTHER_PID: 50}  # 2x
+
+    async def reported(plane):
+        for _ in range(500):
+            if plane.external_load.get(0) is not None:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no factor reported")
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            first = plane._gpu_readers[0]
+            await reported(plane)
+            await plane.load("gpu")  # a reload: the successor runs on the GPU
+            assert plane._gpu_readers[0] is first and first._thread is not None
+            await plane.unload("gpu")
+            for _ in range(500):  # stopped off the loop
+                if first._thread is None:
+                    break
+                await asyncio.sleep(0.01)
+            gauge = plane.metrics.registry.get_sample_value(
+                "innfer_device_external_load_factor", {"device": "cuda:0"}
+            )
+            state = (first._thread, dict(plane._gpu_readers), dict(plane.external_load), gauge)
+            plane._apply_external(0, 3.0, first)  # a report still queued from it: dropped
+            assert plane.external_load == {}
+            await plane.load("gpu")  # loaded there again: a fresh reader
+            fresh = plane._gpu_readers[0]
+            return state, fresh is not first and fresh._thread is not None
+        finally:
+            await plane.stop_models()
+
+    state, fresh = asyncio.run(asyncio.wait_for(body(), 30))
+    assert state == (None, {}, {}, None) and fresh
