@@ -1114,7 +1114,7 @@ def _priority(params) -> int:
 def _advice(exc: BaseException) -> str:
     """What to do about a model that failed to load, unless its message already says it: a
     model.yaml that is not valid is edited, anything else of the repository is rebuilt."""
-    if "innfer build" in str(exc):
+    if "innfer build" in str(exc) or "load the model again" in str(exc):  # says its own fix
         return ""
     if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):
         return "; fix model.yaml, then load the model again"

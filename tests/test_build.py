@@ -581,6 +581,53 @@ def test_an_entry_that_verifies_but_does_not_load_is_rebuilt(tmp_path):
     assert (cache.root / key / "e.bin").read_bytes() == b"new-format"
 
 
+def test_an_entry_that_only_this_replica_cannot_load_is_kept(tmp_path):
+    # A load that failed for want of memory (ONNX Runtime's bad_alloc under a pod's memory
+    # limit) discarded the shared entry as bad; the rebuild failed the same way, and every
+    # replica on the volume lost the engine (a TensorRT plan takes minutes to build). Now
+    # a fresh build beside it decides: it fails too, so the entry stays.
+    from runtime.engines import Backend, BuildOptions, EngineError
+    from runtime.hashing import sha256_file
+    from runtime.repository.cache import EngineCache, engine_key
+
+    class Starved(Backend):
+        name, short_of_memory, builds = "toy", False, 0
+
+        def available(self):
+            return True
+
+        def version(self):
+            return "1"
+
+        def device(self):
+            return "cpu"
+
+        def build(self, onnx_path, out_dir, options):
+            self.builds += 1
+            out_dir.mkdir(parents=True)
+            (out_dir / "e.bin").write_bytes(b"engine")
+            return ["e.bin"]
+
+        def load(self, out_dir, options):
+            if self.short_of_memory:
+                raise EngineError("ONNX Runtime cannot build the session: std::bad_alloc")
+            return "engine"
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    cache, backend, opts = EngineCache(tmp_path / "engines"), Starved(), BuildOptions()
+    assert cache.get(backend, onnx, opts) == ("engine", True)
+    key, _ = engine_key(sha256_file(onnx), backend, opts)
+    manifest = (cache.root / key / "manifest.json").read_bytes()
+    backend.short_of_memory = True
+    with pytest.raises(EngineError, match=r"fresh build does not either.*the entry is kept"):
+        cache.get(backend, onnx, opts)
+    assert (cache.root / key / "manifest.json").read_bytes() == manifest  # the same entry
+    assert sorted(p.name for p in cache.root.iterdir()) == [key]  # the probe build removed
+    backend.short_of_memory = False  # memory back: loaded as it is, not built again
+    assert cache.get(backend, onnx, opts) == ("engine", False) and backend.builds == 2
+
+
 @pytest.mark.parametrize("evaluation", [True, False])
 def test_a_batchnorm_tier_without_stored_statistics_gets_its_own(tmp_path, evaluation, caplog):
     # The INN stores BatchNorm statistics only at the widths it was trained or calibrated

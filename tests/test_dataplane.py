@@ -989,3 +989,16 @@ def test_a_request_shed_by_a_full_server_is_logged_as_traffic(config):
     logged = sorted(zip(rows.tolist(), budgets_ms.tolist(), arrivals.tolist(), strict=True))
     assert [(r, round(b, 6)) for r, b, _ in logged] == [(2, 80.0), (3, 40.0)]
     assert now - 1.0 < logged[1][2] < now - 0.01  # arrived when its parse began
+
+
+def test_a_load_error_that_says_its_own_fix_gets_no_rebuild_advice():
+    # An engine that only this replica cannot load (out of memory) was reported with
+    # "; rebuild it with `innfer build`" appended - the wrong fix, the entry is sound.
+    from runtime.engines import EngineError
+    from server.dataplane import _advice
+
+    own = EngineError("the trouble is this process's ...; then load the model again")
+    assert _advice(own) == ""
+    assert (
+        _advice(EngineError("model.ort fails its checksum")) == "; rebuild it with `innfer build`"
+    )

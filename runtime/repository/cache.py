@@ -4,10 +4,12 @@ An engine's cache key hashes the ONNX bytes' sha256, the backend and its version
 name, the precision and - for a backend whose engines are built for a shape range
 (``Backend.shape_profiled``: TensorRT) - the batch profile and (sequence models) the
 sequence profile. An entry
-whose manifest, key or checksums do not match - or that fails to load - is logged and
-rebuilt from the tier's ONNX, never trusted; so is one whose engine ``innfer build`` finds
-disagrees with the network the ONNX was exported from (``discard``). A build that fails
-leaves nothing behind.
+whose manifest, key or checksums do not match is logged and rebuilt from the tier's ONNX,
+never trusted; so is one whose engine ``innfer build`` finds disagrees with the network the
+ONNX was exported from (``discard``). One that verifies but fails to load is built afresh
+beside it first: the entry is replaced only where the fresh engine loads - a load that fails
+for want of memory or a device error is this replica's trouble, and the shared entry that
+every other replica loads stays. A build that fails leaves nothing behind.
 Rebuilding from ONNX needs no torch, so a serving image can heal its own cache.
 
 Example:
@@ -18,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -111,14 +114,17 @@ class EngineCache:
                 break
             judged = _manifest_bytes(entry)  # the entry as it was when judged (below)
             problem = self._verify(entry, fields)
-            verified = problem is None
-            if verified:
+            if problem is None:
                 try:
                     return backend.load(entry, options), False
                 except EngineError as exc:
-                    problem = str(exc)
+                    if on_build is not None:
+                        on_build(key)
+                    return self._replace_unloadable(
+                        backend, onnx_path, entry, options, fields, judged, exc
+                    ), True  # fmt: skip
             log.warning("engine cache entry %s is unusable (%s)", entry, problem)
-            if not self._discard(entry, fields, judged, verified):
+            if not self._discard(entry, fields, judged, False):
                 break  # removed: build it
             log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
         if on_build is not None:
@@ -165,9 +171,48 @@ class EngineCache:
         shutil.rmtree(aside, ignore_errors=True)
         return True
 
+    def _replace_unloadable(
+        self, backend, onnx_path, entry, options, fields, judged, error: EngineError
+    ) -> Engine:
+        """The engine for ``entry``, which verifies but fails to load with ``error``: a
+        bad build (an engine another build of the backend cannot read), or this replica's
+        trouble (out of memory, a device error) - only a fresh build tells them apart. It
+        is built beside the entry and loaded there; where it loads, it takes the entry's
+        place (unless another builder replaced the entry meanwhile: theirs is kept), else
+        the entry stays - every other replica may load it - and the error says both."""
+        log.warning("engine cache entry %s verifies but does not load (%s); building it "
+                    "afresh beside it", entry, error)  # fmt: skip
+        tmp = None
+        try:
+            tmp = self._build_aside(backend, onnx_path, entry, options, fields)
+            probe = backend.load(tmp, options)
+        except Exception as again:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise EngineError(
+                f"the cached engine {entry} does not load on this replica ({error}), and a "
+                f"fresh build does not either ({again}): the trouble is this process's (out of "
+                "memory? the device?), not the cache's - the entry is kept. Give the server "
+                "more memory or free the device, then load the model again"
+            ) from again
+        with contextlib.suppress(Exception):  # (its memory back before the entry's load)
+            probe.close()
+        if self._discard(entry, fields, judged, True):
+            shutil.rmtree(tmp, ignore_errors=True)  # another builder's repair: kept
+            log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
+        else:
+            log.warning("engine cache entry %s replaced: the fresh build loads", entry)
+            self._place(tmp, entry, onnx_path, fields)
+        return backend.load(entry, options)
+
     def _build(self, backend, onnx_path, entry, options, fields) -> None:
-        # A directory of our own: two pods building the same key on a shared volume must
-        # not delete each other's half-built files.
+        self._place(self._build_aside(backend, onnx_path, entry, options, fields), entry,
+                    onnx_path, fields)  # fmt: skip
+
+    def _build_aside(self, backend, onnx_path, entry, options, fields) -> Path:
+        """Build the engine into a directory of its own beside ``entry``, manifest last;
+        return it. Two pods building the same key on a shared volume must not delete each
+        other's half-built files."""
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             t0 = time.perf_counter()
@@ -190,6 +235,11 @@ class EngineCache:
         except BaseException:  # a failed (or interrupted) build leaves no directory behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return tmp
+
+    def _place(self, tmp: Path, entry: Path, onnx_path: Path, fields: dict[str, Any]) -> None:
+        """Move the finished build ``tmp`` to ``entry`` - or, where another builder's
+        entry is there first, keep theirs if it verifies."""
         try:
             tmp.rename(entry)  # atomic: a crash mid-build leaves only a .tmp, never half an entry
         except OSError as exc:
