@@ -59,8 +59,17 @@ class OnnxRuntimeEngine(Engine):
         self._names = [o.name for o in self.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self._names, feeds)
+        session = self.session
+        if session is None:
+            raise EngineError("the engine was closed (its model was unloaded or replaced)")
+        results = session.run(self._names, feeds)
         return dict(zip(self._names, results, strict=True))
+
+    def close(self) -> None:
+        """Let the session go: ORT has no explicit release, its memory and threads go with
+        the last reference, and a caller that still holds this engine (a benchmark, a
+        closure) no longer holds the session too. A run after it raises EngineError."""
+        self.session = None
 
 
 class OnnxRuntimeBackend(Backend):

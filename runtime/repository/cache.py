@@ -90,7 +90,7 @@ class EngineCache:
             except OSError:
                 continue  # finished or removed by its builder meanwhile
             if stale:
-                shutil.rmtree(entry, ignore_errors=True)
+                _delete(entry)
                 removed.append(entry.name)
         if removed:
             log.warning("removed %d interrupted engine builds in %s", len(removed), self.root)
@@ -168,7 +168,7 @@ class EngineCache:
             entry.rename(aside)
         except OSError:  # gone already (another builder moved it)
             return False
-        shutil.rmtree(aside, ignore_errors=True)
+        _delete(aside)
         return True
 
     def _replace_unloadable(
@@ -275,6 +275,16 @@ class EngineCache:
             if sha256_file(path) != digest:
                 return f"{name} fails its checksum"
         return None
+
+
+def _delete(path: Path) -> None:
+    """Remove ``path``, a directory or - set aside where an entry should be - a file or
+    link (``rmtree`` leaves those: swept, then logged as removed, at every load for good)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _manifest_bytes(entry: Path) -> bytes | None:
