@@ -30,6 +30,7 @@ from server.errors import (
     Unimplemented,
 )
 from server.limits import (
+    MESSAGE_CHARS,
     OTHER_FIELDS,
     TENSOR_FIELDS,
     RequestLimits,
@@ -227,7 +228,7 @@ def rpc_method(fn: Callable) -> Callable:
             code = _aborted_code(context)
             raise
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _cancelled_code(context)
             raise
         except Exception:
             log.exception("%s failed", name)
@@ -245,6 +246,19 @@ CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc
     grpc.StatusCode.OK: "OK",
     grpc.StatusCode.CANCELLED: "Canceled",
 }
+
+
+def _cancelled_code(context) -> grpc.StatusCode:
+    """The code of a call cancelled under its handler: DEADLINE_EXCEEDED where its deadline
+    has passed (gRPC cancels the handler then too), else CANCELLED (the client went away,
+    or the server stops)."""
+    try:
+        left = context.time_remaining()
+    except Exception:  # no deadline to read
+        left = None
+    if left is not None and left <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _aborted_code(context) -> grpc.StatusCode:
@@ -511,9 +525,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
         """Triton's bidirectional stream: each request is answered on the stream with its id,
-        through the same data plane as ModelInfer, concurrently and as it completes (see
+        through the same data plane as ModelInfer, concurrently; the answers go back in the
+        order the requests came, as Triton's do, or - where the stream was opened with the
+        header ``innfer-stream-order: completion`` - each as it completes (see
         ``server.stream``). A failed request is a response with ``error_message`` (its status
-        code's name first) and the stream stays open; only a wrong token ends it."""
+        code's name first, its id last) and the stream stays open; only a wrong token or an
+        unknown order ends it."""
         metrics = self.plane.metrics
         metrics.rpc_started("bidi_stream", SERVICE, "ModelStreamInfer")
         t0, code = time.perf_counter(), grpc.StatusCode.OK
@@ -522,8 +539,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
-        except asyncio.CancelledError:  # the client closed it (or the server stops)
-            code = grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError:  # the client closed it, its deadline, or the server stops
+            code = _cancelled_code(context)
             raise
         except Exception:  # a read or write error: gRPC answers the client UNKNOWN
             code = grpc.StatusCode.UNKNOWN
@@ -533,46 +550,95 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        metadata = context.invocation_metadata()
         try:
-            self.authenticate(context.invocation_metadata())
+            self.authenticate(metadata)
+            ordered = _stream_order(metadata)
         except InferError as exc:
             await context.abort(status_of(exc), clip_message(str(exc)))
 
-        async def answer(request) -> pb.ModelStreamInferResponse:
+        async def answer(request) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
             return await self._stream_answer(request, context)
 
-        if await serve_stream(request_iterator, answer, context.write, closing=self.plane.closing):
+        async def write(answered: tuple[pb.ModelStreamInferResponse, Callable | None]) -> None:
+            resp, sent = answered
+            await context.write(resp)
+            if sent is not None:
+                sent()
+
+        if await serve_stream(request_iterator, answer, write, closing=self.plane.closing,
+                              ordered=ordered):  # fmt: skip
             # Draining: the requests read are answered; the client reopens the stream
             # (elsewhere) and resends what it sent after them, as after any UNAVAILABLE.
             exc = Unavailable("the server is shutting down: open the stream again")
             await context.abort(status_of(exc), str(exc))
 
-    async def _stream_answer(self, request, context) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(
+        self, request, context
+    ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
+        """The stream's answer to ``request``, and what to note once it is written (the
+        overhead the client paid, as for ModelInfer; None for a failure)."""
+        # Set by the deserializer in the stream's reading task, whose context this request's
+        # task copied when it was made: this message's own.
+        received, size = RECEIVED.get((None, None))
+        waited = time.monotonic() - received if received is not None else 0.0
         try:
             _require_decoded(request)
             # The stream's deadline is the whole stream's: a cap, not each request's budget
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(
-                request, context.time_remaining(), deadline_is_budget=False
+                request, context.time_remaining(), waited, size, deadline_is_budget=False
             )
-            return pb.ModelStreamInferResponse(infer_response=resp)
+            if received is None:
+                return pb.ModelStreamInferResponse(infer_response=resp), None
+            return pb.ModelStreamInferResponse(infer_response=resp), lambda: self.plane.answered(
+                resp, time.monotonic() - received - waited, waited
+            )
         except InferError as exc:
             code, text = status_of(exc), str(exc)
         except Exception:
             log.exception("ModelStreamInfer failed")
             code, text = grpc.StatusCode.INTERNAL, "internal error in ModelStreamInfer; see logs"
-        # As Triton does, the failed request's id goes back in infer_response; tritonclient
-        # hands callbacks only the message, so it names the id too.
+        # As Triton does, the failed request's id goes back in infer_response - whole, as an
+        # answer's, unless the id itself is what is wrong; tritonclient hands callbacks only
+        # the message, so it ends with the id too, never cut off by the message's cap.
         failed = pb.ModelStreamInferResponse()
+        message = f"{code.name}: {text}"
         if isinstance(request, pb.ModelInferRequest):
             r = failed.infer_response
+            rid = request.id
+            fits = len(rid) <= self.plane.limits.max_id_bytes and (
+                len(rid.encode()) <= self.plane.limits.max_id_bytes
+            )
             r.model_name, r.model_version, r.id = (
-                request.model_name[:255], request.model_version[:255], request.id[:255],
+                request.model_name[:255], request.model_version[:255], rid if fits else rid[:255],
             )  # fmt: skip
-            if request.id:
-                text += f" (request id {clip(request.id)})"
-        failed.error_message = clip_message(f"{code.name}: {text}")
-        return failed
+            if rid:
+                tag = f" (request id {clip(rid, ID_ECHO_CHARS)})"
+                message = clip_message(message)[: MESSAGE_CHARS - len(tag)] + tag
+        failed.error_message = clip_message(message)
+        return failed, None
+
+
+STREAM_ORDER_HEADER = "innfer-stream-order"
+# A failed stream request's id in its error message: whole up to this (a uuid-based id is
+# 36-80 characters; the 48 of other echoes cut them), clipped beyond.
+ID_ECHO_CHARS = 255
+
+
+def _stream_order(metadata) -> bool:
+    """Whether a stream's answers go back in request order (True: the default, Triton's) or
+    as they complete (header ``innfer-stream-order: completion``)."""
+    for key, value in metadata or ():
+        if key == STREAM_ORDER_HEADER:
+            value = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if value in ("request", "completion"):
+                return value == "request"
+            raise InvalidArgument(
+                f"{STREAM_ORDER_HEADER} {clip(value)}: send 'request' (answers in the order "
+                "the requests came, the default) or 'completion' (each as it completes)"
+            )
+    return True
 
 
 class HealthService(health_pb2_grpc.HealthServicer):

@@ -1,12 +1,16 @@
 """Serving one bidirectional stream of requests (Triton's ModelStreamInfer), transport-free.
 
-Requests on a stream are answered concurrently, each as soon as it completes (not in
-arrival order). The stream is bounded: at most ``limit`` requests are in flight - read and
-not yet written back - and no further message is read until one is written, so a client
-that sends faster than the server answers is slowed by gRPC's flow control instead of
-growing the server's memory. When the stream ends - the client half-closes, is cancelled
-or goes away - every request still running is cancelled (the scheduler drops it from the
-queue); after a half-close the requests already read are answered first.
+Requests on a stream run concurrently; their answers are written in the order the requests
+were read (``ordered``, the default: Triton answers a non-decoupled model's stream in request
+order, and clients written for it pair answers with requests by position), or each as soon
+as it completes (``ordered=False``: for clients that match answers by id, so that a fast or
+urgent request's answer is not held behind a slower one). The stream is bounded: at most
+``limit`` requests are in flight - read and not yet written back - and no further message
+is read until one is written, so a client that sends faster than the server answers is
+slowed by gRPC's flow control instead of growing the server's memory. When the stream
+ends - the client half-closes, is cancelled or goes away - every request still running is
+cancelled (the scheduler drops it from the queue); after a half-close the requests already
+read are answered first.
 
 Example:
     >>> async def demo():
@@ -20,14 +24,16 @@ Example:
     ...     async def write(x):
     ...         out.append(x)
     ...     await serve_stream(requests(), answer, write, limit=8)
+    ...     await serve_stream(requests(), answer, write, limit=8, ordered=False)
     ...     return out
     >>> asyncio.run(demo())
-    [1, 2, 3]
+    [3, 1, 2, 1, 2, 3]
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import TypeVar
 
@@ -45,9 +51,12 @@ async def serve_stream(
     write: Callable[[Resp], Awaitable[None]],
     limit: int = MAX_STREAM_INFLIGHT,
     closing: asyncio.Event | None = None,
+    ordered: bool = True,
 ) -> bool:
-    """Read ``requests``, run ``answer`` on each concurrently and ``write`` each result as it
-    completes, with at most ``limit`` requests between being read and being written.
+    """Read ``requests``, run ``answer`` on each concurrently and ``write`` the results in
+    the order the requests were read (``ordered``) or each as it completes, with at most
+    ``limit`` requests between being read and being written (in order, a request answered
+    early keeps its slot until the answers before it are written).
 
     When ``closing`` is set (the server drains), no further message is read; the requests
     already read are answered and written, and it returns True (else False once the requests
@@ -64,6 +73,7 @@ async def serve_stream(
     slots = asyncio.Semaphore(limit)
     finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
     running: set[asyncio.Task] = set()
+    queue: collections.deque[asyncio.Task] = collections.deque()  # read order, unwritten
     incoming = aiter(requests)
 
     async def read() -> None:
@@ -76,6 +86,8 @@ async def serve_stream(
                 return
             task = loop.create_task(answer(message))
             running.add(task)
+            if ordered:
+                queue.append(task)
             task.add_done_callback(finished.put_nowait)
 
     reader = loop.create_task(read())
@@ -94,11 +106,23 @@ async def serve_stream(
                 if not cut:
                     task.result()  # a read error ends the stream
                 continue
-            running.discard(task)
-            try:
-                await write(task.result())
-            finally:
-                slots.release()
+            if task not in running:
+                continue  # written already: in order, right after an answer before it
+            if ordered:
+                if task is not queue[0]:
+                    continue  # written when the answers read before it are
+                queue.popleft()
+            while True:
+                running.discard(task)
+                try:
+                    await write(task.result())
+                finally:
+                    slots.release()
+                # In order: the answers behind it that completed meanwhile go out now (their
+                # own completions find them written).
+                if not (ordered and queue and queue[0].done()):
+                    break
+                task = queue.popleft()
     finally:
         reader.cancel()
         if closed is not None:

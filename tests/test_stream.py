@@ -1,0 +1,179 @@
+"""ModelStreamInfer as tritonclient uses it, on a real server (127.0.0.1): answer order,
+failed requests' ids, what streams teach the server, and the codes streams end with.
+Findings of the stream review of session 32; each test failed before its fix."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from serverutil import ServerThread, add_onnx_model, build_repository, slow_loop
+
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+
+STREAM_LABELS = {
+    "grpc_type": "bidi_stream",
+    "grpc_service": "inference.GRPCInferenceService",
+    "grpc_method": "ModelStreamInfer",
+}
+TINY = np.zeros((1, 1, 8, 8), np.float32)
+SLOW = np.zeros((1, 1024), np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """ "tiny" (1x8x8, fast) and "slow" (~35 ms a request, max_batch 1) on one server."""
+    root = build_repository(tmp_path_factory.mktemp("repo"))
+    add_onnx_model(root, "slow", lambda w: slow_loop(w, trips=400), {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+        "max_batch": 1, "max_queue": 256, "default_latency_budget_ms": 60_000,
+    }, warmup=1, repeats=1)  # fmt: skip
+    s = ServerThread({"repository": str(root)}).start()
+    yield s
+    s.stop(grace=2.0)
+
+
+def _input(x: np.ndarray) -> tc.InferInput:
+    i = tc.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+class Answers:
+    """A tritonclient stream callback that queues (result, error) pairs."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+
+    def __call__(self, result, error) -> None:
+        self.q.put((result, error))
+
+    def take(self, n: int, timeout: float = 30) -> list:
+        return [self.q.get(timeout=timeout) for _ in range(n)]
+
+
+def _streamed(server, send, n: int, **stream) -> list:
+    """Open a tritonclient stream, ``send(client)``, and take ``n`` answers."""
+    client, answers = tc.InferenceServerClient(server.address), Answers()
+    client.start_stream(callback=answers, **stream)
+    try:
+        send(client)
+        return answers.take(n)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _ids(answers: list) -> list[str]:
+    return [r.get_response().id if r is not None else "error" for r, _ in answers]
+
+
+def test_answers_come_back_in_request_order_as_tritons_do(server):
+    # Answers went back as they completed: a client that pairs answers with requests by
+    # position (Triton answers a non-decoupled model's stream in request order) got the
+    # wrong tensors without an error - even among successes, behind a priority request.
+    def send(c):
+        c.async_stream_infer("slow", [_input(SLOW)], request_id="first")
+        c.async_stream_infer("tiny", [_input(TINY)], request_id="second")
+        c.async_stream_infer(
+            "tiny", [_input(TINY)], request_id="third", parameters={"tier": "w999"}
+        )  # fmt: skip - refused at once
+        for rid in ("A", "B", "C"):
+            c.async_stream_infer("slow", [_input(SLOW)], request_id=rid)
+        c.async_stream_infer("slow", [_input(SLOW)], request_id="D", priority=1)
+
+    answers = _streamed(server, send, 7)
+    assert _ids(answers) == ["first", "second", "error", "A", "B", "C", "D"]
+    assert "request id 'third'" in str(answers[2][1])
+
+
+def test_a_stream_opened_for_completion_order_gets_each_answer_as_it_completes(server):
+    def send(c):  # D is urgent: it runs as soon as A's slot is free, before B and C
+        for rid in ("A", "B", "C"):
+            c.async_stream_infer("slow", [_input(SLOW)], request_id=rid)
+        c.async_stream_infer("slow", [_input(SLOW)], request_id="D", priority=1)
+
+    headers = {"innfer-stream-order": "completion"}
+    assert _ids(_streamed(server, send, 4, headers=headers)) == ["A", "D", "B", "C"]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ModelStreamInfer(iter(()), metadata=(("innfer-stream-order", "fifo"),),
+                                       timeout=10))  # fmt: skip
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send 'request'" in e.value.details()
+
+
+def test_a_failed_request_comes_back_with_its_whole_id(server):
+    # The error answer's id was cut to 255 characters and the message's to 48: a client
+    # whose ids are longer (tenant/session/uuid ids) could not tell which request failed -
+    # tritonclient hands the callback only the message.
+    rid = "tenant-42/session-7f3c2a9e-1b4d-4c8e-9f00-000000000001/req-17"
+
+    def send(c):
+        c.async_stream_infer("tiny", [_input(TINY)], request_id=rid, parameters={"tier": "w9"})
+
+    [(result, error)] = _streamed(server, send, 1)
+    assert result is None and str(error).endswith(f"(request id {rid!r})")
+    long_id = "r" * 300  # within limits.max_id_bytes (1024): echoed whole, as an answer's
+    request = pb.ModelInferRequest(model_name="tiny", id=long_id)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    request.raw_input_contents.append(TINY.tobytes())
+    request.parameters["tier"].string_param = "w9"
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        [failed] = stub.ModelStreamInfer(iter([request]), timeout=20)
+    assert failed.error_message and failed.infer_response.id == long_id
+
+
+def test_streamed_requests_teach_the_overhead_as_unary_ones_do(server):
+    # Only ModelInfer fed the learned overhead (plan_overhead's reserve, the overhead
+    # histogram, auto-tiering's host view): stream-only traffic planned with none.
+    overhead = server.server.plane.models["tiny"].overhead
+    before = overhead.samples
+
+    def send(c):
+        for i in range(20):
+            c.async_stream_infer("tiny", [_input(TINY)], request_id=str(i))
+
+    assert all(e is None for _, e in _streamed(server, send, 20))
+    deadline = time.monotonic() + 5
+    while overhead.samples < before + 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert overhead.samples == before + 20
+
+
+def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(server):
+    # gRPC cancels the handler at the deadline; the stream was counted Canceled.
+    registry = server.server.metrics.registry
+
+    def handled(code):
+        labels = {**STREAM_LABELS, "grpc_code": code}
+        return registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+    before = {c: handled(c) for c in ("DeadlineExceeded", "Canceled")}
+    client, answers = tc.InferenceServerClient(server.address), Answers()
+    client.start_stream(callback=answers, stream_timeout=0.4)
+    try:
+        for i in range(30):  # ~35 ms each: the stream outlives its 0.4 s deadline
+            client.async_stream_infer("slow", [_input(SLOW)], request_id=str(i))
+        deadline = time.monotonic() + 10
+        while handled("DeadlineExceeded") == before["DeadlineExceeded"]:
+            assert time.monotonic() < deadline, "the stream was not counted DeadlineExceeded"
+            time.sleep(0.05)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    assert handled("Canceled") == before["Canceled"]
+    plane = server.server.plane
+    deadline = time.monotonic() + 10
+    while plane.inflight_bytes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert plane.inflight_bytes == 0
