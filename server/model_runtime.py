@@ -298,7 +298,8 @@ def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
     profile = served.profile
     if profile is None or set(profile.get("tiers", {})) != set(served.tiers):
         raise Unavailable(
-            f"model {served.name}: profile.json is missing or does not cover every tier; "
+            f"model {served.name}: profile.json is missing, corrupted (the log says what is "
+            "wrong) or does not cover every tier; "
             f"run `innfer build` to profile it"
         )
     if length:

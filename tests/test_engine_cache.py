@@ -4,6 +4,8 @@ Runtime."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_build_review28 import _add_onnx
@@ -42,3 +44,56 @@ def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, 
     assert built and engine.run({"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)
     assert [p.name for p in cache.root.iterdir()] == [entry.name] and entry.is_dir()
     assert cache.sweep() == []
+
+
+@pytest.fixture
+def repository(tmp_path):
+    from serverutil import add_onnx_model, tiny_cnn
+
+    add_onnx_model(tmp_path, "tiny", tiny_cnn, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+        "max_batch": 4,
+    })  # fmt: skip
+    return tmp_path
+
+
+def _edit(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda p: p["tiers"]["w100"].update({"4": 5}), "tier w100, batch 4: not an object"),
+        (lambda p: p["tiers"]["w100"].update({"x": {"p50_ms": 1, "p90_ms": 1}}),
+         "tier w100: batch size 'x' is not a whole number"),
+        (lambda p: p["tiers"]["w100"]["1"].update({"p90_ms": "fast"}),
+         "tier w100, batch 1: p90_ms is 'fast'"),
+        (lambda p: p["tiers"]["w050"]["1"].update({"p50_ms": float("nan")}),
+         "tier w050, batch 1: p50_ms is nan"),
+        (lambda p: p.update({"tiers": []}), "tiers is not an object"),
+    ],
+)  # fmt: skip
+def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem, caplog):
+    # Valid JSON with a wrong value inside reached the latency model: "'int' object is not
+    # subscriptable", "could not convert string to float" - logged as an unexpected
+    # traceback, naming no file. Read as absent now, with the problem in the log: the
+    # server says to rebuild, a build profiles again.
+    from runtime.repository import Repository
+
+    _edit(repository / "tiny" / "profile.json", change)
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        assert Repository(repository).read_profile("tiny") is None
+    assert f"profile.json is corrupted ({problem}" in caplog.text
+
+
+def test_a_hand_edited_tier_record_is_named_as_corrupted(repository):
+    from runtime.repository import Repository, RepositoryError
+
+    _edit(repository / "tiny" / "tiers" / "w100" / "tier.json", lambda r: r.update(flops="x"))
+    with pytest.raises(RepositoryError, match=r"w100/tier.json is corrupted \(flops is 'x'"):
+        Repository(repository).load("tiny")

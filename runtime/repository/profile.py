@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -147,6 +148,43 @@ def profile_tiers(
         )
     by_length = tables if config.sequence_lengths else None
     return profile_document(backend, config.threads, tables[lengths[-1]], by_length, onnx)
+
+
+def profile_problem(profile: Mapping[str, Any]) -> str | None:
+    """What is wrong with the tables of a ``profile.json`` that parsed, or None: every table
+    (``tiers``, and each of ``lengths``) maps batch sizes ("1", "8", ...) to finite,
+    positive ``p50_ms`` and ``p90_ms`` (and ``p99_ms`` where given). A hand-edited value
+    failed far from the file otherwise ("'int' object is not subscriptable").
+
+    Example:
+        >>> profile_problem({"tiers": {"w100": {"1": {"p50_ms": 1.0, "p90_ms": "fast"}}}})
+        "tier w100, batch 1: p90_ms is 'fast', not a positive number of milliseconds"
+    """
+    tables = [("", profile.get("tiers"))]
+    lengths = profile.get("lengths", {})
+    if not isinstance(lengths, dict):
+        return "lengths is not an object of sequence lengths"
+    tables += [(f"length {n}, ", t) for n, t in lengths.items()]
+    for where, tiers in tables:
+        if not isinstance(tiers, dict):
+            return f"{where}tiers is not an object of tiers"
+        for tier, table in tiers.items():
+            if not isinstance(table, dict) or not table:
+                return f"{where}tier {tier}: not an object of batch sizes"
+            for batch, cell in table.items():
+                if not (isinstance(batch, str) and batch.isdigit() and int(batch) >= 1):
+                    return f"{where}tier {tier}: batch size {batch!r} is not a whole number >= 1"
+                if not isinstance(cell, dict):
+                    return f"{where}tier {tier}, batch {batch}: not an object of p50_ms, p90_ms"
+                for key in ("p50_ms", "p90_ms", "p99_ms"):
+                    v = cell.get(key)
+                    if v is None and key == "p99_ms":
+                        continue
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    if not (ok and math.isfinite(v) and v > 0):
+                        return (f"{where}tier {tier}, batch {batch}: {key} is {v!r}, not a "
+                                "positive number of milliseconds")  # fmt: skip
+    return None
 
 
 def stale_tiers(profile: Mapping[str, Any] | None, onnx: Mapping[str, str]) -> list[str]:

@@ -47,11 +47,38 @@ class TierRecord:
     def read(cls, path: Path) -> TierRecord:
         try:
             data = json.loads(path.read_text())
-            return cls(**data)
+            record = cls(**data)
         except FileNotFoundError:
             raise RepositoryError(f"{path} is missing: run `innfer build` for this model") from None
         except (ValueError, TypeError) as exc:  # bad JSON, bytes that are not UTF-8, fields
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from exc
+        problem = record._problem()
+        if problem is not None:  # valid JSON, a wrong value inside (a hand edit)
+            raise RepositoryError(f"{path} is corrupted ({problem}): run `innfer build`")
+        return record
+
+    def _problem(self) -> str | None:
+        """What is wrong with a field's type, if anything: read by the scheduler (flops,
+        accuracy) and the cache (hashes), a wrong one failed far from the file."""
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for key in ("name", "onnx_sha256", "source_sha256"):
+            if not isinstance(getattr(self, key), str):
+                return f"{key} is {getattr(self, key)!r}, not a string"
+        for key in ("flops", "params"):
+            v = getattr(self, key)
+            if not number(v) or v < 0:
+                return f"{key} is {v!r}, not a count"
+        if self.accuracy is not None and not number(self.accuracy):
+            return f"accuracy is {self.accuracy!r}, not a number"
+        if not isinstance(self.sizes, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in self.sizes.items()
+        ):
+            return f"sizes is {self.sizes!r}, not channel counts per group"
+        return None
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)

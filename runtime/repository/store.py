@@ -45,7 +45,12 @@ from runtime.repository.frontier import (
     ActiveTiers,
     Frontier,
 )
-from runtime.repository.profile import measured_elsewhere, profile_tiers, stale_tiers
+from runtime.repository.profile import (
+    measured_elsewhere,
+    profile_problem,
+    profile_tiers,
+    stale_tiers,
+)
 from runtime.repository.records import TIER_FILE, TierRecord, inn_fingerprint
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
@@ -434,8 +439,10 @@ class Repository:
             profile = json.loads(path.read_text())
         except ValueError:  # bad JSON, or bytes that are not UTF-8
             profile = None
-        if not isinstance(profile, dict):
-            log.warning("%s is corrupted; run `innfer build` to profile the model again", path)
+        problem = "not a JSON object" if not isinstance(profile, dict) else profile_problem(profile)
+        if problem is not None:  # read as absent: a build profiles again, a server says so
+            log.warning("%s is corrupted (%s); run `innfer build` to profile the model again",
+                        path, problem)  # fmt: skip
             return None
         return profile
 
