@@ -97,3 +97,26 @@ def test_a_hand_edited_tier_record_is_named_as_corrupted(repository):
     _edit(repository / "tiny" / "tiers" / "w100" / "tier.json", lambda r: r.update(flops="x"))
     with pytest.raises(RepositoryError, match=r"w100/tier.json is corrupted \(flops is 'x'"):
         Repository(repository).load("tiny")
+
+
+def test_a_cache_that_cannot_be_written_says_what_engine_is_missing(tmp_path, monkeypatch):
+    # On a read-only repository the error was the OS's alone ("[Errno 30] Read-only file
+    # system: '.../engines'" or a .tmp- path), with "rebuild it with `innfer build`": not
+    # that no engine exists for this device (the key has the CPU's instruction set: a cache
+    # built on an AVX-512 runner misses on AVX2 nodes), nor that the cached one was bad.
+    import errno
+
+    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
+    cache, backend = EngineCache(tmp_path / "engines"), OnnxRuntimeBackend()
+
+    def read_only(self, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root))
+
+    monkeypatch.setattr(EngineCache, "_build_aside", read_only)
+    with pytest.raises(EngineError) as e:
+        cache.get(backend, onnx_path, BuildOptions())
+    message = str(e.value)
+    assert f"on {backend.device()} (none is cached), and none can be built here" in message
+    assert (
+        "Read-only file system" in message and "`innfer build` on a machine of this kind" in message
+    )

@@ -109,6 +109,7 @@ class EngineCache:
         entry = self.root / key
         # The entry as found; then, where another builder repaired it while this one judged
         # it unusable (``_discard`` keeps theirs), the repaired one: loaded, not built again.
+        why = "none is cached"
         for _ in range(2):
             if not entry.exists():
                 break
@@ -124,12 +125,21 @@ class EngineCache:
                         backend, onnx_path, entry, options, fields, judged, exc
                     ), True  # fmt: skip
             log.warning("engine cache entry %s is unusable (%s)", entry, problem)
+            why = f"the cached one is unusable: {problem}"
             if not self._discard(entry, fields, judged, False):
                 break  # removed: build it
             log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
         if on_build is not None:
             on_build(key)
-        self._build(backend, onnx_path, entry, options, fields)
+        try:
+            self._build(backend, onnx_path, entry, options, fields)
+        except OSError as exc:  # a read-only repository (an image, a read-only mount), full
+            raise EngineError(
+                f"no usable {backend.name} engine for {onnx_path} on {backend.device()} "
+                f"({why}), and none can be built here: {exc}. Build the engines for this "
+                f"device beforehand (`innfer build` on a machine of this kind, with "
+                f"{backend.name} {backend.version()}), or let the server write {self.root}"
+            ) from exc
         return backend.load(entry, options), True
 
     def discard(self, backend: Backend, onnx_sha256: str, options: BuildOptions) -> bool:
