@@ -294,7 +294,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         # is its own directory, so a failure leaves the rest as they were; every failure is
         # said at once and again at the end, and the exit status is 2.
         try:
-            report = build_model(repo, name, backend=args.backend, profile=not args.no_profile)
+            report = build_model(repo, name, backend=args.backend, profile=not args.no_profile,
+                                 prune=not args.keep_engines)  # fmt: skip
         except (ValueError, OSError, RuntimeError) as exc:
             if len(names) == 1:
                 raise
@@ -340,6 +341,10 @@ def _print_build(report, repo) -> None:
     for r in [head, *rows]:
         print(" ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
+    removed, freed = report.pruned
+    if removed:
+        print(f"removed {len(removed)} cached engines built from ONNX no tier uses any more "
+              f"({freed / 2**20:.1f} MiB; --keep-engines keeps them)")  # fmt: skip
     for warning in report.warnings:
         print(f"warning: {warning}")
 
@@ -1113,6 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", action="append", help="only this model (repeatable)")
     build.add_argument("--backend", choices=BACKENDS)
     build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
+    build.add_argument(
+        "--keep-engines", action="store_true",
+        help="keep cached engines built from ONNX no tier or frontier candidate uses any more "
+        "(removed by default: each rebuild with new weights leaves a whole engine per tier)",
+    )  # fmt: skip
     build.set_defaults(func=cmd_build)
 
     train = sub.add_parser("train", help="train a zoo model as an INN at random widths")

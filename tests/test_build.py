@@ -712,3 +712,34 @@ def test_a_build_warning_is_logged_once_where_no_bar_shows_it(tmp_path, caplog, 
     assert [w.split(" of ")[0] for w in report.warnings] == ["tier w050"]
     logged = [r for r in caplog.records if "has no BatchNorm statistics" in r.getMessage()]
     assert [r.levelname for r in logged] == (["INFO"] if progress else ["WARNING"])
+
+
+def test_a_build_removes_the_engines_of_onnx_no_tier_uses(built, tmp_path, capsys):
+    # Every rebuild with new weights (and every channel-search candidate not chosen) left a
+    # whole engine in <model>/engines/ for good: 4, 6, then 8 entries over three rebuilds of
+    # a 2-tier model (engine review, session 32). A TensorRT plan per tier and device.
+    import shutil
+
+    from innfer.cli import _print_build
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    engines = root / "tiny" / "engines"
+    live = sorted(p.name for p in engines.iterdir())
+    stale = engines / "0123456789abcdef0123"  # an engine of an ONNX since rebuilt
+    shutil.copytree(engines / live[0], stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["fields"]["onnx_sha256"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    kept = build_model(Repository(root), "tiny", progress=False, profile=False, prune=False)
+    assert stale.exists() and kept.pruned == ([], 0)
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert report.pruned[0] == [stale.name] and report.pruned[1] > 0
+    assert sorted(p.name for p in engines.iterdir()) == live  # the tiers' own stay
+    _print_build(report, Repository(root))
+    assert "removed 1 cached engines built from ONNX no tier uses" in capsys.readouterr().out
+    # A record that cannot be read: nothing can be called unused, nothing is removed.
+    shutil.copytree(engines / live[0], stale)
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    (root / "tiny" / "tiers" / "w050" / "tier.json").write_text("{")
+    assert Repository(root).onnx_in_use("tiny") is None and stale.exists()

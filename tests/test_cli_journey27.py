@@ -103,7 +103,8 @@ def test_build_table_names_the_largest_batch_and_keeps_its_columns(capsys):
         load_record=lambda name, tier: records[tier],
     )
     tiers = [SimpleNamespace(name=n, accuracy=None, engine_built=True) for n in records]
-    _print_build(SimpleNamespace(model="r18", backend="onnxruntime", tiers=tiers, warnings=[]),
+    _print_build(SimpleNamespace(model="r18", backend="onnxruntime", tiers=tiers, warnings=[],
+                                 pruned=([], 0)),
                  repo)  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert "p50 b=4" in lines[0] and "b=8" not in lines[0]

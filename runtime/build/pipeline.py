@@ -75,6 +75,9 @@ class BuildReport:
     profile_path: Path | None = None
     warnings: list[str] = field(default_factory=list)  # what the user should act on
     frontier: Any = None  # runtime.repository.Frontier, for a model with auto_tiers
+    # Engines removed as built from an ONNX no tier or candidate records any more (names,
+    # bytes): ``EngineCache.prune``.
+    pruned: tuple[list[str], int] = ([], 0)
 
 
 def build_model(
@@ -84,7 +87,18 @@ def build_model(
     progress: bool = True,
     profile: bool = True,
     repeats: int = 20,
+    prune: bool = True,
 ) -> BuildReport:
+    """Build ``name``'s tiers (export, engine, validation, accuracy), profile them, build
+    its frontier where it has auto_tiers, and (``prune``) remove the cached engines of ONNX
+    files no record names any more: each rebuild with new weights left a whole engine per
+    tier behind.
+
+    Example:
+        >>> report = build_model(Repository("runs/demo/repository"), "mnist")  # doctest: +SKIP
+        >>> [t.name for t in report.tiers], len(report.pruned[0])  # doctest: +SKIP
+        (['w100', 'w075', 'w050', 'w025'], 4)
+    """
     config = repo.config(name)
     model_dir = repo.model_dir(name)
     _check_dataset(config, model_dir)
@@ -170,6 +184,8 @@ def build_model(
         from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 
         report.frontier = build_frontier(repo, name, progress, repeats, backend)
+    if prune and (keep := repo.onnx_in_use(name)) is not None:
+        report.pruned = cache.prune(keep)
     return report
 
 

@@ -142,6 +142,38 @@ class EngineCache:
             ) from exc
         return backend.load(entry, options), True
 
+    def prune(self, keep: set[str]) -> tuple[list[str], int]:
+        """Remove the entries built from an ONNX whose sha256 is not in ``keep`` (the
+        ONNX files the model's tiers and frontier candidates record): every rebuild with new
+        weights, and every channel-search candidate not chosen, left a whole engine here for
+        good - a TensorRT plan per tier and device on a shared volume. Entries of other
+        devices, backends and versions built from a kept ONNX stay (other nodes load them);
+        one whose manifest cannot be read is left to the next load's repair. Returns the
+        names removed and the bytes they held.
+
+        Example:
+            >>> cache.prune({record.onnx_sha256 for record in records})  # doctest: +SKIP
+            (['3f9c2a...'], 48211968)
+        """
+        removed, freed = [], 0
+        if not self.root.is_dir():
+            return removed, freed
+        for entry in sorted(self.root.iterdir()):
+            if ".tmp-" in entry.name or ".bad-" in entry.name or not entry.is_dir():
+                continue  # builds in progress and leftovers: ``sweep``'s
+            try:
+                fields = json.loads((entry / MANIFEST).read_text())["fields"]
+                onnx = fields["onnx_sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if onnx in keep:
+                continue
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            if self._remove(entry):
+                removed.append(entry.name)
+                freed += size
+        return removed, freed
+
     def discard(self, backend: Backend, onnx_sha256: str, options: BuildOptions) -> bool:
         """Remove the entry of ``backend``'s engine for the ONNX with that sha256 (``innfer
         build`` found it disagrees with the network it was exported from: kept, it would be

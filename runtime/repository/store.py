@@ -141,6 +141,24 @@ class Repository:
     def config(self, name: str) -> ModelConfig:
         return ModelConfig.load(self.model_dir(name) / "model.yaml")
 
+    def onnx_in_use(self, name: str) -> set[str] | None:
+        """The sha256 of every ONNX model ``name``'s records name - each tier directory's
+        tier.json (tiers model.yaml lists no more included: nothing is taken from a set
+        someone may put back) and every frontier candidate - or None where one of them
+        cannot be read (then nothing can be said unused)."""
+        d = self.model_dir(name)
+        used = set()
+        try:
+            for record in sorted((d / "tiers").glob(f"*/{TIER_FILE}")):
+                used.add(TierRecord.read(record).onnx_sha256)
+            frontier = d / FRONTIER_DIR / FRONTIER_FILE
+            if frontier.exists():
+                used.update(c.onnx_sha256 for c in Frontier.read(frontier).candidates)
+        except (RepositoryError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("model %s: a record cannot be read (%s); no engine is pruned", name, exc)
+            return None
+        return used
+
     def tier_dir(self, name: str, tier: str) -> Path:
         return self.root / name / "tiers" / tier
 
