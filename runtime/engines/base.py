@@ -64,6 +64,7 @@ class BuildOptions:
     threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     sequence: tuple[int, int, int] | None = None
+    spin: bool = True  # ORT's idle intra-op threads spin (a load-time option: not in the key)
 
 
 class Engine(ABC):

@@ -119,6 +119,8 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.load_model_format", "ORT")
         so.intra_op_num_threads = options.threads
+        # model.yaml's spin: idle intra-op threads spin (ORT's default) or sleep.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # A failed run raises, and the server logs that (throttled, as JSON); ORT's own copy

@@ -368,6 +368,13 @@ class ModelConfig:
     multiple_of: int = spec(1, lo=1, hi=256, doc="round channel counts to a multiple of this")
     method: str = spec("auto", choices=METHODS, doc="how a tier samples the INN's channels")
     threads: int = spec(1, lo=1, hi=256, doc="ONNX Runtime intra-op threads per engine")
+    spin: bool = spec(
+        True,
+        doc="ONNX Runtime's intra-op threads spin-wait for work between runs (ORT's default): "
+        "with threads > 1 the lowest latency, but idle threads burn CPU that request "
+        "handling and other models need (2 threads, a run every 3 ms: 1.1-1.2 cores busy, "
+        "0.24-0.26 with false; p50 0.58-0.65 vs 0.87-0.92 ms). No effect at threads 1",
+    )  # fmt: skip
     instances: int = spec(
         1, lo=1, hi=64,
         doc="batches of this model that may run at once, each on its own engine thread "

@@ -195,6 +195,7 @@ class Repository:
             max_batch=config.max_batch,
             opt_batch=min(config.max_batch, 4),
             threads=config.threads,
+            spin=config.spin,
             extra=extra,
             # TensorRT's optimisation profile needs the length range; the other backends run
             # any length, and their cache keys stay free of it (a new `lengths` rebuilds
@@ -430,7 +431,7 @@ class Repository:
         new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less on
         a GPU). Not written back: the repository may be read-only, and ``innfer build`` on
         this machine is how a profile is stored."""
-        why = measured_elsewhere(profile, backend, config.threads)
+        why = measured_elsewhere(profile, backend, config.threads, config.spin)
         if why is None and (stale := stale_tiers(profile, onnx)):
             why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
         if why is None:
