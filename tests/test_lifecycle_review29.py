@@ -381,20 +381,31 @@ def test_a_failed_load_names_the_repository_not_its_path(tmp_path, monkeypatch):
 
 
 # -- 5. a runtime that fails to build leaves the shared device -----------------------------
-def _lanes_model(root: Path) -> None:
-    """A sequence model of two lanes (lengths 4, 8) whose profile at length 8 does not parse
-    (a null p90): the lane of length 4 is made - and joins the device - before it fails."""
+def _lanes_model(root: Path, monkeypatch) -> None:
+    """A sequence model of two lanes (lengths 4, 8) whose tables at length 8 fail to turn
+    into tiers (a TypeError, as a null p90 gave before profile.json was checked when read):
+    the lane of length 4 is made - and joins the device - before it fails."""
+    import server.model_runtime as model_runtime
+
     d = write_model(root, "t", {"w100": 1.0, "w050": 0.5}, max_batch=2, lengths=[4, 8],
                     inputs=[{"name": "ids", "dtype": "int64", "shape": [-1]}])  # fmt: skip
     profile = json.loads((d / "profile.json").read_text())
-    bad = json.loads(json.dumps(profile["tiers"]))
-    bad["w050"]["2"]["p90_ms"] = None
-    profile["lengths"] = {"4": profile["tiers"], "8": bad}
+    marked = json.loads(json.dumps(profile["tiers"]))
+    marked["w050"]["2"]["runs"] = -8  # (a field the check does not read: the mark)
+    profile["lengths"] = {"4": profile["tiers"], "8": marked}
     (d / "profile.json").write_text(json.dumps(profile))
+    real = model_runtime.tiers_from_profile
+
+    def fails_at_8(profile, records):
+        if profile["tiers"]["w050"]["2"].get("runs") == -8:
+            raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+        return real(profile, records)
+
+    monkeypatch.setattr(model_runtime, "tiers_from_profile", fails_at_8)
 
 
-def test_a_runtime_that_fails_to_build_leaves_the_shared_device(tmp_path):
-    _lanes_model(tmp_path)
+def test_a_runtime_that_fails_to_build_leaves_the_shared_device(tmp_path, monkeypatch):
+    _lanes_model(tmp_path, monkeypatch)
     served = Repository(tmp_path).load("t", backend="fake")
     device = Device(1)
     with pytest.raises(TypeError):
