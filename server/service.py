@@ -564,7 +564,10 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             resp, sent = answered
             await context.write(resp)
             if sent is not None:
-                sent()
+                try:
+                    sent()
+                except Exception:  # bookkeeping: it must not end the client's stream
+                    log.exception("ModelStreamInfer: noting an answer's overhead failed")
 
         if await serve_stream(request_iterator, answer, write, closing=self.plane.closing,
                               ordered=ordered):  # fmt: skip
