@@ -127,7 +127,9 @@ class AutoTierer:
         self.host = host
         # min_interval_s counts from the last change on disk, made by this process before a
         # restart or by another replica: a new process must not change the set at once.
-        self.last_change = _last_change(self.repository / name / ACTIVE_FILE, clock)
+        # None: not read yet - the first check reads it, on the file thread (this object is
+        # made on the serving loop, by a model's load).
+        self.last_change: float | None = None
         self.changes = 0
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
         # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
@@ -265,6 +267,9 @@ class AutoTierer:
         if prune:
             self._pruned_at = now
         await self._io(self._housekeep, prune)
+        if self.last_change is None:
+            active = self.repository / self.name / ACTIVE_FILE
+            self.last_change = await self._io(_last_change, active, self.clock)
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")

@@ -892,7 +892,9 @@ def test_min_interval_counts_from_the_last_choice_on_disk(tmp_path):
     assert asyncio.run(tierer.check()) == "waiting" and runs == []
     assert 1000.0 - 600 < tierer.last_change <= 1000.0 - 5
     chosen(-3600)  # a clock ahead of ours: counts as chosen now
-    assert _tierer(tmp_path, None, command, min_interval_s=600).last_change == 1000.0
+    ahead = _tierer(tmp_path, None, command, min_interval_s=600)
+    assert ahead.last_change is None  # read at the first check, off the serving loop
+    assert asyncio.run(ahead.check()) == "waiting" and ahead.last_change == 1000.0
     chosen(700)  # longer ago than min_interval_s: a check may choose
     assert asyncio.run(_tierer(tmp_path, None, command, min_interval_s=600).check()) == "kept"
     assert len(runs) == 1
@@ -1025,13 +1027,13 @@ def test_a_check_does_no_file_operation_on_the_serving_loop(tmp_path, monkeypatc
 
         monkeypatch.setattr(owner, name, call)
 
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir()
+    active.write_text("before")
     for name in ("open", "utime", "stat", "mkdir"):
         spy(os, name)
     for name in ("read_bytes", "read_text", "unlink", "is_file", "is_dir", "iterdir"):
         spy(Path, name)
-    active = tmp_path / "m" / ACTIVE_FILE
-    active.parent.mkdir()
-    active.write_text("before")
 
     def command(repo, name, traffic, result, live):
         return ["sh", "-c", f"printf A > {active}"]
@@ -1043,7 +1045,10 @@ def test_a_check_does_no_file_operation_on_the_serving_loop(tmp_path, monkeypatc
         if len(reloads) == 1:
             raise RuntimeError("the new engines do not load")
 
-    tierer = _tierer(tmp_path, reload, command)
+    async def made_by_a_load():  # the data plane makes it on the loop
+        return _tierer(tmp_path, reload, command)
+
+    tierer = asyncio.run(made_by_a_load())
     assert asyncio.run(tierer.check()) == "failed"  # applied, the reload failed, undone
     assert active.read_text() == "before"
     tierer.last_change = -float("inf")  # (the failure's back-off)
