@@ -835,6 +835,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     if args.data is None:
         raise ValueError("give --data NAME (an image data set) or --text FILE (a text model)")
+    yaml_path = args.model_dir / "model.yaml"
+    if yaml_path.is_file() and _is_text_model(yaml_path):
+        raise ValueError(f"{args.model_dir} is a text model: calibrate it with --text FILE "
+                         "(sentences, one per line), not --data")  # fmt: skip
     data = _data_for(args.model_dir, inn, args.data)
     samples = 1000 if args.samples is None else args.samples
     x = data.x_train[:samples]
@@ -868,6 +872,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_text_model(yaml_path: Path) -> bool:
+    from runtime.repository.config import ModelConfig
+
+    return ModelConfig.load(yaml_path).text is not None
+
+
 def _tier_names(model_dir: Path, inn, widths, multiple_of: int) -> dict[str, str]:
     """{sizes key: name} of the calibrated tiers, for a summary: model.yaml's tier names
     where a tier's width rounds to those counts, else "width W" (``inn``: the calibrated
@@ -887,6 +897,9 @@ def _tier_names(model_dir: Path, inn, widths, multiple_of: int) -> dict[str, str
     return names
 
 
+TEXT_SAMPLES = 3000  # calibrate --text's default --samples (the MiniLM demo's count)
+
+
 def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, method: str) -> int:
     """Distil each tier of a text model from its full width on the sentences of
     ``--text`` (one per line), tokenized with the model directory's own tokenizer."""
@@ -897,13 +910,22 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     from runtime.repository.config import ModelConfig
 
     config = ModelConfig.load(args.model_dir / "model.yaml")
-    # --samples: the first N sentences (it was ignored: "on 30000 sentences" with 500)
-    lines, ids, mask = _text_file(config, args.model_dir, args.text, "calibrates", args.samples)
-    # counted on the uniform widths: a shaped one has their totals, and its counts are only
-    # known once calibration has measured the sensitivity
-    tiers = {inn.sizes_key(inn.sizes(unshaped(w), multiple_of)) for w in widths} - {
-        inn.sizes_key(inn.sizes(1.0))
-    }
+    if args.data is not None:
+        raise ValueError("give --text FILE or --data NAME, not both (--text: a text model)")
+    # --samples: the first N sentences (it was ignored: "on 30000 sentences" with 500). By
+    # default TEXT_SAMPLES: the teacher's pass over all of them comes before the budget and
+    # is kept in memory (30,000 MiniLM sentences: ~340 s and 5.7 GB).
+    limit = TEXT_SAMPLES if args.samples is None else args.samples
+    lines, ids, mask = _text_file(config, args.model_dir, args.text, "calibrates", limit)
+    if args.samples is None and len(lines) == limit:
+        print(f"note: calibrating on the first {limit} sentences of {args.text} (--samples N "
+              "for more: the teacher's pass over them comes before --seconds)")  # fmt: skip
+    # Counted on the uniform widths (a shaped one has their totals, and its counts are only
+    # known once calibration has measured the sensitivity), a shaped width apart from the
+    # uniform one of its totals: both are calibrated (h050 and h050s: 2 tiers, not 1).
+    full = inn.sizes_key(inn.sizes(1.0))
+    tiers = {(key, unshaped(w) is not w) for w in widths
+             if (key := inn.sizes_key(inn.sizes(unshaped(w), multiple_of))) != full}  # fmt: skip
     per_tier = args.seconds / max(len(tiers), 1)
     tuned = calibrate_text(
         inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
@@ -917,7 +939,13 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
         + f") -> {out}"
     )
     print(_text_summary(inn, tuned, widths, multiple_of, per_tier, args.model_dir))
-    print("rebuild the tiers with `innfer build`")
+    if args.out is not None and Path(args.out).resolve() != Path(args.model_dir).resolve():
+        print(
+            f"to serve it: put {out}'s INN files (inn.json, inn.safetensors) in "
+            f"{args.model_dir}, beside model.yaml and the tokenizer, and run `innfer build`"
+        )
+    else:
+        print("rebuild the tiers with `innfer build`")
     return 0
 
 
@@ -928,8 +956,14 @@ def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir
     old = inn.info.get("text_calibration", {})
     names = _tier_names(model_dir, tuned, widths, multiple_of)
     lines = []
+    for key, c in tuned.info.get("text_calibration_kept", {}).items():
+        lines.append(
+            f"  {names.get(key, key[:60])}: kept the tier stored by an earlier run (cosine to "
+            f"the full width {c['stored']:.4f} on the check sentences, this run's "
+            f"{max(c['start'], c['distilled']):.4f})"
+        )
     for key, rec in tuned.info.get("text_calibration", {}).items():
-        if old.get(key) == rec:  # an earlier run's record
+        if old.get(key) == rec or rec.get("kept") == "stored":  # an earlier run's tier
             continue
         if rec.get("steps"):
             what = (f"{rec['steps']} distillation steps, loss {rec['first_loss']:.4f} -> "
@@ -941,8 +975,9 @@ def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir
         took = rec.get("seconds", 0.0)
         if took > budget * 1.1 + 0.5:
             what += (f"; took {took:.1f} s of a {budget:.1f} s budget (node choice "
-                     f"{rec.get('select_seconds', 0.0):.1f} s and refit "
-                     f"{rec.get('refit_seconds', 0.0):.1f} s are not cut short)")  # fmt: skip
+                     f"{rec.get('select_seconds', 0.0):.1f} s, the refit "
+                     f"{rec.get('refit_seconds', 0.0):.1f} s and the optimiser's first "
+                     "set-up - an import of seconds - are not cut short)")  # fmt: skip
         lines.append(f"  {names.get(key, key[:60])}: {what}")
     return "\n".join(lines)
 
@@ -951,18 +986,26 @@ def _text_file(config, model_dir: Path, path: Path, what: str, limit: int | None
     """(lines, ids, mask) of ``path``'s non-empty lines (the first ``limit``), tokenized with
     MODEL_DIR's own tokenizer (``config``: its model.yaml); ``what`` the command does, for
     the error on a non-text model."""
-    from runtime.repository.tokenizer import TextTokenizer, read_sentences
+    from runtime.repository.tokenizer import TextTokenizer, read_sentences, text_chars
 
     if config.text is None:
         raise ValueError(
             f"{config.source} has no text: section (tokenizer, max_length); --text {what} "
             "text models only - use --data for image models"
         )
-    lines = read_sentences(path, limit)
+    lines = read_sentences(path, limit, text_chars(config.text.max_length))
     if len(lines) < 32:
-        raise ValueError(f"{path} has {len(lines)} non-empty lines; give at least 32")
+        given = (
+            f"--samples {limit} keeps {len(lines)}"
+            if limit is not None and limit < 32
+            else (f"{path} has {len(lines)} non-empty lines")
+        )
+        raise ValueError(f"{given}; give at least 32 sentences")
     tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
-    ids, mask = tok.encode(lines)
+    ids, mask, cut = tok.encode_rows(lines)
+    if cut:  # the model sees max_length tokens of each: say so, as the server does
+        print(f"note: {len(cut)} of {len(lines)} sentences of {path} are longer than "
+              f"max_length {config.text.max_length} tokens and were cut there")  # fmt: skip
     return lines, ids, mask
 
 
@@ -1154,8 +1197,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--samples", type=_at_least(1),
                      help="calibration samples: the first N training images (default 1000) "
-                          "or sentences of --text (default: all)")  # fmt: skip
-    cal.add_argument("--seconds", type=_positive, default=60.0, help="budget for all widths")
+                          f"or sentences of --text (default {TEXT_SAMPLES})")  # fmt: skip
+    cal.add_argument(
+        "--seconds",
+        type=_positive,
+        default=60.0,
+        help="budget for all widths together (split evenly between the tiers)",
+    )
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
     cal.add_argument("--grid", choices=["selected", "uniform"], default="selected",
