@@ -536,7 +536,7 @@ def accuracy_scorer(inn: IntegralModel, config: ModelConfig, model_dir: Path):
 def _evaluation_text(config: ModelConfig, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask), (N, T) int64: the first ``evaluation.limit`` non-empty lines of the
     model's ``evaluation.text`` file, tokenized with its tokenizer; BuildError if absent."""
-    from runtime.repository.tokenizer import TextTokenizer, read_sentences
+    from runtime.repository.tokenizer import TextTokenizer, read_sentences, text_chars
 
     path = model_dir / config.evaluation.text
     if not path.is_file():
@@ -544,7 +544,10 @@ def _evaluation_text(config: ModelConfig, model_dir: Path) -> tuple[np.ndarray, 
             f"{config.source}: evaluation.text: {path} does not exist; put held-out "
             f"sentences there, one per line (not the calibration text)"
         )
-    lines = read_sentences(path, config.evaluation.limit)
+    try:  # (each line cut far past what max_length tokens span: a huge one costs nothing)
+        lines = read_sentences(path, config.evaluation.limit, text_chars(config.text.max_length))
+    except ValueError as exc:  # not UTF-8
+        raise BuildError(f"{config.source}: evaluation.text: {exc}") from None
     if not lines:
         raise BuildError(f"{config.source}: evaluation.text: {path} has no sentences")
     tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
