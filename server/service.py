@@ -235,6 +235,8 @@ def rpc_method(fn: Callable) -> Callable:
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"internal error in {name}; see logs")
         finally:
+            if code == grpc.StatusCode.OK and _past_deadline(context):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # what its client heard
             metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], time.perf_counter() - t0)
 
     return wrapper
@@ -252,13 +254,21 @@ def _cancelled_code(context) -> grpc.StatusCode:
     """The code of a call cancelled under its handler: DEADLINE_EXCEEDED where its deadline
     has passed (gRPC cancels the handler then too), else CANCELLED (the client went away,
     or the server stops)."""
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if _past_deadline(context)
+        else (grpc.StatusCode.CANCELLED)
+    )
+
+
+def _past_deadline(context) -> bool:
+    """Whether the call's deadline has passed: its client hears DEADLINE_EXCEEDED whatever
+    the handler does after (a stream whose reading ended at the deadline returned OK)."""
     try:
         left = context.time_remaining()
     except Exception:  # no deadline to read
-        left = None
-    if left is not None and left <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+        return False
+    return left is not None and left <= 0
 
 
 def _aborted_code(context) -> grpc.StatusCode:
@@ -547,6 +557,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             raise
         finally:
             took = time.perf_counter() - t0
+            if code == grpc.StatusCode.OK and _past_deadline(context):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
             metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:

@@ -15,7 +15,7 @@ from netgen import tiny_cnn
 
 import runtime
 from runtime.build.pipeline import add_model, build_model
-from runtime.engines import get_backend
+from runtime.engines import Backend, get_backend
 from runtime.repository import Repository, RepositoryError
 from runtime.repository.config import ConfigError, ModelConfig
 
@@ -541,29 +541,37 @@ def test_recomputing_norm_statistics_builds_no_autograd_graph():
     assert seen == [False, False]
 
 
+class _ToyBackend(Backend):
+    """A backend whose engine is one file of ``content``; ``builds`` counts its builds.
+    Subclasses say how it loads."""
+
+    name, content, builds = "toy", b"engine", 0
+
+    def available(self):
+        return True
+
+    def version(self):
+        return "1"
+
+    def device(self):
+        return "cpu"
+
+    def build(self, onnx_path, out_dir, options):
+        self.builds += 1
+        out_dir.mkdir(parents=True)
+        (out_dir / "e.bin").write_bytes(self.content)
+        return ["e.bin"]
+
+
 def test_an_entry_that_verifies_but_does_not_load_is_rebuilt(tmp_path):
     # The repair kept it (its manifest verified: "repaired by another builder"), the new
     # build could not be renamed over it, and the same load error came back every time.
-    from runtime.engines import Backend, BuildOptions, EngineError
+    from runtime.engines import BuildOptions, EngineError
     from runtime.hashing import sha256_file
     from runtime.repository.cache import EngineCache, engine_key
 
-    class Toy(Backend):
-        name, content = "toy", b"old-format"
-
-        def available(self):
-            return True
-
-        def version(self):
-            return "1"
-
-        def device(self):
-            return "cpu"
-
-        def build(self, onnx_path, out_dir, options):
-            out_dir.mkdir(parents=True)
-            (out_dir / "e.bin").write_bytes(self.content)
-            return ["e.bin"]
+    class Toy(_ToyBackend):
+        content = b"old-format"
 
         def load(self, out_dir, options):
             if (out_dir / "e.bin").read_bytes() != b"new-format":
@@ -586,27 +594,12 @@ def test_an_entry_that_only_this_replica_cannot_load_is_kept(tmp_path):
     # limit) discarded the shared entry as bad; the rebuild failed the same way, and every
     # replica on the volume lost the engine (a TensorRT plan takes minutes to build). Now
     # a fresh build beside it decides: it fails too, so the entry stays.
-    from runtime.engines import Backend, BuildOptions, EngineError
+    from runtime.engines import BuildOptions, EngineError
     from runtime.hashing import sha256_file
     from runtime.repository.cache import EngineCache, engine_key
 
-    class Starved(Backend):
-        name, short_of_memory, builds = "toy", False, 0
-
-        def available(self):
-            return True
-
-        def version(self):
-            return "1"
-
-        def device(self):
-            return "cpu"
-
-        def build(self, onnx_path, out_dir, options):
-            self.builds += 1
-            out_dir.mkdir(parents=True)
-            (out_dir / "e.bin").write_bytes(b"engine")
-            return ["e.bin"]
+    class Starved(_ToyBackend):
+        short_of_memory = False
 
         def load(self, out_dir, options):
             if self.short_of_memory:

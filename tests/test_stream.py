@@ -4,7 +4,6 @@ Findings of the stream review of session 32; each test failed before its fix."""
 
 from __future__ import annotations
 
-import queue
 import time
 
 import grpc
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from serverutil import ServerThread, add_onnx_model, build_repository, slow_loop
+from test_triton_parity import _Collector as Answers
 
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
@@ -44,19 +44,6 @@ def _input(x: np.ndarray) -> tc.InferInput:
     i = tc.InferInput("input", list(x.shape), "FP32")
     i.set_data_from_numpy(x)
     return i
-
-
-class Answers:
-    """A tritonclient stream callback that queues (result, error) pairs."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue = queue.Queue()
-
-    def __call__(self, result, error) -> None:
-        self.q.put((result, error))
-
-    def take(self, n: int, timeout: float = 30) -> list:
-        return [self.q.get(timeout=timeout) for _ in range(n)]
 
 
 def _streamed(server, send, n: int, **stream) -> list:
