@@ -858,13 +858,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                       method=method, labels=labels, seed=args.seed, holdout=held)  # fmt: skip
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
-    for key in (k for k in tuned.tiers if k in inn.tiers and k in decisions):
+    earlier = inn.info.get("calibration", {})
+    for key in (k for k, d in decisions.items() if earlier.get(k) != d):  # this run's
         d = decisions[key]
-        what = "the new tier" if d["kept"] == "new" else "the stored tier (the new one is worse)"
+        what = {
+            "new": "the new tier",
+            "stored": "the stored tier (the new one is worse)",
+            "uncalibrated": "the uncalibrated width (the calibrated one is worse)",
+        }[d["kept"]]
         print(
-            f"  {names.get(key, key[:60])}: kept {what}: new "
-            f"{d['new']:.2%}, stored {d['stored']:.2%} on {d['holdout']} held-out training "
-            "samples"
+            f"  {names.get(key, key[:60])}: kept {what}: new {d['new']:.2%}, "
+            f"{'stored' if key in inn.tiers else 'uncalibrated'} {d['stored']:.2%} on "
+            f"{d['holdout']} held-out training samples"
         )
     out = tuned.save(args.out or args.model_dir)
     print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")

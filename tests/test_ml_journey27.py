@@ -234,3 +234,35 @@ def test_calibrate_chooses_between_tiers_on_held_out_training_inputs_not_the_tes
     assert list(torch.as_tensor(hy)) == list(torch.as_tensor(digits.y_train[256:1256]))
     torch.testing.assert_close(torch.as_tensor(hx), torch.as_tensor(digits.x_train[256:1256]))
     assert "held-out training samples" in capsys.readouterr().out
+
+
+def test_calibrate_keeps_the_uncalibrated_width_where_calibration_makes_it_worse(
+    digits, trained, tmp_path, capsys, monkeypatch
+):
+    # Without a stored tier, the new one was kept whatever it scored: the README's own
+    # `innfer calibrate` took the trained demo's w025 from 96.2 to 94.5 % (80.3 % at 4 s),
+    # and the build served it (review helper-93, session 32).
+    from innfer.cli import main
+    from runtime.inn import calibrate as cal
+    from runtime.inn.model import load as load_inn
+
+    trained.save(tmp_path / "m")
+    key = trained.sizes_key(trained.sizes(0.5))
+    assert key not in trained.tiers
+
+    def ruin(module, *args, **kwargs):  # a run that learnt nothing useful
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+        return 0
+
+    monkeypatch.setattr(cal, "finetune_module", ruin)
+    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
+            "--samples", "256", "--seconds", "1"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "width 0.5: kept the uncalibrated width (the calibrated one is worse)" in out, out
+    saved = load_inn(tmp_path / "m")
+    assert key not in saved.tiers
+    assert saved.info["calibration"][key]["kept"] == "uncalibrated"
+    assert saved.info.get("norm_stats", {}).get(key) == trained.info.get("norm_stats", {}).get(key)
