@@ -503,6 +503,8 @@ def _sim_config(args: argparse.Namespace, policy: str):
         slots=args.slots, trace_file=args.trace_file, max_batch=model.max_batch,
         max_queue=model.max_queue, slo_target=model.slo_target,
         admit_quantile=model.admit_quantile,
+        # --host-ms: the load's unit counts request handling too (parse + answer)
+        host_s=sum(args.host_ms[:2]) / 1e3 if getattr(args, "host_ms", None) else 0.0,
     )  # fmt: skip
 
 
@@ -526,6 +528,20 @@ def _resolve_trace(args: argparse.Namespace) -> None:
         raise ValueError(f"--trace-file {args.trace_file}: no such file")
 
 
+def _load_unit(tiers, p50, cfg) -> str:
+    """What ``--load`` 1 means for this model: the rate of its full tier at max_batch, with
+    the request handling --host-ms counts."""
+    from sim.engine_time import full_capacity
+
+    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    unit = full_capacity(tiers, p50, max_batch, cfg.slots, cfg.host_s)
+    how = (f"plus {1e3 * cfg.host_s:g} ms of request handling each (--host-ms)" if cfg.host_s
+           else "the engine alone: add --host-ms for the request handling")  # fmt: skip
+    return (
+        f"load {cfg.load:g}x of {unit:,.0f} requests/s, the full tier at batch {max_batch} - {how}"
+    )
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -539,7 +555,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
             raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
-        return _simulate_shared(args, tiers, p50, policies, note)
+        code = _simulate_shared(args, tiers, p50, policies, note)
+        _print_load_unit(args, tiers, p50, policies[0])
+        return code
     results = {}
     for policy in policies:
         result = simulate(tiers, p50, _sim_config(args, policy))
@@ -553,7 +571,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"  plot            {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    _print_load_unit(args, tiers, p50, policies[0])
     return 0
+
+
+def _print_load_unit(args: argparse.Namespace, tiers, p50, policy: str) -> None:
+    if args.trace != "file":  # a file is replayed as recorded
+        print(_load_unit(tiers, p50, _sim_config(args, policy)))
 
 
 def _simulate_shared(
@@ -688,6 +712,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")
+    if args.trace != "file":
+        print(f"  {_load_unit(tiers, p50, cfg)}")
     if chosen:
         print(f"  planned with {chosen}")
     report = asyncio.run(run_load(args.address, name, arrivals, budgets, inputs, window, accuracy))
@@ -1289,6 +1315,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--address", default="127.0.0.1:8001")
     bench.add_argument("--model", help="model name (default: the directory's name)")
     bench.add_argument("--max-requests", type=_at_least(1), default=20000)
+    bench.add_argument(
+        "--host-ms", type=_host_ms_arg,
+        help="PARSE,ANSWER[,CLIENT]: the server's ms of CPU per request handling it, counted "
+        "in the unit of --load (without it the unit is the engine's own rate, which a "
+        "server handling requests in Python cannot take for a small model)",
+    )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
     from innfer import tiers
