@@ -83,10 +83,6 @@ class SimConfig:
     trace_file: str | None = None
     slo_target: float = DEFAULT_SLO_TARGET  # probability plans meet deadlines (model.yaml)
     admit_quantile: float = DEFAULT_ADMIT_QUANTILE  # refusal at arrival (model.yaml)
-    # Host CPU per request on the engine's core (parse + answer, seconds): counted in the
-    # unit of ``load`` (``full_capacity``) - a server that handles requests in Python
-    # cannot be offered the engine's own rate (a small CNN's: 25,000 requests/s).
-    host_s: float = 0.0
 
 
 @dataclass
@@ -125,8 +121,7 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
     (``offered_rate``): about 1.18x ``load`` x capacity for ``varying``, the file's own for
     ``file``."""
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
-    capacity = full_capacity(tiers, p50, max_batch, cfg.slots, cfg.host_s)
-    arrivals = make_trace(cfg, cfg.load * capacity)
+    arrivals = make_trace(cfg, cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots))
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
     return offered_rate(cfg, arrivals), arrivals, budgets, rng
