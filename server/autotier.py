@@ -218,11 +218,13 @@ class AutoTierer:
         replica at a time; one that finds it taken leaves them to the holder or a later
         check). Housekeeping never fails a check: a read-only volume is skipped."""
         self._touch_alive()
-        if not prune or not self.work.parent.is_dir():  # no directory yet: nothing to prune
+        if not prune:
             return
         try:
+            if not self.work.parent.is_dir():  # no directory yet: nothing to prune
+                return
             lock = _try_lock(self.work.parent / LOCK_FILE)
-        except OSError as exc:
+        except OSError as exc:  # (is_dir re-raises EIO, ESTALE: a troubled volume)
             log.debug("model %s: cannot lock %s to prune: %s", self.name, LOCK_FILE, exc)
             return
         if lock is None:

@@ -574,10 +574,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
         async def write(answered: tuple[pb.ModelStreamInferResponse, Callable | None]) -> None:
             resp, sent = answered
+            started = time.monotonic()
             await context.write(resp)
             if sent is not None:
                 try:
-                    sent()
+                    sent(started)
                 except Exception:  # bookkeeping: it must not end the client's stream
                     log.exception("ModelStreamInfer: noting an answer's overhead failed")
 
@@ -591,8 +592,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def _stream_answer(
         self, request, context
     ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
-        """The stream's answer to ``request``, and what to note once it is written (the
-        overhead the client paid, as for ModelInfer; None for a failure)."""
+        """The stream's answer to ``request``, and what to note once it is written (called
+        with the time its write began: the overhead the client paid, as for ModelInfer, less
+        any time the answer was held behind earlier ones - that is the stream's order, not
+        this server's cost per request, and in the learned overhead it would raise every
+        request's reserve; None for a failure)."""
         # Set by the deserializer in the stream's reading task, whose context this request's
         # task copied when it was made: this message's own.
         received, size = RECEIVED.get((None, None))
@@ -606,9 +610,13 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             )
             if received is None:
                 return pb.ModelStreamInferResponse(infer_response=resp), None
-            return pb.ModelStreamInferResponse(infer_response=resp), lambda: self.plane.answered(
-                resp, time.monotonic() - received - waited, waited
-            )
+            ready = time.monotonic()
+
+            def sent(write_started: float) -> None:
+                held = max(0.0, write_started - ready)
+                self.plane.answered(resp, time.monotonic() - received - waited - held, waited)
+
+            return pb.ModelStreamInferResponse(infer_response=resp), sent
         except InferError as exc:
             code, text = status_of(exc), str(exc)
         except Exception:
@@ -630,6 +638,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             )  # fmt: skip
             if rid:
                 tag = f" (request id {clip(rid, ID_ECHO_CHARS)})"
+                if len(tag) > MESSAGE_CHARS // 2:  # repr's escapes (control characters)
+                    tag = f" (request id {clip(rid)})"
                 message = clip_message(message)[: MESSAGE_CHARS - len(tag)] + tag
         failed.error_message = clip_message(message)
         return failed, None

@@ -123,9 +123,10 @@ def test_a_cache_that_cannot_be_written_says_what_engine_is_missing(tmp_path, mo
 
 
 def test_spin_in_model_yaml_reaches_the_sessions_and_the_profile_check(tmp_path):
-    # ORT's idle intra-op threads spin by default: at 2 threads a session kept 1.1-1.2 cores
-    # busy between runs 3 ms apart (0.24-0.26 sleeping), CPU a 2-core pod's request handling
-    # needs. model.yaml's spin chooses; a profile timed the other way is re-measured.
+    # ORT's idle intra-op threads spin by default: at 2 threads a session kept 1.3-1.4 cores
+    # busy between runs 3 ms apart (0.52-0.63 sleeping; bench/spin.py), CPU a 2-core pod's
+    # request handling needs. model.yaml's spin chooses; a profile timed the other way is
+    # re-measured.
     from runtime.engines import get_backend
     from runtime.repository.config import ConfigError, ModelConfig
     from runtime.repository.profile import measured_elsewhere

@@ -164,3 +164,26 @@ def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(server):
     while plane.inflight_bytes and time.monotonic() < deadline:
         time.sleep(0.02)
     assert plane.inflight_bytes == 0
+
+
+def test_an_answer_held_behind_slower_ones_does_not_teach_the_overhead_that_wait(server):
+    # In request order an answer that finished early waits for the slower answers ahead of
+    # it; that wait was learned as the server's overhead per request (~50 ms where it was
+    # 0.2 ms in completion order: review of session 32), raising every request's reserve
+    # under plan_overhead and auto-tiering's replayed host cost.
+    overhead = server.server.plane.models["tiny"].overhead
+    before = overhead.samples
+
+    def send(c):
+        for i in range(3):  # ~105 ms of "slow" ahead of the tiny ones
+            c.async_stream_infer("slow", [_input(SLOW)], request_id=f"s{i}")
+        for i in range(8):
+            c.async_stream_infer("tiny", [_input(TINY)], request_id=f"t{i}")
+
+    assert _ids(_streamed(server, send, 11))[3:] == [f"t{i}" for i in range(8)]
+    deadline = time.monotonic() + 5
+    while overhead.samples < before + 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ring = overhead._samples
+    learned = [ring[k % len(ring)] for k in range(before, overhead.samples)]
+    assert len(learned) == 8 and max(learned) < 0.05, learned

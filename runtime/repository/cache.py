@@ -168,7 +168,10 @@ class EngineCache:
                 continue
             if onnx in keep:
                 continue
-            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            try:
+                size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            except OSError:  # set aside meanwhile by another builder's repair
+                continue
             if self._remove(entry):
                 removed.append(entry.name)
                 freed += size
@@ -231,6 +234,12 @@ class EngineCache:
         except Exception as again:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(again, OSError):  # read-only, full: not this process's memory
+                raise EngineError(
+                    f"the cached engine {entry} does not load on this replica ({error}), and "
+                    f"no fresh one can be built beside it ({again}): the entry is kept; give "
+                    "the server a writable repository with room, then load the model again"
+                ) from again
             raise EngineError(
                 f"the cached engine {entry} does not load on this replica ({error}), and a "
                 f"fresh build does not either ({again}): the trouble is this process's (out of "

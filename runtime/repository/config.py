@@ -372,8 +372,9 @@ class ModelConfig:
         True,
         doc="ONNX Runtime's intra-op threads spin-wait for work between runs (ORT's default): "
         "with threads > 1 the lowest latency, but idle threads burn CPU that request "
-        "handling and other models need (2 threads, a run every 3 ms: 1.1-1.2 cores busy, "
-        "0.24-0.26 with false; p50 0.58-0.65 vs 0.87-0.92 ms). No effect at threads 1",
+        "handling and other models need (the MLP of bench/spin.py, 2 threads, a run every "
+        "3 ms: 1.34-1.41 cores busy, 0.52-0.63 with false; p50 1.01-1.24 vs 1.47-1.53 ms). "
+        "No effect at threads 1",
     )  # fmt: skip
     instances: int = spec(
         1, lo=1, hi=64,

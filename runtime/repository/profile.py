@@ -249,7 +249,8 @@ def measured_elsewhere(
     # (a GPU engine's speed does not depend on the CPU threads)
     if None not in (threads, timed) and timed != threads and "cpu" in backend.device():
         return f"profile.json was measured with {timed} intra-op threads per engine"
-    # Spinning threads or sleeping ones: 0.6 vs 0.9 ms a run at 2 threads (model.yaml spin).
+    # Spinning threads or sleeping ones: 1.1 vs 1.5 ms a run at 2 threads (model.yaml spin;
+    # bench/spin.py).
     spun = profile.get("spin", True)
     if spin is not None and spun != spin and (threads or 1) > 1 and "cpu" in backend.device():
         return f"profile.json was measured with intra-op spinning {'on' if spun else 'off'}"
