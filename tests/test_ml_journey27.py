@@ -71,10 +71,28 @@ def test_flops_ratio_is_to_the_full_width_whatever_the_order(digits, trained):
 # -- 3. calibrate keeps a stored tier the new one does worse than -------------------------
 
 
+def _calibrate_ruined(model_dir, monkeypatch, capsys) -> str:
+    """`innfer calibrate MODEL_DIR --data digits --widths 0.5` with a fine-tuning that zeroes
+    the network (a run that learnt nothing useful); its output."""
+    from innfer.cli import main
+    from runtime.inn import calibrate as cal
+
+    def ruin(module, *args, **kwargs):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+        return 0
+
+    monkeypatch.setattr(cal, "finetune_module", ruin)
+    argv = ["calibrate", model_dir, "--data", "digits", "--widths", "0.5",
+            "--samples", "256", "--seconds", "1"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
 def test_calibrate_keeps_the_stored_tier_when_the_new_one_is_worse(
     digits, trained, tmp_path, capsys, monkeypatch
 ):
-    from innfer.cli import main
     from runtime.inn import calibrate as cal
     from runtime.inn.model import load as load_inn
 
@@ -83,17 +101,7 @@ def test_calibrate_keeps_the_stored_tier_when_the_new_one_is_worse(
     key = good.sizes_key(good.sizes(0.5))
     good.save(tmp_path / "m")
 
-    def ruin(module, *args, **kwargs):  # a run that learnt nothing useful
-        with torch.no_grad():
-            for p in module.parameters():
-                p.zero_()
-        return 0
-
-    monkeypatch.setattr(cal, "finetune_module", ruin)
-    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
-            "--samples", "256", "--seconds", "1"]  # fmt: skip
-    assert main([str(a) for a in argv]) == 0
-    out = capsys.readouterr().out
+    out = _calibrate_ruined(tmp_path / "m", monkeypatch, capsys)
     assert "width 0.5: kept the stored tier (the new one is worse)" in out, out
     saved = load_inn(tmp_path / "m")
     for name, t in good.tiers[key].items():
@@ -242,25 +250,13 @@ def test_calibrate_keeps_the_uncalibrated_width_where_calibration_makes_it_worse
     # Without a stored tier, the new one was kept whatever it scored: the README's own
     # `innfer calibrate` took the trained demo's w025 from 96.2 to 94.5 % (80.3 % at 4 s),
     # and the build served it (review helper-93, session 32).
-    from innfer.cli import main
-    from runtime.inn import calibrate as cal
     from runtime.inn.model import load as load_inn
 
     trained.save(tmp_path / "m")
     key = trained.sizes_key(trained.sizes(0.5))
     assert key not in trained.tiers
 
-    def ruin(module, *args, **kwargs):  # a run that learnt nothing useful
-        with torch.no_grad():
-            for p in module.parameters():
-                p.zero_()
-        return 0
-
-    monkeypatch.setattr(cal, "finetune_module", ruin)
-    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
-            "--samples", "256", "--seconds", "1"]  # fmt: skip
-    assert main([str(a) for a in argv]) == 0
-    out = capsys.readouterr().out
+    out = _calibrate_ruined(tmp_path / "m", monkeypatch, capsys)
     assert "width 0.5: kept the uncalibrated width (the calibrated one is worse)" in out, out
     saved = load_inn(tmp_path / "m")
     assert key not in saved.tiers

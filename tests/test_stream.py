@@ -10,8 +10,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from serverutil import ServerThread, add_onnx_model, build_repository, slow_loop
+from serverutil import ServerThread, build_repository
 from test_triton_parity import _Collector as Answers
+from test_triton_parity import add_slow_model
 
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
@@ -29,12 +30,7 @@ SLOW = np.zeros((1, 1024), np.float32)
 def server(tmp_path_factory):
     """ "tiny" (1x8x8, fast) and "slow" (~35 ms a request, max_batch 1) on one server."""
     root = build_repository(tmp_path_factory.mktemp("repo"))
-    add_onnx_model(root, "slow", lambda w: slow_loop(w, trips=400), {
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-        "tiers": [{"name": "w100", "width": 1.0}],
-        "max_batch": 1, "max_queue": 256, "default_latency_budget_ms": 60_000,
-    }, warmup=1, repeats=1)  # fmt: skip
+    add_slow_model(root)
     s = ServerThread({"repository": str(root)}).start()
     yield s
     s.stop(grace=2.0)

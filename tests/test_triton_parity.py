@@ -285,15 +285,21 @@ def slow_server(tmp_path_factory):
     """A server whose one model takes ~35 ms a request (an ONNX Loop of MatMuls, max_batch
     1): requests on it are still queued when the client closes its stream."""
     root = tmp_path_factory.mktemp("slow")
+    add_slow_model(root)
+    s = ServerThread({"repository": str(root)}).start()
+    yield s
+    s.stop()
+
+
+def add_slow_model(root):
+    """Model "slow" in ``root``: ~35 ms a request (an ONNX Loop of MatMuls), max_batch 1,
+    input [1024] -> logits [10] (tests/test_stream.py serves it beside "tiny")."""
     add_onnx_model(root, "slow", lambda w: slow_loop(w, trips=400), {
         "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
         "tiers": [{"name": "w100", "width": 1.0}],
         "max_batch": 1, "max_queue": 256, "default_latency_budget_ms": 60_000,
     }, warmup=1, repeats=1)  # fmt: skip
-    s = ServerThread({"repository": str(root)}).start()
-    yield s
-    s.stop()
 
 
 def test_closing_a_stream_with_requests_in_flight_cancels_them(slow_server):
