@@ -1036,6 +1036,12 @@ def _text_file(config, model_dir: Path, path: Path, what: str, limit: int | None
         raise ValueError(f"{given}; give at least 32 sentences")
     tok = TextTokenizer(model_dir / config.text.tokenizer, config.text.max_length)
     ids, mask, cut = tok.encode_rows(lines)
+    empty = [i for i in range(len(lines)) if not mask[i].any()]
+    if empty:  # (zero-width characters, with a tokenizer that adds no [CLS]/[SEP])
+        raise ValueError(
+            f"{path}: {len(empty)} sentences give no tokens with {config.text.tokenizer}, the "
+            f"first the non-empty line {empty[0] + 1}: {lines[empty[0]][:40]!r}; remove them"
+        )
     if cut:  # the model sees max_length tokens of each: say so, as the server does
         print(f"note: {len(cut)} of {len(lines)} sentences of {path} are longer than "
               f"max_length {config.text.max_length} tokens and were cut there")  # fmt: skip

@@ -386,3 +386,19 @@ def test_the_build_scores_a_text_tier_again_when_the_tokenizer_settings_change(m
     shorter = evaluation_key(ModelConfig.load(copy / "model.yaml"), copy)
     (copy / "tokenizer.json").write_text(json.dumps(tok))
     assert evaluation_key(ModelConfig.load(copy / "model.yaml"), copy) != shorter
+
+
+def test_a_sentence_that_gives_no_tokens_is_named(model_dir, tmp_path, capsys):
+    # With a tokenizer that adds no [CLS]/[SEP], a line of zero-width characters gives no
+    # token: "every sentence needs at least one token", naming neither file nor line.
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    text = _sentences(tmp_path / "calib.txt", 40)
+    with text.open("a", encoding="utf-8") as f:
+        f.write("\u200b\u200b\n")
+    assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "1"]) != 0
+    err = capsys.readouterr().err
+    assert f"{text}: 1 sentences give no tokens" in err and "non-empty line 41" in err
