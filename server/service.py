@@ -228,15 +228,14 @@ def rpc_method(fn: Callable) -> Callable:
             code = _aborted_code(context)
             raise
         except asyncio.CancelledError:
-            code = _cancelled_code(context)
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
             log.exception("%s failed", name)
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, f"internal error in {name}; see logs")
         finally:
-            if code == grpc.StatusCode.OK and _past_deadline(context):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED  # what its client heard
+            code = _heard(code, context)
             metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], time.perf_counter() - t0)
 
     return wrapper
@@ -250,25 +249,17 @@ CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc
 }
 
 
-def _cancelled_code(context) -> grpc.StatusCode:
-    """The code of a call cancelled under its handler: DEADLINE_EXCEEDED where its deadline
-    has passed (gRPC cancels the handler then too), else CANCELLED (the client went away,
-    or the server stops)."""
-    return (
-        grpc.StatusCode.DEADLINE_EXCEEDED
-        if _past_deadline(context)
-        else (grpc.StatusCode.CANCELLED)
-    )
-
-
-def _past_deadline(context) -> bool:
-    """Whether the call's deadline has passed: its client hears DEADLINE_EXCEEDED whatever
-    the handler does after (a stream whose reading ended at the deadline returned OK)."""
+def _heard(code: grpc.StatusCode, context) -> grpc.StatusCode:
+    """The code a call's client heard, for the grpc_server_handled metric: a call that ended
+    OK or cancelled after its deadline passed is DEADLINE_EXCEEDED (gRPC cancels the handler
+    at the deadline, and a stream whose reading ended there returned OK)."""
+    if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+        return code
     try:
         left = context.time_remaining()
     except Exception:  # no deadline to read
-        return False
-    return left is not None and left <= 0
+        return code
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else code
 
 
 def _aborted_code(context) -> grpc.StatusCode:
@@ -550,15 +541,14 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             code = _aborted_code(context)
             raise
         except asyncio.CancelledError:  # the client closed it, its deadline, or the server stops
-            code = _cancelled_code(context)
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception:  # a read or write error: gRPC answers the client UNKNOWN
             code = grpc.StatusCode.UNKNOWN
             raise
         finally:
             took = time.perf_counter() - t0
-            if code == grpc.StatusCode.OK and _past_deadline(context):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            code = _heard(code, context)
             metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
 
     async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:

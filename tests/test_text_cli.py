@@ -31,14 +31,20 @@ def _sentences(path, n: int):
     return path
 
 
-def test_calibrate_text_stores_the_smaller_tier_and_leaves_the_full_width(model_dir, tmp_path):
+def _calibrated(model_dir, tmp_path):
+    """A copy of the model calibrated on 64 sentences for 10 s: (its directory, the text
+    file, the calibrated INN, the key of its half tier). 10 s, not 2: on a loaded machine
+    the selection and refit alone took 2 s (0 steps)."""
     copy = tmp_path / "embed"
     shutil.copytree(model_dir, copy)
     text = _sentences(tmp_path / "calib.txt", 64)
-    # 10 s, not 2: on a loaded machine the selection and refit alone took 2 s (0 steps).
     assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "10"]) == 0
     inn = runtime.load(copy)
-    half = IntegralModel.sizes_key(inn.sizes({"heads": 0.5, "ffn": 0.5}))
+    return copy, text, inn, IntegralModel.sizes_key(inn.sizes({"heads": 0.5, "ffn": 0.5}))
+
+
+def test_calibrate_text_stores_the_smaller_tier_and_leaves_the_full_width(model_dir, tmp_path):
+    _, _, inn, half = _calibrated(model_dir, tmp_path)
     full = IntegralModel.sizes_key(inn.sizes(1.0))
     assert half in inn.tiers and full not in inn.tiers
     record = inn.info["text_calibration"][half]
@@ -306,12 +312,7 @@ def test_a_rerun_keeps_the_stored_tier_where_it_is_closer_to_the_full_width(
     # calibrate always replaced the stored tier: a 1 s rerun with --grid uniform put a refit
     # (0.9965) in place of a distilled tier (0.9970). It now keeps the one closer on the
     # check sentences, as the image path does, and says so.
-    copy = tmp_path / "embed"
-    shutil.copytree(model_dir, copy)
-    text = _sentences(tmp_path / "calib.txt", 64)
-    assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "10"]) == 0
-    inn = runtime.load(copy)
-    half = IntegralModel.sizes_key(inn.sizes({"heads": 0.5, "ffn": 0.5}))
+    copy, text, inn, half = _calibrated(model_dir, tmp_path)
     first = inn.info["text_calibration"][half]
     stored = {k: v.clone() for k, v in inn.tiers[half].items()}
     capsys.readouterr()
