@@ -318,8 +318,9 @@ def cli_main(capsys):
     torch.set_num_threads(threads)  # the commands set their --threads
 
 
-# --resume fast-forwards the LR schedule before the optimizer's first step; torch warns.
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+# --resume fast-forwards the LR schedule before the optimizer's first step: torch's warning
+# about that order reached every --resume user, and must not.
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
 def test_cli_train_report_and_errors(cli_main, tmp_path):
     out = tmp_path / "inn"
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
@@ -492,7 +493,7 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     """A 2-epoch run that crashes in epoch 2 and resumes from the epoch-1 checkpoint ends
     with exactly the weights of the same 2-epoch run without the crash."""
@@ -528,7 +529,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
 def test_resume_refuses_another_runs_checkpoint_and_says_when_nothing_is_left(
     tmp_path, monkeypatch, caplog
 ):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,21 @@ def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
     return start
 
 
+def _fast_forward(sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Step ``sched`` ``steps`` times without training, so that a resumed run's learning
+    rate continues where the checkpointed run's stopped."""
+    with warnings.catch_warnings():
+        # Stepping the schedule before the optimizer is the point here; torch's warning
+        # (meant for a misplaced call in a training loop) told every --resume user otherwise.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Detected call of `lr_scheduler\.step\(\)` before",
+            category=UserWarning,
+        )
+        for _ in range(steps):
+            sched.step()
+
+
 def train_inn(
     name: str,
     epochs: int | None = None,
@@ -278,8 +294,7 @@ def train_inn(
             raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
         meta = load_checkpoint(checkpoint, model, opt)
         start_epoch = _resumed_epoch(meta, run, epochs, checkpoint)
-        for _ in range(min(start_epoch, epochs) * steps_per_epoch):
-            sched.step()
+        _fast_forward(sched, min(start_epoch, epochs) * steps_per_epoch)
     groups = inn.groups if per_group else None
     bar = tqdm(total=epochs * steps_per_epoch, initial=min(start_epoch, epochs) * steps_per_epoch,
                desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
