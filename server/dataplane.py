@@ -1030,17 +1030,25 @@ def _number(param, name: str) -> float | None:
     raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
 
 
+def id_fits(request_id: str, limit: int) -> bool:
+    """Whether a request's id is at most ``limit`` UTF-8 bytes (an answer echoes it whole).
+
+    Example:
+        >>> id_fits("req-1", 16), id_fits("é" * 9, 16)
+        (True, False)
+    """
+    # characters first: never more than the UTF-8 bytes, and no copy of an over-long id
+    return len(request_id) <= limit and len(request_id.encode()) <= limit
+
+
 def _id_bytes(request_id: str, limit: int) -> int:
     """Bytes of a request's id (its answer echoes it); INVALID_ARGUMENT above ``limit``."""
-    size = len(request_id)  # characters: no more than its UTF-8 bytes
-    if size <= limit:
-        size = len(request_id.encode())
-    if size > limit:
+    if not id_fits(request_id, limit):
         raise InvalidArgument(
             f"the request id is longer than {limit} bytes ({len(request_id)} characters; "
             "limits.max_id_bytes): send a shorter id"
         )
-    return size
+    return len(request_id.encode())
 
 
 def _largest_message(cfg) -> int:
