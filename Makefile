@@ -37,7 +37,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) bench/conversion.py
+	$(PY) -m bench.conversion
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,8 +9,9 @@ built by bench/server.py), timed round-robin in one process (bench.tiers.interle
   previous  the engine of the previous release: optimised at ORT_ENABLE_EXTENDED (no NCHWc
             layout pass), saved as ONNX, loaded with the optimiser off
 Reported: median ms at batch 1 and 8 and the ratio innfer / plain (goal: <= 1 within noise;
-the previous release was 1.4x on the CNN). Cold start: seconds to load every tier from the
-engine cache, beside a plain session's creation (which runs the optimiser) per tier.
+the previous release: 1.4x on the CNN in the issue, 1.5-2.5x in engines.json). Cold start:
+seconds to load every tier from the engine cache, beside a plain session's creation (which
+runs the optimiser) per tier.
 
 CPU options on the full tiers at batch 8 (rows per second, 2 cores here):
   1 instance x 1 thread, 1 instance x 2 threads, 2 instances x 1 thread (two callers on

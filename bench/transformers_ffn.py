@@ -21,6 +21,7 @@ Writes bench/results/transformers_ffn_only.json (~5 min).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from functools import partial
@@ -93,7 +94,9 @@ def run() -> dict:
             "sensitivity": shaped.info["sensitivity"]}  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # no options; --help says what it does instead of starting the ~5 minute run
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     results = run()
     (OUT / "transformers_ffn_only.json").write_text(json.dumps(results, indent=1))
     return 0
