@@ -149,6 +149,8 @@ def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, caps
 
     import sim.loadgen
 
+    # A fake with scripted answers, all from w050 (the real command against a real server:
+    # test_sim_review.test_bench_runs_against_a_real_server).
     async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
         n = len(arrivals)
         s = sim.loadgen._summary(np.ones(n), budgets_s, ["w050"] * n, ["OK"] * n, 1.0, accuracy)

@@ -786,8 +786,13 @@ def test_latency_buckets_resolve_the_budgets():
     }
     for budget in sorted(defaults | {0.01, 0.02, 0.03, 0.05, 0.1, 0.5, 1.0, 10.0}):
         assert any(abs(b - budget) < 1e-12 for b in buckets), f"no bucket at {budget} s"
-    # A query that picks a bucket by its le must name one that exists.
-    dash = (DEPLOY / "monitoring" / "innfer-dashboard.json").read_text()
-    exprs = [r["expr"] for r in _rules()] + [dash]
-    for le in re.findall(r'le\\?="([^"\\]+)', " ".join(exprs)):
+    # A query that picks a bucket by its le must name one that exists. The expressions are
+    # read from the parsed JSON (its raw text escapes the quotes: le=\"0.5\", which a
+    # pattern for le="..." never matched, so this loop checked nothing).
+    dash = json.loads((DEPLOY / "monitoring" / "innfer-dashboard.json").read_text())
+    exprs = [r["expr"] for r in _rules()]
+    exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    picks = re.compile(r'\ble="([^"]+)"')
+    assert picks.findall('rate(x_bucket{model="m", le="0.03"}[1m])') == ["0.03"]
+    for le in picks.findall(" ".join(exprs)):
         assert le == "+Inf" or float(le) in buckets, le

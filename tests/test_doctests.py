@@ -38,4 +38,8 @@ def test_the_examples_are_found():
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    if result.attempted == 0:
+        # Every example is marked +SKIP (it needs a trained model, a server or a GPU): the
+        # module is reported as skipped, not as a test that passed with nothing run.
+        pytest.skip(f"{name}: every docstring example is marked +SKIP; none ran")
     assert result.failed == 0

@@ -6,6 +6,7 @@ swap does, and configurations refused with a message instead of a hang or a trac
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,10 +96,24 @@ def _bench_model(tmp_path):
 
 def _fake_run_load(monkeypatch, seen, codes=None):
     """``run_load`` without a server: records its arguments, answers every request sent
-    (or gives each request the code in ``codes``)."""
+    (or gives each request the code in ``codes``). A fake because these tests script what
+    no real server does on demand (every request UNAVAILABLE, a trace longer than the run);
+    the call is checked against the real signature, and
+    ``test_bench_runs_against_a_real_server`` runs the real one."""
+    import inspect
+
     import sim.loadgen
 
-    async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
+    real = inspect.signature(sim.loadgen.run_load)
+
+    async def run_load(*args, **kwargs):
+        bound = real.bind(*args, **kwargs)  # TypeError where innfer bench calls it wrongly
+        bound.apply_defaults()
+        a = bound.arguments
+        arrivals, budgets_s, max_seconds, accuracy = (
+            a["arrivals"], a["budgets_s"], a["max_seconds"], a["accuracy"]
+        )  # fmt: skip
+        assert isinstance(max_seconds, float | int) and isinstance(accuracy, dict | None)
         seen.update(arrivals=arrivals, max_seconds=max_seconds)
         n = len(arrivals)
         sent = [at <= max_seconds for at in arrivals]
@@ -130,6 +145,29 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
     _fake_run_load(monkeypatch, {}, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
     assert cli(["bench", str(d), "--duration", "1", "--max-requests", "1005"]) == 2
     assert "no request was served" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_bench_runs_against_a_real_server(tmp_path, capsys):
+    # Every other bench test replaced the load generator; a change to how innfer bench
+    # called it (its arguments swapped) passed them all and crashed the real command.
+    from serverutil import ServerThread
+
+    d = _bench_model(tmp_path)
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        out_json = tmp_path / "bench.json"
+        argv = ["bench", str(d), "--address", server.address, "--duration", "2",
+                "--load", "0.05", "--max-requests", "60", "--json", str(out_json)]  # fmt: skip
+        assert cli(argv) == 0
+    finally:
+        server.stop(grace=2.0)
+    out = capsys.readouterr().out
+    assert "SLO attainment" in out and "tier mix        w" in out, out
+    s = json.loads(out_json.read_text())
+    assert s["sent"] > 0 and s["within_budget"] > 0, s
+    assert s["sent"] == s["within_budget"] + s["late"] + s["refused_total"], s
+    assert set(s["tier_mix"]) <= {"w100", "w050"}, s["tier_mix"]
 
 
 # -- the open-loop load generator's report -------------------------------------------------

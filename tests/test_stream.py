@@ -24,6 +24,10 @@ STREAM_LABELS = {
 }
 TINY = np.zeros((1, 1, 8, 8), np.float32)
 SLOW = np.zeros((1, 1024), np.float32)
+# "tiny" shares the device's slot with "slow": queued behind a few slow requests on a busy
+# machine its default budget (200 ms) ran out and it was refused - these tests are about
+# order and what is learned, not budgets.
+LOOSE = {"latency_budget_ms": 60_000}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_answers_come_back_in_request_order_as_tritons_do(server):
     # wrong tensors without an error - even among successes, behind a priority request.
     def send(c):
         c.async_stream_infer("slow", [_input(SLOW)], request_id="first")
-        c.async_stream_infer("tiny", [_input(TINY)], request_id="second")
+        c.async_stream_infer("tiny", [_input(TINY)], request_id="second", parameters=LOOSE)
         c.async_stream_infer(
             "tiny", [_input(TINY)], request_id="third", parameters={"tier": "w999"}
         )  # fmt: skip - refused at once
@@ -173,13 +177,18 @@ def test_an_answer_held_behind_slower_ones_does_not_teach_the_overhead_that_wait
     def send(c):
         for i in range(3):  # ~105 ms of "slow" ahead of the tiny ones
             c.async_stream_infer("slow", [_input(SLOW)], request_id=f"s{i}")
-        for i in range(8):
-            c.async_stream_infer("tiny", [_input(TINY)], request_id=f"t{i}")
+        for i in range(8):  # urgent: they run as soon as the device is free, then wait
+            c.async_stream_infer(
+                "tiny", [_input(TINY)], request_id=f"t{i}", parameters=LOOSE, priority=1
+            )
 
-    assert _ids(_streamed(server, send, 11))[3:] == [f"t{i}" for i in range(8)]
+    answers = _streamed(server, send, 11)
+    assert _ids(answers)[3:] == [f"t{i}" for i in range(8)]
+    # The tiny answers are held at least as long as the slow ones compute after them.
+    slow_s = sum(r.get_response().parameters["compute_us"].int64_param for r, _ in answers[:3])
     deadline = time.monotonic() + 5
     while overhead.samples < before + 8 and time.monotonic() < deadline:
         time.sleep(0.02)
     ring = overhead._samples
     learned = [ring[k % len(ring)] for k in range(before, overhead.samples)]
-    assert len(learned) == 8 and max(learned) < 0.05, learned
+    assert len(learned) == 8 and max(learned) < 0.5 * slow_s / 1e6, (learned, slow_s)

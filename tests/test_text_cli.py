@@ -274,6 +274,8 @@ def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, mon
 
     sent = []
 
+    # A fake that records what bench sends (the real command against a real server:
+    # test_sim_review.test_bench_runs_against_a_real_server).
     async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
         sent.append({k: v.shape for k, v in inputs.items()})
         n = len(arrivals)
