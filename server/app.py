@@ -93,7 +93,7 @@ class Server:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
-            *connection_age_options(self.config),
+            *connection_options(self.config),
         ]
         service = InferenceService(self.plane, self.config.bearer_token)
         # With auth on, an interceptor refuses a call without the token before its request
@@ -178,8 +178,14 @@ def warn_cleartext_token(config: ServerConfig) -> None:
         )
 
 
-def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC server options for ``max_connection_age_s`` and its grace (none where unset).
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC server options for ``max_concurrent_streams``, ``max_connection_age_s`` and its
+    grace (none where unset).
+
+    The stream bound is per connection, so a flood on one connection leaves the others -
+    the kubelet's health probes among them - untouched; the server accepts every call gRPC
+    hands it (an asyncio task each), so without it a client sending faster than the server
+    answers grows this process by its backlog.
 
     A gRPC client resolves DNS when it connects, and again only when a connection drops: a
     client connected before the autoscaler added pods kept calling the old ones. An aged
@@ -188,10 +194,12 @@ def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 
     Example:
         >>> cfg = ServerConfig.from_dict({"repository": "m", "max_connection_age_s": 60})
-        >>> connection_age_options(cfg)
-        [('grpc.max_connection_age_ms', 60000)]
+        >>> connection_options(cfg)
+        [('grpc.max_concurrent_streams', 1024), ('grpc.max_connection_age_ms', 60000)]
     """
     opts = []
+    if config.max_concurrent_streams is not None:
+        opts.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
     if config.max_connection_age_s is not None:
         opts.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
         if config.max_connection_age_grace_s is not None:

@@ -6,6 +6,7 @@
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
     max_message_bytes: null      # null: 2x the largest valid request (>= 4 MiB)
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
+    max_concurrent_streams: 1024  # calls open at once per client connection (null: no bound)
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
@@ -255,6 +256,16 @@ class ServerConfig:
     grace_period_s: float = spec(
         20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"
     )
+    max_concurrent_streams: int | None = spec(
+        1024, lo=1, hi=2**31 - 1,
+        doc="calls open at once on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_"
+        "STREAMS); a call beyond it is refused UNAVAILABLE before it is read (REFUSED_STREAM: "
+        "never processed, safe to retry). Bounds what one connection can make this process "
+        "hold: with no bound a client sending 4x what the server answers piled up thousands "
+        "of calls (+70 MiB in 30 s for 3 KiB requests; each call can buffer a 64 KiB window). "
+        "A client that needs more in flight opens more connections; null: no bound (gRPC's "
+        "default)",
+    )  # fmt: skip
     max_connection_age_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",
         doc="a client connection this old is sent GOAWAY (gRPC adds +-10 % jitter): its calls "

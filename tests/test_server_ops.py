@@ -257,15 +257,15 @@ def test_an_aged_connection_is_replaced_without_failing_a_call(tmp_path, monkeyp
 
 
 def test_connection_age_config():
-    cfg = ServerConfig.from_dict({"repository": "m"})
+    cfg = ServerConfig.from_dict({"repository": "m", "max_concurrent_streams": None})
     assert cfg.max_connection_age_s == 300 and cfg.max_connection_age_grace_s is None
-    assert app.connection_age_options(cfg) == [("grpc.max_connection_age_ms", 300_000)]
+    assert app.connection_options(cfg) == [("grpc.max_connection_age_ms", 300_000)]
     cfg = cfg.replace(max_connection_age_s=60, max_connection_age_grace_s=2.5)
-    assert app.connection_age_options(cfg) == [
+    assert app.connection_options(cfg) == [
         ("grpc.max_connection_age_ms", 60_000),
         ("grpc.max_connection_age_grace_ms", 2_500),
     ]
-    assert app.connection_age_options(cfg.replace(max_connection_age_s=None,
+    assert app.connection_options(cfg.replace(max_connection_age_s=None,
                                               max_connection_age_grace_s=None)) == []  # fmt: skip
     with pytest.raises(ConfigError, match="max_connection_age_grace_s"):
         ServerConfig.from_dict({"repository": "m", "max_connection_age_s": None,
@@ -395,3 +395,40 @@ def test_server_reflection_is_a_config_switch(tmp_path, reflection):
         s.stop()
     on = reflection is not False  # default: on
     assert ("inference.GRPCInferenceService" in served) == on, served
+
+
+def test_calls_beyond_max_concurrent_streams_on_one_connection_are_refused(model_repository):
+    # Every call gRPC handed the server became a task: a client sending faster than the
+    # server answered piled up thousands of them on one connection (+70 MiB in 30 s of 4x
+    # overload). Beyond the bound a call is refused before it is read (REFUSED_STREAM ->
+    # UNAVAILABLE, safe to retry); other connections - health probes - are not touched.
+    s = ServerThread({"repository": str(model_repository), "max_concurrent_streams": 8}).start()
+
+    async def burst(n: int) -> list[str]:
+        async with tca.InferenceServerClient(s.address) as c:
+
+            async def one() -> str:
+                i = tca.InferInput("input", list(X.shape), "FP32")
+                i.set_data_from_numpy(X)
+                try:
+                    await c.infer("tiny", [i], parameters={"latency_budget_ms": 60_000})
+                    return "OK"
+                except InferenceServerException as e:
+                    return e.status()
+
+            return await asyncio.gather(*[one() for _ in range(n)])
+
+    try:
+        with grpc.insecure_channel(s.address) as other:  # its own connection
+            stub = rpc.GRPCInferenceServiceStub(other)
+            codes = asyncio.run(burst(200))
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert set(codes) == {"OK", "StatusCode.UNAVAILABLE"}, set(codes)
+        assert codes.count("OK") >= 8
+        assert s.server.plane.inflight_bytes == 0  # the refused ones never reached it
+    finally:
+        s.stop()
+    default = ServerConfig.from_dict({"repository": "m"})
+    assert ("grpc.max_concurrent_streams", 1024) in app.connection_options(default)
+    with pytest.raises(ConfigError, match="max_concurrent_streams"):
+        ServerConfig.from_dict({"repository": "m", "max_concurrent_streams": 0})
