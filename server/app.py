@@ -179,13 +179,9 @@ def warn_cleartext_token(config: ServerConfig) -> None:
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC server options for ``max_concurrent_streams``, ``max_connection_age_s`` and its
-    grace (none where unset).
-
-    The stream bound is per connection, so a flood on one connection leaves the others -
-    the kubelet's health probes among them - untouched; the server accepts every call gRPC
-    hands it (an asyncio task each), so without it a client sending faster than the server
-    answers grows this process by its backlog.
+    """gRPC server options for ``max_concurrent_streams`` (per connection: a flood on one
+    leaves the others, health probes among them, untouched; see its field's doc),
+    ``max_connection_age_s`` and its grace (none where unset).
 
     A gRPC client resolves DNS when it connects, and again only when a connection drops: a
     client connected before the autoscaler added pods kept calling the old ones. An aged

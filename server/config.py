@@ -259,12 +259,17 @@ class ServerConfig:
     max_concurrent_streams: int | None = spec(
         1024, lo=1, hi=2**31 - 1,
         doc="calls open at once on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_"
-        "STREAMS); a call beyond it is refused UNAVAILABLE before it is read (REFUSED_STREAM: "
-        "never processed, safe to retry). Bounds what one connection can make this process "
-        "hold: with no bound a client sending 4x what the server answers piled up thousands "
-        "of calls (+70 MiB in 30 s for 3 KiB requests; each call can buffer a 64 KiB window). "
-        "A client that needs more in flight opens more connections; null: no bound (gRPC's "
-        "default)",
+        "STREAMS; a ModelStreamInfer stream is one call for its whole life). Beyond it gRPC "
+        "resets a call before it is read: Python/C++ clients see UNAVAILABLE 'Stream removed "
+        "(RST_STREAM ... error code 7)' - never processed, safe to retry, and not in innfer's "
+        "metrics (it never reaches the server's code); grpc-go/java clients queue it instead. "
+        "Every call gRPC hands over is held until answered, so without a bound a client "
+        "sending 4x what the server answers grew it by its backlog (bench/results/"
+        "stream_bound.json). A C-core client process shares one connection among its "
+        "clients: one that needs more in flight passes channel_args="
+        "[('grpc.use_local_subchannel_pool', 1)] for a connection of its own; null: no bound "
+        "(gRPC's and Triton's default; beyond ~1,000 waiting calls gRPC then drops new ones "
+        "as CANCELLED)",
     )  # fmt: skip
     max_connection_age_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",

@@ -1030,25 +1030,28 @@ def _number(param, name: str) -> float | None:
     raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
 
 
-def id_fits(request_id: str, limit: int) -> bool:
-    """Whether a request's id is at most ``limit`` UTF-8 bytes (an answer echoes it whole).
+def id_size(request_id: str, limit: int) -> int | None:
+    """A request's id in UTF-8 bytes (an answer echoes it whole), or None above ``limit``.
 
     Example:
-        >>> id_fits("req-1", 16), id_fits("é" * 9, 16)
-        (True, False)
+        >>> id_size("req-1", 16), id_size("é" * 9, 16)
+        (5, None)
     """
-    # characters first: never more than the UTF-8 bytes, and no copy of an over-long id
-    return len(request_id) <= limit and len(request_id.encode()) <= limit
+    if len(request_id) > limit:  # characters: never more than the bytes; no copy of it
+        return None
+    size = len(request_id.encode())
+    return size if size <= limit else None
 
 
 def _id_bytes(request_id: str, limit: int) -> int:
     """Bytes of a request's id (its answer echoes it); INVALID_ARGUMENT above ``limit``."""
-    if not id_fits(request_id, limit):
+    size = id_size(request_id, limit)
+    if size is None:
         raise InvalidArgument(
             f"the request id is longer than {limit} bytes ({len(request_id)} characters; "
             "limits.max_id_bytes): send a shorter id"
         )
-    return len(request_id.encode())
+    return size
 
 
 def _largest_message(cfg) -> int:

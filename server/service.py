@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server import wire
-from server.dataplane import DataPlane, id_fits
+from server.dataplane import DataPlane, id_size
 from server.errors import (
     DeadlineExceeded,
     EngineFailed,
@@ -620,7 +620,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         if isinstance(request, pb.ModelInferRequest):
             r = failed.infer_response
             rid = request.id
-            fits = id_fits(rid, self.plane.limits.max_id_bytes)
+            fits = id_size(rid, self.plane.limits.max_id_bytes) is not None
             r.model_name, r.model_version, r.id = (
                 request.model_name[:255], request.model_version[:255], rid if fits else rid[:255],
             )  # fmt: skip

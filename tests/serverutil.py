@@ -284,3 +284,14 @@ async def until_engine_runs(runtime) -> None:
     """Return once one of ``runtime``'s (fake) engines is inside a call."""
     while sum(e.running for e in runtime.served.engines.values()) == 0:
         await asyncio.sleep(0.002)
+
+
+def bound_like(real, *args, **kwargs) -> dict:
+    """The arguments a fake received, bound to the signature of the ``real`` function it
+    stands in for (defaults filled in): a TypeError where the caller calls it wrongly, so
+    a fake cannot accept a call the real function would refuse."""
+    import inspect
+
+    bound = inspect.signature(real).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments

@@ -770,6 +770,19 @@ def test_queue_compute_ratio_is_bounded_and_a_stuck_engine_alerts():
     assert len(stuck) == 1 and "unless" in stuck[0]["expr"], stuck
 
 
+def _exprs(node):
+    """Every "expr" string anywhere in a parsed JSON document (panels nested in rows)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                yield value
+            else:
+                yield from _exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _exprs(item)
+
+
 def test_latency_buckets_resolve_the_budgets():
     """Budgets run from a few ms to 10 s and more: the buckets must reach 10 s, put a
     boundary at each budget a tier set here defaults to and at common tight ones (30 ms:
@@ -786,12 +799,12 @@ def test_latency_buckets_resolve_the_budgets():
     }
     for budget in sorted(defaults | {0.01, 0.02, 0.03, 0.05, 0.1, 0.5, 1.0, 10.0}):
         assert any(abs(b - budget) < 1e-12 for b in buckets), f"no bucket at {budget} s"
-    # A query that picks a bucket by its le must name one that exists. The expressions are
-    # read from the parsed JSON (its raw text escapes the quotes: le=\"0.5\", which a
-    # pattern for le="..." never matched, so this loop checked nothing).
+    # A guard for queries to come (none picks a bucket by its le today): one that does must
+    # name a bucket that exists. Every "expr" of the parsed dashboard, nested panels too
+    # (its raw text escapes the quotes, le=\"0.5\", which a pattern on the text missed).
     dash = json.loads((DEPLOY / "monitoring" / "innfer-dashboard.json").read_text())
-    exprs = [r["expr"] for r in _rules()]
-    exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs = [r["expr"] for r in _rules()] + list(_exprs(dash))
+    assert len(exprs) > len(_rules()), "no dashboard expression found"
     picks = re.compile(r'\ble="([^"]+)"')
     assert picks.findall('rate(x_bucket{model="m", le="0.03"}[1m])') == ["0.03"]
     for le in picks.findall(" ".join(exprs)):

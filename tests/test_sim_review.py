@@ -100,16 +100,14 @@ def _fake_run_load(monkeypatch, seen, codes=None):
     no real server does on demand (every request UNAVAILABLE, a trace longer than the run);
     the call is checked against the real signature, and
     ``test_bench_runs_against_a_real_server`` runs the real one."""
-    import inspect
+    from serverutil import bound_like
 
     import sim.loadgen
 
-    real = inspect.signature(sim.loadgen.run_load)
+    real = sim.loadgen.run_load
 
     async def run_load(*args, **kwargs):
-        bound = real.bind(*args, **kwargs)  # TypeError where innfer bench calls it wrongly
-        bound.apply_defaults()
-        a = bound.arguments
+        a = bound_like(real, *args, **kwargs)
         arrivals, budgets_s, max_seconds, accuracy = (
             a["arrivals"], a["budgets_s"], a["max_seconds"], a["accuracy"]
         )  # fmt: skip

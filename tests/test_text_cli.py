@@ -276,7 +276,15 @@ def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, mon
 
     # A fake that records what bench sends (the real command against a real server:
     # test_sim_review.test_bench_runs_against_a_real_server).
-    async def run_load(address, model, arrivals, budgets_s, inputs, max_seconds, accuracy):
+    from serverutil import bound_like
+
+    real = sim.loadgen.run_load
+
+    async def run_load(*args, **kwargs):
+        a = bound_like(real, *args, **kwargs)
+        arrivals, budgets_s, inputs, accuracy = (
+            a["arrivals"], a["budgets_s"], a["inputs"], a["accuracy"]
+        )  # fmt: skip
         sent.append({k: v.shape for k, v in inputs.items()})
         n = len(arrivals)
         s = sim.loadgen._summary(np.ones(n), budgets_s, ["x"] * n, ["OK"] * n, 1.0, accuracy)
