@@ -295,3 +295,28 @@ def bound_like(real, *args, **kwargs) -> dict:
     bound = inspect.signature(real).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound.arguments
+
+
+def fake_run_load(monkeypatch, tier: str = "w100", codes: list[str] | None = None) -> list:
+    """Replace ``sim.loadgen.run_load`` with a fake that answers every request sent from
+    ``tier`` 1 ms after it (or gives request i the code ``codes[i]``; "unsent" past the
+    run's time bound), for tests that script what no real server does on demand. Each
+    call's arguments, bound to the real signature (``bound_like``), are appended to the
+    list returned."""
+    import numpy as np
+
+    import sim.loadgen
+
+    real, calls = sim.loadgen.run_load, []
+
+    async def run_load(*args, **kwargs):
+        a = bound_like(real, *args, **kwargs)
+        calls.append(a)
+        n = len(a["arrivals"])
+        got = codes or ["OK" if at <= a["max_seconds"] else "unsent" for at in a["arrivals"]]
+        latency = np.array([1.0 if c == "OK" else np.nan for c in got])
+        s = sim.loadgen._summary(latency, a["budgets_s"], [tier] * n, got, 1.0, a["accuracy"])
+        return sim.loadgen.LoadReport(s, latency, [tier] * n, got)
+
+    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+    return calls

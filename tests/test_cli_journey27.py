@@ -145,23 +145,11 @@ def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, caps
     assert code == 0, err
     assert out.splitlines()[0].endswith(f"; accuracy: {FLOPS_PROXY}")
 
-    import numpy as np
-    from serverutil import bound_like
-
-    import sim.loadgen
-
-    real = sim.loadgen.run_load
+    from serverutil import fake_run_load
 
     # A fake with scripted answers, all from w050 (the real command against a real server:
     # test_sim_review.test_bench_runs_against_a_real_server).
-    async def run_load(*args, **kwargs):
-        a = bound_like(real, *args, **kwargs)
-        arrivals, budgets_s, accuracy = a["arrivals"], a["budgets_s"], a["accuracy"]
-        n = len(arrivals)
-        s = sim.loadgen._summary(np.ones(n), budgets_s, ["w050"] * n, ["OK"] * n, 1.0, accuracy)
-        return sim.loadgen.LoadReport(s, np.ones(n), ["w050"] * n, ["OK"] * n)
-
-    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+    fake_run_load(monkeypatch, tier="w050")
     code, out, err = _cli(capsys, "bench", d, "--duration", "1", "--load", "0.001")
     assert code == 0, err
     [line] = [x for x in out.splitlines() if "mean accuracy" in x]

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from serverutil import fake_run_load
 
 from innfer.cli import main as cli
 from server.scheduling import TierInfo
@@ -94,44 +95,17 @@ def _bench_model(tmp_path):
     return add_onnx_model(tmp_path, "tiny", tiny_cnn, io, warmup=1, repeats=2)
 
 
-def _fake_run_load(monkeypatch, seen, codes=None):
-    """``run_load`` without a server: records its arguments, answers every request sent
-    (or gives each request the code in ``codes``). A fake because these tests script what
-    no real server does on demand (every request UNAVAILABLE, a trace longer than the run);
-    the call is checked against the real signature, and
-    ``test_bench_runs_against_a_real_server`` runs the real one."""
-    from serverutil import bound_like
-
-    import sim.loadgen
-
-    real = sim.loadgen.run_load
-
-    async def run_load(*args, **kwargs):
-        a = bound_like(real, *args, **kwargs)
-        arrivals, budgets_s, max_seconds, accuracy = (
-            a["arrivals"], a["budgets_s"], a["max_seconds"], a["accuracy"]
-        )  # fmt: skip
-        assert isinstance(max_seconds, float | int) and isinstance(accuracy, dict | None)
-        seen.update(arrivals=arrivals, max_seconds=max_seconds)
-        n = len(arrivals)
-        sent = [at <= max_seconds for at in arrivals]
-        got = codes or ["OK" if s else "unsent" for s in sent]
-        latency = np.array([1.0 if c == "OK" else np.nan for c in got])
-        s = sim.loadgen._summary(latency, budgets_s, ["w100"] * n, got, 1.0, accuracy)
-        return sim.loadgen.LoadReport(s, latency, ["w100"] * n, got)
-
-    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
-
-
 def test_bench_sends_a_whole_file_trace_and_says_its_rate(tmp_path, monkeypatch, capsys):
     d = _bench_model(tmp_path)
-    seen = {}
-    _fake_run_load(monkeypatch, seen)
+    # A fake (serverutil.fake_run_load): the trace is longer than the run, which a real
+    # server cannot be asked for; test_bench_runs_against_a_real_server runs the real one.
+    calls = fake_run_load(monkeypatch)
     argv = ["bench", str(d), "--trace", "file", "--trace-file", str(_file_trace(tmp_path)),
             "--duration", "30", "--load", "5"]  # fmt: skip
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "sending 11 requests at 0.1/s over 100 s" in out
+    [seen] = calls
     assert len(seen["arrivals"]) == 11 and seen["max_seconds"] >= 100  # none left unsent
 
 
@@ -140,7 +114,7 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
 ):
     # Requests never sent (the run's time bound) are not evidence that a server exists.
     d = _bench_model(tmp_path)
-    _fake_run_load(monkeypatch, {}, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
+    fake_run_load(monkeypatch, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
     assert cli(["bench", str(d), "--duration", "1", "--max-requests", "1005"]) == 2
     assert "no request was served" in capsys.readouterr().err
 

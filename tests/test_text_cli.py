@@ -267,35 +267,18 @@ def test_simulate_plans_a_text_model_at_the_length_asked(model_dir, capsys):
 
 def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, monkeypatch, capsys):
     # bench planned at the longest length and sent 16-token requests (another lane).
-    import numpy as np
+    from serverutil import fake_run_load
 
-    import sim.loadgen
     from innfer.cli import main
-
-    sent = []
 
     # A fake that records what bench sends (the real command against a real server:
     # test_sim_review.test_bench_runs_against_a_real_server).
-    from serverutil import bound_like
-
-    real = sim.loadgen.run_load
-
-    async def run_load(*args, **kwargs):
-        a = bound_like(real, *args, **kwargs)
-        arrivals, budgets_s, inputs, accuracy = (
-            a["arrivals"], a["budgets_s"], a["inputs"], a["accuracy"]
-        )  # fmt: skip
-        sent.append({k: v.shape for k, v in inputs.items()})
-        n = len(arrivals)
-        s = sim.loadgen._summary(np.ones(n), budgets_s, ["x"] * n, ["OK"] * n, 1.0, accuracy)
-        return sim.loadgen.LoadReport(s, np.ones(n), ["x"] * n, ["OK"] * n)
-
-    monkeypatch.setattr(sim.loadgen, "run_load", run_load)
+    calls = fake_run_load(monkeypatch, tier="x")
     for tokens, lane in ((None, 24), (7, 8)):
         extra = [] if tokens is None else ["--tokens", str(tokens)]
         code = main(["bench", str(model_dir), "--duration", "1", "--load", "0.01", *extra])
         assert code == 0, capsys.readouterr().err
-        assert {shape[1] for shape in sent.pop().values()} == {lane}
+        assert {a.shape[1] for a in calls.pop()["inputs"].values()} == {lane}
         assert f"planned with every request at {lane} tokens" in capsys.readouterr().out
 
 
