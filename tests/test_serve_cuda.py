@@ -11,13 +11,12 @@ import asyncio
 
 import numpy as np
 import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
 from serverutil import ServerThread
 from test_build import build_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
-
-tc = pytest.importorskip("tritonclient.grpc")
-tca = pytest.importorskip("tritonclient.grpc.aio")
 
 REQUESTS = 64  # concurrent, mixed batch sizes and budgets
 
