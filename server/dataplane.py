@@ -732,7 +732,9 @@ class DataPlane:
         for parameters that do not parse (not traffic: the client's mistake)."""
         if m.traffic is None:
             return
-        if time_remaining is not None:  # read after the parse: from the parse's start
+        if time_remaining is not None and self._plans_overhead(m):
+            # as _infer counts a served request's budget: with plan_overhead from the
+            # parse's start (the deadline was read after it), else from the handler's
             time_remaining += waited_s
         try:
             budget_s = _budget(request.parameters, time_remaining,

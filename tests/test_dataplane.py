@@ -1002,3 +1002,30 @@ def test_a_load_error_that_says_its_own_fix_gets_no_rebuild_advice():
     assert (
         _advice(EngineError("model.ort fails its checksum")) == "; rebuild it with `innfer build`"
     )
+
+
+def test_a_refused_request_is_logged_as_traffic_with_the_budget_a_served_one_gets():
+    # _log_refused added the parse time to a gRPC deadline in both modes; _infer adds it
+    # only with plan_overhead. The replayed window then gave refused requests (load a full
+    # server shed) budgets longer than the served ones' by their parse time.
+    import types
+
+    logged = []
+    m = types.SimpleNamespace(
+        traffic=object(),  # auto-tiering on
+        config=types.SimpleNamespace(
+            plan_overhead=None, default_latency_budget_ms=100.0, max_batch=8
+        ),
+        margin_s=0.001,
+        clock=lambda: 10.0,
+        record_traffic=lambda arrival, budget_s, rows: logged.append((arrival, budget_s, rows)),
+    )
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=[3, 4])
+    plane = DataPlane.__new__(DataPlane)  # only its config is read
+    for plans, budget in ((False, 0.050), (True, 0.060)):
+        plane.config = types.SimpleNamespace(plan_overhead=plans)
+        plane._log_refused(m, request, 0.050, 0.010, True)  # deadline 50 ms, parse 10 ms
+        arrival, budget_s, rows = logged.pop()
+        assert arrival == pytest.approx(9.990) and rows == 3
+        assert budget_s == pytest.approx(budget - 0.001), plans
