@@ -303,8 +303,6 @@ def fake_run_load(monkeypatch, tier: str = "w100", codes: list[str] | None = Non
     run's time bound), for tests that script what no real server does on demand. Each
     call's arguments, bound to the real signature (``bound_like``), are appended to the
     list returned."""
-    import numpy as np
-
     import sim.loadgen
 
     real, calls = sim.loadgen.run_load, []
