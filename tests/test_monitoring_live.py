@@ -342,7 +342,16 @@ def test_rules_adapter_and_dashboard_against_live_servers(
             tight_ms = b.config.budget_margin_ms + 1e3 * 0.6 * planned["w100"]
             counts = asyncio.run(_load(servers, tight_ms))
             time.sleep(3.0)  # the last scrapes, then the rules on them
-            _check(prom, counts, tight_ms)
+            # Each server's own totals, final once the load has returned (every request
+            # answered): what the queue:compute rule must reproduce.
+            totals = {
+                pod: tuple(
+                    _gauge(s.metrics_url, f"innfer_{kind}_seconds_total", model=PODS[pod])
+                    for kind in ("queue", "compute")
+                )
+                for pod, s in servers.items()
+            }  # fmt: skip
+            _check(prom, counts, tight_ms, totals)
     except BaseException:
         if prom is not None:
             print("prometheus log:\n" + prom.tail(), file=sys.stderr)
@@ -354,7 +363,14 @@ def test_rules_adapter_and_dashboard_against_live_servers(
             s.stop()
 
 
-def _check(prom: Prometheus, counts: dict[str, Counter], tight_ms: float) -> None:
+def _check(
+    prom: Prometheus,
+    counts: dict[str, Counter],
+    tight_ms: float,
+    totals: dict[str, tuple[float, float]],
+) -> None:
+    """``totals``: per pod, its server's innfer_queue_seconds_total and
+    innfer_compute_seconds_total after the load."""
     report: dict[str, object] = {"client_status_counts": {p: dict(c) for p, c in counts.items()},
                                  "tight_budget_ms": round(tight_ms, 3)}  # fmt: skip
     ns = f'{{namespace="{NAMESPACE}"}}'
@@ -369,6 +385,7 @@ def _check(prom: Prometheus, counts: dict[str, Counter], tight_ms: float) -> Non
     slo = _values(prom.query(f"innfer:slo_attainment{ns}"), "model")
     acc = _values(prom.query(f"innfer:served_accuracy_mean{ns}"), "model")
     refused = _values(prom.query(f"innfer:refused_share{ns}"), "model")
+    report.update(server_queue_compute_seconds=totals)
     report.update(queue_compute_ratio=qc, degraded_share=ds, slo_attainment=slo,
                   served_accuracy_mean=acc, refused_share=refused)  # fmt: skip
     # What the served-only rule of before would say, from the same counters.
@@ -410,11 +427,16 @@ def _check(prom: Prometheus, counts: dict[str, Counter], tight_ms: float) -> Non
         assert math.isfinite(v) and v >= 0, report
     for v in (*ds.values(), *slo.values(), *acc.values(), *refused.values()):
         assert v <= 1, report
-    # Queue : compute rises where load exceeds capacity: c against b, the same model under
-    # capacity. Not against a: its batches take ~50 us, so the microseconds its requests wait
-    # for the GIL that the two other servers in this process hold decide its ratio (3.5 in
-    # one CI run, above c's 0.46); in a cluster each pod is its own process.
-    assert qc["innfer-c"] > qc["innfer-b"], qc
+    # Queue : compute is each pod's own queue and compute seconds over the window, which
+    # holds the whole load (the counters were scraped at 0 before it, both series in the same
+    # scrapes: rate()'s extrapolation cancels in the ratio). Not compared across pods: b's
+    # and a's batches take 50-300 us, so the GIL the other servers in this process hold
+    # decides their ratio (a 3.5 and b 0.84 in contended runs, above c's 0.39-0.46); in a
+    # cluster each pod is its own process. The overloaded pod queued (max_queue 2 behind
+    # 5 ms batches).
+    for pod, (queue_s, compute_s) in totals.items():
+        assert qc[pod] == pytest.approx(min(queue_s / compute_s, 20.0), rel=1e-3), (pod, qc)
+    assert qc["innfer-c"] > 0.1, qc
     # Degraded share: 0 where all ran on the top tier; high where budgets forced the narrow
     # tier (b) and where load was shed (c).
     assert ds["innfer-a"] < 0.05, ds
@@ -429,7 +451,10 @@ def _check(prom: Prometheus, counts: dict[str, Counter], tight_ms: float) -> Non
     assert served_only["mlp"] > slo["mlp"] + 0.2, report  # served-only overstated it
     c_ok = 1 - report["innfer_c_client_refused_share"]
     assert c_ok - 0.15 <= c_slo <= c_ok + 0.05 and c_served_only > c_slo + 0.3, report
-    assert refused["mlp"] > 0.3 and refused["tiny"] == 0, refused
+    # tiny: under InnferRequestsRefused' 5 %. Not 0: its 50 ms default budget, waiting for
+    # the GIL behind c's overload on a contended machine, was refused once in 300 (a run
+    # beside a busy core).
+    assert refused["mlp"] > 0.3 and refused["tiny"] < 0.05, refused
     assert acc["tiny"] >= acc["mlp"], acc
     for reason in ("refused_budget", "refused_full"):
         assert by_reason.get(reason, 0) > 0, by_reason
