@@ -154,12 +154,14 @@ class ServerProcess:
         self.extra = extra or {}  # more server config fields (the tree must know them)
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.metrics_url = ""
         self.starts = 0
 
     def start(self, timeout: float = 120.0) -> float:
         """Start the server and wait until readiness is SERVING; seconds it took."""
         port, mport = free_ports(2)
         self.address = f"{HOST}:{port}"
+        self.metrics_url = f"http://{HOST}:{mport}/metrics"
         code = SERVE.format(repo=str(self.repo), port=port, mport=mport, extra=self.extra)
         env = {**os.environ, "PYTHONPATH": str(self.tree), "PYTHONUNBUFFERED": "1"}
         t0 = time.monotonic()

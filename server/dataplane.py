@@ -63,6 +63,9 @@ EXTENSIONS = (
 MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
 # What an answer holds besides its tensors (names, shapes, parameters), at most.
 ANSWER_FRAME_BYTES = 64 * 2**10
+# ... and typically (model name, output names and shapes, six parameters): what the in-flight
+# cap reserves for it before it exists (its real size is held once it does).
+ANSWER_FRAME_TYPICAL_BYTES = 512
 VERSION = "1"  # innfer serves one version per model: the INN
 # A text request of more characters than this is tokenized on the tokenizer threads, off the
 # event loop: 8 texts of 16 KB took 49 ms there, during which no other request was decoded,
@@ -93,7 +96,9 @@ class DataPlane:
         # The transport's message limit (bytes, both ways), fixed when the server started
         # (Server.start); None: no transport (an embedding, tests).
         self.transport_limit: int | None = None
-        self.inflight_bytes = 0  # bytes of accepted ModelInfer requests not yet answered
+        # Bytes of accepted requests not yet answered, and of stream answers not yet written
+        # (``hold``): what limits.max_inflight_bytes caps.
+        self.inflight_bytes = 0
         self.phase = Phase.LOADING
         self.closing = asyncio.Event()  # set when draining begins: open streams stop reading
         self._lock = asyncio.Lock()
@@ -457,7 +462,7 @@ class DataPlane:
         """A model loaded after start (model control, a reload with a larger max_batch or
         shapes) may need more than the limit the transport was started with: say so once,
         with the fix; its answers above the limit are refused before they run
-        (``_check_answer_fits``), its requests above it by gRPC."""
+        (``_answer_bytes``), its requests above it by gRPC."""
         largest = _largest_message(cfg)
         if self.transport_limit is not None and largest > self.transport_limit:
             log.warning(
@@ -468,20 +473,30 @@ class DataPlane:
                 message_limit(largest),
             )  # fmt: skip
 
-    def _check_answer_fits(self, rows: int, outputs, id_bytes: int = 0) -> None:
-        """Refuse, before it runs, a request whose answer gRPC could not send (it failed
-        after the engine's work, and on a stream ended the stream): its tensors and the
-        request id it echoes."""
-        if self.transport_limit is None:
-            return
+    def _answer_bytes(self, rows: int, outputs, id_bytes: int = 0) -> int:
+        """The bytes the answer to ``rows`` rows of ``outputs`` takes, about (its tensors, the
+        request id it echoes, a typical frame). Refuses, before it runs, a request whose
+        answer gRPC could not send (it failed after the engine's work, and on a stream ended
+        the stream), or that the in-flight cap could never hold."""
         per_row = sum(codec.row_bytes(o) for o in outputs)
-        room = self.transport_limit - ANSWER_FRAME_BYTES - id_bytes
-        if rows * per_row > room:
+        size = rows * per_row + id_bytes + ANSWER_FRAME_TYPICAL_BYTES
+        if self.transport_limit is not None:
+            room = self.transport_limit - ANSWER_FRAME_BYTES - id_bytes
+            if rows * per_row > room:
+                raise ResourceExhausted(
+                    f"the answer to {rows} rows would be {rows * per_row / 2**20:.1f} MiB, "
+                    f"above this server's message limit of "
+                    f"{self.transport_limit / 2**20:.1f} MiB; send fewer rows per request (at "
+                    f"most {max(1, room // max(per_row, 1))})"
+                )
+        cap = self.limits.max_inflight_bytes
+        if size > cap:  # alone above the cap, as a request can be (``_admit``)
             raise ResourceExhausted(
-                f"the answer to {rows} rows would be {rows * per_row / 2**20:.1f} MiB, above "
-                f"this server's message limit of {self.transport_limit / 2**20:.1f} MiB; send "
-                f"fewer rows per request (at most {max(1, room // max(per_row, 1))})"
+                f"the answer to {rows} rows would be {size / 2**20:.1f} MiB, more than this "
+                f"server holds in flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); "
+                "send fewer rows per request, or raise the limit"
             )
+        return size
 
     def check_model_control(self) -> None:
         """Raise unless clients may load and unload models (``model_control: explicit``)."""
@@ -704,10 +719,7 @@ class DataPlane:
         if self.inflight_bytes + size > cap:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
             self._log_refused(m, request, time_remaining, waited_s, deadline_is_budget)
-            raise ResourceExhausted(
-                f"{self.inflight_bytes / 2**20:.1f} MiB of requests are in flight (limit "
-                f"{cap / 2**20:.0f} MiB); retry shortly or send smaller batches"
-            )
+            raise self._full()
         self.inflight_bytes += size
         try:
             return await self._infer(m, request, time_remaining, waited_s, raw, deadline_is_budget)
@@ -716,6 +728,30 @@ class DataPlane:
             raise
         finally:
             self.inflight_bytes -= size
+
+    def _full(self) -> ResourceExhausted:
+        """The refusal of a request the in-flight cap has no room for: load."""
+        return ResourceExhausted(
+            f"{self.inflight_bytes / 2**20:.1f} MiB of requests and answers are in flight "
+            f"(limit {self.limits.max_inflight_bytes / 2**20:.0f} MiB, "
+            "limits.max_inflight_bytes); retry shortly or send smaller batches - or, on a "
+            "stream, read its answers: they count until read"
+        )
+
+    def hold(self, nbytes: int) -> int:
+        """Count ``nbytes`` of an answer waiting for its write as in flight, until
+        ``release(nbytes)``: a stream answer waits as long as its client does not read.
+
+        Example:
+            >>> held = plane.hold(resp.ByteSize())  # doctest: +SKIP
+            >>> plane.release(held)  # written, or dropped with its stream  # doctest: +SKIP
+        """
+        self.inflight_bytes += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        """The end of ``hold(nbytes)``."""
+        self.inflight_bytes -= nbytes
 
     def _log_refused(
         self,
@@ -755,6 +791,7 @@ class DataPlane:
         deadline_is_budget: bool = True,
     ) -> pb.ModelInferResponse:
         id_bytes = _id_bytes(request.id, self.limits.max_id_bytes)
+        deadline_s = time_remaining  # as the call gave it (a refusal logs its traffic)
         params = request.parameters
         if len(params) > self.limits.max_parameters:
             raise InvalidArgument(
@@ -801,10 +838,36 @@ class DataPlane:
             waited_s = m.clock() - decoding
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
-            self._check_answer_fits(rows, outputs, id_bytes)
+            answer_bytes = self._answer_bytes(rows, outputs, id_bytes)
         except ResourceExhausted:
             m.count_invalid()  # too many rows for any replica's transport: not load
             raise
+        # The answer is in flight from here until it is sent (a stream's until its client
+        # reads it: ``hold``): an answer many times its request - embeddings of short texts,
+        # a large output - is what a client that sends without reading piles up.
+        if self.inflight_bytes + answer_bytes > self.limits.max_inflight_bytes:
+            m.count_refused("refused_full", "refused_full")
+            self._log_refused(m, request, deadline_s, waited_s, deadline_is_budget)
+            raise self._full()
+        self.inflight_bytes += answer_bytes
+        try:
+            resp = await self._run(
+                m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
+                waited_s, reserve_s, grace_s,
+            )  # fmt: skip
+        finally:
+            self.inflight_bytes -= answer_bytes
+        if truncated:  # texts cut at the model's max_length (truncate=true, the default)
+            resp.parameters["truncated_rows"].string_param = json.dumps(truncated)
+        return resp
+
+    async def _run(
+        self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,
+        outputs, budget_s: float, pin: str | None, min_tier: str | None, priority: int,
+        waited_s: float, reserve_s: float, grace_s: float,
+    ) -> pb.ModelInferResponse:  # fmt: skip
+        """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
+        answer with its tier, timings and the budget planned with."""
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s,
@@ -822,8 +885,6 @@ class DataPlane:
         p["batch_size"].int64_param = result.batch_size
         if result.lane:  # a text model: the profiled length it was planned at
             p["sequence_length"].int64_param = result.lane
-        if truncated:  # texts cut at the model's max_length (truncate=true, the default)
-            p["truncated_rows"].string_param = json.dumps(truncated)
         # The budget the server planned with (after the margin): says which source won
         # (parameter, gRPC deadline or the model's default) and what was left of it.
         p["budget_us"].int64_param = int(budget_s * 1e6)

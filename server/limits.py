@@ -44,8 +44,10 @@ class RequestLimits:
     )  # fmt: skip
     max_inflight_bytes: int = spec(
         256 * 2**20, lo=2**20, hi=2**40,
-        doc="request bytes accepted and not yet answered, all models together; more: "
-        "RESOURCE_EXHAUSTED (keeps memory bounded under many large requests)",
+        doc="request bytes accepted and not yet answered, and stream answer bytes their "
+        "clients have not read yet, all models together; more: RESOURCE_EXHAUSTED (keeps "
+        "memory bounded under many large requests, and under stream clients that send "
+        "without reading)",
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -559,21 +560,33 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         except InferError as exc:
             await context.abort(status_of(exc), clip_message(str(exc)))
 
-        async def answer(request) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
-            return await self._stream_answer(request, context)
+        plane = self.plane
 
-        async def write(answered: tuple[pb.ModelStreamInferResponse, Callable | None]) -> None:
-            resp, sent = answered
+        async def answer(request) -> _StreamAnswer:
+            resp, sent = await self._stream_answer(request, context)
+            # Until written, the answer counts against the in-flight bytes (no await between
+            # here and serve_stream taking it: it is released by write or by discard). A
+            # client that sends and does not read kept up to MAX_STREAM_INFLIGHT answers per
+            # stream beyond the cap: 64 x 256 KiB on each of a connection's 1024 streams.
+            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize()))
+
+        async def write(a: _StreamAnswer) -> None:
             started = time.monotonic()
-            await context.write(resp)
-            if sent is not None:
+            try:
+                await context.write(a.resp)
+            finally:
+                plane.release(a.held)
+            if a.sent is not None:
                 try:
-                    sent(started)
+                    a.sent(started)
                 except Exception:  # bookkeeping: it must not end the client's stream
                     log.exception("ModelStreamInfer: noting an answer's overhead failed")
 
-        if await serve_stream(request_iterator, answer, write, closing=self.plane.closing,
-                              ordered=ordered):  # fmt: skip
+        def discard(a: _StreamAnswer) -> None:
+            plane.release(a.held)
+
+        if await serve_stream(request_iterator, answer, write, closing=plane.closing,
+                              ordered=ordered, discard=discard):  # fmt: skip
             # Draining: the requests read are answered; the client reopens the stream
             # (elsewhere) and resends what it sent after them, as after any UNAVAILABLE.
             exc = Unavailable("the server is shutting down: open the stream again")
@@ -631,6 +644,15 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 message = clip_message(message)[: MESSAGE_CHARS - len(tag)] + tag
         failed.error_message = clip_message(message)
         return failed, None
+
+
+class _StreamAnswer(NamedTuple):
+    """A stream's answer on its way out: the message, what to note once its write began
+    (None for a failure; ``_stream_answer``), and the bytes it holds of the in-flight cap."""
+
+    resp: pb.ModelStreamInferResponse
+    sent: Callable[[float], None] | None
+    held: int
 
 
 STREAM_ORDER_HEADER = "innfer-stream-order"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import TypeVar
 
@@ -52,6 +53,7 @@ async def serve_stream(
     limit: int = MAX_STREAM_INFLIGHT,
     closing: asyncio.Event | None = None,
     ordered: bool = True,
+    discard: Callable[[Resp], None] | None = None,
 ) -> bool:
     """Read ``requests``, run ``answer`` on each concurrently and ``write`` the results in
     the order the requests were read (``ordered``) or each as it completes, with at most
@@ -67,7 +69,9 @@ async def serve_stream(
     (like one out of reading or writing) ends the whole stream, cancelling the others.
     Returns when the requests are exhausted and every answer is written; on cancellation
     (the client went away) or an error, cancels whatever is still running and waits for it
-    to unwind before returning or raising.
+    to unwind before returning or raising. ``discard`` is called with each answer that was
+    made but never handed to ``write`` (the stream ended first): every answer goes to
+    exactly one of the two, so what an answer holds can be let go in one or the other.
     """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(limit)
@@ -127,8 +131,16 @@ async def serve_stream(
         reader.cancel()
         if closed is not None:
             closed.cancel()
-        for task in running:
+        for task in running:  # answered or not, never to be written
             task.cancel()
+            if discard is not None:  # by callback: the gather below may itself be cancelled
+                task.add_done_callback(functools.partial(_discard, discard))  # (gRPC does)
         # Let the cancelled requests leave the scheduler's queue before the stream ends.
         await asyncio.gather(reader, *running, return_exceptions=True)
     return cut
+
+
+def _discard(discard: Callable[[Resp], None], task: asyncio.Task) -> None:
+    """``discard`` the answer ``task`` made, if it made one."""
+    if not task.cancelled() and task.exception() is None:
+        discard(task.result())

@@ -1029,3 +1029,38 @@ def test_a_refused_request_is_logged_as_traffic_with_the_budget_a_served_one_get
         arrival, budget_s, rows = logged.pop()
         assert arrival == pytest.approx(9.990) and rows == 3
         assert budget_s == pytest.approx(budget - 0.001), plans
+
+
+def test_an_answer_counts_against_the_inflight_cap_from_its_decode(config):
+    # The cap counted request bytes alone: an answer many times its request (embeddings of
+    # short texts, a large output) was outside it - and a stream client that sends without
+    # reading piled those answers up uncounted (tests/test_stream.py: through gRPC).
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        registry = plane.metrics.registry
+        full = {"model": "a", "tier": "", "outcome": "refused_full"}
+        try:
+            req = _request("a", _x(4, 1.0))
+            cap = plane.limits.max_inflight_bytes
+            # Room for the request (a few hundred bytes), none for its answer's frame.
+            plane.inflight_bytes = base = cap - 2 * req.ByteSize()
+            with pytest.raises(ResourceExhausted, match="answers are in flight"):
+                await plane.infer(req, None)
+            assert registry.get_sample_value("innfer_requests_total", full) == 1
+            plane.inflight_bytes = base = cap - 4096  # room for both
+            task = asyncio.create_task(plane.infer(req, None))
+            held = 0
+            while not task.done():  # the fake engine sleeps 2 ms: the loop looks meanwhile
+                held = max(held, plane.inflight_bytes - base)
+                await asyncio.sleep(0)
+            resp = task.result()
+            assert plane.inflight_bytes == base  # let go once the answer is made
+            return resp, held, req.ByteSize()
+        finally:
+            plane.inflight_bytes = 0
+            await plane.stop_models()
+
+    resp, held, request_bytes = _run(body())
+    tensors = sum(len(b) for b in resp.raw_output_contents)  # 4 rows x 3 float32
+    assert tensors == 48 and held >= request_bytes + tensors, (held, request_bytes)

@@ -4,13 +4,15 @@ Findings of the stream review of session 32; each test failed before its fix."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from serverutil import ServerThread, build_repository
+from onnx import TensorProto, helper, numpy_helper
+from serverutil import OPSET, ServerThread, add_onnx_model, build_repository
 from test_triton_parity import _Collector as Answers
 from test_triton_parity import add_slow_model
 
@@ -192,3 +194,82 @@ def test_an_answer_held_behind_slower_ones_does_not_teach_the_overhead_that_wait
     ring = overhead._samples
     learned = [ring[k % len(ring)] for k in range(before, overhead.samples)]
     assert len(learned) == 8 and max(learned) < 0.5 * slow_s / 1e6, (learned, slow_s)
+
+
+# -- answers a client does not read ------------------------------------------------------------
+BIG_ROW = 64 * 1024  # float32s in one answer row of "big": 256 KiB
+
+
+def _big_answers(width: float) -> tuple[bytes, dict, int, int]:
+    """(B, 64) -> Tile -> (B, 65536): an answer 1,000 times its request."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "repeats"], ["out"])],
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", BIG_ROW])],
+        [numpy_helper.from_array(np.array([1, BIG_ROW // 64], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model.SerializeToString(), {}, BIG_ROW, 0
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    """Model "big" (256 KiB answers) on a server taking 1 MiB in flight."""
+    root = tmp_path_factory.mktemp("big")
+    add_onnx_model(root, "big", _big_answers, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
+        "outputs": [{"name": "out", "dtype": "float32", "shape": [BIG_ROW]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
+        "default_latency_budget_ms": 60_000,
+    })  # fmt: skip
+    s = ServerThread({"repository": str(root), "limits": {"max_inflight_bytes": 2**20}}).start()
+    yield s
+    s.stop(grace=2.0)
+
+
+def test_answers_a_stream_client_does_not_read_count_against_the_inflight_cap(capped):
+    # They were outside it: a client sending 200 requests on one stream and reading nothing
+    # had 79 answers made (20 MiB: up to 64 held per stream, the rest in gRPC's windows)
+    # under a 1 MiB cap, and another client's call was still taken - a connection's 1024
+    # streams could hold 64 x 1024 answers.
+    plane = capped.server.plane
+    req = pb.ModelInferRequest(model_name="big")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    served = {"model": "big", "tier": "w100", "outcome": "served"}
+    registry = capped.server.metrics.registry
+    done = threading.Event()
+
+    def requests():
+        for _ in range(200):
+            yield req
+        done.wait(30)  # open, never read
+
+    reader = grpc.insecure_channel(capped.address)
+    other = grpc.insecure_channel(capped.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        call = rpc.GRPCInferenceServiceStub(reader).ModelStreamInfer(requests())
+        deadline = time.monotonic() + 20
+        while plane.inflight_bytes < 2**19:  # answers waiting for a reader: held
+            assert time.monotonic() < deadline, plane.inflight_bytes
+            time.sleep(0.02)
+        time.sleep(0.3)  # the stream has read all it will
+        made = registry.get_sample_value("innfer_requests_total", served)
+        assert plane.inflight_bytes <= 2**20 + 64 * 2048  # the cap, and refusals' answers
+        with pytest.raises(grpc.RpcError) as refused:
+            rpc.GRPCInferenceServiceStub(other).ModelInfer(req, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "read its answers" in refused.value.details()
+        call.cancel()  # the client goes: what it held is let go
+        while plane.inflight_bytes:
+            assert time.monotonic() < deadline + 10, plane.inflight_bytes
+            time.sleep(0.02)
+        answer = rpc.GRPCInferenceServiceStub(other).ModelInfer(req, timeout=10)
+        assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
+        assert made < 40, made  # bounded by the cap, not by the stream's 64
+    finally:
+        done.set()
+        reader.close()
+        other.close()

@@ -414,6 +414,51 @@ def test_serve_stream_reads_no_more_than_its_limit_and_cancels_on_close():
     asyncio.run(run())
 
 
+def test_serve_stream_hands_every_answer_to_write_or_discard_once_even_cancelled_twice():
+    # An answer made and never written (the client went) held its in-flight bytes for good:
+    # the discard ran after the unwinding gather, which gRPC's second cancel of the handler
+    # interrupts - 63 answers stayed counted after a non-reading client cancelled.
+    async def run():
+        made, written, discarded = [], [], []
+        blocked = asyncio.Event()
+
+        async def requests():
+            for i in range(20):
+                yield i
+
+        async def answer(i):
+            if i % 2:  # half never finish before the client goes
+                await asyncio.Event().wait()
+            made.append(i)
+            return i
+
+        async def write(i):
+            written.append(i)
+            if len(written) == 3:  # the client stops reading
+                blocked.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(
+            serve_stream(
+                requests(), answer, write, limit=8, ordered=False, discard=discarded.append
+            )
+        )
+        await asyncio.wait_for(blocked.wait(), 5)
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0)  # the handler is in its unwinding gather
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3):  # the callbacks' turn
+            await asyncio.sleep(0)
+        return made, written, discarded
+
+    made, written, discarded = asyncio.run(run())
+    assert len(written) == 3 and discarded  # some were made behind the blocked write
+    assert sorted(written + discarded) == sorted(made), (made, written, discarded)
+
+
 def test_a_streams_deadline_caps_its_requests_budgets_but_is_not_their_budget(client):
     # The stream's deadline is the whole stream's: it was taken as each request's budget
     # (a 600 s stream planned every request at 600 s), where a unary call's is its own.

@@ -1,0 +1,205 @@
+"""Stream clients that send and never read: what the server makes and holds for them, this
+tree vs an older one, in the same run.
+
+A ModelStreamInfer client that sends requests and reads no answer makes the server hold the
+answers it cannot write (HTTP/2 flow control stops the writes). Before answers counted
+against ``limits.max_inflight_bytes``, each stream could have up to its 64 requests in
+flight made into answers beyond the cap. Here: one connection opens ``--streams`` streams to
+a model whose answer is 256 KiB (a (1, 64) -> (1, 65536) Tile: 1,000 times its request),
+each sending ``--requests`` requests and reading nothing, against each tree's server in a
+process of its own, both with the same cap (``--cap-mib``, 32 by default: the default
+256 MiB takes a minute of answers to fill at this machine's rate). Per tree, in turn
+(``--repeats`` times, trees alternating):
+  - the server's RSS rise while the streams hang (its peak over ``--hold-s`` seconds) and
+    its requests by outcome (answers made: ``served``);
+  - whether another connection's ModelInfer is answered then, and a readiness probe;
+  - after the client cancels its streams: the RSS left, and whether ModelInfer is served.
+RSS counts more than what is held: gRPC's transport takes some answers per stream before
+flow control stops the writes (innfer cannot count those), and the heap keeps freed memory
+up to its trim threshold (server/allocator.py).
+
+    .venv/bin/python -m bench.unread_streams [--baseline-tree DIR] [--streams 48]
+        [--requests 200] [--hold-s 20] [--cap-mib 32] [--repeats 2] [--out bench/results]
+
+Writes bench/results/unread_streams.json (~3 minutes for two trees, two repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import hardening
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+from server.proto_gen import health_pb2_grpc
+
+OUT = Path(__file__).parent / "results"
+ROW = 64 * 1024  # float32s in one answer: 256 KiB
+
+
+def big_answers(width: float) -> tuple[bytes, dict, int, int]:
+    """(B, 64) -> Tile -> (B, 65536), the same at every width (one tier)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "repeats"], ["out"])],
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", ROW])],
+        [numpy_helper.from_array(np.array([1, ROW // 64], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {}, ROW, 0
+
+
+def build(root: Path) -> Path:
+    sys.path.insert(0, str(hardening.ROOT / "tests"))
+    from serverutil import add_onnx_model
+
+    add_onnx_model(root, "big", big_answers, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
+        "outputs": [{"name": "out", "dtype": "float32", "shape": [ROW]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
+        "default_latency_budget_ms": 60_000,
+    })  # fmt: skip
+    return root
+
+
+def request() -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="big")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return req
+
+
+def unary(address: str) -> str:
+    """Another client's ModelInfer on a connection of its own: its status code's name."""
+    with grpc.insecure_channel(address, options=hardening.UNLIMITED) as ch:
+        try:
+            rpc.GRPCInferenceServiceStub(ch).ModelInfer(request(), timeout=10)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+
+def probe(address: str) -> float:
+    """Milliseconds a readiness Check took (NaN if it failed)."""
+    with grpc.insecure_channel(address) as ch:
+        t0 = time.perf_counter()
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(hardening.READINESS, timeout=10)
+        except grpc.RpcError:
+            return float("nan")
+        return 1e3 * (time.perf_counter() - t0)
+
+
+def answers_made(server: hardening.ServerProcess) -> dict[str, float]:
+    """The server's innfer_requests_total for model big, by outcome."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "innfer_requests_total" and sample.labels.get("model") == "big":
+                key = sample.labels["outcome"]
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def one_run(tree: Path, repo: Path, log: Path, args) -> dict:
+    extra = {} if args.cap_mib is None else {"limits": {"max_inflight_bytes": args.cap_mib * 2**20}}
+    server = hardening.ServerProcess(tree, repo, log, extra)
+    server.start()
+    stop = threading.Event()
+    req = request()
+
+    def requests():
+        for _ in range(args.requests):
+            yield req
+        stop.wait(args.hold_s + 30)  # open, never read
+
+    try:
+        time.sleep(1.0)
+        rss0 = server.rss()
+        peak = rss0
+        with grpc.insecure_channel(server.address, options=hardening.UNLIMITED) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            calls = [stub.ModelStreamInfer(requests()) for _ in range(args.streams)]
+            t_end = time.monotonic() + args.hold_s
+            while time.monotonic() < t_end:
+                peak = max(peak, server.rss())
+                time.sleep(0.1)
+            during = {"unary": unary(server.address), "readiness_ms": probe(server.address),
+                      "requests_by_outcome": answers_made(server)}  # fmt: skip
+            for call in calls:
+                call.cancel()
+            stop.set()
+        time.sleep(2.0)
+        after = {"unary": unary(server.address), "rss_rise_mib": server.rss() - rss0}
+        return {"rss_before_mib": rss0, "rss_rise_peak_mib": peak - rss0, "while_held": during,
+                "after_cancel": after, "server_alive": server.alive()}  # fmt: skip
+    finally:
+        stop.set()
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline-tree", type=Path, default=None)
+    p.add_argument("--streams", type=int, default=48)
+    p.add_argument("--requests", type=int, default=200, help="per stream")
+    p.add_argument("--hold-s", type=float, default=20.0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cap-mib", type=int, default=32,
+                   help="limits.max_inflight_bytes of both trees' servers (MiB)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    trees = hardening.trees_to_measure(p, args.baseline_tree, "server/stream.py")
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="innfer-unread-streams-"))
+    repo = build(work / "repo")
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for k in range(args.repeats):
+        order = list(trees) if k % 2 == 0 else list(trees)[::-1]
+        for name in order:
+            r = one_run(trees[name], repo, work / f"server-{name}.log", args)
+            runs[name].append(r)
+            print(f"{name:>8} #{k}: RSS +{r['rss_rise_peak_mib']:.0f} MiB held, another "
+                  f"client's call {r['while_held']['unary']}, readiness "
+                  f"{r['while_held']['readiness_ms']:.1f} ms, made "
+                  f"{r['while_held']['requests_by_outcome']}; after cancel +"
+                  f"{r['after_cancel']['rss_rise_mib']:.0f} MiB, call "
+                  f"{r['after_cancel']['unary']}", flush=True)  # fmt: skip
+    summary = {
+        name: {"rss_rise_peak_mib_median": statistics.median(r["rss_rise_peak_mib"] for r in rs),
+               "rss_rise_peak_mib": [round(r["rss_rise_peak_mib"], 1) for r in rs]}
+        for name, rs in runs.items()
+    }  # fmt: skip
+    result = {
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "commits": {name: hardening.commit_of(tree) for name, tree in trees.items()},
+        "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "unread_streams.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
