@@ -4,6 +4,7 @@ clear INVALID_ARGUMENT messages. Protobuf messages in, numpy out; no grpc here.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -389,6 +390,7 @@ def _classes(o, spec: TensorConfig) -> int:
     return min(k, spec.shape[0])  # as Triton: at most every class
 
 
+@functools.lru_cache(maxsize=1024)  # per request on the hot path: 6.6 us uncached
 def row_bytes(w: Requested) -> int:
     """Upper bound of the bytes one row of ``w`` takes in an answer (a classification
     string: its length prefix, a "%f" value up to 48 characters, ":" and an index)."""
