@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,6 +229,7 @@ class Pending:
     request: Request
     future: asyncio.Future[InferResult]
     lane: int = 0  # the sequence length of the scheduler it queues in (0: fixed shapes)
+    verdict: Verdict | None = None  # whether it met its budget: judged when it is sent
 
     def resolve(self, result: InferResult) -> None:
         if not self.future.done():  # the caller may have cancelled meanwhile
@@ -236,6 +238,44 @@ class Pending:
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+class Verdict:
+    """Whether a request met its budget, judged when its answer leaves rather than when its
+    batch completes: a stream's answer can wait after it is made (in request order, behind
+    slower answers read before it; or for a client that does not read), and the client hears
+    it only then. Set ``VERDICT`` to one in the request's task before its ``infer``; the
+    runtime counts such a request served but leaves met or late to ``sent`` (written) or
+    ``dropped`` (never written: late only past its budget, as a cancelled request).
+
+    Example:
+        >>> v = Verdict()
+        >>> token = VERDICT.set(v)  # doctest: +SKIP
+        >>> resp = await plane.infer(request, None)  # doctest: +SKIP
+        >>> v.sent()  # its write begins now  # doctest: +SKIP
+    """
+
+    __slots__ = ("due", "runtime")
+
+    def __init__(self) -> None:
+        self.runtime: ModelRuntime | None = None  # set once its batch answered it
+        self.due = 0.0
+
+    def sent(self) -> None:
+        if self.runtime is not None:
+            self.runtime.judge(self.due, late_only=False)
+            self.runtime = None
+
+    def dropped(self) -> None:
+        if self.runtime is not None:
+            self.runtime.judge(self.due, late_only=True)
+            self.runtime = None
+
+
+# The Verdict of the request the current task serves (None: judged when its batch completes).
+VERDICT: contextvars.ContextVar[Verdict | None] = contextvars.ContextVar(
+    "innfer_verdict", default=None
+)
 
 
 class EngineThreads:
@@ -799,7 +839,7 @@ class ModelRuntime:
             raise InvalidArgument(str(exc)) from None
         # No await since submit, and the pump runs below: the request cannot have run yet.
         future = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = Pending(req, future, lane)
+        self._pending[req.id] = Pending(req, future, lane, VERDICT.get())
         # Light load, as inline runs need it: the request found the model empty and the loop
         # idle since the last launch (nothing waiting in gRPC's queue either).
         alone = self.inflight == 0 and self._idle.waits != self._idle_mark
@@ -821,6 +861,9 @@ class ModelRuntime:
         on and its answer is dropped (``_resolve`` finds it gone; nothing counts it served
         or failed). Answered already (cancelled on its way out), it was counted served."""
         if future.done() and not future.cancelled():
+            pending = self._pending.get(req.id)
+            if pending is not None and pending.verdict is not None:
+                pending.verdict.dropped()  # its answer is lost with its caller
             return
         t = self.clock()
         if self.lanes[lane].cancel(req, t):
@@ -1063,7 +1106,7 @@ class ModelRuntime:
             return
         if error is None:
             try:
-                answered, output_s = self._resolve(d, outputs, times[1])
+                answered, output_s, later = self._resolve(d, outputs, times[1])
             except Exception as exc:  # outputs that do not split into its requests' rows
                 error = exc
         if error is not None:
@@ -1080,7 +1123,7 @@ class ModelRuntime:
         # Answer first, account later: the bookkeeping (latency model, slot, metrics,
         # statistics: ~0.1-0.3 ms at one client on the MLP) runs when the loop is next idle -
         # after the answers are sent - or at the next flush (server/loop_idle.py).
-        self._idle.defer(self._settle, lane, d, times, now, answered, output_s)
+        self._idle.defer(self._settle, lane, d, times, now, answered, output_s, later)
         if self._device_waiting():
             self._pump()  # its flush settles this batch before the next decision
 
@@ -1168,19 +1211,30 @@ class ModelRuntime:
             pending = self._waiting(r)
             if out is None or pending is None:  # cancelled (counted then): skipped, or gone
                 continue
-            pending.resolve(InferResult(
+            later = self._answer(pending, r, InferResult(
                 out, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
                 int(1e6 * secs), r.rows, pending.lane,
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
-            self._record(alone, [r], secs, now)
+            self._record(alone, [r], secs, now, {r.id} if later else ())
             self._record_triton(alone, [r], (0.0, secs, 0.0), now)
+
+    def _answer(self, pending: Pending, r: Request, result: InferResult) -> bool:
+        """Resolve ``pending`` (``r``'s) with ``result``; True where its met or late waits
+        for the answer to leave (its ``Verdict``, told here what it is judged against: the
+        caller may send before this batch's bookkeeping runs)."""
+        pending.resolve(result)
+        if pending.verdict is None:
+            return False
+        pending.verdict.runtime, pending.verdict.due = self, r.due
+        return True
 
     def _resolve(
         self, d: Decision, outputs: dict[str, np.ndarray], compute: float
-    ) -> tuple[list[Request], float]:
+    ) -> tuple[list[Request], float, set[int]]:
         """Hand each of ``d``'s requests its rows of ``outputs``; (the requests answered -
-        not those cancelled while the batch ran -, the seconds it took)."""
+        not those cancelled while the batch ran -, the seconds it took, the ids of those
+        whose verdict waits for their answer to leave)."""
         t_out = time.perf_counter()
         for k, v in outputs.items():  # a graph with its batch fixed at 1 mixed the requests
             if v.ndim == 0 or v.shape[0] != d.rows:
@@ -1189,29 +1243,30 @@ class ModelRuntime:
                     f"{d.rows} rows (its batch axis must follow the input's); rebuild the model"
                 )
         offset = 0
-        answered = []
+        answered, later = [], set()
         for r in d.requests:
             part = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
             pending = self._waiting(r)
             if pending is not None:
                 answered.append(r)
-                pending.resolve(InferResult(
+                if self._answer(pending, r, InferResult(
                     part, d.tier, self._width(d.tier), int(1e6 * (r.started - r.arrival)),
                     int(1e6 * compute), d.rows, pending.lane,
-                ))  # fmt: skip
-        return answered, time.perf_counter() - t_out
+                )):  # fmt: skip
+                    later.add(r.id)
+        return answered, time.perf_counter() - t_out, later
 
     def _settle(
         self, lane: Scheduler, d: Decision, times: tuple[float, float, float], now: float,
-        answered: list[Request], output_s: float,
+        answered: list[Request], output_s: float, later: Collection[int] = (),
     ) -> None:  # fmt: skip
         """The bookkeeping of a batch answered at ``now``: the scheduler learns its time
         and frees its slot, then metrics and Triton's statistics count it."""
         prepare, compute, cpu = times
         lane.complete(d, now, compute)
         self._account_cpu(cpu)
-        self._record(d, answered, compute, now)
+        self._record(d, answered, compute, now, later)
         # A request cancelled while its batch ran is not a success.
         self._record_triton(d, answered, (prepare, compute, output_s), now)
 
@@ -1220,9 +1275,13 @@ class ModelRuntime:
         if pending is not None:
             pending.fail(exc)
 
-    def _record(self, d: Decision, answered: list[Request], compute: float, now: float) -> None:
+    def _record(
+        self, d: Decision, answered: list[Request], compute: float, now: float,
+        later: Collection[int] = (),
+    ) -> None:  # fmt: skip
         """Metrics of batch ``d``; per request, of those ``answered`` (one cancelled while
-        the batch ran was counted as cancelled, not served nor met)."""
+        the batch ran was counted as cancelled, not served nor met); met or late, except for
+        the ids in ``later`` (their ``Verdict`` tells when their answers leave)."""
         tier = d.tier
         served, request_s, queue_s, compute_s, batch = self._per_tier[tier]
         batch.observe(d.rows)
@@ -1237,7 +1296,18 @@ class ModelRuntime:
             self._served_accuracy.observe(self.accuracy[tier])
             if self.accuracy[tier] < self.accuracy[self._best_allowed(r)]:
                 self._degraded.inc()
-            (self._met if now <= r.due else self._missed["late"]).inc()
+            if r.id not in later:
+                (self._met if now <= r.due else self._missed["late"]).inc()
+
+    def judge(self, due: float, late_only: bool = False) -> None:
+        """Count a served request whose verdict waited for its answer to leave (``Verdict``)
+        met or late by now; ``late_only``: its answer was never sent - a miss only if the
+        client waited out its budget, as for a cancelled request."""
+        late = self.clock() > due
+        if late:
+            self._missed["late"].inc()
+        elif not late_only:
+            self._met.inc()
 
     def _best_allowed(self, r: Request) -> str:
         """The tier ``r`` is served at when load takes nothing from it: its pin, else the

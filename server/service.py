@@ -40,7 +40,7 @@ from server.limits import (
     request_fields,
     tensor_fields,
 )
-from server.model_runtime import Duration, ModelRuntime
+from server.model_runtime import VERDICT, Duration, ModelRuntime, Verdict
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
@@ -563,15 +563,20 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         plane = self.plane
 
         async def answer(request) -> _StreamAnswer:
+            # Met or late when its write begins (this task's own context): an answer that
+            # waits behind slower ones read before it reaches its client only then.
+            verdict = Verdict()
+            VERDICT.set(verdict)
             resp, sent = await self._stream_answer(request, context)
             # Until written, the answer counts against the in-flight bytes (no await between
             # here and serve_stream taking it: it is released by write or by discard). A
             # client that sends and does not read kept up to MAX_STREAM_INFLIGHT answers per
             # stream beyond the cap: 64 x 256 KiB on each of a connection's 1024 streams.
-            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize()))
+            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize()), verdict)
 
         async def write(a: _StreamAnswer) -> None:
             started = time.monotonic()
+            a.verdict.sent()
             try:
                 await context.write(a.resp)
             finally:
@@ -583,6 +588,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                     log.exception("ModelStreamInfer: noting an answer's overhead failed")
 
         def discard(a: _StreamAnswer) -> None:
+            a.verdict.dropped()
             plane.release(a.held)
 
         if await serve_stream(request_iterator, answer, write, closing=plane.closing,
@@ -648,11 +654,13 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
 class _StreamAnswer(NamedTuple):
     """A stream's answer on its way out: the message, what to note once its write began
-    (None for a failure; ``_stream_answer``), and the bytes it holds of the in-flight cap."""
+    (None for a failure; ``_stream_answer``), the bytes it holds of the in-flight cap, and
+    whether it met its budget (told when it is written or dropped)."""
 
     resp: pb.ModelStreamInferResponse
     sent: Callable[[float], None] | None
     held: int
+    verdict: Verdict
 
 
 STREAM_ORDER_HEADER = "innfer-stream-order"

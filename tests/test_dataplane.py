@@ -1064,3 +1064,49 @@ def test_an_answer_counts_against_the_inflight_cap_from_its_decode(config):
     resp, held, request_bytes = _run(body())
     tensors = sum(len(b) for b in resp.raw_output_contents)  # 4 rows x 3 float32
     assert tensors == 48 and held >= request_bytes + tensors, (held, request_bytes)
+
+
+def test_a_verdict_set_by_the_caller_waits_for_the_answer_to_leave(config):
+    # Streams judge met / late when an answer is written (server.model_runtime.Verdict); a
+    # request without one is judged when its batch completes, as before.
+    from server.model_runtime import VERDICT, Verdict
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        registry = plane.metrics.registry
+
+        def counts():
+            plane.models["a"].flush()  # the batch's deferred bookkeeping
+            met = registry.get_sample_value("innfer_deadline_met_total", {"model": "a"}) or 0
+            late = registry.get_sample_value(
+                "innfer_deadline_missed_total", {"model": "a", "reason": "late"}
+            )
+            return met, late or 0
+
+        async def served(verdict: Verdict | None):
+            VERDICT.set(verdict)  # this task's own context
+            await plane.infer(_request("a", _x(1, 1.0), latency_budget_ms=1000), None)
+            return counts()
+
+        try:
+            seen = [counts(), await asyncio.create_task(served(None))]
+            for end in ("sent", "dropped"):
+                v = Verdict()
+                seen.append(await asyncio.create_task(served(v)))  # not judged yet
+                getattr(v, end)()
+                getattr(v, end)()  # once only
+                seen.append(counts())
+            v = Verdict()
+            await asyncio.create_task(served(v))
+            v.due = plane.models["a"].clock() - 1.0  # its budget ran out before it left
+            v.dropped()
+            seen.append(counts())
+            return seen
+        finally:
+            await plane.stop_models()
+
+    seen = _run(body())
+    # none; judged at completion; held; sent: met; held; dropped in time: nothing; dropped
+    # past its budget: late
+    assert seen == [(0, 0), (1, 0), (1, 0), (2, 0), (2, 0), (2, 0), (2, 1)], seen

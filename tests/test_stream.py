@@ -273,3 +273,34 @@ def test_answers_a_stream_client_does_not_read_count_against_the_inflight_cap(ca
         done.set()
         reader.close()
         other.close()
+
+
+def test_an_answer_held_behind_slower_ones_past_its_budget_is_counted_late(server):
+    # In request order an answer made in time can reach its client late, held behind slower
+    # answers read before it; it was counted met when its batch completed (noticed in
+    # session 33): attainment read higher than what ordered-stream clients got.
+    registry = server.server.metrics.registry
+
+    def count(name, **labels):
+        return registry.get_sample_value(name, {"model": "tiny", **labels}) or 0.0
+
+    before = (count("innfer_deadline_met_total"), count("innfer_deadline_missed_total",
+                                                         reason="late"))  # fmt: skip
+
+    def send(c):
+        for i in range(20):  # ~0.7 s of "slow" ahead of the tiny ones, in request order
+            c.async_stream_infer("slow", [_input(SLOW)], request_id=f"s{i}")
+        for i in range(4):  # urgent: made within ~2 slow batches, well inside 300 ms
+            c.async_stream_infer("tiny", [_input(TINY)], request_id=f"t{i}",
+                                 parameters={"latency_budget_ms": 300}, priority=1)  # fmt: skip
+
+    answers = _streamed(server, send, 24)
+    tiny = [r for r, e in answers[20:] if e is None]
+    slow_ms = sum(r.get_response().parameters["compute_us"].int64_param for r, _ in answers[:20])
+    assert tiny and slow_ms > 400_000, slow_ms  # (a refused tiny one is not served: no verdict)
+    for r in tiny:  # made in time: the server's own queue + compute was inside the budget
+        p = r.get_response().parameters
+        assert p["queue_us"].int64_param + p["compute_us"].int64_param < 300_000
+    met = count("innfer_deadline_met_total") - before[0]
+    late = count("innfer_deadline_missed_total", reason="late") - before[1]
+    assert (met, late) == (0, len(tiny)), (met, late, len(tiny))
