@@ -10,24 +10,28 @@ each sending ``--requests`` requests and reading nothing, against each tree's se
 process of its own, both with the same cap (``--cap-mib``, 32 by default: the default
 256 MiB takes a minute of answers to fill at this machine's rate). Per tree, in turn
 (``--repeats`` times, trees alternating):
-  - the server's RSS rise while the streams hang (its peak over ``--hold-s`` seconds) and
-    its requests by outcome (answers made: ``served``);
+  - the server's RSS rise while the streams hang (its peak over ``--hold-s`` seconds), its
+    requests by outcome (answers made: ``served``) and the client's own RSS rise;
   - whether another connection's ModelInfer is answered then, and a readiness probe;
   - after the client cancels its streams: the RSS left, and whether ModelInfer is served.
-RSS counts more than what is held: gRPC's transport takes some answers per stream before
-flow control stops the writes (innfer cannot count those), and the heap keeps freed memory
-up to its trim threshold (server/allocator.py).
+A reference arm (``current-reading``) sends the same on this tree with a client that reads
+every answer. The server's RSS peak is mostly the churn of making 256 KiB answers (the
+reading arm peaks as high or higher), so the count of answers made says more: beyond what
+the cap holds, the client's own gRPC accepts some answers per stream into its buffers before
+flow control stops the writes - the client's memory, not the server's.
 
     .venv/bin/python -m bench.unread_streams [--baseline-tree DIR] [--streams 48]
         [--requests 200] [--hold-s 20] [--cap-mib 32] [--repeats 2] [--out bench/results]
 
-Writes bench/results/unread_streams.json (~3 minutes for two trees, two repeats).
+Writes bench/results/unread_streams.json (~5 minutes for two trees, two repeats).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -121,7 +125,7 @@ def answers_made(server: hardening.ServerProcess) -> dict[str, float]:
     return out
 
 
-def one_run(tree: Path, repo: Path, log: Path, args) -> dict:
+def one_run(tree: Path, repo: Path, log: Path, args, read: bool = False) -> dict:
     extra = {} if args.cap_mib is None else {"limits": {"max_inflight_bytes": args.cap_mib * 2**20}}
     server = hardening.ServerProcess(tree, repo, log, extra)
     server.start()
@@ -140,12 +144,19 @@ def one_run(tree: Path, repo: Path, log: Path, args) -> dict:
         with grpc.insecure_channel(server.address, options=hardening.UNLIMITED) as ch:
             stub = rpc.GRPCInferenceServiceStub(ch)
             calls = [stub.ModelStreamInfer(requests()) for _ in range(args.streams)]
+            readers = [  # the reference arm: a client that reads every answer
+                threading.Thread(target=_drain, args=(c,), daemon=True) for c in calls if read
+            ]  # fmt: skip
+            for t in readers:
+                t.start()
+            mine0 = _own_rss_mib()
             t_end = time.monotonic() + args.hold_s
             while time.monotonic() < t_end:
                 peak = max(peak, server.rss())
                 time.sleep(0.1)
             during = {"unary": unary(server.address), "readiness_ms": probe(server.address),
-                      "requests_by_outcome": answers_made(server)}  # fmt: skip
+                      "requests_by_outcome": answers_made(server),
+                      "client_rss_rise_mib": _own_rss_mib() - mine0}  # fmt: skip
             for call in calls:
                 call.cancel()
             stop.set()
@@ -156,6 +167,17 @@ def one_run(tree: Path, repo: Path, log: Path, args) -> dict:
     finally:
         stop.set()
         server.stop()
+
+
+def _drain(call) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        for _ in call:
+            pass
+
+
+def _own_rss_mib() -> float:
+    """This (client) process's RSS in MiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="innfer-unread-streams-"))
     repo = build(work / "repo")
-    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    arms = {name: (tree, False) for name, tree in trees.items()}
+    arms["current-reading"] = (trees["current"], True)  # the same load, answers read
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
     for k in range(args.repeats):
-        order = list(trees) if k % 2 == 0 else list(trees)[::-1]
+        order = list(arms) if k % 2 == 0 else list(arms)[::-1]
         for name in order:
-            r = one_run(trees[name], repo, work / f"server-{name}.log", args)
+            tree, read = arms[name]
+            r = one_run(tree, repo, work / f"server-{name}.log", args, read)
             runs[name].append(r)
             print(f"{name:>8} #{k}: RSS +{r['rss_rise_peak_mib']:.0f} MiB held, another "
                   f"client's call {r['while_held']['unary']}, readiness "
