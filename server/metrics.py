@@ -10,7 +10,7 @@ as sent - above ``limits.max_inflight_bytes`` alone, or an answer over the messa
 ``innfer_deadline_missed_total{reason}`` (the client did not get an answer within its budget):
 
   late              answered (or still running when the client gave up) after the budget;
-                    a stream's answer is judged when its write begins (in request order it
+                    a stream's answer is judged when it is written (in request order it
                     may wait behind slower answers read before it)
   expired           admitted, but the budget ran out in the queue (DEADLINE_EXCEEDED)
   refused_deadline  refused at arrival: the work queued ahead (or this replica running slower

@@ -252,7 +252,7 @@ class Verdict:
         >>> v = Verdict()
         >>> token = VERDICT.set(v)  # doctest: +SKIP
         >>> resp = await plane.infer(request, None)  # doctest: +SKIP
-        >>> v.sent()  # its write begins now  # doctest: +SKIP
+        >>> v.sent()  # it was written now  # doctest: +SKIP
     """
 
     __slots__ = ("due", "runtime")

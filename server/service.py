@@ -563,8 +563,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         plane = self.plane
 
         async def answer(request) -> _StreamAnswer:
-            # Met or late when its write begins (this task's own context): an answer that
-            # waits behind slower ones read before it reaches its client only then.
+            # Met or late once it is written (this task's own context): an answer that waits
+            # behind slower ones read before it reaches its client only then.
             verdict = Verdict()
             VERDICT.set(verdict)
             resp, sent = await self._stream_answer(request, context)
@@ -576,11 +576,14 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
         async def write(a: _StreamAnswer) -> None:
             started = time.monotonic()
-            a.verdict.sent()
             try:
                 await context.write(a.resp)
+            except BaseException:  # the client went: never delivered
+                a.verdict.dropped()
+                raise
             finally:
                 plane.release(a.held)
+            a.verdict.sent()  # gRPC took it (a client not reading holds the write up)
             if a.sent is not None:
                 try:
                     a.sent(started)
