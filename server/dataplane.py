@@ -114,6 +114,8 @@ class DataPlane:
         self.host_cpu = HostCpu()
         metrics.host_cpu.set_function(lambda: self.host_cpu.estimate)
         metrics.host_cpu_shared.set_function(lambda: float(self.host_cpu.shares_cpus))
+        metrics.inflight_bytes.set_function(lambda: float(self.inflight_bytes))  # at scrape
+        metrics.inflight_limit_bytes.set(self.limits.max_inflight_bytes)
         # Auto-tiering (models with auto_tiers): what each was sent, kept across reloads,
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}

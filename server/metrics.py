@@ -217,6 +217,18 @@ class Metrics:
             "thread per engine the engine's pool threads count here too (an overestimate).",
             registry=r,
         )  # fmt: skip
+        # Set by the data plane (no labels: one cap for the whole process).
+        self.inflight_bytes = Gauge(
+            "innfer_inflight_bytes",
+            "Bytes of accepted requests not yet answered and of answers not yet sent (a "
+            "stream's: not yet read by its client), against limits.max_inflight_bytes "
+            "(innfer_inflight_limit_bytes): at the limit every new request is refused "
+            "RESOURCE_EXHAUSTED.",
+            registry=r,
+        )  # fmt: skip
+        self.inflight_limit_bytes = Gauge(
+            "innfer_inflight_limit_bytes", "limits.max_inflight_bytes.", registry=r
+        )
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
             "1 when request handling runs on the engines' CPUs (no more CPUs than engine "

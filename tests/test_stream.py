@@ -267,12 +267,17 @@ def test_answers_a_stream_client_does_not_read_count_against_the_inflight_cap(ca
         assert "read its answers" in refused.details()
         made = registry.get_sample_value("innfer_requests_total", served)
         assert plane.inflight_bytes <= 2**20 + 64 * 2048  # the cap, and refusals' answers
+        # Operators see it: the gauge reads the held bytes at scrape, beside the limit.
+        scraped = registry.get_sample_value("innfer_inflight_bytes")
+        assert 2**19 < scraped <= 2**20 + 64 * 2048, scraped
+        assert registry.get_sample_value("innfer_inflight_limit_bytes") == 2**20
         call.cancel()  # the client goes: what it held is let go
         while plane.inflight_bytes:
             assert time.monotonic() < deadline + 10, plane.inflight_bytes
             time.sleep(0.02)
         answer = rpc.GRPCInferenceServiceStub(other).ModelInfer(req, timeout=10)
         assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
+        assert registry.get_sample_value("innfer_inflight_bytes") == 0
         # Bounded by the cap (and what the client's transport took), not by the stream's
         # 64; the other client's calls before the refusal count too.
         assert made < 60, made
