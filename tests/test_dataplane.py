@@ -1110,3 +1110,31 @@ def test_a_verdict_set_by_the_caller_waits_for_the_answer_to_leave(config):
     # none; judged at completion; held; sent: met; held; dropped in time: nothing; dropped
     # past its budget: late
     assert seen == [(0, 0), (1, 0), (1, 0), (2, 0), (2, 0), (2, 0), (2, 1)], seen
+
+
+def test_an_answer_the_inflight_cap_could_never_hold_is_refused_as_sent(tmp_path):
+    # A request small enough for the cap whose answer is not (2 rows x 600 KB of output
+    # under a 1 MiB cap) would wait for room no load ever leaves: refused as sent, before
+    # it runs - counted invalid (the client's ask, not load), and what to do said.
+    write_model(tmp_path, "wide_out", {"w100": 1.0}, max_batch=4,
+                outputs=[{"name": "logits", "dtype": "float32", "shape": [150_000]}])  # fmt: skip
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
+                                  "limits": {"max_inflight_bytes": 2**20}})  # fmt: skip
+    cfg = dataclasses.replace(cfg, backend="fake")
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        registry = plane.metrics.registry
+        try:
+            one = await plane.infer(_request("wide_out", _x(1, 1.0)), None)  # 600 KB: fits
+            with pytest.raises(ResourceExhausted, match=r"answer to 2 rows would be 1\.1 MiB"):
+                await plane.infer(_request("wide_out", _x(2, 1.0)), None)
+            invalid = {"model": "wide_out", "tier": "", "outcome": "invalid"}
+            return len(one.raw_output_contents[0]), registry.get_sample_value(
+                "innfer_requests_total", invalid
+            ), plane.inflight_bytes
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == (600_000, 1.0, 0)
