@@ -1131,9 +1131,11 @@ def test_an_answer_the_inflight_cap_could_never_hold_is_refused_as_sent(tmp_path
             with pytest.raises(ResourceExhausted, match=r"answer to 2 rows would be 1\.1 MiB"):
                 await plane.infer(_request("wide_out", _x(2, 1.0)), None)
             invalid = {"model": "wide_out", "tier": "", "outcome": "invalid"}
-            return len(one.raw_output_contents[0]), registry.get_sample_value(
-                "innfer_requests_total", invalid
-            ), plane.inflight_bytes
+            return (
+                len(one.raw_output_contents[0]),
+                registry.get_sample_value("innfer_requests_total", invalid),
+                plane.inflight_bytes,
+            )
         finally:
             await plane.stop_models()
 
