@@ -784,6 +784,44 @@ def test_fp16_conversion_with_the_real_onnxconverter_common(tmp_path):
     np.testing.assert_allclose(y, _reference(x, w, b), atol=2e-2)
 
 
+def test_fp16_conversion_says_once_what_it_clamped_instead_of_a_warning_each(tmp_path, caplog):
+    # onnxconverter-common warned "the float32 number 9.99e-13 will be truncated to 1e-07"
+    # once per constant (and "-10000.0 will be truncated to -10000.0"): three UserWarnings on
+    # every text tier's build, for a harmless LayerNorm epsilon. Now one INFO line.
+    import warnings
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    eps = numpy_helper.from_array(np.array([1e-12], np.float32), "eps")
+    same = numpy_helper.from_array(np.array([-10000.0], np.float32), "same")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "eps"], ["h"]),
+            helper.make_node("Add", ["h", "same"], ["y"]),
+        ],
+        "eps",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [eps, same],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "eps.onnx")
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"),
+    ):
+        warnings.simplefilter("always")
+        half = onnx.load_from_string(trt_module._fp16_model_bytes(tmp_path / "eps.onnx"))
+    assert not [w for w in caught if "truncated" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
+    clamped = [r.getMessage() for r in caplog.records if "clamped" in r.getMessage()]
+    assert len(clamped) == 1 and "1 constant(s)" in clamped[0] and "1e-12 -> 1e-07" in clamped[0]
+    assert TensorProto.FLOAT16 in {i.data_type for i in half.graph.initializer}
+
+
 def test_timing_cache_name_is_a_safe_file_name_per_device_and_version():
     assert timing_cache_name("NVIDIA H100 80GB HBM3", "10.13.0.35") == (
         "timing-nvidia-h100-80gb-hbm3-trt10.13.0.35.cache"

@@ -48,6 +48,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -768,6 +769,30 @@ def _graph_problem(onnx, model) -> str | None:
     return None
 
 
+# onnxconverter-common warns once per constant it clamps into fp16's range.
+_CLAMPED = re.compile(r"the float32 number (\S+) will be truncated to (\S+)")
+
+
+def _report_clamped(caught: list[warnings.WarningMessage], onnx_path: Path) -> None:
+    """One log line for the constants onnxconverter-common clamped into fp16's range, in
+    place of a UserWarning each (a BERT tier gave three, one "-10000.0 will be truncated to
+    -10000.0"): LayerNorm epsilons of 1e-12 become 1e-7, harmless at a hidden state's
+    variance - said once, at INFO. Other warnings are passed on."""
+    clamped = []
+    for w in caught:
+        m = _CLAMPED.search(str(w.message))
+        if m is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif float(m.group(1)) != float(m.group(2)):
+            clamped.append(f"{float(m.group(1)):.3g} -> {float(m.group(2)):.3g}")
+    if clamped:
+        log.info(
+            "fp16: %d constant(s) of %s clamped into fp16's range (%s); epsilons below 1e-7 "
+            "(LayerNorm's 1e-12) become 1e-7, which is harmless at activation variances",
+            len(clamped), onnx_path.name, ", ".join(sorted(set(clamped))[:5]),
+        )  # fmt: skip
+
+
 def _fp16_model_bytes(onnx_path: Path) -> bytes:
     """The ONNX model at ``onnx_path`` converted to fp16 compute with fp32 inputs/outputs.
 
@@ -795,7 +820,10 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
         if float16 is not None:
             log.info("converting %s to fp16 with onnxconverter-common", onnx_path)
             # keep_io_types: callers keep feeding and reading fp32, as the engine's I/O says.
-            half = float16.convert_float_to_float16(model, keep_io_types=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                half = float16.convert_float_to_float16(model, keep_io_types=True)
+            _report_clamped(caught, onnx_path)
             problem = _graph_problem(onnx, half)
             if problem is not None:
                 # onnxconverter-common 1.15-1.16 keep Cast(to=float) nodes but declare their
