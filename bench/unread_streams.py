@@ -54,25 +54,9 @@ OUT = Path(__file__).parent / "results"
 ROW = 64 * 1024  # float32s in one answer: 256 KiB
 
 
-def big_answers(width: float) -> tuple[bytes, dict, int, int]:
-    """(B, 64) -> Tile -> (B, 65536), the same at every width (one tier)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Tile", ["input", "repeats"], ["out"])],
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", ROW])],
-        [numpy_helper.from_array(np.array([1, ROW // 64], np.int64), "repeats")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString(), {}, ROW, 0
-
-
 def build(root: Path) -> Path:
     sys.path.insert(0, str(hardening.ROOT / "tests"))
-    from serverutil import add_onnx_model
+    from serverutil import add_onnx_model, big_answers  # (256 KiB answers: ROW)
 
     add_onnx_model(root, "big", big_answers, {
         "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],

@@ -143,6 +143,21 @@ def slow_loop(width: float, trips: int = 4000, dim: int = 1024) -> tuple[bytes, 
     return _model(nodes, inits, [dim], "slow"), {}, flops, dim * dim + 10 * dim
 
 
+def big_answers(width: float, row: int = 64 * 1024) -> tuple[bytes, dict, int, int]:
+    """(B, 64) -> Tile -> (B, ``row``): an answer 1,000 times its request at the default
+    (256 KiB a row), the same at every width - for what a server holds of its answers."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "repeats"], ["out"])],
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", row])],
+        [numpy_helper.from_array(np.array([1, row // 64], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model.SerializeToString(), {}, row, 0
+
+
 def add_onnx_model(
     root: Path, name: str, make, config: dict, warmup: int = 3, repeats: int = 5
 ) -> Path:

@@ -11,8 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from onnx import TensorProto, helper, numpy_helper
-from serverutil import OPSET, ServerThread, add_onnx_model, build_repository
+from serverutil import ServerThread, add_onnx_model, big_answers, build_repository
 from test_triton_parity import _Collector as Answers
 from test_triton_parity import add_slow_model
 
@@ -200,25 +199,11 @@ def test_an_answer_held_behind_slower_ones_does_not_teach_the_overhead_that_wait
 BIG_ROW = 64 * 1024  # float32s in one answer row of "big": 256 KiB
 
 
-def _big_answers(width: float) -> tuple[bytes, dict, int, int]:
-    """(B, 64) -> Tile -> (B, 65536): an answer 1,000 times its request."""
-    graph = helper.make_graph(
-        [helper.make_node("Tile", ["input", "repeats"], ["out"])],
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", BIG_ROW])],
-        [numpy_helper.from_array(np.array([1, BIG_ROW // 64], np.int64), "repeats")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    return model.SerializeToString(), {}, BIG_ROW, 0
-
-
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory):
     """Model "big" (256 KiB answers) on a server taking 1 MiB in flight."""
     root = tmp_path_factory.mktemp("big")
-    add_onnx_model(root, "big", _big_answers, {
+    add_onnx_model(root, "big", big_answers, {
         "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
         "outputs": [{"name": "out", "dtype": "float32", "shape": [BIG_ROW]}],
         "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
