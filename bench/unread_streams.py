@@ -51,19 +51,13 @@ from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2_grpc
 
 OUT = Path(__file__).parent / "results"
-ROW = 64 * 1024  # float32s in one answer: 256 KiB
 
 
 def build(root: Path) -> Path:
     sys.path.insert(0, str(hardening.ROOT / "tests"))
-    from serverutil import add_onnx_model, big_answers  # (256 KiB answers: ROW)
+    from serverutil import add_big_model  # model "big": 256 KiB answers
 
-    add_onnx_model(root, "big", big_answers, {
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
-        "outputs": [{"name": "out", "dtype": "float32", "shape": [ROW]}],
-        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
-        "default_latency_budget_ms": 60_000,
-    })  # fmt: skip
+    add_big_model(root)
     return root
 
 

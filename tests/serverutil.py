@@ -143,7 +143,10 @@ def slow_loop(width: float, trips: int = 4000, dim: int = 1024) -> tuple[bytes, 
     return _model(nodes, inits, [dim], "slow"), {}, flops, dim * dim + 10 * dim
 
 
-def big_answers(width: float, row: int = 64 * 1024) -> tuple[bytes, dict, int, int]:
+BIG_ROW = 64 * 1024  # float32s in one answer row of add_big_model's "big": 256 KiB
+
+
+def big_answers(width: float, row: int = BIG_ROW) -> tuple[bytes, dict, int, int]:
     """(B, 64) -> Tile -> (B, ``row``): an answer 1,000 times its request at the default
     (256 KiB a row), the same at every width - for what a server holds of its answers."""
     graph = helper.make_graph(
@@ -156,6 +159,17 @@ def big_answers(width: float, row: int = 64 * 1024) -> tuple[bytes, dict, int, i
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     return model.SerializeToString(), {}, row, 0
+
+
+def add_big_model(root: Path) -> Path:
+    """Model "big" in ``root``: ``big_answers`` (input [64] -> out [BIG_ROW]), one tier,
+    max_batch 1, a 60 s default budget."""
+    return add_onnx_model(root, "big", big_answers, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
+        "outputs": [{"name": "out", "dtype": "float32", "shape": [BIG_ROW]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
+        "default_latency_budget_ms": 60_000,
+    })  # fmt: skip
 
 
 def add_onnx_model(

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from serverutil import ServerThread, add_onnx_model, big_answers, build_repository
+from serverutil import BIG_ROW, ServerThread, add_big_model, build_repository
 from test_triton_parity import _Collector as Answers
 from test_triton_parity import add_slow_model
 
@@ -196,19 +196,13 @@ def test_an_answer_held_behind_slower_ones_does_not_teach_the_overhead_that_wait
 
 
 # -- answers a client does not read ------------------------------------------------------------
-BIG_ROW = 64 * 1024  # float32s in one answer row of "big": 256 KiB
 
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory):
     """Model "big" (256 KiB answers) on a server taking 1 MiB in flight."""
     root = tmp_path_factory.mktemp("big")
-    add_onnx_model(root, "big", big_answers, {
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [64]}],
-        "outputs": [{"name": "out", "dtype": "float32", "shape": [BIG_ROW]}],
-        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
-        "default_latency_budget_ms": 60_000,
-    })  # fmt: skip
+    add_big_model(root)
     s = ServerThread({"repository": str(root), "limits": {"max_inflight_bytes": 2**20}}).start()
     yield s
     s.stop(grace=2.0)
