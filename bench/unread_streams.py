@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -46,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import hardening
+from bench.live_scheduler import scrape
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2_grpc
@@ -91,15 +91,11 @@ def probe(address: str) -> float:
 
 def answers_made(server: hardening.ServerProcess) -> dict[str, float]:
     """The server's innfer_requests_total for model big, by outcome."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "innfer_requests_total" and sample.labels.get("model") == "big":
-                key = sample.labels["outcome"]
-                out[key] = out.get(key, 0.0) + sample.value
+    for sample in scrape(server.metrics_url):
+        if sample.name == "innfer_requests_total" and sample.labels.get("model") == "big":
+            key = sample.labels["outcome"]
+            out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
