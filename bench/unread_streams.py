@@ -12,13 +12,18 @@ process of its own, both with the same cap (``--cap-mib``, 32 by default: the de
 (``--repeats`` times, trees alternating):
   - the server's RSS rise while the streams hang (its peak over ``--hold-s`` seconds), its
     requests by outcome (answers made: ``served``) and the client's own RSS rise;
-  - whether another connection's ModelInfer is answered then, and a readiness probe;
+  - another connection's ModelInfer, every half second while the streams hang: its status
+    codes (do the unread streams refuse other clients?), and a readiness probe;
   - after the client cancels its streams: the RSS left, and whether ModelInfer is served.
 A reference arm (``current-reading``) sends the same on this tree with a client that reads
 every answer. The server's RSS peak is mostly the churn of making 256 KiB answers (the
 reading arm peaks as high or higher), so the count of answers made says more: beyond what
 the cap holds, the client's own gRPC accepts some answers per stream into its buffers before
-flow control stops the writes - the client's memory, not the server's.
+flow control stops the writes - the client's memory, not the server's. Since session 35
+each stream holds at most ``limits.max_stream_bytes`` (4 MiB by default) before it stops
+reading: with a few streams (``--streams 6``) they no longer fill the cap; the reading arms
+(this tree's, and the baseline's where one is given) say what that costs a client that
+reads (answers made in ``--hold-s``).
 
     .venv/bin/python -m bench.unread_streams [--baseline-tree DIR] [--streams 48]
         [--requests 200] [--hold-s 20] [--cap-mib 32] [--repeats 2] [--out bench/results]
@@ -125,10 +130,17 @@ def one_run(tree: Path, repo: Path, log: Path, args, read: bool = False) -> dict
                 t.start()
             mine0 = _own_rss_mib()
             t_end = time.monotonic() + args.hold_s
+            others: dict[str, int] = {}
+            next_call = time.monotonic() + 2.0  # after the streams' first answers
             while time.monotonic() < t_end:
                 peak = max(peak, server.rss())
+                if time.monotonic() >= next_call:
+                    code = unary(server.address)
+                    others[code] = others.get(code, 0) + 1
+                    next_call += 0.5
                 time.sleep(0.1)
-            during = {"unary": unary(server.address), "readiness_ms": probe(server.address),
+            during = {"unary": unary(server.address), "other_calls": others,
+                      "readiness_ms": probe(server.address),
                       "requests_by_outcome": answers_made(server),
                       "client_rss_rise_mib": _own_rss_mib() - mine0}  # fmt: skip
             for call in calls:
@@ -141,6 +153,21 @@ def one_run(tree: Path, repo: Path, log: Path, args, read: bool = False) -> dict
     finally:
         stop.set()
         server.stop()
+
+
+def _summary(rs: list[dict]) -> dict:
+    """An arm's repeats: RSS peaks, answers made, and other clients' calls served."""
+    made = [r["while_held"]["requests_by_outcome"].get("served", 0.0) for r in rs]
+    ok = [_ok_share(r["while_held"]["other_calls"]) for r in rs]
+    return {"rss_rise_peak_mib_median": statistics.median(r["rss_rise_peak_mib"] for r in rs),
+            "rss_rise_peak_mib": [round(r["rss_rise_peak_mib"], 1) for r in rs],
+            "answers_made_median": statistics.median(made), "answers_made": made,
+            "other_calls_ok_share_median": statistics.median(ok),
+            "other_calls_ok_share": ok}  # fmt: skip
+
+
+def _ok_share(codes: dict[str, int]) -> float:
+    return codes.get("OK", 0) / max(1, sum(codes.values()))
 
 
 def _drain(call) -> None:
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="innfer-unread-streams-"))
     repo = build(work / "repo")
     arms = {name: (tree, False) for name, tree in trees.items()}
-    arms["current-reading"] = (trees["current"], True)  # the same load, answers read
+    for name, tree in trees.items():  # the same load, answers read
+        arms[f"{name}-reading"] = (tree, True)
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for k in range(args.repeats):
         order = list(arms) if k % 2 == 0 else list(arms)[::-1]
@@ -178,17 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             tree, read = arms[name]
             r = one_run(tree, repo, work / f"server-{name}.log", args, read)
             runs[name].append(r)
-            print(f"{name:>8} #{k}: RSS +{r['rss_rise_peak_mib']:.0f} MiB held, another "
-                  f"client's call {r['while_held']['unary']}, readiness "
+            print(f"{name:>8} #{k}: RSS +{r['rss_rise_peak_mib']:.0f} MiB held, other "
+                  f"clients' calls {r['while_held']['other_calls']}, readiness "
                   f"{r['while_held']['readiness_ms']:.1f} ms, made "
                   f"{r['while_held']['requests_by_outcome']}; after cancel +"
                   f"{r['after_cancel']['rss_rise_mib']:.0f} MiB, call "
                   f"{r['after_cancel']['unary']}", flush=True)  # fmt: skip
-    summary = {
-        name: {"rss_rise_peak_mib_median": statistics.median(r["rss_rise_peak_mib"] for r in rs),
-               "rss_rise_peak_mib": [round(r["rss_rise_peak_mib"], 1) for r in rs]}
-        for name, rs in runs.items()
-    }  # fmt: skip
+    summary = {name: _summary(rs) for name, rs in runs.items()}
     result = {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "commits": {name: hardening.commit_of(tree) for name, tree in trees.items()},

@@ -48,6 +48,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, EngineThreads, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
+from server.stream import StreamWindow
 from server.traffic import TrafficLog
 
 from . import codec
@@ -679,6 +680,7 @@ class DataPlane:
         size: int | None = None,
         raw: Sequence[memoryview] | None = None,
         deadline_is_budget: bool = True,
+        window: StreamWindow | None = None,
     ) -> pb.ModelInferResponse:
         """Answer one request. ``time_remaining``: seconds to the call's gRPC deadline, if
         any - the request's budget where it sends none (``deadline_is_budget``: a unary
@@ -686,12 +688,13 @@ class DataPlane:
         request's); ``waited_s``: seconds since the transport began parsing it (counted
         against its budget); ``size``: its bytes on the wire, if known; ``raw``: its
         raw_input_contents when the transport took them out of the message uncopied
-        (server/wire.py), else None."""
+        (server/wire.py), else None; ``window``: the stream's, which the bytes the request
+        holds of the in-flight cap count against too (None: a unary call)."""
         m = self.model(request.model_name, request.model_version)
         start = m.clock()
         try:
             return await self._admit(m, request, time_remaining, waited_s, size, raw,
-                                     deadline_is_budget)  # fmt: skip
+                                     deadline_is_budget, window)  # fmt: skip
         except Exception:  # Triton's fail: every error after the model is known, once (a
             m.stats.fail.add(m.clock() - start)  # cancelled call is no Exception: not one)
             raise
@@ -705,6 +708,7 @@ class DataPlane:
         size: int | None,
         raw: Sequence[memoryview] | None,
         deadline_is_budget: bool,
+        window: StreamWindow | None,
     ) -> pb.ModelInferResponse:
         """``infer`` past the model's lookup: the in-flight cap, then the request."""
         size = request.ByteSize() if size is None else size
@@ -722,14 +726,15 @@ class DataPlane:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
             self._log_refused(m, request, time_remaining, waited_s, deadline_is_budget)
             raise self._full()
-        self.inflight_bytes += size
+        self.hold(size, window)
         try:
-            return await self._infer(m, request, time_remaining, waited_s, raw, deadline_is_budget)
+            return await self._infer(m, request, time_remaining, waited_s, raw,
+                                     deadline_is_budget, window)  # fmt: skip
         except (InvalidArgument, NotFound):  # the client's request, not load: not a miss
             m.count_invalid()
             raise
         finally:
-            self.inflight_bytes -= size
+            self.release(size, window)
 
     def _full(self) -> ResourceExhausted:
         """The refusal of a request the in-flight cap has no room for: load."""
@@ -740,20 +745,26 @@ class DataPlane:
             "stream, read its answers: they count until read"
         )
 
-    def hold(self, nbytes: int) -> int:
-        """Count ``nbytes`` of an answer waiting for its write as in flight, until
-        ``release(nbytes)``: a stream answer waits as long as its client does not read.
+    def hold(self, nbytes: int, window: StreamWindow | None = None) -> int:
+        """Count ``nbytes`` as in flight - against the server's cap and ``window``, the
+        stream's, if any - until ``release(nbytes, window)``: a request's from its decode,
+        its answer's from then until it is sent; a stream answer waits as long as its client
+        does not read.
 
         Example:
-            >>> held = plane.hold(resp.ByteSize())  # doctest: +SKIP
-            >>> plane.release(held)  # written, or dropped with its stream  # doctest: +SKIP
+            >>> held = plane.hold(resp.ByteSize(), window)  # doctest: +SKIP
+            >>> plane.release(held, window)  # written, or dropped  # doctest: +SKIP
         """
         self.inflight_bytes += nbytes
+        if window is not None:
+            window.add(nbytes)
         return nbytes
 
-    def release(self, nbytes: int) -> None:
-        """The end of ``hold(nbytes)``."""
+    def release(self, nbytes: int, window: StreamWindow | None = None) -> None:
+        """The end of ``hold(nbytes, window)``."""
         self.inflight_bytes -= nbytes
+        if window is not None:
+            window.sub(nbytes)
 
     def _log_refused(
         self,
@@ -791,6 +802,7 @@ class DataPlane:
         waited_s: float,
         raw: Sequence[memoryview] | None = None,
         deadline_is_budget: bool = True,
+        window: StreamWindow | None = None,
     ) -> pb.ModelInferResponse:
         id_bytes = _id_bytes(request.id, self.limits.max_id_bytes)
         deadline_s = time_remaining  # as the call gave it (a refusal logs its traffic)
@@ -851,14 +863,14 @@ class DataPlane:
             m.count_refused("refused_full", "refused_full")
             self._log_refused(m, request, deadline_s, waited_s, deadline_is_budget)
             raise self._full()
-        self.inflight_bytes += answer_bytes
+        self.hold(answer_bytes, window)
         try:
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
                 waited_s, reserve_s, grace_s,
             )  # fmt: skip
         finally:
-            self.inflight_bytes -= answer_bytes
+            self.release(answer_bytes, window)
         if truncated:  # texts cut at the model's max_length (truncate=true, the default)
             resp.parameters["truncated_rows"].string_param = json.dumps(truncated)
         return resp

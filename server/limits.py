@@ -49,6 +49,14 @@ class RequestLimits:
         "memory bounded under many large requests, and under stream clients that send "
         "without reading)",
     )  # fmt: skip
+    max_stream_bytes: int = spec(
+        4 * 2**20, lo=2**16, hi=2**40,
+        doc="bytes of max_inflight_bytes one ModelStreamInfer stream may hold - its requests "
+        "being answered and the answers its client has not read - before it reads no further "
+        "request until answers are read (gRPC's flow control then slows the client; nothing "
+        "is refused): a few streams that send without reading stall themselves instead of "
+        "filling the cap for every client. A stream holding nothing reads any request",
+    )  # fmt: skip
 
 
 # Fields one input or output of a valid ModelInferRequest holds: its name, datatype, shape

@@ -229,6 +229,13 @@ class Metrics:
         self.inflight_limit_bytes = Gauge(
             "innfer_inflight_limit_bytes", "limits.max_inflight_bytes.", registry=r
         )
+        self.stream_stalls = Counter(
+            "innfer_stream_stalls_total",
+            "Times a ModelStreamInfer stream stopped reading requests because it held "
+            "limits.max_stream_bytes of requests and unread answers: its client sends faster "
+            "than it reads its answers.",
+            registry=r,
+        )  # fmt: skip
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
             "1 when request handling runs on the engines' CPUs (no more CPUs than engine "

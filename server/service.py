@@ -45,7 +45,7 @@ from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
 from server.proto_gen import model_config_pb2 as mc
-from server.stream import serve_stream
+from server.stream import StreamWindow, serve_stream
 
 log = logging.getLogger("innfer.service")
 
@@ -561,18 +561,21 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             await context.abort(status_of(exc), clip_message(str(exc)))
 
         plane = self.plane
+        # What this stream holds of the in-flight cap: at limits.max_stream_bytes it stops
+        # reading, so that a client that does not read fills its own window, not the cap.
+        window = StreamWindow(plane.limits.max_stream_bytes, plane.metrics.stream_stalls.inc)
 
         async def answer(request) -> _StreamAnswer:
             # Met or late once it is written (this task's own context): an answer that waits
             # behind slower ones read before it reaches its client only then.
             verdict = Verdict()
             VERDICT.set(verdict)
-            resp, sent = await self._stream_answer(request, context)
+            resp, sent = await self._stream_answer(request, context, window)
             # Until written, the answer counts against the in-flight bytes (no await between
             # here and serve_stream taking it: it is released by write or by discard). A
             # client that sends and does not read kept up to MAX_STREAM_INFLIGHT answers per
             # stream beyond the cap: 64 x 256 KiB on each of a connection's 1024 streams.
-            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize()), verdict)
+            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize(), window), verdict)
 
         async def write(a: _StreamAnswer) -> None:
             started = time.monotonic()
@@ -582,7 +585,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 a.verdict.dropped()
                 raise
             finally:
-                plane.release(a.held)
+                plane.release(a.held, window)
             a.verdict.sent()  # gRPC took it (a client not reading holds the write up)
             if a.sent is not None:
                 try:
@@ -592,17 +595,17 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
         def discard(a: _StreamAnswer) -> None:
             a.verdict.dropped()
-            plane.release(a.held)
+            plane.release(a.held, window)
 
         if await serve_stream(request_iterator, answer, write, closing=plane.closing,
-                              ordered=ordered, discard=discard):  # fmt: skip
+                              ordered=ordered, discard=discard, window=window):  # fmt: skip
             # Draining: the requests read are answered; the client reopens the stream
             # (elsewhere) and resends what it sent after them, as after any UNAVAILABLE.
             exc = Unavailable("the server is shutting down: open the stream again")
             await context.abort(status_of(exc), str(exc))
 
     async def _stream_answer(
-        self, request, context
+        self, request, context, window: StreamWindow
     ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
         """The stream's answer to ``request``, and what to note once it is written (called
         with the time its write began: the overhead the client paid, as for ModelInfer, less
@@ -618,8 +621,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # The stream's deadline is the whole stream's: a cap, not each request's budget
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(
-                request, context.time_remaining(), waited, size, deadline_is_budget=False
-            )
+                request, context.time_remaining(), waited, size, deadline_is_budget=False,
+                window=window,
+            )  # fmt: skip
             if received is None:
                 return pb.ModelStreamInferResponse(infer_response=resp), None
             ready = time.monotonic()

@@ -46,6 +46,58 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+class StreamWindow:
+    """The bytes one stream holds of the server's in-flight cap - its requests being answered
+    and the answers its client has not read yet - and the bound on them at which the stream
+    reads no further request (``serve_stream(..., window=)``): as HTTP/2's flow-control
+    window, but in bytes the server holds rather than bytes on the wire.
+
+    Counted by the model's count, not 64 per stream: a client that sends without reading
+    stalls its own stream at ``limit`` bytes (gRPC's flow control then slows its sends)
+    instead of filling the server's cap, at which every client is refused. The bound only
+    delays: a stream holding nothing always reads its next request, however large.
+
+    Invariant: ``held`` is the sum of ``add``s less ``sub``s; reading is open exactly while
+    ``held < limit``.
+
+    Example:
+        >>> w = StreamWindow(1000)
+        >>> w.add(1200); w.open
+        False
+        >>> w.sub(1200); w.open, w.held
+        (True, 0)
+    """
+
+    def __init__(self, limit: int, stalled: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.held = 0
+        self._stalled = stalled  # called each time the stream stops reading at its bound
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def open(self) -> bool:
+        return self._open.is_set()
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+        if self.held >= self.limit:
+            self._open.clear()
+
+    def sub(self, nbytes: int) -> None:
+        self.held -= nbytes
+        if self.held < self.limit:
+            self._open.set()
+
+    async def room(self) -> None:
+        """Return once the stream holds less than its bound."""
+        if self._open.is_set():
+            return
+        if self._stalled is not None:
+            self._stalled()
+        await self._open.wait()
+
+
 async def serve_stream(
     requests: AsyncIterable[Req],
     answer: Callable[[Req], Awaitable[Resp]],
@@ -54,6 +106,7 @@ async def serve_stream(
     closing: asyncio.Event | None = None,
     ordered: bool = True,
     discard: Callable[[Resp], None] | None = None,
+    window: StreamWindow | None = None,
 ) -> bool:
     """Read ``requests``, run ``answer`` on each concurrently and ``write`` the results in
     the order the requests were read (``ordered``) or each as it completes, with at most
@@ -72,6 +125,8 @@ async def serve_stream(
     to unwind before returning or raising. ``discard`` is called with each answer that was
     made but never handed to ``write`` (the stream ended first): every answer goes to
     exactly one of the two, so what an answer holds can be let go in one or the other.
+    ``window``: no further message is read while it is closed (``answer`` and ``write``
+    add to and take from it).
     """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(limit)
@@ -83,6 +138,8 @@ async def serve_stream(
     async def read() -> None:
         while True:
             await slots.acquire()  # before reading: the bound includes the next message
+            if window is not None:
+                await window.room()
             try:
                 message = await anext(incoming)
             except StopAsyncIteration:
@@ -93,6 +150,11 @@ async def serve_stream(
             if ordered:
                 queue.append(task)
             task.add_done_callback(finished.put_nowait)
+            if window is not None:
+                # The answer's first step holds its request's bytes: let it run before the
+                # next read is decided, or messages the transport has buffered would all be
+                # read on an open window.
+                await asyncio.sleep(0)
 
     reader = loop.create_task(read())
     reader.add_done_callback(finished.put_nowait)

@@ -266,6 +266,68 @@ def test_answers_a_stream_client_does_not_read_count_against_the_inflight_cap(ca
         other.close()
 
 
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """Model "big" (256 KiB answers) on a server taking 8 MiB in flight, 1 MiB per stream."""
+    root = tmp_path_factory.mktemp("big-windowed")
+    add_big_model(root)
+    limits = {"max_inflight_bytes": 8 * 2**20, "max_stream_bytes": 2**20}
+    s = ServerThread({"repository": str(root), "limits": limits}).start()
+    yield s
+    s.stop(grace=2.0)
+
+
+def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_served(windowed):
+    # Each stream holds at most limits.max_stream_bytes of the cap: three streams that send
+    # without reading stop being read at 1 MiB each (gRPC's flow control then holds their
+    # sends), and another client's calls are served. Before, each held up to 64 answers
+    # (16 MiB) and the three filled the 8 MiB cap: every other call was refused.
+    plane = windowed.server.plane
+    registry = windowed.server.metrics.registry
+    req = pb.ModelInferRequest(model_name="big")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    done = threading.Event()
+
+    def requests():
+        for _ in range(100):
+            yield req
+        done.wait(30)  # open, never read
+
+    # One connection per stream, as separate clients have (grpc shares one otherwise).
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(windowed.address, options=own) for _ in range(4)]
+    try:
+        calls = [rpc.GRPCInferenceServiceStub(c).ModelStreamInfer(requests())
+                 for c in channels[:3]]  # fmt: skip
+        # Settled: nothing moves for half a second (the streams' answers wait for readers).
+        deadline, last, still = time.monotonic() + 30, -1, 0
+        while still < 10:
+            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
+            held = plane.inflight_bytes
+            still = still + 1 if held == last and held > 0 else 0
+            last = held
+            time.sleep(0.05)
+        # Each stream: its window, overshot by at most the request and answer read last.
+        per_stream = 2**20 + 2 * (4 * BIG_ROW + 4096)
+        assert 3 * 2**19 < plane.inflight_bytes <= 3 * per_stream, plane.inflight_bytes
+        # Operators see why: each stream stopped reading at its window at least once.
+        assert registry.get_sample_value("innfer_stream_stalls_total") >= 3
+        other = rpc.GRPCInferenceServiceStub(channels[3])
+        for _ in range(5):
+            answer = other.ModelInfer(req, timeout=10)
+            assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
+        for call in calls:
+            call.cancel()  # the clients go: what their streams held is let go
+        while plane.inflight_bytes:
+            assert time.monotonic() < deadline + 10, plane.inflight_bytes
+            time.sleep(0.02)
+    finally:
+        done.set()
+        for c in channels:
+            c.close()
+
+
 def test_an_answer_held_behind_slower_ones_past_its_budget_is_counted_late(server):
     # In request order an answer made in time can reach its client late, held behind slower
     # answers read before it; it was counted met when its batch completed (noticed in

@@ -20,7 +20,7 @@ from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
 from server.proto_gen import grpc_service_pb2 as pb
-from server.stream import serve_stream
+from server.stream import StreamWindow, serve_stream
 
 pytestmark = pytest.mark.e2e
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -410,6 +410,55 @@ def test_serve_stream_reads_no_more_than_its_limit_and_cancels_on_close():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sorted(cancelled) == list(range(8))
+
+    asyncio.run(run())
+
+
+def test_serve_stream_reads_nothing_more_while_its_window_is_full():
+    # A stream's requests and unread answers hold bytes of the server's cap: with its window
+    # full the stream reads no further request (before: up to its 64, whatever their size).
+    async def run():
+        read, written, stalls = [], [], []
+        window = StreamWindow(1000, stalled=lambda: stalls.append(1))
+        client_reads = asyncio.Event()  # a client that reads nothing holds every write
+
+        async def requests():
+            for i in range(100):
+                read.append(i)
+                yield i
+
+        async def answer(i):
+            window.add(300)  # what the request and its answer hold, until written
+            return i
+
+        async def write(i):
+            await client_reads.wait()
+            written.append(i)
+            window.sub(300)
+
+        task = asyncio.create_task(serve_stream(requests(), answer, write, window=window))
+        await asyncio.sleep(0.05)
+        # 4 x 300 >= 1000: the fourth closed the window, and nothing was read after it
+        assert (len(read), window.held, written) == (4, 1200, []), (read, window.held)
+        assert stalls == [1]
+        client_reads.set()  # it reads: the window opens as answers are written
+        await asyncio.wait_for(task, 5)
+        assert written == list(range(100)) and window.held == 0
+
+        # a stream holding nothing reads its next request, however large: delayed, never
+        # refused
+        read.clear()
+        big = StreamWindow(10)
+
+        async def huge(i):
+            big.add(1000)
+            return i
+
+        async def out(i):
+            big.sub(1000)
+
+        await asyncio.wait_for(serve_stream(requests(), huge, out, window=big), 5)
+        assert len(read) == 100 and big.held == 0
 
     asyncio.run(run())
 
