@@ -181,7 +181,7 @@ def warn_cleartext_token(config: ServerConfig) -> None:
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC server options for ``max_concurrent_streams`` (per connection: a flood on one
     leaves the others, health probes among them, untouched; see its field's doc),
-    ``max_connection_age_s`` and its grace (none where unset).
+    ``max_connection_age_s`` and its grace, and ``keepalive_s`` (none where unset).
 
     A gRPC client resolves DNS when it connects, and again only when a connection drops: a
     client connected before the autoscaler added pods kept calling the old ones. An aged
@@ -190,8 +190,10 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
 
     Example:
         >>> cfg = ServerConfig.from_dict({"repository": "m", "max_connection_age_s": 60})
-        >>> connection_options(cfg)
+        >>> connection_options(cfg)[:2]
         [('grpc.max_concurrent_streams', 1024), ('grpc.max_connection_age_ms', 60000)]
+        >>> connection_options(cfg)[2:4]
+        [('grpc.keepalive_time_ms', 60000), ('grpc.keepalive_timeout_ms', 20000)]
     """
     opts = []
     if config.max_concurrent_streams is not None:
@@ -201,6 +203,17 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         if config.max_connection_age_grace_s is not None:
             grace = round(config.max_connection_age_grace_s * 1000)
             opts.append(("grpc.max_connection_age_grace_ms", grace))
+    if config.keepalive_s is not None:
+        # A dead peer is found only by a ping it does not answer; the data a stalled stream
+        # has queued cannot tell (TCP's zero-window probes go on for many minutes).
+        opts.append(("grpc.keepalive_time_ms", round(config.keepalive_s * 1000)))
+        opts.append(("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)))
+        # grpcio 1.85 waits for a ping's answer this long (60 s by default), whatever the
+        # keepalive timeout says (seen in its http2_ping trace: "Set ping timeout timer").
+        opts.append(("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)))
+        # gRPC stops pinging after two pings without data sent in between (its client-side
+        # courtesy to servers): a stalled stream sends none.
+        opts.append(("grpc.http2.max_pings_without_data", 0))
     return opts
 
 

@@ -10,6 +10,8 @@
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
+    keepalive_s: 60               # ping connections with calls open; close one that does
+    keepalive_timeout_s: 20       # not answer in this long (a vanished client; null: 2 h)
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
     device_slots: 1               # batches at once on the device all models share (0: per model)
@@ -284,6 +286,20 @@ class ServerConfig:
         doc="after that GOAWAY, calls still open on the old connection (a long-lived "
         "ModelStreamInfer stream) are cut after this long and the connection closed; null: "
         "never cut (a stream stays on its replica until the client ends it)",
+    )  # fmt: skip
+    keepalive_s: float | None = spec(
+        60.0, lo=1, hi=86_400, unit="seconds",
+        doc="ping each client connection that has calls open this often (HTTP/2 PING) and "
+        "close it when no answer comes within keepalive_timeout_s: its calls are cancelled "
+        "and what they hold of limits.max_inflight_bytes - requests, a stream's unread "
+        "answers - is let go. A client that vanished without closing (its node lost, a "
+        "network partition, a stopped process) otherwise kept them for hours; a live "
+        "client's gRPC answers pings even while its application reads nothing. null: gRPC's "
+        "server default (the first ping after 2 hours)",
+    )  # fmt: skip
+    keepalive_timeout_s: float = spec(
+        20.0, lo=1, hi=3600, unit="seconds",
+        doc="how long a keepalive ping waits for its answer before the connection is closed",
     )  # fmt: skip
     budget_margin_ms: float = spec(
         1.0, lo=0, hi=10_000, hi_open=True, unit="milliseconds",

@@ -6,8 +6,9 @@ order, and clients written for it pair answers with requests by position), or ea
 as it completes (``ordered=False``: for clients that match answers by id, so that a fast or
 urgent request's answer is not held behind a slower one). The stream is bounded: at most
 ``limit`` requests are in flight - read and not yet written back - and no further message
-is read until one is written, so a client that sends faster than the server answers is
-slowed by gRPC's flow control instead of growing the server's memory. When the stream
+is read until one is written - nor while the stream's ``StreamWindow`` of bytes is full - so
+a client that sends faster than the server answers, or reads slower, is slowed by gRPC's
+flow control instead of growing the server's memory. When the stream
 ends - the client half-closes, is cancelled or goes away - every request still running is
 cancelled (the scheduler drops it from the queue); after a half-close the requests already
 read are answered first.

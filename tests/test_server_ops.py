@@ -257,7 +257,9 @@ def test_an_aged_connection_is_replaced_without_failing_a_call(tmp_path, monkeyp
 
 
 def test_connection_age_config():
-    cfg = ServerConfig.from_dict({"repository": "m", "max_concurrent_streams": None})
+    cfg = ServerConfig.from_dict(
+        {"repository": "m", "max_concurrent_streams": None, "keepalive_s": None}
+    )
     assert cfg.max_connection_age_s == 300 and cfg.max_connection_age_grace_s is None
     assert app.connection_options(cfg) == [("grpc.max_connection_age_ms", 300_000)]
     cfg = cfg.replace(max_connection_age_s=60, max_connection_age_grace_s=2.5)
@@ -267,6 +269,13 @@ def test_connection_age_config():
     ]
     assert app.connection_options(cfg.replace(max_connection_age_s=None,
                                               max_connection_age_grace_s=None)) == []  # fmt: skip
+    # Keepalive on by default: a ping each minute, 20 s for its answer - the ping's own
+    # timeout too, which grpcio otherwise keeps at 60 s.
+    default = app.connection_options(ServerConfig.from_dict({"repository": "m"}))
+    assert {("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.ping_timeout_ms", 20_000)} <= set(default)  # fmt: skip
+    with pytest.raises(ConfigError, match="keepalive_timeout_s"):
+        ServerConfig.from_dict({"repository": "m", "keepalive_timeout_s": 0})
     with pytest.raises(ConfigError, match="max_connection_age_grace_s"):
         ServerConfig.from_dict({"repository": "m", "max_connection_age_s": None,
                                 "max_connection_age_grace_s": 10})  # fmt: skip

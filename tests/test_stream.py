@@ -4,8 +4,13 @@ Findings of the stream review of session 32; each test failed before its fix."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -326,6 +331,64 @@ def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_se
         done.set()
         for c in channels:
             c.close()
+
+
+# A client process that opens a stream to "big", sends and reads nothing (argv: address).
+_SILENT_CLIENT = """
+import sys, threading
+import grpc, numpy as np
+from server.proto_gen import grpc_service_pb2 as pb, grpc_service_pb2_grpc as rpc
+req = pb.ModelInferRequest(model_name="big")
+req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+def requests():
+    for _ in range(40):
+        yield req
+    threading.Event().wait(120)
+call = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1])).ModelStreamInfer(
+    requests())
+print("open", flush=True)
+threading.Event().wait(120)
+"""
+
+
+def test_a_client_that_vanishes_without_closing_lets_go_of_what_it_held(tmp_path):
+    # A client that stops answering - its node lost, a partition, a stopped process - sends
+    # no FIN: before keepalive_s its stream and the answers it held of the cap stayed for
+    # hours (gRPC's server pings first after 2 h). Here the client process is stopped
+    # (SIGSTOP): its kernel still holds the socket open, its gRPC answers no ping.
+    root = tmp_path / "repo"
+    add_big_model(root)
+    config = {"repository": str(root), "keepalive_s": 1, "keepalive_timeout_s": 1}
+    s = ServerThread(config).start()
+    plane = s.server.plane
+    repo_root = Path(__file__).resolve().parents[1]
+    client = subprocess.Popen(
+        [sys.executable, "-c", _SILENT_CLIENT, s.address], cwd=repo_root,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "open"
+        deadline = time.monotonic() + 30
+        last, still = -1, 0
+        while still < 10:  # the answers it does not read are held, and settle
+            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
+            held = plane.inflight_bytes
+            still = still + 1 if held == last and held > 0 else 0
+            last = held
+            time.sleep(0.05)
+        # Alive and not reading: its gRPC answers the pings, and the stream is kept.
+        time.sleep(3)
+        assert plane.inflight_bytes == last > 0
+        os.kill(client.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while plane.inflight_bytes:
+            assert time.monotonic() < stopped + 20, plane.inflight_bytes
+            time.sleep(0.05)
+    finally:
+        client.kill()  # SIGKILL ends a stopped process too
+        client.wait(10)
+        s.stop(grace=2.0)
 
 
 def test_an_answer_held_behind_slower_ones_past_its_budget_is_counted_late(server):
