@@ -48,7 +48,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, EngineThreads, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
-from server.stream import StreamWindow
+from server.stream import StreamPool, StreamWindow
 from server.traffic import TrafficLog
 
 from . import codec
@@ -100,6 +100,9 @@ class DataPlane:
         # Bytes of accepted requests not yet answered, and of stream answers not yet written
         # (``hold``): what limits.max_inflight_bytes caps.
         self.inflight_bytes = 0
+        # What every stream holds of it together (``server.stream``): at its limit streams
+        # that hold bytes stop reading, and the rest stays for other calls.
+        self.streams = StreamPool(int(self.limits.max_inflight_bytes * self.limits.streams_share))
         self.phase = Phase.LOADING
         self.closing = asyncio.Event()  # set when draining begins: open streams stop reading
         self._lock = asyncio.Lock()
@@ -117,6 +120,7 @@ class DataPlane:
         metrics.host_cpu_shared.set_function(lambda: float(self.host_cpu.shares_cpus))
         metrics.inflight_bytes.set_function(lambda: float(self.inflight_bytes))  # at scrape
         metrics.inflight_limit_bytes.set(self.limits.max_inflight_bytes)
+        metrics.stream_bytes.set_function(lambda: float(self.streams.held))
         # Auto-tiering (models with auto_tiers): what each was sent, kept across reloads,
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}

@@ -57,6 +57,13 @@ class RequestLimits:
         "is refused): a few streams that send without reading stall themselves instead of "
         "filling the cap for every client. A stream holding nothing reads any request",
     )  # fmt: skip
+    streams_share: float = spec(
+        0.75, lo=0.05, hi=1.0,
+        doc="of max_inflight_bytes, what all streams together may hold before those that "
+        "hold bytes already read no further request (as at max_stream_bytes; nothing is "
+        "refused): many streams that send without reading stall there, and the rest of the "
+        "cap stays for unary calls and streams holding nothing. 1: no share of its own",
+    )  # fmt: skip
 
 
 # Fields one input or output of a valid ModelInferRequest holds: its name, datatype, shape

@@ -229,11 +229,18 @@ class Metrics:
         self.inflight_limit_bytes = Gauge(
             "innfer_inflight_limit_bytes", "limits.max_inflight_bytes.", registry=r
         )
+        self.stream_bytes = Gauge(
+            "innfer_stream_bytes",
+            "Bytes of innfer_inflight_bytes that ModelStreamInfer streams hold (requests "
+            "being answered, answers not yet read). At limits.streams_share of the limit, "
+            "streams holding bytes stop reading.",
+            registry=r,
+        )  # fmt: skip
         self.stream_stalls = Counter(
             "innfer_stream_stalls_total",
             "Times a ModelStreamInfer stream stopped reading requests because it held "
-            "limits.max_stream_bytes of requests and unread answers: its client sends faster "
-            "than it reads its answers.",
+            "limits.max_stream_bytes of requests and unread answers (its client sends faster "
+            "than it reads), or all streams held limits.streams_share of the in-flight limit.",
             registry=r,
         )  # fmt: skip
         self.host_cpu_shared = Gauge(

@@ -561,9 +561,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             await context.abort(status_of(exc), clip_message(str(exc)))
 
         plane = self.plane
-        # What this stream holds of the in-flight cap: at limits.max_stream_bytes it stops
-        # reading, so that a client that does not read fills its own window, not the cap.
-        window = StreamWindow(plane.limits.max_stream_bytes, plane.metrics.stream_stalls.inc)
+        # What this stream holds of the in-flight cap: at limits.max_stream_bytes, or when
+        # all streams hold limits.streams_share of it, it stops reading - so that clients
+        # that do not read fill their own windows, not the cap.
+        window = StreamWindow(
+            plane.limits.max_stream_bytes, plane.streams, plane.metrics.stream_stalls.inc
+        )
 
         async def answer(request) -> _StreamAnswer:
             # Met or late once it is written (this task's own context): an answer that waits

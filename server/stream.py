@@ -47,56 +47,117 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class StreamWindow:
-    """The bytes one stream holds of the server's in-flight cap - its requests being answered
-    and the answers its client has not read yet - and the bound on them at which the stream
-    reads no further request (``serve_stream(..., window=)``): as HTTP/2's flow-control
-    window, but in bytes the server holds rather than bytes on the wire.
-
-    Counted by the model's count, not 64 per stream: a client that sends without reading
-    stalls its own stream at ``limit`` bytes (gRPC's flow control then slows its sends)
-    instead of filling the server's cap, at which every client is refused. The bound only
-    delays: a stream holding nothing always reads its next request, however large.
-
-    Invariant: ``held`` is the sum of ``add``s less ``sub``s; reading is open exactly while
-    ``held < limit``.
+class StreamPool:
+    """What all of a server's streams hold together, and its limit: beyond it, a stream that
+    already holds bytes reads nothing more (``StreamWindow``), so that many streams that do
+    not read leave the rest of the in-flight cap to unary calls and to streams holding
+    nothing.
 
     Example:
-        >>> w = StreamWindow(1000)
-        >>> w.add(1200); w.open
-        False
-        >>> w.sub(1200); w.open, w.held
-        (True, 0)
+        >>> pool = StreamPool(1500)
+        >>> pool.add(1600); pool.full
+        True
     """
 
-    def __init__(self, limit: int, stalled: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self._stalled = stalled  # called each time the stream stops reading at its bound
-        self._open = asyncio.Event()
-        self._open.set()
+        self.waiters: set[asyncio.Event] = set()  # streams waiting for it to have room
 
     @property
-    def open(self) -> bool:
-        return self._open.is_set()
+    def full(self) -> bool:
+        return self.held >= self.limit
 
     def add(self, nbytes: int) -> None:
         self.held += nbytes
-        if self.held >= self.limit:
-            self._open.clear()
 
     def sub(self, nbytes: int) -> None:
         self.held -= nbytes
-        if self.held < self.limit:
-            self._open.set()
+        if self.waiters and self.held < self.limit:
+            for event in self.waiters:  # each re-checks, and charges before it reads
+                event.set()
 
-    async def room(self) -> None:
-        """Return once the stream holds less than its bound."""
-        if self._open.is_set():
-            return
-        if self._stalled is not None:
-            self._stalled()
-        await self._open.wait()
+
+class StreamWindow:
+    """The bytes one stream holds of the server's in-flight cap - its requests being answered
+    and the answers its client has not read yet - and when the stream may read its next
+    request (``serve_stream(..., window=)``): as HTTP/2's flow-control window, but in bytes
+    the server holds rather than bytes on the wire.
+
+    Two bounds, both of which only delay (a stream holding nothing always reads its next
+    request, however large; the server's cap alone refuses):
+      - its own ``limit``: a client that sends without reading stalls its own stream there
+        (gRPC's flow control then slows its sends) instead of filling the server's cap, at
+        which every client is refused;
+      - the ``pool``'s, what all streams hold together: many streams that do not read stall
+        at it, not at the cap.
+    ``room`` charges what the request just read will likely hold (the largest single charge
+    seen) as it lets it through, so that streams woken together do not all pass on the same
+    free bytes; the reader gives it back once the request's own charge is made.
+
+    Invariant: ``held`` (and the pool's) is the sum of ``add``s less ``sub``s.
+
+    Example:
+        >>> pool = StreamPool(1500)
+        >>> a, b = StreamWindow(1000, pool), StreamWindow(1000, pool)
+        >>> a.add(800); b.add(800); a.may_read(), b.may_read()
+        (False, False)
+        >>> b.sub(800); a.may_read(), b.may_read()
+        (True, True)
+        >>> a.add(300); a.may_read()  # its own limit
+        False
+    """
+
+    def __init__(
+        self, limit: int, pool: StreamPool | None = None,
+        stalled: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.limit = limit
+        self.held = 0
+        self.pool = pool
+        self.largest = 0  # the largest single charge: the estimate of the next request's
+        self._stalled = stalled  # called each time the stream stops reading at a bound
+        self._wake = asyncio.Event()
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+        if self.pool is not None:
+            self.pool.add(nbytes)
+        self.largest = max(self.largest, nbytes)
+
+    def sub(self, nbytes: int) -> None:
+        self.held -= nbytes
+        if self.pool is not None:
+            self.pool.sub(nbytes)
+        self._wake.set()
+
+    def may_read(self) -> bool:
+        if not self.held:
+            return True
+        return self.held < self.limit and (self.pool is None or not self.pool.full)
+
+    async def room(self) -> int:
+        """Return once the stream may go on with the request it read, having charged the
+        bytes that will likely hold: the caller ``sub``s that many once the request's own
+        charge is made."""
+        if not self.may_read():
+            if self._stalled is not None:
+                self._stalled()
+            while not self.may_read():
+                self._wake.clear()
+                # Below its own limit it is the pool that holds it: woken when that has room
+                # (else each of the pool's releases would wake every stalled stream).
+                pooled = self.held < self.limit and self.pool is not None
+                if pooled:
+                    self.pool.waiters.add(self._wake)
+                try:
+                    await self._wake.wait()
+                finally:
+                    if pooled:
+                        self.pool.waiters.discard(self._wake)
+        estimate = self.largest if self.held else 0  # alone, it reads whatever it holds
+        self.add(estimate)
+        return estimate
 
 
 async def serve_stream(
@@ -126,8 +187,8 @@ async def serve_stream(
     to unwind before returning or raising. ``discard`` is called with each answer that was
     made but never handed to ``write`` (the stream ended first): every answer goes to
     exactly one of the two, so what an answer holds can be let go in one or the other.
-    ``window``: no further message is read while it is closed (``answer`` and ``write``
-    add to and take from it).
+    ``window``: while it says so (``StreamWindow.room``) no request is started and, past
+    the one read, none is read (``answer`` and ``write`` add to and take from it).
     """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(limit)
@@ -139,23 +200,28 @@ async def serve_stream(
     async def read() -> None:
         while True:
             await slots.acquire()  # before reading: the bound includes the next message
-            if window is not None:
-                await window.room()
             try:
                 message = await anext(incoming)
             except StopAsyncIteration:
                 slots.release()
                 return
-            task = loop.create_task(answer(message))
-            running.add(task)
-            if ordered:
-                queue.append(task)
-            task.add_done_callback(finished.put_nowait)
-            if window is not None:
-                # The answer's first step holds its request's bytes: let it run before the
-                # next read is decided, or messages the transport has buffered would all be
-                # read on an open window.
-                await asyncio.sleep(0)
+            # The window is checked with the message read (one a stream, as gRPC buffers it
+            # anyway): a check before the read would charge a stream that waits there for its
+            # client's next message, for as long as the client sends nothing.
+            estimate = await window.room() if window is not None else 0
+            try:
+                task = loop.create_task(answer(message))
+                running.add(task)
+                if ordered:
+                    queue.append(task)
+                task.add_done_callback(finished.put_nowait)
+                if window is not None:
+                    # The answer's first step holds its request's bytes: let it run before
+                    # the estimate is given back and the next read is decided.
+                    await asyncio.sleep(0)
+            finally:
+                if estimate:
+                    window.sub(estimate)
 
     reader = loop.create_task(read())
     reader.add_done_callback(finished.put_nowait)

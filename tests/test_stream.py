@@ -333,6 +333,56 @@ def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_se
             c.close()
 
 
+def test_more_streams_that_do_not_read_than_the_cap_holds_leave_room_for_other_calls(windowed):
+    # Twelve streams at 1 MiB each would take 12 MiB of the 8 MiB cap: they filled it and
+    # every other call was refused (the window alone bounds a few streams, not many). They
+    # stop at the streams' share (0.75: 6 MiB, overshot by the requests of streams that
+    # held nothing yet), and other calls are served.
+    plane = windowed.server.plane
+    registry = windowed.server.metrics.registry
+    req = pb.ModelInferRequest(model_name="big")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    done = threading.Event()
+
+    def requests():
+        for _ in range(10_000):  # never runs out: a stream refused at the cap reads on
+            yield req
+        done.wait(30)  # open, never read
+
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(windowed.address, options=own) for _ in range(13)]
+    try:
+        calls = [rpc.GRPCInferenceServiceStub(c).ModelStreamInfer(requests())
+                 for c in channels[:12]]  # fmt: skip
+        deadline, last, still = time.monotonic() + 30, -1, 0
+        while still < 10:  # settled
+            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
+            held = plane.inflight_bytes
+            still = still + 1 if held == last and held > 0 else 0
+            last = held
+            time.sleep(0.05)
+        share = plane.streams.limit
+        assert share == 6 * 2**20
+        assert plane.streams.held == plane.inflight_bytes  # the streams' own bytes
+        assert share <= plane.inflight_bytes <= share + 12 * (4 * BIG_ROW + 4096)
+        scraped = registry.get_sample_value("innfer_stream_bytes")
+        assert scraped == plane.streams.held
+        other = rpc.GRPCInferenceServiceStub(channels[12])
+        for _ in range(5):
+            answer = other.ModelInfer(req, timeout=10)
+            assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
+        for call in calls:
+            call.cancel()
+        while plane.inflight_bytes or plane.streams.held:
+            assert time.monotonic() < deadline + 10, plane.inflight_bytes
+            time.sleep(0.02)
+    finally:
+        done.set()
+        for c in channels:
+            c.close()
+
+
 # A client process that opens a stream to "big", sends and reads nothing (argv: address).
 _SILENT_CLIENT = """
 import sys, threading

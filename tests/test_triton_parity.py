@@ -20,7 +20,7 @@ from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
 from server.proto_gen import grpc_service_pb2 as pb
-from server.stream import StreamWindow, serve_stream
+from server.stream import StreamPool, StreamWindow, serve_stream
 
 pytestmark = pytest.mark.e2e
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -438,8 +438,9 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
 
         task = asyncio.create_task(serve_stream(requests(), answer, write, window=window))
         await asyncio.sleep(0.05)
-        # 4 x 300 >= 1000: the fourth closed the window, and nothing was read after it
-        assert (len(read), window.held, written) == (4, 1200, []), (read, window.held)
+        # 4 x 300 >= 1000: the fourth closed the window; the fifth was read and waits,
+        # nothing after it is read
+        assert (len(read), window.held, written) == (5, 1200, []), (read, window.held)
         assert stalls == [1]
         client_reads.set()  # it reads: the window opens as answers are written
         await asyncio.wait_for(task, 5)
@@ -459,6 +460,51 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
 
         await asyncio.wait_for(serve_stream(requests(), huge, out, window=big), 5)
         assert len(read) == 100 and big.held == 0
+
+    asyncio.run(run())
+
+
+def test_streams_that_hold_bytes_stop_at_the_pools_limit_and_woken_together_take_turns():
+    # Many streams that do not read filled the whole cap (each under its own window) and
+    # every other call was refused; at the pool's limit they stop, and when it has room
+    # again the streams woken at once pass one by one on what is free, not all on it.
+    async def run():
+        pool = StreamPool(1000)
+        other = StreamWindow(10**6, pool)  # what other streams hold: the pool is full
+        other.add(1000)
+        clients_read = asyncio.Event()
+        reads = [0] * 8
+        windows = [StreamWindow(10_000, pool) for _ in range(8)]
+
+        def stream(k):
+            async def requests():
+                for i in range(50):
+                    reads[k] += 1
+                    yield i
+
+            async def answer(i):
+                windows[k].add(100)
+                return i
+
+            async def write(i):
+                await clients_read.wait()
+                windows[k].sub(100)
+
+            return serve_stream(requests(), answer, write, window=windows[k])
+
+        tasks = [asyncio.create_task(stream(k)) for k in range(8)]
+        await asyncio.sleep(0.05)
+        # A stream holding nothing reads whatever the pool holds (else a new client could
+        # wait for good behind streams that do not read): one answer each, then they stop.
+        assert [w.held for w in windows] == [100] * 8 and pool.held == 1800
+        other.sub(1000)  # 800 held: room for two requests of 100
+        await asyncio.sleep(0.05)
+        # Woken together, two passed: the one past the limit on the estimate of the
+        # one before it, at most one request beyond (all eight: 1600)
+        assert 1000 <= pool.held <= 1100, [w.held for w in windows]
+        clients_read.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert reads == [50] * 8 and pool.held == 0 and not pool.waiters
 
     asyncio.run(run())
 
