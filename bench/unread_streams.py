@@ -20,10 +20,11 @@ every answer. The server's RSS peak is mostly the churn of making 256 KiB answer
 reading arm peaks as high or higher), so the count of answers made says more: beyond what
 the cap holds, the client's own gRPC accepts some answers per stream into its buffers before
 flow control stops the writes - the client's memory, not the server's. Since session 35
-each stream holds at most ``limits.max_stream_bytes`` (4 MiB by default) before it stops
-reading: with a few streams (``--streams 6``) they no longer fill the cap; the reading arms
-(this tree's, and the baseline's where one is given) say what that costs a client that
-reads (answers made in ``--hold-s``).
+each stream holds at most ``limits.max_stream_bytes`` (4 MiB by default), and all of them
+``limits.streams_share`` of the cap, before a stream stops reading: the other clients' calls
+say whether the rest of the cap stays free for them; the reading arms (this tree's, and the
+baseline's where one is given) what the bounds cost a client that reads (answers made in
+``--hold-s``).
 
     .venv/bin/python -m bench.unread_streams [--baseline-tree DIR] [--streams 48]
         [--requests 200] [--hold-s 20] [--cap-mib 32] [--repeats 2] [--out bench/results]
