@@ -211,9 +211,6 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         # grpcio 1.85 waits for a ping's answer this long (60 s by default), whatever the
         # keepalive timeout says (seen in its http2_ping trace: "Set ping timeout timer").
         opts.append(("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)))
-        # gRPC stops pinging after two pings without data sent in between (its client-side
-        # courtesy to servers): a stalled stream sends none.
-        opts.append(("grpc.http2.max_pings_without_data", 0))
     return opts
 
 

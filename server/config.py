@@ -10,8 +10,8 @@
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
-    keepalive_s: 60               # ping connections with calls open; close one that does
-    keepalive_timeout_s: 20       # not answer in this long (a vanished client; null: 2 h)
+    keepalive_s: 60               # ping connections with calls open (null: gRPC's 2 h); close
+    keepalive_timeout_s: 20       # one that does not answer in this long (a vanished client)
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
     device_slots: 1               # batches at once on the device all models share (0: per model)

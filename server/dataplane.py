@@ -121,6 +121,7 @@ class DataPlane:
         metrics.inflight_bytes.set_function(lambda: float(self.inflight_bytes))  # at scrape
         metrics.inflight_limit_bytes.set(self.limits.max_inflight_bytes)
         metrics.stream_bytes.set_function(lambda: float(self.streams.held))
+        metrics.stream_limit_bytes.set(self.streams.limit)
         # Auto-tiering (models with auto_tiers): what each was sent, kept across reloads,
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}
@@ -751,9 +752,9 @@ class DataPlane:
 
     def hold(self, nbytes: int, window: StreamWindow | None = None) -> int:
         """Count ``nbytes`` as in flight - against the server's cap and ``window``, the
-        stream's, if any - until ``release(nbytes, window)``: a request's from its decode,
-        its answer's from then until it is sent; a stream answer waits as long as its client
-        does not read.
+        stream's, if any - until ``release(nbytes, window)``: a request's from its admission
+        until answered; its answer's reserved size from its decode until made, then the
+        answer's own until it is sent (a stream's until its client reads it).
 
         Example:
             >>> held = plane.hold(resp.ByteSize(), window)  # doctest: +SKIP
@@ -868,6 +869,8 @@ class DataPlane:
             self._log_refused(m, request, deadline_s, waited_s, deadline_is_budget)
             raise self._full()
         self.hold(answer_bytes, window)
+        if window is not None:  # charged now: the advance its stream made on it goes back
+            window.charged(asyncio.current_task())
         try:
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,

@@ -236,13 +236,22 @@ class Metrics:
             "streams holding bytes stop reading.",
             registry=r,
         )  # fmt: skip
-        self.stream_stalls = Counter(
-            "innfer_stream_stalls_total",
-            "Times a ModelStreamInfer stream stopped reading requests because it held "
-            "limits.max_stream_bytes of requests and unread answers (its client sends faster "
-            "than it reads), or all streams held limits.streams_share of the in-flight limit.",
+        self.stream_limit_bytes = Gauge(
+            "innfer_stream_limit_bytes",
+            "limits.streams_share of limits.max_inflight_bytes: at it streams that hold bytes "
+            "stop reading.",
             registry=r,
         )  # fmt: skip
+        self.stream_stalls = Counter(
+            "innfer_stream_stalls_total",
+            "Times a ModelStreamInfer stream stopped reading requests: bound=\"window\" when "
+            "it held limits.max_stream_bytes of requests and unread answers (its client sends "
+            "faster than it reads), bound=\"share\" when all streams held limits.streams_share "
+            "of the in-flight limit.",
+            ["bound"], registry=r,
+        )  # fmt: skip
+        for bound in ("window", "share"):  # both series from the start, at 0
+            self.stream_stalls.labels(bound=bound)
         self.host_cpu_shared = Gauge(
             "innfer_host_cpu_shared",
             "1 when request handling runs on the engines' CPUs (no more CPUs than engine "

@@ -564,9 +564,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         # What this stream holds of the in-flight cap: at limits.max_stream_bytes, or when
         # all streams hold limits.streams_share of it, it stops reading - so that clients
         # that do not read fill their own windows, not the cap.
+        stalls = plane.metrics.stream_stalls
         window = StreamWindow(
-            plane.limits.max_stream_bytes, plane.streams, plane.metrics.stream_stalls.inc
-        )
+            plane.limits.max_stream_bytes, plane.streams,
+            lambda bound: stalls.labels(bound=bound).inc(),
+        )  # fmt: skip
 
         async def answer(request) -> _StreamAnswer:
             # Met or late once it is written (this task's own context): an answer that waits
@@ -574,10 +576,10 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             verdict = Verdict()
             VERDICT.set(verdict)
             resp, sent = await self._stream_answer(request, context, window)
-            # Until written, the answer counts against the in-flight bytes (no await between
-            # here and serve_stream taking it: it is released by write or by discard). A
-            # client that sends and does not read kept up to MAX_STREAM_INFLIGHT answers per
-            # stream beyond the cap: 64 x 256 KiB on each of a connection's 1024 streams.
+            # Until written, the answer counts against the in-flight bytes and the stream's
+            # window (no await between here and serve_stream taking it: it is released by
+            # write or by discard). Before session 34 a client that sent and did not read
+            # had up to MAX_STREAM_INFLIGHT answers per stream held beyond the cap.
             return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize(), window), verdict)
 
         async def write(a: _StreamAnswer) -> None:

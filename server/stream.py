@@ -48,7 +48,7 @@ Resp = TypeVar("Resp")
 
 
 class StreamPool:
-    """What all of a server's streams hold together, and its limit: beyond it, a stream that
+    """What all of a server's streams hold together, and its limit: from it on, a stream that
     already holds bytes reads nothing more (``StreamWindow``), so that many streams that do
     not read leave the rest of the in-flight cap to unary calls and to streams holding
     nothing.
@@ -72,30 +72,38 @@ class StreamPool:
         self.held += nbytes
 
     def sub(self, nbytes: int) -> None:
+        was_full = self.held >= self.limit
         self.held -= nbytes
-        if self.waiters and self.held < self.limit:
-            for event in self.waiters:  # each re-checks, and charges before it reads
+        # Streams wait only while it is full: woken as it stops being so, once each (each
+        # re-checks, and charges its advance before it goes on).
+        if was_full and self.waiters and self.held < self.limit:
+            for event in self.waiters:
                 event.set()
 
 
 class StreamWindow:
     """The bytes one stream holds of the server's in-flight cap - its requests being answered
-    and the answers its client has not read yet - and when the stream may read its next
+    and the answers its client has not read yet - and when the stream may start the next
     request (``serve_stream(..., window=)``): as HTTP/2's flow-control window, but in bytes
     the server holds rather than bytes on the wire.
 
-    Two bounds, both of which only delay (a stream holding nothing always reads its next
-    request, however large; the server's cap alone refuses):
+    Two bounds, both of which only delay (a stream holding nothing always goes on, however
+    large its request; the server's cap alone refuses):
       - its own ``limit``: a client that sends without reading stalls its own stream there
         (gRPC's flow control then slows its sends) instead of filling the server's cap, at
         which every client is refused;
       - the ``pool``'s, what all streams hold together: many streams that do not read stall
         at it, not at the cap.
-    ``room`` charges what the request just read will likely hold (the largest single charge
-    seen) as it lets it through, so that streams woken together do not all pass on the same
-    free bytes; the reader gives it back once the request's own charge is made.
+    A request's answer bytes are charged once it is decoded - for a text, after it waits for
+    the tokenizer threads - so ``room`` charges an advance on them (the largest single charge
+    seen) as it lets a request through, given back when they are (``charged``) or the request
+    ends (``settle``): streams woken together do not all pass on the same free bytes, nor
+    does one stream start 64 texts on what their requests alone hold. Until one request of
+    the stream has had its answer charged the size is unknown, and one request at a time is
+    let through.
 
-    Invariant: ``held`` (and the pool's) is the sum of ``add``s less ``sub``s.
+    Invariant: ``held`` (and the pool's) is the sum of ``add``s less ``sub``s; every request
+    ``begin`` noted is in ``_pending`` until ``charged`` or ``settle``.
 
     Example:
         >>> pool = StreamPool(1500)
@@ -110,14 +118,17 @@ class StreamWindow:
 
     def __init__(
         self, limit: int, pool: StreamPool | None = None,
-        stalled: Callable[[], None] | None = None,
+        stalled: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.limit = limit
         self.held = 0
         self.pool = pool
-        self.largest = 0  # the largest single charge: the estimate of the next request's
-        self._stalled = stalled  # called each time the stream stops reading at a bound
+        self.largest = 0  # the largest single charge: the estimate of a request's
+        self.learned = False  # whether a request's answer was charged on this stream
+        self._stalled = stalled  # called with "window" or "share" when reading stops at it
         self._wake = asyncio.Event()
+        # Requests started whose answer bytes are not charged yet -> the advance on them.
+        self._pending: dict[object, int] = {}
 
     def add(self, nbytes: int) -> None:
         self.held += nbytes
@@ -132,32 +143,64 @@ class StreamWindow:
         self._wake.set()
 
     def may_read(self) -> bool:
+        return self._bound() is None
+
+    def _bound(self) -> str | None:
+        """What holds the stream's next request back: "learning" (a request's answer size
+        is not known yet), "window", "share", or None."""
+        if not self.learned and self._pending:
+            return "learning"
         if not self.held:
-            return True
-        return self.held < self.limit and (self.pool is None or not self.pool.full)
+            return None
+        if self.held >= self.limit:
+            return "window"
+        if self.pool is not None and self.pool.full:
+            return "share"
+        return None
+
+    def begin(self, key: object, advance: int) -> None:
+        """Note the request ``key`` started with ``advance`` bytes charged by ``room``."""
+        self._pending[key] = advance
+
+    def charged(self, key: object) -> None:
+        """The request ``key``'s answer bytes are charged: its advance goes back."""
+        self.learned = True
+        self.settle(key)
+
+    def settle(self, key: object) -> None:
+        """The request ``key`` is charged or has ended (whichever comes first; the second
+        finds nothing): its advance goes back."""
+        if key not in self._pending:
+            return
+        advance = self._pending.pop(key)
+        if advance:
+            self.sub(advance)
+        else:
+            self._wake.set()
 
     async def room(self) -> int:
-        """Return once the stream may go on with the request it read, having charged the
-        bytes that will likely hold: the caller ``sub``s that many once the request's own
-        charge is made."""
-        if not self.may_read():
-            if self._stalled is not None:
-                self._stalled()
-            while not self.may_read():
-                self._wake.clear()
-                # Below its own limit it is the pool that holds it: woken when that has room
-                # (else each of the pool's releases would wake every stalled stream).
-                pooled = self.held < self.limit and self.pool is not None
+        """Return once the stream may go on with the request it read, having charged an
+        advance on the bytes that will hold (returned: the caller ``begin``s the request
+        with it)."""
+        counted = False
+        while (bound := self._bound()) is not None:
+            if bound != "learning" and not counted and self._stalled is not None:
+                self._stalled(bound)
+                counted = True
+            self._wake.clear()
+            # Held by the pool, it is woken when that has room (else each of the pool's
+            # releases would wake every stalled stream); else by its own releases.
+            pooled = bound == "share"
+            if pooled:
+                self.pool.waiters.add(self._wake)
+            try:
+                await self._wake.wait()
+            finally:
                 if pooled:
-                    self.pool.waiters.add(self._wake)
-                try:
-                    await self._wake.wait()
-                finally:
-                    if pooled:
-                        self.pool.waiters.discard(self._wake)
-        estimate = self.largest if self.held else 0  # alone, it reads whatever it holds
-        self.add(estimate)
-        return estimate
+                    self.pool.waiters.discard(self._wake)
+        advance = self.largest if self.held else 0  # alone, it goes on whatever it holds
+        self.add(advance)
+        return advance
 
 
 async def serve_stream(
@@ -208,20 +251,27 @@ async def serve_stream(
             # The window is checked with the message read (one a stream, as gRPC buffers it
             # anyway): a check before the read would charge a stream that waits there for its
             # client's next message, for as long as the client sends nothing.
-            estimate = await window.room() if window is not None else 0
             try:
-                task = loop.create_task(answer(message))
-                running.add(task)
-                if ordered:
-                    queue.append(task)
-                task.add_done_callback(finished.put_nowait)
-                if window is not None:
-                    # The answer's first step holds its request's bytes: let it run before
-                    # the estimate is given back and the next read is decided.
-                    await asyncio.sleep(0)
-            finally:
-                if estimate:
-                    window.sub(estimate)
+                advance = await window.room() if window is not None else 0
+            except asyncio.CancelledError:
+                if closed is not None and closed.done():  # draining: answered as the
+                    start(message, 0)  # requests read before it are (charging nothing)
+                raise
+            start(message, advance)
+            if window is not None:
+                # Let the answer's first step run before the next read is decided: it charges
+                # its request's bytes (with nothing held, no advance is charged for it).
+                await asyncio.sleep(0)
+
+    def start(message: Req, advance: int) -> None:
+        task = loop.create_task(answer(message))
+        running.add(task)
+        if ordered:
+            queue.append(task)
+        task.add_done_callback(finished.put_nowait)
+        if window is not None:  # until its answer is charged (``charged``), or it ends
+            window.begin(task, advance)
+            task.add_done_callback(window.settle)
 
     reader = loop.create_task(read())
     reader.add_done_callback(finished.put_nowait)

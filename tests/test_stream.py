@@ -317,15 +317,16 @@ def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_se
         per_stream = 2**20 + 2 * (4 * BIG_ROW + 4096)
         assert 3 * 2**19 < plane.inflight_bytes <= 3 * per_stream, plane.inflight_bytes
         # Operators see why: each stream stopped reading at its window at least once.
-        assert registry.get_sample_value("innfer_stream_stalls_total") >= 3
+        stalls = registry.get_sample_value("innfer_stream_stalls_total", {"bound": "window"})
+        assert stalls >= 3
         other = rpc.GRPCInferenceServiceStub(channels[3])
         for _ in range(5):
             answer = other.ModelInfer(req, timeout=10)
             assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
         for call in calls:
             call.cancel()  # the clients go: what their streams held is let go
-        while plane.inflight_bytes:
-            assert time.monotonic() < deadline + 10, plane.inflight_bytes
+        while plane.inflight_bytes or plane.streams.held or plane.streams.waiters:
+            assert time.monotonic() < deadline + 10, (plane.inflight_bytes, plane.streams.held)
             time.sleep(0.02)
     finally:
         done.set()
@@ -368,6 +369,8 @@ def test_more_streams_that_do_not_read_than_the_cap_holds_leave_room_for_other_c
         assert share <= plane.inflight_bytes <= share + 12 * (4 * BIG_ROW + 4096)
         scraped = registry.get_sample_value("innfer_stream_bytes")
         assert scraped == plane.streams.held
+        assert registry.get_sample_value("innfer_stream_limit_bytes") == share
+        assert registry.get_sample_value("innfer_stream_stalls_total", {"bound": "share"}) >= 1
         other = rpc.GRPCInferenceServiceStub(channels[12])
         for _ in range(5):
             answer = other.ModelInfer(req, timeout=10)

@@ -419,7 +419,7 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
     # full the stream reads no further request (before: up to its 64, whatever their size).
     async def run():
         read, written, stalls = [], [], []
-        window = StreamWindow(1000, stalled=lambda: stalls.append(1))
+        window = StreamWindow(1000, stalled=stalls.append)
         client_reads = asyncio.Event()  # a client that reads nothing holds every write
 
         async def requests():
@@ -429,6 +429,7 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
 
         async def answer(i):
             window.add(300)  # what the request and its answer hold, until written
+            window.charged(asyncio.current_task())  # as the data plane does
             return i
 
         async def write(i):
@@ -441,7 +442,7 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
         # 4 x 300 >= 1000: the fourth closed the window; the fifth was read and waits,
         # nothing after it is read
         assert (len(read), window.held, written) == (5, 1200, []), (read, window.held)
-        assert stalls == [1]
+        assert stalls == ["window"]
         client_reads.set()  # it reads: the window opens as answers are written
         await asyncio.wait_for(task, 5)
         assert written == list(range(100)) and window.held == 0
@@ -460,6 +461,73 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
 
         await asyncio.wait_for(serve_stream(requests(), huge, out, window=big), 5)
         assert len(read) == 100 and big.held == 0
+
+    asyncio.run(run())
+
+
+def test_a_request_whose_answer_is_charged_after_a_wait_holds_its_advance_until_then():
+    # A text's answer bytes are charged after its tokenization, which waits on the tokenizer
+    # threads: the stream's advance on them stays until then (given back after one loop
+    # turn, the stream read all 64 and held 4.3 MB under a 100 kB window: helper-100).
+    async def run():
+        window = StreamWindow(1000)
+        read = []
+
+        async def requests():
+            for i in range(100):
+                read.append(i)
+                yield i
+
+        async def answer(i):
+            window.add(10)  # the request itself, at once
+            await asyncio.sleep(0.01)  # tokenizing
+            window.add(300)  # its answer's reserved bytes
+            window.charged(asyncio.current_task())
+            return i
+
+        async def write(i):
+            await asyncio.Event().wait()  # a client that reads nothing
+
+        task = asyncio.create_task(serve_stream(requests(), answer, write, window=window))
+        await asyncio.sleep(0.2)
+        # 3 x 310 + advances < 1000 <= 4 x 310: the fourth stopped it, the fifth waits read
+        assert len(read) <= 5 and window.held <= 1000 + 310, (len(read), window.held)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
+def test_a_request_read_and_waiting_for_room_when_the_server_drains_is_answered():
+    # Draining answers the requests already read: one read and waiting for its stream's
+    # window was dropped (its client, told UNAVAILABLE, would not know to send it again).
+    async def run():
+        window = StreamWindow(100)
+        closing = asyncio.Event()
+        answered, written = [], []
+
+        async def requests():
+            for i in range(10):
+                yield i
+
+        async def answer(i):
+            window.add(100)  # each fills the window
+            answered.append(i)
+            return i
+
+        async def write(i):
+            written.append(i)
+            if i == 0:
+                closing.set()  # the second is read and waits for the first's bytes
+            await asyncio.sleep(0.05)
+            window.sub(100)
+
+        cut = await asyncio.wait_for(
+            serve_stream(requests(), answer, write, closing=closing, window=window), 5
+        )
+        assert cut and answered == written == [0, 1], (answered, written)
+        assert window.held == 0
 
     asyncio.run(run())
 
@@ -484,6 +552,7 @@ def test_streams_that_hold_bytes_stop_at_the_pools_limit_and_woken_together_take
 
             async def answer(i):
                 windows[k].add(100)
+                windows[k].charged(asyncio.current_task())
                 return i
 
             async def write(i):
