@@ -4,6 +4,7 @@ Findings of the stream review of session 32; each test failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -282,6 +283,60 @@ def windowed(tmp_path_factory):
     s.stop(grace=2.0)
 
 
+def _big_request() -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="big")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    return req
+
+
+@contextlib.contextmanager
+def _unread_streams(server, n: int, per_stream: int):
+    """``n`` streams to "big" on connections of their own (as separate clients have), each
+    sending ``per_stream`` requests and reading nothing; yields (their calls, a stub on one
+    more connection). Closes everything on the way out."""
+    req, done = _big_request(), threading.Event()
+
+    def requests():
+        for _ in range(per_stream):
+            yield req
+        done.wait(30)  # open, never read
+
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(server.address, options=own) for _ in range(n + 1)]
+    try:
+        calls = [rpc.GRPCInferenceServiceStub(c).ModelStreamInfer(requests())
+                 for c in channels[:n]]  # fmt: skip
+        yield calls, rpc.GRPCInferenceServiceStub(channels[n])
+    finally:
+        done.set()
+        for c in channels:
+            c.close()
+
+
+def _settled(plane, within_s: float = 30.0) -> int:
+    """The bytes in flight once nothing has moved for half a second (the streams' answers
+    wait for readers)."""
+    deadline, last, still = time.monotonic() + within_s, -1, 0
+    while still < 10:
+        assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
+        held = plane.inflight_bytes
+        still = still + 1 if held == last and held > 0 else 0
+        last = held
+        time.sleep(0.05)
+    return last
+
+
+def _all_let_go(plane, calls, within_s: float = 10.0) -> None:
+    """Cancel ``calls`` (the clients go) and wait until what their streams held is let go."""
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + within_s
+    while plane.inflight_bytes or plane.streams.held or plane.streams.waiters:
+        assert time.monotonic() < deadline, (plane.inflight_bytes, plane.streams.held)
+        time.sleep(0.02)
+
+
 def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_served(windowed):
     # Each stream holds at most limits.max_stream_bytes of the cap: three streams that send
     # without reading stop being read at 1 MiB each (gRPC's flow control then holds their
@@ -289,101 +344,41 @@ def test_streams_that_do_not_read_stall_at_their_window_and_other_clients_are_se
     # (16 MiB) and the three filled the 8 MiB cap: every other call was refused.
     plane = windowed.server.plane
     registry = windowed.server.metrics.registry
-    req = pb.ModelInferRequest(model_name="big")
-    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
-    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
-    done = threading.Event()
-
-    def requests():
-        for _ in range(100):
-            yield req
-        done.wait(30)  # open, never read
-
-    # One connection per stream, as separate clients have (grpc shares one otherwise).
-    own = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.insecure_channel(windowed.address, options=own) for _ in range(4)]
-    try:
-        calls = [rpc.GRPCInferenceServiceStub(c).ModelStreamInfer(requests())
-                 for c in channels[:3]]  # fmt: skip
-        # Settled: nothing moves for half a second (the streams' answers wait for readers).
-        deadline, last, still = time.monotonic() + 30, -1, 0
-        while still < 10:
-            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
-            held = plane.inflight_bytes
-            still = still + 1 if held == last and held > 0 else 0
-            last = held
-            time.sleep(0.05)
+    with _unread_streams(windowed, 3, 100) as (calls, other):
+        held = _settled(plane)
         # Each stream: its window, overshot by at most the request and answer read last.
         per_stream = 2**20 + 2 * (4 * BIG_ROW + 4096)
-        assert 3 * 2**19 < plane.inflight_bytes <= 3 * per_stream, plane.inflight_bytes
+        assert 3 * 2**19 < held <= 3 * per_stream, held
         # Operators see why: each stream stopped reading at its window at least once.
         stalls = registry.get_sample_value("innfer_stream_stalls_total", {"bound": "window"})
         assert stalls >= 3
-        other = rpc.GRPCInferenceServiceStub(channels[3])
         for _ in range(5):
-            answer = other.ModelInfer(req, timeout=10)
+            answer = other.ModelInfer(_big_request(), timeout=10)
             assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
-        for call in calls:
-            call.cancel()  # the clients go: what their streams held is let go
-        while plane.inflight_bytes or plane.streams.held or plane.streams.waiters:
-            assert time.monotonic() < deadline + 10, (plane.inflight_bytes, plane.streams.held)
-            time.sleep(0.02)
-    finally:
-        done.set()
-        for c in channels:
-            c.close()
+        _all_let_go(plane, calls)
 
 
 def test_more_streams_that_do_not_read_than_the_cap_holds_leave_room_for_other_calls(windowed):
     # Twelve streams at 1 MiB each would take 12 MiB of the 8 MiB cap: they filled it and
     # every other call was refused (the window alone bounds a few streams, not many). They
     # stop at the streams' share (0.75: 6 MiB, overshot by the requests of streams that
-    # held nothing yet), and other calls are served.
+    # held nothing yet), and other calls are served. 10,000 requests a stream: never runs
+    # out (a stream refused at the cap reads on).
     plane = windowed.server.plane
     registry = windowed.server.metrics.registry
-    req = pb.ModelInferRequest(model_name="big")
-    req.inputs.add(name="input", datatype="FP32", shape=[1, 64])
-    req.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
-    done = threading.Event()
-
-    def requests():
-        for _ in range(10_000):  # never runs out: a stream refused at the cap reads on
-            yield req
-        done.wait(30)  # open, never read
-
-    own = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.insecure_channel(windowed.address, options=own) for _ in range(13)]
-    try:
-        calls = [rpc.GRPCInferenceServiceStub(c).ModelStreamInfer(requests())
-                 for c in channels[:12]]  # fmt: skip
-        deadline, last, still = time.monotonic() + 30, -1, 0
-        while still < 10:  # settled
-            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
-            held = plane.inflight_bytes
-            still = still + 1 if held == last and held > 0 else 0
-            last = held
-            time.sleep(0.05)
+    with _unread_streams(windowed, 12, 10_000) as (calls, other):
+        held = _settled(plane)
         share = plane.streams.limit
         assert share == 6 * 2**20
-        assert plane.streams.held == plane.inflight_bytes  # the streams' own bytes
-        assert share <= plane.inflight_bytes <= share + 12 * (4 * BIG_ROW + 4096)
-        scraped = registry.get_sample_value("innfer_stream_bytes")
-        assert scraped == plane.streams.held
+        assert plane.streams.held == held  # the streams' own bytes
+        assert share <= held <= share + 12 * (4 * BIG_ROW + 4096)
+        assert registry.get_sample_value("innfer_stream_bytes") == plane.streams.held
         assert registry.get_sample_value("innfer_stream_limit_bytes") == share
         assert registry.get_sample_value("innfer_stream_stalls_total", {"bound": "share"}) >= 1
-        other = rpc.GRPCInferenceServiceStub(channels[12])
         for _ in range(5):
-            answer = other.ModelInfer(req, timeout=10)
+            answer = other.ModelInfer(_big_request(), timeout=10)
             assert len(answer.raw_output_contents[0]) == 4 * BIG_ROW
-        for call in calls:
-            call.cancel()
-        while plane.inflight_bytes or plane.streams.held:
-            assert time.monotonic() < deadline + 10, plane.inflight_bytes
-            time.sleep(0.02)
-    finally:
-        done.set()
-        for c in channels:
-            c.close()
+        _all_let_go(plane, calls)
 
 
 # A client process that opens a stream to "big", sends and reads nothing (argv: address).
@@ -422,14 +417,7 @@ def test_a_client_that_vanishes_without_closing_lets_go_of_what_it_held(tmp_path
     )  # fmt: skip
     try:
         assert client.stdout.readline().strip() == "open"
-        deadline = time.monotonic() + 30
-        last, still = -1, 0
-        while still < 10:  # the answers it does not read are held, and settle
-            assert time.monotonic() < deadline, ("never settled", plane.inflight_bytes)
-            held = plane.inflight_bytes
-            still = still + 1 if held == last and held > 0 else 0
-            last = held
-            time.sleep(0.05)
+        last = _settled(plane)  # the answers it does not read are held
         # Alive and not reading: its gRPC answers the pings, and the stream is kept.
         time.sleep(3)
         assert plane.inflight_bytes == last > 0
