@@ -27,6 +27,7 @@ from runtime import __version__
 from server.allocator import malloc_settings, tune_malloc
 from server.config import ServerConfig, loopback
 from server.dataplane import DataPlane
+from server.limits import stream_limits_warning
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import health_pb2, health_pb2_grpc
@@ -86,6 +87,8 @@ class Server:
 
     async def start(self) -> None:
         warn_cleartext_token(self.config)
+        if (said := stream_limits_warning(self.config.limits)) is not None:
+            log.warning("%s", said)
         limit = self.message_limit = self.config.max_message_bytes or self.plane.message_limit()
         self.plane.transport_limit = limit
         log.info("gRPC messages up to %.1f MiB", limit / 2**20)

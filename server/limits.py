@@ -66,6 +66,30 @@ class RequestLimits:
     )  # fmt: skip
 
 
+def stream_limits_warning(limits: RequestLimits) -> str | None:
+    """What is off in how the stream bounds fit the cap (None: nothing). Not an error: the
+    limits still hold, the share simply binds before one stream's window does.
+
+    Example:
+        >>> stream_limits_warning(RequestLimits()) is None
+        True
+        >>> stream_limits_warning(RequestLimits(max_inflight_bytes=2**21))[:40]
+        'limits.max_stream_bytes (4.0 MiB) is abo'
+    """
+    share = int(limits.max_inflight_bytes * limits.streams_share)
+    if limits.max_stream_bytes <= share:
+        return None
+    return (
+        f"limits.max_stream_bytes ({limits.max_stream_bytes / 2**20:.1f} MiB) is above the "
+        f"streams' share of the in-flight cap ({share / 2**20:.2f} MiB: streams_share "
+        f"{limits.streams_share:g} x max_inflight_bytes "
+        f"{limits.max_inflight_bytes / 2**20:.1f} MiB): one stream that never reads fills "
+        "the whole share before its own window stops it, and every other stream then goes "
+        "one request at a time. Lower max_stream_bytes (the share over the streams you "
+        "expect at once) or raise max_inflight_bytes"
+    )
+
+
 # Fields one input or output of a valid ModelInferRequest holds: its name, datatype, shape
 # (one packed field), contents and up to two parameters (binary_data, classification), with
 # room for an unpacked shape's dims. A request's tensors may hold max_parameters more in all.

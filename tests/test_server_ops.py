@@ -382,6 +382,25 @@ def test_a_token_sent_in_cleartext_is_warned_about_at_start(tmp_path, caplog, ho
         assert host in said[0] and "tls" in said[0] and "s3cret" not in said[0]
 
 
+@pytest.mark.parametrize("limits, warned", [
+    ({}, False),
+    ({"max_inflight_bytes": 2**21}, True),  # 1.5 MiB share under a 4 MiB window
+    ({"max_inflight_bytes": 2**21, "max_stream_bytes": 2**20}, False),
+])  # fmt: skip
+def test_a_stream_window_above_the_streams_share_is_warned_about_at_start(
+    tmp_path, caplog, limits, warned
+):
+    # Accepted (the share still bounds the streams), but one stream that never reads then
+    # takes the whole share and the others go one request at a time (helper-100).
+    with caplog.at_level("WARNING", logger="innfer.server"):
+        s = ServerThread({"repository": str(tmp_path), "limits": limits}).start()
+        s.stop()
+    said = [r.getMessage() for r in caplog.records if "max_stream_bytes" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "4.0 MiB" in said[0] and "1.50 MiB" in said[0] and "Lower" in said[0]
+
+
 @pytest.mark.parametrize("reflection", [None, True, False])
 def test_server_reflection_is_a_config_switch(tmp_path, reflection):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
