@@ -254,8 +254,10 @@ async def serve_stream(
             try:
                 advance = await window.room() if window is not None else 0
             except asyncio.CancelledError:
-                if closed is not None and closed.done():  # draining: answered as the
-                    start(message, 0)  # requests read before it are (charging nothing)
+                # Draining: answered as the requests read before it are (charging nothing)
+                # - unless the stream itself is ending: nothing started then is unwound.
+                if closed is not None and closed.done() and not ending:
+                    start(message, 0)
                 raise
             start(message, advance)
             if window is not None:
@@ -279,6 +281,7 @@ async def serve_stream(
     if closed is not None:
         closed.add_done_callback(lambda _: reader.cancel())
     cut = False  # reading stopped by ``closing``, not by the client's half-close
+    ending = False  # the stream is being unwound: the reader starts nothing more
     try:
         reading = True
         while reading or running:
@@ -307,6 +310,7 @@ async def serve_stream(
                     break
                 task = queue.popleft()
     finally:
+        ending = True
         reader.cancel()
         if closed is not None:
             closed.cancel()

@@ -532,6 +532,48 @@ def test_a_request_read_and_waiting_for_room_when_the_server_drains_is_answered(
     asyncio.run(run())
 
 
+def test_a_stream_cancelled_as_the_server_drains_starts_nothing_after_it_ends():
+    # The reader waiting for room is cancelled by the drain; the stream itself is cancelled
+    # in the same loop turn (its client goes). The message it held was started after the
+    # stream had unwound: never written nor discarded, its bytes held for good (helper-101).
+    async def run():
+        window = StreamWindow(100, StreamPool(10_000))
+        closing = asyncio.Event()
+        started = []
+
+        async def requests():
+            for i in range(3):
+                yield i
+            await asyncio.Event().wait()  # open
+
+        async def answer(i):
+            started.append(i)
+            window.add(150)  # its answer, held until written or discarded
+            window.charged(asyncio.current_task())
+            return i
+
+        async def write(i):
+            try:
+                await asyncio.Event().wait()  # a client that reads nothing
+            finally:
+                window.sub(150)
+
+        stream = asyncio.create_task(serve_stream(
+            requests(), answer, write, closing=closing, discard=lambda i: window.sub(150),
+            window=window,
+        ))  # fmt: skip
+        await asyncio.sleep(0.05)
+        assert started == [0] and window.held == 150  # the second waits for room
+        closing.set()
+        stream.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stream
+        await asyncio.sleep(0.05)
+        assert started == [0] and window.held == 0 and window.pool.held == 0
+
+    asyncio.run(run())
+
+
 def test_streams_that_hold_bytes_stop_at_the_pools_limit_and_woken_together_take_turns():
     # Many streams that do not read filled the whole cap (each under its own window) and
     # every other call was refused; at the pool's limit they stop, and when it has room
