@@ -214,13 +214,18 @@ def test_stream_answers_each_request_once_with_its_id_and_tier(client):
     client.start_stream(callback=got)
     try:
         for rid, x in xs.items():
-            params = {"tier": tiers[rid]} if tiers[rid] else None
+            # A loose budget: this test is about ids and tiers. Once on CI one of the 20 came
+            # back an error whose message the assertion did not show (it does now); the
+            # likeliest cause is "tiny"'s default 200 ms budget on a busy machine.
+            params = {"latency_budget_ms": 60_000}
+            if tiers[rid]:
+                params["tier"] = tiers[rid]
             client.async_stream_infer("tiny", [_input(x)], request_id=rid, parameters=params)
         answers = got.take(20)
     finally:
         client.stop_stream()
     assert got.items.empty()  # nothing more than one answer per request
-    assert all(error is None for _, error in answers), [e for _, e in answers if e]
+    assert all(error is None for _, error in answers), [str(e) for _, e in answers if e]
     by_id = {r.get_response().id: r for r, _ in answers}
     assert sorted(by_id) == sorted(xs)
     for rid, result in by_id.items():
