@@ -170,12 +170,10 @@ class StreamWindow:
     def settle(self, key: object) -> None:
         """The request ``key`` is charged or has ended (whichever comes first; the second
         finds nothing): its advance goes back."""
-        if key not in self._pending:
-            return
-        advance = self._pending.pop(key)
+        advance = self._pending.pop(key, None)
         if advance:
             self.sub(advance)
-        else:
+        elif advance == 0:
             self._wake.set()
 
     async def room(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -377,15 +378,23 @@ def test_stream_needs_the_token_when_auth_is_on(model_repository):
 
 
 # -- server.stream: the bound and the cancellation, without grpc -------------------------------
+async def _sent(n: int, read: list | None = None, stay_open: bool = False):
+    """A client's requests 0 .. n-1 on a stream, each noted in ``read`` as it is read; with
+    ``stay_open`` the client does not half-close after them."""
+    for i in range(n):
+        if read is not None:
+            read.append(i)
+        yield i
+    if stay_open:
+        await asyncio.Event().wait()
+
+
 def test_serve_stream_reads_no_more_than_its_limit_and_cancels_on_close():
     async def run():
         read, cancelled, written = [], [], []
         release = asyncio.Event()
 
-        async def requests():
-            for i in range(100):
-                read.append(i)
-                yield i
+        requests = functools.partial(_sent, 100, read)
 
         async def answer(i):
             try:
@@ -427,10 +436,7 @@ def test_serve_stream_reads_nothing_more_while_its_window_is_full():
         window = StreamWindow(1000, stalled=stalls.append)
         client_reads = asyncio.Event()  # a client that reads nothing holds every write
 
-        async def requests():
-            for i in range(100):
-                read.append(i)
-                yield i
+        requests = functools.partial(_sent, 100, read)
 
         async def answer(i):
             window.add(300)  # what the request and its answer hold, until written
@@ -478,10 +484,7 @@ def test_a_request_whose_answer_is_charged_after_a_wait_holds_its_advance_until_
         window = StreamWindow(1000)
         read = []
 
-        async def requests():
-            for i in range(100):
-                read.append(i)
-                yield i
+        requests = functools.partial(_sent, 100, read)
 
         async def answer(i):
             window.add(10)  # the request itself, at once
@@ -512,9 +515,7 @@ def test_a_request_read_and_waiting_for_room_when_the_server_drains_is_answered(
         closing = asyncio.Event()
         answered, written = [], []
 
-        async def requests():
-            for i in range(10):
-                yield i
+        requests = functools.partial(_sent, 10)
 
         async def answer(i):
             window.add(100)  # each fills the window
@@ -546,10 +547,7 @@ def test_a_stream_cancelled_as_the_server_drains_starts_nothing_after_it_ends():
         closing = asyncio.Event()
         started = []
 
-        async def requests():
-            for i in range(3):
-                yield i
-            await asyncio.Event().wait()  # open
+        requests = functools.partial(_sent, 3, stay_open=True)
 
         async def answer(i):
             started.append(i)
@@ -633,9 +631,7 @@ def test_serve_stream_hands_every_answer_to_write_or_discard_once_even_cancelled
         made, written, discarded = [], [], []
         blocked = asyncio.Event()
 
-        async def requests():
-            for i in range(20):
-                yield i
+        requests = functools.partial(_sent, 20)
 
         async def answer(i):
             if i % 2:  # half never finish before the client goes
