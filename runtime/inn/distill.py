@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -361,9 +362,11 @@ def distil(
         raise ValueError(f"{len(batches)} batches but {len(targets)} targets")
     tapped = with_hidden_states(student)
     _check_taps(tapped, batches[0], targets[0])
+    # The frozen tables also stop requiring grad: otherwise autograd still builds their
+    # dense (vocabulary, D) gradient every step (MiniLM: 11.7 M floats, filled and summed).
     frozen = embedding_tables(student)
-    params = [p for n, p in student.named_parameters() if n not in frozen]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    params = [p for n, p in student.named_parameters() if n not in frozen and p.requires_grad]
+    opt = adamw(params, lr=lr, weight_decay=weight_decay)
     power = hidden_power(batches, targets)
     order = batch_order(len(batches), seed)
 
@@ -377,9 +380,31 @@ def distil(
         return loss.detach().item()
 
     student.train()
-    run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress, WARMUP_STEPS)
+    with frozen_parameters(student, frozen):
+        run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress, WARMUP_STEPS)
     student.eval()
     return run
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module, names: set[str]):
+    """``module``'s parameters named in ``names`` do not require grad inside the block;
+    each gets its own ``requires_grad`` back after it, also when the block raises."""
+    params = [p for n, p in module.named_parameters() if n in names]
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, w in zip(params, was, strict=True):
+            p.requires_grad_(w)
+
+
+def adamw(params: list[torch.Tensor], **options) -> torch.optim.AdamW:
+    """AdamW with the fused CPU kernel: one kernel over every tensor instead of a dozen
+    foreach passes (MiniLM's (50 %, 50 %) step 0.19 -> 0.16 s on 2 cores)."""
+    return torch.optim.AdamW(params, fused=True, **options)
 
 
 def budgeted_steps(

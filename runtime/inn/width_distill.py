@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import torch
 
 from runtime.inn.distill import (
+    adamw,
     batch_order,
     budgeted_steps,
     check_text,
@@ -121,8 +122,7 @@ def distil_widths(
     frozen = embedding_tables(teacher)  # not resampled; the text covers little of the vocabulary
     for name, p in model.named_nodes():
         p.requires_grad_(name not in frozen)
-    opt = torch.optim.AdamW([p for p in model.nodes if p.requires_grad], lr=lr,
-                            weight_decay=weight_decay)  # fmt: skip
+    opt = adamw([p for p in model.nodes if p.requires_grad], lr=lr, weight_decay=weight_decay)
     rng, order = random.Random(seed), batch_order(len(batches), seed)
 
     def step() -> float:
