@@ -12,12 +12,15 @@ import torch.nn.functional as F
 
 import runtime
 from runtime.inn.distill import (
+    _readout_nodes,
     calibrate_text,
     distil,
     embedding_tables,
     length_batches,
     readouts,
+    refit_readouts,
     teacher_targets,
+    with_taps,
 )
 
 HALF = {"heads": 0.5, "ffn": 0.5}
@@ -193,3 +196,39 @@ def test_distil_computes_no_gradient_for_the_frozen_token_tables(tiny_bert):
         torch.testing.assert_close(params[name], before[name], rtol=0, atol=0)
     moved = [n for n in params if n not in tables and not torch.equal(params[n], before[n])]
     assert moved  # the rest was trained
+
+
+@torch.no_grad()
+def test_the_one_pass_refit_solves_each_readout_on_the_network_before_it(tiny_bert):
+    # The refit runs each batch once, stopping before every readout until it is solved. The
+    # property that makes this right: readout k is the least-squares fit on the inputs the
+    # network *with readouts 0..k-1 solved* gives it. So re-solving any readout on the final
+    # network (later readouts cannot change its inputs) must give back its weights: a run
+    # that went on with a stale readout would not.
+    _, inn = tiny_bert
+    ids, mask = _text(256, 1)
+    batches = length_batches(ids, mask, 32)
+    sizes = inn.sizes(HALF, multiple_of=8)
+    student, teacher = inn.sample(sizes), inn.sample(1.0)
+    weights = readouts(inn, sizes)
+    student.train()
+    refit_readouts(student, teacher, weights, batches)
+    assert student.training  # left as it was
+
+    pick = lambda g: _readout_nodes(g, weights)  # noqa: E731
+    taps_s = with_taps(student, pick, only=True).eval()
+    taps_t = with_taps(teacher, pick, only=True).eval()
+    for k, (_, lin, _) in enumerate(_readout_nodes(student.graph, weights)):
+        gram, cross = 0.0, 0.0
+        for b in batches:
+            real = b.mask.bool()
+            x, _, res = taps_s(b.ids, b.mask)[k]
+            _, y, res_t = taps_t(b.ids, b.mask)[k]
+            target = (y + res_t - res)[real]  # what the readout should add to its residual
+            xa = F.pad(x[real], (0, 1), value=1.0)  # BERT's readouts have biases
+            gram = gram + (xa.T @ xa).double()
+            cross = cross + (target.T @ xa).double()
+        reg = 1e-4 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        fitted = torch.linalg.solve(gram + reg, cross.T).T.float()
+        weight = student.get_parameter(lin.args[1].target)
+        torch.testing.assert_close(weight, fitted[:, :-1], rtol=1e-4, atol=1e-5)
