@@ -2,7 +2,8 @@
 ``calibrate_text`` at 60 s per tier, on the demo's 3,000 calibration sentences, scored on
 1,000 held-out sentences (cosine to the full model, retrieval top-1 / top-10) with the
 seconds and steps it spent. With ``--baseline-tree DIR`` an older checkout calibrates
-the same tiers in the same run, the two trees taking turns per repeat.
+the same tiers in the same run, the two trees taking turns per repeat (repeat i: seed + i
+in both).
 
     python -m bench.demo_calibration [--baseline-tree DIR] [--repeats 2] [--seconds 60]
         [--out bench/results/demo_calibration.json]
@@ -64,9 +65,9 @@ def arm(seconds: float, seed: int, threads: int) -> dict:
     return out
 
 
-def run_arm(tree: Path, args) -> dict:
+def run_arm(tree: Path, args, seed: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm",
-           "--seconds", str(args.seconds), "--seed", str(args.seed),
+           "--seconds", str(args.seconds), "--seed", str(seed),
            "--threads", str(args.threads)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
@@ -76,9 +77,13 @@ def run_arm(tree: Path, args) -> dict:
 
 
 def commit_of(tree: Path) -> str:
-    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    return head.stdout.strip() or "?"
+    """HEAD of ``tree``, ``+dirty`` if tracked files differ from it."""
+    git = ["git", "-C", str(tree)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return f"{head}{'+dirty' if dirty else ''}" if head else "?"
 
 
 def summary(runs: list[dict]) -> dict:
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-tree", type=Path)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seconds", type=float, default=60.0, help="per tier (the demo's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="repeat i runs seed + i, in both trees")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
@@ -115,19 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--baseline-tree {args.baseline_tree}: no runtime/inn/distill.py there")
         trees["baseline"] = args.baseline_tree.resolve()
     runs: dict[str, list] = {name: [] for name in trees}
-    for i in range(args.repeats):
+    result = {"seconds_per_tier": args.seconds, "threads": args.threads,
+              "seeds": [args.seed + i for i in range(args.repeats)],
+              "evaluation_sentences": EVALUATION,
+              "commits": {name: commit_of(tree) for name, tree in trees.items()},
+              "runs": runs}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(args.repeats):  # repeat i: seed + i in both trees
         for name in trees if i % 2 == 0 else reversed(trees):  # turns: neither always first
-            runs[name].append(run_arm(trees[name], args))
+            runs[name].append(run_arm(trees[name], args, args.seed + i))
             print(name, i, json.dumps({t: (round(r["cosine"], 4), round(r["top10"], 4), r["steps"])
                                        for t, r in runs[name][-1]["tiers"].items()}))  # fmt: skip
-    result = {
-        "seconds_per_tier": args.seconds, "seed": args.seed, "threads": args.threads,
-        "repeats": args.repeats, "evaluation_sentences": EVALUATION,
-        "commits": {name: commit_of(tree) for name, tree in trees.items()},
-        "summary": {name: summary(r) for name, r in runs.items()},
-        "runs": runs,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))  # an arm that fails loses no other
+    result["summary"] = {name: summary(r) for name, r in runs.items()}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))
     return 0

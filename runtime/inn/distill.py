@@ -265,34 +265,36 @@ def refit_readouts(
     nodes = _readout_nodes(student.graph, weights)
     # Each batch's run of the student stops before readout k and resumes there once k is
     # solved, so the whole refit is one pass (MiniLM's 12 readouts on 1,024 sentences:
-    # 20 -> 7 s on 2 cores; the demo's 60 s tiers spent 18-31 s choosing nodes and refitting).
+    # 20 -> 7 s on 2 cores; the demo's 60 s tiers spent 11-19 s of their 60 refitting).
+    schedule = _refit_schedule(student.graph, nodes)
     runs = [_Resumable(student, (b.ids, b.mask)) for b in batches]
     was_training = student.training
     student.eval()
-    for k, ((x, lin, res), (run, drop)) in enumerate(
-        zip(nodes, _refit_schedule(student.graph, nodes), strict=True)
-    ):
-        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        gram, cross = 0.0, 0.0
-        for b, z, r in zip(batches, sums, runs, strict=True):
-            real = b.mask.bool()
-            r.run(run)
-            xk = r.env[x][real]  # (tokens, inputs): the readout's input on the student so far
-            target = z[k] if res is None else z[k] - r.env[res][real]  # (tokens, D): its ideal
-            r.drop(drop)
-            # (tokens, k + 1): the last column, 1, is the bias' input (none without a bias)
-            xa = xk if bias is None else F.pad(xk, (0, 1), value=1.0)
-            gram = gram + (xa.T @ xa).double()
-            cross = cross + (target.T @ xa).double()  # (D, k + 1)
-        reg = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        fitted = torch.linalg.solve(gram + reg, cross.T).T  # (D, k + 1)
-        weight = student.get_parameter(lin.args[1].target)
-        if bias is None:
-            weight.copy_(fitted)
-        else:
-            weight.copy_(fitted[:, :-1])
-            student.get_parameter(bias.target).copy_(fitted[:, -1])
-    student.train(was_training)
+    try:
+        steps = zip(nodes, schedule, strict=True)
+        for k, ((x, lin, res), (restart, run, drop)) in enumerate(steps):
+            bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+            gram, cross = 0.0, 0.0
+            for b, z, r in zip(batches, sums, runs, strict=True):
+                real = b.mask.bool()
+                r.run(run, restart)
+                xk = r.env[x][real]  # (tokens, inputs): the readout's input on the student
+                target = z[k] if res is None else z[k] - r.env[res][real]  # (tokens, D)
+                r.drop(drop)
+                # (tokens, k + 1): the last column, 1, is the bias' input (none without a bias)
+                xa = xk if bias is None else F.pad(xk, (0, 1), value=1.0)
+                gram = gram + (xa.T @ xa).double()
+                cross = cross + (target.T @ xa).double()  # (D, k + 1)
+            reg = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+            fitted = torch.linalg.solve(gram + reg, cross.T).T  # (D, k + 1)
+            weight = student.get_parameter(lin.args[1].target)
+            if bias is None:
+                weight.copy_(fitted)
+            else:
+                weight.copy_(fitted[:, :-1])
+                student.get_parameter(bias.target).copy_(fitted[:, -1])
+    finally:
+        student.train(was_training)
 
 
 def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
@@ -307,26 +309,34 @@ def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _refit_schedule(graph: fx.Graph, nodes: Sequence[tuple]) -> list[tuple[list, list]]:
-    """Per readout of ``nodes`` (``_readout_nodes``' triples, in graph order): the nodes to
-    run before it is solved - those its input and residual need that no earlier readout's
-    did, in graph order - and the values no node still to run reads once it is solved.
-    Invariant: a readout is never run before it is solved, so everything after it is
-    computed with its solved weights."""
+def _refit_schedule(graph: fx.Graph, nodes: Sequence[tuple]) -> list[tuple[bool, list, list]]:
+    """Per readout of ``nodes`` (``_readout_nodes``' triples, in graph order): whether the
+    run starts again from the inputs, the nodes to run before the readout is solved - those
+    its input and residual need that are not computed yet, in graph order - and the values
+    no node still to run reads once it is solved.
+
+    The readout is fitted on the network as it is then: earlier readouts solved, later ones
+    not. Where its input or residual reads a later readout (parallel branches added into one
+    residual: ``h + a(h) + b(h)``), that later readout runs unsolved; once it is solved,
+    everything computed from its old output is stale, so the next readout's run starts again
+    from the inputs. The inputs and residuals of readouts still to solve are never dropped.
+    """
     order = {n: i for i, n in enumerate(graph.nodes)}
-    done = {n for n in graph.nodes if n.op == "placeholder"}
-    dropped: set[fx.Node] = set()
-    plan = []
-    for x, lin, res in nodes:
+    inputs = {n for n in graph.nodes if n.op == "placeholder"}
+    done, stale, plan = set(inputs), False, []
+    for k, (x, lin, res) in enumerate(nodes):
+        if stale:
+            done = set(inputs)
         need = _ancestors([x] if res is None else [x, res])
         if lin in need:
             raise ValueError(f"the input or residual of {lin.name} is computed from its own "
                              "output: it cannot be refitted")  # fmt: skip
         run = sorted(need - done, key=order.__getitem__)
         done |= need
-        drop = [n for n in done - dropped if all(u in done for u in n.users)]
-        dropped.update(drop)
-        plan.append((run, drop))
+        later = {v for x_j, _, res_j in nodes[k + 1 :] for v in (x_j, res_j) if v is not None}
+        drop = [n for n in done - inputs - later if all(u in done for u in n.users)]
+        plan.append((stale, run, drop))
+        stale = lin in done  # it ran before it was solved
     return plan
 
 
@@ -337,9 +347,13 @@ class _Resumable:
     def __init__(self, module: fx.GraphModule, inputs: Sequence[torch.Tensor]):
         self._interpreter = fx.Interpreter(module, garbage_collect_values=False)
         placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-        self.env: dict[fx.Node, object] = dict(zip(placeholders, inputs, strict=True))
+        self._inputs = dict(zip(placeholders, inputs, strict=True))
+        self.env: dict[fx.Node, object] = dict(self._inputs)
 
-    def run(self, nodes: Sequence[fx.Node]) -> None:
+    def run(self, nodes: Sequence[fx.Node], restart: bool = False) -> None:
+        """Compute ``nodes`` in order; ``restart``: first forget everything but the inputs."""
+        if restart:
+            self.env = dict(self._inputs)
         self._interpreter.env = self.env  # run_node reads its arguments from here
         for node in nodes:
             self.env[node] = self._interpreter.run_node(node)
@@ -428,7 +442,8 @@ def distil(
     # The frozen tables also stop requiring grad: otherwise autograd still builds their
     # dense (vocabulary, D) gradient every step (MiniLM: 11.7 M floats, filled and summed).
     frozen = embedding_tables(student)
-    params = [p for n, p in student.named_parameters() if n not in frozen and p.requires_grad]
+    held = {id(p) for p in _named(student, frozen)}  # by identity: a tied table has two names
+    params = [p for p in student.parameters() if id(p) not in held and p.requires_grad]
     opt = adamw(params, lr=lr, weight_decay=weight_decay)
     power = hidden_power(batches, targets)
     order = batch_order(len(batches), seed)
@@ -453,7 +468,7 @@ def distil(
 def frozen_parameters(module: nn.Module, names: set[str]):
     """``module``'s parameters named in ``names`` do not require grad inside the block;
     each gets its own ``requires_grad`` back after it, also when the block raises."""
-    params = [p for n, p in module.named_parameters() if n in names]
+    params = _named(module, names)
     was = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -464,9 +479,16 @@ def frozen_parameters(module: nn.Module, names: set[str]):
             p.requires_grad_(w)
 
 
+def _named(module: nn.Module, names: set[str]) -> list[nn.Parameter]:
+    """The distinct parameters of ``module`` any of ``names`` refers to (every alias of a
+    shared parameter counts: ``named_parameters`` alone lists each under one name only)."""
+    found = {id(p): p for n, p in module.named_parameters(remove_duplicate=False) if n in names}
+    return list(found.values())
+
+
 def adamw(params: list[torch.Tensor], **options) -> torch.optim.AdamW:
     """AdamW with the fused CPU kernel: one kernel over every tensor instead of a dozen
-    foreach passes (MiniLM's (50 %, 50 %) step 0.19 -> 0.16 s on 2 cores)."""
+    foreach passes (in a profile of MiniLM's (50 %, 50 %) step: 0.19 -> 0.16 s on 2 cores)."""
     return torch.optim.AdamW(params, fused=True, **options)
 
 
