@@ -38,6 +38,10 @@ import numpy as np
 
 NO_ANSWER = "NO_ANSWER"  # sent, but the run's time bound passed before an answer came
 CLIENT_ERROR = "CLIENT_ERROR"  # "CLIENT_ERROR: <exception type>": failed in the client
+# The call's own gRPC deadline passed (``deadline=True``) before any answer: gRPC says only
+# "Deadline Exceeded". Kept apart from the server's DEADLINE_EXCEEDED, a refusal whose
+# message says why, so that a run's "refused" shows which were the server's decisions.
+CALL_DEADLINE = "DEADLINE_EXCEEDED (call deadline)"
 DRAIN_S = 30.0  # after the last send: how long to wait for outstanding answers
 
 
@@ -331,14 +335,19 @@ def _tensors(tca, inputs: dict[str, np.ndarray]) -> list:
 
 
 def _code(exc) -> str:
-    """A tritonclient exception's gRPC status name ("DEADLINE_EXCEEDED")."""
-    return str(exc.status()).removeprefix("StatusCode.")
+    """A tritonclient exception's gRPC status name ("DEADLINE_EXCEEDED"), or
+    ``CALL_DEADLINE`` where gRPC itself ended the call at its deadline."""
+    code = str(exc.status()).removeprefix("StatusCode.")
+    if code == "DEADLINE_EXCEEDED" and exc.message() == "Deadline Exceeded":
+        return CALL_DEADLINE
+    return code
 
 
 def _summary(latency, budgets_s, tiers, codes, wall, accuracy, first_error=None) -> dict:
     """Figures over all ``len(latency)`` requests: ``slo_attainment`` = answered within
     budget / requests (a refusal, no answer or unsent request is a miss); ``late`` = answered
-    after its budget; ``refused_total`` = sent without an answer (by code in ``refused``), so
+    after its budget; ``refused_total`` = sent without an answer (by code in ``refused``,
+    where ``CALL_DEADLINE``, ``NO_ANSWER`` and ``CLIENT_ERROR`` are the client's side), so
     that ``sent`` = ``within_budget`` + ``late`` + ``refused_total``;
     ``mean_served_accuracy`` over the answers whose tier ``accuracy`` knows, and
     ``answers_without_accuracy`` the answers from tiers it does not know."""

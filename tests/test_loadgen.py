@@ -134,3 +134,34 @@ def test_closed_loop_reports_the_servers_times(server):
     assert b["answered_with_times"] == 6
     assert b["queue_ms_p50"] >= 0 and b["compute_ms_p50"] > 0
     assert b["late_in_server"] == b["late_outside"] == 0
+
+
+def test_a_call_that_runs_past_its_own_deadline_is_not_counted_as_the_servers_refusal():
+    # gRPC ends the call at its deadline and says only "Deadline Exceeded"; innfer's own
+    # DEADLINE_EXCEEDED (test_closed_loop_counts_add_up) says why. A run's "refused" kept
+    # both under one code, so a bench could not tell the server's decisions from its own
+    # timer. A real gRPC server that answers too late stands in for an overloaded one.
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from sim.loadgen import CALL_DEADLINE
+
+    class Late(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            await asyncio.sleep(2.0)
+
+    async def run():
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Late(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            address = f"127.0.0.1:{port}"
+            return await run_closed_loop(address, "tiny", 2, 4, 10.0, lambda i: 0.05, INPUTS,
+                                         deadline=True, drain_s=5.0)  # fmt: skip
+        finally:
+            await server.stop(0)
+
+    s = asyncio.run(run()).summary
+    assert s["refused"] == {CALL_DEADLINE: 4} and _adds_up(s)
+    assert s["first_error"] == f"{CALL_DEADLINE}: Deadline Exceeded"
