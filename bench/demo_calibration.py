@@ -6,7 +6,7 @@ the same tiers in the same run, the two trees taking turns per repeat (repeat i:
 in both).
 
     python -m bench.demo_calibration [--baseline-tree DIR] [--repeats 2] [--seconds 60]
-        [--out bench/results/demo_calibration.json]
+        [--lr 3e-4] [--out bench/results/demo_calibration.json]
 
 Each arm runs in its own process with ``PYTHONPATH`` set to its tree (this file is run by
 path, so it imports only what both trees have: ``runtime.*``). Needs the ``[zoo]`` extra
@@ -29,7 +29,7 @@ OUT = ROOT / "bench" / "results" / "demo_calibration.json"
 EVALUATION = 1000
 
 
-def arm(seconds: float, seed: int, threads: int) -> dict:
+def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dict:
     """One calibration of the demo's tiers in this process's tree; per tier its scores."""
     import torch
 
@@ -52,8 +52,9 @@ def arm(seconds: float, seed: int, threads: int) -> dict:
     full = embed(inn.sample(1.0), *held)
     widths = {t["name"]: t["width"] for t in tiers(True)[1:]}
     start = time.perf_counter()
-    tuned = calibrate_text(inn, ids, mask, list(widths.values()), seconds,
-                           multiple_of=MULTIPLE_OF, seed=seed, progress=False)  # fmt: skip
+    options = {} if lr is None else {"lr": lr}  # None: calibrate_text's own default
+    tuned = calibrate_text(inn, ids, mask, list(widths.values()), seconds, seed=seed,
+                           multiple_of=MULTIPLE_OF, progress=False, **options)  # fmt: skip
     out = {"wall_seconds": time.perf_counter() - start, "tiers": {}}
     for name, width in widths.items():
         sizes = tuned.sizes(width, MULTIPLE_OF)
@@ -68,7 +69,8 @@ def arm(seconds: float, seed: int, threads: int) -> dict:
 def run_arm(tree: Path, args, seed: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm",
            "--seconds", str(args.seconds), "--seed", str(seed),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads),
+           *(["--lr", str(args.lr)] if args.lr is not None else [])]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="per tier (the demo's default)")
     p.add_argument("--seed", type=int, default=0, help="repeat i runs seed + i, in both trees")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--lr", type=float, help="peak distillation learning rate (default: distil's)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # then be imported as Hugging Face's transformers
         here = Path(__file__).resolve().parent
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-        print(json.dumps(arm(args.seconds, args.seed, args.threads)))
+        print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr)))
         return 0
     trees = {"current": ROOT}
     if args.baseline_tree is not None:
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--baseline-tree {args.baseline_tree}: no runtime/inn/distill.py there")
         trees["baseline"] = args.baseline_tree.resolve()
     runs: dict[str, list] = {name: [] for name in trees}
-    result = {"seconds_per_tier": args.seconds, "threads": args.threads,
+    result = {"seconds_per_tier": args.seconds, "threads": args.threads, "lr": args.lr,
               "seeds": [args.seed + i for i in range(args.repeats)],
               "evaluation_sentences": EVALUATION,
               "commits": {name: commit_of(tree) for name, tree in trees.items()},
