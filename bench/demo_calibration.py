@@ -78,16 +78,6 @@ def run_arm(tree: Path, args, seed: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def commit_of(tree: Path) -> str:
-    """HEAD of ``tree``, ``+dirty`` if tracked files differ from it."""
-    git = ["git", "-C", str(tree)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()  # fmt: skip
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-    return f"{head}{'+dirty' if dirty else ''}" if head else "?"
-
-
 def summary(runs: list[dict]) -> dict:
     """Per tier: median and range over the repeats of cosine, top-10 and steps."""
     out = {}
@@ -117,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
         print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr)))
         return 0
-    trees = {"current": ROOT}
-    if args.baseline_tree is not None:
-        if not (args.baseline_tree / "runtime" / "inn" / "distill.py").is_file():
-            p.error(f"--baseline-tree {args.baseline_tree}: no runtime/inn/distill.py there")
-        trees["baseline"] = args.baseline_tree.resolve()
+    from bench.hardening import commit_of, trees_to_measure  # not in an arm: any tree's
+
+    trees = trees_to_measure(p, args.baseline_tree, "runtime/inn/distill.py")
     runs: dict[str, list] = {name: [] for name in trees}
     result = {"seconds_per_tier": args.seconds, "threads": args.threads, "lr": args.lr,
               "seeds": [args.seed + i for i in range(args.repeats)],

@@ -441,8 +441,8 @@ def distil(
     _check_taps(tapped, batches[0], targets[0])
     # The frozen tables also stop requiring grad: otherwise autograd still builds their
     # dense (vocabulary, D) gradient every step (MiniLM: 11.7 M floats, filled and summed).
-    frozen = embedding_tables(student)
-    held = {id(p) for p in _named(student, frozen)}  # by identity: a tied table has two names
+    tables = _named(student, embedding_tables(student))
+    held = {id(p) for p in tables}  # by identity: a tied table has two names
     params = [p for p in student.parameters() if id(p) not in held and p.requires_grad]
     opt = adamw(params, lr=lr, weight_decay=weight_decay)
     power = hidden_power(batches, targets)
@@ -458,17 +458,16 @@ def distil(
         return loss.detach().item()
 
     student.train()
-    with frozen_parameters(student, frozen):
+    with frozen_parameters(tables):
         run = budgeted_steps(step, opt, lr, seconds, max_steps, desc, progress, WARMUP_STEPS)
     student.eval()
     return run
 
 
 @contextlib.contextmanager
-def frozen_parameters(module: nn.Module, names: set[str]):
-    """``module``'s parameters named in ``names`` do not require grad inside the block;
-    each gets its own ``requires_grad`` back after it, also when the block raises."""
-    params = _named(module, names)
+def frozen_parameters(params: Sequence[nn.Parameter]):
+    """``params`` do not require grad inside the block; each gets its own ``requires_grad``
+    back after it, also when the block raises."""
     was = [p.requires_grad for p in params]
     try:
         for p in params:
