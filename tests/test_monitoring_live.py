@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"
 NAMESPACE = "innfer"
 PODS = {"innfer-a": "tiny", "innfer-b": "mlp", "innfer-c": "mlp"}
+MLP_TIERS = [{"name": "w100", "width": 1.0}, {"name": "w025", "width": 0.25}]
+MODEL_TIERS = {"tiny": {t["name"] for t in TIERS}, "mlp": {t["name"] for t in MLP_TIERS}}
 LOAD_S = 8.0  # how long the clients send: b for the first B_LOAD_S, then c
 B_LOAD_S = 3.0
 # innfer-c's clients cycle through these budgets (ms; None: the model's default, 500 ms):
@@ -216,6 +218,30 @@ def _gauge(url: str, name: str, **labels) -> float:
     raise AssertionError(f"{name}{labels} not in {url}")
 
 
+def _counter_sum(url: str, name: str, label: str, values: set[str], **labels) -> float:
+    """The sum of ``name``'s samples that carry ``labels`` and whose ``label`` is one of
+    ``values`` (each must be there: the server creates its series at load)."""
+    return sum(_gauge(url, name, **labels, **{label: v}) for v in sorted(values))
+
+
+SHED_REASONS = {"refused_deadline", "refused_full", "expired"}  # innfer:degraded_share's
+
+
+def _totals(s: ServerThread, model: str) -> dict[str, float]:
+    """A server's own counters after the load: what the queue:compute and degraded-share
+    rules must reproduce from Prometheus' rates."""
+    url, tiers = s.metrics_url, MODEL_TIERS[model]
+    return {
+        "queue_s": _gauge(url, "innfer_queue_seconds_total", model=model),
+        "compute_s": _gauge(url, "innfer_compute_seconds_total", model=model),
+        "degraded": _gauge(url, "innfer_degraded_requests_total", model=model),
+        "shed": _counter_sum(url, "innfer_deadline_missed_total", "reason", SHED_REASONS,
+                             model=model),
+        "served": _counter_sum(url, "innfer_requests_total", "tier", tiers, model=model,
+                               outcome="served"),
+    }  # fmt: skip
+
+
 # --- load ------------------------------------------------------------------------------------
 
 
@@ -290,7 +316,7 @@ def repository(tmp_path_factory) -> Path:
     })  # fmt: skip
     add_onnx_model(root, "mlp", lambda w: wide_mlp(2 * w), {
         **io, "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 28, 28]}],
-        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w025", "width": 0.25}],
+        "tiers": MLP_TIERS,
         "max_queue": 2, "default_latency_budget_ms": 500,
         # Admission at the planning quantile, as the rules' scenario was written for: the
         # overloaded pod must be refusal-heavy (the median admits most 3 ms budgets).
@@ -343,14 +369,8 @@ def test_rules_adapter_and_dashboard_against_live_servers(
             counts = asyncio.run(_load(servers, tight_ms))
             time.sleep(3.0)  # the last scrapes, then the rules on them
             # Each server's own totals, final once the load has returned (every request
-            # answered): what the queue:compute rule must reproduce.
-            totals = {
-                pod: tuple(
-                    _gauge(s.metrics_url, f"innfer_{kind}_seconds_total", model=PODS[pod])
-                    for kind in ("queue", "compute")
-                )
-                for pod, s in servers.items()
-            }  # fmt: skip
+            # answered): what the queue:compute and degraded-share rules must reproduce.
+            totals = {pod: _totals(s, PODS[pod]) for pod, s in servers.items()}
             _check(prom, counts, tight_ms, totals)
     except BaseException:
         if prom is not None:
@@ -367,10 +387,9 @@ def _check(
     prom: Prometheus,
     counts: dict[str, Counter],
     tight_ms: float,
-    totals: dict[str, tuple[float, float]],
+    totals: dict[str, dict[str, float]],
 ) -> None:
-    """``totals``: per pod, its server's innfer_queue_seconds_total and
-    innfer_compute_seconds_total after the load."""
+    """``totals``: per pod, its server's counters after the load (``_totals``)."""
     report: dict[str, object] = {"client_status_counts": {p: dict(c) for p, c in counts.items()},
                                  "tight_budget_ms": round(tight_ms, 3)}  # fmt: skip
     ns = f'{{namespace="{NAMESPACE}"}}'
@@ -385,7 +404,7 @@ def _check(
     slo = _values(prom.query(f"innfer:slo_attainment{ns}"), "model")
     acc = _values(prom.query(f"innfer:served_accuracy_mean{ns}"), "model")
     refused = _values(prom.query(f"innfer:refused_share{ns}"), "model")
-    report.update(server_queue_compute_seconds=totals)
+    report.update(server_totals=totals)
     report.update(queue_compute_ratio=qc, degraded_share=ds, slo_attainment=slo,
                   served_accuracy_mean=acc, refused_share=refused)  # fmt: skip
     # What the served-only rule of before would say, from the same counters.
@@ -434,15 +453,27 @@ def _check(
     # decides their ratio (a 3.5 and b 0.84 in contended runs, above c's 0.39-0.46); in a
     # cluster each pod is its own process. The overloaded pod queued (max_queue 2 behind
     # 5 ms batches).
-    for pod, (queue_s, compute_s) in totals.items():
-        assert qc[pod] == pytest.approx(min(queue_s / compute_s, 20.0), rel=1e-3), (pod, qc)
+    for pod, t in totals.items():
+        want = min(t["queue_s"] / t["compute_s"], 20.0)
+        assert qc[pod] == pytest.approx(want, rel=1e-3), (pod, qc)
     assert qc["innfer-c"] > 0.1, qc
-    # Degraded share: 0 where all ran on the top tier; high where budgets forced the narrow
-    # tier (b) and where load was shed (c).
+    # Degraded share, the same way: (served below the top tier + shed) / (served + shed) of
+    # each pod's own counters. Which of c's requests are shed for load and which refused as
+    # impossible (refused_budget, left out) depends on how fast the machine profiled: one CI
+    # run read 0.21 for c (0.83-0.99 in runs here) - few shed, most served at w100, as when
+    # its 3 ms budgets are refused as impossible and the generous clients are served alone
+    # (its b missed 206 of 212 budgets too: a machine far slower than profiled). So the rule is
+    # checked against the pod's own totals, and c's shed must be in it (a rule without the
+    # shed terms reads (degraded / served) and fails here).
+    for pod, t in totals.items():
+        want = (t["degraded"] + t["shed"]) / max(t["served"] + t["shed"], 1e-9)
+        assert ds[pod] == pytest.approx(want, rel=1e-3, abs=1e-6), (pod, ds, t)
+    c_totals = totals["innfer-c"]
+    assert c_totals["shed"] > 0.1 * (c_totals["served"] + c_totals["shed"]), c_totals
+    # 0 where all ran on the top tier; high where budgets forced the narrow tier (b).
     assert ds["innfer-a"] < 0.05, ds
     assert ds["innfer-b"] > 0.5, ds
     assert served_b.get("w025", 0) > max(served_b.get("w100", 0), 5), served_b
-    assert ds["innfer-c"] > 0.5, ds
     # SLO attainment is what clients got: for mlp, at most the share of OK answers (an OK
     # answer can still be late), and not far below it.
     assert slo["mlp"] <= ok_share + 0.05, report
