@@ -2,11 +2,12 @@
 ``calibrate_text`` at 60 s per tier, on the demo's 3,000 calibration sentences, scored on
 1,000 held-out sentences (cosine to the full model, retrieval top-1 / top-10) with the
 seconds and steps it spent. With ``--baseline-tree DIR`` an older checkout calibrates
-the same tiers in the same run, the two trees taking turns per repeat (repeat i: seed + i
-in both).
+the same tiers in the same run; with several ``--lr`` each tree runs at each peak rate.
+Every arm (tree x rate) runs once per repeat, the arms taking turns (repeat i: seed + i in
+all of them; the order reversed on odd repeats, so none always runs first).
 
     python -m bench.demo_calibration [--baseline-tree DIR] [--repeats 2] [--seconds 60]
-        [--lr 3e-4] [--out bench/results/demo_calibration.json]
+        [--lr 1e-3 3e-4] [--out bench/results/demo_calibration.json]
 
 Each arm runs in its own process with ``PYTHONPATH`` set to its tree (this file is run by
 path, so it imports only what both trees have: ``runtime.*``). Needs the ``[zoo]`` extra
@@ -66,11 +67,11 @@ def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dic
     return out
 
 
-def run_arm(tree: Path, args, seed: int) -> dict:
+def run_arm(tree: Path, lr: float | None, args, seed: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm",
            "--seconds", str(args.seconds), "--seed", str(seed),
            "--threads", str(args.threads),
-           *(["--lr", str(args.lr)] if args.lr is not None else [])]  # fmt: skip
+           *(["--lr", str(lr)] if lr is not None else [])]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="per tier (the demo's default)")
     p.add_argument("--seed", type=int, default=0, help="repeat i runs seed + i, in both trees")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--lr", type=float, help="peak distillation learning rate (default: distil's)")
+    p.add_argument("--lr", type=float, nargs="+", default=[None],
+                   help="peak distillation learning rate(s), each an arm per tree "
+                        "(default: distil's own)")  # fmt: skip
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -105,21 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         # then be imported as Hugging Face's transformers
         here = Path(__file__).resolve().parent
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-        print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr)))
+        print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr[0])))
         return 0
     from bench.hardening import commit_of, trees_to_measure  # not in an arm: any tree's
 
     trees = trees_to_measure(p, args.baseline_tree, "runtime/inn/distill.py")
-    runs: dict[str, list] = {name: [] for name in trees}
-    result = {"seconds_per_tier": args.seconds, "threads": args.threads, "lr": args.lr,
+    arms = {(name if len(args.lr) == 1 else f"{name}_lr{lr:g}"): (tree, lr)
+            for name, tree in trees.items() for lr in args.lr}  # fmt: skip
+    runs: dict[str, list] = {name: [] for name in arms}
+    result = {"seconds_per_tier": args.seconds, "threads": args.threads,
+              "lr": args.lr if len(args.lr) > 1 else args.lr[0],
+              "arms": {name: {"tree": tree.name, "lr": lr} for name, (tree, lr) in arms.items()},
               "seeds": [args.seed + i for i in range(args.repeats)],
               "evaluation_sentences": EVALUATION,
               "commits": {name: commit_of(tree) for name, tree in trees.items()},
               "runs": runs}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for i in range(args.repeats):  # repeat i: seed + i in both trees
-        for name in trees if i % 2 == 0 else reversed(trees):  # turns: neither always first
-            runs[name].append(run_arm(trees[name], args, args.seed + i))
+    for i in range(args.repeats):  # repeat i: seed + i in every arm
+        for name in arms if i % 2 == 0 else reversed(arms):  # turns: none always first
+            runs[name].append(run_arm(*arms[name], args, args.seed + i))
             print(name, i, json.dumps({t: (round(r["cosine"], 4), round(r["top10"], 4), r["steps"])
                                        for t, r in runs[name][-1]["tiers"].items()}))  # fmt: skip
             args.out.write_text(json.dumps(result, indent=1))  # an arm that fails loses no other
