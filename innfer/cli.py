@@ -883,7 +883,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
               "replaces a stored one whatever it scores (give fewer --samples)")  # fmt: skip
     tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
-                      method=method, labels=labels, seed=args.seed, holdout=held)  # fmt: skip
+                      method=method, labels=labels, seed=args.seed, holdout=held,
+                      **_lr_option(args))  # fmt: skip
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
     earlier = inn.info.get("calibration", {})
@@ -933,6 +934,11 @@ def _tier_names(model_dir: Path, inn, widths, multiple_of: int) -> dict[str, str
 TEXT_SAMPLES = 3000  # calibrate --text's default --samples (the MiniLM demo's count)
 
 
+def _lr_option(args: argparse.Namespace) -> dict[str, float]:
+    """``{"lr": --lr}`` where given; else nothing, and the calibration's own default."""
+    return {} if args.lr is None else {"lr": args.lr}
+
+
 def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, method: str) -> int:
     """Distil each tier of a text model from its full width on the sentences of
     ``--text`` (one per line), tokenized with the model directory's own tokenizer."""
@@ -963,6 +969,7 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     tuned = calibrate_text(
         inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
         multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
+        **_lr_option(args),
     )  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0
@@ -1244,6 +1251,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget for all widths together (split evenly between the tiers)",
     )
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--lr", type=_positive,
+                     help="peak learning rate of each tier's warm-up + cosine schedule "
+                          "(default: 3e-3 for images, 1e-3 for text)")  # fmt: skip
     cal.add_argument("--no-labels", action="store_true", help="distil only, ignore the labels")
     cal.add_argument("--grid", choices=["selected", "uniform"], default="selected",
                      help="text models: start each tier on the channels chosen from the text "

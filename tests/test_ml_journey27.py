@@ -244,6 +244,26 @@ def test_calibrate_chooses_between_tiers_on_held_out_training_inputs_not_the_tes
     assert "held-out training samples" in capsys.readouterr().out
 
 
+def test_calibrate_lr_reaches_the_image_fine_tune(digits, trained, tmp_path, monkeypatch):
+    from innfer.cli import main
+    from runtime.inn import calibrate as cal
+
+    trained.save(tmp_path / "m")
+    seen = []
+    real = cal.finetune_module
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("lr"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "finetune_module", spy)
+    argv = ["calibrate", tmp_path / "m", "--data", "digits", "--widths", "0.5",
+            "--samples", "256", "--seconds", "0.5"]  # fmt: skip
+    assert main([str(a) for a in [*argv, "--lr", "7e-4"]]) == 0
+    assert main([str(a) for a in argv]) == 0  # without: finetune_module's own default
+    assert seen == [7e-4, None]
+
+
 def test_calibrate_keeps_the_uncalibrated_width_where_calibration_makes_it_worse(
     digits, trained, tmp_path, capsys, monkeypatch
 ):

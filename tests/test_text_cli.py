@@ -51,6 +51,20 @@ def test_calibrate_text_stores_the_smaller_tier_and_leaves_the_full_width(model_
     assert record["steps"] >= 1 and record["sentences"] == 64
 
 
+def test_calibrate_lr_sets_each_tiers_peak_rate_and_is_recorded(model_dir, tmp_path, capsys):
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    text = _sentences(tmp_path / "calib.txt", 64)
+    args = ["calibrate", str(copy), "--text", str(text), "--seconds", "2"]
+    assert main([*args, "--lr", "2.5e-4"]) == 0
+    inn = runtime.load(copy)
+    (record,) = inn.info["text_calibration"].values()
+    assert record["lr"] == 2.5e-4
+    with pytest.raises(SystemExit):  # argparse: a rate must be a finite number > 0
+        main([*args, "--lr", "0"])
+    assert "expected a finite number > 0, got '0'" in capsys.readouterr().err
+
+
 def test_build_warns_about_data_free_transformer_tiers_until_calibrated(model_dir, tmp_path):
     copy = tmp_path / "embed"
     shutil.copytree(model_dir, copy)

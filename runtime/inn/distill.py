@@ -112,6 +112,7 @@ class DistilResult:
     seconds: float
     first_loss: float
     last_loss: float  # mean over the last 5 % of the steps (one step is noisy)
+    lr: float  # the schedule's peak
 
 
 def check_text(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -531,7 +532,7 @@ def budgeted_steps(
     bar.close()
     tail = losses[-max(1, len(losses) // 20) :] or [math.nan]
     return DistilResult(len(losses), time.perf_counter() - start,
-                        losses[0] if losses else math.nan, sum(tail) / len(tail))  # fmt: skip
+                        losses[0] if losses else math.nan, sum(tail) / len(tail), lr)  # fmt: skip
 
 
 def warmup_cosine(done: float) -> float:
@@ -646,6 +647,7 @@ def calibrate_network(
         "refit_seconds": refit_seconds,
         "distil_seconds": run.seconds,
         "steps": run.steps,
+        "lr": run.lr,
         "first_loss": run.first_loss,
         "last_loss": run.last_loss,
         "check_cosine": check_cosine,
