@@ -61,7 +61,16 @@ def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dic
         sizes = tuned.sizes(width, MULTIPLE_OF)
         record = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
         scores = evaluate(tuned.sample(sizes), held, full)
-        keep = ("seconds", "refit_seconds", "select_seconds", "distil_seconds", "steps", "kept")
+        keep = (
+            "seconds",
+            "refit_seconds",
+            "select_seconds",
+            "distil_seconds",
+            "steps",
+            "kept",
+            "check_cosine",
+            "check_held_out",
+        )
         out["tiers"][name] = {**{k: v for k, v in scores.items() if not isinstance(v, dict)},
                               **{k: record.get(k) for k in keep}}  # fmt: skip
     return out
