@@ -2,12 +2,13 @@
 ``calibrate_text`` at 60 s per tier, on the demo's 3,000 calibration sentences, scored on
 1,000 held-out sentences (cosine to the full model, retrieval top-1 / top-10) with the
 seconds and steps it spent. With ``--baseline-tree DIR`` an older checkout calibrates
-the same tiers in the same run; with several ``--lr`` each tree runs at each peak rate.
-Every arm (tree x rate) runs once per repeat, the arms taking turns (repeat i: seed + i in
+the same tiers in the same run; with several ``--lr`` each tree runs at each peak rate, and
+with several ``--sentences`` on each count of calibration sentences. Every arm (tree x rate
+x count) runs once per repeat, the arms taking turns (repeat i: seed + i in
 all of them; the order reversed on odd repeats, so none always runs first).
 
     python -m bench.demo_calibration [--baseline-tree DIR] [--repeats 2] [--seconds 60]
-        [--lr 1e-3 3e-4] [--out bench/results/demo_calibration.json]
+        [--lr 1e-3 3e-4] [--sentences 3000 10000] [--out bench/results/demo_calibration.json]
 
 Each arm runs in its own process with ``PYTHONPATH`` set to its tree (this file is run by
 path, so it imports only what both trees have: ``runtime.*``). Needs the ``[zoo]`` extra
@@ -30,8 +31,11 @@ OUT = ROOT / "bench" / "results" / "demo_calibration.json"
 EVALUATION = 1000
 
 
-def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dict:
-    """One calibration of the demo's tiers in this process's tree; per tier its scores."""
+def arm(
+    seconds: float, seed: int, threads: int, lr: float | None = None, sentences: int | None = None
+) -> dict:
+    """One calibration of the demo's tiers in this process's tree; per tier its scores.
+    ``sentences``: calibration sentences (None: the demo's own count)."""
     import torch
 
     from runtime.demo.minilm import MAX_LENGTH, convert_minilm, tokenizer_path
@@ -46,7 +50,8 @@ def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dic
     torch.manual_seed(seed)
     tok = TextTokenizer(tokenizer_path(), MAX_LENGTH)
     ids, mask = (
-        torch.from_numpy(a) for a in tok.encode(load_text("calibration")[:CALIBRATION_SENTENCES])
+        torch.from_numpy(a)
+        for a in tok.encode(load_text("calibration")[: sentences or CALIBRATION_SENTENCES])
     )
     held = tuple(torch.from_numpy(a) for a in tok.encode(load_text("evaluation")[:EVALUATION]))
     inn = convert_minilm(progress=False)
@@ -56,7 +61,7 @@ def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dic
     options = {} if lr is None else {"lr": lr}  # None: calibrate_text's own default
     tuned = calibrate_text(inn, ids, mask, list(widths.values()), seconds, seed=seed,
                            multiple_of=MULTIPLE_OF, progress=False, **options)  # fmt: skip
-    out = {"wall_seconds": time.perf_counter() - start, "tiers": {}}
+    out = {"wall_seconds": time.perf_counter() - start, "sentences": len(ids), "tiers": {}}
     for name, width in widths.items():
         sizes = tuned.sizes(width, MULTIPLE_OF)
         record = tuned.info["text_calibration"][IntegralModel.sizes_key(sizes)]
@@ -76,11 +81,12 @@ def arm(seconds: float, seed: int, threads: int, lr: float | None = None) -> dic
     return out
 
 
-def run_arm(tree: Path, lr: float | None, args, seed: int) -> dict:
+def run_arm(tree: Path, lr: float | None, sentences: int | None, args, seed: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm",
            "--seconds", str(args.seconds), "--seed", str(seed),
            "--threads", str(args.threads),
-           *(["--lr", str(lr)] if lr is not None else [])]  # fmt: skip
+           *(["--lr", str(lr)] if lr is not None else []),
+           *(["--sentences", str(sentences)] if sentences is not None else [])]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, nargs="+", default=[None],
                    help="peak distillation learning rate(s), each an arm per tree "
                         "(default: distil's own)")  # fmt: skip
+    p.add_argument("--sentences", type=int, nargs="+", default=[None],
+                   help="calibration sentences, each an arm per tree and rate (default: the "
+                        "demo's)")  # fmt: skip
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--arm", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -117,17 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         # then be imported as Hugging Face's transformers
         here = Path(__file__).resolve().parent
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-        print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr[0])))
+        print(json.dumps(arm(args.seconds, args.seed, args.threads, args.lr[0],
+                             args.sentences[0])))  # fmt: skip
         return 0
     from bench.hardening import commit_of, trees_to_measure  # not in an arm: any tree's
 
     trees = trees_to_measure(p, args.baseline_tree, "runtime/inn/distill.py")
-    arms = {(name if len(args.lr) == 1 else f"{name}_lr{lr:g}"): (tree, lr)
-            for name, tree in trees.items() for lr in args.lr}  # fmt: skip
+    arms = {name + ("" if len(args.lr) == 1 else f"_lr{lr:g}")
+            + ("" if len(args.sentences) == 1 else f"_n{n}"): (tree, lr, n)
+            for name, tree in trees.items() for lr in args.lr
+            for n in args.sentences}  # fmt: skip
     runs: dict[str, list] = {name: [] for name in arms}
     result = {"seconds_per_tier": args.seconds, "threads": args.threads,
               "lr": args.lr if len(args.lr) > 1 else args.lr[0],
-              "arms": {name: {"tree": tree.name, "lr": lr} for name, (tree, lr) in arms.items()},
+              "sentences": args.sentences if len(args.sentences) > 1 else args.sentences[0],
+              "arms": {name: {"tree": tree.name, "lr": lr, "sentences": n}
+                       for name, (tree, lr, n) in arms.items()},
               "seeds": [args.seed + i for i in range(args.repeats)],
               "evaluation_sentences": EVALUATION,
               "commits": {name: commit_of(tree) for name, tree in trees.items()},
