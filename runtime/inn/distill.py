@@ -16,15 +16,16 @@ width, with the full width as teacher, on a few thousand sentences and a time bu
      full model: uniform grid 0.31 -> 0.80, chosen nodes 0.89). Each batch runs through
      the student once, paused before each readout until that one is solved (1,024
      sentences: 7 s on 2 cores, against 20 s re-running the network per readout);
-  4. then AdamW steps (``distil``) for the rest of the budget on ``1 - cos`` between its
-     pooled embedding and the teacher's plus the mean squared error of every LayerNorm
-     output on the real tokens, each relative to the teacher's mean square there; the
+  4. then AdamW steps (``distil``) for the rest of the budget, on every sentence but step
+     5's, on ``1 - cos`` between its pooled embedding and the teacher's plus the mean
+     squared error of every LayerNorm output on the real tokens, each relative to the
+     teacher's mean square there; the
      learning rate warms up (over 3 % of the budget and at least 50 steps) then decays by a
      cosine over the budget. The token embedding tables are frozen: they are not resampled
      and the text covers little of the vocabulary;
   5. the distilled network is kept only if its embeddings are closer to the teacher's than
-     the refitted start's on 256 sentences the refit did not use: a budget too short to
-     recover from Adam's first steps leaves the refit.
+     the refitted start's on 256 sentences neither step 3 nor step 4 used: a budget too
+     short to recover from Adam's first steps, or spent overfitting, leaves the refit.
 
 Steps 3-5 are ``calibrate_network``, which takes any start: bench/transformers.py gives
 pruned networks exactly the same treatment. The residual stream keeps the model width at
