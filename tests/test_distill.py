@@ -174,6 +174,30 @@ def test_the_check_scores_sentences_the_distillation_did_not_train_on(tiny_bert,
         torch.testing.assert_close(t.embedding, want.embedding)
 
 
+def test_every_run_on_a_text_checks_the_same_sentences(tiny_bert, monkeypatch):
+    # A stored tier is kept over a re-run's where it is as close on the re-run's check; the
+    # check was drawn by the run's seed (and tier index), so a tier stored by a run at
+    # another seed had trained on the sentences it was judged on.
+    import runtime.inn.distill as distill
+
+    _, inn = tiny_bert
+    ids, mask = _text(512, 1)
+    checked: list[set[bytes]] = []
+    real_cosine = distill.embedding_cosine
+
+    def spy_cosine(student, pairs):
+        checked.append({bytes(row.numpy()) for b, _ in pairs for row in b.ids})
+        return real_cosine(student, pairs)
+
+    monkeypatch.setattr(distill, "embedding_cosine", spy_cosine)
+    for seed in (0, 3):
+        calibrate_text(inn, ids, mask, [HALF, 0.75], seconds=60, batch_size=32, max_steps=2,
+                       seed=seed, progress=False)  # fmt: skip
+    assert len(checked) == 8  # 2 runs x 2 tiers x (start, distilled)
+    assert len(checked[0]) >= distill.CHECK_SENTENCES - 2  # (ids may repeat: random text)
+    assert all(c == checked[0] for c in checked)
+
+
 def test_a_budget_the_refit_uses_up_is_said_and_not_recorded_as_distilled(tiny_bert, caplog):
     # The MiniLM demo on a busy machine: every tier's 60 s went to the refit, 0 steps ran,
     # and inn.json said "kept": "distilled" with nothing said on the console.

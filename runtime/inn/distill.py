@@ -83,6 +83,7 @@ WARMUP_STEPS = 50
 # distillation's): if the distilled network is further from the teacher than the refitted
 # start, the start is kept.
 CHECK_SENTENCES = 256
+CHECK_SEED = 0  # which ones: fixed, so that every run on a text checks the same sentences
 _LAYER_NORM_FNS = (F.layer_norm, torch.layer_norm, torch.ops.aten.layer_norm.default)
 _EMBEDDING_FNS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
@@ -601,16 +602,15 @@ def calibrate_network(
     incumbent: fx.GraphModule | None = None,
     **distil_options,
 ) -> dict:
-    """One tier's calibration, in place: ``refit_readouts`` of ``weights`` on a seeded
-    subset of about ``refit_sentences`` sentences (0: skip), then ``distil`` for the rest
-    of ``seconds`` on the rest; if the distilled network's embeddings are further from the
-    teacher's than the start's on ``CHECK_SENTENCES`` sentences neither the refit nor the
-    distillation used (a budget too short to recover from the first steps, or one spent
-    overfitting a small text), the start is kept. On a small text the refit
-    leaves at least half of it to that check (it took every sentence below ~1,300, and the
-    check fell back to the refit's own). ``incumbent``: the network stored for this tier
-    by an earlier calibration - kept (its weights loaded into ``student``) where it is at
-    least as close on the check (a short re-run replaced a better tier). Any start works
+    """One tier's calibration, in place: ``CHECK_SENTENCES`` sentences (at most half of a
+    small text; the same whatever ``seed``) are set apart; ``refit_readouts`` of
+    ``weights`` on a seeded subset of about ``refit_sentences`` of the others (0: skip),
+    then ``distil`` on all the others for the rest of ``seconds``; if the distilled
+    network's embeddings are further from the teacher's than the start's on the set-apart
+    sentences (a budget too short to recover from the first steps, or one spent
+    overfitting a small text), the start is kept. ``incumbent``: the network stored for
+    this tier by an earlier calibration - kept (its weights loaded into ``student``) where
+    it is at least as close on the check (a short re-run replaced a better tier). Any start works
     (the INN's sample, a pruned network): the baselines in bench/transformers.py get
     exactly this. Returns what was spent, the losses and the check.
 
@@ -620,19 +620,21 @@ def calibrate_network(
     """
     start = time.perf_counter()
     total = sum(len(b.ids) for b in batches)
-    refit_sentences = min(refit_sentences, max(total - CHECK_SENTENCES, total // 2))
-    sample = some_batches(batches, refit_sentences, seed) if refit_sentences > 0 else []
+    # The check's sentences are chosen first, by the text alone (not ``seed``): every run
+    # and tier on one text holds out the same ones, so an ``incumbent`` stored by an
+    # earlier run never trained on them either. They are held out of the distillation too:
+    # scored on sentences it trained on, an overfitted network looked closer than its
+    # start (the MiniLM demo's h075, seed 2, kept 0.9644 on the evaluation set over its
+    # start's 0.977). A text too small to spare them (one batch) trains on all of it.
+    pairs = list(zip(batches, targets, strict=True))
+    checked = {id(b) for b in some_batches(batches, min(CHECK_SENTENCES, total // 2), CHECK_SEED)}
+    check = [p for p in pairs if id(p[0]) in checked]
+    train = [p for p in pairs if id(p[0]) not in checked] or pairs
+    rest = [b for b, _ in train]
+    sample = some_batches(rest, refit_sentences, seed) if refit_sentences > 0 else []
     if sample and weights:
         refit_readouts(student, teacher, weights, sample)
     refit_seconds = time.perf_counter() - start
-    pairs = list(zip(batches, targets, strict=True))
-    checked = {id(b) for b in other_batches(batches, sample, CHECK_SENTENCES, seed + 1)}
-    check = [p for p in pairs if id(p[0]) in checked]
-    # The check's sentences are held out of the distillation too: scored on sentences it
-    # trained on, an overfitted network looked closer than its start (the MiniLM demo's
-    # h075, seed 2, kept 0.9644 on the evaluation set over its start's 0.977). A text too
-    # small to spare them trains on all of it (the check is then the training loss).
-    train = [p for p in pairs if id(p[0]) not in checked] or pairs
     before = embedding_cosine(student, check)
     kept = {k: v.detach().clone() for k, v in student.state_dict().items()}
     check_seconds = time.perf_counter() - start - refit_seconds
