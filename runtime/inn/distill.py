@@ -19,10 +19,10 @@ width, with the full width as teacher, on a few thousand sentences and a time bu
   4. then AdamW steps (``distil``) for the rest of the budget, on every sentence but step
      5's, on ``1 - cos`` between its pooled embedding and the teacher's plus the mean
      squared error of every LayerNorm output on the real tokens, each relative to the
-     teacher's mean square there; the
-     learning rate warms up (over 3 % of the budget and at least 50 steps) then decays by a
-     cosine over the budget. The token embedding tables are frozen: they are not resampled
-     and the text covers little of the vocabulary;
+     teacher's mean square there; the learning rate warms up (over 3 % of the budget and
+     at least 50 steps) then decays by a cosine over the budget. The token embedding
+     tables are frozen: they are not resampled and the text covers little of the
+     vocabulary;
   5. the distilled network is kept only if its embeddings are closer to the teacher's than
      the refitted start's on 256 sentences neither step 3 nor step 4 used: a budget too
      short to recover from Adam's first steps, or spent overfitting, leaves the refit.
