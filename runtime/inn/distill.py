@@ -638,7 +638,7 @@ def calibrate_network(
     before = embedding_cosine(student, check)
     kept = {k: v.detach().clone() for k, v in student.state_dict().items()}
     check_seconds = time.perf_counter() - start - refit_seconds
-    run = distil(student, [b for b, _ in train], [t for _, t in train],
+    run = distil(student, rest, [t for _, t in train],
                  max(seconds - refit_seconds - 2 * check_seconds, 0),
                  max_steps=max_steps, seed=seed, progress=progress, desc=desc,
                  **distil_options)  # fmt: skip
