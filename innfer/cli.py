@@ -1012,6 +1012,10 @@ def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir
             what = "refit only, no distillation steps"
         if rec.get("kept") == "start":
             what += " (distilled network was further from the full width: the refit kept)"
+        if rec.get("stored_judged") is False:
+            what += ("; replaced the tier stored by an earlier run without comparing them: "
+                     "that run checked other sentences (another text or batch size, or a run "
+                     "that recorded none), so it may have trained on this run's check")  # fmt: skip
         took = rec.get("seconds", 0.0)
         if took > budget * 1.1 + 0.5:
             what += (f"; took {took:.1f} s of a {budget:.1f} s budget (node choice "

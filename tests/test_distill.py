@@ -198,6 +198,47 @@ def test_every_run_on_a_text_checks_the_same_sentences(tiny_bert, monkeypatch):
     assert all(c == checked[0] for c in checked)
 
 
+def test_a_stored_tier_is_judged_on_the_check_only_where_its_run_held_the_same_one_out(
+    tiny_bert,
+):
+    # A stored tier is kept over a re-run's where it is as close on the check. One stored
+    # by a run that held out other sentences (or none: before the check was held out, the
+    # distillation trained on it) reads closer for having memorised them, so it was kept
+    # whatever this run made. Now it is replaced, and the record says it was not judged.
+    _, inn = tiny_bert
+    ids, mask = _text(512, 1)
+    key = runtime.IntegralModel.sizes_key(inn.sizes(HALF, multiple_of=8))
+
+    def calibrate(model, **options):
+        return calibrate_text(model, ids, mask, [HALF], seconds=60, batch_size=32,
+                              progress=False, **options)  # fmt: skip
+
+    distilled = calibrate(inn, max_steps=60, lr=1e-3)
+    first = distilled.info["text_calibration"][key]
+    assert first["kept"] == "distilled" and len(first["check_digest"]) == 16
+    # a refit-only re-run on the same text: the distilled tier, judged, stays
+    again = calibrate(distilled, max_steps=0)
+    assert again.info["text_calibration"][key] == first
+    assert again.info["text_calibration_kept"][key]["stored"] > first["check_cosine"]["start"]
+    for name, t in distilled.tiers[key].items():
+        torch.testing.assert_close(again.tiers[key][name], t, rtol=0, atol=0)
+    # the same tier stored by a run that recorded no check: replaced by the refit, unjudged
+    unrecorded = distilled.copy()
+    del unrecorded.info["text_calibration"][key]["check_digest"]
+    replaced = calibrate(unrecorded, max_steps=0)
+    record = replaced.info["text_calibration"][key]
+    assert record["kept"] == "refit" and record["stored_judged"] is False
+    assert record["check_cosine"]["stored"] > record["check_cosine"]["start"]  # it was closer
+    assert key not in replaced.info.get("text_calibration_kept", {})
+    refit = calibrate(inn, max_steps=0)
+    for name, t in refit.tiers[key].items():
+        torch.testing.assert_close(replaced.tiers[key][name], t)
+    # another batch size checks other sentences: not judged either
+    other = calibrate_text(distilled, ids, mask, [HALF], seconds=60, batch_size=16,
+                           max_steps=0, progress=False)  # fmt: skip
+    assert other.info["text_calibration"][key]["stored_judged"] is False
+
+
 def test_a_budget_the_refit_uses_up_is_said_and_not_recorded_as_distilled(tiny_bert, caplog):
     # The MiniLM demo on a busy machine: every tier's 60 s went to the refit, 0 steps ran,
     # and inn.json said "kept": "distilled" with nothing said on the console.

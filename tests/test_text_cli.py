@@ -339,6 +339,24 @@ def test_a_rerun_keeps_the_stored_tier_where_it_is_closer_to_the_full_width(
         )
 
 
+def test_a_rerun_on_other_text_replaces_the_stored_tier_and_says_it_was_not_compared(
+    model_dir, tmp_path, capsys
+):
+    # The stored tier's run checked other sentences, which it may have trained on: judged
+    # on this run's check it read closer for it and was kept whatever this run made.
+    copy, _, inn, half = _calibrated(model_dir, tmp_path)
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    lines = [" ".join(reversed(s.split())) for s in _sentences(other, 80).read_text().split("\n")]
+    other.write_text("\n".join(lines), encoding="utf-8")
+    assert main(["calibrate", str(copy), "--text", str(other), "--seconds", "1"]) == 0
+    out = capsys.readouterr().out
+    record = runtime.load(copy).info["text_calibration"][half]
+    assert record["stored_judged"] is False
+    assert record["check_digest"] != inn.info["text_calibration"][half]["check_digest"]
+    assert "replaced the tier stored by an earlier run without comparing them" in out
+
+
 def test_calibrate_names_a_tokenizer_with_ids_past_the_embedding_table(model_dir, tmp_path, capsys):
     # An IndexError in the teacher's pass, reported as "internal error ... a bug".
     copy = tmp_path / "embed"
