@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_distill import _text
 
-from runtime.inn.distill import calibrate_text, length_batches, readouts, refit_readouts
+from runtime.inn.distill import calibrate_text, length_batches, pooled, readouts, refit_readouts
 from runtime.inn.model import load
 from runtime.inn.selection import readout_grams, readout_weights, select_nodes, store_grids
 from runtime.inn.sensitivity import measure_sensitivity, refit_from_gram
@@ -146,6 +147,41 @@ def test_a_layer_whose_ffn_barely_reaches_the_output_measures_cheapest_and_gives
     quiet.info["sensitivity"] = curves
     shaped = quiet.sizes({"ffn": 0.5, "shaped": True}, 8)
     assert shaped[ffns[0]] < half[ffns[0]] and shaped[ffns[1]] > half[ffns[1]], shaped
+
+
+def test_probes_run_from_the_teachers_states_and_score_as_whole_runs_do(tiny_bert, monkeypatch):
+    # Each probe ran the whole network from the tokens, though it is the teacher's up to its
+    # group's layer (MiniLM: 36 probes, ~2 minutes of `innfer calibrate` for shaped widths).
+    import runtime.inn.sensitivity as sensitivity
+
+    _, inn = tiny_bert
+    teacher, grams, score = _probe_setup(inn)
+    losses: list[tuple[float, float]] = []
+    read: dict[str, set[str]] = {}  # per probe (its group's first changed weight): weights run
+    real_loss = sensitivity._loss
+
+    def whole(student, target) -> float:
+        cos = [F.cosine_similarity(pooled(student(b.ids, b.mask), b.mask), t, dim=-1)
+               for b, t in zip(score, target, strict=True)]  # fmt: skip
+        return float((1 - torch.cat(cos)).mean())
+
+    def both(student, score, target, kept, changed):
+        got = real_loss(student, score, target, kept, changed)
+        losses.append((got, whole(student, target)))
+        _, run = sensitivity.resume_plan(student.graph, changed, set(kept[0]))
+        read[min(changed)] = {str(n.target) for n in run if n.op == "get_attr"}
+        return got
+
+    monkeypatch.setattr(sensitivity, "_loss", both)
+    curves = measure_sensitivity(inn, teacher, grams, score, multiple_of=8)
+    assert len(curves["groups"]) == len(inn.groups) and len(losses) == 3 * len(inn.groups)
+    for got, want in losses:
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    # the second layer's probes run nothing of the first layer; its FFN's, not its heads
+    heads, ffn = "m.layers.1.k.bias", "m.layers.1.fc1.bias"  # each group's first by name
+    assert not any(w.startswith("m.layers.0.") for w in read[heads] | read[ffn])
+    assert "m.layers.1.q.weight" in read[heads] and "m.layers.1.q.weight" not in read[ffn]
+    assert any(w.startswith("m.layers.0.") for w in read["m.layers.0.k.bias"])
 
 
 @pytest.mark.parametrize("kind", ["heads", "ffn"])

@@ -8,8 +8,14 @@ between the pooled embedding and the full model's, averaged over sentences the G
 see. The curves drive shaped tiers (``runtime.inn.shaping``); they are stored in the
 INN as ``info["sensitivity"]``.
 
-On all-MiniLM-L6-v2 (Grams of 1,024 sentences, 512 scored; 36 probes, 117 s on two cores),
-half width costs the last layer's heads 0.057 and every other group 0.004-0.012.
+A probe's network is the teacher's up to its group's layer, so it is not run from the
+tokens: the teacher's LayerNorm outputs on the scored sentences are kept once, and each probe
+runs only what its changed weights reach, from the last of them it does not (the residual
+stream entering the group's layer).
+
+On all-MiniLM-L6-v2 (Grams of 1,024 sentences, 512 scored; 36 probes, ~80 s on two cores,
+~100 s when each probe ran the whole network: bench/sensitivity.py), half width costs the
+last layer's heads 0.057 and every other group 0.004-0.012.
 
 Example:
     >>> curves = measure_sensitivity(inn, teacher, grams, score)  # doctest: +SKIP
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from runtime.inn.distill import TextBatch, pooled
+from runtime.inn.distill import TextBatch, _Resumable, pooled, with_hidden_states
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import linear_nodes, readout_weights, select_nodes, store_grids
 
@@ -59,7 +65,8 @@ def measure_sensitivity(
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1), got {list(fractions)}")
     start = time.perf_counter()
-    target = [pooled(teacher(b.ids, b.mask), b.mask) for b in score]  # per batch (B, D)
+    states = _teacher_states(teacher, score)
+    target = [pooled(out, b.mask) for b, (out, _) in zip(score, states, strict=True)]  # (B, D)
     probe = inn.copy()  # grids chosen per group land in the copy's info, not the caller's
     full = inn.sizes(1.0)
     reads = readout_weights(inn)
@@ -73,7 +80,10 @@ def measure_sensitivity(
         store_grids(probe, {g.name: keep})
         student = probe.sample(sizes, method=method, calibrated=False)
         refit_from_gram(student, teacher, grams[g.name], reads[g.name], keep, g.size)
-        groups[g.name].append([n, _loss(student, score, target)])
+        loss = _loss(
+            student, score, target, [kept for _, kept in states], _changed(student, teacher)
+        )
+        groups[g.name].append([n, loss])
     return {
         "metric": METRIC,
         "fractions": list(fractions),
@@ -127,11 +137,70 @@ def _count(batches: Sequence[TextBatch]) -> int:
     return sum(len(b.ids) for b in batches)
 
 
-def _loss(student: fx.GraphModule, score: Sequence[TextBatch], target: list) -> float:
-    """Mean over the scored sentences of ``1 - cos`` to the teacher's embedding."""
+def _teacher_states(teacher: fx.GraphModule, score: Sequence[TextBatch]) -> list[tuple]:
+    """Per scored batch: (the teacher's output, {LayerNorm node name: its output})."""
+    tapped = with_hidden_states(teacher).eval()
+    names = [n.name for n in tapped.graph.find_nodes(op="output")[0].args[0][1]]
+    out = []
+    for b in score:
+        output, hidden = tapped(b.ids, b.mask)
+        out.append((output, dict(zip(names, hidden, strict=True))))
+    return out
+
+
+def _changed(student: fx.GraphModule, teacher: fx.GraphModule) -> set[str]:
+    """Names of ``student``'s parameters and buffers that are not the teacher's (another
+    shape or other values)."""
+    theirs = {**dict(teacher.named_parameters()), **dict(teacher.named_buffers())}
+    mine = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    return {k for k, v in mine.items()
+            if k not in theirs or v.shape != theirs[k].shape
+            or not torch.equal(v, theirs[k])}  # fmt: skip
+
+
+def resume_plan(graph: fx.Graph, changed: set[str], kept: set[str]) -> tuple[list, list]:
+    """``(cut, run)``: what a network that is the teacher but for the ``changed`` weights
+    must compute, given the teacher's values of the nodes named in ``kept``. ``cut``: the
+    kept nodes no changed weight reaches that the output needs (their values are the
+    teacher's); ``run``: every other node the output needs, in graph order, output last.
+    Placeholders are in neither."""
+    dirty: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "get_attr" and node.target in changed) or any(
+            i in dirty for i in node.all_input_nodes
+        ):
+            dirty.add(node)
+    (output,) = graph.find_nodes(op="output")
+    cut, need, stack = set(), set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in need or node in cut or node.op == "placeholder":
+            continue
+        if node.name in kept and node not in dirty:
+            cut.add(node)
+            continue
+        need.add(node)
+        stack.extend(node.all_input_nodes)
+    order = list(graph.nodes)
+    return [n for n in order if n in cut], [n for n in order if n in need]
+
+
+def _loss(
+    student: fx.GraphModule,
+    score: Sequence[TextBatch],
+    target: list,
+    kept: Sequence[Mapping[str, torch.Tensor]],
+    changed: set[str],
+) -> float:
+    """Mean over the scored sentences of ``1 - cos`` to the teacher's embedding; ``student``
+    runs from the teacher's ``kept`` values (per batch) where its ``changed`` weights allow."""
+    cut, run = resume_plan(student.graph, changed, set(kept[0]) if kept else set())
     total, count = 0.0, 0
-    for b, t in zip(score, target, strict=True):
-        cos = F.cosine_similarity(pooled(student(b.ids, b.mask), b.mask), t, dim=-1)
+    for b, t, values in zip(score, target, kept, strict=True):
+        resumed = _Resumable(student, (b.ids, b.mask))
+        resumed.env.update({n: values[n.name] for n in cut})
+        resumed.run(run)
+        cos = F.cosine_similarity(pooled(resumed.env[run[-1]], b.mask), t, dim=-1)
         total += float((1 - cos).sum())
         count += len(cos)
     return total / count
