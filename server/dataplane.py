@@ -75,6 +75,9 @@ TOKENIZE_INLINE_CHARS = 2048
 # Threads for that (the tokenizers library releases the GIL while it encodes, and one
 # Tokenizer encodes on several threads at once); started by the first long text.
 TOKENIZE_THREADS = 2
+# Columns token ids may be padded to before the padding is cut (``_decode``); the message
+# size limit bounds their bytes in any case.
+PADDED_COLUMNS = 1 << 20
 
 
 class Phase(Enum):
@@ -946,8 +949,9 @@ class DataPlane:
                 f"(limits.max_inputs); model {m.name}'s inputs are "
                 f"{sorted(s.name for s in cfg.inputs)}"
             )
+        # checked on ids requests too, where it changes nothing: a typo is not let through
+        truncate = text is not None and _bool_param(request.parameters, "truncate", default=True)
         if text is not None and any(t.name == text.input for t in request.inputs):
-            truncate = _bool_param(request.parameters, "truncate", default=True)
             texts = codec.decode_text(
                 request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
@@ -957,6 +961,15 @@ class DataPlane:
                 raise InvalidArgument(
                     f"{text.input}[{row}] is {truncated[row]} tokens, over max_length "
                     f"{text.max_length}; shorten it or send truncate=true"
+                )
+            empty = np.flatnonzero(~mask.any(axis=1))
+            if len(empty):  # a tokenizer that adds no [CLS]/[SEP] makes nothing of ""
+                # (run alone: INTERNAL from the engine's reshape, counted as a failure;
+                # beside other texts: a zero vector, served as an embedding)
+                raise InvalidArgument(
+                    f"{text.input}[{int(empty[0])}] gives no tokens: model {m.name}'s "
+                    "tokenizer makes nothing of it (empty, or only characters it drops); "
+                    "send text with at least one word"
                 )
             arrays = {text.ids: ids, text.mask: mask}
             arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
@@ -974,13 +987,24 @@ class DataPlane:
                 f"or token ids as {text.ids!r} and {text.mask!r}; got inputs "
                 f"{', '.join(sorted(clip(n) for n in names)) or 'none'}"
             )
+        # Any width before the padding is cut: a client padding to its tokenizer's
+        # model_max_length (MiniLM's 512, beyond the longest lane) sends short text wide.
         arrays, rows = codec.decode_inputs(
-            request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
+            request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw
         )
+        arrays = _cut_padding(arrays, cfg, text.mask)
+        width = arrays[text.mask].shape[1]
+        if width > max_length and arrays[text.mask].any():  # else: "no token", below
+            raise InvalidArgument(
+                f"input {text.ids!r}: sequence length {width} is outside [1, {max_length}] "
+                "(the longest profiled length; counted to the last column any row's mask "
+                f"marks, the padding after it cut); send shorter sequences, or the text as "
+                f"{text.input!r} (truncated to fit)"
+            )
         codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
-        return _cut_padding(arrays, cfg, text.mask), rows, []
+        return arrays, rows, []
 
     async def _tokenize(
         self, m: ModelRuntime, texts: list[str], clock: DecodeClock | None = None

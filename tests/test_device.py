@@ -218,3 +218,25 @@ def test_a_models_lanes_share_its_instances_on_a_larger_device():
     with pytest.raises(ValueError, match="max_running 2 differs"):
         Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=16,
                   device=device, instances=one, max_running=2)  # fmt: skip
+
+
+def test_a_models_lanes_hold_max_queue_requests_together_not_each():
+    # A sequence model's lanes (one scheduler per profiled length) each checked max_queue
+    # against their own queue: MiniLM's 5 lanes held 5x what model.yaml says (and
+    # ModelConfig's max_queue_size reports).
+    from server.scheduling import State
+    from server.scheduling.device import Instances
+
+    tiers = [TierInfo("w100", 0.99, {1: 1.0, 2: 1.0})]
+    device, one = Device(slots=1), Instances(1)
+    lanes = [Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=3,
+                       device=device, instances=one) for _ in range(3)]  # fmt: skip
+    for i, lane in enumerate(lanes):
+        lane.submit(Request(i, 0.0, 10.0), 0.0)
+    with pytest.raises(Refused, match=r"queue full \(3 requests waiting\)") as refused:
+        lanes[0].submit(Request(9, 0.0, 10.0), 0.0)
+    assert refused.value.state == State.REFUSED_FULL
+    assert one.queued() == 3
+    d = lanes[1].next(0.0)  # one leaves the queue to run: room for one more, in any lane
+    assert d is not None and one.queued() == 2
+    lanes[2].submit(Request(10, 0.0, 10.0), 0.0)

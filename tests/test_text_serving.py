@@ -212,18 +212,54 @@ def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
     np.testing.assert_allclose(r.as_numpy("embedding"), _embed(client, texts)[0], atol=1e-6)
 
 
-def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, client):
+@pytest.mark.parametrize("width, pad", [(LENGTHS[-1], 0), (2 * LENGTHS[-1] + 5, 0),
+                                        (2 * LENGTHS[-1] + 5, 10**6)])  # fmt: skip
+def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, client, width, pad):
     # A client padding to max_length sent a 4-token sentence as 24 columns: it was planned
-    # (lane, sequence_length), counted and run as 24 tokens.
+    # (lane, sequence_length), counted and run as 24 tokens. Padded beyond the longest lane
+    # (HF's padding="max_length" pads to the tokenizer's model_max_length: MiniLM's 512,
+    # its lanes end at 256) it was refused, its padding counted as its length; a pad id
+    # outside the vocabulary, in columns the padding cut drops, as well.
     _, d, _ = repo
     texts = ["the model", "a small model serves"]  # 4 and 6 tokens
     ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(texts)
-    width = LENGTHS[-1]
-    ids, mask = (np.pad(a, [(0, 0), (0, width - a.shape[1])]) for a in (ids, mask))
+    ids = np.pad(ids, [(0, 0), (0, width - ids.shape[1])], constant_values=pad)
+    mask = np.pad(mask, [(0, 0), (0, width - mask.shape[1])])
     r = client.infer("embed", [_ids_of("input_ids", ids), _ids_of("attention_mask", mask)],
                      parameters={"tier": "full"})  # fmt: skip
     assert r.get_response().parameters["sequence_length"].int64_param == LENGTHS[0]
     np.testing.assert_allclose(r.as_numpy("embedding"), _embed(client, texts)[0], atol=1e-6)
+
+
+def test_text_the_tokenizer_makes_no_token_of_is_refused_naming_its_row(server, client):
+    # A tokenizer that adds no [CLS]/[SEP] (GPT-2 style) makes nothing of "": sent alone it
+    # failed in the engine (INTERNAL, counted as an engine failure and an SLO miss); beside
+    # another text it came back as a zero vector.
+    from tokenizers import processors
+
+    tok = server.server.plane.models["embed"].served.tokenizer._tok
+    before = tok.post_processor
+    tok.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    try:
+        for texts, row in (([""], 0), (["the model", "   "], 1)):
+            with pytest.raises(InferenceServerException,
+                               match=rf"text\[{row}\] gives no tokens: model embed's "
+                                     "tokenizer makes nothing of it") as e:  # fmt: skip
+                client.infer("embed", [_text_input(texts)])
+            assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+        got, _ = _embed(client, ["the model"])
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    finally:
+        tok.post_processor = before
+
+
+def test_a_typo_in_truncate_is_refused_on_an_ids_request_too(repo, client):
+    _, d, _ = repo
+    ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(["the model"])
+    with pytest.raises(InferenceServerException, match="truncate") as e:
+        client.infer("embed", [_ids_of("input_ids", ids), _ids_of("attention_mask", mask)],
+                     parameters={"truncate": "garbage"})  # fmt: skip
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
 
 
 def _ids(name, shape, dtype="INT64"):

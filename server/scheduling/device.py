@@ -60,7 +60,8 @@ HOLD_SCAN = 32
 class Instances:
     """How many batches one model may run at once across its schedulers - its lanes, one
     per profiled length for a sequence model - whatever slots the device has: its engine
-    instances. The model's lanes share one; a scheduler given none gets its own.
+    instances; and how many requests they hold queued together (``queued``). The model's
+    lanes share one; a scheduler given none gets its own.
 
     Example:
         >>> limit = Instances(1)
@@ -76,6 +77,14 @@ class Instances:
 
     def running(self) -> int:
         return sum(len(s.running) for s in self.members)
+
+    def queued(self) -> int:
+        """Requests waiting in the model's schedulers together: ``max_queue`` bounds them
+        as one queue (before, each lane held ``max_queue``: MiniLM's 5 lanes, 5x)."""
+        members = self.members
+        if len(members) == 1:  # a model with fixed shapes: one scheduler (the hot path)
+            return len(members[0].queue)
+        return sum(len(s.queue) for s in members)
 
     def full(self) -> bool:
         members = self.members

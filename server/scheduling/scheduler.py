@@ -251,7 +251,7 @@ class Scheduler:
         q = self.admission_quantile(joining=r)
         due = self.admission_deadline(r)
         alone = self.latency.quantile(fastest, r.rows, q)
-        if len(self.queue) >= self.max_queue:
+        if self.instances.queued() >= self.max_queue:  # over the model's lanes together
             raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
         # Forgetting helps only a budget the profile itself meets: one below even that (a
         # client's 0.2 ms) would wipe a slowdown learned rightly and plan the next ones short.
