@@ -498,7 +498,7 @@ class ModelRuntime:
                 for lane in list(limit.members):
                     device.leave(lane)
             raise
-        self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, latency gauges
+        self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, load timing
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -710,8 +710,8 @@ class ModelRuntime:
         candidates' times by it (``sim.live_host``)."""
         self.flush()  # the latency model as of the last answered batch
         seen = self._seen_tiers(min_batches)
-        latency = self.scheduler.latency
-        return float(np.median([latency.tier_estimate(t).factor for t in seen])) if seen else 1.0
+        factors = [self.latency_of(t).tier_estimate(t).factor for t in seen]
+        return float(np.median(factors)) if seen else 1.0
 
     def engine_spread(self, min_batches: int = SPEED_MIN_BATCHES) -> float | None:
         """The log-normal sigma of one batch's time as the latency model has learned it
@@ -720,13 +720,23 @@ class ModelRuntime:
         that makes the live planner keep to smaller tiers (``sim.live_host``)."""
         self.flush()
         seen = self._seen_tiers(min_batches)
-        latency = self.scheduler.latency
-        return float(np.median([latency.sigma(t, 1) for t in seen])) if seen else None
+        return float(np.median([self.latency_of(t).sigma(t, 1) for t in seen])) if seen else None
 
     def _seen_tiers(self, min_batches: int) -> list[str]:
-        latency = self.scheduler.latency
         return [t for t in self.served.engines
-                if latency.tier_estimate(t).observed_batches >= min_batches]  # fmt: skip
+                if self.latency_of(t).tier_estimate(t).observed_batches >= min_batches]  # fmt: skip
+
+    def latency_of(self, tier: str):
+        """The latency model that has seen ``tier`` run most: a sequence model's lane whose
+        traffic ran it the most batches (ties: the longer lane), its one scheduler's
+        otherwise. Short sentences never reach the longest lane, whose view of a tier
+        stayed at its profile however slow the engines ran (the gauges, the engine speed
+        a swap starts from)."""
+        lanes = self.lanes
+        if len(lanes) == 1:
+            return self.scheduler.latency
+        ranked = reversed(list(lanes.values()))  # longest first: max keeps the first best
+        return max(ranked, key=lambda s: s.latency.tier_estimate(tier).observed_batches).latency
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one
@@ -958,7 +968,7 @@ class ModelRuntime:
         scrapes (``set_function``): nothing to update per request. A runtime that replaces
         this one (a reload) binds the same series to itself when it starts; the requests of
         the runtimes it replaced (``predecessors``: still draining) count in them."""
-        m, name, latency = self.metrics, self.name, self.scheduler.latency
+        m, name = self.metrics, self.name
 
         def queued() -> int:
             return sum(len(s.queue) for r in (self, *self.predecessors) for s in r.lanes.values())
@@ -968,11 +978,15 @@ class ModelRuntime:
             p.inflight for p in self.predecessors))  # fmt: skip
         self._bind(m.request_overhead, (name,),
                    lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
+
+        def estimate(tier: str):  # a sequence model's: the lane its traffic runs most
+            return self.latency_of(tier).tier_estimate(tier)
+
         for tier in self.accuracy:
             self._bind(m.tier_latency_factor, (name, tier),
-                       lambda t=tier: latency.tier_estimate(t).factor)  # fmt: skip
+                       lambda t=tier: estimate(t).factor)  # fmt: skip
             self._bind(m.tier_planned_latency, (name, tier),
-                       lambda t=tier: latency.tier_estimate(t).planned_s_max_batch)  # fmt: skip
+                       lambda t=tier: estimate(t).planned_s_max_batch)  # fmt: skip
 
     def _bind(self, gauge, labels: tuple[str, ...], read: Callable[[], float]) -> None:
         gauge.labels(*labels).set_function(read)

@@ -811,3 +811,34 @@ def test_with_plan_overhead_a_texts_wait_for_a_thread_counts_against_its_budget(
 
     asyncio.run(go())
     assert waited["half"] >= 0.14 and waited["full"] < 0.14
+
+
+def test_a_tiers_latency_gauges_and_engine_speed_follow_the_lane_its_traffic_runs(repo):
+    # They read the longest lane, which short sentences never reach: with every engine
+    # ~20x slower than profiled, lane 8 learned it and the gauges stayed at 1.0 (and a swap
+    # started its new tiers from speed 1.0).
+    import time
+
+    _, d, _ = repo
+    served = Repository(d.parent).load("embed")
+    for e in served.engines.values():
+        e.run = lambda feeds, run=e.run: (time.sleep(0.005), run(feeds))[1]
+    metrics = Metrics()
+    ids, mask = served.tokenizer.encode(["the model"])
+
+    async def go():
+        rt = ModelRuntime(served, metrics)
+        rt.start()
+        try:
+            for _ in range(30):
+                await rt.infer({"input_ids": ids, "attention_mask": mask}, 1, 5.0, pin="full")
+            return rt.lanes[LENGTHS[0]].latency.tier_estimate("full").factor, rt.engine_speed()
+        finally:
+            await rt.stop()
+
+    learned, speed = asyncio.run(go())
+    gauge = metrics.registry.get_sample_value(
+        "innfer_tier_latency_factor", {"model": "embed", "tier": "full"}
+    )
+    assert learned > 3.0
+    assert gauge == pytest.approx(learned, rel=1e-3) and speed == pytest.approx(learned, rel=1e-3)
