@@ -91,6 +91,32 @@ def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem
     assert f"profile.json is corrupted ({problem}" in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["missing", "corrupted", "a tier short"])
+def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damage, caplog):
+    # The model was unservable ("run `innfer build` to profile it"), a fix the serving
+    # image (no torch) cannot run - while a profile from another machine was re-measured
+    # at load in 0.1 s and served.
+    from runtime.repository import Repository
+    from server.model_runtime import tier_infos
+
+    path = repository / "tiny" / "profile.json"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "corrupted":
+        path.write_text('{"device": "cpu-x86_64')
+    else:
+        _edit(path, lambda p: p["tiers"].pop("w050"))
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        served = Repository(repository).load("tiny")
+    try:
+        assert "re-measured every tier at load" in caplog.text
+        assert {t.name for t in tier_infos(served)} == {"w100", "w050"}
+        assert all(t.latency_ms[1] > 0 for t in tier_infos(served))
+    finally:
+        for engine in served.engines.values():
+            engine.close()
+
+
 def test_a_hand_edited_tier_record_is_named_as_corrupted(repository):
     from runtime.repository import Repository, RepositoryError
 

@@ -425,13 +425,19 @@ class Repository:
     def _profile_here(
         self, name, config, backend, engines, profile, onnx: dict[str, str]
     ) -> dict[str, Any] | None:
-        """``profile``, or, where it was measured with another backend (or version) or on
+        """``profile``, or, where there is none (missing or corrupted: read as None), it
+        misses a tier, was measured with another backend (or version) or on
         another device, or (CPU) with other threads than model.yaml's, or timed other engines
         than the tiers' ONNX (``onnx``: tier -> sha256) make now, a
         new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less on
         a GPU). Not written back: the repository may be read-only, and ``innfer build`` on
         this machine is how a profile is stored."""
         why = measured_elsewhere(profile, backend, config.threads, config.spin)
+        if profile is None:  # the serving image has no torch to run `innfer build` with
+            why = "profile.json is missing or corrupted (the log above says which)"
+        elif set(timed := profile.get("tiers", {})) != set(onnx):  # model.yaml's tiers edited
+            why = (f"profile.json times tiers {', '.join(sorted(timed)) or 'none'}, not the "
+                   f"tiers served: {', '.join(sorted(onnx))}")  # fmt: skip
         if why is None and (stale := stale_tiers(profile, onnx)):
             why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
         if why is None:
@@ -459,7 +465,7 @@ class Repository:
         except ValueError:  # bad JSON, or bytes that are not UTF-8
             profile = None
         problem = "not a JSON object" if not isinstance(profile, dict) else profile_problem(profile)
-        if problem is not None:  # read as absent: a build profiles again, a server says so
+        if problem is not None:  # read as absent: a build profiles again, a load re-measures
             log.warning("%s is corrupted (%s); run `innfer build` to profile the model again",
                         path, problem)  # fmt: skip
             return None
