@@ -154,7 +154,10 @@ class Metrics:
             "failed, unavailable.", ["model", "reason"], registry=r,
         )  # fmt: skip
         self.served_accuracy = Summary(
-            "innfer_served_accuracy", "Measured accuracy of the tier each request was served by.",
+            "innfer_served_accuracy",
+            "Accuracy of the tier each request was served by: measured on the model's "
+            "evaluation set at build time where it has one, else the tier's FLOPs fraction of "
+            "the full width (a size proxy; model.yaml evaluation gives a measured one).",
             ["model"], registry=r,
         )  # fmt: skip
         self.queue_total = Counter(
