@@ -462,7 +462,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def RepositoryIndex(self, request, context):
         resp = pb.RepositoryIndexResponse()
-        for name in self.plane.repo.names():
+        # What is served or failed counts too: a model still serving after its directory
+        # went, or one named in the config that failed to load, was missing from the index
+        # the errors refer clients to.
+        plane = self.plane
+        for name in sorted({*plane.repo.names(), *plane.models, *plane.broken}):
             loaded = name in self.plane.models
             if request.ready and not loaded:
                 continue

@@ -519,6 +519,27 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
         s.stop()
 
 
+def test_the_repository_index_lists_what_is_served_or_failed_beside_what_is_on_disk(tmp_path, repo):
+    # It walked the directory alone: a model named in the config that failed to load (its
+    # requests told to see "RepositoryIndex and the server log") was not in it, nor one
+    # still serving after its directory was moved away.
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    s = ServerThread({"repository": str(root), "models": ["tiny", "wide", "nosuch"]}).start()
+    try:
+        shutil.move(root / "wide", tmp_path / "wide-moved")
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+            assert index["wide"].state == "READY"
+            assert index["nosuch"].state == "UNAVAILABLE" and "nosuch" in index["nosuch"].reason
+            assert index["tiny"].state == "READY"
+            ready = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
+            assert {m.name for m in ready} == {"tiny", "wide"}
+    finally:
+        s.stop()
+
+
 def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
