@@ -107,10 +107,17 @@ class Server:
         if self.config.reflection:
             _enable_reflection(self.grpc)
         address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"
-        if self.config.tls is None:
-            self.port = self.grpc.add_insecure_port(address)
-        else:
-            self.port = self.grpc.add_secure_port(address, _credentials(self.config))
+        try:
+            if self.config.tls is None:
+                self.port = self.grpc.add_insecure_port(address)
+            else:
+                self.port = self.grpc.add_secure_port(address, _credentials(self.config))
+        except RuntimeError as exc:  # grpc says "Failed to bind to address ...; set GRPC_..."
+            raise OSError(
+                errno.EADDRINUSE,
+                f"gRPC port {self.config.grpc_port} cannot be bound on {self.config.host}: in "
+                "use, or not permitted (grpc_port in the server config / --port)",
+            ) from exc
         if self.config.metrics_port or self.config.metrics_port == 0:
             port = self.config.metrics_port
             try:
@@ -128,7 +135,11 @@ class Server:
         await self.grpc.start()
         log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)
         await self.plane.load_all()
-        log.info("ready: models %s", list(self.plane.models))
+        why = self.plane.not_ready_reason()
+        if why is None:
+            log.info("ready: models %s", list(self.plane.models))
+        else:  # it said "ready" while readiness answered NOT_SERVING
+            log.warning("started, not ready (%s); serving models %s", why, list(self.plane.models))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""

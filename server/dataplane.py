@@ -198,7 +198,10 @@ class DataPlane:
             except (RepositoryError, EngineError, OSError) as exc:
                 kept = self._mark_broken(name, str(exc))
                 raise FailedPrecondition(
-                    self._public(f"model {name!r} cannot be loaded: {exc}{_advice(exc)}{kept}")
+                    self._public(
+                        f"model {name!r} cannot be loaded: "
+                        f"{exc}{_advice(exc, self.config.model_control)}{kept}"
+                    )
                 ) from None
             self._warn_over_limit(name, served.config)
             runtime = None
@@ -231,7 +234,8 @@ class DataPlane:
                 kept = self._mark_broken(name, str(exc))
                 # a FailedPrecondition says its own fix (the server's policy); the rest is
                 # the repository's (profile, engines): a rebuild
-                advice = "" if isinstance(exc, FailedPrecondition) else _advice(exc)
+                advice = ("" if isinstance(exc, FailedPrecondition)
+                          else _advice(exc, self.config.model_control))  # fmt: skip
                 raise FailedPrecondition(
                     self._public(f"model {name!r} cannot be served: {exc}{advice}{kept}")
                 ) from None
@@ -629,7 +633,12 @@ class DataPlane:
             if name in self.broken:  # not a typo, and retrying will not help
                 raise FailedPrecondition(
                     f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
-                    "and the server log say why (fix it, then load it again or restart)"
+                    "and the server log say why (fix it, then "
+                    + (
+                        "load it again or restart)"
+                        if self.config.model_control == "explicit"
+                        else "restart the server: model_control is none)"
+                    )
                 )
             if self.phase == Phase.LOADING and name in self.expected:
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
@@ -1230,11 +1239,13 @@ def _priority(params) -> int:
     return 0 if level == 0 else 1_000_000 - int(level)
 
 
-def _advice(exc: BaseException) -> str:
+def _advice(exc: BaseException, control: str = "explicit") -> str:
     """What to do about a model that failed to load, unless its message already says it: a
-    model.yaml that is not valid is edited, anything else of the repository is rebuilt."""
+    model.yaml that is not valid is edited, anything else of the repository is rebuilt;
+    then it is loaded again - by a restart where clients may not load (``control``)."""
     if "innfer build" in str(exc) or "load the model again" in str(exc):  # says its own fix
         return ""
+    again = "load the model again" if control == "explicit" else "restart the server"
     if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):
-        return "; fix model.yaml, then load the model again"
+        return f"; fix model.yaml, then {again}"
     return "; rebuild it with `innfer build`"

@@ -197,6 +197,42 @@ def test_a_metrics_port_in_use_is_named(tmp_path):
             asyncio.run(Server(config).start())
 
 
+def test_a_grpc_port_in_use_is_named(tmp_path):
+    # grpc said "Failed to bind to address 127.0.0.1:N; set GRPC_VERBOSITY=debug ..."
+    # where the metrics port's message names the setting (review helper-104).
+    from server.app import Server
+    from server.config import ServerConfig
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = ServerConfig.from_dict(
+            {"repository": str(tmp_path), "grpc_port": port, "metrics_port": 0}
+        )
+        with pytest.raises(OSError, match=rf"gRPC port {port} cannot be bound .*--port\)"):
+            asyncio.run(Server(config).start())
+
+
+def test_a_start_with_a_model_that_failed_does_not_log_ready(tmp_path, caplog):
+    # "ready: models []" while readiness answered NOT_SERVING (review helper-104).
+    from server.app import Server
+    from server.config import ServerConfig
+
+    config = ServerConfig.from_dict({"repository": str(tmp_path), "grpc_port": 0,
+                                     "metrics_port": 0, "models": ["nosuch"]})  # fmt: skip
+
+    async def start_and_stop():
+        server = Server(config)
+        await server.start()
+        await server.stop(0.1)
+
+    with caplog.at_level("INFO", logger="innfer.server"):
+        asyncio.run(start_and_stop())
+    assert "started, not ready (models not loaded: nosuch" in caplog.text
+    assert "ready: models" not in caplog.text
+
+
 def test_a_bad_serve_flag_is_named_by_its_flag(tmp_path, capsys):
     code, _, err = _cli(capsys, "serve", "--repository", tmp_path, "--policy", "foo")
     assert code == 2 and "--policy: got 'foo'" in err and "<config>" not in err

@@ -836,7 +836,8 @@ def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog
     (root / "c" / "model.yaml").write_text(
         (root / "c" / "model.yaml").read_text().replace("max_batch: 2", "max_batch: 0")
     )
-    cfg = dataclasses.replace(config, models=("a",))
+    # a client's load: model control is on
+    cfg = dataclasses.replace(config, models=("a",), model_control="explicit")
 
     async def body():
         plane = DataPlane(cfg, Metrics())
@@ -898,7 +899,8 @@ def test_a_failed_load_of_a_configured_model_after_start_is_logged(config, caplo
         plane = DataPlane(config, Metrics())
         await plane.load_all()
         try:
-            (config.repository / "a" / "profile.json").write_text("{broken")
+            # (a broken profile.json is re-measured at load since session 39)
+            (config.repository / "a" / "tiers" / "w100" / "tier.json").write_text("{broken")
             with caplog.at_level("ERROR", logger="innfer"):
                 await plane.unload("a")
                 with pytest.raises(FailedPrecondition):
@@ -1002,6 +1004,13 @@ def test_a_load_error_that_says_its_own_fix_gets_no_rebuild_advice():
     assert (
         _advice(EngineError("model.ort fails its checksum")) == "; rebuild it with `innfer build`"
     )
+    # Where clients may not load models, "load the model again" cannot be done (review
+    # helper-104): a restart loads it.
+    from runtime.repository.config import ConfigError
+
+    bad_yaml = ConfigError("max_batch: 0 is below 1")
+    assert _advice(bad_yaml, "explicit") == "; fix model.yaml, then load the model again"
+    assert _advice(bad_yaml, "none") == "; fix model.yaml, then restart the server"
 
 
 def test_a_refused_request_is_logged_as_traffic_with_the_budget_a_served_one_gets():

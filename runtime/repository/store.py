@@ -265,7 +265,7 @@ class Repository:
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
             if sha256_file(onnx_path) != tiers[tier.name].onnx_sha256:
-                raise RepositoryError(f"{onnx_path} does not match {record}: rebuild")
+                raise RepositoryError(f"{onnx_path} does not match {record}: run `innfer build`")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
             _check_io(config, tier.name, engines[tier.name], d)
