@@ -1,6 +1,8 @@
 """``innfer serve``: start the gRPC server, the metrics endpoint, and shut down gracefully.
 
-SIGTERM / SIGINT: readiness goes false at once (Kubernetes stops routing), the gRPC server
+SIGTERM / SIGINT: readiness goes false at once (Kubernetes stops routing), the calls gRPC
+holds reach a handler (answered UNAVAILABLE; reset by gRPC's stop, they were CANCELLED,
+which clients do not retry), then the gRPC server
 sends GOAWAY on every connection and closes its port (clients move their new calls to other
 replicas without failing them), in-flight requests finish, then the process exits - bounded
 by the grace period. A call that still reaches the data plane (sent before the GOAWAY
@@ -148,7 +150,18 @@ class Server:
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)
         deadline = time.monotonic() + grace
-        # The transport's shutdown at once, not after the drain: GOAWAY on every connection
+        # Calls the transport accepted that no handler has taken yet are cancelled by
+        # gRPC's stop: CANCELLED, which clients do not retry (SIGTERM at 8 closed-loop
+        # clients: 1.8 a stop). First the handlers take them - each answered UNAVAILABLE by
+        # the draining plane, at once - until none has come for QUIET_S with none in flight
+        # (an answer sent makes its client send the next call), for at most QUIESCE_S: a
+        # longer drain goes on behind the GOAWAY.
+        quiet = await _quiesce(self.plane, min(QUIESCE_S, grace))
+        log.info("closing the transport (GOAWAY) after %.0f ms: %s; %d requests in flight",
+                 1e3 * (grace - (deadline - time.monotonic())),
+                 "calls stopped coming" if quiet else "calls still coming",
+                 self.plane.inflight())  # fmt: skip
+        # Then the transport's shutdown, not after the drain: GOAWAY on every connection
         # and the port closed, so clients send their new calls elsewhere (a reconnect they
         # do by themselves) instead of having them refused here with UNAVAILABLE for the
         # whole drain. Calls in flight go on until they end or the grace is over (then gRPC
@@ -175,6 +188,28 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+# The most a stop waits for the calls gRPC has accepted to reach a handler before its
+# GOAWAY, and how long no call must arrive (nor any be in flight) for it to go on sooner.
+QUIESCE_S = 0.25
+QUIET_S = 0.02
+
+
+async def _quiesce(plane: DataPlane, limit_s: float) -> bool:
+    """True once ``plane`` has had nothing in flight and turned no call away for
+    ``QUIET_S`` (an answer sent makes its client send the next call within its round trip;
+    the loop going idle was not enough: gRPC had accepted calls it had not yet handed to
+    Python), False after ``limit_s``: under a flood it never goes quiet."""
+    end = time.monotonic() + limit_s
+    since, seen = None, None  # when the current quiet began; calls turned away until then
+    while (now := time.monotonic()) < end:
+        if plane.inflight() or plane.turned_away != seen:
+            since, seen = now, plane.turned_away
+        elif now - since >= QUIET_S:
+            return True
+        await asyncio.sleep(0.002)
+    return False
 
 
 def warn_cleartext_token(config: ServerConfig) -> None:

@@ -96,6 +96,7 @@ class DataPlane:
         # that is not loaded failed: readiness and /metrics say which.
         self.expected: set[str] = set()
         self.broken: dict[str, str] = {}
+        self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
         # The transport's message limit (bytes, both ways), fixed when the server started
         # (Server.start); None: no transport (an embedding, tests).
@@ -623,6 +624,7 @@ class DataPlane:
 
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:
+            self.turned_away += 1  # a stop waits until calls stop coming (server.app)
             raise Unavailable("the server is shutting down; retry on another replica")
         if version not in ("", VERSION):
             raise NotFound(

@@ -272,6 +272,44 @@ def test_a_drain_sends_goaway_at_once_and_the_held_request_still_completes(tmp_p
     assert answer.id == "held" and answer.parameters["tier"].string_param  # not lost
 
 
+def test_a_stop_sends_goaway_once_calls_stop_coming_and_not_while_they_do():
+    # gRPC's stop cancels the calls its transport accepted that no handler has taken yet:
+    # CANCELLED, which clients do not retry (SIGTERM under 8 closed-loop clients: 15 in 10
+    # stops, bench/shutdown.py). The GOAWAY now waits until no call has been in flight or
+    # turned away for QUIET_S - at most QUIESCE_S.
+    import types
+
+    from server import app
+
+    plane = types.SimpleNamespace(turned_away=0, busy=True)
+    plane.inflight = lambda: int(plane.busy)
+
+    async def scripted(events):
+        start = time.monotonic()
+        waiting = asyncio.ensure_future(app._quiesce(plane, app.QUIESCE_S))
+        for at, change in events:
+            await asyncio.sleep(max(0.0, at - (time.monotonic() - start)))
+            change()
+        quiet = await waiting
+        return quiet, time.monotonic() - start
+
+    def idle():
+        plane.busy = False
+
+    def turn_away():
+        plane.turned_away += 1
+
+    # the last request in flight answered at 30 ms, a call turned away at 40 ms (within
+    # QUIET_S of it): quiet only QUIET_S after that
+    quiet, took = asyncio.run(scripted([(0.03, idle), (0.04, turn_away)]))
+    assert quiet and took >= 0.04 + app.QUIET_S
+    # calls keep coming: the GOAWAY goes at QUIESCE_S all the same
+    plane.busy = False
+    flood = [(0.005 * i, turn_away) for i in range(1, 80)]
+    quiet, took = asyncio.run(scripted(flood))
+    assert not quiet and app.QUIESCE_S <= took < app.QUIESCE_S + 0.5
+
+
 # -- 3. request ids bounded -----------------------------------------------------------------
 def test_a_request_id_over_the_limit_is_refused_before_it_runs(tmp_path):
     config = _config(tmp_path)
