@@ -562,6 +562,8 @@ class DataPlane:
             tierer = self.tierers.pop(name, None)
             if tierer is not None:
                 tierer.stop()
+            if name not in self.config.models:  # found in the repository, not named: an
+                self.expected.discard(name)  # unload is the operator's word (as Triton's)
             self._forget_series(name)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go
@@ -573,10 +575,11 @@ class DataPlane:
         await asyncio.shield(retiring)
 
     def _forget_series(self, name: str) -> None:
-        """An unloaded model's gauges: a model configured at start stays in readiness at 0
-        (health is NOT_SERVING without it, and the not-ready alert is right to fire); one a
-        client loaded later goes, with its auto-tiering gauges - an operator's deliberate
-        unload must not leave a critical alert firing forever."""
+        """An unloaded model's gauges: a model the config names stays in readiness at 0
+        (health is NOT_SERVING without it, and the not-ready alert is right to fire); one
+        found in the repository or loaded by a client later goes, with its auto-tiering
+        gauges - an operator's deliberate unload must not leave a critical alert firing
+        forever, nor the pod out of its Service."""
         gauges = [self.metrics.tier_set_gain, self.metrics.tier_set_swap_seconds]
         if name in self.expected:
             self.metrics.model_ready.labels(name).set(0)

@@ -543,7 +543,8 @@ def test_the_repository_index_lists_what_is_served_or_failed_beside_what_is_on_d
 def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
-    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
+    s = ServerThread({"repository": str(root), "model_control": "explicit",
+                      "models": ["tiny", "wide"]}).start()  # fmt: skip
     try:
         assert _health(s) == SERVING
         with grpc.insecure_channel(s.address) as ch:
@@ -556,6 +557,27 @@ def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tm
             # reload over a loaded model: the gauge stays 1 (the old runtime's stop ran first)
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
             assert 'innfer_model_ready{model="tiny"} 1.0' in _metrics(s)
+    finally:
+        s.stop()
+
+
+def test_unloading_a_model_found_in_the_repository_keeps_the_server_ready(tmp_path, repo):
+    # With no models named, every model found at start was required for readiness: an
+    # operator's unload took the pod out of its Service and fired the critical not-ready
+    # alert until a restart (review helper-104). Triton's explicit mode stays ready too.
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
+    try:
+        assert _health(s) == SERVING
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny"))
+            assert _health(s) == SERVING
+            assert 'innfer_model_ready{model="tiny"}' not in _metrics(s)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+            assert 'innfer_model_ready{model="tiny"} 1.0' in _metrics(s)
+            assert _health(s) == SERVING
     finally:
         s.stop()
 
