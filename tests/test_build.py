@@ -679,6 +679,10 @@ def test_a_misspelt_evaluation_dataset_names_the_field_before_any_work(tmp_path)
          r"do inputs\[\]\.shape and dtype match"),
         ({"outputs": [{"name": "logits", "dtype": "float32", "shape": [5]}]},
          r"model.yaml outputs\[0\] 'logits' has shape \[5\] per row; the model returns \[10\]"),
+        # built and served, every answer cast: float logits came back as int64 zeros
+        ({"outputs": [{"name": "logits", "dtype": "int64", "shape": [10]}]},
+         r"model.yaml outputs\[0\] 'logits' is int64; the model returns float32: correct "
+         r"outputs\[0\]\.dtype"),
     ],
 )  # fmt: skip
 def test_model_yaml_io_that_is_not_the_models_is_named_before_export(tmp_path, change, message):
@@ -691,6 +695,37 @@ def test_model_yaml_io_that_is_not_the_models_is_named_before_export(tmp_path, c
     add_model(tmp_path, "tiny", inn, {**config, **change})
     with pytest.raises(BuildError, match=r"model.yaml: tier w100: " + message):
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+
+
+class _Pair(torch.nn.Module):
+    """Two inputs by name: swapping them changes the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fb, self.out = (torch.nn.Linear(8, 16), torch.nn.Linear(8, 16),
+                                      torch.nn.Linear(16, 2))  # fmt: skip
+
+    def forward(self, query, doc):
+        return self.out(torch.relu(self.fa(query)) - torch.relu(self.fb(doc)))
+
+
+def test_inputs_listed_in_another_order_than_the_models_arguments_are_refused(tmp_path):
+    # model.yaml's inputs bind by position: listed doc, query for forward(query, doc), the
+    # model was built and served computing every answer on the swapped inputs.
+    from runtime.build.pipeline import BuildError
+
+    inn = runtime.convert(_Pair(), (torch.randn(2, 8), torch.randn(2, 8)))
+    spec = {"dtype": "float32", "shape": [8]}
+    config = {"inputs": [{"name": "doc", **spec}, {"name": "query", **spec}],
+              "outputs": [{"name": "score", "dtype": "float32", "shape": [2]}],
+              "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4, "threads": 1}  # fmt: skip
+    add_model(tmp_path, "pair", inn, config)
+    with pytest.raises(BuildError, match=r"model.yaml inputs\[0\] is 'doc', but the model "
+                       r"takes 'doc' as argument 1 of \(query, doc\)"):  # fmt: skip
+        build_model(Repository(tmp_path), "pair", progress=False, profile=False)
+    config["inputs"].reverse()  # the model's order: built
+    add_model(tmp_path, "pair2", inn, config)
+    build_model(Repository(tmp_path), "pair2", progress=False, profile=False)
 
 
 @pytest.mark.parametrize("progress", [True, False])

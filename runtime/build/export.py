@@ -87,6 +87,7 @@ def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
     """Run ``module`` once on model.yaml's inputs (a batch of 2) and compare what it returns
     with model.yaml's outputs; a mismatch is a ValueError naming the fields to correct (the
     exporter's own error was torch's, e.g. "mat1 and mat2 shapes cannot be multiplied")."""
+    _check_input_order(module, [name for name, _, _ in inputs])
     said = ", ".join(f"{name}: {dt} {list(shape)}" for name, shape, dt in inputs)
     said = said.replace("torch.", "")
     example = tuple(
@@ -118,6 +119,29 @@ def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
                 f"model.yaml outputs[{i}] {spec.name!r} has shape {list(spec.shape)} per row; "
                 f"the model returns {shape} per row (for model.yaml's inputs): correct "
                 f"outputs[{i}].shape"
+            )
+        dtype = str(getattr(got, "dtype", "")).removeprefix("torch.")
+        if dtype != spec.dtype:  # else every answer is cast: float logits as int64 zeros
+            raise ValueError(
+                f"model.yaml outputs[{i}] {spec.name!r} is {spec.dtype}; the model returns "
+                f"{dtype}: correct outputs[{i}].dtype"
+            )
+
+
+def _check_input_order(module: nn.Module, names: list[str]) -> None:
+    """model.yaml's inputs bind to the model's arguments by position; where one is named as
+    another argument of the model, the order is wrong and every answer would be computed
+    on swapped inputs (``forward(query, doc)`` with inputs listed doc, query)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return
+    args = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    for i, name in enumerate(names):
+        if i < len(args) and name != args[i] and name in args:
+            raise ValueError(
+                f"model.yaml inputs[{i}] is {name!r}, but the model takes {name!r} as "
+                f"argument {args.index(name)} of ({', '.join(args)}): list the inputs in "
+                "the order of the model's arguments (they bind by position)"
             )
 
 
