@@ -234,3 +234,65 @@ def test_a_constant_tensor_does_not_change_the_channel_order():
         inn = runtime.convert(m, (torch.randn(2, 300),))
         orders.append(inn.state["0.weight"].clone())
     torch.testing.assert_close(orders[0], orders[1])
+
+
+# -- bring your own model (review helper-105): each failed before its fix ------------------
+class _Reparametrized(nn.Module):
+    """Weights behind weight_norm / spectral_norm, both APIs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.a = parametrizations.spectral_norm(nn.Conv2d(3, 16, 3, padding=1))
+        self.b = parametrizations.weight_norm(nn.Linear(16, 4))
+        with pytest.warns(FutureWarning):  # the old hook-based API, still in use
+            self.c = torch.nn.utils.weight_norm(nn.Linear(8, 16))
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x)).mean((2, 3)) + torch.relu(self.c(y))
+        return self.b(h)
+
+
+def test_reparametrized_weights_convert_exactly_and_the_source_keeps_them():
+    # KeyError: 'b.weight' from conversion (a ParametrizedLinear's weight is generated).
+    torch.manual_seed(0)
+    model = _Reparametrized().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        want = model(x, y)
+        inn = runtime.convert(model, (x, y))
+        assert _rel_err(inn.sample(1.0)(x, y), want) < 1e-5
+        assert inn.sample(0.5)(x, y).shape == (2, 4)
+    assert type(model.b).__name__ == "ParametrizedLinear"  # the user's model is unchanged
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        h = torch.relu(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return self.b(h) * scale
+
+
+def test_an_optional_argument_left_out_is_traced_at_its_default():
+    # fx traced mask=None as a tensor, recorded the masked branch, and conversion failed in
+    # torch's shape pass: "ShapeProp error ... (args = (%relu, None))".
+    torch.manual_seed(0)
+    model, x = _OptionalMask().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        inn = runtime.convert(model, (x,))
+        assert _rel_err(inn.sample(1.0)(x), model(x)) < 1e-5
+        assert inn.sample(0.5)(x).shape == (4, 4)
+
+
+def test_examples_the_model_cannot_run_on_are_named_first():
+    # The reason came last in a chain of torch.fx errors ("ShapeProp error for: node=%_0").
+    model = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ConversionError, match=r"Sequential does not run on the example inputs "
+                       r"\(\[2, 21\]\): RuntimeError: mat1 and mat2 shapes"):  # fmt: skip
+        runtime.convert(model, torch.randn(2, 21))

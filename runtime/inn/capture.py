@@ -56,7 +56,8 @@ def capture(
     if frontend == "export" or (frontend == "auto" and example_kwargs):
         return _export(model, example_inputs, example_kwargs or {})
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=left_out(model, example_inputs))
+        drop_default_checks(gm)
         gm.meta["frontend"] = "fx"
         return gm
     except Exception as fx_error:  # fx raises many types (TraceError, TypeError, ...)
@@ -77,6 +78,38 @@ def capture(
                 f"on tensor values (branches on shapes and configuration are fine with "
                 f"torch.export)."
             ) from exc
+
+
+def drop_default_checks(gm: fx.GraphModule) -> None:
+    """Remove the checks fx records that an argument traced at its default ``None`` is
+    None when called (``left_out``): the served graph takes tensors only, and the argument
+    is baked in."""
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    for node in list(gm.graph.find_nodes(op="call_function", target=_assert_is_none)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def left_out(model: nn.Module, args: tuple) -> dict[str, Any] | None:
+    """``forward``'s arguments after the examples given, at their (non-tensor) defaults:
+    traced as constants. Traced as inputs, ``mask=None`` became a tensor proxy, its ``if mask
+    is not None`` branch was recorded, and the conversion failed in torch's shape pass
+    ("ShapeProp error ... (args = (%relu, None))")."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    left = {
+        p.name: p.default
+        for p in params[len(args) :]
+        if p.kind in positional
+        and p.default is not inspect.Parameter.empty
+        and not isinstance(p.default, torch.Tensor)
+    }
+    return left or None
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 
@@ -22,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from tqdm.auto import tqdm
 
 from runtime.inn import graphio
-from runtime.inn.capture import Frontend, capture
+from runtime.inn.capture import Frontend, capture, drop_default_checks, left_out
 from runtime.inn.groups import Analysis, ConversionError, GroupInfo, analyse
 from runtime.inn.model import IntegralModel
 from runtime.inn.permute import smoothing_order
@@ -64,11 +65,14 @@ def convert(
     was_training = model.training
     model.eval()
     try:
+        _check_runs(model, tuple(example_inputs), example_kwargs)
+        source = _weights_baked(model)  # (``model`` itself gets its mode back below)
         # Fold first: fuse() traces with fx, and tracing twice can go wrong (timm's LeViT
         # caches a tensor computed in its first traced forward: the second trace sees a
         # proxy of the first). A model fx cannot trace is captured unfolded by torch.export.
-        folded = _fold_norms(model) if fold_norms and frontend != "export" else None
-        gm = capture(folded or model, tuple(example_inputs), example_kwargs, frontend)
+        folded = (_fold_norms(source, tuple(example_inputs))
+                  if fold_norms and frontend != "export" else None)  # fmt: skip
+        gm = capture(folded or source, tuple(example_inputs), example_kwargs, frontend)
         captured_by = gm.meta["frontend"]
         # What was folded, not what was asked: an exported graph is folded here (fuse()
         # needs fx), a model fuse() could not fold keeps its norms.
@@ -131,6 +135,51 @@ def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     return out | {k: tensors[k] for k in read if k in tensors}
 
 
+def _weights_baked(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose reparametrized weights (``weight_norm``,
+    ``spectral_norm``, any ``torch.nn.utils.parametrize``) are plain tensors again - their
+    values at inference. Conversion reads and permutes parameters by name: the generated
+    ``weight`` of a ParametrizedLinear is none (``KeyError: 'b.weight'``)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    def hooked(m: nn.Module) -> list:
+        return [
+            h for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm | SpectralNorm)
+        ]
+
+    if not any(parametrize.is_parametrized(m) or hooked(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        for hook in hooked(m):
+            if isinstance(hook, WeightNorm):
+                torch.nn.utils.remove_weight_norm(m, hook.name)
+            else:
+                torch.nn.utils.remove_spectral_norm(m, hook.name)
+    return model
+
+
+def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None) -> None:
+    """Run ``model`` once on the examples: one it cannot run on (a wrong width, a missing
+    input) failed deep in tracing, its reason last in a chain of torch.fx errors
+    ("ShapeProp error for: node=%_0 ...")."""
+    try:
+        with torch.no_grad():
+            model(*args, **(kwargs or {}))
+    except Exception as exc:
+        shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                           for a in (*args, *(kwargs or {}).values()))  # fmt: skip
+        raise ConversionError(
+            f"{type(model).__name__} does not run on the example inputs ({shapes}): "
+            f"{type(exc).__name__}: {str(exc)[:300]}; give inputs the model accepts"
+        ) from exc
+
+
 def _placeholder_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> tuple:
     """The example inputs in the graph's placeholder order (kwargs matched by name); inputs
     not given are replaced by their defaults in the graph."""
@@ -149,13 +198,16 @@ def _placeholder_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | No
     return tuple(out)
 
 
-def _fold_norms(model: nn.Module) -> nn.Module | None:
+def _fold_norms(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
     """A copy of ``model`` (eval mode) with Conv->BatchNorm pairs folded into one conv, or
-    None when torch.fx cannot trace it (norms then stay as they are)."""
+    None when torch.fx cannot trace it (norms then stay as they are). Traced as ``capture``
+    traces it: arguments after the examples at their defaults."""
     from torch.fx.experimental.optimization import fuse
 
     try:
-        return fuse(model, inplace=False)
+        traced = torch.fx.symbolic_trace(model, concrete_args=left_out(model, example_inputs))
+        drop_default_checks(traced)
+        return fuse(traced, inplace=False, no_trace=True)
     except Exception:  # fx cannot trace it (torch.export will) or fuse cannot fold it
         return None
 
