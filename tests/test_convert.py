@@ -296,3 +296,47 @@ def test_examples_the_model_cannot_run_on_are_named_first():
     with pytest.raises(ConversionError, match=r"Sequential does not run on the example inputs "
                        r"\(\[2, 21\]\): RuntimeError: mat1 and mat2 shapes"):  # fmt: skip
         runtime.convert(model, torch.randn(2, 21))
+
+
+class _CountScaled(nn.Module):
+    """A channel count used as a number (``how``) or as a size (``view``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(8, 32), nn.Linear(32, 4), how
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "pow":
+            h = h * h.size(1) ** -0.5
+        elif self.how == "shape":
+            h = h / h.shape[-1] ** 0.5
+        elif self.how == "mean_times_count":  # a sum written as mean x count
+            h = h.mean(1, keepdim=True) * h.size(1) + h
+        else:  # a size: follows the width
+            b, c = h.shape
+            h = h.view(b, c // 4, 4).flatten(1)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["pow", "shape", "mean_times_count"])
+def test_a_channel_count_used_as_a_number_is_refused_and_discrete_lets_it_through(how):
+    # Converted with 'a' elastic: exact at full width, and at half width h * h.size(1) **
+    # -0.5 came out 1.41x the model's (2.0x at a quarter) - "never a silently wrong model".
+    torch.manual_seed(0)
+    model, x = _CountScaled(how).eval(), torch.randn(2, 8)
+    with pytest.raises(ConversionError, match=r"a count of channels .* write the full width"):
+        runtime.convert(model, x)
+    with pytest.warns(UserWarning, match="no elastic width"):  # 'a' was the only group
+        inn = runtime.convert(model, x, discrete=["a"])
+    with torch.no_grad():
+        assert _rel_err(inn.sample(1.0)(x), model(x)) < 1e-5
+
+
+def test_a_channel_count_used_as_a_size_stays_elastic():
+    torch.manual_seed(0)
+    model, x = _CountScaled("view").eval(), torch.randn(2, 8)
+    inn = runtime.convert(model, x)
+    assert [g.name for g in inn.groups if not g.discrete] == ["a"]
+    with torch.no_grad():
+        assert inn.sample(0.5)(x).shape == (2, 4)

@@ -138,7 +138,66 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
 
 @register(methods=("size", "dim", "numel"))
 def metadata(tr: Tracer, node: fx.Node) -> None:
-    """``x.shape``, ``x.size(1)``: read at run time, so they follow resampling."""
+    """``x.shape``, ``x.size(1)``: read at run time, so they follow resampling - as sizes.
+    A channel count in arithmetic on tensors (``h * h.size(1) ** -0.5``) changes the values
+    with the width: fixed (``_size_in_arithmetic``)."""
+    if node.target in ("size", "numel"):
+        tr.after_walk(lambda: _size_in_arithmetic(tr, node))
+
+
+# Ops that compute with a number rather than take it as a size.
+_ARITHMETIC = frozenset({operator.mul, operator.truediv, operator.floordiv, operator.add,
+                         operator.sub, operator.pow, operator.mod, torch.mul, torch.div,
+                         torch.true_divide, torch.add, torch.sub, torch.pow,
+                         torch.rsub})  # fmt: skip
+_ARITHMETIC_METHODS = frozenset({"mul", "div", "true_divide", "add", "sub", "pow", "rsub",
+                                 "mul_", "div_", "add_", "sub_", "pow_"})  # fmt: skip
+
+
+def _size_in_arithmetic(tr: Tracer, node: fx.Node) -> None:
+    """After the walk: where the sizes ``node`` reads (``x.size(d)``, ``x.size()[d]``,
+    ``x.numel()``) reach arithmetic on a tensor through plain Python numbers, the dims read
+    must end discrete - a continuous one's count differs at every width, so would the
+    values (at half width ``h * h.size(1) ** -0.5`` came out 1.41x the full width's)."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or not tr.shape(x):
+        return
+    rank = len(tr.shape(x))
+    dim = arg(node, 1, "dim", None) if node.op == "call_method" else None
+    if node.target == "numel":
+        reads = [(node, range(rank))]
+    elif isinstance(dim, int):
+        reads = [(node, [dim % rank])]
+    else:  # x.size(): the dims its items read
+        reads = [(u, [u.args[1] % rank]) for u in node.users
+                 if u.op == "call_function" and u.target is operator.getitem
+                 and isinstance(u.args[1], int)]  # fmt: skip
+    labels = tr.labels.get(x, {})
+    for start, dims in reads:
+        use = _arithmetic_use(start)
+        lays = [labels[d] for d in dims if d in labels]
+        if use is not None and lays:
+            tr.fixed(use, f"{use.name!r} computes with {node.name!r}, a count of channels "
+                     "(its value changes with the width, and with it every value computed; "
+                     "write the full width's number)", lays)  # fmt: skip
+
+
+def _arithmetic_use(start: fx.Node) -> fx.Node | None:
+    """The first tensor arithmetic ``start``'s value reaches through Python numbers (nodes
+    that hold no tensor), or None: used only as a size, or not at all."""
+    seen, stack = {start}, [start]
+    while stack:
+        for u in stack.pop().users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.meta.get("tensor_meta") is None and u.op != "output":  # a number: follow
+                stack.append(u)
+            elif (u.op == "call_function" and u.target in _ARITHMETIC) or (
+                u.op == "call_method" and u.target in _ARITHMETIC_METHODS
+            ):
+                return u
+    return None
 
 
 # Attributes that describe a tensor rather than hold its values: read at run time, so they
@@ -158,6 +217,8 @@ def attribute(tr: Tracer, node: fx.Node) -> None:
     its input's dims are fixed and its result's are opaque (an attribute that returns a
     tensor - ``x.real``, ``x.grad`` - must not pass for one that keeps the channels)."""
     x, name = node.args[0], node.args[1]
+    if name == "shape":  # its items as sizes; in arithmetic, see metadata
+        tr.after_walk(lambda: _size_in_arithmetic(tr, node))
     if name in METADATA_ATTRIBUTES:
         return
     if isinstance(x, fx.Node) and tr.shape(x) and name in ("T", "mT", "data"):
