@@ -286,6 +286,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     _check_repository_dir(args.repository)
     repo = Repository(args.repository)
     names = args.model or repo.names()
+    if not args.model:
+        for name in repo.skipped():  # they were passed over without a word
+            print(f"warning: {args.repository}/{name} is not built: a model folder's name is "
+                  "letters, digits, '_', '.' and '-' (at most 128, not starting with . or "
+                  "-) and not a symbolic link; rename it", file=sys.stderr)  # fmt: skip
     if not names:
         raise ValueError(_no_models(args.repository))
     failed = []
@@ -1157,7 +1162,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from runtime.inn.model import load
 
     inn = load(args.directory)
-    sizes = inn.sizes(args.width, args.multiple_of)
+    # as the build samples them (model.yaml's multiple_of) unless told: it showed counts
+    # the build never makes (4 channels where the build samples 8)
+    multiple_of = args.multiple_of or _tier_defaults(args.directory)[1]
+    sizes = inn.sizes(args.width, multiple_of)
     print(f"{args.directory}: {len(inn.groups)} continuous groups")
     print(f"{'group':<30} {'full':>6} {'at ' + format(args.width, '.0%'):>8}")
     for g in inn.groups:
@@ -1352,7 +1360,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)
     inspect.add_argument("--width", type=_width, default=0.5)
-    inspect.add_argument("--multiple-of", type=_at_least(1), default=1)
+    inspect.add_argument("--multiple-of", type=_at_least(1), default=None,
+                         help="channel counts rounded to multiples of this (default: "
+                              "model.yaml's, else 1)")  # fmt: skip
     inspect.set_defaults(func=cmd_inspect)
     return parser
 

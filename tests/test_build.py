@@ -728,6 +728,30 @@ def test_inputs_listed_in_another_order_than_the_models_arguments_are_refused(tm
     build_model(Repository(tmp_path), "pair2", progress=False, profile=False)
 
 
+class _DictOut(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return {"logits": self.a(x)}
+
+
+def test_a_model_returning_a_dict_is_told_to_return_a_tuple(tmp_path):
+    # It was told "outputs[0] 'logits' has shape [3] per row; the model returns [] per row:
+    # correct outputs[0].shape" - which no shape could follow (review helper-105).
+    from runtime.build.pipeline import BuildError
+
+    inn = runtime.convert(_DictOut(), (torch.randn(2, 8),))
+    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [8]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": [3]}],
+              "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4, "threads": 1}  # fmt: skip
+    add_model(tmp_path, "d", inn, config)
+    with pytest.raises(BuildError, match=r"the model returns a dict \(keys 'logits'\); return a "
+                       r"tuple of tensors instead"):  # fmt: skip
+        build_model(Repository(tmp_path), "d", progress=False, profile=False)
+
+
 @pytest.mark.parametrize("progress", [True, False])
 def test_a_build_warning_is_logged_once_where_no_bar_shows_it(tmp_path, caplog, progress):
     # Beside a progress bar the logged copy was printed into the bar's line, and the CLI

@@ -335,3 +335,32 @@ def test_the_unit_of_load_is_said_with_what_one_core_serves(tmp_path, capsys):
     code, out, err = _cli(capsys, "simulate", d, "--duration", "1", "--load", "0.01",
                           "--policy", "innfer")  # fmt: skip
     assert code == 0 and "--host-ms PARSE,ANSWER says what one core serves" in out
+
+
+def test_inspect_shows_the_counts_the_build_samples(tmp_path, capsys):
+    # It rounded to multiples of 1 whatever model.yaml said: a group the build samples at
+    # 8 channels showed 4 (review helper-105).
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+              "tiers": [{"name": "w100", "width": 1.0}], "multiple_of": 8}  # fmt: skip
+    d = add_model(tmp_path, "m", inn, config)
+    code, out, _ = _cli(capsys, "inspect", d, "--width", "0.25")
+    want = inn.sizes(0.25, 8)
+    assert code == 0 and want != inn.sizes(0.25, 1)  # the setting changes the counts here
+    shown = {line.split()[0]: int(line.split()[2]) for line in out.splitlines()[2:]}
+    assert shown == want
+    code, out, _ = _cli(capsys, "inspect", d, "--width", "0.25", "--multiple-of", "1")
+    assert {line.split()[0]: int(line.split()[2]) for line in out.splitlines()[2:]} == (
+        inn.sizes(0.25, 1)
+    )
+
+
+def test_build_names_a_model_folder_it_cannot_build_by_its_name(tmp_path, capsys):
+    # "resnet 18/" with its model.yaml was passed over without a word (review helper-105).
+    (tmp_path / "resnet 18").mkdir()
+    (tmp_path / "resnet 18" / "model.yaml").write_text(yaml.safe_dump(IO))
+    code, _, err = _cli(capsys, "build", tmp_path)
+    assert code == 2 and "no models in" in err
+    assert f"warning: {tmp_path}/resnet 18 is not built: a model folder's name is" in err

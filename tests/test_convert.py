@@ -340,3 +340,10 @@ def test_a_channel_count_used_as_a_size_stays_elastic():
     assert [g.name for g in inn.groups if not g.discrete] == ["a"]
     with torch.no_grad():
         assert inn.sample(0.5)(x).shape == (2, 4)
+
+
+def test_a_torchscript_module_is_told_to_pass_the_original():
+    # It got "Conversion needs a graph without control flow on tensor values".
+    model = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
+    with pytest.raises(ConversionError, match=r"is a TorchScript module .* pass the original"):
+        runtime.convert(model, torch.randn(2, 8))

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -103,6 +103,12 @@ def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
             f"do inputs[].shape and dtype match the model? (or was it captured with a "
             f"batch-1 example that fixed the batch? capture it with batch >= 2)"
         ) from None
+    if isinstance(out, Mapping):  # its "shape" was [] - advice no shape could follow
+        raise ValueError(
+            f"the model returns a dict (keys {', '.join(map(repr, out))}); return a tuple of "
+            "tensors instead (wrap it: forward returns tuple(out[k] for k in names)), in the "
+            "order of model.yaml's outputs"
+        )
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outs) != len(config.outputs):
         raise ValueError(

@@ -62,6 +62,11 @@ def convert(
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(model, torch.jit.ScriptModule):  # it got advice about control flow
+        raise ConversionError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "
+            "the original nn.Module - conversion reads its Python modules and parameters"
+        )
     was_training = model.training
     model.eval()
     try:

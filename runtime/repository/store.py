@@ -129,6 +129,17 @@ class Repository:
             )
         return d
 
+    def skipped(self) -> list[str]:
+        """Folders with a model.yaml that ``names`` leaves out: a name that is not a model
+        name (``resnet 18``) or a symbolic link - said by the callers, not passed over."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p / "model.yaml").is_file() and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
+        )
+
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
