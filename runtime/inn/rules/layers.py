@@ -94,11 +94,20 @@ def conv_kept(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, same: bool):
 
 
 def set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
+    """Channels of group ``root`` read or made by a conv of ``blocks`` groups are resampled
+    within each block. Two grouped convs with other block counts on the same channels have
+    no common blocks: those channels must end discrete (``discrete=[...]`` on the layer
+    making them lets the model through; before, it was refused whatever it was given)."""
     have = tr.uf.blocks[root]
     if have > 1 and have != blocks:
-        raise ConversionError(
-            f"cannot convert node {node.name!r}: grouped Conv with {blocks} groups after {have}"
+        tr.fixed(
+            node,
+            f"a grouped Conv with {blocks} groups reads channels a grouped Conv with {have} "
+            "groups already splits (each is resampled within its groups, which must be the "
+            "same for both)",
+            [(Segment(root),)],
         )
+        return
     tr.uf.blocks[root] = blocks
 
 
