@@ -377,3 +377,20 @@ def test_grouped_convs_of_two_group_counts_on_one_group_name_the_way_out_and_tak
         assert _rel_err(inn.sample(1.0)(x), model(x)) < 1e-5
         assert inn.sample(0.5)(x).shape == (2, 5)
     assert [g.name for g in inn.groups if not g.discrete] == ["c1", "g2"]
+
+
+class _HandLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.w, self.bias = nn.Parameter(torch.randn(32, 4)), nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) @ self.w + self.bias
+
+
+def test_a_hand_written_layer_is_told_to_use_a_linear():
+    # "matmul sums over a channel dim of two activations" - of a parameter (helper-105).
+    with pytest.raises(ConversionError, match=r"matmul of an activation with a parameter \(a "
+                       r"hand-written layer\) has no rule: use nn.Linear or F.linear"):  # fmt: skip
+        runtime.convert(_HandLinear().eval(), torch.randn(2, 8))

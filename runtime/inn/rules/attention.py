@@ -54,7 +54,10 @@ def matmul(tr: Tracer, node: fx.Node) -> None:
         return
     la, lb = tr.labels.get(a, {}), tr.labels.get(b, {})
     summed = [lay for lay in (la.get(len(sa) - 1), lb.get(len(sb) - 2)) if lay is not None]
-    tr.fixed(node, "matmul sums over a channel dim of two activations", summed)
+    weight = any(isinstance(t, fx.Node) and t.op == "get_attr" for t in (a, b))
+    tr.fixed(node, "matmul of an activation with a parameter (a hand-written layer) has no "
+             "rule: use nn.Linear or F.linear, which resample it" if weight else
+             "matmul sums over a channel dim of two activations", summed)  # fmt: skip
     labels: Labels = {}
     _tie_batch(tr, node, [a, b], rank, labels)
     if len(sa) - 2 in la:
