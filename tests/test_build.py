@@ -752,6 +752,22 @@ def test_a_model_returning_a_dict_is_told_to_return_a_tuple(tmp_path):
         build_model(Repository(tmp_path), "d", progress=False, profile=False)
 
 
+def test_two_tiers_that_round_to_the_same_network_are_said(tmp_path):
+    # w095 rounds to w100's channel counts at multiple_of 8: the same network built and
+    # served twice without a word (review helper-105).
+    inn = runtime.convert(_net(), (torch.randn(2, 1, 8, 8),))
+    config = {k: v for k, v in CONFIG.items() if k != "evaluation"}
+    tiers = [{"name": "w100", "width": 1.0}, {"name": "w095", "width": 0.95}]
+    add_model(tmp_path, "tiny", inn, {**config, "tiers": tiers, "multiple_of": 8})
+    assert inn.sizes(0.95, 8) == inn.sizes(1.0, 8)
+    report = build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+    assert any("tier w095 of tiny samples the same network as w100" in w
+               for w in report.warnings), report.warnings  # fmt: skip
+    add_model(tmp_path, "apart", inn, {**config, "multiple_of": 8})  # w100, w050
+    report = build_model(Repository(tmp_path), "apart", progress=False, profile=False)
+    assert not any("same network" in w for w in report.warnings)
+
+
 @pytest.mark.parametrize("progress", [True, False])
 def test_a_build_warning_is_logged_once_where_no_bar_shows_it(tmp_path, caplog, progress):
     # Beside a progress bar the logged copy was printed into the bar's line, and the CLI

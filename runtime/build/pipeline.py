@@ -113,6 +113,7 @@ def build_model(
     norm_x = norm_inputs(config)  # BatchNorm statistics for tiers the INN stores none for
     vocab_size = _tokenizer_vocab(config, model_dir)  # a text model's token ids
     engines, onnx = {}, {}  # tier -> engine, tier -> its ONNX's sha256
+    counts: dict[str, dict] = {}  # tier -> its channel counts (two alike: said)
     try:
         bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
         for tier in bar:
@@ -163,6 +164,16 @@ def build_model(
             report.tiers.append(
                 TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
             )
+            same = [t for t, sizes in counts.items() if sizes == record.sizes]
+            counts[tier.name] = record.sizes
+            if same:  # w095 rounds to w100's counts at multiple_of 8: one network twice
+                report.warnings.append(
+                    f"tier {tier.name} of {name} samples the same network as {same[0]} "
+                    f"(its width rounds to the same channel counts at multiple_of "
+                    f"{config.multiple_of}): the scheduler gains nothing from it; widen the gap "
+                    "between their widths or drop one"
+                )
+                _warn(report.warnings[-1], progress)
         repo.record_tokenizer(name, config)
         if profile:
             report.profile_path = _profile(
