@@ -139,3 +139,15 @@ def test_training_at_one_width_leaves_the_stored_norm_statistics_alone():
         model(x[:64] * 5 + 3, 1.0)
         model.eval()
         torch.testing.assert_close(model(x[:8], 1.0), net(x[:8]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_tuple_of_inputs_is_refused_as_such():
+    # A two-input model's (images, features) was read as "2 samples, fewer than one batch"
+    # (review helper-105).
+    import pytest
+
+    inn = runtime.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+                          torch.randn(2, 8))  # fmt: skip
+    x = torch.randn(128, 8)
+    with pytest.raises(ValueError, match=r"x must be one tensor of inputs .* got a tuple"):
+        calibrate(inn, (x, x), [0.5], max_steps=1, progress=False)

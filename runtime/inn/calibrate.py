@@ -342,6 +342,11 @@ def calibrate(
             raise ValueError(f"width must be in (0, 1], got {w}")
     if not 0 <= grid_share < 1:
         raise ValueError(f"grid_share must be in [0, 1), got {grid_share}")
+    if not isinstance(x, torch.Tensor):  # a tuple was read as "2 samples"
+        raise ValueError(
+            f"x must be one tensor of inputs (N, ...), got a {type(x).__name__}: calibrate "
+            "runs models of one input; for a text model use runtime.inn.distill.calibrate_text"
+        )
     _check_calibration(x, batch_size)
     if labels is not None and labels.shape != (len(x),):
         raise ValueError(
