@@ -697,6 +697,12 @@ def test_model_yaml_io_that_is_not_the_models_is_named_before_export(tmp_path, c
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
 
 
+def _one_tier(inputs: list, outputs: list) -> dict:
+    """A model.yaml of these inputs and outputs and the full width alone."""
+    return {"inputs": inputs, "outputs": outputs, "tiers": [{"name": "w100", "width": 1.0}],
+            "max_batch": 4, "threads": 1}  # fmt: skip
+
+
 class _Pair(torch.nn.Module):
     """Two inputs by name: swapping them changes the answer."""
 
@@ -716,9 +722,10 @@ def test_inputs_listed_in_another_order_than_the_models_arguments_are_refused(tm
 
     inn = runtime.convert(_Pair(), (torch.randn(2, 8), torch.randn(2, 8)))
     spec = {"dtype": "float32", "shape": [8]}
-    config = {"inputs": [{"name": "doc", **spec}, {"name": "query", **spec}],
-              "outputs": [{"name": "score", "dtype": "float32", "shape": [2]}],
-              "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4, "threads": 1}  # fmt: skip
+    config = _one_tier(
+        [{"name": "doc", **spec}, {"name": "query", **spec}],
+        [{"name": "score", "dtype": "float32", "shape": [2]}],
+    )
     add_model(tmp_path, "pair", inn, config)
     with pytest.raises(BuildError, match=r"model.yaml inputs\[0\] is 'doc', but the model "
                        r"takes 'doc' as argument 1 of \(query, doc\)"):  # fmt: skip
@@ -743,9 +750,10 @@ def test_a_model_returning_a_dict_is_told_to_return_a_tuple(tmp_path):
     from runtime.build.pipeline import BuildError
 
     inn = runtime.convert(_DictOut(), (torch.randn(2, 8),))
-    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [8]}],
-              "outputs": [{"name": "logits", "dtype": "float32", "shape": [3]}],
-              "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4, "threads": 1}  # fmt: skip
+    config = _one_tier(
+        [{"name": "input", "dtype": "float32", "shape": [8]}],
+        [{"name": "logits", "dtype": "float32", "shape": [3]}],
+    )
     add_model(tmp_path, "d", inn, config)
     with pytest.raises(BuildError, match=r"the model returns a dict \(keys 'logits'\); return a "
                        r"tuple of tensors instead"):  # fmt: skip

@@ -182,7 +182,14 @@ def test_tiers_suggest_says_when_accuracy_is_a_flops_fraction():
 # -- 6. serve: the metrics port in use; a bad flag is named ----------------------------------
 
 
-def test_a_metrics_port_in_use_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "setting, message",
+    [("metrics_port", r"metrics port {port} is in use .*--metrics-port"),
+     # grpc said "Failed to bind to address 127.0.0.1:N; set GRPC_VERBOSITY=debug ..."
+     # where the metrics port's message names the setting (review helper-104)
+     ("grpc_port", r"gRPC port {port} cannot be bound .*--port\)")],
+)  # fmt: skip
+def test_a_port_in_use_is_named_with_its_setting(tmp_path, setting, message):
     from server.app import Server
     from server.config import ServerConfig
 
@@ -190,27 +197,9 @@ def test_a_metrics_port_in_use_is_named(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = ServerConfig.from_dict(
-            {"repository": str(tmp_path), "grpc_port": 0, "metrics_port": port}
-        )
-        with pytest.raises(OSError, match=rf"metrics port {port} is in use .*--metrics-port"):
-            asyncio.run(Server(config).start())
-
-
-def test_a_grpc_port_in_use_is_named(tmp_path):
-    # grpc said "Failed to bind to address 127.0.0.1:N; set GRPC_VERBOSITY=debug ..."
-    # where the metrics port's message names the setting (review helper-104).
-    from server.app import Server
-    from server.config import ServerConfig
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        config = ServerConfig.from_dict(
-            {"repository": str(tmp_path), "grpc_port": port, "metrics_port": 0}
-        )
-        with pytest.raises(OSError, match=rf"gRPC port {port} cannot be bound .*--port\)"):
+        ports = {"grpc_port": 0, "metrics_port": 0, setting: port}
+        config = ServerConfig.from_dict({"repository": str(tmp_path), **ports})
+        with pytest.raises(OSError, match=message.format(port=port)):
             asyncio.run(Server(config).start())
 
 

@@ -540,11 +540,15 @@ def test_the_repository_index_lists_what_is_served_or_failed_beside_what_is_on_d
         s.stop()
 
 
-def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
+def _explicit_server(tmp_path, repo, **config) -> ServerThread:
+    """A server with model control on, over a copy of ``repo``."""
     root = tmp_path / "repo"
     shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
-    s = ServerThread({"repository": str(root), "model_control": "explicit",
-                      "models": ["tiny", "wide"]}).start()  # fmt: skip
+    return ServerThread({"repository": str(root), "model_control": "explicit", **config}).start()
+
+
+def test_unloading_a_configured_model_clears_readiness_and_reload_restores_it(tmp_path, repo):
+    s = _explicit_server(tmp_path, repo, models=["tiny", "wide"])
     try:
         assert _health(s) == SERVING
         with grpc.insecure_channel(s.address) as ch:
@@ -565,9 +569,7 @@ def test_unloading_a_model_found_in_the_repository_keeps_the_server_ready(tmp_pa
     # With no models named, every model found at start was required for readiness: an
     # operator's unload took the pod out of its Service and fired the critical not-ready
     # alert until a restart (review helper-104). Triton's explicit mode stays ready too.
-    root = tmp_path / "repo"
-    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
-    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
+    s = _explicit_server(tmp_path, repo)
     try:
         assert _health(s) == SERVING
         with grpc.insecure_channel(s.address) as ch:
