@@ -461,6 +461,16 @@ def _positive(text: str) -> float:
     return v
 
 
+def _data_name(text: str) -> str:
+    """A bundled data set's name or a .npz file (``runtime.demo.data.load``): refused at
+    parse time otherwise, as the choices were."""
+    if text in ("digits", "mnist5k", "mnist1d") or text.endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"got {text!r}: give digits, mnist5k, mnist1d or a .npz file of your own"
+    )
+
+
 def _at_least(lo: int):
     """An argparse type: an int >= ``lo``, refused at parse time with the option's name
     (``--slots 0`` reached the simulator as "negative dimensions are not allowed").
@@ -1245,7 +1255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")
     cal.add_argument("model_dir", type=Path)
-    cal.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"], help="image models")
+    cal.add_argument("--data", type=_data_name,
+                     help="image models: digits, mnist5k, mnist1d or your own .npz (x_train, "
+                          "y_train, x_test, y_test; or x, y)")  # fmt: skip
     cal.add_argument("--text", type=Path,
                      help="text models: sentences, one per line (unlabelled)")  # fmt: skip
     cal.add_argument("--widths", type=_width, nargs="*",
@@ -1276,8 +1288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
     rep.add_argument("model_dir", type=Path)
-    rep.add_argument("--data", choices=["digits", "mnist5k", "mnist1d"],
-                     help="evaluation set (default: model.yaml's evaluation dataset)")  # fmt: skip
+    rep.add_argument("--data", type=_data_name,
+                     help="evaluation set: digits, mnist5k, mnist1d or your own .npz "
+                          "(default: model.yaml's evaluation dataset)")  # fmt: skip
     rep.add_argument(
         "--text", type=Path,
         help="a text model: held-out sentences, one per line; reports each tier's embedding "

@@ -353,3 +353,23 @@ def test_build_names_a_model_folder_it_cannot_build_by_its_name(tmp_path, capsys
     code, _, err = _cli(capsys, "build", tmp_path)
     assert code == 2 and "no models in" in err
     assert f"warning: {tmp_path}/resnet 18 is not built: a model folder's name is" in err
+
+
+def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
+    # --data offered digits, mnist5k and mnist1d only (review helper-105).
+    import numpy as np
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, IO)
+    x = np.random.default_rng(0).random((80, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "mine.npz", x=x, y=np.arange(80) % 10)
+    code, out, err = _cli(capsys, "report", d, "--data", tmp_path / "mine.npz")
+    assert code == 0, err
+    assert "accuracy" in out.lower() and "%" in out
+    code, _, err = _cli(capsys, "calibrate", d, "--data", tmp_path / "mine.npz", "--seconds", "1",
+                        "--widths", "0.5")  # fmt: skip
+    assert code == 0, err
+    with pytest.raises(SystemExit):
+        main(["report", str(d), "--data", "mnsit"])
+    assert "give digits, mnist5k, mnist1d or a .npz file" in capsys.readouterr().err

@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from runtime.atomic import write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import write_tier_files
-from runtime.build.sampling import norm_inputs, norm_source, sample_tier, unnormed
+from runtime.build.sampling import (
+    dataset_digest,
+    dataset_ref,
+    norm_inputs,
+    norm_source,
+    sample_tier,
+    unnormed,
+)
 from runtime.engines import Backend, BuildOptions, EngineError
 from runtime.engines.torch import module_files_problem
 from runtime.inn.model import IntegralModel, load
@@ -504,7 +511,7 @@ def evaluation_key(config: ModelConfig, model_dir: Path) -> str | None:
     if e is None:
         return None
     if e.text is None:
-        return f"dataset {e.dataset}, first {e.limit}"
+        return f"dataset {dataset_digest(config)}, first {e.limit}"
     path = model_dir / e.text
     digest = sha256_file(path)[:16] if path.is_file() else "missing"
     key = f"text {e.text} (sha256 {digest}), first {e.limit}"
@@ -591,21 +598,26 @@ def _warn(text: str, progress: bool) -> None:
 def _check_dataset(config: ModelConfig, model_dir: Path) -> None:
     """Refuse an unknown ``evaluation.dataset`` before any work, naming the file and field
     (the config cannot list the data sets: it may not import the demo's torch loaders)."""
-    from runtime.demo.data import DATASETS
+    from runtime.demo.data import DATASETS, load
 
     dataset = config.evaluation.dataset if config.evaluation is not None else None
-    if dataset is not None and dataset not in DATASETS:
+    if dataset is not None and dataset.endswith(".npz"):  # your own: it must load
+        try:
+            load(dataset_ref(config))
+        except (ValueError, OSError) as exc:
+            raise BuildError(f"{model_dir / 'model.yaml'}: evaluation.dataset: {exc}") from None
+    elif dataset is not None and dataset not in DATASETS:
         raise BuildError(
             f"{model_dir / 'model.yaml'}: evaluation.dataset {dataset!r} is not a data set "
-            f"innfer ships; use one of {', '.join(sorted(DATASETS))}, or remove the field "
-            f"(text models: evaluation.text)"
+            f"innfer ships; use one of {', '.join(sorted(DATASETS))}, a .npz file of your own "
+            f"in the model's directory, or remove the field (text models: evaluation.text)"
         )
 
 
 def evaluate_accuracy(engine, config: ModelConfig) -> float:
     from runtime.demo.data import load as load_data
 
-    data = load_data(config.evaluation.dataset)
+    data = load_data(dataset_ref(config))
     x = data.x_test[: config.evaluation.limit].numpy()
     y = data.y_test[: config.evaluation.limit].numpy()
     name, out = config.inputs[0].name, config.outputs[0].name

@@ -20,10 +20,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from runtime.hashing import sha256_file
 from runtime.inn.calibrate import NORM_SAMPLES, recompute_norm_stats, unnormed
 from runtime.inn.model import IntegralModel
 from runtime.repository.config import ModelConfig
@@ -31,23 +33,45 @@ from runtime.repository.config import ModelConfig
 log = logging.getLogger("innfer.build")
 
 
+def dataset_ref(config: ModelConfig) -> str:
+    """What ``runtime.demo.data.load`` loads for model.yaml's ``evaluation.dataset``: a
+    bundled set's name, or your ``.npz`` file's path - relative to the model's directory
+    (where model.yaml was read from)."""
+    name = config.evaluation.dataset
+    if name.endswith(".npz") and not Path(name).is_absolute():
+        return str(Path(config.source).parent / name)
+    return name
+
+
+def dataset_digest(config: ModelConfig) -> str:
+    """The evaluation data set as a tier's records name it: a bundled set by name, a file
+    also by its content (a file rewritten is measured again)."""
+    ref = dataset_ref(config)
+    if not ref.endswith(".npz"):
+        return ref
+    path = Path(ref)
+    return f"{config.evaluation.dataset} (sha256 " + (
+        f"{sha256_file(path)[:16]})" if path.is_file() else "missing)"
+    )
+
+
 def norm_source(config: ModelConfig) -> list | None:
     """What re-estimated statistics depend on (part of a tier's source hash), or None
     where the model names no evaluation dataset (none, or held-out text)."""
     if config.evaluation is None or config.evaluation.dataset is None:
         return None
-    return [config.evaluation.dataset, NORM_SAMPLES]
+    return [dataset_digest(config), NORM_SAMPLES]
 
 
 def norm_inputs(config: ModelConfig) -> torch.Tensor | None:
     """(NORM_SAMPLES, ...) training inputs of the model's evaluation dataset, or None."""
     if norm_source(config) is None:
         return None
-    return _training_inputs(config.evaluation.dataset)
+    return _training_inputs(dataset_ref(config), dataset_digest(config))
 
 
 @functools.cache  # one load per dataset and process: every tier and candidate uses it
-def _training_inputs(dataset: str) -> torch.Tensor:
+def _training_inputs(dataset: str, digest: str) -> torch.Tensor:  # digest: a file rewritten
     from runtime.demo.data import load as load_data
 
     x = load_data(dataset).x_train[:NORM_SAMPLES]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "Dataset", "load", "load_digits", "load_mnist5k", "mnist5k_path"]
+__all__ = ["DATASETS", "Dataset", "load", "load_digits", "load_mnist5k", "load_npz", "mnist5k_path"]
 
 # Seed of the permutation that fixes the splits; changing it changes every test set.
 _SPLIT_SEED = 0
@@ -174,6 +174,41 @@ def load_mnist1d() -> Dataset:
     return Dataset("mnist1d", to_x(d["x"]), to_y(d["y"]), to_x(d["x_test"]), to_y(d["y_test"]))
 
 
+@functools.lru_cache(maxsize=4)
+def load_npz(path: str, mtime_ns: int = 0, size: int = 0) -> Dataset:
+    """Your own classification data from a ``.npz`` (``numpy.savez``): ``x_train``,
+    ``y_train``, ``x_test``, ``y_test``; or ``x`` and ``y``, split as the bundled sets are
+    (a fixed permutation, the last fifth the test set). ``x``: (N, ...) inputs as the
+    model takes them; ``y``: (N,) integer labels. ``mtime_ns`` and ``size`` key the cache
+    (a rewritten file is read again).
+
+    Example:
+        >>> ds = load("my_data.npz")  # doctest: +SKIP
+    """
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            parts = [np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
+        elif {"x", "y"} <= keys:
+            x, y = np.asarray(f["x"]), np.asarray(f["y"])
+            if len(x) != len(y) or len(x) < 5:
+                raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
+                                 f"{len(y)} given)")  # fmt: skip
+            ds = _split(Path(path).stem, x, y, n_test=len(x) // 5)
+            return ds
+        else:
+            raise ValueError(
+                f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "
+                "and y (inputs (N, ...), integer labels (N,)), as numpy.savez writes them"
+            )
+    xs, ys = (parts[0], parts[2]), (parts[1], parts[3])
+    if any(len(x) != len(y) for x, y in zip(xs, ys, strict=True)) or not all(map(len, xs)):
+        raise ValueError(f"{path}: each split needs as many labels as inputs, and some")
+    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    to_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return Dataset(Path(path).stem, to_x(xs[0]), to_y(ys[0]), to_x(xs[1]), to_y(ys[1]))
+
+
 # Name -> loader; the keys are the names load() accepts.
 DATASETS: dict[str, Callable[[], Dataset]] = {
     "digits": load_digits,
@@ -183,12 +218,19 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
 
 
 def load(name: str) -> Dataset:
-    """Load a data set by name ("digits" or "mnist5k"); cached per process.
+    """Load a data set by name ("digits", "mnist5k", "mnist1d") or your own from a ``.npz``
+    file (``load_npz``); cached per process.
 
     Example:
         >>> load("digits").name
         'digits'
     """
+    if name.endswith(".npz"):
+        path = Path(name).resolve()
+        if not path.is_file():
+            raise ValueError(f"data set file {name} does not exist")
+        stat = path.stat()
+        return load_npz(str(path), stat.st_mtime_ns, stat.st_size)
     try:
         loader = DATASETS[name]
     except KeyError:

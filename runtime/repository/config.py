@@ -187,7 +187,10 @@ class EvaluationConfig:
     fidelity: the mean cosine of the tier's embeddings to the full width's)."""
 
     dataset: str | None = spec(
-        None, doc="classifier: data set name in runtime.demo.data.DATASETS, e.g. mnist5k"
+        None,
+        doc="classifier: data set name in runtime.demo.data.DATASETS (e.g. mnist5k), or a "
+        ".npz file of your own in the model's directory (x_train, y_train, x_test, y_test; "
+        "or x, y)",
     )
     text: str | None = spec(
         None,
