@@ -145,6 +145,34 @@ def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path):
         repo.load("tiny")
 
 
+def test_a_frontier_built_for_other_candidate_settings_is_neither_chosen_from_nor_served(
+    tmp_path, capsys, caplog
+):
+    # auto_tiers.widths edited without a rebuild: `tiers apply` chose among the old
+    # candidates (a shaped one at a width model.yaml no longer lists), wrote it, and a load
+    # served it (review helper-106).
+    from runtime.repository.frontier import FRONTIER_DIR, FRONTIER_FILE, candidate_settings
+
+    d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
+    path = d / FRONTIER_DIR / FRONTIER_FILE
+    built = Frontier.read(path)
+    config = ModelConfig.load(d / "model.yaml")
+    dataclasses.replace(built, settings=candidate_settings(config)).write(path)
+    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    assert sorted(Repository(tmp_path).load("tiny").engines) == ["w025", "w075"]
+    doc = yaml.safe_load((d / "model.yaml").read_text())
+    doc["auto_tiers"]["widths"] = [1.0, 0.9]
+    (d / "model.yaml").write_text(yaml.safe_dump(doc))
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 2
+    assert "was built for other widths than model.yaml says now: run `innfer build`" in (
+        capsys.readouterr().err
+    )
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        assert sorted(Repository(tmp_path).load("tiny").engines) == ["w050", "w100"]
+    assert "the frontier was built for other widths than model.yaml says now" in caplog.text
+
+
 # -- traffic -------------------------------------------------------------------------------
 def test_traffic_log_keeps_the_recent_window_in_order():
     log = TrafficLog(capacity=5)

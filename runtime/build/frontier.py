@@ -56,6 +56,7 @@ from runtime.repository.frontier import (
     FRONTIER_FILE,
     Candidate,
     Frontier,
+    candidate_settings,
     mark_pareto,
 )
 from runtime.repository.profile import measure, random_feeds
@@ -130,6 +131,7 @@ def build_frontier(
             max_batch=config.max_batch,
             sensitivity=sensitivity,
             inn_sha256=inn_sha,
+            settings=candidate_settings(config),
         )
         frontier.write(staging / FRONTIER_FILE)
         _install(staging, out)

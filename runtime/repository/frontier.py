@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_json
+from runtime.repository.config import ModelConfig
 from runtime.repository.errors import RepositoryError
 
 FRONTIER_DIR = "frontier"
@@ -88,6 +89,18 @@ class Frontier:
     # before it was kept), checked at load like a tier's: a replaced INN is not served stale.
     inn_sha256: str | None = None
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    # ``candidate_settings`` of the model.yaml it was built for (None: a frontier from before
+    # they were kept): compared, torch-free, by every choice and load.
+    settings: dict[str, Any] | None = None
+
+    def stale_settings(self, config: ModelConfig) -> list[str]:
+        """The model.yaml settings that make candidates and differ from those this frontier
+        was built for (``auto_tiers.widths`` edited without a rebuild: a choice among the old
+        candidates, at widths model.yaml no longer lists, was applied and served)."""
+        if self.settings is None:
+            return []
+        now = candidate_settings(config)
+        return [k for k in sorted(now) if self.settings.get(k) != now[k]]
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:
@@ -126,6 +139,16 @@ class Frontier:
             ) from None
         except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
+
+
+def candidate_settings(config: ModelConfig) -> dict[str, Any]:
+    """What of model.yaml makes a frontier's candidates and their figures (JSON values)."""
+    return json.loads(json.dumps({
+        "widths": list(config.auto_tiers.widths), "shaped": config.auto_tiers.shaped,
+        "method": config.method, "multiple_of": config.multiple_of,
+        "evaluation": asdict(config.evaluation) if config.evaluation else None,
+        "max_batch": config.max_batch, "precision": config.precision,
+    }, default=list))  # fmt: skip
 
 
 def mark_pareto(candidates: list[Candidate], batches: tuple[int, ...] = (1,)) -> list[Candidate]:

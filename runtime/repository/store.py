@@ -299,6 +299,13 @@ class Repository:
         except RepositoryError as exc:
             log.warning("%s: %s; serving the tiers of model.yaml", name, exc)
             return None
+        if stale := frontier.stale_settings(config):  # model.yaml edited since the build
+            log.warning(
+                "%s: the frontier was built for other %s than model.yaml says now; serving the "
+                "tiers of model.yaml until `innfer build` measures it again",
+                name, ", ".join(stale),
+            )  # fmt: skip
+            return None
         self.check_frontier_inn(name, frontier)
         if active.frontier_sha256 != frontier.source_sha256:
             log.warning(
@@ -328,8 +335,15 @@ class Repository:
         holds now (replaced, retrained or recalibrated after the build): a set chosen from it
         would serve the old model under the new one's name. Not checked where either
         fingerprint is unknown (a frontier from before they were kept, a serving image
-        without the INN)."""
+        without the INN). Nor is one built for other candidate settings of model.yaml
+        (``Frontier.stale_settings``) served or chosen from."""
         d = self.model_dir(name)
+        stale = frontier.stale_settings(self.config(name))
+        if stale:
+            raise RepositoryError(
+                f"{d / FRONTIER_DIR / FRONTIER_FILE} was built for other {', '.join(stale)} "
+                "than model.yaml says now: run `innfer build` to measure its candidates again"
+            )
         current = self._inn_fingerprint(name)
         if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
             raise RepositoryError(
