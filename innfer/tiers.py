@@ -146,8 +146,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         },
     )
     active.write(repo.model_dir(args.model) / ACTIVE_FILE)
-    print(f"applied: {', '.join(choice.best.tiers)} (engines ready in "
-          f"{time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    print(f"applied: {', '.join(choice.best.tiers)} written to {ACTIVE_FILE} (engines ready in "
+          f"{time.perf_counter() - t0:.1f} s); a running server serves it from its next swap, "
+          "or a reload or restart of the model")  # fmt: skip
     return 0
 
 

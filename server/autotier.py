@@ -317,8 +317,9 @@ class AutoTierer:
             return self._count("kept")
         if code != 0:
             self.last_change = self.clock()  # back off: the next try waits min_interval_s
-            log.error("model %s: `innfer tiers apply` exited %s; the live tiers stay", self.name,
-                      code)  # fmt: skip
+            log.error("model %s: `innfer tiers apply` exited %s (%s); the live tiers stay, "
+                      "retried in rebuild.min_interval_s", self.name, code,
+                      getattr(self, "_last_line", "") or "no output")  # fmt: skip
             return self._count("failed")
         written = await self._io(_bytes, active)  # this apply's: the undo takes back only that
         try:
@@ -386,8 +387,11 @@ class AutoTierer:
                 proc.kill()
             await proc.wait()
             raise
-        for line in out.decode(errors="replace").splitlines()[-20:]:
+        lines = out.decode(errors="replace").splitlines()[-20:]
+        for line in lines:
             log.info("model %s: tiers apply: %s", self.name, line)
+        # the failure's own line for the error log (it said only the exit status)
+        self._last_line = next((x.strip() for x in reversed(lines) if x.strip()), "")
         return proc.returncode
 
     def _count(self, outcome: str) -> str:

@@ -433,10 +433,14 @@ def choose(
         if top is None or (best is not None and top.score <= best.score):
             break
         best, chosen = top, list(top.tiers)
-    if best is None:
+    if best is None:  # (``options`` are those at or above the floor already)
+        floor = goals.accuracy_floor
+        which = f"at or above accuracy_floor {floor} " if floor else ""
         raise ValueError(
-            f"no frontier candidate fits max_memory_mb {goals.max_memory_mb}: the smallest "
-            f"needs {min(o.memory_mb for o in options.values()):.2f} MB"
+            f"no frontier candidate {which}fits max_memory_mb {goals.max_memory_mb}: the "
+            f"smallest such needs "
+            f"{min(o.memory_mb for o in options.values()):.3g} MB; raise the limit"
+            + (" or lower the floor" if floor else "")
         )
     improved = True
     while improved:  # move one member to a neighbour on the frontier while that helps

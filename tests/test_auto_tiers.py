@@ -325,6 +325,15 @@ def test_goals_bound_the_set_count_memory_and_accuracy():
     assert sorted(frontier_options(f, floor=0.9)) == ["hi"]
     with pytest.raises(ValueError, match=r"no frontier candidate reaches accuracy_floor 0\.99"):
         frontier_options(f, floor=0.99)
+    # The options left above a floor: the message blamed memory alone and quoted the
+    # smallest candidate overall, one the floor had removed (review helper-106).
+    small = {n: o for n, o in _options(memory=mem).items() if n in ("w100", "w075")}
+    goals = AutoTiersConfig(max_tiers=2, max_memory_mb=1.5, accuracy_floor=0.98,
+                            simulate_requests=400)  # fmt: skip
+    with pytest.raises(ValueError, match=r"no frontier candidate at or above accuracy_floor "
+                       r"0\.98 fits max_memory_mb 1\.5: the smallest such needs 2 MB; raise "
+                       r"the limit or lower the floor"):  # fmt: skip
+        choose(small, traffic, goals, (_options(["w100"]), ["w100"]))
 
 
 def test_the_attainment_floor_comes_from_sets_the_goals_allow():
@@ -783,7 +792,7 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m", "m"]
 
 
-def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_path):
+def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_path, caplog):
     from server.autotier import AutoTierer
     from server.metrics import Metrics
 
@@ -802,7 +811,7 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
         code = exits.pop(0)
         if code == 0:
             active.write_text('{"new": true}')
-        return ["sh", "-c", f"exit {code}"]
+        return ["sh", "-c", f"echo 'error: no candidate fits'; exit {code}"]
 
     tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
                         lambda: clock[0], command)  # fmt: skip
@@ -813,7 +822,10 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
     clock[0] += 100
     for i in range(10):
         log.record(clock[0] - 1 + i * 0.01, 0.05, 1)
-    assert asyncio.run(tierer.check()) == "failed"  # exit 2: an apply error
+    with caplog.at_level("ERROR", logger="innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "failed"  # exit 2: an apply error
+    # the error line says why (it said only "exited 2"; the reason was at INFO)
+    assert "exited 2 (error: no candidate fits); the live tiers stay" in caplog.text
     assert asyncio.run(tierer.check()) == "waiting"  # backs off again
     clock[0] += 100
     for i in range(10):
