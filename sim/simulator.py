@@ -99,6 +99,11 @@ class SimResult:
 
 
 # -- the simulation --------------------------------------------------------------------------
+# Requests one simulation may generate: --load 1e9 asked numpy for 1.7 PiB ("internal
+# error: MemoryError"); 158 k requests take ~20 s here, so this is about 10 minutes.
+MAX_REQUESTS = 5_000_000
+
+
 def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> SimResult:
     """Run the scheduler over a trace; ``p50`` drives the engine model (ms per batch).
 
@@ -121,7 +126,15 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
     (``offered_rate``): about 1.18x ``load`` x capacity for ``varying``, the file's own for
     ``file``."""
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
-    arrivals = make_trace(cfg, cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots))
+    rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
+    expected = rate * cfg.duration_s * (1.2 if cfg.trace == "varying" else 1.0)
+    if cfg.trace != "file" and expected > MAX_REQUESTS:  # before the arrays are made
+        raise ValueError(
+            f"{cfg.trace} at load {cfg.load:g} for {cfg.duration_s:g} s is about "
+            f"{expected:,.0f} requests ({rate:,.0f}/s: the full tier's capacity x load), over "
+            f"the {MAX_REQUESTS:,} a run may simulate; lower --load or --duration"
+        )
+    arrivals = make_trace(cfg, rate)
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
     return offered_rate(cfg, arrivals), arrivals, budgets, rng

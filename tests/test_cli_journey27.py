@@ -137,6 +137,15 @@ def _built(tmp_path):
     return add_onnx_model(tmp_path, "tiny", onnx_cnn, IO, warmup=1, repeats=2)
 
 
+def test_simulate_refuses_a_run_of_more_requests_than_it_may_make(tmp_path, capsys):
+    # --load 1e9: "internal error: MemoryError: Unable to allocate 1.69 PiB ... a bug"
+    # (review helper-106).
+    d = _built(tmp_path)
+    code, _, err = _cli(capsys, "simulate", d, "--load", "1e9", "--policy", "innfer")
+    assert code == 2 and "requests" in err and "lower --load or --duration" in err
+    assert "internal error" not in err
+
+
 def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, capsys, monkeypatch):
     d = _built(tmp_path)
     code, out, err = _cli(
