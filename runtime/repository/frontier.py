@@ -97,7 +97,7 @@ class Frontier:
         """The model.yaml settings that make candidates and differ from those this frontier
         was built for (``auto_tiers.widths`` edited without a rebuild: a choice among the old
         candidates, at widths model.yaml no longer lists, was applied and served)."""
-        if self.settings is None:
+        if self.settings is None or config.auto_tiers is None:
             return []
         now = candidate_settings(config)
         return [k for k in sorted(now) if self.settings.get(k) != now[k]]
