@@ -85,19 +85,13 @@ def one_stop(tree: Path, repo: Path, port: int, log: Path) -> dict:
     return dict(codes)
 
 
-def free_port() -> int:
-    from bench.hardening import free_ports
-
-    return free_ports(1)[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline-tree", type=Path)
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    from bench.hardening import commit_of, trees_to_measure
+    from bench.hardening import commit_of, free_ports, trees_to_measure
 
     if not (SOURCE / "model.yaml").is_file():
         p.error(f"no model at {SOURCE}: run `python -m bench.server` first")
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(SOURCE, repo / "mlp")
         for i in range(args.trials):
             for name in trees if i % 2 == 0 else reversed(trees):  # turns
-                codes = one_stop(trees[name], repo, free_port(), Path(tmp) / f"{name}{i}.log")
+                codes = one_stop(trees[name], repo, free_ports(1)[0], Path(tmp) / f"{name}{i}.log")
                 runs[name].append(codes)
                 print(name, i, codes, flush=True)
     summary = {}

@@ -461,13 +461,17 @@ def _positive(text: str) -> float:
     return v
 
 
+# runtime.demo.data.DATASETS' names (that module imports torch: not at parse time).
+BUNDLED_DATA = ("digits", "mnist5k", "mnist1d")
+
+
 def _data_name(text: str) -> str:
     """A bundled data set's name or a .npz file (``runtime.demo.data.load``): refused at
     parse time otherwise, as the choices were."""
-    if text in ("digits", "mnist5k", "mnist1d") or text.endswith(".npz"):
+    if text in BUNDLED_DATA or text.endswith(".npz"):
         return text
     raise argparse.ArgumentTypeError(
-        f"got {text!r}: give digits, mnist5k, mnist1d or a .npz file of your own"
+        f"got {text!r}: give {', '.join(BUNDLED_DATA)} or a .npz file of your own"
     )
 
 
@@ -1256,8 +1260,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")
     cal.add_argument("model_dir", type=Path)
     cal.add_argument("--data", type=_data_name,
-                     help="image models: digits, mnist5k, mnist1d or your own .npz (x_train, "
-                          "y_train, x_test, y_test; or x, y)")  # fmt: skip
+                     help=f"image models: {', '.join(BUNDLED_DATA)} or your own .npz "
+                          "(x_train, y_train, x_test, y_test; or x, y)")  # fmt: skip
     cal.add_argument("--text", type=Path,
                      help="text models: sentences, one per line (unlabelled)")  # fmt: skip
     cal.add_argument("--widths", type=_width, nargs="*",
@@ -1289,7 +1293,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
     rep.add_argument("model_dir", type=Path)
     rep.add_argument("--data", type=_data_name,
-                     help="evaluation set: digits, mnist5k, mnist1d or your own .npz "
+                     help=f"evaluation set: {', '.join(BUNDLED_DATA)} or your own .npz "
                           "(default: model.yaml's evaluation dataset)")  # fmt: skip
     rep.add_argument(
         "--text", type=Path,

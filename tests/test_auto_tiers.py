@@ -229,22 +229,25 @@ def test_traffic_rows_must_be_whole_numbers_of_at_least_one(tmp_path):
     assert Traffic.read(tmp_path / "ok.csv").rows.tolist() == [2, 1]
 
 
-def test_a_trace_with_other_columns_is_refused_naming_them_and_bad_lines_by_number(tmp_path):
-    # A third column of another name was read as rows: 'priority' 4 made every request a
-    # batch of 4 and the choice served 6 % where the plain trace gave 89 % (review
-    # helper-106). Out-of-order arrivals and bad budgets were said without a line.
-    (tmp_path / "prio.csv").write_text("arrival_s,budget_ms,priority\n0,10,4\n")
-    with pytest.raises(ValueError, match=r"unknown columns: priority; drop them"):
-        Traffic.read(tmp_path / "prio.csv")
-    (tmp_path / "four.csv").write_text("arrival_s,budget_ms,rows\n0,10,1,7\n")
-    with pytest.raises(ValueError, match=r"four.csv:2: 4 values for the 3 columns"):
-        Traffic.read(tmp_path / "four.csv")
-    (tmp_path / "late.csv").write_text("arrival_s,budget_ms\n0,10\n1,10\n0.5,10\n")
-    with pytest.raises(ValueError, match=r"late.csv:4: arrival_s '0.5' is not finite or is"):
-        Traffic.read(tmp_path / "late.csv")
-    (tmp_path / "neg.csv").write_text("arrival_s,budget_ms\n0,10\n1,-3\n")
-    with pytest.raises(ValueError, match=r"neg.csv:3: budget_ms must be > 0, got '-3'"):
-        Traffic.read(tmp_path / "neg.csv")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # A third column of another name was read as rows: 'priority' 4 made every request a
+        # batch of 4 and the choice served 6 % where the plain trace gave 89 % (review
+        # helper-106). Out-of-order arrivals and bad budgets were said without a line.
+        ("arrival_s,budget_ms,priority\n0,10,4\n", r"unknown columns: priority; drop them"),
+        ("arrival_s,budget_ms,rows\n0,10,1,7\n", r"bad.csv:2: 4 values for the 3 columns"),
+        ("arrival_s,budget_ms\n0,10\n1,10\n0.5,10\n",
+         r"bad.csv:4: arrival_s '0.5' is not finite or is"),
+        ("arrival_s,budget_ms\n0,10\n1,-3\n", r"bad.csv:3: budget_ms must be > 0, got '-3'"),
+    ],
+)  # fmt: skip
+def test_a_trace_with_other_columns_is_refused_naming_them_and_bad_lines_by_number(
+    tmp_path, text, message
+):
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Traffic.read(tmp_path / "bad.csv")
 
 
 # -- the choice ----------------------------------------------------------------------------

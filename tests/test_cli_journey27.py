@@ -382,3 +382,7 @@ def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(d), "--data", "mnsit"])
     assert "give digits, mnist5k, mnist1d or a .npz file" in capsys.readouterr().err
+    from innfer.cli import BUNDLED_DATA
+    from runtime.demo.data import DATASETS
+
+    assert set(BUNDLED_DATA) == set(DATASETS)  # the parser's list is the loader's

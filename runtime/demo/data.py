@@ -194,8 +194,7 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0) -> Dataset:
             if len(x) != len(y) or len(x) < 5:
                 raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
                                  f"{len(y)} given)")  # fmt: skip
-            ds = _split(Path(path).stem, x, y, n_test=len(x) // 5)
-            return ds
+            return _split(Path(path).stem, x, y, n_test=len(x) // 5)
         else:
             raise ValueError(
                 f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "

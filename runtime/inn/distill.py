@@ -274,7 +274,7 @@ def refit_readouts(
     # solved, so the whole refit is one pass (MiniLM's 12 readouts on 1,024 sentences:
     # 20 -> 7 s on 2 cores; the demo's 60 s tiers spent 11-19 s of their 60 refitting).
     schedule = _refit_schedule(student.graph, nodes)
-    runs = [_Resumable(student, (b.ids, b.mask)) for b in batches]
+    runs = [Resumable(student, (b.ids, b.mask)) for b in batches]
     was_training = student.training
     student.eval()
     try:
@@ -347,7 +347,7 @@ def _refit_schedule(graph: fx.Graph, nodes: Sequence[tuple]) -> list[tuple[bool,
     return plan
 
 
-class _Resumable:
+class Resumable:
     """One input's run of a flat graph, in pieces: ``run`` computes the given nodes (their
     inputs already computed) and keeps the values; ``drop`` forgets values no longer read."""
 

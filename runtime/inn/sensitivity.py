@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from runtime.inn.distill import TextBatch, _Resumable, pooled, with_hidden_states
+from runtime.inn.distill import Resumable, TextBatch, pooled, with_hidden_states
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import linear_nodes, readout_weights, select_nodes, store_grids
 
@@ -197,7 +197,7 @@ def _loss(
     cut, run = resume_plan(student.graph, changed, set(kept[0]) if kept else set())
     total, count = 0.0, 0
     for b, t, values in zip(score, target, kept, strict=True):
-        resumed = _Resumable(student, (b.ids, b.mask))
+        resumed = Resumable(student, (b.ids, b.mask))
         resumed.env.update({n: values[n.name] for n in cut})
         resumed.run(run)
         cos = F.cosine_similarity(pooled(resumed.env[run[-1]], b.mask), t, dim=-1)
