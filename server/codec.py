@@ -268,6 +268,32 @@ def _check_range(name: str, datatype: str, values: np.ndarray, info: np.iinfo) -
         )
 
 
+def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int]) -> None:
+    """Each integer input that indexes an embedding table (``rows``: input -> the table's
+    rows, from the build's record) must hold ids in [0, rows): one past the table fails in
+    the engine - and with it every request batched beside it (INTERNAL) - and a negative
+    one reads a row from the end, which the torch model refused.
+
+    Example:
+        >>> check_ids({"item": np.array([[3, 7]])}, {"item": 10})
+        >>> check_ids({"item": np.array([[3, 12]])}, {"item": 10})
+        Traceback (most recent call last):
+        ...
+        server.errors.InvalidArgument: input 'item': id 12 at [0, 1] is outside ...
+    """
+    for name, n in rows.items():
+        ids = arrays.get(name)
+        if ids is None:
+            continue
+        bad = (ids < 0) | (ids >= n)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidArgument(
+                f"input {name!r}: id {int(ids[at])} at {list(at)} is outside [0, {n}) (the "
+                f"rows of the embedding table it indexes); send ids below {n}"
+            )
+
+
 def check_token_inputs(
     ids: np.ndarray, mask: np.ndarray, vocab_size: int, ids_name: str, mask_name: str
 ) -> None:

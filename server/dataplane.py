@@ -993,6 +993,8 @@ class DataPlane:
             arrays, rows = codec.decode_inputs(
                 request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
             )
+            if m.input_rows:
+                codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []
         names = {t.name for t in request.inputs[: self.limits.max_inputs + 1]}
         if not names or not names <= {s.name for s in cfg.inputs}:
@@ -1018,6 +1020,8 @@ class DataPlane:
         codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
+        if m.input_rows:  # other id inputs (token_type_ids); ids: the tokenizer's, above
+            codec.check_ids(arrays, m.input_rows)
         return arrays, rows, []
 
     async def _tokenize(

@@ -394,6 +394,7 @@ class ModelRuntime:
         self.traffic = traffic  # auto-tiering's record of what was asked (kept across reloads)
         self.name = served.name
         self.config = served.config
+        self.input_rows = served.input_rows  # checked per request (dataplane._decode)
         self.metrics = metrics
         self.clock = clock
         self._log_throttle = LogThrottle()

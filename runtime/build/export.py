@@ -32,6 +32,7 @@ OPSET = 17
 # One ONNX file holds at most 2 GiB (protobuf's limit); larger models need their weights in
 # external data files, which innfer's tiers, hashes and engine builds do not handle yet.
 MAX_ONNX_BYTES = 2**31 - 2**24  # 16 MiB left for the graph itself
+INTEGER_DTYPES = ("int64", "int32", "uint8")  # model.yaml dtypes an id may arrive in
 
 
 def export_onnx(
@@ -183,6 +184,38 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     write_bytes(d / MODULE_SPEC, json.dumps(meta).encode())
     write_bytes(d / "model.onnx", data)  # last: see above
     return data
+
+
+def embedding_rows(data: bytes, config: ModelConfig) -> dict[str, int] | None:
+    """Rows of the embedding table each integer input of ``config`` indexes in the ONNX
+    ``data``: the smallest initializer a Gather reads along axis 0 at that graph input.
+    An id outside [0, rows) fails the engine's whole batch (ONNX Runtime: "indices element
+    out of data bounds"); a negative one silently reads a row from the end, where torch
+    refused it. The server refuses both with INVALID_ARGUMENT from this record. None: no
+    integer input indexes a table directly (or the bytes do not parse).
+
+    Example:
+        >>> data = Path("repo/rec/tiers/w100/model.onnx").read_bytes()  # doctest: +SKIP
+        >>> embedding_rows(data, config)  # doctest: +SKIP
+        {'item_ids': 50000}
+    """
+    ints = {t.name for t in config.inputs if t.dtype in INTEGER_DTYPES}
+    if not ints:
+        return None
+    try:
+        graph = onnx.load_from_string(data).graph
+    except Exception:  # a file the backend reads but onnx does not: nothing is checked
+        return None
+    tables = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) >= 1}
+    rows: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in ints:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if axis == 0 and node.input[0] in tables:
+            name = node.input[1]
+            rows[name] = min(rows.get(name, tables[node.input[0]]), tables[node.input[0]])
+    return rows or None
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime.build.export import write_tier_files
+from runtime.build.export import embedding_rows, write_tier_files
 from runtime.build.pipeline import evaluate_accuracy, validated_engine
 from runtime.build.sampling import norm_inputs, sample_tier
 from runtime.engines.torch import module_files_problem
@@ -176,6 +176,7 @@ class _Measure:
             name=d.name, sizes=sizes, width=width, flops=flops,
             params=sum(p.numel() for p in module.parameters()), accuracy=float(accuracy),
             latency=latency, onnx_sha256=onnx_sha, shaped=shaped,
+            input_rows=embedding_rows(onnx, config),
         )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from runtime.atomic import write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
-from runtime.build.export import write_tier_files
+from runtime.build.export import INTEGER_DTYPES, embedding_rows, write_tier_files
 from runtime.build.sampling import (
     dataset_digest,
     dataset_ref,
@@ -288,8 +288,9 @@ def _export_tier(
     # Reused only with the module files exported with it: the torch backend builds from
     # those, and refuses them when missing or of another export ("run innfer build").
     if old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
-        if old.inn_sha256 != inn_sha:  # a record from before it was kept (same source)
-            old = dataclasses.replace(old, inn_sha256=inn_sha)
+        rows = embedding_rows((d / "model.onnx").read_bytes(), config) if _ints(config) else None
+        if (old.inn_sha256, old.input_rows) != (inn_sha, rows):  # kept since (same source)
+            old = dataclasses.replace(old, inn_sha256=inn_sha, input_rows=rows)
             old.write(d / TIER_FILE)
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
@@ -328,6 +329,7 @@ def _export_tier(
         accuracy=None,
         channel_search=search,
         inn_sha256=inn_sha,
+        input_rows=embedding_rows(data, config),
     )
     record.write(d / TIER_FILE)
     return record, module, True
@@ -466,7 +468,9 @@ def check_token_ids(
     feeds = random_feeds(config.inputs, 1, seed=1, length=length)
     feeds[config.text.ids][:] = top
     feeds[config.text.mask][:] = 1
-    rows = _embedding_rows(onnx_path, config.text.ids) if onnx_path is not None else None
+    rows = None
+    if onnx_path is not None:
+        rows = (embedding_rows(onnx_path.read_bytes(), config) or {}).get(config.text.ids)
     try:
         engine.run(feeds)
         error = None
@@ -486,20 +490,9 @@ def check_token_ids(
     )
 
 
-def _embedding_rows(onnx_path: Path, ids_name: str) -> int | None:
-    """Rows of the embedding table the graph input ``ids_name`` indexes (the initializer a
-    Gather reads at those ids), or None where the graph does not show it."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception:  # a file the backend reads but onnx does not: the engine's error says it
-        return None
-    tables = {t.name: list(t.dims) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Gather" and node.input[1] == ids_name and node.input[0] in tables:
-            return int(tables[node.input[0]][0])
-    return None
+def _ints(config: ModelConfig) -> bool:
+    """Whether any input is an integer (an id an embedding table may index)."""
+    return any(t.dtype in INTEGER_DTYPES for t in config.inputs)
 
 
 def evaluation_key(config: ModelConfig, model_dir: Path) -> str | None:

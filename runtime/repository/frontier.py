@@ -60,6 +60,7 @@ class Candidate:
     onnx_sha256: str
     shaped: bool = False
     pareto: bool = False
+    input_rows: dict[str, int] | None = None  # as TierRecord.input_rows
 
     def p50_ms(self, batch: int) -> float:
         """Median latency at ``batch`` (the next profiled size up)."""

@@ -42,6 +42,10 @@ class TierRecord:
     # statistics): a server refuses a tier whose INN was replaced, retrained or recalibrated
     # since. None: built before this was kept.
     inn_sha256: str | None = None
+    # Rows of the embedding table each integer input indexes (runtime.build.export.
+    # embedding_rows): the server refuses ids outside [0, rows) as INVALID_ARGUMENT, where
+    # the engine failed the whole batch. None: no such input (no key in tier.json).
+    input_rows: dict[str, int] | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -78,11 +82,19 @@ class TierRecord:
             for k, v in self.sizes.items()
         ):
             return f"sizes is {self.sizes!r}, not channel counts per group"
+        if self.input_rows is not None and not (
+            isinstance(self.input_rows, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for k, v in self.input_rows.items()
+            )
+        ):
+            return f"input_rows is {self.input_rows!r}, not table rows per input"
         return None
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        for optional in ("channel_search", "accuracy_on", "inn_sha256"):
+        for optional in ("channel_search", "accuracy_on", "inn_sha256", "input_rows"):
             if data[optional] is None:
                 del data[optional]
         write_json(path, data)

@@ -98,6 +98,22 @@ class ServedModel:
     tokenizer: TextTokenizer | None = None  # text models (model.yaml ``text``) only
     tier_source: str = "model.yaml"  # or "frontier": the auto-tiering choice is served
 
+    @property
+    def input_rows(self) -> dict[str, int]:
+        """Per integer input, the rows of the embedding table it indexes: ids must lie in
+        [0, rows) in every tier (the smallest table where tiers differ). Empty where no
+        record says (no such input, or tiers built before this was kept).
+
+        Example:
+            >>> served.input_rows  # doctest: +SKIP
+            {'item_ids': 50000}
+        """
+        rows: dict[str, int] = {}
+        for record in self.tiers.values():
+            for name, n in (record.input_rows or {}).items():
+                rows[name] = min(rows.get(name, n), n)
+        return rows
+
 
 class Repository:
     """A directory of models, one subdirectory each."""
@@ -324,7 +340,7 @@ class Repository:
             records[tier] = TierRecord(
                 name=c.name, width=c.width, sizes=c.sizes,
                 onnx_sha256=c.onnx_sha256, source_sha256=frontier.source_sha256,
-                flops=c.flops, params=c.params, accuracy=c.accuracy,
+                flops=c.flops, params=c.params, accuracy=c.accuracy, input_rows=c.input_rows,
             )  # fmt: skip
         tiers = tuple(TierConfig(name=t, width=records[t].sizes) for t in active.tiers)
         served = dataclasses.replace(config, tiers=tiers)

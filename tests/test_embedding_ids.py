@@ -1,0 +1,109 @@
+"""Integer inputs that index an embedding table, on a model that is not a text model: the
+build records the table's rows, and the server refuses ids outside them by name
+(INVALID_ARGUMENT) where the engine failed the whole batch (INTERNAL)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tc
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+import runtime
+from runtime.build.export import embedding_rows
+from runtime.build.pipeline import add_model, build_model
+from runtime.repository import Repository
+from runtime.repository.config import ModelConfig
+
+ROWS = 50
+
+
+class Recommender(torch.nn.Module):
+    """Item ids (batch, 5) -> pooled embedding -> scores (batch, 4), beside a float input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items = torch.nn.Embedding(ROWS, 16)
+        self.hidden = torch.nn.Linear(16, 32)
+        self.out = torch.nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(self.items(ids).mean(1) + bias)))
+
+
+CONFIG = {
+    "inputs": [
+        {"name": "ids", "dtype": "int64", "shape": [5]},
+        {"name": "bias", "dtype": "float32", "shape": [16]},
+    ],
+    "outputs": [{"name": "scores", "dtype": "float32", "shape": [4]}],
+    "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+    "max_batch": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Recommender().eval()
+    inn = runtime.convert(model, (torch.randint(0, ROWS, (2, 5)), torch.randn(2, 16)))
+    root = tmp_path_factory.mktemp("repo")
+    add_model(root, "rec", inn, CONFIG)
+    build_model(Repository(root), "rec", backend="onnxruntime", progress=False, repeats=3)
+    return root
+
+
+def test_the_build_records_the_rows_each_id_input_indexes(repository):
+    for tier in ("w100", "w050"):
+        record = json.loads((repository / "rec" / "tiers" / tier / "tier.json").read_text())
+        assert record["input_rows"] == {"ids": ROWS}  # the float input indexes nothing
+
+
+def test_a_record_from_before_input_rows_is_completed_by_the_next_build(repository):
+    path = repository / "rec" / "tiers" / "w050" / "tier.json"
+    record = json.loads(path.read_text())
+    del record["input_rows"]  # a tier built before this was kept
+    path.write_text(json.dumps(record))
+    report = build_model(Repository(repository), "rec", backend="onnxruntime", progress=False,
+                         profile=False)  # fmt: skip
+    assert not any(t.exported for t in report.tiers)  # reused, not exported again
+    assert json.loads(path.read_text())["input_rows"] == {"ids": ROWS}
+
+
+def test_embedding_rows_reads_the_smallest_table_an_input_indexes_directly(repository):
+    data = (repository / "rec" / "tiers" / "w100" / "model.onnx").read_bytes()
+    config = ModelConfig.from_dict(CONFIG)
+    assert embedding_rows(data, config) == {"ids": ROWS}
+    floats = {**CONFIG, "inputs": [{**CONFIG["inputs"][0], "dtype": "float32"}]}
+    assert embedding_rows(data, ModelConfig.from_dict(floats)) is None  # no integer input
+    assert embedding_rows(b"not onnx", config) is None
+
+
+@pytest.mark.parametrize("bad", [ROWS, 10**6, -1])
+def test_an_id_outside_the_table_is_refused_by_name_and_the_server_serves_on(repository, bad):
+    server = ServerThread({"repository": str(repository)}).start()
+    client = tc.InferenceServerClient(server.address)
+    try:
+
+        def infer(ids: np.ndarray):
+            inputs = [tc.InferInput("ids", [1, 5], "INT64"), tc.InferInput("bias", [1, 16], "FP32")]
+            inputs[0].set_data_from_numpy(ids)
+            inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+            return client.infer("rec", inputs).as_numpy("scores")
+
+        ok = np.array([[0, 1, 2, 3, ROWS - 1]], np.int64)
+        assert infer(ok).shape == (1, 4)
+        ids = ok.copy()
+        ids[0, 3] = bad
+        with pytest.raises(InferenceServerException) as err:
+            infer(ids)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert f"input 'ids': id {bad} at [0, 3] is outside [0, {ROWS})" in err.value.message()
+        assert infer(ok).shape == (1, 4)  # still serving
+    finally:
+        client.close()
+        server.stop()
