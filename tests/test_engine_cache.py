@@ -91,7 +91,7 @@ def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem
     assert f"profile.json is corrupted ({problem}" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupted", "a tier short"])
+@pytest.mark.parametrize("damage", ["missing", "corrupted", "a tier short", "max_batch raised"])
 def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damage, caplog):
     # The model was unservable ("run `innfer build` to profile it"), a fix the serving
     # image (no torch) cannot run - while a profile from another machine was re-measured
@@ -104,14 +104,20 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
         path.unlink()
     elif damage == "corrupted":
         path.write_text('{"device": "cpu-x86_64')
-    else:
+    elif damage == "a tier short":
         _edit(path, lambda p: p["tiers"].pop("w050"))
+    else:  # max_batch raised in model.yaml after the build: unservable until `innfer build`
+        yaml_path = repository / "tiny" / "model.yaml"
+        yaml_path.write_text(yaml_path.read_text().replace("max_batch: 4", "max_batch: 8"))
     with caplog.at_level("WARNING", logger="innfer.repository"):
         served = Repository(repository).load("tiny")
     try:
         assert "re-measured every tier at load" in caplog.text
         assert {t.name for t in tier_infos(served)} == {"w100", "w050"}
         assert all(t.latency_ms[1] > 0 for t in tier_infos(served))
+        if damage == "max_batch raised":
+            assert "up to batch 4, max_batch is 8" in caplog.text
+            assert all(t.latency_ms[8] > 0 for t in tier_infos(served))
     finally:
         for engine in served.engines.values():
             engine.close()

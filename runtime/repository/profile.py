@@ -209,6 +209,33 @@ def stale_tiers(profile: Mapping[str, Any] | None, onnx: Mapping[str, str]) -> l
     return [t for t, sha in onnx.items() if timed.get(t) != sha]
 
 
+def uncovered(profile: Mapping[str, Any], max_batch: int, lengths: Sequence[int]) -> str | None:
+    """What ``profile`` does not time that the model serves now, or None: a batch size up to
+    ``max_batch`` (raised in model.yaml since the build) or a sequence length of
+    ``lengths`` (changed since). The scheduler cannot plan a batch or length no table has.
+
+    Example:
+        >>> uncovered({"tiers": {"w100": {"1": {}, "8": {}}}}, 16, ())
+        'profile.json times tier w100 up to batch 8, max_batch is 16'
+        >>> uncovered({"tiers": {"w": {"8": {}}}, "lengths": {"16": {}}}, 8, (16, 32))
+        'profile.json has no tables at sequence lengths 32'
+    """
+    tables = [("", profile.get("tiers", {}))]
+    if lengths:
+        timed = profile.get("lengths") or {}
+        missing = [str(n) for n in lengths if str(n) not in timed]
+        if missing:
+            return f"profile.json has no tables at sequence lengths {', '.join(missing)}"
+        tables += [(f" at length {n}", timed[str(n)]) for n in lengths]
+    for at, by_tier in tables:
+        for tier, table in by_tier.items():
+            largest = max((int(b) for b in table), default=0)
+            if largest < max_batch:
+                return (f"profile.json times tier {tier}{at} up to batch {largest}, max_batch "
+                        f"is {max_batch}")  # fmt: skip
+    return None
+
+
 def measured_elsewhere(
     profile: Mapping[str, Any] | None,
     backend: Backend,

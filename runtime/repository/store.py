@@ -50,6 +50,7 @@ from runtime.repository.profile import (
     profile_problem,
     profile_tiers,
     stale_tiers,
+    uncovered,
 )
 from runtime.repository.records import TIER_FILE, TierRecord, inn_fingerprint
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
@@ -467,12 +468,12 @@ class Repository:
         self, name, config, backend, engines, profile, onnx: dict[str, str]
     ) -> dict[str, Any] | None:
         """``profile``, or, where there is none (missing or corrupted: read as None), it
-        misses a tier, was measured with another backend (or version) or on
-        another device, or (CPU) with other threads than model.yaml's, or timed other engines
-        than the tiers' ONNX (``onnx``: tier -> sha256) make now, a
-        new one measured now on ``engines`` (a few runs per point: seconds on a CPU, less on
-        a GPU). Not written back: the repository may be read-only, and ``innfer build`` on
-        this machine is how a profile is stored."""
+        misses a tier, a batch size up to max_batch or a sequence length, was measured with
+        another backend (or version) or on another device, or (CPU) with other threads than
+        model.yaml's, or timed other engines than the tiers' ONNX (``onnx``: tier -> sha256)
+        make now, a new one measured now on ``engines`` (a few runs per point: seconds on a
+        CPU, less on a GPU). Not written back: the repository may be read-only, and ``innfer
+        build`` on this machine is how a profile is stored."""
         why = measured_elsewhere(profile, backend, config.threads, config.spin)
         if profile is None:  # the serving image has no torch to run `innfer build` with
             why = "profile.json is missing or corrupted (the log above says which)"
@@ -481,6 +482,8 @@ class Repository:
                    f"tiers served: {', '.join(sorted(onnx))}")  # fmt: skip
         if why is None and (stale := stale_tiers(profile, onnx)):
             why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
+        if why is None:  # model.yaml's max_batch raised, or its lengths changed, since
+            why = uncovered(profile, config.max_batch, config.sequence_lengths)
         if why is None:
             return profile
         t0 = time.perf_counter()
