@@ -192,6 +192,7 @@ class DataPlane:
                 served = await loop.run_in_executor(
                     None, lambda: self.repo.load(name, backend=self.config.backend)
                 )
+                unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
             except ModelNotFound as exc:
                 raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
             except InvalidModelName as exc:
@@ -258,7 +259,7 @@ class DataPlane:
             self._watch_gpu(runtime)
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
-            self._start_tierer(name, served.config, swap)
+            self._start_tierer(name, served.config, swap, unmet)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
@@ -397,12 +398,21 @@ class DataPlane:
             return None
         return self.traffic.setdefault(name, TrafficLog())
 
-    def _start_tierer(self, name: str, config, swap: bool = False) -> None:
+    def _start_tierer(
+        self, name: str, config, swap: bool = False, unmet: str | None = None
+    ) -> None:
         """One auto-tiering loop per model with auto_tiers (kept across its reloads; one
         with new goals takes over its predecessor's back-off: ``swap``, this load is the
-        predecessor's own change)."""
+        predecessor's own change). None where its goals are ``unmet`` by its frontier:
+        every check would fail alike, each min_interval_s, once traffic came."""
         tierer = self.tierers.get(name)
-        if config.auto_tiers is None:
+        if unmet is not None:
+            log.error(
+                "model %s: auto_tiers cannot be met: %s; auto-tiering is off for this model "
+                "(it serves %s) until model.yaml's goals change or `innfer build` measures its "
+                "frontier again", name, unmet, self._serving(name),
+            )  # fmt: skip
+        if config.auto_tiers is None or unmet is not None:
             if tierer is not None:
                 self.tierers.pop(name).stop()
             return

@@ -246,11 +246,7 @@ def frontier_options(
     (``thin``), fastest first."""
     keep = [c for c in frontier.pareto() if floor is None or c.accuracy >= floor]
     if not keep:
-        best = max(c.accuracy for c in frontier.candidates)
-        raise ValueError(
-            f"no frontier candidate reaches accuracy_floor {floor} (the best is {best:.4f}): "
-            "lower the floor or measure wider candidates"
-        )
+        raise ValueError(frontier.unmet_goals(AutoTiersConfig(accuracy_floor=floor)))
     keep = thin(keep, frontier.max_batch, step)
     infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
     return {

@@ -1178,3 +1178,39 @@ def test_stopped_replicas_are_pruned_by_checks_that_choose_nothing(tmp_path):
     assert asyncio.run(tierer.check()) == "waiting"  # the recorded traffic is out of window
     assert not first.exists() and tierer.work.is_dir()
     tierer.stop()
+
+
+def test_frontier_says_which_goal_no_candidate_can_meet():
+    f = Frontier([_candidate("hi", 0.95, 4.0, params=10**6), _candidate("lo", 0.80, 1.0)],
+                 "t", "s", "o", "cpu", 1, 8)  # fmt: skip
+    f = Frontier(mark_pareto(f.candidates, (1, 8)), "t", "s", "o", "cpu", 1, 8)
+    assert f.unmet_goals(AutoTiersConfig(accuracy_floor=0.9, max_memory_mb=4.0)) is None
+    assert f.unmet_goals(AutoTiersConfig(accuracy_floor=0.99)).startswith(
+        "no frontier candidate reaches accuracy_floor 0.99 (the best is 0.9500)"
+    )
+    assert f.unmet_goals(AutoTiersConfig(accuracy_floor=0.9, max_memory_mb=1.0)) == (
+        "no frontier candidate at or above accuracy_floor 0.9 fits max_memory_mb 1.0: the "
+        "smallest such needs 3.81 MB; raise the limit or lower the floor"  # 10**6 fp32
+    )
+
+
+def test_goals_the_frontier_cannot_meet_are_said_at_load_and_no_check_runs(tmp_path, caplog):
+    # Before, the server started the loop; once traffic came, each check ran `innfer tiers
+    # apply` in a subprocess that failed the same way, logged every min_interval_s forever.
+    _auto_model(tmp_path / "a", max_memory_mb=0.001)  # the smallest candidate: 0.0016 MB
+    with caplog.at_level("ERROR", logger="innfer.dataplane"):
+        server = ServerThread({"repository": str(tmp_path / "a")}).start()
+    try:
+        plane = server.server.plane
+        assert "tiny" in plane.models and "tiny" not in plane.tierers
+        assert "model tiny: auto_tiers cannot be met: no frontier candidate fits " \
+               "max_memory_mb 0.001" in caplog.text  # fmt: skip
+        assert "it serves model.yaml:w100,w050" in caplog.text
+    finally:
+        server.stop()
+    _auto_model(tmp_path / "b", max_memory_mb=100)  # goals it can meet: the loop runs
+    server = ServerThread({"repository": str(tmp_path / "b")}).start()
+    try:
+        assert "tiny" in server.server.plane.tierers
+    finally:
+        server.stop()

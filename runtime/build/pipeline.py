@@ -202,6 +202,12 @@ def build_model(
         from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 
         report.frontier = build_frontier(repo, name, progress, repeats, backend)
+        if (unmet := report.frontier.unmet_goals(config.auto_tiers)) is not None:
+            report.warnings.append(
+                f"auto_tiers cannot be met: {unmet}. innfer serve will serve the tiers of "
+                "model.yaml, with auto-tiering off for this model"
+            )
+            _warn(report.warnings[-1], progress)
     if prune and (keep := repo.onnx_in_use(name)) is not None:
         report.pruned = cache.prune(keep)
     return report

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_json
-from runtime.repository.config import ModelConfig
+from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
 
 FRONTIER_DIR = "frontier"
@@ -102,6 +102,30 @@ class Frontier:
             return []
         now = candidate_settings(config)
         return [k for k in sorted(now) if self.settings.get(k) != now[k]]
+
+    def unmet_goals(self, goals: AutoTiersConfig) -> str | None:
+        """Why no tier set this frontier offers can meet ``goals``, or None: no Pareto
+        candidate reaches ``accuracy_floor``, or none that does fits ``max_memory_mb``
+        alone. Every choice would fail the same way; the build and the server say so once,
+        where a server used to learn it at each check, after traffic came.
+
+        Example:
+            >>> frontier.unmet_goals(AutoTiersConfig(accuracy_floor=0.99))  # doctest: +SKIP
+            'no frontier candidate reaches accuracy_floor 0.99 (the best is 0.9712): ...'
+        """
+        floor = goals.accuracy_floor
+        keep = [c for c in self.pareto() if floor is None or c.accuracy >= floor]
+        if not keep:
+            best = max(c.accuracy for c in self.candidates)
+            return (f"no frontier candidate reaches accuracy_floor {floor} (the best is "
+                    f"{best:.4f}): lower the floor or measure wider candidates")  # fmt: skip
+        least = min(c.memory_mb for c in keep)
+        if goals.max_memory_mb is not None and least > goals.max_memory_mb:
+            which = f"at or above accuracy_floor {floor} " if floor is not None else ""
+            return (f"no frontier candidate {which}fits max_memory_mb {goals.max_memory_mb}: "
+                    f"the smallest such needs {least:.3g} MB; raise the limit"
+                    + (" or lower the floor" if floor is not None else ""))  # fmt: skip
+        return None
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:

@@ -347,6 +347,21 @@ class Repository:
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
 
+    def unmet_goals(self, name: str, config: ModelConfig) -> str | None:
+        """Why ``config``'s auto_tiers goals cannot be met by the model's frontier, or None
+        (met, no auto_tiers, or no usable frontier yet: ``auto_tiers`` and the build say
+        why). ``Frontier.unmet_goals``."""
+        path = self.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE
+        if config.auto_tiers is None or not path.is_file():
+            return None
+        try:
+            frontier = Frontier.read(path)
+        except RepositoryError:
+            return None
+        if frontier.stale_settings(config):
+            return None
+        return frontier.unmet_goals(config.auto_tiers)
+
     def check_frontier_inn(self, name: str, frontier: Frontier) -> None:
         """Refuse ``frontier`` where it was measured on another INN than the model directory
         holds now (replaced, retrained or recalibrated after the build): a set chosen from it
