@@ -262,3 +262,27 @@ def test_simulate_and_bench_plan_the_tiers_auto_tiering_chose(built, tmp_path, c
     out = capsys.readouterr().out
     assert f"the tiers auto-tiering chose (w075, {shaped}; auto_tiers.json)" in out.splitlines()[0]
     assert "tier mix" in out and "w100" not in out
+
+
+def test_a_rewritten_npz_evaluation_set_is_measured_again_on_the_frontier(tmp_path):
+    # The frontier's source hash named the .npz by name only: a rebuild after the file was
+    # rewritten kept the candidates' old accuracies (the tiers' records hash the content).
+    import torch
+    from netgen import tiny_cnn
+
+    import runtime
+    from runtime.build.pipeline import add_model
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    config = {**CONFIG, "evaluation": {"dataset": "mine.npz"},
+              "auto_tiers": {"widths": [1.0, 0.5]}}  # fmt: skip
+    d = add_model(tmp_path, "tiny", inn, config)
+    x = np.random.default_rng(0).random((100, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        y = inn.sample(1.0)(torch.from_numpy(x)).argmax(1).numpy()  # the full width's answers
+    np.savez(d / "mine.npz", x=x, y=y)
+    report = build_model(Repository(tmp_path), "tiny", progress=False, repeats=2)
+    assert report.frontier.candidate("w100").accuracy == 1.0
+    np.savez(d / "mine.npz", x=x, y=(y + 1) % 10)  # every label now wrong for w100
+    report = build_model(Repository(tmp_path), "tiny", progress=False, repeats=2)
+    assert report.frontier.candidate("w100").accuracy == 0.0

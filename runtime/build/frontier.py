@@ -33,7 +33,6 @@ import logging
 import shutil
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.build.export import embedding_rows, write_tier_files
-from runtime.build.pipeline import evaluate_accuracy, validated_engine
+from runtime.build.pipeline import evaluate_accuracy, evaluation_key, validated_engine
 from runtime.build.sampling import norm_inputs, sample_tier
 from runtime.engines.torch import module_files_problem
 from runtime.inn.calibrate import recompute_norm_stats
@@ -320,7 +319,8 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
         "candidates": [list(config.auto_tiers.widths), config.auto_tiers.shaped],
         "method": config.method,
         "multiple_of": config.multiple_of,
-        "evaluation": asdict(config.evaluation) if config.evaluation else None,
+        # by content (a .npz or text file rewritten is measured again), as the tiers' records
+        "evaluation": evaluation_key(config, model_dir),
         "inputs": [t.__dict__ for t in config.inputs],
         "outputs": [t.__dict__ for t in config.outputs],
         "max_batch": config.max_batch,
