@@ -136,6 +136,12 @@ class Metrics:
             "a sequence axis, admitted or refused: what its scheduler lane is chosen by.",
             ["model"], buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
+        self.lane_requests = Counter(
+            "innfer_lane_requests_total", "Requests to a model with a sequence axis, by the "
+            "lane (profiled sequence length) each was planned in, admitted or refused; each "
+            "lane's series exists from load, at 0.",
+            ["model", "lane"], registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "innfer_queue_depth", "Requests waiting in the queue.", ["model"], registry=r
         )

@@ -819,6 +819,7 @@ class ModelRuntime:
         if self._seq_axis is not None:  # a sequence model: one observation per request
             name, axis = self._seq_axis
             self._tokens.observe(int(inputs[name].shape[axis]))
+            self._lane_requests[lane].inc()
         if self.host_cpu is not None:
             self.host_cpu.arrived(rows)
         try:
@@ -944,6 +945,10 @@ class ModelRuntime:
         self._queue_total = m.queue_total.labels(name)
         self._served_accuracy = m.served_accuracy.labels(name)
         self._tokens = m.request_tokens.labels(name)
+        # The histogram's buckets are fixed; the lanes are the model's lengths (8/16/24...).
+        # (Bound before the lanes are made: ``overheads`` has one entry per lane.)
+        lanes = self.overheads if self._seq_axis is not None else ()
+        self._lane_requests = {n: m.lane_requests.labels(name, str(n)) for n in lanes}
         self._degraded = m.degraded.labels(name)
         self._met = m.deadline_met.labels(name)
         self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}

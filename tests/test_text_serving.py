@@ -517,6 +517,11 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
     count = metrics.registry.get_sample_value("innfer_request_tokens_count", {"model": "embed"})
     total = metrics.registry.get_sample_value("innfer_request_tokens_sum", {"model": "embed"})
     assert (count, total) == (2, 5 + 22)
+    # and in their lanes' counters: 8 and 24 tokens (the histogram has no bucket at 24)
+    sample = metrics.registry.get_sample_value
+    labels = {n: {"model": "embed", "lane": str(n)} for n in LENGTHS}
+    lanes = {n: sample("innfer_lane_requests_total", labels[n]) for n in LENGTHS}
+    assert lanes == {8: 1, 16: 0, 24: 1}
 
 
 # -- the BYTES codec, without a server ----------------------------------------------------------
