@@ -556,3 +556,93 @@ def test_cat_of_a_chunk_tuple_converts(dim, tmp_path):
     inn = _converts(CatOfChunks(dim), torch.randn(2, 4), tmp_path)
     assert [(g.size, g.discrete) for g in inn.groups] == [(6, False)]
     assert inn.sample(0.5).b.in_features == (6 if dim == -1 else 3)
+
+
+# -- decoder and normalisation layers (BYOM: U-Net / GAN / GroupNorm ResNet patterns) ----------
+
+
+class Decoder(nn.Module):
+    """GroupNorm and InstanceNorm after convs, a bilinear downsample, a transposed conv up,
+    PReLU per channel, nearest Upsample and a GroupNorm of one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.c2, self.inorm = nn.Conv2d(32, 32, 3, padding=1), nn.InstanceNorm2d(32, affine=True)
+        self.up, self.act = nn.ConvTranspose2d(32, 16, 2, stride=2), nn.PReLU(16)
+        self.grow, self.ln = nn.Upsample(scale_factor=2), nn.GroupNorm(1, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.c1(x)))
+        x = F.relu(self.inorm(self.c2(x)))
+        x = F.interpolate(x, scale_factor=0.5, mode="bilinear")
+        x = self.ln(self.grow(self.act(self.up(x))))
+        return self.head(x).mean((2, 3))
+
+
+def test_decoder_layers_convert_sample_and_export(tmp_path):
+    import onnxruntime as ort
+
+    from runtime.build.export import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    inn = _converts(Decoder(), x, tmp_path)
+    half = inn.sample(0.5).eval()
+    mods = dict(half.named_modules())
+    # GroupNorm's 8 groups keep 2 channels each; the transposed conv reads the half width
+    assert (mods["gn"].num_groups, mods["gn"].num_channels) == (8, 16)
+    assert (mods["up"].in_channels, mods["up"].out_channels) == (16, 8)
+    assert mods["act"].num_parameters == 8 and mods["inorm"].num_features == 16
+    data = export_onnx(half, [("input", (3, 16, 16), torch.float32)], ["y"])
+    got = ort.InferenceSession(data).run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), half(x), rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_samples_within_its_groups():
+    # Each of GroupNorm's groups holds its own run of channels: sampled within each run,
+    # the 4 groups' channels stay apart (a channel of group 0 never lands in group 1).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.Conv2d(16, 2, 1))
+    inn = _converts(model, torch.randn(2, 3, 4, 4))
+    assert dict(inn.sample(0.5).named_modules())["1"].num_channels == 8
+    with pytest.raises(ValueError, match=r"multiple of its 4 blocks \(the groups of a grouped"):
+        inn.sample({"0": 6})  # 6 channels cannot split into 4 equal groups
+
+
+def test_normalize_over_channels_is_refused_and_over_features_of_fixed_width_converts():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU())
+
+    class OverChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = conv, nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(F.normalize(self.body(x), dim=1)).mean((2, 3))
+
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ConversionError, match="normalize over a channel dim"):
+        runtime.convert(OverChannels().eval(), (x,))
+    with pytest.warns(UserWarning, match="no elastic width"):  # its only group kept
+        _converts(OverChannels(), x, discrete=["body.0"])
+
+    class Embedder(nn.Module):  # the usual use: unit-norm output features
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return F.normalize(self.b(torch.relu(self.a(x))), dim=-1)
+
+    _converts(Embedder(), torch.randn(3, 6))
+
+
+def test_a_grouped_transposed_conv_keeps_its_channels_or_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ConversionError, match="grouped ConvTranspose"):
+        runtime.convert(model.eval(), (x,))
+    with pytest.warns(UserWarning, match="no elastic width"):  # its only group kept
+        _converts(model, x, discrete=["0"])

@@ -172,8 +172,8 @@ class IntegralModel:
 
     def step(self, g: GroupInfo, multiple_of: int) -> int:
         """Entries per step of ``g``'s rounded widths: the fewest whose channels are a
-        multiple of ``multiple_of`` and a multiple of the conv groups (blocks); plain blocks
-        where the group is too small."""
+        multiple of ``multiple_of`` and a multiple of the blocks (a grouped conv's or
+        GroupNorm's groups); plain blocks where the group is too small."""
         q = math.lcm(multiple_of // math.gcd(multiple_of, self.unit(g)), g.blocks)
         return g.blocks if g.size < q or g.size % g.blocks else q
 
@@ -233,7 +233,7 @@ class IntegralModel:
             if n % g.blocks:
                 raise ValueError(
                     f"channel count for group {name!r} must be a multiple of its {g.blocks} "
-                    f"conv groups, got {n}"
+                    f"blocks (the groups of a grouped conv or GroupNorm on it), got {n}"
                 )
             out[name] = n
         return out

@@ -100,6 +100,27 @@ def softmax_dim(tr: Tracer, node: fx.Node, x: fx.Node, dim: int | None) -> None:
     tr.copy(node, x, sources=False)
 
 
+@register(functions=(F.interpolate,))
+def interpolate(tr: Tracer, node: fx.Node) -> None:
+    """Resizes the dims after batch and channels (``slid_over``): the channels are kept."""
+    x = node.args[0]
+    tr.labels[node] = slid_over(tr, node, x, len(tr.shape(x)) - 2, "interpolation")
+
+
+@register(functions=(F.normalize,))
+def normalize(tr: Tracer, node: fx.Node) -> None:
+    """x / ||x|| along ``dim`` (default 1): over continuous channels the norm grows with the
+    width (every output scaled by about sqrt(n / m)), so that dim is fixed, as softmax's.
+    Over any other dim (an embedder's output features) every layout is kept."""
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    dim = arg(node, 2, "dim", 1)
+    lay = tr.labels.get(x, {}).get(dim % rank) if rank else None
+    if lay is not None:
+        tr.fixed(node, "normalize over a channel dim (its norm sums the channels)", [lay])
+    tr.copy(node, x, sources=False)
+
+
 @register(when=lambda node: identity_input(node) is not None)
 def inference_identity(tr: Tracer, node: fx.Node) -> None:
     """Stochastic depth / drop path in eval mode: the input itself."""

@@ -1,5 +1,6 @@
-"""Rules for torch.nn layers: conv, linear, norms, embedding, flatten, multi-head attention,
-and layers that keep every dim."""
+"""Rules for torch.nn layers: conv (and transposed), linear, norms (batch, instance, group,
+layer), embedding, flatten, multi-head attention, PReLU, upsampling, and layers that keep
+every dim."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ if TYPE_CHECKING:
     from runtime.inn.tracer import Tracer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Per-channel norms: each channel is normalised by statistics of its own (a batch's, or one
+# sample's for instance norm), so a channel's output does not depend on the others.
+_NORM = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
 # Modules that keep every dimension's channels where they are.
 SAME_LAYOUT_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
@@ -69,6 +76,30 @@ def conv(tr: Tracer, node: fx.Node) -> None:
     fields.append(SizeField("out_channels", out))
     tr.size_fields[name] = fields
     same = pointwise(mod.kernel_size, mod.stride, mod.padding)
+    tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
+
+
+@register(modules=_CONV_T)
+def conv_transpose(tr: Tracer, node: fx.Node) -> None:
+    """A transposed conv's weight is (in_channels, out_channels / groups, *kernel): the
+    input's channels are dim 0 (summed over: the quadrature scale), the output's dim 1.
+    Grouped ones have no rule: their channels must stay discrete."""
+    mod, name, x = _module(tr, node)
+    spatial = len(mod.kernel_size)
+    cdim = len(tr.shape(x)) - spatial - 1  # 1, or 0 for an unbatched input
+    if mod.groups != 1:
+        what = f"a grouped ConvTranspose ({mod.groups} groups) has no rule"
+        tr.fixed_inputs(node, what)
+        tr.opaque(node, what)
+        return
+    l_in = tr.layout_of(x, cdim)
+    tr.module_binding(name, "weight", 0, l_in, reduce=True)
+    out = tr.new_group(mod.out_channels, name)
+    tr.module_binding(name, "weight", 1, out)
+    if mod.bias is not None:
+        tr.module_binding(name, "bias", 0, out)
+    tr.size_fields[name] = [SizeField("in_channels", l_in), SizeField("out_channels", out)]
+    same = pointwise(mod.kernel_size, mod.stride, mod.padding) and not any(mod.output_padding)
     tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
 
 
@@ -134,6 +165,43 @@ def batch_norm(tr: Tracer, node: fx.Node) -> None:
             tr.module_binding(name, p, 0, lay)
     tr.size_fields[name] = [SizeField("num_features", lay)]
     tr.copy(node, x, sources=False)
+
+
+@register(modules=(nn.GroupNorm,))
+def group_norm(tr: Tracer, node: fx.Node) -> None:
+    """Normalises each of ``num_groups`` runs of consecutive channels together: the channels
+    are resampled within each run (a grouped conv's blocks, ``set_blocks``), so every run
+    keeps its share of the width and its statistics stay those of its own channels."""
+    mod, name, x = _module(tr, node)
+    lay = tr.layout_of(x, 1)
+    if mod.num_groups > 1:
+        if len(lay) != 1 or lay[0].inner != 1:
+            tr.fixed(node, f"GroupNorm ({mod.num_groups} groups) over channels a concat or "
+                     "flatten joined", [lay])  # fmt: skip
+        else:
+            set_blocks(tr, tr.uf.find(lay[0].group), mod.num_groups, node)
+    for p in ("weight", "bias"):
+        if getattr(mod, p, None) is not None:
+            tr.module_binding(name, p, 0, lay)
+    tr.size_fields[name] = [SizeField("num_channels", lay)]
+    tr.copy(node, x, sources=False)
+
+
+@register(modules=(nn.PReLU,))
+def prelu(tr: Tracer, node: fx.Node) -> None:
+    """One slope per channel (dim 1; dim 0 of an unbatched 1-d input), or one for all."""
+    mod, name, x = _module(tr, node)
+    if mod.num_parameters > 1:
+        lay = tr.layout_of(x, 1 if len(tr.shape(x)) > 1 else 0)
+        tr.module_binding(name, "weight", 0, lay)
+        tr.size_fields[name] = [SizeField("num_parameters", lay)]
+    tr.copy(node, x, sources=False)
+
+
+@register(modules=(nn.Upsample,))
+def upsample_module(tr: Tracer, node: fx.Node) -> None:
+    x = node.args[0]
+    tr.labels[node] = slid_over(tr, node, x, len(tr.shape(x)) - 2, "upsampling")
 
 
 @register(modules=(nn.LayerNorm,))
