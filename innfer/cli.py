@@ -529,7 +529,10 @@ def _offered(args: argparse.Namespace) -> str:
     """The load a simulation's title names: a file trace is replayed as recorded, whatever
     ``--load`` says."""
     if args.trace == "file":
-        return f"trace {Path(args.trace_file).name}"
+        from sim.traces import recorded
+
+        budgets = ", its budgets" if recorded(args.trace_file) is not None else ""
+        return f"trace {Path(args.trace_file).name}{budgets}"
     return f"{args.trace}, load {args.load}x"
 
 
@@ -772,8 +775,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--trace-file",
-        help="timestamps in seconds, one per line (--trace file): replayed whole, whatever "
-        "--load; the run covers --duration or the file's span, whichever is longer",
+        help="timestamps in seconds, one per line, or a traffic CSV as the server records "
+        "it (arrival_s,budget_ms[,rows]: each request's own budget and rows, not --budget) "
+        "(--trace file): replayed whole, whatever --load; the run covers --duration or the "
+        "file's span, whichever is longer",
     )
     p.add_argument("--cv2", type=_positive, default=1.0, help="gamma trace: squared CV")
     p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")

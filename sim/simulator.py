@@ -41,6 +41,7 @@ from sim.traces import (
     make_trace,
     offered_rate,
     read_trace,
+    recorded,
     trace_window,
     varying_multiplier,
 )
@@ -115,7 +116,9 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
         True
     """
     rate, arrivals, budgets, rng = requests_for(tiers, p50, cfg)
-    return replay(tiers, p50, arrivals, budgets, cfg, rng=rng, rate=rate)
+    traffic = recorded(cfg.trace_file) if cfg.trace == "file" else None
+    rows = traffic.rows if traffic is not None else None
+    return replay(tiers, p50, arrivals, budgets, cfg, rows=rows, rng=rng, rate=rate)
 
 
 def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig):
@@ -137,6 +140,8 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
     arrivals = make_trace(cfg, rate)
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
+    if cfg.trace == "file" and (traffic := recorded(cfg.trace_file)) is not None:
+        budgets = traffic.budget_ms / 1e3  # each request's own (drawn ones: rng continues)
     return offered_rate(cfg, arrivals), arrivals, budgets, rng
 
 

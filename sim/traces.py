@@ -8,7 +8,10 @@
                multiplier averages 1.18, so it offers about 1.18x the base rate
   file         one timestamp per line (seconds), replayed as given and whole: the rate
                asked for is not used, and the run covers the file's span where that is
-               longer than the duration
+               longer than the duration. Or a traffic CSV as the server records it
+               (``arrival_s,budget_ms[,rows]``: auto-tiering's traffic.csv, ``innfer tiers
+               suggest --traffic``'s input): each request's own budget and rows are
+               replayed too (``recorded``)
 
 A run's window (``trace_window``) is its duration, or up to the last arrival where that is
 later; its offered rate (``offered_rate``) is the arrivals it holds over that window - what
@@ -23,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +34,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from sim.simulator import SimConfig
+    from sim.tiering import Traffic
 
 TRACES = ("poisson", "gamma", "varying", "file")
 
@@ -119,14 +124,45 @@ def varying_multiplier(x: np.ndarray) -> np.ndarray:
     return np.where(bursts, 3.0, m)
 
 
+def recorded(path: str | Path) -> Traffic | None:
+    """The requests of a traffic CSV (``sim.tiering.Traffic.read``: header
+    ``arrival_s,budget_ms[,rows]``, what the server records), or None for a file of bare
+    timestamps. Read once per file version: ``make_trace``, the budgets and the rows of one
+    run all come from it.
+
+    Example:
+        >>> recorded("runs/repo/mlp/.autotier/traffic.csv").budget_ms[:2]  # doctest: +SKIP
+        array([12.5, 80. ])
+    """
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"arrival_s"):
+        return None
+    st = p.stat()
+    return _read_traffic(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_traffic(path: str, mtime_ns: int, size: int) -> Traffic:
+    from sim.tiering import Traffic  # (sim.tiering imports the simulator, which imports this)
+
+    traffic = Traffic.read(path)
+    if not len(traffic.arrival_s):
+        raise ValueError(f"{path}: no requests after the header")
+    return traffic
+
+
 def read_trace(path: str | Path) -> np.ndarray:
     """Timestamps (seconds, one a line; blank lines and ``#`` comments skipped), shifted to
-    start at 0.
+    start at 0; or the arrivals of a traffic CSV (``recorded``), shifted alike.
 
     Example:
         >>> read_trace("arrivals.txt")  # lines "10.0", "10.5", "12"  # doctest: +SKIP
         array([0. , 0.5, 2. ])
     """
+    if (traffic := recorded(path)) is not None:
+        return traffic.arrival_s - traffic.arrival_s[0]
     values = []
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.strip()

@@ -76,6 +76,25 @@ def test_a_file_trace_reports_its_own_rate_and_goodput_over_its_span(tmp_path, m
     assert sum(arrivals.get_ydata()) * 100 / 60 == pytest.approx(11)  # per-second rates
 
 
+def test_a_traffic_csv_the_server_records_replays_its_budgets_and_rows(tmp_path):
+    # `innfer simulate --trace-file traffic.csv` (auto-tiering's record, `tiers suggest
+    # --traffic`'s input) failed: "not a timestamp in seconds: 'arrival_s,budget_ms,rows'".
+    from server.traffic import write_traffic
+
+    path = tmp_path / "traffic.csv"
+    arrivals = 100.0 + np.arange(20) * 0.5  # recorded on the server's clock
+    budgets = np.where(np.arange(20) % 2 == 0, 1.0, 500.0)  # 1 ms: below any tier
+    write_traffic(path, arrivals, budgets, np.full(20, 8))
+    r = simulate(TIERS, P50, SimConfig(trace="file", trace_file=str(path), duration_s=5))
+    assert r.summary["requests"] == 20 and r.arrivals[0] == 0.0
+    assert r.states.count("refused_deadline") == 10  # each 1 ms budget, none of the others
+    assert r.summary["slo_attainment"] == pytest.approx(0.5)
+    assert r.summary["p50_latency_ms"] > 10  # 8 rows each: w100's batch of 8 (14 ms), not 1
+    path.write_text("arrival_s,budget_ms\n")
+    with pytest.raises(ValueError, match=r"traffic\.csv: no requests after the header"):
+        simulate(TIERS, P50, SimConfig(trace="file", trace_file=str(path)))
+
+
 def test_the_varying_trace_reports_the_rate_it_offers():
     # Its multiplier averages 1.18 over the trace: at load 1 it offers about 1.18x capacity,
     # and the summary says what it offered, not the base rate.
