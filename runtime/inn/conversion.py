@@ -40,7 +40,7 @@ def convert(
     permute: bool = True,
     fold_norms: bool = True,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> IntegralModel:
     """Convert a trained ``model`` into an IntegralModel.
 
@@ -57,6 +57,8 @@ def convert(
     Resampling then merges whole affine channels; without data this keeps far more accuracy
     than resampling the conv and the norm statistics apart (measured in bench/conversion.py).
     Pass ``False`` to keep the norms, e.g. to re-estimate their statistics per width.
+    ``progress``: a bar over the groups being permuted (the long part on a large model);
+    None: shown when stderr is a terminal (tqdm's ``disable=None``).
     The model's input channels and its outputs are always discrete. Raises ``ConversionError``
     naming the node when the model contains an op innfer cannot resample.
     """
@@ -91,7 +93,8 @@ def convert(
         model.train(was_training)
     if permute:
         groups = [g for g in analysis.groups if not g.discrete and g.blocks == 1]
-        for g in tqdm(groups, desc="permuting", disable=not progress):
+        quiet = None if progress is None else not progress  # None: tqdm asks isatty()
+        for g in tqdm(groups, desc="permuting", disable=quiet):
             gi = analysis.groups.index(g)
             order = smoothing_order(channel_features(state, analysis, gi), seed=seed)
             apply_order(state, analysis, gi, order)
