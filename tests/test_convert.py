@@ -394,3 +394,30 @@ def test_a_hand_written_layer_is_told_to_use_a_linear():
     with pytest.raises(ConversionError, match=r"matmul of an activation with a parameter \(a "
                        r"hand-written layer\) has no rule: use nn.Linear or F.linear"):  # fmt: skip
         runtime.convert(_HandLinear().eval(), torch.randn(2, 8))
+
+
+def test_convert_and_evaluate_give_each_module_its_own_mode_back():
+    # A wrapper (train mode, nn.Module's default) around a model in eval mode: convert's
+    # model.train(True) put the model's BatchNorm in train mode, and the user's next forward
+    # normalised by batch statistics (torchvision LR-ASPP: off by 2.2 on a 0.2 scale).
+    from runtime.inn.report import evaluate
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(),
+                                   nn.LazyLinear(4)).eval()  # fmt: skip
+
+        def forward(self, x):
+            return self.m(x)
+
+    x = torch.randn(2, 3, 6, 6)
+    w = Wrapper()
+    w(x)  # (the lazy layer's shape)
+    with torch.no_grad():
+        before = w(x)
+        runtime.convert(w, (x,), progress=False)
+        assert w.training and not w.m.training and not w.m[1].training
+        torch.testing.assert_close(w(x), before)
+        evaluate(w, x, torch.zeros(2, dtype=torch.long))
+        assert w.training and not w.m[1].training

@@ -26,6 +26,7 @@ from runtime.inn import graphio
 from runtime.inn.capture import Frontend, capture, drop_default_checks, left_out
 from runtime.inn.groups import Analysis, ConversionError, GroupInfo, analyse
 from runtime.inn.model import IntegralModel
+from runtime.inn.modes import evaluating
 from runtime.inn.permute import smoothing_order
 
 
@@ -69,11 +70,9 @@ def convert(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "
             "the original nn.Module - conversion reads its Python modules and parameters"
         )
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):  # afterwards every module has its own mode back
         _check_runs(model, tuple(example_inputs), example_kwargs)
-        source = _weights_baked(model)  # (``model`` itself gets its mode back below)
+        source = _weights_baked(model)  # (``model`` gets its modes back below)
         # Fold first: fuse() traces with fx, and tracing twice can go wrong (timm's LeViT
         # caches a tensor computed in its first traced forward: the second trace sees a
         # proxy of the first). A model fx cannot trace is captured unfolded by torch.export.
@@ -89,8 +88,6 @@ def convert(
         analysis = analyse(gm, _placeholder_inputs(gm, example_inputs, example_kwargs), discrete)
         spec = graphio.to_spec(gm)
         state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
-    finally:
-        model.train(was_training)
     if permute:
         groups = [g for g in analysis.groups if not g.discrete and g.blocks == 1]
         quiet = None if progress is None else not progress  # None: tqdm asks isatty()

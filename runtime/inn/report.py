@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from runtime.inn.model import IntegralModel
+from runtime.inn.modes import evaluating
 
 
 class Dataset(Protocol):
@@ -156,15 +157,11 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
         >>> 0.0 <= evaluate(zoo.build("digits_mlp"), ds.x_test, ds.y_test) <= 1.0
         True
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         correct = 0
         for i in range(0, len(x), batch_size):
             logits = model(x[i : i + batch_size])  # (B, num_classes)
             correct += int((logits.argmax(dim=1) == y[i : i + batch_size]).sum().item())
-    finally:
-        model.train(was_training)
     return correct / max(len(x), 1)
 
 
