@@ -6,7 +6,7 @@ the refusing node, convert time, continuous groups, relative error of sample(1.0
 sample(0.5) runs, and whether the 0.5 tier exported to ONNX matches onnxruntime. Writes
 bench/results/zoo.json.
 
-    python bench/zoo.py [--models resnet18,convnext_atto,...] [--size 64]
+    python bench/zoo.py [--models tv/resnet18,timm/convnext_atto,...] [--size 64] [--out F]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ OUT = Path(__file__).parent / "results"
 TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
                "regnet_y_400mf", "densenet121", "shufflenet_v2_x0_5", "convnext_tiny",
                "squeezenet1_0", "vgg11_bn", "vit_b_16", "swin_t")  # fmt: skip
+# Segmentation (decoders: F.interpolate, ASPP): their "out" map, the dict's main entry.
+SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
         "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")  # fmt: skip
 # Tiny configs (random init) and the packaged all-MiniLM-L6-v2 (real weights, offline).
@@ -52,6 +54,10 @@ def _builders() -> dict[str, object]:
 
         for name in TORCHVISION:
             out[f"tv/{name}"] = lambda n=name: getattr(tv, n)(weights=None)
+        for name in SEGMENTATION:
+            out[f"tv/{name}"] = lambda n=name: _MainOutput(
+                getattr(tv.segmentation, n)(weights=None, weights_backbone=None)
+            )
     except Exception:  # torchvision missing or its compiled ops unavailable
         pass
     try:
@@ -76,6 +82,17 @@ def _builders() -> dict[str, object]:
     except Exception:
         pass
     return out
+
+
+class _MainOutput(torch.nn.Module):
+    """A torchvision segmentation model's ``out`` map (it returns a dict of maps)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
 
 
 def _inputs(name: str, size: int) -> tuple[tuple, dict]:
@@ -157,6 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="")
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=OUT / "zoo.json")
     args = ap.parse_args()
     builders = _builders()
     wanted = [m for m in args.models.split(",") if m] or list(builders)
@@ -174,8 +192,8 @@ def main() -> None:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300],
                              "where": traceback.format_exc(limit=2)[-300:]}  # fmt: skip
         print(name, json.dumps(results[name]), flush=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "zoo.json").write_text(json.dumps(results, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
     ok = sum(r.get("converts", False) for r in results.values())
     print(f"{ok}/{len(results)} convert")
 
