@@ -646,3 +646,17 @@ def test_a_grouped_transposed_conv_keeps_its_channels_or_is_refused():
         runtime.convert(model.eval(), (x,))
     with pytest.warns(UserWarning, match="no elastic width"):  # its only group kept
         _converts(model, x, discrete=["0"])
+
+
+def test_functional_group_norm_with_the_models_parameters_converts(tmp_path):
+    # timm's GroupNorm (resnet50_gn, PoolFormer) calls F.group_norm with its own weight
+    class GN(nn.GroupNorm):
+        def forward(self, x):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), GN(4, 16), nn.ReLU(), nn.Conv2d(16, 2, 1))
+    for p in model[1].parameters():
+        p.data.uniform_(0.5, 1.5)
+    inn = _converts(model, torch.randn(2, 3, 6, 6), tmp_path)
+    assert inn.group("0").blocks == 4  # resampled within each of the 4 groups

@@ -1,7 +1,8 @@
 """Rules for functional layers that use the model's own parameters: ``F.linear``,
 ``F.conv1d/2d/3d`` (every conv of a CNN captured by torch.export), ``F.layer_norm`` (timm /
-torchvision ``LayerNorm2d``: permute -> layer_norm -> permute) and ``F.batch_norm`` (timm
-``BatchNormAct2d``, and every BatchNorm captured by torch.export).
+torchvision ``LayerNorm2d``: permute -> layer_norm -> permute), ``F.batch_norm`` (timm
+``BatchNormAct2d``, and every BatchNorm captured by torch.export) and ``F.group_norm`` (timm's
+``GroupNorm`` / ``GroupNorm1``: resnet50_gn, PoolFormer).
 
 The parameters reach the call as ``get_attr`` nodes (possibly through shape ops), whose dims
 already carry bound groups; the rule ties those dims to the input's channels. A literal
@@ -53,6 +54,28 @@ def batch_norm(tr: Tracer, node: fx.Node) -> None:
     lay = tr.layout_of(x, 1)
     names = ("running_mean", "running_var", "weight", "bias")
     for pos, name in enumerate(names, start=1):
+        p = arg(node, pos, name)
+        if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:
+            tr.unify(tr.layout_of(p, 0), lay, f"node {node.name!r}")
+    tr.copy(node, x, sources=False)
+
+
+@register(functions=(F.group_norm,))
+def group_norm(tr: Tracer, node: fx.Node) -> None:
+    """``F.group_norm(x, num_groups, weight, bias)``: as ``nn.GroupNorm`` (layers.group_norm),
+    its channels resampled within each group, the parameters tied to them."""
+    x = node.args[0]
+    groups = arg(node, 1, "num_groups")
+    lay = tr.layout_of(x, 1)
+    if not isinstance(groups, int):
+        tr.fixed(node, "group_norm with a computed num_groups", [lay])
+    elif groups > 1:
+        if len(lay) != 1 or lay[0].inner != 1:
+            tr.fixed(node, f"group_norm ({groups} groups) over channels a concat or flatten "
+                     "joined", [lay])  # fmt: skip
+        else:
+            set_blocks(tr, tr.uf.find(lay[0].group), groups, node)
+    for pos, name in ((2, "weight"), (3, "bias")):
         p = arg(node, pos, name)
         if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:
             tr.unify(tr.layout_of(p, 0), lay, f"node {node.name!r}")
