@@ -72,6 +72,36 @@ def test_channel_search_times_a_sequence_model_at_its_tuned_profiled_length(monk
     assert result.context["length"] == 8  # recorded in tier.json's channel_search entry
 
 
+def test_channel_search_candidates_share_the_models_timing_cache(tmp_path):
+    # Each candidate built into a directory of its own, so TensorRT's timing cache (kept in
+    # the engine directory's parent) started empty for every one and was deleted with the
+    # search: every candidate timed every kernel again. A backend that keeps such a file
+    # (ONNX Runtime, recording what each build found there):
+    ort = get_backend("onnxruntime")
+    seen: list[int] = []
+
+    class Timed(type(ort)):
+        def build(self, onnx_path, out_dir, options):
+            cache = out_dir.parent / "timing-gpu-trt10.cache"
+            before = cache.read_text().splitlines() if cache.is_file() else []
+            seen.append(len(before))
+            cache.write_text("\n".join([*before, out_dir.parent.name + out_dir.name]))
+            return super().build(onnx_path, out_dir, options)
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "timing-gpu-trt10.cache").write_text("from an earlier build")
+    config = ModelConfig.from_dict(TEXT_CONFIG, source="model.yaml")
+    result = channels.search_channels(
+        _text_inn(), config, 0.5, Timed(), BuildOptions(max_batch=4), progress=False,
+        cache_dir=engines,
+    )  # fmt: skip
+    n = len(result.candidates)
+    assert n > 1 and seen == list(range(1, n + 1))  # each build saw the ones before it
+    kept = (engines / "timing-gpu-trt10.cache").read_text().splitlines()
+    assert kept[0] == "from an earlier build" and len(kept) == n + 1  # given back
+
+
 def test_the_search_length_enters_the_source_hash_only_for_sequence_models(tmp_path):
     add_model(tmp_path, "text", _text_inn(), TEXT_CONFIG)
     ort = get_backend("onnxruntime")

@@ -53,9 +53,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.atomic import write_bytes
 from runtime.build.export import write_tier_files
 from runtime.build.sampling import norm_inputs, sample_tier
 from runtime.engines import Backend, BuildOptions, Engine
+from runtime.engines.tensorrt import TIMING_CACHES
 from runtime.inn.model import IntegralModel
 from runtime.inn.report import count_flops
 from runtime.repository.config import ModelConfig, to_dict
@@ -235,10 +237,14 @@ def search_channels(
     accuracy: Callable[[Engine], float] | None = None,
     progress: bool = True,
     label: str = "",
+    cache_dir: Path | None = None,
 ) -> SearchResult:
     """Measure every candidate rounding of ``width`` and choose one (module docstring).
 
     ``accuracy(engine)`` scores a candidate on the evaluation set; None: FLOPs / full FLOPs.
+    ``cache_dir``: the model's engine cache (``<model>/engines``), whose files a backend
+    keeps beside its engines (TensorRT's timing cache per GPU and version) the candidates'
+    builds start from and add to; the candidates' engines themselves are temporary.
 
     Example:
         >>> result = search_channels(inn, config, 0.25, get_backend("onnxruntime"),
@@ -262,12 +268,20 @@ def search_channels(
     engines: list[Engine] = []
     measured: list[Candidate] = []
     with tempfile.TemporaryDirectory(prefix="innfer-channels-") as tmp, bar:
+        # One parent for every candidate's engine: a backend's shared files (TensorRT keeps
+        # its timing cache in the engine directory's parent) serve them all - each
+        # candidate in a directory of its own timed every kernel again - seeded from, and
+        # given back to, the model's cache.
+        shared = Path(tmp) / "engines"
+        shared.mkdir()
+        _copy_shared(cache_dir, shared)
         try:
             for i, cand in enumerate(cands):
                 bar.set_postfix_str(f"build {i + 1}/{len(cands)}")
                 engine, flops = _open_candidate(
-                    inn, config, cand, backend, options, Path(tmp) / str(i)
-                )
+                    inn, config, cand, backend, options, Path(tmp) / "tiers" / str(i),
+                    shared / str(i),
+                )  # fmt: skip
                 engines.append(engine)
                 score = accuracy(engine) if accuracy else flops / full
                 measured.append(Candidate(cand.multiples, cand.sizes, flops, score))
@@ -280,6 +294,7 @@ def search_channels(
         finally:
             for engine in engines:
                 engine.close()
+        _copy_shared(shared, cache_dir)
     timed = [
         Candidate(c.multiples, c.sizes, c.flops, c.accuracy, ms)
         for c, ms in zip(measured, medians, strict=True)
@@ -287,15 +302,29 @@ def search_channels(
     return SearchResult(timed, choose(timed), context)
 
 
-def _open_candidate(inn, config, cand: Candidate, backend, options, d: Path):
+def _copy_shared(src: Path | None, dst: Path | None) -> None:
+    """Copy the backend files kept beside engines (TensorRT's ``timing-*.cache``) from
+    ``src`` to ``dst``, each written whole; a copy holding no more than the one already at
+    ``dst`` is skipped (a timing cache only grows: another build's additions are kept)."""
+    if src is None or dst is None or not src.is_dir():
+        return
+    for f in src.glob(TIMING_CACHES):
+        there = dst / f.name
+        if not there.is_file() or f.stat().st_size > there.stat().st_size:
+            dst.mkdir(parents=True, exist_ok=True)
+            write_bytes(there, f.read_bytes())
+
+
+def _open_candidate(inn, config, cand: Candidate, backend, options, d: Path, engine: Path):
     """(engine, FLOPs) for one candidate: sampled (BatchNorm statistics re-estimated where
     the tier's would be: an accuracy-scored search ranked candidates on the full width's
-    statistics resampled), exported, built and loaded like a tier."""
+    statistics resampled), exported to ``d``, built into ``engine`` and loaded like a
+    tier."""
     module, _ = sample_tier(inn, config, cand.sizes, norm_inputs(config))
     flops = count_flops(module, _example(config))
     write_tier_files(d, module, config)
-    backend.build(d / "model.onnx", d / "engine", options)
-    return backend.load(d / "engine", options), flops
+    backend.build(d / "model.onnx", engine, options)
+    return backend.load(engine, options), flops
 
 
 def _example(config: ModelConfig) -> tuple[torch.Tensor, ...]:

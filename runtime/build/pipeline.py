@@ -303,7 +303,15 @@ def _export_tier(
     if search is None and _searches(config, tier):
         try:
             result = search_channels(
-                inn, config, tier.width, backend, options, score, progress, tier.name
+                inn,
+                config,
+                tier.width,
+                backend,
+                options,
+                score,
+                progress,
+                tier.name,
+                cache_dir=repo.model_dir(name) / "engines",
             )
         except (ValueError, EngineError) as exc:
             raise BuildError(f"{config.source}: tier {tier.name}: channel search: {exc}") from exc

@@ -65,6 +65,7 @@ log = logging.getLogger("innfer.engines.tensorrt")
 PLAN_FILE = "engine.plan"
 # One timing cache per GPU model and TensorRT version, beside the engine directories.
 TIMING_CACHE_PATTERN = "timing-{device}-trt{version}.cache"
+TIMING_CACHES = "timing-*.cache"  # every TIMING_CACHE_PATTERN name (a glob)
 PRECISIONS = ("fp32", "fp16")
 # Builder scratch memory; 1 GiB is ample for the small per-tier networks served here.
 # Override with BuildOptions(extra={"workspace_mib": N}).
