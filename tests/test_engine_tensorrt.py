@@ -1016,6 +1016,36 @@ def test_backend_available_with_fake_tensorrt_and_cuda(install_trt):
     assert backend.version() == FAKE_TRT_VERSION
 
 
+def test_a_model_whose_backend_is_unavailable_is_told_what_is_missing(
+    tmp_path, monkeypatch, install_trt, fake_cuda
+):
+    # It said "none of the backends ['tensorrt'] is available on this machine" alone: not
+    # whether tensorrt, cuda-python or a GPU was missing (review helper-107).
+    from runtime.repository import Repository, RepositoryError
+    from runtime.repository.config import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "x", "shape": [4]}], "outputs": [{"name": "y", "shape": [2]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "backends": ["tensorrt"],
+    }, source="m/model.yaml")  # fmt: skip
+    repo = Repository(tmp_path)
+    install_trt()
+    monkeypatch.setattr(
+        fake_cuda, "cudaGetDeviceCount", lambda: (fake_cuda.cudaError_t.cudaSuccess, 0)
+    )
+    with pytest.raises(RepositoryError, match=r"\(tensorrt: no CUDA device on this machine; the "):
+        repo.choose_backend(config)
+    cuda = ("cuda", "cuda.bindings", "cuda.bindings.runtime")
+    for missing, says in (
+        (cuda, "pip install cuda-python"),
+        (("tensorrt",), "pip install tensorrt"),
+    ):
+        for module in missing:
+            monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
+        with pytest.raises(RepositoryError, match=f"tensorrt: .*{says}"):
+            repo.choose_backend(config)
+
+
 # --- gpu + TensorRT: real builds ----------------------------------------------------------
 
 

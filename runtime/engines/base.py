@@ -103,6 +103,11 @@ class Backend(ABC):
     def available(self) -> bool:
         """Whether this machine can build and run engines of this backend."""
 
+    def unavailable_reason(self) -> str | None:
+        """Why this machine cannot run the backend (what is missing and how to get it), or
+        None where it can. Backends with more than one thing to miss say which."""
+        return None if self.available() else f"the {self.name} backend is not installed"
+
     @abstractmethod
     def version(self) -> str:
         """The backend library's version (part of the cache key)."""

@@ -286,14 +286,23 @@ class TensorRTBackend(Backend):
 
     def available(self) -> bool:
         """True only if tensorrt and cuda-python import and a CUDA device is present."""
-        try:
-            import tensorrt  # noqa: F401
+        return self.unavailable_reason() is None
 
+    def unavailable_reason(self) -> str | None:
+        """Which of tensorrt, cuda-python and a CUDA device is missing, or None."""
+        try:
+            _import_trt()
             cudart = _import_cudart()
             err, count = cudart.cudaGetDeviceCount()
-            return err == cudart.cudaError_t.cudaSuccess and count > 0
-        except Exception:  # missing libraries, no driver, broken install: all "no"
-            return False
+        except BackendUnavailable as exc:  # says which package, and how to install it
+            return str(exc)
+        except Exception as exc:  # a broken install, a driver that does not load
+            return f"the tensorrt backend cannot reach CUDA: {type(exc).__name__}: {exc}"
+        if err != cudart.cudaError_t.cudaSuccess:
+            return f"no CUDA device: cudaGetDeviceCount returned {err} (is the driver loaded?)"
+        if count < 1:
+            return "no CUDA device on this machine"
+        return None
 
     def version(self) -> str:
         return _import_trt().__version__

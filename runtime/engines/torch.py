@@ -386,6 +386,11 @@ class TorchBackend(Backend):
             return False
         return True
 
+    def unavailable_reason(self) -> str | None:
+        if self.available():
+            return None
+        return "the torch backend needs torch, which this install lacks: pip install torch"
+
     def version(self) -> str:
         import torch
 

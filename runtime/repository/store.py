@@ -195,13 +195,16 @@ class Repository:
 
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
         names = [override] if override else list(config.backends)
+        why = []
         for n in names:
             backend = get_backend(n)
-            if backend.available():
+            reason = backend.unavailable_reason()
+            if reason is None:
                 return backend
+            why.append(f"{n}: {reason}")
         raise RepositoryError(
             f"{config.source}: none of the backends {names} is available on this machine "
-            f"(the onnxruntime CPU backend is always installed with innfer)"
+            f"({'; '.join(why)}; the onnxruntime CPU backend is always installed with innfer)"
         )
 
     def build_options(self, config: ModelConfig, backend: Backend) -> BuildOptions:
