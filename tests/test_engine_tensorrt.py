@@ -427,6 +427,9 @@ class _FakeCudart(types.ModuleType):
         self.device: dict[int, int] = {}  # live device allocations: address -> bytes
         self.pinned: dict[int, int] = {}  # live page-locked host allocations
         self.copies: list[tuple] = []  # (kind, dst, src, nbytes, stream handle)
+        # Copies wait on their stream until it is synchronised, as a GPU's do: a read of a
+        # pinned output before the synchronisation sees the previous contents.
+        self.pending: dict[int, list[tuple[int, int, int]]] = {}
         self.syncs = 0
         self.streams: set[int] = set()
 
@@ -469,10 +472,12 @@ class _FakeCudart(types.ModuleType):
 
     def cudaStreamSynchronize(self, stream):
         self.syncs += 1
+        for dst, src, nbytes in self.pending.pop(int(stream), []):  # in stream order
+            ctypes.memmove(dst, src, nbytes)
         return self._ok()
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        ctypes.memmove(int(dst), int(src), nbytes)
+        self.pending.setdefault(int(stream), []).append((int(dst), int(src), nbytes))
         self.copies.append((kind, int(dst), int(src), nbytes, int(stream)))
         return self._ok()
 
@@ -504,20 +509,27 @@ def fake_cuda(monkeypatch):
 
 
 class _FakeTimingCache:
-    """ITimingCache: a set of entries; serialize() is JSON, combine() a union."""
+    """ITimingCache: a set of entries made on ``device``; serialize() is JSON, combine() a
+    union. TensorRT refuses a cache of another device's properties unless told to ignore
+    the mismatch (set_timing_cache / combine return False)."""
 
-    def __init__(self, entries=()) -> None:
+    def __init__(self, entries=(), device: str = FAKE_GPU) -> None:
         self.entries = set(entries)
+        self.device = device
 
     @classmethod
     def parse(cls, data: bytes) -> _FakeTimingCache:
-        return cls(json.loads(bytes(data).decode())["entries"] if data else ())
+        if not data:
+            return cls()
+        doc = json.loads(bytes(data).decode())
+        return cls(doc["entries"], doc.get("device", FAKE_GPU))
 
     def serialize(self) -> bytes:
-        return json.dumps({"entries": sorted(self.entries)}).encode()
+        return json.dumps({"entries": sorted(self.entries), "device": self.device}).encode()
 
     def combine(self, other: _FakeTimingCache, ignore_mismatch: bool) -> bool:
-        assert ignore_mismatch is False  # a per-device, per-version file: never mix them
+        if other.device != self.device and not ignore_mismatch:
+            return False
         self.entries |= other.entries
         return True
 
@@ -550,6 +562,8 @@ class _FakeConfig:
         return _FakeTimingCache.parse(data)  # ValueError for garbage, like a corrupt file
 
     def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        if cache.device != FAKE_GPU and not ignore_mismatch:
+            return False
         self.cache = cache
         return True
 
@@ -873,6 +887,24 @@ def test_timing_cache_merges_what_another_build_saved_meanwhile(tmp_path, instal
     TensorRTBackend().build(tmp_path / "model.onnx", engines / "a", BuildOptions())
     entries = _FakeTimingCache.parse(cache.read_bytes()).entries
     assert "other-process" in entries and len(entries) == 2
+
+
+def test_a_timing_cache_of_another_device_is_neither_used_nor_merged(tmp_path, install_trt, caplog):
+    # Same file name (the same GPU model and TensorRT version), other device properties:
+    # TensorRT warns that combining such caches "may lead to functional/performance bugs".
+    _mlp_onnx(tmp_path / "model.onnx")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    cache = engines / timing_cache_name(FAKE_GPU, FAKE_TRT_VERSION)
+    cache.write_bytes(_FakeTimingCache({"elsewhere"}, device="another").serialize())
+    trt = install_trt()
+    with caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"):
+        TensorRTBackend().build(tmp_path / "model.onnx", engines / "a", BuildOptions())
+    assert "made on another device/version" in caplog.text
+    assert trt.record.configs[0].cache.entries.isdisjoint({"elsewhere"})  # started afresh
+    saved = _FakeTimingCache.parse(cache.read_bytes())
+    assert "elsewhere" not in saved.entries and saved.device == FAKE_GPU  # replaced, not merged
+    assert "other device/version" in caplog.text  # (the merge said why it dropped theirs)
 
 
 def test_unreadable_timing_cache_is_replaced(tmp_path, install_trt, caplog):
