@@ -606,7 +606,7 @@ class DataPlane:
             return 1
         if self.device is not None:
             return self.device.slots * max(m.config.threads for m in self.models.values())
-        return sum(m.config.instances * m.config.threads for m in self.models.values())
+        return sum(m.pool.n * m.config.threads for m in self.models.values())  # (instances)
 
     def drain(self) -> None:
         self.phase = Phase.DRAINING

@@ -368,6 +368,22 @@ def _check_batches(served: ServedModel, tables: dict, length: int) -> None:
             )
 
 
+def _instances(served: ServedModel) -> int:
+    """model.yaml's ``instances``, or fewer where the engines run fewer batches at once
+    (``Engine.concurrent_runs``: TensorRT's one execution context per tier): the plans
+    counted a second batch running that waited for the first."""
+    want = served.config.instances
+    caps = [e.concurrent_runs for e in served.engines.values() if e.concurrent_runs]
+    if not caps or min(caps) >= want:
+        return want
+    log.warning(
+        "model %s: instances %d, but %s engines run %d batch(es) at a time each: planned "
+        "with %d (run more replicas, or more models on the device, for more at once)",
+        served.name, want, served.backend, min(caps), min(caps),
+    )  # fmt: skip
+    return min(caps)
+
+
 class ModelRuntime:
     """Serves one model. ``clock`` is injectable for tests; it must be monotonic seconds."""
 
@@ -422,7 +438,7 @@ class ModelRuntime:
                 "re-profile on a quiet machine (`innfer build`)",
                 self.name, slow, fast, sizes, fast, slow,
             )  # fmt: skip
-        instances = self.config.instances
+        instances = _instances(served)
         if device is None and len(lengths) > 1:
             device = Device(instances, name=f"{self.name}-lanes")  # the lanes share slots
             self._own_device = True

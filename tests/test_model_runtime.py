@@ -673,6 +673,23 @@ def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
     assert all(e.closed for e in served.engines.values())
 
 
+def test_instances_are_planned_no_more_than_the_engines_run_at_once(tmp_path, caplog):
+    # TensorRT and torch engines run one batch at a time (a lock around one context or
+    # module): with instances 2 the plans counted a second same-tier batch running while it
+    # waited for the first (review helper-107).
+    served = _served(tmp_path, max_batch=1, instances=2)
+    for engine in served.engines.values():
+        engine.concurrent_runs = 1  # as TensorRTEngine / TorchEngine declare
+    with caplog.at_level("WARNING", logger="innfer.model"):
+        rt = ModelRuntime(served, Metrics())
+    assert (rt.pool.n, rt.scheduler.instances.limit, rt.scheduler.policy.slots) == (1, 1, 1)
+    assert "instances 2, but fake engines run 1 batch(es) at a time each" in caplog.text
+    for engine in served.engines.values():
+        engine.concurrent_runs = None  # ONNX Runtime's: any number
+    rt = ModelRuntime(served, Metrics())
+    assert (rt.pool.n, rt.scheduler.policy.slots) == (2, 2)
+
+
 @pytest.mark.parametrize("instances", [1, 2])
 def test_instances_run_that_many_batches_at_once(tmp_path, instances):
     # Pinned to w100 with max_batch 1, each request is its own batch: with the engines held,

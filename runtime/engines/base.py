@@ -77,6 +77,11 @@ class Engine(ABC):
     # captured graph per shape), so the server pads a sequence model's batch to its lane's
     # length - a profiled length - rather than to its longest request.
     prefers_fixed_lengths: bool = False
+    # Batches one engine runs at once: None, any number (an ONNX Runtime session is
+    # thread-safe); 1 where ``run`` holds a lock (TensorRT's one execution context, torch's
+    # one module). The server plans no more instances than this: a second batch of the same
+    # tier would wait for the first while its plan counted it running.
+    concurrent_runs: int | None = None
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

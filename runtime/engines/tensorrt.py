@@ -572,6 +572,7 @@ class TensorRTEngine(Engine):
     """
 
     backend = "tensorrt"
+    concurrent_runs = 1  # one execution context and one set of staging buffers
 
     def __init__(
         self, engine, cuda: _Cuda, *, max_batch: int, source: str = "", keep: tuple = ()

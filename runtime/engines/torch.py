@@ -227,6 +227,7 @@ class TorchEngine(Engine):
     """
 
     backend = "torch"
+    concurrent_runs = 1  # one module behind a lock (eager CUDA forward is not re-entrant)
 
     def __init__(
         self,

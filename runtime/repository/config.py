@@ -383,7 +383,9 @@ class ModelConfig:
         1, lo=1, hi=64,
         doc="batches of this model that may run at once, each on its own engine thread "
         "(Triton's instance_group count); a shared device (server device_slots) runs at most "
-        "its slots in all. On a CPU, instances x threads should not exceed the cores",
+        "its slots in all. On a CPU, instances x threads should not exceed the cores. "
+        "TensorRT and torch engines run one batch at a time (one context or module per "
+        "tier): such a model is planned with 1",
     )  # fmt: skip
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
     slo_target: float = spec(
