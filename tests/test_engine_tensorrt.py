@@ -461,7 +461,10 @@ class _FakeCudart(types.ModuleType):
     def cudaFreeHost(self, ptr):
         return self._free(self.pinned, ptr)
 
-    def cudaStreamCreate(self):
+    cudaStreamNonBlocking = 1
+
+    def cudaStreamCreateWithFlags(self, flags):
+        assert flags == self.cudaStreamNonBlocking  # no implicit sync with stream 0
         stream = _FakeStream(1000 + len(self.streams))
         self.streams.add(int(stream))
         return self._ok(stream)

@@ -171,7 +171,10 @@ class _Cuda:
         self.call("cudaFree", self.rt.cudaFree(ptr))
 
     def stream_create(self):
-        return self.call("cudaStreamCreate", self.rt.cudaStreamCreate())
+        """A non-blocking stream: a blocking one waits for (and holds up) all work on the
+        legacy default stream, which torch's eager CUDA work in this process uses."""
+        flags = getattr(self.rt, "cudaStreamNonBlocking", 1)  # cudaStreamNonBlocking = 0x01
+        return self.call("cudaStreamCreateWithFlags", self.rt.cudaStreamCreateWithFlags(flags))
 
     def stream_destroy(self, stream) -> None:
         self.call("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
