@@ -1221,3 +1221,26 @@ def test_fp16_conversion_of_a_text_tier_is_a_valid_graph(tmp_path, caplog):
     (got,) = ort.InferenceSession(data).run(None, feeds)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_a_token_engine_runs_every_length_of_its_profile_like_onnx_runtime(backend, tmp_path):
+    # Variable-length text tiers were checked only against the FAKE tensorrt: int64 ids and
+    # mask over a (batch, length) optimisation profile, on a real build.
+    import onnxruntime as ort
+
+    _token_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(precision="fp32", max_batch=4, opt_batch=2, sequence=(1, 8, 16))
+    backend.build(tmp_path / "model.onnx", tmp_path / "engines" / "tok", options)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    with backend.load(tmp_path / "engines" / "tok", options) as engine:
+        for batch, length in ((1, 1), (3, 8), (4, 16)):
+            ids = rng.integers(0, 30, (batch, length), dtype=np.int64)
+            mask = np.ones((batch, length), np.int64)
+            mask[0, length // 2 + 1 :] = 0  # one padded row
+            want = session.run(None, {"ids": ids, "mask": mask})[0]
+            got = engine.run({"ids": ids, "mask": mask})["y"]
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        with pytest.raises(EngineError):
+            engine.run({"ids": np.zeros((1, 17), np.int64), "mask": np.ones((1, 17), np.int64)})
