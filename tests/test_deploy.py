@@ -302,6 +302,8 @@ def test_deployment_probes_drain_and_security(overlay):
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert ":" in c["image"] and not c["image"].startswith("innfer:"), c["image"]
         assert c["resources"]["limits"]["memory"], c["name"]
+        # Guaranteed QoS: every container, init containers included, requests its limits
+        assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
@@ -627,7 +629,10 @@ def test_dockerfile_structure(kind, base):
     assert final[0][1].startswith(base)
     assert re.search(r"pip wheel .*--wheel-dir", " ".join(a for _, a in ins[: froms[-1]]))
     users = [a for op, a in final if op == "USER"]
-    assert users and users[-1].split(":")[0] == str(UID), "runs as uid 10001"
+    args = dict(a.split("=", 1) for op, a in final if op == "ARG" and "=" in a)
+    user = users[-1].split(":")[0] if users else ""
+    assert args.get(user.strip("${}"), user) == str(UID), "runs as uid 10001"
+    assert user.startswith("${"), "USER follows the UID build argument (it owns /models)"
     expose = {p for op, a in final if op == "EXPOSE" for p in a.split()}
     assert {"8001", "8002"} <= expose
     # The GPU image keeps NVIDIA's entrypoint in front (CUDA forward compatibility on a
@@ -649,8 +654,9 @@ def test_dockerfile_structure(kind, base):
     assert "pip install" in run and "innfer-" in run
     installs = re.findall(r"pip install ([^&]*)", run)
     assert not any("torch" in a or "[build" in a for a in installs), "no torch in the image"
-    if kind == "gpu":
-        assert "cuda-python==" in run and "nvidia-ml-py==" in run
+    if kind == "gpu":  # pinned as the tests ran them (deploy/README: no floating versions)
+        for package in ("cuda-python", "nvidia-ml-py", "onnxconverter-common", "onnx"):
+            assert f" {package}==" in run, package
     ignore = (DEPLOY / "docker" / f"Dockerfile.{kind}.dockerignore").read_text().split()
     assert ignore[ignore.index("*") :][0] == "*", "deny by default"
     for op, args in ins[: froms[-1]]:
