@@ -144,6 +144,8 @@ class DataPlane:
         A model that fails is logged and reported, never fatal: the others are served."""
         names = list(self.config.models) or self.repo.names()
         self.expected = set(names)
+        for name in names:  # 0 until loaded: a load that never ends is a model not ready
+            self.metrics.model_ready.labels(name).set(0)  # (no series: no alert could fire)
         for name in names:
             if self.phase is Phase.DRAINING:  # stopped while starting: load nothing more
                 log.info("shutting down: models %s not loaded", names[names.index(name) :])

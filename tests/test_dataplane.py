@@ -165,6 +165,30 @@ def test_infer_routes_to_the_requested_tier_and_returns_the_rows(config):
     assert engines["w050"].calls[1:] == [3] and engines["w100"].calls[1:] == [3]  # [0]: warm-up
 
 
+def test_every_model_reads_not_ready_while_the_models_load(config, monkeypatch):
+    # innfer_model_ready was set only when a load ended (1) or failed (0): a load that hung
+    # had no series, so InnferModelNotReady could not fire (review helper-108).
+    metrics = Metrics()
+    plane = DataPlane(config, metrics)
+    ready = {}
+    load = plane.repo.load
+
+    def spy(name, **kw):  # what the gauges say while "a" loads, "b" not yet begun
+        ready.setdefault(name, {m: metrics.registry.get_sample_value(
+            "innfer_model_ready", {"model": m}) for m in ("a", "b")})  # fmt: skip
+        return load(name, **kw)
+
+    monkeypatch.setattr(plane.repo, "load", spy)
+
+    async def body():
+        await plane.load_all()
+        for m in plane.models.values():
+            await m.stop()
+
+    _run(body())
+    assert ready["a"] == {"a": 0.0, "b": 0.0} and ready["b"] == {"a": 1.0, "b": 0.0}
+
+
 def test_budgets_too_small_are_refused_at_once_and_bad_ones_are_invalid(config):
     metrics = Metrics()
 
