@@ -624,8 +624,9 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready when started, not draining, and every expected model is loaded."""
-        return self.phase == Phase.READY and self.expected <= set(self.models)
+        """Ready when started, not draining, every expected model is loaded and none has an
+        engine stuck in a batch (``ModelRuntime.stuck``)."""
+        return self.not_ready_reason() is None
 
     def not_ready_reason(self) -> str | None:
         if self.phase != Phase.READY:
@@ -635,7 +636,7 @@ class DataPlane:
             return "models not loaded: " + ", ".join(
                 f"{n} ({self.broken.get(n, 'unloaded')})" for n in missing
             )
-        return None
+        return next((why for m in self.models.values() if (why := m.stuck())), None)
 
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:

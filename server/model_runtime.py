@@ -88,6 +88,10 @@ INLINE_WINDOW = 8
 INLINE_MIN_ALONE = 4
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
 log = logging.getLogger("innfer.model")
+# A batch running this many times its planned latency, and at least this long, is taken for
+# a hung engine (ModelRuntime.stuck): far beyond any slowdown the online correction follows.
+STUCK_FACTOR = 100.0
+STUCK_MIN_S = 30.0
 
 # An absolute path in an engine's message (its build tree, a model file): not the client's.
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
@@ -476,6 +480,9 @@ class ModelRuntime:
         # and the loop idle since the last launch.
         self._alone_bits = 0
         self._running = 0  # batches handed to an engine thread and not yet finished
+        # Each running batch's start and planned seconds (id(decision) -> (clock, s)): one
+        # far past its plan is an engine that hung (readiness, ``stuck``).
+        self._batch_started: dict[int, tuple[float, float, str]] = {}
         self._all_done: asyncio.Event | None = None  # set while _running == 0
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
@@ -754,6 +761,18 @@ class ModelRuntime:
             return self.scheduler.latency
         ranked = reversed(list(lanes.values()))  # longest first: max keeps the first best
         return max(ranked, key=lambda s: s.latency.tier_estimate(tier).observed_batches).latency
+
+    def stuck(self) -> str | None:
+        """A batch that has run ``STUCK_FACTOR`` times its plan and at least ``STUCK_MIN_S``
+        - an engine hung in it - said as a reason, or None. Readiness reads it: a pod whose
+        engine hangs takes no new connections' traffic, where its queue only expired."""
+        now = self.clock()
+        for started, planned, tier in self._batch_started.values():
+            ran = now - started
+            if ran > max(STUCK_MIN_S, STUCK_FACTOR * planned):
+                return (f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s "
+                        f"(planned {planned * 1e3:.1f} ms): its engine is stuck")  # fmt: skip
+        return None
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one
@@ -1067,6 +1086,8 @@ class ModelRuntime:
             return
         self._running += 1
         self._all_done.clear()
+        planned = lane.latency.planned(d.tier)[d.rows]
+        self._batch_started[id(d)] = (self.clock(), planned, d.tier)
         inline = self._may_run_inline(lane, d)
         self._idle_mark = self._idle.waits
         if inline:
@@ -1131,6 +1152,7 @@ class ModelRuntime:
         """On the loop: answer ``d``'s requests from the engine's outputs (or fail them),
         then look for the next batch."""
         self._running -= 1
+        self._batch_started.pop(id(d), None)
         if not self._running:
             self._all_done.set()
         now = self.clock()

@@ -702,8 +702,9 @@ def _stream_order(metadata) -> bool:
 
 class HealthService(health_pb2_grpc.HealthServicer):
     """grpc.health.v1: "" and "liveness" are SERVING while the process runs; "readiness"
-    (and the OIP service name) only when every configured model is loaded and warm and the
-    server is not draining - what Kubernetes' gRPC readiness probe asks."""
+    (and the OIP service name) only when every configured model is loaded and warm, no
+    engine is stuck in a batch and the server is not draining - what Kubernetes' gRPC
+    readiness probe asks."""
 
     SERVICES = ("", "liveness", "readiness", "inference.GRPCInferenceService")
 

@@ -1176,3 +1176,24 @@ def test_an_answer_the_inflight_cap_could_never_hold_is_refused_as_sent(tmp_path
             await plane.stop_models()
 
     assert _run(body()) == (600_000, 1.0, 0)
+
+
+def test_a_stuck_engine_makes_the_server_not_ready(config, monkeypatch):
+    from server.service import HealthService
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        health = HealthService(plane)
+        try:
+            before = (plane.ready(), health.status("readiness"), health.status("liveness"))
+            monkeypatch.setattr(plane.models["b"], "stuck", lambda: "model b: stuck")
+            after = (plane.ready(), health.status("readiness"), health.status("liveness"))
+            return before, after, plane.not_ready_reason()
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    before, after, why = _run(body())
+    assert before == (True, 1, 1) and after == (False, 2, 1)  # SERVING=1, NOT_SERVING=2
+    assert why == "model b: stuck"

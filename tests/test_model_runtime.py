@@ -1081,3 +1081,25 @@ def test_engine_failures_name_their_reason_and_are_logged_once_per_window(tmp_pa
     records = [r for r in caplog.records if r.name == "innfer.model"]
     assert len(records) == 2, [r.getMessage() for r in records]
     assert "4 more failures not logged" in records[1].getMessage()
+
+
+def test_a_batch_far_past_its_plan_reads_as_a_stuck_engine(tmp_path):
+    # A hung engine kept the pod ready ("the process runs, every model loaded"): its queue
+    # only expired while the Service kept sending it traffic (review helper-108).
+    served = _served(tmp_path)
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+
+    async def body():
+        async with _running(served, Metrics(), clock=clock) as rt:
+            async with _one_running(rt, served, "w100"):
+                assert rt.stuck() is None  # just started
+                now[0] += 29.0  # past 100x its 2 ms plan, short of 30 s: a slow machine
+                assert rt.stuck() is None
+                now[0] += 2.0
+                why = rt.stuck()
+            return why, rt.stuck()  # answered: nothing running
+
+    why, after = _run(body())
+    assert why.startswith("model m: a batch of tier w100 has run 31 s (planned ")
+    assert why.endswith("its engine is stuck") and after is None
