@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.repository.frontier import weights_mb
+from runtime.repository.frontier import APPLY_KEPT, weights_mb
 
 # What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
 # it so in the frontier): every command that prints such an accuracy says so in these words.
@@ -51,7 +51,12 @@ def add_parser(sub) -> None:
     sug.add_argument("--json", type=Path, help="also write the choice here")
     sug.add_argument("--host", type=Path, help=HOST_HELP)
     sug.set_defaults(func=cmd_suggest)
-    app = tsub.add_parser("apply", help="choose, build and switch the live tier set")
+    app = tsub.add_parser(
+        "apply", help="choose, build and switch the live tier set",
+        epilog=f"exit status: 0 a new set was written to auto_tiers.json; {APPLY_KEPT} the "
+        "live set stays (the gain is below rebuild.min_gain; --force applies anyway); 2 an "
+        "error the message names (bad arguments, files, goals); 1 an internal error",
+    )  # fmt: skip
     app.add_argument("repository", type=Path)
     app.add_argument("model")
     app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
