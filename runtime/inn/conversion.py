@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from tqdm.auto import tqdm
 
@@ -85,7 +85,8 @@ def convert(
         did_fold = folded is not None
         if fold_norms and captured_by == "export":
             did_fold = fold_graph_norms(gm)
-        analysis = analyse(gm, _placeholder_inputs(gm, example_inputs, example_kwargs), discrete)
+        inputs = _placeholder_inputs(gm, example_inputs, example_kwargs)
+        analysis = analyse(gm, inputs, discrete)
         spec = graphio.to_spec(gm)
         state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
     if permute:
@@ -108,9 +109,62 @@ def convert(
     shape = _sample_shape(example_inputs, example_kwargs)
     if shape is not None:  # what `innfer report` counts FLOPs at without an evaluation set
         info["input_shape"] = shape
-    return IntegralModel(
-        spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info
-    )
+    inn = IntegralModel(spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info)
+    _check_narrow(inn, inputs, type(model).__name__)
+    return inn
+
+
+def _check_narrow(inn: IntegralModel, inputs: tuple, name: str) -> None:
+    """Run ``inn`` sampled at half width once on the examples: a size the analysis took as
+    fixed that changes with the width (timm's CoaT splits heads with a size read from
+    another tensor) converted without a word and failed at ``innfer build``, a RuntimeError
+    deep in the generated forward. Now the conversion is refused, naming the node."""
+    if all(g.discrete for g in inn.groups):
+        return
+    seen: list[fx.Node] = []
+
+    class Watch(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            seen.append(n)
+            return super().run_node(n)
+
+    module = inn.sample(0.5)
+    try:
+        with torch.no_grad():
+            Watch(module).run(*inputs)
+    except Exception as exc:
+        n = seen[-1] if seen else None
+        where = f"node {n.name!r} ({n.op} {_target_name(n)})" if n is not None else "it"
+        sources = _size_sources(n) if n is not None else []
+        read = f" reads sizes from {', '.join(map(repr, sources))} and" if sources else ""
+        raise ConversionError(
+            f"{name} converts, but sampled at half width {where}{read} fails: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}. A size there does not "
+            "follow the width: compute it from the tensor the node works on, or keep the "
+            "channels it reads fixed with discrete=[...] (the layers that make them)"
+        ) from exc
+
+
+def _target_name(n: fx.Node) -> str:
+    return getattr(n.target, "__name__", str(n.target))
+
+
+# Ops through which a size read from a tensor's shape reaches another op's arguments.
+_SIZE_OPS = {"getitem", "getattr", "size", "floordiv", "mul", "add", "sub", "truediv", "int"}
+
+
+def _size_sources(node: fx.Node) -> list[str]:
+    """The tensors whose shape ``node``'s non-tensor arguments are computed from (a
+    reshape's sizes read off another tensor), by node name."""
+    found: list[str] = []
+    todo = [a for a in node.all_input_nodes if a is not (node.args[0] if node.args else None)]
+    while todo:
+        a = todo.pop()
+        if _target_name(a) in _SIZE_OPS:
+            todo.extend(a.all_input_nodes)
+        elif a.op != "get_attr" and a.name not in found:
+            found.append(a.name)
+    return found
 
 
 def _sample_shape(args: tuple, kwargs: dict | None) -> list[int] | None:
