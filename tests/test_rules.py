@@ -660,3 +660,29 @@ def test_functional_group_norm_with_the_models_parameters_converts(tmp_path):
         p.data.uniform_(0.5, 1.5)
     inn = _converts(model, torch.randn(2, 3, 6, 6), tmp_path)
     assert inn.group("0").blocks == 4  # resampled within each of the 4 groups
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: a primary conv, a cheap depthwise conv of its output, both
+    concatenated and sliced to ``out`` channels."""
+
+    def __init__(self, out: int = 16) -> None:
+        super().__init__()
+        self.out = out
+        self.primary = nn.Conv2d(3, 8, 1)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.primary(x))
+        y = torch.cat([a, self.cheap(a)], dim=1)
+        return self.head(y[:, : self.out]).mean((2, 3))
+
+
+def test_a_slice_keeping_every_channel_converts_and_one_cutting_them_is_refused(tmp_path):
+    # timm's GhostNet / GhostNetV2 were refused ("indexes channel dim 1 with slice(None,
+    # 16)") where the slice keeps the whole concat - and so at any narrower width too.
+    inn = _converts(Ghost(16), torch.randn(2, 3, 6, 6), tmp_path)
+    assert dict(inn.sample(0.5).named_modules())["head"].in_channels == 8
+    with pytest.raises(ConversionError, match=r"indexes channel dim 1 with slice\(None, 15"):
+        runtime.convert(Ghost(15).eval(), (torch.randn(2, 3, 6, 6),))

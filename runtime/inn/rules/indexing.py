@@ -46,10 +46,11 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
     out: Labels = {}
     out_src = {}
     d_in = d_out = 0
+    shape = tr.shape(x)
     for e in entries:
         if e is None:
             d_out += 1
-        elif isinstance(e, int) or (isinstance(e, slice) and e != slice(None)):
+        elif isinstance(e, int) or (isinstance(e, slice) and not _whole(e, shape[d_in])):
             if d_in in labels:
                 tr.fixed(node, f"indexes channel dim {d_in} with {e!r}", [labels[d_in]])
             d_in += 1
@@ -70,6 +71,21 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
             out_src[d_out + k - d_in] = sources[k]
     tr.labels[node] = out
     tr.sources[node] = out_src
+
+
+def _whole(e: slice, size: int) -> bool:
+    """Whether slice ``e`` keeps every entry of a dim of ``size``, and so of any narrower
+    one: ``[:]``, ``[0:]``, or ``[:n]`` with a literal ``n >= size`` (GhostNet's
+    ``cat([primary, cheap])[:, :out_chs]`` where the two make exactly ``out_chs``).
+
+    Example:
+        >>> _whole(slice(None, 16), 16), _whole(slice(0, None, 1), 8), _whole(slice(None, 15), 16)
+        (True, True, False)
+    """
+    start_ok = e.start in (None, 0)
+    step_ok = e.step in (None, 1)
+    stop_ok = e.stop is None or (type(e.stop) is int and e.stop >= size)
+    return start_ok and step_ok and stop_ok
 
 
 @register(functions=(torch.split, torch.chunk, torch.unbind),
