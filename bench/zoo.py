@@ -32,7 +32,9 @@ TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "ef
 # Segmentation (decoders: F.interpolate, ASPP): their "out" map, the dict's main entry.
 SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
-        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")  # fmt: skip
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s",
+        # GroupNorm, a channel slice, a head split sized from another tensor (session 40)
+        "resnet50_gn", "poolformer_s12", "ghostnet_100", "coat_lite_tiny")  # fmt: skip
 # Tiny configs (random init) and the packaged all-MiniLM-L6-v2 (real weights, offline).
 TINY = {"vocab_size": 1000, "max_position_embeddings": 128}
 TRANSFORMERS = {
@@ -184,7 +186,7 @@ def main() -> None:
             results[name] = {"error": "not installed"}
             continue
         # fixed input size (vgg: its 7x7 adaptive pool exports to ONNX only from >= 7x7 maps)
-        fixed = any(k in name for k in ("vit", "deit", "swin", "levit", "vgg"))
+        fixed = any(k in name for k in ("vit", "deit", "swin", "levit", "vgg", "coat"))
         size = 224 if fixed else args.size
         try:
             results[name] = run_one(builders[name], *_inputs(name, size))
