@@ -283,15 +283,17 @@ def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int]) -> None:
     """
     for name, n in rows.items():
         ids = arrays.get(name)
-        if ids is None:
-            continue
-        bad = (ids < 0) | (ids >= n)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
+        if ids is not None and (at := _outside(ids, n)) is not None:
             raise InvalidArgument(
                 f"input {name!r}: id {int(ids[at])} at {list(at)} is outside [0, {n}) (the "
                 f"rows of the embedding table it indexes); send ids below {n}"
             )
+
+
+def _outside(ids: np.ndarray, n: int) -> tuple[int, ...] | None:
+    """The index of the first id outside [0, n), or None."""
+    bad = (ids < 0) | (ids >= n)
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
 
 
 def check_token_inputs(
@@ -310,9 +312,7 @@ def check_token_inputs(
         ...
         server.errors.InvalidArgument: input 'i': token id 40000 at [0, 1] is outside ...
     """
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        at = tuple(int(i) for i in np.argwhere(bad)[0])
+    if (at := _outside(ids, vocab_size)) is not None:
         raise InvalidArgument(
             f"input {ids_name!r}: token id {int(ids[at])} at {list(at)} is outside "
             f"[0, {vocab_size}) (the model tokenizer's ids)"

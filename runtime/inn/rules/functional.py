@@ -19,7 +19,7 @@ from torch import fx
 from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
-from runtime.inn.rules.layers import conv_kept, pointwise, set_blocks
+from runtime.inn.rules.layers import conv_kept, norm_groups, pointwise, set_blocks
 
 if TYPE_CHECKING:
     from runtime.inn.tracer import Tracer
@@ -65,16 +65,8 @@ def group_norm(tr: Tracer, node: fx.Node) -> None:
     """``F.group_norm(x, num_groups, weight, bias)``: as ``nn.GroupNorm`` (layers.group_norm),
     its channels resampled within each group, the parameters tied to them."""
     x = node.args[0]
-    groups = arg(node, 1, "num_groups")
     lay = tr.layout_of(x, 1)
-    if not isinstance(groups, int):
-        tr.fixed(node, "group_norm with a computed num_groups", [lay])
-    elif groups > 1:
-        if len(lay) != 1 or lay[0].inner != 1:
-            tr.fixed(node, f"group_norm ({groups} groups) over channels a concat or flatten "
-                     "joined", [lay])  # fmt: skip
-        else:
-            set_blocks(tr, tr.uf.find(lay[0].group), groups, node)
+    norm_groups(tr, node, lay, arg(node, 1, "num_groups"))
     for pos, name in ((2, "weight"), (3, "bias")):
         p = arg(node, pos, name)
         if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:

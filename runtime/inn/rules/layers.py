@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from runtime.inn.layout import ConversionError, Segment, SizeField
+from runtime.inn.layout import ConversionError, Layout, Segment, SizeField
 from runtime.inn.rules import register
 from runtime.inn.rules.elementwise import pool, slid_over, softmax_dim
 from runtime.inn.rules.shapes import flatten_dims
@@ -93,12 +93,7 @@ def conv_transpose(tr: Tracer, node: fx.Node) -> None:
         tr.opaque(node, what)
         return
     l_in = tr.layout_of(x, cdim)
-    tr.module_binding(name, "weight", 0, l_in, reduce=True)
-    out = tr.new_group(mod.out_channels, name)
-    tr.module_binding(name, "weight", 1, out)
-    if mod.bias is not None:
-        tr.module_binding(name, "bias", 0, out)
-    tr.size_fields[name] = [SizeField("in_channels", l_in), SizeField("out_channels", out)]
+    out = _dense(tr, name, mod, l_in, (0, 1), mod.out_channels, ("in_channels", "out_channels"))
     same = pointwise(mod.kernel_size, mod.stride, mod.padding) and not any(mod.output_padding)
     tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
 
@@ -147,13 +142,21 @@ def linear(tr: Tracer, node: fx.Node) -> None:
     mod, name, x = _module(tr, node)
     rank = len(tr.shape(x))
     l_in = tr.layout_of(x, -1)
-    tr.module_binding(name, "weight", 1, l_in, reduce=True)
-    out = tr.new_group(mod.out_features, name)
-    tr.module_binding(name, "weight", 0, out)
+    out = _dense(tr, name, mod, l_in, (1, 0), mod.out_features, ("in_features", "out_features"))
+    tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
+
+
+def _dense(tr: Tracer, name: str, mod, l_in, dims: tuple[int, int], size: int, fields) -> Layout:
+    """Bind a layer whose weight sums the input's channels ``l_in`` along ``dims[0]`` (the
+    quadrature scale) and makes ``size`` new channels along ``dims[1]`` (and its bias):
+    Linear's weight is (out, in), ConvTranspose's (in, out, ...). Returns the new layout."""
+    tr.module_binding(name, "weight", dims[0], l_in, reduce=True)
+    out = tr.new_group(size, name)
+    tr.module_binding(name, "weight", dims[1], out)
     if mod.bias is not None:
         tr.module_binding(name, "bias", 0, out)
-    tr.size_fields[name] = [SizeField("in_features", l_in), SizeField("out_features", out)]
-    tr.labels[node] = {**tr.labels.get(x, {}), rank - 1: out}
+    tr.size_fields[name] = [SizeField(fields[0], l_in), SizeField(fields[1], out)]
+    return out
 
 
 @register(modules=_NORM)
@@ -174,17 +177,25 @@ def group_norm(tr: Tracer, node: fx.Node) -> None:
     keeps its share of the width and its statistics stay those of its own channels."""
     mod, name, x = _module(tr, node)
     lay = tr.layout_of(x, 1)
-    if mod.num_groups > 1:
-        if len(lay) != 1 or lay[0].inner != 1:
-            tr.fixed(node, f"GroupNorm ({mod.num_groups} groups) over channels a concat or "
-                     "flatten joined", [lay])  # fmt: skip
-        else:
-            set_blocks(tr, tr.uf.find(lay[0].group), mod.num_groups, node)
+    norm_groups(tr, node, lay, mod.num_groups)
     for p in ("weight", "bias"):
         if getattr(mod, p, None) is not None:
             tr.module_binding(name, p, 0, lay)
     tr.size_fields[name] = [SizeField("num_channels", lay)]
     tr.copy(node, x, sources=False)
+
+
+def norm_groups(tr: Tracer, node: fx.Node, lay, groups) -> None:
+    """A group norm's ``groups`` runs of consecutive channels in ``lay`` become blocks its
+    channels are resampled within (``set_blocks``); runs a concat or flatten joined, or a
+    count computed at run time, keep the channels fixed."""
+    if not isinstance(groups, int):
+        tr.fixed(node, "group_norm with a computed num_groups", [lay])
+    elif groups > 1 and (len(lay) != 1 or lay[0].inner != 1):
+        tr.fixed(node, f"group norm ({groups} groups) over channels a concat or flatten "
+                 "joined", [lay])  # fmt: skip
+    elif groups > 1:
+        set_blocks(tr, tr.uf.find(lay[0].group), groups, node)
 
 
 @register(modules=(nn.PReLU,))
