@@ -286,7 +286,7 @@ def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int]) -> None:
         if ids is not None and (at := _outside(ids, n)) is not None:
             raise InvalidArgument(
                 f"input {name!r}: id {int(ids[at])} at {list(at)} is outside [0, {n}) (the "
-                f"rows of the embedding table it indexes); send ids below {n}"
+                f"rows of the embedding table it indexes); send ids in [0, {n})"
             )
 
 

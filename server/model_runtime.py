@@ -97,7 +97,12 @@ STUCK_MIN_S = 30.0
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
 
 
-def engine_failed(model: str, tier: str, exc: BaseException) -> EngineFailed:
+# ONNX Runtime's words for an index outside a table (Gather / GatherElements / ScatterND):
+# the request's own values, read through ops the build could not follow to the table.
+_OUT_OF_TABLE = re.compile(r"out of (?:data )?bounds|must be within the inclusive range")
+
+
+def engine_failed(model: str, tier: str, exc: BaseException) -> InferError:
     """What a client is told when the engine raised on its batch: model, tier and the
     engine's reason (first line, paths left out, clipped), not "see logs" - the reason is
     often the client's own input (an index outside an embedding table).
@@ -108,6 +113,11 @@ def engine_failed(model: str, tier: str, exc: BaseException) -> EngineFailed:
     """
     first = (str(exc).strip().splitlines() or [""])[0]
     reason = _PATH.sub("<path>", first)[:300]
+    if _OUT_OF_TABLE.search(first):  # the client's values (ids[:, 1] past its table)
+        return InvalidArgument(
+            f"model {model} tier {tier}: a value of the request indexes past a table the "
+            f"model reads ({reason}); send ids within the model's tables"
+        )
     return EngineFailed(f"model {model} tier {tier}: inference failed: "
                         f"{type(exc).__name__}: {reason}".rstrip(": "))  # fmt: skip
 
@@ -1226,10 +1236,14 @@ class ModelRuntime:
     def _fail_one(self, tier: str, r: Request, exc: BaseException) -> None:
         if self._waiting(r) is None:  # cancelled while it ran: counted then (_cancelled)
             return
-        self.metrics.requests.labels(self.name, tier, "failed").inc()
-        self._missed["failed"].inc()
+        error = exc if isinstance(exc, InferError) else engine_failed(self.name, tier, exc)
         self._queue_total.inc(r.started - r.arrival)
-        self._reject(r, exc if isinstance(exc, InferError) else engine_failed(self.name, tier, exc))
+        if isinstance(error, InvalidArgument):  # its own bad values: not an engine failure
+            self.count_invalid()
+        else:
+            self.metrics.requests.labels(self.name, tier, "failed").inc()
+            self._missed["failed"].inc()
+        self._reject(r, error)
 
     def _log_failure(self, tier: str, error: BaseException | None, what: str, *args) -> None:
         """One record per tier and ``LogThrottle`` window (with the traceback), saying how

@@ -107,3 +107,48 @@ def test_an_id_outside_the_table_is_refused_by_name_and_the_server_serves_on(rep
     finally:
         client.close()
         server.stop()
+
+
+class Columns(torch.nn.Module):
+    """A user id and an item id in the columns of one input, each into its own table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user, self.item = torch.nn.Embedding(20, 8), torch.nn.Embedding(ROWS, 8)
+        self.hidden, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.user(ids[:, 0]), self.item(ids[:, 1])], 1)
+        return self.out(torch.relu(self.hidden(h) + bias.mean(1, keepdim=True)))
+
+
+def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_table(
+    tmp_path,
+):
+    # ids[:, 0] into a 20-row table: an id of 25 was INTERNAL ("inference failed: ...
+    # idx=25 must be within the inclusive range [-20,19]"), counted as an engine failure.
+    torch.manual_seed(0)
+    inn = runtime.convert(Columns().eval(), (torch.randint(0, 20, (2, 2)), torch.randn(2, 16)))
+    config = {**CONFIG, "inputs": [{"name": "ids", "dtype": "int64", "shape": [2]},
+                                   CONFIG["inputs"][1]]}  # fmt: skip
+    add_model(tmp_path, "cols", inn, config)
+    report = build_model(Repository(tmp_path), "cols", backend="onnxruntime", progress=False,
+                         repeats=3)  # fmt: skip
+    assert any("integer input(s) ids of cols do not index" in w for w in report.warnings)
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    client = tc.InferenceServerClient(server.address)
+    try:
+        inputs = [tc.InferInput("ids", [1, 2], "INT64"), tc.InferInput("bias", [1, 16], "FP32")]
+        inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+        inputs[0].set_data_from_numpy(np.array([[19, ROWS - 1]], np.int64))
+        assert client.infer("cols", inputs).as_numpy("scores").shape == (1, 4)
+        inputs[0].set_data_from_numpy(np.array([[25, 3]], np.int64))  # past the user table
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("cols", inputs)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "a value of the request indexes past a table the model reads" in str(err.value)
+        sample = server.server.metrics.registry.get_sample_value
+        assert sample("innfer_requests_total", {"model": "cols", "tier": "", "outcome": "invalid"})
+    finally:
+        client.close()
+        server.stop()

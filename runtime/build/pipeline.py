@@ -181,6 +181,18 @@ def build_model(
                     "between their widths or drop one"
                 )
                 _warn(report.warnings[-1], progress)
+        unchecked = [t.name for t in config.inputs if t.dtype in INTEGER_DTYPES
+                     and t.name not in (record.input_rows or {})]  # fmt: skip
+        if unchecked and config.text is None:
+            report.warnings.append(
+                f"integer input(s) {', '.join(unchecked)} of {name} do not index an embedding "
+                "table directly (ids[:, k], ids + 1, ...): the server cannot check them "
+                "against the tables at decode; a value past a table is refused when the "
+                "engine meets it (INVALID_ARGUMENT), a negative one within a table's size "
+                "reads a row from its end unsaid. Index each table with an input of its own "
+                "to have them checked"
+            )
+            _warn(report.warnings[-1], progress)
         repo.record_tokenizer(name, config)
         if profile:
             report.profile_path = _profile(
