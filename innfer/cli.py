@@ -846,24 +846,38 @@ def _data_for(model_dir: Path, inn, name: str):
     from runtime.demo.data import load as load_data
     from runtime.repository.config import ModelConfig
 
-    data = load_data(name)
+    if name.endswith(".npz") and not Path(name).is_file():
+        beside = Path(model_dir) / name  # where model.yaml's evaluation file lies
+        if not beside.is_file():
+            raise ValueError(f"--data {name}: no such file here nor as {beside}")
+        name = str(beside)
     want, classes, hint = inn.info.get("input_shape"), None, ""
     yaml_path = Path(model_dir) / "model.yaml"
     if yaml_path.is_file():
         config = ModelConfig.load(yaml_path)
         # the shape it serves; the INN's recorded one is the example it was converted with
         want = list(config.inputs[0].shape)
-        classes = config.outputs[0].shape[-1] if config.outputs[0].shape else None
+        out = config.outputs[0].shape
+        if len(out) > 1:  # a map per pixel (segmentation): its last axis is not the classes
+            raise ValueError(
+                f"--data {name}: accuracy is scored on a [classes] output, and "
+                f"{config.outputs[0].name!r} is {list(out)}; per-pixel evaluation is not "
+                "supported yet"
+            )
+        classes = out[-1] if out else None
         if config.evaluation is not None and config.evaluation.dataset:
             hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"
+    data = load_data(name)
     if want is not None and tuple(want) != tuple(data.input_shape):
         raise ValueError(
             f"--data {name}: samples of shape {list(data.input_shape)}, but the model takes "
             f"{list(want)}; give the data set it was trained on{hint}"
         )
-    if classes is not None and classes != data.num_classes:
+    # (a file's class count is its largest label + 1: a split missing the last class is
+    # fine, as the build takes it; a label past the outputs is not)
+    if classes is not None and data.num_classes > classes:
         raise ValueError(
-            f"--data {name}: {data.num_classes} classes, but the model has {classes} "
+            f"--data {name}: labels up to {data.num_classes - 1}, but the model has {classes} "
             f"outputs; give the data set it was trained on{hint}"
         )
     return data
@@ -1131,8 +1145,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     # model.yaml names the data set the model is evaluated on: report accuracy on it (it
     # said "not measured (no evaluation set), give --data NAME")
     evaluation = None if config is None or config.evaluation is None else config.evaluation
-    if name is None and evaluation is not None and evaluation.dataset in DATA_SETS.split(", "):
-        name = evaluation.dataset
+    if name is None and evaluation is not None and evaluation.dataset is not None:
+        name = evaluation.dataset  # a bundled set, or a .npz in the model's folder
         print(f"data: {name} (model.yaml's evaluation; --data NAME for another)")
     data = _data_for(args.model_dir, inn, name) if name else None
     from innfer.tiers import report_frontier

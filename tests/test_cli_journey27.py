@@ -386,3 +386,26 @@ def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     from runtime.demo.data import DATASETS
 
     assert set(BUNDLED_DATA) == set(DATASETS)  # the parser's list is the loader's
+
+
+def test_report_reads_model_yamls_npz_and_a_split_missing_a_class(tmp_path, capsys, monkeypatch):
+    # review helper-109: `innfer report` ignored model.yaml's evaluation .npz ("not
+    # measured"), refused a split whose labels stop short of the outputs ("9 classes, but
+    # the model has 10 outputs", which the build accepts), and looked for --data FILE only
+    # in the working directory.
+    import numpy as np
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "cnn", inn, {**IO, "evaluation": {"dataset": "mine.npz"}})
+    x = np.random.default_rng(0).random((60, 1, 8, 8), dtype=np.float32)
+    y = np.arange(60) % 9  # labels 0-8 of the model's 10 classes
+    np.savez(d / "mine.npz", x=x, y=y)
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
+    assert code == 0, err
+    assert "data: mine.npz (model.yaml's evaluation" in out and "not measured" not in out
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "--data", "mine.npz")
+    assert code == 0, err
+    np.savez(d / "mine.npz", x=x, y=np.arange(60) % 12)  # labels past the 10 outputs
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0")
+    assert code == 2 and "labels up to 11, but the model has 10 outputs" in err
