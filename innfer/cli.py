@@ -883,6 +883,11 @@ def _data_for(model_dir: Path, inn, name: str):
     return data
 
 
+# Fewest held-out training inputs a new calibrated tier is judged on before it replaces
+# the stored one (fewer: it replaces it whatever it scores, and says so).
+HELD_OUT_MIN = 64
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
@@ -906,7 +911,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model_dir} is a text model: calibrate it with --text FILE "
                          "(sentences, one per line), not --data")  # fmt: skip
     data = _data_for(args.model_dir, inn, args.data)
-    samples = 1000 if args.samples is None else args.samples
+    samples = args.samples
+    if samples is None:  # 1,000, less what keeps a held-out fifth (>= 64) to judge tiers on
+        n = len(data.x_train)
+        samples = min(1000, n - max(HELD_OUT_MIN, n // 5)) if n > 2 * HELD_OUT_MIN else n
     x = data.x_train[:samples]
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
     print("before:\n" + format_report(
@@ -916,7 +924,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # as well on held-out training inputs (a short run on a loaded machine replaced 88.1 %
     # by 45.3 %) - not on the test split the tables report, which would then be chosen on.
     held = (data.x_train[samples : samples + 1000], data.y_train[samples : samples + 1000])
-    if len(held[0]) < 64:
+    if len(held[0]) < HELD_OUT_MIN:
         held = None
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
               "replaces a stored one whatever it scores (give fewer --samples)")  # fmt: skip
@@ -1289,7 +1297,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
     )
     cal.add_argument("--samples", type=_at_least(1),
-                     help="calibration samples: the first N training images (default 1000) "
+                     help="calibration samples: the first N training images (default 1000, fewer "
+                          "where a fifth of the training split must stay held out to judge "
+                          "the new tiers on) "
                           f"or sentences of --text (default {TEXT_SAMPLES})")  # fmt: skip
     cal.add_argument(
         "--seconds",

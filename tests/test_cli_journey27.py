@@ -409,3 +409,21 @@ def test_report_reads_model_yamls_npz_and_a_split_missing_a_class(tmp_path, caps
     np.savez(d / "mine.npz", x=x, y=np.arange(60) % 12)  # labels past the 10 outputs
     code, out, err = _cli(capsys, "report", d, "--widths", "1.0")
     assert code == 2 and "labels up to 11, but the model has 10 outputs" in err
+
+
+def test_calibrate_keeps_inputs_back_to_judge_new_tiers_by_default(tmp_path, capsys):
+    # With a training split of 1,000 or less, the default --samples 1000 took all of it:
+    # "no held-out training inputs", and a new tier at 21.8 % replaced one at 32.6 %
+    # unjudged (review helper-109). A fifth is kept back now.
+    import numpy as np
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, IO)
+    x = np.random.default_rng(0).random((400, 1, 8, 8), dtype=np.float32)
+    np.savez(d / "mine.npz", x=x, y=np.arange(400) % 10)  # 320 training inputs, 80 test
+    code, out, err = _cli(capsys, "calibrate", d, "--data", "mine.npz", "--seconds", "1",
+                          "--widths", "0.5")  # fmt: skip
+    assert code == 0, err
+    assert "no held-out training inputs" not in out
+    assert "kept" in out or "keeps" in out  # each width's decision, judged on held-out data
