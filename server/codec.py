@@ -62,12 +62,12 @@ def decode_inputs(
         ((1, 2), 1)
     """
     n = len(request.inputs)
+    by_name = {s.name: s for s in specs}  # in the model's order, as the messages list them
     if n > limits.max_inputs:
         raise InvalidArgument(
             f"{n} inputs given; at most {limits.max_inputs} are accepted "
-            f"(the model's inputs are {sorted(s.name for s in specs)})"
+            f"(the model's inputs are {list(by_name)})"
         )
-    by_name = {s.name: s for s in specs}
     seen: set[str] = set()
     for t in request.inputs:
         if len(t.name) > limits.max_name_bytes:
@@ -76,12 +76,12 @@ def decode_inputs(
             raise InvalidArgument(f"input {clip(t.name)} is given more than once")
         if t.name not in by_name:
             raise InvalidArgument(
-                f"unknown input {clip(t.name)}; the model's inputs are {sorted(by_name)}"
+                f"unknown input {clip(t.name)}; the model's inputs are {list(by_name)}"
             )
         seen.add(t.name)
-    missing = sorted(set(by_name) - seen)
+    missing = [name for name in by_name if name not in seen]
     if missing:
-        raise InvalidArgument(f"missing input {missing[0]!r}; expected inputs {sorted(by_name)}")
+        raise InvalidArgument(f"missing input {missing[0]!r}; expected inputs {list(by_name)}")
     raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != n:
         raise InvalidArgument(

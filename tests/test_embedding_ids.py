@@ -152,3 +152,20 @@ def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_
     finally:
         client.close()
         server.stop()
+
+
+def test_input_errors_list_the_inputs_in_the_models_order():
+    # "missing input 'feats'; expected inputs ['feats', 'ids']": sorted, not the model's
+    # order (ids, feats) that forward() and model.yaml give (review helper-109).
+    from server.codec import decode_inputs
+    from server.errors import InvalidArgument
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    specs = ModelConfig.from_dict(CONFIG).inputs  # ids, then bias
+    req = pb.ModelInferRequest(model_name="rec")
+    req.inputs.add(name="ids", datatype="INT64", shape=[1, 5]).contents.int64_contents.extend(
+        [0] * 5
+    )
+    with pytest.raises(InvalidArgument, match=r"missing input 'bias'; expected inputs "
+                       r"\['ids', 'bias'\]"):  # fmt: skip
+        decode_inputs(req, specs, max_batch=4)
