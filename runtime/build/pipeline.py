@@ -139,7 +139,8 @@ def build_model(
             )
             engines[tier.name] = engine  # closed at the end, whatever happens in between
             if vocab_size is not None:
-                check_token_ids(engine, config, tier.name, vocab_size, onnx_path)
+                rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
+                check_token_ids(engine, config, tier.name, vocab_size, rows)
             accuracy = record.accuracy
             stale = exported or accuracy is None or record.accuracy_on != measured_on
             if score is not None and stale:
@@ -306,7 +307,9 @@ def _export_tier(
     # Reused only with the module files exported with it: the torch backend builds from
     # those, and refuses them when missing or of another export ("run innfer build").
     if old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
-        rows = embedding_rows((d / "model.onnx").read_bytes(), config) if _ints(config) else None
+        rows = old.input_rows  # the same ONNX as when recorded: parsed once, at export
+        if rows is None and _ints(config):  # a record from before they were kept
+            rows = embedding_rows((d / "model.onnx").read_bytes(), config)
         if (old.inn_sha256, old.input_rows) != (inn_sha, rows):  # kept since (same source)
             old = dataclasses.replace(old, inn_sha256=inn_sha, input_rows=rows)
             old.write(d / TIER_FILE)
@@ -480,23 +483,20 @@ def _tokenizer_vocab(config: ModelConfig, model_dir: Path) -> int | None:
 
 
 def check_token_ids(
-    engine, config: ModelConfig, tier: str, vocab_size: int, onnx_path: Path | None = None
+    engine, config: ModelConfig, tier: str, vocab_size: int, rows: int | None = None
 ) -> None:
     """BuildError unless ``engine`` embeds every id of the model's tokenizer (ids below
     ``vocab_size``): the server checks client ids against the tokenizer alone, and a
     tokenizer with more tokens than the model's embedding table made every batch holding
     such an id fail in the engine (INTERNAL for each request in it). ``validate`` feeds ids
-    0 and 1 only; this runs one row of the largest id. The table's rows are read from the
-    ONNX at ``onnx_path`` (the Gather of the ids input) where it shows them, else from the
+    0 and 1 only; this runs one row of the largest id. ``rows``: the table's rows as the
+    tier's record holds them (``TierRecord.input_rows``), else they are read from the
     engine's error."""
     top = vocab_size - 1
     length = (config.sequence_lengths or (1,))[0]
     feeds = random_feeds(config.inputs, 1, seed=1, length=length)
     feeds[config.text.ids][:] = top
     feeds[config.text.mask][:] = 1
-    rows = None
-    if onnx_path is not None:
-        rows = (embedding_rows(onnx_path.read_bytes(), config) or {}).get(config.text.ids)
     try:
         engine.run(feeds)
         error = None
