@@ -93,7 +93,7 @@ NO_CLOSED_LOOP_SIM = (
 
 
 # -- the model ------------------------------------------------------------------------------
-def recipe(seed: int) -> dict:
+def recipe(seed: int, backend: str = "onnxruntime") -> dict:
     """What the built repository depends on; another recipe rebuilds it."""
     return {
         "model": "bench.models.ResNet18Like",
@@ -106,7 +106,7 @@ def recipe(seed: int) -> dict:
         "max_batch": MAX_BATCH,
         "threads": THREADS,
         "max_queue": MAX_QUEUE,
-        "backend": "onnxruntime",
+        "backend": backend,
         "profile_repeats": PROFILE_REPEATS,
     }
 
@@ -143,11 +143,18 @@ def model_yaml(inp: list[int], classes: int, **override) -> dict:
     }
 
 
-def build_repo(seed: int, rebuild: bool = False) -> tuple[Path, str]:
+def repo_root(backend: str = "onnxruntime") -> Path:
+    """The benchmark's repository for ``backend``: runs/bench-live (ONNX Runtime), else
+    runs/bench-live-<backend> (the torch backend: on CUDA with graphs where a GPU is)."""
+    return REPO if backend == "onnxruntime" else REPO.with_name(f"{REPO.name}-{backend}")
+
+
+def build_repo(seed: int, rebuild: bool = False, backend: str = "onnxruntime") -> tuple[Path, str]:
     """The model directory, built (minutes: export + engines + profile) or reused; and
     "reused" / "built"."""
-    model_dir = REPO / MODEL
-    want = recipe(seed)
+    root = repo_root(backend)
+    model_dir = root / MODEL
+    want = recipe(seed, backend)
     record = model_dir / "bench-live.json"
     if (
         not rebuild
@@ -163,8 +170,8 @@ def build_repo(seed: int, rebuild: bool = False) -> tuple[Path, str]:
 
     shutil.rmtree(model_dir, ignore_errors=True)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    add_model(REPO, MODEL, resnet_inn(seed), model_yaml(INPUT, CLASSES))
-    build_model(Repository(REPO), MODEL, backend="onnxruntime", repeats=PROFILE_REPEATS)
+    add_model(root, MODEL, resnet_inn(seed), model_yaml(INPUT, CLASSES, backends=[backend]))
+    build_model(Repository(root), MODEL, backend=backend, repeats=PROFILE_REPEATS)
     record.write_text(json.dumps({"recipe": want, "built_at": time.strftime("%F %T")}))
     return model_dir, "built"
 
@@ -924,6 +931,14 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the transport floor: each closed-loop point against an echo server "
         "that answers at once (bench/server_baselines.py echo) on the server's CPUs",
     )
+    p.add_argument(
+        "--backend",
+        choices=("onnxruntime", "torch"),
+        default="onnxruntime",
+        help="the engines: ONNX Runtime on the CPU (the issue's setup), or torch - on an "
+        "NVIDIA GPU with CUDA graphs where one is (repository runs/bench-live-torch, "
+        "results live_scheduler_torch.*)",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     if args.repeat < 1:
@@ -932,16 +947,17 @@ def main(argv: list[str] | None = None) -> int:
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
 
     t_start = time.perf_counter()
-    model_dir, how = build_repo(args.seed, args.rebuild)
+    model_dir, how = build_repo(args.seed, args.rebuild, args.backend)
+    stem = STEM if args.backend == "onnxruntime" else f"{STEM}_{args.backend}"
     print(f"model {model_dir} ({how})", file=sys.stderr, flush=True)
     profile = json.loads((model_dir / "profile.json").read_text())
     widths = tier_widths(model_dir)
     capacity = MAX_BATCH / (p50_ms(profile, "w100", MAX_BATCH) / 1e3)
 
-    work = REPO / "work"
+    work = model_dir.parent / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    repos = copy_per_tree(REPO / MODEL, trees, work)  # an older tree may rebuild its cache
+    repos = copy_per_tree(model_dir, trees, work)  # an older tree may rebuild its cache
 
     traces, trace_files, sims = {}, {}, {}
     for pt in points:  # simulate first, before the servers and the pinning
@@ -961,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out).mkdir(parents=True, exist_ok=True)
     servers = {}
     for name, tree in trees.items():
-        log = args.out / f"{STEM}-{name}.log"
+        log = args.out / f"{stem}-{name}.log"
         log.write_text("")
         servers[name] = LiveServer(
             name, tree, repos[name], log, args.server_cpus if pinned else None
@@ -987,8 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": {
             "model": MODEL,
-            "recipe": recipe(args.seed),
-            "repository": str(REPO),
+            "recipe": recipe(args.seed, args.backend),
+            "repository": str(model_dir.parent),
             "build": how,
             "tier_widths": widths,
             "capacity_per_s": capacity,
@@ -1044,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
             row["sim_at_load"] = sims_at_load(model_dir, pt, trace_files, traces, row, args)
         elif args.floor:
             print(f"[echo] {pt['id']} ...", file=sys.stderr, flush=True)
-            floor_log = args.out / f"{STEM}-echo.log"
+            floor_log = args.out / f"{stem}-echo.log"
             cpus = args.server_cpus if pinned else None
             row["transport_floor"] = transport_floor(pt, inputs, args, floor_log, cpus)
         for s in row["live"].values():
@@ -1055,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         results["points"].append(row)
     results["littles_law"] = littles_law_rows(results["points"])
     results["wall_seconds"] = time.perf_counter() - t_start
-    publish(results, args.out, STEM, plot, summarise(results))
+    publish(results, args.out, stem, plot, summarise(results))
     return 0
 
 

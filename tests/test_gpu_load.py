@@ -1,9 +1,10 @@
 """Outside load on a GPU as a scheduler input: LatencyModel.set_external (pure), the NVML
 reader (server/gpu_load.py) and the data plane's wiring from one to the other.
 
-No GPU and no NVML here: the reader and the wiring run against ``FakeNvml``, a stand-in for
-the ``pynvml`` module injected through ``sys.modules``, scripted with utilisations. What a
-real driver reports (and how it lags) is untested on this machine.
+The reader and the wiring run against ``FakeNvml``, a stand-in for the ``pynvml`` module
+injected through ``sys.modules``, scripted with utilisations. What a real driver reports is
+checked by the tests marked ``gpu`` at the end (skipped without CUDA; run on a lent GPU by
+bench/device_check.sh): an idle GPU, another process saturating it, and our own kernels.
 """
 
 from __future__ import annotations
@@ -411,3 +412,83 @@ def test_unloading_the_last_model_on_a_gpu_stops_its_reader(gpu_config, monkeypa
 
     state, fresh = asyncio.run(asyncio.wait_for(body(), 30))
     assert state == (None, {}, {}, None) and fresh
+
+
+# -- the real driver (gpu: skipped without CUDA; run by bench/device_check.sh) ---------------
+_BURN = """
+import sys, time, torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+"""
+
+
+def _real_factors(seconds: float, own_busy=None) -> list[float]:
+    """The factors a reader on the real NVML of GPU 0 reports over ``seconds``."""
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (the gpu extra)")
+    seen: list[float] = []
+    reader = NvmlLoad(0, lambda _i, f: seen.append(f), own_busy=own_busy, interval_s=0.2)
+    assert reader.start(), "NVML did not start on a machine with a GPU"
+    try:
+        time.sleep(seconds)
+    finally:
+        reader.stop()
+    return seen
+
+
+@pytest.mark.gpu
+def test_real_nvml_reads_an_idle_gpu_as_no_outside_load():
+    factors = _real_factors(1.5, own_busy=lambda: 0.0)  # we run nothing either
+    assert len(factors) >= 4, factors
+    assert max(factors) < 1.25, factors
+
+
+@pytest.mark.gpu
+def test_real_nvml_sees_another_process_saturate_the_gpu():
+    """Another process's matrix products (a training job beside the server) must raise the
+    factor at once: our engines are idle, so all of the utilisation is others'."""
+    import subprocess
+
+    burn = subprocess.Popen([sys.executable, "-c", _BURN, "8"], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert burn.stdout.readline().strip() == "ready"
+        factors = _real_factors(2.5, own_busy=lambda: 0.0)
+    finally:
+        burn.kill()
+        burn.wait()
+    assert len(factors) >= 6, factors
+    assert factors[-1] > 3.0, factors  # others hold > 2/3 of the device after 2 s
+
+
+@pytest.mark.gpu
+def test_real_nvml_does_not_count_our_own_kernels_as_outside_load():
+    """The same products run by this process, with ``own_busy`` unknown: NVML's per-process
+    samples must name our PID, or the reader would slow plans the more we serve. Where the
+    driver cannot say (no per-process samples, as in some containers) nothing is reported,
+    which is also correct."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    stop = threading.Event()
+
+    def burn():
+        while not stop.is_set():
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize()
+
+    worker = threading.Thread(target=burn, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        factors = _real_factors(2.5)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert all(f < 1.5 for f in factors), factors
