@@ -28,8 +28,8 @@ The reader runs on a daemon thread and calls ``on_factor(index, factor)`` from i
 because the scheduler is not thread-safe. ``pynvml`` (the ``nvidia-ml-py`` package, extra
 ``gpu``) is imported only when a GPU model loads; without it, or when NVML fails to
 initialise, the reader is disabled with one info line and the scheduler plans as before.
-Untested on a real GPU here (no GPU on the development machines); the tests script a
-stand-in ``pynvml``.
+The tests script a stand-in ``pynvml``; the tests marked ``gpu`` read a real H200's NVML
+(an idle device, another process saturating it, our own kernels).
 
 Example:
     >>> others_factor(total=0.8, ours=0.3)       # others hold half the GPU: 2x slower
@@ -178,10 +178,20 @@ class NvmlLoad:
                      self.index, exc)  # fmt: skip
             self._shutdown()
             return False
+        self._skip_history()
         self._thread = threading.Thread(target=self._run, name=f"nvml-load-{self.index}",
                                         daemon=True)  # fmt: skip
         self._thread.start()
         return True
+
+    def _skip_history(self) -> None:
+        """Start the per-process samples from now. Asked from timestamp 0, NVML answers over
+        its whole buffer: on an H200 the first read, 0.2 s into our own saturating kernels,
+        gave this process a share averaged over seconds it was idle (and exited processes
+        theirs), so our kernels counted as outside load: factor 10, decaying over 2 s."""
+        with contextlib.suppress(Exception):  # NOT_FOUND (no samples yet), unsupported
+            samples = self.nvml.nvmlDeviceGetProcessUtilization(self._handle, 0)
+            self._last_ts = max([self._last_ts, *(int(s.timeStamp) for s in samples)])
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """End the thread (after its current read) and release NVML."""

@@ -670,9 +670,11 @@ class ModelRuntime:
                 log.exception("model %s tier %s: closing the engine failed", self.name, tier)
 
     def warm_up(self, profile: bool = False, contended: bool = False) -> dict[str, float]:
-        """Run every tier once so the first request does not pay for lazy initialisation;
-        with ``profile``, then time each tier briefly here (``PROFILE_RUNS`` batches of 1
-        and of ``max_batch`` rows, at most ``PROFILE_BUDGET_S`` per tier) and feed the
+        """Run every tier once so the first request does not pay for lazy initialisation
+        (every batch size at every lane's length for an engine whose first run of a shape
+        is slow: ``Engine.slow_first_shapes``, a torch CUDA engine's graph captures); with
+        ``profile``, then time each tier briefly here (``PROFILE_RUNS`` batches of 1 and of
+        ``max_batch`` rows, at most ``PROFILE_BUDGET_S`` per tier) and feed the
         times to the latency model - the online correction starts from this machine, now,
         not from whatever the build machine was doing. ``contended``: the timing shares the
         CPU with requests being served (a reload under load): it may then show that the
@@ -685,6 +687,10 @@ class ModelRuntime:
 
         for engine in self.served.engines.values():
             engine.run(random_feeds(self.config.inputs, 1))
+            if engine.slow_first_shapes:  # also contended: a capture under load costs more
+                for n in self.lanes:
+                    for b in range(1, self.config.max_batch + 1):
+                        engine.run(random_feeds(self.config.inputs, b, length=n or 1))
         if not profile:
             return {}
         # Contended, batch 1 alone: the timing can only lower a tier's level (one factor

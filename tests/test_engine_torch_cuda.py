@@ -76,6 +76,7 @@ def test_cpu_engine_never_uses_cuda_graphs(tmp_path, monkeypatch):
         x = _x(batch, seed)
         np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x))
     assert engine.graph_captures == 0 and engine.captured_batches == []
+    assert engine.slow_first_shapes is False  # no batch-size warm-up at load on a CPU
 
 
 def test_cuda_graphs_switches(monkeypatch):
@@ -175,6 +176,7 @@ def test_one_graph_per_batch_size_captured_lazily_then_replayed(monkeypatch):
     net = _net()
     engine = _graph_engine(net, max_batch=4)
 
+    assert engine.slow_first_shapes  # the server runs every batch size once at load
     x = _x(1, 0)
     np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)
     assert engine.graph_captures == 1 and engine.captured_batches == [1]
@@ -250,6 +252,7 @@ def test_failed_capture_falls_back_to_eager_and_logs_once(monkeypatch, caplog):
     assert caplog.text.count("CUDA graph capture failed") == 1
     assert engine.captured_batches == [1]  # no further capture attempts after the failure
     assert engine.prefers_fixed_lengths is False  # padding would buy no replay now
+    assert engine.slow_first_shapes is False  # nothing left to capture at load either
     assert len(fake.graphs) == 2  # batch 1's and the failed one; none for batch 4
     x = _x(1, 5)  # the graph captured earlier keeps replaying
     np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x), rtol=1e-6)

@@ -223,6 +223,44 @@ def test_scripted_utilisations_give_smoothed_factors():
     assert nvml.calls[0] == "init" and nvml.calls[-1] == "shutdown"
 
 
+class HistoryNvml(FakeNvml):
+    """NVML's per-process answer as a real driver gives it: one sample per process, its SM
+    utilisation averaged over the buffered samples newer than ``last_seen``. ``history``:
+    (timestamp, pid, SM %) entries, oldest first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, int, int]] = []
+
+    def nvmlDeviceGetProcessUtilization(self, handle, last_seen):
+        newer = [(ts, pid, sm) for ts, pid, sm in self.history if ts > last_seen]
+        if not newer:
+            raise self.NVMLError(self.NVML_ERROR_NOT_FOUND)
+        return [
+            types.SimpleNamespace(
+                pid=pid, smUtil=int(np.mean([sm for _, p, sm in newer if p == pid])),
+                timeStamp=max(ts for ts, p, _ in newer if p == pid), memUtil=0,
+            )
+            for pid in dict.fromkeys(p for _, p, _ in newer)
+        ]  # fmt: skip
+
+
+def test_samples_from_before_the_reader_started_are_not_read_as_ours():
+    # Seen on an H200: the first read (from timestamp 0) averaged our share over seconds we
+    # were idle, so our own saturating kernels read as others' - factor 10 at once.
+    nvml, seen = HistoryNvml(), []
+    me = os.getpid()
+    nvml.history = [(t, me, 0) for t in range(1, 10)] + [(t, OTHER_PID, 90) for t in (1, 2)]
+    reader = NvmlLoad(0, lambda i, f: seen.append(f), nvml=nvml, interval_s=3600)
+    assert reader.start()
+    try:
+        nvml.history += [(10, me, 95), (11, me, 95)]  # our kernels, since the start
+        nvml.total = 95
+        assert reader.sample() == pytest.approx(1.0)
+    finally:
+        reader.stop()
+
+
 def test_without_our_own_samples_the_engines_busy_time_stands_in():
     """In a container NVML reports host PIDs: our samples never match os.getpid(). The
     data plane's engine seconds say how busy we were; with neither, nothing is reported."""

@@ -82,6 +82,11 @@ class Engine(ABC):
     # one module). The server plans no more instances than this: a second batch of the same
     # tier would wait for the first while its plan counted it running.
     concurrent_runs: int | None = None
+    # True: the first run of each new input shape is slow (a torch CUDA engine captures a
+    # graph for it: tens of ms with every other CUDA run held off). The server then runs
+    # every batch size, at each lane's length, once at load - untimed - so that no request
+    # waits behind a capture and the timing at load does not count one.
+    slow_first_shapes: bool = False
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -260,6 +260,11 @@ class TorchEngine(Engine):
         return self._use_graphs and not self._capture_failed
 
     @property
+    def slow_first_shapes(self) -> bool:
+        # A new shape is captured (3 warm-up forwards and the capture) while graphs work.
+        return self._use_graphs and not self._capture_failed
+
+    @property
     def captured_batches(self) -> list[int]:
         return sorted({shapes[0][0] for shapes in self._graphs})
 
