@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -846,6 +847,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"{len(params)} request parameters; at most {self.limits.max_parameters}"
             )
+        check_parameter_names(params)
         # The budget is the client's end to end. What this process spends outside queue and
         # compute is learned (server.overhead) and, with plan_overhead, planned for; the
         # margin covers what it cannot see (the client's own processing, the sockets).
@@ -1228,6 +1230,48 @@ def _budget(
     if time_remaining is not None:
         budget = min(budget, time_remaining)  # never answer after the client gave up
     return budget
+
+
+# The request parameters innfer reads (Triton's `priority` and `timeout` among them), and
+# those other OIP clients and Triton send that innfer leaves alone: an unknown name close to
+# one of innfer's is refused as a likely misspelling; any other is ignored, as OIP lets
+# servers ignore the extensions they do not know.
+REQUEST_PARAMETERS = ("latency_budget_ms", "tier", "min_tier", "priority", "timeout", "truncate")
+_PASSED_OVER = frozenset({
+    "sequence_id", "sequence_start", "sequence_end", "binary_data_output", "headers",
+    "triton_enable_empty_final_response",
+})  # fmt: skip
+_READ = frozenset(REQUEST_PARAMETERS)
+# Names other servers use for a budget (what a user moving to innfer may send).
+_BUDGET_ALIASES = frozenset({"budget_ms", "deadline_ms", "latency_ms", "slo_ms", "budget"})
+_UNITS = ("latency_budget_ms (ms), tier and min_tier (tier names), priority (Triton's: 1 is "
+          "the highest), timeout (Triton's: microseconds), truncate (bool)")  # fmt: skip
+
+
+def check_parameter_names(params) -> None:
+    """InvalidArgument for a parameter name that looks like a misspelt one of innfer's
+    (``tierr``, ``Latency-Budget-Ms``, ``truncation``): ignored, it would serve the request
+    without the pin, budget or truncation its sender asked for, and say nothing.
+
+    Example:
+        >>> check_parameter_names({"tier": 1, "x-request-source": 1})   # unknown: ignored
+        >>> try:
+        ...     check_parameter_names({"latency_budget": 1})
+        ... except InvalidArgument as exc:
+        ...     print(str(exc).split("?")[0])
+        unknown request parameter 'latency_budget': did you mean 'latency_budget_ms'
+    """
+    for key in params:
+        if key in _READ or key in _PASSED_OVER:
+            continue
+        name = key.casefold().replace("-", "_")
+        near = (["latency_budget_ms"] if name in _BUDGET_ALIASES else
+                difflib.get_close_matches(name, REQUEST_PARAMETERS, n=1, cutoff=0.75))  # fmt: skip
+        if near:
+            raise InvalidArgument(
+                f"unknown request parameter {clip(key)}: did you mean {near[0]!r}? innfer "
+                f"reads {_UNITS}"
+            )
 
 
 def _bool_param(params, name: str, default: bool) -> bool:

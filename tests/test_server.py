@@ -119,6 +119,21 @@ def test_tier_pin_and_min_tier(client):
     assert r.get_response().parameters["tier"].string_param == "w100"
 
 
+def test_a_misspelt_parameter_is_refused_and_an_unknown_one_ignored(client):
+    # `tierr` was ignored: the request was served unpinned, without a word.
+    budget = "'latency_budget_ms'"
+    for key, value, meant in (("tierr", "w050", "'tier'"), ("latency-budget-ms", 50, budget),
+                              ("budget_ms", 50, budget)):  # fmt: skip
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("tiny", [_input(_x(1))], parameters={key: value})
+        assert _code(err.value) == "StatusCode.INVALID_ARGUMENT"
+        assert f"unknown request parameter '{key}': did you mean {meant}?" in err.value.message()
+    # Another client's own extension (OIP lets a server ignore what it does not know).
+    r = client.infer("tiny", [_input(_x(1))], parameters={"x-request-source": "batch-job"},
+                     sequence_id=0)  # fmt: skip
+    assert r.as_numpy("logits").shape == (1, 10)
+
+
 def test_triton_priority_and_timeout_are_accepted(client):
     r = client.infer("tiny", [_input(_x(1))], priority=1, timeout=2_000_000)
     assert r.as_numpy("logits").shape == (1, 10)
