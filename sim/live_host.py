@@ -151,6 +151,12 @@ class LiveHost:
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
+        if "overhead_ms" not in data:  # every server writes it ([] before any request)
+            raise ValueError(
+                "a host view needs overhead_ms (the server's time per request outside queue "
+                "and compute, ms; [] where it has none yet): without it the replay would "
+                "count no overhead at all"
+            )
         try:
             return cls(
                 overhead_ms=tuple(float(v) for v in data.get("overhead_ms", ())),

@@ -447,6 +447,11 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
     (tmp_path / "h.json").write_text('{"overhead_ms": [1.0], "speed": 2}')
     with pytest.raises(ValueError, match=r"h\.json: not a host view .*\['speed'\]"):
         LiveHost.read(tmp_path / "h.json")
+    (tmp_path / "h.json").write_text("{}")  # read as a host with no overhead at all
+    with pytest.raises(
+        ValueError, match=r"h\.json: not a host view \(a host view needs overhead_ms"
+    ):
+        LiveHost.read(tmp_path / "h.json")
     (tmp_path / "h.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"h\.json: not a host view"):
         LiveHost.read(tmp_path / "h.json")
@@ -656,7 +661,9 @@ def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monke
     monkeypatch.setattr(sim.tiering, "choose", lambda *a, **kw: seen.append(a[4]))
     repo = Repository(tmp_path)
     _choose(repo, "tiny", tmp_path / "t.csv")
-    (tmp_path / "h.json").write_text(json.dumps({"slots": 1, "policy": "slackfit"}))
+    (tmp_path / "h.json").write_text(
+        json.dumps({"overhead_ms": [], "slots": 1, "policy": "slackfit"})
+    )
     _choose(repo, "tiny", tmp_path / "t.csv", host=tmp_path / "h.json")
     assert [(s.slots, s.policy) for s in seen] == [(2, "innfer"), (1, "slackfit")]
 
