@@ -42,11 +42,10 @@ def add_parser(sub) -> None:
     tiers = sub.add_parser("tiers", help="auto-tiering: frontier, suggest, apply")
     tsub = tiers.add_subparsers(dest="tiers_command", required=True)
     fr = tsub.add_parser("frontier", help="measure accuracy and latency of candidate widths")
-    fr.add_argument("repository", type=Path)
-    fr.add_argument("model")
+    _model_arguments(fr)
     fr.set_defaults(func=cmd_frontier)
     sug = tsub.add_parser("suggest", help="the tiers recorded traffic calls for (no changes)")
-    sug.add_argument("model_dir", type=Path)
+    _model_arguments(sug)
     sug.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     sug.add_argument("--json", type=Path, help="also write the choice here")
     sug.add_argument("--host", type=Path, help=HOST_HELP)
@@ -57,8 +56,7 @@ def add_parser(sub) -> None:
         "live set stays (the gain is below rebuild.min_gain; --force applies anyway); 2 an "
         "error the message names (bad arguments, files, goals); 1 an internal error",
     )  # fmt: skip
-    app.add_argument("repository", type=Path)
-    app.add_argument("model")
+    _model_arguments(app)
     app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     app.add_argument("--force", action="store_true", help="apply even below rebuild.min_gain")
     app.add_argument("--result", type=Path, help="write the choice here (JSON), applied or not")
@@ -80,10 +78,41 @@ def add_parser(sub) -> None:
     app.set_defaults(func=cmd_apply)
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model as every other command takes it (``MODEL_DIR``: <repo>/<model>) or as
+    ``innfer build`` and a server's own apply give it (``REPOSITORY MODEL``)."""
+    p.add_argument("target", type=Path, metavar="MODEL_DIR|REPOSITORY",
+                   help="a model's folder (<repo>/<model>), or a repository and MODEL")  # fmt: skip
+    p.add_argument("model", nargs="?", metavar="MODEL", help="the model's name in REPOSITORY")
+
+
+def model_location(args: argparse.Namespace) -> tuple[Path, str]:
+    """(repository, model name) from ``MODEL_DIR`` or ``REPOSITORY MODEL``; ValueError,
+    saying which form was read, where that folder holds no model.yaml.
+
+    Example:
+        >>> model_location(argparse.Namespace(target=Path("runs/repo/mnist"), model=None))
+        Traceback (most recent call last):
+        ...
+        ValueError: runs/repo/mnist has no model.yaml: give a model's folder (<repo>/<model>) ...
+    """
+    if args.model is not None:
+        repo, name = args.target, args.model
+    else:
+        repo, name = args.target.resolve().parent, args.target.resolve().name
+    if not (repo / name / "model.yaml").is_file():
+        shown = args.target / args.model if args.model is not None else args.target
+        raise ValueError(
+            f"{shown} has no model.yaml: give a model's folder (<repo>/<model>) or REPOSITORY MODEL"
+        )
+    return repo, name
+
+
 def cmd_frontier(args: argparse.Namespace) -> int:
     from runtime.build.frontier import build_frontier
     from runtime.repository import Repository
 
+    args.repository, args.model = model_location(args)
     build_frontier(Repository(args.repository), args.model)
     report_frontier(args.repository / args.model)
     return 0
@@ -111,7 +140,8 @@ def report_frontier(model_dir: Path) -> Path | None:
 def cmd_suggest(args: argparse.Namespace) -> int:
     from runtime.repository import Repository
 
-    d = args.model_dir.resolve()
+    root, name = model_location(args)
+    d = (root / name).resolve()
     repo = Repository(d.parent)
     choice, frontier, recorded = _choose(repo, d.name, args.traffic, host=args.host)
     min_gain = repo.config(d.name).auto_tiers.rebuild.min_gain
@@ -128,6 +158,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         die_with_parent(args.parent_pid)
     if args.background:
         yield_cpu()
+    args.repository, args.model = model_location(args)
     repo = Repository(args.repository)
     config = repo.config(args.model)
     choice, frontier, recorded = _choose(repo, args.model, args.traffic, args.live, args.host)

@@ -628,6 +628,22 @@ def test_suggest_changes_nothing_and_apply_writes_the_choice(tmp_path, capsys):
     assert code == 3 and "keep (same set)" in capsys.readouterr().out
 
 
+def test_tiers_commands_take_a_model_folder_or_a_repository_and_a_name(tmp_path, capsys):
+    # `tiers suggest` took MODEL_DIR only and `frontier` / `apply` REPOSITORY MODEL only:
+    # the form one command took was a usage error for the next.
+    d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    traffic = ["--traffic", str(tmp_path / "t.csv")]
+    assert cli(["tiers", "suggest", str(d), *traffic]) == 0
+    by_dir = capsys.readouterr().out
+    assert cli(["tiers", "suggest", str(tmp_path), "tiny", *traffic]) == 0
+    assert capsys.readouterr().out == by_dir
+    assert cli(["tiers", "apply", str(d), *traffic]) == 0  # the folder form applies too
+    assert (d / ACTIVE_FILE).is_file()
+    assert cli(["tiers", "suggest", str(tmp_path), *traffic]) == 2  # a repository alone
+    assert f"{tmp_path} has no model.yaml: give a model's folder" in capsys.readouterr().err
+
+
 def test_suggest_replays_the_host_view_it_is_given(tmp_path, capsys):
     d = _auto_model(tmp_path)
     _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
