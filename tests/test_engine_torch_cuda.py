@@ -385,3 +385,13 @@ def test_fp16_graphs_take_and_give_fp32(tmp_path, monkeypatch):
         assert got.dtype == np.float32 and got.shape == (batch, OUT_F)
         np.testing.assert_allclose(got, _expected(net, x), rtol=2e-2, atol=2e-2)
     assert engine.captured_batches == [1, 5, 8]
+
+
+def test_the_device_named_is_the_one_the_engines_load_on(monkeypatch):
+    # The engines load on "cuda", the current device; the name (the profile's device) was
+    # GPU 0's whatever the current device was.
+    names = {0: "NVIDIA A10", 1: "NVIDIA H200"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: names[i or 0])
+    assert TorchBackend().device() == "NVIDIA H200"

@@ -406,7 +406,9 @@ class TorchBackend(Backend):
         import torch
 
         if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
+            # The engines load on "cuda": the current device, which torch.cuda.set_device
+            # (or a launcher) may have made another than 0 - the profile is that GPU's.
+            return torch.cuda.get_device_name(torch.cuda.current_device())
         return "cpu"
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
