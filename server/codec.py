@@ -268,10 +268,11 @@ def _check_range(name: str, datatype: str, values: np.ndarray, info: np.iinfo) -
         )
 
 
-def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int]) -> None:
+def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int | list]) -> None:
     """Each integer input that indexes an embedding table (``rows``: input -> the table's
-    rows, from the build's record) must hold ids in [0, rows): one past the table fails in
-    the engine - and with it every request batched beside it (INTERNAL) - and a negative
+    rows, or a list of them per column of its last dim, None for a column no table reads
+    directly; from the build's record) must hold ids in [0, rows): one past the table fails
+    in the engine - and with it every request batched beside it (INTERNAL) - and a negative
     one reads a row from the end, which the torch model refused.
 
     Example:
@@ -280,19 +281,42 @@ def check_ids(arrays: dict[str, np.ndarray], rows: dict[str, int]) -> None:
         Traceback (most recent call last):
         ...
         server.errors.InvalidArgument: input 'item': id 12 at [0, 1] is outside ...
+        >>> check_ids({"f": np.array([[3, 12]])}, {"f": [20, 10]})
+        Traceback (most recent call last):
+        ...
+        server.errors.InvalidArgument: input 'f': id 12 at [0, 1] (column 1) is outside ...
     """
     for name, n in rows.items():
         ids = arrays.get(name)
-        if ids is not None and (at := _outside(ids, n)) is not None:
+        if ids is None:
+            continue
+        if isinstance(n, int):
+            at = _outside(ids, n)
+        elif ids.ndim and ids.shape[-1] == len(n):  # (decode checked the shape: always)
+            at = _outside_columns(ids, n)
+        else:
+            at = None
+        if at is not None:
+            bound = n if isinstance(n, int) else n[at[-1]]
+            col = "" if isinstance(n, int) else f" (column {at[-1]})"
             raise InvalidArgument(
-                f"input {name!r}: id {int(ids[at])} at {list(at)} is outside [0, {n}) (the "
-                f"rows of the embedding table it indexes); send ids in [0, {n})"
+                f"input {name!r}: id {int(ids[at])} at {list(at)}{col} is outside [0, "
+                f"{bound}) (the rows of the embedding table it indexes); send ids in "
+                f"[0, {bound}){' in that column' if col else ''}"
             )
 
 
 def _outside(ids: np.ndarray, n: int) -> tuple[int, ...] | None:
     """The index of the first id outside [0, n), or None."""
     bad = (ids < 0) | (ids >= n)
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
+
+
+def _outside_columns(ids: np.ndarray, rows: list) -> tuple[int, ...] | None:
+    """As ``_outside`` with a bound per column of the last dim; None columns unchecked."""
+    checked = np.array([r is not None for r in rows])
+    top = np.array([r if r is not None else 0 for r in rows], dtype=np.int64)
+    bad = ((ids < 0) | (ids >= top)) & checked
     return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
 
 

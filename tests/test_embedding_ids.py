@@ -122,11 +122,10 @@ class Columns(torch.nn.Module):
         return self.out(torch.relu(self.hidden(h) + bias.mean(1, keepdim=True)))
 
 
-def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_table(
-    tmp_path,
-):
+def test_columns_of_one_input_are_checked_each_against_its_own_table(tmp_path):
     # ids[:, 0] into a 20-row table: an id of 25 was INTERNAL ("inference failed: ...
-    # idx=25 must be within the inclusive range [-20,19]"), counted as an engine failure.
+    # idx=25 must be within the inclusive range [-20,19]"), and later refused only when the
+    # engine met it (its batch-mates' work lost); -1 silently read the table's last row.
     torch.manual_seed(0)
     inn = runtime.convert(Columns().eval(), (torch.randint(0, 20, (2, 2)), torch.randn(2, 16)))
     config = {**CONFIG, "inputs": [{"name": "ids", "dtype": "int64", "shape": [2]},
@@ -134,7 +133,9 @@ def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_
     add_model(tmp_path, "cols", inn, config)
     report = build_model(Repository(tmp_path), "cols", backend="onnxruntime", progress=False,
                          repeats=3)  # fmt: skip
-    assert any("integer input(s) ids of cols do not index" in w for w in report.warnings)
+    assert not any("do not index" in w for w in report.warnings), report.warnings
+    record = json.loads((tmp_path / "cols" / "tiers" / "w050" / "tier.json").read_text())
+    assert record["input_rows"] == {"ids": [20, ROWS]}
     server = ServerThread({"repository": str(tmp_path)}).start()
     client = tc.InferenceServerClient(server.address)
     try:
@@ -142,16 +143,72 @@ def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_
         inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
         inputs[0].set_data_from_numpy(np.array([[19, ROWS - 1]], np.int64))
         assert client.infer("cols", inputs).as_numpy("scores").shape == (1, 4)
-        inputs[0].set_data_from_numpy(np.array([[25, 3]], np.int64))  # past the user table
-        with pytest.raises(InferenceServerException) as err:
-            client.infer("cols", inputs)
-        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "a value of the request indexes past a table the model reads" in str(err.value)
+        for ids, message in (
+            ([25, 3], "id 25 at [0, 0] (column 0) is outside [0, 20)"),  # past the user table
+            ([3, -1], "id -1 at [0, 1] (column 1) is outside [0, 50)"),  # read the last row
+        ):
+            inputs[0].set_data_from_numpy(np.array([ids], np.int64))
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("cols", inputs)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert f"input 'ids': {message}" in err.value.message()
         sample = server.server.metrics.registry.get_sample_value
         assert sample("innfer_requests_total", {"model": "cols", "tier": "", "outcome": "invalid"})
     finally:
         client.close()
         server.stop()
+
+
+class Shifted(torch.nn.Module):
+    """Three id columns: 0 into its own table, 1 shifted first, 2 used as a feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user, self.item = torch.nn.Embedding(20, 8), torch.nn.Embedding(ROWS, 8)
+        self.out = torch.nn.Linear(17, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.user(ids[:, 0]), self.item(ids[:, 1] + 1)], 1)
+        return self.out(torch.cat([h, ids[:, 2:].float()], 1))
+
+
+def test_ids_read_through_other_ops_are_warned_at_build_and_refused_when_past_a_table(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    inn = runtime.convert(Shifted().eval(), (torch.randint(0, 19, (2, 3)),))
+    config = {**CONFIG, "inputs": [{"name": "ids", "dtype": "int64", "shape": [3]}]}
+    add_model(tmp_path, "shift", inn, config)
+    report = build_model(Repository(tmp_path), "shift", backend="onnxruntime", progress=False,
+                         repeats=3)  # fmt: skip
+    assert any("integer input(s) ids (columns 1, 2) of shift do not index" in w
+               for w in report.warnings), report.warnings  # fmt: skip
+    record = json.loads((tmp_path / "shift" / "tiers" / "w100" / "tier.json").read_text())
+    assert record["input_rows"] == {"ids": [20, None, None]}
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    client = tc.InferenceServerClient(server.address)
+    try:
+        inputs = [tc.InferInput("ids", [1, 3], "INT64")]
+        inputs[0].set_data_from_numpy(np.array([[19, ROWS - 2, -7]], np.int64))  # a feature
+        assert client.infer("shift", inputs).as_numpy("scores").shape == (1, 4)
+        inputs[0].set_data_from_numpy(np.array([[3, ROWS, 0]], np.int64))  # 50 + 1: past it
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("shift", inputs)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "a value of the request indexes past a table the model reads" in str(err.value)
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_merged_bounds_and_records_of_columns():
+    from runtime.repository.records import merge_rows, rows_problem
+
+    assert merge_rows([20, None], [10, 30]) == [10, 30]
+    assert merge_rows(15, [20, None]) == [15, 15]  # an int bounds every column
+    assert rows_problem({"ids": [20, 0]}) is not None  # no table has 0 rows
+    assert rows_problem({"ids": []}) is not None
+    assert rows_problem({"ids": True}) is not None
 
 
 def test_input_errors_list_the_inputs_in_the_models_order():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import numpy_helper
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -27,6 +28,7 @@ from runtime.atomic import write_bytes
 from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
 from runtime.inn import graphio
 from runtime.repository.config import ModelConfig
+from runtime.repository.records import Rows, merge_rows
 
 OPSET = 17
 # One ONNX file holds at most 2 GiB (protobuf's limit); larger models need their weights in
@@ -186,20 +188,23 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
     return data
 
 
-def embedding_rows(data: bytes, config: ModelConfig) -> dict[str, int] | None:
+def embedding_rows(data: bytes, config: ModelConfig) -> dict[str, Rows] | None:
     """Rows of the embedding table each integer input of ``config`` indexes in the ONNX
-    ``data``: the smallest initializer a Gather reads along axis 0 at that graph input.
-    An id outside [0, rows) fails the engine's whole batch (ONNX Runtime: "indices element
-    out of data bounds"); a negative one silently reads a row from the end, where torch
-    refused it. The server refuses both with INVALID_ARGUMENT from this record. None: no
-    integer input indexes a table directly (or the bytes do not parse).
+    ``data``: the smallest initializer a Gather reads along axis 0 at that graph input; or,
+    for an input whose columns index tables of their own (``ids[:, k]``: a Gather of one
+    constant column along the last axis, then the table's), a list over its last dim with
+    None for a column no table reads directly. An id outside [0, rows) fails the engine's
+    whole batch (ONNX Runtime: "indices element out of data bounds"); a negative one
+    silently reads a row from the end, where torch refused it. The server refuses both with
+    INVALID_ARGUMENT from this record. None: no integer input indexes a table (or the bytes
+    do not parse).
 
     Example:
         >>> data = Path("repo/rec/tiers/w100/model.onnx").read_bytes()  # doctest: +SKIP
         >>> embedding_rows(data, config)  # doctest: +SKIP
-        {'item_ids': 50000}
+        {'item_ids': 50000, 'fields': [20, 50000]}
     """
-    ints = {t.name for t in config.inputs if t.dtype in INTEGER_DTYPES}
+    ints = {t.name: t for t in config.inputs if t.dtype in INTEGER_DTYPES}
     if not ints:
         return None
     try:
@@ -207,15 +212,52 @@ def embedding_rows(data: bytes, config: ModelConfig) -> dict[str, int] | None:
     except Exception:  # a file the backend reads but onnx does not: nothing is checked
         return None
     tables = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) >= 1}
-    rows: dict[str, int] = {}
+    columns = _column_reads(graph, ints)  # tensor -> (input, column) it holds
+    rows: dict[str, Rows] = {}
     for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in ints:
+        if node.op_type != "Gather" or len(node.input) < 2 or _axis(node) != 0:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if axis == 0 and node.input[0] in tables:
-            name = node.input[1]
-            rows[name] = min(rows.get(name, tables[node.input[0]]), tables[node.input[0]])
+        table, ids = node.input[0], node.input[1]
+        if table not in tables:
+            continue
+        if ids in ints:
+            bound: Rows = tables[table]
+        elif ids in columns:
+            name, k = columns[ids]
+            bound = [None] * ints[name].shape[-1]
+            bound[k] = tables[table]
+            ids = name
+        else:
+            continue
+        rows[ids] = merge_rows(rows[ids], bound) if ids in rows else bound
     return rows or None
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def _column_reads(graph, ints: Mapping) -> dict[str, tuple[str, int]]:
+    """Tensors that are one column of an integer input's last dim, fixed in size: output
+    name -> (input, column), from ``Gather(input, k, axis=last)`` with a constant scalar
+    ``k`` (what torch exports for ``ids[:, k]``)."""
+    scalars = {t.name: t for t in graph.initializer if len(t.dims) == 0}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and len(value.dims) == 0:
+                scalars[node.output[0]] = value
+    found = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in ints:
+            continue
+        spec, k = ints[node.input[0]], scalars.get(node.input[1])
+        width = spec.shape[-1] if spec.shape else -1
+        if k is None or width <= 0 or _axis(node) not in (len(spec.shape), -1):
+            continue  # another axis, a computed index or a dynamic last dim: not a column
+        col = int(numpy_helper.to_array(k)) % width
+        found[node.output[0]] = (node.input[0], col)
+    return found
 
 
 @contextlib.contextmanager

@@ -140,6 +140,7 @@ def build_model(
             engines[tier.name] = engine  # closed at the end, whatever happens in between
             if vocab_size is not None:
                 rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
+                rows = rows if isinstance(rows, int) else None  # token ids index one table
                 check_token_ids(engine, config, tier.name, vocab_size, rows)
             accuracy = record.accuracy
             stale = exported or accuracy is None or record.accuracy_on != measured_on
@@ -182,16 +183,15 @@ def build_model(
                     "between their widths or drop one"
                 )
                 _warn(report.warnings[-1], progress)
-        unchecked = [t.name for t in config.inputs if t.dtype in INTEGER_DTYPES
-                     and t.name not in (record.input_rows or {})]  # fmt: skip
+        unchecked = _unchecked_ids(config, record.input_rows or {})
         if unchecked and config.text is None:
             report.warnings.append(
                 f"integer input(s) {', '.join(unchecked)} of {name} do not index an embedding "
-                "table directly (ids[:, k], ids + 1, ...): the server cannot check them "
+                "table directly (ids + 1, ids[:, 1:], ...): the server cannot check them "
                 "against the tables at decode; a value past a table is refused when the "
                 "engine meets it (INVALID_ARGUMENT), a negative one within a table's size "
-                "reads a row from its end unsaid. Index each table with an input of its own "
-                "to have them checked"
+                "reads a row from its end unsaid. Index each table with an input of its own, "
+                "or one column of one (ids[:, k]), to have them checked"
             )
             _warn(report.warnings[-1], progress)
         repo.record_tokenizer(name, config)
@@ -514,6 +514,22 @@ def check_token_ids(
         f"tokenizer (or tokens were added to it): use the one it was trained with"
         + (f" (the engine: {error})" if error is not None and rows is None else "")
     )
+
+
+def _unchecked_ids(config: ModelConfig, rows: dict) -> list[str]:
+    """Integer inputs (or columns of one) the record gives no table for: ``ids``, or
+    ``ids (columns 2, 3)`` where only other columns index a table directly."""
+    out = []
+    for t in config.inputs:
+        if t.dtype not in INTEGER_DTYPES:
+            continue
+        bound = rows.get(t.name)
+        if bound is None:
+            out.append(t.name)
+        elif isinstance(bound, list) and None in bound:
+            cols = ", ".join(str(k) for k, b in enumerate(bound) if b is None)
+            out.append(f"{t.name} (columns {cols})")
+    return out
 
 
 def _ints(config: ModelConfig) -> bool:

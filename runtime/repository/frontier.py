@@ -28,6 +28,7 @@ from typing import Any
 from runtime.atomic import write_json
 from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
+from runtime.repository.records import Rows
 
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
@@ -60,7 +61,7 @@ class Candidate:
     onnx_sha256: str
     shaped: bool = False
     pareto: bool = False
-    input_rows: dict[str, int] | None = None  # as TierRecord.input_rows
+    input_rows: dict[str, Rows] | None = None  # as TierRecord.input_rows
 
     def p50_ms(self, batch: int) -> float:
         """Median latency at ``batch`` (the next profiled size up)."""

@@ -19,6 +19,55 @@ from runtime.repository.errors import RepositoryError
 
 TIER_FILE = "tier.json"
 
+# The ids an integer input may hold: the rows of the table it indexes (every id), or per
+# column of its last dim (``ids[:, k]`` into a table per column; None: a column no table
+# reads directly, unchecked).
+Rows = int | list[int | None]
+
+
+def rows_problem(rows: Any) -> str | None:
+    """Why ``rows`` (an input -> ``Rows`` dict) is not a record of table rows; None if it is.
+
+    Example:
+        >>> rows_problem({"ids": 50}), rows_problem({"ids": [20, None, 50]})
+        (None, None)
+        >>> rows_problem({"ids": [None]})
+        "input_rows is {'ids': [None]}, not table rows per input (or per column)"
+    """
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def ok(v) -> bool:
+        if isinstance(v, list):
+            return any(count(c) for c in v) and all(c is None or count(c) for c in v)
+        return count(v)
+
+    if isinstance(rows, dict) and all(isinstance(k, str) and ok(v) for k, v in rows.items()):
+        return None
+    return f"input_rows is {rows!r}, not table rows per input (or per column)"
+
+
+def merge_rows(a: Rows, b: Rows) -> Rows:
+    """The ids both bounds allow: the smaller rows, per column where either is per column
+    (an int bounds every column; None leaves a column to the other).
+
+    Example:
+        >>> merge_rows(50, 40), merge_rows([20, None], [30, 50]), merge_rows(25, [20, None])
+        (40, [20, 50], [20, 25])
+    """
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    if isinstance(a, int):
+        a, b = b, a
+    cols = list(a)
+    other = b if isinstance(b, list) else [b] * len(cols)
+    if len(other) != len(cols):  # tiers of one model read one shape; keep the first's
+        return cols
+    return [
+        y if x is None else x if y is None else min(x, y) for x, y in zip(cols, other, strict=True)
+    ]
+
 
 @dataclass(frozen=True)
 class TierRecord:
@@ -43,9 +92,10 @@ class TierRecord:
     # since. None: built before this was kept.
     inn_sha256: str | None = None
     # Rows of the embedding table each integer input indexes (runtime.build.export.
-    # embedding_rows): the server refuses ids outside [0, rows) as INVALID_ARGUMENT, where
-    # the engine failed the whole batch. None: no such input (no key in tier.json).
-    input_rows: dict[str, int] | None = None
+    # embedding_rows), or per column of its last dim (``Rows``): the server refuses ids
+    # outside [0, rows) as INVALID_ARGUMENT, where the engine failed the whole batch. None:
+    # no such input (no key in tier.json).
+    input_rows: dict[str, Rows] | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -82,14 +132,8 @@ class TierRecord:
             for k, v in self.sizes.items()
         ):
             return f"sizes is {self.sizes!r}, not channel counts per group"
-        if self.input_rows is not None and not (
-            isinstance(self.input_rows, dict)
-            and all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
-                for k, v in self.input_rows.items()
-            )
-        ):
-            return f"input_rows is {self.input_rows!r}, not table rows per input"
+        if self.input_rows is not None:
+            return rows_problem(self.input_rows)
         return None
 
     def write(self, path: Path) -> None:

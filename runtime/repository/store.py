@@ -52,7 +52,7 @@ from runtime.repository.profile import (
     stale_tiers,
     uncovered,
 )
-from runtime.repository.records import TIER_FILE, TierRecord, inn_fingerprint
+from runtime.repository.records import TIER_FILE, Rows, TierRecord, inn_fingerprint, merge_rows
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger("innfer.repository")
@@ -100,19 +100,20 @@ class ServedModel:
     tier_source: str = "model.yaml"  # or "frontier": the auto-tiering choice is served
 
     @property
-    def input_rows(self) -> dict[str, int]:
-        """Per integer input, the rows of the embedding table it indexes: ids must lie in
-        [0, rows) in every tier (the smallest table where tiers differ). Empty where no
-        record says (no such input, or tiers built before this was kept).
+    def input_rows(self) -> dict[str, Rows]:
+        """Per integer input, the rows of the embedding table it indexes (or per column of
+        its last dim: ``Rows``): ids must lie in [0, rows) in every tier (the smallest table
+        where tiers differ). Empty where no record says (no such input, or tiers built
+        before this was kept).
 
         Example:
             >>> served.input_rows  # doctest: +SKIP
             {'item_ids': 50000}
         """
-        rows: dict[str, int] = {}
+        rows: dict[str, Rows] = {}
         for record in self.tiers.values():
             for name, n in (record.input_rows or {}).items():
-                rows[name] = min(rows.get(name, n), n)
+                rows[name] = merge_rows(rows[name], n) if name in rows else n
         return rows
 
 
