@@ -1160,20 +1160,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     from innfer.tiers import report_frontier
 
     shape = _report_shape(inn, config)
+    example = _report_example(config) if data is None and shape is None else None
+    if example is not None:  # several inputs (ids beside features): each as model.yaml says
+        shape = {t.name: [int(d) for d in t.concrete(16)] for t in config.inputs}
     if data is None and shape is None:
         print(f"{args.model_dir}: no input shape (the INN records none, and there is no "
               "model.yaml with one input): FLOPs by width need one; give --data NAME")  # fmt: skip
         if report_frontier(Path(args.model_dir)) is None:  # an auto_tiers model's frontier
             raise ValueError(f"{args.model_dir}: nothing to report without an input shape")
         return 0
-    if data is None:
+    if data is None and example is None:
         inn.info["input_shape"] = shape  # this run only: the INN on disk is not rewritten
     _, tier_multiple, method = _tier_defaults(args.model_dir)  # as the build samples them
     multiple_of = args.multiple_of or tier_multiple
     widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
-    rows = width_report(inn, widths, data, method=method, multiple_of=multiple_of)
+    rows = width_report(inn, widths, data, method=method, multiple_of=multiple_of,
+                        example=example)  # fmt: skip
     print(format_report(rows))
-    if data is None:
+    if example is not None:
+        print(f"FLOPs at batch 1 of inputs {shape} (model.yaml's, dynamic dims at 16); "
+              "accuracy: not measured (--data sets hold one input; the build scores a .npz "
+              "of several with model.yaml's evaluation)")  # fmt: skip
+    elif data is None:
         print(f"FLOPs at batch 1 of input {shape}; accuracy: not measured (no evaluation set), "
               f"give --data NAME ({DATA_SETS}) for a model trained on one of them")  # fmt: skip
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
@@ -1185,6 +1193,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 DATA_SETS = "digits, mnist5k, mnist1d"  # the bundled data sets --data takes
+
+
+def _report_example(config) -> tuple | None:
+    """Batch-1 inputs for FLOPs of a model of several inputs, in model.yaml's order (the
+    order forward() takes them): random feeds as the build's profile makes them (ids 0 or
+    1); None without a model.yaml or for one input."""
+    if config is None or len(config.inputs) < 2:
+        return None
+    import torch
+
+    from runtime.repository.profile import random_feeds
+
+    feeds = random_feeds(config.inputs, 1)
+    return tuple(torch.from_numpy(feeds[t.name]) for t in config.inputs)
 
 
 def _report_shape(inn, config) -> list[int] | None:

@@ -70,6 +70,23 @@ def test_report_falls_back_to_model_yaml_for_an_inn_without_a_recorded_shape(tmp
     assert "of input [1, 8, 8]" in out and "--data NAME" in out
 
 
+def test_report_counts_flops_of_a_model_of_several_inputs(tmp_path, capsys):
+    # Ids beside features: "no input shape ... give --data NAME", then an error - no FLOPs
+    # or params by width at all for a model of several inputs.
+    from test_embedding_ids import CONFIG, Recommender
+
+    torch.manual_seed(0)
+    inn = runtime.convert(Recommender().eval(), (torch.randint(0, 50, (2, 5)), torch.randn(2, 16)))
+    d = add_model(tmp_path, "rec", inn, CONFIG)
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
+    assert code == 0, err
+    assert "of inputs {'ids': [5], 'bias': [16]}" in out and "accuracy: not measured" in out
+    rows = [
+        line.split() for line in out.splitlines() if line.strip().startswith(("100.0%", "50.0%"))
+    ]
+    assert len(rows) == 2 and float(rows[0][2]) == 1.0 > float(rows[1][2]) > 0  # FLOPs ratio
+
+
 # -- 2. the README's Hugging Face snippet runs as written ----------------------------------
 
 

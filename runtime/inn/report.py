@@ -51,10 +51,12 @@ def width_report(
     method: str = "auto",
     multiple_of: int = 1,
     reestimate_norms: bool = True,
+    example: tuple[torch.Tensor, ...] | None = None,
 ) -> list[ReportRow]:
     """One row per width: FLOPs at batch 1, parameter count, test accuracy if ``data``,
     and whether calibrated weights serve it (widths rounded as the tiers round them:
-    ``multiple_of``).
+    ``multiple_of``). ``example``: the batch-1 inputs FLOPs are counted at, for a model of
+    several inputs (default: zeros of ``data``'s or the INN's recorded input shape).
 
     Where the INN has BatchNorm layers and stores no statistics for a width's channel
     counts, they are re-estimated (this report only, the INN is not changed) on the first
@@ -65,7 +67,9 @@ def width_report(
         raise ValueError("widths is empty; give at least one width in (0, 1]")
     from runtime.inn.calibrate import NORM_SAMPLES, recompute_norm_stats, unnormed
 
-    shape = data.input_shape if data is not None else _input_shape(inn)
+    if example is None:
+        shape = data.input_shape if data is not None else _input_shape(inn)
+        example = (torch.zeros(1, *shape),)
     x_norm = getattr(data, "x_train", None) if reestimate_norms else None
     if x_norm is not None:
         x_norm = torch.as_tensor(x_norm[:NORM_SAMPLES])
@@ -77,7 +81,7 @@ def width_report(
         reestimated = False
         if x_norm is not None and len(x_norm) >= 64 and unnormed(inn, net, sizes):
             reestimated = recompute_norm_stats(net, x_norm)
-        flops = count_flops(net, (torch.zeros(1, *shape),))
+        flops = count_flops(net, example)
         if sizes == inn.sizes(1.0):
             full_flops = flops
         acc = evaluate(net, data.x_test, data.y_test) if data is not None else None
@@ -85,7 +89,7 @@ def width_report(
         cal = inn.sizes_key(sizes) in inn.tiers
         rows.append(ReportRow(w, flops, params, acc, cal, reestimated))
     if full_flops is None:  # no row at the full width: the ratios are still to it
-        full_flops = count_flops(inn.sample(1.0, method=method), (torch.zeros(1, *shape),))
+        full_flops = count_flops(inn.sample(1.0, method=method), example)
     return [replace(r, full_flops=full_flops) for r in rows]
 
 
