@@ -867,7 +867,7 @@ def _data_for(model_dir: Path, inn, name: str):
         classes = out[-1] if out else None
         if config.evaluation is not None and config.evaluation.dataset:
             hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"
-    data = load_data(name)
+    data = load_data(name, unlabelled=True)
     if want is not None and tuple(want) != tuple(data.input_shape):
         raise ValueError(
             f"--data {name}: samples of shape {list(data.input_shape)}, but the model takes "
@@ -880,7 +880,30 @@ def _data_for(model_dir: Path, inn, name: str):
             f"--data {name}: labels up to {data.num_classes - 1}, but the model has {classes} "
             f"outputs; give the data set it was trained on{hint}"
         )
-    return data
+    return data if data.labelled else _full_width_labels(inn, data)
+
+
+# What accuracy means on a data set of inputs alone: every command that prints one says so.
+AGREEMENT = "accuracy here: top-1 agreement with the full width (the data has no labels)"
+
+
+def _full_width_labels(inn, data):
+    """``data`` (inputs alone) labelled with the full width's top-1 prediction: accuracy
+    is then agreement with the full model, which calibration distils from anyway."""
+    import dataclasses
+
+    import torch
+
+    from runtime.inn.modes import evaluating
+
+    full = inn.sample(1.0)
+
+    def top1(x):
+        with torch.no_grad(), evaluating(full):
+            return torch.cat([full(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+
+    print(f"data: {data.name} has no labels; {AGREEMENT}")
+    return dataclasses.replace(data, y_train=top1(data.x_train), y_test=top1(data.x_test))
 
 
 # Fewest held-out training inputs a new calibrated tier is judged on before it replaces
@@ -919,7 +942,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     shown = [1.0, *(w for w in widths if isinstance(w, float) and w < 1)]
     print("before:\n" + format_report(
         width_report(inn, shown, data, method=method, multiple_of=multiple_of)))  # fmt: skip
-    labels = None if args.no_labels else data.y_train[:samples]
+    labels = None if args.no_labels or not data.labelled else data.y_train[:samples]
     # A width already calibrated keeps its stored tier unless the new one scores at least
     # as well on held-out training inputs (a short run on a loaded machine replaced 88.1 %
     # by 45.3 %) - not on the test split the tables report, which would then be chosen on.

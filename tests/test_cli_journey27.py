@@ -405,6 +405,33 @@ def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     assert set(BUNDLED_DATA) == set(DATASETS)  # the parser's list is the loader's
 
 
+def test_calibrate_and_report_take_inputs_without_labels(tmp_path, capsys):
+    # A file of inputs alone ("holds ['x']; give x_train, y_train ... or x and y"): what a
+    # user converting their own model usually has. Calibration distils from the full width
+    # anyway; the tables' accuracy is then agreement with the full width, and says so.
+    import numpy as np
+
+    AGREEMENT = "top-1 agreement with the full width (the data has no labels)"
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, IO)
+    np.savez(tmp_path / "inputs.npz", x=np.random.default_rng(0).random((400, 1, 8, 8)))
+    code, out, err = _cli(capsys, "report", d, "--data", tmp_path / "inputs.npz",
+                          "--widths", "1.0", "0.5")  # fmt: skip
+    assert code == 0, err
+    assert AGREEMENT in out
+    full = next(line for line in out.splitlines() if line.strip().startswith("100.0%"))
+    assert "100.00%" in full  # the full width agrees with itself
+    code, out, err = _cli(capsys, "calibrate", d, "--data", tmp_path / "inputs.npz",
+                          "--seconds", "1", "--widths", "0.5")  # fmt: skip
+    assert code == 0, err
+    assert AGREEMENT in out and "held-out training samples" in out
+    from runtime.demo.data import load
+
+    with pytest.raises(ValueError, match="or x and y"):  # the build's evaluation needs labels
+        load(str(tmp_path / "inputs.npz"))
+
+
 def test_report_reads_model_yamls_npz_and_a_split_missing_a_class(tmp_path, capsys, monkeypatch):
     # review helper-109: `innfer report` ignored model.yaml's evaluation .npz ("not
     # measured"), refused a split whose labels stop short of the outputs ("9 classes, but

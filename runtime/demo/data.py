@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import importlib.util
@@ -52,6 +53,9 @@ class Dataset:
     y_train: Tensor  # (N_train,) int64
     x_test: Tensor  # (N_test, C, H, W) float32
     y_test: Tensor  # (N_test,) int64
+    # False: a file of inputs alone (``load(..., unlabelled=True)``); its labels are -1 until
+    # the caller fills them (innfer calibrate / report: the full width's top-1).
+    labelled: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -175,12 +179,13 @@ def load_mnist1d() -> Dataset:
 
 
 @functools.lru_cache(maxsize=4)
-def load_npz(path: str, mtime_ns: int = 0, size: int = 0) -> Dataset:
+def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = False) -> Dataset:
     """Your own classification data from a ``.npz`` (``numpy.savez``): ``x_train``,
     ``y_train``, ``x_test``, ``y_test``; or ``x`` and ``y``, split as the bundled sets are
     (a fixed permutation, the last fifth the test set). ``x``: (N, ...) inputs as the
-    model takes them; ``y``: (N,) integer labels. ``mtime_ns`` and ``size`` key the cache
-    (a rewritten file is read again).
+    model takes them; ``y``: (N,) integer labels. With ``unlabelled``, ``x`` alone is taken
+    too (labels -1, ``Dataset.labelled`` False): inputs as they come, for calibration by
+    distillation. ``mtime_ns`` and ``size`` key the cache (a rewritten file is read again).
 
     Example:
         >>> ds = load("my_data.npz")  # doctest: +SKIP
@@ -195,10 +200,16 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0) -> Dataset:
                 raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
                                  f"{len(y)} given)")  # fmt: skip
             return _split(Path(path).stem, x, y, n_test=len(x) // 5)
+        elif unlabelled and "x" in keys and len(f["x"]) >= 5:
+            x = np.asarray(f["x"])
+            data = _split(Path(path).stem, x, np.full(len(x), -1), n_test=len(x) // 5)
+            return dataclasses.replace(data, labelled=False)
         else:
+            also = ", or x alone (inputs, at least 5)" if unlabelled else ""
             raise ValueError(
                 f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "
-                "and y (inputs (N, ...), integer labels (N,)), as numpy.savez writes them"
+                f"and y (inputs (N, ...), integer labels (N,)){also}, as numpy.savez writes "
+                "them"
             )
     xs, ys = (parts[0], parts[2]), (parts[1], parts[3])
     if any(len(x) != len(y) for x, y in zip(xs, ys, strict=True)) or not all(map(len, xs)):
@@ -216,9 +227,10 @@ DATASETS: dict[str, Callable[[], Dataset]] = {
 }
 
 
-def load(name: str) -> Dataset:
+def load(name: str, unlabelled: bool = False) -> Dataset:
     """Load a data set by name ("digits", "mnist5k", "mnist1d") or your own from a ``.npz``
-    file (``load_npz``); cached per process.
+    file (``load_npz``; ``unlabelled``: a file of inputs alone is taken too); cached per
+    process.
 
     Example:
         >>> load("digits").name
@@ -229,7 +241,7 @@ def load(name: str) -> Dataset:
         if not path.is_file():
             raise ValueError(f"data set file {name} does not exist")
         stat = path.stat()
-        return load_npz(str(path), stat.st_mtime_ns, stat.st_size)
+        return load_npz(str(path), stat.st_mtime_ns, stat.st_size, unlabelled)
     try:
         loader = DATASETS[name]
     except KeyError:
