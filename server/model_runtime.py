@@ -384,7 +384,7 @@ def _check_batches(served: ServedModel, tables: dict, length: int) -> None:
 
 def _instances(served: ServedModel) -> int:
     """model.yaml's ``instances``, or fewer where the engines run fewer batches at once
-    (``Engine.concurrent_runs``: TensorRT's one execution context per tier): the plans
+    (``Engine.concurrent_runs``: the torch backend's one module per tier): the plans
     counted a second batch running that waited for the first."""
     want = served.config.instances
     caps = [e.concurrent_runs for e in served.engines.values() if e.concurrent_runs]

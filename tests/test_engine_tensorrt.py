@@ -19,7 +19,9 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -1244,3 +1246,77 @@ def test_a_token_engine_runs_every_length_of_its_profile_like_onnx_runtime(backe
             np.testing.assert_allclose(got, want, atol=1e-4)
         with pytest.raises(EngineError):
             engine.run({"ids": np.zeros((1, 17), np.int64), "mask": np.ones((1, 17), np.int64)})
+
+
+class _MeetingContext(_StubContext):
+    """A stub context whose execution waits for ``barrier``: two batches meet there only if
+    they run at once (each on a context of its own)."""
+
+    barrier: threading.Barrier
+
+    def execute_async_v3(self, stream):
+        self.barrier.wait()
+        return super().execute_async_v3(stream)
+
+
+class _MeetingEngine(_StubEngine):
+    def create_execution_context(self):
+        return _MeetingContext(self.cudart)
+
+
+def test_contexts_run_batches_of_one_tier_at_once_each_on_its_own_stream(monkeypatch, fake_cuda):
+    # instances 2 on TensorRT was planned as 1 (one context behind a lock): a second batch
+    # of the tier waited for the first. Two contexts, two streams, two sets of buffers.
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    _MeetingContext.barrier = threading.Barrier(2, timeout=5)
+    engine = TensorRTEngine(_MeetingEngine(rt), trt_module._Cuda(rt), max_batch=4, contexts=2)
+    assert engine.concurrent_runs == 2
+    assert len(rt.streams) == 2 and len(rt.device) == len(rt.pinned) == 4  # x, y per context
+    xs = [_inputs(b, seed=b) for b in (2, 3)]
+    with ThreadPoolExecutor(2) as pool:
+        ys = list(pool.map(lambda x: engine.run({"x": x})["y"], xs))
+    for x, y in zip(xs, ys, strict=True):
+        np.testing.assert_array_equal(y, x)  # each its own result, through its own buffers
+    used = {c[4] for c in rt.copies}
+    assert used == rt.streams
+    engine.close()
+    assert rt.pinned == {} and rt.device == {} and rt.streams == set()
+
+
+def test_close_waits_for_running_batches_and_refuses_waiting_ones(monkeypatch, fake_cuda):
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    _MeetingContext.barrier = threading.Barrier(2, timeout=5)
+    engine = TensorRTEngine(_MeetingEngine(rt), trt_module._Cuda(rt), max_batch=4)
+    x = _inputs(2, seed=0)
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(engine.run, {"x": x})  # holds the one context at the barrier
+        while _MeetingContext.barrier.n_waiting < 1:
+            time.sleep(0.001)
+        waiting = pool.submit(engine.run, {"x": x})  # no free context: waits
+        closing = pool.submit(engine.close)
+        time.sleep(0.05)
+        assert not closing.done()  # the running batch still uses the buffers
+        assert rt.device  # nothing freed under it
+        _MeetingContext.barrier.wait()  # let the running batch finish
+        np.testing.assert_array_equal(running.result(5)["y"], x)
+        closing.result(5)
+        with pytest.raises(EngineError, match="closed"):
+            waiting.result(5)
+    assert rt.device == {} and rt.pinned == {}
+
+
+def test_load_makes_a_context_per_instance(tmp_path, monkeypatch, fake_cuda):
+    from runtime.engines import tensorrt as module
+
+    trt = types.SimpleNamespace(**vars(_StubTRT))
+    trt.Runtime = lambda logger: types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: _StubEngine(fake_cuda)
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(module, "_trt_logger", lambda trt: None)
+    (tmp_path / PLAN_FILE).write_bytes(b"plan")
+    engine = TensorRTBackend().load(tmp_path, BuildOptions(max_batch=4, instances=3))
+    assert engine.concurrent_runs == 3 and len(fake_cuda.streams) == 3
+    engine.close()

@@ -65,6 +65,9 @@ class BuildOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     sequence: tuple[int, int, int] | None = None
     spin: bool = True  # ORT's idle intra-op threads spin (a load-time option: not in the key)
+    # Batches one engine runs at once where a backend keeps state per run (model.yaml's
+    # instances): TensorRT's execution contexts. A load-time option: not in the key.
+    instances: int = 1
 
 
 class Engine(ABC):

@@ -518,9 +518,8 @@ class TensorRTBackend(Backend):
                 "version or for another GPU; rebuild it"
             )
         log.info("loaded %s", path)
-        return TensorRTEngine(
-            engine, cuda, max_batch=options.max_batch, source=str(path), keep=(runtime,)
-        )
+        return TensorRTEngine(engine, cuda, max_batch=options.max_batch, source=str(path),
+                              keep=(runtime,), contexts=options.instances)  # fmt: skip
 
 
 def _profile_shapes(name: str, shape: tuple[int, ...], options: BuildOptions):
@@ -553,16 +552,30 @@ def _profile_shapes(name: str, shape: tuple[int, ...], options: BuildOptions):
 # --- engine -------------------------------------------------------------------------------
 
 
-class TensorRTEngine(Engine):
-    """A deserialised engine with one execution context, one stream and fixed buffers.
+class _Slot:
+    """One execution context with its own stream, device buffers and pinned staging
+    buffers: it runs one batch at a time, and several slots of one engine run at once."""
 
-    Device buffers and pinned host staging buffers are allocated once per tensor for
-    ``max_batch`` (the smaller of the load options' and the plan's profile); the device ones
-    are bound to the context. ``run`` copies the feeds into the pinned buffers, queues the
-    host-to-device copies, the execution and the device-to-host copies on the engine's
-    stream, synchronises once, and copies the outputs out of the pinned buffers for the
-    actual batch. ``run`` is serialised by a lock: one context cannot run two batches at
-    once, and the staging buffers are shared by every run.
+    def __init__(self) -> None:
+        self.context = None
+        self.stream = None
+        self.buffers: dict[str, int] = {}  # device addresses
+        self.host: dict[str, int] = {}  # pinned host addresses, same sizes
+        self.staging: dict[str, np.ndarray] = {}  # flat numpy views of self.host
+
+
+class TensorRTEngine(Engine):
+    """A deserialised engine with ``contexts`` execution contexts (model.yaml's
+    ``instances``), each with its own stream and fixed buffers.
+
+    Device buffers and pinned host staging buffers are allocated once per tensor and
+    context for ``max_batch`` (the smaller of the load options' and the plan's profile); the
+    device ones are bound to their context. ``run`` takes a free context, copies the feeds
+    into its pinned buffers, queues the host-to-device copies, the execution and the
+    device-to-host copies on its stream, synchronises once, and copies the outputs out of
+    the pinned buffers for the actual batch. A context runs one batch at a time; with
+    several, batches of one tier run at once (``concurrent_runs``), each on its own stream,
+    at the cost of a context's activation memory and buffers each.
 
     Example:
         >>> engine = TensorRTBackend().load(Path("engines/k"), BuildOptions())  # doctest: +SKIP
@@ -575,34 +588,41 @@ class TensorRTEngine(Engine):
     """
 
     backend = "tensorrt"
-    concurrent_runs = 1  # one execution context and one set of staging buffers
 
     def __init__(
-        self, engine, cuda: _Cuda, *, max_batch: int, source: str = "", keep: tuple = ()
+        self,
+        engine,
+        cuda: _Cuda,
+        *,
+        max_batch: int,
+        source: str = "",
+        keep: tuple = (),
+        contexts: int = 1,
     ) -> None:
+        if contexts < 1:
+            raise ValueError(f"contexts must be >= 1, got {contexts}")
         trt = _import_trt()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()  # guards _free and _closed
         self._cuda = cuda
         self._source = source or "engine"
         self._keep = keep  # the Runtime must outlive the engine it deserialised
         self._engine = engine
-        self._context = None
-        self._stream = None
-        self._buffers: dict[str, int] = {}  # device addresses
-        self._host: dict[str, int] = {}  # pinned host addresses, same sizes
-        self._staging: dict[str, np.ndarray] = {}  # flat numpy views of self._host
+        self._slots: list[_Slot] = []  # every context made
+        self._free: list[_Slot] = []  # those not running a batch now
         self._closed = False
         self.inputs, self.outputs = [], []
         try:
-            self._setup(trt, max_batch)
+            self._setup(trt, max_batch, contexts)
         except BaseException:
             try:
                 self._release()
             except EngineError as exc:  # keep the original error; report this one
                 log.warning("%s", exc)
             raise
+        self._free = list(self._slots)
+        self.concurrent_runs = len(self._slots)
 
-    def _setup(self, trt, max_batch: int) -> None:
+    def _setup(self, trt, max_batch: int, contexts: int) -> None:
         engine = self._engine
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -644,16 +664,31 @@ class TensorRTEngine(Engine):
         for spec in self.inputs:
             if spec.shape and spec.shape[0] == -1:
                 self._max_shapes[spec.name] = (capacity, *self._max_shapes[spec.name][1:])
+        for _ in range(contexts):
+            self._new_slot()
+        log.debug(
+            "%s: %d context(s), each with %d device + pinned host buffers for batch <= %d: %s",
+            self._source,
+            contexts,
+            len(self.inputs) + len(self.outputs),
+            capacity,
+            self._max_shapes,
+        )
 
-        self._context = engine.create_execution_context()
-        if self._context is None:
+    def _new_slot(self) -> None:
+        """A context bound to buffers of its own, listed in ``_slots`` before anything is
+        allocated, so that a failure part-way releases what it holds."""
+        slot = _Slot()
+        self._slots.append(slot)
+        slot.context = self._engine.create_execution_context()
+        if slot.context is None:
             raise EngineError(f"{self._source}: TensorRT could not create an execution context")
-        self._stream = self._cuda.stream_create()
+        slot.stream = self._cuda.stream_create()
         for spec in self.inputs:
-            self._set_input_shape(spec.name, self._max_shapes[spec.name])
+            self._set_input_shape(slot, spec.name, self._max_shapes[spec.name])
         # With every input at its largest shape, the outputs are at theirs too.
         for spec in self.outputs:
-            shape = tuple(self._context.get_tensor_shape(spec.name))
+            shape = tuple(slot.context.get_tensor_shape(spec.name))
             if any(d < 0 for d in shape):
                 raise EngineError(
                     f"{self._source}: output {spec.name!r} has a data-dependent shape "
@@ -661,24 +696,19 @@ class TensorRTEngine(Engine):
                 )
             self._max_shapes[spec.name] = shape
         for spec in self.inputs + self.outputs:
-            nbytes = int(np.prod(self._max_shapes[spec.name])) * np.dtype(spec.dtype).itemsize
-            self._buffers[spec.name] = self._cuda.malloc(nbytes)
-            if not self._context.set_tensor_address(spec.name, self._buffers[spec.name]):
+            shape = self._max_shapes[spec.name]
+            nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
+            slot.buffers[spec.name] = self._cuda.malloc(nbytes)
+            if not slot.context.set_tensor_address(spec.name, slot.buffers[spec.name]):
                 raise EngineError(f"{self._source}: TensorRT refused the buffer for {spec.name!r}")
-            # Pinned staging: cudaMemcpyAsync from pageable memory is staged and synchronous
-            # inside the driver; from page-locked memory it is a real asynchronous DMA.
-            self._host[spec.name] = self._cuda.host_alloc(nbytes)
-            self._staging[spec.name] = _host_array(self._host[spec.name], nbytes, spec.dtype)
-        log.debug(
-            "%s: %d device + pinned host buffers for batch <= %d: %s",
-            self._source,
-            len(self._buffers),
-            capacity,
-            self._max_shapes,
-        )
+            # Pinned staging: cudaMemcpyAsync from pageable memory is staged and
+            # synchronous inside the driver; from page-locked memory it is a real
+            # asynchronous DMA.
+            slot.host[spec.name] = self._cuda.host_alloc(nbytes)
+            slot.staging[spec.name] = _host_array(slot.host[spec.name], nbytes, spec.dtype)
 
-    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self._context.set_input_shape(name, shape):
+    def _set_input_shape(self, slot: _Slot, name: str, shape: tuple[int, ...]) -> None:
+        if not slot.context.set_input_shape(name, shape):
             raise EngineError(f"{self._source}: TensorRT rejected shape {shape} for {name!r}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -686,80 +716,95 @@ class TensorRTEngine(Engine):
 
         Dtypes must match ``inputs`` exactly (no silent float64 -> float32 cast) and the
         batch (axis 0) must be 1..``max_batch``; otherwise EngineError names the tensor.
+        Waits for a free context where every one is running a batch.
         """
         arrays = check_feeds(self.inputs, feeds, self._max_shapes)
-        cuda = self._cuda
-        with self._lock:
+        with self._cond:
+            while not self._closed and not self._free:
+                self._cond.wait()
             if self._closed:
                 raise EngineError(f"{self._source}: engine is closed")
-            for spec, array in zip(self.inputs, arrays, strict=True):
-                self._set_input_shape(spec.name, array.shape)
-                # Every run ends synchronised, so no copy still reads this staging buffer.
-                self._staging[spec.name][: array.size] = array.reshape(-1)
-                cuda.to_device(
-                    self._buffers[spec.name], self._host[spec.name], array.nbytes, self._stream
-                )
-            if not self._context.execute_async_v3(int(self._stream)):
-                # Let the queued copies finish: the next run rewrites the staging buffers.
-                with contextlib.suppress(EngineError):
-                    cuda.synchronize(self._stream)
-                raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
-            shapes = {}
-            for spec in self.outputs:
-                # The actual output shape for this batch (e.g. (batch, 10)).
-                shape = tuple(self._context.get_tensor_shape(spec.name))
-                nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
-                cuda.to_host(self._host[spec.name], self._buffers[spec.name], nbytes, self._stream)
-                shapes[spec.name] = shape
-            # Everything above is queued on the stream: one synchronisation for the whole run.
-            cuda.synchronize(self._stream)
-            # Copies out of the staging buffers, which the next run overwrites.
-            results = {
-                name: self._staging[name][: int(np.prod(shape))].reshape(shape).copy()
-                for name, shape in shapes.items()
-            }
-        return results
+            slot = self._free.pop()
+        try:
+            return self._run_on(slot, arrays)
+        finally:
+            with self._cond:
+                self._free.append(slot)
+                self._cond.notify_all()
+
+    def _run_on(self, slot: _Slot, arrays) -> dict[str, np.ndarray]:
+        cuda = self._cuda
+        for spec, array in zip(self.inputs, arrays, strict=True):
+            self._set_input_shape(slot, spec.name, array.shape)
+            # Every run ends synchronised, so no copy still reads this staging buffer.
+            slot.staging[spec.name][: array.size] = array.reshape(-1)
+            cuda.to_device(slot.buffers[spec.name], slot.host[spec.name], array.nbytes,
+                           slot.stream)  # fmt: skip
+        if not slot.context.execute_async_v3(int(slot.stream)):
+            # Let the queued copies finish: the next run rewrites the staging buffers.
+            with contextlib.suppress(EngineError):
+                cuda.synchronize(slot.stream)
+            raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
+        shapes = {}
+        for spec in self.outputs:
+            # The actual output shape for this batch (e.g. (batch, 10)).
+            shape = tuple(slot.context.get_tensor_shape(spec.name))
+            nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
+            cuda.to_host(slot.host[spec.name], slot.buffers[spec.name], nbytes, slot.stream)
+            shapes[spec.name] = shape
+        # Everything above is queued on the stream: one synchronisation for the whole run.
+        cuda.synchronize(slot.stream)
+        # Copies out of the staging buffers, which the context's next run overwrites.
+        return {
+            name: slot.staging[name][: int(np.prod(shape))].reshape(shape).copy()
+            for name, shape in shapes.items()
+        }
 
     def close(self) -> None:
-        """Free the device and pinned host buffers, the stream and the context; further
-        runs fail."""
-        with self._lock:
+        """Wait for running batches, then free every context's device and pinned host
+        buffers and stream, and the contexts; further runs fail."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
+            self._cond.notify_all()  # runs waiting for a context: "closed"
+            while len(self._free) < len(self._slots):
+                self._cond.wait()
             self._release()
 
     def _release(self) -> None:
         errors = []
-        if self._stream is not None:
-            try:
-                self._cuda.synchronize(self._stream)  # nothing may still use the buffers
-            except EngineError as exc:
-                errors.append(str(exc))
-        self._context = None  # drop the context before the memory bound to it
-        for ptr in self._buffers.values():
-            try:
-                self._cuda.free(ptr)
-            except EngineError as exc:
-                errors.append(str(exc))
-        self._buffers = {}
-        self._staging = {}  # no view may outlive the pinned memory it points into
-        for ptr in self._host.values():
-            try:
-                self._cuda.free_host(ptr)
-            except EngineError as exc:
-                errors.append(str(exc))
-        self._host = {}
-        if self._stream is not None:
-            try:
-                self._cuda.stream_destroy(self._stream)
-            except EngineError as exc:
-                errors.append(str(exc))
-            self._stream = None
+        for slot in self._slots:
+            errors += self._release_slot(slot)
+        self._slots, self._free = [], []
         self._engine = None
         self._keep = ()
         if errors:
             raise EngineError(f"{self._source}: releasing GPU resources: {'; '.join(errors)}")
+
+    def _release_slot(self, slot: _Slot) -> list[str]:
+        errors = []
+
+        def attempt(call, *args) -> None:
+            try:
+                call(*args)
+            except EngineError as exc:
+                errors.append(str(exc))
+
+        if slot.stream is not None:
+            attempt(self._cuda.synchronize, slot.stream)  # nothing may still use the buffers
+        slot.context = None  # drop the context before the memory bound to it
+        for ptr in slot.buffers.values():
+            attempt(self._cuda.free, ptr)
+        slot.buffers = {}
+        slot.staging = {}  # no view may outlive the pinned memory it points into
+        for ptr in slot.host.values():
+            attempt(self._cuda.free_host, ptr)
+        slot.host = {}
+        if slot.stream is not None:
+            attempt(self._cuda.stream_destroy, slot.stream)
+            slot.stream = None
+        return errors
 
     def __enter__(self) -> TensorRTEngine:
         return self

@@ -228,6 +228,7 @@ class Repository:
             opt_batch=min(config.max_batch, 4),
             threads=config.threads,
             spin=config.spin,
+            instances=config.instances,
             extra=extra,
             # TensorRT's optimisation profile needs the length range; the other backends run
             # any length, and their cache keys stay free of it (a new `lengths` rebuilds
