@@ -363,6 +363,54 @@ def test_head_split_with_a_computed_head_dim_is_refused():
         runtime.convert(ComputedHeadDim().eval(), (torch.randn(2, 5, 8),))
 
 
+class FactorAttention(nn.Module):
+    """timm's CoaT block: the head split reads C off the block's input (``x.shape``), not off
+    qkv's output; ``k.softmax(2)^T @ v`` then ``q @`` sums over head_dim, so the attention's
+    width stays fixed (``discrete=["qkv"]``; CoaT's conv position encoding pins it) while the
+    residual stream and the MLP resample."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, d)
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.norm(x)
+        b, n, c = h.shape  # c: the residual stream's width, which halves at half width
+        qkv = self.qkv(h).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
+        a = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))  # c: the attention's width
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_head_split_sized_from_another_tensor_follows_what_it_splits(tmp_path):
+    # c // heads is read off the block's input: at half width it halved while qkv's output
+    # (fixed) did not - "shape '[2, 5, 3, 2, 4]' is invalid", refused by the half-width
+    # check. A size made of channel counts alone is now the count of the dim it sizes.
+    from runtime.build.export import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    inn = _converts(FactorAttention(), x, tmp_path, discrete=["qkv"])
+    assert {g.name: g.size for g in inn.groups if not g.discrete} == {"embed": 16, "fc1": 32}
+    half = inn.sample(0.5)
+    assert half.qkv.weight.shape == (48, 8) and half.proj.weight.shape == (8, 16)
+    assert "3, 2, 8)" in half.code and ", 16)" in half.code  # the attention's own sizes
+    data = export_onnx(half, [("x", (5, 6), torch.float32)], ["y"])
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(data).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), half(x), rtol=1e-4, atol=1e-5)
+
+
 class ContractChannels(nn.Module):
     def __init__(self) -> None:
         super().__init__()

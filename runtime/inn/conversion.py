@@ -116,9 +116,10 @@ def convert(
 
 def _check_narrow(inn: IntegralModel, inputs: tuple, name: str) -> None:
     """Run ``inn`` sampled at half width once on the examples: a size the analysis took as
-    fixed that changes with the width (timm's CoaT splits heads with a size read from
-    another tensor) converted without a word and failed at ``innfer build``, a RuntimeError
-    deep in the generated forward. Now the conversion is refused, naming the node."""
+    fixed that changes with the width (one computed from a channel count and other sizes,
+    which ``rules.shapes`` leaves as it is) converted without a word and failed at ``innfer
+    build``, a RuntimeError deep in the generated forward. Now the conversion is refused,
+    naming the node."""
     if all(g.discrete for g in inn.groups):
         return
     seen: list[fx.Node] = []

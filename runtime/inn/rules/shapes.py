@@ -18,7 +18,9 @@ GPT-2's ``x.view(-1, C)``; torch.export graphs state every size as a literal), a
 size in a reshape that flattens or splits dims and gives no -1 (patch embedding's
 ``reshape(B, C, H*W)``, attention's merge ``reshape(B, N, C)``), become size fields of the
 node, rewritten when sampling; anywhere else (a merge with -1: ``view(-1, C*H*W)``) a literal
-fixes the dim (use -1 or ``x.size(d)``).
+fixes the dim (use -1 or ``x.size(d)``). A size computed from channel counts alone (CoaT's
+``C // heads`` with C read off the block's input, not the tensor split) is a number of the
+width that need not be the count of the dim it sizes: it becomes a size field too.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
                     f"follow resampling; use torch.flatten(x, {d}) or -1 for sizes",
                     [lay],
                 )
+        for d, given in enumerate(size_args):
+            if d not in out and isinstance(given, fx.Node):  # a dim of no channels
+                tr.after_walk(lambda d=d, given=given: _computed_size(tr, node, d, given, what))
     if fields:
         tr.size_fields.setdefault(node_key(node.name), []).extend(fields)
     tr.labels[node] = out
@@ -150,20 +155,37 @@ def _computed_size(
     """After the walk (``Tracer.after_walk``): output dim ``d`` of reshape ``node`` got the
     computed ``size`` (``B, N, C = x.shape`` ... ``reshape(B, N, C)``; ``whole``: the
     shape of every dim as one value, ``x.view(y.shape)``). It follows the channels of ``d``
-    only if it reads the size of a dim that holds them. Otherwise, where the reshape states
-    every size (``rewrite``) the sampled count replaces it - if those channels end
-    continuous: a discrete dim (batch, sequence) keeps it, and stays dynamic; elsewhere (a
-    -1 among the sizes, a whole shape) the dim is fixed."""
-    lay = tr.labels[node][d]
+    only if it reads the size of a dim that holds them. A size made of channel counts alone
+    (``_size_reads``) is replaced by the sampled count of ``d``, whatever ``d`` holds.
+    Otherwise a dim of fixed size (discrete, or no channels at all: batch, sequence) keeps
+    the computed size, and stays dynamic; for continuous channels, where the reshape states
+    every size (``rewrite``) the sampled count replaces it, elsewhere (a -1 among the
+    sizes, a whole shape) the dim is fixed."""
+    lay = tr.labels[node].get(d)
     read = _shape_read(size, whole)
-    if read is not None:
+    if read is not None and lay is not None:
         t, k, rank = read[0], d if whole else read[1], len(tr.shape(read[0]))
         inside = isinstance(k, int) and -rank <= k < rank
         if inside and _same(tr, tr.labels.get(t, {}).get(k % rank), lay):
             return
+    reads = None if whole else _size_reads(tr, size)
+    if reads and all(_varies(tr, r) for r in reads):
+        # CoaT's ``qkv(x).reshape(B, N, 3, h, C // h)`` with C read off the block's input:
+        # a number of the width alone, which need not be the count of the channels it is
+        # given for (here a head_dim that stays 8 while C halves). The sampled model must
+        # reshape to what its tensor holds: that count, at every width (a literal of the
+        # full width's size where ``d`` is discrete).
+        lay = lay if lay is not None else tr.layout_of(node, d)
+        tr.size_fields.setdefault(node_key(node.name), []).append(_size_field(node, d, lay))
+        return
+    if not _varies(tr, lay):
+        # A dim of fixed size (batch, sequence; stays dynamic). A size mixing channel counts
+        # with others (``b * c // c``) is left as it is: what it comes to at another width
+        # is unknown here, and the half-width run (``conversion._check_narrow``) refuses
+        # one that goes wrong, naming the node.
+        return
     if rewrite:
-        if any(tr.uf.continuous(s.group) for s in lay):
-            tr.size_fields.setdefault(node_key(node.name), []).append(_size_field(node, d, lay))
+        tr.size_fields.setdefault(node_key(node.name), []).append(_size_field(node, d, lay))
         return
     tr.fixed(
         node,
@@ -171,6 +193,46 @@ def _computed_size(
         f"follow resampling; use torch.flatten(x, {d}), -1 or x.size({d}) of these channels",
         [lay],
     )
+
+
+# Python arithmetic on numbers through which a size is computed from others (``C // h``).
+_NUMBER_OPS = frozenset({operator.floordiv, operator.mul, operator.add, operator.sub,
+                         operator.mod, operator.neg})  # fmt: skip
+
+
+def _size_reads(tr: Tracer, size: object) -> list[Layout | None] | None:
+    """The layouts of the tensor dims whose sizes ``size`` is computed from, through Python
+    arithmetic (``x.shape[-1] // 8``: one read); None for a dim no rule labelled. None in
+    all when it depends on anything else (a model input, a call without a rule): unknown."""
+    if not isinstance(size, fx.Node):
+        return [] if isinstance(size, int) else None
+    read = _shape_read(size)
+    if read is not None:
+        t, k = read
+        rank = len(tr.shape(t))
+        if not isinstance(k, int) or not -rank <= k < rank:
+            return None
+        return [tr.labels.get(t, {}).get(k % rank)]
+    if size.op == "call_method" and size.target == "numel" and tr.shape(size.args[0]):
+        labels = tr.labels.get(size.args[0], {})
+        return [labels.get(k) for k in range(len(tr.shape(size.args[0])))]
+    if size.op != "call_function" or size.target not in _NUMBER_OPS or size.kwargs:
+        return None
+    if size.meta.get("tensor_meta") is not None:  # a tensor op, not a number
+        return None
+    out: list[Layout | None] = []
+    for a in size.args:
+        sub = _size_reads(tr, a)
+        if sub is None:
+            return None
+        out.extend(sub)
+    return out
+
+
+def _varies(tr: Tracer, lay: Layout | None) -> bool:
+    """Whether a dim of layout ``lay`` changes size with the width (holds continuous
+    channels)."""
+    return lay is not None and any(tr.uf.continuous(s.group) for s in lay)
 
 
 def _shape_read(size: object, whole: bool = False) -> tuple[fx.Node, int | None] | None:
