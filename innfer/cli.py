@@ -857,14 +857,8 @@ def _data_for(model_dir: Path, inn, name: str):
         config = ModelConfig.load(yaml_path)
         # the shape it serves; the INN's recorded one is the example it was converted with
         want = list(config.inputs[0].shape)
-        out = config.outputs[0].shape
-        if len(out) > 1:  # a map per pixel (segmentation): its last axis is not the classes
-            raise ValueError(
-                f"--data {name}: accuracy is scored on a [classes] output, and "
-                f"{config.outputs[0].name!r} is {list(out)}; per-pixel evaluation is not "
-                "supported yet"
-            )
-        classes = out[-1] if out else None
+        out = config.outputs[0].shape  # [classes], or [classes, H, W] per pixel
+        classes = out[0] if out else None
         if config.evaluation is not None and config.evaluation.dataset:
             hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"
     data = load_data(name, unlabelled=True)
@@ -873,6 +867,14 @@ def _data_for(model_dir: Path, inn, name: str):
             f"--data {name}: samples of shape {list(data.input_shape)}, but the model takes "
             f"{list(want)}; give the data set it was trained on{hint}"
         )
+    if yaml_path.is_file() and data.labelled:  # one label per output position
+        per = list(out[1:])
+        if list(data.y_train.shape[1:]) != per:
+            what = f"a label map of {per} per sample" if per else "one label per sample"
+            raise ValueError(
+                f"--data {name}: labels of shape {list(data.y_train.shape[1:])} per sample, "
+                f"but {config.outputs[0].name!r} is {list(out)}: give {what}{hint}"
+            )
     # (a file's class count is its largest label + 1: a split missing the last class is
     # fine, as the build takes it; a label past the outputs is not)
     if classes is not None and data.num_classes > classes:

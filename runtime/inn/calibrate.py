@@ -53,6 +53,18 @@ def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
         )
 
 
+def classes_last(t: torch.Tensor) -> torch.Tensor:
+    """Outputs as rows of class scores: (B, C) as it is; a map per pixel (B, C, H, W) - a
+    segmentation model's - as (B * H * W, C), so that a softmax over the last axis is over
+    the classes, not over W.
+
+    Example:
+        >>> classes_last(torch.zeros(2, 5, 3, 4)).shape
+        torch.Size([24, 5])
+    """
+    return t if t.dim() <= 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
 def _batches(x: torch.Tensor, batch_size: int, rng: torch.Generator):
     while True:
         perm = torch.randperm(len(x), generator=rng)
@@ -201,7 +213,8 @@ def tune_grid(
             # an unresampled group's buffers are the INN's own stored tensors.
             state[name] = state[name].detach().clone()
         out = functional_call(skeleton, state, (x[idx],))
-        loss = F.kl_div(out.log_softmax(-1), teacher[idx].softmax(-1), reduction="batchmean")
+        loss = F.kl_div(classes_last(out).log_softmax(-1), classes_last(teacher[idx]).softmax(-1),
+                        reduction="batchmean")  # fmt: skip
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -278,15 +291,16 @@ def finetune_module(
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             idx = next(batches)
             xb, lam, perm = _mix(x[idx], mixup, rng)
-            with torch.no_grad():
-                soft = (teacher(xb) / temperature).softmax(-1)  # (B, classes)
-            logits = module(xb)  # (B, classes)
-            out = logits / temperature
+            with torch.no_grad():  # (B, classes), or (B * H * W, classes) per pixel
+                soft = classes_last(teacher(xb) / temperature).softmax(-1)
+            logits = module(xb)  # (B, classes) or (B, classes, H, W)
+            out = classes_last(logits / temperature)
             loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean") * temperature**2
-            if labels is not None:
+            if labels is not None:  # (B,) or, per pixel, (B, H, W)
                 y = labels[idx]
-                ce = lam * F.cross_entropy(logits, y, reduction="none")
-                ce = ce + (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none")
+                w = lam.reshape(-1, *([1] * (y.dim() - 1)))  # each row's mixup weight
+                ce = w * F.cross_entropy(logits, y, reduction="none")
+                ce = ce + (1 - w) * F.cross_entropy(logits, y[perm], reduction="none")
                 loss = loss + ce.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -348,9 +362,10 @@ def calibrate(
             "runs models of one input; for a text model use runtime.inn.distill.calibrate_text"
         )
     _check_calibration(x, batch_size)
-    if labels is not None and labels.shape != (len(x),):
+    if labels is not None and (labels.dim() not in (1, 3) or len(labels) != len(x)):
         raise ValueError(
-            f"labels must have shape ({len(x)},), one per input; got {tuple(labels.shape)}"
+            f"labels must have shape ({len(x)},), one per input, or ({len(x)}, H, W), a map "
+            f"per pixel; got {tuple(labels.shape)}"
         )
     out = inn.copy()
     full = inn.sizes(1.0)

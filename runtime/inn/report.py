@@ -151,7 +151,8 @@ def save_report(rows: Sequence[ReportRow], json_path: Path | None, png_path: Pat
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``, computed in eval mode.
+    """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``, computed in eval mode; for a
+    map per pixel (outputs (N, C, H, W), labels (N, H, W)) the share of pixels right.
 
     The model's previous train/eval mode is restored afterwards.
 
@@ -164,9 +165,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     with evaluating(model):
         correct = 0
         for i in range(0, len(x), batch_size):
-            logits = model(x[i : i + batch_size])  # (B, num_classes)
+            logits = model(x[i : i + batch_size])  # (B, num_classes[, H, W])
             correct += int((logits.argmax(dim=1) == y[i : i + batch_size]).sum().item())
-    return correct / max(len(x), 1)
+    return correct / max(y[: len(x)].numel(), 1)
 
 
 def count_flops(module, example: tuple) -> int:

@@ -453,9 +453,10 @@ class ModelConfig:
                 where.child("evaluation").fail(
                     to_dict(self.evaluation), "no evaluation for a model with several inputs"
                 )
-            if len(self.outputs[0].shape) != 1:
+            if len(self.outputs[0].shape) not in (1, 3):
                 where.child("outputs").child(0).child("shape").fail(
-                    list(self.outputs[0].shape), "[classes] (evaluation scores its argmax)"
+                    list(self.outputs[0].shape),
+                    "[classes] or [classes, H, W] per pixel (evaluation scores its argmax)",
                 )
 
         self._validate_sequence(where)
