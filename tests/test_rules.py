@@ -505,6 +505,98 @@ def test_multihead_attention_pins_its_width_and_the_mlp_stays_elastic(tmp_path):
     assert abs(sess.run(None, {"x": x.numpy()})[0] - want).max() < 1e-5
 
 
+class GluConv(nn.Module):
+    """Conv -> nn.GLU over the channels -> conv (gated CNNs, WaveNet-style blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+        self.b = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.glu(self.a(x)))
+
+
+class GluMLP(nn.Module):
+    """Linear -> F.glu(dim=-1) -> Linear (a GLU feed-forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.glu(self.fc1(x), dim=-1))
+
+
+def _onnx_matches(half: nn.Module, x: torch.Tensor) -> None:
+    import onnxruntime as ort
+
+    from runtime.build.export import export_onnx
+
+    data = export_onnx(half, [("x", tuple(x.shape[1:]), torch.float32)], ["y"])
+    got = ort.InferenceSession(data).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), half(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "layers"),
+    [(GluConv, (2, 3, 6, 6), ("a", "b")), (GluMLP, (2, 5, 6), ("fc1", "fc2"))],
+)
+def test_glu_over_channels_resamples_its_halves_alike(model, x, layers, tmp_path):
+    # GLU had no rule: its input's channels were fixed ("innfer has no rule for 'glu'").
+    # Its halves a, b (a * sigmoid(b), channel i with channel i) are copies of one group:
+    # resampled alike and permuted alike (exact at full width, permuted), the output one copy.
+    torch.manual_seed(0)
+    x = torch.randn(*x)
+    inn = _converts(model(), x, tmp_path)
+    first, second = layers
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [(first, 8)]
+    assert _members(inn, first) >= {f"{first}.weight", f"{first}.bias", f"{second}.weight"}
+    half = inn.sample(0.5)
+    w1 = half.get_submodule(first).weight
+    w2 = half.get_submodule(second).weight
+    assert (w1.shape[0], w2.shape[1]) == (8, 4)  # two halves of 4 in, 4 out
+    _onnx_matches(half, x)
+
+
+class GluOverTime(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(F.glu(self.a(x), dim=-1))  # over the 10 steps: (B, 8, 5)
+
+
+def test_glu_over_a_dim_of_no_channels_keeps_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10)
+    inn = _converts(GluOverTime(), x)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+class GluOfConcat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 10)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(F.glu(torch.cat([self.a(x), self.b(x)], -1), -1))
+
+
+def test_glu_whose_halves_cannot_be_copies_is_refused_or_kept_fixed():
+    # The halves of cat([6, 10]) straddle the two parts: no resampling keeps them paired.
+    with pytest.raises(ConversionError, match=r"'glu'.*halves that cannot be copies"):
+        runtime.convert(GluOfConcat().eval(), (torch.randn(2, 4),))
+    with pytest.warns(UserWarning, match="no elastic width"):  # exact, fixed throughout
+        inn = _converts(GluOfConcat(), torch.randn(2, 4), discrete=["a", "b"])
+    assert all(g.discrete for g in inn.groups)
+
+
 class Unflatten(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ without one has every input dim fixed (refused at the end if any of them is cont
 Modules: ``layers`` (torch.nn layers), ``functional`` (F.linear / F.layer_norm /
 F.batch_norm with the model's own parameters), ``elementwise`` (unary ops, broadcasting
 binary ops, concat, reductions), ``shapes`` (view/reshape/expand/permute/transpose),
-``indexing`` (getitem, split/chunk/unbind), ``attention`` (matmul of two activations,
+``indexing`` (getitem, split/chunk/unbind, GLU), ``attention`` (matmul of two activations,
 scaled_dot_product_attention).
 """
 

@@ -1,10 +1,11 @@
-"""Rules for indexing (``x[:, 0]``, ``x[..., None]``) and splitting (split/chunk/unbind).
+"""Rules for indexing (``x[:, 0]``, ``x[..., None]``) and splitting (split/chunk/unbind, and
+GLU, which splits its input in two halves and gates one by the other).
 
 Indexing keeps a dim it takes whole (``:``) and drops one it indexes with an int; an int or
 a partial slice on a channel dim picks channels by position, which resampling would change,
 so that dim is fixed. Splitting a channel dim into equal parts that are copies of one group
-(q/k/v) refines that group; any other split of a channel dim is fixed. The other dims of
-every piece keep their layouts.
+(q/k/v, GLU's halves) refines that group; any other split of a channel dim is fixed. The
+other dims of every piece keep their layouts.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import operator
 from typing import TYPE_CHECKING
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
-from runtime.inn.layout import Segment, SizeField, node_key
+from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
 
@@ -131,6 +133,21 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
         return None
     if name == "chunk" and size != count:
         return None
+    part = copies(tr, lay, count)
+    if part is None:
+        return None
+    if name == "split":
+        index = None if isinstance(size, int) else list(range(count))
+        fields = [SizeField("1", part, i) for i in index] if index else [SizeField("1", part)]
+        tr.size_fields[node_key(node.name)] = fields
+    return part
+
+
+def copies(tr: Tracer, lay: Layout, count: int) -> Layout | None:
+    """The layout of each of ``count`` equal parts of a dim of layout ``lay``, made copies
+    of one group so that every part is resampled alike: plain channels are refined into
+    ``count`` copies (``Tracer.refine``); a dim already made of ``count`` copies (q/k/v)
+    keeps them. None for any other layout."""
     uf = tr.uf
     # Only plain channels (inner 1): an interleaved layout (after a channel shuffle) would
     # split cleanly here but cannot be regrouped by the next shuffle - refuse it here, where
@@ -140,16 +157,34 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
         if uf.size[uf.find(lay[0].group)] % count:
             return None
         h = tr.refine(lay[0].group, count, 1)
-        part = (Segment(h, lay[0].inner),)
-    elif len(lay) == count and len(set(lay)) == 1:  # already refined (qkv)
-        part = (lay[0],)
-    else:
-        return None
-    if name == "split":
-        index = None if isinstance(size, int) else list(range(count))
-        fields = [SizeField("1", part, i) for i in index] if index else [SizeField("1", part)]
-        tr.size_fields[node_key(node.name)] = fields
-    return part
+        return (Segment(h, lay[0].inner),)
+    if len(lay) == count and len(set(lay)) == 1:  # already refined (qkv)
+        return (lay[0],)
+    return None
+
+
+@register(functions=(F.glu,), modules=(nn.GLU,))
+def glu(tr: Tracer, node: fx.Node) -> None:
+    """``F.glu(x, dim)`` / ``nn.GLU(dim)``: x's ``dim`` splits into halves a, b and the
+    output is ``a * sigmoid(b)``, channel i of a gated by channel i of b. Over channels, the
+    two halves are made copies of one group (``copies``, as ``chunk(2)``) so both are
+    resampled alike and stay paired; the output's dim is one copy. Halves that cannot be
+    copies (a concat, a flatten, a grouped conv's blocks) fix the dim; over a dim of no
+    channels (a GLU over time) every layout is kept."""
+    x = node.args[0]
+    module = node.op == "call_module"
+    dim = tr.modules[node.target].dim if module else arg(node, 1, "dim", -1)
+    dim %= len(tr.shape(x))
+    labels = tr.labels.get(x, {})
+    out = {d: lay for d, lay in labels.items() if d != dim}
+    if dim in labels:
+        half = copies(tr, labels[dim], 2)
+        if half is None:
+            tr.fixed(node, f"glu along channel dim {dim} (halves that cannot be copies of "
+                           "one group)", [labels[dim]])  # fmt: skip
+        else:
+            out[dim] = half
+    tr.labels[node] = out
 
 
 @register(methods=("size", "dim", "numel"))
