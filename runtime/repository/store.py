@@ -511,12 +511,15 @@ class Repository:
             engines, config, backend, repeats=LOAD_PROFILE_REPEATS, max_seconds=LOAD_PROFILE_S,
             onnx=onnx,
         )  # fmt: skip
+        # (why: "profile.json was measured with torch on NVIDIA H200", "... is missing", ...;
+        # the served engines follow it, not appended to it: "profile.json is missing or
+        # corrupted, not with onnxruntime ..." read as if the backend were the fault.)
         log.warning(
-            "model %s: %s, not with %s %s on %s and %d threads as served now: re-measured every "
-            "tier at load in %.1f s (`innfer build --model %s --backend %s` on this machine "
-            "stores a profile)",
-            name, why, backend.name, backend.version(), backend.device(), config.threads,
-            time.perf_counter() - t0, name, backend.name,
+            "model %s: %s; re-measured every tier at load in %.1f s with %s %s on %s "
+            "(%d threads), as served now (`innfer build --model %s --backend %s` on this "
+            "machine stores a profile)",
+            name, why, time.perf_counter() - t0, backend.name, backend.version(),
+            backend.device(), config.threads, name, backend.name,
         )  # fmt: skip
         return fresh
 
