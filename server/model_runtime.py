@@ -462,6 +462,7 @@ class ModelRuntime:
         # The batches this model can have running at once: its instances, on a shared
         # device no more than the device's slots.
         slots = min(instances, device.slots) if device is not None else instances
+        self._slot_count = slots  # (a request is refused at once when every one is stuck)
         limit = Instances(slots)  # over all the lanes: a lane alone must not take them all
         try:
             policies = {n: make_policy(policy, infos[n], slots) for n in lengths}
@@ -782,13 +783,17 @@ class ModelRuntime:
         """A batch that has run ``STUCK_FACTOR`` times its plan and at least ``STUCK_MIN_S``
         - an engine hung in it - said as a reason, or None. Readiness reads it: a pod whose
         engine hangs takes no new connections' traffic, where its queue only expired."""
+        stuck = self._stuck_batches()
+        return stuck[0] if stuck else None
+
+    def _stuck_batches(self) -> list[str]:
         now = self.clock()
-        for started, planned, tier in self._batch_started.values():
-            ran = now - started
-            if ran > max(STUCK_MIN_S, STUCK_FACTOR * planned):
-                return (f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s "
-                        f"(planned {planned * 1e3:.1f} ms): its engine is stuck")  # fmt: skip
-        return None
+        return [
+            f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s (planned "
+            f"{planned * 1e3:.1f} ms): its engine is stuck"
+            for started, planned, tier in self._batch_started.values()
+            if (ran := now - started) > max(STUCK_MIN_S, STUCK_FACTOR * planned)
+        ]
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one
@@ -839,6 +844,11 @@ class ModelRuntime:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
             raise Unavailable(f"model {self.name} is being unloaded or reloaded; retry")
+        if len(self._batch_started) >= self._slot_count and (
+            len(stuck := self._stuck_batches()) >= self._slot_count
+        ):  # every slot held by a hung engine: queued, it would only expire here
+            self.count_refused("unavailable", "unavailable")
+            raise Unavailable(f"{stuck[0]}; retry (another replica serves it)")
         self._idle.flush()  # admission reads the running batches and the latency model
         now = self.clock()
         for what, tier in (("tier", pin), ("min_tier", min_tier)):

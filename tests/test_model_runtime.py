@@ -28,6 +28,7 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from server.metrics import Metrics
 from server.model_runtime import INLINE_MIN_ALONE, INLINE_WINDOW, ModelRuntime
@@ -1103,3 +1104,29 @@ def test_a_batch_far_past_its_plan_reads_as_a_stuck_engine(tmp_path):
     why, after = _run(body())
     assert why.startswith("model m: a batch of tier w100 has run 31 s (planned ")
     assert why.endswith("its engine is stuck") and after is None
+
+
+def test_a_request_to_a_model_whose_every_slot_is_stuck_is_refused_at_once(tmp_path):
+    # Queued behind a hung engine, a request only expired at its deadline (the plan counted
+    # the batch ending on time, long ago); UNAVAILABLE at once lets the client retry on a
+    # replica that serves.
+    served = _served(tmp_path)
+    now = [100.0]
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, clock=lambda: now[0]) as rt:
+            async with _one_running(rt, served, "w100"):
+                now[0] += 31.0
+                with pytest.raises(Unavailable) as err:
+                    await rt.infer(_x(1, 2.0), 1, 10.0)
+            return str(err.value)
+
+    message = _run(body())
+    assert message.startswith("model m: a batch of tier w100 has run 31 s") and "retry" in message
+    assert (
+        metrics.registry.get_sample_value(
+            "innfer_requests_total", {"model": "m", "tier": "", "outcome": "unavailable"}
+        )
+        == 1.0
+    )
