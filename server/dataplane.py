@@ -1265,13 +1265,36 @@ def check_parameter_names(params) -> None:
         if key in _READ or key in _PASSED_OVER:
             continue
         name = key.casefold().replace("-", "_")
-        near = (["latency_budget_ms"] if name in _BUDGET_ALIASES else
-                difflib.get_close_matches(name, REQUEST_PARAMETERS, n=1, cutoff=0.75))  # fmt: skip
+        if name in ("timeout_ms", "timeout_us"):  # which unit was meant is not ours to guess
+            raise InvalidArgument(
+                f"unknown request parameter {clip(key)}: a budget in milliseconds is "
+                f"'latency_budget_ms'; Triton's 'timeout' is in microseconds. innfer reads "
+                f"{_UNITS}"
+            )
+        near = ["latency_budget_ms"] if name in _BUDGET_ALIASES else [
+            n for n in difflib.get_close_matches(name, REQUEST_PARAMETERS, n=3, cutoff=0.75)
+            # four letters leave room for other words at 0.75 ('time', 'tire'): one edit
+            if n != "tier" or _one_edit(name, n)
+        ]  # fmt: skip
         if near:
             raise InvalidArgument(
                 f"unknown request parameter {clip(key)}: did you mean {near[0]!r}? innfer "
                 f"reads {_UNITS}"
             )
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by at most one insertion, deletion or substitution.
+
+    Example:
+        >>> _one_edit("tierr", "tier"), _one_edit("tear", "tier"), _one_edit("time", "tier")
+        (True, True, False)
+    """
+    if abs(len(a) - len(b)) > 1:
+        return False
+    pairs = zip(a, b, strict=False)  # (the shorter one ends the pairs)
+    i = next((k for k, (x, y) in enumerate(pairs) if x != y), min(len(a), len(b)))
+    return a[i + 1 :] == b[i + 1 :] or a[i:] == b[i + 1 :] or a[i + 1 :] == b[i:]
 
 
 def _bool_param(params, name: str, default: bool) -> bool:

@@ -128,9 +128,13 @@ def test_a_misspelt_parameter_is_refused_and_an_unknown_one_ignored(client):
             client.infer("tiny", [_input(_x(1))], parameters={key: value})
         assert _code(err.value) == "StatusCode.INVALID_ARGUMENT"
         assert f"unknown request parameter '{key}': did you mean {meant}?" in err.value.message()
-    # Another client's own extension (OIP lets a server ignore what it does not know).
-    r = client.infer("tiny", [_input(_x(1))], parameters={"x-request-source": "batch-job"},
-                     sequence_id=0)  # fmt: skip
+    with pytest.raises(InferenceServerException) as err:  # ms or Triton's us: not guessed
+        client.infer("tiny", [_input(_x(1))], parameters={"timeout_ms": 50})
+    assert "Triton's 'timeout' is in microseconds" in err.value.message()
+    # Another client's own extensions (OIP lets a server ignore what it does not know),
+    # "time" among them: four letters from "tier" by two edits, not a misspelling of it.
+    r = client.infer("tiny", [_input(_x(1))], sequence_id=0,
+                     parameters={"x-request-source": "batch-job", "time": "12:00"})  # fmt: skip
     assert r.as_numpy("logits").shape == (1, 10)
 
 
