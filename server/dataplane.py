@@ -1287,7 +1287,7 @@ def _one_edit(a: str, b: str) -> bool:
     """Whether ``a`` becomes ``b`` by at most one insertion, deletion or substitution.
 
     Example:
-        >>> _one_edit("tierr", "tier"), _one_edit("tear", "tier"), _one_edit("time", "tier")
+        >>> _one_edit("tierr", "tier"), _one_edit("tiar", "tier"), _one_edit("time", "tier")
         (True, True, False)
     """
     if abs(len(a) - len(b)) > 1:
