@@ -134,6 +134,10 @@ RUNNING_WAIT_S = 10.0
 PROFILE_RUNS = 5
 SPEED_MIN_BATCHES = 8  # a tier's factor counts in engine_speed after this many batches
 PROFILE_BUDGET_S = 1.0
+# warm_up: the longest a model's engines spend running every batch size once at load where
+# a new shape is slow (CUDA graph captures: tens of ms each; max_batch 64 x 4 lanes x 4
+# tiers is 1,024 of them). Past it, the shapes left are captured on first use, said once.
+SHAPES_BUDGET_S = 60.0
 
 
 @dataclass
@@ -688,10 +692,7 @@ class ModelRuntime:
 
         for engine in self.served.engines.values():
             engine.run(random_feeds(self.config.inputs, 1))
-            if engine.slow_first_shapes:  # also contended: a capture under load costs more
-                for n in self.lanes:
-                    for b in range(1, self.config.max_batch + 1):
-                        engine.run(random_feeds(self.config.inputs, b, length=n or 1))
+        self._warm_shapes(random_feeds)
         if not profile:
             return {}
         # Contended, batch 1 alone: the timing can only lower a tier's level (one factor
@@ -724,6 +725,31 @@ class ModelRuntime:
                         lane.latency.forget(tier, 0.0)
             factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         return factors
+
+    def _warm_shapes(self, random_feeds) -> None:
+        """Run every batch size at every lane's length once on each engine whose first run
+        of a shape is slow (``Engine.slow_first_shapes``) - also contended: a capture under
+        load costs more - within ``SHAPES_BUDGET_S``; logs what it ran and how long."""
+        slow = {t: e for t, e in self.served.engines.items() if e.slow_first_shapes}
+        if not slow:
+            return
+        shapes = [(n or 1, b) for n in self.lanes for b in range(1, self.config.max_batch + 1)]
+        t0, ran = time.perf_counter(), 0
+        for engine in slow.values():
+            for length, batch in shapes:
+                if time.perf_counter() - t0 > SHAPES_BUDGET_S:
+                    log.warning(
+                        "model %s: ran %d of %d engine shapes at load in %.0f s (each a CUDA "
+                        "graph capture); the rest capture on first use, delaying those "
+                        "batches (lower max_batch, or fewer lengths, to fit them all)",
+                        self.name, ran, len(slow) * len(shapes), time.perf_counter() - t0,
+                    )  # fmt: skip
+                    return
+                engine.run(random_feeds(self.config.inputs, batch, length=length))
+                ran += 1
+        log.info("model %s: ran every batch size and length once on tiers %s at load (%d "
+                 "shapes, %.1f s)", self.name, ", ".join(slow), ran,
+                 time.perf_counter() - t0)  # fmt: skip
 
     def assume_speed(self, speed: float) -> list[str]:
         """Start every tier whose timing at load did not find it faster than its profile

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import threading
 import time
@@ -1233,3 +1234,36 @@ def test_an_engine_slow_on_new_shapes_runs_every_batch_size_before_it_is_timed(c
     factors = _run(load_and_time())
     assert sorted(set(rows)) == [1, 2, 3, 4]  # max_batch 4: every size ran
     assert max(factors.values()) < 1.5, factors  # no capture was timed as a batch
+
+
+def test_running_every_batch_size_at_load_stops_at_its_budget_and_says_so(
+    config, monkeypatch, caplog
+):
+    # max_batch 64 x 4 lanes x 4 tiers is 1,024 captures of tens of ms: unbounded, a load
+    # (or a reload under traffic) could take minutes without a word (review helper-111).
+    from server import model_runtime
+
+    monkeypatch.setattr(model_runtime, "SHAPES_BUDGET_S", 0.1)
+    runs = []
+
+    async def load():
+        plane = DataPlane(config, Metrics())
+        await plane.load("a")
+        m = plane.models["a"]
+        for engine in m.served.engines.values():
+            run = engine.run
+
+            def slow(feeds, run=run):
+                runs.append(len(next(iter(feeds.values()))))
+                time.sleep(0.06)  # a capture each
+                return run(feeds)
+
+            engine.run = slow
+            engine.slow_first_shapes = True
+        with caplog.at_level(logging.INFO, logger="innfer.model"):
+            m.warm_up()
+        await m.stop()
+
+    _run(load())
+    assert len(runs) == 2 + 2  # batch 1 of each tier, then two shapes within 0.1 s
+    assert "ran 2 of 8 engine shapes at load" in caplog.text

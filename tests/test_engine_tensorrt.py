@@ -1320,3 +1320,26 @@ def test_load_makes_a_context_per_instance(tmp_path, monkeypatch, fake_cuda):
     engine = TensorRTBackend().load(tmp_path, BuildOptions(max_batch=4, instances=3))
     assert engine.concurrent_runs == 3 and len(fake_cuda.streams) == 3
     engine.close()
+
+
+def test_close_leaves_a_hung_batch_its_context_and_frees_it_when_it_ends(
+    monkeypatch, fake_cuda, caplog
+):
+    # close() waited for a running batch without end: a hung engine hung the model's
+    # unload with it (review helper-111). Freeing its memory under it would crash instead.
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    _MeetingContext.barrier = threading.Barrier(2, timeout=5)
+    engine = TensorRTEngine(_MeetingEngine(rt), trt_module._Cuda(rt), max_batch=4, contexts=2)
+    x = _inputs(1, seed=0)
+    with ThreadPoolExecutor(1) as pool:
+        hung = pool.submit(engine.run, {"x": x})
+        while _MeetingContext.barrier.n_waiting < 1:
+            time.sleep(0.001)
+        with caplog.at_level(logging.WARNING, logger="innfer.engines.tensorrt"):
+            engine.close(timeout_s=0.05)
+        assert "1 batch(es) still running" in caplog.text
+        assert len(rt.device) == 2 and len(rt.streams) == 1  # the idle context went; not its
+        _MeetingContext.barrier.wait()  # the engine comes back
+        np.testing.assert_array_equal(hung.result(5)["y"], x)
+    assert rt.device == {} and rt.pinned == {} and rt.streams == set()

@@ -529,4 +529,6 @@ def test_real_nvml_does_not_count_our_own_kernels_as_outside_load():
     finally:
         stop.set()
         worker.join(10)
+    if not factors:  # (an empty list would pass the check below without checking anything)
+        pytest.skip("this driver gives no per-process samples: nothing to check")
     assert all(f < 1.5 for f in factors), factors

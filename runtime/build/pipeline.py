@@ -188,8 +188,9 @@ def build_model(
             report.warnings.append(
                 f"integer input(s) {', '.join(unchecked)} of {name} do not index an embedding "
                 "table directly (ids + 1, ids[:, 1:], ...): the server cannot check them "
-                "against the tables at decode; a value past a table is refused when the "
-                "engine meets it (INVALID_ARGUMENT), a negative one within a table's size "
+                "against the tables at decode; a value past a table fails the whole batch it "
+                "runs in when the engine meets it (each request in it INVALID_ARGUMENT), a "
+                "negative one within a table's size "
                 "reads a row from its end unsaid. Index each table with an input of its own, "
                 "or one column of one (ids[:, k]), to have them checked"
             )

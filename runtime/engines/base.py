@@ -81,9 +81,10 @@ class Engine(ABC):
     # length - a profiled length - rather than to its longest request.
     prefers_fixed_lengths: bool = False
     # Batches one engine runs at once: None, any number (an ONNX Runtime session is
-    # thread-safe); 1 where ``run`` holds a lock (TensorRT's one execution context, torch's
-    # one module). The server plans no more instances than this: a second batch of the same
-    # tier would wait for the first while its plan counted it running.
+    # thread-safe); 1 where ``run`` holds a lock (torch's one module); TensorRT's, its
+    # execution contexts (BuildOptions.instances). The server plans no more instances than
+    # this: a second batch of the same tier would wait for the first while its plan counted
+    # it running.
     concurrent_runs: int | None = None
     # True: the first run of each new input shape is slow (a torch CUDA engine captures a
     # graph for it: tens of ms with every other CUDA run held off). The server then runs

@@ -552,6 +552,11 @@ def _profile_shapes(name: str, shape: tuple[int, ...], options: BuildOptions):
 # --- engine -------------------------------------------------------------------------------
 
 
+# close(): how long running batches may take to finish before their contexts are left to
+# be freed when they end (model_runtime waits RUNNING_WAIT_S, 10 s, before closing engines).
+CLOSE_WAIT_S = 10.0
+
+
 class _Slot:
     """One execution context with its own stream, device buffers and pinned staging
     buffers: it runs one batch at a time, and several slots of one engine run at once."""
@@ -729,8 +734,14 @@ class TensorRTEngine(Engine):
             return self._run_on(slot, arrays)
         finally:
             with self._cond:
-                self._free.append(slot)
-                self._cond.notify_all()
+                if self._closed:  # a batch that outlived close(): its context goes now
+                    try:
+                        self._release([slot])
+                    except EngineError as exc:
+                        log.warning("%s", exc)
+                else:
+                    self._free.append(slot)
+                self._cond.notify_all()  # a waiting run, or close() counting what is left
 
     def _run_on(self, slot: _Slot, arrays) -> dict[str, np.ndarray]:
         cuda = self._cuda
@@ -760,25 +771,40 @@ class TensorRTEngine(Engine):
             for name, shape in shapes.items()
         }
 
-    def close(self) -> None:
-        """Wait for running batches, then free every context's device and pinned host
-        buffers and stream, and the contexts; further runs fail."""
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Wait for running batches (at most ``timeout_s``), then free every context's
+        device and pinned host buffers and stream, and the contexts; further runs fail. A
+        batch still running then (a hung engine) keeps its context until it ends: freeing
+        memory under a running execution would crash the process, and waiting forever
+        would hang the model's unload."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
             self._cond.notify_all()  # runs waiting for a context: "closed"
+            deadline = time.monotonic() + timeout_s
             while len(self._free) < len(self._slots):
-                self._cond.wait()
-            self._release()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "%s: %d batch(es) still running %.0f s after close: their contexts "
+                        "and buffers are freed when they end", self._source,
+                        len(self._slots) - len(self._free), timeout_s,
+                    )  # fmt: skip
+                    break
+                self._cond.wait(left)
+            self._release(list(self._free))
 
-    def _release(self) -> None:
+    def _release(self, slots: list[_Slot] | None = None) -> None:
+        """Free ``slots`` (default: every one); the engine itself once none is left."""
         errors = []
-        for slot in self._slots:
+        for slot in list(self._slots) if slots is None else slots:
             errors += self._release_slot(slot)
-        self._slots, self._free = [], []
-        self._engine = None
-        self._keep = ()
+            self._slots.remove(slot)
+        self._free = [s for s in self._free if s in self._slots]
+        if not self._slots:
+            self._engine = None
+            self._keep = ()
         if errors:
             raise EngineError(f"{self._source}: releasing GPU resources: {'; '.join(errors)}")
 
