@@ -1158,7 +1158,13 @@ def _report_text(args: argparse.Namespace, inn) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from runtime.inn.model import load
-    from runtime.inn.report import DEFAULT_WIDTHS, format_report, save_report, width_report
+    from runtime.inn.report import (
+        DEFAULT_WIDTHS,
+        format_report,
+        format_served,
+        save_report,
+        width_report,
+    )
 
     inn = load(args.model_dir)
     if args.text:
@@ -1209,12 +1215,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif data is None:
         print(f"FLOPs at batch 1 of input {shape}; accuracy: not measured (no evaluation set), "
               f"give --data NAME ({DATA_SETS}) for a model trained on one of them")  # fmt: skip
+    served, where = _served_latency(Path(args.model_dir))
+    if served:
+        print(format_served(served, where))
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
-    save_report(rows, Path(args.json) if args.json else None, png if data else None)
-    if data:
+    ylabel = "test accuracy" if data is None or data.labelled else "agreement with full width"
+    plotted = data is not None or bool(served)
+    save_report(rows, Path(args.json) if args.json else None, png if plotted else None,
+                served, ylabel)  # fmt: skip
+    if plotted:
         print(f"plot: {png}")
     report_frontier(Path(args.model_dir))  # a model with auto_tiers: its measured frontier
     return 0
+
+
+def _served_latency(model_dir: Path) -> tuple[list, str]:
+    """The tiers a server would serve from a built model, with profile.json's latency
+    (``ServedTier``s), and where they come from; ([], "") for a model not built. A text
+    model's at its longest profiled length."""
+    from runtime.inn.report import ServedTier
+    from runtime.repository import Repository, RepositoryError
+
+    d = model_dir.resolve()
+    if not (d / "model.yaml").is_file():
+        return [], ""
+    try:
+        records, profile, source = Repository(d.parent).served_tiers(d.name)
+        profile, lane = _lane_profile(profile, None)
+    except (RepositoryError, OSError, ValueError):  # not built (yet): nothing measured
+        return [], ""
+    top = max((r.flops for r in records.values()), default=1) or 1
+    tiers = []
+    for name, table in profile["tiers"].items():
+        sizes = sorted(int(b) for b in table)
+        rec = records[name]
+        # a tier of per-group counts has no one width: its FLOPs fraction stands in
+        width = float(rec.width) if isinstance(rec.width, (int, float)) else rec.flops / top
+        tiers.append(ServedTier(name, width, rec.accuracy, table[str(sizes[0])]["p50_ms"],
+                                sizes[-1], table[str(sizes[-1])]["p50_ms"]))  # fmt: skip
+    where = f"profile.json: {profile.get('backend')} on {profile.get('device')}"
+    where += f", {lane} tokens" if lane else ""
+    where += "; auto-tiering's choice" if source == "frontier" else ""
+    return tiers, where
 
 
 DATA_SETS = "digits, mnist5k, mnist1d"  # the bundled data sets --data takes

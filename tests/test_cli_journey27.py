@@ -70,6 +70,32 @@ def test_report_falls_back_to_model_yaml_for_an_inn_without_a_recorded_shape(tmp
     assert "of input [1, 8, 8]" in out and "--data NAME" in out
 
 
+def test_report_of_a_built_model_shows_its_tiers_latency_and_plots_it(tmp_path, capsys):
+    # The report gave accuracy and FLOPs by width; what each served tier costs (the
+    # latency the scheduler plans with) was in profile.json only, and no plot without data.
+    import json
+
+    from runtime.build.pipeline import build_model
+    from runtime.repository import Repository
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),))
+    d = add_model(tmp_path, "cnn", inn, IO)
+    code, out, _ = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
+    assert code == 0 and "served tiers" not in out  # not built: nothing measured yet
+    build_model(Repository(tmp_path), "cnn", backend="onnxruntime", progress=False, repeats=2)
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5", "--json",
+                          tmp_path / "r.json")  # fmt: skip
+    assert code == 0, err
+    assert "served tiers (profile.json: onnxruntime on cpu" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip().startswith(("w100 ", "w050 "))}  # fmt: skip
+    assert set(rows) == {"w100", "w050"} and rows["w050"][1] == "50.0%"
+    assert all(v[-1].endswith("ms") and float(v[-1][:-2]) > 0 for v in rows.values())
+    assert (d / "report.png").stat().st_size > 0 and f"plot: {d / 'report.png'}" in out
+    served = json.loads((tmp_path / "r.json").read_text())["served"]
+    assert {t["name"] for t in served} == {"w100", "w050"} and served[0]["batch"] == 4
+
+
 def test_report_counts_flops_of_a_model_of_several_inputs(tmp_path, capsys):
     # Ids beside features: "no input shape ... give --data NAME", then an error - no FLOPs
     # or params by width at all for a model of several inputs.

@@ -122,17 +122,64 @@ def format_report(rows: Sequence[ReportRow]) -> str:
     return "\n".join(lines)
 
 
-def save_report(rows: Sequence[ReportRow], json_path: Path | None, png_path: Path | None) -> None:
+@dataclass(frozen=True)
+class ServedTier:
+    """A built tier as the server plans it: its record's width and accuracy (None where the
+    build measured none) and profile.json's median latency at batch 1 and at the largest
+    profiled batch."""
+
+    name: str
+    width: float
+    accuracy: float | None
+    p50_ms_1: float
+    batch: int
+    p50_ms_batch: float
+
+
+def format_served(tiers: Sequence[ServedTier], where: str) -> str:
+    """The served tiers' latency beside their accuracy, one line each, smallest first."""
+    b = tiers[0].batch if tiers else 1
+    head = f"{'tier':>8} {'width':>6} {'accuracy':>9} {'p50 b1':>9} {f'p50 b{b}':>9}"
+    lines = [f"served tiers ({where}):", head]
+    for t in sorted(tiers, key=lambda t: t.p50_ms_batch):
+        acc = "-" if t.accuracy is None else f"{t.accuracy:.2%}"
+        lines.append(f"{t.name:>8} {t.width:>6.1%} {acc:>9} {t.p50_ms_1:>7.3f}ms "
+                     f"{t.p50_ms_batch:>7.3f}ms")  # fmt: skip
+    return "\n".join(lines)
+
+
+def save_report(
+    rows: Sequence[ReportRow],
+    json_path: Path | None,
+    png_path: Path | None,
+    served: Sequence[ServedTier] = (),
+    ylabel: str = "test accuracy",
+) -> None:
+    """Write ``rows`` (and ``served``) as JSON, and plot accuracy against width and FLOPs
+    where there is one, beside the served tiers' latency against width where the model is
+    built (``served``)."""
     if json_path is not None:
-        json_path.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    if png_path is None or all(r.accuracy is None for r in rows):
+        doc = [asdict(r) for r in rows]
+        json_path.write_text(json.dumps(
+            {"widths": doc, "served": [asdict(t) for t in served]} if served else doc,
+            indent=1))  # fmt: skip
+    has_acc = any(r.accuracy is not None for r in rows)
+    if png_path is None or not (has_acc or served):
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    panels = (2 if has_acc else 0) + (1 if served else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    if served:
+        _plot_served(axes[0][-1], served)
+    if not has_acc:
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        return
+    ax = axes[0]
     cal = [r for r in rows if r.calibrated]
     for a, x in ((ax[0], lambda r: r.width), (ax[1], lambda r: r.flops / 1e6)):
         a.plot([x(r) for r in rows], [r.accuracy for r in rows], marker="o", label="INN")
@@ -141,12 +188,28 @@ def save_report(rows: Sequence[ReportRow], json_path: Path | None, png_path: Pat
                       color="tab:red", zorder=3, label="calibrated tier")  # fmt: skip
         a.grid(alpha=0.3)
     ax[0].set_xlabel("width")
-    ax[0].set_ylabel("test accuracy")
+    ax[0].set_ylabel(ylabel)
     ax[1].set_xlabel("MFLOPs (batch 1)")
     if cal:
         ax[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+
+
+def _plot_served(ax, served: Sequence[ServedTier]) -> None:
+    """Median latency against width of the built tiers, at batch 1 and the largest batch."""
+    tiers = sorted(served, key=lambda t: t.width)
+    widths = [t.width for t in tiers]
+    ax.plot(widths, [t.p50_ms_1 for t in tiers], marker="o", label="batch 1")
+    ax.plot(widths, [t.p50_ms_batch for t in tiers], marker="s", label=f"batch {tiers[0].batch}")
+    for t in tiers:
+        ax.annotate(t.name, (t.width, t.p50_ms_batch), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("tier width")
+    ax.set_ylabel("p50 latency (ms, profile.json)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 @torch.no_grad()
