@@ -34,7 +34,9 @@ SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilene
 TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
         "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s",
         # GroupNorm, a channel slice, a head split sized from another tensor (session 40)
-        "resnet50_gn", "poolformer_s12", "ghostnet_100", "coat_lite_tiny")  # fmt: skip
+        "resnet50_gn", "poolformer_s12", "ghostnet_100", "coat_lite_tiny",
+        # channels split unequally (MixConv), a residual into the first channels (ReXNet)
+        "mixnet_s", "rexnet_100")  # fmt: skip
 # Tiny configs (random init) and the packaged all-MiniLM-L6-v2 (real weights, offline).
 TINY = {"vocab_size": 1000, "max_position_embeddings": 128}
 TRANSFORMERS = {

@@ -650,9 +650,10 @@ class UnequalSplit(nn.Module):
         return self.b(first)
 
 
-def test_unequal_split_of_channels_is_refused():
-    with pytest.raises(ConversionError, match=r"split along channel dim 1 \(parts"):
-        runtime.convert(UnequalSplit().eval(), (torch.randn(2, 4),))
+def test_unequal_split_of_channels_converts():
+    """Each part its own group (tests/test_rules_split.py); the unused part is resampled too."""
+    inn = _converts(UnequalSplit(), torch.randn(2, 4))
+    assert sorted(g.size for g in inn.groups if not g.discrete) == [3, 5]
 
 
 class RemainderSplit(nn.Module):

@@ -15,6 +15,7 @@ Safety by construction:
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 from torch import fx
 
@@ -52,6 +53,7 @@ class Tracer:
         # the module whose rule bound it): any other reader pins the dim (``_pin_mixed_uses``).
         self._summed: dict[Source, set[fx.Node | str]] = {}
         self._after_walk: list[Callable[[], None]] = []  # see ``after_walk``
+        self._split: dict[int, list[int]] = {}  # a group cut into parts (``split_group``)
 
     # -- helpers for rules -----------------------------------------------------------------
     @staticmethod
@@ -88,6 +90,11 @@ class Tracer:
         if coarse is not None:
             return coarse
         if any(self.uf.continuous(s.group) for s in a + b):
+            aligned = self._align(a, b)
+            if aligned is not None:
+                for x, y in zip(*aligned, strict=True):
+                    self.uf.union(x.group, y.group, where)
+                return aligned[0]
             raise ConversionError(
                 f"{where}: combines tensors whose channels are split differently "
                 f"(e.g. a residual add of a concat); this is not supported"
@@ -95,6 +102,22 @@ class Tracer:
         for s in a + b:
             self.uf.pin(s.group)
         return a
+
+    def _align(self, a: Layout, b: Layout) -> tuple[Layout, Layout] | None:
+        """``a`` and ``b`` cut at each other's segment boundaries (``cut``), so that they
+        pair segment by segment: the add of a concatenation of groups (MixNet's mixed convs,
+        a ``cat``) and a plain one (the shortcut, an SE gate) splits the plain group into as
+        many parts. None where the dims differ in size or a cut cannot be made."""
+        if _entries(self.uf, a) != _entries(self.uf, b):
+            return None
+        a2 = self.cut(a, _bounds(self.uf, b))
+        b2 = None if a2 is None else self.cut(self.expand(b), _bounds(self.uf, a2))
+        if b2 is None:
+            return None
+        a2 = self.expand(a2)
+        if len(a2) != len(b2) or any(x.inner != y.inner for x, y in zip(a2, b2, strict=True)):
+            return None
+        return a2, b2
 
     def _coarsen(self, single: Layout, multi: Layout) -> Layout | None:
         """Tie a plain dim (one group, ``inner`` i) to a structured one (``n`` copies of one
@@ -207,6 +230,14 @@ class Tracer:
                     out.extend([Segment(h, s.inner * inner)] * parts)
             return tuple(out)
 
+        self._rewrite(root, sub, [h])
+        return h
+
+    def _rewrite(self, root: int, sub: Callable[[Layout], Layout], new: list[int]) -> None:
+        """Replace group ``root`` by ``new`` everywhere a layout is stored (``sub`` rewrites
+        one layout): labels, tuple items, bindings, size fields; a fixed record of ``root``
+        now holds every one of ``new``. The old group is orphaned and pinned."""
+        uf = self.uf
         every = [*self.labels.values(), *(i for its in self.items.values() for i in its)]
         for labels in every:
             for d, lay in labels.items():
@@ -215,10 +246,56 @@ class Tracer:
         for fs in self.size_fields.values():
             fs[:] = [SizeField(f.kwarg, sub(f.layout), f.index) for f in fs]
         self._fixed = [
-            (n, w, tuple(h if uf.find(x) == root else x for x in gs)) for n, w, gs in self._fixed
+            (n, w, tuple(y for x in gs for y in (new if uf.find(x) == root else [x])))
+            for n, w, gs in self._fixed
         ]
         uf.pin(root)  # nothing refers to it any more; were anything to, it stays fixed
-        return h
+
+    def cut(self, lay: Layout, at: list[int]) -> Layout | None:
+        """``lay`` with a segment boundary at each entry offset in ``at``: a group that an
+        offset falls inside is split into consecutive groups (``split_group``), everywhere
+        it is stored. A dim that a split/add cuts unequally (MixNet's ``torch.split(x,
+        [a, b, c], 1)``) is then a concatenation of groups resampled independently, as the
+        parts of a ``cat`` are. None where a cut cannot be made: inside a channel (``inner``
+        entries), or inside a group with conv/norm blocks (their block size would break)."""
+        cuts: dict[int, set[int]] = {}
+        start = 0
+        for s in lay:
+            root, n = self.uf.find(s.group), segment_entries(self.uf, s)
+            inside = [o - start for o in at if start < o < start + n]
+            if inside:
+                if s.per_block or self.uf.blocks[root] != 1 or any(o % s.inner for o in inside):
+                    return None
+                cuts.setdefault(root, set()).update(o // s.inner for o in inside)
+            start += n
+        for root, offsets in cuts.items():
+            self.split_group(root, sorted(offsets))
+        return self.expand(lay)
+
+    def split_group(self, root: int, offsets: list[int]) -> list[int]:
+        """Re-declare group ``root`` as consecutive new groups cut at channel ``offsets``;
+        every stored layout that holds it is rewritten (``_rewrite``), so its parameters
+        follow, each part resampled on its own."""
+        uf = self.uf
+        bounds = [0, *offsets, uf.size[root]]
+        keep = {"discrete": uf.discrete[root], "anchored": uf.anchored[root]}
+        parts = [
+            uf.new(hi - lo, f"{uf.origin[root]}[{lo}:{hi}]", **keep) for lo, hi in pairwise(bounds)
+        ]
+        self._split[root] = parts
+        self._rewrite(root, self.expand, parts)
+        return parts
+
+    def expand(self, lay: Layout) -> Layout:
+        """``lay`` with every group split so far (``split_group``) replaced by its parts."""
+        out: list[Segment] = []
+        for s in lay:
+            parts = self._split.get(self.uf.find(s.group))
+            if parts is None:
+                out.append(s)
+            else:
+                out.extend(self.expand(tuple(Segment(p, s.inner) for p in parts)))
+        return tuple(out)
 
     def after_walk(self, decide: Callable[[], None]) -> None:
         """Call ``decide`` once the whole graph is walked (before the final check): for a
@@ -387,6 +464,25 @@ class Tracer:
             for m, fs in self.size_fields.items()
         }
         return Analysis(groups, bindings, size_fields)
+
+
+def segment_entries(uf: UnionFind, s: Segment) -> int:
+    """How many entries of its dim segment ``s`` spans."""
+    root = uf.find(s.group)
+    return uf.size[root] * s.inner // (uf.blocks[root] if s.per_block else 1)
+
+
+def _entries(uf: UnionFind, lay: Layout) -> int:
+    return sum(segment_entries(uf, s) for s in lay)
+
+
+def _bounds(uf: UnionFind, lay: Layout) -> list[int]:
+    """The entry offsets where ``lay``'s segments meet (its inner boundaries)."""
+    out, start = [], 0
+    for s in lay[:-1]:
+        start += segment_entries(uf, s)
+        out.append(start)
+    return out
 
 
 def _group_name(origin: str) -> str:

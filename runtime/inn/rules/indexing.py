@@ -4,8 +4,9 @@ GLU, which splits its input in two halves and gates one by the other).
 Indexing keeps a dim it takes whole (``:``) and drops one it indexes with an int; an int or
 a partial slice on a channel dim picks channels by position, which resampling would change,
 so that dim is fixed. Splitting a channel dim into equal parts that are copies of one group
-(q/k/v, GLU's halves) refines that group; any other split of a channel dim is fixed. The
-other dims of every piece keep their layouts.
+(q/k/v, GLU's halves) refines that group; a split into listed sizes (MixNet's unequal parts)
+cuts its groups at the parts' boundaries, each part then its own groups; any other split of
+a channel dim is fixed. The other dims of every piece keep their layouts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import fx, nn
 from runtime.inn.layout import Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
+from runtime.inn.tracer import segment_entries
 
 if TYPE_CHECKING:
     from runtime.inn.tracer import Labels, Tracer
@@ -102,16 +104,19 @@ def split(tr: Tracer, node: fx.Node) -> None:
     meta = node.meta.get("tensor_meta")
     count = len(meta) if isinstance(meta, (tuple, list)) else 0
     parts = _equal_parts(tr, node, name, labels.get(dim), count) if dim in labels else None
-    if dim in labels and parts is None:
+    sections = _sections(tr, node, labels, dim, count) if dim in labels and parts is None else None
+    if dim in labels and parts is None and sections is None:
         tr.fixed(node, f"{name} along channel dim {dim} (parts that are not whole copies of "
-                       f"one group)", [labels[dim]])  # fmt: skip
-    keep = {d: lay for d, lay in labels.items() if d != dim}
+                       f"one group, nor sizes that follow groups)", [labels[dim]])  # fmt: skip
+    keep = {d: lay for d, lay in tr.labels.get(x, {}).items() if d != dim}
     if name == "unbind":
         keep = {d - (d > dim): lay for d, lay in keep.items()}
     tr.items[node] = [dict(keep) for _ in range(count)]
-    if parts is not None:
-        for item in tr.items[node]:
+    for i, item in enumerate(tr.items[node]):
+        if parts is not None:
             item[dim] = parts
+        elif sections is not None:
+            item[dim] = sections[i]
 
 
 def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
@@ -141,6 +146,34 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
         fields = [SizeField("1", part, i) for i in index] if index else [SizeField("1", part)]
         tr.size_fields[node_key(node.name)] = fields
     return part
+
+
+def _sections(tr: Tracer, node: fx.Node, labels, dim: int, count: int) -> list | None:
+    """The layout of each part of ``split(x, [a, b, c], dim)`` over channels (MixNet's mixed
+    convs: each part through its own conv, then ``cat``): x's dim is cut at the parts'
+    boundaries (``Tracer.cut``), each part its own groups, resampled independently; the
+    literal sizes become size fields, so the sampled split follows the parts' counts. None
+    for an int split size (its parts are equal, or a remainder no width keeps) or a cut
+    that cannot be made."""
+    size = arg(node, 1, "split_size_or_sections")
+    if not isinstance(size, (list, tuple)) or len(size) != count or count < 2:
+        return None
+    if not all(isinstance(n, int) for n in size):
+        return None
+    bounds = [sum(size[:i]) for i in range(1, count)]
+    lay = tr.cut(labels[dim], bounds)
+    if lay is None:
+        return None
+    parts: list[Layout] = [() for _ in range(count)]
+    start = 0
+    for s in lay:  # cut: every boundary falls between segments
+        parts[sum(start >= b for b in bounds)] += (s,)
+        start += segment_entries(tr.uf, s)
+    if any(not p for p in parts):
+        return None  # an empty part (size 0)
+    kwarg = "1" if len(node.args) > 1 else "split_size_or_sections"
+    tr.size_fields[node_key(node.name)] = [SizeField(kwarg, p, i) for i, p in enumerate(parts)]
+    return parts
 
 
 def copies(tr: Tracer, lay: Layout, count: int) -> Layout | None:
