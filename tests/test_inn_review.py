@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 import types
 import warnings
 
@@ -200,7 +201,7 @@ def test_export_conversion_with_a_negative_slice_dim_is_exact():
         assert inn.sample(0.5)(x).shape == (3, 2, 3)
 
 
-def test_a_negative_slice_of_continuous_channels_is_refused():
+def test_a_negative_dim_slice_of_continuous_channels_cuts_them():
     class SliceChannels(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -209,8 +210,17 @@ def test_a_negative_slice_of_continuous_channels_is_refused():
         def forward(self, x):  # the first 8 of a's 16 channels: picked by position
             return self.b(aten.slice.Tensor(torch.relu(self.a(x)), -1, 0, 8))
 
-    with pytest.raises(ConversionError, match="indexes channel dim 2"):
-        convert(SliceChannels().eval(), (torch.randn(3, 5, 8),), frontend="export")
+    # Refused until channel slices cut their groups (a's 16 into [0:8] and [8:16]); the
+    # slice on dim -1 must still be seen as the channel dim 2, and its stop follow the width.
+    model, x = SliceChannels().eval(), torch.randn(3, 5, 8)
+    inn = convert(model, (x,), frontend="export")
+    assert sorted(g.size for g in inn.groups if not g.discrete) == [8, 8]
+    half = inn.sample(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), model(x))
+        assert half(x).shape == (3, 5, 3)
+    stops = [n.args[1][-1].stop for n in half.graph.nodes if n.target is operator.getitem]
+    assert stops == [4]
 
 
 # -- 5: softmax over continuous channels ---------------------------------------------------------

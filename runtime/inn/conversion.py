@@ -71,7 +71,7 @@ def convert(
             "the original nn.Module - conversion reads its Python modules and parameters"
         )
     with evaluating(model):  # afterwards every module has its own mode back
-        _check_runs(model, tuple(example_inputs), example_kwargs)
+        reference = _check_runs(model, tuple(example_inputs), example_kwargs)
         source = _weights_baked(model)  # (``model`` gets its modes back below)
         # Fold first: fuse() traces with fx, and tracing twice can go wrong (timm's LeViT
         # caches a tensor computed in its first traced forward: the second trace sees a
@@ -110,6 +110,7 @@ def convert(
     if shape is not None:  # what `innfer report` counts FLOPs at without an evaluation set
         info["input_shape"] = shape
     inn = IntegralModel(spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info)
+    _check_faithful(inn, inputs, reference, type(model).__name__)
     _check_narrow(inn, inputs, type(model).__name__)
     return inn
 
@@ -224,13 +225,13 @@ def _weights_baked(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None) -> None:
+def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None):
     """Run ``model`` once on the examples: one it cannot run on (a wrong width, a missing
     input) failed deep in tracing, its reason last in a chain of torch.fx errors
-    ("ShapeProp error for: node=%_0 ...")."""
+    ("ShapeProp error for: node=%_0 ...")). Returns what it returned."""
     try:
         with torch.no_grad():
-            model(*args, **(kwargs or {}))
+            return model(*args, **(kwargs or {}))
     except Exception as exc:
         shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
                            for a in (*args, *(kwargs or {}).values()))  # fmt: skip
@@ -238,6 +239,35 @@ def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None) -> None:
             f"{type(model).__name__} does not run on the example inputs ({shapes}): "
             f"{type(exc).__name__}: {str(exc)[:300]}; give inputs the model accepts"
         ) from exc
+
+
+FAITHFUL_REL_ERR = 1e-3  # folded norms and reordered sums differ by ~1e-6
+
+
+def _check_faithful(inn: IntegralModel, inputs: tuple, reference, name: str) -> None:
+    """The converted model at full width must compute what ``model`` did on the examples.
+    A graph capture can drop a write: torch.fx records ``z += y`` on a view ``z =
+    x[:, :8]`` as ``z + y``, a copy, so ``x`` is used unchanged afterwards (ReXNet's
+    in-place residual). Once a slice of channels converted, that became a wrong model at
+    every width; now it is refused. Compared only where both give the same tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    want = [t for t in tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    with torch.no_grad():
+        got = [t for t in tree_leaves(inn.sample(1.0)(*inputs)) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
+        return
+    for a, b in zip(got, want, strict=True):
+        if not b.is_floating_point() or not torch.isfinite(b).all():
+            continue
+        err = float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+        if err > FAITHFUL_REL_ERR:
+            raise ConversionError(
+                f"{name}: the captured graph does not compute what the model does (relative "
+                f"error {err:.2g} at full width). The usual cause, an in-place write into a "
+                f"view (`z = x[:, :C]; z += y`), is lost by torch.fx, which records it as a "
+                f"copy: write it out of place, `x = torch.cat([x[:, :C] + y, x[:, C:]], 1)`"
+            )
 
 
 def _placeholder_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> tuple:

@@ -50,12 +50,14 @@ class SizeField:
     ``index`` selects an element when the argument is a tuple (LayerNorm's normalized_shape).
     Fields of a graph node's call arguments (``F.layer_norm``'s normalized_shape) are kept
     under the key ``node_key(name)``; their ``kwarg`` is the argument's position ("1") or
-    keyword name.
+    keyword name. ``slot`` sets a bound of a slice there (0 start, 1 stop): ``x[:, 0:27]``
+    over channels cut into groups, whose bounds follow the sampled groups before them.
     """
 
     kwarg: str
     layout: Layout
     index: int | None = None
+    slot: int | None = None
 
 
 NODE_PREFIX = "node:"  # module paths never contain ":" (nn.Module attribute names)

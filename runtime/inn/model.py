@@ -19,7 +19,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -488,6 +488,8 @@ class IntegralModel:
     def _sized(self, encoded: Any, f: SizeField, counts: Mapping[int, int]) -> Any:
         """The stored argument ``encoded`` with ``f``'s size (element ``f.index``) set."""
         size = sum(n * s.inner for s, _, n in self._layout_sizes(f.layout, counts))
+        if f.slot is not None:  # a bound of a slice: ``x[:, 0:27]`` over channel groups
+            return self._sized_slice(encoded, f, size)
         if f.index is None:
             return size
         if isinstance(encoded, dict) and "tuple" in encoded:
@@ -497,6 +499,18 @@ class IntegralModel:
         items = list(encoded)
         items[f.index] = size
         return items
+
+    @staticmethod
+    def _sized_slice(encoded: Any, f: SizeField, size: int) -> Any:
+        """``encoded`` (a slice, or a tuple of indices holding one at ``f.index``) with the
+        slice's bound ``f.slot`` (0 start, 1 stop) set to ``size``."""
+        if f.index is None:
+            bounds = list(encoded["slice"])
+            bounds[f.slot] = size
+            return {"slice": bounds}
+        items = list(encoded["tuple"])
+        items[f.index] = IntegralModel._sized_slice(items[f.index], replace(f, index=None), size)
+        return {"tuple": items}
 
     def _resample_dim(
         self,
@@ -682,8 +696,9 @@ def _binding_from_json(d: dict) -> Binding:
 
 
 def _field_to_json(f: SizeField) -> dict:
-    return {"kwarg": f.kwarg, "layout": _layout_to_json(f.layout), "index": f.index}
+    out = {"kwarg": f.kwarg, "layout": _layout_to_json(f.layout), "index": f.index}
+    return out if f.slot is None else {**out, "slot": f.slot}
 
 
 def _field_from_json(d: dict) -> SizeField:
-    return SizeField(d["kwarg"], _layout_from_json(d["layout"]), d["index"])
+    return SizeField(d["kwarg"], _layout_from_json(d["layout"]), d["index"], d.get("slot"))

@@ -15,6 +15,7 @@ Safety by construction:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import pairwise
 
 from torch import fx
@@ -244,7 +245,7 @@ class Tracer:
                 labels[d] = sub(lay)
         self.bindings = [Binding(b.param, b.dim, sub(b.layout), b.reduce) for b in self.bindings]
         for fs in self.size_fields.values():
-            fs[:] = [SizeField(f.kwarg, sub(f.layout), f.index) for f in fs]
+            fs[:] = [replace(f, layout=sub(f.layout)) for f in fs]
         self._fixed = [
             (n, w, tuple(y for x in gs for y in (new if uf.find(x) == root else [x])))
             for n, w, gs in self._fixed
@@ -460,7 +461,7 @@ class Tracer:
             for s in b.layout:
                 groups[s.group].members.append((b.param, b.dim))
         size_fields = {
-            m: [SizeField(f.kwarg, canon(f.layout), f.index) for f in fs]
+            m: [replace(f, layout=canon(f.layout)) for f in fs]
             for m, fs in self.size_fields.items()
         }
         return Analysis(groups, bindings, size_fields)

@@ -13,6 +13,7 @@ from runtime.inn.groups import ConversionError
 from runtime.inn.identities import identity_input
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
+from runtime.inn.rules.indexing import into_a_view, refuse_in_place
 
 if TYPE_CHECKING:
     from runtime.inn.tracer import Labels, Tracer
@@ -131,6 +132,9 @@ def inference_identity(tr: Tracer, node: fx.Node) -> None:
 def broadcast(tr: Tracer, node: fx.Node) -> None:
     """Every operand dim that is not broadcast (same size as the output's, > 1) is tied to
     the output dim - including dims nothing labelled yet, which are fixed sizes."""
+    if into_a_view(node):  # y[:, 0:8].add_(s): the ONNX export loses the write into y
+        refuse_in_place(tr, node)
+        return
     out_shape = tr.shape(node)
     rank = len(out_shape)
     labels: Labels = {}

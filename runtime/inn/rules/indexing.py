@@ -40,20 +40,28 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
         if tr.shape(node):  # an element of what an op without a rule returned
             tr.opaque(node, "an element of the result of an op without a rule")
         return  # x.shape[0] and the like: not a tensor
-    index = index if isinstance(index, tuple) else (index,)
+    tupled = isinstance(index, tuple)
+    index = index if tupled else (index,)
     rank = len(tr.shape(x))
     labels, sources = tr.labels.get(x, {}), tr.sources.get(x, {})
     consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
-    entries = []
-    for e in index:
-        entries.extend([slice(None)] * (rank - consumed) if e is Ellipsis else [e])
+    entries = []  # (index entry, its position in the index as written)
+    for pos, e in enumerate(index):
+        entries.extend([(slice(None), pos)] * (rank - consumed) if e is Ellipsis else [(e, pos)])
     out: Labels = {}
     out_src = {}
     d_in = d_out = 0
     shape = tr.shape(x)
-    for e in entries:
+    for e, pos in entries:
         if e is None:
             d_out += 1
+        elif isinstance(e, slice) and d_in in labels and not _whole(e, shape[d_in]):
+            part = _sliced_channels(tr, node, x, d_in, e, pos if tupled else None)
+            if part is None:
+                tr.fixed(node, f"indexes channel dim {d_in} with {e!r}", [labels[d_in]])
+            else:
+                out[d_out] = part
+            d_in, d_out = d_in + 1, d_out + 1
         elif isinstance(e, int) or (isinstance(e, slice) and not _whole(e, shape[d_in])):
             if d_in in labels:
                 tr.fixed(node, f"indexes channel dim {d_in} with {e!r}", [labels[d_in]])
@@ -73,8 +81,41 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
             out[d_out + k - d_in] = labels[k]
         if k in sources:
             out_src[d_out + k - d_in] = sources[k]
-    tr.labels[node] = out
+    tr.labels[node] = {d: tr.expand(lay) for d, lay in out.items()}  # a cut since read
     tr.sources[node] = out_src
+
+
+def _sliced_channels(tr: Tracer, node: fx.Node, x: fx.Node, dim: int, e: slice, pos):
+    """The layout of ``x[..., a:b]`` over channels (ReXNet's ``x[:, 0:C] + shortcut`` and
+    ``x[:, C:]``, cat again): ``x``'s dim is cut at ``a`` and ``b`` (``Tracer.cut``), so the
+    slice takes whole groups; its literal bounds become size fields (``slot``), the sampled
+    count of the groups before each bound. None (the dim is fixed) for a step, a bound that
+    is not a literal int, or a cut that cannot be made (inside a conv/norm block)."""
+    size = tr.shape(x)[dim]
+    literal = all(b is None or type(b) is int for b in (e.start, e.stop))
+    if e.step not in (None, 1) or not literal:
+        return None
+    start, stop, _ = e.indices(size)
+    if start >= stop:
+        return None
+    lay = tr.cut(tr.labels[x][dim], [start, stop])
+    if lay is None:
+        return None
+    before: Layout = ()
+    part: Layout = ()
+    offset = 0
+    for s in lay:  # cut: both bounds fall between segments
+        if offset < start:
+            before += (s,)
+        elif offset < stop:
+            part += (s,)
+        offset += segment_entries(tr.uf, s)
+    fields = tr.size_fields.setdefault(node_key(node.name), [])
+    if start > 0:
+        fields.append(SizeField("1", before, pos, slot=0))
+    if stop < size:
+        fields.append(SizeField("1", before + part, pos, slot=1))
+    return part
 
 
 def _whole(e: slice, size: int) -> bool:
@@ -218,6 +259,41 @@ def glu(tr: Tracer, node: fx.Node) -> None:
         else:
             out[dim] = half
     tr.labels[node] = out
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """An ATen op that mutates an input (torch.export's ``add_``, ``copy_``)."""
+    schema = getattr(node.target, "_schema", None)
+    return isinstance(node.target, torch._ops.OpOverload) and bool(schema and schema.is_mutable)
+
+
+@register(when=_writes_in_place)
+def in_place_write(tr: Tracer, node: fx.Node) -> None:
+    """torch.export keeps an in-place write into a view (``x[:, 0:C] += y``: ``slice``,
+    ``add_``, ``copy_`` back into ``x``): the write reaches ``x`` through the alias, which
+    the group analysis does not follow. Fixed, with the way out in the message."""
+    refuse_in_place(tr, node)
+
+
+def refuse_in_place(tr: Tracer, node: fx.Node) -> None:
+    """Fix every input of ``node``, a write in place into a view, and say how to avoid it."""
+    what = (f"{_target(node)} writes in place into its input (e.g. `x[:, :C] += y`), which "
+            "innfer cannot follow through views (nor does the ONNX export keep it): write it "
+            "out of place, `x = torch.cat([x[:, :C] + y, x[:, C:]], 1)`")  # fmt: skip
+    tr.fixed_inputs(node, what)
+    tr.opaque(node, what)
+
+
+def into_a_view(node: fx.Node) -> bool:
+    """An in-place method (``add_``) on an indexed view of a tensor (``y[:, 0:8].add_(s)``):
+    the write reaches ``y`` through the alias."""
+    x = node.args[0] if node.args else None
+    in_place = node.op == "call_method" and node.target.endswith("_")
+    return in_place and isinstance(x, fx.Node) and x.target is operator.getitem
+
+
+def _target(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
 
 
 @register(methods=("size", "dim", "numel"))
