@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import runtime
@@ -197,3 +198,34 @@ def test_timm_rexnet_converts():
         y = model(x)
         assert (inn.sample(1.0)(x) - y).abs().max() / y.abs().max() < 1e-4
         assert inn.sample(0.5)(x).shape == y.shape
+
+
+# -- padding (TF "same" convs: timm's Conv2dSame in tf_mixnet_s, captured by torch.export) ---
+
+
+class PadConv(nn.Module):
+    """conv -> F.pad -> conv; ``dim`` 1 pads the channels themselves."""
+
+    def __init__(self, channels: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(10 if channels else 8, 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.channels:
+            return self.b(F.pad(h, (0, 0, 0, 0, 1, 1)))
+        return self.b(F.pad(h, (0, 1, 1, 0)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_spatial_padding_keeps_the_channels(frontend, tmp_path):
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(PadConv(), x, tmp_path, frontend=frontend)
+    assert [(g.size, g.discrete) for g in inn.groups if not g.discrete] == [(8, False)]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+def test_padding_the_channels_is_refused():
+    with pytest.raises(ConversionError, match=r"pad of dim 1, which holds channels"):
+        runtime.convert(PadConv(channels=True).eval(), (torch.randn(2, 3, 6, 6),))

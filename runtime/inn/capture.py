@@ -255,6 +255,12 @@ def _batch_norm(a: tuple, k: dict) -> Lowered:
     return ("call_function", F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {})
 
 
+def _constant_pad(a: tuple, k: dict) -> Lowered:
+    """``aten.constant_pad_nd(x, pad, value)`` as ``F.pad(x, pad, "constant", value)``."""
+    value = a[2] if len(a) > 2 else k.get("value", 0.0)
+    return ("call_function", F.pad, (a[0], a[1], "constant", value), {})
+
+
 def _gelu(a: tuple, k: dict) -> Lowered:
     approximate = a[1] if len(a) > 1 else k.get("approximate", "none")
     return ("call_function", F.gelu, a[:1], {"approximate": approximate})
@@ -281,6 +287,8 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.adaptive_avg_pool1d.default: _function(F.adaptive_avg_pool1d),
     aten.adaptive_avg_pool2d.default: _function(F.adaptive_avg_pool2d),
     aten.hardtanh.default: _function(F.hardtanh),
+    aten.pad.default: _function(F.pad),  # (x, pad, mode, value): F.pad's own order
+    aten.constant_pad_nd.default: _constant_pad,
     aten.hardswish.default: _function(F.hardswish),
     aten.hardsigmoid.default: _function(F.hardsigmoid),
     aten.leaky_relu.default: _function(F.leaky_relu),

@@ -64,6 +64,25 @@ def slid_over(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, what: str) ->
     return {d: lay for d, lay in labels.items() if d < first}
 
 
+@register(functions=(F.pad,))
+def pad(tr: Tracer, node: fx.Node) -> None:
+    """``F.pad(x, pad)`` pads x's last ``len(pad) // 2`` dims (TF "same" padding before a
+    conv: timm's Conv2dSame, tf_ models). The dims before keep their layouts; a channel dim
+    it pads (by anything but a literal 0 on both sides) would gain entries no group holds,
+    so it is fixed; one padded by 0 is kept."""
+    x, amounts = node.args[0], arg(node, 1, "pad")
+    rank = len(tr.shape(x))
+    labels: Labels = {}
+    for d, lay in tr.labels.get(x, {}).items():
+        k = rank - 1 - d  # F.pad lists the last dim first: (left, right, top, bottom, ...)
+        sides = amounts[2 * k : 2 * k + 2] if 2 * k < len(amounts) else [0, 0]
+        if all(type(p) is int and p == 0 for p in sides):
+            labels[d] = lay
+        else:
+            tr.fixed(node, f"pad of dim {d}, which holds channels", [lay])
+    tr.labels[node] = labels
+
+
 def pool(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int) -> None:
     """A pool over ``x``'s last ``spatial`` dims (``slid_over``); with ``return_indices``
     the result is a (values, indices) pair of one layout."""
