@@ -101,21 +101,25 @@ def _sliced_channels(tr: Tracer, node: fx.Node, x: fx.Node, dim: int, e: slice, 
     lay = tr.cut(tr.labels[x][dim], [start, stop])
     if lay is None:
         return None
-    before: Layout = ()
-    part: Layout = ()
-    offset = 0
-    for s in lay:  # cut: both bounds fall between segments
-        if offset < start:
-            before += (s,)
-        elif offset < stop:
-            part += (s,)
-        offset += segment_entries(tr.uf, s)
+    before, part, _ = _pieces(tr, lay, [start, stop])
     fields = tr.size_fields.setdefault(node_key(node.name), [])
     if start > 0:
         fields.append(SizeField("1", before, pos, slot=0))
     if stop < size:
         fields.append(SizeField("1", before + part, pos, slot=1))
     return part
+
+
+def _pieces(tr: Tracer, lay: Layout, bounds: list[int]) -> list[Layout]:
+    """``lay``'s segments in the ``len(bounds) + 1`` pieces between entry offsets
+    ``bounds`` (ascending), for a layout ``Tracer.cut`` has cut there: every bound falls
+    between two segments."""
+    pieces: list[Layout] = [() for _ in range(len(bounds) + 1)]
+    start = 0
+    for s in lay:
+        pieces[sum(start >= b for b in bounds)] += (s,)
+        start += segment_entries(tr.uf, s)
+    return pieces
 
 
 def _whole(e: slice, size: int) -> bool:
@@ -205,11 +209,7 @@ def _sections(tr: Tracer, node: fx.Node, labels, dim: int, count: int) -> list |
     lay = tr.cut(labels[dim], bounds)
     if lay is None:
         return None
-    parts: list[Layout] = [() for _ in range(count)]
-    start = 0
-    for s in lay:  # cut: every boundary falls between segments
-        parts[sum(start >= b for b in bounds)] += (s,)
-        start += segment_entries(tr.uf, s)
+    parts = _pieces(tr, lay, bounds)
     if any(not p for p in parts):
         return None  # an empty part (size 0)
     kwarg = "1" if len(node.args) > 1 else "split_size_or_sections"
