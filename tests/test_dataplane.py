@@ -442,6 +442,21 @@ def test_timing_at_load_while_serving_may_only_lower_the_profile(config):
     assert quiet["w100"] < 0.7 and busy["w100"] < 0.7
 
 
+def _before_runs(m, hook, slow_first_shapes: bool | None = None) -> None:
+    """Make each engine of runtime ``m`` call ``hook(tier, rows)`` before every batch it
+    runs (and, given, set its ``slow_first_shapes``)."""
+    for tier, engine in m.served.engines.items():
+        run = engine.run
+
+        def spy(feeds, run=run, tier=tier):
+            hook(tier, len(next(iter(feeds.values()))))
+            return run(feeds)
+
+        engine.run = spy
+        if slow_first_shapes is not None:
+            engine.slow_first_shapes = slow_first_shapes
+
+
 def test_timing_at_load_while_serving_runs_no_full_batches(config):
     # Beside traffic the timing costs the serving core what it runs: batch 1 tells a tier's
     # level as well, so full batches are left out (and timed when quiet).
@@ -451,14 +466,7 @@ def test_timing_at_load_while_serving_runs_no_full_batches(config):
         plane = DataPlane(config, Metrics())
         await plane.load("a")
         m = plane.models["a"]
-        for engine in m.served.engines.values():
-            run = engine.run
-
-            def spy(feeds, run=run):
-                rows[contended].append(len(next(iter(feeds.values()))))
-                return run(feeds)
-
-            engine.run = spy
+        _before_runs(m, lambda _tier, b: rows[contended].append(b))
         m.warm_up(True, contended=contended)
         await m.stop()
 
@@ -1212,19 +1220,15 @@ def test_an_engine_slow_on_new_shapes_runs_every_batch_size_before_it_is_timed(c
         plane = DataPlane(dataclasses.replace(config, profile_at_load=True), Metrics())
         await plane.load("a")
         m = plane.models["a"]
-        for engine in m.served.engines.values():
-            seen, run = set(), engine.run
+        seen = set()
 
-            def capturing(feeds, run=run, seen=seen):
-                b = len(next(iter(feeds.values())))
-                rows.append(b)
-                if b not in seen:
-                    seen.add(b)
-                    time.sleep(first_run_s)  # the capture
-                return run(feeds)
+        def capturing(tier, b):
+            rows.append(b)
+            if (tier, b) not in seen:
+                seen.add((tier, b))
+                time.sleep(first_run_s)  # the capture
 
-            engine.run = capturing
-            engine.slow_first_shapes = True
+        _before_runs(m, capturing, slow_first_shapes=True)
         factors = m.warm_up(True)
         await m.stop()
         return factors
@@ -1250,16 +1254,12 @@ def test_running_every_batch_size_at_load_stops_at_its_budget_and_says_so(
         plane = DataPlane(config, Metrics())
         await plane.load("a")
         m = plane.models["a"]
-        for engine in m.served.engines.values():
-            run = engine.run
 
-            def slow(feeds, run=run):
-                runs.append(len(next(iter(feeds.values()))))
-                time.sleep(0.06)  # a capture each
-                return run(feeds)
+        def slow(_tier, b):
+            runs.append(b)
+            time.sleep(0.06)  # a capture each
 
-            engine.run = slow
-            engine.slow_first_shapes = True
+        _before_runs(m, slow, slow_first_shapes=True)
         with caplog.at_level(logging.INFO, logger="innfer.model"):
             m.warm_up()
         await m.stop()
