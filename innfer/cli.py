@@ -1427,7 +1427,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
     )
-    rep.add_argument("--json")
+    rep.add_argument(
+        "--json", metavar="FILE",
+        help='write the figures as JSON: {"widths": [...], "served": [...]} (served: the '
+        "built tiers' latency, empty for a model not built); with --text, one object per tier",
+    )  # fmt: skip
     rep.add_argument("--png")
     rep.set_defaults(func=cmd_report)
 

@@ -327,13 +327,16 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
                             "--batch-size", "256", "--widths", "1.0", "0.5")  # fmt: skip
     assert code == 0, err
     assert (out / "inn.json").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
-    rows = json.loads((out / "report.json").read_text())
+    rows = json.loads((out / "report.json").read_text())["widths"]
     assert [row["width"] for row in rows] == [1.0, 0.5]
     assert rows[1]["flops"] < rows[0]["flops"] and 0 <= rows[1]["accuracy"] <= 1
     code, _, err = cli_main("report", str(out), "--data", "digits", "--widths", "1.0", "0.25",
                             "--json", str(tmp_path / "r.json"))  # fmt: skip
     assert code == 0, err
-    assert len(json.loads((tmp_path / "r.json").read_text())) == 2
+    # one shape built or not: the widths, and the served tiers (none: not built)
+    assert json.loads((tmp_path / "r.json").read_text()).keys() == {"widths", "served"}
+    assert len(json.loads((tmp_path / "r.json").read_text())["widths"]) == 2
+    assert json.loads((tmp_path / "r.json").read_text())["served"] == []
     assert (out / "report.png").is_file()
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out),
                             "--batch-size", "256", "--resume")  # fmt: skip

@@ -155,14 +155,13 @@ def save_report(
     served: Sequence[ServedTier] = (),
     ylabel: str = "test accuracy",
 ) -> None:
-    """Write ``rows`` (and ``served``) as JSON, and plot accuracy against width and FLOPs
-    where there is one, beside the served tiers' latency against width where the model is
-    built (``served``)."""
+    """Write ``rows`` and ``served`` as JSON - ``{"widths": [row, ...], "served": [tier,
+    ...]}``, ``served`` empty for a model not built, so a script reads one shape either way -
+    and plot accuracy against width and FLOPs where there is one, beside the served tiers'
+    latency against width where the model is built (``served``)."""
     if json_path is not None:
-        doc = [asdict(r) for r in rows]
-        json_path.write_text(json.dumps(
-            {"widths": doc, "served": [asdict(t) for t in served]} if served else doc,
-            indent=1))  # fmt: skip
+        doc = {"widths": [asdict(r) for r in rows], "served": [asdict(t) for t in served]}
+        json_path.write_text(json.dumps(doc, indent=1))
     has_acc = any(r.accuracy is not None for r in rows)
     if png_path is None or not (has_acc or served):
         return
