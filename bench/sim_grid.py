@@ -9,6 +9,10 @@ and engine draws in one run. Imports only what every tree since the first schedu
 
     python bench/sim_grid.py --tree DIR --model-dir runs/bench-scheduler/resnet18 \
         --policies innfer --loads 0.5 1 --duration 60      # JSON rows on stdout
+
+``--stalls P K`` adds one-off stalls (each batch K times its drawn time with probability
+P: GC pauses, preemption) to the engine model, ``--traces poisson gamma-cv4`` narrows the
+traces: what a change to the online latency correction is judged on.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ def profiles(model_dir: Path) -> dict:
     return {"own": (tiers, p50), "slow-full-tier": scale_tiers(tiers, p50, k)}
 
 
+def with_stalls(probability: float, factor: float) -> None:
+    """Make every simulated batch, with ``probability``, take ``factor`` times its drawn
+    time: one-off stalls (a GC pause, a page-fault storm) on top of the log-normal noise.
+    The stall draws come from their own generator, seeded per engine from its first draw's
+    state, so a tree's scheduler sees the same batches stall for the same decisions."""
+    import numpy as np
+
+    from sim import engine_time
+
+    draw = engine_time.EngineTime.draw_s
+
+    def stalled(self, tier: str, rows: int) -> float:
+        if not hasattr(self, "_stall_rng"):
+            self._stall_rng = np.random.default_rng(int(self.rng.integers(2**31)))
+        t = draw(self, tier, rows)
+        return t * factor if self._stall_rng.random() < probability else t
+
+    engine_time.EngineTime.draw_s = stalled
+
+
 def grid(
     model_dir: Path,
     policies: tuple[str, ...],
@@ -46,6 +70,7 @@ def grid(
     duration: float = 20.0,
     seeds: tuple[int, ...] = SEEDS,
     label: str = "",
+    traces: tuple[tuple[str, float], ...] = TRACES,
 ) -> list[dict]:
     """One row per (profile, trace, load, policy): the mean over ``seeds`` of attainment and
     size, their min / max, and the per-seed summaries. ``label`` is appended to the policy
@@ -55,7 +80,7 @@ def grid(
     rows = []
     for profile, (tiers, p50) in profiles(model_dir).items():
         noise = SLOW_NOISE if profile == "slow-full-tier" else None
-        for trace, cv2 in TRACES:
+        for trace, cv2 in traces:
             for load in loads:
                 for policy in policies:
                     runs = []
@@ -81,6 +106,12 @@ def grid(
     return rows
 
 
+def parse_trace(name: str) -> tuple[str, float]:
+    """ "poisson" -> ("poisson", 1.0); "gamma-cv4" -> ("gamma", 4.0)."""
+    kind, _, cv = name.partition("-cv")
+    return kind, float(cv) if cv else 1.0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", type=Path, required=True, help="source tree to import from")
@@ -89,10 +120,21 @@ def main(argv=None) -> int:
     p.add_argument("--loads", nargs="+", type=float, default=list(LOADS))
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--label", default="")
+    p.add_argument("--traces", nargs="+", help="e.g. poisson gamma-cv4 (default: all)")
+    p.add_argument(
+        "--stalls",
+        nargs=2,
+        type=float,
+        metavar=("P", "K"),
+        help="each batch takes K times its drawn time with probability P",
+    )
     args = p.parse_args(argv)
     sys.path.insert(0, str(args.tree.resolve()))
+    if args.stalls:
+        with_stalls(*args.stalls)
+    traces = TRACES if not args.traces else tuple(parse_trace(t) for t in args.traces)
     rows = grid(args.model_dir.resolve(), tuple(args.policies), tuple(args.loads),
-                args.duration, label=args.label)  # fmt: skip
+                args.duration, label=args.label, traces=traces)  # fmt: skip
     json.dump(rows, sys.stdout)
     return 0
 
