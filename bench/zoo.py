@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.build.export import exportable_attention
+from runtime.build.export import exportable_attention, traceable_shape_arithmetic
 from runtime.inn.conversion import convert
 from runtime.inn.groups import ConversionError
 
@@ -36,7 +36,9 @@ TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
         # GroupNorm, a channel slice, a head split sized from another tensor (session 40)
         "resnet50_gn", "poolformer_s12", "ghostnet_100", "coat_lite_tiny",
         # channels split unequally (MixConv), a residual into the first channels (ReXNet)
-        "mixnet_s", "rexnet_100")  # fmt: skip
+        "mixnet_s", "rexnet_100",
+        # "same" padding computed from the input size (torch.sym_max in the captured graph)
+        "tf_mixnet_s")  # fmt: skip
 # Tiny configs (random init) and the packaged all-MiniLM-L6-v2 (real weights, offline).
 TINY = {"vocab_size": 1000, "max_position_embeddings": 128}
 TRANSFORMERS = {
@@ -152,7 +154,7 @@ def run_one(build, args: tuple, kwargs: dict) -> dict:
         import onnxruntime as ort
 
         buf = io.BytesIO()
-        with exportable_attention():
+        with exportable_attention(), traceable_shape_arithmetic():
             # text: batch and length dynamic, checked below at another batch and length
             names = [f"in{i}" for i in range(len(flat))]
             axes = {n: {0: "b", 1: "s"} for n in names} if kwargs else None

@@ -68,7 +68,12 @@ def export_onnx(
         dynamic[name].update({1 + i: "sequence" for i, d in enumerate(shape) if d == -1})
     buf = io.BytesIO()
     module = module.eval()
-    with torch.no_grad(), warnings.catch_warnings(), exportable_attention():
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        exportable_attention(),
+        traceable_shape_arithmetic(),
+    ):
         warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
         torch.onnx.export(
             module,
@@ -271,3 +276,34 @@ def exportable_attention() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
+def traceable_shape_arithmetic() -> Iterator[None]:
+    """``torch.sym_max`` / ``torch.sym_min`` that also take the tracer's tensors.
+
+    A graph captured by torch.export keeps shape arithmetic on input sizes as calls, e.g.
+    timm's "same" padding ``max((ceil(H / s) - 1) * s + (k - 1) * d + 1 - H, 0)`` as
+    ``torch.sym_max``. Under the TorchScript exporter sizes are traced tensors, which
+    ``sym_max`` refuses ("expected int, got Tensor": tf_mixnet_s converted but never
+    exported). Inside this block such a call on a tensor is ``torch.maximum`` /
+    ``torch.minimum``, recorded in the ONNX graph, so a dynamic dim stays dynamic; on plain
+    numbers it is the original. The generated code of an ``fx.GraphModule`` looks
+    ``torch.sym_max`` up when it runs, so patching the attribute reaches it.
+    """
+
+    def tensor_aware(original, tensor_op):
+        def op(a, b):
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                return tensor_op(torch.as_tensor(a), torch.as_tensor(b))
+            return original(a, b)
+
+        return op
+
+    before = torch.sym_max, torch.sym_min
+    torch.sym_max = tensor_aware(before[0], torch.maximum)
+    torch.sym_min = tensor_aware(before[1], torch.minimum)
+    try:
+        yield
+    finally:
+        torch.sym_max, torch.sym_min = before
