@@ -72,6 +72,39 @@ class MixBlock(nn.Module):
         return self.c(self.b(y) + h)
 
 
+class KeywordSplit(nn.Module):
+    """The same split written with a keyword: ``Tensor.split``'s is ``split_size``,
+    ``torch.split``'s ``split_size_or_sections``."""
+
+    def __init__(self, how: str, sizes) -> None:
+        super().__init__()
+        self.how, self.sizes = how, sizes
+        n = sizes if isinstance(sizes, list) else [sizes, 12 - sizes]
+        self.a = nn.Conv2d(3, 12, 1)
+        self.p, self.q = nn.Conv2d(n[0], 4, 1), nn.Conv2d(n[1], 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "method":
+            u, v = h.split(split_size=self.sizes, dim=1)
+        else:
+            u, v = torch.split(h, split_size_or_sections=self.sizes, dim=1)
+        return self.p(u) + self.q(v)
+
+
+@pytest.mark.parametrize("how", ["method", "function"])
+@pytest.mark.parametrize("sizes", [6, [6, 6], [4, 8]])
+def test_a_split_size_given_by_keyword_follows_the_parts(how, sizes, tmp_path):
+    """``x.split(split_size=...)`` was read as "no size" and its field written as "1":
+    sampling failed with IndexError ("list index out of range")."""
+    x = torch.randn(2, 3, 8, 8)
+    inn = _converts(KeywordSplit(how, sizes), x, tmp_path)
+    half = inn.sample(0.5)
+    n = sizes if isinstance(sizes, list) else [6, 6]
+    assert (half.p.in_channels, half.q.in_channels) == (n[0] // 2, n[1] // 2)
+    _onnx_matches(half, x)
+
+
 def test_se_gate_and_shortcut_over_a_concatenation_convert(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     inn = _converts(MixBlock(), x, tmp_path)

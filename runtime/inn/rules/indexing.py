@@ -172,7 +172,7 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
     unequal or straddle groups differently."""
     if name == "unbind" or count < 2:
         return None
-    size = arg(node, 1, "split_size_or_sections" if name == "split" else "chunks")
+    field, size = _size_arg(node, name)
     if isinstance(size, (list, tuple)) and len(set(size)) != 1:
         return None
     # Whole equal parts only: split(5) of 12 channels is 5, 5, 2 and chunk(12, 5) is four
@@ -188,7 +188,7 @@ def _equal_parts(tr: Tracer, node: fx.Node, name: str, lay, count: int):
         return None
     if name == "split":
         index = None if isinstance(size, int) else list(range(count))
-        fields = [SizeField("1", part, i) for i in index] if index else [SizeField("1", part)]
+        fields = [SizeField(field, part, i) for i in index] if index else [SizeField(field, part)]
         tr.size_fields[node_key(node.name)] = fields
     return part
 
@@ -200,7 +200,7 @@ def _sections(tr: Tracer, node: fx.Node, labels, dim: int, count: int) -> list |
     literal sizes become size fields, so the sampled split follows the parts' counts. None
     for an int split size (its parts are equal, or a remainder no width keeps) or a cut
     that cannot be made."""
-    size = arg(node, 1, "split_size_or_sections")
+    field, size = _size_arg(node, "split")
     if not isinstance(size, (list, tuple)) or len(size) != count or count < 2:
         return None
     if not all(isinstance(n, int) for n in size):
@@ -212,9 +212,23 @@ def _sections(tr: Tracer, node: fx.Node, labels, dim: int, count: int) -> list |
     parts = _pieces(tr, lay, bounds)
     if any(not p for p in parts):
         return None  # an empty part (size 0)
-    kwarg = "1" if len(node.args) > 1 else "split_size_or_sections"
-    tr.size_fields[node_key(node.name)] = [SizeField(kwarg, p, i) for i, p in enumerate(parts)]
+    tr.size_fields[node_key(node.name)] = [SizeField(field, p, i) for i, p in enumerate(parts)]
     return parts
+
+
+def _size_arg(node: fx.Node, name: str) -> tuple[str, object]:
+    """A split's sizes or a chunk's count, and the field that holds it: positional ("1"), or
+    the keyword the call used - ``torch.split``'s ``split_size_or_sections``, the method
+    ``Tensor.split``'s ``split_size``, ``chunks``. ("1", None) when the call gives none
+    (keyword ``split_size`` was read as "no size" and its field written as "1": an
+    IndexError at sampling)."""
+    if len(node.args) > 1:
+        return "1", node.args[1]
+    keys = ("chunks",) if name == "chunk" else ("split_size_or_sections", "split_size")
+    for key in keys:
+        if key in node.kwargs:
+            return key, node.kwargs[key]
+    return "1", None
 
 
 def copies(tr: Tracer, lay: Layout, count: int) -> Layout | None:
