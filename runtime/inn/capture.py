@@ -332,6 +332,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.scaled_dot_product_attention.default: _function(F.scaled_dot_product_attention),
     aten.matmul.default: _function(torch.matmul),
     aten.bmm.default: _function(torch.bmm),
+    aten.einsum.default: lambda a, k: ("call_function", torch.einsum, (a[0], *a[1]), {}),
     aten.select.int: _function(torch.select),
     aten.slice.Tensor: _slice,
     aten.mean.dim: _function(torch.mean),
@@ -340,6 +341,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.split.Tensor: _function(torch.split),
     aten.split_with_sizes.default: _function(torch.split),
     aten.chunk.default: _function(torch.chunk),
+    aten.unbind.int: _function(torch.unbind),
     aten.t.default: _function(torch.t),
     aten.addmm.default: _addmm,
 }

@@ -1,5 +1,6 @@
-"""Rules for the products of attention: ``q @ k.transpose(-2, -1)``, ``attn @ v`` and
-``F.scaled_dot_product_attention``.
+"""Rules for the products of attention: ``q @ k.transpose(-2, -1)``, ``attn @ v``,
+``F.scaled_dot_product_attention`` and the same products written with ``torch.einsum``
+(MaxViT: ``einsum("B G H I D, B G H J D -> B G H I J", q, k)``).
 
 Heads come from a channel split (``rules.shapes.split_heads``): the heads dim is a batch dim
 of these products, tied across operands like a broadcast dim, and stays continuous. A
@@ -89,3 +90,62 @@ def scaled_dot_product_attention(tr: Tracer, node: fx.Node) -> None:
     if rank - 1 in lv:
         labels[rank - 1] = lv[rank - 1]
     tr.labels[node] = labels
+
+
+@register(functions=(torch.einsum,))
+def einsum(tr: Tracer, node: fx.Node) -> None:
+    """An index that reaches the output ties every operand dim it names (a broadcast size-1
+    dim ties nothing), like matmul's batch dims; an index summed away must not carry
+    continuous channels, like matmul's contracted dim. Equations with an ellipsis, an
+    implicit output or an index repeated within one operand (a diagonal) have no rule."""
+    equation = node.args[0]
+    ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+        else node.args[1:]  # fmt: skip
+    terms = _einsum_terms(equation, [len(tr.shape(o)) for o in ops])
+    if terms is None:
+        _refuse(tr, node, f"einsum {equation!r} (an ellipsis, an implicit output or a "
+                          "repeated index) has no rule")  # fmt: skip
+        return
+    inputs, out = terms
+    summed = [tr.labels.get(o, {}).get(d) for o, term in zip(ops, inputs, strict=True)
+              for d, c in enumerate(term) if c not in out]  # fmt: skip
+    weight = any(isinstance(o, fx.Node) and o.op == "get_attr" for o in ops)
+    tr.fixed(node, "einsum of an activation with a parameter (a hand-written layer) has no "
+             "rule: use nn.Linear or F.linear, which resample it" if weight else
+             f"einsum {equation!r} sums over a channel dim", [s for s in summed if s])  # fmt: skip
+    shape, labels = tr.shape(node), {}
+    for od, c in enumerate(out):
+        for o, term in zip(ops, inputs, strict=True):
+            if c not in term:
+                continue
+            d = term.index(c)
+            if tr.shape(o)[d] == 1 and shape[od] != 1:  # broadcast
+                continue
+            lay = tr.layout_of(o, d)
+            where = f"node {node.name!r}"
+            labels[od] = tr.unify(labels[od], lay, where) if od in labels else lay
+    tr.labels[node] = labels
+
+
+def _einsum_terms(equation: object, ranks: list[int]) -> tuple[list[str], str] | None:
+    """("bhid,bhjd", "bhij") from "b h i d, b h j d -> b h i j": each operand's indices and
+    the output's, spaces dropped; None for what ``einsum`` has no rule for, or indices that
+    do not match the operands' ranks.
+
+    Example:
+        >>> _einsum_terms("B H I D, B H J D -> B H I J", [4, 4])
+        (['BHID', 'BHJD'], 'BHIJ')
+        >>> _einsum_terms("...ij,...jk->...ik", [3, 3]) is None
+        True
+    """
+    if not isinstance(equation, str) or "->" not in equation:
+        return None
+    left, out = equation.replace(" ", "").split("->")
+    inputs = left.split(",")
+    if len(inputs) != len(ranks) or not all(t.isalpha() for t in (*inputs, out) if t):
+        return None
+    if any(len(t) != r or len(set(t)) != len(t) for t, r in zip(inputs, ranks, strict=True)):
+        return None
+    if len(set(out)) != len(out) or not set(out) <= set("".join(inputs)):
+        return None
+    return inputs, out
