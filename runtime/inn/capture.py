@@ -321,6 +321,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.gelu.default: _gelu,
     aten.relu.default: _function(torch.relu),
     aten.silu.default: _function(F.silu),
+    aten.glu.default: _function(F.glu),
     aten.tanh.default: _function(torch.tanh),
     aten.sigmoid.default: _function(torch.sigmoid),
     aten.sqrt.default: _function(torch.sqrt),
