@@ -28,7 +28,9 @@ OUT = Path(__file__).parent / "results"
 # The issue's list (issue 12): what users bring.
 TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
                "regnet_y_400mf", "densenet121", "shufflenet_v2_x0_5", "convnext_tiny",
-               "squeezenet1_0", "vgg11_bn", "vit_b_16", "swin_t")  # fmt: skip
+               "squeezenet1_0", "vgg11_bn", "vit_b_16", "swin_t",
+               # einsum attention with a relative position bias table (session 42)
+               "maxvit_t")  # fmt: skip
 # Segmentation (decoders: F.interpolate, ASPP): their "out" map, the dict's main entry.
 SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 TIMM = ("resnet18", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",

@@ -204,6 +204,12 @@ def _slice(a: tuple, k: dict) -> Lowered:
     return ("call_function", operator.getitem, (x, index), {})
 
 
+def _index(a: tuple, k: dict) -> Lowered:
+    """``aten.index.Tensor(x, [None, idx])`` -> ``x[:, idx]``: the getitem rule's gather."""
+    index = tuple(slice(None) if i is None else i for i in a[1])
+    return ("call_function", operator.getitem, (a[0], index), {})
+
+
 def _embedding(a: tuple, k: dict) -> Lowered:
     return ("call_function", F.embedding, (a[1], a[0]), {})
 
@@ -335,6 +341,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.bmm.default: _function(torch.bmm),
     aten.einsum.default: lambda a, k: ("call_function", torch.einsum, (a[0], *a[1]), {}),
     aten.select.int: _function(torch.select),
+    aten.index.Tensor: _index,
     aten.slice.Tensor: _slice,
     aten.mean.dim: _function(torch.mean),
     aten.sum.dim_IntList: _function(torch.sum),

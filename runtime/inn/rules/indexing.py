@@ -3,7 +3,10 @@ GLU, which splits its input in two halves and gates one by the other).
 
 Indexing keeps a dim it takes whole (``:``) and drops one it indexes with an int; an int or
 a partial slice on a channel dim picks channels by position, which resampling would change,
-so that dim is fixed. Splitting a channel dim into equal parts that are copies of one group
+so that dim is fixed. One integer tensor index (a gather: Swin's and MaxViT's
+``bias_table[position_index]``, (positions, heads) -> (N * N, heads)) replaces its dim by the
+index's dims and keeps the others, so the table's heads follow the heads it is added to.
+Splitting a channel dim into equal parts that are copies of one group
 (q/k/v, GLU's halves) refines that group; a split into listed sizes (MixNet's unequal parts)
 cuts its groups at the parts' boundaries, each part then its own groups; any other split of
 a channel dim is fixed. The other dims of every piece keep their layouts.
@@ -73,8 +76,16 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
             if d_in in sources:
                 out_src[d_out] = sources[d_in]
             d_in, d_out = d_in + 1, d_out + 1
-        else:  # tensor or list indices: advanced indexing
-            tr.fixed_inputs(node, "advanced indexing with a tensor or list")
+        elif _gather_index(tr, e, index):
+            if d_in in labels:
+                tr.fixed(node, f"gathers along channel dim {d_in}", [labels[d_in]])
+            picked = tr.labels.get(e, {}) if isinstance(e, fx.Node) else {}
+            for k in range(len(_index_shape(tr, e))):
+                if k in picked:
+                    out[d_out + k] = picked[k]
+            d_in, d_out = d_in + 1, d_out + len(_index_shape(tr, e))
+        else:  # a boolean mask, or several tensor / list indices
+            tr.fixed_inputs(node, "advanced indexing with a mask or several tensors or lists")
             return
     for k in range(d_in, rank):  # dims after the index are untouched
         if k in labels:
@@ -83,6 +94,24 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
             out_src[d_out + k - d_in] = sources[k]
     tr.labels[node] = {d: tr.expand(lay) for d, lay in out.items()}  # a cut since read
     tr.sources[node] = out_src
+
+
+def _gather_index(tr: Tracer, e: object, index: tuple) -> bool:
+    """Whether ``e`` is the one integer tensor (or list of ints) in ``index``: the gather
+    whose result puts the index's dims where ``e``'s dim was (several would broadcast
+    together and may move to the front; a boolean mask has a data-dependent length)."""
+    tensors = [i for i in index if isinstance(i, (fx.Node, list))]
+    if tensors != [e]:
+        return False
+    if isinstance(e, list):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in e)
+    meta = e.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype is not None and not dtype.is_floating_point and dtype != torch.bool
+
+
+def _index_shape(tr: Tracer, e: object) -> tuple[int, ...]:
+    return (len(e),) if isinstance(e, list) else tr.shape(e)
 
 
 def _sliced_channels(tr: Tracer, node: fx.Node, x: fx.Node, dim: int, e: slice, pos):
