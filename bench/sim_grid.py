@@ -46,17 +46,21 @@ def profiles(model_dir: Path) -> dict:
 def with_stalls(probability: float, factor: float) -> None:
     """Make every simulated batch, with ``probability``, take ``factor`` times its drawn
     time: one-off stalls (a GC pause, a page-fault storm) on top of the log-normal noise.
-    The stall draws come from their own generator, seeded per engine from its first draw's
-    state, so a tree's scheduler sees the same batches stall for the same decisions."""
+    The stall draws come from their own generator, seeded by the simulation's place in the
+    grid (both trees run the grid in the same order): the engine's own draws are those of a
+    run without stalls, and the k-th batch of a run stalls in both trees or in neither."""
+    import itertools
+
     import numpy as np
 
     from sim import engine_time
 
     draw = engine_time.EngineTime.draw_s
+    runs = itertools.count()
 
     def stalled(self, tier: str, rows: int) -> float:
         if not hasattr(self, "_stall_rng"):
-            self._stall_rng = np.random.default_rng(int(self.rng.integers(2**31)))
+            self._stall_rng = np.random.default_rng((7, next(runs)))
         t = draw(self, tier, rows)
         return t * factor if self._stall_rng.random() < probability else t
 

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ def export_onnx(
         for _, shape, dtype in inputs
     )
     names = [name for name, _, _ in inputs]
+    _check_shape_arithmetic(module, inputs)
     dynamic = {n: {0: "batch"} for n in [*names, *output_names]}
     for name, shape, _ in inputs:
         dynamic[name].update({1 + i: "sequence" for i, d in enumerate(shape) if d == -1})
@@ -290,6 +292,10 @@ def traceable_shape_arithmetic() -> Iterator[None]:
     ``torch.minimum``, recorded in the ONNX graph, so a dynamic dim stays dynamic; on plain
     numbers it is the original. The generated code of an ``fx.GraphModule`` looks
     ``torch.sym_max`` up when it runs, so patching the attribute reaches it.
+
+    Only for inputs whose sizes are fixed but for the batch (``_check_shape_arithmetic``):
+    the ``math.ceil`` beside such a max is folded to the example's value by the tracer, so a
+    dynamic sequence axis would export, silently, the padding of the example's length.
     """
 
     def tensor_aware(original, tensor_op):
@@ -307,3 +313,27 @@ def traceable_shape_arithmetic() -> Iterator[None]:
         yield
     finally:
         torch.sym_max, torch.sym_min = before
+
+
+_SHAPE_OPS = (torch.sym_max, torch.sym_min, math.ceil, math.floor)
+
+
+def _check_shape_arithmetic(module: nn.Module, inputs) -> None:
+    """Refuse, with the way out, to export arithmetic on input sizes (a captured graph's
+    ``torch.sym_max`` / ``math.ceil``) where an input has a dynamic axis besides the batch:
+    the exporter would fold it to the example's sizes, and the ONNX graph would compute
+    another length's padding without an error."""
+    dynamic = [name for name, shape, _ in inputs if -1 in tuple(shape)]
+    if not dynamic:
+        return
+    for sub in module.modules():
+        graph = getattr(sub, "graph", None)
+        if isinstance(sub, torch.fx.GraphModule) and any(
+            n.op == "call_function" and n.target in _SHAPE_OPS for n in graph.nodes
+        ):
+            raise ValueError(
+                f"this tier computes sizes from its input's (torch.sym_max / math.ceil in "
+                f'the captured graph: e.g. "same" padding), which the ONNX exporter fixes at '
+                f"the example's size; inputs {dynamic} have a dynamic axis (-1 in model.yaml) "
+                f"that would then get the wrong sizes: give them a fixed shape"
+            )
