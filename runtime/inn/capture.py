@@ -131,8 +131,27 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphMo
     # second row would not help it).
     _check_batch(args, kwargs)
     gm = lower(program.module())
+    _constants_as_buffers(gm)
     gm.meta["frontend"] = "export"
     return gm
+
+
+def _constants_as_buffers(gm: fx.GraphModule) -> None:
+    """Tensors the graph reads that are neither parameters nor buffers - the constants
+    torch.export lifts out of the model (``lifted_tensor_0``: Swin's shifted-window mask,
+    made in forward from literal sizes) - become buffers, so the state the INN stores and
+    resamples from holds them (sampling Swin failed: KeyError 'attn.lifted_tensor_0')."""
+    known = {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in known:
+            continue
+        path, _, name = str(node.target).rpartition(".")
+        owner = gm.get_submodule(path) if path else gm
+        value = getattr(owner, name, None)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            delattr(owner, name)
+            owner.register_buffer(name, value)
+            known.add(node.target)
 
 
 class OneRowExample(ConversionError):
@@ -342,6 +361,12 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.einsum.default: lambda a, k: ("call_function", torch.einsum, (a[0], *a[1]), {}),
     aten.select.int: _function(torch.select),
     aten.index.Tensor: _index,
+    aten.roll.default: _function(torch.roll),
+    aten.zeros_like.default: _function(torch.zeros_like),
+    aten.ones_like.default: _function(torch.ones_like),
+    aten.full_like.default: _function(torch.full_like),
+    aten.empty_like.default: _function(torch.empty_like),
+    aten.flip.default: _function(torch.flip),
     aten.slice.Tensor: _slice,
     aten.mean.dim: _function(torch.mean),
     aten.sum.dim_IntList: _function(torch.sum),

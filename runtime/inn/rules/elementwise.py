@@ -64,6 +64,20 @@ def slid_over(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, what: str) ->
     return {d: lay for d, lay in labels.items() if d < first}
 
 
+@register(methods=("new_zeros", "new_ones", "new_full", "new_empty"))
+def new_tensor(tr: Tracer, node: fx.Node) -> None:
+    """``x.new_zeros(sizes)`` (Swin's shifted-window mask): x lends its dtype and device
+    only, so its channels are not read; the new tensor's dims are the sizes given - fixed
+    where they meet channels (a literal size would not follow the width)."""
+    tr.labels[node] = {}
+
+
+@register(functions=(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like))
+def like(tr: Tracer, node: fx.Node) -> None:
+    """``torch.zeros_like(x)``: x's shape, so x's layouts (its values are not read)."""
+    tr.copy(node, node.args[0], sources=False)
+
+
 @register(functions=(F.pad,))
 def pad(tr: Tracer, node: fx.Node) -> None:
     """``F.pad(x, pad)`` pads x's last ``len(pad) // 2`` dims (TF "same" padding before a

@@ -96,6 +96,26 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
     tr.sources[node] = out_src
 
 
+@register(functions=(torch.select,), methods=("select",))
+def select(tr: Tracer, node: fx.Node) -> None:
+    """``x.select(dim, i)`` is ``x[:, ..., i]`` with ``dim`` slices before the int: the
+    getitem rule's int index (the dim dropped, fixed if it holds channels). What the export
+    front end makes of ``qkv[0]`` (Swin's q, k, v)."""
+    x = node.args[0]
+    dim, i = arg(node, 1, "dim"), arg(node, 2, "index")
+    rank = len(tr.shape(x))
+    if not isinstance(dim, int) or not isinstance(i, int) or not rank:
+        tr.fixed_inputs(node, "select with a computed dim or index")
+        tr.opaque(node, "select with a computed dim or index")
+        return
+    d = dim % rank
+    labels, sources = tr.labels.get(x, {}), tr.sources.get(x, {})
+    if d in labels:
+        tr.fixed(node, f"selects one entry of channel dim {d}", [labels[d]])
+    tr.labels[node] = {k - (k > d): lay for k, lay in labels.items() if k != d}
+    tr.sources[node] = {k - (k > d): src for k, src in sources.items() if k != d}
+
+
 def _gather_index(tr: Tracer, e: object, index: tuple) -> bool:
     """Whether ``e`` is the one integer tensor (or list of ints) in ``index``: the gather
     whose result puts the index's dims where ``e``'s dim was (several would broadcast

@@ -1,5 +1,6 @@
 """Rules for ops that only move or regroup dims: view/reshape/flatten/unsqueeze/squeeze,
-expand, permute/transpose.
+expand, permute/transpose, and roll/flip, which move entries along dims (Swin's shifted
+windows: ``torch.roll`` over the spatial dims; along a channel dim they are fixed).
 
 A reshape is split into runs of dims whose sizes multiply to the same number (size-1 dims
 ignored). One dim -> one dim carries its layout; several -> one is a flatten (the first dim's
@@ -394,3 +395,18 @@ def transpose(tr: Tracer, node: fx.Node) -> None:
     labels, srcs_ = tr.labels.get(x, {}), tr.sources.get(x, {})
     tr.labels[node] = {new: labels[old] for new, old in enumerate(order) if old in labels}
     tr.sources[node] = {new: srcs_[old] for new, old in enumerate(order) if old in srcs_}
+
+
+@register(methods=("roll", "flip"), functions=(torch.roll, torch.flip))
+def roll(tr: Tracer, node: fx.Node) -> None:
+    """Entries move along the rolled (flipped) dims; every dim keeps its layout. On a channel
+    dim the move is by position - which channel lands where changes with the width - so that
+    dim is fixed. ``roll`` without dims flattens first: every dim is then involved."""
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dims = arg(node, 2, "dims") if name == "roll" else arg(node, 1, "dims")
+    moved = range(rank) if dims is None else [int(d) % rank for d in flat([dims])]
+    labels = tr.labels.get(x, {})
+    tr.fixed(node, f"{name} along a channel dim", [labels[d] for d in moved if d in labels])
+    tr.copy(node, x)

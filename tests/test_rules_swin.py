@@ -1,0 +1,187 @@
+"""Swin's patterns: a relative position bias gathered by index, q/k/v picked by index,
+shifted windows rolled over the spatial dims.
+
+A gather by one integer tensor index: Swin's and MaxViT's relative position bias,
+``table[index]`` - a (positions, heads) parameter read at a buffer of position indices,
+then added to the attention logits of every head. The gathered dim is replaced by the
+index's dims and the heads dim passes through, so the table's heads follow the attention's
+heads. Before, any tensor index fixed every dim: the bias pinned the heads, and Swin and
+MaxViT converted with none of their heads elastic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.inn.groups import ConversionError
+from tests.test_rules import _converts, _onnx_matches
+
+
+class RelPosAttention(nn.Module):
+    """Window attention over N = w * w tokens with a learned bias per (relative offset,
+    head), as in Swin: qkv -> heads -> q k^T + table[index] -> softmax -> @ v -> proj."""
+
+    def __init__(self, d: int = 32, heads: int = 4, w: int = 3) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.d, self.n = heads, d // heads, d, w * w
+        self.embed = nn.Linear(5, d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads))
+        ys, xs = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+        coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+        self.register_buffer("index", (rel[..., 0] * (2 * w - 1) + rel[..., 1]).flatten())
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (B, N, 5)
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        a = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5 + bias).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, self.d))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_relative_position_bias_table_follows_the_heads(frontend, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 5)
+    inn = _converts(RelPosAttention(), x, tmp_path, frontend=frontend)
+    assert {g.name: g.size for g in inn.groups if not g.discrete}.get("qkv") == 4  # heads
+    half = inn.sample(0.5)
+    assert half.qkv.weight.shape == (3 * 2 * 8, 16)  # 2 heads of head_dim 8
+    assert half.table.shape == (25, 2)  # the table resampled along its heads
+    _onnx_matches(half, x)
+
+
+class GatherChannels(nn.Module):
+    """Picks channels by a tensor of positions: which ones changes with the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(3, 2)
+        self.register_buffer("pick", torch.tensor([0, 3, 5]))
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.pick])
+
+
+def test_gathering_along_a_channel_dim_is_refused():
+    with pytest.raises(ConversionError, match=r"gathers along channel dim 1.*'a'"):
+        runtime.convert(GatherChannels().eval(), (torch.randn(2, 5),))
+
+
+class MaskChannels(GatherChannels):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.tensor([1, 0, 0, 1, 0, 1, 0, 0]).bool())
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.mask])
+
+
+def test_a_boolean_mask_on_channels_is_still_refused():
+    with pytest.raises(ConversionError, match=r"advanced indexing with a mask"):
+        runtime.convert(MaskChannels().eval(), (torch.randn(2, 5),))
+
+
+class IndexedQKV(RelPosAttention):
+    """Swin's q, k, v: ``qkv[0], qkv[1], qkv[2]`` (torch.export makes them aten.select)."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, self.d))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_q_k_v_selected_by_index_keep_the_heads(frontend, tmp_path):
+    # through torch.export, select had no rule: "innfer has no rule for 'select'"
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 5)
+    inn = _converts(IndexedQKV(), x, tmp_path, frontend=frontend)
+    assert {g.name: g.size for g in inn.groups if not g.discrete}.get("qkv") == 4
+    half = inn.sample(0.5)
+    assert half.qkv.weight.shape == (3 * 2 * 8, 16)
+    _onnx_matches(half, x)
+
+
+class ShiftedWindows(nn.Module):
+    """conv -> roll over H and W (Swin's shifted windows) -> flip W -> conv."""
+
+    def __init__(self, dims=(2, 3)) -> None:
+        super().__init__()
+        self.dims = dims
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.roll(self.a(x), shifts=(-1, -1), dims=self.dims).flip(-1)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_rolling_the_spatial_dims_keeps_the_channels(frontend, tmp_path):
+    # roll and flip had no rule: the channels they carried were fixed (refused)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(ShiftedWindows(), x, tmp_path, frontend=frontend)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+def test_rolling_the_channels_is_refused():
+    with pytest.raises(ConversionError, match=r"roll along a channel dim"):
+        runtime.convert(ShiftedWindows(dims=(1, 2)).eval(), (torch.randn(2, 3, 6, 6),))
+
+
+class NewMask(nn.Module):
+    """A mask made with ``x.new_zeros`` (Swin's shifted-window mask) and a ``zeros_like``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        mask = h.new_zeros((h.shape[-2], h.shape[-1])) + 0.5
+        return self.b(h * mask + torch.zeros_like(h))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_new_tensor_borrows_only_dtype_and_device(frontend, tmp_path):
+    # new_zeros and zeros_like had no rule: the channels of the tensor they were called on
+    # were fixed ("innfer has no rule for 'new_zeros'")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(NewMask(), x, tmp_path, frontend=frontend)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+class PlainTensorAttribute(nn.Module):
+    """A window weight kept as a plain tensor attribute, not a buffer: torch.export lifts it
+    as a constant (``lifted_tensor_0``), as it does Swin's shifted-window mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.window = torch.linspace(0.5, 1.5, 36).reshape(6, 6)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.window)
+
+
+def test_a_lifted_constant_is_kept_with_the_weights(tmp_path):
+    # sampling failed with KeyError: the constant was in no state the INN stored
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(PlainTensorAttribute(), x, tmp_path, frontend="export")
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
