@@ -185,3 +185,29 @@ def test_a_lifted_constant_is_kept_with_the_weights(tmp_path):
     inn = _converts(PlainTensorAttribute(), x, tmp_path, frontend="export")
     assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
     _onnx_matches(inn.sample(0.5), x)
+
+
+def _window_shift(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's shifted_window_attention is wrapped like this: fx keeps one call."""
+    return torch.roll(x, shifts=(1, 1), dims=(2, 3)) * 0.5
+
+
+torch.fx.wrap("_window_shift")
+
+
+class WrappedShift(ShiftedWindows):
+    def forward(self, x):
+        return self.b(_window_shift(self.a(x)))
+
+
+def test_a_function_fx_keeps_whole_is_captured_by_export_instead(tmp_path):
+    # torchvision's swin_t was refused at its wrapped shifted_window_attention unless the
+    # user knew to pass frontend="export"; "auto" now retries with torch.export
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ConversionError, match=r"no rule for '_window_shift'"):
+        runtime.convert(WrappedShift().eval(), (x,), frontend="fx")
+    inn = _converts(WrappedShift(), x, tmp_path)
+    assert inn.info["frontend"] == "export"
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)

@@ -79,14 +79,25 @@ def convert(
         folded = (_fold_norms(source, tuple(example_inputs))
                   if fold_norms and frontend != "export" else None)  # fmt: skip
         gm = capture(folded or source, tuple(example_inputs), example_kwargs, frontend)
+        try:
+            gm, analysis, did_fold = _analysed(gm, folded, fold_norms, example_inputs,
+                                               example_kwargs, discrete)  # fmt: skip
+        except ConversionError as exc:
+            # fx keeps a function it was told not to trace (torch.fx.wrap: torchvision's
+            # shifted_window_attention) as one call no rule knows; torch.export sees
+            # through it. Under "auto" that model is captured again by export.
+            leaf = _wrapped_call(gm)
+            if frontend != "auto" or gm.meta["frontend"] != "fx" or leaf is None:
+                raise
+            try:
+                gm = capture(source, tuple(example_inputs), example_kwargs, "export")
+                gm, analysis, did_fold = _analysed(gm, None, fold_norms, example_inputs,
+                                                   example_kwargs, discrete)  # fmt: skip
+            except ConversionError as again:
+                raise ConversionError(f"{exc} (torch.fx kept {leaf!r} as one call; captured "
+                                      f"by torch.export instead: {again})") from None  # fmt: skip
         captured_by = gm.meta["frontend"]
-        # What was folded, not what was asked: an exported graph is folded here (fuse()
-        # needs fx), a model fuse() could not fold keeps its norms.
-        did_fold = folded is not None
-        if fold_norms and captured_by == "export":
-            did_fold = fold_graph_norms(gm)
         inputs = _placeholder_inputs(gm, example_inputs, example_kwargs)
-        analysis = analyse(gm, inputs, discrete)
         spec = graphio.to_spec(gm)
         state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
     if permute:
@@ -242,6 +253,30 @@ def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None):
 
 
 FAITHFUL_REL_ERR = 1e-3  # folded norms and reordered sums differ by ~1e-6
+
+
+def _analysed(gm, folded, fold_norms: bool, example_inputs, example_kwargs, discrete):
+    """The group analysis of a captured graph, and whether its norms are folded: what was
+    folded, not what was asked - an exported graph is folded here (fuse() needs fx), a model
+    fuse() could not fold keeps its norms."""
+    did_fold = folded is not None
+    if fold_norms and gm.meta["frontend"] == "export":
+        did_fold = fold_graph_norms(gm)
+    inputs = _placeholder_inputs(gm, example_inputs, example_kwargs)
+    return gm, analyse(gm, inputs, discrete), did_fold
+
+
+def _wrapped_call(gm) -> str | None:
+    """The name of a function outside torch that the fx graph calls as one node (a
+    ``torch.fx.wrap``-ed leaf), or None."""
+    for node in gm.graph.nodes:
+        module = getattr(node.target, "__module__", None) or ""
+        if node.op == "call_function" and module.split(".")[0] not in _TRACED_MODULES:
+            return getattr(node.target, "__qualname__", str(node.target))
+    return None
+
+
+_TRACED_MODULES = {"torch", "_operator", "operator", "builtins", "math", "runtime"}
 
 
 def _check_faithful(inn: IntegralModel, inputs: tuple, reference, name: str) -> None:
