@@ -151,13 +151,14 @@ class _UnknownOp(nn.Module):
 
 
 class _LiteralView(nn.Module):
-    def __init__(self):
+    def __init__(self, row: int = 64):
         super().__init__()
+        self.row = row
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 16, 2)
+        self.fc = nn.Linear(row, 2)
 
     def forward(self, x):
-        return self.fc(self.conv(x).view(-1, 64))
+        return self.fc(self.conv(x).view(-1, self.row).mean(0, keepdim=True).expand(2, -1))
 
 
 def test_untraceable_model_is_a_clear_error():
@@ -172,8 +173,18 @@ def test_unknown_op_on_channels_names_the_node():
 
 
 def test_literal_reshape_of_channels_is_refused():
-    with pytest.raises(ConversionError, match=r"reshape .*torch.flatten"):
-        runtime.convert(_LiteralView(), (torch.randn(2, 1, 4, 4),))
+    # view(-1, 16) of (2, 4, 4, 4): the -1 takes the batch and the channels (8 rows), so it
+    # would absorb a channel count the literal 16 does not state
+    with pytest.raises(ConversionError, match=r"reshape \(2, 4, 4, 4\) -> \(8, 16\) merges"):
+        runtime.convert(_LiteralView(16), (torch.randn(2, 1, 4, 4),))
+
+
+def test_literal_row_beside_a_minus_one_over_the_batch_follows_the_width():
+    # view(-1, 64): the -1 is the batch alone; the literal 64 (channels x 16) is rewritten to
+    # the sampled count, as when every size is stated (it was refused)
+    inn = runtime.convert(_LiteralView(64), (torch.randn(2, 1, 4, 4),))
+    half = inn.sample(0.5)
+    assert half.fc.in_features == 32 and half(torch.randn(3, 1, 4, 4)).shape == (2, 2)
 
 
 # -- raw parameters through shape ops: exact or refused, never wrong (issue 12) ----------------

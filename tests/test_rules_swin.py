@@ -211,3 +211,35 @@ def test_a_function_fx_keeps_whole_is_captured_by_export_instead(tmp_path):
     assert inn.info["frontend"] == "export"
     assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
     _onnx_matches(inn.sample(0.5), x)
+
+
+class LeViTBiasedAttention(nn.Module):
+    """LeViT's attention: a per-head bias gathered as ``biases[:, idxs]`` (heads first), and
+    the heads merged by ``reshape(B, -1, heads * head_dim)`` - a literal channel size beside a
+    -1 that stands for the tokens."""
+
+    def __init__(self, d: int = 16, heads: int = 4, dh: int = 8, n: int = 9) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, dh
+        self.qkv = nn.Linear(d, 3 * heads * dh)
+        self.proj, self.head = nn.Linear(heads * dh, d), nn.Linear(d, 3)
+        self.biases = nn.Parameter(torch.randn(heads, n))
+        self.register_buffer("idxs", torch.arange(n * n).remainder(n).reshape(n, n))
+
+    def forward(self, x):  # (B, N, d)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).split([self.dh] * 3, dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+        a = (q @ k * self.dh**-0.5 + self.biases[:, self.idxs]).softmax(-1)
+        return self.head(self.proj((a @ v).transpose(1, 2).reshape(b, -1, self.heads * self.dh)))
+
+
+def test_levit_heads_merged_beside_a_minus_one_follow_the_width(tmp_path):
+    # with the bias gathered per head, the heads became elastic and the merge's literal 32
+    # was refused ("would not follow resampling"): timm's levit_128s stopped converting
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    inn = _converts(LeViTBiasedAttention(), x, tmp_path)
+    half = inn.sample(0.5)
+    assert half.biases.shape == (2, 9) and half.proj.in_features == 16
+    _onnx_matches(half, x)

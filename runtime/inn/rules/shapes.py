@@ -79,10 +79,20 @@ def reshape_to(tr: Tracer, node: fx.Node, x: fx.Node, size_args: list | None) ->
         tr.fixed(node, f"{what} is not a regrouping of dims", labels.values())
         return
     # A literal channel size is rewritten when sampling only in a reshape that regroups dims
-    # and states every size (no -1 that would absorb a mismatch), or for the heads of a split.
-    stated = size_args is not None and not any(type(a) is int and a == -1 for a in size_args)
+    # and states every size - or whose one -1 stands for dims of no channels (LeViT's
+    # ``reshape(B, -1, heads * head_dim)``: the -1 then absorbs no channel count) - or for
+    # the heads of a split. A -1 over channels would absorb a mismatch.
+    minus = [d for d, a in enumerate(size_args or ()) if type(a) is int and a == -1]
+    free = len(minus) == 1 and not any(
+        tr.uf.continuous(seg.group)
+        for ra, rb in runs
+        if minus[0] in rb
+        for d in ra
+        for seg in labels.get(d, ())
+    )
+    stated = size_args is not None and (not minus or free)
     rewrite = (
-        set(range(len(dst)))
+        set(range(len(dst))) - set(minus)
         if stated and any(len(ra) > 1 or len(rb) > 1 for ra, rb in runs)
         else set()
     )
