@@ -132,6 +132,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphMo
     _check_batch(args, kwargs)
     gm = lower(program.module())
     _constants_as_buffers(gm)
+    fold_constants(gm)
     gm.meta["frontend"] = "export"
     return gm
 
@@ -176,6 +177,10 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     """Batch and sequence dims dynamic (shared by name across inputs); channels static.
 
     Dims of size 1 stay static: torch.export specialises them anyway (0/1 specialisation).
+    An image (a float input of rank 4 or more: batch, channels, spatial dims) has only its
+    batch dynamic: innfer serves it at model.yaml's fixed size, and shapes computed from a
+    static size are constants - Swin's shifted-window mask is then computed once
+    (``fold_constants``), where from a dynamic height its in-place writes were lost in ONNX.
     """
     dims: dict[int, Any] = {}
 
@@ -183,6 +188,8 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
         last = t.dim() - 1 if t.is_floating_point() and t.dim() > 1 else t.dim()
+        if t.is_floating_point() and t.dim() >= 4:
+            last = 1
         out = {}
         for d in range(last):
             if t.shape[d] > 1:
@@ -494,3 +501,127 @@ def _replace(graph: fx.Graph, node: fx.Node, lowered: Lowered) -> None:
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     new._rename(name)  # errors name the node the user sees in torch.export's graph
+
+
+def fold_constants(gm: fx.GraphModule) -> int:
+    """Compute once what depends on no input and no parameter - Swin's shifted-window mask:
+    a lifted constant copied (``lift_fresh_copy``), then filled region by region in place
+    (``fill_`` on slices) - and read the result as a buffer. Returns how many values became
+    buffers.
+
+    Why: the TorchScript ONNX exporter loses in-place writes into views, so the exported
+    graph computed another mask (swin_t's ONNX tier was 2.4 % off its torch module at full
+    width, refused by the build's engine check). Constant: a node whose every input is a
+    literal, a buffer or another constant node; parameters are not (they are resampled).
+    The constant nodes run in graph order, mutations included; each one a non-constant node
+    reads is replaced by a buffer of its final value, then the constant nodes go.
+    """
+    graph = gm.graph
+    params = {n for n, _ in gm.named_parameters()}
+    constant: list[fx.Node] = []
+    known: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = _attr(gm, str(node.target))
+            ok = str(node.target) not in params and isinstance(value, torch.Tensor)
+        elif node.op == "call_method" and node.target in _NEW_TENSORS:
+            # x.new_zeros(sizes): x lends dtype and device only; constant if the sizes are
+            sizes = [a for a in node.all_input_nodes if a is not node.args[0]]
+            ok = all(a in known for a in sizes) and "val" in node.meta
+        elif node.op in ("call_function", "call_method"):
+            ok = bool(node.all_input_nodes) and all(a in known for a in node.all_input_nodes)
+        else:
+            ok = False
+        if ok:
+            known.add(node)
+            constant.append(node)
+    computed = [n for n in constant if n.op != "get_attr"]
+    read = [n for n in computed if any(u not in known for u in n.users)]
+    if not read or _mutated_after_read(graph, known):
+        return 0
+    env: dict[fx.Node, object] = {}
+    with torch.no_grad():
+        for node in constant:
+            if node.op == "get_attr":
+                env[node] = _attr(gm, str(node.target))
+                continue
+            if node.op == "call_method" and node.target in _NEW_TENSORS:
+                env[node] = _new_tensor(node, env)
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+            if node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            else:
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    for i, node in enumerate(read):
+        value = env[node]
+        if not isinstance(value, torch.Tensor):
+            continue  # a size or a tuple: left to the graph
+        name = f"_folded_constant_{i}"
+        gm.register_buffer(name, value.detach().clone())
+        with graph.inserting_before(node):
+            attr = graph.get_attr(name)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr, delete_user_cb=lambda u: u not in known)
+    for node in reversed(computed):
+        if not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return len(read)
+
+
+def _mutated_after_read(graph: fx.Graph, known: set[fx.Node]) -> bool:
+    """Whether a constant is written in place after a node that depends on the inputs read
+    it or a tensor made from it: folded, that reader would see the final value, not the one
+    at its turn. Per tensor (``_root``: a node made from a constant's first argument counts
+    as that constant - a view may alias it), so one mask built after another is read is
+    still folded."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first_read: dict[fx.Node, int] = {}
+    for n in known:
+        for u in n.users:
+            if u not in known:
+                r = _root(n, known)
+                first_read[r] = min(first_read.get(r, order[u]), order[u])
+    return any(order[n] > first_read.get(_root(n, known), order[n]) for n in known if _mutates(n))
+
+
+def _root(node: fx.Node, known: set[fx.Node]) -> fx.Node:
+    """The constant ``node`` may alias: its first argument's, through every op but those
+    that make a new tensor (``x.new_zeros``, ``lift_fresh_copy``, a parameter or buffer)."""
+    while (
+        node.op != "get_attr"
+        and node.target not in _NEW_TENSORS
+        and node.target is not torch.ops.aten.lift_fresh_copy.default
+        and node.args
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0] in known
+    ):
+        node = node.args[0]
+    return node
+
+
+def _mutates(node: fx.Node) -> bool:
+    op = node.target
+    if isinstance(op, torch._ops.OpOverload):
+        return op._schema.is_mutable
+    return op is operator.setitem or (node.op == "call_method" and str(op).endswith("_"))
+
+
+_NEW_TENSORS = {"new_zeros": torch.zeros, "new_ones": torch.ones, "new_empty": torch.zeros,
+                "new_full": torch.full}  # fmt: skip
+
+
+def _new_tensor(node: fx.Node, env: dict) -> torch.Tensor:
+    """``x.new_zeros(sizes, ...)`` computed without x: its dtype and device from the node's
+    recorded value (``new_empty`` as zeros: its contents are unspecified anyway)."""
+    val = node.meta["val"]
+    args = fx.node.map_arg(node.args[1:], lambda a: env[a])
+    return _NEW_TENSORS[node.target](*args, dtype=val.dtype, device="cpu")
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return getattr(owner, name, None)
