@@ -23,8 +23,10 @@ class RelPosAttention(nn.Module):
     """Window attention over N = w * w tokens with a learned bias per (relative offset,
     head), as in Swin: qkv -> heads -> q k^T + table[index] -> softmax -> @ v -> proj."""
 
-    def __init__(self, d: int = 32, heads: int = 4, w: int = 3) -> None:
+    def __init__(self, biased: bool = True, indexed: bool = False, w: int = 3) -> None:
         super().__init__()
+        d, heads = 32, 4
+        self.biased, self.indexed = biased, indexed
         self.heads, self.head_dim, self.d, self.n = heads, d // heads, d, w * w
         self.embed = nn.Linear(5, d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
@@ -38,22 +40,30 @@ class RelPosAttention(nn.Module):
     def forward(self, x):  # (B, N, 5)
         x = self.embed(x)
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-        a = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5 + bias).softmax(-1)
-        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, self.d))
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Swin's q, k, v: qkv[0], qkv[1], qkv[2] (torch.export makes them aten.select)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv.unbind(0)
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        if self.biased:
+            logits = logits + self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        x = x + self.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.d))
         return self.head(x.mean(1))
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_relative_position_bias_table_follows_the_heads(frontend, tmp_path):
+@pytest.mark.parametrize(("biased", "indexed"), [(True, False), (False, True)])
+def test_attention_heads_stay_elastic(frontend, biased, indexed, tmp_path):
+    # biased: the table was gathered by a tensor index, which fixed every dim - the heads;
+    # indexed: through torch.export, select had no rule ("innfer has no rule for 'select'")
     torch.manual_seed(0)
     x = torch.randn(2, 9, 5)
-    inn = _converts(RelPosAttention(), x, tmp_path, frontend=frontend)
+    model = RelPosAttention(biased=biased, indexed=indexed)
+    inn = _converts(model, x, tmp_path, frontend=frontend)
     assert {g.name: g.size for g in inn.groups if not g.discrete}.get("qkv") == 4  # heads
     half = inn.sample(0.5)
     assert half.qkv.weight.shape == (3 * 2 * 8, 16)  # 2 heads of head_dim 8
-    assert half.table.shape == (25, 2)  # the table resampled along its heads
+    if biased:
+        assert half.table.shape == (25, 2)  # the table resampled along its heads
     _onnx_matches(half, x)
 
 
@@ -79,31 +89,6 @@ class IndexChannels(nn.Module):
 def test_picking_channels_by_a_tensor_is_refused(index, match):
     with pytest.raises(ConversionError, match=match):
         runtime.convert(IndexChannels(index).eval(), (torch.randn(2, 5),))
-
-
-class IndexedQKV(RelPosAttention):
-    """Swin's q, k, v: ``qkv[0], qkv[1], qkv[2]`` (torch.export makes them aten.select)."""
-
-    def forward(self, x):
-        x = self.embed(x)
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        a = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(-1)
-        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, self.d))
-        return self.head(x.mean(1))
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_q_k_v_selected_by_index_keep_the_heads(frontend, tmp_path):
-    # through torch.export, select had no rule: "innfer has no rule for 'select'"
-    torch.manual_seed(0)
-    x = torch.randn(2, 9, 5)
-    inn = _converts(IndexedQKV(), x, tmp_path, frontend=frontend)
-    assert {g.name: g.size for g in inn.groups if not g.discrete}.get("qkv") == 4
-    half = inn.sample(0.5)
-    assert half.qkv.weight.shape == (3 * 2 * 8, 16)
-    _onnx_matches(half, x)
 
 
 class ShiftedWindows(nn.Module):
