@@ -91,6 +91,18 @@ def test_picking_channels_by_a_tensor_is_refused(index, match):
         runtime.convert(IndexChannels(index).eval(), (torch.randn(2, 5),))
 
 
+def _keeps_conv_channels(model: nn.Module, tmp_path, **kw):
+    """Convert ``model`` (conv ``a`` of 8 channels -> ... -> conv ``b``) on a 2x3x6x6 input:
+    exact at full width, ``a``'s channels the one elastic group, the 0.5 tier's ONNX
+    matching. Returns the INN."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(model, x, tmp_path, **kw)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
+    return inn
+
+
 class ShiftedWindows(nn.Module):
     """conv -> roll over H and W (Swin's shifted windows) -> flip W -> conv."""
 
@@ -107,11 +119,7 @@ class ShiftedWindows(nn.Module):
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_rolling_the_spatial_dims_keeps_the_channels(frontend, tmp_path):
     # roll and flip had no rule: the channels they carried were fixed (refused)
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 6)
-    inn = _converts(ShiftedWindows(), x, tmp_path, frontend=frontend)
-    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
-    _onnx_matches(inn.sample(0.5), x)
+    _keeps_conv_channels(ShiftedWindows(), tmp_path, frontend=frontend)
 
 
 def test_rolling_the_channels_is_refused():
@@ -136,11 +144,7 @@ class NewMask(nn.Module):
 def test_a_new_tensor_borrows_only_dtype_and_device(frontend, tmp_path):
     # new_zeros and zeros_like had no rule: the channels of the tensor they were called on
     # were fixed ("innfer has no rule for 'new_zeros'")
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 6)
-    inn = _converts(NewMask(), x, tmp_path, frontend=frontend)
-    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
-    _onnx_matches(inn.sample(0.5), x)
+    _keeps_conv_channels(NewMask(), tmp_path, frontend=frontend)
 
 
 class PlainTensorAttribute(nn.Module):
@@ -158,11 +162,7 @@ class PlainTensorAttribute(nn.Module):
 
 def test_a_lifted_constant_is_kept_with_the_weights(tmp_path):
     # sampling failed with KeyError: the constant was in no state the INN stored
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 6)
-    inn = _converts(PlainTensorAttribute(), x, tmp_path, frontend="export")
-    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
-    _onnx_matches(inn.sample(0.5), x)
+    _keeps_conv_channels(PlainTensorAttribute(), tmp_path, frontend="export")
 
 
 def _window_shift(x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +185,7 @@ def test_a_function_fx_keeps_whole_is_captured_by_export_instead(tmp_path):
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(ConversionError, match=r"no rule for '_window_shift'"):
         runtime.convert(WrappedShift().eval(), (x,), frontend="fx")
-    inn = _converts(WrappedShift(), x, tmp_path)
-    assert inn.info["frontend"] == "export"
-    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
-    _onnx_matches(inn.sample(0.5), x)
+    assert _keeps_conv_channels(WrappedShift(), tmp_path).info["frontend"] == "export"
 
 
 class LeViTBiasedAttention(nn.Module):

@@ -327,9 +327,8 @@ def _check_shape_arithmetic(module: nn.Module, inputs) -> None:
     if not dynamic:
         return
     for sub in module.modules():
-        graph = getattr(sub, "graph", None)
         if isinstance(sub, torch.fx.GraphModule) and any(
-            n.op == "call_function" and n.target in _SHAPE_OPS for n in graph.nodes
+            n.op == "call_function" and n.target in _SHAPE_OPS for n in sub.graph.nodes
         ):
             raise ValueError(
                 f"this tier computes sizes from its input's (torch.sym_max / math.ceil in "

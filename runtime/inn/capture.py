@@ -146,10 +146,10 @@ def _constants_as_buffers(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op != "get_attr" or node.target in known:
             continue
-        path, _, name = str(node.target).rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
-        value = getattr(owner, name, None)
+        value = _attr(gm, str(node.target))
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            path, _, name = str(node.target).rpartition(".")
+            owner = gm.get_submodule(path) if path else gm
             delattr(owner, name)
             owner.register_buffer(name, value)
             known.add(node.target)

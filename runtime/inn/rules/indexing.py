@@ -80,9 +80,7 @@ def getitem(tr: Tracer, node: fx.Node) -> None:
             if d_in in labels:
                 tr.fixed(node, f"gathers along channel dim {d_in}", [labels[d_in]])
             picked = tr.labels.get(e, {}) if isinstance(e, fx.Node) else {}
-            for k in range(len(_index_shape(tr, e))):
-                if k in picked:
-                    out[d_out + k] = picked[k]
+            out.update({d_out + k: lay for k, lay in picked.items()})
             d_in, d_out = d_in + 1, d_out + len(_index_shape(tr, e))
         else:  # a boolean mask, or several tensor / list indices
             tr.fixed_inputs(node, "advanced indexing with a mask or several tensors or lists")
