@@ -90,6 +90,7 @@ class Where:
     source: str
     path: str = ""
     base: Path | None = None
+    secret: bool = False  # the value is a secret: errors say "<redacted>", never the value
 
     def child(self, key: str | int) -> Where:
         if isinstance(key, int):
@@ -100,7 +101,13 @@ class Where:
 
     def fail(self, value: Any, expected: str) -> NoReturn:
         loc = f"{self.source}: {self.path}: " if self.path else f"{self.source}: "
-        raise ConfigError(f"{loc}got {value!r}, expected {expected}")
+        shown = REDACTED if self.secret else repr(value)
+        raise ConfigError(f"{loc}got {shown}, expected {expected}")
+
+
+# What an error shows in place of a secret's value (a token echoed in a startup error
+# reaches stderr and the pod's logs).
+REDACTED = "<redacted>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +159,8 @@ def spec(
     bounds ("milliseconds in [0, 10000)"),
     ``expected`` replaces the derived description, ``parse(value, where)`` replaces the
     derived parser for an odd field. ``key=False``: not read from the file (e.g. ``source``).
+    ``repr=False`` also marks a secret: an error about it (or about an unknown key beside it)
+    shows ``REDACTED``, not the value.
 
     Example:
         >>> from dataclasses import dataclass
@@ -220,16 +229,21 @@ def parse(cls: type, data: Any, where: Where, **extra: Any) -> Any:
     """
     fields = _fields(cls)
     keys = [f.name for f in fields if f.spec.key]
+    secrets = _secret_fields(cls)
     if not isinstance(data, dict):
         where.fail(data, _mapping_expected(fields))
     for k in data:
         if k not in keys:
-            where.child(str(k)).fail(data[k], _known_field(str(k), keys))
+            # A misspelt key beside a secret is most likely the secret itself.
+            at = dataclasses.replace(where.child(str(k)), secret=bool(secrets))
+            at.fail(data[k], _known_field(str(k), keys))
     values = dict(extra)
     for f in fields:
         if not f.spec.key:
             continue
         at = where.child(f.name)
+        if f.name in secrets:
+            at = dataclasses.replace(at, secret=True)
         if f.name not in data:
             if f.required:
                 at.fail(None, f"{_expected(f)} (required)")
@@ -240,6 +254,13 @@ def parse(cls: type, data: Any, where: Where, **extra: Any) -> Any:
     if validate is not None:
         validate(where)
     return obj
+
+
+@functools.cache
+def _secret_fields(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` declared ``spec(..., repr=False)``: secrets (a bearer token),
+    whose values no error message shows."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if not f.repr)
 
 
 def _value(f: _Field, v: Any, at: Where) -> Any:

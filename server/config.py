@@ -222,7 +222,13 @@ class AuthConfig:
         if (self.bearer_token_file is None) == (self.bearer_token is None):
             given = [k for k in ("bearer_token_file", "bearer_token") if getattr(self, k)]
             where.fail(given, "exactly one of bearer_token_file and bearer_token")
-        token = self.token  # the one read; the server starts with this token
+        try:
+            token = self.token  # the one read; the server starts with this token
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or binary: not a token
+            what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+            where.child("bearer_token_file").fail(
+                str(self.bearer_token_file), f"a readable UTF-8 file holding the token ({what})"
+            )
         if len(token) < 8:
             where.fail("<token>", "a bearer token of at least 8 characters")
         # A client sends it in gRPC metadata, which carries printable ASCII only, and the

@@ -435,6 +435,32 @@ def test_safe_dump_masks_the_token():
     assert "s3cret" not in repr(cfg)
 
 
+@pytest.mark.parametrize(
+    "auth, field",
+    [
+        ({"bearer_token": 918273645546372819}, "auth.bearer_token"),  # YAML read a number
+        ({"bearer_tokn": "Zq9-SECRET-TOKEN-xyz"}, "auth.bearer_tokn"),  # a misspelt key
+    ],
+)
+def test_config_errors_never_show_the_token(auth, field):
+    # The generic errors echoed the value: a numeric token, or one under a misspelt key,
+    # reached stderr and the pod's logs verbatim.
+    with pytest.raises(ConfigError) as err:
+        ServerConfig.from_dict({"repository": "m", "auth": auth})
+    message = str(err.value)
+    assert field in message and "<redacted>" in message
+    assert "918273645546372819" not in message and "SECRET" not in message
+
+
+def test_a_token_file_that_is_not_text_is_a_config_error(tmp_path):
+    # It was "innfer serve: error: 'utf-8' codec can't decode byte 0xff": no file, no key.
+    (tmp_path / "token").write_bytes(b"\xff\xfe binary secret")
+    with pytest.raises(ConfigError, match=r"auth\.bearer_token_file: .*token.*not UTF-8"):
+        ServerConfig.from_dict(
+            {"repository": "m", "auth": {"bearer_token_file": "token"}}, base=tmp_path
+        )
+
+
 # --- shipped configs -------------------------------------------------------------------------
 
 
