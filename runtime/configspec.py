@@ -303,7 +303,7 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
         return v
     if hint in (int, float):
         ok = isinstance(v, int) if hint is int else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
+        if isinstance(v, bool) or not ok or not _finite(v):
             at.fail(v, expected)
         if not _in_bounds(s, v):
             at.fail(v, expected)
@@ -323,6 +323,15 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
             at.fail(v, expected)
         return v
     raise TypeError(f"{at.path}: no parser for {hint!r}; give the field spec(parse=...)")
+
+
+def _finite(v: float) -> bool:
+    """Whether ``v`` is a finite float, or an int a float can hold (YAML reads 1e400 as inf
+    and a 400-digit integer as an int that float() overflows on)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _in_bounds(s: Spec, v: float) -> bool:

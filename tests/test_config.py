@@ -435,6 +435,16 @@ def test_safe_dump_masks_the_token():
     assert "s3cret" not in repr(cfg)
 
 
+def test_an_integer_too_large_for_a_float_field_is_a_config_error():
+    value = 10**400
+    # float(10**400) raised OverflowError past the bounds check (a lower bound only): the
+    # CLI said "internal error ... (a bug)" for a typo of many zeros.
+    m = _refused(_model, default_latency_budget_ms=value)
+    assert m["field"] == "default_latency_budget_ms"
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "grace_period_s": value})
+    assert m["field"] == "grace_period_s"
+
+
 @pytest.mark.parametrize(
     "auth, field",
     [
