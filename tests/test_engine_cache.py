@@ -5,6 +5,7 @@ Runtime."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +129,28 @@ def test_a_hand_edited_tier_record_is_named_as_corrupted(repository):
 
     _edit(repository / "tiny" / "tiers" / "w100" / "tier.json", lambda r: r.update(flops="x"))
     with pytest.raises(RepositoryError, match=r"w100/tier.json is corrupted \(flops is 'x'"):
+        Repository(repository).load("tiny")
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        # JSON reads NaN and Infinity: the scheduler then ranked tiers by nan, or took the
+        # full tier for 0 % of the FLOPs.
+        ("flops", float("nan"), "flops is nan, not a count"),
+        ("flops", float("inf"), "flops is inf, not a count"),
+        ("accuracy", 97.5, "accuracy is 97.5, not a score in"),  # a percentage ranked first
+        ("accuracy", float("nan"), "accuracy is nan"),
+        # A width of "0.5" read "built at width 0.5, but model.yaml now gives width 0.5".
+        ("width", "0.5", "width is '0.5', not a fraction"),
+    ],
+)
+def test_a_tier_record_with_a_value_no_build_writes_is_corrupted(repository, field, value, said):
+    from runtime.repository import Repository, RepositoryError
+
+    path = repository / "tiny" / "tiers" / "w050" / "tier.json"
+    _edit(path, lambda r: r.update({field: value}))
+    with pytest.raises(RepositoryError, match=rf"w050/tier.json is corrupted \({re.escape(said)}"):
         Repository(repository).load("tiny")
 
 

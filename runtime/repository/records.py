@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,8 @@ class TierRecord:
         """What is wrong with a field's type, if anything: read by the scheduler (flops,
         accuracy) and the cache (hashes), a wrong one failed far from the file."""
 
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        def number(v) -> bool:  # JSON reads NaN and Infinity too: no count nor score
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for key in ("name", "onnx_sha256", "source_sha256"):
             if not isinstance(getattr(self, key), str):
@@ -125,8 +126,12 @@ class TierRecord:
             v = getattr(self, key)
             if not number(v) or v < 0:
                 return f"{key} is {v!r}, not a count"
-        if self.accuracy is not None and not number(self.accuracy):
-            return f"accuracy is {self.accuracy!r}, not a number"
+        # The scheduler ranks tiers by it: a top-1 accuracy, a mIoU or an embedding
+        # fidelity (a cosine) - 97.5, a percentage, outranked every fraction.
+        if self.accuracy is not None and not (number(self.accuracy) and -1 <= self.accuracy <= 1):
+            return f"accuracy is {self.accuracy!r}, not a score in [-1, 1]"
+        if not _is_width(self.width):
+            return f"width is {self.width!r}, not a fraction in (0, 1] nor a mapping of groups"
         if not isinstance(self.sizes, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
             for k, v in self.sizes.items()
@@ -142,6 +147,17 @@ class TierRecord:
             if data[optional] is None:
                 del data[optional]
         write_json(path, data)
+
+
+def _is_width(v: Any) -> bool:
+    """A width as model.yaml gives it: a fraction in (0, 1], or a mapping of group (or kind)
+    names to channel counts or fractions (and ``shaped: true|false``)."""
+    if isinstance(v, dict):
+        return all(
+            isinstance(k, str) and isinstance(n, (int, float)) and math.isfinite(n)
+            for k, n in v.items()
+        )
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
 
 
 def inn_fingerprint(meta: dict[str, Any]) -> str:

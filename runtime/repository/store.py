@@ -289,7 +289,7 @@ class Repository:
                 tiers[tier.name] = TierRecord.read(record)
                 if tiers[tier.name].width != tier.width:  # model.yaml edited, not rebuilt
                     raise RepositoryError(
-                        f"{d / TIER_FILE} was built at width {tiers[tier.name].width}, but "
+                        f"{d / TIER_FILE} was built at width {tiers[tier.name].width!r}, but "
                         f"{config.source} now gives tier {tier.name} width {tier.width}: "
                         "run `innfer build`"
                     )
