@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -122,6 +123,41 @@ def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
     (tmp_path / "a.json").write_text('{"tiers": ["a"]}')
     with pytest.raises(RepositoryError, match="delete it to serve the hand-written tiers"):
         ActiveTiers.read(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        # each reached the server as a traceback naming no file, or was served as it was
+        (
+            {"latency": {"1": {"p50_ms": "fast", "p90_ms": 1.0}}},
+            "tier a, batch 1: p50_ms is 'fast'",
+        ),
+        ({"latency": {}}, "tier a: not an object of batch sizes"),
+        ({"sizes": "abc"}, "sizes is 'abc', not channel counts"),
+        ({"accuracy": float("nan")}, "accuracy is nan"),
+        ({"flops": -1}, "flops is -1, not a count"),
+    ],
+)
+def test_a_hand_edited_frontier_candidate_is_named_as_corrupted(tmp_path, edit, said):
+    f = Frontier([_candidate("a", 0.9, 1.0)], "test", "sha1", "onnxruntime", "cpu", 1, 8)
+    f.write(tmp_path / "frontier.json")
+    data = json.loads((tmp_path / "frontier.json").read_text())
+    data["candidates"][0].update(edit)
+    (tmp_path / "frontier.json").write_text(json.dumps(data))
+    with pytest.raises(RepositoryError, match=rf"corrupted \(candidate 'a': {re.escape(said)}"):
+        Frontier.read(tmp_path / "frontier.json")
+
+
+@pytest.mark.parametrize("settings", [[], "x"])
+def test_frontier_settings_that_are_no_object_are_corruption(tmp_path, settings):
+    f = Frontier([_candidate("a", 0.9, 1.0)], "test", "sha1", "onnxruntime", "cpu", 1, 8)
+    f.write(tmp_path / "frontier.json")
+    data = json.loads((tmp_path / "frontier.json").read_text())
+    data["settings"] = settings  # AttributeError from settings.get at every load
+    (tmp_path / "frontier.json").write_text(json.dumps(data))
+    with pytest.raises(RepositoryError, match=r"corrupted \(settings is"):
+        Frontier.read(tmp_path / "frontier.json")
 
 
 def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path):

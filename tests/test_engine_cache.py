@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from test_build_review28 import _add_onnx
 
 from runtime.engines import BuildOptions, EngineError
@@ -77,6 +78,15 @@ def _edit(path, change) -> None:
         (lambda p: p["tiers"]["w050"]["1"].update({"p50_ms": float("nan")}),
          "tier w050, batch 1: p50_ms is nan"),
         (lambda p: p.update({"tiers": []}), "tiers is not an object"),
+        # "²".isdigit() is True and int("²") raises: a bare ValueError that named no file
+        (lambda p: p["tiers"]["w050"].update({"\u00b2": p["tiers"]["w050"]["1"]}),
+         "tier w050: batch size '\u00b2' is not a whole number"),
+        # a length key no lane could be: accepted, then `innfer simulate` failed on int()
+        (lambda p: p.update({"lengths": {"abc": p["tiers"]}}),
+         "sequence length 'abc' is not a whole number"),
+        # no tier at all: accepted, then `innfer simulate` said "max() arg is an empty
+        # sequence"
+        (lambda p: p.update({"tiers": {}}), "tiers is not an object"),
     ],
 )  # fmt: skip
 def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem, caplog):
@@ -90,6 +100,30 @@ def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem
     with caplog.at_level("WARNING", logger="innfer.repository"):
         assert Repository(repository).read_profile("tiny") is None
     assert f"profile.json is corrupted ({problem}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        # w050 removed: simulate and bench still planned it
+        (lambda tiers: tiers.pop(), None),
+        # w050 given another width, not rebuilt: load refused, simulate planned the old one
+        (lambda tiers: tiers[1].update(width=0.25), "was built at width 0.5"),
+    ],
+)
+def test_offline_planning_reads_the_tiers_model_yaml_gives(repository, edit, said):
+    from runtime.repository import Repository, RepositoryError
+
+    yaml_path = repository / "tiny" / "model.yaml"
+    config = yaml.safe_load(yaml_path.read_text())
+    edit(config["tiers"])  # tiers: w100, w050
+    yaml_path.write_text(yaml.safe_dump(config))
+    if said is None:
+        records, profile, source = Repository(repository).served_tiers("tiny")
+        assert set(records) == set(profile["tiers"]) == {"w100"} and source == "model.yaml"
+    else:
+        with pytest.raises(RepositoryError, match=rf"{said}.*run `innfer build`"):
+            Repository(repository).served_tiers("tiny")
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupted", "a tier short", "max_batch raised"])

@@ -28,7 +28,8 @@ from typing import Any
 from runtime.atomic import write_json
 from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
-from runtime.repository.records import Rows
+from runtime.repository.profile import profile_problem
+from runtime.repository.records import Rows, fields_problem
 
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
@@ -73,6 +74,12 @@ class Candidate:
     def memory_mb(self) -> float:
         """The weights' size in fp32, megabytes: what the engine keeps in memory at least."""
         return weights_mb(self.params)
+
+    def problem(self) -> str | None:
+        """What is wrong with a field, if anything (a hand edit of frontier.json): the same
+        checks as a tier's record, and its latency table as a profile's."""
+        said = fields_problem(self) or profile_problem({"tiers": {self.name: self.latency}})
+        return f"candidate {self.name!r}: {said}" if said else None
 
 
 @dataclass
@@ -158,13 +165,27 @@ class Frontier:
         try:
             data = json.loads(Path(path).read_text())
             data["candidates"] = [Candidate(**c) for c in data["candidates"]]
-            return cls(**data)
+            frontier = cls(**data)
         except FileNotFoundError:
             raise RepositoryError(
                 f"{path} is missing: run `innfer build` (model.yaml has auto_tiers)"
             ) from None
         except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
+        problem = frontier._problem()
+        if problem is not None:  # valid JSON, a wrong value inside: it failed at load or
+            # in a choice, as a traceback that named no file (or was served as it was)
+            raise RepositoryError(f"{path} is corrupted ({problem}): run `innfer build`")
+        return frontier
+
+    def _problem(self) -> str | None:
+        if not self.candidates:
+            return "no candidates"
+        if self.settings is not None and not isinstance(self.settings, dict):
+            return f"settings is {self.settings!r}, not an object"
+        if not isinstance(self.sensitivity, dict):
+            return f"sensitivity is {self.sensitivity!r}, not an object"
+        return next((p for c in self.candidates if (p := c.problem()) is not None), None)
 
 
 def candidate_settings(config: ModelConfig) -> dict[str, Any]:

@@ -169,15 +169,18 @@ def profile_problem(profile: Mapping[str, Any]) -> str | None:
     lengths = profile.get("lengths", {})
     if not isinstance(lengths, dict):
         return "lengths is not an object of sequence lengths"
-    tables += [(f"length {n}, ", t) for n, t in lengths.items()]
+    for n, t in lengths.items():
+        if not _whole(n):
+            return f"sequence length {n!r} is not a whole number >= 1"
+        tables.append((f"length {n}, ", t))
     for where, tiers in tables:
-        if not isinstance(tiers, dict):
+        if not isinstance(tiers, dict) or not tiers:
             return f"{where}tiers is not an object of tiers"
         for tier, table in tiers.items():
             if not isinstance(table, dict) or not table:
                 return f"{where}tier {tier}: not an object of batch sizes"
             for batch, cell in table.items():
-                if not (isinstance(batch, str) and batch.isdigit() and int(batch) >= 1):
+                if not _whole(batch):
                     return f"{where}tier {tier}: batch size {batch!r} is not a whole number >= 1"
                 if not isinstance(cell, dict):
                     return f"{where}tier {tier}, batch {batch}: not an object of p50_ms, p90_ms"
@@ -190,6 +193,12 @@ def profile_problem(profile: Mapping[str, Any]) -> str | None:
                         return (f"{where}tier {tier}, batch {batch}: {key} is {v!r}, not a "
                                 "positive number of milliseconds")  # fmt: skip
     return None
+
+
+def _whole(key: Any) -> bool:
+    """A JSON key that is a whole number >= 1 ("8"; not "²", which str.isdigit() also
+    takes and int() refuses)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit() and int(key) >= 1
 
 
 def stale_tiers(profile: Mapping[str, Any] | None, onnx: Mapping[str, str]) -> list[str]:

@@ -115,31 +115,9 @@ class TierRecord:
     def _problem(self) -> str | None:
         """What is wrong with a field's type, if anything: read by the scheduler (flops,
         accuracy) and the cache (hashes), a wrong one failed far from the file."""
-
-        def number(v) -> bool:  # JSON reads NaN and Infinity too: no count nor score
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for key in ("name", "onnx_sha256", "source_sha256"):
-            if not isinstance(getattr(self, key), str):
-                return f"{key} is {getattr(self, key)!r}, not a string"
-        for key in ("flops", "params"):
-            v = getattr(self, key)
-            if not number(v) or v < 0:
-                return f"{key} is {v!r}, not a count"
-        # The scheduler ranks tiers by it: a top-1 accuracy, a mIoU or an embedding
-        # fidelity (a cosine) - 97.5, a percentage, outranked every fraction.
-        if self.accuracy is not None and not (number(self.accuracy) and -1 <= self.accuracy <= 1):
-            return f"accuracy is {self.accuracy!r}, not a score in [-1, 1]"
-        if not _is_width(self.width):
-            return f"width is {self.width!r}, not a fraction in (0, 1] nor a mapping of groups"
-        if not isinstance(self.sizes, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
-            for k, v in self.sizes.items()
-        ):
-            return f"sizes is {self.sizes!r}, not channel counts per group"
-        if self.input_rows is not None:
-            return rows_problem(self.input_rows)
-        return None
+        if not isinstance(self.source_sha256, str):
+            return f"source_sha256 is {self.source_sha256!r}, not a string"
+        return fields_problem(self)
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
@@ -149,15 +127,54 @@ class TierRecord:
         write_json(path, data)
 
 
+def _number(v: Any) -> bool:
+    """A finite int or float (JSON reads NaN and Infinity too: no count nor score)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fields_problem(record: Any) -> str | None:
+    """What is wrong with the fields a built tier and a frontier candidate share (``name``,
+    ``width``, ``sizes``, ``flops``, ``params``, ``accuracy``, ``onnx_sha256``,
+    ``input_rows``), if anything: the scheduler ranks by accuracy and FLOPs, the cache
+    keys by the hash, and a wrong type failed far from the file.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> fields_problem(R(name="w050", width=0.5, sizes={"a": 4}, flops=10, params=2,
+        ...                  accuracy=97.5, onnx_sha256="ab", input_rows=None))
+        'accuracy is 97.5, not a score in [-1, 1]'
+    """
+    for key in ("name", "onnx_sha256"):
+        if not isinstance(getattr(record, key), str):
+            return f"{key} is {getattr(record, key)!r}, not a string"
+    for key in ("flops", "params"):
+        v = getattr(record, key)
+        if not _number(v) or v < 0:
+            return f"{key} is {v!r}, not a count"
+    # A top-1 accuracy, a mIoU or an embedding fidelity (a cosine): 97.5, a percentage,
+    # outranked every fraction.
+    accuracy = record.accuracy
+    if accuracy is not None and not (_number(accuracy) and -1 <= accuracy <= 1):
+        return f"accuracy is {accuracy!r}, not a score in [-1, 1]"
+    if not _is_width(record.width):
+        return f"width is {record.width!r}, not a fraction in (0, 1] nor a mapping of groups"
+    sizes = record.sizes
+    if not isinstance(sizes, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+        for k, v in sizes.items()
+    ):
+        return f"sizes is {sizes!r}, not channel counts per group"
+    if record.input_rows is not None:
+        return rows_problem(record.input_rows)
+    return None
+
+
 def _is_width(v: Any) -> bool:
     """A width as model.yaml gives it: a fraction in (0, 1], or a mapping of group (or kind)
     names to channel counts or fractions (and ``shaped: true|false``)."""
     if isinstance(v, dict):
-        return all(
-            isinstance(k, str) and isinstance(n, (int, float)) and math.isfinite(n)
-            for k, n in v.items()
-        )
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+        return all(isinstance(k, str) and (isinstance(n, bool) or _number(n)) for k, n in v.items())
+    return _number(v) and 0 < v <= 1
 
 
 def inn_fingerprint(meta: dict[str, Any]) -> str:

@@ -194,6 +194,18 @@ class Repository:
     def load_record(self, name: str, tier: str) -> TierRecord:
         return TierRecord.read(self.tier_dir(name, tier) / TIER_FILE)
 
+    def _built_record(self, name: str, tier: TierConfig, config: ModelConfig) -> TierRecord:
+        """``tier``'s build record, refused where model.yaml gives it another width since
+        (edited, not rebuilt)."""
+        record = self.load_record(name, tier.name)
+        if record.width != tier.width:
+            raise RepositoryError(
+                f"{self.tier_dir(name, tier.name) / TIER_FILE} was built at width "
+                f"{record.width!r}, but {config.source} now gives tier {tier.name} width "
+                f"{tier.width}: run `innfer build`"
+            )
+        return record
+
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
         names = [override] if override else list(config.backends)
         why = []
@@ -286,13 +298,7 @@ class Repository:
             else:
                 d = self.tier_dir(name, tier.name)
                 record = d / TIER_FILE
-                tiers[tier.name] = TierRecord.read(record)
-                if tiers[tier.name].width != tier.width:  # model.yaml edited, not rebuilt
-                    raise RepositoryError(
-                        f"{d / TIER_FILE} was built at width {tiers[tier.name].width!r}, but "
-                        f"{config.source} now gives tier {tier.name} width {tier.width}: "
-                        "run `innfer build`"
-                    )
+                tiers[tier.name] = self._built_record(name, tier, config)
                 self._check_inn(name, d, tiers[tier.name], inn_now)
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
@@ -410,11 +416,20 @@ class Repository:
             _, records, profile = auto
             return records, profile, "frontier"
         profile = self.read_profile(name)
+        path = self.root / name / PROFILE_FILE
         if profile is None or not isinstance(profile.get("tiers"), dict):
+            raise RepositoryError(f"{path} is missing or corrupted: run `innfer build`")
+        # model.yaml's tiers as built, as ``load`` checks them: a tier removed, added or
+        # given another width since the build was planned as it had been built, silently.
+        records = {t.name: self._built_record(name, t, config) for t in config.tiers}
+        names = list(records)
+        unmeasured = [n for n in names if n not in profile["tiers"]]
+        if unmeasured:
             raise RepositoryError(
-                f"{self.root / name / PROFILE_FILE} is missing or corrupted: run `innfer build`"
+                f"{path} has no latency for tier {unmeasured[0]} of {config.source}: run "
+                "`innfer build`"
             )
-        return {t: self.load_record(name, t) for t in profile["tiers"]}, profile, "model.yaml"
+        return records, _only_tiers(profile, names), "model.yaml"
 
     def _inn_fingerprint(self, name: str) -> str | None:
         """``inn_fingerprint`` of the model directory's INN now; None without one (a
@@ -562,3 +577,14 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
                     f"{tier_dir}: tier {tier}'s engine has {what} {found}, but model.yaml gives "
                     f"{t.name} {list(t.shape)} (edited after the build?): run `innfer build`"
                 )
+
+
+def _only_tiers(profile: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``profile`` with only the tables of tiers ``names`` (those of tiers model.yaml no
+    longer lists dropped), per sequence length too."""
+    out = {**profile, "tiers": {n: profile["tiers"][n] for n in names}}
+    if isinstance(profile.get("lengths"), dict):
+        out["lengths"] = {
+            length: {n: t[n] for n in names if n in t} for length, t in profile["lengths"].items()
+        }
+    return out
