@@ -388,8 +388,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     config = _override(config, overrides)  # validated like the file: --policy fixed: is refused
     _check_repository(config)
+    _check_backend(config.backend, "--backend" if args.backend else f"{config.source}: backend")
     asyncio.run(serve(config))
     return 0
+
+
+def _check_backend(name: str | None, given: str) -> None:
+    """A backend forced on every model (``given``: where) that this machine lacks stops the
+    server at start: it started, failed every model's load with "<model>/model.yaml: none
+    of the backends ['tensorrt'] is available ...; rebuild it with innfer build" - the
+    wrong file and the wrong fix - and, without model control, stayed up not ready."""
+    if name is None:
+        return
+    from runtime.engines import get_backend
+
+    reason = get_backend(name).unavailable_reason()
+    if reason is not None:
+        raise ValueError(
+            f"{given}: {name} is not available on this machine ({reason}); run where it is, "
+            "or leave backend unset (null) to use each model's own preference (model.yaml)"
+        )
 
 
 # innfer serve's flags by the server config field they set (where the names differ).

@@ -560,3 +560,29 @@ def test_calibrate_keeps_inputs_back_to_judge_new_tiers_by_default(tmp_path, cap
     assert code == 0, err
     assert "no held-out training inputs" not in out
     assert "kept" in out or "keeps" in out  # each width's decision, judged on held-out data
+
+
+# -- innfer serve with a backend forced on every model -------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_serve_stops_at_start_when_the_forced_backend_is_missing(tmp_path, capsys, how):
+    # It started, failed every model's load with "<model>/model.yaml: none of the backends
+    # ['tensorrt'] is available ...; rebuild it with innfer build" (the wrong file, the
+    # wrong fix) and, without model control, stayed up not ready.
+    from runtime.engines import get_backend
+
+    if get_backend("tensorrt").unavailable_reason() is None:
+        pytest.skip("TensorRT is available here: nothing to refuse")
+    add_model(tmp_path, "cnn", runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),)), IO)
+    server_yaml = tmp_path / "server.yaml"
+    local = {"host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0}  # if it ever does start
+    server_yaml.write_text(
+        yaml.safe_dump({"repository": str(tmp_path), "backend": "tensorrt", **local})
+    )
+    flags = ["--repository", tmp_path, "--backend", "tensorrt", "--host", "127.0.0.1",
+             "--port", 0, "--metrics-port", 0]  # fmt: skip
+    code, _, err = _cli(capsys, "serve", *(flags if how == "flag" else ["--config", server_yaml]))
+    where = "--backend" if how == "flag" else f"{server_yaml}: backend"
+    assert code != 0 and f"{where}: tensorrt is not available on this machine" in err
+    assert "model.yaml" in err and "rebuild" not in err  # leave it unset to use model.yaml's
