@@ -123,7 +123,12 @@ def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tupl
     seq = None
     for axis in spec.dynamic:
         seq = shape[1 + axis]
-        if not 1 <= seq <= max_length:
+        if seq < 1:  # "outside [1, N] ...; send shorter sequences" was the wrong advice
+            raise InvalidArgument(
+                f"input {t.name!r}: sequence length {seq} (shape {shape}); send at least 1 "
+                "position per row"
+            )
+        if seq > max_length:
             raise InvalidArgument(
                 f"input {t.name!r}: sequence length {seq} is outside [1, {max_length}] "
                 f"(the longest profiled length); send shorter sequences"
@@ -226,10 +231,13 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
     np_dtype = np.dtype(spec.dtype)
     field = DATATYPES[t.datatype][1]
     typed = len(getattr(t.contents, field)) if field else 0
+    # Every contents field that holds values, the datatype's own or not (an FP32 input's
+    # values sent in int_contents were dropped beside raw bytes, or read as "0 values").
+    given = [f.name for f, _ in t.contents.ListFields()]
     if data is not None:
-        if typed:  # Triton refuses this too: which one would the client mean?
+        if given:  # Triton refuses this too: which one would the client mean?
             raise InvalidArgument(
-                f"input {t.name!r} has both contents.{field} and raw_input_contents; "
+                f"input {t.name!r} has both contents.{given[0]} and raw_input_contents; "
                 "send one or the other"
             )
         want_bytes = count * np_dtype.itemsize
@@ -238,6 +246,8 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
                 f"input {t.name!r}: {len(data)} raw bytes, expected {want_bytes} "
                 f"({count} x {np_dtype.name})"
             )
+        if np_dtype == np.bool_:
+            _check_bools(t.name, data)
         return np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if field is None:  # OIP has no typed field for it: "0 values in contents.raw" said nothing
         raise InvalidArgument(
@@ -245,9 +255,12 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
             "in raw_input_contents (little-endian, one entry per input)"
         )
     if typed != count:
+        elsewhere = [g for g in given if g != field]
+        hint = f" (values came in contents.{elsewhere[0]}: send {t.datatype} values in " \
+            f"contents.{field})" if elsewhere else ""  # fmt: skip
         raise InvalidArgument(
             f"input {t.name!r}: {typed} values in contents.{field}, "
-            f"expected {count} for shape {shape}"
+            f"expected {count} for shape {shape}{hint}"
         )
     values = getattr(t.contents, field)
     if np_dtype.kind in "iu" and np_dtype.itemsize < 4:  # carried in 32-bit fields
@@ -255,6 +268,19 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
         _check_range(t.name, t.datatype, wide, np.iinfo(np_dtype))
         return wide.astype(np_dtype).reshape(shape)
     return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def _check_bools(name: str, data) -> None:
+    """Raw BOOL bytes must each be 0 or 1: another byte is no bool numpy or an engine
+    defines (ONNX Runtime read b"\\x02" as 2 in the arithmetic after it)."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    bad = view > 1
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidArgument(
+            f"input {name!r}: raw BOOL byte {int(view[i])} (element {i}); each must be 0 "
+            "(false) or 1 (true)"
+        )
 
 
 def _check_range(name: str, datatype: str, values: np.ndarray, info: np.iinfo) -> None:
@@ -474,7 +500,9 @@ def top_classes(scores: np.ndarray, k: int) -> np.ndarray:
         >>> top_classes(np.array([[0.1, 0.7, 0.2]], np.float32), 2).tolist()
         [['0.700000:1', '0.200000:2']]
     """
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    # Negated as float64: an unsigned score wraps around under "-", and INT32_MIN has no
+    # int32 negation.
+    order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(scores, order, axis=1)
     return np.array(
         [

@@ -276,6 +276,52 @@ def test_typed_and_raw_contents_together_are_refused(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "one or the other" in msg
 
 
+def test_raw_bytes_beside_values_in_another_contents_field_are_refused():
+    # Only the datatype's own field was checked: an FP32 input's 4 values sent in
+    # int_contents beside raw bytes were dropped, and the zeros answered.
+    from runtime.repository.config import TensorConfig
+    from server.codec import decode_inputs
+
+    spec = TensorConfig(name="x", dtype="float32", shape=(4,))
+    req = pb.ModelInferRequest(raw_input_contents=[bytes(16)])
+    t = req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    t.contents.int_contents.extend([1, 2, 3, 4])
+    with pytest.raises(InvalidArgument, match=r"both contents\.int_contents and raw_input_"):
+        decode_inputs(req, [spec], max_batch=4)
+    del req.raw_input_contents[:]  # typed only, in the wrong field: say which field came
+    with pytest.raises(InvalidArgument, match=r"0 values in contents.fp32_contents, expected 4 "
+                       r"for shape \[1, 4\] \(values came in contents.int_contents"):  # fmt: skip
+        decode_inputs(req, [spec], max_batch=4)
+
+
+def test_raw_bool_bytes_other_than_0_and_1_are_refused():
+    # They were passed on: ONNX Runtime read b"\x02" as 2 in the arithmetic after it.
+    from runtime.repository.config import TensorConfig
+    from server.codec import decode_inputs
+
+    spec = TensorConfig(name="c", dtype="bool", shape=(3,))
+    req = pb.ModelInferRequest(raw_input_contents=[b"\x01\x00\x05"])
+    req.inputs.add(name="c", datatype="BOOL", shape=[1, 3])
+    with pytest.raises(InvalidArgument, match=r"raw BOOL byte 5 \(element 2\); each must be 0"):
+        decode_inputs(req, [spec], max_batch=4)
+    req.raw_input_contents[0] = b"\x01\x00\x01"
+    assert decode_inputs(req, [spec], max_batch=4)[0]["c"].tolist() == [[True, False, True]]
+
+
+def test_an_empty_sequence_is_told_to_send_a_position_not_shorter_sequences():
+    # "sequence length 0 is outside [1, 1048576] (the longest profiled length); send
+    # shorter sequences": the token-id path's padding bound, and the wrong way round.
+    from runtime.repository.config import TensorConfig
+    from server.codec import decode_inputs
+
+    spec = TensorConfig(name="ids", dtype="int64", shape=(-1,))
+    req = pb.ModelInferRequest(raw_input_contents=[b""])
+    req.inputs.add(name="ids", datatype="INT64", shape=[1, 0])
+    with pytest.raises(InvalidArgument, match=r"sequence length 0 \(shape \[1, 0\]\); send at "
+                       "least 1 position per row$"):  # fmt: skip
+        decode_inputs(req, [spec], max_batch=4, max_length=1 << 20)
+
+
 def test_many_dims_are_refused_without_reading_them(stub):
     req = pb.ModelInferRequest(model_name="tiny")
     req.inputs.add(name="input", datatype="FP32", shape=[1] * 200_000)

@@ -712,6 +712,17 @@ def test_classification_ties_keep_the_lower_class_index_first():
     ]
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.int32])
+def test_classification_ranks_integer_scores_by_value(dtype):
+    # argsort(-scores) wrapped around for unsigned outputs (200 ranked below 0) and cannot
+    # negate INT32_MIN.
+    from server.codec import top_classes
+
+    low = np.iinfo(dtype).min
+    scores = np.array([[low, 5, 200, 7]], dtype)
+    assert top_classes(scores, 3).tolist() == [["200.000000:2", "7.000000:3", "5.000000:1"]]
+
+
 def test_unsupported_output_parameters_are_refused():
     from runtime.repository.config import TensorConfig
     from server.codec import requested_outputs
