@@ -54,7 +54,7 @@ import yaml
 from runtime.configspec import NAME, ConfigError, Where, parse, reference, spec, to_dict
 from runtime.engines import BACKENDS
 from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
-from server.limits import RequestLimits
+from server.limits import ANSWER_FRAME_BYTES, RequestLimits
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.scheduling import POLICIES
 
@@ -256,7 +256,9 @@ class ServerConfig:
     grpc_port: int = spec(8001, lo=0, hi=65535, expected=_PORT, doc="gRPC port")
     metrics_port: int = spec(8002, lo=0, hi=65535, expected=_PORT, doc="Prometheus HTTP port")
     max_message_bytes: int | None = spec(
-        None, lo=1024, hi=2**31 - 1,
+        # at least twice what an answer's frame may take besides its tensors (the data
+        # plane's reserve): below it every answer was refused, "0.0 MiB above 0.0 MiB"
+        None, lo=2 * ANSWER_FRAME_BYTES, hi=2**31 - 1,
         doc="largest gRPC message, either way; null: twice the largest valid request of the "
         "models found at start-up (at least 4 MiB), so oversized requests are refused by gRPC "
         "before they are buffered",

@@ -44,7 +44,14 @@ from server.errors import (
 )
 from server.gpu_load import NvmlLoad, gpu_index
 from server.host_cpu import HostCpu
-from server.limits import clip, message_limit, request_bytes, response_bytes, text_bytes
+from server.limits import (
+    ANSWER_FRAME_BYTES,
+    clip,
+    message_limit,
+    request_bytes,
+    response_bytes,
+    text_bytes,
+)
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, EngineThreads, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
@@ -63,8 +70,6 @@ EXTENSIONS = (
     "innfer_latency_budget",
 )  # fmt: skip
 MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
-# What an answer holds besides its tensors (names, shapes, parameters), at most.
-ANSWER_FRAME_BYTES = 64 * 2**10
 # ... and typically (model name, output names and shapes, six parameters): what the in-flight
 # cap reserves for it before it exists (its real size is held once it does).
 ANSWER_FRAME_TYPICAL_BYTES = 512
@@ -502,28 +507,32 @@ class DataPlane:
                 message_limit(largest),
             )  # fmt: skip
 
-    def _answer_bytes(self, rows: int, outputs, id_bytes: int = 0) -> int:
+    def _answer_bytes(self, rows: int, outputs, id_bytes: int = 0, request_bytes: int = 0) -> int:
         """The bytes the answer to ``rows`` rows of ``outputs`` takes, about (its tensors, the
         request id it echoes, a typical frame). Refuses, before it runs, a request whose
         answer gRPC could not send (it failed after the engine's work, and on a stream ended
-        the stream), or that the in-flight cap could never hold."""
+        the stream), or that the in-flight cap could never hold beside the request's own
+        ``request_bytes`` (refused as load, it was refused so on an idle server forever)."""
         per_row = sum(codec.row_bytes(o) for o in outputs)
         size = rows * per_row + id_bytes + ANSWER_FRAME_TYPICAL_BYTES
         if self.transport_limit is not None:
             room = self.transport_limit - ANSWER_FRAME_BYTES - id_bytes
             if rows * per_row > room:
+                fits = room // max(per_row, 1)
+                fewer = (f"send fewer rows per request (at most {fits})" if fits else
+                         "not even one row fits: raise max_message_bytes")  # fmt: skip
                 raise ResourceExhausted(
-                    f"the answer to {rows} rows would be {rows * per_row / 2**20:.1f} MiB, "
+                    f"the answer to {rows} rows would be {rows * per_row / 2**20:.3g} MiB, "
                     f"above this server's message limit of "
-                    f"{self.transport_limit / 2**20:.1f} MiB; send fewer rows per request (at "
-                    f"most {max(1, room // max(per_row, 1))})"
+                    f"{self.transport_limit / 2**20:.3g} MiB; {fewer}"
                 )
         cap = self.limits.max_inflight_bytes
-        if size > cap:  # alone above the cap, as a request can be (``_admit``)
+        if size + request_bytes > cap:  # never held beside its request, however idle
+            both = f" and its request {request_bytes / 2**20:.1f} MiB" if request_bytes else ""
             raise ResourceExhausted(
-                f"the answer to {rows} rows would be {size / 2**20:.1f} MiB, more than this "
-                f"server holds in flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); "
-                "send fewer rows per request, or raise the limit"
+                f"the answer to {rows} rows would be {size / 2**20:.1f} MiB{both}, more than "
+                f"this server holds in flight ({cap / 2**20:.1f} MiB, "
+                "limits.max_inflight_bytes); send fewer rows per request, or raise the limit"
             )
         return size
 
@@ -765,7 +774,7 @@ class DataPlane:
         self.hold(size, window)
         try:
             return await self._infer(m, request, time_remaining, waited_s, raw,
-                                     deadline_is_budget, window)  # fmt: skip
+                                     deadline_is_budget, window, size)  # fmt: skip
         except (InvalidArgument, NotFound):  # the client's request, not load: not a miss
             m.count_invalid()
             raise
@@ -839,7 +848,9 @@ class DataPlane:
         raw: Sequence[memoryview] | None = None,
         deadline_is_budget: bool = True,
         window: StreamWindow | None = None,
+        size: int = 0,
     ) -> pb.ModelInferResponse:
+        """``_admit`` past the in-flight cap; ``size``: the request's bytes it holds."""
         id_bytes = _id_bytes(request.id, self.limits.max_id_bytes)
         deadline_s = time_remaining  # as the call gave it (a refusal logs its traffic)
         params = request.parameters
@@ -889,7 +900,7 @@ class DataPlane:
             waited_s = m.clock() - decoding
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
-            answer_bytes = self._answer_bytes(rows, outputs, id_bytes)
+            answer_bytes = self._answer_bytes(rows, outputs, id_bytes, size)
         except ResourceExhausted:
             m.count_invalid()  # too many rows for any replica's transport: not load
             raise
@@ -1248,6 +1259,11 @@ _UNITS = ("latency_budget_ms (ms), tier and min_tier (tier names), priority (Tri
           "the highest), timeout (Triton's: microseconds), truncate (bool)")  # fmt: skip
 
 
+# Parameter names longer than this are not checked for misspellings: difflib's 0.75
+# cutoff needs a name within 5/3 of a known one's length (and it costs the square of it).
+_GUESS_MAX_CHARS = 2 * max(map(len, REQUEST_PARAMETERS))
+
+
 def check_parameter_names(params) -> None:
     """InvalidArgument for a parameter name that looks like a misspelt one of innfer's
     (``tierr``, ``Latency-Budget-Ms``, ``truncation``): ignored, it would serve the request
@@ -1264,6 +1280,8 @@ def check_parameter_names(params) -> None:
     for key in params:
         if key in _READ or key in _PASSED_OVER:
             continue
+        if len(key) > _GUESS_MAX_CHARS:  # no misspelling of ours, and difflib is quadratic
+            continue  # (a 3.5 MB key held the event loop 0.45 s per request)
         name = key.casefold().replace("-", "_")
         if name in ("timeout_ms", "timeout_us"):  # which unit was meant is not ours to guess
             raise InvalidArgument(

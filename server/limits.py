@@ -138,6 +138,9 @@ def clip_message(text: str) -> str:
 # The automatic gRPC message limit: twice the largest valid request (typed contents and
 # parameters take some room beyond the raw tensor bytes), and never below this.
 MIN_MESSAGE_BYTES = 4 * 2**20
+# What an answer holds besides its tensors (names, shapes, parameters), at most: the room
+# the data plane leaves in the message limit for it.
+ANSWER_FRAME_BYTES = 64 * 2**10
 
 
 # Bytes a text may have per token of the model's max_length: room for any UTF-8 text the

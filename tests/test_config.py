@@ -205,6 +205,8 @@ def test_model_value_out_of_range_names_field_and_value(patch, field, value):
         ({"grpc_port": 70000}, "grpc_port", "70000"),
         ({"metrics_port": -1}, "metrics_port", "-1"),
         ({"max_message_bytes": 10}, "max_message_bytes", "10"),
+        # below twice an answer's 64 KiB frame reserve every inference was refused
+        ({"max_message_bytes": 50_000}, "max_message_bytes", "50000"),
         ({"max_message_bytes": 2**31}, "max_message_bytes", str(2**31)),
         ({"grace_period_s": 4000}, "grace_period_s", "4000"),
         ({"budget_margin_ms": 10_000}, "budget_margin_ms", "10000"),

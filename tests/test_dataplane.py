@@ -1187,6 +1187,41 @@ def test_an_answer_the_inflight_cap_could_never_hold_is_refused_as_sent(tmp_path
     assert _run(body()) == (600_000, 1.0, 0)
 
 
+def test_a_request_and_its_answer_the_cap_could_never_hold_together_are_refused_as_sent(
+    tmp_path,
+):
+    # Each fits the 1 MiB cap alone, not both (2 rows x 256 KiB in, as much out): the
+    # request already held its bytes when its answer's were checked, so an idle server
+    # said "0.5 MiB of requests and answers are in flight ... retry shortly" every time,
+    # counted as load (refused_full: the autoscaler adds replicas for it).
+    n = 65_536
+    write_model(tmp_path, "echo", {"w100": 1.0}, max_batch=4,
+                inputs=[{"name": "input", "dtype": "float32", "shape": [n]}],
+                outputs=[{"name": "logits", "dtype": "float32", "shape": [n]}])  # fmt: skip
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
+                                  "limits": {"max_inflight_bytes": 2**20}})  # fmt: skip
+    cfg = dataclasses.replace(cfg, backend="fake")
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        registry = plane.metrics.registry
+        try:
+            one = await plane.infer(_request("echo", np.ones((1, n), np.float32)), None)
+            with pytest.raises(ResourceExhausted, match=r"0\.5 MiB and its request 0\.5 MiB"):
+                await plane.infer(_request("echo", np.ones((2, n), np.float32)), None)
+            labels = {"model": "echo", "tier": ""}
+            outcomes = {
+                o: registry.get_sample_value("innfer_requests_total", {**labels, "outcome": o})
+                for o in ("invalid", "refused_full")
+            }
+            return len(one.raw_output_contents[0]), outcomes, plane.inflight_bytes
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == (4 * n, {"invalid": 1.0, "refused_full": 0.0}, 0)
+
+
 def test_a_stuck_engine_makes_the_server_not_ready(config, monkeypatch):
     from server.service import HealthService
 
