@@ -157,7 +157,9 @@ def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     try:
         record = json.loads((model_dir / DEMO_FILE).read_text())
         inn_sha = json.loads((model_dir / "inn.json").read_text())["weights_sha256"]
-    except (OSError, ValueError, KeyError) as exc:
+        if not isinstance(record, dict):  # valid JSON, not the record's object ([] read as
+            raise TypeError(f"{DEMO_FILE} is not an object")  # a bug, via record.get)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"its files are unreadable ({exc})"
     if not (model_dir / "model.yaml").is_file():
         return None, "model.yaml is missing"
@@ -178,15 +180,20 @@ def _demo_rebuild(args: argparse.Namespace, model_dir: Path, as_it_is: bool = Fa
     import torch
     import yaml
 
+    from runtime.atomic import write_bytes
     from runtime.build.pipeline import build_model
+    from runtime.configspec import read_yaml
     from runtime.repository import Repository
+    from runtime.repository.config import ModelConfig
 
     torch.set_num_threads(args.threads)
-    config = yaml.safe_load((model_dir / "model.yaml").read_text())
+    # Read as every command reads it (a syntax error, a key given twice, an empty file: a
+    # ConfigError naming the file, not "internal error ... (a bug)" nor a silent rewrite).
+    ModelConfig.load(model_dir / "model.yaml")
+    config = read_yaml(model_dir / "model.yaml")
     if config.get("threads") != args.threads and not as_it_is:
-        (model_dir / "model.yaml").write_text(
-            yaml.safe_dump({**config, "threads": args.threads}, sort_keys=False)
-        )
+        text = yaml.safe_dump({**config, "threads": args.threads}, sort_keys=False)
+        write_bytes(model_dir / "model.yaml", text.encode())  # whole, or not at all
     repo = Repository(args.repository)
     report = build_model(repo, args.name, profile=False)
     if _profile_stale(repo, args.name, report):

@@ -476,6 +476,17 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     (other / "model.yaml").unlink()
     code, _, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "other")
     assert code == 2 and "holds an INN the demo did not make" in err and "--retrain" in err
+    # Valid JSON that is no record, a model.yaml that does not parse: each said, where they
+    # were "internal error: AttributeError ... (a bug)" (and YAML's ParserError).
+    (other / "demo.json").write_text("[]")
+    assert cli._demo_reusable(other, recipe) == (
+        None,
+        "its files are unreadable (demo.json is not an object)",
+    )
+    (calibrated / "model.yaml").write_text("inputs: [unclosed\n")
+    code, _, err = cli_main(*DEMO, "--repository", str(tmp_path), "--name", "calibrated")
+    assert code == 2 and "model.yaml: not valid YAML" in err and "internal error" not in err
+    (calibrated / "model.yaml").write_text(yaml_text)
 
     # What the demo built is what `make run` serves.
     s = ServerThread({"repository": str(repo)}).start()
