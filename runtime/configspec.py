@@ -73,6 +73,12 @@ NAME = Pattern(
     re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"),
     "a name of letters, digits, '_', '.', '-' (at most 64)",
 )
+# A model's name is its directory's in the repository (runtime.repository.store): longer
+# than other names - the engine cache adds suffixes to it within a file name's 255 bytes.
+MODEL_NAME = Pattern(
+    re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"),
+    "a model name of letters, digits, '_', '.', '-' (at most 128)",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from runtime.configspec import NAME, ConfigError, Where, parse, reference, spec, to_dict
+from runtime.configspec import MODEL_NAME, NAME, ConfigError, Where, parse, reference, spec, to_dict
 from runtime.engines import BACKENDS
 from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
 from server.limits import ANSWER_FRAME_BYTES, RequestLimits
@@ -372,8 +372,9 @@ class ServerConfig:
     tls: TLSConfig | None = spec(None, doc="serve over TLS (default: plaintext)")
     auth: AuthConfig | None = spec(None, doc="require a bearer token (health stays open)")
     models: tuple[str, ...] = spec(
-        (), pattern=NAME, unique=True, doc="models to load; empty: every one in the repository"
-    )
+        (), pattern=MODEL_NAME, unique=True,
+        doc="models to load; empty: every one in the repository",
+    )  # fmt: skip
     model_control: str = spec(
         "none", choices=MODEL_CONTROL,
         doc="explicit: clients may load and unload models (RepositoryModelLoad/Unload); "

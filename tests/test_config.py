@@ -437,6 +437,18 @@ def test_safe_dump_masks_the_token():
     assert "s3cret" not in repr(cfg)
 
 
+def test_models_lists_any_name_a_model_directory_may_have():
+    # A model named with 65-128 characters was built and served by default, but could not
+    # be listed in models: (at most 64, the pattern of other names).
+    from runtime.repository.store import check_model_name
+
+    name = "m" * 100
+    check_model_name(name)
+    assert ServerConfig.from_dict({"repository": "r", "models": [name]}).models == (name,)
+    m = _refused(ServerConfig.from_dict, {"repository": "r", "models": ["m" * 129]})
+    assert m["field"] == "models[0]" and "at most 128" in m["exp"]
+
+
 def test_an_integer_too_large_for_a_float_field_is_a_config_error():
     value = 10**400
     # float(10**400) raised OverflowError past the bounds check (a lower bound only): the

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_json
+from runtime.configspec import MODEL_NAME as MODEL_NAME_PATTERN
 from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
@@ -65,7 +65,7 @@ LOAD_PROFILE_REPEATS = 7
 LOAD_PROFILE_S = 0.5
 # A model name is one directory name: letters, digits, '.', '_', '-'; at most 128 bytes
 # (file systems allow 255 per component; the engine cache adds suffixes to it).
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MODEL_NAME = MODEL_NAME_PATTERN.regex
 
 
 def check_model_name(name: str) -> None:
