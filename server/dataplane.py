@@ -775,8 +775,9 @@ class DataPlane:
         try:
             return await self._infer(m, request, time_remaining, waited_s, raw,
                                      deadline_is_budget, window, size)  # fmt: skip
-        except (InvalidArgument, NotFound):  # the client's request, not load: not a miss
-            m.count_invalid()
+        except (InvalidArgument, NotFound) as exc:  # the client's request, not load: not a miss
+            if not getattr(exc, "counted", False):  # the runtime counted what its engine refused
+                m.count_invalid()
             raise
         finally:
             self.release(size, window)

@@ -1282,6 +1282,7 @@ class ModelRuntime:
         self._queue_total.inc(r.started - r.arrival)
         if isinstance(error, InvalidArgument):  # its own bad values: not an engine failure
             self.count_invalid()
+            error.counted = True  # DataPlane._admit counts the invalid it sees raised: not twice
         else:
             self.metrics.requests.labels(self.name, tier, "failed").inc()
             self._missed["failed"].inc()

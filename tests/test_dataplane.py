@@ -611,6 +611,25 @@ def test_a_cancelled_load_still_completes_and_leaves_nothing_half_made(config, m
     assert sorted(map(id, members)) == sorted(map(id, lanes))  # nothing else on the device
 
 
+def test_a_request_the_engine_refuses_as_invalid_is_counted_invalid_once(config):
+    # An index past a table (the engine's "out of data bounds") was counted invalid twice:
+    # by the runtime that failed it, and again by the data plane it was raised through.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            for engine in plane.models["a"].served.engines.values():
+                engine.fail = RuntimeError("Gather: indices element out of data bounds, idx=25")
+            with pytest.raises(InvalidArgument, match="indexes past a table"):
+                await plane.infer(_request("a", _x(1, 1.0)), None)
+            labels = {"model": "a", "tier": "", "outcome": "invalid"}
+            return plane.metrics.registry.get_sample_value("innfer_requests_total", labels)
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == 1.0
+
+
 def test_a_warm_up_error_of_any_kind_breaks_that_model_only(config, monkeypatch):
     # ONNX Runtime's own errors (onnxruntime...Fail) are plain Exceptions, not EngineError:
     # one escaping load() stopped the start-up, left 'b' unloaded and 'a' on the device.
