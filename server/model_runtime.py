@@ -32,6 +32,7 @@ import contextvars
 import itertools
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -126,6 +127,9 @@ def engine_failed(model: str, tier: str, exc: BaseException) -> InferError:
 # UNAVAILABLE. Short: on a reload the new engines are already serving, and a client retry
 # (UNAVAILABLE is retryable) is faster than waiting behind a queue that is going away.
 DRAIN_S = 0.5
+# The expiry timer (``_arm_expiry``) fires no sooner than this after it is armed: a queued
+# request inside its grace past the deadline is looked at again this often, not at once.
+EXPIRY_STEP_S = 0.002
 # stop(): how long a running batch may take to finish before its engines are closed anyway
 # (an engine call cannot be interrupted; closing under it would crash the worker).
 RUNNING_WAIT_S = 10.0
@@ -539,6 +543,8 @@ class ModelRuntime:
             raise
         self.scheduler = self.lanes[lengths[-1]]  # the longest lane: slots, load timing
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
+        self._expiry: asyncio.TimerHandle | None = None  # _arm_expiry's, due at _expiry_at
+        self._expiry_at = math.inf
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -600,6 +606,9 @@ class ModelRuntime:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
         self.flush()  # the last batches' bookkeeping, before the engines close
+        if self._expiry is not None:  # nothing is queued any more: no expiry to look for
+            self._expiry.cancel()
+            self._expiry = None
         closed = self._close_in_thread()
         if self._running:
             # An engine call that does not return (a hung GPU, a deadlocked library) cannot
@@ -1116,6 +1125,30 @@ class ModelRuntime:
         for lane in self.lanes.values():
             while (decision := lane.next(now)) is not None:
                 self._launch(lane, decision)
+        self._arm_expiry(now)
+
+    def _arm_expiry(self, now: float) -> None:
+        """Pump again when the earliest queued deadline has passed (``EXPIRY_STEP_S`` from
+        now at the soonest): expiry ran only when something pumped - an arrival, a finished
+        batch - so a batch overrunning its plan (a stalled engine call) held the queue past
+        its budgets (a 300 ms budget refused after a 3 s stall, the gRPC deadline of a
+        stream's request no help). One timer per runtime: an earlier deadline re-arms it, a
+        later one waits for it to fire, and a timer that finds nothing to expire costs one
+        pump."""
+        due = min((lane.earliest_deadline() for lane in self.lanes.values()), default=math.inf)
+        if due == math.inf:
+            return
+        at = max(due, now + EXPIRY_STEP_S)
+        if self._expiry is not None:
+            if self._expiry_at <= at:
+                return
+            self._expiry.cancel()
+        self._expiry_at = at
+        self._expiry = self._loop.call_later(at - now, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self._pump()
 
     def _launch(self, lane: Scheduler, d: Decision) -> None:
         """Concatenate ``d``'s inputs (padded to its longest sequence, or to its lane's

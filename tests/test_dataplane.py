@@ -547,6 +547,33 @@ def test_a_swap_under_load_starts_from_the_speed_the_old_set_ran_at(config):
 # -- lifecycle under races (cases a review of the load, swap and unload paths found) ---------
 
 
+def test_a_queued_request_expires_at_its_deadline_while_a_batch_overruns(config):
+    # Expiry ran only when something pumped the queue (an arrival, a finished batch): behind
+    # an engine call stalled for seconds, a request with a 300 ms budget was refused when
+    # the call returned, 3 s later - and a stream's request has no gRPC deadline to help.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        a = plane.models["a"]
+        gate = hold_engines(a)
+        try:
+            held = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0)), None))
+            await until_engine_runs(a)
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="budget ran out in the queue"):
+                await plane.infer(_request("a", _x(1, 2.0), latency_budget_ms=300.0), None)
+            waited = time.monotonic() - t0
+            gate.set()
+            await asyncio.wait_for(held, 5)
+            return waited
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    waited = _run(body())
+    assert 0.25 < waited < 2.0, waited  # its deadline (300 ms), not the stall's end (never)
+
+
 def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(config):
     # The Unload RPC's client gives up (its deadline): the stop it started goes on, so the
     # requests the model admitted are answered and its engines closed.

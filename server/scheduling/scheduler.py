@@ -463,6 +463,14 @@ class Scheduler:
             r.finish(State.REFUSED_DEADLINE, now)
         return gone
 
+    def earliest_deadline(self) -> float:
+        """The earliest deadline in the queue (absolute seconds; inf when it is empty): a
+        request is not expired (``expire``) before it, so a runtime that must expire
+        requests with nothing else to wake it (a batch overrunning its plan) looks then."""
+        if len(self.queue) <= SMALL_QUEUE:
+            return min((r.deadline for r in self.queue), default=math.inf)
+        return float(self.columns().deadline.min())
+
     def next(self, now: float) -> Decision | None:
         """If a slot is free and the queue is not empty, start the policy's decision: its
         requests leave the queue as RUNNING, and the returned ``Decision`` carries the slot
