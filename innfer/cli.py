@@ -291,6 +291,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from runtime.repository import Repository
 
     _check_repository_dir(args.repository)
+    _check_backend(args.backend, "--backend")  # not each model.yaml's fault, after the work
     repo = Repository(args.repository)
     names = args.model or repo.names()
     if not args.model:
@@ -401,10 +402,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _check_backend(name: str | None, given: str) -> None:
-    """A backend forced on every model (``given``: where) that this machine lacks stops the
-    server at start: it started, failed every model's load with "<model>/model.yaml: none
-    of the backends ['tensorrt'] is available ...; rebuild it with innfer build" - the
-    wrong file and the wrong fix - and, without model control, stayed up not ready."""
+    """A backend forced on every model (``given``: where - serve's or build's --backend, the
+    server config's backend) that this machine lacks stops the command at start: serve
+    started, failed every model's load with "<model>/model.yaml: none of the backends
+    ['tensorrt'] is available ...; rebuild it with innfer build" - the wrong file and the
+    wrong fix - and, without model control, stayed up not ready; build said the same of
+    every model.yaml."""
     if name is None:
         return
     from runtime.engines import get_backend
@@ -500,9 +503,11 @@ def _data_name(text: str) -> str:
     )
 
 
-def _at_least(lo: int):
-    """An argparse type: an int >= ``lo``, refused at parse time with the option's name
-    (``--slots 0`` reached the simulator as "negative dimensions are not allowed").
+def _at_least(lo: int, hi: int | None = None):
+    """An argparse type: an int >= ``lo`` (and <= ``hi``), refused at parse time with the
+    option's name (``--slots 0`` reached the simulator as "negative dimensions are not
+    allowed"; ``demo --threads 300`` trained for a minute, then blamed the model.yaml the
+    demo wrote).
 
     Example:
         >>> _at_least(1)("3")
@@ -514,12 +519,31 @@ def _at_least(lo: int):
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}")
+        if v < lo or (hi is not None and v > hi):
+            within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {within}, got {text!r}")
         return v
 
-    parse.__name__ = f"int >= {lo}"  # argparse names the type in its messages
+    parse.__name__ = f"int >= {lo}" if hi is None else f"int in [{lo}, {hi}]"
     return parse
+
+
+# What --threads and --seed take: model.yaml's threads bound, and numpy's and torch's seeds
+# (-1 was "expected non-negative integer" after the work, naming no flag).
+_threads = _at_least(1, 256)
+_seed = _at_least(0, 2**32 - 1)
+
+
+def _model_name(text: str) -> str:
+    """An argparse type: a model name the repository accepts (one directory name):
+    ``demo --name ../escaped`` trained, then wrote its INN outside the repository."""
+    from runtime.repository.store import InvalidModelName, check_model_name
+
+    try:
+        check_model_name(text)
+    except InvalidModelName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _non_negative(text: str) -> float:
@@ -809,7 +833,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")
     p.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--noise",
         type=_non_negative,
@@ -1340,11 +1364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="mnist_resnet", choices=models,
         help="minilm: all-MiniLM-L6-v2, text in, embeddings out (the [zoo] extra)",
     )  # fmt: skip
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
     demo.add_argument(
-        "--name", help="model name (default: mnist for mnist_resnet, else the --model's name)"
-    )
+        "--name", type=_model_name,
+        help="model name (default: mnist for mnist_resnet, else the --model's name)",
+    )  # fmt: skip
     demo.add_argument(
         "--calibrate-seconds", type=_non_negative, default=60.0,
         help="minilm: distillation seconds per smaller tier (0: data-free)",
@@ -1353,7 +1378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve", action=argparse.BooleanOptionalAction, default=None,
         help="minilm: serve on 127.0.0.1:8001 after the build (default: yes)",
     )  # fmt: skip
-    demo.add_argument("--threads", type=_at_least(1), default=2)
+    demo.add_argument("--threads", type=_threads, default=2)
     demo.add_argument("--epochs", type=_at_least(1), help="training epochs (default: the model's)")
     demo.add_argument(
         "--convert", action="store_true", help="train a plain model and convert it instead"
@@ -1392,9 +1417,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--per-group", action="store_true", help="random widths per group")
     train.add_argument("--lr", type=_positive)
     train.add_argument("--batch-size", type=_at_least(1), help="default: the model's recipe")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train.add_argument("--threads", type=_at_least(1), default=2)
+    train.add_argument("--threads", type=_threads, default=2)
     train.add_argument("--widths", type=_width, nargs="*", default=[1.0, 0.75, 0.5, 0.25])
     train.set_defaults(func=cmd_train)
 
@@ -1421,7 +1446,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="budget for all widths together (split evenly between the tiers)",
     )
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--seed", type=_seed, default=0)
     cal.add_argument("--lr", type=_positive,
                      help="peak learning rate of each tier's warm-up + cosine schedule "
                           "(default: 3e-3 for images, 1e-3 for text)")  # fmt: skip
@@ -1430,7 +1455,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: start each tier on the channels chosen from the text "
                           "(default) or on the INN's uniform grid")  # fmt: skip
     cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
-    cal.add_argument("--threads", type=_at_least(1), default=2)
+    cal.add_argument("--threads", type=_threads, default=2)
     cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="accuracy / FLOPs / params by width")
@@ -1445,7 +1470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rep.add_argument("--sentences", type=_at_least(1), default=2000,
                      help="with --text: use the first N sentences (default 2000)")  # fmt: skip
-    rep.add_argument("--threads", type=_at_least(1), default=2, help="with --text: torch threads")
+    rep.add_argument("--threads", type=_threads, default=2, help="with --text: torch threads")
     rep.add_argument("--widths", type=_width, nargs="*",
                      help="widths to report (default: 1.0 to 0.25 by 1/8; with --text: "
                      "model.yaml's tiers)")  # fmt: skip

@@ -586,3 +586,36 @@ def test_serve_stops_at_start_when_the_forced_backend_is_missing(tmp_path, capsy
     where = "--backend" if how == "flag" else f"{server_yaml}: backend"
     assert code != 0 and f"{where}: tensorrt is not available on this machine" in err
     assert "model.yaml" in err and "rebuild" not in err  # leave it unset to use model.yaml's
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        # trained for a minute, then wrote the INN outside the repository
+        (["demo", "--model", "digits_mlp", "--name", "../escaped"], "argument --name: model name"),
+        # trained, then blamed the model.yaml the demo wrote ("threads: got 300")
+        (["demo", "--model", "digits_mlp", "--threads", "300"], "argument --threads: expected a "
+         "whole number in [1, 256], got '300'"),
+        # "expected non-negative integer" after the work, naming no flag
+        (["train", "--model", "digits_mlp", "--seed", "-1"], "argument --seed: expected a whole "
+         "number in [0, 4294967295], got '-1'"),
+    ],
+)  # fmt: skip
+def test_flags_are_refused_before_any_work(tmp_path, capsys, argv, said):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--repository" if argv[0] == "demo" else "--out", str(tmp_path / "r")])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "r").exists()
+
+
+def test_build_refuses_a_missing_forced_backend_before_any_model(tmp_path, capsys):
+    # "<model>/model.yaml: none of the backends ['tensorrt'] is available": model.yaml lists
+    # onnxruntime; the flag was the cause.
+    from runtime.engines import get_backend
+
+    if get_backend("tensorrt").unavailable_reason() is None:
+        pytest.skip("TensorRT is available here: nothing to refuse")
+    add_model(tmp_path, "cnn", runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),)), IO)
+    code, _, err = _cli(capsys, "build", tmp_path, "--backend", "tensorrt")
+    assert code == 2 and "--backend: tensorrt is not available on this machine" in err
+    assert "model.yaml:" not in err and not (tmp_path / "cnn" / "tiers").exists()
