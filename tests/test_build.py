@@ -867,3 +867,28 @@ def test_a_data_set_file_loads_in_either_layout_and_says_what_it_lacks(tmp_path)
     np.savez(tmp_path / "short.npz", x=x, y=y[:10])
     with pytest.raises(ValueError, match="x and y need the same length"):
         load(str(tmp_path / "short.npz"))
+
+
+def test_a_file_that_is_no_data_set_is_said_so_by_name(tmp_path):
+    # A .npy was "internal error: TypeError: ... context manager"; a text file got numpy's
+    # advice to load pickles; negative labels failed calibration deep in torch ("Target -7
+    # is out of bounds"), fractional ones were truncated and scored.
+    import numpy as np
+
+    from runtime.demo.data import load
+
+    x = np.zeros((10, 3))
+    with open(tmp_path / "one.npz", "wb") as f:
+        np.save(f, x)  # numpy.save's one array, under an .npz name
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    np.savez(tmp_path / "neg.npz", x=x, y=np.array([1, 2, 3, -7, 1, 2, 3, 0, 1, 2]))
+    np.savez(tmp_path / "frac.npz", x_train=x[:6], y_train=np.full(6, 1.5), x_test=x[6:],
+             y_test=np.ones(4))  # fmt: skip
+    for name, said in [
+        ("one.npz", r"one\.npz is one array \(numpy\.save\)"),
+        ("text.npz", r"text\.npz is not a \.npz of plain arrays"),
+        ("neg.npz", r"neg\.npz: y holds -7 \(element 3\); class labels are whole numbers"),
+        ("frac.npz", r"frac\.npz: y_train holds 1\.5 \(element 0\)"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            load(str(tmp_path / name))

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import gzip
 import importlib.util
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,33 +191,69 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     Example:
         >>> ds = load("my_data.npz")  # doctest: +SKIP
     """
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.files)
-        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            parts = [np.asarray(f[k]) for k in ("x_train", "y_train", "x_test", "y_test")]
-        elif {"x", "y"} <= keys:
-            x, y = np.asarray(f["x"]), np.asarray(f["y"])
-            if len(x) != len(y) or len(x) < 5:
-                raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
-                                 f"{len(y)} given)")  # fmt: skip
-            return _split(Path(path).stem, x, y, n_test=len(x) // 5)
-        elif unlabelled and "x" in keys and len(f["x"]) >= 5:
-            x = np.asarray(f["x"])
-            data = _split(Path(path).stem, x, np.full(len(x), -1), n_test=len(x) // 5)
-            return dataclasses.replace(data, labelled=False)
-        else:
-            also = ", or x alone (inputs, at least 5)" if unlabelled else ""
-            raise ValueError(
-                f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "
-                f"and y (inputs (N, ...), integer labels (N,)){also}, as numpy.savez writes "
-                "them"
-            )
+    arrays = _npz_arrays(path)
+    keys = set(arrays)
+    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        _check_labels(path, parts[1], "y_train")
+        _check_labels(path, parts[3], "y_test")
+    elif {"x", "y"} <= keys:
+        x, y = arrays["x"], arrays["y"]
+        if len(x) != len(y) or len(x) < 5:
+            raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
+                             f"{len(y)} given)")  # fmt: skip
+        _check_labels(path, y, "y")
+        return _split(Path(path).stem, x, y, n_test=len(x) // 5)
+    elif unlabelled and "x" in keys and len(arrays["x"]) >= 5:
+        x = arrays["x"]
+        data = _split(Path(path).stem, x, np.full(len(x), -1), n_test=len(x) // 5)
+        return dataclasses.replace(data, labelled=False)
+    else:
+        also = ", or x alone (inputs, at least 5)" if unlabelled else ""
+        raise ValueError(
+            f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "
+            f"and y (inputs (N, ...), integer labels (N,)){also}, as numpy.savez writes "
+            "them"
+        )
     xs, ys = (parts[0], parts[2]), (parts[1], parts[3])
     if any(len(x) != len(y) for x, y in zip(xs, ys, strict=True)) or not all(map(len, xs)):
         raise ValueError(f"{path}: each split needs as many labels as inputs, and some")
     to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     to_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     return Dataset(Path(path).stem, to_x(xs[0]), to_y(ys[0]), to_x(xs[1]), to_y(ys[1]))
+
+
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, or a ValueError naming the file: a ``.npy``
+    (an "internal error" before), a text file (numpy's own advice to load pickles), object
+    arrays, a truncated archive."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: np.asarray(f[k]) for k in f.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        said = str(exc).split(". ")[0] if "pickle" not in str(exc) else "not numpy data"
+        raise ValueError(f"{path} is not a .npz of plain arrays as numpy.savez writes ({said})") \
+            from None  # fmt: skip
+    except TypeError:  # numpy.save's one array: no context manager
+        raise ValueError(f"{path} is one array (numpy.save); write a .npz with numpy.savez") \
+            from None  # fmt: skip
+
+
+def _check_labels(path: str, y: np.ndarray, name: str) -> None:
+    """Class labels: whole numbers >= 0 (negatives failed calibration deep in torch,
+    "Target -7 is out of bounds"; 2.7 was read as 2, and scored)."""
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{path}: {name} holds {y.dtype}, not class labels (whole numbers >= 0)")
+    flat = y.reshape(-1)  # (N,) a label per sample, or (N, H, W) per pixel
+    bad = (flat < 0) | (flat != np.round(flat)) if flat.dtype.kind == "f" else flat < 0
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{path}: {name} holds {flat[i].item()!r} (element {i}); class labels are whole "
+            "numbers >= 0"
+        )
 
 
 # Name -> loader; the keys are the names load() accepts.
