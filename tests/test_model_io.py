@@ -103,6 +103,19 @@ def test_mismatched_shapes_are_detected_even_with_a_fixed_checksum(saved):
         runtime.load(saved)
 
 
+@pytest.mark.parametrize("shapes", ["absent", [], "x"])
+def test_a_record_of_shapes_that_is_no_object_is_malformed(saved, shapes):
+    # "internal error: KeyError: 'shapes'" (or an AttributeError of a list) in every command
+    meta = json.loads((saved / META_FILE).read_text())
+    if shapes == "absent":
+        del meta["shapes"]
+    else:
+        meta["shapes"] = shapes
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"is malformed: shapes is .*, not an object"):
+        runtime.load(saved)
+
+
 @pytest.mark.parametrize("edit", ["group size", "module kwargs", "binding param"])
 def test_an_edited_structure_is_refused_at_load(saved, edit):
     # Only the weights carry a checksum: a group's size halved loaded fine and sample(0.5)

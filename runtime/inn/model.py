@@ -626,8 +626,10 @@ def load(directory: str | Path) -> IntegralModel:
     except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{weights} cannot be read: {exc}") from exc
     shapes = {k: list(v.shape) for k, v in state.items()}
-    if shapes != meta["shapes"]:
-        want = meta["shapes"]
+    want = meta.get("shapes")
+    if not isinstance(want, dict):  # a hand edit: KeyError / AttributeError before
+        raise ModelFileError(f"{meta_path} is malformed: shapes is {want!r}, not an object")
+    if shapes != want:
         diff = [k for k in sorted(set(shapes) | set(want)) if shapes.get(k) != want.get(k)]
         raise ModelFileError(
             f"{weights}: tensors do not match {meta_path}: "
