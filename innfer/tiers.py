@@ -259,6 +259,7 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
     # refused by every load, restored, and tried again each min_interval_s.
     repo.check_frontier_inn(name, frontier)
     traffic = Traffic.read(traffic_path)
+    traffic.check_rows(config.max_batch, str(traffic_path))
     goals = config.auto_tiers
     view = LiveHost.read(host) if host is not None else None
     # As the server runs the model: its slots (instances, capped by a shared device's) and

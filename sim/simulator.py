@@ -118,6 +118,8 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
     rate, arrivals, budgets, rng = requests_for(tiers, p50, cfg)
     traffic = recorded(cfg.trace_file) if cfg.trace == "file" else None
     rows = traffic.rows if traffic is not None else None
+    if traffic is not None:
+        traffic.check_rows(cfg.max_batch or min(t.max_batch for t in tiers), cfg.trace_file)
     return replay(tiers, p50, arrivals, budgets, cfg, rows=rows, rng=rng, rate=rate)
 
 

@@ -63,6 +63,7 @@ from sim.simulator import SimConfig, replay
 PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.1 point
 STEP = 0.1  # candidates closer than this in latency (relative) are one option
 TRAFFIC_COLUMNS = ("arrival_s", "budget_ms", "rows")
+MAX_ROWS = 2**31 - 1  # rows one recorded request may have (a gRPC message holds fewer)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,18 @@ class Traffic:
 
     def __len__(self) -> int:
         return len(self.arrival_s)
+
+    def check_rows(self, max_batch: int, source: str) -> None:
+        """ValueError where a request has more rows than ``max_batch`` (no server admits
+        it): the replay stopped midway with "request has 5 rows; the maximum batch is 4",
+        naming neither the file nor the request."""
+        if len(self.rows) and int(self.rows.max()) > max_batch:
+            k = int(np.argmax(self.rows > max_batch))
+            raise ValueError(
+                f"{source}: the request at arrival_s {self.arrival_s[k]:g} has "
+                f"{int(self.rows[k])} rows, more than the model's max_batch ({max_batch}); "
+                "split it, or raise max_batch and rebuild"
+            )
 
     def last(self, n: int) -> Traffic:
         """The most recent ``n`` requests, their arrivals starting at 0."""
@@ -146,10 +159,12 @@ class Traffic:
             except ValueError:
                 raise ValueError(f"{path}:{i}: not numbers: {','.join(line)!r}") from None
             rows = values[2] if len(values) > 2 else 1.0
-            # int() would raise OverflowError on inf and cut 1.7 to 1 unsaid.
-            if not (math.isfinite(rows) and rows >= 1 and rows == int(rows)):
+            # int() would raise OverflowError on inf and cut 1.7 to 1 unsaid; numpy's int64
+            # overflowed on 1e20 ("internal error").
+            if not (math.isfinite(rows) and 1 <= rows <= MAX_ROWS and rows == int(rows)):
                 raise ValueError(
-                    f"{path}:{i}: rows must be a whole number >= 1, got {line[2].strip()!r}"
+                    f"{path}:{i}: rows must be a whole number in [1, {MAX_ROWS}], got "
+                    f"{line[2].strip()!r}"
                 )
             # checked here as well as by the class: a large file's bad line is named
             if not (math.isfinite(values[0]) and values[0] >= last):
@@ -157,8 +172,10 @@ class Traffic:
                     f"{path}:{i}: arrival_s {line[0].strip()!r} is not finite or is before the "
                     "line above's (arrivals must be finite and non-decreasing)"
                 )
-            if not values[1] > 0:
-                raise ValueError(f"{path}:{i}: budget_ms must be > 0, got {line[1].strip()!r}")
+            if not (math.isfinite(values[1]) and values[1] > 0):  # inf: nan quantiles, NaN JSON
+                raise ValueError(
+                    f"{path}:{i}: budget_ms must be a finite number > 0, got {line[1].strip()!r}"
+                )
             last = values[0]
             cols[0].append(values[0])
             cols[1].append(values[1])

@@ -163,8 +163,16 @@ def read_trace(path: str | Path) -> np.ndarray:
     """
     if (traffic := recorded(path)) is not None:
         return traffic.arrival_s - traffic.arrival_s[0]
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as exc:  # a bare "'utf-8' codec can't decode byte 0x8b"
+        byte = exc.object[exc.start : exc.start + 1].hex()
+        raise ValueError(
+            f"{path}: not a text file of timestamps nor a traffic CSV (byte 0x{byte}: "
+            "compressed? decompress it first)"
+        ) from None
     values = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -256,13 +256,37 @@ def test_traffic_csv_round_trip_and_errors(tmp_path, capsys):
 
 def test_traffic_rows_must_be_whole_numbers_of_at_least_one(tmp_path):
     # inf raised OverflowError (a traceback past `innfer tiers`' handler); 1.7 was read as 1.
-    for rows in ("inf", "1.7", "0", "nan"):
+    # 1e20 overflowed numpy's int64: "internal error: OverflowError".
+    for rows in ("inf", "1.7", "0", "nan", "1e20"):
         (tmp_path / "bad.csv").write_text(f"arrival_s,budget_ms,rows\n0,10,1\n0.1,10,{rows}\n")
-        want = rf"bad.csv:3: rows must be a whole number >= 1, got '{rows}'"
+        want = rf"bad.csv:3: rows must be a whole number in \[1, 2147483647\], got '{rows}'"
         with pytest.raises(ValueError, match=want):
             Traffic.read(tmp_path / "bad.csv")
     (tmp_path / "ok.csv").write_text("arrival_s,budget_ms,rows\n0,10,2.0\n0.1,10\n")
     assert Traffic.read(tmp_path / "ok.csv").rows.tolist() == [2, 1]
+
+
+def test_traffic_of_requests_larger_than_max_batch_is_refused_naming_one(tmp_path, capsys):
+    # The replay stopped midway: "request has 5 rows; the maximum batch is 4", no file named.
+    d = _auto_model(tmp_path / "repo")
+    max_batch = Repository(d.parent).config(d.name).max_batch
+    path = tmp_path / "big.csv"
+    path.write_text(f"arrival_s,budget_ms,rows\n0,10,1\n0.5,10,{max_batch + 1}\n")
+    assert cli(["tiers", "suggest", str(d), "--traffic", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the request at arrival_s 0.5 has {max_batch + 1} rows, more than" in err
+    assert cli(["simulate", str(d), "--trace-file", str(path), "--duration", "1"]) == 2
+    assert f"{path}: the request at arrival_s 0.5 has" in capsys.readouterr().err
+
+
+def test_a_binary_trace_file_is_said_to_be_no_trace(tmp_path):
+    import gzip
+
+    from sim.traces import read_trace
+
+    (tmp_path / "t.gz").write_bytes(gzip.compress(b"0.0\n0.5\n"))
+    with pytest.raises(ValueError, match=r"t\.gz: not a text file of timestamps .*decompress"):
+        read_trace(tmp_path / "t.gz")
 
 
 @pytest.mark.parametrize(
@@ -275,7 +299,11 @@ def test_traffic_rows_must_be_whole_numbers_of_at_least_one(tmp_path):
         ("arrival_s,budget_ms,rows\n0,10,1,7\n", r"bad.csv:2: 4 values for the 3 columns"),
         ("arrival_s,budget_ms\n0,10\n1,10\n0.5,10\n",
          r"bad.csv:4: arrival_s '0.5' is not finite or is"),
-        ("arrival_s,budget_ms\n0,10\n1,-3\n", r"bad.csv:3: budget_ms must be > 0, got '-3'"),
+        ("arrival_s,budget_ms\n0,10\n1,-3\n",
+         r"bad.csv:3: budget_ms must be a finite number > 0, got '-3'"),
+        # accepted: nan budget quantiles, and NaN in the --json the choice wrote
+        ("arrival_s,budget_ms\n0,10\n1,inf\n",
+         r"bad.csv:3: budget_ms must be a finite number > 0, got 'inf'"),
     ],
 )  # fmt: skip
 def test_a_trace_with_other_columns_is_refused_naming_them_and_bad_lines_by_number(
