@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from innfer.outputs import output_dir, output_file, png_file
+
 
 def _width(text: str) -> float:
     try:
@@ -844,7 +846,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
         "--tokens", type=_at_least(1),
         help="text models: every request's length in tokens (default: the longest profiled)",
     )  # fmt: skip
-    p.add_argument("--json", help="write the figures as JSON")
+    p.add_argument("--json", type=output_file, help="write the figures as JSON")
 
 
 def _widths(values) -> list[float]:
@@ -1365,7 +1367,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="minilm: all-MiniLM-L6-v2, text in, embeddings out (the [zoo] extra)",
     )  # fmt: skip
     demo.add_argument("--seed", type=_seed, default=0)
-    demo.add_argument("--repository", type=Path, default=Path("runs/demo/repository"))
+    demo.add_argument("--repository", type=output_dir, default=Path("runs/demo/repository"))
     demo.add_argument(
         "--name", type=_model_name,
         help="model name (default: mnist for mnist_resnet, else the --model's name)",
@@ -1410,7 +1412,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="mnist_resnet",
                        choices=["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn",
                                 "digits_mlp"])  # fmt: skip
-    train.add_argument("--out", type=Path, required=True, help="where to save the INN")
+    train.add_argument("--out", type=output_dir, required=True, help="where to save the INN")
     train.add_argument("--epochs", type=_at_least(1))
     train.add_argument("--min-width", type=_width, default=0.25)
     train.add_argument("--k", type=_at_least(1), default=2, help="random widths per step")
@@ -1454,7 +1456,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--grid", choices=["selected", "uniform"], default="selected",
                      help="text models: start each tier on the channels chosen from the text "
                           "(default) or on the INN's uniform grid")  # fmt: skip
-    cal.add_argument("--out", type=Path, help="default: overwrite MODEL_DIR")
+    cal.add_argument("--out", type=output_dir, help="default: overwrite MODEL_DIR")
     cal.add_argument("--threads", type=_threads, default=2)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -1478,11 +1480,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--multiple-of", type=_at_least(1), help="channel rounding (default: model.yaml's)"
     )
     rep.add_argument(
-        "--json", metavar="FILE",
+        "--json", metavar="FILE", type=output_file,
         help='write the figures as JSON: {"widths": [...], "served": [...]} (served: the '
         "built tiers' latency, empty for a model not built); with --text, one object per tier",
     )  # fmt: skip
-    rep.add_argument("--png")
+    rep.add_argument("--png", type=png_file)
     rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")
@@ -1520,7 +1522,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="simulate the scheduler with a model's profile")
     _add_trace_args(sim)
     sim.add_argument("--policy", action="append", help="innfer | slackfit | fixed:<tier>")
-    sim.add_argument("--plot", help="PNG over time (load, tier mix, latency)")
+    sim.add_argument("--plot", type=png_file, help="PNG over time (load, tier mix, latency)")
     sim.add_argument(
         "--host-ms",
         type=_host_ms_arg,

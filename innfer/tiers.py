@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from innfer.outputs import output_file
 from runtime.repository.frontier import APPLY_KEPT, weights_mb
 
 # What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
@@ -47,7 +48,7 @@ def add_parser(sub) -> None:
     sug = tsub.add_parser("suggest", help="the tiers recorded traffic calls for (no changes)")
     _model_arguments(sug)
     sug.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
-    sug.add_argument("--json", type=Path, help="also write the choice here")
+    sug.add_argument("--json", type=output_file, help="also write the choice here")
     sug.add_argument("--host", type=Path, help=HOST_HELP)
     sug.set_defaults(func=cmd_suggest)
     app = tsub.add_parser(
@@ -59,7 +60,9 @@ def add_parser(sub) -> None:
     _model_arguments(app)
     app.add_argument("--traffic", type=Path, required=True, help="CSV arrival_s,budget_ms,rows")
     app.add_argument("--force", action="store_true", help="apply even below rebuild.min_gain")
-    app.add_argument("--result", type=Path, help="write the choice here (JSON), applied or not")
+    app.add_argument(
+        "--result", type=output_file, help="write the choice here (JSON), applied or not"
+    )
     app.add_argument(
         "--live", help="the set the server serves, SOURCE:NAMES (model.yaml:w100,w050 or "
         "frontier:w075,w031); default: what auto_tiers.json or model.yaml say",

@@ -619,3 +619,33 @@ def test_build_refuses_a_missing_forced_backend_before_any_model(tmp_path, capsy
     code, _, err = _cli(capsys, "build", tmp_path, "--backend", "tensorrt")
     assert code == 2 and "--backend: tensorrt is not available on this machine" in err
     assert "model.yaml:" not in err and not (tmp_path / "cnn" / "tiers").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        # each ran the whole simulation / calibration / training, then failed on Errno 2
+        ("simulate {m} --json {nowhere}/s.json", "argument --json: {nowhere} is not a"),
+        ("simulate {m} --plot {nowhere}/s.png", "argument --plot: {nowhere} is not a"),
+        ("report {m} --png {tmp}", "argument --png: {tmp} is a directory"),
+        ("tiers suggest {m} --traffic t.csv --json {nowhere}/x.json",
+         "argument --json: {nowhere} is not a"),
+        ("calibrate {m} --data digits --out {file}", "argument --out: {file} is a file"),
+        ("train --model digits_mlp --out {file}", "argument --out: {file} is a file"),
+        ("demo --model digits_mlp --repository {file}", "argument --repository: {file} is a file"),
+    ],
+)  # fmt: skip
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, argv, said):
+    (tmp_path / "file").write_text("x")
+    names = {"m": tmp_path / "m", "nowhere": tmp_path / "nowhere", "tmp": tmp_path,
+             "file": tmp_path / "file"}  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv.format(**names).split())
+    assert exit_.value.code == 2 and said.format(**names) in capsys.readouterr().err
+
+
+def test_a_plot_path_without_a_suffix_is_printed_as_written(tmp_path):
+    from innfer.outputs import png_file
+
+    assert png_file(str(tmp_path / "timeline")) == tmp_path / "timeline.png"
+    assert png_file(str(tmp_path / "t.png")) == tmp_path / "t.png"
