@@ -1422,7 +1422,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train.add_argument("--threads", type=_threads, default=2)
-    train.add_argument("--widths", type=_width, nargs="*", default=[1.0, 0.75, 0.5, 0.25])
+    train.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     train.set_defaults(func=cmd_train)
 
     cal = sub.add_parser("calibrate", help="calibrate a converted INN on a small data set")

@@ -140,6 +140,11 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
             f"the {MAX_REQUESTS:,} a run may simulate; lower --load or --duration"
         )
     arrivals = make_trace(cfg, rate)
+    if not len(arrivals):  # "SLO attainment 100.00 %" of nothing, exit 0
+        raise ValueError(
+            f"no request arrives in {cfg.duration_s:g} s at load {cfg.load:g} ({rate:.3g}/s): "
+            "raise --load or --duration"
+        )
     rng = np.random.default_rng(cfg.seed + 1)
     budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3
     if cfg.trace == "file" and (traffic := recorded(cfg.trace_file)) is not None:

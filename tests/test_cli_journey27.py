@@ -189,6 +189,16 @@ def test_simulate_refuses_a_run_of_more_requests_than_it_may_make(tmp_path, caps
     assert "internal error" not in err
 
 
+def test_simulate_and_bench_refuse_a_run_of_no_request(tmp_path, capsys):
+    # "requests 0 ... SLO attainment 100.00 %", exit 0 - for bench with no server there too.
+    d = _built(tmp_path)
+    code, _, err = _cli(capsys, "simulate", d, "--duration", "1e-9", "--policy", "innfer")
+    assert code == 2 and "no request arrives in 1e-09 s" in err and "raise --load" in err
+    code, _, err = _cli(capsys, "bench", d, "--duration", "0.001", "--load", "0.0001",
+                        "--address", "127.0.0.1:9")  # fmt: skip
+    assert code == 2 and "no request arrives" in err
+
+
 def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, capsys, monkeypatch):
     d = _built(tmp_path)
     code, out, err = _cli(
@@ -596,6 +606,8 @@ def test_serve_stops_at_start_when_the_forced_backend_is_missing(tmp_path, capsy
         # trained, then blamed the model.yaml the demo wrote ("threads: got 300")
         (["demo", "--model", "digits_mlp", "--threads", "300"], "argument --threads: expected a "
          "whole number in [1, 256], got '300'"),
+        # "the width list is empty" after a whole training run
+        (["train", "--model", "digits_mlp", "--widths"], "argument --widths: expected at least"),
         # "expected non-negative integer" after the work, naming no flag
         (["train", "--model", "digits_mlp", "--seed", "-1"], "argument --seed: expected a whole "
          "number in [0, 4294967295], got '-1'"),
