@@ -94,6 +94,11 @@ def test_report_of_a_built_model_shows_its_tiers_latency_and_plots_it(tmp_path, 
     assert (d / "report.png").stat().st_size > 0 and f"plot: {d / 'report.png'}" in out
     served = json.loads((tmp_path / "r.json").read_text())["served"]
     assert {t["name"] for t in served} == {"w100", "w050"} and served[0]["batch"] == 4
+    # A built tier broken since: the section was left out without a word.
+    (d / "tiers" / "w050" / "tier.json").write_text('{"flops": "x"}')
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
+    assert code == 0 and "served tiers" not in out and "tier.json is corrupted" in err
+    assert "warning: the built tiers are left out of this report" in err
 
 
 def test_report_counts_flops_of_a_model_of_several_inputs(tmp_path, capsys):

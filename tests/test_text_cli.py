@@ -383,6 +383,9 @@ def test_calibration_text_is_read_bounded_and_its_problems_named(model_dir, tmp_
     assert len(lines) == 41 and len(lines[-1]) == text_chars(24)
     assert main(["calibrate", str(model_dir), "--text", str(path), "--samples", "10"]) != 0
     assert "--samples 10 keeps 10; give at least 32 sentences" in capsys.readouterr().err
+    # report's flag is --sentences: it named calibrate's --samples
+    assert main(["report", str(model_dir), "--text", str(path), "--sentences", "5"]) != 0
+    assert "--sentences 5 keeps 5; give at least 32" in capsys.readouterr().err
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 40)
     assert main(["calibrate", str(model_dir), "--text", str(latin), "--seconds", "1"]) != 0
