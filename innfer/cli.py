@@ -635,7 +635,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return code
     results = {}
     for policy in policies:
-        result = simulate(tiers, p50, _sim_config(args, policy))
+        result = simulate(tiers, p50, _sim_config(args, policy), progress=True)
         results[policy] = result.to_json()
         print(format_summary(result.summary, f"{policy} ({_offered(args)}){note}"))
         if args.plot:

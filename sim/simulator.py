@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
@@ -103,9 +104,12 @@ class SimResult:
 # Requests one simulation may generate: --load 1e9 asked numpy for 1.7 PiB ("internal
 # error: MemoryError"); 158 k requests take ~20 s here, so this is about 10 minutes.
 MAX_REQUESTS = 5_000_000
+PROGRESS_EVERY = 4096  # arrivals between updates of replay's progress bar
 
 
-def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> SimResult:
+def simulate(
+    tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig, progress: bool = False
+) -> SimResult:
     """Run the scheduler over a trace; ``p50`` drives the engine model (ms per batch).
 
     Example:
@@ -120,7 +124,8 @@ def simulate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConf
     rows = traffic.rows if traffic is not None else None
     if traffic is not None:
         traffic.check_rows(cfg.max_batch or min(t.max_batch for t in tiers), cfg.trace_file)
-    return replay(tiers, p50, arrivals, budgets, cfg, rows=rows, rng=rng, rate=rate)
+    return replay(tiers, p50, arrivals, budgets, cfg, rows=rows, rng=rng, rate=rate,
+                  progress=progress)  # fmt: skip
 
 
 def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig):
@@ -165,6 +170,7 @@ def replay(
     grace: float = 0.0,
     speed: float = 1.0,
     host_s: float = 0.0,
+    progress: bool = False,
 ) -> SimResult:
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
@@ -177,6 +183,7 @@ def replay(
     and every batch runs ``speed`` times its profiled time - a ``speed`` above 1 is also the
     latency model's starting level for every tier, as the server's swap sets it; its
     planner counts ``host_s`` of request handling's CPU per row (``Scheduler.host_s``).
+    ``progress``: a bar of the requests arrived (a default simulate is millions: minutes).
 
     Example:
         >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
@@ -209,8 +216,11 @@ def replay(
     served_tier: list[str | None] = [None] * n
     state = ["queued"] * n
     running = Events()  # batch ends: (decision, compute seconds)
+    bar = tqdm(total=n, desc=f"simulate {cfg.policy}", unit="req", disable=not progress)
     i = 0
     while i < n or running:
+        if i % PROGRESS_EVERY == 0:  # (tqdm's own cost per request is not for free)
+            bar.update(i - bar.n)
         next_arrival = arrivals[i] if i < n else math.inf
         if running.next_time() <= next_arrival:
             now, (d, compute) = running.pop()
@@ -231,6 +241,8 @@ def replay(
         while (d := sched.next(now)) is not None:
             compute = engine.draw_s(d.tier, d.rows) * speed
             running.push(now + compute, (d, compute))
+    bar.update(n - bar.n)
+    bar.close()
     deadlines = arrivals + budgets
     if rate is None:
         rate = offered_rate(cfg, arrivals)

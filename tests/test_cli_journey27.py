@@ -194,6 +194,13 @@ def test_simulate_refuses_a_run_of_more_requests_than_it_may_make(tmp_path, caps
     assert "internal error" not in err
 
 
+def test_simulate_shows_its_progress(tmp_path, capsys):
+    # The default run (load 1 for 30 s: millions of requests) was minutes without a line.
+    d = _built(tmp_path)
+    code, _, err = _cli(capsys, "simulate", d, "--duration", "1", "--policy", "innfer")
+    assert code == 0 and "simulate innfer: 100%" in err
+
+
 def test_simulate_and_bench_refuse_a_run_of_no_request(tmp_path, capsys):
     # "requests 0 ... SLO attainment 100.00 %", exit 0 - for bench with no server there too.
     d = _built(tmp_path)
