@@ -558,6 +558,10 @@ def test_resume_refuses_another_runs_checkpoint_and_says_when_nothing_is_left(
     assert json.loads((ckpt / "checkpoint.json").read_text())["meta"]["epochs"] == 1
     with pytest.raises(ValueError, match=r"another run: seed 3 \(now 4\), lr .*another --out"):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "seed": 4, "lr": 0.5})
+    # another model's: refused from its record, not by torch loading its tensors ("The
+    # size of tensor a (3) must match the size of tensor b (64)")
+    with pytest.raises(ValueError, match=r"another run: model 'digits_mlp' \(now 'digits_cnn'\)"):
+        train_inn("digits_cnn", checkpoint=ckpt, resume=True, **kw)
 
     steps = []
     monkeypatch.setattr(inn_train, "sandwich_step", lambda *a, **k: steps.append(1))

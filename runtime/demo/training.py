@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import warnings
@@ -188,13 +189,8 @@ def train_model(
     return model, ds
 
 
-def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
-    """The first epoch a resumed run trains, after checking the checkpoint was made by the
-    same run: another model, seed, learning rate, batch size or width sampling would
-    continue someone else's run (or fail on mismatched shapes) under this one's name. More
-    epochs than the checkpoint's run had are allowed (training on), with a warning: the
-    learning-rate cycle spans ``epochs``, so the result is not the longer run from scratch.
-    """
+def _check_same_run(meta: dict, run: dict, checkpoint) -> None:
+    """ValueError where the checkpoint's ``meta`` records another run than ``run``."""
     differ = [
         f"{key} {meta[key]!r} (now {value!r})"
         for key, value in run.items()
@@ -205,6 +201,16 @@ def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
             f"the checkpoint in {checkpoint} is of another run: {', '.join(differ)}; resume "
             "with its settings, or train into another --out"
         )
+
+
+def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
+    """The first epoch a resumed run trains, after checking the checkpoint was made by the
+    same run: another model, seed, learning rate, batch size or width sampling would
+    continue someone else's run (or fail on mismatched shapes) under this one's name. More
+    epochs than the checkpoint's run had are allowed (training on), with a warning: the
+    learning-rate cycle spans ``epochs``, so the result is not the longer run from scratch.
+    """
+    _check_same_run(meta, run, checkpoint)
     start = int(meta["epoch"]) + 1
     if start >= epochs:
         log.warning(
@@ -292,6 +298,10 @@ def train_inn(
     if resume:
         if checkpoint is None or not (Path(checkpoint) / "checkpoint.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
+        # Another run's checkpoint is refused from its record, before its tensors are
+        # loaded: another model's failed there as torch's "size of tensor a (3) must match".
+        recorded = json.loads((Path(checkpoint) / "checkpoint.json").read_text())
+        _check_same_run(recorded.get("meta", {}), run, checkpoint)
         meta = load_checkpoint(checkpoint, model, opt)
         start_epoch = _resumed_epoch(meta, run, epochs, checkpoint)
         _fast_forward(sched, min(start_epoch, epochs) * steps_per_epoch)
