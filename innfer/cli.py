@@ -668,9 +668,18 @@ def _simulate_shared(
 
     from sim.shared_core import HostCost, simulate_shared
     from sim.simulator import format_summary, requests_for
+    from sim.traces import recorded
 
     parse, answer, client = args.host_ms
     host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3)
+    traffic = recorded(args.trace_file) if args.trace == "file" else None
+    if traffic is not None and len(traffic.rows) and traffic.rows.max() > 1:
+        # the shared-core model serves one row per request: a trace of batches ran as rows
+        # of one, silently (the same figures for rows 1 and rows 4)
+        raise ValueError(
+            f"{args.trace_file} has requests of up to {int(traffic.rows.max())} rows; --host-ms "
+            "simulates one row per request: drop --host-ms for this trace"
+        )
     accuracy = {t.name: t.accuracy for t in tiers}
     results = {}
     for policy in policies:
@@ -767,10 +776,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     _resolve_trace(args)
+    import numpy as np
+
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load
     from sim.simulator import requests_for, trace_window
+    from sim.traces import recorded
 
     _check_built(args.model_dir)
     tiers, p50, chosen, proxy, lane = _served(args.model_dir, args.tokens)
@@ -783,7 +795,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(arrivals) > args.max_requests:
         what = f"the first {args.max_requests} of {len(arrivals)} requests (--max-requests)"
         arrivals, budgets = arrivals[: args.max_requests], budgets[: args.max_requests]
-    inputs = random_feeds(config.inputs, 1, length=lane or 16)  # a text model: lane's length
+    # A recorded trace's requests go with their own rows (every one was sent as one row).
+    traffic = recorded(args.trace_file) if args.trace == "file" else None
+    rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
+    feeds = {r: random_feeds(config.inputs, r, length=lane or 16)  # a text model: its lane
+             for r in set(rows.tolist())}  # fmt: skip
+    inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else feeds[1]
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")

@@ -107,7 +107,7 @@ async def run_load(
     model: str,
     arrivals: np.ndarray,
     budgets_s: np.ndarray,
-    inputs: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray] | Callable[[int], dict[str, np.ndarray]],
     max_seconds: float = 600.0,
     accuracy: dict[str, float] | None = None,
     parameters: dict | None = None,
@@ -125,7 +125,9 @@ async def run_load(
     to its budget (tritonclient's ``client_timeout``), as a client that gives up then
     does; past it the client reports DEADLINE_EXCEEDED, a miss like a late answer. The
     deadline and the budget sent count from the actual send, so a request the client sent
-    late may come back late rather than DEADLINE_EXCEEDED: a miss either way."""
+    late may come back late rather than DEADLINE_EXCEEDED: a miss either way. ``inputs``:
+    the same arrays for every request, or ``inputs(i)`` for request ``i`` (a recorded
+    trace's rows per request)."""
     import tritonclient.grpc.aio as tca
     from tritonclient.utils import InferenceServerException
 
@@ -133,11 +135,12 @@ async def run_load(
     n = len(arrivals)
     rec = _Record(n, "unsent", parameters, deadline)
     async with tca.InferenceServerClient(address) as client:
-        tensors = _tensors(tca, inputs)
+        same = None if callable(inputs) else _tensors(tca, inputs)
 
         async def one(i: int, scheduled: float) -> None:
             rec.codes[i] = NO_ANSWER  # until an answer or an error comes
             budget = float(budgets_s[i])
+            tensors = same if same is not None else _tensors(tca, inputs(i))
             await rec.send(client, model, tensors, i, budget, InferenceServerException, scheduled)
 
         start = time.perf_counter()

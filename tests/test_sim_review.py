@@ -161,6 +161,36 @@ def test_bench_runs_against_a_real_server(tmp_path, capsys):
     assert set(s["tier_mix"]) <= {"w100", "w050"}, s["tier_mix"]
 
 
+def test_bench_sends_a_recorded_trace_with_each_requests_rows(tmp_path, capsys):
+    # Every request went as one row: the server's batch rows rose by 5 for 5 requests of 4.
+    from serverutil import ServerThread
+
+    d = _bench_model(tmp_path)
+    trace = tmp_path / "traffic.csv"
+    trace.write_text("arrival_s,budget_ms,rows\n0,500,4\n0.05,500,1\n0.1,500,3\n")
+    server = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        argv = ["bench", str(d), "--address", server.address, "--trace", "file",
+                "--trace-file", str(trace), "--duration", "1"]  # fmt: skip
+        assert cli(argv) == 0, capsys.readouterr().err
+        stats = server.server.plane.models["tiny"].stats  # Triton's statistics, per model
+        rows = stats.inference_count
+    finally:
+        server.stop(grace=2.0)
+    assert rows == 8  # 4 + 1 + 3 rows, not 3
+
+
+def test_simulate_with_host_cost_refuses_a_trace_of_batches(tmp_path, capsys):
+    # The shared-core model serves a row per request: rows 1 and rows 4 gave the same figures.
+    d = _bench_model(tmp_path)
+    trace = tmp_path / "traffic.csv"
+    trace.write_text("arrival_s,budget_ms,rows\n0,500,4\n0.05,500,1\n")
+    argv = ["simulate", str(d), "--trace", "file", "--trace-file", str(trace),
+            "--host-ms", "0.01,0.01"]  # fmt: skip
+    assert cli(argv) == 2
+    assert "up to 4 rows; --host-ms simulates one row per request" in capsys.readouterr().err
+
+
 # -- the open-loop load generator's report -------------------------------------------------
 def _fake_client(monkeypatch, answer):
     """tritonclient's aio client, replaced: request ``i`` (in send order) gets
