@@ -141,6 +141,9 @@ class DataPlane:
         self._owned: set[asyncio.Task] = set()
         # Runtimes replaced or unloaded and still draining: their requests are in flight.
         self._retiring: set[ModelRuntime] = set()
+        # Runtimes retired with an engine call that never returned, until it does (the task
+        # that waits for it): their requests are in flight, their device slot held.
+        self._hung: dict[ModelRuntime, asyncio.Future] = {}
         # Long texts are tokenized here (``_tokenize``); shut down with the models.
         self.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
 
@@ -295,6 +298,12 @@ class DataPlane:
                 if runtime in successor.predecessors:
                     successor.predecessors.remove(runtime)
             self._unwatch_gpu(runtime)
+            if runtime.hung():  # stop gave up on an engine call: still in flight, still stuck
+                # kept (readiness, in-flight) until the call returns - not in ``_owned``:
+                # a shutdown does not wait for a hung engine
+                done = asyncio.ensure_future(runtime.batches_done())
+                self._hung[runtime] = done
+                done.add_done_callback(lambda _: self._hung.pop(runtime, None))
 
         task.add_done_callback(retired)
         return task
@@ -627,7 +636,7 @@ class DataPlane:
     def inflight(self) -> int:
         """Requests admitted and not yet answered, those of runtimes still draining after a
         reload, swap or unload included (shutdown waits for and reports them)."""
-        return sum(m.inflight for m in (*self.models.values(), *self._retiring))
+        return sum(m.inflight for m in (*self.models.values(), *self._retiring, *self._hung))
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:
@@ -646,7 +655,10 @@ class DataPlane:
             return "models not loaded: " + ", ".join(
                 f"{n} ({self.broken.get(n, 'unloaded')})" for n in missing
             )
-        return next((why for m in self.models.values() if (why := m.stuck())), None)
+        # A runtime a reload retired with its engine hung holds the device's slot as much
+        # as a served one: readiness said ready again after the reload.
+        runtimes = (*self.models.values(), *self._retiring, *self._hung)
+        return next((why for m in runtimes if (why := m.stuck())), None)
 
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:

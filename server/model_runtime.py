@@ -814,6 +814,15 @@ class ModelRuntime:
         ranked = reversed(list(lanes.values()))  # longest first: max keeps the first best
         return max(ranked, key=lambda s: s.latency.tier_estimate(tier).observed_batches).latency
 
+    def hung(self) -> bool:
+        """Whether a batch is still on an engine (after ``stop``: one it gave up waiting
+        for)."""
+        return self._running > 0
+
+    async def batches_done(self) -> None:
+        """Return once no batch of this runtime is on an engine."""
+        await self._all_done.wait()
+
     def stuck(self) -> str | None:
         """A batch that has run ``STUCK_FACTOR`` times its plan and at least ``STUCK_MIN_S``
         - an engine hung in it - said as a reason, or None. Readiness reads it: a pod whose

@@ -574,6 +574,39 @@ def test_a_queued_request_expires_at_its_deadline_while_a_batch_overruns(config)
     assert 0.25 < waited < 2.0, waited  # its deadline (300 ms), not the stall's end (never)
 
 
+def test_a_runtime_a_reload_retired_with_its_engine_hung_stays_in_readiness(config, monkeypatch):
+    # Once the reload's stop gave up waiting for the hung call, the old runtime was
+    # forgotten: readiness said ready, in-flight 0, while its request was held and its
+    # batch still held the device's slot.
+    import server.model_runtime as mr
+
+    monkeypatch.setattr(mr, "RUNNING_WAIT_S", 0.2)
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.3)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        old = plane.models["a"]
+        gate = hold_engines(old)
+        try:
+            held = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0)), None))
+            await until_engine_runs(old)
+            await asyncio.wait_for(plane.load("a"), 10)  # a reload; its stop gives up
+            await asyncio.sleep(0.4)  # past STUCK_MIN_S
+            during = (plane.not_ready_reason(), plane.inflight())
+            gate.set()
+            await asyncio.wait_for(held, 5)
+            await asyncio.sleep(0.05)  # the hung call returned: forgotten now
+            return during, (plane.not_ready_reason(), plane.inflight())
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    (why, inflight), after = _run(body())
+    assert why is not None and "model a: a batch of tier" in why and "stuck" in why
+    assert inflight == 1 and after == (None, 0)
+
+
 def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(config):
     # The Unload RPC's client gives up (its deadline): the stop it started goes on, so the
     # requests the model admitted are answered and its engines closed.
