@@ -1189,7 +1189,11 @@ class ModelRuntime:
             # this pump: _finish pumps again).
             self._loop.call_soon(self._finish, lane, d, *self._execute(d, feeds, t_in))
             return
-        self.pool.submit(self._run, lane, d, feeds, t_in)
+        try:
+            self.pool.submit(self._run, lane, d, feeds, t_in)
+        except Exception as exc:  # no thread to run it ("can't start new thread", shut down):
+            # the batch still finishes - failed, its slot freed - on the next loop turn
+            self._loop.call_soon(self._finish, lane, d, None, exc, (0.0, 0.0, 0.0))
 
     def _may_run_inline(self, lane: Scheduler, d: Decision) -> bool:
         """Whether ``d`` runs on the loop thread rather than an engine thread: it is planned
@@ -1229,7 +1233,10 @@ class ModelRuntime:
                 def waiting(i: int) -> bool:  # (a read from this thread: no state changes)
                     return self._waiting(d.requests[i]) is not None
 
-                outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc, waiting)
+                try:
+                    outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc, waiting)
+                except Exception as apart:  # the batch must still finish (failed): an escape
+                    outputs, error = None, apart  # here left its slot and requests held
         else:
             error = None
         # Wall time (what latency plans need) and this thread's CPU time: on a core shared

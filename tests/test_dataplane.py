@@ -607,6 +607,51 @@ def test_a_runtime_a_reload_retired_with_its_engine_hung_stays_in_readiness(conf
     assert inflight == 1 and after == (None, 0)
 
 
+@pytest.mark.parametrize("fault", ["no engine thread", "run apart fails"])
+def test_a_batch_that_cannot_run_still_finishes_and_frees_its_slot(config, monkeypatch, fault):
+    # A failed hand-off to the engine threads, or run_apart raising in its turn, left the
+    # batch's slot held and its requests waiting for ever: the model served nothing more.
+    import server.model_runtime as mr
+
+    config = dataclasses.replace(config, inline_max_ms=0.0)  # every batch on the threads
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        a = plane.models["a"]
+        try:
+            gate = hold_engines(a)  # one batch on the engine: the next two queue, one batch
+            first = asyncio.create_task(plane.infer(_request("a", _x(1, 0.0), tier="w100"), None))
+            await until_engine_runs(a)
+            if fault == "no engine thread":
+                submit = a.pool.submit
+                a.pool.submit = lambda *args: (_ for _ in ()).throw(
+                    RuntimeError("can't start new thread"))  # fmt: skip
+            else:
+                for engine in a.served.engines.values():
+                    engine.fail = RuntimeError("kernel failed")
+                monkeypatch.setattr(mr, "run_apart", lambda *args: 1 / 0)
+            two = [asyncio.create_task(plane.infer(_request("a", _x(1, v), tier="w100"), None))
+                   for v in (1.0, 2.0)]  # fmt: skip
+            await asyncio.sleep(0.01)
+            gate.set()
+            await asyncio.gather(first, return_exceptions=True)
+            failed = await asyncio.wait_for(asyncio.gather(*two, return_exceptions=True), 5)
+            if fault == "no engine thread":
+                a.pool.submit = submit
+            else:
+                for engine in a.served.engines.values():
+                    engine.fail = None
+            after = await asyncio.wait_for(plane.infer(_request("a", _x(1, 3.0)), None), 5)
+            return failed, after, plane.inflight()
+        finally:
+            await plane.stop_models()
+
+    failed, after, inflight = _run(body())
+    assert all(isinstance(f, InferError) for f in failed), failed
+    assert after.outputs and inflight == 0
+
+
 def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(config):
     # The Unload RPC's client gives up (its deadline): the stop it started goes on, so the
     # requests the model admitted are answered and its engines closed.
