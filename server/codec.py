@@ -423,12 +423,16 @@ def requested_outputs(
     """
     if not request.outputs:
         return [Requested(s) for s in specs]
+    by_name = {s.name: s for s in specs}
     if len(request.outputs) > min(limits.max_outputs, len(specs)):
+        # Within max_outputs the names are few enough to read: say which is unknown (the
+        # count alone hid it), else that the count is past any the model has.
+        unknown = [o.name for o in request.outputs[: limits.max_outputs] if o.name not in by_name]
+        which = f"; unknown: {', '.join(clip(n) for n in unknown[:4])}" if unknown else ""
         raise InvalidArgument(
             f"{len(request.outputs)} outputs requested; the model has {len(specs)} "
-            f"({sorted(s.name for s in specs)}), each may be requested once"
+            f"({sorted(s.name for s in specs)}), each may be requested once{which}"
         )
-    by_name = {s.name: s for s in specs}
     out, seen = [], set()
     for o in request.outputs:
         if o.name not in by_name:

@@ -244,6 +244,12 @@ def test_repeated_output_names_are_refused(stub):
         req.outputs.add(name="logits")
     code, msg = _status(stub.ModelInfer, req, timeout=10)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outputs requested" in msg
+    # more names than the model has outputs, one unknown: the count alone hid which
+    req = _request()
+    for name in ("logits", "probs"):
+        req.outputs.add(name=name)
+    code, msg = _status(stub.ModelInfer, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.endswith("unknown: 'probs'")
     many = _request()
     for _ in range(100_000):  # 0.95 MiB: inside the message limit, refused by the codec
         many.outputs.add(name="logits")
