@@ -178,6 +178,8 @@ def test_a_kinds_width_may_ask_to_be_shaped():
         ({"backends": ["onnx"]}, "backends[0]", "'onnx'"),
         ({"tiers": [{"name": "w", "width": 1.5}]}, "tiers[0].width", "1.5"),
         ({"tiers": [{"name": "w", "width": {"conv1": 0}}]}, "tiers[0].width.conv1", "0"),
+        # no group named: every group at full size - the full tier under another name
+        ({"tiers": [{"name": "w", "width": {}}]}, "tiers[0].width", "{}"),
         ({"tiers": [{"name": "w", "width": {"heads": 0.5, "shaped": 1}}]},
          "tiers[0].width.shaped", "1"),
         ({"tiers": [{"name": "w", "width": {"heads": 0.5, "shape": True}}]}, "tiers[0].width",

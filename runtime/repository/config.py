@@ -108,6 +108,8 @@ DYNAMIC = -1
 def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
     """A tier width: a fraction of every group's channels, fractions per kind of group, or
     channels per group."""
+    if isinstance(v, dict) and not v:  # every group at its full size: the full tier, silently
+        where.fail(v, f"{_WIDTH}, naming at least one group or kind")
     if isinstance(v, dict) and set(v) & set(KINDS):
         if set(v) - {*KINDS, SHAPED}:
             where.fail(
