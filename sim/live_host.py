@@ -157,12 +157,19 @@ class LiveHost:
                 "and compute, ms; [] where it has none yet): without it the replay would "
                 "count no overhead at all"
             )
+        # Typed as the server writes them: bool("false") is True, and a string of digits
+        # read as one sample per character.
+        if not isinstance(data.get("plan_overhead", False), bool):
+            raise ValueError(f"host view: plan_overhead is {data['plan_overhead']!r}, not a bool")
+        for key in ("overhead_ms", "waited_ms"):
+            if not isinstance(data.get(key, []), list):
+                raise ValueError(f"host view: {key} is {data[key]!r}, not a list of ms")
         try:
             return cls(
                 overhead_ms=tuple(float(v) for v in data.get("overhead_ms", ())),
                 waited_ms=tuple(float(v) for v in data.get("waited_ms", ())),
                 margin_ms=float(data.get("budget_margin_ms", 1.0)),
-                plan_overhead=bool(data.get("plan_overhead", False)),
+                plan_overhead=data.get("plan_overhead", False),
                 quantile=float(data.get("overhead_quantile", 0.99)),
                 engine_speed=float(data.get("engine_speed", 1.0)),
                 engine_sigma=_optional(data.get("engine_sigma")),

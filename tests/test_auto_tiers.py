@@ -519,6 +519,12 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
     (tmp_path / "h.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"h\.json: not a host view"):
         LiveHost.read(tmp_path / "h.json")
+    # bool("false") is True, and "123" read as three samples of 1, 2 and 3 ms
+    for doc, said in (('{"overhead_ms": [], "plan_overhead": "false"}', "plan_overhead is"),
+                      ('{"overhead_ms": "123"}', "overhead_ms is '123', not a list")):  # fmt: skip
+        (tmp_path / "h.json").write_text(doc)
+        with pytest.raises(ValueError, match=said):
+            LiveHost.read(tmp_path / "h.json")
     with pytest.raises(ValueError, match="engine_sigma must be >= 0 or null"):
         LiveHost(engine_sigma=float("nan"))
     with pytest.raises(ValueError, match="host_cpu_ms must be >= 0"):
