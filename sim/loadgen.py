@@ -89,7 +89,13 @@ class LoadReport:
 
 
 def check_loopback(address: str) -> None:
-    host = address.rsplit(":", 1)[0].strip("[]")
+    """ValueError unless ``address`` is HOST:PORT on a loopback host with a port in
+    [1, 65535] (127.0.0.1:abc or :99999 reached the run and ended "is a server
+    listening?")."""
+    host, _, port = address.rpartition(":")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"address {address!r}: give HOST:PORT with a port in [1, 65535]")
+    host = host.strip("[]")
     if host == "localhost":
         return
     try:

@@ -5,6 +5,7 @@ request parameters reach the server, and an answer without a tier is recorded as
 from __future__ import annotations
 
 import asyncio
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -165,3 +166,22 @@ def test_a_call_that_runs_past_its_own_deadline_is_not_counted_as_the_servers_re
     s = asyncio.run(run()).summary
     assert s["refused"] == {CALL_DEADLINE: 4} and _adds_up(s)
     assert s["first_error"] == f"{CALL_DEADLINE}: Deadline Exceeded"
+
+
+@pytest.mark.parametrize(
+    "address, said",
+    [
+        ("127.0.0.1:abc", "give HOST:PORT with a port in [1, 65535]"),
+        ("127.0.0.1:99999", "give HOST:PORT with a port in [1, 65535]"),
+        ("127.0.0.1", "give HOST:PORT"),
+        ("10.0.0.1:8001", "only targets loopback addresses"),
+    ],
+)
+def test_the_load_generator_refuses_an_address_it_cannot_reach(address, said):
+    # A bad port reached the run and ended "is a server listening?"; only loopback hosts.
+    from sim.loadgen import check_loopback
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        check_loopback(address)
+    check_loopback("127.0.0.1:8001")
+    check_loopback("[::1]:8001")
