@@ -577,7 +577,7 @@ class DataPlane:
         if not (configured and self.phase is Phase.LOADING):  # load_all logs start-up's
             log.error("model %s: load failed: %s", name, why)
         self.broken[name] = why
-        self.metrics.model_ready.labels(name).set(0)
+        self.metrics.model_ready.labels(name).set(0)  # (not configured: an Unload clears it)
         return ""
 
     async def unload(self, name: str) -> None:
@@ -587,6 +587,14 @@ class DataPlane:
             raise InvalidArgument(str(exc)) from None
         async with self._lock:
             runtime = self.models.pop(name, None)
+            if runtime is None and name in self.broken and name not in self.expected:
+                # A client's failed Load of a model the config does not name: its series
+                # at 0 fired the critical not-ready alert, which readiness ignores, for good
+                # - nothing but a successful load could clear it. Unloading forgets it.
+                del self.broken[name]
+                self._forget_series(name)
+                log.info("model %s: its failed load forgotten (unloaded)", name)
+                return
             if runtime is None:
                 raise NotFound(f"model {name!r} is not loaded")
             self.host_cpu.engine_threads = self._engine_threads()

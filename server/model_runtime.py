@@ -1049,7 +1049,9 @@ class ModelRuntime:
         self._compute_cpu_total = m.compute_cpu_total.labels(name)
         self._queue_total = m.queue_total.labels(name)
         self._served_accuracy = m.served_accuracy.labels(name)
-        self._tokens = m.request_tokens.labels(name)
+        # Only a model with a sequence axis observes it (``_serve``): every other model had
+        # some 14 series at 0 for good.
+        self._tokens = m.request_tokens.labels(name) if self._seq_axis is not None else None
         # The histogram's buckets are fixed; the lanes are the model's lengths (8/16/24...).
         # (Bound before the lanes are made: ``overheads`` has one entry per lane.)
         lanes = self.overheads if self._seq_axis is not None else ()

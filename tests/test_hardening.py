@@ -565,6 +565,33 @@ def test_broken_model_is_reported_and_the_rest_served(tmp_path, repo, damage):
         s.stop()
 
 
+def test_a_failed_load_of_a_model_the_config_does_not_name_is_cleared_by_an_unload(tmp_path, repo):
+    # innfer_model_ready{model="wide"} stayed 0 for good: the critical not-ready alert fired
+    # while readiness (which ignores the model) said SERVING, and Unload said NOT_FOUND.
+    # An image model does not export the token histogram either (14 series at 0 each).
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root, ignore=shutil.ignore_patterns("linked"))
+    (root / "wide" / "tiers" / "w050" / "model.onnx").write_bytes(b"not onnx")
+    s = ServerThread({"repository": str(root), "models": ["tiny"], "model_control": "explicit",
+                      "grpc_port": 0, "metrics_port": 0, "host": "127.0.0.1"}).start()  # fmt: skip
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            code, _ = _status(
+                stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="wide")
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert 'innfer_model_ready{model="wide"} 0.0' in _metrics(s)  # said, until...
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="wide"))
+        text = _metrics(s)
+        assert _health(s) == SERVING and 'innfer_model_ready{model="wide"}' not in text
+        assert 'innfer_model_ready{model="tiny"} 1.0' in text
+        assert not [line for line in text.splitlines()
+                    if line.startswith("innfer_request_tokens")]  # fmt: skip
+    finally:
+        s.stop()
+
+
 def test_the_repository_index_lists_what_is_served_or_failed_beside_what_is_on_disk(tmp_path, repo):
     # It walked the directory alone: a model named in the config that failed to load (its
     # requests told to see "RepositoryIndex and the server log") was not in it, nor one
