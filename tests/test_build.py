@@ -892,3 +892,27 @@ def test_a_file_that_is_no_data_set_is_said_so_by_name(tmp_path):
     ]:
         with pytest.raises(ValueError, match=said):
             load(str(tmp_path / name))
+
+
+def test_a_tier_that_fails_validation_is_not_left_loadable(tmp_path, monkeypatch):
+    # Its model.onnx and tier.json were written before validation: the build failed, and a
+    # server rebuilt the engine from them and served it (fp16 overflow: NaN outputs).
+    import runtime.build.pipeline as pipeline
+    from runtime.repository import RepositoryError
+
+    root, _ = build_tiny(tmp_path, {**CONFIG, "evaluation": None}, repeats=2)
+    Repository(root).load("tiny")  # served before
+    real = pipeline.validate
+
+    def failing(engine, module, config, tier, *args, **kwargs):
+        if tier == "w050":
+            raise pipeline.BuildError(f"tier {tier}: engine output 'logits' differs by nan")
+        return real(engine, module, config, tier, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "validate", failing)
+    yaml_path = root / "tiny" / "model.yaml"  # another sampling: every tier exported anew
+    yaml_path.write_text(yaml_path.read_text() + "method: point\n")
+    with pytest.raises(pipeline.BuildError, match="differs by nan"):
+        build_model(Repository(root), "tiny", progress=False, repeats=2)
+    with pytest.raises(RepositoryError, match=r"w050/tier\.json is missing: run `innfer build`"):
+        Repository(root).load("tiny")

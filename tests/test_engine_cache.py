@@ -244,3 +244,44 @@ def test_spin_in_model_yaml_reaches_the_sessions_and_the_profile_check(tmp_path)
 
     assert profile_document(ort, 2, {}, spin=False)["spin"] is False
     assert "spin" not in profile_document(ort, 2, {})  # as every profile before the option
+
+
+def test_a_tier_rewritten_while_it_loads_is_not_served_under_the_old_record(
+    repository, tmp_path, monkeypatch
+):
+    # load checked model.onnx against tier.json, then the cache hashed the file again and
+    # loaded whatever it found: a build rewriting the tier in between had its engine served
+    # under the old record (its hash, FLOPs, accuracy, profile). Now the engine is the one
+    # of the ONNX checked - or, where it must be built from the changed file, an error.
+    from serverutil import add_onnx_model, tiny_cnn
+
+    from runtime.repository import Repository
+
+    other = add_onnx_model(tmp_path / "other", "tiny", lambda w: tiny_cnn(w, seed=1), {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+        "max_batch": 4,
+    })  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    before = Repository(repository).load("tiny")
+    want = before.engines["w100"].run({"input": x})["logits"]
+    for engine in before.engines.values():
+        engine.close()
+    real_get = EngineCache.get
+
+    def racing_get(self, backend, onnx_path, *args, **kwargs):  # the other build lands here
+        if onnx_path.parent.name == "w100":
+            (onnx_path.parent / "model.onnx").write_bytes(
+                (other / "tiers/w100/model.onnx").read_bytes()
+            )
+        return real_get(self, backend, onnx_path, *args, **kwargs)
+
+    monkeypatch.setattr(EngineCache, "get", racing_get)
+    served = Repository(repository).load("tiny")
+    try:
+        got = served.engines["w100"].run({"input": x})["logits"]
+    finally:
+        for engine in served.engines.values():
+            engine.close()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # the checked ONNX's engine

@@ -134,9 +134,17 @@ def build_model(
             onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
             if module is None:  # the exported network, as _export_tier samples it
                 module, _ = sample_tier(inn, config, _sampled_width(tier, record), norm_x)
-            engine, built, err = validated_engine(
-                cache, chosen, onnx_path, record.onnx_sha256, options, module, config, tier.name
-            )
+            try:
+                engine, built, err = validated_engine(
+                    cache, chosen, onnx_path, record.onnx_sha256, options, module, config,
+                    tier.name,
+                )  # fmt: skip
+            except BuildError:
+                if exported:  # its files are this build's (the old ones gone): a server
+                    # rebuilt the engine from them and served it - the NaN outputs validation
+                    # had refused. Without its record it loads only after a build succeeds.
+                    (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
+                raise
             engines[tier.name] = engine  # closed at the end, whatever happens in between
             if vocab_size is not None:
                 rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
@@ -417,7 +425,7 @@ def validated_engine(
     build's (BuildError)."""
     for attempt in (1, 2):
         try:
-            engine, built = cache.get(backend, onnx_path, options)
+            engine, built = cache.get(backend, onnx_path, options, onnx_sha256=onnx_sha256)
         except EngineError as exc:
             raise BuildError(f"tier {tier}: {exc}") from exc
         try:

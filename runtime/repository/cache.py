@@ -102,9 +102,14 @@ class EngineCache:
         onnx_path: Path,
         options: BuildOptions,
         on_build: Callable[[str], None] | None = None,
+        onnx_sha256: str | None = None,
     ) -> tuple[Engine, bool]:
-        """(engine, built): load the cached engine for this ONNX, or build it first."""
-        onnx_sha = sha256_file(onnx_path)
+        """(engine, built): load the cached engine for this ONNX, or build it first.
+        ``onnx_sha256``: the file's hash as the caller checked it against its record - the
+        engine of that ONNX is what it gets, or an EngineError where the file changed since
+        (hashed here again, a build writing the tier in between had its engine served under
+        the old record; a build from the changed file is refused after it, ``_build_aside``)."""
+        onnx_sha = onnx_sha256 or sha256_file(onnx_path)
         key, fields = engine_key(onnx_sha, backend, options)
         entry = self.root / key
         # The entry as found; then, where another builder repaired it while this one judged

@@ -303,10 +303,13 @@ class Repository:
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
-            if sha256_file(onnx_path) != tiers[tier.name].onnx_sha256:
+            sha = sha256_file(onnx_path)
+            if sha != tiers[tier.name].onnx_sha256:
                 raise RepositoryError(f"{onnx_path} does not match {record}: run `innfer build`")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
-            engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback)
+            # the engine of the ONNX just checked (hashed once: a build writing the tier
+            # between two hashes had its engine served under this record)
+            engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback, sha)
             _check_io(config, tier.name, engines[tier.name], d)
 
     def auto_tiers(
