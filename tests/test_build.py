@@ -274,6 +274,26 @@ def test_validation_refuses_an_engine_whose_batch_axis_is_fixed():
         validate(Engine(), OneRow(), config, "w100")
 
 
+def test_validation_names_the_tier_when_its_engine_fails_to_run():
+    # A torch engine at fp16 beside a float cast in the graph raised a bare RuntimeError
+    # out of the build, naming no tier and no way out.
+    from runtime.build.pipeline import BuildError, validate
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "shape": [4]}], "outputs": [{"name": "y", "shape": [3]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4, "precision": "fp16",
+        "backends": ["torch"],
+    })  # fmt: skip
+
+    class Engine:
+        def run(self, feeds):
+            raise RuntimeError("Input type (float) and bias type (c10::Half) should be the same")
+
+    said = r"tier w050: the engine failed on a batch of 1: RuntimeError: Input type .*; try"
+    with pytest.raises(BuildError, match=said + r" precision: fp32 in model\.yaml"):
+        validate(Engine(), torch.nn.Identity(), config, "w050")
+
+
 def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_path):
     # A retrained INN saved over the old one: serving the old tiers would answer with the
     # old model under the new one's name.

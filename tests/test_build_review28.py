@@ -431,8 +431,9 @@ def test_an_invalid_graph_from_the_builtin_fp16_pass_is_an_engine_error(tmp_path
 
     monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # not installed
     monkeypatch.setattr(trt_module, "convert_to_fp16", mistyped)
-    with pytest.raises(EngineError, match="built-in fp16 pass made an invalid graph"):
+    with pytest.raises(EngineError, match="built-in fp16 pass made an invalid graph") as err:
         trt_module._fp16_model_bytes(_add_onnx(tmp_path / "model.onnx"))
+    assert "build this model at precision: fp32" in str(err.value)  # the way out, said
     monkeypatch.setattr(trt_module, "convert_to_fp16", convert_to_fp16)
     assert onnx.load_from_string(trt_module._fp16_model_bytes(tmp_path / "model.onnx"))
 

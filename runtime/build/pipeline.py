@@ -455,7 +455,16 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
     # Batch 1 at the shortest length and a full batch at the longest: both ends of each axis.
     for batch, length in sorted({(1, lengths[0]), (config.max_batch, lengths[-1])}):
         feeds = random_feeds(config.inputs, batch, seed=batch, length=length)
-        got = engine.run(feeds)
+        try:
+            got = engine.run(feeds)
+        except Exception as exc:  # a bare torch error named no tier ("Input type (float)
+            # and bias type (c10::Half) should be the same": fp16 beside a cast in the graph)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            fix = "; try precision: fp32 in model.yaml" if precision == "fp16" else ""
+            raise BuildError(
+                f"tier {tier}: the engine failed on a batch of {batch}: "
+                f"{type(exc).__name__}: {first}{fix}"
+            ) from exc
         ref = module(*[torch.from_numpy(feeds[t.name]) for t in config.inputs])
         refs = ref if isinstance(ref, (tuple, list)) else (ref,)
         for t, r in zip(config.outputs, refs, strict=True):

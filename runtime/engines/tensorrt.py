@@ -936,4 +936,8 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
                 raise EngineError(f"the built-in fp16 pass made an invalid graph: {problem}")
         return half.SerializeToString()
     except Exception as exc:  # either converter: a graph it cannot convert is a build error
-        raise EngineError(f"cannot convert {onnx_path} to fp16: {exc}") from exc
+        raise EngineError(
+            f"cannot convert {onnx_path} to fp16: {exc}; build this model at precision: fp32 "
+            "(model.yaml) - an op ONNX defines for float32 only (Range: a float arange) has "
+            "no fp16 form yet"
+        ) from exc
