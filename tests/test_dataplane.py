@@ -545,6 +545,16 @@ def test_a_swap_under_load_starts_from_the_speed_the_old_set_ran_at(config):
 
 
 # -- lifecycle under races (cases a review of the load, swap and unload paths found) ---------
+async def _held(config, *requests):
+    """(plane, model 'a', its engines' gate, the tasks of ``requests``): the plane loaded,
+    'a''s engines held, ``requests`` sent, and one of them on an engine."""
+    plane = DataPlane(config, Metrics())
+    await plane.load_all()
+    a = plane.models["a"]
+    gate = hold_engines(a)
+    tasks = [asyncio.create_task(plane.infer(r, None)) for r in requests]
+    await until_engine_runs(a)
+    return plane, a, gate, tasks
 
 
 def test_a_queued_request_expires_at_its_deadline_while_a_batch_overruns(config):
@@ -552,13 +562,8 @@ def test_a_queued_request_expires_at_its_deadline_while_a_batch_overruns(config)
     # an engine call stalled for seconds, a request with a 300 ms budget was refused when
     # the call returned, 3 s later - and a stream's request has no gRPC deadline to help.
     async def body():
-        plane = DataPlane(config, Metrics())
-        await plane.load_all()
-        a = plane.models["a"]
-        gate = hold_engines(a)
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
         try:
-            held = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0)), None))
-            await until_engine_runs(a)
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="budget ran out in the queue"):
                 await plane.infer(_request("a", _x(1, 2.0), latency_budget_ms=300.0), None)
@@ -584,13 +589,8 @@ def test_a_runtime_a_reload_retired_with_its_engine_hung_stays_in_readiness(conf
     monkeypatch.setattr(mr, "STUCK_MIN_S", 0.3)
 
     async def body():
-        plane = DataPlane(config, Metrics())
-        await plane.load_all()
-        old = plane.models["a"]
-        gate = hold_engines(old)
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
         try:
-            held = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0)), None))
-            await until_engine_runs(old)
             await asyncio.wait_for(plane.load("a"), 10)  # a reload; its stop gives up
             await asyncio.sleep(0.4)  # past STUCK_MIN_S
             during = (plane.not_ready_reason(), plane.inflight())
@@ -616,13 +616,9 @@ def test_a_batch_that_cannot_run_still_finishes_and_frees_its_slot(config, monke
     config = dataclasses.replace(config, inline_max_ms=0.0)  # every batch on the threads
 
     async def body():
-        plane = DataPlane(config, Metrics())
-        await plane.load_all()
-        a = plane.models["a"]
+        # one batch on the engine: the next two queue, and run as one batch
+        plane, a, gate, [first] = await _held(config, _request("a", _x(1, 0.0), tier="w100"))
         try:
-            gate = hold_engines(a)  # one batch on the engine: the next two queue, one batch
-            first = asyncio.create_task(plane.infer(_request("a", _x(1, 0.0), tier="w100"), None))
-            await until_engine_runs(a)
             if fault == "no engine thread":
                 submit = a.pool.submit
                 a.pool.submit = lambda *args: (_ for _ in ()).throw(
@@ -656,14 +652,10 @@ def test_a_cancelled_unload_still_answers_the_queue_and_closes_the_engines(confi
     # The Unload RPC's client gives up (its deadline): the stop it started goes on, so the
     # requests the model admitted are answered and its engines closed.
     async def body():
-        plane = DataPlane(config, Metrics())
-        await plane.load_all()
-        a = plane.models["a"]
-        gate = hold_engines(a)
+        plane, a, gate, held = await _held(
+            config, *(_request("a", _x(1, v), tier="w100") for v in (1.0, 2.0))
+        )
         try:
-            held = [asyncio.create_task(plane.infer(_request("a", _x(1, v), tier="w100"), None))
-                    for v in (1.0, 2.0)]  # fmt: skip
-            await until_engine_runs(a)
             unload = asyncio.create_task(plane.unload("a"))
             await asyncio.sleep(0.05)
             unload.cancel()
@@ -1281,15 +1273,21 @@ def test_a_verdict_set_by_the_caller_waits_for_the_answer_to_leave(config):
     assert seen == [(0, 0), (1, 0), (1, 0), (2, 0), (2, 0), (2, 0), (2, 1)], seen
 
 
+def _under_one_mib(tmp_path, name: str, **io) -> ServerConfig:
+    """A server config for model ``name`` (fake engines; ``io``: its inputs / outputs) with
+    1 MiB of requests and answers in flight at most."""
+    write_model(tmp_path, name, {"w100": 1.0}, max_batch=4, **io)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
+                                  "limits": {"max_inflight_bytes": 2**20}})  # fmt: skip
+    return dataclasses.replace(cfg, backend="fake")
+
+
 def test_an_answer_the_inflight_cap_could_never_hold_is_refused_as_sent(tmp_path):
     # A request small enough for the cap whose answer is not (2 rows x 600 KB of output
     # under a 1 MiB cap) would wait for room no load ever leaves: refused as sent, before
     # it runs - counted invalid (the client's ask, not load), and what to do said.
-    write_model(tmp_path, "wide_out", {"w100": 1.0}, max_batch=4,
-                outputs=[{"name": "logits", "dtype": "float32", "shape": [150_000]}])  # fmt: skip
-    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
-                                  "limits": {"max_inflight_bytes": 2**20}})  # fmt: skip
-    cfg = dataclasses.replace(cfg, backend="fake")
+    wide = [{"name": "logits", "dtype": "float32", "shape": [150_000]}]
+    cfg = _under_one_mib(tmp_path, "wide_out", outputs=wide)
 
     async def body():
         plane = DataPlane(cfg, Metrics())
@@ -1319,24 +1317,25 @@ def test_a_request_and_its_answer_the_cap_could_never_hold_together_are_refused_
     # said "0.5 MiB of requests and answers are in flight ... retry shortly" every time,
     # counted as load (refused_full: the autoscaler adds replicas for it).
     n = 65_536
-    write_model(tmp_path, "echo", {"w100": 1.0}, max_batch=4,
-                inputs=[{"name": "input", "dtype": "float32", "shape": [n]}],
-                outputs=[{"name": "logits", "dtype": "float32", "shape": [n]}])  # fmt: skip
-    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
-                                  "limits": {"max_inflight_bytes": 2**20}})  # fmt: skip
-    cfg = dataclasses.replace(cfg, backend="fake")
+    cfg = _under_one_mib(
+        tmp_path,
+        "echo",
+        inputs=[{"name": "input", "dtype": "float32", "shape": [n]}],
+        outputs=[{"name": "logits", "dtype": "float32", "shape": [n]}],
+    )
 
     async def body():
         plane = DataPlane(cfg, Metrics())
         await plane.load_all()
-        registry = plane.metrics.registry
         try:
             one = await plane.infer(_request("echo", np.ones((1, n), np.float32)), None)
             with pytest.raises(ResourceExhausted, match=r"0\.5 MiB and its request 0\.5 MiB"):
                 await plane.infer(_request("echo", np.ones((2, n), np.float32)), None)
             labels = {"model": "echo", "tier": ""}
             outcomes = {
-                o: registry.get_sample_value("innfer_requests_total", {**labels, "outcome": o})
+                o: plane.metrics.registry.get_sample_value(
+                    "innfer_requests_total", {**labels, "outcome": o}
+                )
                 for o in ("invalid", "refused_full")
             }
             return len(one.raw_output_contents[0]), outcomes, plane.inflight_bytes
