@@ -800,7 +800,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
     feeds = {r: random_feeds(config.inputs, r, length=lane or 16)  # a text model: its lane
              for r in set(rows.tolist())}  # fmt: skip
-    inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else feeds[1]
+    # (one row count for every request - a client that always sends 4 - is one set of feeds)
+    inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")

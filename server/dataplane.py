@@ -142,7 +142,7 @@ class DataPlane:
         # Runtimes replaced or unloaded and still draining: their requests are in flight.
         self._retiring: set[ModelRuntime] = set()
         # Runtimes retired with an engine call that never returned, until it does (the task
-        # that waits for it): their requests are in flight, their device slot held.
+        # that waits for it): their device slot is held, and readiness says so.
         self._hung: dict[ModelRuntime, asyncio.Future] = {}
         # Long texts are tokenized here (``_tokenize``); shut down with the models.
         self.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
@@ -298,9 +298,9 @@ class DataPlane:
                 if runtime in successor.predecessors:
                     successor.predecessors.remove(runtime)
             self._unwatch_gpu(runtime)
-            if runtime.hung():  # stop gave up on an engine call: still in flight, still stuck
-                # kept (readiness, in-flight) until the call returns - not in ``_owned``:
-                # a shutdown does not wait for a hung engine
+            if runtime.hung():  # stop gave up on an engine call: still stuck
+                # kept for readiness until the call returns - not in ``_owned`` nor in
+                # ``inflight()``: a shutdown does not wait for a hung engine
                 done = asyncio.ensure_future(runtime.batches_done())
                 self._hung[runtime] = done
                 done.add_done_callback(lambda _: self._hung.pop(runtime, None))
@@ -644,7 +644,9 @@ class DataPlane:
     def inflight(self) -> int:
         """Requests admitted and not yet answered, those of runtimes still draining after a
         reload, swap or unload included (shutdown waits for and reports them)."""
-        return sum(m.inflight for m in (*self.models.values(), *self._retiring, *self._hung))
+        # (not those retired with an engine hung, ``_hung``: a shutdown waited its whole
+        # grace for them, and left the healthy models no time to stop)
+        return sum(m.inflight for m in (*self.models.values(), *self._retiring))
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
@@ -216,6 +215,8 @@ def replay(
     served_tier: list[str | None] = [None] * n
     state = ["queued"] * n
     running = Events()  # batch ends: (decision, compute seconds)
+    from tqdm import tqdm  # (here: the serving image replays through this module)
+
     bar = tqdm(total=n, desc=f"simulate {cfg.policy}", unit="req", disable=not progress)
     i = 0
     while i < n or running:

@@ -904,6 +904,12 @@ def test_a_file_that_is_no_data_set_is_said_so_by_name(tmp_path):
     np.savez(tmp_path / "neg.npz", x=x, y=np.array([1, 2, 3, -7, 1, 2, 3, 0, 1, 2]))
     np.savez(tmp_path / "frac.npz", x_train=x[:6], y_train=np.full(6, 1.5), x_test=x[6:],
              y_test=np.ones(4))  # fmt: skip
+    # ... and what is one loads: another array beside (metadata, an object array numpy
+    # saves pickled) is not read; labels of a binary task may be bools.
+    np.savez(tmp_path / "meta.npz", x=x, y=np.arange(10) % 3, meta={"source": "cam1"})
+    assert load(str(tmp_path / "meta.npz")).num_classes == 3
+    np.savez(tmp_path / "bool.npz", x=x, y=np.arange(10) % 2 == 0)
+    assert load(str(tmp_path / "bool.npz")).num_classes == 2
     for name, said in [
         ("one.npz", r"one\.npz is one array \(numpy\.save\)"),
         ("text.npz", r"text\.npz is not a \.npz of plain arrays"),

@@ -166,18 +166,33 @@ def test_bench_sends_a_recorded_trace_with_each_requests_rows(tmp_path, capsys):
     from serverutil import ServerThread
 
     d = _bench_model(tmp_path)
-    trace = tmp_path / "traffic.csv"
-    trace.write_text("arrival_s,budget_ms,rows\n0,500,4\n0.05,500,1\n0.1,500,3\n")
     server = ServerThread({"repository": str(tmp_path)}).start()
+    rows = []
     try:
-        argv = ["bench", str(d), "--address", server.address, "--trace", "file",
-                "--trace-file", str(trace), "--duration", "1"]  # fmt: skip
-        assert cli(argv) == 0, capsys.readouterr().err
-        stats = server.server.plane.models["tiny"].stats  # Triton's statistics, per model
-        rows = stats.inference_count
+        # mixed rows; then every request of 4 (one set of feeds: "KeyError: 1" once)
+        for i, lines in enumerate(("0,500,4\n0.05,500,1\n0.1,500,3\n", "0,500,4\n0.05,500,4\n")):
+            trace = tmp_path / f"traffic{i}.csv"
+            trace.write_text("arrival_s,budget_ms,rows\n" + lines)
+            argv = ["bench", str(d), "--address", server.address, "--trace", "file",
+                    "--trace-file", str(trace), "--duration", "1"]  # fmt: skip
+            assert cli(argv) == 0, capsys.readouterr().err
+            rows.append(_settled_rows(server, want=(8, 16)[i]))
     finally:
         server.stop(grace=2.0)
-    assert rows == 8  # 4 + 1 + 3 rows, not 3
+    assert rows == [8, 16]  # 4 + 1 + 3 rows, not 3; then 4 + 4
+
+
+def _settled_rows(server, want: int, timeout: float = 3.0) -> int:
+    """Triton's inference_count of 'tiny' (rows answered) once it reaches ``want`` or
+    ``timeout`` passes: the server counts a batch in bookkeeping it defers until its loop
+    is idle, after the answers went out."""
+    import time
+
+    stats = server.server.plane.models["tiny"].stats
+    end = time.monotonic() + timeout
+    while stats.inference_count < want and time.monotonic() < end:
+        time.sleep(0.01)
+    return stats.inference_count
 
 
 def test_simulate_with_host_cost_refuses_a_trace_of_batches(tmp_path, capsys):

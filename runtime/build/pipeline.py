@@ -64,6 +64,11 @@ class BuildError(RuntimeError):
     """A tier could not be built or failed validation."""
 
 
+class EngineRunFailed(BuildError):
+    """Validation could not run the engine at all (its error, not its outputs): the engine
+    is not shown wrong, so a cached one stays."""
+
+
 @dataclass
 class TierReport:
     name: str
@@ -430,6 +435,9 @@ def validated_engine(
             raise BuildError(f"tier {tier}: {exc}") from exc
         try:
             return engine, built, validate(engine, module, config, tier, options.precision)
+        except EngineRunFailed:  # maybe passing (a GPU's memory held elsewhere): the cached
+            _close_all([engine])  # engine is not known bad - kept (a TensorRT one takes
+            raise  # minutes to build again)
         except BuildError as exc:
             _close_all([engine])
             cache.discard(backend, onnx_sha256, options)
@@ -461,7 +469,7 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
             # and bias type (c10::Half) should be the same": fp16 beside a cast in the graph)
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             fix = "; try precision: fp32 in model.yaml" if precision == "fp16" else ""
-            raise BuildError(
+            raise EngineRunFailed(
                 f"tier {tier}: the engine failed on a batch of {batch}: "
                 f"{type(exc).__name__}: {first}{fix}"
             ) from exc

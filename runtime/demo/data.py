@@ -191,7 +191,7 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     Example:
         >>> ds = load("my_data.npz")  # doctest: +SKIP
     """
-    arrays = _npz_arrays(path)
+    arrays, held = _npz_arrays(path)
     keys = set(arrays)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
@@ -211,7 +211,7 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     else:
         also = ", or x alone (inputs, at least 5)" if unlabelled else ""
         raise ValueError(
-            f"{path} holds {sorted(keys)}; give x_train, y_train, x_test, y_test, or x "
+            f"{path} holds {sorted(held)}; give x_train, y_train, x_test, y_test, or x "
             f"and y (inputs (N, ...), integer labels (N,)){also}, as numpy.savez writes "
             "them"
         )
@@ -223,13 +223,18 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     return Dataset(Path(path).stem, to_x(xs[0]), to_y(ys[0]), to_x(xs[1]), to_y(ys[1]))
 
 
-def _npz_arrays(path: str) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` at ``path``, or a ValueError naming the file: a ``.npy``
-    (an "internal error" before), a text file (numpy's own advice to load pickles), object
-    arrays, a truncated archive."""
+# The arrays a data set file is read by (any others in it - metadata - are left unread).
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y")
+
+
+def _npz_arrays(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(the arrays of the ``.npz`` at ``path`` a data set is read by - ``_NPZ_KEYS`` - and
+    the names of all it holds), or a ValueError naming the file: a ``.npy`` (an "internal
+    error" before), a text file (numpy's own advice to load pickles), object arrays among
+    the ones read, a truncated archive."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: np.asarray(f[k]) for k in f.files}
+            return {k: np.asarray(f[k]) for k in f.files if k in _NPZ_KEYS}, list(f.files)
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -244,7 +249,7 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
 def _check_labels(path: str, y: np.ndarray, name: str) -> None:
     """Class labels: whole numbers >= 0 (negatives failed calibration deep in torch,
     "Target -7 is out of bounds"; 2.7 was read as 2, and scored)."""
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+    if y.dtype.kind not in "biuf":  # bool: a binary task's labels (y = scores > 0.5)
         raise ValueError(f"{path}: {name} holds {y.dtype}, not class labels (whole numbers >= 0)")
     flat = y.reshape(-1)  # (N,) a label per sample, or (N, H, W) per pixel
     bad = (flat < 0) | (flat != np.round(flat)) if flat.dtype.kind == "f" else flat < 0
