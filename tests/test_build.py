@@ -294,6 +294,35 @@ def test_validation_names_the_tier_when_its_engine_fails_to_run():
         validate(Engine(), torch.nn.Identity(), config, "w050")
 
 
+def test_an_engine_that_fails_to_run_keeps_its_cache_entry():
+    # Not shown wrong (a passing error: a GPU's memory held elsewhere): discarding it cost a
+    # TensorRT engine's minutes-long build; outputs that differ still discard it.
+    from types import SimpleNamespace
+
+    from runtime.build.pipeline import EngineRunFailed, validated_engine
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "shape": [4]}], "outputs": [{"name": "y", "shape": [4]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 2,
+    })  # fmt: skip
+    discarded = []
+
+    class Engine:
+        def run(self, feeds):
+            raise RuntimeError("CUDA out of memory")
+
+        def close(self):
+            pass
+
+    cache = SimpleNamespace(get=lambda *a, **k: (Engine(), False),
+                            discard=lambda *a: discarded.append(a))  # fmt: skip
+    options = SimpleNamespace(precision="fp32")
+    with pytest.raises(EngineRunFailed, match="CUDA out of memory"):
+        validated_engine(cache, None, "m.onnx", "sha", options, torch.nn.Identity(),
+                         config, "w100")  # fmt: skip
+    assert discarded == []
+
+
 def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_path):
     # A retrained INN saved over the old one: serving the old tiers would answer with the
     # old model under the new one's name.
