@@ -775,9 +775,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    _resolve_trace(args)
     import numpy as np
 
+    _resolve_trace(args)
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load
