@@ -1,8 +1,8 @@
 """Repository files written whole or not at all.
 
-A build or a calibration interrupted (Ctrl-C, a killed pod) must leave the file it was
-writing as it was or as it became, never a part of it that a reader then trusts or
-refuses with a confusing error.
+A build or a calibration interrupted (Ctrl-C, a killed pod, a node losing power) must
+leave the file it was writing as it was or as it became, never a part of it that a reader
+then trusts or refuses with a confusing error.
 
 Example:
     >>> import tempfile
@@ -35,7 +35,29 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     # one writer's rename failed or moved the other's half-written bytes into place.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            # On the disk before the rename: otherwise a node that loses power (a pod's
+            # volume) can come back with the new name pointing at an empty or partial file -
+            # the rename reaches the journal before the data does on ext4/xfs.
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the rename itself durable (best effort: some file systems and platforms cannot
+    open or sync a directory; the data is on the disk either way)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

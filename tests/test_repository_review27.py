@@ -5,6 +5,7 @@ real ONNX Runtime engines, a hand-written frontier) except where an INN is the p
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 
@@ -204,3 +205,27 @@ def test_a_chosen_candidates_onnx_mismatch_names_the_frontier_file(auto_repo, tm
     shutil.copy(frontier / "w050" / "model.onnx", frontier / "w075" / "model.onnx")
     with pytest.raises(RepositoryError, match=r"w075/model\.onnx does not match .*frontier\.json"):
         Repository(root).load("tiny")
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """Without an fsync of the temporary file, a node losing power after the rename can come
+    back with the new name on an empty or partial file (the rename is journalled first)."""
+    events = []
+    fsync, replace = runtime.atomic.os.fsync, runtime.atomic.os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append(("replace", str(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(runtime.atomic.os, "fsync", recorded_fsync)
+    monkeypatch.setattr(runtime.atomic.os, "replace", recorded_replace)
+    path = tmp_path / "tier.json"
+    runtime.atomic.write_json(path, {"x": 1})
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1] == events[1][1]  # the temporary file itself, before its rename
+    assert events[2][1] == str(tmp_path)  # then the directory that holds the new name
+    assert json.loads(path.read_text()) == {"x": 1}
