@@ -354,6 +354,23 @@ def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_pat
         Repository(root).load("tiny")
 
 
+def test_tiers_of_two_builds_are_refused_in_an_image_without_the_inn(built, tmp_path):
+    # A serving image holds the tiers only (no inn.json to check them against): one tier
+    # from a build interrupted or copied part-way served another network under the name.
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    (root / "tiny" / "inn.json").unlink()
+    assert len(Repository(root).load("tiny").engines) == 2  # one build's tiers: served
+    path = root / "tiny" / "tiers" / "w050" / "tier.json"
+    record = json.loads(path.read_text())
+    record["inn_sha256"] = "0" * 64  # sampled from a retrained INN
+    path.write_text(json.dumps(record))
+    with pytest.raises(RepositoryError, match=r"w100 and w050 .*different INNs.*innfer build"):
+        Repository(root).load("tiny")
+
+
 def test_a_tier_over_onnxs_2_gib_is_refused_with_what_to_do(tmp_path, monkeypatch):
     # protobuf caps one ONNX file at 2 GiB; torch's exporter then asked for "a file path"
     # the user does not control. The limit is lowered here: a 2 GiB model is too slow to

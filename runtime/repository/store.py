@@ -300,6 +300,8 @@ class Repository:
                 record = d / TIER_FILE
                 tiers[tier.name] = self._built_record(name, tier, config)
                 self._check_inn(name, d, tiers[tier.name], inn_now)
+                if inn_now is None:  # a serving image with tiers only: one build's tiers
+                    self._same_inn(name, tiers)
             onnx_path = d / "model.onnx"
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
@@ -463,6 +465,20 @@ class Repository:
                 f"{self.model_dir(name)} holds now (its weights, grids or norm statistics "
                 "changed: replaced, retrained or recalibrated after the build): run "
                 "`innfer build`"
+            )
+
+    def _same_inn(self, name: str, tiers: dict[str, TierRecord]) -> None:
+        """Refuse tiers (those read so far) sampled from different INNs. Without the INN
+        in the model directory, the tiers still must agree among themselves: one
+        copied into the image mid-build (or a build interrupted after some tiers) would
+        serve two models under one name, each tier answering like a different network."""
+        seen = {t: r.inn_sha256 for t, r in tiers.items() if r.inn_sha256 is not None}
+        if len(set(seen.values())) > 1:
+            first, last = next(iter(seen)), list(seen)[-1]
+            raise RepositoryError(
+                f"tiers {first} and {last} of {self.model_dir(name)} were sampled from "
+                "different INNs (a build interrupted or copied part-way): run `innfer build` "
+                "to completion and copy every tier of that build"
             )
 
     def record_tokenizer(self, name: str, config: ModelConfig) -> None:
