@@ -27,6 +27,7 @@ from torch import nn
 from runtime.demo import data as data_mod
 from runtime.demo import zoo
 from runtime.demo.data import Dataset
+from runtime.inn.divergence import check_loss
 from runtime.inn.model import IntegralModel
 from runtime.inn.report import evaluate
 
@@ -316,6 +317,8 @@ def train_inn(
             idx = perm[i * batch_size : (i + 1) * batch_size]
             widths = sandwich_widths(rng, min_width, k, groups)
             losses = sandwich_step(model, opt, data.x_train[idx], data.y_train[idx], widths)
+            for width, loss in losses.items():  # (before the checkpoint: none saved NaN)
+                check_loss(loss, epoch * steps_per_epoch + i, f"train {name} at width {width}")
             sched.step()
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")

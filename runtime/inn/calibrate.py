@@ -37,6 +37,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from runtime.inn.continuous import interpolation_matrix
+from runtime.inn.divergence import check_loss
 from runtime.inn.model import IntegralModel
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -200,7 +201,7 @@ def tune_grid(
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(x, batch_size, gen)
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         if seconds is not None and time.perf_counter() - start > seconds:
             break
         idx = next(batches)
@@ -215,6 +216,7 @@ def tune_grid(
         out = functional_call(skeleton, state, (x[idx],))
         loss = F.kl_div(classes_last(out).log_softmax(-1), classes_last(teacher[idx]).softmax(-1),
                         reduction="batchmean")  # fmt: skip
+        check_loss(loss.item(), step, f"grid tuning of {IntegralModel.sizes_key(sizes)[:40]}")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -302,6 +304,7 @@ def finetune_module(
                 ce = w * F.cross_entropy(logits, y, reduction="none")
                 ce = ce + (1 - w) * F.cross_entropy(logits, y[perm], reduction="none")
                 loss = loss + ce.mean()
+            check_loss(loss.item(), steps, "calibration fine-tuning")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from runtime.inn.divergence import check_loss
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import (
     linear_nodes,
@@ -533,6 +534,7 @@ def budgeted_steps(
         for group in opt.param_groups:
             group["lr"] = lr * warmup_cosine(done) * ramp
         losses.append(step())
+        check_loss(losses[-1], len(losses) - 1, desc)
         bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()

@@ -1,0 +1,57 @@
+"""A loss that becomes NaN stops the run before its weights are saved (review helper-123):
+`innfer calibrate --lr 1e9` saved a NaN tier and `innfer train --lr 1e6` a NaN INN and
+checkpoint, each answering NaN at every width, with exit code 0."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from netgen import tiny_cnn
+
+import runtime
+from innfer.cli import main
+from runtime.inn.distill import budgeted_steps
+from runtime.inn.divergence import Diverged
+from runtime.inn.model import load
+
+
+def test_calibrate_that_diverges_fails_and_leaves_the_inn_as_it_was(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = tiny_cnn()
+    runtime.convert(net, (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
+    before = (tmp_path / "m" / "inn.safetensors").read_bytes()
+    x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
+    code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
+                 "--widths", "0.5", "--seconds", "2", "--lr", "1e9"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the loss became" in err and "Lower the learning rate (--lr)" in err
+    assert (tmp_path / "m" / "inn.safetensors").read_bytes() == before
+    assert load(tmp_path / "m").tiers == {}
+
+
+def test_training_that_diverges_saves_no_checkpoint(tmp_path):
+    from runtime.demo.training import train_inn
+
+    with pytest.raises(Diverged, match=r"train digits_mlp at width .*: the loss became"):
+        train_inn("digits_mlp", epochs=1, lr=1e6, batch_size=64, seed=0, progress=False,
+                  checkpoint=tmp_path / "ckpt")  # fmt: skip
+    assert not (tmp_path / "ckpt" / "checkpoint.json").exists()
+
+
+def test_distillation_stops_at_the_first_nan_step():
+    losses = iter([0.5, 0.4, math.inf, 0.3])
+    calls = []
+
+    def step():
+        calls.append(1)
+        return next(losses)
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(Diverged, match=r"distil h050: the loss became inf at step 3"):
+        budgeted_steps(step, opt, 0.1, 60.0, 10, "distil h050", False, 0)
+    assert len(calls) == 3
