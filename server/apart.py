@@ -53,13 +53,15 @@ class Apart:
 
 def run_apart(
     engine,
-    feeds: dict[str, np.ndarray],
+    feeds: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],
     rows: Sequence[int],
     error: BaseException,
     wanted: Callable[[int], bool] = lambda i: True,
 ) -> Apart:
     """Run each request's slice of ``feeds`` (``rows[i]`` rows each, in order) alone on
-    ``engine``; ``error`` is what the whole batch raised. ``wanted(i)``: whether request
+    ``engine`` (or, ``feeds`` a list, each request's own feeds: a batch that ran as runs of
+    equal length, ``server.equal_lengths``); ``error`` is what the whole batch raised.
+    ``wanted(i)``: whether request
     ``i`` still waits for an answer (a cancelled one is skipped). An output without one row
     per input row fails its request (EngineError), as a batch's would."""
     outputs: list[dict[str, np.ndarray] | None] = []
@@ -67,7 +69,11 @@ def run_apart(
     seconds: list[float] = []
     offset = 0
     for i, n in enumerate(rows):
-        part = {k: v[offset : offset + n] for k, v in feeds.items()}
+        part = (
+            feeds[i]
+            if isinstance(feeds, Sequence)
+            else {k: v[offset : offset + n] for k, v in feeds.items()}
+        )
         offset += n
         out, exc, t0 = None, None, time.perf_counter()
         if wanted(i):

@@ -45,6 +45,7 @@ import numpy as np
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
 from server.apart import Apart, run_apart
+from server.equal_lengths import EqualLengthRuns, equal_length_runs
 from server.errors import (
     DeadlineExceeded,
     EngineFailed,
@@ -433,6 +434,13 @@ class ModelRuntime:
         self.name = served.name
         self.config = served.config
         self.input_rows = served.input_rows  # checked per request (dataplane._decode)
+        # A sequence model without a text mask: its batches run as runs of equal length
+        # (server.equal_lengths); {}: every batch is padded to its longest and run whole.
+        self._unmasked = (
+            {s.name: s.dynamic for s in self.config.inputs if s.dynamic}
+            if self.config.text is None
+            else {}
+        )
         self.metrics = metrics
         self.clock = clock
         self._log_throttle = LogThrottle()
@@ -1163,8 +1171,8 @@ class ModelRuntime:
 
     def _launch(self, lane: Scheduler, d: Decision) -> None:
         """Concatenate ``d``'s inputs (padded to its longest sequence, or to its lane's
-        length for an engine that prefers fixed lengths) and hand the batch to an engine
-        thread."""
+        length for an engine that prefers fixed lengths; a sequence model without a text
+        mask: runs of equal length, unpadded) and hand the batch to an engine thread."""
         reqs = d.requests
         t_in = time.perf_counter()
         # Only a text model's: its mask covers the padding (another sequence model's answer
@@ -1173,7 +1181,12 @@ class ModelRuntime:
         if not self.served.engines[d.tier].prefers_fixed_lengths:
             pad_to = None
         try:
-            feeds = {
+            runs = None
+            if self._unmasked and len(reqs) > 1:
+                names = [s.name for s in self.config.inputs]
+                payloads = [{n: r.payload[n] for n in names} for r in reqs]
+                runs = equal_length_runs(payloads, self._unmasked)
+            feeds = runs or {
                 s.name: batch_rows([r.payload[s.name] for r in reqs], s.dynamic, pad_to)
                 for s in self.config.inputs
             }
@@ -1221,13 +1234,16 @@ class ModelRuntime:
             return False
         return lane.latency.planned(d.tier)[d.rows] <= self.inline_max_s
 
-    def _execute(self, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> tuple:
+    def _execute(
+        self, d: Decision, feeds: dict[str, np.ndarray] | EqualLengthRuns, t_in: float
+    ) -> tuple:
         """Run the batch: (outputs or None, the error or None, (prepare s, compute wall s,
         compute CPU s of this thread))."""
         t0, c0 = time.perf_counter(), time.thread_time()
         engine = self.served.engines[d.tier]
+        runs = feeds if isinstance(feeds, EqualLengthRuns) else None
         try:
-            outputs = engine.run(feeds)
+            outputs = runs.run(engine) if runs is not None else engine.run(feeds)
         except Exception as exc:
             outputs, error = None, exc
             if len(d.requests) > 1:  # maybe not every request's error: each runs alone
@@ -1236,7 +1252,8 @@ class ModelRuntime:
                     return self._waiting(d.requests[i]) is not None
 
                 try:
-                    outputs = run_apart(engine, feeds, [r.rows for r in d.requests], exc, waiting)
+                    parts = runs.parts if runs is not None else feeds
+                    outputs = run_apart(engine, parts, [r.rows for r in d.requests], exc, waiting)
                 except Exception as apart:  # the batch must still finish (failed): an escape
                     outputs, error = None, apart  # here left its slot and requests held
         else:
@@ -1245,7 +1262,7 @@ class ModelRuntime:
         # with request handling the wall time also holds the handler's slices.
         return outputs, error, (t0 - t_in, time.perf_counter() - t0, time.thread_time() - c0)
 
-    def _run(self, lane: Scheduler, d: Decision, feeds: dict[str, np.ndarray], t_in: float) -> None:
+    def _run(self, lane: Scheduler, d: Decision, feeds, t_in: float) -> None:
         """On an engine thread: run the batch, then hand the result to the loop (once)."""
         self._loop.call_soon_threadsafe(self._finish, lane, d, *self._execute(d, feeds, t_in))
 

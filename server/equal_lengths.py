@@ -1,0 +1,83 @@
+"""A sequence model without a mask: a batch runs as runs of requests of equal length.
+Torch-free.
+
+A text model's padding is covered by its attention mask (``ModelConfig.text``), so its
+requests share a batch padded to the longest. Any other model with a sequence (-1) axis has
+no mask the server knows of: the zeros padded onto a shorter request are data to it (a mean
+over time, a convolution's edge), and its answer would change with the requests it happened
+to be batched with. Such a batch runs as one engine call per distinct length - Triton's
+dynamic batcher likewise batches only requests of one shape - and the outputs (fixed
+shapes: ``ModelConfig`` refuses dynamic outputs) go back in the batch's order. The plan
+counted one call; the lane's latency model learns the extra calls' time from the batch.
+
+Example:
+    >>> import numpy as np
+    >>> class Mean:  # a model whose answer a zero padding would change
+    ...     def run(self, feeds):
+    ...         return {"y": feeds["x"].mean(axis=1)}
+    >>> payloads = [{"x": np.ones((1, 2))}, {"x": np.ones((1, 3))}, {"x": np.ones((1, 2))}]
+    >>> runs = equal_length_runs(payloads, {"x": (0,)})
+    >>> [indices for indices, _ in runs.runs], runs.run(Mean())["y"].tolist()
+    ([[0, 2], [1]], [1.0, 1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.engines import EngineError
+
+
+@dataclass(frozen=True)
+class EqualLengthRuns:
+    """One batch's feeds as runs: ``runs[k]`` = (the indices of the batch's requests of one
+    length, ascending; their inputs joined along the batch axis); ``parts[i]``: request
+    ``i``'s own inputs (each (rows, ...))."""
+
+    runs: list[tuple[list[int], dict[str, np.ndarray]]]
+    parts: list[dict[str, np.ndarray]]
+
+    def run(self, engine) -> dict[str, np.ndarray]:
+        """The batch's outputs, one engine call per run, rows in the batch's order."""
+        rows = [len(next(iter(p.values()))) for p in self.parts]
+        answers: list[dict[str, np.ndarray] | None] = [None] * len(self.parts)
+        for indices, feeds in self.runs:
+            out = engine.run(feeds)
+            n = sum(rows[i] for i in indices)
+            for k, v in out.items():
+                if v.ndim == 0 or v.shape[0] != n:
+                    raise EngineError(
+                        f"output {k!r} has shape {list(v.shape)} for a batch of {n} rows (its "
+                        "batch axis must follow the input's); rebuild the model"
+                    )
+            offset = 0
+            for i in indices:
+                answers[i] = {k: v[offset : offset + rows[i]] for k, v in out.items()}
+                offset += rows[i]
+        return {k: np.concatenate([a[k] for a in answers]) for k in answers[0]}
+
+
+def equal_length_runs(
+    payloads: Sequence[Mapping[str, np.ndarray]], dynamic: Mapping[str, tuple[int, ...]]
+) -> EqualLengthRuns | None:
+    """The runs of equal length of a batch of requests (``payloads``: each request's inputs;
+    ``dynamic``: each input's sequence axes, per sample) - None where every request has the
+    same lengths (one call, no padding)."""
+    keys = [
+        tuple(p[name].shape[1 + axis] for name, axes in dynamic.items() for axis in axes)
+        for p in payloads
+    ]
+    if len(set(keys)) <= 1:
+        return None
+    by_key: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    names = list(payloads[0])
+    runs = []
+    for indices in by_key.values():
+        joined = {n: np.concatenate([payloads[i][n] for i in indices]) for n in names}
+        runs.append((indices, joined))
+    return EqualLengthRuns(runs, [dict(p) for p in payloads])

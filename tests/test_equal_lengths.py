@@ -1,0 +1,115 @@
+"""A sequence model without a text mask is never padded across requests (review
+helper-122): the zeros padded onto a shorter request were data to it, and a request's
+answer changed with the requests it was batched with (max difference 0.18-0.88 on a
+mean-over-time model). Its batches run as runs of equal length (server/equal_lengths.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from serverutil import add_onnx_model
+
+from runtime.repository import Repository
+from server.equal_lengths import equal_length_runs
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime
+
+LENGTHS = (2, 3, 5, 3, 8, 5)
+
+
+def _seq_mean(width):
+    """(B, T, 4) -> mean over T -> Gemm -> (B, 10): a zero padding changes the mean."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "w"
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["m", "w"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "seq",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {}, 80, 40
+
+
+def test_requests_of_other_lengths_share_no_padded_batch(tmp_path):
+    add_onnx_model(tmp_path, "seq", _seq_mean, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 4]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 8, "lengths": [8],
+    })  # fmt: skip
+    served = Repository(tmp_path).load("seq")
+    engine = served.engines["w100"]
+    run, gate, entered, shapes = engine.run, threading.Event(), threading.Event(), []
+
+    def gated(feeds):  # the first batch holds the engine until the others have queued
+        shapes.append(feeds["input"].shape)
+        entered.set()
+        gate.wait(10)
+        return run(feeds)
+
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, n, 4)).astype(np.float32) for n in LENGTHS]
+    alone = [run({"input": x})["logits"][0] for x in xs]
+
+    async def go():
+        rt = ModelRuntime(served, Metrics())
+        rt.start()
+        engine.run = gated
+        try:
+            first = asyncio.ensure_future(rt.infer({"input": xs[0]}, 1, 10.0))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            rest = [asyncio.ensure_future(rt.infer({"input": x}, 1, 10.0)) for x in xs[1:]]
+            await asyncio.sleep(0.05)  # all queued behind the held batch
+            gate.set()
+            return await asyncio.gather(first, *rest)
+        finally:
+            await rt.stop()
+
+    results = asyncio.run(go())
+    assert max(r.batch_size for r in results) > 1  # the queued ones did share a batch
+    for r, want in zip(results, alone, strict=True):
+        np.testing.assert_allclose(r.outputs["logits"][0], want, atol=1e-6)
+    assert all(s[1] in LENGTHS for s in shapes)  # each call one length, none padded
+    assert len(shapes) == 4  # the first alone, then the runs of 3, 5 and 8 tokens
+
+
+def test_runs_group_equal_lengths_and_keep_the_batch_order():
+    parts = [{"x": np.full((r, n), float(i))} for i, (r, n) in enumerate([(1, 2), (2, 3), (1, 2)])]
+    assert equal_length_runs(parts[:1] + parts[2:], {"x": (0,)}) is None  # one length: whole
+    runs = equal_length_runs(parts, {"x": (0,)})
+    assert [i for i, _ in runs.runs] == [[0, 2], [1]]
+    assert runs.runs[0][1]["x"].tolist() == [[0.0, 0.0], [2.0, 2.0]]
+
+    class Sum:
+        def run(self, feeds):
+            return {"y": feeds["x"].sum(axis=1)}
+
+    assert runs.run(Sum())["y"].tolist() == [0.0, 3.0, 3.0, 4.0]  # rows back in order
+
+
+def test_a_failed_run_is_retried_request_by_request_from_each_requests_own_inputs():
+    from server.apart import run_apart
+
+    class NoFives:  # fails any call holding a 5-step sequence
+        def run(self, feeds):
+            if feeds["x"].shape[1] == 5:
+                raise ValueError("no fives")
+            return {"y": feeds["x"].sum(axis=1)}
+
+    parts = [{"x": np.ones((1, n))} for n in (3, 5, 3)]
+    runs = equal_length_runs(parts, {"x": (0,)})
+    try:
+        runs.run(NoFives())
+    except ValueError as exc:
+        apart = run_apart(NoFives(), runs.parts, [1, 1, 1], exc)
+    assert [e is None for e in apart.errors] == [True, False, True]
+    assert [o["y"].tolist() if o else None for o in apart.outputs] == [[3.0], None, [3.0]]
