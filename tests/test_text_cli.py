@@ -431,3 +431,20 @@ def test_a_sentence_that_gives_no_tokens_is_named(model_dir, tmp_path, capsys):
     assert main(["calibrate", str(copy), "--text", str(text), "--seconds", "1"]) != 0
     err = capsys.readouterr().err
     assert f"{text}: 1 sentences give no tokens" in err and "non-empty line 41" in err
+
+
+def test_a_text_model_taking_int32_ids_is_scored_on_its_evaluation_text(model_dir, tmp_path):
+    # The build fed the tokenizer's int64 ids to an int32 model (which serving accepts):
+    # ONNX Runtime's "Unexpected input data type" ended the build (review helper-122).
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    config = yaml.safe_load((copy / "model.yaml").read_text())
+    for t in config["inputs"]:
+        t["dtype"] = "int32"
+    config["evaluation"] = {"text": "held.txt", "limit": 40}
+    (copy / "model.yaml").write_text(yaml.safe_dump(config))
+    _sentences(copy / "held.txt", 48)
+    report = build_model(Repository(tmp_path), "embed", progress=False, profile=False)
+    accuracy = {t.name: t.accuracy for t in report.tiers}
+    assert accuracy["full"] == pytest.approx(1.0, abs=1e-5)
+    assert 0 < accuracy["half"] < 0.999

@@ -642,6 +642,9 @@ def _engine_embeddings(engine, config: ModelConfig, ids: np.ndarray, mask: np.nd
         idx = order[i : i + config.max_batch]
         t = int(mask[idx].sum(1).max())
         feeds = {config.text.ids: ids[idx, :t], config.text.mask: mask[idx, :t]}
+        # The tokenizer's int64 as the model takes them (int32 ids and mask are allowed, as
+        # the server's decode casts them): ONNX Runtime refused the build's int64 feeds.
+        feeds = {n: a.astype(config.input(n).dtype, copy=False) for n, a in feeds.items()}
         y = engine.run(feeds)[config.outputs[0].name]  # (b, D)
         if out is None:
             out = np.empty((len(ids), y.shape[1]), dtype=np.float32)
