@@ -800,6 +800,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
     feeds = {r: random_feeds(config.inputs, r, length=lane or 16)  # a text model: its lane
              for r in set(rows.tolist())}  # fmt: skip
+    if config.text is not None:  # every token real: the server refuses a mask with gaps
+        for f in feeds.values():  # (random 0/1 masks were all refused INVALID_ARGUMENT)
+            f[config.text.mask][:] = 1
     # (one row count for every request - a client that always sends 4 - is one set of feeds)
     inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
     name = args.model or Path(args.model_dir).name
@@ -828,6 +831,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RuntimeError(
             f"no request was served ({refused}): is a server listening on {args.address}, "
             f"and does it serve {name!r}?"
+        )
+    if s["sent"] and refused.get("INVALID_ARGUMENT", 0) == s["sent"]:
+        raise RuntimeError(
+            f"the server refused every request as invalid ({refused}): does {name!r} at "
+            f"{args.address} take the inputs {args.model_dir}/model.yaml names? (its log "
+            "says what was wrong with them)"
         )
     return 0
 

@@ -138,6 +138,16 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
     assert "no request was served" in capsys.readouterr().err
 
 
+def test_bench_fails_when_the_server_refused_every_request_as_invalid(
+    tmp_path, monkeypatch, capsys
+):
+    # A run whose every request was INVALID_ARGUMENT measured nothing, and exited 0.
+    d = _bench_model(tmp_path)
+    fake_run_load(monkeypatch, codes=["INVALID_ARGUMENT"] * 5)
+    assert cli(["bench", str(d), "--duration", "1", "--max-requests", "5"]) == 2
+    assert "refused every request as invalid" in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_bench_runs_against_a_real_server(tmp_path, capsys):
     # Every other bench test replaced the load generator; a change to how innfer bench

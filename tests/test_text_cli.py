@@ -292,7 +292,11 @@ def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, mon
         extra = [] if tokens is None else ["--tokens", str(tokens)]
         code = main(["bench", str(model_dir), "--duration", "1", "--load", "0.01", *extra])
         assert code == 0, capsys.readouterr().err
-        assert {a.shape[1] for a in calls.pop()["inputs"].values()} == {lane}
+        sent = calls.pop()["inputs"]
+        assert {a.shape[1] for a in sent.values()} == {lane}
+        # every token real: the server refuses a mask with gaps (random 0/1 masks made every
+        # request of a real run INVALID_ARGUMENT, review helper-122)
+        assert (sent["attention_mask"] == 1).all()
         assert f"planned with every request at {lane} tokens" in capsys.readouterr().out
 
 
