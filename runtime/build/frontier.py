@@ -308,6 +308,7 @@ def _first(y):
 def _source_hash(model_dir, config: ModelConfig, backend) -> str:
     """What the frontier depends on: the INN, the candidates, sampling, data, backend."""
     meta = json.loads((model_dir / "inn.json").read_text())
+    sampling = meta.get("info", {}).get("norm_stats_sampling")
     payload = {
         # How candidates are made: bumped when that changes, so a rebuild measures again
         # (2: statistics stored for a candidate's counts are kept, not re-estimated).
@@ -323,6 +324,8 @@ def _source_hash(model_dir, config: ModelConfig, backend) -> str:
         "evaluation": evaluation_key(config, model_dir),
         "inputs": [t.__dict__ for t in config.inputs],
         "outputs": [t.__dict__ for t in config.outputs],
+        # (absent where none is recorded: frontiers measured before it stay valid)
+        **({"norm_stats_sampling": sampling} if sampling else {}),
         "max_batch": config.max_batch,
         "backend": [backend.name, backend.version(), backend.device(), config.threads],
         "precision": config.precision,

@@ -166,7 +166,7 @@ def build_model(
                 record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
                                        "accuracy_on": measured_on})  # fmt: skip
                 record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
-            if norm_x is None and unnormed(inn, module, record.sizes):
+            if norm_x is None and unnormed(inn, module, record.sizes, config.method):
                 report.warnings.append(
                     f"tier {tier.name} of {name} has no BatchNorm statistics of its own (they "
                     f"are resampled from the full width's, which on a BatchNorm model can cost "

@@ -90,7 +90,7 @@ def sample_tier(
     re-estimated where the INN stores none for these counts and ``x`` is given."""
     module = inn.sample(width, config.method, config.multiple_of)
     sizes = inn.sizes(width, config.multiple_of)
-    if x is None or not unnormed(inn, module, sizes):
+    if x is None or not unnormed(inn, module, sizes, config.method):
         return module, False
     recompute_norm_stats(module, x)
     return module, True

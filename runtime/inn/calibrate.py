@@ -78,11 +78,14 @@ def has_norms(module: nn.Module) -> bool:
     return any(isinstance(m, _NORMS) for m in module.modules())
 
 
-def unnormed(inn: IntegralModel, module: nn.Module, sizes: Mapping[str, int]) -> bool:
+def unnormed(
+    inn: IntegralModel, module: nn.Module, sizes: Mapping[str, int], method: str = "auto"
+) -> bool:
     """Whether ``sizes`` is a smaller width of a model with BatchNorm for which the INN
-    stores no statistics (nor calibrated weights): its running statistics are the full
-    width's resampled, not what the smaller network computes."""
-    return dict(sizes) != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes)
+    stores no statistics measured with ``method``'s sampling (nor calibrated weights): its
+    running statistics are the full width's resampled, not what the smaller network
+    computes."""
+    return dict(sizes) != inn.sizes(1.0) and has_norms(module) and not inn.calibrated(sizes, method)
 
 
 @torch.no_grad()
@@ -132,6 +135,7 @@ def reestimate_norms(
     sizes = inn.sizes(width, multiple_of)
     key = IntegralModel.sizes_key(sizes)
     inn.info.setdefault("norm_stats", {}).pop(key, None)  # start from the resampled stats
+    inn.info.setdefault("norm_stats_sampling", {}).pop(key, None)
     module = inn.sample(sizes, method=method, calibrated=False)
     if not recompute_norm_stats(module, x, batch_size, max_batches):
         return None
@@ -141,6 +145,7 @@ def reestimate_norms(
         if name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
     }
     inn.info["norm_stats"][key] = stats
+    inn.info["norm_stats_sampling"][key] = inn.sampling(sizes, method)  # whose they are
     return key
 
 
@@ -447,7 +452,9 @@ def _keep_better(inn, out, sizes, grids, holdout, method: str) -> None:
             out.tiers[key] = {k: v.clone() for k, v in inn.tiers[key].items()}
         else:
             out.tiers.pop(key, None)
-        for name, info in (("grids", grids), ("norm_stats", {key: None})):
+        for name, info in (
+            ("grids", grids), ("norm_stats", {key: None}), ("norm_stats_sampling", {key: None})
+        ):  # fmt: skip
             before, after = inn.info.get(name, {}), out.info.setdefault(name, {})
             for k in info:
                 if k in before:

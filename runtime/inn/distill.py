@@ -802,7 +802,7 @@ def calibrate_text(
         select_seconds = time.perf_counter() - start
         student = out.sample(sizes, method=method, calibrated=False)
         # A tier an earlier run stored stays unless this one beats it on the check.
-        incumbent = inn.sample(sizes, method=method) if inn.calibrated(sizes) else None
+        incumbent = inn.sample(sizes, method=method) if inn.calibrated(sizes, method) else None
         stored = inn.info.get("text_calibration", {}).get(inn.sizes_key(sizes), {})
         record = calibrate_network(
             student, teacher, readouts(inn, sizes), batches, targets,

@@ -28,7 +28,13 @@ from torch import fx
 
 from runtime.hashing import sha256_file
 from runtime.inn import graphio
-from runtime.inn.continuous import METHODS, Method, quadrature_scale, resample_matrix
+from runtime.inn.continuous import (
+    METHODS,
+    Method,
+    auto_method,
+    quadrature_scale,
+    resample_matrix,
+)
 from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
 from runtime.inn.shaping import SHAPED, allocate
 
@@ -262,7 +268,7 @@ class IntegralModel:
         module = self.resample(
             sizes, lambda g, n: self.matrix(g, n, method), unit=self.unit_grids(sizes)
         )
-        self._apply_norm_stats(module, sizes)
+        self._apply_norm_stats(module, sizes, method)
         tier = self.tiers.get(self.sizes_key(sizes)) if calibrated else None
         if tier is not None:
             module.load_state_dict(tier, strict=True)
@@ -353,21 +359,52 @@ class IntegralModel:
             out[name] = int(count)
         return out
 
-    def calibrated(self, sizes: Mapping[str, int]) -> bool:
-        """Whether ``sample(sizes)`` returns stored statistics or weights for exactly these
-        channel counts (``reestimate_norms``, ``runtime.inn.calibrate``) rather than the
-        resampled ones alone.
+    def calibrated(self, sizes: Mapping[str, int], method: Method = "auto") -> bool:
+        """Whether ``sample(sizes, method)`` returns stored statistics or weights for
+        exactly these channel counts (``reestimate_norms``, ``runtime.inn.calibrate``)
+        rather than the resampled ones alone.
 
         Example:
             >>> inn.calibrated(inn.sizes(0.5))  # doctest: +SKIP
             True
         """
-        key = self.sizes_key(sizes)
-        return key in self.tiers or bool(self.info.get("norm_stats", {}).get(key))
+        return self.sizes_key(sizes) in self.tiers or bool(self._norm_stats(sizes, method))
 
-    def _apply_norm_stats(self, module: fx.GraphModule, sizes: Mapping[str, int]) -> None:
-        """Norm statistics re-estimated for exactly these sizes replace the resampled ones."""
-        stats = self.info.get("norm_stats", {}).get(self.sizes_key(sizes))
+    def sampling(self, sizes: Mapping[str, int], method: Method = "auto") -> str:
+        """The resampling each reduced group gets at ``sizes`` with ``method`` ("auto"
+        resolved per group), as text: what norm statistics stored for these counts were
+        measured with (``reestimate_norms`` records it).
+
+        Example:
+            >>> inn.sampling({"fc1": 32}, "auto")  # doctest: +SKIP
+            'fc1=cell'
+        """
+        out = []
+        for g in self.groups:
+            n = sizes.get(g.name, g.size)
+            if n != g.size:
+                out.append(f"{g.name}={auto_method(g.size, n) if method == 'auto' else method}")
+        return ",".join(out)
+
+    def _norm_stats(self, sizes: Mapping[str, int], method: Method) -> dict | None:
+        """The statistics stored for these counts, where they were measured on the network
+        ``method`` samples: those of another sampling are another network's (``innfer
+        train`` stores point-sampled ones; model.yaml's ``method: cell`` served them on
+        cell-averaged weights: 0.26 where its own gave 0.84). Statistics stored before the
+        sampling was recorded apply whatever the method, as they always did."""
+        key = self.sizes_key(sizes)
+        stats = self.info.get("norm_stats", {}).get(key)
+        measured = self.info.get("norm_stats_sampling", {}).get(key)
+        if not stats or (measured is not None and measured != self.sampling(sizes, method)):
+            return None
+        return stats
+
+    def _apply_norm_stats(
+        self, module: fx.GraphModule, sizes: Mapping[str, int], method: Method
+    ) -> None:
+        """Norm statistics re-estimated for exactly these sizes and this sampling replace
+        the resampled ones."""
+        stats = self._norm_stats(sizes, method)
         if not stats:
             return
         buffers = dict(module.named_buffers())

@@ -79,7 +79,7 @@ def width_report(
         sizes = inn.sizes(w, multiple_of)
         net = inn.sample(sizes, method=method)
         reestimated = False
-        if x_norm is not None and len(x_norm) >= 64 and unnormed(inn, net, sizes):
+        if x_norm is not None and len(x_norm) >= 64 and unnormed(inn, net, sizes, method):
             reestimated = recompute_norm_stats(net, x_norm)
         flops = count_flops(net, example)
         if sizes == inn.sizes(1.0):

@@ -121,7 +121,7 @@ class TrainableINN(nn.Module):
         state = dict(self.inn.state)
         for name, p in zip(self._param_names, self.nodes, strict=True):
             state[name] = p.detach().clone()
-        info = {**self.inn.info, "trained": True, "norm_stats": {}}
+        info = {**self.inn.info, "trained": True, "norm_stats": {}, "norm_stats_sampling": {}}
         return IntegralModel(
             self.inn.spec, state, self.inn.all_groups, self.inn.bindings, self.inn.size_fields, info
         )
