@@ -292,6 +292,8 @@ def _cudart():
 class _StubTRT:
     """The few ``tensorrt`` names TensorRTEngine uses (dtypes are numpy names here)."""
 
+    __version__ = "10.13.0.35"  # load() refuses a TensorRT older than 10
+
     class TensorIOMode:
         INPUT, OUTPUT = "input", "output"
 
@@ -434,6 +436,10 @@ class _FakeCudart(types.ModuleType):
         self.pending: dict[int, list[tuple[int, int, int]]] = {}
         self.syncs = 0
         self.streams: set[int] = set()
+        # Tests set these to make a call fail: fail_copy(kind, dst) -> bool for
+        # cudaMemcpyAsync (nothing is queued then), fail_sync for cudaStreamSynchronize.
+        self.fail_copy = None
+        self.fail_sync = False
 
     def _ok(self, *values):
         return (self.cudaError_t.cudaSuccess, *values)
@@ -476,12 +482,16 @@ class _FakeCudart(types.ModuleType):
         return self._ok()
 
     def cudaStreamSynchronize(self, stream):
+        if self.fail_sync:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
         self.syncs += 1
         for dst, src, nbytes in self.pending.pop(int(stream), []):  # in stream order
             ctypes.memmove(dst, src, nbytes)
         return self._ok()
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        if self.fail_copy is not None and self.fail_copy(kind, int(dst)):
+            return (self.cudaError_t.cudaErrorInvalidValue,)
         self.pending.setdefault(int(stream), []).append((int(dst), int(src), nbytes))
         self.copies.append((kind, int(dst), int(src), nbytes, int(stream)))
         return self._ok()
@@ -620,7 +630,7 @@ def _fake_trt(*, strongly_typed: bool = True, fp16_flag: bool = True, version=FA
     """A FAKE ``tensorrt`` module; ``.record`` keeps its networks and configs.
 
     strongly_typed + fp16_flag: TensorRT 10.12+ (weak typing deprecated); strongly_typed
-    alone: 11.x (FP16 flag removed); fp16_flag alone: a TensorRT without strong typing.
+    alone: 11.x (FP16 flag removed); neither: a TensorRT that drops the flag it ignores.
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
@@ -726,15 +736,48 @@ def test_build_is_strongly_typed_and_never_sets_fp16_flag(
         assert config.cleared_flags == {"TF32"}
 
 
-def test_build_without_strong_typing_falls_back_to_the_fp16_flag(tmp_path, install_trt):
-    trt = install_trt(strongly_typed=False, fp16_flag=True)
+def test_build_where_tensorrt_has_no_strongly_typed_flag_left_stays_strongly_typed(
+    tmp_path, install_trt
+):
+    # 11.x ignores STRONGLY_TYPED (every network is); a release without the flag gets no
+    # flags, and fp16 is still put into the graph - never the weakly typed FP16 flag.
+    from onnx import TensorProto
+
+    trt = install_trt(strongly_typed=False, fp16_flag=True, version="12.0.0")
     _mlp_onnx(tmp_path / "model.onnx")
     options = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
     TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
     (network,), (config,) = trt.record.networks, trt.record.configs
     assert network.flags == 0
-    assert config.set_flags == {"FP16"}
-    assert network.parsed == (tmp_path / "model.onnx").read_bytes()  # TensorRT picks fp16
+    assert config.set_flags == set()
+    model = _parsed_model(network)
+    assert {i.data_type for i in model.graph.initializer} == {TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "9.3.0.1", "unknown"])
+def test_tensorrt_older_than_10_is_unavailable_and_says_to_upgrade(tmp_path, install_trt, version):
+    # TensorRT 8.6 gives only the first execution context an optimisation profile (several
+    # contexts: instances > 1), and onnx-tensorrt 8.x turns int64 inputs into int32, so
+    # text tiers failed; the backend claimed to support it (review 125).
+    trt = install_trt(strongly_typed=False, version=version)
+    backend = TensorRTBackend()
+    reason = backend.unavailable_reason()
+    assert reason is not None and backend.available() is False
+    assert f"TensorRT {version} found; innfer needs TensorRT 10 or newer" in reason
+    assert "pip install 'tensorrt>=10'" in reason
+    _mlp_onnx(tmp_path / "model.onnx")
+    with pytest.raises(BackendUnavailable, match=r"needs TensorRT 10 or newer"):
+        TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", BuildOptions())
+    assert trt.record.networks == [] and not (tmp_path / "engines").exists()
+    (tmp_path / PLAN_FILE).write_bytes(b"plan")
+    with pytest.raises(BackendUnavailable, match=r"needs TensorRT 10 or newer"):
+        TensorRTBackend().load(tmp_path, BuildOptions())
+
+
+@pytest.mark.parametrize("version", ["10.0.1.6", "10.13.0.35", "11.0.0"])
+def test_tensorrt_10_and_newer_is_available(install_trt, version):
+    install_trt(version=version)
+    assert TensorRTBackend().unavailable_reason() is None
 
 
 def _fake_onnxconverter(monkeypatch):
@@ -1262,6 +1305,109 @@ class _MeetingContext(_StubContext):
 class _MeetingEngine(_StubEngine):
     def create_execution_context(self):
         return _MeetingContext(self.cudart)
+
+
+class _TwoInputContext(_StubContext):
+    """The stub context for inputs x and b (y = x); ``reject`` makes set_input_shape refuse
+    b at that batch size, ``fail_execute`` makes execute_async_v3 return False."""
+
+    reject: int | None = None
+    fail_execute = False
+
+    def set_input_shape(self, name, shape):
+        if name == "b" and shape[0] == self.reject:
+            return False
+        return super().set_input_shape(name, shape)
+
+    def execute_async_v3(self, stream):
+        return False if self.fail_execute else super().execute_async_v3(stream)
+
+
+class _TwoInputEngine(_StubEngine):
+    num_io_tensors = 3
+
+    def get_tensor_name(self, i):
+        return ("x", "b", "y")[i]
+
+    def get_tensor_mode(self, name):
+        return _StubTRT.TensorIOMode.OUTPUT if name == "y" else _StubTRT.TensorIOMode.INPUT
+
+    def create_execution_context(self):
+        self.context = _TwoInputContext(self.cudart)
+        return self.context
+
+
+class _WatchedFree(list):
+    """An engine's free list that notes, as each slot comes back, the copies still queued
+    on its stream (the FAKE cudart's ``pending``: not yet done)."""
+
+    def __init__(self, items, rt) -> None:
+        super().__init__(items)
+        self.rt, self.queued_on_return = rt, []
+
+    def append(self, slot) -> None:
+        self.queued_on_return.append(list(self.rt.pending.get(int(slot.stream), [])))
+        super().append(slot)
+
+
+@pytest.mark.parametrize(
+    "failure", ["second input's shape", "second input's copy", "copy to the host", "execution"]
+)
+def test_a_run_failing_part_way_drains_its_stream_before_the_context_is_reused(
+    monkeypatch, fake_cuda, failure
+):
+    # Only a failed execute_async_v3 synchronised: where the second input's shape was
+    # rejected or a copy failed, the first input's host-to-device copy could still be
+    # reading the pinned staging buffer when the context went back to the free list, and
+    # the next run rewrote that buffer under the DMA (review 125).
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    stub = _TwoInputEngine(rt)
+    engine = TensorRTEngine(stub, trt_module._Cuda(rt), max_batch=4)
+    engine._free = _WatchedFree(engine._free, rt)
+    (slot,) = engine._slots
+    kinds = rt.cudaMemcpyKind
+    if failure == "second input's shape":
+        stub.context.reject, expected = 3, r"rejected shape \(3, 16\) for 'b'"
+    elif failure == "second input's copy":
+        rt.fail_copy = lambda kind, dst: dst == slot.buffers["b"]
+        expected = r"cudaMemcpyAsync \(host to device\) failed"
+    elif failure == "copy to the host":
+        rt.fail_copy = lambda kind, dst: kind == kinds.cudaMemcpyDeviceToHost
+        expected = r"cudaMemcpyAsync \(device to host\) failed"
+    else:
+        stub.context.fail_execute, expected = True, "TensorRT execution failed"
+    x = _inputs(3, seed=3)
+    with pytest.raises(EngineError, match=expected):
+        engine.run({"x": x, "b": x})
+    assert rt.copies and rt.copies[0][0] == kinds.cudaMemcpyHostToDevice  # x's was queued
+    assert engine._free.queued_on_return == [[]]  # ... and done before the slot was free
+    assert engine._free == [slot]
+    # The context serves the next batch.
+    stub.context.reject, stub.context.fail_execute, rt.fail_copy = None, False, None
+    x = _inputs(2, seed=4)
+    np.testing.assert_array_equal(engine.run({"x": x, "b": x})["y"], x)
+    engine.close()
+
+
+def test_a_failing_synchronisation_after_a_failed_run_is_logged_not_raised(
+    monkeypatch, fake_cuda, caplog
+):
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    stub = _TwoInputEngine(rt)
+    engine = TensorRTEngine(stub, trt_module._Cuda(rt), max_batch=4)
+    stub.context.reject, rt.fail_sync = 2, True
+    x = _inputs(2, seed=0)
+    with (
+        caplog.at_level(logging.WARNING, logger="innfer.engines.tensorrt"),
+        pytest.raises(EngineError, match="rejected shape"),  # the run's error, not the sync's
+    ):
+        engine.run({"x": x, "b": x})
+    assert "synchronising after a failed run" in caplog.text
+    assert "cudaStreamSynchronize failed" in caplog.text
+    rt.fail_sync = False
+    engine.close()
 
 
 def test_contexts_run_batches_of_one_tier_at_once_each_on_its_own_stream(monkeypatch, fake_cuda):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -105,6 +106,7 @@ class _FakeGraph:
         module, args, out = self.recorded
         out.copy_(module.inner(*args))
         self.replays += 1
+        _FakeCuda.seen.append(("replay", _FakeCuda.current_device))
 
 
 class _Recorder(nn.Module):
@@ -118,39 +120,91 @@ class _Recorder(nn.Module):
 
     def forward(self, x):
         out = self.inner(x)
+        what = "capture" if _Recorder.capturing is not None else "forward"
+        _FakeCuda.seen.append((what, _FakeCuda.current_device, _FakeCuda.current_stream))
         if _Recorder.capturing is not None:
             _Recorder.capturing.recorded = (self, (x,), out)
         return out
 
 
+class _FakeStream:
+    """FAKE torch.cuda.Stream: remembers the device it was made on."""
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
 class _FakeCuda:
-    """The torch.cuda calls the engine makes to capture, on CPU tensors."""
+    """The torch.cuda calls the engine makes to capture, on CPU tensors. It keeps a
+    current device and stream as torch does per thread; ``seen`` records, for every forward
+    of the module and every replay, the device (and stream) current then."""
+
+    # The thread's current device before the engine sets its own: another GPU's.
+    THREAD_DEVICE = "cuda:0 (the thread's current device)"
+    current_device = THREAD_DEVICE
+    current_stream = None  # None: the device's default stream
+    seen: ClassVar[list[tuple]] = []
 
     def __init__(self, fail_batches=()) -> None:
         self.fail_batches = set(fail_batches)
         self.graphs: list[_FakeGraph] = []
         self.modes: list[str] = []
+        self.streams: list[_FakeStream] = []  # every torch.cuda.Stream made
+        self.capture_streams: list = []  # torch.cuda.graph's stream= per capture
+        self.capture_devices: list = []  # the current device as each capture began
 
     def install(self, monkeypatch) -> None:
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(_FakeCuda, "current_device", _FakeCuda.THREAD_DEVICE)
+        monkeypatch.setattr(_FakeCuda, "current_stream", None)
+        monkeypatch.setattr(_FakeCuda, "seen", [])
+        monkeypatch.setattr(torch.cuda, "Stream", self._new_stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device))
+        monkeypatch.setattr(torch.cuda, "stream", self._use_stream)
+        monkeypatch.setattr(torch.cuda, "device", self._use_device)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
         monkeypatch.setattr(torch.cuda, "CUDAGraph", self._new_graph)
         monkeypatch.setattr(torch.cuda, "graph", self._capture)
+
+    def _new_stream(self, device=None) -> _FakeStream:
+        self.streams.append(_FakeStream(device))
+        return self.streams[-1]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _use_stream(stream):
+        before, _FakeCuda.current_stream = _FakeCuda.current_stream, stream
+        try:
+            yield
+        finally:
+            _FakeCuda.current_stream = before
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _use_device(device):
+        before, _FakeCuda.current_device = _FakeCuda.current_device, device
+        try:
+            yield
+        finally:
+            _FakeCuda.current_device = before
 
     def _new_graph(self) -> _FakeGraph:
         self.graphs.append(_FakeGraph())
         return self.graphs[-1]
 
     @contextlib.contextmanager
-    def _capture(self, graph, pool=None, capture_error_mode="global"):
+    def _capture(self, graph, pool=None, stream=None, capture_error_mode="global"):
         assert pool == "pool"
         self.modes.append(capture_error_mode)
+        self.capture_streams.append(stream)
+        self.capture_devices.append(_FakeCuda.current_device)
         _Recorder.capturing = graph
         try:
-            yield
+            # torch.cuda.graph makes ``stream`` (default: a process-wide one) current.
+            with self._use_stream(stream if stream is not None else "process-wide stream"):
+                yield
             if graph.recorded[1][0].shape[0] in self.fail_batches:
                 raise RuntimeError("operation not permitted when stream is capturing")
         finally:
@@ -194,6 +248,37 @@ def test_one_graph_per_batch_size_captured_lazily_then_replayed(monkeypatch):
     assert set(fake.modes) == {"thread_local"}  # other engines' threads may run meanwhile
     engine.close()
     assert engine.captured_batches == []
+
+
+def test_capture_and_replay_run_on_the_engines_device_and_its_own_stream(monkeypatch):
+    # An engine on "cuda:1" driven from a thread whose current device is 0: torch.cuda.graph
+    # captured on its process-wide stream, made on the current device, while the module's
+    # kernels ran on device 1 - an empty graph (a warning only), stale outputs on replay
+    # (review 125). Warm-up, capture and replay now run with the engine's device current,
+    # and the capture on a stream the engine made on that device. (FAKE torch.cuda: the
+    # engine's device is "cpu" here, the thread's current device another one.)
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    net = _net()
+    engine = _graph_engine(net, max_batch=4)
+    own = torch.device(engine.device)
+    assert own != _FakeCuda.THREAD_DEVICE
+    for batch, seed in ((2, 0), (2, 1), (3, 2)):  # capture, replay, capture
+        x = _x(batch, seed)
+        np.testing.assert_allclose(engine.run({"input": x})["logits"], _expected(net, x),
+                                   rtol=1e-6)  # fmt: skip
+    assert engine.graph_captures == 2
+    # Every warm-up forward, capture and replay saw the engine's device as the current one.
+    assert [s[0] for s in _FakeCuda.seen].count("capture") == 2
+    assert [s[0] for s in _FakeCuda.seen].count("replay") == 3
+    assert {s[1] for s in _FakeCuda.seen} == {own}, _FakeCuda.seen
+    assert fake.capture_devices == [own, own]
+    # One stream of the engine's own, made on its device, for warm-up and capture alike.
+    (stream,) = fake.streams
+    assert stream.device == own
+    assert fake.capture_streams == [stream, stream]
+    assert {s[2] for s in _FakeCuda.seen if s[0] != "replay"} == {stream}
+    assert _FakeCuda.current_device == _FakeCuda.THREAD_DEVICE  # restored after each run
 
 
 class _SumTokens(nn.Module):
@@ -395,3 +480,22 @@ def test_the_device_named_is_the_one_the_engines_load_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: names[i or 0])
     assert TorchBackend().device() == "NVIDIA H200"
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_on_a_device_that_is_not_the_current_one(tmp_path, monkeypatch):
+    """An engine on "cuda:1" run from threads whose current device is 0 (the server's): its
+    graphs must hold the module's kernels, so replays answer each batch, not a stale one."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    torch.cuda.set_device(0)
+    net = _net()
+    _save_tier(tmp_path / "tier", net)
+    options = BuildOptions(max_batch=4, extra={"device": "cuda:1"})
+    engine = TorchBackend().load(tmp_path / "tier", options)
+    for batch, seed in ((2, 0), (2, 1), (2, 2), (3, 3), (3, 4)):  # each size: capture, replays
+        x = _x(batch, seed)
+        got = engine.run({"input": x})["logits"]
+        np.testing.assert_allclose(got, _expected(net, x), rtol=1e-4, atol=1e-5)
+    assert engine.graph_captures == 2 and torch.cuda.current_device() == 0

@@ -122,48 +122,21 @@ def test_the_search_length_enters_the_source_hash_only_for_sequence_models(tmp_p
     assert "length" not in channels.search_context(fixed, ort)
 
 
-# --- TensorRT before 10: the network must be created explicit batch (FAKE tensorrt) ---------
+# --- TensorRT 10: the network is created strongly typed (FAKE tensorrt) ------------------
+# (Older TensorRT is refused: test_engine_tensorrt.test_tensorrt_older_than_10_is_unavailable...)
 
 
-@pytest.mark.parametrize(
-    "version, strongly_typed, explicit_batch, want",
-    [
-        ("8.6.1.6", False, True, 1 << 0),  # EXPLICIT_BATCH = 0 in TensorRT 8.x
-        ("10.13.0.35", True, True, 1 << 1),  # 10.x: STRONGLY_TYPED only (EXPLICIT_BATCH ignored)
-    ],
-    ids=["trt8", "trt10"],
-)
-def test_network_is_explicit_batch_where_tensorrt_has_no_strong_typing(
+def test_network_is_strongly_typed_on_tensorrt_10(
     tmp_path,
     install_trt,  # noqa: F811 (the fixture imported above)
-    version,
-    strongly_typed,
-    explicit_batch,
-    want,
 ):
-    trt = install_trt(strongly_typed=strongly_typed, version=version)
-    if explicit_batch:
-        trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH = 0  # the real value
-    parser = trt.OnnxParser
-
-    class ImplicitBatchRefusingParser(parser):
-        """TensorRT < 10's ONNX parser: it refuses a network without EXPLICIT_BATCH."""
-
-        def parse(self, data, path) -> bool:
-            if version.startswith("8.") and not self.network.flags & 1:
-                self.num_errors = 1
-                return False
-            return super().parse(data, path)
-
-        def get_error(self, i):
-            return "Network must have the explicit batch flag set"
-
-    trt.OnnxParser = ImplicitBatchRefusingParser
+    trt = install_trt(strongly_typed=True, version="10.13.0.35")
+    trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH = 0  # present, deprecated and ignored
     _mlp_onnx(tmp_path / "model.onnx")
     options = BuildOptions(max_batch=8, opt_batch=4)
     TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
     (network,) = trt.record.networks
-    assert network.flags == want
+    assert network.flags == 1 << 1  # STRONGLY_TYPED only
 
 
 # --- torch engine: outputs in their declared dtypes; BuildOptions.threads on CPU ------------

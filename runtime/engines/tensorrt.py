@@ -25,8 +25,12 @@ converts the graph to fp16 first with onnxconverter-common's documented
 ``float16.convert_float_to_float16(model, keep_io_types=True)`` (``pip install
 innfer[gpu]``), or, where that package is not installed, with the built-in pass
 ``runtime.engines.fp16.convert_to_fp16``; the log says which one ran. Either way the
-engine's inputs and outputs keep the ONNX file's (fp32) dtypes. Only a TensorRT without the
-STRONGLY_TYPED flag (older than 10) still gets the weakly typed ``BuilderFlag.FP16``.
+engine's inputs and outputs keep the ONNX file's (fp32) dtypes.
+
+TensorRT 10 or newer is required (``unavailable_reason`` says so, and build and load
+refuse an older one): TensorRT 8.6 gives an optimisation profile only to an engine's
+first execution context (model.yaml's ``instances`` makes several), and its ONNX parser
+turns int64 inputs (a text tier's token ids and mask) into int32.
 
 Example:
     >>> backend = TensorRTBackend()
@@ -72,6 +76,8 @@ PRECISIONS = ("fp32", "fp16")
 DEFAULT_WORKSPACE_MIB = 1024
 # Python logging level for TensorRT's VERBOSE messages: below DEBUG, so hidden by default.
 _VERBOSE = 5
+# Oldest TensorRT major version served (module doc: why not 8.6).
+MIN_TRT_MAJOR = 10
 
 
 # --- lazy imports ------------------------------------------------------------------------
@@ -86,6 +92,22 @@ def _import_trt():
             f"the tensorrt backend needs the tensorrt package ({exc}); "
             "install it on a machine with an NVIDIA GPU: pip install tensorrt"
         ) from exc
+    return trt
+
+
+def _supported_trt():
+    """The ``tensorrt`` module if it is TensorRT ``MIN_TRT_MAJOR`` or newer, else
+    BackendUnavailable saying which version was found and how to upgrade."""
+    trt = _import_trt()
+    version = str(getattr(trt, "__version__", "of unknown version"))
+    major = re.match(r"\s*(\d+)", version)
+    if major is None or int(major.group(1)) < MIN_TRT_MAJOR:
+        raise BackendUnavailable(
+            f"TensorRT {version} found; innfer needs TensorRT {MIN_TRT_MAJOR} or newer "
+            "(older ones give only an engine's first execution context an optimisation "
+            "profile, and their ONNX parser turns int64 inputs into int32): "
+            f"pip install 'tensorrt>={MIN_TRT_MAJOR}'"
+        )
     return trt
 
 
@@ -292,9 +314,9 @@ class TensorRTBackend(Backend):
         return self.unavailable_reason() is None
 
     def unavailable_reason(self) -> str | None:
-        """Which of tensorrt, cuda-python and a CUDA device is missing, or None."""
+        """Which of tensorrt (10 or newer), cuda-python and a CUDA device is missing, or None."""
         try:
-            _import_trt()
+            _supported_trt()
             cudart = _import_cudart()
             err, count = cudart.cudaGetDeviceCount()
         except BackendUnavailable as exc:  # says which package, and how to install it
@@ -330,7 +352,7 @@ class TensorRTBackend(Backend):
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         if not onnx_path.is_file():
             raise EngineError(f"{onnx_path} does not exist")
-        trt = _import_trt()
+        trt = _supported_trt()
         logger = _trt_logger(trt)
         started = time.perf_counter()
         cache_path = out_dir.parent / timing_cache_name(self.device(), trt.__version__)
@@ -341,30 +363,15 @@ class TensorRTBackend(Backend):
             raise EngineError(f"TensorRT could not create a builder: {exc}") from exc
         if builder is None:
             raise EngineError("TensorRT could not create a builder (is a CUDA device present?)")
-        # Strongly typed wherever TensorRT has the flag (10.x: opt-in, weak typing deprecated
-        # since 10.12; 11.x: always on, the flag accepted and ignored). Explicit batch is the
-        # only mode since TensorRT 10 (EXPLICIT_BATCH deprecated and ignored there); before
-        # it, flags 0 meant implicit batch, which the ONNX parser refuses - so a TensorRT
-        # without STRONGLY_TYPED gets EXPLICIT_BATCH.
-        creation_flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
-        strongly_typed = getattr(creation_flags, "STRONGLY_TYPED", None)
-        explicit_batch = getattr(creation_flags, "EXPLICIT_BATCH", None)
-        if strongly_typed is not None:
-            network_flags = 1 << int(strongly_typed)
-        elif explicit_batch is not None:
-            network_flags = 1 << int(explicit_batch)
-        else:
-            network_flags = 0
+        # Strongly typed: opt-in in 10.x (weak typing deprecated since 10.12), always on in
+        # 11.x (the flag accepted and ignored); a TensorRT that drops the flag altogether
+        # can only be strongly typed. Explicit batch is the only mode since 10.
+        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        network_flags = 0 if strongly_typed is None else 1 << int(strongly_typed)
         network = builder.create_network(network_flags)
         parser = trt.OnnxParser(network, logger)
 
-        # Weak typing only where TensorRT offers nothing else (no STRONGLY_TYPED flag).
-        weak_fp16 = (
-            options.precision == "fp16"
-            and strongly_typed is None
-            and hasattr(trt.BuilderFlag, "FP16")
-        )
-        if options.precision == "fp16" and not weak_fp16:
+        if options.precision == "fp16":
             # Strongly typed: the graph itself must say fp16.
             model_bytes = _fp16_model_bytes(onnx_path)
         else:
@@ -380,8 +387,6 @@ class TensorRTBackend(Backend):
         config = builder.create_builder_config()
         workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace * 2**20)
-        if weak_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
         if options.precision == "fp32" and not options.extra.get("tf32", False):
             # TensorRT allows TF32 (10-bit mantissa) matmuls by default: ~1e-3 relative error.
             # "fp32" means fp32 here; BuildOptions(extra={"tf32": True}) trades it for speed.
@@ -391,9 +396,8 @@ class TensorRTBackend(Backend):
         cache = self._timing_cache(config, cache_path)
 
         log.info(
-            "building %s engine (%s network) for %s (batch 1..%d, tuned for %d)",
+            "building %s engine (strongly typed network) for %s (batch 1..%d, tuned for %d)",
             options.precision,
-            "weakly typed" if strongly_typed is None else "strongly typed",
             onnx_path,
             options.max_batch,
             options.opt_batch,
@@ -499,7 +503,7 @@ class TensorRTBackend(Backend):
         path = Path(out_dir) / PLAN_FILE
         if not path.is_file():
             raise EngineError(f"{path} does not exist; build the engine first")
-        trt = _import_trt()
+        trt = _supported_trt()
         cuda = _Cuda(_import_cudart())
         logger = _trt_logger(trt)
         try:
@@ -744,17 +748,30 @@ class TensorRTEngine(Engine):
                 self._cond.notify_all()  # a waiting run, or close() counting what is left
 
     def _run_on(self, slot: _Slot, arrays) -> dict[str, np.ndarray]:
+        try:
+            return self._queue_and_wait(slot, arrays)
+        except BaseException:
+            # A failure part-way (the second input's shape rejected, a copy refused) may
+            # leave host-to-device copies queued from the pinned staging buffers; once the
+            # slot is free again, the next run rewrites those buffers under the DMA
+            # (TensorRT: memory bound to the tensors must not change before the stream is
+            # synchronised). Let the stream drain first; the original error is the one told.
+            try:
+                self._cuda.synchronize(slot.stream)
+            except Exception as exc:
+                log.warning("%s: synchronising after a failed run: %s", self._source, exc)
+            raise
+
+    def _queue_and_wait(self, slot: _Slot, arrays) -> dict[str, np.ndarray]:
         cuda = self._cuda
         for spec, array in zip(self.inputs, arrays, strict=True):
             self._set_input_shape(slot, spec.name, array.shape)
-            # Every run ends synchronised, so no copy still reads this staging buffer.
+            # Every run ends synchronised (_run_on, on failure too), so no copy still reads
+            # this staging buffer.
             slot.staging[spec.name][: array.size] = array.reshape(-1)
             cuda.to_device(slot.buffers[spec.name], slot.host[spec.name], array.nbytes,
                            slot.stream)  # fmt: skip
         if not slot.context.execute_async_v3(int(slot.stream)):
-            # Let the queued copies finish: the next run rewrites the staging buffers.
-            with contextlib.suppress(EngineError):
-                cuda.synchronize(slot.stream)
             raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
         shapes = {}
         for spec in self.outputs:

@@ -251,6 +251,10 @@ class TorchEngine(Engine):
         # too (the server pads to a few lengths for it: prefers_fixed_lengths).
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None  # one memory pool shared by this engine's graphs
+        # Warm-up and capture stream, made on this engine's device at its first capture
+        # (torch.cuda.graph's default is one process-wide stream, made on whichever device
+        # was current when it was first used).
+        self._stream = None
         self._capture_failed = False
         self.graph_captures = 0
 
@@ -299,6 +303,7 @@ class TorchEngine(Engine):
         with self._lock:
             self._graphs.clear()
             self._pool = None
+            self._stream = None
 
     def _dtype_for(self, tensor):
         return self.dtype if tensor.is_floating_point() else tensor.dtype
@@ -321,22 +326,39 @@ class TorchEngine(Engine):
                 entry = self._capture(args, shapes)
         return entry
 
-    @staticmethod
-    def _replay(entry: _Graph, args) -> tuple:
-        for static, arg in zip(entry.inputs, args, strict=True):
-            static.copy_(arg)  # host -> device (and fp32 -> fp16 where the engine is fp16)
-        entry.graph.replay()
+    def _replay(self, entry: _Graph, args) -> tuple:
+        import torch
+
+        # The copies and the replay on the current stream of the engine's device, where the
+        # graph was captured, whichever device is current in this thread.
+        with torch.cuda.device(torch.device(self.device)):
+            for static, arg in zip(entry.inputs, args, strict=True):
+                static.copy_(arg)  # host -> device (and fp32 -> fp16 where the engine is fp16)
+            entry.graph.replay()
         return entry.outputs
 
     def _capture(self, args, shapes) -> _Graph | None:
-        """Warm up on a side stream, then capture one forward; None if capture fails."""
+        """Warm up on a side stream, then capture one forward; None if capture fails.
+
+        All of it with the engine's device current: "cuda:1" from a thread whose current
+        device is 0 would otherwise capture on a stream of device 0 while the module's
+        kernels run on device 1 - an empty graph (torch only warns) whose replays return
+        stale outputs."""
         import torch
 
         device = torch.device(self.device)
+        with torch.cuda.device(device):
+            return self._capture_on(device, args, shapes)
+
+    def _capture_on(self, device, args, shapes) -> _Graph | None:
+        import torch
+
         static = [torch.empty(a.shape, dtype=self._dtype_for(a), device=device) for a in args]
         for s, a in zip(static, args, strict=True):
             s.copy_(a)  # real values: warm-up takes the same paths as serving
-        side = torch.cuda.Stream(device=device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        side = self._stream
         side.wait_stream(torch.cuda.current_stream(device))
         # Errors here are the module's own (it would fail eagerly too): let them propagate.
         with torch.cuda.stream(side):
@@ -351,8 +373,11 @@ class TorchEngine(Engine):
             # other threads' CUDA calls outside torch engines (another library's) from
             # failing the capture, as the default "global" mode would. Sharing one pool is
             # safe here: replays are serialised by the lock and the outputs are copied out
-            # before the next replay of any of these graphs.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # before the next replay of any of these graphs. The capture runs on this engine's
+            # own stream, of its device (the warm-up's: nothing else is queued on it).
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=side, capture_error_mode="thread_local"
+            ):
                 out = self.module(*static)
         except Exception as exc:  # anything torch refuses to capture: serve eagerly instead
             self._capture_failed = True
