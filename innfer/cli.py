@@ -921,6 +921,10 @@ def _data_for(model_dir: Path, inn, name: str):
     """The data set ``name``, refused unless its samples fit the model: another data set's
     images ran through the model without an error (8x8 digits into a 28x28 model) and
     calibration then overwrote the trained tiers with what it learnt from them."""
+    import dataclasses
+
+    import torch
+
     from runtime.demo.data import load as load_data
     from runtime.repository.config import ModelConfig
 
@@ -940,10 +944,19 @@ def _data_for(model_dir: Path, inn, name: str):
         if config.evaluation is not None and config.evaluation.dataset:
             hint = f" (model.yaml's evaluation uses {config.evaluation.dataset!r})"
     data = load_data(name, unlabelled=True)
-    if want is not None and tuple(want) != tuple(data.input_shape):
+    got = tuple(data.input_shape)
+    if want is not None and (
+        len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got, strict=False))
+    ):  # (-1: a sequence axis model.yaml leaves free takes any length)
         raise ValueError(
-            f"--data {name}: samples of shape {list(data.input_shape)}, but the model takes "
+            f"data set {name}: samples of shape {list(got)}, but the model takes "
             f"{list(want)}; give the data set it was trained on{hint}"
+        )
+    if yaml_path.is_file() and not config.inputs[0].dtype.startswith("float"):
+        # loaded as float32 (images); the model takes integers (token ids, indices)
+        dtype = getattr(torch, config.inputs[0].dtype)
+        data = dataclasses.replace(
+            data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype)
         )
     if yaml_path.is_file() and data.labelled:  # one label per output position
         per = list(out[1:])

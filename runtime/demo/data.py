@@ -195,14 +195,14 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     keys = set(arrays)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-        _check_labels(path, parts[1], "y_train")
-        _check_labels(path, parts[3], "y_test")
+        parts[1] = _check_labels(path, parts[1], "y_train")
+        parts[3] = _check_labels(path, parts[3], "y_test")
     elif {"x", "y"} <= keys:
         x, y = arrays["x"], arrays["y"]
         if len(x) != len(y) or len(x) < 5:
             raise ValueError(f"{path}: x and y need the same length, at least 5 ({len(x)}, "
                              f"{len(y)} given)")  # fmt: skip
-        _check_labels(path, y, "y")
+        y = _check_labels(path, y, "y")
         return _split(Path(path).stem, x, y, n_test=len(x) // 5)
     elif unlabelled and "x" in keys and len(arrays["x"]) >= 5:
         x = arrays["x"]
@@ -246,9 +246,13 @@ def _npz_arrays(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
             from None  # fmt: skip
 
 
-def _check_labels(path: str, y: np.ndarray, name: str) -> None:
+def _check_labels(path: str, y: np.ndarray, name: str) -> np.ndarray:
     """Class labels: whole numbers >= 0 (negatives failed calibration deep in torch,
-    "Target -7 is out of bounds"; 2.7 was read as 2, and scored)."""
+    "Target -7 is out of bounds"; 2.7 was read as 2, and scored); returned (N,) where
+    given as a column (N, 1) - compared with (N,) predictions, a column broadcast to an
+    (N, N) table and accuracies of 5,000 %."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
     if y.dtype.kind not in "biuf":  # bool: a binary task's labels (y = scores > 0.5)
         raise ValueError(f"{path}: {name} holds {y.dtype}, not class labels (whole numbers >= 0)")
     flat = y.reshape(-1)  # (N,) a label per sample, or (N, H, W) per pixel
@@ -259,6 +263,7 @@ def _check_labels(path: str, y: np.ndarray, name: str) -> None:
             f"{path}: {name} holds {flat[i].item()!r} (element {i}); class labels are whole "
             "numbers >= 0"
         )
+    return y
 
 
 # Name -> loader; the keys are the names load() accepts.

@@ -237,8 +237,8 @@ def _mix(x: torch.Tensor, alpha: float, rng: np.random.Generator):
     """Mixup of a batch with a shuffled copy of itself: returns the mixed batch (B, ...),
     the weights (B,) of the original rows and the permutation (B,) that gave the partners."""
     n = len(x)
-    if alpha <= 0:
-        return x, torch.ones(n, dtype=x.dtype), torch.arange(n)
+    if alpha <= 0 or not x.is_floating_point():  # token ids or indices cannot be blended
+        return x, torch.ones(n), torch.arange(n)
     lam = torch.from_numpy(rng.beta(alpha, alpha, size=n)).to(x.dtype)  # (B,)
     perm = torch.from_numpy(rng.permutation(n))
     w = lam.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ...) broadcasts over each row

@@ -69,7 +69,8 @@ def width_report(
 
     if example is None:
         shape = data.input_shape if data is not None else _input_shape(inn)
-        example = (torch.zeros(1, *shape),)
+        dtype = data.x_train.dtype if data is not None else torch.float32  # ids: integers
+        example = (torch.zeros(1, *shape, dtype=dtype),)
     x_norm = getattr(data, "x_train", None) if reestimate_norms else None
     if x_norm is not None:
         x_norm = torch.as_tensor(x_norm[:NORM_SAMPLES])
@@ -228,7 +229,14 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
         correct = 0
         for i in range(0, len(x), batch_size):
             logits = model(x[i : i + batch_size])  # (B, num_classes[, H, W])
-            correct += int((logits.argmax(dim=1) == y[i : i + batch_size]).sum().item())
+            predicted, labels = logits.argmax(dim=1), y[i : i + batch_size]
+            if predicted.shape != labels.shape:  # (they broadcast: a table, not a score)
+                raise ValueError(
+                    f"labels of shape {list(labels.shape[1:])} per sample, but the model "
+                    f"predicts {list(predicted.shape[1:])} per sample: give one class index "
+                    "per prediction"
+                )
+            correct += int((predicted == labels).sum().item())
     return correct / max(y[: len(x)].numel(), 1)
 
 

@@ -1,0 +1,103 @@
+"""`innfer report` and `innfer calibrate --data` on the data users bring (review
+helper-123): labels saved as a column scored 5,000 %, a model.yaml with a sequence (-1)
+axis refused its own evaluation set, and a model taking token ids failed in torch
+("Expected tensor ... Long, Int; but got torch.FloatTensor"). Each test fails without its
+fix."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from innfer.cli import main
+from runtime.inn.report import evaluate
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _accuracies(out: str) -> list[float]:
+    return [float(m) for m in re.findall(r"(\d+\.\d+)%\s+(?:sampled|calibrated)", out)]
+
+
+def test_labels_saved_as_a_column_are_one_label_per_sample(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(tmp_path / "col.npz", x=x, y=y[:, None])  # (N, 1)
+    code, out, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "col.npz",
+                          "--widths", "1.0", "0.5")  # fmt: skip
+    assert code == 0, err
+    accuracies = _accuracies(out)
+    assert accuracies[0] == 100.0 and all(0 <= a <= 100 for a in accuracies), out
+
+
+def test_evaluate_refuses_labels_that_do_not_match_the_predictions():
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"labels of shape \[2\] per sample, but the model "):
+        evaluate(model, torch.randn(6, 4), torch.zeros(6, 2, dtype=torch.long))
+
+
+def test_a_sequence_axis_takes_the_evaluation_sets_length(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                        nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
+    d = tmp_path / "m"
+    runtime.convert(net, (torch.randn(2, 1, 40),)).save(d)
+    x = np.random.default_rng(0).standard_normal((300, 1, 40)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(d / "seq.npz", x=x, y=y)
+    (d / "model.yaml").write_text(
+        "inputs: [{name: input, dtype: float32, shape: [1, -1]}]\n"
+        "outputs: [{name: logits, dtype: float32, shape: [10]}]\n"
+        "tiers: [{name: w100, width: 1.0}, {name: w050, width: 0.5}]\n"
+        "max_batch: 8\nlengths: [40]\nevaluation: {dataset: seq.npz}\n"
+    )
+    code, out, err = _run(capsys, "report", d)
+    assert code == 0, err
+    assert _accuracies(out)[0] == 100.0
+    np.savez(tmp_path / "flat.npz", x=x[:, 0], y=y)  # (N, 40): one axis short
+    code, _, err = _run(capsys, "report", d, "--data", tmp_path / "flat.npz")
+    assert code == 2 and "samples of shape [40], but the model takes [1, -1]" in err
+
+
+def test_a_model_taking_token_ids_is_reported_and_calibrated(tmp_path, capsys):
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.l1, self.l2 = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+        def forward(self, ids):
+            return self.l2(torch.relu(self.l1(self.e(ids).mean(1))))
+
+    torch.manual_seed(0)
+    net = Bag().eval()
+    d = tmp_path / "m"
+    runtime.convert(net, (torch.randint(0, 50, (2, 4)),)).save(d)
+    x = np.random.default_rng(0).integers(0, 50, (300, 4))
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    np.savez(tmp_path / "ids.npz", x=x, y=y)
+    (d / "model.yaml").write_text(
+        "inputs: [{name: ids, dtype: int64, shape: [4]}]\n"
+        "outputs: [{name: logits, dtype: float32, shape: [3]}]\n"
+        "tiers: [{name: w100, width: 1.0}, {name: w050, width: 0.5}]\nmax_batch: 8\n"
+    )
+    code, out, err = _run(capsys, "report", d, "--data", tmp_path / "ids.npz")
+    assert code == 0, err
+    assert _accuracies(out)[0] == 100.0
+    code, _, err = _run(capsys, "calibrate", d, "--data", tmp_path / "ids.npz",
+                        "--widths", "0.5", "--seconds", "1")  # fmt: skip
+    assert code == 0, err
