@@ -1042,11 +1042,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     held = (data.x_train[samples : samples + 1000], data.y_train[samples : samples + 1000])
     if len(held[0]) < HELD_OUT_MIN:
         held = None
+        fix = "give fewer --samples" if args.samples else "give a larger data set"
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
-              "replaces a stored one whatever it scores (give fewer --samples)")  # fmt: skip
+              f"replaces a stored one whatever it scores ({fix})")  # fmt: skip
     tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
                       method=method, labels=labels, seed=args.seed, holdout=held,
-                      **_lr_option(args))  # fmt: skip
+                      max_steps=args.steps, **_lr_option(args))  # fmt: skip
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
     earlier = inn.info.get("calibration", {})
@@ -1131,7 +1132,7 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     tuned = calibrate_text(
         inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
         multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
-        **_lr_option(args),
+        max_steps=args.steps, **_lr_option(args),
     )  # fmt: skip
     out = tuned.save(args.out or args.model_dir)
     shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0
@@ -1496,7 +1497,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="budget for all widths together (split evenly between the tiers)",
     )
-    cal.add_argument("--seed", type=_seed, default=0)
+    cal.add_argument("--seed", type=_seed, default=0,
+                     help="with --steps, the same seed gives the same tiers; a --seconds "
+                          "budget does not (the steps that fit depend on the machine)")  # fmt: skip
+    cal.add_argument("--steps", type=_at_least(1),
+                     help="optimizer steps per tier instead of the --seconds budget: "
+                          "reproducible with --seed")  # fmt: skip
     cal.add_argument("--lr", type=_positive,
                      help="peak learning rate of each tier's warm-up + cosine schedule "
                           "(default: 3e-3 for images, 1e-3 for text)")  # fmt: skip

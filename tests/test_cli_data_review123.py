@@ -15,6 +15,7 @@ from torch import nn
 
 import runtime
 from innfer.cli import main
+from runtime.inn.model import load
 from runtime.inn.report import evaluate
 
 
@@ -101,3 +102,21 @@ def test_a_model_taking_token_ids_is_reported_and_calibrated(tmp_path, capsys):
     code, _, err = _run(capsys, "calibrate", d, "--data", tmp_path / "ids.npz",
                         "--widths", "0.5", "--seconds", "1")  # fmt: skip
     assert code == 0, err
+
+
+def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, capsys):
+    # A --seconds budget is not reproducible (two 1 s runs differed by 0.19 in a weight);
+    # the API's max_steps was not on the command line.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
+    x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(400) % 3)
+    for out in ("a", "b"):
+        code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                            "--widths", "0.5", "--steps", "5", "--seed", "3",
+                            "--out", tmp_path / out)  # fmt: skip
+        assert code == 0, err
+    a, b = (load(tmp_path / out) for out in ("a", "b"))
+    assert list(a.tiers) == ["0=16"]  # a calibrated tier was stored (not the sample kept)
+    assert all(torch.equal(v, b.tiers["0=16"][k]) for k, v in a.tiers["0=16"].items())

@@ -668,3 +668,21 @@ def test_a_checkpoint_torn_between_its_two_files_is_refused(digits, tmp_path):
     shutil.copy(tmp_path / "b" / "checkpoint.safetensors", torn / "checkpoint.safetensors")
     with pytest.raises(ValueError, match="is torn"):
         load_checkpoint(torn, model, opt)
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path):
+    # A corrupted checkpoint.json said only "JSONDecodeError Expecting property name ...",
+    # a missing checkpoint.safetensors "[Errno 2]" (review helper-123).
+    from runtime.demo.training import train_inn
+
+    kw = {"epochs": 1, "seed": 3, "batch_size": 512, "progress": False}
+    ckpt = tmp_path / "ckpt"
+    train_inn("digits_mlp", checkpoint=ckpt, **kw)
+    record = (ckpt / "checkpoint.json").read_text()
+    (ckpt / "checkpoint.json").write_text("{'meta': 1")
+    with pytest.raises(ValueError, match=r"checkpoint.json is unreadable .*without --resume"):
+        train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
+    (ckpt / "checkpoint.json").write_text(record)
+    (ckpt / "checkpoint.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"has no checkpoint.safetensors .*without --resume"):
+        train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import warnings
@@ -268,6 +267,7 @@ def train_inn(
     from runtime.inn.conversion import convert
     from runtime.inn.train import (
         TrainableINN,
+        checkpoint_record,
         load_checkpoint,
         sandwich_step,
         sandwich_widths,
@@ -301,8 +301,7 @@ def train_inn(
             raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
         # Another run's checkpoint is refused from its record, before its tensors are
         # loaded: another model's failed there as torch's "size of tensor a (3) must match".
-        recorded = json.loads((Path(checkpoint) / "checkpoint.json").read_text())
-        _check_same_run(recorded.get("meta", {}), run, checkpoint)
+        _check_same_run(checkpoint_record(checkpoint)["meta"], run, checkpoint)
         meta = load_checkpoint(checkpoint, model, opt)
         start_epoch = _resumed_epoch(meta, run, epochs, checkpoint)
         _fast_forward(sched, min(start_epoch, epochs) * steps_per_epoch)

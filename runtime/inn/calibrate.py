@@ -50,7 +50,7 @@ def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
     if len(x) < batch_size:
         raise ValueError(
             f"the calibration set has {len(x)} samples, fewer than one batch ({batch_size}); "
-            f"give more samples or a smaller batch size"
+            f"give at least {batch_size} (innfer calibrate --samples, or a larger data set)"
         )
 
 

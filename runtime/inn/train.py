@@ -233,6 +233,24 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
     write_bytes(d / "checkpoint.json", json.dumps(record).encode())
 
 
+def checkpoint_record(path: str | Path) -> dict:
+    """``checkpoint.json`` of the checkpoint in ``path``, or a ValueError that names the
+    file and the way on (a bare JSONDecodeError or "[Errno 2]" said neither)."""
+    f = Path(path) / "checkpoint.json"
+    try:
+        data = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint to resume in {path} ({f.name} is missing)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{f} is unreadable ({exc}): the checkpoint is damaged; train without --resume, "
+            "or into another --out"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
+        raise ValueError(f"{f} is not a checkpoint record; train without --resume")
+    return data
+
+
 def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns its ``meta`` (epoch, rng state...).
     A ValueError where the tensors are not the ones the JSON was saved with (a run killed
@@ -242,8 +260,14 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
     from safetensors.torch import load
 
     d = Path(path)
-    blob = (d / "checkpoint.safetensors").read_bytes()
-    data = json.loads((d / "checkpoint.json").read_text())
+    data = checkpoint_record(d)
+    try:
+        blob = (d / "checkpoint.safetensors").read_bytes()
+    except FileNotFoundError:
+        raise ValueError(
+            f"the checkpoint in {d} has no checkpoint.safetensors (its tensors); train "
+            "without --resume, or into another --out"
+        ) from None
     want = data.get("tensors_sha256")  # absent: a checkpoint from before it was recorded
     if want is not None and hashlib.sha256(blob).hexdigest() != want:
         raise ValueError(
