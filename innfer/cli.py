@@ -1322,6 +1322,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                 served, ylabel)  # fmt: skip
     if plotted:
         print(f"plot: {png}")
+    elif args.png:  # asked for, and nothing to draw: said, not silently skipped
+        print(f"no plot written to {png}: no accuracy measured (give --data NAME) and no built "
+              "tiers' latency (run innfer build)")  # fmt: skip
     report_frontier(Path(args.model_dir))  # a model with auto_tiers: its measured frontier
     return 0
 

@@ -120,3 +120,21 @@ def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, ca
     a, b = (load(tmp_path / out) for out in ("a", "b"))
     assert list(a.tiers) == ["0=16"]  # a calibrated tier was stored (not the sample kept)
     assert all(torch.equal(v, b.tiers["0=16"][k]) for k, v in a.tiers["0=16"].items())
+
+
+def test_report_closes_its_figure_and_says_when_there_is_nothing_to_plot(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(300) % 3)
+    before = set(plt.get_fignums())
+    code, out, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "d.npz",
+                          "--widths", "1.0", "0.5")  # fmt: skip
+    assert code == 0 and "plot:" in out, err
+    assert set(plt.get_fignums()) == before  # pyplot kept every report's figure open
+    code, out, err = _run(capsys, "report", tmp_path / "m", "--png", tmp_path / "r.png")
+    assert code == 0, err
+    assert "no plot written to" in out and not (tmp_path / "r.png").exists()

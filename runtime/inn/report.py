@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from runtime.atomic import write_json
 from runtime.inn.model import IntegralModel
 from runtime.inn.modes import evaluating
 
@@ -162,7 +162,7 @@ def save_report(
     latency against width where the model is built (``served``)."""
     if json_path is not None:
         doc = {"widths": [asdict(r) for r in rows], "served": [asdict(t) for t in served]}
-        json_path.write_text(json.dumps(doc, indent=1))
+        write_json(json_path, doc)  # whole or not at all: scripts read it
     has_acc = any(r.accuracy is not None for r in rows)
     if png_path is None or not (has_acc or served):
         return
@@ -178,6 +178,7 @@ def save_report(
     if not has_acc:
         fig.tight_layout()
         fig.savefig(png_path, dpi=110)
+        plt.close(fig)  # pyplot keeps every figure open otherwise (a long process leaks)
         return
     ax = axes[0]
     cal = [r for r in rows if r.calibrated]
@@ -194,6 +195,7 @@ def save_report(
         ax[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+    plt.close(fig)
 
 
 def _plot_served(ax, served: Sequence[ServedTier]) -> None:
