@@ -132,8 +132,13 @@ def report_frontier(model_dir: Path) -> Path | None:
     frontier = Frontier.read(path)
     repo, name = Repository(model_dir.parent), model_dir.name
     print(format_frontier(frontier))
-    options, names = hand_options(repo, name, frontier)
-    hand = {n: (options[n].p50[1], options[n].tier.accuracy) for n in names}
+    try:
+        options, names = hand_options(repo, name, frontier)
+    except (ValueError, OSError, RuntimeError) as exc:  # the frontier is reported anyway
+        print(f"(the hand-written tiers are not marked: {exc})")
+        hand = None
+    else:
+        hand = {n: (options[n].p50[1], options[n].tier.accuracy) for n in names}
     png = model_dir / "frontier.png"
     plot_frontier(frontier, _active_names(repo, name), png, hand)
     print(f"plot: {png}")
@@ -174,6 +179,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return APPLY_KEPT
     t0 = time.perf_counter()
     _check_engines(repo, args.model, choice.best.tiers, frontier)
+    _same_frontier(repo, args.model, frontier)
     active = ActiveTiers(
         tiers=choice.best.tiers,
         frontier_sha256=frontier.source_sha256,
@@ -273,7 +279,7 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
         slots=view.slots if view is not None and view.slots else config.instances,
         policy=view.policy if view is not None and view.policy else "innfer",
     )  # fmt: skip
-    options = frontier_options(frontier, goals.accuracy_floor)
+    options = frontier_options(frontier, goals.accuracy_floor, max_memory_mb=goals.max_memory_mb)
     current = live_options(repo, name, frontier, live)
     return choose(options, traffic, goals, current, sim, host=view), frontier, len(traffic)
 
@@ -336,11 +342,12 @@ def hand_options(repo, name: str, frontier):
     config = repo.config(name)
     records = {t.name: TierRecord.read(repo.tier_dir(name, t.name) / "tier.json")
                for t in config.tiers}  # fmt: skip
+    # profile.json is needed only for tiers no candidate measured: one with a candidate's
+    # channel counts takes the candidate's tables (a build with --no-profile, or a serving
+    # image whose tiers all are frontier candidates, has none).
     profile = repo.read_profile(name)
-    if profile is None:
-        raise ValueError(f"{name}/profile.json is missing: run `innfer build`")
     by_sizes = {json.dumps(c.sizes, sort_keys=True): c for c in frontier.candidates}
-    tables = dict(profile["tiers"])
+    tables = dict(profile["tiers"]) if profile is not None else {}
     for t, rec in records.items():
         c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
         if c is not None:
@@ -349,12 +356,18 @@ def hand_options(repo, name: str, frontier):
             c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
             records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
     missing = [t for t in records if t not in tables]
+    if missing and profile is None:
+        raise ValueError(
+            f"{name}/profile.json is missing and tier {', '.join(missing)} has no frontier "
+            "candidate of its channel counts: run `innfer build`"
+        )
     if missing:  # built with --no-profile, or a build interrupted while profiling
         raise ValueError(
             f"{name}/profile.json has no tier {', '.join(missing)} (built without profiling?): "
             "run `innfer build`"
         )
-    profile = {**profile, "tiers": {t: tables[t] for t in records}}
+    base = profile if profile is not None else frontier.profile([])
+    profile = {**base, "tiers": {t: tables[t] for t in records}}
     memory = {t: weights_mb(r.params) for t, r in records.items()}
     return profile_options(profile, records, memory, full_channels(frontier)), list(records)
 
@@ -390,6 +403,25 @@ def _check_engines(repo, name: str, tiers, frontier) -> None:
             engine.run(random_feeds(config.inputs, 1, length=config.example_length))
         finally:
             engine.close()
+
+
+def _same_frontier(repo, name: str, frontier) -> None:
+    """Refuse to write a choice where frontier.json was measured again since ``frontier``
+    was read (an `innfer build` ran while this apply chose and checked engines): the choice
+    would name a frontier no load accepts, and the server's swap fell back to model.yaml's
+    tiers."""
+    from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier, RepositoryError
+
+    path = repo.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE
+    try:
+        now = Frontier.read(path).source_sha256
+    except RepositoryError as exc:
+        raise RepositoryError(f"{exc} (it changed while this apply ran; nothing written)") from None
+    if now != frontier.source_sha256:
+        raise RepositoryError(
+            f"{path} was measured again while this apply ran (`innfer build`): nothing "
+            "written; the live tiers stay, and the next choice is made on the new frontier"
+        )
 
 
 def _active_names(repo, name: str) -> list[str]:

@@ -4,22 +4,25 @@ For each model whose ``model.yaml`` has ``auto_tiers``, one asyncio task checks 
 ``rebuild.check_interval_s``. Once ``rebuild.min_requests`` requests were recorded in the
 last ``window_s``, ``rebuild.min_interval_s`` passed since the last change and the traffic
 moved by more than ``rebuild.drift`` since the last choice (rate, budget quantiles, rows:
-simulating costs CPU the serving process shares, so unchanged traffic is not re-judged), it
+simulating costs CPU the serving process shares, so unchanged traffic is not re-judged -
+unless the server serves another set than the one last chosen for: a reload by hand, a
+changed model.yaml or ``auto_tiers.json``), it
 writes that window (its last ``simulate_requests`` requests: all the choice replays) to
 ``traffic.csv`` in its own work directory, ``<model>/auto/<hostname>-<pid>-<n>/`` (replicas
 sharing the repository's volume each have theirs; removed when the loop stops), and what
 serving adds to each request beyond queue and compute (the learned overhead's recent
 samples, the budget margin, plan_overhead, the engines' live speed against their profiles)
 to ``host.json`` beside it - the choice replays both, so that it judges a set by what
-clients would see (``sim.live_host``) - and runs ``innfer tiers apply``
-on them, told which set the server serves, in a separate process at the lowest CPU priority
-(Linux SCHED_IDLE, and ``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check
-uses the model's own threads): the choice (simulations), the engine builds and checks happen
-there, never on the serving loop. That process writes ``auto_tiers.json`` only for a set
-worth its ``min_gain``; then the model is reloaded as a swap: the new runtime takes new
-requests at once, the old one serves its whole queue (each request runs or expires by its
-own deadline: none is failed) and closes. A failed apply, or a new set that does not load,
-leaves the live set (and ``auto_tiers.json`` as it was) and waits ``min_interval_s`` before
+clients would see (``sim.live_host``) - and runs ``innfer tiers apply`` on them, told which
+set the server serves, in a separate process at the lowest CPU priority (Linux SCHED_IDLE,
+and ``rebuild.nice``; OMP_NUM_THREADS=1 for its numpy, the engine check uses the model's
+own threads): the choice (simulations), the engine builds and checks happen there, never on
+the serving loop. That process writes ``auto_tiers.json`` only for a set worth its
+``min_gain``; then the model is reloaded as a swap: the new runtime takes new requests at
+once, the old one serves its whole queue (each request runs or expires by its own deadline:
+none is failed) and closes. A failed apply, or a new set that does not load, leaves the
+live set (and ``auto_tiers.json`` as it was) - as does a reload that serves model.yaml's
+tiers instead, the frontier measured again meanwhile - and waits ``min_interval_s`` before
 trying again; that interval counts from ``auto_tiers.json``'s ``chosen_at`` at start, so a
 restarted server or a new replica does not change the set again at once. Replicas sharing a
 volume take turns: the apply, the reload and the undo run under an ``flock`` of
@@ -61,7 +64,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from runtime.atomic import write_bytes, write_json
-from runtime.repository import ACTIVE_FILE, APPLY_KEPT
+from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_FILE
 from runtime.repository.config import AutoTiersConfig
 from server.traffic import TrafficLog, drifted, summarise_traffic, write_traffic
 
@@ -114,6 +117,7 @@ class AutoTierer:
         clock: Callable[[], float] = time.monotonic,
         command: Callable[[Path, str, Path, Path, str], list[str]] | None = None,
         host: Callable[[], dict] | None = None,
+        frontier_problem: Callable[[], str | None] | None = None,
     ) -> None:
         self.name = name
         self.repository = Path(repository)
@@ -125,6 +129,12 @@ class AutoTierer:
         self.clock = clock
         self.command = command or apply_command
         self.host = host
+        # Why the model's frontier cannot be chosen from now (missing, corrupted, built for
+        # other settings than model.yaml's), with the fix, or None; called on the file thread.
+        # Said as the loop starts - not after traffic came, then at every min_interval_s as a
+        # failed apply - and while it says something, checks wait instead of applying.
+        self.frontier_problem = frontier_problem
+        self._frontier_said: str | None = None
         # min_interval_s counts from the last change on disk, made by this process before a
         # restart or by another replica: a new process must not change the set at once.
         # None: not read yet - the first check reads it, on the file thread (this object is
@@ -132,6 +142,11 @@ class AutoTierer:
         self.last_change: float | None = None
         self.changes = 0
         self.chosen_for: dict | None = None  # traffic summary of the last completed choice
+        # What the server served when that choice was made (``live``'s SOURCE:NAMES): a
+        # reload that serves something else (auto_tiers.json deleted or stale, model.yaml's
+        # tiers edited, another replica's choice) is judged anew, however steady the traffic.
+        self.chosen_live: str | None = None
+        self._said_waiting = False  # the first check held by min_requests logged why
         # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
         self.work = self.repository / name / WORK_DIR / f"{_replica()}-{next(_loops)}"
         self._alive: int | None = None  # our flock of work/ALIVE_FILE while the loop lives
@@ -151,6 +166,34 @@ class AutoTierer:
     def start(self) -> None:
         """Start the loop on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def watch_frontier(self, problem: Callable[[], str | None]) -> None:
+        """A reload kept this loop: judge the frontier by that load's model.yaml (``problem``)
+        and say now, not at the next check, where it is unusable."""
+        self.frontier_problem = problem
+        self._frontier_said = None
+        if self._task is not None and not self._task.done():
+            task = asyncio.get_running_loop().create_task(self._frontier_usable())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _frontier_usable(self) -> bool:
+        """Whether the frontier can be chosen from; where not, its problem is logged (once
+        per problem, with its fix)."""
+        if self.frontier_problem is None:
+            return True
+        problem = await self._io(self.frontier_problem)
+        if problem is None:
+            if self._frontier_said is not None:
+                log.info("model %s: its frontier is usable again; auto-tiering goes on", self.name)
+            self._frontier_said = None
+            return True
+        if problem != self._frontier_said:
+            self._frontier_said = problem
+            log.error(
+                "model %s: auto-tiering cannot choose (it serves %s): %s; its checks wait "
+                "until then", self.name, _safely(self.live), problem,
+            )  # fmt: skip
+        return False
 
     def stop(self) -> None:
         """Cancel the loop (a running apply process is killed; the live set stays) and
@@ -246,7 +289,10 @@ class AutoTierer:
         return max(STALE_WORK_S, APPLY_TIMEOUT_S + 3 * self.goals.rebuild.check_interval_s)
 
     async def run(self) -> None:
-        """Check forever (cancel the task to stop); one failed check never ends the loop."""
+        """Check forever (cancel the task to stop); one failed check never ends the loop.
+        A frontier that cannot be chosen from is said at once, as the model loads."""
+        with contextlib.suppress(Exception):  # (a check says it again)
+            await self._frontier_usable()
         while True:
             await asyncio.sleep(self.goals.rebuild.check_interval_s)
             try:
@@ -281,9 +327,24 @@ class AutoTierer:
             None, _observed, self.traffic.snapshot(), now, self.goals.window_s
         )
         if summary["requests"] < rebuild.min_requests:
+            if not self._said_waiting:  # once: a quiet model waits at every check
+                self._said_waiting = True
+                log.info(
+                    "model %s: auto-tiering waits for rebuild.min_requests (%d) requests "
+                    "within auto_tiers.window_s (%g s); %d so far (lower min_requests, or "
+                    "raise window_s, where the traffic stays below that)",
+                    self.name, rebuild.min_requests, self.goals.window_s, summary["requests"],
+                )  # fmt: skip
             return self._count("waiting")
-        if self.chosen_for is not None and not drifted(self.chosen_for, summary, rebuild.drift):
+        self._said_waiting = False
+        if (
+            self.chosen_for is not None
+            and self.live() == self.chosen_live
+            and not drifted(self.chosen_for, summary, rebuild.drift)
+        ):
             return self._count("unchanged")  # the live set was chosen for traffic like this
+        if not await self._frontier_usable():  # an apply would fail alike: said once, waits
+            return self._count("waiting")
         lock = await self._io(self._enter, undo=_close)
         if lock is None:  # another replica (or loop) is applying a set for this model
             log.info("model %s: another replica is choosing this model's tiers; trying again "
@@ -313,7 +374,7 @@ class AutoTierer:
         if choice is not None:
             self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))
         if code == APPLY_KEPT:
-            self.chosen_for = summary
+            self.chosen_for, self.chosen_live = summary, live
             return self._count("kept")
         if code != 0:
             self.last_change = self.clock()  # back off: the next try waits min_interval_s
@@ -339,9 +400,6 @@ class AutoTierer:
             return self._count("failed")
         seconds = self.clock() - t0
         self.last_change = self.clock()
-        self.chosen_for = summary
-        self.changes += 1
-        self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
         # What the reload serves is what auto_tiers.json held then: this apply's choice, or
         # a newer one another writer put there meanwhile. Say what is served.
         try:
@@ -350,7 +408,27 @@ class AutoTierer:
             log.exception("model %s: could not tell what the reload serves", self.name)
             served = "?"
         chosen = choice["best"]["tiers"] if choice is not None else None
-        if chosen is None or set(served.partition(":")[2].split(",")) != set(chosen):
+        ours = chosen is not None and set(served.partition(":")[2].split(",")) == set(chosen)
+        refused = chosen is not None and not ours and written is not None
+        if refused and served.startswith("model.yaml:"):
+            # The load refused this choice and fell back to model.yaml's tiers: the frontier
+            # it names was replaced meanwhile (`innfer build`), or model.yaml changed (the
+            # repository's warning above says which). Not a change; nobody chose what is
+            # served now for this traffic, so the next check past min_interval_s judges it.
+            self.chosen_for = self.chosen_live = None
+            why = await self._io(_refused, active, written)
+            log.error(
+                "model %s: the reload serves model.yaml's tiers (%s), not this choice %s: "
+                "%s; the next check chooses again after rebuild.min_interval_s",
+                self.name, served, chosen, why,
+            )  # fmt: skip
+            return self._count("failed")
+        # What is served was chosen for this traffic: this replica's choice, or a newer one
+        # another writer made meanwhile (judged again when traffic or the served set moves).
+        self.chosen_for, self.chosen_live = summary, served
+        self.changes += 1
+        self.metrics.tier_set_swap_seconds.labels(self.name).set(seconds)
+        if not ours:
             log.warning(
                 "model %s: now serving %s, not this replica's choice %s: %s was rewritten "
                 "meanwhile (another replica, or `innfer tiers apply`); swapped in %.1f s",
@@ -526,6 +604,34 @@ def _restore_if(path: Path, written: bytes | None, before: bytes | None) -> bool
     else:
         write_bytes(path, before)
     return True
+
+
+def _refused(active: Path, written: bytes | None) -> str:
+    """Why a load served model.yaml's tiers after this apply wrote ``written`` to ``active``
+    (auto_tiers.json), as far as the files tell."""
+    now = _bytes(active)
+    if now != written:
+        return (f"{ACTIVE_FILE} was rewritten or removed meanwhile (another replica, "
+                "`innfer tiers apply`, or by hand)")  # fmt: skip
+    try:
+        chose_on = json.loads(written or b"{}").get("frontier_sha256")
+        frontier = json.loads((active.parent / FRONTIER_DIR / FRONTIER_FILE).read_text())
+        measured = frontier.get("source_sha256") if isinstance(frontier, dict) else None
+    except (OSError, ValueError):
+        return (f"{FRONTIER_DIR}/{FRONTIER_FILE} was removed or rewritten meanwhile (`innfer "
+                "build`?): run `innfer build` where it is damaged")  # fmt: skip
+    if chose_on != measured:
+        return (f"the frontier it was chosen on was replaced meanwhile (`innfer build` measured "
+                f"it again); {ACTIVE_FILE} names the old one and is ignored")  # fmt: skip
+    return "the load refused it (the repository's warning above says why: model.yaml changed?)"
+
+
+def _safely(fn: Callable[[], str]) -> str:
+    """``fn()`` for a log line: "?" where it fails (a log line is no reason to fail)."""
+    try:
+        return fn()
+    except Exception:
+        return "?"
 
 
 def _close(fd: int | None) -> None:

@@ -30,6 +30,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
+from runtime.repository.frontier import frontier_problem
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
@@ -421,7 +422,10 @@ class DataPlane:
         """One auto-tiering loop per model with auto_tiers (kept across its reloads; one
         with new goals takes over its predecessor's back-off: ``swap``, this load is the
         predecessor's own change). None where its goals are ``unmet`` by its frontier:
-        every check would fail alike, each min_interval_s, once traffic came."""
+        every check would fail alike, each min_interval_s, once traffic came. A frontier
+        that is missing, corrupted or built for other settings than model.yaml's
+        (``frontier_problem``) is said by the loop as it starts, with its fix, and its checks
+        wait (no apply) until ``innfer build`` made a usable one."""
         tierer = self.tierers.get(name)
         if unmet is not None:
             log.error(
@@ -433,11 +437,23 @@ class DataPlane:
             if tierer is not None:
                 self.tierers.pop(name).stop()
             return
-        if tierer is None or tierer.goals != config.auto_tiers:
+        if tierer is not None and not swap:
+            # A load that is not the loop's own swap may serve another set than the loop
+            # last chose for (auto_tiers.json deleted or stale, model.yaml's tiers edited):
+            # the next check judges what is served now, however steady the traffic.
+            tierer.chosen_for = None
+        repo = self.repo
+
+        def problem() -> str | None:  # on the loop's file thread (model_dir stats too)
+            return frontier_problem(repo.model_dir(name), config)
+
+        if tierer is not None and tierer.goals == config.auto_tiers:
+            tierer.watch_frontier(problem)  # this load's model.yaml; said now where unusable
+        else:
             fresh = AutoTierer(
                 name, self.repo.root, config.auto_tiers, self.traffic[name], self.swap,
                 self.metrics, live=lambda: self._serving(name),
-                host=lambda: self._host(name),
+                host=lambda: self._host(name), frontier_problem=problem,
             )  # fmt: skip
             if tierer is not None:
                 tierer.stop()

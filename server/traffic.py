@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.atomic import write_bytes
+from runtime.repository.config import TRAFFIC_CAPACITY
 
-CAPACITY = 200_000  # requests kept (~5 MB): minutes of traffic at the rates one replica takes
+# Requests kept (~5 MB): minutes of traffic at the rates one replica takes. Defined beside
+# rebuild.min_requests, which the spec caps at it.
+CAPACITY = TRAFFIC_CAPACITY
 
 
 class TrafficLog:

@@ -140,10 +140,15 @@ class Traffic:
         # and the choice made for batches of 4 (served accuracy 6 % against 89 %).
         if header not in (list(TRAFFIC_COLUMNS[:2]), list(TRAFFIC_COLUMNS)):
             other = [h for h in header if h not in TRAFFIC_COLUMNS]
+            if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+                # one column holding every name: another separator (Excel's ';' locales),
+                # not columns to drop
+                advice = " (the file must be comma-separated; save it as CSV with commas)"
+            else:
+                advice = f" (unknown columns: {', '.join(other)}; drop them)" if other else ""
             raise ValueError(
                 f"{path}: the first line must be the header 'arrival_s,budget_ms' or "
-                f"'arrival_s,budget_ms,rows', got {','.join(header)!r}"
-                + (f" (unknown columns: {', '.join(other)}; drop them)" if other else "")
+                f"'arrival_s,budget_ms,rows', got {','.join(header)!r}{advice}"
             )
         last = -math.inf
         for i, line in enumerate(reader, 2):
@@ -257,13 +262,22 @@ class Option:
 
 
 def frontier_options(
-    frontier: Frontier, floor: float | None = None, step: float = STEP
+    frontier: Frontier,
+    floor: float | None = None,
+    step: float = STEP,
+    max_memory_mb: float | None = None,
 ) -> dict[str, Option]:
-    """The frontier's Pareto candidates at or above ``floor`` accuracy, as options, thinned
-    (``thin``), fastest first."""
+    """The frontier's Pareto candidates at or above ``floor`` accuracy whose weights alone
+    fit ``max_memory_mb``, as options, thinned (``thin``), fastest first. The memory limit
+    comes before the thinning: a run's most accurate candidate stood for the run, and where
+    it alone was too large, a run member that fits - possibly the only candidate that did -
+    was dropped, and every choice failed while ``Frontier.unmet_goals`` said the goals
+    could be met."""
     keep = [c for c in frontier.pareto() if floor is None or c.accuracy >= floor]
-    if not keep:
-        raise ValueError(frontier.unmet_goals(AutoTiersConfig(accuracy_floor=floor)))
+    keep = [c for c in keep if max_memory_mb is None or c.memory_mb <= max_memory_mb]
+    if not keep:  # said from the whole frontier, as the build and the server say it
+        goals = AutoTiersConfig(accuracy_floor=floor, max_memory_mb=max_memory_mb)
+        raise ValueError(frontier.unmet_goals(goals))
     keep = thin(keep, frontier.max_batch, step)
     infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
     return {

@@ -226,6 +226,10 @@ class ChannelSearchConfig:
     repeats: int = spec(10, lo=3, hi=1000, doc="timed runs per candidate (their median counts)")
 
 
+# Requests a server keeps per model for auto-tiering (server/traffic.py's ring, ~5 MB): a
+# ``rebuild.min_requests`` above it could never be reached, and a check waited for ever.
+TRAFFIC_CAPACITY = 200_000
+
 # The default candidate widths of auto-tiering: 1/16 steps from a quarter to the full width.
 AUTO_WIDTHS = tuple(k / 16 for k in range(16, 3, -1))
 
@@ -248,8 +252,12 @@ class RebuildConfig:
         "whatever the gain",
     )  # fmt: skip
     min_requests: int = spec(
-        500, lo=10, hi=10**7, doc="recorded requests needed before a choice is made"
-    )
+        500, lo=10, hi=TRAFFIC_CAPACITY,
+        expected=f"an integer in [10, {TRAFFIC_CAPACITY}] (a server keeps the last "
+        f"{TRAFFIC_CAPACITY:,} requests per model: more are never there to count)",
+        doc="recorded requests (within window_s) needed before a choice is made; at most "
+        f"the {TRAFFIC_CAPACITY:,} a server keeps",
+    )  # fmt: skip
     drift: float = spec(
         0.2, lo=0, hi=10,
         doc="choose again only when the recent traffic's rate, a budget quantile (p10, p50, "

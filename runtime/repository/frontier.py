@@ -135,6 +135,25 @@ class Frontier:
                     + (" or lower the floor" if floor is not None else ""))  # fmt: skip
         return None
 
+    def set_breaks(self, names, goals: AutoTiersConfig) -> list[str]:
+        """The goals the set of candidates ``names`` breaks, each said with its numbers
+        (empty: none) - as ``sim.tiering.live_breaks`` says them: goals tightened in
+        model.yaml after a choice leave an ``auto_tiers.json`` the goals now forbid."""
+        out = []
+        if len(names) > goals.max_tiers:
+            out.append(f"it has {len(names)} tiers, over max_tiers {goals.max_tiers}")
+        memory = sum(self.candidate(n).memory_mb for n in names)
+        if goals.max_memory_mb is not None and memory > goals.max_memory_mb:
+            out.append(
+                f"its weights need {memory:.4g} MB, over max_memory_mb {goals.max_memory_mb}"
+            )
+        floor = goals.accuracy_floor
+        low = [c for n in names if floor is not None and (c := self.candidate(n)).accuracy < floor]
+        if low:
+            accs = ", ".join(f"{c.name} {c.accuracy:.4f}" for c in low)
+            out.append(f"{accs} below accuracy_floor {floor}")
+        return out
+
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:
             if c.name == name:
@@ -185,7 +204,40 @@ class Frontier:
             return f"settings is {self.settings!r}, not an object"
         if not isinstance(self.sensitivity, dict):
             return f"sensitivity is {self.sensitivity!r}, not an object"
+        names = [c.name for c in self.candidates]
+        if dup := sorted({n for n in names if names.count(n) > 1}, key=str):
+            # ``candidate(name)`` found the first: a choice of one served the other's engine
+            return f"candidate names {', '.join(map(repr, dup))} appear more than once"
+        for c in self.candidates:  # bool("no") is True: a string was read as a mark
+            for flag in ("pareto", "shaped"):
+                if not isinstance(getattr(c, flag), bool):
+                    return (f"candidate {c.name!r}: {flag} is {getattr(c, flag)!r}, not true "
+                            "or false")  # fmt: skip
         return next((p for c in self.candidates if (p := c.problem()) is not None), None)
+
+
+def frontier_problem(model_dir: Path, config: ModelConfig) -> str | None:
+    """Why auto-tiering cannot choose from ``model_dir``'s frontier for ``config`` (its
+    model.yaml), with the fix, or None (usable, or no ``auto_tiers``): missing, corrupted,
+    or built for other candidate settings than model.yaml says now. What a server says at
+    load rather than at every check once traffic came.
+
+    Example:
+        >>> frontier_problem(Path("/nonexistent"), config)  # doctest: +SKIP
+        '/nonexistent/frontier/frontier.json is missing: run `innfer build` (...)'
+    """
+    if config.auto_tiers is None:
+        return None
+    path = Path(model_dir) / FRONTIER_DIR / FRONTIER_FILE
+    try:
+        frontier = Frontier.read(path)
+    except RepositoryError as exc:
+        return str(exc)
+    stale = frontier.stale_settings(config)
+    if stale:
+        return (f"{path} was built for other {', '.join(stale)} than model.yaml says now: run "
+                "`innfer build` to measure its candidates again")  # fmt: skip
+    return None
 
 
 def candidate_settings(config: ModelConfig) -> dict[str, Any]:

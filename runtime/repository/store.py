@@ -319,8 +319,9 @@ class Repository:
     ) -> tuple[ModelConfig, dict[str, TierRecord], dict[str, Any]] | None:
         """The tier set auto-tiering chose (``auto_tiers.json``) as (config with those
         tiers, their records, their profile); None where model.yaml has no ``auto_tiers``,
-        nothing was chosen yet, or the choice refers to a frontier measured before the last
-        build (then the hand-written tiers are served, with a warning)."""
+        nothing was chosen yet, the choice refers to a frontier measured before the last
+        build, or it breaks the goals model.yaml says now (tightened since the choice; then
+        the hand-written tiers are served, with a warning)."""
         if config.auto_tiers is None:
             return None
         d = self.model_dir(name)
@@ -359,6 +360,15 @@ class Repository:
                 onnx_sha256=c.onnx_sha256, source_sha256=frontier.source_sha256,
                 flops=c.flops, params=c.params, accuracy=c.accuracy, input_rows=c.input_rows,
             )  # fmt: skip
+        # Goals are hard limits: a choice the goals now forbid (edited since it was made) is
+        # not served until auto-tiering chooses again.
+        if breaks := frontier.set_breaks(active.tiers, config.auto_tiers):
+            log.warning(
+                "%s/%s (%s) breaks the goals model.yaml's auto_tiers sets now: %s; serving the "
+                "tiers of model.yaml until auto-tiering chooses again",
+                name, ACTIVE_FILE, ", ".join(active.tiers), "; ".join(breaks),
+            )  # fmt: skip
+            return None
         tiers = tuple(TierConfig(name=t, width=records[t].sizes) for t in active.tiers)
         served = dataclasses.replace(config, tiers=tiers)
         return served, records, frontier.profile(list(active.tiers))
