@@ -606,6 +606,14 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
                     f"{tier_dir}: tier {tier}'s engine has {what} {found}, but model.yaml gives "
                     f"{t.name} {list(t.shape)} (edited after the build?): run `innfer build`"
                 )
+            if what == "outputs" and spec.dtype != t.dtype:
+                # Answers are cast to model.yaml's dtype: float scores declared int32 were
+                # truncated silently. (An input of another dtype fails the load's warm-up.)
+                raise RepositoryError(
+                    f"{tier_dir}: tier {tier}'s engine gives {t.name} as {spec.dtype}, but "
+                    f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
+                    "or change the model to give that and run `innfer build`"
+                )
 
 
 def _only_tiers(profile: dict[str, Any], names: list[str]) -> dict[str, Any]:
