@@ -41,9 +41,11 @@ def decode_inputs(
     limits: RequestLimits = DEFAULT,
     max_length: int = 0,
     raw: Sequence | None = None,
+    length_is: str = "the longest profiled length",
 ) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``request.inputs`` against the model's ``specs``; return arrays and rows.
-    ``raw``: the request's raw_input_contents when they are not in ``request`` itself
+    ``length_is``: what ``max_length`` is, as a refusal says it. ``raw``: the request's
+    raw_input_contents when they are not in ``request`` itself
     (views of the received bytes, server/wire.py); the arrays are built on them uncopied.
 
     Checks, each with its own message: counts against ``limits`` first (O(1)), then names
@@ -91,7 +93,7 @@ def decode_inputs(
     arrays, rows, length = {}, None, None
     for i, t in enumerate(request.inputs):
         spec = by_name[t.name]
-        batch, seq = _check_shape(t, spec, max_batch, max_length)
+        batch, seq = _check_shape(t, spec, max_batch, max_length, length_is)
         if rows is not None and batch != rows:
             raise InvalidArgument(f"inputs disagree on the batch size ({rows} vs {batch})")
         if seq is not None and length is not None and seq != length:
@@ -106,7 +108,9 @@ def _expected(spec: TensorConfig) -> str:
     return f"[-1, {', '.join(map(str, spec.shape))}]" if spec.shape else "[-1]"
 
 
-def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tuple[int, int | None]:
+def _check_shape(
+    t, spec: TensorConfig, max_batch: int, max_length: int, length_is: str
+) -> tuple[int, int | None]:
     """The batch size and sequence length (None: no dynamic axis) of input ``t`` after
     checking datatype and shape against ``spec``."""
     want = oip_datatype(spec.dtype)
@@ -131,7 +135,7 @@ def _check_shape(t, spec: TensorConfig, max_batch: int, max_length: int) -> tupl
         if seq > max_length:
             raise InvalidArgument(
                 f"input {t.name!r}: sequence length {seq} is outside [1, {max_length}] "
-                f"(the longest profiled length); send shorter sequences"
+                f"({length_is}); send shorter sequences"
             )
     batch = shape[0]
     if not 1 <= batch <= max_batch:

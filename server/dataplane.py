@@ -1071,8 +1071,9 @@ class DataPlane:
         # Any width before the padding is cut: a client padding to its tokenizer's
         # model_max_length (MiniLM's 512, beyond the longest lane) sends short text wide.
         arrays, rows = codec.decode_inputs(
-            request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw
-        )
+            request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
+            length_is="the most columns token ids may have before their padding is cut",
+        )  # fmt: skip
         arrays = _cut_padding(arrays, cfg, text.mask)
         width = arrays[text.mask].shape[1]
         if width > max_length and arrays[text.mask].any():  # else: "no token", below

@@ -316,6 +316,23 @@ def test_bad_text_and_id_requests_are_invalid_argument_with_the_reason(client, i
     assert _code(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+def test_ids_wider_than_any_padding_is_cut_from_are_refused_saying_why(server):
+    # The refusal named 1,048,576 "the longest profiled length" (the longest lane is 24).
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    req = pb.ModelInferRequest(model_name="embed")
+    for name in ("input_ids", "attention_mask"):  # declared 2,000,000 wide, 8 bytes sent
+        req.inputs.add(name=name, datatype="INT64", shape=[1, 2_000_000])
+    req.raw_input_contents.extend([bytes(8), bytes(8)])
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as e:
+        pbg.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "before their padding is cut" in e.value.details()
+    assert "profiled" not in e.value.details()
+
+
 def test_ids_of_the_longest_profiled_length_are_served_and_one_token_more_is_refused(repo, client):
     # The bound was tested only far beyond it (30 tokens): one past the longest profiled
     # length (the position table holds more) was let through unnoticed.
