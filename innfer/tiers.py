@@ -35,7 +35,7 @@ FLOPS_PROXY = "no evaluation set: FLOPs fraction of the full width"
 HOST_HELP = (
     "the serving process's time outside queue and compute and its engine speed (host.json, "
     "written by a server with auto_tiers beside its traffic): the choice replays them; "
-    "default: engine time only"
+    "default: engine time only, one batch at a time (a server's default device_slots: 1)"
 )
 
 
@@ -272,11 +272,13 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
     goals = config.auto_tiers
     view = LiveHost.read(host) if host is not None else None
     # As the server runs the model: its slots (instances, capped by a shared device's) and
-    # policy where it says; model.yaml's instances and innfer's planner otherwise.
+    # policy where it says; else as a server with its default device_slots (1) runs it -
+    # one batch at a time whatever model.yaml's instances (they were all counted) - and
+    # innfer's planner.
     sim = SimConfig(
         slo_target=config.slo_target, admit_quantile=config.admit_quantile,
         max_batch=config.max_batch, max_queue=config.max_queue,
-        slots=view.slots if view is not None and view.slots else config.instances,
+        slots=view.slots if view is not None and view.slots else 1,
         policy=view.policy if view is not None and view.policy else "innfer",
     )  # fmt: skip
     options = frontier_options(frontier, goals.accuracy_floor, max_memory_mb=goals.max_memory_mb)

@@ -84,6 +84,9 @@ class SimConfig:
     trace_file: str | None = None
     slo_target: float = DEFAULT_SLO_TARGET  # probability plans meet deadlines (model.yaml)
     admit_quantile: float = DEFAULT_ADMIT_QUANTILE  # refusal at arrival (model.yaml)
+    # Taken off each budget before it is planned, as the server's budget_margin_ms (the
+    # answer's way back); answers are judged by the whole budget. 0: plan with the whole.
+    budget_margin_ms: float = 1.0
 
 
 @dataclass
@@ -178,10 +181,11 @@ def replay(
     summary's goodput and offered rate (default: arrivals / window); the trace and budget
     fields are ignored.
     A live server's view (``sim.live_host``): the scheduler plans with ``planned`` budgets
-    (default ``budgets``) and admission ``grace`` while answers are judged by ``budgets``,
-    and every batch runs ``speed`` times its profiled time - a ``speed`` above 1 is also the
-    latency model's starting level for every tier, as the server's swap sets it; its
-    planner counts ``host_s`` of request handling's CPU per row (``Scheduler.host_s``).
+    (default ``budgets`` less ``cfg.budget_margin_ms``, as the server plans) and admission
+    ``grace`` while answers are judged by ``budgets``, and every batch runs ``speed`` times
+    its profiled time - a ``speed`` above 1 is also the latency model's starting level for
+    every tier, as the server's swap sets it; its planner counts ``host_s`` of request
+    handling's CPU per row (``Scheduler.host_s``).
     ``progress``: a bar of the requests arrived (a default simulate is millions: minutes).
 
     Example:
@@ -211,6 +215,7 @@ def replay(
         for t in tiers:
             sched.latency.start_from(t.name, speed)
     n = len(arrivals)
+    margin = cfg.budget_margin_ms / 1e3  # (``planned`` given: the caller's, margin included)
     finish = np.full(n, np.nan)
     served_tier: list[str | None] = [None] * n
     state = ["queued"] * n
@@ -230,7 +235,7 @@ def replay(
                 finish[r.id], served_tier[r.id], state[r.id] = now, d.tier, "served"
         else:
             now = next_arrival
-            plan = budgets[i] if planned is None else planned[i]
+            plan = budgets[i] - margin if planned is None else planned[i]
             r = Request(i, now, now + plan, int(rows[i]) if rows is not None else 1, grace=grace)
             try:
                 sched.submit(r, now)
@@ -275,6 +280,16 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
     }
 
 
+def format_ms(value: float | None) -> str:
+    """A latency for a summary line: "-" where nothing was served (it printed 0.0 ms).
+
+    Example:
+        >>> format_ms(12.345), format_ms(None)
+        ('12.3', '-')
+    """
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_summary(s: dict, title: str = "") -> str:
     mix = ", ".join(f"{k} {v:.0%}" for k, v in s["tier_mix"].items())
     acc = s["mean_served_accuracy"]
@@ -285,7 +300,7 @@ def format_summary(s: dict, title: str = "") -> str:
         f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'} "
         f"(full tier {s['full_tier_accuracy']:.4f})",
         f"  tier mix        {mix}",
-        f"  latency p50/p99 {s['p50_latency_ms'] or 0:.1f} / {s['p99_latency_ms'] or 0:.1f} ms",
+        f"  latency p50/p99 {format_ms(s['p50_latency_ms'])} / {format_ms(s['p99_latency_ms'])} ms",
         f"  goodput         {s['goodput_per_s']:.1f}/s",
         f"  refused         {s['refused'] or 'none'}",
     ]

@@ -546,8 +546,10 @@ def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():
     outside = evaluate(_options(), names, traffic, SimConfig(),
                        host=LiveHost(overhead_ms=(3.0,) * 8))  # fmt: skip
     assert bare.attainment > 0.99
-    # Twice as slow: the replayed scheduler learns it online and serves smaller tiers.
-    assert slow.attainment <= bare.attainment
+    # Twice as slow: the replayed scheduler learns it online and serves smaller tiers,
+    # meeting the budgets still. (Both plan with the server's 1 ms margin taken off now; the
+    # bare replay planned with the whole budget before, and met fewer than the slow one.)
+    assert slow.attainment > 0.99
     assert slow.mean_accuracy < bare.mean_accuracy - 0.05
     # The overhead: the plan still fills the budget, the answers land after it.
     assert outside.attainment < bare.attainment - 0.1
@@ -751,7 +753,9 @@ def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monke
         json.dumps({"overhead_ms": [], "slots": 1, "policy": "slackfit"})
     )
     _choose(repo, "tiny", tmp_path / "t.csv", host=tmp_path / "h.json")
-    assert [(s.slots, s.policy) for s in seen] == [(2, "innfer"), (1, "slackfit")]
+    # Without a host view: as a server with the default device_slots (1) runs it - one
+    # batch at a time, not model.yaml's 2 instances (review helper-128)
+    assert [(s.slots, s.policy) for s in seen] == [(1, "innfer"), (1, "slackfit")]
 
 
 def test_apply_replaces_hand_written_tiers_that_break_max_memory_mb(tmp_path, capsys):

@@ -1,0 +1,59 @@
+"""The simulator as the server runs (review helper-128): `innfer simulate` planned with the
+whole budget where the server takes off budget_margin_ms first (46.5 % w100 predicted, 0 %
+served at U(15, 16) ms budgets); unbounded --cv2 / --noise; flags read by nothing; "0.0 ms"
+latencies where nothing was served. Each test fails without its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from innfer.cli import build_parser
+from sim.simulator import SimConfig, format_ms, replay
+from sim.tiering import TierInfo
+
+# w100 takes 14.5 ms at batch 1, w050 5 ms: a 15 ms budget fits w100 only without the margin
+TIERS = [TierInfo("w100", 1.0, {1: 14.5}), TierInfo("w050", 0.5, {1: 5.0})]
+P50 = {"w100": {1: 14.5}, "w050": {1: 5.0}}
+
+
+def _mix(margin_ms: float) -> dict:
+    arrivals = np.arange(20) * 0.1  # one at a time: no queueing
+    budgets = np.full(20, 0.015)
+    cfg = SimConfig(noise=0.0, duration_s=2.0, budget_margin_ms=margin_ms)
+    return replay(TIERS, P50, arrivals, budgets, cfg).summary["tier_mix"]
+
+
+def test_the_simulated_server_plans_with_its_budget_margin_taken_off():
+    assert _mix(0.0).get("w100", 0) == 1.0  # the whole 15 ms: the full tier fits
+    assert _mix(1.0).get("w050", 0) == 1.0  # 14 ms planned, as the server plans: it does not
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trace", "gamma", "--cv2", "1e8"], "at most 100"),
+        (["--noise", "1e308"], "at most 3"),
+    ],
+)
+def test_trace_and_noise_flags_are_bounded(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "m", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_flags_nothing_reads_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # bench sends to a server: its engine has its own noise
+        build_parser().parse_args(["bench", "m", "--noise", "0.3"])
+    capsys.readouterr()
+    from serverutil import build_repository
+
+    from innfer.cli import main
+
+    build_repository(tmp_path)
+    code = main(["simulate", str(tmp_path / "tiny"), "--cv2", "4", "--duration", "1"])
+    assert code == 2 and "--cv2 shapes a gamma trace" in capsys.readouterr().err
+
+
+def test_a_run_that_served_nothing_has_no_latency():
+    assert format_ms(None) == "-" and format_ms(3.14159) == "3.1"
