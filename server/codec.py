@@ -512,9 +512,12 @@ def top_classes(scores: np.ndarray, k: int) -> np.ndarray:
     # int32 negation.
     order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(scores, order, axis=1)
+    # The score as its own type prints it, as Triton's std::to_string: "3:2" for an INT64
+    # output, not "3.000000:2"
+    show = (lambda v: f"{int(v)}") if scores.dtype.kind in "iub" else (lambda v: f"{v:f}")
     return np.array(
         [
-            [f"{v:f}:{i}" for v, i in zip(vs, idx, strict=True)]
+            [f"{show(v)}:{i}" for v, i in zip(vs, idx, strict=True)]
             for vs, idx in zip(top, order, strict=True)
         ]
     )

@@ -27,6 +27,7 @@ from runtime.repository import (
     ModelNotFound,
     Repository,
     RepositoryError,
+    ServedModel,
     check_model_name,
 )
 from runtime.repository.config import ConfigError
@@ -265,8 +266,11 @@ class DataPlane:
                 # its queue and in-flight requests (and those of the runtimes it replaced,
                 # if they still drain) count until it has drained
                 runtime.predecessors += [old, *old.predecessors]
-                if swap:  # the server's own change, not a new version: Triton's counters go
-                    runtime.stats = old.stats  # on, and the old set's drain counts in them
+                # The server's own change, or a client's load of the model unchanged (Triton
+                # reloads nothing then): not a new version, so Triton's counters go on - and
+                # the old set's drain counts in them. "Make sure it is loaded" zeroed them.
+                if swap or _unchanged(old.served, served):
+                    runtime.stats = old.stats
             self.models[name] = runtime
             self._watch_gpu(runtime)
             self.host_cpu.engine_threads = self._engine_threads()
@@ -611,8 +615,10 @@ class DataPlane:
                 self._forget_series(name)
                 log.info("model %s: its failed load forgotten (unloaded)", name)
                 return
-            if runtime is None:
-                raise NotFound(f"model {name!r} is not loaded")
+            if runtime is None:  # as Triton: "make sure it is unloaded" succeeds (its own
+                # lifecycle tests unload unknown models and fail on any error)
+                log.info("model %s: unload asked, and it is not loaded", name)
+                return
             self.host_cpu.engine_threads = self._engine_threads()
             tierer = self.tierers.pop(name, None)
             if tierer is not None:
@@ -691,9 +697,7 @@ class DataPlane:
             self.turned_away += 1  # a stop waits until calls stop coming (server.app)
             raise Unavailable("the server is shutting down; retry on another replica")
         if version not in ("", VERSION):
-            raise NotFound(
-                f"model {clip(name)} has no version {clip(version)}; it has version {VERSION}"
-            )
+            _check_version(name, version)
         runtime = self.models.get(name)
         if runtime is None:
             if name in self.broken:  # not a typo, and retrying will not help
@@ -716,7 +720,7 @@ class DataPlane:
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
             self.model(name, version)
-        except (NotFound, Unavailable, FailedPrecondition):
+        except (NotFound, Unavailable, FailedPrecondition, InvalidArgument):
             return False
         return True
 
@@ -1375,14 +1379,44 @@ def _string_param(params, name: str) -> str | None:
     return p.string_param
 
 
+def _unchanged(before: ServedModel, after: ServedModel) -> bool:
+    """Whether a reload serves what was served: the same config and tiers, each tier the
+    same ONNX on the same backend."""
+    onnx = lambda m: {t: r.onnx_sha256 for t, r in m.tiers.items()}  # noqa: E731
+    return (before.config, before.backend, onnx(before)) == (
+        after.config,
+        after.backend,
+        onnx(after),
+    )
+
+
+def _check_version(name: str, version: str) -> None:
+    """A version other than ``VERSION`` as Triton reads it: a number ("01" is 1), else
+    INVALID_ARGUMENT; any other number NOT_FOUND."""
+    try:
+        number = int(version)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise InvalidArgument(
+            f"model version {clip(version)} is not a version number; give {VERSION} or none"
+        )
+    if number != int(VERSION):
+        raise NotFound(
+            f"model {clip(name)} has no version {clip(version)}; it has version {VERSION}"
+        )
+
+
 def _priority(params) -> int:
     """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
     larger is more urgent, so level p becomes -p (and 0 stays the default, below level 1)."""
     if "priority" not in params:
         return 0
     level = _number(params["priority"], "priority")
-    if not math.isfinite(level) or level < 0 or level != int(level) or level >= 1_000_000:
-        raise InvalidArgument(f"priority must be an integer in [0, 999999], got {level}")
+    if not math.isfinite(level) or level < 0 or level != int(level):
+        raise InvalidArgument(f"priority must be a whole number >= 0, got {level}")
+    if level >= 1_000_000:  # past the lowest level: the default, as Triton takes it
+        return 0
     return 0 if level == 0 else 1_000_000 - int(level)
 
 

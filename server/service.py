@@ -633,6 +633,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 request, context.time_remaining(), waited, size, deadline_is_budget=False,
                 window=window,
             )  # fmt: skip
+            # Every answer is its request's last, as Triton marks each stream response: the
+            # documented way a streaming client knows a request is done (decoupled models)
+            resp.parameters[FINAL].bool_param = True
             if received is None:
                 return pb.ModelStreamInferResponse(infer_response=resp), None
             ready = time.monotonic()
@@ -665,6 +668,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                     tag = f" (request id {clip(rid)})"
                 message = clip_message(message)[: MESSAGE_CHARS - len(tag)] + tag
         failed.error_message = clip_message(message)
+        failed.infer_response.parameters[FINAL].bool_param = True
         return failed, None
 
 
@@ -679,6 +683,8 @@ class _StreamAnswer(NamedTuple):
     verdict: Verdict
 
 
+# The parameter Triton sets on every stream response (true: the request's last one).
+FINAL = "triton_final_response"
 STREAM_ORDER_HEADER = "innfer-stream-order"
 # A failed stream request's id in its error message: whole up to this (a uuid-based id is
 # 36-80 characters; the 48 of other echoes cut them), clipped beyond.

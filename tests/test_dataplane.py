@@ -16,9 +16,11 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from serverutil import hold_engines, until_engine_runs
 
 from runtime.engines.fake import write_model
@@ -288,8 +290,8 @@ def test_unload_and_load_again(config):
             assert plane.ready()
             with pytest.raises(NotFound, match="unknown model 'a'"):
                 await plane.infer(_request("a", _x(1, 0.0)), None)
-            with pytest.raises(NotFound, match="not loaded"):
-                await plane.unload("a")
+            await plane.unload("a")  # not loaded: succeeds, as Triton's (review helper-127)
+            assert not plane.model_ready("a")
             with pytest.raises(NotFound):
                 await plane.load("nope")
             await plane.load("a")
@@ -1068,8 +1070,9 @@ def test_a_failed_load_of_a_configured_model_after_start_is_logged(config, caplo
 def test_triton_statistics_go_on_across_a_swap_and_restart_on_a_reload(config):
     """Observability and lifecycle reviews 29: an auto-tiering swap - the server's own
     change - reset ModelStatistics (success 37 -> 0 while Prometheus said 120), so
-    perf_analyzer's deltas went negative; a Load RPC (a new version) still resets them, as
-    Triton does."""
+    perf_analyzer's deltas went negative; a Load RPC of the model unchanged keeps them
+    (Triton reloads nothing then; review helper-127), one of a changed model (a new version)
+    resets them, as Triton does."""
 
     async def body():
         plane = DataPlane(config, Metrics())
@@ -1083,11 +1086,16 @@ def test_triton_statistics_go_on_across_a_swap_and_restart_on_a_reload(config):
             await asyncio.sleep(0.05)  # statistics are settled when the loop is next idle
             swapped = (after_swap.success.count, after_swap.inference_count)
             await plane.load("a")
-            return swapped, plane.models["a"].stats.success.count
+            unchanged = plane.models["a"].stats.success.count
+            path = Path(config.repository) / "a" / "model.yaml"
+            doc = yaml.safe_load(path.read_text())
+            path.write_text(yaml.safe_dump({**doc, "max_queue": 77}))  # a new version of it
+            await plane.load("a")
+            return swapped, unchanged, plane.models["a"].stats.success.count
         finally:
             await plane.stop_models()
 
-    assert _run(body()) == ((4, 7), 0)
+    assert _run(body()) == ((4, 7), 4, 0)
 
 
 def test_with_plan_overhead_a_grpc_deadline_counts_the_parse_once(config):
