@@ -57,3 +57,42 @@ def test_flags_nothing_reads_are_refused(tmp_path, capsys):
 
 def test_a_run_that_served_nothing_has_no_latency():
     assert format_ms(None) == "-" and format_ms(3.14159) == "3.1"
+
+
+def _two_requests(tmp_path, rows: int = 1):
+    path = tmp_path / "two.csv"
+    path.write_text(f"arrival_s,budget_ms,rows\n0.0,50,{rows}\n0.05,50,{rows}\n")
+    return path
+
+
+def test_goodput_is_counted_over_the_traces_window(tmp_path, monkeypatch, capsys):
+    # 2 requests "over 30 s" reported 373.5/s (bench) and a one-request trace 69.6/s beside
+    # an offered 0.0/s (simulate --host-ms): each divided by its own span.
+    import json
+
+    from serverutil import build_repository, fake_run_load
+
+    from innfer.cli import main
+
+    build_repository(tmp_path)
+    d, trace = tmp_path / "tiny", _two_requests(tmp_path)
+    fake_run_load(monkeypatch)  # every request answered 1 ms after it was sent
+    out = tmp_path / "b.json"
+    assert main(["bench", str(d), "--trace-file", str(trace), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["goodput_per_s"] == pytest.approx(2 / 30)
+    assert main(["simulate", str(d), "--trace-file", str(trace), "--host-ms", "0,0",
+                 "--policy", "innfer", "--json", str(out)]) == 0  # fmt: skip
+    (run,) = json.loads(out.read_text()).values()
+    assert run["summary"]["goodput_per_s"] == pytest.approx(2 / 30)
+    capsys.readouterr()
+
+
+def test_bench_refuses_a_trace_of_requests_larger_than_max_batch(tmp_path, capsys):
+    from serverutil import build_repository
+
+    from innfer.cli import main
+
+    build_repository(tmp_path)  # tiny: max_batch 4
+    trace = _two_requests(tmp_path, rows=5)
+    assert main(["bench", str(tmp_path / "tiny"), "--trace-file", str(trace)]) == 2
+    assert "5 rows, more than the model's max_batch (4)" in capsys.readouterr().err
