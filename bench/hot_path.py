@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -186,6 +188,11 @@ def grpc_rounds(trees: dict[str, str], requests: int, rounds: int) -> tuple[dict
     params = {"tier": "w100"}
     # load generator on CPU 0, server on CPU 1, where this machine lets both be used (it
     # pinned to {0} and {1} unchecked: taskset failed on a 1-CPU or restricted machine)
+    # Run under `taskset -c 1` (as the docstring advises for the in-process rounds), this
+    # process sees one CPU: pin_client then pinned nothing, and server and client shared
+    # CPU 1 unsaid (review helper-130). Both CPUs back first, where the machine allows.
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
     affinity = pin_client(argparse.Namespace(server_cpus={1}, client_cpus={0}))
     server_cpus = {1} if affinity["pinned"] else None
     # Each tree serves its own copy of the repository (an older tree may rewrite its cache).
@@ -287,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             k: statistics.median(r[k] for r in runs) for k in (*PHASES, "total")
         }
     trees = {"new": str(ROOT), **({"old": args.old} if args.old else {})}
+    from bench.live_scheduler import commit_of
+
+    res["commits"] = {name: commit_of(Path(t)) for name, t in trees.items()}  # traceable
     res["data_plane_us"] = data_plane_rounds(trees, args.requests // args.rounds, args.rounds)
     res["data_plane_rounds"] = args.rounds
     if args.grpc_rounds:

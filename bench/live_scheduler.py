@@ -546,9 +546,27 @@ def wait_ready(proc, log: Path, address: str, ready, t0: float, what: str) -> di
     return {"startup_s": time.monotonic() - t0, "server_cpus": affinity}
 
 
+def arm_order(order: list[str], repeat: int, index: int) -> list[str]:
+    """The trees in the order they run at point ``index`` of repeat ``repeat``: which goes
+    first alternates at each point across its repeats (and between neighbouring points),
+    so drift on this shared machine hits both. By the row's place alone, an even number of
+    points put the same tree first at a point in every repeat (review helper-130).
+
+    Example:
+        >>> [arm_order(["new", "old"], r, 0)[0] for r in range(3)]
+        ['new', 'old', 'new']
+    """
+    return order if (repeat + index) % 2 == 0 else order[::-1]
+
+
+# The packages a served tree's code lives in (a new, un-added file there changes the run).
+SOURCE_DIRS = ("server", "runtime", "sim", "innfer", "proto")
+
+
 def commit_of(tree: Path) -> str:
-    """HEAD of ``tree`` (+dirty), read without taking git's index lock (the tree may be
-    in use: GIT_OPTIONAL_LOCKS=0)."""
+    """HEAD of ``tree`` (+dirty: a change to a tracked file, or a new source file in the
+    packages a server runs - results and logs beside them do not count), read without
+    taking git's index lock (the tree may be in use: GIT_OPTIONAL_LOCKS=0)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
     def git(*cmd: str) -> str:
@@ -558,7 +576,9 @@ def commit_of(tree: Path) -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no") or git(
+            "status", "--porcelain", "--", *SOURCE_DIRS
+        )
     except (OSError, subprocess.SubprocessError):
         return "?"
     return f"{head}{'+dirty' if dirty else ''}" if head else "?"
@@ -1035,8 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         "points": [],
     }
     order = list(trees)
-    rows = [(r, pt) for r in range(args.repeat) for pt in points]
-    for k, (repeat, pt) in enumerate(rows):
+    rows = [(r, i, pt) for r in range(args.repeat) for i, pt in enumerate(points)]
+    for repeat, index, pt in rows:
         row = {**pt, "repeat": repeat, "live": {}}
         if pt["kind"] == "open":
             row["rate_per_s"] = pt["load"] * capacity
@@ -1045,9 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row["sim"] = None
             row["sim_note"] = NO_CLOSED_LOOP_SIM
-        # alternate which tree goes first, so drift on this shared machine hits both
-        row["first"] = (order if k % 2 == 0 else order[::-1])[0]
-        for name in order if k % 2 == 0 else order[::-1]:
+        turn = arm_order(order, repeat, index)
+        row["first"] = turn[0]
+        for name in turn:
             print(f"[{name}] {pt['id']} ...", file=sys.stderr, flush=True)
             try:
                 row["live"][name] = live_point(

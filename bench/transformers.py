@@ -527,10 +527,23 @@ def goals(rows: dict, latency: dict) -> dict:
         rivals = [rows[m][tier]["cosine"] for m in BASELINES if tier in rows[m]]
         margin = ours["cosine"] - max(rivals)
         ratio = latency[tier]["ratio_to_full"]
+        ahead = {"value": margin, "met": margin >= 0.01}
+        # The same seconds are the same work only where the machine ran as fast for each
+        # arm: the arms run tens of minutes apart, and at h50_f50_s the INN took 849 steps
+        # against 701-714 (review helper-130). Past 5 % apart the lead is not judged.
+        steps = [rows[m][tier]["steps"] for m in BASELINES if tier in rows[m]]
+        steps = [n for n in steps if n]  # (refit-only baselines take no steps)
+        if steps and ours.get("steps"):
+            spread = max(ours["steps"], *steps) / min(ours["steps"], *steps)
+            ahead["steps_ratio_max_to_min"] = spread
+            if spread > 1.05 and ahead["met"]:
+                ahead |= {"met": None, "why": f"the arms' step counts differ {spread:.2f}x in "
+                          "the same seconds (the machine's speed drifted): rerun with equal "
+                          "steps (--equal-steps) to judge the lead"}  # fmt: skip
         out.update({
             f"cosine>=0.95 {tier}": {"value": ours["cosine"], "met": ours["cosine"] >= 0.95},
             f"top10>=0.8 {tier}": {"value": ours["top10"], "met": ours["top10"] >= 0.8},
-            f"ahead_of_baselines_by>=0.01 {tier}": {"value": margin, "met": margin >= 0.01},
+            f"ahead_of_baselines_by>=0.01 {tier}": ahead,
             f"latency_ratio<=0.6 {tier}": {"value": ratio, "met": ratio <= 0.6},
         })  # fmt: skip
     return out

@@ -314,3 +314,34 @@ def test_auto_tiers_live_phase_without_requests_has_no_attainment():
                                                     "swaps": []}}})  # fmt: skip
     assert "attainment -," in text
     assert auto_tiers_live.phase(~mask, met, served, np.array(["OK"] * 3))["attainment"] == 1.0
+
+
+def test_each_live_point_alternates_which_tree_goes_first_across_its_repeats():
+    # With two points, the row's place alone put the same tree first at a point in every
+    # repeat (closed-c8-b30: "current" first 3 of 3 in session 43's files).
+    from bench.live_scheduler import arm_order
+
+    for points in (1, 2, 3, 4):
+        for index in range(points):
+            firsts = [arm_order(["current", "baseline"], r, index)[0] for r in range(4)]
+            assert firsts.count("current") == firsts.count("baseline") == 2, (points, index)
+
+
+def test_the_transformer_lead_is_not_judged_when_the_arms_ran_unequal_steps():
+    # The same seconds on a machine whose speed drifted between arms: the INN ran 849 steps
+    # against 701-714 and the JSON said "met" (review helper-130).
+    from bench import transformers as tb
+
+    def rows(inn_steps: int) -> dict:
+        out = {"inn_distil": {t: {"cosine": 0.96, "top10": 0.79, "steps": inn_steps}
+                              for t in tb.GOAL_TIERS}}  # fmt: skip
+        for m in tb.BASELINES:
+            out[m] = {t: {"cosine": 0.945, "top10": 0.77, "steps": 705} for t in tb.GOAL_TIERS}
+        return out
+
+    latency = {t: {"ratio_to_full": 0.5} for t in tb.GOAL_TIERS}
+    tier = tb.GOAL_TIERS[0]
+    unequal = tb.goals(rows(849), latency)[f"ahead_of_baselines_by>=0.01 {tier}"]
+    assert unequal["met"] is None and "--equal-steps" in unequal["why"]
+    equal = tb.goals(rows(712), latency)[f"ahead_of_baselines_by>=0.01 {tier}"]
+    assert equal["met"] is True and equal["steps_ratio_max_to_min"] < 1.05
