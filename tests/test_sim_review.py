@@ -158,8 +158,11 @@ def test_bench_runs_against_a_real_server(tmp_path, capsys):
     server = ServerThread({"repository": str(tmp_path)}).start()
     try:
         out_json = tmp_path / "bench.json"
+        # The tiny model's profile says ~0.03 ms a batch (a capacity of ~130,000/s from two
+        # timed runs): 0.05x of it was ~6,600/s, past what a Python server on this machine
+        # answers in budget, and the run measured the queue (0 within budget at 150 ms)
         argv = ["bench", str(d), "--address", server.address, "--duration", "2",
-                "--load", "0.05", "--max-requests", "60", "--json", str(out_json)]  # fmt: skip
+                "--load", "0.0005", "--max-requests", "60", "--json", str(out_json)]  # fmt: skip
         assert cli(argv) == 0
     finally:
         server.stop(grace=2.0)

@@ -662,7 +662,7 @@ class Planner(Policy):
             least = 0.0 if found is None else max(rates[len(found[0]) - 1], 0.0)
             best = max(range(len(rates)), key=lambda k: (rates[k], k), default=None)
             if best is not None and rates[best] > least * (1 + 1e-9):
-                return Decision(fastest, _likely_met(batch[: best + 1], fastest, now, ctx))
+                return Decision(fastest, _with_head(batch[: best + 1], fastest, now, ctx))
         if found is not None:
             return Decision(fastest, found[0])
         for tier in reversed(allowed[:-1]):
@@ -923,6 +923,27 @@ def _likely_met(batch: list[Request], tier: str, now: float, ctx: Context) -> li
     return kept or batch
 
 
+def _with_head(batch: list[Request], tier: str, now: float, ctx: Context) -> list[Request]:
+    """``_likely_met`` of the longest prefix of ``batch`` that keeps its head (the most
+    urgent request), where the head alone is likely met: the rows behind it slowed the
+    batch past the head's deadline, ``_likely_met`` dropped the head, and the slot ran a
+    request with 100 ms of slack while the head - met alone - expired behind it (review
+    helper-129). Where even alone the head is likely missed, ``_likely_met`` of it all.
+
+    Example:
+        >>> tiers = [TierInfo("t", 0.9, {1: 4.0, 2: 4.4})]
+        >>> ctx = Context(tiers, LatencyModel(tiers), max_batch=2)
+        >>> head, rest = Request(1, 0.0, 0.0042), Request(2, 0.0, 0.100)
+        >>> [r.id for r in _with_head([head, rest], "t", 0.0, ctx)]
+        [1]
+    """
+    for k in range(len(batch), 0, -1):
+        kept = _likely_met(batch[:k], tier, now, ctx)
+        if kept[0] is batch[0]:
+            return kept
+    return _likely_met(batch, tier, now, ctx)
+
+
 def _normal_cdf(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
@@ -956,9 +977,9 @@ def _hold(ctx: Context, snap: Snapshot) -> float:
 
 
 def _allows(ctx: Context, r: Request, k: int) -> bool:
-    """Whether ``r`` may run on the tier of rank ``k``."""
-    if r.pin is None and r.min_tier is None:
-        return True
+    """Whether ``r`` may run on the tier of rank ``k`` - an unpinned one too: a trailing
+    tier less accurate and slower than another (dominated) is not among its tiers, and a
+    pinned request's batch on it took unpinned ones along (review helper-129)."""
     lo, hi = ctx.bounds(r)
     return lo <= k <= hi
 

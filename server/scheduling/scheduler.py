@@ -316,17 +316,19 @@ class Scheduler:
         return r.deadline + r.grace
 
     def _forget_if_idle(self, tier: str, now: float) -> bool:
-        """A request is refused on ``tier``'s estimate while nothing of this scheduler's
-        runs or waits: only its own batches correct its estimate, and this refusal means
-        none will run - a correction learned under contention (a profile at load on a busy
-        machine, a burst of other work) would refuse everything for good. So the correction
-        of a tier not observed for a while decays towards the profile, with time constant
+        """A request is refused on ``tier``'s estimate while no batch of ``tier`` runs:
+        only its own batches correct its estimate, and this refusal means none will run - a
+        correction learned under contention (a profile at load on a busy machine, a burst of
+        other work) would refuse everything on it for good. So the correction of a tier not
+        observed for a while decays towards the profile, with time constant
         ``FORGET_TAU_S`` from its last batch; if the device is still slow, the next batches
-        say so again. Other models' batches on a shared device do not count: they never
-        correct this model's estimate, and a busy neighbour must not keep it refusing.
-        Returns whether the estimate changed."""
-        if self.queue or self.running:
-            return False
+        say so again. Other tiers' batches do not hold it back: under steady traffic on
+        them the queue is never empty, and a tier taught 10x under contention refused every
+        request pinned to it for the rest of the run (0 of 100 in 10 s; review helper-129).
+        Other models' batches on a shared device do not count either: they never correct
+        this model's estimate. Returns whether the estimate changed."""
+        if any(d.tier == tier for d, _ in self.running.values()):
+            return False  # its own batch is about to say how fast it is
         # Never run here (its correction came from the profile at load): since the first request.
         first = self._first if self._first is not None else now
         since = max(self._observed_at.get(tier, first), self._forgot_at.get(tier, -math.inf))
