@@ -75,13 +75,17 @@ def grid(
     seeds: tuple[int, ...] = SEEDS,
     label: str = "",
     traces: tuple[tuple[str, float], ...] = TRACES,
+    margin_ms: float | None = None,
 ) -> list[dict]:
     """One row per (profile, trace, load, policy): the mean over ``seeds`` of attainment and
     size, their min / max, and the per-seed summaries. ``label`` is appended to the policy
-    name (``innfer@baseline``)."""
+    name (``innfer@baseline``). ``margin_ms``: the simulated server's budget margin, for a
+    tree whose SimConfig has one (None: that tree's default; 0 plans with the whole
+    budget, as trees before it did)."""
     from sim.simulator import SimConfig, simulate
 
     rows = []
+    margin = {} if margin_ms is None else {"budget_margin_ms": margin_ms}
     for profile, (tiers, p50) in profiles(model_dir).items():
         noise = SLOW_NOISE if profile == "slow-full-tier" else None
         for trace, cv2 in traces:
@@ -91,7 +95,7 @@ def grid(
                     for seed in seeds:
                         cfg = SimConfig(policy=policy, trace=trace, cv2=cv2, load=load,
                                         duration_s=duration, budget_ms=(20, 100), seed=seed,
-                                        noise=noise)  # fmt: skip
+                                        noise=noise, **margin)  # fmt: skip
                         runs.append(simulate(tiers, p50, cfg).summary)
                     att = [r["slo_attainment"] for r in runs]
                     size = [r["mean_served_accuracy"] or 0.0 for r in runs]
@@ -125,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--label", default="")
     p.add_argument("--traces", nargs="+", help="e.g. poisson gamma-cv4 (default: all)")
+    p.add_argument("--budget-margin-ms", type=float,
+                   help="the simulated server's budget margin (trees that have one; 0: plan "
+                        "with the whole budget, as older trees do)")  # fmt: skip
     p.add_argument(
         "--stalls",
         nargs=2,
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
         with_stalls(*args.stalls)
     traces = TRACES if not args.traces else tuple(parse_trace(t) for t in args.traces)
     rows = grid(args.model_dir.resolve(), tuple(args.policies), tuple(args.loads),
-                args.duration, label=args.label, traces=traces)  # fmt: skip
+                args.duration, label=args.label, traces=traces,
+                margin_ms=args.budget_margin_ms)  # fmt: skip
     json.dump(rows, sys.stdout)
     return 0
 

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 import pytest
-from serverutil import ServerThread, add_frontier, add_onnx_model, tiny_cnn
+from serverutil import ServerThread
+from test_auto_tiers import IO, _auto_model
 
 from innfer.cli import main as cli
 from runtime.repository import ACTIVE_FILE, Candidate, Frontier, Repository, RepositoryError
@@ -38,22 +39,6 @@ from server.autotier import AutoTierer, apply_command
 from server.metrics import Metrics
 from server.traffic import CAPACITY, TrafficLog
 from sim.tiering import Traffic, choose, frontier_options
-
-IO = {
-    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-}
-# (width, accuracy): w075 the most accurate, so any choice differs from the hand-written set
-CANDIDATES = {"w100": (1.0, 0.90), "w075": (0.75, 0.95), "w050": (0.5, 0.85), "w025": (0.25, 0.7)}
-
-
-def _auto_model(root, name="tiny", **auto):
-    goals = {"max_tiers": 2, "simulate_requests": 300, **auto}
-    config = {**IO, "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
-              "max_batch": 4, "default_latency_budget_ms": 200, "auto_tiers": goals}  # fmt: skip
-    d = add_onnx_model(root, name, tiny_cnn, config, repeats=3)
-    add_frontier(d, tiny_cnn, CANDIDATES)
-    return d
 
 
 def _traffic(rate, budget_ms, n=300, seed=0):

@@ -29,11 +29,16 @@ def _accuracies(out: str) -> list[float]:
     return [float(m) for m in re.findall(r"(\d+\.\d+)%\s+(?:sampled|calibrated)", out)]
 
 
-def test_labels_saved_as_a_column_are_one_label_per_sample(tmp_path, capsys):
+def _mlp(tmp_path, n: int) -> tuple[nn.Module, np.ndarray]:
+    """An 8-32-3 MLP converted and saved as ``tmp_path/m``, and ``n`` inputs for it."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
     runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
-    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    return net, np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32)
+
+
+def test_labels_saved_as_a_column_are_one_label_per_sample(tmp_path, capsys):
+    net, x = _mlp(tmp_path, 300)
     with torch.no_grad():
         y = net(torch.from_numpy(x)).argmax(1).numpy()
     np.savez(tmp_path / "col.npz", x=x, y=y[:, None])  # (N, 1)
@@ -107,10 +112,7 @@ def test_a_model_taking_token_ids_is_reported_and_calibrated(tmp_path, capsys):
 def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, capsys):
     # A --seconds budget is not reproducible (two 1 s runs differed by 0.19 in a weight);
     # the API's max_steps was not on the command line.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
-    runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
-    x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    _, x = _mlp(tmp_path, 400)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(400) % 3)
     for out in ("a", "b"):
         code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
@@ -125,10 +127,7 @@ def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, ca
 def test_report_closes_its_figure_and_says_when_there_is_nothing_to_plot(tmp_path, capsys):
     import matplotlib.pyplot as plt
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
-    runtime.convert(net, (torch.randn(2, 8),)).save(tmp_path / "m")
-    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    _, x = _mlp(tmp_path, 300)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(300) % 3)
     before = set(plt.get_fignums())
     code, out, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "d.npz",
