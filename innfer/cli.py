@@ -1105,7 +1105,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{d['holdout']} held-out training samples"
         )
     out = tuned.save(args.out or args.model_dir)
-    print(f"after ({args.seconds:.0f} s, {len(x)} samples) -> {out}:")
+    spent = f"{args.steps} steps a tier" if args.steps else f"{args.seconds:.0f} s"
+    print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
     return 0
 

@@ -66,7 +66,7 @@ from pathlib import Path
 from runtime.atomic import write_bytes, write_json
 from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_FILE
 from runtime.repository.config import AutoTiersConfig
-from server.traffic import TrafficLog, drifted, summarise_traffic, write_traffic
+from server.traffic import CAPACITY, TrafficLog, drifted, summarise_traffic, write_traffic
 
 log = logging.getLogger("innfer.autotier")
 
@@ -147,6 +147,12 @@ class AutoTierer:
         # tiers edited, another replica's choice) is judged anew, however steady the traffic.
         self.chosen_live: str | None = None
         self._said_waiting = False  # the first check held by min_requests logged why
+        if goals.rebuild.min_requests > CAPACITY:  # (it would wait for ever: counted as that)
+            log.warning(
+                "model %s: auto_tiers.rebuild.min_requests %d is more than the %d requests a "
+                "server keeps per model; it counts as %d (lower it in model.yaml)",
+                name, goals.rebuild.min_requests, CAPACITY, CAPACITY,
+            )  # fmt: skip
         # This replica's inputs and result (never another's): <model>/auto/<host>-<pid>-<n>.
         self.work = self.repository / name / WORK_DIR / f"{_replica()}-{next(_loops)}"
         self._alive: int | None = None  # our flock of work/ALIVE_FILE while the loop lives
@@ -326,7 +332,7 @@ class AutoTierer:
         rows, summary = await loop.run_in_executor(
             None, _observed, self.traffic.snapshot(), now, self.goals.window_s
         )
-        if summary["requests"] < rebuild.min_requests:
+        if summary["requests"] < min(rebuild.min_requests, CAPACITY):
             if not self._said_waiting:  # once: a quiet model waits at every check
                 self._said_waiting = True
                 log.info(

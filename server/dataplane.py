@@ -261,6 +261,7 @@ class DataPlane:
                 raise Unavailable("the server is shutting down; load the model elsewhere")
             runtime.start()
             old = self.models.pop(name, None)
+            same = False  # a reload of the model as it was
             if old is not None:  # tiers the new set dropped: their series would stay, frozen
                 old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
                 # its queue and in-flight requests (and those of the runtimes it replaced,
@@ -269,13 +270,16 @@ class DataPlane:
                 # The server's own change, or a client's load of the model unchanged (Triton
                 # reloads nothing then): not a new version, so Triton's counters go on - and
                 # the old set's drain counts in them. "Make sure it is loaded" zeroed them.
-                if swap or _unchanged(old.served, served):
+                same = _unchanged(old.served, served)
+                if swap or same:
                     runtime.stats = old.stats
             self.models[name] = runtime
             self._watch_gpu(runtime)
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
-            self._start_tierer(name, served.config, swap, unmet)
+            # (a reload of the model unchanged keeps the loop's last choice: judged anew, a
+            # client's "make sure it is loaded" before each session cost an apply each time)
+            self._start_tierer(name, served.config, swap or same, unmet)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
             log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)

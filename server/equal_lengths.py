@@ -23,8 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,18 +36,24 @@ from runtime.engines import EngineError
 class EqualLengthRuns:
     """One batch's feeds as runs: ``runs[k]`` = (the indices of the batch's requests of one
     length, ascending; their inputs joined along the batch axis); ``parts[i]``: request
-    ``i``'s own inputs (each (rows, ...))."""
+    ``i``'s own inputs (each (rows, ...)). ``timings``: (rows, seconds) of each call
+    ``run`` made - what the latency model learns from, one call at a time (the whole
+    batch's time as one call of all its rows taught every batch size of the tier to be
+    slower: a 1-row request with a 2.5 ms budget refused on a 1 ms tier)."""
 
     runs: list[tuple[list[int], dict[str, np.ndarray]]]
     parts: list[dict[str, np.ndarray]]
+    timings: list[tuple[int, float]] = field(default_factory=list)
 
     def run(self, engine) -> dict[str, np.ndarray]:
         """The batch's outputs, one engine call per run, rows in the batch's order."""
         rows = [len(next(iter(p.values()))) for p in self.parts]
         answers: list[dict[str, np.ndarray] | None] = [None] * len(self.parts)
         for indices, feeds in self.runs:
+            t0 = time.perf_counter()
             out = engine.run(feeds)
             n = sum(rows[i] for i in indices)
+            self.timings.append((n, time.perf_counter() - t0))
             for k, v in out.items():
                 if v.ndim == 0 or v.shape[0] != n:
                     raise EngineError(

@@ -510,6 +510,9 @@ class ModelRuntime:
         # Each running batch's start and planned seconds (id(decision) -> (clock, s)): one
         # far past its plan is an engine that hung (readiness, ``stuck``).
         self._batch_started: dict[int, tuple[float, float, str]] = {}
+        # Batches running as runs of equal length (server.equal_lengths), by id(decision):
+        # the scheduler learns their calls' times one by one.
+        self._runs: dict[int, EqualLengthRuns] = {}
         self._all_done: asyncio.Event | None = None  # set while _running == 0
         self._pending: dict[int, Pending] = {}  # request id -> its caller's future
         self.stopping = False  # set by stop(): no new requests; the queue drains or fails
@@ -1190,6 +1193,8 @@ class ModelRuntime:
                 s.name: batch_rows([r.payload[s.name] for r in reqs], s.dynamic, pad_to)
                 for s in self.config.inputs
             }
+            if runs is not None:
+                self._runs[id(d)] = runs
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
             self._failed(lane, d, exc)
             return
@@ -1273,6 +1278,7 @@ class ModelRuntime:
         then look for the next batch."""
         self._running -= 1
         self._batch_started.pop(id(d), None)
+        runs = self._runs.pop(id(d), None)
         if not self._running:
             self._all_done.set()
         now = self.clock()
@@ -1301,7 +1307,8 @@ class ModelRuntime:
         # Answer first, account later: the bookkeeping (latency model, slot, metrics,
         # statistics: ~0.1-0.3 ms at one client on the MLP) runs when the loop is next idle -
         # after the answers are sent - or at the next flush (server/loop_idle.py).
-        self._idle.defer(self._settle, lane, d, times, now, answered, output_s, later)
+        calls = runs.timings if runs is not None else None
+        self._idle.defer(self._settle, lane, d, times, now, answered, output_s, later, calls)
         if self._device_waiting():
             self._pump()  # its flush settles this batch before the next decision
 
@@ -1443,11 +1450,13 @@ class ModelRuntime:
     def _settle(
         self, lane: Scheduler, d: Decision, times: tuple[float, float, float], now: float,
         answered: list[Request], output_s: float, later: Collection[int] = (),
+        calls: list[tuple[int, float]] | None = None,
     ) -> None:  # fmt: skip
         """The bookkeeping of a batch answered at ``now``: the scheduler learns its time
-        and frees its slot, then metrics and Triton's statistics count it."""
+        (``calls``: each engine call's, where it ran as several) and frees its slot, then
+        metrics and Triton's statistics count it."""
         prepare, compute, cpu = times
-        lane.complete(d, now, compute)
+        lane.complete(d, now, compute, calls=calls)
         self._account_cpu(cpu)
         self._record(d, answered, compute, now, later)
         # A request cancelled while its batch ran is not a success.

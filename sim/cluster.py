@@ -106,6 +106,9 @@ class ClusterConfig:
     diurnal: DiurnalTrace = field(default_factory=DiurnalTrace)
     steps: tuple[tuple[float, float], ...] = ((0.0, 1.0),)  # (from time s, load)
     budget_ms: tuple[float, float] = (20.0, 100.0)  # uniform, before time_scale
+    # Taken off each budget before a replica plans it, as the server's budget_margin_ms
+    # (sim.simulator.SimConfig's too); answers are judged by the whole budget.
+    budget_margin_ms: float = 1.0
     seed: int = 0
     noise: float | None = None
     slots: int = 1
@@ -187,6 +190,7 @@ class Cluster:
         if budgets is None:
             budgets = rng.uniform(cfg.budget_ms[0], cfg.budget_ms[1], len(arrivals)) / 1e3 * k
         self.budgets = budgets
+        self.planned = budgets - cfg.budget_margin_ms / 1e3 * k  # what a replica plans with
         self.out = Outcomes.pending(arrivals, budgets)
         self.engine = EngineTime(self.tiers, p50, rng, cfg.noise)  # draws after the budgets
         self.completions = Completions()
@@ -227,7 +231,7 @@ class Cluster:
         self.out.replica_of[i] = rep.id
         rep.routed += 1
         try:
-            rep.sched.submit(Request(i, now, now + self.budgets[i]), now)
+            rep.sched.submit(Request(i, now, now + self.planned[i]), now)
             rep.outstanding += 1
         except Refused as exc:
             self.out.states[i] = exc.state.name.lower()
@@ -240,7 +244,7 @@ class Cluster:
     def _below_profile(self, sched: Scheduler, i: int, now: float) -> bool:
         """Whether request ``i``'s budget is below its fastest tier's profiled latency: no
         replica could meet it however idle (the server's reason refused_budget)."""
-        r = Request(i, now, now + self.budgets[i])
+        r = Request(i, now, now + self.planned[i])
         idle = sched.latency.profiled(sched.ctx.fastest(r), r.rows, sched.admit_quantile)
         return now + idle > sched.admission_deadline(r)
 

@@ -10,8 +10,10 @@ engines, a hand-written frontier with made-up accuracies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 
@@ -25,7 +27,6 @@ from runtime.repository import ACTIVE_FILE, Candidate, Frontier, Repository, Rep
 from runtime.repository.config import (
     TRAFFIC_CAPACITY,
     AutoTiersConfig,
-    ConfigError,
     ModelConfig,
     RebuildConfig,
 )
@@ -105,13 +106,13 @@ def test_a_reload_by_hand_resets_the_loops_choice(tmp_path):
         t = plane.tierers["tiny"]
         assert srv.call(t.check(), 120) == "applied"
         assert plane._serving("tiny").startswith("frontier:")
+        chosen = t.chosen_for
+        srv.call(plane.load("tiny"))  # a client's "make sure it is loaded": nothing changed
+        assert t.chosen_for is chosen  # (reset, each such load cost an apply; review 131)
         (tmp_path / "tiny" / ACTIVE_FILE).unlink()
         srv.call(plane.load("tiny"))
         assert plane._serving("tiny") == "model.yaml:w100,w050" and plane.tierers["tiny"] is t
-        # The same files, reloaded again by hand (model.yaml's tiers could have been given
-        # other channel counts under the same names): the served set is judged anew too.
-        srv.call(plane.load("tiny"))
-        assert t.chosen_for is None
+        assert t.chosen_for is None  # another set served: judged anew
         assert srv.call(t.check(), 120) == "applied"
         assert plane._serving("tiny").startswith("frontier:")
     finally:
@@ -318,13 +319,25 @@ def test_frontier_problem_names_the_file_and_the_fix(tmp_path):
 
 
 # -- 6: min_requests within what a server keeps ---------------------------------------------
-def test_min_requests_beyond_the_traffic_a_server_keeps_is_refused():
+def test_min_requests_beyond_the_traffic_a_server_keeps_counts_as_what_it_keeps(tmp_path, caplog):
+    # Above the ring's capacity a check waited for ever. Refusing such a model.yaml (the
+    # first fix) stopped a model that loaded before from loading after an upgrade (review
+    # helper-131): it parses, and counts as what a server keeps, said once.
     assert CAPACITY == TRAFFIC_CAPACITY
     base = {**IO, "tiers": [{"name": "w100", "width": 1.0}]}
-    with pytest.raises(ConfigError, match=r"min_requests: got 300000, .*keeps the last 200,000"):
-        ModelConfig.from_dict({**base, "auto_tiers": {"rebuild": {"min_requests": 300_000}}})
-    ok = ModelConfig.from_dict({**base, "auto_tiers": {"rebuild": {"min_requests": CAPACITY}}})
-    assert ok.auto_tiers.rebuild.min_requests == CAPACITY
+    cfg = ModelConfig.from_dict({**base, "auto_tiers": {"rebuild": {"min_requests": 300_000}}})
+    goals = dataclasses.replace(cfg.auto_tiers, window_s=10**6)
+    log = TrafficLog()
+    for i in range(CAPACITY + 10):
+        log.record(i * 1e-3, 0.05, 1)
+    now = CAPACITY * 1e-3 + 1.0
+    with caplog.at_level(logging.WARNING, "innfer.autotier"):
+        tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
+                            lambda: now, lambda *a: ["true"])  # fmt: skip
+    assert "min_requests 300000 is more than the 200000" in caplog.text
+    tierer.last_change = -math.inf
+    assert asyncio.run(tierer.check()) != "waiting"  # a full ring is enough
+    tierer.stop()
 
 
 def test_a_check_held_by_min_requests_says_why_once(tmp_path, caplog):

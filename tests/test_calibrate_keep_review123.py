@@ -25,3 +25,15 @@ def test_the_uncalibrated_tier_is_judged_as_the_build_serves_it():
                       holdout=held, progress=False)  # fmt: skip
     (decision,) = tuned.info["calibration"].values()
     assert decision["stored"] == evaluate(served, *held)
+
+
+def test_a_small_batch_judges_the_uncalibrated_tier_too():
+    # 40 samples in batches of 32 pass calibrate's check; judging the uncalibrated tier
+    # re-estimated its statistics in batches of 64: "need at least one batch of 64"
+    # (review helper-131).
+    torch.manual_seed(0)
+    inn, data = train_inn("digits_cnn_bn", epochs=1, progress=False)
+    x, y = data.x_train, data.y_train
+    tuned = calibrate(inn, x[:40], [0.375], max_steps=1, multiple_of=8, labels=y[:40],
+                      batch_size=32, holdout=(x[1000:], y[1000:]), progress=False)  # fmt: skip
+    assert len(tuned.info["calibration"]) == 1

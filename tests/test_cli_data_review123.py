@@ -115,10 +115,11 @@ def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, ca
     _, x = _mlp(tmp_path, 400)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(400) % 3)
     for out in ("a", "b"):
-        code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
-                            "--widths", "0.5", "--steps", "5", "--seed", "3",
-                            "--out", tmp_path / out)  # fmt: skip
+        code, printed, err = _run(capsys, "calibrate", tmp_path / "m", "--data",
+                                  tmp_path / "d.npz", "--widths", "0.5", "--steps", "5",
+                                  "--seed", "3", "--out", tmp_path / out)  # fmt: skip
         assert code == 0, err
+        assert "after (5 steps a tier," in printed  # not the ignored --seconds
     a, b = (load(tmp_path / out) for out in ("a", "b"))
     assert list(a.tiers) == ["0=16"]  # a calibrated tier was stored (not the sample kept)
     assert all(torch.equal(v, b.tiers["0=16"][k]) for k, v in a.tiers["0=16"].items())

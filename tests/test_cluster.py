@@ -246,8 +246,9 @@ def test_a_full_queue_is_shed_load_whatever_the_budget():
     # refused at a queue with room for a budget below the profile is the client's ask.
     from sim.cluster import Cluster
 
+    # (no budget margin: the bounds below are the profile's, not the profile's plus K ms)
     cfg = ClusterConfig(time_scale=K, trace="steps", steps=((0.0, 20.0),), duration_s=40.0,
-                        budget_ms=(0.1, 60.0), max_queue=4,
+                        budget_ms=(0.1, 60.0), max_queue=4, budget_margin_ms=0.0,
                         hpa=HPAConfig(min_replicas=2, max_replicas=2))  # fmt: skip
     cluster = Cluster(TIERS, P50, cfg)
     r = cluster.run()

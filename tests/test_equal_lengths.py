@@ -55,6 +55,7 @@ def test_requests_of_other_lengths_share_no_padded_batch(tmp_path):
         gate.wait(10)
         return run(feeds)
 
+    learned = []  # (rows, calls) the lane's scheduler was told per batch
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((1, n, 4)).astype(np.float32) for n in LENGTHS]
     alone = [run({"input": x})["logits"][0] for x in xs]
@@ -63,6 +64,12 @@ def test_requests_of_other_lengths_share_no_padded_batch(tmp_path):
         rt = ModelRuntime(served, Metrics())
         rt.start()
         engine.run = gated
+        lane = rt.lanes[8]
+        complete = lane.complete
+        lane.complete = lambda d, now, compute, **kw: (
+            learned.append((d.rows, kw.get("calls"))),
+            complete(d, now, compute, **kw),
+        )[1]
         try:
             first = asyncio.ensure_future(rt.infer({"input": xs[0]}, 1, 10.0))
             while not entered.is_set():
@@ -80,6 +87,8 @@ def test_requests_of_other_lengths_share_no_padded_batch(tmp_path):
         np.testing.assert_allclose(r.outputs["logits"][0], want, atol=1e-6)
     assert all(s[1] in LENGTHS for s in shapes)  # each call one length, none padded
     assert len(shapes) == 4  # the first alone, then the runs of 3, 5 and 8 tokens
+    # the 5-row batch was learned as its three calls (2 + 2 + 1 rows), not one of 5 rows
+    assert sorted(rows for rows, _ in dict(learned)[5]) == [1, 2, 2]
 
 
 def test_runs_group_equal_lengths_and_keep_the_batch_order():
@@ -113,3 +122,27 @@ def test_a_failed_run_is_retried_request_by_request_from_each_requests_own_input
         apart = run_apart(NoFives(), runs.parts, [1, 1, 1], exc)
     assert [e is None for e in apart.errors] == [True, False, True]
     assert [o["y"].tolist() if o else None for o in apart.outputs] == [[3.0], None, [3.0]]
+
+
+def test_a_batch_run_as_several_calls_is_learned_call_by_call():
+    # 8 one-row calls of 1 ms each, learned as one 8-row call of 8 ms: the tier's correction
+    # made its 1-row estimate 4 ms, and a 2.5 ms request was refused on a 1 ms tier
+    # (review helper-131).
+    from server.scheduling import Request, Scheduler, TierInfo, make_policy
+
+    tiers = [TierInfo("t", 0.9, {1: 1.0, 8: 2.0})]
+
+    def learned(calls) -> float:
+        s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+        now = 0.0
+        for _ in range(30):
+            for k in range(8):
+                s.submit(Request(k, now, now + 1.0), now)
+            d = s.next(now)
+            now += 0.008
+            s.complete(d, now, 0.008, calls=calls(d))
+        return s.latency.median("t", 1)
+
+    whole = learned(lambda d: None)
+    per_call = learned(lambda d: [(1, 0.001)] * d.rows)
+    assert whole > 0.003 and per_call < 0.0012

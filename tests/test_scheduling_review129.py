@@ -66,3 +66,15 @@ def test_an_overloaded_queue_does_not_leave_out_its_head():
     s.submit(slack, 0.0)
     d = s.next(0.0)
     assert head in d.requests
+
+
+def test_a_head_late_even_alone_leaves_its_batch_to_the_others():
+    # Admitted on its grace (deadline 3.5 ms, median alone 4.0 ms): no batch meets it, so
+    # step 4 keeps to the requests its time is expected to meet, as before the head fix
+    # (review helper-131: the fallback the docstring described was unreachable).
+    tiers = [TierInfo("t", 0.9, {1: 6.0, 2: 6.6, 4: 8.0}, typical_ms={1: 4.0, 2: 4.4, 4: 5.5})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=64)
+    head, slack = Request(0, 0.0, 3.5 * MS, grace=1.0 * MS), Request(1, 0.0, 100 * MS)
+    s.submit(head, 0.0)
+    s.submit(slack, 0.0)
+    assert s.next(0.0).requests == [slack]

@@ -408,7 +408,7 @@ def calibrate(
                         batch_size=batch_size, seed=seed + i, **finetune_options)  # fmt: skip
         out.set_tier(sizes, module.state_dict())
         if holdout is not None:
-            _keep_better(inn, out, sizes, grids, holdout, method, x)
+            _keep_better(inn, out, sizes, grids, holdout, method, x, batch_size)
     _refresh_stale_norms(inn, out, x, batch_size, method)
     return out
 
@@ -433,7 +433,9 @@ def _refresh_stale_norms(inn, out, x, batch_size: int, method: str) -> list[str]
     return stale
 
 
-def _keep_better(inn, out, sizes, grids, holdout, method: str, x: torch.Tensor) -> None:
+def _keep_better(
+    inn, out, sizes, grids, holdout, method: str, x: torch.Tensor, batch_size: int
+) -> None:
     """Put back what ``inn`` serves at ``sizes`` - its stored tier, or where it has none its
     plain sample - into ``out`` (with the grids and norm statistics it was sampled with)
     unless ``out``'s new tier is at least as accurate on ``holdout``; records the decision
@@ -450,7 +452,7 @@ def _keep_better(inn, out, sizes, grids, holdout, method: str, x: torch.Tensor) 
     # tier replaced what the build would have served.
     served = inn.sample(sizes, method=method)
     if unnormed(inn, served, sizes, method):
-        recompute_norm_stats(served, x[:NORM_SAMPLES])
+        recompute_norm_stats(served, x[:NORM_SAMPLES], batch_size)  # (x holds one batch)
     stored = evaluate(served, *holdout)
     new = evaluate(out.sample(sizes, method=method), *holdout)
     kept = "new" if new >= stored else "stored" if had else "uncalibrated"

@@ -937,11 +937,14 @@ def _with_head(batch: list[Request], tier: str, now: float, ctx: Context) -> lis
         >>> [r.id for r in _with_head([head, rest], "t", 0.0, ctx)]
         [1]
     """
-    for k in range(len(batch), 0, -1):
+    head = batch[0]
+    for k in range(len(batch), 1, -1):
         kept = _likely_met(batch[:k], tier, now, ctx)
-        if kept[0] is batch[0]:
+        if kept[0] is head:
             return kept
-    return _likely_met(batch, tier, now, ctx)
+    if head.deadline >= now + ctx.latency.median(tier, head.rows):
+        return [head]  # met alone
+    return _likely_met(batch, tier, now, ctx)  # (``_likely_met`` of one keeps it whatever)
 
 
 def _normal_cdf(x: float) -> float:

@@ -539,13 +539,17 @@ class Scheduler:
         compute_s: float,
         ok: bool = True,
         served: Sequence[Request] | None = None,
+        calls: Sequence[tuple[int, float]] | None = None,
     ) -> None:
         """The batch finished (``ok``: its time is learned) or failed after ``compute_s``
-        seconds of engine time. ``decision`` is the one ``next`` returned: its slot is
-        freed. ``served``: the requests answered, where a failed batch's ran again alone
-        (default: all of them if ``ok``, else none). A decision that is not running on its
-        slot here (completed twice, or another scheduler's) raises ``IllegalTransition``
-        before anything changes: freeing the slot would free whatever batch runs there now."""
+        seconds of engine time. ``calls``: (rows, seconds) of each engine call where the
+        batch ran as several (a sequence model's runs of equal length): each is learned as
+        what it was, not the whole as one call of all the rows. ``decision`` is the one
+        ``next`` returned: its slot is freed. ``served``: the requests answered, where a
+        failed batch's ran again alone (default: all of them if ``ok``, else none). A
+        decision that is not running on its slot here (completed twice, or another
+        scheduler's) raises ``IllegalTransition`` before anything changes: freeing the slot
+        would free whatever batch runs there now."""
         if decision.slot is None:
             raise ValueError("complete() takes the Decision that next() returned (with its slot)")
         run = self.running.get(decision.slot)
@@ -557,7 +561,8 @@ class Scheduler:
         self.device.release(decision)
         del self.running[decision.slot]
         if ok:
-            self.latency.observe(decision.tier, decision.rows, compute_s)
+            for rows, seconds in calls or ((decision.rows, compute_s),):
+                self.latency.observe(decision.tier, rows, seconds)
             self._observed_at[decision.tier] = now
         if served is None:  # every request alike (the hot path: no set to build)
             state = State.SERVED if ok else State.FAILED
