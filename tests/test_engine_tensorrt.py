@@ -255,6 +255,40 @@ def test_convert_to_fp16_leaves_resize_scales_float32_and_converts_constants():
     np.testing.assert_allclose(y, np.repeat(np.repeat(x * 0.5, 2, axis=2), 2, axis=3))
 
 
+def test_convert_to_fp16_computes_a_float_range_in_float32_and_leaves_an_int_one():
+    # Range has no float16: a float Range (positions as floats, from the input's length)
+    # became an invalid graph, "Type 'tensor(float16)' of input parameter ... of operator
+    # (Range) ... is invalid"; an int64 one (token positions) must stay int64.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    consts = [numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
+        ("one", 1, np.int64), ("zero", 0.0, np.float32), ("step", 1.0, np.float32),
+        ("izero", 0, np.int64), ("istep", 1, np.int64))]  # fmt: skip
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+        helper.make_node("Range", ["izero", "n", "istep"], ["positions"]),  # int64
+        helper.make_node("Cast", ["positions"], ["pf"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Range", ["zero", "nf", "step"], ["r"]),  # float
+        helper.make_node("Add", ["r", "pf"], ["r2"]),
+        helper.make_node("Mul", ["x", "r2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ranges", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t"])], consts,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    half = convert_to_fp16(model)
+    onnx.checker.check_model(half, full_check=True)
+    x = np.ones((2, 4), np.float32)
+    (y,) = ReferenceEvaluator(half).run(None, {"x": x})
+    np.testing.assert_allclose(y, np.tile([0.0, 2.0, 4.0, 6.0], (2, 1)))
+
+
 def test_convert_to_fp16_rejects_control_flow():
     import onnx  # noqa: F401 - the dev extra: fail, not skip
     from onnx import TensorProto, helper

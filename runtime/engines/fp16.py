@@ -13,6 +13,10 @@ import numpy as np
 _FP16_MAX = 65504.0
 # (op type, input index) slots that ONNX requires to be float32 whatever the data type.
 _FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+# Ops whose float type constraint has no float16 (Range: float, double, int16/32/64): a
+# float one computes in float32 between two Casts (an fp16 Range was an invalid graph:
+# "Type 'tensor(float16)' of input parameter ... of operator (Range) ... is invalid").
+_NO_FLOAT16_OPS = {"Range"}
 
 
 def convert_to_fp16(model):
@@ -34,6 +38,7 @@ def convert_to_fp16(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    wrapped = _float_nodes_without_float16(model)  # indices in graph.node
 
     for node in graph.node:
         for attr in node.attribute:
@@ -129,7 +134,47 @@ def convert_to_fp16(model):
         if elem_type(vi) == float32 and vi.name not in keep32:
             vi.type.tensor_type.elem_type = float16
 
-    nodes = [*head, *graph.node, *tail]
+    body = []
+    for i, node in enumerate(graph.node):
+        if i not in wrapped:
+            body.append(node)
+            continue
+        # in float32: its inputs cast up on entry, its output back down to float16
+        for k, name in enumerate(node.input):
+            if name:
+                up = fresh(f"{name}_as32")
+                body.append(helper.make_node("Cast", [name], [up], to=float32))
+                node.input[k] = up
+        result = node.output[0]
+        node.output[0] = fresh(f"{result}_as32")
+        body.append(node)
+        body.append(helper.make_node("Cast", [node.output[0]], [result], to=float16))
+    nodes = [*head, *body, *tail]
     del graph.node[:]
     graph.node.extend(nodes)
     return out
+
+
+def _float_nodes_without_float16(model) -> set[int]:
+    """Indices of ``model``'s nodes of an op without float16 (``_NO_FLOAT16_OPS``) whose
+    output is float32 (ONNX shape inference: an int64 Range - positions - stays as it is;
+    one it cannot type is left too)."""
+    import onnx
+    from onnx import TensorProto
+
+    if not any(n.op_type in _NO_FLOAT16_OPS for n in model.graph.node):
+        return set()
+    try:
+        typed = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # (inference is best effort: an untyped graph keeps its nodes)
+        return set()
+    floats = {
+        vi.name
+        for vi in (*typed.value_info, *typed.output)
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
+    return {
+        i
+        for i, n in enumerate(model.graph.node)
+        if n.op_type in _NO_FLOAT16_OPS and n.output and n.output[0] in floats
+    }
