@@ -31,7 +31,6 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
-from runtime.repository.frontier import frontier_problem
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
@@ -450,10 +449,9 @@ class DataPlane:
             # last chose for (auto_tiers.json deleted or stale, model.yaml's tiers edited):
             # the next check judges what is served now, however steady the traffic.
             tierer.chosen_for = None
-        repo = self.repo
 
-        def problem() -> str | None:  # on the loop's file thread (model_dir stats too)
-            return frontier_problem(repo.model_dir(name), config)
+        def problem() -> str | None:  # on the loop's file thread (it reads the frontier)
+            return self.repo.frontier_problem(name, config)
 
         if tierer is not None and tierer.goals == config.auto_tiers:
             tierer.watch_frontier(problem)  # this load's model.yaml; said now where unusable

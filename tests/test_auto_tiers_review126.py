@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import time
 
@@ -33,7 +34,6 @@ from runtime.repository.config import (
 from runtime.repository.frontier import (
     FRONTIER_DIR,
     FRONTIER_FILE,
-    frontier_problem,
     mark_pareto,
 )
 from server.autotier import AutoTierer, apply_command
@@ -124,7 +124,8 @@ def test_a_reload_by_hand_resets_the_loops_choice(tmp_path):
     "goals, said",
     [
         ({"max_tiers": 1}, "it has 2 tiers, over max_tiers 1"),
-        ({"accuracy_floor": 0.9}, "w025 0.7000 below accuracy_floor 0.9"),
+        # (w075 with w025 or w050, as the 3-run profile times them: both below 0.9)
+        ({"accuracy_floor": 0.9}, r"w0(25 0\.7000|50 0\.8500) below accuracy_floor 0\.9"),
         ({"max_memory_mb": 0.001}, "over max_memory_mb 0.001"),
     ],
 )
@@ -132,7 +133,8 @@ def test_a_choice_that_breaks_goals_tightened_since_is_not_served(tmp_path, capl
     d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
     _traffic(200, (20, 100)).write(tmp_path / "t.csv")
     assert cli(["tiers", "apply", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
-    assert json.loads((d / ACTIVE_FILE).read_text())["tiers"] == ["w075", "w025"]
+    chosen = json.loads((d / ACTIVE_FILE).read_text())["tiers"]
+    assert chosen[0] == "w075" and chosen[1] in ("w025", "w050")
     repo = Repository(tmp_path)
     assert repo.auto_tiers("tiny", repo.config("tiny")) is not None  # met: served
     _edit_goals(d, **goals)
@@ -143,7 +145,7 @@ def test_a_choice_that_breaks_goals_tightened_since_is_not_served(tmp_path, capl
     finally:
         for e in served.engines.values():
             e.close()
-    assert said in caplog.text and "serving the tiers of model.yaml" in caplog.text
+    assert re.search(said, caplog.text) and "serving the tiers of model.yaml" in caplog.text
 
 
 def test_goals_no_candidate_meets_serve_model_yaml_with_auto_tiering_off(tmp_path, caplog):
@@ -300,22 +302,22 @@ def test_an_unusable_frontier_is_said_at_load_and_checks_wait(tmp_path, caplog, 
         assert "usable again" in caplog.text
     finally:
         srv.stop()
-    assert frontier_problem(d, ModelConfig.load(d / "model.yaml")) is None
+    assert Repository(tmp_path).frontier_problem("tiny", ModelConfig.load(d / "model.yaml")) is None
 
 
 def test_frontier_problem_names_the_file_and_the_fix(tmp_path):
     d = _auto_model(tmp_path)
     cfg = ModelConfig.load(d / "model.yaml")
-    assert frontier_problem(d, cfg) is None
+    assert Repository(tmp_path).frontier_problem("tiny", cfg) is None
     path = d / FRONTIER_DIR / FRONTIER_FILE
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "settings": {"widths": [0.5]}}))
-    assert frontier_problem(d, cfg) == (
+    assert Repository(tmp_path).frontier_problem("tiny", cfg) == (
         f"{path} was built for other max_batch, method, multiple_of, precision, shaped, "
         "widths than model.yaml says now: run `innfer build` to measure its candidates again"
     )
     path.unlink()
-    assert "is missing: run `innfer build`" in frontier_problem(d, cfg)
+    assert "is missing: run `innfer build`" in Repository(tmp_path).frontier_problem("tiny", cfg)
 
 
 # -- 6: min_requests within what a server keeps ---------------------------------------------

@@ -216,30 +216,6 @@ class Frontier:
         return next((p for c in self.candidates if (p := c.problem()) is not None), None)
 
 
-def frontier_problem(model_dir: Path, config: ModelConfig) -> str | None:
-    """Why auto-tiering cannot choose from ``model_dir``'s frontier for ``config`` (its
-    model.yaml), with the fix, or None (usable, or no ``auto_tiers``): missing, corrupted,
-    or built for other candidate settings than model.yaml says now. What a server says at
-    load rather than at every check once traffic came.
-
-    Example:
-        >>> frontier_problem(Path("/nonexistent"), config)  # doctest: +SKIP
-        '/nonexistent/frontier/frontier.json is missing: run `innfer build` (...)'
-    """
-    if config.auto_tiers is None:
-        return None
-    path = Path(model_dir) / FRONTIER_DIR / FRONTIER_FILE
-    try:
-        frontier = Frontier.read(path)
-    except RepositoryError as exc:
-        return str(exc)
-    stale = frontier.stale_settings(config)
-    if stale:
-        return (f"{path} was built for other {', '.join(stale)} than model.yaml says now: run "
-                "`innfer build` to measure its candidates again")  # fmt: skip
-    return None
-
-
 def candidate_settings(config: ModelConfig) -> dict[str, Any]:
     """What of model.yaml makes a frontier's candidates and their figures (JSON values)."""
     return json.loads(json.dumps({

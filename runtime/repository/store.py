@@ -388,15 +388,18 @@ class Repository:
             return None
         return frontier.unmet_goals(config.auto_tiers)
 
-    def check_frontier_inn(self, name: str, frontier: Frontier) -> None:
+    def check_frontier_inn(
+        self, name: str, frontier: Frontier, config: ModelConfig | None = None
+    ) -> None:
         """Refuse ``frontier`` where it was measured on another INN than the model directory
         holds now (replaced, retrained or recalibrated after the build): a set chosen from it
         would serve the old model under the new one's name. Not checked where either
         fingerprint is unknown (a frontier from before they were kept, a serving image
         without the INN). Nor is one built for other candidate settings of model.yaml
-        (``Frontier.stale_settings``) served or chosen from."""
+        (``config``; default: read now) (``Frontier.stale_settings``) served or chosen
+        from."""
         d = self.model_dir(name)
-        stale = frontier.stale_settings(self.config(name))
+        stale = frontier.stale_settings(config or self.config(name))
         if stale:
             raise RepositoryError(
                 f"{d / FRONTIER_DIR / FRONTIER_FILE} was built for other {', '.join(stale)} "
@@ -409,6 +412,25 @@ class Repository:
                 "holds now (replaced, retrained or recalibrated after the build): run "
                 "`innfer build`"
             )
+
+    def frontier_problem(self, name: str, config: ModelConfig) -> str | None:
+        """Why auto-tiering cannot choose from ``name``'s frontier for ``config`` (this
+        load's model.yaml), with the fix, or None (usable, or no ``auto_tiers``): missing,
+        corrupted, built for other candidate settings or on another INN - what a server
+        says at load rather than at every check once traffic came.
+
+        Example:
+            >>> Repository("models").frontier_problem("mnist", config)  # doctest: +SKIP
+            '.../frontier/frontier.json is missing: run `innfer build` (...)'
+        """
+        if config.auto_tiers is None:
+            return None
+        try:
+            frontier = Frontier.read(self.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE)
+            self.check_frontier_inn(name, frontier, config)
+        except RepositoryError as exc:
+            return str(exc)
+        return None
 
     def served_tiers(self, name: str) -> tuple[dict[str, TierRecord], dict[str, Any], str]:
         """What a server would serve for ``name`` now, read without loading an engine:
