@@ -548,16 +548,17 @@ def _model_name(text: str) -> str:
     return text
 
 
-def _at_most(hi: float, why: str):
-    """An argparse type: a finite number in (0, ``hi``] (``why``: what more would do)."""
+def _at_most(hi: float, why: str, zero: bool = False):
+    """An argparse type: a finite number in (0, ``hi``] - [0, ``hi``] with ``zero`` -
+    (``why``: what more would do)."""
 
     def parse(text: str) -> float:
-        v = _positive(text)
+        v = (_non_negative if zero else _positive)(text)
         if v > hi:
             raise argparse.ArgumentTypeError(f"expected at most {hi:g} ({why}), got {text!r}")
         return v
 
-    parse.__name__ = f"number in (0, {hi:g}]"
+    parse.__name__ = f"number in {'[' if zero else '('}0, {hi:g}]"
     return parse
 
 
@@ -566,15 +567,7 @@ def _at_most(hi: float, why: str):
 # the benchmarks use (4, 8). A log-normal sigma of 3 makes the p99 engine time ~1000x the
 # median; 1e308 made it infinite (NaN in the JSON).
 _cv2 = _at_most(100.0, "a burstier trace holds about CV2 / 2 requests at its start")
-
-
-def _noise(text: str) -> float:
-    v = _non_negative(text)
-    if v > 3:
-        raise argparse.ArgumentTypeError(
-            f"expected at most 3 (a log-normal sigma of 3 is a p99 ~1000x the median), got {text!r}"
-        )
-    return v
+_noise = _at_most(3.0, "a log-normal sigma of 3 is a p99 ~1000x the median", zero=True)
 
 
 def _non_negative(text: str) -> float:

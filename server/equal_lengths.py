@@ -8,7 +8,7 @@ over time, a convolution's edge), and its answer would change with the requests 
 to be batched with. Such a batch runs as one engine call per distinct length - Triton's
 dynamic batcher likewise batches only requests of one shape - and the outputs (fixed
 shapes: ``ModelConfig`` refuses dynamic outputs) go back in the batch's order. The plan
-counted one call; the lane's latency model learns the extra calls' time from the batch.
+counted one call; the lane's latency model learns each call as what it was (``timings``).
 
 Example:
     >>> import numpy as np
