@@ -23,7 +23,9 @@ background `innfer tiers apply` inherits the server's CPU, at idle priority - it
 is part of what is measured. Per arm and phase: attainment (answered within budget / sent),
 mean served size, failed requests (any code but OK and the scheduler's DEADLINE_EXCEEDED /
 RESOURCE_EXHAUSTED refusals), attainment per 5 s bin; the auto arm's swaps (from its log:
-when, from what to what, how long) and its attainment in the bins while an apply ran.
+when, from what to what, how long) and its attainment in the bins while an apply ran; and
+every answer but OK - refusals included - of the requests that arrived while an apply ran
+or within ``SWAP_AFTER_S`` of its swap (``around_swaps``).
 
 Writes bench/results/auto_tiers_live.json and .png.
 
@@ -40,6 +42,7 @@ import re
 import shutil
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +69,9 @@ GOALS = {
 }  # fmt: skip
 # Failures: anything but an answer or the scheduler's own refusals (budget, full queue).
 REFUSALS = ("OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "unsent")
+# Seconds after a swap whose arrivals still count as around it (``around_swaps``): the old
+# tiers finish what they hold and close, the new ones take their first batches.
+SWAP_AFTER_S = 2.0
 SWAP = re.compile(r"tiers (\[.*?\]) -> (\[.*?\]) .*swapped in ([\d.]+) s")
 
 
@@ -123,7 +129,7 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
     server = LiveServer(arm, tree, repo, log, args.server_cpus)
     try:
         info = server.start(arm, models=(MODEL,))
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         report = asyncio.run(run_load(server.address, MODEL, arrivals, budgets, inputs,
                                       max_seconds=2 * args.phase_s + 5))  # fmt: skip
         wall = time.monotonic() - t0
@@ -133,8 +139,7 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
     met = ~np.isnan(report.latency_ms) & (report.latency_ms <= budgets * 1e3)
     served = np.array([size.get(t, np.nan) if t else np.nan for t in report.tiers])
     p1 = arrivals < shift
-    swaps = [{"from": json.loads(a.replace("'", '"')), "to": json.loads(b.replace("'", '"')),
-              "seconds": float(s)} for a, b, s in SWAP.findall(log.read_text())]  # fmt: skip
+    swaps = swap_events(log.read_text(), t0_wall)
     return {
         "startup_s": info["startup_s"],
         "wall_s": wall,
@@ -144,8 +149,46 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
         },
         "failed": {c: int((codes == c).sum()) for c in set(codes) if c not in REFUSALS},
         "swaps": swaps,
+        "around_swaps": around_swaps(swaps, arrivals, codes),
         "tier_by_time": tier_changes(arrivals, report.tiers),
         "bins": bins(arrivals, met, served, 2 * args.phase_s),
+    }
+
+
+def swap_events(log_text: str, t0_wall: float) -> list[dict]:
+    """The server log's swaps: from and to (tier lists), how long the apply took
+    (``seconds``) and when it swapped (``at_s``: seconds from the load's start, by the log
+    line's timestamp; None where the line has none)."""
+    out = []
+    for line in log_text.splitlines():
+        m = SWAP.search(line)
+        if m is None:
+            continue
+        try:
+            ts = datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00"))
+            at = ts.timestamp() - t0_wall
+        except (ValueError, KeyError, TypeError):
+            at = None
+        a, b, seconds = m.groups()
+        out.append({"from": json.loads(a.replace("'", '"')), "to": json.loads(b.replace("'", '"')),
+                    "seconds": float(seconds), "at_s": at})  # fmt: skip
+    return out
+
+
+def around_swaps(swaps: list[dict], arrivals, codes, after_s: float = SWAP_AFTER_S) -> dict:
+    """The requests that arrived while an apply ran or within ``after_s`` of its swap: how
+    many, and each answer other than OK - refusals included. ``failed`` leaves the
+    scheduler's refusals out, which would hide requests a swap cost (the goal: none failed
+    or dropped across a swap)."""
+    inside = np.zeros(len(arrivals), dtype=bool)
+    for s in swaps:
+        if s["at_s"] is not None:
+            inside |= (arrivals >= s["at_s"] - s["seconds"]) & (arrivals <= s["at_s"] + after_s)
+    near = codes[inside]
+    return {
+        "after_s": after_s,
+        "sent": int(inside.sum()),
+        "not_ok": {c: int((near == c).sum()) for c in sorted(set(near)) if c != "OK"},
     }
 
 
@@ -215,6 +258,12 @@ def table(results: dict) -> str:
             met = "-" if p["attainment"] is None else f"{p['attainment']:.2%}"
             lines.append(f"{arm:<5} {name}: {p['sent']} sent, attainment {met}, "
                          f"size {size}, refused {p['refused'] or 'none'}")  # fmt: skip
+        near = r.get("around_swaps")
+        if near is not None and r["swaps"]:
+            lines.append(
+                f"{arm:<5} around swaps (while applying, and {near['after_s']:g} s after): "
+                f"{near['sent']} sent, not OK {near['not_ok'] or 'none'}"
+            )
         lines.append(f"{arm:<5} failed {r['failed'] or 'none'}; swaps " + (
             "; ".join(f"{s['from']} -> {s['to']} in {s['seconds']:.1f} s" for s in r["swaps"])
             or "none"))  # fmt: skip

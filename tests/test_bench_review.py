@@ -345,3 +345,30 @@ def test_the_transformer_lead_is_not_judged_when_the_arms_ran_unequal_steps():
     assert unequal["met"] is None and "--equal-steps" in unequal["why"]
     equal = tb.goals(rows(712), latency)[f"ahead_of_baselines_by>=0.01 {tier}"]
     assert equal["met"] is True and equal["steps_ratio_max_to_min"] < 1.05
+
+
+def test_auto_tiers_live_counts_refusals_around_a_swap():
+    # "failed" leaves the scheduler's refusals out: a swap that refused requests read as
+    # "0 failed" (review helper-130). around_swaps counts every answer but OK near one.
+    import json
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from bench import auto_tiers_live
+
+    t0 = 1_000_000.0
+    ts = datetime.fromtimestamp(t0 + 10.0, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    log = ("===== auto: innfer serve\n"
+           + json.dumps({"ts": ts + "Z", "level": "info", "msg": "model m: tiers ['w100'] -> "
+                         "['w100', 'w050'] (expected ...); swapped in 3.0 s"}) + "\n")  # fmt: skip
+    swaps = auto_tiers_live.swap_events(log, t0)
+    assert swaps == [{"from": ["w100"], "to": ["w100", "w050"], "seconds": 3.0, "at_s": 10.0}]
+    arrivals = np.array([1.0, 6.5, 8.0, 11.0, 11.5, 20.0])
+    codes = np.array(["DEADLINE_EXCEEDED", "OK", "RESOURCE_EXHAUSTED", "OK",
+                      "DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"])  # fmt: skip
+    near = auto_tiers_live.around_swaps(swaps, arrivals, codes, after_s=2.0)
+    assert near["sent"] == 3  # 7 .. 12 s: the apply's 3 s, then 2 s after the swap
+    assert near["not_ok"] == {"DEADLINE_EXCEEDED": 1, "RESOURCE_EXHAUSTED": 1}
+    arm = {"phases": {}, "failed": {}, "swaps": swaps, "around_swaps": near}
+    assert "around swaps" in auto_tiers_live.table({"arms": {"auto": arm}})
