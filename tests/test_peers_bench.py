@@ -172,3 +172,23 @@ def test_the_overhead_split_labels_its_last_term_a_residual():
     assert "residual" in ov["split_note"] and "median" in ov["split_note"]
     results["overhead"] = ov
     assert "residual outside server" in peers.summarise(results)
+
+
+def test_the_overhead_pairs_each_repeat_with_its_own_floors():
+    # Floors measured once, minutes before the repeats, were subtracted from every repeat's
+    # p50 (review helper-130): on a VM whose speed drifts, a fast-hour floor under a
+    # slow-hour p50 inflates the overhead. Each repeat now has its floors.
+    each = [{"engine": {"p50_ms": 0.6}, "echo": {"p50_ms": 0.4}},
+            {"engine": {"p50_ms": 1.0}, "echo": {"p50_ms": 0.5}},
+            {"engine": {"p50_ms": 0.8}, "echo": {"p50_ms": 0.45}}]  # fmt: skip
+    floors = peers.median_floors(each)
+    assert floors["engine"]["p50_ms"] == 0.8 and floors["engine"]["p50_ms_range"] == [0.6, 1.0]
+    assert floors["echo"]["p50_ms"] == 0.45 and floors["repeats"] == each
+    c1 = peers.headline([_run(900, 1.6), _run(600, 1.7), _run(700, 1.5)])
+    points = [{"id": "c1", "servers": {"innfer": c1}}]
+    results = {"floors": {"mlp": floors}, "models": {"mlp": {"points": points}}}
+    ov = peers.overhead(results)
+    assert ov["overhead_ms_each_repeat"] == pytest.approx([0.6, 0.2, 0.25])
+    assert ov["overhead_ms"] == pytest.approx(0.25)  # unpaired: 1.6 - 0.8 - 0.45 = 0.35
+    del floors["repeats"]  # floors from before the pairing: the unpaired figure
+    assert peers.overhead(results)["overhead_ms"] == pytest.approx(0.35)
