@@ -45,7 +45,7 @@ import numpy as np
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
 from server.apart import Apart, run_apart
-from server.equal_lengths import EqualLengthRuns, equal_length_runs
+from server.equal_lengths import EqualLengthRuns, equal_length_runs, length_key
 from server.errors import (
     DeadlineExceeded,
     EngineFailed,
@@ -930,6 +930,7 @@ class ModelRuntime:
         req = Request(
             next(self._ids), now, reached + budget_s, rows, pin, min_tier, priority,
             payload=inputs, grace=max(grace_s, 0.0), reserve=max(reserve_s, 0.0),
+            group=length_key(inputs, self._unmasked) if self._unmasked else None,
         )  # fmt: skip
         lane = self.lane_for(inputs)
         if self._seq_axis is not None:  # a sequence model: one observation per request

@@ -9,6 +9,7 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from serverutil import add_onnx_model
 
@@ -86,9 +87,11 @@ def test_requests_of_other_lengths_share_no_padded_batch(tmp_path):
     for r, want in zip(results, alone, strict=True):
         np.testing.assert_allclose(r.outputs["logits"][0], want, atol=1e-6)
     assert all(s[1] in LENGTHS for s in shapes)  # each call one length, none padded
-    assert len(shapes) == 4  # the first alone, then the runs of 3, 5 and 8 tokens
-    # the 5-row batch was learned as its three calls (2 + 2 + 1 rows), not one of 5 rows
-    assert sorted(rows for rows, _ in dict(learned)[5]) == [1, 2, 2]
+    assert len(shapes) == 4  # the first alone, then a batch per length: 3, 5 and 8 tokens
+    # Each batch is the one call it was planned as (review helper-134: one batch of the five
+    # queued ran as three calls planned as one - 7 of 8 requests of 8 lengths answered at
+    # ~70 ms for a 40 ms budget, every time).
+    assert sorted(learned, key=str) == [(1, None), (1, None), (2, None), (2, None)]
 
 
 def test_runs_group_equal_lengths_and_keep_the_batch_order():
@@ -146,3 +149,40 @@ def test_a_batch_run_as_several_calls_is_learned_call_by_call():
     whole = learned(lambda d: None)
     per_call = learned(lambda d: [(1, 0.001)] * d.rows)
     assert whole > 0.003 and per_call < 0.0012
+
+
+def _grouped_queue(pinned_front: int):
+    from server.scheduling import Request, Scheduler, TierInfo, make_policy
+
+    tiers = [TierInfo("a", 0.99, {1: 2.0, 8: 4.0}), TierInfo("b", 0.9, {1: 1.0, 8: 2.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=256)
+    rid = 0
+    for _ in range(pinned_front):  # requests pinned elsewhere fill the front of the queue
+        s.submit(Request(rid, 0.0, 0.5 + 1e-6 * rid, pin="a", group=(5,)), 0.0)
+        rid += 1
+    for k in range(12):  # then lengths 3 and 7 alternating, unpinned
+        s.submit(Request(rid, 0.0, 0.6 + 1e-6 * rid, group=(3 + 4 * (k % 2),)), 0.0)
+        rid += 1
+    return s
+
+
+@pytest.mark.parametrize("pinned_front", [0, 40])
+def test_the_scheduler_batches_only_requests_of_one_group(pinned_front):
+    # A batch of a mask-less sequence model's requests of several lengths ran as one call per
+    # length, planned as one call (review helper-134). Its lengths are each request's group,
+    # and no batch takes two groups - through the planner, and where pinned requests fill
+    # the front of the queue past its first scan (the numpy path), and through a fixed tier.
+    from server.scheduling import Context
+
+    s = _grouped_queue(pinned_front)
+    seen = []
+    while (d := s.next(0.0)) is not None:
+        assert len({r.group for r in d.requests}) == 1, [r.group for r in d.requests]
+        seen.append((d.tier, d.requests[0].group, len(d.requests)))
+        s.complete(d, 0.001, 0.001)
+    assert {g for _, g, _ in seen} >= {(3,), (7,)}
+    assert max(n for _, g, n in seen if g != (5,)) > 1  # equal lengths still share batches
+    ctx: Context = s.ctx
+    queue = _grouped_queue(pinned_front).queue
+    taken = ctx.take(queue, "b", 8)
+    assert len({r.group for r in taken}) == 1 and len(taken) == 6

@@ -272,11 +272,14 @@ class Context:
         )
 
     def take(self, queue: Sequence[Request], tier: str, limit_rows: int) -> list[Request]:
-        """Deadline-ordered requests that may run on ``tier``, up to ``limit_rows`` rows."""
+        """Deadline-ordered requests that may run on ``tier``, up to ``limit_rows`` rows,
+        all of the first one's ``group``."""
         batch, rows = [], 0
         for r in queue:
             if tier not in self.allowed(r):
                 continue  # not a candidate: it must not cut the batch short either
+            if batch and r.group != batch[0].group:
+                continue  # another shape: neither in this batch nor cutting it short
             if rows + r.rows > limit_rows:
                 if rows:
                     break
@@ -736,15 +739,18 @@ class Planner(Policy):
         """``ctx.take(queue, tier, b)`` and the queue indices it took, ``b`` the tier's
         ``batch_cap`` (rows past it buy no throughput); a first request of more rows than
         ``b`` runs alone. b candidates are always enough (each has a row); see
-        ``SCAN_FIRST``."""
+        ``SCAN_FIRST``. Only requests of the first candidate's ``group`` are candidates."""
         cols = snap.columns
         k = ctx.rank[tier]
         b = ctx.batch_cap(tier)
         reach = min(len(queue), SCAN_FIRST * b)
         candidates = []
+        group = None
         for i in range(reach):
-            if _allows(ctx, queue[i], k):
+            r = queue[i]
+            if _allows(ctx, r, k) and (not candidates or r.group == group):
                 candidates.append(i)
+                group = r.group
                 if len(candidates) == b:
                     break
         if len(candidates) < b and reach < len(queue):
@@ -752,7 +758,18 @@ class Planner(Policy):
             if cols is None:
                 cols = ctx.columns(queue)
             more = np.flatnonzero((cols.lo[reach:] <= k) & (k <= cols.hi[reach:])) + reach
-            candidates += more[: b - len(candidates)].tolist()
+            if group is None and not candidates:
+                group = queue[int(more[0])].group if len(more) else None
+            # The columns hold no groups: requests of another one are skipped here, a few
+            # at a time (one group, the usual case, takes the first b - n).
+            pos = 0
+            while len(candidates) < b and pos < len(more):
+                for i in more[pos : pos + b].tolist():
+                    if queue[i].group == group:
+                        candidates.append(i)
+                        if len(candidates) == b:
+                            break
+                pos += b
         batch, where, rows = [], [], 0
         for i in candidates:
             r = queue[i]

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -71,8 +72,11 @@ class Request:
     (a high quantile of the time it spends outside queue and compute); the scheduler never
     reads it, the answer is on time until ``due``. ``grace``: seconds past ``deadline`` that
     admission and expiry still accept: the part of the reserve above the overhead's median,
-    so that a refusal - a certain miss - judges the overhead at its median. ``state`` is
-    read-only: it changes through ``start``, ``finish`` or ``advance``.
+    so that a refusal - a certain miss - judges the overhead at its median. ``group``:
+    requests of different groups never share a batch (None: one group; the server gives a
+    sequence model without a mask each sequence length its own, so that a batch is one
+    engine call of one shape, as it is planned). ``state`` is read-only: it changes through
+    ``start``, ``finish`` or ``advance``.
 
     Example:
         >>> r = Request(7, arrival=0.0, deadline=0.020, rows=2, pin="w050")
@@ -90,6 +94,7 @@ class Request:
     payload: Any = None
     grace: float = 0.0
     reserve: float = 0.0
+    group: Hashable = None
     # Outcome, written by the transitions below (None / 0 until they happen).
     tier: str | None = None
     started: float | None = None
