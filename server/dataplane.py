@@ -928,6 +928,7 @@ class DataPlane:
             due=decoding - (waited_s if plans else 0.0) + budget_s, budget_s=budget_s
         )
         inputs, rows, truncated = await self._decode(m, request, raw, clock)
+        m = self._successor(m)  # swapped or reloaded while a long text was tokenized
         reserve_s = grace_s = 0.0
         if plans:
             # Plans leave room for the overhead's high quantile - of the request's own lane:
@@ -969,6 +970,31 @@ class DataPlane:
         if truncated:  # texts cut at the model's max_length (truncate=true, the default)
             resp.parameters["truncated_rows"].string_param = json.dumps(truncated)
         return resp
+
+    def _successor(self, m: ModelRuntime) -> ModelRuntime:
+        """``m``, or - where ``m`` began to stop (a swap, a reload) while this request was
+        decoded - the runtime now serving its name, if it decodes requests alike (the same
+        inputs, text settings, id ranges and tokenizer file): a long text awaits the
+        tokenizer threads, and the swap's promise that no accepted request fails held for
+        every request but those (UNAVAILABLE while the successor already served; review
+        helper-132). Otherwise ``m``, which refuses it UNAVAILABLE ("retry")."""
+        if not m.stopping:
+            return m
+        nxt = self.models.get(m.name)
+        if nxt is None or nxt is m or nxt.stopping:
+            return m
+        if (nxt.config.inputs, nxt.config.text, nxt.input_rows) != (
+            m.config.inputs,
+            m.config.text,
+            m.input_rows,
+        ):
+            return m
+        old_tok, new_tok = m.served.tokenizer, nxt.served.tokenizer
+        if (old_tok is None) != (new_tok is None) or (
+            old_tok is not None and old_tok.sha256 != new_tok.sha256
+        ):
+            return m
+        return nxt
 
     async def _run(
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from runtime.hashing import sha256_file
+
 
 def read_sentences(
     path: str | Path, limit: int | None = None, max_chars: int | None = None
@@ -88,6 +90,8 @@ class TextTokenizer:
         self.path = Path(path)
         self.max_length = max_length
         try:
+            # What identifies its encoding (a reload may bring another file at the same path).
+            self.sha256 = sha256_file(self.path)
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises plain Exception on bad files
             raise TokenizerError(f"cannot read tokenizer {self.path}: {exc}") from None
