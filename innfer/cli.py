@@ -902,7 +902,12 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--slots", type=_at_least(1), default=1)
+    p.add_argument(
+        "--slots", type=_at_least(1), default=1,
+        help="batches the device runs at once: the load unit is the full tier's capacity over "
+        "that many (bench: only that - the server's own slots are device_slots in its "
+        "config; simulate: the simulated device runs that many)",
+    )  # fmt: skip
     p.add_argument(
         "--tokens", type=_at_least(1),
         help="text models: every request's length in tokens (default: the longest profiled)",

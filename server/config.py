@@ -327,7 +327,7 @@ class ServerConfig:
     )  # fmt: skip
     nvml_load: bool = spec(
         True,
-        doc="where a model runs on an NVIDIA GPU and pynvml imports (the nvml extra): sample "
+        doc="where a model runs on an NVIDIA GPU and pynvml imports (the gpu extra): sample "
         "the GPU's utilisation by other processes every 0.5 s and plan that much slower at "
         "once (server/gpu_load.py); no effect on a CPU-only server",
     )  # fmt: skip

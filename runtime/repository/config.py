@@ -5,8 +5,8 @@ the parser is derived from the declarations, and checks that involve several fie
 each class's ``validate``. An error names the file, the field path, the value and what is
 allowed:
 
-    models/mnist/model.yaml: tiers[1].width: got 1.5, expected a number in (0, 1]
-      or a mapping {group: channels}
+    models/mnist/model.yaml: tiers[1].width: got 1.5, expected a number in (0, 1], a
+      mapping {group: channels} or a mapping of kinds {heads: fraction, ffn: fraction} ...
 
 Example ``model.yaml``:
 
@@ -394,8 +394,8 @@ class ModelConfig:
         doc="batches of this model that may run at once, each on its own engine thread "
         "(Triton's instance_group count); a shared device (server device_slots) runs at most "
         "its slots in all. On a CPU, instances x threads should not exceed the cores. "
-        "TensorRT and torch engines run one batch at a time (one context or module per "
-        "tier): such a model is planned with 1",
+        "TensorRT gets one execution context per instance; torch engines run one batch at a "
+        "time (one module per tier): such a model is planned with 1",
     )  # fmt: skip
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
     slo_target: float = spec(
