@@ -55,3 +55,48 @@ def test_distillation_stops_at_the_first_nan_step():
     with pytest.raises(Diverged, match=r"distil h050: the loss became inf at step 3"):
         budgeted_steps(step, opt, 0.1, 60.0, 10, "distil h050", False, 0)
     assert len(calls) == 3
+
+
+def test_the_last_update_is_checked_before_a_tier_is_saved(tmp_path, capsys):
+    # One step at --lr 1e12: its loss was finite, its update made the weights infinite, and
+    # no later loss read them - a tier answering -inf was saved, exit 0 (review helper-134).
+    torch.manual_seed(0)
+    runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
+    before = (tmp_path / "m" / "inn.safetensors").read_bytes()
+    x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
+    code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
+                 "--widths", "0.5", "--steps", "1", "--lr", "1e12"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the last update made the weights (or the network's outputs) NaN" in err
+    assert (tmp_path / "m" / "inn.safetensors").read_bytes() == before
+
+
+def test_nan_in_the_data_is_named_not_blamed_on_the_learning_rate(tmp_path, capsys):
+    # A NaN feature made the first loss NaN, and the error said to lower --lr.
+    torch.manual_seed(0)
+    runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
+    x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
+    x[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
+    code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
+                 "--widths", "0.5", "--steps", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or infinite values (1 of its" in err and "--lr" not in err
+    with pytest.raises(Diverged, match="before any weight was updated"):
+        budgeted_steps(lambda: math.nan, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
+                       lr=0.1), 0.1, 60.0, 3, "distil", False, 0)  # fmt: skip
+
+
+def test_a_batch_larger_than_the_norm_sample_still_judges_the_stored_tier():
+    # _keep_better re-estimated BatchNorm statistics on x[:512] in batches of batch_size:
+    # "need at least one batch of 600 samples, got 512" (review helper-134).
+    from runtime.inn.calibrate import calibrate
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),), fold_norms=False)
+    held = (torch.rand(200, 1, 8, 8), torch.arange(200) % 10)
+    out = calibrate(inn, torch.rand(1200, 1, 8, 8), [0.5], max_steps=1, batch_size=600,
+                    holdout=held, progress=False)  # fmt: skip
+    assert out.info["calibration"]

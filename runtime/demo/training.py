@@ -26,7 +26,7 @@ from torch import nn
 from runtime.demo import data as data_mod
 from runtime.demo import zoo
 from runtime.demo.data import Dataset
-from runtime.inn.divergence import check_loss
+from runtime.inn.divergence import check_loss, check_weights
 from runtime.inn.model import IntegralModel
 from runtime.inn.report import evaluate
 
@@ -321,6 +321,7 @@ def train_inn(
             sched.step()
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses['1.000']:.3f}")
+        check_weights(model.parameters(), f"train {name}")  # the epoch's last update too
         if checkpoint is not None:
             meta = {"epoch": epoch, "epochs": epochs, **run}
             save_checkpoint(checkpoint, model, opt, meta)

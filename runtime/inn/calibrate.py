@@ -37,7 +37,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from runtime.inn.continuous import interpolation_matrix
-from runtime.inn.divergence import check_loss
+from runtime.inn.divergence import check_loss, check_weights
 from runtime.inn.model import IntegralModel
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,6 +51,12 @@ def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
         raise ValueError(
             f"the calibration set has {len(x)} samples, fewer than one batch ({batch_size}); "
             f"give at least {batch_size} (innfer calibrate --samples, or a larger data set)"
+        )
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if x.dim() > 1 else 1
+        raise ValueError(
+            f"the calibration set has NaN or infinite values ({bad} of its {len(x)} samples): "
+            "every loss would be NaN. Clean or drop those samples and run again"
         )
 
 
@@ -225,6 +231,7 @@ def tune_grid(
         opt.zero_grad()
         loss.backward()
         opt.step()
+    check_weights(logits.values(), f"grid tuning of {IntegralModel.sizes_key(sizes)[:40]}")
     grids = {}
     for gi, g in targets.items():
         pts = _grid_points(logits[gi].detach()).tolist()
@@ -316,6 +323,11 @@ def finetune_module(
             steps += 1
     recompute_norm_stats(module, x, batch_size, max_batches=len(x) // batch_size)
     module.eval()
+    # The weights, statistics and outputs on a batch: one step at --lr 1e12 left finite
+    # weights whose outputs were -inf (a tier saved at 0 % accuracy, exit 0).
+    with torch.no_grad():
+        out = module(x[:batch_size])
+    check_weights([*module.parameters(), *module.buffers(), out], "calibration fine-tuning")
     return steps
 
 
@@ -452,7 +464,8 @@ def _keep_better(
     # tier replaced what the build would have served.
     served = inn.sample(sizes, method=method)
     if unnormed(inn, served, sizes, method):
-        recompute_norm_stats(served, x[:NORM_SAMPLES], batch_size)  # (x holds one batch)
+        # (x holds one batch; a batch larger than NORM_SAMPLES takes that many samples)
+        recompute_norm_stats(served, x[: max(NORM_SAMPLES, batch_size)], batch_size)
     stored = evaluate(served, *holdout)
     new = evaluate(out.sample(sizes, method=method), *holdout)
     kept = "new" if new >= stored else "stored" if had else "uncalibrated"

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from runtime.inn.divergence import check_loss
+from runtime.inn.divergence import check_loss, check_weights
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import (
     linear_nodes,
@@ -538,6 +538,7 @@ def budgeted_steps(
         bar.update(1 if max_steps else round(time.perf_counter() - start) - bar.n)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     bar.close()
+    check_weights((p for group in opt.param_groups for p in group["params"]), desc)
     tail = losses[-max(1, len(losses) // 20) :] or [math.nan]
     return DistilResult(len(losses), time.perf_counter() - start,
                         losses[0] if losses else math.nan, sum(tail) / len(tail), lr)  # fmt: skip

@@ -35,6 +35,7 @@ from runtime.inn.continuous import (
     quadrature_scale,
     resample_matrix,
 )
+from runtime.inn.divergence import check_weights
 from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
 from runtime.inn.shaping import SHAPED, allocate
 
@@ -293,6 +294,8 @@ class IntegralModel:
                 f"weights do not match the network sampled at {key}: "
                 + ", ".join(f"{k} is {got.get(k)}, expected {expected.get(k)}" for k in wrong[:4])
             )
+        # A tier answering NaN at every input must not be stored (a diverged calibration).
+        check_weights(weights.values(), f"the weights given for {key[:40]}")
         self.tiers[key] = {k: v.detach().clone() for k, v in weights.items()}
         return key
 
