@@ -306,6 +306,9 @@ class DataPlane:
                 if runtime in successor.predecessors:
                     successor.predecessors.remove(runtime)
             self._unwatch_gpu(runtime)
+            forget = asyncio.ensure_future(self._forget_retired(runtime.name))
+            self._owned.add(forget)
+            forget.add_done_callback(self._owned.discard)
             if runtime.hung():  # stop gave up on an engine call: still stuck
                 # kept for readiness until the call returns - not in ``_owned`` nor in
                 # ``inflight()``: a shutdown does not wait for a hung engine
@@ -315,6 +318,15 @@ class DataPlane:
 
         task.add_done_callback(retired)
         return task
+
+    async def _forget_retired(self, name: str) -> None:
+        """A retired runtime's series that nothing serves now: all of its model's (unloaded),
+        or those of the tiers its successor dropped (``Metrics.forget_model``) - after its
+        drain, so the requests it still answered count. Under the lock: a load of the same
+        name in progress has bound its series already, and is judged once it is in place."""
+        async with self._lock:
+            current = self.models.get(name)
+            self.metrics.forget_model(name, None if current is None else set(current.accuracy))
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every
@@ -627,6 +639,9 @@ class DataPlane:
                 tierer.stop()
             if name not in self.config.models:  # found in the repository, not named: an
                 self.expected.discard(name)  # unload is the operator's word (as Triton's)
+            # Kept across reloads, not past an unload: 4.8 MB each once full, for good, and a
+            # later load's auto-tiering replayed the old traffic (review helper-133).
+            self.traffic.pop(name, None)
             self._forget_series(name)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go

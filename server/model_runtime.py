@@ -340,6 +340,10 @@ class EngineThreads:
                 fn(*args)
             except Exception:  # e.g. the loop closed under a batch that outlived the server
                 log.exception("%s: a batch's hand-off failed", self.name)
+            # Not held while idle: an idle thread kept its last batch's inputs (outside the
+            # in-flight cap) and a tokenizer thread an unloaded model's whole runtime alive
+            # until its next call (review helper-133).
+            del call, fn, args
 
     def shutdown(self) -> None:
         """No more calls; each thread ends after the calls already submitted."""

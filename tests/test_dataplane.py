@@ -1433,3 +1433,90 @@ def test_running_every_batch_size_at_load_stops_at_its_budget_and_says_so(
     _run(load())
     assert len(runs) == 2 + 2  # batch 1 of each tier, then two shapes within 0.1 s
     assert "ran 2 of 8 engine shapes at load" in caplog.text
+
+
+def _series(plane: DataPlane, model: str) -> list[tuple[str, dict]]:
+    return [(s.name, s.labels) for f in plane.metrics.registry.collect() for s in f.samples
+            if s.labels.get("model") == model]  # fmt: skip
+
+
+def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config):
+    # Each model a client loaded and unloaded left ~190 series in /metrics for good, and each
+    # tier a reload dropped ~76 (review helper-133); those a runtime still serves stay.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            for tier in ("w100", "w050"):
+                await plane.infer(_request("a", _x(1, 0.0), tier=tier), None)
+            await plane.infer(_request("b", _x(1, 0.0)), None)
+            assert {lb.get("tier") for _, lb in _series(plane, "a")} >= {"w100", "w050"}
+            # A reload that drops w050: its series go once the old runtime has retired.
+            path = Path(config.repository) / "a" / "model.yaml"
+            spec = yaml.safe_load(path.read_text())
+            spec["tiers"] = [t for t in spec["tiers"] if t["name"] == "w100"]
+            path.write_text(yaml.safe_dump(spec))
+            await plane.load("a")
+            await asyncio.sleep(0.05)  # (the retired runtime's series go in a task)
+            tiers = {lb.get("tier") for _, lb in _series(plane, "a")}
+            assert "w050" not in tiers and "w100" in tiers
+            assert any(n == "innfer_model_ready" for n, _ in _series(plane, "a"))
+            await plane.infer(_request("a", _x(1, 0.0)), None)  # still counted after it
+            assert any(n == "innfer_requests_total" and lb["tier"] == "w100"
+                       for n, lb in _series(plane, "a"))  # fmt: skip
+            await plane.unload("b")
+            await asyncio.sleep(0.05)
+            assert _series(plane, "b") == []
+            assert _series(plane, "a")  # another model's stay
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_an_unload_lets_the_models_traffic_record_go(config):
+    # Kept across reloads for auto-tiering, the record outlived an unload: 4.8 MB each once
+    # full, and a later load's auto-tiering replayed the old traffic (review helper-133).
+    from server.traffic import TrafficLog
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            plane.traffic["a"] = TrafficLog()
+            await plane.load("a")  # a reload keeps it
+            assert "a" in plane.traffic
+            await plane.unload("a")
+            assert "a" not in plane.traffic
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_an_idle_engine_thread_holds_nothing_of_its_last_call():
+    # An idle thread kept its last call's arguments - a batch's inputs, outside the in-flight
+    # cap; a tokenizer thread, an unloaded model's whole runtime (review helper-133).
+    import gc
+    import weakref
+
+    from server.model_runtime import EngineThreads
+
+    class Batch:
+        pass
+
+    threads, done, batch = EngineThreads(1, "t"), threading.Event(), Batch()
+    ref = weakref.ref(batch)
+    threads.submit(lambda b: done.set(), batch)
+    assert done.wait(5)
+    del batch
+    deadline = time.monotonic() + 5
+    while ref() is not None and time.monotonic() < deadline:  # (the thread's last lines)
+        gc.collect()
+        time.sleep(0.01)
+    held = ref() is not None  # while the thread idles (a shutdown would let it go anyway)
+    threads.shutdown()
+    threads.join()
+    assert not held
