@@ -71,3 +71,19 @@ def test_versions_and_priorities_are_read_as_triton_reads_them(client):
     assert not client.is_model_ready("tiny", "abc")
     # past the lowest level: the default level, as Triton takes it (INVALID_ARGUMENT before)
     assert client.infer("tiny", [_input()], priority=2**40).as_numpy("logits") is not None
+
+
+def test_a_stream_error_answer_is_marked_final_too(server):
+    # Only the successful answer's flag was tested: dropping it from the error answer still
+    # passed (review helper-134). Read off the wire: tritonclient hands errors over without
+    # their parameters.
+    import grpc
+
+    from server.proto_gen import grpc_service_pb2 as pb
+    from server.proto_gen import grpc_service_pb2_grpc as pbg
+
+    bad = pb.ModelInferRequest(model_name="tiny", model_version="7", id="bad")
+    with grpc.insecure_channel(server.address) as channel:
+        answers = list(pbg.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([bad])))
+    assert len(answers) == 1 and answers[0].error_message
+    assert answers[0].infer_response.parameters["triton_final_response"].bool_param is True
