@@ -1,9 +1,10 @@
 """A sequence model without a mask: a batch runs as runs of requests of equal length.
 Torch-free.
 
-A text model's padding is covered by its attention mask (``ModelConfig.text``), so its
-requests share a batch padded to the longest. Any other model with a sequence (-1) axis has
-no mask the server knows of: the zeros padded onto a shorter request are data to it (a mean
+A text model's padding is covered by its attention mask (``ModelConfig.text``), as is a
+model's that names its mask input (``ModelConfig.mask_input``), so their requests share a
+batch padded to the longest. Any other model with a sequence (-1) axis has no mask the
+server knows of: the zeros padded onto a shorter request are data to it (a mean
 over time, a convolution's edge), and its answer would change with the requests it happened
 to be batched with. Each request's lengths are its scheduler group (``length_key``,
 ``Request.group``), so the scheduler batches only requests of one length - as Triton's

@@ -438,11 +438,12 @@ class ModelRuntime:
         self.name = served.name
         self.config = served.config
         self.input_rows = served.input_rows  # checked per request (dataplane._decode)
-        # A sequence model without a text mask: its batches run as runs of equal length
-        # (server.equal_lengths); {}: every batch is padded to its longest and run whole.
+        # A sequence model without a mask (text:, or mask_input): its requests are batched
+        # only with requests of their lengths (server.equal_lengths); {}: every batch is
+        # padded to its longest and run whole.
         self._unmasked = (
             {s.name: s.dynamic for s in self.config.inputs if s.dynamic}
-            if self.config.text is None
+            if self.config.text is None and self.config.mask_input is None
             else {}
         )
         self.metrics = metrics

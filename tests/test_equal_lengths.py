@@ -186,3 +186,90 @@ def test_the_scheduler_batches_only_requests_of_one_group(pinned_front):
     queue = _grouped_queue(pinned_front).queue
     taken = ctx.take(queue, "b", 8)
     assert len({r.group for r in taken}) == 1 and len(taken) == 6
+
+
+def _masked_mean(width):
+    """ids (B, T), mask (B, T) -> the mean of the masked tokens' embeddings (B, 4): the
+    padding a mask covers changes nothing."""
+    emb = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32), "emb"
+    )
+    ax = numpy_helper.from_array(np.array([2], np.int64), "ax")
+    ax1 = numpy_helper.from_array(np.array([1], np.int64), "ax1")
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),  # (B, T, 4)
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]),  # (B, T, 1)
+        helper.make_node("Mul", ["e", "m3"], ["em"]),
+        helper.make_node("ReduceSum", ["em", "ax1"], ["s"], keepdims=0),  # (B, 4)
+        helper.make_node("ReduceSum", ["m3", "ax1"], ["n"], keepdims=0),  # (B, 1)
+        helper.make_node("Div", ["s", "n"], ["logits"]),
+    ]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 4])
+    graph = helper.make_graph(nodes, "masked", [ids, mask], [out], [emb, ax, ax1])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {}, 10, 200
+
+
+def test_a_model_that_names_its_mask_shares_padded_batches_across_lengths(tmp_path):
+    # Clients that tokenize themselves send ids and a mask; without a text: section such a
+    # model was treated as mask-less, one call per length (review helper-134). mask_input
+    # names the mask: its requests of any length share one padded batch.
+    add_onnx_model(tmp_path, "ids", _masked_mean, {
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": [-1]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [4]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 8, "lengths": [8],
+        "mask_input": "attention_mask",
+    })  # fmt: skip
+    served = Repository(tmp_path).load("ids")
+    engine = served.engines["w100"]
+    run, gate, entered, shapes = engine.run, threading.Event(), threading.Event(), []
+
+    def gated(feeds):
+        shapes.append(feeds["input_ids"].shape)
+        entered.set()
+        gate.wait(10)
+        return run(feeds)
+
+    rng = np.random.default_rng(1)
+    reqs = [{"input_ids": rng.integers(1, 50, (1, n)), "attention_mask": np.ones((1, n), np.int64)}
+            for n in (2, 3, 5, 8, 4)]  # fmt: skip
+    alone = [run(r)["logits"][0] for r in reqs]
+
+    async def go():
+        rt = ModelRuntime(served, Metrics())
+        rt.start()
+        engine.run = gated
+        try:
+            first = asyncio.ensure_future(rt.infer(reqs[0], 1, 10.0))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            rest = [asyncio.ensure_future(rt.infer(r, 1, 10.0)) for r in reqs[1:]]
+            await asyncio.sleep(0.05)
+            gate.set()
+            return await asyncio.gather(first, *rest)
+        finally:
+            await rt.stop()
+
+    results = asyncio.run(go())
+    assert len(shapes) == 2 and shapes[1] == (4, 8)  # the four queued: one batch, padded
+    for r, want in zip(results, alone, strict=True):
+        np.testing.assert_allclose(r.outputs["logits"][0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mask", "why"), [("nope", "int64/int32/bool input with a -1"), ("x", "int64/int32/bool")]
+)
+def test_mask_input_must_name_an_integer_sequence_input(mask, why):
+    from runtime.repository.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match=why):
+        ModelConfig.from_dict({
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "shape": [2]}], "lengths": [8],
+            "tiers": [{"name": "w100", "width": 1.0}], "mask_input": mask,
+        })  # fmt: skip

@@ -420,6 +420,15 @@ class ModelConfig:
     )
     evaluation: EvaluationConfig | None = spec(None, doc="measure tier accuracy at build time")
     text: TextConfig | None = spec(None, doc="accept raw text, tokenized in the server")
+    mask_input: str | None = spec(
+        None,
+        pattern=NAME,
+        doc="a sequence model's input that masks its padding (1 on tokens, 0 on padding; "
+        "e.g. attention_mask, with ids its clients tokenize themselves): its requests of "
+        "any length then share batches padded to the longest. Without it (or text:), a "
+        "sequence model's requests are batched only with requests of the same lengths - "
+        "padding would be data to it. (text: implies its mask)",
+    )
     lengths: tuple[int, ...] | None = spec(
         None, lo=1, hi=65536, nonempty=True, unique=True,
         doc="sequence lengths each tier is profiled at (models with a -1 input dim); a "
@@ -512,6 +521,18 @@ class ModelConfig:
             )
         if self.text is not None:
             self._validate_text(where.child("text"))
+        if self.mask_input is not None:
+            t = next((t for t in self.inputs if t.name == self.mask_input), None)
+            if t is None or not t.dynamic or t.dtype not in ("int64", "int32", "bool"):
+                where.child("mask_input").fail(
+                    self.mask_input,
+                    "the name of an int64/int32/bool input with a -1 (sequence) axis; inputs: "
+                    + ", ".join(f"{i.name} {i.dtype} {list(i.shape)}" for i in self.inputs),
+                )
+            elif self.text is not None and self.mask_input != self.text.mask:
+                where.child("mask_input").fail(
+                    self.mask_input, f"null or text.mask ({self.text.mask!r}): text: masks"
+                )
 
     def _validate_text(self, where: Where) -> None:
         text = self.text
