@@ -240,3 +240,29 @@ def test_a_models_lanes_hold_max_queue_requests_together_not_each():
     d = lanes[1].next(0.0)  # one leaves the queue to run: room for one more, in any lane
     assert d is not None and one.queued() == 2
     lanes[2].submit(Request(10, 0.0, 10.0), 0.0)
+
+
+@pytest.mark.parametrize("how", ["expired", "cancelled"])
+def test_a_head_that_leaves_the_queue_wakes_the_others_to_a_free_slot(how):
+    # A was refused the free slot for B's more urgent head; B's head then expired (or was
+    # cancelled) and nobody woke A: its request waited 1.24 s on an idle device and expired
+    # (review helper-137).
+    dev = Device(slots=1)
+    woken = []
+    a, b = _scheduler(dev), _scheduler(dev)
+    dev.join(a, on_release=lambda: woken.append("a"))
+    dev.join(b, on_release=lambda: woken.append("b"))
+    a.submit(Request(1, 0.0, 1.5), 0.0)
+    head = Request(2, 0.0, 0.020)
+    b.submit(head, 0.0)
+    assert a.next(0.0) is None  # b's head is due first
+    woken.clear()
+    if how == "expired":
+        assert b.expire(0.019) == [head]  # no tier serves it in the 1 ms left
+    else:
+        assert b.cancel(head, 0.001)
+    assert woken == ["a"] and a.next(0.019) is not None  # a holds the slot now
+    woken.clear()
+    b.submit(Request(3, 0.02, 0.5), 0.02)
+    b.cancel(b.queue[0], 0.021)  # no free slot: nothing to look again for
+    assert woken == []

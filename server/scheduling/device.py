@@ -159,6 +159,15 @@ class Device:
         """``scheduler``'s queue changed: its head counts again."""
         self._passed.discard(id(scheduler))
 
+    def dropped(self, scheduler: Scheduler) -> None:
+        """``scheduler``'s queue lost requests it will not run (expired, cancelled): a head
+        that made ``claim`` refuse the others may be gone, so where a slot is free they look
+        again. Without it a free slot sat idle until the refused member's next arrival or
+        timer: a request with a 1.5 s budget waited 1.24 s on an idle device and expired
+        (review helper-137)."""
+        if self.free_slot() is not None:
+            self._notify(scheduler)
+
     def started(self, scheduler: Scheduler, decision: Decision, now: float) -> None:
         """A batch started on ``decision.slot``; the others look again (another slot may be
         free and the most urgent head is now someone else's)."""

@@ -463,6 +463,7 @@ class Scheduler:
         self._remove_at(late)
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
+        self.device.dropped(self)
         return gone
 
     def earliest_deadline(self) -> float:
@@ -580,6 +581,7 @@ class Scheduler:
             return False
         self._remove_all([r])
         r.finish(State.CANCELLED, now)
+        self.device.dropped(self)
         return True
 
     def _index(self, r: Request) -> int:
