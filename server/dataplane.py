@@ -326,7 +326,10 @@ class DataPlane:
         name in progress has bound its series already, and is judged once it is in place."""
         async with self._lock:
             current = self.models.get(name)
-            self.metrics.forget_model(name, None if current is None else set(current.accuracy))
+            try:
+                self.metrics.forget_model(name, None if current is None else set(current.accuracy))
+            except Exception:  # bookkeeping: never an unretrieved task error, never silent
+                log.exception("model %s: removing its retired series failed", name)
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every

@@ -70,6 +70,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics import MetricWrapperBase
 
 from server.log_throttle import LogThrottle
 
@@ -326,11 +327,13 @@ class Metrics:
             >>> m.forget_model("a", keep_tiers={"w100"}), m.forget_model("a")
             (1, 0)
         """
-        keep_families = {self.model_ready, self.tier_set_gain, self.tier_set_swap_seconds}
+        keep = {id(self.model_ready), id(self.tier_set_gain), id(self.tier_set_swap_seconds)}
         gone = 0
-        for metric in vars(self).values():
-            names = getattr(metric, "_labelnames", ())
-            if metric in keep_families or not names or names[0] != "model":
+        for metric in list(vars(self).values()):
+            if not isinstance(metric, MetricWrapperBase) or id(metric) in keep:
+                continue  # (attributes that are no metric: the RPC children's dict)
+            names = metric._labelnames
+            if not names or names[0] != "model":
                 continue
             tiered = len(names) > 1 and names[1] == "tier"
             with metric._lock:  # (the children's keys: no public listing)

@@ -1440,7 +1440,7 @@ def _series(plane: DataPlane, model: str) -> list[tuple[str, dict]]:
             if s.labels.get("model") == model]  # fmt: skip
 
 
-def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config):
+def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog):
     # Each model a client loaded and unloaded left ~190 series in /metrics for good, and each
     # tier a reload dropped ~76 (review helper-133); those a runtime still serves stay.
     async def body():
@@ -1468,6 +1468,7 @@ def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config):
             await asyncio.sleep(0.05)
             assert _series(plane, "b") == []
             assert _series(plane, "a")  # another model's stay
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         finally:
             for m in plane.models.values():
                 await m.stop()
