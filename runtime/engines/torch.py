@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import shutil
 import threading
 from dataclasses import dataclass
@@ -44,11 +45,15 @@ import numpy as np
 from runtime.hashing import sha256_file
 
 from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec
+from .feeds import check_feeds
+from .onnxruntime import cpu_isa
 
 log = logging.getLogger("innfer.engines.torch")
 
 MODULE_SPEC = "module.json"
 MODULE_WEIGHTS = "module.safetensors"
+# A dynamic axis any size runs at (the engine runs eagerly past its graphs' max_batch).
+_ANY = 2**31 - 1
 # Operators' switch, outside the cache key: INNFER_CUDA_GRAPHS=0 runs CUDA engines eagerly.
 CUDA_GRAPHS_ENV = "INNFER_CUDA_GRAPHS"
 # Eager runs before a capture, on a side stream as PyTorch's CUDA graph notes ask: they
@@ -187,11 +192,12 @@ def _torch_dtype(name: str):
 
 
 def _set_cpu_threads(threads: int) -> None:
-    """Set torch's intra-op threads to ``threads`` (``BuildOptions.threads``), as ONNX
-    Runtime's session option does for its engines - so profile.json's threads are the ones
-    the engine ran with. Process-wide: torch has one intra-op pool, so every torch engine
-    and torch call in this process shares it, and the last engine loaded decides. A change
-    is logged (once per change) since it overrides whatever was set before."""
+    """Set torch's intra-op threads to ``threads`` (``BuildOptions.threads``) in the loading
+    thread, as ONNX Runtime's session option does for its engines: the timing at load runs
+    here. With OpenMP the setting is per thread (a thread's first torch call takes the
+    global default), so each engine also sets its own count in the thread that runs it
+    (``TorchEngine.run``) - profile.json's threads are the ones the engine ran with. A
+    change is logged (once per change) since it overrides whatever was set before."""
     import torch
 
     current = torch.get_num_threads()
@@ -239,10 +245,18 @@ class TorchEngine(Engine):
         *,
         max_batch: int = 8,
         cuda_graphs: bool = True,
+        threads: int | None = None,
     ) -> None:
         self.module, self.device, self.dtype = module, device, dtype
         self.inputs, self.outputs = inputs, outputs
         self.max_batch = max_batch
+        # On CPU: torch's intra-op threads for this engine's runs, set in the thread that
+        # runs it (with OpenMP the setting is per thread: a load on one executor thread did
+        # not reach the engine thread, which ran with another count; review helper-139).
+        self.threads = threads
+        # Inputs are checked as ONNX Runtime checks them (dtype, rank, fixed dims); any
+        # batch and length runs (eagerly past the graphs' max_batch).
+        self._bounds = {s.name: tuple(_ANY if d < 0 else d for d in s.shape) for s in inputs}
         self._lock = threading.Lock()  # one module; eager forward is not re-entrant on CUDA
         # Only a CUDA device can capture; on CPU nothing below is ever touched.
         self._on_cuda = str(device).split(":", 1)[0] == "cuda"
@@ -279,8 +293,13 @@ class TorchEngine(Engine):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(_writable(feeds[s.name])) for s in self.inputs]
+        if self.module is None:
+            raise EngineError("the engine was closed (its model was unloaded or replaced)")
+        arrays = check_feeds(self.inputs, feeds, self._bounds)
+        args = [torch.from_numpy(_writable(a)) for a in arrays]
         with self._lock, torch.inference_mode():
+            if self.threads is not None and torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
             entry = self._graph_for(args) if self._use_graphs else None
             with _GATE.shared() if self._on_cuda else contextlib.nullcontext():
                 if entry is not None:
@@ -299,8 +318,11 @@ class TorchEngine(Engine):
         return {s.name: a for s, a in zip(self.outputs, arrays, strict=True)}
 
     def close(self) -> None:
-        """Release the captured graphs and their memory pool (later runs capture again)."""
+        """Release the module, the captured graphs and their memory pool; a run after it
+        raises EngineError, as ONNX Runtime's engine does (it ran on, holding the weights -
+        GPU memory on CUDA - for whoever kept the engine)."""
         with self._lock:
+            self.module = None
             self._graphs.clear()
             self._pool = None
             self._stream = None
@@ -434,7 +456,9 @@ class TorchBackend(Backend):
             # The engines load on "cuda": the current device, which torch.cuda.set_device
             # (or a launcher) may have made another than 0 - the profile is that GPU's.
             return torch.cuda.get_device_name(torch.cuda.current_device())
-        return "cpu"
+        # As ONNX Runtime's: a profile timed on an AVX-512 machine is not trusted on an
+        # AVX2 or an ARM one (plain "cpu" matched every CPU).
+        return f"cpu-{platform.machine()}-{cpu_isa()}"
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Copy the tier's module.json and module.safetensors (beside ``onnx_path``) into
@@ -456,9 +480,9 @@ class TorchBackend(Backend):
         return [MODULE_SPEC, MODULE_WEIGHTS]
 
     def load(self, out_dir: Path, options: BuildOptions) -> TorchEngine:
-        """Load the module from ``out_dir``. On CPU this sets torch's intra-op threads to
-        ``options.threads`` for the whole process (torch has one pool: ``_set_cpu_threads``).
-        """
+        """Load the module from ``out_dir``. On CPU the engine runs at ``options.threads``
+        intra-op threads (set in the loading thread and in each thread that runs it:
+        ``_set_cpu_threads``, ``TorchEngine.run``)."""
         import torch
         from safetensors.torch import load_file
 
@@ -474,7 +498,8 @@ class TorchBackend(Backend):
             what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
             raise EngineError(f"cannot load the torch module in {out_dir}: {what}") from exc
         device = options.extra.get("device", "cpu")
-        if str(device).split(":", 1)[0] == "cpu":
+        on_cpu = str(device).split(":", 1)[0] == "cpu"
+        if on_cpu:
             _set_cpu_threads(options.threads)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
         module = module.to(device=device, dtype=dtype).eval()
@@ -486,4 +511,5 @@ class TorchBackend(Backend):
             outputs,
             max_batch=options.max_batch,
             cuda_graphs=cuda_graphs_enabled(options),
+            threads=options.threads if on_cpu else None,
         )
