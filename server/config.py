@@ -75,7 +75,6 @@ __all__ = [
 _PINNED = "fixed"
 _PORT = "a port number in [0, 65535] (0: pick a free port)"
 MODEL_CONTROL = ("none", "explicit")
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def loopback(host: str) -> bool:
@@ -84,8 +83,15 @@ def loopback(host: str) -> bool:
     Example:
         >>> loopback("127.0.0.2"), loopback("::1"), loopback("0.0.0.0")
         (True, True, False)
+        >>> loopback("127.attacker.example")  # a name: it resolves wherever DNS says
+        False
     """
-    return host in _LOOPBACK or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: not known to be this machine
+        return False
 
 
 def _ipv6(host: str) -> bool:

@@ -605,3 +605,27 @@ def test_a_model_name_other_than_its_directorys_is_refused(tmp_path, monkeypatch
     (d / "model.yaml").write_text(body + "name: mnist\n")
     monkeypatch.chdir(d)  # `innfer calibrate .`: the directory of "model.yaml" is d, not ""
     assert ModelConfig.load(Path("model.yaml")).name == "mnist"
+
+
+@pytest.mark.parametrize(
+    ("host", "refused"),
+    [
+        ("127.0.0.1", False),
+        ("127.3.2.1", False),
+        ("::1", False),
+        ("localhost", False),
+        ("127.attacker.example", True),
+        ("0.0.0.0", True),
+    ],
+)
+def test_explicit_model_control_without_auth_needs_a_loopback_address(host, refused):
+    # Any host starting "127." counted as loopback: "127.attacker.example" took explicit
+    # model control without a token (review helper-136).
+    from server.config import ConfigError, ServerConfig
+
+    spec = {"repository": "repo", "host": host, "model_control": "explicit"}
+    if refused:
+        with pytest.raises(ConfigError, match="auth"):
+            ServerConfig.from_dict(spec)
+    else:
+        assert ServerConfig.from_dict(spec).host == host
