@@ -258,8 +258,13 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
             f"input {t.name!r}: {t.datatype} has no typed contents field; send its values "
             "in raw_input_contents (little-endian, one entry per input)"
         )
+    elsewhere = [g for g in given if g != field]
+    if typed == count and elsewhere:  # which would the client mean? (and parsed for nothing)
+        raise InvalidArgument(
+            f"input {t.name!r} has values in contents.{elsewhere[0]} beside its "
+            f"{t.datatype} values in contents.{field}; send them in contents.{field} only"
+        )
     if typed != count:
-        elsewhere = [g for g in given if g != field]
         hint = f" (values came in contents.{elsewhere[0]}: send {t.datatype} values in " \
             f"contents.{field})" if elsewhere else ""  # fmt: skip
         raise InvalidArgument(

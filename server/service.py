@@ -51,6 +51,7 @@ log = logging.getLogger("innfer.service")
 
 # ModelInferRequest's fields that hold its input and output tensors (grpc_service.proto).
 INPUTS, OUTPUTS = 5, 6
+INPUT_CONTENTS = 5  # ModelInferRequest.InferInputTensor.contents
 
 STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -165,6 +166,11 @@ def request_bounds(limits: RequestLimits) -> tuple[wire.Bound, wire.Bound]:
         f"shape and contents, and their parameters: {TENSOR_FIELDS} per tensor, "
         f"{limits.max_parameters} more in all)",
         fix=fix,
+        deep=INPUT_CONTENTS,
+        deep_fields=limits.max_contents_values,
+        deep_what="values sent one by one in its inputs' contents (a BYTES string or an "
+        "unpacked number each; send numbers in raw_input_contents, or raise "
+        "limits.max_contents_values in the server config)",
     )
     other = wire.Bound(
         OTHER_FIELDS + limits.max_parameters,

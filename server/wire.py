@@ -57,9 +57,14 @@ class Bound:
     nested_fields: int = 0
     nested_what: str = "fields in nested messages"
     fix: str = ""
+    # The fields of the message each nested one holds in its field ``deep`` (a tensor's
+    # contents: one field per BYTES string or unpacked number), counted apart.
+    deep: int | None = None
+    deep_fields: int = 0
+    deep_what: str = "fields in nested contents"
 
     def refuse(self, count: int, what: str) -> TooManyFields:
-        fix = f": {self.fix}" if self.fix else ""
+        fix = f": {self.fix}" if self.fix and what != self.deep_what else ""  # (it says its own)
         return TooManyFields(f"more than {count} {what}; at most {count} are accepted{fix}")
 
 
@@ -78,7 +83,7 @@ def split_field(
     view = memoryview(data)
     kept: list[memoryview] = []
     found: list[memoryview] = []
-    end, i, start, fields, inner = len(data), 0, 0, 0, 0
+    end, i, start, fields, inner, deep = len(data), 0, 0, 0, 0, 0
     try:
         while i < end:
             fields += 1
@@ -90,9 +95,15 @@ def split_field(
             if body < 0:
                 continue
             if key >> 3 in bound.nested:
-                inner += _count(data, body, i, bound.nested_fields - inner)
+                n, d = _count(
+                    data, body, i, bound.nested_fields - inner, bound.deep,
+                    bound.deep_fields - deep,
+                )  # fmt: skip
+                inner, deep = inner + n, deep + d
                 if inner > bound.nested_fields:
                     raise bound.refuse(bound.nested_fields, bound.nested_what)
+                if deep > bound.deep_fields:
+                    raise bound.refuse(bound.deep_fields, bound.deep_what)
             if key >> 3 == number:
                 kept.append(view[start:field_start])
                 found.append(view[body:i])
@@ -105,14 +116,20 @@ def split_field(
     return b"".join(kept), found
 
 
-def _count(data: bytes, i: int, end: int, most: int) -> int:
-    """The fields of the message ``data[i:end]``, counted no further than ``most + 1``."""
-    n = 0
-    while i < end and n <= most:
+def _count(
+    data: bytes, i: int, end: int, most: int, deep: int | None = None, deep_most: int = 0
+) -> tuple[int, int]:
+    """The fields of the message ``data[i:end]``, counted no further than ``most + 1``, and
+    those of the messages in its length-delimited fields ``deep`` (no further than
+    ``deep_most + 1``)."""
+    n = d = 0
+    while i < end and n <= most and d <= deep_most:
         n += 1
         key, i = _varint(data, i)
-        _, i = _skip(data, key & 7, i, end)
-    return n
+        body, i = _skip(data, key & 7, i, end)
+        if key >> 3 == deep and body >= 0:
+            d += _count(data, body, i, deep_most - d)[0]
+    return n, d
 
 
 def _skip(data: bytes, wire_type: int, i: int, end: int) -> tuple[int, int]:
