@@ -416,21 +416,50 @@ class Metrics:
 # time per target; two for an HA pair).
 METRICS_TIMEOUT_S = 5.0
 METRICS_MAX_CONNECTIONS = 16
+# And whatever its reads: a connection is closed this long after it was accepted (a client
+# trickling a byte every 2 s kept its slot for good - 16 of them failed every scrape; a
+# scrape takes milliseconds, Prometheus' own timeout is 10 s) ...
+METRICS_DEADLINE_S = 10.0
+# ... and with every slot taken, a new connection takes the slot of the oldest one open this
+# long (seconds): a scrape still gets in while slow clients hold the slots.
+METRICS_EVICT_AFTER_S = 1.0
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a /metrics connection from another thread: its handler's read returns."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _MetricsServer(ThreadingWSGIServer):
     """prometheus_client's threading WSGI server with at most ``METRICS_MAX_CONNECTIONS``
-    connections (threads) at once: one more is closed without a thread."""
+    connections (threads) at once, each closed ``METRICS_DEADLINE_S`` after it came: one
+    more takes the slot of the oldest open ``METRICS_EVICT_AFTER_S``, else is closed without
+    a thread."""
 
     max_connections = METRICS_MAX_CONNECTIONS
 
     def __init__(self, *args, **kwargs) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._log_throttle = LogThrottle()  # only the serve_forever thread uses it
+        self._open: dict[socket.socket, float] = {}  # connection -> when it came
+        self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
+    def _evict_oldest(self) -> bool:
+        """Cut the oldest connection open at least ``METRICS_EVICT_AFTER_S``; whether one
+        was (its thread frees its slot as it ends)."""
+        with self._open_lock:
+            oldest = min(self._open.items(), key=lambda kv: kv[1], default=None)
+        if oldest is None or time.monotonic() - oldest[1] < METRICS_EVICT_AFTER_S:
+            return False
+        _cut(oldest[0])
+        return True
+
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not (
+            self._evict_oldest() and self._slots.acquire(timeout=0.5)
+        ):
             self.shutdown_request(request)
             left_out = self._log_throttle.allow("full", time.monotonic())
             if left_out is not None:  # one line per window, not one per connection
@@ -447,9 +476,17 @@ class _MetricsServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        timer = threading.Timer(METRICS_DEADLINE_S, _cut, (request,))
+        timer.daemon = True
+        with self._open_lock:
+            self._open[request] = time.monotonic()
+        timer.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            timer.cancel()
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
 
     def handle_error(self, request, client_address) -> None:

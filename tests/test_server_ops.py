@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -363,6 +364,46 @@ def test_metrics_connections_are_capped():
         httpd.shutdown()
         httpd.server_close()
     assert cap == metrics.METRICS_MAX_CONNECTIONS
+
+
+def test_slow_metrics_clients_neither_keep_their_slots_nor_blind_the_scrapes(monkeypatch):
+    # 16 connections trickling a header byte every 2 s (under the per-read timeout) held
+    # every slot: each scrape was closed at once for as long as they went on (review
+    # helper-136). A connection now ends METRICS_DEADLINE_S after it came, and a new one
+    # takes the slot of the oldest open over METRICS_EVICT_AFTER_S.
+    import server.metrics as metrics
+
+    monkeypatch.setattr(metrics, "METRICS_DEADLINE_S", 1.5)
+    httpd, _ = metrics.Metrics().serve_http(0)
+    address = ("127.0.0.1", httpd.server_port)
+    try:
+        with socket.create_connection(address) as slow:  # the deadline, whatever it sends
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nX-a: ")
+            slow.settimeout(0.3)
+            t0, closed = time.monotonic(), False
+            while not closed and time.monotonic() - t0 < 5:
+                try:
+                    closed = slow.recv(1) == b""
+                except TimeoutError:
+                    with contextlib.suppress(OSError):
+                        slow.sendall(b"a")
+            assert closed and 1.0 < time.monotonic() - t0 < 3.5
+        monkeypatch.setattr(metrics, "METRICS_DEADLINE_S", 60.0)
+        held = []
+        for _ in range(metrics.METRICS_MAX_CONNECTIONS):
+            sock = socket.create_connection(address)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nX-a: ")
+            held.append(sock)
+        try:
+            time.sleep(metrics.METRICS_EVICT_AFTER_S + 0.3)
+            with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/metrics") as r:
+                assert b"innfer_build_info" in r.read()  # a slot was taken back for it
+        finally:
+            for sock in held:
+                sock.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.parametrize(
