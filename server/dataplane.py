@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -600,7 +601,9 @@ class DataPlane:
         as in every other message they get (the server log keeps it)."""
         root = self.repo.root
         for path in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
-            text = text.replace(path, "<repository>")
+            # Whole paths only: a relative root "repo" made "the repository" "the
+            # <repository>sitory" (review helper-136).
+            text = re.sub(rf"(?<![\w./-]){re.escape(path)}(?![\w.-])", "<repository>", text)
         return text
 
     def _mark_broken(self, name: str, why: str) -> str:

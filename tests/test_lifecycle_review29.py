@@ -525,3 +525,15 @@ def test_a_swap_that_brings_new_goals_counts_as_the_last_change(tmp_path):
     before, new, outcome = _run(body())
     assert new.goals.max_tiers == 3 and new.last_change >= before
     assert outcome == "waiting"
+
+
+def test_only_whole_repository_paths_are_hidden_from_clients():
+    # A plain substring replace of a relative root "repo" told clients "the
+    # <repository>sitory has no ..." (review helper-136).
+    from types import SimpleNamespace
+
+    from server.dataplane import DataPlane
+
+    plane = SimpleNamespace(repo=SimpleNamespace(root=Path("repo")))
+    text = DataPlane._public(plane, "the repository has no repo/m/model.yaml ('repo')")
+    assert text == "the repository has no <repository>/m/model.yaml ('<repository>')"
