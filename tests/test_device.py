@@ -266,3 +266,27 @@ def test_a_head_that_leaves_the_queue_wakes_the_others_to_a_free_slot(how):
     b.submit(Request(3, 0.02, 0.5), 0.02)
     b.cancel(b.queue[0], 0.021)  # no free slot: nothing to look again for
     assert woken == []
+
+
+def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait():
+    # A's clients send 500 ms budgets, B's 20 ms: bounded by its own clients alone, A ran
+    # 40 ms batches and B's requests arriving behind them were refused or expired - 5-49 %
+    # of them at a fifth to half of the device's capacity (review helper-137).
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    now = 0.0
+    for k in range(40):  # B's traffic: 20 ms budgets, served one by one
+        b.submit(Request(k, now, now + 0.020), now)
+        d = b.next(now)
+        now += 0.003
+        b.complete(d, now, 0.0025)
+    for k in range(8):
+        a.submit(Request(100 + k, now, now + 0.5), now)
+    d = a.next(now)
+    planned = a.latency.planned(d.tier)[d.rows]
+    assert planned <= 0.020, (d.tier, d.rows, planned)  # w100 x 8 rows: 40 ms before
+    alone = _scheduler()  # the same queue on a device of its own: its clients' bound only
+    for k in range(8):
+        alone.submit(Request(200 + k, now, now + 0.5), now)
+    d = alone.next(now)
+    assert alone.latency.planned(d.tier)[d.rows] > 0.020

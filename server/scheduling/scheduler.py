@@ -518,10 +518,18 @@ class Scheduler:
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
+        # The batch may run only as long as the tightest clients of the device can wait -
+        # the other models' too: bounded by its own clients' budgets alone, a model with
+        # 500 ms budgets ran 40 ms batches and a neighbour's 20 ms requests arriving behind
+        # them were refused or expired (5-49 % of them at a fifth to half of the device's
+        # capacity; review helper-137).
+        tight = self._tight_budget
+        if len(self.device.members) > 1:
+            tight = min(tight, min(m._tight_budget for m in self.device.members))
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
         return Snapshot(
-            self.arrival_rate(now), self._tight_budget, columns, busy, backlog,
+            self.arrival_rate(now), tight, columns, busy, backlog,
             self._idle_share, hold, self._budget_cdf, self.idle_share, self.host_s > 0,
         )  # fmt: skip
 
