@@ -8,6 +8,7 @@ thread)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,38 @@ def test_fp16_on_a_cpu_torch_backend_builds_fp32(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         options = Repository(tmp_path).build_options(config, TorchBackend())
     assert options.precision == "fp32" and "building fp32" in caplog.text
+
+
+def test_a_torch_build_runs_the_tiers_onnx_in_onnx_runtime_too(tmp_path):
+    # A torch engine is the sampled module itself: its validation never ran the ONNX that a
+    # host without torch (or backends falling back to onnxruntime) serves (review helper-139).
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.build.pipeline import BuildError, check_exported_onnx
+    from runtime.repository.config import ModelConfig
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3).eval()
+
+    def write(weight: np.ndarray) -> Path:
+        w = numpy_helper.from_array(weight.astype(np.float32), "w")
+        b = numpy_helper.from_array(module.bias.detach().numpy(), "b")
+        graph = helper.make_graph(
+            [helper.make_node("Gemm", ["input", "w", "b"], ["y"], transB=1)], "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w, b],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.onnx"
+        path.write_bytes(model.SerializeToString())
+        return path
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "shape": [4]}], "outputs": [{"name": "y", "shape": [3]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
+    })  # fmt: skip
+    weight = module.weight.detach().numpy()
+    assert check_exported_onnx(write(weight), module, config, "w100") < 1e-5
+    with pytest.raises(BuildError, match=r"tier w100 \(its ONNX, in ONNX Runtime\): engine output"):
+        check_exported_onnx(write(weight * 2), module, config, "w100")

@@ -150,6 +150,14 @@ def build_model(
                     # had refused. Without its record it loads only after a build succeeds.
                     (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
                 raise
+            if chosen.name == "torch":  # its engine is the module: the ONNX ran nowhere
+                try:
+                    check_exported_onnx(onnx_path, module, config, tier.name)
+                except BuildError:
+                    _close_all([engine])
+                    if exported:  # (as above: no record of files that failed)
+                        (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
+                    raise
             engines[tier.name] = engine  # closed at the end, whatever happens in between
             if vocab_size is not None:
                 rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
@@ -448,6 +456,28 @@ def validated_engine(
             _close_all([engine])
             raise
     raise AssertionError("unreachable")
+
+
+def check_exported_onnx(onnx_path: Path, module, config: ModelConfig, tier: str) -> float | None:
+    """The tier's ONNX run by ONNX Runtime against ``module`` (``validate`` at fp32); None
+    where ONNX Runtime is not installed. A torch engine is the sampled module itself, so its
+    validation never ran the ONNX that a host without torch - or ``backends: [torch,
+    onnxruntime]`` falling back - builds and serves (review helper-139)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BuildError(f"tier {tier}: ONNX Runtime cannot load its ONNX: {exc}") from exc
+    engine = OnnxRuntimeEngine(session)
+    try:
+        return validate(engine, module, config, f"{tier} (its ONNX, in ONNX Runtime)", "fp32")
+    finally:
+        engine.close()
 
 
 @torch.no_grad()
