@@ -18,16 +18,23 @@ from runtime.inn.divergence import Diverged
 from runtime.inn.model import load
 
 
-def test_calibrate_that_diverges_fails_and_leaves_the_inn_as_it_was(tmp_path, capsys):
+def _calibrate(tmp_path, capsys, *flags: str, nan: bool = False) -> tuple[int, str, bytes]:
+    """`innfer calibrate` of a tiny converted CNN at width 0.5 on 140 random samples (one
+    NaN where ``nan``): (exit code, stderr, the INN's weights file before)."""
     torch.manual_seed(0)
-    net = tiny_cnn()
-    runtime.convert(net, (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
+    runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
     before = (tmp_path / "m" / "inn.safetensors").read_bytes()
     x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
+    if nan:
+        x[3, 0, 2, 2] = np.nan
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
     code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
-                 "--widths", "0.5", "--seconds", "2", "--lr", "1e9"])  # fmt: skip
-    err = capsys.readouterr().err
+                 "--widths", "0.5", *flags])  # fmt: skip
+    return code, capsys.readouterr().err, before
+
+
+def test_calibrate_that_diverges_fails_and_leaves_the_inn_as_it_was(tmp_path, capsys):
+    code, err, before = _calibrate(tmp_path, capsys, "--seconds", "2", "--lr", "1e9")
     assert code == 2, err
     assert "the loss became" in err and "Lower the learning rate (--lr)" in err
     assert (tmp_path / "m" / "inn.safetensors").read_bytes() == before
@@ -60,14 +67,7 @@ def test_distillation_stops_at_the_first_nan_step():
 def test_the_last_update_is_checked_before_a_tier_is_saved(tmp_path, capsys):
     # One step at --lr 1e12: its loss was finite, its update made the weights infinite, and
     # no later loss read them - a tier answering -inf was saved, exit 0 (review helper-134).
-    torch.manual_seed(0)
-    runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
-    before = (tmp_path / "m" / "inn.safetensors").read_bytes()
-    x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
-    np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
-    code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
-                 "--widths", "0.5", "--steps", "1", "--lr", "1e12"])  # fmt: skip
-    err = capsys.readouterr().err
+    code, err, before = _calibrate(tmp_path, capsys, "--steps", "1", "--lr", "1e12")
     assert code == 2, err
     assert "the last update made the weights (or the network's outputs) NaN" in err
     assert (tmp_path / "m" / "inn.safetensors").read_bytes() == before
@@ -75,14 +75,7 @@ def test_the_last_update_is_checked_before_a_tier_is_saved(tmp_path, capsys):
 
 def test_nan_in_the_data_is_named_not_blamed_on_the_learning_rate(tmp_path, capsys):
     # A NaN feature made the first loss NaN, and the error said to lower --lr.
-    torch.manual_seed(0)
-    runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),)).save(tmp_path / "m")
-    x = np.random.default_rng(0).random((140, 1, 8, 8), dtype=np.float32)
-    x[3, 0, 2, 2] = np.nan
-    np.savez(tmp_path / "d.npz", x=x, y=np.arange(140) % 10)
-    code = main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
-                 "--widths", "0.5", "--steps", "2"])  # fmt: skip
-    err = capsys.readouterr().err
+    code, err, _ = _calibrate(tmp_path, capsys, "--steps", "2", nan=True)
     assert code == 2 and "NaN or infinite values (1 of its" in err and "--lr" not in err
     with pytest.raises(Diverged, match="before any weight was updated"):
         budgeted_steps(lambda: math.nan, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))],
