@@ -266,6 +266,16 @@ def test_a_head_that_leaves_the_queue_wakes_the_others_to_a_free_slot(how):
     b.submit(Request(3, 0.02, 0.5), 0.02)
     b.cancel(b.queue[0], 0.021)  # no free slot: nothing to look again for
     assert woken == []
+    a.complete(a.running[0][0], 0.03, 0.01)
+    woken.clear()
+    b.submit(Request(4, 0.03, 0.5), 0.03)
+    b.submit(Request(5, 0.03, 0.9), 0.03)
+    b.cancel(b.queue[1], 0.031)  # not the head: claim compares heads only
+    assert woken == []
+    dev.leave(b)  # a model that stops fails its queue: no wake-up per request
+    woken.clear()
+    b.cancel(b.queue[0], 0.032)
+    assert woken == []
 
 
 def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait():
@@ -290,3 +300,10 @@ def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait
         alone.submit(Request(200 + k, now, now + 0.5), now)
     d = alone.next(now)
     assert alone.latency.planned(d.tier)[d.rows] > 0.020
+    # B gone quiet: its last bound no longer caps A's batches (it did for good; review
+    # helper-140).
+    c = _scheduler(dev)
+    assert c._snapshot(now, 0).tight_budget == pytest.approx(0.020)  # B sends now
+    later = now + 3600.0
+    # B long quiet: A's queued clients bound it, not B's stale 20 ms
+    assert c._snapshot(later, 0).tight_budget == pytest.approx(0.5)

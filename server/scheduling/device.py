@@ -160,12 +160,13 @@ class Device:
         self._passed.discard(id(scheduler))
 
     def dropped(self, scheduler: Scheduler) -> None:
-        """``scheduler``'s queue lost requests it will not run (expired, cancelled): a head
-        that made ``claim`` refuse the others may be gone, so where a slot is free they look
-        again. Without it a free slot sat idle until the refused member's next arrival or
-        timer: a request with a 1.5 s budget waited 1.24 s on an idle device and expired
-        (review helper-137)."""
-        if self.free_slot() is not None:
+        """``scheduler``'s queue lost its head to an expiry or a cancel: the head that made
+        ``claim`` refuse the others is gone, so where a slot is free they look again (not
+        for a member that has left: its queue fails, request by request, as it stops).
+        Without it a free slot sat idle until the refused member's next arrival or timer: a
+        request with a 1.5 s budget waited 1.24 s on an idle device and expired (review
+        helper-137)."""
+        if scheduler in self.members and self.free_slot() is not None:
             self._notify(scheduler)
 
     def started(self, scheduler: Scheduler, decision: Decision, now: float) -> None:

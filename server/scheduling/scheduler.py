@@ -463,7 +463,8 @@ class Scheduler:
         self._remove_at(late)
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
-        self.device.dropped(self)
+        if late[0] == 0:  # (ascending) the head went: what claim compared with the others
+            self.device.dropped(self)
         return gone
 
     def earliest_deadline(self) -> float:
@@ -523,9 +524,14 @@ class Scheduler:
         # 500 ms budgets ran 40 ms batches and a neighbour's 20 ms requests arriving behind
         # them were refused or expired (5-49 % of them at a fifth to half of the device's
         # capacity; review helper-137).
+        # Only members whose clients are sending now: an idle one's last bound stays as it
+        # was (it changes in its own decisions), and capped its neighbours' batches for good
+        # (review helper-140).
         tight = self._tight_budget
         if len(self.device.members) > 1:
-            tight = min(tight, min(m._tight_budget for m in self.device.members))
+            for m in self.device.members:
+                if m is not self and (m.queue or m.arrival_rate(now) * RATE_WINDOW_S >= 1.0):
+                    tight = min(tight, m._tight_budget)
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
         return Snapshot(
@@ -587,9 +593,11 @@ class Scheduler:
         never joined the queue (refused at ``submit``)."""
         if r.state != State.QUEUED or r not in self.queue:
             return False
+        head = self.queue[0] is r
         self._remove_all([r])
         r.finish(State.CANCELLED, now)
-        self.device.dropped(self)
+        if head:
+            self.device.dropped(self)
         return True
 
     def _index(self, r: Request) -> int:
