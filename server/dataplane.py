@@ -321,14 +321,18 @@ class DataPlane:
         return task
 
     async def _forget_retired(self, name: str) -> None:
-        """A retired runtime's series that nothing serves now: all of its model's (unloaded),
-        or those of the tiers its successor dropped (``Metrics.forget_model``) - after its
-        drain, so the requests it still answered count. Under the lock: a load of the same
-        name in progress has bound its series already, and is judged once it is in place."""
+        """A retired runtime's series that nothing serves now: all of its model's (unloaded,
+        and no earlier runtime still draining), or those of the tiers neither its successor
+        nor a runtime still draining serves (``Metrics.forget_model``) - after its drain, so
+        the requests it still answered count. Under the lock: a load of the same name in
+        progress has bound its series already, and is judged once it is in place."""
         async with self._lock:
-            current = self.models.get(name)
+            # What still answers under the name: the runtime serving it, and any earlier one
+            # still draining (a reload after a reload) - its tiers' series stay until it ends.
+            live = [r for r in (self.models.get(name), *self._retiring) if r and r.name == name]
+            kept = set().union(*(r.accuracy for r in live)) if live else None
             try:
-                self.metrics.forget_model(name, None if current is None else set(current.accuracy))
+                self.metrics.forget_model(name, kept)
             except Exception:  # bookkeeping: never an unretrieved task error, never silent
                 log.exception("model %s: removing its retired series failed", name)
 
@@ -601,9 +605,11 @@ class DataPlane:
         as in every other message they get (the server log keeps it)."""
         root = self.repo.root
         for path in sorted({str(root.resolve()), str(root)}, key=len, reverse=True):
-            # Whole paths only: a relative root "repo" made "the repository" "the
-            # <repository>sitory" (review helper-136).
-            text = re.sub(rf"(?<![\w./-]){re.escape(path)}(?![\w.-])", "<repository>", text)
+            # Whole paths only (a relative root "repo" made "the repository" "the
+            # <repository>sitory"), and a relative one only where a path goes on from it: a
+            # root named "models" is a word too (review helper-136, helper-140).
+            end = r"(?![\w.-])" if path.startswith("/") else r"(?=/)"
+            text = re.sub(rf"(?<![\w./-]){re.escape(path)}{end}", "<repository>", text)
         return text
 
     def _mark_broken(self, name: str, why: str) -> str:

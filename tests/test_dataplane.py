@@ -1521,3 +1521,34 @@ def test_an_idle_engine_thread_holds_nothing_of_its_last_call():
     threads.shutdown()
     threads.join()
     assert not held
+
+
+def test_a_tier_a_draining_runtime_still_serves_keeps_its_series():
+    # Reload after reload: when the first runtime retired, the w050 series went while the
+    # second, still draining, answered on w050 - into a child no longer in /metrics (review
+    # helper-140). A tier any runtime of the name still answers on keeps its series.
+    from types import SimpleNamespace
+
+    metrics = Metrics()
+    for tier in ("w100", "w050"):
+        metrics.requests.labels("a", tier, "served").inc()
+    serving = SimpleNamespace(name="a", accuracy={"w100": 1.0})
+    draining = SimpleNamespace(name="a", accuracy={"w100": 1.0, "w050": 0.9})
+
+    def tiers() -> set[str]:
+        return {s.labels["tier"] for f in metrics.registry.collect() for s in f.samples
+                if s.labels.get("model") == "a" and s.name == "innfer_requests_total"}  # fmt: skip
+
+    async def body():
+        plane = SimpleNamespace(_lock=asyncio.Lock(), models={"a": serving},
+                                _retiring=[draining], metrics=metrics)  # fmt: skip
+        await DataPlane._forget_retired(plane, "a")
+        assert tiers() == {"w100", "w050"}  # the draining one answers on w050 still
+        plane._retiring.clear()
+        await DataPlane._forget_retired(plane, "a")
+        assert tiers() == {"w100"}
+        plane.models.clear()
+        await DataPlane._forget_retired(plane, "a")
+        assert tiers() == set()
+
+    _run(body())
