@@ -990,3 +990,29 @@ def test_a_tier_that_fails_validation_is_not_left_loadable(tmp_path, monkeypatch
         build_model(Repository(root), "tiny", progress=False, repeats=2)
     with pytest.raises(RepositoryError, match=r"w050/tier\.json is missing: run `innfer build`"):
         Repository(root).load("tiny")
+
+
+@pytest.mark.parametrize("backends", [["torch"], ["torch", "onnxruntime"]])
+def test_a_torch_builds_onnx_check_fails_it_only_where_onnx_runtime_may_serve_it(
+    tmp_path, monkeypatch, backends
+):
+    # check_exported_onnx ran on every torch build: a torch-only model whose ONNX ONNX
+    # Runtime cannot match failed, though nothing serves that ONNX (review helper-140).
+    import runtime.build.pipeline as pipeline
+    from runtime.build.pipeline import BuildError
+
+    def mismatch(onnx_path, module, config, tier):
+        raise BuildError(f"tier {tier} (its ONNX, in ONNX Runtime): engine output differs")
+
+    monkeypatch.setattr(pipeline, "check_exported_onnx", mismatch)
+    torch.manual_seed(1)
+    inn = runtime.convert(_net(), (torch.rand(2, 1, 8, 8),))
+    config = {k: v for k, v in CONFIG.items() if k != "evaluation"}
+    add_model(tmp_path, "m", inn, {**config, "backends": backends})
+    if "onnxruntime" in backends:
+        with pytest.raises(BuildError, match="its ONNX, in ONNX Runtime"):
+            build_model(Repository(tmp_path), "m", backend="torch", progress=False, profile=False)
+    else:
+        report = build_model(Repository(tmp_path), "m", backend="torch", progress=False,
+                             profile=False)  # fmt: skip
+        assert any("its ONNX, in ONNX Runtime" in w for w in report.warnings)

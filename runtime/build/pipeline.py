@@ -153,11 +153,15 @@ def build_model(
             if chosen.name == "torch":  # its engine is the module: the ONNX ran nowhere
                 try:
                     check_exported_onnx(onnx_path, module, config, tier.name)
-                except BuildError:
-                    _close_all([engine])
-                    if exported:  # (as above: no record of files that failed)
-                        (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
-                    raise
+                except BuildError as exc:
+                    if "onnxruntime" not in config.backends:  # never served from it here
+                        report.warnings.append(f"{exc} (backends do not list onnxruntime)")
+                        _warn(report.warnings[-1], progress)
+                    else:
+                        _close_all([engine])
+                        if exported:  # (as above: no record of files that failed)
+                            (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
+                        raise
             engines[tier.name] = engine  # closed at the end, whatever happens in between
             if vocab_size is not None:
                 rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
