@@ -6,6 +6,7 @@ mean-over-time model). Its batches run as runs of equal length (server/equal_len
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import numpy as np
@@ -273,3 +274,35 @@ def test_mask_input_must_name_an_integer_sequence_input(mask, why):
             "outputs": [{"name": "y", "shape": [2]}], "lengths": [8],
             "tiers": [{"name": "w100", "width": 1.0}], "mask_input": mask,
         })  # fmt: skip
+
+
+def test_admission_plans_each_group_ahead_as_its_own_batch():
+    # Admission counted requests of 8 lengths as one batch: all 8 admitted, 3 expired in the
+    # queue after waiting most of their budget (review helper-140). Each group ahead is a
+    # batch of its own: those that cannot be served are refused at once.
+    from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
+
+    one = [TierInfo("w", 1.0, {1: 8.0, 8: 8.0})]
+
+    def run(groups) -> tuple[int, int, int]:
+        s = Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64)
+        admitted = expired = 0
+        for k, g in enumerate(groups):
+            with contextlib.suppress(Refused):
+                s.submit(Request(k, 0.0, 0.040, group=g), 0.0)
+                admitted += 1
+        t, served = 0.0, 0
+        while s.queue:
+            expired += len(s.expire(t))
+            d = s.next(t)
+            if d is None:
+                t += 0.001
+                continue
+            t += 0.008
+            s.complete(d, t, 0.008)
+            served += sum(t <= r.deadline for r in d.requests)
+        return admitted, served, expired
+
+    assert run([None] * 8) == (8, 8, 0)  # one group: one batch
+    admitted, served, expired = run(list(range(8)))
+    assert expired == 0 and served == admitted == 5  # 5 batches of 8 ms fit 40 ms

@@ -372,7 +372,39 @@ class Scheduler:
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
+        if r.group is not None:  # the columns hold no groups: batches per group, in Python
+            return now + self._grouped_finish(r, at, tables, z, busy)
         return now + admission_finish(self.columns(), at, (r.rows, lo, hi), b, tables, z, busy)
+
+    def _grouped_finish(self, r: Request, at: int, tables, z: float, busy) -> float:
+        """``admission_finish`` where requests carry groups (never batched across): the
+        queue ahead as next-fit batches per (group, fastest tier), run in the order of their
+        first request, each on the slot that frees first; when ``r``'s batch ends (s from
+        now), without the join to an earlier batch of another class. Counted as one batch
+        of all, requests of 8 lengths were admitted and 3 of 8 expired in the queue (review
+        helper-140)."""
+        _, mean, var = tables
+        b = self.ctx.plan_batch()
+        order: list[list] = []  # [tier rank, rows] per batch, by its first request
+        open_batch: dict[tuple, list] = {}
+        mine = None
+        for q in itertools.chain(itertools.islice(self.queue, at), (r,)):
+            key = (q.group, self.ctx.bounds(q)[1])
+            k = open_batch.get(key)
+            if k is None or k[1] + q.rows > b:
+                k = open_batch[key] = [key[1], 0]
+                order.append(k)
+            k[1] += q.rows
+            mine = k
+        off = sorted(busy)
+        m, v = [0.0] * len(off), [0.0] * len(off)
+        for k in order:
+            s = min(range(len(off)), key=lambda i: off[i] + m[i])
+            m[s] += float(mean[k[0], k[1]])
+            v[s] += float(var[k[0], k[1]])
+            if k is mine:
+                return off[s] + quantile(m[s], v[s], z)
+        raise AssertionError("unreachable: r's batch is in the order")
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
