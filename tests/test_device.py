@@ -304,6 +304,8 @@ def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait
     # helper-140).
     c = _scheduler(dev)
     assert c._snapshot(now, 0).tight_budget == pytest.approx(0.020)  # B sends now
+    # ... and 5 s after its last request, a client sending now and then (review helper-141)
+    assert c._snapshot(now + 5.0, 0).tight_budget == pytest.approx(0.020)
     later = now + 3600.0
     # B long quiet: A's queued clients bound it, not B's stale 20 ms
     assert c._snapshot(later, 0).tight_budget == pytest.approx(0.5)

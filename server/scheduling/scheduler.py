@@ -74,6 +74,12 @@ IDLE_ALPHA = 0.05
 # time constant FORGET_TAU_S: a 4x factor learned under contention is down to ~1.1x after
 # 5 s of refusals (the issue: a bad profile may cost a few seconds, not the rest of the run).
 FORGET_AFTER_S = 1.0
+# Seconds since a member of a shared device last had an arrival after which its clients'
+# tight budget no longer bounds the others' batches: a client sending now and then (one
+# request every 2 s) is still there - bound by the 0.5 s rate window instead, a 20 ms model at
+# 0.5-3 requests/s beside a 500 ms one got 52-78 % within budget where it had 100 % (review
+# helper-141) - while one quiet for minutes is not (it capped the others for good).
+NEIGHBOUR_QUIET_S = 30.0
 FORGET_TAU_S = 2.0
 # Admission's quantile (``admit_quantile``): a request is refused at arrival only when the
 # median of the plan that serves it misses its deadline. A refusal is a certain miss, and a
@@ -556,13 +562,13 @@ class Scheduler:
         # 500 ms budgets ran 40 ms batches and a neighbour's 20 ms requests arriving behind
         # them were refused or expired (5-49 % of them at a fifth to half of the device's
         # capacity; review helper-137).
-        # Only members whose clients are sending now: an idle one's last bound stays as it
-        # was (it changes in its own decisions), and capped its neighbours' batches for good
-        # (review helper-140).
+        # Only members whose clients still send (NEIGHBOUR_QUIET_S): an idle one's last
+        # bound stays as it was (it changes in its own decisions), and capped its
+        # neighbours' batches for good (review helper-140).
         tight = self._tight_budget
         if len(self.device.members) > 1:
             for m in self.device.members:
-                if m is not self and (m.queue or m.arrival_rate(now) * RATE_WINDOW_S >= 1.0):
+                if m is not self and (m.queue or now - m._rate_at <= NEIGHBOUR_QUIET_S):
                     tight = min(tight, m._tight_budget)
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
