@@ -304,5 +304,27 @@ def test_admission_plans_each_group_ahead_as_its_own_batch():
         return admitted, served, expired
 
     assert run([None] * 8) == (8, 8, 0)  # one group: one batch
+    assert run([(7,)] * 8) == (8, 8, 0)  # one length: the same
     admitted, served, expired = run(list(range(8)))
     assert expired == 0 and served == admitted == 5  # 5 batches of 8 ms fit 40 ms
+
+
+def test_one_group_queued_takes_the_compiled_admission(monkeypatch):
+    # Every request of a sequence model carries its lengths as a group: planned in Python
+    # at every submit, admission cost 20-60x the compiled path on long queues (review
+    # helper-141). With one group queued there is nothing to plan apart.
+    from server.scheduling import Request, Scheduler, TierInfo, make_policy
+
+    one = [TierInfo("w", 1.0, {1: 1.0, 8: 2.0})]
+    s = Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64)
+    calls = []
+    grouped = Scheduler._grouped_finish
+    monkeypatch.setattr(Scheduler, "_grouped_finish",
+                        lambda self, *a: calls.append(1) or grouped(self, *a))  # fmt: skip
+    for k in range(10):
+        s.submit(Request(k, 0.0, 1.0 + k, group=(7,)), 0.0)
+    assert calls == []
+    s.submit(Request(99, 0.0, 20.0, group=(9,)), 0.0)  # another length: planned apart
+    assert calls == [1]
+    s.expire(30.0)  # (expired, all: the count of groups follows the queue)
+    assert s._groups == {}

@@ -165,6 +165,7 @@ class Scheduler:
         self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
+        self._groups: dict = {}  # group -> requests of it queued (groups other than None)
         self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
         # slot -> (the decision running there, the time it started)
         self.running: dict[int, tuple[Decision, float]] = {}
@@ -285,6 +286,8 @@ class Scheduler:
             )
         self._keys.insert(i, key)
         self.queue.insert(i, r)
+        if r.group is not None:
+            self._groups[r.group] = self._groups.get(r.group, 0) + 1
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
             self._cols.drop()
         else:
@@ -378,7 +381,9 @@ class Scheduler:
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
-        if r.group is not None:  # the columns hold no groups: batches per group, in Python
+        # Requests of another group queued: the columns hold no groups, so batches per group
+        # are planned in Python (O(|Q|) per call; one group, the compiled path).
+        if r.group is not None and (len(self._groups) > 1 or r.group not in self._groups):
             return now + self._grouped_finish(r, at, tables, z, busy)
         return now + admission_finish(self.columns(), at, (r.rows, lo, hi), b, tables, z, busy)
 
@@ -652,6 +657,11 @@ class Scheduler:
     def _remove_at(self, idx: list[int]) -> None:
         """Remove the queued requests at the sorted indices ``idx``."""
         for i in reversed(idx):
+            g = self.queue[i].group
+            if g is not None and g in self._groups:
+                self._groups[g] -= 1
+                if not self._groups[g]:
+                    del self._groups[g]
             del self.queue[i]
             del self._keys[i]
         if self._cols.synced:
