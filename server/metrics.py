@@ -445,7 +445,7 @@ class _MetricsServer(ThreadingWSGIServer):
     def __init__(self, *args, **kwargs) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._log_throttle = LogThrottle()  # only the serve_forever thread uses it
-        # connection -> [when it came, whether its request has been read]
+        # connection -> [when it came, whether its request has been read, the peer's address]
         self._open: dict[socket.socket, list] = {}
         self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
@@ -458,19 +458,29 @@ class _MetricsServer(ThreadingWSGIServer):
                 entry[1] = True
 
     def _evict_oldest(self) -> bool:
-        """Cut the oldest connection that has not sent its request yet, else the oldest
-        open at least ``METRICS_EVICT_AFTER_S``; whether one was (its thread frees its slot
-        as it ends)."""
+        """Cut the oldest connection that has not sent its request yet; else the oldest of
+        the peer holding the most connections, where one holds several (a client that sends
+        its request and never reads the answer held every slot at 50 connections/s: 2 of 20
+        scrapes; review helper-141 - Prometheus scrapes a target one connection at a time);
+        else the oldest open at least ``METRICS_EVICT_AFTER_S``. Whether one was cut (its
+        thread frees its slot as it ends)."""
         with self._open_lock:
-            waiting = [(t, s) for s, (t, read) in self._open.items() if not read]
-            every = [(t, s) for s, (t, _) in self._open.items()]
+            entries = [(t, read, peer, s) for s, (t, read, peer) in self._open.items()]
+        waiting = [e for e in entries if not e[1]]
+        if not waiting:
+            held: dict = {}
+            for e in entries:
+                held[e[2]] = held.get(e[2], 0) + 1
+            busiest = max(held.items(), key=lambda kv: kv[1], default=(None, 0))
+            if busiest[1] > 1:
+                waiting = [e for e in entries if e[2] == busiest[0]]
         if waiting:
-            _cut(min(waiting, key=lambda ts: ts[0])[1])
+            _cut(min(waiting, key=lambda e: e[0])[3])
             return True
-        oldest = min(every, key=lambda ts: ts[0], default=None)
+        oldest = min(entries, key=lambda e: e[0], default=None)
         if oldest is None or time.monotonic() - oldest[0] < METRICS_EVICT_AFTER_S:
             return False
-        _cut(oldest[1])
+        _cut(oldest[3])
         return True
 
     def process_request(self, request, client_address) -> None:
@@ -496,7 +506,7 @@ class _MetricsServer(ThreadingWSGIServer):
         timer = threading.Timer(METRICS_DEADLINE_S, _cut, (request,))
         timer.daemon = True
         with self._open_lock:
-            self._open[request] = [time.monotonic(), False]
+            self._open[request] = [time.monotonic(), False, client_address[0]]
         timer.start()
         try:
             super().process_request_thread(request, client_address)

@@ -516,3 +516,24 @@ def test_calls_beyond_max_concurrent_streams_on_one_connection_are_refused(model
     assert ("grpc.max_concurrent_streams", 1024) in app.connection_options(default)
     with pytest.raises(ConfigError, match="max_concurrent_streams"):
         ServerConfig.from_dict({"repository": "m", "max_concurrent_streams": 0})
+
+
+def test_metrics_eviction_takes_from_the_peer_holding_the_most_connections(monkeypatch):
+    # A client that sends its request and never reads the answer held every slot with
+    # "read" connections younger than the eviction age: 2 of 20 scrapes (review
+    # helper-141). Prometheus scrapes a target one connection at a time: the peer holding
+    # several gives the slot up first, whatever their ages.
+    import threading as th
+
+    import server.metrics as metrics
+
+    cut = []
+    monkeypatch.setattr(metrics, "_cut", cut.append)
+    server = object.__new__(metrics._MetricsServer)
+    server._open_lock = th.Lock()
+    now = time.monotonic()
+    server._open = {"scrape": [now - 2.0, True, "10.0.0.9"]}  # the oldest, its request read
+    server._open |= {f"b{i}": [now - 0.1 * i, True, "10.0.0.66"] for i in range(1, 4)}
+    assert server._evict_oldest() and cut == ["b3"]  # the busy peer's oldest, not the scrape
+    server._open = {"scrape": [now - 2.0, True, "10.0.0.9"], "b": [now, True, "10.0.0.66"]}
+    assert server._evict_oldest() and cut[-1] == "scrape"  # one each: the oldest over 1 s
