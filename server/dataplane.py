@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import difflib
 import json
 import logging
@@ -92,6 +93,12 @@ class Phase(Enum):
     LOADING = "loading"
     READY = "ready"
     DRAINING = "draining"
+
+
+# The runtime that has the request ``DataPlane.infer`` answers: the one looked up first, or
+# its successor once the request was handed over (``_successor``) - whose statistics count a
+# failure (review helper-140: a reload's successor's failures went to the retired runtime).
+SERVED_BY: contextvars.ContextVar = contextvars.ContextVar("innfer_served_by")
 
 
 class DataPlane:
@@ -808,12 +815,17 @@ class DataPlane:
         holds of the in-flight cap count against too (None: a unary call)."""
         m = self.model(request.model_name, request.model_version)
         start = m.clock()
+        token = SERVED_BY.set(m)
         try:
             return await self._admit(m, request, time_remaining, waited_s, size, raw,
                                      deadline_is_budget, window)  # fmt: skip
         except Exception:  # Triton's fail: every error after the model is known, once (a
-            m.stats.fail.add(m.clock() - start)  # cancelled call is no Exception: not one)
+            # cancelled call is no Exception: not one) - in the statistics of the runtime
+            # that had the request last (its successor's, after a hand-over: _successor)
+            SERVED_BY.get().stats.fail.add(m.clock() - start)
             raise
+        finally:
+            SERVED_BY.reset(token)
 
     async def _admit(
         self,
@@ -848,7 +860,7 @@ class DataPlane:
                                      deadline_is_budget, window, size)  # fmt: skip
         except (InvalidArgument, NotFound) as exc:  # the client's request, not load: not a miss
             if not getattr(exc, "counted", False):  # the runtime counted what its engine refused
-                m.count_invalid()
+                SERVED_BY.get().count_invalid()
             raise
         finally:
             self.release(size, window)
@@ -956,6 +968,7 @@ class DataPlane:
         )
         inputs, rows, truncated = await self._decode(m, request, raw, clock)
         m = self._successor(m)  # swapped or reloaded while a long text was tokenized
+        SERVED_BY.set(m)
         reserve_s = grace_s = 0.0
         if plans:
             # Plans leave room for the overhead's high quantile - of the request's own lane:

@@ -107,3 +107,40 @@ def test_a_text_decoded_across_a_swap_is_served_by_the_successor(tmp_path, slow_
     else:
         assert isinstance(got, pb.ModelInferResponse), got  # was Unavailable
         assert got.parameters["tier"].string_param
+
+
+def test_a_handed_over_requests_failure_counts_in_its_new_runtimes_statistics(
+    tmp_path, slow_long_texts
+):
+    # After the hand-over the successor refuses it (its tier is gone): the failure went to
+    # the retired runtime's statistics, lost with it on a reload (review helper-140).
+    import yaml
+
+    _text_model(tmp_path)
+    cfg = ServerConfig.from_dict(
+        {"repository": str(tmp_path), "models": ["t"], "profile_at_load": False}
+    )
+    long_text = "the model serves text fast " * (TOKENIZE_INLINE_CHARS // 20)
+    request = _request(long_text)
+    request.parameters["tier"].string_param = "w050"
+
+    async def go():
+        plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+        await plane.load_all()
+        old = plane.models["t"]
+        try:
+            task = asyncio.ensure_future(plane.infer(request, None))
+            await asyncio.sleep(0.05)  # on the tokenizer threads now
+            path = tmp_path / "t" / "model.yaml"
+            spec = yaml.safe_load(path.read_text())
+            spec["tiers"] = [t for t in spec["tiers"] if t["name"] == "w100"]
+            path.write_text(yaml.safe_dump(spec))
+            await plane.load("t")
+            got = (await asyncio.gather(task, return_exceptions=True))[0]
+            return got, old.stats.fail.count, plane.models["t"].stats.fail.count
+        finally:
+            await plane.stop_models()
+
+    got, old_fails, new_fails = asyncio.run(go())
+    assert "w050" in str(got), got  # the new set has no w050
+    assert (old_fails, new_fails) == (0, 1)
