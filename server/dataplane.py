@@ -615,8 +615,8 @@ class DataPlane:
             # Whole paths only (a relative root "repo" made "the repository" "the
             # <repository>sitory"), and a relative one only where a path goes on from it: a
             # root named "models" is a word too (review helper-136, helper-140).
-            end = r"(?![\w.-])" if path.startswith("/") else r"(?=/)"
-            text = re.sub(rf"(?<![\w./-]){re.escape(path)}{end}", "<repository>", text)
+            end, start = (r"(?![\w.-])", "") if path.startswith("/") else (r"(?=/)", r"(?:\./)?")
+            text = re.sub(rf"(?<![\w./-]){start}{re.escape(path)}{end}", "<repository>", text)
         return text
 
     def _mark_broken(self, name: str, why: str) -> str:

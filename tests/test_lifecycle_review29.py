@@ -538,8 +538,8 @@ def test_only_whole_repository_paths_are_hidden_from_clients():
     text = DataPlane._public(plane, "the repository has no repo/m/model.yaml ('repo')")
     assert text == "the repository has no <repository>/m/model.yaml ('repo')"
     plane = SimpleNamespace(repo=SimpleNamespace(root=Path("models")))  # a word too
-    text = DataPlane._public(plane, "models/x is missing (models here: mnist)")
-    assert text == "<repository>/x is missing (models here: mnist)"
+    text = DataPlane._public(plane, "models/x is missing (models here: mnist; ./models/y)")
+    assert text == "<repository>/x is missing (models here: mnist; <repository>/y)"
     absolute = Path("/srv/models").resolve()
     plane = SimpleNamespace(repo=SimpleNamespace(root=absolute))
     assert DataPlane._public(plane, f"read {absolute}: no") == "read <repository>: no"
