@@ -376,6 +376,22 @@ def check_token_inputs(
             f"input {ids_name!r}: token id {int(ids[at])} at {list(at)} is outside "
             f"[0, {vocab_size}) (the model tokenizer's ids)"
         )
+    check_mask(mask, mask_name)
+
+
+def check_mask(mask: np.ndarray, mask_name: str) -> None:
+    """An attention mask a client sent: 0 / 1 only, each row 1 for its tokens then 0 for its
+    padding, with at least one token (InvalidArgument naming the first row that is not).
+
+    Example:
+        >>> check_mask(np.array([[1, 1, 0]]), "m")
+        >>> check_mask(np.array([[0, 1, 1]]), "m")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        server.errors.InvalidArgument: input 'm': row 0 is left-padded, has gaps or ...
+    """
+    if mask.dtype == np.bool_:
+        mask = mask.view(np.int8)
     odd = (mask != 0) & (mask != 1)
     if odd.any():
         at = tuple(int(i) for i in np.argwhere(odd)[0])

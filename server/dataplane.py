@@ -1126,10 +1126,28 @@ class DataPlane:
             arrays = {k: a.astype(cfg.input(k).dtype, copy=False) for k, a in arrays.items()}
             return arrays, len(texts), sorted(truncated)
         max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
-        if text is None:
+        if text is None and cfg.mask_input is None:
             arrays, rows = codec.decode_inputs(
                 request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
             )
+            if m.input_rows:
+                codec.check_ids(arrays, m.input_rows)
+            return arrays, rows, []
+        if text is None:  # a mask the clients send (mask_input): as a text model's, below
+            arrays, rows = codec.decode_inputs(
+                request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
+                length_is="the most columns the inputs may have before their padding is cut",
+            )  # fmt: skip
+            mask_name = cfg.mask_input
+            codec.check_mask(arrays[mask_name], mask_name)  # 0 / 1, right-padded (helper-142)
+            arrays = _cut_padding(arrays, cfg, mask_name)  # run and planned at real length
+            width = arrays[mask_name].shape[1]
+            if width > max_length:
+                raise InvalidArgument(
+                    f"input {mask_name!r}: sequence length {width} is outside [1, "
+                    f"{max_length}] (the longest profiled length; counted to the last column "
+                    "any row's mask marks, the padding after it cut); send shorter sequences"
+                )
             if m.input_rows:
                 codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []

@@ -1184,9 +1184,10 @@ class ModelRuntime:
         mask: runs of equal length, unpadded) and hand the batch to an engine thread."""
         reqs = d.requests
         t_in = time.perf_counter()
-        # Only a text model's: its mask covers the padding (another sequence model's answer
-        # could change with it).
-        pad_to = self._lane_length[id(lane)] if self.config.text is not None else None
+        # Only a model with a mask (text:, mask_input): it covers the padding (another
+        # sequence model's answer could change with it).
+        masked = self.config.text is not None or self.config.mask_input is not None
+        pad_to = self._lane_length[id(lane)] if masked else None
         if not self.served.engines[d.tier].prefers_fixed_lengths:
             pad_to = None
         try:

@@ -328,3 +328,81 @@ def test_one_group_queued_takes_the_compiled_admission(monkeypatch):
     assert calls == [1]
     s.expire(30.0)  # (expired, all: the count of groups follows the queue)
     assert s._groups == {}
+
+
+def _ids_request(ids: np.ndarray, mask: np.ndarray):
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="ids")
+    for name, a in (("input_ids", ids), ("attention_mask", mask)):
+        req.inputs.add(name=name, datatype="INT64", shape=list(a.shape))
+        req.raw_input_contents.append(a.astype(np.int64).tobytes())
+    return req
+
+
+def test_a_mask_input_models_padded_requests_run_at_their_length_and_masks_are_checked(tmp_path):
+    # Client-padded requests ran (and were planned) at their padded width, or were refused
+    # past the longest lane; masks of 2s, left-padded or all zeros were served, embedded
+    # wrongly (review helper-142). As a text model's: the padding cut, the mask checked.
+    import dataclasses
+
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+    from server.errors import InvalidArgument
+
+    add_onnx_model(tmp_path, "ids", _masked_mean, {
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": [-1]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [4]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 8, "lengths": [8],
+        "mask_input": "attention_mask",
+    })  # fmt: skip
+    cfg = ServerConfig.from_dict(
+        {"repository": str(tmp_path), "models": ["ids"], "profile_at_load": False}
+    )
+    ids = np.array([[5, 6, 7]])
+    padded = np.zeros((1, 40), np.int64)  # past the longest lane (8), as a tokenizer pads
+    padded[0, :3] = ids
+    pmask = (padded > 0).astype(np.int64)
+    bad = [np.array([[1, 2, 1]]), np.array([[0, 1, 1]]), np.array([[0, 0, 0]])]
+
+    async def go():
+        plane = DataPlane(dataclasses.replace(cfg), Metrics())
+        await plane.load_all()
+        engine = plane.models["ids"].served.engines["w100"]
+        run, shapes = engine.run, []
+        engine.run = lambda feeds: shapes.append(feeds["input_ids"].shape) or run(feeds)
+        try:
+            alone = await plane.infer(_ids_request(ids, np.ones_like(ids)), None)
+            wide = await plane.infer(_ids_request(padded, pmask), None)
+            refused = []
+            for mask in bad:
+                try:
+                    await plane.infer(_ids_request(ids, mask), None)
+                except InvalidArgument as exc:
+                    refused.append(str(exc))
+            return alone, wide, shapes, refused
+        finally:
+            await plane.stop_models()
+
+    alone, wide, shapes, refused = asyncio.run(go())
+    assert alone.raw_output_contents[0] == wide.raw_output_contents[0]
+    assert shapes == [(1, 3), (1, 3)]  # the padding cut before the engine
+    assert len(refused) == 3 and "value 2" in refused[0] and "left-padded" in refused[1]
+
+
+def test_a_mask_input_is_no_unchecked_id_input_at_build():
+    # The build warned that the mask indexes no embedding table (review helper-142).
+    from runtime.build.pipeline import _unchecked_ids
+    from runtime.repository.config import ModelConfig
+
+    spec = {
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": [-1]}],
+        "outputs": [{"name": "y", "shape": [4]}], "lengths": [8],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    }  # fmt: skip
+    rows = {"input_ids": 50}
+    assert _unchecked_ids(ModelConfig.from_dict(spec), rows) == ["attention_mask"]
+    spec["mask_input"] = "attention_mask"
+    assert _unchecked_ids(ModelConfig.from_dict(spec), rows) == []

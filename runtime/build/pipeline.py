@@ -191,9 +191,12 @@ def build_model(
                 report.warnings.append(
                     f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
                     f"transformer such tiers keep little of the model (all-MiniLM-L6-v2 at 50 % "
-                    f"heads and FFN: cosine 0.31 to the full model's embeddings). Calibrate on "
-                    f"text first: innfer calibrate {model_dir} --text FILE (one sentence per line)"
-                )
+                    f"heads and FFN: cosine 0.31 to the full model's embeddings). "
+                    + (f"Calibrate on text first: innfer calibrate {model_dir} --text FILE (one "
+                       "sentence per line)" if config.text is not None else
+                       "innfer calibrate distils transformers on text through a text: section "
+                       "(tokenizer.json) in model.yaml; add one to calibrate it")
+                )  # fmt: skip
                 _warn(report.warnings[-1], progress)
             report.tiers.append(
                 TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
@@ -581,7 +584,7 @@ def _unchecked_ids(config: ModelConfig, rows: dict) -> list[str]:
     ``ids (columns 2, 3)`` where only other columns index a table directly."""
     out = []
     for t in config.inputs:
-        if t.dtype not in INTEGER_DTYPES:
+        if t.dtype not in INTEGER_DTYPES or t.name == config.mask_input:  # a mask: no ids
             continue
         bound = rows.get(t.name)
         if bound is None:

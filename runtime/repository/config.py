@@ -425,8 +425,10 @@ class ModelConfig:
         pattern=NAME,
         doc="a sequence model's input that masks its padding (1 on tokens, 0 on padding; "
         "e.g. attention_mask, with ids its clients tokenize themselves): its requests of "
-        "any length then share batches padded to the longest. Without it (or text:), a "
-        "sequence model's requests are batched only with requests of the same lengths - "
+        "any length within one profiled length (a lane of lengths) then share batches padded "
+        "to the longest, and a request padded by its client runs and is planned at its real "
+        "length (the padding cut; masks checked 0 / 1, right-padded). Without it (or text:), "
+        "a sequence model's requests are batched only with requests of the same lengths - "
         "padding would be data to it. (text: implies its mask)",
     )
     lengths: tuple[int, ...] | None = spec(
