@@ -1065,6 +1065,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if yaml_path.is_file() and _is_text_model(yaml_path):
         raise ValueError(f"{args.model_dir} is a text model: calibrate it with --text FILE "
                          "(sentences, one per line), not --data")  # fmt: skip
+    _one_input_for_data(yaml_path, "calibrate")
     data = _data_for(args.model_dir, inn, args.data)
     samples = args.samples
     if samples is None:  # 1,000, less what keeps a held-out fifth (>= 64) to judge tiers on
@@ -1107,6 +1108,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
     return 0
+
+
+def _one_input_for_data(yaml_path: Path, what: str) -> None:
+    """A ``--data`` set holds one input: refuse a model.yaml of several, saying so (a model
+    of token ids and a mask crashed in its forward: "missing 1 required positional
+    argument: 'attention_mask'", an internal error; review helper-142)."""
+    from runtime.repository.config import ModelConfig
+
+    if not yaml_path.is_file():
+        return
+    inputs = [t.name for t in ModelConfig.load(yaml_path).inputs]
+    if len(inputs) > 1:
+        raise ValueError(
+            f"{yaml_path.parent} takes {len(inputs)} inputs ({', '.join(inputs)}) and a --data "
+            f"set holds one: innfer {what} --data serves one-input models. A transformer of "
+            "token ids and a mask: add a text: section (its tokenizer.json) to model.yaml and "
+            "give --text FILE"
+        )
 
 
 def _is_text_model(yaml_path: Path) -> bool:
@@ -1317,6 +1336,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"{args.model_dir} is a text model: give held-out sentences, one per line, "
                 "with --text FILE to report each tier's embedding fidelity"
             )
+        if args.data is not None:
+            _one_input_for_data(yaml_path, "report")
     name = args.data
     # model.yaml names the data set the model is evaluated on: report accuracy on it (it
     # said "not measured (no evaluation set), give --data NAME")

@@ -452,3 +452,29 @@ def test_a_text_model_taking_int32_ids_is_scored_on_its_evaluation_text(model_di
     accuracy = {t.name: t.accuracy for t in report.tiers}
     assert accuracy["full"] == pytest.approx(1.0, abs=1e-5)
     assert 0 < accuracy["half"] < 0.999
+
+
+def test_data_sets_are_refused_for_a_model_of_several_inputs_by_name(tmp_path, capsys):
+    # A model of token ids and a mask without a text: section (mask_input) crashed in its
+    # forward under calibrate / report --data: "missing 1 required positional argument:
+    # 'attention_mask'", an internal error (review helper-142).
+    import numpy as np
+    import torch
+    from textmodel import TinyEmbedder, model_yaml
+
+    import runtime
+    from innfer.cli import main
+    from runtime.build.pipeline import add_model
+
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 20, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    inn = runtime.convert(TinyEmbedder().eval(), (ids, mask))
+    spec = {k: v for k, v in model_yaml().items() if k != "text"}
+    d = add_model(tmp_path, "ids", inn, {**spec, "mask_input": "attention_mask"})
+    np.savez(tmp_path / "tok.npz", x=np.random.default_rng(0).integers(0, 20, (200, 7)),
+             y=np.zeros(200, np.int64))  # fmt: skip
+    for command in (["calibrate", str(d), "--widths", "0.5", "--steps", "1"], ["report", str(d)]):
+        assert main([*command, "--data", str(tmp_path / "tok.npz")]) == 2
+        err = capsys.readouterr().err
+        assert "takes 2 inputs (input_ids, attention_mask)" in err, err
+        assert "internal error" not in err
