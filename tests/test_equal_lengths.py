@@ -215,17 +215,23 @@ def _masked_mean(width):
     return model.SerializeToString(), {}, 10, 200
 
 
-def test_a_model_that_names_its_mask_shares_padded_batches_across_lengths(tmp_path):
-    # Clients that tokenize themselves send ids and a mask; without a text: section such a
-    # model was treated as mask-less, one call per length (review helper-134). mask_input
-    # names the mask: its requests of any length share one padded batch.
-    add_onnx_model(tmp_path, "ids", _masked_mean, {
+def _add_ids_model(root) -> None:
+    """Model "ids" in ``root``: ``_masked_mean`` on ONNX Runtime, its mask named
+    (mask_input), one lane of 8 tokens."""
+    add_onnx_model(root, "ids", _masked_mean, {
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]},
                    {"name": "attention_mask", "dtype": "int64", "shape": [-1]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [4]}],
         "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 8, "lengths": [8],
         "mask_input": "attention_mask",
     })  # fmt: skip
+
+
+def test_a_model_that_names_its_mask_shares_padded_batches_across_lengths(tmp_path):
+    # Clients that tokenize themselves send ids and a mask; without a text: section such a
+    # model was treated as mask-less, one call per length (review helper-134). mask_input
+    # names the mask: its requests of any length share one padded batch.
+    _add_ids_model(tmp_path)
     served = Repository(tmp_path).load("ids")
     engine = served.engines["w100"]
     run, gate, entered, shapes = engine.run, threading.Event(), threading.Event(), []
@@ -350,13 +356,7 @@ def test_a_mask_input_models_padded_requests_run_at_their_length_and_masks_are_c
     from server.dataplane import DataPlane
     from server.errors import InvalidArgument
 
-    add_onnx_model(tmp_path, "ids", _masked_mean, {
-        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]},
-                   {"name": "attention_mask", "dtype": "int64", "shape": [-1]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [4]}],
-        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 8, "lengths": [8],
-        "mask_input": "attention_mask",
-    })  # fmt: skip
+    _add_ids_model(tmp_path)
     cfg = ServerConfig.from_dict(
         {"repository": str(tmp_path), "models": ["ids"], "profile_at_load": False}
     )
