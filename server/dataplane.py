@@ -1134,20 +1134,9 @@ class DataPlane:
                 codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []
         if text is None:  # a mask the clients send (mask_input): as a text model's, below
-            arrays, rows = codec.decode_inputs(
-                request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
-                length_is="the most columns the inputs may have before their padding is cut",
-            )  # fmt: skip
             mask_name = cfg.mask_input
+            arrays, rows = self._decode_masked(request, cfg, raw, mask_name, mask_name, max_length)
             codec.check_mask(arrays[mask_name], mask_name)  # 0 / 1, right-padded (helper-142)
-            arrays = _cut_padding(arrays, cfg, mask_name)  # run and planned at real length
-            width = arrays[mask_name].shape[1]
-            if width > max_length:
-                raise InvalidArgument(
-                    f"input {mask_name!r}: sequence length {width} is outside [1, "
-                    f"{max_length}] (the longest profiled length; counted to the last column "
-                    "any row's mask marks, the padding after it cut); send shorter sequences"
-                )
             if m.input_rows:
                 codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []
@@ -1158,27 +1147,39 @@ class DataPlane:
                 f"or token ids as {text.ids!r} and {text.mask!r}; got inputs "
                 f"{', '.join(sorted(clip(n) for n in names)) or 'none'}"
             )
-        # Any width before the padding is cut: a client padding to its tokenizer's
-        # model_max_length (MiniLM's 512, beyond the longest lane) sends short text wide.
-        arrays, rows = codec.decode_inputs(
-            request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
-            length_is="the most columns token ids may have before their padding is cut",
+        arrays, rows = self._decode_masked(
+            request, cfg, raw, text.mask, text.ids, max_length,
+            f", or the text as {text.input!r} (truncated to fit)",
         )  # fmt: skip
-        arrays = _cut_padding(arrays, cfg, text.mask)
-        width = arrays[text.mask].shape[1]
-        if width > max_length and arrays[text.mask].any():  # else: "no token", below
-            raise InvalidArgument(
-                f"input {text.ids!r}: sequence length {width} is outside [1, {max_length}] "
-                "(the longest profiled length; counted to the last column any row's mask "
-                f"marks, the padding after it cut); send shorter sequences, or the text as "
-                f"{text.input!r} (truncated to fit)"
-            )
         codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
         if m.input_rows:  # other id inputs (token_type_ids); ids: the tokenizer's, above
             codec.check_ids(arrays, m.input_rows)
         return arrays, rows, []
+
+    def _decode_masked(
+        self, request, cfg, raw, mask_name: str, shown: str, max_length: int, fix: str = ""
+    ) -> tuple[dict, int]:
+        """The inputs of a model whose padding a mask covers (text:'s, or ``mask_input``),
+        decoded at any width and cut after the last column any row's mask marks: a client
+        padding to its tokenizer's model_max_length (MiniLM's 512, beyond the longest lane)
+        sends short text wide, and it runs and is planned at its real length. Past the
+        longest profiled length: InvalidArgument naming ``shown`` (a row without a token
+        is the caller's mask check's to refuse)."""
+        arrays, rows = codec.decode_inputs(
+            request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
+            length_is="the most columns sequence inputs may have before their padding is cut",
+        )  # fmt: skip
+        arrays = _cut_padding(arrays, cfg, mask_name)
+        width = arrays[mask_name].shape[1]
+        if width > max_length and arrays[mask_name].any():
+            raise InvalidArgument(
+                f"input {shown!r}: sequence length {width} is outside [1, {max_length}] (the "
+                "longest profiled length; counted to the last column any row's mask marks, "
+                f"the padding after it cut); send shorter sequences{fix}"
+            )
+        return arrays, rows
 
     async def _tokenize(
         self, m: ModelRuntime, texts: list[str], clock: DecodeClock | None = None

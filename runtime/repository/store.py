@@ -550,13 +550,14 @@ class Repository:
             raise RepositoryError(
                 f"{name}/{TEXT_FILE} is missing or corrupted: run `innfer build`"
             ) from None
-        if not path.is_file() or sha256_file(path) != record.get("sha256"):
+        digest = sha256_file(path) if path.is_file() else None
+        if digest is None or digest != record.get("sha256"):
             raise RepositoryError(
                 f"{name}/{config.text.tokenizer} is missing or differs from the one the model "
                 "was built with: restore it or rebuild with `innfer build`"
             )
         try:
-            return TextTokenizer(path, config.text.max_length)
+            return TextTokenizer(path, config.text.max_length, sha256=digest)
         except TokenizerError as exc:
             raise RepositoryError(str(exc)) from None
 

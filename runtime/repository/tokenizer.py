@@ -23,8 +23,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runtime.hashing import sha256_file
-
 
 def read_sentences(
     path: str | Path, limit: int | None = None, max_chars: int | None = None
@@ -76,7 +74,7 @@ class Encoded(NamedTuple):
 class TextTokenizer:
     """``tokenizer.json`` with truncation at ``max_length`` and no padding of its own."""
 
-    def __init__(self, path: str | Path, max_length: int) -> None:
+    def __init__(self, path: str | Path, max_length: int, sha256: str | None = None) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -89,9 +87,11 @@ class TextTokenizer:
             )
         self.path = Path(path)
         self.max_length = max_length
+        # The file's hash as the caller checked it (a served model's, against its build
+        # record): what identifies its encoding - a reload may bring another file at the
+        # same path (DataPlane._successor). None: nobody asked.
+        self.sha256 = sha256
         try:
-            # What identifies its encoding (a reload may bring another file at the same path).
-            self.sha256 = sha256_file(self.path)
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises plain Exception on bad files
             raise TokenizerError(f"cannot read tokenizer {self.path}: {exc}") from None
