@@ -309,3 +309,40 @@ def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait
     later = now + 3600.0
     # B long quiet: A's queued clients bound it, not B's stale 20 ms
     assert c._snapshot(later, 0).tight_budget == pytest.approx(0.5)
+
+
+def test_admission_counts_a_neighbours_higher_priority_work_due_later():
+    # a's 24 requests have priority 1: they run first whatever their deadlines (claim's
+    # order), so b's 38 ms request waits 30 ms and then needs its own 10 ms: refused. By
+    # deadline alone (due at 1 s, after b's) the 30 ms were not counted and it was admitted.
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    for i in range(24):
+        a.submit(Request(100 + i, 0.0, 1.0, priority=1), 0.0)
+    with pytest.raises(Refused, match="cannot be met"):
+        b.submit(Request(1, 0.0, 0.038), 0.0)
+    b.submit(Request(2, 0.0, 0.038, priority=1), 0.0)  # equal priority, due first: it fits
+
+
+def test_admission_skips_a_neighbours_lower_priority_work_due_sooner():
+    # a's 24 requests are due before b's, but b's has the higher priority: it runs first.
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    for i in range(24):
+        a.submit(Request(100 + i, 0.0, 0.035 + 0.0001 * i), 0.0)
+    b.submit(Request(1, 0.0, 0.038, priority=1), 0.0)
+    assert dev.claim(a) is None and b.next(0.0) is not None  # and it is served first
+
+
+def test_the_planners_backlog_follows_the_devices_order_too():
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    b.submit(Request(1, 0.0, 0.100), 0.0)
+    for i in range(16):  # due after b's request, but of higher priority: they run first
+        a.submit(Request(100 + i, 0.0, 0.500, priority=2), 0.0)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))
+    for i in range(8):  # due before b's but of lower priority: they run after it
+        a.submit(Request(200 + i, 0.0, 0.050, priority=-1), 0.0)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))

@@ -12,9 +12,10 @@ deadlines it admitted. With it:
   release);
 * each scheduler plans behind the device's backlog: every slot's running batch, whatever
   model it belongs to, from its real start; and for admission, the other models' queued
-  work that is due before the new request (it will run first, in deadline order), as
-  full batches on each request's fastest allowed tier. So load on A shrinks B's tiers, or
-  refuses B's requests at arrival, before B's deadlines are missed;
+  work more urgent than the new request (it will run first: higher priority, or equal
+  priority and due sooner), as full batches on each request's fastest allowed tier. So
+  load on A shrinks B's tiers, or refuses B's requests at arrival, before B's deadlines
+  are missed;
 * and the other way round: the member that got the slot may run its batch only as long as
   the others' queued requests, which wait behind it, can afford (``hold``). Without it a
   lane of short sentences, alone in planning its own queue, could pick the full tier while
@@ -243,15 +244,16 @@ class Device:
         others.sort()
         return own + ([0.0] * idle + others)[: limit - len(own)]
 
-    def backlog(self, scheduler: Scheduler, before: float) -> float:
-        """Seconds of the other members' queued work due by ``before`` (absolute deadline):
-        it runs first in deadline order. Counted as full batches on each request's fastest
-        allowed tier at the planning quantile, spread over the device's slots."""
+    def backlog(self, scheduler: Scheduler, key: tuple[float, float]) -> float:
+        """Seconds of the other members' queued work more urgent than ``key`` ((-priority,
+        absolute deadline), ``claim``'s order): it runs first. Counted as full batches on
+        each request's fastest allowed tier at the planning quantile, spread over the
+        device's slots."""
         total = 0.0
         for other in self.members:
             if other is scheduler or not other.queue:
                 continue
-            total += other.work_due(before)
+            total += other.work_due(key)
         return total / self.slots
 
     def hold(self, scheduler: Scheduler, now: float) -> float:

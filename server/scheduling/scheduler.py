@@ -374,7 +374,7 @@ class Scheduler:
         else:
             busy = self.device.offsets(now, q=q)
         # A shared device's work due first (at the planning quantile: others' plans).
-        ahead = self.device.backlog(self, r.deadline)
+        ahead = self.device.backlog(self, (-r.priority, r.deadline))
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z, b = self.ctx.tables(), z_score(q), self.ctx.plan_batch()
@@ -434,18 +434,21 @@ class Scheduler:
             return None
         return self.device.claim(self)
 
-    def work_due(self, before: float) -> float:
-        """Seconds of queued work due by ``before`` (absolute): per fastest allowed tier,
-        its rows as full batches plus one partial, at the planning quantile. What a shared
-        device's other members plan behind (``Device.backlog``)."""
-        if not self.queue:
+    def work_due(self, key: tuple[float, float]) -> float:
+        """Seconds of the queued work that runs before a request of urgency ``key``
+        ((-priority, absolute deadline): the device's order across models, ``claim``'s) - a
+        prefix of the queue, which is sorted by that key: per fastest allowed tier, its rows
+        as full batches plus one partial, at the planning quantile. What a shared device's
+        other members plan behind (``Device.backlog``). By deadline alone, a neighbour's
+        higher-priority requests due later were not counted though they run first, and its
+        lower-priority ones due sooner were, though they run after (review helper-137)."""
+        at = bisect.bisect(self._keys, (key[0], key[1], math.inf))
+        if not at:
             return 0.0
         cols = self.columns()
-        due = cols.deadline <= before
-        if not due.any():
-            return 0.0
         quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
-        rows = np.bincount(cols.hi[due], weights=cols.rows[due], minlength=len(quantile))
+        hi, rows = cols.hi[:at], cols.rows[:at]
+        rows = np.bincount(hi, weights=rows, minlength=len(quantile))
         total = 0.0
         for tier, n in enumerate(rows.astype(np.int64).tolist()):
             if n:
@@ -556,9 +559,10 @@ class Scheduler:
         busy = tuple(self.device.lanes(self, now, skip=slot))
         backlog = 0.0
         if self.queue and len(self.device.members) > 1:
-            # The others' work due before our last queued request runs before the rest of
-            # our queue (EDF across models); nothing is due before our head (we got the slot).
-            backlog = self.device.backlog(self, float(self.columns().deadline.max()))
+            # The others' work more urgent than our last queued request runs before the rest
+            # of our queue (priority, then EDF, across models); nothing is more urgent than
+            # our head (we got the slot).
+            backlog = self.device.backlog(self, self._keys[-1][:2])
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
