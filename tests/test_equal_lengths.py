@@ -315,27 +315,6 @@ def test_admission_plans_each_group_ahead_as_its_own_batch():
     assert expired == 0 and served == admitted == 5  # 5 batches of 8 ms fit 40 ms
 
 
-def test_one_group_queued_takes_the_compiled_admission(monkeypatch):
-    # Every request of a sequence model carries its lengths as a group: planned in Python
-    # at every submit, admission cost 20-60x the compiled path on long queues (review
-    # helper-141). With one group queued there is nothing to plan apart.
-    from server.scheduling import Request, Scheduler, TierInfo, make_policy
-
-    one = [TierInfo("w", 1.0, {1: 1.0, 8: 2.0})]
-    s = Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64)
-    calls = []
-    grouped = Scheduler._grouped_finish
-    monkeypatch.setattr(Scheduler, "_grouped_finish",
-                        lambda self, *a: calls.append(1) or grouped(self, *a))  # fmt: skip
-    for k in range(10):
-        s.submit(Request(k, 0.0, 1.0 + k, group=(7,)), 0.0)
-    assert calls == []
-    s.submit(Request(99, 0.0, 20.0, group=(9,)), 0.0)  # another length: planned apart
-    assert calls == [1]
-    s.expire(30.0)  # (expired, all: the count of groups follows the queue)
-    assert s._groups == {}
-
-
 def _ids_request(ids: np.ndarray, mask: np.ndarray):
     from server.proto_gen import grpc_service_pb2 as pb
 
@@ -406,3 +385,25 @@ def test_a_mask_input_is_no_unchecked_id_input_at_build():
     assert _unchecked_ids(ModelConfig.from_dict(spec), rows) == ["attention_mask"]
     spec["mask_input"] = "attention_mask"
     assert _unchecked_ids(ModelConfig.from_dict(spec), rows) == []
+
+
+def test_the_planner_counts_each_group_of_the_rest_as_its_own_batch():
+    # Eight requests of eight lengths, due at 22 ms; w100 takes 10 ms a batch, w025 2 ms.
+    # The head on w100 leaves 12 ms, enough for the rest as one batch (2 ms) but not as the
+    # seven batches they are (14 ms): the planner counted them as one, ran w100 and the last
+    # two missed. Each group is its own batch in the plan now: every batch runs on w025.
+    from server.scheduling import Request, Scheduler, TierInfo, make_policy
+
+    tiers = [TierInfo("w100", 0.99, {1: 10.0, 8: 10.0}), TierInfo("w025", 0.9, {1: 2.0, 8: 2.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    for k in range(8):
+        s.submit(Request(k, 0.0, 0.022, group=(k + 3,)), 0.0)
+    t, late = 0.0, 0
+    while s.queue:
+        d = s.next(t)
+        assert d is not None and len(d.requests) == 1  # one length per batch
+        took = 0.010 if d.tier == "w100" else 0.002
+        t += took
+        s.complete(d, t, took)
+        late += sum(t > r.deadline for r in d.requests)
+    assert late == 0

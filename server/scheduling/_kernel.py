@@ -33,31 +33,46 @@ def quantile(mean, var, z):
 
 @_jit
 def next_fit(ints, deadline, max_batch, of):
-    """Per fastest allowed tier, next-fit batches of the queue's columns (``ints``: rows,
-    lo, hi; (3, n)) in queue order, numbered in the order of their first request. Returns
-    ``batch`` (4, n) - hi, lo, rows and head (queue index of the first request) of batch g
-    in column g, the first G columns used - ``due`` (n,), each batch's earliest deadline
-    (first G), and G; writes each request's batch into ``of`` (n,)."""
-    rows, lo, hi = ints[0], ints[1], ints[2]
+    """Per class - fastest allowed tier and group - next-fit batches of the queue's columns
+    (``ints``: rows, lo, hi, group key; (4, n)) in queue order, numbered in the order of
+    their first request. Returns ``batch`` (4, n) - hi, lo, rows and head (queue index of
+    the first request) of batch g in column g, the first G columns used - ``due`` (n,), each
+    batch's earliest deadline (first G), and G; writes each request's batch into ``of``
+    (n,)."""
+    rows, lo, hi, key = ints[0], ints[1], ints[2], ints[3]
     n = len(rows)
     batch = np.empty((4, n), np.int64)
     g_hi, g_lo, g_rows, g_head = batch[0], batch[1], batch[2], batch[3]  # views
     due = np.empty(n, np.float64)
-    classes = 0
+    tiers = 0
     for i in range(n):
         if hi[i] < 0 or lo[i] < 0:
             raise ValueError("a tier rank is negative")
-        classes = max(classes, hi[i] + 1)
-    open_batch = np.full(classes, -1, np.int64)  # class -> the batch being filled
+        tiers = max(tiers, hi[i] + 1)
+    # Dense group codes (0 .. groups - 1): every key 0 - no groups, the usual case - skips
+    # the sort.
+    grouped = False
+    for i in range(n):
+        if key[i] != 0:
+            grouped = True
+            break
+    if grouped:
+        uniq = np.unique(key)
+        code = np.searchsorted(uniq, key)
+        groups = len(uniq)
+    else:
+        code = key  # every code 0: no copy
+        groups = 1
+    open_batch = np.full(tiers * groups, -1, np.int64)  # class -> the batch being filled
     g = 0
     for i in range(n):
-        c = hi[i]
+        c = code[i] * tiers + hi[i]
         k = open_batch[c]
         if k < 0 or g_rows[k] + rows[i] > max_batch:
             k = g
             g += 1
             open_batch[c] = k
-            g_hi[k], g_lo[k], g_rows[k], due[k], g_head[k] = c, lo[i], 0, deadline[i], i
+            g_hi[k], g_lo[k], g_rows[k], due[k], g_head[k] = hi[i], lo[i], 0, deadline[i], i
         else:
             g_lo[k] = max(g_lo[k], lo[i])
             due[k] = min(due[k], deadline[i])
@@ -68,7 +83,8 @@ def next_fit(ints, deadline, max_batch, of):
 
 @_jit
 def groups(ints, deadline, max_batch):
-    """``plan.Groups``' arrays for the queue's columns (``ints``: rows, lo, hi; (3, n)):
+    """``plan.Groups``' arrays for the queue's columns (``ints``: rows, lo, hi, group key;
+    (4, n)):
     ``next_fit``'s ``batch`` and ``due``; ``index`` (3, n + 1) - ``of`` (row 0, first n),
     the queue indices of each batch's members in queue order (row 1, first n; batch g's
     from ``bounds[g]`` to ``bounds[g + 1]``) and ``bounds`` (row 2, first G + 1); and G.
@@ -176,18 +192,18 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
 
 
 @_jit
-def admission(ints, at, r_rows, r_lo, r_hi, mean, var, max_batch, z, busy):
-    """When a new request (``r_rows``, ``r_lo``, ``r_hi``) queued after the first ``at``
-    requests of the columns (``ints``: rows, lo, hi) ends (seconds from now), the batches
-    on their fastest allowed tiers after the slots free (``busy``: per slot): with its own
-    batch, or, if sooner, added to an earlier batch that runs on a tier it allows and has
-    room for it."""
-    ahead = np.empty((3, at + 1), np.int64)  # the queue ahead, then the new request
+def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, max_batch, z, busy):
+    """When a new request (``r_rows``, ``r_lo``, ``r_hi``, group ``r_key``) queued after the
+    first ``at`` requests of the columns (``ints``: rows, lo, hi, group key) ends (seconds
+    from now), the batches on their fastest allowed tiers after the slots free (``busy``:
+    per slot): with its own batch, or, if sooner, added to an earlier batch of its group
+    that runs on a tier it allows and has room for it."""
+    ahead = np.empty((4, at + 1), np.int64)  # the queue ahead, then the new request
     ahead[:, :at] = ints[:, :at]
-    ahead[0, at], ahead[1, at], ahead[2, at] = r_rows, r_lo, r_hi
+    ahead[0, at], ahead[1, at], ahead[2, at], ahead[3, at] = r_rows, r_lo, r_hi, r_key
     of = np.empty(at + 1, np.int64)
     batch, _, _ = next_fit(ahead, np.zeros(at + 1), max_batch, of)  # deadlines unused
-    g_hi, g_rows = batch[0], batch[2]
+    g_hi, g_rows, g_head = batch[0], batch[2], batch[3]
     mine = of[at]
     width = mean.shape[1]
     off = np.sort(busy)
@@ -204,7 +220,7 @@ def admission(ints, at, r_rows, r_lo, r_hi, mean, var, max_batch, z, busy):
         v[s] += var[t, b]
         if k == mine:
             best = min(best, off[s] + quantile(m[s], v[s], z))
-        elif r_lo <= t <= r_hi and b + r_rows <= max_batch:  # max_batch < width: plan.py
+        elif r_lo <= t <= r_hi and b + r_rows <= max_batch and ahead[3, g_head[k]] == r_key:
             dm = mean[t, b + r_rows] - mean[t, b]
             dv = var[t, b + r_rows] - var[t, b]
             best = min(best, off[s] + quantile(m[s] + dm, v[s] + dv, z))

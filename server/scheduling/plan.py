@@ -2,18 +2,20 @@
 batch ends at the ``slo_target`` quantile. Shared by admission (``Scheduler.submit``) and the
 planner's feasibility checks, so both count the work ahead the same way.
 
-The queue is held as columns (numpy arrays in queue order): deadline, rows, and the range
+The queue is held as columns (numpy arrays in queue order): deadline, rows, the range
 of tier ranks each request allows - ``lo`` .. ``hi`` with 0 the most accurate tier, so a pin
-is lo == hi and a min_tier m is 0 .. rank(m).
+is lo == hi and a min_tier m is 0 .. rank(m) - and its ``group`` key (``group_key``: 0 for
+none; requests of different groups never share a batch).
 
 The plan (``form_groups``, once per decision): requests are grouped by their fastest
-allowed tier ``hi``; per such class, in queue order, batches of up to B rows, a request that
-does not fit closing the batch (next-fit, as ``Context.take``). A batch may run on any tier
-from the most demanding ``lo`` of its requests to ``hi``: on a plan's tier p where that
-range holds p, else on ``hi``. Batches run in the order of their first request, each on the
-slot that frees first. A batch's time is log-normal (the latency model's, per tier and
-size), batch times are independent, and a batch ends at the ``slo_target`` quantile of the
-sum of the times before it on its slot and its own (``latency.sum_quantile``).
+allowed tier ``hi`` and their group; per such class, in queue order, batches of up to B
+rows, a request that does not fit closing the batch (next-fit, as ``Context.take``). A batch
+may run on any tier from the most demanding ``lo`` of its requests to ``hi``: on a plan's
+tier p where that range holds p, else on ``hi``. Batches run in the order of their first
+request, each on the slot that frees first. A batch's time is log-normal (the latency
+model's, per tier and size), batch times are independent, and a batch ends at the
+``slo_target`` quantile of the sum of the times before it on its slot and its own
+(``latency.sum_quantile``).
 
 Checking a candidate decision (``feasible``) takes its head batch's requests out of their
 batches without re-forming the others - a batch that loses requests runs the rest sooner,
@@ -42,7 +44,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,18 +60,30 @@ SMALL_QUEUE = 24
 quantile = _kernel.quantile
 
 
+def group_key(group: Hashable) -> int:
+    """``Request.group`` as the int64 the columns hold: 0 for None (one group), else its
+    hash, a hash of 0 as -1 (a value ``hash`` never returns). Two groups whose hashes
+    collide are planned as one: an optimistic plan for them, never a shared batch
+    (``Context.take`` compares the groups themselves)."""
+    if group is None:
+        return 0
+    return hash(group) or -1
+
+
 @dataclass(frozen=True)
 class Columns:
     """The queue as read-only arrays, in queue order: ``deadline`` (s, float64) and
-    ``ints`` (3, n) int64 - ``rows``, ``lo`` and ``hi`` (the allowed tier ranks)."""
+    ``ints`` (4, n) int64 - ``rows``, ``lo`` and ``hi`` (the allowed tier ranks) and
+    ``group`` (``group_key``)."""
 
     deadline: np.ndarray
     ints: np.ndarray
 
     @classmethod
-    def build(cls, deadline, rows, lo, hi) -> Columns:
+    def build(cls, deadline, rows, lo, hi, group=None) -> Columns:
         d = np.asarray(deadline, dtype=np.float64)
-        ints = np.array([rows, lo, hi], dtype=np.int64).reshape(3, len(d))
+        keys = np.zeros(len(d), np.int64) if group is None else group
+        ints = np.array([rows, lo, hi, keys], dtype=np.int64).reshape(4, len(d))
         d.flags.writeable = ints.flags.writeable = False
         return cls(d, ints)
 
@@ -84,6 +98,10 @@ class Columns:
     @property
     def hi(self) -> np.ndarray:
         return self.ints[2]
+
+    @property
+    def group(self) -> np.ndarray:
+        return self.ints[3]
 
     def __len__(self) -> int:
         return len(self.deadline)
@@ -201,21 +219,21 @@ def feasible(
 def admission_finish(
     cols: Columns,
     at: int,
-    request: tuple[int, int, int],
+    request: tuple[int, int, int, int],
     max_batch: int,
     tables: tuple[np.ndarray, np.ndarray, np.ndarray],
     z: float,
     busy: Sequence[float],
 ) -> float:
-    """When a new request - ``request``: its (rows, lo, hi) - queued after the first ``at``
-    requests of ``cols`` would end, seconds from now at the ``z`` quantile, the batches run
-    on their fastest allowed tiers after the slots free (``busy``: seconds per slot): with
-    its own batch, or, if sooner, added to an earlier batch that runs on a tier it allows
-    and has room for it."""
+    """When a new request - ``request``: its (rows, lo, hi, group key) - queued after the
+    first ``at`` requests of ``cols`` would end, seconds from now at the ``z`` quantile, the
+    batches run on their fastest allowed tiers after the slots free (``busy``: seconds per
+    slot): with its own batch, or, if sooner, added to an earlier batch of its group that
+    runs on a tier it allows and has room for it."""
     if not len(busy):
         raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
-    rows, lo, hi = request
+    rows, lo, hi, group = request
     if not 0 <= at <= len(cols):
         raise ValueError(f"at {at} is outside a queue of {len(cols)}")
     if not 0 <= lo <= hi < mean.shape[0]:
@@ -223,8 +241,9 @@ def admission_finish(
     if max_batch >= mean.shape[1]:
         raise ValueError(f"max_batch {max_batch} exceeds the latency tables' {mean.shape[1] - 1}")
     return _kernel.admission(
-        cols.ints, at, rows, lo, hi, mean, var, max_batch, float(z), np.asarray(busy, np.float64)
-    )
+        cols.ints, at, rows, lo, hi, group, mean, var, max_batch, float(z),
+        np.asarray(busy, np.float64),
+    )  # fmt: skip
 
 
 @functools.cache
@@ -237,5 +256,8 @@ def warm() -> None:
     tables = (mean, mean, var)
     g = form_groups(cols, 3)
     feasible(g, cols, [Candidate([0], 1e-3, 1e-9, None)], tables, 3.0, [0.0], 0.0)
-    admission_finish(cols, 1, (1, 0, 0), 3, tables, 3.0, [0.0])
+    admission_finish(cols, 1, (1, 0, 0, 0), 3, tables, 3.0, [0.0])
+    grouped = Columns.build([0.01, 0.02], [1, 2], [0, 0], [0, 0], [5, 7])  # the groups' path
+    form_groups(grouped, 3)
+    admission_finish(grouped, 1, (1, 0, 0, 5), 3, tables, 3.0, [0.0])
     quantile(1e-3, 1e-9, 3.0)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .latency import LatencyModel, TierInfo, dominated
-from .plan import Candidate, Columns, Groups, feasible, form_groups
+from .plan import Candidate, Columns, Groups, feasible, form_groups, group_key
 from .request import Request
 
 # Planner step 1: when at least this share of recent requests arrived to an idle device,
@@ -269,6 +269,7 @@ class Context:
             [r.rows for r in queue],
             [b[0] for b in bounds],
             [b[1] for b in bounds],
+            [group_key(r.group) for r in queue],
         )
 
     def take(self, queue: Sequence[Request], tier: str, limit_rows: int) -> list[Request]:

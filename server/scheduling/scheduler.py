@@ -45,7 +45,7 @@ import numpy as np
 
 from .device import Device, Instances
 from .latency import DEFAULT_SLO_TARGET, LatencyModel, TierInfo, z_score
-from .plan import SMALL_QUEUE, Columns, admission_finish, quantile, warm
+from .plan import SMALL_QUEUE, Columns, admission_finish, group_key, quantile, warm
 from .policy import Context, Decision, FixedTier, Policy, Snapshot
 from .request import IllegalTransition, Request, State
 
@@ -165,7 +165,6 @@ class Scheduler:
         self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
-        self._groups: dict = {}  # group -> requests of it queued (groups other than None)
         self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
         # slot -> (the decision running there, the time it started)
         self.running: dict[int, tuple[Decision, float]] = {}
@@ -286,8 +285,6 @@ class Scheduler:
             )
         self._keys.insert(i, key)
         self.queue.insert(i, r)
-        if r.group is not None:
-            self._groups[r.group] = self._groups.get(r.group, 0) + 1
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
             self._cols.drop()
         else:
@@ -381,41 +378,8 @@ class Scheduler:
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
-        # Requests of another group queued: the columns hold no groups, so batches per group
-        # are planned in Python (O(|Q|) per call; one group, the compiled path).
-        if r.group is not None and (len(self._groups) > 1 or r.group not in self._groups):
-            return now + self._grouped_finish(r, at, tables, z, busy)
-        return now + admission_finish(self.columns(), at, (r.rows, lo, hi), b, tables, z, busy)
-
-    def _grouped_finish(self, r: Request, at: int, tables, z: float, busy) -> float:
-        """``admission_finish`` where requests carry groups (never batched across): the
-        queue ahead as next-fit batches per (group, fastest tier), run in the order of their
-        first request, each on the slot that frees first; when ``r``'s batch ends (s from
-        now), without the join to an earlier batch of another class. Counted as one batch
-        of all, requests of 8 lengths were admitted and 3 of 8 expired in the queue (review
-        helper-140)."""
-        _, mean, var = tables
-        b = self.ctx.plan_batch()
-        order: list[list] = []  # [tier rank, rows] per batch, by its first request
-        open_batch: dict[tuple, list] = {}
-        mine = None
-        for q in itertools.chain(itertools.islice(self.queue, at), (r,)):
-            key = (q.group, self.ctx.bounds(q)[1])
-            k = open_batch.get(key)
-            if k is None or k[1] + q.rows > b:
-                k = open_batch[key] = [key[1], 0]
-                order.append(k)
-            k[1] += q.rows
-            mine = k
-        off = sorted(busy)
-        m, v = [0.0] * len(off), [0.0] * len(off)
-        for k in order:
-            s = min(range(len(off)), key=lambda i: off[i] + m[i])
-            m[s] += float(mean[k[0], k[1]])
-            v[s] += float(var[k[0], k[1]])
-            if k is mine:
-                return off[s] + quantile(m[s], v[s], z)
-        raise AssertionError("unreachable: r's batch is in the order")
+        new = (r.rows, lo, hi, group_key(r.group))
+        return now + admission_finish(self.columns(), at, new, b, tables, z, busy)
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
@@ -661,11 +625,6 @@ class Scheduler:
     def _remove_at(self, idx: list[int]) -> None:
         """Remove the queued requests at the sorted indices ``idx``."""
         for i in reversed(idx):
-            g = self.queue[i].group
-            if g is not None and g in self._groups:
-                self._groups[g] -= 1
-                if not self._groups[g]:
-                    del self._groups[g]
             del self.queue[i]
             del self._keys[i]
         if self._cols.synced:
@@ -689,7 +648,7 @@ class _Columns:
     def __init__(self) -> None:
         self.synced = True  # False: out of step with the queue until rebuilt
         self.deadline = np.empty(0)
-        self.ints = np.empty((3, 0), dtype=np.int64)  # rows, lo, hi
+        self.ints = np.empty((4, 0), dtype=np.int64)  # rows, lo, hi, group key
         self._view: Columns | None = None
 
     @property
@@ -704,7 +663,7 @@ class _Columns:
     def clear(self) -> None:
         """The queue is empty: so are the arrays, in step."""
         self.deadline = np.empty(0)
-        self.ints = np.empty((3, 0), dtype=np.int64)
+        self.ints = np.empty((4, 0), dtype=np.int64)
         self.synced = True
         self._view = None
 
@@ -714,7 +673,8 @@ class _Columns:
         lo, hi = ctx.bounds(r)
         d, a = self.deadline, self.ints
         self.deadline = np.concatenate((d[:i], (r.deadline,), d[i:]))
-        self.ints = np.concatenate((a[:, :i], ((r.rows,), (lo,), (hi,)), a[:, i:]), axis=1)
+        new = ((r.rows,), (lo,), (hi,), (group_key(r.group),))
+        self.ints = np.concatenate((a[:, :i], new, a[:, i:]), axis=1)
         self._view = None
 
     def delete(self, idx: list[int]) -> None:
