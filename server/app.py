@@ -32,8 +32,13 @@ from server.dataplane import DataPlane
 from server.limits import stream_limits_warning
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
-from server.proto_gen import health_pb2, health_pb2_grpc
-from server.service import HealthService, InferenceService, add_inference_service
+from server.proto_gen import health_pb2
+from server.service import (
+    HealthService,
+    InferenceService,
+    add_health_service,
+    add_inference_service,
+)
 
 log = logging.getLogger("innfer.server")
 
@@ -105,7 +110,7 @@ class Server:
         # is parsed (server.service.AuthInterceptor).
         self.grpc = grpc.aio.server(options=opts, interceptors=service.interceptors() or None)
         add_inference_service(service, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(HealthService(self.plane), self.grpc)
+        add_health_service(HealthService(self.plane), self.grpc)
         if self.config.reflection:
             _enable_reflection(self.grpc)
         address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"

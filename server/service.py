@@ -5,6 +5,7 @@ become status codes. No traceback ever reaches a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import hmac
@@ -732,6 +733,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         return S.SERVING if self.plane.ready() else S.NOT_SERVING
 
     async def Check(self, request, context):
+        await _health_decoded(request, context)
         status = self.status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(
@@ -740,6 +742,51 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 f"{', '.join(map(repr, self.SERVICES))}",
             )
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        """The service's status now, then each change (checked every
+        ``HEALTH_WATCH_PERIOD_S``) until the client cancels or the server drains (the last
+        status then sent: the stream must not hold the drain to its grace period); an
+        unknown service is SERVICE_UNKNOWN, not an error (grpc.health.v1)."""
+        await _health_decoded(request, context)
+        closing, last = self.plane.closing, None
+        while True:
+            status = self.status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            if closing.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), HEALTH_WATCH_PERIOD_S)
+
+
+# How often a Watch stream looks at the status (readiness changes at a load, an unload, a
+# stuck engine or a drain: a second is well inside a probe's period).
+HEALTH_WATCH_PERIOD_S = 1.0
+
+
+async def _health_decoded(request, context) -> None:
+    if isinstance(request, Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request bytes are not a valid {request.message}: {request.error}",
+        )
+
+
+def add_health_service(servicer: HealthService, server) -> None:
+    """Register ``servicer`` like the generated ``add_HealthServicer_to_server``, with
+    deserializers that answer undecodable bytes INVALID_ARGUMENT (grpc itself answers
+    UNKNOWN and logs a traceback per call: the health service is open without a token)."""
+    request = health_pb2.HealthCheckRequest
+    response = health_pb2.HealthCheckResponse.SerializeToString
+    parse = _tolerant(request, OTHER_FIELDS)
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(servicer.Check, parse, response),
+        "Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch, parse, response),
+    }
+    name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
 _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")

@@ -442,6 +442,44 @@ def test_an_unknown_health_service_name_is_clipped(server):
     assert len(msg) <= 1024 and "(100000 characters)" in msg and "'readiness'" in msg, msg
 
 
+def test_undecodable_health_requests_are_invalid_argument(server):
+    # grpc's own deserializer answered UNKNOWN and logged a traceback per call - on a
+    # service open without a token (review helper-144).
+    with grpc.insecure_channel(server.address) as ch:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check")
+        for data in (b"\xff", b"\x0a\x02\xff\xfe"):  # a truncated field; a non-UTF-8 name
+            code, msg = _status(check, data, timeout=10)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, msg)
+            assert "grpc.health.v1.HealthCheckRequest" in msg
+
+
+def test_health_watch_streams_the_status(server):
+    # Watch answered UNIMPLEMENTED ("Method not implemented!") with a traceback logged.
+    with grpc.insecure_channel(server.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        live = h.Watch(health_pb2.HealthCheckRequest(service="liveness"), timeout=10)
+        assert next(live).status == SERVING
+        live.cancel()
+        unknown = h.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        unknown.cancel()
+
+
+def test_a_health_watch_ends_at_the_drain(repo):
+    # An open Watch must not hold the drain to its grace period: it sends NOT_SERVING and
+    # ends as draining begins.
+    s = ServerThread({"repository": str(repo)}).start()
+    with grpc.insecure_channel(s.address) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=60
+        )
+        assert next(watch).status == SERVING
+        started = time.monotonic()
+        s.stop(grace=30.0)
+        assert [m.status for m in watch] == [NOT_SERVING]  # then the stream ends, OK
+        assert time.monotonic() - started < 20.0  # not the 30 s grace
+
+
 def test_model_name_rules():
     check_model_name("mnist_v2.1-cpu")
     for bad in ("../x", "x/y", "", ".", "..", "-x", "x" * 129, "é", "a\x00b"):
