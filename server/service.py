@@ -77,11 +77,15 @@ def status_of(exc: InferError) -> grpc.StatusCode:
 
 class Undecodable:
     """What a request deserializer returns for bytes that are not the expected message, so
-    the handler can answer INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
+    the handler can answer INVALID_ARGUMENT (grpc itself would answer UNKNOWN). ``header``:
+    for a ModelInferRequest, its model name, version and id where the bytes still say them
+    (``wire.leading_strings``), else None - a stream's error answer carries the id, without
+    which a client matching answers by id waits for it for good."""
 
-    def __init__(self, message: str, error: Exception) -> None:
+    def __init__(self, message: str, error: Exception, header=None) -> None:
         self.message = message
         self.error = error
+        self.header = header
 
 
 def _require_decoded(request) -> None:
@@ -124,6 +128,14 @@ def _tolerant(cls, bound: wire.Bound | int = 0, split: bool = False) -> Callable
     ModelInfer only: its handler reads RAW_INPUTS; a stream's requests share one context):
     the tensors are taken out uncopied (server/wire.py)."""
 
+    def undecodable(data: bytes, exc: Exception) -> Undecodable:
+        header = None
+        if cls is pb.ModelInferRequest:
+            s = wire.leading_strings(data, last=3)  # model_name, model_version, id
+            header = pb.ModelInferRequest(model_name=s.get(1, ""), model_version=s.get(2, ""),
+                                          id=s.get(3, ""))  # fmt: skip
+        return Undecodable(cls.DESCRIPTOR.full_name, exc, header)
+
     def parse(data: bytes):
         RECEIVED.set((time.monotonic(), len(data)))
         parts = None
@@ -132,19 +144,19 @@ def _tolerant(cls, bound: wire.Bound | int = 0, split: bool = False) -> Callable
                 number = wire.RAW_INPUT_CONTENTS if split else None
                 parts = wire.split_field(data, number, bound or 1 << 20)
         except wire.TooManyFields as exc:
-            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+            return undecodable(data, exc)
         if parts is None and bound and len(data) > WALK_FALLBACK_BYTES:
             # Not well formed where the walk went (a group, an invalid wire type, a field cut
             # short): protobuf would parse the rest unbounded (an unknown group in front of
             # 2 M empty inputs: 0.14 s, 180 MiB), so only a small message goes to it for its
             # precise error.
-            return Undecodable(cls.DESCRIPTOR.full_name, ValueError(MALFORMED))
+            return undecodable(data, ValueError(MALFORMED))
         raw = parts[1] if parts is not None and parts[1] else None
         RAW_INPUTS.set(raw)
         try:
             return cls.FromString(data if raw is None else parts[0])
         except DecodeError as exc:
-            return Undecodable(cls.DESCRIPTOR.full_name, exc)
+            return undecodable(data, exc)
 
     return parse
 
@@ -662,6 +674,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         # the message, so it ends with the id too, never cut off by the message's cap.
         failed = pb.ModelStreamInferResponse()
         message = f"{code.name}: {text}"
+        if isinstance(request, Undecodable) and request.header is not None:
+            request = request.header  # what the bytes still say: the id above all
         if isinstance(request, pb.ModelInferRequest):
             r = failed.infer_response
             rid = request.id

@@ -116,6 +116,35 @@ def split_field(
     return b"".join(kept), found
 
 
+def leading_strings(data: bytes, last: int, fields: int = 16) -> dict[int, str]:
+    """The length-delimited top-level fields numbered up to ``last`` that open ``data``,
+    decoded as UTF-8 (invalid bytes replaced; the last occurrence of a number wins, as
+    protobuf's parse), walking no further than ``fields`` fields or the first numbered past
+    ``last`` - where protobuf libraries put them, since they write fields in number order.
+    What a request that cannot be parsed still says about itself (a ModelInferRequest's
+    model name, version and id: fields 1 to 3), for its error answer.
+
+    Example:
+        >>> leading_strings(b"\\x0a\\x01m\\x1a\\x02r7\\x22\\x00", last=3)
+        {1: 'm', 3: 'r7'}
+    """
+    out: dict[int, str] = {}
+    i, end = 0, len(data)
+    try:
+        for _ in range(fields):
+            if i >= end:
+                break
+            key, i = _varint(data, i)
+            if key >> 3 > last:
+                break
+            body, i = _skip(data, key & 7, i, end)
+            if body >= 0:
+                out[key >> 3] = bytes(data[body:i]).decode(errors="replace")
+    except (IndexError, _Malformed):
+        pass
+    return out
+
+
 def _count(
     data: bytes, i: int, end: int, most: int, deep: int | None = None, deep_most: int = 0
 ) -> tuple[int, int]:

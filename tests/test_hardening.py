@@ -167,6 +167,29 @@ def test_a_streamed_request_is_bounded_as_a_unary_one(stub):
     assert "top-level fields" in resp.error_message
 
 
+def test_a_streamed_request_refused_unparsed_is_answered_with_its_id(server):
+    # Refused before protobuf parsed it, its answer had an empty id and no "(request id
+    # ...)" in the message: a client matching stream answers by id waited for it for good
+    # (review helper-144). The id comes from the bytes' leading fields.
+    bad = pb.ModelInferRequest(model_name="tiny", model_version="1", id="r3")
+    bad.outputs.extend(pb.ModelInferRequest.InferRequestedOutputTensor(name="o")
+                       for _ in range(300))  # fmt: skip
+    broken = b"\x0a\x04tiny\x1a\x02r4" + b"\x3b" + b"\x00" * 5000  # a group: malformed
+    sent = [_request(id="r2").SerializeToString(), bad.SerializeToString(), broken]
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        good, refused, cut = call(iter(sent), timeout=10)  # fmt: skip
+    assert good.infer_response.id == "r2" and not good.error_message
+    assert refused.infer_response.id == "r3" and refused.infer_response.model_name == "tiny"
+    assert refused.infer_response.model_version == "1"
+    assert refused.error_message.endswith("(request id 'r3')"), refused.error_message
+    assert "top-level fields" in refused.error_message
+    assert cut.infer_response.id == "r4" and cut.error_message.startswith("INVALID_ARGUMENT")
+
+
 def test_a_text_models_inputs_are_counted_before_they_are_scanned(tmp_path):
     # DataPlane._decode looked for a text model's text input among every input (any())
     # before any count was checked.
@@ -233,7 +256,7 @@ def test_an_unauthenticated_call_is_refused_before_its_request_is_parsed(repo, m
             assert _health(s) == SERVING
             auth = [("authorization", f"Bearer {token}")]
             assert stub.ModelInfer(_request(), metadata=auth, timeout=10).outputs
-            assert parsed == ["ServerLiveRequest", "ModelInferRequest"]
+            assert parsed == ["ServerLiveRequest", "HealthCheckRequest", "ModelInferRequest"]
     finally:
         s.stop()
 
