@@ -92,6 +92,8 @@ def decode_inputs(
         )
     arrays, rows, length = {}, None, None
     for i, t in enumerate(request.inputs):
+        if t.parameters:
+            _check_input_parameters(t)
         spec = by_name[t.name]
         batch, seq = _check_shape(t, spec, max_batch, max_length, length_is)
         if rows is not None and batch != rows:
@@ -101,6 +103,18 @@ def decode_inputs(
         rows, length = batch, seq if seq is not None else length
         arrays[t.name] = _array(t, spec, raw[i] if raw else None)
     return arrays, int(rows or 0)
+
+
+def _check_input_parameters(t) -> None:
+    """Refuse the shared-memory extension's input parameters (tritonclient's
+    ``set_shared_memory``): not offered, and its tensor is not in the request - read as
+    missing values ("0 values in contents") or, beside raw bytes, silently ignored."""
+    shared = [k for k in t.parameters if k.startswith("shared_memory_")]
+    if shared:
+        raise InvalidArgument(
+            f"input {t.name!r}: parameter {clip(shared[0])} is not supported (no shared "
+            "memory: send the tensor in the request, in raw_input_contents)"
+        )
 
 
 def _expected(spec: TensorConfig) -> str:
@@ -115,7 +129,7 @@ def _check_shape(
     checking datatype and shape against ``spec``."""
     want = oip_datatype(spec.dtype)
     if t.datatype != want:
-        raise InvalidArgument(f"input {t.name!r}: datatype {t.datatype[:32]}, expected {want}")
+        raise InvalidArgument(f"input {t.name!r}: datatype {clip(t.datatype)}, expected {want}")
     if len(t.shape) != len(spec.shape) + 1:  # before reading the dims: there may be millions
         raise InvalidArgument(
             f"input {t.name!r}: {len(t.shape)} dims given, expected {_expected(spec)}"
@@ -170,8 +184,10 @@ def decode_text(
         given = ", ".join(sorted(clip(t.name) for t in request.inputs[: limits.max_inputs]))
         raise InvalidArgument(f"a text request has one input, {name!r}; got {given or 'none'}")
     t = request.inputs[0]
+    if t.parameters:
+        _check_input_parameters(t)
     if t.datatype != "BYTES":
-        raise InvalidArgument(f"input {name!r}: datatype {t.datatype[:32]}, expected BYTES")
+        raise InvalidArgument(f"input {name!r}: datatype {clip(t.datatype)}, expected BYTES")
     if not 1 <= len(t.shape) <= 2 or (len(t.shape) == 2 and t.shape[1] != 1):
         raise InvalidArgument(
             f"input {name!r}: shape {list(t.shape)[:4]}, expected [-1, 1] (one string per row)"
@@ -188,17 +204,28 @@ def decode_text(
             "in order, or none"
         )
     typed = t.contents.bytes_contents
-    if raw and typed:
+    # Every contents field that holds values: numbers beside the strings were ignored, and
+    # numbers alone read as "0 strings".
+    given = [f.name for f, _ in t.contents.ListFields()]
+    if raw and given:
         raise InvalidArgument(
-            f"input {name!r} has both contents.bytes_contents and raw_input_contents; "
+            f"input {name!r} has both contents.{given[0]} and raw_input_contents; "
             "send one or the other"
+        )
+    elsewhere = [g for g in given if g != "bytes_contents"]
+    if elsewhere and typed:
+        raise InvalidArgument(
+            f"input {name!r} has values in contents.{elsewhere[0]} beside its strings in "
+            "contents.bytes_contents; send the strings only"
         )
     items = _length_prefixed(raw[0], name, rows) if raw else list(typed[: rows + 1])
     if len(items) != rows:
         given = (
             len(typed) if not raw else f"{len(items)} or more" if len(items) > rows else len(items)
         )
-        raise InvalidArgument(f"input {name!r}: {given} strings for {rows} rows")
+        hint = f" (values came in contents.{elsewhere[0]}: send BYTES strings in " \
+            "contents.bytes_contents)" if elsewhere else ""  # fmt: skip
+        raise InvalidArgument(f"input {name!r}: {given} strings for {rows} rows{hint}")
     texts = []
     for i, b in enumerate(items):
         if len(b) > max_bytes:

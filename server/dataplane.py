@@ -1310,7 +1310,8 @@ def _number(param, name: str) -> float | None:
     kind = param.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param", "double_param"):
         return float(getattr(param, kind))
-    raise InvalidArgument(f"parameter {name!r} must be a number, got a {kind or 'empty value'}")
+    got = f"a {kind}" if kind else "no value"
+    raise InvalidArgument(f"parameter {name!r} must be a number, got {got}")
 
 
 def id_size(request_id: str, limit: int) -> int | None:
@@ -1480,10 +1481,10 @@ def _unchanged(before: ServedModel, after: ServedModel) -> bool:
 def _check_version(name: str, version: str) -> None:
     """A version other than ``VERSION`` as Triton reads it: a number ("01" is 1), else
     INVALID_ARGUMENT; any other number NOT_FOUND."""
-    try:
-        number = int(version)
-    except ValueError:
-        number = -1
+    # ASCII digits only: int() also reads other scripts' digits, a sign and whitespace
+    # ("\u0661", "+1", " 1" were version 1; Triton refuses them).
+    # (And at most 18 digits: int() refuses over 4,300 with a ValueError of its own.)
+    number = int(version) if version.isascii() and version.isdigit() and len(version) < 19 else -1
     if number < 0:
         raise InvalidArgument(
             f"model version {clip(version)} is not a version number; give {VERSION} or none"

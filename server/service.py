@@ -714,17 +714,24 @@ ID_ECHO_CHARS = 255
 
 def _stream_order(metadata) -> bool:
     """Whether a stream's answers go back in request order (True: the default, Triton's) or
-    as they complete (header ``innfer-stream-order: completion``)."""
+    as they complete (header ``innfer-stream-order: completion``). Given twice, the
+    values must agree (the first silently won)."""
+    order = None
     for key, value in metadata or ():
         if key == STREAM_ORDER_HEADER:
             value = value.decode(errors="replace") if isinstance(value, bytes) else value
-            if value in ("request", "completion"):
-                return value == "request"
-            raise InvalidArgument(
-                f"{STREAM_ORDER_HEADER} {clip(value)}: send 'request' (answers in the order "
-                "the requests came, the default) or 'completion' (each as it completes)"
-            )
-    return True
+            if value not in ("request", "completion"):
+                raise InvalidArgument(
+                    f"{STREAM_ORDER_HEADER} {clip(value)}: send 'request' (answers in the "
+                    "order the requests came, the default) or 'completion' (each as it "
+                    "completes)"
+                )
+            if order is not None and value != order:
+                raise InvalidArgument(
+                    f"{STREAM_ORDER_HEADER} is given as both {order!r} and {value!r}: send it once"
+                )
+            order = value
+    return order != "completion"
 
 
 class HealthService(health_pb2_grpc.HealthServicer):

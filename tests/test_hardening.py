@@ -917,3 +917,49 @@ def test_bearer_scheme_is_case_insensitive(repo, scheme):
             assert code == grpc.StatusCode.UNAUTHENTICATED  # the token itself is case-sensitive
     finally:
         s.stop()
+
+
+# -- review helper-144: the protocol fuzzer's findings in the codec -----------------------------
+def test_input_side_shared_memory_is_refused_by_name(stub):
+    # tritonclient's set_shared_memory sends parameters and no contents: "0 values in
+    # contents.fp32_contents" said nothing, and beside raw bytes they were ignored.
+    for raw in (False, True):
+        req = _request() if raw else pb.ModelInferRequest(model_name="tiny")
+        if not raw:
+            req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+        req.inputs[0].parameters["shared_memory_region"].string_param = "r0"
+        req.inputs[0].parameters["shared_memory_byte_size"].int64_param = 256
+        code, msg = _status(stub.ModelInfer, req, timeout=10)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "shared_memory_" in msg, msg
+        assert "not supported" in msg
+
+
+def test_a_datatype_is_echoed_quoted():
+    from runtime.repository.config import TensorConfig
+    from server.codec import decode_inputs
+
+    spec = TensorConfig(name="x", dtype="float32", shape=(2,))
+    for odd, shown in (("FP32 ", "'FP32 '"), ("", "''"), ("FP32\n\x1b[31m", "'FP32\\n\\x1b[31m'")):
+        req = pb.ModelInferRequest(raw_input_contents=[bytes(8)])
+        req.inputs.add(name="x", datatype=odd, shape=[1, 2])
+        with pytest.raises(InvalidArgument) as e:
+            decode_inputs(req, [spec], max_batch=8)
+        assert f"datatype {shown}, expected FP32" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_text_input_refuses_values_beside_its_strings():
+    from server.codec import decode_text
+
+    def text(**contents):
+        req = pb.ModelInferRequest()
+        t = req.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
+        for field, values in contents.items():
+            getattr(t.contents, field).extend(values)
+        return req
+
+    assert decode_text(text(bytes_contents=[b"the model"]), "text", 8, 64) == ["the model"]
+    with pytest.raises(InvalidArgument, match=r"contents\.fp32_contents beside its strings"):
+        decode_text(text(bytes_contents=[b"the model"], fp32_contents=[1, 2]), "text", 8, 64)
+    with pytest.raises(InvalidArgument, match=r"0 strings for 1 rows \(values came in contents"):
+        decode_text(text(int64_contents=[7]), "text", 8, 64)

@@ -87,3 +87,13 @@ def test_a_stream_error_answer_is_marked_final_too(server):
         answers = list(pbg.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([bad])))
     assert len(answers) == 1 and answers[0].error_message
     assert answers[0].infer_response.parameters["triton_final_response"].bool_param is True
+
+
+def test_version_strings_are_ascii_digits_only(client):
+    # int() read other scripts' digits, a sign and whitespace as version 1 (review
+    # helper-144); Triton refuses them. Past 18 digits int() itself would raise.
+    for odd in ("\u0661", "\uff11", "+1", " 1", "1\n", "9" * 5000):
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("tiny", [_input()], model_version=odd)
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT", odd
+        assert "not a version number" in e.value.message()

@@ -197,7 +197,7 @@ def test_aio_client_concurrent_requests_each_answered_once(tmp_path):
         (lambda: [_input(_x(1), name="image")], INVALID, "unknown input 'image'"),
         (lambda: [_input(_x(1, (1, 8, 9)))], INVALID, "does not match [-1, 1, 8, 8]"),
         (lambda: [_input(_x(1).astype(np.float64), dtype="FP64")], INVALID,
-         "datatype FP64, expected FP32"),
+         "datatype 'FP64', expected FP32"),
         (lambda: [_input(_x(5))], INVALID, "outside [1, 4]"),
     ],
 )  # fmt: skip

@@ -103,6 +103,14 @@ def test_a_stream_opened_for_completion_order_gets_each_answer_as_it_completes(s
                                        timeout=10))  # fmt: skip
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "send 'request'" in e.value.details()
+    # Given twice, the values must agree: the first silently won (review helper-144).
+    both = (("innfer-stream-order", "completion"), ("innfer-stream-order", "request"))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ModelStreamInfer(iter(()), metadata=both, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "both 'completion' and 'request'" in e.value.details()
 
 
 def test_a_failed_request_comes_back_with_its_whole_id(server):

@@ -279,7 +279,7 @@ def _ids_of(name, values):
     "inputs, message",
     [
         (lambda: [_ids("input_ids", [1, 5], "INT32"), _ids("attention_mask", [1, 5])],
-         "datatype INT32, expected INT64"),
+         "datatype 'INT32', expected INT64"),
         # Ids past the vocabulary failed inside the engine (INTERNAL, and every request in
         # the batch with it); negative ones silently read another embedding row.
         (lambda: [_ids_of("input_ids", [[2, 10**6, 3]]), _ids("attention_mask", [1, 3])],
