@@ -554,10 +554,23 @@ def prune_work(own: Path, now: float, stale_s: float = STALE_WORK_S) -> list[str
             if fd is not None:
                 os.close(fd)
         removed.append(d.name)
+    for name in LEGACY_WORK_FILES:  # an older innfer's, beside the directories
+        f = own.parent / name
+        try:
+            if now - f.stat().st_mtime >= stale_s:
+                f.unlink()
+                removed.append(name)
+        except OSError:  # none (the usual case), or removed meanwhile
+            continue
     if removed:
-        log.info("removed the work directories of %d stopped replicas: %s", len(removed),
+        log.info("removed the work of %d stopped replicas: %s", len(removed),
                  ", ".join(sorted(removed)))  # fmt: skip
     return removed
+
+
+# The files auto-tiering kept in ``auto/`` itself before each replica had its own work
+# directory: left by an upgrade, never read again (review helper-143).
+LEGACY_WORK_FILES = ("traffic.csv", "host.json", "choice.json")
 
 
 def _replica() -> str:

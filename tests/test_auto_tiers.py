@@ -1277,6 +1277,24 @@ def test_stopped_replicas_are_pruned_by_checks_that_choose_nothing(tmp_path):
     tierer.stop()
 
 
+def test_an_older_innfers_work_files_are_pruned_once_stale(tmp_path):
+    # auto/traffic.csv, host.json and choice.json of an innfer before per-replica work
+    # directories stayed on the volume for good after an upgrade (review helper-143).
+    from server.autotier import prune_work
+
+    auto = tmp_path / "m" / "auto"
+    own = auto / "me-1-1"
+    own.mkdir(parents=True)
+    now = time.time()
+    for name in ("traffic.csv", "host.json", "choice.json", "apply.lock"):
+        (auto / name).write_text("x")
+        os.utime(auto / name, (now - 7200, now - 7200))
+    assert prune_work(own, now, stale_s=10_000) == []  # not stale yet
+    assert sorted(prune_work(own, now, stale_s=3600)) == ["choice.json", "host.json",
+                                                          "traffic.csv"]  # fmt: skip
+    assert sorted(p.name for p in auto.iterdir()) == ["apply.lock", "me-1-1"]
+
+
 def test_frontier_says_which_goal_no_candidate_can_meet():
     f = Frontier([_candidate("hi", 0.95, 4.0, params=10**6), _candidate("lo", 0.80, 1.0)],
                  "t", "s", "o", "cpu", 1, 8)  # fmt: skip

@@ -1016,3 +1016,35 @@ def test_a_torch_builds_onnx_check_fails_it_only_where_onnx_runtime_may_serve_it
         report = build_model(Repository(tmp_path), "m", backend="torch", progress=False,
                              profile=False)  # fmt: skip
         assert any("its ONNX, in ONNX Runtime" in w for w in report.warnings)
+
+
+def test_a_repository_of_an_older_or_newer_innfer_is_read_as_far_as_it_can_be(
+    built, tmp_path, caplog
+):
+    # Review helper-143. Older: tier.json without inn_sha256 skipped the INN check in
+    # silence (a stale tier served after an upgrade). Newer: every field a later build adds
+    # made this innfer call the record corrupted (a rollback, or an old replica beside a
+    # new one, refused the model); a record of a later format is refused by name.
+    import logging
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "tiers" / "w050" / "tier.json"
+    record = json.loads(path.read_text())
+    older = {k: v for k, v in record.items() if k != "inn_sha256"}
+    path.write_text(json.dumps(older))
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        assert len(Repository(root).load("tiny").engines) == 2
+    assert "tiers w050 do not record the INN" in caplog.text
+    caplog.clear()
+    path.write_text(json.dumps({**record, "quantized": {"int8": True}}))
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        assert len(Repository(root).load("tiny").engines) == 2
+    assert "fields quantized are unknown to this innfer" in caplog.text
+    path.write_text(json.dumps({**record, "format": 2}))
+    with pytest.raises(RepositoryError, match=r"written by a newer innfer \(record format 2"):
+        Repository(root).load("tiny")
+    path.write_text(json.dumps({**record, "format": "2"}))
+    with pytest.raises(RepositoryError, match=r"corrupted \(format is '2'"):
+        Repository(root).load("tiny")

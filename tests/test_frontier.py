@@ -286,3 +286,40 @@ def test_a_rewritten_npz_evaluation_set_is_measured_again_on_the_frontier(tmp_pa
     np.savez(d / "mine.npz", x=x, y=(y + 1) % 10)  # every label now wrong for w100
     report = build_model(Repository(tmp_path), "tiny", progress=False, repeats=2)
     assert report.frontier.candidate("w100").accuracy == 0.0
+
+
+def test_a_frontier_and_a_choice_with_fields_of_a_newer_innfer_are_read(built, tmp_path):
+    # A rollback, or an older replica on the same volume, called them corrupted (review
+    # helper-143).
+    import json
+
+    from runtime.repository.frontier import ActiveTiers
+
+    root, report = built
+    path = tmp_path / FRONTIER_FILE
+    data = json.loads((root / "tiny" / FRONTIER_DIR / FRONTIER_FILE).read_text())
+    data["measured_by"] = "innfer 9"
+    for c in data["candidates"]:
+        c["energy_mj"] = 1.0
+    path.write_text(json.dumps(data))
+    assert Frontier.read(path) == report.frontier
+    choice = tmp_path / "auto_tiers.json"
+    choice.write_text(json.dumps({"tiers": ["w050"], "frontier_sha256": "ab", "chosen_at": "t",
+                                  "reason": {}, "undo_of": None}))  # fmt: skip
+    assert ActiveTiers.read(choice).tiers == ("w050",)
+
+
+def test_a_frontier_of_an_older_innfer_is_served_with_a_warning(built, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / FRONTIER_DIR / FRONTIER_FILE
+    data = json.loads(path.read_text())
+    del data["inn_sha256"], data["settings"]
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        Repository(root).check_frontier_inn("tiny", Frontier.read(path))
+    assert "does not record the INN and model.yaml settings" in caplog.text

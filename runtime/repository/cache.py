@@ -55,9 +55,11 @@ def engine_key(
         "precision": options.precision,
         "extra": options.extra,
     }
+    # A shape-profiled backend's (TensorRT's) only: ONNX Runtime runs any batch. (An
+    # upgrade past the release that dropped it there rebuilt each ONNX Runtime engine once,
+    # under its new key; the old entries stay until their ONNX goes: ``prune``.)
     if backend.shape_profiled:
         fields["batch_profile"] = [1, options.opt_batch, options.max_batch]
-    # absent for fixed shapes: their keys stay as they were
     if options.sequence is not None and backend.shape_profiled:
         fields["sequence_profile"] = list(options.sequence)
     if backend.recipe != 1:  # absent at the first recipe: keys from before it stay valid

@@ -29,7 +29,7 @@ from runtime.atomic import write_json
 from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
 from runtime.repository.profile import profile_problem
-from runtime.repository.records import Rows, fields_problem
+from runtime.repository.records import Rows, fields_problem, known_fields
 
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
@@ -182,8 +182,9 @@ class Frontier:
     @classmethod
     def read(cls, path: Path) -> Frontier:
         try:
-            data = json.loads(Path(path).read_text())
-            data["candidates"] = [Candidate(**c) for c in data["candidates"]]
+            data = known_fields(cls, json.loads(Path(path).read_text()), path)
+            data["candidates"] = [Candidate(**known_fields(Candidate, c, path))
+                                  for c in data["candidates"]]  # fmt: skip
             frontier = cls(**data)
         except FileNotFoundError:
             raise RepositoryError(
@@ -270,7 +271,7 @@ class ActiveTiers:
     def read(cls, path: Path) -> ActiveTiers | None:
         """The choice in ``path``; None when there is none yet."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = known_fields(cls, json.loads(Path(path).read_text()), path)
             tiers = data["tiers"]
             # A set is one or more distinct candidate names: an empty list loaded a model
             # with no tiers (the runtime then failed on max() of nothing), a string was read

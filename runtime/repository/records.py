@@ -8,8 +8,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,56 @@ from typing import Any
 
 from runtime.atomic import write_json
 from runtime.repository.errors import RepositoryError
+
+log = logging.getLogger("innfer.repository")
+
+# The layout of the repository's JSON records (tier.json, frontier.json, auto_tiers.json)
+# this innfer reads. A record without a ``format`` key is format 1; one innfer writes a
+# higher number only where a record's meaning changes, so that an older innfer refuses it
+# by name rather than misreading it. Fields added within a format are ignored by an innfer
+# that does not know them (``known_fields``): an older replica or a rollback keeps serving
+# a repository a newer build touched, where it called every such record corrupted.
+RECORD_FORMAT = 1
+
+
+def known_fields(cls, data: dict, path: Path) -> dict:
+    """``data`` (a record read from ``path``) cut to the fields of dataclass ``cls``: an
+    unknown one - written by a newer innfer - is ignored, with a warning that names it.
+    Raises ``RepositoryError`` for a ``format`` past ``RECORD_FORMAT``.
+
+    Example:
+        >>> @dataclass
+        ... class R:
+        ...     a: int
+        >>> known_fields(R, {"a": 1, "b": 2}, Path("r.json"))
+        {'a': 1}
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON object expected, got {type(data).__name__}")
+    data = dict(data)
+    fmt = data.pop("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise ValueError(f"format is {fmt!r}, not a format number")
+    if fmt > RECORD_FORMAT:
+        raise RepositoryError(
+            f"{path} was written by a newer innfer (record format {fmt}; this one reads up "
+            f"to {RECORD_FORMAT}): serve it with that version, or rebuild it with this one "
+            "(`innfer build`)"
+        )
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = tuple(sorted(k for k in data if k not in names))
+    if unknown:
+        if (str(path), unknown) not in _warned:  # once: a frontier's candidates share them
+            _warned.add((str(path), unknown))
+            log.warning(
+                "%s: fields %s are unknown to this innfer (written by a newer one?) and "
+                "ignored", path, ", ".join(unknown),
+            )  # fmt: skip
+        data = {k: v for k, v in data.items() if k in names}
+    return data
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()
 
 TIER_FILE = "tier.json"
 
@@ -102,7 +154,7 @@ class TierRecord:
     def read(cls, path: Path) -> TierRecord:
         try:
             data = json.loads(path.read_text())
-            record = cls(**data)
+            record = cls(**known_fields(cls, data, path))
         except FileNotFoundError:
             raise RepositoryError(f"{path} is missing: run `innfer build` for this model") from None
         except (ValueError, TypeError) as exc:  # bad JSON, bytes that are not UTF-8, fields

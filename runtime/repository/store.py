@@ -57,6 +57,18 @@ from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger("innfer.repository")
 
+
+_said: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` once per process: it is about the files, said at the first load
+    (auto-tiering reads the frontier again at every check)."""
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
+
+
 PROFILE_FILE = "profile.json"
 TEXT_FILE = "text.json"
 # A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
@@ -323,6 +335,16 @@ class Repository:
             # between two hashes had its engine served under this record)
             engines[tier.name], _ = cache.get(chosen, onnx_path, options, callback, sha)
             _check_io(config, tier.name, engines[tier.name], d)
+        unknown = [t for t, r in tiers.items() if r.inn_sha256 is None]
+        if records is None and inn_now is not None and unknown:
+            # Built by an innfer that did not record it: _check_inn cannot tell a tier of a
+            # replaced INN from a current one (an upgrade served such a tier silently).
+            _warn_once(
+                f"{name}: tiers {', '.join(unknown)} do not record the INN they were sampled "
+                "from (built by an older innfer): one sampled from an INN replaced, retrained "
+                "or recalibrated since cannot be told apart; run `innfer build` once to "
+                "record it"
+            )
 
     def auto_tiers(
         self, name: str, config: ModelConfig
@@ -416,6 +438,13 @@ class Repository:
                 "than model.yaml says now: run `innfer build` to measure its candidates again"
             )
         current = self._inn_fingerprint(name)
+        if current is not None and None in (frontier.inn_sha256, frontier.settings):
+            _warn_once(
+                f"{d / FRONTIER_DIR / FRONTIER_FILE} does not record the INN and model.yaml "
+                "settings it was measured for (built by an older innfer): a replaced INN or "
+                "edited auto_tiers widths cannot be told apart; run `innfer build` once to "
+                "record them"
+            )
         if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
             raise RepositoryError(
                 f"{d / FRONTIER_DIR / FRONTIER_FILE} was measured on another INN than {d} "
