@@ -22,6 +22,7 @@ from server.scheduling.plan import (
     admission_finish,
     feasible,
     form_groups,
+    group_key,
     quantile,
 )
 
@@ -43,12 +44,12 @@ def reference(queue, ctx, plan, skip, head, others, now):
     open_batch: dict[str, list] = {}
     batches = []  # [rows, [requests]] in the order of their first request
     for r in queue:
-        fastest = ctx.fastest(r)
-        b = open_batch.get(fastest)
+        key = (ctx.fastest(r), r.group)  # requests of two groups never share a batch
+        b = open_batch.get(key)
         if b is None or b[0] + r.rows > ctx.max_batch:
             b = [0, []]
             batches.append(b)
-            open_batch[fastest] = b
+            open_batch[key] = b
         b[0] += r.rows
         b[1].append(r)
     slots = [[0.0, *head]] + [[o, 0.0, 0.0] for o in others]  # offset, mean, variance
@@ -73,7 +74,9 @@ def reference(queue, ctx, plan, skip, head, others, now):
 constraint = st.sampled_from(
     [{}] * 5 + [{"pin": n} for n in NAMES] + [{"min_tier": n} for n in NAMES[:2]]
 )
-request = st.tuples(st.integers(1, 80), st.integers(1, 8), constraint, st.integers(0, 1))
+# (deadline ms, rows, constraint, priority, group: most requests of none, some of two lengths)
+group = st.sampled_from([None] * 4 + [(3,), (5,)])
+request = st.tuples(st.integers(1, 80), st.integers(1, 8), constraint, st.integers(0, 1), group)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,8 +99,8 @@ def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch,
     ctx = Context(tiers, LatencyModel(tiers), max_batch)
     # Priorities make the queue order differ from the deadline order.
     queue = [
-        Request(k, 0.0, ms * 1e-3, rows=min(rows, max_batch), priority=prio, **c)
-        for k, (ms, rows, c, prio) in enumerate(spec)
+        Request(k, 0.0, ms * 1e-3, rows=min(rows, max_batch), priority=prio, group=g, **c)
+        for k, (ms, rows, c, prio, g) in enumerate(spec)
     ]
     queue.sort(key=lambda r: (-r.priority, r.deadline, r.id))
     head = (ctx.latency.mean("big", 2), ctx.latency.var("big", 2))
@@ -133,34 +136,37 @@ def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
     it joins - a plain sum per slot, each batch on the slot that frees first."""
     ctx = Context(TIERS, LatencyModel(TIERS), 8)
     queue = sorted(
-        (Request(k, 0.0, ms * 1e-3, rows=rows, **c) for k, (ms, rows, c, _) in enumerate(spec)),
+        (
+            Request(k, 0.0, ms * 1e-3, rows=rows, group=g, **c)
+            for k, (ms, rows, c, _, g) in enumerate(spec)
+        ),
         key=lambda r: r.deadline,
     )
-    _, rows, c, _ = new
-    r = Request(99, 0.0, 1.0, rows=rows, **c)  # queued last
+    _, rows, c, _, g = new
+    r = Request(99, 0.0, 1.0, rows=rows, group=g, **c)  # queued last
     lo, hi = ctx.bounds(r)
     busy = [running] + [0.0005 * k for k in range(1, slots)]
     behind = ctx.columns([*queue, Request(100, 0.0, 2.0)])  # one more queued behind r
     got = admission_finish(behind, len(queue), (r.rows, lo, hi), 8, ctx.tables(), ctx.latency.z,
-                           busy[::-1])  # fmt: skip
+                           busy[::-1], group_key(g))  # fmt: skip
     lat = ctx.latency
-    batches, open_batch = [], {}  # [fastest tier rank, rows], next-fit per fastest tier
+    batches, open_batch = [], {}  # [fastest tier rank, rows, group], next-fit per class
     for q in [*queue, r]:
-        fastest = ctx.bounds(q)[1]
-        k = open_batch.get(fastest)
+        key = (ctx.bounds(q)[1], q.group)
+        k = open_batch.get(key)
         if k is None or batches[k][1] + q.rows > 8:
-            k = open_batch[fastest] = len(batches)
-            batches.append([fastest, 0])
+            k = open_batch[key] = len(batches)
+            batches.append([key[0], 0, q.group])
         batches[k][1] += q.rows
-    mine = open_batch[hi]  # r's: the last batch of its class
+    mine = open_batch[(hi, g)]  # r's: the last batch of its class
     names = [t.name for t in ctx.tiers]
     chains = [[off, 0.0, 0.0] for off in sorted(busy)]  # offset, mean, variance per slot
     options = []
     for k in range(mine + 1):
-        rank, b = batches[k]
+        rank, b, of = batches[k]
         t = names[rank]
         off, m, v = min(chains, key=lambda x: x[0] + x[1])
-        if k < mine and lo <= rank <= hi and b + r.rows <= 8:
+        if k < mine and lo <= rank <= hi and b + r.rows <= 8 and of == g:
             mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
             options.append(off + float(sum_quantile(mj, vj, lat.z)))
         slot = min(chains, key=lambda x: x[0] + x[1])

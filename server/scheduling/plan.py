@@ -219,21 +219,22 @@ def feasible(
 def admission_finish(
     cols: Columns,
     at: int,
-    request: tuple[int, int, int, int],
+    request: tuple[int, int, int],
     max_batch: int,
     tables: tuple[np.ndarray, np.ndarray, np.ndarray],
     z: float,
     busy: Sequence[float],
+    group: int = 0,
 ) -> float:
-    """When a new request - ``request``: its (rows, lo, hi, group key) - queued after the
-    first ``at`` requests of ``cols`` would end, seconds from now at the ``z`` quantile, the
-    batches run on their fastest allowed tiers after the slots free (``busy``: seconds per
-    slot): with its own batch, or, if sooner, added to an earlier batch of its group that
-    runs on a tier it allows and has room for it."""
+    """When a new request - ``request``: its (rows, lo, hi); ``group``: its group key -
+    queued after the first ``at`` requests of ``cols`` would end, seconds from now at the
+    ``z`` quantile, the batches run on their fastest allowed tiers after the slots free
+    (``busy``: seconds per slot): with its own batch, or, if sooner, added to an earlier
+    batch of its group that runs on a tier it allows and has room for it."""
     if not len(busy):
         raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
-    rows, lo, hi, group = request
+    rows, lo, hi = request
     if not 0 <= at <= len(cols):
         raise ValueError(f"at {at} is outside a queue of {len(cols)}")
     if not 0 <= lo <= hi < mean.shape[0]:
@@ -256,8 +257,8 @@ def warm() -> None:
     tables = (mean, mean, var)
     g = form_groups(cols, 3)
     feasible(g, cols, [Candidate([0], 1e-3, 1e-9, None)], tables, 3.0, [0.0], 0.0)
-    admission_finish(cols, 1, (1, 0, 0, 0), 3, tables, 3.0, [0.0])
+    admission_finish(cols, 1, (1, 0, 0), 3, tables, 3.0, [0.0])
     grouped = Columns.build([0.01, 0.02], [1, 2], [0, 0], [0, 0], [5, 7])  # the groups' path
     form_groups(grouped, 3)
-    admission_finish(grouped, 1, (1, 0, 0, 5), 3, tables, 3.0, [0.0])
+    admission_finish(grouped, 1, (1, 0, 0), 3, tables, 3.0, [0.0], group=5)
     quantile(1e-3, 1e-9, 3.0)

@@ -378,8 +378,8 @@ class Scheduler:
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
-        new = (r.rows, lo, hi, group_key(r.group))
-        return now + admission_finish(self.columns(), at, new, b, tables, z, busy)
+        cols, group = self.columns(), group_key(r.group)
+        return now + admission_finish(cols, at, (r.rows, lo, hi), b, tables, z, busy, group)
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
