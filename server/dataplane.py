@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import contextvars
 import difflib
+import errno
 import json
 import logging
 import math
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -161,6 +163,13 @@ class DataPlane:
         """Load every configured model (every model in the repository when none are named).
         A model that fails is logged and reported, never fatal: the others are served."""
         names = list(self.config.models) or self.repo.names()
+        if not self.config.models:  # serving "every model": say which folders are not
+            for folder in self.repo.skipped():
+                log.warning(
+                    "%s is not served: a model's folder is named by a model name (letters, "
+                    "digits, '.', '_', '-'; up to 128) and is no symbolic link",
+                    clip(folder),
+                )
         self.expected = set(names)
         for name in names:  # 0 until loaded: a load that never ends is a model not ready
             self.metrics.model_ready.labels(name).set(0)  # (no series: no alert could fire)
@@ -215,15 +224,17 @@ class DataPlane:
                 unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
             except ModelNotFound as exc:
                 raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
-            except InvalidModelName as exc:
-                raise InvalidArgument(self._public(str(exc))) from None
+            except InvalidModelName as exc:  # a folder that is a link out of the repository
+                # A configured one: readiness said "(unloaded)". (A client's Load of one is
+                # refused without listing the folder.)
+                kept = self._mark_broken(name, str(exc)) if name in self.expected else ""
+                raise InvalidArgument(self._public(f"{exc}{kept}")) from None
             except (RepositoryError, EngineError, OSError) as exc:
-                kept = self._mark_broken(name, str(exc))
+                # With its fix: readiness and RepositoryIndex say it too.
+                why = f"{exc}{_advice(exc, self.config.model_control)}"
+                kept = self._mark_broken(name, why)
                 raise FailedPrecondition(
-                    self._public(
-                        f"model {name!r} cannot be loaded: "
-                        f"{exc}{_advice(exc, self.config.model_control)}{kept}"
-                    )
+                    self._public(f"model {name!r} cannot be loaded: {why}{kept}")
                 ) from None
             self._warn_over_limit(name, served.config)
             runtime = None
@@ -545,7 +556,7 @@ class DataPlane:
         for name in list(self.config.models) or self.repo.names():
             try:
                 cfg = self.repo.config(name)
-            except (RepositoryError, ConfigError):
+            except (RepositoryError, ConfigError, OSError):
                 continue
             largest = max(largest, _largest_message(cfg))
         return message_limit(largest)
@@ -625,7 +636,11 @@ class DataPlane:
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
             return " (the loaded version keeps serving)"
         configured = name in self.expected
-        if not configured and not (self.repo.root / name / "model.yaml").is_file():
+        try:
+            present = configured or (self.repo.root / name / "model.yaml").is_file()
+        except OSError:  # a folder this process may not look into: there is one
+            present = True
+        if not present:
             return ""  # a client's name for no model of the repository: nothing to report
         if not (configured and self.phase is Phase.LOADING):  # load_all logs start-up's
             log.error("model %s: load failed: %s", name, why)
@@ -1515,6 +1530,19 @@ def _advice(exc: BaseException, control: str = "explicit") -> str:
     if "innfer build" in str(exc) or "load the model again" in str(exc):  # says its own fix
         return ""
     again = "load the model again" if control == "explicit" else "restart the server"
+    # The volume, not the files: a rebuild (which the serving image may not even have)
+    # would not help.
+    cause = next((e for e in (exc, exc.__cause__) if isinstance(e, OSError)), None)
+    if cause is not None and cause.errno in (errno.EACCES, errno.EPERM):
+        return (f"; this process (uid {os.getuid()}) may not read or write it: fix the "
+                "volume's owner or mode (Kubernetes: the pod's securityContext fsGroup or "
+                f"runAsUser), then {again}")  # fmt: skip
+    if cause is not None and cause.errno == errno.EROFS:
+        return ("; the repository is read-only here and loading it must write (an engine "
+                "to build into its cache): build the engines where it is writable (`innfer "
+                f"build`, or a server with it mounted read-write), then {again}")  # fmt: skip
+    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"; the volume is full: free space or grow it, then {again}"
     if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):
         return f"; fix model.yaml, then {again}"
     return "; rebuild it with `innfer build`"

@@ -61,6 +61,15 @@ log = logging.getLogger("innfer.repository")
 _said: set[str] = set()
 
 
+def _has_model_yaml(folder: Path) -> bool | None:
+    """Whether ``folder`` holds a model.yaml; None where this process may not look (a
+    folder of mode 000, or owned by another user: ``is_file`` raises PermissionError)."""
+    try:
+        return (folder / "model.yaml").is_file()
+    except PermissionError:
+        return None
+
+
 def _warn_once(message: str) -> None:
     """Log ``message`` once per process: it is about the files, said at the first load
     (auto-tiering reads the frontier again at every check)."""
@@ -167,16 +176,21 @@ class Repository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if (p / "model.yaml").is_file() and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
+            if _has_model_yaml(p) is True and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
         )
 
     def names(self) -> list[str]:
+        """The models: folders of a model name holding a model.yaml - or that this process
+        may not look into (listed, so that loading it says why it cannot be served; one
+        such folder made every listing raise, and the server refused to start at all)."""
         if not self.root.is_dir():
             return []
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if MODEL_NAME.fullmatch(p.name) and not p.is_symlink() and (p / "model.yaml").is_file()
+            if MODEL_NAME.fullmatch(p.name)
+            and not p.is_symlink()
+            and _has_model_yaml(p) is not False
         )
 
     def config(self, name: str) -> ModelConfig:

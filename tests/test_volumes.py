@@ -1,0 +1,101 @@
+"""The repository volume as operators meet it (review helper-146): folders this process may
+not read, a read-only or full volume. The server serves what it can and says, for the rest,
+what to fix - the volume, not a rebuild.
+
+The tests run as root here, which no file mode stops, so a folder of mode 000 is simulated
+where it must be: ``Path.is_file`` / ``Path.read_text`` raise PermissionError for it as they
+do for another user (the errno and message are the kernel's: EACCES)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from serverutil import ServerThread, build_repository
+
+from runtime.repository import Repository
+from server.dataplane import _advice
+from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import grpc_service_pb2_grpc as rpc
+
+
+@pytest.fixture
+def forbidden(monkeypatch):
+    """``forbid(folder)``: this process may no longer look into ``folder``."""
+    denied: list[Path] = []
+    is_file, read_text = Path.is_file, Path.read_text
+
+    def check(p: Path) -> None:
+        if any(p == d or d in p.parents for d in denied):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+
+    monkeypatch.setattr(Path, "is_file", lambda p: check(p) or is_file(p))
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: check(p) or read_text(p, *a, **k))
+    return denied.append
+
+
+def test_a_folder_this_process_may_not_read_is_listed_and_the_others_served(tmp_path, forbidden):
+    # One such folder made the listing raise: the server refused to start, serving
+    # nothing, and RepositoryIndex answered INTERNAL while it ran.
+    repo = build_repository(tmp_path / "repo")
+    forbidden(repo / "wide")
+    assert Repository(repo).names() == ["tiny", "wide"]
+    s = ServerThread({"repository": str(repo)}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+            assert index["tiny"].state == "READY"
+            assert index["wide"].state == "UNAVAILABLE"
+            assert "Permission denied" in index["wide"].reason
+            assert "securityContext" in index["wide"].reason  # the volume's fix, not a rebuild
+            assert "innfer build" not in index["wide"].reason
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (errno.EACCES, "may not read or write it"),
+        (errno.EROFS, "the repository is read-only here"),
+        (errno.ENOSPC, "the volume is full"),
+    ],
+)
+def test_a_volume_error_is_answered_with_the_volumes_fix(code, says):
+    exc = OSError(code, os.strerror(code), "/models/v1/m/engines/ab12")
+    assert says in _advice(exc)
+    assert "rebuild" not in _advice(exc)
+    wrapped = RuntimeError("cannot build the engine")
+    wrapped.__cause__ = exc
+    assert says in _advice(wrapped)
+
+
+def test_folders_that_are_no_model_are_said_at_start(tmp_path, caplog):
+    # Serving every model of the repository, a folder named "bad name" (or a link) was
+    # passed over without a word; `innfer build` said it, serve did not.
+    repo = build_repository(tmp_path / "repo")
+    (repo / "bad name").mkdir()
+    (repo / "bad name" / "model.yaml").write_text((repo / "tiny" / "model.yaml").read_text())
+    with caplog.at_level(logging.WARNING, logger="innfer"):
+        s = ServerThread({"repository": str(repo)}).start()
+        s.stop()
+    assert "'bad name' is not served" in caplog.text
+
+
+def test_a_configured_model_that_is_a_link_says_why_in_readiness(tmp_path):
+    # Refused ("a link out of the repository"), but readiness said "wide (unloaded)".
+    repo = build_repository(tmp_path / "repo")
+    (tmp_path / "outside").mkdir()
+    (repo / "wide").rename(tmp_path / "outside" / "wide")
+    (repo / "wide").symlink_to(tmp_path / "outside" / "wide")
+    s = ServerThread({"repository": str(repo), "models": ["tiny", "wide"]}).start()
+    try:
+        reason = s.server.plane.not_ready_reason()
+        assert reason is not None and "wide (" in reason and "unloaded" not in reason, reason
+    finally:
+        s.stop()
