@@ -50,6 +50,7 @@ import asyncio
 import calendar
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -159,6 +160,7 @@ class AutoTierer:
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
         self._pruned_at = -float("inf")  # on ``clock``: when this loop last looked
+        self._volume_error: tuple | None = None  # (errno, path) the log last said, if any
         # Every file operation of a check runs on this one thread, in order, never on the
         # serving loop: the work directories live on a volume replicas share, where an
         # open, a lock or a stat can stall for seconds (an NFS server failing over), and
@@ -305,10 +307,31 @@ class AutoTierer:
                 await self.check()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # e.g. the apply timed out, the repository is read-only
+            except OSError as exc:
+                if exc.errno not in VOLUME_ERRNOS:
+                    self._failed()
+                    continue
                 self.last_change = self.clock()  # back off like a failed apply
-                log.exception("model %s: auto-tiering check failed", self.name)
                 self._count("failed")
+                # The volume, not a bug: one line, said again only when the cause changes
+                # (a traceback at every check filled the log of a read-only mount).
+                if self._volume_error != (exc.errno, exc.filename):
+                    self._volume_error = (exc.errno, exc.filename)
+                    log.warning(
+                        "model %s: auto-tiering cannot write its work (%s: %s): no tiers are "
+                        "chosen until the repository volume is writable and has room; the "
+                        "served tiers stay",
+                        self.name, exc.strerror, exc.filename,
+                    )  # fmt: skip
+            except Exception:  # e.g. the apply timed out
+                self._failed()
+            else:
+                self._volume_error = None
+
+    def _failed(self) -> None:
+        self.last_change = self.clock()  # back off like a failed apply
+        log.exception("model %s: auto-tiering check failed", self.name)
+        self._count("failed")
 
     async def check(self) -> str:
         """One check; returns its outcome (applied, kept, unchanged, waiting, failed)."""
@@ -567,6 +590,10 @@ def prune_work(own: Path, now: float, stale_s: float = STALE_WORK_S) -> list[str
                  ", ".join(sorted(removed)))  # fmt: skip
     return removed
 
+
+# A check that fails on one of these is told in one line, not a traceback: the volume is
+# read-only, not ours, or full.
+VOLUME_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
 # The files auto-tiering kept in ``auto/`` itself before each replica had its own work
 # directory: left by an upgrade, never read again (review helper-143).

@@ -1277,6 +1277,38 @@ def test_stopped_replicas_are_pruned_by_checks_that_choose_nothing(tmp_path):
     tierer.stop()
 
 
+def test_a_volume_it_cannot_write_is_said_once_not_a_traceback_per_check(tmp_path, caplog):
+    # A read-only (or full) repository volume logged "auto-tiering check failed" with a
+    # whole traceback at every check (review helper-146). One line, again only when the
+    # cause changes; an unforeseen error keeps its traceback.
+    import errno as errno_
+    import logging
+
+    tierer = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])
+    tierer.goals = dataclasses.replace(
+        tierer.goals, rebuild=dataclasses.replace(tierer.goals.rebuild, check_interval_s=0.001)
+    )
+    causes = iter([OSError(errno_.EROFS, "Read-only file system", "/r/m/auto")] * 3
+                  + [OSError(errno_.ENOSPC, "No space left on device", "/r/m/auto/x")] * 2
+                  + [ValueError("a bug")])  # fmt: skip
+
+    async def check():
+        exc = next(causes, None)
+        if exc is None:
+            raise asyncio.CancelledError
+        raise exc
+
+    tierer.check = check
+    with caplog.at_level(logging.WARNING, logger="innfer"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(tierer.run())
+    said = [r for r in caplog.records if "auto-tiering" in r.getMessage()]
+    assert [("Read-only" in r.getMessage(), r.exc_info is None) for r in said[:2]] == [
+        (True, True), (False, True)]  # fmt: skip
+    assert "No space left" in said[1].getMessage() and len(said) == 3
+    assert said[2].exc_info is not None and "check failed" in said[2].getMessage()
+    tierer.stop()
+
+
 def test_an_older_innfers_work_files_are_pruned_once_stale(tmp_path):
     # auto/traffic.csv, host.json and choice.json of an innfer before per-replica work
     # directories stayed on the volume for good after an upgrade (review helper-143).
