@@ -27,7 +27,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``. An
+    OSError (a full or read-only volume) names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The pid alone is not unique: two threads of one process, or two pods on a shared volume
@@ -43,6 +44,13 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             # the rename reaches the journal before the data does on ext4/xfs.
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        # Named by the file meant: a write's ENOSPC names none ("[Errno 28] No space left
+        # on device", said alone by `innfer build`), the open's names the temporary one.
+        if exc.errno is None:
+            raise
+        # (OSError(...) is the errno's own subclass: PermissionError for EACCES, ...)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     _sync_directory(path.parent)

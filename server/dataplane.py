@@ -1527,8 +1527,9 @@ def _advice(exc: BaseException, control: str = "explicit") -> str:
     """What to do about a model that failed to load, unless its message already says it: a
     model.yaml that is not valid is edited, anything else of the repository is rebuilt;
     then it is loaded again - by a restart where clients may not load (``control``)."""
-    if "innfer build" in str(exc) or "load the model again" in str(exc):  # says its own fix
-        return ""
+    said = str(exc)
+    if "innfer build" in said or "load the model again" in said or "free space" in said:
+        return ""  # it says its own fix
     again = "load the model again" if control == "explicit" else "restart the server"
     # The volume, not the files: a rebuild (which the serving image may not even have)
     # would not help.

@@ -99,3 +99,28 @@ def test_a_configured_model_that_is_a_link_says_why_in_readiness(tmp_path):
         assert reason is not None and "wide (" in reason and "unloaded" not in reason, reason
     finally:
         s.stop()
+
+
+def test_an_engine_build_on_a_full_volume_says_so(tmp_path, monkeypatch):
+    # ONNX Runtime's "Failed to save ORT format model" said nothing of the disk, and a load
+    # added "rebuild it with `innfer build`" (review helper-146).
+    import collections
+    import shutil
+
+    import onnxruntime as ort
+
+    from runtime.engines import BuildOptions, EngineError, get_backend
+
+    repo = build_repository(tmp_path / "repo")
+    onnx = repo / "tiny" / "tiers" / "w100" / "model.onnx"
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("SaveToOrtFormat Failed to save ORT format model")
+
+    monkeypatch.setattr(ort, "InferenceSession", fails)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 10, 10))
+    with pytest.raises(EngineError) as e:
+        get_backend("onnxruntime").build(onnx, tmp_path / "engine", BuildOptions(max_batch=4))
+    assert "has 10 bytes free: free space or grow it" in str(e.value)
+    assert _advice(e.value) == ""  # its own fix: no rebuild advice appended

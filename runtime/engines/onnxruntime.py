@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,15 @@ class OnnxRuntimeBackend(Backend):
         try:
             ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception hierarchy
-            raise EngineError(f"ONNX Runtime cannot build {onnx_path}: {exc}") from exc
+            # ORT's "Failed to save ORT format model" does not say why: a full volume is the
+            # usual one (and a rebuild, the advice a load adds, cannot help with it).
+            room = _free_bytes(out_dir)
+            full = ""
+            if room is not None and room < onnx_path.stat().st_size:
+                full = (
+                    f"; the volume holding {out_dir} has {room} bytes free: free space or grow it"
+                )
+            raise EngineError(f"ONNX Runtime cannot build {onnx_path}: {exc}{full}") from exc
         return [ENGINE_FILE]
 
     def load(self, out_dir: Path, options: BuildOptions) -> OnnxRuntimeEngine:
@@ -165,3 +174,11 @@ def _check_precision(options: BuildOptions) -> None:
             f"the onnxruntime CPU backend builds fp32 engines only, got precision "
             f"{options.precision!r}; use precision: fp32 or backend tensorrt for fp16"
         )
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free to this process on ``path``'s volume; None where it cannot be told."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
