@@ -145,6 +145,21 @@ def test_the_torch_backend_refuses_module_files_of_another_export(tmp_path):
         TorchBackend().build(tmp_path / "a" / "model.onnx", tmp_path / "e3", options)
 
 
+def test_the_torch_backend_refuses_a_module_json_changed_after_the_build(tmp_path):
+    # A layer's padding mode edited in module.json loaded and answered unlike model.onnx,
+    # in silence: only the ONNX's and the weights' hashes were checked (review helper-146).
+    config = ModelConfig.from_dict({"name": "m", **CONFIG})
+    write_tier_files(tmp_path / "a", _inn().sample(1.0), config)
+    spec = tmp_path / "a" / MODULE_SPEC
+    meta = json.loads(spec.read_text())
+    text = json.dumps(meta["architecture"])
+    assert '"zeros"' in text  # a convolution's padding_mode
+    meta["architecture"] = json.loads(text.replace('"zeros"', '"circular"', 1))
+    spec.write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match=r"changed after the build.*innfer build"):
+        TorchBackend().build(tmp_path / "a" / "model.onnx", tmp_path / "e", BuildOptions())
+
+
 def test_a_cached_engine_that_fails_validation_is_removed_and_built_again(repo, caplog):
     # A torch entry holding w100's module under w050's key (what a server caching mid-export
     # left before the fix): it verifies and loads, so every build failed its validation.

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from runtime.atomic import write_bytes
-from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS
+from runtime.engines.torch import MODULE_SPEC, MODULE_WEIGHTS, spec_digest
 from runtime.inn import graphio
 from runtime.repository.config import ModelConfig
 from runtime.repository.records import Rows, merge_rows
@@ -187,6 +187,7 @@ def write_tier_files(d: Path, module: nn.Module, config: ModelConfig) -> bytes:
         "onnx_sha256": hashlib.sha256(data).hexdigest(),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
+    meta["spec_sha256"] = spec_digest(meta)
     d.mkdir(parents=True, exist_ok=True)
     # (written through a temporary file: the mode a plain open gives, not save_file's 0o600)
     write_bytes(d / MODULE_WEIGHTS, weights)

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -129,6 +130,18 @@ class _CaptureGate:
 _GATE = _CaptureGate()
 
 
+def spec_digest(meta: dict) -> str:
+    """sha256 of a module.json's architecture, inputs and outputs (what ``spec_sha256``
+    records), in a canonical JSON form.
+
+    Example:
+        >>> spec_digest({"architecture": {}, "inputs": [], "outputs": []})[:12]
+        '8ea95cc3a85d'
+    """
+    body = {k: meta.get(k) for k in ("architecture", "inputs", "outputs")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def module_files_problem(d: Path, onnx_sha256: str, shown: Path | None = None) -> str | None:
     """Why ``d``'s module.json and module.safetensors are not the tier whose model.onnx has
     sha256 ``onnx_sha256``, or None when they are; ``shown``: the directory the message
@@ -157,6 +170,11 @@ def module_files_problem(d: Path, onnx_sha256: str, shown: Path | None = None) -
         return f"{spec} does not say which model.onnx it belongs to (written by an older innfer)"
     if recorded != onnx_sha256:
         return f"{spec} belongs to another export of the tier than its model.onnx"
+    # Its layers: a module.json edited or damaged after the build (a layer's padding mode)
+    # loaded and answered unlike its model.onnx, in silence (review helper-146). Written
+    # by innfer since; an older file has no digest to check.
+    if "spec_sha256" in meta and meta["spec_sha256"] != spec_digest(meta):
+        return f"{spec} was changed after the build: its layers are not those it was written with"
     if not (d / MODULE_WEIGHTS).is_file():
         return f"{weights} is missing"
     if sha256_file(d / MODULE_WEIGHTS) != meta.get("weights_sha256"):
