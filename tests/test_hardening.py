@@ -538,6 +538,17 @@ def test_stale_build_directories_are_swept(tmp_path):
     assert EngineCache(tmp_path).sweep() == [aside.name] and new.exists()
 
 
+def test_builds_that_cannot_be_removed_are_not_said_removed(tmp_path, monkeypatch):
+    # A read-only volume logged "removed 2 interrupted engine builds" at every load, having
+    # removed none (review helper-146).
+    from runtime.repository import cache as cache_module
+
+    aside = tmp_path / "k3.bad-3-cccc"
+    aside.mkdir()
+    monkeypatch.setattr(cache_module, "_delete", lambda path: None)  # EROFS: nothing goes
+    assert EngineCache(tmp_path).sweep() == [] and aside.exists()
+
+
 def test_an_onnx_rewritten_during_its_engine_build_is_not_cached(tmp_path, repo):
     # The real ONNX Runtime backend, with another build rewriting the tier's ONNX while it
     # runs: the engine would otherwise be cached under the old bytes' key.

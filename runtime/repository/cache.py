@@ -83,7 +83,7 @@ class EngineCache:
             ['3f9c...tmp-4242-1a2b3c4d']
         """
         now = time.time() if now is None else now
-        removed = []
+        removed, left = [], None
         if not self.root.is_dir():
             return removed
         for entry in [*self.root.glob("*.tmp-*"), *self.root.glob("*.bad-*")]:
@@ -93,9 +93,15 @@ class EngineCache:
                 continue  # finished or removed by its builder meanwhile
             if stale:
                 _delete(entry)
-                removed.append(entry.name)
+                if not entry.exists() and not entry.is_symlink():  # (a read-only volume: kept)
+                    removed.append(entry.name)
+                else:
+                    left = entry.name
         if removed:
             log.warning("removed %d interrupted engine builds in %s", len(removed), self.root)
+        if left is not None:  # said "removed" at every load of a read-only volume before
+            log.info("interrupted engine builds in %s could not be removed (%s, ...): a "
+                     "read-only volume? they are never used", self.root, left)  # fmt: skip
         return removed
 
     def get(
