@@ -121,7 +121,7 @@ def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
         Frontier.read(tmp_path / "frontier.json")
     assert ActiveTiers.read(tmp_path / "none.json") is None
     (tmp_path / "a.json").write_text('{"tiers": ["a"]}')
-    with pytest.raises(RepositoryError, match="delete it to serve the hand-written tiers"):
+    with pytest.raises(RepositoryError, match="the hand-written tiers are served until"):
         ActiveTiers.read(tmp_path / "a.json")
 
 

@@ -153,6 +153,12 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
         if damage == "max_batch raised":
             assert "up to batch 4, max_batch is 8" in caplog.text
             assert all(t.latency_ms[8] > 0 for t in tier_infos(served))
+        # Each said as it is (review helper-146: "missing or corrupted (the log above says
+        # which)" with no line above for a missing one; a corrupted one "not a JSON object")
+        if damage == "missing":
+            assert "profile.json is missing;" in caplog.text and "corrupted" not in caplog.text
+        if damage == "corrupted":
+            assert "is corrupted (not JSON: Unterminated string" in caplog.text
     finally:
         for engine in served.engines.values():
             engine.close()

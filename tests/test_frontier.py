@@ -323,3 +323,19 @@ def test_a_frontier_of_an_older_innfer_is_served_with_a_warning(built, tmp_path,
     with caplog.at_level(logging.WARNING, logger="innfer.repository"):
         Repository(root).check_frontier_inn("tiny", Frontier.read(path))
     assert "does not record the INN and model.yaml settings" in caplog.text
+
+
+def test_a_corrupted_choice_serves_the_hand_written_tiers(built, tmp_path, caplog):
+    # It failed the whole model ("delete it to serve the hand-written tiers" - on a
+    # read-only volume there was no deleting it), where a corrupted frontier falls back
+    # (review helper-146).
+    import logging
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    (root / "tiny" / "auto_tiers.json").write_text("{garbage")
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        served = Repository(root).load("tiny")
+    assert served.tier_source == "model.yaml" and len(served.engines) == 2
+    assert "auto_tiers.json is corrupted" in caplog.text

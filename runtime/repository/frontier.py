@@ -288,5 +288,6 @@ class ActiveTiers:
             return None
         except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
             raise RepositoryError(
-                f"{path} is corrupted ({exc}): delete it to serve the hand-written tiers"
+                f"{path} is corrupted ({exc}): the hand-written tiers are served until "
+                "auto-tiering chooses again (delete it to say no more of it)"
             ) from None

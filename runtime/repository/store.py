@@ -371,7 +371,12 @@ class Repository:
         if config.auto_tiers is None:
             return None
         d = self.model_dir(name)
-        active = ActiveTiers.read(d / ACTIVE_FILE)
+        try:
+            active = ActiveTiers.read(d / ACTIVE_FILE)
+        except RepositoryError as exc:  # as a corrupted frontier: no choice to serve (it
+            # failed the whole model, and a read-only volume left no way to delete it)
+            log.warning("%s: %s; serving the tiers of model.yaml", name, exc)
+            return None
         if active is None:
             return None
         try:
@@ -616,7 +621,8 @@ class Repository:
         build`` on this machine is how a profile is stored."""
         why = measured_elsewhere(profile, backend, config.threads, config.spin)
         if profile is None:  # the serving image has no torch to run `innfer build` with
-            why = "profile.json is missing or corrupted (the log above says which)"
+            missing = not (self.model_dir(name) / PROFILE_FILE).is_file()
+            why = "profile.json is missing" if missing else "profile.json is corrupted (above)"
         elif set(timed := profile.get("tiers", {})) != set(onnx):  # model.yaml's tiers edited
             why = (f"profile.json times tiers {', '.join(sorted(timed)) or 'none'}, not the "
                    f"tiers served: {', '.join(sorted(onnx))}")  # fmt: skip
@@ -649,9 +655,11 @@ class Repository:
             return None
         try:
             profile = json.loads(path.read_text())
-        except ValueError:  # bad JSON, or bytes that are not UTF-8
-            profile = None
-        problem = "not a JSON object" if not isinstance(profile, dict) else profile_problem(profile)
+        except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
+            profile, problem = None, f"not JSON: {exc}"
+        else:
+            problem = "not a JSON object" if not isinstance(profile, dict) else None
+        problem = problem or profile_problem(profile)
         if problem is not None:  # read as absent: a build profiles again, a load re-measures
             log.warning("%s is corrupted (%s); run `innfer build` to profile the model again",
                         path, problem)  # fmt: skip
