@@ -640,8 +640,12 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None) -> str:
     if not host_ms:
         return line + "; --host-ms PARSE,ANSWER says what one core serves with request handling"
     served = full_capacity(tiers, p50, max_batch, 1, sum(host_ms[:2]) / 1e3)
-    return (f"{line}; with {sum(host_ms[:2]):g} ms of request handling each, one core serves "
+    line = (f"{line}; with {sum(host_ms[:2]):g} ms of request handling each, one core serves "
             f"{served:,.0f} requests/s, load {served / unit:.3g}x")  # fmt: skip
+    if cfg.load > served / unit:  # (the README's example load overloaded a faster machine)
+        line += (f" - --load {cfg.load:g} is above it: the queue grows for the whole run; "
+                 f"give --load below {served / unit:.3g}")  # fmt: skip
+    return line
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -809,6 +813,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
     _resolve_trace(args)
+    try:  # the client innfer bench is (the dev extra; a serving image has none)
+        import tritonclient.grpc.aio  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "innfer bench sends its requests with tritonclient, which is not installed here: "
+            "pip install 'tritonclient[grpc]' (in innfer's dev extra: pip install -e '.[dev]')"
+        ) from None
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
     from sim.loadgen import run_load

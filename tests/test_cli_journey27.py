@@ -211,6 +211,19 @@ def test_simulate_and_bench_refuse_a_run_of_no_request(tmp_path, capsys):
     assert code == 2 and "no request arrives" in err
 
 
+def test_bench_without_tritonclient_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    # "internal error: ModuleNotFoundError: No module named 'tritonclient' (a bug: please
+    # report it)" where the dev extra is not installed (review helper-145).
+    import sys
+
+    d = _built(tmp_path)
+    monkeypatch.setitem(sys.modules, "tritonclient", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc.aio", None)
+    code, _, err = _cli(capsys, "bench", d, "--address", "127.0.0.1:9")
+    assert code == 2 and "pip install 'tritonclient[grpc]'" in err and "a bug" not in err
+
+
 def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, capsys, monkeypatch):
     d = _built(tmp_path)
     code, out, err = _cli(
@@ -395,6 +408,13 @@ def test_the_unit_of_load_is_said_with_what_one_core_serves(tmp_path, capsys):
     assert code == 0, err
     assert f"load 0.01x of {engine:,.0f} requests/s" in out
     assert f"one core serves {served:,.0f} requests/s, load {served / engine:.3g}x" in out
+    # A load past what one core serves is said (the README's --load 0.04 overloaded a VM
+    # whose engine is faster, 0.57 % within budget and nothing said why; review helper-145)
+    assert served / engine < 0.01 and "--load 0.01 is above it" in out
+    under = f"{served / engine / 2:.3g}"
+    code, out, err = _cli(capsys, "simulate", d, "--duration", "1", "--load", under,
+                          "--policy", "innfer", "--host-ms", "1.1,0.7")  # fmt: skip
+    assert code == 0 and "is above it" not in out, out
     code, out, err = _cli(capsys, "simulate", d, "--duration", "1", "--load", "0.01",
                           "--policy", "innfer")  # fmt: skip
     assert code == 0 and "--host-ms PARSE,ANSWER says what one core serves" in out

@@ -290,3 +290,18 @@ def test_a_replay_at_engine_speed_plans_its_first_batches_at_that_speed():
     p50 = {"w100": {1: 3.5}, "w050": {1: 1.6}}
     r = replay(tiers, p50, np.array([0.0]), np.array([0.006]), SimConfig(noise=0.0), speed=2.0)
     assert r.tiers == ["w050"] and r.summary["slo_attainment"] == 1.0
+
+
+def test_a_file_trace_shorter_than_the_window_says_both_rates(tmp_path):
+    # 768 requests of 10.5 s said "at 25.6/s" (over the default 30 s) alone, where `tiers
+    # suggest` said 73/s of the same file (review helper-145). Rates stay per the window
+    # (a 2-request file is not a rate of its own); the line says the other too.
+    from sim.simulator import format_summary
+
+    cfg = SimConfig(trace="file", trace_file=str(_file_trace(tmp_path)), duration_s=300)
+    s = simulate(TIERS, P50, cfg).summary
+    assert s["offered_rate_per_s"] == pytest.approx(11 / 300)
+    assert (s["window_s"], s["span_s"]) == (300.0, 100.0)
+    assert "over the 300 s window (0.1/s over the 100 s they came in)" in format_summary(s)
+    s = simulate(TIERS, P50, SimConfig(trace="file", trace_file=cfg.trace_file)).summary
+    assert "window" not in format_summary(s)  # the file is longer than 30 s: its own span
