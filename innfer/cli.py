@@ -456,8 +456,10 @@ def _check_repository(config) -> None:
 def _check_repository_dir(repo: Path) -> None:
     """``innfer serve`` and ``build`` say the same of a repository that is not there."""
     if not Path(repo).is_dir():
+        # (not "build one with `innfer build`" - said to `innfer build` itself)
         raise ValueError(
-            f"repository {repo} is not a directory; build one with `innfer demo` or `innfer build`"
+            f"repository {repo} is not a directory: give the folder that holds the models' "
+            "folders (<repository>/<model>/model.yaml; `innfer demo` makes one)"
         )
 
 
@@ -466,6 +468,11 @@ def _no_models(repo: Path) -> str:
     given for its repository, is the usual cause)."""
     own = (Path(repo) / "model.yaml").is_file()
     hint = " (it is a model's own folder: give its parent)" if own else ""
+    if not own:  # a folder holding an INN but no model.yaml is the next usual cause
+        inns = sorted(p.name for p in Path(repo).iterdir() if (p / "inn.json").is_file())
+        if inns:
+            hint = (f" ({', '.join(inns[:4])} {'holds' if len(inns) == 1 else 'hold'} an INN "
+                    "but no model.yaml: write one - README, 'Bring your own model')")  # fmt: skip
     return f"no models in {repo}: each is a folder <model>/model.yaml{hint}"
 
 
@@ -1245,6 +1252,11 @@ def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir
             what = "refit only, no distillation steps"
         if rec.get("kept") == "start":
             what += " (distilled network was further from the full width: the refit kept)"
+        check = rec.get("check_cosine") or {}
+        if rec.get("kept") == "distilled" and {"start", "distilled"} <= set(check):
+            # (a rising loss read as a failed run: the check is what chose; review 145)
+            what += (f"; kept: cosine to the full width {check['distilled']:.4f} on the "
+                     f"check sentences, the refit alone {check['start']:.4f}")  # fmt: skip
         if rec.get("stored_judged") is False:
             what += ("; replaced the tier stored by an earlier run without comparing them: "
                      "that run checked other sentences (another text or batch size, or a run "
@@ -1390,8 +1402,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else Path(args.model_dir) / "report.png"
     ylabel = "test accuracy" if data is None or data.labelled else "agreement with full width"
     plotted = data is not None or bool(served)
-    save_report(rows, Path(args.json) if args.json else None, png if plotted else None,
-                served, ylabel)  # fmt: skip
+    json_path = Path(args.json) if args.json else None
+    beside = Path(args.model_dir) / "report.json"  # `innfer train`'s, beside the plot
+    if json_path is None and not args.png and plotted and beside.is_file():
+        # The plot is replaced: its figures too, or report.json kept the pre-calibration
+        # numbers beside a plot of the new ones (review helper-145).
+        json_path = beside
+    save_report(rows, json_path, png if plotted else None, served, ylabel)
     if plotted:
         print(f"plot: {png}")
     elif args.png:  # asked for, and nothing to draw: said, not silently skipped
@@ -1484,7 +1501,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="innfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train the demo CNN, convert it, print accuracy by width")
+    demo = sub.add_parser(
+        "demo",
+        help="train the demo CNN as an INN, print accuracy by width and build its tiers into "
+        "a repository (--model minilm: convert, calibrate, build and serve the text model)",
+    )
     models = ["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn", "digits_mlp", "minilm"]
     demo.add_argument(
         "--model", default="mnist_resnet", choices=models,

@@ -459,8 +459,9 @@ class ModelRuntime:
             log.warning(
                 "model %s: tier %s is slower than the more accurate %s at every profiled "
                 "batch size (profile.json): requests run on it only when they pin it (or a "
-                "fixed policy names it); drop it from model.yaml, or re-profile on a quiet "
-                "machine (`innfer build`)",
+                "fixed policy names it): re-profile on a quiet machine (`innfer build` of the "
+                "repository - a profile timed beside other work often says this), or drop it "
+                "from model.yaml",
                 self.name, slow, fast,
             )  # fmt: skip
         for slow, fast, sizes in slower_than_more_accurate(self.tiers):
@@ -469,8 +470,9 @@ class ModelRuntime:
             log.warning(
                 "model %s: tier %s is slower than the more accurate %s at batch %s "
                 "(profile.json); the scheduler counts a request's least accurate tier as its "
-                "fastest, so it may refuse work %s could serve: drop %s from model.yaml, or "
-                "re-profile on a quiet machine (`innfer build`)",
+                "fastest, so it may refuse work %s could serve: re-profile on a quiet machine "
+                "(`innfer build` of the repository - a profile timed beside other work often "
+                "says this), or drop %s from model.yaml",
                 self.name, slow, fast, sizes, fast, slow,
             )  # fmt: skip
         instances = _instances(served)

@@ -94,6 +94,11 @@ def test_report_of_a_built_model_shows_its_tiers_latency_and_plots_it(tmp_path, 
     assert (d / "report.png").stat().st_size > 0 and f"plot: {d / 'report.png'}" in out
     served = json.loads((tmp_path / "r.json").read_text())["served"]
     assert {t["name"] for t in served} == {"w100", "w050"} and served[0]["batch"] == 4
+    # `innfer train`'s report.json beside the plot is replaced with it: it kept the old
+    # (pre-calibration) figures beside a plot of the new ones (review helper-145).
+    (d / "report.json").write_text('{"rows": "from training"}')
+    code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
+    assert code == 0 and "served" in json.loads((d / "report.json").read_text())
     # A built tier broken since: the section was left out without a word.
     (d / "tiers" / "w050" / "tier.json").write_text('{"flops": "x"}')
     code, out, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5")
@@ -447,6 +452,19 @@ def test_build_names_a_model_folder_it_cannot_build_by_its_name(tmp_path, capsys
     code, _, err = _cli(capsys, "build", tmp_path)
     assert code == 2 and "no models in" in err
     assert f"warning: {tmp_path}/resnet 18 is not built: a model folder's name is" in err
+
+
+def test_build_of_no_repository_or_of_inns_without_model_yaml_says_what_to_do(tmp_path, capsys):
+    # "innfer build model": "... build one with `innfer demo` or `innfer build`" (said to
+    # `innfer build`); an INN's folder without its model.yaml: "no models" naming none
+    # (review helper-145).
+    code, _, err = _cli(capsys, "build", tmp_path / "model")
+    assert code == 2 and "is not a directory: give the folder that holds" in err
+    assert "`innfer build`" not in err  # (the prefix "innfer build: error:" names the command)
+    (tmp_path / "nom").mkdir()
+    (tmp_path / "nom" / "inn.json").write_text("{}")
+    code, _, err = _cli(capsys, "build", tmp_path)
+    assert code == 2 and "(nom holds an INN but no model.yaml: write one" in err
 
 
 def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):

@@ -478,3 +478,21 @@ def test_data_sets_are_refused_for_a_model_of_several_inputs_by_name(tmp_path, c
         err = capsys.readouterr().err
         assert "takes 2 inputs (input_ids, attention_mask)" in err, err
         assert "internal error" not in err
+
+
+def test_a_calibrated_tiers_line_says_which_network_was_kept(monkeypatch):
+    # "h050f025: 94 distillation steps, loss 0.1706 -> 0.1889" read as a failed run: the
+    # held-out check chose the distilled network, and the line did not say so (review
+    # helper-145).
+    from types import SimpleNamespace
+
+    from innfer import cli
+
+    monkeypatch.setattr(cli, "_tier_names", lambda *a: {"k": "h050f025"})
+    rec = {"steps": 94, "first_loss": 0.1706, "last_loss": 0.1889, "kept": "distilled",
+           "check_cosine": {"start": 0.9012, "distilled": 0.9345}, "seconds": 1.0}  # fmt: skip
+    tuned = SimpleNamespace(info={"text_calibration": {"k": rec}})
+    line = cli._text_summary(SimpleNamespace(info={}), tuned, None, 8, 60.0, None)
+    assert "h050f025: 94 distillation steps, loss 0.1706 -> 0.1889" in line
+    assert "kept: cosine to the full width 0.9345 on the check sentences, the refit " \
+        "alone 0.9012" in line  # fmt: skip

@@ -219,8 +219,8 @@ def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
         )  # fmt: skip
     elif meta.get("epochs", epochs) != epochs:
         log.warning(
-            "resuming a %s-epoch run as a %d-epoch one: the learning-rate cycle now spans %d "
-            "epochs, so the result differs from a %d-epoch run from scratch",
+            "resuming a run of %s epochs as one of %d: the learning-rate cycle now spans %d "
+            "epochs, so the result differs from a run of %d epochs from scratch",
             meta["epochs"], epochs, epochs, epochs,
         )  # fmt: skip
     return start
