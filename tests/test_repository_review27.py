@@ -172,16 +172,22 @@ def auto_repo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tiers", [[], ["w075", "w075"], "w075"])
-def test_a_choice_that_is_not_a_set_of_names_is_refused(auto_repo, tmp_path, tiers):
+def test_a_choice_that_is_not_a_set_of_names_is_refused(auto_repo, tmp_path, tiers, caplog):
     """auto_tiers.json with no tiers loaded a model without any (the runtime then failed on
     max() of nothing, INTERNAL); a repeated name served one engine twice over; a string was
-    read as one tier per letter."""
+    read as one tier per letter. Refused as corrupted - and model.yaml's tiers served, as for
+    a corrupted frontier (review helper-146)."""
+    import logging
+
     root = _copy(auto_repo, tmp_path)
     path = root / "tiny" / ACTIVE_FILE
     path.write_text(json.dumps({"tiers": tiers, "frontier_sha256": "test-frontier",
                                 "chosen_at": "now", "reason": {}}))  # fmt: skip
     with pytest.raises(RepositoryError, match=r"auto_tiers\.json is corrupted .*tiers: got"):
-        Repository(root).load("tiny")
+        ActiveTiers.read(path)
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        served = Repository(root).load("tiny")
+    assert served.tier_source == "model.yaml" and "tiers: got" in caplog.text
 
 
 def test_apply_never_writes_a_set_whose_onnx_the_frontier_did_not_measure(auto_repo, tmp_path):
