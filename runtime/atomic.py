@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -52,7 +53,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         # (OSError(...) is the errno's own subclass: PermissionError for EACCES, ...)
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        # (On a read-only volume the unlink of a file never made fails too - EROFS, not
+        # ENOENT - and its error replaced the one above, naming the temporary file.)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _sync_directory(path.parent)
 
 

@@ -778,7 +778,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 last = status
             if closing.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
+            # (asyncio's TimeoutError is the builtin only from Python 3.11)
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(closing.wait(), HEALTH_WATCH_PERIOD_S)
 
 

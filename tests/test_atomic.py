@@ -39,3 +39,19 @@ def test_a_refused_open_names_the_file_not_its_temporary_name(tmp_path, monkeypa
     with pytest.raises(PermissionError) as e:
         write_json(path, {})
     assert e.value.filename == str(path)
+
+
+def test_a_read_only_volume_is_said_with_the_file_meant(tmp_path, monkeypatch):
+    # The temporary file's unlink fails on a read-only volume as well (EROFS, not ENOENT),
+    # and its error replaced the one naming the target (review helper-147).
+    from pathlib import Path
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+    monkeypatch.setattr("builtins.open", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    path = tmp_path / "auto_tiers.json"
+    with pytest.raises(OSError) as e:
+        write_json(path, {})
+    assert e.value.errno == errno.EROFS and e.value.filename == str(path)

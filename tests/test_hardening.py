@@ -488,6 +488,29 @@ def test_health_watch_streams_the_status(server):
         unknown.cancel()
 
 
+def test_a_health_watch_sends_each_change(repo, monkeypatch):
+    # Held open past the poll, through a change and back (review helper-147: only the first
+    # message was ever looked at).
+    monkeypatch.setattr(service, "HEALTH_WATCH_PERIOD_S", 0.05)
+    s = ServerThread({"repository": str(repo), "model_control": "explicit",
+                      "models": ["tiny"]}).start()  # fmt: skip
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service="readiness"), timeout=60
+            )
+            assert next(watch).status == SERVING
+            time.sleep(0.3)  # several polls, no change: nothing sent
+            stub = rpc.GRPCInferenceServiceStub(ch)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny"))
+            assert next(watch).status == NOT_SERVING
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+            assert next(watch).status == SERVING
+            watch.cancel()
+    finally:
+        s.stop()
+
+
 def test_a_health_watch_ends_at_the_drain(repo):
     # An open Watch must not hold the drain to its grace period: it sends NOT_SERVING and
     # ends as draining begins.
