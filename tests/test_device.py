@@ -346,3 +346,22 @@ def test_the_planners_backlog_follows_the_devices_order_too():
     for i in range(8):  # due before b's but of lower priority: they run after it
         a.submit(Request(200 + i, 0.0, 0.050, priority=-1), 0.0)
     assert b._snapshot(0.0, 0).backlog == pytest.approx(2 * b.latency.estimate("w025", 8))
+
+
+def test_a_neighbours_requests_of_several_lengths_are_counted_as_the_batches_they_run_as():
+    # Requests of 8 lengths run as 8 batches; the backlog and the hold counted them as one
+    # (review helper-147: b admitted a 40 ms request behind ~80 ms of a's work).
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    for i in range(8):
+        a.submit(Request(100 + i, 0.0, 1.0, priority=1, group=(i + 3,)), 0.0)
+    batch = float(a.ctx.tables()[0][0, 1])  # one row on w, at the planning quantile
+    assert a.work_due((0.0, 2.0)) == pytest.approx(8 * batch)
+    assert a.work_ahead(8)[-1][2] == pytest.approx(8 * batch)
+    with pytest.raises(Refused, match="cannot be met"):
+        b.submit(Request(1, 0.0, 0.040), 0.0)
+    same = _scheduler(Device(slots=1), one)  # one length: one batch, as before
+    for i in range(8):
+        same.submit(Request(200 + i, 0.0, 1.0, group=(5,)), 0.0)
+    assert same.work_due((0.0, 2.0)) == pytest.approx(batch)

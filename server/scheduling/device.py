@@ -1,5 +1,5 @@
-"""One device shared by several models: slots, deadline order across models, and the
-backlog each model's scheduler must plan behind. Pure: no threads, no clock.
+"""One device shared by several models: slots, urgency order across models (priority, then
+deadline), and the backlog each model's scheduler must plan behind. Pure: no threads, no clock.
 
 Without it every model has its own slots and none knows what the others load on the same
 CPU or GPU, so model A's burst makes model B's batches slower than B planned and B misses

@@ -109,10 +109,10 @@ class Columns:
 
 @dataclass(frozen=True)
 class Groups:
-    """The batches of a plan in run order, each (G,): ``hi`` (its class: the fastest tier
-    its requests allow), ``lo`` (the most accurate tier all of them allow), ``rows``,
-    ``deadline`` (the earliest of its requests), ``head`` (queue index of its first
-    request); its requests are ``order[bounds[g]:bounds[g + 1]]`` (queue order; ``bounds``
+    """The batches of a plan in run order, each (G,): ``hi`` (the fastest tier its requests
+    allow; with their group, the batch's class), ``lo`` (the most accurate tier all of them
+    allow), ``rows``, ``deadline`` (the earliest of its requests), ``head`` (queue index of
+    its first request); its requests are ``order[bounds[g]:bounds[g + 1]]`` (queue order; ``bounds``
     (G + 1,)). ``of`` (n,) maps a queue index to its batch. Views into the three arrays
     the compiled loop returns (``_kernel.groups``)."""
 

@@ -761,16 +761,13 @@ class Planner(Policy):
             more = np.flatnonzero((cols.lo[reach:] <= k) & (k <= cols.hi[reach:])) + reach
             if group is None and not candidates:
                 group = queue[int(more[0])].group if len(more) else None
-            # The columns hold no groups: requests of another one are skipped here, a few
-            # at a time (one group, the usual case, takes the first b - n).
-            pos = 0
-            while len(candidates) < b and pos < len(more):
-                for i in more[pos : pos + b].tolist():
-                    if queue[i].group == group:
-                        candidates.append(i)
-                        if len(candidates) == b:
-                            break
-                pos += b
+            # The group's by its key (a hash), then by the group itself (keys may collide).
+            more = more[cols.group[more] == group_key(group)]
+            for i in more.tolist():
+                if queue[i].group == group:
+                    candidates.append(i)
+                    if len(candidates) == b:
+                        break
         batch, where, rows = [], [], 0
         for i in candidates:
             r = queue[i]

@@ -401,21 +401,28 @@ class Scheduler:
     def work_due(self, key: tuple[float, float]) -> float:
         """Seconds of the queued work that runs before a request of urgency ``key``
         ((-priority, absolute deadline): the device's order across models, ``claim``'s) - a
-        prefix of the queue, which is sorted by that key: per fastest allowed tier, its rows
-        as full batches plus one partial, at the planning quantile. What a shared device's
-        other members plan behind (``Device.backlog``). By deadline alone, a neighbour's
-        higher-priority requests due later were not counted though they run first, and its
-        lower-priority ones due sooner were, though they run after (review helper-137)."""
+        prefix of the queue, which is sorted by that key: per class (fastest allowed tier and
+        group, as the plan batches), its rows as full batches plus one partial, at the
+        planning quantile. What a shared device's other members plan behind
+        (``Device.backlog``). By deadline alone, a neighbour's higher-priority requests due
+        later were not counted though they run first, and its lower-priority ones due sooner
+        were, though they run after (review helper-137); by tier alone, requests of 8 lengths
+        were one batch of 8 (helper-147)."""
         at = bisect.bisect(self._keys, (key[0], key[1], math.inf))
         if not at:
             return 0.0
         cols = self.columns()
         quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
-        hi, rows = cols.hi[:at], cols.rows[:at]
-        rows = np.bincount(hi, weights=rows, minlength=len(quantile))
+        tiers = len(quantile)
+        hi, rows, group = cols.hi[:at], cols.rows[:at], cols.group[:at]
+        cls = hi
+        if group.any():  # dense group codes, then one class per (group, tier)
+            cls = np.unique(group, return_inverse=True)[1].reshape(-1) * tiers + hi
+        rows = np.bincount(cls, weights=rows)
         total = 0.0
-        for tier, n in enumerate(rows.astype(np.int64).tolist()):
+        for c, n in enumerate(rows.astype(np.int64).tolist()):
             if n:
+                tier = c % tiers
                 full, rest = divmod(n, b)
                 total += full * quantile[tier, b] + (quantile[tier, rest] if rest else 0.0)
         return float(total)
@@ -423,19 +430,20 @@ class Scheduler:
     def work_ahead(self, limit: int) -> list[tuple[tuple[float, float], float, float]]:
         """For each of the first ``limit`` queued requests, in run order: (its urgency key
         (-priority, deadline), its deadline, seconds of this queue's work up to and including
-        it), counted as ``work_due`` counts (per fastest allowed tier, full batches plus one
-        partial, at the planning quantile). What ``Device.hold`` weighs."""
+        it), counted as ``work_due`` counts (per fastest allowed tier and group, full batches
+        plus one partial, at the planning quantile). What ``Device.hold`` weighs."""
         quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
-        rows: dict[int, int] = {}  # fastest tier rank -> rows so far
-        cost: dict[int, float] = {}  # fastest tier rank -> their seconds
+        rows: dict[tuple, int] = {}  # (group, fastest tier rank) -> rows so far
+        cost: dict[tuple, float] = {}  # (group, fastest tier rank) -> their seconds
         total, out = 0.0, []
         for r in itertools.islice(self.queue, limit):
             t = self.ctx.bounds(r)[1]
-            n = rows.get(t, 0) + r.rows
+            k = (r.group, t)
+            n = rows.get(k, 0) + r.rows
             full, rest = divmod(n, b)
             c = full * float(quantile[t, b]) + (float(quantile[t, rest]) if rest else 0.0)
-            total += c - cost.get(t, 0.0)
-            rows[t], cost[t] = n, c
+            total += c - cost.get(k, 0.0)
+            rows[k], cost[k] = n, c
             out.append(((-r.priority, r.deadline), r.deadline, total))
         return out
 
