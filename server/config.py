@@ -454,17 +454,16 @@ class ServerConfig:
         with their own error when loaded; a repository may be filled after this is read)."""
         if not self.repository.is_dir():
             return []
-        names = self.models or sorted(
-            p.name for p in self.repository.iterdir() if (p / "model.yaml").is_file()
-        )
+        names = self.models or sorted(p.name for p in self.repository.iterdir())
         found = []
         for name in names:
             path = self.repository / name / "model.yaml"
-            if not path.is_file():
-                continue
+            # A folder this process may not read is no config error: its load says why (it
+            # stopped the server's start, review helper-147).
             try:
-                found.append((name, ModelConfig.load(path)))
-            except ConfigError:
+                if path.is_file():
+                    found.append((name, ModelConfig.load(path)))
+            except (ConfigError, OSError):
                 continue
         return found
 

@@ -124,3 +124,20 @@ def test_an_engine_build_on_a_full_volume_says_so(tmp_path, monkeypatch):
         get_backend("onnxruntime").build(onnx, tmp_path / "engine", BuildOptions(max_batch=4))
     assert "has 10 bytes free: free space or grow it" in str(e.value)
     assert _advice(e.value) == ""  # its own fix: no rebuild advice appended
+
+
+def test_an_unreadable_folder_stops_neither_the_config_nor_a_build_message(tmp_path, forbidden):
+    # The server config's check of `backend:` / `policy: fixed:` read every model.yaml and
+    # raised PermissionError: the server did not start (review helper-147); "no models"
+    # looked into every folder for an INN and raised on one it may not read.
+    from innfer.cli import _no_models
+    from server.config import ServerConfig
+
+    repo = build_repository(tmp_path / "repo")
+    forbidden(repo / "wide")
+    config = ServerConfig.from_dict({"repository": str(repo), "backend": "onnxruntime"})
+    assert [name for name, _ in config._known_models()] == ["tiny"]
+    empty = tmp_path / "empty"
+    (empty / "lost+found").mkdir(parents=True)
+    forbidden(empty / "lost+found")
+    assert _no_models(empty).startswith(f"no models in {empty}")
