@@ -243,7 +243,7 @@ def rpc_method(fn: Callable) -> Callable:
             return await fn(self, request, context)
         except InferError as exc:
             code = status_of(exc)
-            await context.abort(code, clip_message(str(exc)))
+            await _abort(context, code, clip_message(str(exc)))
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
@@ -253,12 +253,25 @@ def rpc_method(fn: Callable) -> Callable:
         except Exception:
             log.exception("%s failed", name)
             code = grpc.StatusCode.INTERNAL
-            await context.abort(code, f"internal error in {name}; see logs")
+            await _abort(context, code, f"internal error in {name}; see logs")
         finally:
             code = _heard(code, context)
             metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], time.perf_counter() - t0)
 
     return wrapper
+
+
+async def _abort(context, code: grpc.StatusCode, message: str) -> None:
+    """``context.abort``; where the call has ended under it (its client gone, its deadline
+    passed) there is nothing to send, and gRPC's core refuses the batch - ExecuteBatchError,
+    which grpc logs as an error with a traceback unless it already saw the client close (a
+    race: review helper-148, a 0.5 ms client_timeout). Ended as the cancellation it is."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # grpc._cython.cygrpc.ExecuteBatchError (not public API)
+        raise asyncio.CancelledError(f"the call ended before its {code.name} was sent") from exc
 
 
 SERVICE = "inference.GRPCInferenceService"

@@ -997,3 +997,39 @@ def test_a_text_input_refuses_values_beside_its_strings():
         decode_text(text(bytes_contents=[b"the model"], fp32_contents=[1, 2]), "text", 8, 64)
     with pytest.raises(InvalidArgument, match=r"0 strings for 1 rows \(values came in contents"):
         decode_text(text(int64_contents=[7]), "text", 8, 64)
+
+
+def test_an_answer_to_a_client_already_gone_ends_quietly():
+    # The client's 0.5 ms timeout passed while the server refused its request: the abort
+    # found the call ended (ExecuteBatchError) and grpc logged it as an error with a
+    # traceback (review helper-148). It ends as the cancellation it is (grpc: debug).
+    import asyncio
+    from types import SimpleNamespace
+
+    from grpc._cython import cygrpc
+
+    from server.errors import DeadlineExceeded
+    from server.metrics import Metrics
+    from server.service import rpc_method
+
+    @rpc_method
+    async def ModelInfer(self, request, context):
+        raise DeadlineExceeded("the budget ran out")
+
+    class Gone:
+        def invocation_metadata(self):
+            return ()
+
+        def time_remaining(self):
+            return 0.0
+
+        def cancelled(self):
+            return True
+
+        async def abort(self, code, message):
+            raise cygrpc.ExecuteBatchError("Failed execute_batch")
+
+    service = SimpleNamespace(plane=SimpleNamespace(metrics=Metrics()),
+                              authenticate=lambda md: None)  # fmt: skip
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(ModelInfer(service, pb.ModelInferRequest(), Gone()))
