@@ -1546,4 +1546,6 @@ def _advice(exc: BaseException, control: str = "explicit") -> str:
         return f"; the volume is full: free space or grow it, then {again}"
     if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):
         return f"; fix model.yaml, then {again}"
-    return "; rebuild it with `innfer build`"
+    if "pip install" in said or "CUDA" in said:  # the host lacks a package or a device
+        return f"; then {again}"  # (a rebuild would not help: review helper-149)
+    return f"; rebuild it with `innfer build`, then {again}"

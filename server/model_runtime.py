@@ -57,6 +57,7 @@ from server.errors import (
     Unavailable,
 )
 from server.host_cpu import HostCpu
+from server.limits import clip
 from server.log_throttle import LogThrottle
 from server.loop_idle import IdleWatch, idle_watch
 from server.metrics import MISS_REASONS, Metrics
@@ -916,7 +917,8 @@ class ModelRuntime:
         for what, tier in (("tier", pin), ("min_tier", min_tier)):
             if tier is not None and tier not in self.accuracy:
                 raise NotFound(
-                    f"model {self.name} has no {what} {tier!r}; tiers: {', '.join(self.accuracy)}"
+                    f"model {self.name} has no {what} {clip(tier)}; tiers: "
+                    f"{', '.join(self.accuracy)}"
                 )
         if (
             pin is not None

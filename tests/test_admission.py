@@ -192,7 +192,7 @@ def test_refusal_says_what_was_ahead():
     with pytest.raises(Refused) as exc:  # 17.4 ms left + 18.4 + 2.3 > 29 ms
         sched.submit(Request(9, 0.001, 0.030), now=0.001)
     message = str(exc.value)  # a full batch of rows waits: checked at slo_target
-    assert "1 requests queued ahead and 1 running" in message and "0.999 quantile" in message
+    assert "1 request queued ahead and 1 running" in message and "0.999 quantile" in message
 
 
 @pytest.mark.parametrize("behind", [False, True])

@@ -978,6 +978,8 @@ def test_a_refused_budget_says_what_the_server_set_aside_of_it(config):
     assert re.search(r"\(-0\.[5-9] ms left to plan with\) is below the fastest allowed tier",
                      message)  # fmt: skip
     assert "the client's budget was 0.5 ms, less the server's 1.0 ms margin" in message
+    # ... and what the client can do about it (review helper-149: no fix was said)
+    assert "send a larger latency_budget_ms, or allow a faster tier" in message
 
 
 def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog):
@@ -1161,9 +1163,12 @@ def test_a_load_error_that_says_its_own_fix_gets_no_rebuild_advice():
 
     own = EngineError("the trouble is this process's ...; then load the model again")
     assert _advice(own) == ""
-    assert (
-        _advice(EngineError("model.ort fails its checksum")) == "; rebuild it with `innfer build`"
+    assert _advice(EngineError("model.ort fails its checksum")) == (
+        "; rebuild it with `innfer build`, then load the model again"
     )
+    # A host without the package or device: a rebuild cannot help (review helper-149)
+    missing = RuntimeError("none of the backends ['tensorrt'] is available (pip install tensorrt)")
+    assert _advice(missing) == "; then load the model again"
     # Where clients may not load models, "load the model again" cannot be done (review
     # helper-104): a restart loads it.
     from runtime.repository.config import ConfigError

@@ -156,7 +156,8 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
         # Each said as it is (review helper-146: "missing or corrupted (the log above says
         # which)" with no line above for a missing one; a corrupted one "not a JSON object")
         if damage == "missing":
-            assert "profile.json is missing;" in caplog.text and "corrupted" not in caplog.text
+            assert "profile.json is missing;" in caplog.text
+            assert "profile.json is corrupted" not in caplog.text
         if damage == "corrupted":
             assert "is corrupted (not JSON: Unterminated string" in caplog.text
     finally:

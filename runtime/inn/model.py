@@ -642,12 +642,17 @@ def load(directory: str | Path) -> IntegralModel:
     meta_path, weights = d / META_FILE, d / WEIGHTS_FILE
     for p in (meta_path, weights):
         if not p.is_file():
-            raise ModelFileError(f"{p} does not exist; is {d} a directory written by save()?")
+            raise ModelFileError(
+                f"{p} does not exist: give a model's folder (<repository>/<model>) holding "
+                "an INN - inn.json and inn.safetensors, as `innfer train --out`, `innfer demo` "
+                "and IntegralModel.save write them"
+            )
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFileError(
-            f"{meta_path} is not valid JSON ({exc}); the file is corrupted"
+            f"{meta_path} is not valid JSON ({exc}); the file is corrupted: restore it, or "
+            "save the INN again (IntegralModel.save)"
         ) from exc
     if not isinstance(meta, dict) or meta.get("format") != "innfer-inn":
         raise ModelFileError(f"{meta_path} is not an innfer INN description")

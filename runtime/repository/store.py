@@ -642,10 +642,10 @@ class Repository:
         # corrupted, not with onnxruntime ..." read as if the backend were the fault.)
         log.warning(
             "model %s: %s; re-measured every tier at load in %.1f s with %s %s on %s "
-            "(%d threads), as served now (`innfer build --model %s --backend %s` on this "
+            "(%d threads), as served now (`innfer build %s --model %s --backend %s` on this "
             "machine stores a profile)",
             name, why, time.perf_counter() - t0, backend.name, backend.version(),
-            backend.device(), config.threads, name, backend.name,
+            backend.device(), config.threads, self.root, name, backend.name,
         )  # fmt: skip
         return fresh
 

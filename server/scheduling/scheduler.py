@@ -258,7 +258,11 @@ class Scheduler:
         due = self.admission_deadline(r)
         alone = self.latency.quantile(fastest, r.rows, q)
         if self.instances.queued() >= self.max_queue:  # over the model's lanes together
-            raise Refused(State.REFUSED_FULL, f"queue full ({self.max_queue} requests waiting)")
+            raise Refused(
+                State.REFUSED_FULL,
+                f"queue full ({self.max_queue} requests waiting): retry shortly or on another "
+                "replica (the model's max_queue bounds it)",
+            )
         # Forgetting helps only a budget the profile itself meets: one below even that (a
         # client's 0.2 ms) would wipe a slowdown learned rightly and plan the next ones short.
         profile_meets = now + self.latency.profiled(fastest, r.rows, q) <= due
@@ -268,8 +272,8 @@ class Scheduler:
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) is below the fastest "
-                f"allowed tier's "
-                f"latency ({fastest}: {1e3 * alone:.1f} ms)",
+                f"allowed tier's latency ({fastest}: {1e3 * alone:.1f} ms): send a larger "
+                "latency_budget_ms, or allow a faster tier (a lower min_tier, no tier pin)",
             )
         key = self._key(r)
         i = bisect.bisect(self._keys, key)
@@ -280,8 +284,9 @@ class Scheduler:
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) cannot be met behind the "
-                f"{i} requests queued ahead and {len(self.running)} running "
-                f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile)",
+                f"{_count(i, 'request')} queued ahead and {len(self.running)} running "
+                f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
+                "shortly or on another replica, or send a larger latency_budget_ms",
             )
         self._keys.insert(i, key)
         self.queue.insert(i, r)
@@ -723,3 +728,8 @@ def _low_percentile(ordered: np.ndarray, q: float = TIGHT_BUDGET_QUANTILE) -> fl
     if not len(ordered):
         return math.inf
     return float(ordered[int(q * (len(ordered) - 1))])
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural where it is not one ("1 request", "3 requests")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
