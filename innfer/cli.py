@@ -606,7 +606,10 @@ def _sim_config(args: argparse.Namespace, policy: str):
 
     model = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     if args.cv2 is not None and args.trace != "gamma":  # read by the gamma trace alone
-        raise ValueError(f"--cv2 shapes a gamma trace; --trace is {args.trace or 'poisson'}")
+        raise ValueError(
+            f"--cv2 shapes a gamma trace; --trace is {args.trace or 'poisson'}: add --trace "
+            "gamma, or drop --cv2"
+        )
     simulated = {  # simulate's own flags (bench sends to a server, which has its own)
         k: getattr(args, k) for k in ("noise", "budget_margin_ms") if k in args
     }
@@ -634,7 +637,10 @@ def _resolve_trace(args: argparse.Namespace) -> None:
     """``--trace-file`` means ``--trace file`` (it was ignored beside the default Poisson
     trace, a missing file included); with another ``--trace`` it is an error."""
     if args.trace_file is not None and args.trace not in (None, "file"):
-        raise ValueError(f"--trace-file is a --trace file's; --trace {args.trace} takes none")
+        raise ValueError(
+            f"--trace-file goes with --trace file, not --trace {args.trace}: drop it, or give "
+            "--trace file"
+        )
     args.trace = args.trace or ("file" if args.trace_file is not None else "poisson")
     if args.trace == "file" and args.trace_file is None:  # it said "needs trace_file"
         raise ValueError("--trace file needs --trace-file PATH (timestamps in seconds, one a line)")
@@ -1272,7 +1278,7 @@ def _text_summary(inn, tuned, widths, multiple_of: int, budget: float, model_dir
                      "that recorded none), so it may have trained on this run's check")  # fmt: skip
         took = rec.get("seconds", 0.0)
         if took > budget * 1.1 + 0.5:
-            what += (f"; took {took:.1f} s of a {budget:.1f} s budget (node choice "
+            what += (f"; took {took:.1f} s of its {budget:.1f} s budget (node choice "
                      f"{rec.get('select_seconds', 0.0):.1f} s, the refit "
                      f"{rec.get('refit_seconds', 0.0):.1f} s and the optimiser's first "
                      "set-up - an import of seconds - are not cut short)")  # fmt: skip

@@ -637,7 +637,7 @@ def test_a_trace_file_means_a_file_trace(cli_main, tmp_path):
     code, _, err = cli_main("simulate", str(tmp_path), "--trace-file", str(tmp_path / "none"))
     assert code == 2 and f"--trace-file {tmp_path / 'none'}: no such file" in err
     code, _, err = cli_main("simulate", str(tmp_path), "--trace", "gamma", "--trace-file", "x")
-    assert code == 2 and "--trace gamma takes none" in err
+    assert code == 2 and "goes with --trace file, not --trace gamma: drop it" in err
 
 
 def test_an_unforeseen_error_is_one_line_unless_asked(cli_main, monkeypatch):
