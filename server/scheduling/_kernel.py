@@ -220,6 +220,7 @@ def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, max_batch, z, busy
         v[s] += var[t, b]
         if k == mine:
             best = min(best, off[s] + quantile(m[s], v[s], z))
+        # (b + r_rows <= max_batch < width: plan.admission_finish checks the tables' width)
         elif r_lo <= t <= r_hi and b + r_rows <= max_batch and ahead[3, g_head[k]] == r_key:
             dm = mean[t, b + r_rows] - mean[t, b]
             dv = var[t, b + r_rows] - var[t, b]

@@ -375,7 +375,8 @@ class Scheduler:
             busy = self.device.lanes(self, now, q=q)
         else:
             busy = self.device.offsets(now, q=q)
-        # A shared device's work due first (at the planning quantile: others' plans).
+        # A shared device's work more urgent than r runs first (at the planning quantile:
+        # others' plans).
         ahead = self.device.backlog(self, (-r.priority, r.deadline))
         if ahead:
             busy = [b + ahead for b in busy]
@@ -648,7 +649,7 @@ class Scheduler:
 
 class _Columns:
     """The scheduler's queue as numpy arrays (see ``plan.Columns``): deadlines, and rows /
-    lo / hi stacked in one integer array, updated per insert and removal - a few O(|Q|)
+    lo / hi / group key stacked in one integer array, updated per insert and removal - a few O(|Q|)
     memory copies, no Python loop - and replaced rather than written in place, so a view
     handed to a policy never changes under it.
 
