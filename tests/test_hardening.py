@@ -514,15 +514,30 @@ def test_a_health_watch_sends_each_change(repo, monkeypatch):
 def test_a_health_watch_ends_at_the_drain(repo):
     # An open Watch must not hold the drain to its grace period: it sends NOT_SERVING and
     # ends as draining begins.
+    # Read as it arrives, on a thread: read after the server had stopped, a message it sent
+    # was not always there to read (one fresh-clone CI run).
+    import threading
+
     s = ServerThread({"repository": str(repo)}).start()
+    seen, first = [], threading.Event()
     with grpc.insecure_channel(s.address) as ch:
         watch = health_pb2_grpc.HealthStub(ch).Watch(
             health_pb2.HealthCheckRequest(service="readiness"), timeout=60
         )
-        assert next(watch).status == SERVING
+
+        def read():
+            for m in watch:
+                seen.append(m.status)
+                first.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert first.wait(20)
         started = time.monotonic()
         s.stop(grace=30.0)
-        assert [m.status for m in watch] == [NOT_SERVING]  # then the stream ends, OK
+        reader.join(25)
+        assert not reader.is_alive()  # the stream ended ...
+        assert seen == [SERVING, NOT_SERVING]  # ... after NOT_SERVING
         assert time.monotonic() - started < 20.0  # not the 30 s grace
 
 

@@ -260,9 +260,11 @@ def test_answers_a_stream_client_does_not_read_count_against_the_inflight_cap(ca
         assert "read its answers" in refused.details()
         made = registry.get_sample_value("innfer_requests_total", served)
         assert plane.inflight_bytes <= 2**20 + 64 * 2048  # the cap, and refusals' answers
-        # Operators see it: the gauge reads the held bytes at scrape, beside the limit.
+        # Operators see it: the gauge reads the held bytes at scrape, beside the limit. (Not
+        # "over half the cap": the client's transport may take more answers between the
+        # refusal and the scrape - 262,316 bytes were left in one fresh-clone CI run.)
         scraped = registry.get_sample_value("innfer_inflight_bytes")
-        assert 2**19 < scraped <= 2**20 + 64 * 2048, scraped
+        assert 0 < scraped <= 2**20 + 64 * 2048, scraped
         assert registry.get_sample_value("innfer_inflight_limit_bytes") == 2**20
         call.cancel()  # the client goes: what it held is let go
         while plane.inflight_bytes:
