@@ -466,23 +466,16 @@ def _check_repository_dir(repo: Path) -> None:
 def _no_models(repo: Path) -> str:
     """What ``serve`` and ``build`` say of a repository without models (a model's own folder,
     given for its repository, is the usual cause)."""
+    from runtime.repository.store import file_known
+
     own = (Path(repo) / "model.yaml").is_file()
     hint = " (it is a model's own folder: give its parent)" if own else ""
     if not own:  # a folder holding an INN but no model.yaml is the next usual cause
-        inns = sorted(p.name for p in Path(repo).iterdir() if _holds(p / "inn.json"))
+        inns = sorted(p.name for p in Path(repo).iterdir() if file_known(p / "inn.json"))
         if inns:
             hint = (f" ({', '.join(inns[:4])} {'holds' if len(inns) == 1 else 'hold'} an INN "
                     "but no model.yaml: write one - README, 'Bring your own model')")  # fmt: skip
     return f"no models in {repo}: each is a folder <model>/model.yaml{hint}"
-
-
-def _holds(path: Path) -> bool:
-    """Whether ``path`` is a file; False where this process may not look (an ext4 root's
-    lost+found, another user's folder)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
 
 
 def _budget_range(text: str) -> tuple[float, float]:

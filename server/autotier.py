@@ -307,31 +307,26 @@ class AutoTierer:
                 await self.check()
             except asyncio.CancelledError:
                 raise
-            except OSError as exc:
-                if exc.errno not in VOLUME_ERRNOS:
-                    self._failed()
-                    continue
-                self.last_change = self.clock()  # back off like a failed apply
-                self._count("failed")
-                # The volume, not a bug: one line, said again only when the cause changes
-                # (a traceback at every check filled the log of a read-only mount).
-                if self._volume_error != (exc.errno, exc.filename):
-                    self._volume_error = (exc.errno, exc.filename)
-                    log.warning(
-                        "model %s: auto-tiering cannot write its work (%s: %s): no tiers are "
-                        "chosen until the repository volume is writable and has room; the "
-                        "served tiers stay",
-                        self.name, exc.strerror, exc.filename,
-                    )  # fmt: skip
-            except Exception:  # e.g. the apply timed out
-                self._failed()
+            except Exception as exc:  # e.g. the apply timed out, the volume is read-only
+                self._failed(exc)
             else:
                 self._volume_error = None
 
-    def _failed(self) -> None:
-        self.last_change = self.clock()  # back off like a failed apply
-        log.exception("model %s: auto-tiering check failed", self.name)
+    def _failed(self, exc: Exception) -> None:
+        """A check that raised: back off like a failed apply, and say why - the volume (read-
+        only, not ours, full) in one line, again only when the cause changes (a traceback at
+        every check filled the log of a read-only mount), anything else with its traceback."""
+        self.last_change = self.clock()
         self._count("failed")
+        if not (isinstance(exc, OSError) and exc.errno in VOLUME_ERRNOS):
+            log.exception("model %s: auto-tiering check failed", self.name)
+        elif self._volume_error != (exc.errno, exc.filename):
+            self._volume_error = (exc.errno, exc.filename)
+            log.warning(
+                "model %s: auto-tiering cannot write its work (%s: %s): no tiers are chosen "
+                "until the repository volume is writable and has room; the served tiers stay",
+                self.name, exc.strerror, exc.filename,
+            )  # fmt: skip
 
     async def check(self) -> str:
         """One check; returns its outcome (applied, kept, unchanged, waiting, failed)."""

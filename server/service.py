@@ -802,11 +802,12 @@ HEALTH_WATCH_PERIOD_S = 1.0
 
 
 async def _health_decoded(request, context) -> None:
-    if isinstance(request, Undecodable):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request bytes are not a valid {request.message}: {request.error}",
-        )
+    """``_require_decoded`` for the health service, whose handlers ``rpc_method`` does not
+    wrap: its refusal as the status it maps to."""
+    try:
+        _require_decoded(request)
+    except InferError as exc:
+        await context.abort(status_of(exc), str(exc))
 
 
 def add_health_service(servicer: HealthService, server) -> None:

@@ -56,19 +56,24 @@ def known_fields(cls, data: dict, path: Path) -> dict:
             "(`innfer build`)"
         )
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = tuple(sorted(k for k in data if k not in names))
-    if unknown:
-        if (str(path), unknown) not in _warned:  # once: a frontier's candidates share them
-            _warned.add((str(path), unknown))
-            log.warning(
-                "%s: fields %s are unknown to this innfer (written by a newer one?) and "
-                "ignored", path, ", ".join(unknown),
-            )  # fmt: skip
+    unknown = sorted(k for k in data if k not in names)
+    if unknown:  # (once: a frontier's candidates share them)
+        warn_once(f"{path}: fields {', '.join(unknown)} are unknown to this innfer (written "
+                  "by a newer one?) and ignored")  # fmt: skip
         data = {k: v for k, v in data.items() if k in names}
     return data
 
 
-_warned: set[tuple[str, tuple[str, ...]]] = set()
+_said: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` once per process: what is said about the repository's files at the
+    first load (auto-tiering reads the frontier again at every check)."""
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
+
 
 TIER_FILE = "tier.json"
 

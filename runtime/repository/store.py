@@ -52,30 +52,26 @@ from runtime.repository.profile import (
     stale_tiers,
     uncovered,
 )
-from runtime.repository.records import TIER_FILE, Rows, TierRecord, inn_fingerprint, merge_rows
+from runtime.repository.records import (
+    TIER_FILE,
+    Rows,
+    TierRecord,
+    inn_fingerprint,
+    merge_rows,
+    warn_once,
+)
 from runtime.repository.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger("innfer.repository")
 
 
-_said: set[str] = set()
-
-
-def _has_model_yaml(folder: Path) -> bool | None:
-    """Whether ``folder`` holds a model.yaml; None where this process may not look (a
-    folder of mode 000, or owned by another user: ``is_file`` raises PermissionError)."""
+def file_known(path: Path) -> bool | None:
+    """Whether ``path`` is a file; None where this process may not look (a folder of mode
+    000, or owned by another user: ``is_file`` raises PermissionError)."""
     try:
-        return (folder / "model.yaml").is_file()
+        return path.is_file()
     except PermissionError:
         return None
-
-
-def _warn_once(message: str) -> None:
-    """Log ``message`` once per process: it is about the files, said at the first load
-    (auto-tiering reads the frontier again at every check)."""
-    if message not in _said:
-        _said.add(message)
-        log.warning("%s", message)
 
 
 PROFILE_FILE = "profile.json"
@@ -176,7 +172,8 @@ class Repository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if _has_model_yaml(p) is True and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
+            if file_known(p / "model.yaml") is True
+            and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
         )
 
     def names(self) -> list[str]:
@@ -190,7 +187,7 @@ class Repository:
             for p in self.root.iterdir()
             if MODEL_NAME.fullmatch(p.name)
             and not p.is_symlink()
-            and _has_model_yaml(p) is not False
+            and file_known(p / "model.yaml") is not False
         )
 
     def config(self, name: str) -> ModelConfig:
@@ -353,7 +350,7 @@ class Repository:
         if records is None and inn_now is not None and unknown:
             # Built by an innfer that did not record it: _check_inn cannot tell a tier of a
             # replaced INN from a current one (an upgrade served such a tier silently).
-            _warn_once(
+            warn_once(
                 f"{name}: tiers {', '.join(unknown)} do not record the INN they were sampled "
                 "from (built by an older innfer): one sampled from an INN replaced, retrained "
                 "or recalibrated since cannot be told apart; run `innfer build` once to "
@@ -458,7 +455,7 @@ class Repository:
             )
         current = self._inn_fingerprint(name)
         if current is not None and None in (frontier.inn_sha256, frontier.settings):
-            _warn_once(
+            warn_once(
                 f"{d / FRONTIER_DIR / FRONTIER_FILE} does not record the INN and model.yaml "
                 "settings it was measured for (built by an older innfer): a replaced INN or "
                 "edited auto_tiers widths cannot be told apart; run `innfer build` once to "
