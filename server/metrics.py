@@ -428,6 +428,67 @@ METRICS_DEADLINE_S = 10.0
 METRICS_EVICT_AFTER_S = 1.0
 
 
+# Rendering a scrape runs in the serving process, under its GIL: 16 connections scraping in
+# a loop rendered 16 pages at once, back to back, and inference slowed with them. Now one
+# page renders at a time, and after a render that took d seconds the next waits until
+# d / METRICS_RENDER_SHARE seconds after the first began: at most this share of the time goes
+# to rendering, however many scrape. One scrape per 15 s never waits.
+METRICS_RENDER_SHARE = 0.1
+
+
+class _PacedApp:
+    """A WSGI app (prometheus_client's) rendering one page at a time, at most ``share`` of
+    the time. Scrapes that came while a page rendered wait (their threads sleep, the GIL
+    free) and take the next page rendered for the same request - never one begun before they
+    came, so a scrape still shows every count made before it was sent.
+
+    >>> calls = []
+    >>> def app(environ, start_response):
+    ...     calls.append(1)
+    ...     start_response("200 OK", [("Content-Type", "text/plain")])
+    ...     return [b"x 1\\n"]
+    >>> paced = _PacedApp(app)
+    >>> paced({"PATH_INFO": "/metrics"}, lambda status, headers: None)
+    [b'x 1\\n']
+    >>> len(calls)
+    1
+    """
+
+    def __init__(self, app, share: float = METRICS_RENDER_SHARE, clock=time.monotonic,
+                 sleep=time.sleep) -> None:  # fmt: skip
+        self._app, self._share, self._clock, self._sleep = app, share, clock, sleep
+        self._lock = threading.Lock()
+        self._next_at = 0.0  # clock time before which no render starts
+        # The last page: (request key, when its render began, status, headers, body). One
+        # only: keys come from clients (query strings), and a page is ~100 kB.
+        self._last: tuple | None = None
+
+    def __call__(self, environ, start_response):
+        came = self._clock()
+        key = tuple(environ.get(k) for k in (
+            "REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING",
+        ))  # fmt: skip
+        with self._lock:
+            last = self._last
+            if last is None or last[0] != key or last[1] < came:
+                last = self._last = self._render(environ, key)
+        start_response(last[2], last[3])
+        return [last[4]]
+
+    def _render(self, environ, key) -> tuple:
+        """Render a page (the lock held), waiting first for this render's turn."""
+        wait = self._next_at - self._clock()
+        if wait > 0:
+            self._sleep(wait)
+        began = self._clock()
+        reply: list = []
+        body = b"".join(
+            self._app(environ, lambda status, headers, *_: reply.extend((status, headers)))
+        )
+        self._next_at = began + (self._clock() - began) / self._share
+        return (key, began, reply[0], reply[1], body)
+
+
 def _cut(sock: socket.socket) -> None:
     """End a /metrics connection from another thread: its handler's read returns."""
     with contextlib.suppress(OSError):
@@ -557,7 +618,7 @@ def _serve_dual_stack(port: int, registry: CollectorRegistry):
 
 def _serve(port: int, host: str, registry: CollectorRegistry, server_class):
     httpd = make_server(
-        host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        host, port, _PacedApp(make_wsgi_app(registry)), server_class, handler_class=_QuietHandler
     )
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
