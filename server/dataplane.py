@@ -35,6 +35,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
+from runtime.repository.store import file_known
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
@@ -763,10 +764,30 @@ class DataPlane:
                 )
             if self.phase == Phase.LOADING and name in self.expected:
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
-            raise NotFound(
-                f"unknown model {clip(name)}; models: {', '.join(sorted(self.models)) or 'none'}"
-            )
+            loaded = ", ".join(sorted(self.models)) or "none"
+            hint = self._not_loaded_hint(name)
+            if hint:
+                raise NotFound(f"model {clip(name)} is in the repository but not loaded; "
+                               f"{hint}; loaded models: {loaded}")  # fmt: skip
+            raise NotFound(f"unknown model {clip(name)}; models: {loaded}")
         return runtime
+
+    def _not_loaded_hint(self, name: str) -> str:
+        """How to serve ``name`` where the repository holds it but this server does not
+        (unloaded, never named, or added after start-up); "" for a name of no model there.
+        A stat per such request: only names that are not served come here."""
+        try:
+            check_model_name(name)  # a client's name: no path out of the repository
+            present = file_known(self.repo.root / name / "model.yaml")
+        except (InvalidModelName, OSError):
+            return ""
+        if present is False:
+            return ""
+        if self.config.model_control == "explicit":
+            return f"load it first (RepositoryModelLoad; tritonclient: load_model({name!r}))"
+        if self.config.models:
+            return "the server config's models list does not name it: add it and restart"
+        return "it came after the server started (model_control: none): restart to serve it"
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

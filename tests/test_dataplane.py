@@ -278,7 +278,38 @@ def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cp
     assert gauge == plane.host_cpu.estimate
 
 
+def test_a_model_the_repository_holds_and_the_server_does_not_says_how_to_serve_it(config):
+    # It said "unknown model 'a'", as for a typo, whatever kept it out.
+    write_model(config.repository, "late", {"w100": 1.0}, max_batch=2)  # "after start-up"
+    cfg = dataclasses.replace(config, models=("b",))  # model_control: none
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            for name, why in (
+                ("a", "the server config's models list does not name it: add it and restart"),
+                ("nope", None),
+                ("../a", None),  # a client's name is not a path into the repository
+            ):
+                with pytest.raises(NotFound) as raised:
+                    plane.model(name)
+                text = str(raised.value)
+                assert (why in text) if why else text.startswith("unknown model"), text
+            plane.config = dataclasses.replace(config, models=())
+            late = r"'late' is in the repository but not loaded; it came after the server"
+            with pytest.raises(NotFound, match=late + r" started .* restart to serve it"):
+                plane.model("late")
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
 def test_unload_and_load_again(config):
+    config = dataclasses.replace(config, model_control="explicit")  # clients load and unload
+
     async def body():
         plane = DataPlane(config, Metrics())
         await plane.load_all()
@@ -288,7 +319,11 @@ def test_unload_and_load_again(config):
             # and the server stays ready (a named model's stays at 0: test_hardening)
             assert not plane.model_ready("a") and _ready_gauge(plane, "a") is None
             assert plane.ready()
-            with pytest.raises(NotFound, match="unknown model 'a'"):
+            # Still in the repository: the answer says how to serve it (it said "unknown
+            # model 'a'", as for a typo).
+            with pytest.raises(NotFound, match=r"'a' is in the repository but not loaded; "
+                               r"load it first \(RepositoryModelLoad; tritonclient: "
+                               r"load_model\('a'\)\); loaded models: b$"):  # fmt: skip
                 await plane.infer(_request("a", _x(1, 0.0)), None)
             await plane.unload("a")  # not loaded: succeeds, as Triton's (review helper-127)
             assert not plane.model_ready("a")
