@@ -72,7 +72,9 @@ REFUSALS = ("OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "unsent")
 # Seconds after a swap whose arrivals still count as around it (``around_swaps``): the old
 # tiers finish what they hold and close, the new ones take their first batches.
 SWAP_AFTER_S = 2.0
-SWAP = re.compile(r"tiers (\[.*?\]) -> (\[.*?\]) .*swapped in ([\d.]+) s")
+# The server's swap line: "tiers ['w100', 'w075'] -> frontier:w100,w056 (expected ...);
+# swapped in 6.6 s" (the new set as the data plane names it: its source, then its tiers).
+SWAP = re.compile(r"tiers (\[.*?\]) -> (?:[\w.]+:)?([\w.,-]+) .*swapped in ([\d.]+) s")
 
 
 def prepare(arm: str) -> Path:
@@ -170,7 +172,7 @@ def swap_events(log_text: str, t0_wall: float) -> list[dict]:
         except (ValueError, KeyError, TypeError):
             at = None
         a, b, seconds = m.groups()
-        out.append({"from": json.loads(a.replace("'", '"')), "to": json.loads(b.replace("'", '"')),
+        out.append({"from": json.loads(a.replace("'", '"')), "to": b.split(","),
                     "seconds": float(seconds), "at_s": at})  # fmt: skip
     return out
 
