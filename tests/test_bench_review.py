@@ -90,11 +90,17 @@ def test_decision_cost_times_both_implementations_the_same_number_of_times():
 
     mods = {"old": scheduling, "new": scheduling}
     tier_lists = {impl: decision_cost.tiers(m, 40.0) for impl, m in mods.items()}
-    spec = decision_cost.queue_spec(50, True, np.random.default_rng(0))
-    dec, work = decision_cost.time_decisions(mods, tier_lists, spec, 12)
-    assert len(dec["old"]) == len(dec["new"]) == 12 and len(work) == 12
-    adm = decision_cost.time_admissions(mods, tier_lists, spec, 12, seed=0)
-    assert len(adm["old"]) == len(adm["new"]) == 12
+    for mix in decision_cost.MIXES:
+        spec = decision_cost.queue_spec(50, mix, np.random.default_rng(0))
+        dec, work = decision_cost.time_decisions(mods, tier_lists, spec, 12)
+        assert len(dec["old"]) == len(dec["new"]) == 12 and len(work) == 12
+        adm = decision_cost.time_admissions(mods, tier_lists, spec, 12, 0, mix == "grouped")
+        assert len(adm["old"]) == len(adm["new"]) == 12
+    # the grouped queue's requests are of several groups, and keep them when put back
+    groups = {
+        r.get("group") for r in decision_cost.queue_spec(200, "grouped", np.random.default_rng(1))
+    }
+    assert len(groups) > 8 and None not in groups
 
 
 # -- finding 6: text_serving's warm-up, pinning and per-tree repositories --------------------
