@@ -358,8 +358,10 @@ def _print_build(report, repo) -> None:
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
     removed, freed = report.pruned
     if removed:
-        print(f"removed {len(removed)} cached engines built from ONNX no tier uses any more "
-              f"({freed / 2**20:.1f} MiB; --keep-engines keeps them)")  # fmt: skip
+        n = len(removed)
+        print(f"removed {n} cached engine{'s' * (n != 1)} no tier uses any more (built from "
+              f"replaced ONNX, or filed under an old cache key; {freed / 2**20:.1f} MiB; "
+              f"--keep-engines keeps them)")  # fmt: skip
     for warning in report.warnings:
         print(f"warning: {warning}")
 

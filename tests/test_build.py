@@ -912,12 +912,40 @@ def test_a_build_removes_the_engines_of_onnx_no_tier_uses(built, tmp_path, capsy
     assert report.pruned[0] == [stale.name] and report.pruned[1] > 0
     assert sorted(p.name for p in engines.iterdir()) == live  # the tiers' own stay
     _print_build(report, Repository(root))
-    assert "removed 1 cached engines built from ONNX no tier uses" in capsys.readouterr().out
+    assert "removed 1 cached engine no tier uses any more" in capsys.readouterr().out
     # A record that cannot be read: nothing can be called unused, nothing is removed.
     shutil.copytree(engines / live[0], stale)
     (stale / "manifest.json").write_text(json.dumps(manifest))
     (root / "tiny" / "tiers" / "w050" / "tier.json").write_text("{")
     assert Repository(root).onnx_in_use("tiny") is None and stale.exists()
+
+
+def test_a_build_removes_its_own_engines_filed_under_an_old_key(built, tmp_path):
+    # An upgrade that changed the key's fields (ONNX Runtime's dropped batch_profile) built
+    # each engine again under its new key, and the old entries stayed until their ONNX
+    # went - an engine per tier for good (review 143 F3). Another device's, backend's or
+    # version's entry of the same ONNX is another node's: it stays.
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    engines = root / "tiny" / "engines"
+    live = sorted(p.name for p in engines.iterdir())
+
+    def copy(name: str, **changes):
+        entry = engines / name
+        shutil.copytree(engines / live[0], entry)
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["fields"].update(changes)
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+        return entry
+
+    old_key = copy("00000000000000000000", batch_profile=[1, 4, 8])  # the same engine
+    other = copy("11111111111111111111", device="another-cpu", batch_profile=[1, 4, 8])
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert report.pruned[0] == [old_key.name] and not old_key.exists()
+    assert other.exists()
+    assert sorted(p.name for p in engines.iterdir()) == sorted([*live, other.name])
 
 
 def test_a_data_set_file_loads_in_either_layout_and_says_what_it_lacks(tmp_path):

@@ -251,7 +251,7 @@ def build_model(
             )
             _warn(report.warnings[-1], progress)
     if prune and (keep := repo.onnx_in_use(name)) is not None:
-        report.pruned = cache.prune(keep)
+        report.pruned = cache.prune(keep, chosen, options)
     return report
 
 

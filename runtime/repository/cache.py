@@ -57,7 +57,7 @@ def engine_key(
     }
     # A shape-profiled backend's (TensorRT's) only: ONNX Runtime runs any batch. (An
     # upgrade past the release that dropped it there rebuilt each ONNX Runtime engine once,
-    # under its new key; the old entries stay until their ONNX goes: ``prune``.)
+    # under its new key; the next `innfer build` removes the old entries: ``prune``.)
     if backend.shape_profiled:
         fields["batch_profile"] = [1, options.opt_batch, options.max_batch]
     if options.sequence is not None and backend.shape_profiled:
@@ -155,14 +155,21 @@ class EngineCache:
             ) from exc
         return backend.load(entry, options), True
 
-    def prune(self, keep: set[str]) -> tuple[list[str], int]:
+    def prune(
+        self, keep: set[str], backend: Backend | None = None, options: BuildOptions | None = None
+    ) -> tuple[list[str], int]:
         """Remove the entries built from an ONNX whose sha256 is not in ``keep`` (the
         ONNX files the model's tiers and frontier candidates record): every rebuild with new
         weights, and every channel-search candidate not chosen, left a whole engine here for
         good - a TensorRT plan per tier and device on a shared volume. Entries of other
         devices, backends and versions built from a kept ONNX stay (other nodes load them);
-        one whose manifest cannot be read is left to the next load's repair. Returns the
-        names removed and the bytes they held.
+        one whose manifest cannot be read is left to the next load's repair. With the
+        build's ``backend`` and ``options``, also an entry of that very engine - same ONNX,
+        backend, version, device, precision and extra options - under another key than
+        ``engine_key`` gives it now: a key whose fields changed (an upgrade past the release
+        that dropped ``batch_profile`` from ONNX Runtime's keys built each engine again and
+        kept the old one; a TensorRT model whose max_batch changed). Returns the names
+        removed and the bytes they held.
 
         Example:
             >>> cache.prune({record.onnx_sha256 for record in records})  # doctest: +SKIP
@@ -179,7 +186,7 @@ class EngineCache:
                 onnx = fields["onnx_sha256"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if onnx in keep:
+            if onnx in keep and not self._superseded(entry.name, fields, backend, options):
                 continue
             try:
                 size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
@@ -189,6 +196,20 @@ class EngineCache:
                 removed.append(entry.name)
                 freed += size
         return removed, freed
+
+    @staticmethod
+    def _superseded(key: str, fields: dict, backend: Backend | None, options) -> bool:
+        """Whether the entry ``key`` (its manifest's ``fields``) holds the engine ``backend``
+        builds now with ``options`` for its ONNX, filed under a key that is no longer it."""
+        if backend is None or options is None:
+            return False
+        same = {
+            "backend": backend.name, "backend_version": backend.version(),
+            "device": backend.device(), "precision": options.precision, "extra": options.extra,
+        }  # fmt: skip
+        if any(fields.get(k) != v for k, v in same.items()):
+            return False  # another node's, backend's or version's engine: it stays
+        return key != engine_key(fields["onnx_sha256"], backend, options)[0]
 
     def discard(self, backend: Backend, onnx_sha256: str, options: BuildOptions) -> bool:
         """Remove the entry of ``backend``'s engine for the ONNX with that sha256 (``innfer
