@@ -262,7 +262,10 @@ def _choose(repo, name: str, traffic_path: Path, live: str | None = None, host: 
 
     config = repo.config(name)
     if config.auto_tiers is None:
-        raise ValueError(f"{config.source}: add auto_tiers (e.g. {{max_tiers: 4}}) first")
+        raise ValueError(
+            config.auto_tiers_empty_note
+            or f"{config.source}: add auto_tiers (e.g. {{max_tiers: 4}}) first"
+        )
     frontier = Frontier.read(repo.model_dir(name) / FRONTIER_DIR / FRONTIER_FILE)
     # As every load does: a set chosen from a frontier of a replaced INN would be written,
     # refused by every load, restored, and tried again each min_interval_s.

@@ -473,6 +473,8 @@ class DataPlane:
         (``frontier_problem``) is said by the loop as it starts, with its fix, and its checks
         wait (no apply) until ``innfer build`` made a usable one."""
         tierer = self.tierers.get(name)
+        if config.auto_tiers_empty:
+            log.warning("model %s: %s", name, config.auto_tiers_empty_note)
         if unmet is not None:
             log.error(
                 "model %s: auto_tiers cannot be met: %s; auto-tiering is off for this model "

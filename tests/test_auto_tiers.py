@@ -793,6 +793,37 @@ def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):
     assert "add auto_tiers" in capsys.readouterr().err
 
 
+def test_an_auto_tiers_key_without_goals_is_said_to_be_off(tmp_path, capsys, caplog):
+    # `auto_tiers:` with every goal commented out reads as null: auto-tiering was off without
+    # a word at serve, and `tiers apply` / `suggest` said to add the key that is there.
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+    from server.metrics import Metrics
+
+    for name in ("plain", "empty"):
+        add_onnx_model(tmp_path, name, tiny_cnn, {**IO, "tiers": [{"name": "w100", "width": 1.0}]})
+    path = tmp_path / "empty" / "model.yaml"
+    path.write_text(path.read_text() + "auto_tiers:\n  # max_tiers: 4\n")
+    config = ModelConfig.load(path)
+    assert config.auto_tiers is None and config.auto_tiers_empty
+    assert not ModelConfig.load(tmp_path / "plain" / "model.yaml").auto_tiers_empty
+    _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
+    argv = ["tiers", "apply", str(tmp_path), "empty", "--traffic", str(tmp_path / "t.csv")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "auto_tiers has no goals (it reads as null: are all its keys commented out?)" in err
+    assert "write auto_tiers: {} for its defaults" in err and "add auto_tiers" not in err
+    plane = DataPlane(ServerConfig.from_dict({"repository": str(tmp_path)}), Metrics())
+    with caplog.at_level("WARNING", logger="innfer.dataplane"):
+        caplog.clear()
+        plane._start_tierer("plain", ModelConfig.load(tmp_path / "plain" / "model.yaml"))
+        assert not caplog.records  # no key, nothing to say
+        plane._start_tierer("empty", config)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("model empty: ") and "has no goals" in said[0]
+    assert not plane.tierers
+
+
 # -- live: the server swaps its tiers under load and fails nothing --------------------------
 def test_live_swap_under_load_answers_every_request(tmp_path):
     """8 closed-loop clients on the MLP (about 1 ms a batch at full width, so requests queue)

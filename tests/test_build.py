@@ -920,6 +920,20 @@ def test_a_build_removes_the_engines_of_onnx_no_tier_uses(built, tmp_path, capsy
     assert Repository(root).onnx_in_use("tiny") is None and stale.exists()
 
 
+def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(built, tmp_path):
+    # `auto_tiers:` with its goals commented out: the build measured no frontier and said
+    # nothing, and the server never chose a tier.
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "model.yaml"
+    path.write_text(path.read_text() + "auto_tiers:\n  # max_tiers: 4\n")
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert report.frontier is None
+    assert [w for w in report.warnings if "auto_tiers has no goals" in w], report.warnings
+
+
 def test_a_build_removes_its_own_engines_filed_under_an_old_key(built, tmp_path):
     # An upgrade that changed the key's fields (ONNX Runtime's dropped batch_profile) built
     # each engine again under its new key, and the old entries stayed until their ONNX

@@ -240,6 +240,9 @@ def build_model(
             _warn(report.warnings[-1], progress)
     finally:  # a TensorRT or CUDA engine holds device memory until closed
         _close_all(engines.values())
+    if config.auto_tiers_empty:
+        report.warnings.append(config.auto_tiers_empty_note)
+        _warn(report.warnings[-1], progress)
     if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
         from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 

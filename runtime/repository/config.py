@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,6 +451,24 @@ class ModelConfig:
     )
     name: str = spec("", doc="model name: its directory's (another is refused); may be left out")
     source: str = spec("", key=False, compare=False, doc="the file this was read from")
+    # ``auto_tiers:`` written with no goals under it (YAML null: every key commented out)
+    # reads as off, as ``auto_tiers: null`` does; build, serve and `tiers suggest` say so
+    # (they said nothing, and auto-tiering never ran).
+    auto_tiers_empty: bool = spec(
+        False, key=False, compare=False, doc="model.yaml has auto_tiers with no goals (null)"
+    )
+
+    @property
+    def auto_tiers_empty_note(self) -> str:
+        """What to say about an ``auto_tiers`` with no goals ("" where it has some or is
+        absent)."""
+        if not self.auto_tiers_empty:
+            return ""
+        return (
+            f"{self.source}: auto_tiers has no goals (it reads as null: are all its keys "
+            "commented out?), so auto-tiering is off for this model; write auto_tiers: {} for "
+            "its defaults, give goals (e.g. {max_tiers: 4}), or remove the key"
+        )
 
     def validate(self, where: Where) -> None:
         """Checks across fields, so a config that cannot build is refused when read."""
@@ -631,7 +650,10 @@ class ModelConfig:
                 "name out"
             )
         data = {"name": directory, **data} if isinstance(data, dict) else data
-        return cls.from_dict(data, source=str(path))
+        config = cls.from_dict(data, source=str(path))
+        if isinstance(data, dict) and "auto_tiers" in data and data["auto_tiers"] is None:
+            config = dataclasses.replace(config, auto_tiers_empty=True)
+        return config
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<config>") -> ModelConfig:
