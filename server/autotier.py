@@ -38,10 +38,12 @@ serving image needs ``sim/`` only as that process's code. The task's file operat
 work directory, the locks, ``auto_tiers.json``) run on a thread of its own: on a shared
 volume they can stall, and the serving loop must not stall with them.
 
-Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (applied, kept, unchanged, waiting,
-failed), ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live
-set) and ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change);
-the log says what changed and why.
+Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (``OUTCOMES``: applied, kept,
+unchanged, waiting, no_frontier, locked, failed; every one from the loop's start, at 0),
+``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live set),
+``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change) and
+``innfer_tier_set_enabled{model}`` (the data plane's: 1 while a loop runs, 0 where
+model.yaml asks for one and it is off); the log says what changed and why.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ STALE_WORK_S = 3600.0
 # this often): at every check that finds something to do was not enough - a model whose
 # traffic never moves is never re-chosen, and its dead replicas' windows stayed.
 PRUNE_EVERY_S = 600.0
+# A check's outcomes (innfer_tier_set_checks_total{outcome}); every one exported from 0.
+OUTCOMES = ("applied", "kept", "unchanged", "waiting", "no_frontier", "locked", "failed")
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -148,6 +152,9 @@ class AutoTierer:
         # tiers edited, another replica's choice) is judged anew, however steady the traffic.
         self.chosen_live: str | None = None
         self._said_waiting = False  # the first check held by min_requests logged why
+        self._said_locked = False  # the first check another replica's lock held logged it
+        for outcome in OUTCOMES:  # from 0: a first failure is an increase() alerts see
+            metrics.tier_set_checks.labels(name, outcome)
         if goals.rebuild.min_requests > CAPACITY:  # (it would wait for ever: counted as that)
             log.warning(
                 "model %s: auto_tiers.rebuild.min_requests %d is more than the %d requests a "
@@ -350,14 +357,15 @@ class AutoTierer:
         rows, summary = await loop.run_in_executor(
             None, _observed, self.traffic.snapshot(), now, self.goals.window_s
         )
-        if summary["requests"] < min(rebuild.min_requests, CAPACITY):
+        needed = min(rebuild.min_requests, CAPACITY)  # (above CAPACITY: warned at start)
+        if summary["requests"] < needed:
             if not self._said_waiting:  # once: a quiet model waits at every check
                 self._said_waiting = True
                 log.info(
-                    "model %s: auto-tiering waits for rebuild.min_requests (%d) requests "
+                    "model %s: auto-tiering waits for %d requests (rebuild.min_requests) "
                     "within auto_tiers.window_s (%g s); %d so far (lower min_requests, or "
                     "raise window_s, where the traffic stays below that)",
-                    self.name, rebuild.min_requests, self.goals.window_s, summary["requests"],
+                    self.name, needed, self.goals.window_s, summary["requests"],
                 )  # fmt: skip
             return self._count("waiting")
         self._said_waiting = False
@@ -368,12 +376,15 @@ class AutoTierer:
         ):
             return self._count("unchanged")  # the live set was chosen for traffic like this
         if not await self._frontier_usable():  # an apply would fail alike: said once, waits
-            return self._count("waiting")
+            return self._count("no_frontier")
         lock = await self._io(self._enter, undo=_close)
         if lock is None:  # another replica (or loop) is applying a set for this model
-            log.info("model %s: another replica is choosing this model's tiers; trying again "
-                     "at the next check", self.name)  # fmt: skip
-            return self._count("waiting")
+            if not self._said_locked:  # once until this replica gets the lock (a line per
+                self._said_locked = True  # check_interval_s before)
+                log.info("model %s: another replica is choosing this model's tiers; trying "
+                         "again at each check", self.name)  # fmt: skip
+            return self._count("locked")
+        self._said_locked = False
         try:
             return await self._apply_and_swap(summary, rows)
         finally:

@@ -481,10 +481,17 @@ class DataPlane:
                 "(it serves %s) until model.yaml's goals change or `innfer build` measures its "
                 "frontier again", name, unmet, self._serving(name),
             )  # fmt: skip
+        enabled = self.metrics.tier_set_enabled
         if config.auto_tiers is None or unmet is not None:
             if tierer is not None:
                 self.tierers.pop(name).stop()
+            if unmet is not None or config.auto_tiers_empty:
+                enabled.labels(name).set(0)  # asked for, and off: an alert's to see
+            else:
+                with contextlib.suppress(KeyError):  # not asked for (any more): no series
+                    enabled.remove(name)
             return
+        enabled.labels(name).set(1)
         if tierer is not None and not swap:
             # A load that is not the loop's own swap may serve another set than the loop
             # last chose for (auto_tiers.json deleted or stale, model.yaml's tiers edited):
@@ -695,7 +702,8 @@ class DataPlane:
         found in the repository or loaded by a client later goes, with its auto-tiering
         gauges - an operator's deliberate unload must not leave a critical alert firing
         forever, nor the pod out of its Service."""
-        gauges = [self.metrics.tier_set_gain, self.metrics.tier_set_swap_seconds]
+        gauges = [self.metrics.tier_set_gain, self.metrics.tier_set_swap_seconds,
+                  self.metrics.tier_set_enabled]  # fmt: skip
         if name in self.expected:
             self.metrics.model_ready.labels(name).set(0)
         else:

@@ -273,14 +273,21 @@ class Metrics:
         self.tier_set_checks = Counter(
             "innfer_tier_set_checks", "Auto-tiering checks by outcome: applied (the tier set "
             "changed), kept, unchanged (traffic as at the last choice), waiting (too little "
-            "traffic or too soon), failed.",
+            "traffic or too soon), no_frontier (the frontier is missing or unusable: `innfer "
+            "build`), locked (another replica is choosing), failed.",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
         self.tier_set_gain = Gauge(
             "innfer_tier_set_expected_gain", "Score of the set auto-tiering chose minus the live "
-            "set's on the recent traffic (last check): expected served accuracy, less a "
-            "penalty for attainment below the floor (sim/tiering.py).", ["model"],
-            registry=r,
+            "set's on the recent traffic (the last check that chose: kept until the next): "
+            "expected served accuracy, less a penalty for attainment below the floor "
+            "(sim/tiering.py).", ["model"], registry=r,
+        )  # fmt: skip
+        self.tier_set_enabled = Gauge(
+            "innfer_tier_set_enabled", "1 where auto-tiering runs for the model; 0 where "
+            "model.yaml asks for it and it is off (goals no frontier candidate meets, or "
+            "auto_tiers with no goals: the log says which); absent without auto_tiers.",
+            ["model"], registry=r,
         )  # fmt: skip
         self.tier_set_swap_seconds = Gauge(
             "innfer_tier_set_swap_seconds", "Duration of the last tier-set change: background "
@@ -327,7 +334,8 @@ class Metrics:
             >>> m.forget_model("a", keep_tiers={"w100"}), m.forget_model("a")
             (1, 0)
         """
-        keep = {id(self.model_ready), id(self.tier_set_gain), id(self.tier_set_swap_seconds)}
+        keep = {id(g) for g in (self.model_ready, self.tier_set_gain, self.tier_set_swap_seconds,
+                                self.tier_set_enabled)}  # fmt: skip
         gone = 0
         for metric in list(vars(self).values()):
             if not isinstance(metric, MetricWrapperBase) or id(metric) in keep:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -822,6 +823,10 @@ def test_an_auto_tiers_key_without_goals_is_said_to_be_off(tmp_path, capsys, cap
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and said[0].startswith("model empty: ") and "has no goals" in said[0]
     assert not plane.tierers
+    # Asked for and off: 0, for an alert to see (no series before: as no auto_tiers at all).
+    enabled = plane.metrics.registry.get_sample_value
+    assert enabled("innfer_tier_set_enabled", {"model": "empty"}) == 0.0
+    assert enabled("innfer_tier_set_enabled", {"model": "plain"}) is None
 
 
 # -- live: the server swaps its tiers under load and fails nothing --------------------------
@@ -881,6 +886,8 @@ def test_live_swap_under_load_answers_every_request(tmp_path):
         metrics = urllib.request.urlopen(server.metrics_url).read().decode()
         assert 'innfer_tier_set_checks_total{model="mlp",outcome="applied"} 1.0' in metrics
         assert 'innfer_tier_set_swap_seconds{model="mlp"}' in metrics
+        assert 'innfer_tier_set_enabled{model="mlp"} 1.0' in metrics
+        assert 'innfer_tier_set_checks_total{model="mlp",outcome="no_frontier"} 0.0' in metrics
     finally:
         server.stop()
 
@@ -1000,7 +1007,7 @@ def test_replicas_on_one_repository_keep_their_inputs_apart(tmp_path):
     assert not a.work.exists() and tb.is_file()
 
 
-def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path):
+def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path, caplog):
     # Reviewer's scenario: this replica's apply writes "A", another writes "B" while the
     # reload runs, the reload fails. The undo wrote back the file as it was before the
     # apply, silently reverting "B"; it now takes back only what this apply wrote.
@@ -1032,7 +1039,9 @@ def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path):
     tierer = _tierer(tmp_path, reload_fails, lambda *a: runs.append(a) or ["true"])
     with open(tmp_path / "m" / "auto" / "apply.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert asyncio.run(tierer.check()) == "waiting" and runs == []
+        with caplog.at_level(logging.INFO, "innfer.autotier"):
+            assert [asyncio.run(tierer.check()) for _ in range(3)] == ["locked"] * 3
+        assert runs == [] and caplog.text.count("another replica is choosing") == 1
     assert asyncio.run(tierer.check()) == "failed" and len(runs) == 1
 
 

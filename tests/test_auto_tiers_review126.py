@@ -293,7 +293,12 @@ def test_an_unusable_frontier_is_said_at_load_and_checks_wait(tmp_path, caplog, 
         t, runs = plane.tierers["tiny"], []
         t.command = lambda *args: runs.append(args) or ["sh", "-c", "exit 3"]
         _feed(plane)
-        assert [srv.call(t.check(), 120) for _ in range(2)] == ["waiting", "waiting"]
+        # Counted as no_frontier (it was "waiting", as for too little traffic: an alert could
+        # not tell a missing frontier from a quiet model; review 151), from 0 at the start.
+        checks = plane.metrics.tier_set_checks
+        assert checks.labels("tiny", "no_frontier")._value.get() == 0
+        assert [srv.call(t.check(), 120) for _ in range(2)] == ["no_frontier", "no_frontier"]
+        assert checks.labels("tiny", "no_frontier")._value.get() == 2
         assert runs == [] and caplog.text.count(said) == 1  # said once, no apply tried
         if damage == "missing":
             shutil.move(tmp_path / "kept", d / FRONTIER_DIR)
@@ -351,8 +356,21 @@ def test_a_check_held_by_min_requests_says_why_once(tmp_path, caplog):
                         lambda: 1000.0, lambda *a: ["true"])  # fmt: skip
     with caplog.at_level(logging.INFO, "innfer.autotier"):
         assert [asyncio.run(tierer.check()) for _ in range(3)] == ["waiting"] * 3
-    said = [r for r in caplog.records if "rebuild.min_requests (50)" in r.getMessage()]
+    said = [r for r in caplog.records if "waits for 50 requests (rebuild.min_requests)" in
+            r.getMessage()]  # fmt: skip
     assert len(said) == 1 and "10 so far" in said[0].getMessage()
+    tierer.stop()
+    # Above what a server keeps it counts as that, and the waiting line says so (it quoted
+    # the number it had just said was not the one counted; review 151).
+    from server.traffic import CAPACITY
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=CAPACITY * 10, min_interval_s=0))
+    tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
+                        lambda: 1000.0, lambda *a: ["true"])  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "waiting"
+    assert f"waits for {CAPACITY} requests (rebuild.min_requests)" in caplog.text
     tierer.stop()
 
 

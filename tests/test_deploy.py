@@ -26,6 +26,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from runtime.repository.config import ModelConfig
+from server.autotier import OUTCOMES as CHECK_OUTCOMES
 from server.config import ServerConfig
 from server.metrics import LATENCY_BUCKETS, MISS_REASONS, OUTCOMES, Metrics
 from server.service import HealthService
@@ -197,9 +198,11 @@ def _check_queries(exprs, server_metrics, records: set[str]) -> set[str]:
                 continue
             for label, op, value in matchers:
                 assert label in labels[name] | TARGET_LABELS, f"{name} has no label {label!r}"
-                if label == "outcome":
-                    hit = [o for o in OUTCOMES if re.fullmatch(value, o)]
-                    assert hit if "Re" in op else value in OUTCOMES, f"outcome {value!r}"
+                if label == "outcome":  # every alternative an outcome this metric has
+                    valid = CHECK_OUTCOMES if name.startswith("innfer_tier_set_") else OUTCOMES
+                    for alternative in value.split("|") if "Re" in op else [value]:
+                        hit = [o for o in valid if re.fullmatch(alternative, o)]
+                        assert hit, f"{name}: outcome {alternative!r} of {value!r}"
                 if label == "reason":  # every alternative a reason the server counts
                     alternatives = value.split("|") if "Re" in op else [value]
                     assert set(alternatives) <= set(MISS_REASONS), f"reason {value!r}"
