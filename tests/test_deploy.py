@@ -470,6 +470,25 @@ def test_check_tiers_gate_blocks_a_repository_built_for_other_tiers(tmp_path):
     assert bad.returncode == 1 and "tiers" in bad.stderr and "innfer build" in bad.stderr
 
 
+def test_check_tiers_gate_blocks_auto_tiers_without_a_frontier(tmp_path):
+    # A tier set asking for auto_tiers passed the gate with frontier/ missing: the pod
+    # started, logged "frontier.json is missing", and auto-tiering never ran (review 151).
+    etc, repo = _gate_etc(tmp_path)
+    tier_set = etc / "mnist.model.yaml"
+    tier_set.write_text(tier_set.read_text() + "auto_tiers: {max_tiers: 3}\n")
+    model = _build_for(repo, tier_set)
+    missing = _gate(etc)
+    assert missing.returncode == 1, missing.stderr
+    assert (
+        "asks for auto_tiers, and" in missing.stderr
+        and "frontier.json is missing" in missing.stderr
+    )
+    (model / "frontier").mkdir()
+    (model / "frontier" / "frontier.json").write_text("{not json")
+    corrupted = _gate(etc)
+    assert corrupted.returncode == 1 and "frontier.json is corrupted" in corrupted.stderr
+
+
 def test_check_tiers_gate_needs_no_secret_the_init_container_lacks(tmp_path):
     # The gate loaded the whole ServerConfig, which checks that tls.* and
     # auth.bearer_token_file exist; the init container mounts only config, models and /tmp,

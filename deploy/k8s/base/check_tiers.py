@@ -7,10 +7,13 @@ Run in the serving image before ``innfer serve``:
 For every ``<model>.model.yaml`` next to the server config, the repository the server
 config names must hold ``<model>/model.yaml`` with the same settings (tiers, widths,
 backends, precision, batch, ...) and, for every tier, the files ``innfer build`` writes
-(``tiers/<tier>/model.onnx`` and ``tier.json``). Exit 0 when all match; otherwise print what
-differs and how to fix it, and exit 1, so a rollout of a new tier set waits (the old pods keep
-serving, maxUnavailable is 0) until the repository has been rebuilt for it. Engines are not
-checked: the server rebuilds missing or stale ones from each tier's ONNX at start-up.
+(``tiers/<tier>/model.onnx`` and ``tier.json``) and, where the tier set asks for
+auto-tiering, a frontier it can choose from (``frontier/``, as the server checks it at load:
+without one auto-tiering never ran, and only the pod's log said so). Exit 0 when all match;
+otherwise print what differs and how to fix it, and exit 1, so a rollout of a new tier set
+waits (the old pods keep serving, maxUnavailable is 0) until the repository has been rebuilt
+for it. Engines are not checked: the server rebuilds missing or stale ones from each tier's
+ONNX at start-up.
 
 Of the server config it reads the repository alone (``GateConfig``), not the whole
 ServerConfig: that one checks that ``tls.*`` and ``auth.bearer_token_file`` exist, and this
@@ -26,6 +29,7 @@ import sys
 from pathlib import Path
 
 from runtime.configspec import Where, parse, read_yaml, spec
+from runtime.repository import Repository
 from runtime.repository.config import ConfigError, ModelConfig
 
 SUFFIX = ".model.yaml"
@@ -87,6 +91,10 @@ def check(server_yaml: Path, tier_dir: Path) -> list[str]:
                 p = repo / model / "tiers" / tier.name / name
                 if not p.is_file():
                     problems.append(f"{p} is missing: run `innfer build {repo}`")
+        if expected.auto_tiers is not None and (
+            problem := Repository(repo).frontier_problem(model, built)
+        ):
+            problems.append(f"{path.name} asks for auto_tiers, and {problem}")
     return problems
 
 
