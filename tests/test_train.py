@@ -663,11 +663,56 @@ def test_a_checkpoint_torn_between_its_two_files_is_refused(digits, tmp_path):
         model.nodes[0].add_(1.0)
     save_checkpoint(tmp_path / "b", model, opt, {"epoch": 1})
     assert load_checkpoint(tmp_path / "b", model, opt) == {"epoch": 1}
+    # A checkpoint of the format before tensors_file (one checkpoint.safetensors replaced in
+    # place), torn: refused.
     torn = tmp_path / "torn"
     shutil.copytree(tmp_path / "a", torn)
-    shutil.copy(tmp_path / "b" / "checkpoint.safetensors", torn / "checkpoint.safetensors")
-    with pytest.raises(ValueError, match="is torn"):
+    (a_tensors,) = torn.glob("checkpoint-*.safetensors")
+    (b_tensors,) = (tmp_path / "b").glob("checkpoint-*.safetensors")
+    a_tensors.unlink()
+    shutil.copy(b_tensors, torn / "checkpoint.safetensors")
+    record = json.loads((torn / "checkpoint.json").read_text())
+    del record["tensors_file"]
+    (torn / "checkpoint.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"checkpoint\.safetensors is not the file"):
         load_checkpoint(torn, model, opt)
+    shutil.copy(a_tensors.parent.parent / "a" / a_tensors.name, torn / "checkpoint.safetensors")
+    assert load_checkpoint(torn, model, opt) == {"epoch": 0}  # that format still loads
+
+
+def test_a_run_killed_while_saving_its_checkpoint_resumes_from_the_last_one(digits, tmp_path):
+    # Killed between the tensors' rename and the JSON's, a run lost its whole progress: the
+    # one checkpoint.safetensors was epoch N+1's beside epoch N's record (review helper-150).
+    # The tensors of each save are a new file; the record names the one it was saved with.
+    from runtime import atomic
+
+    model = TrainableINN(_untrained_inn(digits)).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    save_checkpoint(tmp_path, model, opt, {"epoch": 0})
+    first = sorted(p.name for p in tmp_path.iterdir())
+    real = atomic.write_bytes
+
+    def killed_at_the_record(path, data):
+        if str(path).endswith("checkpoint.json"):
+            raise SystemExit("killed")  # the process ends before the record is replaced
+        real(path, data)
+
+    with torch.no_grad():
+        model.nodes[0].add_(1.0)
+    atomic.write_bytes = killed_at_the_record
+    try:
+        with pytest.raises(SystemExit):
+            save_checkpoint(tmp_path, model, opt, {"epoch": 1})
+    finally:
+        atomic.write_bytes = real
+    assert len(list(tmp_path.glob("checkpoint-*.safetensors"))) == 2  # epoch 1's left over
+    assert load_checkpoint(tmp_path, model, opt) == {"epoch": 0}  # the last complete one
+    assert sorted(p.name for p in tmp_path.iterdir()) != first
+    with torch.no_grad():
+        model.nodes[0].add_(2.0)
+    save_checkpoint(tmp_path, model, opt, {"epoch": 1})  # the next save removes the leftover
+    assert load_checkpoint(tmp_path, model, opt) == {"epoch": 1}
+    assert len(list(tmp_path.glob("checkpoint-*.safetensors"))) == 1
 
 
 def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path):
@@ -683,6 +728,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path
     with pytest.raises(ValueError, match=r"checkpoint.json is unreadable .*without --resume"):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
     (ckpt / "checkpoint.json").write_text(record)
-    (ckpt / "checkpoint.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"has no checkpoint.safetensors .*without --resume"):
+    for tensors in ckpt.glob("checkpoint-*.safetensors"):
+        tensors.unlink()
+    with pytest.raises(ValueError, match=r"has no checkpoint-\w+.safetensors .*without --resume"):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})

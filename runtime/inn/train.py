@@ -203,11 +203,18 @@ def _label(w: Width, taken: dict) -> str:
 
 
 # -- checkpoints without pickle ---------------------------------------------------------------
+# The tensors of a checkpoint: ``checkpoint-<sha256[:16]>.safetensors``, named by content and
+# never overwritten; ``checkpoint.json`` names the one it was saved with (``tensors_file``).
+# Before, one checkpoint.safetensors was replaced in place: a run killed between its rename
+# and the JSON's left a torn pair, and the run's progress was lost (review helper-150).
+LEGACY_TENSORS = "checkpoint.safetensors"
+
+
 def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict) -> None:
     """Node values + optimizer state as safetensors, scalars as JSON (resumable, no pickle).
-    Each file is replaced whole, tensors first; the JSON records the tensors' sha256, so a
-    run killed between the two renames leaves a pair ``load_checkpoint`` refuses rather than
-    the new weights beside the old epoch's meta."""
+    The tensors go to a new file named by their sha256, then ``checkpoint.json`` - the
+    record that names it - is replaced whole, then the older tensor files go: wherever a run
+    is killed, the record names a complete file, this epoch's or the last one's."""
     import hashlib
 
     from safetensors.torch import save
@@ -227,10 +234,14 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
             else:
                 scalars["state"][str(pid)][k] = float(v)
     blob = save(tensors)
-    write_bytes(d / "checkpoint.safetensors", blob)
-    record = {"meta": meta, "optimizer": scalars,
-              "tensors_sha256": hashlib.sha256(blob).hexdigest()}  # fmt: skip
+    sha = hashlib.sha256(blob).hexdigest()
+    name = f"checkpoint-{sha[:16]}.safetensors"
+    write_bytes(d / name, blob)
+    record = {"meta": meta, "optimizer": scalars, "tensors_file": name, "tensors_sha256": sha}
     write_bytes(d / "checkpoint.json", json.dumps(record).encode())
+    for old in [*d.glob("checkpoint-*.safetensors"), d / LEGACY_TENSORS]:
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def checkpoint_record(path: str | Path) -> dict:
@@ -261,18 +272,22 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
 
     d = Path(path)
     data = checkpoint_record(d)
+    name = data.get("tensors_file", LEGACY_TENSORS)  # (absent: saved before files were named)
+    if not isinstance(name, str) or Path(name).name != name:
+        raise ValueError(f"{d / 'checkpoint.json'} is not a checkpoint record (tensors_file "
+                         f"{name!r}); train without --resume")  # fmt: skip
     try:
-        blob = (d / "checkpoint.safetensors").read_bytes()
+        blob = (d / name).read_bytes()
     except FileNotFoundError:
         raise ValueError(
-            f"the checkpoint in {d} has no checkpoint.safetensors (its tensors); train "
-            "without --resume, or into another --out"
+            f"the checkpoint in {d} has no {name} (its tensors); train without --resume, or "
+            "into another --out"
         ) from None
     want = data.get("tensors_sha256")  # absent: a checkpoint from before it was recorded
     if want is not None and hashlib.sha256(blob).hexdigest() != want:
         raise ValueError(
-            f"the checkpoint in {d} is torn: checkpoint.safetensors is not the file "
-            "checkpoint.json was saved with (a run stopped while saving); train into "
+            f"the checkpoint in {d} is torn: {name} is not the file checkpoint.json was "
+            "saved with (a run stopped while saving); train into "
             "another --out, or from an older copy of the checkpoint"
         )
     tensors = load(blob)
