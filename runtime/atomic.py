@@ -60,6 +60,21 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     _sync_directory(path.parent)
 
 
+def sync_file(path: str | Path) -> None:
+    """Put ``path``'s bytes on the disk (a file written by a library that does not sync,
+    before the rename that makes it the real one: see ``write_bytes``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directory(directory: Path) -> None:
+    """``_sync_directory``, for writers that rename files themselves."""
+    _sync_directory(directory)
+
+
 def _sync_directory(directory: Path) -> None:
     """Make the rename itself durable (best effort: some file systems and platforms cannot
     open or sync a directory; the data is on the disk either way)."""

@@ -583,11 +583,15 @@ class IntegralModel:
     def save(self, directory: str | Path) -> Path:
         """Write ``inn.safetensors`` and ``inn.json`` into ``directory`` (created if needed).
 
-        Both are written in full beside their names, then renamed into place back to back
-        (weights, then metadata): an interrupted save (``innfer calibrate`` and ``train``
-        save over the model they read) leaves the old INN whole, short of the instant
-        between two renames (a weights file its metadata's checksum then refuses)."""
+        Both are written in full beside their names and synced to the disk, then renamed
+        into place back to back (weights, then metadata): an interrupted save (``innfer
+        calibrate`` and ``train`` save over the model they read) leaves the old INN whole,
+        short of the instant between two renames (a weights file its metadata's checksum
+        then refuses). Synced: after a power loss the renames alone could name empty files
+        (ext4, xfs) - the INN a calibration or a training run made, lost."""
         from safetensors.torch import save_file
+
+        from runtime.atomic import sync_directory, sync_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -601,11 +605,14 @@ class IntegralModel:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
             honour_umask(weights)
             meta_tmp.write_text(json.dumps(self._meta(tensors, sha256_file(weights)), indent=1))
+            sync_file(weights)
+            sync_file(meta_tmp)
             os.replace(weights, d / WEIGHTS_FILE)
             os.replace(meta_tmp, d / META_FILE)
         finally:  # an interrupted save leaves no temporary files either
             weights.unlink(missing_ok=True)
             meta_tmp.unlink(missing_ok=True)
+        sync_directory(d)
         return d
 
     def _meta(self, tensors: Mapping[str, torch.Tensor], weights_sha256: str) -> dict:
