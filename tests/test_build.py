@@ -934,6 +934,35 @@ def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(bu
     assert [w for w in report.warnings if "auto_tiers has no goals" in w], report.warnings
 
 
+def test_builds_and_loads_remove_what_killed_writers_left(built, tmp_path):
+    # A SIGKILL mid-write left hidden full-size temporary files and a frontier staging
+    # folder that later builds and loads kept for good (review helper-150).
+    import os
+    import shutil
+
+    from runtime.repository.leftovers import STALE_S
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    m = root / "tiny"
+
+    def leftovers():
+        temp = m / "tiers" / "w050" / ".model.onnx.4242-1a2b3c4d.tmp"
+        staging = m / "frontier.build-8da9e7ad"
+        (staging / "w050").mkdir(parents=True)
+        temp.write_bytes(b"half an onnx")
+        for p in (temp, staging):
+            os.utime(p, (0, 2 * STALE_S))
+        return temp, staging
+
+    left = leftovers()
+    build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not any(p.exists() for p in left)
+    left = leftovers()
+    Repository(root).load("tiny")
+    assert not any(p.exists() for p in left)
+
+
 def test_a_build_removes_its_own_engines_filed_under_an_old_key(built, tmp_path):
     # An upgrade that changed the key's fields (ONNX Runtime's dropped batch_profile) built
     # each engine again under its new key, and the old entries stayed until their ONNX

@@ -208,14 +208,14 @@ def test_the_frontier_is_measured_with_the_backend_the_build_names(built, tmp_pa
 def test_stale_frontier_builds_are_swept_and_a_young_one_is_left(tmp_path):
     import os
 
-    from runtime.build.frontier import _sweep_staging
+    from runtime.repository.leftovers import sweep
 
     old, young, aside = (tmp_path / n for n in ("frontier.build-1", "frontier.build-2",
                                                   "frontier.old-3"))  # fmt: skip
     for p in (old, young, aside):
         (p / "w050").mkdir(parents=True)
     os.utime(old, (0, 0))
-    _sweep_staging(tmp_path)
+    sweep(tmp_path)
     assert not old.exists() and not aside.exists() and young.exists()
 
 

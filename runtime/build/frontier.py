@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -47,7 +46,6 @@ from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
 from runtime.inn.report import count_flops
 from runtime.repository import EngineCache, Repository, sha256_file
-from runtime.repository.cache import STALE_BUILD_S
 from runtime.repository.config import ModelConfig
 from runtime.repository.errors import RepositoryError
 from runtime.repository.frontier import (
@@ -58,6 +56,7 @@ from runtime.repository.frontier import (
     candidate_settings,
     mark_pareto,
 )
+from runtime.repository.leftovers import sweep
 from runtime.repository.profile import measure, random_feeds
 from runtime.repository.records import inn_fingerprint
 
@@ -88,6 +87,7 @@ def build_frontier(
     if config.auto_tiers is None:
         raise ValueError(f"{config.source}: no auto_tiers, so no frontier to build")
     model_dir = repo.model_dir(name)
+    sweep(model_dir)  # earlier builds' leftovers (a reusable frontier returns below)
     chosen = repo.choose_backend(config, backend)
     src = _source_hash(model_dir, config, chosen)
     out = model_dir / FRONTIER_DIR
@@ -108,7 +108,6 @@ def build_frontier(
             _sensitivity(inn, config, measure_one.x_cal) if config.auto_tiers.shaped else {}
         )
     settings = candidate_sizes(inn, config, sensitivity)
-    _sweep_staging(model_dir)
     # Candidates are written beside the served frontier and swapped in whole at the end: a
     # rebuild overwrote frontier/<name>/model.onnx in place, so while it ran (or after it
     # was interrupted) the chosen set's files no longer matched frontier.json and
@@ -192,16 +191,6 @@ def _install(staging: Path, out: Path) -> None:
     except OSError:  # another builder's frontier is in place: keep it
         log.info("%s was installed by another build meanwhile; keeping it", out)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _sweep_staging(model_dir: Path, now: float | None = None) -> None:
-    """Remove frontier builds interrupted more than ``STALE_BUILD_S`` ago and old frontiers
-    whose removal was cut short (a younger build may be another builder's, still running)."""
-    now = time.time() if now is None else now
-    for entry in model_dir.glob(f"{FRONTIER_DIR}.*-*"):
-        with contextlib.suppress(OSError):
-            if ".old-" in entry.name or now - entry.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(entry)
 
 
 def candidate_sizes(

@@ -53,6 +53,7 @@ from runtime.repository import (
     sha256_file,
 )
 from runtime.repository.config import ModelConfig, TierConfig
+from runtime.repository.leftovers import sweep
 from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
 from runtime.repository.records import inn_fingerprint
 
@@ -113,6 +114,7 @@ def build_model(
     """
     config = repo.config(name)
     model_dir = repo.model_dir(name)
+    sweep(model_dir)  # what interrupted builds and saves left
     _check_dataset(config, model_dir)
     inn = load(model_dir)
     chosen = repo.choose_backend(config, backend)

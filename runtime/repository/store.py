@@ -45,6 +45,7 @@ from runtime.repository.frontier import (
     ActiveTiers,
     Frontier,
 )
+from runtime.repository.leftovers import sweep
 from runtime.repository.profile import (
     measured_elsewhere,
     profile_problem,
@@ -296,6 +297,7 @@ class Repository:
         options = self.build_options(config, chosen)
         cache = EngineCache(self.root / name / "engines")
         cache.sweep()
+        sweep(self.root / name)  # what interrupted builds and saves left, an hour on
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
         records = None  # the frontier's, for a chosen set; else each tier's tier.json

@@ -1,0 +1,73 @@
+"""What interrupted writers leave in a model's folder, and its removal. No torch.
+
+A process killed mid-write (SIGKILL, a node lost) runs no ``finally``: it leaves the
+temporary file of an atomic write (``.<name>.<pid>-<hex8>.tmp``, ``runtime.atomic`` and
+``IntegralModel.save``: full-size hidden copies of ONNX files and weights) and, from a
+frontier build, its staging folder (``frontier.build-<hex8>``, up to a candidate's ONNX and
+weights per width). Nothing removed them: a killed build's leftovers stayed for good, through
+later builds and loads (review helper-150). ``sweep`` removes those older than
+``STALE_S`` - a younger one may be another builder's, still writing on a shared volume -
+and a replaced frontier (``frontier.old-<hex8>``) whose removal was cut short, at any age.
+The engine cache's own interrupted builds are ``EngineCache.sweep``'s.
+
+Example:
+    >>> sweep(Path("models/mnist"))  # doctest: +SKIP
+    ['tiers/w050/.model.onnx.4242-1a2b3c4d.tmp']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("innfer.repository")
+
+# Seconds: no write of one file, and no frontier build, takes an hour.
+STALE_S = 3600.0
+TEMP_FILE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
+FRONTIER_STAGING = re.compile(r"^frontier\.(build|old)-\w+$")
+ENGINES = "engines"  # EngineCache.sweep's
+
+
+def sweep(model_dir: Path, now: float | None = None) -> list[str]:
+    """Remove the leftovers of interrupted writers in ``model_dir`` (see the module doc);
+    their paths relative to it. Best effort: a read-only volume keeps them, unsaid (they
+    are never read)."""
+    now = time.time() if now is None else now
+    removed = []
+    for top, dirs, files in os.walk(model_dir, onerror=lambda exc: None):
+        here = Path(top)
+        if here == model_dir:
+            dirs[:] = [d for d in dirs if d != ENGINES]
+        for d in list(dirs):
+            m = FRONTIER_STAGING.match(d) if here == model_dir else None
+            if m is not None:
+                dirs.remove(d)  # not walked into: removed whole or left whole
+                if (m.group(1) == "old" or _older(here / d, now)) and _rmtree(here / d):
+                    removed.append(d)
+        for f in files:
+            if TEMP_FILE.match(f) and _older(here / f, now):
+                with contextlib.suppress(OSError):
+                    (here / f).unlink()
+                    removed.append(str((here / f).relative_to(model_dir)))
+    if removed:
+        log.warning("%s: removed %d leftovers of interrupted writes (%s%s)", model_dir,
+                    len(removed), ", ".join(removed[:3]), ", ..." * (len(removed) > 3))  # fmt: skip
+    return removed
+
+
+def _older(path: Path, now: float) -> bool:
+    try:
+        return now - path.stat().st_mtime > STALE_S
+    except OSError:  # removed meanwhile (its writer finished)
+        return False
+
+
+def _rmtree(path: Path) -> bool:
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
