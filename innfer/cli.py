@@ -1728,7 +1728,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # while the parser imports its backends' names (~0.2 s): a
+        print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
+        return 130
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as exc:

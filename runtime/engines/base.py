@@ -137,3 +137,27 @@ class Backend(ABC):
     @abstractmethod
     def load(self, out_dir: Path, options: BuildOptions) -> Engine:
         """Load an engine built by ``build``; raise EngineError if it cannot be used."""
+
+
+def interrupted(exc: ImportError) -> None:
+    """Raise the KeyboardInterrupt behind ``exc``, if one is: a Ctrl-C while a compiled
+    extension loads comes out of its import as an ImportError (pybind11), and the backend
+    was said "not installed" - exit status 2 and a wrong fix - instead of interrupted.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise KeyboardInterrupt
+        ...     except KeyboardInterrupt:
+        ...         raise ImportError("initialization failed")
+        ... except ImportError as exc:
+        ...     interrupted(exc)
+        Traceback (most recent call last):
+        KeyboardInterrupt
+    """
+    chain, seen = exc, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__

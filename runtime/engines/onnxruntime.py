@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec
+from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec, interrupted
 
 ENGINE_FILE = "model.ort"  # ORT format (flatbuffer), optimised at ORT_ENABLE_ALL
 # Instruction-set features that change which kernels and layouts the optimiser picks, most
@@ -80,7 +80,8 @@ class OnnxRuntimeBackend(Backend):
     def available(self) -> bool:
         try:
             import onnxruntime  # noqa: F401
-        except ImportError:
+        except ImportError as exc:
+            interrupted(exc)
             return False
         return True
 

@@ -1,0 +1,57 @@
+"""Ctrl-C anywhere in a command: one line and exit status 130 (review helper-150)."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+
+import pytest
+
+from innfer import cli
+
+
+def test_an_interrupt_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    # build_parser imports the backends (and numpy): a Ctrl-C in a command's first ~0.2 s
+    # printed a 31-line traceback.
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["serve", "--repository", "x"]) == 130
+    assert capsys.readouterr().err == "innfer: interrupted\n"
+
+
+def test_an_interrupt_while_onnxruntime_loads_is_not_a_missing_backend(monkeypatch):
+    # pybind11 turns a KeyboardInterrupt in an extension's initialisation into an
+    # ImportError: the command said "the onnxruntime backend is not installed", exit 2.
+    from runtime.engines.onnxruntime import OnnxRuntimeBackend
+
+    real = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise ImportError("initialization of onnxruntime_pybind11_state raised") from None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", importing)
+    with pytest.raises(KeyboardInterrupt):
+        OnnxRuntimeBackend().available()
+
+
+def test_a_backend_that_is_not_there_is_still_said_unavailable(monkeypatch):
+    from runtime.engines.onnxruntime import OnnxRuntimeBackend
+
+    real = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", importing)
+    assert OnnxRuntimeBackend().available() is False
