@@ -1113,9 +1113,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fix = "give fewer --samples" if args.samples else "give a larger data set"
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
               f"replaces a stored one whatever it scores ({fix})")  # fmt: skip
-    tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
-                      method=method, labels=labels, seed=args.seed, holdout=held,
-                      max_steps=args.steps, **_lr_option(args))  # fmt: skip
+    # Saved after each width: an interrupt (Ctrl-C, a killed job) threw every width done
+    # away, unsaid - minutes each at the README's budgets (review helper-150).
+    target, saved = args.out or args.model_dir, []
+
+    def keep(model, done: int, total: int) -> None:
+        model.save(target)
+        saved[:] = [done, total]
+
+    try:
+        tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
+                          method=method, labels=labels, seed=args.seed, holdout=held,
+                          max_steps=args.steps, on_tier=keep, **_lr_option(args))  # fmt: skip
+    except KeyboardInterrupt:
+        said = (f"{saved[0]} of {saved[1]} widths are calibrated and saved in {target}; run "
+                "again for the rest (a stored tier stays unless the new one scores better)"
+                if saved else f"no width was done: {target} is as it was")  # fmt: skip
+        print(said, file=sys.stderr)
+        raise
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
     earlier = inn.info.get("calibration", {})
@@ -1131,7 +1146,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{'stored' if key in inn.tiers else 'uncalibrated'} {d['stored']:.2%} on "
             f"{d['holdout']} held-out training samples"
         )
-    out = tuned.save(args.out or args.model_dir)
+    out = tuned.save(target)
     spent = f"{args.steps} steps a tier" if args.steps else f"{args.seconds:.0f} s"
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))

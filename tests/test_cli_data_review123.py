@@ -125,6 +125,34 @@ def test_calibrate_with_steps_and_a_seed_gives_the_same_tiers_twice(tmp_path, ca
     assert all(torch.equal(v, b.tiers["0=16"][k]) for k, v in a.tiers["0=16"].items())
 
 
+def test_an_interrupted_calibration_keeps_the_widths_it_finished(tmp_path, capsys, monkeypatch):
+    # It saved once at the end: a Ctrl-C or a killed job during the second width threw the
+    # first away, unsaid (review helper-150).
+    import runtime.inn.calibrate as calibration
+
+    _, x = _mlp(tmp_path, 400)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(400) % 3)
+    real, calls = calibration.finetune_module, []
+
+    def finetune(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # during the second width
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "finetune_module", finetune)
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                        "--widths", "0.5", "0.25", "--steps", "3",
+                        "--out", tmp_path / "out")  # fmt: skip
+    assert code == 130 and "1 of 2 widths are calibrated and saved in" in err, err
+    assert list(load(tmp_path / "out").tiers) == ["0=16"]  # the first width's tier
+    calls.clear()
+    calls.append(1)  # the next call raises at once: nothing done
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                        "--widths", "0.5", "--steps", "3", "--out", tmp_path / "none")  # fmt: skip
+    assert code == 130 and "no width was done" in err and not (tmp_path / "none").exists()
+
+
 def test_report_closes_its_figure_and_says_when_there_is_nothing_to_plot(tmp_path, capsys):
     import matplotlib.pyplot as plt
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -346,9 +346,13 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_tier: Callable[[IntegralModel, int, int], None] | None = None,
     **finetune_options,
 ) -> IntegralModel:
     """Calibrate every width in ``widths`` (grid, norms, distillation; see the module doc).
+    ``on_tier(model, done, total)``: called after each width with the model as it would be
+    returned now - the widths done, consistent (statistics refreshed as at the end) - for a
+    caller that saves as it goes (`innfer calibrate`: an interrupt keeps the widths done).
 
     ``x``: the calibration inputs; ``labels`` (optional) add a cross-entropy term to the
     distillation from the full width (``finetune_module``). ``seconds`` is the
@@ -421,6 +425,10 @@ def calibrate(
         out.set_tier(sizes, module.state_dict())
         if holdout is not None:
             _keep_better(inn, out, sizes, grids, holdout, method, x, batch_size)
+        if on_tier is not None and i + 1 < len(targets):  # (the last: the result itself)
+            done = out.copy()
+            _refresh_stale_norms(inn, done, x, batch_size, method)
+            on_tier(done, i + 1, len(targets))
     _refresh_stale_norms(inn, out, x, batch_size, method)
     return out
 
