@@ -934,6 +934,46 @@ def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(bu
     assert [w for w in report.warnings if "auto_tiers has no goals" in w], report.warnings
 
 
+def test_an_interrupted_rebuild_leaves_the_tiers_that_served_serving(built, tmp_path, monkeypatch):
+    # Tiers were rewritten in place: a build stopped between a tier's new model.onnx and its
+    # tier.json left a model every load refused ("does not match ...: run innfer build"),
+    # though it had served before the build began (review helper-150).
+    import shutil
+
+    import runtime.build.pipeline as pipeline
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    before = {
+        t: (root / "tiny" / "tiers" / t / "model.onnx").read_bytes() for t in ("w100", "w050")
+    }
+    yaml_path = root / "tiny" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "multiple_of: 8\n")  # w050: 12 channels -> 8 or 16
+
+    real, calls = pipeline.count_flops, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # w050's: after its new files are written, before its record
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "count_flops", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_model(Repository(root), "tiny", progress=False, profile=False)
+    served = Repository(root).load("tiny")  # the old tiers, whole
+    assert sorted(served.tiers) == ["w050", "w100"]
+    for t, data in before.items():
+        assert (root / "tiny" / "tiers" / t / "model.onnx").read_bytes() == data
+    assert sorted(p.name for p in (root / "tiny" / "tiers").iterdir()) == ["w050", "w100"]
+    monkeypatch.undo()
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert "w050" in [t.name for t in report.tiers if t.exported]
+    assert (root / "tiny" / "tiers" / "w050" / "tier.json").is_file()
+    assert (root / "tiny" / "tiers" / "w050" / "model.onnx").read_bytes() != before["w050"]
+    assert sorted(p.name for p in (root / "tiny" / "tiers").iterdir()) == ["w050", "w100"]
+
+
 def test_builds_and_loads_remove_what_killed_writers_left(built, tmp_path):
     # A SIGKILL mid-write left hidden full-size temporary files and a frontier staging
     # folder that later builds and loads kept for good (review helper-150).

@@ -210,8 +210,8 @@ def test_stale_frontier_builds_are_swept_and_a_young_one_is_left(tmp_path):
 
     from runtime.repository.leftovers import sweep
 
-    old, young, aside = (tmp_path / n for n in ("frontier.build-1", "frontier.build-2",
-                                                  "frontier.old-3"))  # fmt: skip
+    names = ("frontier.build-0000000a", "frontier.build-0000000b", "frontier.old-0000000c")
+    old, young, aside = (tmp_path / n for n in names)
     for p in (old, young, aside):
         (p / "w050").mkdir(parents=True)
     os.utime(old, (0, 0))

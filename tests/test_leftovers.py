@@ -33,6 +33,11 @@ def test_stale_temporary_files_and_frontier_builds_go_and_the_rest_stays(tmp_pat
     _aged(stale_build, 2 * STALE_S)
     aside = m / "frontier.old-358fd015"  # a replaced frontier: any age
     _file(aside / "frontier.json", 0)
+    tier_build = m / "tiers" / "w050.build-0a1b2c3d"  # a tier export's, killed
+    _file(tier_build / "model.onnx")
+    _aged(tier_build, 2 * STALE_S)
+    tier_aside = m / "tiers" / "w050.old-0a1b2c3e"  # a replaced tier: any age
+    _file(tier_aside / "tier.json", 0)
     kept = [
         _file(m / "tiers" / "w050" / ".model.onnx.4242-1a2b3c4e.tmp", 60),  # being written
         _file(m / "tiers" / "w050" / "model.onnx"),
@@ -44,8 +49,10 @@ def test_stale_temporary_files_and_frontier_builds_go_and_the_rest_stays(tmp_pat
     _file(young_build / "w025" / "model.onnx", 0)
     removed = sweep(m)
     assert sorted(removed) == sorted(
-        [str(p.relative_to(m)) for p in gone] + [stale_build.name, aside.name]
+        [str(p.relative_to(m)) for p in gone]
+        + [stale_build.name, aside.name]
+        + [tier_build.name, tier_aside.name]
     )
-    assert not any(p.exists() for p in (*gone, stale_build, aside))
+    assert not any(p.exists() for p in (*gone, stale_build, aside, tier_build, tier_aside))
     assert all(p.exists() for p in kept) and young_build.exists()
     assert sweep(m) == []

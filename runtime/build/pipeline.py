@@ -19,8 +19,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime.atomic import write_json
+from runtime.atomic import sync_directory, write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import INTEGER_DTYPES, embedding_rows, write_tier_files
 from runtime.build.sampling import (
@@ -373,29 +376,53 @@ def _export_tier(
     if reestimated:
         log.info("tier %s: BatchNorm statistics re-estimated on %d training inputs of %s",
                  tier.name, len(norm_x), config.evaluation.dataset)  # fmt: skip
+    # Written beside the tier and swapped in whole (``_swap_in``): rewritten in place, a
+    # build killed between the new model.onnx and its tier.json left a tier every load
+    # refused ("does not match"), and a model that served before the build did not until a
+    # build completed (review helper-150).
+    staging = d.with_name(f"{d.name}.build-{uuid.uuid4().hex[:8]}")
     try:
-        data = write_tier_files(d, module, config)
-    except ValueError as exc:  # inputs / outputs not the model's, or over ONNX's 2 GiB
-        raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
-    example = tuple(
-        torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
-        for t in config.inputs
-    )
-    record = TierRecord(
-        name=tier.name,
-        width=tier.width,
-        sizes=inn.sizes(width, config.multiple_of),
-        onnx_sha256=hashlib.sha256(data).hexdigest(),
-        source_sha256=src,
-        flops=count_flops(module, example),
-        params=sum(p.numel() for p in module.parameters()),
-        accuracy=None,
-        channel_search=search,
-        inn_sha256=inn_sha,
-        input_rows=embedding_rows(data, config),
-    )
-    record.write(d / TIER_FILE)
+        try:
+            data = write_tier_files(staging, module, config)
+        except ValueError as exc:  # inputs / outputs not the model's, or over ONNX's 2 GiB
+            raise BuildError(f"{config.source}: tier {tier.name}: {exc}") from exc
+        example = tuple(
+            torch.zeros((1, *t.concrete(config.example_length)), dtype=getattr(torch, t.dtype))
+            for t in config.inputs
+        )
+        record = TierRecord(
+            name=tier.name,
+            width=tier.width,
+            sizes=inn.sizes(width, config.multiple_of),
+            onnx_sha256=hashlib.sha256(data).hexdigest(),
+            source_sha256=src,
+            flops=count_flops(module, example),
+            params=sum(p.numel() for p in module.parameters()),
+            accuracy=None,
+            channel_search=search,
+            inn_sha256=inn_sha,
+            input_rows=embedding_rows(data, config),
+        )
+        record.write(staging / TIER_FILE)
+        _swap_in(staging, d)
+    finally:  # an interrupted export leaves no staging folder (a killed one: leftovers.sweep)
+        shutil.rmtree(staging, ignore_errors=True)
     return record, module, True
+
+
+def _swap_in(new: Path, d: Path) -> None:
+    """Put the tier folder ``new`` in the place of ``d``: the old one renamed aside, the new
+    one renamed in, the old one removed. A reader finds the old tier or the new one, each
+    whole - but for the instant between the two renames, when it finds none - never a new
+    model.onnx beside the old tier.json."""
+    aside = None
+    if d.exists():
+        aside = d.with_name(f"{d.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(d, aside)
+    os.rename(new, d)
+    sync_directory(d.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _searches(config: ModelConfig, tier: TierConfig) -> bool:

@@ -2,13 +2,14 @@
 
 A process killed mid-write (SIGKILL, a node lost) runs no ``finally``: it leaves the
 temporary file of an atomic write (``.<name>.<pid>-<hex8>.tmp``, ``runtime.atomic`` and
-``IntegralModel.save``: full-size hidden copies of ONNX files and weights) and, from a
-frontier build, its staging folder (``frontier.build-<hex8>``, up to a candidate's ONNX and
-weights per width). Nothing removed them: a killed build's leftovers stayed for good, through
-later builds and loads (review helper-150). ``sweep`` removes those older than
-``STALE_S`` - a younger one may be another builder's, still writing on a shared volume -
-and a replaced frontier (``frontier.old-<hex8>``) whose removal was cut short, at any age.
-The engine cache's own interrupted builds are ``EngineCache.sweep``'s.
+``IntegralModel.save``: full-size hidden copies of ONNX files and weights) and staging
+folders: a frontier build's (``frontier.build-<hex8>``, up to a candidate's ONNX and weights
+per width) and a tier export's (``tiers/<tier>.build-<hex8>``). Nothing removed them: a
+killed build's leftovers stayed for good, through later builds and loads (review
+helper-150). ``sweep`` removes those older than ``STALE_S`` - a younger one may be another
+builder's, still writing on a shared volume - and a replaced frontier or tier
+(``frontier.old-<hex8>``, ``tiers/<tier>.old-<hex8>``) whose removal was cut short, at any
+age. The engine cache's own interrupted builds are ``EngineCache.sweep``'s.
 
 Example:
     >>> sweep(Path("models/mnist"))  # doctest: +SKIP
@@ -30,7 +31,7 @@ log = logging.getLogger("innfer.repository")
 # Seconds: no write of one file, and no frontier build, takes an hour.
 STALE_S = 3600.0
 TEMP_FILE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
-FRONTIER_STAGING = re.compile(r"^frontier\.(build|old)-\w+$")
+STAGING = re.compile(r"^[\w.-]+\.(build|old)-[0-9a-f]{8}$")  # frontier.*, tiers/<tier>.*
 ENGINES = "engines"  # EngineCache.sweep's
 
 
@@ -44,8 +45,9 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
         here = Path(top)
         if here == model_dir:
             dirs[:] = [d for d in dirs if d != ENGINES]
+        staged = here == model_dir or here == model_dir / "tiers"  # where staging folders are
         for d in list(dirs):
-            m = FRONTIER_STAGING.match(d) if here == model_dir else None
+            m = STAGING.match(d) if staged else None
             if m is not None:
                 dirs.remove(d)  # not walked into: removed whole or left whole
                 if (m.group(1) == "old" or _older(here / d, now)) and _rmtree(here / d):
