@@ -152,8 +152,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     d = (root / name).resolve()
     repo = Repository(d.parent)
     choice, frontier, recorded = _choose(repo, d.name, args.traffic, host=args.host)
-    min_gain = repo.config(d.name).auto_tiers.rebuild.min_gain
-    print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
+    goals = repo.config(d.name).auto_tiers
+    print(format_choice(choice, goals.rebuild.min_gain, frontier.accuracy_source, recorded))
+    if note := few_requests_note(recorded, goals):  # the file's (the choice replays its last)
+        print(note)
     if args.json:
         args.json.write_text(json.dumps(choice.to_json(), indent=1))
     return 0
@@ -450,7 +452,28 @@ def format_frontier(frontier) -> str:
 def _requests(replayed: int, recorded: int | None) -> str:
     if recorded is not None and recorded > replayed:
         return f"last {replayed:,} of {recorded:,} requests (auto_tiers.simulate_requests)"
-    return f"{replayed:,} requests"
+    return f"{replayed:,} request{'s' * (replayed != 1)}"
+
+
+def _rate(traffic: dict) -> str:
+    """The traffic's rate as the choice's first line says it: "0.0/s" was printed for one
+    request, and for requests that all came at one instant."""
+    if traffic["requests"] > 1 and traffic["seconds"] <= 0:
+        return "all at one instant"
+    if traffic["requests"] < 2:
+        return "no rate (one request)"
+    return f"at {traffic['rate_per_s']:.1f}/s"
+
+
+def few_requests_note(requests: int, goals) -> str:
+    """A line for a choice made on fewer requests than the server waits for before it
+    chooses ("" where there are enough): `tiers suggest` gave a full recommendation on 3."""
+    need = goals.rebuild.min_requests
+    if requests >= need:
+        return ""
+    return (f"note: this choice rests on {requests:,} request{'s' * (requests != 1)}; a server "
+            f"waits for {need:,} (auto_tiers.rebuild.min_requests) within window_s "
+            f"({goals.window_s:g} s) before it chooses")  # fmt: skip
 
 
 def format_choice(
@@ -483,7 +506,7 @@ def format_choice(
     flops = accuracy_source.startswith("flops")
     requests = _requests(t["requests"], recorded)
     return "\n".join([
-        f"traffic: {requests} at {t['rate_per_s']:.1f}/s, budgets p10/p50/p90 "
+        f"traffic: {requests} {_rate(t)}, budgets p10/p50/p90 "
         f"{lo:.1f}/{mid:.1f}/{hi:.1f} ms ({len(choice.evaluated)} sets simulated)",
         *([f"  accuracy: {FLOPS_PROXY}"] if flops else []),
         row("live", choice.current),

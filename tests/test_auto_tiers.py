@@ -786,6 +786,29 @@ def test_apply_refuses_live_tiers_its_source_does_not_have(tmp_path, capsys):
     assert "frontier has no tier 's069'; its tiers: " in err and "w075" in err
 
 
+def test_suggest_on_a_few_requests_says_so_and_its_rate_reads_right(tmp_path, capsys):
+    # 3 requests got a full recommendation with no word that a server waits for
+    # min_requests (500 by default); one request, or several at one instant, read "0.0/s".
+    _auto_model(tmp_path)
+    d = tmp_path / "tiny"
+    for rows, said in (
+        ((np.array([0.0, 0.0, 0.0]), np.array([50.0, 60, 70])), "3 requests all at one instant"),
+        ((np.array([5.0]), np.array([50.0])), "1 request no rate (one request)"),
+        ((np.array([0.0, 0.5, 1.0]), np.array([50.0, 60, 70])), "3 requests at 2.0/s"),
+    ):
+        Traffic(*rows, np.ones(len(rows[0]), dtype=int)).write(tmp_path / "t.csv")
+        assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
+        out = capsys.readouterr().out
+        assert f"traffic: {said}, budgets" in out, out
+        n = len(rows[0])
+        assert (
+            f"note: this choice rests on {n} request{'s' * (n > 1)}; a server waits for 500 " in out
+        )
+    _traffic(200, (20, 100), n=600).write(tmp_path / "t.csv")
+    assert cli(["tiers", "suggest", str(d), "--traffic", str(tmp_path / "t.csv")]) == 0
+    assert "note: this choice rests on" not in capsys.readouterr().out  # enough
+
+
 def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):
     add_onnx_model(tmp_path, "plain", tiny_cnn, {**IO, "tiers": [{"name": "w100", "width": 1.0}]})
     _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")
