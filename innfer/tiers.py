@@ -458,10 +458,10 @@ def _requests(replayed: int, recorded: int | None) -> str:
 def _rate(traffic: dict) -> str:
     """The traffic's rate as the choice's first line says it: "0.0/s" was printed for one
     request, and for requests that all came at one instant."""
-    if traffic["requests"] > 1 and traffic["seconds"] <= 0:
-        return "all at one instant"
     if traffic["requests"] < 2:
         return "no rate (one request)"
+    if traffic.get("seconds", 1.0) <= 0:  # (a summary without the span: a rate as it says)
+        return "all at one instant"
     return f"at {traffic['rate_per_s']:.1f}/s"
 
 
