@@ -144,16 +144,18 @@ def interrupted(exc: ImportError) -> None:
     extension loads comes out of its import as an ImportError (pybind11), and the backend
     was said "not installed" - exit status 2 and a wrong fix - instead of interrupted.
 
-    Example:
+    Example (a KeyboardInterrupt is caught here: doctest lets one through to its runner):
         >>> try:
         ...     try:
         ...         raise KeyboardInterrupt
         ...     except KeyboardInterrupt:
         ...         raise ImportError("initialization failed")
         ... except ImportError as exc:
-        ...     interrupted(exc)
-        Traceback (most recent call last):
-        KeyboardInterrupt
+        ...     try:
+        ...         interrupted(exc)
+        ...     except KeyboardInterrupt:
+        ...         print("interrupted")
+        interrupted
     """
     chain, seen = exc, set()
     while chain is not None and id(chain) not in seen:
