@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,47 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     _sync_directory(path.parent)
+
+
+def replace_directory(new: Path, out: Path) -> bool:
+    """Put the folder ``new`` in the place of ``out``: ``out`` renamed aside, ``new`` renamed
+    in, the old one removed. A reader finds the old folder or the new one, each whole - but
+    for the instant between the renames, when it finds none. False where another writer's
+    folder took the place meanwhile (a concurrent build of the same thing: theirs stays,
+    ``new`` is left to the caller to remove). Interrupted between the renames, the old
+    folder is put back.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "t").mkdir(); (root / "t.build").mkdir(); (root / "t.build" / "x").touch()
+        >>> replace_directory(root / "t.build", root / "t"), sorted(os.listdir(root / "t"))
+        (True, ['x'])
+    """
+    aside = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(out, aside)
+    except FileNotFoundError:
+        aside = None  # none yet, or another writer's swap has it aside
+    try:
+        os.rename(new, out)
+        placed = True
+    except OSError:  # another writer's folder is in place (ENOTEMPTY, EEXIST): it stays
+        placed = False
+    except BaseException:  # interrupted between the renames: the old one back
+        if aside is not None and not out.exists():
+            with contextlib.suppress(OSError):
+                os.rename(aside, out)
+        raise
+    if not placed and not out.exists():  # not another's: our rename itself failed
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.rename(aside, out)
+        raise OSError(f"{new} could not be renamed to {out}")
+    _sync_directory(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return placed
 
 
 def sync_file(path: str | Path) -> None:

@@ -212,6 +212,7 @@ def test_stale_frontier_builds_are_swept_and_a_young_one_is_left(tmp_path):
 
     names = ("frontier.build-0000000a", "frontier.build-0000000b", "frontier.old-0000000c")
     old, young, aside = (tmp_path / n for n in names)
+    (tmp_path / "frontier").mkdir()  # in place: the one aside is a cut-short removal
     for p in (old, young, aside):
         (p / "w050").mkdir(parents=True)
     os.utime(old, (0, 0))

@@ -49,10 +49,67 @@ def test_stale_temporary_files_and_frontier_builds_go_and_the_rest_stays(tmp_pat
     _file(young_build / "w025" / "model.onnx", 0)
     removed = sweep(m)
     assert sorted(removed) == sorted(
-        [str(p.relative_to(m)) for p in gone]
-        + [stale_build.name, aside.name]
-        + [tier_build.name, tier_aside.name]
+        str(p.relative_to(m)) for p in (*gone, stale_build, aside, tier_build, tier_aside)
     )
     assert not any(p.exists() for p in (*gone, stale_build, aside, tier_build, tier_aside))
     assert all(p.exists() for p in kept) and young_build.exists()
     assert sweep(m) == []
+
+
+def test_a_replaced_folder_with_nothing_in_its_place_is_put_back(tmp_path):
+    # A swap killed between its two renames left tiers/w050.old-* and no tiers/w050: the
+    # only copy of the tier, which every later sweep deleted (review helper-152). It is put
+    # back once older than a swap takes; a younger one may be a swap in progress.
+    m = tmp_path / "mnist"
+    older = _file(m / "tiers" / "w050.old-0a1b2c3d" / "tier.json").parent
+    _aged(older, 2 * STALE_S)
+    newest = _file(m / "tiers" / "w050.old-0a1b2c3e" / "model.onnx").parent
+    _aged(newest, 120)
+    young = _file(m / "frontier.old-0a1b2c3f" / "frontier.json", 0).parent
+    _aged(young, 0)
+    assert sweep(m) == ["tiers/w050.old-0a1b2c3d"]  # the older copy goes once one is back
+    assert (m / "tiers" / "w050" / "model.onnx").exists() and not newest.exists()
+    assert young.exists() and not (m / "frontier").exists()  # not yet: maybe mid-swap
+    assert sweep(m, now=time.time() + 120) == []
+    assert (m / "frontier" / "frontier.json").exists()
+
+
+def _swap_with(tmp_path, monkeypatch, second):
+    """atomic.replace_directory of t.build over t, ``second(out)`` run in place of its
+    second rename (the one that puts the new folder in)."""
+    from runtime import atomic
+
+    out, new = tmp_path / "t", tmp_path / "t.build"
+    _file(out / "mine", 0)
+    _file(new / "new", 0)
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            second(out)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return atomic.replace_directory(new, out), out
+
+
+def test_a_swap_keeps_another_builders_folder_that_came_first(tmp_path, monkeypatch):
+    # Two builds of one tier at once: the second's rename-in failed ("Directory not
+    # empty"), the build exited 2 and left the old folder aside (review helper-152).
+    placed, out = _swap_with(tmp_path, monkeypatch, lambda out: _file(out / "theirs", 0))
+    assert placed is False and sorted(os.listdir(out)) == ["theirs"]
+    assert sorted(os.listdir(tmp_path)) == ["t", "t.build"]  # ours is the caller's to drop
+
+
+def test_a_swap_interrupted_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    def interrupted(out):
+        raise KeyboardInterrupt
+
+    try:
+        _swap_with(tmp_path, monkeypatch, interrupted)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    assert sorted(os.listdir(tmp_path / "t")) == ["mine"]  # it was left aside, the only copy

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.atomic import replace_directory
 from runtime.build.export import embedding_rows, write_tier_files
 from runtime.build.pipeline import evaluate_accuracy, evaluation_key, validated_engine
 from runtime.build.sampling import norm_inputs, sample_tier
@@ -179,18 +179,12 @@ class _Measure:
 
 
 def _install(staging: Path, out: Path) -> None:
-    """Replace the frontier directory ``out`` by ``staging`` (two renames). A load between
-    them finds no frontier.json and serves model.yaml's tiers with a warning, never a
-    chosen set whose files are half rewritten. A concurrent builder that installs its own
-    (the same measurement) in between wins; ours is discarded."""
-    aside = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-    with contextlib.suppress(FileNotFoundError):
-        out.rename(aside)
-    try:
-        staging.rename(out)
-    except OSError:  # another builder's frontier is in place: keep it
+    """Replace the frontier directory ``out`` by ``staging`` (``replace_directory``). A load
+    between the renames finds no frontier.json and serves model.yaml's tiers with a warning,
+    never a chosen set whose files are half rewritten. A concurrent builder that installs
+    its own (the same measurement) in between wins; ours is discarded."""
+    if not replace_directory(staging, out):
         log.info("%s was installed by another build meanwhile; keeping it", out)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def candidate_sizes(

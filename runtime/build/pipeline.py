@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime.atomic import sync_directory, write_json
+from runtime.atomic import replace_directory, write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import INTEGER_DTYPES, embedding_rows, write_tier_files
 from runtime.build.sampling import (
@@ -404,25 +403,12 @@ def _export_tier(
             input_rows=embedding_rows(data, config),
         )
         record.write(staging / TIER_FILE)
-        _swap_in(staging, d)
+        if not replace_directory(staging, d):  # another build of this tier swapped first:
+            log.info("tier %s was installed by another build meanwhile; keeping it", d)
+            record = TierRecord.read(d / TIER_FILE)  # theirs (the same source) is served
     finally:  # an interrupted export leaves no staging folder (a killed one: leftovers.sweep)
         shutil.rmtree(staging, ignore_errors=True)
     return record, module, True
-
-
-def _swap_in(new: Path, d: Path) -> None:
-    """Put the tier folder ``new`` in the place of ``d``: the old one renamed aside, the new
-    one renamed in, the old one removed. A reader finds the old tier or the new one, each
-    whole - but for the instant between the two renames, when it finds none - never a new
-    model.onnx beside the old tier.json."""
-    aside = None
-    if d.exists():
-        aside = d.with_name(f"{d.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(d, aside)
-    os.rename(new, d)
-    sync_directory(d.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _searches(config: ModelConfig, tier: TierConfig) -> bool:

@@ -9,7 +9,9 @@ killed build's leftovers stayed for good, through later builds and loads (review
 helper-150). ``sweep`` removes those older than ``STALE_S`` - a younger one may be another
 builder's, still writing on a shared volume - and a replaced frontier or tier
 (``frontier.old-<hex8>``, ``tiers/<tier>.old-<hex8>``) whose removal was cut short, at any
-age. The engine cache's own interrupted builds are ``EngineCache.sweep``'s.
+age; a replaced one with nothing in its place (a writer killed between the two renames of a
+swap) is put back instead (the newest of them). The engine cache's own interrupted builds are
+``EngineCache.sweep``'s.
 
 Example:
     >>> sweep(Path("models/mnist"))  # doctest: +SKIP
@@ -31,7 +33,11 @@ log = logging.getLogger("innfer.repository")
 # Seconds: no write of one file, and no frontier build, takes an hour.
 STALE_S = 3600.0
 TEMP_FILE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
-STAGING = re.compile(r"^[\w.-]+\.(build|old)-[0-9a-f]{8}$")  # frontier.*, tiers/<tier>.*
+STAGING = re.compile(r"^(?P<base>[\w.-]+)\.(?P<kind>build|old)-[0-9a-f]{8}$")  # frontier, tiers/*
+# Seconds a replaced folder (``.old-``) with nothing in its place waits before it is put
+# back: a swap between its two renames has one for microseconds (``atomic.replace_directory``);
+# one still there after this was left by a writer killed between them - the only copy.
+RESTORE_AFTER_S = 60.0
 ENGINES = "engines"  # EngineCache.sweep's
 
 
@@ -46,12 +52,20 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
         if here == model_dir:
             dirs[:] = [d for d in dirs if d != ENGINES]
         staged = here == model_dir or here == model_dir / "tiers"  # where staging folders are
-        for d in list(dirs):
+        for d in sorted(dirs, key=lambda d: _mtime(here / d), reverse=True):  # newest first
             m = STAGING.match(d) if staged else None
-            if m is not None:
-                dirs.remove(d)  # not walked into: removed whole or left whole
-                if (m.group(1) == "old" or _older(here / d, now)) and _rmtree(here / d):
-                    removed.append(d)
+            if m is None:
+                continue
+            dirs.remove(d)  # not walked into: removed whole, put back whole, or left
+            name = str((here / d).relative_to(model_dir))
+            base = here / m.group("base")
+            if m.group("kind") == "old" and not base.exists():
+                if _older(here / d, now, RESTORE_AFTER_S) and _restore(here / d, base):
+                    log.warning("%s: %s put back as %s (a swap killed between its renames)",
+                                model_dir, name, base.name)  # fmt: skip
+                continue
+            if (m.group("kind") == "old" or _older(here / d, now)) and _rmtree(here / d):
+                removed.append(name)
         for f in files:
             if TEMP_FILE.match(f) and _older(here / f, now):
                 with contextlib.suppress(OSError):
@@ -63,11 +77,23 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
     return removed
 
 
-def _older(path: Path, now: float) -> bool:
+def _mtime(path: Path) -> float:
     try:
-        return now - path.stat().st_mtime > STALE_S
+        return path.stat().st_mtime
     except OSError:  # removed meanwhile (its writer finished)
+        return float("nan")
+
+
+def _older(path: Path, now: float, seconds: float = STALE_S) -> bool:
+    return now - _mtime(path) > seconds  # (False for nan: gone)
+
+
+def _restore(old: Path, base: Path) -> bool:
+    try:
+        os.rename(old, base)
+    except OSError:  # a writer put a folder there meanwhile, or a read-only volume
         return False
+    return True
 
 
 def _rmtree(path: Path) -> bool:
