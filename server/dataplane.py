@@ -35,7 +35,6 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
-from runtime.repository.store import file_known
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
@@ -114,6 +113,7 @@ class DataPlane:
         # that is not loaded failed: readiness and /metrics say which.
         self.expected: set[str] = set()
         self.broken: dict[str, str] = {}
+        self.in_repository: set[str] = set()  # model names start-up found (``load_all``)
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
         # The transport's message limit (bytes, both ways), fixed when the server started
@@ -164,6 +164,10 @@ class DataPlane:
         """Load every configured model (every model in the repository when none are named).
         A model that fails is logged and reported, never fatal: the others are served."""
         names = list(self.config.models) or self.repo.names()
+        # The repository's models as start-up found them: a request for one that is not
+        # served is told how to serve it (``_not_loaded_hint``), without a look at the disk
+        # per request on the serving loop (a stat on a shared volume can stall it).
+        self.in_repository = set(names if not self.config.models else self.repo.names())
         if not self.config.models:  # serving "every model": say which folders are not
             for folder in self.repo.skipped():
                 log.warning(
@@ -687,6 +691,7 @@ class DataPlane:
             # later load's auto-tiering replayed the old traffic (review helper-133).
             self.traffic.pop(name, None)
             self._forget_series(name)
+            self.in_repository.add(name)  # (loaded by a client after start-up: known now)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go
             # Started before the lock is let go (the RPC may be cancelled from then on) and
@@ -783,21 +788,16 @@ class DataPlane:
         return runtime
 
     def _not_loaded_hint(self, name: str) -> str:
-        """How to serve ``name`` where the repository holds it but this server does not
-        (unloaded, never named, or added after start-up); "" for a name of no model there.
-        A stat per such request: only names that are not served come here."""
-        try:
-            check_model_name(name)  # a client's name: no path out of the repository
-            present = file_known(self.repo.root / name / "model.yaml")
-        except (InvalidModelName, OSError):
-            return ""
-        if present is False:
+        """How to serve ``name`` where the repository held it at start-up (or it was
+        unloaded since) and this server does not serve it; "" for any other name. No disk
+        access: the names are ``in_repository``'s."""
+        if name not in self.in_repository:
             return ""
         if self.config.model_control == "explicit":
             return f"load it first (RepositoryModelLoad; tritonclient: load_model({name!r}))"
         if self.config.models:
             return "the server config's models list does not name it: add it and restart"
-        return "it came after the server started (model_control: none): restart to serve it"
+        return ""  # (every model was loaded at start-up; one that failed is ``broken``)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
