@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import multiprocessing as mp
 import os
 import sys
@@ -60,8 +61,8 @@ def _scrape_loop(url: str, threads: int, stop, count) -> None:
                     resp.read()
                 with count.get_lock():
                     count.value += 1
-            except OSError:
-                time.sleep(0.01)  # refused at the connection cap: try again
+            except (OSError, http.client.HTTPException):  # cut at the connection cap
+                time.sleep(0.01)
 
     workers = [threading.Thread(target=one, daemon=True) for _ in range(threads)]
     for w in workers:

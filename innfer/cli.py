@@ -1126,8 +1126,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           method=method, labels=labels, seed=args.seed, holdout=held,
                           max_steps=args.steps, on_tier=keep, **_lr_option(args))  # fmt: skip
     except KeyboardInterrupt:
-        said = (f"{saved[0]} of {saved[1]} widths are calibrated and saved in {target}; run "
-                "again for the rest (a stored tier stays unless the new one scores better)"
+        kept = ("a stored tier stays unless the new one scores better" if held is not None
+                else "without held-out inputs the new tiers replace the stored ones")  # fmt: skip
+        said = (f"{saved[0]} of {saved[1]} widths are calibrated and saved in {target}; a run "
+                f"again calibrates every width named again ({kept}): name the rest with "
+                "--widths to go on from here"
                 if saved else f"no width was done: {target} is as it was")  # fmt: skip
         print(said, file=sys.stderr)
         raise

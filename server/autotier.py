@@ -336,7 +336,7 @@ class AutoTierer:
             )  # fmt: skip
 
     async def check(self) -> str:
-        """One check; returns its outcome (applied, kept, unchanged, waiting, failed)."""
+        """One check; returns its outcome (``OUTCOMES``)."""
         async with self._checking:
             return await self._check()
 

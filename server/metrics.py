@@ -442,6 +442,10 @@ METRICS_EVICT_AFTER_S = 1.0
 # d / METRICS_RENDER_SHARE seconds after the first began: at most this share of the time goes
 # to rendering, however many scrape. One scrape per 15 s never waits.
 METRICS_RENDER_SHARE = 0.1
+# ... and never more than this long (seconds) between renders: a page that takes 300 ms
+# would otherwise hold the next scrape 2.7 s, and one of another format behind it longer,
+# near Prometheus' 10 s timeout (review helper-152).
+METRICS_MAX_REST_S = 1.0
 
 
 class _PacedApp:
@@ -493,7 +497,8 @@ class _PacedApp:
         body = b"".join(
             self._app(environ, lambda status, headers, *_: reply.extend((status, headers)))
         )
-        self._next_at = began + (self._clock() - began) / self._share
+        took = self._clock() - began
+        self._next_at = began + took + min(took * (1 / self._share - 1), METRICS_MAX_REST_S)
         return (key, began, reply[0], reply[1], body)
 
 

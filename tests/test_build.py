@@ -1025,10 +1025,12 @@ def test_a_build_removes_its_own_engines_filed_under_an_old_key(built, tmp_path)
 
     old_key = copy("00000000000000000000", batch_profile=[1, 4, 8])  # the same engine
     other = copy("11111111111111111111", device="another-cpu", batch_profile=[1, 4, 8])
+    # another release's recipe: the engine its pods on this volume load (review helper-152)
+    recipe = copy("22222222222222222222", recipe=99, batch_profile=[1, 4, 8])
     report = build_model(Repository(root), "tiny", progress=False, profile=False)
     assert report.pruned[0] == [old_key.name] and not old_key.exists()
-    assert other.exists()
-    assert sorted(p.name for p in engines.iterdir()) == sorted([*live, other.name])
+    assert other.exists() and recipe.exists()
+    assert sorted(p.name for p in engines.iterdir()) == sorted([*live, other.name, recipe.name])
 
 
 def test_a_data_set_file_loads_in_either_layout_and_says_what_it_lacks(tmp_path):

@@ -59,3 +59,27 @@ def test_a_backend_that_is_not_there_is_still_said_unavailable(monkeypatch):
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
     monkeypatch.setattr(builtins, "__import__", importing)
     assert OnnxRuntimeBackend().available() is False
+
+
+@pytest.mark.parametrize("module", ["torch", "tensorrt"])
+def test_an_interrupt_while_another_backend_loads_is_not_a_missing_one(module, monkeypatch):
+    # The same for the other compiled backends (review helper-152): torch was said
+    # unavailable, TensorRT "needs the tensorrt package".
+    from runtime.engines.tensorrt import TensorRTBackend
+    from runtime.engines.torch import TorchBackend
+
+    real = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == module:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise ImportError(f"initialization of {module} raised") from None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setattr(builtins, "__import__", importing)
+    backend = TorchBackend() if module == "torch" else TensorRTBackend()
+    with pytest.raises(KeyboardInterrupt):
+        backend.available()

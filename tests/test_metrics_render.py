@@ -59,6 +59,19 @@ def test_renders_back_to_back_wait_so_rendering_takes_at_most_its_share():
     assert len(pages) == 3
 
 
+def test_the_rest_after_a_slow_page_is_capped():
+    # A 300 ms page held the next scrape 2.7 s (and one of another format behind it
+    # longer), near Prometheus' 10 s timeout (review helper-152).
+    from server.metrics import METRICS_MAX_REST_S
+
+    fake = FakeTime()
+    app, _ = _app(fake, render_s=0.3)
+    paced = _PacedApp(app, share=0.1, clock=fake.clock, sleep=fake.sleep)
+    _get(paced)
+    _get(paced)
+    assert [round(s, 6) for s in fake.slept] == [METRICS_MAX_REST_S] and METRICS_MAX_REST_S <= 1
+
+
 def test_a_page_is_shared_only_by_scrapes_that_came_before_it_began():
     fake = FakeTime()
     app, pages = _app(fake, render_s=0.01)

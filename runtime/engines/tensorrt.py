@@ -60,7 +60,15 @@ import numpy as np
 
 from runtime.atomic import write_bytes
 
-from .base import Backend, BackendUnavailable, BuildOptions, Engine, EngineError, TensorSpec
+from .base import (
+    Backend,
+    BackendUnavailable,
+    BuildOptions,
+    Engine,
+    EngineError,
+    TensorSpec,
+    interrupted,
+)
 from .feeds import check_feeds
 from .fp16 import convert_to_fp16
 
@@ -88,6 +96,7 @@ def _import_trt():
     try:
         import tensorrt as trt
     except ImportError as exc:
+        interrupted(exc)
         raise BackendUnavailable(
             f"the tensorrt backend needs the tensorrt package ({exc}); "
             "install it on a machine with an NVIDIA GPU: pip install tensorrt"
@@ -119,10 +128,12 @@ def _import_cudart():
     """
     try:
         from cuda.bindings import runtime as cudart
-    except ImportError:
+    except ImportError as first:
+        interrupted(first)
         try:
             from cuda import cudart
         except ImportError as exc:
+            interrupted(exc)
             raise BackendUnavailable(
                 f"the tensorrt backend needs NVIDIA's cuda-python package ({exc}): "
                 "pip install cuda-python"

@@ -45,7 +45,7 @@ import numpy as np
 
 from runtime.hashing import sha256_file
 
-from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec
+from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec, interrupted
 from .feeds import check_feeds
 from .onnxruntime import cpu_isa
 
@@ -453,7 +453,8 @@ class TorchBackend(Backend):
     def available(self) -> bool:
         try:
             import torch  # noqa: F401
-        except ImportError:
+        except ImportError as exc:
+            interrupted(exc)
             return False
         return True
 

@@ -206,9 +206,12 @@ class EngineCache:
         same = {
             "backend": backend.name, "backend_version": backend.version(),
             "device": backend.device(), "precision": options.precision, "extra": options.extra,
+            # another recipe: an engine an older or newer release builds and loads (a
+            # rolling upgrade's other pods on this volume); absent at the first recipe
+            "recipe": backend.recipe if backend.recipe != 1 else None,
         }  # fmt: skip
         if any(fields.get(k) != v for k, v in same.items()):
-            return False  # another node's, backend's or version's engine: it stays
+            return False  # another node's, backend's, version's or recipe's engine: it stays
         return key != engine_key(fields["onnx_sha256"], backend, options)[0]
 
     def discard(self, backend: Backend, onnx_sha256: str, options: BuildOptions) -> bool:
