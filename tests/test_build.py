@@ -974,6 +974,34 @@ def test_an_interrupted_rebuild_leaves_the_tiers_that_served_serving(built, tmp_
     assert sorted(p.name for p in (root / "tiny" / "tiers").iterdir()) == ["w050", "w100"]
 
 
+def test_a_load_that_reads_a_tier_across_its_swap_loads_the_new_one(built, tmp_path, monkeypatch):
+    # A load read tier.json, then hashed model.onnx: a build's swap in between said "does not
+    # match ...: run innfer build" and marked the model broken until a restart (review
+    # helper-152). Here the record read first is the old tier's, the files the new one's.
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    repo = Repository(root)
+    old = repo.load_record("tiny", "w050")
+    yaml_path = root / "tiny" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "multiple_of: 8\n")
+    build_model(repo, "tiny", progress=False, profile=False)  # w050 swapped in anew
+    new = repo.load_record("tiny", "w050")
+    assert new.onnx_sha256 != old.onnx_sha256
+    real, reads = Repository._built_record, []
+
+    def before_the_swap(self, name, tier, config):
+        reads.append(tier.name)
+        if tier.name == "w050" and reads.count("w050") == 1:
+            return dataclasses.replace(old, width=tier.width)  # read just before the swap
+        return real(self, name, tier, config)
+
+    monkeypatch.setattr(Repository, "_built_record", before_the_swap)
+    served = Repository(root).load("tiny")
+    assert served.tiers["w050"].onnx_sha256 == new.onnx_sha256
+
+
 def test_builds_and_loads_remove_what_killed_writers_left(built, tmp_path):
     # A SIGKILL mid-write left hidden full-size temporary files and a frontier staging
     # folder that later builds and loads kept for good (review helper-150).

@@ -341,6 +341,16 @@ class Repository:
             if not onnx_path.is_file():
                 raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
             sha = sha256_file(onnx_path)
+            if sha != tiers[tier.name].onnx_sha256 and records is None:
+                # A build swapped the tier in whole between the record's read and the hash
+                # (``atomic.replace_directory``): the record again, and the file if it moved.
+                # Marked broken for a mismatch that was not there, it waited for a restart.
+                again = self._built_record(name, tier, config)
+                if again.onnx_sha256 != tiers[tier.name].onnx_sha256:
+                    tiers[tier.name] = again
+                    self._check_inn(name, d, again, inn_now)
+                    if sha != again.onnx_sha256:
+                        sha = sha256_file(onnx_path)
             if sha != tiers[tier.name].onnx_sha256:
                 raise RepositoryError(f"{onnx_path} does not match {record}: run `innfer build`")
             callback = (lambda key, t=tier.name: on_build(t, key)) if on_build else None
