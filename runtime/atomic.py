@@ -79,6 +79,10 @@ def replace_directory(new: Path, out: Path) -> bool:
     aside = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(out, aside)
+        # Dated now: a rename keeps the folder's own time, and ``leftovers.sweep`` puts back
+        # an old-enough replaced folder with nothing in its place - mid-swap, this one.
+        with contextlib.suppress(OSError):
+            os.utime(aside)
     except FileNotFoundError:
         aside = None  # none yet, or another writer's swap has it aside
     try:

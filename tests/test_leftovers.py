@@ -113,3 +113,12 @@ def test_a_swap_interrupted_between_its_renames_puts_the_old_folder_back(tmp_pat
     else:
         raise AssertionError("the interrupt was swallowed")
     assert sorted(os.listdir(tmp_path / "t")) == ["mine"]  # it was left aside, the only copy
+
+
+def test_a_sweep_in_the_middle_of_a_swap_leaves_it_alone(tmp_path, monkeypatch):
+    # The folder renamed aside kept its own (old) time: a load's sweep between the two
+    # renames took it for a killed swap's only copy and put it back, and the build's new
+    # folder was then dropped as "another builder's came first" (review of this session).
+    _aged(_file(tmp_path / "t" / "mine", 0).parent, 2 * STALE_S)
+    placed, out = _swap_with(tmp_path, monkeypatch, lambda out: sweep(out.parent))
+    assert placed is True and sorted(os.listdir(out)) == ["new"]
