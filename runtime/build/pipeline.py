@@ -375,7 +375,7 @@ def _export_tier(
     if reestimated:
         log.info("tier %s: BatchNorm statistics re-estimated on %d training inputs of %s",
                  tier.name, len(norm_x), config.evaluation.dataset)  # fmt: skip
-    # Written beside the tier and swapped in whole (``_swap_in``): rewritten in place, a
+    # Written beside the tier and swapped in whole (``replace_directory``): rewritten in place, a
     # build killed between the new model.onnx and its tier.json left a tier every load
     # refused ("does not match"), and a model that served before the build did not until a
     # build completed (review helper-150).
