@@ -328,6 +328,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _print_build(report, repo) -> None:
+    from runtime.repository import RepositoryError
+
     profile = repo.read_profile(report.model) or {"tiers": {}}
     lengths = sorted(map(int, profile.get("lengths", {})))
     # A sequence model: latency at its shortest profiled length (the longest is in tiers).
@@ -356,6 +358,15 @@ def _print_build(report, repo) -> None:
     for r in [head, *rows]:
         print(" ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
+    try:
+        chosen = repo.auto_tiers(report.model, config) if config.auto_tiers else None
+    except RepositoryError:  # (a broken choice: the server's load says it, with its fix)
+        chosen = None
+    if chosen is not None:
+        # The server serves that set, not the table's: a review of the table reviewed the
+        # wrong tiers (deploy/README's step 2; review helper-151).
+        print(f"served: auto-tiering's choice in auto_tiers.json ({', '.join(chosen[1])}), "
+              "not the tiers above (`innfer tiers frontier` shows them)")  # fmt: skip
     removed, freed = report.pruned
     if removed:
         n = len(removed)

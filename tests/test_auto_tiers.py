@@ -809,6 +809,22 @@ def test_suggest_on_a_few_requests_says_so_and_its_rate_reads_right(tmp_path, ca
     assert "note: this choice rests on" not in capsys.readouterr().out  # enough
 
 
+def test_the_build_table_says_when_auto_tierings_choice_is_served_instead(tmp_path, capsys):
+    # The build printed model.yaml's tiers where auto_tiers.json chose others: the table an
+    # operator reviews before shipping (deploy/README) was not what serves (review 151).
+    from innfer.cli import _print_build
+    from runtime.build.pipeline import BuildReport, TierReport
+
+    d = _auto_model(tmp_path)
+    report = BuildReport("tiny", "onnxruntime", [TierReport("w100", False, False, 0.0, None, 0)])
+    _print_build(report, Repository(tmp_path))
+    assert "served:" not in capsys.readouterr().out  # nothing chosen yet
+    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    _print_build(report, Repository(tmp_path))
+    out = capsys.readouterr().out
+    assert "served: auto-tiering's choice in auto_tiers.json (w075, w025), not the tiers" in out
+
+
 def test_apply_refuses_a_model_without_auto_tiers(tmp_path, capsys):
     add_onnx_model(tmp_path, "plain", tiny_cnn, {**IO, "tiers": [{"name": "w100", "width": 1.0}]})
     _traffic(200, (20, 100), n=50).write(tmp_path / "t.csv")

@@ -1031,6 +1031,20 @@ def test_builds_and_loads_remove_what_killed_writers_left(built, tmp_path):
     assert not any(p.exists() for p in left)
 
 
+def test_a_build_warns_of_hand_written_tiers_below_the_accuracy_floor(built, tmp_path):
+    # They are served until auto-tiering first chooses (for good where it is off), and the
+    # build said nothing of them (review helper-151).
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "model.yaml"
+    path.write_text(path.read_text() + "auto_tiers: {accuracy_floor: 0.99, widths: [1.0, 0.5]}\n")
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    said = [w for w in report.warnings if "below auto_tiers.accuracy_floor 0.99" in w]
+    assert len(said) == 1 and "w100 (" in said[0] and "w050 (" in said[0], report.warnings
+
+
 def test_a_build_removes_its_own_engines_filed_under_an_old_key(built, tmp_path):
     # An upgrade that changed the key's fields (ONNX Runtime's dropped batch_profile) built
     # each engine again under its new key, and the old entries stayed until their ONNX

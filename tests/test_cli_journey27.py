@@ -147,7 +147,7 @@ def test_the_readme_transformers_snippet_runs_as_written(tmp_path):
 
 def test_build_table_names_the_largest_batch_and_keeps_its_columns(capsys):
     lat = {"1": {"p50_ms": 1.5}, "2": {"p50_ms": 2.5}, "4": {"p50_ms": 4.25}}
-    config = SimpleNamespace(evaluation=None, batch_sizes=(1, 2, 4))
+    config = SimpleNamespace(evaluation=None, batch_sizes=(1, 2, 4), auto_tiers=None)
     records = {"w100": SimpleNamespace(flops=296_102_000, params=11_176_842),
                "w050": SimpleNamespace(flops=78_845_000, params=2_799_050)}  # fmt: skip
     repo = SimpleNamespace(

@@ -247,6 +247,16 @@ def build_model(
     if config.auto_tiers_empty:
         report.warnings.append(config.auto_tiers_empty_note)
         _warn(report.warnings[-1], progress)
+    floor = config.auto_tiers.accuracy_floor if config.auto_tiers is not None else None
+    below = [t for t in report.tiers if floor is not None and t.accuracy is not None
+             and t.accuracy < floor]  # fmt: skip
+    if below:  # served until auto-tiering first chooses (or for good where it is off)
+        report.warnings.append(
+            f"tiers {', '.join(f'{t.name} ({t.accuracy:.2%})' for t in below)} are below "
+            f"auto_tiers.accuracy_floor {floor:g}: the server serves model.yaml's tiers until "
+            "auto-tiering first chooses; drop them from model.yaml, or lower the floor"
+        )
+        _warn(report.warnings[-1], progress)
     if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
         from runtime.build.frontier import build_frontier  # it reuses this module's helpers
 
