@@ -7,6 +7,7 @@ innfer inspect DIR          list a saved INN's continuous groups and sizes at a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -1124,27 +1125,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fix = "give fewer --samples" if args.samples else "give a larger data set"
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
               f"replaces a stored one whatever it scores ({fix})")  # fmt: skip
-    # Saved after each width: an interrupt (Ctrl-C, a killed job) threw every width done
-    # away, unsaid - minutes each at the README's budgets (review helper-150).
-    target, saved = args.out or args.model_dir, []
-
-    def keep(model, done: int, total: int) -> None:
-        model.save(target)
-        saved[:] = [done, total]
-
-    try:
+    target = args.out or args.model_dir
+    kept = ("a stored tier stays unless the new one scores better" if held is not None
+            else "without held-out inputs the new tiers replace the stored ones")  # fmt: skip
+    with _saved_as_it_goes(target, kept) as keep:
         tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
                           method=method, labels=labels, seed=args.seed, holdout=held,
                           max_steps=args.steps, on_tier=keep, **_lr_option(args))  # fmt: skip
-    except KeyboardInterrupt:
-        kept = ("a stored tier stays unless the new one scores better" if held is not None
-                else "without held-out inputs the new tiers replace the stored ones")  # fmt: skip
-        said = (f"{saved[0]} of {saved[1]} widths are calibrated and saved in {target}; a run "
-                f"again calibrates every width named again ({kept}): name the rest with "
-                "--widths to go on from here"
-                if saved else f"no width was done: {target} is as it was")  # fmt: skip
-        print(said, file=sys.stderr)
-        raise
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
     earlier = inn.info.get("calibration", {})
@@ -1165,6 +1152,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
     return 0
+
+
+@contextlib.contextmanager
+def _saved_as_it_goes(target: Path, kept: str):
+    """A calibration's ``on_tier`` that saves the model after each width, and on an
+    interrupt a line saying what is saved. It saved once at the end: an interrupt (Ctrl-C,
+    a killed job) threw every width done away, unsaid - minutes each (review helper-150)."""
+    saved: list[int] = []
+
+    def keep(model, done: int, total: int) -> None:
+        model.save(target)
+        saved[:] = [done, total]
+
+    try:
+        yield keep
+    except KeyboardInterrupt:
+        said = (f"{saved[0]} of {saved[1]} widths are calibrated and saved in {target}; a run "
+                f"again calibrates every width named again ({kept}): name the rest with "
+                "--widths to go on from here"
+                if saved else f"no width was done: {target} is as it was")  # fmt: skip
+        print(said, file=sys.stderr)
+        raise
 
 
 def _one_input_for_data(yaml_path: Path, what: str) -> None:
@@ -1245,12 +1254,14 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     tiers = {(key, unshaped(w) is not w) for w in widths
              if (key := inn.sizes_key(inn.sizes(unshaped(w), multiple_of))) != full}  # fmt: skip
     per_tier = args.seconds / max(len(tiers), 1)
-    tuned = calibrate_text(
-        inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
-        multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
-        max_steps=args.steps, **_lr_option(args),
-    )  # fmt: skip
-    out = tuned.save(args.out or args.model_dir)
+    target = args.out or args.model_dir
+    with _saved_as_it_goes(target, "a stored tier stays unless the new one scores better") as keep:
+        tuned = calibrate_text(
+            inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
+            multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
+            max_steps=args.steps, on_tier=keep, **_lr_option(args),
+        )  # fmt: skip
+    out = tuned.save(target)
     shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0
     print(
         f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({per_tier:.3g} s each"

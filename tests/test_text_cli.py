@@ -496,3 +496,29 @@ def test_a_calibrated_tiers_line_says_which_network_was_kept(monkeypatch):
     assert "h050f025: 94 distillation steps, loss 0.1706 -> 0.1889" in line
     assert "kept: cosine to the full width 0.9345 on the check sentences, the refit " \
         "alone 0.9012" in line  # fmt: skip
+
+
+def test_an_interrupted_text_calibration_keeps_the_widths_it_finished(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    # It saved once at the end: an interrupt in the second width lost the first (review
+    # helper-150, the image path; the same for --text).
+    import runtime.inn.distill as distill
+
+    copy = tmp_path / "embed"
+    shutil.copytree(model_dir, copy)
+    text = _sentences(tmp_path / "calib.txt", 64)
+    real, calls = distill.calibrate_network, []
+
+    def calibrate_network(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # in the second width
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "calibrate_network", calibrate_network)
+    argv = ["calibrate", str(copy), "--text", str(text), "--steps", "2", "--widths", "0.5", "0.25"]
+    assert main(argv) == 130
+    assert "1 of 2 widths are calibrated and saved in" in capsys.readouterr().err
+    inn = runtime.load(copy)
+    assert len(inn.tiers) == 1 and len(inn.info["text_calibration"]) == 1

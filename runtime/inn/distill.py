@@ -732,9 +732,12 @@ def calibrate_text(
     progress: bool = True,
     max_steps: int | None = None,
     refit_sentences: int = 1024,
+    on_tier: Callable[[IntegralModel, int, int], None] | None = None,
     **distil_options,
 ) -> IntegralModel:
     """Calibrate a converted transformer at every width in ``widths`` (see the module doc).
+    ``on_tier(model, done, total)``: called after each width but the last with the model as
+    it stands (``calibrate``'s, for a caller that saves as it goes).
 
     ``ids``, ``mask``: (N, T) int64, the calibration sentences padded at the end (as
     ``runtime.repository.tokenizer.TextTokenizer.encode`` returns them). ``widths``: what
@@ -796,6 +799,8 @@ def calibrate_text(
         )  # fmt: skip
     tiers = _tiers(out, widths, multiple_of)
     for i, sizes in enumerate(tqdm(tiers, desc="calibrate", unit="tier", disable=not progress)):
+        if on_tier is not None and i:  # the widths before this one are done
+            on_tier(out, i, len(tiers))
         start = time.perf_counter()
         torch.manual_seed(seed + i)
         if grams is not None:
