@@ -35,6 +35,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
+from runtime.repository.store import file_known
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
@@ -650,10 +651,8 @@ class DataPlane:
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
             return " (the loaded version keeps serving)"
         configured = name in self.expected
-        try:
-            present = configured or (self.repo.root / name / "model.yaml").is_file()
-        except OSError:  # a folder this process may not look into: there is one
-            present = True
+        # (a folder this process may not look into: there is one)
+        present = configured or file_known(self.repo.root / name / "model.yaml") is not False
         if not present:
             return ""  # a client's name for no model of the repository: nothing to report
         if not (configured and self.phase is Phase.LOADING):  # load_all logs start-up's

@@ -28,10 +28,13 @@ import shutil
 import time
 from pathlib import Path
 
+from runtime.repository.cache import STALE_BUILD_S
+
 log = logging.getLogger("innfer.repository")
 
-# Seconds: no write of one file, and no frontier build, takes an hour.
-STALE_S = 3600.0
+# Seconds: no write of one file, and no frontier build, takes an hour - the engine cache's
+# interrupted builds' age too (one notion of "interrupted").
+STALE_S = STALE_BUILD_S
 TEMP_FILE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
 STAGING = re.compile(r"^(?P<base>[\w.-]+)\.(?P<kind>build|old)-[0-9a-f]{8}$")  # frontier, tiers/*
 # Seconds a replaced folder (``.old-``) with nothing in its place waits before it is put

@@ -67,11 +67,11 @@ log = logging.getLogger("innfer.repository")
 
 
 def file_known(path: Path) -> bool | None:
-    """Whether ``path`` is a file; None where this process may not look (a folder of mode
-    000, or owned by another user: ``is_file`` raises PermissionError)."""
+    """Whether ``path`` is a file; None where it cannot be told (a folder of mode 000, or
+    owned by another user: ``is_file`` raises PermissionError; a volume's I/O error)."""
     try:
         return path.is_file()
-    except PermissionError:
+    except OSError:
         return None
 
 
