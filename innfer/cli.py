@@ -1767,6 +1767,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars a failed command left open, each on its own line: the error
+    was printed onto the bar's line ("... 3.1it/s]innfer train: interrupted"). A bar left
+    by an exception is only closed when collected, after the message."""
+    tqdm = sys.modules.get("tqdm")  # (no bar was ever opened without it)
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # the message matters more than the bar
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -1777,14 +1789,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as exc:
         # OSError: a missing file, a busy port, a directory where a file belongs.
+        _close_progress_bars()
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"innfer {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # not foreseen: one line for the user, the traceback on request
         if os.environ.get("INNFER_DEBUG"):
             raise
+        _close_progress_bars()
         print(
             f"innfer {args.command}: internal error: {type(exc).__name__}: {exc} (a bug: please "
             "report it; INNFER_DEBUG=1 shows the traceback)",

@@ -83,3 +83,30 @@ def test_an_interrupt_while_another_backend_loads_is_not_a_missing_one(module, m
     backend = TorchBackend() if module == "torch" else TensorRTBackend()
     with pytest.raises(KeyboardInterrupt):
         backend.available()
+
+
+@pytest.mark.parametrize("raised, said", [(KeyboardInterrupt, "interrupted"),
+                                          (ValueError, "error: bad")])  # fmt: skip
+def test_the_message_is_not_glued_to_an_open_progress_bar(monkeypatch, capsys, raised, said):
+    # "innfer train: interrupted" was printed onto the training bar's own line: the bar
+    # (tqdm(total=...), as training's: the traceback holds it open) wrote no newline.
+    from tqdm.auto import tqdm
+
+    def train(args):
+        bar = tqdm(total=10, desc="train", file=sys.stderr)
+        bar.update(1)
+        raise raised("bad")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["inspect", "x"])
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argv)
+    args.func = train
+    try:
+        code = cli.main(args)
+    except KeyboardInterrupt:  # (escaping, it would end the whole test session)
+        pytest.fail("the interrupt escaped main")
+    assert code == (130 if raised is KeyboardInterrupt else 2)
+    err = capsys.readouterr().err
+    assert "train:" in err  # the bar was drawn
+    assert f"\ninnfer inspect: {said}\n" in err
