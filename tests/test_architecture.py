@@ -58,6 +58,7 @@ RULES = [
     ),
     ("runtime.hashing", ("torch", "runtime.inn", "runtime.repository"), "a leaf module"),
     ("runtime.atomic", ("torch", "runtime.inn", "runtime.repository"), "a leaf module"),
+    ("runtime.inn_files", ("torch", "runtime.inn", "runtime.repository"), "a leaf module"),
     ("sim", ("innfer", "torch", "grpc"), "simulators run on a virtual clock, torch-free"),
 ]
 # The torch backend runs a sampled tier as torch modules: torch is its whole point, imported

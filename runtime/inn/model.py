@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import uuid
@@ -38,10 +39,11 @@ from runtime.inn.continuous import (
 from runtime.inn.divergence import check_weights
 from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
 from runtime.inn.shaping import SHAPED, allocate
+from runtime.inn_files import META_FILE, WEIGHTS_FILE, pending
+
+log = logging.getLogger("innfer.inn")
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "inn.safetensors"
-META_FILE = "inn.json"
 # Calibrated tier weights share the safetensors file with the nodes under this prefix
 # ("tier:<sizes key>/<state name>"); node names come from nn.Module and never contain ":".
 TIER_PREFIX = "tier:"
@@ -586,9 +588,12 @@ class IntegralModel:
         Both are written in full beside their names and synced to the disk, then renamed
         into place back to back (weights, then metadata): an interrupted save (``innfer
         calibrate`` and ``train`` save over the model they read) leaves the old INN whole,
-        short of the instant between two renames (a weights file its metadata's checksum
-        then refuses). Synced: after a power loss the renames alone could name empty files
-        (ext4, xfs) - the INN a calibration or a training run made, lost."""
+        or the new one. Cut between the two renames, it leaves the new weights under the
+        old metadata and the new metadata in its temporary file: an exception (Ctrl-C)
+        still renames it, a killed process leaves it to ``load`` and the leftovers sweep
+        (``runtime.inn_files``), which complete the save. Synced: after a power loss the
+        renames alone could name empty files (ext4, xfs) - the INN a calibration or a
+        training run made, lost."""
         from safetensors.torch import save_file
 
         from runtime.atomic import sync_directory, sync_file
@@ -608,10 +613,12 @@ class IntegralModel:
             sync_file(weights)
             sync_file(meta_tmp)
             os.replace(weights, d / WEIGHTS_FILE)
-            os.replace(meta_tmp, d / META_FILE)
-        finally:  # an interrupted save leaves no temporary files either
-            weights.unlink(missing_ok=True)
-            meta_tmp.unlink(missing_ok=True)
+        finally:
+            if weights.exists():  # not renamed: the old INN stays whole, no temporary files
+                weights.unlink()
+                meta_tmp.unlink(missing_ok=True)
+            elif meta_tmp.exists():  # renamed: the metadata follows, an exception or not
+                os.replace(meta_tmp, d / META_FILE)
         sync_directory(d)
         return d
 
@@ -668,11 +675,19 @@ def load(directory: str | Path) -> IntegralModel:
             f"{meta_path} has format version {meta.get('version')!r}; this innfer reads "
             f"version {FORMAT_VERSION}"
         )
-    if sha256_file(weights) != meta.get("weights_sha256"):
-        raise ModelFileError(
-            f"{weights} does not match the checksum in {meta_path}: the weights file is "
-            f"corrupted or belongs to another model"
-        )
+    digest = sha256_file(weights)
+    if digest != meta.get("weights_sha256"):
+        torn = pending(d, digest)  # a save killed between its two renames: finish it
+        if torn is None:
+            raise ModelFileError(
+                f"{weights} does not match the checksum in {meta_path}: the weights file is "
+                f"corrupted or belongs to another model"
+            )
+        log.warning("%s: a save was cut between its renames; read its %s from %s (the next "
+                    "build completes it)", d, META_FILE, torn[0].name)  # fmt: skip
+        meta = torn[1]
+        if meta.get("format") != "innfer-inn" or meta.get("version") != FORMAT_VERSION:
+            raise ModelFileError(f"{torn[0]} is not an innfer INN description of this version")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

@@ -10,8 +10,9 @@ helper-150). ``sweep`` removes those older than ``STALE_S`` - a younger one may 
 builder's, still writing on a shared volume - and a replaced frontier or tier
 (``frontier.old-<hex8>``, ``tiers/<tier>.old-<hex8>``) whose removal was cut short, at any
 age; a replaced one with nothing in its place (a writer killed between the two renames of a
-swap) is put back instead (the newest of them). The engine cache's own interrupted builds are
-``EngineCache.sweep``'s.
+swap) is put back instead (the newest of them), and the ``inn.json`` of an INN save killed
+between its renames is put in place (``runtime.inn_files``). The engine cache's own
+interrupted builds are ``EngineCache.sweep``'s.
 
 Example:
     >>> sweep(Path("models/mnist"))  # doctest: +SKIP
@@ -28,6 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
+from runtime import inn_files
 from runtime.repository.cache import STALE_BUILD_S
 
 log = logging.getLogger("innfer.repository")
@@ -49,6 +51,11 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
     their paths relative to it. Best effort: a read-only volume keeps them, unsaid (they
     are never read)."""
     now = time.time() if now is None else now
+    # Before the temporary files go: a save's new inn.json, cut from its weights by a kill
+    # between their renames, is the model's only description that matches them.
+    if inn_files.complete(model_dir, now, RESTORE_AFTER_S):
+        log.warning("%s: %s of a save killed between its renames put in place", model_dir,
+                    inn_files.META_FILE)  # fmt: skip
     removed = []
     for top, dirs, files in os.walk(model_dir, onerror=lambda exc: None):
         here = Path(top)

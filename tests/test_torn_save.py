@@ -1,0 +1,115 @@
+"""An INN save cut between its two renames (``IntegralModel.save``, ``runtime.inn_files``):
+the new weights under the old ``inn.json``, whose checksum refused them - the model lost,
+old and new (review helper-150, "S2")."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+from netgen import random_cnn
+
+import runtime
+from runtime.inn_files import META_FILE, TEMP_META, WEIGHTS_FILE
+from runtime.repository.leftovers import RESTORE_AFTER_S, STALE_S, sweep
+
+
+class Killed(BaseException):
+    """A SIGKILL's effect: nothing after it runs, not even ``finally``'s renames."""
+
+
+@pytest.fixture(scope="module")
+def old_and_new():
+    old = runtime.convert(*(lambda m, x: (m, (x,)))(*random_cnn(7)))
+    new = old.copy()
+    new.info["saved"] = "second"
+    new.state = {k: v + 1 for k, v in new.state.items()}  # other weights, other checksum
+    return old, new
+
+
+def _killed_between_renames(inn, d, monkeypatch, *, exc=Killed, at_meta=True):
+    """Save ``inn`` over ``d``, stopped by ``exc`` right after its weights are renamed in."""
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(META_FILE) and at_meta:
+            raise exc()  # every rename of the metadata, the finally's too
+        real(src, dst)
+        if str(dst).endswith(WEIGHTS_FILE) and not at_meta:
+            raise exc()
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(exc):
+        inn.save(d)
+    monkeypatch.setattr(os, "replace", real)
+
+
+def _same(a, b) -> bool:
+    return a.state.keys() == b.state.keys() and all(
+        torch.equal(a.state[k], b.state[k]) for k in a.state
+    )
+
+
+def _temps(d):
+    return [p.name for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_a_save_killed_between_its_renames_loads_as_the_new_model(old_and_new, tmp_path,
+                                                                  monkeypatch, caplog):  # fmt: skip
+    old, new = old_and_new
+    d = old.save(tmp_path / "m")
+    _killed_between_renames(new, d, monkeypatch)
+    assert [n for n in _temps(d) if TEMP_META.match(n)]  # what a SIGKILL leaves
+    with caplog.at_level(logging.WARNING, "innfer.inn"):
+        loaded = runtime.load(d)  # was: "does not match the checksum", the model gone
+    assert _same(loaded, new) and loaded.info["saved"] == "second"
+    assert "cut between its renames" in caplog.text
+
+
+def test_an_interrupt_between_the_renames_still_renames_the_metadata(old_and_new, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    # A Ctrl-C right after the weights' rename: the finally removed the one inn.json that
+    # matched them.
+    old, new = old_and_new
+    d = old.save(tmp_path / "m")
+    _killed_between_renames(new, d, monkeypatch, exc=KeyboardInterrupt, at_meta=False)
+    assert _temps(d) == []
+    assert _same(runtime.load(d), new)
+
+
+def test_the_sweep_completes_a_killed_save_once_it_cannot_be_a_live_one(old_and_new, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    old, new = old_and_new
+    d = old.save(tmp_path / "m")
+    _killed_between_renames(new, d, monkeypatch)
+    (tmp,) = [d / n for n in _temps(d) if TEMP_META.match(n)]
+    assert sweep(d) == [] and tmp.exists()  # young: a live save renames it in microseconds
+    t = time.time() - 2 * STALE_S  # older than a stale temporary file, too
+    os.utime(tmp, (t, t))
+    sweep(d)
+    assert _temps(d) == []
+    assert runtime.load(d).info["saved"] == "second"
+
+
+def test_the_sweep_leaves_a_whole_model_alone_and_removes_a_dead_saves_metadata(
+    old_and_new, tmp_path
+):
+    # A save killed before its weights' rename: its temporary inn.json describes weights
+    # that never arrived, and must not replace the one that matches those in place.
+    old, _ = old_and_new
+    d = old.save(tmp_path / "m")
+    meta = (d / META_FILE).read_text()
+    dead = d / f".{META_FILE}.4242-0badcafe.tmp"
+    dead.write_text(meta.replace(meta[meta.index('"weights_sha256"') :][19:83], "0" * 64))
+    assert dead.read_text() != meta
+    t = time.time() - 2 * RESTORE_AFTER_S
+    os.utime(dead, (t, t))
+    sweep(d)
+    assert (d / META_FILE).read_text() == meta and dead.exists()  # an hour for temp files
+    t = time.time() - 2 * STALE_S
+    os.utime(dead, (t, t))
+    sweep(d)
+    assert not dead.exists() and _same(runtime.load(d), old)
