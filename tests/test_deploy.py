@@ -26,6 +26,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from runtime.repository.config import ModelConfig
+from runtime.repository.frontier import Candidate, Frontier, candidate_settings
 from server.autotier import OUTCOMES as CHECK_OUTCOMES
 from server.config import ServerConfig
 from server.metrics import LATENCY_BUCKETS, MISS_REASONS, OUTCOMES, Metrics
@@ -487,6 +488,43 @@ def test_check_tiers_gate_blocks_auto_tiers_without_a_frontier(tmp_path):
     (model / "frontier" / "frontier.json").write_text("{not json")
     corrupted = _gate(etc)
     assert corrupted.returncode == 1 and "frontier.json is corrupted" in corrupted.stderr
+
+
+def _frontier_for(model: Path, tier_set: Path, accuracies: tuple[float, ...]) -> None:
+    """A frontier as `innfer build` writes it for ``tier_set``: one uniform candidate per
+    accuracy, widest first (no INN in this repository: its fingerprint is not checked)."""
+    config = ModelConfig.load(tier_set)
+    latency = {"1": {"p50_ms": 2.0, "p90_ms": 2.5, "runs": 5}}
+
+    def candidate(i: int, accuracy: float) -> Candidate:
+        return Candidate(name=f"c{i}", sizes={"g": 8 * (len(accuracies) - i)}, width=1 - i / 4,
+                         flops=1000 - 100 * i, params=100 - 10 * i, accuracy=accuracy,
+                         latency=latency, onnx_sha256="ab" * 32, pareto=True)  # fmt: skip
+
+    cands = [candidate(i, a) for i, a in enumerate(accuracies)]
+    frontier = Frontier(candidates=cands, accuracy_source="evaluation",
+                        source_sha256="cd" * 32, backend="onnxruntime", device="cpu",
+                        threads=1, max_batch=config.max_batch,
+                        settings=candidate_settings(config))  # fmt: skip
+    frontier.write(model / "frontier" / "frontier.json")
+
+
+def test_check_tiers_gate_passes_auto_tiers_with_a_frontier_that_meets_its_goals(tmp_path):
+    # The gate's auto_tiers checks had negative cases only; and goals no candidate meets
+    # passed it: auto-tiering was off from the start, the alert said so 15 minutes later.
+    etc, repo = _gate_etc(tmp_path)
+    tier_set = etc / "mnist.model.yaml"
+    text = tier_set.read_text()
+    tier_set.write_text(text + "auto_tiers: {max_tiers: 2, accuracy_floor: 0.9}\n")
+    model = _build_for(repo, tier_set)
+    _frontier_for(model, tier_set, (0.95, 0.91, 0.80))
+    ok = _gate(etc)
+    assert ok.returncode == 0, ok.stderr
+    tier_set.write_text(text + "auto_tiers: {max_tiers: 2, accuracy_floor: 0.99}\n")
+    (model / "model.yaml").write_text(tier_set.read_text())
+    unmet = _gate(etc)
+    assert unmet.returncode == 1
+    assert "no frontier candidate reaches accuracy_floor 0.99" in unmet.stderr, unmet.stderr
 
 
 def test_check_tiers_gate_needs_no_secret_the_init_container_lacks(tmp_path):

@@ -9,7 +9,9 @@ config names must hold ``<model>/model.yaml`` with the same settings (tiers, wid
 backends, precision, batch, ...) and, for every tier, the files ``innfer build`` writes
 (``tiers/<tier>/model.onnx`` and ``tier.json``) and, where the tier set asks for
 auto-tiering, a frontier it can choose from (``frontier/``, as the server checks it at load:
-without one auto-tiering never ran, and only the pod's log said so). Exit 0 when all match;
+without one auto-tiering never ran, and only the pod's log said so) with a candidate that
+meets its goals (``accuracy_floor``, ``max_memory_mb``: else auto-tiering is off, which the
+server's InnferAutoTieringOff alert said 15 minutes after the rollout). Exit 0 when all match;
 otherwise print what differs and how to fix it, and exit 1, so a rollout of a new tier set
 waits (the old pods keep serving, maxUnavailable is 0) until the repository has been rebuilt
 for it. Engines are not checked: the server rebuilds missing or stale ones from each tier's
@@ -91,10 +93,11 @@ def check(server_yaml: Path, tier_dir: Path) -> list[str]:
                 p = repo / model / "tiers" / tier.name / name
                 if not p.is_file():
                     problems.append(f"{p} is missing: run `innfer build {repo}`")
-        if expected.auto_tiers is not None and (
-            problem := Repository(repo).frontier_problem(model, built)
-        ):
-            problems.append(f"{path.name} asks for auto_tiers, and {problem}")
+        if expected.auto_tiers is not None:
+            store = Repository(repo)
+            problem = store.frontier_problem(model, built) or store.unmet_goals(model, built)
+            if problem:
+                problems.append(f"{path.name} asks for auto_tiers, and {problem}")
     return problems
 
 
