@@ -4,6 +4,8 @@ and reads them back on a rebuild. Auto-tiering's choice and swap: tests/test_aut
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from test_build import CONFIG as BUILD_CONFIG
@@ -189,6 +191,33 @@ def test_an_interrupted_frontier_rebuild_leaves_the_chosen_set_served(built, tmp
     assert served.tier_source == "frontier" and sorted(served.engines) == ["w075"]
     assert Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE) == before
     assert sorted(p.name for p in root.glob("tiny/frontier.*")) == []  # staging removed
+
+
+def test_a_sweep_during_a_long_candidate_leaves_the_frontier_build_alone(built, tmp_path):
+    # The staging folder's age was its last new entry's: a candidate measured for over an
+    # hour let another builder's (or a load's) sweep remove the folder under the build.
+    from runtime.build import frontier as frontier_module
+    from runtime.repository import leftovers
+
+    root = _copy(built, tmp_path)
+    measure, swept = frontier_module._Measure.__call__, []
+
+    def long_candidate(self, where, *args):
+        out = measure(self, where, *args)
+        leftovers.os.utime(where.parent, (1, 1))  # an hour and more since its last entry
+        deadline = time.time() + 10
+        while where.parent.stat().st_mtime < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        swept.extend(leftovers.sweep(root / "tiny"))  # what another builder's sweep does
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(leftovers, "FRESH_EVERY_S", 0.02)
+        mp.setattr(frontier_module._Measure, "__call__", long_candidate)
+        f = frontier_module.build_frontier(Repository(root), "tiny", False, 3, "torch")
+    assert swept == []
+    for c in f.candidates:  # every candidate measured is installed
+        assert sha256_file(root / "tiny" / FRONTIER_DIR / c.name / "model.onnx") == c.onnx_sha256
 
 
 def test_the_frontier_is_measured_with_the_backend_the_build_names(built, tmp_path):

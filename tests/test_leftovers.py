@@ -122,3 +122,21 @@ def test_a_sweep_in_the_middle_of_a_swap_leaves_it_alone(tmp_path, monkeypatch):
     _aged(_file(tmp_path / "t" / "mine", 0).parent, 2 * STALE_S)
     placed, out = _swap_with(tmp_path, monkeypatch, lambda out: sweep(out.parent))
     assert placed is True and sorted(os.listdir(out)) == ["new"]
+
+
+def test_a_folder_kept_fresh_is_touched_while_its_block_runs_and_not_after(tmp_path, monkeypatch):
+    from runtime.repository import leftovers
+
+    monkeypatch.setattr(leftovers, "FRESH_EVERY_S", 0.02)
+    staging = tmp_path / "frontier.build-0000000a"
+    with leftovers.kept_fresh(staging):
+        time.sleep(0.05)  # not made yet: nothing to touch, and no error
+        staging.mkdir()
+        _aged(staging, 2 * STALE_S)
+        deadline = time.time() + 10
+        while time.time() - staging.stat().st_mtime > 60 and time.time() < deadline:
+            time.sleep(0.01)
+        assert sweep(tmp_path) == [] and staging.exists()  # a live build's: young
+    _aged(staging, 2 * STALE_S)
+    time.sleep(0.1)
+    assert sweep(tmp_path) == ["frontier.build-0000000a"]  # its builder gone: stale

@@ -56,7 +56,7 @@ from runtime.repository.frontier import (
     candidate_settings,
     mark_pareto,
 )
-from runtime.repository.leftovers import sweep
+from runtime.repository.leftovers import kept_fresh, sweep
 from runtime.repository.profile import measure, random_feeds
 from runtime.repository.records import inn_fingerprint
 
@@ -114,24 +114,25 @@ def build_frontier(
     # auto_tiers.json, and every load of the model failed.
     staging = model_dir / f"{FRONTIER_DIR}.build-{uuid.uuid4().hex[:8]}"
     try:
-        bar = tqdm(settings.items(), desc=f"frontier {name}", disable=not progress, unit="cand")
-        candidates = []
-        for cname, (width, sizes, shaped) in bar:
-            bar.set_postfix_str(cname)
-            candidates.append(measure_one(staging / cname, width, sizes, shaped))
-        frontier = Frontier(
-            candidates=mark_pareto(candidates, (1, config.max_batch)),
-            accuracy_source=_accuracy_source(config),
-            source_sha256=src,
-            backend=chosen.name,
-            device=chosen.device(),
-            threads=config.threads,
-            max_batch=config.max_batch,
-            sensitivity=sensitivity,
-            inn_sha256=inn_sha,
-            settings=candidate_settings(config),
-        )
-        frontier.write(staging / FRONTIER_FILE)
+        with kept_fresh(staging):  # a long build's staging is not a killed one's
+            bar = tqdm(settings.items(), desc=f"frontier {name}", disable=not progress, unit="cand")
+            candidates = []
+            for cname, (width, sizes, shaped) in bar:
+                bar.set_postfix_str(cname)
+                candidates.append(measure_one(staging / cname, width, sizes, shaped))
+            frontier = Frontier(
+                candidates=mark_pareto(candidates, (1, config.max_batch)),
+                accuracy_source=_accuracy_source(config),
+                source_sha256=src,
+                backend=chosen.name,
+                device=chosen.device(),
+                threads=config.threads,
+                max_batch=config.max_batch,
+                sensitivity=sensitivity,
+                inn_sha256=inn_sha,
+                settings=candidate_settings(config),
+            )
+            frontier.write(staging / FRONTIER_FILE)
         _install(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime import inn_files
@@ -44,6 +46,9 @@ STAGING = re.compile(r"^(?P<base>[\w.-]+)\.(?P<kind>build|old)-[0-9a-f]{8}$")  #
 # one still there after this was left by a writer killed between them - the only copy.
 RESTORE_AFTER_S = 60.0
 ENGINES = "engines"  # EngineCache.sweep's
+# Seconds between the touches that keep a live build's staging folder young (``kept_fresh``):
+# well inside STALE_S, whatever one step of the build takes.
+FRESH_EVERY_S = STALE_S / 6
 
 
 def sweep(model_dir: Path, now: float | None = None) -> list[str]:
@@ -85,6 +90,35 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
         log.warning("%s: removed %d leftovers of interrupted writes (%s%s)", model_dir,
                     len(removed), ", ".join(removed[:3]), ", ..." * (len(removed) > 3))  # fmt: skip
     return removed
+
+
+@contextlib.contextmanager
+def kept_fresh(path: Path) -> Iterator[None]:
+    """Touch ``path`` (a staging folder, once it exists) every ``FRESH_EVERY_S`` while the
+    block runs, so that ``sweep`` - another builder's, a load's - never takes it for a killed
+    build's: its age was its last new entry's, and one frontier candidate measured for over
+    an hour (a large model, a big evaluation set, a niced background build) let a sweep
+    remove the folder under the build (review 152 #7). A time, not a lock: it reads the same
+    from every node of a shared volume.
+
+    Example:
+        >>> with kept_fresh(Path("models/mnist/frontier.build-1a2b3c4d")):  # doctest: +SKIP
+        ...     measure_every_candidate()
+    """
+    done = threading.Event()
+
+    def touch() -> None:
+        while not done.wait(FRESH_EVERY_S):
+            with contextlib.suppress(OSError):  # not made yet, or removed: nothing to keep
+                os.utime(path)
+
+    thread = threading.Thread(target=touch, name=f"fresh-{path.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _mtime(path: Path) -> float:
