@@ -185,6 +185,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     active = ActiveTiers(
         tiers=choice.best.tiers,
         frontier_sha256=frontier.source_sha256,
+        onnx_sha256={t: frontier.candidate(t).onnx_sha256 for t in choice.best.tiers},
         chosen_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         reason={
             **choice.to_json(),

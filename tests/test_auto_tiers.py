@@ -31,6 +31,8 @@ from serverutil import ServerThread, add_frontier, add_onnx_model, tiny_cnn, wid
 from innfer.cli import main as cli
 from runtime.repository import (
     ACTIVE_FILE,
+    FRONTIER_DIR,
+    FRONTIER_FILE,
     ActiveTiers,
     Candidate,
     Frontier,
@@ -696,6 +698,8 @@ def test_suggest_changes_nothing_and_apply_writes_the_choice(tmp_path, capsys):
     active = ActiveTiers.read(d / ACTIVE_FILE)
     assert "w075" in active.tiers and active.reason["replaces"] == ["w100", "w050"]
     assert json.loads(result.read_text())["best"]["tiers"] == list(active.tiers)
+    frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)  # what outlives a rebuild
+    assert active.onnx_sha256 == {t: frontier.candidate(t).onnx_sha256 for t in active.tiers}
     # The same traffic again: the live set is now the chosen one, so it is kept.
     code = cli(["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")])
     assert code == 3 and "keep (same set)" in capsys.readouterr().out

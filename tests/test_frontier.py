@@ -126,6 +126,28 @@ def test_a_chosen_set_on_a_frontier_of_a_replaced_inn_is_refused(built, tmp_path
         Repository(root).load("tiny")
 
 
+def test_a_choice_outlives_a_rebuild_that_measured_the_same_networks(built, tmp_path, caplog):
+    # A build by a newer innfer measures the frontier again (a new source hash): the choice
+    # was set aside, model.yaml's tiers served until auto-tiering chose again, even with
+    # every chosen network byte-identical (review 143 F4).
+    from runtime.repository import ACTIVE_FILE, ActiveTiers
+
+    root = _copy(built, tmp_path)
+    d = root / "tiny"
+    frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
+    hashes = {c.name: c.onnx_sha256 for c in frontier.candidates}
+
+    def served(tiers, recorded) -> list[str]:
+        ActiveTiers(tiers, "an-older-frontier", "now", {}, recorded).write(d / ACTIVE_FILE)
+        runtime = Repository(root).load("tiny")
+        return sorted(runtime.engines) if runtime.tier_source == "frontier" else []
+
+    assert served(("w075", "w025"), hashes) == ["w025", "w075"]
+    assert served(("w075", "w025"), {**hashes, "w025": "0" * 64}) == []  # one changed
+    assert served(("w075",), None) == []  # chosen by an innfer that did not record them
+    assert ActiveTiers.read(d / ACTIVE_FILE).onnx_sha256 is None
+
+
 def test_apply_refuses_a_frontier_of_a_replaced_inn(built, tmp_path, capsys):
     # Loading checked which INN the frontier was measured on; `tiers suggest` and `apply`
     # did not: suggest recommended from the stale frontier, and apply wrote an

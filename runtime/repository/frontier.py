@@ -261,6 +261,21 @@ class ActiveTiers:
     frontier_sha256: str  # Frontier.source_sha256 the names refer to
     chosen_at: str
     reason: dict[str, Any]  # expected gain, traffic summary, the set it replaced
+    # The chosen candidates' ONNX hashes (None: chosen by an innfer that did not record
+    # them): what lets the choice outlive a rebuild that measured the same networks again.
+    onnx_sha256: dict[str, str] | None = None
+
+    def carries_over(self, frontier: Frontier) -> bool:
+        """Whether this choice, made on another frontier, names the same networks in
+        ``frontier``: every chosen candidate there, its ONNX byte-identical. A build by a
+        newer innfer re-measures the frontier (its source hash changes with the sampler)
+        and the choice was set aside - the hand-written tiers served until auto-tiering
+        chose again, ``min_interval_s`` and traffic later - even when nothing it serves
+        had changed (review 143 F4)."""
+        if self.onnx_sha256 is None:
+            return False
+        names = {c.name: c.onnx_sha256 for c in frontier.candidates}
+        return all(names.get(t) == self.onnx_sha256.get(t) is not None for t in self.tiers)
 
     def write(self, path: Path) -> None:
         data = asdict(self)
@@ -283,6 +298,12 @@ class ActiveTiers:
                 or len(set(tiers)) < len(tiers)
             ):
                 raise ValueError(f"tiers: got {tiers!r}, expected distinct candidate names")
+            hashes = data.get("onnx_sha256")
+            if hashes is not None and not (
+                isinstance(hashes, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
+            ):
+                raise ValueError(f"onnx_sha256: got {hashes!r}, expected candidate: hash")
             return cls(**{**data, "tiers": tuple(tiers)})
         except FileNotFoundError:
             return None

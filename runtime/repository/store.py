@@ -375,8 +375,9 @@ class Repository:
         """The tier set auto-tiering chose (``auto_tiers.json``) as (config with those
         tiers, their records, their profile); None where model.yaml has no ``auto_tiers``,
         nothing was chosen yet, the choice refers to a frontier measured before the last
-        build, or it breaks the goals model.yaml says now (tightened since the choice; then
-        the hand-written tiers are served, with a warning)."""
+        build (unless every network it names is there byte-identical:
+        ``ActiveTiers.carries_over``), or it breaks the goals model.yaml says now (tightened
+        since the choice; then the hand-written tiers are served, with a warning)."""
         if config.auto_tiers is None:
             return None
         d = self.model_dir(name)
@@ -401,7 +402,10 @@ class Repository:
             )  # fmt: skip
             return None
         self.check_frontier_inn(name, frontier)
-        if active.frontier_sha256 != frontier.source_sha256:
+        if active.frontier_sha256 != frontier.source_sha256 and active.carries_over(frontier):
+            log.info("%s/%s was chosen on an older frontier; %s measured again byte-identical: "
+                     "served", name, ACTIVE_FILE, ", ".join(active.tiers))  # fmt: skip
+        elif active.frontier_sha256 != frontier.source_sha256:
             log.warning(
                 "%s/%s was chosen on an older frontier; serving the tiers of model.yaml until "
                 "auto-tiering chooses again", name, ACTIVE_FILE,
