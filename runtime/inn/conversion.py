@@ -98,7 +98,11 @@ def convert(
                                       f"by torch.export instead: {again})") from None  # fmt: skip
         captured_by = gm.meta["frontend"]
         inputs = _placeholder_inputs(gm, example_inputs, example_kwargs)
-        spec = graphio.to_spec(gm)
+        try:
+            spec = graphio.to_spec(gm)
+        except graphio.SpecError as exc:  # a leaf innfer cannot rebuild: an internal error
+            raise ConversionError(f"{type(model).__name__}: cannot store the captured "
+                                  f"graph ({exc})") from exc  # fmt: skip
         state = {k: v.detach().clone() for k, v in _graph_tensors(gm).items()}
     if permute:
         groups = [g for g in analysis.groups if not g.discrete and g.blocks == 1]

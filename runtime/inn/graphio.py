@@ -172,8 +172,29 @@ def _attention_kwargs(m: nn.MultiheadAttention) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# Modules whose constructor arguments are not all attributes of the same name.
-_KWARG_READERS = {nn.MultiheadAttention: _attention_kwargs}
+def _recurrent_kwargs(m: nn.RNNBase) -> dict[str, Any]:
+    """nn.LSTM / GRU / RNN: their constructors take ``*args, **kwargs``."""
+    kwargs = {
+        "input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+        "bias": m.bias, "batch_first": m.batch_first, "dropout": m.dropout,
+        "bidirectional": m.bidirectional,
+    }  # fmt: skip
+    if isinstance(m, nn.LSTM):
+        kwargs["proj_size"] = m.proj_size
+    if isinstance(m, nn.RNN):
+        kwargs["nonlinearity"] = m.nonlinearity
+    return kwargs
+
+
+# Modules whose constructor arguments are not all attributes of the same name (Hardtanh's
+# deprecated min_value / max_value aliases are none).
+_KWARG_READERS = {
+    nn.MultiheadAttention: _attention_kwargs,
+    nn.LSTM: _recurrent_kwargs,
+    nn.GRU: _recurrent_kwargs,
+    nn.RNN: _recurrent_kwargs,
+    nn.Hardtanh: lambda m: {"min_val": m.min_val, "max_val": m.max_val},
+}
 
 
 def module_kwargs(mod: nn.Module) -> dict[str, Any]:

@@ -353,6 +353,15 @@ class Tracer:
                 rule = lookup(node, module)
                 if rule is not None:
                     rule(self, node)
+                elif module is not None and (why := _not_stored(module)):
+                    # Not even kept as it is: an INN rebuilds each layer from its constructor
+                    # arguments (discrete=[...] was advised, and then failed on that).
+                    raise ConversionError(
+                        f"cannot convert node {node.name!r} (call_module {node.target}): "
+                        f"innfer has no rule for module {type(module).__name__} and cannot "
+                        f"store it ({why}); rebuild it from layers it can (nn.Linear, "
+                        "nn.MultiheadAttention, nn.LayerNorm, ...)"
+                    )
                 else:
                     self.fixed_inputs(node, _no_rule(node, module))
                     self.opaque(node, _no_rule(node, module))
@@ -506,6 +515,17 @@ def _reads_metadata(node: fx.Node, attributes: frozenset[str]) -> bool:
 def _target_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _not_stored(module) -> str | None:
+    """Why ``module`` cannot be written into an INN's architecture (``graphio``), or None."""
+    from runtime.inn.graphio import SpecError, module_kwargs
+
+    try:
+        module_kwargs(module)
+    except SpecError as exc:
+        return str(exc)
+    return None
 
 
 def _no_rule(node: fx.Node, module: object) -> str:
