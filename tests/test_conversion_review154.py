@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import runtime
@@ -83,3 +84,59 @@ def test_a_layer_that_cannot_be_stored_is_refused_without_a_dead_end(discrete):
     with pytest.raises(ConversionError, match="cannot store it") as caught:
         runtime.convert(Encoder().eval(), (torch.randn(2, 5, 6),), discrete=discrete)
     assert "discrete=" not in str(caught.value)
+
+
+class Between(nn.Module):
+    """``f`` between two linear layers: on their elastic channels."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.a, self.o = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.f = f if isinstance(f, nn.Module) else None
+        self._f = f
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(self.f(h) if self.f is not None else self._f(h))
+
+
+# Each acts on every channel alone (or against scalars / tensors of x's own layout): they
+# were refused, "no rule", though the README's activations suggested they convert.
+PER_CHANNEL = {
+    "clamp": lambda h: h.clamp(0, 6),
+    "hard-swish by hand": lambda h: h * (h + 3).clamp(0, 6) / 6,
+    "torch.clamp_min": lambda h: torch.clamp_min(h, 0.1),
+    "where(x > 0)": lambda h: torch.where(h > 0, h, 0.1 * h),
+    "square": torch.square,
+    "log1p": lambda h: torch.log1p(h.abs()),
+    "sin, cos": lambda h: h.sin() + torch.cos(h),
+    "sign": torch.sign,
+    "reciprocal": lambda h: (h.abs() + 1).reciprocal(),
+    "nan_to_num": torch.nan_to_num,
+    "selu, celu, logsigmoid, softsign": lambda h: F.softsign(F.logsigmoid(F.celu(F.selu(h)))),
+    "nn.Softsign": nn.Softsign(),
+    "nn.LogSigmoid": nn.LogSigmoid(),
+    "nn.Tanhshrink": nn.Tanhshrink(),
+}
+
+
+# Per channel too, and still refused: no tier of them would export to ONNX (opset 17).
+NOT_EXPORTED = {"F.threshold": lambda h: F.threshold(h, 0.1, 0.0), "nn.RMSNorm": nn.RMSNorm(16)}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_EXPORTED))
+def test_per_channel_ops_onnx_cannot_export_are_refused_at_conversion(name):
+    with pytest.raises(ConversionError, match="no rule"):
+        runtime.convert(Between(NOT_EXPORTED[name]).eval(), (torch.randn(4, 8),))
+
+
+@pytest.mark.parametrize("name", sorted(PER_CHANNEL))
+def test_per_channel_ops_convert_stay_elastic_and_export(name, tmp_path):
+    from tests.test_rules import _converts, _onnx_matches
+
+    x = torch.randn(4, 8)
+    inn = _converts(Between(PER_CHANNEL[name]), x, tmp_path)
+    assert any(not g.discrete for g in inn.groups)
+    half = inn.sample(0.5)
+    assert half.a.out_features == 8
+    _onnx_matches(half, x)

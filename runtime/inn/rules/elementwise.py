@@ -23,6 +23,10 @@ SAME_LAYOUT_FUNCTIONS = (
     F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.dropout, torch.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh, torch.neg,
     torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, operator.neg,
+    # Each channel on its own as well (review 154: refused, "no rule"):
+    torch.square, torch.log, torch.log1p, torch.log2, torch.expm1, torch.sin, torch.cos,
+    torch.sign, torch.reciprocal, torch.nan_to_num, F.selu, torch.selu, F.celu,
+    torch.celu, F.logsigmoid, F.softsign, F.tanhshrink, F.hardshrink, F.softshrink,
 )  # fmt: skip
 # Pools, by the number of trailing dims their window slides over (1d: the last, 2d: the
 # last two, ...); the dims before them (batch, channels) are kept.
@@ -34,15 +38,24 @@ POOL_FUNCTIONS = {
 }  # fmt: skip
 SAME_LAYOUT_METHODS = (
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "neg", "abs",
-    "exp", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_",
+    "exp", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_", "square", "log",
+    "log1p", "log2", "expm1", "sin", "cos", "sign", "reciprocal", "nan_to_num",
 )  # fmt: skip
 _KEEPS_SOURCES = {"contiguous", "clone", "float", "half", "to", "detach", "type_as"}
 BINARY_FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
     operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
     torch.pow,
+    # Bounds, comparisons and selections: scalars or tensors broadcast against x
+    # (``x.clamp(0, 6)``, ``torch.where(x > 0, x, 0.1 * x)``).
+    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.where, torch.gt, torch.lt,
+    torch.ge, torch.le, torch.eq, torch.ne, operator.gt, operator.lt, operator.ge, operator.le,
+    operator.eq, operator.ne,
 )  # fmt: skip
-BINARY_METHODS = ("add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimum", "pow")
+BINARY_METHODS = (
+    "add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimum", "pow", "clamp", "clip",
+    "clamp_min", "clamp_max", "gt", "lt", "ge", "le", "eq", "ne", "where",
+)  # fmt: skip
 
 
 @register(functions=SAME_LAYOUT_FUNCTIONS, methods=SAME_LAYOUT_METHODS)

@@ -29,7 +29,10 @@ SAME_LAYOUT_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
     nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU,
+    nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
 )  # fmt: skip
+# Not here, though per channel: nn.Threshold (ONNX export: "non-zero threshold"
+# unsupported) and nn.RMSNorm (no ONNX op before opset 23) - converted, no tier would build.
 # Pools, by the number of trailing dims they slide over (``elementwise.slid_over``).
 POOL_MODULES = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
