@@ -108,6 +108,14 @@ def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
         with torch.no_grad():
             out = module.eval()(*example)
     except Exception as exc:  # torch's own message says what the layer wanted
+        weights = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if weights and not weights & {torch.float32, torch.float16}:  # model.yaml cannot say
+            dtype = min(str(d).removeprefix("torch.") for d in weights)
+            raise ValueError(  # float64: "do dtypes match?" was a dead end (review 154)
+                f"the model's weights are {dtype}, and innfer "
+                "serves float32 or float16 inputs: convert the model in float32 "
+                "(model.float() before runtime.convert) and save that INN"
+            ) from None
         raise ValueError(
             f"the model does not run on model.yaml's inputs ({said} per row): {exc}; "
             f"do inputs[].shape and dtype match the model? (or was it captured with a "

@@ -52,6 +52,7 @@ from runtime.repository import (
     EngineCache,
     Repository,
     TierRecord,
+    check_model_name,
     sha256_file,
 )
 from runtime.repository.config import ModelConfig, TierConfig
@@ -779,6 +780,7 @@ def add_model(repo_root: str | Path, name: str, inn: IntegralModel, config: dict
     """
     import yaml
 
+    check_model_name(name)  # "../x" was written outside the repository, "a b" never served
     d = Path(repo_root) / name
     ModelConfig.from_dict({"name": name, **config}, source=str(d / "model.yaml"))
     inn.save(d)

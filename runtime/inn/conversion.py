@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable
 
@@ -69,6 +70,11 @@ def convert(
         raise ConversionError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "
             "the original nn.Module - conversion reads its Python modules and parameters"
+        )
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ConversionError(  # it failed deep in the channel ordering (Tensor.item())
+            f"{type(model).__name__} has weights on the 'meta' device (shapes, no values): "
+            "load its weights first (model.to_empty(device='cpu'), then load_state_dict)"
         )
     with evaluating(model):  # afterwards every module has its own mode back
         reference = _check_runs(model, tuple(example_inputs), example_kwargs)

@@ -170,8 +170,9 @@ class IntegralModel:
             >>> inn.sizes({"heads": 0.5, "ffn": 0.5})  # doctest: +SKIP
             {'m.encoder.layer.0.intermediate.dense': 768, 'm.encoder.layer.0...query': 6, ...}
         """
-        if multiple_of < 1:
-            raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        given, multiple_of = multiple_of, _count(multiple_of)
+        if multiple_of is None or multiple_of < 1:
+            raise ValueError(f"multiple_of must be an int >= 1, got {given!r}")
         if isinstance(width, Mapping) and set(width) & set(KINDS):
             return self._sizes_from_kinds(width, multiple_of)
         if isinstance(width, Mapping):
@@ -233,11 +234,13 @@ class IntegralModel:
 
     def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
         out = {g.name: g.size for g in self.groups}
-        for name, n in counts.items():
+        for name, given in counts.items():
             g = self.group(name)
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= g.size:
+            n = _count(given)
+            if n is None or not 1 <= n <= g.size:
                 raise ValueError(
-                    f"channel count for group {name!r} must be an int in [1, {g.size}], got {n!r}"
+                    f"channel count for group {name!r} must be an int in [1, {g.size}], got "
+                    f"{given!r}"
                 )
             if n % g.blocks:
                 raise ValueError(
@@ -739,7 +742,23 @@ def _check_bindings(model: IntegralModel) -> None:
             )
 
 
+def _scalar(x: Any) -> Any:
+    """A one-element tensor or numpy value as the Python number it holds: ``torch.linspace``
+    and numpy arrays give those, and ``np.float32(0.5)`` was refused as not a number."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    item = getattr(x, "item", None)  # numpy scalars
+    return item() if callable(item) and type(x).__module__ == "numpy" else x
+
+
+def _count(n: Any) -> int | None:
+    """``n`` as an int (a Python, numpy or one-element tensor integer), or None."""
+    n = _scalar(n)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def _check_width(width: Any) -> float:
+    width = _scalar(width)
     if isinstance(width, bool) or not isinstance(width, (int, float)):
         raise ValueError(f"width must be a number in (0, 1] or a mapping, got {width!r}")
     w = float(width)

@@ -69,7 +69,8 @@ def width_report(
 
     if example is None:
         shape = data.input_shape if data is not None else _input_shape(inn)
-        dtype = data.x_train.dtype if data is not None else torch.float32  # ids: integers
+        # ids: integers. x_test: the Protocol's (x_train, for norm statistics, is optional)
+        dtype = torch.as_tensor(data.x_test[:1]).dtype if data is not None else torch.float32
         example = (torch.zeros(1, *shape, dtype=dtype),)
     x_norm = getattr(data, "x_train", None) if reestimate_norms else None
     if x_norm is not None:

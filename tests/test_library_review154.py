@@ -1,0 +1,77 @@
+"""innfer as a Python library, the way a notebook uses it (review helper-154): numbers as
+numpy and torch give them, a meta-device model, a repository written from Python, a report
+on a data set of the documented Protocol, a float64 model's build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.build.pipeline import add_model, build_model
+from runtime.inn.layout import ConversionError
+from runtime.repository import InvalidModelName, Repository
+
+CONFIG = {
+    "inputs": [{"name": "input", "dtype": "float32", "shape": [4]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [2]}],
+    "tiers": [{"name": "w100", "width": 1.0}],
+    "max_batch": 2,
+}
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def inn():
+    return runtime.convert(_mlp(), (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("width", [np.float32(0.5), torch.tensor(0.5), torch.linspace(0, 1, 3)[1]])
+def test_a_width_from_numpy_or_torch_is_a_width(inn, width):
+    assert inn.sizes(width) == inn.sizes(0.5)  # "not a number" before (np.float64 was)
+
+
+def test_a_count_from_numpy_is_a_count_and_multiple_of_must_be_an_int(inn):
+    (group,) = [g.name for g in inn.groups if not g.discrete]
+    assert inn.sizes({group: np.int64(8)}) == inn.sizes({group: 8})
+    with pytest.raises(ValueError, match=r"multiple_of must be an int >= 1, got 2\.5"):
+        inn.sizes(0.5, multiple_of=2.5)  # a raw TypeError from math.lcm before
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_way_out():
+    with torch.device("meta"):
+        model = _mlp()
+    with pytest.raises(ConversionError, match=r"'meta' device.*load its weights first"):
+        runtime.convert(model, (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("name", ["../outside", "resnet 18"])
+def test_add_model_refuses_a_name_that_is_no_model_folder(inn, tmp_path, name):
+    with pytest.raises(InvalidModelName):
+        add_model(tmp_path / "repo", name, inn, CONFIG)
+    assert not (tmp_path / "outside").exists()  # written outside the repository before
+    assert not any((tmp_path / "repo").glob("*"))
+
+
+def test_a_report_needs_only_the_documented_protocol(inn):
+    from types import SimpleNamespace
+
+    from runtime.inn.report import width_report
+
+    data = SimpleNamespace(x_test=torch.randn(8, 4), y_test=torch.zeros(8, dtype=torch.long),
+                           input_shape=(4,))  # fmt: skip
+    rows = width_report(inn, [1.0, 0.5], data)  # AttributeError: 'x_train' before
+    assert [r.width for r in rows] == [1.0, 0.5]
+
+
+def test_a_float64_models_build_says_to_convert_it_in_float32(tmp_path):
+    double = runtime.convert(_mlp(torch.float64), (torch.randn(2, 4, dtype=torch.float64),))
+    add_model(tmp_path, "double", double, CONFIG)
+    with pytest.raises(Exception, match=r"weights are float64.*model\.float\(\)"):
+        build_model(Repository(tmp_path), "double", progress=False, repeats=2)
