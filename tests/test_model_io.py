@@ -267,7 +267,7 @@ def test_bad_group_name_and_counts(inn):
 def test_bad_method_and_multiple(inn):
     with pytest.raises(ValueError, match="method must be one of"):
         inn.sample(0.5, method="bilinear")
-    with pytest.raises(ValueError, match="multiple_of must be >= 1"):
+    with pytest.raises(ValueError, match="multiple_of must be an int >= 1"):
         inn.sample(0.5, multiple_of=0)
 
 
