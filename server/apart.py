@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,19 +51,48 @@ class Apart:
         return sum(o is not None for o in self.outputs)
 
 
+def output_problem(
+    outputs: Mapping[str, np.ndarray], rows: int, shapes: Mapping[str, Sequence[int]]
+) -> str | None:
+    """What is wrong with an engine's ``outputs`` for ``rows`` input rows, or None: each
+    must have one row per input row (a graph with its batch fixed at 1 mixed requests) and,
+    for the outputs model.yaml lists (``shapes``: per-row shape, -1 where it varies), that
+    shape. An engine returning another shape for some inputs was served as OK - and to the
+    requests batched beside them, their rows cut from the wrong shape (review helper-153).
+
+    Example:
+        >>> output_problem({"y": np.zeros((2, 5))}, 2, {"y": [4]})
+        "output 'y' has shape [2, 5], model.yaml says [rows, 4]"
+    """
+    for k, v in outputs.items():
+        if v.ndim == 0 or v.shape[0] != rows:
+            return (f"output {k!r} has shape {list(v.shape)} for a batch of {rows} rows (its "
+                    "batch axis must follow the input's); rebuild the model")  # fmt: skip
+        want = shapes.get(k)
+        if want is not None and (
+            v.ndim != 1 + len(want)
+            or any(w != -1 and w != n for w, n in zip(want, v.shape[1:], strict=False))
+        ):
+            said = ", ".join(map(str, ["rows", *want]))
+            return f"output {k!r} has shape {list(v.shape)}, model.yaml says [{said}]"
+    return None
+
+
 def run_apart(
     engine,
     feeds: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],
     rows: Sequence[int],
     error: BaseException,
     wanted: Callable[[int], bool] = lambda i: True,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Apart:
     """Run each request's slice of ``feeds`` (``rows[i]`` rows each, in order) alone on
     ``engine`` (or, ``feeds`` a list, each request's own feeds: a batch that ran as runs of
     equal length, ``server.equal_lengths``); ``error`` is what the whole batch raised.
     ``wanted(i)``: whether request
     ``i`` still waits for an answer (a cancelled one is skipped). An output without one row
-    per input row fails its request (EngineError), as a batch's would."""
+    per input row, or not of model.yaml's shape (``shapes``, ``output_problem``), fails its
+    request (EngineError), as a batch's would."""
     outputs: list[dict[str, np.ndarray] | None] = []
     errors: list[BaseException | None] = []
     seconds: list[float] = []
@@ -79,12 +108,8 @@ def run_apart(
         if wanted(i):
             try:
                 out = engine.run(part)
-                for k, v in out.items():
-                    if v.ndim == 0 or v.shape[0] != n:
-                        raise EngineError(
-                            f"output {k!r} has shape {list(v.shape)} for {n} rows alone "
-                            "(its batch axis must follow the input's); rebuild the model"
-                        )
+                if (problem := output_problem(out, n, shapes or {})) is not None:
+                    raise EngineError(f"{problem} (run alone)")
             except Exception as e:  # this request's own error, whatever the engine raised
                 out, exc = None, e
         outputs.append(out)

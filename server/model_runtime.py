@@ -44,7 +44,7 @@ import numpy as np
 
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
-from server.apart import Apart, run_apart
+from server.apart import Apart, output_problem, run_apart
 from server.equal_lengths import EqualLengthRuns, equal_length_runs, length_key
 from server.errors import (
     DeadlineExceeded,
@@ -439,6 +439,8 @@ class ModelRuntime:
         self.name = served.name
         self.config = served.config
         self.input_rows = served.input_rows  # checked per request (dataplane._decode)
+        # Per-row output shapes (-1: varies) every engine call's outputs are checked against
+        self._output_shapes = {s.name: s.shape for s in self.config.outputs}
         # A sequence model without a mask (text:, or mask_input): its requests are batched
         # only with requests of their lengths (server.equal_lengths); {}: every batch is
         # padded to its longest and run whole.
@@ -1260,6 +1262,8 @@ class ModelRuntime:
         runs = feeds if isinstance(feeds, EqualLengthRuns) else None
         try:
             outputs = runs.run(engine) if runs is not None else engine.run(feeds)
+            if (problem := output_problem(outputs, d.rows, self._output_shapes)) is not None:
+                raise EngineError(f"tier {d.tier}: {problem}")  # then run apart, below
         except Exception as exc:
             outputs, error = None, exc
             if len(d.requests) > 1:  # maybe not every request's error: each runs alone
@@ -1269,7 +1273,8 @@ class ModelRuntime:
 
                 try:
                     parts = runs.parts if runs is not None else feeds
-                    outputs = run_apart(engine, parts, [r.rows for r in d.requests], exc, waiting)
+                    outputs = run_apart(engine, parts, [r.rows for r in d.requests], exc,
+                                        waiting, self._output_shapes)  # fmt: skip
                 except Exception as apart:  # the batch must still finish (failed): an escape
                     outputs, error = None, apart  # here left its slot and requests held
         else:
@@ -1436,13 +1441,7 @@ class ModelRuntime:
         """Hand each of ``d``'s requests its rows of ``outputs``; (the requests answered -
         not those cancelled while the batch ran -, the seconds it took, the ids of those
         whose verdict waits for their answer to leave)."""
-        t_out = time.perf_counter()
-        for k, v in outputs.items():  # a graph with its batch fixed at 1 mixed the requests
-            if v.ndim == 0 or v.shape[0] != d.rows:
-                raise EngineError(
-                    f"tier {d.tier}: output {k!r} has shape {list(v.shape)} for a batch of "
-                    f"{d.rows} rows (its batch axis must follow the input's); rebuild the model"
-                )
+        t_out = time.perf_counter()  # (outputs: checked by _execute, output_problem)
         offset = 0
         answered, later = [], set()
         for r in d.requests:

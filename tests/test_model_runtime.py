@@ -639,9 +639,10 @@ def test_a_batch_whose_outputs_do_not_split_into_rows_fails_and_frees_its_slot(t
     _check_answer(served, _x(1, 2.0), ok)
 
 
-def test_a_batch_answered_with_too_few_rows_fails_every_request_in_it(tmp_path):
+def test_a_batch_answered_with_too_few_rows_runs_its_requests_apart(tmp_path):
     # An engine whose batch axis was fixed at 1 returned one row for a batch of two: the
-    # first request got a mix of both, the second an empty answer - both "OK".
+    # first request got a mix of both, the second an empty answer - both "OK". Then both
+    # failed; now the batch runs again request by request, each answered with its own.
     served = _served(tmp_path, max_batch=2)
     engine = served.engines["w100"]
     good = engine.run
@@ -656,7 +657,37 @@ def test_a_batch_answered_with_too_few_rows_fails_every_request_in_it(tmp_path):
             return await asyncio.gather(*pair, return_exceptions=True)
 
     outcomes = _run(body())
-    assert all(isinstance(o, EngineFailed) and "for a batch of 2" in str(o) for o in outcomes)
+    for v, answer in zip((1.0, 2.0), outcomes, strict=True):
+        _check_answer(served, _x(1, v), answer)
+
+
+def test_outputs_not_of_model_yamls_shape_fail_their_requests_alone(tmp_path):
+    # An engine that returned [rows, 5] for some inputs where model.yaml says [3] was served
+    # as OK - and so were the requests batched beside them, their rows cut from the wrong
+    # shape, with no log line, metric or failed count (review helper-153).
+    served = _served(tmp_path, max_batch=2)
+    engine = served.engines["w100"]
+    good = engine.run
+
+    def sometimes_wrong(feeds):
+        out = good(feeds)
+        if (feeds["input"] > 100).any():
+            return {k: np.concatenate([v, v[:, :2]], 1) for k, v in out.items()}
+        return out
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1)) as rt:
+            async with _one_running(rt, served, "w100"):
+                engine.run = sometimes_wrong
+                pair = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                        for v in (1.0, 200.0)]  # fmt: skip
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*pair, return_exceptions=True)
+
+    fine, wrong = _run(body())
+    _check_answer(served, _x(1, 1.0), fine)
+    assert isinstance(wrong, EngineFailed), wrong
+    assert "has shape [1, 5], model.yaml says [rows, 3]" in str(wrong)
 
 
 def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
