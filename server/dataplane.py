@@ -252,6 +252,7 @@ class DataPlane:
                     traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
                     margin_s=self.config.budget_margin_ms / 1e3,
                 )  # fmt: skip
+                runtime.device_stuck = self._stuck_reason
                 # Loaded while requests are in flight (a reload, a swap of tiers, another
                 # model busy): the timing at load shares the CPU with serving.
                 busy = any(m.serving() for m in self.models.values())
@@ -753,6 +754,10 @@ class DataPlane:
             return "models not loaded: " + ", ".join(
                 f"{n} ({self.broken.get(n, 'unloaded')})" for n in missing
             )
+        return self._stuck_reason()
+
+    def _stuck_reason(self) -> str | None:
+        """A batch hung on the device, said as a reason (``ModelRuntime.stuck``), or None."""
         # A runtime a reload retired with its engine hung holds the device's slot as much
         # as a served one: readiness said ready again after the reload.
         runtimes = (*self.models.values(), *self._retiring, *self._hung)

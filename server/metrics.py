@@ -213,6 +213,12 @@ class Metrics:
             "utilisation of other processes; 1: none), as the scheduler plans with it.",
             ["device"], registry=r,
         )  # fmt: skip
+        self.stuck_batches = Gauge(
+            "innfer_stuck_batches",
+            "Batches of the model on an engine for 100 times their plan and at least 30 s: an "
+            "engine hung in a call (readiness fails while one is; the log says which).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.request_overhead = Gauge(
             "innfer_request_overhead_seconds",
             "The recent p99 (overhead_quantile) of requests' time in the server outside queue "

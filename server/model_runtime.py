@@ -95,6 +95,9 @@ log = logging.getLogger("innfer.model")
 # a hung engine (ModelRuntime.stuck): far beyond any slowdown the online correction follows.
 STUCK_FACTOR = 100.0
 STUCK_MIN_S = 30.0
+# Seconds between looks for stuck batches while any runs (``_watch_stuck``): each is logged
+# once, within this of turning stuck - readiness alone said it, and only to the prober.
+STUCK_CHECK_S = 10.0
 
 # An absolute path in an engine's message (its build tree, a model file): not the client's.
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
@@ -566,6 +569,11 @@ class ModelRuntime:
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
         self._expiry: asyncio.TimerHandle | None = None  # _arm_expiry's, due at _expiry_at
         self._expiry_at = math.inf
+        self._stuck_watch: asyncio.TimerHandle | None = None  # while batches run
+        self._said_stuck: set[int] = set()  # batches (id of the decision) logged as stuck
+        # Why the device's slots are held, over every model on it (the data plane's; None:
+        # this model's own): a request that expires behind another model's hung batch says so.
+        self.device_stuck: Callable[[], str | None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -630,6 +638,9 @@ class ModelRuntime:
         if self._expiry is not None:  # nothing is queued any more: no expiry to look for
             self._expiry.cancel()
             self._expiry = None
+        if self._stuck_watch is not None:
+            self._stuck_watch.cancel()
+            self._stuck_watch = None
         closed = self._close_in_thread()
         if self._running:
             # An engine call that does not return (a hung GPU, a deadlocked library) cannot
@@ -852,13 +863,32 @@ class ModelRuntime:
         return stuck[0] if stuck else None
 
     def _stuck_batches(self) -> list[str]:
+        return [why for _, why in self._stuck_by_batch()]
+
+    def _stuck_by_batch(self) -> list[tuple[int, str]]:
+        """(batch key, reason) of each stuck batch. Read by /metrics' thread too: the items
+        are copied first (a dict changing size under an iteration raises)."""
         now = self.clock()
         return [
-            f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s (planned "
-            f"{planned * 1e3:.1f} ms): its engine is stuck"
-            for started, planned, tier in self._batch_started.values()
+            (key, f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s (planned "
+                  f"{planned * 1e3:.1f} ms): its engine is stuck")
+            for key, (started, planned, tier) in list(self._batch_started.items())
             if (ran := now - started) > max(STUCK_MIN_S, STUCK_FACTOR * planned)
-        ]
+        ]  # fmt: skip
+
+    def _watch_stuck(self) -> None:
+        """Log each batch that turned stuck, once (ERROR: the model's other requests wait
+        behind it, and a shared device's other models' too; ``_finish`` says when it
+        returns); look again in ``STUCK_CHECK_S`` while any batch runs. Armed by the first
+        batch launched when none is armed: one timer per model, not one per batch."""
+        self._stuck_watch = None
+        for key, why in self._stuck_by_batch():
+            if key not in self._said_stuck:
+                self._said_stuck.add(key)
+                log.error("%s; requests behind it wait and expire, and readiness fails until "
+                          "it returns (a hung driver or GPU: replace the pod)", why)  # fmt: skip
+        if self._batch_started:
+            self._stuck_watch = self._loop.call_later(STUCK_CHECK_S, self._watch_stuck)
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one
@@ -1112,6 +1142,8 @@ class ModelRuntime:
         self._bind(m.queue_depth, (name,), queued)
         self._bind(m.inflight, (name,), lambda: self.inflight + sum(
             p.inflight for p in self.predecessors))  # fmt: skip
+        self._bind(m.stuck_batches, (name,), lambda: sum(
+            len(r._stuck_batches()) for r in (self, *self.predecessors)))  # fmt: skip
         self._bind(m.request_overhead, (name,),
                    lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
 
@@ -1151,8 +1183,10 @@ class ModelRuntime:
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
                 self._missed["expired"].inc()
                 self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
+                held = (self.device_stuck or self.stuck)()  # (rare: looked up per expiry)
                 self._reject(r, DeadlineExceeded(
                     f"model {self.name}: the request's budget ran out in the queue"
+                    + (f" (the device is held: {held})" if held else "")
                 ))  # fmt: skip
         # Lanes in turn; on a shared device only the most urgent head's lane is granted a
         # slot (Device.claim), so the order here does not decide who runs first.
@@ -1215,6 +1249,8 @@ class ModelRuntime:
         self._all_done.clear()
         planned = lane.latency.planned(d.tier)[d.rows]
         self._batch_started[id(d)] = (self.clock(), planned, d.tier)
+        if self._stuck_watch is None:
+            self._stuck_watch = self._loop.call_later(STUCK_CHECK_S, self._watch_stuck)
         inline = self._may_run_inline(lane, d)
         self._idle_mark = self._idle.waits
         if inline:
@@ -1293,7 +1329,11 @@ class ModelRuntime:
         """On the loop: answer ``d``'s requests from the engine's outputs (or fail them),
         then look for the next batch."""
         self._running -= 1
-        self._batch_started.pop(id(d), None)
+        started = self._batch_started.pop(id(d), None)
+        if id(d) in self._said_stuck:  # (its key, before another batch can reuse the id)
+            self._said_stuck.discard(id(d))
+            log.warning("model %s: the batch of tier %s logged as stuck returned after %.0f s",
+                        self.name, d.tier, self.clock() - started[0])  # fmt: skip
         runs = self._runs.pop(id(d), None)
         if not self._running:
             self._all_done.set()

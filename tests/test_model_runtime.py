@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 import time
 
@@ -1135,6 +1136,46 @@ def test_a_batch_far_past_its_plan_reads_as_a_stuck_engine(tmp_path):
     why, after = _run(body())
     assert why.startswith("model m: a batch of tier w100 has run 31 s (planned ")
     assert why.endswith("its engine is stuck") and after is None
+
+
+def test_a_stuck_batch_is_logged_counted_and_named_by_the_requests_it_holds_up(
+    tmp_path, caplog, monkeypatch
+):
+    # A hung engine was invisible while it hung: no log line until SIGTERM, no metric, and
+    # the requests that expired behind it said only "budget ran out in the queue" (review
+    # helper-153). The watch looks every STUCK_CHECK_S (shortened here) on the loop's time.
+    import server.model_runtime as model_runtime
+
+    monkeypatch.setattr(model_runtime, "STUCK_CHECK_S", 0.01)
+    served = _served(tmp_path)
+    now = [100.0]
+    metrics = Metrics()
+
+    def stuck_gauge() -> float:
+        return _count(metrics, "innfer_stuck_batches", model="m")
+
+    async def body():
+        async with _running(served, metrics, clock=lambda: now[0]) as rt:
+            async with _one_running(rt, served, "w100"):
+                behind = asyncio.create_task(rt.infer(_x(1, 2.0), 1, 5.0, pin="w100"))
+                await asyncio.sleep(0.05)
+                assert stuck_gauge() == 0 and "stuck" not in caplog.text
+                now[0] += 31.0
+                await _until(lambda: "its engine is stuck" in caplog.text)
+                assert stuck_gauge() == 1
+                rt._pump()  # the request behind it: expired, saying why
+                expired = await asyncio.gather(behind, return_exceptions=True)
+            return expired[0]
+
+    with caplog.at_level(logging.WARNING, "innfer.model"):
+        expired = _run(body())
+    stuck = [r for r in caplog.records if "its engine is stuck" in r.getMessage()]
+    assert len(stuck) == 1 and stuck[0].levelname == "ERROR"  # once, however many looks
+    assert "model m: a batch of tier w100 has run 31 s" in stuck[0].getMessage()
+    assert "logged as stuck returned after 31 s" in caplog.text
+    assert isinstance(expired, DeadlineExceeded)
+    assert "(the device is held: model m: a batch of tier w100 has run 31 s" in str(expired)
+    assert stuck_gauge() == 0
 
 
 def test_a_request_to_a_model_whose_every_slot_is_stuck_is_refused_at_once(tmp_path):
