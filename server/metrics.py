@@ -112,8 +112,14 @@ class Metrics:
         # metrics a Prometheus client exports; a private registry does not get them itself).
         ProcessCollector(registry=r)
         self.requests = Counter(
-            "innfer_requests", "Inference requests by outcome.", ["model", "tier", "outcome"],
-            registry=r,
+            "innfer_requests",
+            "Inference requests by outcome: served; refused_deadline (at arrival the budget "
+            "could not be met - innfer_deadline_missed_total's refused_deadline and "
+            "refused_budget - or it ran out in the queue, its expired); refused_full (queue "
+            "or in-flight bytes at their cap); failed (the engine); cancelled (by the client, "
+            "with budget left, or while its batch ran); unavailable (unloaded, reloading, a "
+            "hung engine); invalid (a malformed request: no SLO miss).",
+            ["model", "tier", "outcome"], registry=r,
         )  # fmt: skip
         self.request_seconds = Histogram(
             "innfer_request_duration_seconds", "Time from the scheduler's admission to the end "

@@ -174,7 +174,8 @@ def test_late_and_expired_are_misses_and_the_expired_wait_is_queue_time(tmp_path
 
 def test_failed_cancelled_and_unloaded_requests(tmp_path, monkeypatch):
     """An engine failure and an unload are misses; a request its client cancels before its
-    deadline is neither met nor missed, one cancelled after it (still queued) is late."""
+    deadline is neither met nor missed, one cancelled after it (still queued: the gRPC
+    deadline's cancel) expired, as the server's own expiry counts it."""
     served = _served(tmp_path)
     metrics = Metrics()
     # Past its deadline a queued request is expired by the runtime's timer within a few ms;
@@ -212,9 +213,10 @@ def test_failed_cancelled_and_unloaded_requests(tmp_path, monkeypatch):
     _run(body())
     met, missed = _slo(metrics)
     assert met == 1  # the blocker
-    assert missed == {**dict.fromkeys(MISS_REASONS, 0.0), "failed": 1, "late": 1,
+    assert missed == {**dict.fromkeys(MISS_REASONS, 0.0), "failed": 1, "expired": 1,
                       "unavailable": 1}  # fmt: skip
-    assert _value(metrics, "innfer_requests_total", tier="", outcome="cancelled") == 2
+    assert _value(metrics, "innfer_requests_total", tier="", outcome="cancelled") == 1
+    assert _value(metrics, "innfer_requests_total", tier="", outcome="refused_deadline") == 1
 
 
 # --- promtool --------------------------------------------------------------------------------
