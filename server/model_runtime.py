@@ -1434,14 +1434,26 @@ class ModelRuntime:
         self._reject(r, error)
 
     def _log_failure(self, tier: str, error: BaseException | None, what: str, *args) -> None:
-        """One record per tier and ``LogThrottle`` window (with the traceback), saying how
-        many failures it left out: a model failing at 1,000 requests/s logs a line per 10 s,
-        not per batch. The clients' errors name the reason (``engine_failed``)."""
-        skipped = self._log_throttle.allow(tier, self.clock())
+        """One record per tier, kind of error and ``LogThrottle`` window, saying how many of
+        that kind it left out: a model failing at 1,000 requests/s logs a line per 10 s, not
+        per batch. An engine failure is an ERROR with its traceback; an error the client's
+        own values caused (answered INVALID_ARGUMENT, ``engine_failed``) a WARNING without:
+        under one key, a client sending ids past a table kept every real failure out of the
+        log, and read as an engine failing (review helper-153). The clients' errors name the
+        reason (``engine_failed``)."""
+        mapped = error if isinstance(error, InferError) or error is None else (
+            engine_failed(self.name, tier, error))  # fmt: skip
+        client = isinstance(mapped, InvalidArgument)
+        kind = "invalid" if client else type(error).__name__
+        skipped = self._log_throttle.allow((tier, kind), self.clock())
         if skipped is None:
             return
-        more = f" ({skipped} more failures not logged since the last)" if skipped else ""
-        log.error("model %s tier %s: " + what + more, self.name, tier, *args, exc_info=error)
+        more = f" ({skipped} more like it not logged since the last)" if skipped else ""
+        if client:
+            log.warning("model %s tier %s: " + what + " - the request's values (answered "
+                        "INVALID_ARGUMENT): %s" + more, self.name, tier, *args, mapped)  # fmt: skip
+        else:
+            log.error("model %s tier %s: " + what + more, self.name, tier, *args, exc_info=error)
 
     def _finish_apart(
         self, lane: Scheduler, d: Decision, apart: Apart, times: tuple, now: float

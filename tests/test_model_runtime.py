@@ -1152,7 +1152,34 @@ def test_engine_failures_name_their_reason_and_are_logged_once_per_window(tmp_pa
     assert status_of(errors[0]).name == "INTERNAL"
     records = [r for r in caplog.records if r.name == "innfer.model"]
     assert len(records) == 2, [r.getMessage() for r in records]
-    assert "4 more failures not logged" in records[1].getMessage()
+    assert "4 more like it not logged" in records[1].getMessage()
+
+
+def test_a_clients_bad_values_do_not_keep_engine_failures_out_of_the_log(tmp_path, caplog):
+    # One throttle key per tier: ids past a table (the client's values, INVALID_ARGUMENT)
+    # logged as "engine failed" at ERROR with a traceback, and a real failure in the same
+    # window was never logged - 24 failed requests, no reason (review helper-153).
+    served = _served(tmp_path)
+    engine = served.engines["w100"]
+
+    async def body():
+        async with _running(served, Metrics()) as rt:
+            with caplog.at_level("WARNING", logger="innfer.model"):
+                for _ in range(3):
+                    engine.fail = IndexError("index 50 is out of bounds for axis 0")
+                    with pytest.raises(InvalidArgument):
+                        await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+                    engine.fail = RuntimeError("Reshape: the input has 12 elements, not 10")
+                    with pytest.raises(EngineFailed):
+                        await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+
+    _run(body())
+    records = [r for r in caplog.records if r.name == "innfer.model"]
+    assert len(records) == 2, [r.getMessage() for r in records]  # one per kind and window
+    client, failure = sorted(records, key=lambda r: r.levelname, reverse=True)
+    assert client.levelname == "WARNING" and client.exc_info is None
+    assert "answered INVALID_ARGUMENT" in client.getMessage()
+    assert failure.levelname == "ERROR" and "Reshape" in str(failure.exc_info[1])
 
 
 def test_a_batch_far_past_its_plan_reads_as_a_stuck_engine(tmp_path):
