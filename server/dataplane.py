@@ -114,6 +114,9 @@ class DataPlane:
         # that is not loaded failed: readiness and /metrics say which.
         self.expected: set[str] = set()
         self.broken: dict[str, str] = {}
+        # Loaded models whose last reload failed (the loaded version serves on): why. One log
+        # line said it, and RepositoryIndex read READY with no reason (review helper-153).
+        self.reload_failed: dict[str, str] = {}
         self.in_repository: set[str] = set()  # model names start-up found (``load_all``)
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
@@ -302,6 +305,7 @@ class DataPlane:
             self._watch_gpu(runtime)
             self.host_cpu.engine_threads = self._engine_threads()
             self.broken.pop(name, None)
+            self.reload_failed.pop(name, None)
             # (a reload of the model unchanged keeps the loop's last choice: judged anew, a
             # client's "make sure it is loaded" before each session cost an apply each time)
             self._start_tierer(name, served.config, swap or same, unmet)
@@ -631,7 +635,13 @@ class DataPlane:
             )
 
     def broken_reason(self, name: str) -> str:
-        """Why ``name`` failed to load, for clients (RepositoryIndex)."""
+        """Why ``name`` failed to load, for clients (RepositoryIndex); for a loaded model,
+        why its last reload failed (the version loaded before serves), or ""."""
+        if name in self.models:
+            why = self.reload_failed.get(name)
+            return self._public(
+                f"serving the version loaded before; the last reload failed: {why}" if why else ""
+            )
         return self._public(self.broken.get(name, ""))
 
     def _public(self, text: str) -> str:
@@ -650,12 +660,15 @@ class DataPlane:
         """Record why ``name`` is not served; returns what to tell the caller besides."""
         if name in self.models:  # a failed reload: the loaded version keeps serving
             log.error("model %s: reload failed, the loaded version keeps serving: %s", name, why)
+            self.reload_failed[name] = why
+            self.metrics.load_failures.labels(name).inc()
             return " (the loaded version keeps serving)"
         configured = name in self.expected
         # (a folder this process may not look into: there is one)
         present = configured or file_known(self.repo.root / name / "model.yaml") is not False
         if not present:
             return ""  # a client's name for no model of the repository: nothing to report
+        self.metrics.load_failures.labels(name).inc()
         if not (configured and self.phase is Phase.LOADING):  # load_all logs start-up's
             log.error("model %s: load failed: %s", name, why)
         self.broken[name] = why

@@ -305,6 +305,12 @@ class Metrics:
             "innfer_tier_set_swap_seconds", "Duration of the last tier-set change: background "
             "choice and engine builds, then the reload.", ["model"], registry=r,
         )  # fmt: skip
+        self.load_failures = Counter(
+            "innfer_model_load_failures",
+            "Loads and reloads of the model that failed (a failed reload leaves the loaded "
+            "version serving; RepositoryIndex's reason and the log say why).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,

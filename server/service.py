@@ -504,7 +504,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 continue
             resp.models.add(
                 name=name, version="1", state="READY" if loaded else "UNAVAILABLE",
-                reason="" if loaded else clip_message(self.plane.broken_reason(name)),
+                reason=clip_message(self.plane.broken_reason(name)),
             )  # fmt: skip
         return resp
 

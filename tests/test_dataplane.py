@@ -806,17 +806,30 @@ def test_a_failed_reload_leaves_the_loaded_version_serving_and_ready(config):
         plane = DataPlane(config, Metrics())
         await plane.load_all()
         try:
+            assert plane.broken_reason("a") == ""
             (config_path := plane.repo.root / "a" / "model.yaml").write_text("max_batch: [")
             with pytest.raises(InferError, match="the loaded version keeps serving"):
                 await plane.load("a")
             resp = await plane.infer(_request("a", _x(1, 1.0)), None)
-            return plane, resp, config_path
+            stale = plane.broken_reason("a")
+            config_path.write_text(good)
+            await plane.load("a")  # a reload that works clears it
+            return plane, resp, stale
         finally:
             await plane.stop_models()
 
-    plane, resp, _ = _run(body())
+    good = (config.repository / "a" / "model.yaml").read_text()
+    plane, resp, stale = _run(body())
     assert "a" not in plane.broken and _ready_gauge(plane, "a") == 1 and plane.ready()
     _check_answer(plane, resp, _x(1, 1.0))
+    # Said beyond one log line (review helper-153): RepositoryIndex read READY with no
+    # reason and nothing counted it - the next restart's failure came unannounced.
+    assert stale.startswith("serving the version loaded before; the last reload failed: ")
+    assert plane.broken_reason("a") == ""
+    failures = plane.metrics.registry.get_sample_value(
+        "innfer_model_load_failures_total", {"model": "a"}
+    )
+    assert failures == 1
 
 
 def test_a_swap_after_an_unload_does_not_load_the_model_again(config):
