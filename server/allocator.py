@@ -33,7 +33,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("innfer.allocator")
 
 # mallopt(3) parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1

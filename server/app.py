@@ -64,7 +64,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def setup_logging(level: str = "INFO") -> None:
     """JSON lines on stderr at ``level`` (any case: "info" is INFO; logging's own setLevel
-    knows upper case only, and the MiniLM demo's "info" stopped it before it served).
+    knows upper case only, and the MiniLM demo's "info" stopped it before it served) -
+    innfer's loggers (``innfer.*``) at ``level``, the libraries' at INFO at the lowest.
 
     Example:
         >>> setup_logging("warning")  # doctest: +SKIP
@@ -75,7 +76,11 @@ def setup_logging(level: str = "INFO") -> None:
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(str(level).upper())
+    level = logging.getLevelName(str(level).upper())
+    # DEBUG is innfer's own: at the root it let grpc log a line per call ("Loaded running
+    # loop", 364 lines of 364 new ones under a little load) and nothing of innfer's.
+    root.setLevel(max(level, logging.INFO))
+    logging.getLogger("innfer").setLevel(level)
 
 
 class Server:

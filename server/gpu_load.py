@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("innfer.gpu_load")
 
 # Seconds between reads. NVML's utilisation is an average over its own sample period (1/6 s
 # to 1 s by product); reading faster only repeats it, slower leaves plans behind a change.

@@ -41,7 +41,7 @@ import logging
 import weakref
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("innfer.loop_idle")
 
 _WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

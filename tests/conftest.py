@@ -91,3 +91,18 @@ def tiny_bert():
     with torch.no_grad():
         inn = runtime.convert(model, (ids, mask))
     return model, inn
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Put the root and ``innfer`` loggers back after each test: a command run in-process
+    (``innfer serve``, ``demo``) sets their levels and handlers (``setup_logging``), and a
+    later test's caplog would not see what an ``innfer`` logger left at ERROR dropped."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("innfer")
+    before = (root.level, root.handlers[:], ours.level)
+    yield
+    root.setLevel(before[0])
+    root.handlers[:] = before[1]
+    ours.setLevel(before[2])

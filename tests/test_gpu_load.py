@@ -287,7 +287,7 @@ def test_without_our_own_samples_the_engines_busy_time_stands_in():
 
 
 def test_nvml_missing_or_failing_disables_the_reader_without_raising(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="server.gpu_load")
+    caplog.set_level(logging.INFO, logger="innfer.gpu_load")
     broken = FakeNvml(fail_init=True)
     reader = NvmlLoad(0, lambda i, f: None, nvml=broken)
     assert reader.start() is False and reader._thread is None

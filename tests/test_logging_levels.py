@@ -13,8 +13,8 @@ from server.app import setup_logging
 
 
 def test_setup_logging_takes_a_level_in_any_case_and_names_the_choices():
-    root = logging.getLogger()
-    before = (root.level, root.handlers[:])
+    root, ours = logging.getLogger(), logging.getLogger("innfer")
+    before = (root.level, root.handlers[:], ours.level)
     try:
         setup_logging("info")
         assert root.level == logging.INFO
@@ -25,6 +25,34 @@ def test_setup_logging_takes_a_level_in_any_case_and_names_the_choices():
     finally:
         root.setLevel(before[0])
         root.handlers[:] = before[1]
+        ours.setLevel(before[2])
+
+
+def test_debug_is_innfers_own_and_the_libraries_stay_at_info():
+    # --log-level debug logged one grpc line per call ("Loaded running loop") and nothing
+    # of innfer's; server.allocator / loop_idle / gpu_load were outside innfer.* too
+    # (review helper-153).
+    import server.allocator
+    import server.gpu_load
+    import server.loop_idle
+
+    root, ours = logging.getLogger(), logging.getLogger("innfer")
+    before = (root.level, root.handlers[:], ours.level)
+    try:
+        setup_logging("debug")
+        assert logging.getLogger("innfer.model").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("grpc._cython.cygrpc").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("grpc._cython.cygrpc").isEnabledFor(logging.INFO)
+        for module in (server.allocator, server.gpu_load, server.loop_idle):
+            assert module.log.name.startswith("innfer."), module.log.name
+            assert module.log.isEnabledFor(logging.DEBUG)
+        setup_logging("error")
+        assert not logging.getLogger("innfer.model").isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("grpc").isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(before[0])
+        root.handlers[:] = before[1]
+        ours.setLevel(before[2])
 
 
 def test_serve_takes_log_level_in_any_case():
@@ -52,13 +80,14 @@ def test_the_minilm_demo_reaches_its_server_after_the_build(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "build_model", lambda repo, name: None)
     monkeypatch.setattr(cli, "_print_build", lambda *a: None)
     monkeypatch.setattr(server.app, "serve", serve)
-    root = logging.getLogger()
-    before = (root.level, root.handlers[:])
+    root, ours = logging.getLogger(), logging.getLogger("innfer")
+    before = (root.level, root.handlers[:], ours.level)
     try:
         assert cli.main(["demo", "--model", "minilm", "--repository", str(tmp_path)]) == 0
     finally:
         root.setLevel(before[0])
         root.handlers[:] = before[1]
+        ours.setLevel(before[2])
     [(config, level)] = served
     assert list(config.models) == ["minilm"] and config.repository == tmp_path
     assert level == logging.INFO
