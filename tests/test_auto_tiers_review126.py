@@ -221,8 +221,11 @@ def test_a_swap_onto_a_frontier_replaced_meanwhile_fails_and_says_so(tmp_path, c
         argv = apply_command(repo, name, traffic, result, live)
         i = argv.index("--parent-pid")
         del argv[i : i + 2]
+        # ... other networks (a rebuild of the same ones carries the choice over: 4116ae6)
         bump = (f"import json,pathlib;p=pathlib.Path({str(path)!r});d=json.loads(p.read_text());"
-                "d['source_sha256']='rebuilt';p.write_text(json.dumps(d))")  # fmt: skip
+                "d['source_sha256']='rebuilt';"
+                "[c.update(onnx_sha256='f'*64) for c in d['candidates']];"
+                "p.write_text(json.dumps(d))")  # fmt: skip
         return [sys.executable, "-c",
                 "import subprocess, sys; r = subprocess.run(sys.argv[2:]).returncode; "
                 "r or exec(sys.argv[1]); sys.exit(r)", bump, *argv]  # fmt: skip
