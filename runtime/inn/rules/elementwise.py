@@ -248,16 +248,21 @@ _REDUCTIONS = {torch.mean: "mean", torch.amax: "amax", torch.amin: "amin", torch
 
 @register(functions=tuple(_REDUCTIONS), methods=("mean", "amax", "amin", "sum", "var", "std"))
 def reduction(tr: Tracer, node: fx.Node) -> None:
-    """A mean (amax, var, ...) over channels does not depend on how many there are; a sum
-    does, so summing a channel dim is fixed."""
+    """A mean (amax, a population var, ...) over channels does not depend on how many there
+    are; a sum does, and so does a var or std with Bessel's correction (``var(x, 1)``, the
+    default: n / (n - 1), +33 % at 4 channels), so those over a channel dim are fixed."""
     x = node.args[0]
     kind = _REDUCTIONS.get(node.target, node.target)
     rank = len(tr.shape(x))
     dims = arg(node, 1, "dim", None)
+    corrected = False
     if kind in ("var", "std"):
         # (dim, unbiased, keepdim), correction= a keyword; var(x, False) is var(x, unbiased)
+        unbiased = dims if isinstance(dims, bool) else arg(node, 2, "unbiased", True)
         dims = None if isinstance(dims, bool) else dims
         keepdim = arg(node, 3, "keepdim", False)
+        correction = node.kwargs.get("correction", 1 if unbiased else 0)
+        corrected = correction is None or correction != 0
     else:
         keepdim = arg(node, 2, "keepdim", False)
     if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # every dim
@@ -268,6 +273,9 @@ def reduction(tr: Tracer, node: fx.Node) -> None:
         if dim in dims:
             if kind == "sum":
                 tr.fixed(node, "sum over a channel dim (use mean)", [lay])
+            elif corrected:
+                tr.fixed(node, f"{kind} with Bessel's correction over a channel dim (its n / "
+                         f"(n - 1) changes with the width: use unbiased=False)", [lay])  # fmt: skip
             continue
         labels[dim if keepdim else dim - sum(d < dim for d in dims)] = lay
     tr.labels[node] = labels
