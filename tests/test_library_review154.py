@@ -75,3 +75,38 @@ def test_a_float64_models_build_says_to_convert_it_in_float32(tmp_path):
     add_model(tmp_path, "double", double, CONFIG)
     with pytest.raises(Exception, match=r"weights are float64.*model\.float\(\)"):
         build_model(Repository(tmp_path), "double", progress=False, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()  # fmt: skip
+    return runtime.convert(model, (torch.randn(2, 1, 6, 6),))
+
+
+@pytest.mark.parametrize(
+    "call, said",
+    [({"widths": 0.5}, "widths must be a list of widths"),
+     ({"widths": ["0.5"]}, "width must be a number in \\(0, 1\\] or a mapping, got '0.5'"),
+     ({"x": torch.randn(64, 6, 6)}, r"samples of shape \[6, 6\]; the model was converted "
+                                    r"with \[1, 6, 6\]"),
+     ({"x": torch.randn(64, 1, 6, 6, dtype=torch.float64)}, "x is torch.float64, the model's "
+                                                            "weights are torch.float32"),
+     ({"x": torch.zeros(64, 1, 6, 6, dtype=torch.uint8)}, "/ 255 for 8-bit images"),
+     ({"labels": torch.zeros(64)}, "labels must be class indices")],
+)  # fmt: skip
+def test_calibrate_says_what_is_wrong_with_its_arguments_before_it_runs(cnn, call, said):
+    # Raw errors before: "'float' object is not iterable", "'<' not supported", a conv's
+    # shape or dtype error, a cross-entropy dtype error only once fine-tuning ran.
+    from runtime.inn.calibrate import calibrate
+
+    args = {"x": torch.randn(64, 1, 6, 6), "widths": [0.5], **call}
+    with pytest.raises(ValueError, match=said):
+        calibrate(cnn, args.pop("x"), args.pop("widths"), 1.0, max_steps=1, progress=False,
+                  **args)  # fmt: skip
+
+
+def test_set_tier_says_it_takes_channel_counts(cnn):
+    with pytest.raises(ValueError, match=r"sizes must be channel counts per group"):
+        cnn.set_tier(0.5, {})

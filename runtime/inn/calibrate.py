@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -58,6 +59,22 @@ def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
             f"the calibration set has NaN or infinite values ({bad} of its {len(x)} samples): "
             "every loss would be NaN. Clean or drop those samples and run again"
         )
+
+
+def _check_inputs(inn: IntegralModel, x: torch.Tensor) -> None:
+    """``x`` against what the INN was converted with: its per-sample shape (recorded for a
+    single float input) and its weights' dtype - a raw conv error before (review
+    helper-154)."""
+    shape = inn.info.get("input_shape")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"x has samples of shape {list(x.shape[1:])}; the model was converted with "
+            f"{list(shape)}: pass a tensor of shape (N, {', '.join(map(str, shape))})"
+        )
+    weights = next((t.dtype for t in inn.state.values() if t.is_floating_point()), None)
+    if shape is not None and weights is not None and x.dtype != weights:
+        how = f"x.to({weights})" + (" / 255 for 8-bit images" if x.dtype == torch.uint8 else "")
+        raise ValueError(f"x is {x.dtype}, the model's weights are {weights}: pass {how}")
 
 
 def classes_last(t: torch.Tensor) -> torch.Tensor:
@@ -373,11 +390,17 @@ def calibrate(
     stores for such a width without a calibrated tier are re-estimated on ``x``.
     Returns a new IntegralModel; ``inn`` is left as it was.
     """
+    if isinstance(widths, (str, Mapping)) or not isinstance(widths, Sequence):
+        raise ValueError(  # 0.5: "'float' object is not iterable" (review helper-154)
+            f"widths must be a list of widths, e.g. [0.5] or [{{group: count}}], got {widths!r}"
+        )
     if not widths:
         raise ValueError("widths is empty; give at least one width in (0, 1)")
     for w in widths:
-        if not isinstance(w, Mapping) and not 0 < w <= 1:
-            raise ValueError(f"width must be in (0, 1], got {w}")
+        if isinstance(w, Mapping):
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
+            raise ValueError(f"width must be a number in (0, 1] or a mapping, got {w!r}")
     if not 0 <= grid_share < 1:
         raise ValueError(f"grid_share must be in [0, 1), got {grid_share}")
     if not isinstance(x, torch.Tensor):  # a tuple was read as "2 samples"
@@ -386,10 +409,16 @@ def calibrate(
             "runs models of one input; for a text model use runtime.inn.distill.calibrate_text"
         )
     _check_calibration(x, batch_size)
+    _check_inputs(inn, x)
     if labels is not None and (labels.dim() not in (1, 3) or len(labels) != len(x)):
         raise ValueError(
             f"labels must have shape ({len(x)},), one per input, or ({len(x)}, H, W), a map "
             f"per pixel; got {tuple(labels.shape)}"
+        )
+    if labels is not None and (labels.is_floating_point() or labels.is_complex()):
+        raise ValueError(  # found by the first fine-tuning step only, if one ran
+            f"labels must be class indices (an integer tensor), got {labels.dtype}: "
+            "labels.long()"
         )
     out = inn.copy()
     full = inn.sizes(1.0)

@@ -267,6 +267,9 @@ class IntegralModel:
         At ``width=1.0`` the result computes exactly what the source model computed.
         Where ``runtime.inn.calibrate`` stored weights for exactly these channel counts, they
         replace the resampled ones (whatever ``method``); ``calibrated=False`` skips them.
+        A group sampled at a count with a stored grid (``grid``: tuned by calibration, or
+        chosen by ``runtime.inn.selection``) is sampled on it at every width, with or
+        without ``calibrated``.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -287,6 +290,10 @@ class IntegralModel:
         Example:
             >>> key = inn.set_tier(sizes, tuned_module.state_dict())  # doctest: +SKIP
         """
+        if not isinstance(sizes, Mapping):  # 0.5: "'float' object is not iterable"
+            raise ValueError(
+                f"sizes must be channel counts per group (inn.sizes(width)), got {sizes!r}"
+            )
         # Every group named, as `sample` looks tiers up: a partial mapping (the groups left
         # out keep their full size) was stored under a key nothing would ever find.
         sizes = self.sizes(dict(sizes))
