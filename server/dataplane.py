@@ -1072,6 +1072,7 @@ class DataPlane:
             self.release(answer_bytes, window)
         if truncated:  # texts cut at the model's max_length (truncate=true, the default)
             resp.parameters["truncated_rows"].string_param = json.dumps(truncated)
+            self.metrics.truncated_texts.labels(m.name).inc(len(truncated))
         return resp
 
     def _successor(self, m: ModelRuntime) -> ModelRuntime:

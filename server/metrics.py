@@ -305,6 +305,12 @@ class Metrics:
             "innfer_tier_set_swap_seconds", "Duration of the last tier-set change: background "
             "choice and engine builds, then the reload.", ["model"], registry=r,
         )  # fmt: skip
+        self.truncated_texts = Counter(
+            "innfer_truncated_texts",
+            "Texts cut at the model's max_length (truncate, the default; each answer names "
+            "its truncated rows): the embeddings of long texts lose their ends.",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.load_failures = Counter(
             "innfer_model_load_failures",
             "Loads and reloads of the model that failed (a failed reload leaves the loaded "

@@ -987,6 +987,7 @@ class ModelRuntime:
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
+            self._log_refused(exc.state.name.lower(), str(exc), now)
             outcome = exc.state.name.lower()
             self.metrics.requests.labels(self.name, "", outcome).inc()
             why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
@@ -1198,10 +1199,10 @@ class ModelRuntime:
                 self._missed["expired"].inc()
                 self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
                 held = (self.device_stuck or self.stuck)()  # (rare: looked up per expiry)
-                self._reject(r, DeadlineExceeded(
-                    f"model {self.name}: the request's budget ran out in the queue"
-                    + (f" (the device is held: {held})" if held else "")
-                ))  # fmt: skip
+                why = f"model {self.name}: the request's budget ran out in the queue" + (
+                    f" (the device is held: {held})" if held else "")  # fmt: skip
+                self._log_refused("expired", why, now)
+                self._reject(r, DeadlineExceeded(why))
         # Lanes in turn; on a shared device only the most urgent head's lane is granted a
         # slot (Device.claim), so the order here does not decide who runs first.
         for lane in self.lanes.values():
@@ -1432,6 +1433,15 @@ class ModelRuntime:
             self.metrics.requests.labels(self.name, tier, "failed").inc()
             self._missed["failed"].inc()
         self._reject(r, error)
+
+    def _log_refused(self, kind: str, why: str, now: float) -> None:
+        """One WARNING per kind of refusal (refused_full, refused_deadline, expired) and
+        ``LogThrottle`` window, with how many it left out: an overload was said by metrics
+        alone, not one log line (review helper-153)."""
+        skipped = self._log_throttle.allow(("refused", kind), now)
+        if skipped is not None:
+            more = f" ({skipped} more like it not logged since the last)" if skipped else ""
+            log.warning("model %s: %s: %s%s", self.name, kind, why, more)
 
     def _log_failure(self, tier: str, error: BaseException | None, what: str, *args) -> None:
         """One record per tier, kind of error and ``LogThrottle`` window, saying how many of

@@ -96,15 +96,21 @@ def test_unicode_and_empty_strings_are_embedded(repo, client):
     np.testing.assert_allclose(_embed(client, ["café naïve"])[0], _embed(client, ["cafe naive"])[0])
 
 
-def test_over_long_text_is_truncated_at_max_length_tokens(client):
+def test_over_long_text_is_truncated_at_max_length_tokens(client, server):
+    def counted() -> float:  # for the operator: invisible but per answer (review helper-153)
+        get = server.server.metrics.registry.get_sample_value
+        return get("innfer_truncated_texts_total", {"model": "embed"}) or 0.0
+
     words = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # ~100 tokens
     first = " ".join(words.split()[: MAX_LENGTH - 2])  # what fits beside [CLS] and [SEP]
+    before = counted()
     cut, params = _embed(client, ["the model", words])
     whole, plain = _embed(client, ["the model", first])
     np.testing.assert_allclose(cut, whole, atol=1e-6)
     # The cut was silent: the answer now says which rows lost tokens (only when one did).
     assert params["truncated_rows"].string_param == "[1]"
     assert "truncated_rows" not in plain
+    assert counted() - before == 1
 
 
 def test_truncate_false_refuses_an_over_long_text_naming_its_row_and_length(repo, client):
