@@ -817,11 +817,13 @@ class DataPlane:
         return ""  # (every model was loaded at start-up; one that failed is ``broken``)
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        """ModelReady: loaded, and not wedged - every slot held by a hung engine answered
+        true while each request was refused UNAVAILABLE (review helper-153)."""
         try:
-            self.model(name, version)
+            m = self.model(name, version)
         except (NotFound, Unavailable, FailedPrecondition, InvalidArgument):
             return False
-        return True
+        return m.wedged() is None
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="innfer", version=__version__, extensions=EXTENSIONS)

@@ -866,6 +866,14 @@ class ModelRuntime:
         stuck = self._stuck_batches()
         return stuck[0] if stuck else None
 
+    def wedged(self) -> str | None:
+        """Why every one of the model's slots is held by a hung engine (it can serve
+        nothing: requests are refused UNAVAILABLE, ModelReady says false), or None."""
+        if len(self._batch_started) < self._slot_count:
+            return None
+        stuck = self._stuck_batches()
+        return stuck[0] if len(stuck) >= self._slot_count else None
+
     def _stuck_batches(self) -> list[str]:
         return [why for _, why in self._stuck_by_batch()]
 
@@ -943,11 +951,9 @@ class ModelRuntime:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
             raise Unavailable(f"model {self.name} is being unloaded or reloaded; retry")
-        if len(self._batch_started) >= self._slot_count and (
-            len(stuck := self._stuck_batches()) >= self._slot_count
-        ):  # every slot held by a hung engine: queued, it would only expire here
+        if (stuck := self.wedged()) is not None:  # queued, it would only expire here
             self.count_refused("unavailable", "unavailable")
-            raise Unavailable(f"{stuck[0]}; retry (another replica serves it)")
+            raise Unavailable(f"{stuck}; retry (another replica serves it)")
         self._idle.flush()  # admission reads the running batches and the latency model
         now = self.clock()
         for what, tier in (("tier", pin), ("min_tier", min_tier)):

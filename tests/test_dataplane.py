@@ -801,6 +801,25 @@ def test_a_warm_up_error_of_any_kind_breaks_that_model_only(config, monkeypatch)
     assert members == list(b.lanes.values())  # nothing of 'a' left on the shared device
 
 
+def test_a_model_whose_every_slot_holds_a_hung_engine_is_not_ready(config):
+    # ModelReady said true while each of its requests was refused UNAVAILABLE ("its engine
+    # is stuck"; review helper-153). Its runtime's clock, scripted past the stuck bound.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            a = plane.models["a"]
+            ready = [plane.model_ready("a")]
+            a._batch_started[0] = (a.clock() - 60.0, 0.002, "w100")  # a batch, a minute on
+            ready.append(plane.model_ready("a"))
+            del a._batch_started[0]
+            return [*ready, plane.model_ready("a"), plane.model_ready("b")]
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == [True, False, True, True]
+
+
 def test_a_failed_reload_leaves_the_loaded_version_serving_and_ready(config):
     async def body():
         plane = DataPlane(config, Metrics())
