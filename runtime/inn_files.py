@@ -53,16 +53,29 @@ def complete(model_dir: Path, now: float, after_s: float) -> bool:
     if not temps or not weights.is_file():
         return False
     try:
+        before = _identity(weights)
         digest = sha256_file(weights)
         if _checksum(meta) == digest:
             return False  # whole: the temporary files are a dead save's, not this one's
         found = pending(model_dir, digest)
         if found is None or now - _mtime(found[0]) <= after_s:
             return False
+        # Hashing takes seconds on large weights: a save that completed meanwhile put new
+        # weights and their inn.json in place, and the old temporary file put over them
+        # lost the model (review 155). Looked at again just before: the same weights file,
+        # still not described.
+        if _identity(weights) != before or _checksum(meta) == digest:
+            return False
         os.replace(found[0], meta)
     except (OSError, AttributeError):  # unreadable, read-only; a JSON that is not an object
         return False
     return True
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime_ns): a rename of another file onto ``path`` changes it."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _checksum(meta: Path) -> str | None:

@@ -255,7 +255,10 @@ class DataPlane:
                     traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
                     margin_s=self.config.budget_margin_ms / 1e3,
                 )  # fmt: skip
-                runtime.device_stuck = self._stuck_reason
+                if self.device is not None:  # shared: another model's hung batch holds it
+                    runtime.device_stuck = self._stuck_reason
+                runtime.retired_stuck = lambda n=name: sum(
+                    r.stuck_count() for r in list(self._hung) if r.name == n)  # fmt: skip
                 # Loaded while requests are in flight (a reload, a swap of tiers, another
                 # model busy): the timing at load shares the CPU with serving.
                 busy = any(m.serving() for m in self.models.values())

@@ -575,9 +575,13 @@ class ModelRuntime:
         self._expiry_at = math.inf
         self._stuck_watch: asyncio.TimerHandle | None = None  # while batches run
         self._said_stuck: set[int] = set()  # batches (id of the decision) logged as stuck
+        self._expired_cancelled: set[int] = set()  # ids expired before their cancel counted
         # Why the device's slots are held, over every model on it (the data plane's; None:
         # this model's own): a request that expires behind another model's hung batch says so.
         self.device_stuck: Callable[[], str | None] | None = None
+        # Stuck batches of runtimes of this model a reload retired with their engine hung
+        # (the data plane's): still this model's, on its gauge.
+        self.retired_stuck: Callable[[], int] = lambda: 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -642,7 +646,7 @@ class ModelRuntime:
         if self._expiry is not None:  # nothing is queued any more: no expiry to look for
             self._expiry.cancel()
             self._expiry = None
-        if self._stuck_watch is not None:
+        if self._stuck_watch is not None and not self._running:  # (a hung batch: watched on)
             self._stuck_watch.cancel()
             self._stuck_watch = None
         closed = self._close_in_thread()
@@ -866,6 +870,10 @@ class ModelRuntime:
         stuck = self._stuck_batches()
         return stuck[0] if stuck else None
 
+    def stuck_count(self) -> int:
+        """How many of this runtime's batches are stuck (``stuck``)."""
+        return len(self._stuck_batches())
+
     def wedged(self) -> str | None:
         """Why every one of the model's slots is held by a hung engine (it can serve
         nothing: requests are refused UNAVAILABLE, ModelReady says false), or None."""
@@ -1050,6 +1058,9 @@ class ModelRuntime:
             return
         t = self.clock()
         queued = self.lanes[lane].cancel(req, t)
+        if req.id in self._expired_cancelled:  # the expiry took it out of the queue first
+            self._expired_cancelled.discard(req.id)
+            queued = True
         if queued:
             self._queue_total.inc(t - req.arrival)
         if t < req.due - max(CANCEL_AT_DUE_S, CANCEL_AT_DUE_SHARE * (req.due - req.arrival)):
@@ -1163,7 +1174,7 @@ class ModelRuntime:
         self._bind(m.queue_depth, (name,), queued)
         self._bind(m.inflight, (name,), lambda: self.inflight + sum(
             p.inflight for p in self.predecessors))  # fmt: skip
-        self._bind(m.stuck_batches, (name,), lambda: sum(
+        self._bind(m.stuck_batches, (name,), lambda: self.retired_stuck() + sum(
             len(r._stuck_batches()) for r in (self, *self.predecessors)))  # fmt: skip
         self._bind(m.request_overhead, (name,),
                    lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
@@ -1199,7 +1210,10 @@ class ModelRuntime:
         now = self.clock()
         for lane in self.lanes.values():
             for r in lane.expire(now):
-                if self._waiting(r) is None:  # its client cancelled: counted as that
+                if self._waiting(r) is None:  # its client cancelled: counted then, as that
+                    # (a cancel whose callback has not run yet - the gRPC deadline's, in the
+                    # same loop turn - finds it out of the queue: it expired from there)
+                    self._expired_cancelled.add(r.id)
                     continue
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
                 self._missed["expired"].inc()

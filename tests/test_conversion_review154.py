@@ -110,6 +110,8 @@ PER_CHANNEL = {
     "square": torch.square,
     "log1p": lambda h: torch.log1p(h.abs()),
     "sin, cos": lambda h: h.sin() + torch.cos(h),
+    "log, log2": lambda h: torch.log(h.abs() + 1) + (h.abs() + 1).log2(),
+    "hardshrink, softshrink": lambda h: F.hardshrink(h) + F.softshrink(h),
     "sign": torch.sign,
     "reciprocal": lambda h: (h.abs() + 1).reciprocal(),
     "nan_to_num": torch.nan_to_num,
@@ -121,7 +123,8 @@ PER_CHANNEL = {
 
 
 # Per channel too, and still refused: no tier of them would export to ONNX (opset 17).
-NOT_EXPORTED = {"F.threshold": lambda h: F.threshold(h, 0.1, 0.0), "nn.RMSNorm": nn.RMSNorm(16)}
+NOT_EXPORTED = {"F.threshold": lambda h: F.threshold(h, 0.1, 0.0), "nn.RMSNorm": nn.RMSNorm(16),
+                "expm1": torch.expm1, "x.expm1()": lambda h: h.expm1()}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(NOT_EXPORTED))
@@ -163,3 +166,36 @@ def test_a_variance_over_channels_with_bessels_correction_is_refused(var, elasti
     else:
         with pytest.raises(ConversionError, match=r"Bessel's correction.*unbiased=False"):
             runtime.convert(Between(normed).eval(), (x,))
+
+
+def test_where_of_a_condition_alone_is_refused_with_a_way_out():
+    # torch.where(cond) returns indices: registered with the three-operand where, it crashed
+    # the broadcast rule (IndexError), and discrete=[...] no longer helped (review 155).
+    def zeroed(h):
+        return h.index_fill(1, torch.where(h[0] > 0)[0], 0.0)
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ConversionError, match="no rule for where"):
+        runtime.convert(Between(zeroed).eval(), (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no elastic width left: said
+        runtime.convert(Between(zeroed).eval(), (x,), discrete=["a"])
+
+
+def test_a_mask_per_channel_is_sampled_not_interpolated():
+    # A bool buffer tied to the channels was interpolated and cast back: any nonzero
+    # neighbour turned a masked-off channel on (11 of 16 kept at full width, 8 of 8 at half;
+    # review 155). Each sampled channel takes the mask of the channel it weighs most.
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+            self.register_buffer("mask", (torch.arange(16) < 8).reshape(1, 16, 1, 1))
+
+        def forward(self, x):
+            return self.o(torch.where(self.mask, self.a(x), 0.0))
+
+    inn = runtime.convert(Masked().eval(), (torch.randn(2, 3, 8, 8),), permute=False)
+    half = inn.sample(0.5)
+    assert half.mask.dtype == torch.bool
+    assert half.mask.flatten().tolist() == [True] * 4 + [False] * 4

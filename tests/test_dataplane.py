@@ -820,6 +820,47 @@ def test_a_model_whose_every_slot_holds_a_hung_engine_is_not_ready(config):
     assert _run(body()) == [True, False, True, True]
 
 
+def test_a_hung_batch_of_a_retired_runtime_stays_on_its_models_gauge(config):
+    # A reload moves a runtime whose engine hung out of its successor's predecessors: the
+    # gauge of stuck batches dropped to 0 (the alert resolved) while the batch held the
+    # device (review 155). And only a shared device's other models blame it for expiries.
+    class Hung:  # a retired runtime, its batch stuck
+        name = "a"
+
+        def stuck_count(self) -> int:
+            return 1
+
+        def stuck(self) -> str:
+            return "model a: a batch of tier w100 has run 60 s"
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            hung = Hung()
+            plane._hung[hung] = asyncio.get_running_loop().create_future()
+            get = plane.metrics.registry.get_sample_value
+            gauge = [get("innfer_stuck_batches", {"model": n}) for n in ("a", "b")]
+            del plane._hung[hung]
+            blames = plane.models["a"].device_stuck is not None
+            return gauge, blames
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == ([1.0, 0.0], True)
+    own = dataclasses.replace(config, device_slots=0)
+    plane = DataPlane(own, Metrics())
+
+    async def apart():
+        await plane.load_all()
+        try:
+            return plane.models["a"].device_stuck
+        finally:
+            await plane.stop_models()
+
+    assert _run(apart()) is None  # no shared device: another model's batch holds no slot
+
+
 def test_a_failed_reload_leaves_the_loaded_version_serving_and_ready(config):
     async def body():
         plane = DataPlane(config, Metrics())

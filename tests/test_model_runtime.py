@@ -448,6 +448,37 @@ def test_a_cancel_at_the_deadline_is_a_miss_not_the_clients_choice(tmp_path, que
     assert refused == (1 if queued else 0)
 
 
+def test_a_deadline_cancel_in_the_expirys_loop_turn_is_still_an_expiry(tmp_path):
+    # The gRPC deadline's cancel and the expiry timer in one loop turn: the expiry found it
+    # cancelled and left it to the cancel, which no longer found it queued - counted
+    # cancelled + late, its queue time lost (review 155).
+    served = _served(tmp_path)
+    now = [100.0]
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, clock=lambda: now[0]) as rt:
+            with _Gate(served) as gate:
+                held = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0))
+                await _until(lambda: gate.running() == 1)
+                late = asyncio.create_task(rt.infer(_x(1, 3.0), 1, 1.0))
+                await _until(lambda: _count(metrics, "innfer_queue_depth", model="m") == 1)
+                now[0] += 1.0005  # its due has passed
+                late.cancel()  # gRPC cancels the handler ...
+                rt._pump()  # ... and the expiry timer fires in the same loop turn
+                await asyncio.gather(late, return_exceptions=True)
+                gate.release()
+                await held
+
+    _run(body())
+    assert _count(metrics, "innfer_requests_total", model="m", tier="", outcome="cancelled") == 0
+    refused = _count(metrics, "innfer_requests_total", model="m", tier="",
+                     outcome="refused_deadline")  # fmt: skip
+    assert refused == 1
+    assert _count(metrics, "innfer_deadline_missed_total", model="m", reason="expired") == 1
+    assert _count(metrics, "innfer_queue_seconds_total", model="m") >= 1.0
+
+
 def test_a_request_cancelled_while_its_batch_runs_is_counted_cancelled_not_served(tmp_path):
     # Its batch ran on and _settle counted every request of it as served and met.
     served = _served(tmp_path)
@@ -505,11 +536,13 @@ def test_a_cancel_in_the_same_loop_turn_as_the_answer_is_counted_once(tmp_path):
 
     _run(body())
     count = functools.partial(_count, metrics, "innfer_requests_total", model="m")
-    assert count(tier="", outcome="cancelled") == 2
+    # Each once: the answered one cancelled with budget left; the other past its budget, an
+    # expiry (a cancel at or after its due time is its deadline's: 2d3a219).
+    assert count(tier="", outcome="cancelled") == 1
     assert sum(count(tier=t, outcome="served") for t in ("w100", "w050")) == 0
-    assert count(tier="", outcome="refused_deadline") == 0
+    assert count(tier="", outcome="refused_deadline") == 1
     assert _count(metrics, "innfer_deadline_met_total", model="m") == 0
-    assert _count(metrics, "innfer_deadline_missed_total", model="m", reason="expired") == 0
+    assert _count(metrics, "innfer_deadline_missed_total", model="m", reason="expired") == 1
 
 
 def test_a_request_whose_budget_runs_out_in_the_queue_gets_deadline_exceeded(tmp_path):

@@ -113,3 +113,33 @@ def test_the_sweep_leaves_a_whole_model_alone_and_removes_a_dead_saves_metadata(
     os.utime(dead, (t, t))
     sweep(d)
     assert not dead.exists() and _same(runtime.load(d), old)
+
+
+def test_a_save_completed_while_the_sweep_hashes_is_not_put_under_old_metadata(
+    old_and_new, tmp_path, monkeypatch
+):
+    # The sweep hashed the weights (seconds on large ones), a save completed meanwhile, and
+    # the killed save's temporary inn.json went over the new one: new weights, old
+    # metadata, the model lost (review 155).
+    from runtime import inn_files
+
+    old, new = old_and_new
+    third = new.copy()
+    third.info["saved"] = "third"
+    third.state = {k: v + 1 for k, v in third.state.items()}  # other weights again
+    d = old.save(tmp_path / "m")
+    _killed_between_renames(new, d, monkeypatch)
+    (tmp,) = [d / n for n in _temps(d) if TEMP_META.match(n)]
+    t = time.time() - 2 * RESTORE_AFTER_S
+    os.utime(tmp, (t, t))
+    real = inn_files.sha256_file
+
+    def hashing_while_a_save_completes(path):
+        digest = real(path)
+        monkeypatch.setattr(inn_files, "sha256_file", real)
+        third.save(d)
+        return digest
+
+    monkeypatch.setattr(inn_files, "sha256_file", hashing_while_a_save_completes)
+    sweep(d)
+    assert runtime.load(d).info["saved"] == "third"

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from runtime.inn.continuous import interpolation_matrix
 from runtime.inn.divergence import check_loss, check_weights
-from runtime.inn.model import IntegralModel
+from runtime.inn.model import IntegralModel, as_number
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Training inputs BatchNorm statistics are re-estimated on where the INN stores none for a
@@ -399,7 +399,8 @@ def calibrate(
     for w in widths:
         if isinstance(w, Mapping):
             continue
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 < w <= 1:
+        v = as_number(w)  # as sizes takes it: numpy and one-element tensors too
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
             raise ValueError(f"width must be a number in (0, 1] or a mapping, got {w!r}")
     if not 0 <= grid_share < 1:
         raise ValueError(f"grid_share must be in [0, 1), got {grid_share}")

@@ -585,9 +585,15 @@ class IntegralModel:
                 a = mats[s.group]
                 if s.per_block:  # a is block-diagonal; one block maps a block's channels
                     a = a[:n, :m]
-                chunk = torch.einsum("nm,mir->nir", a.to(work), chunk.to(work))
-                if b.reduce and quadrature and s.group not in unit:
-                    chunk = chunk * quadrature_scale(m, n)
+                if not (t.is_floating_point() or t.is_complex()):
+                    # A mask or an index per channel: each sampled channel takes the value of
+                    # the channel it weighs most. Interpolated and cast back, any nonzero
+                    # neighbour turned a masked-off channel on (review 155).
+                    chunk = chunk[a.abs().argmax(1)]
+                else:
+                    chunk = torch.einsum("nm,mir->nir", a.to(work), chunk.to(work))
+                    if b.reduce and quadrature and s.group not in unit:
+                        chunk = chunk * quadrature_scale(m, n)
             pieces.append(chunk.reshape(-1, *rest).to(t.dtype))
         return torch.cat(pieces).movedim(0, b.dim).contiguous()
 
@@ -749,9 +755,14 @@ def _check_bindings(model: IntegralModel) -> None:
             )
 
 
-def _scalar(x: Any) -> Any:
+def as_number(x: Any) -> Any:
     """A one-element tensor or numpy value as the Python number it holds: ``torch.linspace``
-    and numpy arrays give those, and ``np.float32(0.5)`` was refused as not a number."""
+    and numpy arrays give those, and ``np.float32(0.5)`` was refused as not a number.
+
+    Example:
+        >>> as_number(torch.tensor(0.5)), as_number(0.25)
+        (0.5, 0.25)
+    """
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         return x.item()
     item = getattr(x, "item", None)  # numpy scalars
@@ -760,12 +771,12 @@ def _scalar(x: Any) -> Any:
 
 def _count(n: Any) -> int | None:
     """``n`` as an int (a Python, numpy or one-element tensor integer), or None."""
-    n = _scalar(n)
+    n = as_number(n)
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _check_width(width: Any) -> float:
-    width = _scalar(width)
+    width = as_number(width)
     if isinstance(width, bool) or not isinstance(width, (int, float)):
         raise ValueError(f"width must be a number in (0, 1] or a mapping, got {width!r}")
     w = float(width)

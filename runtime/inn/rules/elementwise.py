@@ -24,7 +24,7 @@ SAME_LAYOUT_FUNCTIONS = (
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.softplus, F.hardtanh, torch.neg,
     torch.abs, torch.exp, torch.sqrt, torch.rsqrt, torch.erf, operator.neg,
     # Each channel on its own as well (review 154: refused, "no rule"):
-    torch.square, torch.log, torch.log1p, torch.log2, torch.expm1, torch.sin, torch.cos,
+    torch.square, torch.log, torch.log1p, torch.log2, torch.sin, torch.cos,
     torch.sign, torch.reciprocal, torch.nan_to_num, F.selu, torch.selu, F.celu,
     torch.celu, F.logsigmoid, F.softsign, F.tanhshrink, F.hardshrink, F.softshrink,
 )  # fmt: skip
@@ -39,7 +39,7 @@ POOL_FUNCTIONS = {
 SAME_LAYOUT_METHODS = (
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "neg", "abs",
     "exp", "detach", "type_as", "sqrt", "rsqrt", "erf", "relu_", "sigmoid_", "square", "log",
-    "log1p", "log2", "expm1", "sin", "cos", "sign", "reciprocal", "nan_to_num",
+    "log1p", "log2", "sin", "cos", "sign", "reciprocal", "nan_to_num",
 )  # fmt: skip
 _KEEPS_SOURCES = {"contiguous", "clone", "float", "half", "to", "detach", "type_as"}
 BINARY_FUNCTIONS = (
@@ -48,13 +48,13 @@ BINARY_FUNCTIONS = (
     torch.pow,
     # Bounds, comparisons and selections: scalars or tensors broadcast against x
     # (``x.clamp(0, 6)``, ``torch.where(x > 0, x, 0.1 * x)``).
-    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.where, torch.gt, torch.lt,
+    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.gt, torch.lt,
     torch.ge, torch.le, torch.eq, torch.ne, operator.gt, operator.lt, operator.ge, operator.le,
     operator.eq, operator.ne,
 )  # fmt: skip
 BINARY_METHODS = (
     "add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimum", "pow", "clamp", "clip",
-    "clamp_min", "clamp_max", "gt", "lt", "ge", "le", "eq", "ne", "where",
+    "clamp_min", "clamp_max", "gt", "lt", "ge", "le", "eq", "ne",
 )  # fmt: skip
 
 
@@ -197,6 +197,20 @@ def broadcast(tr: Tracer, node: fx.Node) -> None:
             where = f"node {node.name!r}"
             labels[od] = tr.unify(labels[od], lay, where) if od in labels else lay
     tr.labels[node] = labels
+
+
+@register(functions=(torch.where,), methods=("where",))
+def select(tr: Tracer, node: fx.Node) -> None:
+    """``torch.where(cond, a, b)`` (``a.where(cond, b)``): three operands, broadcast. Its
+    one-argument form, ``torch.where(cond)``, returns indices: no rule, as before it had
+    one (it crashed the broadcast rule, ``discrete=[...]`` no way out: review 155).
+    (Not expm1 among the per-channel ops: no ONNX export at opset 17.)"""
+    if len(node.args) + len(node.kwargs) == 3:
+        broadcast(tr, node)
+        return
+    what = "innfer has no rule for where(condition), which returns indices"
+    tr.fixed_inputs(node, what)
+    tr.opaque(node, what)
 
 
 @register(functions=(torch.cat, torch.concat))
