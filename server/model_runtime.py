@@ -99,9 +99,6 @@ STUCK_MIN_S = 30.0
 # choice: seconds, or this share of its budget, whichever is more.
 CANCEL_AT_DUE_S = 0.005
 CANCEL_AT_DUE_SHARE = 0.02
-# Seconds between looks for stuck batches while any runs (``_watch_stuck``): each is logged
-# once, within this of turning stuck - readiness alone said it, and only to the prober.
-STUCK_CHECK_S = 10.0
 
 # An absolute path in an engine's message (its build tree, a model file): not the client's.
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
@@ -573,7 +570,6 @@ class ModelRuntime:
         self._lane_length = {id(s): n for n, s in self.lanes.items()}  # 0: fixed shapes
         self._expiry: asyncio.TimerHandle | None = None  # _arm_expiry's, due at _expiry_at
         self._expiry_at = math.inf
-        self._stuck_watch: asyncio.TimerHandle | None = None  # while batches run
         self._said_stuck: set[int] = set()  # batches (id of the decision) logged as stuck
         self._expired_cancelled: set[int] = set()  # ids expired before their cancel counted
         # Why the device's slots are held, over every model on it (the data plane's; None:
@@ -646,9 +642,6 @@ class ModelRuntime:
         if self._expiry is not None:  # nothing is queued any more: no expiry to look for
             self._expiry.cancel()
             self._expiry = None
-        if self._stuck_watch is not None and not self._running:  # (a hung batch: watched on)
-            self._stuck_watch.cancel()
-            self._stuck_watch = None
         closed = self._close_in_thread()
         if self._running:
             # An engine call that does not return (a hung GPU, a deadlocked library) cannot
@@ -886,29 +879,27 @@ class ModelRuntime:
         return [why for _, why in self._stuck_by_batch()]
 
     def _stuck_by_batch(self) -> list[tuple[int, str]]:
-        """(batch key, reason) of each stuck batch. Read by /metrics' thread too: the items
-        are copied first (a dict changing size under an iteration raises)."""
+        """(batch key, reason) of each stuck batch; each logged once, at ERROR, when first
+        found (the model's other requests wait behind it, and a shared device's other
+        models' too; ``_finish`` says when it returns). Looked at by readiness (probed every
+        few seconds), /metrics (``innfer_stuck_batches``), expiries and arrivals that find
+        every slot busy - not by a timer of its own: one always pending cost the light-load
+        hot path ~0.05-0.1 ms per request (bench/hot_path.py, session 48). Read by /metrics'
+        thread too: the items are copied first (a dict changing size under an iteration
+        raises)."""
         now = self.clock()
-        return [
+        found = [
             (key, f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s (planned "
                   f"{planned * 1e3:.1f} ms): its engine is stuck")
             for key, (started, planned, tier) in list(self._batch_started.items())
             if (ran := now - started) > max(STUCK_MIN_S, STUCK_FACTOR * planned)
         ]  # fmt: skip
-
-    def _watch_stuck(self) -> None:
-        """Log each batch that turned stuck, once (ERROR: the model's other requests wait
-        behind it, and a shared device's other models' too; ``_finish`` says when it
-        returns); look again in ``STUCK_CHECK_S`` while any batch runs. Armed by the first
-        batch launched when none is armed: one timer per model, not one per batch."""
-        self._stuck_watch = None
-        for key, why in self._stuck_by_batch():
+        for key, why in found:
             if key not in self._said_stuck:
                 self._said_stuck.add(key)
                 log.error("%s; requests behind it wait and expire, and readiness fails until "
                           "it returns (a hung driver or GPU: replace the pod)", why)  # fmt: skip
-        if self._batch_started:
-            self._stuck_watch = self._loop.call_later(STUCK_CHECK_S, self._watch_stuck)
+        return found
 
     def serving(self) -> bool:
         """Whether requests are in flight or arrived lately (a decayed rate of at least one
@@ -1284,8 +1275,6 @@ class ModelRuntime:
         self._all_done.clear()
         planned = lane.latency.planned(d.tier)[d.rows]
         self._batch_started[id(d)] = (self.clock(), planned, d.tier)
-        if self._stuck_watch is None:
-            self._stuck_watch = self._loop.call_later(STUCK_CHECK_S, self._watch_stuck)
         inline = self._may_run_inline(lane, d)
         self._idle_mark = self._idle.waits
         if inline:
