@@ -992,8 +992,8 @@ class ModelRuntime:
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
-            self._log_refused(exc.state.name.lower(), str(exc), now)
             outcome = exc.state.name.lower()
+            self._log_refused(outcome, str(exc), now)
             self.metrics.requests.labels(self.name, "", outcome).inc()
             why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
             if exc.state == State.REFUSED_DEADLINE:
@@ -1039,9 +1039,9 @@ class ModelRuntime:
         """Count a request its client cancelled: once, as ``cancelled`` - or, where its
         budget ran out (the gRPC deadline), as the miss it is: ``expired`` from the queue
         (outcome ``refused_deadline``, as the server's own expiry), ``late`` while its batch
-        ran. Queued, it leaves the queue; running, its batch goes
-        on and its answer is dropped (``_resolve`` finds it gone; nothing counts it served
-        or failed). Answered already (cancelled on its way out), it was counted served."""
+        ran. Queued, it leaves the queue; running, its batch goes on and its answer is
+        dropped (``_resolve`` finds it gone; nothing counts it served or failed). Answered
+        already (cancelled on its way out), it was counted served."""
         if future.done() and not future.cancelled():
             pending = self._pending.get(req.id)
             if pending is not None and pending.verdict is not None:
