@@ -418,8 +418,7 @@ def calibrate(
         )
     if labels is not None and (labels.is_floating_point() or labels.is_complex()):
         raise ValueError(  # found by the first fine-tuning step only, if one ran
-            f"labels must be class indices (an integer tensor), got {labels.dtype}: "
-            "labels.long()"
+            f"labels must be class indices (an integer tensor), got {labels.dtype}: labels.long()"
         )
     out = inn.copy()
     full = inn.sizes(1.0)
