@@ -920,16 +920,22 @@ def test_a_build_removes_the_engines_of_onnx_no_tier_uses(built, tmp_path, capsy
     assert Repository(root).onnx_in_use("tiny") is None and stale.exists()
 
 
-def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(built, tmp_path):
-    # `auto_tiers:` with its goals commented out: the build measured no frontier and said
-    # nothing, and the server never chose a tier.
+def _rebuilt_with(built, tmp_path, yaml: str):
+    """A copy of the built repository with ``yaml`` appended to its model.yaml, built again
+    (no profile): the build's report."""
     import shutil
 
     root = tmp_path / "repo"
     shutil.copytree(built[0], root)
     path = root / "tiny" / "model.yaml"
-    path.write_text(path.read_text() + "auto_tiers:\n  # max_tiers: 4\n")
-    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    path.write_text(path.read_text() + yaml)
+    return build_model(Repository(root), "tiny", progress=False, profile=False)
+
+
+def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(built, tmp_path):
+    # `auto_tiers:` with its goals commented out: the build measured no frontier and said
+    # nothing, and the server never chose a tier.
+    report = _rebuilt_with(built, tmp_path, "auto_tiers:\n  # max_tiers: 4\n")
     assert report.frontier is None
     assert [w for w in report.warnings if "auto_tiers has no goals" in w], report.warnings
 
@@ -1034,13 +1040,8 @@ def test_builds_and_loads_remove_what_killed_writers_left(built, tmp_path):
 def test_a_build_warns_of_hand_written_tiers_below_the_accuracy_floor(built, tmp_path):
     # They are served until auto-tiering first chooses (for good where it is off), and the
     # build said nothing of them (review helper-151).
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(built[0], root)
-    path = root / "tiny" / "model.yaml"
-    path.write_text(path.read_text() + "auto_tiers: {accuracy_floor: 0.99, widths: [1.0, 0.5]}\n")
-    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    yaml = "auto_tiers: {accuracy_floor: 0.99, widths: [1.0, 0.5]}\n"
+    report = _rebuilt_with(built, tmp_path, yaml)
     said = [w for w in report.warnings if "below auto_tiers.accuracy_floor 0.99" in w]
     assert len(said) == 1 and "w100 (" in said[0] and "w050 (" in said[0], report.warnings
 

@@ -185,7 +185,7 @@ def test_calibration_set_smaller_than_a_batch_is_refused(digits):
         calibrate(inn, digits.x_train[:10], [0.5], seconds=1, progress=False)
     with pytest.raises(ValueError, match="widths is empty"):
         calibrate(inn, digits.x_train[:100], [], seconds=1, progress=False)
-    with pytest.raises(ValueError, match=r"width must be a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"width must be in \(0, 1\]"):
         calibrate(inn, digits.x_train[:100], [1.5], seconds=1, progress=False)
     with pytest.raises(ValueError, match="one per input"):
         calibrate(inn, digits.x_train[:100], [0.5], labels=digits.y_train[:99], progress=False)

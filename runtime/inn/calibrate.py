@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from runtime.inn.continuous import interpolation_matrix
 from runtime.inn.divergence import check_loss, check_weights
-from runtime.inn.model import IntegralModel, as_number
+from runtime.inn.model import IntegralModel, check_width
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Training inputs BatchNorm statistics are re-estimated on where the INN stores none for a
@@ -397,11 +396,8 @@ def calibrate(
     if not widths:
         raise ValueError("widths is empty; give at least one width in (0, 1)")
     for w in widths:
-        if isinstance(w, Mapping):
-            continue
-        v = as_number(w)  # as sizes takes it: numpy and one-element tensors too
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
-            raise ValueError(f"width must be a number in (0, 1] or a mapping, got {w!r}")
+        if not isinstance(w, Mapping):
+            check_width(w)  # as sizes takes it: numpy and one-element tensors too
     if not 0 <= grid_share < 1:
         raise ValueError(f"grid_share must be in [0, 1), got {grid_share}")
     if not isinstance(x, torch.Tensor):  # a tuple was read as "2 samples"

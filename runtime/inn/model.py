@@ -177,7 +177,7 @@ class IntegralModel:
             return self._sizes_from_kinds(width, multiple_of)
         if isinstance(width, Mapping):
             return self._sizes_from_counts(width)
-        w = _check_width(width)
+        w = check_width(width)
         return {g.name: self._rounded(g, w, multiple_of) for g in self.groups}
 
     def step(self, g: GroupInfo, multiple_of: int) -> int:
@@ -204,7 +204,7 @@ class IntegralModel:
         shaped = width.get(SHAPED, False)
         if not isinstance(shaped, bool):
             raise ValueError(f"{SHAPED!r} must be true or false, got {shaped!r}")
-        fractions = {k: _check_width(v) for k, v in width.items() if k != SHAPED}
+        fractions = {k: check_width(v) for k, v in width.items() if k != SHAPED}
         uniform = {
             g.name: self._rounded(g, fractions.get(self.kind(g), 1.0), multiple_of)
             for g in self.groups
@@ -684,13 +684,7 @@ def load(directory: str | Path) -> IntegralModel:
             f"{meta_path} is not valid JSON ({exc}); the file is corrupted: restore it, or "
             "save the INN again (IntegralModel.save)"
         ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != "innfer-inn":
-        raise ModelFileError(f"{meta_path} is not an innfer INN description")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{meta_path} has format version {meta.get('version')!r}; this innfer reads "
-            f"version {FORMAT_VERSION}"
-        )
+    _check_format(meta, meta_path)
     digest = sha256_file(weights)
     if digest != meta.get("weights_sha256"):
         torn = pending(d, digest)  # a save killed between its two renames: finish it
@@ -702,8 +696,7 @@ def load(directory: str | Path) -> IntegralModel:
         log.warning("%s: a save was cut between its renames; read its %s from %s (the next "
                     "build completes it)", d, META_FILE, torn[0].name)  # fmt: skip
         meta = torn[1]
-        if meta.get("format") != "innfer-inn" or meta.get("version") != FORMAT_VERSION:
-            raise ModelFileError(f"{torn[0]} is not an innfer INN description of this version")
+        _check_format(meta, torn[0])
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -741,6 +734,17 @@ def load(directory: str | Path) -> IntegralModel:
     return model
 
 
+def _check_format(meta: Any, path: Path) -> None:
+    """ModelFileError unless ``meta`` (read from ``path``) describes an INN of this version."""
+    if not isinstance(meta, dict) or meta.get("format") != "innfer-inn":
+        raise ModelFileError(f"{path} is not an innfer INN description")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has format version {meta.get('version')!r}; this innfer reads "
+            f"version {FORMAT_VERSION}"
+        )
+
+
 def _check_bindings(model: IntegralModel) -> None:
     """Every bound dimension is exactly its layout's channels: an edited group size (the
     file is not checksummed, only the weights are) would otherwise sample a wrong network
@@ -775,7 +779,9 @@ def _count(n: Any) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def _check_width(width: Any) -> float:
+def check_width(width: Any) -> float:
+    """``width`` as a fraction in (0, 1] (numpy and one-element tensors too), else a
+    ValueError saying what it must be."""
     width = as_number(width)
     if isinstance(width, bool) or not isinstance(width, (int, float)):
         raise ValueError(f"width must be a number in (0, 1] or a mapping, got {width!r}")
