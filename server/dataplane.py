@@ -257,8 +257,7 @@ class DataPlane:
                 )  # fmt: skip
                 if self.device is not None:  # shared: another model's hung batch holds it
                     runtime.device_stuck = self._stuck_reason
-                runtime.retired_stuck = lambda n=name: sum(
-                    r.stuck_count() for r in list(self._hung) if r.name == n)  # fmt: skip
+                runtime.retired_stuck = lambda n=name: self._hung_count(n)
                 # Loaded while requests are in flight (a reload, a swap of tiers, another
                 # model busy): the timing at load shares the CPU with serving.
                 busy = any(m.serving() for m in self.models.values())
@@ -347,7 +346,7 @@ class DataPlane:
                 # ``inflight()``: a shutdown does not wait for a hung engine
                 done = asyncio.ensure_future(runtime.batches_done())
                 self._hung[runtime] = done
-                done.add_done_callback(lambda _: self._hung.pop(runtime, None))
+                done.add_done_callback(lambda _: self._unhung(runtime))
 
         task.add_done_callback(retired)
         return task
@@ -365,8 +364,26 @@ class DataPlane:
             kept = set().union(*(r.accuracy for r in live)) if live else None
             try:
                 self.metrics.forget_model(name, kept)
+                if not live and self._hung_count(name):
+                    # Unloaded with its engine hung: the alert on this gauge must still be
+                    # able to fire (it went with the model's series; review 48's list).
+                    self.metrics.stuck_batches.labels(name).set_function(
+                        lambda: self._hung_count(name)
+                    )
             except Exception:  # bookkeeping: never an unretrieved task error, never silent
                 log.exception("model %s: removing its retired series failed", name)
+
+    def _hung_count(self, name: str) -> int:
+        """Stuck batches of ``name``'s retired runtimes whose engine call has not returned."""
+        return sum(r.stuck_count() for r in list(self._hung) if r.name == name)
+
+    def _unhung(self, runtime: ModelRuntime) -> None:
+        """``runtime``'s hung engine call returned: it is forgotten, and so is its model's
+        stuck-batch series where nothing of that name is loaded (an unload kept it)."""
+        self._hung.pop(runtime, None)
+        if runtime.name not in self.models and not self._hung_count(runtime.name):
+            with contextlib.suppress(KeyError):  # never bound: a reload's successor holds it
+                self.metrics.stuck_batches.remove(runtime.name)
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every

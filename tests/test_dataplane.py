@@ -1671,3 +1671,29 @@ def test_a_tier_a_draining_runtime_still_serves_keeps_its_series():
         assert tiers() == set()
 
     _run(body())
+
+
+def test_an_unloaded_models_hung_batch_stays_on_its_gauge_until_it_returns(config, monkeypatch):
+    # Unloading a model whose engine hung removed its series: InnferEngineHung could not
+    # fire, though the batch still held the engine thread (session 48's list).
+    import server.model_runtime as mr
+
+    monkeypatch.setattr(mr, "RUNNING_WAIT_S", 0.2)
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.3)
+
+    async def body():
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
+        get = plane.metrics.registry.get_sample_value
+        try:
+            await asyncio.wait_for(plane.unload("a"), 10)  # its stop gives up on the call
+            await asyncio.sleep(0.4)  # past STUCK_MIN_S
+            during = get("innfer_stuck_batches", {"model": "a"})
+            gate.set()
+            await asyncio.wait_for(held, 5)
+            await asyncio.sleep(0.05)  # the hung call returned
+            return during, get("innfer_stuck_batches", {"model": "a"})
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    assert _run(body()) == (1.0, None)  # then gone with the rest of the model's series
