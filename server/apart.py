@@ -78,6 +78,28 @@ def output_problem(
     return None
 
 
+def nonfinite(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[int]:
+    """The indices of the requests (``rows``: each one's row count, in the batch's order)
+    whose rows of ``outputs`` hold a NaN or an infinity. They are served as the engine gave
+    them - the model's answer - but counted: a tier that overflows (fp16, a calibration gone
+    wrong) otherwise answered OK with nothing any operator could see. ~1.5 us per output
+    when every value is finite.
+
+    Example:
+        >>> nonfinite({"y": np.array([[1.0], [np.nan], [2.0]])}, [2, 1])
+        [0]
+    """
+    floats = [v for v in outputs.values() if v.dtype.kind in "fc"]
+    if all(np.isfinite(v).all() for v in floats):
+        return []
+    bad, offset = [], 0
+    for i, n in enumerate(rows):
+        if not all(np.isfinite(v[offset : offset + n]).all() for v in floats):
+            bad.append(i)
+        offset += n
+    return bad
+
+
 def run_apart(
     engine,
     feeds: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]],

@@ -311,6 +311,12 @@ class Metrics:
             "its truncated rows): the embeddings of long texts lose their ends.",
             ["model"], registry=r,
         )  # fmt: skip
+        self.nonfinite_outputs = Counter(
+            "innfer_nonfinite_outputs",
+            "Requests answered with a NaN or an infinity in their outputs (served as the "
+            "engine gave them): a tier that overflows or was calibrated badly.",
+            ["model", "tier"], registry=r,
+        )  # fmt: skip
         self.load_failures = Counter(
             "innfer_model_load_failures",
             "Loads and reloads of the model that failed (a failed reload leaves the loaded "

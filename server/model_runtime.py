@@ -44,7 +44,7 @@ import numpy as np
 
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
-from server.apart import Apart, output_problem, run_apart
+from server.apart import Apart, nonfinite, output_problem, run_apart
 from server.equal_lengths import EqualLengthRuns, equal_length_runs, length_key
 from server.errors import (
     DeadlineExceeded,
@@ -1141,6 +1141,7 @@ class ModelRuntime:
             m.requests.labels(name, "", outcome)
         for t in self.tiers:
             m.requests.labels(name, t.name, "failed")
+            m.nonfinite_outputs.labels(name, t.name)
         self._per_tier = {
             t.name: (
                 m.requests.labels(name, t.name, "served"),
@@ -1388,7 +1389,9 @@ class ModelRuntime:
         # statistics: ~0.1-0.3 ms at one client on the MLP) runs when the loop is next idle -
         # after the answers are sent - or at the next flush (server/loop_idle.py).
         calls = runs.timings if runs is not None else None
-        self._idle.defer(self._settle, lane, d, times, now, answered, output_s, later, calls)
+        self._idle.defer(
+            self._settle, lane, d, times, now, answered, output_s, later, calls, outputs
+        )
         if self._device_waiting():
             self._pump()  # its flush settles this batch before the next decision
 
@@ -1508,6 +1511,7 @@ class ModelRuntime:
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
             self._record(alone, [r], secs, now, {r.id} if later else ())
+            self._count_nonfinite(alone, [r], out)
             self._record_triton(alone, [r], (0.0, secs, 0.0), now)
 
     def _answer(self, pending: Pending, r: Request, result: InferResult) -> bool:
@@ -1546,16 +1550,39 @@ class ModelRuntime:
         self, lane: Scheduler, d: Decision, times: tuple[float, float, float], now: float,
         answered: list[Request], output_s: float, later: Collection[int] = (),
         calls: list[tuple[int, float]] | None = None,
+        outputs: dict[str, np.ndarray] | None = None,
     ) -> None:  # fmt: skip
         """The bookkeeping of a batch answered at ``now``: the scheduler learns its time
         (``calls``: each engine call's, where it ran as several) and frees its slot, then
-        metrics and Triton's statistics count it."""
+        metrics and Triton's statistics count it (and ``outputs``' NaNs, if any)."""
         prepare, compute, cpu = times
         lane.complete(d, now, compute, calls=calls)
         self._account_cpu(cpu)
         self._record(d, answered, compute, now, later)
+        if outputs is not None:
+            self._count_nonfinite(d, answered, outputs)
         # A request cancelled while its batch ran is not a success.
         self._record_triton(d, answered, (prepare, compute, output_s), now)
+
+    def _count_nonfinite(
+        self, d: Decision, answered: list[Request], outputs: dict[str, np.ndarray]
+    ) -> None:
+        """Count (and log, throttled per tier) the ``answered`` requests of ``d`` whose
+        outputs hold a NaN or an infinity (``server.apart.nonfinite``)."""
+        bad = nonfinite(outputs, [r.rows for r in d.requests])
+        if not bad:
+            return
+        ids = {r.id for r in answered}
+        n = sum(d.requests[i].id in ids for i in bad)  # (not those cancelled meanwhile)
+        if not n:
+            return
+        self.metrics.nonfinite_outputs.labels(self.name, d.tier).inc(n)
+        skipped = self._log_throttle.allow((d.tier, "nonfinite"), self.clock())
+        if skipped is not None:
+            more = f" ({skipped} more like it not logged since the last)" if skipped else ""
+            log.warning("model %s tier %s: %d of a batch's %d requests answered with NaN or "
+                        "infinite outputs; check the tier's accuracy (innfer report) and its "
+                        "inputs' range%s", self.name, d.tier, n, len(d.requests), more)  # fmt: skip
 
     def _reject(self, r: Request, exc: BaseException) -> None:
         pending = self._waiting(r)

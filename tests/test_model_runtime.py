@@ -769,6 +769,46 @@ def test_outputs_not_of_model_yamls_shape_fail_their_requests_alone(tmp_path):
     assert "has shape [1, 5], model.yaml says [rows, 3]" in str(wrong)
 
 
+def test_nan_outputs_are_served_and_counted_per_request_and_tier(tmp_path, caplog):
+    # NaN outputs were served with no counter nor log line: a tier that overflows answered
+    # OK and nobody could see it (session 48's list). Now counted per request, in a batch
+    # beside a finite one, and logged once per tier and window.
+    served = _served(tmp_path, max_batch=2)
+    engine = served.engines["w100"]
+    good = engine.run
+    metrics = Metrics()
+
+    def overflowing(feeds):
+        out = good(feeds)
+        big = feeds["input"].reshape(len(feeds["input"]), -1).max(1) > 100
+        return {k: np.where(big[:, None], np.float32("nan"), v) for k, v in out.items()}
+
+    async def body():
+        async with _running(served, metrics, device=Device(1)) as rt:
+            async with _one_running(rt, served, "w100"):
+                engine.run = overflowing
+                pair = [asyncio.create_task(rt.infer(_x(1, v), 1, 10.0, pin="w100"))
+                        for v in (1.0, 200.0)]  # fmt: skip
+                await asyncio.sleep(0.02)
+            answers = await asyncio.gather(*pair)
+            await rt.infer(_x(1, 300.0), 1, 10.0, pin="w100")  # alone: logged once only
+            await asyncio.sleep(0.01)  # the bookkeeping runs once the loop is idle
+            return answers
+
+    with caplog.at_level("WARNING", logger="innfer.model"):
+        fine, nan = _run(body())
+    _check_answer(served, _x(1, 1.0), fine)
+    assert all(np.isnan(v).all() for v in nan.outputs.values())  # served as the engine gave
+    get = metrics.registry.get_sample_value
+    assert get("innfer_nonfinite_outputs_total", {"model": "m", "tier": "w100"}) == 2
+    assert get("innfer_nonfinite_outputs_total", {"model": "m", "tier": "w050"}) == 0
+    lines = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert lines == [
+        "model m tier w100: 1 of a batch's 2 requests answered with NaN or infinite outputs; "
+        "check the tier's accuracy (innfer report) and its inputs' range"
+    ]
+
+
 def test_stop_closes_every_engine_after_the_running_batch(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
