@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.hashing import sha256_file
@@ -29,6 +30,33 @@ from runtime.hashing import sha256_file
 WEIGHTS_FILE = "inn.safetensors"
 META_FILE = "inn.json"
 TEMP_META = re.compile(r"^\.inn\.json\.\d+-[0-9a-f]{8}\.tmp$")  # IntegralModel.save's
+
+
+@contextlib.contextmanager
+def renaming(model_dir: Path) -> Iterator[None]:
+    """Hold ``model_dir``'s rename lock (an exclusive ``flock`` of the folder itself: no
+    lock file left beside the model) for a save's two renames: two savers into one folder
+    (two calibrations, a training run and a calibration) interleaved them into one's weights
+    under the other's ``inn.json``, which its checksum refuses - the model lost. Held for
+    microseconds; where it cannot be taken (no ``fcntl``) the renames go on without it.
+
+    Example:
+        >>> import tempfile
+        >>> with renaming(Path(tempfile.mkdtemp())):
+        ...     pass
+    """
+    try:
+        import fcntl
+
+        fd = os.open(model_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
 
 
 def pending(model_dir: Path, weights_sha256: str) -> tuple[Path, dict] | None:
@@ -64,9 +92,10 @@ def complete(model_dir: Path, now: float, after_s: float) -> bool:
         # weights and their inn.json in place, and the old temporary file put over them
         # lost the model (review 155). Looked at again just before: the same weights file,
         # still not described.
-        if _identity(weights) != before or _checksum(meta) == digest:
-            return False
-        os.replace(found[0], meta)
+        with renaming(model_dir):  # (a live save's renames are not in between)
+            if _identity(weights) != before or _checksum(meta) == digest:
+                return False
+            os.replace(found[0], meta)
     except (OSError, AttributeError):  # unreadable, read-only; a JSON that is not an object
         return False
     return True

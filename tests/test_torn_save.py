@@ -143,3 +143,45 @@ def test_a_save_completed_while_the_sweep_hashes_is_not_put_under_old_metadata(
     monkeypatch.setattr(inn_files, "sha256_file", hashing_while_a_save_completes)
     sweep(d)
     assert runtime.load(d).info["saved"] == "third"
+
+
+def test_two_savers_into_one_folder_rename_their_pairs_one_after_the_other(tmp_path):
+    # Two saves into one folder (two calibrations, a training run beside one) interleaved
+    # their renames: one's weights under the other's inn.json, which its checksum refuses -
+    # the model lost (session 48's list). Saver A pauses right after its weights' rename;
+    # saver B runs meanwhile; the folder must then hold one whole pair.
+    import threading
+
+    import runtime.inn.model as model_module
+
+    model, x = random_cnn(3)
+    a, b = runtime.convert(model, (x,)), runtime.convert(model, (x,))
+    with torch.no_grad():
+        for p in b.state.values():
+            p.add_(1.0)  # B's weights differ from A's
+    d = tmp_path / "inn"
+    real_replace, paused, resume = os.replace, threading.Event(), threading.Event()
+    saver_a = {}
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if threading.current_thread() is saver_a.get("thread") and str(dst).endswith(WEIGHTS_FILE):
+            paused.set()
+            resume.wait(5)
+
+    model_module.os.replace = replace
+    try:
+        saver_a["thread"] = threading.Thread(target=a.save, args=(d,))
+        saver_a["thread"].start()
+        assert paused.wait(10)
+        saver_b = threading.Thread(target=b.save, args=(d,))
+        saver_b.start()
+        saver_b.join(0.5)  # left to run between A's renames, if nothing holds it
+        resume.set()
+        saver_a["thread"].join(10)
+        saver_b.join(10)
+    finally:
+        model_module.os.replace = real_replace
+        resume.set()
+    loaded = runtime.load(d)  # whole: one saver's pair, the last one's (B's)
+    assert all(torch.equal(loaded.state[k], b.state[k]) for k in b.state)

@@ -39,7 +39,7 @@ from runtime.inn.continuous import (
 from runtime.inn.divergence import check_weights
 from runtime.inn.layout import NODE_PREFIX, Binding, GroupInfo, Layout, Segment, SizeField
 from runtime.inn.shaping import SHAPED, allocate
-from runtime.inn_files import META_FILE, WEIGHTS_FILE, pending
+from runtime.inn_files import META_FILE, WEIGHTS_FILE, pending, renaming
 
 log = logging.getLogger("innfer.inn")
 
@@ -628,13 +628,16 @@ class IntegralModel:
             meta_tmp.write_text(json.dumps(self._meta(tensors, sha256_file(weights)), indent=1))
             sync_file(weights)
             sync_file(meta_tmp)
-            os.replace(weights, d / WEIGHTS_FILE)
+            with renaming(d):  # another saver's pair is not renamed in between
+                try:
+                    os.replace(weights, d / WEIGHTS_FILE)
+                finally:
+                    if not weights.exists():  # renamed: the metadata follows, an exception
+                        os.replace(meta_tmp, d / META_FILE)  # or not
         finally:
             if weights.exists():  # not renamed: the old INN stays whole, no temporary files
                 weights.unlink()
                 meta_tmp.unlink(missing_ok=True)
-            elif meta_tmp.exists():  # renamed: the metadata follows, an exception or not
-                os.replace(meta_tmp, d / META_FILE)
         sync_directory(d)
         return d
 
