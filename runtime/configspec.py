@@ -107,13 +107,20 @@ class Where:
 
     def fail(self, value: Any, expected: str) -> NoReturn:
         loc = f"{self.source}: {self.path}: " if self.path else f"{self.source}: "
-        shown = REDACTED if self.secret else repr(value)
+        shown = REDACTED if self.secret else _clipped(repr(value))
         raise ConfigError(f"{loc}got {shown}, expected {expected}")
 
 
 # What an error shows in place of a secret's value (a token echoed in a startup error
 # reaches stderr and the pod's logs).
 REDACTED = "<redacted>"
+# At most this much of a wrong value is shown: a whole file read as one string (a
+# model.yaml that is another file) went to every client asking RepositoryIndex (review 156).
+SHOWN_CHARS = 80
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} chars)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,3 +556,7 @@ def read_yaml(path: Path) -> Any:
             return yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # 5,000 nested [: it stopped the whole server's start
+        raise ConfigError(f"{path}: nested too deeply to be a config; fix the file") from None
+    except ValueError as exc:  # an integer of 5,000 digits (Python's int() limit)
+        raise ConfigError(f"{path}: not a config innfer reads ({exc}); fix the file") from None

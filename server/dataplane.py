@@ -53,6 +53,7 @@ from server.host_cpu import HostCpu
 from server.limits import (
     ANSWER_FRAME_BYTES,
     clip,
+    clip_message,
     message_limit,
     request_bytes,
     response_bytes,
@@ -241,6 +242,15 @@ class DataPlane:
             except (RepositoryError, EngineError, OSError) as exc:
                 # With its fix: readiness and RepositoryIndex say it too.
                 why = f"{exc}{_advice(exc, self.config.model_control)}"
+                kept = self._mark_broken(name, why)
+                raise FailedPrecondition(
+                    self._public(f"model {name!r} cannot be loaded: {why}{kept}")
+                ) from None
+            except Exception as exc:  # a reader's gap (review 156: 100,000 nested [ in a
+                # tier.json was INTERNAL, with an empty reason): the model's files, still
+                log.exception("model %s: reading its files failed", name)
+                why = f"its files could not be read ({type(exc).__name__}: {exc}); rebuild it"
+                why = clip_message(why)
                 kept = self._mark_broken(name, why)
                 raise FailedPrecondition(
                     self._public(f"model {name!r} cannot be loaded: {why}{kept}")
@@ -596,7 +606,7 @@ class DataPlane:
         for name in list(self.config.models) or self.repo.names():
             try:
                 cfg = self.repo.config(name)
-            except (RepositoryError, ConfigError, OSError):
+            except Exception:  # any file at all: one model's must not stop the server
                 continue
             largest = max(largest, _largest_message(cfg))
         return message_limit(largest)

@@ -342,9 +342,11 @@ def test_fixed_policy_tier_must_exist_in_the_served_models(tmp_path):
     assert ServerConfig.from_dict(missing).policy == "fixed:w999"
 
 
-def test_a_broken_model_yaml_is_left_to_the_model_loader(tmp_path):
+@pytest.mark.parametrize("text", ["tiers: [unclosed", "[" * 5000, "max_batch: " + "9" * 5000])
+def test_a_broken_model_yaml_is_left_to_the_model_loader(tmp_path, text):
+    # (the last two - nested too deep, an integer past int()'s limit - stopped the server)
     repo = _repo(tmp_path, a={})
-    (repo / "a" / "model.yaml").write_text("tiers: [unclosed")
+    (repo / "a" / "model.yaml").write_text(text)
     assert ServerConfig.from_dict({"repository": str(repo), "policy": "fixed:w999"})
 
 

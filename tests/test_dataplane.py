@@ -1697,3 +1697,49 @@ def test_an_unloaded_models_hung_batch_stays_on_its_gauge_until_it_returns(confi
             await plane.stop_models()
 
     assert _run(body()) == (1.0, None)  # then gone with the rest of the model's series
+
+
+def test_files_nested_too_deeply_or_with_huge_integers_fail_their_model_alone(tmp_path):
+    # A model.yaml of 5,000 nested [ or a 5,000-digit integer stopped the whole server's
+    # start with one line naming no file; a tier.json of 100,000 nested [ was INTERNAL with
+    # an empty reason (review 156). Each is its model's failure now, named with its file.
+    write_model(tmp_path, "good", {"w100": 1.0})
+    for name in ("deep", "digits", "tier"):
+        write_model(tmp_path, name, {"w100": 1.0})
+    (tmp_path / "deep" / "model.yaml").write_text("[" * 5000)
+    (tmp_path / "digits" / "model.yaml").write_text("max_batch: " + "9" * 5000)
+    (tmp_path / "tier" / "tiers" / "w100" / "tier.json").write_text("[" * 100_000)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+
+    async def body():
+        limit = plane.message_limit()  # read before the loads, from every model.yaml
+        await plane.load_all()
+        try:
+            return limit, sorted(plane.models), dict(plane.broken)
+        finally:
+            await plane.stop_models()
+
+    limit, served, broken = _run(body())
+    assert limit > 0 and served == ["good"]
+    assert "model.yaml: nested too deeply to be a config" in broken["deep"]
+    assert "model.yaml: not a config innfer reads (Exceeds the limit" in broken["digits"]
+    assert "tier.json is corrupted" in broken["tier"] and "run `innfer build`" in broken["tier"]
+
+
+def test_an_unexpected_error_reading_a_model_fails_it_with_a_reason(config, monkeypatch):
+    # Any reader's gap was INTERNAL "see logs", and RepositoryIndex's reason was empty.
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            monkeypatch.setattr(plane.repo, "load", lambda *a, **k: 1 / 0)
+            with pytest.raises(FailedPrecondition) as err:
+                await plane.load("a")
+            return str(err.value), plane.broken_reason("a")
+        finally:
+            await plane.stop_models()
+
+    said, reason = _run(body())
+    assert "its files could not be read (ZeroDivisionError: division by zero)" in said
+    assert "ZeroDivisionError" in reason

@@ -141,3 +141,32 @@ def test_an_unreadable_folder_stops_neither_the_config_nor_a_build_message(tmp_p
     (empty / "lost+found").mkdir(parents=True)
     forbidden(empty / "lost+found")
     assert _no_models(empty).startswith(f"no models in {empty}")
+
+
+def test_files_linked_out_of_a_models_folder_are_refused_without_their_content(tmp_path):
+    # A model.yaml linked to another file was read, and the error quoted ~1 KB of it to
+    # every client asking RepositoryIndex; a tier folder linked into another model was read
+    # too (review 156). Links inside the folder (a ConfigMap's ..data) still work.
+    repo = build_repository(tmp_path / "repo")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the secret line:/root:/bin/bash\n" * 20)
+    (repo / "tiny" / "model.yaml").rename(repo / "tiny" / "..data.yaml")
+    (repo / "tiny" / "model.yaml").symlink_to("..data.yaml")  # inside: served
+    (repo / "wide" / "model.yaml").unlink()
+    (repo / "wide" / "model.yaml").symlink_to(secret)
+    s = ServerThread({"repository": str(repo), "models": ["tiny", "wide"]}).start()
+    try:
+        stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.address))
+        index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+    finally:
+        s.stop()
+    assert index["tiny"].state == "READY"
+    reason = index["wide"].reason
+    assert "wide/model.yaml is a link out of the model's folder" in reason, reason
+    assert "secret" not in reason and str(tmp_path) not in reason
+    other = Repository(repo)
+    tiers = repo / "tiny" / "tiers"
+    (tiers / "w050").rename(tmp_path / "w050")
+    (tiers / "w050").symlink_to(tmp_path / "w050")
+    with pytest.raises(Exception, match=r"tiny/tiers/w050 is a link out of the model's folder"):
+        other.load("tiny", backend="onnxruntime")

@@ -184,7 +184,7 @@ class EngineCache:
             try:
                 fields = json.loads((entry / MANIFEST).read_text())["fields"]
                 onnx = fields["onnx_sha256"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 continue
             if onnx in keep and not self._superseded(entry.name, fields, backend, options):
                 continue
@@ -345,7 +345,7 @@ class EngineCache:
     def _verify(entry: Path, fields: dict[str, Any]) -> str | None:
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
-        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, not UTF-8
             return f"manifest unreadable: {exc}"
         if not isinstance(manifest, dict):
             return "manifest is not a JSON object"

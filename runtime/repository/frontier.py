@@ -190,7 +190,7 @@ class Frontier:
             raise RepositoryError(
                 f"{path} is missing: run `innfer build` (model.yaml has auto_tiers)"
             ) from None
-        except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # bad JSON, not UTF-8
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
         problem = frontier._problem()
         if problem is not None:  # valid JSON, a wrong value inside: it failed at load or
@@ -307,7 +307,7 @@ class ActiveTiers:
             return cls(**{**data, "tiers": tuple(tiers)})
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError, KeyError) as exc:  # ValueError: JSON, or not UTF-8
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # bad JSON, not UTF-8
             raise RepositoryError(
                 f"{path} is corrupted ({exc}): the hand-written tiers are served until "
                 "auto-tiering chooses again (delete it to say no more of it)"

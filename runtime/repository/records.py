@@ -162,7 +162,7 @@ class TierRecord:
             record = cls(**known_fields(cls, data, path))
         except FileNotFoundError:
             raise RepositoryError(f"{path} is missing: run `innfer build` for this model") from None
-        except (ValueError, TypeError) as exc:  # bad JSON, bytes that are not UTF-8, fields
+        except (ValueError, TypeError, RecursionError) as exc:  # bad JSON, not UTF-8, fields
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from exc
         problem = record._problem()
         if problem is not None:  # valid JSON, a wrong value inside (a hand edit)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,26 @@ class ServedModel:
         return rows
 
 
+def _refuse_links_out(model_dir: Path, paths: list[Path] | None = None) -> None:
+    """RepositoryError where one of ``paths`` (default: everything in ``model_dir``) is a
+    link that resolves outside ``model_dir``: a model.yaml linked to /etc/passwd was read,
+    and its content shown to clients in the error (review 156). Links inside the folder
+    (a Kubernetes ConfigMap's ``..data``) are fine. The message names the path relative to
+    the repository, never the target."""
+    home = model_dir.resolve()
+    if paths is None:
+        paths = []
+        for top, dirs, files in os.walk(model_dir):  # (links to folders: not descended)
+            paths += [Path(top) / n for n in (*dirs, *files)]
+    for p in paths:
+        if p.is_symlink() and not p.resolve().is_relative_to(home):
+            shown = f"{model_dir.name}/{p.relative_to(model_dir)}"
+            raise RepositoryError(
+                f"{shown} is a link out of the model's folder; copy the file into the "
+                "folder instead"
+            )
+
+
 class Repository:
     """A directory of models, one subdirectory each."""
 
@@ -192,7 +213,9 @@ class Repository:
         )
 
     def config(self, name: str) -> ModelConfig:
-        return ModelConfig.load(self.model_dir(name) / "model.yaml")
+        d = self.model_dir(name)
+        _refuse_links_out(d, [d / "model.yaml"])
+        return ModelConfig.load(d / "model.yaml")
 
     def onnx_in_use(self, name: str) -> set[str] | None:
         """The sha256 of every ONNX model ``name``'s records name - each tier directory's
@@ -293,6 +316,7 @@ class Repository:
             config = self.config(name)
         except ConfigError as exc:
             raise RepositoryError(str(exc)) from exc
+        _refuse_links_out(self.model_dir(name))
         chosen = self.choose_backend(config, backend)
         options = self.build_options(config, chosen)
         cache = EngineCache(self.root / name / "engines")
@@ -547,7 +571,7 @@ class Repository:
             return None
         try:
             return inn_fingerprint(json.loads(inn_json.read_text()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise RepositoryError(
                 f"{inn_json} is unreadable ({type(exc).__name__}: {exc}); restore it, or "
                 "save the INN again (IntegralModel.save) and run `innfer build`"
@@ -607,7 +631,7 @@ class Repository:
             record = json.loads((d / TEXT_FILE).read_text())
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
+        except (OSError, ValueError, RecursionError):  # bad JSON, not UTF-8, nested too deep
             raise RepositoryError(
                 f"{name}/{TEXT_FILE} is missing or corrupted: run `innfer build`"
             ) from None
@@ -668,7 +692,7 @@ class Repository:
             return None
         try:
             profile = json.loads(path.read_text())
-        except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
+        except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested too deep
             profile, problem = None, f"not JSON: {exc}"
         else:
             problem = "not a JSON object" if not isinstance(profile, dict) else None
