@@ -967,8 +967,10 @@ def test_an_interrupted_rebuild_leaves_the_tiers_that_served_serving(built, tmp_
     monkeypatch.setattr(pipeline, "count_flops", stopped)
     with pytest.raises(KeyboardInterrupt):
         build_model(Repository(root), "tiny", progress=False, profile=False)
-    served = Repository(root).load("tiny")  # the old tiers, whole
-    assert sorted(served.tiers) == ["w050", "w100"]
+    # The old tiers, whole: refused as sampled with the old multiple_of, as before the
+    # build began (a mixed set was served READY; review 157), never as a torn tier.
+    with pytest.raises(RepositoryError, match="w050/tier.json was sampled with multiple_of 1"):
+        Repository(root).load("tiny")
     for t, data in before.items():
         assert (root / "tiny" / "tiers" / t / "model.onnx").read_bytes() == data
     assert sorted(p.name for p in (root / "tiny" / "tiers").iterdir()) == ["w050", "w100"]
@@ -1204,3 +1206,48 @@ def test_a_repository_of_an_older_or_newer_innfer_is_read_as_far_as_it_can_be(
     path.write_text(json.dumps({**record, "format": "2"}))
     with pytest.raises(RepositoryError, match=r"corrupted \(format is '2'"):
         Repository(root).load("tiny")
+
+
+@pytest.mark.parametrize("edit", ["multiple_of: 8\n", "method: point\n"])
+def test_a_tier_sampled_with_other_settings_than_model_yaml_says_is_refused(built, tmp_path, edit):
+    # model.yaml's multiple_of or method edited, not rebuilt: the tiers were served READY at
+    # the old channel counts, where an edited width is refused (review 157).
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "model.yaml"
+    path.write_text(path.read_text() + edit)
+    key = edit.split(":")[0]
+    with pytest.raises(RepositoryError, match=rf"was sampled with {key} .*: run `innfer build`"):
+        Repository(root).load("tiny", backend="onnxruntime")
+    build_model(Repository(root), "tiny", progress=False, profile=False)  # the fix
+    assert str(Repository(root).load_record("tiny", "w050").sampling[key]) in edit
+
+
+def test_accuracy_measured_on_an_evaluation_model_yaml_dropped_is_not_scheduled_by(built, tmp_path):
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "model.yaml"
+    config = yaml.safe_load(path.read_text())
+    del config["evaluation"]
+    path.write_text(yaml.safe_dump(config))
+    # Its norm statistics were re-estimated on that evaluation set: refused as resampled.
+    with pytest.raises(RepositoryError, match="was sampled with norm_from 'digits', but now"):
+        Repository(root).load("tiny", backend="onnxruntime")
+    for tier in ("w100", "w050"):  # as an older build wrote them: no sampling recorded
+        record = root / "tiny" / "tiers" / tier / "tier.json"
+        data = json.loads(record.read_text())
+        del data["sampling"]
+        record.write_text(json.dumps(data))
+    # The accuracy the ModelConfig reported and the scheduler ranked by (review 157).
+    served = Repository(root).load("tiny", backend="onnxruntime")
+    try:
+        assert [r.accuracy for r in served.tiers.values()] == [None, None]
+    finally:
+        for engine in served.engines.values():
+            engine.close()

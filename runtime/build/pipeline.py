@@ -58,7 +58,7 @@ from runtime.repository import (
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.leftovers import sweep
 from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
-from runtime.repository.records import inn_fingerprint
+from runtime.repository.records import inn_fingerprint, sampling_of
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 log = logging.getLogger("innfer.build")
@@ -412,6 +412,7 @@ def _export_tier(
             channel_search=search,
             inn_sha256=inn_sha,
             input_rows=embedding_rows(data, config),
+            sampling=sampling_of(config),
         )
         record.write(staging / TIER_FILE)
         if not replace_directory(staging, d):  # another build of this tier swapped first:

@@ -154,6 +154,10 @@ class TierRecord:
     # outside [0, rows) as INVALID_ARGUMENT, where the engine failed the whole batch. None:
     # no such input (no key in tier.json).
     input_rows: dict[str, Rows] | None = None
+    # The model.yaml settings it was sampled with (``sampling_of``): a server refuses a tier
+    # whose model.yaml says otherwise since - served silently at the old channel counts, as
+    # a changed width is not (review 157). None: built before this was kept.
+    sampling: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: Path) -> TierRecord:
@@ -174,14 +178,44 @@ class TierRecord:
         accuracy) and the cache (hashes), a wrong one failed far from the file."""
         if not isinstance(self.source_sha256, str):
             return f"source_sha256 is {self.source_sha256!r}, not a string"
+        if self.sampling is not None and not isinstance(self.sampling, dict):
+            return f"sampling is {self.sampling!r}, not a mapping"
         return fields_problem(self)
+
+    def sampling_change(self, config: Any) -> str | None:
+        """How ``config`` (a ModelConfig) samples this tier differently from its build, as
+        "multiple_of 1, but now 8"; None where nothing changed or nothing was recorded."""
+        if self.sampling is None:
+            return None
+        for key, now in sampling_of(config).items():
+            if key in self.sampling and self.sampling[key] != now:
+                return f"{key} {self.sampling[key]!r}, but now {now!r}"
+        return None
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        for optional in ("channel_search", "accuracy_on", "inn_sha256", "input_rows"):
+        for optional in ("channel_search", "accuracy_on", "inn_sha256", "input_rows", "sampling"):
             if data[optional] is None:
                 del data[optional]
         write_json(path, data)
+
+
+def sampling_of(config: Any) -> dict[str, Any]:
+    """The settings of ``config`` (a ModelConfig) a tier's channels and weights are sampled
+    with, beside its width: how counts are rounded and sampled, and the data set its norm
+    statistics are re-estimated on (by name; runtime/build/sampling.py).
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> sampling_of(C(method="auto", multiple_of=8, evaluation=None))
+        {'method': 'auto', 'multiple_of': 8, 'norm_from': None}
+    """
+    evaluation = config.evaluation
+    return {
+        "method": config.method,
+        "multiple_of": config.multiple_of,
+        "norm_from": evaluation.dataset if evaluation is not None else None,
+    }
 
 
 def _number(v: Any) -> bool:

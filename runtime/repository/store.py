@@ -251,6 +251,18 @@ class Repository:
                 f"{record.width!r}, but {config.source} now gives tier {tier.name} width "
                 f"{tier.width}: run `innfer build`"
             )
+        if (change := record.sampling_change(config)) is not None:
+            raise RepositoryError(
+                f"{self.tier_dir(name, tier.name) / TIER_FILE} was sampled with {change} in "
+                f"{config.source}: run `innfer build`"
+            )
+        if config.evaluation is None and record.accuracy is not None:
+            # (the build sets them null: no stale figure to schedule by; review 157)
+            warn_once(
+                f"{name}: tier {tier.name}'s accuracy was measured on an evaluation "
+                f"{config.source} no longer names: ranked by FLOPs until `innfer build`"
+            )
+            record = dataclasses.replace(record, accuracy=None)
         return record
 
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
