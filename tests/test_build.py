@@ -969,7 +969,7 @@ def test_an_interrupted_rebuild_leaves_the_tiers_that_served_serving(built, tmp_
         build_model(Repository(root), "tiny", progress=False, profile=False)
     # The old tiers, whole: refused as sampled with the old multiple_of, as before the
     # build began (a mixed set was served READY; review 157), never as a torn tier.
-    with pytest.raises(RepositoryError, match="w050/tier.json was sampled with multiple_of 1"):
+    with pytest.raises(RepositoryError, match=r"w050/tier\.json was sampled with multiple_of 1"):
         Repository(root).load("tiny")
     for t, data in before.items():
         assert (root / "tiny" / "tiers" / t / "model.onnx").read_bytes() == data

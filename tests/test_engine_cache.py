@@ -48,6 +48,21 @@ def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, 
     assert cache.sweep() == []
 
 
+def test_an_engine_built_at_load_is_said_with_why_and_how_long(tmp_path, caplog):
+    # A server given a repository copied from another machine built every engine into it
+    # with no log line: not which, nor why, nor how long (TensorRT: minutes; review 157).
+    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
+    cache, backend = EngineCache(tmp_path / "engines"), OnnxRuntimeBackend()
+    with caplog.at_level("INFO", logger="innfer.repository"):
+        cache.get(backend, onnx_path, BuildOptions())
+        said = caplog.text
+        caplog.clear()
+        cache.get(backend, onnx_path, BuildOptions())  # cached: nothing to say
+    assert f"{onnx_path}: no usable onnxruntime engine for {backend.device()}" in said
+    assert "(none is cached): building it into" in said and re.search(r"built in \d", said)
+    assert caplog.text == ""
+
+
 @pytest.fixture
 def repository(tmp_path):
     from serverutil import add_onnx_model, tiny_cnn

@@ -144,6 +144,11 @@ class EngineCache:
             log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
         if on_build is not None:
             on_build(key)
+        # Said where it happens: a server loading a repository copied from another machine
+        # built every engine into it with no word (TensorRT: minutes; review 157).
+        log.info("%s: no usable %s engine for %s %s (%s): building it into %s", onnx_path,
+                 backend.name, backend.device(), backend.version(), why, entry)  # fmt: skip
+        started = time.perf_counter()
         try:
             self._build(backend, onnx_path, entry, options, fields)
         except OSError as exc:  # a read-only repository (an image, a read-only mount), full
@@ -153,6 +158,7 @@ class EngineCache:
                 f"device beforehand (`innfer build` on a machine of this kind, with "
                 f"{backend.name} {backend.version()}), or let the server write {self.root}"
             ) from exc
+        log.info("%s: built in %.1f s", entry, time.perf_counter() - started)
         return backend.load(entry, options), True
 
     def prune(
