@@ -170,3 +170,28 @@ def test_files_linked_out_of_a_models_folder_are_refused_without_their_content(t
     (tiers / "w050").symlink_to(tmp_path / "w050")
     with pytest.raises(Exception, match=r"tiny/tiers/w050 is a link out of the model's folder"):
         other.load("tiny", backend="onnxruntime")
+
+
+def test_repository_index_lists_the_folder_off_the_event_loop(tmp_path):
+    # The listing ran on the serving loop: 30,000 folders took 0.3 s per RepositoryIndex,
+    # and every request waited behind it (review 157); a stalled volume froze the server.
+    import threading
+
+    repo = build_repository(tmp_path / "repo")
+    s = ServerThread({"repository": str(repo), "models": ["tiny"]}).start()
+    threads = []
+    names = s.server.plane.repo.names
+
+    def recorded():
+        threads.append(threading.current_thread())
+        return names()
+
+    s.server.plane.repo.names = recorded
+    try:
+        stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.address))
+        index = [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models]
+        ready = [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models]
+    finally:
+        s.stop()
+    assert index == ["tiny", "wide"] and ready == ["tiny"]
+    assert len(threads) == 1 and threads[0] is not s.thread  # (none for the ready-only one)
