@@ -229,7 +229,12 @@ class DataPlane:
             loop = asyncio.get_running_loop()
             try:
                 served = await loop.run_in_executor(
-                    None, lambda: self.repo.load(name, backend=self.config.backend)
+                    None,
+                    lambda: self.repo.load(
+                        name,
+                        backend=self.config.backend,
+                        check_timing=self.config.profile_at_load,
+                    ),
                 )
                 unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
             except ModelNotFound as exc:

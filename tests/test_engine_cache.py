@@ -141,7 +141,9 @@ def test_offline_planning_reads_the_tiers_model_yaml_gives(repository, edit, sai
             Repository(repository).served_tiers("tiny")
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupted", "a tier short", "max_batch raised"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "corrupted", "a tier short", "max_batch raised", "300 ms", "1e300 ms"]
+)
 def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damage, caplog):
     # The model was unservable ("run `innfer build` to profile it"), a fix the serving
     # image (no torch) cannot run - while a profile from another machine was re-measured
@@ -156,11 +158,16 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
         path.write_text('{"device": "cpu-x86_64')
     elif damage == "a tier short":
         _edit(path, lambda p: p["tiers"].pop("w050"))
+    elif damage.endswith(" ms"):  # valid, and far from the engines (review 156): the model
+        # stayed READY refusing every request, the online correction clipped at 0.2x
+        ms = float(damage.split()[0])
+        _edit(path, lambda p: [c.update(p50_ms=ms, p90_ms=1.1 * ms)
+                               for t in p["tiers"].values() for c in t.values()])  # fmt: skip
     else:  # max_batch raised in model.yaml after the build: unservable until `innfer build`
         yaml_path = repository / "tiny" / "model.yaml"
         yaml_path.write_text(yaml_path.read_text().replace("max_batch: 4", "max_batch: 8"))
     with caplog.at_level("WARNING", logger="innfer.repository"):
-        served = Repository(repository).load("tiny")
+        served = Repository(repository).load("tiny", check_timing=True)  # as a server does
     try:
         assert "re-measured every tier at load" in caplog.text
         assert {t.name for t in tier_infos(served)} == {"w100", "w050"}
@@ -175,6 +182,13 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
             assert "profile.json is corrupted" not in caplog.text
         if damage == "corrupted":
             assert "is corrupted (not JSON: Unterminated string" in caplog.text
+        if damage == "300 ms":
+            assert "profile.json says tier w100 takes 300 ms at batch 1, and it ran in" in (
+                caplog.text
+            )
+            assert all(t.latency_ms[1] < 30 for t in tier_infos(served))
+        if damage == "1e300 ms":
+            assert "not a positive number of milliseconds below an hour" in caplog.text
     finally:
         for engine in served.engines.values():
             engine.close()

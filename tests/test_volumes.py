@@ -195,3 +195,31 @@ def test_repository_index_lists_the_folder_off_the_event_loop(tmp_path):
         s.stop()
     assert index == ["tiny", "wide"] and ready == ["tiny"]
     assert len(threads) == 1 and threads[0] is not s.thread  # (none for the ready-only one)
+
+
+def test_a_server_serves_a_model_whose_profile_is_far_from_its_engines(tmp_path):
+    # profile.json at 300 ms per batch where the engine takes ~0.1 ms: the model was READY
+    # and refused every request with a 5 ms budget, for good - the online correction stops
+    # at 0.2x and refused requests teach it nothing (review 156). Re-measured at load now.
+    import json
+
+    import numpy as np
+
+    repo = build_repository(tmp_path / "repo")
+    path = repo / "tiny" / "profile.json"
+    profile = json.loads(path.read_text())
+    for table in profile["tiers"].values():
+        for cell in table.values():
+            cell.update(p50_ms=300.0, p90_ms=330.0)
+    path.write_text(json.dumps(profile))
+    s = ServerThread({"repository": str(repo), "models": ["tiny"]}).start()
+    try:
+        stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.address))
+        req = pb.ModelInferRequest(model_name="tiny")
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+        req.raw_input_contents.append(np.zeros((1, 1, 8, 8), np.float32).tobytes())
+        req.parameters["latency_budget_ms"].int64_param = 50
+        answers = [stub.ModelInfer(req, timeout=10) for _ in range(3)]
+    finally:
+        s.stop()
+    assert all(a.outputs[0].shape == [1, 10] for a in answers)

@@ -155,6 +155,9 @@ def profile_tiers(
     )
 
 
+MAX_MS = 3.6e6  # an hour: no batch takes longer, a larger figure is a typing slip
+
+
 def profile_problem(profile: Mapping[str, Any]) -> str | None:
     """What is wrong with the tables of a ``profile.json`` that parsed, or None: every table
     (``tiers``, and each of ``lengths``) maps batch sizes ("1", "8", ...) to finite,
@@ -189,9 +192,9 @@ def profile_problem(profile: Mapping[str, Any]) -> str | None:
                     if v is None and key == "p99_ms":
                         continue
                     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-                    if not (ok and math.isfinite(v) and v > 0):
+                    if not (ok and math.isfinite(v) and 0 < v < MAX_MS):  # (1e300: a digit
                         return (f"{where}tier {tier}, batch {batch}: {key} is {v!r}, not a "
-                                "positive number of milliseconds")  # fmt: skip
+                                "positive number of milliseconds below an hour")  # fmt: skip
     return None
 
 

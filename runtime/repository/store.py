@@ -136,6 +136,39 @@ class ServedModel:
         return rows
 
 
+# A profile whose batch-1 time is this far from a tier's real one, either way, is not the
+# engines' (hand-edited, another machine's under the same name): the online correction
+# spans 0.2-20x (server.scheduling.latency), and beyond it the model stayed READY
+# refusing every request it could have served (review 156).
+IMPLAUSIBLE_RATIO = 10.0
+CHECK_RUNS = 3
+
+
+def _implausible(profile: dict[str, Any], engines: dict[str, Engine], config) -> str | None:
+    """Why ``profile`` cannot be these ``engines``' - a tier's batch-1 time now (the
+    fastest of ``CHECK_RUNS``; the profile's ``tiers`` table is at the longest length) off
+    its p50 by ``IMPLAUSIBLE_RATIO`` or more - or None. A few runs per tier: milliseconds."""
+    from runtime.repository.profile import random_feeds
+
+    length = config.sequence_lengths[-1] if config.sequence_lengths else 1
+    feeds = random_feeds(config.inputs, 1, length=length)
+    for tier, engine in engines.items():
+        cell = profile["tiers"].get(tier, {}).get("1")
+        if cell is None:
+            continue
+        took = []
+        for _ in range(CHECK_RUNS):
+            t0 = time.perf_counter()
+            engine.run(feeds)
+            took.append(time.perf_counter() - t0)
+        ratio = min(took) * 1e3 / cell["p50_ms"]
+        if not 1 / IMPLAUSIBLE_RATIO < ratio < IMPLAUSIBLE_RATIO:
+            ran = min(took) * 1e3
+            return (f"profile.json says tier {tier} takes {cell['p50_ms']:.4g} ms at batch "
+                    f"1, and it ran in {ran:.3g} ms: not these engines' timing")  # fmt: skip
+    return None
+
+
 def _refuse_links_out(model_dir: Path, paths: list[Path] | None = None) -> None:
     """RepositoryError where one of ``paths`` (default: everything in ``model_dir``) is a
     link that resolves outside ``model_dir``: a model.yaml linked to /etc/passwd was read,
@@ -322,8 +355,11 @@ class Repository:
         name: str,
         backend: str | None = None,
         on_build: Callable[[str, str], None] | None = None,
+        check_timing: bool = False,
     ) -> ServedModel:
-        """Load every tier's engine (building missing or bad cache entries from ONNX)."""
+        """Load every tier's engine (building missing or bad cache entries from ONNX).
+        ``check_timing``: run each tier a few times to check that profile.json is these
+        engines' (``_implausible``), as a server that times at load does."""
         try:
             config = self.config(name)
         except ConfigError as exc:
@@ -345,7 +381,7 @@ class Repository:
                 name, config, records, chosen, options, cache, on_build, tiers, engines
             )
             onnx = {t: r.onnx_sha256 for t, r in tiers.items()}
-            profile = self._profile_here(name, config, chosen, engines, profile, onnx)
+            profile = self._profile_here(name, config, chosen, engines, profile, onnx, check_timing)
             tokenizer = self.load_tokenizer(name, config)
         except BaseException:  # what opened stays open otherwise (a GPU engine: its memory)
             for engine in engines.values():
@@ -659,7 +695,7 @@ class Repository:
             raise RepositoryError(str(exc)) from None
 
     def _profile_here(
-        self, name, config, backend, engines, profile, onnx: dict[str, str]
+        self, name, config, backend, engines, profile, onnx: dict[str, str], check: bool = False
     ) -> dict[str, Any] | None:
         """``profile``, or, where there is none (missing or corrupted: read as None), it
         misses a tier, a batch size up to max_batch or a sequence length, was measured with
@@ -679,6 +715,8 @@ class Repository:
             why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
         if why is None:  # model.yaml's max_batch raised, or its lengths changed, since
             why = uncovered(profile, config.max_batch, config.sequence_lengths)
+        if why is None and check:
+            why = _implausible(profile, engines, config)
         if why is None:
             return profile
         t0 = time.perf_counter()
