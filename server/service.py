@@ -53,6 +53,9 @@ log = logging.getLogger("innfer.service")
 # ModelInferRequest's fields that hold its input and output tensors (grpc_service.proto).
 INPUTS, OUTPUTS = 5, 6
 INPUT_CONTENTS = 5  # ModelInferRequest.InferInputTensor.contents
+INPUT_SHAPE = 3  # InferInputTensor.shape (packed int64); an output tensor has no field 3
+MAX_SHAPE_DIMS = 64  # far past any model's rank (ONNX Runtime allows 8 on many kernels)
+MAX_SHAPE_BYTES = 10 * MAX_SHAPE_DIMS  # an int64 varint takes at most 10 bytes
 
 STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -184,6 +187,9 @@ def request_bounds(limits: RequestLimits) -> tuple[wire.Bound, wire.Bound]:
         deep_what="values sent one by one in its inputs' contents (a BYTES string or an "
         "unpacked number each; send numbers in raw_input_contents, or raise "
         "limits.max_contents_values in the server config)",
+        packed=INPUT_SHAPE,
+        packed_bytes=MAX_SHAPE_BYTES,
+        packed_what=f"tensor shape (at most {MAX_SHAPE_DIMS} dims)",
     )
     other = wire.Bound(
         OTHER_FIELDS + limits.max_parameters,

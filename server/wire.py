@@ -39,6 +39,10 @@ class TooManyFields(ValueError):
     how to stay within it."""
 
 
+class _TooLong(Exception):
+    """A nested message's packed field is longer than its ``Bound`` allows."""
+
+
 class _Malformed(Exception):
     """Not well formed at the walked level: left to protobuf, which names the error."""
 
@@ -62,6 +66,12 @@ class Bound:
     deep: int | None = None
     deep_fields: int = 0
     deep_what: str = "fields in nested contents"
+    # The field ``packed`` of each nested message (a tensor's shape: packed varints, one
+    # field however many dims) may be at most ``packed_bytes`` long: 4 MB of dims was one
+    # field to the count and 32 MB to protobuf's parse, on the loop (review 156).
+    packed: int | None = None
+    packed_bytes: int = 0
+    packed_what: str = "packed field"
 
     def refuse(self, count: int, what: str) -> TooManyFields:
         fix = f": {self.fix}" if self.fix and what != self.deep_what else ""  # (it says its own)
@@ -97,7 +107,7 @@ def split_field(
             if key >> 3 in bound.nested:
                 n, d = _count(
                     data, body, i, bound.nested_fields - inner, bound.deep,
-                    bound.deep_fields - deep,
+                    bound.deep_fields - deep, bound.packed, bound.packed_bytes,
                 )  # fmt: skip
                 inner, deep = inner + n, deep + d
                 if inner > bound.nested_fields:
@@ -110,6 +120,11 @@ def split_field(
                 start = i
     except (IndexError, _Malformed):  # a varint runs past the end, a field is cut short
         return None
+    except _TooLong:
+        raise TooManyFields(
+            f"a {bound.packed_what} of more than {bound.packed_bytes} bytes; at most "
+            f"{bound.packed_bytes} are accepted"
+        ) from None
     if not found:
         return data, found
     kept.append(view[start:])
@@ -146,18 +161,24 @@ def leading_strings(data: bytes, last: int, fields: int = 16) -> dict[int, str]:
 
 
 def _count(
-    data: bytes, i: int, end: int, most: int, deep: int | None = None, deep_most: int = 0
-) -> tuple[int, int]:
+    data: bytes, i: int, end: int, most: int, deep: int | None = None, deep_most: int = 0,
+    packed: int | None = None, packed_most: int = 0,
+) -> tuple[int, int]:  # fmt: skip
     """The fields of the message ``data[i:end]``, counted no further than ``most + 1``, and
     those of the messages in its length-delimited fields ``deep`` (no further than
-    ``deep_most + 1``)."""
+    ``deep_most + 1``); ``_TooLong`` where its length-delimited field ``packed`` holds more
+    than ``packed_most`` bytes."""
     n = d = 0
     while i < end and n <= most and d <= deep_most:
         n += 1
         key, i = _varint(data, i)
         body, i = _skip(data, key & 7, i, end)
-        if key >> 3 == deep and body >= 0:
+        if body < 0:
+            continue
+        if key >> 3 == deep:
             d += _count(data, body, i, deep_most - d)[0]
+        elif key >> 3 == packed and i - body > packed_most:
+            raise _TooLong
     return n, d
 
 
