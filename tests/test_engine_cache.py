@@ -141,6 +141,24 @@ def test_offline_planning_reads_the_tiers_model_yaml_gives(repository, edit, sai
             Repository(repository).served_tiers("tiny")
 
 
+@pytest.mark.parametrize("edit", ["threads: 2", "device"])
+def test_offline_planning_says_when_the_profile_is_not_this_machines(repository, edit, caplog):
+    # simulate, bench, report and tiers suggest planned with a profile the server itself
+    # re-measures at load (threads edited since, another CPU), with no note (review 157).
+    from runtime.repository import Repository
+
+    if edit == "device":
+        _edit(repository / "tiny" / "profile.json", lambda p: p.update(device="cpu-other"))
+    else:
+        yaml_path = repository / "tiny" / "model.yaml"
+        yaml_path.write_text(yaml_path.read_text() + f"{edit}\n")
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        records, profile, _ = Repository(repository).served_tiers("tiny")
+    assert set(records) == {"w100", "w050"} and set(profile["tiers"]) == set(records)
+    said = "with onnxruntime on cpu-other" if edit == "device" else "with 1 intra-op threads"
+    assert said in caplog.text and "planned with it as it is" in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize(
     "damage", ["missing", "corrupted", "a tier short", "max_batch raised", "300 ms", "1e300 ms"]
 )

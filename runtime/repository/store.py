@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -134,6 +135,22 @@ class ServedModel:
             for name, n in (record.input_rows or {}).items():
                 rows[name] = merge_rows(rows[name], n) if name in rows else n
         return rows
+
+
+def _stale(profile: dict[str, Any], config, backend: Backend, onnx: dict[str, str]) -> str | None:
+    """Why ``profile`` is not the timing of the tiers ``onnx`` (tier -> sha256) as
+    ``config`` serves them with ``backend`` here, or None: measured with another backend,
+    version, device or threads, for other tiers or engines (rebuilt since), or short of
+    max_batch or a sequence length."""
+    why = measured_elsewhere(profile, backend, config.threads, config.spin)
+    if why is None and set(timed := profile.get("tiers", {})) != set(onnx):  # tiers edited
+        why = (f"profile.json times tiers {', '.join(sorted(timed)) or 'none'}, not the "
+               f"tiers served: {', '.join(sorted(onnx))}")  # fmt: skip
+    if why is None and (stale := stale_tiers(profile, onnx)):
+        why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
+    if why is None:  # model.yaml's max_batch raised, or its lengths changed, since
+        why = uncovered(profile, config.max_batch, config.sequence_lengths)
+    return why
 
 
 # A profile whose batch-1 time is this far from a tier's real one, either way, is not the
@@ -289,13 +306,13 @@ class Repository:
                 f"{self.tier_dir(name, tier.name) / TIER_FILE} was sampled with {change} in "
                 f"{config.source}: run `innfer build`"
             )
-        if config.evaluation is None and record.accuracy is not None:
+        if config.evaluation is None and record.accuracy_on is not None:
             # (the build sets them null: no stale figure to schedule by; review 157)
             warn_once(
                 f"{name}: tier {tier.name}'s accuracy was measured on an evaluation "
                 f"{config.source} no longer names: ranked by FLOPs until `innfer build`"
             )
-            record = dataclasses.replace(record, accuracy=None)
+            record = dataclasses.replace(record, accuracy=None, accuracy_on=None)
         return record
 
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
@@ -609,7 +626,17 @@ class Repository:
                 f"{path} has no latency for tier {unmeasured[0]} of {config.source}: run "
                 "`innfer build`"
             )
-        return records, _only_tiers(profile, names), "model.yaml"
+        profile = _only_tiers(profile, names)
+        onnx = {n: r.onnx_sha256 for n, r in records.items()}
+        with contextlib.suppress(RepositoryError):  # no backend here: nothing to compare
+            if why := _stale(profile, config, self.choose_backend(config), onnx):
+                # A server re-measures such a profile at load; these tools plan with it as
+                # it is - said, not silent (review 157).
+                warn_once(
+                    f"{name}: {why}; planned with it as it is (a server measures it again "
+                    "at load; `innfer build` on this machine stores a new one)"
+                )
+        return records, profile, "model.yaml"
 
     def _inn_fingerprint(self, name: str) -> str | None:
         """``inn_fingerprint`` of the model directory's INN now; None without one (a
@@ -704,17 +731,11 @@ class Repository:
         make now, a new one measured now on ``engines`` (a few runs per point: seconds on a
         CPU, less on a GPU). Not written back: the repository may be read-only, and ``innfer
         build`` on this machine is how a profile is stored."""
-        why = measured_elsewhere(profile, backend, config.threads, config.spin)
         if profile is None:  # the serving image has no torch to run `innfer build` with
             missing = not (self.model_dir(name) / PROFILE_FILE).is_file()
             why = "profile.json is missing" if missing else "profile.json is corrupted (above)"
-        elif set(timed := profile.get("tiers", {})) != set(onnx):  # model.yaml's tiers edited
-            why = (f"profile.json times tiers {', '.join(sorted(timed)) or 'none'}, not the "
-                   f"tiers served: {', '.join(sorted(onnx))}")  # fmt: skip
-        if why is None and (stale := stale_tiers(profile, onnx)):
-            why = f"profile.json timed other engines for tiers {', '.join(stale)} (rebuilt since)"
-        if why is None:  # model.yaml's max_batch raised, or its lengths changed, since
-            why = uncovered(profile, config.max_batch, config.sequence_lengths)
+        else:
+            why = _stale(profile, config, backend, onnx)
         if why is None and check:
             why = _implausible(profile, engines, config)
         if why is None:
