@@ -160,13 +160,13 @@ MAX_MS = 3.6e6  # an hour: no batch takes longer, a larger figure is a typing sl
 
 def profile_problem(profile: Mapping[str, Any]) -> str | None:
     """What is wrong with the tables of a ``profile.json`` that parsed, or None: every table
-    (``tiers``, and each of ``lengths``) maps batch sizes ("1", "8", ...) to finite,
-    positive ``p50_ms`` and ``p90_ms`` (and ``p99_ms`` where given). A hand-edited value
+    (``tiers``, and each of ``lengths``) maps batch sizes ("1", "8", ...) to positive
+    ``p50_ms`` and ``p90_ms`` under an hour (and ``p99_ms`` where given). A hand-edited value
     failed far from the file otherwise ("'int' object is not subscriptable").
 
     Example:
         >>> profile_problem({"tiers": {"w100": {"1": {"p50_ms": 1.0, "p90_ms": "fast"}}}})
-        "tier w100, batch 1: p90_ms is 'fast', not a positive number of milliseconds"
+        "tier w100, batch 1: p90_ms is 'fast', not a positive number of milliseconds below an hour"
     """
     tables = [("", profile.get("tiers"))]
     lengths = profile.get("lengths", {})
