@@ -328,7 +328,9 @@ class DataPlane:
             self._start_tierer(name, served.config, swap or same, unmet)
             # The data plane owns this gauge: it alone knows a replacement is serving.
             self.metrics.model_ready.labels(name).set(1)
-            log.info("model %s ready: tiers %s (%s)", name, list(served.tiers), served.backend)
+            chosen = "auto-tiering's choice" if served.tier_source == "frontier" else "model.yaml"
+            log.info("model %s ready: tiers %s from %s (%s), build %s", name,
+                     list(served.tiers), chosen, served.backend, served.build_id)  # fmt: skip
         # Outside the lock: a swap's drain lasts until the old queue's latest deadline, and
         # other models' loads need not wait for it.
         if old is not None:
@@ -874,7 +876,8 @@ class DataPlane:
         for name, rec in m.served.tiers.items():
             p50 = profile["tiers"].get(name, {}).get("1", {}).get("p50_ms")
             row = {"name": name, "width": rec.width, "accuracy": rec.accuracy,
-                   "latency_ms_batch1": p50, "flops": rec.flops}  # fmt: skip
+                   "latency_ms_batch1": p50, "flops": rec.flops,
+                   "onnx_sha256": rec.onnx_sha256}  # fmt: skip
             if lengths:
                 row["latency_tokens"] = max(int(n) for n in lengths)
                 row["latency_ms_batch1_by_tokens"] = {

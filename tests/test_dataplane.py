@@ -135,6 +135,9 @@ def test_metadata_and_tiers(config):
                 ("w100", 1.0, 2.0),
                 ("w050", 0.5, 1.0),
             ]
+            # which networks: a rollback or rebuild is told apart (review 157)
+            records = plane.models["a"].served.tiers
+            assert [t["onnx_sha256"] for t in tiers] == [records[t].onnx_sha256 for t in records]
             assert plane.server_metadata().name == "innfer"
         finally:
             for m in plane.models.values():
@@ -1743,3 +1746,23 @@ def test_an_unexpected_error_reading_a_model_fails_it_with_a_reason(config, monk
     said, reason = _run(body())
     assert "its files could not be read (ZeroDivisionError: division by zero)" in said
     assert "ZeroDivisionError" in reason
+
+
+def test_the_ready_line_says_where_the_tiers_come_from_and_which_build(config, caplog):
+    # "ready: tiers [...]" named neither model.yaml or auto-tiering's choice nor the build:
+    # after a rollback, the log looked as before (review 157).
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            return plane.models["a"].served
+        finally:
+            await plane.stop_models()
+
+    with caplog.at_level("INFO", logger="innfer.dataplane"):
+        served = _run(body())
+    said = f"model a ready: tiers ['w100', 'w050'] from model.yaml (fake), build {served.build_id}"
+    assert said in caplog.text and re.fullmatch(r"[0-9a-f]{12}", served.build_id)
+    rebuilt = dataclasses.replace(served.tiers["w050"], onnx_sha256="0" * 64)
+    other = dataclasses.replace(served, tiers={**served.tiers, "w050": rebuilt})
+    assert other.build_id != served.build_id

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -118,6 +119,20 @@ class ServedModel:
     backend: str
     tokenizer: TextTokenizer | None = None  # text models (model.yaml ``text``) only
     tier_source: str = "model.yaml"  # or "frontier": the auto-tiering choice is served
+
+    @property
+    def build_id(self) -> str:
+        """Which networks are served: the first 12 hex digits of the sha256 of the tiers'
+        names and ONNX hashes. A rollback, a rebuild or a swap of tiers changes it; the same
+        build served again does not (the version is always "1": review 157 could tell two
+        builds apart only by their outputs).
+
+        Example:
+            >>> served.build_id  # doctest: +SKIP
+            '3f9a0c1d2e4b'
+        """
+        pairs = sorted((t, r.onnx_sha256) for t, r in self.tiers.items())
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
 
     @property
     def input_rows(self) -> dict[str, Rows]:
