@@ -148,6 +148,27 @@ NOT_THE_DEMOS = "the INN there is not the one the demo trained"
 NO_DEMO_RECORD = f"it holds an INN the demo did not make (no {DEMO_FILE})"
 
 
+def _say_unbuilt(repo, name: str) -> None:
+    """After a build of ``name`` stopped (an error, Ctrl-C, a full disk): which of its tiers
+    are built for model.yaml as it is and which are not - "interrupted" alone left a mixed
+    set to be found by the next load (review 157)."""
+    from runtime.repository import RepositoryError
+
+    _close_progress_bars()
+    try:
+        left = repo.unbuilt(name)
+        every = [t.name for t in repo.config(name).tiers]
+    except (RepositoryError, OSError, ValueError):
+        return  # model.yaml itself is the error, said next
+    if not left:
+        return
+    done = [t for t in every if t not in left]
+    built = f" ({', '.join(done)} are)" if done else ""
+    print(f"innfer build: {name}: tiers {', '.join(left)} are not built for its model.yaml"
+          f"{built}; a server refuses the model until `innfer build` completes",
+          file=sys.stderr)  # fmt: skip
+
+
 def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     """(the demo record, "") when ``model_dir`` holds an INN trained by ``recipe``, else
     (None, why not; "" when there is nothing there yet)."""
@@ -312,8 +333,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         try:
             report = build_model(repo, name, backend=args.backend, profile=not args.no_profile,
                                  prune=not args.keep_engines)  # fmt: skip
-        except (ValueError, OSError, RuntimeError) as exc:
-            if len(names) == 1:
+        except (ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+            _say_unbuilt(repo, name)
+            if len(names) == 1 or isinstance(exc, KeyboardInterrupt):
                 raise
             print(f"innfer build: {name}: error: {exc}", file=sys.stderr)
             failed.append(name)
@@ -1458,7 +1480,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         # The plot is replaced: its figures too, or report.json kept the pre-calibration
         # numbers beside a plot of the new ones (review helper-145).
         json_path = beside
-    save_report(rows, json_path, png if plotted else None, served, ylabel)
+    try:
+        save_report(rows, json_path, png if plotted else None, served, ylabel)
+    except OSError as exc:  # a read-only model folder: the table printed, then only errno
+        raise OSError(exc.errno, f"{exc.strerror}: {exc.filename} (give --png PATH and "
+                      "--json PATH somewhere writable)") from None  # fmt: skip
     if plotted:
         print(f"plot: {png}")
     elif args.png:  # asked for, and nothing to draw: said, not silently skipped

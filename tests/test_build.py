@@ -1251,3 +1251,52 @@ def test_accuracy_measured_on_an_evaluation_model_yaml_dropped_is_not_scheduled_
     finally:
         for engine in served.engines.values():
             engine.close()
+
+
+def test_an_interrupted_build_says_which_tiers_are_left_unbuilt(
+    built, tmp_path, monkeypatch, capsys
+):
+    # "innfer build: interrupted" alone, with w100 rebuilt for multiple_of 8 and w050 not:
+    # the next load found the mixed set (review 157).
+    import shutil
+
+    import runtime.build.pipeline as pipeline
+    from innfer import cli
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    yaml_path = root / "tiny" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "multiple_of: 8\n")
+    real, calls = pipeline.count_flops, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # w050's export
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "count_flops", stopped)
+    code = cli.main(["build", str(root), "--no-profile"])
+    err = capsys.readouterr().err
+    assert code == 130 and Repository(root).unbuilt("tiny") == ["w050"]
+    assert "tiny: tiers w050 are not built for its model.yaml (w100 are); a server refuses" in err
+    assert err.rstrip().endswith("innfer build: interrupted")
+
+
+def test_a_build_on_a_read_only_volume_is_refused_before_the_work(built, tmp_path, monkeypatch):
+    # The whole build ran, then failed on profile.json: "[Errno 30] Read-only file system"
+    # (review 157). os.access says EROFS even to root; simulated here.
+    import os
+    import shutil
+
+    import runtime.build.pipeline as pipeline
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    real = os.access
+    monkeypatch.setattr(
+        pipeline.os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode)
+    )
+    monkeypatch.setattr(pipeline, "load", lambda *a: pytest.fail("the INN was read"))
+    with pytest.raises(pipeline.BuildError, match=r"tiny is not writable.*writable copy"):
+        build_model(Repository(root), "tiny", progress=False)

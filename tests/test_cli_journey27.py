@@ -711,3 +711,16 @@ def test_a_plot_path_without_a_suffix_is_printed_as_written(tmp_path):
 
     assert png_file(str(tmp_path / "timeline")) == tmp_path / "timeline.png"
     assert png_file(str(tmp_path / "t.png")) == tmp_path / "t.png"
+
+
+def test_report_into_a_read_only_model_folder_says_where_else_to_write(tmp_path, capsys):
+    # The table printed, then "[Errno 30] Read-only file system: .../report.png" and exit 2,
+    # with no word of --png (review 157). A folder the report cannot write into, simulated.
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),))
+    d = add_model(tmp_path, "cnn", inn, IO)
+    (d / "report.png").mkdir()  # a file cannot be written there
+    code, _, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5", "--data", "digits")
+    assert code == 2 and "report.png (give --png PATH and --json PATH somewhere writable)" in err
+    code, _, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5", "--data", "digits",
+                          "--png", tmp_path / "r.png")  # fmt: skip
+    assert code == 0, err

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -117,6 +118,12 @@ def build_model(
     """
     config = repo.config(name)
     model_dir = repo.model_dir(name)
+    if not os.access(model_dir, os.W_OK):  # (a read-only volume: even root may not write)
+        # Said before the work: a whole build ran, then failed on profile.json (review 157).
+        raise BuildError(
+            f"{model_dir} is not writable (a read-only volume?): build on a writable copy of "
+            "the repository, then ship it"
+        )
     sweep(model_dir)  # what interrupted builds and saves left
     _check_dataset(config, model_dir)
     inn = load(model_dir)

@@ -330,6 +330,27 @@ class Repository:
             record = dataclasses.replace(record, accuracy=None, accuracy_on=None)
         return record
 
+    def unbuilt(self, name: str) -> list[str]:
+        """The tiers of ``name``'s model.yaml a load would refuse as not built for it (no
+        tier.json or model.onnx, or built at another width or with other sampling): what an
+        interrupted or failed ``innfer build`` left to do.
+
+        Example:
+            >>> Repository("runs/demo/repository").unbuilt("mnist")  # doctest: +SKIP
+            []
+        """
+        config = self.config(name)
+        left = []
+        for tier in config.tiers:
+            try:
+                self._built_record(name, tier, config)
+                ok = (self.tier_dir(name, tier.name) / "model.onnx").is_file()
+            except RepositoryError:
+                ok = False
+            if not ok:
+                left.append(tier.name)
+        return left
+
     def choose_backend(self, config: ModelConfig, override: str | None = None) -> Backend:
         names = [override] if override else list(config.backends)
         why = []
