@@ -18,6 +18,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -85,6 +86,14 @@ VERSION = "1"  # innfer serves one version per model: the INN
 # event loop: 8 texts of 16 KB took 49 ms there, during which no other request was decoded,
 # scheduled or answered. Shorter text is tokenized inline (the hop would cost more).
 TOKENIZE_INLINE_CHARS = 2048
+# Inline encodings this slow move the model's texts onto the threads for good: a
+# tokenizer.json whose normalizer expands text held the loop 5.5 s for 12 bytes, every
+# health probe waiting behind it (review 156). ~0.05 ms is usual for a sentence; a busy
+# host's scheduling can stall one now and then, so it takes one past the long bound, or
+# SLOW_TOKENIZE_TIMES past the short one.
+TOKENIZE_INLINE_MAX_S = 0.005
+TOKENIZE_INLINE_LONG_S = 0.05
+SLOW_TOKENIZE_TIMES = 3
 # Threads for that (the tokenizers library releases the GIL while it encodes, and one
 # Tokenizer encodes on several threads at once); started by the first long text.
 TOKENIZE_THREADS = 2
@@ -1298,8 +1307,18 @@ class DataPlane:
         left to the scheduler to judge. ``clock.queued_s``: how long they waited for a
         thread."""
         tokenizer = m.served.tokenizer
-        if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS:
-            return tokenizer.encode_rows(texts)
+        if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS and not m.slow_tokenizer:
+            t0 = time.perf_counter()
+            encoded = tokenizer.encode_rows(texts)
+            if (took := time.perf_counter() - t0) > TOKENIZE_INLINE_MAX_S:
+                m.slow_tokenizes += 1
+            if took > TOKENIZE_INLINE_LONG_S or m.slow_tokenizes >= SLOW_TOKENIZE_TIMES:
+                m.slow_tokenizer = True
+                log.warning("model %s: its tokenizer took %.0f ms for %d characters on the "
+                            "event loop; its texts are tokenized on the tokenizer threads from "
+                            "now on (check tokenizer.json's normalizer)", m.name, took * 1e3,
+                            sum(len(t) for t in texts))  # fmt: skip
+            return encoded
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         start = m.clock()

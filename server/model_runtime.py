@@ -578,6 +578,9 @@ class ModelRuntime:
         # Stuck batches of runtimes of this model a reload retired with their engine hung
         # (the data plane's): still this model's, on its gauge.
         self.retired_stuck: Callable[[], int] = lambda: 0
+        # Its tokenizer was slow on the loop: every text goes to the threads (DataPlane).
+        self.slow_tokenizer = False
+        self.slow_tokenizes = 0  # inline encodings past TOKENIZE_INLINE_MAX_S
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

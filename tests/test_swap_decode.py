@@ -144,3 +144,36 @@ def test_a_handed_over_requests_failure_counts_in_its_new_runtimes_statistics(
     got, old_fails, new_fails = asyncio.run(go())
     assert "w050" in str(got), got  # the new set has no w050
     assert (old_fails, new_fails) == (0, 1)
+
+
+def test_a_tokenizer_slow_on_the_loop_moves_its_texts_to_the_threads(tmp_path, monkeypatch):
+    # A tokenizer.json whose normalizer expands each character held the event loop 5.5 s
+    # for a 12-byte text, every request and health probe behind it (review 156). One such
+    # encoding moves the model's texts onto the tokenizer threads.
+    import threading
+
+    encode, threads = TextTokenizer.encode_rows, []
+
+    def slowly(self, texts):
+        threads.append(threading.current_thread())
+        time.sleep(0.06)  # past TOKENIZE_INLINE_LONG_S
+        return encode(self, texts)
+
+    monkeypatch.setattr(TextTokenizer, "encode_rows", slowly)
+    _text_model(tmp_path)
+    cfg = ServerConfig.from_dict(
+        {"repository": str(tmp_path), "models": ["t"], "profile_at_load": False}
+    )
+
+    async def go():
+        plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+        await plane.load_all()
+        try:
+            for _ in range(2):
+                await plane.infer(_request("a short sentence"), None)
+            return threading.current_thread()
+        finally:
+            await plane.stop_models()
+
+    loop_thread = asyncio.run(go())
+    assert threads[0] is loop_thread and threads[1] is not loop_thread
