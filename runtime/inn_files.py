@@ -38,7 +38,8 @@ def renaming(model_dir: Path) -> Iterator[None]:
     lock file left beside the model) for a save's two renames: two savers into one folder
     (two calibrations, a training run and a calibration) interleaved them into one's weights
     under the other's ``inn.json``, which its checksum refuses - the model lost. Held for
-    microseconds; where it cannot be taken (no ``fcntl``) the renames go on without it.
+    microseconds; where it cannot be taken (no ``fcntl``; NFS, whose emulated flock refuses
+    a folder's read-only descriptor) the renames go on without it.
 
     Example:
         >>> import tempfile
@@ -53,7 +54,10 @@ def renaming(model_dir: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # NFS emulates flock with POSIX locks, which refuse a read-only descriptor (EBADF) -
+        # and a folder opens only read-only: the renames go on unlocked (review 158).
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # (closing releases the lock)

@@ -390,9 +390,10 @@ class DataPlane:
             kept = set().union(*(r.accuracy for r in live)) if live else None
             try:
                 self.metrics.forget_model(name, kept)
-                if not live and self._hung_count(name):
-                    # Unloaded with its engine hung: the alert on this gauge must still be
-                    # able to fire (it went with the model's series; review 48's list).
+                if not live and any(r.name == name for r in list(self._hung)):
+                    # Unloaded with its engine hung (stuck or not yet: it turns stuck at
+                    # 30 s): the alert on this gauge must still be able to fire (it went
+                    # with the model's series; session 48's list, review 158).
                     self.metrics.stuck_batches.labels(name).set_function(
                         lambda: self._hung_count(name)
                     )

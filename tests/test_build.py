@@ -1300,3 +1300,21 @@ def test_a_build_on_a_read_only_volume_is_refused_before_the_work(built, tmp_pat
     monkeypatch.setattr(pipeline, "load", lambda *a: pytest.fail("the INN was read"))
     with pytest.raises(pipeline.BuildError, match=r"tiny is not writable.*writable copy"):
         build_model(Repository(root), "tiny", progress=False)
+
+
+def test_a_tier_kept_from_an_older_build_gains_its_sampling_record(built, tmp_path):
+    # A tier reused unchanged kept a record without sampling for good: the check of
+    # model.yaml's multiple_of/method never applied to it (review 158).
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    for tier in ("w100", "w050"):  # as an older build wrote them
+        record = root / "tiny" / "tiers" / tier / "tier.json"
+        data = json.loads(record.read_text())
+        del data["sampling"]
+        record.write_text(json.dumps(data))
+    report = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not any(t.exported for t in report.tiers)  # reused, not exported again
+    sampling = [Repository(root).load_record("tiny", t).sampling for t in ("w100", "w050")]
+    assert all(s is not None and s["multiple_of"] == 1 for s in sampling), sampling

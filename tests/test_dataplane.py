@@ -1682,24 +1682,28 @@ def test_an_unloaded_models_hung_batch_stays_on_its_gauge_until_it_returns(confi
     import server.model_runtime as mr
 
     monkeypatch.setattr(mr, "RUNNING_WAIT_S", 0.2)
-    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.3)
+    # Past the unload's stop, as in production (30 s against 10.5 s): the series must stay
+    # for a batch that turns stuck after the unload (review 158).
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 1.0)
 
     async def body():
         plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
         get = plane.metrics.registry.get_sample_value
         try:
             await asyncio.wait_for(plane.unload("a"), 10)  # its stop gives up on the call
-            await asyncio.sleep(0.4)  # past STUCK_MIN_S
+            await asyncio.sleep(0.05)
+            before = get("innfer_stuck_batches", {"model": "a"})
+            await asyncio.sleep(1.0)  # past STUCK_MIN_S
             during = get("innfer_stuck_batches", {"model": "a"})
             gate.set()
             await asyncio.wait_for(held, 5)
             await asyncio.sleep(0.05)  # the hung call returned
-            return during, get("innfer_stuck_batches", {"model": "a"})
+            return before, during, get("innfer_stuck_batches", {"model": "a"})
         finally:
             gate.set()
             await plane.stop_models()
 
-    assert _run(body()) == (1.0, None)  # then gone with the rest of the model's series
+    assert _run(body()) == (0.0, 1.0, None)  # then gone with the rest of the model's series
 
 
 def test_files_nested_too_deeply_or_with_huge_integers_fail_their_model_alone(tmp_path):

@@ -185,3 +185,21 @@ def test_two_savers_into_one_folder_rename_their_pairs_one_after_the_other(tmp_p
         resume.set()
     loaded = runtime.load(d)  # whole: one saver's pair, the last one's (B's)
     assert all(torch.equal(loaded.state[k], b.state[k]) for k in b.state)
+
+
+def test_a_save_where_the_folder_cannot_be_locked_goes_on_unlocked(tmp_path, monkeypatch):
+    # On NFS, flock is emulated with POSIX locks, which refuse a folder's read-only
+    # descriptor (EBADF): every save failed and removed its files (review 158).
+    import errno
+    import fcntl
+
+    def refused(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    model, x = random_cnn(3)
+    inn = runtime.convert(model, (x,))
+    d = inn.save(tmp_path / "inn")
+    inn.save(d)  # over an existing save, too
+    loaded = runtime.load(d)
+    assert all(torch.equal(loaded.state[k], inn.state[k]) for k in inn.state)

@@ -364,8 +364,10 @@ def _export_tier(
         rows = old.input_rows  # the same ONNX as when recorded: parsed once, at export
         if rows is None and _ints(config):  # a record from before they were kept
             rows = embedding_rows((d / "model.onnx").read_bytes(), config)
-        if (old.inn_sha256, old.input_rows) != (inn_sha, rows):  # kept since (same source)
-            old = dataclasses.replace(old, inn_sha256=inn_sha, input_rows=rows)
+        sampling = sampling_of(config)  # (the same source hash: the same settings)
+        if (old.inn_sha256, old.input_rows, old.sampling) != (inn_sha, rows, sampling):
+            # kept since: a record of an older build gains them (review 158)
+            old = dataclasses.replace(old, inn_sha256=inn_sha, input_rows=rows, sampling=sampling)
             old.write(d / TIER_FILE)
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
