@@ -507,8 +507,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         # The folder listing off the loop: 30,000 folders took 0.3 s, and every request
         # waited behind it (review 157; a stalled volume, for ever). A ready-only index
         # needs none.
-        listed = [] if request.ready else (
-            await asyncio.get_running_loop().run_in_executor(None, plane.repo.names))  # fmt: skip
+        listed = [] if request.ready else await plane.repository_names()
         for name in sorted({*listed, *plane.models, *plane.broken}):
             loaded = name in self.plane.models
             if request.ready and not loaded:

@@ -223,3 +223,33 @@ def test_a_server_serves_a_model_whose_profile_is_far_from_its_engines(tmp_path)
     finally:
         s.stop()
     assert all(a.outputs[0].shape == [1, 10] for a in answers)
+
+
+def test_a_stalled_listing_is_waited_for_once_and_given_up_on(tmp_path, monkeypatch):
+    # Each RepositoryIndex took a thread of the default executor for as long as the volume
+    # stalled, until loads and the shutdown waited behind them (review 158): one listing at
+    # a time now, shared, and given up on after LIST_TIMEOUT_S.
+    import threading
+
+    import server.dataplane as dataplane
+
+    monkeypatch.setattr(dataplane, "LIST_TIMEOUT_S", 0.3)
+    repo = build_repository(tmp_path / "repo")
+    s = ServerThread({"repository": str(repo), "models": ["tiny"]}).start()
+    stalled, entered = threading.Event(), []
+
+    def stalls():
+        entered.append(1)
+        stalled.wait(10)
+        return ["tiny", "wide"]
+
+    s.server.plane.repo.names = stalls
+    try:
+        stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.address))
+        calls = [stub.RepositoryIndex.future(pb.RepositoryIndexRequest()) for _ in range(3)]
+        index = [[m.name for m in c.result(timeout=10).models] for c in calls]
+        stalled.set()
+    finally:
+        stalled.set()
+        s.stop()
+    assert index == [["tiny"]] * 3 and entered == [1]
