@@ -1483,8 +1483,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         save_report(rows, json_path, png if plotted else None, served, ylabel)
     except OSError as exc:  # a read-only model folder: the table printed, then only errno
-        raise OSError(exc.errno, f"{exc.strerror}: {exc.filename} (give --png PATH and "
-                      "--json PATH somewhere writable)") from None  # fmt: skip
+        hint = " (give --png PATH and --json PATH somewhere writable)"
+        if exc.errno is None:  # (an image writer's own error: its text, as it was)
+            raise OSError(f"{exc}{hint}") from None
+        raise OSError(exc.errno, f"{exc.strerror}: {exc.filename}{hint}") from None
     if plotted:
         print(f"plot: {png}")
     elif args.png:  # asked for, and nothing to draw: said, not silently skipped

@@ -633,3 +633,13 @@ def test_explicit_model_control_without_auth_needs_a_loopback_address(host, refu
             ServerConfig.from_dict(spec)
     else:
         assert ServerConfig.from_dict(spec).host == host
+
+
+def test_an_error_about_a_very_long_key_is_short(tmp_path):
+    # A model.yaml key of 5,000 characters made a 5,315-character ConfigError, sent to the
+    # client that asked to load the model (review 158).
+    path = tmp_path / "model.yaml"
+    path.write_text(f"? {'k' * 5000}\n: 1\n")  # (an explicit key: a plain one stops at 1,024)
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.load(path)
+    assert len(str(err.value)) < 600 and "... (5000 chars)" in str(err.value)
