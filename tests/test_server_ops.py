@@ -347,8 +347,10 @@ def test_metrics_connections_are_capped():
             time.sleep(0.2)  # each has its thread and slot, and has sent no request
             with socket.create_connection(address):
                 # no 17th thread: the extra one takes the slot of the oldest held one (none
-                # sent its request), which is closed at once, not timed out
-                assert _closed_within(held[0], 10) < 2.5
+                # sent its request), which is closed at once, not timed out (5 s): bounded a
+                # second short of it (2.5 s was passed at 2.78 s by a fresh-clone CI run
+                # beside a load test on this 2-core VM)
+                assert _closed_within(held[0], 10) < metrics.METRICS_TIMEOUT_S - 1.0
         finally:
             for sock in held:
                 sock.close()
