@@ -35,6 +35,8 @@ Ratios the autoscaler uses (deploy/monitoring/prometheusrule.yaml records them p
                    cancelled or unloaded in the queue - not only of the served ones)
   degraded share = (rate(innfer_degraded_requests_total) + rate(shed))
                    / (rate(innfer_requests_total{outcome="served"}) + rate(shed))
+                   degraded: served below the tier an idle replica would have served in
+                   its budget (a budget no better tier meets alone is not load)
                    shed: innfer_deadline_missed_total of the reasons refused_deadline,
                    refused_full and expired - load the replica could not take counts as
                    degraded (refused_budget is not load: more replicas would not serve it)
@@ -195,8 +197,10 @@ class Metrics:
         )  # fmt: skip
         self.degraded = Counter(
             "innfer_degraded_requests",
-            "Requests served below the best tier they allowed: the model's top tier (or the "
-            "fixed policy's), or the tier the request pinned.",
+            "Requests served below the best tier they allowed - the model's top tier (or the "
+            "fixed policy's), or the tier the request pinned - that an idle replica would "
+            "have served better within their budget (a budget no better tier meets is not "
+            "load: more replicas would not serve it better).",
             ["model"], registry=r,
         )  # fmt: skip
         # The scheduler's current latency view per tier (issue 18): what it plans with, so a

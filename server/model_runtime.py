@@ -76,7 +76,12 @@ from server.scheduling import (
     nominal_tier,
 )
 from server.scheduling.device import Device, Instances
-from server.scheduling.latency import dominated, slower_than_more_accurate, tiers_from_profile
+from server.scheduling.latency import (
+    LatencyModel,
+    dominated,
+    slower_than_more_accurate,
+    tiers_from_profile,
+)
 from server.traffic import TrafficLog
 
 # Backends whose engines run on the CPU and may be called from any thread, so a short batch
@@ -1513,7 +1518,7 @@ class ModelRuntime:
                 int(1e6 * secs), r.rows, pending.lane,
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
-            self._record(alone, [r], secs, now, {r.id} if later else ())
+            self._record(alone, [r], secs, now, {r.id} if later else (), lane.latency)
             self._count_nonfinite(alone, [r], out)
             self._record_triton(alone, [r], (0.0, secs, 0.0), now)
 
@@ -1561,7 +1566,7 @@ class ModelRuntime:
         prepare, compute, cpu = times
         lane.complete(d, now, compute, calls=calls)
         self._account_cpu(cpu)
-        self._record(d, answered, compute, now, later)
+        self._record(d, answered, compute, now, later, lane.latency)
         if outputs is not None:
             self._count_nonfinite(d, answered, outputs)
         # A request cancelled while its batch ran is not a success.
@@ -1594,7 +1599,7 @@ class ModelRuntime:
 
     def _record(
         self, d: Decision, answered: list[Request], compute: float, now: float,
-        later: Collection[int] = (),
+        later: Collection[int] = (), latency: LatencyModel | None = None,
     ) -> None:  # fmt: skip
         """Metrics of batch ``d``; per request, of those ``answered`` (one cancelled while
         the batch ran was counted as cancelled, not served nor met); met or late, except for
@@ -1611,7 +1616,9 @@ class ModelRuntime:
             compute_s.observe(compute)
             self._queue_total.inc(queued)
             self._served_accuracy.observe(self.accuracy[tier])
-            if self.accuracy[tier] < self.accuracy[self._best_allowed(r)]:
+            if self.accuracy[tier] < self.accuracy[self._best_allowed(r)] and (
+                self.accuracy[tier] < self.accuracy[self._best_in_budget(r, latency)]
+            ):
                 self._degraded.inc()
             if r.id not in later:
                 (self._met if now <= r.due else self._missed["late"]).inc()
@@ -1633,6 +1640,21 @@ class ModelRuntime:
             return r.pin
         floor = r.min_tier or self.nominal_tier
         return max((self.nominal_tier, floor), key=self.accuracy.__getitem__)
+
+    def _best_in_budget(self, r: Request, latency: LatencyModel | None) -> str:
+        """The most accurate tier an idle replica would serve ``r`` at within its budget:
+        the best it allows (``_best_allowed``) or, where the profile (p90, no online
+        correction) says that tier cannot answer its rows in the budget, the most accurate
+        one below it that can (the fastest where none can). Served below this, load took
+        accuracy from it; served at it, its budget did - and more replicas would give it
+        nothing: counted degraded, a budget tighter than the top tier pinned the HPA at
+        maxReplicas on an idle replica (review 159)."""
+        latency = latency or self.scheduler.latency
+        best = self._best_allowed(r)
+        ranked = sorted(self.accuracy, key=self.accuracy.__getitem__, reverse=True)
+        below = ranked[ranked.index(best) :]
+        # (``budget``: what the planner had, the margin and reserve already off)
+        return next((t for t in below if latency.profiled(t, r.rows) <= r.budget), below[-1])
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],

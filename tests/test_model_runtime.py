@@ -310,17 +310,24 @@ def test_metrics_follow_the_requests(tmp_path):
 def test_degraded_counts_requests_load_served_below_their_best_tier(tmp_path, policy):
     # The autoscaler's degraded share counted every request served below the top tier: at
     # no load, clients pinning w050 (or an operator's fixed:w050 policy) read as a pod
-    # shedding half its work, and the HPA scaled out for nothing.
-    served = _served(tmp_path, {"w100": {1: 500.0, 4: 500.0}, "w050": {1: 1.0, 4: 1.0}})
+    # shedding half its work, and the HPA scaled out for nothing. So did a budget no better
+    # tier meets even alone: an idle fleet sat at maxReplicas (review 159).
+    served = _served(tmp_path, {"w100": {1: 50.0, 4: 50.0}, "w050": {1: 1.0, 4: 1.0}})
     metrics = Metrics()
 
     async def body():
         kwargs = {"policy": policy} if policy else {}
-        async with _running(served, metrics, **kwargs) as rt:
+        async with _running(served, metrics, device=Device(1), **kwargs) as rt:
             for _ in range(2):
                 assert (await rt.infer(_x(1, 1.0), 1, 10.0, pin="w050")).tier == "w050"
-            # 100 ms: w100's 500 ms does not fit, the planner serves w050
-            assert (await rt.infer(_x(1, 1.0), 1, 0.1)).tier == "w050"
+            # 20 ms: w100's 50 ms does not fit even alone - its budget, not load
+            assert (await rt.infer(_x(1, 1.0), 1, 0.02)).tier == "w050"
+            # 80 ms: w100 fits alone, not behind the batch running - load took it
+            async with _one_running(rt, served, "w050" if policy else "w100") as gate:
+                behind = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 0.08))
+                await asyncio.sleep(0.01)
+                gate.release()
+                assert (await behind).tier == "w050"
             if policy:  # min_tier above the fixed tier: served at the best it allowed
                 r = await rt.infer(_x(1, 1.0), 1, 10.0, min_tier="w100")
                 assert r.tier == "w100"

@@ -9,7 +9,7 @@ load (tritonclient, 8 s) runs:
 
   innfer-a  model tiny, one client, the default budget: everything in time, top tier
   innfer-b  model mlp (w100 ~5 ms, w025 ~0.3 ms), one client, first 3 s: budgets only w025
-            meets - degraded, in time
+            meets - in time, and not degraded (the budget's doing, not load's)
   innfer-c  model mlp, eight clients, last 5 s: mostly the default budget, some tight, one
             in eight impossible - more than it can take: queued, refused, shed
 
@@ -470,9 +470,11 @@ def _check(
         assert ds[pod] == pytest.approx(want, rel=1e-3, abs=1e-6), (pod, ds, t)
     c_totals = totals["innfer-c"]
     assert c_totals["shed"] > 0.1 * (c_totals["served"] + c_totals["shed"]), c_totals
-    # 0 where all ran on the top tier; high where budgets forced the narrow tier (b).
+    # 0 where all ran on the top tier, and where budgets alone forced the narrow tier (b):
+    # more replicas would serve b's requests no better (it read > 0.5, and an idle fleet
+    # sat at maxReplicas; review 159). High where load exceeded capacity (c: its shed).
     assert ds["innfer-a"] < 0.05, ds
-    assert ds["innfer-b"] > 0.5, ds
+    assert ds["innfer-b"] < 0.05, ds
     assert served_b.get("w025", 0) > max(served_b.get("w100", 0), 5), served_b
     # SLO attainment is what clients got: for mlp, at most the share of OK answers (an OK
     # answer can still be late), and not far below it.
