@@ -257,10 +257,25 @@ class DataPlane:
         None: all of it), fails the rest, and closes. Runs in a task of the data plane's
         own: a Load RPC cancelled by its client's deadline does not cut it short (a new
         runtime half made would stay on the device with its engines open)."""
-        task = asyncio.ensure_future(self._load(name, drain_s, swap))
+        task = asyncio.ensure_future(self._load_marked(name, drain_s, swap))
         self._owned.add(task)
         task.add_done_callback(self._owned.discard)
         await asyncio.shield(task)
+
+    async def _load_marked(self, name: str, drain_s: float | None, swap: bool) -> None:
+        """``_load``, with ``innfer_model_loading`` 1 while it runs for a model the server
+        knows (a client's name for no model makes no series): a GPU start builds engines
+        for many minutes with the model not ready, and the not-ready alert paged for it
+        (review 159)."""
+        known = name in self.expected or name in self.models or name in self.in_repository
+        loading = self.metrics.model_loading.labels(name) if known else None
+        if loading is not None:
+            loading.set(1)
+        try:
+            await self._load(name, drain_s, swap)
+        finally:
+            if loading is not None:
+                loading.set(0)
 
     async def _load(self, name: str, drain_s: float | None, swap: bool) -> None:
         try:
@@ -810,7 +825,7 @@ class DataPlane:
         if name in self.expected:
             self.metrics.model_ready.labels(name).set(0)
         else:
-            gauges.append(self.metrics.model_ready)
+            gauges += [self.metrics.model_ready, self.metrics.model_loading]
         for gauge in gauges:
             with contextlib.suppress(KeyError):  # never set for this model
                 gauge.remove(name)

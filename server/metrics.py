@@ -331,6 +331,11 @@ class Metrics:
             "innfer_model_ready", "1 when every tier of the model is loaded.", ["model"],
             registry=r,
         )  # fmt: skip
+        self.model_loading = Gauge(
+            "innfer_model_loading", "1 while a load of the model runs (engine builds, timing "
+            "at load: TensorRT takes minutes per tier); a model not ready and not loading "
+            "failed to load.", ["model"], registry=r,
+        )  # fmt: skip
         # The gRPC ecosystem's server metrics (grpc-ecosystem's go-grpc-middleware
         # providers/prometheus, py-grpc-prometheus): names, labels and code names as there,
         # so that existing gRPC dashboards and alerts read innfer too. Per RPC, from its
@@ -368,8 +373,8 @@ class Metrics:
             >>> m.forget_model("a", keep_tiers={"w100"}), m.forget_model("a")
             (1, 0)
         """
-        keep = {id(g) for g in (self.model_ready, self.tier_set_gain, self.tier_set_swap_seconds,
-                                self.tier_set_enabled)}  # fmt: skip
+        keep = {id(g) for g in (self.model_ready, self.model_loading, self.tier_set_gain,
+                                self.tier_set_swap_seconds, self.tier_set_enabled)}  # fmt: skip
         gone = 0
         for metric in list(vars(self).values()):
             if not isinstance(metric, MetricWrapperBase) or id(metric) in keep:

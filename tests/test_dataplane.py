@@ -1770,3 +1770,37 @@ def test_the_ready_line_says_where_the_tiers_come_from_and_which_build(config, c
     rebuilt = dataclasses.replace(served.tiers["w050"], onnx_sha256="0" * 64)
     other = dataclasses.replace(served, tiers={**served.tiers, "w050": rebuilt})
     assert other.build_id != served.build_id
+
+
+def test_a_model_being_loaded_says_so_and_a_failed_load_does_not(config, monkeypatch):
+    # innfer_model_ready 0 paged as critical after 8 minutes of a GPU start's engine
+    # builds (review 159): innfer_model_loading tells a load in progress from a failed one.
+    from server.model_runtime import ModelRuntime
+
+    seen = []
+    warm_up = ModelRuntime.warm_up
+
+    def watched(self, *args, **kwargs):
+        get = self.metrics.registry.get_sample_value
+        seen.append(get("innfer_model_loading", {"model": self.name}))
+        return warm_up(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRuntime, "warm_up", watched)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        get = plane.metrics.registry.get_sample_value
+        try:
+            (plane.repo.root / "a" / "model.yaml").write_text("max_batch: [")
+            await plane.unload("a")
+            with pytest.raises(InferError):
+                await plane.load("a")
+            with pytest.raises(InferError):
+                await plane.load("no_such_model")
+            return [get("innfer_model_loading", {"model": n}) for n in ("a", "b", "no_such_model")]
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == [0.0, 0.0, None]  # after: none running (a's failed), no stray series
+    assert seen == [1.0, 1.0]  # a and b, while each loaded
