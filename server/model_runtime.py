@@ -466,6 +466,7 @@ class ModelRuntime:
         self.tiers = infos[lengths[-1]]
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        self._ranked = sorted(self.accuracy, key=self.accuracy.__getitem__, reverse=True)
         beaten = dominated(self.tiers)
         for slow, fast in beaten.items():
             log.warning(
@@ -1651,8 +1652,7 @@ class ModelRuntime:
         maxReplicas on an idle replica (review 159)."""
         latency = latency or self.scheduler.latency
         best = self._best_allowed(r)
-        ranked = sorted(self.accuracy, key=self.accuracy.__getitem__, reverse=True)
-        below = ranked[ranked.index(best) :]
+        below = self._ranked[self._ranked.index(best) :]
         # (``budget``: what the planner had, the margin and reserve already off)
         return next((t for t in below if latency.profiled(t, r.rows) <= r.budget), below[-1])
 
