@@ -461,9 +461,10 @@ class DataPlane:
         """``runtime``'s hung engine call returned: it is forgotten, and so is its model's
         stuck-batch series where nothing of that name is loaded (an unload kept it)."""
         self._hung.pop(runtime, None)
-        if runtime.name not in self.models and not self._hung_count(runtime.name):
+        name = runtime.name
+        if name not in self.models and not any(r.name == name for r in list(self._hung)):
             with contextlib.suppress(KeyError):  # never bound: a reload's successor holds it
-                self.metrics.stuck_batches.remove(runtime.name)
+                self.metrics.stuck_batches.remove(name)
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every

@@ -253,3 +253,16 @@ def test_a_stalled_listing_is_waited_for_once_and_given_up_on(tmp_path, monkeypa
         stalled.set()
         s.stop()
     assert index == [["tiny"]] * 3 and entered == [1]
+
+
+def test_a_build_only_file_linked_from_a_shared_folder_does_not_stop_the_load(tmp_path):
+    # Only what a server reads is checked for links out (a data set or calibration text
+    # linked from a shared folder is a build's business).
+    repo = build_repository(tmp_path / "repo")
+    shared = tmp_path / "shared.txt"
+    shared.write_text("calibration text\n")
+    (repo / "tiny" / "calibration.txt").symlink_to(shared)
+    served = Repository(repo).load("tiny", backend="onnxruntime")
+    for engine in served.engines.values():
+        engine.close()
+    assert sorted(served.tiers) == ["w050", "w100"]

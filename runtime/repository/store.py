@@ -201,17 +201,20 @@ def _implausible(profile: dict[str, Any], engines: dict[str, Engine], config) ->
     return None
 
 
-def _refuse_links_out(model_dir: Path, paths: list[Path] | None = None) -> None:
-    """RepositoryError where one of ``paths`` (default: everything in ``model_dir``) is a
-    link that resolves outside ``model_dir``: a model.yaml linked to /etc/passwd was read,
-    and its content shown to clients in the error (review 156). Links inside the folder
-    (a Kubernetes ConfigMap's ``..data``) are fine. The message names the path relative to
-    the repository, never the target."""
+def _refuse_links_out(model_dir: Path, served: list[Path]) -> None:
+    """RepositoryError where one of ``served`` - what a server reads of the model, folders
+    walked - is a link that resolves outside ``model_dir``: a model.yaml linked to
+    /etc/passwd was read, and its content shown to clients in the error (review 156).
+    Links inside the folder (a Kubernetes ConfigMap's ``..data``) are fine, and so is what
+    only a build reads (a data set or calibration text linked from a shared folder). The
+    message names the path relative to the repository, never the target."""
     home = model_dir.resolve()
-    if paths is None:
-        paths = []
-        for top, dirs, files in os.walk(model_dir):  # (links to folders: not descended)
-            paths += [Path(top) / n for n in (*dirs, *files)]
+    paths = []
+    for path in served:
+        paths.append(path)
+        if path.is_dir() and not path.is_symlink():
+            for top, dirs, files in os.walk(path):  # (links to folders: not descended)
+                paths += [Path(top) / n for n in (*dirs, *files)]
     for p in paths:
         if p.is_symlink() and not p.resolve().is_relative_to(home):
             shown = f"{model_dir.name}/{p.relative_to(model_dir)}"
@@ -417,7 +420,11 @@ class Repository:
             config = self.config(name)
         except ConfigError as exc:
             raise RepositoryError(str(exc)) from exc
-        _refuse_links_out(self.model_dir(name))
+        d = self.model_dir(name)
+        served = [d / n for n in ("tiers", PROFILE_FILE, FRONTIER_DIR, ACTIVE_FILE, "engines")]
+        if config.text is not None:
+            served += [d / TEXT_FILE, d / config.text.tokenizer]
+        _refuse_links_out(d, served)
         chosen = self.choose_backend(config, backend)
         options = self.build_options(config, chosen)
         cache = EngineCache(self.root / name / "engines")
