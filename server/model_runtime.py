@@ -1644,17 +1644,18 @@ class ModelRuntime:
 
     def _best_in_budget(self, r: Request, latency: LatencyModel | None) -> str:
         """The most accurate tier an idle replica would serve ``r`` at within its budget:
-        the best it allows (``_best_allowed``) or, where the profile (p90, no online
-        correction) says that tier cannot answer its rows in the budget, the most accurate
-        one below it that can (the fastest where none can). Served below this, load took
-        accuracy from it; served at it, its budget did - and more replicas would give it
-        nothing: counted degraded, a budget tighter than the top tier pinned the HPA at
-        maxReplicas on an idle replica (review 159)."""
+        the best it allows (``_best_allowed``) or, where the planner's time for that tier
+        (as the engines run now: a slower machine than profiled, too) cannot answer its
+        rows in the budget even alone, the most accurate one below it that can (the
+        fastest where none can). Served below this, load took accuracy from it; served at
+        it, its budget did - and more replicas would give it nothing: counted degraded, a
+        budget tighter than the top tier pinned the HPA at maxReplicas on an idle replica
+        (review 159)."""
         latency = latency or self.scheduler.latency
         best = self._best_allowed(r)
         below = self._ranked[self._ranked.index(best) :]
         # (``budget``: what the planner had, the margin and reserve already off)
-        return next((t for t in below if latency.profiled(t, r.rows) <= r.budget), below[-1])
+        return next((t for t in below if latency.planned(t)[r.rows] <= r.budget), below[-1])
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],
