@@ -1176,7 +1176,7 @@ class ModelRuntime:
         self._bind(m.inflight, (name,), lambda: self.inflight + sum(
             p.inflight for p in self.predecessors))  # fmt: skip
         self._bind(m.stuck_batches, (name,), lambda: self.retired_stuck() + sum(
-            len(r._stuck_batches()) for r in (self, *self.predecessors)))  # fmt: skip
+            r.stuck_count() for r in (self, *self.predecessors)))  # fmt: skip
         self._bind(m.request_overhead, (name,),
                    lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
 
@@ -1519,7 +1519,7 @@ class ModelRuntime:
                 int(1e6 * secs), r.rows, pending.lane,
             ))  # fmt: skip
             alone = Decision(d.tier, [r], d.slot)
-            self._record(alone, [r], secs, now, {r.id} if later else (), lane.latency)
+            self._record(alone, [r], secs, now, lane.latency, {r.id} if later else ())
             self._count_nonfinite(alone, [r], out)
             self._record_triton(alone, [r], (0.0, secs, 0.0), now)
 
@@ -1567,7 +1567,7 @@ class ModelRuntime:
         prepare, compute, cpu = times
         lane.complete(d, now, compute, calls=calls)
         self._account_cpu(cpu)
-        self._record(d, answered, compute, now, later, lane.latency)
+        self._record(d, answered, compute, now, lane.latency, later)
         if outputs is not None:
             self._count_nonfinite(d, answered, outputs)
         # A request cancelled while its batch ran is not a success.
@@ -1600,7 +1600,7 @@ class ModelRuntime:
 
     def _record(
         self, d: Decision, answered: list[Request], compute: float, now: float,
-        later: Collection[int] = (), latency: LatencyModel | None = None,
+        latency: LatencyModel, later: Collection[int] = (),
     ) -> None:  # fmt: skip
         """Metrics of batch ``d``; per request, of those ``answered`` (one cancelled while
         the batch ran was counted as cancelled, not served nor met); met or late, except for
@@ -1617,8 +1617,9 @@ class ModelRuntime:
             compute_s.observe(compute)
             self._queue_total.inc(queued)
             self._served_accuracy.observe(self.accuracy[tier])
-            if self.accuracy[tier] < self.accuracy[self._best_allowed(r)] and (
-                self.accuracy[tier] < self.accuracy[self._best_in_budget(r, latency)]
+            best = self._best_allowed(r)  # (served at it, the common case: nothing more)
+            if self.accuracy[tier] < self.accuracy[best] and (
+                self.accuracy[tier] < self.accuracy[self._best_in_budget(r, best, latency)]
             ):
                 self._degraded.inc()
             if r.id not in later:
@@ -1642,17 +1643,15 @@ class ModelRuntime:
         floor = r.min_tier or self.nominal_tier
         return max((self.nominal_tier, floor), key=self.accuracy.__getitem__)
 
-    def _best_in_budget(self, r: Request, latency: LatencyModel | None) -> str:
+    def _best_in_budget(self, r: Request, best: str, latency: LatencyModel) -> str:
         """The most accurate tier an idle replica would serve ``r`` at within its budget:
-        the best it allows (``_best_allowed``) or, where the planner's time for that tier
-        (as the engines run now: a slower machine than profiled, too) cannot answer its
-        rows in the budget even alone, the most accurate one below it that can (the
-        fastest where none can). Served below this, load took accuracy from it; served at
+        ``best``, the best it allows (``_best_allowed``), or, where the planner's time for
+        that tier (as the engines run now: a slower machine than profiled, too) cannot
+        answer its rows in the budget even alone, the most accurate one below it that can
+        (the fastest where none can). Served below this, load took accuracy from it; served at
         it, its budget did - and more replicas would give it nothing: counted degraded, a
         budget tighter than the top tier pinned the HPA at maxReplicas on an idle replica
         (review 159)."""
-        latency = latency or self.scheduler.latency
-        best = self._best_allowed(r)
         below = self._ranked[self._ranked.index(best) :]
         # (``budget``: what the planner had, the margin and reserve already off)
         return next((t for t in below if latency.planned(t)[r.rows] <= r.budget), below[-1])
