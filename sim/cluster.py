@@ -181,6 +181,9 @@ class Cluster:
         self.tiers, p50 = scale_tiers(tiers, p50, k)
         # Below it a request is degraded (the HPA signal), as the server counts it.
         self.nominal = nominal_tier(make_policy(cfg.policy, self.tiers, cfg.slots), self.tiers)
+        self.accuracy = {t.name: t.accuracy for t in self.tiers}
+        ranked = sorted(self.accuracy, key=self.accuracy.__getitem__, reverse=True)
+        self._at_or_below_nominal = ranked[ranked.index(self.nominal) :]
         self.max_batch = cfg.max_batch or min(t.max_batch for t in self.tiers)
         self.capacity = full_capacity(self.tiers, p50, self.max_batch, cfg.slots)  # one replica
         if arrivals is None:
@@ -250,13 +253,30 @@ class Cluster:
 
     def _complete(self, rep: Replica, decision, compute: float, now: float) -> None:
         rep.sched.complete(decision, now, compute)
-        rep.record(now, decision, compute, degraded=decision.tier != self.nominal)
+        rep.record(now, decision, compute, degraded=self._degraded(rep.sched, decision))
         for r in decision.requests:
             self.out.serve(r.id, now, decision.tier)
             self.completions.add(now, now - r.arrival)
         self._dispatch(rep, now)
         if rep.removed is not None and rep.gone is None and rep.idle():
             rep.gone = now
+
+    def _degraded(self, sched: Scheduler, decision) -> int:
+        """How many of ``decision``'s requests count degraded, as the server counts
+        innfer_degraded_requests_total (``ModelRuntime._record``): served below the nominal
+        tier and below the most accurate tier at or under it that the replica's planner,
+        as it times the tiers now, would answer the request's rows in within its budget
+        alone (the fastest where none would). A budget tighter than the nominal tier is the
+        client's ask, not load: more replicas would not serve it better."""
+        served = self.accuracy[decision.tier]
+        if served >= self.accuracy[self.nominal]:
+            return 0
+        ranked, latency = self._at_or_below_nominal, sched.latency
+        n = 0
+        for r in decision.requests:
+            idle = next((t for t in ranked if latency.planned(t)[r.rows] <= r.budget), ranked[-1])
+            n += served < self.accuracy[idle]
+        return n
 
     def _ready(self, rep: Replica, now: float) -> None:
         if rep.removed is None:

@@ -47,16 +47,16 @@ class Replica:
     def idle(self) -> bool:
         return self.outstanding == 0 and not self.sched.running
 
-    def record(self, now: float, decision, compute_s: float, degraded: bool) -> None:
-        """Count a finished batch (a ``Decision``) at ``now``: its requests leave the pod."""
+    def record(self, now: float, decision, compute_s: float, degraded: int) -> None:
+        """Count a finished batch (a ``Decision``) at ``now``: its requests leave the pod,
+        ``degraded`` of them served below what an idle pod would have served them at."""
         m = min(int(now / self.res), len(self.served) - 1)
         self.compute_s[m] += compute_s
         for r in decision.requests:
             self.queue_s[m] += r.started - r.arrival
         n = len(decision.requests)
         self.served[m] += n
-        if degraded:
-            self.degraded[m] += n
+        self.degraded[m] += degraded
         self.outstanding -= n
 
     def record_shed(self, now: float, queued_s: float = 0.0) -> None:
@@ -71,9 +71,10 @@ class Replica:
     def signals(self, lo: float, hi: float) -> tuple[float, float]:
         """(queue:compute, degraded share) over [lo, hi), as deploy/monitoring's recording
         rules compute them: queueing seconds of every request that queued (served or
-        expired) / engine seconds of the batches, and (served below the nominal tier - the
-        top one, or a fixed policy's - + shed) / (served + shed). 0 where the pod served
-        and shed nothing - the rules' fallback."""
+        expired) / engine seconds of the batches, and (served degraded - below the nominal
+        tier and below what its budget allows on an idle pod, as ``Cluster._degraded``
+        counts it - + shed) / (served + shed). 0 where the pod served and shed nothing - the
+        rules' fallback."""
         a, b = max(round(lo / self.res), 0), max(round(hi / self.res), 0)
         served, compute = self.served[a:b].sum(), self.compute_s[a:b].sum()
         shed = self.shed[a:b].sum()

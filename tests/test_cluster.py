@@ -214,14 +214,47 @@ def test_a_pods_signals_count_shed_load_as_the_recording_rules_do():
     for r in served:
         r.started = 1.5
     pod.outstanding = 2
-    pod.record(2.0, Decision("w025", served), compute_s=0.5, degraded=True)
+    pod.record(2.0, Decision("w025", served), compute_s=0.5, degraded=2)
     assert pod.signals(0.0, 60.0) == pytest.approx((2.0, 1.0))  # 1 s queued / 0.5 s engine
     pod.record_shed(3.0)  # refused at arrival for the work ahead
     pod.record_shed(4.0, queued_s=0.5)  # expired after 0.5 s in the queue
     queue_compute, degraded = pod.signals(0.0, 60.0)
     assert queue_compute == pytest.approx(3.0) and degraded == pytest.approx(1.0)
-    pod.record(5.0, Decision("w100", served), compute_s=0.5, degraded=False)
+    pod.record(5.0, Decision("w100", served), compute_s=0.5, degraded=0)
     assert pod.signals(0.0, 60.0)[1] == pytest.approx((2 + 2) / (4 + 2))
+
+
+def test_a_budget_tighter_than_the_top_tier_is_not_degraded_on_an_idle_replica():
+    # The server counts a request degraded only where an idle replica would have served it
+    # better within its budget (review 159); the simulator counted every request below the
+    # top tier, so budgets the top tier cannot meet read as load and drove the simulated HPA
+    # to maxReplicas on idle pods.
+    from sim.cluster import Cluster
+
+    cfg = ClusterConfig(time_scale=K, duration_s=60.0, budget_margin_ms=0.0,
+                        hpa=HPAConfig(min_replicas=1, max_replicas=1))  # fmt: skip
+    arrivals = np.arange(1.0, 59.0, 2.0)  # one request every 2 s: the replica is idle
+    # Between w075's and w100's batch-1 times (K x 4.6 and K x 7.0 ms at the median).
+    tight = np.full(len(arrivals), 6.0e-3 * K)
+    cluster = Cluster(TIERS, P50, cfg, arrivals=arrivals, budgets=tight)
+    cluster.run()
+    (pod,) = cluster.replicas
+    assert pod.served.sum() == len(arrivals)
+    assert "w100" not in cluster.out.tiers  # every one served below the top tier
+    assert pod.degraded.sum() == 0 and pod.signals(0.0, 60.0)[1] == 0.0
+
+    # The same idle replica with budgets the top tier meets: nothing below it, nothing
+    # degraded; overloaded, requests served below w100 for load count.
+    loose = np.full(len(arrivals), 30e-3 * K)
+    cluster = Cluster(TIERS, P50, cfg, arrivals=arrivals, budgets=loose)
+    cluster.run()
+    assert cluster.replicas[0].degraded.sum() == 0
+    burst = np.linspace(1.0, 3.0, 40)  # 40 requests in 2 s: about 10x one replica's capacity
+    cluster = Cluster(TIERS, P50, cfg, arrivals=burst, budgets=np.full(40, 3 * 30e-3 * K))
+    cluster.run()
+    pod = cluster.replicas[0]
+    below = sum(t not in (None, "w100") for t in cluster.out.tiers)
+    assert below > 0 and pod.degraded.sum() == below
 
 
 def test_every_request_refused_for_load_is_counted_by_its_pod():
