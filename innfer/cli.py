@@ -390,6 +390,13 @@ def _print_build(report, repo) -> None:
         # wrong tiers (deploy/README's step 2; review helper-151).
         print(f"served: auto-tiering's choice in auto_tiers.json ({', '.join(chosen[1])}), "
               "not the tiers above (`innfer tiers frontier` shows them)")  # fmt: skip
+    with contextlib.suppress(RepositoryError, OSError, ValueError):  # (said by the load)
+        if unlisted := repo.unlisted_tiers(report.model):
+            mib = sum(n for _, n in unlisted) / 2**20
+            folders = ", ".join(f"tiers/{t}" for t, _ in unlisted)
+            print(f"kept, not served: {folders} ({mib:.1f} MiB) - model.yaml no longer lists "
+                  f"{'them' if len(unlisted) > 1 else 'it'}; put back, a tier serves without "
+                  "a rebuild; deleted, its cached engines go at the next build")  # fmt: skip
     removed, freed = report.pruned
     if removed:
         n = len(removed)

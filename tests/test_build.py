@@ -932,6 +932,35 @@ def _rebuilt_with(built, tmp_path, yaml: str):
     return build_model(Repository(root), "tiny", progress=False, profile=False)
 
 
+def test_a_build_says_which_built_tiers_model_yaml_no_longer_lists(built, tmp_path, capsys):
+    # A tier dropped from model.yaml keeps its folder and its engines (put back, it serves
+    # without a rebuild), but nothing said so: they stayed on the volume for good, unknown.
+    import shutil
+
+    import yaml
+
+    from innfer.cli import _print_build
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    path = root / "tiny" / "model.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["tiers"] = [t for t in config["tiers"] if t["name"] != "w050"]
+    path.write_text(yaml.safe_dump(config))
+    (root / "tiny" / "tiers" / "w050.build-0123abcd").mkdir()  # a staging folder: no tier
+    repo = Repository(root)
+    assert [t for t, _ in repo.unlisted_tiers("tiny")] == ["w050"]
+    report = build_model(repo, "tiny", progress=False, profile=False)
+    assert [t.name for t in report.tiers] == ["w100"]
+    _print_build(report, repo)
+    out = capsys.readouterr().out
+    assert "kept, not served: tiers/w050 (" in out and "no longer lists it" in out
+    assert (root / "tiny" / "tiers" / "w050" / "model.onnx").is_file()  # kept, as said
+    path.write_text(yaml.safe_dump({**config, "tiers": yaml.safe_load(
+        (built[0] / "tiny" / "model.yaml").read_text())["tiers"]}))  # fmt: skip
+    assert repo.unlisted_tiers("tiny") == []
+
+
 def test_a_build_says_an_auto_tiers_key_without_goals_leaves_auto_tiering_off(built, tmp_path):
     # `auto_tiers:` with its goals commented out: the build measured no frontier and said
     # nothing, and the server never chose a tier.

@@ -48,7 +48,7 @@ from runtime.repository.frontier import (
     ActiveTiers,
     Frontier,
 )
-from runtime.repository.leftovers import sweep
+from runtime.repository.leftovers import STAGING, sweep
 from runtime.repository.profile import (
     measured_elsewhere,
     profile_problem,
@@ -302,6 +302,27 @@ class Repository:
             log.warning("model %s: a record cannot be read (%s); no engine is pruned", name, exc)
             return None
         return used
+
+    def unlisted_tiers(self, name: str) -> list[tuple[str, int]]:
+        """(tier, bytes of its folder) for each built tier of ``name`` that its model.yaml
+        no longer lists. Builds keep them on purpose - put back in model.yaml, a tier serves
+        again without a rebuild, and its cached engines stay (``onnx_in_use``) - but nothing
+        serves them meanwhile: the build says so, or they stayed unknowingly for good.
+        Staging and replaced folders of interrupted writers (``leftovers``) are not tiers.
+
+        Example:
+            >>> Repository("runs/demo/repository").unlisted_tiers("mnist")  # doctest: +SKIP
+            [('w010', 1337)]
+        """
+        listed = {t.name for t in self.config(name).tiers}
+        tiers = self.model_dir(name) / "tiers"
+        out = []
+        for d in sorted(tiers.iterdir()) if tiers.is_dir() else ():
+            if d.name in listed or STAGING.match(d.name) or d.is_symlink():
+                continue
+            if (d / TIER_FILE).is_file():
+                out.append((d.name, sum(f.stat().st_size for f in d.rglob("*") if f.is_file())))
+        return out
 
     def tier_dir(self, name: str, tier: str) -> Path:
         return self.root / name / "tiers" / tier
