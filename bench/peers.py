@@ -101,6 +101,9 @@ HOST = "127.0.0.1"
 
 SERVERS = ("innfer", "kserve", "pytriton")
 PEERS = SERVERS[1:]
+# innfer from --baseline-tree, beside the others on the same points: a change's same-run
+# baseline. Pinned as innfer is; no goal reads it.
+BASE = "innfer-base"
 MODELS = {"mlp": "mlp", "resnet": "resnet18w50"}  # --models key -> served model name
 FULL_TIER = "w100"
 THREADS = 1
@@ -209,15 +212,22 @@ def model_points(key: str) -> list[dict]:
 def request_parameters(server: str, point: dict) -> dict | None:
     """innfer is pinned to its full tier where no budget applies; with a budget it chooses.
     The peers get no extra parameters (they ignore latency_budget_ms, which all get)."""
-    return PIN if server == "innfer" and point["budget_ms"] is None else None
+    return PIN if _innfer(server) and point["budget_ms"] is None else None
+
+
+def _innfer(server: str) -> bool:
+    return server in ("innfer", BASE)
 
 
 # -- the servers ----------------------------------------------------------------------------
 class InnferServer(LiveServer):
     """`innfer serve` of this tree over a one-model repository (LiveServer's launch)."""
 
-    def __init__(self, repo: Path, model: str, log: Path, cpus: set[int] | None) -> None:
-        super().__init__("innfer", ROOT, repo, log, cpus)
+    def __init__(
+        self, repo: Path, model: str, log: Path, cpus: set[int] | None,
+        tree: Path = ROOT, name: str = "innfer",
+    ) -> None:  # fmt: skip
+        super().__init__(name, tree, repo, log, cpus)
         self.model = model
 
     def start(self, label: str) -> dict:
@@ -311,11 +321,14 @@ def make_servers(
         delay = str(args.pytriton_queue_delay_us)
         return peer("pytriton", ports, "--metrics-port", str(ports[2]), "--queue-delay-us", delay)
 
-    return {
+    servers = {
         "innfer": InnferServer(repo, model, log("innfer"), cpus),
         "kserve": PeerServer("kserve", kserve, 2, model, log("kserve"), cpus),
         "pytriton": PeerServer("pytriton", pytriton, 3, model, log("pytriton"), cpus),
     }
+    if args.baseline_tree is not None:
+        servers[BASE] = InnferServer(repo, model, log(BASE), cpus, args.baseline_tree, BASE)
+    return servers
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -429,7 +442,7 @@ def server_stats(server, model: str) -> dict[str, tuple[int, int]] | None:
 def warm_up(server, su: dict, n: int) -> None:
     """Unrecorded requests (ORT's first runs per batch size allocate), pinned for innfer."""
     if n:
-        params = PIN if server.name == "innfer" else None
+        params = PIN if _innfer(server.name) else None
         asyncio.run(
             run_closed_loop(
                 server.address,
@@ -480,7 +493,7 @@ def answer_diff(server, su: dict) -> float:
         t = tc.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
         t.set_data_from_numpy(x)
         tensors.append(t)
-    params = {**(PIN if server.name == "innfer" else {}), "latency_budget_ms": NO_BUDGET_MS}
+    params = {**(PIN if _innfer(server.name) else {}), "latency_budget_ms": NO_BUDGET_MS}
     with tc.InferenceServerClient(server.address) as client:
         r = client.infer(su["model"], tensors, parameters=params)
     return max(float(np.max(np.abs(r.as_numpy(k) - v))) for k, v in su["reference"].items())
@@ -884,18 +897,49 @@ def _fig(s: dict, key: str, fmt: str, with_range: bool = True) -> str:
     return f"{text} [{format(rng[0], fmt)}-{format(rng[1], fmt)}]" if rng else text
 
 
+def baseline(results: dict) -> list[dict]:
+    """innfer against innfer-base (--baseline-tree) at each closed-loop point: throughput and
+    p50, per paired repeat (the same rotation of fresh servers) and the medians of the
+    per-repeat ratios; empty without a baseline tree.
+
+    Example:
+        >>> run = lambda t, p: {"throughput_per_s": t, "p50_ms": p}
+        >>> srv = {"innfer": {"runs": [run(110, 9.0)]}, BASE: {"runs": [run(100, 10.0)]}}
+        >>> baseline({"models": {"mlp": {"points": [{"id": "c8", "kind": "closed",
+        ...     "servers": srv}]}}})[0]["throughput_ratio"]
+        1.1
+    """
+    out = []
+    for key, m in results["models"].items():
+        for pt in m["points"]:
+            srv = pt["servers"]
+            if pt["kind"] != "closed" or BASE not in srv:
+                continue
+            pairs = list(zip((srv["innfer"] or {}).get("runs") or [],
+                             (srv[BASE] or {}).get("runs") or [], strict=False))  # fmt: skip
+            row: dict = {"model": key, "point": pt["id"], "repeats": len(pairs)}
+            for fig in ("throughput_per_s", "p50_ms"):
+                ratios = [_ratio(a.get(fig), b.get(fig)) for a, b in pairs]
+                ratios = [r for r in ratios if r is not None]
+                name = fig.split("_")[0] + "_ratio"
+                row[name] = round(statistics.median(ratios), 4) if ratios else None
+                row[f"{name}_per_repeat"] = [round(r, 4) for r in ratios]
+            out.append(row)
+    return out
+
+
 def summarise(results: dict) -> str:
     rep = results["params"]["repeats"] > 1
     w = 24 if rep else 9
     head = (
-        f"{'model':<13}{'point':<11}{'server':<10}{'sent':>6}{'ok':>6}{'req/s':>{w}}"
+        f"{'model':<13}{'point':<11}{'server':<12}{'sent':>6}{'ok':>6}{'req/s':>{w}}"
         f"{'p50 ms':>{w}}{'p90 ms':>9}{'p99 ms':>9}{'good/s':>9}  errors, mean batch, tiers"
     )
     lines = [head, "-" * len(head)]
     for m in results["models"].values():
         for pt in m["points"]:
             for name, s in pt["servers"].items():
-                tag = f"{m['model']:<13}{pt['id']:<11}{name:<10}"
+                tag = f"{m['model']:<13}{pt['id']:<11}{name:<12}"
                 if "error" in s:
                     lines.append(f"{tag}error: {s['error'][:90]}")
                     continue
@@ -960,6 +1004,13 @@ def summarise(results: dict) -> str:
             f"  overhead by the server's means (ms per request): {parts} (the residual: "
             "client median p50 - server mean - echo p50, medians and means mixed)"
         )
+    if results.get("baseline"):
+        lines.append(f"\ninnfer / {BASE} ({results['setup']['versions'].get(BASE)}), "
+                     "per paired repeat:")  # fmt: skip
+        for b in results["baseline"]:
+            per = "/".join(f"{r:.3f}" for r in b["throughput_ratio_per_repeat"])
+            lines.append(f"  {MODELS[b['model']]:<12}{b['point']:<8}throughput "
+                         f"{b['throughput_ratio']} ({per}), p50 {b['p50_ratio']}")  # fmt: skip
     lines.append(f"\naffinity {results['setup']['affinity']}")
     return "\n".join(lines)
 
@@ -976,13 +1027,14 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(
         2, len(models), figsize=(max(8.0, 5.5 * len(models)), 6.5), squeeze=False
     )
-    w = 0.8 / len(SERVERS)
+    names = results["servers"]
+    w = 0.8 / len(names)
     for col, m in enumerate(models):
         pts = m["points"]
         x = np.arange(len(pts))
         for row in (0, 1):
             ax = axes[row][col]
-            for k, name in enumerate(SERVERS):
+            for k, name in enumerate(names):
                 vals, err = [], []
                 for p in pts:
                     key = "p50_ms" if row else _rate_key(p)
@@ -1025,6 +1077,12 @@ def parse(argv: list[str] | None):
                         f"is judged over at least {MIN_REPEATS_TO_MEET})")  # fmt: skip
     p.add_argument("--peers-venv", type=Path, default=ROOT / "runs" / "peers-venv")
     p.add_argument(
+        "--baseline-tree", type=Path, default=None,
+        help=f"also run `innfer serve` from this tree (e.g. a `git worktree` of the commit "
+        f"before a change) as {BASE!r}, pinned as innfer is, on every point: the same-run "
+        "baseline; reported as innfer / innfer-base per paired repeat",
+    )  # fmt: skip
+    p.add_argument(
         "--pytriton-queue-delay-us",
         type=int,
         default=0,
@@ -1046,6 +1104,10 @@ def parse(argv: list[str] | None):
         p.error("--repeats must be in [1, 20]")
     if args.pytriton_queue_delay_us < 0:
         p.error("--pytriton-queue-delay-us must be >= 0")
+    if args.baseline_tree is not None:
+        args.baseline_tree = args.baseline_tree.resolve()
+        if not (args.baseline_tree / "innfer" / "cli.py").is_file():
+            p.error(f"--baseline-tree {args.baseline_tree}: not an innfer tree (no innfer/cli.py)")
     # --points may name points some models lack (c8-b30 is the ResNet's): match the union
     union = {pt["id"]: pt for k in args.models for pt in model_points(k)}
     args.point_ids = {pt["id"] for pt in select(list(union.values()), args.points)}
@@ -1063,7 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     python = {name: ensure_venv(args.peers_venv.resolve(), name) for name in PEERS}
     WORK.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in (*SERVERS, "echo"):
+    names = (*SERVERS, BASE) if args.baseline_tree is not None else SERVERS
+    for name in (*names, "echo"):
         (args.out / f"{STEM}-{name}.log").write_text("")
 
     from runtime.repository.config import ModelConfig
@@ -1102,6 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             "versions": {
                 "innfer": commit_of(ROOT),
+                **({BASE: commit_of(args.baseline_tree)} if args.baseline_tree else {}),
                 "load generator (this environment)": versions(
                     None, ["onnxruntime", "tritonclient", "grpcio", "numpy"]
                 ),
@@ -1126,6 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
                 "weights": args.seed,
             },
         },
+        "servers": list(names),
         "floors": {},
         "models": {},
     }
@@ -1137,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
         su["reference"] = reference_outputs(su["onnx"], su["inputs"])
         servers = make_servers(python, su["repo"], model, su["onnx"], args, cpus)
         closed = [pt for pt in su["points"] if pt["kind"] == "closed"]
-        runs: dict[str, dict[str, list]] = {pt["id"]: {s: [] for s in SERVERS} for pt in closed}
+        runs: dict[str, dict[str, list]] = {pt["id"]: {s: [] for s in names} for pt in closed}
         closed_orders = []
         # The floors once per repeat, just before its servers (this VM's speed drifts by up
         # to ~1.5x over minutes): the overhead goal pairs each repeat's innfer c1 p50 with
@@ -1150,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
             each.append(floors)
             if not closed:
                 break
-            order = rotated(SERVERS, r)  # rotate: drift hits every server
+            order = rotated(names, r)  # rotate: drift hits every server
             closed_orders.append(order)
             for name in order:
                 label = f"{model} closed loop, repeat {r + 1}"
@@ -1158,9 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
                 for pid, fig in got.items():
                     runs[pid][name].append(fig)
         results["floors"][key] = median_floors(each)
-        rows = [
-            {**pt, "servers": {s: headline(runs[pt["id"]][s]) for s in SERVERS}} for pt in closed
-        ]
+        rows = [{**pt, "servers": {s: headline(runs[pt["id"]][s]) for s in names}} for pt in closed]
         for pt in su["points"]:
             if pt["kind"] != "open":
                 continue
@@ -1168,7 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
             best = max((s.get("throughput_per_s") or 0.0) for s in c8.values())
             row = {**pt, "servers": {}}
             if best <= 0:
-                row["servers"] = {s: {"error": "no c8 throughput to set the rate"} for s in SERVERS}
+                row["servers"] = {s: {"error": "no c8 throughput to set the rate"} for s in names}
                 rows.append(row)
                 continue
             arrivals, _ = open_trace(pt, best, args, WORK)
@@ -1178,12 +1241,12 @@ def main(argv: list[str] | None = None) -> int:
                 rate_rule=f"{pt['load']:g} x the best c8 throughput of this run",
             )
             # one run per server: the first rotates from model to model (and with --seed)
-            row["order"] = rotated(SERVERS, n_open + args.seed)
+            row["order"] = rotated(names, n_open + args.seed)
             n_open += 1
             for name in row["order"]:
                 got = session_points(servers[name], [pt], f"{model} open loop", su, args, arrivals)
                 row["servers"][name] = headline([got[pt["id"]]])
-            row["servers"] = {s: row["servers"][s] for s in SERVERS}
+            row["servers"] = {s: row["servers"][s] for s in names}
             rows.append(row)
         results["models"][key] = {
             "model": model,
@@ -1197,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["overhead"] = overhead(results)
     results["goals"] = goals(results)
+    results["baseline"] = baseline(results)
     results["wall_seconds"] = time.perf_counter() - t_start
     publish(results, args.out, STEM, plot, summarise(results))
     return 0

@@ -40,6 +40,7 @@ from runtime.repository.store import file_known
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
 from server.config import ServerConfig
+from server.engine_threads import EngineThreads
 from server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -61,7 +62,7 @@ from server.limits import (
     text_bytes,
 )
 from server.metrics import Metrics
-from server.model_runtime import DRAIN_S, EngineThreads, ModelRuntime
+from server.model_runtime import DRAIN_S, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
 from server.stream import StreamPool, StreamWindow
@@ -331,6 +332,7 @@ class DataPlane:
                     overhead_quantile=self.config.overhead_quantile,
                     traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
                     margin_s=self.config.budget_margin_ms / 1e3,
+                    engine_nice=self.config.engine_nice,
                 )  # fmt: skip
                 if self.device is not None:  # shared: another model's hung batch holds it
                     runtime.device_stuck = self._stuck_reason

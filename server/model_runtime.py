@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import queue
 import re
 import threading
 import time
@@ -45,6 +44,7 @@ import numpy as np
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
 from server.apart import Apart, nonfinite, output_problem, run_apart
+from server.engine_threads import EngineThreads
 from server.equal_lengths import EqualLengthRuns, equal_length_runs, length_key
 from server.errors import (
     DeadlineExceeded,
@@ -56,6 +56,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.gpu_load import gpu_index
 from server.host_cpu import HostCpu
 from server.limits import clip
 from server.log_throttle import LogThrottle
@@ -311,63 +312,6 @@ VERDICT: contextvars.ContextVar[Verdict | None] = contextvars.ContextVar(
 )
 
 
-class EngineThreads:
-    """A model's engine threads: at most ``n``, started by the first batch, each running the
-    calls ``submit`` hands it in order. Daemon threads, unlike ``concurrent.futures``' (which
-    the interpreter joins at exit): one stuck in an engine call - a hung GPU - must not keep
-    a server that was told to stop from exiting.
-
-    Example:
-        >>> threads, out = EngineThreads(2, "demo"), []
-        >>> threads.submit(out.append, 1)
-        >>> threads.shutdown(); threads.join(); out
-        [1]
-    """
-
-    def __init__(self, n: int, name: str) -> None:
-        self.n = n
-        self.name = name
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # submit (the loop) and shutdown (a closing thread)
-        self._shut = False
-
-    def submit(self, fn: Callable, *args) -> None:
-        with self._lock:
-            if self._shut:
-                raise RuntimeError(f"{self.name}: engine threads already shut down")
-            if not self._threads:
-                for i in range(self.n):
-                    t = threading.Thread(target=self._work, name=f"{self.name}_{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-            self._calls.put((fn, args))
-
-    def _work(self) -> None:
-        while (call := self._calls.get()) is not None:
-            fn, args = call
-            try:
-                fn(*args)
-            except Exception:  # e.g. the loop closed under a batch that outlived the server
-                log.exception("%s: a batch's hand-off failed", self.name)
-            # Not held while idle: an idle thread kept its last batch's inputs (outside the
-            # in-flight cap) and a tokenizer thread an unloaded model's whole runtime alive
-            # until its next call (review helper-133).
-            del call, fn, args
-
-    def shutdown(self) -> None:
-        """No more calls; each thread ends after the calls already submitted."""
-        with self._lock:
-            self._shut = True
-            for _ in self._threads:
-                self._calls.put(None)
-
-    def join(self) -> None:
-        """Wait until every thread ended (``shutdown`` first)."""
-        for t in self._threads:
-            t.join()
-
-
 def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
     """Tiers for the scheduler: measured accuracy where the build had an evaluation set,
     else the FLOPs fraction as a monotone proxy; latency from the profile (p90) - at
@@ -436,6 +380,7 @@ class ModelRuntime:
         traffic: TrafficLog | None = None,
         host_cpu: HostCpu | None = None,
         margin_s: float = 0.0,
+        engine_nice: int = 0,
     ) -> None:
         self.served = served
         # The server's budget margin, taken off each budget before infer(): the traffic log
@@ -515,7 +460,9 @@ class ModelRuntime:
         # the model has fixed shapes.
         seq = next((t for t in self.config.inputs if t.dynamic), None)
         self._seq_axis = (seq.name, 1 + seq.dynamic[0]) if seq is not None else None
-        self.pool = EngineThreads(slots, f"engine-{self.name}")
+        # Below request handling where both compute on the host's CPUs (engine_threads.py).
+        nice = engine_nice if gpu_index(served) is None else 0
+        self.pool = EngineThreads(slots, f"engine-{self.name}", nice=nice)
         # A batch planned at most this long may run on the loop thread when nothing else is
         # in flight (``_may_run_inline``).
         self.inline_max_s = inline_max_s if served.backend in INLINE_BACKENDS else 0.0

@@ -1625,7 +1625,7 @@ def test_an_idle_engine_thread_holds_nothing_of_its_last_call():
     import gc
     import weakref
 
-    from server.model_runtime import EngineThreads
+    from server.engine_threads import EngineThreads
 
     class Batch:
         pass

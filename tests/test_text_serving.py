@@ -656,7 +656,7 @@ def test_a_cancelled_requests_texts_are_not_tokenized():
     import types
 
     from server.dataplane import TOKENIZE_THREADS, DataPlane
-    from server.model_runtime import EngineThreads
+    from server.engine_threads import EngineThreads
 
     ran = []
 
@@ -694,7 +694,7 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
     import types
 
     from server.dataplane import TOKENIZE_THREADS, DataPlane, DecodeClock
-    from server.model_runtime import EngineThreads
+    from server.engine_threads import EngineThreads
 
     ran, refused, traffic, late_due = [], [], [], []
 

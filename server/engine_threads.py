@@ -1,0 +1,122 @@
+"""Engine threads: the threads a model's batches run on, off the event loop, and their
+priority.
+
+Where engine threads and request handling share CPU cores (a pod with a one-CPU limit, a
+server pinned to one core), the kernel splits a core between them while both can run, and
+on a single core the split decides the batch sizes: a batch starts as soon as the engine is
+free, holding what the event loop had taken in while the previous one ran - with an equal
+share, what it could parse in half of that run. Measured on the MLP of issue 14 (784-2048-
+2048-10, ONNX Runtime 1 thread, server pinned to one core, 8 closed-loop clients): batches
+of 1.6-2.4 rows and 742-783 requests/s. An engine thread whose nice value is 5 above the
+loop's gets about a quarter of the core while the loop has work, all of it once the loop
+waits: the loop first takes in what arrived, each batch holds all of it (3.6-3.9 rows),
+and the engine's cost per row falls - 1,009-1,110 requests/s, p50 7.0-7.6 ms against
+10.0-10.9. With spare cores nothing changes: each thread has its own.
+
+Only engines that compute on the host CPU get a lower priority (``ServerConfig.engine_nice``);
+a GPU engine's thread mostly launches kernels and waits, and a delay there idles the GPU.
+
+Example:
+    >>> threads, out = EngineThreads(1, "demo", nice=5), []
+    >>> threads.submit(out.append, 1)
+    >>> threads.shutdown(); threads.join(); out
+    [1]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("innfer.engine_threads")
+
+MAX_NICE = 19  # the kernel's lowest priority
+
+
+def lower_priority(by: int, name: str) -> int | None:
+    """Add ``by`` to the calling thread's nice value (at most ``MAX_NICE``), relative, so a
+    server started under ``nice`` keeps its engines below its own handling; the new value,
+    or None where this OS has no per-thread priority (Linux threads are tasks of their own)
+    or refused it (logged: the engines then run at the loop's priority, as before).
+
+    Example:
+        >>> import threading
+        >>> got = []
+        >>> t = threading.Thread(target=lambda: got.append(lower_priority(0, "demo")))
+        >>> t.start(); t.join(); got[0] == os.getpriority(os.PRIO_PROCESS, 0)
+        True
+    """
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        value = min(os.getpriority(os.PRIO_PROCESS, tid) + by, MAX_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, value)
+    except OSError as exc:
+        log.warning("%s: engine thread priority not lowered (%s); it runs at the "
+                    "priority of request handling", name, exc)  # fmt: skip
+        return None
+    return value
+
+
+class EngineThreads:
+    """A model's engine threads: at most ``n``, started by the first batch, each running the
+    calls ``submit`` hands it in order. Daemon threads, unlike ``concurrent.futures``' (which
+    the interpreter joins at exit): one stuck in an engine call - a hung GPU - must not keep
+    a server that was told to stop from exiting.
+
+    Example:
+        >>> threads, out = EngineThreads(2, "demo"), []
+        >>> threads.submit(out.append, 1)
+        >>> threads.shutdown(); threads.join(); out
+        [1]
+    """
+
+    def __init__(self, n: int, name: str, nice: int = 0) -> None:
+        self.n = n
+        self.name = name
+        self.nice = nice  # added to each thread's nice value when it starts (``lower_priority``)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # submit (the loop) and shutdown (a closing thread)
+        self._shut = False
+
+    def submit(self, fn: Callable, *args) -> None:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError(f"{self.name}: engine threads already shut down")
+            if not self._threads:
+                for i in range(self.n):
+                    t = threading.Thread(target=self._work, name=f"{self.name}_{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+            self._calls.put((fn, args))
+
+    def _work(self) -> None:
+        if self.nice:
+            lower_priority(self.nice, self.name)
+        while (call := self._calls.get()) is not None:
+            fn, args = call
+            try:
+                fn(*args)
+            except Exception:  # e.g. the loop closed under a batch that outlived the server
+                log.exception("%s: a batch's hand-off failed", self.name)
+            # Not held while idle: an idle thread kept its last batch's inputs (outside the
+            # in-flight cap) and a tokenizer thread an unloaded model's whole runtime alive
+            # until its next call (review helper-133).
+            del call, fn, args
+
+    def shutdown(self) -> None:
+        """No more calls; each thread ends after the calls already submitted."""
+        with self._lock:
+            self._shut = True
+            for _ in self._threads:
+                self._calls.put(None)
+
+    def join(self) -> None:
+        """Wait until every thread ended (``shutdown`` first)."""
+        for t in self._threads:
+            t.join()

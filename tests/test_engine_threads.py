@@ -1,0 +1,96 @@
+"""Engine threads: calls run in order off the loop, and CPU engines' threads run below
+request handling (server/engine_threads.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from runtime.engines.fake import write_model
+from runtime.repository import Repository
+from server.config import ServerConfig
+from server.engine_threads import MAX_NICE, EngineThreads, lower_priority
+from server.metrics import Metrics
+from server.model_runtime import ModelRuntime
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's"
+)
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@linux_only
+def test_engine_threads_run_their_calls_at_the_lowered_priority():
+    seen: list[int] = []
+    base = _nice()
+    threads = EngineThreads(2, "t", nice=3)
+    for _ in range(4):
+        threads.submit(lambda: seen.append(_nice()))
+    threads.shutdown()
+    threads.join()
+    assert seen == [min(base + 3, MAX_NICE)] * 4
+    assert _nice() == base  # the submitting thread (the loop's) keeps its own
+
+
+@linux_only
+def test_lowering_is_relative_and_stops_at_the_kernels_lowest():
+    got: list[int | None] = []
+
+    def body():
+        got.append(lower_priority(MAX_NICE - 1, "t"))
+        got.append(lower_priority(5, "t"))  # a server started under nice keeps the order
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    base = _nice()
+    assert got == [min(base + MAX_NICE - 1, MAX_NICE), MAX_NICE]
+
+
+def _engine_nice(tmp_path, engine_nice: int, device: str | None) -> int:
+    """The nice value a batch of a fake model ran at on its engine thread."""
+    write_model(tmp_path, "m", {"w100": 1.0}, {"w100": {1: 1.0, 4: 1.0}}, max_batch=4)
+    served = Repository(tmp_path).load("m", backend="fake")
+    seen: list[int] = []
+    for engine in served.engines.values():
+        if device is not None:
+            engine.device = device  # as the torch backend's engines say where they run
+        run = engine.run
+        engine.run = lambda feeds, run=run: (seen.append(_nice()), run(feeds))[1]
+
+    async def body():
+        rt = ModelRuntime(served, Metrics(), engine_nice=engine_nice)  # no inline runs
+        rt.start()
+        try:
+            await rt.infer({"input": np.ones((1, 4), np.float32)}, 1, 1.0)
+        finally:
+            await rt.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+    assert len(seen) == 1
+    return seen[0]
+
+
+@linux_only
+def test_a_cpu_models_batches_run_below_request_handling_a_gpu_models_do_not(tmp_path):
+    base = _nice()
+    assert _engine_nice(tmp_path / "cpu", 5, None) == min(base + 5, MAX_NICE)
+    assert _engine_nice(tmp_path / "off", 0, None) == base
+    # A GPU engine's thread launches kernels and waits: delayed, it idles the GPU.
+    assert _engine_nice(tmp_path / "gpu", 5, "cuda:0") == base
+
+
+def test_engine_nice_is_a_server_setting_with_the_kernels_range():
+    assert ServerConfig.from_dict({"repository": "r"}).engine_nice == 5
+    assert ServerConfig.from_dict({"repository": "r", "engine_nice": 0}).engine_nice == 0
+    for bad in (-1, 20, "low", 2.5):
+        with pytest.raises(ValueError, match="engine_nice"):
+            ServerConfig.from_dict({"repository": "r", "engine_nice": bad})
