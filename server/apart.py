@@ -59,11 +59,18 @@ def output_problem(
     for the outputs model.yaml lists (``shapes``: per-row shape, -1 where it varies), that
     shape. An engine returning another shape for some inputs was served as OK - and to the
     requests batched beside them, their rows cut from the wrong shape (review helper-153).
+    Every output model.yaml lists must be there: one missing was counted served, then the
+    answer's encoding failed INTERNAL (review 161).
 
     Example:
         >>> output_problem({"y": np.zeros((2, 5))}, 2, {"y": [4]})
         "output 'y' has shape [2, 5], model.yaml says [rows, 4]"
+        >>> output_problem({}, 2, {"y": [4]})
+        "no output 'y' from the engine, which model.yaml lists; rebuild the model"
     """
+    if missing := [k for k in shapes if k not in outputs]:
+        return (f"no output {missing[0]!r} from the engine, which model.yaml lists; rebuild "
+                "the model")  # fmt: skip
     for k, v in outputs.items():
         if v.ndim == 0 or v.shape[0] != rows:
             return (f"output {k!r} has shape {list(v.shape)} for a batch of {rows} rows (its "

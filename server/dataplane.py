@@ -1430,6 +1430,14 @@ class DataPlane:
         timer = loop.call_later(due - start, expire) if due < math.inf else None
         try:
             return await done
+        except asyncio.CancelledError:
+            # Its client went away while the texts waited or were encoded: the runtime never
+            # saw the request, so it is counted here, once, as the runtime counts a cancel
+            # (nothing counted it: review 161).
+            margin = self.config.budget_margin_ms / 1e3  # (``due`` is the plan's, before it)
+            due = clock.due + margin
+            m.count_cancel(due - clock.budget_s - margin, due, True, m.clock())
+            raise
         except _TokenizerLate:
             m.count_refused("refused_deadline", "refused_deadline")
             # Traffic all the same: auto-tiering replays what clients sent, and a window

@@ -1010,16 +1010,24 @@ class ModelRuntime:
             queued = True
         if queued:
             self._queue_total.inc(t - req.arrival)
-        if t < req.due - max(CANCEL_AT_DUE_S, CANCEL_AT_DUE_SHARE * (req.due - req.arrival)):
+        self.count_cancel(req.arrival, req.due, queued, t)
+
+    def count_cancel(self, arrival: float, due: float, waiting: bool, now: float) -> None:
+        """Count, once, a request its client cancelled at ``now`` (``clock``): ``cancelled``
+        where budget was left (the client's choice, no miss); where its budget ran out -
+        gRPC's deadline ends the call, and the client's, sent as the deadline, arrives as a
+        cancel within a millisecond of ``due`` either side - as the server's own expiry
+        would count it while it was ``waiting`` (queued, or for a tokenizer thread), else
+        late while its batch ran: it was "cancelled", no miss, 2 of 3 times behind a hung
+        engine (review helper-153)."""
+        if due == math.inf or now < due - max(
+            CANCEL_AT_DUE_S, CANCEL_AT_DUE_SHARE * (due - arrival)
+        ):
             self.metrics.requests.labels(self.name, "", "cancelled").inc()
-            return  # the client gave up with budget left: its choice, no miss
-        # Its budget ran out: gRPC's deadline ends the call (the client's, sent as the
-        # deadline, arrives as a cancel within a millisecond of ``due`` either side). Counted
-        # as the server's own expiry would count it, or late while its batch ran - it was
-        # "cancelled", no miss, 2 of 3 times behind a hung engine (review helper-153).
-        outcome = "refused_deadline" if queued else "cancelled"
+            return
+        outcome = "refused_deadline" if waiting else "cancelled"
         self.metrics.requests.labels(self.name, "", outcome).inc()
-        self._missed["expired" if queued else "late"].inc()
+        self._missed["expired" if waiting else "late"].inc()
 
     def _budget_spent(self, budget_s: float, reserve_s: float, waited_s: float) -> str:
         """What the server set aside of the client's budget before planning: a refusal's

@@ -393,6 +393,28 @@ def test_a_failing_engine_fails_its_batch_and_the_model_keeps_serving(tmp_path):
     assert _count(metrics, "innfer_requests_total", model="m", tier="w100", outcome="failed") == 1
 
 
+def test_an_engine_leaving_out_a_listed_output_fails_the_batch_not_the_answer(tmp_path):
+    # An engine without model.yaml's output 'logits' was counted served, then the answer's
+    # encoding failed INTERNAL (KeyError) - served and failed at once (review 161).
+    served = _served(tmp_path)
+    metrics = Metrics()
+    engine = served.engines["w100"]
+    real = engine.run
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            engine.run = lambda feeds: {}
+            batch = [rt.infer(_x(1, float(i)), 1, 1.0, pin="w100") for i in range(3)]
+            got = await asyncio.gather(*batch, return_exceptions=True)
+            assert all("no output 'logits' from the engine" in str(g) for g in got), got
+            engine.run = real
+            return await rt.infer(_x(1, 1.0), 1, 1.0, pin="w100")
+
+    _check_answer(served, _x(1, 1.0), _run(body()))
+    count = functools.partial(_count, metrics, "innfer_requests_total", model="m", tier="w100")
+    assert (count(outcome="failed"), count(outcome="served")) == (3, 1)
+
+
 def test_a_cancelled_queued_request_never_runs(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
