@@ -67,13 +67,16 @@ def decode_inputs(
     by_name = {s.name: s for s in specs}  # in the model's order, as the messages list them
     if n > limits.max_inputs:
         raise InvalidArgument(
-            f"{n} inputs given; at most {limits.max_inputs} are accepted "
+            f"{n} inputs given; at most {limits.max_inputs} are accepted (limits.max_inputs) "
             f"(the model's inputs are {list(by_name)})"
         )
     seen: set[str] = set()
     for t in request.inputs:
         if len(t.name) > limits.max_name_bytes:
-            raise InvalidArgument(f"input name {clip(t.name)} is longer than allowed")
+            raise InvalidArgument(
+                f"input name {clip(t.name)} is longer than this server's limits.max_name_bytes "
+                f"({limits.max_name_bytes} bytes)"
+            )
         if t.name in seen:
             raise InvalidArgument(f"input {clip(t.name)} is given more than once")
         if t.name not in by_name:

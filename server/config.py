@@ -484,6 +484,8 @@ class ServerConfig:
         directory."""
         path = Path(path)
         data = read_yaml(path) or {}
+        if isinstance(data, dict):
+            _refuse_empty_sections(data, Where(str(path)))
         if repository is not None and isinstance(data, dict):
             data = {**data, "repository": str(Path(repository).resolve())}
         return cls.from_dict(data, source=str(path), base=path.parent)
@@ -505,6 +507,22 @@ class ServerConfig:
         """
         data = to_dict(self) | {k: _plain(v) for k, v in changes.items()}
         return type(self).from_dict(data, source=self.source)
+
+
+# Sections whose absence turns a protection off: written with nothing under them (every key
+# commented out), YAML reads them as null - and the server started in plaintext, without
+# authentication, saying nothing (review 160).
+_GUARDS = {"auth": "authentication", "tls": "TLS"}
+
+
+def _refuse_empty_sections(data: dict, where: Where) -> None:
+    for key, what in _GUARDS.items():
+        if key in data and data[key] is None:
+            where.child(key).fail(
+                None,
+                f"its settings ({key}: with nothing under it reads as null: {what} OFF); give "
+                f"them, or remove the key to serve without {what}",
+            )
 
 
 def _plain(v: Any) -> Any:

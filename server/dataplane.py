@@ -35,7 +35,7 @@ from runtime.repository import (
     ServedModel,
     check_model_name,
 )
-from runtime.repository.config import ConfigError
+from runtime.repository.config import MAX_BUDGET_MS, ConfigError
 from runtime.repository.store import file_known
 from runtime.repository.tokenizer import Encoded
 from server.autotier import AutoTierer
@@ -60,6 +60,7 @@ from server.limits import (
     request_bytes,
     response_bytes,
     text_bytes,
+    unservable,
 )
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
@@ -78,7 +79,6 @@ EXTENSIONS = (
     "classification", "model_configuration", "model_repository", "parameters", "statistics",
     "innfer_latency_budget",
 )  # fmt: skip
-MAX_BUDGET_MS = 1e9  # latency_budget_ms above this is refused (not a deadline anyone means)
 # ... and typically (model name, output names and shapes, six parameters): what the in-flight
 # cap reserves for it before it exists (its real size is held once it does).
 ANSWER_FRAME_TYPICAL_BYTES = 512
@@ -326,6 +326,11 @@ class DataPlane:
             self._warn_over_limit(name, served.config)
             runtime = None
             try:
+                if (why := _unservable(self.config.limits, served.config)) is not None:
+                    raise FailedPrecondition(
+                        f"no request to it passes this server's request limits: {why}; raise "
+                        "it under limits: in the server config"
+                    )
                 runtime = ModelRuntime(
                     served, self.metrics, policy=self.config.policy, device=self.device,
                     inline_max_s=self.config.inline_max_ms / 1e3,
@@ -1468,6 +1473,15 @@ class DecodeClock:
 
 class _TokenizerLate(Exception):
     """A text's budget ran out before a tokenizer thread took it (``DataPlane._tokenize``)."""
+
+
+def _unservable(limits, cfg) -> str | None:
+    """``limits.unservable`` for a model's config: its inputs as clients send them (a text
+    model's string input stands for its token inputs) and its outputs."""
+    inputs = [s.name for s in cfg.inputs]
+    if cfg.text is not None:
+        inputs = [cfg.text.input]
+    return unservable(limits, len(inputs), [*inputs, *(s.name for s in cfg.outputs)])
 
 
 def _set_external(runtime: ModelRuntime, factor: float) -> None:

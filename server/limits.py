@@ -74,6 +74,25 @@ class RequestLimits:
     )  # fmt: skip
 
 
+def unservable(limits: RequestLimits, inputs: int, names: list[str]) -> str | None:
+    """Why no request to a model with ``inputs`` inputs could pass ``limits`` (``names``:
+    the tensor names its requests carry, inputs and outputs), or None where one can. Such a
+    model loaded READY and refused every request naming no setting (review 160).
+
+    Example:
+        >>> unservable(RequestLimits(max_name_bytes=16), 1, ["pixel_values_of_the_image"])
+        "tensor name 'pixel_values_of_the_image' is 25 bytes; limits.max_name_bytes is 16"
+    """
+    if inputs > limits.max_inputs:
+        return f"it has {inputs} inputs; limits.max_inputs is {limits.max_inputs}"
+    for name in names:
+        if (n := len(name.encode())) > limits.max_name_bytes:
+            return f"tensor name {name!r} is {n} bytes; limits.max_name_bytes is " + str(
+                limits.max_name_bytes
+            )
+    return None
+
+
 def stream_limits_warning(limits: RequestLimits) -> str | None:
     """What is off in how the stream bounds fit the cap (None: nothing). Not an error: the
     limits still hold, the share simply binds before one stream's window does.

@@ -379,6 +379,19 @@ def pems(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.parametrize("key", ["auth", "tls"])
+def test_a_protection_written_with_nothing_under_it_is_refused_not_turned_off(tmp_path, key):
+    # Every key under auth: commented out reads as null: the server started without
+    # authentication (or TLS), saying nothing (review 160). Left out, it is off as before.
+    path = tmp_path / "server.yaml"
+    path.write_text(f"repository: models\n{key}:\n  # bearer_token_file: token.txt\n")
+    with pytest.raises(ConfigError, match=rf"{key}: .*reads as null.*remove the key") as err:
+        ServerConfig.load(path)
+    assert str(err.value).startswith(f"{path}: {key}: got None")
+    path.write_text("repository: models\n")
+    assert getattr(ServerConfig.load(path), key) is None
+
+
 def test_tls_paths_are_relative_to_the_config_file(tmp_path, pems):
     for name, pem in (("server.crt", "a.crt"), ("server.key", "a.key")):
         shutil.copy(pems / pem, tmp_path / name)
@@ -463,6 +476,15 @@ def test_an_integer_too_large_for_a_float_field_is_a_config_error():
     assert m["field"] == "default_latency_budget_ms"
     m = _refused(ServerConfig.from_dict, {"repository": "m", "grace_period_s": value})
     assert m["field"] == "grace_period_s"
+
+
+def test_a_default_budget_no_answer_can_report_is_refused():
+    # 1e30 ms was accepted, and every request without a gRPC deadline then failed INTERNAL
+    # (its answer's budget_us, int64 microseconds, overflowed); a request may not send more
+    # than 1e9 ms either (review 160).
+    m = _refused(_model, default_latency_budget_ms=1e30)
+    assert m["field"] == "default_latency_budget_ms" and "1000000000]" in m["exp"], m
+    assert _model(default_latency_budget_ms=1e9).default_latency_budget_ms == 1e9
 
 
 @pytest.mark.parametrize(

@@ -936,6 +936,32 @@ def test_the_message_limit_covers_the_largest_answer_too(tmp_path):
     assert plane.message_limit() >= 2 * 8 * 4 * 256 * 256 * 4
 
 
+def test_a_model_no_request_could_reach_under_the_limits_is_refused_at_load(tmp_path):
+    # An input name longer than limits.max_name_bytes: the model loaded READY and refused
+    # every request "longer than allowed", naming no setting (review 160).
+    name = "pixel_values_of_the_image"  # 25 bytes
+    inputs = [{"name": name, "dtype": "float32", "shape": [4]}]
+    write_model(tmp_path, "m", {"w100": 1.0}, inputs=inputs, max_batch=4)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False,
+                                  "limits": {"max_name_bytes": 16}})  # fmt: skip
+    plane = DataPlane(dataclasses.replace(cfg, backend="fake"), Metrics())
+
+    async def body():
+        await plane.load_all()
+        try:
+            return sorted(plane.models), plane.broken.get("m", "")
+        finally:
+            await plane.stop_models()
+
+    loaded, why = _run(body())
+    assert loaded == [] and f"{name!r} is 25 bytes; limits.max_name_bytes is 16" in why, why
+    # Within the limits it loads.
+    from server.limits import RequestLimits
+
+    plane = DataPlane(dataclasses.replace(cfg, backend="fake", limits=RequestLimits()), Metrics())
+    assert _run(body())[0] == ["m"]
+
+
 def test_a_stop_during_start_up_loads_nothing_more_and_stays_draining(config):
     # Loading went on through every model after a SIGTERM, and then set the phase back to
     # READY: a draining server reported ready again.

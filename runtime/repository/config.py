@@ -231,6 +231,11 @@ class ChannelSearchConfig:
 # ``rebuild.min_requests`` above it could never be reached, and a check waited for ever.
 TRAFFIC_CAPACITY = 200_000
 
+# A budget above this is no deadline anyone means (11.6 days): the server refuses it in a
+# request, and the answer reports budgets in int64 microseconds (a default of 1e30 ms
+# failed every request without a deadline INTERNAL there: review 160).
+MAX_BUDGET_MS = 1e9
+
 # The default candidate widths of auto-tiering: 1/16 steps from a quarter to the full width.
 AUTO_WIDTHS = tuple(k / 16 for k in range(16, 3, -1))
 
@@ -377,8 +382,9 @@ class ModelConfig:
     )
     max_batch: int = spec(8, lo=1, hi=4096, doc="largest batch; profiled at 1, 2, 4, ...")
     default_latency_budget_ms: float = spec(
-        100.0, lo=0, lo_open=True, unit="milliseconds", doc="budget when a request gives none"
-    )
+        100.0, lo=0, lo_open=True, hi=MAX_BUDGET_MS, unit="milliseconds",
+        doc="budget when a request gives none",
+    )  # fmt: skip
     multiple_of: int = spec(1, lo=1, hi=256, doc="round channel counts to a multiple of this")
     method: str = spec("auto", choices=METHODS, doc="how a tier samples the INN's channels")
     threads: int = spec(1, lo=1, hi=256, doc="ONNX Runtime intra-op threads per engine")
