@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 
@@ -125,11 +126,7 @@ class Server:
             else:
                 self.port = self.grpc.add_secure_port(address, _credentials(self.config))
         except RuntimeError as exc:  # grpc says "Failed to bind to address ...; set GRPC_..."
-            raise OSError(
-                errno.EADDRINUSE,
-                f"gRPC port {self.config.grpc_port} cannot be bound on {self.config.host}: in "
-                "use, or not permitted (grpc_port in the server config / --port)",
-            ) from exc
+            raise OSError(*_bind_problem(self.config.host, self.config.grpc_port)) from exc
         if self.config.metrics_port or self.config.metrics_port == 0:
             port = self.config.metrics_port
             try:
@@ -235,6 +232,31 @@ def warn_cleartext_token(config: ServerConfig) -> None:
             "mesh or gateway) and let nothing else reach it",
             config.host,
         )
+
+
+def _bind_problem(host: str, port: int) -> tuple[int, str]:
+    """(errno, message) for a gRPC port that could not be bound: gRPC says only "Failed to
+    bind", and every failure read "in use, or not permitted" - port 0 too, for a host that
+    does not resolve or is no address of this machine (review 160). Told apart by resolving
+    the host and binding a plain socket to it."""
+    fix = "(host in the server config / --host)"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        return errno.EADDRNOTAVAIL, f"host {host!r} does not resolve ({why}) {fix}"
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return exc.errno, f"host {host!r} is no address of this machine {fix}"
+            break
+    return errno.EADDRINUSE, (
+        f"gRPC port {port} cannot be bound on {host}: in use, or not permitted (grpc_port in "
+        "the server config / --port)"
+    )
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -295,6 +295,23 @@ def test_a_port_in_use_is_named_with_its_setting(tmp_path, setting, message):
             asyncio.run(Server(config).start())
 
 
+@pytest.mark.parametrize(
+    "host, message",
+    [("local host", r"host 'local host' does not resolve .*--host\)"),
+     ("192.0.2.1", r"host '192.0.2.1' is no address of this machine .*--host\)")],
+)  # fmt: skip
+def test_a_host_the_server_cannot_bind_is_named_not_its_port(tmp_path, host, message):
+    # Both read "gRPC port 0 cannot be bound ...: in use, or not permitted" (review 160).
+    from server.app import Server
+    from server.config import ServerConfig
+
+    config = ServerConfig.from_dict(
+        {"repository": str(tmp_path), "grpc_port": 0, "metrics_port": 0, "host": host}
+    )
+    with pytest.raises(OSError, match=message):
+        asyncio.run(Server(config).start())
+
+
 def test_a_start_with_a_model_that_failed_does_not_log_ready(tmp_path, caplog):
     # "ready: models []" while readiness answered NOT_SERVING (review helper-104).
     from server.app import Server
