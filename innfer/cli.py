@@ -492,8 +492,20 @@ def _check_repository(config) -> None:
 
     repo = Path(config.repository)
     _check_repository_dir(repo)
-    if config.model_control == "none" and not config.models and not Repository(repo).names():
+    if config.model_control != "none":
+        return
+    names = Repository(repo).names()
+    if not config.models and not names:
         raise ValueError(_no_models(repo))
+    # A configured model the repository lacks could never load (nothing loads models later):
+    # the server started and stayed not ready for good (review 160).
+    if missing := [m for m in config.models if m not in names]:
+        held = ", ".join(sorted(names)[:8]) or "none"
+        raise ValueError(
+            f"models {', '.join(missing)} (models: in the server config) are not in {repo} "
+            f"(it holds: {held}); with model_control none nothing could load them later: "
+            "fix the names, or add and build the models"
+        )
 
 
 def _check_repository_dir(repo: Path) -> None:

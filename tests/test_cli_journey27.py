@@ -462,6 +462,22 @@ def test_inspect_shows_the_counts_the_build_samples(tmp_path, capsys):
     )
 
 
+def test_serve_refuses_configured_models_the_repository_lacks(tmp_path, capsys):
+    # With model_control none nothing can load them later: the server started and stayed
+    # not ready for good (review 160). With explicit control a client may still add them.
+    from innfer.cli import _check_repository
+    from server.config import ServerConfig
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.yaml").write_text(yaml.safe_dump(IO))
+    config = ServerConfig.from_dict({"repository": str(tmp_path), "models": ["m", "nosuch"]})
+    with pytest.raises(ValueError, match=r"models nosuch \(models: in the server config\) "
+                       r"are not in .* \(it holds: m\)"):  # fmt: skip
+        _check_repository(config)
+    _check_repository(config.replace(models=["m"]))
+    _check_repository(config.replace(model_control="explicit"))
+
+
 def test_build_names_a_model_folder_it_cannot_build_by_its_name(tmp_path, capsys):
     # "resnet 18/" with its model.yaml was passed over without a word (review helper-105).
     (tmp_path / "resnet 18").mkdir()
