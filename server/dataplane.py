@@ -357,6 +357,9 @@ class DataPlane:
                     log.exception("model %s: loading failed", name)
                 if runtime is not None:
                     runtime.abandon()
+                    # It bound series for its tiers when made: a tier only it had would
+                    # show at 0 for good beside the set still served (review 161).
+                    self._forget_later(name)
                 else:
                     for engine in served.engines.values():
                         engine.close()
@@ -424,9 +427,7 @@ class DataPlane:
                 if runtime in successor.predecessors:
                     successor.predecessors.remove(runtime)
             self._unwatch_gpu(runtime)
-            forget = asyncio.ensure_future(self._forget_retired(runtime.name))
-            self._owned.add(forget)
-            forget.add_done_callback(self._owned.discard)
+            self._forget_later(runtime.name)
             if runtime.hung():  # stop gave up on an engine call: still stuck
                 # kept for readiness until the call returns - not in ``_owned`` nor in
                 # ``inflight()``: a shutdown does not wait for a hung engine
@@ -437,6 +438,13 @@ class DataPlane:
         task.add_done_callback(retired)
         return task
 
+    def _forget_later(self, name: str) -> None:
+        """``_forget_retired`` in a task of the data plane's own (it takes the lock: a
+        caller may hold it)."""
+        forget = asyncio.ensure_future(self._forget_retired(name))
+        self._owned.add(forget)
+        forget.add_done_callback(self._owned.discard)
+
     async def _forget_retired(self, name: str) -> None:
         """A retired runtime's series that nothing serves now: all of its model's (unloaded,
         and no earlier runtime still draining), or those of the tiers neither its successor
@@ -444,13 +452,16 @@ class DataPlane:
         the requests it still answered count. Under the lock: a load of the same name in
         progress has bound its series already, and is judged once it is in place."""
         async with self._lock:
-            # What still answers under the name: the runtime serving it, and any earlier one
-            # still draining (a reload after a reload) - its tiers' series stay until it ends.
-            live = [r for r in (self.models.get(name), *self._retiring) if r and r.name == name]
+            # What still answers under the name: the runtime serving it, any earlier one
+            # still draining (a reload after a reload), and one whose engine call hung past
+            # its stop - its batch still answers and counts (into series a forget had left
+            # unexported: review 161) - their tiers' series stay until they end.
+            serving = [r for r in (self.models.get(name), *self._retiring) if r and r.name == name]
+            live = serving + [r for r in list(self._hung) if r.name == name]
             kept = set().union(*(r.accuracy for r in live)) if live else None
             try:
                 self.metrics.forget_model(name, kept)
-                if not live and any(r.name == name for r in list(self._hung)):
+                if not serving and live:
                     # Unloaded with its engine hung (stuck or not yet: it turns stuck at
                     # 30 s): the alert on this gauge must still be able to fire (it went
                     # with the model's series; session 48's list, review 158).
@@ -472,6 +483,7 @@ class DataPlane:
         if name not in self.models and not any(r.name == name for r in list(self._hung)):
             with contextlib.suppress(KeyError):  # never bound: a reload's successor holds it
                 self.metrics.stuck_batches.remove(name)
+        self._forget_later(name)  # its batch has counted: what it alone kept can go
 
     async def stop_models(self) -> None:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every

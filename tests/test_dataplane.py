@@ -1732,6 +1732,76 @@ def test_an_unloaded_models_hung_batch_stays_on_its_gauge_until_it_returns(confi
     assert _run(body()) == (0.0, 1.0, None)  # then gone with the rest of the model's series
 
 
+def test_a_hung_batch_answered_after_an_unload_and_reload_is_counted_where_it_shows(
+    config, monkeypatch
+):
+    # The unload removed the model's series while the hung batch still ran; the reload bound
+    # fresh ones, and the old runtime counted its answer into children no longer exported:
+    # the client was served, the metrics said nothing (review 161).
+    import server.model_runtime as mr
+
+    monkeypatch.setattr(mr, "RUNNING_WAIT_S", 0.2)
+    config = dataclasses.replace(config, model_control="explicit")
+
+    async def body():
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
+        get = plane.metrics.registry.get_sample_value
+        try:
+            await asyncio.wait_for(plane.unload("a"), 10)  # its stop gives up on the call
+            await asyncio.sleep(0.05)
+            await plane.load("a")
+            gate.set()
+            tier = (await asyncio.wait_for(held, 5)).parameters["tier"].string_param
+            await asyncio.sleep(0.05)  # the hung call returned; its bookkeeping ran
+            for m in plane.models.values():
+                m.flush()
+            labels = {"model": "a", "tier": tier, "outcome": "served"}
+            return get("innfer_requests_total", labels)
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    assert _run(body()) == 1.0
+
+
+def test_a_failed_reload_leaves_no_series_of_the_tiers_it_would_have_served(config, monkeypatch):
+    # The reload's runtime bound series for its tiers when made; its warm-up failed and the
+    # old set went on serving, beside a w025 at 0 that nothing served, for good (review 161).
+    import server.model_runtime as mr
+
+    config = dataclasses.replace(config, model_control="explicit")
+    latency = {t: {1: 2.0, 2: 2.0, 4: 2.0} for t in ("w100", "w025")}
+
+    def tiers_with_series(plane) -> set[str]:
+        return {
+            sample.labels["tier"]
+            for family in plane.metrics.registry.collect()
+            for sample in family.samples
+            if sample.labels.get("model") == "a" and sample.labels.get("tier")
+        }
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            before = tiers_with_series(plane)
+            write_model(config.repository, "a", {"w100": 1.0, "w025": 0.25}, latency, max_batch=4)
+
+            def fails(self, *args, **kwargs):
+                raise RuntimeError("the engine failed its first run")
+
+            monkeypatch.setattr(mr.ModelRuntime, "warm_up", fails)
+            with pytest.raises(FailedPrecondition, match="failed its first run"):
+                await plane.load("a")
+            await asyncio.sleep(0.05)  # the forget runs once the load let go of the lock
+            return before, sorted(plane.models["a"].accuracy), tiers_with_series(plane)
+        finally:
+            await plane.stop_models()
+
+    before, served, after = _run(body())
+    assert served == ["w050", "w100"] and before == after == {"w050", "w100"}
+
+
 def test_files_nested_too_deeply_or_with_huge_integers_fail_their_model_alone(tmp_path):
     # A model.yaml of 5,000 nested [ or a 5,000-digit integer stopped the whole server's
     # start with one line naming no file; a tier.json of 100,000 nested [ was INTERNAL with
