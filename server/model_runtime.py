@@ -982,7 +982,15 @@ class ModelRuntime:
         self._alone_bits = (self._alone_bits << 1 | alone) & _WINDOW_MASK
         self.inflight += 1
         try:
-            self._pump()  # inside: a pump that raises must not leak the pending entry
+            try:
+                self._pump()  # inside: a pump that raises must not leak the pending entry
+            except Exception:  # a scheduling bug: it must not strand this request queued,
+                # answered nowhere and counted nowhere (review 161); one already launched
+                # is answered by its batch
+                log.exception("model %s: a scheduling decision failed", self.name)
+                if self.lanes[lane].cancel(req, self.clock()):
+                    self.metrics.requests.labels(self.name, "", "failed").inc()
+                    raise
             return await future
         except asyncio.CancelledError:
             self._cancelled(req, lane, future)
@@ -1181,10 +1189,12 @@ class ModelRuntime:
                 self._reject(r, DeadlineExceeded(why))
         # Lanes in turn; on a shared device only the most urgent head's lane is granted a
         # slot (Device.claim), so the order here does not decide who runs first.
-        for lane in self.lanes.values():
-            while (decision := lane.next(now)) is not None:
-                self._launch(lane, decision)
-        self._arm_expiry(now)
+        try:
+            for lane in self.lanes.values():
+                while (decision := lane.next(now)) is not None:
+                    self._launch(lane, decision)
+        finally:  # (a decision that raised leaves the rest queued: they still expire)
+            self._arm_expiry(now)
 
     def _arm_expiry(self, now: float) -> None:
         """Pump again when the earliest queued deadline has passed (``EXPIRY_STEP_S`` from

@@ -415,6 +415,34 @@ def test_an_engine_leaving_out_a_listed_output_fails_the_batch_not_the_answer(tm
     assert (count(outcome="failed"), count(outcome="served")) == (3, 1)
 
 
+def test_a_scheduling_decision_that_raises_strands_no_request(tmp_path):
+    # The request's own pump raised: its client heard the error, but it stayed queued with
+    # no pending entry and no expiry armed - counted nowhere, run later for nobody.
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            (lane,) = rt.lanes.values()
+            real, calls = lane.next, []
+
+            def next_once_broken(now):
+                calls.append(now)
+                if len(calls) == 1:
+                    raise RuntimeError("policy bug")
+                return real(now)
+
+            lane.next = next_once_broken
+            with pytest.raises(RuntimeError, match="policy bug"):
+                await rt.infer(_x(1, 1.0), 1, 0.3, pin="w100")
+            assert not lane.queue and rt.inflight == 0
+            return await rt.infer(_x(1, 2.0), 1, 0.3, pin="w100")  # the model still serves
+
+    _check_answer(served, _x(1, 2.0), _run(body()))
+    count = functools.partial(_count, metrics, "innfer_requests_total", model="m")
+    assert (count(tier="", outcome="failed"), count(tier="w100", outcome="served")) == (1, 1)
+
+
 def test_a_cancelled_queued_request_never_runs(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
