@@ -245,7 +245,10 @@ def parse(cls: type, data: Any, where: Where, **extra: Any) -> Any:
     keys = [f.name for f in fields if f.spec.key]
     secrets = _secret_fields(cls)
     if not isinstance(data, dict):
-        where.fail(data, _mapping_expected(fields))
+        # (None: an empty file or section - nothing, or only comments - which the 20 keys
+        # of a mapping expected said only as "got None": review 160)
+        empty = " (it is empty: nothing, or only comments)" if data is None else ""
+        where.fail(data, _mapping_expected(fields) + empty)
     for k in data:
         if k not in keys:
             # A misspelt key beside a secret is most likely the secret itself.
@@ -550,6 +553,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a missing file, a syntax error or a key given twice in one mapping
     is a ConfigError naming it."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give the YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:

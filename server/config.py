@@ -114,7 +114,7 @@ def _policy(v: Any, where: Where) -> str:
         where.fail(v, _policies())
     name, colon, tier = v.partition(":")
     if name == _PINNED and _PINNED in POLICIES:
-        if not colon or not NAME.regex.match(tier):
+        if not colon or not NAME.regex.fullmatch(tier):  # ("w050\n" matched)
             where.fail(v, f"{_PINNED}:<tier> with a tier name ({NAME.description})")
     elif colon or v not in POLICIES:
         where.fail(v, _policies())

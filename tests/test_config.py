@@ -340,6 +340,10 @@ def test_fixed_policy_tier_must_exist_in_the_served_models(tmp_path):
     assert ServerConfig.from_dict(cfg).policy == "fixed:w050"
     missing = {"repository": str(tmp_path / "later"), "policy": "fixed:w999"}
     assert ServerConfig.from_dict(missing).policy == "fixed:w999"
+    # Checked as a whole name: "w050\n" was accepted where no repository could check it
+    # (review 160), and no tier is named so.
+    m = _refused(ServerConfig.from_dict, {**missing, "policy": "fixed:w050\n"})
+    assert m["field"] == "policy"
 
 
 @pytest.mark.parametrize("text", ["tiers: [unclosed", "[" * 5000, "max_batch: " + "9" * 5000])
@@ -377,6 +381,16 @@ def pems(tmp_path_factory) -> Path:
             cwd=d, check=True, capture_output=True,
         )  # fmt: skip
     return d
+
+
+def test_an_empty_model_yaml_or_a_directory_for_a_config_says_so(tmp_path):
+    # "model.yaml: got None, expected a mapping with inputs, outputs, tiers and ..." for an
+    # empty file; a directory given for a config read "file not found" (review 160).
+    (tmp_path / "model.yaml").write_text("# inputs: ...\n")
+    with pytest.raises(ConfigError, match=r"\(it is empty: nothing, or only comments\)"):
+        ModelConfig.load(tmp_path / "model.yaml")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a directory; give the YAML file"):
+        ServerConfig.load(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["auth", "tls"])
