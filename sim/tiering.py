@@ -115,6 +115,12 @@ class Traffic:
         """A CSV with a header ``arrival_s,budget_ms[,rows]`` (what the server records;
         ``rows`` defaults to 1), UTF-8 with or without a byte-order mark (Excel's). Errors
         are ValueErrors that name the file (and line) and say what to do."""
+        if not Path(path).is_file():  # (said as "[Errno 2] ...", naming no flag: review 160)
+            what = "is a directory" if Path(path).is_dir() else "does not exist"
+            raise ValueError(
+                f"{path} {what}: give the traffic CSV (arrival_s,budget_ms[,rows]) a server "
+                "with auto_tiers records, or one you write"
+            )
         # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM, which read as part of 'arrival_s'.
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)

@@ -229,6 +229,10 @@ def test_traffic_csv_round_trip_and_errors(tmp_path, capsys):
     back = Traffic.read(tmp_path / "t.csv")
     assert back.arrival_s.tolist() == [0, 0.5, 0.5] and back.rows.tolist() == [1, 2, 1]
     assert back.last(2).arrival_s.tolist() == [0.0, 0.0]
+    # "[Errno 2] No such file or directory" and "[Errno 21] Is a directory" (review 160)
+    for where, what in ((tmp_path / "none.csv", "does not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(ValueError, match=f"{what}: give the traffic CSV"):
+            Traffic.read(where)
     (tmp_path / "bad.csv").write_text("time,budget\n1,2\n")
     with pytest.raises(ValueError, match="header 'arrival_s,budget_ms"):
         Traffic.read(tmp_path / "bad.csv")
