@@ -550,6 +550,45 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def blank_keys(path: Path) -> set[str]:
+    r"""The top-level keys of the YAML mapping in ``path`` written with nothing after them
+    (``auth:`` and its settings commented out), which YAML reads as null as it reads
+    ``auth: null``: a section someone began and left blank, not one they turned off. Read
+    after ``read_yaml`` (which reports a broken file); empty where it is no mapping.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "c.yaml"
+        >>> _ = p.write_text("auth:\n  # bearer_token_file: t\ntls: null\n")
+        >>> blank_keys(p)
+        {'auth'}
+    """
+    with path.open(encoding="utf-8") as f:
+        root = yaml.compose(f, Loader=yaml.SafeLoader)
+    if not isinstance(root, yaml.MappingNode):
+        return set()
+    return {
+        k.value
+        for k, v in root.value
+        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode)
+        and v.tag == "tag:yaml.org,2002:null" and v.value == ""
+    }  # fmt: skip
+
+
+def refuse_blank_sections(path: Path, sections: dict[str, str], where: Where) -> None:
+    """Refuse a section of ``sections`` (key -> what it turns on) written blank in ``path``
+    (``blank_keys``): YAML reads it as null, which turns it off, and a section begun and
+    left blank was taken as off saying nothing (review 160: ``auth:`` served without
+    authentication). ``key: null`` stays the way to say off."""
+    for key in sorted(blank_keys(path) & set(sections)):
+        what = sections[key]
+        where.child(key).fail(
+            None,
+            f"its settings ({key}: with nothing after it reads as null: {what} off); give "
+            f"them, or write {key}: null (or leave the key out) for {what} off",
+        )
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a missing file, a syntax error or a key given twice in one mapping
     is a ConfigError naming it."""

@@ -52,7 +52,17 @@ from typing import Any
 
 import yaml
 
-from runtime.configspec import MODEL_NAME, NAME, ConfigError, Where, parse, reference, spec, to_dict
+from runtime.configspec import (
+    MODEL_NAME,
+    NAME,
+    ConfigError,
+    Where,
+    parse,
+    reference,
+    refuse_blank_sections,
+    spec,
+    to_dict,
+)
 from runtime.engines import BACKENDS
 from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
 from server.limits import ANSWER_FRAME_BYTES, RequestLimits
@@ -484,8 +494,7 @@ class ServerConfig:
         directory."""
         path = Path(path)
         data = read_yaml(path) or {}
-        if isinstance(data, dict):
-            _refuse_empty_sections(data, Where(str(path)))
+        refuse_blank_sections(path, _GUARDS, Where(str(path)))
         if repository is not None and isinstance(data, dict):
             data = {**data, "repository": str(Path(repository).resolve())}
         return cls.from_dict(data, source=str(path), base=path.parent)
@@ -513,16 +522,6 @@ class ServerConfig:
 # commented out), YAML reads them as null - and the server started in plaintext, without
 # authentication, saying nothing (review 160).
 _GUARDS = {"auth": "authentication", "tls": "TLS"}
-
-
-def _refuse_empty_sections(data: dict, where: Where) -> None:
-    for key, what in _GUARDS.items():
-        if key in data and data[key] is None:
-            where.child(key).fail(
-                None,
-                f"its settings ({key}: with nothing under it reads as null: {what} OFF); give "
-                f"them, or remove the key to serve without {what}",
-            )
 
 
 def _plain(v: Any) -> Any:

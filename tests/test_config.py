@@ -399,11 +399,24 @@ def test_a_protection_written_with_nothing_under_it_is_refused_not_turned_off(tm
     # authentication (or TLS), saying nothing (review 160). Left out, it is off as before.
     path = tmp_path / "server.yaml"
     path.write_text(f"repository: models\n{key}:\n  # bearer_token_file: token.txt\n")
-    with pytest.raises(ConfigError, match=rf"{key}: .*reads as null.*remove the key") as err:
+    with pytest.raises(ConfigError, match=rf"{key}: .*reads as null.*write {key}: null") as err:
         ServerConfig.load(path)
     assert str(err.value).startswith(f"{path}: {key}: got None")
-    path.write_text("repository: models\n")
-    assert getattr(ServerConfig.load(path), key) is None
+    for off in ("repository: models\n", f"repository: models\n{key}: null\n"):
+        path.write_text(off)  # left out, or said null: off, as asked
+        assert getattr(ServerConfig.load(path), key) is None
+
+
+@pytest.mark.parametrize("key", ["text", "evaluation", "channel_search"])
+def test_a_model_yaml_section_left_blank_is_refused(tmp_path, key):
+    # channel_search: with its settings commented out read as null: no search, said nowhere.
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.yaml").write_text(yaml.safe_dump(MINIMAL) + f"{key}:\n  # settings\n")
+    with pytest.raises(ConfigError, match=rf"{key}: got None, expected its settings"):
+        ModelConfig.load(d / "model.yaml")
+    (d / "model.yaml").write_text(yaml.safe_dump(MINIMAL) + f"{key}: null\n")
+    assert getattr(ModelConfig.load(d / "model.yaml"), key) is None
 
 
 def test_tls_paths_are_relative_to_the_config_file(tmp_path, pems):

@@ -56,6 +56,7 @@ from runtime.configspec import (
     parse,
     read_yaml,
     reference,
+    refuse_blank_sections,
     spec,
     to_dict,
 )
@@ -230,6 +231,14 @@ class ChannelSearchConfig:
 # Requests a server keeps per model for auto-tiering (server/traffic.py's ring, ~5 MB): a
 # ``rebuild.min_requests`` above it could never be reached, and a check waited for ever.
 TRAFFIC_CAPACITY = 200_000
+
+# Sections a blank key (every setting commented out) would silently turn off; auto_tiers:
+# blank is said by the build instead (``auto_tiers_empty_note``).
+_BLANK_REFUSED = {
+    "text": "text input",
+    "evaluation": "accuracy measured at build time",
+    "channel_search": "the channel-count search",
+}
 
 # A budget above this is no deadline anyone means (11.6 days): the server refuses it in a
 # request, and the answer reports budgets in int64 microseconds (a default of 1e30 ms
@@ -656,6 +665,7 @@ class ModelConfig:
                 "name out"
             )
         data = {"name": directory, **data} if isinstance(data, dict) else data
+        refuse_blank_sections(path, _BLANK_REFUSED, Where(str(path)))
         config = cls.from_dict(data, source=str(path))
         if isinstance(data, dict) and "auto_tiers" in data and data["auto_tiers"] is None:
             config = dataclasses.replace(config, auto_tiers_empty=True)
