@@ -74,11 +74,22 @@ def add_parser(sub) -> None:
         "process's own apply uses",
     )  # fmt: skip
     app.add_argument(
-        "--parent-pid", type=int, metavar="PID",
+        "--parent-pid", type=_pid, metavar="PID",
         help="the process that started this one (a server's own apply): end with it, "
         "never outlive it",
     )  # fmt: skip
     app.set_defaults(func=cmd_apply)
+
+
+def _pid(text: str) -> int:
+    """A process id (> 0): -1 read "the process that started it (-1) is gone", exit 1."""
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"a process id (an integer > 0), got {text!r}")
+    return pid
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:

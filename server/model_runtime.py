@@ -564,37 +564,10 @@ class ModelRuntime:
         new runtime has replaced this one.
         """
         self.stopping = True
-        if drain_s is None:  # each queued request leaves by its deadline (run or expired)
-            latest = max((p.request.deadline for p in self._pending.values()), default=0.0)
-            deadline = max(latest, self.clock()) + DRAIN_S
-        else:
-            self._leave_device()  # others stop planning behind a queue that will be failed
-            deadline = self.clock() + drain_s
-        while self._pending and self.clock() < deadline:
-            await asyncio.sleep(0.005)
-            # Nothing arrives here to pump: expire what can no longer run, and start what a
-            # freed device slot allows - having left the device, no release wakes this model.
-            self._pump()
-        self.flush()
+        await self._drain(drain_s)
         self._leave_device()
-        failed = 0
-        for pending in list(self._pending.values()):
-            if pending.future.done():  # cancelled by its client meanwhile: counted then
-                continue
-            if self.lanes[pending.lane].cancel(pending.request, self.clock()):
-                failed += 1
-                self.metrics.requests.labels(self.name, "", "unavailable").inc()
-                self._missed["unavailable"].inc()
-                self._queue_total.inc(self.clock() - pending.request.arrival)
-                pending.fail(Unavailable(
-                    f"model {self.name} was unloaded or reloaded before this request ran; retry"
-                ))  # fmt: skip
-        if self._all_done is not None and self._running:
-            # Batches already on an engine: let them answer their requests.
-            # (asyncio's own TimeoutError: another class before Python 3.11)
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
-        self.flush()  # the last batches' bookkeeping, before the engines close
+        failed = self._fail_queued()
+        await self._wait_running()
         if self._expiry is not None:  # nothing is queued any more: no expiry to look for
             self._expiry.cancel()
             self._expiry = None
@@ -612,6 +585,47 @@ class ModelRuntime:
             return failed
         await closed
         return failed
+
+    async def _drain(self, drain_s: float | None) -> None:
+        """Serve the queue for up to ``drain_s`` (None: until each queued request has run or
+        expired by its own deadline)."""
+        if drain_s is None:
+            latest = max((p.request.deadline for p in self._pending.values()), default=0.0)
+            deadline = max(latest, self.clock()) + DRAIN_S
+        else:
+            self._leave_device()  # others stop planning behind a queue that will be failed
+            deadline = self.clock() + drain_s
+        while self._pending and self.clock() < deadline:
+            await asyncio.sleep(0.005)
+            # Nothing arrives here to pump: expire what can no longer run, and start what a
+            # freed device slot allows - having left the device, no release wakes this model.
+            self._pump()
+        self.flush()
+
+    def _fail_queued(self) -> int:
+        """Fail every request still queued with UNAVAILABLE (retryable); how many."""
+        failed = 0
+        for pending in list(self._pending.values()):
+            if pending.future.done():  # cancelled by its client meanwhile: counted then
+                continue
+            if self.lanes[pending.lane].cancel(pending.request, self.clock()):
+                failed += 1
+                self.metrics.requests.labels(self.name, "", "unavailable").inc()
+                self._missed["unavailable"].inc()
+                self._queue_total.inc(self.clock() - pending.request.arrival)
+                pending.fail(Unavailable(
+                    f"model {self.name} was unloaded or reloaded before this request ran; retry"
+                ))  # fmt: skip
+        return failed
+
+    async def _wait_running(self) -> None:
+        """Let the batches already on an engine answer their requests, for up to
+        ``RUNNING_WAIT_S``, and settle their bookkeeping before the engines close."""
+        if self._all_done is not None and self._running:
+            # (asyncio's own TimeoutError: another class before Python 3.11)
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_done.wait(), RUNNING_WAIT_S)
+        self.flush()
 
     def running_batches(self) -> list[str]:
         """The batches on an engine now, as the log names them (tier, rows, for how long)."""
@@ -911,24 +925,7 @@ class ModelRuntime:
             raise Unavailable(f"{stuck}; retry (another replica serves it)")
         self._idle.flush()  # admission reads the running batches and the latency model
         now = self.clock()
-        for what, tier in (("tier", pin), ("min_tier", min_tier)):
-            if tier is not None and tier not in self.accuracy:
-                raise NotFound(
-                    f"model {self.name} has no {what} {clip(tier)}; tiers: "
-                    f"{', '.join(self.accuracy)}"
-                )
-        if (
-            pin is not None
-            and min_tier is not None
-            and self.accuracy[pin] < self.accuracy[min_tier]
-        ):
-            # The pin would win and min_tier be dropped without a word: ask which was meant.
-            raise InvalidArgument(
-                f"tier {pin!r} ranks below min_tier {min_tier!r} (tiers rank by measured "
-                f"accuracy, else by size, lowest first: "
-                f"{', '.join(sorted(self.accuracy, key=self.accuracy.__getitem__))}); send one "
-                f"of the two, or pin a tier from {min_tier!r} up"
-            )
+        self._check_tiers(pin, min_tier)
         reached = now - max(waited_s, 0.0)
         self.record_traffic(reached, budget_s + reserve_s, rows)
         # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
@@ -948,31 +945,65 @@ class ModelRuntime:
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
-            outcome = exc.state.name.lower()
-            self._log_refused(outcome, str(exc), now)
-            self.metrics.requests.labels(self.name, "", outcome).inc()
-            why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
-            if exc.state == State.REFUSED_DEADLINE:
-                # refused_budget: the budget is below the fastest allowed tier's profiled
-                # time at the quantile an idle replica admits at (no online correction; a
-                # full batch's own rows are checked at slo_target): no replica meets it
-                # however idle - the client's ask, not load, which the autoscaler must not
-                # scale out for. Contention that slowed this replica is load, and so is
-                # time the request already spent here (a long text's wait for a tokenizer
-                # thread): judged from when it reached the server, not from now.
-                s = self.lanes[lane]
-                idle = s.latency.profiled(s.ctx.fastest(req), rows, s.idle_quantile(req))
-                if reached + idle > s.admission_deadline(req):
-                    why = "refused_budget"
-            self._missed[why].inc()
-            if exc.state == State.REFUSED_FULL:
-                raise ResourceExhausted(f"model {self.name}: {exc}") from None
-            raise DeadlineExceeded(
-                f"model {self.name}: {exc}; "
-                f"{self._budget_spent(budget_s, reserve_s, now - reached)}"
-            ) from None
+            raise self._refusal(exc, req, lane, reached, reserve_s) from None
         except InvalidRequest as exc:
             raise InvalidArgument(str(exc)) from None
+        return await self._await_answer(req, lane)
+
+    def _check_tiers(self, pin: str | None, min_tier: str | None) -> None:
+        """A request's ``tier`` and ``min_tier`` parameters name tiers of this model, and
+        the pin does not rank below min_tier."""
+        for what, tier in (("tier", pin), ("min_tier", min_tier)):
+            if tier is not None and tier not in self.accuracy:
+                raise NotFound(
+                    f"model {self.name} has no {what} {clip(tier)}; tiers: "
+                    f"{', '.join(self.accuracy)}"
+                )
+        if (
+            pin is not None
+            and min_tier is not None
+            and self.accuracy[pin] < self.accuracy[min_tier]
+        ):
+            # The pin would win and min_tier be dropped without a word: ask which was meant.
+            raise InvalidArgument(
+                f"tier {pin!r} ranks below min_tier {min_tier!r} (tiers rank by measured "
+                f"accuracy, else by size, lowest first: "
+                f"{', '.join(sorted(self.accuracy, key=self.accuracy.__getitem__))}); send one "
+                f"of the two, or pin a tier from {min_tier!r} up"
+            )
+
+    def _refusal(
+        self, exc: Refused, req: Request, lane: int, reached: float, reserve_s: float
+    ) -> InferError:
+        """Count admission's refusal of ``req`` and the error its client gets."""
+        now = req.arrival
+        outcome = exc.state.name.lower()
+        self._log_refused(outcome, str(exc), now)
+        self.metrics.requests.labels(self.name, "", outcome).inc()
+        why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
+        if exc.state == State.REFUSED_DEADLINE:
+            # refused_budget: the budget is below the fastest allowed tier's profiled time
+            # at the quantile an idle replica admits at (no online correction; a full
+            # batch's own rows are checked at slo_target): no replica meets it however idle
+            # - the client's ask, not load, which the autoscaler must not scale out for.
+            # Contention that slowed this replica is load, and so is time the request
+            # already spent here (a long text's wait for a tokenizer thread): judged from
+            # when it reached the server, not from now.
+            s = self.lanes[lane]
+            idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
+            if reached + idle > s.admission_deadline(req):
+                why = "refused_budget"
+        self._missed[why].inc()
+        if exc.state == State.REFUSED_FULL:
+            return ResourceExhausted(f"model {self.name}: {exc}")
+        budget_s = req.deadline - reached
+        return DeadlineExceeded(
+            f"model {self.name}: {exc}; {self._budget_spent(budget_s, reserve_s, now - reached)}"
+        )
+
+    async def _await_answer(self, req: Request, lane: int) -> InferResult:
+        """Await ``req``'s answer (submitted to ``lane``): start what can run, and count a
+        cancel by its client where it is."""
         # No await since submit, and the pump runs below: the request cannot have run yet.
         future = asyncio.get_running_loop().create_future()
         self._pending[req.id] = Pending(req, future, lane, VERDICT.get())
@@ -984,13 +1015,13 @@ class ModelRuntime:
         try:
             try:
                 self._pump()  # inside: a pump that raises must not leak the pending entry
-            except Exception:  # a scheduling bug: it must not strand this request queued,
-                # answered nowhere and counted nowhere (review 161); one already launched
-                # is answered by its batch
+            except Exception:  # a scheduling bug: the request fails, counted once, and
+                # leaves its queue - it stayed there, counted nowhere, to run later for
+                # nobody (review 161); a batch holding it drops its answer (``_resolve``)
                 log.exception("model %s: a scheduling decision failed", self.name)
-                if self.lanes[lane].cancel(req, self.clock()):
-                    self.metrics.requests.labels(self.name, "", "failed").inc()
-                    raise
+                self.lanes[lane].cancel(req, self.clock())
+                self.metrics.requests.labels(self.name, "", "failed").inc()
+                raise
             return await future
         except asyncio.CancelledError:
             self._cancelled(req, lane, future)

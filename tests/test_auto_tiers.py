@@ -685,6 +685,11 @@ def test_a_background_apply_ends_with_the_server_that_started_it():
     argv = apply_command(Path("r"), "m", Path("t.csv"), Path("c.json"), "model.yaml:b")
     assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
     assert build_parser().parse_args(argv[3:]).parent_pid == os.getpid()
+    # Not a process id: an argument error (exit 2), not "(-1) is gone" (exit 1; review 160).
+    bad = [*argv[3 : argv.index("--parent-pid") + 1], "-1"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(bad)
+    assert exc.value.code == 2
 
 
 # -- innfer tiers suggest / apply -----------------------------------------------------------

@@ -1689,7 +1689,7 @@ def test_a_tier_a_draining_runtime_still_serves_keeps_its_series():
 
     async def body():
         plane = SimpleNamespace(_lock=asyncio.Lock(), models={"a": serving},
-                                _retiring=[draining], metrics=metrics)  # fmt: skip
+                                _retiring=[draining], _hung={}, metrics=metrics)  # fmt: skip
         await DataPlane._forget_retired(plane, "a")
         assert tiers() == {"w100", "w050"}  # the draining one answers on w050 still
         plane._retiring.clear()
