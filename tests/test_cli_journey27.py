@@ -154,6 +154,7 @@ def test_build_table_names_the_largest_batch_and_keeps_its_columns(capsys):
         read_profile=lambda name: {"tiers": {"w100": lat, "w050": lat}},
         config=lambda name: config,
         load_record=lambda name, tier: records[tier],
+        unlisted_tiers=lambda name: [],
     )
     tiers = [SimpleNamespace(name=n, accuracy=None, engine_built=True) for n in records]
     _print_build(SimpleNamespace(model="r18", backend="onnxruntime", tiers=tiers, warnings=[],
