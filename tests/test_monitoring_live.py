@@ -472,11 +472,15 @@ def _check(
         assert ds[pod] == pytest.approx(want, rel=1e-3, abs=1e-6), (pod, ds, t)
     c_totals = totals["innfer-c"]
     assert c_totals["shed"] > 0.1 * (c_totals["served"] + c_totals["shed"]), c_totals
-    # 0 where all ran on the top tier, and where budgets alone forced the narrow tier (b):
-    # more replicas would serve b's requests no better (it read > 0.5, and an idle fleet
-    # sat at maxReplicas; review 159). High where load exceeded capacity (c: its shed).
+    # 0 where all ran on the top tier; where budgets alone forced the narrow tier (b) none
+    # of the answers counts: more replicas would serve b's requests no better (it read
+    # > 0.5, and an idle fleet sat at maxReplicas; review 159). What b's share holds is its
+    # shed: tight budgets refused behind the work ahead on a slow hour (0.08-0.20 of b's
+    # requests in such runs, which then failed a bound on the share). High where load
+    # exceeded capacity (c: its shed).
     assert ds["innfer-a"] < 0.05, ds
-    assert ds["innfer-b"] < 0.05, ds
+    assert totals["innfer-b"]["degraded"] == 0, totals["innfer-b"]
+    assert ds["innfer-b"] < 0.5, ds
     assert served_b.get("w025", 0) > max(served_b.get("w100", 0), 5), served_b
     # SLO attainment is what clients got: for mlp, at most the share of OK answers (an OK
     # answer can still be late), and not far below it.
