@@ -1279,19 +1279,21 @@ class ModelRuntime:
             return
         self._running += 1
         self._all_done.clear()
-        planned = lane.latency.planned(d.tier)[d.rows]
-        self._batch_started[id(d)] = (self.clock(), planned, d.tier)
-        inline = self._may_run_inline(lane, d)
-        self._idle_mark = self._idle.waits
-        if inline:
-            # On the loop thread, at once; answered on the next loop turn (not from inside
-            # this pump: _finish pumps again).
-            self._loop.call_soon(self._finish, lane, d, *self._execute(d, feeds, t_in))
-            return
         try:
+            planned = lane.latency.planned(d.tier)[d.rows]
+            self._batch_started[id(d)] = (self.clock(), planned, d.tier)
+            inline = self._may_run_inline(lane, d)
+            self._idle_mark = self._idle.waits
+            if inline:
+                # On the loop thread, at once; answered on the next loop turn (not from
+                # inside this pump: _finish pumps again).
+                self._loop.call_soon(self._finish, lane, d, *self._execute(d, feeds, t_in))
+                return
             self.pool.submit(self._run, lane, d, feeds, t_in)
-        except Exception as exc:  # no thread to run it ("can't start new thread", shut down):
-            # the batch still finishes - failed, its slot freed - on the next loop turn
+        except Exception as exc:  # no thread to run it ("can't start new thread", shut
+            # down), or a bug on the way: the batch still finishes - failed, its slot freed
+            # - on the next loop turn. Raised from here, it left every request of the
+            # decision unanswered and the slot held: the model wedged (review 162).
             self._loop.call_soon(self._finish, lane, d, None, exc, (0.0, 0.0, 0.0))
 
     def _may_run_inline(self, lane: Scheduler, d: Decision) -> bool:

@@ -443,6 +443,43 @@ def test_a_scheduling_decision_that_raises_strands_no_request(tmp_path):
     assert (count(tier="", outcome="failed"), count(tier="w100", outcome="served")) == (1, 1)
 
 
+def test_a_batch_that_fails_to_launch_fails_each_of_its_requests_and_frees_its_slot(tmp_path):
+    # A decision holding r1 (queued by an earlier pump) and r2 raised on its way to the
+    # engine: r2's client heard it, r1's never did, the slot stayed held and the next
+    # request expired in the queue - the model wedged (review 162).
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics) as rt:
+            (lane,) = rt.lanes.values()
+            real_next, pumps = lane.next, []
+
+            def hold_first(now):  # r1's own pump decides nothing: it stays queued
+                pumps.append(now)
+                return None if len(pumps) == 1 else real_next(now)
+
+            real_inline, launches = rt._may_run_inline, []
+
+            def broken_once(lane_, d):
+                launches.append(len(d.requests))
+                if len(launches) == 1:
+                    raise RuntimeError("launch bug")
+                return real_inline(lane_, d)
+
+            lane.next, rt._may_run_inline = hold_first, broken_once
+            r1 = asyncio.ensure_future(rt.infer(_x(1, 1.0), 1, 5.0, pin="w100"))
+            await asyncio.sleep(0)
+            r2 = rt.infer(_x(1, 2.0), 1, 5.0, pin="w100")
+            got = await asyncio.wait_for(asyncio.gather(r1, r2, return_exceptions=True), 5)
+            assert launches[0] == 2 and all("launch bug" in str(g) for g in got), got
+            return await asyncio.wait_for(rt.infer(_x(1, 3.0), 1, 0.5, pin="w100"), 5)
+
+    _check_answer(served, _x(1, 3.0), _run(body()))
+    count = functools.partial(_count, metrics, "innfer_requests_total", model="m", tier="w100")
+    assert (count(outcome="failed"), count(outcome="served")) == (2, 1)
+
+
 def test_a_cancelled_queued_request_never_runs(tmp_path):
     served = _served(tmp_path)
     metrics = Metrics()
