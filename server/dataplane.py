@@ -358,8 +358,10 @@ class DataPlane:
                 if runtime is not None:
                     runtime.abandon()
                     # It bound series for its tiers when made: a tier only it had would
-                    # show at 0 for good beside the set still served (review 161).
-                    self._forget_later(name)
+                    # show at 0 for good beside the set still served (review 161) - its
+                    # tiers' only: innfer_model_load_failures, counted just now, stays
+                    # (review 162).
+                    self._forget_later(name, tiers_only=True)
                 else:
                     for engine in served.engines.values():
                         engine.close()
@@ -438,14 +440,14 @@ class DataPlane:
         task.add_done_callback(retired)
         return task
 
-    def _forget_later(self, name: str) -> None:
+    def _forget_later(self, name: str, tiers_only: bool = False) -> None:
         """``_forget_retired`` in a task of the data plane's own (it takes the lock: a
         caller may hold it)."""
-        forget = asyncio.ensure_future(self._forget_retired(name))
+        forget = asyncio.ensure_future(self._forget_retired(name, tiers_only))
         self._owned.add(forget)
         forget.add_done_callback(self._owned.discard)
 
-    async def _forget_retired(self, name: str) -> None:
+    async def _forget_retired(self, name: str, tiers_only: bool = False) -> None:
         """A retired runtime's series that nothing serves now: all of its model's (unloaded,
         and no earlier runtime still draining), or those of the tiers neither its successor
         nor a runtime still draining serves (``Metrics.forget_model``) - after its drain, so
@@ -459,6 +461,8 @@ class DataPlane:
             serving = [r for r in (self.models.get(name), *self._retiring) if r and r.name == name]
             live = serving + [r for r in list(self._hung) if r.name == name]
             kept = set().union(*(r.accuracy for r in live)) if live else None
+            if kept is None and tiers_only:  # (a failed load: its failure count stays)
+                kept = set()
             try:
                 self.metrics.forget_model(name, kept)
                 if not serving and live:
@@ -1489,11 +1493,9 @@ class _TokenizerLate(Exception):
 
 def _unservable(limits, cfg) -> str | None:
     """``limits.unservable`` for a model's config: its inputs as clients send them (a text
-    model's string input stands for its token inputs) and its outputs."""
+    model's string input stands for its token inputs)."""
     inputs = [s.name for s in cfg.inputs]
-    if cfg.text is not None:
-        inputs = [cfg.text.input]
-    return unservable(limits, len(inputs), [*inputs, *(s.name for s in cfg.outputs)])
+    return unservable(limits, [cfg.text.input] if cfg.text is not None else inputs)
 
 
 def _set_external(runtime: ModelRuntime, factor: float) -> None:

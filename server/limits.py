@@ -74,22 +74,23 @@ class RequestLimits:
     )  # fmt: skip
 
 
-def unservable(limits: RequestLimits, inputs: int, names: list[str]) -> str | None:
-    """Why no request to a model with ``inputs`` inputs could pass ``limits`` (``names``:
-    the tensor names its requests carry, inputs and outputs), or None where one can. Such a
-    model loaded READY and refused every request naming no setting (review 160).
+def unservable(limits: RequestLimits, inputs: list[str]) -> str | None:
+    """Why no request to a model whose requests carry the input tensors ``inputs`` could
+    pass ``limits``, or None where one can. Such a model loaded READY and refused every
+    request naming no setting (review 160). Names measured as the request check measures
+    them (``codec.decode_inputs``: characters); outputs are not checked there - a request
+    may name none and get all (review 162).
 
     Example:
-        >>> unservable(RequestLimits(max_name_bytes=16), 1, ["pixel_values_of_the_image"])
-        "tensor name 'pixel_values_of_the_image' is 25 bytes; limits.max_name_bytes is 16"
+        >>> unservable(RequestLimits(max_name_bytes=16), ["pixel_values_of_the_image"])
+        "input name 'pixel_values_of_the_image' is 25 characters; limits.max_name_bytes is 16"
     """
-    if inputs > limits.max_inputs:
-        return f"it has {inputs} inputs; limits.max_inputs is {limits.max_inputs}"
-    for name in names:
-        if (n := len(name.encode())) > limits.max_name_bytes:
-            return f"tensor name {name!r} is {n} bytes; limits.max_name_bytes is " + str(
-                limits.max_name_bytes
-            )
+    if len(inputs) > limits.max_inputs:
+        return f"it has {len(inputs)} inputs; limits.max_inputs is {limits.max_inputs}"
+    for name in inputs:
+        if len(name) > limits.max_name_bytes:
+            return (f"input name {name!r} is {len(name)} characters; limits.max_name_bytes "
+                    f"is {limits.max_name_bytes}")  # fmt: skip
     return None
 
 

@@ -954,7 +954,14 @@ def test_a_model_no_request_could_reach_under_the_limits_is_refused_at_load(tmp_
             await plane.stop_models()
 
     loaded, why = _run(body())
-    assert loaded == [] and f"{name!r} is 25 bytes; limits.max_name_bytes is 16" in why, why
+    assert loaded == [] and f"{name!r} is 25 characters; limits.max_name_bytes is 16" in why, why
+    # An output name that long is no obstacle: no request check reads it (review 162).
+    outputs = [{"name": "sentence_embedding_of_it", "dtype": "float32", "shape": [3]}]
+    write_model(tmp_path / "o", "m", {"w100": 1.0}, outputs=outputs, max_batch=4)
+    cfg = dataclasses.replace(cfg, repository=tmp_path / "o", backend="fake")
+    plane = DataPlane(cfg, Metrics())
+    got = _run(body())
+    assert got == (["m"], ""), got[1]
     # Within the limits it loads.
     from server.limits import RequestLimits
 
@@ -1800,6 +1807,32 @@ def test_a_failed_reload_leaves_no_series_of_the_tiers_it_would_have_served(conf
 
     before, served, after = _run(body())
     assert served == ["w050", "w100"] and before == after == {"w050", "w100"}
+
+
+def test_a_first_load_that_fails_after_its_runtime_was_made_stays_counted(config, monkeypatch):
+    # The forget of a failed load's tier series removed every series of a model nothing
+    # serves, innfer_model_load_failures among them, just after it counted (review 162).
+    import server.model_runtime as mr
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("the engine failed its first run")
+
+    monkeypatch.setattr(mr.ModelRuntime, "warm_up", fails)
+    config = dataclasses.replace(config, model_control="explicit", models=())
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        try:
+            for _ in range(2):
+                with pytest.raises(FailedPrecondition, match="failed its first run"):
+                    await plane.load("a")
+                await asyncio.sleep(0.05)  # the forget runs once the load let go of the lock
+            get = plane.metrics.registry.get_sample_value
+            return get("innfer_model_load_failures_total", {"model": "a"})
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == 2.0
 
 
 def test_files_nested_too_deeply_or_with_huge_integers_fail_their_model_alone(tmp_path):
