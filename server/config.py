@@ -359,11 +359,12 @@ class ServerConfig:
     )
     engine_nice: int = spec(
         5, lo=0, hi=19,
-        doc="added to the nice value of the engine threads of models whose engines compute on "
-        "the CPU (ONNX Runtime, torch on CPU): where they share cores with request handling, "
-        "the event loop first takes in what arrived and each batch holds all of it (the MLP "
-        "on one core at 8 clients: 1.3-1.4x the requests/s); 0: the same priority. Linux "
-        "only; GPU engines' threads are left as they are (server/engine_threads.py)",
+        doc="added to the nice value of the threads that call the engines of models computing "
+        "on the CPU (ONNX Runtime, torch on CPU): where they share cores with request "
+        "handling, the event loop first takes in what arrived and each batch holds all of it "
+        "(the MLP on one core at 8 clients: 1.32-1.37x the requests/s); 0: the same priority. "
+        "Linux only; GPU engines' threads, and ONNX Runtime's pool threads (threads >= 2), "
+        "keep theirs (server/engine_threads.py)",
     )  # fmt: skip
     inline_max_ms: float = spec(
         2.0, lo=0, hi=1000, unit="milliseconds",

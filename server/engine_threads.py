@@ -6,15 +6,21 @@ server pinned to one core), the kernel splits a core between them while both can
 on a single core the split decides the batch sizes: a batch starts as soon as the engine is
 free, holding what the event loop had taken in while the previous one ran - with an equal
 share, what it could parse in half of that run. Measured on the MLP of issue 14 (784-2048-
-2048-10, ONNX Runtime 1 thread, server pinned to one core, 8 closed-loop clients): batches
-of 1.6-2.4 rows and 742-783 requests/s. An engine thread whose nice value is 5 above the
-loop's gets about a quarter of the core while the loop has work, all of it once the loop
-waits: the loop first takes in what arrived, each batch holds all of it (3.6-3.9 rows),
-and the engine's cost per row falls - 1,009-1,110 requests/s, p50 7.0-7.6 ms against
-10.0-10.9. With spare cores nothing changes: each thread has its own.
+2048-10, ONNX Runtime 1 thread, server pinned to one core, 8 closed-loop clients), one
+server config apart in A/B runs: batches of 1.6-2.4 rows and 742-783 requests/s at equal
+priority; with the engine thread 5 nice levels below the loop - about a quarter of the
+core while the loop has work, all of it once the loop waits - the loop first takes in what
+arrived, each batch holds all of it (3.6-3.7 rows), the engine's cost per row falls, and
+1,009-1,110 requests/s, p50 7.0-7.6 ms against 10.0-10.9. bench/peers.py, 3 repeats in one
+run: 1,030 vs 779 requests/s (1.32-1.37x per repeat), batches 3.4 vs 1.8. With spare cores
+nothing changes: each thread has its own.
 
-Only engines that compute on the host CPU get a lower priority (``ServerConfig.engine_nice``);
-a GPU engine's thread mostly launches kernels and waits, and a delay there idles the GPU.
+What is lowered: the thread that calls the engine. ONNX Runtime's intra-op pool threads
+(``threads: 2`` and up) are made with the session, at load, and keep the loop's priority;
+with ``threads: 1`` (the default) the calling thread is the whole engine. Only engines that
+compute on the host CPU are lowered (``ServerConfig.engine_nice``); a GPU engine's thread
+mostly launches kernels and waits, and a delay there idles the GPU. Linux only (a thread is
+a task of its own there, with its own nice value).
 
 Example:
     >>> threads, out = EngineThreads(1, "demo", nice=5), []
@@ -28,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 
@@ -39,8 +46,9 @@ MAX_NICE = 19  # the kernel's lowest priority
 def lower_priority(by: int, name: str) -> int | None:
     """Add ``by`` to the calling thread's nice value (at most ``MAX_NICE``), relative, so a
     server started under ``nice`` keeps its engines below its own handling; the new value,
-    or None where this OS has no per-thread priority (Linux threads are tasks of their own)
-    or refused it (logged: the engines then run at the loop's priority, as before).
+    or None off Linux (no per-thread nice value: ``setpriority`` with a thread id would name
+    a process) or where the kernel refused it (logged: the engines then run at the loop's
+    priority).
 
     Example:
         >>> import threading
@@ -49,7 +57,7 @@ def lower_priority(by: int, name: str) -> int | None:
         >>> t.start(); t.join(); got[0] == os.getpriority(os.PRIO_PROCESS, 0)
         True
     """
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    if not sys.platform.startswith("linux"):  # (elsewhere the call would name a process)
         return None
     tid = threading.get_native_id()
     try:

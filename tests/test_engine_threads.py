@@ -23,12 +23,20 @@ linux_only = pytest.mark.skipif(
 )
 
 
+def _room() -> None:
+    """Skip where the suite itself runs so low (``nice -n 15`` and up) that +5 is clamped to
+    the kernel's lowest priority: lowered and not lowered would read alike."""
+    if _nice() > MAX_NICE - 5:
+        pytest.skip(f"the tests run at nice {_nice()}: no room to lower a thread by 5")
+
+
 def _nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 @linux_only
 def test_engine_threads_run_their_calls_at_the_lowered_priority():
+    _room()
     seen: list[int] = []
     base = _nice()
     threads = EngineThreads(2, "t", nice=3)
@@ -36,7 +44,7 @@ def test_engine_threads_run_their_calls_at_the_lowered_priority():
         threads.submit(lambda: seen.append(_nice()))
     threads.shutdown()
     threads.join()
-    assert seen == [min(base + 3, MAX_NICE)] * 4
+    assert seen == [base + 3] * 4
     assert _nice() == base  # the submitting thread (the loop's) keeps its own
 
 
@@ -81,8 +89,9 @@ def _engine_nice(tmp_path, engine_nice: int, device: str | None) -> int:
 
 @linux_only
 def test_a_cpu_models_batches_run_below_request_handling_a_gpu_models_do_not(tmp_path):
+    _room()
     base = _nice()
-    assert _engine_nice(tmp_path / "cpu", 5, None) == min(base + 5, MAX_NICE)
+    assert _engine_nice(tmp_path / "cpu", 5, None) == base + 5
     assert _engine_nice(tmp_path / "off", 0, None) == base
     # A GPU engine's thread launches kernels and waits: delayed, it idles the GPU.
     assert _engine_nice(tmp_path / "gpu", 5, "cuda:0") == base
