@@ -1,0 +1,29 @@
+"""bench/engine_nice.py's summary on a synthetic result: medians per setting, and the
+per-repeat ratio it reports (nice 5 over nice 0) is read from the runs."""
+
+from __future__ import annotations
+
+import json
+
+from bench import engine_nice
+
+
+def test_the_summary_reads_each_points_medians_and_ratios(tmp_path):
+    c8 = {"0": [{"throughput_per_s": 700.0, "p50_ms": 10.0, "answered": 9}],
+          "5": [{"throughput_per_s": 980.0, "p50_ms": 7.5, "answered": 9}]}  # fmt: skip
+    opened = {n: [{"within_budget": w, "w100_share": 1.0, "goodput_per_s": 1.0, "sent": 2,
+                   "answered": 2}] for n, w in (("0", 0.5), ("5", 1.0))}  # fmt: skip
+    results = {"setup": {"tree": "x"}, "points": [
+        {"id": "c8", "rate_per_s": None, "runs": c8,
+         "median": {n: r[0] for n, r in c8.items()},
+         "throughput_per_s_ratio_5_over_0_per_repeat": [1.4]},
+        {"id": "open-900", "rate_per_s": 900.0, "runs": opened,
+         "median": {n: r[0] for n, r in opened.items()},
+         "within_budget_ratio_5_over_0_per_repeat": [2.0]},
+    ], "wall_seconds": 1.0}  # fmt: skip
+    text = engine_nice.summarise(results)
+    assert "700.0 req/s p50 10.00 ms" in text and "980.0 req/s p50  7.50 ms" in text
+    assert " 50.0 % in budget" in text and "100.0 % in budget" in text
+    assert "5/0 per repeat 1.40" in text and "5/0 per repeat 2.00" in text
+    engine_nice.plot(json.loads(json.dumps(results)), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
