@@ -46,6 +46,20 @@ def _served(root, latency_ms=None, **config):
     return Repository(root).load("m", backend="fake")
 
 
+def _failing_once(fn, message: str):
+    """``fn``, raising RuntimeError(``message``) on its first call only (a bug injected
+    once); ``.calls`` holds every call's arguments."""
+
+    def wrapped(*args):
+        wrapped.calls.append(args)
+        if len(wrapped.calls) == 1:
+            raise RuntimeError(message)
+        return fn(*args)
+
+    wrapped.calls = []
+    return wrapped
+
+
 def _x(rows: int, value: float) -> dict[str, np.ndarray]:
     x = np.full((rows, 4), value, np.float32) + np.arange(rows, dtype=np.float32)[:, None]
     return {"input": x}
@@ -424,15 +438,7 @@ def test_a_scheduling_decision_that_raises_strands_no_request(tmp_path):
     async def body():
         async with _running(served, metrics) as rt:
             (lane,) = rt.lanes.values()
-            real, calls = lane.next, []
-
-            def next_once_broken(now):
-                calls.append(now)
-                if len(calls) == 1:
-                    raise RuntimeError("policy bug")
-                return real(now)
-
-            lane.next = next_once_broken
+            lane.next = _failing_once(lane.next, "policy bug")
             with pytest.raises(RuntimeError, match="policy bug"):
                 await rt.infer(_x(1, 1.0), 1, 0.3, pin="w100")
             assert not lane.queue and rt.inflight == 0
@@ -459,20 +465,14 @@ def test_a_batch_that_fails_to_launch_fails_each_of_its_requests_and_frees_its_s
                 pumps.append(now)
                 return None if len(pumps) == 1 else real_next(now)
 
-            real_inline, launches = rt._may_run_inline, []
-
-            def broken_once(lane_, d):
-                launches.append(len(d.requests))
-                if len(launches) == 1:
-                    raise RuntimeError("launch bug")
-                return real_inline(lane_, d)
-
-            lane.next, rt._may_run_inline = hold_first, broken_once
+            launch = _failing_once(rt._may_run_inline, "launch bug")
+            lane.next, rt._may_run_inline = hold_first, launch
             r1 = asyncio.ensure_future(rt.infer(_x(1, 1.0), 1, 5.0, pin="w100"))
             await asyncio.sleep(0)
             r2 = rt.infer(_x(1, 2.0), 1, 5.0, pin="w100")
             got = await asyncio.wait_for(asyncio.gather(r1, r2, return_exceptions=True), 5)
-            assert launches[0] == 2 and all("launch bug" in str(g) for g in got), got
+            assert len(launch.calls[0][1].requests) == 2, launch.calls  # one batch of both
+            assert all("launch bug" in str(g) for g in got), got
             return await asyncio.wait_for(rt.infer(_x(1, 3.0), 1, 0.5, pin="w100"), 5)
 
     _check_answer(served, _x(1, 3.0), _run(body()))
