@@ -549,6 +549,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        """YAML 1.1's integers, refusing the two forms no one writes on purpose in a config:
+        a leading 0 (octal: ``max_batch: 010`` read as 8) and base 60 (``1:30`` read as 90),
+        both read silently by PyYAML (review 160). ``0``, ``10`` and ``0x1F`` stay."""
+        text = str(self.construct_scalar(node)).replace("_", "").lstrip("+-")
+        if (len(text) > 1 and text[0] == "0" and text[1:].isdigit()) or ":" in text:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as a number in another base in YAML 1.1 "
+                "(010 is 8, 1:30 is 90): write it without the leading 0 or the colon, or "
+                "quote it", node.start_mark,
+            )  # fmt: skip
+        return super().construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
 
 def blank_keys(path: Path) -> set[str]:
     r"""The top-level keys of the YAML mapping in ``path`` written with nothing after them

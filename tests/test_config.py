@@ -383,6 +383,27 @@ def pems(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.parametrize("text", ["max_batch: 010", "max_batch: 1:30", "max_batch: -007"])
+def test_an_integer_in_another_yaml_base_is_refused_not_misread(tmp_path, text):
+    # YAML 1.1 reads 010 as 8 and 1:30 as 90: max_batch 8 served where 10 was written
+    # (review 160). Plain and hexadecimal integers read as before.
+    from runtime.configspec import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match="reads as a number in another base"):
+        read_yaml(path)
+    for ok, value in (
+        ("0", 0),
+        ("10", 10),
+        ("-7", -7),
+        ("0x1F", 31),
+        ("1_000", 1000),
+    ):
+        path.write_text(f"max_batch: {ok}\n")
+        assert read_yaml(path) == {"max_batch": value}
+
+
 def test_an_empty_model_yaml_or_a_directory_for_a_config_says_so(tmp_path):
     # "model.yaml: got None, expected a mapping with inputs, outputs, tiers and ..." for an
     # empty file; a directory given for a config read "file not found" (review 160).
