@@ -566,55 +566,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
-def blank_keys(path: Path) -> set[str]:
-    r"""The top-level keys of the YAML mapping in ``path`` written with nothing after them
-    (``auth:`` and its settings commented out), which YAML reads as null as it reads
-    ``auth: null``: a section someone began and left blank, not one they turned off. Read
-    after ``read_yaml`` (which reports a broken file); empty where it is no mapping.
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file, a syntax error or a key given twice in one mapping
+    is a ConfigError naming it."""
+    return _read(path)[0]
+
+
+def read_config_yaml(path: Path, blank_refused: dict[str, str]) -> Any:
+    r"""``read_yaml``, refusing a top-level key of ``blank_refused`` (key -> what it turns
+    on) written with nothing after it: ``auth:`` with its settings commented out reads as
+    null, as ``auth: null`` does, and a section begun and left blank was taken as off,
+    saying nothing (review 160: the server started without authentication). ``key: null``
+    stays the way to say off.
 
     Example:
         >>> import tempfile
         >>> p = Path(tempfile.mkdtemp()) / "c.yaml"
         >>> _ = p.write_text("auth:\n  # bearer_token_file: t\ntls: null\n")
-        >>> blank_keys(p)
-        {'auth'}
+        >>> read_config_yaml(p, {"tls": "TLS"})
+        {'auth': None, 'tls': None}
+        >>> try:
+        ...     read_config_yaml(p, {"auth": "authentication"})
+        ... except ConfigError as exc:
+        ...     print(str(exc).split(": ", 1)[1][:33])
+        auth: got None, expected its sett
     """
-    with path.open(encoding="utf-8") as f:
-        root = yaml.compose(f, Loader=yaml.SafeLoader)
-    if not isinstance(root, yaml.MappingNode):
-        return set()
-    return {
-        k.value
-        for k, v in root.value
-        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode)
-        and v.tag == "tag:yaml.org,2002:null" and v.value == ""
-    }  # fmt: skip
-
-
-def refuse_blank_sections(path: Path, sections: dict[str, str], where: Where) -> None:
-    """Refuse a section of ``sections`` (key -> what it turns on) written blank in ``path``
-    (``blank_keys``): YAML reads it as null, which turns it off, and a section begun and
-    left blank was taken as off saying nothing (review 160: ``auth:`` served without
-    authentication). ``key: null`` stays the way to say off."""
-    for key in sorted(blank_keys(path) & set(sections)):
-        what = sections[key]
-        where.child(key).fail(
+    data, root = _read(path)
+    blank = set()
+    if isinstance(root, yaml.MappingNode):
+        blank = {
+            k.value
+            for k, v in root.value
+            if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode)
+            and v.tag == "tag:yaml.org,2002:null" and v.value == ""
+        }  # fmt: skip
+    for key in sorted(blank & set(blank_refused)):
+        what = blank_refused[key]
+        Where(str(path)).child(key).fail(
             None,
             f"its settings ({key}: with nothing after it reads as null: {what} off); give "
             f"them, or write {key}: null (or leave the key out) for {what} off",
         )
+    return data
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file, a syntax error or a key given twice in one mapping
-    is a ConfigError naming it."""
+def _read(path: Path) -> tuple[Any, yaml.Node | None]:
+    """The file's data and the node tree it was built from (one read, one parse)."""
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; give the YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
         with path.open(encoding="utf-8") as f:  # a stream: YAML's marks name the file
-            return yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+            loader = _UniqueKeyLoader(f)  # a SafeLoader subclass
+            try:
+                root = loader.get_single_node()
+                return (loader.construct_document(root) if root is not None else None), root
+            finally:
+                loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     except RecursionError:  # 5,000 nested [: it stopped the whole server's start

@@ -58,13 +58,13 @@ from runtime.configspec import (
     ConfigError,
     Where,
     parse,
+    read_config_yaml,
     reference,
-    refuse_blank_sections,
     spec,
     to_dict,
 )
 from runtime.engines import BACKENDS
-from runtime.repository.config import FP16_BACKENDS, ModelConfig, read_yaml
+from runtime.repository.config import FP16_BACKENDS, ModelConfig
 from server.limits import ANSWER_FRAME_BYTES, RequestLimits
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.scheduling import POLICIES
@@ -494,8 +494,7 @@ class ServerConfig:
         it where the file names none (a file of tuning only); it is relative to the working
         directory."""
         path = Path(path)
-        data = read_yaml(path) or {}
-        refuse_blank_sections(path, _GUARDS, Where(str(path)))
+        data = read_config_yaml(path, _GUARDS) or {}
         if repository is not None and isinstance(data, dict):
             data = {**data, "repository": str(Path(repository).resolve())}
         return cls.from_dict(data, source=str(path), base=path.parent)

@@ -1455,9 +1455,9 @@ class DataPlane:
             # Its client went away while the texts waited or were encoded: the runtime never
             # saw the request, so it is counted here, once, as the runtime counts a cancel
             # (nothing counted it: review 161).
-            margin = self.config.budget_margin_ms / 1e3  # (``due`` is the plan's, before it)
-            due = clock.due + margin
-            m.count_cancel(due - clock.budget_s - margin, due, True, m.clock())
+            # (``clock.due`` is the plan's: the client's is the margin later)
+            margin = self.config.budget_margin_ms / 1e3
+            m.count_cancel(clock.due - clock.budget_s, clock.due + margin, True, m.clock())
             raise
         except _TokenizerLate:
             m.count_refused("refused_deadline", "refused_deadline")

@@ -73,6 +73,7 @@ from server.scheduling import (
     Scheduler,
     State,
     TierInfo,
+    best_in_budget,
     make_policy,
     nominal_tier,
 )
@@ -1652,7 +1653,7 @@ class ModelRuntime:
         (review 159)."""
         below = self._ranked[self._ranked.index(best) :]
         # (``budget``: what the planner had, the margin and reserve already off)
-        return next((t for t in below if latency.planned(t)[r.rows] <= r.budget), below[-1])
+        return best_in_budget(below, latency, r.rows, r.budget)
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],

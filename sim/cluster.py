@@ -53,6 +53,7 @@ from server.scheduling import (
     Scheduler,
     State,
     TierInfo,
+    best_in_budget,
     make_policy,
     nominal_tier,
 )
@@ -264,19 +265,15 @@ class Cluster:
     def _degraded(self, sched: Scheduler, decision) -> int:
         """How many of ``decision``'s requests count degraded, as the server counts
         innfer_degraded_requests_total (``ModelRuntime._record``): served below the nominal
-        tier and below the most accurate tier at or under it that the replica's planner,
-        as it times the tiers now, would answer the request's rows in within its budget
-        alone (the fastest where none would). A budget tighter than the nominal tier is the
-        client's ask, not load: more replicas would not serve it better."""
+        tier and below what an idle replica would serve them at (``best_in_budget``)."""
         served = self.accuracy[decision.tier]
         if served >= self.accuracy[self.nominal]:
             return 0
         ranked, latency = self._at_or_below_nominal, sched.latency
-        n = 0
-        for r in decision.requests:
-            idle = next((t for t in ranked if latency.planned(t)[r.rows] <= r.budget), ranked[-1])
-            n += served < self.accuracy[idle]
-        return n
+        return sum(
+            served < self.accuracy[best_in_budget(ranked, latency, r.rows, r.budget)]
+            for r in decision.requests
+        )
 
     def _ready(self, rep: Replica, now: float) -> None:
         if rep.removed is None:

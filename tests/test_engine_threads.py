@@ -50,6 +50,7 @@ def test_engine_threads_run_their_calls_at_the_lowered_priority():
 
 @linux_only
 def test_lowering_is_relative_and_stops_at_the_kernels_lowest():
+    _room()
     got: list[int | None] = []
 
     def body():

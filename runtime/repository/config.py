@@ -54,9 +54,9 @@ from runtime.configspec import (
     Where,
     describe,
     parse,
+    read_config_yaml,
     read_yaml,
     reference,
-    refuse_blank_sections,
     spec,
     to_dict,
 )
@@ -656,7 +656,7 @@ class ModelConfig:
         differs is refused: a model is served as its directory is named, and a ``name`` the
         server ignored misled whoever wrote it)."""
         path = Path(path)
-        data = read_yaml(path)
+        data = read_config_yaml(path, _BLANK_REFUSED)
         directory = path.resolve().parent.name  # "model.yaml" run from inside: not ""
         if isinstance(data, dict) and data.get("name", directory) != directory:
             raise ConfigError(
@@ -665,7 +665,6 @@ class ModelConfig:
                 "name out"
             )
         data = {"name": directory, **data} if isinstance(data, dict) else data
-        refuse_blank_sections(path, _BLANK_REFUSED, Where(str(path)))
         config = cls.from_dict(data, source=str(path))
         if isinstance(data, dict) and "auto_tiers" in data and data["auto_tiers"] is None:
             config = dataclasses.replace(config, auto_tiers_empty=True)

@@ -10,6 +10,7 @@ from .policy import (
     Policy,
     SlackFit,
     Snapshot,
+    best_in_budget,
     make_policy,
     nominal_tier,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "State",
     "TierEstimate",
     "TierInfo",
+    "best_in_budget",
     "make_policy",
     "nominal_tier",
 ]

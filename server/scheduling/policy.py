@@ -340,6 +340,22 @@ def nominal_tier(policy: Policy, tiers: Sequence[TierInfo]) -> str:
     return max(tiers, key=lambda t: t.accuracy).name
 
 
+def best_in_budget(ranked: Sequence[str], latency: LatencyModel, rows: int, budget: float) -> str:
+    """The first tier of ``ranked`` (most accurate first) that the planner, as it times the
+    tiers now, would answer ``rows`` rows on within ``budget`` seconds alone - the fastest
+    (the last) where none would: what an idle replica serves such a request at. Served below
+    it, a request lost accuracy to load (degraded); served at it, to its own budget, which
+    more replicas would not change (review 159). The server's metric and the simulated
+    cluster count degraded by it.
+
+    Example:
+        >>> tiers = [TierInfo("w100", 0.99, {1: 4.0}), TierInfo("w050", 0.97, {1: 1.0})]
+        >>> best_in_budget(["w100", "w050"], LatencyModel(tiers), 1, 0.002)
+        'w050'
+    """
+    return next((t for t in ranked if latency.planned(t)[rows] <= budget), ranked[-1])
+
+
 class SlackFit(Policy):
     """SuperServe's SlackFit with latency buckets of ``bucket_ms`` milliseconds.
 
