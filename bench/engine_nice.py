@@ -12,7 +12,16 @@ tritonclient.grpc.aio) on --client-cpus. Per point and repeat, a fresh server wi
               goodput, the share served at w100
 Per point: each repeat's figures, the medians, and nice-5 / nice-0 per paired repeat.
 
+``--threads N`` serves the model with ONNX Runtime at N intra-op threads (idle threads
+sleeping, as deploy/tiers/cpu.model.yaml has it): with ``--server-cpus 0,1`` that is the
+deployed CPU tier's shape, where the pool threads share the cores with request handling.
+``--baseline-tree DIR`` adds a third server, DIR's code at ``engine_nice: 5`` (label
+``base-5``), in the same rotation: the ratio nice-5 / base-5 per repeat compares two trees'
+lowering (e.g. one that lowered only the calling thread).
+
     .venv/bin/python -m bench.engine_nice [--rates 600,900,1500] [--repeats 2]
+    .venv/bin/python -m bench.engine_nice --threads 2 --server-cpus 0,1 --client-cpus 0,1 \
+        --baseline-tree /tmp/base
 
 Writes bench/results/engine_nice.json and .png (``--out`` for elsewhere).
 """
@@ -28,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,20 +61,45 @@ def parse(argv: list[str] | None):
     common_args(p, 2000, "closed loop: at most this many requests per run", "c8,open-*")
     p.add_argument("--rates", default="600,900,1500", help="open-loop rates, requests/s")
     p.add_argument("--repeats", type=int, default=2, help="runs of each point per setting")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--baseline-tree", type=Path, help="also serve this tree at engine_nice 5")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     if not args.rates or min(args.rates) <= 0 or not 1 <= args.repeats <= 10:
         p.error("--rates: positive numbers; --repeats in [1, 10]")
+    if not 1 <= args.threads <= 64:
+        p.error("--threads must be in [1, 64]")
+    if args.baseline_tree is not None and not (args.baseline_tree / "server").is_dir():
+        p.error(f"--baseline-tree {args.baseline_tree}: not an innfer tree (no server/)")
     return args
 
 
-def serve(repo: Path, nice: int, log: Path, cpus, work: Path) -> LiveServer:
-    """A started `innfer serve` of this tree with ``engine_nice: nice``."""
+def arms(args) -> list[tuple[str, Path, int]]:
+    """(label, tree, engine_nice) of each server a repeat runs, in the first repeat's order."""
+    out = [(str(n), ROOT, n) for n in NICES]
+    if args.baseline_tree is not None:
+        out.append(("base-5", args.baseline_tree.resolve(), 5))
+    return out
+
+
+def serve(repo: Path, arm: tuple[str, Path, int], log: Path, cpus, work: Path) -> LiveServer:
+    """A started `innfer serve` of the arm's tree with its ``engine_nice``."""
+    label, tree, nice = arm
     config = work / f"nice{nice}.yaml"
     config.write_text(f"engine_nice: {nice}\n")
-    server = LiveServer("innfer", ROOT, repo, log, cpus)
-    server.start(f"engine_nice {nice}", ("mlp",), extra=["--config", str(config)])
+    server = LiveServer("innfer", tree, repo, log, cpus)
+    server.start(f"{label}: engine_nice {nice}", ("mlp",), extra=["--config", str(config)])
     return server
+
+
+def set_threads(repo: Path, threads: int) -> None:
+    """The serving copy's model.yaml at ``threads`` intra-op threads; more than one sleep
+    when idle (``spin: false``, the deployed CPU tier's setting)."""
+    path = repo / "mlp" / "model.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["threads"] = threads
+    config["spin"] = threads == 1
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def closed(server: LiveServer, inputs, args) -> dict:
@@ -121,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     mlp_bench.build_repo()
     model_dir = mlp_bench.REPO / "mlp"
     repo = serving_copy(model_dir)
+    set_threads(repo, args.threads)
     inputs = random_feeds(ModelConfig.load(model_dir / "model.yaml").inputs, 1, seed=args.seed)
     affinity = pin_client(args)
     cpus = args.server_cpus if affinity["pinned"] else None
@@ -139,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             "rates": args.rates,
             "repeats": args.repeats,
             "requests": args.requests,
+            "threads": args.threads,
             "seed": args.seed,
         },
         "setup": {
             "tree": commit_of(ROOT),
+            "baseline_tree": None if args.baseline_tree is None else commit_of(args.baseline_tree),
+            "arms": {label: f"{tree} engine_nice {n}" for label, tree, n in arms(args)},
             "affinity": affinity,
             "model": "mlp 784-2048-2048-10 (runs/bench-server), tiers w100/w050",
             "budgets_ms": BUDGET_MS,
@@ -152,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for pt in points:
-            runs: dict[int, list[dict]] = {n: [] for n in NICES}
+            every = arms(args)
+            runs: dict[str, list[dict]] = {label: [] for label, _, _ in every}
             for r in range(args.repeats):
-                for nice in NICES if r % 2 == 0 else NICES[::-1]:
-                    print(f"  {pt['id']} engine_nice {nice}, repeat {r + 1}", file=sys.stderr)
-                    server = serve(repo, nice, log, cpus, Path(tmp))
+                for arm in every[r % len(every) :] + every[: r % len(every)]:
+                    print(f"  {pt['id']} {arm[0]}, repeat {r + 1}", file=sys.stderr)
+                    server = serve(repo, arm, log, cpus, Path(tmp))
                     try:
                         fig = (
                             closed(server, inputs, args)
@@ -165,45 +205,56 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     finally:
                         server.stop()
-                    runs[nice].append(fig)
+                    runs[arm[0]].append(fig)
             key = "throughput_per_s" if "rate" not in pt else "within_budget"
-            ratios = [
-                b[key] / a[key] if a[key] else None for a, b in zip(runs[0], runs[5], strict=True)
-            ]
-            results["points"].append(
-                {
-                    "id": pt["id"],
-                    "rate_per_s": pt.get("rate"),
-                    "runs": {str(n): runs[n] for n in NICES},
-                    "median": {
-                        str(n): {k: statistics.median(f[k] for f in runs[n]) for k in runs[n][0]}
-                        for n in NICES
-                    },
-                    f"{key}_ratio_5_over_0_per_repeat": ratios,
-                }
-            )
+            point = {
+                "id": pt["id"],
+                "rate_per_s": pt.get("rate"),
+                "runs": runs,
+                "median": {
+                    label: {k: statistics.median(f[k] for f in got) for k in got[0]}
+                    for label, got in runs.items()
+                },
+                f"{key}_ratio_5_over_0_per_repeat": _ratios(runs["5"], runs["0"], key),
+            }
+            if "base-5" in runs:
+                point[f"{key}_ratio_5_over_base_per_repeat"] = _ratios(
+                    runs["5"], runs["base-5"], key
+                )
+            results["points"].append(point)
     results["wall_seconds"] = time.perf_counter() - t_start
     publish(results, args.out, STEM, plot, summarise(results))
     return 0
 
 
+def _ratios(new: list[dict], old: list[dict], key: str) -> list[float | None]:
+    """new / old of ``key`` per paired repeat (None where old is 0)."""
+    return [b[key] / a[key] if a[key] else None for a, b in zip(old, new, strict=True)]
+
+
 def summarise(results: dict) -> str:
-    lines = ["point        engine_nice 0                      engine_nice 5"]
+    labels = list(results["points"][0]["median"])
+    lines = ["point        " + "".join(f"{'engine_nice ' + n:<35}" for n in labels)]
     for pt in results["points"]:
         m = pt["median"]
         if pt["rate_per_s"] is None:
             row = [
                 f"{m[n]['throughput_per_s']:7.1f} req/s p50 {m[n]['p50_ms']:5.2f} ms"
-                for n in ("0", "5")
+                for n in labels
             ]
         else:
             row = [
                 f"{100 * m[n]['within_budget']:5.1f} % in budget, w100 {m[n]['w100_share']:.2f}"
-                for n in ("0", "5")
+                for n in labels
             ]
-        ratios = next(v for k, v in pt.items() if k.endswith("per_repeat"))
-        per = "/".join("-" if r is None else f"{r:.2f}" for r in ratios)
-        lines.append(f"{pt['id']:<12} {row[0]:<34} {row[1]:<34} 5/0 per repeat {per}")
+        pers = []
+        for k, ratios in pt.items():
+            if k.endswith("per_repeat"):
+                which = "5/base" if "_over_base_" in k else "5/0"
+                per = "/".join("-" if r is None else f"{r:.2f}" for r in ratios)
+                pers.append(f"{which} per repeat {per}")
+        cells = "".join(f"{c:<35}" for c in row)
+        lines.append(f"{pt['id']:<12} {cells}{'; '.join(pers)}")
     return "\n".join(lines)
 
 
@@ -215,7 +266,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     c8 = next(p for p in results["points"] if p["rate_per_s"] is None)
-    for k, n in enumerate(("0", "5")):
+    labels = list(c8["runs"])
+    for k, n in enumerate(labels):
         vals = [f["throughput_per_s"] for f in c8["runs"][n]]
         ax1.bar(
             k,
@@ -223,25 +275,27 @@ def plot(results: dict, path: Path) -> None:
             yerr=[[statistics.median(vals) - min(vals)], [max(vals) - statistics.median(vals)]],
             label=f"engine_nice {n}",
         )
-    ax1.set_xticks([0, 1], ["nice 0", "nice 5"])
+    ax1.set_xticks(range(len(labels)), [f"nice {n}" for n in labels])
     ax1.set_ylabel("req/s, 8 closed-loop clients (w100)")
     opens = [p for p in results["points"] if p["rate_per_s"] is not None]
-    for n, marker in (("0", "o"), ("5", "s")):
+    for i, n in enumerate(labels):
         for p in opens:
             ys = [100 * f["within_budget"] for f in p["runs"][n]]
             ax2.scatter(
                 [p["rate_per_s"]] * len(ys),
                 ys,
-                marker=marker,
-                color="C0" if n == "0" else "C1",
+                marker="os^"[i % 3],
+                color=f"C{i}",
                 label=f"engine_nice {n}" if p is opens[0] else None,
             )
     ax2.set_xlabel("open-loop rate (req/s), budgets U(20, 100) ms")
     ax2.set_ylabel("% answered within budget (each repeat)")
-    ax2.legend(fontsize=8)
+    if opens:
+        ax2.legend(fontsize=8)
+    threads = results.get("params", {}).get("threads", 1)
     fig.suptitle(
-        f"MLP on one core: engine threads 5 nice levels below request handling vs "
-        f"equal ({results['setup']['tree']})",
+        f"MLP, ONNX Runtime {threads} thread(s): engine threads 5 nice levels below request "
+        f"handling vs equal ({results['setup']['tree']})",
         fontsize=9,
     )
     fig.tight_layout()

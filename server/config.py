@@ -363,8 +363,8 @@ class ServerConfig:
         "on the CPU (ONNX Runtime, torch on CPU): where they share cores with request "
         "handling, the event loop first takes in what arrived and each batch holds all of it "
         "(the MLP on one core at 8 clients: 1.32-1.37x the requests/s); 0: the same priority. "
-        "Linux only; GPU engines' threads, and ONNX Runtime's pool threads (threads >= 2), "
-        "keep theirs (server/engine_threads.py)",
+        "ONNX Runtime's pool threads (threads >= 2) start at the same value. Linux only; GPU "
+        "engines' threads keep theirs (server/engine_threads.py)",
     )  # fmt: skip
     inline_max_ms: float = spec(
         2.0, lo=0, hi=1000, unit="milliseconds",

@@ -297,6 +297,9 @@ class DataPlane:
                         name,
                         backend=self.config.backend,
                         check_timing=self.config.profile_at_load,
+                        # ONNX Runtime's pool threads, made now, yield as the engine
+                        # threads do (a GPU backend ignores it)
+                        pool_nice=self.config.engine_nice,
                     ),
                 )
                 unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)

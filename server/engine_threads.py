@@ -15,12 +15,14 @@ arrived, each batch holds all of it (3.6-3.7 rows), the engine's cost per row fa
 run: 1,030 vs 779 requests/s (1.32-1.37x per repeat), batches 3.4 vs 1.8. With spare cores
 nothing changes: each thread has its own.
 
-What is lowered: the thread that calls the engine. ONNX Runtime's intra-op pool threads
-(``threads: 2`` and up) are made with the session, at load, and keep the loop's priority;
-with ``threads: 1`` (the default) the calling thread is the whole engine. Only engines that
-compute on the host CPU are lowered (``ServerConfig.engine_nice``); a GPU engine's thread
-mostly launches kernels and waits, and a delay there idles the GPU. Linux only (a thread is
-a task of its own there, with its own nice value).
+What is lowered: the thread that calls the engine, and ONNX Runtime's intra-op pool
+threads (``threads: 2`` and up), which the session makes at load: the data plane passes
+``engine_nice`` to the load, and the session is made on a lowered thread whose threads
+start lowered (runtime/priority.py). With ``threads: 1`` (the default) the calling thread is
+the whole engine. Only engines that compute on the host CPU are lowered
+(``ServerConfig.engine_nice``); a GPU engine's thread mostly launches kernels and waits, and
+a delay there idles the GPU. Linux only (a thread is a task of its own there, with its own
+nice value, and the threads it makes start with it).
 
 Example:
     >>> threads, out = EngineThreads(1, "demo", nice=5), []
@@ -32,42 +34,15 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 
+from runtime.priority import MAX_NICE, lower_priority
+
+__all__ = ["MAX_NICE", "EngineThreads", "lower_priority"]
+
 log = logging.getLogger("innfer.engine_threads")
-
-MAX_NICE = 19  # the kernel's lowest priority
-
-
-def lower_priority(by: int, name: str) -> int | None:
-    """Add ``by`` to the calling thread's nice value (at most ``MAX_NICE``), relative, so a
-    server started under ``nice`` keeps its engines below its own handling; the new value,
-    or None off Linux (no per-thread nice value: ``setpriority`` with a thread id would name
-    a process) or where the kernel refused it (logged: the engines then run at the loop's
-    priority).
-
-    Example:
-        >>> import threading
-        >>> got = []
-        >>> t = threading.Thread(target=lambda: got.append(lower_priority(0, "demo")))
-        >>> t.start(); t.join(); got[0] == os.getpriority(os.PRIO_PROCESS, 0)
-        True
-    """
-    if not sys.platform.startswith("linux"):  # (elsewhere the call would name a process)
-        return None
-    tid = threading.get_native_id()
-    try:
-        value = min(os.getpriority(os.PRIO_PROCESS, tid) + by, MAX_NICE)
-        os.setpriority(os.PRIO_PROCESS, tid, value)
-    except OSError as exc:
-        log.warning("%s: engine thread priority not lowered (%s); it runs at the "
-                    "priority of request handling", name, exc)  # fmt: skip
-        return None
-    return value
 
 
 class EngineThreads:

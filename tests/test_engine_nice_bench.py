@@ -27,3 +27,29 @@ def test_the_summary_reads_each_points_medians_and_ratios(tmp_path):
     assert "5/0 per repeat 1.40" in text and "5/0 per repeat 2.00" in text
     engine_nice.plot(json.loads(json.dumps(results)), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_a_baseline_tree_is_a_third_arm_with_its_own_ratio(tmp_path):
+    args = engine_nice.parse(["--baseline-tree", str(engine_nice.ROOT), "--threads", "2"])
+    assert [label for label, _, _ in engine_nice.arms(args)] == ["0", "5", "base-5"]
+    runs = {n: [{"throughput_per_s": t, "p50_ms": 9.0, "answered": 9}]
+            for n, t in (("0", 700.0), ("5", 980.0), ("base-5", 800.0))}  # fmt: skip
+    results = {"setup": {"tree": "x"}, "params": {"threads": 2}, "points": [
+        {"id": "c8", "rate_per_s": None, "runs": runs,
+         "median": {n: r[0] for n, r in runs.items()},
+         "throughput_per_s_ratio_5_over_0_per_repeat": [1.4],
+         "throughput_per_s_ratio_5_over_base_per_repeat": [1.225]},
+    ], "wall_seconds": 1.0}  # fmt: skip
+    text = engine_nice.summarise(results)
+    assert "engine_nice base-5" in text and "800.0 req/s" in text
+    assert "5/0 per repeat 1.40; 5/base per repeat 1.23" in text
+    engine_nice.plot(json.loads(json.dumps(results)), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_set_threads_writes_the_serving_copys_model_yaml(tmp_path):
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "model.yaml").write_text("threads: 1\nmax_batch: 8\n")
+    engine_nice.set_threads(tmp_path, 2)
+    text = (tmp_path / "mlp" / "model.yaml").read_text()
+    assert "threads: 2" in text and "spin: false" in text and "max_batch: 8" in text

@@ -14,9 +14,11 @@ import pytest
 from runtime.engines.fake import write_model
 from runtime.repository import Repository
 from server.config import ServerConfig
+from server.dataplane import DataPlane
 from server.engine_threads import MAX_NICE, EngineThreads, lower_priority
 from server.metrics import Metrics
 from server.model_runtime import ModelRuntime
+from tests.serverutil import add_onnx_model, tiny_cnn
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's"
@@ -104,3 +106,53 @@ def test_engine_nice_is_a_server_setting_with_the_kernels_range():
     for bad in (-1, 20, "low", 2.5):
         with pytest.raises(ValueError, match="engine_nice"):
             ServerConfig.from_dict({"repository": "r", "engine_nice": bad})
+
+
+def _task_nices() -> dict[int, int]:
+    """This process's threads: native id -> nice value (/proc/self/task/<tid>/stat, field
+    19; the comm field may hold spaces, so fields are counted from its closing paren)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        out[int(tid)] = int(fields[16])
+    return out
+
+
+@linux_only
+@pytest.mark.parametrize("engine_nice", [4, 0])
+def test_onnx_runtime_pool_threads_start_at_engine_nice_the_loader_keeps_its_own(
+    tmp_path, engine_nice
+):
+    """threads: 2 - each tier's session makes one intra-op pool thread at load; with
+    engine_nice they run below request handling like the thread that calls the engine,
+    otherwise one of the engine's two threads kept the loop's priority."""
+    _room()
+    base = _nice()
+    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+              "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+              "max_batch": 2, "threads": 2, "spin": False}  # fmt: skip
+    add_onnx_model(tmp_path, "m", tiny_cnn, config, warmup=1, repeats=1)
+    before = set(_task_nices())
+
+    async def body() -> dict[int, int]:
+        server = ServerConfig.from_dict(
+            {"repository": str(tmp_path), "engine_nice": engine_nice, "profile_at_load": False}
+        )
+        plane = DataPlane(server, Metrics())
+        await plane.load("m")
+        try:
+            return {t: n for t, n in _task_nices().items() if t not in before}
+        finally:
+            await plane.models["m"].stop()
+
+    made = asyncio.run(asyncio.wait_for(body(), 60))
+    assert len(made) >= 2  # the two sessions' pool threads, and the loader's pool's
+    lowered = [n for n in made.values() if n == base + engine_nice]
+    assert engine_nice == 0 or len(lowered) == 2  # one pool thread per tier's session
+    assert all(n in (base, base + engine_nice) for n in made.values())
+    assert _nice() == base

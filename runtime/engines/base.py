@@ -68,6 +68,11 @@ class BuildOptions:
     # Batches one engine runs at once where a backend keeps state per run (model.yaml's
     # instances): TensorRT's execution contexts. A load-time option: not in the key.
     instances: int = 1
+    # Nice levels the threads an engine makes at load start below the loading thread: ONNX
+    # Runtime's intra-op pool (threads >= 2), so that the whole engine, not only the thread
+    # that calls it, yields to request handling (the server's engine_nice; Linux only). 0
+    # leaves them as they are; GPU backends ignore it. A load-time option: not in the key.
+    pool_nice: int = 0
 
 
 class Engine(ABC):

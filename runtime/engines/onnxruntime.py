@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.priority import run_lowered
+
 from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec, interrupted
 
 ENGINE_FILE = "model.ort"  # ORT format (flatbuffer), optimised at ORT_ENABLE_ALL
@@ -136,8 +138,15 @@ class OnnxRuntimeBackend(Backend):
         # A failed run raises, and the server logs that (throttled, as JSON); ORT's own copy
         # on stderr is neither, and is written for every failed batch.
         so.log_severity_level = 4
+        # The session makes its pool threads (threads - 1 of them) now, at the priority of
+        # the thread that makes it: a lowered one where the server lowers its engines.
+        lowered = options.pool_nice if options.threads > 1 else 0
         try:
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            session = run_lowered(
+                lambda: ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]),
+                lowered,
+                "ort-load",
+            )
         except Exception as exc:
             raise EngineError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         return OnnxRuntimeEngine(session)

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -433,10 +433,13 @@ class Repository:
         backend: str | None = None,
         on_build: Callable[[str, str], None] | None = None,
         check_timing: bool = False,
+        pool_nice: int = 0,
     ) -> ServedModel:
         """Load every tier's engine (building missing or bad cache entries from ONNX).
         ``check_timing``: run each tier a few times to check that profile.json is these
-        engines' (``_implausible``), as a server that times at load does."""
+        engines' (``_implausible``), as a server that times at load does. ``pool_nice``:
+        the nice levels the engines' own threads start below this one
+        (``BuildOptions.pool_nice``)."""
         try:
             config = self.config(name)
         except ConfigError as exc:
@@ -447,7 +450,7 @@ class Repository:
             served += [d / TEXT_FILE, d / config.text.tokenizer]
         _refuse_links_out(d, served)
         chosen = self.choose_backend(config, backend)
-        options = self.build_options(config, chosen)
+        options = replace(self.build_options(config, chosen), pool_nice=pool_nice)
         cache = EngineCache(self.root / name / "engines")
         cache.sweep()
         sweep(self.root / name)  # what interrupted builds and saves left, an hour on
