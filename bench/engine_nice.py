@@ -46,6 +46,7 @@ from bench.live_scheduler import (
     commit_of,
     common_args,
     pin_client,
+    select,
 )
 from bench.publish import publish
 
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     log.write_text("")
     rng = np.random.default_rng(args.seed)
     points = [{"id": "c8"}] + [{"id": f"open-{r:g}", "rate": r} for r in args.rates]
+    points = select(points, args.points)  # (it was accepted and ignored before)
     for pt in points:
         if "rate" in pt:
             n = int(pt["rate"] * OPEN_SECONDS)
@@ -265,10 +267,10 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    c8 = next(p for p in results["points"] if p["rate_per_s"] is None)
-    labels = list(c8["runs"])
+    labels = list(results["points"][0]["runs"])
+    c8 = next((p for p in results["points"] if p["rate_per_s"] is None), None)
     for k, n in enumerate(labels):
-        vals = [f["throughput_per_s"] for f in c8["runs"][n]]
+        vals = [f["throughput_per_s"] for f in c8["runs"][n]] if c8 is not None else [0.0]
         ax1.bar(
             k,
             statistics.median(vals),

@@ -53,3 +53,9 @@ def test_set_threads_writes_the_serving_copys_model_yaml(tmp_path):
     engine_nice.set_threads(tmp_path, 2)
     text = (tmp_path / "mlp" / "model.yaml").read_text()
     assert "threads: 2" in text and "spin: false" in text and "max_batch: 8" in text
+
+
+def test_points_select_the_points_run():
+    args = engine_nice.parse(["--points", "open-*", "--rates", "900,1500"])
+    points = [{"id": "c8"}, {"id": "open-900"}, {"id": "open-1500"}]
+    assert [p["id"] for p in engine_nice.select(points, args.points)] == ["open-900", "open-1500"]
