@@ -6,7 +6,8 @@ runs/bench-server) served by `innfer serve` of this tree pinned to --server-cpus
 engine and request handling share it), the load generator (sim.loadgen over
 tritonclient.grpc.aio) on --client-cpus. Per point and repeat, a fresh server with
 ``engine_nice: 0`` and one with ``engine_nice: 5`` (the default), their order alternating:
-  c8          closed loop, 8 clients, pinned to w100, no budget: throughput, p50, mean batch
+  c1, c8      closed loop, 1 or 8 clients, pinned to w100, no budget: throughput, p50 (c1
+              runs only where --points names it: its batches mostly run on the loop thread)
   open-<R>    open loop, Poisson arrivals at R requests/s (seed --seed; the same arrivals for
               both), budgets U(20, 100) ms, the scheduler free: share answered within budget,
               goodput, the share served at w100
@@ -83,6 +84,15 @@ def arms(args) -> list[tuple[str, Path, int]]:
     return out
 
 
+def order(every: list, r: int) -> list:
+    """The arms in repeat ``r``'s order: each rotation, then each reversed, so that over
+    2 x len(every) repeats every arm runs in every position and after every other arm
+    equally often."""
+    k = r % len(every)
+    seq = every[k:] + every[:k]
+    return seq[::-1] if (r // len(every)) % 2 else seq
+
+
 def serve(repo: Path, arm: tuple[str, Path, int], log: Path, cpus, work: Path) -> LiveServer:
     """A started `innfer serve` of the arm's tree with its ``engine_nice``."""
     label, tree, nice = arm
@@ -103,15 +113,15 @@ def set_threads(repo: Path, threads: int) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def closed(server: LiveServer, inputs, args) -> dict:
-    """8 closed-loop clients pinned to w100, no budget."""
+def closed(server: LiveServer, inputs, args, clients: int) -> dict:
+    """``clients`` closed-loop clients pinned to w100, no budget."""
     from sim.loadgen import run_closed_loop
 
     rep = asyncio.run(
         run_closed_loop(
             server.address,
             "mlp",
-            8,
+            clients,
             args.requests,
             args.seconds,
             lambda i: 10.0,
@@ -164,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{STEM}-server.log"
     log.write_text("")
-    rng = np.random.default_rng(args.seed)
-    points = [{"id": "c8"}] + [{"id": f"open-{r:g}", "rate": r} for r in args.rates]
-    points = select(points, args.points)  # (it was accepted and ignored before)
+    points = [{"id": "c1", "clients": 1}, {"id": "c8", "clients": 8}]
+    points += [{"id": f"open-{r:g}", "rate": r} for r in args.rates]
+    points = select(points, args.points or "c8,open-*")  # (--points was ignored before)
     for pt in points:
         if "rate" in pt:
+            # A generator per rate: a point's trace does not depend on which others run.
+            rng = np.random.default_rng([args.seed, round(pt["rate"] * 1000)])
             n = int(pt["rate"] * OPEN_SECONDS)
             pt["arrivals"] = np.cumsum(rng.exponential(1 / pt["rate"], n))
             pt["budgets"] = rng.uniform(*BUDGET_MS, n) / 1e3
@@ -196,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             every = arms(args)
             runs: dict[str, list[dict]] = {label: [] for label, _, _ in every}
             for r in range(args.repeats):
-                for arm in every[r % len(every) :] + every[: r % len(every)]:
+                for arm in order(every, r):
                     print(f"  {pt['id']} {arm[0]}, repeat {r + 1}", file=sys.stderr)
                     server = serve(repo, arm, log, cpus, Path(tmp))
                     try:
                         fig = (
-                            closed(server, inputs, args)
+                            closed(server, inputs, args, pt["clients"])
                             if "rate" not in pt
                             else open_loop(server, inputs, pt["arrivals"], pt["budgets"])
                         )
@@ -268,17 +280,24 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = list(results["points"][0]["runs"])
-    c8 = next((p for p in results["points"] if p["rate_per_s"] is None), None)
+    shut = [p for p in results["points"] if p["rate_per_s"] is None]
+    width = 0.8 / len(labels)
     for k, n in enumerate(labels):
-        vals = [f["throughput_per_s"] for f in c8["runs"][n]] if c8 is not None else [0.0]
-        ax1.bar(
-            k,
-            statistics.median(vals),
-            yerr=[[statistics.median(vals) - min(vals)], [max(vals) - statistics.median(vals)]],
-            label=f"engine_nice {n}",
-        )
-    ax1.set_xticks(range(len(labels)), [f"nice {n}" for n in labels])
-    ax1.set_ylabel("req/s, 8 closed-loop clients (w100)")
+        for j, pt in enumerate(shut):
+            vals = [f["throughput_per_s"] for f in pt["runs"][n]]
+            mid = statistics.median(vals)
+            ax1.bar(
+                j + k * width,
+                mid,
+                width,
+                yerr=[[mid - min(vals)], [max(vals) - mid]],
+                color=f"C{k}",
+                label=f"engine_nice {n}" if j == 0 else None,
+            )
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(shut))], [p["id"] for p in shut])
+    ax1.set_ylabel("req/s, closed loop (w100)" if shut else "no closed-loop point run")
+    if shut:
+        ax1.legend(fontsize=8)
     opens = [p for p in results["points"] if p["rate_per_s"] is not None]
     for i, n in enumerate(labels):
         for p in opens:
@@ -295,9 +314,10 @@ def plot(results: dict, path: Path) -> None:
     if opens:
         ax2.legend(fontsize=8)
     threads = results.get("params", {}).get("threads", 1)
+    base = " and the baseline tree's (base-5)" if "base-5" in labels else ""
     fig.suptitle(
         f"MLP, ONNX Runtime {threads} thread(s): engine threads 5 nice levels below request "
-        f"handling vs equal ({results['setup']['tree']})",
+        f"handling vs equal{base} ({results['setup']['tree']})",
         fontsize=9,
     )
     fig.tight_layout()

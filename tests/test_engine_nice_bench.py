@@ -59,3 +59,12 @@ def test_points_select_the_points_run():
     args = engine_nice.parse(["--points", "open-*", "--rates", "900,1500"])
     points = [{"id": "c8"}, {"id": "open-900"}, {"id": "open-1500"}]
     assert [p["id"] for p in engine_nice.select(points, args.points)] == ["open-900", "open-1500"]
+
+
+def test_over_six_repeats_three_arms_take_every_position_and_follow_each_other_equally():
+    orders = [engine_nice.order(["0", "5", "b"], r) for r in range(6)]
+    for arm in "05b":
+        assert sorted(o.index(arm) for o in orders) == [0, 0, 1, 1, 2, 2]
+    pairs = [(o[i], o[i + 1]) for o in orders for i in range(2)]
+    assert {pairs.count(p) for p in set(pairs)} == {2} and len(set(pairs)) == 6
+    assert [engine_nice.order(["0", "5"], r) for r in range(2)] == [["0", "5"], ["5", "0"]]

@@ -122,6 +122,30 @@ def _task_nices() -> dict[int, int]:
     return out
 
 
+def _two_thread_model(root) -> None:
+    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+              "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+              "max_batch": 2, "threads": 2, "spin": False}  # fmt: skip
+    add_onnx_model(root, "m", tiny_cnn, config, warmup=1, repeats=1)
+
+
+@linux_only
+@pytest.mark.parametrize("pool_nice", [4, 0])
+def test_a_load_makes_each_sessions_pool_thread_at_pool_nice(tmp_path, pool_nice):
+    """Exactly the threads the load makes: one pool thread per tier's session (threads: 2),
+    at pool_nice below the loading thread, which keeps its own."""
+    _room()
+    _two_thread_model(tmp_path)
+    base, before = _nice(), set(_task_nices())
+    served = Repository(tmp_path).load("m", pool_nice=pool_nice)
+    made = sorted(n for t, n in _task_nices().items() if t not in before)
+    assert made == [base + pool_nice] * 2
+    assert _nice() == base
+    for engine in served.engines.values():
+        engine.close()
+
+
 @linux_only
 @pytest.mark.parametrize("engine_nice", [4, 0])
 def test_onnx_runtime_pool_threads_start_at_engine_nice_the_loader_keeps_its_own(
@@ -132,11 +156,7 @@ def test_onnx_runtime_pool_threads_start_at_engine_nice_the_loader_keeps_its_own
     otherwise one of the engine's two threads kept the loop's priority."""
     _room()
     base = _nice()
-    config = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-              "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-              "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
-              "max_batch": 2, "threads": 2, "spin": False}  # fmt: skip
-    add_onnx_model(tmp_path, "m", tiny_cnn, config, warmup=1, repeats=1)
+    _two_thread_model(tmp_path)
     before = set(_task_nices())
 
     async def body() -> dict[int, int]:
@@ -153,6 +173,7 @@ def test_onnx_runtime_pool_threads_start_at_engine_nice_the_loader_keeps_its_own
     made = asyncio.run(asyncio.wait_for(body(), 60))
     assert len(made) >= 2  # the two sessions' pool threads, and the loader's pool's
     lowered = [n for n in made.values() if n == base + engine_nice]
-    assert engine_nice == 0 or len(lowered) == 2  # one pool thread per tier's session
+    # one pool thread per tier's session (the engine threads start with the first batch)
+    assert engine_nice == 0 or len(lowered) == 2
     assert all(n in (base, base + engine_nice) for n in made.values())
     assert _nice() == base

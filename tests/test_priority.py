@@ -47,3 +47,15 @@ def test_run_lowered_raises_the_works_error_on_the_caller():
 
 def test_nothing_lowered_runs_on_the_calling_thread():
     assert run_lowered(threading.get_native_id, 0, "t") == threading.get_native_id()
+
+
+def test_a_refused_lowering_still_runs_the_work(monkeypatch, caplog):
+    """Where the kernel refuses (no room, a seccomp profile), the work runs at the caller's
+    priority and the refusal is logged: a load must not fail for it."""
+
+    def refuse(*_):
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    assert run_lowered(lambda: None, 2, "t") is None
+    assert "not lowered" in caplog.text
