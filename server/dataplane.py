@@ -289,129 +289,153 @@ class DataPlane:
                     log.info("model %s: tier swap skipped (unloaded, or shutting down)", name)
                     return
                 raise Unavailable("the server is shutting down; load the model elsewhere")
-            loop = asyncio.get_running_loop()
-            try:
-                served = await loop.run_in_executor(
-                    None,
-                    lambda: self.repo.load(
-                        name,
-                        backend=self.config.backend,
-                        check_timing=self.config.profile_at_load,
-                        # ONNX Runtime's pool threads, made now, yield as the engine
-                        # threads do (a GPU backend ignores it)
-                        pool_nice=self.config.engine_nice,
-                    ),
-                )
-                unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
-            except ModelNotFound as exc:
-                raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
-            except InvalidModelName as exc:  # a folder that is a link out of the repository
-                # A configured one: readiness said "(unloaded)". (A client's Load of one is
-                # refused without listing the folder.)
-                kept = self._mark_broken(name, str(exc)) if name in self.expected else ""
-                raise InvalidArgument(self._public(f"{exc}{kept}")) from None
-            except (RepositoryError, EngineError, OSError) as exc:
-                # With its fix: readiness and RepositoryIndex say it too.
-                why = f"{exc}{_advice(exc, self.config.model_control)}"
-                kept = self._mark_broken(name, why)
-                raise FailedPrecondition(
-                    self._public(f"model {name!r} cannot be loaded: {why}{kept}")
-                ) from None
-            except Exception as exc:  # a reader's gap (review 156: 100,000 nested [ in a
-                # tier.json was INTERNAL, with an empty reason): the model's files, still
-                log.exception("model %s: reading its files failed", name)
-                why = f"its files could not be read ({type(exc).__name__}: {exc}); rebuild it"
-                why = clip_message(why)
-                kept = self._mark_broken(name, why)
-                raise FailedPrecondition(
-                    self._public(f"model {name!r} cannot be loaded: {why}{kept}")
-                ) from None
+            served, unmet = await self._read_served(name)
             self._warn_over_limit(name, served.config)
-            runtime = None
-            try:
-                if (why := _unservable(self.config.limits, served.config)) is not None:
-                    raise FailedPrecondition(
-                        f"no request to it passes this server's request limits: {why}; raise "
-                        "it under limits: in the server config"
-                    )
-                runtime = ModelRuntime(
-                    served, self.metrics, policy=self.config.policy, device=self.device,
-                    inline_max_s=self.config.inline_max_ms / 1e3,
-                    overhead_quantile=self.config.overhead_quantile,
-                    traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
-                    margin_s=self.config.budget_margin_ms / 1e3,
-                    engine_nice=self.config.engine_nice,
-                )  # fmt: skip
-                if self.device is not None:  # shared: another model's hung batch holds it
-                    runtime.device_stuck = self._stuck_reason
-                runtime.retired_stuck = lambda n=name: self._hung_count(n)
-                # Loaded while requests are in flight (a reload, a swap of tiers, another
-                # model busy): the timing at load shares the CPU with serving.
-                busy = any(m.serving() for m in self.models.values())
-                await loop.run_in_executor(
-                    None, lambda: runtime.warm_up(self.config.profile_at_load, contended=busy)
-                )
-                replaced = self.models.get(name)
-                if replaced is not None and replaced.serving():
-                    # The engines run beside this traffic as slowly as the old set's did.
-                    runtime.assume_speed(replaced.engine_speed())
-            except Exception as exc:  # e.g. profile.json missing, the engine fails its first run
-                if not isinstance(exc, (InferError, EngineError)):  # ONNX Runtime's own errors
-                    log.exception("model %s: loading failed", name)
-                if runtime is not None:
-                    runtime.abandon()
-                    # It bound series for its tiers when made: a tier only it had would
-                    # show at 0 for good beside the set still served (review 161) - its
-                    # tiers' only: innfer_model_load_failures, counted just now, stays
-                    # (review 162).
-                    self._forget_later(name, tiers_only=True)
-                else:
-                    for engine in served.engines.values():
-                        engine.close()
-                kept = self._mark_broken(name, str(exc))
-                # a FailedPrecondition says its own fix (the server's policy); the rest is
-                # the repository's (profile, engines): a rebuild
-                advice = ("" if isinstance(exc, FailedPrecondition)
-                          else _advice(exc, self.config.model_control))  # fmt: skip
-                raise FailedPrecondition(
-                    self._public(f"model {name!r} cannot be served: {exc}{advice}{kept}")
-                ) from None
+            runtime = await self._start_runtime(name, served)
             if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
                 runtime.abandon()
                 if swap:
                     return
                 raise Unavailable("the server is shutting down; load the model elsewhere")
-            runtime.start()
-            old = self.models.pop(name, None)
-            same = False  # a reload of the model as it was
-            if old is not None:  # tiers the new set dropped: their series would stay, frozen
-                old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
-                # its queue and in-flight requests (and those of the runtimes it replaced,
-                # if they still drain) count until it has drained
-                runtime.predecessors += [old, *old.predecessors]
-                # The server's own change, or a client's load of the model unchanged (Triton
-                # reloads nothing then): not a new version, so Triton's counters go on - and
-                # the old set's drain counts in them. "Make sure it is loaded" zeroed them.
-                same = _unchanged(old.served, served)
-                if swap or same:
-                    runtime.stats = old.stats
-            self.models[name] = runtime
-            self._watch_gpu(runtime)
-            self.host_cpu.engine_threads = self._engine_threads()
-            self.broken.pop(name, None)
-            self.reload_failed.pop(name, None)
-            # (a reload of the model unchanged keeps the loop's last choice: judged anew, a
-            # client's "make sure it is loaded" before each session cost an apply each time)
-            self._start_tierer(name, served.config, swap or same, unmet)
-            # The data plane owns this gauge: it alone knows a replacement is serving.
-            self.metrics.model_ready.labels(name).set(1)
-            chosen = "auto-tiering's choice" if served.tier_source == "frontier" else "model.yaml"
-            log.info("model %s ready: tiers %s from %s (%s), build %s", name,
-                     list(served.tiers), chosen, served.backend, served.build_id)  # fmt: skip
+            old = self._install(name, runtime, swap, unmet)
         # Outside the lock: a swap's drain lasts until the old queue's latest deadline, and
         # other models' loads need not wait for it.
         if old is not None:
             await self._retire(old, drain_s)
+
+    async def _read_served(self, name: str) -> tuple[ServedModel, str | None]:
+        """The model's files and engines (``Repository.load``, off the loop) and why its
+        auto-tiering goals are unmet (None: met, or none); a failure raised as the status
+        that names its fix, and kept for readiness and RepositoryIndex (``_mark_broken``)."""
+        loop = asyncio.get_running_loop()
+        try:
+            served = await loop.run_in_executor(
+                None,
+                lambda: self.repo.load(
+                    name,
+                    backend=self.config.backend,
+                    check_timing=self.config.profile_at_load,
+                    # ONNX Runtime's pool threads, made now, yield as the engine
+                    # threads do (a GPU backend ignores it)
+                    pool_nice=self.config.engine_nice,
+                ),
+            )
+            unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
+        except ModelNotFound as exc:
+            raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
+        except InvalidModelName as exc:  # a folder that is a link out of the repository
+            # A configured one: readiness said "(unloaded)". (A client's Load of one is
+            # refused without listing the folder.)
+            kept = self._mark_broken(name, str(exc)) if name in self.expected else ""
+            raise InvalidArgument(self._public(f"{exc}{kept}")) from None
+        except (RepositoryError, EngineError, OSError) as exc:
+            # With its fix: readiness and RepositoryIndex say it too.
+            why = f"{exc}{_advice(exc, self.config.model_control)}"
+            kept = self._mark_broken(name, why)
+            raise FailedPrecondition(
+                self._public(f"model {name!r} cannot be loaded: {why}{kept}")
+            ) from None
+        except Exception as exc:  # a reader's gap (review 156: 100,000 nested [ in a
+            # tier.json was INTERNAL, with an empty reason): the model's files, still
+            log.exception("model %s: reading its files failed", name)
+            why = f"its files could not be read ({type(exc).__name__}: {exc}); rebuild it"
+            why = clip_message(why)
+            kept = self._mark_broken(name, why)
+            raise FailedPrecondition(
+                self._public(f"model {name!r} cannot be loaded: {why}{kept}")
+            ) from None
+        return served, unmet
+
+    async def _start_runtime(self, name: str, served: ServedModel) -> ModelRuntime:
+        """A runtime for ``served``, warmed up (its timing at load) and ready to start; a
+        failure closes what opened, is kept like ``_read_served``'s, and raised as
+        FAILED_PRECONDITION."""
+        loop = asyncio.get_running_loop()
+        runtime = None
+        try:
+            if (why := _unservable(self.config.limits, served.config)) is not None:
+                raise FailedPrecondition(
+                    f"no request to it passes this server's request limits: {why}; raise "
+                    "it under limits: in the server config"
+                )
+            runtime = ModelRuntime(
+                served, self.metrics, policy=self.config.policy, device=self.device,
+                inline_max_s=self.config.inline_max_ms / 1e3,
+                overhead_quantile=self.config.overhead_quantile,
+                traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
+                margin_s=self.config.budget_margin_ms / 1e3,
+                engine_nice=self.config.engine_nice,
+            )  # fmt: skip
+            if self.device is not None:  # shared: another model's hung batch holds it
+                runtime.device_stuck = self._stuck_reason
+            runtime.retired_stuck = lambda n=name: self._hung_count(n)
+            # Loaded while requests are in flight (a reload, a swap of tiers, another
+            # model busy): the timing at load shares the CPU with serving.
+            busy = any(m.serving() for m in self.models.values())
+            await loop.run_in_executor(
+                None, lambda: runtime.warm_up(self.config.profile_at_load, contended=busy)
+            )
+            replaced = self.models.get(name)
+            if replaced is not None and replaced.serving():
+                # The engines run beside this traffic as slowly as the old set's did.
+                runtime.assume_speed(replaced.engine_speed())
+        except Exception as exc:  # e.g. profile.json missing, the engine fails its first run
+            if not isinstance(exc, (InferError, EngineError)):  # ONNX Runtime's own errors
+                log.exception("model %s: loading failed", name)
+            if runtime is not None:
+                runtime.abandon()
+                # It bound series for its tiers when made: a tier only it had would
+                # show at 0 for good beside the set still served (review 161) - its
+                # tiers' only: innfer_model_load_failures, counted just now, stays
+                # (review 162).
+                self._forget_later(name, tiers_only=True)
+            else:
+                for engine in served.engines.values():
+                    engine.close()
+            kept = self._mark_broken(name, str(exc))
+            # a FailedPrecondition says its own fix (the server's policy); the rest is
+            # the repository's (profile, engines): a rebuild
+            advice = ("" if isinstance(exc, FailedPrecondition)
+                      else _advice(exc, self.config.model_control))  # fmt: skip
+            raise FailedPrecondition(
+                self._public(f"model {name!r} cannot be served: {exc}{advice}{kept}")
+            ) from None
+        return runtime
+
+    def _install(
+        self, name: str, runtime: ModelRuntime, swap: bool, unmet: str | None
+    ) -> ModelRuntime | None:
+        """Start ``runtime`` and serve ``name`` with it from now on; the runtime it replaced
+        (to retire), if any."""
+        served = runtime.served
+        runtime.start()
+        old = self.models.pop(name, None)
+        same = False  # a reload of the model as it was
+        if old is not None:  # tiers the new set dropped: their series would stay, frozen
+            old.unbind_gauges(set(old.accuracy) - set(runtime.accuracy))
+            # its queue and in-flight requests (and those of the runtimes it replaced,
+            # if they still drain) count until it has drained
+            runtime.predecessors += [old, *old.predecessors]
+            # The server's own change, or a client's load of the model unchanged (Triton
+            # reloads nothing then): not a new version, so Triton's counters go on - and
+            # the old set's drain counts in them. "Make sure it is loaded" zeroed them.
+            same = _unchanged(old.served, served)
+            if swap or same:
+                runtime.stats = old.stats
+        self.models[name] = runtime
+        self._watch_gpu(runtime)
+        self.host_cpu.engine_threads = self._engine_threads()
+        self.broken.pop(name, None)
+        self.reload_failed.pop(name, None)
+        # (a reload of the model unchanged keeps the loop's last choice: judged anew, a
+        # client's "make sure it is loaded" before each session cost an apply each time)
+        self._start_tierer(name, served.config, swap or same, unmet)
+        # The data plane owns this gauge: it alone knows a replacement is serving.
+        self.metrics.model_ready.labels(name).set(1)
+        chosen = "auto-tiering's choice" if served.tier_source == "frontier" else "model.yaml"
+        log.info("model %s ready: tiers %s from %s (%s), build %s", name,
+                 list(served.tiers), chosen, served.backend, served.build_id)  # fmt: skip
+        return old
 
     async def _retire(self, runtime: ModelRuntime, drain_s: float | None) -> None:
         """Stop ``runtime`` (no longer in ``models``) in a task of the data plane's own: the
