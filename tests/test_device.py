@@ -365,3 +365,17 @@ def test_a_neighbours_requests_of_several_lengths_are_counted_as_the_batches_the
     for i in range(8):
         same.submit(Request(200 + i, 0.0, 1.0, group=(5,)), 0.0)
     assert same.work_due((0.0, 2.0)) == pytest.approx(batch)
+
+
+def test_a_member_that_left_is_forgotten_as_passed():
+    """``passed`` is kept by id: a member that passed and then left must not leave its id
+    behind, or a scheduler joining later at the same address (here: the same object back)
+    would not hold the others back with its more urgent head."""
+    dev = Device(slots=1)
+    a, b = _scheduler(dev), _scheduler(dev)
+    a.submit(Request(1, 0.0, 0.050), 0.0)
+    dev.passed(a)
+    dev.leave(a)
+    dev.join(a)
+    b.submit(Request(2, 0.0, 0.500), 0.0)
+    assert dev.claim(b) is None  # a's head is due first

@@ -124,6 +124,8 @@ class Device:
         if scheduler in self.members:
             self.members.remove(scheduler)
         self._listeners.pop(id(scheduler), None)
+        # By id: a member made later at the same address must not start out "passed"
+        self._passed.discard(id(scheduler))
         self._notify(None)
 
     # -- slots -----------------------------------------------------------------------------
