@@ -96,6 +96,11 @@ class BuildReport:
     # bytes): ``EngineCache.prune``.
     pruned: tuple[list[str], int] = ([], 0)
 
+    def warn(self, text: str, progress: bool) -> None:
+        """Keep ``text`` for the user and log it (``_warn``)."""
+        self.warnings.append(text)
+        _warn(text, progress)
+
 
 def build_model(
     repo: Repository,
@@ -116,6 +121,68 @@ def build_model(
         >>> [t.name for t in report.tiers], len(report.pruned[0])  # doctest: +SKIP
         (['w100', 'w075', 'w050', 'w025'], 4)
     """
+    b = _start(repo, name, backend, progress)
+    config, report = b.config, b.report
+    engines: dict = {}  # tier -> engine, each closed at the end, whatever happens in between
+    onnx: dict[str, str] = {}  # tier -> its ONNX's sha256
+    counts: dict[str, dict] = {}  # tier -> its channel counts (two alike: said)
+    try:
+        bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
+        for tier in bar:
+            record = _build_tier(b, tier, bar, engines)
+            onnx[tier.name] = record.onnx_sha256
+            _say_same_counts(b, tier, record, counts)
+        _say_unchecked_ids(b, record.input_rows or {})
+        repo.record_tokenizer(name, config)
+        if profile:
+            report.profile_path = _profile(
+                repo, name, config, b.chosen, engines, progress, repeats, onnx
+            )
+        else:
+            _say_stale_profile(b, onnx)
+    finally:  # a TensorRT or CUDA engine holds device memory until closed
+        _close_all(engines.values())
+    if config.auto_tiers_empty:
+        report.warn(config.auto_tiers_empty_note, progress)
+    _say_below_floor(b)
+    if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
+        from runtime.build.frontier import build_frontier  # it reuses this module's helpers
+
+        report.frontier = build_frontier(repo, name, progress, repeats, backend)
+        if (unmet := report.frontier.unmet_goals(config.auto_tiers)) is not None:
+            report.warn(
+                f"auto_tiers cannot be met: {unmet}. innfer serve will serve the tiers of "
+                "model.yaml, with auto-tiering off for this model",
+                progress,
+            )
+    if prune and (keep := repo.onnx_in_use(name)) is not None:
+        report.pruned = b.cache.prune(keep, b.chosen, b.options)
+    return report
+
+
+@dataclass
+class _Build:
+    """What every tier of one ``build_model`` run shares."""
+
+    repo: Repository
+    name: str
+    config: ModelConfig
+    model_dir: Path
+    inn: IntegralModel
+    chosen: Backend
+    options: BuildOptions
+    cache: EngineCache
+    report: BuildReport
+    progress: bool
+    score: Any  # engine -> accuracy, or None without an evaluation set
+    measured_on: Any  # what that accuracy is measured on (tier.json's accuracy_on)
+    inn_sha: str
+    norm_x: Any  # BatchNorm statistics' inputs for tiers the INN stores none for
+    vocab_size: int | None  # a text model's token ids
+
+
+def _start(repo: Repository, name: str, backend: str | None, progress: bool) -> _Build:
+    """Checks before any work, and what the tiers share."""
     config = repo.config(name)
     model_dir = repo.model_dir(name)
     if not os.access(model_dir, os.W_OK):  # (a read-only volume: even root may not write)
@@ -128,156 +195,169 @@ def build_model(
     _check_dataset(config, model_dir)
     inn = load(model_dir)
     chosen = repo.choose_backend(config, backend)
-    options = repo.build_options(config, chosen)
-    cache = EngineCache(model_dir / "engines")
-    report = BuildReport(name, chosen.name)
-    score = accuracy_scorer(inn, config, model_dir)
-    measured_on = evaluation_key(config, model_dir)
-    inn_sha = _inn_sha(model_dir)
-    norm_x = norm_inputs(config)  # BatchNorm statistics for tiers the INN stores none for
-    vocab_size = _tokenizer_vocab(config, model_dir)  # a text model's token ids
-    engines, onnx = {}, {}  # tier -> engine, tier -> its ONNX's sha256
-    counts: dict[str, dict] = {}  # tier -> its channel counts (two alike: said)
+    return _Build(
+        repo, name, config, model_dir, inn, chosen,
+        options=repo.build_options(config, chosen),
+        cache=EngineCache(model_dir / "engines"),
+        report=BuildReport(name, chosen.name),
+        progress=progress,
+        score=accuracy_scorer(inn, config, model_dir),
+        measured_on=evaluation_key(config, model_dir),
+        inn_sha=_inn_sha(model_dir),
+        norm_x=norm_inputs(config),
+        vocab_size=_tokenizer_vocab(config, model_dir),
+    )  # fmt: skip
+
+
+def _build_tier(b: _Build, tier: TierConfig, bar, engines: dict) -> TierRecord:
+    """One tier: sample and export (or keep), build or reuse its engine and validate it,
+    check its token ids, measure its accuracy where stale; its engine goes into
+    ``engines`` as soon as it is open (the caller closes them all)."""
+    repo, name, config = b.repo, b.name, b.config
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{tier.name}: sample+export")
+    record, module, exported = _export_tier(
+        repo, name, b.inn, config, tier, b.chosen, b.options, b.progress, b.score, b.inn_sha,
+        b.norm_x,
+    )  # fmt: skip
+    bar.set_postfix_str(f"{tier.name}: engine ({b.chosen.name})")
+    onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
+    if module is None:  # the exported network, as _export_tier samples it
+        module, _ = sample_tier(b.inn, config, _sampled_width(tier, record), b.norm_x)
     try:
-        bar = tqdm(config.tiers, desc=f"build {name}", disable=not progress, unit="tier")
-        for tier in bar:
-            t0 = time.perf_counter()
-            bar.set_postfix_str(f"{tier.name}: sample+export")
-            record, module, exported = _export_tier(
-                repo, name, inn, config, tier, chosen, options, progress, score, inn_sha, norm_x
-            )
-            onnx[tier.name] = record.onnx_sha256
-            bar.set_postfix_str(f"{tier.name}: engine ({chosen.name})")
-            onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
-            if module is None:  # the exported network, as _export_tier samples it
-                module, _ = sample_tier(inn, config, _sampled_width(tier, record), norm_x)
-            try:
-                engine, built, err = validated_engine(
-                    cache, chosen, onnx_path, record.onnx_sha256, options, module, config,
-                    tier.name,
-                )  # fmt: skip
-            except BuildError:
-                if exported:  # its files are this build's (the old ones gone): a server
-                    # rebuilt the engine from them and served it - the NaN outputs validation
-                    # had refused. Without its record it loads only after a build succeeds.
+        engine, built, err = validated_engine(
+            b.cache, b.chosen, onnx_path, record.onnx_sha256, b.options, module, config,
+            tier.name,
+        )  # fmt: skip
+    except BuildError:
+        if exported:  # its files are this build's (the old ones gone): a server
+            # rebuilt the engine from them and served it - the NaN outputs validation
+            # had refused. Without its record it loads only after a build succeeds.
+            (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
+        raise
+    if b.chosen.name == "torch":  # its engine is the module: the ONNX ran nowhere
+        try:
+            check_exported_onnx(onnx_path, module, config, tier.name)
+        except BuildError as exc:
+            if set(config.backends) <= {"torch"}:  # no backend builds from the ONNX
+                b.report.warn(f"{exc} (only torch is listed in backends)", b.progress)
+            else:
+                _close_all([engine])
+                if exported:  # (as above: no record of files that failed)
                     (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
                 raise
-            if chosen.name == "torch":  # its engine is the module: the ONNX ran nowhere
-                try:
-                    check_exported_onnx(onnx_path, module, config, tier.name)
-                except BuildError as exc:
-                    if set(config.backends) <= {"torch"}:  # no backend builds from the ONNX
-                        report.warnings.append(f"{exc} (only torch is listed in backends)")
-                        _warn(report.warnings[-1], progress)
-                    else:
-                        _close_all([engine])
-                        if exported:  # (as above: no record of files that failed)
-                            (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
-                        raise
-            engines[tier.name] = engine  # closed at the end, whatever happens in between
-            if vocab_size is not None:
-                rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
-                rows = rows if isinstance(rows, int) else None  # token ids index one table
-                check_token_ids(engine, config, tier.name, vocab_size, rows)
-            accuracy = record.accuracy
-            stale = exported or accuracy is None or record.accuracy_on != measured_on
-            if score is not None and stale:
-                bar.set_postfix_str(f"{tier.name}: accuracy")
-                accuracy = score(engine)
-            elif score is None:
-                accuracy = None  # no evaluation configured now: no stale figure to schedule by
-            if (accuracy, measured_on) != (record.accuracy, record.accuracy_on):
-                record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
-                                       "accuracy_on": measured_on})  # fmt: skip
-                record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
-            if norm_x is None and unnormed(inn, module, record.sizes, config.method):
-                report.warnings.append(
-                    f"tier {tier.name} of {name} has no BatchNorm statistics of its own (they "
-                    f"are resampled from the full width's, which on a BatchNorm model can cost "
-                    f"most of the accuracy): name an evaluation dataset in model.yaml (the "
-                    f"build re-estimates them on its training inputs) or store them with innfer "
-                    f"calibrate {model_dir} --data DATASET, and build again"
-                )
-                _warn(report.warnings[-1], progress)
-            if _data_free_transformer_tier(inn, record.sizes):
-                report.warnings.append(
-                    f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
-                    f"transformer such tiers keep little of the model (all-MiniLM-L6-v2 at 50 % "
-                    f"heads and FFN: cosine 0.31 to the full model's embeddings). "
-                    + (f"Calibrate on text first: innfer calibrate {model_dir} --text FILE (one "
-                       "sentence per line)" if config.text is not None else
-                       "innfer calibrate distils transformers on text through a text: section "
-                       "(tokenizer.json) in model.yaml; add one to calibrate it")
-                )  # fmt: skip
-                _warn(report.warnings[-1], progress)
-            report.tiers.append(
-                TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
-            )
-            same = [t for t, sizes in counts.items() if sizes == record.sizes]
-            counts[tier.name] = record.sizes
-            if same:  # w095 rounds to w100's counts at multiple_of 8: one network twice
-                report.warnings.append(
-                    f"tier {tier.name} of {name} samples the same network as {same[0]} "
-                    f"(its width rounds to the same channel counts at multiple_of "
-                    f"{config.multiple_of}): the scheduler gains nothing from it; widen the gap "
-                    "between their widths or drop one"
-                )
-                _warn(report.warnings[-1], progress)
-        unchecked = _unchecked_ids(config, record.input_rows or {})
-        if unchecked and config.text is None:
-            report.warnings.append(
-                f"integer input(s) {', '.join(unchecked)} of {name} do not index an embedding "
-                "table directly (ids + 1, ids[:, 1:], ...): the server cannot check them "
-                "against the tables at decode; a value past a table fails the whole batch it "
-                "runs in when the engine meets it (each request in it INVALID_ARGUMENT), a "
-                "negative one within a table's size "
-                "reads a row from its end unsaid. Index each table with an input of its own, "
-                "or one column of one (ids[:, k]), to have them checked"
-            )
-            _warn(report.warnings[-1], progress)
-        repo.record_tokenizer(name, config)
-        if profile:
-            report.profile_path = _profile(
-                repo, name, config, chosen, engines, progress, repeats, onnx
-            )
-        elif (kept := repo.read_profile(name)) is not None and (
-            stale := stale_tiers(kept, onnx) or [t.name for t in report.tiers if t.exported]
-        ):
-            report.warnings.append(
-                f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
-                f"now (--no-profile); `innfer build {model_dir}` stores a new one (innfer "
-                f"serve re-measures at load a profile that records the engines it timed; one "
-                f"written before profiles recorded them is trusted)"
-            )
-            _warn(report.warnings[-1], progress)
-    finally:  # a TensorRT or CUDA engine holds device memory until closed
-        _close_all(engines.values())
-    if config.auto_tiers_empty:
-        report.warnings.append(config.auto_tiers_empty_note)
-        _warn(report.warnings[-1], progress)
+    engines[tier.name] = engine
+    if b.vocab_size is not None:
+        rows = (record.input_rows or {}).get(config.text.ids)  # (parsed at export)
+        rows = rows if isinstance(rows, int) else None  # token ids index one table
+        check_token_ids(engine, config, tier.name, b.vocab_size, rows)
+    accuracy = record.accuracy
+    stale = exported or accuracy is None or record.accuracy_on != b.measured_on
+    if b.score is not None and stale:
+        bar.set_postfix_str(f"{tier.name}: accuracy")
+        accuracy = b.score(engine)
+    elif b.score is None:
+        accuracy = None  # no evaluation configured now: no stale figure to schedule by
+    if (accuracy, b.measured_on) != (record.accuracy, record.accuracy_on):
+        record = TierRecord(**{**record.__dict__, "accuracy": accuracy,
+                               "accuracy_on": b.measured_on})  # fmt: skip
+        record.write(repo.tier_dir(name, tier.name) / TIER_FILE)
+    _say_uncalibrated(b, tier, record, module)
+    b.report.tiers.append(
+        TierReport(tier.name, exported, built, err, accuracy, time.perf_counter() - t0)
+    )
+    return record
+
+
+def _say_uncalibrated(b: _Build, tier: TierConfig, record: TierRecord, module) -> None:
+    """Warn of a tier sampled where sampling alone keeps little: a BatchNorm model's tier
+    without statistics of its own, a pretrained transformer's without calibration."""
+    name, model_dir = b.name, b.model_dir
+    if b.norm_x is None and unnormed(b.inn, module, record.sizes, b.config.method):
+        b.report.warn(
+            f"tier {tier.name} of {name} has no BatchNorm statistics of its own (they "
+            f"are resampled from the full width's, which on a BatchNorm model can cost "
+            f"most of the accuracy): name an evaluation dataset in model.yaml (the "
+            f"build re-estimates them on its training inputs) or store them with innfer "
+            f"calibrate {model_dir} --data DATASET, and build again",
+            b.progress,
+        )
+    if _data_free_transformer_tier(b.inn, record.sizes):
+        b.report.warn(
+            f"tier {tier.name} of {name} is sampled without calibration: on a pretrained "
+            f"transformer such tiers keep little of the model (all-MiniLM-L6-v2 at 50 % "
+            f"heads and FFN: cosine 0.31 to the full model's embeddings). "
+            + (f"Calibrate on text first: innfer calibrate {model_dir} --text FILE (one "
+               "sentence per line)" if b.config.text is not None else
+               "innfer calibrate distils transformers on text through a text: section "
+               "(tokenizer.json) in model.yaml; add one to calibrate it"),
+            b.progress,
+        )  # fmt: skip
+
+
+def _say_same_counts(b: _Build, tier: TierConfig, record: TierRecord, counts: dict) -> None:
+    """Warn of a tier whose channel counts an earlier one has (``counts``: tier -> counts,
+    this tier's added)."""
+    same = [t for t, sizes in counts.items() if sizes == record.sizes]
+    counts[tier.name] = record.sizes
+    if same:  # w095 rounds to w100's counts at multiple_of 8: one network twice
+        b.report.warn(
+            f"tier {tier.name} of {b.name} samples the same network as {same[0]} "
+            f"(its width rounds to the same channel counts at multiple_of "
+            f"{b.config.multiple_of}): the scheduler gains nothing from it; widen the gap "
+            "between their widths or drop one",
+            b.progress,
+        )
+
+
+def _say_unchecked_ids(b: _Build, input_rows: dict) -> None:
+    """Warn of integer inputs the server cannot check against an embedding table (the last
+    tier's ``input_rows``: every tier indexes the same tables)."""
+    unchecked = _unchecked_ids(b.config, input_rows)
+    if unchecked and b.config.text is None:
+        b.report.warn(
+            f"integer input(s) {', '.join(unchecked)} of {b.name} do not index an embedding "
+            "table directly (ids + 1, ids[:, 1:], ...): the server cannot check them "
+            "against the tables at decode; a value past a table fails the whole batch it "
+            "runs in when the engine meets it (each request in it INVALID_ARGUMENT), a "
+            "negative one within a table's size "
+            "reads a row from its end unsaid. Index each table with an input of its own, "
+            "or one column of one (ids[:, k]), to have them checked",
+            b.progress,
+        )
+
+
+def _say_stale_profile(b: _Build, onnx: dict[str, str]) -> None:
+    """With ``--no-profile``: warn where the kept profile.json does not time the engines
+    built now."""
+    kept = b.repo.read_profile(b.name)
+    if kept is None:
+        return
+    stale = stale_tiers(kept, onnx) or [t.name for t in b.report.tiers if t.exported]
+    if stale:
+        b.report.warn(
+            f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
+            f"now (--no-profile); `innfer build {b.model_dir}` stores a new one (innfer "
+            f"serve re-measures at load a profile that records the engines it timed; one "
+            f"written before profiles recorded them is trusted)",
+            b.progress,
+        )
+
+
+def _say_below_floor(b: _Build) -> None:
+    """Warn of built tiers below auto_tiers' accuracy floor (served until auto-tiering first
+    chooses, or for good where it is off)."""
+    config = b.config
     floor = config.auto_tiers.accuracy_floor if config.auto_tiers is not None else None
-    below = [t for t in report.tiers if floor is not None and t.accuracy is not None
+    below = [t for t in b.report.tiers if floor is not None and t.accuracy is not None
              and t.accuracy < floor]  # fmt: skip
-    if below:  # served until auto-tiering first chooses (or for good where it is off)
-        report.warnings.append(
+    if below:
+        b.report.warn(
             f"tiers {', '.join(f'{t.name} ({t.accuracy:.2%})' for t in below)} are below "
             f"auto_tiers.accuracy_floor {floor:g}: the server serves model.yaml's tiers until "
-            "auto-tiering first chooses; drop them from model.yaml, or lower the floor"
+            "auto-tiering first chooses; drop them from model.yaml, or lower the floor",
+            b.progress,
         )
-        _warn(report.warnings[-1], progress)
-    if config.auto_tiers is not None:  # (its own engines, after the tiers' are closed)
-        from runtime.build.frontier import build_frontier  # it reuses this module's helpers
-
-        report.frontier = build_frontier(repo, name, progress, repeats, backend)
-        if (unmet := report.frontier.unmet_goals(config.auto_tiers)) is not None:
-            report.warnings.append(
-                f"auto_tiers cannot be met: {unmet}. innfer serve will serve the tiers of "
-                "model.yaml, with auto-tiering off for this model"
-            )
-            _warn(report.warnings[-1], progress)
-    if prune and (keep := repo.onnx_in_use(name)) is not None:
-        report.pruned = cache.prune(keep, chosen, options)
-    return report
 
 
 def _close_all(engines) -> None:
