@@ -1009,6 +1009,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from runtime.inn.calibrate import reestimate_norms
     from runtime.inn.report import format_report, save_report, width_report
 
+    held = [f for f in ("inn.json", "inn.safetensors") if (args.out / f).exists()]
+    if held and not (args.resume or args.force):
+        # Saving would replace it: an INN converted or calibrated there was lost unsaid,
+        # and the next build failed on shapes that did not name the cause (review 164).
+        raise ValueError(
+            f"{args.out} already holds an INN ({', '.join(held)}): training would replace it; "
+            "give another --out, --resume to continue its checkpoint, or --force to replace it"
+        )
     torch.set_num_threads(args.threads)
     inn, data = train_inn(
         args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
@@ -1663,6 +1671,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_at_least(1), help="default: the model's recipe")
     train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--force", action="store_true", help="replace an INN already in OUT")
     train.add_argument("--threads", type=_threads, default=2)
     train.add_argument("--widths", type=_width, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     train.set_defaults(func=cmd_train)

@@ -341,6 +341,19 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out),
                             "--batch-size", "256", "--resume")  # fmt: skip
     assert code == 0, err  # continues from epoch 1 of 2
+    # Training into a folder that holds an INN, without --resume, replaced it unsaid
+    # (review 164): refused, the INN untouched; --force replaces it.
+    held = (out / "inn.safetensors").read_bytes()
+    code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out))
+    assert code == 2 and "already holds an INN" in err and "--force" in err
+    assert (out / "inn.safetensors").read_bytes() == held
+    forced = tmp_path / "forced"
+    shutil.copytree(out, forced)
+    code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out",
+                            str(forced), "--batch-size", "256", "--widths", "1.0",
+                            "--force")  # fmt: skip
+    assert code == 0, err
+    assert (forced / "inn.safetensors").read_bytes() != held
     cal = tmp_path / "cal"
     code, _, err = cli_main("calibrate", str(out), "--data", "digits", "--widths", "0.5",
                             "--multiple-of", "8", "--seconds", "2", "--samples", "256",
