@@ -166,3 +166,20 @@ def test_report_closes_its_figure_and_says_when_there_is_nothing_to_plot(tmp_pat
     code, out, err = _run(capsys, "report", tmp_path / "m", "--png", tmp_path / "r.png")
     assert code == 0, err
     assert "no plot written to" in out and not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("keys", ["x_y", "splits"])
+def test_an_evaluation_set_with_nan_inputs_is_refused_not_scored(tmp_path, capsys, keys):
+    """All-NaN images were scored (16.67 % into tier.json, which the server schedules by;
+    review 164): every split's float inputs are checked when the file is read."""
+    _, x = _mlp(tmp_path, 300)
+    y = np.zeros(300, np.int64)
+    if keys == "x_y":
+        x[7, 3] = np.nan
+        np.savez(tmp_path / "nan.npz", x=x, y=y)
+    else:  # a clean training split, an infinity in the test split's last sample
+        x[-1, 0] = np.inf
+        np.savez(tmp_path / "nan.npz", x_train=x[:200], y_train=y[:200], x_test=x[200:],
+                 y_test=y[200:])  # fmt: skip
+    code, out, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "nan.npz")
+    assert code == 2 and "NaN or infinite values" in err and "%" not in out, (out, err)
