@@ -30,6 +30,10 @@ def _width(text: str) -> float:
 
 
 DEMO_FILE = "demo.json"  # beside the INN in the model directory: how the demo trained it
+# simulate and bench: seconds of arrivals without --duration; simulate takes fewer where
+# they would be more requests than this (~40 s of simulation per policy here).
+DEFAULT_DURATION_S = 30.0
+DEFAULT_SIM_REQUESTS = 300_000
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -663,7 +667,8 @@ def _sim_config(args: argparse.Namespace, policy: str):
     }
     return SimConfig(
         policy=policy, trace=args.trace, load=args.load, cv2=args.cv2 or 1.0,
-        duration_s=args.duration, budget_ms=args.budget, seed=args.seed,
+        duration_s=args.duration if args.duration is not None else DEFAULT_DURATION_S,
+        budget_ms=args.budget, seed=args.seed,
         slots=args.slots, trace_file=args.trace_file, max_batch=model.max_batch,
         max_queue=model.max_queue, slo_target=model.slo_target,
         admit_quantile=model.admit_quantile, **simulated,
@@ -728,6 +733,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     tiers, p50, chosen, proxy, _ = _served(args.model_dir, args.tokens)
     note = "".join(f"; {n}" for n in (chosen, proxy and f"accuracy: {proxy}") if n)
     policies = args.policy or ["innfer", "slackfit"]
+    _fit_duration(args, tiers, p50)
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
             raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
@@ -749,6 +755,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     _print_load_unit(args, tiers, p50, policies[0])
     return 0
+
+
+def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:
+    """Where ``--duration`` is not given: ``DEFAULT_DURATION_S`` of arrivals, or fewer where
+    that would be over ``DEFAULT_SIM_REQUESTS`` requests (said). A small model's capacity
+    made the default 30 s about 4 million requests: minutes per policy, unasked."""
+    if args.duration is not None:
+        return
+    args.duration = DEFAULT_DURATION_S
+    if args.trace == "file":  # replayed whole, whatever the duration
+        return
+    from sim.simulator import load_rate
+
+    rate = load_rate(tiers, p50, _sim_config(args, "innfer"))
+    if rate * DEFAULT_DURATION_S > DEFAULT_SIM_REQUESTS:
+        args.duration = DEFAULT_SIM_REQUESTS / rate
+        print(
+            f"{args.duration:.3g} s of arrivals simulated ({DEFAULT_SIM_REQUESTS:,} requests at "
+            f"{rate:,.0f}/s; {DEFAULT_DURATION_S:g} s would be {rate * DEFAULT_DURATION_S:,.0f}): "
+            "--duration sets it"
+        )
 
 
 def _print_load_unit(args: argparse.Namespace, tiers, p50, policy: str) -> None:
@@ -980,7 +1007,11 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cv2", type=_cv2, help="--trace gamma: squared CV (default 1)")
     p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")
-    p.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
+    p.add_argument(
+        "--duration", type=_positive,
+        help=f"seconds of arrivals (default {DEFAULT_DURATION_S:g}; simulate: fewer where "
+        f"that would be over {DEFAULT_SIM_REQUESTS:,} requests, said)",
+    )  # fmt: skip
     p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(

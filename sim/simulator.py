@@ -130,6 +130,13 @@ def simulate(
                   progress=progress)  # fmt: skip
 
 
+def load_rate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> float:
+    """The rate (requests/s) ``cfg.load`` stands for: that many times the full tier's
+    capacity at the largest batch (``full_capacity``)."""
+    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    return cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
+
+
 def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig):
     """What ``simulate`` serves for ``cfg``: (offered rate per s, arrival times s, budgets s,
     the rng the budgets were drawn from - the engine times continue from it). The same
@@ -137,8 +144,7 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
     (``innfer bench``). The rate is what the trace offers over its window
     (``offered_rate``): about 1.18x ``load`` x capacity for ``varying``, the file's own for
     ``file``."""
-    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
-    rate = cfg.load * full_capacity(tiers, p50, max_batch, cfg.slots)
+    rate = load_rate(tiers, p50, cfg)
     expected = rate * cfg.duration_s * (1.2 if cfg.trace == "varying" else 1.0)
     if cfg.trace != "file" and expected > MAX_REQUESTS:  # before the arrays are made
         raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import socket
 import subprocess
@@ -195,9 +196,27 @@ def test_simulate_refuses_a_run_of_more_requests_than_it_may_make(tmp_path, caps
     # --load 1e9: "internal error: MemoryError: Unable to allocate 1.69 PiB ... a bug"
     # (review helper-106).
     d = _built(tmp_path)
-    code, _, err = _cli(capsys, "simulate", d, "--load", "1e9", "--policy", "innfer")
+    code, _, err = _cli(
+        capsys, "simulate", d, "--load", "1e9", "--duration", "30", "--policy", "innfer"
+    )
     assert code == 2 and "requests" in err and "lower --load or --duration" in err
     assert "internal error" not in err
+
+
+def test_simulate_without_duration_keeps_a_fast_models_run_short(tmp_path, capsys, monkeypatch):
+    # The default 30 s at a small model's capacity was ~4 million requests, minutes per
+    # policy (review 164): fewer seconds of arrivals, said, unless --duration is given.
+    import innfer.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_SIM_REQUESTS", 2000)
+    d = _built(tmp_path)
+    code, out, err = _cli(capsys, "simulate", d, "--policy", "innfer", "--json", tmp_path / "r")
+    assert code == 0, err
+    assert "s of arrivals simulated (2,000 requests at" in out and "--duration sets it" in out
+    sent = json.loads((tmp_path / "r").read_text())["innfer"]["summary"]["requests"]
+    assert 1500 < sent < 2500  # Poisson around 2,000
+    code, out, err = _cli(capsys, "simulate", d, "--policy", "innfer", "--duration", "0.01")
+    assert code == 0 and "arrivals simulated" not in out
 
 
 def test_simulate_shows_its_progress(tmp_path, capsys):
