@@ -321,7 +321,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _check_repository_dir(args.repository)
     _check_backend(args.backend, "--backend")  # not each model.yaml's fault, after the work
     repo = Repository(args.repository)
-    names = args.model or repo.names()
+    names = list(dict.fromkeys(args.model)) if args.model else repo.names()  # once each
     if not args.model:
         for name in repo.skipped():  # they were passed over without a word
             print(f"warning: {args.repository}/{name} is not built: a model folder's name is "
@@ -919,10 +919,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ) from None
     from runtime.repository.config import ModelConfig
     from runtime.repository.profile import random_feeds
-    from sim.loadgen import run_load
+    from sim.loadgen import check_loopback, run_load
     from sim.simulator import format_ms, requests_for, trace_window
     from sim.traces import recorded
 
+    check_loopback(args.address)  # before the work and the "sending ..." line
     _check_built(args.model_dir)
     tiers, p50, chosen, proxy, lane = _served(args.model_dir, args.tokens)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")

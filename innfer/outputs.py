@@ -31,6 +31,8 @@ def png_file(text: str) -> Path:
     """A PNG to write, as ``output_file``; ".png" added where it has no suffix (matplotlib
     adds it, and the path printed was not the file written)."""
     path = output_file(text)
+    if path.suffix and path.suffix.lower() != ".png":  # matplotlib refused it after the work
+        raise argparse.ArgumentTypeError(f"{text} is not a .png file; give NAME.png")
     return path if path.suffix else path.with_name(path.name + ".png")
 
 

@@ -150,6 +150,14 @@ class Traffic:
                 # one column holding every name: another separator (Excel's ';' locales),
                 # not columns to drop
                 advice = " (the file must be comma-separated; save it as CSV with commas)"
+            elif header and all(_number(h) for h in header):
+                # timestamps alone (what simulate --trace-file takes): a header to add, and
+                # budgets - not "unknown columns: 0.005700; drop them" (review 164)
+                advice = (
+                    " (a line of numbers: put the header first, and each request's budget "
+                    "beside its arrival - a server writes such a file to <model>/auto/.../"
+                    "traffic.csv)"
+                )
             else:
                 advice = f" (unknown columns: {', '.join(other)}; drop them)" if other else ""
             raise ValueError(
@@ -572,3 +580,12 @@ def _public(e: Evaluation) -> dict:
     out = dataclasses.asdict(e)
     del out["identity"]
     return out
+
+
+def _number(text: str) -> bool:
+    """Whether ``text`` reads as a number (a data line where a header belongs)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

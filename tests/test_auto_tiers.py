@@ -303,6 +303,9 @@ def test_a_binary_trace_file_is_said_to_be_no_trace(tmp_path):
         # batch of 4 and the choice served 6 % where the plain trace gave 89 % (review
         # helper-106). Out-of-order arrivals and bad budgets were said without a line.
         ("arrival_s,budget_ms,priority\n0,10,4\n", r"unknown columns: priority; drop them"),
+        # timestamps alone, as simulate --trace-file takes them: "unknown columns:
+        # 0.005700; drop them" (review 164)
+        ("0.005700\n0.0091\n", r"a line of numbers: put the header first, and each request"),
         ("arrival_s,budget_ms,rows\n0,10,1,7\n", r"bad.csv:2: 4 values for the 3 columns"),
         ("arrival_s,budget_ms\n0,10\n1,10\n0.5,10\n",
          r"bad.csv:4: arrival_s '0.5' is not finite or is"),

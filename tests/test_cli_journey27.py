@@ -777,3 +777,47 @@ def test_report_into_a_read_only_model_folder_says_where_else_to_write(tmp_path,
     code, _, err = _cli(capsys, "report", d, "--widths", "1.0", "0.5", "--data", "digits",
                           "--png", tmp_path / "r.png")  # fmt: skip
     assert code == 0, err
+
+
+# -- review 164: a new user's small mistakes -----------------------------------------------
+
+
+def test_a_file_given_for_a_model_folder_says_so(tmp_path, capsys):
+    d = _built(tmp_path)
+    (d / "inn.json").write_text("{}")  # as a user's model folder holds it
+    code, _, err = _cli(capsys, "inspect", d / "inn.json")
+    assert code == 2 and "is a file: give the model's folder that holds it" in err, err
+    assert "inn.json/inn.json" not in err
+
+
+def test_png_outputs_are_png_files():
+    import argparse
+
+    from innfer.outputs import png_file
+
+    assert png_file("out").name == "out.png" and png_file("b.PNG").name == "b.PNG"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"out\.txt is not a \.png file"):
+        png_file("out.txt")
+
+
+def test_build_builds_a_model_named_twice_once(tmp_path, capsys, monkeypatch):
+    import runtime.build.pipeline as pipeline
+
+    built = []
+
+    def build_model(repo, name, *args, **kwargs):
+        built.append(name)
+        return pipeline.BuildReport(name, "onnxruntime")
+
+    monkeypatch.setattr(pipeline, "build_model", build_model)
+    _built(tmp_path)
+    code, _, err = _cli(capsys, "build", tmp_path, "--model", "tiny", "--model", "tiny",
+                        "--no-profile")  # fmt: skip
+    assert code == 0, err
+    assert built == ["tiny"]
+
+
+def test_bench_refuses_an_address_before_it_announces_a_run(tmp_path, capsys):
+    d = _built(tmp_path)
+    code, out, err = _cli(capsys, "bench", d, "--address", "10.0.0.1:8001", "--duration", "1")
+    assert code == 2 and "only targets loopback addresses" in err and "sending" not in out

@@ -672,6 +672,10 @@ def load(directory: str | Path) -> IntegralModel:
     from safetensors.torch import load_file
 
     d = Path(directory)
+    if d.is_file():  # "MODEL/inn.json/inn.json does not exist" said nothing of the mistake
+        raise ModelFileError(
+            f"{d} is a file: give the model's folder that holds it ({d.parent}), not a file in it"
+        )
     meta_path, weights = d / META_FILE, d / WEIGHTS_FILE
     for p in (meta_path, weights):
         if not p.is_file():
