@@ -231,9 +231,16 @@ class DataPlane:
         self.expected = set(names)
         for name in names:  # 0 until loaded: a load that never ends is a model not ready
             self.metrics.model_ready.labels(name).set(0)  # (no series: no alert could fire)
+            # Loading from now on, its turn included: a model waiting behind another's
+            # engine builds read not ready and not loading - "a load failed" - and paged
+            # (review 165). Its own load clears it (_load_marked).
+            self.metrics.model_loading.labels(name).set(1)
         for name in names:
             if self.phase is Phase.DRAINING:  # stopped while starting: load nothing more
-                log.info("shutting down: models %s not loaded", names[names.index(name) :])
+                left = names[names.index(name) :]
+                log.info("shutting down: models %s not loaded", left)
+                for later in left:
+                    self.metrics.model_loading.labels(later).set(0)
                 return
             try:
                 await self.load(name)

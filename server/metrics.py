@@ -333,8 +333,8 @@ class Metrics:
         )  # fmt: skip
         self.model_loading = Gauge(
             "innfer_model_loading", "1 while a load of the model runs (engine builds, timing "
-            "at load: TensorRT takes minutes per tier); a model not ready and not loading "
-            "failed to load.", ["model"], registry=r,
+            "at load: TensorRT takes minutes per tier) or, at start-up, waits for its turn; a "
+            "model not ready and not loading failed to load.", ["model"], registry=r,
         )  # fmt: skip
         # The gRPC ecosystem's server metrics (grpc-ecosystem's go-grpc-middleware
         # providers/prometheus, py-grpc-prometheus): names, labels and code names as there,

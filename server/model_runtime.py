@@ -1141,7 +1141,9 @@ class ModelRuntime:
         self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}
         # Every outcome's series exists from load, at 0: a counter that first appears at its
         # first increment loses that increment to rate(), and the shares read it as absent.
-        for outcome in ("refused_deadline", "refused_full", "cancelled", "unavailable", "invalid"):
+        # ("failed" without a tier: a scheduling decision that raised - review 165)
+        for outcome in ("refused_deadline", "refused_full", "cancelled", "unavailable",
+                        "invalid", "failed"):  # fmt: skip
             m.requests.labels(name, "", outcome)
         for t in self.tiers:
             m.requests.labels(name, t.name, "failed")

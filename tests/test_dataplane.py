@@ -1906,12 +1906,15 @@ def test_a_model_being_loaded_says_so_and_a_failed_load_does_not(config, monkeyp
     # builds (review 159): innfer_model_loading tells a load in progress from a failed one.
     from server.model_runtime import ModelRuntime
 
-    seen = []
+    seen, waiting = [], []
     warm_up = ModelRuntime.warm_up
 
     def watched(self, *args, **kwargs):
         get = self.metrics.registry.get_sample_value
         seen.append(get("innfer_model_loading", {"model": self.name}))
+        # the models waiting for their turn read loading too: not ready and not loading,
+        # b paged "a load failed" while a's engines built (review 165)
+        waiting.append(get("innfer_model_loading", {"model": "b"}))
         return warm_up(self, *args, **kwargs)
 
     monkeypatch.setattr(ModelRuntime, "warm_up", watched)
@@ -1933,3 +1936,4 @@ def test_a_model_being_loaded_says_so_and_a_failed_load_does_not(config, monkeyp
 
     assert _run(body()) == [0.0, 0.0, None]  # after: none running (a's failed), no stray series
     assert seen == [1.0, 1.0]  # a and b, while each loaded
+    assert waiting[0] == 1.0  # b, while a loaded at start-up

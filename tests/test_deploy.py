@@ -659,7 +659,9 @@ def test_grafana_dashboard_queries_real_metrics(server_metrics):
     } <= used
     quantiles = {float(q) for q in re.findall(r"histogram_quantile\(([\d.]+)", " ".join(exprs))}
     assert quantiles == {0.5, 0.95, 0.99}
-    assert any("by (tier)" in e and 'outcome="served"' in e for e in exprs), "tier mix"
+    # per model: with $model=All, by (tier) added different models' w100 together (review 165)
+    assert any("by (model, tier)" in e and 'outcome="served"' in e for e in exprs), "tier mix"
+    assert not any(re.search(r"by \(tier\)", e) for e in exprs), "a tier series across models"
 
 
 # --- images ----------------------------------------------------------------------------------

@@ -437,6 +437,10 @@ def test_a_scheduling_decision_that_raises_strands_no_request(tmp_path):
 
     async def body():
         async with _running(served, metrics) as rt:
+            # its series exists at 0 from load: a first increment is lost to rate() and
+            # InnferRequestsFailing missed it (review 165)
+            failed = {"model": "m", "tier": "", "outcome": "failed"}
+            assert metrics.registry.get_sample_value("innfer_requests_total", failed) == 0.0
             (lane,) = rt.lanes.values()
             lane.next = _failing_once(lane.next, "policy bug")
             with pytest.raises(RuntimeError, match="policy bug"):
