@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -93,7 +94,11 @@ LIST_TIMEOUT_S = 5.0
 # tokenizer.json whose normalizer expands text held the loop 5.5 s for 12 bytes, every
 # health probe waiting behind it (review 156). ~0.05 ms is usual for a sentence; a busy
 # host's scheduling can stall one now and then, so it takes one past the long bound, or
-# SLOW_TOKENIZE_TIMES past the short one.
+# SLOW_TOKENIZE_TIMES of the last TOKENIZE_WINDOW (model_runtime) past the short one. The
+# short one is counted beyond the GIL's switch interval: the tokenizers library releases
+# the GIL while it encodes, and the time includes getting it back from a busy thread (an
+# engine's, another encoding) - 5.6 ms median where 0.3 ms was the encoding, so ordinary
+# load moved every text to the threads, short ones queued behind long ones (review 166).
 TOKENIZE_INLINE_MAX_S = 0.005
 TOKENIZE_INLINE_LONG_S = 0.05
 SLOW_TOKENIZE_TIMES = 3
@@ -115,6 +120,27 @@ class Phase(Enum):
 # its successor once the request was handed over (``_successor``) - whose statistics count a
 # failure (review helper-140: a reload's successor's failures went to the retired runtime).
 SERVED_BY: contextvars.ContextVar = contextvars.ContextVar("innfer_served_by")
+
+
+def judge_inline_encoding(m: ModelRuntime, took: float, chars: int) -> None:
+    """Count an inline encoding of ``chars`` characters that took ``took`` s on the event
+    loop; past the rule (``TOKENIZE_INLINE_LONG_S`` once, or ``SLOW_TOKENIZE_TIMES`` of the
+    model's last encodings past ``TOKENIZE_INLINE_MAX_S`` beyond the GIL's switch
+    interval), the model's texts go to the tokenizer threads from now on, said once.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from collections import deque
+        >>> m = SimpleNamespace(name="m", slow_tokenizer=False, slow_tokenizes=deque(maxlen=8))
+        >>> judge_inline_encoding(m, 0.0003, 40); m.slow_tokenizer
+        False
+    """
+    m.slow_tokenizes.append(took > TOKENIZE_INLINE_MAX_S + sys.getswitchinterval())
+    if took > TOKENIZE_INLINE_LONG_S or sum(m.slow_tokenizes) >= SLOW_TOKENIZE_TIMES:
+        m.slow_tokenizer = True
+        log.warning("model %s: its tokenizer took %.0f ms for %d characters on the event "
+                    "loop; its texts are tokenized on the tokenizer threads from now on "
+                    "(check tokenizer.json's normalizer)", m.name, took * 1e3, chars)  # fmt: skip
 
 
 class DataPlane:
@@ -1422,14 +1448,7 @@ class DataPlane:
         if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS and not m.slow_tokenizer:
             t0 = time.perf_counter()
             encoded = tokenizer.encode_rows(texts)
-            if (took := time.perf_counter() - t0) > TOKENIZE_INLINE_MAX_S:
-                m.slow_tokenizes += 1
-            if took > TOKENIZE_INLINE_LONG_S or m.slow_tokenizes >= SLOW_TOKENIZE_TIMES:
-                m.slow_tokenizer = True
-                log.warning("model %s: its tokenizer took %.0f ms for %d characters on the "
-                            "event loop; its texts are tokenized on the tokenizer threads from "
-                            "now on (check tokenizer.json's normalizer)", m.name, took * 1e3,
-                            sum(len(t) for t in texts))  # fmt: skip
+            judge_inline_encoding(m, time.perf_counter() - t0, sum(len(t) for t in texts))
             return encoded
         loop = asyncio.get_running_loop()
         done = loop.create_future()

@@ -143,13 +143,15 @@ class Metrics:
         )  # fmt: skip
         self.request_tokens = Histogram(
             "innfer_request_tokens", "Sequence length (tokens) of each request to a model with "
-            "a sequence axis, admitted or refused: what its scheduler lane is chosen by.",
+            "a sequence axis, admitted or refused by its scheduler: what its lane is chosen by "
+            "(texts refused before they were tokenized have no length and are not in it).",
             ["model"], buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.lane_requests = Counter(
             "innfer_lane_requests_total", "Requests to a model with a sequence axis, by the "
-            "lane (profiled sequence length) each was planned in, admitted or refused; each "
-            "lane's series exists from load, at 0.",
+            "lane (profiled sequence length) each was planned in, admitted or refused by its "
+            "scheduler (not texts refused before they were tokenized); each lane's series "
+            "exists from load, at 0.",
             ["model", "lane"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(

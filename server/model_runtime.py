@@ -36,6 +36,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -95,6 +96,8 @@ INLINE_BACKENDS = ("onnxruntime", "fake")
 # fast client's next request is sometimes there before the loop gets back to waiting (a
 # quarter of them, MLP over loopback gRPC); at saturation almost none.
 INLINE_WINDOW = 8
+# Inline tokenizer encodings the slow-tokenizer rule looks back over (server.dataplane).
+TOKENIZE_WINDOW = 32
 INLINE_MIN_ALONE = 4
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
 log = logging.getLogger("innfer.model")
@@ -534,7 +537,10 @@ class ModelRuntime:
         self.retired_stuck: Callable[[], int] = lambda: 0
         # Its tokenizer was slow on the loop: every text goes to the threads (DataPlane).
         self.slow_tokenizer = False
-        self.slow_tokenizes = 0  # inline encodings past TOKENIZE_INLINE_MAX_S
+        # of its last TOKENIZE_WINDOW inline encodings, which were slow (server.dataplane's
+        # judge_inline_encoding): a window, not a count for the runtime's life, so a few
+        # stalls hours apart do not add up (review 166)
+        self.slow_tokenizes: deque[bool] = deque(maxlen=TOKENIZE_WINDOW)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

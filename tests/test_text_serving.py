@@ -890,3 +890,65 @@ def test_a_tiers_latency_gauges_and_engine_speed_follow_the_lane_its_traffic_run
     )
     assert learned > 3.0
     assert gauge == pytest.approx(learned, rel=1e-3) and speed == pytest.approx(learned, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("took_ms", "flagged"),
+    [
+        # getting the GIL back from a busy thread: 5.6 ms median where the encoding took
+        # 0.3 - ordinary load moved every text to the threads for good (review 166)
+        ([7.0] * 10, False),
+        ([20.0] * 2 + [0.3] * 32 + [20.0] * 2, False),  # stalls far apart do not add up
+        ([20.0, 0.3, 20.0, 0.3, 20.0], True),  # three of the last 32: a slow tokenizer
+        ([60.0], True),  # once past the long bound
+    ],
+)
+def test_the_slow_tokenizer_rule_looks_past_gil_waits_and_back_a_window(
+    monkeypatch, took_ms, flagged
+):
+    import collections
+    import types
+
+    import server.dataplane as dataplane
+    from server.dataplane import DataPlane
+    from server.model_runtime import TOKENIZE_WINDOW
+
+    ticks = iter(t for ms in took_ms for t in (0.0, ms / 1e3))
+    monkeypatch.setattr(dataplane.time, "perf_counter", lambda: next(ticks))
+    tokenizer = types.SimpleNamespace(encode_rows=lambda texts: texts)
+    m = types.SimpleNamespace(
+        name="embed", slow_tokenizer=False, served=types.SimpleNamespace(tokenizer=tokenizer),
+        slow_tokenizes=collections.deque(maxlen=TOKENIZE_WINDOW),
+    )  # fmt: skip
+    plane = DataPlane.__new__(DataPlane)  # the inline path reads only the model
+
+    async def main():
+        for _ in took_ms:
+            assert not m.slow_tokenizer  # each of these ran inline
+            await plane._tokenize(m, ["a short sentence"])
+
+    asyncio.run(main())
+    assert m.slow_tokenizer is flagged
+
+
+def test_a_panic_in_the_tokenizer_is_a_tokenizer_error(repo):
+    """The tokenizers library's Rust panics arrive as pyo3's PanicException, a
+    BaseException: on a tokenizer thread it ended the thread, and the request waited for an
+    answer that never came (review 166)."""
+    from runtime.repository.tokenizer import TokenizerError
+
+    class PanicException(BaseException):  # as pyo3 defines it
+        pass
+
+    tok = TextTokenizer(repo[1] / "tokenizer.json", MAX_LENGTH)
+
+    class Panicking:
+        def __getattr__(self, name):
+            return getattr(tok._tok, name)
+
+        def encode_batch(self, texts):
+            raise PanicException("index out of bounds")
+
+    tok._tok = Panicking()
+    with pytest.raises(TokenizerError, match=r"tokenizer failed on these texts .*out of bounds"):
+        tok.encode_rows(["a sentence"])

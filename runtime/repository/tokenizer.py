@@ -117,7 +117,16 @@ class TextTokenizer:
         the server's ``truncated_rows``, or an error with ``truncate=false``)."""
         if not texts:
             raise TokenizerError("no texts to tokenize")
-        encodings = self._tok.encode_batch(list(texts))
+        try:
+            encodings = self._tok.encode_batch(list(texts))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a panic in the library's Rust code arrives as
+            # pyo3's PanicException, a BaseException: on a tokenizer thread it ended the
+            # thread and left the request unanswered (review 166)
+            raise TokenizerError(
+                f"the tokenizer failed on these texts ({type(exc).__name__}: {exc})"
+            ) from None
         longest = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(texts), longest), np.int64)
         mask = np.zeros((len(texts), longest), np.int64)
