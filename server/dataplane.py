@@ -95,10 +95,11 @@ LIST_TIMEOUT_S = 5.0
 # health probe waiting behind it (review 156). ~0.05 ms is usual for a sentence; a busy
 # host's scheduling can stall one now and then, so it takes one past the long bound, or
 # SLOW_TOKENIZE_TIMES of the last TOKENIZE_WINDOW (model_runtime) past the short one. The
-# short one is counted beyond the GIL's switch interval: the tokenizers library releases
-# the GIL while it encodes, and the time includes getting it back from a busy thread (an
-# engine's, another encoding) - 5.6 ms median where 0.3 ms was the encoding, so ordinary
-# load moved every text to the threads, short ones queued behind long ones (review 166).
+# short one is counted beyond two of the GIL's switch intervals: the tokenizers library
+# releases the GIL while it encodes, and the time includes getting it back from a busy
+# thread - beside one busy Python thread 5.8 ms median, 8.2 p99, 13.2 max where 0.4 ms was
+# the encoding, so ordinary load moved every text to the threads, short ones queued behind
+# long ones (review 166).
 TOKENIZE_INLINE_MAX_S = 0.005
 TOKENIZE_INLINE_LONG_S = 0.05
 SLOW_TOKENIZE_TIMES = 3
@@ -125,8 +126,8 @@ SERVED_BY: contextvars.ContextVar = contextvars.ContextVar("innfer_served_by")
 def judge_inline_encoding(m: ModelRuntime, took: float, chars: int) -> None:
     """Count an inline encoding of ``chars`` characters that took ``took`` s on the event
     loop; past the rule (``TOKENIZE_INLINE_LONG_S`` once, or ``SLOW_TOKENIZE_TIMES`` of the
-    model's last encodings past ``TOKENIZE_INLINE_MAX_S`` beyond the GIL's switch
-    interval), the model's texts go to the tokenizer threads from now on, said once.
+    model's last encodings past ``TOKENIZE_INLINE_MAX_S`` beyond two of the GIL's switch
+    intervals), the model's texts go to the tokenizer threads from now on, said once.
 
     Example:
         >>> from types import SimpleNamespace
@@ -135,7 +136,7 @@ def judge_inline_encoding(m: ModelRuntime, took: float, chars: int) -> None:
         >>> judge_inline_encoding(m, 0.0003, 40); m.slow_tokenizer
         False
     """
-    m.slow_tokenizes.append(took > TOKENIZE_INLINE_MAX_S + sys.getswitchinterval())
+    m.slow_tokenizes.append(took > TOKENIZE_INLINE_MAX_S + 2 * sys.getswitchinterval())
     if took > TOKENIZE_INLINE_LONG_S or sum(m.slow_tokenizes) >= SLOW_TOKENIZE_TIMES:
         m.slow_tokenizer = True
         log.warning("model %s: its tokenizer took %.0f ms for %d characters on the event "
