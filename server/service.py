@@ -291,14 +291,22 @@ CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc
 def _heard(code: grpc.StatusCode, context) -> grpc.StatusCode:
     """The code a call's client heard, for the grpc_server_handled metric: a call that ended
     OK or cancelled after its deadline passed is DEADLINE_EXCEEDED (gRPC cancels the handler
-    at the deadline, and a stream whose reading ended there returned OK)."""
+    at the deadline, and a stream whose reading ended there returned OK); one that ended OK
+    on a call its client had cancelled is CANCELLED (gRPC ends the request stream of a
+    cancelled call as a half-close would: a stream cancelled before its first message was
+    read returned OK - review 167)."""
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
         return code
     try:
         left = context.time_remaining()
     except Exception:  # no deadline to read
-        return code
-    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else code
+        left = None
+    if left is not None and left <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    with contextlib.suppress(Exception):  # (a context that cannot tell)
+        if code is grpc.StatusCode.OK and context.cancelled():
+            return grpc.StatusCode.CANCELLED
+    return code
 
 
 def _aborted_code(context) -> grpc.StatusCode:

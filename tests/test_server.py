@@ -428,3 +428,39 @@ def test_tensors_at_any_offset_give_the_engines_answer(model_repository, server,
     engine = Repository(model_repository).load("tiny").engines["w050"]
     np.testing.assert_allclose(got, engine.run({"input": x})["logits"], rtol=1e-5, atol=1e-6)
     assert resp.id == "x" * pad
+
+
+def test_an_ordered_stream_to_a_slow_reader_holds_only_the_answers_in_flight():
+    """In order, an answer written behind the one before it stayed queued among the
+    completions until the loop came back for it - never, while a slow reader kept the next
+    answer ready at each write: the server grew ~0.5 MiB per 256 KiB answer, outside every
+    cap (review 167)."""
+    import weakref
+
+    from server.stream import serve_stream
+
+    class Answer:  # stands for a response message
+        pass
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    peak = []
+
+    async def requests():
+        for i in range(300):
+            yield i
+
+    async def answer(i):
+        a = Answer()
+        alive.add(a)
+        return a
+
+    async def write(a):
+        await asyncio.sleep(0.0005)  # a client reading slower than the answers come
+        peak.append(len(alive))
+
+    async def main():
+        await serve_stream(requests(), answer, write, limit=16)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(peak) == 300
+    assert max(peak) <= 16 + 2, max(peak)  # the slots' answers, not every one written

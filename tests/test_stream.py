@@ -477,3 +477,26 @@ def test_an_answer_held_behind_slower_ones_past_its_budget_is_counted_late(serve
     met = count("innfer_deadline_met_total") - before[0]
     late = count("innfer_deadline_missed_total", reason="late") - before[1]
     assert (met, late) == (0, len(tiny)), (met, late, len(tiny))
+
+
+@pytest.mark.parametrize(
+    ("code", "left", "cancelled", "heard"),
+    [
+        ("OK", None, False, "OK"),
+        # gRPC ends a cancelled call's request stream as a half-close would: a stream
+        # cancelled before its first message was read returned OK (review 167)
+        ("OK", None, True, "CANCELLED"),
+        ("OK", 0.0, True, "DEADLINE_EXCEEDED"),
+        ("CANCELLED", 5.0, True, "CANCELLED"),
+        ("UNKNOWN", None, True, "UNKNOWN"),
+    ],
+)
+def test_the_code_a_stream_is_counted_with_is_the_one_its_client_heard(
+    code, left, cancelled, heard
+):
+    from types import SimpleNamespace
+
+    from server.service import _heard
+
+    context = SimpleNamespace(time_remaining=lambda: left, cancelled=lambda: cancelled)
+    assert _heard(grpc.StatusCode[code], context) is grpc.StatusCode[heard]
