@@ -96,10 +96,10 @@ INLINE_BACKENDS = ("onnxruntime", "fake")
 # fast client's next request is sometimes there before the loop gets back to waiting (a
 # quarter of them, MLP over loopback gRPC); at saturation almost none.
 INLINE_WINDOW = 8
-# Inline tokenizer encodings the slow-tokenizer rule looks back over (server.dataplane).
-TOKENIZE_WINDOW = 32
 INLINE_MIN_ALONE = 4
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
+# Inline tokenizer encodings the slow-tokenizer rule looks back over (server.dataplane).
+TOKENIZE_WINDOW = 32
 log = logging.getLogger("innfer.model")
 # A batch running this many times its planned latency, and at least this long, is taken for
 # a hung engine (ModelRuntime.stuck): far beyond any slowdown the online correction follows.
@@ -537,9 +537,9 @@ class ModelRuntime:
         self.retired_stuck: Callable[[], int] = lambda: 0
         # Its tokenizer was slow on the loop: every text goes to the threads (DataPlane).
         self.slow_tokenizer = False
-        # of its last TOKENIZE_WINDOW inline encodings, which were slow (server.dataplane's
-        # judge_inline_encoding): a window, not a count for the runtime's life, so a few
-        # stalls hours apart do not add up (review 166)
+        # Which of its last TOKENIZE_WINDOW inline encodings were slow (server.dataplane's
+        # judge_inline_encoding): a window, not a count for the runtime's life, so that a
+        # few stalls hours apart do not add up (review 166).
         self.slow_tokenizes: deque[bool] = deque(maxlen=TOKENIZE_WINDOW)
 
     # -- lifecycle -------------------------------------------------------------------------
