@@ -443,7 +443,13 @@ class AutoTierer:
             log.exception("model %s: could not tell what the reload serves", self.name)
             served = "?"
         chosen = choice["best"]["tiers"] if choice is not None else None
-        ours = chosen is not None and set(served.partition(":")[2].split(",")) == set(chosen)
+        # the frontier's tiers, by name: model.yaml's may be named like the candidates
+        # (w100, w050) and a fallback to them was counted applied (review 168)
+        ours = (
+            chosen is not None
+            and served.startswith("frontier:")
+            and set(served.partition(":")[2].split(",")) == set(chosen)
+        )
         refused = chosen is not None and not ours and written is not None
         if refused and served.startswith("model.yaml:"):
             # The load refused this choice and fell back to model.yaml's tiers: the frontier
@@ -495,10 +501,17 @@ class AutoTierer:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), APPLY_TIMEOUT_S)
-        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError) as exc:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+            if not isinstance(exc, asyncio.CancelledError):  # (a bare TimeoutError before)
+                log.error(
+                    "model %s: tiers apply ran past %g s and was killed; the live tiers "
+                    "stay, and a later check tries again (a "
+                    "saturated host starves it: it runs at idle priority)",
+                    self.name, APPLY_TIMEOUT_S,
+                )  # fmt: skip
             raise
         lines = out.decode(errors="replace").splitlines()[-20:]
         for line in lines:
@@ -545,6 +558,18 @@ def _write_inputs(
         write_json(host_path, host)
 
 
+def _open_for_lock(path: Path) -> int:
+    """A descriptor of ``path`` to lock: for writing where allowed, else read-only."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except PermissionError:  # (EACCES; EROFS is an OSError of its own)
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        return os.open(path, os.O_RDONLY)
+
+
 def prune_work(own: Path, now: float, stale_s: float = STALE_WORK_S) -> list[str]:
     """Remove the work directories beside ``own`` that no live loop holds and return their
     names: those untouched for ``stale_s`` (their ``ALIVE_FILE``, else the directory)
@@ -566,9 +591,13 @@ def prune_work(own: Path, now: float, stale_s: float = STALE_WORK_S) -> list[str
             has_alive = alive.exists()
             if now - (alive if has_alive else d).stat().st_mtime < stale_s:
                 continue
-            # Read-only, never created: a directory removed meanwhile (its loop stopped) or
-            # a lock file we may not write is skipped, not an error that fails the check.
-            fd = os.open(alive, os.O_RDONLY) if has_alive else None
+            # Never created: a directory removed meanwhile (its loop stopped) is skipped,
+            # not an error that fails the check. For writing where allowed: an NFS client
+            # emulates flock with fcntl locks, and an exclusive one needs a file open for
+            # writing (flock(2)) - read-only, no dead replica's folder was ever pruned on
+            # the volume the README names (review 168); a lock file we may not write is
+            # tried read-only (a local volume locks it so).
+            fd = _open_for_lock(alive) if has_alive else None
         except OSError:
             continue
         try:

@@ -163,7 +163,7 @@ def test_frontier_settings_that_are_no_object_are_corruption(tmp_path, settings)
         Frontier.read(tmp_path / "frontier.json")
 
 
-def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path):
+def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path, caplog):
     d = _auto_model(tmp_path)
     repo = Repository(tmp_path)
     assert sorted(repo.load("tiny").engines) == ["w050", "w100"]  # nothing chosen yet
@@ -179,9 +179,22 @@ def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path):
     # A choice made on an older frontier (the model was rebuilt since) is not served.
     ActiveTiers(("w075",), "older-frontier", "now", {}).write(d / ACTIVE_FILE)
     assert sorted(repo.load("tiny").engines) == ["w050", "w100"]
+    # A choice naming a candidate the frontier lacks, or whose ONNX is damaged: model.yaml's
+    # tiers are intact and served - the model failed whole, on every replica sharing the
+    # volume (review 168).
     ActiveTiers(("w090",), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
-    with pytest.raises(RepositoryError, match="no candidate 'w090'"):
-        repo.load("tiny")
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        served = repo.load("tiny")
+    assert sorted(served.engines) == ["w050", "w100"] and served.tier_source == "model.yaml"
+    assert "no candidate 'w090'" in caplog.text and "serving the tiers of model.yaml" in caplog.text
+    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    with open(d / "frontier" / "w075" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="innfer.repository"):
+        served = repo.load("tiny")
+    assert sorted(served.engines) == ["w050", "w100"] and served.tier_source == "model.yaml"
+    assert "the tiers auto-tiering chose cannot be loaded" in caplog.text
 
 
 def test_a_frontier_built_for_other_candidate_settings_is_neither_chosen_from_nor_served(
@@ -1124,6 +1137,18 @@ def test_the_swap_log_says_what_is_served(tmp_path, caplog):
     with caplog.at_level("INFO", logger="innfer.autotier"):
         assert asyncio.run(tierer.check()) == "applied"
     assert "now serving frontier:c,d, not this replica's choice ['a']" in caplog.text
+    # The load fell back to model.yaml's tiers, named like the choice: not this replica's
+    # choice applied - counted so, later checks said "unchanged" (review 168).
+    served.append("model.yaml:a")
+    tierer.chosen_for = None
+
+    def writes(repo, name, traffic, result, live):  # as `tiers apply` does
+        ActiveTiers(("a",), "f", "now", {}).write(tmp_path / "m" / ACTIVE_FILE)
+        return command(repo, name, traffic, result, live)
+
+    tierer.command = writes
+    assert asyncio.run(tierer.check()) == "failed"
+    assert tierer.chosen_for is None
 
 
 def test_min_interval_counts_from_the_last_choice_on_disk(tmp_path):
@@ -1456,3 +1481,35 @@ def test_goals_the_frontier_cannot_meet_are_said_at_load_and_no_check_runs(tmp_p
         assert "tiny" in server.server.plane.tierers
     finally:
         server.stop()
+
+
+def test_an_apply_past_its_time_is_killed_and_said(tmp_path, caplog, monkeypatch):
+    # It was logged as "auto-tiering check failed" and a bare TimeoutError (review 168).
+    import server.autotier as autotier
+
+    monkeypatch.setattr(autotier, "APPLY_TIMEOUT_S", 0.2)
+    (tmp_path / "m").mkdir()
+    tierer = _tierer(tmp_path, None, lambda *args: ["sleep", "30"])
+    t0 = time.monotonic()
+    with caplog.at_level("ERROR", logger="innfer.autotier"), pytest.raises(TimeoutError):
+        asyncio.run(tierer.check())
+    assert time.monotonic() - t0 < 10  # killed, not waited for
+    assert "tiers apply ran past 0.2 s and was killed; the live tiers stay" in caplog.text
+
+
+def test_a_dead_replicas_lock_is_opened_for_writing_as_nfs_locks_need(tmp_path):
+    # An NFS client emulates flock with fcntl locks, and an exclusive one needs a file open
+    # for writing: opened read-only, no dead replica's folder was ever pruned on the volume
+    # the README names (review 168).
+    import fcntl
+
+    from server.autotier import _open_for_lock
+
+    lock = tmp_path / "alive.lock"
+    lock.write_text("")
+    fd = _open_for_lock(lock)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)

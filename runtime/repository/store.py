@@ -457,13 +457,34 @@ class Repository:
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
         records = None  # the frontier's, for a chosen set; else each tier's tier.json
+        hand = config  # model.yaml's tiers
         if auto is not None:
             config, records, profile = auto
         tiers, engines = {}, {}
         try:
-            self._load_tiers(
-                name, config, records, chosen, options, cache, on_build, tiers, engines
-            )
+            try:
+                self._load_tiers(
+                    name, config, records, chosen, options, cache, on_build, tiers, engines
+                )
+            except RepositoryError as exc:
+                if auto is None:
+                    raise
+                # The chosen set's files: a build replaced frontier/ while they were read,
+                # or a candidate's ONNX is damaged. model.yaml's tiers are intact: served,
+                # where the model failed whole - at a start, until someone reloaded it
+                # (review 168).
+                log.warning(
+                    "%s: the tiers auto-tiering chose cannot be loaded (%s); serving the "
+                    "tiers of model.yaml until it chooses again", name, exc,
+                )  # fmt: skip
+                for engine in engines.values():
+                    engine.close()
+                tiers.clear()
+                engines.clear()
+                auto, config, records, profile = None, hand, None, self.read_profile(name)
+                self._load_tiers(
+                    name, config, records, chosen, options, cache, on_build, tiers, engines
+                )
             onnx = {t: r.onnx_sha256 for t, r in tiers.items()}
             profile = self._profile_here(name, config, chosen, engines, profile, onnx, check_timing)
             tokenizer = self.load_tokenizer(name, config)
@@ -571,10 +592,11 @@ class Repository:
         for tier in active.tiers:
             try:
                 c = frontier.candidate(tier)
-            except KeyError as exc:
-                raise RepositoryError(
-                    f"{name}/{ACTIVE_FILE}: {exc.args[0]}; delete it to serve model.yaml's tiers"
-                ) from None
+            except KeyError as exc:  # model.yaml's tiers are intact: served, not the model
+                # failed whole on every replica sharing the volume (review 168)
+                log.warning("%s/%s: %s; serving the tiers of model.yaml until auto-tiering "
+                            "chooses again", name, ACTIVE_FILE, exc.args[0])  # fmt: skip
+                return None
             records[tier] = TierRecord(
                 name=c.name, width=c.width, sizes=c.sizes,
                 onnx_sha256=c.onnx_sha256, source_sha256=frontier.source_sha256,
