@@ -49,6 +49,7 @@ from bench.live_scheduler import (
     pin_client,
     select,
 )
+from bench.order import rotated
 from bench.publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +89,7 @@ def order(every: list, r: int) -> list:
     """The arms in repeat ``r``'s order: each rotation, then each reversed, so that over
     2 x len(every) repeats every arm runs in every position and after every other arm
     equally often."""
-    k = r % len(every)
-    seq = every[k:] + every[:k]
+    seq = rotated(every, r)
     return seq[::-1] if (r // len(every)) % 2 else seq
 
 

@@ -562,10 +562,8 @@ def _open_for_lock(path: Path) -> int:
     """A descriptor of ``path`` to lock: for writing where allowed, else read-only."""
     try:
         return os.open(path, os.O_RDWR)
-    except PermissionError:  # (EACCES; EROFS is an OSError of its own)
-        return os.open(path, os.O_RDONLY)
     except OSError as exc:
-        if exc.errno != errno.EROFS:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         return os.open(path, os.O_RDONLY)
 
