@@ -803,11 +803,16 @@ class HealthService(health_pb2_grpc.HealthServicer):
         await _health_decoded(request, context)
         closing, last = self.plane.closing, None
         while True:
+            # Whether draining has begun is read before the status: the drain sets the
+            # phase before ``closing``, so a status read after sees it. Read after the
+            # yield (which waits for the write), a drain that began during the write ended
+            # the stream with SERVING the last thing sent.
+            draining = closing.is_set()
             status = self.status(request.service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if closing.is_set():
+            if draining:
                 return
             # (asyncio's TimeoutError is the builtin only from Python 3.11)
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):

@@ -1529,6 +1529,32 @@ def test_a_stuck_engine_makes_the_server_not_ready(config, monkeypatch):
     assert why == "model b: stuck"
 
 
+def test_a_watch_suspended_in_a_write_at_the_drain_still_sends_not_serving(config):
+    # The handler sits in its yield while gRPC writes SERVING (the generator is suspended
+    # until the next message is asked for); the drain begins meanwhile. It must send
+    # NOT_SERVING before ending: it ended with SERVING the last thing sent, about 1 stop in
+    # 25 under CPU contention (the fresh-clone CI's test_a_health_watch_ends_at_the_drain).
+    from server.proto_gen import health_pb2
+    from server.service import HealthService
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            watch = HealthService(plane).Watch(
+                health_pb2.HealthCheckRequest(service="readiness"), context=None
+            )
+            sent = [(await anext(watch)).status]  # suspended in the yield of SERVING
+            plane.drain()
+            sent += [m.status async for m in watch]
+            return sent
+        finally:
+            await plane.stop_models()
+
+    S = health_pb2.HealthCheckResponse
+    assert _run(body()) == [S.SERVING, S.NOT_SERVING]
+
+
 def test_an_engine_slow_on_new_shapes_runs_every_batch_size_before_it_is_timed(config):
     # A torch CUDA engine captures a graph the first time it sees a batch size (tens of ms,
     # every other CUDA run held off): live on an H200, captures of batch sizes 2..8 under
