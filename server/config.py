@@ -6,6 +6,7 @@
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
     max_message_bytes: null      # null: 2x the largest valid request (>= 4 MiB)
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
+    stuck_restart_s: 300          # liveness fails once an engine is stuck this long (null: never)
     max_concurrent_streams: 1024  # calls open at once per client connection (null: no bound)
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
                                   # and reach replicas added since (null: never)
@@ -283,6 +284,14 @@ class ServerConfig:
     grace_period_s: float = spec(
         20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"
     )
+    stuck_restart_s: float | None = spec(
+        300.0, lo=0, hi=86400, unit="seconds",
+        doc="liveness (the health service's \"\" and \"liveness\", ServerLive) fails once an "
+        "engine has been stuck in a batch this long after readiness failed for it (a batch "
+        "running 100x its plan and at least 30 s): a hung engine call cannot be interrupted, "
+        "its slot is lost until the process exits, and the pod, out of its Service, serves "
+        "nothing - the kubelet's restart is the cure. null: never (readiness only)",
+    )  # fmt: skip
     max_concurrent_streams: int | None = spec(
         1024, lo=1, hi=2**31 - 1,
         doc="calls open at once on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_"

@@ -200,6 +200,7 @@ class DataPlane:
         # Runtimes retired with an engine call that never returned, until it does (the task
         # that waits for it): their device slot is held, and readiness says so.
         self._hung: dict[ModelRuntime, asyncio.Future] = {}
+        self._said_not_live = False  # liveness's failure logged (not_live_reason)
         # Long texts are tokenized here (``_tokenize``); shut down with the models.
         self.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
         # RepositoryIndex's folder listing (``repository_names``): one thread, one listing
@@ -937,7 +938,30 @@ class DataPlane:
 
     # -- health and metadata ---------------------------------------------------------------
     def live(self) -> bool:
-        return True
+        """Live unless an engine has been stuck in a batch for ``stuck_restart_s``
+        (``not_live_reason``): the process is then restarted by whatever probes it."""
+        return self.not_live_reason() is None
+
+    def not_live_reason(self) -> str | None:
+        """Why the process should be restarted, or None. A hung engine call cannot be
+        interrupted: its thread and the slot it holds are lost until the process ends, and
+        readiness keeps the pod out of its Service meanwhile - serving nothing, restarted by
+        nothing. After ``stuck_restart_s`` more, liveness fails so the kubelet restarts it.
+        Logged once per stuck spell, at ERROR."""
+        limit = self.config.stuck_restart_s
+        runtimes = (*self.models.values(), *self._retiring, *self._hung)
+        worst = max((m.stuck_for() for m in runtimes), default=0.0)
+        if limit is None or worst <= 0.0 or worst < limit:  # (0: at once, if one is stuck)
+            self._said_not_live = False
+            return None
+        why = (
+            f"{self._stuck_reason()}; stuck {worst:.0f} s past readiness's rule, beyond "
+            f"stuck_restart_s ({limit:g} s): restart the process to free the engine"
+        )
+        if not self._said_not_live:
+            self._said_not_live = True
+            log.error("liveness fails: %s", why)
+        return why
 
     def ready(self) -> bool:
         """Ready when started, not draining, every expected model is loaded and none has an

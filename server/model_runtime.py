@@ -840,6 +840,15 @@ class ModelRuntime:
         stuck = self._stuck_batches()
         return stuck[0] if stuck else None
 
+    def stuck_for(self) -> float:
+        """Seconds since this runtime's longest-stuck batch became stuck (``stuck``'s rule:
+        ``STUCK_FACTOR`` times its plan and at least ``STUCK_MIN_S``), 0.0 if none is.
+        Liveness reads it (``DataPlane.not_live_reason``)."""
+        now = self.clock()
+        over = [now - started - max(STUCK_MIN_S, STUCK_FACTOR * planned)
+                for started, planned, _ in list(self._batch_started.values())]  # fmt: skip
+        return max((s for s in over if s > 0), default=0.0)
+
     def stuck_count(self) -> int:
         """How many of this runtime's batches are stuck (``stuck``)."""
         return len(self._stuck_batches())
@@ -875,7 +884,8 @@ class ModelRuntime:
             if key not in self._said_stuck:
                 self._said_stuck.add(key)
                 log.error("%s; requests behind it wait and expire, and readiness fails until "
-                          "it returns (a hung driver or GPU: replace the pod)", why)  # fmt: skip
+                          "it returns (a hung driver or GPU: liveness fails after "
+                          "stuck_restart_s, to restart the process)", why)  # fmt: skip
         return found
 
     def serving(self) -> bool:

@@ -766,7 +766,8 @@ def _stream_order(metadata) -> bool:
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: "" and "liveness" are SERVING while the process runs; "readiness"
+    """grpc.health.v1: "" and "liveness" are SERVING while the process runs and no engine
+    has been stuck in a batch for ``stuck_restart_s`` (``DataPlane.live``); "readiness"
     (and the OIP service name) only when every configured model is loaded and warm, no
     engine is stuck in a batch and the server is not draining - what Kubernetes' gRPC
     readiness probe asks."""
@@ -781,7 +782,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         if service not in self.SERVICES:
             return S.SERVICE_UNKNOWN
         if service in ("", "liveness"):
-            return S.SERVING
+            return S.SERVING if self.plane.live() else S.NOT_SERVING
         return S.SERVING if self.plane.ready() else S.NOT_SERVING
 
     async def Check(self, request, context):

@@ -37,6 +37,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
+from server.proto_gen import health_pb2
 
 LATENCY = {"w100": {1: 2.0, 2: 2.0, 4: 2.0}, "w050": {1: 1.0, 2: 1.0, 4: 1.0}}
 
@@ -651,6 +652,78 @@ def test_a_runtime_a_reload_retired_with_its_engine_hung_stays_in_readiness(conf
     assert why is not None and "model a: a batch of tier" in why and "stuck" in why
     # not in what a shutdown waits for: it waited its whole grace for the hung call
     assert inflight == 0 and after == (None, 0)
+
+
+def test_an_engine_stuck_past_stuck_restart_s_fails_liveness_until_it_returns(
+    config, monkeypatch, caplog
+):
+    # A hung engine call cannot be interrupted: readiness took the pod out of its Service
+    # and liveness stayed SERVING, so nothing restarted it and it served nothing for ever.
+    import server.model_runtime as mr
+    from server.service import HealthService
+
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.2)
+    config = dataclasses.replace(config, stuck_restart_s=0.3)
+    S = health_pb2.HealthCheckResponse
+
+    async def body():
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
+        health = HealthService(plane)
+
+        def state():
+            return (plane.ready(), plane.live(), health.status("liveness"), health.status(""))
+
+        try:
+            seen = [state()]
+            await asyncio.sleep(0.3)  # stuck (readiness fails), not yet for stuck_restart_s
+            seen.append(state())
+            await asyncio.sleep(0.35)  # stuck 0.45 s: past stuck_restart_s
+            seen.append(state())
+            why = plane.not_live_reason()
+            gate.set()
+            await asyncio.wait_for(held, 5)
+            seen.append(state())
+            return seen, why
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    with caplog.at_level(logging.ERROR, "innfer.dataplane"):
+        seen, why = _run(body())
+    assert seen == [
+        (True, True, S.SERVING, S.SERVING),
+        (False, True, S.SERVING, S.SERVING),
+        (False, False, S.NOT_SERVING, S.NOT_SERVING),
+        (True, True, S.SERVING, S.SERVING),
+    ]
+    assert "model a: a batch of tier" in why and "stuck_restart_s (0.3 s)" in why
+    said = [r for r in caplog.records if r.getMessage().startswith("liveness fails")]
+    assert len(said) == 1  # once per spell, not per probe
+
+
+@pytest.mark.parametrize("limit", [None, 0.0])
+def test_stuck_restart_s_null_never_fails_liveness_and_zero_only_once_stuck(
+    config, monkeypatch, limit
+):
+    import server.model_runtime as mr
+
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.2)
+    config = dataclasses.replace(config, stuck_restart_s=limit)
+
+    async def body():
+        plane, _, gate, [held] = await _held(config, _request("a", _x(1, 1.0)))
+        try:
+            before = plane.live()  # on the engine, not stuck: live at 0 too
+            await asyncio.sleep(0.3)
+            stuck = plane.live()
+            gate.set()
+            await asyncio.wait_for(held, 5)
+            return before, stuck
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    assert _run(body()) == (True, limit is None)
 
 
 @pytest.mark.parametrize("fault", ["no engine thread", "run apart fails"])
@@ -1534,7 +1607,6 @@ def test_a_watch_suspended_in_a_write_at_the_drain_still_sends_not_serving(confi
     # until the next message is asked for); the drain begins meanwhile. It must send
     # NOT_SERVING before ending: it ended with SERVING the last thing sent, about 1 stop in
     # 25 under CPU contention (the fresh-clone CI's test_a_health_watch_ends_at_the_drain).
-    from server.proto_gen import health_pb2
     from server.service import HealthService
 
     async def body():
