@@ -27,6 +27,7 @@ from pathlib import Path
 
 from innfer.outputs import output_file
 from runtime.repository.frontier import APPLY_KEPT, weights_mb
+from runtime.utc import stamp
 
 # What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
 # it so in the frontier): every command that prints such an accuracy says so in these words.
@@ -197,7 +198,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         tiers=choice.best.tiers,
         frontier_sha256=frontier.source_sha256,
         onnx_sha256={t: frontier.candidate(t).onnx_sha256 for t in choice.best.tiers},
-        chosen_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        chosen_at=stamp(),
         reason={
             **choice.to_json(),
             "replaces": list(choice.current.tiers),

@@ -49,7 +49,6 @@ model.yaml asks for one and it is off); the log says what changed and why.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import concurrent.futures
 import contextlib
 import errno
@@ -69,6 +68,7 @@ from pathlib import Path
 from runtime.atomic import write_bytes, write_json
 from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_FILE
 from runtime.repository.config import AutoTiersConfig
+from runtime.utc import seconds
 from server.traffic import CAPACITY, TrafficLog, drifted, summarise_traffic, write_traffic
 
 log = logging.getLogger("innfer.autotier")
@@ -659,7 +659,7 @@ def _last_change(active: Path, clock: Callable[[], float]) -> float:
     ours); -inf where there is no such file or it says no time."""
     try:
         chosen_at = json.loads(active.read_text())["chosen_at"]
-        then = calendar.timegm(time.strptime(chosen_at, "%Y-%m-%dT%H:%M:%SZ"))
+        then = seconds(chosen_at)
     except (OSError, ValueError, KeyError, TypeError):
         return -float("inf")
     return clock() - max(0.0, time.time() - then)

@@ -115,6 +115,23 @@ def test_thin_keeps_the_most_accurate_of_each_latency_run():
     assert [c.name for c in thin(cs, 8, step=0.0)] == ["a", "b", "c", "e"]
 
 
+def test_frontier_measured_at_is_utc_on_a_machine_outside_it(monkeypatch):
+    # It was the local time with a "Z": 9 hours off in Tokyo, against every other stamp.
+    import time
+
+    from runtime.utc import seconds
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        before = time.time()
+        f = Frontier([_candidate("a", 0.9, 1.0)], "test", "sha1", "onnxruntime", "cpu", 1, 8)
+        assert before - 1 <= seconds(f.measured_at) <= time.time() + 1
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
     f = Frontier([_candidate("a", 0.9, 1.0)], "test", "sha1", "onnxruntime", "cpu", 1, 8)
     f.write(tmp_path / "frontier.json")

@@ -34,6 +34,7 @@ from typing import Any
 
 from runtime.engines import Backend, BuildOptions, Engine, EngineError
 from runtime.hashing import sha256_file
+from runtime.utc import stamp
 
 log = logging.getLogger("innfer.repository")
 
@@ -323,7 +324,7 @@ class EngineCache:
                 "fields": fields,
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "build_seconds": round(time.perf_counter() - t0, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created": stamp(),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         except BaseException:  # a failed (or interrupted) build leaves no directory behind

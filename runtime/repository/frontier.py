@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
 from runtime.repository.profile import profile_problem
 from runtime.repository.records import Rows, fields_problem, known_fields
+from runtime.utc import stamp
 
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
@@ -97,7 +97,7 @@ class Frontier:
     # ``inn_fingerprint`` of the INN the candidates were sampled from (None: a frontier from
     # before it was kept), checked at load like a tier's: a replaced INN is not served stale.
     inn_sha256: str | None = None
-    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    measured_at: str = field(default_factory=stamp)
     # ``candidate_settings`` of the model.yaml it was built for (None: a frontier from before
     # they were kept): compared, torch-free, by every choice and load.
     settings: dict[str, Any] | None = None

@@ -28,6 +28,7 @@ import numpy as np
 
 from runtime.engines import Backend, Engine
 from runtime.repository.config import ModelConfig, TensorConfig
+from runtime.utc import stamp
 
 
 def random_feeds(
@@ -112,7 +113,7 @@ def profile_document(
         "backend_version": backend.version(),
         "threads": threads,
         **({} if spin else {"spin": False}),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "measured_at": stamp(),
         "tiers": tiers,
         **({"lengths": {str(n): t for n, t in lengths.items()}} if lengths else {}),
         **({"onnx_sha256": dict(onnx)} if onnx else {}),
