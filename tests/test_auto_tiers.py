@@ -145,6 +145,19 @@ def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
         ActiveTiers.read(tmp_path / "a.json")
 
 
+@pytest.mark.parametrize("chosen_at", ["yesterday", "2026-12-05 10:00:00", 1733400000, None])
+def test_a_choice_whose_chosen_at_is_not_a_utc_time_is_corrupted(tmp_path, chosen_at):
+    # Auto-tiering's rebuild interval counts from it: an unreadable one let the next swap
+    # come at once, with nothing said.
+    good = ActiveTiers(("a",), "sha1", "2026-12-05T10:00:00Z", {})
+    good.write(tmp_path / "a.json")
+    assert ActiveTiers.read(tmp_path / "a.json") == good
+    data = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps({**data, "chosen_at": chosen_at}))
+    with pytest.raises(RepositoryError, match=r"corrupted \(chosen_at: got .* like '1970-"):
+        ActiveTiers.read(tmp_path / "a.json")
+
+
 @pytest.mark.parametrize(
     "edit, said",
     [

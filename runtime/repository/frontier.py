@@ -29,7 +29,7 @@ from runtime.repository.config import AutoTiersConfig, ModelConfig
 from runtime.repository.errors import RepositoryError
 from runtime.repository.profile import profile_problem
 from runtime.repository.records import Rows, fields_problem, known_fields
-from runtime.utc import stamp
+from runtime.utc import seconds, stamp
 
 FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
@@ -304,6 +304,14 @@ class ActiveTiers:
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
             ):
                 raise ValueError(f"onnx_sha256: got {hashes!r}, expected candidate: hash")
+            # Auto-tiering's rebuild interval counts from it: an unreadable one let the next
+            # swap come at once, with nothing said.
+            try:
+                seconds(data["chosen_at"])
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"chosen_at: got {data['chosen_at']!r}, expected a UTC time like {stamp(0)!r}"
+                ) from None
             return cls(**{**data, "tiers": tuple(tiers)})
         except FileNotFoundError:
             return None
