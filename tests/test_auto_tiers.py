@@ -197,7 +197,9 @@ def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path, caplog):
     d = _auto_model(tmp_path)
     repo = Repository(tmp_path)
     assert sorted(repo.load("tiny").engines) == ["w050", "w100"]  # nothing chosen yet
-    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
     served = repo.load("tiny")
     assert sorted(served.engines) == ["w025", "w075"]
     assert served.tiers["w075"].accuracy == 0.95 and served.tiers["w075"].sizes == {
@@ -207,17 +209,19 @@ def test_repository_serves_the_chosen_set_of_its_own_frontier(tmp_path, caplog):
     assert sorted(served.profile["tiers"]) == ["w025", "w075"]
     assert [t.name for t in served.config.tiers] == ["w075", "w025"]
     # A choice made on an older frontier (the model was rebuilt since) is not served.
-    ActiveTiers(("w075",), "older-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075",), "older-frontier", "2026-01-01T00:00:00Z", {}).write(d / ACTIVE_FILE)
     assert sorted(repo.load("tiny").engines) == ["w050", "w100"]
     # A choice naming a candidate the frontier lacks, or whose ONNX is damaged: model.yaml's
     # tiers are intact and served - the model failed whole, on every replica sharing the
     # volume (review 168).
-    ActiveTiers(("w090",), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w090",), "test-frontier", "2026-01-01T00:00:00Z", {}).write(d / ACTIVE_FILE)
     with caplog.at_level(logging.WARNING, logger="innfer.repository"):
         served = repo.load("tiny")
     assert sorted(served.engines) == ["w050", "w100"] and served.tier_source == "model.yaml"
     assert "no candidate 'w090'" in caplog.text and "serving the tiers of model.yaml" in caplog.text
-    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
     with open(d / "frontier" / "w075" / "model.onnx", "ab") as f:
         f.write(b"\0")
     caplog.clear()
@@ -240,7 +244,9 @@ def test_a_frontier_built_for_other_candidate_settings_is_neither_chosen_from_no
     built = Frontier.read(path)
     config = ModelConfig.load(d / "model.yaml")
     dataclasses.replace(built, settings=candidate_settings(config)).write(path)
-    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
     assert sorted(Repository(tmp_path).load("tiny").engines) == ["w025", "w075"]
     doc = yaml.safe_load((d / "model.yaml").read_text())
     doc["auto_tiers"]["widths"] = [1.0, 0.9]
@@ -878,7 +884,9 @@ def test_the_build_table_says_when_auto_tierings_choice_is_served_instead(tmp_pa
     report = BuildReport("tiny", "onnxruntime", [TierReport("w100", False, False, 0.0, None, 0)])
     _print_build(report, Repository(tmp_path))
     assert "served:" not in capsys.readouterr().out  # nothing chosen yet
-    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
     _print_build(report, Repository(tmp_path))
     out = capsys.readouterr().out
     assert "served: auto-tiering's choice in auto_tiers.json (w075, w025), not the tiers" in out
@@ -1173,7 +1181,7 @@ def test_the_swap_log_says_what_is_served(tmp_path, caplog):
     tierer.chosen_for = None
 
     def writes(repo, name, traffic, result, live):  # as `tiers apply` does
-        ActiveTiers(("a",), "f", "now", {}).write(tmp_path / "m" / ACTIVE_FILE)
+        ActiveTiers(("a",), "f", "2026-01-01T00:00:00Z", {}).write(tmp_path / "m" / ACTIVE_FILE)
         return command(repo, name, traffic, result, live)
 
     tierer.command = writes

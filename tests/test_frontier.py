@@ -116,7 +116,9 @@ def test_a_chosen_set_on_a_frontier_of_a_replaced_inn_is_refused(built, tmp_path
     d = root / "tiny"
     frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
     assert frontier.inn_sha256 == inn_fingerprint(json.loads((d / "inn.json").read_text()))
-    ActiveTiers(("w075",), frontier.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075",), frontier.source_sha256, "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
     assert sorted(Repository(root).load("tiny").engines) == ["w075"]
     inn = load_inn(d)
     with torch.no_grad():
@@ -138,7 +140,9 @@ def test_a_choice_outlives_a_rebuild_that_measured_the_same_networks(built, tmp_
     hashes = {c.name: c.onnx_sha256 for c in frontier.candidates}
 
     def served(tiers, recorded) -> list[str]:
-        ActiveTiers(tiers, "an-older-frontier", "now", {}, recorded).write(d / ACTIVE_FILE)
+        ActiveTiers(tiers, "an-older-frontier", "2026-01-01T00:00:00Z", {}, recorded).write(
+            d / ACTIVE_FILE
+        )
         runtime = Repository(root).load("tiny")
         return sorted(runtime.engines) if runtime.tier_source == "frontier" else []
 
@@ -194,7 +198,7 @@ def test_an_interrupted_frontier_rebuild_leaves_the_chosen_set_served(built, tmp
     root = _copy(built, tmp_path)
     d = root / "tiny"
     before = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
-    ActiveTiers(("w075",), before.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075",), before.source_sha256, "2026-01-01T00:00:00Z", {}).write(d / ACTIVE_FILE)
     calls = []
     measure = frontier_module._Measure.__call__
 
@@ -303,7 +307,9 @@ def test_simulate_and_bench_plan_the_tiers_auto_tiering_chose(built, tmp_path, c
     before = {t.name for t in tiers_from_model_dir(d)[0]}
     frontier = Frontier.read(d / FRONTIER_DIR / FRONTIER_FILE)
     shaped = next(c.name for c in frontier.candidates if c.shaped)
-    ActiveTiers(("w075", shaped), frontier.source_sha256, "now", {}).write(d / ACTIVE_FILE)
+    ActiveTiers(("w075", shaped), frontier.source_sha256, "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
 
     tiers, p50 = tiers_from_model_dir(d)
     assert before != {"w075", shaped} == {t.name for t in tiers} == set(p50)
@@ -356,8 +362,9 @@ def test_a_frontier_and_a_choice_with_fields_of_a_newer_innfer_are_read(built, t
     path.write_text(json.dumps(data))
     assert Frontier.read(path) == report.frontier
     choice = tmp_path / "auto_tiers.json"
-    choice.write_text(json.dumps({"tiers": ["w050"], "frontier_sha256": "ab", "chosen_at": "t",
-                                  "reason": {}, "undo_of": None}))  # fmt: skip
+    choice.write_text(json.dumps({"tiers": ["w050"], "frontier_sha256": "ab",
+                                  "chosen_at": "2026-01-01T00:00:00Z", "reason": {},
+                                  "undo_of": None}))  # fmt: skip
     assert ActiveTiers.read(choice).tiers == ("w050",)
 
 

@@ -183,7 +183,7 @@ def test_a_choice_that_is_not_a_set_of_names_is_refused(auto_repo, tmp_path, tie
     root = _copy(auto_repo, tmp_path)
     path = root / "tiny" / ACTIVE_FILE
     path.write_text(json.dumps({"tiers": tiers, "frontier_sha256": "test-frontier",
-                                "chosen_at": "now", "reason": {}}))  # fmt: skip
+                                "chosen_at": "2026-01-01T00:00:00Z", "reason": {}}))  # fmt: skip
     with pytest.raises(RepositoryError, match=r"auto_tiers\.json is corrupted .*tiers: got"):
         ActiveTiers.read(path)
     with caplog.at_level(logging.WARNING, logger="innfer.repository"):
@@ -207,7 +207,9 @@ def test_a_chosen_candidates_onnx_mismatch_names_the_frontier_file(auto_repo, tm
     """The load named frontier/<tier>/tier.json, a file that does not exist. (Since review
     168 such a load serves model.yaml's tiers, saying why.)"""
     root = _copy(auto_repo, tmp_path)
-    ActiveTiers(("w075", "w025"), "test-frontier", "now", {}).write(root / "tiny" / ACTIVE_FILE)
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        root / "tiny" / ACTIVE_FILE
+    )
     assert sorted(Repository(root).load("tiny").engines) == ["w025", "w075"]
     frontier = root / "tiny" / FRONTIER_DIR
     shutil.copy(frontier / "w050" / "model.onnx", frontier / "w075" / "model.onnx")
