@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import functools
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -426,9 +427,16 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def ModelMetadata(self, request, context):
         resp = self.plane.model_metadata(request.name, request.version)
-        # innfer extension (OIP leaves metadata parameters open): the tiers a client may ask for
+        # innfer extension (OIP's response has no parameters): the tiers a client may ask
+        # for, as long as they fit a gRPC client's metadata limits - past 8 KiB its soft
+        # limit failed calls at random, past 16 KiB every one, RESOURCE_EXHAUSTED "received
+        # metadata size exceeds ..." (40 plain tiers, ~24 text ones; review 169). The same
+        # table is always in ModelConfig's parameters["tiers"].
         m = self.plane.model(request.name, request.version)
-        context.set_trailing_metadata((("innfer-tiers", self.plane.tiers_json(m)),))
+        tiers = self.plane.tiers_json(m)
+        if len(tiers) > TIERS_TRAILER_MAX:
+            tiers = json.dumps({"omitted": f"{len(tiers)} bytes", "see": TIERS_ELSEWHERE})
+        context.set_trailing_metadata((("innfer-tiers", tiers),))
         return resp
 
     @rpc_method
@@ -818,6 +826,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
             # (asyncio's TimeoutError is the builtin only from Python 3.11)
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(closing.wait(), HEALTH_WATCH_PERIOD_S)
+
+
+# The largest tier table ModelMetadata sends in its trailer: gRPC clients refuse a response
+# whose metadata passes 8 KiB at random and 16 KiB always (grpc.max_metadata_size), and the
+# call's other headers share those limits.
+TIERS_TRAILER_MAX = 4096
+TIERS_ELSEWHERE = 'ModelConfig: config.parameters["tiers"]'
 
 
 # How often a Watch stream looks at the status (readiness changes at a load, an unload, a

@@ -18,6 +18,7 @@ from serverutil import ServerThread, add_onnx_model, slow_loop
 from tritonclient.utils import InferenceServerException
 
 from runtime.repository import Repository
+from server import service
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import health_pb2, health_pb2_grpc
@@ -69,6 +70,32 @@ def test_metadata_and_config_expose_tiers(client):
     assert server_meta.name == "innfer" and "model_repository" in server_meta.extensions
     index = client.get_model_repository_index()
     assert {m.name: m.state for m in index.models} == {"tiny": "READY", "wide": "READY"}
+
+
+@pytest.mark.parametrize("tiers", [2, 120])
+def test_model_metadata_sends_its_tier_trailer_only_while_it_fits(server, client, monkeypatch,
+                                                                    tiers):  # fmt: skip
+    # The whole table went in a trailer: at 120 tiers (~24 KB) gRPC clients refused every
+    # ModelMetadata call with RESOURCE_EXHAUSTED, at 60 every other one (review 169).
+    from server.dataplane import DataPlane
+
+    table = json.dumps([{"name": f"w{i:03d}", "width": i / tiers, "accuracy": 0.9,
+                         "latency_ms_batch1": 1.0, "flops": 10**6, "onnx_sha256": "ab" * 32}
+                        for i in range(tiers)])  # fmt: skip
+    monkeypatch.setattr(DataPlane, "tiers_json", lambda self, m: table)
+    for _ in range(6):  # the soft limit refused at random
+        assert client.get_model_metadata("tiny").name == "tiny"
+    with grpc.insecure_channel(server.address) as ch:
+        _, call = rpc.GRPCInferenceServiceStub(ch).ModelMetadata.with_call(
+            pb.ModelMetadataRequest(name="tiny")
+        )
+    sent = json.loads(dict(call.trailing_metadata())["innfer-tiers"])
+    if tiers == 2:
+        assert sent == json.loads(table)
+    else:
+        assert sent == {"omitted": f"{len(table)} bytes", "see": service.TIERS_ELSEWHERE}
+    config = client.get_model_config("tiny").config  # where the whole table always is
+    assert json.loads(config.parameters["tiers"].string_value) == json.loads(table)
 
 
 # -- inference ---------------------------------------------------------------------------------
