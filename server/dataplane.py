@@ -950,12 +950,13 @@ class DataPlane:
         Logged once per stuck spell, at ERROR."""
         limit = self.config.stuck_restart_s
         runtimes = (*self.models.values(), *self._retiring, *self._hung)
-        worst = max((m.stuck_for() for m in runtimes), default=0.0)
+        worst, runtime = max(((m.stuck_for(), m) for m in runtimes), default=(0.0, None),
+                             key=lambda pair: pair[0])  # fmt: skip
         if limit is None or worst <= 0.0 or worst < limit:  # (0: at once, if one is stuck)
             self._said_not_live = False
             return None
-        why = (
-            f"{self._stuck_reason()}; stuck {worst:.0f} s past readiness's rule, beyond "
+        why = (  # the runtime past the limit, not the first one stuck (review 172)
+            f"{runtime.stuck()}; stuck {worst:.0f} s past readiness's rule, beyond "
             f"stuck_restart_s ({limit:g} s): restart the process to free the engine"
         )
         if not self._said_not_live:

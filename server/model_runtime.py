@@ -884,8 +884,9 @@ class ModelRuntime:
             if key not in self._said_stuck:
                 self._said_stuck.add(key)
                 log.error("%s; requests behind it wait and expire, and readiness fails until "
-                          "it returns (a hung driver or GPU: liveness fails after "
-                          "stuck_restart_s, to restart the process)", why)  # fmt: skip
+                          "it returns (a hung driver or GPU: liveness fails after the server's "
+                          "stuck_restart_s unless it is null, to restart the process)",
+                          why)  # fmt: skip
         return found
 
     def serving(self) -> bool:
@@ -1381,7 +1382,8 @@ class ModelRuntime:
         then look for the next batch."""
         self._running -= 1
         started = self._batch_started.pop(id(d), None)
-        if id(d) in self._said_stuck:  # (its key, before another batch can reuse the id)
+        hung = id(d) in self._said_stuck
+        if hung:  # (its key, before another batch can reuse the id)
             self._said_stuck.discard(id(d))
             log.warning("model %s: the batch of tier %s logged as stuck returned after %.0f s",
                         self.name, d.tier, self.clock() - started[0])  # fmt: skip
@@ -1416,7 +1418,7 @@ class ModelRuntime:
         # after the answers are sent - or at the next flush (server/loop_idle.py).
         calls = runs.timings if runs is not None else None
         self._idle.defer(
-            self._settle, lane, d, times, now, answered, output_s, later, calls, outputs
+            self._settle, lane, d, times, now, answered, output_s, later, calls, outputs, hung
         )
         if self._device_waiting():
             self._pump()  # its flush settles this batch before the next decision
@@ -1577,12 +1579,15 @@ class ModelRuntime:
         answered: list[Request], output_s: float, later: Collection[int] = (),
         calls: list[tuple[int, float]] | None = None,
         outputs: dict[str, np.ndarray] | None = None,
+        hung: bool = False,
     ) -> None:  # fmt: skip
         """The bookkeeping of a batch answered at ``now``: the scheduler learns its time
         (``calls``: each engine call's, where it ran as several) and frees its slot, then
-        metrics and Triton's statistics count it (and ``outputs``' NaNs, if any)."""
+        metrics and Triton's statistics count it (and ``outputs``' NaNs, if any). A batch
+        logged as stuck (``hung``) is not learned: its minutes would raise the tier's plan,
+        and with it the next hang's stuck threshold and liveness's restart (review 172)."""
         prepare, compute, cpu = times
-        lane.complete(d, now, compute, calls=calls)
+        lane.complete(d, now, compute, calls=calls, learn=not hung)
         self._account_cpu(cpu)
         self._record(d, answered, compute, now, lane.latency, later)
         if outputs is not None:

@@ -701,6 +701,64 @@ def test_an_engine_stuck_past_stuck_restart_s_fails_liveness_until_it_returns(
     assert len(said) == 1  # once per spell, not per probe
 
 
+def test_liveness_names_the_runtime_stuck_past_the_limit_not_the_first_stuck(config, monkeypatch):
+    # It named the first stuck runtime in load order: with a CPU model stuck 10 s and a
+    # GPU one 400 s, the log sent the operator to the wrong model (review 172).
+    config = dataclasses.replace(config, stuck_restart_s=300.0)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            for name, ran in (("a", 10.0), ("b", 400.0)):
+                m = plane.models[name]
+                monkeypatch.setattr(m, "stuck_for", lambda ran=ran: ran)
+                monkeypatch.setattr(m, "stuck", lambda name=name: f"model {name}: stuck")
+            return plane.not_live_reason()
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()).startswith("model b: stuck; stuck 400 s")
+
+
+def test_a_batch_its_engine_hung_in_teaches_the_latency_model_nothing(config, monkeypatch, caplog):
+    # Its minutes were learned: the tier's plan rose (ratio clipped at 20x), and with it the
+    # next hang's stuck threshold and liveness's restart (review 172). A slow batch that is
+    # not stuck is still learned.
+    import server.model_runtime as mr
+
+    monkeypatch.setattr(mr, "STUCK_MIN_S", 0.3)
+
+    async def held_for(plane, a, seconds):
+        gate = hold_engines(a)
+        task = asyncio.create_task(plane.infer(_request("a", _x(1, 1.0), tier="w100"), None))
+        await until_engine_runs(a)
+        await asyncio.sleep(seconds)
+        plane.ready()  # a probe: what finds (and logs) a stuck batch
+        gate.set()
+        await asyncio.wait_for(task, 5)
+        a._idle.flush()  # the deferred bookkeeping, where the time is learned
+        return a.scheduler.latency.median("w100", 1)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        a = plane.models["a"]
+        try:
+            before = a.scheduler.latency.median("w100", 1)
+            slow = await held_for(plane, a, 0.1)  # slow, not stuck: learned
+            # stuck: past STUCK_MIN_S and 100x the plan (~5 ms after the slow one), not learned
+            hung = await held_for(plane, a, 0.8)
+            return before, slow, hung, a.stuck_count()
+        finally:
+            await plane.stop_models()
+
+    with caplog.at_level(logging.ERROR, "innfer.model_runtime"):
+        before, slow, hung, stuck_after = _run(body())
+    assert slow > before and hung == slow
+    assert "its engine is stuck" in caplog.text and stuck_after == 0  # it was, and returned
+
+
 @pytest.mark.parametrize("limit", [None, 0.0])
 def test_stuck_restart_s_null_never_fails_liveness_and_zero_only_once_stuck(
     config, monkeypatch, limit

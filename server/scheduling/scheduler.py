@@ -580,8 +580,10 @@ class Scheduler:
         ok: bool = True,
         served: Sequence[Request] | None = None,
         calls: Sequence[tuple[int, float]] | None = None,
+        learn: bool = True,
     ) -> None:
-        """The batch finished (``ok``: its time is learned) or failed after ``compute_s``
+        """The batch finished (``ok``: its time is learned, unless ``learn`` is False - a
+        batch its engine hung in says nothing of the tier) or failed after ``compute_s``
         seconds of engine time. ``calls``: (rows, seconds) of each engine call where the
         batch ran as several (a sequence model's runs of equal length): each is learned as
         what it was, not the whole as one call of all the rows. ``decision`` is the one
@@ -600,7 +602,7 @@ class Scheduler:
             )
         self.device.release(decision)
         del self.running[decision.slot]
-        if ok:
+        if ok and learn:
             for rows, seconds in calls or ((decision.rows, compute_s),):
                 self.latency.observe(decision.tier, rows, seconds)
             self._observed_at[decision.tier] = now
