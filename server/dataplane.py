@@ -38,7 +38,7 @@ from runtime.repository import (
 )
 from runtime.repository.config import MAX_BUDGET_MS, ConfigError
 from runtime.repository.store import file_known
-from runtime.repository.tokenizer import Encoded
+from runtime.repository.tokenizer import Encoded, TokenizerError
 from server.autotier import AutoTierer
 from server.config import ServerConfig
 from server.engine_threads import EngineThreads
@@ -49,6 +49,7 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    TokenizerFailed,
     Unavailable,
 )
 from server.gpu_load import NvmlLoad, gpu_index
@@ -1383,7 +1384,12 @@ class DataPlane:
             texts = codec.decode_text(
                 request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
             )
-            ids, mask, truncated = await self._tokenize(m, texts, clock)
+            try:
+                ids, mask, truncated = await self._tokenize(m, texts, clock)
+            except TokenizerError as exc:  # it reached the client as INTERNAL "see logs",
+                # counted nowhere but gRPC's codes (review 173)
+                m.count_refused("failed", "failed")
+                raise TokenizerFailed(f"model {m.name}: {exc}") from None
             if truncated and not truncate:
                 row = min(truncated)
                 raise InvalidArgument(
@@ -1764,12 +1770,15 @@ def _string_param(params, name: str) -> str | None:
 
 def _unchanged(before: ServedModel, after: ServedModel) -> bool:
     """Whether a reload serves what was served: the same config and tiers, each tier the
-    same ONNX on the same backend."""
+    same ONNX on the same backend, and a text model the same tokenizer file (its ids
+    change every answer: review 173)."""
     onnx = lambda m: {t: r.onnx_sha256 for t, r in m.tiers.items()}  # noqa: E731
-    return (before.config, before.backend, onnx(before)) == (
+    tok = lambda m: m.tokenizer.sha256 if m.tokenizer is not None else None  # noqa: E731
+    return (before.config, before.backend, onnx(before), tok(before)) == (
         after.config,
         after.backend,
         onnx(after),
+        tok(after),
     )
 
 

@@ -45,5 +45,10 @@ class EngineFailed(InferError):
     table's range); the message names the model, the tier and the engine's own reason."""
 
 
+class TokenizerFailed(InferError):
+    """The model's tokenizer raised on the request's texts (a panic in its library on these
+    characters): the server's failure, not the client's input; the message says its reason."""
+
+
 class Unimplemented(InferError):
     """A Triton RPC innfer does not implement (shared memory, trace and log settings)."""

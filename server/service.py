@@ -28,6 +28,7 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    TokenizerFailed,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -68,6 +69,7 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     EngineFailed: grpc.StatusCode.INTERNAL,  # Triton answers a backend's error so, too
+    TokenizerFailed: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import pytest
@@ -257,6 +258,83 @@ def test_text_the_tokenizer_makes_no_token_of_is_refused_naming_its_row(server, 
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     finally:
         tok.post_processor = before
+
+
+@pytest.mark.parametrize("rows", [1, 4])  # inline, and (4,000 characters) on the threads
+def test_a_tokenizer_failure_is_internal_with_its_reason_and_counted_as_failed(
+    server, client, rows
+):
+    # A panic in the tokenizer's library on some characters reached the client as INTERNAL
+    # "internal error in ModelInfer; see logs", counted nowhere but gRPC's codes (review 173).
+    tok = server.server.plane.models["embed"].served.tokenizer
+    real = tok._tok
+
+    class Panicking:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode_batch(self, texts):
+            if any("boom" in t for t in texts):
+                raise BaseException("index out of bounds")  # as pyo3's PanicException
+            return real.encode_batch(texts)
+
+    def failed() -> float:
+        get = server.server.metrics.registry.get_sample_value
+        labels = {"model": "embed", "tier": "", "outcome": "failed"}
+        return get("innfer_requests_total", labels) or 0.0
+
+    before = failed()
+    tok._tok = Panicking()
+    try:
+        with pytest.raises(InferenceServerException,
+                           match=r"model embed: the tokenizer failed on these texts "
+                                 r"\(BaseException: index out of bounds\)") as e:  # fmt: skip
+            client.infer("embed", [_text_input(["boom " + "x" * 995] * rows)])
+        assert _code(e) == "StatusCode.INTERNAL"
+        got, _ = _embed(client, ["the model"])  # the model serves on
+        assert got.shape[0] == 1
+    finally:
+        tok._tok = real
+    assert failed() - before == 1
+
+
+def test_a_reload_with_another_tokenizer_starts_the_statistics_afresh(repo, tmp_path, caplog):
+    # Only the config and the tiers' ONNX were compared: a reload after tokenizer.json
+    # changed (every text answer with it) kept the old statistics and build id (review 173).
+    import logging
+    import shutil
+
+    from runtime.repository.config import ModelConfig
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo[0], root)
+    d = root / "embed"
+    s = ServerThread({"repository": str(root), "model_control": "explicit"}).start()
+    c = tc.InferenceServerClient(s.address)
+
+    def count() -> int:
+        stats = c.get_inference_statistics("embed", as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0))
+
+    try:
+        for _ in range(3):
+            _embed(c, ["the model"])
+        c.load_model("embed")  # nothing changed: the statistics go on
+        kept = count()
+        config = ModelConfig.load(d / "model.yaml")
+        tokenizer = d / config.text.tokenizer
+        tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=4))
+        Repository(root).record_tokenizer("embed", config)  # as a rebuild records it
+        with caplog.at_level(logging.INFO, "innfer.dataplane"):
+            c.load_model("embed")
+        fresh = count()
+        _embed(c, ["the model"])  # and it serves
+    finally:
+        c.close()
+        s.stop()
+    assert kept >= 3 and fresh == 0
+    builds = re.findall(r"model embed ready: .* build ([0-9a-f]{12})", caplog.text)
+    assert len(builds) == 1 and builds[0] != Repository(repo[0]).load("embed").build_id
 
 
 def test_a_typo_in_truncate_is_refused_on_an_ids_request_too(repo, client):

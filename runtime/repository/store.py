@@ -123,15 +123,17 @@ class ServedModel:
     @property
     def build_id(self) -> str:
         """Which networks are served: the first 12 hex digits of the sha256 of the tiers'
-        names and ONNX hashes. A rollback, a rebuild or a swap of tiers changes it; the same
-        build served again does not (the version is always "1": review 157 could tell two
-        builds apart only by their outputs).
+        names and ONNX hashes (and a text model's tokenizer file's). A rollback, a rebuild
+        or a swap of tiers changes it; the same build served again does not (the version is
+        always "1": review 157 could tell two builds apart only by their outputs).
 
         Example:
             >>> served.build_id  # doctest: +SKIP
             '3f9a0c1d2e4b'
         """
         pairs = sorted((t, r.onnx_sha256) for t, r in self.tiers.items())
+        if self.tokenizer is not None:  # (a model without one keeps the id it had)
+            pairs.append(("tokenizer", self.tokenizer.sha256))
         return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
 
     @property
