@@ -1457,6 +1457,10 @@ class DataPlane:
         arrays = _cut_padding(arrays, cfg, mask_name)
         width = arrays[mask_name].shape[1]
         if width > max_length and arrays[mask_name].any():
+            # A left-padded row keeps every column up to its last token: said as what it
+            # is, not as too long (review 173: 4 tokens padded left to 64 were told to send
+            # shorter sequences)
+            codec.check_mask(arrays[mask_name], mask_name)
             raise InvalidArgument(
                 f"input {shown!r}: sequence length {width} is outside [1, {max_length}] (the "
                 "longest profiled length; counted to the last column any row's mask marks, "

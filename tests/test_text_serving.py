@@ -346,6 +346,23 @@ def test_a_typo_in_truncate_is_refused_on_an_ids_request_too(repo, client):
     assert _code(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("width", [8, 64])  # within the longest lane (24), and past it
+def test_a_left_padded_ids_row_is_said_to_be_left_padded_at_any_width(repo, client, width):
+    # Padded left to 64 columns (HF padding_side="left", padding="max_length"), a 4-token
+    # sentence was told its sequence length 64 was too long (review 173).
+    _, d, _ = repo
+    ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(["the small model"])
+    n = ids.shape[1]
+    left_ids = np.zeros((1, width), np.int64)
+    left_mask = np.zeros((1, width), np.int64)
+    left_ids[0, -n:], left_mask[0, -n:] = ids[0], mask[0]
+    with pytest.raises(InferenceServerException,
+                       match="row 0 is left-padded, has gaps or has no token") as e:  # fmt: skip
+        client.infer("embed", [_ids_of("input_ids", left_ids),
+                               _ids_of("attention_mask", left_mask)])  # fmt: skip
+    assert _code(e) == "StatusCode.INVALID_ARGUMENT"
+
+
 def _ids(name, shape, dtype="INT64"):
     t = tc.InferInput(name, shape, dtype)
     t.set_data_from_numpy(np.ones(shape, np.int64 if dtype == "INT64" else np.int32))
