@@ -1347,3 +1347,63 @@ def test_a_tier_kept_from_an_older_build_gains_its_sampling_record(built, tmp_pa
     assert not any(t.exported for t in report.tiers)  # reused, not exported again
     sampling = [Repository(root).load_record("tiny", t).sampling for t in ("w100", "w050")]
     assert all(s is not None and s["multiple_of"] == 1 for s in sampling), sampling
+
+
+def test_a_float16_model_builds_at_its_own_precision_tolerance(tmp_path):
+    # A model converted in float16 (weights, inputs and outputs) runs in float16 in torch
+    # and in its ONNX alike; their difference is float16 rounding (4.9e-4 here), which the
+    # fp32 engines' tolerance refused: no backend could build it on a CPU (review 170).
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n = torch.nn.Linear(20, 32), torch.nn.LayerNorm(32)
+            self.act, self.b = torch.nn.PReLU(), torch.nn.Linear(32, 7)
+
+        def forward(self, x):
+            return self.b(self.act(self.n(self.a(x))))
+
+    torch.manual_seed(0)
+    inn = runtime.convert(MLP().eval().half(), (torch.randn(2, 20, dtype=torch.float16),))
+    config = {"inputs": [{"name": "x", "dtype": "float16", "shape": [20]}],
+              "outputs": [{"name": "y", "dtype": "float16", "shape": [7]}],
+              "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
+              "max_batch": 4, "threads": 1}  # fmt: skip
+    add_model(tmp_path, "half", inn, config)
+    report = build_model(Repository(tmp_path), "half", progress=False, profile=False)
+    assert [t.name for t in report.tiers] == ["w100", "w050"]
+    assert all(0 < t.max_abs_err < 2e-2 for t in report.tiers)
+
+
+def test_a_model_export_captured_at_one_image_size_is_not_built_at_another(tmp_path):
+    # torch.export fixes an image's spatial size: the branch below was decided at 32x32,
+    # and the tiers built for 16x16 served outputs 0.19 off without a word (review 170).
+    from runtime.build.pipeline import BuildError
+
+    class ShapeBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            if h.shape[-1] > 16:  # data-dependent for fx: captured by torch.export
+                h = torch.nn.functional.max_pool2d(h, 2)
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    inn = runtime.convert(ShapeBranch().eval(), (torch.randn(2, 3, 32, 32),))
+    assert inn.info["frontend"] == "export"
+
+    def config(side: int) -> dict:
+        return {"inputs": [{"name": "x", "dtype": "float32", "shape": [3, side, side]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": [5]}],
+                "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 2,
+                "threads": 1}  # fmt: skip
+
+    add_model(tmp_path, "small", inn, config(16))
+    with pytest.raises(BuildError, match=r"is \[3, 16, 16\] per row, but the model was "
+                                         r"captured .* at \[3, 32, 32\]"):  # fmt: skip
+        build_model(Repository(tmp_path), "small", progress=False, profile=False)
+    add_model(tmp_path, "same", inn, config(32))
+    report = build_model(Repository(tmp_path), "same", progress=False, profile=False)
+    assert report.tiers[0].max_abs_err < 1e-4

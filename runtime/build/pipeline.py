@@ -194,6 +194,7 @@ def _start(repo: Repository, name: str, backend: str | None, progress: bool) -> 
     sweep(model_dir)  # what interrupted builds and saves left
     _check_dataset(config, model_dir)
     inn = load(model_dir)
+    _check_captured_size(inn, config)
     chosen = repo.choose_backend(config, backend)
     return _Build(
         repo, name, config, model_dir, inn, chosen,
@@ -207,6 +208,26 @@ def _start(repo: Repository, name: str, backend: str | None, progress: bool) -> 
         norm_x=norm_inputs(config),
         vocab_size=_tokenizer_vocab(config, model_dir),
     )  # fmt: skip
+
+
+def _check_captured_size(inn: IntegralModel, config: ModelConfig) -> None:
+    """BuildError where model.yaml serves an image at another size than the one torch.export
+    captured the model at: export fixes an image's spatial size (only its batch is dynamic,
+    runtime.inn.capture), so code that reads it - a branch, a pooling size - was decided at
+    the example's size, and the tiers ran at another one gave wrong outputs without a word
+    (review 170: 0.19 off on outputs of ~0.2)."""
+    captured = inn.info.get("input_shape")
+    if inn.info.get("frontend") != "export" or captured is None or len(config.inputs) != 1:
+        return
+    served = list(config.inputs[0].shape)
+    if len(captured) >= 3 and served != list(captured):
+        raise BuildError(
+            f"model.yaml's input {config.inputs[0].name!r} is {served} per row, but the model "
+            f"was captured (torch.export: its graph has data-dependent code fx cannot trace) "
+            f"at {list(captured)}, a size export fixes: convert it again with an example of "
+            f"the size it serves (e.g. torch.randn(2, {', '.join(map(str, served))})), or set "
+            f"inputs[0].shape: {list(captured)}"
+        )
 
 
 def _build_tier(b: _Build, tier: TierConfig, bar, engines: dict) -> TierRecord:
@@ -611,8 +632,12 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
     """The largest absolute difference between ``engine``'s outputs and ``module``'s on
     random inputs (batch 1 and ``max_batch``); BuildError beyond the tolerance of
     ``precision``, the engine's (default: model.yaml's; a backend that builds fp32 only
-    builds fp32 engines for an fp16 model.yaml, ``Repository.build_options``)."""
+    builds fp32 engines for an fp16 model.yaml, ``Repository.build_options``) - or fp16's
+    where the model itself computes in float16 (a float16 output: the torch sample rounds
+    as the engine does, and an fp32 engine of that ONNX still runs it in float16)."""
     precision = precision or config.precision
+    if any(t.dtype == "float16" for t in config.outputs):
+        precision = "fp16"  # (review 170: 4.9e-4 of float16 rounding failed every backend)
     rtol, atol = TOLERANCE[precision]
     worst = 0.0
     lengths = config.sequence_lengths or (1,)
