@@ -327,6 +327,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"warning: {args.repository}/{name} is not built: a model folder's name is "
                   "letters, digits, '_', '.' and '-' (at most 128, not starting with . or "
                   "-) and not a symbolic link; rename it", file=sys.stderr)  # fmt: skip
+        for said in repo.unconfigured():
+            print(f"warning: {args.repository}/{said}; it is not built", file=sys.stderr)
     if not names:
         raise ValueError(_no_models(args.repository))
     failed = []

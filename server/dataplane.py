@@ -257,6 +257,8 @@ class DataPlane:
                     "digits, '.', '_', '-'; up to 128) and is no symbolic link",
                     clip(folder),
                 )
+            for said in self.repo.unconfigured():
+                log.warning("not served: %s", said)
         self.expected = set(names)
         for name in names:  # 0 until loaded: a load that never ends is a model not ready
             self.metrics.model_ready.labels(name).set(0)  # (no series: no alert could fire)

@@ -520,6 +520,39 @@ def test_build_of_no_repository_or_of_inns_without_model_yaml_says_what_to_do(tm
     assert code == 2 and "(nom holds an INN but no model.yaml: write one" in err
 
 
+def test_an_inn_beside_built_models_without_its_model_yaml_is_named(tmp_path, capsys, caplog):
+    # Said only when the repository had no model at all: beside another model, a folder
+    # whose model.yaml was misnamed (model.yml) was skipped by build and serve without a
+    # word (review 170).
+    import asyncio
+    import logging
+
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+    from server.metrics import Metrics
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    add_model(tmp_path, "good", inn, IO)
+    misnamed = add_model(tmp_path, "lenet", inn, IO)
+    (misnamed / "model.yaml").rename(misnamed / "model.yml")
+    code, _, err = _cli(capsys, "build", tmp_path, "--no-profile")
+    assert code == 0, err
+    said = "lenet holds an INN but no model.yaml: rename model.yml to model.yaml"
+    assert f"warning: {tmp_path}/{said}; it is not built" in err
+
+    async def serve() -> list[str]:
+        plane = DataPlane(ServerConfig.from_dict({"repository": str(tmp_path)}), Metrics())
+        await plane.load_all()
+        try:
+            return sorted(plane.models)
+        finally:
+            await plane.stop_models()
+
+    with caplog.at_level(logging.WARNING, "innfer.dataplane"):
+        assert asyncio.run(serve()) == ["good"]
+    assert f"not served: {said}" in caplog.text
+
+
 def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     # --data offered digits, mnist5k and mnist1d only (review helper-105).
     import numpy as np

@@ -268,6 +268,21 @@ class Repository:
             and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
         )
 
+    def unconfigured(self) -> list[str]:
+        """What callers say of the folders that hold an INN (inn.json) but no model.yaml -
+        one forgotten, or misnamed (model.yml): ``names`` passes them over, and a build or
+        a server skipped them without a word (review 170)."""
+        if not self.root.is_dir():
+            return []
+        said = []
+        for p in sorted(self.root.iterdir(), key=lambda p: p.name):
+            if file_known(p / "inn.json") is True and file_known(p / "model.yaml") is False:
+                near = [f.name for f in (p / "model.yml", p / "model.YAML") if f.is_file()]
+                fix = f"rename {near[0]} to model.yaml" if near else "write one (README, " \
+                      "'Bring your own model')"  # fmt: skip
+                said.append(f"{p.name} holds an INN but no model.yaml: {fix}")
+        return said
+
     def names(self) -> list[str]:
         """The models: folders of a model name holding a model.yaml - or that this process
         may not look into (listed, so that loading it says why it cannot be served; one
