@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from netgen import tiny_cnn
 from torch import nn
 
 import runtime
@@ -199,3 +200,21 @@ def test_a_mask_per_channel_is_sampled_not_interpolated():
     half = inn.sample(0.5)
     assert half.mask.dtype == torch.bool
     assert half.mask.flatten().tolist() == [True] * 4 + [False] * 4
+
+
+@pytest.mark.parametrize(
+    "model, example, said",
+    [
+        (lambda: tiny_cnn().state_dict(), True, r"not its state_dict: build the module"),
+        (lambda: type(tiny_cnn()), True, r"a model instance, not the class"),
+        (lambda: "model.pt", True, r"takes a torch.nn.Module, not str \(a checkpoint path"),
+        (tiny_cnn, False, r"example_inputs must be a tensor or a tuple of tensors"),
+    ],
+    ids=["state_dict", "class", "path", "no example"],
+)
+def test_the_usual_mistakes_in_a_convert_call_are_said_as_such(model, example, said):
+    # They surfaced as AttributeError "'collections.OrderedDict' object has no attribute
+    # 'parameters'", TypeError "Module.parameters() missing 1 required positional
+    # argument" and "'NoneType' object is not iterable" (review 170).
+    with pytest.raises(ConversionError, match=said):
+        runtime.convert(model(), (torch.randn(2, 1, 8, 8),) if example else None)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ def convert(
     The model's input channels and its outputs are always discrete. Raises ``ConversionError``
     naming the node when the model contains an op innfer cannot resample.
     """
+    _check_arguments(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(model, torch.jit.ScriptModule):  # it got advice about control flow
@@ -188,6 +190,33 @@ def _size_sources(node: fx.Node) -> list[str]:
         elif a.op != "get_attr" and a.name not in found:
             found.append(a.name)
     return found
+
+
+def _check_arguments(model: Any, example_inputs: Any) -> None:
+    """ConversionError for the usual mistakes, said as such: a state_dict, a class or a
+    path instead of a module, no example inputs (they surfaced as AttributeError "'dict'
+    object has no attribute 'parameters'" and the like: review 170)."""
+    if isinstance(model, Mapping):
+        raise ConversionError(
+            "convert() takes the model, not its state_dict: build the module, then load it "
+            "(model = MyNet(); model.load_state_dict(state_dict)) and pass the module"
+        )
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise ConversionError(
+            f"convert() takes a model instance, not the class {model.__name__}: pass "
+            f"{model.__name__}(...) with its weights loaded"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConversionError(
+            f"convert() takes a torch.nn.Module, not {type(model).__name__} (a checkpoint "
+            "path? load it first: torch.load, then the module's load_state_dict)"
+        )
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
+        raise ConversionError(
+            f"example_inputs must be a tensor or a tuple of tensors the model takes (a batch "
+            f"of at least 2 rows, e.g. (torch.randn(2, 3, 224, 224),)), not "
+            f"{type(example_inputs).__name__}"
+        )
 
 
 def _sample_shape(args: tuple, kwargs: dict | None) -> list[int] | None:
