@@ -1079,6 +1079,16 @@ def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
     return [t.width for t in config.tiers], config.multiple_of, config.method
 
 
+def _evaluation_dataset(yaml_path: Path) -> str | None:
+    """model.yaml's evaluation data set (a bundled name or a .npz beside it), if any."""
+    if not yaml_path.is_file():
+        return None
+    from runtime.repository.config import ModelConfig
+
+    evaluation = ModelConfig.load(yaml_path).evaluation
+    return evaluation.dataset if evaluation is not None else None
+
+
 def _data_for(model_dir: Path, inn, name: str):
     """The data set ``name``, refused unless its samples fit the model: another data set's
     images ran through the model without an error (8x8 digits into a 28x28 model) and
@@ -1182,9 +1192,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.text is not None:
         return _calibrate_text(args, inn, widths, multiple_of, method)
+    yaml_path = args.model_dir / "model.yaml"
+    if args.data is None:  # as `report` does (review 170); its training split, below
+        args.data = _evaluation_dataset(yaml_path)
+        if args.data is not None:
+            print(f"data: {args.data} (model.yaml's evaluation data set, its training split; "
+                  "--data NAME for another)")  # fmt: skip
     if args.data is None:
         raise ValueError("give --data NAME (an image data set) or --text FILE (a text model)")
-    yaml_path = args.model_dir / "model.yaml"
     if yaml_path.is_file() and _is_text_model(yaml_path):
         raise ValueError(f"{args.model_dir} is a text model: calibrate it with --text FILE "
                          "(sentences, one per line), not --data")  # fmt: skip
@@ -1714,7 +1729,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("model_dir", type=Path)
     cal.add_argument("--data", type=_data_name,
                      help=f"image models: {', '.join(BUNDLED_DATA)} or your own .npz "
-                          "(x_train, y_train, x_test, y_test; or x, y)")  # fmt: skip
+                          "(x_train, y_train, x_test, y_test; or x, y); its training split "
+                          "is used (default: model.yaml's evaluation dataset)")  # fmt: skip
     cal.add_argument("--text", type=Path,
                      help="text models: sentences, one per line (unlabelled)")  # fmt: skip
     cal.add_argument("--widths", type=_width, nargs="*",

@@ -553,6 +553,24 @@ def test_an_inn_beside_built_models_without_its_model_yaml_is_named(tmp_path, ca
     assert f"not served: {said}" in caplog.text
 
 
+def test_calibrate_defaults_to_model_yamls_evaluation_dataset_as_report_does(tmp_path, capsys):
+    # `calibrate` said "give --data NAME" where model.yaml names the data set `report` used
+    # by itself (review 170). Its training split: build scores the test split.
+    import numpy as np
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, {**IO, "evaluation": {"dataset": "mine.npz"}})
+    x = np.random.default_rng(0).random((80, 1, 8, 8), dtype=np.float32)
+    np.savez(d / "mine.npz", x=x, y=np.arange(80) % 10)
+    code, out, err = _cli(capsys, "calibrate", d, "--seconds", "1", "--widths", "0.5")
+    assert code == 0, err
+    assert "data: mine.npz (model.yaml's evaluation data set, its training split" in out
+    code, _, err = _cli(capsys, "calibrate", add_model(tmp_path, "bare", inn, IO),
+                        "--seconds", "1")  # fmt: skip
+    assert code == 2 and "give --data NAME" in err  # nothing to default to
+
+
 def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     # --data offered digits, mnist5k and mnist1d only (review helper-105).
     import numpy as np
