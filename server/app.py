@@ -39,6 +39,7 @@ from server.service import (
     InferenceService,
     add_health_service,
     add_inference_service,
+    add_reflection_service,
 )
 
 log = logging.getLogger("innfer.server")
@@ -317,17 +318,12 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
-    try:
-        from grpc_reflection.v1alpha import reflection
-    except ImportError:  # optional dependency; the server works without it
-        log.info("grpcio-reflection not installed: server reflection disabled")
-        return
     names = (
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(names, server)
+    if not add_reflection_service(server, names):
+        log.info("grpcio-reflection not installed: server reflection disabled")
 
 
 async def serve(config: ServerConfig) -> None:

@@ -470,6 +470,32 @@ def test_server_reflection_is_a_config_switch(tmp_path, reflection):
     assert ("inference.GRPCInferenceService" in served) == on, served
 
 
+def test_undecodable_reflection_requests_are_invalid_argument_without_a_traceback(tmp_path, caplog):
+    # grpcio's own parser answered UNKNOWN and logged a traceback per call: reflection is
+    # open without a token, and one client wrote ~0.5 MB of ERROR log a second (review 177).
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    s = ServerThread({"repository": str(tmp_path)}).start()
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    try:
+        with caplog.at_level("ERROR"), grpc.insecure_channel(s.address) as ch:
+            raw = ch.stream_stream(method)  # bytes in, bytes out
+            for junk in (b"\xff", b"*\x03abc", bytes(range(256))):
+                with pytest.raises(grpc.RpcError) as e:
+                    list(raw(iter([junk]), timeout=10))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "ServerReflectionRequest" in e.value.details()
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)  # and it still answers
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            (answer,) = stub.ServerReflectionInfo(iter([ask]), timeout=10)
+    finally:
+        s.stop()
+    served = {x.name for x in answer.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= served  # fmt: skip
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_calls_beyond_max_concurrent_streams_on_one_connection_are_refused(model_repository):
     # Without a bound every call gRPC handed over was held until answered: a client sending
     # faster than the server answered grew it by its backlog (bench/results/stream_bound.json).
