@@ -341,6 +341,7 @@ class _StubEngine:
     ``longest``, x: (batch<=8, length<=longest) float32, a sequence model's shape."""
 
     num_io_tensors = 2
+    num_optimization_profiles = 4  # a plan built for up to 4 instances
 
     def __init__(self, cudart, longest: int | None = None) -> None:
         self.cudart = cudart
@@ -374,6 +375,12 @@ class _StubEngine:
 class _StubContext:
     def __init__(self, cudart) -> None:
         self.cudart, self.shape, self.addresses = cudart, None, {}
+        self.profile = 0  # a new context's
+
+    def set_optimization_profile_async(self, index, stream) -> bool:
+        assert isinstance(stream, int)
+        self.profile = index
+        return True
 
     def set_input_shape(self, name, shape):
         self.shape = tuple(shape)
@@ -1088,6 +1095,51 @@ def test_profile_covers_the_sequence_axis_of_a_token_model(tmp_path, install_trt
     ((profile,),) = [c.profiles for c in trt.record.configs]
     expected = ((1, 1), (4, 64), (16, 256))
     assert profile.shapes == {"ids": expected, "mask": expected}
+
+
+def test_a_plan_has_one_profile_per_instance_and_each_context_takes_its_own(
+    tmp_path, install_trt, monkeypatch, fake_cuda
+):
+    # TensorRT: "If the engine supports dynamic shapes, each execution context in concurrent
+    # use must use a separate optimization profile" (NvInferRuntime.h, IExecutionContext).
+    # Every context was left on profile 0 and run at once (review 175).
+    from runtime.engines import tensorrt as module
+    from runtime.repository.cache import engine_key
+
+    trt = install_trt()
+    _mlp_onnx(tmp_path / "model.onnx")
+    options = BuildOptions(max_batch=8, opt_batch=4, instances=3)
+    TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
+    (profiles,) = [c.profiles for c in trt.record.configs]
+    assert [p.shapes for p in profiles] == [{"x": ((1, IN_F), (4, IN_F), (8, IN_F))}] * 3
+    key = lambda n: engine_key("ab" * 32, TensorRTBackend(), BuildOptions(instances=n))[1]  # noqa: E731
+    assert "profiles" not in key(1) and key(3)["profiles"] == 3  # another plan: another key
+
+    contexts = []
+    plan = _StubEngine(fake_cuda)
+    make = plan.create_execution_context
+    plan.create_execution_context = lambda: contexts.append(make()) or contexts[-1]
+    stub = types.SimpleNamespace(**vars(_StubTRT))
+    stub.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda d: plan)
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setattr(module, "_trt_logger", lambda trt: None)
+    (tmp_path / PLAN_FILE).write_bytes(b"plan")
+    engine = TensorRTBackend().load(tmp_path, options)
+    assert [c.profile for c in contexts] == [0, 1, 2] and engine.concurrent_runs == 3
+    engine.close()
+
+
+def test_more_instances_than_the_plan_has_profiles_run_as_many_as_it_has(
+    monkeypatch, fake_cuda, caplog
+):
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    plan = _StubEngine(fake_cuda)
+    plan.num_optimization_profiles = 2
+    with caplog.at_level(logging.WARNING, logger="innfer.engines.tensorrt"):
+        engine = TensorRTEngine(plan, trt_module._Cuda(fake_cuda), max_batch=4, contexts=3)
+    assert engine.concurrent_runs == 2
+    assert "3 contexts asked for, but the plan has 2 optimisation profile(s)" in caplog.text
+    engine.close()
 
 
 def test_token_model_without_a_sequence_profile_is_refused_with_the_fix(tmp_path, install_trt):

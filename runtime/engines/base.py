@@ -66,7 +66,8 @@ class BuildOptions:
     sequence: tuple[int, int, int] | None = None
     spin: bool = True  # ORT's idle intra-op threads spin (a load-time option: not in the key)
     # Batches one engine runs at once where a backend keeps state per run (model.yaml's
-    # instances): TensorRT's execution contexts. A load-time option: not in the key.
+    # instances): TensorRT's execution contexts. A load-time option for ONNX Runtime; a
+    # TensorRT plan holds one optimisation profile per context (in its key where > 1).
     instances: int = 1
     # Nice levels the threads an engine makes at load start below the loading thread: ONNX
     # Runtime's intra-op pool (threads >= 2), so that the whole engine, not only the thread

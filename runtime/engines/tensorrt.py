@@ -436,7 +436,10 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _add_profile(trt, builder, network, config, options: BuildOptions) -> None:
-        """One optimisation profile for every input with a dynamic axis.
+        """One optimisation profile for every input with a dynamic axis - ``instances`` of
+        them, alike: TensorRT requires each execution context in concurrent use to have
+        its own profile where the engine has dynamic shapes (NvInferRuntime.h,
+        IExecutionContext), and the engine runs one context per instance at once.
 
         Axis 0 is the batch: 1 / opt_batch / max_batch. A sequence model's inputs (token
         ids and mask, shape (-1, -1)) have one more dynamic axis, the sequence:
@@ -445,7 +448,7 @@ class TensorRTBackend(Backend):
         fixed at export (the tier's shapes), so min, opt and max share them. Inputs without
         a dynamic axis need no profile entry.
         """
-        profile = builder.create_optimization_profile()
+        profiles = [builder.create_optimization_profile() for _ in range(options.instances)]
         dynamic = []
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
@@ -458,12 +461,15 @@ class TensorRTBackend(Backend):
             if -1 not in shape:
                 continue
             lo, opt, hi = _profile_shapes(tensor.name, shape, options)
-            profile.set_shape(tensor.name, lo, opt, hi)
+            for profile in profiles:
+                profile.set_shape(tensor.name, lo, opt, hi)
             dynamic.append(f"{tensor.name} {lo}..{hi}")
         if dynamic:
-            if config.add_optimization_profile(profile) < 0:
-                raise EngineError(f"TensorRT rejected the optimisation profile {dynamic}")
-            log.info("optimisation profile (tuned for batch %d): %s", options.opt_batch, dynamic)
+            for profile in profiles:
+                if config.add_optimization_profile(profile) < 0:
+                    raise EngineError(f"TensorRT rejected the optimisation profile {dynamic}")
+            log.info("%d optimisation profile(s), one per instance (tuned for batch %d): %s",
+                     len(profiles), options.opt_batch, dynamic)  # fmt: skip
 
     @staticmethod
     def _timing_cache(config, cache_path: Path):
@@ -684,8 +690,15 @@ class TensorRTEngine(Engine):
         for spec in self.inputs:
             if spec.shape and spec.shape[0] == -1:
                 self._max_shapes[spec.name] = (capacity, *self._max_shapes[spec.name][1:])
-        for _ in range(contexts):
-            self._new_slot()
+        dynamic = any(-1 in spec.shape for spec in self.inputs)
+        profiles = engine.num_optimization_profiles if dynamic else contexts
+        if contexts > profiles:  # (the key holds instances: a plan of another build)
+            log.warning("%s: %d contexts asked for, but the plan has %d optimisation profile(s) "
+                        "and each context in concurrent use needs its own: %d context(s)",
+                        self._source, contexts, profiles, profiles)  # fmt: skip
+            contexts = profiles
+        for i in range(contexts):
+            self._new_slot(i if dynamic else None)
         log.debug(
             "%s: %d context(s), each with %d device + pinned host buffers for batch <= %d: %s",
             self._source,
@@ -695,15 +708,23 @@ class TensorRTEngine(Engine):
             self._max_shapes,
         )
 
-    def _new_slot(self) -> None:
+    def _new_slot(self, profile: int | None) -> None:
         """A context bound to buffers of its own, listed in ``_slots`` before anything is
-        allocated, so that a failure part-way releases what it holds."""
+        allocated, so that a failure part-way releases what it holds; on optimisation
+        ``profile`` (its own: contexts in concurrent use must not share one) where the
+        engine has dynamic shapes."""
         slot = _Slot()
         self._slots.append(slot)
         slot.context = self._engine.create_execution_context()
         if slot.context is None:
             raise EngineError(f"{self._source}: TensorRT could not create an execution context")
         slot.stream = self._cuda.stream_create()
+        if profile:  # (a new context is on profile 0)
+            if not slot.context.set_optimization_profile_async(profile, int(slot.stream)):
+                raise EngineError(
+                    f"{self._source}: TensorRT refused optimisation profile {profile}"
+                )
+            self._cuda.synchronize(slot.stream)  # switched before its shapes are set
         for spec in self.inputs:
             self._set_input_shape(slot, spec.name, self._max_shapes[spec.name])
         # With every input at its largest shape, the outputs are at theirs too.

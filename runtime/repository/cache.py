@@ -63,6 +63,8 @@ def engine_key(
         fields["batch_profile"] = [1, options.opt_batch, options.max_batch]
     if options.sequence is not None and backend.shape_profiled:
         fields["sequence_profile"] = list(options.sequence)
+    if options.instances > 1 and backend.shape_profiled:  # one profile per context
+        fields["profiles"] = options.instances
     if backend.recipe != 1:  # absent at the first recipe: keys from before it stay valid
         fields["recipe"] = backend.recipe
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
