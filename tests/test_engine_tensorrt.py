@@ -255,6 +255,73 @@ def test_convert_to_fp16_leaves_resize_scales_float32_and_converts_constants():
     np.testing.assert_allclose(y, np.repeat(np.repeat(x * 0.5, 2, axis=2), 2, axis=3))
 
 
+def test_convert_to_fp16_keeps_a_tiny_epsilon_nonzero():
+    # x / (sum(x) + 1e-9): the guard became 0 in fp16 and an all-zero row (a text tier's
+    # all-padding row) came out NaN; onnxconverter-common clamps to 1e-7 (review 175).
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["eps"], value_float=1e-9),
+            helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),  # per row
+            helper.make_node("Add", ["s", "eps"], ["d"]),
+            helper.make_node("Div", ["x", "d"], ["y"]),
+        ],
+        "guarded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        initializer=[numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    half = convert_to_fp16(model)
+    onnx.checker.check_model(half, full_check=True)
+    x = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, [[0.25, 0.5, 0.25], [0.0, 0.0, 0.0]], atol=1e-3)
+
+
+def test_an_fp16_tensorrt_key_names_the_converter_that_makes_its_graph(
+    monkeypatch, install_trt, fake_cuda
+):
+    # onnxconverter-common of any version or the built-in pass made the graph of an fp16
+    # plan, none of them in its key: two images on a shared volume built different engines
+    # under one key, the first writer's served by both (review 175).
+    import importlib.metadata
+
+    from runtime.engines import fp16
+    from runtime.repository.cache import engine_key
+
+    install_trt()
+
+    def key(precision="fp16"):
+        return engine_key("ab" * 32, TensorRTBackend(), BuildOptions(precision=precision))[0]
+
+    def installed(version):
+        def read(name):
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+
+        monkeypatch.setattr(importlib.metadata, "version", read)
+
+    installed("1.16.0")
+    first = key()
+    installed("1.14.0")
+    assert key() != first
+    installed(None)
+    builtin = key()
+    monkeypatch.setattr(trt_module, "FP16_PASS", fp16.PASS_VERSION + 1)
+    assert key() != builtin
+    assert (
+        key("fp32") == key("fp32")
+        and "fp16_converter" not in engine_key("ab" * 32, TensorRTBackend(), BuildOptions())[1]
+    )
+
+
 def test_convert_to_fp16_computes_a_float_range_in_float32_and_leaves_an_int_one():
     # Range has no float16: a float Range (positions as floats, from the input's length)
     # became an invalid graph, "Type 'tensor(float16)' of input parameter ... of operator

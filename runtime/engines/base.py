@@ -136,6 +136,11 @@ class Backend(ABC):
     def device(self) -> str:
         """The device engines run on, e.g. 'cpu' or 'NVIDIA H100 80GB HBM3' (cache key)."""
 
+    def key_fields(self, options: BuildOptions) -> dict[str, Any]:
+        """What else an engine built with ``options`` depends on (cache key fields; none by
+        default): e.g. which fp16 converter a TensorRT fp16 build goes through."""
+        return {}
+
     @abstractmethod
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Build an engine from ``onnx_path`` into ``out_dir``; return the files written."""

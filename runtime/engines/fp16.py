@@ -11,6 +11,13 @@ import numpy as np
 
 # The largest finite float16; weights beyond it are clipped rather than becoming inf.
 _FP16_MAX = 65504.0
+# The smallest magnitude a nonzero constant keeps (onnxconverter-common's min_positive_val):
+# an epsilon of 1e-9 or 1e-12 - a mean pooling's or a normalisation's guard against
+# dividing by zero - became 0 in fp16, and an all-padding row came out NaN (review 175).
+_FP16_MIN_POSITIVE = 1e-7
+# What this pass makes of a graph, in TensorRT's engine key: bump it when that changes.
+# (2: tiny constants kept nonzero)
+PASS_VERSION = 2
 # (op type, input index) slots that ONNX requires to be float32 whatever the data type.
 _FLOAT32_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
 # Ops whose float type constraint has no float16 (Range: float, double, int16/32/64): a
@@ -68,8 +75,12 @@ def convert_to_fp16(model):
         return name
 
     def half(array: np.ndarray) -> np.ndarray:
-        # Clip first: values beyond fp16's range would become inf.
-        return np.clip(array, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+        # Clip first: values beyond fp16's range would become inf, tiny ones 0.
+        a = np.clip(array, -_FP16_MAX, _FP16_MAX)
+        tiny = (a != 0) & (np.abs(a) < _FP16_MIN_POSITIVE)
+        if tiny.any():
+            a = np.where(tiny, np.copysign(_FP16_MIN_POSITIVE, a), a)
+        return a.astype(np.float16)
 
     initializers = {i.name for i in graph.initializer}
     for init in graph.initializer:

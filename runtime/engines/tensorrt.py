@@ -70,6 +70,7 @@ from .base import (
     interrupted,
 )
 from .feeds import check_feeds
+from .fp16 import PASS_VERSION as FP16_PASS
 from .fp16 import convert_to_fp16
 
 log = logging.getLogger("innfer.engines.tensorrt")
@@ -351,6 +352,20 @@ class TensorRTBackend(Backend):
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
         return str(name).strip()
+
+    def key_fields(self, options: BuildOptions) -> dict[str, Any]:
+        """An fp16 plan is built from the graph a converter made (``_fp16_model_bytes``):
+        onnxconverter-common, whichever version is installed, or the built-in pass. Two
+        images on a shared volume made different engines under one key (review 175)."""
+        if options.precision != "fp16":
+            return {}
+        try:
+            from importlib.metadata import version
+
+            converter = version("onnxconverter-common")
+        except Exception:  # not installed (PackageNotFoundError), or unreadable
+            converter = None
+        return {"fp16_converter": {"onnxconverter_common": converter, "builtin": FP16_PASS}}
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Build ``onnx_path`` into ``out_dir / engine.plan``; returns ``["engine.plan"]``.

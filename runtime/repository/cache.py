@@ -65,6 +65,7 @@ def engine_key(
         fields["sequence_profile"] = list(options.sequence)
     if options.instances > 1 and backend.shape_profiled:  # one profile per context
         fields["profiles"] = options.instances
+    fields.update(backend.key_fields(options))
     if backend.recipe != 1:  # absent at the first recipe: keys from before it stay valid
         fields["recipe"] = backend.recipe
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
