@@ -583,6 +583,12 @@ def test_stale_build_directories_are_swept(tmp_path):
     aside = tmp_path / "k3.bad-3-cccc"  # set aside as unusable; its removal cut short
     aside.mkdir()
     assert EngineCache(tmp_path).sweep() == [aside.name] and new.exists()
+    # a TensorRT timing cache's temporary file, left by a build killed while saving it
+    timing = tmp_path / ".timing-NVIDIA_H100-trt10.13.cache.42-0a1b2c3d.tmp"
+    timing.write_bytes(b"partial")
+    assert EngineCache(tmp_path).sweep() == [] and timing.exists()  # maybe being written
+    os.utime(timing, (past, past))
+    assert EngineCache(tmp_path).sweep() == [timing.name] and not timing.exists()
 
 
 def test_builds_that_cannot_be_removed_are_not_said_removed(tmp_path, monkeypatch):
