@@ -1249,6 +1249,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     spent = f"{args.steps} steps a tier" if args.steps else f"{args.seconds:.0f} s"
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
+    full = inn.sizes(1.0)
+    for w in (w for w in widths if inn.sizes(w, multiple_of) == full):  # (review 176)
+        print(f"note: width {w} samples the full network (multiple_of {multiple_of}): it is "
+              "the teacher, not calibrated")  # fmt: skip
+    if (Path(out) / "tiers").is_dir():  # (its server refuses tiers of the INN before this)
+        print(f"rebuild the tiers with `innfer build {Path(out).parent}`: the built ones were "
+              "sampled before this calibration")  # fmt: skip
     return 0
 
 

@@ -352,6 +352,10 @@ def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_pat
     assert json.loads((root / "tiny" / "inn.json").read_text())["weights_sha256"] == weights
     with pytest.raises(RepositoryError, match=r"grids or norm statistics changed"):
         Repository(root).load("tiny")
+    # ... and so are they where simulate, report and bench plan offline (they planned with
+    # tiers a server refuses, reported beside the calibrated INN's figures: review 176)
+    with pytest.raises(RepositoryError, match=r"w100.*another INN.*run `innfer build`"):
+        Repository(root).served_tiers("tiny")
 
 
 def test_tiers_of_two_builds_are_refused_in_an_image_without_the_inn(built, tmp_path):

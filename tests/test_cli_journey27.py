@@ -571,6 +571,26 @@ def test_calibrate_defaults_to_model_yamls_evaluation_dataset_as_report_does(tmp
     assert code == 2 and "give --data NAME" in err  # nothing to default to
 
 
+def test_calibrating_a_built_model_says_to_rebuild_and_what_it_left_alone(tmp_path, capsys):
+    # The built tiers were left as they were, unsaid (a server then refused them), and a
+    # width of the full network was "calibrated" without a word (review 176).
+    import numpy as np
+
+    from runtime.build.pipeline import build_model
+    from runtime.repository import Repository
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, {**IO, "evaluation": {"dataset": "mine.npz"}})
+    x = np.random.default_rng(0).random((80, 1, 8, 8), dtype=np.float32)
+    np.savez(d / "mine.npz", x=x, y=np.arange(80) % 10)
+    build_model(Repository(tmp_path), "m", progress=False, profile=False)
+    code, out, err = _cli(capsys, "calibrate", d, "--steps", "2", "--widths", "1.0", "0.5")
+    assert code == 0, err
+    assert "note: width 1.0 samples the full network (multiple_of 1): it is the teacher" in out
+    assert f"rebuild the tiers with `innfer build {tmp_path}`" in out
+
+
 def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):
     # --data offered digits, mnist5k and mnist1d only (review helper-105).
     import numpy as np

@@ -725,6 +725,12 @@ class Repository:
         # model.yaml's tiers as built, as ``load`` checks them: a tier removed, added or
         # given another width since the build was planned as it had been built, silently.
         records = {t.name: self._built_record(name, t, config) for t in config.tiers}
+        # ... and sampled from the INN the directory holds now, as ``load`` checks: planned
+        # with the tiers of an INN calibrated since, they were tiers a server refuses
+        # (review 176)
+        inn_now = self._inn_fingerprint(name)
+        for tier, record in records.items():
+            self._check_inn(name, self.tier_dir(name, tier), record, inn_now)
         names = list(records)
         unmeasured = [n for n in names if n not in profile["tiers"]]
         if unmeasured:
