@@ -1051,6 +1051,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{args.out} already holds an INN ({', '.join(held)}): training would replace it; "
             "give another --out, --resume to continue its checkpoint, or --force to replace it"
         )
+    calibrated = _calibrated_tiers(args.out) if held and not args.force else 0
+    if calibrated:  # (--resume: the save at its end dropped them unsaid, finished or not)
+        raise ValueError(
+            f"{args.out}'s INN holds {calibrated} calibrated tier(s) (innfer calibrate): "
+            "training saves its own weights over it and drops them; give another --out, or "
+            "--force to drop them (then calibrate again)"
+        )
     torch.set_num_threads(args.threads)
     inn, data = train_inn(
         args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
@@ -1065,6 +1072,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nsaved {args.out}\n" + format_report(rows))
     save_report(rows, args.out / "report.json", args.out / "report.png")
     return 0
+
+
+def _calibrated_tiers(model_dir: Path) -> int:
+    """How many calibrated tiers the INN in ``model_dir`` stores (read from its inn.json's
+    tensor list; 0 where it cannot be read: the load that follows says why)."""
+    import json
+
+    from runtime.inn.model import TIER_PREFIX
+    from runtime.inn_files import META_FILE
+
+    try:
+        shapes = json.loads((Path(model_dir) / META_FILE).read_text())["shapes"]
+        return len({k.split("/")[0] for k in shapes if k.startswith(TIER_PREFIX)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:

@@ -365,6 +365,20 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
                                  "--multiple-of", "8")  # fmt: skip
     assert code == 0, err
     assert [line.split()[-1] for line in stdout.splitlines()[1:3]] == ["sampled", "calibrated"]
+    # --resume over an INN calibrated since saved the trained weights over it and dropped
+    # its tiers unsaid, even with nothing left to train (review 176): refused; --force drops
+    code, _, err = cli_main("calibrate", str(out), "--data", "digits", "--widths", "0.5",
+                            "--multiple-of", "8", "--steps", "2", "--samples", "256")  # fmt: skip
+    assert code == 0, err
+    held = (out / "inn.safetensors").read_bytes()
+    resume = ("train", "--model", "digits_mlp", "--epochs", "2", "--out", str(out),
+              "--batch-size", "256", "--widths", "1.0", "--resume")  # fmt: skip
+    code, _, err = cli_main(*resume)
+    assert code == 2 and "holds 1 calibrated tier(s)" in err and "--force" in err
+    assert (out / "inn.safetensors").read_bytes() == held
+    code, _, err = cli_main(*resume, "--force")
+    assert code == 0, err
+    assert not load_inn(out).tiers
 
 
 @pytest.mark.parametrize(
