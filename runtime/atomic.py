@@ -61,6 +61,37 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     _sync_directory(path.parent)
 
 
+def write_output(path: str | Path, data: bytes) -> None:
+    """Write a file a user named for output (``--json PATH``): whole or not at all
+    (``write_bytes``) where it is a regular file or new; through a symbolic link, to the
+    file it names; and written to, not replaced, where it is a pipe or a device
+    (``/dev/stdout``, a FIFO, ``/dev/full``'s ENOSPC said): the rename turned each into a
+    regular file - a link lost, a reader that got nothing, a device node gone (review 176).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "real.json").write_text("{}")
+        >>> (d / "link.json").symlink_to("real.json")
+        >>> write_output(d / "link.json", b"[1]")
+        >>> (d / "link.json").is_symlink(), (d / "real.json").read_text()
+        (True, '[1]')
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        return
+    write_bytes(path, data)
+
+
 def replace_directory(new: Path, out: Path) -> bool:
     """Put the folder ``new`` in the place of ``out``: ``out`` renamed aside, ``new`` renamed
     in, the old one removed. A reader finds the old folder or the new one, each whole - but

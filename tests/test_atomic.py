@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -55,3 +56,31 @@ def test_a_read_only_volume_is_said_with_the_file_meant(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         write_json(path, {})
     assert e.value.errno == errno.EROFS and e.value.filename == str(path)
+
+
+def test_an_output_through_a_link_or_to_a_pipe_is_written_there_not_replaced(tmp_path):
+    # `report --json` renamed a temporary file over what the user named: a link became a
+    # file (its target left empty), a FIFO's reader got nothing, /dev/full was replaced by
+    # a regular file as root (review 176).
+    import threading
+
+    from runtime.atomic import write_output
+
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "real" / "out.json")  # its target not there yet
+    write_output(link, b'{"a": 1}')
+    assert link.is_symlink() and (tmp_path / "real" / "out.json").read_bytes() == b'{"a": 1}'
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_output(fifo, b"[1, 2]")
+    reader.join(10)
+    assert got == [b"[1, 2]"] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+    plain = tmp_path / "plain.json"
+    write_output(plain, b"x")  # a new file: written whole, as before
+    assert plain.read_bytes() == b"x" and not list(tmp_path.glob(".plain.json.*"))

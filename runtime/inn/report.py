@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from runtime.atomic import write_json
+from runtime.atomic import write_output
 from runtime.inn.model import IntegralModel
 from runtime.inn.modes import evaluating
 
@@ -163,7 +164,8 @@ def save_report(
     latency against width where the model is built (``served``)."""
     if json_path is not None:
         doc = {"widths": [asdict(r) for r in rows], "served": [asdict(t) for t in served]}
-        write_json(json_path, doc)  # whole or not at all: scripts read it
+        # whole or not at all: scripts read it (through a link, or to a pipe or device)
+        write_output(json_path, json.dumps(doc, indent=1).encode())
     has_acc = any(r.accuracy is not None for r in rows)
     if png_path is None or not (has_acc or served):
         return
