@@ -24,6 +24,20 @@ def built(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("repo"), CONFIG, repeats=3)
 
 
+def test_the_accuracy_source_says_the_samples_scored_not_the_limit(tmp_path):
+    # digits' test split holds 500: "evaluation digits (1000 samples)" said the limit
+    # (review 176).
+    from runtime.build.frontier import _accuracy_source
+    from runtime.demo.data import load as load_data
+    from runtime.repository.config import ModelConfig
+
+    split = len(load_data("digits").x_test)
+    for limit, said in ((10**6, split), (64, 64)):
+        config = ModelConfig.from_dict({**CONFIG, "evaluation": {"dataset": "digits",
+                                                                 "limit": limit}})  # fmt: skip
+        assert _accuracy_source(config) == f"evaluation digits ({said} samples)"
+
+
 def test_build_measures_the_frontier(built):
     root, report = built
     f = report.frontier

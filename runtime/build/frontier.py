@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from runtime.atomic import replace_directory
 from runtime.build.export import embedding_rows, write_tier_files
 from runtime.build.pipeline import evaluate_accuracy, evaluation_key, validated_engine
-from runtime.build.sampling import norm_inputs, sample_tier
+from runtime.build.sampling import dataset_ref, norm_inputs, sample_tier
 from runtime.engines.torch import module_files_problem
 from runtime.inn.calibrate import recompute_norm_stats
 from runtime.inn.model import IntegralModel, load
@@ -267,10 +267,18 @@ def _data(config: ModelConfig):
 
 
 def _accuracy_source(config: ModelConfig) -> str:
+    """What the candidates' accuracy was measured on: the samples ``evaluate_accuracy``
+    scores (the limit, or fewer where the test split is smaller: digits' 500 were said as
+    1,000 - review 176)."""
     e = config.evaluation
     if e is None:
         return "flops (no evaluation set: FLOPs fraction of the full width)"
-    return f"evaluation {e.dataset} ({e.limit} samples)"
+    if e.dataset is None:
+        return f"evaluation {e.text} ({e.limit} sentences)"
+    from runtime.demo.data import load as load_data
+
+    scored = min(e.limit, len(load_data(dataset_ref(config)).x_test))
+    return f"evaluation {e.dataset} ({scored} samples)"
 
 
 def _random_inputs(config: ModelConfig) -> torch.Tensor:
