@@ -1276,8 +1276,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"note: width {w} samples the full network (multiple_of {multiple_of}): it is "
               "the teacher, not calibrated")  # fmt: skip
     if (Path(out) / "tiers").is_dir():  # (its server refuses tiers of the INN before this)
-        print(f"rebuild the tiers with `innfer build {Path(out).parent}`: the built ones were "
-              "sampled before this calibration")  # fmt: skip
+        repo = Path(out).resolve().parent  # (given as ".", its parent was ".")
+        print(f"rebuild the tiers with `innfer build {repo}`: the built ones were sampled "
+              "before this calibration")  # fmt: skip
     return 0
 
 

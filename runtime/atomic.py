@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -78,18 +79,40 @@ def write_output(path: str | Path, data: bytes) -> None:
         (True, '[1]')
     """
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
+    # A stream: /dev/stdout, /dev/fd/N and bash's >(...) are links to pipes (their targets
+    # have no file names) or to the shell's own file, and a FIFO or device has no contents to
+    # replace - each written in place, appended (never truncated: a redirected stdout holds
+    # what the command printed before); review 179.
+    if str(path).startswith(("/dev/", "/proc/")) or (path.exists() and not path.is_file()):
+        sys.stdout.flush()  # (what it printed first comes first)
+        sys.stderr.flush()
+        fd = _own_fd(str(path))
         try:
-            with open(path, "wb") as f:
+            # One of this process's own descriptors (/dev/stdout redirected to a file) is
+            # written through a duplicate: it shares the descriptor's offset, where a new
+            # open of the file appended at its end and the next print wrote over it.
+            with os.fdopen(os.dup(fd), "ab") if fd is not None else open(path, "ab") as f:
                 f.write(data)
         except OSError as exc:
             if exc.errno is None:
                 raise
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     write_bytes(path, data)
+
+
+def _own_fd(name: str) -> int | None:
+    """The descriptor number ``name`` opens again (/dev/stdout, /dev/fd/3,
+    /proc/self/fd/3), or None."""
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    if name in named:
+        return named[name]
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return int(name[len(prefix) :])
+    return None
 
 
 def replace_directory(new: Path, out: Path) -> bool:

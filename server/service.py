@@ -44,9 +44,9 @@ from server.limits import (
     tensor_fields,
 )
 from server.model_runtime import VERDICT, Duration, ModelRuntime, Verdict
+from server.proto_gen import POOL, health_pb2, health_pb2_grpc
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
-from server.proto_gen import health_pb2, health_pb2_grpc
 from server.proto_gen import model_config_pb2 as mc
 from server.stream import StreamWindow, serve_stream
 
@@ -866,6 +866,18 @@ def add_health_service(servicer: HealthService, server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
+def _pool_knows(file) -> None:
+    """Add ``file`` (a FileDescriptor) and what it imports to ``POOL`` where it is not there."""
+    try:
+        POOL.FindFileByName(file.name)
+        return
+    except KeyError:
+        pass
+    for dependency in file.dependencies:
+        _pool_knows(dependency)
+    POOL.AddSerializedFile(file.serialized_pb)
+
+
 def add_reflection_service(server, names: Sequence[str]) -> bool:
     """Register grpcio-reflection's servicer (v1alpha, what grpcurl asks for) for ``names``,
     as ``add_health_service`` registers health: undecodable bytes answered INVALID_ARGUMENT
@@ -877,7 +889,11 @@ def add_reflection_service(server, names: Sequence[str]) -> bool:
         from grpc_reflection.v1alpha.reflection import aio
     except ImportError:  # optional dependency; the server works without it
         return False
-    servicer = aio.ReflectionServicer([*names, reflection.SERVICE_NAME])
+    # The services' messages are in innfer's own pool (server.proto_gen.POOL), which is where
+    # a describe looks: in protobuf's default pool nothing was found, and grpcurl could list
+    # the services but not describe or call them (review 179).
+    _pool_knows(reflection_pb2.DESCRIPTOR)
+    servicer = aio.ReflectionServicer([*names, reflection.SERVICE_NAME], pool=POOL)
     parse = _tolerant(reflection_pb2.ServerReflectionRequest, OTHER_FIELDS)
 
     async def info(requests, context):

@@ -84,3 +84,31 @@ def test_an_output_through_a_link_or_to_a_pipe_is_written_there_not_replaced(tmp
     plain = tmp_path / "plain.json"
     write_output(plain, b"x")  # a new file: written whole, as before
     assert plain.read_bytes() == b"x" and not list(tmp_path.glob(".plain.json.*"))
+
+
+@pytest.mark.parametrize("into", ["pipe", "file"])
+def test_an_output_to_dev_stdout_is_appended_where_stdout_goes(tmp_path, into):
+    # /dev/stdout is a link to a pipe (whose target has no file name: FileNotFoundError)
+    # or to the shell's file (renamed over: what the command printed after was lost);
+    # review 179.
+    import subprocess
+    import sys
+
+    script = tmp_path / "out.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {os.getcwd()!r})\n"
+        "from runtime.atomic import write_output\n"
+        "print('table')\n"
+        "write_output('/dev/stdout', b'{}\\n')\n"
+        "print('after')\n"
+    )
+    if into == "pipe":
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
+        got = out.stdout
+    else:
+        with open(tmp_path / "all.txt", "wb") as f:
+            out = subprocess.run([sys.executable, str(script)], stdout=f,
+                                 stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        got = (tmp_path / "all.txt").read_bytes()
+    assert out.returncode == 0, out.stderr
+    assert got == b"table\n{}\nafter\n"

@@ -1353,7 +1353,8 @@ def test_a_tier_kept_from_an_older_build_gains_its_sampling_record(built, tmp_pa
     assert all(s is not None and s["multiple_of"] == 1 for s in sampling), sampling
 
 
-def test_a_float16_model_builds_at_its_own_precision_tolerance(tmp_path):
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_a_float16_model_builds_at_its_own_precision_tolerance(tmp_path, out_dtype):
     # A model converted in float16 (weights, inputs and outputs) runs in float16 in torch
     # and in its ONNX alike; their difference is float16 rounding (4.9e-4 here), which the
     # fp32 engines' tolerance refused: no backend could build it on a CPU (review 170).
@@ -1363,13 +1364,14 @@ def test_a_float16_model_builds_at_its_own_precision_tolerance(tmp_path):
             self.a, self.n = torch.nn.Linear(20, 32), torch.nn.LayerNorm(32)
             self.act, self.b = torch.nn.PReLU(), torch.nn.Linear(32, 7)
 
-        def forward(self, x):
-            return self.b(self.act(self.n(self.a(x))))
+        def forward(self, x):  # float16 all through, or returned as float32 (review 179)
+            y = self.b(self.act(self.n(self.a(x))))
+            return y if out_dtype == "float16" else y.float()
 
     torch.manual_seed(0)
     inn = runtime.convert(MLP().eval().half(), (torch.randn(2, 20, dtype=torch.float16),))
     config = {"inputs": [{"name": "x", "dtype": "float16", "shape": [20]}],
-              "outputs": [{"name": "y", "dtype": "float16", "shape": [7]}],
+              "outputs": [{"name": "y", "dtype": out_dtype, "shape": [7]}],
               "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
               "max_batch": 4, "threads": 1}  # fmt: skip
     add_model(tmp_path, "half", inn, config)
@@ -1411,3 +1413,21 @@ def test_a_model_export_captured_at_one_image_size_is_not_built_at_another(tmp_p
     add_model(tmp_path, "same", inn, config(32))
     report = build_model(Repository(tmp_path), "same", progress=False, profile=False)
     assert report.tiers[0].max_abs_err < 1e-4
+
+    class Signal(ShapeBranch):  # a 1-D signal [C, L]: export keeps its length static too
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv1d(3, 16, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            if h.shape[-1] > 16:
+                h = torch.nn.functional.max_pool1d(h, 2)
+            return self.fc(h.mean(2))
+
+    inn = runtime.convert(Signal().eval(), (torch.randn(2, 3, 32),))
+    assert inn.info["frontend"] == "export"
+    add_model(tmp_path, "signal", inn, {**config(16), "inputs": [
+        {"name": "x", "dtype": "float32", "shape": [3, 16]}]})  # fmt: skip
+    with pytest.raises(BuildError, match=r"is \[3, 16\] per row, .* at \[3, 32\]"):
+        build_model(Repository(tmp_path), "signal", progress=False, profile=False)

@@ -571,7 +571,9 @@ def test_calibrate_defaults_to_model_yamls_evaluation_dataset_as_report_does(tmp
     assert code == 2 and "give --data NAME" in err  # nothing to default to
 
 
-def test_calibrating_a_built_model_says_to_rebuild_and_what_it_left_alone(tmp_path, capsys):
+def test_calibrating_a_built_model_says_to_rebuild_and_what_it_left_alone(
+    tmp_path, capsys, monkeypatch
+):
     # The built tiers were left as they were, unsaid (a server then refused them), and a
     # width of the full network was "calibrated" without a word (review 176).
     import numpy as np
@@ -589,6 +591,10 @@ def test_calibrating_a_built_model_says_to_rebuild_and_what_it_left_alone(tmp_pa
     assert code == 0, err
     assert "note: width 1.0 samples the full network (multiple_of 1): it is the teacher" in out
     assert f"rebuild the tiers with `innfer build {tmp_path}`" in out
+    monkeypatch.chdir(d)  # given as ".": its parent was "." too (review 179)
+    code, out, err = _cli(capsys, "calibrate", ".", "--steps", "2", "--widths", "0.5")
+    assert code == 0, err
+    assert f"rebuild the tiers with `innfer build {tmp_path.resolve()}`" in out
 
 
 def test_report_and_calibrate_take_your_own_npz(tmp_path, capsys):

@@ -496,6 +496,33 @@ def test_undecodable_reflection_requests_are_invalid_argument_without_a_tracebac
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
+def test_reflection_describes_the_services_it_lists(tmp_path):
+    # The messages live in innfer's own descriptor pool: reflection looked in protobuf's
+    # default one, so grpcurl listed the services but could not describe or call them
+    # (review 179).
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    s = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            asks = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+                    for name in ("inference.GRPCInferenceService", "grpc.health.v1.Health",
+                                 "grpc.reflection.v1alpha.ServerReflection")]  # fmt: skip
+            answers = list(stub.ServerReflectionInfo(iter(asks), timeout=10))
+    finally:
+        s.stop()
+    methods = {}
+    for answer in answers:
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
+        for data in answer.file_descriptor_response.file_descriptor_proto:
+            f = descriptor_pb2.FileDescriptorProto.FromString(data)
+            methods.update({sv.name: [m.name for m in sv.method] for sv in f.service})
+    assert "ModelInfer" in methods["GRPCInferenceService"] and "Watch" in methods["Health"]
+    assert methods["ServerReflection"] == ["ServerReflectionInfo"]
+
+
 def test_calls_beyond_max_concurrent_streams_on_one_connection_are_refused(model_repository):
     # Without a bound every call gRPC handed over was held until answered: a client sending
     # faster than the server answered grew it by its backlog (bench/results/stream_bound.json).

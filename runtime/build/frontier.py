@@ -273,8 +273,15 @@ def _accuracy_source(config: ModelConfig) -> str:
     e = config.evaluation
     if e is None:
         return "flops (no evaluation set: FLOPs fraction of the full width)"
-    if e.dataset is None:
-        return f"evaluation {e.text} ({e.limit} sentences)"
+    if e.dataset is None:  # held-out sentences: those the file has, up to the limit
+        from runtime.repository.tokenizer import read_sentences, text_chars
+
+        path = Path(config.source).parent / e.text
+        try:
+            n = len(read_sentences(path, e.limit, text_chars(config.text.max_length)))
+        except (OSError, ValueError):  # (the build itself says what is wrong with it)
+            n = e.limit
+        return f"evaluation {e.text} ({n} sentences)"
     from runtime.demo.data import load as load_data
 
     scored = min(e.limit, len(load_data(dataset_ref(config)).x_test))
