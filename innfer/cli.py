@@ -1275,11 +1275,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for w in (w for w in widths if inn.sizes(w, multiple_of) == full):  # (review 176)
         print(f"note: width {w} samples the full network (multiple_of {multiple_of}): it is "
               "the teacher, not calibrated")  # fmt: skip
-    if (Path(out) / "tiers").is_dir():  # (its server refuses tiers of the INN before this)
+    stored = _tiers_changed(inn.tiers, tuned.tiers)  # (a run that kept every stored or
+    # uncalibrated width changed nothing to rebuild)
+    if stored and (Path(out) / "tiers").is_dir():  # (a server refuses the tiers of before)
         repo = Path(out).resolve().parent  # (given as ".", its parent was ".")
         print(f"rebuild the tiers with `innfer build {repo}`: the built ones were sampled "
               "before this calibration")  # fmt: skip
     return 0
+
+
+def _tiers_changed(before: dict, after: dict) -> bool:
+    """Whether ``after`` (an INN's calibrated tiers) holds a tier or tensor ``before``
+    did not."""
+    import torch
+
+    for key, tensors in after.items():
+        old = before.get(key, {})
+        if any(old.get(n) is None or not torch.equal(t, old[n]) for n, t in tensors.items()):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -1777,7 +1791,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds",
         type=_positive,
         default=60.0,
-        help="budget for all widths together (split evenly between the tiers)",
+        help="budget for all widths together (split evenly between the tiers; default 60)",
     )
     cal.add_argument("--seed", type=_seed, default=0,
                      help="with --steps, the same seed gives the same tiers; a --seconds "

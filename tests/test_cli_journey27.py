@@ -591,8 +591,11 @@ def test_calibrating_a_built_model_says_to_rebuild_and_what_it_left_alone(
     assert code == 0, err
     assert "note: width 1.0 samples the full network (multiple_of 1): it is the teacher" in out
     assert f"rebuild the tiers with `innfer build {tmp_path}`" in out
+    code, out, err = _cli(capsys, "calibrate", d, "--steps", "2", "--widths", "1.0")
+    assert code == 0, err
+    assert "rebuild" not in out  # nothing stored: nothing to rebuild (review 180)
     monkeypatch.chdir(d)  # given as ".": its parent was "." too (review 179)
-    code, out, err = _cli(capsys, "calibrate", ".", "--steps", "2", "--widths", "0.5")
+    code, out, err = _cli(capsys, "calibrate", ".", "--steps", "3", "--widths", "0.5")
     assert code == 0, err
     assert f"rebuild the tiers with `innfer build {tmp_path.resolve()}`" in out
 

