@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,20 @@ PENALTY = 100.0  # score lost per unit of attainment below the floor: 0.1 per 0.
 STEP = 0.1  # candidates closer than this in latency (relative) are one option
 TRAFFIC_COLUMNS = ("arrival_s", "budget_ms", "rows")
 MAX_ROWS = 2**31 - 1  # rows one recorded request may have (a gRPC message holds fewer)
+
+
+def _header_advice(unknown: list[str]) -> str:
+    """What to do with a traffic CSV header's unknown column names: the expected name each
+    one is a typo of ('budgets_ms': "drop them" left a header still refused; review 176),
+    else drop them."""
+    if not unknown:
+        return ""
+    near = {h: difflib.get_close_matches(h.lower(), TRAFFIC_COLUMNS, n=1, cutoff=0.6)
+            for h in unknown}  # fmt: skip
+    if any(near.values()):
+        fixes = ", ".join(f"{h!r} -> {m[0]!r}" for h, m in near.items() if m)
+        return f" (rename: {fixes})"
+    return f" (unknown columns: {', '.join(unknown)}; drop them)"
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,7 @@ class Traffic:
                     "traffic.csv)"
                 )
             else:
-                advice = f" (unknown columns: {', '.join(other)}; drop them)" if other else ""
+                advice = _header_advice(other)
             raise ValueError(
                 f"{path}: the first line must be the header 'arrival_s,budget_ms' or "
                 f"'arrival_s,budget_ms,rows', got {','.join(header)!r}{advice}"

@@ -137,7 +137,12 @@ def recorded(path: str | Path) -> Traffic | None:
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
-    if not head.startswith(b"arrival_s"):
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+    # A header with a typo ('arrivals,budget_ms') is a header still: read as one, its error
+    # names the column to fix - not "not a timestamp in seconds: 'arrivals,budget_ms'"
+    # (review 176). Bare timestamps have no commas.
+    header_like = "," in first and any(c.isalpha() and c not in "eE" for c in first)
+    if not (head.startswith(b"arrival_s") or header_like):
         return None
     st = p.stat()
     return _read_traffic(str(p), st.st_mtime_ns, st.st_size)

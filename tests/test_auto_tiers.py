@@ -352,6 +352,9 @@ def test_a_binary_trace_file_is_said_to_be_no_trace(tmp_path):
         # batch of 4 and the choice served 6 % where the plain trace gave 89 % (review
         # helper-106). Out-of-order arrivals and bad budgets were said without a line.
         ("arrival_s,budget_ms,priority\n0,10,4\n", r"unknown columns: priority; drop them"),
+        # a typo: "drop them" left a header still refused (review 176)
+        ("arrival_s,budgets_ms\n0,10\n", r"\(rename: 'budgets_ms' -> 'budget_ms'\)"),
+        ("Arrival_S,budget_ms\n0,10\n", r"\(rename: 'Arrival_S' -> 'arrival_s'\)"),
         # timestamps alone, as simulate --trace-file takes them: "unknown columns:
         # 0.005700; drop them" (review 164)
         ("0.005700\n0.0091\n", r"a line of numbers: put the header first, and each request"),

@@ -93,6 +93,11 @@ def test_a_traffic_csv_the_server_records_replays_its_budgets_and_rows(tmp_path)
     path.write_text("arrival_s,budget_ms\n")
     with pytest.raises(ValueError, match=r"traffic\.csv: no requests after the header"):
         simulate(TIERS, P50, SimConfig(trace="file", trace_file=str(path)))
+    # a header with a typo is a header still, its column named (it was "not a timestamp in
+    # seconds: 'arrivals,budget_ms'": review 176)
+    path.write_text("arrivals,budget_ms\n0,10\n")
+    with pytest.raises(ValueError, match=r"rename: 'arrivals' -> 'arrival_s'"):
+        simulate(TIERS, P50, SimConfig(trace="file", trace_file=str(path)))
 
 
 def test_the_varying_trace_reports_the_rate_it_offers():
