@@ -369,6 +369,11 @@ def _instances(served: ServedModel) -> int:
     return min(caps)
 
 
+def _stuck_after(planned: float) -> float:
+    """Seconds a batch planned at ``planned`` s runs before it counts as stuck."""
+    return max(STUCK_MIN_S, STUCK_FACTOR * planned)
+
+
 class ModelRuntime:
     """Serves one model. ``clock`` is injectable for tests; it must be monotonic seconds."""
 
@@ -845,7 +850,7 @@ class ModelRuntime:
         ``STUCK_FACTOR`` times its plan and at least ``STUCK_MIN_S``), 0.0 if none is.
         Liveness reads it (``DataPlane.not_live_reason``)."""
         now = self.clock()
-        over = [now - started - max(STUCK_MIN_S, STUCK_FACTOR * planned)
+        over = [now - started - _stuck_after(planned)
                 for started, planned, _ in list(self._batch_started.values())]  # fmt: skip
         return max((s for s in over if s > 0), default=0.0)
 
@@ -878,7 +883,7 @@ class ModelRuntime:
             (key, f"model {self.name}: a batch of tier {tier} has run {ran:.0f} s (planned "
                   f"{planned * 1e3:.1f} ms): its engine is stuck")
             for key, (started, planned, tier) in list(self._batch_started.items())
-            if (ran := now - started) > max(STUCK_MIN_S, STUCK_FACTOR * planned)
+            if (ran := now - started) > _stuck_after(planned)
         ]  # fmt: skip
         for key, why in found:
             if key not in self._said_stuck:

@@ -796,7 +796,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         return S.SERVING if self.plane.ready() else S.NOT_SERVING
 
     async def Check(self, request, context):
-        await _health_decoded(request, context)
+        await _abort_undecodable(request, context)
         status = self.status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(
@@ -811,7 +811,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         ``HEALTH_WATCH_PERIOD_S``) until the client cancels or the server drains (the last
         status then sent: the stream must not hold the drain to its grace period); an
         unknown service is SERVICE_UNKNOWN, not an error (grpc.health.v1)."""
-        await _health_decoded(request, context)
+        await _abort_undecodable(request, context)
         closing, last = self.plane.closing, None
         while True:
             # Whether draining has begun is read before the status: the drain sets the
@@ -842,9 +842,9 @@ TIERS_ELSEWHERE = 'ModelConfig: config.parameters["tiers"]'
 HEALTH_WATCH_PERIOD_S = 1.0
 
 
-async def _health_decoded(request, context) -> None:
-    """``_require_decoded`` for the health service, whose handlers ``rpc_method`` does not
-    wrap: its refusal as the status it maps to."""
+async def _abort_undecodable(request, context) -> None:
+    """``_require_decoded`` for the health and reflection services, whose handlers
+    ``rpc_method`` does not wrap: its refusal as the status it maps to."""
     try:
         _require_decoded(request)
     except InferError as exc:
@@ -899,7 +899,7 @@ def add_reflection_service(server, names: Sequence[str]) -> bool:
     async def info(requests, context):
         async def decoded():
             async for request in requests:
-                await _health_decoded(request, context)  # (aborts on Undecodable)
+                await _abort_undecodable(request, context)
                 yield request
 
         async for response in servicer.ServerReflectionInfo(decoded(), context):

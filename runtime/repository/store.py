@@ -278,8 +278,8 @@ class Repository:
         for p in sorted(self.root.iterdir(), key=lambda p: p.name):
             if file_known(p / "inn.json") is True and file_known(p / "model.yaml") is False:
                 near = [f.name for f in (p / "model.yml", p / "model.YAML") if f.is_file()]
-                fix = f"rename {near[0]} to model.yaml" if near else "write one (README, " \
-                      "'Bring your own model')"  # fmt: skip
+                fix = (f"rename {near[0]} to model.yaml" if near
+                       else "write one (README, 'Bring your own model')")  # fmt: skip
                 said.append(f"{p.name} holds an INN but no model.yaml: {fix}")
         return said
 
