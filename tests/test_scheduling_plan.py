@@ -2,7 +2,7 @@
 reference of the same rules (per fastest allowed tier, next-fit batches in queue order; a
 batch runs on the plan's tier where all its requests allow it, else on their fastest
 allowed tier; a candidate's head batch taken out of its batches without re-forming them;
-batches in the order of their first request, each on the slot that frees first; a batch's
+batches in the order of their first request left, each on the slot that frees first; a batch's
 end the Fenton-Wilkinson quantile of the sum of independent log-normal batch times)."""
 
 from __future__ import annotations
@@ -38,25 +38,26 @@ NAMES = [t.name for t in TIERS]
 NARROW = [TIERS[0], TierInfo("mid", 0.95, {1: 2.0, 4: 4.0}, {1: 1.6, 4: 3.4}), TIERS[2]]
 
 
-def reference(queue, ctx, plan, skip, head, others, now):
-    """Whether the rest is feasible, plainly: the specification ``plan`` implements."""
+def reference(queue, ctx, plan, skip, head, others, now, caps=None):
+    """Whether the rest is feasible, plainly: the specification ``plan`` implements.
+    ``caps``: batch rows per fastest tier (default ``ctx.max_batch`` for each)."""
     lat = ctx.latency
     open_batch: dict[str, list] = {}
     batches = []  # [rows, [requests]] in the order of their first request
     for r in queue:
         key = (ctx.fastest(r), r.group)  # requests of two groups never share a batch
         b = open_batch.get(key)
-        if b is None or b[0] + r.rows > ctx.max_batch:
+        cap = ctx.max_batch if caps is None else caps[ctx.fastest(r)]
+        if b is None or b[0] + r.rows > cap:
             b = [0, []]
             batches.append(b)
             open_batch[key] = b
         b[0] += r.rows
         b[1].append(r)
     slots = [[0.0, *head]] + [[o, 0.0, 0.0] for o in others]  # offset, mean, variance
-    for _, reqs in batches:
-        left = [r for r in reqs if r.id not in skip]
-        if not left:
-            continue
+    where = {r.id: i for i, r in enumerate(queue)}
+    rest = [[r for r in reqs if r.id not in skip] for _, reqs in batches]
+    for left in sorted((x for x in rest if x), key=lambda x: where[x[0].id]):
         may = set.intersection(*(set(ctx.allowed(r)) for r in left))
         tier = plan if plan in may else ctx.fastest(left[0])
         rows = sum(r.rows for r in left)
@@ -90,11 +91,13 @@ request = st.tuples(st.integers(1, 80), st.integers(1, 8), constraint, st.intege
     slots=st.integers(1, 3),
     max_batch=st.sampled_from([4, 8]),
     narrow=st.booleans(),
+    per_tier=st.sampled_from([None, (8, 2, 4), (1, 8, 3)]),
 )
-def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch, narrow):
+def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch, narrow, per_tier):
     """Each candidate with its own plan tier and head batch (so the -1 padding and the
     per-candidate reset of what a head took out are exercised), on 1-3 slots, with and
-    without a tier whose profile stops short of the batch size."""
+    without a tier whose profile stops short of the batch size, with one batch size or one
+    per tier."""
     tiers = NARROW if narrow else TIERS
     ctx = Context(tiers, LatencyModel(tiers), max_batch)
     # Priorities make the queue order differ from the deadline order.
@@ -107,13 +110,15 @@ def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch,
     others = [0.0005 * k for k in range(1, slots)]
     now = 0.001
     cols = ctx.columns(queue)
-    groups = form_groups(cols, max_batch)
+    sizes = [max_batch] * 3 if per_tier is None else [min(b, max_batch) for b in per_tier]
+    caps = dict(zip(NAMES, sizes, strict=True))
+    groups = form_groups(cols, max_batch if per_tier is None else sizes)
     candidates, want = [], []
     for plan, skip in checks:
         skip = sorted(i for i in skip if i < len(queue))
         candidates.append(Candidate(skip, *head, None if plan is None else ctx.rank[plan]))
         ids = {queue[i].id for i in skip}
-        want.append(reference(queue, ctx, plan, ids, head, others, now))
+        want.append(reference(queue, ctx, plan, ids, head, others, now, caps))
     got = feasible(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, now)
     assert got == want
     # Every request is in exactly one batch, the one ``of`` names.
@@ -128,13 +133,16 @@ def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch,
     new=request,
     slots=st.integers(1, 3),
     running=st.floats(0.0, 0.01),
+    per_tier=st.sampled_from([None, (8, 2, 4), (1, 8, 3)]),
 )
 def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
-    spec, new, slots, running
+    spec, new, slots, running, per_tier
 ):
     """The new request's end: its own batch on the fastest tiers' plan, or an earlier batch
-    it joins - a plain sum per slot, each batch on the slot that frees first."""
+    it joins - a plain sum per slot, each batch on the slot that frees first; batches of 8
+    rows, or of a size per fastest tier."""
     ctx = Context(TIERS, LatencyModel(TIERS), 8)
+    caps = [8, 8, 8] if per_tier is None else list(per_tier)
     queue = sorted(
         (
             Request(k, 0.0, ms * 1e-3, rows=rows, group=g, **c)
@@ -147,14 +155,14 @@ def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
     lo, hi = ctx.bounds(r)
     busy = [running] + [0.0005 * k for k in range(1, slots)]
     behind = ctx.columns([*queue, Request(100, 0.0, 2.0)])  # one more queued behind r
-    got = admission_finish(behind, len(queue), (r.rows, lo, hi), 8, ctx.tables(), ctx.latency.z,
-                           busy[::-1], group_key(g))  # fmt: skip
+    got = admission_finish(behind, len(queue), (r.rows, lo, hi), 8 if per_tier is None else caps,
+                           ctx.tables(), ctx.latency.z, busy[::-1], group_key(g))  # fmt: skip
     lat = ctx.latency
     batches, open_batch = [], {}  # [fastest tier rank, rows, group], next-fit per class
     for q in [*queue, r]:
         key = (ctx.bounds(q)[1], q.group)
         k = open_batch.get(key)
-        if k is None or batches[k][1] + q.rows > 8:
+        if k is None or batches[k][1] + q.rows > caps[key[0]]:
             k = open_batch[key] = len(batches)
             batches.append([key[0], 0, q.group])
         batches[k][1] += q.rows
@@ -166,7 +174,7 @@ def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
         rank, b, of = batches[k]
         t = names[rank]
         off, m, v = min(chains, key=lambda x: x[0] + x[1])
-        if k < mine and lo <= rank <= hi and b + r.rows <= 8 and of == g:
+        if k < mine and lo <= rank <= hi and b + r.rows <= caps[rank] and of == g:
             mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
             options.append(off + float(sum_quantile(mj, vj, lat.z)))
         slot = min(chains, key=lambda x: x[0] + x[1])
@@ -191,6 +199,30 @@ def test_batches_are_real_sizes_per_fastest_tier_in_the_order_of_their_first_req
     assert g.rows.tolist() == [3, 1, 8, 1] and g.head.tolist() == [0, 1, 2, 4]
     assert g.of.tolist() == [0, 1, 2, 2, 3] and g.members(2) == [2, 3]
     assert [NAMES[t] for t in g.lo] == ["big", "big", "big", "big"]
+
+
+def test_a_batch_that_lost_its_front_to_the_head_runs_at_its_first_request_left():
+    """Queue: an unpinned request due at 3 ms, one pinned to "big" due at 6.5 ms, then
+    seven unpinned due at 50 ms - the unpinned form one batch with the first. A head of the
+    first request alone leaves that batch's seven: they run after the pinned one (their
+    first request is behind it), which then makes its deadline. Run at the place of the
+    batch's old first request, they made the pinned one late (review helper-178)."""
+    tiers = [TierInfo("big", 0.99, {1: 4.0, 8: 14.0}), TierInfo("small", 0.93, {1: 1.0, 8: 3.5})]
+    lat = LatencyModel(tiers)
+    ctx = Context(tiers, lat, 8)
+    queue = [Request(0, 0.0, 0.003), Request(1, 0.0, 0.0065, pin="big")]
+    queue += [Request(2 + k, 0.0, 0.050) for k in range(7)]
+    cols = ctx.columns(queue)
+    g = form_groups(cols, 8)
+    assert g.head.tolist() == [0, 1] and g.rows.tolist() == [8, 1]
+    head = (lat.mean("small", 1), lat.var("small", 1))
+    assert 0.001 + lat.estimate("small", 1) + lat.estimate("big", 1) < 0.0065
+    ok = feasible(g, cols, [Candidate([0], *head, None)], ctx.tables(), lat.z, [], 0.001)
+    assert ok == [True]
+    # The head taking three of the batch (two from behind the pinned one) leaves it late.
+    rows3 = (lat.mean("small", 3), lat.var("small", 3))
+    late = feasible(g, cols, [Candidate([0, 2, 3], *rows3, None)], ctx.tables(), lat.z, [], 0.001)
+    assert late == [False]
 
 
 def test_one_slot_sums_batch_times_and_takes_the_quantile_of_the_sum():

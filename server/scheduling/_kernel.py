@@ -32,13 +32,13 @@ def quantile(mean, var, z):
 
 
 @_jit
-def next_fit(ints, deadline, max_batch, of):
+def next_fit(ints, deadline, caps, of):
     """Per class - fastest allowed tier and group - next-fit batches of the queue's columns
     (``ints``: rows, lo, hi, group key; (4, n)) in queue order, numbered in the order of
-    their first request. Returns ``batch`` (4, n) - hi, lo, rows and head (queue index of
-    the first request) of batch g in column g, the first G columns used - ``due`` (n,), each
-    batch's earliest deadline (first G), and G; writes each request's batch into ``of``
-    (n,)."""
+    their first request; a class of fastest tier h batches up to ``caps[h]`` rows. Returns
+    ``batch`` (4, n) - hi, lo, rows and head (queue index of the first request) of batch g
+    in column g, the first G columns used - ``due`` (n,), each batch's earliest deadline
+    (first G), and G; writes each request's batch into ``of`` (n,)."""
     rows, lo, hi, key = ints[0], ints[1], ints[2], ints[3]
     n = len(rows)
     batch = np.empty((4, n), np.int64)
@@ -48,6 +48,8 @@ def next_fit(ints, deadline, max_batch, of):
     for i in range(n):
         if hi[i] < 0 or lo[i] < 0:
             raise ValueError("a tier rank is negative")
+        if hi[i] >= len(caps):
+            raise ValueError("a tier rank has no batch size")
         tiers = max(tiers, hi[i] + 1)
     # Dense group codes (0 .. groups - 1): every key 0 - no groups, the usual case - skips
     # the sort.
@@ -68,7 +70,7 @@ def next_fit(ints, deadline, max_batch, of):
     for i in range(n):
         c = code[i] * tiers + hi[i]
         k = open_batch[c]
-        if k < 0 or g_rows[k] + rows[i] > max_batch:
+        if k < 0 or g_rows[k] + rows[i] > caps[hi[i]]:
             k = g
             g += 1
             open_batch[c] = k
@@ -82,7 +84,7 @@ def next_fit(ints, deadline, max_batch, of):
 
 
 @_jit
-def groups(ints, deadline, max_batch):
+def groups(ints, deadline, caps):
     """``plan.Groups``' arrays for the queue's columns (``ints``: rows, lo, hi, group key;
     (4, n)):
     ``next_fit``'s ``batch`` and ``due``; ``index`` (3, n + 1) - ``of`` (row 0, first n),
@@ -92,7 +94,7 @@ def groups(ints, deadline, max_batch):
     n = ints.shape[1]
     index = np.zeros((3, n + 1), np.int64)
     of, order, bounds = index[0], index[1], index[2]  # views: they write into index
-    batch, due, g = next_fit(ints, deadline, max_batch, of)
+    batch, due, g = next_fit(ints, deadline, caps, of)
     for i in range(n):
         bounds[of[i] + 1] += 1
     for k in range(g):
@@ -123,8 +125,10 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
     indices, -1 padded (floats holding small integers exactly) - whether every batch of
     ``groups``' plan that the head leaves ends by its deadline. Slots: this one (after the
     head), then ``others`` (their planning offsets); each batch on the slot that frees
-    first."""
-    g_hi, g_lo, g_rows = batch[0], batch[1], batch[2]
+    first. Batches run in the order of their first request: one the head took requests
+    from, of its first request left (a batch that lost its front to the head had kept the
+    head's place, ahead of a pinned batch that was due first and then seemed late)."""
+    g_hi, g_lo, g_rows, g_head = batch[0], batch[1], batch[2], batch[3]
     of, order, bounds = index[0], index[1], index[2]
     rows, lo = ints[0], ints[1]
     n_cand, n_tiers, width, most = cand.shape[0], mean.shape[0], mean.shape[1], cand.shape[1] - 3
@@ -135,6 +139,8 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
     left_rows = np.empty(most, np.int64)
     left_due = np.empty(most, np.float64)
     left_lo = np.empty(most, np.int64)
+    left_head = np.empty(most, np.int64)
+    by_head = np.empty(most, np.int64)  # the touched batches' rows, by their new first request
     slots = 1 + len(others)
     off, m, v = np.empty(slots), np.empty(slots), np.empty(slots)
     for k in range(n_cand):
@@ -150,6 +156,7 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
                 touched[b] = n_hit
                 hit[n_hit] = b
                 left_rows[n_hit], left_due[n_hit], left_lo[n_hit] = 0, np.inf, 0
+                left_head[n_hit] = len(rows)  # past every request: none left
                 n_hit += 1
         for q in range(n_hit):
             b = hit[q]
@@ -164,22 +171,37 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
                     left_rows[q] += rows[i]
                     left_due[q] = min(left_due[q], deadline[i])
                     left_lo[q] = max(left_lo[q], lo[i])
+                    left_head[q] = min(left_head[q], i)
+            # Insertion sort by the new first request (at most B touched batches).
+            j = q
+            while j > 0 and left_head[by_head[j - 1]] > left_head[q]:
+                by_head[j] = by_head[j - 1]
+                j -= 1
+            by_head[j] = q
         off[0], m[0], v[0] = 0.0, cand[k, 1], cand[k, 2]
         for s in range(1, slots):
             off[s], m[s], v[s] = others[s - 1], 0.0, 0.0
         plan = int(cand[k, 0])
-        for b in range(n_groups):
-            r, end_by, low = g_rows[b], due[b], g_lo[b]
-            q = touched[b]
-            if q >= 0:
-                r, end_by, low = left_rows[q], left_due[q], left_lo[q]
-                if r == 0:
+        b, p = 0, 0  # the next untouched batch; the next touched one (in by_head)
+        while True:
+            while b < n_groups and touched[b] >= 0:
+                b += 1
+            if p < n_hit and (b >= n_groups or left_head[by_head[p]] < g_head[b]):
+                q = by_head[p]
+                p += 1
+                if left_rows[q] == 0:
                     continue  # emptied: takes no slot
+                r, end_by, low, top = left_rows[q], left_due[q], left_lo[q], g_hi[hit[q]]
+            elif b < n_groups:
+                r, end_by, low, top = g_rows[b], due[b], g_lo[b], g_hi[b]
+                b += 1
+            else:
+                break
             if r >= width:
                 raise ValueError("a batch has more rows than the latency tables")
-            if g_hi[b] >= n_tiers:
+            if top >= n_tiers:
                 raise ValueError("a tier rank is past the latency tables")
-            t = plan if low <= plan <= g_hi[b] else g_hi[b]
+            t = plan if low <= plan <= top else top
             s = _earliest_slot(off, m) if slots > 1 else 0
             m[s] += mean[t, r]
             v[s] += var[t, r]
@@ -192,20 +214,24 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
 
 
 @_jit
-def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, max_batch, z, busy):
+def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, caps, z, busy):
     """When a new request (``r_rows``, ``r_lo``, ``r_hi``, group ``r_key``) queued after the
     first ``at`` requests of the columns (``ints``: rows, lo, hi, group key) ends (seconds
     from now), the batches on their fastest allowed tiers after the slots free (``busy``:
-    per slot): with its own batch, or, if sooner, added to an earlier batch of its group
-    that runs on a tier it allows and has room for it."""
+    per slot), a batch of fastest tier h up to ``caps[h]`` rows: with its own batch, or, if
+    sooner, added to an earlier batch of its group that runs on a tier it allows and has
+    room for it."""
+    width = mean.shape[1]
+    for h in range(len(caps)):
+        if caps[h] >= width:
+            raise ValueError("max_batch exceeds the latency tables' width")
     ahead = np.empty((4, at + 1), np.int64)  # the queue ahead, then the new request
     ahead[:, :at] = ints[:, :at]
     ahead[0, at], ahead[1, at], ahead[2, at], ahead[3, at] = r_rows, r_lo, r_hi, r_key
     of = np.empty(at + 1, np.int64)
-    batch, _, _ = next_fit(ahead, np.zeros(at + 1), max_batch, of)  # deadlines unused
+    batch, _, _ = next_fit(ahead, np.zeros(at + 1), caps, of)  # deadlines unused
     g_hi, g_rows, g_head = batch[0], batch[2], batch[3]
     mine = of[at]
-    width = mean.shape[1]
     off = np.sort(busy)
     m, v = np.zeros(len(busy)), np.zeros(len(busy))
     best = np.inf
@@ -220,8 +246,8 @@ def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, max_batch, z, busy
         v[s] += var[t, b]
         if k == mine:
             best = min(best, off[s] + quantile(m[s], v[s], z))
-        # (b + r_rows <= max_batch < width: plan.admission_finish checks the tables' width)
-        elif r_lo <= t <= r_hi and b + r_rows <= max_batch and ahead[3, g_head[k]] == r_key:
+        # (b + r_rows <= caps[t] < width: checked above)
+        elif r_lo <= t <= r_hi and b + r_rows <= caps[t] and ahead[3, g_head[k]] == r_key:
             dm = mean[t, b + r_rows] - mean[t, b]
             dv = var[t, b + r_rows] - var[t, b]
             best = min(best, off[s] + quantile(m[s] + dm, v[s] + dv, z))

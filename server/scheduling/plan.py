@@ -9,7 +9,8 @@ none; requests of different groups never share a batch).
 
 The plan (``form_groups``, once per decision): requests are grouped by their fastest
 allowed tier ``hi`` and their group; per such class, in queue order, batches of up to B
-rows, a request that does not fit closing the batch (next-fit, as ``Context.take``). A batch
+rows - B the efficient batch of the class's tier ``hi`` (``Context.plan_batches``) - a
+request that does not fit closing the batch (next-fit, as ``Context.take``). A batch
 may run on any tier from the most demanding ``lo`` of its requests to ``hi``: on a plan's
 tier p where that range holds p, else on ``hi``. Batches run in the order of their first
 request, each on the slot that frees first. A batch's time is log-normal (the latency
@@ -174,9 +175,27 @@ class Candidate:
     plan: int | None
 
 
-def form_groups(cols: Columns, max_batch: int) -> Groups:
-    """The plan's batches for ``cols`` (see the module docstring), in run order."""
-    return Groups(*_kernel.groups(cols.ints, cols.deadline, max_batch))
+def form_groups(cols: Columns, max_batch: int | Sequence[int]) -> Groups:
+    """The plan's batches for ``cols`` (see the module docstring), in run order:
+    ``max_batch`` rows at most per batch, or per tier rank h of its class's fastest tier
+    (a sequence, one entry per tier)."""
+    # One size for all: as many entries as the queue's tiers. A sequence too short for a
+    # class's tier is refused by the kernel.
+    scalar = not isinstance(max_batch, np.ndarray) and np.ndim(max_batch) == 0
+    tiers = int(cols.hi.max()) + 1 if scalar and len(cols) else 0
+    return Groups(*_kernel.groups(cols.ints, cols.deadline, _caps(max_batch, tiers)))
+
+
+def _caps(max_batch: int | Sequence[int], tiers: int) -> np.ndarray:
+    """The batch size per tier rank as the kernels take it: int64, at least ``tiers``
+    entries (a single size repeated ``max(tiers, 1)`` times). A size below 1 plans each
+    request alone, as 1 does."""
+    caps = np.asarray(max_batch, np.int64)  # no copy of an int64 array (plan_batches')
+    if caps.ndim == 0:
+        caps = np.full(max(tiers, 1), int(caps), np.int64)
+    if caps.ndim != 1 or len(caps) < tiers:
+        raise ValueError(f"batch sizes {caps.tolist()} do not give one per tier of {tiers}")
+    return caps
 
 
 def feasible(
@@ -220,7 +239,7 @@ def admission_finish(
     cols: Columns,
     at: int,
     request: tuple[int, int, int],
-    max_batch: int,
+    max_batch: int | Sequence[int],
     tables: tuple[np.ndarray, np.ndarray, np.ndarray],
     z: float,
     busy: Sequence[float],
@@ -228,9 +247,10 @@ def admission_finish(
 ) -> float:
     """When a new request - ``request``: its (rows, lo, hi); ``group``: its group key -
     queued after the first ``at`` requests of ``cols`` would end, seconds from now at the
-    ``z`` quantile, the batches run on their fastest allowed tiers after the slots free
-    (``busy``: seconds per slot): with its own batch, or, if sooner, added to an earlier
-    batch of its group that runs on a tier it allows and has room for it."""
+    ``z`` quantile, the batches - ``max_batch`` rows at most, or per tier rank as in
+    ``form_groups`` - run on their fastest allowed tiers after the slots free (``busy``:
+    seconds per slot): with its own batch, or, if sooner, added to an earlier batch of its
+    group that runs on a tier it allows and has room for it."""
     if not len(busy):
         raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
@@ -239,10 +259,9 @@ def admission_finish(
         raise ValueError(f"at {at} is outside a queue of {len(cols)}")
     if not 0 <= lo <= hi < mean.shape[0]:
         raise ValueError(f"tier ranks {lo}..{hi} outside the {mean.shape[0]} tiers")
-    if max_batch >= mean.shape[1]:
-        raise ValueError(f"max_batch {max_batch} exceeds the latency tables' {mean.shape[1] - 1}")
+    caps = _caps(max_batch, mean.shape[0])  # the kernel refuses one past the tables' width
     return _kernel.admission(
-        cols.ints, at, rows, lo, hi, group, mean, var, max_batch, float(z),
+        cols.ints, at, rows, lo, hi, group, mean, var, caps, float(z),
         np.asarray(busy, np.float64),
     )  # fmt: skip
 

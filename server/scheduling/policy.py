@@ -166,7 +166,16 @@ class Context:
         ((0, 0), 0.999)
     """
 
-    __slots__ = ("_batch", "_names", "_tail", "latency", "max_batch", "rank", "tiers")
+    __slots__ = (
+        "_batch",
+        "_names",
+        "_plan_sizes",
+        "_tail",
+        "latency",
+        "max_batch",
+        "rank",
+        "tiers",
+    )
 
     def __init__(
         self,
@@ -183,6 +192,8 @@ class Context:
         init(self, "max_batch", max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
         init(self, "_batch", {})  # tier -> (the means it was computed from, batch sizes)
+        # plan_batches' array (the same one, kept current) and the means it was read from.
+        init(self, "_plan_sizes", (np.zeros(len(ordered), np.int64), [None] * len(ordered)))
         # _tail[k]: the last rank <= k not dominated by a more accurate tier (latency.
         # dominated). An unpinned request's range ends there: its least accurate allowed tier
         # is what plans fall back to as its fastest, and a dominated one is slower than a
@@ -235,6 +246,20 @@ class Context:
         work that fits (8 closed-loop clients at 30 ms with w025 at 5.4 / 6.3 / 39 ms for
         1 / 2 / 8 rows: as batches of 8 nothing fits; as batches of 2, all do)."""
         return self._batch_sizes(tier)[0]
+
+    def plan_batches(self) -> np.ndarray:
+        """``plan_batch`` per tier rank (int64 (T,); one array, kept current - read it
+        before the latency model next learns): the batches a plan forms for a class of
+        requests whose fastest allowed tier has that rank. One size for every class -
+        the fastest tier's - planned the requests pinned to a tier that batches well in
+        the fastest tier's small batches, and admission refused a pinned request that the
+        planner then served in time (review helper-178)."""
+        sizes, seen = self._plan_sizes  # updated in place: a tier whose means changed
+        for k, name in enumerate(self._names):
+            means = self.latency.means(name)  # replaced when it changes
+            if seen[k] is not means:
+                sizes[k], seen[k] = self._batch_sizes(name)[0], means
+        return sizes
 
     def batch_cap(self, tier: str) -> int:
         """The most rows a batch on ``tier`` runs: the smallest size within
@@ -449,6 +474,10 @@ class Planner(Policy):
       3. ``relaxed``: else the same over every tier in T with the rest planned at each
          batch's fastest allowed tier (Q is too deep to stay at one tier; the head still
          gets the most accurate tier that leaves R feasible).
+      3b. ``shorter``: else, where a tier's largest batch passed over a queued request to
+         take ones behind it, the prefix that stops before that request, on the most
+         accurate tier where one leaves the rest feasible - at the quantile, else at the
+         median: the largest batch delayed the request it passed over past its deadline.
       4. ``throughput_fallback``: else the queue cannot be saved in full; to save as many
          as possible, on T's fastest tier the batch expected to meet the most deadlines
          per second (at the latency model's median and spread, not at q), or its
@@ -506,6 +535,7 @@ class Planner(Policy):
         decision = (
             self.accuracy_first(queue, candidates, now, ctx, snap)  # 2
             or self.relaxed(queue, allowed, now, ctx, snap)  # 3
+            or self.shorter(queue, allowed, now, ctx, snap)  # 3b
             or self.throughput_fallback(queue, allowed, now, ctx, snap)  # 4
         )
         self._decision = None
@@ -655,6 +685,51 @@ class Planner(Policy):
             ok = self._check(queue, heads, plans, now, ctx, snap)
             checked.update(zip(todo, ok, strict=True))
         return checked
+
+    def shorter(
+        self,
+        queue: Sequence[Request],
+        allowed: list[str],
+        now: float,
+        ctx: Context,
+        snap: Snapshot,
+    ) -> Decision | None:
+        """Step 3b: where a tier's largest batch passed over a queued request (pinned
+        elsewhere, of another group, outside the tier's range) to take ones behind it, the
+        batch's prefixes that stop before each such jump - the most accurate allowed tier
+        with one whose rest is feasible (each batch on its fastest allowed tier), its
+        longest; checked at the ``slo_target`` quantile, then at the median. None if there
+        is none. The largest batch delayed the request it passed over past its deadline
+        while the prefix left everyone's met: without this, step 4 ran it (its met-rate
+        counts only the batch's own requests) and the passed-over one expired although
+        admission had planned it in time (review helper-178). A queue of one class - no
+        pins, groups or min_tier - has no jumps, and never gets here with a candidate.
+        One compiled pass per quantile for every tier's prefixes, O(T x B) candidates."""
+        heads = []
+        for tier in allowed:
+            found = self._largest_once(queue, tier, now, ctx, snap)
+            if found is None:
+                continue
+            batch, _, where = found
+            if where[-1] - where[0] == len(where) - 1:
+                continue  # consecutive queue indices (ascending): no jump
+            heads += [
+                (tier, batch[:k], where[:k])
+                for k in range(1, len(batch))
+                if where[k] != where[k - 1] + 1
+            ]
+        if not heads:
+            return None
+        for z in (ctx.latency.z, 0.0):
+            ok = self._check(queue, heads, [None] * len(heads), now, ctx, snap, z)
+            best: dict[str, list[Request]] = {}
+            for (tier, batch, _), fine in zip(heads, ok, strict=True):
+                if fine:
+                    best[tier] = batch  # ascending length: the longest feasible one wins
+            for tier in allowed:
+                if tier in best:
+                    return Decision(tier, best[tier])
+        return None
 
     def throughput_fallback(
         self,
@@ -810,8 +885,9 @@ class Planner(Policy):
         head = (tier, batch, _positions(batch, queue))
         return self._check(queue, [head], [plan], now, ctx, snap)[0]
 
-    def _check(self, queue, heads, plans, now, ctx, snap) -> list[bool]:
-        """``rest_feasible`` for several (tier, batch, queue indices) at once."""
+    def _check(self, queue, heads, plans, now, ctx, snap, z=None) -> list[bool]:
+        """``rest_feasible`` for several (tier, batch, queue indices) at once, at the
+        ``z`` score (default: the latency model's, ``slo_target``'s)."""
         if all(len(where) == len(queue) for _, _, where in heads):
             return [True] * len(heads)  # each batch takes the whole queue: no rest to check
         state = self._decision
@@ -829,7 +905,13 @@ class Planner(Policy):
             candidates.append(Candidate(where, lat.mean(tier, rows), lat.var(tier, rows), rank))
         self.work += len(candidates) * len(plan.groups)
         return feasible(
-            plan.groups, plan.cols, candidates, plan.tables, lat.z, plan.others, plan.start
+            plan.groups,
+            plan.cols,
+            candidates,
+            plan.tables,
+            lat.z if z is None else z,
+            plan.others,
+            plan.start,
         )
 
     def _plan(self, queue, now, ctx, snap) -> _Plan:
@@ -837,7 +919,7 @@ class Planner(Policy):
         cols = snap.columns
         if cols is None or len(cols) != len(queue):
             cols = ctx.columns(queue)
-        groups = form_groups(cols, ctx.plan_batch())
+        groups = form_groups(cols, ctx.plan_batches())
         self.work += len(cols)
         others = list(snap.busy[: self.slots - 1])
         others += [0.0] * (self.slots - 1 - len(others))

@@ -380,12 +380,12 @@ class Scheduler:
         ahead = self.device.backlog(self, (-r.priority, r.deadline))
         if ahead:
             busy = [b + ahead for b in busy]
-        tables, z, b = self.ctx.tables(), z_score(q), self.ctx.plan_batch()
+        tables, z = self.ctx.tables(), z_score(q)
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
-        cols, group = self.columns(), group_key(r.group)
-        return now + admission_finish(cols, at, (r.rows, lo, hi), b, tables, z, busy, group)
+        cols, group, caps = self.columns(), group_key(r.group), self.ctx.plan_batches()
+        return now + admission_finish(cols, at, (r.rows, lo, hi), caps, tables, z, busy, group)
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
@@ -418,7 +418,7 @@ class Scheduler:
         if not at:
             return 0.0
         cols = self.columns()
-        quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
+        quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         tiers = len(quantile)
         hi, rows, group = cols.hi[:at], cols.rows[:at], cols.group[:at]
         cls = hi
@@ -429,6 +429,7 @@ class Scheduler:
         for c, n in enumerate(rows.astype(np.int64).tolist()):
             if n:
                 tier = c % tiers
+                b = caps[tier]
                 full, rest = divmod(n, b)
                 total += full * quantile[tier, b] + (quantile[tier, rest] if rest else 0.0)
         return float(total)
@@ -438,14 +439,14 @@ class Scheduler:
         (-priority, deadline), its deadline, seconds of this queue's work up to and including
         it), counted as ``work_due`` counts (per fastest allowed tier and group, full batches
         plus one partial, at the planning quantile). What ``Device.hold`` weighs."""
-        quantile, b = self.ctx.tables()[0], self.ctx.plan_batch()
+        quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         rows: dict[tuple, int] = {}  # (group, fastest tier rank) -> rows so far
         cost: dict[tuple, float] = {}  # (group, fastest tier rank) -> their seconds
         total, out = 0.0, []
         for r in itertools.islice(self.queue, limit):
             t = self.ctx.bounds(r)[1]
             k = (r.group, t)
-            n = rows.get(k, 0) + r.rows
+            n, b = rows.get(k, 0) + r.rows, caps[t]
             full, rest = divmod(n, b)
             c = full * float(quantile[t, b]) + (float(quantile[t, rest]) if rest else 0.0)
             total += c - cost.get(k, 0.0)
