@@ -2,7 +2,8 @@
 reference of the same rules (per fastest allowed tier, next-fit batches in queue order; a
 batch runs on the plan's tier where all its requests allow it, else on their fastest
 allowed tier; a candidate's head batch taken out of its batches without re-forming them;
-batches in the order of their first request left, each on the slot that frees first; a batch's
+batches in the order of their first request (left, where the candidate says the batches it
+took from move), each on the slot that frees first; a batch's
 end the Fenton-Wilkinson quantile of the sum of independent log-normal batch times)."""
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ NAMES = [t.name for t in TIERS]
 NARROW = [TIERS[0], TierInfo("mid", 0.95, {1: 2.0, 4: 4.0}, {1: 1.6, 4: 3.4}), TIERS[2]]
 
 
-def reference(queue, ctx, plan, skip, head, others, now, caps=None):
+def reference(queue, ctx, plan, skip, head, others, now, caps=None, moved=False):
     """Whether the rest is feasible, plainly: the specification ``plan`` implements.
-    ``caps``: batch rows per fastest tier (default ``ctx.max_batch`` for each)."""
+    ``caps``: batch rows per fastest tier (default ``ctx.max_batch`` for each); ``moved``:
+    a batch the head took from runs at its first request left, else at its first's."""
     lat = ctx.latency
     open_batch: dict[str, list] = {}
     batches = []  # [rows, [requests]] in the order of their first request
@@ -56,8 +58,9 @@ def reference(queue, ctx, plan, skip, head, others, now, caps=None):
         b[1].append(r)
     slots = [[0.0, *head]] + [[o, 0.0, 0.0] for o in others]  # offset, mean, variance
     where = {r.id: i for i, r in enumerate(queue)}
-    rest = [[r for r in reqs if r.id not in skip] for _, reqs in batches]
-    for left in sorted((x for x in rest if x), key=lambda x: where[x[0].id]):
+    rest = [(reqs[0], [r for r in reqs if r.id not in skip]) for _, reqs in batches]
+    placed = sorted((where[(x[0] if moved else first).id], x) for first, x in rest if x)
+    for _, left in placed:
         may = set.intersection(*(set(ctx.allowed(r)) for r in left))
         tier = plan if plan in may else ctx.fastest(left[0])
         rows = sum(r.rows for r in left)
@@ -92,8 +95,11 @@ request = st.tuples(st.integers(1, 80), st.integers(1, 8), constraint, st.intege
     max_batch=st.sampled_from([4, 8]),
     narrow=st.booleans(),
     per_tier=st.sampled_from([None, (8, 2, 4), (1, 8, 3)]),
+    moved=st.booleans(),
 )
-def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch, narrow, per_tier):
+def test_the_compiled_plan_is_the_reference_plan(
+    spec, checks, slots, max_batch, narrow, per_tier, moved
+):
     """Each candidate with its own plan tier and head batch (so the -1 padding and the
     per-candidate reset of what a head took out are exercised), on 1-3 slots, with and
     without a tier whose profile stops short of the batch size, with one batch size or one
@@ -116,9 +122,10 @@ def test_the_compiled_plan_is_the_reference_plan(spec, checks, slots, max_batch,
     candidates, want = [], []
     for plan, skip in checks:
         skip = sorted(i for i in skip if i < len(queue))
-        candidates.append(Candidate(skip, *head, None if plan is None else ctx.rank[plan]))
+        rank = None if plan is None else ctx.rank[plan]
+        candidates.append(Candidate(skip, *head, rank, moved))
         ids = {queue[i].id for i in skip}
-        want.append(reference(queue, ctx, plan, ids, head, others, now, caps))
+        want.append(reference(queue, ctx, plan, ids, head, others, now, caps, moved))
     got = feasible(groups, cols, candidates, ctx.tables(), ctx.latency.z, others, now)
     assert got == want
     # Every request is in exactly one batch, the one ``of`` names.
@@ -201,12 +208,12 @@ def test_batches_are_real_sizes_per_fastest_tier_in_the_order_of_their_first_req
     assert [NAMES[t] for t in g.lo] == ["big", "big", "big", "big"]
 
 
-def test_a_batch_that_lost_its_front_to_the_head_runs_at_its_first_request_left():
+def test_a_moved_batch_that_lost_its_front_to_the_head_runs_at_its_first_request_left():
     """Queue: an unpinned request due at 3 ms, one pinned to "big" due at 6.5 ms, then
     seven unpinned due at 50 ms - the unpinned form one batch with the first. A head of the
-    first request alone leaves that batch's seven: they run after the pinned one (their
-    first request is behind it), which then makes its deadline. Run at the place of the
-    batch's old first request, they made the pinned one late (review helper-178)."""
+    first request alone leaves that batch's seven: moved, they run after the pinned one
+    (their first request is behind it), which then makes its deadline; at the batch's old
+    place they make the pinned one late (review helper-178)."""
     tiers = [TierInfo("big", 0.99, {1: 4.0, 8: 14.0}), TierInfo("small", 0.93, {1: 1.0, 8: 3.5})]
     lat = LatencyModel(tiers)
     ctx = Context(tiers, lat, 8)
@@ -217,12 +224,12 @@ def test_a_batch_that_lost_its_front_to_the_head_runs_at_its_first_request_left(
     assert g.head.tolist() == [0, 1] and g.rows.tolist() == [8, 1]
     head = (lat.mean("small", 1), lat.var("small", 1))
     assert 0.001 + lat.estimate("small", 1) + lat.estimate("big", 1) < 0.0065
-    ok = feasible(g, cols, [Candidate([0], *head, None)], ctx.tables(), lat.z, [], 0.001)
-    assert ok == [True]
+    both = [Candidate([0], *head, None, moved=True), Candidate([0], *head, None)]
+    assert feasible(g, cols, both, ctx.tables(), lat.z, [], 0.001) == [True, False]
     # The head taking three of the batch (two from behind the pinned one) leaves it late.
     rows3 = (lat.mean("small", 3), lat.var("small", 3))
-    late = feasible(g, cols, [Candidate([0, 2, 3], *rows3, None)], ctx.tables(), lat.z, [], 0.001)
-    assert late == [False]
+    three = Candidate([0, 2, 3], *rows3, None, moved=True)
+    assert feasible(g, cols, [three], ctx.tables(), lat.z, [], 0.001) == [False]
 
 
 def test_one_slot_sums_batch_times_and_takes_the_quantile_of_the_sum():

@@ -121,17 +121,16 @@ def _earliest_slot(off, mean):
 @_jit
 def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, others, now):
     """Per candidate k - ``cand[k]``: the tier rank the rest is planned at (T: each batch
-    on its fastest), the head batch's mean and variance on this slot, then its queue
-    indices, -1 padded (floats holding small integers exactly) - whether every batch of
-    ``groups``' plan that the head leaves ends by its deadline. Slots: this one (after the
-    head), then ``others`` (their planning offsets); each batch on the slot that frees
-    first. Batches run in the order of their first request: one the head took requests
-    from, of its first request left (a batch that lost its front to the head had kept the
-    head's place, ahead of a pinned batch that was due first and then seemed late)."""
+    on its fastest), the head batch's mean and variance on this slot, whether a batch it
+    took requests from moves to its first request left (1) or keeps its place (0), then
+    its queue indices, -1 padded (floats holding small integers exactly) - whether every
+    batch of ``groups``' plan that the head leaves ends by its deadline. Slots: this one
+    (after the head), then ``others`` (their planning offsets); each batch on the slot that
+    frees first, in the order of their first request (see ``plan.Candidate``)."""
     g_hi, g_lo, g_rows, g_head = batch[0], batch[1], batch[2], batch[3]
     of, order, bounds = index[0], index[1], index[2]
     rows, lo = ints[0], ints[1]
-    n_cand, n_tiers, width, most = cand.shape[0], mean.shape[0], mean.shape[1], cand.shape[1] - 3
+    n_cand, n_tiers, width, most = cand.shape[0], mean.shape[0], mean.shape[1], cand.shape[1] - 4
     ok = np.ones(n_cand, np.bool_)
     touched = np.full(n_groups, -1, np.int64)  # batch -> its row in left_* (this candidate)
     skip = np.empty(most, np.int64)
@@ -146,8 +145,8 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
     for k in range(n_cand):
         # What the head batch leaves of each batch it takes requests from.
         n_skip = 0
-        while n_skip < most and cand[k, 3 + n_skip] >= 0:
-            skip[n_skip] = int(cand[k, 3 + n_skip])  # in range: plan.feasible checks
+        while n_skip < most and cand[k, 4 + n_skip] >= 0:
+            skip[n_skip] = int(cand[k, 4 + n_skip])  # in range: plan.feasible checks
             n_skip += 1
         n_hit = 0
         for j in range(n_skip):
@@ -158,6 +157,7 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
                 left_rows[n_hit], left_due[n_hit], left_lo[n_hit] = 0, np.inf, 0
                 left_head[n_hit] = len(rows)  # past every request: none left
                 n_hit += 1
+        moved = cand[k, 3] != 0.0
         for q in range(n_hit):
             b = hit[q]
             for p in range(bounds[b], bounds[b + 1]):
@@ -172,6 +172,8 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
                     left_due[q] = min(left_due[q], deadline[i])
                     left_lo[q] = max(left_lo[q], lo[i])
                     left_head[q] = min(left_head[q], i)
+            if not moved and left_rows[q]:
+                left_head[q] = g_head[b]  # its old place
             # Insertion sort by the new first request (at most B touched batches).
             j = q
             while j > 0 and left_head[by_head[j - 1]] > left_head[q]:

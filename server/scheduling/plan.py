@@ -166,13 +166,20 @@ class Groups:
 @dataclass(frozen=True)
 class Candidate:
     """A decision to check: the head batch's queue indices (``skip``), the mean and
-    variance (s, s^2) of its time on this slot, and the tier rank the rest is planned at
-    (None: each batch on its fastest allowed tier)."""
+    variance (s, s^2) of its time on this slot, the tier rank the rest is planned at
+    (None: each batch on its fastest allowed tier), and where a batch the head took
+    requests from runs: at its first request left (``moved``: where the next decisions
+    would put it - a pinned batch due before that request runs first) or at its old
+    place, its first request's (the default, more cautious where other classes wait:
+    planned where they run, the batches left of a length group by text traffic let the
+    planner choose slower tiers, 10 seeds of four groups at 30 ms and half load: mean
+    attainment 0.991 against 0.995)."""
 
     skip: Sequence[int]
     mean: float
     var: float
     plan: int | None
+    moved: bool = False
 
 
 def form_groups(cols: Columns, max_batch: int | Sequence[int]) -> Groups:
@@ -219,10 +226,11 @@ def feasible(
     _, mean, var = tables
     none = mean.shape[0]  # a plan past the fastest tier: each batch on its fastest
     width = max(len(x.skip) for x in candidates)
-    # One array for all candidates (one conversion): plan, mean, variance, head indices.
+    # One array for all candidates (one conversion): plan, mean, variance, moved, head
+    # indices.
     cand = np.array(
         [
-            [none if x.plan is None else x.plan, x.mean, x.var, *x.skip]
+            [none if x.plan is None else x.plan, x.mean, x.var, float(x.moved), *x.skip]
             + [-1] * (width - len(x.skip))
             for x in candidates
         ],
