@@ -4,11 +4,13 @@ the queue although a plan existed that served everyone. Two causes: admission pl
 every class in the fastest tier's efficient batch, and the planner's head batch took
 requests from behind one it passed over (pinned elsewhere, of another group), delaying it
 past its deadline where the prefix before it left every deadline met. Each test fails
-without its fix."""
+without its fix (the last, from review helper-180, without the fix of the fix)."""
 
 from __future__ import annotations
 
 from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
+from server.scheduling.latency import LatencyModel
+from server.scheduling.policy import Context, Planner, Snapshot
 
 MS = 1e-3
 DET = [  # no p90: the latency model's default spread
@@ -102,3 +104,19 @@ def test_no_admitted_request_expires_behind_a_batch_that_passed_over_it():
     assert 10 in {r.id for r in admitted}
     assert c.expired == []
     assert all(c.served[r.id] <= r.deadline + 1e-12 for r in admitted)
+
+
+def test_step_3b_runs_no_prefix_that_largest_batch_would_refuse():
+    # Review helper-180: a single row planned longer than two (its profile noisier), so the
+    # prefix before the jump over the pinned request is planned past its own deadline
+    # (5.3 ms for one due in 1.4 ms) although its largest batch was not: 3b took it anyway.
+    big = TierInfo("big", 0.99, {1: 14.0, 8: 40.0}, {1: 10.0, 8: 30.0})
+    small = TierInfo("small", 0.93, {1: 2.0, 2: 1.2, 8: 3.3}, {1: 1.0, 2: 1.1, 8: 3.0})
+    tiers = [big, small]
+    ctx = Context(tiers, LatencyModel(tiers), 8)
+    assert ctx.latency.planned("small")[1] > ctx.latency.planned("small")[2]
+    queue = [Request(0, 0.0, 1.4 * MS), Request(1, 0.0, 11.2 * MS, pin="big"),
+             Request(2, 0.0, 0.050)]  # fmt: skip
+    d = Planner().choose(queue, 0.0, ctx, Snapshot())
+    planned = ctx.latency.planned(d.tier)[d.rows]
+    assert planned <= min(r.deadline for r in d.requests)

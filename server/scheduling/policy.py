@@ -717,8 +717,19 @@ class Planner(Policy):
         batch, _, where = found
         if where[-1] - where[0] == len(where) - 1:
             return None  # consecutive queue indices (ascending): no jump
-        cut = [k for k in range(1, len(batch)) if where[k] != where[k - 1] + 1]
-        heads = [(fastest, batch[:k], where[:k]) for k in cut]
+        # A prefix passes what _largest asks of a batch (planned times need not grow with
+        # the rows: a noisy single row can be planned longer than two).
+        limit_s = _hol_limit(ctx, snap, self.slots)
+        hold, planned, own = _hold(ctx, snap), ctx.latency.planned(fastest), ctx.fastest(batch[0])
+        heads, rows, due = [], 0, math.inf
+        for k in range(1, len(batch)):
+            rows, due = rows + batch[k - 1].rows, min(due, batch[k - 1].deadline)
+            jump = where[k] != where[k - 1] + 1
+            took = planned[rows]
+            if jump and _runs(took, rows, due - now, hold, limit_s, own, ctx, snap):
+                heads.append((fastest, batch[:k], where[:k]))
+        if not heads:
+            return None
         for z in (ctx.latency.z, 0.0):
             ok = self._check(queue, heads, [None] * len(heads), now, ctx, snap, z, moved=True)
             fine = [h for h, good in zip(heads, ok, strict=True) if good]
@@ -811,11 +822,7 @@ class Planner(Policy):
             due.append(min(due[-1], r.deadline))
         for k in range(len(batch), 0, -1):
             took = planned[rows[k]]
-            if now + took > due[k] or took > hold:
-                continue
-            if took <= limit_s:
-                return batch[:k], now + took, where[:k]
-            if rows[k] == 1 and _blocks_little(took, ctx.fastest(batch[0]), ctx, snap):
+            if _runs(took, rows[k], due[k] - now, hold, limit_s, ctx.fastest(batch[0]), ctx, snap):
                 return batch[:k], now + took, where[:k]
         return None
 
@@ -984,6 +991,25 @@ def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot) -> b
     after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
     lost = snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)
     return lost <= BLOCKING_MISS_SHARE * (1 - ctx.slo_target)
+
+
+def _runs(
+    took: float,
+    rows: int,
+    left: float,
+    hold: float,
+    limit_s: float,
+    fastest: str,
+    ctx: Context,
+    snap: Snapshot,
+) -> bool:
+    """Whether a head batch of ``rows`` rows planned at ``took`` seconds may run: it meets
+    its own earliest deadline (``left`` seconds away), runs within ``hold``, and within the
+    head-of-line bound ``limit_s`` - or is one row that turns away few arrivals
+    (``_blocks_little``; ``fastest``: its request's fastest allowed tier)."""
+    if took > left or took > hold:
+        return False
+    return took <= limit_s or (rows == 1 and _blocks_little(took, fastest, ctx, snap))
 
 
 def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: float) -> list:
