@@ -77,9 +77,13 @@ class Autoscaler:
         if self.kind == "innfer":
             desired = self._innfer(pods, lo, hi, row)
         else:
-            desired = self._latency(completions, lo, hi, len(ready), current, row)
-        new = self.hpa.step(now, current, desired)
-        row.update(desired_raw=desired, desired=new)
+            desired = self._latency(completions, lo, hi, len(ready), row)
+        # No metric: the controller returns before it stabilises (nothing stored), after
+        # moving a count outside [min, max] to the bound.
+        new = (
+            self.hpa.hold(now, current) if desired is None else self.hpa.step(now, current, desired)
+        )
+        row.update(desired_raw=current if desired is None else desired, desired=new)
         self.ticks.append(row)
         return new
 
@@ -102,13 +106,16 @@ class Autoscaler:
         return max(want_q, want_d)
 
     def _latency(
-        self, completions: Completions, lo: float, hi: float, ready: int, current: int, row: dict
-    ) -> int:
+        self, completions: Completions, lo: float, hi: float, ready: int, row: dict
+    ) -> int | None:
+        current = int(row["replicas"])
         p = completions.quantile(lo, hi, self.cfg.latency_quantile)
         row.update(latency_q_s=p, latency_target_s=self.latency_target_s)
         if p is None:
             # Nothing finished in the window (idle, or every request refused or timed out):
             # the metric has no value, and a Kubernetes HPA without a metric keeps the
-            # replicas it has. Read as 0 ms it scaled down - in an outage, to the minimum.
-            return current
+            # replicas it has - and stores no recommendation (review helper-182: stored, it
+            # held a later scale-down 90 s past the window). Read as 0 ms it scaled down -
+            # in an outage, to the minimum.
+            return None
         return self.hpa.object_metric(p, self.latency_target_s, current, ready)

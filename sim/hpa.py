@@ -99,7 +99,9 @@ class HPA:
         ratio = float(np.mean(values)) / target
         if abs(1 - ratio) <= self.cfg.tolerance:
             return current
-        return math.ceil(ratio * len(values))
+        # (rounded first: the controller's integer milli-units put 3 pods at 0.4 for a 0.2
+        # target at 6 exactly; floats at 6.000000000000001, so 7)
+        return math.ceil(round(ratio * len(values), 9))
 
     def object_metric(self, value: float, target: float, current: int, ready: int) -> int:
         """Object/External metric, Value target: scaled by the ready pods."""
@@ -107,6 +109,15 @@ class HPA:
         if abs(1 - ratio) <= self.cfg.tolerance:
             return current
         return math.ceil(ratio * ready)
+
+    def hold(self, now: float, current: int) -> int:
+        """The replica count where no metric has a value: ``current`` (a count outside
+        [min, max] goes to the bound, as in ``step``), no recommendation stored - the
+        controller returns before it stabilises."""
+        c = self.cfg
+        if current == 0 or c.min_replicas <= current <= c.max_replicas:
+            return current
+        return self.step(now, current, current)
 
     def step(self, now: float, current: int, desired: int) -> int:
         """The new replica count from the metrics' ``desired`` (normalizeDesiredReplicas-

@@ -19,6 +19,10 @@ import numpy as np
 
 from server.scheduling import Scheduler
 
+# queue:compute's cap in deploy/monitoring's recording rule (clamp_max; QUEUE_COMPUTE_CAP in
+# tests/test_deploy.py checks the two agree): the HPA reads the capped value.
+QUEUE_COMPUTE_CAP = 20.0
+
 
 class Replica:
     """One pod; counters have ``n`` slots of ``res`` seconds (the last takes any later time)."""
@@ -79,6 +83,7 @@ class Replica:
         served, compute = self.served[a:b].sum(), self.compute_s[a:b].sum()
         shed = self.shed[a:b].sum()
         queue_compute = self.queue_s[a:b].sum() / compute if compute > 0 else 0.0
+        queue_compute = min(queue_compute, QUEUE_COMPUTE_CAP)  # the rule's clamp_max
         took = served + shed
         degraded = (self.degraded[a:b].sum() + shed) / took if took > 0 else 0.0
         return queue_compute, degraded

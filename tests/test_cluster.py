@@ -326,3 +326,36 @@ def test_a_config_that_cannot_run_is_refused_with_its_field(make, message):
     # a zero resolution raised ZeroDivisionError.
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_the_hpa_model_follows_the_controller_where_review_182_found_it_did_not():
+    """Review helper-182, against Kubernetes' replica calculator: (1) a latency-baseline
+    tick with no metric stores no recommendation (the controller returns before it
+    stabilises), so a later scale-down is not held past the 300 s window by it; (2) a
+    pod's queue:compute is capped at the recording rule's 20; (3) three pods at 0.4 for a
+    0.2 target ask for 6, not 7 (a float ceil over 6.000000000000001)."""
+    from types import SimpleNamespace
+
+    from sim.autoscaler import Autoscaler, Completions
+    from sim.replica import QUEUE_COMPUTE_CAP, Replica
+
+    scaler, done, current, first_down = (
+        Autoscaler("latency", HPAConfig(), 1.0),
+        Completions(),
+        6,
+        None,
+    )
+    for k in range(1, 45):
+        now = 15.0 * k
+        if not 75 < now <= 150:  # an outage: nothing finishes from 75 to 150 s
+            done.add(now - 1, 1.0 if now == 15 else 0.3)
+        current = scaler.evaluate(now, [SimpleNamespace(ready_at=0.0)] * current, done)
+        first_down = first_down or (now if current < 6 else None)
+    assert [t["latency_q_s"] for t in scaler.ticks].count(None) == 2
+    assert first_down == 360.0  # 300 s after the last 6 (t = 60), not after the outage
+
+    rep = Replica(0, 0.0, 0.0, None, n=1)  # (its scheduler is not read here)
+    rep.compute_s[0], rep.queue_s[0] = 0.001, 1.0  # a second queued behind a millisecond
+    assert rep.signals(0.0, 1.0)[0] == QUEUE_COMPUTE_CAP == 20.0
+
+    assert HPA(HPAConfig()).pods_metric([0.4, 0.4, 0.4], 0.2, 3) == 6

@@ -836,6 +836,9 @@ def test_queue_compute_ratio_is_bounded_and_a_stuck_engine_alerts():
     assert expr.startswith("clamp_max(") and f",{QUEUE_COMPUTE_CAP})or" in expr, rule["expr"]
     readme = (DEPLOY / "README.md").read_text()
     assert f"capped at {QUEUE_COMPUTE_CAP}" in readme
+    from sim.replica import QUEUE_COMPUTE_CAP as simulated  # the cluster simulator's HPA input
+
+    assert simulated == QUEUE_COMPUTE_CAP
     stuck = [a for a in _alerts().values()
              if {"innfer_queue_seconds_total", "innfer_compute_seconds_total"}
              <= {m for m, _ in _selectors(a["expr"])}]  # fmt: skip
