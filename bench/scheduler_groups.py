@@ -6,8 +6,11 @@ different lengths never share a batch) and clients pinning a tier are where the 
 head batch passes over queued requests of another class. Each scenario is Poisson arrivals
 on the live ResNet-like CNN's profile (issue 18: w100 13.0 / 101.5 ms and w025 2.3 / 18.4 ms
 at 1 / 8 rows, p90 1.1x p50), one slot, max batch 8, each batch taking the latency model's
-median times a log-normal draw (sigma 0.05); load is a multiple of w025's full-batch
-capacity (435 rows/s) - groups cut batches, so 1.0 is already overload with 8 groups.
+p50 times a log-normal draw (sigma 0.05) - the profile's, fixed: not the scheduler's own
+learned estimate, which each batch it is fed moves (a random walk that drifted to 2.6x the
+profile within a run, and apart between the trees; review helper-181). Load is a multiple
+of w025's full-batch capacity (435 rows/s); groups cut batches, so the capacity actually
+available is lower.
 
 Per (scenario, load, seed): attainment (answered within budget over all sent; refusals and
 expiries count as misses), mean served accuracy, and how many requests were refused, expired
@@ -49,10 +52,16 @@ REQUESTS = 2000
 NOISE = 0.05
 
 
+def p50_ms(tier: str, rows: int) -> float:
+    """The profile's median batch time (ms): linear between 1 and 8 rows."""
+    b1, b8 = CPU_MS[tier]
+    return b1 + (b8 - b1) * (rows - 1) / 7
+
+
 def tiers(mod) -> list:
     out = []
-    for name, (b1, b8) in CPU_MS.items():
-        p50 = {b: b1 + (b8 - b1) * (b - 1) / 7 for b in (1, 2, 4, 8)}
+    for name in CPU_MS:
+        p50 = {b: p50_ms(name, b) for b in (1, 2, 4, 8)}
         out.append(mod.TierInfo(name, ACCURACY[name], {b: v * 1.1 for b, v in p50.items()}, p50))
     return out
 
@@ -82,7 +91,7 @@ def run(mod, trace: list[tuple], seed: int) -> dict:
         nonlocal running, expired
         expired += len(s.expire(now))
         if running is None and (d := s.next(now)) is not None:
-            took = s.latency.median(d.tier, d.rows) * math.exp(draws.normal(0.0, NOISE))
+            took = p50_ms(d.tier, d.rows) / 1e3 * math.exp(draws.normal(0.0, NOISE))
             running = (now + took, d, took)
 
     while i < len(trace) or running is not None:
