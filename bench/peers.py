@@ -31,7 +31,8 @@ to --client-cpus; at most --requests requests or --seconds s each):
 Per point and server: sent, answered, throughput (answered / s), p50 / p90 / p99 latency of
 answered requests (client side), goodput within budget where budgets apply, errors by gRPC
 code, the mean batch size where the server keeps ModelStatistics (innfer, Triton), innfer's
-tier mix. With --repeats > 1: the median and min-max over repeats. Each started server is
+tier mix. With --repeats > 1: the median and min-max over repeats; sent, answered and
+errors are totals over the repeats, the tier mix is pooled over them. Each started server is
 first checked to answer the benchmark input as the in-process engine does (max |diff|).
 Floors, in this run, once per repeat just before its servers: the engine time (a plain ONNX
 Runtime session in this process, batch 1, median; run on --server-cpus, where the servers
@@ -581,15 +582,18 @@ def echo_floor(su: dict, args, cpus) -> dict:
 # -- summarising ----------------------------------------------------------------------------
 def median_floors(each: list[dict]) -> dict:
     """The floors of every repeat (``each``: per repeat, {"engine": ..., "echo": ...}) as
-    one: per floor the median p50 over the repeats that measured it, with every repeat's
-    figures under ``"repeats"`` (for the overhead's pairing)."""
+    one: per floor the median p50 over the repeats that measured it and the fields every
+    repeat agrees on (its CPUs, its batch), with every repeat's figures under
+    ``"repeats"`` (for the overhead's pairing) - not the last repeat's p90 or throughput
+    beside the median p50 (review helper-181)."""
     out: dict = {"repeats": each}
     for kind in ("engine", "echo"):
         got = [f[kind] for f in each if kind in f]
         if not got:
             continue
         p50s = [g["p50_ms"] for g in got if g.get("p50_ms") is not None]
-        out[kind] = {**got[-1], "p50_ms": statistics.median(p50s) if p50s else None}
+        same = {k: v for k, v in got[0].items() if all(g.get(k) == v for g in got)}
+        out[kind] = {**same, "p50_ms": statistics.median(p50s) if p50s else None}
         if len(p50s) > 1:
             out[kind]["p50_ms_range"] = [min(p50s), max(p50s)]
     return out
@@ -597,7 +601,8 @@ def median_floors(each: list[dict]) -> dict:
 
 def headline(runs: list[dict]) -> dict:
     """A point's figures on one server over its repeats: the median of each HEADLINE figure
-    and, with more than one run, its [min, max]; counts summed."""
+    and, with more than one run, its [min, max]; counts summed; innfer's tier mix pooled
+    over the repeats' answered requests."""
     good = [r for r in runs if "error" not in r]
     out: dict = {"repeats": len(runs), "runs": runs}
     if not good:
@@ -615,7 +620,10 @@ def headline(runs: list[dict]) -> dict:
     widths = [r["mean_served_width"] for r in good if r.get("mean_served_width") is not None]
     if widths:
         out["mean_served_width"] = statistics.median(widths)
-        out["tier_mix"] = good[-1]["tier_mix"]
+        mixes = [(r["tier_mix"], r["answered"]) for r in good if r.get("tier_mix")]
+        total = sum(n for _, n in mixes) or 1
+        tiers = sorted({t for mix, _ in mixes for t in mix})
+        out["tier_mix"] = {t: sum(mix.get(t, 0.0) * n for mix, n in mixes) / total for t in tiers}
     batches = [r["mean_batch"] for r in good if "mean_batch" in r]
     if batches:
         out["mean_batch"] = statistics.median(batches)

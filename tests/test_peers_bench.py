@@ -192,3 +192,17 @@ def test_the_overhead_pairs_each_repeat_with_its_own_floors():
     assert ov["overhead_ms"] == pytest.approx(0.25)  # unpaired: 1.6 - 0.8 - 0.45 = 0.35
     del floors["repeats"]  # floors from before the pairing: the unpaired figure
     assert peers.overhead(results)["overhead_ms"] == pytest.approx(0.35)
+
+
+def test_repeats_pool_the_tier_mix_and_floors_keep_only_what_every_repeat_agrees_on():
+    # Review helper-181: the last repeat's tier mix stood beside the median served width,
+    # and the last repeat's p90 / throughput beside the floors' median p50.
+    runs = [_run(100, 2.0, tiers={"w100": 1.0}), _run(100, 2.0, tiers={"w025": 1.0}),
+            _run(100, 2.0, tiers={"w100": 0.5, "w025": 0.5})]  # fmt: skip
+    runs[1]["answered"] = 300  # the w025 repeat answered three times as many
+    mix = peers.headline(runs)["tier_mix"]
+    assert mix == pytest.approx({"w100": 0.3, "w025": 0.7})
+    each = [{"engine": {"p50_ms": 0.6, "p90_ms": 0.7, "cpus": [1]}},
+            {"engine": {"p50_ms": 1.0, "p90_ms": 1.4, "cpus": [1]}}]  # fmt: skip
+    engine = peers.median_floors(each)["engine"]
+    assert engine == {"p50_ms": 0.8, "cpus": [1], "p50_ms_range": [0.6, 1.0]}
