@@ -187,9 +187,11 @@ def form_groups(cols: Columns, max_batch: int | Sequence[int]) -> Groups:
     (a sequence, one entry per tier)."""
     # One size for all: as many entries as the queue's tiers. A sequence too short for a
     # class's tier is refused by the kernel.
-    scalar = not isinstance(max_batch, np.ndarray) and np.ndim(max_batch) == 0
-    tiers = int(cols.hi.max()) + 1 if scalar and len(cols) else 0
-    return Groups(*_kernel.groups(cols.ints, cols.deadline, _caps(max_batch, tiers)))
+    if type(max_batch) is not np.ndarray:  # (plan_batches' int64 array: as it is)
+        scalar = np.ndim(max_batch) == 0
+        tiers = int(cols.hi.max()) + 1 if scalar and len(cols) else 0
+        max_batch = _caps(max_batch, tiers)
+    return Groups(*_kernel.groups(cols.ints, cols.deadline, max_batch))
 
 
 def _caps(max_batch: int | Sequence[int], tiers: int) -> np.ndarray:

@@ -279,8 +279,18 @@ class Context:
         top = min(self.max_batch, len(means) - 1)
         per_row = [means[b] / b for b in range(1, top + 1)]
         best = min(per_row)
-        plan = max(b for b, t in enumerate(per_row, 1) if t <= best * (1 + EFFICIENT_BATCH_SLACK))
-        cap = min(b for b, t in enumerate(per_row, 1) if t <= best * (1 + BATCH_GROWTH_SLACK))
+        # One pass (plan_batches runs it for each tier a finished batch taught): the
+        # largest size within the efficiency slack, the smallest within the growth one.
+        plan, cap = 0, 0
+        within_plan, within_cap = (
+            best * (1 + EFFICIENT_BATCH_SLACK),
+            best * (1 + BATCH_GROWTH_SLACK),
+        )
+        for b, t in enumerate(per_row, 1):
+            if t <= within_plan:
+                plan = b
+            if not cap and t <= within_cap:
+                cap = b
         sizes = (plan, min(cap, plan))
         self._batch[name] = (means, sizes)
         return sizes
