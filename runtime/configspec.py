@@ -31,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
+import os
 import re
 import types
 import typing
@@ -108,7 +110,7 @@ class Where:
 
     def fail(self, value: Any, expected: str) -> NoReturn:
         loc = f"{self.source}: {self.path}: " if self.path else f"{self.source}: "
-        shown = REDACTED if self.secret else _clipped(repr(value))
+        shown = REDACTED if self.secret else _clipped(_short_repr(value))
         raise ConfigError(f"{loc}got {shown}, expected {expected}")
 
 
@@ -118,6 +120,31 @@ REDACTED = "<redacted>"
 # At most this much of a wrong value is shown: a whole file read as one string (a
 # model.yaml that is another file) went to every client asking RepositoryIndex (review 156).
 SHOWN_CHARS = 80
+
+
+def _short_repr(value: Any, depth: int = 4, items: int = 12) -> str:
+    """``repr(value)`` in YAML's order, within bounds: lists and mappings nested past
+    ``depth`` show as ``[...]`` / ``{...}``, past ``items`` entries with ``...``. A value
+    that nests or repeats (shared lists ten deep, a list of a million) is not walked whole
+    to show 80 characters of it; a small one reads as ``repr``'s."""
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return "[...]" if isinstance(value, list) else "(...)"
+        inner = [_short_repr(v, depth - 1, items) for v in value[:items]]
+        inner += ["..."] if len(value) > items else []
+        if isinstance(value, list):
+            return f"[{', '.join(inner)}]"
+        return f"({inner[0]},)" if len(value) == 1 else f"({', '.join(inner)})"
+    if isinstance(value, dict):
+        if depth <= 0:
+            return "{...}"
+        pairs = list(itertools.islice(value.items(), items))
+        inner = [
+            f"{_short_repr(k, 0, items)}: {_short_repr(v, depth - 1, items)}" for k, v in pairs
+        ]
+        inner += ["..."] if len(value) > items else []
+        return f"{{{', '.join(inner)}}}"
+    return repr(value)
 
 
 def _clipped(text: str) -> str:
@@ -610,10 +637,48 @@ def read_config_yaml(path: Path, blank_refused: dict[str, str]) -> Any:
     return data
 
 
+# The most values (scalars, lists, mappings) a config file may hold once its aliases are
+# expanded: ten nested lists of nine aliases each (a 687-byte model.yaml) expand to 9^10,
+# and building an error's text for them stalled the whole server for 40 s and ~24 GB
+# (review helper-183). Real configs hold a few hundred.
+MAX_NODES = 100_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` holds with every alias expanded (an alias is the node it
+    names, shared), counted once per distinct node with memoised subtotals, stopping just
+    past ``MAX_NODES``: linear in the file, whatever the expansion."""
+    total: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in total:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            total[id(node)] = 1
+            continue
+        kids = (
+            [k for pair in node.value for k in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+        )
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in total)
+            continue
+        total[id(node)] = min(1 + sum(total.get(id(k), 0) for k in kids), MAX_NODES + 1)
+    return total[id(root)]
+
+
 def _read(path: Path) -> tuple[Any, yaml.Node | None]:
     """The file's data and the node tree it was built from (one read, one parse)."""
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; give the YAML file")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(
+            f"{path}: a link to {os.readlink(path)}, which does not exist: restore its target "
+            "(a mounted ConfigMap or Secret's files missing?)"
+        )
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -621,11 +686,19 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
             loader = _UniqueKeyLoader(f)  # a SafeLoader subclass
             try:
                 root = loader.get_single_node()
+                if root is not None and _expanded_size(root) > MAX_NODES:
+                    raise ConfigError(
+                        f"{path}: its YAML aliases (*name) expand to more than {MAX_NODES:,} "
+                        "values, more than a config holds: write the values out, or drop "
+                        "the aliases that repeat others"
+                    )
                 return (loader.construct_document(root) if root is not None else None), root
             finally:
                 loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except ConfigError:
+        raise
     except RecursionError:  # 5,000 nested [: it stopped the whole server's start
         raise ConfigError(f"{path}: nested too deeply to be a config; fix the file") from None
     except ValueError as exc:  # an integer of 5,000 digits (Python's int() limit)

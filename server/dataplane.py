@@ -299,6 +299,10 @@ class DataPlane:
         task = asyncio.ensure_future(self._load_marked(name, drain_s, swap))
         self._owned.add(task)
         task.add_done_callback(self._owned.discard)
+        # Its failure is recorded (the model's reason) and logged; where the caller has
+        # gone (its deadline cancelled the await), nothing else reads it, and asyncio
+        # logged "Task exception was never retrieved" on top (review helper-183).
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.shield(task)
 
     async def _load_marked(self, name: str, drain_s: float | None, swap: bool) -> None:

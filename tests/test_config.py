@@ -713,3 +713,33 @@ def test_an_error_about_a_very_long_key_is_short(tmp_path):
     with pytest.raises(ConfigError) as err:
         ModelConfig.load(path)
     assert len(str(err.value)) < 600 and "... (5000 chars)" in str(err.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_and_aliases_within_reason_still_read(tmp_path):
+    # Review helper-183: ten nested lists of nine aliases (687 bytes) expand to 9^10 values;
+    # the error's text walked them all - the server stalled ~40 s and grew to gigabytes,
+    # every model unreachable. Merge keys and a few aliases stay valid YAML configs.
+    import time
+
+    from runtime.configspec import read_yaml
+
+    lines = ["a0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 10)]
+    bomb = tmp_path / "model.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"aliases \(\*name\) expand to more than 100,000"):
+        read_yaml(bomb)
+    assert time.monotonic() - t0 < 5.0
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\nboth: [*b, *b]\n")
+    assert read_yaml(fine)["other"] == {"x": 1, "y": 3}
+    # A wrong value that nests and repeats is shown within bounds, in the file's order.
+    deep = [1]
+    for _ in range(30):
+        deep = [deep] * 9
+    with pytest.raises(ConfigError, match=r"got \[\[\[\[\[\.\.\.\], .*chars\), expected") as err:
+        Where("model.yaml").child("threads").fail(deep, "an integer")
+    assert len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match=r"got \{'z': 1, 'a': \[2\]\}, expected"):
+        Where("model.yaml").child("x").fail({"z": 1, "a": [2]}, "an integer")

@@ -241,3 +241,22 @@ def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatc
     assert events[0][1] == events[1][1]  # the temporary file itself, before its rename
     assert events[2][1] == str(tmp_path)  # then the directory that holds the new name
     assert json.loads(path.read_text()) == {"x": 1}
+
+
+def test_a_model_yaml_that_is_a_broken_link_or_a_folder_is_listed_and_says_what_it_is(tmp_path):
+    # Review helper-183: a model.yaml linked to a ConfigMap's missing ..data was "no
+    # model.yaml: write one" and "unknown model" - for a file that is there.
+    from runtime.configspec import ConfigError
+    from runtime.repository import Repository
+
+    for name in ("linked", "folder"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "inn.json").write_text("{}")
+    (tmp_path / "linked" / "model.yaml").symlink_to("..data/model.yaml")
+    (tmp_path / "folder" / "model.yaml").mkdir()
+    repo = Repository(tmp_path)
+    assert repo.names() == ["folder", "linked"] and repo.unconfigured() == []
+    with pytest.raises(ConfigError, match=r"a link to \.\.data/model\.yaml, which does not exist"):
+        repo.config("linked")
+    with pytest.raises(ConfigError, match="is a directory"):
+        repo.config("folder")

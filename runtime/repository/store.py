@@ -78,6 +78,18 @@ def file_known(path: Path) -> bool | None:
         return None
 
 
+def something_at(path: Path) -> bool | None:
+    """Whether anything is at ``path`` - a file, a folder, a link even to nothing; None
+    where it cannot be told. A model.yaml that is a broken link (a ConfigMap's target not
+    mounted) or a folder is listed, so that loading it says what is wrong, where "no
+    model.yaml: write one" sent the operator to write a file that is there (review
+    helper-183)."""
+    try:
+        return path.is_symlink() or path.exists()
+    except OSError:
+        return None
+
+
 PROFILE_FILE = "profile.json"
 TEXT_FILE = "text.json"
 # A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
@@ -246,7 +258,7 @@ class Repository:
                 f"model {name!r} is a link out of the repository; copy the model directory "
                 "into the repository instead"
             )
-        if not (d / "model.yaml").is_file():
+        if not something_at(d / "model.yaml"):  # (a broken link or a folder: config says so)
             available = self.names()
             shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
             # Relative to the repository: an error must not reveal the server's file system.
@@ -276,7 +288,7 @@ class Repository:
             return []
         said = []
         for p in sorted(self.root.iterdir(), key=lambda p: p.name):
-            if file_known(p / "inn.json") is True and file_known(p / "model.yaml") is False:
+            if file_known(p / "inn.json") is True and something_at(p / "model.yaml") is False:
                 near = [f.name for f in (p / "model.yml", p / "model.YAML") if f.is_file()]
                 fix = (f"rename {near[0]} to model.yaml" if near
                        else "write one (README, 'Bring your own model')")  # fmt: skip
@@ -294,7 +306,7 @@ class Repository:
             for p in self.root.iterdir()
             if MODEL_NAME.fullmatch(p.name)
             and not p.is_symlink()
-            and file_known(p / "model.yaml") is not False
+            and something_at(p / "model.yaml") is not False
         )
 
     def config(self, name: str) -> ModelConfig:
@@ -888,8 +900,8 @@ class Repository:
 
 
 def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
-    """Refuse an engine whose inputs or outputs are not model.yaml's (names, and each
-    per-sample dim both give): model.yaml edited after the build loaded, passed its warm-up
+    """Refuse an engine whose inputs or outputs are not model.yaml's (names, dtypes, and
+    each per-sample dim both give): model.yaml edited after the build loaded, passed its warm-up
     and then failed every request (an output renamed: a KeyError, INTERNAL)."""
     for what, want, got in (
         ("inputs", config.inputs, engine.inputs),
@@ -910,9 +922,18 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
                     f"{tier_dir}: tier {tier}'s engine has {what} {found}, but model.yaml gives "
                     f"{t.name} {list(t.shape)} (edited after the build?): run `innfer build`"
                 )
+            if what == "inputs" and spec.dtype != t.dtype:
+                # Requests are checked against model.yaml's dtype and fed as they are: every
+                # one would fail. The load's warm-up said so in ONNX Runtime's words, as
+                # "its files could not be read ... rebuild it" (review helper-183).
+                raise RepositoryError(
+                    f"{tier_dir}: tier {tier}'s engine takes {t.name} as {spec.dtype}, but "
+                    f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
+                    "or change the model to take that and run `innfer build`"
+                )
             if what == "outputs" and spec.dtype != t.dtype:
                 # Answers are cast to model.yaml's dtype: float scores declared int32 were
-                # truncated silently. (An input of another dtype fails the load's warm-up.)
+                # truncated silently.
                 raise RepositoryError(
                     f"{tier_dir}: tier {tier}'s engine gives {t.name} as {spec.dtype}, but "
                     f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
