@@ -364,6 +364,9 @@ class DataPlane:
             )
             unmet = await loop.run_in_executor(None, self.repo.unmet_goals, name, served.config)
         except ModelNotFound as exc:
+            # Gone from the repository since start-up: no longer "in the repository but not
+            # loaded; load it first" to its requests (review helper-183)
+            self.in_repository.discard(name)
             raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
         except InvalidModelName as exc:  # a folder that is a link out of the repository
             # A configured one: readiness said "(unloaded)". (A client's Load of one is

@@ -343,6 +343,14 @@ def test_unload_and_load_again(config):
             assert plane.model_ready("a") and _ready_gauge(plane, "a") == 1
             resp = await plane.infer(_request("a", _x(2, 1.0)), None)
             _check_answer(plane, resp, _x(2, 1.0))
+            # Its folder deleted, unloaded, and a load found nothing: its requests are
+            # not told to load it (review helper-183).
+            (Path(config.repository) / "a" / "model.yaml").unlink()
+            await plane.unload("a")
+            with pytest.raises(NotFound):
+                await plane.load("a")
+            with pytest.raises(NotFound, match=r"^unknown model 'a'; models: b$"):
+                await plane.infer(_request("a", _x(1, 0.0)), None)
         finally:
             for m in plane.models.values():
                 await m.stop()
