@@ -647,8 +647,10 @@ MAX_NODES = 100_000
 def _expanded_size(root: yaml.Node) -> int:
     """How many nodes ``root`` holds with every alias expanded (an alias is the node it
     names, shared), counted once per distinct node with memoised subtotals, stopping just
-    past ``MAX_NODES``: linear in the file, whatever the expansion."""
+    past ``MAX_NODES``: linear in the file, whatever the expansion. An alias inside the value
+    it names (a recursive value) counts as past it."""
     total: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes whose children are being counted: the path here
     stack = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -663,9 +665,13 @@ def _expanded_size(root: yaml.Node) -> int:
             else node.value
         )
         if not children_done:
+            if id(node) in open_:  # (&a [*a]: an alias inside the value it names)
+                return MAX_NODES + 1  # infinite
+            open_.add(id(node))
             stack.append((node, True))
             stack.extend((k, False) for k in kids if id(k) not in total)
             continue
+        open_.discard(id(node))
         total[id(node)] = min(1 + sum(total.get(id(k), 0) for k in kids), MAX_NODES + 1)
     return total[id(root)]
 
@@ -689,8 +695,8 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
                 if root is not None and _expanded_size(root) > MAX_NODES:
                     raise ConfigError(
                         f"{path}: its YAML aliases (*name) expand to more than {MAX_NODES:,} "
-                        "values, more than a config holds: write the values out, or drop "
-                        "the aliases that repeat others"
+                        "values (or into the value that holds them), more than a config "
+                        "holds: write the values out, or drop the aliases that repeat others"
                     )
                 return (loader.construct_document(root) if root is not None else None), root
             finally:

@@ -731,6 +731,10 @@ def test_a_yaml_alias_bomb_is_refused_at_once_and_aliases_within_reason_still_re
     with pytest.raises(ConfigError, match=r"aliases \(\*name\) expand to more than 100,000"):
         read_yaml(bomb)
     assert time.monotonic() - t0 < 5.0
+    recursive = tmp_path / "recursive.yaml"  # counting it never ended
+    recursive.write_text("threads: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match=r"or into the value that holds them"):
+        read_yaml(recursive)
     fine = tmp_path / "fine.yaml"
     fine.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\nboth: [*b, *b]\n")
     assert read_yaml(fine)["other"] == {"x": 1, "y": 3}
