@@ -81,8 +81,8 @@ def arrivals(load: float, seed: int, groups: int, pinned: float, budget) -> list
 
 def run(mod, trace: list[tuple], seed: int) -> dict:
     """One slot on a scripted clock: arrivals, expiries, batches; every request's fate."""
-    s = mod.Scheduler(tiers(mod), mod.make_policy("innfer", tiers(mod)), max_batch=8,
-                      max_queue=256)  # fmt: skip
+    profile = tiers(mod)
+    s = mod.Scheduler(profile, mod.make_policy("innfer", profile), max_batch=8, max_queue=256)
     draws = np.random.default_rng(10_000 + seed)  # engine noise, the same for both trees
     now, running, i = 0.0, None, 0
     met, late, refused, expired, served = 0, 0, 0, 0, []

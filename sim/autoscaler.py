@@ -77,7 +77,7 @@ class Autoscaler:
         if self.kind == "innfer":
             desired = self._innfer(pods, lo, hi, row)
         else:
-            desired = self._latency(completions, lo, hi, len(ready), row)
+            desired = self._latency(completions, lo, hi, len(ready), current, row)
         # No metric: the controller returns before it stabilises (nothing stored), after
         # moving a count outside [min, max] to the bound.
         new = (
@@ -106,9 +106,8 @@ class Autoscaler:
         return max(want_q, want_d)
 
     def _latency(
-        self, completions: Completions, lo: float, hi: float, ready: int, row: dict
+        self, completions: Completions, lo: float, hi: float, ready: int, current: int, row: dict
     ) -> int | None:
-        current = int(row["replicas"])
         p = completions.quantile(lo, hi, self.cfg.latency_quantile)
         row.update(latency_q_s=p, latency_target_s=self.latency_target_s)
         if p is None:

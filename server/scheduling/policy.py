@@ -729,7 +729,8 @@ class Planner(Policy):
             return None  # consecutive queue indices (ascending): no jump
         # A prefix passes what _largest asks of a batch (planned times need not grow with
         # the rows: a noisy single row can be planned longer than two).
-        limit_s = _hol_limit(ctx, snap, self.slots)
+        state = self._decision
+        limit_s = state.hol if state is not None else _hol_limit(ctx, snap, self.slots)
         hold, planned, own = _hold(ctx, snap), ctx.latency.planned(fastest), ctx.fastest(batch[0])
         heads, rows, due = [], 0, math.inf
         for k in range(1, len(batch)):
