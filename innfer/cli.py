@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -1036,6 +1037,24 @@ def _widths(values) -> list[float]:
     return list(values)
 
 
+def _held_inn(directory: Path) -> list[str]:
+    """The INN files ``directory`` already holds (what a save there would replace)."""
+    return [f for f in ("inn.json", "inn.safetensors") if (directory / f).exists()]
+
+
+def _unfinished_run(checkpoint: Path) -> str:
+    """What a training checkpoint left in ``checkpoint`` holds ("epoch 15 of 30 done"),
+    or "" where there is none."""
+    record = checkpoint / "checkpoint.json"
+    if not record.is_file():
+        return ""
+    try:
+        meta = json.loads(record.read_text())["meta"]
+        return f"epoch {int(meta['epoch']) + 1} of {int(meta['epochs'])} done"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a checkpoint.json"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -1043,13 +1062,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from runtime.inn.calibrate import reestimate_norms
     from runtime.inn.report import format_report, save_report, width_report
 
-    held = [f for f in ("inn.json", "inn.safetensors") if (args.out / f).exists()]
+    held = _held_inn(args.out)
     if held and not (args.resume or args.force):
         # Saving would replace it: an INN converted or calibrated there was lost unsaid,
         # and the next build failed on shapes that did not name the cause (review 164).
         raise ValueError(
             f"{args.out} already holds an INN ({', '.join(held)}): training would replace it; "
             "give another --out, --resume to continue its checkpoint, or --force to replace it"
+        )
+    unfinished = _unfinished_run(args.out / "checkpoint")
+    if unfinished and not held and not (args.resume or args.force):
+        # The run would start from epoch 0 and its first save replace the checkpoint
+        # (review 185: an interrupted run's 14 epochs were lost to a rerun without --resume).
+        raise ValueError(
+            f"{args.out / 'checkpoint'} holds an unfinished run ({unfinished}): --resume "
+            "continues it, --force starts over and replaces it, or give another --out"
         )
     calibrated = _calibrated_tiers(args.out) if held and not args.force else 0
     if calibrated:  # (--resume: the save at its end dropped them unsaid, finished or not)
@@ -1205,6 +1232,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from runtime.inn.model import load
     from runtime.inn.report import format_report, width_report
 
+    other = args.out is not None and Path(args.out).resolve() != args.model_dir.resolve()
+    held = _held_inn(args.out) if other else []
+    if held and not args.force:
+        # Saved as it goes, over another INN there, unsaid (review 185), as train was.
+        raise ValueError(
+            f"{args.out} already holds an INN ({', '.join(held)}): calibrating saves "
+            f"{args.model_dir}'s INN and its tiers over it; give another --out, calibrate "
+            f"{args.out} itself (innfer calibrate {args.out} ...), or --force to replace it"
+        )
     torch.set_num_threads(args.threads)
     inn = load(args.model_dir)
     tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
@@ -1807,6 +1843,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: start each tier on the channels chosen from the text "
                           "(default) or on the INN's uniform grid")  # fmt: skip
     cal.add_argument("--out", type=output_dir, help="default: overwrite MODEL_DIR")
+    cal.add_argument("--force", action="store_true", help="replace an INN already in --out")
     cal.add_argument("--threads", type=_threads, default=2)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -1929,6 +1966,14 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted ``train``: where its last finished epoch is kept and how to
+    continue it."""
+    if args.command != "train" or not _unfinished_run(args.out / "checkpoint"):
+        return ""
+    return f" ({args.out / 'checkpoint'} keeps the last finished epoch: --resume continues it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -1944,7 +1989,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"innfer {args.command}: interrupted", file=sys.stderr)
+        print(f"innfer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except Exception as exc:  # not foreseen: one line for the user, the traceback on request
         if os.environ.get("INNFER_DEBUG"):

@@ -431,13 +431,17 @@ def test_allocate_never_goes_below_the_budget_with_unequal_steps():
 
 
 # -- 8. a tier on a model without continuous groups loads back ----------------------------
-def test_a_tier_of_a_model_without_groups_round_trips(tmp_path):
+def test_a_model_without_groups_has_no_tier_but_its_source(tmp_path):
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
     inn = _convert(model, x)
     weights = {k: v + 1 for k, v in inn.sample(1.0).state_dict().items()}
-    assert inn.set_tier({}, weights) == ""
-    back = load(inn.save(tmp_path / "m"))  # was ModelFileError: the key '' did not parse
-    assert list(back.tiers) == [""]
-    torch.testing.assert_close(back.sample(1.0)(x), inn.sample(1.0)(x), rtol=0, atol=0)
+    # Its only sizes ({}, key '') are the full width, the source model: stored, sample(1.0)
+    # served the new weights instead (review 185).
+    with pytest.raises(ValueError, match="full width is the source model"):
+        inn.set_tier({}, weights)
+    back = load(inn.save(tmp_path / "m"))
+    assert not back.tiers
+    torch.testing.assert_close(back.sample(1.0)(x), model(x), rtol=0, atol=1e-6)
+    assert IntegralModel.parse_sizes_key("") == {}  # the key '' parses (was ModelFileError)
     assert IntegralModel.parse_sizes_key("a=4,b.c=2") == {"a": 4, "b.c": 2}

@@ -381,6 +381,58 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
     assert not load_inn(out).tiers
 
 
+def test_cli_train_refuses_to_restart_over_an_unfinished_runs_checkpoint(
+    cli_main, tmp_path, monkeypatch
+):
+    """A run stopped before it saved its INN left only OUT/checkpoint; the same command
+    again, without --resume, started from epoch 0 and its first save replaced the
+    checkpoint (review 185). Refused, the checkpoint untouched; --resume continues it,
+    --force starts over; an interrupted run says where its epochs are kept."""
+    out = tmp_path / "inn"
+    args = ("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
+            "--batch-size", "256", "--widths", "1.0")  # fmt: skip
+    code, _, err = cli_main(*args)
+    assert code == 0, err
+    for f in ("inn.json", "inn.safetensors"):  # as if stopped before the save
+        (out / f).unlink()
+    record = out / "checkpoint" / "checkpoint.json"
+    kept = record.read_bytes()
+    code, _, err = cli_main(*args)
+    assert code == 2 and "holds an unfinished run (epoch 1 of 1 done)" in err, err
+    assert "--resume" in err and "--force" in err
+    assert record.read_bytes() == kept and not (out / "inn.json").exists()
+    code, _, err = cli_main(*args, "--resume")  # nothing left to train: saves the INN
+    assert code == 0, err
+    assert (out / "inn.json").is_file() and record.read_bytes() == kept
+
+    import runtime.demo.training as training
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_inn", interrupted)
+    code, _, err = cli_main(*args, "--force")
+    assert code == 130 and "interrupted" in err and "--resume continues it" in err, err
+    code, _, err = cli_main("train", "--model", "digits_mlp", "--out", str(tmp_path / "new"))
+    assert code == 130 and err.strip() == "innfer train: interrupted", err  # no checkpoint
+
+
+def test_cli_calibrate_refuses_to_save_over_another_inn_in_out(cli_main, digits, tmp_path):
+    """calibrate --out saved MODEL_DIR's INN over the one OUT held, unsaid (review 185)."""
+    src, other = tmp_path / "src", tmp_path / "other"
+    _untrained_inn(digits).save(src)
+    _untrained_inn(digits).save(other)
+    held = (other / "inn.safetensors").read_bytes()
+    args = ("calibrate", str(src), "--data", "digits", "--widths", "0.5", "--steps", "1",
+            "--samples", "256", "--out", str(other))  # fmt: skip
+    code, _, err = cli_main(*args)
+    assert code == 2 and "already holds an INN" in err and "--force" in err, err
+    assert (other / "inn.safetensors").read_bytes() == held
+    code, _, err = cli_main(*args, "--force")
+    assert code == 0, err
+    assert load_inn(other).tiers  # src's INN and its new tier
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -68,6 +68,8 @@ def convert(
     _check_arguments(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(discrete, str):  # one name: as a set it was its characters (review 185)
+        discrete = (discrete,)
     if isinstance(model, torch.jit.ScriptModule):  # it got advice about control flow
         raise ConversionError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "

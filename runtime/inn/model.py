@@ -173,7 +173,11 @@ class IntegralModel:
         given, multiple_of = multiple_of, _count(multiple_of)
         if multiple_of is None or multiple_of < 1:
             raise ValueError(f"multiple_of must be an int >= 1, got {given!r}")
-        if isinstance(width, Mapping) and set(width) & set(KINDS):
+        # A group may be named like a kind (a layer ``self.ffn``): its name wins, so that
+        # the counts ``sizes`` returns are read back as counts (review 185: every tier of
+        # such a model failed with "width must be in (0, 1], got 16").
+        kinds = set(width) & set(KINDS) if isinstance(width, Mapping) else set()
+        if kinds and not kinds & self._group_names():
             return self._sizes_from_kinds(width, multiple_of)
         if isinstance(width, Mapping):
             return self._sizes_from_counts(width)
@@ -205,6 +209,14 @@ class IntegralModel:
         if not isinstance(shaped, bool):
             raise ValueError(f"{SHAPED!r} must be true or false, got {shaped!r}")
         fractions = {k: check_width(v) for k, v in width.items() if k != SHAPED}
+        have = {self.kind(g) for g in self.groups}
+        absent = sorted(k for k, f in fractions.items() if k not in have and f < 1.0)
+        if absent:  # it was the full width, silently (review 185: {"heads": 0.25} on an MLP)
+            raise ValueError(
+                f"this model has no groups of kind {absent} (its continuous groups are of "
+                f"kind {sorted(have) or 'none'}: 'heads' are attention heads, 'ffn' every "
+                "other group); name its kinds, or give a fraction for every group"
+            )
         uniform = {
             g.name: self._rounded(g, fractions.get(self.kind(g), 1.0), multiple_of)
             for g in self.groups
@@ -231,6 +243,9 @@ class IntegralModel:
                 {g.name: self.step(g, multiple_of) for g in groups}, curves,
             ))  # fmt: skip
         return out
+
+    def _group_names(self) -> set[str]:
+        return {g.name for g in self.groups}
 
     def _sizes_from_counts(self, counts: Mapping[str, int]) -> dict[str, int]:
         out = {g.name: g.size for g in self.groups}
@@ -298,6 +313,11 @@ class IntegralModel:
         # out keep their full size) was stored under a key nothing would ever find.
         sizes = self.sizes(dict(sizes))
         key = self.sizes_key(sizes)
+        if sizes == self.sizes(1.0):  # sample(1.0) would serve it: no longer the source
+            raise ValueError(
+                "the full width is the source model itself and keeps its weights; store "
+                "calibrated weights for smaller widths only"
+            )
         expected = {k: tuple(v.shape) for k, v in self.skeleton(sizes).state_dict().items()}
         got = {k: tuple(v.shape) for k, v in weights.items()}
         if got != expected:
@@ -383,6 +403,9 @@ class IntegralModel:
             >>> inn.calibrated(inn.sizes(0.5))  # doctest: +SKIP
             True
         """
+        # Every group named, as ``sample`` and ``set_tier`` look tiers up (review 185: a
+        # partial mapping sample() served calibrated was said not to be).
+        sizes = self.sizes(dict(sizes))
         return self.sizes_key(sizes) in self.tiers or bool(self._norm_stats(sizes, method))
 
     def sampling(self, sizes: Mapping[str, int], method: Method = "auto") -> str:
@@ -735,8 +758,12 @@ def load(directory: str | Path) -> IntegralModel:
         graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
         for key in tiers:  # each calibrated tier must fit the network sampled at its sizes
             model.set_tier(IntegralModel.parse_sizes_key(key), tiers[key])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, graphio.SpecError) as exc:
-        # RuntimeError: torch refusing the weights for the architecture (size mismatch)
+    except (
+        KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+        graphio.SpecError,
+    ) as exc:  # fmt: skip
+        # RuntimeError: torch refusing the weights for the architecture (size mismatch);
+        # AttributeError: a field of another JSON type ("architecture": "x"; review 185)
         raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
     return model
 

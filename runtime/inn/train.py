@@ -231,8 +231,15 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
         for k, v in st.items():
             if torch.is_tensor(v) and v.ndim > 0:
                 tensors[f"opt.{pid}.{k}"] = v.contiguous()
+            elif isinstance(v, (list, tuple)):  # LBFGS's history (review 185: float(list))
+                for i, item in enumerate(v):
+                    if item is not None:  # (LBFGS: [None] * history_size at first)
+                        tensors[f"opt.{pid}.{k}#{i}"] = _state_tensor(item, k).contiguous()
+                scalars["state"][str(pid)][k] = {"items": len(v)}
+            elif v is None:
+                scalars["state"][str(pid)][k] = None
             else:
-                scalars["state"][str(pid)][k] = float(v)
+                scalars["state"][str(pid)][k] = float(_state_tensor(v, k))
     blob = save(tensors)
     sha = hashlib.sha256(blob).hexdigest()
     name = f"checkpoint-{sha[:16]}.safetensors"
@@ -242,6 +249,19 @@ def save_checkpoint(path: str | Path, model: TrainableINN, optimizer, meta: dict
     for old in [*d.glob("checkpoint-*.safetensors"), d / LEGACY_TENSORS]:
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def _state_tensor(v, key: str) -> torch.Tensor:
+    """An optimizer state value as a tensor, or a ValueError naming what a checkpoint
+    cannot hold (numbers, tensors, None, or lists of them, only)."""
+    if torch.is_tensor(v):
+        return v
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v))
+    raise ValueError(
+        f"the optimizer's state {key!r} is a {type(v).__name__}: a checkpoint holds numbers, "
+        "tensors and None, or lists of them; train without a checkpoint, or with another optimizer"
+    )
 
 
 def checkpoint_record(path: str | Path) -> dict:
@@ -297,10 +317,17 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
     scalars = data["optimizer"]
     state = {}
     for pid, st in scalars["state"].items():
-        entry = {k: torch.tensor(v) for k, v in st.items()}
+        prefix = f"opt.{pid}."
+        entry = {}
+        for k, v in st.items():
+            if isinstance(v, dict):  # a list, its items saved as tensors k#0, k#1, ...
+                entry[k] = [tensors.get(f"{prefix}{k}#{i}") for i in range(int(v["items"]))]
+            elif v is None:
+                entry[k] = None
+            else:
+                entry[k] = torch.tensor(v)
         for key, t in tensors.items():
-            prefix = f"opt.{pid}."
-            if key.startswith(prefix):
+            if key.startswith(prefix) and "#" not in key:
                 entry[key[len(prefix) :]] = t
         state[int(pid)] = entry
     optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})

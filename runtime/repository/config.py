@@ -107,12 +107,19 @@ SHAPED = "shaped"
 DYNAMIC = -1
 
 
+def _counts_for_groups_named_as_kinds(v: dict) -> bool:
+    """Whether a width that names a kind gives it a channel count (a whole number >= 2,
+    which no fraction is): a group of that name (a layer ``self.ffn``), counted like any
+    other group (review 185: ``{ffn: 16}`` was refused as a fraction)."""
+    return any(type(n) is int and n >= 2 for k, n in v.items() if k in KINDS)
+
+
 def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
     """A tier width: a fraction of every group's channels, fractions per kind of group, or
     channels per group."""
     if isinstance(v, dict) and not v:  # every group at its full size: the full tier, silently
         where.fail(v, f"{_WIDTH}, naming at least one group or kind")
-    if isinstance(v, dict) and set(v) & set(KINDS):
+    if isinstance(v, dict) and set(v) & set(KINDS) and not _counts_for_groups_named_as_kinds(v):
         if set(v) - {*KINDS, SHAPED}:
             where.fail(
                 v, f"either kinds {list(KINDS)} with fractions (and {SHAPED}: true|false) or "
