@@ -159,6 +159,9 @@ class DataPlane:
         # line said it, and RepositoryIndex read READY with no reason (review helper-153).
         self.reload_failed: dict[str, str] = {}
         self.in_repository: set[str] = set()  # model names start-up found (``load_all``)
+        # Models unloaded since their last load: RepositoryIndex says "unloaded" of them and
+        # lists a model never loaded by name alone, as Triton does (review 186).
+        self.unloaded: set[str] = set()
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
         # The transport's message limit (bytes, both ways), fixed when the server started
@@ -472,6 +475,7 @@ class DataPlane:
         self.host_cpu.engine_threads = self._engine_threads()
         self.broken.pop(name, None)
         self.reload_failed.pop(name, None)
+        self.unloaded.discard(name)
         # (a reload of the model unchanged keeps the loop's last choice: judged anew, a
         # client's "make sure it is loaded" before each session cost an apply each time)
         self._start_tierer(name, served.config, swap or same, unmet)
@@ -901,6 +905,7 @@ class DataPlane:
             self.traffic.pop(name, None)
             self._forget_series(name)
             self.in_repository.add(name)  # (loaded by a client after start-up: known now)
+            self.unloaded.add(name)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go
             # Started before the lock is let go (the RPC may be cancelled from then on) and
@@ -1041,8 +1046,8 @@ class DataPlane:
         true while each request was refused UNAVAILABLE (review helper-153)."""
         try:
             m = self.model(name, version)
-        except (NotFound, Unavailable, FailedPrecondition, InvalidArgument):
-            return False
+        except (NotFound, Unavailable, FailedPrecondition):  # a malformed version ("abc",
+            return False  # "-1") is the client's error: INVALID_ARGUMENT, as Triton's
         return m.wedged() is None
 
     def server_metadata(self) -> pb.ServerMetadataResponse:

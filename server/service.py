@@ -497,9 +497,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def ModelStatistics(self, request, context):
         names = [request.name] if request.name else list(self.plane.models)
+        # Every model ("") is every loaded one, whatever the version (Triton reads it only
+        # for a named model: "" with version 2 was NOT_FOUND for the first; review 186).
+        version = request.version if request.name else ""
         resp = pb.ModelStatisticsResponse()
         for name in names:
-            m = self.plane.model(name, request.version)
+            m = self.plane.model(name, version)
             m.flush()  # the batches answered last are counted once their answers are out
             st = m.stats
             s = resp.model_stats.add(name=name, version="1")
@@ -527,12 +530,16 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         # needs none.
         listed = [] if request.ready else await plane.repository_names()
         for name in sorted({*listed, *plane.models, *plane.broken}):
-            loaded = name in self.plane.models
+            loaded = name in plane.models
             if request.ready and not loaded:
                 continue
+            if not loaded and name not in plane.broken and name not in plane.unloaded:
+                resp.models.add(name=name)  # never loaded: no version nor state (Triton's)
+                continue
+            reason = plane.broken_reason(name) or ("unloaded" if name in plane.unloaded else "")
             resp.models.add(
                 name=name, version="1", state="READY" if loaded else "UNAVAILABLE",
-                reason=clip_message(self.plane.broken_reason(name)),
+                reason=clip_message(reason),
             )  # fmt: skip
         return resp
 
