@@ -51,6 +51,23 @@ class Apart:
         return sum(o is not None for o in self.outputs)
 
 
+def listed(
+    outputs: dict[str, np.ndarray], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, np.ndarray]:
+    """``outputs`` less those model.yaml does not list (``shapes``' names; all where it
+    names none): an output the ONNX graph has beside them (a constant, a debug tensor) is
+    never answered, and its shape must not fail the batch - a constant of 3 values failed
+    every batch but those of exactly 3 rows (review 188).
+
+    Example:
+        >>> sorted(listed({"y": np.zeros((2, 4)), "ver": np.zeros(3)}, {"y": [4]}))
+        ['y']
+    """
+    if not shapes or len(outputs) <= len(shapes):  # (the usual case: no copy)
+        return outputs
+    return {k: v for k, v in outputs.items() if k in shapes}
+
+
 def output_problem(
     outputs: Mapping[str, np.ndarray], rows: int, shapes: Mapping[str, Sequence[int]]
 ) -> str | None:
@@ -136,7 +153,7 @@ def run_apart(
         out, exc, t0 = None, None, time.perf_counter()
         if wanted(i):
             try:
-                out = engine.run(part)
+                out = listed(engine.run(part), shapes or {})
                 if (problem := output_problem(out, n, shapes or {})) is not None:
                     raise EngineError(f"{problem} (run alone)")
             except Exception as e:  # this request's own error, whatever the engine raised

@@ -44,7 +44,7 @@ import numpy as np
 
 from runtime.engines import EngineError
 from runtime.repository import ServedModel
-from server.apart import Apart, nonfinite, output_problem, run_apart
+from server.apart import Apart, listed, nonfinite, output_problem, run_apart
 from server.engine_threads import EngineThreads
 from server.equal_lengths import EqualLengthRuns, equal_length_runs, length_key
 from server.errors import (
@@ -452,6 +452,13 @@ class ModelRuntime:
         # The batches this model can have running at once: its instances, on a shared
         # device no more than the device's slots.
         slots = min(instances, device.slots) if device is not None else instances
+        if device is not None and device.slots < instances:  # (review 188: capped unsaid)
+            log.warning(
+                "model %s: instances %d, but the device runs %d batch(es) at once "
+                "(device_slots %d in the server config): it runs %d; raise device_slots, "
+                "or set it to 0 for a private set of slots per model",
+                self.name, self.config.instances, device.slots, device.slots, slots,
+            )  # fmt: skip
         self._slot_count = slots  # (a request is refused at once when every one is stuck)
         limit = Instances(slots)  # over all the lanes: a lane alone must not take them all
         try:
@@ -714,8 +721,14 @@ class ModelRuntime:
         Returns tier -> latency factor."""
         from runtime.repository.profile import random_feeds
 
-        for engine in self.served.engines.values():
-            engine.run(random_feeds(self.config.inputs, 1))
+        # Batch 1 and max_batch on every tier, timed or not: a graph whose batch is fixed
+        # (a Reshape to a constant shape) failed the whole model at load with profiling
+        # and was served batch by batch apart without it (review 188). Not while serving
+        # (a swap: innfer's own exports, and full batches cost the requests; see below).
+        first = [1] if contended else sorted({1, self.config.max_batch})
+        for tier, engine in self.served.engines.items():
+            for b in first:
+                self._warm_run(tier, engine, random_feeds(self.config.inputs, b), b)
         self._warm_shapes(random_feeds)
         if not profile:
             return {}
@@ -749,6 +762,22 @@ class ModelRuntime:
                         lane.latency.forget(tier, 0.0)
             factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         return factors
+
+    def _warm_run(self, tier: str, engine, feeds: dict, batch: int) -> None:
+        """Run ``engine`` on ``feeds`` (``batch`` rows) at load; a failure names the tier
+        and the batch, and where only batches fail, the fix."""
+        try:
+            engine.run(feeds)
+        except Exception as exc:
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if batch == 1:
+                raise EngineError(f"tier {tier} fails at batch 1: {said}") from exc
+            raise FailedPrecondition(  # the fix first: ORT's own text runs long
+                f"tier {tier} runs batch 1 but fails at batch {batch} (max_batch): an ONNX "
+                "graph whose batch is fixed (a Reshape to a constant shape) runs one row at a "
+                "time; export it with a dynamic batch axis, or set max_batch: 1 (the engine "
+                f"said: {said[:200]})"
+            ) from exc
 
     def _warm_shapes(self, random_feeds) -> None:
         """Run every batch size at every lane's length once on each engine whose first run
@@ -1355,6 +1384,7 @@ class ModelRuntime:
         runs = feeds if isinstance(feeds, EqualLengthRuns) else None
         try:
             outputs = runs.run(engine) if runs is not None else engine.run(feeds)
+            outputs = listed(outputs, self._output_shapes)
             if (problem := output_problem(outputs, d.rows, self._output_shapes)) is not None:
                 raise EngineError(f"tier {d.tier}: {problem}")  # then run apart, below
         except Exception as exc:

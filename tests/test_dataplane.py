@@ -169,7 +169,9 @@ def test_infer_routes_to_the_requested_tier_and_returns_the_rows(config):
     assert _check_answer(plane, free, x) == "w100"  # idle: the full network
     assert _check_answer(plane, other, _x(2, 1.0)) == "w100"
     engines = plane.models["a"].served.engines
-    assert engines["w050"].calls[1:] == [3] and engines["w100"].calls[1:] == [3]  # [0]: warm-up
+    # [:2]: the load's warm-up, batch 1 and max_batch (a fixed-batch graph fails there)
+    assert engines["w050"].calls[:2] == [1, 4] and engines["w100"].calls[:2] == [1, 4]
+    assert engines["w050"].calls[2:] == [3] and engines["w100"].calls[2:] == [3]
 
 
 def test_every_model_reads_not_ready_while_the_models_load(config, monkeypatch):
@@ -225,7 +227,7 @@ def test_budgets_too_small_are_refused_at_once_and_bad_ones_are_invalid(config):
 
     # Refused on arrival (as beyond any replica's reach), neither queued to expire nor run.
     assert missed("refused_budget") == 2 and missed("expired") == 0
-    assert all(not e.calls[1:] for e in plane.models["a"].served.engines.values())  # warm-up only
+    assert all(not e.calls[2:] for e in plane.models["a"].served.engines.values())  # warm-up only
 
 
 def test_concurrent_requests_are_each_answered_once(config):
@@ -247,8 +249,8 @@ def test_concurrent_requests_are_each_answered_once(config):
     plane, xs, resps = _run(body())
     for x, resp in zip(xs, resps, strict=True):
         _check_answer(plane, resp, x)
-    ran = [b for e in plane.models["a"].served.engines.values() for b in e.calls[1:]]
-    assert sum(ran) == sum(len(x) for x in xs)  # every row once (calls[0] is the warm-up)
+    ran = [b for e in plane.models["a"].served.engines.values() for b in e.calls[2:]]
+    assert sum(ran) == sum(len(x) for x in xs)  # every row once (calls[:2]: the warm-up)
 
 
 def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cpus(config):
@@ -1750,7 +1752,7 @@ def test_running_every_batch_size_at_load_stops_at_its_budget_and_says_so(
         await m.stop()
 
     _run(load())
-    assert len(runs) == 2 + 2  # batch 1 of each tier, then two shapes within 0.1 s
+    assert len(runs) == 2 * 2 + 2  # batch 1 and 4 of each tier, then two shapes in 0.1 s
     assert "ran 2 of 8 engine shapes at load" in caplog.text
 
 

@@ -902,7 +902,18 @@ class Repository:
 def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
     """Refuse an engine whose inputs or outputs are not model.yaml's (names, dtypes, and
     each per-sample dim both give): model.yaml edited after the build loaded, passed its warm-up
-    and then failed every request (an output renamed: a KeyError, INTERNAL)."""
+    and then failed every request (an output renamed: a KeyError, INTERNAL). An input the
+    engine takes that model.yaml does not list is refused too (no request could feed it: the
+    warm-up failed as "its files could not be read ... rebuild it"; review 188); an output it
+    does not list is never answered."""
+    listed = {t.name for t in config.inputs}
+    if extra := [s for s in engine.inputs if s.name not in listed]:
+        s = extra[0]
+        raise RepositoryError(
+            f"{tier_dir}: tier {tier}'s engine takes input {s.name} {list(s.shape[1:])} "
+            f"({s.dtype}), which model.yaml does not list: add it to model.yaml's inputs, or "
+            "change the model not to take it and run `innfer build`"
+        )
     for what, want, got in (
         ("inputs", config.inputs, engine.inputs),
         ("outputs", config.outputs, engine.outputs),
