@@ -81,6 +81,39 @@ def test_a_calibrated_tier_is_what_the_build_exports(tmp_path):
     assert not np.allclose(got, sampled, atol=1e-3)
 
 
+def test_a_second_build_of_a_model_waits_for_the_first(built, caplog):
+    """Two builds exporting different bytes for a tier deleted or rewrote each other's
+    tier.json, both exiting 0, and the model no longer loaded (review 187): one at a time."""
+    import fcntl
+    import logging
+    import os
+    import threading
+    import time
+
+    from runtime.build.lock import LOCK_FILE
+
+    root, _ = built
+    fd = os.open(root / "tiny" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another build's (a descriptor of its own: flock's unit)
+    done = []
+
+    def build():
+        done.append(build_model(Repository(root), "tiny", progress=False, repeats=2))
+
+    thread = threading.Thread(target=build)
+    with caplog.at_level(logging.WARNING, logger="innfer.build"):
+        thread.start()
+        try:
+            time.sleep(1.0)
+            assert not done and thread.is_alive()
+            assert "waiting for another build of tiny to finish" in caplog.text
+        finally:
+            os.close(fd)
+        thread.join(120)
+    assert done and [t.name for t in done[0].tiers] == ["w100", "w050"]
+    Repository(root).load("tiny")
+
+
 def test_rebuild_is_a_cache_hit(built):
     root, _ = built
     again = build_model(Repository(root), "tiny", progress=False, profile=False)
@@ -572,7 +605,8 @@ def test_an_interrupted_save_leaves_the_inn_it_replaces(built, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         inn.save(d)
     assert {f: (d / f).read_bytes() for f in before} == before
-    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+    temporary = [p.name for p in d.iterdir() if p.name.startswith(".")]
+    assert sorted(temporary) == [".build.lock"]  # (the builds' lock, kept: runtime.build.lock)
     runtime.load(d)  # still loads
     # Interrupted while the metadata is written (large norm statistics): the old pair too.
     monkeypatch.undo()
@@ -583,7 +617,7 @@ def test_an_interrupted_save_leaves_the_inn_it_replaces(built, tmp_path, monkeyp
         inn.save(d)
     monkeypatch.undo()
     assert {f: (d / f).read_bytes() for f in before} == before
-    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [".build.lock"]
 
 
 def test_a_batchnorm_tier_without_statistics_of_its_own_is_warned_about(tmp_path):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from runtime.atomic import replace_directory, write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import INTEGER_DTYPES, embedding_rows, write_tier_files
+from runtime.build.lock import one_build
 from runtime.build.sampling import (
     dataset_digest,
     dataset_ref,
@@ -120,7 +121,22 @@ def build_model(
         >>> report = build_model(Repository("runs/demo/repository"), "mnist")  # doctest: +SKIP
         >>> [t.name for t in report.tiers], len(report.pruned[0])  # doctest: +SKIP
         (['w100', 'w075', 'w050', 'w025'], 4)
+
+    One build of a model at a time (``runtime.build.lock``): another waits for this one.
     """
+    with one_build(repo.model_dir(name)):
+        return _build_model(repo, name, backend, progress, profile, repeats, prune)
+
+
+def _build_model(
+    repo: Repository,
+    name: str,
+    backend: str | None,
+    progress: bool,
+    profile: bool,
+    repeats: int,
+    prune: bool,
+) -> BuildReport:
     b = _start(repo, name, backend, progress)
     config, report = b.config, b.report
     engines: dict = {}  # tier -> engine, each closed at the end, whatever happens in between

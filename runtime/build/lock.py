@@ -1,0 +1,59 @@
+"""One build of a model at a time.
+
+Two ``innfer build`` runs of one model that export different bytes for a tier (the INN
+replaced or calibrated while the first ran) each install their tier folder; the one whose
+folder was replaced then deleted or rewrote the other's ``tier.json`` - both exited 0 and
+the model no longer loaded (review 187). A build now holds an exclusive ``flock`` of
+``<model>/.build.lock`` from its first read of the model to its last write; a second build
+of the same model waits for it (and says so), then reads the model as the first left it.
+Builds of other models, and the server's reads, are not held up. Where a lock cannot be
+taken (no ``fcntl``; a file system without ``flock``; a read-only folder, which the build
+refuses anyway) the build goes on without it, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("innfer.build")
+
+LOCK_FILE = ".build.lock"
+
+
+@contextlib.contextmanager
+def one_build(model_dir: Path) -> Iterator[None]:
+    """Hold ``model_dir``'s build lock for the ``with`` block, waiting for another build
+    of that model to finish first (logged once, at WARNING: a build that seems to hang
+    says what it waits for).
+
+    Example:
+        >>> import tempfile
+        >>> with one_build(Path(tempfile.mkdtemp())):
+        ...     pass
+    """
+    try:
+        import fcntl
+
+        fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "waiting for another build of %s to finish (it holds %s)",
+                model_dir.name, model_dir / LOCK_FILE,
+            )  # fmt: skip
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
