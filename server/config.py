@@ -395,7 +395,8 @@ class ServerConfig:
     profile_at_load: bool = spec(
         True,
         doc="re-measure each tier briefly when a model loads and start the latency "
-        "correction from it (a profile measured on a busy or another machine is reconciled)",
+        "correction from it (a profile measured on a busy or another machine is reconciled); "
+        "off, each tier still runs once at batch 1 and once at max_batch",
     )
     reflection: bool = spec(
         True,

@@ -723,9 +723,11 @@ class ModelRuntime:
 
         # Batch 1 and max_batch on every tier, timed or not: a graph whose batch is fixed
         # (a Reshape to a constant shape) failed the whole model at load with profiling
-        # and was served batch by batch apart without it (review 188). Not while serving
-        # (a swap: innfer's own exports, and full batches cost the requests; see below).
-        first = [1] if contended else sorted({1, self.config.max_batch})
+        # and was served batch by batch apart without it (review 188). The timing below
+        # runs max_batch itself (run here as well, it took the ResNet-18-like w50's load
+        # from 1.37 to 1.58 s, bench/load_time.py); not while serving (a swap: innfer's own
+        # exports, and full batches cost the requests; see below).
+        first = [1] if contended or profile else sorted({1, self.config.max_batch})
         for tier, engine in self.served.engines.items():
             for b in first:
                 self._warm_run(tier, engine, random_feeds(self.config.inputs, b), b)
@@ -744,7 +746,7 @@ class ModelRuntime:
                 for _ in range(PROFILE_RUNS):
                     for b in sizes:
                         t0 = time.perf_counter()
-                        engine.run(feeds[b])
+                        self._warm_run(tier, engine, feeds[b], b)
                         took = time.perf_counter() - t0
                         lane.latency.observe(tier, b, took)
                         spent += took
