@@ -1042,17 +1042,39 @@ def _held_inn(directory: Path) -> list[str]:
     return [f for f in ("inn.json", "inn.safetensors") if (directory / f).exists()]
 
 
+def _same_source(model_dir: Path, out: Path) -> bool:
+    """Whether the INN in ``out`` is ``model_dir``'s (the same architecture and nodes;
+    calibrated tiers aside): an earlier calibration of it into ``out`` (the same command
+    again, or a rerun after an interrupt), which calibrating again may replace."""
+    import torch
+
+    from runtime.inn.model import ModelFileError, load
+
+    try:
+        a, b = load(model_dir), load(out)
+    except (ModelFileError, OSError, ValueError):
+        return False
+    return (
+        a.spec == b.spec
+        and a.state.keys() == b.state.keys()
+        and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    )
+
+
 def _unfinished_run(checkpoint: Path) -> str:
-    """What a training checkpoint left in ``checkpoint`` holds ("epoch 15 of 30 done"),
-    or "" where there is none."""
+    """What a training checkpoint left in ``checkpoint`` holds ("an unfinished run (epoch
+    15 of 30 done)"), or "" where there is none."""
     record = checkpoint / "checkpoint.json"
     if not record.is_file():
         return ""
     try:
         meta = json.loads(record.read_text())["meta"]
-        return f"epoch {int(meta['epoch']) + 1} of {int(meta['epochs'])} done"
+        done, epochs = int(meta["epoch"]) + 1, int(meta["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return "a checkpoint.json"
+    if done >= epochs:  # stopped after its last epoch, before the INN was saved
+        return f"a finished run ({done} of {epochs} epochs) whose INN was not saved"
+    return f"an unfinished run (epoch {done} of {epochs} done)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -1075,8 +1097,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The run would start from epoch 0 and its first save replace the checkpoint
         # (review 185: an interrupted run's 14 epochs were lost to a rerun without --resume).
         raise ValueError(
-            f"{args.out / 'checkpoint'} holds an unfinished run ({unfinished}): --resume "
-            "continues it, --force starts over and replaces it, or give another --out"
+            f"{args.out / 'checkpoint'} holds {unfinished}: --resume continues it, --force "
+            "starts over and replaces it, or give another --out"
         )
     calibrated = _calibrated_tiers(args.out) if held and not args.force else 0
     if calibrated:  # (--resume: the save at its end dropped them unsaid, finished or not)
@@ -1234,7 +1256,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     other = args.out is not None and Path(args.out).resolve() != args.model_dir.resolve()
     held = _held_inn(args.out) if other else []
-    if held and not args.force:
+    if held and not args.force and not _same_source(args.model_dir, args.out):
         # Saved as it goes, over another INN there, unsaid (review 185), as train was.
         raise ValueError(
             f"{args.out} already holds an INN ({', '.join(held)}): calibrating saves "
@@ -1966,10 +1988,16 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
+def _resume_hint(args: argparse.Namespace, started: float) -> str:
     """For an interrupted ``train``: where its last finished epoch is kept and how to
-    continue it."""
-    if args.command != "train" or not _unfinished_run(args.out / "checkpoint"):
+    continue it - only where this run (``started``: its wall-clock start) saved one: an
+    older run's checkpoint, which --force was replacing, is of other settings (review 189)."""
+    record = args.out / "checkpoint" / "checkpoint.json" if args.command == "train" else None
+    try:
+        ours = record is not None and record.stat().st_mtime >= started
+    except OSError:
+        ours = False
+    if not ours:
         return ""
     return f" ({args.out / 'checkpoint'} keeps the last finished epoch: --resume continues it)"
 
@@ -1980,6 +2008,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while the parser imports its backends' names (~0.2 s): a
         print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
         return 130
+    started = time.time()
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -1989,7 +2018,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"innfer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        print(f"innfer {args.command}: interrupted{_resume_hint(args, started)}",
+              file=sys.stderr)  # fmt: skip
         return 130
     except Exception as exc:  # not foreseen: one line for the user, the traceback on request
         if os.environ.get("INNFER_DEBUG"):

@@ -440,13 +440,17 @@ class DataPlane:
             else:
                 for engine in served.engines.values():
                     engine.close()
-            kept = self._mark_broken(name, str(exc))
+            # Another exception than ours (ONNX Runtime's, a bug) by its type too: a
+            # KeyError read "cannot be served: 'logits'" (review 189).
+            said = str(exc) if isinstance(exc, InferError | EngineError) else (
+                f"{type(exc).__name__}: {exc}")  # fmt: skip
+            kept = self._mark_broken(name, said)
             # a FailedPrecondition says its own fix (the server's policy); the rest is
             # the repository's (profile, engines): a rebuild
             advice = ("" if isinstance(exc, FailedPrecondition)
                       else _advice(exc, self.config.model_control))  # fmt: skip
             raise FailedPrecondition(
-                self._public(f"model {name!r} cannot be served: {exc}{advice}{kept}")
+                self._public(f"model {name!r} cannot be served: {said}{advice}{kept}")
             ) from None
         return runtime
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.engines import EngineError
+from server.apart import listed
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,16 @@ class EqualLengthRuns:
     parts: list[dict[str, np.ndarray]]
     timings: list[tuple[int, float]] = field(default_factory=list)
 
-    def run(self, engine) -> dict[str, np.ndarray]:
-        """The batch's outputs, one engine call per run, rows in the batch's order."""
+    def run(
+        self, engine, shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The batch's outputs, one engine call per run, rows in the batch's order; only
+        those model.yaml lists where ``shapes`` names them (``apart.listed``)."""
         rows = [len(next(iter(p.values()))) for p in self.parts]
         answers: list[dict[str, np.ndarray] | None] = [None] * len(self.parts)
         for indices, feeds in self.runs:
             t0 = time.perf_counter()
-            out = engine.run(feeds)
+            out = listed(engine.run(feeds), shapes or {})
             n = sum(rows[i] for i in indices)
             self.timings.append((n, time.perf_counter() - t0))
             for k, v in out.items():

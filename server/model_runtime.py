@@ -353,6 +353,13 @@ def _check_batches(served: ServedModel, tables: dict, length: int) -> None:
             )
 
 
+def _engines_own(exc: BaseException) -> bool:
+    """Whether ``exc`` is an engine's failure rather than a bug in the caller: ONNX
+    Runtime's exceptions derive from Exception alone."""
+    own = ("onnxruntime", "tensorrt", "torch")
+    return isinstance(exc, (EngineError, RuntimeError)) or type(exc).__module__.startswith(own)
+
+
 def _instances(served: ServedModel) -> int:
     """model.yaml's ``instances``, or fewer where the engines run fewer batches at once
     (``Engine.concurrent_runs``: the torch backend's one module per tier): the plans
@@ -766,14 +773,23 @@ class ModelRuntime:
         return factors
 
     def _warm_run(self, tier: str, engine, feeds: dict, batch: int) -> None:
-        """Run ``engine`` on ``feeds`` (``batch`` rows) at load; a failure names the tier
-        and the batch, and where only batches fail, the fix."""
+        """Run ``engine`` on ``feeds`` (``batch`` rows) at load; an engine's failure (an
+        EngineError or RuntimeError, or an exception of ONNX Runtime's, TensorRT's or
+        torch's own) names the tier and the batch, and where only batches fail, the fix.
+        Anything else is a bug and keeps its type and traceback."""
         try:
             engine.run(feeds)
         except Exception as exc:
+            if not _engines_own(exc):
+                raise
             said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if batch == 1:
                 raise EngineError(f"tier {tier} fails at batch 1: {said}") from exc
+            if "shape" not in said.lower():  # (out of memory, ...): the engine's words first
+                raise FailedPrecondition(
+                    f"tier {tier} runs batch 1 but fails at batch {batch} (max_batch): "
+                    f"{said[:300]}; lower max_batch, or serve it where that batch fits"
+                ) from exc
             raise FailedPrecondition(  # the fix first: ORT's own text runs long
                 f"tier {tier} runs batch 1 but fails at batch {batch} (max_batch): an ONNX "
                 "graph whose batch is fixed (a Reshape to a constant shape) runs one row at a "
@@ -1385,8 +1401,9 @@ class ModelRuntime:
         engine = self.served.engines[d.tier]
         runs = feeds if isinstance(feeds, EqualLengthRuns) else None
         try:
-            outputs = runs.run(engine) if runs is not None else engine.run(feeds)
-            outputs = listed(outputs, self._output_shapes)
+            shapes = self._output_shapes
+            ran = runs.run(engine, shapes) if runs is not None else engine.run(feeds)
+            outputs = listed(ran, shapes)
             if (problem := output_problem(outputs, d.rows, self._output_shapes)) is not None:
                 raise EngineError(f"tier {d.tier}: {problem}")  # then run apart, below
         except Exception as exc:

@@ -86,13 +86,8 @@ def test_an_input_model_yaml_does_not_list_is_refused_at_load_by_name(tmp_path):
         add_onnx_model(tmp_path, "extra_in", make, IO)  # its load, before the profile
 
 
-@pytest.mark.parametrize("profile_at_load", [True, False])
-def test_a_tier_that_fails_only_at_max_batch_is_refused_with_the_fix(
-    tmp_path, monkeypatch, profile_at_load
-):
-    """As an ONNX graph with a Reshape to a fixed batch: with the load's profile the whole
-    model was refused in ONNX Runtime's words and "rebuild it"; without, it was served, each
-    batch failing and running again row by row. The engine here raises past one row."""
+def _broken_by(tmp_path, monkeypatch, error: Exception, profile_at_load: bool) -> str:
+    """Why 'tiny' did not load, its engine raising ``error`` past one row."""
     root = build_repository(tmp_path)
     from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
@@ -100,7 +95,7 @@ def test_a_tier_that_fails_only_at_max_batch_is_refused_with_the_fix(
 
     def one_row(self, feeds):
         if len(next(iter(feeds.values()))) > 1:
-            raise RuntimeError("Reshape: the input tensor cannot be reshaped to [1, 64]")
+            raise error
         return real(self, feeds)
 
     monkeypatch.setattr(OnnxRuntimeEngine, "run", one_row)
@@ -108,12 +103,48 @@ def test_a_tier_that_fails_only_at_max_batch_is_refused_with_the_fix(
         {"repository": str(root), "models": ["tiny"], "profile_at_load": profile_at_load}
     ).start()
     try:
-        reason = srv.server.plane.broken["tiny"]
-        assert "tier w100 runs batch 1 but fails at batch 4 (max_batch)" in reason
-        assert "set max_batch: 1" in reason and "rebuild" not in reason
-        assert "cannot be reshaped" in reason  # the engine's own words, after the fix
+        return srv.server.plane.broken["tiny"]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("profile_at_load", [True, False])
+def test_a_tier_that_fails_only_at_max_batch_is_refused_with_the_fix(
+    tmp_path, monkeypatch, profile_at_load
+):
+    """As an ONNX graph with a Reshape to a fixed batch: with the load's profile the whole
+    model was refused in ONNX Runtime's words and "rebuild it"; without, it was served, each
+    batch failing and running again row by row. The engine here raises past one row."""
+    error = RuntimeError("Reshape: the input tensor cannot be reshaped to the requested shape")
+    reason = _broken_by(tmp_path, monkeypatch, error, profile_at_load)
+    assert "tier w100 runs batch 1 but fails at batch 4 (max_batch)" in reason
+    assert "set max_batch: 1" in reason and "rebuild" not in reason
+    assert "cannot be reshaped" in reason  # the engine's own words, after the fix
+
+
+def test_a_failure_at_max_batch_that_is_not_a_shape_is_said_as_the_engines(tmp_path, monkeypatch):
+    """Out of memory at max_batch was blamed on a fixed-batch graph (review 189)."""
+    error = RuntimeError("Failed to allocate memory for requested buffer of size 2147483648")
+    reason = _broken_by(tmp_path, monkeypatch, error, False)
+    assert "fails at batch 4 (max_batch): Failed to allocate memory" in reason
+    assert "lower max_batch" in reason and "fixed" not in reason
+
+
+def test_a_bug_at_warm_up_keeps_its_type(tmp_path, monkeypatch):
+    """Only an engine's failure is said as the tier's: a KeyError is a bug, with its
+    traceback in the log (review 189)."""
+    reason = _broken_by(tmp_path, monkeypatch, KeyError("logits"), False)
+    assert reason.startswith("KeyError: 'logits'")
+
+
+def test_a_renamed_input_is_said_as_model_yaml_edited(tmp_path):
+    """The check for inputs model.yaml does not list comes after the listed ones: a
+    rename in model.yaml was told to add the old name (review 189)."""
+    add_onnx_model(tmp_path, "m", _graph()[0], IO)
+    cfg = (tmp_path / "m" / "model.yaml").read_text().replace("name: input", "name: x")
+    (tmp_path / "m" / "model.yaml").write_text(cfg)
+    with pytest.raises(RepositoryError, match=re.escape("model.yaml gives x [4] (edited after")):
+        Repository(tmp_path).load("m")
 
 
 def test_instances_above_the_devices_slots_are_said(tmp_path, caplog):
@@ -125,3 +156,19 @@ def test_instances_above_the_devices_slots_are_said(tmp_path, caplog):
     assert said and "device runs 1 batch(es) at once" in said[0], said
     assert "raise device_slots" in said[0]
     Repository(tmp_path).load("four")  # (the model itself is fine)
+
+
+def test_equal_length_runs_answer_and_check_only_the_listed_outputs():
+    """A mask-less sequence model's batch of several lengths runs one call per length:
+    that path checked every output too, an unlisted constant failing it (review 189)."""
+    from server.equal_lengths import EqualLengthRuns
+
+    class Engine:
+        def run(self, feeds):
+            return {"y": feeds["x"] * 2, "ver": np.ones(3, np.int64)}
+
+    parts = [{"x": np.ones((1, 4), np.float32)}, {"x": np.full((1, 4), 3, np.float32)}]
+    runs = EqualLengthRuns([([0], parts[0]), ([1], parts[1])], parts)
+    out = runs.run(Engine(), {"y": [4]})
+    assert list(out) == ["y"]
+    np.testing.assert_array_equal(out["y"], np.array([[2] * 4, [6] * 4], np.float32))

@@ -69,6 +69,9 @@ def test_a_kind_the_model_lacks_is_refused_not_served_at_full_width():
     inn = runtime.convert(_mlp(), (torch.randn(2, 8),))
     with pytest.raises(ValueError, match=r"no groups of kind \['heads'\].*\['ffn'\]"):
         inn.sizes({"heads": 0.25})
+    # model.yaml reads {heads: 4} as a count; with no group of that name, it is said
+    with pytest.raises(ValueError, match=r"'heads' is a kind of group here .* not 4"):
+        inn.sizes({"heads": 4})
     assert inn.sizes({"heads": 1.0, "ffn": 0.5}) == inn.sizes(0.5)  # 1.0: nothing to cut
 
 
@@ -144,3 +147,29 @@ def test_optimizer_state_a_checkpoint_cannot_hold_is_named(tmp_path):
     opt.state[model.nodes[0]]["note"] = "text"
     with pytest.raises(ValueError, match="'note' is a str: a checkpoint holds numbers"):
         save_checkpoint(tmp_path, model, opt, {"epoch": 0, "seed": random.random()})
+
+
+def test_the_build_lock_opens_read_only_where_another_user_made_it(tmp_path, monkeypatch):
+    """A lock file only its creator could write left other users' builds unlocked (review
+    189): read-only is enough for flock."""
+    import fcntl
+    import os
+
+    from runtime.build import lock
+
+    real = os.open
+
+    def not_writable(path, flags, *mode):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *mode)
+
+    (tmp_path / lock.LOCK_FILE).touch()
+    monkeypatch.setattr(os, "open", not_writable)
+    with lock.one_build(tmp_path):
+        other = real(tmp_path / lock.LOCK_FILE, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # held: another build would wait
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)

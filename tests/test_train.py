@@ -398,7 +398,7 @@ def test_cli_train_refuses_to_restart_over_an_unfinished_runs_checkpoint(
     record = out / "checkpoint" / "checkpoint.json"
     kept = record.read_bytes()
     code, _, err = cli_main(*args)
-    assert code == 2 and "holds an unfinished run (epoch 1 of 1 done)" in err, err
+    assert code == 2 and "holds a finished run (1 of 1 epochs) whose INN" in err, err
     assert "--resume" in err and "--force" in err
     assert record.read_bytes() == kept and not (out / "inn.json").exists()
     code, _, err = cli_main(*args, "--resume")  # nothing left to train: saves the INN
@@ -411,17 +411,25 @@ def test_cli_train_refuses_to_restart_over_an_unfinished_runs_checkpoint(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train_inn", interrupted)
-    code, _, err = cli_main(*args, "--force")
-    assert code == 130 and "interrupted" in err and "--resume continues it" in err, err
+    code, _, err = cli_main(*args, "--force")  # stopped before it saved an epoch: the
+    assert code == 130 and err.strip() == "innfer train: interrupted", err  # old run's
     code, _, err = cli_main("train", "--model", "digits_mlp", "--out", str(tmp_path / "new"))
     assert code == 130 and err.strip() == "innfer train: interrupted", err  # no checkpoint
+
+    def after_an_epoch(*a, **k):
+        record.write_bytes(kept)  # this run's save of its first epoch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_inn", after_an_epoch)
+    code, _, err = cli_main(*args, "--force")
+    assert code == 130 and "interrupted" in err and "--resume continues it" in err, err
 
 
 def test_cli_calibrate_refuses_to_save_over_another_inn_in_out(cli_main, digits, tmp_path):
     """calibrate --out saved MODEL_DIR's INN over the one OUT held, unsaid (review 185)."""
     src, other = tmp_path / "src", tmp_path / "other"
     _untrained_inn(digits).save(src)
-    _untrained_inn(digits).save(other)
+    _untrained_inn(digits, bn=False).save(other)  # another model's INN
     held = (other / "inn.safetensors").read_bytes()
     args = ("calibrate", str(src), "--data", "digits", "--widths", "0.5", "--steps", "1",
             "--samples", "256", "--out", str(other))  # fmt: skip
@@ -431,6 +439,8 @@ def test_cli_calibrate_refuses_to_save_over_another_inn_in_out(cli_main, digits,
     code, _, err = cli_main(*args, "--force")
     assert code == 0, err
     assert load_inn(other).tiers  # src's INN and its new tier
+    code, _, err = cli_main(*args)  # the same command again: OUT holds src's own INN
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(

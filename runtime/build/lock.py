@@ -24,6 +24,17 @@ log = logging.getLogger("innfer.build")
 LOCK_FILE = ".build.lock"
 
 
+def _open(path: Path) -> int:
+    """The lock file, made 0o666 (less the umask) and opened for writing where it may be
+    (NFS emulates flock with POSIX locks, which need it), else read-only: flock needs no
+    write access, and a file only its creator could open left another user's builds
+    unlocked (review 189)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 @contextlib.contextmanager
 def one_build(model_dir: Path) -> Iterator[None]:
     """Hold ``model_dir``'s build lock for the ``with`` block, waiting for another build
@@ -38,8 +49,13 @@ def one_build(model_dir: Path) -> Iterator[None]:
     try:
         import fcntl
 
-        fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
+        fd = _open(model_dir / LOCK_FILE)
+    except ImportError:
+        yield
+        return
+    except OSError as exc:
+        if os.access(model_dir, os.W_OK):  # (a read-only folder: the build refuses it)
+            log.warning("%s: builds of it run unlocked (%s)", model_dir.name, exc)
         yield
         return
     try:

@@ -208,6 +208,13 @@ class IntegralModel:
         shaped = width.get(SHAPED, False)
         if not isinstance(shaped, bool):
             raise ValueError(f"{SHAPED!r} must be true or false, got {shaped!r}")
+        for k, v in width.items():  # (model.yaml reads {heads: 4} as a count: a group's)
+            if k != SHAPED and type(v) is int and v >= 2:
+                raise ValueError(
+                    f"{k!r} is a kind of group here (this model has no group of that name): "
+                    f"give it a fraction in (0, 1], not {v}; channel counts name groups "
+                    f"({', '.join(g.name for g in self.groups[:3])}, ...)"
+                )
         fractions = {k: check_width(v) for k, v in width.items() if k != SHAPED}
         have = {self.kind(g) for g in self.groups}
         absent = sorted(k for k, f in fractions.items() if k not in have and f < 1.0)
@@ -215,7 +222,7 @@ class IntegralModel:
             raise ValueError(
                 f"this model has no groups of kind {absent} (its continuous groups are of "
                 f"kind {sorted(have) or 'none'}: 'heads' are attention heads, 'ffn' every "
-                "other group); name its kinds, or give a fraction for every group"
+                "other group); name its kinds, or give one fraction as the width"
             )
         uniform = {
             g.name: self._rounded(g, fractions.get(self.kind(g), 1.0), multiple_of)

@@ -906,14 +906,6 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
     engine takes that model.yaml does not list is refused too (no request could feed it: the
     warm-up failed as "its files could not be read ... rebuild it"; review 188); an output it
     does not list is never answered."""
-    listed = {t.name for t in config.inputs}
-    if extra := [s for s in engine.inputs if s.name not in listed]:
-        s = extra[0]
-        raise RepositoryError(
-            f"{tier_dir}: tier {tier}'s engine takes input {s.name} {list(s.shape[1:])} "
-            f"({s.dtype}), which model.yaml does not list: add it to model.yaml's inputs, or "
-            "change the model not to take it and run `innfer build`"
-        )
     for what, want, got in (
         ("inputs", config.inputs, engine.inputs),
         ("outputs", config.outputs, engine.outputs),
@@ -950,6 +942,15 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
                     f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
                     "or change the model to give that and run `innfer build`"
                 )
+    # After the listed ones (an input renamed in model.yaml is said as that, above).
+    listed = {t.name for t in config.inputs}
+    if extra := [s for s in engine.inputs if s.name not in listed]:
+        s = extra[0]
+        raise RepositoryError(
+            f"{tier_dir}: tier {tier}'s engine takes input {s.name} {list(s.shape[1:])} "
+            f"({s.dtype}), which model.yaml does not list: add it to model.yaml's inputs, or "
+            "change the model not to take it and run `innfer build`"
+        )
 
 
 def _only_tiers(profile: dict[str, Any], names: list[str]) -> dict[str, Any]:
