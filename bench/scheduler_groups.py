@@ -86,6 +86,7 @@ def run(mod, trace: list[tuple], seed: int) -> dict:
     draws = np.random.default_rng(10_000 + seed)  # engine noise, the same for both trees
     now, running, i = 0.0, None, 0
     met, late, refused, expired, served = 0, 0, 0, 0, []
+    pinned_met = 0
 
     def pump() -> None:
         nonlocal running, expired
@@ -103,6 +104,7 @@ def run(mod, trace: list[tuple], seed: int) -> dict:
             for r in d.requests:
                 if now <= r.deadline + 1e-12:
                     met += 1
+                    pinned_met += r.pin is not None
                     served.append(ACCURACY[d.tier])
                 else:
                     late += 1
@@ -121,6 +123,8 @@ def run(mod, trace: list[tuple], seed: int) -> dict:
         "refused": refused,
         "expired": expired,
         "late": late,
+        "pinned": sum(t[3] is not None for t in trace),
+        "pinned_met": pinned_met,
     }
 
 
@@ -132,7 +136,10 @@ def summary(runs: list[dict]) -> dict:
         "attainment_min": min(att),
         "attainment_max": max(att),
         "accuracy_mean": statistics.fmean(r["accuracy"] for r in runs),
-        **{k: sum(r[k] for r in runs) for k in ("refused", "expired", "late")},
+        **{
+            k: sum(r[k] for r in runs)
+            for k in ("refused", "expired", "late", "pinned", "pinned_met")
+        },
         "per_seed": runs,
     }
 
@@ -180,7 +187,8 @@ def main(argv=None) -> int:
                       f"{row['attainment_mean']:.4f} median {row['attainment_median']:.4f} "
                       f"range {row['attainment_min']:.4f}-{row['attainment_max']:.4f} "
                       f"accuracy {row['accuracy_mean']:.4f} refused {row['refused']} "
-                      f"expired {row['expired']} late {row['late']}", flush=True)  # fmt: skip
+                      f"expired {row['expired']} late {row['late']} pinned met "
+                      f"{row['pinned_met']}/{row['pinned']}", flush=True)  # fmt: skip
     meta = {"seeds": list(SEEDS), "requests": REQUESTS, "noise_sigma": NOISE,
             "baseline_tree": args.baseline_tree}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
