@@ -488,6 +488,14 @@ class DataPlane:
         chosen = "auto-tiering's choice" if served.tier_source == "frontier" else "model.yaml"
         log.info("model %s ready: tiers %s from %s (%s), build %s", name,
                  list(served.tiers), chosen, served.backend, served.build_id)  # fmt: skip
+        default_ms = served.config.default_latency_budget_ms
+        margin_ms = self.config.budget_margin_ms
+        if default_ms <= margin_ms:  # every request without a budget is refused (review 190)
+            log.warning(
+                "model %s: default_latency_budget_ms %g is within the server's budget_margin_ms "
+                "%g: every request that sends no budget (nor a gRPC deadline) is refused; "
+                "raise the model's default, or lower the margin", name, default_ms, margin_ms,
+            )  # fmt: skip
         return old
 
     async def _retire(self, runtime: ModelRuntime, drain_s: float | None) -> None:
@@ -1253,7 +1261,7 @@ class DataPlane:
         budget_s -= self.config.budget_margin_ms / 1e3
         pin = _string_param(params, "tier")
         min_tier = _string_param(params, "min_tier")
-        priority = _priority(params)
+        priority = _priority(params, m.config.priority_levels, m.config.default_priority_level)
         decoding = m.clock()
         # When the request is due, as far as its decode can tell (the plan's reserve for
         # the overhead comes after): a text still queued for the tokenizer threads then is
@@ -1821,17 +1829,24 @@ def _check_version(name: str, version: str) -> None:
         )
 
 
-def _priority(params) -> int:
+def _priority(params, levels: int = 0, default_level: int = 0) -> int:
     """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
-    larger is more urgent, so level p becomes -p (and 0 stays the default, below level 1)."""
-    if "priority" not in params:
+    larger is more urgent. With ``levels`` (model.yaml's priority_levels), as Triton: level
+    p in [1, levels] becomes levels + 1 - p, and 0 or a level past ``levels`` is
+    ``default_level`` (0: the last), so a client may rank below the default (review 190);
+    without, level p becomes 1,000,000 - p and 0 stays the default, below every level."""
+    level = 0.0
+    if "priority" in params:
+        level = _number(params["priority"], "priority")
+        if not math.isfinite(level) or level < 0 or level != int(level):
+            raise InvalidArgument(f"priority must be a whole number >= 0, got {level}")
+    if levels:
+        if level == 0 or level > levels:
+            level = default_level or levels
+        return levels + 1 - int(level)
+    if level == 0 or level >= 1_000_000:  # past the lowest level: the default, as Triton
         return 0
-    level = _number(params["priority"], "priority")
-    if not math.isfinite(level) or level < 0 or level != int(level):
-        raise InvalidArgument(f"priority must be a whole number >= 0, got {level}")
-    if level >= 1_000_000:  # past the lowest level: the default, as Triton takes it
-        return 0
-    return 0 if level == 0 else 1_000_000 - int(level)
+    return 1_000_000 - int(level)
 
 
 def _advice(exc: BaseException, control: str = "explicit") -> str:

@@ -472,6 +472,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         batching = cfg.dynamic_batching
         batching.preferred_batch_size.extend(m.config.batch_sizes)
         batching.max_queue_delay_microseconds = 0
+        if m.config.priority_levels:  # (0: every level outranks none; Triton's tools read
+            # it as priority off, so it is said in the README, not here)
+            batching.priority_levels = m.config.priority_levels
+            batching.default_priority_level = (
+                m.config.default_priority_level or m.config.priority_levels
+            )
         queue = batching.default_queue_policy
         queue.max_queue_size = m.config.max_queue
         queue.timeout_action = mc.ModelQueuePolicy.REJECT

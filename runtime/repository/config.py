@@ -421,6 +421,17 @@ class ModelConfig:
         "time (one module per tier): such a model is planned with 1",
     )  # fmt: skip
     max_queue: int = spec(256, lo=1, hi=10**6, doc="requests queued before refusing more")
+    priority_levels: int = spec(
+        0, lo=0, hi=10**6 - 1,
+        doc="Triton's priority levels: 1 is the most urgent, a request's priority 0 (none) "
+        "or above this count takes default_priority_level; 0 (the default): every level a "
+        "request gives outranks one that gives none",
+    )  # fmt: skip
+    default_priority_level: int = spec(
+        0, lo=0, hi=10**6 - 1,
+        doc="the level of a request that gives no priority, in [1, priority_levels] "
+        "(0: the last level, priority_levels)",
+    )  # fmt: skip
     slo_target: float = spec(
         0.999, lo=0.5, hi=1, hi_open=True,
         doc="probability with which plans meet their deadlines: tiers and batches are "
@@ -521,6 +532,11 @@ class ModelConfig:
                     "[classes] or [classes, H, W] per pixel (evaluation scores its argmax)",
                 )
 
+        if self.default_priority_level > self.priority_levels:
+            where.child("default_priority_level").fail(
+                self.default_priority_level,
+                f"a level in [1, priority_levels] ({self.priority_levels}), or 0 for the last",
+            )
         self._validate_sequence(where)
         floor = None if self.auto_tiers is None else self.auto_tiers.accuracy_floor
         if floor is not None and self.evaluation is None:

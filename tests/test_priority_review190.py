@@ -1,0 +1,83 @@
+"""Triton's priority levels (review 190): without priority_levels every level a request
+gives outranks one that gives none, as before; with them, as Triton, a request without a
+priority takes default_priority_level, so a client can rank below the default, and
+ModelConfig reports both."""
+
+from __future__ import annotations
+
+import pytest
+import tritonclient.grpc as tc
+from serverutil import ServerThread, add_onnx_model, tiny_cnn
+
+from runtime.repository.config import ConfigError, ModelConfig
+from server.dataplane import _priority
+from server.proto_gen import grpc_service_pb2 as pb
+
+IO = {
+    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+    "tiers": [{"name": "w100", "width": 1.0}],
+    "max_batch": 4,
+}
+
+
+def _params(level=None):
+    req = pb.ModelInferRequest()
+    if level is not None:
+        req.parameters["priority"].int64_param = level
+    return req.parameters
+
+
+def _urgency(level=None, levels=0, default=0) -> int:
+    return _priority(_params(level), levels, default)
+
+
+def test_without_levels_every_given_level_outranks_none():
+    assert _urgency(1) > _urgency(1000) > _urgency() == _urgency(0) == 0
+    assert _urgency(10**6) == 0  # past the lowest level: the default
+
+
+def test_with_levels_a_request_may_rank_below_the_default():
+    levels, default = 10, 5
+    order = [_urgency(p, levels, default) for p in (1, 4, 5, 0, 6, 10)]
+    assert order == sorted(order, reverse=True) and order[2] == order[3]  # 0 is level 5
+    assert _urgency(0, levels, default) > _urgency(10, levels, default)  # background work
+    assert _urgency(11, levels, default) == _urgency(0, levels, default)  # past the levels
+    assert _urgency(None, levels, 0) == _urgency(levels, levels, 0)  # default: the last
+
+
+def test_a_default_level_past_the_levels_is_refused():
+    with pytest.raises(ConfigError, match="default_priority_level: got 6, expected a level"):
+        ModelConfig.from_dict(
+            {**IO, "priority_levels": 5, "default_priority_level": 6}, source="model.yaml"
+        )
+
+
+def test_model_config_reports_the_levels(tmp_path):
+    add_onnx_model(tmp_path, "levels", tiny_cnn, {**IO, "priority_levels": 10,
+                                                   "default_priority_level": 5})  # fmt: skip
+    add_onnx_model(tmp_path, "plain", tiny_cnn, IO)
+    srv = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        client = tc.InferenceServerClient(srv.address)
+        batching = client.get_model_config("levels").config.dynamic_batching
+        assert (batching.priority_levels, batching.default_priority_level) == (10, 5)
+        plain = client.get_model_config("plain").config.dynamic_batching
+        assert (plain.priority_levels, plain.default_priority_level) == (0, 0)
+        client.close()
+    finally:
+        srv.stop()
+
+
+def test_a_default_budget_within_the_servers_margin_is_said_at_load(tmp_path, caplog):
+    """Every request without a budget was refused, unsaid (review 190)."""
+    import logging
+
+    add_onnx_model(tmp_path, "tight", tiny_cnn, {**IO, "default_latency_budget_ms": 0.5})
+    with caplog.at_level(logging.WARNING, logger="innfer"):
+        srv = ServerThread({"repository": str(tmp_path)}).start()
+        srv.stop()
+    said = [r.getMessage() for r in caplog.records if "budget_margin_ms" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "model tight: default_latency_budget_ms 0.5 is within the server's budget_margin_ms 1"
+    )
