@@ -1218,8 +1218,9 @@ class DataPlane:
             # parse's start (the deadline was read after it), else from the handler's
             time_remaining += waited_s
         try:
-            budget_s = _budget(request.parameters, time_remaining,
-                               m.config.default_latency_budget_ms, deadline_is_budget)  # fmt: skip
+            default_ms = m.config.default_latency_budget_ms
+            budget_s, _ = _budget(request.parameters, time_remaining, default_ms,
+                                  deadline_is_budget)  # fmt: skip
         except InvalidArgument:
             return
         shape = request.inputs[0].shape if request.inputs else ()
@@ -1255,7 +1256,7 @@ class DataPlane:
             # count the budget from the parse's start (``waited_s`` before it), so the
             # deadline is that much further from there - else the parse counts twice.
             time_remaining += waited_s
-        budget_s = _budget(
+        budget_s, source = _budget(
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
         budget_s -= self.config.budget_margin_ms / 1e3
@@ -1308,6 +1309,10 @@ class DataPlane:
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
                 waited_s, reserve_s, grace_s,
             )  # fmt: skip
+        except DeadlineExceeded as exc:
+            if not BUDGET_SOURCES[source]:
+                raise
+            raise DeadlineExceeded(f"{exc}; {BUDGET_SOURCES[source]}") from None
         finally:
             self.release(answer_bytes, window)
         if truncated:  # texts cut at the model's max_length (truncate=true, the default)
@@ -1674,13 +1679,28 @@ def _largest_message(cfg) -> int:
     return max(request_bytes(cfg), response_bytes(cfg))
 
 
+# Where a request's budget came from (``_budget``'s second answer) -> what raises it, for
+# a refusal: "send a larger latency_budget_ms" alone misled a client whose budget was its
+# timeout, its deadline or the model's default (review 190).
+BUDGET_SOURCES = {
+    "latency_budget_ms": "",
+    "timeout": "the budget was Triton's timeout parameter, which caps latency_budget_ms: "
+    "raise the timeout",
+    "deadline": "the budget was the call's gRPC deadline (client_timeout), which caps "
+    "latency_budget_ms: raise the deadline",
+    "default": "the budget was the model's default_latency_budget_ms (no latency_budget_ms "
+    "nor deadline was sent): send latency_budget_ms, or raise the default in model.yaml",
+}
+
+
 def _budget(
     params, time_remaining: float | None, default_ms: float, deadline_is_budget: bool = True
-) -> float:
-    """Seconds: ``latency_budget_ms`` parameter, else the gRPC deadline (where it is the
-    request's own: ``deadline_is_budget``), else the default. Triton's ``timeout``
-    (microseconds) and the deadline cap it: past them the request is not worth serving."""
-    budget = None
+) -> tuple[float, str]:
+    """(seconds, where they came from: a ``BUDGET_SOURCES`` key): ``latency_budget_ms``
+    parameter, else the gRPC deadline (where it is the request's own:
+    ``deadline_is_budget``), else the default. Triton's ``timeout`` (microseconds) and the
+    deadline cap it: past them the request is not worth serving."""
+    budget, source = None, "latency_budget_ms"
     if "latency_budget_ms" in params:
         ms = _number(params["latency_budget_ms"], "latency_budget_ms")
         if not math.isfinite(ms) or ms <= 0:
@@ -1692,18 +1712,18 @@ def _budget(
             )
         budget = ms / 1e3
     elif time_remaining is not None and deadline_is_budget:
-        budget = time_remaining
+        budget, source = time_remaining, "deadline"
     if budget is None:
-        budget = default_ms / 1e3
+        budget, source = default_ms / 1e3, "default"
     if "timeout" in params:
         us = _number(params["timeout"], "timeout")
         if not math.isfinite(us) or us < 0:
             raise InvalidArgument(f"timeout must be a non-negative number of us, got {us}")
-        if us > 0:  # Triton: 0 means no timeout
-            budget = min(budget, us / 1e6)
-    if time_remaining is not None:
-        budget = min(budget, time_remaining)  # never answer after the client gave up
-    return budget
+        if 0 < us / 1e6 < budget:  # Triton: 0 means no timeout
+            budget, source = us / 1e6, "timeout"
+    if time_remaining is not None and time_remaining < budget:
+        budget, source = time_remaining, "deadline"  # never answer after the client gave up
+    return budget, source
 
 
 # The request parameters innfer reads (Triton's `priority` and `timeout` among them), and

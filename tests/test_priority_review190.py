@@ -81,3 +81,36 @@ def test_a_default_budget_within_the_servers_margin_is_said_at_load(tmp_path, ca
     assert len(said) == 1 and said[0].startswith(
         "model tight: default_latency_budget_ms 0.5 is within the server's budget_margin_ms 1"
     )
+
+
+@pytest.mark.parametrize(
+    "default_ms, how, said",
+    [
+        (50, {"parameters": {"latency_budget_ms": 0.5}}, None),
+        (50, {"timeout": 500}, "the budget was Triton's timeout parameter"),
+        (50, {"client_timeout": 0.0015}, "the budget was the call's gRPC deadline"),
+        (0.5, {}, "the budget was the model's default_latency_budget_ms"),
+    ],
+)
+def test_a_refusal_says_where_the_budget_came_from(tmp_path, default_ms, how, said):
+    """ "send a larger latency_budget_ms" misled a client whose budget was its timeout, its
+    deadline or the model's default (review 190): each says what raises it."""
+    import numpy as np
+    from tritonclient.utils import InferenceServerException
+
+    add_onnx_model(tmp_path, "m", tiny_cnn, {**IO, "default_latency_budget_ms": default_ms})
+    srv = ServerThread({"repository": str(tmp_path)}).start()
+    try:
+        client = tc.InferenceServerClient(srv.address)
+        x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("m", [x], **how)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        if said is None:
+            assert "the budget was" not in err.value.message()
+        else:
+            assert said in err.value.message(), err.value.message()
+        client.close()
+    finally:
+        srv.stop()
