@@ -1282,9 +1282,18 @@ class ModelRuntime:
                     # same loop turn - finds it out of the queue: it expired from there)
                     self._expired_cancelled.add(r.id)
                     continue
+                self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
+                if r.state == State.REFUSED_FULL:  # a more urgent request took its place
+                    why = (f"model {self.name}: queue full ({self.config.max_queue} requests "
+                           "waiting): a request of higher priority took this one's place; "
+                           "retry shortly or on another replica")  # fmt: skip
+                    self.metrics.requests.labels(self.name, "", "refused_full").inc()
+                    self._missed["refused_full"].inc()
+                    self._log_refused("refused_full", why, now)
+                    self._reject(r, ResourceExhausted(why))
+                    continue
                 self.metrics.requests.labels(self.name, "", "refused_deadline").inc()
                 self._missed["expired"].inc()
-                self._queue_total.inc(now - r.arrival)  # it waited, and got nothing
                 held = (self.device_stuck or self.stuck)()  # (rare: looked up per expiry)
                 why = f"model {self.name}: the request's budget ran out in the queue" + (
                     f" (the device is held: {held})" if held else "")  # fmt: skip

@@ -636,6 +636,42 @@ def test_a_queued_request_expires_at_its_deadline_while_a_batch_overruns(config)
     assert 0.25 < waited < 2.0, waited  # its deadline (300 ms), not the stall's end (never)
 
 
+def test_a_request_of_higher_priority_takes_the_last_place_at_a_full_queue(tmp_path):
+    """max_queue bounded every priority together: a priority-1 request was refused while
+    default ones held every place (review 190). Now the least urgent queued one (lowest
+    priority, latest deadline) is answered RESOURCE_EXHAUSTED in its stead, once."""
+    write_model(tmp_path, "a", {"w100": 1.0}, LATENCY, max_batch=1, max_queue=2)
+    cfg = ServerConfig.from_dict({"repository": str(tmp_path), "profile_at_load": False})
+    cfg = dataclasses.replace(cfg, backend="fake")
+
+    def send(plane, value: float, **params):
+        req = _request("a", _x(1, value), latency_budget_ms=10_000.0 + value, **params)
+        return asyncio.create_task(plane.infer(req, None))
+
+    async def body():
+        plane, _, gate, [held] = await _held(cfg, _request("a", _x(1, 1.0)))
+        try:
+            first, last = send(plane, 2.0), send(plane, 3.0)  # the queue's two places
+            await asyncio.sleep(0.05)
+            with pytest.raises(ResourceExhausted, match="queue full"):  # same priority
+                await send(plane, 4.0)
+            urgent = send(plane, 5.0, priority=1.0)
+            with pytest.raises(ResourceExhausted, match="higher priority took this one's"):
+                await asyncio.wait_for(last, 5)
+            gate.set()
+            done = await asyncio.wait_for(asyncio.gather(held, first, urgent), 5)
+            full = plane.metrics.registry.get_sample_value(
+                "innfer_requests_total", {"model": "a", "tier": "", "outcome": "refused_full"}
+            )
+            return [r.id for r in done], full
+        finally:
+            gate.set()
+            await plane.stop_models()
+
+    ids, full = _run(body())
+    assert ids == ["a-1", "a-2", "a-5"] and full == 2  # the same-priority one, the evicted
+
+
 def test_a_runtime_a_reload_retired_with_its_engine_hung_stays_in_readiness(config, monkeypatch):
     # Once the reload's stop gave up waiting for the hung call, the old runtime was
     # forgotten: readiness said ready while its batch still held the device's slot.

@@ -86,27 +86,33 @@ def test_a_default_budget_within_the_servers_margin_is_said_at_load(tmp_path, ca
 @pytest.mark.parametrize(
     "default_ms, how, said",
     [
-        (50, {"parameters": {"latency_budget_ms": 0.5}}, None),
-        (50, {"timeout": 500}, "the budget was Triton's timeout parameter"),
-        (50, {"client_timeout": 0.0015}, "the budget was the call's gRPC deadline"),
-        (0.5, {}, "the budget was the model's default_latency_budget_ms"),
+        (1000, {"parameters": {"latency_budget_ms": 4}}, None),
+        (1000, {"timeout": 4000}, "the budget was Triton's timeout parameter"),
+        (1000, {"client_timeout": 0.006}, "the budget was the call's gRPC deadline"),
+        (4, {}, "the budget was the model's default_latency_budget_ms"),
     ],
 )
 def test_a_refusal_says_where_the_budget_came_from(tmp_path, default_ms, how, said):
     """ "send a larger latency_budget_ms" misled a client whose budget was its timeout, its
-    deadline or the model's default (review 190): each says what raises it."""
+    deadline or the model's default (review 190): each says what raises it. One tier of
+    tens of ms, so that every budget of a few ms is refused at once on any machine."""
     import numpy as np
+    from serverutil import slow_loop
     from tritonclient.utils import InferenceServerException
 
-    add_onnx_model(tmp_path, "m", tiny_cnn, {**IO, "default_latency_budget_ms": default_ms})
-    srv = ServerThread({"repository": str(tmp_path)}).start()
+    io = {**IO, "inputs": [{"name": "input", "dtype": "float32", "shape": [512]}],
+          "max_batch": 1, "default_latency_budget_ms": default_ms}  # fmt: skip
+    add_onnx_model(tmp_path, "m", lambda w: slow_loop(w, trips=2000, dim=512), io, warmup=1,
+                   repeats=2)  # fmt: skip
+    srv = ServerThread({"repository": str(tmp_path), "profile_at_load": False}).start()
     try:
         client = tc.InferenceServerClient(srv.address)
-        x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        x = tc.InferInput("input", [1, 512], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 512), np.float32))
         with pytest.raises(InferenceServerException) as err:
             client.infer("m", [x], **how)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert "is below the fastest allowed tier's latency" in err.value.message()
         if said is None:
             assert "the budget was" not in err.value.message()
         else:
@@ -114,3 +120,25 @@ def test_a_refusal_says_where_the_budget_came_from(tmp_path, default_ms, how, sa
         client.close()
     finally:
         srv.stop()
+
+
+def test_the_scheduler_evicts_only_for_a_higher_priority_and_hands_the_evicted_back():
+    """Scripted clock: the slot busy, two default requests fill max_queue 2."""
+    from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+
+    tiers = [TierInfo("w100", 0.99, {1: 5.0, 2: 9.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=2)
+    s.submit(Request(0, 0.0, 10.0), 0.0)
+    assert s.next(0.0) is not None  # running
+    s.submit(Request(1, 0.0, 10.0), 0.0)
+    s.submit(Request(2, 0.0, 11.0), 0.0)
+    with pytest.raises(Refused) as err:
+        s.submit(Request(3, 0.0, 5.0), 0.0)  # more urgent by deadline, not by priority
+    assert err.value.state == State.REFUSED_FULL
+    s.submit(Request(4, 0.0, 10.0, priority=1), 0.0)
+    assert [r.id for r in s.queue] == [4, 1]
+    out = s.expire(0.0)
+    assert [(r.id, r.state) for r in out] == [(2, State.REFUSED_FULL)]
+    assert s.expire(0.0) == []  # handed back once
+    with pytest.raises(Refused):  # the lowest queued is now of priority 0 again: 1 can't
+        s.submit(Request(5, 0.0, 10.0), 0.0)

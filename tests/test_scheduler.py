@@ -143,10 +143,13 @@ def drive(
             run.max_queue_len = max(run.max_queue_len, len(sched.queue))
             i += 1
         for r in sched.expire(now):
+            run.expired.append(r)
+            if r.state == State.REFUSED_FULL:  # a request of higher priority took its place
+                assert r.finished == now and max(q.priority for q in sched.queue) > r.priority
+                continue
             # Expired exactly when even the fastest allowed tier could no longer make it.
             fastest = sched.latency.estimate(sched.ctx.fastest(r), r.rows)
             assert r.finished == now and now + fastest > r.deadline
-            run.expired.append(r)
         while sched.free_slot() is not None and sched.queue:
             d = sched.next(now)
             if d is None:
@@ -178,7 +181,7 @@ def check_invariants(run: Run, sched: Scheduler) -> None:
             assert id(r) not in in_decisions and id(r) not in expired
             continue
         assert r.state.final, (r.id, r.state)
-        assert r.state in (State.SERVED, State.REFUSED_DEADLINE)
+        assert r.state in (State.SERVED, State.REFUSED_DEADLINE, State.REFUSED_FULL)
         if r.state == State.SERVED:
             assert in_decisions[id(r)] == 1 and id(r) not in expired
             (start, d, end) = next(x for x in run.decisions if r in x[1].requests)

@@ -165,6 +165,7 @@ class Scheduler:
         self.device.join(self)
         self.queue: list[Request] = []  # sorted by _key
         self._keys: list[tuple] = []
+        self._evicted: list[Request] = []  # (``_evict``; ``expire`` hands them back)
         self._cols = _Columns()  # the queue as arrays, kept in step with self.queue
         # slot -> (the decision running there, the time it started)
         self.running: dict[int, tuple[Decision, float]] = {}
@@ -257,7 +258,11 @@ class Scheduler:
         q = self.admission_quantile(joining=r)
         due = self.admission_deadline(r)
         alone = self.latency.quantile(fastest, r.rows, q)
-        if self.instances.queued() >= self.max_queue:  # over the model's lanes together
+        # Full (over the model's lanes together): a request of higher priority than the
+        # least urgent one queued takes its place, once admitted; else it is refused.
+        full = self.instances.queued() >= self.max_queue
+        victim = self._least_urgent() if full else None
+        if full and (victim is None or victim[1].priority >= r.priority):
             raise Refused(
                 State.REFUSED_FULL,
                 f"queue full ({self.max_queue} requests waiting): retry shortly or on another "
@@ -288,6 +293,10 @@ class Scheduler:
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
                 "shortly or on another replica, or send a larger latency_budget_ms",
             )
+        if victim is not None:
+            victim[0]._evict(now)
+            if victim[0] is self and i > len(self.queue):  # (it was behind r: i is past it)
+                i = len(self.queue)
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
@@ -295,6 +304,27 @@ class Scheduler:
         else:
             self._cols.insert(i, r, self.ctx)
         self.device.touched(self)
+
+    def _least_urgent(self) -> tuple[Scheduler, Request] | None:
+        """The model's least urgent queued request (lowest priority, latest deadline) over
+        its lanes, and the lane that holds it; None when nothing is queued."""
+        lanes = [s for s in self.instances.members if s.queue]
+        if not lanes:
+            return None
+        lane = max(lanes, key=lambda s: s._keys[-1][:2])
+        return lane, lane.queue[-1]
+
+    def _evict(self, now: float) -> None:
+        """Take the last queued request out for a more urgent one at a full queue (Triton
+        bounds each priority level's queue: one of priority 1 was refused while default
+        ones held every place; review 190). It is answered as refused (REFUSED_FULL), handed
+        back by the next ``expire``."""
+        r = self.queue[-1]
+        self._remove_at([len(self.queue) - 1])
+        r.finish(State.REFUSED_FULL, now)
+        self._evicted.append(r)
+        if not self.queue:
+            self.device.dropped(self)
 
     def admission_quantile(self, joining: Request | None = None) -> float:
         """The quantile a new request's plan is checked at: ``admit_quantile`` while fewer
@@ -460,9 +490,11 @@ class Scheduler:
         (``admission_quantile``). A queue that has grown to a full batch of rows judges every
         request at ``slo_target``, those admitted at the median included: load shedding
         (``admission_quantile``'s doc). Admission counts the request it admits, so the one
-        that fills the queue is judged as the queue it joins."""
+        that fills the queue is judged as the queue it joins. First in the list: the requests
+        a more urgent one took the place of at a full queue (``_evict``; REFUSED_FULL)."""
+        evicted, self._evicted = self._evicted, []
         if not self.queue:
-            return []
+            return evicted
         q = self.admission_quantile()
         if len(self.queue) <= SMALL_QUEUE or q != self.slo_target:
             # Plain Python beats numpy's call overhead on a short queue (and a queue below
@@ -483,14 +515,14 @@ class Scheduler:
                 if now + alone.item(i) > self.admission_deadline(self.queue[i])
             ]
         if not late:
-            return []
+            return evicted
         gone = [self.queue[i] for i in late]
         self._remove_at(late)
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
         if late[0] == 0:  # (ascending) the head went: what claim compared with the others
             self.device.dropped(self)
-        return gone
+        return evicted + gone
 
     def earliest_deadline(self) -> float:
         """The earliest deadline in the queue (absolute seconds; inf when it is empty): a
