@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -353,6 +353,17 @@ def _check_batches(served: ServedModel, tables: dict, length: int) -> None:
             )
 
 
+class _TimingAtLoad:
+    """A latency model's planned times per tier (``planned(tier)[rows]``, seconds) as they
+    stood when taken: what ``best_in_budget`` reads."""
+
+    def __init__(self, latency: LatencyModel, tiers) -> None:
+        self._planned = {t: tuple(latency.planned(t)) for t in tiers}
+
+    def planned(self, tier: str) -> Sequence[float]:
+        return self._planned[tier]
+
+
 def _engines_own(exc: BaseException) -> bool:
     """Whether ``exc`` is an engine's failure rather than a bug in the caller: ONNX
     Runtime's exceptions derive from Exception alone."""
@@ -428,6 +439,9 @@ class ModelRuntime:
         self.top_tier = max(self.tiers, key=lambda t: t.accuracy).name
         self.accuracy = {t.name: t.accuracy for t in self.tiers}
         self._ranked = sorted(self.accuracy, key=self.accuracy.__getitem__, reverse=True)
+        # lane's latency model (id) -> its planned times as the load's timing left them
+        # (``warm_up``): what the degraded count judges a budget by
+        self._idle_timing: dict[int, _TimingAtLoad] = {}
         beaten = dominated(self.tiers)
         for slow, fast in beaten.items():
             log.warning(
@@ -740,6 +754,7 @@ class ModelRuntime:
                 self._warm_run(tier, engine, random_feeds(self.config.inputs, b), b)
         self._warm_shapes(random_feeds)
         if not profile:
+            self._remember_idle_timing()
             return {}
         # Contended, batch 1 alone: the timing can only lower a tier's level (one factor
         # per tier), which batch 1 shows as well. Full batches of four ResNet tiers take
@@ -770,7 +785,17 @@ class ModelRuntime:
                     if lane.latency.tier_estimate(tier).factor > 1.0:
                         lane.latency.forget(tier, 0.0)
             factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
+        self._remember_idle_timing()
         return factors
+
+    def _remember_idle_timing(self) -> None:
+        """Keep each lane's planned times as the load's timing left them - this machine,
+        idle (or the profile's, contended or untimed) - for the degraded count
+        (``_best_in_budget``)."""
+        self._idle_timing = {
+            id(lane.latency): _TimingAtLoad(lane.latency, self.served.engines)
+            for lane in self.lanes.values()
+        }
 
     def _warm_run(self, tier: str, engine, feeds: dict, batch: int) -> None:
         """Run ``engine`` on ``feeds`` (``batch`` rows) at load; an engine's failure (an
@@ -1731,15 +1756,19 @@ class ModelRuntime:
     def _best_in_budget(self, r: Request, best: str, latency: LatencyModel) -> str:
         """The most accurate tier an idle replica would serve ``r`` at within its budget:
         ``best``, the best it allows (``_best_allowed``), or, where the planner's time for
-        that tier (as the engines run now: a slower machine than profiled, too) cannot
-        answer its rows in the budget even alone, the most accurate one below it that can
-        (the fastest where none can). Served below this, load took accuracy from it; served at
-        it, its budget did - and more replicas would give it nothing: counted degraded, a
-        budget tighter than the top tier pinned the HPA at maxReplicas on an idle replica
-        (review 159)."""
+        that tier - as the load's timing left it: this machine, idle - cannot answer its
+        rows in the budget even alone, the most accurate one below it that can (the fastest
+        where none can). Served below this, load took accuracy from it; served at it, its
+        budget did - and more replicas would give it nothing: counted degraded, a budget
+        tighter than the top tier pinned the HPA at maxReplicas on an idle replica (review
+        159). Not the time as the engines run now: a replica slowed by its own load (request
+        handling on the engines' cores) then read every request it served below the top tier
+        as budget-limited - a degraded share of 0 with all the load degraded, and no
+        scale-out (review 192). ``latency``: the lane's model, where no load timed it."""
         below = self._ranked[self._ranked.index(best) :]
+        timing = self._idle_timing.get(id(latency), latency)
         # (``budget``: what the planner had, the margin and reserve already off)
-        return best_in_budget(below, latency, r.rows, r.budget)
+        return best_in_budget(below, timing, r.rows, r.budget)
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],

@@ -351,6 +351,29 @@ def test_degraded_counts_requests_load_served_below_their_best_tier(tmp_path, po
     assert degraded == (0 if policy else 1)
 
 
+def test_a_replica_slowed_by_its_own_load_still_counts_degraded(tmp_path):
+    """The degraded count judged a budget by the planner's time as the engines ran now: a
+    replica slowed by load (request handling on the engines' cores) planned w100 past the
+    budget, and every request it served at w050 read as budget-limited - a degraded share
+    of 0 with all the load degraded, and no scale-out (review 192). It judges by the times
+    the load's timing left."""
+    served = _served(tmp_path, {"w100": {1: 20.0, 4: 20.0}, "w050": {1: 1.0, 4: 1.0}})
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, device=Device(1)) as rt:
+            rt.warm_up()  # (as the data plane does at load: the idle timing kept)
+            lane = next(iter(rt.lanes.values()))
+            for _ in range(50):  # w100 now runs 3x its profile: load, not the machine
+                lane.latency.observe("w100", 1, 0.06)
+            assert lane.latency.planned("w100")[1] > 0.05
+            # 50 ms: w100's idle 20 ms fits, its loaded 60 ms does not - load took it
+            assert (await rt.infer(_x(1, 1.0), 1, 0.05)).tier == "w050"
+
+    _run(body())
+    assert _count(metrics, "innfer_degraded_requests_total", model="m") == 1
+
+
 def test_a_fixed_policy_naming_a_tier_the_set_lacks_says_so(tmp_path):
     # A model loaded later (model control, an auto-tiering swap) whose tiers lack the
     # policy's: "unknown tier", and the data plane told the operator to rebuild the model.
