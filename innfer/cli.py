@@ -726,6 +726,15 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None) -> str:
     return line
 
 
+def _check_policies(policies: list[str], tiers) -> None:
+    """Refuse an unknown --policy before any simulation: one after others was refused once
+    they had run, their results and --json lost (review 191)."""
+    from server.scheduling import make_policy
+
+    for p in policies:
+        make_policy(p, tiers)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
@@ -736,6 +745,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     tiers, p50, chosen, proxy, _ = _served(args.model_dir, args.tokens)
     note = "".join(f"; {n}" for n in (chosen, proxy and f"accuracy: {proxy}") if n)
     policies = args.policy or ["innfer", "slackfit"]
+    _check_policies(policies, tiers)
     _fit_duration(args, tiers, p50)
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
@@ -953,7 +963,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
-    print(f"sending {what} at {rate:.1f}/s over {window:.0f} s to {args.address} ({name})")
+    # (:g - a 0.2 s window read "over 0 s"; and a recorded file that came in a short span
+    # says its own rate beside the window's, as simulate does: review 191)
+    span = float(arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
+    came = (f" ({len(arrivals) / span:.1f}/s over the {span:.3g} s they came in)"
+            if 0 < span < 0.9 * window and offered_s == window else "")  # fmt: skip
+    print(f"sending {what} at {rate:.1f}/s over {window:g} s{came} to {args.address} ({name})")
     if args.trace != "file":
         print(f"  {_load_unit(tiers, p50, cfg, args.host_ms)}")
     if chosen:
@@ -1670,7 +1685,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.png:  # asked for, and nothing to draw: said, not silently skipped
         print(f"no plot written to {png}: no accuracy measured (give --data NAME) and no built "
               "tiers' latency (run innfer build)")  # fmt: skip
-    report_frontier(Path(args.model_dir))  # a model with auto_tiers: its measured frontier
+    # A model with auto_tiers: its measured frontier, plotted beside --png where given (it
+    # was written into the model folder whatever --png said; review 191).
+    beside = None if not args.png else png.with_name(f"{png.stem}-frontier{png.suffix}")
+    report_frontier(Path(args.model_dir), beside)
     return 0
 
 

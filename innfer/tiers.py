@@ -133,9 +133,10 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_frontier(model_dir: Path) -> Path | None:
-    """Print the frontier of ``model_dir`` and plot it (``frontier.png``: the chosen tiers
-    ringed, the hand-written ones marked); None where it has no frontier."""
+def report_frontier(model_dir: Path, png: Path | None = None) -> Path | None:
+    """Print the frontier of ``model_dir`` and plot it (``png``, default
+    ``<model_dir>/frontier.png``: the chosen tiers ringed, the hand-written ones marked);
+    None where it has no frontier."""
     from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier, Repository
 
     path = model_dir / FRONTIER_DIR / FRONTIER_FILE
@@ -151,7 +152,7 @@ def report_frontier(model_dir: Path) -> Path | None:
         hand = None
     else:
         hand = {n: (options[n].p50[1], options[n].tier.accuracy) for n in names}
-    png = model_dir / "frontier.png"
+    png = model_dir / "frontier.png" if png is None else png
     plot_frontier(frontier, _active_names(repo, name), png, hand)
     print(f"plot: {png}")
     return png
@@ -169,7 +170,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if note := few_requests_note(recorded, goals):  # the file's (the choice replays its last)
         print(note)
     if args.json:
-        args.json.write_text(json.dumps(choice.to_json(), indent=1))
+        args.json.write_text(json.dumps(choice_json(choice, goals.rebuild.min_gain), indent=1))
     return 0
 
 
@@ -187,7 +188,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     min_gain = config.auto_tiers.rebuild.min_gain
     print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
     if args.result:
-        args.result.write_text(json.dumps(choice.to_json(), indent=1))
+        args.result.write_text(json.dumps(choice_json(choice, min_gain), indent=1))
     if not (choice.worth(min_gain) or (args.force and choice.changes)):
         print("kept the live tiers")
         return APPLY_KEPT
@@ -315,6 +316,10 @@ def live_options(repo, name: str, frontier, live: str | None = None):
         names = [n for n in names.split(",") if n]
         if source not in ("model.yaml", "frontier") or not names:
             raise ValueError(f"--live: got {live!r}, expected model.yaml:NAMES or frontier:NAMES")
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            # Counted twice for memory, a set within the goals read as breaking them and was
+            # applied again, its rebuild interval reset (review 191).
+            raise ValueError(f"--live: got {live!r}, which names {', '.join(twice)} twice")
         if source == "model.yaml":
             options, _ = hand_options(repo, name, frontier)
             _check_known(live, names, list(options))
@@ -505,17 +510,8 @@ def format_choice(
 
     t = choice.traffic
     lo, mid, hi = t["budget_ms_p10_p50_p90"]
-    breaks = getattr(choice, "live_breaks", ())
-    if not choice.changes:
-        verdict = "keep (same set)"
-    elif breaks:  # replaced whatever the gain: a set the goals forbid is not kept
-        verdict = f"apply (the live set breaks the goals: {'; '.join(breaks)})"
-    elif choice.gain < min_gain:
-        verdict = "keep (gain below rebuild.min_gain)"
-    else:
-        verdict = "apply"
-    if choice.changes and choice.best.tiers == choice.current.tiers:
-        verdict += " (the same names, other channel counts)"
+    action, why = verdict(choice, min_gain)
+    verdict_text = f"{action} ({why})" if why else action
     flops = accuracy_source.startswith("flops")
     requests = _requests(t["requests"], recorded)
     return "\n".join([
@@ -526,8 +522,32 @@ def format_choice(
         row("chosen", choice.best),
         f"  expected gain {choice.gain:+.4f} (served accuracy "
         f"{choice.best.served_accuracy - choice.current.served_accuracy:+.2%}, attainment "
-        f"{choice.best.attainment - choice.current.attainment:+.2%}) -> {verdict}",
+        f"{choice.best.attainment - choice.current.attainment:+.2%}) -> {verdict_text}",
     ])  # fmt: skip
+
+
+def verdict(choice, min_gain: float) -> tuple[str, str]:
+    """("apply" or "keep", why - "" for a plain apply): what ``tiers apply`` does with
+    ``choice`` (``Choice.worth``), as the table and the JSON say it."""
+    breaks = getattr(choice, "live_breaks", ())
+    if not choice.changes:
+        return "keep", "same set"
+    other_counts = choice.best.tiers == choice.current.tiers
+    same_names = "the same names, other channel counts"
+    if breaks:  # replaced whatever the gain: a set the goals forbid is not kept
+        why = f"the live set breaks the goals: {'; '.join(breaks)}"
+        return "apply", f"{why}; {same_names}" if other_counts else why
+    if choice.gain < min_gain:
+        why = "gain below rebuild.min_gain"
+        return "keep", f"{why}; {same_names}" if other_counts else why
+    return "apply", same_names if other_counts else ""
+
+
+def choice_json(choice, min_gain: float) -> dict:
+    """``Choice.to_json`` with the verdict the table prints and the ``min_gain`` it was
+    judged by (a script read the gain and had to re-derive the rule; review 191)."""
+    action, why = verdict(choice, min_gain)
+    return {**choice.to_json(), "verdict": action, "reason": why, "min_gain": min_gain}
 
 
 def plot_frontier(frontier, chosen: list[str], path: Path, hand: dict | None = None) -> None:

@@ -75,11 +75,16 @@ def host_ms(text: str) -> tuple[float, float, float]:
         parts = [float(x) for x in text.split(",")]
     except ValueError:
         parts = []
-    if len(parts) not in (2, 3) or not all(v >= 0 for v in parts):
+    # (inf got through: NaN warnings and a summary of nothing served; review 191)
+    if len(parts) not in (2, 3) or not all(0 <= v <= HOST_MS_MAX for v in parts):
         raise argparse.ArgumentTypeError(
-            f"--host-ms takes PARSE,ANSWER[,CLIENT] in ms (each >= 0), got {text!r}"
+            f"--host-ms takes PARSE,ANSWER[,CLIENT] in ms (each in [0, {HOST_MS_MAX:g}]), "
+            f"got {text!r}"
         )
     return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
+
+
+HOST_MS_MAX = 10_000.0  # --host-ms: each part at most 10 s of a core per request
 
 
 @dataclass

@@ -157,6 +157,13 @@ class Traffic:
     def _parse(cls, path: str | Path, reader) -> Traffic:
         cols: list[list[float]] = [[], [], []]
         header = [h.strip() for h in next(reader, [])]
+        # Blank lines and '#' comments before the header are skipped, as in a file of
+        # timestamps (a comment with a comma was read as a misspelt header; review 191).
+        while not any(header) or (header and header[0].startswith("#")):
+            row = next(reader, None)
+            if row is None:
+                break
+            header = [h.strip() for h in row]
         # Exactly these: a third column of another name ('priority') was read as rows,
         # and the choice made for batches of 4 (served accuracy 6 % against 89 %).
         if header not in (list(TRAFFIC_COLUMNS[:2]), list(TRAFFIC_COLUMNS)):
@@ -495,7 +502,7 @@ def choose(
         raise ValueError(
             f"no frontier candidate {which}fits max_memory_mb {goals.max_memory_mb}: the "
             f"smallest such needs "
-            f"{min(o.memory_mb for o in options.values()):.3g} MB; raise the limit"
+            f"{min(o.memory_mb for o in options.values()):.3g} MiB; raise the limit"
             + (" or lower the floor" if floor else "")
         )
     improved = True
@@ -525,14 +532,14 @@ def live_breaks(
 
     Example:
         >>> live_breaks(options, ["w025"], AutoTiersConfig(max_memory_mb=1.6))  # doctest: +SKIP
-        ('its weights need 2 MB, over max_memory_mb 1.6',)
+        ('its weights need 2 MiB, over max_memory_mb 1.6',)
     """
     out = []
     if len(names) > goals.max_tiers:
         out.append(f"it has {len(names)} tiers, over max_tiers {goals.max_tiers}")
     memory = over_memory(options, names, goals)
     if memory is not None:
-        out.append(f"its weights need {memory:.4g} MB, over max_memory_mb {goals.max_memory_mb}")
+        out.append(f"its weights need {memory:.4g} MiB, over max_memory_mb {goals.max_memory_mb}")
     if goals.accuracy_floor is not None:
         low = [n for n in names if options[n].tier.accuracy < goals.accuracy_floor]
         if low:

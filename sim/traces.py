@@ -136,8 +136,12 @@ def recorded(path: str | Path) -> Traffic | None:
     """
     p = Path(path)
     with open(p, "rb") as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
-    first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    # The first line that is not blank nor a '#' comment (one with a comma was read as a
+    # misspelt header; review 191).
+    lines = (ln.strip() for ln in head.decode("utf-8", "replace").split("\n"))
+    first = next((ln for ln in lines if ln and not ln.startswith("#")), "")
+    head = first.encode()
     # A header with a typo ('arrivals,budget_ms') is a header still: read as one, its error
     # names the column to fix - not "not a timestamp in seconds: 'arrivals,budget_ms'"
     # (review 176). Bare timestamps have no commas.

@@ -460,7 +460,7 @@ def test_goals_bound_the_set_count_memory_and_accuracy():
     goals = AutoTiersConfig(max_tiers=2, max_memory_mb=1.5, accuracy_floor=0.98,
                             simulate_requests=400)  # fmt: skip
     with pytest.raises(ValueError, match=r"no frontier candidate at or above accuracy_floor "
-                       r"0\.98 fits max_memory_mb 1\.5: the smallest such needs 2 MB; raise "
+                       r"0\.98 fits max_memory_mb 1\.5: the smallest such needs 2 MiB; raise "
                        r"the limit or lower the floor"):  # fmt: skip
         choose(small, traffic, goals, (_options(["w100"]), ["w100"]))
 
@@ -489,10 +489,10 @@ def test_a_live_set_over_max_memory_mb_is_replaced_whatever_the_gain():
     c = choose(_options(memory=mem), _traffic(2000, (4, 8)), goals, live)
     assert c.best.memory_mb <= 1.6 and c.current.attainment > c.best.attainment
     assert c.best.score == pytest.approx(c.best.served_accuracy)  # the live set sets no floor
-    assert c.live_breaks == ("its weights need 2 MB, over max_memory_mb 1.6",)
+    assert c.live_breaks == ("its weights need 2 MiB, over max_memory_mb 1.6",)
     assert c.worth(min_gain=0.005)  # replaced although the allowed set serves less
     out = format_choice(c, 0.005)
-    assert "-> apply (the live set breaks the goals: its weights need 2 MB" in out
+    assert "-> apply (the live set breaks the goals: its weights need 2 MiB" in out
     assert c.to_json()["live_breaks"] == list(c.live_breaks)
 
 
@@ -828,17 +828,17 @@ def test_the_choice_replays_the_slots_and_policy_the_server_runs(tmp_path, monke
 
 
 def test_apply_replaces_hand_written_tiers_that_break_max_memory_mb(tmp_path, capsys):
-    # model.yaml's w100 + w050 need 0.025 MB of weights; max_memory_mb is 0.02. Before, the
+    # model.yaml's w100 + w050 need 0.025 MiB of weights; max_memory_mb is 0.02. Before, the
     # choice had to beat them by min_gain on the score, and a set bought with forbidden
     # memory kept its place; now any allowed set replaces it.
     d = _auto_model(tmp_path, max_memory_mb=0.02, rebuild={"min_gain": 1.0})
     _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
     argv = ["tiers", "apply", str(tmp_path), "tiny", "--traffic", str(tmp_path / "t.csv")]
     assert cli(argv) == 0, capsys.readouterr().out
-    assert "the live set breaks the goals: its weights need 0.02498 MB" in capsys.readouterr().out
+    assert "the live set breaks the goals: its weights need 0.02498 MiB" in capsys.readouterr().out
     active = ActiveTiers.read(d / ACTIVE_FILE)
     assert active.reason["best"]["memory_mb"] <= 0.02
-    assert active.reason["live_breaks"] == ["its weights need 0.02498 MB, over max_memory_mb 0.02"]
+    assert active.reason["live_breaks"] == ["its weights need 0.02498 MiB, over max_memory_mb 0.02"]
 
 
 def test_apply_refuses_live_tiers_its_source_does_not_have(tmp_path, capsys):
@@ -1498,7 +1498,7 @@ def test_frontier_says_which_goal_no_candidate_can_meet():
     )
     assert f.unmet_goals(AutoTiersConfig(accuracy_floor=0.9, max_memory_mb=1.0)) == (
         "no frontier candidate at or above accuracy_floor 0.9 fits max_memory_mb 1.0: the "
-        "smallest such needs 3.81 MB; raise the limit or lower the floor"  # 10**6 fp32
+        "smallest such needs 3.81 MiB; raise the limit or lower the floor"  # 10**6 fp32
     )
 
 

@@ -184,7 +184,7 @@ def test_the_memory_goal_filters_before_thinning():
     t = Traffic(np.arange(200) * 0.01, np.full(200, 50.0), np.ones(200, int))
     assert choose(options, t, goals, (options, ["b"])).best.tiers == ("b",)
     # None fits: said from the whole frontier, as the build and the server say it
-    with pytest.raises(ValueError, match=r"the smallest such needs 0.0381 MB; raise the limit"):
+    with pytest.raises(ValueError, match=r"the smallest such needs 0.0381 MiB; raise the limit"):
         frontier_options(f, None, max_memory_mb=0.01)
 
 

@@ -299,8 +299,9 @@ class AutoTiersConfig:
         None, lo=0, hi=1, doc="no tier less accurate than this (evaluation accuracy)"
     )
     max_memory_mb: float | None = spec(
-        None, lo=0, lo_open=True, unit="megabytes",
-        doc="the chosen tiers' weights together (fp32 parameters) stay within this",
+        None, lo=0, lo_open=True, unit="MiB",
+        doc="the chosen tiers' weights together (fp32 parameters) stay within this many "
+        "mebibytes (2**20 bytes, Kubernetes' Mi)",
     )  # fmt: skip
     widths: tuple[float, ...] = spec(
         AUTO_WIDTHS, lo=0, hi=1, lo_open=True, nonempty=True, unique=True,

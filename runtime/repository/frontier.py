@@ -38,7 +38,8 @@ APPLY_KEPT = 3  # exit status of `innfer tiers apply` when the live set stays
 
 
 def weights_mb(params: int) -> float:
-    """fp32 weights of ``params`` parameters, in megabytes (what max_memory_mb bounds)."""
+    """fp32 weights of ``params`` parameters, in mebibytes (2**20 bytes, Kubernetes' ``Mi``:
+    what max_memory_mb bounds)."""
     return params * 4 / 2**20
 
 
@@ -131,7 +132,7 @@ class Frontier:
         if goals.max_memory_mb is not None and least > goals.max_memory_mb:
             which = f"at or above accuracy_floor {floor} " if floor is not None else ""
             return (f"no frontier candidate {which}fits max_memory_mb {goals.max_memory_mb}: "
-                    f"the smallest such needs {least:.3g} MB; raise the limit"
+                    f"the smallest such needs {least:.3g} MiB; raise the limit"
                     + (" or lower the floor" if floor is not None else ""))  # fmt: skip
         return None
 
@@ -145,7 +146,7 @@ class Frontier:
         memory = sum(self.candidate(n).memory_mb for n in names)
         if goals.max_memory_mb is not None and memory > goals.max_memory_mb:
             out.append(
-                f"its weights need {memory:.4g} MB, over max_memory_mb {goals.max_memory_mb}"
+                f"its weights need {memory:.4g} MiB, over max_memory_mb {goals.max_memory_mb}"
             )
         floor = goals.accuracy_floor
         low = [c for n in names if floor is not None and (c := self.candidate(n)).accuracy < floor]
