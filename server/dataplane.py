@@ -1851,19 +1851,18 @@ def _check_version(name: str, version: str) -> None:
 
 def _priority(params, levels: int = 0, default_level: int = 0) -> int:
     """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
-    larger is more urgent. With ``levels`` (model.yaml's priority_levels), as Triton: level
-    p in [1, levels] becomes levels + 1 - p, and 0 or a level past ``levels`` is
+    larger is more urgent: level p becomes 1,000,000 - p, one scale for every model (a
+    device shared by models compares their requests' levels as they are). With ``levels``
+    (model.yaml's priority_levels), as Triton: 0 or a level past ``levels`` is
     ``default_level`` (0: the last), so a client may rank below the default (review 190);
-    without, level p becomes 1,000,000 - p and 0 stays the default, below every level."""
+    without, 0 stays the default, below every level."""
     level = 0.0
     if "priority" in params:
         level = _number(params["priority"], "priority")
         if not math.isfinite(level) or level < 0 or level != int(level):
             raise InvalidArgument(f"priority must be a whole number >= 0, got {level}")
-    if levels:
-        if level == 0 or level > levels:
-            level = default_level or levels
-        return levels + 1 - int(level)
+    if levels and (level == 0 or level > levels):
+        level = default_level or levels
     if level == 0 or level >= 1_000_000:  # past the lowest level: the default, as Triton
         return 0
     return 1_000_000 - int(level)

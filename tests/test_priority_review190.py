@@ -44,6 +44,9 @@ def test_with_levels_a_request_may_rank_below_the_default():
     assert _urgency(0, levels, default) > _urgency(10, levels, default)  # background work
     assert _urgency(11, levels, default) == _urgency(0, levels, default)  # past the levels
     assert _urgency(None, levels, 0) == _urgency(levels, levels, 0)  # default: the last
+    # One scale for every model (a shared device compares them): a level is the same
+    # urgency with or without priority_levels, and a default level outranks no level.
+    assert _urgency(3, levels, default) == _urgency(3) and _urgency(0, levels, default) > 0
 
 
 def test_a_default_level_past_the_levels_is_refused():
