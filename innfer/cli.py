@@ -966,8 +966,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # (:g - a 0.2 s window read "over 0 s"; and a recorded file that came in a short span
     # says its own rate beside the window's, as simulate does: review 191)
     span = float(arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
-    came = (f" ({len(arrivals) / span:.1f}/s over the {span:.3g} s they came in)"
-            if 0 < span < 0.9 * window and offered_s == window else "")  # fmt: skip
+    came = (f" ({(len(arrivals) - 1) / span:.1f}/s over the {span:.3g} s they came in)"
+            if args.trace == "file" and 0 < span < 0.9 * window and offered_s == window
+            else "")  # fmt: skip
     print(f"sending {what} at {rate:.1f}/s over {window:g} s{came} to {args.address} ({name})")
     if args.trace != "file":
         print(f"  {_load_unit(tiers, p50, cfg, args.host_ms)}")

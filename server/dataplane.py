@@ -424,6 +424,8 @@ class DataPlane:
                 None, lambda: runtime.warm_up(self.config.profile_at_load, contended=busy)
             )
             replaced = self.models.get(name)
+            if replaced is not None and busy:  # its idle times, not the profile's
+                runtime.inherit_idle_timing(replaced)
             if replaced is not None and replaced.serving():
                 # The engines run beside this traffic as slowly as the old set's did.
                 runtime.assume_speed(replaced.engine_speed())
@@ -1690,6 +1692,12 @@ BUDGET_SOURCES = {
     "latency_budget_ms: raise the deadline",
     "default": "the budget was the model's default_latency_budget_ms (no latency_budget_ms "
     "nor deadline was sent): send latency_budget_ms, or raise the default in model.yaml",
+    # On a stream the deadline is the whole stream's (only a cap; review 193):
+    "stream deadline": "the budget was what the stream's deadline (stream_timeout) had left, "
+    "which caps latency_budget_ms: open the stream with a longer one",
+    "stream default": "the budget was the model's default_latency_budget_ms (no "
+    "latency_budget_ms was sent; a stream's deadline only caps it): send latency_budget_ms, "
+    "or raise the default in model.yaml",
 }
 
 
@@ -1723,6 +1731,8 @@ def _budget(
             budget, source = us / 1e6, "timeout"
     if time_remaining is not None and time_remaining < budget:
         budget, source = time_remaining, "deadline"  # never answer after the client gave up
+    if not deadline_is_budget and source in ("deadline", "default"):
+        source = f"stream {source}"
     return budget, source
 
 
@@ -1851,18 +1861,23 @@ def _check_version(name: str, version: str) -> None:
 
 def _priority(params, levels: int = 0, default_level: int = 0) -> int:
     """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
-    larger is more urgent: level p becomes 1,000,000 - p, one scale for every model (a
-    device shared by models compares their requests' levels as they are). With ``levels``
-    (model.yaml's priority_levels), as Triton: 0 or a level past ``levels`` is
-    ``default_level`` (0: the last), so a client may rank below the default (review 190);
-    without, 0 stays the default, below every level."""
+    larger is more urgent, and a request that gives no priority is 0 on every model (a
+    device shared by models compares their urgencies as they are: a model's levels must not
+    lift its default traffic above its neighbours'; review 193). Without ``levels``, level
+    p is 1,000,000 - p, above the default. With them (model.yaml's priority_levels), as
+    Triton: 0 or a level past ``levels`` is ``default_level`` (0: the last); levels before
+    it are 1,000,000 - p, it is 0, and those after it are below 0 - a client may rank
+    below the default (review 190)."""
     level = 0.0
     if "priority" in params:
         level = _number(params["priority"], "priority")
         if not math.isfinite(level) or level < 0 or level != int(level):
             raise InvalidArgument(f"priority must be a whole number >= 0, got {level}")
-    if levels and (level == 0 or level > levels):
-        level = default_level or levels
+    if levels:
+        default = default_level or levels
+        if level == 0 or level > levels or level == default:
+            return 0
+        return 1_000_000 - int(level) if level < default else default - int(level)
     if level == 0 or level >= 1_000_000:  # past the lowest level: the default, as Triton
         return 0
     return 1_000_000 - int(level)

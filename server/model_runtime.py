@@ -363,6 +363,13 @@ class _TimingAtLoad:
     def planned(self, tier: str) -> Sequence[float]:
         return self._planned[tier]
 
+    def take(self, other: _TimingAtLoad) -> None:
+        """``other``'s times for the tiers both hold (rows as far as both reach)."""
+        for tier, mine in self._planned.items():
+            theirs = other._planned.get(tier)
+            if theirs is not None and len(theirs) == len(mine):
+                self._planned[tier] = theirs
+
 
 def _engines_own(exc: BaseException) -> bool:
     """Whether ``exc`` is an engine's failure rather than a bug in the caller: ONNX
@@ -796,6 +803,17 @@ class ModelRuntime:
             id(lane.latency): _TimingAtLoad(lane.latency, self.served.engines)
             for lane in self.lanes.values()
         }
+
+    def inherit_idle_timing(self, old: ModelRuntime) -> None:
+        """Take ``old``'s idle times for the tiers both serve, lane by lane: a load timed
+        while serving (a reload, a swap) keeps the profile's times, and on a machine slower
+        than the build's an idle replica counted every request whose budget fit the profile
+        but not this machine as degraded (review 193)."""
+        for n, lane in self.lanes.items():
+            mine = self._idle_timing.get(id(lane.latency))
+            theirs = old._idle_timing.get(id(old.lanes[n].latency)) if n in old.lanes else None
+            if mine is not None and theirs is not None:
+                mine.take(theirs)
 
     def _warm_run(self, tier: str, engine, feeds: dict, batch: int) -> None:
         """Run ``engine`` on ``feeds`` (``batch`` rows) at load; an engine's failure (an

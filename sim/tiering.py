@@ -138,7 +138,10 @@ class Traffic:
             )
         # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM, which read as part of 'arrival_s'.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            # '#' comment lines go before csv sees them - anywhere, as in a file of
+            # timestamps - and line numbers stay the file's (``reader.line_num`` counts what
+            # csv read: ``_uncommented`` keeps them in step; review 193).
+            reader = csv.reader(_uncommented(f))
             try:
                 return cls._parse(path, reader)
             except UnicodeDecodeError as exc:  # a .gz, a spreadsheet, UTF-16
@@ -156,14 +159,12 @@ class Traffic:
     @classmethod
     def _parse(cls, path: str | Path, reader) -> Traffic:
         cols: list[list[float]] = [[], [], []]
-        header = [h.strip() for h in next(reader, [])]
-        # Blank lines and '#' comments before the header are skipped, as in a file of
-        # timestamps (a comment with a comma was read as a misspelt header; review 191).
-        while not any(header) or (header and header[0].startswith("#")):
+        row = next(reader, None)
+        while row is not None and not any(h.strip() for h in row):  # blank or comment lines
             row = next(reader, None)
-            if row is None:
-                break
-            header = [h.strip() for h in row]
+        if row is None:  # (nothing but comments and blank lines; review 193)
+            raise ValueError(f"{path}: no header: the file holds only comments or blank lines")
+        header = [h.strip() for h in row]
         # Exactly these: a third column of another name ('priority') was read as rows,
         # and the choice made for batches of 4 (served accuracy 6 % against 89 %).
         if header not in (list(TRAFFIC_COLUMNS[:2]), list(TRAFFIC_COLUMNS)):
@@ -187,7 +188,8 @@ class Traffic:
                 f"'arrival_s,budget_ms,rows', got {','.join(header)!r}{advice}"
             )
         last = -math.inf
-        for i, line in enumerate(reader, 2):
+        for line in reader:
+            i = reader.line_num
             if not line:
                 continue
             if not 2 <= len(line) <= len(header):  # (a line without rows: 1 row)
@@ -283,6 +285,13 @@ class Choice:
             "evaluated": len(self.evaluated),
             "live_breaks": list(self.live_breaks),
         }
+
+
+def _uncommented(lines):
+    """``lines`` with each '#' comment line blanked (kept as an empty line, so that the csv
+    reader's ``line_num`` stays the file's line number)."""
+    for line in lines:
+        yield "\n" if line.lstrip().startswith("#") else line
 
 
 @dataclass(frozen=True)

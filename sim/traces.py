@@ -135,12 +135,11 @@ def recorded(path: str | Path) -> Traffic | None:
         array([12.5, 80. ])
     """
     p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
     # The first line that is not blank nor a '#' comment (one with a comma was read as a
-    # misspelt header; review 191).
-    lines = (ln.strip() for ln in head.decode("utf-8", "replace").split("\n"))
-    first = next((ln for ln in lines if ln and not ln.startswith("#")), "")
+    # misspelt header; review 191), however long the comments before it (review 193).
+    with open(p, encoding="utf-8-sig", errors="replace") as f:
+        first = next((ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")),
+                     "")  # fmt: skip
     head = first.encode()
     # A header with a typo ('arrivals,budget_ms') is a header still: read as one, its error
     # names the column to fix - not "not a timestamp in seconds: 'arrivals,budget_ms'"

@@ -374,6 +374,33 @@ def test_a_replica_slowed_by_its_own_load_still_counts_degraded(tmp_path):
     assert _count(metrics, "innfer_degraded_requests_total", model="m") == 1
 
 
+def test_a_reload_timed_while_serving_keeps_the_idle_times_of_the_runtime_it_replaces(
+    tmp_path,
+):
+    """A load timed while serving (a reload, a swap) sets a tier found slower back to its
+    profile; kept as 'idle', an idle replica on a machine 3x slower than the build's counted
+    every request whose budget fit the profile but not this machine as degraded (review
+    193). The new runtime takes the old one's idle times for the tiers both serve."""
+    latency = {"w100": {1: 20.0, 4: 20.0}, "w050": {1: 1.0, 4: 1.0}}
+    served = _served(tmp_path, latency)
+    for e in served.engines.values():
+        e.time_scale = 3.0  # this machine: w100 60 ms, 20 ms in profile.json
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1)) as old:
+            old.warm_up(profile=True)  # idle: finds w100 at ~60 ms
+            async with _running(served, metrics, device=Device(1)) as new:
+                new.warm_up(profile=True, contended=True)  # back to the profile's 20 ms
+                new.inherit_idle_timing(old)  # what the data plane does at such a load,
+                new.assume_speed(old.engine_speed())  # and this
+                for i in range(3):  # idle, one at a time: 50 ms fits w100's profile only
+                    assert (await new.infer(_x(1, float(i)), 1, 0.05)).tier == "w050"
+
+    _run(body())
+    assert _count(metrics, "innfer_degraded_requests_total", model="m") == 0
+
+
 def test_a_fixed_policy_naming_a_tier_the_set_lacks_says_so(tmp_path):
     # A model loaded later (model control, an auto-tiering swap) whose tiers lack the
     # policy's: "unknown tier", and the data plane told the operator to rebuild the model.

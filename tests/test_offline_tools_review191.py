@@ -111,4 +111,24 @@ def test_bench_says_a_short_windows_length_and_a_recorded_files_own_rate(
     f.write_text("arrival_s,budget_ms\n0.0,50\n0.5,50\n1.0,50\n")
     argv = ["bench", str(d), "--trace", "file", "--trace-file", str(f), "--duration", "30"]
     assert cli(argv) == 0
-    assert "(3.0/s over the 1 s they came in)" in capsys.readouterr().out
+    assert "(2.0/s over the 1 s they came in)" in capsys.readouterr().out  # 2 gaps in 1 s
+
+
+def test_traffic_csv_comments_anywhere_keep_the_files_line_numbers(tmp_path):
+    """Comments after the header were read as data, errors counted lines from the header,
+    a file of only comments had "unknown columns", and a long preamble made the file read
+    as bare timestamps (review 193)."""
+    from sim.tiering import Traffic
+    from sim.traces import read_trace
+
+    f = tmp_path / "t.csv"
+    f.write_text("# a\n# b\narrival_s,budget_ms\n# warm-up below\n0.0,10\n0.1,abc\n")
+    with pytest.raises(ValueError, match=r"t.csv:6: not numbers"):
+        Traffic.read(f)
+    f.write_text("# only, comments\n\n# still nothing\n")
+    with pytest.raises(ValueError, match="no header: the file holds only comments"):
+        Traffic.read(f)
+    f.write_text("".join(f"# preamble line {i}, long enough\n" for i in range(300))
+                 + "arrival_s,budget_ms\n0.0,10\n0.5,12\n")  # fmt: skip
+    assert recorded(f) is not None
+    np.testing.assert_allclose(read_trace(f), [0.0, 0.5])

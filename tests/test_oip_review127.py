@@ -68,7 +68,9 @@ def test_versions_and_priorities_are_read_as_triton_reads_them(client):
     with pytest.raises(InferenceServerException) as e:
         client.infer("tiny", [_input()], model_version="2")
     assert e.value.status() == "StatusCode.NOT_FOUND"
-    assert not client.is_model_ready("tiny", "abc")
+    with pytest.raises(InferenceServerException) as e:  # as Triton (review 186): not False
+        client.is_model_ready("tiny", "abc")
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     # past the lowest level: the default level, as Triton takes it (INVALID_ARGUMENT before)
     assert client.infer("tiny", [_input()], priority=2**40).as_numpy("logits") is not None
 

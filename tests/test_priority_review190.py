@@ -44,9 +44,12 @@ def test_with_levels_a_request_may_rank_below_the_default():
     assert _urgency(0, levels, default) > _urgency(10, levels, default)  # background work
     assert _urgency(11, levels, default) == _urgency(0, levels, default)  # past the levels
     assert _urgency(None, levels, 0) == _urgency(levels, levels, 0)  # default: the last
-    # One scale for every model (a shared device compares them): a level is the same
-    # urgency with or without priority_levels, and a default level outranks no level.
-    assert _urgency(3, levels, default) == _urgency(3) and _urgency(0, levels, default) > 0
+    # One scale for every model (a shared device compares them): no priority is 0 with or
+    # without levels - a model's levels do not lift its default traffic above another
+    # model's (review 193) - a level before the default is what it is without levels, and
+    # one after it ranks below every model's default.
+    assert _urgency(0, levels, default) == _urgency(None, levels, default) == _urgency() == 0
+    assert _urgency(3, levels, default) == _urgency(3) and _urgency(6, levels, default) < 0
 
 
 def test_a_default_level_past_the_levels_is_refused():
@@ -145,3 +148,16 @@ def test_the_scheduler_evicts_only_for_a_higher_priority_and_hands_the_evicted_b
     assert s.expire(0.0) == []  # handed back once
     with pytest.raises(Refused):  # the lowest queued is now of priority 0 again: 1 can't
         s.submit(Request(5, 0.0, 10.0), 0.0)
+
+
+def test_a_streams_budget_source_is_said_as_the_streams():
+    """On a stream the deadline is the whole stream's, only a cap: "no deadline was sent"
+    and "raise the deadline (client_timeout)" misled (review 193)."""
+    from server.dataplane import BUDGET_SOURCES, _budget
+
+    params = _params()
+    assert _budget(params, 0.003, 500.0, deadline_is_budget=False)[1] == "stream deadline"
+    assert _budget(params, 600.0, 4.0, deadline_is_budget=False)[1] == "stream default"
+    assert _budget(params, 0.003, 500.0)[1] == "deadline"  # a unary call's own deadline
+    assert "stream_timeout" in BUDGET_SOURCES["stream deadline"]
+    assert "only caps it" in BUDGET_SOURCES["stream default"]
