@@ -293,10 +293,8 @@ class Scheduler:
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
                 "shortly or on another replica, or send a larger latency_budget_ms",
             )
-        if victim is not None:
+        if victim is not None:  # (it sorts after r: i stays r's place)
             victim[0]._evict(now)
-            if victim[0] is self and i > len(self.queue):  # (it was behind r: i is past it)
-                i = len(self.queue)
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
