@@ -1113,8 +1113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # The run would start from epoch 0 and its first save replace the checkpoint
         # (review 185: an interrupted run's 14 epochs were lost to a rerun without --resume).
         raise ValueError(
-            f"{args.out / 'checkpoint'} holds {unfinished}: --resume continues it, --force "
-            "starts over and replaces it, or give another --out"
+            f"{args.out / 'checkpoint'} holds {unfinished}: --resume continues it (a finished "
+            "one: saves its INN), --force starts over and replaces it, or give another --out"
         )
     calibrated = _calibrated_tiers(args.out) if held and not args.force else 0
     if calibrated:  # (--resume: the save at its end dropped them unsaid, finished or not)
