@@ -114,6 +114,32 @@ def test_a_second_build_of_a_model_waits_for_the_first(built, caplog):
     Repository(root).load("tiny")
 
 
+def test_the_build_lock_opens_read_only_where_another_user_made_it(tmp_path, monkeypatch):
+    """A lock file only its creator could write left other users' builds unlocked (review
+    189): read-only is enough for flock."""
+    import fcntl
+    import os
+
+    from runtime.build import lock
+
+    real = os.open
+
+    def not_writable(path, flags, *mode):
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *mode)
+
+    (tmp_path / lock.LOCK_FILE).touch()
+    monkeypatch.setattr(os, "open", not_writable)
+    with lock.one_build(tmp_path):
+        other = real(tmp_path / lock.LOCK_FILE, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # held: another build would wait
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+
+
 def test_rebuild_is_a_cache_hit(built):
     root, _ = built
     again = build_model(Repository(root), "tiny", progress=False, profile=False)

@@ -6,7 +6,6 @@ and ``instances`` above the device's slots is said."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 
@@ -43,7 +42,7 @@ def _graph(extra_nodes=(), extra_inputs=(), extra_outputs=()):
     def make(width):
         return data, {"0": 10}, 80, 40
 
-    return make, hashlib.sha256(data).hexdigest()
+    return make
 
 
 def test_an_output_model_yaml_does_not_list_is_neither_answered_nor_checked(tmp_path):
@@ -52,7 +51,7 @@ def test_an_output_model_yaml_does_not_list_is_neither_answered_nor_checked(tmp_
     const = helper.make_node(
         "Constant", [], ["ver"], value=numpy_helper.from_array(np.ones(3, np.int64))
     )
-    make, _ = _graph([const], extra_outputs=[
+    make = _graph([const], extra_outputs=[
         helper.make_tensor_value_info("ver", TensorProto.INT64, [3])
     ])  # fmt: skip
     add_onnx_model(tmp_path, "extra_out", make, IO)
@@ -78,7 +77,7 @@ def test_an_output_model_yaml_does_not_list_is_neither_answered_nor_checked(tmp_
 def test_an_input_model_yaml_does_not_list_is_refused_at_load_by_name(tmp_path):
     bias = helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["batch", 10])
     add = helper.make_node("Add", ["logits", "bias"], ["sum"])
-    make, _ = _graph([add], extra_inputs=[bias], extra_outputs=[
+    make = _graph([add], extra_inputs=[bias], extra_outputs=[
         helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 10])
     ])  # fmt: skip
     said = re.escape("takes input bias [10] (float32), which model.yaml does not list: add it")
@@ -140,7 +139,7 @@ def test_a_bug_at_warm_up_keeps_its_type(tmp_path, monkeypatch):
 def test_a_renamed_input_is_said_as_model_yaml_edited(tmp_path):
     """The check for inputs model.yaml does not list comes after the listed ones: a
     rename in model.yaml was told to add the old name (review 189)."""
-    add_onnx_model(tmp_path, "m", _graph()[0], IO)
+    add_onnx_model(tmp_path, "m", _graph(), IO)
     cfg = (tmp_path / "m" / "model.yaml").read_text().replace("name: input", "name: x")
     (tmp_path / "m" / "model.yaml").write_text(cfg)
     with pytest.raises(RepositoryError, match=re.escape("model.yaml gives x [4] (edited after")):
@@ -148,7 +147,7 @@ def test_a_renamed_input_is_said_as_model_yaml_edited(tmp_path):
 
 
 def test_instances_above_the_devices_slots_are_said(tmp_path, caplog):
-    add_onnx_model(tmp_path, "four", _graph()[0], {**IO, "instances": 4})
+    add_onnx_model(tmp_path, "four", _graph(), {**IO, "instances": 4})
     with caplog.at_level(logging.WARNING, logger="innfer"):
         srv = ServerThread({"repository": str(tmp_path)}).start()
         srv.stop()

@@ -6,7 +6,6 @@ a string. Tiny networks, real conversion."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -146,30 +145,4 @@ def test_optimizer_state_a_checkpoint_cannot_hold_is_named(tmp_path):
     opt = torch.optim.SGD(model.parameters(), 0.1)
     opt.state[model.nodes[0]]["note"] = "text"
     with pytest.raises(ValueError, match="'note' is a str: a checkpoint holds numbers"):
-        save_checkpoint(tmp_path, model, opt, {"epoch": 0, "seed": random.random()})
-
-
-def test_the_build_lock_opens_read_only_where_another_user_made_it(tmp_path, monkeypatch):
-    """A lock file only its creator could write left other users' builds unlocked (review
-    189): read-only is enough for flock."""
-    import fcntl
-    import os
-
-    from runtime.build import lock
-
-    real = os.open
-
-    def not_writable(path, flags, *mode):
-        if flags & os.O_RDWR:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path, flags, *mode)
-
-    (tmp_path / lock.LOCK_FILE).touch()
-    monkeypatch.setattr(os, "open", not_writable)
-    with lock.one_build(tmp_path):
-        other = real(tmp_path / lock.LOCK_FILE, os.O_RDONLY)
-        try:
-            with pytest.raises(BlockingIOError):  # held: another build would wait
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(other)
+        save_checkpoint(tmp_path, model, opt, {"epoch": 0})
