@@ -682,9 +682,7 @@ def _offered(args: argparse.Namespace) -> str:
     """The load a simulation's title names: a file trace is replayed as recorded, whatever
     ``--load`` says."""
     if args.trace == "file":
-        from sim.traces import recorded
-
-        budgets = ", its budgets" if recorded(args.trace_file) is not None else ""
+        budgets = ", its budgets" if _recorded_budgets(args.trace_file) else ""
         return f"trace {Path(args.trace_file).name}{budgets}"
     return f"{args.trace}, load {args.load}x"
 
@@ -742,6 +740,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.simulator import format_summary, plot_timeline, simulate
 
     _check_built(args.model_dir)
+    _check_budget_margin(args)
     tiers, p50, chosen, proxy, _ = _served(args.model_dir, args.tokens)
     note = "".join(f"; {n}" for n in (chosen, proxy and f"accuracy: {proxy}") if n)
     policies = args.policy or ["innfer", "slackfit"]
@@ -768,6 +767,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     _print_load_unit(args, tiers, p50, policies[0])
     return 0
+
+
+def _check_budget_margin(args: argparse.Namespace) -> None:
+    """Budgets within ``--budget-margin-ms`` are planned at 0 ms or less and refused, as the
+    server refuses them: every request of a ``--budget`` wholly within it is refused
+    (the run printed 0 % attainment and no reason), and part of one only partly within."""
+    if args.trace == "file" and _recorded_budgets(args.trace_file):
+        return  # the file's own budgets; its refusals are counted like the server's
+    lo, hi = args.budget
+    margin = args.budget_margin_ms
+    if hi <= margin:
+        raise ValueError(
+            f"--budget {lo:g}:{hi:g} ms is within --budget-margin-ms {margin:g}: every budget "
+            "is planned at 0 ms or less and every request refused; give budgets above the "
+            "margin, or a lower --budget-margin-ms"
+        )
+    if lo <= margin:
+        print(
+            f"--budget {lo:g}:{hi:g} ms: budgets up to --budget-margin-ms {margin:g} are "
+            "planned at 0 ms or less and refused, as the server refuses them"
+        )
+
+
+def _recorded_budgets(path: str) -> bool:
+    """Whether the trace file carries each request's budget (a traffic CSV)."""
+    from sim.traces import recorded
+
+    return recorded(path) is not None
 
 
 def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:

@@ -290,13 +290,16 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
 
 
 def format_ms(value: float | None) -> str:
-    """A latency for a summary line: "-" where nothing was served (it printed 0.0 ms).
+    """A latency for a summary line: "-" where nothing was served (it printed 0.0 ms), and
+    two significant digits below 1 ms (a tiny model's 0.03 ms printed as 0.0).
 
     Example:
-        >>> format_ms(12.345), format_ms(None)
-        ('12.3', '-')
+        >>> format_ms(12.345), format_ms(0.0312), format_ms(None)
+        ('12.3', '0.031', '-')
     """
-    return "-" if value is None else f"{value:.1f}"
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
 
 
 def _span(s: dict) -> str:

@@ -57,6 +57,7 @@ def test_flags_nothing_reads_are_refused(tmp_path, capsys):
 
 def test_a_run_that_served_nothing_has_no_latency():
     assert format_ms(None) == "-" and format_ms(3.14159) == "3.1"
+    assert format_ms(0.0312) == "0.031"  # a tiny model's latency printed as 0.0
 
 
 def _two_requests(tmp_path, rows: int = 1):

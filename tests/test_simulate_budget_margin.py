@@ -1,0 +1,30 @@
+"""``innfer simulate`` with budgets within ``--budget-margin-ms``: every such request is
+planned at 0 ms or less and refused, as the server refuses it. A run of only those printed
+0 % attainment and no reason."""
+
+from __future__ import annotations
+
+from test_auto_tiers import _auto_model
+
+from innfer.cli import main as cli
+
+
+def test_budgets_wholly_within_the_margin_are_refused_before_the_run(tmp_path, capsys):
+    _auto_model(tmp_path)
+    argv = ["simulate", str(tmp_path / "tiny"), "--budget", "0.5:0.9", "--duration", "0.05"]
+    assert cli(argv) == 2
+    said = capsys.readouterr()
+    assert "--budget 0.5:0.9 ms is within --budget-margin-ms 1" in said.err
+    assert "SLO attainment" not in said.out
+    # a lower margin plans the same budgets
+    assert cli([*argv, "--budget-margin-ms", "0.1", "--policy", "innfer"]) == 0
+
+
+def test_budgets_partly_within_the_margin_are_said_and_run(tmp_path, capsys):
+    _auto_model(tmp_path)
+    argv = ["simulate", str(tmp_path / "tiny"), "--budget", "0.5:5", "--duration", "0.05",
+            "--policy", "innfer"]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "budgets up to --budget-margin-ms 1 are planned at 0 ms or less" in out
+    assert "SLO attainment" in out
