@@ -11,6 +11,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -79,6 +80,27 @@ def status_of(exc: InferError) -> grpc.StatusCode:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def deadline_left(context) -> float | None:
+    """Seconds to the call's deadline as its client set it, at the most; None without one.
+
+    gRPC sends a deadline as ``grpc-timeout``, rounded up to about three significant digits
+    from 1 s (10 ms steps to 10 s, 100 ms to 100 s, 1 s beyond): ``time_remaining()`` may be
+    that step past the client's own deadline. A 1 s deadline arrived as 1.009 s and 10 s as
+    10.099 s, and a request planned to them was answered after its client had given up
+    (review 194). Below 1 s the step is a millisecond, which the budget margin covers.
+
+    Example:
+        >>> class Call:
+        ...     def time_remaining(self): return 10.0985
+        >>> round(deadline_left(Call()), 4)
+        9.9985
+    """
+    left = context.time_remaining()
+    if left is None or left < 1:
+        return left
+    return left - 10.0 ** (math.floor(math.log10(left)) - 2)
 
 
 class Undecodable:
@@ -593,7 +615,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         received, size = RECEIVED.get((None, None))
         waited = time.monotonic() - received if received is not None else 0.0
         raw = RAW_INPUTS.get()
-        resp = await self.plane.infer(request, context.time_remaining(), waited, size, raw)
+        resp = await self.plane.infer(request, deadline_left(context), waited, size, raw)
         if received is not None:  # once gRPC has sent it: the overhead the client also paid
             # From this handler's start: the budget already counts the parse before it, and
             # the queue time counts from the scheduler's stamp (decoding is overhead).
@@ -703,7 +725,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # The stream's deadline is the whole stream's: a cap, not each request's budget
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(
-                request, context.time_remaining(), waited, size, deadline_is_budget=False,
+                request, deadline_left(context), waited, size, deadline_is_budget=False,
                 window=window,
             )  # fmt: skip
             # Every answer is its request's last, as Triton marks each stream response: the
