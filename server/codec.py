@@ -228,7 +228,10 @@ def decode_text(
         )
         hint = f" (values came in contents.{elsewhere[0]}: send BYTES strings in " \
             "contents.bytes_contents)" if elsewhere else ""  # fmt: skip
-        raise InvalidArgument(f"input {name!r}: {given} strings for {rows} rows{hint}")
+        strings = "string" if given == 1 else "strings"
+        raise InvalidArgument(
+            f"input {name!r}: {given} {strings} for {rows} row{'' if rows == 1 else 's'}{hint}"
+        )
     texts = []
     for i, b in enumerate(items):
         if len(b) > max_bytes:

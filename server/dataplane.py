@@ -1669,9 +1669,12 @@ def _id_bytes(request_id: str, limit: int) -> int:
     """Bytes of a request's id (its answer echoes it); INVALID_ARGUMENT above ``limit``."""
     size = id_size(request_id, limit)
     if size is None:
+        # In bytes as the limit counts them: 600 "é" said "600 characters" against 1024
+        # bytes, which read as within it (review 194).
         raise InvalidArgument(
-            f"the request id is longer than {limit} bytes ({len(request_id)} characters; "
-            "limits.max_id_bytes): send a shorter id"
+            f"the request id is {len(request_id.encode()):,} bytes in UTF-8 "
+            f"({len(request_id):,} characters); at most {limit} (limits.max_id_bytes): "
+            "send a shorter id"
         )
     return size
 

@@ -51,4 +51,5 @@ class TokenizerFailed(InferError):
 
 
 class Unimplemented(InferError):
-    """A Triton RPC innfer does not implement (shared memory, trace and log settings)."""
+    """A Triton RPC innfer does not implement (shared memory, trace and log settings), or an
+    option of one it does (a named repository)."""

@@ -103,6 +103,18 @@ def deadline_left(context) -> float | None:
     return left - 10.0 ** (math.floor(math.log10(left)) - 2)
 
 
+def _one_repository(request) -> None:
+    """Refuse a named repository as Triton does (UNSUPPORTED, which its gRPC front end sends
+    as UNIMPLEMENTED): the name was ignored, and a client that meant another repository, or
+    misspelt it, was told OK about this one's models (review 194)."""
+    if request.repository_name:
+        raise Unimplemented(
+            f"repository_name {clip(request.repository_name)} is not supported: innfer "
+            "serves the one repository it was started with (innfer serve --repository); "
+            "leave repository_name empty"
+        )
+
+
 class Undecodable:
     """What a request deserializer returns for bytes that are not the expected message, so
     the handler can answer INVALID_ARGUMENT (grpc itself would answer UNKNOWN). ``header``:
@@ -548,6 +560,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def RepositoryIndex(self, request, context):
+        _one_repository(request)
         resp = pb.RepositoryIndexResponse()
         # What is served or failed counts too: a model still serving after its directory
         # went, or one named in the config that failed to load, was missing from the index
@@ -573,6 +586,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def RepositoryModelLoad(self, request, context):
+        _one_repository(request)
         self.plane.check_model_control()
         if request.parameters:  # Triton's config override / file upload: refused, not ignored
             raise InvalidArgument(
@@ -585,6 +599,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def RepositoryModelUnload(self, request, context):
+        _one_repository(request)
         self.plane.check_model_control()
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

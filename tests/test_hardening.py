@@ -1025,7 +1025,7 @@ def test_a_text_input_refuses_values_beside_its_strings():
     assert decode_text(text(bytes_contents=[b"the model"]), "text", 8, 64) == ["the model"]
     with pytest.raises(InvalidArgument, match=r"contents\.fp32_contents beside its strings"):
         decode_text(text(bytes_contents=[b"the model"], fp32_contents=[1, 2]), "text", 8, 64)
-    with pytest.raises(InvalidArgument, match=r"0 strings for 1 rows \(values came in contents"):
+    with pytest.raises(InvalidArgument, match=r"0 strings for 1 row \(values came in contents"):
         decode_text(text(int64_contents=[7]), "text", 8, 64)
 
 

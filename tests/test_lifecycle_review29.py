@@ -322,8 +322,10 @@ def test_a_request_id_over_the_limit_is_refused_before_it_runs(tmp_path):
         try:
             with pytest.raises(InvalidArgument, match=r"limits\.max_id_bytes") as exc:
                 await plane.infer(_request("a", "x" * 1025), None)
-            # UTF-8 bytes, not characters: 400 characters of 3 bytes each
-            with pytest.raises(InvalidArgument, match=r"limits\.max_id_bytes"):
+            # UTF-8 bytes, not characters: 400 characters of 3 bytes each, said in bytes
+            # (review 194: "400 characters" read as within a 1024 limit)
+            said = r"is 1,200 bytes in UTF-8 \(400 characters\); at most 1024 \(limits\.max_id"
+            with pytest.raises(InvalidArgument, match=said):
                 await plane.infer(_request("a", "\u20ac" * 400), None)
             calls = sum(sum(e.calls) for e in engines) - warm
             ok = await plane.infer(_request("a", "y" * 1024), None)  # at the limit: served
