@@ -1169,7 +1169,8 @@ class ModelRuntime:
         where budget was left (the client's choice, no miss); where its budget ran out -
         gRPC's deadline ends the call, and the client's, sent as the deadline, arrives as a
         cancel within a millisecond of ``due`` either side - as the server's own expiry
-        would count it while it was ``waiting`` (queued, or for a tokenizer thread), else
+        would count it while it was ``waiting`` (queued, or for a tokenizer thread; in the
+        statistics' ``fail`` too), else
         late while its batch ran: it was "cancelled", no miss, 2 of 3 times behind a hung
         engine (review helper-153)."""
         if due == math.inf or now < due - max(
@@ -1180,6 +1181,9 @@ class ModelRuntime:
         outcome = "refused_deadline" if waiting else "cancelled"
         self.metrics.requests.labels(self.name, "", outcome).inc()
         self._missed["expired" if waiting else "late"].inc()
+        if waiting:  # Triton's fail too, as the server's own expiry is: ModelStatistics
+            # counted one fewer failure than the metrics' refusals (review 195)
+            self.stats.fail.add(now - arrival)
 
     def _budget_spent(self, budget_s: float, reserve_s: float, waited_s: float) -> str:
         """What the server set aside of the client's budget before planning: a refusal's

@@ -566,6 +566,7 @@ def test_a_cancel_at_the_deadline_is_a_miss_not_the_clients_choice(tmp_path, que
     served = _served(tmp_path)
     now = [100.0]
     metrics = Metrics()
+    runtime = []
 
     def count(name, **labels):
         return _count(metrics, name, model="m", **labels)
@@ -573,6 +574,7 @@ def test_a_cancel_at_the_deadline_is_a_miss_not_the_clients_choice(tmp_path, que
     async def body():
         async with _running(served, metrics, clock=lambda: now[0]) as rt:
             with _Gate(served) as gate:
+                runtime.append(rt)
                 held = asyncio.create_task(rt.infer(_x(1, 1.0), 1, 10.0 if queued else 1.0))
                 await _until(lambda: gate.running() == 1)
                 early = asyncio.create_task(rt.infer(_x(1, 2.0), 1, 1.0))
@@ -594,6 +596,9 @@ def test_a_cancel_at_the_deadline_is_a_miss_not_the_clients_choice(tmp_path, que
     assert (expired, late) == ((1.0, 0.0) if queued else (0.0, 1.0))
     refused = count("innfer_requests_total", tier="", outcome="refused_deadline")
     assert refused == (1 if queued else 0)
+    # ModelStatistics agrees: an expiry is Triton's fail, a late cancel no answer at all
+    fail = runtime[0].stats.fail
+    assert fail.count == refused and fail.ns == (pytest.approx(1e9, rel=1e-3) if queued else 0)
 
 
 def test_a_deadline_cancel_in_the_expirys_loop_turn_is_still_an_expiry(tmp_path):
