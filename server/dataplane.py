@@ -1701,6 +1701,13 @@ BUDGET_SOURCES = {
     "stream default": "the budget was the model's default_latency_budget_ms (no "
     "latency_budget_ms was sent; a stream's deadline only caps it): send latency_budget_ms, "
     "or raise the default in model.yaml",
+    # Both caps below the budget: naming the lower alone sent a client back a second time
+    "deadline and timeout": "the budget was the lower of the call's gRPC deadline "
+    "(client_timeout) and Triton's timeout parameter, which both cap latency_budget_ms: "
+    "raise both",
+    "stream deadline and timeout": "the budget was the lower of what the stream's deadline "
+    "(stream_timeout) had left and Triton's timeout parameter, which both cap "
+    "latency_budget_ms: raise the timeout and open the stream with a longer deadline",
 }
 
 
@@ -1733,8 +1740,9 @@ def _budget(
         if 0 < us / 1e6 < budget:  # Triton: 0 means no timeout
             budget, source = us / 1e6, "timeout"
     if time_remaining is not None and time_remaining < budget:
-        budget, source = time_remaining, "deadline"  # never answer after the client gave up
-    if not deadline_is_budget and source in ("deadline", "default"):
+        # never answer after the client gave up
+        budget, source = time_remaining, f"deadline{' and timeout' * (source == 'timeout')}"
+    if not deadline_is_budget and source.startswith(("deadline", "default")):
         source = f"stream {source}"
     return budget, source
 

@@ -161,3 +161,20 @@ def test_a_streams_budget_source_is_said_as_the_streams():
     assert _budget(params, 0.003, 500.0)[1] == "deadline"  # a unary call's own deadline
     assert "stream_timeout" in BUDGET_SOURCES["stream deadline"]
     assert "only caps it" in BUDGET_SOURCES["stream default"]
+
+
+def test_a_deadline_and_a_timeout_both_below_the_budget_are_both_named():
+    """Naming only the lower of the two sent the client back a second time: raised, the
+    deadline gave way to the timeout's cap."""
+    from server.dataplane import BUDGET_SOURCES, _budget
+
+    params = _params()
+    params["latency_budget_ms"].double_param = 500.0
+    params["timeout"].int64_param = 20_000  # 20 ms
+    assert _budget(params, 0.010, 100.0) == (0.010, "deadline and timeout")
+    assert _budget(params, 0.030, 100.0) == (0.020, "timeout")  # the deadline is above it
+    assert _budget(params, 0.010, 100.0, deadline_is_budget=False)[1] == (
+        "stream deadline and timeout"
+    )
+    assert "raise both" in BUDGET_SOURCES["deadline and timeout"]
+    assert "stream_timeout" in BUDGET_SOURCES["stream deadline and timeout"]
