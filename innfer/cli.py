@@ -1985,7 +1985,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="taken off each budget before it is planned, as the server's budget_margin_ms "
         "(default 1, the server's default)",
     )  # fmt: skip
-    sim.add_argument("--policy", action="append", help="innfer | slackfit | fixed:<tier>")
+    sim.add_argument(
+        "--policy", action="append",
+        help="innfer | slackfit | fixed:<tier>; repeatable (default: innfer and slackfit)",
+    )  # fmt: skip
     sim.add_argument("--plot", type=png_file, help="PNG over time (load, tier mix, latency)")
     sim.add_argument(
         "--host-ms",
@@ -2008,9 +2011,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.set_defaults(func=cmd_bench)
 
-    from innfer import tiers
+    from innfer import configs, tiers
 
     tiers.add_parser(sub)
+    configs.add_parser(sub)
 
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)

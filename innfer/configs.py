@@ -1,0 +1,98 @@
+"""``innfer config``: the two configuration files' keys, and a check of files before a deploy.
+
+    innfer config keys server        every server.yaml key: default, allowed values, meaning
+    innfer config keys model         every model.yaml key, the same way
+    innfer config check FILE...      validate server.yaml / model.yaml files as the server
+                                     reads them (exit 0 all valid, 2 otherwise)
+
+The keys come from the config classes themselves (``runtime.configspec.reference``), so the
+list cannot drift from what the server accepts; the README shows examples, not every key
+(TLS, auth and many tuning keys were written down only in source - review 196).
+
+A file named ``model.yaml`` or ``*.model.yaml`` (a deploy's tier set) is a model config, any
+other a server config; ``--kind`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+KINDS = ("server", "model")
+
+
+def add_parser(sub) -> None:
+    config = sub.add_parser("config", help="configuration keys, and a check of config files")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    keys = csub.add_parser("keys", help="every key of server.yaml or model.yaml")
+    keys.add_argument("kind", choices=KINDS)
+    keys.set_defaults(func=cmd_keys)
+    check = csub.add_parser(
+        "check", help="validate config files as the server reads them",
+        epilog="exit status: 0 every file is valid; 2 one is not (each error printed)",
+    )  # fmt: skip
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument(
+        "--kind", choices=KINDS,
+        help="what every file is (default: model for model.yaml and *.model.yaml, else server)",
+    )  # fmt: skip
+    check.set_defaults(func=cmd_check)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Print ``reference(...)`` of the chosen config class.
+
+    Example:
+        >>> cmd_keys(argparse.Namespace(kind="server"))  # doctest: +ELLIPSIS
+        repository: (required) ...
+        0
+    """
+    from runtime.configspec import reference
+
+    print(reference(_config_class(args.kind)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Load each file with its config class; print ``ok`` or the error, and exit 2 if any
+    failed. Relative paths in a server config are checked from its own directory, as
+    ``innfer serve --config`` reads them."""
+    failed = 0
+    for path in args.files:
+        kind = args.kind or kind_of(path)
+        try:
+            _config_class(kind).load(path)
+        except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+            failed += 1
+            print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
+            continue
+        print(f"{path}: {kind} config ok")
+    return 2 if failed else 0
+
+
+def kind_of(path: Path) -> str:
+    """``model`` for ``model.yaml`` and ``*.model.yaml``, else ``server``.
+
+    Example:
+        >>> kind_of(Path("k8s/mnist.model.yaml")), kind_of(Path("server.yaml"))
+        ('model', 'server')
+    """
+    name = path.name
+    return "model" if name == "model.yaml" or name.endswith(".model.yaml") else "server"
+
+
+def _config_class(kind: str) -> type:
+    if kind == "model":
+        from runtime.repository.config import ModelConfig
+
+        return ModelConfig
+    from server.config import ServerConfig
+
+    return ServerConfig
+
+
+def _said(exc: BaseException, path: Path) -> str:
+    """An error as one message that names the file (the config errors name it already)."""
+    said = str(exc)
+    return said if said.startswith(str(path)) else f"{path}: {said}"

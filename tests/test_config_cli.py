@@ -1,0 +1,73 @@
+"""``innfer config``: every key of both config files from the config classes themselves,
+and a check of config files before a deploy (review 196: TLS, auth and many tuning keys
+were written down only in source)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from innfer.cli import main as cli
+from runtime.configspec import describe
+from runtime.repository.config import ModelConfig
+from server.config import ServerConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_keys_lists_every_key_the_config_accepts(capsys):
+    for kind, cls in (("server", ServerConfig), ("model", ModelConfig)):
+        assert cli(["config", "keys", kind]) == 0
+        listed = {line.split(":")[0] for line in capsys.readouterr().out.splitlines()}
+        assert {r.key for r in describe(cls)} <= listed
+    assert cli(["config", "keys", "server"]) == 0
+    assert "auth.bearer_token_file: null" in capsys.readouterr().out
+
+
+def test_check_passes_the_deploy_configs(capsys):
+    files = [DEPLOY / "k8s/base/server.yaml", *sorted(DEPLOY.glob("**/*.model.yaml"))]
+    assert len(files) >= 3
+    assert cli(["config", "check", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("server config ok") == 1 and out.count("model config ok") == len(files) - 1
+
+
+def test_check_names_each_bad_file_and_what_is_wrong(tmp_path, capsys):
+    bad_model = tmp_path / "m.model.yaml"
+    tier_set = (DEPLOY / "tiers/cpu.model.yaml").read_text()
+    bad_model.write_text(re.sub(r"(?m)^max_batch: .*$", "max_batch: 0", tier_set))
+    server = tmp_path / "server.yaml"  # TLS files relative to the config: absent
+    server.write_text("repository: .\ntls: {cert: absent.pem, key: absent.key}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("repository: .\ngrpc_port: 9001\n")
+    argv = ["config", "check", str(bad_model), str(server), str(good), str(tmp_path / "x.yaml")]
+    assert cli(argv) == 2
+    said = capsys.readouterr()
+    assert f"{bad_model}: max_batch: got 0" in said.err and "(as a model config)" in said.err
+    assert f"{server}: tls.cert: got 'absent.pem', expected an existing file" in said.err
+    assert f"{tmp_path / 'x.yaml'}" in said.err
+    assert said.out == f"{good}: server config ok\n"  # the others did not stop its check
+    # --kind reads a file under another name as that kind
+    copy = tmp_path / "tiers.yaml"
+    copy.write_text((DEPLOY / "tiers/cpu.model.yaml").read_text())
+    assert cli(["config", "check", "--kind", "model", str(copy)]) == 0
+    assert cli(["config", "check", str(copy)]) == 2  # as a server config: not one
+
+
+def test_the_readmes_server_yaml_example_is_valid(tmp_path):
+    """The README's example is what users paste: every key in it must be accepted."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(repository: models.*?)```", readme, re.S)
+    assert len(blocks) == 1
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", "server.key", "-out", "server.crt", "-days", "2", "-subj", "/CN=s"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copy(tmp_path / "server.crt", tmp_path / "ca.crt")
+    (tmp_path / "token.txt").write_text("correct-horse-battery-staple\n")
+    (tmp_path / "server.yaml").write_text(blocks[0])
+    cfg = ServerConfig.load(tmp_path / "server.yaml")
+    assert cfg.tls is not None and cfg.auth is not None and cfg.grpc_port == 8001
