@@ -58,7 +58,7 @@ from runtime.repository.frontier import (
 )
 from runtime.repository.leftovers import kept_fresh, sweep
 from runtime.repository.profile import measure, random_feeds
-from runtime.repository.records import inn_fingerprint
+from runtime.repository.records import InnPrint
 
 log = logging.getLogger("innfer.frontier")
 
@@ -91,11 +91,14 @@ def build_frontier(
     chosen = repo.choose_backend(config, backend)
     src = _source_hash(model_dir, config, chosen)
     out = model_dir / FRONTIER_DIR
-    inn_sha = inn_fingerprint(json.loads((model_dir / "inn.json").read_text()))
+    inn_sha, structure = InnPrint.of(json.loads((model_dir / "inn.json").read_text()))
     old = _reusable(out, src)
+    if old is not None and old.inn_structure_sha256 not in (None, structure):
+        old = None  # the same weights under another network (review 198): measured again
     if old is not None:  # before the INN and the data are loaded: a rebuild costs nothing
-        if old.inn_sha256 != inn_sha:  # measured before it was kept (the same source)
-            old = dataclasses.replace(old, inn_sha256=inn_sha)
+        if (old.inn_sha256, old.inn_structure_sha256) != (inn_sha, structure):
+            # measured before they were kept (the same source)
+            old = dataclasses.replace(old, inn_sha256=inn_sha, inn_structure_sha256=structure)
             old.write(out / FRONTIER_FILE)
         return old
     inn = load(model_dir)
@@ -130,6 +133,7 @@ def build_frontier(
                 max_batch=config.max_batch,
                 sensitivity=sensitivity,
                 inn_sha256=inn_sha,
+                inn_structure_sha256=structure,
                 settings=candidate_settings(config),
             )
             frontier.write(staging / FRONTIER_FILE)

@@ -60,7 +60,7 @@ from runtime.repository import (
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.leftovers import sweep
 from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
-from runtime.repository.records import inn_fingerprint, sampling_of
+from runtime.repository.records import InnPrint, sampling_of
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 log = logging.getLogger("innfer.build")
@@ -192,7 +192,7 @@ class _Build:
     progress: bool
     score: Any  # engine -> accuracy, or None without an evaluation set
     measured_on: Any  # what that accuracy is measured on (tier.json's accuracy_on)
-    inn_sha: str
+    inn_print: InnPrint  # the INN's fingerprints (read once per build, not per tier)
     norm_x: Any  # BatchNorm statistics' inputs for tiers the INN stores none for
     vocab_size: int | None  # a text model's token ids
 
@@ -220,7 +220,7 @@ def _start(repo: Repository, name: str, backend: str | None, progress: bool) -> 
         progress=progress,
         score=accuracy_scorer(inn, config, model_dir),
         measured_on=evaluation_key(config, model_dir),
-        inn_sha=_inn_sha(model_dir),
+        inn_print=_inn_print(model_dir),
         norm_x=norm_inputs(config),
         vocab_size=_tokenizer_vocab(config, model_dir),
     )  # fmt: skip
@@ -260,7 +260,7 @@ def _build_tier(b: _Build, tier: TierConfig, bar, engines: dict) -> TierRecord:
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{tier.name}: sample+export")
     record, module, exported = _export_tier(
-        repo, name, b.inn, config, tier, b.chosen, b.options, b.progress, b.score, b.inn_sha,
+        repo, name, b.inn, config, tier, b.chosen, b.options, b.progress, b.score, b.inn_print,
         b.norm_x,
     )  # fmt: skip
     bar.set_postfix_str(f"{tier.name}: engine ({b.chosen.name})")
@@ -436,7 +436,7 @@ def source_hash(
     ``inn_sha``: the INN's ``inn_fingerprint`` where the caller has it (else inn.json is
     read)."""
     if inn_sha is None:
-        inn_sha = _inn_sha(inn_dir)
+        inn_sha = _inn_print(inn_dir).weights
     payload = {
         "sampler": IntegralModel.SAMPLER_VERSION,
         "inn": inn_sha,  # weights, grids, norm statistics
@@ -455,9 +455,9 @@ def source_hash(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def _inn_sha(model_dir: Path) -> str:
-    """``inn_fingerprint`` of the INN in ``model_dir`` (inn.json read once per call)."""
-    return inn_fingerprint(json.loads((model_dir / "inn.json").read_text()))
+def _inn_print(model_dir: Path) -> InnPrint:
+    """The fingerprints of the INN in ``model_dir`` (inn.json read once per call)."""
+    return InnPrint.of(json.loads((model_dir / "inn.json").read_text()))
 
 
 def _export_tier(
@@ -470,17 +470,22 @@ def _export_tier(
     options: BuildOptions,
     progress: bool = False,
     score=None,
-    inn_sha: str | None = None,
+    inn_print: InnPrint | None = None,
     norm_x=None,
 ):
     """``score(engine) -> accuracy`` (``accuracy_scorer``) ranks a channel search's
-    candidates; None: their FLOPs do. ``inn_sha``: the INN's ``inn_fingerprint`` (read
-    once per build, not per tier). ``norm_x``: inputs BatchNorm statistics are re-estimated
+    candidates; None: their FLOPs do. ``inn_print``: the INN's fingerprints (read once
+    per build, not per tier). ``norm_x``: inputs BatchNorm statistics are re-estimated
     on where the INN stores none for the tier's counts (``sampling.norm_inputs``)."""
     d = repo.tier_dir(name, tier.name)
-    inn_sha = inn_sha or _inn_sha(repo.model_dir(name))
+    inn_print = inn_print or _inn_print(repo.model_dir(name))
+    inn_sha, structure = inn_print
     src = source_hash(repo.model_dir(name), config, tier, backend, inn_sha)
     old = _recorded(d, src)
+    if old is not None and old.inn_structure_sha256 not in (None, structure):
+        # The same weights under another network (the source hash holds the weights): the
+        # old tier was kept and validated against the new network (review 198).
+        old = None
     # Reused only with the module files exported with it: the torch backend builds from
     # those, and refuses them when missing or of another export ("run innfer build").
     if old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
@@ -488,9 +493,11 @@ def _export_tier(
         if rows is None and _ints(config):  # a record from before they were kept
             rows = embedding_rows((d / "model.onnx").read_bytes(), config)
         sampling = sampling_of(config)  # (the same source hash: the same settings)
-        if (old.inn_sha256, old.input_rows, old.sampling) != (inn_sha, rows, sampling):
+        kept = {"inn_sha256": inn_sha, "inn_structure_sha256": structure, "input_rows": rows,
+                "sampling": sampling}  # fmt: skip
+        if any(getattr(old, k) != v for k, v in kept.items()):
             # kept since: a record of an older build gains them (review 158)
-            old = dataclasses.replace(old, inn_sha256=inn_sha, input_rows=rows, sampling=sampling)
+            old = dataclasses.replace(old, **kept)
             old.write(d / TIER_FILE)
         return old, None, False  # cache hit: same INN and sampling -> same ONNX
     search = old.channel_search if old is not None else None  # measured for these inputs
@@ -543,6 +550,7 @@ def _export_tier(
             accuracy=None,
             channel_search=search,
             inn_sha256=inn_sha,
+            inn_structure_sha256=structure,
             input_rows=embedding_rows(data, config),
             sampling=sampling_of(config),
         )

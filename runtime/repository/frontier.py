@@ -98,6 +98,9 @@ class Frontier:
     # ``inn_fingerprint`` of the INN the candidates were sampled from (None: a frontier from
     # before it was kept), checked at load like a tier's: a replaced INN is not served stale.
     inn_sha256: str | None = None
+    # ``inn_structure`` of that INN (None: from before it was kept): the same weights under
+    # another network are another INN (review 198).
+    inn_structure_sha256: str | None = None
     measured_at: str = field(default_factory=stamp)
     # ``candidate_settings`` of the model.yaml it was built for (None: a frontier from before
     # they were kept): compared, torch-free, by every choice and load.

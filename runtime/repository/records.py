@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runtime.atomic import write_json
 from runtime.repository.errors import RepositoryError
@@ -149,6 +149,10 @@ class TierRecord:
     # statistics): a server refuses a tier whose INN was replaced, retrained or recalibrated
     # since. None: built before this was kept.
     inn_sha256: str | None = None
+    # The INN's network beside its weights (``inn_structure``: architecture, groups, sizes):
+    # the same weights under another forward (relu -> tanh) or other groups kept the old
+    # tiers, built and served (review 198). None: built before this was kept.
+    inn_structure_sha256: str | None = None
     # Rows of the embedding table each integer input indexes (runtime.build.export.
     # embedding_rows), or per column of its last dim (``Rows``): the server refuses ids
     # outside [0, rows) as INVALID_ARGUMENT, where the engine failed the whole batch. None:
@@ -194,7 +198,8 @@ class TierRecord:
 
     def write(self, path: Path) -> None:
         data = dict(self.__dict__)
-        for optional in ("channel_search", "accuracy_on", "inn_sha256", "input_rows", "sampling"):
+        for optional in ("channel_search", "accuracy_on", "inn_sha256", "inn_structure_sha256",
+                         "input_rows", "sampling"):  # fmt: skip
             if data[optional] is None:
                 del data[optional]
         write_json(path, data)
@@ -266,6 +271,44 @@ def _is_width(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and (isinstance(n, bool) or _number(n)) for k, n in v.items())
     return _number(v) and 0 < v <= 1
+
+
+class InnPrint(NamedTuple):
+    """An INN's two fingerprints, as tiers and frontiers record them."""
+
+    weights: str  # ``inn_fingerprint``
+    structure: str  # ``inn_structure``
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> InnPrint:
+        return cls(inn_fingerprint(meta), inn_structure(meta))
+
+
+# What of inn.json makes the network beside its weights: the traced architecture, the
+# groups and what they bind, the tensors' shapes, and the info sampling reads (folded norms,
+# the sampling norm statistics were measured on, the sensitivity curves shaped tiers
+# follow). Records (sources, seeds, timings, calibration reports) are left out.
+_STRUCTURE = ("shapes", "architecture", "groups", "bindings", "size_fields")
+_STRUCTURE_INFO = ("folded_norms", "frontend", "norm_stats_sampling", "sensitivity")
+
+
+def inn_structure(meta: dict[str, Any]) -> str:
+    """The hash of an INN's network beside its weights (``inn.json``'s ``meta``): the
+    channel ordering is decided from the weights alone, so the same weights converted under
+    another forward (relu -> tanh) or with other groups (``discrete=``, ``permute=False``)
+    have the same ``weights_sha256``, and their old tiers were built and served as current
+    (review 198). KeyError where ``meta`` is not an INN's.
+
+    Example:
+        >>> m = {k: {} for k in _STRUCTURE} | {"info": {"seed": 1}}
+        >>> inn_structure(m) == inn_structure(m | {"info": {"seed": 2}})  # a record only
+        True
+        >>> inn_structure(m) == inn_structure(m | {"architecture": {"act": "tanh"}})
+        False
+    """
+    info = meta.get("info") or {}
+    payload = {k: meta[k] for k in _STRUCTURE} | {"info": {k: info.get(k) for k in _STRUCTURE_INFO}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def inn_fingerprint(meta: dict[str, Any]) -> str:

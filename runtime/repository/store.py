@@ -58,9 +58,9 @@ from runtime.repository.profile import (
 )
 from runtime.repository.records import (
     TIER_FILE,
+    InnPrint,
     Rows,
     TierRecord,
-    inn_fingerprint,
     merge_rows,
     warn_once,
 )
@@ -684,11 +684,11 @@ class Repository:
                 "edited auto_tiers widths cannot be told apart; run `innfer build` once to "
                 "record them"
             )
-        if None not in (frontier.inn_sha256, current) and frontier.inn_sha256 != current:
+        if current is not None and not _same_inn_as(current, frontier):
             raise RepositoryError(
                 f"{d / FRONTIER_DIR / FRONTIER_FILE} was measured on another INN than {d} "
-                "holds now (replaced, retrained or recalibrated after the build): run "
-                "`innfer build`"
+                "holds now (replaced, retrained, recalibrated or converted again after the "
+                "build): run `innfer build`"
             )
 
     def frontier_problem(self, name: str, config: ModelConfig) -> str | None:
@@ -762,14 +762,14 @@ class Repository:
                 )
         return records, profile, "model.yaml"
 
-    def _inn_fingerprint(self, name: str) -> str | None:
-        """``inn_fingerprint`` of the model directory's INN now; None without one (a
-        serving image with tiers only)."""
+    def _inn_fingerprint(self, name: str) -> InnPrint | None:
+        """The fingerprints of the model directory's INN now; None without one (a serving
+        image with tiers only)."""
         inn_json = self.model_dir(name) / "inn.json"
         if not inn_json.is_file():
             return None
         try:
-            return inn_fingerprint(json.loads(inn_json.read_text()))
+            return InnPrint.of(json.loads(inn_json.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise RepositoryError(
                 f"{inn_json} is unreadable ({type(exc).__name__}: {exc}); restore it, or "
@@ -777,35 +777,42 @@ class Repository:
             ) from None
 
     def _check_inn(
-        self, name: str, tier_dir: Path, record: TierRecord, current: str | None
+        self, name: str, tier_dir: Path, record: TierRecord, current: InnPrint | None
     ) -> None:
         """Refuse a tier sampled from another INN than the model directory holds now
-        (``current``; it was replaced, retrained or recalibrated after the build): serving
-        it would answer with the old model under the new one's name. A repository without
-        the INN or a record from before this was kept is not checked."""
-        if record.inn_sha256 is None or current is None:
+        (``current``; it was replaced, retrained, recalibrated or converted again after the
+        build): serving it would answer with the old model under the new one's name. A
+        repository without the INN, or what a record from before it was kept lacks, is not
+        checked."""
+        if current is None or _same_inn_as(current, record):
             return
-        if current != record.inn_sha256:
+        if record.inn_sha256 not in (None, current.weights):
             raise RepositoryError(
                 f"{tier_dir / TIER_FILE} was sampled from another INN than "
                 f"{self.model_dir(name)} holds now (its weights, grids or norm statistics "
                 "changed: replaced, retrained or recalibrated after the build): run "
                 "`innfer build`"
             )
+        raise RepositoryError(
+            f"{tier_dir / TIER_FILE} was sampled from another network than "
+            f"{self.model_dir(name)} holds now (the same weights, but its architecture, groups "
+            "or sizes changed: converted again after the build): run `innfer build`"
+        )
 
     def _same_inn(self, name: str, tiers: dict[str, TierRecord]) -> None:
         """Refuse tiers (those read so far) sampled from different INNs. Without the INN
         in the model directory, the tiers still must agree among themselves: one
         copied into the image mid-build (or a build interrupted after some tiers) would
         serve two models under one name, each tier answering like a different network."""
-        seen = {t: r.inn_sha256 for t, r in tiers.items() if r.inn_sha256 is not None}
-        if len(set(seen.values())) > 1:
-            first, last = next(iter(seen)), list(seen)[-1]
-            raise RepositoryError(
-                f"tiers {first} and {last} of {self.model_dir(name)} were sampled from "
-                "different INNs (a build interrupted or copied part-way): run `innfer build` "
-                "to completion and copy every tier of that build"
-            )
+        for field in ("inn_sha256", "inn_structure_sha256"):
+            seen = {t: getattr(r, field) for t, r in tiers.items() if getattr(r, field)}
+            if len(set(seen.values())) > 1:
+                first, last = next(iter(seen)), list(seen)[-1]
+                raise RepositoryError(
+                    f"tiers {first} and {last} of {self.model_dir(name)} were sampled from "
+                    "different INNs (a build interrupted or copied part-way): run `innfer "
+                    "build` to completion and copy every tier of that build"
+                )
 
     def record_tokenizer(self, name: str, config: ModelConfig) -> None:
         """At build time: write ``text.json`` with the tokenizer file's sha256 (checked at
@@ -962,3 +969,13 @@ def _only_tiers(profile: dict[str, Any], names: list[str]) -> dict[str, Any]:
             length: {n: t[n] for n in names if n in t} for length, t in profile["lengths"].items()
         }
     return out
+
+
+def _same_inn_as(current: InnPrint, record) -> bool:
+    """Whether a tier's or a frontier's ``record`` was sampled from the INN ``current``
+    prints: each fingerprint it recorded matches (one it does not record - built before it
+    was kept - cannot be compared)."""
+    return record.inn_sha256 in (None, current.weights) and record.inn_structure_sha256 in (
+        None,
+        current.structure,
+    )
