@@ -110,6 +110,15 @@ def test_an_inn_json_field_of_another_type_is_a_model_file_error(tmp_path):
         load(tmp_path)
 
 
+def test_a_deeply_nested_inn_json_is_a_model_file_error(tmp_path):
+    """A bare RecursionError before (review 198); the repository's own read of the file
+    already said what was wrong."""
+    runtime.convert(_mlp(), (torch.randn(2, 8),)).save(tmp_path)
+    (tmp_path / "inn.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelFileError, match="is not valid JSON"):
+        load(tmp_path)
+
+
 def _closure(model, opt, x, y):
     def step():
         opt.zero_grad()

@@ -65,6 +65,7 @@ def export_onnx(
     )
     names = [name for name, _, _ in inputs]
     _check_shape_arithmetic(module, inputs)
+    _check_attention_lengths(module, inputs)
     dynamic = {n: {0: "batch"} for n in [*names, *output_names]}
     for name, shape, _ in inputs:
         dynamic[name].update({1 + i: "sequence" for i, d in enumerate(shape) if d == -1})
@@ -325,6 +326,23 @@ def traceable_shape_arithmetic() -> Iterator[None]:
 
 
 _SHAPE_OPS = (torch.sym_max, torch.sym_min, math.ceil, math.floor)
+
+
+def _check_attention_lengths(module: nn.Module, inputs) -> None:
+    """Refuse ``nn.MultiheadAttention`` where an input has a dynamic axis besides the batch:
+    its plain path (``exportable_attention``) reshapes by the sequence length as a Python
+    number, which the exporter writes into the graph - every other length failed in ONNX
+    Runtime ("Reshape ... requested shape {7,4,8}") at the build, saying nothing of the
+    cause (review 198). A fixed length exports and runs at every batch."""
+    dynamic = [name for name, shape, _ in inputs if -1 in tuple(shape)]
+    mha = next((n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if dynamic and mha is not None:
+        raise ValueError(
+            f"{mha} is an nn.MultiheadAttention, whose ONNX export fixes the sequence length at "
+            f"the example's; inputs {dynamic} have a dynamic axis (-1 in model.yaml): give them "
+            "a fixed shape, or write the attention from nn.Linear and "
+            "F.scaled_dot_product_attention (as Hugging Face and timm models do)"
+        )
 
 
 def _check_shape_arithmetic(module: nn.Module, inputs) -> None:

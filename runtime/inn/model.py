@@ -716,7 +716,7 @@ def load(directory: str | Path) -> IntegralModel:
             )
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # (nested deep)
         raise ModelFileError(
             f"{meta_path} is not valid JSON ({exc}); the file is corrupted: restore it, or "
             "save the INN again (IntegralModel.save)"
