@@ -421,6 +421,11 @@ def _ms(v: float | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    # gRPC's C core logs each failed TLS handshake or bad preface at INFO, to stderr as
+    # plain text: a client without a token wrote a line per connection, unthrottled, among
+    # the JSON lines log pipelines parse (review 199). Its errors still show; an operator's
+    # own GRPC_VERBOSITY wins. Read when gRPC starts, so set before the server is made.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from server.app import serve, setup_logging
     from server.config import ServerConfig
 

@@ -272,7 +272,11 @@ class ServerConfig:
     repository: Path = spec(doc="model repository root")
     host: str = spec("127.0.0.1", expected="a host address such as 127.0.0.1", doc="listen address")
     grpc_port: int = spec(8001, lo=0, hi=65535, expected=_PORT, doc="gRPC port")
-    metrics_port: int = spec(8002, lo=0, hi=65535, expected=_PORT, doc="Prometheus HTTP port")
+    metrics_port: int = spec(
+        8002, lo=0, hi=65535, expected=_PORT,
+        doc="Prometheus HTTP port, on the same host: plain HTTP without a token whatever "
+        "tls and auth say (model and tier names, load, readiness): keep it private",
+    )  # fmt: skip
     max_message_bytes: int | None = spec(
         # at least twice what an answer's frame may take besides its tensors (the data
         # plane's reserve): below it every answer was refused, "0.0 MiB above 0.0 MiB"

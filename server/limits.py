@@ -65,6 +65,12 @@ class RequestLimits:
         "is refused): a few streams that send without reading stall themselves instead of "
         "filling the cap for every client. A stream holding nothing reads any request",
     )  # fmt: skip
+    max_health_watches: int = spec(
+        1024, lo=1, hi=10**6,
+        doc="grpc.health Watch streams open at once, all clients together (the health "
+        "service is open without a token; gRPC's client-side health checking opens one per "
+        "connection, Kubernetes' probes use Check); more: RESOURCE_EXHAUSTED",
+    )  # fmt: skip
     streams_share: float = spec(
         0.75, lo=0.05, hi=1.0,
         doc="of max_inflight_bytes, what all streams together may hold before those that "

@@ -357,6 +357,12 @@ class Metrics:
             "(a stream: to its end): decode, queue, compute, encode.", rpc,
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # ... those refused there, by method (the service's own: bounded): token guessing or
+        # a client sent without its token was in no metric and no log (review 199)
+        self.auth_refused = Counter(
+            "innfer_auth_refused", "OIP calls refused for a missing or wrong bearer token "
+            "(auth on), before their request was read.", ["grpc_method"], registry=r,
+        )  # fmt: skip
         self._rpc_children: dict = {}
         Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
         r.register(_NvmlCollector())

@@ -1731,6 +1731,81 @@ def test_a_watch_suspended_in_a_write_at_the_drain_still_sends_not_serving(confi
     assert _run(body()) == [S.SERVING, S.NOT_SERVING]
 
 
+def test_idle_watches_share_one_pulse_and_still_hear_each_change(config, monkeypatch):
+    # Each Watch read the statuses every period on its own: 3,100 idle streams (the health
+    # service is open without a token) took 11 % of a core (review 199).
+    import server.service as service
+    from server.service import HealthService
+
+    monkeypatch.setattr(service, "HEALTH_WATCH_PERIOD_S", 0.02)
+    S = health_pb2.HealthCheckResponse
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        health = HealthService(plane)
+        ready, reads = [True], [0]
+
+        def counted():
+            reads[0] += 1
+            return ready[0]
+
+        plane.ready = counted
+        try:
+            watches = [
+                health.Watch(health_pb2.HealthCheckRequest(service="readiness"), context=None)
+                for _ in range(50)
+            ]
+            first = [(await anext(w)).status for w in watches]
+            # each waiting for its next status, as gRPC asks for it once one is written
+            pending = [asyncio.ensure_future(anext(w)) for w in watches]
+            await asyncio.sleep(0)
+            reads[0] = 0
+            await asyncio.sleep(0.4)  # ~20 beats: each reads 2 of the 4 services' readiness
+            idle_reads = reads[0]
+            ready[0] = False
+            changed = [m.status for m in await asyncio.wait_for(asyncio.gather(*pending), 5)]
+            plane.drain()
+            ends = []
+            for w in watches:
+                ends.append([m.status async for m in w])
+            return first, idle_reads, changed, ends, health._watching
+        finally:
+            await plane.stop_models()
+
+    first, idle_reads, changed, ends, open_after = _run(body())
+    assert first == [S.SERVING] * 50 and changed == [S.NOT_SERVING] * 50
+    assert idle_reads <= 2 * 30  # one pulse for 50 streams (each polling: ~1,000 reads)
+    assert ends == [[]] * 50 and open_after == 0  # the drain ended them, NOT_SERVING already
+
+
+def test_more_health_watches_than_the_limit_are_refused(config):
+    from server.service import HealthService
+
+    class Context:
+        async def abort(self, code, details):
+            raise RuntimeError(f"{code.name}: {details}")
+
+    async def body():
+        plane = DataPlane(dataclasses.replace(
+            config, limits=dataclasses.replace(config.limits, max_health_watches=2)
+        ), Metrics())  # fmt: skip
+        await plane.load_all()
+        health = HealthService(plane)
+        try:
+            request = health_pb2.HealthCheckRequest(service="liveness")
+            watches = [health.Watch(request, Context()) for _ in range(3)]
+            await anext(watches[0]), await anext(watches[1])
+            with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED: 2 health Watch"):
+                await anext(watches[2])
+            await watches[0].aclose()  # one closed: another may open
+            return (await anext(health.Watch(request, Context()))).status
+        finally:
+            await plane.stop_models()
+
+    assert _run(body()) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_an_engine_slow_on_new_shapes_runs_every_batch_size_before_it_is_timed(config):
     # A torch CUDA engine captures a graph the first time it sees a batch size (tens of ms,
     # every other CUDA run held off): live on an H200, captures of batch sizes 2..8 under

@@ -112,6 +112,11 @@ def test_bearer_token(model_repository):
             c.infer("tiny", [_input()], headers={"authorization": "Bearer wrong-token"})
         good = c.infer("tiny", [_input()], headers={"authorization": f"Bearer {token}"})
         assert good.as_numpy("logits").shape == (1, 10)
+        # the two refusals are counted (review 199: in no metric and no log before)
+        refused = s.server.plane.metrics.registry.get_sample_value(
+            "innfer_auth_refused_total", {"grpc_method": "ModelInfer"}
+        )
+        assert refused == 2
     finally:
         s.stop()
 
@@ -130,14 +135,20 @@ def slow_repository(tmp_path_factory) -> Path:
     return root
 
 
-def _start_process(repo: Path, tmp: Path) -> tuple[subprocess.Popen, str, str, Path]:
-    """``innfer serve`` in a child process: (process, gRPC address, metrics URL, log)."""
+def _start_process(
+    repo: Path, tmp: Path, config: Path | None = None
+) -> tuple[subprocess.Popen, str, str, Path]:
+    """``innfer serve`` in a child process (with ``config``: ``--config`` too, the
+    repository and ports still from the flags; GRPC_VERBOSITY as the command sets it):
+    (process, gRPC address, metrics URL, log)."""
     log = tmp / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     with open(log, "w") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "innfer.cli", "serve", "--repository", str(repo),
-             "--port", "0", "--metrics-port", "0"],
-            stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+             "--port", "0", "--metrics-port", "0",
+             *(["--config", str(config)] if config else [])],
+            stderr=err, stdout=subprocess.DEVNULL, env={**env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     deadline = time.monotonic() + 120
     address = metrics = None
@@ -169,6 +180,32 @@ async def _until_inflight(metrics_url: str, model: str, n: int, timeout: float =
         if time.monotonic() > end:
             raise TimeoutError(f"{n} requests for {model} never were in flight together")
         await asyncio.sleep(0.01)
+
+
+def test_failed_tls_handshakes_write_no_plain_text_lines_to_the_json_log(
+    model_repository, certs, tmp_path
+):
+    """gRPC's C core logged each failed handshake at INFO, to stderr as plain text: a
+    client without a token wrote a line per connection among the JSON lines (review 199)."""
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        f"tls: {{cert: {certs / 'server.crt'}, key: {certs / 'server.key'}}}\nmodels: [tiny]\n"
+    )
+    proc, address, _, log = _start_process(model_repository, tmp_path, config)
+    try:
+        host, port = address.rsplit(":", 1)
+        for _ in range(10):  # plaintext HTTP/2 to the TLS port: each handshake fails
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    sock.recv(100)
+        c = _tls_client(address, certs, with_cert=False)  # (and TLS still serves)
+        assert c.infer("tiny", [_input()]).as_numpy("logits").shape == (1, 10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    plain = [line for line in log.read_text().splitlines() if not line.startswith("{")]
+    assert plain == [], plain[:3]
 
 
 def test_sigterm_drains_in_flight_requests(slow_repository, tmp_path):

@@ -172,6 +172,28 @@ def test_files_linked_out_of_a_models_folder_are_refused_without_their_content(t
         other.load("tiny", backend="onnxruntime")
 
 
+def test_an_inn_json_or_a_leftover_linked_out_is_refused_not_read(tmp_path):
+    """Review 199: inn.json, read at every load for its fingerprints, was followed out of
+    the folder - /etc/passwd answered "JSONDecodeError", another JSON "KeyError", telling a
+    client what exists outside. And the load's sweep put a leftover link named like a
+    swapped-out frontier back as ``frontier``, after the links had been checked."""
+    repo = build_repository(tmp_path / "repo")
+    outside = tmp_path / "outside"
+    (outside / "frontier").mkdir(parents=True)
+    (outside / "inn.json").write_text('{"format": "innfer-inn"}')
+    (repo / "tiny" / "inn.json").symlink_to(outside / "inn.json")
+    with pytest.raises(Exception, match=r"tiny/inn.json is a link out of the model's folder"):
+        Repository(repo).load("tiny", backend="onnxruntime")
+    (repo / "tiny" / "inn.json").unlink()
+    old = repo / "tiny" / "frontier.old-1234abcd"
+    old.symlink_to(outside / "frontier")
+    os.utime(outside / "frontier", (1, 1))  # past the age a killed swap is put back at
+    served = Repository(repo).load("tiny", backend="onnxruntime")
+    for engine in served.engines.values():
+        engine.close()
+    assert not (repo / "tiny" / "frontier").exists() and old.is_symlink()
+
+
 def test_repository_index_lists_the_folder_off_the_event_loop(tmp_path):
     # The listing ran on the serving loop: 30,000 folders took 0.3 s per RepositoryIndex,
     # and every request waited behind it (review 157); a stalled volume froze the server.

@@ -69,8 +69,8 @@ def sweep(model_dir: Path, now: float | None = None) -> list[str]:
         staged = here == model_dir or here == model_dir / "tiers"  # where staging folders are
         for d in sorted(dirs, key=lambda d: _mtime(here / d), reverse=True):  # newest first
             m = STAGING.match(d) if staged else None
-            if m is None:
-                continue
+            if m is None or (here / d).is_symlink():  # writers make folders, never links:
+                continue  # one put back as the served folder was read from outside it
             dirs.remove(d)  # not walked into: removed whole, put back whole, or left
             name = str((here / d).relative_to(model_dir))
             base = here / m.group("base")

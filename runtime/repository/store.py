@@ -474,6 +474,8 @@ class Repository:
         except ConfigError as exc:
             raise RepositoryError(str(exc)) from exc
         d = self.model_dir(name)
+        sweep(self.root / name)  # what interrupted builds and saves left, an hour on
+        # (after the sweep, which puts folders back: what is served is checked as it is)
         served = [d / n for n in ("tiers", PROFILE_FILE, FRONTIER_DIR, ACTIVE_FILE, "engines")]
         if config.text is not None:
             served += [d / TEXT_FILE, d / config.text.tokenizer]
@@ -482,7 +484,6 @@ class Repository:
         options = replace(self.build_options(config, chosen), pool_nice=pool_nice)
         cache = EngineCache(self.root / name / "engines")
         cache.sweep()
-        sweep(self.root / name)  # what interrupted builds and saves left, an hour on
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
         records = None  # the frontier's, for a chosen set; else each tier's tier.json
@@ -765,7 +766,11 @@ class Repository:
     def _inn_fingerprint(self, name: str) -> InnPrint | None:
         """The fingerprints of the model directory's INN now; None without one (a serving
         image with tiers only)."""
-        inn_json = self.model_dir(name) / "inn.json"
+        d = self.model_dir(name)
+        inn_json = d / "inn.json"
+        # Read at every load: linked out, an outside file's existence and format were told
+        # to clients in the error (review 199)
+        _refuse_links_out(d, [inn_json])
         if not inn_json.is_file():
             return None
         try:
