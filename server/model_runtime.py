@@ -803,6 +803,8 @@ class ModelRuntime:
             id(lane.latency): _TimingAtLoad(lane.latency, self.served.engines)
             for lane in self.lanes.values()
         }
+        for lane in self.lanes.values():  # where an unused tier's level returns to, idle
+            lane.latency.settle()
 
     def inherit_idle_timing(self, old: ModelRuntime) -> None:
         """Take ``old``'s idle times for the tiers both serve, lane by lane: a load timed
@@ -814,6 +816,7 @@ class ModelRuntime:
             theirs = old._idle_timing.get(id(old.lanes[n].latency)) if n in old.lanes else None
             if mine is not None and theirs is not None:
                 mine.take(theirs)
+                lane.latency.settle_as(old.lanes[n].latency)
 
     def _warm_run(self, tier: str, engine, feeds: dict, batch: int) -> None:
         """Run ``engine`` on ``feeds`` (``batch`` rows) at load; an engine's failure (an

@@ -374,6 +374,32 @@ def test_a_replica_slowed_by_its_own_load_still_counts_degraded(tmp_path):
     assert _count(metrics, "innfer_degraded_requests_total", model="m") == 1
 
 
+def test_an_idle_replica_returns_to_a_tier_load_made_slow(tmp_path):
+    """Only a tier's own batches corrected its time, and the planner stopped running the
+    tier load had made slow: after the burst an idle replica served below it for good, and
+    counted each such request degraded - its HPA metric at 1.0 minutes on (review 200). At an
+    arrival on an idle device, an unused tier gives back what load taught it above its
+    timing at load - not below: a machine slower than the profile stays planned slow."""
+    served = _served(tmp_path, {"w100": {1: 20.0, 4: 20.0}, "w050": {1: 1.0, 4: 1.0}})
+    metrics = Metrics()
+    now = [100.0]
+
+    async def body():
+        async with _running(served, metrics, device=Device(1), clock=lambda: now[0]) as rt:
+            rt.warm_up()  # the idle timing: w100 at its profile's 20 ms
+            lane = next(iter(rt.lanes.values()))
+            for _ in range(50):  # a burst taught w100 3x
+                lane.latency.observe("w100", 1, 0.06)
+            tiers = [(await rt.infer(_x(1, 1.0), 1, 0.05)).tier]  # still loaded: w050
+            now[0] += 5.0  # idle since: w100 unused for 5 s
+            tiers += [(await rt.infer(_x(1, 2.0), 1, 0.05)).tier]
+            return tiers, lane.latency.factor["w100"]
+
+    tiers, factor = _run(body())
+    assert tiers == ["w050", "w100"] and factor < 1.2
+    assert _count(metrics, "innfer_degraded_requests_total", model="m") == 1  # the first
+
+
 def test_a_reload_timed_while_serving_keeps_the_idle_times_of_the_runtime_it_replaces(
     tmp_path,
 ):

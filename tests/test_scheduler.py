@@ -1153,3 +1153,39 @@ def test_a_tier_faster_at_some_batch_sizes_is_not_dominated():
     tiers = [TierInfo("w050", 0.96, {1: 0.6, 8: 2.0}), TierInfo("w025", 0.95, {1: 0.9, 8: 1.8})]
     ctx = Context(tiers, LatencyModel(tiers), max_batch=8)
     assert ctx.allowed(Request(0, 0.0, 1.0)) == ["w050", "w025"]
+
+
+def test_relaxing_an_unused_tier_stops_at_its_timing_at_load():
+    """On a machine 3x slower than its profile, the timing at load is the floor: an idle
+    arrival does not plan the tier at the profile again (the refusal-time forgetting does,
+    as it did: a timing at load on a busy machine must not refuse a tier for good)."""
+    tiers = [TierInfo("w100", 1.0, {1: 20.0, 2: 20.0}), TierInfo("w050", 0.9, {1: 1.0, 2: 1.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=8)
+    for _ in range(50):
+        s.latency.observe("w100", 1, 0.06)  # the timing at load: 3x
+    s.latency.settle()
+    for _ in range(50):
+        s.latency.observe("w100", 1, 0.12)  # then load: 6x
+    s.submit(Request(0, arrival=10.0, deadline=10.05), 10.0)  # 50 ms: only w050 fits
+    d = s.next(10.0)
+    assert d.tier == "w050"
+    s.complete(d, 10.001, 0.001)
+    s.submit(Request(1, arrival=20.0, deadline=20.05), 20.0)  # idle, w100 unused for 10 s
+    assert 2.9 < s.latency.factor["w100"] < 3.1  # relaxed from 6x, down to 3x only
+    assert s.next(20.0).tier == "w050"
+
+
+def test_a_tier_in_sparse_use_keeps_the_slowdown_its_batches_taught():
+    """Only a tier passed over for a less accurate one is relaxed: one still chosen, a
+    request every 3 s, keeps what its own batches say (the machine is that slow)."""
+    tiers = [TierInfo("w100", 1.0, {1: 20.0, 2: 20.0}), TierInfo("w050", 0.9, {1: 1.0, 2: 1.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=8)
+    s.latency.settle()  # the timing at load: the profile
+    t = 10.0
+    for i in range(20):
+        s.submit(Request(i, arrival=t, deadline=t + 1.0), t)  # 1 s: w100 fits even at 2x
+        d = s.next(t)
+        assert d.tier == "w100"
+        s.complete(d, t + 0.04, 0.04)  # 2x its profile
+        t += 3.0
+    assert s.latency.factor["w100"] > 1.8

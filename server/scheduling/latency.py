@@ -253,6 +253,9 @@ class LatencyModel:
         # the spread EWMA's sum of weights and of squared weights.
         self._level_var = {t.name: 0.0 for t in tiers}
         self._jitter_w = {t.name: (0.0, 0.0) for t in tiers}
+        # The level each tier settled at (``settle``: the timing at load) - where ``relax``
+        # takes back what later batches taught above it.
+        self._home = {t.name: 0.0 for t in tiers}
         # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
         self._p50: dict[str, list[float]] = {}
         self._p90: dict[str, list[float]] = {}
@@ -478,6 +481,43 @@ class LatencyModel:
         self._refresh(tier)
         self._fill(tier)
         self.version += 1
+
+    def settle(self) -> None:
+        """Take every tier's level now as its home (the runtime calls it once its timing at
+        load is in: this machine, idle), the floor ``relax`` returns a level to."""
+        self._home = dict(self._log_factor)
+
+    def settle_as(self, other: LatencyModel) -> None:
+        """Take ``other``'s home levels for the tiers both have (a runtime replacing one
+        whose timing at load was this machine's, idle)."""
+        for tier, level in other._home.items():
+            if tier in self._home:
+                self._home[tier] = level
+
+    def relax(self, tier: str, keep: float) -> bool:
+        """Move ``tier``'s level back towards its home where it is above it (the part above
+        kept x ``keep``, 0..1): for a tier the planner stopped running because load taught
+        it slow - nothing else corrects it - once the device is idle. Its spread and trust
+        stay (its next batch is observed as usual). Returns whether the level changed.
+
+        Example:
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0})])
+            >>> lat.settle(); lat.observe("w100", 1, 0.004); lat.observe("w100", 1, 0.004)
+            >>> high = lat.factor["w100"]; lat.relax("w100", 0.0)
+            True
+            >>> (high > 1.1, lat.factor["w100"], lat.relax("w100", 0.0))
+            (True, 1.0, False)
+        """
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
+        home, level = self._home[tier], self._log_factor[tier]
+        if level <= home:
+            return False
+        self._log_factor[tier] = home + (level - home) * keep
+        self._refresh(tier)
+        self._fill(tier)
+        self.version += 1
+        return True
 
     def start_from(self, tier: str, factor: float) -> None:
         """Set ``tier``'s level to ``factor`` x its profile, as a prior its own batches then

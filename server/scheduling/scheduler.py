@@ -190,7 +190,8 @@ class Scheduler:
         # shared CPU (Snapshot.shared_cpu).
         self.host_s = 0.0
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
-        self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
+        self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle / relax
+        self._relax_at = -math.inf  # the next idle arrival that relaxes unused tiers
 
     @property
     def slo_target(self) -> float:
@@ -245,6 +246,8 @@ class Scheduler:
         self._rate = self._raw_rate(now) + r.rows / self._tau
         self._rate_at = now
         idle = not self.queue and not self.device.running
+        if idle and now >= self._relax_at:
+            self._relax_unused(now)
         self._idle_share += IDLE_ALPHA * (float(idle) - self._idle_share)
         self._idle_weight += IDLE_ALPHA * (1.0 - self._idle_weight)
         fastest = self.ctx.fastest(r)
@@ -376,6 +379,29 @@ class Scheduler:
         self._forgot_at[tier] = now
         self.latency.forget(tier, math.exp(-(now - since) / FORGET_TAU_S))
         return True
+
+    def _relax_unused(self, now: float) -> None:
+        """At an arrival on an idle device, at most every ``FORGET_AFTER_S``: each tier no
+        batch of which ran for ``FORGET_AFTER_S`` gives back, with time constant
+        ``FORGET_TAU_S``, what load taught it above its timing at load
+        (``LatencyModel.relax``). The planner stops running a tier that load made slow, and
+        only its own batches corrected it: after a burst an idle replica served below it
+        for good - and counted every such request degraded, its HPA metric at 1.0 minutes
+        on (review 200). Not below the timing at load (as ``_forget_if_idle`` goes, to the
+        profile): a machine slower than the profile stays planned as slow."""
+        self._relax_at = now + FORGET_AFTER_S
+        first = self._first if self._first is not None else now
+        below = -math.inf  # the last batch of a less accurate tier than the one in hand
+        for t in reversed(self.ctx.tiers):  # least accurate first
+            ran = self._observed_at.get(t.name, first)
+            since = max(ran, self._forgot_at.get(t.name, -math.inf))
+            # Only a tier the planner has passed over for a less accurate one since it last
+            # ran: a tier in use keeps a slowdown its own batches taught, however sparse
+            # its traffic (and a lone tier or pin has nothing to be passed over for).
+            keep = math.exp(-(now - since) / FORGET_TAU_S)
+            if below >= ran and now - since >= FORGET_AFTER_S and self.latency.relax(t.name, keep):
+                self._forgot_at[t.name] = now
+            below = max(below, self._observed_at.get(t.name, -math.inf))
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
