@@ -376,8 +376,9 @@ def nominal_tier(policy: Policy, tiers: Sequence[TierInfo]) -> str:
 
 
 def best_in_budget(ranked: Sequence[str], latency: LatencyModel, rows: int, budget: float) -> str:
-    """The first tier of ``ranked`` (most accurate first) that the planner, as it times the
-    tiers now, would answer ``rows`` rows on within ``budget`` seconds alone - the fastest
+    """The first tier of ``ranked`` (most accurate first) that ``latency`` (the server
+    passes the tiers' times as its timing at load left them) answers ``rows`` rows on
+    within ``budget`` seconds alone - the fastest
     (the last) where none would: what an idle replica serves such a request at. Served below
     it, a request lost accuracy to load (degraded); served at it, to its own budget, which
     more replicas would not change (review 159). The server's metric and the simulated
