@@ -844,6 +844,11 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self._watching = 0
         self._changed: asyncio.Event | None = None
         self._pulse: asyncio.Task | None = None
+        # What the pulse last read, per service; a stream that read otherwise (a change
+        # between two beats, or one undone before the next) marks it stale, so that the
+        # next beat wakes the streams though its own reading did not change (review 201).
+        self._seen: dict[str, int] = {}
+        self._stale = False
 
     def status(self, service: str) -> int:
         S = health_pb2.HealthCheckResponse
@@ -889,6 +894,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 # ended the stream with SERVING the last thing sent.
                 draining = closing.is_set()
                 status = self.status(request.service)
+                if self._seen.get(request.service, status) != status:
+                    self._stale = True
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
@@ -904,28 +911,33 @@ class HealthService(health_pb2_grpc.HealthServicer):
         if self._changed is None:
             self._changed = asyncio.Event()
         if self._pulse is None:  # its first statuses read now, with the caller's
-            now = [self.status(s) for s in self.SERVICES]
-            self._pulse = asyncio.get_running_loop().create_task(self._beat(now))
+            self._seen = self._statuses()
+            self._pulse = asyncio.get_running_loop().create_task(self._beat())
         return self._changed
 
-    async def _beat(self, last: list[int]) -> None:
+    def _statuses(self) -> dict[str, int]:
+        return {s: self.status(s) for s in self.SERVICES}
+
+    async def _beat(self) -> None:
         """Read every status each ``HEALTH_WATCH_PERIOD_S`` (or at once when the drain
-        begins) while a stream watches; wake the streams where any changed since ``last``."""
+        begins) while a stream watches; wake the streams where any changed since the last
+        reading, or a stream read otherwise than it (``_stale``)."""
         closing = self.plane.closing
         try:
             while self._watching:
                 if closing.is_set():  # every stream sends its last status and ends
-                    self._wake()
                     return
                 # (asyncio's TimeoutError is the builtin only from Python 3.11)
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(closing.wait(), HEALTH_WATCH_PERIOD_S)
-                now = [self.status(s) for s in self.SERVICES]
-                if now != last:
-                    last = now
+                now = self._statuses()
+                if now != self._seen or self._stale:
+                    self._seen, self._stale = now, False
                     self._wake()
         finally:
             self._pulse = None
+            if self._watching:  # the drain, or a pulse that failed: no stream waits on
+                self._wake()  # for ever (a failed one is started again by the next wait)
 
     def _wake(self) -> None:
         self._changed.set()

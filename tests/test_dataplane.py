@@ -1779,6 +1779,53 @@ def test_idle_watches_share_one_pulse_and_still_hear_each_change(config, monkeyp
     assert ends == [[]] * 50 and open_after == 0  # the drain ended them, NOT_SERVING already
 
 
+def test_a_watch_opened_mid_change_hears_the_change_undone(monkeypatch):
+    """A stream opened while readiness was briefly false (a reload), undone before the
+    pulse's next reading: the pulse saw no change and the stream kept NOT_SERVING for good
+    (review 201). A stream that reads otherwise than the pulse marks it stale."""
+    import server.service as service
+    from server.service import HealthService
+
+    monkeypatch.setattr(service, "HEALTH_WATCH_PERIOD_S", 0.05)
+
+    class Plane:
+        closing = None
+        limits = dataclasses.replace(ServerConfig.from_dict({"repository": "m"}).limits)
+        is_ready = True
+
+        def live(self):
+            return True
+
+        def ready(self):
+            return self.is_ready
+
+    async def body():
+        plane = Plane()
+        plane.closing = asyncio.Event()
+        health = HealthService(plane)
+        request = health_pb2.HealthCheckRequest(service="readiness")
+        seen = {"a": [], "b": []}
+
+        async def watch(name):
+            async for m in health.Watch(request, context=None):
+                seen[name].append(m.status)
+
+        a = asyncio.ensure_future(watch("a"))  # keeps the pulse running
+        await asyncio.sleep(0.07)  # the pulse has read SERVING
+        plane.is_ready = False
+        b = asyncio.ensure_future(watch("b"))
+        await asyncio.sleep(0.005)  # b sent NOT_SERVING
+        plane.is_ready = True  # undone before the next reading
+        await asyncio.sleep(0.3)
+        heard = {k: list(v) for k, v in seen.items()}  # (the drain would send it anyway)
+        plane.closing.set()
+        await asyncio.gather(a, b)
+        return heard
+
+    S = health_pb2.HealthCheckResponse
+    assert _run(body()) == {"a": [S.SERVING], "b": [S.NOT_SERVING, S.SERVING]}
+
+
 def test_more_health_watches_than_the_limit_are_refused(config):
     from server.service import HealthService
 
