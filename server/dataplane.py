@@ -1703,11 +1703,11 @@ BUDGET_SOURCES = {
     "or raise the default in model.yaml",
     # Both caps below the budget: naming the lower alone sent a client back a second time
     "deadline and timeout": "the budget was the lower of the call's gRPC deadline "
-    "(client_timeout) and Triton's timeout parameter, which both cap latency_budget_ms: "
+    "(client_timeout) and Triton's timeout parameter, which both cut the request's budget: "
     "raise both",
     "stream deadline and timeout": "the budget was the lower of what the stream's deadline "
-    "(stream_timeout) had left and Triton's timeout parameter, which both cap "
-    "latency_budget_ms: raise the timeout and open the stream with a longer deadline",
+    "(stream_timeout) had left and Triton's timeout parameter, which both cut the request's "
+    "budget: raise the timeout and open the stream with a longer deadline",
 }
 
 
@@ -1733,15 +1733,19 @@ def _budget(
         budget, source = time_remaining, "deadline"
     if budget is None:
         budget, source = default_ms / 1e3, "default"
+    caps = {}  # what cuts that budget: Triton's timeout, and the deadline (never answer
+    # after the client gave up); both named where both cut it, whichever is lower
     if "timeout" in params:
         us = _number(params["timeout"], "timeout")
         if not math.isfinite(us) or us < 0:
             raise InvalidArgument(f"timeout must be a non-negative number of us, got {us}")
         if 0 < us / 1e6 < budget:  # Triton: 0 means no timeout
-            budget, source = us / 1e6, "timeout"
+            caps["timeout"] = us / 1e6
     if time_remaining is not None and time_remaining < budget:
-        # never answer after the client gave up
-        budget, source = time_remaining, f"deadline{' and timeout' * (source == 'timeout')}"
+        caps["deadline"] = time_remaining
+    if caps:
+        budget = min(caps.values())
+        source = "deadline and timeout" if len(caps) == 2 else next(iter(caps))
     if not deadline_is_budget and source.startswith(("deadline", "default")):
         source = f"stream {source}"
     return budget, source

@@ -86,10 +86,13 @@ def deadline_left(context) -> float | None:
     """Seconds to the call's deadline as its client set it, at the most; None without one.
 
     gRPC sends a deadline as ``grpc-timeout``, rounded up to about three significant digits
-    from 1 s (10 ms steps to 10 s, 100 ms to 100 s, 1 s beyond): ``time_remaining()`` may be
-    that step past the client's own deadline. A 1 s deadline arrived as 1.009 s and 10 s as
-    10.099 s, and a request planned to them was answered after its client had given up
-    (review 194). Below 1 s the step is a millisecond, which the budget margin covers.
+    from 1 s (10 ms steps to 10 s, 100 ms to 100 s, 1 s to 1,000 s, 10 s beyond, then
+    minutes and hours): ``time_remaining()`` may be that step past the client's own
+    deadline. A 1 s deadline arrived as 1.009 s and 10 s as 10.099 s, and a request planned
+    to them was answered after its client had given up (review 194). The step is taken for
+    a tenth more than is left, as the handler may start a while after the header came (a
+    10.099 s deadline read at 9.99 s is still in 100 ms steps). Below 1 s the step is a
+    millisecond, which the budget margin covers.
 
     Example:
         >>> class Call:
@@ -100,7 +103,7 @@ def deadline_left(context) -> float | None:
     left = context.time_remaining()
     if left is None or left < 1:
         return left
-    return left - 10.0 ** (math.floor(math.log10(left)) - 2)
+    return left - 10.0 ** (math.floor(math.log10(1.1 * left)) - 2)
 
 
 def _one_repository(request) -> None:

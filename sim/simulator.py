@@ -220,6 +220,9 @@ def replay(
         # the measured speed, not its quiet profile, until its own batches correct it.
         for t in tiers:
             sched.latency.start_from(t.name, speed)
+    # The level a server's timing at load would leave (the engine here runs at ``speed`` x
+    # its profile): an unused tier relaxes to it, not to the profile (review 201).
+    sched.latency.settle()
     n = len(arrivals)
     margin = cfg.budget_margin_ms / 1e3  # (``planned`` given: the caller's, margin included)
     finish = np.full(n, np.nan)

@@ -172,7 +172,9 @@ def test_a_deadline_and_a_timeout_both_below_the_budget_are_both_named():
     params["latency_budget_ms"].double_param = 500.0
     params["timeout"].int64_param = 20_000  # 20 ms
     assert _budget(params, 0.010, 100.0) == (0.010, "deadline and timeout")
-    assert _budget(params, 0.030, 100.0) == (0.020, "timeout")  # the deadline is above it
+    # the timeout lower, the deadline below the budget too: both named (review 201)
+    assert _budget(params, 0.030, 100.0) == (0.020, "deadline and timeout")
+    assert _budget(params, 0.600, 100.0) == (0.020, "timeout")  # the deadline is above it
     assert _budget(params, 0.010, 100.0, deadline_is_budget=False)[1] == (
         "stream deadline and timeout"
     )

@@ -1189,3 +1189,43 @@ def test_a_tier_in_sparse_use_keeps_the_slowdown_its_batches_taught():
         s.complete(d, t + 0.04, 0.04)  # 2x its profile
         t += 3.0
     assert s.latency.factor["w100"] > 1.8
+
+
+@pytest.mark.parametrize("gap", [1.2, 3.0])
+def test_the_idle_relax_leaves_the_refusal_time_forget_its_turn(gap):
+    """The relax of an idle arrival stamped the same clock the refusal-time forget reads:
+    pinned requests whose budget the profile meets but the timing at load does not were
+    refused for good at arrivals 1.2 s apart, 75 s at 3 s (review 201). Each keeps its
+    own; the first pinned request after the idle spell is admitted, as before the relax."""
+    tiers = [TierInfo("w100", 1.0, {1: 20.0, 2: 20.0}), TierInfo("w050", 0.9, {1: 1.0, 2: 1.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=2, max_queue=8)
+    for _ in range(50):
+        s.latency.observe("w100", 1, 0.03)  # the timing at load: 1.5x (a busy machine)
+    s.latency.settle()
+    for _ in range(50):
+        s.latency.observe("w100", 1, 0.12)  # then a burst: 6x
+    s.submit(Request(0, arrival=10.0, deadline=10.05), 10.0)
+    d = s.next(10.0)
+    s.complete(d, 10.001, 0.001)
+    t = 15.0
+    s.submit(Request(1, arrival=t, deadline=t + 0.025, pin="w100"), t)  # not refused
+    assert s.latency.factor["w100"] < 1.2  # forgotten towards the profile, past home
+    s.next(t)
+
+
+def test_relax_reaches_its_home_and_then_changes_nothing():
+    """A keep above 0.5 rounded the last ulp back up: relax never reached home, and every
+    call read as a change (the planner's tables rebuilt at each idle arrival)."""
+    lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0})])
+    for _ in range(50):
+        lat.observe("w100", 1, 0.03)
+    lat.settle()
+    for _ in range(50):
+        lat.observe("w100", 1, 0.12)
+    calls = 0
+    while lat.relax("w100", math.exp(-1.2 / 2.0)):
+        calls += 1
+        assert calls < 100
+    version = lat.version
+    assert not lat.relax("w100", 0.5) and lat.version == version
+    assert lat.factor["w100"] == pytest.approx(1.5, rel=0.05)

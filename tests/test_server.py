@@ -132,7 +132,7 @@ def test_budget_as_double_and_from_the_grpc_deadline(client):
     assert r.as_numpy("logits").shape == (1, 10)
     # what was left of the 5 s deadline, not 200 ms; never past it: grpc-timeout is sent
     # rounded up to 10 ms steps here, and the server takes the step off (review 194)
-    assert 4_900 < _budget_ms(r) < 5_000
+    assert 4_000 < _budget_ms(r) < 5_000
     # Triton's timeout (us) caps a larger budget
     r = client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 500},
                      timeout=50_000)  # fmt: skip

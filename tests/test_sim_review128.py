@@ -97,3 +97,15 @@ def test_bench_refuses_a_trace_of_requests_larger_than_max_batch(tmp_path, capsy
     trace = _two_requests(tmp_path, rows=5)
     assert main(["bench", str(tmp_path / "tiny"), "--trace-file", str(trace)]) == 2
     assert "5 rows, more than the model's max_batch (4)" in capsys.readouterr().err
+
+
+def test_a_replay_at_engine_speed_relaxes_unused_tiers_to_that_speed_not_the_profile():
+    """replay(speed=2) ran every batch at 2x its profile, but its latency model settled
+    nowhere: an idle arrival relaxed the passed-over w100 to its profile's 20 ms, and sparse
+    30 ms requests were planned on it and missed (0.27 within budget; review 201)."""
+    tiers = [TierInfo("w100", 1.0, {1: 20.0, 8: 20.0}), TierInfo("w050", 0.9, {1: 2.0, 8: 2.0})]
+    p50 = {"w100": {1: 20.0, 8: 20.0}, "w050": {1: 2.0, 8: 2.0}}
+    arrivals = np.arange(60) * 3.0  # one every 3 s: each arrives on an idle device
+    budgets = np.full(60, 0.030)  # w100 takes 40 ms here: only w050 meets them
+    r = replay(tiers, p50, arrivals, budgets, SimConfig(noise=0.0), speed=2.0)
+    assert r.summary["slo_attainment"] == 1.0

@@ -305,9 +305,15 @@ def inn_structure(meta: dict[str, Any]) -> str:
         True
         >>> inn_structure(m) == inn_structure(m | {"architecture": {"act": "tanh"}})
         False
+        >>> inn_structure(m) == inn_structure(m | {"info": {"norm_stats_sampling": {}}})
+        True
     """
     info = meta.get("info") or {}
-    payload = {k: meta[k] for k in _STRUCTURE} | {"info": {k: info.get(k) for k in _STRUCTURE_INFO}}
+    # an empty entry is an absent one: a calibration that kept every width wrote
+    # ``norm_stats_sampling: {}`` where none was, and its tiers read as another network's
+    # (review 201)
+    kept = {k: info.get(k) or None for k in _STRUCTURE_INFO}
+    payload = {k: meta[k] for k in _STRUCTURE} | {"info": kept}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 

@@ -513,7 +513,11 @@ class LatencyModel:
         home, level = self._home[tier], self._log_factor[tier]
         if level <= home:
             return False
-        self._log_factor[tier] = home + (level - home) * keep
+        # Within a millionth of home: home (a keep above 0.5 rounds the last ulp back up
+        # for ever, and every call read as a change: review 201)
+        self._log_factor[tier] = (
+            home + (level - home) * keep if (level - home) * keep > 1e-6 else home
+        )
         self._refresh(tier)
         self._fill(tier)
         self.version += 1

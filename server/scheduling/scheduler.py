@@ -190,7 +190,10 @@ class Scheduler:
         # shared CPU (Snapshot.shared_cpu).
         self.host_s = 0.0
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
-        self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle / relax
+        self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
+        self._relaxed_at: dict[str, float] = {}  # tier -> the last _relax_unused (its own:
+        # shared, an idle arrival's relax kept the refusal-time forget of the same arrival
+        # from running - for good at arrivals ~1.2 s apart; review 201)
         self._relax_at = -math.inf  # the next idle arrival that relaxes unused tiers
 
     @property
@@ -387,20 +390,22 @@ class Scheduler:
         (``LatencyModel.relax``). The planner stops running a tier that load made slow, and
         only its own batches corrected it: after a burst an idle replica served below it
         for good - and counted every such request degraded, its HPA metric at 1.0 minutes
-        on (review 200). Not below the timing at load (as ``_forget_if_idle`` goes, to the
-        profile): a machine slower than the profile stays planned as slow."""
+        on (review 200). Not below the level the timing at load left (as ``_forget_if_idle``
+        goes, to the profile): where the load was timed idle, a machine slower than its
+        profile stays planned as slow (a load timed while serving, or not timed, left the
+        profile's level, or the replaced runtime's)."""
         self._relax_at = now + FORGET_AFTER_S
         first = self._first if self._first is not None else now
         below = -math.inf  # the last batch of a less accurate tier than the one in hand
         for t in reversed(self.ctx.tiers):  # least accurate first
             ran = self._observed_at.get(t.name, first)
-            since = max(ran, self._forgot_at.get(t.name, -math.inf))
+            since = max(ran, self._relaxed_at.get(t.name, -math.inf))
             # Only a tier the planner has passed over for a less accurate one since it last
             # ran: a tier in use keeps a slowdown its own batches taught, however sparse
             # its traffic (and a lone tier or pin has nothing to be passed over for).
             keep = math.exp(-(now - since) / FORGET_TAU_S)
             if below >= ran and now - since >= FORGET_AFTER_S and self.latency.relax(t.name, keep):
-                self._forgot_at[t.name] = now
+                self._relaxed_at[t.name] = now
             below = max(below, self._observed_at.get(t.name, -math.inf))
 
     def _key(self, r: Request) -> tuple:
