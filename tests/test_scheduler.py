@@ -1229,3 +1229,19 @@ def test_relax_reaches_its_home_and_then_changes_nothing():
     version = lat.version
     assert not lat.relax("w100", 0.5) and lat.version == version
     assert lat.factor["w100"] == pytest.approx(1.5, rel=0.05)
+
+
+def test_relax_takes_back_the_spread_load_taught_not_only_the_level():
+    """The level alone came home, and the spread learned under load (erratic batches) still
+    planned the tier past every budget at the 0.999 quantile: an idle ResNet replica kept
+    serving w075 though w100's level was back at its timing at load (review 201, live)."""
+    lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0, 2: 22.0}, {1: 18.0, 2: 20.0})])
+    for i in range(30):
+        lat.observe("w100", 1 + i % 2, 0.019 + 0.001 * (i % 2))  # calm, at its profile
+    lat.settle()
+    settled = lat.estimate("w100", 1)
+    for i in range(30):
+        lat.observe("w100", 1, 0.02 if i % 2 else 0.08)  # a burst: slow and erratic
+    assert lat.estimate("w100", 1) > 2 * settled
+    assert lat.relax("w100", 0.0)
+    assert lat.estimate("w100", 1) <= 1.05 * settled  # (the trust the burst added stays)

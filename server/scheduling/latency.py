@@ -218,6 +218,21 @@ class TierEstimate:
     observed_batches: int
 
 
+def _towards(value: float, home: float, keep: float) -> float:
+    """``value`` moved to ``home`` + ``keep`` x what it is above it; not below, and home
+    itself within a millionth (a keep above 0.5 rounds the last ulp back up for ever:
+    every call read as a change; review 201).
+
+    Example:
+        >>> _towards(1.0, 0.5, 0.5), _towards(0.4, 0.5, 0.5), _towards(0.5 + 1e-9, 0.5, 0.9)
+        (0.75, 0.4, 0.5)
+    """
+    if value <= home:
+        return value
+    excess = (value - home) * keep
+    return home + excess if excess > 1e-6 else home
+
+
 class LatencyModel:
     """Profile x online correction, per tier and batch size. Times in seconds.
 
@@ -253,9 +268,10 @@ class LatencyModel:
         # the spread EWMA's sum of weights and of squared weights.
         self._level_var = {t.name: 0.0 for t in tiers}
         self._jitter_w = {t.name: (0.0, 0.0) for t in tiers}
-        # The level each tier settled at (``settle``: the timing at load) - where ``relax``
-        # takes back what later batches taught above it.
+        # The level and spread each tier settled at (``settle``: the timing at load) - where
+        # ``relax`` takes back what later batches taught above them.
         self._home = {t.name: 0.0 for t in tiers}
+        self._home_jitter = {t.name: 0.0 for t in tiers}
         # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
         self._p50: dict[str, list[float]] = {}
         self._p90: dict[str, list[float]] = {}
@@ -486,19 +502,23 @@ class LatencyModel:
         """Take every tier's level now as its home (the runtime calls it once its timing at
         load is in: this machine, idle), the floor ``relax`` returns a level to."""
         self._home = dict(self._log_factor)
+        self._home_jitter = dict(self._jitter)
 
     def settle_as(self, other: LatencyModel) -> None:
-        """Take ``other``'s home levels for the tiers both have (a runtime replacing one
-        whose timing at load was this machine's, idle)."""
+        """Take ``other``'s home levels and spreads for the tiers both have (a runtime
+        replacing one whose timing at load was this machine's, idle)."""
         for tier, level in other._home.items():
             if tier in self._home:
                 self._home[tier] = level
+                self._home_jitter[tier] = other._home_jitter[tier]
 
     def relax(self, tier: str, keep: float) -> bool:
-        """Move ``tier``'s level back towards its home where it is above it (the part above
-        kept x ``keep``, 0..1): for a tier the planner stopped running because load taught
-        it slow - nothing else corrects it - once the device is idle. Its spread and trust
-        stay (its next batch is observed as usual). Returns whether the level changed.
+        """Move ``tier``'s level and learned spread back towards their home where they are
+        above it (the part above kept x ``keep``, 0..1): for a tier the planner stopped
+        running because load taught it slow or erratic - nothing else corrects it - once
+        the device is idle. (The level alone came home, and the spread learned under load
+        still planned the tier past every budget at the 0.999 quantile.) Its trust stays;
+        its next batch is observed as usual. Returns whether anything changed.
 
         Example:
             >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0})])
@@ -510,14 +530,11 @@ class LatencyModel:
         """
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
-        home, level = self._home[tier], self._log_factor[tier]
-        if level <= home:
+        level = _towards(self._log_factor[tier], self._home[tier], keep)
+        jitter = _towards(self._jitter[tier], self._home_jitter[tier], keep)
+        if (level, jitter) == (self._log_factor[tier], self._jitter[tier]):
             return False
-        # Within a millionth of home: home (a keep above 0.5 rounds the last ulp back up
-        # for ever, and every call read as a change: review 201)
-        self._log_factor[tier] = (
-            home + (level - home) * keep if (level - home) * keep > 1e-6 else home
-        )
+        self._log_factor[tier], self._jitter[tier] = level, jitter
         self._refresh(tier)
         self._fill(tier)
         self.version += 1
