@@ -776,8 +776,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _check_budget_margin(args: argparse.Namespace) -> None:
     """Budgets within ``--budget-margin-ms`` are planned at 0 ms or less and refused, as the
-    server refuses them: every request of a ``--budget`` wholly within it is refused
-    (the run printed 0 % attainment and no reason), and part of one only partly within."""
+    server refuses them: a ``--budget`` range wholly within it is refused before the run (it
+    printed 0 % attainment and no reason); one partly within is said."""
     if args.trace == "file" and _recorded_budgets(args.trace_file):
         return  # the file's own budgets; its refusals are counted like the server's
     lo, hi = args.budget
