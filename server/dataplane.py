@@ -1689,15 +1689,15 @@ def _largest_message(cfg) -> int:
 # timeout, its deadline or the model's default (review 190).
 BUDGET_SOURCES = {
     "latency_budget_ms": "",
-    "timeout": "the budget was Triton's timeout parameter, which caps latency_budget_ms: "
+    "timeout": "the budget was Triton's timeout parameter, which cuts the request's budget: "
     "raise the timeout",
-    "deadline": "the budget was the call's gRPC deadline (client_timeout), which caps "
-    "latency_budget_ms: raise the deadline",
+    "deadline": "the budget was the call's gRPC deadline (client_timeout), which cuts the "
+    "request's budget: raise the deadline",
     "default": "the budget was the model's default_latency_budget_ms (no latency_budget_ms "
     "nor deadline was sent): send latency_budget_ms, or raise the default in model.yaml",
     # On a stream the deadline is the whole stream's (only a cap; review 193):
     "stream deadline": "the budget was what the stream's deadline (stream_timeout) had left, "
-    "which caps latency_budget_ms: open the stream with a longer one",
+    "which cuts the request's budget: open the stream with a longer one",
     "stream default": "the budget was the model's default_latency_budget_ms (no "
     "latency_budget_ms was sent; a stream's deadline only caps it): send latency_budget_ms, "
     "or raise the default in model.yaml",

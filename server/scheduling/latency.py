@@ -268,10 +268,9 @@ class LatencyModel:
         # the spread EWMA's sum of weights and of squared weights.
         self._level_var = {t.name: 0.0 for t in tiers}
         self._jitter_w = {t.name: (0.0, 0.0) for t in tiers}
-        # The level and spread each tier settled at (``settle``: the timing at load) - where
-        # ``relax`` takes back what later batches taught above them.
-        self._home = {t.name: 0.0 for t in tiers}
-        self._home_jitter = {t.name: 0.0 for t in tiers}
+        # Each tier's correction as it settled (``settle``: the timing at load; none: the
+        # profile's) - where ``relax`` returns what later batches taught above it.
+        self._home: dict[str, tuple] = {}
         # Per tier, indexed by rows (0 unused): profiled p50, p90 (s) and profile sigma.
         self._p50: dict[str, list[float]] = {}
         self._p90: dict[str, list[float]] = {}
@@ -499,26 +498,48 @@ class LatencyModel:
         self.version += 1
 
     def settle(self) -> None:
-        """Take every tier's level now as its home (the runtime calls it once its timing at
-        load is in: this machine, idle), the floor ``relax`` returns a level to."""
-        self._home = dict(self._log_factor)
-        self._home_jitter = dict(self._jitter)
+        """Take every tier's correction now - level and learned spread, with the trust in
+        them - as its home (the runtime calls it once its timing at load is in: this
+        machine, idle), the state ``relax`` returns a tier to."""
+        self._home = {t: self._state(t) for t in self.tiers}
 
     def settle_as(self, other: LatencyModel) -> None:
-        """Take ``other``'s home levels and spreads for the tiers both have (a runtime
-        replacing one whose timing at load was this machine's, idle)."""
-        for tier, level in other._home.items():
+        """Take ``other``'s homes for the tiers both have (a runtime replacing one whose
+        timing at load was this machine's, idle)."""
+        for tier, home in other._home.items():
             if tier in self._home:
-                self._home[tier] = level
-                self._home_jitter[tier] = other._home_jitter[tier]
+                self._home[tier] = home
+
+    def above_home(self, tier: str) -> float:
+        """How far ``tier``'s level is above its home, in log units (0 without a home)."""
+        home = self._home.get(tier)
+        return self._log_factor[tier] - (home[0] if home else 0.0)
+
+    def _state(self, tier: str) -> tuple:
+        return (self._log_factor[tier], self._jitter[tier], self._expected[tier],
+                self._count[tier], self._jitter_w[tier], self._level_var[tier])  # fmt: skip
+
+    def snapshot(self, tier: str) -> tuple:
+        """``tier``'s correction as it is, for ``restore``."""
+        return (*self._state(tier), self._last[tier])
+
+    def restore(self, tier: str, state: tuple) -> None:
+        """Put back a ``snapshot`` of ``tier``'s correction (a relax its next batch undid)."""
+        (self._log_factor[tier], self._jitter[tier], self._expected[tier], self._count[tier],
+         self._jitter_w[tier], self._level_var[tier], self._last[tier]) = state  # fmt: skip
+        self._refresh(tier)
+        self._fill(tier)
+        self.version += 1
 
     def relax(self, tier: str, keep: float) -> bool:
-        """Move ``tier``'s level and learned spread back towards their home where they are
-        above it (the part above kept x ``keep``, 0..1): for a tier the planner stopped
-        running because load taught it slow or erratic - nothing else corrects it - once
-        the device is idle. (The level alone came home, and the spread learned under load
-        still planned the tier past every budget at the 0.999 quantile.) Its trust stays;
-        its next batch is observed as usual. Returns whether anything changed.
+        """Move ``tier``'s correction back towards its home where load left its level or
+        spread above it (what is above kept x ``keep``, 0..1): for a tier the planner
+        stopped running because load taught it slow or erratic - nothing else corrects it -
+        once the device is idle. The whole correction moves, the trust in the spread with
+        it: the level alone came home and the spread learned under load still planned the
+        tier past every budget; the spread alone, with the burst's trust kept, planned it
+        near its median at the 0.999 quantile (review 202). Never below home. Returns
+        whether anything changed.
 
         Example:
             >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 2.0})])
@@ -530,11 +551,22 @@ class LatencyModel:
         """
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"keep must be in [0, 1], got {keep}")
-        level = _towards(self._log_factor[tier], self._home[tier], keep)
-        jitter = _towards(self._jitter[tier], self._home_jitter[tier], keep)
+        home = self._home.get(tier) or (0.0, 0.0, 0.0, 0, (0.0, 0.0), 0.0)
+        level = _towards(self._log_factor[tier], home[0], keep)
+        jitter = _towards(self._jitter[tier], home[1], keep)
         if (level, jitter) == (self._log_factor[tier], self._jitter[tier]):
             return False
         self._log_factor[tier], self._jitter[tier] = level, jitter
+
+        def blend(now: float, then: float) -> float:
+            return then + (now - then) * keep
+
+        self._expected[tier] = blend(self._expected[tier], home[2])
+        self._count[tier] = round(blend(self._count[tier], home[3]))
+        w1, w2 = self._jitter_w[tier]
+        self._jitter_w[tier] = (blend(w1, home[4][0]), blend(w2, home[4][1]))
+        self._level_var[tier] = blend(self._level_var[tier], home[5])
+        self._last[tier] = None  # the next batch is not diffed against the burst's
         self._refresh(tier)
         self._fill(tier)
         self.version += 1

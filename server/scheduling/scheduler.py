@@ -81,6 +81,10 @@ FORGET_AFTER_S = 1.0
 # helper-141) - while one quiet for minutes is not (it capped the others for good).
 NEIGHBOUR_QUIET_S = 30.0
 FORGET_TAU_S = 2.0
+# A relaxed tier whose next batch leaves its level this far above home (log units: ~10 %)
+# showed the slowdown again: the wait before its next relax doubles, up to RELAX_WAIT_MAX_S.
+RELAX_UNDONE = 0.1
+RELAX_WAIT_MAX_S = 64.0
 # Admission's quantile (``admit_quantile``): a request is refused at arrival only when the
 # median of the plan that serves it misses its deadline. A refusal is a certain miss, and a
 # closed-loop client sends again at once, so refusing at the planner's ``slo_target``
@@ -195,6 +199,12 @@ class Scheduler:
         # shared, an idle arrival's relax kept the refusal-time forget of the same arrival
         # from running - for good at arrivals ~1.2 s apart; review 201)
         self._relax_at = -math.inf  # the next idle arrival that relaxes unused tiers
+        # tier -> seconds it must go unused before it is relaxed again: doubled each time
+        # its next batch after a relax shows the slowdown again (a machine slower than its
+        # timing at load for a reason the server does not cause: each relax planned it
+        # home and answered late; review 202), back to FORGET_AFTER_S when it does not.
+        self._relax_wait: dict[str, float] = {}
+        self._relaxed: dict[str, tuple] = {}  # relaxed since their last batch: as before
 
     @property
     def slo_target(self) -> float:
@@ -404,9 +414,30 @@ class Scheduler:
             # ran: a tier in use keeps a slowdown its own batches taught, however sparse
             # its traffic (and a lone tier or pin has nothing to be passed over for).
             keep = math.exp(-(now - since) / FORGET_TAU_S)
-            if below >= ran and now - since >= FORGET_AFTER_S and self.latency.relax(t.name, keep):
-                self._relaxed_at[t.name] = now
+            wait = self._relax_wait.get(t.name, FORGET_AFTER_S)
+            if below >= ran and now - since >= wait:
+                before = self._relaxed.get(t.name) or self.latency.snapshot(t.name)
+                if self.latency.relax(t.name, keep):
+                    self._relaxed_at[t.name] = now
+                    self._relaxed[t.name] = before  # (the first relax's: what load taught)
             below = max(below, self._observed_at.get(t.name, -math.inf))
+
+    def _judge_relax(self, tier: str, observed) -> None:
+        """The first batch of a relaxed tier: where it shows the slowdown again (its level
+        still ``RELAX_UNDONE`` above home), the relax is undone - what load taught comes
+        back, this batch on top - and the tier waits twice as long before the next one;
+        else the wait is back to ``FORGET_AFTER_S``. A machine slower than its timing at
+        load then costs one late plan per relax, 1, 2, 4 ... 64 s apart (review 202:
+        without it, 44 of 60 requests 2 s apart were planned home and late)."""
+        before = self._relaxed.pop(tier)
+        wait = self._relax_wait.get(tier, FORGET_AFTER_S)
+        if self.latency.above_home(tier) <= RELAX_UNDONE:
+            self._relax_wait[tier] = FORGET_AFTER_S
+            return
+        self._relax_wait[tier] = min(2 * wait, RELAX_WAIT_MAX_S)
+        self.latency.restore(tier, before)
+        for rows, seconds in observed:
+            self.latency.observe(tier, rows, seconds)
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
@@ -665,9 +696,12 @@ class Scheduler:
         self.device.release(decision)
         del self.running[decision.slot]
         if ok and learn:
-            for rows, seconds in calls or ((decision.rows, compute_s),):
+            observed = calls or ((decision.rows, compute_s),)
+            for rows, seconds in observed:
                 self.latency.observe(decision.tier, rows, seconds)
             self._observed_at[decision.tier] = now
+            if decision.tier in self._relaxed:  # its first batch since a relax
+                self._judge_relax(decision.tier, observed)
         if served is None:  # every request alike (the hot path: no set to build)
             state = State.SERVED if ok else State.FAILED
             for r in decision.requests:
