@@ -958,8 +958,8 @@ TIERS_TRAILER_MAX = 4096
 TIERS_ELSEWHERE = 'ModelConfig: config.parameters["tiers"]'
 
 
-# How often a Watch stream looks at the status (readiness changes at a load, an unload, a
-# stuck engine or a drain: a second is well inside a probe's period).
+# How often the Watch streams' shared pulse reads the statuses (readiness changes at a
+# load, an unload, a stuck engine or a drain: a second is well inside a probe's period).
 HEALTH_WATCH_PERIOD_S = 1.0
 
 

@@ -413,11 +413,10 @@ class Scheduler:
             # Only a tier the planner has passed over for a less accurate one since it last
             # ran: a tier in use keeps a slowdown its own batches taught, however sparse
             # its traffic (and a lone tier or pin has nothing to be passed over for).
-            keep = math.exp(-(now - since) / FORGET_TAU_S)
             wait = self._relax_wait.get(t.name, FORGET_AFTER_S)
             if below >= ran and now - since >= wait:
                 before = self._relaxed.get(t.name) or self.latency.snapshot(t.name)
-                if self.latency.relax(t.name, keep):
+                if self.latency.relax(t.name, math.exp(-(now - since) / FORGET_TAU_S)):
                     self._relaxed_at[t.name] = now
                     self._relaxed[t.name] = before  # (the first relax's: what load taught)
             below = max(below, self._observed_at.get(t.name, -math.inf))
