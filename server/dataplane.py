@@ -551,10 +551,11 @@ class DataPlane:
             serving = [r for r in (self.models.get(name), *self._retiring) if r and r.name == name]
             live = serving + [r for r in list(self._hung) if r.name == name]
             kept = set().union(*(r.accuracy for r in live)) if live else None
+            lanes = {str(n) for r in live for n in r.lanes} if live else None
             if kept is None and tiers_only:  # (a failed load: its failure count stays)
-                kept = set()
+                kept, lanes = set(), set()
             try:
-                self.metrics.forget_model(name, kept)
+                self.metrics.forget_model(name, kept, lanes)
                 if not serving and live:
                     # Unloaded with its engine hung (stuck or not yet: it turns stuck at
                     # 30 s): the alert on this gauge must still be able to fire (it went
@@ -902,6 +903,10 @@ class DataPlane:
                 # - nothing but a successful load could clear it. Unloading forgets it.
                 del self.broken[name]
                 self._forget_series(name)
+                # and its load failures' count: a series per broken folder name, kept after
+                # the folder went (review 203)
+                with contextlib.suppress(KeyError):
+                    self.metrics.load_failures.remove(name)
                 log.info("model %s: its failed load forgotten (unloaded)", name)
                 return
             if runtime is None:  # as Triton: "make sure it is unloaded" succeeds (its own
@@ -918,8 +923,14 @@ class DataPlane:
             # later load's auto-tiering replayed the old traffic (review helper-133).
             self.traffic.pop(name, None)
             self._forget_series(name)
-            self.in_repository.add(name)  # (loaded by a client after start-up: known now)
-            self.unloaded.add(name)
+            if file_known(self.repo.root / name / "model.yaml") is False:
+                # its folder is gone: nothing to list as unloaded (a name per model ever
+                # unloaded was kept for good; review 203)
+                self.in_repository.discard(name)
+                self.unloaded.discard(name)
+            else:
+                self.in_repository.add(name)  # (loaded by a client after start-up: known now)
+                self.unloaded.add(name)
             log.info("model %s unloaded", name)
             runtime.unbind_gauges()  # its series, whose callbacks hold it, go
             # Started before the lock is let go (the RPC may be cancelled from then on) and

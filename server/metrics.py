@@ -367,19 +367,24 @@ class Metrics:
         Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
         r.register(_NvmlCollector())
 
-    def forget_model(self, name: str, keep_tiers: set[str] | None = None) -> int:
+    def forget_model(
+        self, name: str, keep_tiers: set[str] | None = None, keep_lanes: set[str] | None = None
+    ) -> int:
         """Remove the series of model ``name`` a retired runtime leaves: every one labelled
         with it (``keep_tiers`` None: no runtime serves it now), or only those of a tier not
-        in ``keep_tiers`` (the tiers its successor serves; series without a tier stay). Not
-        readiness nor the auto-tiering gauges (``DataPlane._forget_series``' at the unload).
-        Without it each unloaded model left ~190 series for good, and each tier a reload
-        dropped ~76 (review helper-133). Returns how many went.
+        in ``keep_tiers`` and of a sequence lane not in ``keep_lanes`` (what its successor
+        serves; series of neither stay, and lanes all stay where ``keep_lanes`` is None).
+        Not readiness nor the auto-tiering gauges (``DataPlane._forget_series``' at the
+        unload). Without it each unloaded model left ~190 series for good, each tier a reload
+        dropped ~76 (review helper-133), and each lane a reload dropped 2 (review 203).
+        Returns how many went.
 
         Example:
             >>> m = Metrics()
             >>> m.requests.labels("a", "w050", "served").inc()
-            >>> m.forget_model("a", keep_tiers={"w100"}), m.forget_model("a")
-            (1, 0)
+            >>> m.lane_requests.labels("a", "64").inc()
+            >>> m.forget_model("a", keep_tiers={"w100"}, keep_lanes={"32"}), m.forget_model("a")
+            (2, 0)
         """
         keep = {id(g) for g in (self.model_ready, self.model_loading, self.tier_set_gain,
                                 self.tier_set_swap_seconds, self.tier_set_enabled)}  # fmt: skip
@@ -390,12 +395,13 @@ class Metrics:
             names = metric._labelnames
             if not names or names[0] != "model":
                 continue
-            tiered = len(names) > 1 and names[1] == "tier"
+            second = names[1] if len(names) > 1 else None
+            kept = {"tier": keep_tiers, "lane": keep_lanes}.get(second)
             with metric._lock:  # (the children's keys: no public listing)
                 labels = [k for k in metric._metrics if k[0] == name]
             for k in labels:
-                if keep_tiers is not None and not (tiered and k[1] and k[1] not in keep_tiers):
-                    continue  # served on: the model's own series, or a tier it still serves
+                if keep_tiers is not None and not (kept is not None and k[1] and k[1] not in kept):
+                    continue  # served on: the model's own series, or a tier/lane still served
                 with contextlib.suppress(KeyError):
                     metric.remove(*k)
                     gone += 1

@@ -1955,6 +1955,41 @@ def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog):
     _run(body())
 
 
+def test_an_unload_keeps_no_name_of_a_model_whose_folder_is_gone(config):
+    # Each model ever unloaded stayed in ``unloaded`` and ``in_repository`` for good, its
+    # folder long gone (review 203): names of versioned folders piled up.
+    import shutil
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            await plane.unload("a")  # its folder is there: listed as unloaded
+            assert "a" in plane.unloaded and "a" in plane.in_repository
+            shutil.rmtree(Path(config.repository) / "b")
+            await plane.unload("b")
+            assert "b" not in plane.unloaded and "b" not in plane.in_repository
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    _run(body())
+
+
+def test_a_reload_that_drops_a_sequence_lane_drops_its_series():
+    # forget_model kept every lane's series of a reloaded model (only tiers were judged):
+    # two frozen series per profiled length a reload stopped serving (review 203).
+    m = Metrics()
+    for lane in ("32", "64"):
+        m.lane_requests.labels("t", lane).inc()
+    m.requests.labels("t", "w100", "served").inc()
+    assert m.forget_model("t", keep_tiers={"w100"}, keep_lanes={"32"}) == 1
+    lanes = {s.labels["lane"] for f in m.registry.collect() for s in f.samples
+             if s.name.startswith("innfer_lane_requests")}  # fmt: skip
+    assert lanes == {"32"}
+    assert m.forget_model("t", keep_tiers={"w100"}) == 0  # lanes not judged: all stay
+
+
 def test_an_unload_lets_the_models_traffic_record_go(config):
     # Kept across reloads for auto-tiering, the record outlived an unload: 4.8 MB each once
     # full, and a later load's auto-tiering replayed the old traffic (review helper-133).
@@ -2011,8 +2046,8 @@ def test_a_tier_a_draining_runtime_still_serves_keeps_its_series():
     metrics = Metrics()
     for tier in ("w100", "w050"):
         metrics.requests.labels("a", tier, "served").inc()
-    serving = SimpleNamespace(name="a", accuracy={"w100": 1.0})
-    draining = SimpleNamespace(name="a", accuracy={"w100": 1.0, "w050": 0.9})
+    serving = SimpleNamespace(name="a", accuracy={"w100": 1.0}, lanes={0: None})
+    draining = SimpleNamespace(name="a", accuracy={"w100": 1.0, "w050": 0.9}, lanes={0: None})
 
     def tiers() -> set[str]:
         return {s.labels["tier"] for f in metrics.registry.collect() for s in f.samples

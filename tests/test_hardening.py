@@ -712,6 +712,8 @@ def test_a_failed_load_of_a_model_the_config_does_not_name_is_cleared_by_an_unlo
         text = _metrics(s)
         assert _health(s) == SERVING and 'innfer_model_ready{model="wide"}' not in text
         assert 'innfer_model_ready{model="tiny"} 1.0' in text
+        # nor its failures' count: a series per broken folder name, for good (review 203)
+        assert 'innfer_model_load_failures_total{model="wide"}' not in text
         assert not [line for line in text.splitlines()
                     if line.startswith("innfer_request_tokens")]  # fmt: skip
     finally:
