@@ -187,6 +187,7 @@ class Server:
             await asyncio.wait_for(asyncio.shield(stopping), max(0.0, deadline - time.monotonic()))
         except (TimeoutError, asyncio.TimeoutError):
             log.error("grace period over: not waiting for %s", self.plane.describe_stopping())
+        self.plane.shared_memory.close()
         if self._http is not None:  # off the loop (shutdown waits for its poll, <= 0.5 s)
             http, self._http = self._http, None
             await asyncio.get_running_loop().run_in_executor(None, http.shutdown)

@@ -14,6 +14,8 @@ import numpy as np
 from runtime.repository.config import DYNAMIC, TensorConfig
 from server.errors import InvalidArgument
 from server.limits import RequestLimits, clip
+from server.shared_memory import PARAMETERS as SHARED_PARAMETERS
+from server.shared_memory import Lease, SharedMemory, Slice, requested_slice
 
 DEFAULT = RequestLimits()
 
@@ -42,11 +44,15 @@ def decode_inputs(
     max_length: int = 0,
     raw: Sequence | None = None,
     length_is: str = "the longest profiled length",
+    shared: SharedMemory | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``request.inputs`` against the model's ``specs``; return arrays and rows.
     ``length_is``: what ``max_length`` is, as a refusal says it. ``raw``: the request's
     raw_input_contents when they are not in ``request`` itself
     (views of the received bytes, server/wire.py); the arrays are built on them uncopied.
+    ``shared``: the server's shared-memory regions, where an input may name one (its
+    parameters ``shared_memory_*``; None refuses them); raw_input_contents then hold the
+    other inputs only, in order, as Triton reads them.
 
     Checks, each with its own message: counts against ``limits`` first (O(1)), then names
     (missing, unknown, duplicate - one pass), datatype, shape (rank, per-sample dims, batch
@@ -71,6 +77,7 @@ def decode_inputs(
             f"(the model's inputs are {list(by_name)})"
         )
     seen: set[str] = set()
+    slices: dict[str, Slice] = {}
     for t in request.inputs:
         if len(t.name) > limits.max_name_bytes:
             raise InvalidArgument(
@@ -84,19 +91,21 @@ def decode_inputs(
                 f"unknown input {clip(t.name)}; the model's inputs are {list(by_name)}"
             )
         seen.add(t.name)
+        if t.parameters and (at := _input_slice(t, shared)) is not None:
+            slices[t.name] = at
     missing = [name for name in by_name if name not in seen]
     if missing:
         raise InvalidArgument(f"missing input {missing[0]!r}; expected inputs {list(by_name)}")
     raw = request.raw_input_contents if raw is None else raw
-    if raw and len(raw) != n:
+    if raw and len(raw) != n - len(slices):
+        inside = f" ({len(slices)} more in shared memory)" if slices else ""
         raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {n} inputs; "
+            f"raw_input_contents has {len(raw)} entries for {n - len(slices)} inputs{inside}; "
             f"give one per input, in order, or none"
         )
     arrays, rows, length = {}, None, None
-    for i, t in enumerate(request.inputs):
-        if t.parameters:
-            _check_input_parameters(t)
+    next_raw = 0
+    for t in request.inputs:
         spec = by_name[t.name]
         batch, seq = _check_shape(t, spec, max_batch, max_length, length_is)
         if rows is not None and batch != rows:
@@ -104,20 +113,37 @@ def decode_inputs(
         if seq is not None and length is not None and seq != length:
             raise InvalidArgument(f"inputs disagree on the sequence length ({length} vs {seq})")
         rows, length = batch, seq if seq is not None else length
-        arrays[t.name] = _array(t, spec, raw[i] if raw else None)
+        if t.name in slices:  # sized before it is copied out
+            at, where = slices[t.name], f"bytes in shared memory region {slices[t.name].region!r}"
+            count = math.prod(int(d) for d in t.shape)
+            _check_size(t.name, count, np.dtype(spec.dtype), at.byte_size, where)
+            data = shared.read(at, f"input {t.name!r}")
+        else:
+            data, where = (raw[next_raw] if raw else None), "raw bytes"
+            next_raw += 1
+        arrays[t.name] = _array(t, spec, data, where)
     return arrays, int(rows or 0)
 
 
-def _check_input_parameters(t) -> None:
-    """Refuse the shared-memory extension's input parameters (tritonclient's
-    ``set_shared_memory``): not offered, and its tensor is not in the request - read as
-    missing values ("0 values in contents") or, beside raw bytes, silently ignored."""
-    shared = [k for k in t.parameters if k.startswith("shared_memory_")]
-    if shared:
+def _input_slice(t, shared: SharedMemory | None) -> Slice | None:
+    """The shared-memory slice input ``t`` names (tritonclient's ``set_shared_memory``), or
+    None. Refused where ``shared`` is None (read as missing values - "0 values in contents"
+    - or, beside raw bytes, silently ignored) and beside values in the request itself."""
+    at = requested_slice(t.parameters, f"input {t.name!r}")
+    if at is None:
+        return None
+    if shared is None:
         raise InvalidArgument(
-            f"input {t.name!r}: parameter {clip(shared[0])} is not supported (no shared "
-            "memory: send the tensor in the request, in raw_input_contents)"
+            f"input {t.name!r}: shared memory is not supported here: send the tensor in "
+            "the request, in raw_input_contents"
         )
+    given = [f.name for f, _ in t.contents.ListFields()]
+    if given:  # as Triton: which would the client mean?
+        raise InvalidArgument(
+            f"input {t.name!r} names shared memory region {clip(at.region)} and has values "
+            f"in contents.{given[0]}; send one or the other"
+        )
+    return at
 
 
 def _expected(spec: TensorConfig) -> str:
@@ -169,11 +195,13 @@ def decode_text(
     max_bytes: int,
     limits: RequestLimits = DEFAULT,
     raw: Sequence | None = None,
+    shared: SharedMemory | None = None,
 ) -> list[str]:
     """The strings of BYTES input ``name`` (shape [rows] or [rows, 1]): the only input of
     a text request. Each must be UTF-8 and at most ``max_bytes`` long (the tokenizer
-    truncates at the model's max_length tokens; the byte limit bounds its work). ``raw``:
-    as for ``decode_inputs``.
+    truncates at the model's max_length tokens; the byte limit bounds its work). ``raw``,
+    ``shared``: as for ``decode_inputs`` (in shared memory, the strings lie as in raw
+    bytes: each a 4-byte length and its bytes).
 
     Example:
         >>> from server.proto_gen import grpc_service_pb2 as pb
@@ -187,8 +215,7 @@ def decode_text(
         given = ", ".join(sorted(clip(t.name) for t in request.inputs[: limits.max_inputs]))
         raise InvalidArgument(f"a text request has one input, {name!r}; got {given or 'none'}")
     t = request.inputs[0]
-    if t.parameters:
-        _check_input_parameters(t)
+    at = _input_slice(t, shared) if t.parameters else None
     if t.datatype != "BYTES":
         raise InvalidArgument(f"input {name!r}: datatype {clip(t.datatype)}, expected BYTES")
     if not 1 <= len(t.shape) <= 2 or (len(t.shape) == 2 and t.shape[1] != 1):
@@ -201,6 +228,19 @@ def decode_text(
             f"input {name!r}: batch {rows} is outside [1, {max_batch}] (max_batch)"
         )
     raw = request.raw_input_contents if raw is None else raw
+    if raw and at is not None:
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for 0 inputs (1 in shared memory); "
+            "give one per input, in order, or none"
+        )
+    if at is not None:
+        if at.byte_size > rows * (4 + max_bytes):  # sized before it is copied out
+            raise InvalidArgument(
+                f"input {name!r}: shared_memory_byte_size {at.byte_size} is more than {rows} "
+                f"strings of at most {max_bytes} bytes take (each a 4-byte length and its "
+                "bytes)"
+            )
+        raw = [shared.read(at, f"input {name!r}")]
     if raw and len(raw) != 1:
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for 1 input; give one per input, "
@@ -261,8 +301,9 @@ def _length_prefixed(data: bytes, name: str, rows: int) -> list[bytes]:
     return out
 
 
-def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
-    """Input ``t`` as an array of ``spec``'s dtype, from its raw bytes or typed contents."""
+def _array(t, spec: TensorConfig, data: bytes | None, where: str = "raw bytes") -> np.ndarray:
+    """Input ``t`` as an array of ``spec``'s dtype, from its raw bytes (``data``: in the
+    request, or copied from shared memory - ``where`` says which) or typed contents."""
     shape = [int(d) for d in t.shape]
     count = math.prod(shape)
     np_dtype = np.dtype(spec.dtype)
@@ -277,12 +318,7 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
                 f"input {t.name!r} has both contents.{given[0]} and raw_input_contents; "
                 "send one or the other"
             )
-        want_bytes = count * np_dtype.itemsize
-        if len(data) != want_bytes:
-            raise InvalidArgument(
-                f"input {t.name!r}: {len(data)} raw bytes, expected {want_bytes} "
-                f"({count} x {np_dtype.name})"
-            )
+        _check_size(t.name, count, np_dtype, len(data), where)
         if np_dtype == np.bool_:
             _check_bools(t.name, data)
         return np.frombuffer(data, dtype=np_dtype).reshape(shape)
@@ -310,6 +346,15 @@ def _array(t, spec: TensorConfig, data: bytes | None) -> np.ndarray:
         _check_range(t.name, t.datatype, wide, np.iinfo(np_dtype))
         return wide.astype(np_dtype).reshape(shape)
     return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def _check_size(name: str, count: int, dtype: np.dtype, size: int, where: str) -> None:
+    """``size`` bytes must be exactly input ``name``'s ``count`` values of ``dtype``."""
+    if size != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"input {name!r}: {size} {where}, expected {count * dtype.itemsize} "
+            f"({count} x {dtype.name})"
+        )
 
 
 def _check_bools(name: str, data) -> None:
@@ -449,20 +494,22 @@ def check_mask(mask: np.ndarray, mask_name: str) -> None:
 class Requested:
     """An output a request asked for; ``classes`` > 0: Triton's classification extension
     (``InferRequestedOutput(name, class_count=k)``), the top ``classes`` of each row as
-    BYTES ``"value:index"`` strings, best first, instead of the tensor."""
+    BYTES ``"value:index"`` strings, best first, instead of the tensor; ``shared``: the
+    shared-memory slice the tensor is written to instead of the answer."""
 
     spec: TensorConfig
     classes: int = 0
+    shared: Slice | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
 
-# Output parameters understood: ``classification`` (above) and ``binary_data`` (tritonclient's
-# HTTP flag; over gRPC outputs are always raw). Any other (``shared_memory_region``: the
-# shared-memory extension, not offered) is refused rather than silently ignored.
-_OUTPUT_PARAMETERS = ("classification", "binary_data")
+# Output parameters understood: ``classification`` (above), ``binary_data`` (tritonclient's
+# HTTP flag; over gRPC outputs are always raw) and the shared-memory extension's. Any other
+# is refused rather than silently ignored.
+_OUTPUT_PARAMETERS = ("classification", "binary_data", *SHARED_PARAMETERS)
 
 
 def requested_outputs(
@@ -500,7 +547,15 @@ def requested_outputs(
         if o.name in seen:
             raise InvalidArgument(f"output {o.name!r} is requested more than once")
         seen.add(o.name)
-        out.append(Requested(by_name[o.name], _classes(o, by_name[o.name])))
+        spec = by_name[o.name]
+        classes = _classes(o, spec)
+        shared = requested_slice(o.parameters, f"output {o.name!r}") if o.parameters else None
+        if shared is not None and classes:  # its size is not known before it is made
+            raise InvalidArgument(
+                f"output {o.name!r} asks for both shared_memory_region and classification; "
+                "ask for the classes in the answer, or for the tensor in shared memory"
+            )
+        out.append(Requested(spec, classes, shared))
     return out
 
 
@@ -510,7 +565,7 @@ def _classes(o, spec: TensorConfig) -> int:
         if key not in _OUTPUT_PARAMETERS:
             raise InvalidArgument(
                 f"output {o.name!r}: parameter {clip(key)} is not supported (innfer takes "
-                f"{', '.join(_OUTPUT_PARAMETERS)}; no shared memory: send tensors in the request)"
+                f"{', '.join(_OUTPUT_PARAMETERS)})"
             )
     if "classification" not in o.parameters:
         return 0
@@ -531,18 +586,39 @@ def _classes(o, spec: TensorConfig) -> int:
 @functools.lru_cache(maxsize=1024)  # per request on the hot path: 6.6 us uncached
 def row_bytes(w: Requested) -> int:
     """Upper bound of the bytes one row of ``w`` takes in an answer (a classification
-    string: its length prefix, a "%f" value up to 48 characters, ":" and an index)."""
+    string: its length prefix, a "%f" value up to 48 characters, ":" and an index; none
+    for a tensor written to shared memory)."""
     if w.classes:
         return w.classes * (4 + 48 + 1 + 20)
-    return int(np.prod(w.spec.shape)) * np.dtype(w.spec.dtype).itemsize
+    return 0 if w.shared else tensor_row_bytes(w.spec)
 
 
-def encode_outputs(response, arrays: dict[str, np.ndarray], wanted: Sequence[Requested]) -> None:
-    """Append outputs to ``response`` as raw_output_contents (what Triton does)."""
+def tensor_row_bytes(spec: TensorConfig) -> int:
+    """The bytes one row of output ``spec`` takes as a tensor (its dims are fixed)."""
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def encode_outputs(
+    response,
+    arrays: dict[str, np.ndarray],
+    wanted: Sequence[Requested],
+    leases: dict[str, Lease] | None = None,
+) -> None:
+    """Append outputs to ``response`` as raw_output_contents (what Triton does); an output
+    with a lease in ``leases`` (by name) is written to its shared-memory slice instead, and
+    its raw entry left empty - one entry per output, as Triton, so a client's index of the
+    later outputs holds."""
     for w in wanted:
         a = np.ascontiguousarray(arrays[w.name], dtype=w.spec.dtype)
         t = response.outputs.add()
         t.name = w.name
+        if w.shared is not None:
+            lease = leases[w.name]
+            lease.region.write(lease.slice, memoryview(a.reshape(-1)).cast("B"))
+            t.datatype = oip_datatype(w.spec.dtype)
+            t.shape.extend(a.shape)
+            response.raw_output_contents.append(b"")
+            continue
         if w.classes:
             a = top_classes(a, w.classes)
             t.datatype = "BYTES"

@@ -402,6 +402,15 @@ class ServerConfig:
         "correction from it (a profile measured on a busy or another machine is reconciled); "
         "off, each tier still runs once at batch 1 and once at max_batch",
     )
+    system_shared_memory: bool = spec(
+        True,
+        doc="serve Triton's system shared-memory extension: a client on this host registers "
+        "a region of a /dev/shm object (SystemSharedMemoryRegister) and passes tensors "
+        "through it instead of the message (tritonclient's set_shared_memory, perf_analyzer "
+        "--shared-memory system). The server reads and writes any /dev/shm object a client "
+        "with the token names; false where other processes keep shared memory there. The "
+        "Kubernetes deploy sets false (a client in another pod cannot share memory)",
+    )
     reflection: bool = spec(
         True,
         doc="serve gRPC server reflection: any client, without a token, may list the "

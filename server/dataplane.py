@@ -68,6 +68,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
+from server.shared_memory import Lease, SharedMemory, input_bytes
 from server.stream import StreamPool, StreamWindow
 from server.traffic import TrafficLog
 
@@ -211,6 +212,10 @@ class DataPlane:
         # at a time, shared by the calls that come while it runs.
         self._lister = EngineThreads(1, "list")
         self._listing: asyncio.Future | None = None
+        # Triton's system shared memory (server.shared_memory): the regions clients registered.
+        self.shared_memory = SharedMemory(
+            self.limits.max_shared_memory_regions, enabled=config.system_shared_memory
+        )
 
     async def repository_names(self) -> list[str]:
         """The repository's model folders (``Repository.names``), listed off the loop on a
@@ -1076,7 +1081,10 @@ class DataPlane:
         return m.wedged() is None
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="innfer", version=__version__, extensions=EXTENSIONS)
+        shared = ("system_shared_memory",) if self.shared_memory.enabled else ()
+        return pb.ServerMetadataResponse(
+            name="innfer", version=__version__, extensions=EXTENSIONS + shared
+        )
 
     def tiers_json(self, m: ModelRuntime) -> str:
         """Tier list clients may ask for: name, width, accuracy, profiled p50 at batch 1 - for
@@ -1156,6 +1164,7 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         """``infer`` past the model's lookup: the in-flight cap, then the request."""
         size = request.ByteSize() if size is None else size
+        size += input_bytes(request)  # copied out of shared memory at the decode
         cap = self.limits.max_inflight_bytes
         if size > cap:  # alone above the cap: a retry, on any replica, is refused the same
             # way - the request as sent, not load: counted as invalid, not as a shed request
@@ -1317,16 +1326,19 @@ class DataPlane:
         self.hold(answer_bytes, window)
         if window is not None:  # charged now: the advance its stream made on it goes back
             window.charged(asyncio.current_task())
+        leases: dict[str, Lease] = {}
         try:
+            leases = self._lease_outputs(outputs, rows)
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
-                waited_s, reserve_s, grace_s,
+                waited_s, reserve_s, grace_s, leases,
             )  # fmt: skip
         except DeadlineExceeded as exc:
             if not BUDGET_SOURCES[source]:
                 raise
             raise DeadlineExceeded(f"{exc}; {BUDGET_SOURCES[source]}") from None
         finally:
+            self.shared_memory.release(leases.values())
             self.release(answer_bytes, window)
         if truncated:  # texts cut at the model's max_length (truncate=true, the default)
             resp.parameters["truncated_rows"].string_param = json.dumps(truncated)
@@ -1358,19 +1370,34 @@ class DataPlane:
             return m
         return nxt
 
+    def _lease_outputs(self, outputs, rows: int) -> dict[str, Lease]:
+        """The shared-memory slices ``outputs`` are to be written to, by name, held until
+        the answer is made (each checked to hold ``rows`` rows first)."""
+        leases: dict[str, Lease] = {}
+        try:
+            for o in outputs:
+                if o.shared is not None:
+                    needs = rows * codec.tensor_row_bytes(o.spec)
+                    leases[o.name] = self.shared_memory.lease(o.shared, f"output {o.name!r}", needs)
+        except InvalidArgument:
+            self.shared_memory.release(leases.values())
+            raise
+        return leases
+
     async def _run(
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,
         outputs, budget_s: float, pin: str | None, min_tier: str | None, priority: int,
-        waited_s: float, reserve_s: float, grace_s: float,
+        waited_s: float, reserve_s: float, grace_s: float, leases: dict[str, Lease],
     ) -> pb.ModelInferResponse:  # fmt: skip
         """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
-        answer with its tier, timings and the budget planned with."""
+        answer with its tier, timings and the budget planned with (outputs with ``leases``
+        written to shared memory)."""
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s,
         )  # fmt: skip
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
-        codec.encode_outputs(resp, result.outputs, outputs)
+        codec.encode_outputs(resp, result.outputs, outputs, leases)
         p = resp.parameters
         p["tier"].string_param = result.tier
         if isinstance(result.width, float):
@@ -1426,8 +1453,9 @@ class DataPlane:
         truncate = text is not None and _bool_param(request.parameters, "truncate", default=True)
         if text is not None and any(t.name == text.input for t in request.inputs):
             texts = codec.decode_text(
-                request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw
-            )
+                request, text.input, cfg.max_batch, text_bytes(cfg), self.limits, raw,
+                self.shared_memory,
+            )  # fmt: skip
             try:
                 ids, mask, truncated = await self._tokenize(m, texts, clock)
             except TokenizerError as exc:  # it reached the client as INTERNAL "see logs",
@@ -1455,8 +1483,9 @@ class DataPlane:
         max_length = cfg.sequence_lengths[-1] if cfg.sequence_lengths else 0
         if text is None and cfg.mask_input is None:
             arrays, rows = codec.decode_inputs(
-                request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw
-            )
+                request, cfg.inputs, cfg.max_batch, self.limits, max_length, raw,
+                shared=self.shared_memory,
+            )  # fmt: skip
             if m.input_rows:
                 codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []
@@ -1497,6 +1526,7 @@ class DataPlane:
         arrays, rows = codec.decode_inputs(
             request, cfg.inputs, cfg.max_batch, self.limits, PADDED_COLUMNS, raw,
             length_is="the most columns sequence inputs may have before their padding is cut",
+            shared=self.shared_memory,
         )  # fmt: skip
         arrays = _cut_padding(arrays, cfg, mask_name)
         width = arrays[mask_name].shape[1]

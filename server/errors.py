@@ -51,5 +51,9 @@ class TokenizerFailed(InferError):
 
 
 class Unimplemented(InferError):
-    """A Triton RPC innfer does not implement (shared memory, trace and log settings), or an
-    option of one it does (a named repository)."""
+    """A Triton RPC innfer does not implement (CUDA shared memory, trace and log settings),
+    or an option of one it does (a named repository)."""
+
+
+class AlreadyExists(InferError):
+    """A shared-memory region is registered under the name already."""

@@ -71,6 +71,11 @@ class RequestLimits:
         "service is open without a token; gRPC's client-side health checking opens one per "
         "connection, Kubernetes' probes use Check); more: RESOURCE_EXHAUSTED",
     )  # fmt: skip
+    max_shared_memory_regions: int = spec(
+        64, lo=1, hi=4096,
+        doc="system shared-memory regions registered at once, all clients together (each "
+        "maps its bytes into the server until unregistered); more: RESOURCE_EXHAUSTED",
+    )  # fmt: skip
     streams_share: float = spec(
         0.75, lo=0.05, hi=1.0,
         doc="of max_inflight_bytes, what all streams together may hold before those that "

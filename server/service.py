@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from server import wire
 from server.dataplane import DataPlane, id_size
 from server.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     EngineFailed,
     FailedPrecondition,
@@ -69,6 +70,7 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     EngineFailed: grpc.StatusCode.INTERNAL,  # Triton answers a backend's error so, too
     TokenizerFailed: grpc.StatusCode.INTERNAL,
 }
@@ -360,7 +362,8 @@ def _aborted_code(context) -> grpc.StatusCode:
 
 _NO_SHM = (
     "innfer does not implement {} shared memory: send the tensors in the request "
-    "(raw_input_contents; tritonclient's set_data_from_numpy)"
+    "(raw_input_contents; tritonclient's set_data_from_numpy), or through system shared "
+    "memory on the server's host"
 )
 
 
@@ -608,16 +611,51 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- Triton's system shared memory (server.shared_memory) --------------------------------
+    @rpc_method
+    async def SystemSharedMemoryStatus(self, request, context):
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in self.plane.shared_memory.status(request.name):
+            resp.regions[r.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return resp
+
+    @rpc_method
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.plane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc_method
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.plane.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # -- Triton's RPCs innfer leaves out: UNIMPLEMENTED with what to do instead (grpc's
     # default answer was "Unexpected <class 'NotImplementedError'>: Method not implemented!")
-    SystemSharedMemoryStatus = _not_served("SystemSharedMemoryStatus", _NO_SHM.format("system"))
-    SystemSharedMemoryRegister = _not_served("SystemSharedMemoryRegister", _NO_SHM.format("system"))
-    SystemSharedMemoryUnregister = _not_served(
-        "SystemSharedMemoryUnregister", _NO_SHM.format("system")
-    )
-    CudaSharedMemoryStatus = _not_served("CudaSharedMemoryStatus", _NO_SHM.format("CUDA"))
     CudaSharedMemoryRegister = _not_served("CudaSharedMemoryRegister", _NO_SHM.format("CUDA"))
-    CudaSharedMemoryUnregister = _not_served("CudaSharedMemoryUnregister", _NO_SHM.format("CUDA"))
+
+    # No CUDA region is ever registered: its status lists none and unregistering succeeds,
+    # as a Triton without one answers - perf_analyzer's clean-up unregisters both kinds and
+    # printed "Unable to unregister all shared memory regions" after every run.
+    @rpc_method
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(
+                f"no CUDA shared memory region {clip(request.name)} is registered ("
+                + _NO_SHM.format("CUDA")
+                + ")"
+            )
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @rpc_method
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     TraceSetting = _not_served(
         "TraceSetting",
         "innfer does not implement Triton's trace settings: each answer carries its "

@@ -177,3 +177,20 @@ def test_time_windows_as_operators_run_it(perf_analyzer, pa_server, streaming):
     assert ours["fail_count"] == 0, figures
     for field in ("queue", "compute_input", "compute_infer", "compute_output"):
         assert 0 <= pa[field] <= pa["success"], f"{field}: {figures}"
+
+
+@pytest.mark.parametrize("outputs", [False, True], ids=["inputs", "inputs-and-outputs"])
+def test_system_shared_memory_as_operators_run_it(perf_analyzer, pa_server, outputs):
+    """``--shared-memory system`` (Triton's flag): perf_analyzer makes /dev/shm regions,
+    registers them, sends every request through them, and unregisters them at the end (its
+    clean-up unregisters CUDA regions too, and printed an error when that was refused)."""
+    model = "tiny"
+    args = ["-m", model, "--concurrency-range", "2", "--request-count", "200"]
+    args += ["--shared-memory", "system"]
+    args += ["--output-shared-memory-size", "40"] if outputs else []
+    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args)
+
+    assert pa["client_requests"] == 200 and ours["success_count"] == 200, figures
+    assert ours["fail_count"] == 0, figures
+    assert "Unable to unregister" not in figures, figures
+    assert pa_server.server.plane.shared_memory.status("") == []  # all unregistered

@@ -731,8 +731,8 @@ def test_unsupported_output_parameters_are_refused():
 
     spec = [TensorConfig(name="y", dtype="float32", shape=(4,))]
     req = pb.ModelInferRequest()
-    req.outputs.add(name="y").parameters["shared_memory_region"].string_param = "r0"
-    with pytest.raises(InvalidArgument, match="parameter 'shared_memory_region' is not supp"):
+    req.outputs.add(name="y").parameters["shared_memory_key"].string_param = "r0"
+    with pytest.raises(InvalidArgument, match="parameter 'shared_memory_key' is not supp"):
         requested_outputs(req, spec)
     req.outputs[0].parameters.clear()
     req.outputs[0].parameters["classification"].int64_param = 0
@@ -822,7 +822,6 @@ def test_serve_stream_on_closing_answers_what_it_read_and_stops_reading():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda c: c.get_system_shared_memory_status(), "system shared memory: send the tensors"),
         (lambda c: c.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
          "CUDA shared memory: send the tensors"),
         (lambda c: c.get_trace_settings(), "trace settings: each answer carries"),
