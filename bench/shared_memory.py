@@ -156,7 +156,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=arm)
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("client p50 latency (ms), c=1")
-    ax.set_title(f"Tensors in the message vs system shared memory ({MODEL}, "
+    ax.set_title(f"Tensors in the message vs system shared memory\n({MODEL}, "
                  f"{result['params']['rounds']} rounds: median, min-max)")  # fmt: skip
     ax.legend()
     fig.tight_layout()
