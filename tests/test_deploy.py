@@ -35,8 +35,12 @@ from server.service import HealthService
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("k8s/overlays/cpu", "k8s/overlays/gpu")
-KUSTOMIZATIONS = ("k8s/base", *OVERLAYS, "monitoring")
-CRD_KINDS = {"PodMonitor", "PrometheusRule"}  # monitoring.coreos.com: no offline schema
+KUSTOMIZATIONS = ("k8s/base", *OVERLAYS, "monitoring", "kserve")
+# Custom resources, no offline schema: monitoring.coreos.com's and KServe's (their pod
+# parts are validated as a Pod: test_kserve_runtime_serves_the_inference_service)
+CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServingRuntime", "InferenceService"}
+CRDS_OF = {"monitoring": {"PodMonitor", "PrometheusRule"},
+           "kserve": {"ServingRuntime", "InferenceService"}}  # fmt: skip
 K8S_VERSIONS = ("1.30.0", "latest")  # oldest supported (gRPC probes GA 1.27) and newest
 HPA_METRICS = {"innfer_queue_compute_ratio", "innfer_degraded_share"}
 # Series from kube-state-metrics, and Prometheus' own `up`, not from innfer.
@@ -232,7 +236,7 @@ def test_kustomization_renders_and_validates(path):
                 raise AssertionError(
                     f"{path}: {d['kind']}/{d['metadata']['name']}: {exc}"
                 ) from None
-    assert skipped == (CRD_KINDS if path == "monitoring" else set())
+    assert skipped == CRDS_OF.get(path, set())
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/name"] == "innfer", d["kind"]
 
@@ -884,3 +888,68 @@ def test_latency_buckets_resolve_the_budgets():
     assert picks.findall('rate(x_bucket{model="m", le="0.03"}[1m])') == ["0.03"]
     for le in picks.findall(" ".join(exprs)):
         assert le == "+Inf" or float(le) in buckets, le
+
+
+# --- KServe ------------------------------------------------------------------------------------
+
+
+def test_kserve_runtime_serves_the_inference_service(model_repository):
+    """deploy/kserve: the ServingRuntime's pod parts are a valid Pod; its ports, probes and
+    annotations are the server config's; the InferenceService asks for its format from the
+    deploy's PVC; and `innfer serve` with the runtime's arguments and config serves a
+    repository (KServe's /mnt/models mount replaced by a local one, loopback ports)."""
+    import kubernetes_validate as kv  # the dev extra
+    import tritonclient.grpc as tc
+    from serverutil import ServerThread
+
+    from innfer.cli import build_parser
+
+    docs = _render("kserve")
+    runtime = _one(docs, "ServingRuntime", "innfer")["spec"]
+    isvc = _one(docs, "InferenceService")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "innfer"},
+           "spec": {"containers": runtime["containers"], "volumes": runtime["volumes"]}}  # fmt: skip
+    for version in K8S_VERSIONS:
+        kv.validate(pod, kv.latest_version() if version == "latest" else version, strict=True)
+
+    (c,) = runtime["containers"]
+    assert c["name"] == "kserve-container"  # KServe merges the InferenceService's into it
+    args = build_parser().parse_args(["serve", *c["args"]])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volume = next(v for v in runtime["volumes"] if v["name"] == "innfer-config")
+    assert Path(args.config).parent == Path(mounts["innfer-config"])
+    data = _one(docs, "ConfigMap", volume["configMap"]["name"])["data"]
+    raw = yaml.safe_load(data[Path(args.config).name])
+    cfg = ServerConfig.from_dict(raw, "server.yaml")
+    assert cfg.repository == Path("/mnt/models")  # where KServe puts the storageUri
+    assert cfg.host == "0.0.0.0" and cfg.model_control == "none"
+    assert cfg.reflection is False and cfg.system_shared_memory is False
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"h2c": cfg.grpc_port, "metrics": cfg.metrics_port}  # h2c: KServe's gRPC
+    assert runtime["annotations"]["prometheus.kserve.io/port"] == str(cfg.metrics_port)
+    assert runtime["protocolVersions"] == ["grpc-v2"]  # no REST
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["grpc"]["port"] == cfg.grpc_port, kind
+        assert c[kind]["grpc"]["service"] in HealthService.SERVICES, kind
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+    predictor = isvc["spec"]["predictor"]["model"]
+    fmt = predictor["modelFormat"]
+    assert {"name": fmt["name"], "version": fmt["version"]} in [
+        {"name": f["name"], "version": f["version"]} for f in runtime["supportedModelFormats"]
+    ]
+    assert predictor["runtime"] == "innfer"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    claim = predictor["storageUri"].removeprefix("pvc://").split("/")[0]
+    _one(_render("k8s/base"), "PersistentVolumeClaim", claim)
+
+    local = {**raw, "repository": str(model_repository), "host": "127.0.0.1",
+             "grpc_port": 0, "metrics_port": 0}  # fmt: skip
+    s = ServerThread(local).start()
+    client = tc.InferenceServerClient(s.address)
+    try:
+        assert client.is_server_ready() and client.is_model_ready("tiny")
+    finally:
+        client.close()
+        s.stop()
