@@ -402,14 +402,16 @@ class ServerConfig:
         "correction from it (a profile measured on a busy or another machine is reconciled); "
         "off, each tier still runs once at batch 1 and once at max_batch",
     )
-    system_shared_memory: bool = spec(
-        True,
+    system_shared_memory: bool | None = spec(
+        None,
         doc="serve Triton's system shared-memory extension: a client on this host registers "
         "a region of a /dev/shm object (SystemSharedMemoryRegister) and passes tensors "
         "through it instead of the message (tritonclient's set_shared_memory, perf_analyzer "
         "--shared-memory system). The server reads and writes any /dev/shm object a client "
-        "with the token names; false where other processes keep shared memory there. The "
-        "Kubernetes deploy sets false (a client in another pod cannot share memory)",
+        "names. null (the default): on where only this host's clients reach the port "
+        "(a loopback host) or a token is required (auth), else off; true is refused on "
+        "another host without auth; false where other processes keep shared memory there. "
+        "The Kubernetes deploy sets false (a client in another pod cannot share memory)",
     )
     reflection: bool = spec(
         True,
@@ -435,6 +437,14 @@ class ServerConfig:
     source: str = spec("<config>", key=False, compare=False, doc="the file this was read from")
 
     @property
+    def shared_memory_on(self) -> bool:
+        """Whether system shared memory is served (``system_shared_memory``; null: where
+        only this host's clients, or clients with the token, reach the port)."""
+        if self.system_shared_memory is not None:
+            return self.system_shared_memory
+        return self.auth is not None or loopback(self.host)
+
+    @property
     def bearer_token(self) -> str | None:
         """The token clients must send, or None when auth is off."""
         return None if self.auth is None else self.auth.token
@@ -447,6 +457,15 @@ class ServerConfig:
                 self.model_control,
                 f"none, or auth (a bearer token) when listening on {self.host}: explicit "
                 "model control lets any client that reaches the port unload models",
+            )
+        if self.system_shared_memory and self.auth is None and not loopback(self.host):
+            # Anyone reaching the port could read and overwrite this host's /dev/shm objects
+            # (another program's, through a model's outputs), and a client elsewhere shares
+            # no memory with the server anyway (review 204).
+            where.child("system_shared_memory").fail(
+                self.system_shared_memory,
+                f"false or null, or auth (a bearer token) when listening on {self.host}: any "
+                "client that reaches the port could read and write this host's /dev/shm",
             )
         if ":" in self.host and not _ipv6(self.host):
             # "localhost:9000" or "[::1]": gRPC would bind "<host>:<grpc_port>" and fail, or

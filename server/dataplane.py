@@ -68,7 +68,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
 from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
-from server.shared_memory import Lease, SharedMemory, input_bytes
+from server.shared_memory import Lease, SharedMemory
 from server.stream import StreamPool, StreamWindow
 from server.traffic import TrafficLog
 
@@ -214,7 +214,7 @@ class DataPlane:
         self._listing: asyncio.Future | None = None
         # Triton's system shared memory (server.shared_memory): the regions clients registered.
         self.shared_memory = SharedMemory(
-            self.limits.max_shared_memory_regions, enabled=config.system_shared_memory
+            self.limits.max_shared_memory_regions, enabled=config.shared_memory_on
         )
 
     async def repository_names(self) -> list[str]:
@@ -1164,7 +1164,7 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         """``infer`` past the model's lookup: the in-flight cap, then the request."""
         size = request.ByteSize() if size is None else size
-        size += input_bytes(request)  # copied out of shared memory at the decode
+        size += self.shared_memory.input_bytes(request)  # copied out at the decode
         cap = self.limits.max_inflight_bytes
         if size > cap:  # alone above the cap: a retry, on any replica, is refused the same
             # way - the request as sent, not load: counted as invalid, not as a shed request

@@ -10,13 +10,20 @@ parameters ``shared_memory_region`` / ``shared_memory_byte_size`` /
 region when the request is decoded; outputs are written into it when the answer is made,
 and the answer's tensor carries the shape and an empty raw entry, as Triton's does.
 
+The region is read and written with positional I/O on the object's open descriptor, not
+mapped (Triton maps it): a client that truncates the object after registering it made a
+mapped read raise SIGBUS - the server gone, every model with it - where a short read is a
+refusal; and a mapping's address space is not free (registered sparse objects of 16 TiB
+each took the process's address space in two calls; review 204).
+
 Invariants:
-- A region maps [offset, offset + byte_size) of its object and nothing else; every slice a
+- A region is [offset, offset + byte_size) of its object and nothing else; every slice a
   request names lies inside it (checked at registration and per request).
 - A request that names an output region holds a lease on it from admission to its answer:
-  an unregister meanwhile takes the name away at once (it may be registered again), and the
-  mapping is closed when the last lease goes - an accepted request is answered into the
-  memory it was accepted with, as Triton defers the unmap.
+  an unregister meanwhile takes the name away at once (it may be registered again: Triton
+  keeps the name until its requests end) and the descriptor is closed when the last lease
+  goes - an accepted request is answered into the object it was accepted with. Such a
+  region still counts against the limit until then.
 - Keys are single names in /dev/shm (no path, no link, a regular file, not a POSIX
   semaphore's ``sem.*``): a client names a region, it does not open files.
 
@@ -25,12 +32,11 @@ No grpc here: requests' parameters are read as protobuf maps; errors are server.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 from dataclasses import dataclass, field
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import AlreadyExists, EngineFailed, InvalidArgument, NotFound, ResourceExhausted
 from server.limits import clip
 
 SHM_ROOT = "/dev/shm"
@@ -86,19 +92,6 @@ def requested_slice(params, what: str) -> Slice | None:
     return Slice(region, offset, size)
 
 
-def input_bytes(request) -> int:
-    """The bytes ``request``'s inputs name in shared memory (what their decode copies out
-    and the in-flight cap counts); 0 for a slice whose parameters are malformed - the
-    decode refuses it before any copy."""
-    total = 0
-    for t in request.inputs:
-        if t.parameters and "shared_memory_byte_size" in t.parameters:
-            p = t.parameters["shared_memory_byte_size"]
-            if p.WhichOneof("parameter_choice") == "int64_param":
-                total += max(p.int64_param, 0)
-    return total
-
-
 def _param(params, key: str, kind: str, what: str, default=None):
     """Parameter ``key`` of ``params`` as its ``kind`` (string_param / int64_param)."""
     if key not in params:
@@ -112,30 +105,40 @@ def _param(params, key: str, kind: str, what: str, default=None):
 
 @dataclass(eq=False)
 class Region:
-    """A registered region: ``byte_size`` bytes at ``offset`` of object ``key``, mapped.
-    ``_start``: where the region begins in ``_map`` (the mapping starts page-aligned)."""
+    """A registered region: ``byte_size`` bytes at ``offset`` of object ``key``, open as
+    ``_fd`` (read and written in place: no mapping)."""
 
     name: str
     key: str
     offset: int
     byte_size: int
-    _map: mmap.mmap = field(repr=False)
-    _start: int = field(repr=False)
+    _fd: int = field(repr=False)
     leases: int = 0
     gone: bool = False  # unregistered: closed when its last lease is released
 
-    def read(self, s: Slice) -> bytes:
+    def read(self, s: Slice, what: str) -> bytes:
         """A copy of the slice's bytes (the client may rewrite the region at once)."""
-        at = self._start + s.offset
-        return self._map[at : at + s.byte_size]
+        data = os.pread(self._fd, s.byte_size, self.offset + s.offset)
+        if len(data) != s.byte_size:
+            raise InvalidArgument(
+                f"{what}: shared memory region {self.name!r} ends {s.byte_size - len(data)} "
+                f"bytes short of the slice: its object {self.key!r} was truncated after it "
+                "was registered; register it again at its size"
+            )
+        return data
 
     def write(self, s: Slice, data: memoryview) -> None:
         """``data`` (at most ``s.byte_size`` bytes: checked at admission) at the slice."""
-        at = self._start + s.offset
-        self._map[at : at + len(data)] = data
+        try:
+            os.pwrite(self._fd, data, self.offset + s.offset)
+        except OSError as exc:  # ENOSPC: a truncated object grown back on a full /dev/shm
+            raise EngineFailed(
+                f"the answer could not be written to shared memory region {self.name!r} "
+                f"({exc.strerror}); the tensors were computed but not delivered"
+            ) from None
 
     def close(self) -> None:
-        self._map.close()
+        os.close(self._fd)
 
 
 @dataclass(eq=False)
@@ -167,6 +170,7 @@ class SharedMemory:
         self.root = root
         self.enabled = enabled
         self._regions: dict[str, Region] = {}
+        self._leaving = 0  # unregistered regions still leased: they count against the limit
 
     # -- the RPCs --------------------------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
@@ -181,23 +185,27 @@ class SharedMemory:
                 f"shared memory region {name!r} is registered already; unregister it first, "
                 "or register under another name"
             )
-        if len(self._regions) >= self.max_regions:
+        if len(self._regions) + self._leaving >= self.max_regions:
             raise ResourceExhausted(
-                f"{len(self._regions)} shared memory regions are registered, the most this "
-                "server keeps (limits.max_shared_memory_regions); unregister ones no longer "
-                "used"
+                f"{len(self._regions)} shared memory regions are registered (and "
+                f"{self._leaving} unregistered ones still written to by requests), the most "
+                "this server keeps (limits.max_shared_memory_regions); unregister ones no "
+                "longer used"
             )
         if byte_size < 1 or offset < 0:
             raise InvalidArgument(
                 f"region {name!r}: byte_size {byte_size} and offset {offset}; the size must be "
                 "positive and the offset at least 0"
             )
-        file = _file_name(key)
-        fd = self._open(file, key)
-        try:
-            self._regions[name] = _mapped(fd, name, key, offset, byte_size)
-        finally:
+        fd = self._open(_file_name(key), key)
+        size = os.fstat(fd).st_size
+        if offset + byte_size > size:
             os.close(fd)
+            raise InvalidArgument(
+                f"region {name!r}: offset {offset} + byte_size {byte_size} runs past the end "
+                f"of shared memory object {clip(key)} ({size} bytes)"
+            )
+        self._regions[name] = Region(name, key, offset, byte_size, fd)
 
     def unregister(self, name: str) -> None:
         """Forget region ``name`` ("": every region); an unknown name is no error (as
@@ -219,7 +227,23 @@ class SharedMemory:
     # -- requests --------------------------------------------------------------------------
     def read(self, s: Slice, what: str) -> bytes:
         """A copy of input slice ``s``."""
-        return self._region(s, what).read(s)
+        return self._region(s, what).read(s, what)
+
+    def input_bytes(self, request) -> int:
+        """The bytes ``request``'s inputs name in shared memory (what their decode copies
+        out and the in-flight cap counts), each at most its region's size; 0 for a slice
+        of no registered region or whose parameters are malformed - the decode refuses it
+        before any copy. Free while no region is registered."""
+        if not self._regions:
+            return 0
+        total = 0
+        for t in request.inputs:
+            if t.parameters and "shared_memory_region" in t.parameters:
+                region = self._regions.get(t.parameters["shared_memory_region"].string_param)
+                p = t.parameters.get("shared_memory_byte_size")
+                if region is not None and p is not None and p.HasField("int64_param"):
+                    total += min(max(p.int64_param, 0), region.byte_size)
+        return total
 
     def lease(self, s: Slice, what: str, needs: int) -> Lease:
         """Hold output slice ``s`` (at least ``needs`` bytes) until ``release``."""
@@ -239,6 +263,7 @@ class SharedMemory:
             region.leases -= 1
             if region.gone and not region.leases:
                 region.close()
+                self._leaving -= 1
 
     def close(self) -> None:
         """Unregister every region (the server stopped): unmapped now, or - leased by a
@@ -250,7 +275,9 @@ class SharedMemory:
         """Take region ``name`` away; unmapped now, or with its last lease."""
         region = self._regions.pop(name)
         region.gone = True
-        if not region.leases:
+        if region.leases:
+            self._leaving += 1
+        else:
             region.close()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -265,7 +292,7 @@ class SharedMemory:
         self._check_enabled()
         region = self._regions.get(s.region)
         if region is None:
-            raise InvalidArgument(
+            raise NotFound(
                 f"{what}: no shared memory region {clip(s.region)} is registered; register "
                 "it first (SystemSharedMemoryRegister)"
             )
@@ -313,17 +340,3 @@ def _file_name(key: str) -> str:
             "'/name' as shm_open takes it (one name, no further '/')"
         )
     return file
-
-
-def _mapped(fd: int, name: str, key: str, offset: int, byte_size: int) -> Region:
-    """Region ``name`` over [offset, offset + byte_size) of open object ``fd``."""
-    size = os.fstat(fd).st_size
-    if offset + byte_size > size:
-        raise InvalidArgument(
-            f"region {name!r}: offset {offset} + byte_size {byte_size} runs past the end of "
-            f"shared memory object {clip(key)} ({size} bytes)"
-        )
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap's offset must be aligned
-    start = offset - base
-    view = mmap.mmap(fd, start + byte_size, mmap.MAP_SHARED, offset=base)
-    return Region(name, key, offset, byte_size, view, start)

@@ -907,8 +907,8 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
     docs = _render("kserve")
     runtime = _one(docs, "ServingRuntime", "innfer")["spec"]
     isvc = _one(docs, "InferenceService")
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "innfer"},
-           "spec": {"containers": runtime["containers"], "volumes": runtime["volumes"]}}  # fmt: skip
+    spec = {"containers": runtime["containers"], "volumes": runtime["volumes"]}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "innfer"}, "spec": spec}
     for version in K8S_VERSIONS:
         kv.validate(pod, kv.latest_version() if version == "latest" else version, strict=True)
 

@@ -15,9 +15,10 @@ import pytest
 
 from runtime.repository.config import TensorConfig
 from server import codec
+from server.config import ServerConfig
 from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from server.proto_gen import grpc_service_pb2 as pb
-from server.shared_memory import SharedMemory, Slice, input_bytes, requested_slice
+from server.shared_memory import SharedMemory, Slice, requested_slice
 
 HAS_DEV_SHM = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
 
@@ -56,12 +57,22 @@ def test_a_slice_is_read_from_the_parameters_and_each_malformed_one_says_what_is
             requested_slice(params, "input 'x'")
 
 
-def test_the_in_flight_cap_counts_the_bytes_inputs_name_in_shared_memory():
+def test_the_in_flight_cap_counts_the_bytes_inputs_name_in_shared_memory(tmp_path):
+    _object(tmp_path, "obj", bytes(256))
+    shm = SharedMemory(max_regions=4, root=str(tmp_path))
     req = pb.ModelInferRequest()
-    req.inputs.add(name="a").parameters["shared_memory_byte_size"].int64_param = 100
+    for name, region, size in (("a", "r", 100), ("c", "r", 28), ("d", "r", 2**62),
+                               ("e", "none", 64)):  # fmt: skip
+        t = req.inputs.add(name=name)
+        t.parameters["shared_memory_region"].string_param = region
+        t.parameters["shared_memory_byte_size"].int64_param = size
     req.inputs.add(name="b")  # in the message: counted by its size there
-    req.inputs.add(name="c").parameters["shared_memory_byte_size"].int64_param = 28
-    assert input_bytes(req) == 128
+    assert shm.input_bytes(req) == 0  # no region registered: nothing is copied
+    shm.register("r", "/obj", 0, 200)
+    # a claimed 2**62 counts as its region's 200 (it was refused as a 4e12 MiB request,
+    # not for its size - review 204); a region not registered counts nothing
+    assert shm.input_bytes(req) == 100 + 28 + 200
+    shm.close()
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -72,6 +83,9 @@ def test_a_region_maps_its_slice_of_the_object_at_any_offset(tmp_path):
     shm.register("r", "/obj", offset=4100, byte_size=5000)  # not page-aligned
     assert shm.read(Slice("r", 0, 16), "input 'x'") == data[4100:4116]
     assert shm.read(Slice("r", 4990, 10), "input 'x'") == data[9090:9100]
+    os.truncate(tmp_path / "obj", 4100 + 100)  # a client shrinks it: a mapped read was
+    with pytest.raises(InvalidArgument, match=r"ends 6 bytes short .* was truncated"):  # SIGBUS
+        shm.read(Slice("r", 90, 16), "input 'x'")
     with pytest.raises(InvalidArgument, match=r"runs past the end of region 'r' \(5000 bytes\)"):
         shm.read(Slice("r", 4990, 11), "input 'x'")
     [status] = shm.status("r")
@@ -114,7 +128,11 @@ def test_names_are_unique_and_the_count_is_capped(tmp_path):
     with pytest.raises(ResourceExhausted, match=r"limits\.max_shared_memory_regions"):
         shm.register("c", "/obj", 0, 8)
     shm.unregister("nothing")  # an unknown name is no error (as Triton)
-    shm.unregister("a")
+    lease = shm.lease(Slice("a", 0, 8), "output 'y'", needs=8)
+    shm.unregister("a")  # still written to by a request: it counts until released
+    with pytest.raises(ResourceExhausted, match="1 unregistered ones still written to"):
+        shm.register("c", "/obj", 0, 8)
+    shm.release([lease])
     shm.register("c", "/obj", 0, 8)
     assert [r.name for r in shm.status("")] == ["b", "c"]
     shm.unregister("")
@@ -132,8 +150,8 @@ def test_an_unregister_waits_for_the_requests_holding_the_region(tmp_path):
     lease.region.write(lease.slice, memoryview(b"answered"))  # the old mapping still works
     assert (tmp_path / "obj").read_bytes()[16:24] == b"answered"
     shm.release([lease])
-    with pytest.raises(ValueError):  # closed with its last lease
-        lease.region.write(lease.slice, memoryview(b"late...."))
+    with pytest.raises(OSError):  # its descriptor closed with its last lease
+        os.fstat(lease.region._fd)
     with pytest.raises(InvalidArgument, match="cannot hold the result"):
         shm.lease(Slice("out", 0, 8), "output 'y'", needs=9)
     shm.close()
@@ -150,6 +168,22 @@ def test_a_server_with_shared_memory_off_says_so(tmp_path):
     ):
         with pytest.raises(InvalidArgument, match="system_shared_memory: false"):
             call()
+
+
+def test_shared_memory_is_on_by_default_only_where_the_port_is_local_or_guarded(tmp_path):
+    # Left on for a server any host reaches without a token, a remote client could read and
+    # overwrite this host's /dev/shm objects through a model (review 204).
+    def config(**kw) -> ServerConfig:
+        return ServerConfig.from_dict({"repository": str(tmp_path), **kw})
+
+    token = {"auth": {"bearer_token": "t" * 32}}
+    assert config().shared_memory_on  # 127.0.0.1
+    assert not config(host="0.0.0.0").shared_memory_on
+    assert config(host="0.0.0.0", **token).shared_memory_on
+    assert not config(system_shared_memory=False).shared_memory_on
+    with pytest.raises(Exception, match=r"system_shared_memory.*any client that reaches"):
+        config(host="0.0.0.0", system_shared_memory=True)
+    assert config(host="0.0.0.0", system_shared_memory=True, **token).shared_memory_on
 
 
 # -- the codec -------------------------------------------------------------------------------
@@ -322,14 +356,22 @@ def test_bad_shared_memory_requests_are_refused_before_they_run(client, regions)
             out.set_shared_memory("r", output_size, offset=0)
             return client.infer("tiny", [inp], outputs=[out])
 
-        for args, message in [
-            (("nope", 256, 40), "no shared memory region 'nope' is registered"),
-            (("r", 128, 40), "128 bytes in shared memory region 'r', expected 256"),
-            (("r", 256, 39), "shared_memory_byte_size 39 cannot hold the result .40 bytes"),
-        ]:
+        for args, code, message in [
+            (("nope", 256, 40), "NOT_FOUND", "no shared memory region 'nope' is registered"),
+            (
+                ("r", 128, 40),
+                "INVALID_ARGUMENT",
+                "128 bytes in shared memory region 'r', expected 256",
+            ),
+            (
+                ("r", 256, 39),
+                "INVALID_ARGUMENT",
+                "shared_memory_byte_size 39 cannot hold the result .40 bytes",
+            ),
+        ]:  # (NOT_FOUND for a region none registered, as Triton)
             with pytest.raises(InferenceServerException, match=message) as e:
                 infer(*args)
-            assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert e.value.status() == f"StatusCode.{code}"
         infer("r", 256, 40)  # the input and its answer in one region: fine
     finally:
         client.unregister_system_shared_memory("r")
@@ -359,3 +401,16 @@ def test_grpc_status_of_an_existing_region_is_already_exists():
     from server.service import status_of
 
     assert status_of(AlreadyExists("x")) == grpc.StatusCode.ALREADY_EXISTS
+
+
+@needs_shm
+def test_the_readme_example_runs_as_written(server, capsys):
+    # README "System shared memory": the model and address replaced by the test server's
+    # ("wide" takes mnist's input shape and answers 10 logits too).
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## System shared memory") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 20)]
+    code = code.replace("127.0.0.1:8001", server.address).replace('"mnist"', '"wide"')
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() in {f"[{i}]" for i in range(10)}
+    assert server.server.plane.shared_memory.status("") == []  # it unregistered them all
