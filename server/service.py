@@ -19,7 +19,8 @@ from typing import NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
-from server import wire
+from server import log_settings, wire
+from server.config import loopback
 from server.dataplane import DataPlane, id_size
 from server.errors import (
     AlreadyExists,
@@ -661,11 +662,28 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         "innfer does not implement Triton's trace settings: each answer carries its "
         "queue_us / compute_us / tier parameters, and ModelStatistics the totals",
     )
-    LogSettings = _not_served(
-        "LogSettings",
-        "innfer does not implement Triton's log settings: set the log level when starting "
-        "the server (innfer serve --log-level)",
-    )
+
+    @rpc_method
+    async def LogSettings(self, request, context):
+        if request.settings:
+            log_settings.update(request.settings, self._log_settings_refused())
+        resp = pb.LogSettingsResponse()
+        for name, value in log_settings.current().items():
+            setattr(resp.settings[name], log_settings.KINDS[name], value)
+        return resp
+
+    def _log_settings_refused(self) -> str | None:
+        """Why a client may not change the log level here (None: it may): as model control,
+        only with a token or where only this host reaches the port - DEBUG from anyone
+        would fill the log (and the disk behind it) at a request's cost."""
+        cfg = self.plane.config
+        if cfg.auth is not None or loopback(cfg.host):
+            return None
+        return (
+            f"log settings are read-only on {cfg.host} without auth: set auth (a bearer "
+            "token) in server.yaml to change them over the network, or restart with "
+            "--log-level"
+        )
 
     @rpc_method
     async def ModelInfer(self, request, context):

@@ -1,0 +1,121 @@
+"""Triton's LogSettings RPC over innfer's logging: an operator reads, and raises or lowers,
+the server's log level while it runs (tritonclient's ``get_log_settings`` /
+``update_log_settings``) instead of restarting it with another ``--log-level``.
+
+Triton's switches map onto innfer's one threshold (the ``innfer`` logger's level):
+``log_verbose_level`` > 0 is DEBUG; else the lowest of ``log_info`` (INFO), ``log_warning``
+(WARNING), ``log_error`` (ERROR) that is on; all off is CRITICAL. A threshold cannot log
+info but not warnings: such a combination is refused, as are ``log_file`` (innfer logs to
+stderr, JSON lines: the container's log) and a ``log_format`` other than ``default``.
+
+No grpc here; errors are server.errors, mapped in server.service.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from server.errors import FailedPrecondition, InvalidArgument
+from server.limits import clip
+
+log = logging.getLogger("innfer.log_settings")
+
+KINDS = {  # Triton's setting -> the SettingValue field that carries it
+    "log_file": "string_param",
+    "log_info": "bool_param",
+    "log_warning": "bool_param",
+    "log_error": "bool_param",
+    "log_verbose_level": "uint32_param",
+    "log_format": "string_param",
+}
+SWITCHES = (("log_info", logging.INFO), ("log_warning", logging.WARNING),
+            ("log_error", logging.ERROR))  # fmt: skip
+
+
+def current() -> dict[str, bool | int | str]:
+    """Triton's settings as innfer logs now.
+
+    Example:
+        >>> logging.getLogger("innfer").setLevel(logging.WARNING)
+        >>> current()["log_info"], current()["log_warning"], current()["log_verbose_level"]
+        (False, True, 0)
+    """
+    level = logging.getLogger("innfer").getEffectiveLevel()
+    return {
+        "log_file": "",
+        **{name: level <= at for name, at in SWITCHES},
+        "log_verbose_level": int(level <= logging.DEBUG),
+        "log_format": "default",
+    }
+
+
+def update(settings, allowed: str | None) -> None:
+    """Apply ``settings`` (LogSettingsRequest.settings: name -> SettingValue); ``allowed``:
+    None where this client may change them, else why not (FailedPrecondition).
+
+    Example:
+        >>> from server.proto_gen import grpc_service_pb2 as pb
+        >>> req = pb.LogSettingsRequest()
+        >>> req.settings["log_verbose_level"].uint32_param = 1
+        >>> update(req.settings, allowed=None)
+        >>> logging.getLogger("innfer").level == logging.DEBUG
+        True
+    """
+    if allowed is not None:
+        raise FailedPrecondition(allowed)
+    given, sent = dict(current()), set()
+    for name, value in settings.items():
+        if name not in KINDS:
+            raise InvalidArgument(
+                f"unknown log setting {clip(name)}; Triton's are {', '.join(KINDS)}"
+            )
+        kind = value.WhichOneof("parameter_choice")
+        if kind is None:  # tritonclient sends a name with no value for None: leave it
+            continue
+        if kind != KINDS[name]:
+            raise InvalidArgument(
+                f"log setting {name!r} takes a {KINDS[name].removesuffix('_param')}, "
+                f"got a {kind.removesuffix('_param')}"
+            )
+        given[name] = getattr(value, kind)
+        sent.add(name)
+    if given["log_file"]:
+        raise InvalidArgument(
+            "log_file is not supported: innfer logs JSON lines to stderr (the container's "
+            "log); send log_file empty or leave it out"
+        )
+    if given["log_format"] != "default":
+        raise InvalidArgument(
+            f"log_format {clip(given['log_format'])} is not supported: innfer logs JSON "
+            "lines ('default')"
+        )
+    if given["log_verbose_level"]:  # DEBUG logs every level: none may be sent off
+        off = [name for name, _ in SWITCHES if name in sent and not given[name]]
+        if off:
+            raise InvalidArgument(
+                f"innfer's log level is a threshold: log_verbose_level > 0 logs every level, "
+                f"so {off[0]} cannot be off beside it"
+            )
+        set_level(logging.DEBUG)
+        return
+    on = [at for name, at in SWITCHES if given[name]]
+    if on and on != [at for _, at in SWITCHES][len(SWITCHES) - len(on) :]:
+        raise InvalidArgument(
+            "innfer's log level is a threshold: turn a lower level on only with every higher "
+            "one (log_info needs log_warning and log_error; log_warning needs log_error)"
+        )
+    set_level(on[0] if on else logging.CRITICAL)
+
+
+def set_level(level: int) -> None:
+    """innfer's loggers at ``level``, the libraries' at INFO at the lowest (as
+    ``server.app.setup_logging``: DEBUG at the root let grpc log a line per call)."""
+    before = logging.getLogger("innfer").getEffectiveLevel()
+    said = ("log level %s -> %s (LogSettings)", logging.getLevelName(before),
+            logging.getLevelName(level))  # fmt: skip
+    if level > before:  # said while it is still heard: the record of who turned logs down
+        log.warning(*said)
+    logging.getLogger("innfer").setLevel(level)
+    logging.getLogger().setLevel(max(level, logging.INFO))
+    if level < before:
+        log.warning(*said)
