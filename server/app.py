@@ -27,6 +27,7 @@ import time
 import grpc
 
 from runtime import __version__
+from server import bearer_token as bearer
 from server.allocator import malloc_settings, tune_malloc
 from server.config import ServerConfig, loopback
 from server.dataplane import DataPlane
@@ -98,6 +99,8 @@ class Server:
         self.message_limit = 0  # bytes, either way; set by start
         self._http = None
         self._stopped = asyncio.Event()
+        self.token: bearer.BearerToken | None = None
+        self._following: asyncio.Future | None = None  # the token file's follower
 
     async def start(self) -> None:
         warn_cleartext_token(self.config)
@@ -112,7 +115,13 @@ class Server:
             ("grpc.so_reuseport", 0),
             *connection_options(self.config),
         ]
-        service = InferenceService(self.plane, self.config.bearer_token)
+        auth = self.config.auth
+        self.token = None if auth is None else bearer.BearerToken(
+            auth.token, auth.bearer_token_file, auth.rotation_grace_s
+        )  # fmt: skip
+        if self.token is not None and self.token.path is not None:
+            self._following = asyncio.ensure_future(self._follow_token())
+        service = InferenceService(self.plane, self.token)
         # With auth on, an interceptor refuses a call without the token before its request
         # is parsed (server.service.AuthInterceptor).
         self.grpc = grpc.aio.server(options=opts, interceptors=service.interceptors() or None)
@@ -151,9 +160,26 @@ class Server:
         else:  # it said "ready" while readiness answered NOT_SERVING
             log.warning("started, not ready (%s); serving models %s", why, list(self.plane.models))
 
+    async def _follow_token(self) -> None:
+        """Look at the bearer token file every ``TOKEN_POLL_S``, read off the loop, and
+        put a new token in force on it (server.bearer_token)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(bearer.TOKEN_POLL_S)
+            try:
+                new = await loop.run_in_executor(None, self.token.read)
+            except Exception:  # never the follower's end: the current token stays
+                log.exception("auth: reading %s failed; the current token stays",
+                              self.token.path)  # fmt: skip
+                continue
+            if new is not None:
+                self.token.rotate(new)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
         grace = self.config.grace_period_s if grace is None else grace
+        if self._following is not None:
+            self._following.cancel()
         self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)

@@ -220,6 +220,12 @@ class AuthConfig:
     bearer_token: str | None = spec(
         None, repr=False, doc="the token itself (prefer bearer_token_file)"
     )
+    rotation_grace_s: float = spec(
+        300.0, lo=0.0, hi=86400.0,
+        doc="bearer_token_file is looked at every 5 s while the server runs: a new token "
+        "there takes effect without a restart, and the one it replaced is still accepted "
+        "this long while clients move to the new one (0: refused at once)",
+    )  # fmt: skip
 
     @property
     def token(self) -> str:
@@ -247,16 +253,27 @@ class AuthConfig:
             where.child("bearer_token_file").fail(
                 str(self.bearer_token_file), f"a readable UTF-8 file holding the token ({what})"
             )
-        if len(token) < 8:
-            where.fail("<token>", "a bearer token of at least 8 characters")
-        # A client sends it in gRPC metadata, which carries printable ASCII only, and the
-        # server strips the header's ends: any other token could never authenticate.
-        if not (token.isascii() and token.isprintable()) or token != token.strip():
-            where.fail(
-                "<token>",
-                "a bearer token of printable ASCII characters (what gRPC metadata carries), "
-                "without leading or trailing spaces",
-            )
+        if (problem := token_problem(token)) is not None:
+            where.fail("<token>", problem)
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token, or None.
+
+    Example:
+        >>> token_problem("short"), token_problem("a-long-enough-token")
+        ('a bearer token of at least 8 characters', None)
+    """
+    if len(token) < 8:
+        return "a bearer token of at least 8 characters"
+    # A client sends it in gRPC metadata, which carries printable ASCII only, and the
+    # server strips the header's ends: any other token could never authenticate.
+    if not (token.isascii() and token.isprintable()) or token != token.strip():
+        return (
+            "a bearer token of printable ASCII characters (what gRPC metadata carries), "
+            "without leading or trailing spaces"
+        )
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)

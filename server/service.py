@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import hmac
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server import log_settings, wire
+from server.bearer_token import BearerToken
 from server.config import loopback
 from server.dataplane import DataPlane, id_size
 from server.errors import (
@@ -420,8 +420,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class InferenceService(rpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, token: str | None) -> None:
-        if token is not None and not token:
+    def __init__(self, plane: DataPlane, token: str | BearerToken | None) -> None:
+        """``token``: None (auth off), the token, or one followed as its file changes."""
+        if token is not None and not (token.current if isinstance(token, BearerToken) else token):
             # None is auth off; an empty token (a secret file that read empty) must never
             # turn it off: every client would be let in.
             raise ValueError(
@@ -429,7 +430,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 "auth.bearer_token_file (or auth.bearer_token), or remove auth"
             )
         self.plane = plane
-        self._token = token.encode() if token is not None else None
+        self._token = BearerToken(token) if isinstance(token, str) else token
 
     def interceptors(self) -> tuple[grpc.aio.ServerInterceptor, ...]:
         """What the gRPC server must be made with (``grpc.aio.server(interceptors=...)``):
@@ -446,9 +447,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 given = value.encode() if isinstance(value, str) else value
                 scheme, _, credentials = given.strip().partition(b" ")
                 # RFC 6750 / 7235: the scheme is case-insensitive, the token is not.
-                if scheme.lower() == b"bearer" and hmac.compare_digest(
-                    credentials.strip(), self._token
-                ):
+                if scheme.lower() == b"bearer" and self._token.accepts(credentials.strip()):
                     return
         raise Unauthenticated("missing or wrong bearer token: send 'authorization: Bearer <token>'")
 

@@ -1,0 +1,107 @@
+"""The bearer token followed as its file changes (server/bearer_token.py): a rotated Secret
+takes effect without a restart, the replaced token is accepted for its grace, and a file
+that reads empty or invalid never turns auth off."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+from server import bearer_token
+from server.bearer_token import BearerToken
+
+OLD, NEW = "old-token-123456", "new-token-654321"
+
+
+def _swap(path: Path, text: str) -> None:
+    """Rewrite ``path`` the way a Kubernetes Secret volume does: a new file moved over."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_a_new_token_takes_over_and_the_old_one_lasts_its_grace(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(OLD + "\n")
+    now = [0.0]
+    t = BearerToken(OLD, path, grace_s=60, clock=lambda: now[0])
+    assert not t.reload()  # unchanged: nothing read
+    _swap(path, NEW + "\n")
+    assert t.reload()
+    assert t.accepts(NEW.encode()) and t.accepts(OLD.encode())
+    now[0] = 59.0
+    assert t.accepts(OLD.encode())
+    now[0] = 60.0
+    assert not t.accepts(OLD.encode()) and t.accepts(NEW.encode())
+    assert not t.accepts(b"anything-else")
+
+
+@pytest.mark.parametrize(
+    "content, said", [("", "at least 8 characters"), ("short", "at least 8 characters"),
+                      ("tab\tinside-token", "printable ASCII"), (None, "No such file")],
+)  # fmt: skip
+def test_a_file_without_a_usable_token_keeps_the_current_one(tmp_path, caplog, content, said):
+    # A Secret mid-update that reads empty must never turn auth off (every client let in),
+    # nor put in force a token no client can send.
+    path = tmp_path / "token"
+    path.write_text(OLD)
+    t = BearerToken(OLD, path)
+    if content is None:
+        path.unlink()
+    else:
+        _swap(path, content)
+    with caplog.at_level(logging.ERROR, logger="innfer.token"):
+        assert not t.reload() and not t.reload()  # said once per spell
+    assert t.accepts(OLD.encode()) and not t.accepts(b"")
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and said in errors[0].getMessage()
+    assert OLD not in caplog.text  # a fingerprint, never the token
+    _swap(path, NEW)  # the Secret settles: taken then
+    assert t.reload() and t.accepts(NEW.encode())
+
+
+def test_a_running_server_follows_its_token_file(tmp_path, model_repository, monkeypatch):
+    monkeypatch.setattr(bearer_token, "TOKEN_POLL_S", 0.05)
+    path = tmp_path / "token"
+    path.write_text(OLD)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+
+    def infer(client, token):
+        i = tc.InferInput("input", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        return client.infer("tiny", [i], headers={"authorization": f"Bearer {token}"})
+
+    for grace in (300, 0):
+        auth = {"bearer_token_file": str(path), "rotation_grace_s": grace}
+        path.write_text(OLD)
+        s = ServerThread({"repository": str(model_repository), "models": ["tiny"],
+                          "auth": auth}).start()  # fmt: skip
+        c = tc.InferenceServerClient(s.address)
+        try:
+            infer(c, OLD)
+            _swap(path, NEW)
+            deadline = time.monotonic() + 10
+            while True:  # taken within a few polls (it was read once, at start)
+                try:
+                    infer(c, NEW)
+                    break
+                except InferenceServerException:
+                    assert time.monotonic() < deadline, "the new token was never taken"
+                    time.sleep(0.05)
+            if grace:
+                infer(c, OLD)  # clients still on the old token: served within the grace
+            else:
+                with pytest.raises(InferenceServerException) as e:
+                    infer(c, OLD)
+                assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+        finally:
+            c.close()
+            s.stop()
