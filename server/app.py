@@ -29,6 +29,7 @@ import grpc
 from runtime import __version__
 from server import bearer_token as bearer
 from server.allocator import malloc_settings, tune_malloc
+from server.certificates import Certificates
 from server.config import ServerConfig, loopback
 from server.dataplane import DataPlane
 from server.limits import stream_limits_warning
@@ -100,7 +101,8 @@ class Server:
         self._http = None
         self._stopped = asyncio.Event()
         self.token: bearer.BearerToken | None = None
-        self._following: asyncio.Future | None = None  # the token file's follower
+        self.certificates: Certificates | None = None
+        self._following: asyncio.Future | None = None  # the token's and certificate's files
 
     async def start(self) -> None:
         warn_cleartext_token(self.config)
@@ -119,8 +121,7 @@ class Server:
         self.token = None if auth is None else bearer.BearerToken(
             auth.token, auth.bearer_token_file, auth.rotation_grace_s
         )  # fmt: skip
-        if self.token is not None and self.token.path is not None:
-            self._following = asyncio.ensure_future(self._follow_token())
+
         service = InferenceService(self.plane, self.token)
         # With auth on, an interceptor refuses a call without the token before its request
         # is parsed (server.service.AuthInterceptor).
@@ -134,7 +135,8 @@ class Server:
             if self.config.tls is None:
                 self.port = self.grpc.add_insecure_port(address)
             else:
-                self.port = self.grpc.add_secure_port(address, _credentials(self.config))
+                self.certificates = Certificates(self.config.tls)
+                self.port = self.grpc.add_secure_port(address, self.certificates.credentials())
         except RuntimeError as exc:  # grpc says "Failed to bind to address ...; set GRPC_..."
             raise OSError(*_bind_problem(self.config.host, self.config.grpc_port)) from exc
         if self.config.metrics_port or self.config.metrics_port == 0:
@@ -152,6 +154,7 @@ class Server:
                 raise error from exc
             self.metrics_port = self._http.server_port
         await self.grpc.start()
+        self._follow_secrets()
         log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)
         await self.plane.load_all()
         why = self.plane.not_ready_reason()
@@ -160,20 +163,15 @@ class Server:
         else:  # it said "ready" while readiness answered NOT_SERVING
             log.warning("started, not ready (%s); serving models %s", why, list(self.plane.models))
 
-    async def _follow_token(self) -> None:
-        """Look at the bearer token file every ``TOKEN_POLL_S``, read off the loop, and
-        put a new token in force on it (server.bearer_token)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(bearer.TOKEN_POLL_S)
-            try:
-                new = await loop.run_in_executor(None, self.token.read)
-            except Exception:  # never the follower's end: the current token stays
-                log.exception("auth: reading %s failed; the current token stays",
-                              self.token.path)  # fmt: skip
-                continue
-            if new is not None:
-                self.token.rotate(new)
+    def _follow_secrets(self) -> None:
+        """Start following the files of the bearer token and the TLS certificate, if any."""
+        followed = []
+        if self.token is not None and self.token.path is not None:
+            followed.append((self.token.read, self.token.rotate))
+        if self.certificates is not None:
+            followed.append((self.certificates.read, self.certificates.offer))
+        if followed:
+            self._following = asyncio.ensure_future(_follow(followed))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
@@ -228,6 +226,9 @@ class Server:
 # The most a stop waits for the calls gRPC has accepted to reach a handler before its
 # GOAWAY, and how long no call must arrive (nor any be in flight) for it to go on sooner.
 QUIESCE_S = 0.25
+# How often the bearer token's and the TLS certificate's files are looked at (a stat each;
+# read only when one changed): a rotated Secret is in force within this.
+SECRETS_POLL_S = 5.0
 QUIET_S = 0.02
 
 
@@ -334,14 +335,21 @@ def grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    tls = config.tls
-    ca = tls.client_ca.read_bytes() if tls.client_ca else None
-    return grpc.ssl_server_credentials(
-        [(tls.key.read_bytes(), tls.cert.read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
+async def _follow(followed) -> None:
+    """Every ``SECRETS_POLL_S``, each ``(read, apply)``: ``read`` off the loop (a file's
+    stat, its content when it changed: None, or what to put in force) and ``apply`` what it
+    gave on the loop. A failure keeps what is in force and is logged; the loop goes on."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SECRETS_POLL_S)
+        for read, apply in followed:
+            try:
+                new = await loop.run_in_executor(None, read)
+            except Exception:  # (read says what it can; this is what it could not)
+                log.exception("reading a followed secret failed; what is in force stays")
+                continue
+            if new is not None:
+                apply(new)
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:

@@ -1,7 +1,7 @@
 """The bearer token clients must send, followed as its file changes: a rotated Kubernetes
 Secret (or any rewrite of ``auth.bearer_token_file``) takes effect within
-``TOKEN_POLL_S`` without a restart, and the token it replaced is still accepted for
-``auth.rotation_grace_s`` while clients move to the new one. Before, the file was read
+``server.app.SECRETS_POLL_S`` (5 s) without a restart, and the token it replaced is still
+accepted for ``auth.rotation_grace_s`` while clients move to the new one. Before, the file was read
 once at start: a rotation needed every pod restarted, and a client given the new token
 first was refused until then.
 
@@ -24,8 +24,6 @@ from pathlib import Path
 from server.config import token_problem
 
 log = logging.getLogger("innfer.token")
-
-TOKEN_POLL_S = 5.0  # how often the file is looked at (a stat; read only when it changed)
 
 
 def fingerprint(token: bytes) -> str:

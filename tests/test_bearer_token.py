@@ -15,7 +15,7 @@ import tritonclient.grpc as tc
 from serverutil import ServerThread
 from tritonclient.utils import InferenceServerException
 
-from server import bearer_token
+from server import app
 from server.bearer_token import BearerToken
 
 OLD, NEW = "old-token-123456", "new-token-654321"
@@ -69,7 +69,7 @@ def test_a_file_without_a_usable_token_keeps_the_current_one(tmp_path, caplog, c
 
 
 def test_a_running_server_follows_its_token_file(tmp_path, model_repository, monkeypatch):
-    monkeypatch.setattr(bearer_token, "TOKEN_POLL_S", 0.05)
+    monkeypatch.setattr(app, "SECRETS_POLL_S", 0.05)
     path = tmp_path / "token"
     path.write_text(OLD)
     x = np.zeros((1, 1, 8, 8), np.float32)

@@ -1,0 +1,98 @@
+"""The server's TLS certificate, key and client CA followed as their files change: a
+certificate that cert-manager (or anyone) renews in place is served on new connections
+within ``server.app.SECRETS_POLL_S`` (5 s), without a restart. Before, the files were read
+once at start: a pod served its certificate until it expired, then every handshake failed.
+
+gRPC asks ``fetch`` on each new connection's handshake (on its own threads): it hands over
+a configuration read since, once, or None (keep the one in force). Connections open at the
+change keep theirs. Invariant: only files that load as the start-up check loads them
+(``TLSConfig.validate``: the chain, the key that matches it, the CA) are put in force -
+a renewal caught half written, or a key that does not match, keeps the current ones and
+is said once per spell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grpc
+
+from runtime.configspec import ConfigError, Where
+from server.config import TLSConfig
+
+log = logging.getLogger("innfer.certificates")
+
+
+class Certificates:
+    """The server's TLS credentials, renewed as their files are.
+
+    Example:
+        >>> certs = Certificates(tls)  # doctest: +SKIP
+        >>> server.add_secure_port(address, certs.credentials())  # doctest: +SKIP
+        >>> certs.read()  # off the event loop: a renewal, if the files changed  # doctest: +SKIP
+    """
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self.tls = tls
+        self._seen = self._stamps()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._said: str | None = None
+        self.renewals = 0
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Credentials for ``add_secure_port`` whose certificate follows ``offer``."""
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(),
+            self._fetch,
+            require_client_authentication=self.tls.client_ca is not None,
+        )
+
+    def read(self) -> grpc.ServerCertificateConfiguration | None:
+        """A configuration of the files if any changed and they load, else None (blocking:
+        run it off the event loop)."""
+        stamps = self._stamps()
+        if stamps == self._seen:
+            return None
+        try:
+            self.tls.validate(Where("tls"))
+            configuration = self._configuration()
+        except (ConfigError, OSError) as exc:
+            problem = str(exc)
+            if problem != self._said:
+                log.error("tls: the renewed files do not load (%s); the certificate in force "
+                          "stays until they do", problem)  # fmt: skip
+                self._said = problem
+            return None
+        self._seen, self._said = stamps, None
+        return configuration
+
+    def offer(self, configuration: grpc.ServerCertificateConfiguration) -> None:
+        """Serve ``configuration`` from the next handshake on."""
+        self._pending = configuration
+        self.renewals += 1
+        log.warning("tls: %s renewed; new connections get it", self.tls.cert)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # gRPC's handshake threads: hand the renewal over once (a race hands it twice:
+        # the same configuration again, harmless)
+        configuration, self._pending = self._pending, None
+        return configuration
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        tls = self.tls
+        return grpc.ssl_server_certificate_configuration(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+        )
+
+    def _stamps(self) -> tuple:
+        """What tells rewritten files (a Secret's swap changes the inode)."""
+        out = []
+        for path in (self.tls.cert, self.tls.key, self.tls.client_ca):
+            try:
+                st = os.stat(path) if path is not None else None
+            except OSError:
+                st = None
+            out.append(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)

@@ -1,0 +1,95 @@
+"""The TLS certificate followed as its files change (server/certificates.py): a renewed
+certificate is served on new connections without a restart, connections open at the change
+keep theirs, and files that do not load together keep the certificate in force."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+from server import app
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl here")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Two CAs, each with a server certificate for 127.0.0.1 (``server-<ca>.crt/.key``)."""
+    d = tmp_path_factory.mktemp("pki")
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for ca in ("ca1", "ca2"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
+                 "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN={ca}", cwd=d)  # fmt: skip
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"server-{ca}.key", "-out",
+                 f"server-{ca}.csr", "-subj", "/CN=server", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"server-{ca}.csr", "-CA", f"{ca}.crt", "-CAkey",
+                 f"{ca}.key", "-CAcreateserial", "-out", f"server-{ca}.crt", "-days", "2",
+                 "-extfile", "san.cnf", cwd=d)  # fmt: skip
+    return d
+
+
+def _put(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` as a Secret volume swaps it (a new file moved over)."""
+    tmp = dst.with_name(dst.name + ".new")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _works(address: str, ca: Path) -> bool:
+    c = tc.InferenceServerClient(address, ssl=True, root_certificates=str(ca))
+    try:
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        i = tc.InferInput("input", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        return c.infer("tiny", [i], client_timeout=5).as_numpy("logits").shape == (1, 10)
+    except InferenceServerException:
+        return False
+    finally:
+        c.close()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    pki, tmp_path, model_repository, monkeypatch, caplog
+):
+    monkeypatch.setattr(app, "SECRETS_POLL_S", 0.05)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _put(pki / "server-ca1.crt", cert)
+    _put(pki / "server-ca1.key", key)
+    tls = {"cert": str(cert), "key": str(key)}
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"], "tls": tls})
+    s.start()
+    held = tc.InferenceServerClient(s.address, ssl=True, root_certificates=str(pki / "ca1.crt"))
+    try:
+        assert _works(s.address, pki / "ca1.crt") and not _works(s.address, pki / "ca2.crt")
+        assert held.is_model_ready("tiny")  # its connection opens on the old certificate
+        # Half a renewal (the certificate without its key): the one in force stays.
+        with caplog.at_level(logging.ERROR, logger="innfer.certificates"):
+            _put(pki / "server-ca2.crt", cert)
+            time.sleep(0.5)
+        assert "do not load" in caplog.text and "does not match" in caplog.text
+        assert _works(s.address, pki / "ca1.crt")
+        _put(pki / "server-ca2.key", key)  # the renewal completes
+        deadline = time.monotonic() + 10
+        while not _works(s.address, pki / "ca2.crt"):
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+            time.sleep(0.05)
+        assert not _works(s.address, pki / "ca1.crt")  # new connections: the new one only
+        assert held.is_model_ready("tiny")  # an open connection keeps its own
+        assert s.server.certificates.renewals == 1
+    finally:
+        held.close()
+        s.stop()
