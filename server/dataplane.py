@@ -1328,7 +1328,7 @@ class DataPlane:
             window.charged(asyncio.current_task())
         leases: dict[str, Lease] = {}
         try:
-            leases = self._lease_outputs(outputs, rows)
+            self._lease_outputs(outputs, rows, leases)
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
                 waited_s, reserve_s, grace_s, leases,
@@ -1370,19 +1370,16 @@ class DataPlane:
             return m
         return nxt
 
-    def _lease_outputs(self, outputs, rows: int) -> dict[str, Lease]:
-        """The shared-memory slices ``outputs`` are to be written to, by name, held until
-        the answer is made (each checked to hold ``rows`` rows first)."""
-        leases: dict[str, Lease] = {}
-        try:
-            for o in outputs:
-                if o.shared is not None:
-                    needs = rows * codec.tensor_row_bytes(o.spec)
-                    leases[o.name] = self.shared_memory.lease(o.shared, f"output {o.name!r}", needs)
-        except InvalidArgument:
-            self.shared_memory.release(leases.values())
-            raise
-        return leases
+    def _lease_outputs(self, outputs, rows: int, leases: dict[str, Lease]) -> None:
+        """Hold, in ``leases`` (by name), the shared-memory slices ``outputs`` are to be
+        written to until the answer is made, each checked to hold ``rows`` rows first. Filled
+        in place: where one fails (a region not registered: NotFound), the caller's release
+        gives back those taken before it - they stayed held for good when only
+        InvalidArgument was caught (review 205)."""
+        for o in outputs:
+            if o.shared is not None:
+                needs = rows * codec.tensor_row_bytes(o.spec)
+                leases[o.name] = self.shared_memory.lease(o.shared, f"output {o.name!r}", needs)
 
     async def _run(
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,

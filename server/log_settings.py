@@ -19,6 +19,7 @@ from server.errors import FailedPrecondition, InvalidArgument
 from server.limits import clip
 
 log = logging.getLogger("innfer.log_settings")
+_verbose = {"level": 1}  # the log_verbose_level last set (> 0), read back while at DEBUG
 
 KINDS = {  # Triton's setting -> the SettingValue field that carries it
     "log_file": "string_param",
@@ -44,7 +45,7 @@ def current() -> dict[str, bool | int | str]:
     return {
         "log_file": "",
         **{name: level <= at for name, at in SWITCHES},
-        "log_verbose_level": int(level <= logging.DEBUG),
+        "log_verbose_level": _verbose["level"] if level <= logging.DEBUG else 0,
         "log_format": "default",
     }
 
@@ -96,6 +97,7 @@ def update(settings, allowed: str | None) -> None:
                 f"innfer's log level is a threshold: log_verbose_level > 0 logs every level, "
                 f"so {off[0]} cannot be off beside it"
             )
+        _verbose["level"] = given["log_verbose_level"]
         set_level(logging.DEBUG)
         return
     on = [at for name, at in SWITCHES if given[name]]
@@ -111,11 +113,12 @@ def set_level(level: int) -> None:
     """innfer's loggers at ``level``, the libraries' at INFO at the lowest (as
     ``server.app.setup_logging``: DEBUG at the root let grpc log a line per call)."""
     before = logging.getLogger("innfer").getEffectiveLevel()
-    said = ("log level %s -> %s (LogSettings)", logging.getLevelName(before),
-            logging.getLevelName(level))  # fmt: skip
-    if level > before:  # said while it is still heard: the record of who turned logs down
-        log.warning(*said)
     logging.getLogger("innfer").setLevel(level)
     logging.getLogger().setLevel(max(level, logging.INFO))
-    if level < before:
-        log.warning(*said)
+    if level != before:
+        # Written whatever the level now is (handed to the handlers past the level check):
+        # the record of who turned the logs down or up - ERROR <-> CRITICAL went unsaid
+        # as a warning either side of the change (review 205).
+        names = (logging.getLevelName(before), logging.getLevelName(level))
+        log.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0,
+                                  "log level %s -> %s (LogSettings)", names, None))  # fmt: skip

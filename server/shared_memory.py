@@ -130,12 +130,16 @@ class Region:
     def write(self, s: Slice, data: memoryview) -> None:
         """``data`` (at most ``s.byte_size`` bytes: checked at admission) at the slice."""
         try:
-            os.pwrite(self._fd, data, self.offset + s.offset)
+            wrote = os.pwrite(self._fd, data, self.offset + s.offset)
         except OSError as exc:  # ENOSPC: a truncated object grown back on a full /dev/shm
+            wrote, why = -1, exc.strerror
+        else:
+            why = f"{wrote} of {len(data)} bytes written"
+        if wrote != len(data):  # (a short write delivered a cut tensor, unsaid)
             raise EngineFailed(
                 f"the answer could not be written to shared memory region {self.name!r} "
-                f"({exc.strerror}); the tensors were computed but not delivered"
-            ) from None
+                f"({why}); the tensors were computed but not delivered"
+            )
 
     def close(self) -> None:
         os.close(self._fd)

@@ -893,6 +893,14 @@ def test_latency_buckets_resolve_the_budgets():
 # --- KServe ------------------------------------------------------------------------------------
 
 
+def volumes_of(spec: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in spec["volumes"]}
+
+
+def mounts_of(container: dict) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+
+
 def test_kserve_runtime_serves_the_inference_service(model_repository):
     """deploy/kserve: the ServingRuntime's pod parts are a valid Pod; its ports, probes and
     annotations are the server config's; the InferenceService asks for its format from the
@@ -935,6 +943,10 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
     predictor = isvc["spec"]["predictor"]["model"]
+    assert predictor["protocolVersion"] in runtime["protocolVersions"]  # KServe's default: v1
+    notes = isvc["metadata"]["annotations"]
+    assert notes["serving.kserve.io/enable-prometheus-scraping"] == "true"  # else unused
+    assert volumes_of(runtime)[mounts_of(c)["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     fmt = predictor["modelFormat"]
     assert {"name": fmt["name"], "version": fmt["version"]} in [
         {"name": f["name"], "version": f["version"]} for f in runtime["supportedModelFormats"]

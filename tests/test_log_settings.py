@@ -81,3 +81,18 @@ def test_changes_need_a_token_where_other_hosts_reach_the_port(tmp_path):
     req.settings["log_verbose_level"].uint32_param = 1
     with pytest.raises(FailedPrecondition, match="read-only"):
         log_settings.update(req.settings, refused(host="0.0.0.0"))
+
+
+def test_every_change_is_on_record_and_the_verbose_level_reads_back(client, caplog):
+    # ERROR <-> CRITICAL went unsaid (a warning on either side of the change is dropped),
+    # and log_verbose_level 2 read back as 1 (review 205).
+    INNFER.setLevel(logging.ERROR)
+    off = {"log_info": False, "log_warning": False, "log_error": False}
+    caplog.handler.setLevel(logging.DEBUG)  # the loggers' levels stay the server's own
+    client.update_log_settings(off)
+    client.update_log_settings({"log_error": True})
+    changes = [r.getMessage() for r in caplog.records if r.name == "innfer.log_settings"]
+    assert changes == ["log level ERROR -> CRITICAL (LogSettings)",
+                       "log level CRITICAL -> ERROR (LogSettings)"]  # fmt: skip
+    got = client.update_log_settings({"log_verbose_level": 2}, as_json=True)["settings"]
+    assert got["log_verbose_level"]["uint32_param"] == 2

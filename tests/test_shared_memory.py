@@ -268,6 +268,36 @@ def test_an_output_in_shared_memory_is_written_there_and_keeps_its_place_in_the_
     shm.close()
 
 
+def test_a_request_naming_an_unknown_output_region_leaves_no_other_region_held(tmp_path):
+    # The first output's region was leased, the second's NotFound escaped the release
+    # (only InvalidArgument was caught) and the caller's dict stayed empty: the region was
+    # held for good - never closed after an unregister, and counted against the limit
+    # (review 205: three such requests filled max_shared_memory_regions 2).
+    from types import SimpleNamespace
+
+    from server.dataplane import DataPlane
+
+    _object(tmp_path, "obj", bytes(64))
+    shm = SharedMemory(max_regions=4, root=str(tmp_path))
+    shm.register("out", "/obj", 0, 64)
+    specs = [TensorConfig(name="y", dtype="float32", shape=(2,)),
+             TensorConfig(name="z", dtype="float32", shape=(2,))]  # fmt: skip
+    req = pb.ModelInferRequest()
+    for name, region in (("y", "out"), ("z", "nosuch")):
+        o = req.outputs.add(name=name)
+        o.parameters["shared_memory_region"].string_param = region
+        o.parameters["shared_memory_byte_size"].int64_param = 8
+    wanted = codec.requested_outputs(req, specs)
+    leases: dict = {}
+    with pytest.raises(NotFound, match="'nosuch'"):
+        DataPlane._lease_outputs(SimpleNamespace(shared_memory=shm), wanted, 1, leases)
+    shm.release(leases.values())  # what the data plane's finally does with what was taken
+    shm.unregister("out")
+    assert shm._leaving == 0  # closed: nothing held it
+    shm.register("again", "/obj", 0, 64)
+    shm.close()
+
+
 # -- the server, through tritonclient ----------------------------------------------------------
 needs_shm = pytest.mark.skipif(not HAS_DEV_SHM, reason="no writable /dev/shm on this machine")
 
