@@ -419,6 +419,14 @@ class ServerConfig:
         "correction from it (a profile measured on a busy or another machine is reconciled); "
         "off, each tier still runs once at batch 1 and once at max_batch",
     )
+    engine_cache_spare: Path | None = spec(
+        None,
+        doc="a writable folder where the engines a model's engines/ cache lacks are built "
+        "when the repository cannot be written (a read-only mount: KServe's /mnt/models, a "
+        "read-only PVC; an image with the models baked in): without it such a model fails "
+        "to load on a node whose device or backend version the cache was not built for. "
+        "One folder per model in it; on an emptyDir each pod builds what it misses",
+    )
     system_shared_memory: bool | None = spec(
         None,
         doc="serve Triton's system shared-memory extension: a client on this host registers "

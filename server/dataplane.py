@@ -150,7 +150,7 @@ class DataPlane:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.repo = Repository(config.repository)
+        self.repo = Repository(config.repository, config.engine_cache_spare)
         self.models: dict[str, ModelRuntime] = {}
         # Models that should be served (configured, or found at start-up) and why each one
         # that is not loaded failed: readiness and /metrics say which.

@@ -923,13 +923,18 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
     (c,) = runtime["containers"]
     assert c["name"] == "kserve-container"  # KServe merges the InferenceService's into it
     args = build_parser().parse_args(["serve", *c["args"]])
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    mounts = mounts_of(c)
     volume = next(v for v in runtime["volumes"] if v["name"] == "innfer-config")
-    assert Path(args.config).parent == Path(mounts["innfer-config"])
+    assert Path(args.config).parent == Path(
+        next(m for m, n in mounts.items() if n == volume["name"])
+    )
     data = _one(docs, "ConfigMap", volume["configMap"]["name"])["data"]
     raw = yaml.safe_load(data[Path(args.config).name])
     cfg = ServerConfig.from_dict(raw, "server.yaml")
     assert cfg.repository == Path("/mnt/models")  # where KServe puts the storageUri
+    # read-only: engines it lacks are built in a writable spare (an emptyDir of the pod's)
+    spare_mount = next(m for m in mounts if Path(cfg.engine_cache_spare).is_relative_to(m))
+    assert "emptyDir" in volumes_of(runtime)[mounts[spare_mount]]
     assert cfg.host == "0.0.0.0" and cfg.model_control == "none"
     assert cfg.reflection is False and cfg.system_shared_memory is False
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

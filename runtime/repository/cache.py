@@ -73,10 +73,15 @@ def engine_key(
 
 
 class EngineCache:
-    """``<model>/engines/<key>/``: build once, verify on every load, rebuild when bad."""
+    """``<model>/engines/<key>/``: build once, verify on every load, rebuild when bad.
+    ``spare``: a cache of this process's where an engine is built when ``root`` cannot be
+    written (a read-only repository: KServe's /mnt/models, a read-only PVC) - looked in,
+    and built into, only then; None: such a miss is an EngineError that says how to fix it.
+    """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spare: Path | None = None) -> None:
         self.root = root
+        self.spare = spare
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove interrupted builds (``*.tmp-*`` older than ``STALE_BUILD_S``) and entries
@@ -150,6 +155,9 @@ class EngineCache:
             if not self._discard(entry, fields, judged, False):
                 break  # removed: build it
             log.info("engine cache entry %s was repaired by another builder meanwhile", entry)
+        spared = self._spared(backend, key, fields, options)
+        if spared is not None:  # built here before, the repository's cache being read-only
+            return spared, False
         if on_build is not None:
             on_build(key)
         # Said where it happens: a server loading a repository copied from another machine
@@ -160,14 +168,30 @@ class EngineCache:
         try:
             self._build(backend, onnx_path, entry, options, fields)
         except OSError as exc:  # a read-only repository (an image, a read-only mount), full
+            if self.spare is not None:
+                log.warning("%s cannot be written (%s): the engine is built in (or loaded "
+                            "from) the spare cache %s", self.root, exc.strerror or exc,
+                            self.spare)  # fmt: skip
+                return EngineCache(self.spare).get(backend, onnx_path, options, None, onnx_sha)
             raise EngineError(
                 f"no usable {backend.name} engine for {onnx_path} on {backend.device()} "
                 f"({why}), and none can be built here: {exc}. Build the engines for this "
                 f"device beforehand (`innfer build` on a machine of this kind, with "
-                f"{backend.name} {backend.version()}), or let the server write {self.root}"
+                f"{backend.name} {backend.version()}), or let the server write {self.root} "
+                "(or give it a writable engine_cache_spare)"
             ) from exc
         log.info("%s: built in %.1f s", entry, time.perf_counter() - started)
         return backend.load(entry, options), True
+
+    def _spared(self, backend: Backend, key: str, fields: dict, options) -> Engine | None:
+        """The spare cache's engine for ``key``, where one verifies and loads; else None."""
+        entry = self.spare / key if self.spare is not None else None
+        if entry is None or not entry.exists() or self._verify(entry, fields) is not None:
+            return None
+        try:
+            return backend.load(entry, options)
+        except EngineError:  # built afresh (in the spare, the repository being read-only)
+            return None
 
     def prune(
         self, keep: set[str], backend: Backend | None = None, options: BuildOptions | None = None

@@ -241,8 +241,11 @@ def _refuse_links_out(model_dir: Path, served: list[Path]) -> None:
 class Repository:
     """A directory of models, one subdirectory each."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, engine_spare: Path | None = None) -> None:
+        """``engine_spare``: where engines are built that the repository's own cache lacks
+        and cannot be written to (``EngineCache.spare``: one folder per model in it)."""
         self.root = Path(root)
+        self.engine_spare = engine_spare
 
     def model_dir(self, name: str) -> Path:
         """``<root>/<name>``, for a valid name of a model that exists (ModelNotFound else).
@@ -482,7 +485,8 @@ class Repository:
         _refuse_links_out(d, served)
         chosen = self.choose_backend(config, backend)
         options = replace(self.build_options(config, chosen), pool_nice=pool_nice)
-        cache = EngineCache(self.root / name / "engines")
+        spare = self.engine_spare / name if self.engine_spare is not None else None
+        cache = EngineCache(self.root / name / "engines", spare)
         cache.sweep()
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
