@@ -36,6 +36,7 @@ from server.limits import stream_limits_warning
 from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import health_pb2
+from server.repository_poll import RepositoryPoller
 from server.service import (
     HealthService,
     InferenceService,
@@ -103,6 +104,8 @@ class Server:
         self.token: bearer.BearerToken | None = None
         self.certificates: Certificates | None = None
         self._following: asyncio.Future | None = None  # the token's and certificate's files
+        self.poller: RepositoryPoller | None = None  # model_control: poll
+        self._polling: asyncio.Future | None = None
 
     async def start(self) -> None:
         warn_cleartext_token(self.config)
@@ -156,7 +159,12 @@ class Server:
         await self.grpc.start()
         self._follow_secrets()
         log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)
+        if self.config.model_control == "poll":
+            self.poller = RepositoryPoller(self.plane, self.config.repository_poll_s)
+            await self.poller.baseline()  # before the loads: what changes meanwhile reloads
         await self.plane.load_all()
+        if self.poller is not None and not self.plane.closing.is_set():
+            self._polling = asyncio.ensure_future(self.poller.run())
         why = self.plane.not_ready_reason()
         if why is None:
             log.info("ready: models %s", list(self.plane.models))
@@ -176,8 +184,9 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
         grace = self.config.grace_period_s if grace is None else grace
-        if self._following is not None:
-            self._following.cancel()
+        for task in (self._following, self._polling):
+            if task is not None:
+                task.cancel()
         self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)

@@ -86,7 +86,7 @@ __all__ = [
 # The policy that pins one tier and takes its name after a colon (make_policy's "fixed:").
 _PINNED = "fixed"
 _PORT = "a port number in [0, 65535] (0: pick a free port)"
-MODEL_CONTROL = ("none", "explicit")
+MODEL_CONTROL = ("none", "explicit", "poll")
 
 
 def loopback(host: str) -> bool:
@@ -454,7 +454,14 @@ class ServerConfig:
     model_control: str = spec(
         "none", choices=MODEL_CONTROL,
         doc="explicit: clients may load and unload models (RepositoryModelLoad/Unload); "
-        "none: the models are fixed at start-up (Triton's --model-control-mode)",
+        "poll: the repository is looked at every repository_poll_s and a changed or new "
+        "model is loaded (a folder that goes is served on); none: the models are fixed at "
+        "start-up (Triton's --model-control-mode)",
+    )  # fmt: skip
+    repository_poll_s: float = spec(
+        15.0, lo=0.2, hi=86400.0,
+        doc="model_control: poll - how often the repository is looked at (a few file "
+        "stats per model, off the serving loop)",
     )  # fmt: skip
     limits: RequestLimits = spec(
         RequestLimits(), doc="per-request limits and the cap on request bytes in flight"

@@ -849,9 +849,9 @@ class DataPlane:
         """Raise unless clients may load and unload models (``model_control: explicit``)."""
         if self.config.model_control != "explicit":
             raise FailedPrecondition(
-                "model control is disabled on this server (model_control: none); set "
-                "model_control: explicit (with auth on a network address) to load and unload "
-                "models over gRPC"
+                f"model control is disabled on this server (model_control: "
+                f"{self.config.model_control}); set model_control: explicit (with auth on a "
+                "network address) to load and unload models over gRPC"
             )
 
     def broken_reason(self, name: str) -> str:

@@ -1,0 +1,164 @@
+"""``model_control: poll`` (Triton's ``--model-control-mode=poll``): the repository is looked
+at every ``repository_poll_s`` and what changed is loaded, as an operator's Load would -
+a rebuilt model (new tiers, a new profile, an edited model.yaml) reloaded without a
+dropped request (the data plane's swap), a new model folder loaded where the server serves
+every model of the repository, a broken model retried once its files change.
+
+What a model's files are, to the poller: the files in its folder (model.yaml, profile.json,
+inn.json, ... - not the hidden ones, nor what auto-tiering writes) and each tier's record
+(``tiers/<tier>/tier.json``, which every build rewrites with the tier's ONNX hash). Engines
+are not looked at: the server itself writes them. A model whose build lock is held
+(``innfer build`` running: runtime/build/lock.py) is left until the build is done, so a
+half-written model is never loaded. Unlike Triton, a folder that disappears is not
+unloaded - said once, and served on: a rename or a copy under way must not take a model
+away; unload it through a restart or model_control: explicit.
+
+Invariants: the look at the disk runs off the event loop (stats of a few files per model);
+one load at a time (the data plane's lock); a load that fails keeps the served version
+(the data plane's reload) and is tried again only when the files change again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from runtime.build.lock import LOCK_FILE
+from runtime.repository.frontier import ACTIVE_FILE
+
+log = logging.getLogger("innfer.poll")
+
+Fingerprint = tuple  # ((relative path, inode, mtime_ns, size), ...), sorted
+
+
+def fingerprint(model_dir: Path) -> Fingerprint | None:
+    """What tells that ``model_dir``'s files changed (None: no model.yaml there).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> fingerprint(d) is None
+        True
+        >>> _ = (d / "model.yaml").write_text("inputs: []")
+        >>> [f[0] for f in fingerprint(d)]
+        ['model.yaml']
+    """
+    files = []
+    try:
+        top = [p for p in model_dir.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return None
+    files += [p for p in top if p.name != ACTIVE_FILE and p.is_file()]
+    tiers = model_dir / "tiers"
+    with contextlib.suppress(OSError):
+        files += [t / "tier.json" for t in tiers.iterdir() if (t / "tier.json").is_file()]
+    stamps = []
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:  # went while looked at: the next poll sees what came instead
+            continue
+        stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns, st.st_size))
+    if not any(s[0] == "model.yaml" for s in stamps):
+        return None
+    return tuple(sorted(stamps))
+
+
+def build_running(model_dir: Path) -> bool:
+    """Whether an ``innfer build`` holds ``model_dir``'s build lock now (False where the
+    lock cannot be looked at: no file, no ``fcntl``, a file system without ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(model_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing drops the shared lock taken)
+    return False
+
+
+class RepositoryPoller:
+    """Loads what changed in the repository, every ``period_s`` (``run``).
+
+    Example:
+        >>> poller = RepositoryPoller(plane, period_s=15)  # doctest: +SKIP
+        >>> await poller.baseline()  # before the start-up's loads  # doctest: +SKIP
+        >>> task = asyncio.ensure_future(poller.run())  # doctest: +SKIP
+    """
+
+    def __init__(self, plane, period_s: float) -> None:
+        self.plane = plane
+        self.period_s = period_s
+        self.seen: dict[str, Fingerprint | None] = {}  # as of each model's last load try
+        self._said_gone: set[str] = set()
+
+    async def baseline(self) -> None:
+        """The models as the start-up is about to load them (call before load_all: what
+        changes while they load is loaded again at the first poll)."""
+        names = set(self.plane.config.models)
+        self.seen = await asyncio.get_running_loop().run_in_executor(None, self._look, names)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                # (the plane's sets read here, on the loop; the disk off it)
+                names = set(self.plane.models) | set(self.plane.broken) | self.plane.expected
+                now = await loop.run_in_executor(None, self._look, names)
+                await self._load_changed(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the poller goes on: the next look may be fine
+                log.exception("repository poll failed; polling goes on")
+
+    def _look(self, names: set[str]) -> dict[str, Fingerprint | None]:
+        """Each model's fingerprint, or None (no model.yaml) - of ``names`` and, where the
+        server serves every model of the repository, of every folder's; a model under a
+        running build keeps the fingerprint last seen (looked at once the build is done).
+        Blocking: off the event loop."""
+        if not self.plane.config.models:
+            with contextlib.suppress(OSError):
+                names = names | set(self.plane.repo.names())
+        out = {}
+        for name in sorted(names):
+            d = self.plane.repo.root / name
+            out[name] = self.seen.get(name) if build_running(d) else fingerprint(d)
+        return out
+
+    async def _load_changed(self, now: dict[str, Fingerprint | None]) -> None:
+        for name, stamp in now.items():
+            if self.plane.closing.is_set():
+                return
+            if stamp is None:
+                self._gone(name)
+                continue
+            self._said_gone.discard(name)
+            if stamp == self.seen.get(name) and name in self.seen:
+                continue
+            why = "changed" if name in self.seen else "new"
+            self.seen[name] = stamp  # tried once per change, whatever the outcome
+            log.info("repository poll: model %s %s: loading it", name, why)
+            try:
+                await self.plane.load(name)
+            except Exception as exc:  # said by the load (and the loaded version serves on)
+                log.warning("repository poll: model %s not loaded: %s", name, exc)
+
+    def _gone(self, name: str) -> None:
+        if name in self.plane.models and name not in self._said_gone:
+            log.warning("repository poll: model %s's folder (or model.yaml) is gone; it is "
+                        "served on as loaded (restart, or unload it with model_control: "
+                        "explicit)", name)  # fmt: skip
+            self._said_gone.add(name)
