@@ -26,8 +26,8 @@ import logging
 import os
 from pathlib import Path
 
-from runtime.build.lock import LOCK_FILE
 from runtime.repository.frontier import ACTIVE_FILE
+from runtime.repository.store import BUILD_LOCK_FILE
 
 log = logging.getLogger("innfer.poll")
 
@@ -75,7 +75,7 @@ def build_running(model_dir: Path) -> bool:
     except ImportError:
         return False
     try:
-        fd = os.open(model_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(model_dir / BUILD_LOCK_FILE, os.O_RDONLY)
     except OSError:
         return False
     try:

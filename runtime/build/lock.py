@@ -19,9 +19,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from runtime.repository.store import BUILD_LOCK_FILE
+
 log = logging.getLogger("innfer.build")
 
-LOCK_FILE = ".build.lock"
+LOCK_FILE = BUILD_LOCK_FILE
 
 
 def _open(path: Path) -> int:

@@ -91,6 +91,9 @@ def something_at(path: Path) -> bool | None:
 
 
 PROFILE_FILE = "profile.json"
+# What ``innfer build`` holds locked while it writes a model (runtime/build/lock.py); the
+# server's repository poll leaves a model alone while it is held.
+BUILD_LOCK_FILE = ".build.lock"
 TEXT_FILE = "text.json"
 # A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
 # and the time cap per point - enough for the scheduler's median and p90 to start from.
