@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -103,7 +104,7 @@ class Server:
         self._stopped = asyncio.Event()
         self.token: bearer.BearerToken | None = None
         self.certificates: Certificates | None = None
-        self._following: asyncio.Future | None = None  # the token's and certificate's files
+        self._following: list[asyncio.Future] = []  # the token's and certificate's files
         self.poller: RepositoryPoller | None = None  # model_control: poll
         self._polling: asyncio.Future | None = None
 
@@ -178,13 +179,15 @@ class Server:
             followed.append((self.token.read, self.token.rotate))
         if self.certificates is not None:
             followed.append((self.certificates.read, self.certificates.offer))
-        if followed:
-            self._following = asyncio.ensure_future(_follow(followed))
+        # One task each: a read that hangs (a FIFO in a file's place) held up the other.
+        self._following = [asyncio.ensure_future(_follow(read, apply)) for read, apply in followed]
+        for task in self._following:
+            task.add_done_callback(_said_if_died)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop admitting, let in-flight requests finish (<= grace), then close."""
         grace = self.config.grace_period_s if grace is None else grace
-        for task in (self._following, self._polling):
+        for task in (*self._following, self._polling):
             if task is not None:
                 task.cancel()
         self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
@@ -344,21 +347,26 @@ def grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _follow(followed) -> None:
-    """Every ``SECRETS_POLL_S``, each ``(read, apply)``: ``read`` off the loop (a file's
-    stat, its content when it changed: None, or what to put in force) and ``apply`` what it
-    gave on the loop. A failure keeps what is in force and is logged; the loop goes on."""
+async def _follow(read: Callable, apply: Callable) -> None:
+    """Every ``SECRETS_POLL_S``: ``read`` off the loop (a file's stat, its content when it
+    changed: None, or what to put in force) and ``apply`` what it gave, on the loop. A
+    failure keeps what is in force and is logged; the loop goes on."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(SECRETS_POLL_S)
-        for read, apply in followed:
-            try:
-                new = await loop.run_in_executor(None, read)
-            except Exception:  # (read says what it can; this is what it could not)
-                log.exception("reading a followed secret failed; what is in force stays")
-                continue
+        try:
+            new = await loop.run_in_executor(None, read)
             if new is not None:
                 apply(new)
+        except Exception:  # (read says what it can; this is what it could not)
+            log.exception("following a secret's file failed; what is in force stays")
+
+
+def _said_if_died(task: asyncio.Future) -> None:
+    """A follower ends only when cancelled (the stop); any other end is said."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a secret's follower died: its file is no longer followed",
+                  exc_info=task.exception())  # fmt: skip
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:

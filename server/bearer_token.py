@@ -13,10 +13,12 @@ only a short fingerprint. No grpc here; the file is read off the event loop by t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,8 @@ def fingerprint(token: bytes) -> str:
 
 
 class BearerToken:
-    """The token in force, and the one it replaced until its grace ends.
+    """The token in force, and each it replaced until that one's grace ends (a second
+    rotation within the grace kept only the last: the clients' token was refused at once).
 
     Example:
         >>> t = BearerToken("first-token", grace_s=60, clock=lambda: 0.0)
@@ -52,24 +55,29 @@ class BearerToken:
         grace_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.current = token.encode()
         self.path = path
         self.grace_s = grace_s
         self.clock = clock
-        self._previous: bytes | None = None
-        self._previous_until = 0.0
-        self._seen = _stamp(path) if path is not None else None
+        self._previous: list[tuple[bytes, float]] = []  # (token, accepted until)
         self._said: str | None = None  # the last problem logged (once per spell)
+        self._seen = self._settling = _stamp(path) if path is not None else None
+        if path is not None:  # read again after the stamp: a token written between the
+            # config's read and now was in force nowhere, and never looked at again
+            with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+                fresh = _read_token(path)
+                if token_problem(fresh) is None:
+                    token = fresh
+        self.current = token.encode()
 
     def accepts(self, given: bytes) -> bool:
         """Whether ``given`` is the token, or the one it replaced within its grace (both
         compared in constant time)."""
         ok = hmac.compare_digest(given, self.current)
-        if self._previous is not None:
-            if self.clock() < self._previous_until:
-                ok |= hmac.compare_digest(given, self._previous)
-            else:
-                self._previous = None
+        if self._previous:
+            now = self.clock()
+            self._previous = [(t, until) for t, until in self._previous if now < until]
+            for old, _ in self._previous:
+                ok |= hmac.compare_digest(given, old)
         return ok
 
     def reload(self) -> bool:
@@ -79,17 +87,22 @@ class BearerToken:
         return new is not None and self.rotate(new)
 
     def read(self) -> bytes | None:
-        """The file's token if the file changed and holds a usable one, else None
-        (blocking: run it off the event loop; it touches only the file's bookkeeping)."""
+        """The file's token if the file changed - and has stayed as it is since the last
+        look (a file rewritten in place is not taken half written) - and holds a usable
+        one, else None (blocking: run it off the event loop; it touches only the file's
+        bookkeeping)."""
         if self.path is None:
             return None
         stamp = _stamp(self.path)
         if stamp == self._seen:
             return None
+        if stamp != self._settling:  # changed since the last look: looked at next time
+            self._settling = stamp
+            return None
         try:
-            token = self.path.read_text().strip()
+            token = _read_token(self.path)
             problem = token_problem(token)
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             problem = getattr(exc, "strerror", None) or str(exc)
         if problem is not None:  # kept: never auth off, never a token no client can send
             if problem != self._said:
@@ -106,12 +119,31 @@ class BearerToken:
         event loop, where ``accepts`` runs); whether it changed."""
         if new == self.current:
             return False
-        self._previous, self._previous_until = self.current, self.clock() + self.grace_s
+        self._previous.append((self.current, self.clock() + self.grace_s))
         log.warning("auth: the bearer token changed (%s -> %s); the previous one is "
                     "accepted for %.0f s more", fingerprint(self.current), fingerprint(new),
                     self.grace_s)  # fmt: skip
         self.current = new
         return True
+
+
+MAX_TOKEN_FILE_BYTES = 4096  # beyond: no token (one gRPC metadata carries), not read whole
+
+
+def _read_token(path: Path) -> str:
+    """The token in ``path``, stripped: a regular file (a FIFO in its place hung the read,
+    and with it the follower and the server's exit), read to ``MAX_TOKEN_FILE_BYTES``
+    (a 200 MiB file was read whole and put in force)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"more than {MAX_TOKEN_FILE_BYTES} bytes")
+    return data.decode().strip()
 
 
 def _stamp(path: Path) -> tuple | None:

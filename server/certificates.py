@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
+import stat
+import threading
+import time
+from pathlib import Path
 
 import grpc
 
@@ -22,6 +27,22 @@ from runtime.configspec import ConfigError, Where
 from server.config import TLSConfig
 
 log = logging.getLogger("innfer.certificates")
+
+
+def _check_dates(cert: Path, now: float) -> None:
+    """ValueError where the server's certificate (the chain's first) is not valid at
+    ``now``: a renewal to an expired (or not yet valid) one failed every new handshake,
+    where the one in force still served. Not checked where Python cannot decode it."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # (the stdlib's own PEM decoder)
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, ssl.SSLError):
+        return
+    if now >= not_after:
+        raise ValueError(f"{cert} expired on {decoded['notAfter']}")
+    if now < not_before:
+        raise ValueError(f"{cert} is not valid before {decoded['notBefore']}")
 
 
 class Certificates:
@@ -37,6 +58,7 @@ class Certificates:
         self.tls = tls
         self._seen = self._stamps()
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()
         self._said: str | None = None
         self.renewals = 0
 
@@ -55,9 +77,11 @@ class Certificates:
         if stamps == self._seen:
             return None
         try:
+            self._check_files()
             self.tls.validate(Where("tls"))
+            _check_dates(self.tls.cert, time.time())
             configuration = self._configuration()
-        except (ConfigError, OSError) as exc:
+        except (ConfigError, OSError, ValueError) as exc:
             problem = str(exc)
             if problem != self._said:
                 log.error("tls: the renewed files do not load (%s); the certificate in force "
@@ -69,15 +93,27 @@ class Certificates:
 
     def offer(self, configuration: grpc.ServerCertificateConfiguration) -> None:
         """Serve ``configuration`` from the next handshake on."""
-        self._pending = configuration
+        with self._lock:
+            self._pending = configuration
         self.renewals += 1
-        log.warning("tls: %s renewed; new connections get it", self.tls.cert)
+        log.warning("tls: renewed files (%s) are served on new connections",
+                    ", ".join(str(p) for p in self._paths() if p is not None))  # fmt: skip
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # gRPC's handshake threads: hand the renewal over once (a race hands it twice:
-        # the same configuration again, harmless)
-        configuration, self._pending = self._pending, None
+        # gRPC's handshake threads: the renewal handed over once (the lock: an offer
+        # landing between the read and the clear was lost for good)
+        with self._lock:
+            configuration, self._pending = self._pending, None
         return configuration
+
+    def _paths(self) -> tuple:
+        return (self.tls.cert, self.tls.key, self.tls.client_ca)
+
+    def _check_files(self) -> None:
+        """Regular files only: OpenSSL's read of a FIFO in a file's place hangs."""
+        for path in self._paths():
+            if path is not None and not stat.S_ISREG(os.stat(path).st_mode):
+                raise ValueError(f"{path} is not a regular file")
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         tls = self.tls
@@ -89,7 +125,7 @@ class Certificates:
     def _stamps(self) -> tuple:
         """What tells rewritten files (a Secret's swap changes the inode)."""
         out = []
-        for path in (self.tls.cert, self.tls.key, self.tls.client_ca):
+        for path in self._paths():
             try:
                 st = os.stat(path) if path is not None else None
             except OSError:

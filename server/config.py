@@ -266,6 +266,8 @@ def token_problem(token: str) -> str | None:
     """
     if len(token) < 8:
         return "a bearer token of at least 8 characters"
+    if len(token) > 1024:  # gRPC refuses metadata past its limit: no client could send it
+        return "a bearer token of at most 1,024 characters"
     # A client sends it in gRPC metadata, which carries printable ASCII only, and the
     # server strips the header's ends: any other token could never authenticate.
     if not (token.isascii() and token.isprintable()) or token != token.strip():

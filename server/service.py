@@ -451,6 +451,17 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                     return
         raise Unauthenticated("missing or wrong bearer token: send 'authorization: Bearer <token>'")
 
+    def _still_accepted(self, context) -> None:
+        """Unauthenticated where the token a stream was opened with is no longer accepted
+        (rotated out, its grace over): each request it sends is refused from then on."""
+        try:
+            self.authenticate(context.invocation_metadata())
+        except Unauthenticated:
+            raise Unauthenticated(
+                "the bearer token this stream was opened with is no longer accepted (rotated "
+                "out): open the stream again with the current token"
+            ) from None
+
     @rpc_method
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.plane.live())
@@ -796,6 +807,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         waited = time.monotonic() - received if received is not None else 0.0
         try:
             _require_decoded(request)
+            if self._token is not None:  # checked once at the open, a stream outlived the
+                self._still_accepted(context)  # token's rotation and grace (review 206)
             # The stream's deadline is the whole stream's: a cap, not each request's budget
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(

@@ -35,18 +35,26 @@ def test_a_new_token_takes_over_and_the_old_one_lasts_its_grace(tmp_path):
     t = BearerToken(OLD, path, grace_s=60, clock=lambda: now[0])
     assert not t.reload()  # unchanged: nothing read
     _swap(path, NEW + "\n")
+    assert not t.reload()  # changed since the last look: taken once it has stayed so
     assert t.reload()
     assert t.accepts(NEW.encode()) and t.accepts(OLD.encode())
-    now[0] = 59.0
-    assert t.accepts(OLD.encode())
+    now[0] = 30.0
+    _swap(path, "third-token-999")  # a second rotation within the first one's grace:
+    assert not t.reload() and t.reload()  # OLD kept its own (it was refused at once)
+    assert all(t.accepts(x.encode()) for x in (OLD, NEW, "third-token-999"))
     now[0] = 60.0
     assert not t.accepts(OLD.encode()) and t.accepts(NEW.encode())
+    now[0] = 90.0
+    assert not t.accepts(NEW.encode()) and t.accepts(b"third-token-999")
     assert not t.accepts(b"anything-else")
 
 
 @pytest.mark.parametrize(
     "content, said", [("", "at least 8 characters"), ("short", "at least 8 characters"),
-                      ("tab\tinside-token", "printable ASCII"), (None, "No such file")],
+                      ("tab\tinside-token", "printable ASCII"), (None, "No such file"),
+                      ("x" * 2000, "at most 1,024 characters"),  # no client could send it
+                      ("x" * 5000, "more than 4096 bytes"),  # not read whole
+                      ("fifo", "not a regular file")],  # its read hung the follower
 )  # fmt: skip
 def test_a_file_without_a_usable_token_keeps_the_current_one(tmp_path, caplog, content, said):
     # A Secret mid-update that reads empty must never turn auth off (every client let in),
@@ -56,16 +64,20 @@ def test_a_file_without_a_usable_token_keeps_the_current_one(tmp_path, caplog, c
     t = BearerToken(OLD, path)
     if content is None:
         path.unlink()
+    elif content == "fifo":
+        path.unlink()
+        os.mkfifo(path)
     else:
         _swap(path, content)
     with caplog.at_level(logging.ERROR, logger="innfer.token"):
-        assert not t.reload() and not t.reload()  # said once per spell
+        assert not any(t.reload() for _ in range(4))  # said once per spell
     assert t.accepts(OLD.encode()) and not t.accepts(b"")
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and said in errors[0].getMessage()
     assert OLD not in caplog.text  # a fingerprint, never the token
+    path.unlink(missing_ok=True)  # (a FIFO: replaced by a file)
     _swap(path, NEW)  # the Secret settles: taken then
-    assert t.reload() and t.accepts(NEW.encode())
+    assert not t.reload() and t.reload() and t.accepts(NEW.encode())
 
 
 def test_a_running_server_follows_its_token_file(tmp_path, model_repository, monkeypatch):
@@ -105,3 +117,41 @@ def test_a_running_server_follows_its_token_file(tmp_path, model_repository, mon
         finally:
             c.close()
             s.stop()
+
+
+def test_a_stream_opened_with_a_rotated_out_token_is_refused_from_then_on(
+    tmp_path, model_repository, monkeypatch
+):
+    # The token was checked once, at the stream's open: a stream opened before a rotation
+    # (of a leaked token, say) went on being served past the grace (review 206).
+    import queue
+
+    monkeypatch.setattr(app, "SECRETS_POLL_S", 0.05)
+    path = tmp_path / "token"
+    path.write_text(OLD)
+    auth = {"bearer_token_file": str(path), "rotation_grace_s": 0}
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"],
+                      "auth": auth}).start()  # fmt: skip
+    c = tc.InferenceServerClient(s.address)
+    got: queue.Queue = queue.Queue()
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    i = tc.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    try:
+        c.start_stream(lambda result, error: got.put(error),
+                       headers={"authorization": f"Bearer {OLD}"})  # fmt: skip
+        c.async_stream_infer("tiny", [i])
+        assert got.get(timeout=10) is None  # served
+        _swap(path, NEW)
+        deadline = time.monotonic() + 10
+        while s.server.token.accepts(OLD.encode()):
+            assert time.monotonic() < deadline, "the rotation was never taken"
+            time.sleep(0.05)
+        c.async_stream_infer("tiny", [i])
+        error = got.get(timeout=10)
+        assert error is not None and "UNAUTHENTICATED" in str(error)
+        assert "no longer accepted (rotated out)" in str(error)
+    finally:
+        c.stop_stream()
+        c.close()
+        s.stop()

@@ -93,3 +93,29 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     finally:
         held.close()
         s.stop()
+
+
+def test_a_renewal_to_a_certificate_out_of_its_dates_or_no_file_keeps_the_one_in_force(
+    pki, tmp_path, caplog
+):
+    # Put in force, an expired renewal failed every new handshake (review 206); a FIFO in
+    # a file's place hung OpenSSL's read, and with it the follower.
+    from server.certificates import Certificates, _check_dates
+    from server.config import TLSConfig
+
+    cert = pki / "server-ca1.crt"
+    _check_dates(cert, time.time())  # valid now (2 days)
+    with pytest.raises(ValueError, match="expired on"):
+        _check_dates(cert, time.time() + 3 * 86400)
+    with pytest.raises(ValueError, match="is not valid before"):
+        _check_dates(cert, time.time() - 86400)
+
+    tls_cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _put(cert, tls_cert)
+    _put(pki / "server-ca1.key", key)
+    certs = Certificates(TLSConfig(cert=tls_cert, key=key))
+    tls_cert.unlink()
+    os.mkfifo(tls_cert)
+    with caplog.at_level(logging.ERROR, logger="innfer.certificates"):
+        assert certs.read() is None
+    assert "is not a regular file" in caplog.text

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -75,8 +76,10 @@ def engine_key(
 class EngineCache:
     """``<model>/engines/<key>/``: build once, verify on every load, rebuild when bad.
     ``spare``: a cache of this process's where an engine is built when ``root`` cannot be
-    written (a read-only repository: KServe's /mnt/models, a read-only PVC) - looked in,
-    and built into, only then; None: such a miss is an EngineError that says how to fix it.
+    written (a read-only repository: KServe's /mnt/models, a read-only PVC) - looked in
+    whenever ``root`` has no usable entry, built into only when ``root`` cannot be written
+    (checked before a build starts: TensorRT's took minutes, then failed to be placed);
+    None: such a miss is an EngineError that says how to fix it.
     """
 
     def __init__(self, root: Path, spare: Path | None = None) -> None:
@@ -147,6 +150,9 @@ class EngineCache:
                 except EngineError as exc:
                     if on_build is not None:
                         on_build(key)
+                    if self.spare is not None and not _writable(self.root):
+                        return self._in_spare(backend, onnx_path, options, onnx_sha, key,
+                                              f"its entry does not load: {exc}"), True  # fmt: skip
                     return self._replace_unloadable(
                         backend, onnx_path, entry, options, fields, judged, exc
                     ), True  # fmt: skip
@@ -160,6 +166,8 @@ class EngineCache:
             return spared, False
         if on_build is not None:
             on_build(key)
+        if self.spare is not None and not _writable(self.root):
+            return self._in_spare(backend, onnx_path, options, onnx_sha, key, why), True
         # Said where it happens: a server loading a repository copied from another machine
         # built every engine into it with no word (TensorRT: minutes; review 157).
         log.info("%s: no usable %s engine for %s %s (%s): building it into %s", onnx_path,
@@ -169,10 +177,8 @@ class EngineCache:
             self._build(backend, onnx_path, entry, options, fields)
         except OSError as exc:  # a read-only repository (an image, a read-only mount), full
             if self.spare is not None:
-                log.warning("%s cannot be written (%s): the engine is built in (or loaded "
-                            "from) the spare cache %s", self.root, exc.strerror or exc,
-                            self.spare)  # fmt: skip
-                return EngineCache(self.spare).get(backend, onnx_path, options, None, onnx_sha)
+                said = f"{why}; {self.root}: {exc.strerror or exc}"
+                return self._in_spare(backend, onnx_path, options, onnx_sha, key, said), True
             raise EngineError(
                 f"no usable {backend.name} engine for {onnx_path} on {backend.device()} "
                 f"({why}), and none can be built here: {exc}. Build the engines for this "
@@ -182,6 +188,18 @@ class EngineCache:
             ) from exc
         log.info("%s: built in %.1f s", entry, time.perf_counter() - started)
         return backend.load(entry, options), True
+
+    def _in_spare(self, backend, onnx_path, options, onnx_sha: str, key: str, why: str) -> Engine:
+        """The engine built in (or loaded from) the spare cache: ``root`` cannot take it."""
+        log.warning("%s: no usable engine %s in %s, which cannot be written (%s): using the "
+                    "spare cache %s", onnx_path, key, self.root, why, self.spare)  # fmt: skip
+        try:
+            return EngineCache(self.spare).get(backend, onnx_path, options, None, onnx_sha)[0]
+        except EngineError as exc:  # (its own message named only the spare)
+            raise EngineError(
+                f"no usable engine for {onnx_path}: {self.root} cannot be written ({why}) "
+                f"and the spare cache {self.spare} could not take one either ({exc})"
+            ) from exc
 
     def _spared(self, backend: Backend, key: str, fields: dict, options) -> Engine | None:
         """The spare cache's engine for ``key``, where one verifies and loads; else None."""
@@ -401,6 +419,19 @@ class EngineCache:
             if sha256_file(path) != digest:
                 return f"{name} fails its checksum"
         return None
+
+
+def _writable(root: Path) -> bool:
+    """Whether an entry can be built in ``root`` (made if missing; a probe file written and
+    removed): a read-only mount stops root too, where file modes do not."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
 
 
 def _delete(path: Path) -> None:

@@ -491,6 +491,8 @@ class Repository:
         spare = self.engine_spare / name if self.engine_spare is not None else None
         cache = EngineCache(self.root / name / "engines", spare)
         cache.sweep()
+        if spare is not None:  # (an emptyDir outlives a container killed mid-build)
+            EngineCache(spare).sweep()
         auto = self.auto_tiers(name, config)
         profile = self.read_profile(name)
         records = None  # the frontier's, for a chosen set; else each tier's tier.json
