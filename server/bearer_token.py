@@ -1,6 +1,7 @@
 """The bearer token clients must send, followed as its file changes: a rotated Kubernetes
 Secret (or any rewrite of ``auth.bearer_token_file``) takes effect within
-``server.app.SECRETS_POLL_S`` (5 s) without a restart, and the token it replaced is still
+two looks of ``server.app.SECRETS_POLL_S`` (5-10 s: taken once unchanged over a look)
+without a restart, and the token it replaced is still
 accepted for ``auth.rotation_grace_s`` while clients move to the new one. Before, the file was read
 once at start: a rotation needed every pod restarted, and a client given the new token
 first was refused until then.

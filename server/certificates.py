@@ -37,7 +37,11 @@ def _check_dates(cert: Path, now: float) -> None:
         decoded = ssl._ssl._test_decode_cert(str(cert))  # (the stdlib's own PEM decoder)
         not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
         not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-    except (AttributeError, KeyError, ValueError, ssl.SSLError):
+    except AttributeError:  # a Python without the decoder: said, not silently skipped
+        log.warning("tls: this Python cannot decode certificates' dates; a renewal is not "
+                    "checked for them")  # fmt: skip
+        return
+    except (KeyError, ValueError, ssl.SSLError):
         return
     if now >= not_after:
         raise ValueError(f"{cert} expired on {decoded['notAfter']}")

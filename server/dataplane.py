@@ -902,16 +902,7 @@ class DataPlane:
             raise InvalidArgument(str(exc)) from None
         async with self._lock:
             runtime = self.models.pop(name, None)
-            if runtime is None and name in self.broken and name not in self.expected:
-                # A client's failed Load of a model the config does not name: its series
-                # at 0 fired the critical not-ready alert, which readiness ignores, for good
-                # - nothing but a successful load could clear it. Unloading forgets it.
-                del self.broken[name]
-                self._forget_series(name)
-                # and its load failures' count: a series per broken folder name, kept after
-                # the folder went (review 203)
-                with contextlib.suppress(KeyError):
-                    self.metrics.load_failures.remove(name)
+            if runtime is None and self.forget_failed(name):
                 log.info("model %s: its failed load forgotten (unloaded)", name)
                 return
             if runtime is None:  # as Triton: "make sure it is unloaded" succeeds (its own
@@ -944,6 +935,20 @@ class DataPlane:
             # unloads and swaps need not wait for it.
             retiring = self._start_retire(runtime, DRAIN_S)
         await asyncio.shield(retiring)
+
+    def forget_failed(self, name: str) -> bool:
+        """Forget the failed load of ``name`` - a model the config does not name and that is
+        not loaded (a client's Load, or a folder the repository poll found): its series at 0
+        fired the critical not-ready alert, which readiness ignores, for good - nothing but
+        a successful load could clear it - and its load failures' count stayed a series per
+        broken folder name (review 203). Whether there was one to forget."""
+        if name in self.models or name not in self.broken or name in self.expected:
+            return False
+        del self.broken[name]
+        self._forget_series(name)
+        with contextlib.suppress(KeyError):
+            self.metrics.load_failures.remove(name)
+        return True
 
     def _forget_series(self, name: str) -> None:
         """An unloaded model's gauges: a model the config names stays in readiness at 0
@@ -1043,11 +1048,10 @@ class DataPlane:
                 raise FailedPrecondition(
                     f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
                     "and the server log say why (fix it, then "
-                    + (
-                        "load it again or restart)"
-                        if self.config.model_control == "explicit"
-                        else "restart the server: model_control is none)"
-                    )
+                    + {
+                        "explicit": "load it again or restart)",
+                        "poll": "the repository poll loads it once its files change)",
+                    }.get(self.config.model_control, "restart the server: model_control is none)")
                 )
             if self.phase == Phase.LOADING and name in self.expected:
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
@@ -1943,7 +1947,9 @@ def _advice(exc: BaseException, control: str = "explicit") -> str:
     said = str(exc)
     if "innfer build" in said or "load the model again" in said or "free space" in said:
         return ""  # it says its own fix
-    again = "load the model again" if control == "explicit" else "restart the server"
+    again = {"explicit": "load the model again",
+             "poll": "the repository poll loads it again once its files change"}.get(
+        control, "restart the server")  # fmt: skip
     # The volume, not the files: a rebuild (which the serving image may not even have)
     # would not help.
     cause = next((e for e in (exc, exc.__cause__) if isinstance(e, OSError)), None)
@@ -1954,7 +1960,8 @@ def _advice(exc: BaseException, control: str = "explicit") -> str:
     if cause is not None and cause.errno == errno.EROFS:
         return ("; the repository is read-only here and loading it must write (an engine "
                 "to build into its cache): build the engines where it is writable (`innfer "
-                f"build`, or a server with it mounted read-write), then {again}")  # fmt: skip
+                "build`, or a server with it mounted read-write) or give the server a writable "
+                f"engine_cache_spare, then {again}")  # fmt: skip
     if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"; the volume is full: free space or grow it, then {again}"
     if isinstance(exc, ConfigError) or isinstance(exc.__cause__, ConfigError):

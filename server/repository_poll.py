@@ -4,18 +4,25 @@ a rebuilt model (new tiers, a new profile, an edited model.yaml) reloaded withou
 dropped request (the data plane's swap), a new model folder loaded where the server serves
 every model of the repository, a broken model retried once its files change.
 
-What a model's files are, to the poller: the files in its folder (model.yaml, profile.json,
-inn.json, ... - not the hidden ones, nor what auto-tiering writes) and each tier's record
-(``tiers/<tier>/tier.json``, which every build rewrites with the tier's ONNX hash). Engines
-are not looked at: the server itself writes them. A model whose build lock is held
+What a model's files are, to the poller: its folder's ``*.yaml`` and ``*.json`` (model.yaml,
+profile.json, text.json, a tokenizer - not inn.json, which a calibration rewrites without
+changing what is served, nor auto-tiering's choice, which the server writes) and every file
+of each tier (``tiers/<tier>/``: its record and its network, which a copy may land last;
+not a staging folder a build or a swap leaves, which the load itself sweeps). Engines are
+not looked at: the server itself writes them. A reload the poll starts answers the whole
+queue of the version it replaces (no drain limit): the change is the server's own, not an
+operator's unload. A model whose build lock is held
 (``innfer build`` running: runtime/build/lock.py) is left until the build is done, so a
 half-written model is never loaded. Unlike Triton, a folder that disappears is not
 unloaded - said once, and served on: a rename or a copy under way must not take a model
 away; unload it through a restart or model_control: explicit.
 
-Invariants: the look at the disk runs off the event loop (stats of a few files per model);
-one load at a time (the data plane's lock); a load that fails keeps the served version
-(the data plane's reload) and is tried again only when the files change again.
+Invariants: the look at the disk runs off the event loop (stats of a few files per model;
+a model folder that cannot be read is passed over, not the poll); one load at a time (the
+data plane's lock), the build lock looked at again just before each; a load that fails
+keeps the served version (the data plane's reload) and is tried again only when the files
+change again; a folder that failed to load and then went is forgotten (its not-ready
+series would have fired for good, with no unload to clear it in this mode).
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 from runtime.repository.frontier import ACTIVE_FILE
+from runtime.repository.leftovers import STAGING
 from runtime.repository.store import BUILD_LOCK_FILE
 
 log = logging.getLogger("innfer.poll")
 
 Fingerprint = tuple  # ((relative path, inode, mtime_ns, size), ...), sorted
+# Top-level files whose changes do not change what is served: auto-tiering's choice (the
+# server writes it) and the INN's record (a calibration rewrites it; a rebuild follows).
+IGNORED = frozenset({ACTIVE_FILE, "inn.json"})
 
 
 def fingerprint(model_dir: Path) -> Fingerprint | None:
@@ -43,25 +55,31 @@ def fingerprint(model_dir: Path) -> Fingerprint | None:
         >>> fingerprint(d) is None
         True
         >>> _ = (d / "model.yaml").write_text("inputs: []")
+    >>> _ = (d / "frontier.png").write_text("a plot")  # not what is served
         >>> [f[0] for f in fingerprint(d)]
         ['model.yaml']
     """
-    files = []
-    try:
-        top = [p for p in model_dir.iterdir() if not p.name.startswith(".")]
-    except OSError:
+    try:  # (a folder it may not read raises: the caller keeps what it saw last)
+        files = [p for p in model_dir.iterdir() if p.suffix in (".yaml", ".json")
+                 and not p.name.startswith(".") and p.name not in IGNORED]  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    files += [p for p in top if p.name != ACTIVE_FILE and p.is_file()]
-    tiers = model_dir / "tiers"
-    with contextlib.suppress(OSError):
-        files += [t / "tier.json" for t in tiers.iterdir() if (t / "tier.json").is_file()]
+    try:
+        tiers = [t for t in (model_dir / "tiers").iterdir()
+                 if not t.name.startswith(".") and not STAGING.match(t.name)]  # fmt: skip
+    except OSError:  # no tiers yet
+        tiers = []
+    for t in tiers:
+        with contextlib.suppress(OSError):
+            files += [p for p in t.iterdir() if not p.name.startswith(".")]
     stamps = []
     for p in files:
         try:
             st = p.stat()
-        except OSError:  # went while looked at: the next poll sees what came instead
+        except OSError:  # went while looked at, or not to be looked at: the next poll sees
             continue
-        stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns, st.st_size))
+        if stat.S_ISREG(st.st_mode):
+            stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns, st.st_size))
     if not any(s[0] == "model.yaml" for s in stamps):
         return None
     return tuple(sorted(stamps))
@@ -69,16 +87,19 @@ def fingerprint(model_dir: Path) -> Fingerprint | None:
 
 def build_running(model_dir: Path) -> bool:
     """Whether an ``innfer build`` holds ``model_dir``'s build lock now (False where the
-    lock cannot be looked at: no file, no ``fcntl``, a file system without ``flock``)."""
+    lock cannot be looked at: no file, not a regular file, no ``fcntl``, a file system
+    without ``flock``)."""
     try:
         import fcntl
     except ImportError:
         return False
-    try:
-        fd = os.open(model_dir / BUILD_LOCK_FILE, os.O_RDONLY)
+    try:  # (non-blocking: a FIFO in its place hung the poll)
+        fd = os.open(model_dir / BUILD_LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -135,10 +156,14 @@ class RepositoryPoller:
         out = {}
         for name in sorted(names):
             d = self.plane.repo.root / name
-            out[name] = self.seen.get(name) if build_running(d) else fingerprint(d)
+            try:
+                out[name] = self.seen.get(name) if build_running(d) else fingerprint(d)
+            except OSError as exc:  # this model's folder only: passed over, the poll goes on
+                log.warning("repository poll: model %s's folder cannot be read (%s)", name, exc)
         return out
 
     async def _load_changed(self, now: dict[str, Fingerprint | None]) -> None:
+        loop = asyncio.get_running_loop()
         for name, stamp in now.items():
             if self.plane.closing.is_set():
                 return
@@ -148,15 +173,27 @@ class RepositoryPoller:
             self._said_gone.discard(name)
             if stamp == self.seen.get(name) and name in self.seen:
                 continue
+            # Looked at again just before: loads run one after another, and a build that
+            # began since the look (minutes later, behind TensorRT builds) is left alone.
+            if await loop.run_in_executor(None, build_running, self.plane.repo.root / name):
+                continue
             why = "changed" if name in self.seen else "new"
             self.seen[name] = stamp  # tried once per change, whatever the outcome
             log.info("repository poll: model %s %s: loading it", name, why)
             try:
-                await self.plane.load(name)
+                # The whole queue of the version replaced is answered (an operator's unload
+                # gives it DRAIN_S): 35 of 50 queued requests of a slow model were failed.
+                await self.plane.load(name, drain_s=None)
             except Exception as exc:  # said by the load (and the loaded version serves on)
                 log.warning("repository poll: model %s not loaded: %s", name, exc)
 
     def _gone(self, name: str) -> None:
+        if name in self.plane.broken and name not in self.plane.models:
+            self.seen.pop(name, None)
+            if self.plane.forget_failed(name):  # (never one the config names)
+                log.info("repository poll: model %s's folder went: its failed load is "
+                         "forgotten", name)  # fmt: skip
+            return
         if name in self.plane.models and name not in self._said_gone:
             log.warning("repository poll: model %s's folder (or model.yaml) is gone; it is "
                         "served on as loaded (restart, or unload it with model_control: "

@@ -121,6 +121,82 @@ def test_the_fingerprint_leaves_out_what_the_server_writes(tmp_path):
     (d / "engines" / "k" / "model.onnx").write_text("e")
     (d / LOCK_FILE).write_text("")  # the build lock
     (d / "auto_tiers.json").write_text("{}")  # auto-tiering's own choice
+    (d / "inn.json").write_text("{}")  # a calibration's record: a rebuild follows it
+    (d / "frontier.png").write_text("a plot")  # innfer tiers frontier's
+    (d / "model.yaml~").write_text("x")  # an editor's backup
+    (d / "tiers" / "w100.old-1a2b3c4d").mkdir()  # a swap's leftover: the load sweeps it
+    (d / "tiers" / "w100.old-1a2b3c4d" / "tier.json").write_text("{}")
     assert fingerprint(d) == before
     (d / "tiers" / "w100" / "tier.json").write_text('{"onnx_sha256": "new"}')  # a rebuild
     assert fingerprint(d) != before
+    before = fingerprint(d)
+    (d / "tiers" / "w100" / "model.onnx").write_text("net")  # a copy's last file
+    assert fingerprint(d) != before
+
+
+def test_a_model_copied_in_loads_once_its_last_file_lands_and_a_failed_one_that_goes_is_forgotten(
+    polled,
+):
+    # Its tiers' networks came after the rest (a sync tool's big files last): the first try
+    # failed and nothing ever tried again, the fingerprint seeing tier.json only; and a
+    # folder that failed and went stayed "not ready" for good (review 207).
+    s, c, root = polled
+    plane = s.server.plane
+    shutil.copytree(root / "tiny", root / "late",
+                    ignore=shutil.ignore_patterns("model.onnx", "engines"))  # fmt: skip
+    _until(lambda: "late" in plane.broken)
+    for tier in ("w100", "w050"):
+        shutil.copyfile(root / "tiny" / "tiers" / tier / "model.onnx",
+                        root / "late" / "tiers" / tier / "model.onnx")  # fmt: skip
+    _until(lambda: "late" in plane.models)
+    _infer(c, "late")
+
+    shutil.copytree(root / "tiny", root / "oops", ignore=shutil.ignore_patterns("model.onnx"))
+    _until(lambda: "oops" in plane.broken)
+    shutil.rmtree(root / "oops")
+    _until(lambda: "oops" not in plane.broken)
+    text = plane.metrics.registry.get_sample_value("innfer_model_ready", {"model": "oops"})
+    assert text is None  # its not-ready series went with it
+
+
+def test_a_poll_reload_answers_the_whole_queue_and_one_folder_it_cannot_read_stops_nothing(
+    tmp_path, monkeypatch
+):
+    # An operator's unload drains 0.5 s; the poll's own reload answers the queue (35 of 50
+    # queued requests of a slow model were failed UNAVAILABLE), and a folder it may not
+    # read stopped the look at every model (review 207). A stand-in plane: the wiring.
+    import asyncio
+    from types import SimpleNamespace
+
+    from server import repository_poll
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.yaml").write_text(name)
+    loads = []
+
+    async def load(name, drain_s="default"):
+        loads.append((name, drain_s))
+
+    plane = SimpleNamespace(
+        repo=SimpleNamespace(root=tmp_path, names=lambda: ["a", "b"]),
+        config=SimpleNamespace(models=()), models={"a": 1, "b": 1}, broken={},
+        expected={"a", "b"}, closing=asyncio.Event(), load=load,
+    )  # fmt: skip
+    poller = repository_poll.RepositoryPoller(plane, period_s=0.01)
+    real = repository_poll.fingerprint
+
+    def fingerprint(d):
+        if d.name == "a":
+            raise PermissionError(13, "Permission denied", str(d))
+        return real(d)
+
+    monkeypatch.setattr(repository_poll, "fingerprint", fingerprint)
+
+    async def body():
+        await poller.baseline()
+        (tmp_path / "b" / "model.yaml").write_text("b, edited")
+        await poller._load_changed(poller._look({"a", "b"}))
+
+    asyncio.run(body())
+    assert loads == [("b", None)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def _open(path: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
         return os.open(path, os.O_RDONLY)
+
+
+def _take_soon(fcntl, fd: int) -> None:
+    """The lock, tried a few times over 0.2 s before BlockingIOError: a server's repository
+    poll holds it shared for microseconds to see whether a build runs, and a build starting
+    then said it waited for another build."""
+    for _ in range(4):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.05)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 @contextlib.contextmanager
@@ -62,7 +76,7 @@ def one_build(model_dir: Path) -> Iterator[None]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _take_soon(fcntl, fd)
         except BlockingIOError:
             log.warning(
                 "waiting for another build of %s to finish (it holds %s)",

@@ -101,7 +101,7 @@ class EngineCache:
         # (and a TensorRT timing cache's temporary file a killed build left: ``glob("*")``
         # skips dot files, so it stayed for good - review 175)
         left_over = [*self.root.glob("*.tmp-*"), *self.root.glob("*.bad-*"),
-                     *self.root.glob(".timing-*.tmp")]  # fmt: skip
+                     *self.root.glob(".timing-*.tmp"), *self.root.glob(".probe-*")]  # fmt: skip
         for entry in left_over:
             try:  # an entry set aside as bad (``_discard``) is never used: at any age
                 stale = ".bad-" in entry.name or now - entry.stat().st_mtime > STALE_BUILD_S
