@@ -223,8 +223,9 @@ class AuthConfig:
     rotation_grace_s: float = spec(
         300.0, lo=0.0, hi=86400.0,
         doc="bearer_token_file is looked at every 5 s while the server runs: a new token "
-        "there takes effect without a restart, and the one it replaced is still accepted "
-        "this long while clients move to the new one (0: refused at once)",
+        "there takes effect without a restart once the file has stayed unchanged for a look "
+        "(5-10 s), and each one it replaced is still accepted this long while clients move "
+        "to the new one (0: refused at once)",
     )  # fmt: skip
 
     @property

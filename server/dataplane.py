@@ -847,6 +847,12 @@ class DataPlane:
 
     def check_model_control(self) -> None:
         """Raise unless clients may load and unload models (``model_control: explicit``)."""
+        if self.config.model_control == "poll":
+            raise FailedPrecondition(
+                "this server loads what changes in its repository (model_control: poll, "
+                f"every {self.config.repository_poll_s:g} s): change the model's files "
+                "instead; RepositoryModelLoad/Unload need model_control: explicit"
+            )
         if self.config.model_control != "explicit":
             raise FailedPrecondition(
                 f"model control is disabled on this server (model_control: "

@@ -74,7 +74,8 @@ class RequestLimits:
     max_shared_memory_regions: int = spec(
         64, lo=1, hi=4096,
         doc="system shared-memory regions registered at once, all clients together (each "
-        "maps its bytes into the server until unregistered); more: RESOURCE_EXHAUSTED",
+        "keeps its object open until unregistered and its last request answered); more: "
+        "RESOURCE_EXHAUSTED",
     )  # fmt: skip
     streams_share: float = spec(
         0.75, lo=0.05, hi=1.0,

@@ -178,7 +178,8 @@ class SharedMemory:
 
     # -- the RPCs --------------------------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        """Map ``byte_size`` bytes at ``offset`` of object ``key`` as region ``name``."""
+        """Register ``byte_size`` bytes at ``offset`` of object ``key`` as region ``name``
+        (the object opened and kept open)."""
         self._check_enabled()
         if not name:
             raise InvalidArgument("a region needs a name (SystemSharedMemoryRegister's name)")
@@ -213,19 +214,21 @@ class SharedMemory:
 
     def unregister(self, name: str) -> None:
         """Forget region ``name`` ("": every region); an unknown name is no error (as
-        Triton). A region leased by requests in flight is closed when they are answered."""
-        self._check_enabled()
+        Triton; so also where shared memory is off - nothing is registered: a client's
+        clean-up at its start or end must not fail). A region leased by requests in flight
+        is closed when they are answered."""
         names = list(self._regions) if not name else [name] if name in self._regions else []
         for n in names:
             self._forget(n)
 
     def status(self, name: str) -> list[Region]:
-        """Region ``name`` ("": all of them, by name); NotFound where it is not registered."""
-        self._check_enabled()
+        """Region ``name`` ("": all of them, by name - none where shared memory is off);
+        NotFound where it is not registered."""
         if not name:
             return [self._regions[n] for n in sorted(self._regions)]
         if name not in self._regions:
-            raise NotFound(f"no shared memory region {clip(name)} is registered")
+            off = "" if self.enabled else " (system shared memory is off on this server)"
+            raise NotFound(f"no shared memory region {clip(name)} is registered{off}")
         return [self._regions[name]]
 
     # -- requests --------------------------------------------------------------------------
@@ -270,13 +273,13 @@ class SharedMemory:
                 self._leaving -= 1
 
     def close(self) -> None:
-        """Unregister every region (the server stopped): unmapped now, or - leased by a
+        """Unregister every region (the server stopped): closed now, or - leased by a
         request still in flight past the grace period - when it is answered."""
         for name in list(self._regions):
             self._forget(name)
 
     def _forget(self, name: str) -> None:
-        """Take region ``name`` away; unmapped now, or with its last lease."""
+        """Take region ``name`` away; its object closed now, or with its last lease."""
         region = self._regions.pop(name)
         region.gone = True
         if region.leases:

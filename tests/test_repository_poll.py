@@ -67,6 +67,8 @@ def test_an_edited_model_is_reloaded_and_a_new_folder_loaded(polled, caplog):
     shutil.copytree(root / "tiny", root / "tiny2")
     _until(lambda: "tiny2" in models)
     _infer(c, "tiny2")
+    with pytest.raises(Exception, match="loads what changes in its repository"):
+        c.load_model("tiny")  # the mode's own advice, not "model control is disabled"
 
     with caplog.at_level(logging.WARNING, logger="innfer.poll"):
         shutil.rmtree(root / "tiny2")

@@ -162,12 +162,17 @@ def test_a_server_with_shared_memory_off_says_so(tmp_path):
     shm = SharedMemory(max_regions=4, root=str(tmp_path), enabled=False)
     for call in (
         lambda: shm.register("r", "/obj", 0, 64),
-        lambda: shm.status(""),
-        lambda: shm.unregister(""),
         lambda: shm.read(Slice("r", 0, 8), "input 'x'"),
     ):
         with pytest.raises(InvalidArgument, match="system_shared_memory: false"):
             call()
+    # Nothing is registered: a client's clean-up (status, unregister all) answers so - it
+    # failed INVALID_ARGUMENT against the Kubernetes deploys (review 208), as CUDA's did
+    # for perf_analyzer.
+    assert shm.status("") == []
+    shm.unregister("")
+    with pytest.raises(NotFound, match="shared memory is off on this server"):
+        shm.status("r")
 
 
 def test_shared_memory_is_on_by_default_only_where_the_port_is_local_or_guarded(tmp_path):
