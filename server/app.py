@@ -125,7 +125,6 @@ class Server:
         self.token = None if auth is None else bearer.BearerToken(
             auth.token, auth.bearer_token_file, auth.rotation_grace_s
         )  # fmt: skip
-
         service = InferenceService(self.plane, self.token)
         # With auth on, an interceptor refuses a call without the token before its request
         # is parsed (server.service.AuthInterceptor).
@@ -238,10 +237,10 @@ class Server:
 # The most a stop waits for the calls gRPC has accepted to reach a handler before its
 # GOAWAY, and how long no call must arrive (nor any be in flight) for it to go on sooner.
 QUIESCE_S = 0.25
-# How often the bearer token's and the TLS certificate's files are looked at (a stat each;
-# read only when one changed): a rotated Secret is in force within this.
-SECRETS_POLL_S = 5.0
 QUIET_S = 0.02
+# How often the bearer token's and the TLS certificate's files are looked at (a stat each;
+# read only when one changed): a rotated Secret is in force within one or two of these.
+SECRETS_POLL_S = 5.0
 
 
 async def _quiesce(plane: DataPlane, limit_s: float) -> bool:
