@@ -189,6 +189,8 @@ class Server:
         for task in (*self._following, self._polling):
             if task is not None:
                 task.cancel()
+        if self.poller is not None:
+            self.poller.cancel()
         self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)

@@ -61,6 +61,7 @@ class BearerToken:
         self.clock = clock
         self._previous: list[tuple[bytes, float]] = []  # (token, accepted until)
         self._said: str | None = None  # the last problem logged (once per spell)
+        self._unsettled = 0  # looks in a row that found the file changed again
         self._seen = self._settling = _stamp(path) if path is not None else None
         if path is not None:  # read again after the stamp: a token written between the
             # config's read and now was in force nowhere, and never looked at again
@@ -99,7 +100,13 @@ class BearerToken:
             return None
         if stamp != self._settling:  # changed since the last look: looked at next time
             self._settling = stamp
+            self._unsettled += 1
+            if self._unsettled == UNSETTLED_SAID:  # (rewritten faster than it is looked at)
+                log.warning("auth: %s has changed at each of %d looks; the token in force "
+                            "(%s) stays until the file holds still for one", self.path,
+                            UNSETTLED_SAID, fingerprint(self.current))  # fmt: skip
             return None
+        self._unsettled = 0
         try:
             token = _read_token(self.path)
             problem = token_problem(token)
@@ -128,6 +135,7 @@ class BearerToken:
         return True
 
 
+UNSETTLED_SAID = 3  # looks in a row finding the file changed again before that is said
 MAX_TOKEN_FILE_BYTES = 4096  # beyond: no token (one gRPC metadata carries), not read whole
 
 

@@ -85,6 +85,8 @@ class Certificates:
             self.tls.validate(Where("tls"))
             _check_dates(self.tls.cert, time.time())
             configuration = self._configuration()
+            if self._stamps() != stamps:  # rewritten between the check and the read: the
+                return None  # pair read may not be the pair checked - looked at next time
         except (ConfigError, OSError, ValueError) as exc:
             problem = str(exc)
             if problem != self._said:

@@ -124,6 +124,9 @@ class RepositoryPoller:
         self.period_s = period_s
         self.seen: dict[str, Fingerprint | None] = {}  # as of each model's last load try
         self._said_gone: set[str] = set()
+        # Loads started and not done (their replaced version draining its queue): one per
+        # model at a time; a slow model's drain no longer holds up every other model's.
+        self._loading: dict[str, asyncio.Future] = {}
 
     async def baseline(self) -> None:
         """The models as the start-up is about to load them (call before load_all: what
@@ -171,6 +174,8 @@ class RepositoryPoller:
                 self._gone(name)
                 continue
             self._said_gone.discard(name)
+            if name in self._loading:  # looked at again once its load is done
+                continue
             if stamp == self.seen.get(name) and name in self.seen:
                 continue
             # Looked at again just before: loads run one after another, and a build that
@@ -180,12 +185,25 @@ class RepositoryPoller:
             why = "changed" if name in self.seen else "new"
             self.seen[name] = stamp  # tried once per change, whatever the outcome
             log.info("repository poll: model %s %s: loading it", name, why)
-            try:
-                # The whole queue of the version replaced is answered (an operator's unload
-                # gives it DRAIN_S): 35 of 50 queued requests of a slow model were failed.
-                await self.plane.load(name, drain_s=None)
-            except Exception as exc:  # said by the load (and the loaded version serves on)
-                log.warning("repository poll: model %s not loaded: %s", name, exc)
+            task = asyncio.ensure_future(self._load(name))
+            self._loading[name] = task
+            task.add_done_callback(lambda _, n=name: self._loading.pop(n, None))
+
+    async def _load(self, name: str) -> None:
+        """Load ``name``; awaited to the end of its replaced version's drain, in a task of
+        its own (the loads' installs take turns on the data plane's lock)."""
+        try:
+            # The whole queue of the version replaced is answered (an operator's unload
+            # gives it DRAIN_S): 35 of 50 queued requests of a slow model were failed.
+            await self.plane.load(name, drain_s=None)
+        except Exception as exc:  # said by the load (and the loaded version serves on)
+            log.warning("repository poll: model %s not loaded: %s", name, exc)
+
+    def cancel(self) -> None:
+        """Stop waiting for the loads started (the server stopping; each load itself is
+        the data plane's and ends as it does)."""
+        for task in list(self._loading.values()):
+            task.cancel()
 
     def _gone(self, name: str) -> None:
         if name in self.plane.broken and name not in self.plane.models:

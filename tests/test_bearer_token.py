@@ -155,3 +155,17 @@ def test_a_stream_opened_with_a_rotated_out_token_is_refused_from_then_on(
         c.stop_stream()
         c.close()
         s.stop()
+
+
+def test_a_file_that_never_holds_still_is_said(tmp_path, caplog):
+    # Rewritten at least as often as it is looked at, it was never taken - and nothing
+    # said why (review 209).
+    path = tmp_path / "token"
+    path.write_text(OLD)
+    t = BearerToken(OLD, path)
+    with caplog.at_level(logging.WARNING, logger="innfer.token"):
+        for i in range(4):
+            _swap(path, f"token-number-{i}-xyz")
+            assert not t.reload()
+    said = [r for r in caplog.records if "has changed at each of 3 looks" in r.getMessage()]
+    assert len(said) == 1 and t.accepts(OLD.encode())

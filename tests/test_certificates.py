@@ -119,3 +119,31 @@ def test_a_renewal_to_a_certificate_out_of_its_dates_or_no_file_keeps_the_one_in
     with caplog.at_level(logging.ERROR, logger="innfer.certificates"):
         assert certs.read() is None
     assert "is not a regular file" in caplog.text
+
+
+def test_files_rewritten_between_their_check_and_their_read_are_looked_at_again(
+    pki, tmp_path, monkeypatch
+):
+    # The pair checked was read again from disk: a renewal landing in between put an
+    # unchecked pair in force (review 209).
+    from server.certificates import Certificates
+    from server.config import TLSConfig
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _put(pki / "server-ca1.crt", cert)
+    _put(pki / "server-ca1.key", key)
+    certs = Certificates(TLSConfig(cert=cert, key=key))
+    _put(pki / "server-ca2.crt", cert)
+    _put(pki / "server-ca2.key", key)
+    real = Certificates._configuration
+
+    def configuration(self):
+        got = real(self)
+        _put(pki / "server-ca1.crt", cert)  # the next renewal's first file, mid-read
+        return got
+
+    monkeypatch.setattr(Certificates, "_configuration", configuration)
+    assert certs.read() is None  # not put in force: looked at again next time
+    monkeypatch.setattr(Certificates, "_configuration", real)
+    _put(pki / "server-ca1.key", key)  # that renewal completes
+    assert certs.read() is not None

@@ -202,3 +202,50 @@ def test_a_poll_reload_answers_the_whole_queue_and_one_folder_it_cannot_read_sto
 
     asyncio.run(body())
     assert loads == [("b", None)]
+
+
+def test_a_slow_drain_does_not_hold_up_another_models_reload(tmp_path):
+    # The poller awaited each load to the end of its replaced version's drain - a model
+    # with 20 s budgets stalled every other model's reload that long (review 209).
+    import asyncio
+    from types import SimpleNamespace
+
+    from server import repository_poll
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.yaml").write_text(name)
+    started, a_drained = [], None
+
+    async def load(name, drain_s="default"):
+        started.append(name)
+        if name == "a":
+            await a_drained.wait()  # its old version's queue still being answered
+
+    plane = SimpleNamespace(
+        repo=SimpleNamespace(root=tmp_path, names=lambda: ["a", "b"]),
+        config=SimpleNamespace(models=()), models={"a": 1, "b": 1}, broken={},
+        expected={"a", "b"}, closing=asyncio.Event(), load=load,
+    )  # fmt: skip
+    poller = repository_poll.RepositoryPoller(plane, period_s=0.01)
+
+    async def body():
+        nonlocal a_drained
+        a_drained = asyncio.Event()
+        await poller.baseline()
+        for name in ("a", "b"):
+            (tmp_path / name / "model.yaml").write_text(name + " edited")
+        await poller._load_changed(poller._look({"a", "b"}))
+        await asyncio.sleep(0.05)
+        assert started == ["a", "b"]  # b's reload began while a's drain went on
+        (tmp_path / "a" / "model.yaml").write_text("a edited again")
+        await poller._load_changed(poller._look({"a", "b"}))
+        await asyncio.sleep(0.05)
+        assert started == ["a", "b"]  # one load per model at a time: a's is not done
+        a_drained.set()
+        await asyncio.sleep(0.05)
+        await poller._load_changed(poller._look({"a", "b"}))
+        await asyncio.sleep(0.05)
+        assert started == ["a", "b", "a"]  # its later change, once the first load is done
+
+    asyncio.run(body())
