@@ -18,8 +18,10 @@ unloaded - said once, and served on: a rename or a copy under way must not take 
 away; unload it through a restart or model_control: explicit.
 
 Invariants: the look at the disk runs off the event loop (stats of a few files per model;
-a model folder that cannot be read is passed over, not the poll); one load at a time (the
-data plane's lock), the build lock looked at again just before each; a load that fails
+a model folder that cannot be read is passed over, not the poll); one load per model at a
+time, in a task of its own (their installs take turns on the data plane's lock; a replaced
+version's drain holds up no other model), the build lock looked at again just before each;
+a load that fails
 keeps the served version (the data plane's reload) and is tried again only when the files
 change again; a folder that failed to load and then went is forgotten (its not-ready
 series would have fired for good, with no unload to clear it in this mode).
