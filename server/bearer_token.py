@@ -72,8 +72,8 @@ class BearerToken:
         self.current = token.encode()
 
     def accepts(self, given: bytes) -> bool:
-        """Whether ``given`` is the token, or the one it replaced within its grace (both
-        compared in constant time)."""
+        """Whether ``given`` is the token, or one it replaced still within that one's grace
+        (each compared in constant time)."""
         ok = hmac.compare_digest(given, self.current)
         if self._previous:
             now = self.clock()
