@@ -168,24 +168,15 @@ def test_a_poll_reload_answers_the_whole_queue_and_one_folder_it_cannot_read_sto
     # queued requests of a slow model were failed UNAVAILABLE), and a folder it may not
     # read stopped the look at every model (review 207). A stand-in plane: the wiring.
     import asyncio
-    from types import SimpleNamespace
 
     from server import repository_poll
 
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model.yaml").write_text(name)
     loads = []
 
     async def load(name, drain_s="default"):
         loads.append((name, drain_s))
 
-    plane = SimpleNamespace(
-        repo=SimpleNamespace(root=tmp_path, names=lambda: ["a", "b"]),
-        config=SimpleNamespace(models=()), models={"a": 1, "b": 1}, broken={},
-        expected={"a", "b"}, closing=asyncio.Event(), load=load,
-    )  # fmt: skip
-    poller = repository_poll.RepositoryPoller(plane, period_s=0.01)
+    poller = _stand_in_poller(tmp_path, load)
     real = repository_poll.fingerprint
 
     def fingerprint(d):
@@ -208,13 +199,7 @@ def test_a_slow_drain_does_not_hold_up_another_models_reload(tmp_path):
     # The poller awaited each load to the end of its replaced version's drain - a model
     # with 20 s budgets stalled every other model's reload that long (review 209).
     import asyncio
-    from types import SimpleNamespace
 
-    from server import repository_poll
-
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model.yaml").write_text(name)
     started, a_drained = [], None
 
     async def load(name, drain_s="default"):
@@ -222,12 +207,7 @@ def test_a_slow_drain_does_not_hold_up_another_models_reload(tmp_path):
         if name == "a":
             await a_drained.wait()  # its old version's queue still being answered
 
-    plane = SimpleNamespace(
-        repo=SimpleNamespace(root=tmp_path, names=lambda: ["a", "b"]),
-        config=SimpleNamespace(models=()), models={"a": 1, "b": 1}, broken={},
-        expected={"a", "b"}, closing=asyncio.Event(), load=load,
-    )  # fmt: skip
-    poller = repository_poll.RepositoryPoller(plane, period_s=0.01)
+    poller = _stand_in_poller(tmp_path, load)
 
     async def body():
         nonlocal a_drained
@@ -249,3 +229,22 @@ def test_a_slow_drain_does_not_hold_up_another_models_reload(tmp_path):
         assert started == ["a", "b", "a"]  # its later change, once the first load is done
 
     asyncio.run(body())
+
+
+def _stand_in_poller(root, load):
+    """A poller over models 'a' and 'b' in ``root`` (both served, the server serving every
+    model) whose plane's only behaviour is ``load(name, drain_s)``: the poller's wiring."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server import repository_poll
+
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        (root / name / "model.yaml").write_text(name)
+    plane = SimpleNamespace(
+        repo=SimpleNamespace(root=root, names=lambda: ["a", "b"]),
+        config=SimpleNamespace(models=()), models={"a": 1, "b": 1}, broken={},
+        expected={"a", "b"}, closing=asyncio.Event(), load=load,
+    )  # fmt: skip
+    return repository_poll.RepositoryPoller(plane, period_s=0.01)
