@@ -386,11 +386,15 @@ class AutoTierer:
             return self._count("locked")
         self._said_locked = False
         try:
-            return await self._apply_and_swap(summary, rows)
+            outcome = await self._apply_and_swap(summary, rows)
         finally:
             # Released on the file thread too (on NFS an unlock is a call to the server),
-            # after this check's last file operation; not awaited, a cancelled check's too.
-            self._files.submit(os.close, lock)
+            # after this check's last file operation; a cancelled check's too, unawaited.
+            released = self._files.submit(os.close, lock)
+        # Awaited where the check ends normally: a check that returned has let go of the
+        # lock (another loop on this volume that checks next must not find it still held).
+        await asyncio.wrap_future(released)
+        return outcome
 
     async def _apply_and_swap(self, summary: dict, rows: tuple) -> str:
         """Choose, apply and reload, under the model's lock (``_check``)."""

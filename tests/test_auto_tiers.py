@@ -1116,6 +1116,35 @@ def test_replicas_on_one_repository_keep_their_inputs_apart(tmp_path):
     assert not a.work.exists() and tb.is_file()
 
 
+def test_a_check_that_returned_has_let_go_of_the_lock(tmp_path, monkeypatch):
+    # The lock was released on the file thread without waiting: a second loop checking
+    # right after found it still held ("locked"; seen as a CI flake of the test above).
+    # A slow unlock (an NFS call) now finishes before the check returns.
+    import server.autotier as autotier
+
+    slow = threading.Event()  # set by a's apply: the next close (its lock's) is slow
+
+    class SlowClose:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def close(fd):
+            if slow.is_set():
+                slow.clear()
+                time.sleep(0.5)
+            os.close(fd)
+
+    def command(repo, name, traffic, result, live):
+        slow.set()
+        return ["sh", "-c", "exit 3"]  # kept
+
+    monkeypatch.setattr(autotier, "os", SlowClose())
+    a = _tierer(tmp_path, None, command)
+    b = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])
+    assert asyncio.run(a.check()) == "kept" and asyncio.run(b.check()) == "kept"
+
+
 def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path, caplog):
     # Reviewer's scenario: this replica's apply writes "A", another writes "B" while the
     # reload runs, the reload fails. The undo wrote back the file as it was before the
