@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml constraints/dev.txt constraints/serve.txt
 	touch $(STAMP)
 
 # The main job: train the demo CNN as an INN, build its tiers (ONNX Runtime on the CPU),
-# then serve them on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C. The model repository
+# then serve them on 127.0.0.1:8001 (gRPC; REST on :8000, metrics on :8002) until Ctrl-C. The model repository
 # is runs/demo/repository; a second `make run` reuses the INN trained there and rebuilds
 # only what changed, so it serves within seconds. Start over: `make run RETRAIN=1` (or
 # `rm -rf runs/demo`).
 run: $(STAMP)
 	$(VENV)/bin/innfer demo$(if $(RETRAIN), --retrain)
-	$(VENV)/bin/innfer serve --repository runs/demo/repository
+	$(VENV)/bin/innfer serve --repository runs/demo/repository --http-port 8000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

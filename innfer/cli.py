@@ -442,6 +442,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "grpc_port": args.port,
             "metrics_port": args.metrics_port,
+            "http_port": args.http_port,
             "policy": args.policy,
             "backend": args.backend,
             "budget_margin_ms": args.budget_margin_ms,
@@ -1955,6 +1956,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host")
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
+    srv.add_argument(
+        "--http-port", type=int,
+        help="also serve the OIP REST API (HTTP/JSON; tritonclient.http, curl) on this port, "
+        "e.g. 8000 as Triton (default: the config's http_port, else off)",
+    )  # fmt: skip
     srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
     srv.add_argument("--backend", choices=BACKENDS)
     srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")

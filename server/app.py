@@ -38,6 +38,7 @@ from server.metrics import Metrics
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import health_pb2
 from server.repository_poll import RepositoryPoller
+from server.rest import RestFrontEnd
 from server.service import (
     HealthService,
     InferenceService,
@@ -106,6 +107,7 @@ class Server:
         self.certificates: Certificates | None = None
         self._following: list[asyncio.Future] = []  # the token's and certificate's files
         self.poller: RepositoryPoller | None = None  # model_control: poll
+        self.rest: RestFrontEnd | None = None  # http_port
         self._polling: asyncio.Future | None = None
 
     async def start(self) -> None:
@@ -156,9 +158,15 @@ class Server:
                 error.errno = exc.errno
                 raise error from exc
             self.metrics_port = self._http.server_port
+        if self.config.http_port is not None:
+            ssl = None if self.certificates is None else self.certificates.ssl_context()
+            self.rest = RestFrontEnd(service, self.config, ssl)
+            await self.rest.start(limit)
         await self.grpc.start()
         self._follow_secrets()
-        log.info("listening on %s:%d (metrics :%d)", self.config.host, self.port, self.metrics_port)
+        rest = "" if self.rest is None else f", REST :{self.rest.port}"
+        log.info("listening on %s:%d (metrics :%d%s)", self.config.host, self.port,
+                 self.metrics_port, rest)  # fmt: skip
         if self.config.model_control == "poll":
             self.poller = RepositoryPoller(self.plane, self.config.repository_poll_s)
             await self.poller.baseline()  # before the loads: what changes meanwhile reloads
@@ -212,10 +220,16 @@ class Server:
         # whole drain. Calls in flight go on until they end or the grace is over (then gRPC
         # cancels them); it returns as soon as they all ended.
         closing = None if self.grpc is None else asyncio.ensure_future(self.grpc.stop(grace))
+        # The REST port closes alike: its calls in flight finish within what is left of the
+        # grace, idle keep-alive connections close (clients reconnect elsewhere).
+        rest = None
+        if self.rest is not None:
+            rest = asyncio.ensure_future(self.rest.stop(max(0.0, deadline - time.monotonic())))
         while self.plane.inflight() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if closing is not None:
-            await closing
+        for task in (closing, rest):
+            if task is not None:
+                await task
         # Within what is left of the grace period: an engine call that hangs (or a load that
         # takes minutes) must not hold the exit past it. What is cut short goes on while the
         # loop runs (an embedding's); at the process's exit it ends there.

@@ -64,6 +64,7 @@ class Certificates:
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
         self._said: str | None = None
+        self._ssl: ssl.SSLContext | None = None  # the REST port's, where it serves
         self.renewals = 0
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -73,6 +74,30 @@ class Certificates:
             self._fetch,
             require_client_authentication=self.tls.client_ca is not None,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """An ``ssl.SSLContext`` for the REST port that hands each handshake the context of
+        the files in force: ``read`` makes a renewal's (a fresh context, loaded whole - the
+        port keeps the object it was given, and reloading that one in place could leave a
+        new certificate beside the old key where the files changed mid-read)."""
+        self._ssl = self._new_ssl()
+        front = self._new_ssl()
+        front.sni_callback = self._in_force  # (called on every ClientHello, SNI or none)
+        return front
+
+    def _new_ssl(self) -> ssl.SSLContext:
+        tls = self.tls
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(tls.client_ca)
+        return context
+
+    def _in_force(self, connection, _server_name, _context) -> None:
+        current = self._ssl
+        if current is not None and connection.context is not current:
+            connection.context = current
 
     def read(self) -> grpc.ServerCertificateConfiguration | None:
         """A configuration of the files if any changed and they load, else None (blocking:
@@ -85,6 +110,7 @@ class Certificates:
             self.tls.validate(Where("tls"))
             _check_dates(self.tls.cert, time.time())
             configuration = self._configuration()
+            renewed = None if self._ssl is None else self._new_ssl()
             if self._stamps() != stamps:  # rewritten between the check and the read: the
                 return None  # pair read may not be the pair checked - looked at next time
         except (ConfigError, OSError, ValueError) as exc:
@@ -95,6 +121,8 @@ class Certificates:
                 self._said = problem
             return None
         self._seen, self._said = stamps, None
+        if renewed is not None:
+            self._ssl = renewed  # the REST port's next handshake (gRPC's: at offer)
         return configuration
 
     def offer(self, configuration: grpc.ServerCertificateConfiguration) -> None:

@@ -4,6 +4,8 @@
     host: 127.0.0.1
     grpc_port: 8001
     metrics_port: 8002            # Prometheus /metrics on its own HTTP port (0: any free one)
+    http_port: null               # OIP REST (HTTP/JSON, Triton's binary tensors); 8000 as
+                                  # Triton's (0: any free one; null: off)
     max_message_bytes: null      # null: 2x the largest valid request (>= 4 MiB)
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
     stuck_restart_s: 300          # liveness fails once an engine is stuck this long (null: never)
@@ -297,6 +299,12 @@ class ServerConfig:
         doc="Prometheus HTTP port, on the same host: plain HTTP without a token whatever "
         "tls and auth say (model and tier names, load, readiness): keep it private",
     )  # fmt: skip
+    http_port: int | None = spec(
+        None, lo=0, hi=65535, expected=_PORT + ", or null (off)",
+        doc="OIP REST port (KServe v2 HTTP/JSON with Triton's binary tensor extension: curl, "
+        "tritonclient.http, perf_analyzer's default), on the same host, with the same tls and "
+        "auth as gRPC; null: off",
+    )  # fmt: skip
     max_message_bytes: int | None = spec(
         # at least twice what an answer's frame may take besides its tensors (the data
         # plane's reserve): below it every answer was refused, "0.0 MiB above 0.0 MiB"
@@ -519,6 +527,12 @@ class ServerConfig:
         if self.metrics_port and self.metrics_port == self.grpc_port:
             where.child("metrics_port").fail(
                 self.metrics_port, f"a port other than grpc_port ({self.grpc_port})"
+            )
+        if self.http_port and self.http_port in (self.grpc_port, self.metrics_port):
+            where.child("http_port").fail(
+                self.http_port,
+                f"a port other than grpc_port ({self.grpc_port}) and metrics_port "
+                f"({self.metrics_port})",
             )
         pinned = self.policy.partition(":")[2] if self.policy.startswith(_PINNED + ":") else None
         if pinned is None and not self.backend:

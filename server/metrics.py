@@ -107,6 +107,9 @@ MISS_REASONS = (
 SHED_REASONS = ("refused_deadline", "refused_full", "expired")
 
 
+HTTP_METHODS = {"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"}
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -363,6 +366,17 @@ class Metrics:
             "innfer_auth_refused", "OIP calls refused for a missing or wrong bearer token "
             "(auth on), before their request was read.", ["grpc_method"], registry=r,
         )  # fmt: skip
+        # The REST front end's calls (server/rest.py), by route name (bounded: the API's
+        # routes, "unknown" for a path none matches) and HTTP status.
+        self.http_requests = Counter(
+            "innfer_http_requests", "OIP REST calls answered, by route and HTTP status.",
+            ["handler", "method", "code"], registry=r,
+        )  # fmt: skip
+        self.http_duration = Histogram(
+            "innfer_http_request_duration_seconds", "Time from a REST call's handler start to "
+            "its answer sent: body read, decode, queue, compute, encode.", ["handler", "method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self._rpc_children: dict = {}
         Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
         r.register(_NvmlCollector())
@@ -410,6 +424,20 @@ class Metrics:
     def rpc_started(self, kind: str, service: str, method: str) -> None:
         """Count an RPC's start (``kind``: unary, bidi_stream, ...)."""
         self._rpc(kind, service, method)[0].inc()
+
+    def http_handled(self, handler: str, method: str, status: int, seconds: float) -> None:
+        """Count a REST call's answer (``handler``: its route's name) and its time.
+
+        Example:
+            >>> m = Metrics()
+            >>> m.http_handled("infer", "POST", 200, 0.004)
+            >>> m.registry.get_sample_value("innfer_http_requests_total",
+            ...     {"handler": "infer", "method": "POST", "code": "200"})
+            1.0
+        """
+        method = method if method in HTTP_METHODS else "other"  # (a client names it: bounded)
+        self.http_requests.labels(handler, method, str(status)).inc()
+        self.http_duration.labels(handler, method).observe(seconds)
 
     def rpc_handled(self, kind: str, service: str, method: str, code: str, seconds: float):
         """Count an RPC's end with its status ``code`` (go-grpc's name: OK, InvalidArgument,

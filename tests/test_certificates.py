@@ -95,6 +95,45 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         s.stop()
 
 
+def _https_works(port: int, ca: Path) -> bool:
+    """A REST call over HTTPS verified against ``ca`` (a fresh connection: a handshake)."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(ca))
+    url = f"https://127.0.0.1:{port}/v2/models/tiny/ready"
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=5) as r:
+            return r.status == 200
+    except OSError:  # (urllib's URLError wraps the failed verification)
+        return False
+
+
+def test_the_rest_port_serves_https_and_follows_a_renewal(pki, tmp_path, model_repository,
+                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setattr(app, "SECRETS_POLL_S", 0.05)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _put(pki / "server-ca1.crt", cert)
+    _put(pki / "server-ca1.key", key)
+    s = ServerThread({"repository": str(model_repository), "models": ["tiny"], "http_port": 0,
+                      "tls": {"cert": str(cert), "key": str(key)}})  # fmt: skip
+    s.start()
+    port = s.server.rest.port
+    try:
+        assert _https_works(port, pki / "ca1.crt") and not _https_works(port, pki / "ca2.crt")
+        _put(pki / "server-ca2.crt", cert)  # half a renewal: the pair in force stays
+        time.sleep(0.5)
+        assert _https_works(port, pki / "ca1.crt")
+        _put(pki / "server-ca2.key", key)
+        deadline = time.monotonic() + 10
+        while not _https_works(port, pki / "ca2.crt"):
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+            time.sleep(0.05)
+        assert not _https_works(port, pki / "ca1.crt")
+    finally:
+        s.stop()
+
+
 def test_a_renewal_to_a_certificate_out_of_its_dates_or_no_file_keeps_the_one_in_force(
     pki, tmp_path, caplog
 ):

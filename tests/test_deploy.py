@@ -279,7 +279,7 @@ def test_deployment_probes_drain_and_security(overlay):
     spec = pod["spec"]
     (server,) = [c for c in spec["containers"] if c["name"] == "server"]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": cfg.grpc_port, "metrics": cfg.metrics_port}
+    assert ports == {"grpc": cfg.grpc_port, "http": cfg.http_port, "metrics": cfg.metrics_port}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(cfg.metrics_port)
     assert server["args"][:2] == ["--config", "/etc/innfer/server.yaml"]
 
@@ -366,23 +366,27 @@ def test_services_pdb_and_hpa_select_the_pods(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_only_grpc_is_served_through_a_service_and_a_network_policy_guards_the_pods(overlay):
+def test_only_the_oip_ports_are_served_through_a_service_and_a_network_policy_guards_them(
+    overlay,
+):
     # The ClusterIP Service also exposed /metrics (8002) - to every pod in the cluster,
     # though the PodMonitor scrapes the pods directly - and no NetworkPolicy limited who
-    # reached either port.
+    # reached either port. gRPC and REST are the clients' (the same auth guards both).
     docs = _render(overlay)
     dep = _one(docs, "Deployment", "innfer")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     (server,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
     for name in ("innfer", "innfer-headless"):
-        assert [p["name"] for p in _one(docs, "Service", name)["spec"]["ports"]] == ["grpc"]
+        ports = _one(docs, "Service", name)["spec"]["ports"]
+        assert [(p["name"], p["targetPort"]) for p in ports] == [("grpc", "grpc"), ("http", "http")]
     policy = _one(docs, "NetworkPolicy", "innfer")
     spec = policy["spec"]
     assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert spec["policyTypes"] == ["Ingress"]  # only what comes in is limited
     admitted = {p["port"]: rule["from"] for rule in spec["ingress"] for p in rule["ports"]}
-    assert set(admitted) == {p["name"] for p in server["ports"]} == {"grpc", "metrics"}
+    assert set(admitted) == {p["name"] for p in server["ports"]} == {"grpc", "http", "metrics"}
     assert admitted["grpc"] == [{"namespaceSelector": {}}]  # any namespace of the cluster
+    assert admitted["http"] == admitted["grpc"]
     monitoring = {"kubernetes.io/metadata.name": "monitoring"}  # where Prometheus runs
     assert admitted["metrics"] == [{"namespaceSelector": {"matchLabels": monitoring}}]
     pm = _one(_render("monitoring"), "PodMonitor", "innfer")  # scrapes pods, not a Service

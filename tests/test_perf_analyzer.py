@@ -51,13 +51,13 @@ def pa_server(perf_analyzer, model_repository):
     """A dedicated innfer server on 127.0.0.1 (started only when perf_analyzer is usable)."""
     from serverutil import ServerThread
 
-    s = ServerThread({"repository": str(model_repository)}).start()
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
     yield s
     s.stop()
 
 
-def _run(perf_analyzer: str, address: str, args: list[str]) -> str:
-    cmd = [perf_analyzer, "-u", address, "-i", "grpc", *args]
+def _run(perf_analyzer: str, address: str, args: list[str], protocol: str = "grpc") -> str:
+    cmd = [perf_analyzer, "-u", address, "-i", protocol, *args]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -118,11 +118,13 @@ def _close(a: float, b: float, abs_tol: float = 0.0) -> bool:
     return abs(a - b) <= max(REL * max(abs(a), abs(b)), abs_tol)
 
 
-def _measured(perf_analyzer, server, model: str, args: list[str]):
-    """Run perf_analyzer; (its parsed figures, innfer's statistics delta over the run, both
-    with its output as text for assertion messages)."""
+def _measured(perf_analyzer, server, model: str, args: list[str], protocol: str = "grpc"):
+    """Run perf_analyzer over ``protocol`` (grpc, or http: the REST port); (its parsed
+    figures, innfer's statistics delta over the run, both with its output as text for
+    assertion messages)."""
     before = _stats(server.address, model)
-    out = _run(perf_analyzer, server.address, args)
+    address = server.address if protocol == "grpc" else f"127.0.0.1:{server.server.rest.port}"
+    out = _run(perf_analyzer, address, args, protocol)
     ours = _delta(before, _stats(server.address, model))
     pa = _parse(out)
     print(f"\n{' '.join(args)}\n  perf_analyzer {pa}\n  innfer        {ours}")
@@ -130,19 +132,23 @@ def _measured(perf_analyzer, server, model: str, args: list[str]):
 
 
 @pytest.mark.parametrize(
-    ("model", "streaming", "batch"),
-    [("tiny", False, 1), ("tiny", True, 1), ("wide", False, 2), ("wide", True, 2)],
-    ids=["tiny-unary", "tiny-streaming", "wide-unary-b2", "wide-streaming-b2"],
-)
+    ("model", "streaming", "batch", "protocol"),
+    [("tiny", False, 1, "grpc"), ("tiny", True, 1, "grpc"), ("wide", False, 2, "grpc"),
+     ("wide", True, 2, "grpc"), ("tiny", False, 1, "http"), ("wide", False, 2, "http")],
+    ids=["tiny-unary", "tiny-streaming", "wide-unary-b2", "wide-streaming-b2", "tiny-http",
+         "wide-http-b2"],
+)  # fmt: skip
 def test_counts_and_breakdown_agree_with_model_statistics(
-    perf_analyzer, pa_server, model, streaming, batch
+    perf_analyzer, pa_server, model, streaming, batch, protocol
 ):
     """A fixed number of requests (--request-count): perf_analyzer measures exactly the run
-    that the ModelStatistics delta covers, so counts and per-request durations compare."""
+    that the ModelStatistics delta covers, so counts and per-request durations compare -
+    over gRPC and over REST (``-i http``, its default protocol: the statistics it reads
+    there are the REST API's JSON)."""
     requests = 300
     args = ["-m", model, "-b", str(batch), "--concurrency-range", "2"]
     args += ["--request-count", str(requests), *(["--streaming"] if streaming else [])]
-    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args)
+    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args, protocol)
 
     assert pa["throughput"] > 0 and pa["client_requests"] == requests, figures
     assert ours["fail_count"] == 0, figures
@@ -179,8 +185,9 @@ def test_time_windows_as_operators_run_it(perf_analyzer, pa_server, streaming):
         assert 0 <= pa[field] <= pa["success"], f"{field}: {figures}"
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("outputs", [False, True], ids=["inputs", "inputs-and-outputs"])
-def test_system_shared_memory_as_operators_run_it(perf_analyzer, pa_server, outputs):
+def test_system_shared_memory_as_operators_run_it(perf_analyzer, pa_server, outputs, protocol):
     """``--shared-memory system`` (Triton's flag): perf_analyzer makes /dev/shm regions,
     registers them, sends every request through them, and unregisters them at the end (its
     clean-up unregisters CUDA regions too, and printed an error when that was refused)."""
@@ -188,7 +195,7 @@ def test_system_shared_memory_as_operators_run_it(perf_analyzer, pa_server, outp
     args = ["-m", model, "--concurrency-range", "2", "--request-count", "200"]
     args += ["--shared-memory", "system"]
     args += ["--output-shared-memory-size", "40"] if outputs else []
-    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args)
+    pa, ours, figures = _measured(perf_analyzer, pa_server, model, args, protocol)
 
     assert pa["client_requests"] == 200 and ours["success_count"] == 200, figures
     assert ours["fail_count"] == 0, figures

@@ -37,7 +37,7 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repo):
     """The text model's server: conftest's ``client`` fixture calls it."""
-    s = ServerThread({"repository": str(repo[0])}).start()
+    s = ServerThread({"repository": str(repo[0]), "http_port": 0}).start()
     yield s
     s.stop()
 
@@ -95,6 +95,24 @@ def test_unicode_and_empty_strings_are_embedded(repo, client):
     np.testing.assert_allclose(got, _reference(model, d, texts), atol=2e-5)
     # Accents are stripped by the tokenizer's normaliser: "café naive" == "cafe naive".
     np.testing.assert_allclose(_embed(client, ["café naïve"])[0], _embed(client, ["cafe naive"])[0])
+
+
+def test_text_sent_as_json_over_rest_is_embedded_as_over_grpc(repo, client, server):
+    # KServe v2's JSON: BYTES as strings (unicode and empty included), in a [n, 1] shape
+    import json
+    import urllib.request
+
+    texts = ["café naïve 😀 ünïcode", "", "the model serves text"]
+    body = {"inputs": [{"name": "text", "shape": [3, 1], "datatype": "BYTES", "data": texts}],
+            "parameters": {"tier": "full"}}  # fmt: skip
+    url = f"http://127.0.0.1:{server.server.rest.port}/v2/models/embed/infer"
+    req = urllib.request.Request(url, data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        doc = json.loads(r.read())
+    out = doc["outputs"][0]
+    got = np.array(out["data"], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, _embed(client, texts)[0], atol=1e-6)
+    assert doc["parameters"]["tier"] == "full" and doc["parameters"]["sequence_length"] > 0
 
 
 def test_over_long_text_is_truncated_at_max_length_tokens(client, server):

@@ -1,0 +1,457 @@
+"""The Open Inference Protocol over HTTP/REST: KServe v2's endpoints and Triton's extensions
+on them, beside the gRPC server, on the same event loop and data plane.
+
+``curl``, ``tritonclient.http``, ``perf_analyzer`` (whose default protocol is HTTP) and
+KServe's REST clients reach the same models, with the same admission, scheduling,
+statistics and errors as gRPC: every call runs the gRPC service's own method body on a
+message built from the body (server/rest_codec.py), so the two transports cannot drift
+apart. Errors are JSON ``{"error": "..."}`` with the status ``HTTP_STATUS_OF`` gives - the
+one place they map to HTTP, as ``server.service.STATUS_OF`` is for gRPC.
+
+Routes (``{m}``: ``/v2/models/<name>`` or ``/v2/models/<name>/versions/<version>``)::
+
+    GET  /v2                        server metadata
+    GET  /v2/health/live, /ready    200, else 503 (no token needed: probes)
+    GET  {m}, {m}/ready, {m}/config, {m}/stats, /v2/models/stats
+    POST {m}/infer                  JSON, or JSON + binary tensors (Triton's extension)
+    POST /v2/repository/index, /v2/repository/models/<name>/load, .../unload
+    GET  /v2/systemsharedmemory[/region/<name>]/status; POST .../register, .../unregister
+    GET  /v2/cudasharedmemory[/region/<name>]/status; POST .../unregister
+    GET, POST /v2/logging
+
+Example:
+    >>> rest = RestFrontEnd(service, config)  # doctest: +SKIP
+    >>> await rest.start()  # doctest: +SKIP
+    >>> rest.port  # doctest: +SKIP
+    8000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server import rest_codec as codec
+from server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    EngineFailed,
+    FailedPrecondition,
+    InferError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TokenizerFailed,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from server.limits import clip_message
+from server.proto_gen import grpc_service_pb2 as pb
+from server.service import InferenceService
+
+log = logging.getLogger("innfer.rest")
+
+HTTP_STATUS_OF: dict[type[InferError], int] = {
+    InvalidArgument: 400,
+    FailedPrecondition: 400,
+    Unauthenticated: 401,
+    NotFound: 404,
+    AlreadyExists: 409,
+    ResourceExhausted: 429,  # load: a retry later may pass (gRPC's RESOURCE_EXHAUSTED)
+    EngineFailed: 500,
+    TokenizerFailed: 500,
+    Unimplemented: 501,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+}
+OPEN_ROUTES = {"health_live", "health_ready"}  # probes need no token, as on gRPC
+
+
+def http_status_of(exc: InferError) -> int:
+    """The HTTP status of ``exc``'s nearest class in ``HTTP_STATUS_OF`` (500 otherwise)."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS_OF:
+            return HTTP_STATUS_OF[cls]
+    return 500
+
+
+class _Call:
+    """What the gRPC service's method bodies read of their call: the token's header, and
+    trailing metadata (the tiers on ModelMetadata: REST has nowhere to put it; the same
+    table is in the model's config)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._auth = request.headers.get("Authorization")
+
+    def invocation_metadata(self):
+        return () if self._auth is None else (("authorization", self._auth),)
+
+    def set_trailing_metadata(self, _metadata) -> None:
+        pass
+
+    def time_remaining(self) -> None:
+        return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RestFrontEnd:
+    """The REST server: ``start`` listens on ``config.http_port``, ``stop`` closes the port
+    and waits (up to its timeout) for the calls in flight - the data plane, draining,
+    answers any new one 503."""
+
+    def __init__(self, service: InferenceService, config, ssl_context=None) -> None:
+        self.service = service
+        self.plane = service.plane
+        self.config = config
+        self.ssl_context = ssl_context
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._grpc = {name: getattr(InferenceService, name).__wrapped__ for name in (
+            "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics",
+            "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+            "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+            "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+            "CudaSharedMemoryUnregister", "LogSettings",
+        )}  # fmt: skip
+
+    def app(self, max_body: int) -> web.Application:
+        """The aiohttp application: ``max_body`` bytes at most per request body."""
+        app = web.Application(client_max_size=max_body, middlewares=[self._errors])
+        r = app.router
+        get, post = "GET", "POST"
+        routes = [
+            (get, "/v2", "server_metadata", self._server_metadata),
+            (get, "/v2/health/live", "health_live", self._live),
+            (get, "/v2/health/ready", "health_ready", self._ready),
+            (get, "/v2/models/stats", "model_stats", self._stats),
+            (post, "/v2/repository/index", "repository_index", self._index),
+            (post, "/v2/repository/models/{name}/load", "model_load", self._load),
+            (post, "/v2/repository/models/{name}/unload", "model_unload", self._unload),
+            (get, "/v2/systemsharedmemory/status", "shm_status", self._shm_status),
+            (get, "/v2/systemsharedmemory/region/{region}/status", "shm_status",
+             self._shm_status),
+            (post, "/v2/systemsharedmemory/region/{region}/register", "shm_register",
+             self._shm_register),
+            (post, "/v2/systemsharedmemory/unregister", "shm_unregister", self._shm_unregister),
+            (post, "/v2/systemsharedmemory/region/{region}/unregister", "shm_unregister",
+             self._shm_unregister),
+            (get, "/v2/cudasharedmemory/status", "cuda_shm_status", self._cuda_status),
+            (get, "/v2/cudasharedmemory/region/{region}/status", "cuda_shm_status",
+             self._cuda_status),
+            (post, "/v2/cudasharedmemory/region/{region}/register", "cuda_shm_register",
+             self._cuda_register),
+            (post, "/v2/cudasharedmemory/unregister", "cuda_shm_unregister",
+             self._cuda_unregister),
+            (post, "/v2/cudasharedmemory/region/{region}/unregister", "cuda_shm_unregister",
+             self._cuda_unregister),
+            (get, "/v2/logging", "logging", self._logging),
+            (post, "/v2/logging", "logging", self._logging),
+            (get, "/v2/trace/setting", "trace", self._trace),
+            (post, "/v2/trace/setting", "trace", self._trace),
+        ]  # fmt: skip
+        for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [
+                (get, base, "model_metadata", self._model_metadata),
+                (get, base + "/ready", "model_ready", self._model_ready),
+                (get, base + "/config", "model_config", self._model_config),
+                (get, base + "/stats", "model_stats", self._stats),
+                (post, base + "/infer", "infer", self._infer),
+                (get, base + "/trace/setting", "trace", self._trace),
+                (post, base + "/trace/setting", "trace", self._trace),
+            ]
+        for method, path, name, handler in routes:
+            r.add_route(method, path, self._route(name, handler))
+        return app
+
+    async def start(self, max_body: int) -> None:
+        runner = web.AppRunner(self.app(max_body), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, self.config.host, self.config.http_port, ssl_context=self.ssl_context,
+            reuse_port=False,
+        )  # fmt: skip
+        try:
+            await site.start()
+        except OSError as exc:  # "[Errno 98] ... address already in use" named no setting
+            await runner.cleanup()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            error = OSError(
+                f"HTTP port {self.config.http_port} is in use on {self.config.host} "
+                "(http_port in the server config / --http-port)"
+            )
+            error.errno = exc.errno
+            raise error from exc
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def stop(self, timeout_s: float) -> None:
+        """Close the port and wait up to ``timeout_s`` for the calls in flight (then they
+        are cancelled); idle keep-alive connections are closed."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner._shutdown_timeout = timeout_s  # (AppRunner's shutdown_timeout, set late:
+            await runner.cleanup()  # the grace left is known only now)
+
+    # -- the wrapper every route runs in ------------------------------------------------------
+    def _route(self, name: str, handler: Handler) -> Handler:
+        metrics = self.plane.metrics
+
+        @functools.wraps(handler)
+        async def route(request: web.Request) -> web.StreamResponse:
+            t0, status = time.perf_counter(), 500
+            try:
+                if name not in OPEN_ROUTES:
+                    self.service.authenticate(_Call(request).invocation_metadata())
+                response = await handler(request)
+                status = response.status
+                return response
+            except InferError as exc:
+                status = http_status_of(exc)
+                if isinstance(exc, Unauthenticated):
+                    metrics.auth_refused.labels(f"http:{name}").inc()
+                return _error(status, clip_message(str(exc)))
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:  # the client went away mid-call
+                status = 499  # (nginx's "client closed request": no status was sent)
+                raise
+            except Exception:
+                log.exception("REST %s failed", name)
+                return _error(500, f"internal error in {name}; see logs")
+            finally:
+                metrics.http_handled(name, request.method, status, time.perf_counter() - t0)
+
+        return route
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's own refusals (no such route, wrong method, a body over the limit) as
+        the JSON errors every other answer is, saying what to do."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 404:
+                message = (
+                    f"no route {request.method} {request.path}; see the OIP REST API (/v2/...)"
+                )
+            elif exc.status == 405:
+                allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+                message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+            elif exc.status == 413:
+                limit = request.app._client_max_size  # (what client_max_size was made with)
+                message = (
+                    f"the request body is over {limit / 2**20:.1f} MiB, the largest this "
+                    "server takes (max_message_bytes in the server config): send fewer rows "
+                    "per request"
+                )
+            else:
+                message = exc.text or exc.reason
+            if exc.status in (404, 405, 413) and request.path.startswith("/"):
+                self.plane.metrics.http_handled("unknown" if exc.status == 404 else "refused",
+                                                request.method, exc.status, 0.0)  # fmt: skip
+            return _error(exc.status, clip_message(message), headers=_allow(exc))
+
+    # -- health and metadata --------------------------------------------------------------------
+    async def _live(self, request: web.Request) -> web.Response:
+        live = self.plane.live()
+        return _json({"live": live}, 200 if live else 503)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self.plane.ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return await self._call("ServerMetadata", pb.ServerMetadataRequest(), request)
+
+    async def _model_metadata(self, request: web.Request) -> web.Response:
+        return await self._call("ModelMetadata", _model(pb.ModelMetadataRequest, request), request)
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        ready = self.plane.model_ready(name, version)
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def _model_config(self, request: web.Request) -> web.Response:
+        resp = await self._grpc["ModelConfig"](
+            self.service, _model(pb.ModelConfigRequest, request), _Call(request)
+        )
+        return _json(codec.message_dict(resp.config))  # Triton's: the config itself
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        message = _model(pb.ModelStatisticsRequest, request)
+        resp = await self._grpc["ModelStatistics"](self.service, message, _Call(request))
+        return _json(codec.message_dict(resp, codec.DURATIONS))
+
+    # -- repository -------------------------------------------------------------------------------
+    async def _index(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument('"ready" must be true or false')
+        resp = await self._grpc["RepositoryIndex"](
+            self.service, pb.RepositoryIndexRequest(ready=ready), _Call(request)
+        )
+        return _json([codec.message_dict(m) for m in resp.models])  # Triton's: a list
+
+    async def _load(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        if body.get("parameters"):  # refused by the RPC's body, with what to do instead
+            params = {k: pb.ModelRepositoryParameter(string_param=str(v))
+                      for k, v in dict(body["parameters"]).items()}  # fmt: skip
+        else:
+            params = {}
+        req = pb.RepositoryModelLoadRequest(model_name=request.match_info["name"],
+                                            parameters=params)  # fmt: skip
+        await self._grpc["RepositoryModelLoad"](self.service, req, _Call(request))
+        return _json({})
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        req = pb.RepositoryModelUnloadRequest(model_name=request.match_info["name"])
+        await self._grpc["RepositoryModelUnload"](self.service, req, _Call(request))
+        return _json({})
+
+    # -- Triton's shared memory, logging and trace ------------------------------------------------
+    async def _shm_status(self, request: web.Request) -> web.Response:
+        req = pb.SystemSharedMemoryStatusRequest(name=request.match_info.get("region", ""))
+        resp = await self._grpc["SystemSharedMemoryStatus"](self.service, req, _Call(request))
+        return _json([codec.message_dict(r) for r in resp.regions.values()])
+
+    async def _shm_register(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        codec_fields = {"key": str, "offset": int, "byte_size": int}
+        for key, kind in codec_fields.items():
+            value = body.get(key, "" if kind is str else 0)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InvalidArgument(f'"{key}" must be a {kind.__name__}')
+        req = pb.SystemSharedMemoryRegisterRequest(
+            name=request.match_info["region"], key=body.get("key", ""),
+            offset=body.get("offset", 0), byte_size=body.get("byte_size", 0),
+        )  # fmt: skip
+        await self._grpc["SystemSharedMemoryRegister"](self.service, req, _Call(request))
+        return _json({})
+
+    async def _shm_unregister(self, request: web.Request) -> web.Response:
+        req = pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", ""))
+        await self._grpc["SystemSharedMemoryUnregister"](self.service, req, _Call(request))
+        return _json({})
+
+    async def _cuda_status(self, request: web.Request) -> web.Response:
+        req = pb.CudaSharedMemoryStatusRequest(name=request.match_info.get("region", ""))
+        await self._grpc["CudaSharedMemoryStatus"](self.service, req, _Call(request))
+        return _json([])
+
+    async def _cuda_register(self, request: web.Request) -> web.Response:
+        raise Unimplemented(
+            "innfer does not implement CUDA shared memory: send tensors in the request "
+            "body, or register system shared memory"
+        )
+
+    async def _cuda_unregister(self, request: web.Request) -> web.Response:
+        return _json({})
+
+    async def _logging(self, request: web.Request) -> web.Response:
+        req = pb.LogSettingsRequest()
+        if request.method == "POST":
+            for key, value in (await _body(request)).items():
+                s = req.settings[key]
+                if isinstance(value, bool):
+                    s.bool_param = value
+                elif isinstance(value, int) and 0 <= value < 2**32:
+                    s.uint32_param = value
+                elif isinstance(value, str):
+                    s.string_param = value
+                else:
+                    raise InvalidArgument(f"log setting {key!r}: a boolean, a count or a string")
+        resp = await self._grpc["LogSettings"](self.service, req, _Call(request))
+        return _json({k: codec.parameter_value(v) for k, v in resp.settings.items()})
+
+    async def _trace(self, request: web.Request) -> web.Response:
+        raise Unimplemented(
+            "innfer does not implement Triton's trace settings: each answer carries its "
+            "queue_us / compute_us / tier parameters, and the statistics the totals"
+        )
+
+    # -- inference ---------------------------------------------------------------------------------
+    async def _infer(self, request: web.Request) -> web.StreamResponse:
+        received = time.monotonic()
+        body = await request.read()
+        header = request.headers.get(codec.HEADER_LENGTH)
+        length = None
+        if header is not None:
+            try:
+                length = int(header)
+            except ValueError:
+                raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes") from None
+        parsed = codec.parse_infer(body, length)
+        parsed.request.model_name = request.match_info["name"]
+        parsed.request.model_version = request.match_info.get("version", "")
+        waited = time.monotonic() - received
+        resp = await self.plane.infer(parsed.request, None, waited, len(body), parsed.raw)
+        data, json_length = codec.answer_body(resp, parsed)
+        headers = {} if json_length is None else {codec.HEADER_LENGTH: str(json_length)}
+        kind = "application/json" if json_length is None else "application/octet-stream"
+        response = web.Response(body=data, content_type=kind, headers=headers)
+        if "gzip" in request.headers.get("Accept-Encoding", "") or "deflate" in request.headers.get(
+            "Accept-Encoding", ""
+        ):
+            response.enable_compression()
+        await response.prepare(request)
+        await response.write_eof()
+        self.plane.answered(resp, time.monotonic() - received - waited, waited)
+        return response
+
+    async def _call(self, method: str, message, request: web.Request) -> web.Response:
+        resp = await self._grpc[method](self.service, message, _Call(request))
+        return _json(codec.message_dict(resp))
+
+
+def _model(cls, request: web.Request):
+    """``cls`` (a model-level request message) for the route's model and version."""
+    return cls(name=request.match_info.get("name", ""),
+               version=request.match_info.get("version", ""))  # fmt: skip
+
+
+async def _body(request: web.Request) -> dict:
+    """A small JSON body as an object (empty: {})."""
+    data = await request.read()
+    if not data.strip():
+        return {}
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"the request body is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return doc
+
+
+def _json(doc, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(doc, separators=(",", ":")), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, message: str, headers=None) -> web.Response:
+    return web.Response(
+        body=json.dumps({"error": message}), status=status, content_type="application/json",
+        headers=headers,
+    )  # fmt: skip
+
+
+def _allow(exc: web.HTTPException) -> dict | None:
+    allowed = getattr(exc, "allowed_methods", None)
+    return {"Allow": ", ".join(sorted(allowed))} if allowed else None

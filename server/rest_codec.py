@@ -1,0 +1,375 @@
+"""The Open Inference Protocol's REST bodies <-> the gRPC messages the data plane serves.
+
+KServe v2's HTTP/JSON inference request and response, with Triton's binary tensor
+extension (what ``tritonclient.http`` and ``perf_analyzer -i http`` send): the JSON header
+comes first, ``Inference-Header-Content-Length`` bytes long, then each binary input's bytes
+in input order (``parameters.binary_data_size``); an output asked for with
+``parameters.binary_data`` (or every output, with the request's ``binary_data_output``)
+comes back after the response's JSON the same way. A request becomes a
+``ModelInferRequest`` with every tensor as raw bytes, so the REST front end validates,
+admits and schedules exactly as gRPC does; only the JSON's own shape is checked here.
+No HTTP library here: bodies in, bodies out.
+
+Example:
+    >>> body = b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}'
+    >>> parsed = parse_infer(body, None)
+    >>> parsed.request.inputs[0].shape, bytes(parsed.raw[0]).hex()
+    ([1, 2], '0000803f00000040')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+
+from server.errors import InvalidArgument
+from server.limits import clip
+from server.proto_gen import grpc_service_pb2 as pb
+
+HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
+# The extension's own parameters: read here, never passed on as the request's.
+# Statistics' messages written even at zero, as Triton's HTTP front end writes them.
+DURATIONS = frozenset({
+    "inference_stats", "success", "fail", "queue", "compute_input", "compute_infer",
+    "compute_output", "cache_hit", "cache_miss",
+})  # fmt: skip
+BINARY_SIZE = "binary_data_size"  # an input's (and a binary output's) bytes in the body
+BINARY_OUTPUT = "binary_data"  # an output's: send it as binary data
+BINARY_OUTPUTS = "binary_data_output"  # the request's: every output's default
+SHARED_REGION = "shared_memory_region"  # an input or output in a registered region
+
+# Every OIP datatype a JSON body may name, as numpy reads its values (FP16 too: JSON
+# numbers); the data plane refuses a datatype its model's input does not take.
+NUMPY_OF = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
+
+
+@dataclass
+class ParsedInfer:
+    """An inference request's REST body as the data plane takes it: ``request`` without
+    tensor contents, ``raw`` its tensors' bytes (one per input not in shared memory, in
+    order: ``DataPlane.infer``'s ``raw``), and ``binary`` which outputs go back as binary
+    data (by name; ``binary_default`` for an output the request does not list)."""
+
+    request: pb.ModelInferRequest
+    raw: list[memoryview]
+    binary: dict[str, bool] = field(default_factory=dict)
+    binary_default: bool = False
+    shared_outputs: set[str] = field(default_factory=set)
+
+
+def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
+    """``body`` (JSON, or JSON then binary tensors where ``header_length`` - the
+    ``Inference-Header-Content-Length`` header - is given) as a ``ParsedInfer``;
+    InvalidArgument saying what is wrong where it is not a request OIP describes."""
+    view = memoryview(body)
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 <= header_length <= len(body):
+        raise InvalidArgument(
+            f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes: it must "
+            "give the length of the JSON part that begins the body"
+        )
+    doc = _json(view[:header_length])
+    binary = view[header_length:]
+    _fields(doc, "the request", {"id", "parameters", "inputs", "outputs"})
+    request = pb.ModelInferRequest()
+    if "id" in doc:
+        request.id = _string(doc["id"], "id")
+    params = dict(_mapping(doc.get("parameters", {}), "parameters"))
+    binary_default = _flag(params.pop(BINARY_OUTPUTS, False), f"parameters.{BINARY_OUTPUTS}")
+    _parameters(request.parameters, params, "parameters")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument(
+            'the request has no inputs: give "inputs": [{"name", "shape", "datatype", "data"}, ...]'
+        )
+    raw, used = [], 0
+    for i, entry in enumerate(inputs):
+        where = f"inputs[{i}]"
+        _fields(_mapping(entry, where), where, {"name", "shape", "datatype", "parameters", "data"})
+        t = request.inputs.add()
+        t.name = _string(entry.get("name"), f"{where}.name")
+        where = f"input {clip(t.name)}"
+        t.datatype = _string(entry.get("datatype"), f"{where}: datatype")
+        t.shape.extend(_shape(entry.get("shape"), where))
+        params = dict(_mapping(entry.get("parameters", {}), f"{where}: parameters"))
+        size = params.pop(BINARY_SIZE, None)
+        _parameters(t.parameters, params, f"{where}: parameters")
+        if size is not None:
+            if "data" in entry:
+                raise InvalidArgument(
+                    f"{where} has both data and parameters.{BINARY_SIZE}; send one or the other"
+                )
+            size = _count(size, f"{where}: parameters.{BINARY_SIZE}")
+            if used + size > len(binary):
+                raise InvalidArgument(
+                    f"{where}: parameters.{BINARY_SIZE} is {size}, but only "
+                    f"{len(binary) - used} bytes of binary data are left after the JSON "
+                    f"({HEADER_LENGTH} {header_length})"
+                )
+            raw.append(binary[used : used + size])
+            used += size
+        elif "data" in entry:
+            raw.append(memoryview(_tensor_bytes(entry["data"], t, where)))
+        elif SHARED_REGION not in params:
+            raise InvalidArgument(
+                f'{where} has no data: give "data" (a list of values), parameters.'
+                f"{BINARY_SIZE} with the bytes after the JSON, or parameters.{SHARED_REGION}"
+            )
+    if used != len(binary):
+        raise InvalidArgument(
+            f"{len(binary) - used} bytes of binary data after the JSON belong to no input: "
+            f"the inputs' parameters.{BINARY_SIZE} add up to {used}"
+        )
+    parsed = ParsedInfer(request, raw, binary_default=binary_default)
+    outputs = doc.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidArgument('"outputs" must be a list of {"name", "parameters"}')
+    for i, entry in enumerate(outputs):
+        where = f"outputs[{i}]"
+        _fields(_mapping(entry, where), where, {"name", "parameters"})
+        o = request.outputs.add()
+        o.name = _string(entry.get("name"), f"{where}.name")
+        where = f"output {clip(o.name)}"
+        params = dict(_mapping(entry.get("parameters", {}), f"{where}: parameters"))
+        wanted = params.pop(BINARY_OUTPUT, binary_default)
+        parsed.binary[o.name] = _flag(wanted, f"{where}: parameters.{BINARY_OUTPUT}")
+        _parameters(o.parameters, params, f"{where}: parameters")
+        if SHARED_REGION in params:
+            parsed.shared_outputs.add(o.name)
+    return parsed
+
+
+def answer_body(resp: pb.ModelInferResponse, parsed: ParsedInfer) -> tuple[bytes, int | None]:
+    """``resp`` as a REST body, and the length of its JSON part where binary outputs follow
+    it (the ``Inference-Header-Content-Length`` to send; None: the body is JSON alone)."""
+    doc: dict = {"model_name": resp.model_name, "model_version": resp.model_version}
+    if resp.id:
+        doc["id"] = resp.id
+    if resp.parameters:
+        doc["parameters"] = {k: parameter_value(v) for k, v in resp.parameters.items()}
+    outputs, tail = [], []
+    for t, data in zip(resp.outputs, resp.raw_output_contents, strict=True):
+        entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if t.name in parsed.shared_outputs:  # written to the client's region: nothing here
+            pass  # (no parameters either, as Triton: its C++ client reads an output's
+            # parameters as binary_data_size and failed on the region's)
+        elif parsed.binary.get(t.name, parsed.binary_default):
+            entry["parameters"] = {BINARY_SIZE: len(data)}
+            tail.append(data)
+        else:
+            entry["data"] = _values(t.datatype, data)
+        outputs.append(entry)
+    doc["outputs"] = outputs
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not tail:
+        return head, None
+    return b"".join((head, *tail)), len(head)
+
+
+def message_dict(message, filled: frozenset[str] = frozenset()) -> dict:
+    """A protobuf message as the REST API's JSON writes it: field names as in the proto,
+    64-bit integers as numbers (protobuf's JSON mapping makes them strings, which
+    Triton's HTTP clients do not read), enums by name; a field without presence at its
+    default is written too (``"count": 0``, ``"max_batch_size": 0``: perf_analyzer reads
+    them as members), an unset message or oneof member is left out - a message named in
+    ``filled`` is written at its defaults too (the statistics' durations: Triton writes
+    ``{"count": 0, "ns": 0}``).
+
+    Example:
+        >>> message_dict(pb.ModelMetadataResponse(name="m", versions=["1"]))
+        {'name': 'm', 'versions': ['1'], 'platform': '', 'inputs': [], 'outputs': []}
+    """
+    out = {}
+    for fd in message.DESCRIPTOR.fields:
+        value = getattr(message, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            item = fd.message_type.fields_by_name["value"]
+            out[fd.name] = {k: _field(item, v, filled) for k, v in value.items()}
+        elif fd.is_repeated:
+            out[fd.name] = [_field(fd, v, filled) for v in value]
+        elif fd.has_presence and not message.HasField(fd.name) and fd.name not in filled:
+            continue  # an unset message, oneof member or optional scalar
+        else:
+            out[fd.name] = _field(fd, value, filled)
+    return out
+
+
+def _field(fd, value, filled: frozenset[str] = frozenset()):
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_dict(value, filled)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _json(data: memoryview):
+    try:
+        doc = json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(
+            f"the request body is not JSON ({exc}); send the OIP inference request as JSON, "
+            f"and binary tensors after it only with {HEADER_LENGTH}"
+        ) from None
+    return _mapping(doc, "the request")
+
+
+def _mapping(value, where: str) -> Mapping:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where} must be a JSON object, not {_kind(value)}")
+    return value
+
+
+def _fields(doc: Mapping, where: str, known: set[str]) -> None:
+    """A field OIP does not define is refused: a misspelt "datatype" or "parameters" was
+    otherwise ignored (and the request served without what it asked)."""
+    for key in doc:
+        if key not in known:
+            raise InvalidArgument(
+                f"{where} has an unknown field {clip(str(key))}; OIP's are {sorted(known)}"
+            )
+
+
+def _string(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where} must be a string, not {_kind(value)}")
+    return value
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where} must be true or false, not {_kind(value)}")
+    return value
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{where} must be a whole number >= 0, not {clip(str(value))}")
+    return value
+
+
+def _shape(value, where: str) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(f"{where}: shape must be a list of dimensions, e.g. [1, 3]")
+    return [_count(d, f"{where}: shape") for d in value]
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _parameters(out, params: Mapping, where: str) -> None:
+    """JSON scalars as ``InferParameter``s: true/false as bool_param (before int: a JSON
+    boolean is a Python int too), whole numbers as int64_param, other numbers as
+    double_param, strings as string_param."""
+    for key, value in params.items():
+        p = out[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int) and INT64[0] <= value <= INT64[1]:
+            p.int64_param = value
+        elif isinstance(value, float) and math.isfinite(value):
+            p.double_param = value
+        elif isinstance(value, str):
+            p.string_param = value
+        else:
+            raise InvalidArgument(
+                f"{where}: {clip(str(key))} must be a string, a finite number or a boolean, "
+                f"not {_kind(value)}"
+            )
+
+
+def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) -> bytes:
+    """JSON ``data`` (flat or nested, row-major) as the little-endian bytes of ``t``'s
+    datatype; BYTES as OIP's length-prefixed strings."""
+    count = math.prod(t.shape)
+    if t.datatype == "BYTES":
+        values = _flat(data, where)
+        if not all(isinstance(v, str) for v in values):
+            raise InvalidArgument(f"{where}: BYTES data must be strings")
+        _check_count(len(values), count, t, where)
+        parts = []
+        for v in values:
+            b = v.encode()
+            parts += [len(b).to_bytes(4, "little"), b]
+        return b"".join(parts)
+    dtype = NUMPY_OF.get(t.datatype)
+    if dtype is None:
+        raise InvalidArgument(
+            f"{where}: datatype {clip(t.datatype)} cannot be sent as JSON data; use one of "
+            f"{sorted([*NUMPY_OF, 'BYTES'])}, or send its bytes as binary data"
+        )
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raise InvalidArgument(f"{where}: data is nested unevenly; give a flat list") from None
+    _check_count(values.size, count, t, where)
+    target = np.dtype(dtype)
+    kinds = "b" if target.kind == "b" else ("iu" if target.kind in "iu" else "iuf")
+    if values.dtype.kind not in kinds:
+        wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
+        raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
+    if target.kind in "iu" and values.size:
+        info = np.iinfo(target)
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidArgument(
+                f"{where}: a value is outside {t.datatype}'s range [{info.min}, {info.max}]"
+            )
+    return np.ascontiguousarray(values, dtype=target.newbyteorder("<")).tobytes()
+
+
+def _flat(data, where: str) -> list:
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{where}: data must be a list of values, not {_kind(data)}")
+    out = []
+    stack = [iter(data)]
+    while stack:  # (iterative: a deeply nested list must not overflow the stack)
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
+    return out
+
+
+def _check_count(given: int, count: int, t, where: str) -> None:
+    if given != count:
+        raise InvalidArgument(
+            f"{where}: {given} values in data, expected {count} for shape {list(t.shape)}"
+        )
+
+
+def _values(datatype: str, data: bytes) -> list:
+    """An output's raw bytes as the flat list JSON carries."""
+    if datatype == "BYTES":
+        out, i = [], 0
+        while i < len(data):
+            n = int.from_bytes(data[i : i + 4], "little")
+            out.append(bytes(data[i + 4 : i + 4 + n]).decode("utf-8", "replace"))
+            i += 4 + n
+        return out
+    dtype = np.dtype(NUMPY_OF[datatype]).newbyteorder("<")
+    return np.frombuffer(data, dtype=dtype).tolist()
+
+
+def parameter_value(p):
+    """An ``InferParameter``'s (or a log setting's) value, whichever kind it holds."""
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")  # fmt: skip

@@ -1,0 +1,314 @@
+"""The OIP REST front end (server/rest.py) against a real server: real aiohttp, the stock
+``tritonclient.http`` client (Triton's binary tensor extension) and plain JSON over urllib,
+beside ``tritonclient.grpc`` on the same server - the two transports must answer alike."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from serverutil import ServerThread, add_onnx_model, slow_loop, tiny_cnn
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(model_repository):
+    s = ServerThread({"repository": str(model_repository), "model_control": "explicit",
+                      "http_port": 0}).start()  # fmt: skip
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def http(server):
+    c = th.InferenceServerClient(f"127.0.0.1:{server.server.rest.port}")
+    yield c
+    c.close()
+
+
+def _call(server, path: str, body=None, method=None, headers=None):
+    """(status, headers, body bytes) of one plain HTTP call."""
+    url = f"http://127.0.0.1:{server.server.rest.port}{path}"
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _error(server, path, body=None, method=None, headers=None) -> tuple[int, str]:
+    status, _, data = _call(server, path, body, method, headers)
+    return status, json.loads(data)["error"]
+
+
+def _x(batch=2, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 1, 8, 8)).astype(np.float32)
+
+
+def _infer_body(x, **extra) -> dict:
+    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}], **extra}  # fmt: skip
+
+
+def test_health_metadata_and_config_as_triton_http_clients_read_them(server, http):
+    assert http.is_server_live() and http.is_server_ready()
+    assert http.is_model_ready("tiny") and not http.is_model_ready("nope")
+    meta = http.get_model_metadata("tiny")
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    config = http.get_model_config("tiny")
+    assert config["max_batch_size"] == 4 and config["input"][0]["dims"] == [1, 8, 8]
+    assert json.loads(config["parameters"]["tiers"]["string_value"])[0]["name"] == "w100"
+    assert http.get_server_metadata()["name"] == "innfer"
+    # Probes: 200 while ready; every answer is JSON
+    status, headers, body = _call(server, "/v2/health/ready")
+    assert (status, json.loads(body)) == (200, {"ready": True})
+    assert headers["Content-Type"].startswith("application/json")
+
+
+def test_statistics_write_zero_durations_as_triton_does(server, http):
+    stats = http.get_inference_statistics("wide")["model_stats"][0]
+    assert set(stats["inference_stats"]) >= {"success", "fail", "queue", "compute_infer"}
+    assert all(set(d) == {"count", "ns"} for d in stats["inference_stats"].values())
+
+
+def test_binary_and_json_answers_match_grpc_on_the_same_tier(server, http):
+    x = _x()
+    grpc = tg.InferenceServerClient(server.address)
+    t = tg.InferInput("input", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    want = grpc.infer("tiny", [t], parameters={"tier": "w050"}).as_numpy("logits")
+    grpc.close()
+    # tritonclient.http: the input and the output as binary data (its defaults)
+    h = th.InferInput("input", list(x.shape), "FP32")
+    h.set_data_from_numpy(x)
+    r = http.infer("tiny", [h], parameters={"tier": "w050"})
+    np.testing.assert_array_equal(r.as_numpy("logits"), want)
+    params = r.get_response()["parameters"]
+    assert params["tier"] == "w050" and params["batch_size"] == 2
+    # plain JSON both ways
+    status, headers, body = _call(server, "/v2/models/tiny/infer",
+                                  _infer_body(x, id="r1", parameters={"tier": "w050"}))  # fmt: skip
+    doc = json.loads(body)
+    assert status == 200 and doc["id"] == "r1" and codec_header(headers) is None
+    out = doc["outputs"][0]
+    assert out["shape"] == [2, 10] and out["datatype"] == "FP32"
+    np.testing.assert_array_equal(np.array(out["data"], np.float32).reshape(2, 10), want)
+    # a nested JSON list is read in row-major order, as the flat one
+    nested = _infer_body(x, parameters={"tier": "w050"})
+    nested["inputs"][0]["data"] = x.tolist()
+    doc = json.loads(_call(server, "/v2/models/versions/1/infer".replace(
+        "versions", "tiny/versions"), nested)[2])  # fmt: skip
+    np.testing.assert_array_equal(np.array(doc["outputs"][0]["data"], np.float32), want.ravel())
+
+
+def codec_header(headers):
+    return headers.get("Inference-Header-Content-Length")
+
+
+def test_a_json_input_with_a_binary_output_and_classification(server, http):
+    x = _x(1)
+    binary = {"name": "logits", "parameters": {"binary_data": True}}
+    body = _infer_body(x, parameters={"tier": "w100"}, outputs=[binary])
+    status, headers, data = _call(server, "/v2/models/tiny/infer", body)
+    n = int(codec_header(headers))
+    doc = json.loads(data[:n])
+    assert status == 200 and doc["outputs"][0]["parameters"] == {"binary_data_size": 40}
+    logits = np.frombuffer(data[n:], np.float32)
+    h = th.InferInput("input", [1, 1, 8, 8], "FP32")
+    h.set_data_from_numpy(x, binary_data=False)  # JSON in
+    out = th.InferRequestedOutput("logits", binary_data=False, class_count=3)
+    r = http.infer("tiny", [h], outputs=[out], parameters={"tier": "w100"})
+    top = r.as_numpy("logits")[0]
+    assert [int(str(s).split(":")[1]) for s in top] == list(np.argsort(-logits)[:3])
+
+
+def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
+    import gzip
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server.server.rest.port}/v2/models/wide/infer",
+        data=json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28],
+                                     "datatype": "FP32", "data": [0.25] * 784}]}).encode(),
+        headers={"Accept-Encoding": "gzip"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        doc = json.loads(gzip.decompress(r.read()))
+    assert doc["outputs"][0]["shape"] == [1, 10]
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        (b"{not json", "not JSON"),
+        ({"inputs": []}, "has no inputs"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [1.0] * 63}]}, "63 values in data, expected 64"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": ["a"] * 64}]}, "FP32 data must be numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [[1.0], [1.0, 2.0]]}]}, "nested unevenly"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT32",
+                      "data": [2**40] * 64}]}, "outside INT32's range"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT32",
+                      "data": [1] * 64}]}, "datatype"),  # the model's input is FP32
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64, "paramters": {}}]}, "unknown field 'paramters'"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},
+         "has no data"),
+        ({"inputs": [{"name": "input", "shape": "1x64", "datatype": "FP32", "data": []}]},
+         "shape must be a list"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "parameters": {"tierr": "w100"}},
+         "did you mean 'tier'"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "parameters": {"latency_budget_ms": [1]}},
+         "'latency_budget_ms' must be a string, a finite number or a boolean"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_400_saying_what_is_wrong(server, body, where):
+    status, message = _error(server, "/v2/models/tiny/infer", body if isinstance(body, bytes)
+                             else json.dumps(body).encode())  # fmt: skip
+    assert status == 400 and where in message, message
+
+
+def test_binary_lengths_that_do_not_add_up_are_refused(server):
+    x = _x(1)
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 256}}]}).encode()  # fmt: skip
+    url = "/v2/models/tiny/infer"
+    ok = _call(server, url, head + x.tobytes(), headers={"Inference-Header-Content-Length":
+                                                         str(len(head))})  # fmt: skip
+    assert ok[0] == 200
+    cases = [
+        (head + x.tobytes()[:100], str(len(head)), "only 100 bytes of binary data are left"),
+        (head + x.tobytes() + b"xx", str(len(head)), "2 bytes of binary data after the JSON"),
+        (head + x.tobytes(), str(len(head) + 10**6), "the body has"),
+        (head + x.tobytes(), "ten", "must be a number of bytes"),
+    ]
+    for body, length, where in cases:
+        status, message = _error(server, url, body, headers={
+            "Inference-Header-Content-Length": length})  # fmt: skip
+        assert status == 400 and where in message, message
+
+
+def test_statuses_follow_the_error(server):
+    assert _error(server, "/v2/models/nope/infer", _infer_body(_x(1)))[0] == 404
+    status, message = _error(
+        server, "/v2/models/tiny/infer", _infer_body(_x(1), parameters={"latency_budget_ms": 0.001})
+    )
+    assert status == 504 and "budget" in message
+    status, message = _error(server, "/v2/models/tiny/infer", method="GET")
+    assert status == 405 and "use POST" in message
+    assert _call(server, "/v2/models/tiny/infer", method="GET")[1]["Allow"] == "POST"
+    status, message = _error(server, "/v3/anything")
+    assert status == 404 and "no route GET /v3/anything" in message
+    assert _error(server, "/v2/trace/setting")[0] == 501
+    assert _error(server, "/v2/cudasharedmemory/region/r/register", {}, method="POST")[0] == 501
+    assert _call(server, "/v2/models/nope/ready")[0] == 503
+
+
+def test_a_body_over_the_message_limit_is_413_naming_the_setting(tmp_path):
+    add_onnx_model(tmp_path, "tiny", tiny_cnn, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
+    }, warmup=0, repeats=1)  # fmt: skip
+    s = ServerThread({"repository": str(tmp_path), "http_port": 0,
+                      "max_message_bytes": 2**20}).start()  # fmt: skip
+    try:
+        status, message = _error(s, "/v2/models/tiny/infer", b"[" + b"0," * 2**20 + b"0]")
+        assert status == 413 and "max_message_bytes" in message
+        assert _call(s, "/v2/health/live")[0] == 200  # still serving
+    finally:
+        s.stop()
+
+
+def test_repository_and_log_settings_over_rest(server, http):
+    index = http.get_model_repository_index()
+    assert {m["name"]: m["state"] for m in index} == {"tiny": "READY", "wide": "READY"}
+    http.unload_model("wide")
+    try:
+        assert not http.is_model_ready("wide")
+        assert {m["name"]: m.get("reason") for m in http.get_model_repository_index()}[
+            "wide"] == "unloaded"  # fmt: skip
+    finally:
+        http.load_model("wide")
+    assert http.is_model_ready("wide")
+    settings = http.get_log_settings()
+    assert settings["log_error"] is True and "log_verbose_level" in settings
+    with pytest.raises(InferenceServerException, match="log_file"):
+        http.update_log_settings({"log_file": "/tmp/x.log"})
+
+
+def test_every_call_is_counted_by_route_and_status(server):
+    _call(server, "/v2/models/tiny/infer", _infer_body(_x(1)))
+    _call(server, "/v2/models/nope/infer", _infer_body(_x(1)))
+    with urllib.request.urlopen(server.metrics_url) as r:
+        text = r.read().decode()
+    assert 'innfer_http_requests_total{code="200",handler="infer",method="POST"}' in text
+    assert 'innfer_http_requests_total{code="404",handler="infer",method="POST"}' in text
+    assert "innfer_http_request_duration_seconds_bucket" in text
+
+
+def test_auth_guards_every_route_but_the_probes(model_repository):
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "auth": {"bearer_token": "s3cret-token-value"}}).start()  # fmt: skip
+    try:
+        assert _call(s, "/v2/health/ready")[0] == 200
+        status, message = _error(s, "/v2/models/tiny/infer", _infer_body(_x(1)))
+        assert status == 401 and "bearer token" in message
+        assert _error(s, "/v2/models/tiny")[0] == 401
+        ok = {"Authorization": "Bearer s3cret-token-value"}
+        assert _call(s, "/v2/models/tiny/infer", _infer_body(_x(1)), headers=ok)[0] == 200
+        c = th.InferenceServerClient(f"127.0.0.1:{s.server.rest.port}")
+        assert c.get_model_metadata("tiny", headers=ok)["name"] == "tiny"
+        c.close()
+    finally:
+        s.stop()
+
+
+def test_a_stop_answers_the_call_in_flight_then_closes_the_port(tmp_path):
+    add_onnx_model(tmp_path, "slow", slow_loop, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
+        "default_latency_budget_ms": 60_000,
+    }, warmup=0, repeats=1)  # fmt: skip
+    s = ServerThread({"repository": str(tmp_path), "http_port": 0,
+                      "profile_at_load": False}).start()  # fmt: skip
+    port = s.server.rest.port
+    body = {"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32",
+                        "data": [0.5] * 1024}]}  # fmt: skip
+    answers = []
+    call = threading.Thread(target=lambda: answers.append(
+        _call(s, "/v2/models/slow/infer", body)))  # fmt: skip
+    call.start()
+    deadline = time.monotonic() + 10
+    while not s.server.plane.inflight() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert s.server.plane.inflight()  # (~0.35 s of engine time from here)
+    s.stop(grace=20)
+    call.join(20)
+    assert answers and answers[0][0] == 200  # accepted before the stop: answered
+    assert len(json.loads(answers[0][2])["outputs"][0]["data"]) == 10
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=5)
+
+
+def test_http_port_clashing_with_another_port_is_refused_in_the_config():
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"http_port.*a port other than grpc_port"):
+        ServerConfig.from_dict({"repository": "m", "http_port": 8001})
