@@ -374,7 +374,8 @@ class Metrics:
         )  # fmt: skip
         self.http_duration = Histogram(
             "innfer_http_request_duration_seconds", "Time from a REST call's handler start to "
-            "its answer sent: body read, decode, queue, compute, encode.", ["handler", "method"],
+            "its answer (a client that left: its going): body read, decode, queue, compute, "
+            "encode, send.", ["handler", "method"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._rpc_children: dict = {}

@@ -37,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_response import ContentCoding
 
 from server import rest_codec as codec
 from server.errors import (
@@ -73,6 +74,38 @@ HTTP_STATUS_OF: dict[type[InferError], int] = {
     DeadlineExceeded: 504,
 }
 OPEN_ROUTES = {"health_live", "health_ready"}  # probes need no token, as on gRPC
+# Keys of a request's state: counted by its route (the middleware counts the rest), and the
+# status of an answer its client left before it was written.
+# (typed keys where aiohttp has them: it warns of plain strings)
+_KEY = getattr(web, "RequestKey", lambda name, _kind: name)
+COUNTED, GONE = _KEY("innfer_counted", bool), _KEY("innfer_gone", int)
+
+
+def accepted_coding(header: str) -> ContentCoding | None:
+    """The compression ``Accept-Encoding`` allows (gzip before deflate), by RFC 9110's
+    q-values: ``gzip;q=0`` refuses it.
+
+    Example:
+        >>> accepted_coding("gzip;q=0, deflate"), accepted_coding("br, GZIP")
+        (<ContentCoding.deflate: 'deflate'>, <ContentCoding.gzip: 'gzip'>)
+    """
+    allowed = set()
+    for item in header.split(","):
+        coding, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            allowed.add(coding.strip().lower())
+    for coding in (ContentCoding.gzip, ContentCoding.deflate):
+        if coding.value in allowed:
+            return coding
+    return None
 
 
 def http_status_of(exc: InferError) -> int:
@@ -89,10 +122,10 @@ class _Call:
     table is in the model's config)."""
 
     def __init__(self, request: web.Request) -> None:
-        self._auth = request.headers.get("Authorization")
+        self._auth = request.headers.getall("Authorization", [])
 
     def invocation_metadata(self):
-        return () if self._auth is None else (("authorization", self._auth),)
+        return tuple(("authorization", value) for value in self._auth)
 
     def set_trailing_metadata(self, _metadata) -> None:
         pass
@@ -170,11 +203,18 @@ class RestFrontEnd:
                 (post, base + "/trace/setting", "trace", self._trace),
             ]
         for method, path, name, handler in routes:
-            r.add_route(method, path, self._route(name, handler))
+            if method == get:  # (HEAD too, as add_get does: a probe may send it)
+                r.add_get(path, self._route(name, handler))
+            else:
+                r.add_route(method, path, self._route(name, handler))
         return app
 
     async def start(self, max_body: int) -> None:
-        runner = web.AppRunner(self.app(max_body), access_log=None, handle_signals=False)
+        # A client that goes away cancels its call, as gRPC's does: the request leaves the
+        # queue (aiohttp's default let it run and write into a closed socket).
+        runner = web.AppRunner(
+            self.app(max_body), access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await runner.setup()
         site = web.TCPSite(
             runner, self.config.host, self.config.http_port, ssl_context=self.ssl_context,
@@ -210,22 +250,30 @@ class RestFrontEnd:
         @functools.wraps(handler)
         async def route(request: web.Request) -> web.StreamResponse:
             t0, status = time.perf_counter(), 500
+            request[COUNTED] = True  # (the middleware counts only what no route did)
             try:
                 if name not in OPEN_ROUTES:
                     self.service.authenticate(_Call(request).invocation_metadata())
                 response = await handler(request)
-                status = response.status
+                status = request.get(GONE, response.status)
                 return response
             except InferError as exc:
                 status = http_status_of(exc)
+                headers = None
                 if isinstance(exc, Unauthenticated):
                     metrics.auth_refused.labels(f"http:{name}").inc()
-                return _error(status, clip_message(str(exc)))
+                    headers = {"WWW-Authenticate": "Bearer"}  # (RFC 6750, section 3)
+                return _error(status, clip_message(str(exc)), headers)
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") the JSON escaped: it
+                status = 400  # reached protobuf or the tokenizer, which take only Unicode
+                return _error(status, "the request holds a string that is not valid Unicode "
+                              "(a lone UTF-16 surrogate escape such as \\ud800); send UTF-8 "
+                              "text")  # fmt: skip
             except web.HTTPException as exc:
                 status = exc.status
                 raise
-            except asyncio.CancelledError:  # the client went away mid-call
-                status = 499  # (nginx's "client closed request": no status was sent)
+            except asyncio.CancelledError:  # the client went away mid-call (handler
+                status = 499  # cancellation): nginx's "client closed request", never sent
                 raise
             except Exception:
                 log.exception("REST %s failed", name)
@@ -260,7 +308,7 @@ class RestFrontEnd:
                 )
             else:
                 message = exc.text or exc.reason
-            if exc.status in (404, 405, 413) and request.path.startswith("/"):
+            if not request.get(COUNTED):  # no route ran (no such path, a wrong method)
                 self.plane.metrics.http_handled("unknown" if exc.status == 404 else "refused",
                                                 request.method, exc.status, 0.0)  # fmt: skip
             return _error(exc.status, clip_message(message), headers=_allow(exc))
@@ -309,11 +357,11 @@ class RestFrontEnd:
 
     async def _load(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        if body.get("parameters"):  # refused by the RPC's body, with what to do instead
-            params = {k: pb.ModelRepositoryParameter(string_param=str(v))
-                      for k, v in dict(body["parameters"]).items()}  # fmt: skip
-        else:
-            params = {}
+        given = body.get("parameters") or {}
+        if not isinstance(given, dict):
+            raise InvalidArgument('"parameters" must be a JSON object')
+        # refused by the RPC's body, with what to do instead
+        params = {k: pb.ModelRepositoryParameter(string_param=str(v)) for k, v in given.items()}
         req = pb.RepositoryModelLoadRequest(model_name=request.match_info["name"],
                                             parameters=params)  # fmt: skip
         await self._grpc["RepositoryModelLoad"](self.service, req, _Call(request))
@@ -332,11 +380,12 @@ class RestFrontEnd:
 
     async def _shm_register(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        codec_fields = {"key": str, "offset": int, "byte_size": int}
-        for key, kind in codec_fields.items():
-            value = body.get(key, "" if kind is str else 0)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise InvalidArgument(f'"{key}" must be a {kind.__name__}')
+        if not isinstance(body.get("key", ""), str):
+            raise InvalidArgument('"key" must be a string')
+        for key in ("offset", "byte_size"):
+            value = body.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+                raise InvalidArgument(f'"{key}" must be a whole number of bytes >= 0')
         req = pb.SystemSharedMemoryRegisterRequest(
             name=request.match_info["region"], key=body.get("key", ""),
             offset=body.get("offset", 0), byte_size=body.get("byte_size", 0),
@@ -392,25 +441,30 @@ class RestFrontEnd:
         header = request.headers.get(codec.HEADER_LENGTH)
         length = None
         if header is not None:
-            try:
-                length = int(header)
-            except ValueError:
-                raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes") from None
+            if not header.isascii() or not header.isdigit():  # (int() takes " +27 ", "1_0")
+                raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
+            length = int(header)
         parsed = codec.parse_infer(body, length)
         parsed.request.model_name = request.match_info["name"]
         parsed.request.model_version = request.match_info.get("version", "")
         waited = time.monotonic() - received
-        resp = await self.plane.infer(parsed.request, None, waited, len(body), parsed.raw)
+        # In flight: the body and what its JSON values were decoded into (both held until
+        # the answer is sent; FP64 zeros "0," take 2 bytes of JSON and 8 decoded).
+        size = len(body) + parsed.decoded_bytes
+        resp = await self.plane.infer(parsed.request, None, waited, size, parsed.raw)
         data, json_length = codec.answer_body(resp, parsed)
         headers = {} if json_length is None else {codec.HEADER_LENGTH: str(json_length)}
         kind = "application/json" if json_length is None else "application/octet-stream"
         response = web.Response(body=data, content_type=kind, headers=headers)
-        if "gzip" in request.headers.get("Accept-Encoding", "") or "deflate" in request.headers.get(
-            "Accept-Encoding", ""
-        ):
-            response.enable_compression()
-        await response.prepare(request)
-        await response.write_eof()
+        coding = accepted_coding(request.headers.get("Accept-Encoding", ""))
+        if coding is not None:
+            response.enable_compression(coding)
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionResetError:  # the client left as its answer was written
+            request[GONE] = 499
+            log.debug("REST infer: the client closed its connection before its answer")
         self.plane.answered(resp, time.monotonic() - received - waited, waited)
         return response
 
@@ -432,8 +486,8 @@ async def _body(request: web.Request) -> dict:
         return {}
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"the request body is not JSON ({codec.reason(exc)})") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the request body must be a JSON object")
     return doc

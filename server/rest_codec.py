@@ -32,12 +32,12 @@ from server.limits import clip
 from server.proto_gen import grpc_service_pb2 as pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
-# The extension's own parameters: read here, never passed on as the request's.
 # Statistics' messages written even at zero, as Triton's HTTP front end writes them.
 DURATIONS = frozenset({
     "inference_stats", "success", "fail", "queue", "compute_input", "compute_infer",
     "compute_output", "cache_hit", "cache_miss",
 })  # fmt: skip
+# The extension's own parameters: read here, never passed on as the request's.
 BINARY_SIZE = "binary_data_size"  # an input's (and a binary output's) bytes in the body
 BINARY_OUTPUT = "binary_data"  # an output's: send it as binary data
 BINARY_OUTPUTS = "binary_data_output"  # the request's: every output's default
@@ -61,6 +61,7 @@ class ParsedInfer:
 
     request: pb.ModelInferRequest
     raw: list[memoryview]
+    decoded_bytes: int = 0  # bytes of ``raw`` made from JSON values (not views of the body)
     binary: dict[str, bool] = field(default_factory=dict)
     binary_default: bool = False
     shared_outputs: set[str] = field(default_factory=set)
@@ -92,7 +93,7 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
         raise InvalidArgument(
             'the request has no inputs: give "inputs": [{"name", "shape", "datatype", "data"}, ...]'
         )
-    raw, used = [], 0
+    raw, used, decoded = [], 0, 0
     for i, entry in enumerate(inputs):
         where = f"inputs[{i}]"
         _fields(_mapping(entry, where), where, {"name", "shape", "datatype", "parameters", "data"})
@@ -120,6 +121,7 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
             used += size
         elif "data" in entry:
             raw.append(memoryview(_tensor_bytes(entry["data"], t, where)))
+            decoded += len(raw[-1])
         elif SHARED_REGION not in params:
             raise InvalidArgument(
                 f'{where} has no data: give "data" (a list of values), parameters.'
@@ -130,7 +132,7 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
             f"{len(binary) - used} bytes of binary data after the JSON belong to no input: "
             f"the inputs' parameters.{BINARY_SIZE} add up to {used}"
         )
-    parsed = ParsedInfer(request, raw, binary_default=binary_default)
+    parsed = ParsedInfer(request, raw, decoded, binary_default=binary_default)
     outputs = doc.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidArgument('"outputs" must be a list of {"name", "parameters"}')
@@ -170,7 +172,7 @@ def answer_body(resp: pb.ModelInferResponse, parsed: ParsedInfer) -> tuple[bytes
             entry["data"] = _values(t.datatype, data)
         outputs.append(entry)
     doc["outputs"] = outputs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not tail:
         return head, None
     return b"".join((head, *tail)), len(head)
@@ -217,12 +219,17 @@ def _field(fd, value, filled: frozenset[str] = frozenset()):
 def _json(data: memoryview):
     try:
         doc = json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(
-            f"the request body is not JSON ({exc}); send the OIP inference request as JSON, "
-            f"and binary tensors after it only with {HEADER_LENGTH}"
+            f"the request body is not JSON ({reason(exc)}); send the OIP inference request as "
+            f"JSON, and binary tensors after it only with {HEADER_LENGTH}"
         ) from None
     return _mapping(doc, "the request")
+
+
+def reason(exc: Exception) -> str:
+    """Why a body did not parse as JSON, said shortly (RecursionError's text is Python's)."""
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _mapping(value, where: str) -> Mapping:
@@ -254,8 +261,11 @@ def _flag(value, where: str) -> bool:
 
 
 def _count(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"{where} must be a whole number >= 0, not {clip(str(value))}")
+    """A whole number in [0, 2**63): what an int64 shape dimension or size holds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidArgument(
+            f"{where} must be a whole number in [0, 2**63), not {clip(str(value))}"
+        )
     return value
 
 
@@ -266,6 +276,7 @@ def _shape(value, where: str) -> list[int]:
 
 
 INT64 = (-(2**63), 2**63 - 1)
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _parameters(out, params: Mapping, where: str) -> None:
@@ -333,7 +344,7 @@ def _flat(data, where: str) -> list:
         raise InvalidArgument(f"{where}: data must be a list of values, not {_kind(data)}")
     out = []
     stack = [iter(data)]
-    while stack:  # (iterative: a deeply nested list must not overflow the stack)
+    while stack:  # (iterative: the JSON parser bounds the nesting, this adds no recursion)
         for v in stack[-1]:
             if isinstance(v, list):
                 stack.append(iter(v))
@@ -361,7 +372,12 @@ def _values(datatype: str, data: bytes) -> list:
             i += 4 + n
         return out
     dtype = np.dtype(NUMPY_OF[datatype]).newbyteorder("<")
-    return np.frombuffer(data, dtype=dtype).tolist()
+    values = np.frombuffer(data, dtype=dtype)
+    if dtype.kind == "f" and not np.isfinite(values).all():
+        # JSON has no NaN or infinity (json.dumps wrote bare NaN, which strict parsers
+        # refuse): written as protobuf's JSON mapping writes them, as strings
+        return [v if math.isfinite(v) else NONFINITE[str(v)] for v in values.tolist()]
+    return values.tolist()
 
 
 def parameter_value(p):

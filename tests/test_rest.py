@@ -5,6 +5,7 @@ beside ``tritonclient.grpc`` on the same server - the two transports must answer
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -146,6 +147,10 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
         assert r.headers["Content-Encoding"] == "gzip"
         doc = json.loads(gzip.decompress(r.read()))
     assert doc["outputs"][0]["shape"] == [1, 10]
+    req.headers["Accept-encoding"] = "gzip;q=0, identity"  # (RFC 9110: q=0 refuses it)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Encoding"] is None
+        assert json.loads(r.read())["outputs"][0]["shape"] == [1, 10]
 
 
 @pytest.mark.parametrize(
@@ -312,3 +317,159 @@ def test_http_port_clashing_with_another_port_is_refused_in_the_config():
 
     with pytest.raises(ValueError, match=r"http_port.*a port other than grpc_port"):
         ServerConfig.from_dict({"repository": "m", "http_port": 8001})
+
+
+# -- review 210's findings: each test failed before its fix ----------------------------------
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A server whose one model takes ~0.35 s a batch (requests stay in flight)."""
+    root = tmp_path_factory.mktemp("slow")
+    add_onnx_model(root, "slow", slow_loop, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1024]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 1,
+        "default_latency_budget_ms": 60_000,
+    }, warmup=0, repeats=1)  # fmt: skip
+    s = ServerThread({"repository": str(root), "http_port": 0, "profile_at_load": False})
+    yield s.start()
+    s.stop()
+
+
+def _sample(server, name: str, labels: dict) -> float:
+    return server.server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_client_that_leaves_cancels_its_call_without_an_error_logged(slow_server, caplog):
+    # Its answer was written into the closed socket: ERROR "REST infer failed" with a
+    # traceback and a 500 in the metrics, and the model ran on for nobody.
+    import socket
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1024], "datatype": "FP32",
+                                   "data": [0.5] * 1024}]}).encode()  # fmt: skip
+    head = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    labels = {"handler": "infer", "method": "POST", "code": "499"}
+    before = _sample(slow_server, "innfer_http_requests_total", labels)
+    with caplog.at_level(logging.DEBUG, logger="innfer"):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", slow_server.server.rest.port)) as c:
+                c.sendall(head + body)
+                time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while _sample(slow_server, "innfer_http_requests_total", labels) < before + 3:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+    assert "REST infer failed" not in caplog.text
+    assert _sample(slow_server, "innfer_http_requests_total",
+                   {**labels, "code": "500"}) == 0  # fmt: skip
+    while slow_server.server.plane.inflight() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow_server.server.plane.inflight() == 0
+    assert _call(slow_server, "/v2/health/live")[0] == 200
+
+
+def test_json_values_count_against_the_in_flight_cap_as_decoded(server, monkeypatch):
+    # FP32 zeros "0," are 2 bytes of JSON and 4 decoded: only the body was counted.
+    sizes = []
+    real = server.server.plane.infer
+
+    async def spy(request, time_remaining, waited_s=0.0, size=None, raw=None, **kw):
+        sizes.append((size, sum(len(r) for r in raw)))
+        return await real(request, time_remaining, waited_s, size, raw, **kw)
+
+    monkeypatch.setattr(server.server.plane, "infer", spy)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [4, 1, 8, 8], "datatype": "FP32",
+                                   "data": [0] * 256}]}).encode()  # fmt: skip
+    assert _call(server, "/v2/models/tiny/infer", body)[0] == 200
+    ((size, decoded),) = sizes
+    assert decoded == 1024 and size == len(body) + decoded
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v2/models/tiny/infer", b'{"inputs": [{"name": "input", "shape": [9223372036854775808],'
+         b' "datatype": "FP32", "data": [1]}]}'),
+        ("/v2/models/tiny/infer", b'{"inputs": [{"name": "in\\ud800", "shape": [1, 1, 8, 8],'
+         b' "datatype": "FP32", "data": [' + b"0," * 63 + b'0]}]}'),
+        ("/v2/models/tiny/infer", b'{"id": "\\ud800", "inputs": [{"name": "input", "shape": '
+         b'[1, 1, 8, 8], "datatype": "FP32", "data": [' + b"0," * 63 + b'0]}]}'),
+        ("/v2/models/tiny/infer", b'{"inputs": [{"name": "input", "shape": [1], "datatype": '
+         b'"FP32", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"),
+        ("/v2/systemsharedmemory/region/r/register", b'{"key": "/k", "offset": -1}'),
+        ("/v2/systemsharedmemory/region/r/register", b'{"key": "/k", "byte_size": ' +
+         str(2**70).encode() + b"}"),
+        ("/v2/repository/models/tiny/load", b'{"parameters": "abc"}'),
+        ("/v2/logging", b'{"\\ud800": true}'),
+    ],
+    ids=["shape-2**63", "surrogate-name", "surrogate-id", "deep-nesting", "shm-offset",
+         "shm-size", "load-parameters", "log-key"],
+)  # fmt: skip
+def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path, body):
+    with caplog.at_level(logging.ERROR, logger="innfer"):
+        status, message = _error(server, path, body, method="POST")
+    assert status == 400, message
+    assert "internal error" not in message and "failed" not in caplog.text
+
+
+def test_a_413_is_counted_once(tmp_path):
+    add_onnx_model(tmp_path, "tiny", tiny_cnn, {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
+    }, warmup=0, repeats=1)  # fmt: skip
+    s = ServerThread({"repository": str(tmp_path), "http_port": 0,
+                      "max_message_bytes": 2**20}).start()  # fmt: skip
+    try:
+        assert _error(s, "/v2/models/tiny/infer", b"0" * (2**20 + 1))[0] == 413
+        counts = {
+            sample.labels["handler"]: sample.value
+            for metric in s.server.metrics.registry.collect()
+            if metric.name == "innfer_http_requests"
+            for sample in metric.samples
+            if sample.name.endswith("_total") and sample.labels["code"] == "413"
+        }
+        assert counts == {"infer": 1.0}
+    finally:
+        s.stop()
+
+
+def test_non_finite_outputs_are_strict_json(server):
+    # json.dumps wrote bare NaN, which strict parsers (JSON.parse, Go, jq) refuse.
+    body = b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [' \
+        + b"NaN," * 63 + b"NaN]}]}"  # fmt: skip
+    status, _, data = _call(server, "/v2/models/tiny/infer", body)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    doc = json.loads(data, parse_constant=refuse)
+    assert status == 200 and doc["outputs"][0]["data"] == ["NaN"] * 10
+
+
+def test_http_conventions_head_auth_challenge_and_strict_lengths(model_repository):
+    import http.client
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "auth": {"bearer_token": "s3cret-token-value"}}).start()  # fmt: skip
+    port = s.server.rest.port
+    try:
+        assert _call(s, "/v2/health/live", method="HEAD")[0] == 200  # was 405
+        status, headers, _ = _call(s, "/v2/models/tiny")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        # every Authorization header is read, as gRPC reads every authorization entry
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.putrequest("GET", "/v2/models/tiny")
+        c.putheader("Authorization", "Bearer wrong")
+        c.putheader("Authorization", "Bearer s3cret-token-value")
+        c.endheaders()
+        assert c.getresponse().status == 200
+        c.close()
+        ok = {"Authorization": "Bearer s3cret-token-value"}
+        head = json.dumps(_infer_body(_x(1))).encode()
+        for length in (f" +{len(head)} ", "1_0"):
+            status, message = _error(s, "/v2/models/tiny/infer", head, headers={
+                **ok, "Inference-Header-Content-Length": length})  # fmt: skip
+            assert status == 400 and "must be a number of bytes" in message
+    finally:
+        s.stop()
