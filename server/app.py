@@ -32,6 +32,7 @@ from server import bearer_token as bearer
 from server.allocator import malloc_settings, tune_malloc
 from server.certificates import Certificates
 from server.config import ServerConfig, loopback
+from server.daemon_call import in_daemon_thread
 from server.dataplane import DataPlane
 from server.limits import stream_limits_warning
 from server.metrics import Metrics
@@ -366,11 +367,10 @@ async def _follow(read: Callable, apply: Callable) -> None:
     """Every ``SECRETS_POLL_S``: ``read`` off the loop (a file's stat, its content when it
     changed: None, or what to put in force) and ``apply`` what it gave, on the loop. A
     failure keeps what is in force and is logged; the loop goes on."""
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(SECRETS_POLL_S)
         try:
-            new = await loop.run_in_executor(None, read)
+            new = await in_daemon_thread(read)  # (a stalled volume must not hold the exit)
             if new is not None:
                 apply(new)
         except Exception:  # (read says what it can; this is what it could not)

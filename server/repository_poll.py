@@ -39,6 +39,7 @@ from pathlib import Path
 from runtime.repository.frontier import ACTIVE_FILE
 from runtime.repository.leftovers import STAGING
 from runtime.repository.store import BUILD_LOCK_FILE
+from server.daemon_call import in_daemon_thread
 
 log = logging.getLogger("innfer.poll")
 
@@ -134,16 +135,15 @@ class RepositoryPoller:
         """The models as the start-up is about to load them (call before load_all: what
         changes while they load is loaded again at the first poll)."""
         names = set(self.plane.config.models)
-        self.seen = await asyncio.get_running_loop().run_in_executor(None, self._look, names)
+        self.seen = await in_daemon_thread(self._look, names)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.period_s)
             try:
                 # (the plane's sets read here, on the loop; the disk off it)
                 names = set(self.plane.models) | set(self.plane.broken) | self.plane.expected
-                now = await loop.run_in_executor(None, self._look, names)
+                now = await in_daemon_thread(self._look, names)
                 await self._load_changed(now)
             except asyncio.CancelledError:
                 raise
@@ -168,7 +168,6 @@ class RepositoryPoller:
         return out
 
     async def _load_changed(self, now: dict[str, Fingerprint | None]) -> None:
-        loop = asyncio.get_running_loop()
         for name, stamp in now.items():
             if self.plane.closing.is_set():
                 return
@@ -182,7 +181,7 @@ class RepositoryPoller:
                 continue
             # Looked at again just before: loads run one after another, and a build that
             # began since the look (minutes later, behind TensorRT builds) is left alone.
-            if await loop.run_in_executor(None, build_running, self.plane.repo.root / name):
+            if await in_daemon_thread(build_running, self.plane.repo.root / name):
                 continue
             why = "changed" if name in self.seen else "new"
             self.seen[name] = stamp  # tried once per change, whatever the outcome

@@ -1,0 +1,58 @@
+"""server/daemon_call.py: blocking looks at the disk that must not hold the process's exit
+(a stat of a stalled NFS volume never returns)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from server.daemon_call import in_daemon_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_result_and_the_error_come_back_to_the_caller():
+    assert asyncio.run(in_daemon_thread(lambda a, b: a + b, 2, 3)) == 5
+
+    def fails():
+        raise PermissionError("no")
+
+    with pytest.raises(PermissionError, match="no"):
+        asyncio.run(in_daemon_thread(fails))
+
+
+def test_a_repository_look_that_never_returns_does_not_hold_the_exit(tmp_path):
+    # The poller's look ran on asyncio's default executor, whose threads the exit joins:
+    # a stat stuck on a stalled volume held a stopped server (here 60 s, on NFS for ever).
+    script = textwrap.dedent(f"""
+        import asyncio, time
+        from pathlib import Path
+        from types import SimpleNamespace
+        from server import repository_poll
+
+        repository_poll.fingerprint = lambda d: time.sleep(60)  # a stat that never returns
+        root = Path({str(tmp_path)!r})
+        (root / "m").mkdir()
+        plane = SimpleNamespace(config=SimpleNamespace(models=("m",)),
+                                repo=SimpleNamespace(root=root, names=lambda: ["m"]))
+        poller = repository_poll.RepositoryPoller(plane, 15.0)
+
+        async def main():
+            try:
+                await asyncio.wait_for(poller.baseline(), 0.5)
+            except asyncio.TimeoutError:
+                print("stopped waiting", flush=True)
+
+        asyncio.run(main())
+    """)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0 and "stopped waiting" in out.stdout, out.stderr
+    assert time.monotonic() - t0 < 20  # the process ended without the look
