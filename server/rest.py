@@ -485,7 +485,7 @@ async def _body(request: web.Request) -> dict:
     if not data.strip():
         return {}
     try:
-        doc = json.loads(data)
+        doc = codec.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"the request body is not JSON ({codec.reason(exc)})") from None
     if not isinstance(doc, dict):

@@ -9,8 +9,9 @@ Inference Protocol) endpoint; one worker process. KServe binds its gRPC server t
 its REST server to 0.0.0.0 with no option to change either, so both are pointed at
 127.0.0.1 here before they start. Request parameters (latency_budget_ms, tier) reach the
 model in `payload.parameters` and are ignored. Per-request INFO logs (one line per gRPC call
-plus a latency line) are off: KSERVE_LOGLEVEL defaults to WARNING and latency logging is
-disabled, so that the peer does not pay for writing logs innfer does not write.
+plus a latency line, uvicorn's access line per REST call) are off: KSERVE_LOGLEVEL defaults
+to WARNING, latency logging is disabled and the REST server's access log too, so that the
+peer does not pay for writing logs innfer does not write.
 
     <venv>/bin/python bench/peer_servers/kserve_onnx.py --onnx M.onnx --model-name mlp \
         --grpc-port P --http-port H
@@ -19,6 +20,7 @@ disabled, so that the peer does not pay for writing logs innfer does not write.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -78,6 +80,12 @@ class _LoopbackRest(kserve.model_server.RESTServer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = HOST  # read when uvicorn binds, after this
+        # No access-log line per REST request (uvicorn's default): innfer writes none, and
+        # KServe's gRPC path none either (bench/rest.py measures the REST port). uvicorn logs
+        # where its access logger has handlers (Config(access_log=False) clears them, but
+        # this Config is made already).
+        access = logging.getLogger("uvicorn.access")
+        access.handlers, access.propagate = [], False
 
 
 def main() -> None:
