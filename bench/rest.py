@@ -96,20 +96,27 @@ def _peer(python: Path, name: str, onnx: Path, model: str, log: Path, cpus, args
     return server
 
 
+def tensors(su: dict, encoding: str) -> tuple[list, list]:
+    """tritonclient.http's inputs (the benchmark's) and requested outputs, in ``encoding``."""
+    import tritonclient.http as th
+
+    binary = encoding == "binary"
+    inputs = []
+    for name, x in su["inputs"].items():
+        t = th.InferInput(name, list(x.shape), "FP32")
+        t.set_data_from_numpy(x, binary_data=binary)
+        inputs.append(t)
+    return inputs, [th.InferRequestedOutput(n, binary_data=binary) for n in su["reference"]]
+
+
 def closed_loop(url: str, su: dict, concurrency: int, encoding: str, params, args) -> dict:
     """``concurrency`` greenlets, each sending its next request when its last is answered,
     until --requests are sent or --seconds passed; latencies of the answered ones."""
     import gevent
     import tritonclient.http as th
 
-    binary = encoding == "binary"
     client = th.InferenceServerClient(url, concurrency=concurrency, network_timeout=120)
-    inputs = []
-    for name, x in su["inputs"].items():
-        t = th.InferInput(name, list(x.shape), "FP32")
-        t.set_data_from_numpy(x, binary_data=binary)
-        inputs.append(t)
-    outputs = [th.InferRequestedOutput(n, binary_data=binary) for n in su["reference"]]
+    inputs, outputs = tensors(su, encoding)
     latencies: list[float] = []
     errors: Counter = Counter()
     state = {"sent": 0}
@@ -148,14 +155,8 @@ def answer_check(url: str, su: dict, encoding: str, params) -> float:
     Runtime output (every server must compute the same model)."""
     import tritonclient.http as th
 
-    binary = encoding == "binary"
     client = th.InferenceServerClient(url, network_timeout=120)
-    inputs = []
-    for name, x in su["inputs"].items():
-        t = th.InferInput(name, list(x.shape), "FP32")
-        t.set_data_from_numpy(x, binary_data=binary)
-        inputs.append(t)
-    outputs = [th.InferRequestedOutput(n, binary_data=binary) for n in su["reference"]]
+    inputs, outputs = tensors(su, encoding)
     r = client.infer(su["model"], inputs, outputs=outputs, parameters=params,
                      **REQUEST_OPTIONS[encoding])  # fmt: skip
     client.close()

@@ -224,14 +224,19 @@ def test_statuses_follow_the_error(server):
     assert _call(server, "/v2/models/nope/ready")[0] == 503
 
 
-def test_a_body_over_the_message_limit_is_413_naming_the_setting(tmp_path):
+def _small_limit_server(tmp_path) -> ServerThread:
+    """The tiny CNN alone, behind a 1 MiB message (and REST body) limit."""
     add_onnx_model(tmp_path, "tiny", tiny_cnn, {
         "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
         "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
     }, warmup=0, repeats=1)  # fmt: skip
-    s = ServerThread({"repository": str(tmp_path), "http_port": 0,
-                      "max_message_bytes": 2**20}).start()  # fmt: skip
+    return ServerThread({"repository": str(tmp_path), "http_port": 0,
+                         "max_message_bytes": 2**20}).start()  # fmt: skip
+
+
+def test_a_body_over_the_message_limit_is_413_naming_the_setting(tmp_path):
+    s = _small_limit_server(tmp_path)
     try:
         status, message = _error(s, "/v2/models/tiny/infer", b"[" + b"0," * 2**20 + b"0]")
         assert status == 413 and "max_message_bytes" in message
@@ -413,13 +418,7 @@ def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path,
 
 
 def test_a_413_is_counted_once(tmp_path):
-    add_onnx_model(tmp_path, "tiny", tiny_cnn, {
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-        "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 4,
-    }, warmup=0, repeats=1)  # fmt: skip
-    s = ServerThread({"repository": str(tmp_path), "http_port": 0,
-                      "max_message_bytes": 2**20}).start()  # fmt: skip
+    s = _small_limit_server(tmp_path)
     try:
         assert _error(s, "/v2/models/tiny/infer", b"0" * (2**20 + 1))[0] == 413
         counts = {
