@@ -49,7 +49,6 @@ model.yaml asks for one and it is off); the log says what changed and why.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -69,6 +68,7 @@ from runtime.atomic import write_bytes, write_json
 from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_FILE
 from runtime.repository.config import AutoTiersConfig
 from runtime.utc import seconds
+from server.daemon_call import DaemonWorker
 from server.traffic import CAPACITY, TrafficLog, drifted, summarise_traffic, write_traffic
 
 log = logging.getLogger("innfer.autotier")
@@ -174,9 +174,8 @@ class AutoTierer:
         # on the loop that stalled every request. One thread: the work directory's state
         # (``_alive``) is only touched there, and ``stop``'s removal comes after any
         # operation still running. Started at the first use.
-        self._files = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"innfer-autotier-{name}"
-        )
+        # (a daemon thread: a call stuck on the volume must not hold the exit either)
+        self._files = DaemonWorker(f"innfer-autotier-{name}")
 
     def start(self) -> None:
         """Start the loop on the running event loop."""
@@ -390,11 +389,22 @@ class AutoTierer:
         finally:
             # Released on the file thread too (on NFS an unlock is a call to the server),
             # after this check's last file operation; a cancelled check's too, unawaited.
-            released = self._files.submit(os.close, lock)
+            released = self._files.submit(self._release, lock)
         # Awaited where the check ends normally: a check that returned has let go of the
         # lock (another loop on this volume that checks next must not find it still held).
-        await asyncio.wrap_future(released)
+        # Shielded: a check cancelled while the release is queued must not cancel it with
+        # the wait (the lock stayed held by nobody until the process exited).
+        await asyncio.shield(asyncio.wrap_future(released))
         return outcome
+
+    def _release(self, lock: int) -> None:
+        """Close the model's apply lock (on the file thread). A failed close (EIO from an
+        NFS server) is said, not raised: the check's outcome is counted already, and the
+        kernel drops the lock with the descriptor either way."""
+        try:
+            os.close(lock)
+        except OSError as exc:
+            log.warning("model %s: closing its apply lock failed (%s)", self.name, exc)
 
     async def _apply_and_swap(self, summary: dict, rows: tuple) -> str:
         """Choose, apply and reload, under the model's lock (``_check``)."""

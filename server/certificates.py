@@ -83,6 +83,12 @@ class Certificates:
         self._ssl = self._new_ssl()
         front = self._new_ssl()
         front.sni_callback = self._in_force  # (called on every ClientHello, SNI or none)
+        if self.tls.client_ca is not None:
+            # A resumed session skips the client's certificate: one signed by a client CA
+            # since renewed away got in with its ticket. No tickets (TLS 1.2's server-side
+            # session cache, which Python cannot turn off, still resumes until it expires).
+            front.options |= ssl.OP_NO_TICKET
+            front.num_tickets = 0
         return front
 
     def _new_ssl(self) -> ssl.SSLContext:

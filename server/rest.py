@@ -149,6 +149,7 @@ class RestFrontEnd:
         self.ssl_context = ssl_context
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._stopping = False  # stop began: a call cancelled from here is the server's
         self._grpc = {name: getattr(InferenceService, name).__wrapped__ for name in (
             "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics",
             "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
@@ -240,8 +241,12 @@ class RestFrontEnd:
         are cancelled); idle keep-alive connections are closed."""
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner._shutdown_timeout = timeout_s  # (AppRunner's shutdown_timeout, set late:
-            await runner.cleanup()  # the grace left is known only now)
+            self._stopping = True
+            # AppRunner's shutdown_timeout, set late (the grace left is known only now):
+            # aiohttp waits up to it for the calls, then again for the ones it cancelled, and
+            # reads 0 as no limit at all - so half of what is left, and never 0.
+            runner._shutdown_timeout = max(timeout_s / 2, 1e-3)
+            await runner.cleanup()
 
     # -- the wrapper every route runs in ------------------------------------------------------
     def _route(self, name: str, handler: Handler) -> Handler:
@@ -273,7 +278,8 @@ class RestFrontEnd:
                 status = exc.status
                 raise
             except asyncio.CancelledError:  # the client went away mid-call (handler
-                status = 499  # cancellation): nginx's "client closed request", never sent
+                # cancellation): nginx's "client closed request"; or the stop's grace ended
+                status = 503 if self._stopping else 499  # (never sent either way)
                 raise
             except Exception:
                 log.exception("REST %s failed", name)
@@ -441,7 +447,8 @@ class RestFrontEnd:
         header = request.headers.get(codec.HEADER_LENGTH)
         length = None
         if header is not None:
-            if not header.isascii() or not header.isdigit():  # (int() takes " +27 ", "1_0")
+            # (int() takes " +27 " and "1_0", and refuses 5,000 digits with a ValueError)
+            if not header.isascii() or not header.isdigit() or len(header) > 20:
                 raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
             length = int(header)
         parsed = codec.parse_infer(body, length)
@@ -486,7 +493,8 @@ async def _body(request: web.Request) -> dict:
         return {}
     try:
         doc = codec.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # (JSONDecodeError, UnicodeDecodeError and
+        # Python's 4,300-digit integer limit are ValueErrors)
         raise InvalidArgument(f"the request body is not JSON ({codec.reason(exc)})") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the request body must be a JSON object")

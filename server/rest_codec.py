@@ -220,9 +220,11 @@ def _field(fd, value, filled: frozenset[str] = frozenset()):
 def loads(data: bytes):
     """``data`` parsed as JSON: by orjson (a float-heavy body parses ~12x faster: 21 against
     260 us for the MLP's 784 inputs), else by the standard library, which takes what strict
-    JSON refuses - NaN and Infinity literals, integers past 64 bits, lone surrogates - so
-    that a request is read alike whichever parser took it (and refused with its own
-    reason where neither does)."""
+    JSON refuses - NaN and Infinity literals, lone surrogates, numbers past a double - and
+    reads them as before orjson (the checks after refuse them with their own reasons). One
+    difference stays: an integer past 64 bits orjson reads as a float (2**64 ->
+    1.8e19), so it is refused as "not a whole number" where it is a shape or a size, and a
+    parameter of that size is read as a double."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -232,7 +234,8 @@ def loads(data: bytes):
 def _json(data: memoryview):
     try:
         doc = loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # (JSONDecodeError, UnicodeDecodeError and
+        # Python's 4,300-digit integer limit are ValueErrors)
         raise InvalidArgument(
             f"the request body is not JSON ({reason(exc)}); send the OIP inference request as "
             f"JSON, and binary tensors after it only with {HEADER_LENGTH}"

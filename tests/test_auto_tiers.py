@@ -9,6 +9,7 @@ real INN is built in test_frontier_of_a_real_inn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1143,6 +1144,40 @@ def test_a_check_that_returned_has_let_go_of_the_lock(tmp_path, monkeypatch):
     a = _tierer(tmp_path, None, command)
     b = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])
     assert asyncio.run(a.check()) == "kept" and asyncio.run(b.check()) == "kept"
+
+
+def test_a_check_cancelled_while_its_release_is_queued_still_lets_go_of_the_lock(
+    tmp_path, monkeypatch
+):
+    # Review 211: awaiting the release made a cancel of the check cancel the queued close:
+    # the model's apply lock stayed held (by nobody) until the process exited.
+    import server.autotier as autotier
+
+    tierer = _tierer(tmp_path, None, lambda *a: ["sh", "-c", "exit 3"])  # kept
+    held, go = threading.Event(), threading.Event()
+    real_read = autotier._read
+
+    def read_then_block(path):  # the check's last file call; the release queues behind
+        tierer._files.submit(lambda: (held.set(), go.wait(10)))
+        return real_read(path)
+
+    monkeypatch.setattr(autotier, "_read", read_then_block)
+
+    async def main():
+        check = asyncio.ensure_future(tierer.check())
+        while not held.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # the check is awaiting its queued release now
+        check.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await check
+
+    asyncio.run(main())
+    go.set()
+    tierer._files.submit(lambda: None).result(10)  # the file thread is past the release
+    lock = autotier._try_lock(tmp_path / "m" / "auto" / autotier.LOCK_FILE)
+    assert lock is not None, "the apply lock is still held"
+    os.close(lock)
 
 
 def test_replicas_take_turns_and_never_undo_a_newer_choice(tmp_path, caplog):

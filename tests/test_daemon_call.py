@@ -56,3 +56,27 @@ def test_a_repository_look_that_never_returns_does_not_hold_the_exit(tmp_path):
                          text=True, timeout=30)  # fmt: skip
     assert out.returncode == 0 and "stopped waiting" in out.stdout, out.stderr
     assert time.monotonic() - t0 < 20  # the process ended without the look
+
+
+def test_auto_tierings_file_thread_does_not_hold_the_exit(tmp_path):
+    # Its calls on the shared volume ran on a ThreadPoolExecutor(1), which the exit joins
+    # whatever shutdown(wait=False) says (review 211: a stuck open held it 4 s and on).
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from runtime.repository.config import AutoTiersConfig
+        from server.autotier import AutoTierer
+        from server.metrics import Metrics
+        from server.traffic import TrafficLog
+
+        tierer = AutoTierer("m", Path({str(tmp_path)!r}), AutoTiersConfig(), TrafficLog(),
+                            None, Metrics(), lambda: "x", time.monotonic, lambda *a: ["true"])
+        tierer._files.submit(time.sleep, 60)  # a call stuck on a stalled volume
+        tierer.stop()
+        print("returned", flush=True)
+    """)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0 and "returned" in out.stdout, out.stderr
+    assert time.monotonic() - t0 < 20

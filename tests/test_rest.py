@@ -4,6 +4,7 @@ beside ``tritonclient.grpc`` on the same server - the two transports must answer
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -406,9 +407,13 @@ def test_json_values_count_against_the_in_flight_cap_as_decoded(server, monkeypa
          str(2**70).encode() + b"}"),
         ("/v2/repository/models/tiny/load", b'{"parameters": "abc"}'),
         ("/v2/logging", b'{"\\ud800": true}'),
+        # review 211: Python refuses integers of more than 4,300 digits with a ValueError
+        ("/v2/models/tiny/infer", b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], '
+         b'"datatype": "FP32", "data": [' + b"9" * 5000 + b"]}]}"),
+        ("/v2/logging", b'{"log_verbose_level": ' + b"9" * 5000 + b"}"),
     ],
     ids=["shape-2**63", "surrogate-name", "surrogate-id", "deep-nesting", "shm-offset",
-         "shm-size", "load-parameters", "log-key"],
+         "shm-size", "load-parameters", "log-key", "5000-digits", "5000-digits-logging"],
 )  # fmt: skip
 def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path, body):
     with caplog.at_level(logging.ERROR, logger="innfer"):
@@ -466,9 +471,38 @@ def test_http_conventions_head_auth_challenge_and_strict_lengths(model_repositor
         c.close()
         ok = {"Authorization": "Bearer s3cret-token-value"}
         head = json.dumps(_infer_body(_x(1))).encode()
-        for length in (f" +{len(head)} ", "1_0"):
+        for length in (f" +{len(head)} ", "1_0", "9" * 5000):
             status, message = _error(s, "/v2/models/tiny/infer", head, headers={
                 **ok, "Inference-Header-Content-Length": length})  # fmt: skip
             assert status == 400 and "must be a number of bytes" in message
     finally:
         s.stop()
+
+
+def test_a_stop_with_no_grace_left_does_not_wait_for_a_long_call(model_repository, monkeypatch):
+    # Review 211: the REST port's wait was given the grace left, and aiohttp reads 0 as no
+    # limit: a stop with nothing left waited for every REST call in flight, however long.
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
+    started = threading.Event()
+
+    async def long_call(*args, **kwargs):
+        started.set()
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(s.server.plane, "infer", long_call)
+    answers = []
+
+    def send():  # cut by the stop: the connection closes without an answer
+        try:
+            answers.append(_call(s, "/v2/models/tiny/infer", _infer_body(_x(1)))[0])
+        except Exception as exc:  # http.client.RemoteDisconnected
+            answers.append(type(exc).__name__)
+
+    call = threading.Thread(target=send, daemon=True)
+    call.start()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    s.stop(grace=0.0)
+    assert time.monotonic() - t0 < 30  # (was the call's whole 60 s)
+    call.join(10)
+    assert answers and answers[0] != 200
