@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("innfer.daemon_call")
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args, name: str = "innfer-io") -> T:
@@ -83,9 +85,10 @@ class DaemonWorker:
                 raise RuntimeError(f"{self.name}: cannot take calls after shutdown")
             future: concurrent.futures.Future = concurrent.futures.Future()
             self._queue.put((future, fn, args))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-                self._thread.start()
+            if self._thread is None:  # (kept only once started: a failed start is retried)
+                thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                thread.start()
+                self._thread = thread
         return future
 
     def shutdown(self, wait: bool = False) -> None:
@@ -102,6 +105,18 @@ class DaemonWorker:
             if not future.set_running_or_notify_cancel():  # cancelled while queued
                 continue
             try:
-                future.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as exc:  # handed to the caller, as an executor would
-                future.set_exception(exc)
+                _settle(future.set_exception, exc)
+            else:
+                _settle(future.set_result, result)
+
+
+def _settle(set_outcome: Callable, value) -> None:
+    """Settle a future; a done-callback that raises (past the Exception concurrent.futures
+    swallows: SystemExit, KeyboardInterrupt) is logged, not left to end the worker - every
+    later call would hang (review 212)."""
+    try:
+        set_outcome(value)
+    except BaseException:
+        log.exception("a done-callback of a DaemonWorker call raised; the worker goes on")

@@ -242,10 +242,7 @@ class RestFrontEnd:
         runner, self._runner = self._runner, None
         if runner is not None:
             self._stopping = True
-            # AppRunner's shutdown_timeout, set late (the grace left is known only now):
-            # aiohttp waits up to it for the calls, then again for the ones it cancelled, and
-            # reads 0 as no limit at all - so half of what is left, and never 0.
-            runner._shutdown_timeout = max(timeout_s / 2, 1e-3)
+            runner._shutdown_timeout = _phase_s(timeout_s)
             await runner.cleanup()
 
     # -- the wrapper every route runs in ------------------------------------------------------
@@ -278,7 +275,8 @@ class RestFrontEnd:
                 status = exc.status
                 raise
             except asyncio.CancelledError:  # the client went away mid-call (handler
-                # cancellation): nginx's "client closed request"; or the stop's grace ended
+                # cancellation): nginx's "client closed request"; during a stop, 503 (the
+                # grace ended - or a client left then: the two are not told apart)
                 status = 503 if self._stopping else 499  # (never sent either way)
                 raise
             except Exception:
@@ -478,6 +476,21 @@ class RestFrontEnd:
     async def _call(self, method: str, message, request: web.Request) -> web.Response:
         resp = await self._grpc[method](self.service, message, _Call(request))
         return _json(codec.message_dict(resp))
+
+
+def _phase_s(timeout_s: float) -> float:
+    """AppRunner's shutdown_timeout for a stop that must end within ``timeout_s`` (set late:
+    the grace left is known only then). aiohttp waits up to it for the calls in flight, then
+    up to it again after failing their body reads, and only then cancels the handlers; it
+    rounds a wait over 5 s up to the loop's next whole second, and reads 0 as no limit. So
+    half of what is left, a second less above 5 s, and never 0.
+
+    Example:
+        >>> _phase_s(20.0), _phase_s(4.0), _phase_s(0.0)
+        (9.0, 2.0, 0.001)
+    """
+    half = timeout_s / 2
+    return max(half - 1.0 if half > 5.0 else half, 1e-3)
 
 
 def _model(cls, request: web.Request):

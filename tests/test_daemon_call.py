@@ -80,3 +80,41 @@ def test_auto_tierings_file_thread_does_not_hold_the_exit(tmp_path):
                          text=True, timeout=30)  # fmt: skip
     assert out.returncode == 0 and "returned" in out.stdout, out.stderr
     assert time.monotonic() - t0 < 20
+
+
+def test_the_worker_outlives_a_raising_callback_and_a_failed_thread_start(monkeypatch):
+    # Review 212: a done-callback raising a BaseException settled the future twice and
+    # killed the worker (every later call hung); a thread that failed to start was kept,
+    # never started again.
+    import concurrent.futures
+    import threading
+
+    from server.daemon_call import DaemonWorker
+
+    worker = DaemonWorker("innfer-test")
+    first = worker.submit(time.sleep, 0.2)
+
+    def callback(_):
+        raise SystemExit("a callback's exit")
+
+    first.add_done_callback(callback)
+    assert worker.submit(lambda: "after").result(10) == "after"
+    worker.shutdown()
+
+    real_start, calls = threading.Thread.start, []
+
+    def start_once_fails(self):
+        calls.append(self.name)
+        if len(calls) == 1:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_fails)
+    worker = DaemonWorker("innfer-test-2")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        worker.submit(lambda: None)
+    try:
+        assert worker.submit(lambda: "started").result(10) == "started"
+    except concurrent.futures.TimeoutError:
+        pytest.fail("the worker's thread was never started again")
+    worker.shutdown()
