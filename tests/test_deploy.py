@@ -704,7 +704,9 @@ def test_dockerfile_structure(kind, base):
     assert args.get(user.strip("${}"), user) == str(UID), "runs as uid 10001"
     assert user.startswith("${"), "USER follows the UID build argument (it owns /models)"
     expose = {p for op, a in final if op == "EXPOSE" for p in a.split()}
-    assert {"8001", "8002"} <= expose
+    assert {"8000", "8001", "8002"} <= expose  # REST, gRPC, metrics (Triton's ports)
+    cmd = json.loads(dict(final)["CMD"])
+    assert cmd[cmd.index("--http-port") + 1] == "8000"  # REST on, as the exposed port says
     # The GPU image keeps NVIDIA's entrypoint in front (CUDA forward compatibility on a
     # driver older than the image's CUDA, which this README promises); the Deployment sets
     # args only, so a pod runs the image's ENTRYPOINT too - a `command` replaced it.
