@@ -379,6 +379,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._rpc_children: dict = {}
+        self._http_children: dict = {}
         Info("innfer_build", "innfer build information.", registry=r).info({"version": version})
         r.register(_NvmlCollector())
 
@@ -437,8 +438,15 @@ class Metrics:
             1.0
         """
         method = method if method in HTTP_METHODS else "other"  # (a client names it: bounded)
-        self.http_requests.labels(handler, method, str(status)).inc()
-        self.http_duration.labels(handler, method).observe(seconds)
+        key = (handler, method, status)
+        pair = self._http_children.get(key)  # (cached as _rpc's: labels() costs microseconds)
+        if pair is None:
+            pair = self._http_children[key] = (
+                self.http_requests.labels(handler, method, str(status)),
+                self.http_duration.labels(handler, method),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def rpc_handled(self, kind: str, service: str, method: str, code: str, seconds: float):
         """Count an RPC's end with its status ``code`` (go-grpc's name: OK, InvalidArgument,
