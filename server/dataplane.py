@@ -188,6 +188,7 @@ class DataPlane:
         # Request handling's CPU per row, shared by every model (server.host_cpu).
         self.host_cpu = HostCpu()
         metrics.host_cpu.set_function(lambda: self.host_cpu.estimate)
+        metrics.host_cpu_batch.set_function(lambda: self.host_cpu.batch_estimate)
         metrics.host_cpu_shared.set_function(lambda: float(self.host_cpu.shares_cpus))
         metrics.inflight_bytes.set_function(lambda: float(self.inflight_bytes))  # at scrape
         metrics.inflight_limit_bytes.set(self.limits.max_inflight_bytes)

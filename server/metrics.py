@@ -249,6 +249,13 @@ class Metrics:
             "thread per engine the engine's pool threads count here too (an overestimate).",
             registry=r,
         )  # fmt: skip
+        self.host_cpu_batch = Gauge(
+            "innfer_host_cpu_per_batch_seconds",
+            "CPU the server's event loop spends per batch on the batch as such (deciding, "
+            "handing off, settling it), recent windows. Where handling shares the engines' "
+            "CPUs (innfer_host_cpu_shared 1) the planner's batch sizes count it once per batch.",
+            registry=r,
+        )  # fmt: skip
         # Set by the data plane (no labels: one cap for the whole process).
         self.inflight_bytes = Gauge(
             "innfer_inflight_bytes",

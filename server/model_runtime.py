@@ -1353,7 +1353,11 @@ class ModelRuntime:
         # slot (Device.claim), so the order here does not decide who runs first.
         try:
             for lane in self.lanes.values():
-                while (decision := lane.next(now)) is not None:
+                while True:
+                    c0 = self._loop_cpu()
+                    if (decision := lane.next(now)) is None:
+                        break
+                    self._meter_loop(c0)  # a decision is a batch's cost, not its rows'
                     self._launch(lane, decision)
         finally:  # (a decision that raised leaves the rest queued: they still expire)
             self._arm_expiry(now)
@@ -1410,17 +1414,20 @@ class ModelRuntime:
             return
         self._running += 1
         self._all_done.clear()
+        c0 = self._loop_cpu()  # the hand-off (the inputs' concatenation is per row)
         try:
             planned = lane.latency.planned(d.tier)[d.rows]
             self._batch_started[id(d)] = (self.clock(), planned, d.tier)
             inline = self._may_run_inline(lane, d)
             self._idle_mark = self._idle.waits
             if inline:
+                self._meter_loop(c0)
                 # On the loop thread, at once; answered on the next loop turn (not from
                 # inside this pump: _finish pumps again).
                 self._loop.call_soon(self._finish, lane, d, *self._execute(d, feeds, t_in))
                 return
             self.pool.submit(self._run, lane, d, feeds, t_in)
+            self._meter_loop(c0)
         except Exception as exc:  # no thread to run it ("can't start new thread", shut
             # down), or a bug on the way: the batch still finishes - failed, its slot freed
             # - on the next loop turn. Raised from here, it left every request of the
@@ -1549,6 +1556,16 @@ class ModelRuntime:
         self._compute_cpu_total.inc(engine_cpu_s)  # a failed batch's CPU was the engine's too
         self._meter_host(engine_cpu_s)
 
+    def _loop_cpu(self) -> float:
+        """This thread's CPU seconds so far, where the host's CPU is metered (else 0)."""
+        return time.thread_time() if self.host_cpu is not None else 0.0
+
+    def _meter_loop(self, since: float) -> None:
+        """Count the loop's CPU since ``since`` (``_loop_cpu``) as a batch's own handling
+        (``HostCpu.loop_batch``): its decision, hand-off and settling."""
+        if self.host_cpu is not None:
+            self.host_cpu.loop_batch(time.thread_time() - since)
+
     def _meter_host(self, engine_cpu_s: float) -> None:
         """Count a batch's engine CPU; every ``WINDOW_S`` hand the planner the process's
         CPU per row outside the engines (``server.host_cpu``)."""
@@ -1561,6 +1578,7 @@ class ModelRuntime:
         self.host_cpu.refresh(time.process_time(), now)
         for lane in self.lanes.values():
             lane.host_s = self.host_cpu.per_row
+            lane.batch_host_s = self.host_cpu.per_batch
 
     def _failed(self, lane: Scheduler, d: Decision, exc: BaseException) -> None:
         lane.complete(d, self.clock(), 0.0, ok=False)
@@ -1699,6 +1717,7 @@ class ModelRuntime:
         metrics and Triton's statistics count it (and ``outputs``' NaNs, if any). A batch
         logged as stuck (``hung``) is not learned: its minutes would raise the tier's plan,
         and with it the next hang's stuck threshold and liveness's restart (review 172)."""
+        c0 = self._loop_cpu()
         prepare, compute, cpu = times
         lane.complete(d, now, compute, calls=calls, learn=not hung)
         self._account_cpu(cpu)
@@ -1707,6 +1726,7 @@ class ModelRuntime:
             self._count_nonfinite(d, answered, outputs)
         # A request cancelled while its batch ran is not a success.
         self._record_triton(d, answered, (prepare, compute, output_s), now)
+        self._meter_loop(c0)
 
     def _count_nonfinite(
         self, d: Decision, answered: list[Request], outputs: dict[str, np.ndarray]

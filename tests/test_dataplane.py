@@ -254,8 +254,9 @@ def test_concurrent_requests_are_each_answered_once(config):
 
 
 def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cpus(config):
-    """The data plane meters its CPU outside the engines per arrived row and hands it to
-    every lane's scheduler - only while handling runs on the engines' CPUs."""
+    """The data plane meters its CPU outside the engines per arrived row, and its loop's
+    per batch, and hands both to every lane's scheduler - only while handling runs on the
+    engines' CPUs."""
 
     async def body():
         plane = DataPlane(config, Metrics())
@@ -270,18 +271,21 @@ def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cp
                     xs = [_x(1, float(i)) for i in range(24)]
                     reqs = [_request("a", x, latency_budget_ms=10_000.0) for x in xs]
                     await asyncio.gather(*(plane.infer(r, None) for r in reqs))
-                seen.append([lane.host_s for lane in plane.models["a"].lanes.values()])
+                lanes = plane.models["a"].lanes.values()
+                seen.append([(lane.host_s, lane.batch_host_s) for lane in lanes])
             return plane, seen
         finally:
             for m in plane.models.values():
                 await m.stop()
 
     plane, (shared, own) = _run(body())
-    assert plane.host_cpu.estimate > 0
-    assert shared and all(s > 0 for s in shared)
-    assert own and all(s == 0.0 for s in own)
-    gauge = plane.metrics.registry.get_sample_value("innfer_host_cpu_per_row_seconds")
-    assert gauge == plane.host_cpu.estimate
+    assert plane.host_cpu.estimate > 0 and plane.host_cpu.batch_estimate > 0
+    # Per row and per batch (the loop's decisions, hand-offs and settling), shared only.
+    assert shared and all(row > 0 and batch > 0 for row, batch in shared)
+    assert own and all(row == batch == 0.0 for row, batch in own)
+    get = plane.metrics.registry.get_sample_value
+    assert get("innfer_host_cpu_per_row_seconds") == plane.host_cpu.estimate
+    assert get("innfer_host_cpu_per_batch_seconds") == plane.host_cpu.batch_estimate
 
 
 def test_a_model_the_repository_holds_and_the_server_does_not_says_how_to_serve_it(

@@ -297,6 +297,11 @@ class LatencyModel:
         # Outside work's slowdown of the device (``set_external``): a multiplier on every
         # tier's median, not learned from batches (those learn the residual).
         self._external = 1.0
+        # CPU seconds each batch costs the engines' CPUs outside the engine (deciding,
+        # launching and settling it), where request handling shares them; 0 elsewhere.
+        # Not in any batch's time: only batch sizing (policy.Context) counts it, once per
+        # batch. Its owner sets it (Scheduler.batch_host_s).
+        self.batch_host_s = 0.0
         self.version = 0  # bumped by every change of the tables (observe, set_external, ...)
         for name in self.tiers:
             self._refresh(name)

@@ -210,6 +210,20 @@ class Scheduler:
     def slo_target(self) -> float:
         return self.latency.slo_target
 
+    @property
+    def batch_host_s(self) -> float:
+        """CPU seconds per batch the serving process spends outside the engine on the
+        engine's CPUs - deciding, launching and settling it (``server.host_cpu``); 0 where
+        handling has CPUs of its own or nothing measures it. Its owner sets it; the
+        planner's batch sizes count it once per batch (``LatencyModel.batch_host_s``)."""
+        return self.latency.batch_host_s
+
+    @batch_host_s.setter
+    def batch_host_s(self, seconds: float) -> None:
+        if not 0.0 <= seconds < math.inf:
+            raise ValueError(f"batch_host_s must be finite seconds >= 0, got {seconds}")
+        self.latency.batch_host_s = seconds
+
     # -- admission -------------------------------------------------------------------------
     def check_constraints(self, r: Request) -> None:
         """Raise ``InvalidRequest`` for a request the scheduler cannot take at all: an
