@@ -772,6 +772,7 @@ class DataPlane:
             "engine_speed": m.engine_speed(),
             "engine_sigma": m.engine_spread(),
             "host_cpu_ms": self.host_cpu.per_row * 1e3,
+            "host_cpu_batch_ms": self.host_cpu.per_batch * 1e3,
             # Batches it may run at once (instances, capped by a shared device's slots).
             "slots": m.scheduler.max_running,
             # A pinned tier names one tier of the live set; another set need not have it.

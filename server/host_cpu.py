@@ -14,9 +14,9 @@ Per batch, too: the loop thread's CPU for deciding, launching and settling each 
 CPUs a batch of 4 pays it once where 4 batches of one pay it 4 times, so the planner's
 batch sizes count it (``Scheduler.batch_host_s``): the ResNet pinned to one core at 8
 closed-loop clients served every request as a batch of one (its engine runs 4 rows in 4x
-one row's time) and spent ~0.4 ms of the core's ~2.6 ms per request on each batch. A lower
-bound: the hand-offs between the loop and the engine thread (wake-ups, the self-pipe) are
-not in it.
+one row's time) and spent ~0.4 ms of the core's ~2.6 ms per request on each batch. Not in
+it: the hand-offs' wake-ups between the loop and the engine thread (the self-pipe), and
+the per-request records of settling; in it, the decision, whose cost grows with the queue.
 
 Measured, not configured: the process's CPU time (``time.process_time``, every thread) less
 the engines' own thread CPU over a window of a few hundred milliseconds, per row that
@@ -128,6 +128,7 @@ class HostCpu:
         self.batch_estimate = 0.0  # loop CPU s per batch, measured likewise
         self._rows = 0
         self._engine_s = 0.0
+        self.version = 0  # bumped when the estimates change (their readers resync)
         self._batches = 0  # batches whose engine CPU this window counted
         self._batch_s = 0.0  # the loop's CPU on its batches' own handling this window
         self._since: tuple[float, float] | None = None  # (time, process CPU) at window start
@@ -148,7 +149,8 @@ class HostCpu:
 
     @property
     def shares_cpus(self) -> bool:
-        """Whether request handling runs on the engines' CPUs: no CPU is left over."""
+        """Whether request handling runs on the engines' CPUs: no CPU is left over. (A change
+        of ``cpus`` or ``engine_threads`` reaches the planner with the next window.)"""
         return self.cpus <= self.engine_threads
 
     @property
@@ -190,6 +192,7 @@ class HostCpu:
         self.estimate = _ewma(self.estimate, host)
         if self._batches:
             self.batch_estimate = _ewma(self.batch_estimate, self._batch_s / self._batches)
+        self.version += 1
         self._restart(process_cpu_s, now)
 
     def _restart(self, process_cpu_s: float, now: float) -> None:

@@ -420,9 +420,11 @@ class ModelRuntime:
         # The server's budget margin, taken off each budget before infer(): the traffic log
         # records the client's own budget (the replay takes the margin off again itself).
         self.margin_s = margin_s
-        # The process's CPU per row outside the engines, shared by every model: fed here,
-        # handed to the planner (Scheduler.host_s). None: not measured (tests, tools).
+        # The process's CPU per row and per batch outside the engines, shared by every
+        # model: fed here, handed to the planner (Scheduler.host_s, batch_host_s) before
+        # each decision after it changed (_sync_host). None: not measured (tests, tools).
         self.host_cpu = host_cpu
+        self._host_version = -1  # the HostCpu.version this runtime's lanes were given
         self.traffic = traffic  # auto-tiering's record of what was asked (kept across reloads)
         self.name = served.name
         self.config = served.config
@@ -1324,6 +1326,7 @@ class ModelRuntime:
         decides on now (one per free slot). Called on every arrival and completion, on the
         loop thread; it never awaits, so no other request runs in between."""
         self._idle.flush()  # a finished batch's bookkeeping, before any decision
+        self._sync_host()
         now = self.clock()
         for lane in self.lanes.values():
             for r in lane.expire(now):
@@ -1576,9 +1579,19 @@ class ModelRuntime:
         if not self.host_cpu.due(now):
             return
         self.host_cpu.refresh(time.process_time(), now)
+        self._sync_host()  # (the other models' lanes at their next decision)
+
+    def _sync_host(self) -> None:
+        """Hand the lanes the host CPU's current figures if they changed since: the windows
+        close on whichever model's batch comes next, so a model with few requests beside a
+        busy one (or a reload's new runtime) planned with none of it."""
+        host = self.host_cpu
+        if host is None or host.version == self._host_version:
+            return
+        self._host_version = host.version
         for lane in self.lanes.values():
-            lane.host_s = self.host_cpu.per_row
-            lane.batch_host_s = self.host_cpu.per_batch
+            lane.host_s = host.per_row
+            lane.batch_host_s = host.per_batch
 
     def _failed(self, lane: Scheduler, d: Decision, exc: BaseException) -> None:
         lane.complete(d, self.clock(), 0.0, ok=False)
@@ -1721,12 +1734,12 @@ class ModelRuntime:
         prepare, compute, cpu = times
         lane.complete(d, now, compute, calls=calls, learn=not hung)
         self._account_cpu(cpu)
-        self._record(d, answered, compute, now, lane.latency, later)
         if outputs is not None:
             self._count_nonfinite(d, answered, outputs)
+        self._meter_loop(c0)  # the batch's own; what follows is mostly per request
+        self._record(d, answered, compute, now, lane.latency, later)
         # A request cancelled while its batch ran is not a success.
         self._record_triton(d, answered, (prepare, compute, output_s), now)
-        self._meter_loop(c0)
 
     def _count_nonfinite(
         self, d: Decision, answered: list[Request], outputs: dict[str, np.ndarray]

@@ -25,6 +25,7 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
      "engine_sigma": 0.3,         the spread the latency model learned live (null: none yet)
      "host_cpu_ms": 2.2,          request handling's CPU per row on the engines' CPUs
                                   (server.host_cpu; 0: handling has CPUs of its own)
+     "host_cpu_batch_ms": 0.35,   the loop's CPU per batch there (likewise; absent: 0)
      "slots": 1,                  batches the model runs at once: its instances, no more
                                   than a shared device's slots (null: model.yaml's instances)
      "policy": "innfer"}          the server's scheduling policy (null: innfer; a server
@@ -42,7 +43,8 @@ each batch ``engine_speed`` times its frontier time, drawn with the live spread 
 is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
 replay with their spread plans larger tiers than the live scheduler dares to), with its
 planner told, as the live one is, whether handling shares the engines' CPUs
-(``Scheduler.host_s``).
+(``Scheduler.host_s``) and what each batch costs them (``Scheduler.batch_host_s``: the
+batch sizes it forms; the replay's time does not charge it).
 
 Example:
     >>> host = LiveHost(overhead_ms=(2.0, 3.0, 9.0), margin_ms=1.0)
@@ -79,6 +81,7 @@ class LiveHost:
     slots: int | None = None
     policy: str | None = None
     waited_ms: tuple[float, ...] = ()  # empty, or one per overhead sample
+    host_cpu_batch_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
@@ -99,8 +102,10 @@ class LiveHost:
         sigma = self.engine_sigma
         if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
-        if not (np.isfinite(self.host_cpu_ms) and self.host_cpu_ms >= 0):
-            raise ValueError(f"host_cpu_ms must be >= 0, got {self.host_cpu_ms}")
+        for name in ("host_cpu_ms", "host_cpu_batch_ms"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.slots is not None and not (isinstance(self.slots, int) and self.slots >= 1):
             raise ValueError(f"slots must be an int >= 1 or null, got {self.slots!r}")
         if self.policy is not None and self.policy not in REPLAYED_POLICIES:
@@ -138,6 +143,7 @@ class LiveHost:
             "engine_speed": self.engine_speed,
             "engine_sigma": self.engine_sigma,
             "host_cpu_ms": self.host_cpu_ms,
+            "host_cpu_batch_ms": self.host_cpu_batch_ms,
             "slots": self.slots,
             "policy": self.policy,
         }
@@ -146,8 +152,8 @@ class LiveHost:
     def from_json(cls, data: dict) -> LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
         known = {"overhead_ms", "waited_ms", "budget_margin_ms", "plan_overhead",
-                 "overhead_quantile", "engine_speed", "engine_sigma", "host_cpu_ms", "slots",
-                 "policy"}  # fmt: skip
+                 "overhead_quantile", "engine_speed", "engine_sigma", "host_cpu_ms",
+                 "host_cpu_batch_ms", "slots", "policy"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
@@ -174,6 +180,7 @@ class LiveHost:
                 engine_speed=float(data.get("engine_speed", 1.0)),
                 engine_sigma=_optional(data.get("engine_sigma")),
                 host_cpu_ms=float(data.get("host_cpu_ms", 0.0)),
+                host_cpu_batch_ms=float(data.get("host_cpu_batch_ms", 0.0)),
                 slots=data.get("slots"),
                 policy=data.get("policy"),
             )

@@ -179,6 +179,7 @@ def replay(
     speed: float = 1.0,
     host_s: float = 0.0,
     progress: bool = False,
+    batch_host_s: float = 0.0,
 ) -> SimResult:
     """Run the scheduler over given requests: ``arrivals`` (seconds, non-decreasing),
     ``budgets`` (seconds each) and ``rows`` (batch rows each; default 1). Of ``cfg`` it uses
@@ -191,7 +192,8 @@ def replay(
     ``grace`` while answers are judged by ``budgets``, and every batch runs ``speed`` times
     its profiled time - a ``speed`` above 1 is also the latency model's starting level for
     every tier, as the server's swap sets it; its planner counts ``host_s`` of request
-    handling's CPU per row (``Scheduler.host_s``).
+    handling's CPU per row (``Scheduler.host_s``) and ``batch_host_s`` per batch
+    (``Scheduler.batch_host_s``: its batch sizes count it; the virtual time does not).
     ``progress``: a bar of the requests arrived (a default simulate is millions: minutes).
 
     Example:
@@ -215,6 +217,7 @@ def replay(
         admit_quantile=cfg.admit_quantile,
     )
     sched.host_s = host_s
+    sched.batch_host_s = batch_host_s
     if speed > 1.0:
         # As a live swap starts its new runtime (ModelRuntime.assume_speed): each tier from
         # the measured speed, not its quiet profile, until its own batches correct it.

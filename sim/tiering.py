@@ -391,14 +391,16 @@ def outcomes(
     tiers = [options[n].tier for n in names]
     p50 = {n: options[n].p50 for n in names}
     budgets = traffic.budget_ms / 1e3
-    planned, grace, speed, host_s = None, 0.0, 1.0, 0.0
+    planned, grace, speed, host_s, batch_host_s = None, 0.0, 1.0, 0.0, 0.0
     if host is not None:
         budgets, planned, grace = host.budgets(budgets, sim.seed)
         speed, host_s = host.engine_speed, host.host_cpu_ms / 1e3
+        batch_host_s = host.host_cpu_batch_ms / 1e3
         if host.engine_sigma is not None:
             sim = dataclasses.replace(sim, noise=host.engine_sigma)
     r = replay(tiers, p50, traffic.arrival_s, budgets, sim, rows=traffic.rows,
-               planned=planned, grace=grace, speed=speed, host_s=host_s)  # fmt: skip
+               planned=planned, grace=grace, speed=speed, host_s=host_s,
+               batch_host_s=batch_host_s)  # fmt: skip
     met = ~np.isnan(r.finish) & (r.finish <= traffic.arrival_s + budgets + 1e-12)
     acc = np.array([options[t].tier.accuracy if t else 0.0 for t in r.tiers])
     width = np.array([options[t].width if t else np.nan for t in r.tiers])

@@ -45,7 +45,7 @@ from runtime.repository.frontier import mark_pareto
 from server.scheduling import TierInfo
 from server.traffic import TrafficLog
 from sim.live_host import LiveHost
-from sim.simulator import SimConfig
+from sim.simulator import SimConfig, replay
 from sim.tiering import (
     Option,
     Traffic,
@@ -592,13 +592,32 @@ def test_the_host_view_refuses_what_a_server_would_not_write(tmp_path):
         LiveHost(engine_sigma=float("nan"))
     with pytest.raises(ValueError, match="host_cpu_ms must be >= 0"):
         LiveHost(host_cpu_ms=-0.5)
+    with pytest.raises(ValueError, match="host_cpu_batch_ms must be >= 0"):
+        LiveHost(host_cpu_batch_ms=float("inf"))
     with pytest.raises(ValueError, match="slots must be an int >= 1 or null"):
         LiveHost(slots=0)
     with pytest.raises(ValueError, match=r"policy must be one of \['innfer', 'slackfit'\]"):
         LiveHost(policy="fixed:w100")
     for sigma, slots, policy in ((None, None, None), (0.4, 2, "slackfit")):
         host = LiveHost((1.5, 2.5), 2.0, True, 0.9, 1.3, sigma, 2.2, slots, policy)
+        host = dataclasses.replace(host, host_cpu_batch_ms=0.35)
         assert LiveHost.from_json(json.loads(json.dumps(host.to_json()))) == host
+
+
+def test_the_replay_forms_the_batches_the_live_planner_forms_with_its_per_batch_cost():
+    """A tier whose 8 rows take 8x one row's time: the live planner, told that each batch
+    costs the engines' core 0.5 ms outside the engine, batches 8 waiting requests (7 and
+    1); the replay, given the host view's host_cpu_batch_ms, forms the same batches (one
+    finish time per batch), where without it each runs alone."""
+    tiers = [TierInfo("w100", 1.0, {1: 1.0, 8: 8.0}, {1: 1.0, 8: 8.0})]
+    p50 = {"w100": {1: 1.0, 8: 8.0}}
+    arrivals, budgets = np.zeros(8), np.full(8, 1.0)
+    batches = []
+    for batch_ms in (0.0, 0.5):
+        r = replay(tiers, p50, arrivals, budgets, SimConfig(), batch_host_s=batch_ms / 1e3)
+        assert r.summary["slo_attainment"] == 1.0
+        batches.append(len(np.unique(r.finish)))
+    assert batches == [8, 2]
 
 
 def test_a_slower_engine_and_the_overhead_change_what_the_replay_predicts():

@@ -288,6 +288,33 @@ def test_the_host_cpu_per_row_reaches_the_planner_where_it_shares_the_engines_cp
     assert get("innfer_host_cpu_per_batch_seconds") == plane.host_cpu.batch_estimate
 
 
+def test_a_model_with_few_requests_beside_a_busy_one_plans_with_the_host_cpu(config):
+    """The windows close on whichever model's batch comes next - the busy one's - and the
+    shared figures still reach the quiet model's lanes before its next decision (review
+    213: it planned with none of them)."""
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        plane.host_cpu.cpus, plane.host_cpu.window_s = 1.0, 0.0  # one CPU: shared
+        try:
+            await plane.infer(_request("b", _x(1, 0.0), latency_budget_ms=10_000.0), None)
+            for _ in range(3):  # windows of >= MIN_ROWS rows each, all of model a
+                xs = [_x(1, float(i)) for i in range(24)]
+                reqs = [_request("a", x, latency_budget_ms=10_000.0) for x in xs]
+                await asyncio.gather(*(plane.infer(r, None) for r in reqs))
+            await plane.infer(_request("b", _x(1, 1.0), latency_budget_ms=10_000.0), None)
+            lanes = plane.models["b"].lanes.values()
+            return plane, [(lane.host_s, lane.batch_host_s) for lane in lanes]
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane, quiet = _run(body())
+    assert plane.host_cpu.per_row > 0 and plane.host_cpu.per_batch > 0
+    assert quiet == [(plane.host_cpu.per_row, plane.host_cpu.per_batch)] * len(quiet)
+
+
 def test_a_model_the_repository_holds_and_the_server_does_not_says_how_to_serve_it(
     config, monkeypatch
 ):

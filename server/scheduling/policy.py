@@ -200,8 +200,7 @@ class Context:
         init(self, "_names", tuple(t.name for t in ordered))
         # tier -> (the means and per-batch host CPU it was computed from, batch sizes)
         init(self, "_batch", {})
-        # plan_batches' array (the same one, kept current) and the (means, per-batch host
-        # CPU) it was read from.
+        # plan_batches' array (the same one, kept current) and the means it was read from.
         init(self, "_plan_sizes", (np.zeros(len(ordered), np.int64), [None] * len(ordered)))
         # _tail[k]: the last rank <= k not dominated by a more accurate tier (latency.
         # dominated). An unpinned request's range ends there: its least accurate allowed tier
