@@ -281,8 +281,9 @@ def test_a_batch_grows_where_each_batch_costs_the_engines_cpu_outside_the_engine
     # The same convolution on a core the server's request handling shares: deciding,
     # handing off and settling a batch costs 0.4 ms of that core per batch (measured: the
     # ResNet pinned to one core at 8 clients). Eight batches of one pay it 8 times, one
-    # batch of 8 once: 12.6 vs 12.25 ms per row; the batch grows to the first size within
-    # BATCH_GROWTH_SLACK of the best, 3 rows (12.33 ms per row).
+    # batch of 8 once: 12.6 vs 12.25 ms per row; while the core is nearly full (8 rows of
+    # 12 ms arrived at once) the batch grows to the first size within BATCH_GROWTH_SLACK
+    # of the best, 3 rows (12.33 ms per row).
     flat = [TierInfo("w100", 1.0, {1: 12.5, 8: 100.0}, {1: 12.2, 8: 97.6})]
     s = Scheduler(flat, make_policy("innfer", flat), max_batch=8, max_queue=64)
     for i in range(8):
@@ -290,10 +291,17 @@ def test_a_batch_grows_where_each_batch_costs_the_engines_cpu_outside_the_engine
     assert s.ctx.batch_cap("w100") == 1
     s.batch_host_s = 0.0004
     assert s.latency.batch_host_s == 0.0004  # what the planner's batch sizes read
-    assert s.ctx.batch_cap("w100") == 3 and s.next(0.0).rows == 3
+    assert s.ctx.batch_cap("w100", grow=True) == 3 and s.ctx.batch_cap("w100") == 1
+    assert s.next(0.0).rows == 3
     # Back to 0 (handling got CPUs of its own): the cached sizes follow.
     s.batch_host_s = 0.0
-    assert s.ctx.batch_cap("w100") == 1
+    assert s.ctx.batch_cap("w100", grow=True) == 1
+    # At light load (a request a second) no batch grows: its rows would only wait.
+    s = Scheduler(flat, make_policy("innfer", flat), max_batch=8, max_queue=64)
+    s.batch_host_s = 0.0004
+    for i in range(8):
+        s.submit(Request(i, float(i), i + 10.0), float(i))
+    assert s.next(7.0).rows == 1
     for bad in (-0.001, math.nan, math.inf):
         with pytest.raises(ValueError, match="batch_host_s"):
             s.batch_host_s = bad
@@ -312,12 +320,13 @@ def test_the_per_batch_host_cpu_grows_batches_only_up_to_the_planned_size():
     ]
     s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
     sizes = s.ctx.plan_batches().tolist()
-    caps = [s.ctx.batch_cap(t) for t in ("w050", "w025")]
+    caps = [s.ctx.batch_cap(t, grow=True) for t in ("w050", "w025")]
     assert sizes == [1, 8] and caps == [1, 1]
     s.batch_host_s = 0.0005
     assert s.ctx.plan_batches().tolist() == sizes  # plans unchanged
     # w025: 1.5 + 0.5 / b ms per row, within 1 % of 8 rows' from 7 rows
-    assert [s.ctx.batch_cap(t) for t in ("w050", "w025")] == [1, 7]
+    assert [s.ctx.batch_cap(t, grow=True) for t in ("w050", "w025")] == [1, 7]
+    assert [s.ctx.batch_cap(t) for t in ("w050", "w025")] == [1, 1]
 
 
 def test_batch_sizes_stay_within_max_batch_when_the_profile_is_wider():

@@ -42,8 +42,11 @@ EFFICIENT_BATCH_SLACK = 0.02
 # of the best time per row. A CPU convolution runs 8 rows in about 8x one row's time: a
 # batch of 8 serves no more rows per second and makes its first seven requests wait -
 # unless each batch also costs CPU the engine would have run on (deciding, handing off,
-# settling it: ``LatencyModel.batch_host_s``), which a batch of 8 pays once: the cap counts
-# that cost, up to the size plans form (``plan_batch``, engine time alone). Counted in the
+# settling it: ``LatencyModel.batch_host_s``), which a batch of 8 pays once: while the core
+# is nearly full (``Snapshot.grow_batches``) the cap counts that cost, up to the size plans
+# form (``plan_batch``, engine time alone). Always counted, it swept requests with loose
+# budgets into the fast tier's batches of a tight one at Poisson 2x (served size 0.27-0.41
+# vs 0.32-0.45, one run each of 6, against batches of engine time). Counted in the
 # plans too, it made a tier whose batches are slower per row (w050 on the live ResNet:
 # 2.5 ms alone, 21 ms for 8) look efficient in batches of 8, and the planner chose it
 # into late answers: 98.2 vs 99.8 % within budget at 8 clients / 30 ms, 97.0 vs 99.8 %
@@ -134,7 +137,10 @@ class Snapshot:
     arrivals seen so far (not decayed from 0 at start): whether arrivals are paced by the
     answers, for that pricing. ``shared_cpu``: request handling (receiving, decoding,
     encoding, sending) runs on the engines' CPUs and costs them measurable time
-    (``Scheduler.host_s`` > 0): step 1 keeps its tighter bound.
+    (``Scheduler.host_s`` > 0): step 1 keeps its tighter bound. ``grow_batches``: the core
+    that handling shares is nearly full (``Scheduler.batch_host_s`` > 0 and the arrivals
+    at the head's fastest tier need ``GROW_UTILISATION`` of it): batches grow by what each
+    costs the core outside the engine (``Context.batch_cap``).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -154,6 +160,7 @@ class Snapshot:
     budgets: np.ndarray | None = None
     paced_share: float = 0.0
     shared_cpu: bool = False
+    grow_batches: bool = False
 
 
 class Context:
@@ -269,18 +276,18 @@ class Context:
                 sizes[k], seen[k] = self._batch_sizes(name)[0], means
         return sizes
 
-    def batch_cap(self, tier: str) -> int:
+    def batch_cap(self, tier: str, grow: bool = False) -> int:
         """The most rows a batch on ``tier`` runs: the smallest size within
-        ``BATCH_GROWTH_SLACK`` of the best time per row - a batch's mean time plus the
-        latency model's ``batch_host_s`` (CPU each batch costs the engines outside them),
-        per row - and at most ``plan_batch``. Rows past it buy no throughput and only delay
-        the batch's first requests."""
-        return self._batch_sizes(tier)[1]
+        ``BATCH_GROWTH_SLACK`` of the best time per row, at most ``plan_batch``. Rows past
+        it buy no throughput and only delay the batch's first requests. ``grow`` (the core
+        is nearly full: ``Snapshot.grow_batches``): per row, a batch's mean time plus the
+        latency model's ``batch_host_s`` (CPU each batch costs the engines outside them)."""
+        return self._batch_sizes(tier)[2 if grow else 1]
 
-    def _batch_sizes(self, tier: str | None) -> tuple[int, int]:
-        """(plan_batch, batch_cap), cached until the latency model learns about ``tier`` or
-        its per-batch host CPU changes. Plain Python: nine floats are cheaper in a loop than
-        in numpy (two calls per request)."""
+    def _batch_sizes(self, tier: str | None) -> tuple[int, int, int]:
+        """(plan_batch, batch_cap, batch_cap grown), cached until the latency model learns
+        about ``tier`` or its per-batch host CPU changes. Plain Python: nine floats are
+        cheaper in a loop than in numpy (two calls per request)."""
         name = tier if tier is not None else self._names[-1]
         means = self.latency.means(name)  # indexed by rows; replaced when it changes
         host = self.latency.batch_host_s
@@ -294,9 +301,11 @@ class Context:
         # largest size within the efficiency slack, the smallest within the growth one.
         within = min(per_row) * (1 + EFFICIENT_BATCH_SLACK)
         plan = max(b for b, t in enumerate(per_row, 1) if t <= within)
+        within = min(per_row) * (1 + BATCH_GROWTH_SLACK)
+        cap = min(b for b, t in enumerate(per_row, 1) if t <= within)
         within = min(paid) * (1 + BATCH_GROWTH_SLACK)
-        cap = min(b for b, t in enumerate(paid, 1) if t <= within)
-        sizes = (plan, min(cap, plan))
+        grown = min(b for b, t in enumerate(paid, 1) if t <= within)
+        sizes = (plan, min(cap, plan), min(max(grown, cap), plan))
         self._batch[name] = (means, host, sizes)
         return sizes
 
@@ -853,7 +862,7 @@ class Planner(Policy):
         ``SCAN_FIRST``. Only requests of the first candidate's ``group`` are candidates."""
         cols = snap.columns
         k = ctx.rank[tier]
-        b = ctx.batch_cap(tier)
+        b = ctx.batch_cap(tier, snap.grow_batches)
         reach = min(len(queue), SCAN_FIRST * b)
         candidates = []
         group = None

@@ -91,6 +91,12 @@ RELAX_WAIT_MAX_S = 64.0
 # quantile refused work that was far more likely met than not (issue 18: 40 of 2,000
 # requests at 8 clients and 30 ms, each estimated within ~1 ms of its budget at 0.999).
 DEFAULT_ADMIT_QUANTILE = 0.5
+# Batches grow by what each costs the shared core outside the engine (Snapshot.grow_batches)
+# while the arrivals need at least this share of the core at the fastest tier, and stay
+# grown down to the second: the batch is how a full core serves more, and below that it
+# only swept loose budgets into a tight request's fast batch (Poisson 2x: 0.64 of the core).
+GROW_UTILISATION = 0.9
+KEEP_GROWN_UTILISATION = 0.75
 
 
 class InvalidRequest(KeyError, ValueError):
@@ -193,6 +199,7 @@ class Scheduler:
         # not measured (the engine-time simulator). Above 0 the planner plans as on a
         # shared CPU (Snapshot.shared_cpu).
         self.host_s = 0.0
+        self._growing = False  # batches grow by their host CPU (_grows)
         self._observed_at: dict[str, float] = {}  # tier -> when its last batch completed
         self._forgot_at: dict[str, float] = {}  # tier -> the last _forget_if_idle
         self._relaxed_at: dict[str, float] = {}  # tier -> the last _relax_unused (its own:
@@ -665,10 +672,26 @@ class Scheduler:
                     tight = min(tight, m._tight_budget)
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
+        rate = self.arrival_rate(now)
         return Snapshot(
-            self.arrival_rate(now), tight, columns, busy, backlog,
-            self._idle_share, hold, self._budget_cdf, self.idle_share, self.host_s > 0,
+            rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
+            self.idle_share, self.host_s > 0, self._grows(rate),
         )  # fmt: skip
+
+    def _grows(self, rate: float) -> bool:
+        """Whether batches grow by their host CPU now (``Snapshot.grow_batches``): the
+        arrivals (``rate``, rows/s) at the head's fastest tier in its batches of engine
+        time, with the handling's CPU per row, need ``GROW_UTILISATION`` of the core - or,
+        once grown, still ``KEEP_GROWN_UTILISATION`` (growing lowers the handling's CPU
+        per row, which must not switch it off again)."""
+        if self.latency.batch_host_s <= 0 or not self.queue:
+            self._growing = False
+            return False
+        tier = self.ctx.fastest(self.queue[0])
+        b = self.ctx.batch_cap(tier)
+        busy = rate * (self.latency.mean(tier, b) / b + self.host_s)
+        self._growing = busy >= (KEEP_GROWN_UTILISATION if self._growing else GROW_UTILISATION)
+        return self._growing
 
     @property
     def idle_share(self) -> float:
