@@ -299,12 +299,13 @@ class Context:
         paid = [(means[b] + host) / b for b in range(1, top + 1)]  # and the batch's host CPU
         # One pass each (plan_batches runs it for each tier a finished batch taught): the
         # largest size within the efficiency slack, the smallest within the growth one.
+        # (default 1: no size passes where a time is not a number - one row, not a crash)
         within = min(per_row) * (1 + EFFICIENT_BATCH_SLACK)
-        plan = max(b for b, t in enumerate(per_row, 1) if t <= within)
+        plan = max((b for b, t in enumerate(per_row, 1) if t <= within), default=1)
         within = min(per_row) * (1 + BATCH_GROWTH_SLACK)
-        cap = min(b for b, t in enumerate(per_row, 1) if t <= within)
+        cap = min((b for b, t in enumerate(per_row, 1) if t <= within), default=1)
         within = min(paid) * (1 + BATCH_GROWTH_SLACK)
-        grown = min(b for b, t in enumerate(paid, 1) if t <= within)
+        grown = min((b for b, t in enumerate(paid, 1) if t <= within), default=1)
         sizes = (plan, min(cap, plan), min(max(grown, cap), plan))
         self._batch[name] = (means, host, sizes)
         return sizes
