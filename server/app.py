@@ -36,6 +36,7 @@ from server.daemon_call import in_daemon_thread
 from server.dataplane import DataPlane
 from server.limits import stream_limits_warning
 from server.metrics import Metrics
+from server.ports import port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import health_pb2
 from server.repository_poll import RepositoryPoller
@@ -149,14 +150,14 @@ class Server:
             port = self.config.metrics_port
             try:
                 self._http, _ = self.metrics.serve_http(port, self.config.host)
-            except OSError as exc:  # it said only "[Errno 98] Address already in use"
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                error = OSError(
+            except OSError as exc:
+                said = (
                     f"metrics port {port} is in use on {self.config.host} (metrics_port in "
                     "the server config / --metrics-port)"
                 )
-                error.errno = exc.errno
+                error = port_in_use(exc, said)
+                if error is None:
+                    raise
                 raise error from exc
             self.metrics_port = self._http.server_port
         if self.config.http_port is not None:

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import json
 import logging
@@ -55,6 +54,7 @@ from server.errors import (
     Unimplemented,
 )
 from server.limits import clip_message
+from server.ports import port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
 
@@ -223,15 +223,15 @@ class RestFrontEnd:
         )  # fmt: skip
         try:
             await site.start()
-        except OSError as exc:  # "[Errno 98] ... address already in use" named no setting
+        except OSError as exc:
             await runner.cleanup()
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            error = OSError(
+            said = (
                 f"HTTP port {self.config.http_port} is in use on {self.config.host} "
                 "(http_port in the server config / --http-port)"
             )
-            error.errno = exc.errno
+            error = port_in_use(exc, said)
+            if error is None:
+                raise
             raise error from exc
         self._runner = runner
         self.port = runner.addresses[0][1]

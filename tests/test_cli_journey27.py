@@ -297,6 +297,7 @@ def test_tiers_suggest_says_when_accuracy_is_a_flops_fraction():
 @pytest.mark.parametrize(
     "setting, message",
     [("metrics_port", r"metrics port {port} is in use .*--metrics-port"),
+     ("http_port", r"HTTP port {port} is in use .*--http-port\)"),
      # grpc said "Failed to bind to address 127.0.0.1:N; set GRPC_VERBOSITY=debug ..."
      # where the metrics port's message names the setting (review helper-104)
      ("grpc_port", r"gRPC port {port} cannot be bound .*--port\)")],
