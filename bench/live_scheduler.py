@@ -491,12 +491,19 @@ CPU_METRICS = {
     "process_s": "process_cpu_seconds_total",
     "engine_cpu_s": "innfer_compute_cpu_seconds_total",
     "engine_wall_s": "innfer_compute_seconds_total",
+    "batches": "innfer_batch_size_count",  # batches run (a histogram's count, every tier)
+}
+# Gauges read at a point's end (not differenced): the server's own estimates, seconds.
+GAUGE_METRICS = {
+    "host_per_row": "innfer_host_cpu_per_row_seconds",
+    "host_per_batch": "innfer_host_cpu_per_batch_seconds",
 }
 
 
 def cpu_account(metrics_url: str) -> dict[str, float]:
-    """The ``CPU_METRICS`` sums now (seconds; a metric the server lacks is left out)."""
-    key_of = {metric: key for key, metric in CPU_METRICS.items()}
+    """The ``CPU_METRICS`` sums and ``GAUGE_METRICS`` now (seconds, a count of batches; a
+    metric the server lacks is left out)."""
+    key_of = {metric: key for key, metric in {**CPU_METRICS, **GAUGE_METRICS}.items()}
     out: dict[str, float] = {}
     for sample in scrape(metrics_url):
         key = key_of.get(sample.name)
@@ -509,10 +516,13 @@ def cpu_per_request(before: dict, after: dict, sent: int) -> dict | None:
     """Milliseconds of server CPU per request sent (answered or refused) during a point:
     the process's, the engine's (thread CPU while running batches) and the rest - request
     handling (gRPC, parsing, admission, answering), what ``sim.shared_core`` calls the host
-    cost - plus the engine's wall / CPU ratio (above 1: it waited for the core)."""
+    cost - plus the engine's wall / CPU ratio (above 1: it waited for the core), the batches
+    run per request, and the server's own estimates at the point's end (its gauges, ms): the
+    loop's CPU per batch (deciding, launching, settling; part of ``host_ms``) and the
+    handling's CPU per row."""
     if not sent or "process_s" not in after or "engine_cpu_s" not in after:
         return None
-    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    d = {k: after[k] - before.get(k, 0.0) for k in CPU_METRICS if k in after}
     out = {
         "process_ms": 1e3 * d["process_s"] / sent,
         "engine_ms": 1e3 * d["engine_cpu_s"] / sent,
@@ -520,6 +530,11 @@ def cpu_per_request(before: dict, after: dict, sent: int) -> dict | None:
     }
     if d["engine_cpu_s"] > 0 and "engine_wall_s" in d:
         out["engine_wall_over_cpu"] = d["engine_wall_s"] / d["engine_cpu_s"]
+    if "batches" in d:
+        out["batches_per_request"] = d["batches"] / sent
+    for key in GAUGE_METRICS:
+        if key in after:
+            out[f"{key}_ms"] = 1e3 * after[key]
     return out
 
 

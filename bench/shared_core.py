@@ -18,10 +18,20 @@ loop of 8: ~1.6 ms beyond the engine's; ~1.0 ms of the client's and the sockets'
 from the 10th percentile outside the server with one client); it is used for a live file
 without a CPU account. Seeds as the live run's, so a rerun gives the same figures.
 
-Writes bench/results/shared_core.json and prints a table: per point, live vs engine-only
-simulator vs shared-core simulator, attainment and mean served size, and the gaps.
+Per batch, too: the server's own estimate of its event loop's CPU per batch run (deciding,
+launching, settling it; ``innfer_host_cpu_per_batch_seconds``, which the live run reads at
+each point's end), the median over the points; it is taken out of each point's CPU per
+request at the batches the point ran per request (``batches_per_request``) before the
+median above, since the shared-core model charges it per batch. Every point is also
+replayed without it - the whole CPU per request charged per request, no batch growth, as
+the simulator was before it had a per-batch cost - in the same run, as the baseline.
 
-    .venv/bin/python -m bench.shared_core [--host-ms 1.0,0.6,1.0] [--live FILE]
+Writes bench/results/shared_core.json and prints a table: per point, live vs engine-only
+simulator vs shared-core simulator (with and without the per-batch cost), attainment and
+mean served size, and the gaps.
+
+    .venv/bin/python -m bench.shared_core [--host-ms 1.0,0.6,1.0] [--host-batch-ms 0.3]
+        [--live FILE]
 """
 
 from __future__ import annotations
@@ -51,37 +61,66 @@ from sim.shared_core import host_ms
 OUT = Path(__file__).parent / "results"
 DEFAULT_HOST_MS = (1.0, 0.6, 1.0)
 GOAL_POINTS, GOAL_SIZE = 0.01, 0.05  # attainment (fraction), mean served size
+SIM_KEYS = ("slo_attainment", "mean_served_size", "rows_per_batch", "late", "refused_total",
+            "tier_mix")  # fmt: skip
+PARSE_SHARE = DEFAULT_HOST_MS[0] / (DEFAULT_HOST_MS[0] + DEFAULT_HOST_MS[1])
 
 
-def measured_host(live: dict) -> tuple[tuple[float, float, float], str]:
-    """The host cost the live run measured: the median over its points (current tree) of
-    the server's CPU per request beyond the engine threads' (``server_cpu.host_ms``, from
-    its Prometheus metrics), split between parsing and answering as ``DEFAULT_HOST_MS``
-    splits its 1.6 ms (an assumption), the client's own time as there. A live file without
-    it (an older run): ``DEFAULT_HOST_MS``."""
-    per_point = [
-        pt["live"]["current"]["server_cpu"]["host_ms"]
+def measured_host(live: dict, per_batch: bool = True) -> tuple[tuple[float, ...], str]:
+    """The host cost the live run measured, (parse, answer, client, batch) ms: the median
+    over its points (current tree) of ``point_host`` - the server's CPU per request beyond
+    the engine threads' less, with ``per_batch``, its batches' share - and per batch the
+    median of the points' gauges (0 without ``per_batch``, or for a live file without
+    them). A live file without a CPU account (an older run): ``DEFAULT_HOST_MS``, 0 per
+    batch."""
+    cpus = point_cpus(live)
+    if not cpus:
+        return (*DEFAULT_HOST_MS, 0.0), "the default (the live file has no CPU account)"
+    gauged = per_batch and all(_gauged(c) for c in cpus)
+    hosts = [point_host(c, gauged) for c in cpus]
+    per_point = [h[0] + h[1] for h in hosts]
+    host = float(np.median(per_point))
+    batch = float(np.median([h[3] for h in hosts]))
+    what = "beyond the engine's and its batches'" if gauged else "beyond the engine's"
+    note = (
+        f"measured live: median {host:.2f} ms of server CPU per request {what} over "
+        f"{len(per_point)} points ({min(per_point):.2f}-{max(per_point):.2f})"
+        + (f", {batch:.3f} ms per batch (the server's gauge, median)" if gauged else "")
+        + f"; the parse/answer split ({PARSE_SHARE:.3f}) and the client's time are assumed"
+    )
+    return (host * PARSE_SHARE, host * (1 - PARSE_SHARE), DEFAULT_HOST_MS[2], batch), note
+
+
+def point_cpus(live: dict) -> list[dict]:
+    """The live points' CPU accounts (current tree; ``server_cpu``), where they have one."""
+    return [
+        pt["live"]["current"]["server_cpu"]
         for pt in live["points"]
         if (pt["live"].get("current") or {}).get("server_cpu")
     ]
-    if not per_point:
-        return DEFAULT_HOST_MS, "the default (the live file has no CPU account)"
-    host = float(np.median(per_point))
-    parse_share = DEFAULT_HOST_MS[0] / (DEFAULT_HOST_MS[0] + DEFAULT_HOST_MS[1])
-    split = (host * parse_share, host * (1 - parse_share), DEFAULT_HOST_MS[2])
-    note = (
-        f"measured live: median {host:.2f} ms of server CPU per request beyond the engine's "
-        f"over {len(per_point)} points ({min(per_point):.2f}-{max(per_point):.2f}); the "
-        f"parse/answer split ({parse_share:.3f}) and the client's time are assumed"
-    )
-    return split, note
+
+
+def _gauged(cpu: dict) -> bool:
+    return "host_per_batch_ms" in cpu and "batches_per_request" in cpu
+
+
+def point_host(cpu: dict, per_batch: bool = True) -> tuple[float, float, float, float]:
+    """One point's host cost, (parse, answer, client, batch) ms: its server CPU per request
+    beyond the engine threads' (``server_cpu.host_ms``, from the server's Prometheus
+    metrics) - less, with ``per_batch`` and where the point has them, its batches' share
+    (the server's per-batch gauge x batches per request), which is then charged per batch
+    - split between parsing and answering as ``DEFAULT_HOST_MS`` splits its 1.6 ms (an
+    assumption), the client's own time as there."""
+    batch = cpu["host_per_batch_ms"] if per_batch and _gauged(cpu) else 0.0
+    host = cpu["host_ms"] - batch * cpu.get("batches_per_request", 0.0)
+    return host * PARSE_SHARE, host * (1 - PARSE_SHARE), DEFAULT_HOST_MS[2], batch
 
 
 def replay(point: dict, live: dict, params: dict, tiers, p50, widths, host, slo) -> dict:
     """One live point through simulate_shared, with the live run's seeds and bounds."""
     from sim.shared_core import HostCost, simulate_shared
 
-    cost = HostCost(host[0] / 1e3, host[1] / 1e3, client_s=host[2] / 1e3)
+    cost = HostCost(host[0] / 1e3, host[1] / 1e3, client_s=host[2] / 1e3, batch_s=host[3] / 1e3)
     seed, n = params["seed"], params["requests"]
     common = {"max_batch": MAX_BATCH, "max_queue": MAX_QUEUE, "widths": widths, "seed": seed,
               "slo_target": slo}  # fmt: skip
@@ -123,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="PARSE,ANSWER[,CLIENT] ms; default: measured by the live run (see measured_host)",
     )
+    p.add_argument(
+        "--host-batch-ms", type=float, default=None,
+        help="ms per batch run (with --host-ms; default: the live run's gauge, or 0 with "
+        "--host-ms)",
+    )  # fmt: skip
     p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
     p.add_argument("--out", type=Path, default=OUT / "shared_core.json")
     args = p.parse_args(argv)
@@ -130,9 +174,26 @@ def main(argv: list[str] | None = None) -> int:
     from sim.simulator import tiers_from_model_dir
 
     live = json.loads(args.live.read_text())
-    host, host_note = (
-        (args.host_ms, "given with --host-ms") if args.host_ms else measured_host(live)
-    )
+    # Variants, each replayed at every point: name -> the point's host cost (ms). The first
+    # is the headline (one cost for every point, as `innfer simulate --host-ms` takes it).
+    if args.host_ms:
+        given = (*args.host_ms, args.host_batch_ms or 0.0)
+        variants = {
+            "given": lambda cpu: given,
+            "given_no_batch_cost": lambda cpu: (*given[:3], 0.0),
+        }
+        host_note = "given with --host-ms"
+    else:
+        median, host_note = measured_host(live)
+        median_plain = measured_host(live, per_batch=False)[0]
+        variants = {
+            "median": lambda cpu: median,
+            "median_no_batch_cost": lambda cpu: median_plain,
+            # each point at its own measured cost: the scheduler's model given the cost,
+            # apart from how the cost varies with load (1-2 ms per request here)
+            "own": lambda cpu: point_host(cpu) if cpu else median,
+            "own_no_batch_cost": lambda cpu: point_host(cpu, False) if cpu else median_plain,
+        }
     model_dir = REPO / MODEL
     tiers, p50 = tiers_from_model_dir(model_dir)
     widths = tier_widths(model_dir)
@@ -142,46 +203,81 @@ def main(argv: list[str] | None = None) -> int:
         got = pt["live"].get("current")
         if got is None:
             continue
-        shared = replay(pt, live, live["params"], tiers, p50, widths, host, slo)
+        cpu = got.get("server_cpu") or {}
         engine_only = pt.get("sim")
         row = {
             "id": pt["id"],
-            "live": {k: got.get(k) for k in ("slo_attainment", "mean_served_size")},
+            "live": {
+                **{k: got.get(k) for k in ("slo_attainment", "mean_served_size")},
+                "rows_per_batch": live_rows_per_batch(got),
+            },
             "engine_only_sim": (
                 {k: engine_only.get(k) for k in ("slo_attainment", "mean_served_size")}
                 if engine_only
                 else None
             ),
-            "shared_core_sim": {
-                k: shared[k]
-                for k in ("slo_attainment", "mean_served_size", "late", "refused_total", "tier_mix")
-            },
+            "sims": {},
         }
-        row["gap"], row["within_goal"] = gap(got, shared)
+        for name, host_of in variants.items():
+            host = host_of(cpu)
+            sim = replay(pt, live, live["params"], tiers, p50, widths, host, slo)
+            gaps, within = gap(got, sim)
+            row["sims"][name] = {
+                "host_ms": dict(zip(("parse", "answer", "client", "batch"), host, strict=True)),
+                **{k: sim[k] for k in SIM_KEYS},
+                "gap": gaps,
+                "within_goal": within,
+            }
         rows.append(row)
     out = {
-        "host_ms": dict(zip(("parse", "answer", "client"), host, strict=True)),
         "host_note": host_note,
+        "variants": {
+            "median / given": "one host cost for every point (the median over the points, or "
+            "--host-ms), with the per-batch cost",
+            "*_no_batch_cost": "the whole CPU per request charged per request, no per-batch "
+            "cost: the simulator before it had one, the baseline",
+            "own": "each point at its own measured host cost",
+        },
         "live_file": str(args.live),
         "live_commit": live.get("trees", {}).get("current", {}).get("commit"),
         "goal": f"|attainment gap| <= {100 * GOAL_POINTS:g} points and |size gap| <= {GOAL_SIZE}",
         "points": rows,
     }
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{'point':20} {'live':>14} {'engine-only sim':>16} {'shared-core sim':>16}  goal")
-    for r in rows:
-
-        def fmt(x):
-            if not x:
-                return "-"
-            size = x["mean_served_size"]
-            return f"{x['slo_attainment']:.1%} {size:.2f}" if size is not None else "-"
-
-        goal = "met" if r["within_goal"] else "not met"
-        live_s, engine_s = fmt(r["live"]), fmt(r["engine_only_sim"])
-        print(f"{r['id']:20} {live_s:>14} {engine_s:>16} {fmt(r['shared_core_sim']):>16}  {goal}")
+    print_table(rows, list(variants))
     print(f"wrote {args.out}")
     return 0
+
+
+def live_rows_per_batch(got: dict) -> float | None:
+    """Rows per batch the live point ran: its answered requests (within budget or late) per
+    batch (``batches_per_request`` counts every request sent, refused ones too)."""
+    per_request = (got.get("server_cpu") or {}).get("batches_per_request")
+    if not per_request:
+        return None
+    return (got["within_budget"] + got["late"]) / (per_request * got["sent"])
+
+
+def print_table(rows: list[dict], variants: list[str]) -> None:
+    """Per point: live, the engine-only simulator, each variant (attainment, mean served
+    size, rows per batch; * where outside the goal); then per variant the points within it."""
+
+    def fmt(x, mark=""):
+        if not x or x.get("mean_served_size") is None:
+            return "-"
+        rpb = x.get("rows_per_batch")
+        rpb = f" {rpb:.1f}" if rpb is not None else ""
+        return f"{x['slo_attainment']:.1%} {x['mean_served_size']:.2f}{rpb}{mark}"
+
+    print("attainment, mean served size, rows per batch (* outside the goal)")
+    print(f"{'point':19} {'live':>17} {'engine-only':>12}" + "".join(f" {v:>20}" for v in variants))
+    for r in rows:
+        cells = [fmt(r["sims"][v], "" if r["sims"][v]["within_goal"] else "*") for v in variants]
+        print(f"{r['id']:19} {fmt(r['live']):>17} {fmt(r['engine_only_sim']):>12}"
+              + "".join(f" {c:>20}" for c in cells))  # fmt: skip
+    for v in variants:
+        met = sum(r["sims"][v]["within_goal"] for r in rows)
+        print(f"within the goal, {v}: {met} of {len(rows)} points")
 
 
 if __name__ == "__main__":

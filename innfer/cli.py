@@ -708,11 +708,12 @@ def _resolve_trace(args: argparse.Namespace) -> None:
         raise ValueError(f"--trace-file {args.trace_file}: no such file")
 
 
-def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None) -> str:
+def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 0.0) -> str:
     """What ``--load`` 1 means for this model - the rate of its full tier's engine at
     max_batch (the same trace with and without --host-ms) - and, with ``host_ms``, what one
-    core serves once each request's handling (parse + answer ms) shares it: for a small
-    model far less (the demo CNN: 11,869 against 531 requests/s), which --load 2 ignored."""
+    core serves once each request's handling (parse + answer ms, and ``batch_ms`` per full
+    batch) shares it: for a small model far less (the demo CNN: 11,869 against 531
+    requests/s), which --load 2 ignored."""
     from sim.engine_time import full_capacity
 
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
@@ -721,9 +722,10 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None) -> str:
             f"{max_batch})")  # fmt: skip
     if not host_ms:
         return line + "; --host-ms PARSE,ANSWER says what one core serves with request handling"
-    served = full_capacity(tiers, p50, max_batch, 1, sum(host_ms[:2]) / 1e3)
-    line = (f"{line}; with {sum(host_ms[:2]):g} ms of request handling each, one core serves "
-            f"{served:,.0f} requests/s, load {served / unit:.3g}x")  # fmt: skip
+    served = full_capacity(tiers, p50, max_batch, 1, sum(host_ms[:2]) / 1e3, batch_ms / 1e3)
+    per_batch = f" and {batch_ms:g} ms per batch" if batch_ms else ""
+    line = (f"{line}; with {sum(host_ms[:2]):g} ms of request handling each{per_batch}, one "
+            f"core serves {served:,.0f} requests/s, load {served / unit:.3g}x")  # fmt: skip
     if cfg.load > served / unit:  # (the README's example load overloaded a faster machine)
         line += (f" - --load {cfg.load:g} is above it: the queue grows for the whole run; "
                  f"give --load below {served / unit:.3g}")  # fmt: skip
@@ -752,6 +754,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     policies = args.policy or ["innfer", "slackfit"]
     _check_policies(policies, tiers)
     _fit_duration(args, tiers, p50)
+    if args.host_batch_ms and args.host_ms is None:
+        raise ValueError(
+            "--host-batch-ms is the shared core's CPU per batch: give --host-ms PARSE,ANSWER "
+            "with it (without --host-ms the engine's core does nothing else)"
+        )
     if args.host_ms is not None:
         if args.plot or args.slots != 1:
             raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
@@ -826,7 +833,7 @@ def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:
 
 def _print_load_unit(args: argparse.Namespace, tiers, p50, policy: str) -> None:
     if args.trace != "file":  # a file is replayed as recorded
-        print(_load_unit(tiers, p50, _sim_config(args, policy), args.host_ms))
+        print(_load_unit(tiers, p50, _sim_config(args, policy), args.host_ms, args.host_batch_ms))
 
 
 def _simulate_shared(
@@ -836,8 +843,11 @@ def _simulate_shared(
     simulation, served by the scheduler and engine on one core that also does the request
     handling (``sim.shared_core``): each request costs PARSE ms of that core before the
     scheduler sees it, ANSWER ms after its batch (and to be refused), and CLIENT ms of the
-    client's own time. A server's ``process_cpu_seconds_total`` minus its
-    ``innfer_compute_cpu_seconds_total``, per request, is what PARSE + ANSWER add up to."""
+    client's own time; with ``--host-batch-ms``, that many ms per batch run (deciding,
+    launching, settling it: the server's ``innfer_host_cpu_per_batch_seconds``). A server's
+    ``process_cpu_seconds_total`` minus its ``innfer_compute_cpu_seconds_total``, per
+    request, is what PARSE + ANSWER add up to - with the batches' share, which
+    ``--host-batch-ms`` then takes out of them."""
     import json
 
     from sim.shared_core import HostCost, simulate_shared
@@ -845,7 +855,8 @@ def _simulate_shared(
     from sim.traces import recorded
 
     parse, answer, client = args.host_ms
-    host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3)
+    batch = args.host_batch_ms
+    host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3, batch_s=batch / 1e3)
     traffic = recorded(args.trace_file) if args.trace == "file" else None
     if traffic is not None and len(traffic.rows) and traffic.rows.max() > 1:
         # the shared-core model serves one row per request: a trace of batches ran as rows
@@ -875,10 +886,11 @@ def _simulate_shared(
             "offered_rate_per_s": rate,
             "mean_served_accuracy": r.summary["mean_served_size"],
             "full_tier_accuracy": max(accuracy.values()),
-            "host_ms": {"parse": parse, "answer": answer, "client": client},
+            "host_ms": {"parse": parse, "answer": answer, "client": client, "batch": batch},
         }
         results[policy] = {"config": {"policy": policy, "load": args.load}, "summary": s}
-        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms){note}"
+        per_batch = f" + {batch:g} per batch" if batch else ""
+        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms{per_batch}){note}"
         print(format_summary(s, title))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -947,6 +959,15 @@ def _host_ms_arg(text: str) -> tuple[float, float, float]:
     from sim.shared_core import host_ms  # the simulators load only when a command needs them
 
     return host_ms(text)
+
+
+def _host_batch_ms_arg(text: str) -> float:
+    from sim.shared_core import HOST_MS_MAX
+
+    v = _non_negative(text)
+    if v > HOST_MS_MAX:
+        raise argparse.ArgumentTypeError(f"--host-batch-ms takes at most {HOST_MS_MAX:g} ms")
+    return v
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -2007,6 +2028,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PARSE,ANSWER[,CLIENT]: simulate a server whose request handling shares the "
         "engine's core, at these ms of CPU per request (and the client's own ms)",
     )
+    sim.add_argument(
+        "--host-batch-ms", type=_host_batch_ms_arg, default=0.0,
+        help="with --host-ms: ms of that core per batch run - deciding, launching and settling "
+        "it (a server's innfer_host_cpu_per_batch_seconds); batches then grow where the core "
+        "is nearly full, as the server's do (default 0)",
+    )  # fmt: skip
     sim.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", help="live open-loop load against a server (loopback)")

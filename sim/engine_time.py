@@ -46,12 +46,19 @@ def profiled_ms(table: Mapping, batch: int) -> float:
 
 
 def full_capacity(
-    tiers: Sequence[TierInfo], p50: Mapping, max_batch: int, slots: int, host_s: float = 0.0
+    tiers: Sequence[TierInfo],
+    p50: Mapping,
+    max_batch: int,
+    slots: int,
+    host_s: float = 0.0,
+    batch_host_s: float = 0.0,
 ) -> float:
     """Requests per second one server sustains on its most accurate tier at ``max_batch``,
     with ``slots`` batches in flight: the unit of offered load. ``host_s``: CPU seconds of
     request handling per request on the same core (``innfer simulate --host-ms``), which
-    serialises with the engine there: ``max_batch`` requests per batch time plus theirs.
+    serialises with the engine there: ``max_batch`` requests per batch time plus theirs,
+    plus ``batch_host_s`` per batch (deciding, launching, settling it:
+    ``--host-batch-ms``).
 
     Example:
         >>> t = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0})]
@@ -60,8 +67,8 @@ def full_capacity(
     """
     full = max(tiers, key=lambda t: t.accuracy).name
     batch_s = profiled_ms(p50[full], max_batch) / 1e3
-    if host_s > 0:  # one core: the batches and the handling take turns
-        return max_batch / (batch_s + max_batch * host_s)
+    if host_s > 0 or batch_host_s > 0:  # one core: the batches and the handling take turns
+        return max_batch / (batch_s + batch_host_s + max_batch * host_s)
     return slots * max_batch / batch_s
 
 

@@ -4,11 +4,18 @@ benchmark's server pinned to one core is, and what ``simulate`` (engine time onl
 out.
 
 Per request the server spends ``HostCost.parse_s`` of CPU before the scheduler sees it and
-``answer_s`` after its batch (``refuse_s`` to turn it away). The handler thread works
-through that in arrival order; the engine thread runs one batch at a time. While both have
+``answer_s`` after its batch (``refuse_s`` to turn it away); per batch, ``batch_s`` to
+decide, launch and settle it (the event loop's share of a batch as such, which the live
+server measures as ``innfer_host_cpu_per_batch_seconds``). The handler thread works
+through that in arrival order - a finished batch's settling waits behind the requests
+queued before it, and the next batch starts only when it is done (the loop decides and
+launches it there), its answers queued after it; the engine thread runs one batch at a
+time. While both have
 work each runs at half speed (the kernel shares the core fairly), alone at full speed. The
 scheduler is the server's own object and sees what the live server sees: a request when
-its parsing ends, a batch's wall time (stretched by sharing) as its compute, budgets
+its parsing ends, a batch's wall time (stretched by sharing) as its compute, the host
+CPU per row and per batch as the server hands them to it (``Scheduler.host_s``: the per
+row figure counts the batches' share, as the server's window does), budgets
 planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
 default off), counted from when parsing began and planned short by the learned overhead too
 (``server.overhead``, fed the time from a batch's end to its answer leaving), with the part
@@ -48,15 +55,17 @@ from sim.events import Events
 class HostCost:
     """CPU seconds per request outside the engine, on the engine's core: before the
     scheduler sees it (receive, parse, decode), after its batch (encode, send), to refuse
-    it; and the client's own time after the answer leaves (not the server's CPU)."""
+    it; and the client's own time after the answer leaves (not the server's CPU). Per batch
+    (``batch_s``): the loop's CPU to decide, launch and settle it, whatever its rows."""
 
     parse_s: float
     answer_s: float
     refuse_s: float | None = None  # default: answer_s
     client_s: float = 0.0
+    batch_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("parse_s", "answer_s", "client_s"):
+        for name in ("parse_s", "answer_s", "client_s", "batch_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"HostCost.{name} must be >= 0 seconds")
         if self.refuse_s is not None and not self.refuse_s >= 0:
@@ -134,9 +143,12 @@ def simulate_shared(
     sched = Scheduler(tiers, make_policy(policy, tiers, 1), max_batch=max_batch,
                       max_queue=max_queue, slots=1, slo_target=slo_target,
                       admit_quantile=admit_quantile)  # fmt: skip
-    # The server measures its CPU per request outside the engine (server.host_cpu) and
-    # hands it to its scheduler; here it is known.
+    # The server measures its CPU per row and per batch outside the engine (server.host_cpu)
+    # and hands them to its scheduler; here they are known (the per-row figure, like the
+    # server's, counts each row's share of its batch's: see settle below).
     sched.host_s = host.parse_s + host.answer_s
+    sched.batch_host_s = host.batch_s
+    batches = rows_run = 0
     overhead = Overhead()
     refuse_s = host.answer_s if host.refuse_s is None else host.refuse_s
     n = len(arrivals) if arrivals is not None else n_requests
@@ -158,6 +170,7 @@ def simulate_shared(
             sent += 1
     work: deque[_Task] = deque()  # the handler thread's FIFO
     running = None  # [decision, work left, start]
+    settling = None  # the finished decision whose settling task is queued: no batch starts
     t = 0.0
 
     def handle(task: _Task) -> None:
@@ -196,7 +209,14 @@ def simulate_shared(
             sched.complete(d, t, t - start)  # its wall time, as the live server measures
             for r in d.requests:
                 batch_end[r.id], tiers_used[r.id], states[r.id] = t, d.tier, "served"
-                handle(_Task("answer", r.id, host.answer_s))
+            batches, rows_run = batches + 1, rows_run + d.rows
+            sched.host_s = host.parse_s + host.answer_s + host.batch_s * batches / rows_run
+            if host.batch_s > 0:  # the loop settles it (and launches the next) in turn
+                settling = d
+                handle(_Task("settle", -1, host.batch_s))
+            else:
+                for r in d.requests:
+                    handle(_Task("answer", r.id, host.answer_s))
         else:
             task = work.popleft()
             if work:
@@ -213,6 +233,10 @@ def simulate_shared(
                 except Refused as exc:
                     states[task.rid] = exc.state.name.lower()
                     handle(_Task("refuse", task.rid, refuse_s))
+            elif task.kind == "settle":
+                for r in settling.requests:
+                    handle(_Task("answer", r.id, host.answer_s))
+                settling = None
             elif task.kind == "answer":
                 overhead.observe(t - batch_end[task.rid])
                 answered(task.rid, t)
@@ -221,12 +245,12 @@ def simulate_shared(
         for r in sched.expire(t):
             states[r.id] = "expired"
             handle(_Task("refuse", r.id, refuse_s))
-        if running is None and (d := sched.next(t)) is not None:
+        if running is None and settling is None and (d := sched.next(t)) is not None:
             running = [d, engine.draw_s(d.tier, d.rows), t]
-    return _result(send, received, budget, tiers_used, states, widths)
+    return _result(send, received, budget, tiers_used, states, widths, batches)
 
 
-def _result(send, received, budget, tiers_used, states, widths) -> SharedCoreResult:
+def _result(send, received, budget, tiers_used, states, widths, batches) -> SharedCoreResult:
     sent = ~np.isnan(send)
     served = np.array([s == "served" for s in states], dtype=bool) & ~np.isnan(received)
     latency = np.where(served, (received - send) * 1e3, np.nan)
@@ -241,6 +265,8 @@ def _result(send, received, budget, tiers_used, states, widths) -> SharedCoreRes
         "late": int((served & ~met).sum()),
         "refused_total": int((sent & ~served).sum()),
         "slo_attainment": float(met.sum() / n) if n else 1.0,
+        "batches": batches,
+        "rows_per_batch": float(served.sum() / batches) if batches else None,
         "goodput_per_s": float(met.sum() / span) if span else 0.0,
         "p50_latency_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_latency_ms": float(np.percentile(lat, 99)) if len(lat) else None,

@@ -95,11 +95,47 @@ def test_the_planner_is_told_the_host_cpu_per_row(monkeypatch):
     assert told["slo_attainment"] > 0.998
 
 
+def test_a_batch_costs_the_core_once_before_its_answers_and_the_next_batch():
+    # One request: parse, its batch, the loop's settling of it, its answer, the client.
+    P, A, B, E = 0.001, 0.0005, 0.0004, 0.010
+    host = HostCost(parse_s=P, answer_s=A, batch_s=B)
+    one = simulate_shared(ONE, ONE_P50, host, lambda i: 1.0, arrivals=np.array([0.0]), noise=0.0)
+    assert one.latency_ms[0] == pytest.approx((P + E + B + A) * 1e3)
+    assert one.summary["batches"] == 1
+    # Two requests, the second parsed while the first runs (both at half speed: the first
+    # batch ends at E + P); it waits for the first batch's settling before its own batch
+    # starts (at E + P + B), and the first's answer shares the core with that batch.
+    P2 = 0.002
+    two = simulate_shared(ONE, ONE_P50, HostCost(P, A, batch_s=B), lambda i: 1.0,
+                          arrivals=np.array([0.0, P2]), noise=0.0, policy="fixed:w100",
+                          max_batch=1)  # fmt: skip
+    assert two.states == ["served", "served"] and two.summary["batches"] == 2
+    assert two.latency_ms[0] == pytest.approx((P + E + P + B + 2 * A) * 1e3)
+
+
+def test_a_per_batch_cost_grows_batches_on_a_full_core_as_the_server_does():
+    # The engine runs 8 rows in 8x one row's time (batching buys no engine time: planned
+    # batches of one), 8 closed-loop clients fill the core: with 0.4 ms of the loop per
+    # batch the planner grows batches (Scheduler.batch_host_s) and the core serves more.
+    tiers = [TierInfo("w025", 1.0, {1: 2.0, 8: 16.0})]
+    p50 = {"w025": {1: 2.0, 8: 16.0}}
+    runs = {
+        b: simulate_shared(tiers, p50, HostCost(0.0006, 0.0004, batch_s=b), lambda i: 0.030,
+                           clients=8, n_requests=1500, max_seconds=30.0, noise=0.0).summary
+        for b in (0.0, 0.0004)
+    }  # fmt: skip
+    assert runs[0.0]["rows_per_batch"] < 1.3  # no per-batch cost: batches of one
+    assert runs[0.0004]["rows_per_batch"] > 1.5, runs
+    assert runs[0.0004]["sent"] == runs[0.0004]["batches"] * runs[0.0004]["rows_per_batch"]
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="arrivals"):
         simulate_shared(ONE, ONE_P50, HostCost(0, 0), lambda i: 1.0)
     with pytest.raises(ValueError, match="parse_s"):
         HostCost(parse_s=-1.0, answer_s=0.0)
+    with pytest.raises(ValueError, match="batch_s"):
+        HostCost(parse_s=0.0, answer_s=0.0, batch_s=float("nan"))
 
 
 def test_the_live_runs_cpu_account_sets_the_host_cost():
@@ -121,10 +157,24 @@ def test_the_live_runs_cpu_account_sets_the_host_cost():
         return {"live": {"current": {"server_cpu": cpu}}}
 
     live = {"points": [point(1.0), point(3.0), point(2.0), point(None)]}
-    (parse, answer, client), note = measured_host(live)
+    (parse, answer, client, batch), note = measured_host(live)
     assert parse + answer == pytest.approx(2.0) and parse > answer  # the median, split
     assert client == DEFAULT_HOST_MS[2] and "3 points" in note
-    assert measured_host({"points": [point(None)]})[0] == DEFAULT_HOST_MS
+    assert batch == 0.0  # a live file without the per-batch gauge
+    assert measured_host({"points": [point(None)]})[0] == (*DEFAULT_HOST_MS, 0.0)
+    # With the batches run and the server's per-batch gauge (read at the point's end), the
+    # batches' share leaves the per-request figure and is charged per batch.
+    after = {**after, "batches": 500.0, "host_per_batch": 0.0004, "host_per_row": 0.0025}
+    got = cpu_per_request({**before, "batches": 0.0}, after, sent=1000)
+    assert got["batches_per_request"] == pytest.approx(0.5)
+    assert got["host_per_batch_ms"] == pytest.approx(0.4)  # the gauge itself, not a change
+    assert got["host_per_row_ms"] == pytest.approx(2.5)
+    cpus = [dict(got, host_ms=h) for h in (3.0, 2.0, 4.0)]
+    live = {"points": [{"live": {"current": {"server_cpu": c}}} for c in cpus]}
+    (parse, answer, _, batch), note = measured_host(live)
+    assert batch == pytest.approx(0.4) and "per batch" in note
+    assert parse + answer == pytest.approx(3.0 - 0.4 * 0.5)
+    assert sum(measured_host(live, per_batch=False)[0][:2]) == pytest.approx(3.0)
 
 
 def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys):
@@ -151,11 +201,42 @@ def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys
         out[label] = json.loads(path.read_text())["innfer"]["summary"]
     assert "one core" in capsys.readouterr().out
     assert out["free"]["requests"] == out["heavy"]["requests"] > 20  # the same trace
-    assert out["heavy"]["host_ms"] == {"parse": 4.0, "answer": 2.0, "client": 0.5}
+    assert out["heavy"]["host_ms"] == {"parse": 4.0, "answer": 2.0, "client": 0.5, "batch": 0.0}
     assert out["free"]["slo_attainment"] > 0.95, out
     assert out["heavy"]["slo_attainment"] < 0.5 * out["free"]["slo_attainment"], out
     assert main(["simulate", str(d), "--host-ms", "1,1", "--slots", "2"]) != 0
     assert "--host-ms simulates one shared core" in capsys.readouterr().err
+    # --host-batch-ms: the core's CPU per batch, with --host-ms only.
+    assert main(["simulate", str(d), "--host-batch-ms", "0.4"]) != 0
+    assert "give --host-ms PARSE,ANSWER with it" in capsys.readouterr().err
+    path = tmp_path / "per-batch.json"
+    assert (
+        main(
+            [
+                "simulate",
+                str(d),
+                "--policy",
+                "innfer",
+                "--load",
+                "0.5",
+                "--duration",
+                "3",
+                "--host-ms",
+                "4,2,0.5",
+                "--host-batch-ms",
+                "3",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
+    per_batch = json.loads(path.read_text())["innfer"]["summary"]
+    assert "+ 3 per batch" in capsys.readouterr().out
+    assert (
+        per_batch["host_ms"]["batch"] == 3.0 and per_batch["requests"] == out["heavy"]["requests"]
+    )
+    assert per_batch["within_budget"] < out["heavy"]["within_budget"]
     # Either way the scheduler runs as the model's model.yaml configures it.
     path = tmp_path / "engine-only.json"
     assert main(["simulate", str(d), "--policy", "innfer", "--duration", "1",

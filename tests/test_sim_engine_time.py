@@ -62,6 +62,11 @@ def test_fixed_noise_replaces_the_profiled_spread():
 
 def test_full_capacity_is_the_most_accurate_tier_at_max_batch():
     assert full_capacity(TIERS, P50, max_batch=8, slots=2) == pytest.approx(1600.0)
+    # On one core shared with handling: 8 rows per batch time (10 ms) + 8 x 1 ms per request
+    # + 2 ms per batch (--host-ms, --host-batch-ms).
+    assert full_capacity(TIERS, P50, 8, 1, host_s=0.001) == pytest.approx(8 / 0.018)
+    got = full_capacity(TIERS, P50, 8, 1, host_s=0.001, batch_host_s=0.002)
+    assert got == pytest.approx(8 / 0.020)
 
 
 def test_scaled_tiers_are_k_times_slower():
