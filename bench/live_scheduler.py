@@ -51,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -194,9 +195,9 @@ def p50_ms(profile: dict, tier: str, batch: int) -> float:
 
 
 # -- points ---------------------------------------------------------------------------------
-def all_points() -> list[dict]:
+def all_points(concurrency: Sequence[int] = CONCURRENCY) -> list[dict]:
     pts = []
-    for c in CONCURRENCY:
+    for c in concurrency:
         pts.append(
             {
                 "id": f"closed-c{c}-b30",
@@ -865,6 +866,11 @@ def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, e
     p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
     p.add_argument("--points", help=f"comma-separated point ids or patterns ({example})")
     p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
+    p.add_argument(
+        "--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=CONCURRENCY,
+        help="closed-loop client counts (default the issue's 1,8,32; e.g. 8,12,16 for where "
+        "the core runs out)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per server")
     p.add_argument("--server-cpus", type=_cpus, default={1})
     p.add_argument("--client-cpus", type=_cpus, default={0})
@@ -978,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     check_common(p, args)
     if args.repeat < 1:
         p.error(f"--repeat must be >= 1, got {args.repeat}")
-    points = select(all_points(), args.points)
+    points = select(all_points(args.concurrency), args.points)
     trees = trees_to_measure(p, args.baseline_tree, "innfer/cli.py")
 
     t_start = time.perf_counter()

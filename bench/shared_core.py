@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.live_scheduler import (
+    FIXED_BUDGET_MS,
     MAX_BATCH,
     MAX_QUEUE,
     MODEL,
@@ -169,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
     p.add_argument("--out", type=Path, default=OUT / "shared_core.json")
+    p.add_argument(
+        "--sweep-clients", type=lambda t: [int(x) for x in t.split(",")], default=[],
+        help="also closed loops of these many clients at the fixed budget (e.g. 8,12,16,24,32; "
+        "no live counterpart): where past the core's capacity goodput collapses",
+    )  # fmt: skip
     args = p.parse_args(argv)
     from runtime.repository.config import ModelConfig
     from sim.simulator import tiers_from_model_dir
@@ -243,10 +249,32 @@ def main(argv: list[str] | None = None) -> int:
         "goal": f"|attainment gap| <= {100 * GOAL_POINTS:g} points and |size gap| <= {GOAL_SIZE}",
         "points": rows,
     }
+    if args.sweep_clients:
+        host = next(iter(variants.values()))({})
+        out["sweep"] = sweep(args.sweep_clients, live["params"], tiers, p50, widths, host, slo)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print_table(rows, list(variants))
+    for r in out.get("sweep", []):
+        print(f"closed loop of {r['clients']:3} at {FIXED_BUDGET_MS:g} ms: "
+              f"{r['slo_attainment']:6.1%} within budget, goodput {r['goodput_per_s']:5.0f}/s, "
+              f"late {r['late']}, refused {r['refused_total']}, p50 {r['p50_latency_ms']:.1f} ms, "
+              f"{r['rows_per_batch']:.1f} rows per batch")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
+
+
+def sweep(clients: list[int], params: dict, tiers, p50, widths, host, slo) -> list[dict]:
+    """Closed loops of each of ``clients`` at the fixed budget, at the headline host cost,
+    with the live run's seed and bounds."""
+    out = []
+    for n in clients:
+        point = {"id": f"closed-c{n}-b30", "kind": "closed", "concurrency": n,
+                 "budget": {"fixed_ms": FIXED_BUDGET_MS}}  # fmt: skip
+        s = replay(point, {}, params, tiers, p50, widths, host, slo)
+        keys = ("slo_attainment", "goodput_per_s", "late", "refused_total", "p50_latency_ms",
+                "rows_per_batch", "mean_served_size")  # fmt: skip
+        out.append({"clients": n, **{k: s[k] for k in keys}})
+    return out
 
 
 def live_rows_per_batch(got: dict) -> float | None:

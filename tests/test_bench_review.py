@@ -382,3 +382,25 @@ def test_auto_tiers_live_counts_refusals_around_a_swap():
     assert near["not_ok"] == {"DEADLINE_EXCEEDED": 1, "RESOURCE_EXHAUSTED": 1}
     arm = {"phases": {}, "failed": {}, "swaps": swaps, "around_swaps": near}
     assert "around swaps" in auto_tiers_live.table({"arms": {"auto": arm}})
+
+
+def test_live_scheduler_takes_other_client_counts_and_shared_core_sweeps_them():
+    # --concurrency: closed-loop points at other client counts than the 1, 8, 32;
+    # bench/shared_core.py --sweep-clients replays such loops on the shared core, where
+    # past the core's capacity the goodput within budget collapses (live and simulated).
+    from bench import live_scheduler as ls
+    from bench import shared_core
+    from server.scheduling import TierInfo
+
+    ids = [p["id"] for p in ls.all_points((10, 12))]
+    assert "closed-c10-b30" in ids and "closed-c12-u20-100" in ids
+    assert not any("c8" in i for i in ids) and "open-2x" in ids
+    tiers = [TierInfo("w100", 1.0, {1: 3.0, 8: 24.0})]
+    p50 = {"w100": {1: 3.0, 8: 24.0}}
+    params = {"seed": 0, "requests": 400, "seconds": 10.0}
+    host = (0.5, 0.3, 0.0, 0.2)  # ms: parse, answer, client, per batch
+    rows = shared_core.sweep([2, 40], params, tiers, p50, {"w100": 1.0}, host, 0.999)
+    few, many = rows
+    assert (few["clients"], many["clients"]) == (2, 40)
+    assert few["slo_attainment"] > 0.99  # 2 x ~4 ms of a core: every request in 30 ms
+    assert many["goodput_per_s"] < 0.5 * few["goodput_per_s"]  # 40 x 4 ms > 30 ms
