@@ -160,25 +160,32 @@ def test_a_saturated_core_runs_whole_batches_when_the_queue_cannot_be_saved():
     # row, 1.5 ms, meets it; two rows do not), the rest in 20 ms. Per batch, one row meets
     # the most deadlines per second (1 / 1.5 ms against 6 / 10.5 ms) - and a saturated
     # queue of tight heads run that way stays tight for good. While the core is nearly
-    # full (grow_batches), step 4 runs the whole batch; otherwise the met-rate choice.
+    # full (grow_batches), step 4 runs the longest prefix that meets about the most
+    # deadlines (here all 7 rows, 6 met); otherwise the met-rate choice.
     linear = [TierInfo("w025", 0.5, {1: 1.5, 8: 12.0})]
     ctx = Context(linear, LatencyModel(linear), max_batch=8)
     ctx.latency.batch_host_s = 0.0005
     queue = [Request(0, 0.0, 2 * MS)] + [Request(k, 0.0, 20 * MS) for k in range(1, 8)]
+    full = Snapshot(grow_batches=True)
     calm = Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, Snapshot())
     assert [r.id for r in calm.requests] == [0]
-    full = Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, Snapshot(grow_batches=True))
-    assert [r.id for r in full.requests] == list(range(7))
-    # Not past a shared device's hold (another model's deadline): the met-rate choice.
+    whole = Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, full)
+    assert [r.id for r in whole.requests] == list(range(7))
+    # Not past a shared device's hold (another model's deadline, 5 ms): 3 rows (4.5 ms).
     held = Snapshot(grow_batches=True, hold=5 * MS)
-    assert Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, held).rows == 1
+    assert Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, held).rows == 3
+    # The rest due in 9 ms: the whole batch (10.5 ms) would meet none; 6 rows (9 ms) meet
+    # the 5 behind the head, the most any prefix meets.
+    tight = [Request(0, 0.0, 2 * MS)] + [Request(k, 0.0, 9 * MS) for k in range(1, 8)]
+    assert Planner().throughput_fallback(tight, ["w025"], 0.0, ctx, full).rows == 6
+    assert Planner().choose(tight, 0.0, ctx, full).rows == 6  # (steps 2-3 save nothing)
 
 
 def test_ten_clients_on_a_saturated_core_are_served_in_whole_batches():
     # Issue 18's ResNet w0.5 pinned to one core (its profile, ms; the request handling
     # measured live: 1.06 ms per request, 0.25 ms per batch), 10 closed-loop clients at
     # 30 ms - just past what 8 clients load. Batches of one kept the queue's heads tight
-    # for good: 34-50 % within budget over 5 seeds (live 4.6 %); whole batches 84-86 %.
+    # for good: 34-50 % within budget over 5 seeds (live 4.6 %); whole batches 84-85 %.
     from sim.shared_core import HostCost, simulate_shared
 
     p50 = {

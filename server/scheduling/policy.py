@@ -52,6 +52,9 @@ EFFICIENT_BATCH_SLACK = 0.02
 # into late answers: 98.2 vs 99.8 % within budget at 8 clients / 30 ms, 97.0 vs 99.8 %
 # open loop at 2x (one run each, against plans of engine time).
 BATCH_GROWTH_SLACK = 0.01
+# Step 4 on a saturated core runs the longest prefix whose expected met deadlines are
+# within this many of the most any prefix meets (a whole batch of tight heads can meet none).
+MET_COUNT_SLACK = 0.5
 # Planner step 1: a tier is a candidate while the arrivals are at most 1.5x its full-batch
 # throughput (at its mean batch time) where the engines have their CPUs (or a GPU) to
 # themselves. Above 1x it cannot carry the load alone: the deadline checks of steps 2-4
@@ -783,21 +786,25 @@ class Planner(Policy):
         for plain full batches).
 
         While the core is nearly full (``snap.grow_batches``: handling shares it and
-        each batch costs it ``batch_host_s``), that tier's whole batch, if it fits
-        ``hold``: throughput first. Per batch the met-rate prefers the head alone when the
-        head is tight, and a queue of heads that are all tight - what a saturated core's
-        queue is - then runs one row at a time, pays the per-batch cost for every row and
-        stays that tight for good (issue 18's ResNet on one core at 10 closed-loop clients,
-        30 ms: 0.39 within budget over 5 simulated seeds, 0.85 with whole batches; live
-        4.6 %)."""
+        each batch costs it ``batch_host_s``), the longest prefix of that tier's batch that
+        meets about the most deadlines (within ``MET_COUNT_SLACK`` of the most expected),
+        not the most per second: throughput first. Per second the head alone wins when it
+        is tight, and a queue of heads that are all tight - what a saturated core's queue
+        is - then runs one row at a time, pays the per-batch cost for every row and stays
+        that tight for good; the rows left behind still need the core later (issue 18's
+        ResNet on one core at 10 closed-loop clients, 30 ms: 0.39 within budget over 5
+        simulated seeds, 0.85 this way; live 4.5-5.0 % before, 36-91 % after). Gating it
+        on a standing queue (most recent decisions reaching this step) was measured and not
+        kept (docs/design.md)."""
         fastest = allowed[-1]
         found = self._largest_once(queue, fastest, now, ctx, snap)
         takes = self._decision.takes if self._decision is not None else {}
         batch, _ = takes.get(fastest) or self._take(queue, fastest, ctx, snap)
         if snap.grow_batches and len(batch) > 1:
-            rows = sum(r.rows for r in batch)
-            if ctx.latency.planned(fastest)[rows] <= _hold(ctx, snap):
-                return Decision(fastest, batch)
+            counts = _expected_met(batch, fastest, now, ctx, _hold(ctx, snap))
+            most = max(counts)
+            k = max(i for i, met in enumerate(counts) if met >= most - MET_COUNT_SLACK)
+            return Decision(fastest, batch[: k + 1])
         if found is None or len(found[0]) < len(batch):
             rates = _met_rates(batch, fastest, now, ctx, _hold(ctx, snap))
             least = 0.0 if found is None else max(rates[len(found[0]) - 1], 0.0)
@@ -1055,19 +1062,29 @@ def _runs(
 def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: float) -> list:
     """For each prefix of ``batch`` on ``tier`` (k = 1, 2, ... requests; one entry each,
     so that entry k - 1 is the prefix of k), the deadlines it is expected to meet per
-    second: the expected number of its requests whose deadline its batch time meets - that
-    time log-normal with the latency model's current median and planning sigma - over its
-    mean time; -inf where its planned time exceeds ``hold`` (the first is always allowed).
-    Not cut at the first prefix over ``hold``: a noisy profile's planned times need not
-    grow with the rows, and ``_largest`` may have taken a longer prefix past a shorter one
-    that is over it."""
+    second: ``_expected_met`` over its mean time (-inf past ``hold``)."""
+    lat, rows = ctx.latency, 0
+    rates = []
+    for met, r in zip(_expected_met(batch, tier, now, ctx, hold), batch, strict=True):
+        rows += r.rows
+        rates.append(met / lat.mean(tier, rows) if met > -math.inf else met)
+    return rates
+
+
+def _expected_met(batch: list[Request], tier: str, now: float, ctx: Context, hold: float):
+    """For each prefix of ``batch`` on ``tier`` (entry k - 1 for the first k requests),
+    the expected number of its requests whose deadline its batch time meets - that time
+    log-normal with the latency model's current median and planning sigma; -inf where its
+    planned time exceeds ``hold`` (the first is always allowed). Not cut at the first
+    prefix over ``hold``: a noisy profile's planned times need not grow with the rows, and
+    ``_largest`` may have taken a longer prefix past a shorter one that is over it."""
     lat = ctx.latency
     planned = lat.planned(tier)  # seconds by rows
-    rates, rows = [], 0
+    counts, rows = [], 0
     for k, r in enumerate(batch, 1):
         rows += r.rows
         if k > 1 and planned[rows] > hold:
-            rates.append(-math.inf)
+            counts.append(-math.inf)
             continue
         median, sigma = lat.median(tier, rows), lat.planning_sigma(tier, rows)
         met = 0.0
@@ -1076,8 +1093,8 @@ def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: 
             if left <= 0:
                 continue
             met += _normal_cdf(math.log(left / median) / sigma) if sigma > 0 else left >= median
-        rates.append(met / lat.mean(tier, rows))
-    return rates
+        counts.append(met)
+    return counts
 
 
 def _likely_met(batch: list[Request], tier: str, now: float, ctx: Context) -> list[Request]:
