@@ -867,7 +867,7 @@ def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, e
     p.add_argument("--points", help=f"comma-separated point ids or patterns ({example})")
     p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
     p.add_argument(
-        "--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=CONCURRENCY,
+        "--concurrency", type=client_counts, default=CONCURRENCY,
         help="closed-loop client counts (default the issue's 1,8,32; e.g. 8,12,16 for where "
         "the core runs out)",
     )  # fmt: skip
@@ -920,6 +920,18 @@ def copy_per_tree(model_dir: Path, trees, work: Path, stem: str = "repo") -> dic
         shutil.rmtree(repos[name], ignore_errors=True)
         shutil.copytree(model_dir, repos[name] / model_dir.name)
     return repos
+
+
+def client_counts(text: str) -> list[int]:
+    """``8,12,16`` -> [8, 12, 16]: distinct closed-loop client counts >= 1, ascending (the
+    point ids name them; a repeat would be a duplicate id)."""
+    try:
+        counts = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"client counts >= 1 like 8,12,16, got {text!r}")
+    return counts
 
 
 def _cpus(text: str) -> set[int]:

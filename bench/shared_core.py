@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -52,12 +53,13 @@ from bench.live_scheduler import (
     MODEL,
     REPO,
     STEM,
+    client_counts,
     closed_budgets_s,
     open_arrivals,
     tier_widths,
     uniform_budgets_s,
 )
-from sim.shared_core import host_ms
+from sim.shared_core import HOST_MS_MAX, host_ms
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_HOST_MS = (1.0, 0.6, 1.0)
@@ -65,6 +67,18 @@ GOAL_POINTS, GOAL_SIZE = 0.01, 0.05  # attainment (fraction), mean served size
 SIM_KEYS = ("slo_attainment", "mean_served_size", "rows_per_batch", "late", "refused_total",
             "tier_mix")  # fmt: skip
 PARSE_SHARE = DEFAULT_HOST_MS[0] / (DEFAULT_HOST_MS[0] + DEFAULT_HOST_MS[1])
+
+
+def _host_batch_ms(text: str) -> float:
+    """``--host-batch-ms``: finite ms >= 0 (at most ``HOST_MS_MAX``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= HOST_MS_MAX:
+        raise argparse.ArgumentTypeError(f"--host-batch-ms takes ms in [0, {HOST_MS_MAX:g}], "
+                                         f"got {text!r}")  # fmt: skip
+    return v
 
 
 def measured_host(live: dict, per_batch: bool = True) -> tuple[tuple[float, ...], str]:
@@ -164,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         help="PARSE,ANSWER[,CLIENT] ms; default: measured by the live run (see measured_host)",
     )
     p.add_argument(
-        "--host-batch-ms", type=float, default=None,
+        "--host-batch-ms", type=_host_batch_ms, default=None,
         help="ms per batch run (with --host-ms; default: the live run's gauge, or 0 with "
         "--host-ms)",
     )  # fmt: skip
     p.add_argument("--live", type=Path, default=OUT / f"{STEM}.json")
     p.add_argument("--out", type=Path, default=OUT / "shared_core.json")
     p.add_argument(
-        "--sweep-clients", type=lambda t: [int(x) for x in t.split(",")], default=[],
+        "--sweep-clients", type=client_counts, default=[],
         help="also closed loops of these many clients at the fixed budget (e.g. 8,12,16,24,32; "
         "no live counterpart): where past the core's capacity goodput collapses",
     )  # fmt: skip
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     live = json.loads(args.live.read_text())
     # Variants, each replayed at every point: name -> the point's host cost (ms). The first
     # is the headline (one cost for every point, as `innfer simulate --host-ms` takes it).
+    if args.host_batch_ms is not None and not args.host_ms:
+        p.error("--host-batch-ms goes with --host-ms (the live run's own figures are used without)")
     if args.host_ms:
         given = (*args.host_ms, args.host_batch_ms or 0.0)
         variants = {
@@ -257,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in out.get("sweep", []):
         print(f"closed loop of {r['clients']:3} at {FIXED_BUDGET_MS:g} ms: "
               f"{r['slo_attainment']:6.1%} within budget, goodput {r['goodput_per_s']:5.0f}/s, "
-              f"late {r['late']}, refused {r['refused_total']}, p50 {r['p50_latency_ms']:.1f} ms, "
-              f"{r['rows_per_batch']:.1f} rows per batch")  # fmt: skip
+              f"late {r['late']}, refused {r['refused_total']}, p50 {_ms(r['p50_latency_ms'])}, "
+              f"{_num(r['rows_per_batch'])} rows per batch")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 
@@ -275,6 +291,14 @@ def sweep(clients: list[int], params: dict, tiers, p50, widths, host, slo) -> li
                 "rows_per_batch", "mean_served_size")  # fmt: skip
         out.append({"clients": n, **{k: s[k] for k in keys}})
     return out
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} ms"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def live_rows_per_batch(got: dict) -> float | None:

@@ -66,10 +66,10 @@ class HostCost:
 
     def __post_init__(self) -> None:
         for name in ("parse_s", "answer_s", "client_s", "batch_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"HostCost.{name} must be >= 0 seconds")
-        if self.refuse_s is not None and not self.refuse_s >= 0:
-            raise ValueError("HostCost.refuse_s must be >= 0 seconds")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"HostCost.{name} must be finite seconds >= 0")
+        if self.refuse_s is not None and not 0 <= self.refuse_s < math.inf:
+            raise ValueError("HostCost.refuse_s must be finite seconds >= 0")
 
 
 def host_ms(text: str) -> tuple[float, float, float]:
@@ -145,7 +145,7 @@ def simulate_shared(
                       admit_quantile=admit_quantile)  # fmt: skip
     # The server measures its CPU per row and per batch outside the engine (server.host_cpu)
     # and hands them to its scheduler; here they are known (the per-row figure, like the
-    # server's, counts each row's share of its batch's: see settle below).
+    # server's, counts each row's share of its batch's: see the batch's end below).
     sched.host_s = host.parse_s + host.answer_s
     sched.batch_host_s = host.batch_s
     batches = rows_run = 0
@@ -210,13 +210,12 @@ def simulate_shared(
             for r in d.requests:
                 batch_end[r.id], tiers_used[r.id], states[r.id] = t, d.tier, "served"
             batches, rows_run = batches + 1, rows_run + d.rows
+            # (a whole-run average; the server's is an EWMA over recent windows)
             sched.host_s = host.parse_s + host.answer_s + host.batch_s * batches / rows_run
-            if host.batch_s > 0:  # the loop settles it (and launches the next) in turn
-                settling = d
-                handle(_Task("settle", -1, host.batch_s))
-            else:
-                for r in d.requests:
-                    handle(_Task("answer", r.id, host.answer_s))
+            # The loop settles it (and launches the next) in turn, whatever that costs: the
+            # server's completion callback waits behind the loop's queued work too.
+            settling = d
+            handle(_Task("settle", -1, host.batch_s))
         else:
             task = work.popleft()
             if work:

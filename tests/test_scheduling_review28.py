@@ -174,11 +174,18 @@ def test_a_saturated_core_runs_whole_batches_when_the_queue_cannot_be_saved():
     # Not past a shared device's hold (another model's deadline, 5 ms): 3 rows (4.5 ms).
     held = Snapshot(grow_batches=True, hold=5 * MS)
     assert Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, held).rows == 3
-    # The rest due in 9 ms: the whole batch (10.5 ms) would meet none; 6 rows (9 ms) meet
+    # The rest due in 9.5 ms: the whole batch (10.5 ms) would meet none; 6 rows (9 ms) meet
     # the 5 behind the head, the most any prefix meets.
-    tight = [Request(0, 0.0, 2 * MS)] + [Request(k, 0.0, 9 * MS) for k in range(1, 8)]
+    tight = [Request(0, 0.0, 2 * MS)] + [Request(k, 0.0, 9.5 * MS) for k in range(1, 8)]
     assert Planner().throughput_fallback(tight, ["w025"], 0.0, ctx, full).rows == 6
     assert Planner().choose(tight, 0.0, ctx, full).rows == 6  # (steps 2-3 save nothing)
+    # Where even the best prefix likely misses (the head alone meets it half the time: a
+    # 48 % chance at p90 / p50 = 1.33), the batch of 7 late answers is not run: the head.
+    noisy = [TierInfo("w025", 0.5, {1: 2.0, 8: 16.0}, {1: 1.5, 8: 12.0})]
+    ctx = Context(noisy, LatencyModel(noisy), max_batch=8)
+    ctx.latency.batch_host_s = 0.0005
+    hopeless = [Request(0, 0.0, 1.48 * MS)] + [Request(k, 0.0, 1.49 * MS) for k in range(1, 8)]
+    assert Planner().throughput_fallback(hopeless, ["w025"], 0.0, ctx, full).rows == 1
 
 
 def test_ten_clients_on_a_saturated_core_are_served_in_whole_batches():

@@ -53,7 +53,8 @@ EFFICIENT_BATCH_SLACK = 0.02
 # open loop at 2x (one run each, against plans of engine time).
 BATCH_GROWTH_SLACK = 0.01
 # Step 4 on a saturated core runs the longest prefix whose expected met deadlines are
-# within this many of the most any prefix meets (a whole batch of tight heads can meet none).
+# within this many of the most any prefix meets - and at least half of it (a whole batch of
+# tight heads can meet none).
 MET_COUNT_SLACK = 0.5
 # Planner step 1: a tier is a candidate while the arrivals are at most 1.5x its full-batch
 # throughput (at its mean batch time) where the engines have their CPUs (or a GPU) to
@@ -512,7 +513,9 @@ class Planner(Policy):
          as possible, on T's fastest tier the batch expected to meet the most deadlines
          per second (at the latency model's median and spread, not at q), or its
          ``largest_batch`` where that is as good; then the next tier up's
-         ``largest_batch``; else the head alone on T's fastest tier.
+         ``largest_batch``; else the head alone on T's fastest tier. While a shared core
+         is nearly full (``grow_batches``), the longest prefix of that batch that meets
+         about the most deadlines instead (throughput first).
 
     Cost per decision: ``largest_batch`` once per tier (one ``take``: O(B) rows scanned, or
     O(|Q|) in numpy when requests pinned elsewhere must be skipped; then O(B) prefixes); the
@@ -787,13 +790,15 @@ class Planner(Policy):
 
         While the core is nearly full (``snap.grow_batches``: handling shares it and
         each batch costs it ``batch_host_s``), the longest prefix of that tier's batch that
-        meets about the most deadlines (within ``MET_COUNT_SLACK`` of the most expected),
+        meets about the most deadlines (within ``MET_COUNT_SLACK`` of the most expected,
+        and at least half of it),
         not the most per second: throughput first. Per second the head alone wins when it
         is tight, and a queue of heads that are all tight - what a saturated core's queue
         is - then runs one row at a time, pays the per-batch cost for every row and stays
         that tight for good; the rows left behind still need the core later (issue 18's
         ResNet on one core at 10 closed-loop clients, 30 ms: 0.39 within budget over 5
-        simulated seeds, 0.85 this way; live 4.5-5.0 % before, 36-91 % after). Gating it
+        simulated seeds, 0.85 this way; live 4.3 / 4.2 % before, 51.9 / 68.3 % after,
+        in the same run). Gating it
         on a standing queue (most recent decisions reaching this step) was measured and not
         kept (docs/design.md)."""
         fastest = allowed[-1]
@@ -803,7 +808,8 @@ class Planner(Policy):
         if snap.grow_batches and len(batch) > 1:
             counts = _expected_met(batch, fastest, now, ctx, _hold(ctx, snap))
             most = max(counts)
-            k = max(i for i, met in enumerate(counts) if met >= most - MET_COUNT_SLACK)
+            least = most - min(MET_COUNT_SLACK, most / 2)  # (most < 1: not a batch of none)
+            k = max(i for i, met in enumerate(counts) if met >= least)
             return Decision(fastest, batch[: k + 1])
         if found is None or len(found[0]) < len(batch):
             rates = _met_rates(batch, fastest, now, ctx, _hold(ctx, snap))
