@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from bench.live_scheduler import (
     tier_widths,
     uniform_budgets_s,
 )
-from sim.shared_core import HOST_MS_MAX, host_ms
+from sim.shared_core import host_batch_ms, host_ms
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_HOST_MS = (1.0, 0.6, 1.0)
@@ -67,18 +66,6 @@ GOAL_POINTS, GOAL_SIZE = 0.01, 0.05  # attainment (fraction), mean served size
 SIM_KEYS = ("slo_attainment", "mean_served_size", "rows_per_batch", "late", "refused_total",
             "tier_mix")  # fmt: skip
 PARSE_SHARE = DEFAULT_HOST_MS[0] / (DEFAULT_HOST_MS[0] + DEFAULT_HOST_MS[1])
-
-
-def _host_batch_ms(text: str) -> float:
-    """``--host-batch-ms``: finite ms >= 0 (at most ``HOST_MS_MAX``)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0 <= v <= HOST_MS_MAX:
-        raise argparse.ArgumentTypeError(f"--host-batch-ms takes ms in [0, {HOST_MS_MAX:g}], "
-                                         f"got {text!r}")  # fmt: skip
-    return v
 
 
 def measured_host(live: dict, per_batch: bool = True) -> tuple[tuple[float, ...], str]:
@@ -178,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         help="PARSE,ANSWER[,CLIENT] ms; default: measured by the live run (see measured_host)",
     )
     p.add_argument(
-        "--host-batch-ms", type=_host_batch_ms, default=None,
+        "--host-batch-ms", type=host_batch_ms, default=None,
         help="ms per batch run (with --host-ms; default: the live run's gauge, or 0 with "
         "--host-ms)",
     )  # fmt: skip

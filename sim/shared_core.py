@@ -96,6 +96,25 @@ def host_ms(text: str) -> tuple[float, float, float]:
 HOST_MS_MAX = 10_000.0  # --host-ms: each part at most 10 s of a core per request
 
 
+def host_batch_ms(text: str) -> float:
+    """``--host-batch-ms MS`` (ms of the shared core per batch, in [0, HOST_MS_MAX]); the one
+    parser of ``innfer simulate`` and bench/shared_core.py.
+
+    Example:
+        >>> host_batch_ms("0.25")
+        0.25
+    """
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= HOST_MS_MAX:
+        raise argparse.ArgumentTypeError(
+            f"--host-batch-ms takes ms per batch in [0, {HOST_MS_MAX:g}], got {text!r}"
+        )
+    return v
+
+
 @dataclass
 class SharedCoreResult:
     summary: dict
