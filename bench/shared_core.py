@@ -23,8 +23,8 @@ launching, settling it; ``innfer_host_cpu_per_batch_seconds``, which the live ru
 each point's end), the median over the points; it is taken out of each point's CPU per
 request at the batches the point ran per request (``batches_per_request``) before the
 median above, since the shared-core model charges it per batch. Every point is also
-replayed without it - the whole CPU per request charged per request, no batch growth, as
-the simulator was before it had a per-batch cost - in the same run, as the baseline.
+replayed without it - the whole CPU per request charged per request, no batch growth (the
+loop still settles each batch in turn, at no cost) - in the same run, as the baseline.
 
 Writes bench/results/shared_core.json and prints a table: per point, live vs engine-only
 simulator vs shared-core simulator (with and without the per-batch cost), attainment and
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             "median / given": "one host cost for every point (the median over the points, or "
             "--host-ms), with the per-batch cost",
             "*_no_batch_cost": "the whole CPU per request charged per request, no per-batch "
-            "cost: the simulator before it had one, the baseline",
+            "cost (each batch still settled by the loop in turn): the baseline",
             "own": "each point at its own measured host cost",
         },
         "live_file": str(args.live),

@@ -7,15 +7,16 @@ Per request the server spends ``HostCost.parse_s`` of CPU before the scheduler s
 ``answer_s`` after its batch (``refuse_s`` to turn it away); per batch, ``batch_s`` to
 decide, launch and settle it (the event loop's share of a batch as such, which the live
 server measures as ``innfer_host_cpu_per_batch_seconds``). The handler thread works
-through that in arrival order - a finished batch's settling waits behind the requests
-queued before it, and the next batch starts only when it is done (the loop decides and
-launches it there), its answers queued after it; the engine thread runs one batch at a
-time. While both have
-work each runs at half speed (the kernel shares the core fairly), alone at full speed. The
+through that in arrival order - a finished batch's settling (even at no cost) waits behind
+the requests queued before it, and the next batch starts only when it is done (the loop
+decides and launches it there), its answers queued after it; the engine thread runs one
+batch at a time. While both have work each runs at half speed (the kernel shares the core
+fairly), alone at full speed. The
 scheduler is the server's own object and sees what the live server sees: a request when
 its parsing ends, a batch's wall time (stretched by sharing) as its compute, the host
 CPU per row and per batch as the server hands them to it (``Scheduler.host_s``: the per
-row figure counts the batches' share, as the server's window does), budgets
+row figure counts the batches' share, as the server's does - here averaged over the whole
+run, there over recent windows), budgets
 planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
 default off), counted from when parsing began and planned short by the learned overhead too
 (``server.overhead``, fed the time from a batch's end to its answer leaving), with the part

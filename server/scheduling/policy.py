@@ -788,19 +788,17 @@ class Planner(Policy):
         rows, budgets U(4, 8) ms: 30 % within budget at full-batch capacity, against 85 %
         for plain full batches).
 
-        While the core is nearly full (``snap.grow_batches``: handling shares it and
-        each batch costs it ``batch_host_s``), the longest prefix of that tier's batch that
-        meets about the most deadlines (within ``MET_COUNT_SLACK`` of the most expected,
-        and at least half of it),
-        not the most per second: throughput first. Per second the head alone wins when it
-        is tight, and a queue of heads that are all tight - what a saturated core's queue
-        is - then runs one row at a time, pays the per-batch cost for every row and stays
-        that tight for good; the rows left behind still need the core later (issue 18's
-        ResNet on one core at 10 closed-loop clients, 30 ms: 0.39 within budget over 5
-        simulated seeds, 0.85 this way; live 4.3 / 4.2 % before, 51.9 / 68.3 % after,
-        in the same run). Gating it
-        on a standing queue (most recent decisions reaching this step) was measured and not
-        kept (docs/design.md)."""
+        While the core is nearly full (``snap.grow_batches``: handling shares it and each
+        batch costs it ``batch_host_s``), the longest prefix of that tier's batch that meets
+        about the most deadlines (within ``MET_COUNT_SLACK`` of the most expected, and at
+        least half of it), not the most per second: throughput first. Per second the head
+        alone wins when it is tight, and a queue of heads that are all tight - what a
+        saturated core's queue is - then runs one row at a time, pays the per-batch cost for
+        every row and stays that tight for good; the rows left behind still need the core
+        later (issue 18's ResNet on one core at 10 closed-loop clients, 30 ms: 0.39 within
+        budget over 5 simulated seeds, 0.85 this way; live 4.3 / 4.2 % before, 51.9 /
+        68.3 % after, in the same run). Gating it on a standing queue (most recent
+        decisions reaching this step) was measured and not kept (docs/design.md)."""
         fastest = allowed[-1]
         found = self._largest_once(queue, fastest, now, ctx, snap)
         takes = self._decision.takes if self._decision is not None else {}
