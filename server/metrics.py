@@ -200,6 +200,14 @@ class Metrics:
             "the request handling's CPU (with one intra-op thread).",
             ["model"], registry=r,
         )  # fmt: skip
+        self.saturated_batches = Counter(
+            "innfer_saturated_batches",
+            "Batches the planner ran throughput first: the CPU the engine shares with request "
+            "handling was nearly full and the queue could not be saved in full, so it ran the "
+            "batch that meets the most deadlines rather than the most per second. The replica "
+            "is past its capacity (scale out, or give handling CPUs of its own).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.degraded = Counter(
             "innfer_degraded_requests",
             "Requests served below the best tier they allowed - the model's top tier (or the "

@@ -1258,6 +1258,7 @@ class ModelRuntime:
         lanes = self.overheads if self._seq_axis is not None else ()
         self._lane_requests = {n: m.lane_requests.labels(name, str(n)) for n in lanes}
         self._degraded = m.degraded.labels(name)
+        self._saturated = m.saturated_batches.labels(name)
         self._met = m.deadline_met.labels(name)
         self._missed = {why: m.deadline_missed.labels(name, why) for why in MISS_REASONS}
         # Every outcome's series exists from load, at 0: a counter that first appears at its
@@ -1776,6 +1777,8 @@ class ModelRuntime:
         tier = d.tier
         served, request_s, queue_s, compute_s, batch = self._per_tier[tier]
         batch.observe(d.rows)
+        if d.saturated:
+            self._saturated.inc()
         self._compute_total.inc(compute)
         for r in answered:
             queued = r.started - r.arrival

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -147,6 +148,30 @@ def test_pinned_requests_run_on_their_tier_and_get_their_rows(tmp_path):
 
     _run(body())
     assert served.engines["w050"].calls == [3] and served.engines["w100"].calls == [2]
+
+
+def test_a_batch_chosen_throughput_first_is_counted_as_saturated(tmp_path):
+    # Step 4 on a saturated core marks its decision (Decision.saturated); the scheduler
+    # keeps the mark when it starts the batch and the runtime counts the batch in
+    # innfer_saturated_batches_total - an operator's "past capacity" signal. Here the
+    # policy's decisions are marked by hand (the saturated regime needs a full core).
+    served = _served(tmp_path)
+    metrics = Metrics()
+
+    async def body(mark: bool):
+        async with _running(served, metrics) as rt:
+            for lane in rt.lanes.values():
+                choose = lane.policy.choose
+                lane.policy.choose = lambda *a, choose=choose: dataclasses.replace(
+                    choose(*a), saturated=mark
+                )
+            await rt.infer(_x(1, 1.0), 1, 1.0)
+            await rt.infer(_x(2, 1.0), 2, 1.0)
+
+    _run(body(False))
+    assert _count(metrics, "innfer_saturated_batches_total", model="m") == 0
+    _run(body(True))
+    assert _count(metrics, "innfer_saturated_batches_total", model="m") == 2
 
 
 def test_the_tier_the_scheduler_picks_is_the_one_that_runs(tmp_path):

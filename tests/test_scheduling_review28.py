@@ -171,6 +171,7 @@ def test_a_saturated_core_runs_whole_batches_when_the_queue_cannot_be_saved():
     assert [r.id for r in calm.requests] == [0]
     whole = Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, full)
     assert [r.id for r in whole.requests] == list(range(7))
+    assert whole.saturated and not calm.saturated  # (innfer_saturated_batches_total)
     # Not past a shared device's hold (another model's deadline, 5 ms): 3 rows (4.5 ms).
     held = Snapshot(grow_batches=True, hold=5 * MS)
     assert Planner().throughput_fallback(queue, ["w025"], 0.0, ctx, held).rows == 3

@@ -99,6 +99,9 @@ SLACKFIT_BUCKET_MS = 2.0
 class Decision:
     """Run ``requests`` (their rows concatenated) on ``tier``. ``slot`` is the worker slot
     it runs on: None as a policy returns it, set by ``Scheduler.next`` when it starts.
+    ``saturated``: chosen throughput first because the core the engine shares with request
+    handling is nearly full and the queue cannot be saved in full (``throughput_fallback``):
+    the replica is past its capacity.
 
     Example:
         >>> d = Decision("w050", [Request(1, 0.0, 0.05, rows=3), Request(2, 0.0, 0.06)])
@@ -109,6 +112,7 @@ class Decision:
     tier: str
     requests: list[Request]
     slot: int | None = None
+    saturated: bool = False
 
     @property
     def rows(self) -> int:
@@ -808,7 +812,7 @@ class Planner(Policy):
             most = max(counts)
             least = most - min(MET_COUNT_SLACK, most / 2)  # (most < 1: not a batch of none)
             k = max(i for i, met in enumerate(counts) if met >= least)
-            return Decision(fastest, batch[: k + 1])
+            return Decision(fastest, batch[: k + 1], saturated=True)
         if found is None or len(found[0]) < len(batch):
             rates = _met_rates(batch, fastest, now, ctx, _hold(ctx, snap))
             least = 0.0 if found is None else max(rates[len(found[0]) - 1], 0.0)

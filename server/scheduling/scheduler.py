@@ -623,7 +623,8 @@ class Scheduler:
         if decision is None or not decision.requests:
             self.device.passed(self)
             return None
-        decision = Decision(decision.tier, decision.requests, slot)  # (replace() is slower)
+        # (replace() is slower)
+        decision = Decision(decision.tier, decision.requests, slot, decision.saturated)
         self._remove_all(decision.requests)
         rows = decision.rows
         for r in decision.requests:
