@@ -493,6 +493,7 @@ CPU_METRICS = {
     "engine_cpu_s": "innfer_compute_cpu_seconds_total",
     "engine_wall_s": "innfer_compute_seconds_total",
     "batches": "innfer_batch_size_count",  # batches run (a histogram's count, every tier)
+    "saturated": "innfer_saturated_batches_total",  # of them run throughput first
 }
 # Gauges read at a point's end (not differenced): the server's own estimates, seconds.
 GAUGE_METRICS = {
@@ -533,6 +534,8 @@ def cpu_per_request(before: dict, after: dict, sent: int) -> dict | None:
         out["engine_wall_over_cpu"] = d["engine_wall_s"] / d["engine_cpu_s"]
     if "batches" in d:
         out["batches_per_request"] = d["batches"] / sent
+    if "saturated" in d:
+        out["saturated_batches"] = d["saturated"]
     for key in GAUGE_METRICS:
         if key in after:
             out[f"{key}_ms"] = 1e3 * after[key]
