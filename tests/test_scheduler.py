@@ -1278,3 +1278,28 @@ def test_a_slowdown_that_outlasts_the_load_costs_one_late_plan_per_backoff():
         late += took > 0.03
         t += 2.0
     assert on_w100 == late and 1 <= late <= 7  # relaxes 1, 2, 4 ... 64 s apart, each undone
+
+
+@pytest.mark.parametrize("timed_batches", [0, 3])
+def test_an_idle_tier_relaxed_again_and_again_plans_between_the_burst_and_home(timed_batches):
+    """Each relax blended the spread's EWMA weights linearly, squared weights too, and
+    rounded the trust's batch count (1 stayed 1 at any keep above 0.5): the spread's
+    relative variance (s2 / s1^2) grew as 1 / keep per relax while the trust stayed, and an
+    idle tier relaxed a few hundred times planned at 1e18 s, then ``_refresh``'s expm1
+    overflowed and the decision raised (``bench.auto_tiers``, the ResNet's phase 2,
+    untimed tiers). Every relax now plans the tier between the burst's plan and home's,
+    and the relaxes end at home."""
+    lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0, 2: 22.0}, {1: 18.0, 2: 20.0})])
+    for i in range(timed_batches):
+        lat.observe("w100", 1, 0.019 + 0.002 * i)  # the timing at load, if any
+    lat.settle()
+    home = lat.estimate("w100", 1)
+    for i in range(40):
+        lat.observe("w100", 1, 0.02 if i % 2 else 0.07)  # a burst: slow and erratic
+    burst = lat.estimate("w100", 1)
+    relaxes = 0
+    while lat.relax("w100", 0.97):  # an arrival every ~0.06 s on an idle model
+        relaxes += 1
+        assert relaxes < 2000
+        assert home * (1 - 1e-9) <= lat.estimate("w100", 1) <= burst * (1 + 1e-9)
+    assert lat.estimate("w100", 1) == pytest.approx(home, rel=1e-6)

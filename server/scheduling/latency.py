@@ -567,9 +567,18 @@ class LatencyModel:
             return then + (now - then) * keep
 
         self._expected[tier] = blend(self._expected[tier], home[2])
-        self._count[tier] = round(blend(self._count[tier], home[3]))
+        # Rounded towards home: round() kept a count of 1 at every keep above 0.5 for ever,
+        # the trust with it, while the weights below went on shrinking.
+        self._count[tier] = home[3] + int((self._count[tier] - home[3]) * keep)
+        # The batches since home lose ``keep`` of their weight each: their squared weights
+        # keep^2. Blended by keep, squares and all, the spread's relative variance (s2 /
+        # s1^2: 1 / its effective batches) grew as 1 / keep per relax - repeated relaxes of
+        # an idle tier planned it at 1e18 s, then overflowed ``_refresh``. s2 <= s1^2 holds
+        # for any weights; the clamp keeps it where home and now mix unevenly.
         w1, w2 = self._jitter_w[tier]
-        self._jitter_w[tier] = (blend(w1, home[4][0]), blend(w2, home[4][1]))
+        h1, h2 = home[4]
+        w1 = blend(w1, h1)
+        self._jitter_w[tier] = (w1, min(h2 + (w2 - h2) * keep * keep, w1 * w1))
         self._level_var[tier] = blend(self._level_var[tier], home[5])
         self._last[tier] = None  # the next batch is not diffed against the burst's
         self._refresh(tier)
