@@ -20,10 +20,12 @@ allowed set whatever the gain (``Choice.live_breaks`` says why). So accuracy is
 maximised at the SLO target, or - where the traffic makes the target unreachable - at the
 best attainment within reach less ``auto_tiers.attainment_slack`` (default 0.002: replay
 noise), never bought with more deadlines than the operator allows. The search: over the frontier's
-Pareto candidates thinned to distinct latencies (``thin``), greedy (add the tier that raises
-the score most, up to ``max_tiers``, stopping when none does), then moves of one member to
-a neighbour on the frontier while any improves it. With ``keep_fastest`` (the default; for
-``max_tiers`` >= 2) the set starts from, and keeps, the fastest candidate: a choice is made
+Pareto candidates thinned to distinct latencies (``thin``, at one row and at a full batch),
+greedy (add the tier that raises the score most, up to ``max_tiers``, stopping when none
+does), then moves of one member to a neighbour on the frontier while any improves it. With
+``keep_fastest`` (the default; for ``max_tiers`` >= 2) the set starts from, and keeps, the
+fastest candidate - where the fastest at one row and the fastest at a full batch differ, the
+one that alone serves the traffic better (one row at a time, or saturated): a choice is made
 for the traffic of the last ``window_s`` and swapped in a check interval, a choice and a
 reload later, and a set without a fast tier misses every tight budget meanwhile; with one,
 the scheduler absorbs a shift at once (bench/auto_tiers.py: after the shift the ResNet's
@@ -323,7 +325,14 @@ def frontier_options(
     if not keep:  # said from the whole frontier, as the build and the server say it
         goals = AutoTiersConfig(accuracy_floor=floor, max_memory_mb=max_memory_mb)
         raise ValueError(frontier.unmet_goals(goals))
-    keep = thin(keep, frontier.max_batch, step)
+    # Thinned at one row and at a full batch, as the Pareto marks are: thinned at a full
+    # batch alone, the candidate fastest at one row went where a faster-batched one stood
+    # for its run - the ResNet's w031, 1.45 ms alone against w025's 1.49, served tight
+    # light traffic 2.6 points more accurately at the same attainment (bench/auto_tiers.py).
+    thinned = {c.name for b in (1, frontier.max_batch) for c in thin(keep, b, step)}
+    keep = sorted(
+        (c for c in keep if c.name in thinned), key=lambda c: c.p50_ms(frontier.max_batch)
+    )
     infos, p50 = tiers_from_profile(frontier.profile([c.name for c in keep]), _by_name(keep))
     return {
         t.name: Option(t, p50[t.name], c.width, c.memory_mb, c.sizes)
@@ -477,12 +486,16 @@ def choose(
     # far as the goals allow it: a floor no allowed set can reach penalises every one. The
     # live set counts only where it keeps the goals itself, for the same reason.
     fastest = next(([n] for n in order if fits([n])), [])
+    # The fastest candidate at one row, where it is not the fastest at a full batch (a
+    # narrow layer set can win alone and lose batched): light traffic runs one row at a
+    # time and needs it, saturated traffic the other; the replay says which this is.
+    alone = min(order, key=lambda n: options[n].p50[1])
+    quickest = [*fastest, *([alone] if fastest and alone not in fastest and fits([alone]) else [])]
+    tried = [*([n] for n in quickest), fitting(_spread(order, goals.max_tiers))]
     reach = max(
-        (evaluate(options, names, recent, sim, host=host).attainment
-         for names in (fastest, fitting(_spread(order, goals.max_tiers)))
-         if names),
+        (evaluate(options, names, recent, sim, host=host).attainment for names in tried if names),
         default=0.0,
-    )  # fmt: skip
+    )
     allowed = live.attainment if not breaks else 0.0
     floor = min(sim.slo_target, max(allowed, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
@@ -496,9 +509,11 @@ def choose(
                 progress(len(cache))
         return cache[key]
 
-    # keep_fastest: the set starts from the fastest candidate and keeps it (see the doc).
-    keep = goals.keep_fastest and goals.max_tiers > 1 and fits(order[:1])
-    kept = order[:1] if keep else []
+    # keep_fastest: the set starts from the fastest candidate and keeps it (see the doc);
+    # of the fastest at a full batch and at one row, the one that serves this traffic
+    # better alone (the first where equal).
+    keep = goals.keep_fastest and goals.max_tiers > 1 and bool(quickest)
+    kept = [max(quickest, key=lambda n: run([n]).score)] if keep else []
     chosen: list[str] = list(kept)
     best: Evaluation | None = run(kept) if kept else None
     while len(chosen) < goals.max_tiers:

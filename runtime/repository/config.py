@@ -319,8 +319,9 @@ class AutoTiersConfig:
     )  # fmt: skip
     keep_fastest: bool = spec(
         True,
-        doc="every chosen set keeps the fastest candidate: a shift to tighter budgets is "
-        "absorbed by the scheduler at once, not after the next choice and swap",
+        doc="every chosen set keeps the fastest candidate (at one row or at a full batch, "
+        "whichever serves the traffic better): a shift to tighter budgets is absorbed by the "
+        "scheduler at once, not after the next choice and swap",
     )
     window_s: float = spec(120.0, lo=1, unit="seconds", doc="recent traffic the choice is made for")
     simulate_requests: int = spec(
