@@ -38,8 +38,14 @@ serving image needs ``sim/`` only as that process's code. The task's file operat
 work directory, the locks, ``auto_tiers.json``) run on a thread of its own: on a shared
 volume they can stall, and the serving loop must not stall with them.
 
+A choice takes seconds to minutes; where the requests that came meanwhile (at least
+``rebuild.min_requests``) drifted from the window it was made for, it is not swapped in
+(outcome ``stale``): ``auto_tiers.json`` is put back as the undo does, nothing counts as a
+change, and the next check chooses for the traffic as it is now.
+
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (``OUTCOMES``: applied, kept,
-unchanged, waiting, no_frontier, locked, failed; every one from the loop's start, at 0),
+stale, unchanged, waiting, no_frontier, locked, failed; every one from the loop's start, at
+0),
 ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live set),
 ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change) and
 ``innfer_tier_set_enabled{model}`` (the data plane's: 1 while a loop runs, 0 where
@@ -93,7 +99,9 @@ STALE_WORK_S = 3600.0
 # traffic never moves is never re-chosen, and its dead replicas' windows stayed.
 PRUNE_EVERY_S = 600.0
 # A check's outcomes (innfer_tier_set_checks_total{outcome}); every one exported from 0.
-OUTCOMES = ("applied", "kept", "unchanged", "waiting", "no_frontier", "locked", "failed")
+OUTCOMES = (
+    "applied", "kept", "stale", "unchanged", "waiting", "no_frontier", "locked", "failed",
+)  # fmt: skip
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -385,7 +393,7 @@ class AutoTierer:
             return self._count("locked")
         self._said_locked = False
         try:
-            outcome = await self._apply_and_swap(summary, rows)
+            outcome = await self._apply_and_swap(summary, rows, now)
         finally:
             # Released on the file thread too (on NFS an unlock is a call to the server),
             # after this check's last file operation; a cancelled check's too, unawaited.
@@ -406,8 +414,9 @@ class AutoTierer:
         except OSError as exc:
             log.warning("model %s: closing its apply lock failed (%s)", self.name, exc)
 
-    async def _apply_and_swap(self, summary: dict, rows: tuple) -> str:
-        """Choose, apply and reload, under the model's lock (``_check``)."""
+    async def _apply_and_swap(self, summary: dict, rows: tuple, checked: float) -> str:
+        """Choose, apply and reload, under the model's lock (``_check``, which began at
+        ``checked`` on ``clock``)."""
         work = self.work
         traffic, result = work / "traffic.csv", work / "choice.json"
         rows = tuple(col[-self.goals.simulate_requests :] for col in rows)
@@ -432,6 +441,20 @@ class AutoTierer:
                       getattr(self, "_last_line", "") or "no output")  # fmt: skip
             return self._count("failed")
         written = await self._io(_bytes, active)  # this apply's: the undo takes back only that
+        if (moved := await self._moved_since(checked, summary)) is not None:
+            # Chosen for the window before a shift, swapped in after it, a set served the
+            # new traffic until the next choice: live, 32 s of the smallest tier after
+            # budgets tightened (bench/auto_tiers_live.py, session 60). Not a change: the
+            # next check chooses for the traffic as it is, min_interval_s or not.
+            restored = await self._io(_restore_if, active, written, before)
+            self.chosen_for = self.chosen_live = None
+            log.info(
+                "model %s: traffic moved while the tiers were chosen (%s); the choice %s is "
+                "not swapped in%s, and the next check chooses again",
+                self.name, moved, choice["best"]["tiers"] if choice else "?",
+                "" if restored else f" ({ACTIVE_FILE} was rewritten meanwhile: left as it is)",
+            )  # fmt: skip
+            return self._count("stale")
         try:
             # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
             # half - the old runtime, already out of the data plane, still drains its queue.
@@ -503,6 +526,26 @@ class AutoTierer:
                 f", replacing a set that broke the goals ({breaks})" if breaks else "", seconds,
             )  # fmt: skip
         return self._count("applied")
+
+    async def _moved_since(self, checked: float, summary: dict) -> str | None:
+        """How the requests since ``checked`` drifted (``rebuild.drift``) from ``summary``,
+        the window the choice was made for; None where they did not, or are fewer than
+        ``rebuild.min_requests`` (too few to tell)."""
+        rebuild = self.goals.rebuild
+        now = self.clock()
+        loop = asyncio.get_running_loop()
+        _, since = await loop.run_in_executor(
+            None, _observed, self.traffic.snapshot(), now, now - checked
+        )
+        if since["requests"] < min(rebuild.min_requests, CAPACITY):
+            return None
+        if not drifted(summary, since, rebuild.drift):
+            return None
+        return (
+            f"{summary['rate_per_s']:.1f} -> {since['rate_per_s']:.1f} req/s, budgets p50 "
+            f"{summary['budget_ms_p10_p50_p90'][1]:.1f} -> "
+            f"{since['budget_ms_p10_p50_p90'][1]:.1f} ms over {since['requests']} requests"
+        )
 
     async def _apply(self, argv: list[str]) -> int:
         # nice(1) rather than a preexec_fn: the server has engine threads, and a fork that

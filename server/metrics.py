@@ -308,7 +308,8 @@ class Metrics:
         # Auto-tiering (server/autotier.py): its checks, its last choice's gain, its swaps.
         self.tier_set_checks = Counter(
             "innfer_tier_set_checks", "Auto-tiering checks by outcome: applied (the tier set "
-            "changed), kept, unchanged (traffic as at the last choice), waiting (too little "
+            "changed), kept, stale (traffic moved while the set was chosen: not swapped in), "
+            "unchanged (traffic as at the last choice), waiting (too little "
             "traffic or too soon), no_frontier (the frontier is missing or unusable: `innfer "
             "build`), locked (another replica is choosing), failed.",
             ["model", "outcome"], registry=r,

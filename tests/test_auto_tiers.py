@@ -1668,3 +1668,59 @@ def test_a_dead_replicas_lock_is_opened_for_writing_as_nfs_locks_need(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_a_choice_the_traffic_moved_away_from_is_not_swapped_in(tmp_path, caplog):
+    """A set chosen for the window before a shift was swapped in after it (an apply takes
+    seconds): live, the ResNet served 32 s of its smallest tier with budgets that allowed
+    more (bench/auto_tiers_live.py, session 60). Where the requests since the check drifted
+    from the window, the choice is dropped - auto_tiers.json put back, no reload, no change
+    counted - and the next check chooses again without waiting min_interval_s."""
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(
+        window_s=1.0, rebuild=RebuildConfig(min_requests=10, min_interval_s=100)
+    )
+    log, clock, calls = TrafficLog(), [1000.0], []
+    for i in range(10):
+        log.record(999.1 + i * 0.01, 0.05, 1)
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir()
+    active.write_text('{"before": true}')
+    during = [10]  # requests that come while `apply` runs, with budgets of 10 ms
+
+    served = ["model.yaml:b"]
+
+    async def reload(name):
+        calls.append(active.read_text())
+        served[0] = "frontier:a"
+
+    def command(repo, name, traffic, result, live):  # `apply`, during which traffic comes
+        active.write_text('{"new": true}')
+        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
+                                      "current": {"tiers": ["b"]}, "traffic": {
+                                          "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
+                                          "rate_per_s": 5.0}}))  # fmt: skip
+        for i in range(during[0]):
+            log.record(clock[0] + 0.5 + i * 0.01, 0.01, 1)
+        clock[0] += 1.0
+        return ["true"]
+
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: served[0],
+                        lambda: clock[0], command)  # fmt: skip
+    with caplog.at_level("INFO", logger="innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "stale"  # chosen for 50 ms, 10 ms came
+    assert calls == [] and active.read_text() == '{"before": true}' and tierer.changes == 0
+    assert "budgets p50 50.0 -> 10.0 ms over 10 requests" in caplog.text
+    assert "['a'] is not swapped in" in caplog.text
+    # the next check chooses for the traffic as it is now, min_interval_s or not; what came
+    # during its apply is alike: swapped in
+    assert asyncio.run(tierer.check()) == "applied" and calls == ['{"new": true}']
+    # too few requests since the check to tell (5 of min_requests 10): swapped in as before
+    clock[0] += 200
+    for i in range(10):
+        log.record(clock[0] - 0.9 + i * 0.01, 0.05, 1)
+    during[0] = 5
+    served[0] = "model.yaml:b"
+    assert asyncio.run(tierer.check()) == "applied" and len(calls) == 2
