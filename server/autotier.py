@@ -39,7 +39,8 @@ work directory, the locks, ``auto_tiers.json``) run on a thread of its own: on a
 volume they can stall, and the serving loop must not stall with them.
 
 A choice takes seconds to minutes; where the requests that came meanwhile (at least
-``rebuild.min_requests``) drifted from the window it was made for, it is not swapped in
+``rebuild.min_requests``) moved away from those it was made for (``traffic.moved_away``:
+the budgets' distribution beyond sampling noise, or the rows), it is not swapped in
 (outcome ``stale``): ``auto_tiers.json`` is put back as the undo does, nothing counts as a
 change, and the next check chooses for the traffic as it is now.
 
@@ -75,7 +76,14 @@ from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_F
 from runtime.repository.config import AutoTiersConfig
 from runtime.utc import seconds
 from server.daemon_call import DaemonWorker
-from server.traffic import CAPACITY, TrafficLog, drifted, summarise_traffic, write_traffic
+from server.traffic import (
+    CAPACITY,
+    TrafficLog,
+    drifted,
+    moved_away,
+    summarise_traffic,
+    write_traffic,
+)
 
 log = logging.getLogger("innfer.autotier")
 
@@ -441,7 +449,7 @@ class AutoTierer:
                       getattr(self, "_last_line", "") or "no output")  # fmt: skip
             return self._count("failed")
         written = await self._io(_bytes, active)  # this apply's: the undo takes back only that
-        if (moved := await self._moved_since(checked, summary)) is not None:
+        if (moved := await self._moved_since(checked, rows)) is not None:
             # Chosen for the window before a shift, swapped in after it, a set served the
             # new traffic until the next choice: live, 32 s of the smallest tier after
             # budgets tightened (bench/auto_tiers_live.py, session 60). Not a change: the
@@ -527,25 +535,19 @@ class AutoTierer:
             )  # fmt: skip
         return self._count("applied")
 
-    async def _moved_since(self, checked: float, summary: dict) -> str | None:
-        """How the requests since ``checked`` drifted (``rebuild.drift``) from ``summary``,
-        the window the choice was made for; None where they did not, or are fewer than
-        ``rebuild.min_requests`` (too few to tell)."""
+    async def _moved_since(self, checked: float, window: tuple) -> str | None:
+        """How the requests since ``checked`` moved away (``traffic.moved_away``, at
+        ``rebuild.drift``) from ``window``, the requests the choice was made for; None where
+        they did not, or are fewer than ``rebuild.min_requests`` (too few to tell)."""
         rebuild = self.goals.rebuild
         now = self.clock()
         loop = asyncio.get_running_loop()
-        _, since = await loop.run_in_executor(
+        since, summary = await loop.run_in_executor(
             None, _observed, self.traffic.snapshot(), now, now - checked
         )
-        if since["requests"] < min(rebuild.min_requests, CAPACITY):
+        if summary["requests"] < min(rebuild.min_requests, CAPACITY):
             return None
-        if not drifted(summary, since, rebuild.drift):
-            return None
-        return (
-            f"{summary['rate_per_s']:.1f} -> {since['rate_per_s']:.1f} req/s, budgets p50 "
-            f"{summary['budget_ms_p10_p50_p90'][1]:.1f} -> "
-            f"{since['budget_ms_p10_p50_p90'][1]:.1f} ms over {since['requests']} requests"
-        )
+        return await loop.run_in_executor(None, moved_away, window, since, rebuild.drift)
 
     async def _apply(self, argv: list[str]) -> int:
         # nice(1) rather than a preexec_fn: the server has engine threads, and a fork that

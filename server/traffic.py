@@ -106,6 +106,48 @@ def summarise_traffic(arrivals: np.ndarray, budgets_ms: np.ndarray, rows: np.nda
     }
 
 
+def moved_away(
+    before: tuple[np.ndarray, np.ndarray, np.ndarray],
+    since: tuple[np.ndarray, np.ndarray, np.ndarray],
+    tolerance: float,
+) -> str | None:
+    """How the requests ``since`` (arrivals s, budgets ms, rows - a few seconds' worth)
+    differ from the window ``before`` in what their clients ask, or None where they do not
+    beyond ``tolerance``: the mean rows changed by more than it (relative), or the budgets'
+    distributions lie further apart than it (two-sample Kolmogorov-Smirnov distance: the
+    largest share of requests whose budgets crossed) and than sampling explains (1.63
+    sqrt((n + m) / nm), its 1 % critical value). Not ``drifted``'s quantiles: a window that
+    began before a shift keeps the old traffic in its p10 / p90 long after most of it is
+    gone. Not the rate: closed-loop clients send at the server's pace, and a choice running
+    beside it slows that pace (the next check's drift sees a rate that stays moved).
+
+    Example:
+        >>> t = np.arange(400) / 100.0
+        >>> loose, tight = np.full(400, 50.0), np.full(400, 10.0)
+        >>> moved_away((t, loose, t * 0 + 1), (t + 4, loose, t * 0 + 1), 0.2) is None
+        True
+        >>> moved_away((t, loose, t * 0 + 1), (t + 4, tight, t * 0 + 1), 0.2)
+        'budgets p50 50.0 -> 10.0 ms (KS distance 1.00), rows 1.00 -> 1.00, 400 requests'
+    """
+    a, b = summarise_traffic(*before), summarise_traffic(*since)
+    x, y = np.sort(before[1]), np.sort(since[1])
+    n, m = len(x), len(y)
+    if n == 0 or m == 0:
+        return None
+    grid = np.concatenate([x, y])
+    distance = float(
+        np.abs(np.searchsorted(x, grid, "right") / n - np.searchsorted(y, grid, "right") / m).max()
+    )
+    rows = abs(b["rows_mean"] - a["rows_mean"]) > tolerance * a["rows_mean"]
+    if not (rows or distance > max(tolerance, 1.63 * ((n + m) / (n * m)) ** 0.5)):
+        return None
+    return (
+        f"budgets p50 {a['budget_ms_p10_p50_p90'][1]:.1f} -> "
+        f"{b['budget_ms_p10_p50_p90'][1]:.1f} ms (KS distance {distance:.2f}), rows "
+        f"{a['rows_mean']:.2f} -> {b['rows_mean']:.2f}, {m} requests"
+    )
+
+
 def drifted(before: dict, now: dict, tolerance: float) -> bool:
     """Whether traffic moved since ``before`` (a summary a choice was made for): its rate,
     a budget quantile or the mean rows changed by more than ``tolerance`` (relative).
