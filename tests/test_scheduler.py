@@ -1303,3 +1303,17 @@ def test_an_idle_tier_relaxed_again_and_again_plans_between_the_burst_and_home(t
         assert relaxes < 2000
         assert home * (1 - 1e-9) <= lat.estimate("w100", 1) <= burst * (1 + 1e-9)
     assert lat.estimate("w100", 1) == pytest.approx(home, rel=1e-6)
+
+
+def test_a_corrupted_spread_state_plans_huge_but_finite_times():
+    """Where the spread's weights broke their invariant (s2 <= s1^2) the planning scale ran
+    to thousands and ``_refresh``'s expm1 overflowed: the decision raised, and so did every
+    one after it (the state stayed). Capped at PLAN_SIGMA_MAX sigmas, such a tier is planned
+    absurdly slow - never chosen - and the scheduler goes on."""
+    lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0, 2: 22.0}, {1: 18.0, 2: 20.0})])
+    for i in range(20):
+        lat.observe("w100", 1, 0.02 if i % 2 else 0.07)
+    lat._jitter_w["w100"] = (1e-9, 1.0)  # as relax once left it, and worse
+    lat.observe("w100", 1, 0.03)
+    assert math.isfinite(lat.estimate("w100", 1)) and lat.estimate("w100", 1) > 1e6
+    assert all(map(math.isfinite, lat.tables(["w100"])[2][0][1:3]))

@@ -96,6 +96,11 @@ MIN_TYPICAL_S = 1e-9
 # about a fifth of its estimate, sooner the longer it has overrun - never "at the old
 # estimate" (already past) nor "never".
 OVERRUN_SIGMA = 0.05
+# Largest planning spread (log-normal sigma): a batch planned past exp(z x 10), some 1e13 x
+# its median at z = 3.09, runs never anyway, and beyond ~26 the variance's expm1 overflows
+# and the decision raises - at every arrival after, as the state that caused it stays. Only
+# a corrupted state gets there (relax did once: the latency model's tests).
+PLAN_SIGMA_MAX = 10.0
 
 _N = NormalDist()
 _Z: dict[float, float] = {}  # quantile -> its standard normal score (z_score's cache)
@@ -330,7 +335,7 @@ class LatencyModel:
             for s in self._sigma0[tier]
         ]
         k = self._planning_scale(tier, w)
-        plan = [s * k for s in sigma]
+        plan = [min(s * k, PLAN_SIGMA_MAX) for s in sigma]
         quantile = tuple(m * math.exp(self.z * s) for m, s in zip(median, plan, strict=True))
         mean = tuple(m * math.exp(0.5 * s * s) for m, s in zip(median, plan, strict=True))
         var = [m * m * math.expm1(s * s) for m, s in zip(mean, plan, strict=True)]
