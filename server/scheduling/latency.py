@@ -98,8 +98,9 @@ MIN_TYPICAL_S = 1e-9
 OVERRUN_SIGMA = 0.05
 # Largest planning spread (log-normal sigma): a batch planned past exp(z x 10), some 1e13 x
 # its median at z = 3.09, runs never anyway, and beyond ~26 the variance's expm1 overflows
-# and the decision raises - at every arrival after, as the state that caused it stays. Only
-# a corrupted state gets there (relax did once: the latency model's tests).
+# and the decision raises - relax's did at each of the next 107 arrivals in its test, until
+# the relaxes reached home, and that tier stayed planned at 1e18 s. Only a corrupted state
+# gets there (relax left one: tests/test_scheduler.py).
 PLAN_SIGMA_MAX = 10.0
 
 _N = NormalDist()
