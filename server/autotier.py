@@ -449,12 +449,14 @@ class AutoTierer:
                       getattr(self, "_last_line", "") or "no output")  # fmt: skip
             return self._count("failed")
         written = await self._io(_bytes, active)  # this apply's: the undo takes back only that
-        if (moved := await self._moved_since(checked, rows)) is not None:
+        # Shielded as the reload is: a check cancelled between the apply's write and the
+        # undo left a choice judged stale on disk, for the next start to serve.
+        moved, restored = await asyncio.shield(self._undo_if_moved(checked, rows, written, before))
+        if moved is not None:
             # Chosen for the window before a shift, swapped in after it, a set served the
             # new traffic until the next choice: live, 32 s of the smallest tier after
             # budgets tightened (bench/auto_tiers_live.py, session 60). Not a change: the
             # next check chooses for the traffic as it is, min_interval_s or not.
-            restored = await self._io(_restore_if, active, written, before)
             self.chosen_for = self.chosen_live = None
             log.info(
                 "model %s: traffic moved while the tiers were chosen (%s); the choice %s is "
@@ -534,6 +536,23 @@ class AutoTierer:
                 f", replacing a set that broke the goals ({breaks})" if breaks else "", seconds,
             )  # fmt: skip
         return self._count("applied")
+
+    async def _undo_if_moved(
+        self, checked: float, window: tuple, written: bytes | None, before: bytes | None
+    ) -> tuple[str | None, bool]:
+        """(how the traffic moved away since ``checked``, whether ``auto_tiers.json`` was put
+        back to ``before``), or (None, False) where it did not move - or the comparison
+        failed, said in the log: the choice is swapped in as it was before this check."""
+        try:
+            moved = await self._moved_since(checked, window)
+        except Exception:
+            log.exception("model %s: could not compare the traffic since the check with the "
+                          "choice's; swapping it in", self.name)  # fmt: skip
+            return None, False
+        if moved is None:
+            return None, False
+        active = self.repository / self.name / ACTIVE_FILE
+        return moved, await self._io(_restore_if, active, written, before)
 
     async def _moved_since(self, checked: float, window: tuple) -> str | None:
         """How the requests since ``checked`` moved away (``traffic.moved_away``, at

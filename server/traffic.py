@@ -130,7 +130,9 @@ def moved_away(
         'budgets p50 50.0 -> 10.0 ms (KS distance 1.00), rows 1.00 -> 1.00, 400 requests'
     """
     a, b = summarise_traffic(*before), summarise_traffic(*since)
-    x, y = np.sort(before[1]), np.sort(since[1])
+    # as ``write_traffic`` hands them to the chooser: a budget spent before its request was
+    # recorded is one demand, the shortest (every "moved" between two such was noise)
+    x, y = (np.sort(np.maximum(t[1], 1e-3)) for t in (before, since))
     n, m = len(x), len(y)
     if n == 0 or m == 0:
         return None

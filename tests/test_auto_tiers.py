@@ -1755,3 +1755,31 @@ def test_moved_away_tells_a_shift_from_a_window_that_began_before_it():
         assert moved_away(since, faster, 0.2) is None
         rows = (since[0], since[1], since[2] * 2)  # requests of 2 rows each
         assert moved_away(since, rows, 0.2) is not None
+    # budgets spent before their requests were recorded are one demand to the chooser
+    # (write_traffic: 0.001 ms): -1 ms and -5 ms were called a move (review helper-214)
+    t, ones = np.arange(100) / 100.0, np.ones(100, dtype=int)
+    assert moved_away((t, np.full(100, -1.0), ones), (t + 1, np.full(100, -5.0), ones), 0.2) is None
+
+
+def test_a_stale_check_that_fails_swaps_the_choice_in_as_before(tmp_path, caplog, monkeypatch):
+    """The comparison is an addition to the swap: where it raises, the log says so and the
+    choice is swapped in - not left written to auto_tiers.json, unserved."""
+    import server.autotier as autotier
+
+    calls = []
+
+    async def reload(name):
+        calls.append(name)
+
+    def command(repo, name, traffic, result, live):
+        return ["true"]
+
+    def broken(*args):
+        raise ValueError("no comparison")
+
+    monkeypatch.setattr(autotier, "moved_away", broken)
+    tierer = _tierer(tmp_path, reload, command)
+    with caplog.at_level("ERROR", logger="innfer.autotier"):
+        assert asyncio.run(tierer._undo_if_moved(999.0, (), None, None)) == (None, False)
+    assert "could not compare the traffic since the check" in caplog.text
+    assert asyncio.run(tierer.check()) == "applied" and calls == ["m"]

@@ -1201,6 +1201,13 @@ def test_a_tier_slower_than_a_more_accurate_one_is_named_at_load(tmp_path, caplo
     with caplog.at_level("WARNING", logger="innfer.model"):
         ModelRuntime(_served(tmp_path / "b"), Metrics())
     assert "slower" not in caplog.text
+    # An auto-tiering choice holds such a tier on purpose (the fastest at one row, replayed
+    # against this order) and came from no model.yaml: its advice would be wrong there.
+    caplog.clear()
+    chosen = dataclasses.replace(slow, tier_source="frontier")
+    with caplog.at_level("WARNING", logger="innfer.model"):
+        ModelRuntime(chosen, Metrics())
+    assert "slower" not in caplog.text
 
 
 def test_engine_speed_is_the_median_factor_of_the_tiers_that_ran(tmp_path):

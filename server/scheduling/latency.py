@@ -97,10 +97,10 @@ MIN_TYPICAL_S = 1e-9
 # estimate" (already past) nor "never".
 OVERRUN_SIGMA = 0.05
 # Largest planning spread (log-normal sigma): a batch planned past exp(z x 10), some 1e13 x
-# its median at z = 3.09, runs never anyway, and beyond ~26 the variance's expm1 overflows
-# and the decision raises - relax's did at each of the next 107 arrivals in its test, until
-# the relaxes reached home, and that tier stayed planned at 1e18 s. Only a corrupted state
-# gets there (relax left one: tests/test_scheduler.py).
+# its median at z = 3.09, runs never anyway; beyond ~19 the variance is inf, and beyond
+# ~26.6 math.expm1 raises and so does the decision - relax's did at each of the next 107
+# arrivals in its test, until the relaxes reached home, and that tier stayed planned at
+# 1e18 s. Only a corrupted state gets there (relax left one: tests/test_scheduler.py).
 PLAN_SIGMA_MAX = 10.0
 
 _N = NormalDist()
@@ -573,9 +573,11 @@ class LatencyModel:
             return then + (now - then) * keep
 
         self._expected[tier] = blend(self._expected[tier], home[2])
-        # Rounded towards home: round() kept a count of 1 at every keep above 0.5 for ever,
-        # the trust with it, while the weights below went on shrinking.
-        self._count[tier] = home[3] + int((self._count[tier] - home[3]) * keep)
+        # Blended, not rounded: round() kept a count of 1 at every keep above 0.5 for ever,
+        # the trust with it, while the weights below went on shrinking; truncated, it lost
+        # a whole batch per relax, and at a keep near 1 the trust went home long before the
+        # level and planned above the burst (review helper-214).
+        self._count[tier] = blend(self._count[tier], home[3])
         # The batches since home lose ``keep`` of their weight each: their squared weights
         # keep^2. Blended by keep, squares and all, the spread's relative variance (s2 /
         # s1^2: 1 / its effective batches) grew as 1 / keep per relax - repeated relaxes of
@@ -586,6 +588,9 @@ class LatencyModel:
         w1 = blend(w1, h1)
         self._jitter_w[tier] = (w1, min(h2 + (w2 - h2) * keep * keep, w1 * w1))
         self._level_var[tier] = blend(self._level_var[tier], home[5])
+        if (level, jitter) == home[:2]:  # home reached (``_towards`` snaps): all of it
+            (_, _, self._expected[tier], self._count[tier], self._jitter_w[tier],
+             self._level_var[tier]) = home  # fmt: skip
         self._last[tier] = None  # the next batch is not diffed against the burst's
         self._refresh(tier)
         self._fill(tier)
@@ -668,7 +673,7 @@ class LatencyModel:
             self.sigma(tier, top),
             self.estimate(tier, 1),
             self.estimate(tier, top),
-            self._count[tier] + (self._last[tier] is not None),
+            round(self._count[tier]) + (self._last[tier] is not None),
         )
 
     def tables(
