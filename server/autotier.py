@@ -45,8 +45,7 @@ the budgets' distribution beyond sampling noise, or the rows), it is not swapped
 change, and the next check chooses for the traffic as it is now.
 
 Metrics: ``innfer_tier_set_checks_total{model,outcome}`` (``OUTCOMES``: applied, kept,
-stale, unchanged, waiting, no_frontier, locked, failed; every one from the loop's start, at
-0),
+stale, unchanged, waiting, no_frontier, locked, failed; each from the loop's start, at 0),
 ``innfer_tier_set_expected_gain{model}`` (the last choice's gain over the live set),
 ``innfer_tier_set_swap_seconds{model}`` (apply process + reload of the last change) and
 ``innfer_tier_set_enabled{model}`` (the data plane's: 1 while a loop runs, 0 where

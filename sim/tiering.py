@@ -489,7 +489,7 @@ def choose(
     # The fastest candidate at one row, where it is not the fastest at a full batch (a
     # narrow layer set can win alone and lose batched): light traffic runs one row at a
     # time and needs it, saturated traffic the other; the replay says which this is.
-    alone = min(order, key=lambda n: options[n].p50[1])
+    alone = min(order, key=lambda n: options[n].p50[min(options[n].p50)])  # its least rows
     quickest = [*fastest, *([alone] if fastest and alone not in fastest and fits([alone]) else [])]
     tried = [*([n] for n in quickest), fitting(_spread(order, goals.max_tiers))]
     reach = max(
