@@ -492,14 +492,13 @@ def choose(
     alone = min(order, key=lambda n: options[n].p50[min(options[n].p50)])  # its least rows
     quickest = [*fastest, *([alone] if fastest and alone not in fastest and fits([alone]) else [])]
     tried = [*([n] for n in quickest), fitting(_spread(order, goals.max_tiers))]
-    reach = max(
-        (evaluate(options, names, recent, sim, host=host).attainment for names in tried if names),
-        default=0.0,
-    )
+    seen = {frozenset(n): evaluate(options, n, recent, sim, host=host) for n in tried if n}
+    reach = max((e.attainment for e in seen.values()), default=0.0)
     allowed = live.attainment if not breaks else 0.0
     floor = min(sim.slo_target, max(allowed, reach)) - goals.attainment_slack
     live = dataclasses.replace(live, score=_score(live, floor))
-    cache: dict[frozenset, Evaluation] = {}
+    # Those replays count for the search too, scored at the floor (each replay is the cost)
+    cache = {k: dataclasses.replace(e, score=_score(e, floor)) for k, e in seen.items()}
 
     def run(names) -> Evaluation:
         key = frozenset(names)
