@@ -2073,16 +2073,27 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-def _resume_hint(args: argparse.Namespace, started: float) -> str:
-    """For an interrupted ``train``: where its last finished epoch is kept and how to
-    continue it - only where this run (``started``: its wall-clock start) saved one: an
-    older run's checkpoint, which --force was replacing, is of other settings (review 189)."""
-    record = args.out / "checkpoint" / "checkpoint.json" if args.command == "train" else None
+def _checkpoint_stamp(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """``train``'s checkpoint record as (inode, mtime in ns, size), None where there is none
+    (or for another command): compared before and after a run to tell whether it saved one."""
+    if args.command != "train":
+        return None
     try:
-        ours = record is not None and record.stat().st_mtime >= started
+        st = (args.out / "checkpoint" / "checkpoint.json").stat()
     except OSError:
-        ours = False
-    if not ours:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _resume_hint(args: argparse.Namespace, before: tuple[int, int, int] | None) -> str:
+    """For an interrupted ``train``: where its last finished epoch is kept and how to
+    continue it - only where this run saved one (its record differs from ``before``, taken
+    at the start): an older run's checkpoint, which --force was replacing, is of other
+    settings (review 189). Not mtime >= the start's time.time(): file times come from the
+    kernel's coarse clock, up to a tick behind, so a save within that tick of the start
+    read as an older run's (CI, session 61)."""
+    now = _checkpoint_stamp(args)
+    if now is None or now == before:
         return ""
     return f" ({args.out / 'checkpoint'} keeps the last finished epoch: --resume continues it)"
 
@@ -2093,7 +2104,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while the parser imports its backends' names (~0.2 s): a
         print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
         return 130
-    started = time.time()
+    checkpoint_before = _checkpoint_stamp(args)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -2103,7 +2114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"innfer {args.command}: interrupted{_resume_hint(args, started)}",
+        print(f"innfer {args.command}: interrupted{_resume_hint(args, checkpoint_before)}",
               file=sys.stderr)  # fmt: skip
         return 130
     except Exception as exc:  # not foreseen: one line for the user, the traceback on request
