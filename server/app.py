@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -261,19 +261,25 @@ QUIET_S = 0.02
 SECRETS_POLL_S = 5.0
 
 
-async def _quiesce(plane: DataPlane, limit_s: float) -> bool:
+async def _quiesce(
+    plane: DataPlane,
+    limit_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> bool:
     """True once ``plane`` has had nothing in flight and turned no call away for
     ``QUIET_S`` (an answer sent makes its client send the next call within its round trip;
     the loop going idle was not enough: gRPC had accepted calls it had not yet handed to
-    Python), False after ``limit_s``: under a flood it never goes quiet."""
-    end = time.monotonic() + limit_s
+    Python), False after ``limit_s``: under a flood it never goes quiet. ``clock`` (seconds)
+    and ``sleep``: the test's virtual time (a loop stalled 20 ms read as quiet there)."""
+    end = clock() + limit_s
     since, seen = None, None  # when the current quiet began; calls turned away until then
-    while (now := time.monotonic()) < end:
+    while (now := clock()) < end:
         if plane.inflight() or plane.turned_away != seen:
             since, seen = now, plane.turned_away
         elif now - since >= QUIET_S:
             return True
-        await asyncio.sleep(0.002)
+        await sleep(0.002)
     return False
 
 

@@ -104,7 +104,9 @@ def test_a_second_build_of_a_model_waits_for_the_first(built, caplog):
     with caplog.at_level(logging.WARNING, logger="innfer.build"):
         thread.start()
         try:
-            time.sleep(1.0)
+            deadline = time.monotonic() + 15  # (said after ~0.2 s; a loaded CI core: later)
+            while "waiting for another build" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert not done and thread.is_alive()
             assert "waiting for another build of tiny to finish" in caplog.text
         finally:

@@ -284,14 +284,18 @@ def test_a_stop_sends_goaway_once_calls_stop_coming_and_not_while_they_do():
     plane = types.SimpleNamespace(turned_away=0, busy=True)
     plane.inflight = lambda: int(plane.busy)
 
-    async def scripted(events):
-        start = time.monotonic()
-        waiting = asyncio.ensure_future(app._quiesce(plane, app.QUIESCE_S))
-        for at, change in events:
-            await asyncio.sleep(max(0.0, at - (time.monotonic() - start)))
-            change()
-        quiet = await waiting
-        return quiet, time.monotonic() - start
+    def scripted(events):
+        # Virtual time: each of _quiesce's sleeps advances it, and the events due by then
+        # happen. On the wall clock, a loop stalled 20 ms (a busy CI core) read as quiet.
+        now, due = [0.0], sorted(events, key=lambda e: e[0])
+
+        async def sleep(s):
+            now[0] += s
+            while due and due[0][0] <= now[0]:
+                due.pop(0)[1]()
+
+        quiet = asyncio.run(app._quiesce(plane, app.QUIESCE_S, lambda: now[0], sleep))
+        return quiet, now[0]
 
     def idle():
         plane.busy = False
@@ -300,14 +304,17 @@ def test_a_stop_sends_goaway_once_calls_stop_coming_and_not_while_they_do():
         plane.turned_away += 1
 
     # the last request in flight answered at 30 ms, a call turned away at 40 ms (within
-    # QUIET_S of it): quiet only QUIET_S after that
-    quiet, took = asyncio.run(scripted([(0.03, idle), (0.04, turn_away)]))
-    assert quiet and took >= 0.04 + app.QUIET_S
+    # QUIET_S of it): quiet QUIET_S after that, not before (and not much after)
+    quiet, took = scripted([(0.03, idle), (0.04, turn_away)])
+    assert quiet and 0.04 + app.QUIET_S <= took < 0.04 + app.QUIET_S + 0.005, took
     # calls keep coming: the GOAWAY goes at QUIESCE_S all the same
     plane.busy = False
     flood = [(0.005 * i, turn_away) for i in range(1, 80)]
-    quiet, took = asyncio.run(scripted(flood))
-    assert not quiet and app.QUIESCE_S <= took < app.QUIESCE_S + 0.5
+    quiet, took = scripted(flood)
+    assert not quiet and app.QUIESCE_S <= took < app.QUIESCE_S + 0.005, took
+    # and once they stop (the last at 100 ms), quiet QUIET_S later
+    quiet, took = scripted([(0.005 * i, turn_away) for i in range(1, 21)])
+    assert quiet and 0.1 + app.QUIET_S <= took < 0.1 + app.QUIET_S + 0.005, took
 
 
 # -- 3. request ids bounded -----------------------------------------------------------------
