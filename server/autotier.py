@@ -105,6 +105,10 @@ STALE_WORK_S = 3600.0
 # this often): at every check that finds something to do was not enough - a model whose
 # traffic never moves is never re-chosen, and its dead replicas' windows stayed.
 PRUNE_EVERY_S = 600.0
+# Applies in a row whose traffic moved away before the swap (outcome "stale") after which
+# the next choice waits rebuild.min_interval_s: traffic that keeps moving faster than an
+# apply is chased no further, each try a whole apply's CPU.
+STALE_LIMIT = 3
 # A check's outcomes (innfer_tier_set_checks_total{outcome}); every one exported from 0.
 OUTCOMES = (
     "applied", "kept", "stale", "unchanged", "waiting", "no_frontier", "locked", "failed",
@@ -168,6 +172,7 @@ class AutoTierer:
         self.chosen_live: str | None = None
         self._said_waiting = False  # the first check held by min_requests logged why
         self._said_locked = False  # the first check another replica's lock held logged it
+        self._stale_in_a_row = 0  # applies in a row judged stale: STALE_LIMIT
         for outcome in OUTCOMES:  # from 0: a first failure is an increase() alerts see
             metrics.tier_set_checks.labels(name, outcome)
         if goals.rebuild.min_requests > CAPACITY:  # (it would wait for ever: counted as that)
@@ -367,6 +372,10 @@ class AutoTierer:
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")
         # Copied on the loop (the ring changes there), filtered, sorted and summarised off it.
+        # The check's time is the copy's: requests that came during the housekeeping (a
+        # slow volume) were in the choice's window and, after the apply, in the requests
+        # since the check too - the comparison leaning to "not moved" (review helper-216).
+        now = self.clock()
         loop = asyncio.get_running_loop()
         rows, summary = await loop.run_in_executor(
             None, _observed, self.traffic.snapshot(), now, self.goals.window_s
@@ -455,15 +464,26 @@ class AutoTierer:
             # Chosen for the window before a shift, swapped in after it, a set served the
             # new traffic until the next choice: live, 32 s of the smallest tier after
             # budgets tightened (bench/auto_tiers_live.py, session 60). Not a change: the
-            # next check chooses for the traffic as it is, min_interval_s or not.
+            # next check chooses for the traffic as it is, min_interval_s or not - unless
+            # the traffic moved during STALE_LIMIT applies in a row: then it keeps moving
+            # faster than an apply, and each try costs a whole apply's CPU.
             self.chosen_for = self.chosen_live = None
-            log.info(
+            self._stale_in_a_row += 1
+            again = self._stale_in_a_row < STALE_LIMIT
+            if not again:
+                self._stale_in_a_row = 0
+                self.last_change = self.clock()
+            log.log(
+                logging.INFO if again else logging.WARNING,
                 "model %s: traffic moved while the tiers were chosen (%s); the choice %s is "
-                "not swapped in%s, and the next check chooses again",
+                "not swapped in%s, and %s",
                 self.name, moved, choice["best"]["tiers"] if choice else "?",
                 "" if restored else f" ({ACTIVE_FILE} was rewritten meanwhile: left as it is)",
+                "the next check chooses again" if again else f"after {STALE_LIMIT} such "
+                "applies in a row the next choice waits rebuild.min_interval_s",
             )  # fmt: skip
             return self._count("stale")
+        self._stale_in_a_row = 0
         try:
             # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
             # half - the old runtime, already out of the data plane, still drains its queue.
@@ -541,31 +561,20 @@ class AutoTierer:
     ) -> tuple[str | None, bool]:
         """(how the traffic moved away since ``checked``, whether ``auto_tiers.json`` was put
         back to ``before``), or (None, False) where it did not move - or the comparison
-        failed, said in the log: the choice is swapped in as it was before this check."""
-        try:
-            moved = await self._moved_since(checked, window)
-        except Exception:
-            log.exception("model %s: could not compare the traffic since the check with the "
-                          "choice's; swapping it in", self.name)  # fmt: skip
-            return None, False
-        if moved is None:
-            return None, False
-        active = self.repository / self.name / ACTIVE_FILE
-        return moved, await self._io(_restore_if, active, written, before)
-
-    async def _moved_since(self, checked: float, window: tuple) -> str | None:
-        """How the requests since ``checked`` moved away (``traffic.moved_away``, at
-        ``rebuild.drift``) from ``window``, the requests the choice was made for; None where
-        they did not, or are fewer than ``rebuild.min_requests`` (too few to tell)."""
+        failed, said in the log: the choice is swapped in as it was before this check.
+        One job on the file thread, submitted before this coroutine's first await: a
+        ``stop()`` that cancels the check shuts that thread down only after it (its jobs run
+        in order; one submitted after the shutdown raised, and the stale choice stayed on
+        disk for the next start - review helper-216), and the model's lock, released by a
+        later job, is still held while it restores."""
         rebuild = self.goals.rebuild
         now = self.clock()
-        loop = asyncio.get_running_loop()
-        since, summary = await loop.run_in_executor(
-            None, _observed, self.traffic.snapshot(), now, now - checked
-        )
-        if summary["requests"] < min(rebuild.min_requests, CAPACITY):
-            return None
-        return await loop.run_in_executor(None, moved_away, window, since, rebuild.drift)
+        job = self._files.submit(
+            _judge, self.name, self.traffic.snapshot(), now, now - checked, window,
+            rebuild.drift, min(rebuild.min_requests, CAPACITY),
+            self.repository / self.name / ACTIVE_FILE, written, before,
+        )  # fmt: skip
+        return await asyncio.wrap_future(job)
 
     async def _apply(self, argv: list[str]) -> int:
         # nice(1) rather than a preexec_fn: the server has engine threads, and a fork that
@@ -620,6 +629,34 @@ def _observed(traffic: TrafficLog, now: float, seconds: float) -> tuple[tuple, d
     ``summarise_traffic`` (off the loop: a full ring sorts for tens of milliseconds)."""
     rows = traffic.window(now, seconds)
     return rows, summarise_traffic(*rows)
+
+
+def _judge(
+    name: str,
+    traffic: TrafficLog,
+    now: float,
+    seconds: float,
+    window: tuple,
+    drift: float,
+    needed: int,
+    active: Path,
+    written: bytes | None,
+    before: bytes | None,
+) -> tuple[str | None, bool]:
+    """``AutoTierer._undo_if_moved``'s job (on the file thread): how the last ``seconds``
+    of ``traffic`` moved away from ``window`` (None where they did not, are fewer than
+    ``needed``, or could not be compared: said in the log), and, where they did, whether
+    ``active`` was put back from ``written`` to ``before``."""
+    try:
+        since, summary = _observed(traffic, now, seconds)
+        moved = moved_away(window, since, drift) if summary["requests"] >= needed else None
+    except Exception:
+        log.exception("model %s: could not compare the traffic since the check with the "
+                      "choice's; swapping it in", name)  # fmt: skip
+        return None, False
+    if moved is None:
+        return None, False
+    return moved, _restore_if(active, written, before)
 
 
 def _write_inputs(

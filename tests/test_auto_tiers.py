@@ -1763,6 +1763,149 @@ def test_moved_away_tells_a_shift_from_a_window_that_began_before_it():
     assert moved_away((t, np.full(100, -1.0), ones), (t + 1, np.full(100, -5.0), ones), 0.2) is None
 
 
+def test_steady_traffic_whose_rows_vary_is_not_called_moved_away():
+    """The mean rows were compared without a sampling bound: traffic that never changed -
+    mostly single rows, a few batches of 32 - read as moved in 14 % of checks at 500
+    requests, and rows uniform over 1-8 in every check at drift 0; each such check dropped
+    its choice and ran the next apply at once (review helper-216)."""
+    from server.traffic import moved_away
+
+    rng = np.random.default_rng(0)
+
+    def steady(n, rows):
+        t = np.cumsum(rng.exponential(0.01, n))
+        return t, rng.uniform(20, 100, n), rows(n)
+
+    def spiky(n):
+        return np.where(rng.random(n) < 0.95, 1, 32)
+
+    def uniform(n):
+        return rng.integers(1, 9, n)
+
+    called = sum(moved_away(steady(3000, spiky), steady(500, spiky), 0.2) is not None
+                 for _ in range(100))  # fmt: skip
+    at_zero = sum(moved_away(steady(3000, uniform), steady(500, uniform), 0.0) is not None
+                  for _ in range(100))  # fmt: skip
+    assert called <= 5 and at_zero <= 5, (called, at_zero)  # ~1-2 % each (budgets' KS too)
+    # a real change of rows is still one: twice the rows, or single rows becoming spiky
+    before = steady(3000, spiky)
+    assert moved_away(before, (*steady(500, spiky)[:2], 2 * spiky(500)), 0.2) is not None
+    ones = steady(3000, lambda n: np.ones(n, dtype=int))
+    assert moved_away(ones, steady(500, spiky), 0.2) is not None
+
+
+def _stale_tierer(tmp_path, log, clock, during, window_s=1.0):
+    """An AutoTierer of 'm' whose every apply writes a new choice and records ``during[0]``
+    requests of 10 ms budgets while it runs (clock + 0.5 s on), the clock 1 s on after it;
+    (tierer, auto_tiers.json, the reloads' reads of it)."""
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(
+        window_s=window_s, rebuild=RebuildConfig(min_requests=10, min_interval_s=100.0)
+    )
+    active = tmp_path / "m" / ACTIVE_FILE
+    active.parent.mkdir(exist_ok=True)
+    active.write_text('{"before": true}')
+    calls = []
+
+    async def reload(name):
+        calls.append(active.read_text())
+
+    def command(repo, name, traffic, result, live):
+        active.write_text('{"new": true}')
+        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]}}))
+        for i in range(during[0]):
+            log.record(clock[0] + 0.5 + i * 0.01, 0.01, 1)
+        clock[0] += 1.0
+        return ["true"]
+
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
+                        lambda: clock[0], command)  # fmt: skip
+    return tierer, active, calls
+
+
+def test_traffic_that_keeps_moving_is_chased_by_stale_limit_applies_then_waits(tmp_path, caplog):
+    """A stale outcome set no back-off: traffic that moved during every apply ran one apply
+    after another, each a whole apply's CPU (review helper-216). After STALE_LIMIT in a row
+    the next choice waits rebuild.min_interval_s, and the log says so."""
+    from server.autotier import STALE_LIMIT
+
+    log, clock = TrafficLog(), [1000.0]
+    # (a window of 0.4 s: the last apply's requests, 0.5 s back, are out of it)
+    tierer, active, calls = _stale_tierer(tmp_path, log, clock, [10], window_s=0.4)
+    outcomes = []
+    with caplog.at_level("INFO", logger="innfer.autotier"):
+        for _ in range(STALE_LIMIT + 1):
+            for i in range(10):  # loose budgets again before each check: moved every time
+                log.record(clock[0] - 0.2 + i * 0.01, 0.05, 1)
+            outcomes.append(asyncio.run(tierer.check()))
+    assert outcomes == ["stale"] * STALE_LIMIT + ["waiting"], outcomes
+    assert calls == [] and active.read_text() == '{"before": true}'
+    assert f"after {STALE_LIMIT} such applies in a row" in caplog.text
+    assert caplog.text.count("the next check chooses again") == STALE_LIMIT - 1
+
+
+def test_requests_during_the_housekeeping_are_in_the_choices_window_only(tmp_path, caplog):
+    """The check's time was read before its housekeeping (a stat per work directory, slow on
+    a troubled volume) and the window copied after it: requests that came meanwhile were in
+    the choice's window and in the requests since the check, which leaned to "not moved"."""
+    log, clock = TrafficLog(), [1000.0]
+    tierer, _, _ = _stale_tierer(tmp_path, log, clock, [100])
+    for i in range(100):
+        log.record(999.5 + i * 0.001, 0.05, 1)
+    housekeep = tierer._housekeep
+
+    def slow_housekeeping(prune):
+        housekeep(prune)
+        for i in range(100):  # tight requests while the volume answered
+            log.record(clock[0] + 0.001 * i, 0.01, 1)
+        clock[0] += 0.2
+
+    tierer._housekeep = slow_housekeeping
+    with caplog.at_level("INFO", logger="innfer.autotier"):
+        assert asyncio.run(tierer.check()) == "stale"
+    assert "rows 1.00 -> 1.00, 100 requests)" in caplog.text  # the apply's 100, not 200
+
+
+def test_a_stop_during_the_stale_comparison_still_puts_the_file_back(tmp_path, monkeypatch):
+    """The comparison was shielded from the check's cancellation, but ``stop()`` shuts the
+    file thread down once the check is cancelled: the restore, submitted after, raised
+    ("cannot take calls after shutdown") and the stale choice stayed in auto_tiers.json for
+    the next start to serve (review helper-216). It is one job on that thread now, queued
+    before the shutdown."""
+    import threading
+
+    import server.autotier as autotier
+
+    comparing = threading.Event()
+    moved_away = autotier.moved_away
+
+    def slow(*args):
+        comparing.set()
+        time.sleep(0.3)
+        return moved_away(*args)
+
+    monkeypatch.setattr(autotier, "moved_away", slow)
+    log, clock = TrafficLog(), [1000.0]
+    tierer, active, calls = _stale_tierer(tmp_path, log, clock, [10])
+    for i in range(10):
+        log.record(999.5 + i * 0.01, 0.05, 1)
+
+    async def stop_midway():
+        tierer._task = task = asyncio.ensure_future(tierer.check())  # as start()'s loop
+        while not comparing.is_set():
+            await asyncio.sleep(0.01)
+        tierer.stop()  # cancels it; once it ends, the file thread is shut down
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # (the task's done-callbacks)
+
+    asyncio.run(stop_midway())
+    tierer._files._thread.join(10)  # every job queued before the shutdown has run
+    assert active.read_text() == '{"before": true}' and calls == []
+
+
 def test_a_stale_check_that_fails_swaps_the_choice_in_as_before(tmp_path, caplog, monkeypatch):
     """The comparison is an addition to the swap: where it raises, the log says so and the
     choice is swapped in - not left written to auto_tiers.json, unserved."""

@@ -1310,6 +1310,21 @@ def test_an_idle_tier_relaxed_again_and_again_plans_between_the_burst_and_home(
     assert lat.estimate("w100", 1) == pytest.approx(home, rel=1e-6)
 
 
+def test_relax_weighs_the_level_noise_of_the_burst_as_the_level_itself():
+    """The level's noise (``_level_var``) is a sum of squared EWMA weights (``observe``:
+    keep^2 lv + alpha^2); ``relax`` blended it by keep, so mid-relax the tier was planned as
+    if the burst's batches weighed keep where its level weighed keep^2 (review helper-216)."""
+    lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0, 2: 22.0}, {1: 18.0, 2: 20.0})])
+    lat.settle()
+    home = lat._level_var["w100"]
+    for i in range(40):
+        lat.observe("w100", 1, 0.02 if i % 2 else 0.07)
+    burst = lat._level_var["w100"]
+    assert burst != pytest.approx(home)
+    assert lat.relax("w100", 0.5)
+    assert lat._level_var["w100"] == pytest.approx(home + (burst - home) * 0.25, rel=1e-9)
+
+
 def test_a_corrupted_spread_state_plans_huge_but_finite_times():
     """Where the spread's weights broke their invariant (s2 <= s1^2) the planning scale ran
     to thousands and ``_refresh``'s expm1 overflowed: the decision raised, and so did every

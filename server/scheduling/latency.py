@@ -587,7 +587,9 @@ class LatencyModel:
         h1, h2 = home[4]
         w1 = blend(w1, h1)
         self._jitter_w[tier] = (w1, min(h2 + (w2 - h2) * keep * keep, w1 * w1))
-        self._level_var[tier] = blend(self._level_var[tier], home[5])
+        # The level's variance is a sum of squared weights too (``observe``: keep^2 lv +
+        # alpha^2): blended by keep, it planned mid-relax as if the burst weighed more.
+        self._level_var[tier] = home[5] + (self._level_var[tier] - home[5]) * keep * keep
         if (level, jitter) == home[:2]:  # home reached (``_towards`` snaps): all of it
             (_, _, self._expected[tier], self._count[tier], self._jitter_w[tier],
              self._level_var[tier]) = home  # fmt: skip
