@@ -469,6 +469,24 @@ def test_the_fastest_at_one_row_is_an_option_and_kept_where_the_traffic_runs_one
     assert saturated.best.attainment == 1.0
 
 
+def test_a_frontier_profiled_without_batch_1_chooses_with_its_smallest_batch():
+    """The fastest candidate alone was looked up at batch 1: a frontier profiled at 2 and 8
+    rows (``profile_batches`` without 1) raised KeyError in every choice (a7e166c). It is
+    taken at its smallest profiled batch, and chosen where light traffic needs it."""
+
+    def cand(name, acc, ms2, ms8):
+        lat = {"2": {"p50_ms": ms2, "p90_ms": ms2 * 1.1}, "8": {"p50_ms": ms8, "p90_ms": ms8 * 1.1}}
+        return Candidate(name, {"g": 8}, 1.0, 100, 1000, acc, lat, "sha")
+
+    cs = [cand("full", 0.99, 10.0, 60.0), cand("narrow", 0.10, 1.0, 30.0),
+          cand("small", 0.085, 1.2, 4.0)]  # fmt: skip
+    f = Frontier(mark_pareto(cs, (2, 8)), "t", "s", "o", "cpu", 2, 8)
+    options = frontier_options(f)
+    goals = AutoTiersConfig(max_tiers=2, simulate_requests=400)
+    light = choose(options, _traffic(100, (3, 8)), goals, ({"full": options["full"]}, ["full"]))
+    assert "narrow" in light.best.tiers and light.best.attainment == 1.0
+
+
 def test_goals_bound_the_set_count_memory_and_accuracy():
     traffic = _traffic(800, (5, 10))
     c = choose(_options(), traffic, AutoTiersConfig(max_tiers=1, simulate_requests=400),
