@@ -311,7 +311,7 @@ class ServerConfig:
         None, lo=2 * ANSWER_FRAME_BYTES, hi=2**31 - 1,
         doc="largest gRPC message, either way; null: twice the largest valid request of the "
         "models found at start-up (at least 4 MiB), so oversized requests are refused by gRPC "
-        "before they are buffered",
+        "before they are buffered; REST bodies may be 6x this (JSON's text)",
     )  # fmt: skip
     grace_period_s: float = spec(
         20.0, lo=0, hi=3600, unit="seconds", doc="SIGTERM: time to finish in-flight requests"

@@ -1044,6 +1044,16 @@ class DataPlane:
         runtimes = (*self.models.values(), *self._retiring, *self._hung)
         return next((why for m in runtimes if (why := m.stuck())), None)
 
+    def count_malformed(self, name: str, seconds: float) -> None:
+        """A request for model ``name`` refused as malformed before ``infer`` saw it (REST's
+        JSON decode), ``seconds`` after it arrived: counted as ``infer`` counts its own - a
+        failure in the model's statistics, an invalid request in its metrics - where the
+        model is served (nothing otherwise: no model to count it against)."""
+        m = self.models.get(name)
+        if m is not None:
+            m.stats.fail.add(seconds)
+            m.count_invalid()
+
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:
             self.turned_away += 1  # a stop waits until calls stop coming (server.app)

@@ -36,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_response import ContentCoding
 
 from server import rest_codec as codec
@@ -59,6 +60,19 @@ from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
 
 log = logging.getLogger("innfer.rest")
+
+
+class _UndecodableBody(logging.Filter):
+    """Drops aiohttp's "Unhandled exception" traceback for a body that would not decode:
+    after the handler's 400, aiohttp drains the rest of the body and meets the same error
+    again - the client's mistake, answered already, and a traceback per call for anyone
+    to flood the log with."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], RequestPayloadError))
+
+
+_UNDECODABLE = _UndecodableBody()
 
 HTTP_STATUS_OF: dict[type[InferError], int] = {
     InvalidArgument: 400,
@@ -144,6 +158,7 @@ class RestFrontEnd:
 
     def __init__(self, service: InferenceService, config, ssl_context=None) -> None:
         self.service = service
+        logging.getLogger("aiohttp.server").addFilter(_UNDECODABLE)  # (once: a set)
         self.plane = service.plane
         self.config = config
         self.ssl_context = ssl_context
@@ -210,7 +225,10 @@ class RestFrontEnd:
                 r.add_route(method, path, self._route(name, handler))
         return app
 
-    async def start(self, max_body: int) -> None:
+    async def start(self, message_limit: int) -> None:
+        """Serve on ``http_port``: bodies up to JSON_BODY_FACTOR x ``message_limit`` (the
+        gRPC message limit, sized for raw tensors)."""
+        max_body = JSON_BODY_FACTOR * message_limit
         # A client that goes away cancels its call, as gRPC's does: the request leaves the
         # queue (aiohttp's default let it run and write into a closed socket).
         runner = web.AppRunner(
@@ -271,6 +289,12 @@ class RestFrontEnd:
                 return _error(status, "the request holds a string that is not valid Unicode "
                               "(a lone UTF-16 surrogate escape such as \\ud800); send UTF-8 "
                               "text")  # fmt: skip
+            except RequestPayloadError as exc:  # the body would not decode (a gzip body that
+                # is not gzip, a coding aiohttp lacks): the client's, not a 500 with a traceback
+                # per call (review helper-217)
+                status = 400
+                return _error(status, f"the request body could not be read ({exc}); send it "
+                              "plain, or gzip / deflate with its Content-Encoding")  # fmt: skip
             except web.HTTPException as exc:
                 status = exc.status
                 raise
@@ -307,8 +331,9 @@ class RestFrontEnd:
                 limit = request.app._client_max_size  # (what client_max_size was made with)
                 message = (
                     f"the request body is over {limit / 2**20:.1f} MiB, the largest this "
-                    "server takes (max_message_bytes in the server config): send fewer rows "
-                    "per request"
+                    f"server takes ({JSON_BODY_FACTOR}x max_message_bytes in the server "
+                    "config, room for JSON's text): send fewer rows per request, or the "
+                    "tensors as binary data"
                 )
             else:
                 message = exc.text or exc.reason
@@ -440,8 +465,11 @@ class RestFrontEnd:
 
     # -- inference ---------------------------------------------------------------------------------
     async def _infer(self, request: web.Request) -> web.StreamResponse:
-        received = time.monotonic()
         body = await request.read()
+        # From the whole body's arrival, as gRPC counts from its message's: the client's
+        # upload is not the server's time (with plan_overhead, a slow upload spent the
+        # budget before the parse began - review helper-217).
+        received = time.monotonic()
         header = request.headers.get(codec.HEADER_LENGTH)
         length = None
         if header is not None:
@@ -449,7 +477,12 @@ class RestFrontEnd:
             if not header.isascii() or not header.isdigit() or len(header) > 20:
                 raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
             length = int(header)
-        parsed = codec.parse_infer(body, length)
+        try:
+            parsed = codec.parse_infer(body, length)
+        except InvalidArgument:  # counted as the data plane counts a malformed request
+            # (gRPC's raw tensors are checked there): in the model's statistics and metrics
+            self.plane.count_malformed(request.match_info["name"], time.monotonic() - received)
+            raise
         parsed.request.model_name = request.match_info["name"]
         parsed.request.model_version = request.match_info.get("version", "")
         waited = time.monotonic() - received
@@ -476,6 +509,13 @@ class RestFrontEnd:
     async def _call(self, method: str, message, request: web.Request) -> web.Response:
         resp = await self._grpc[method](self.service, message, _Call(request))
         return _json(codec.message_dict(resp))
+
+
+# REST bodies may be this many times the gRPC message limit: JSON writes an FP32 value in
+# up to ~20 bytes of text against its 4 raw (an INT8 in 5 against 1), and that limit is
+# sized for raw tensors - JSON requests of half a full ResNet batch were refused with 413
+# (review helper-217). The in-flight cap still counts every body and what it decodes to.
+JSON_BODY_FACTOR = 6
 
 
 def _phase_s(timeout_s: float) -> float:

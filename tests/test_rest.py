@@ -239,8 +239,9 @@ def _small_limit_server(tmp_path) -> ServerThread:
 def test_a_body_over_the_message_limit_is_413_naming_the_setting(tmp_path):
     s = _small_limit_server(tmp_path)
     try:
-        status, message = _error(s, "/v2/models/tiny/infer", b"[" + b"0," * 2**20 + b"0]")
-        assert status == 413 and "max_message_bytes" in message
+        # (REST bodies: 6x the gRPC limit, room for JSON's text; this one is 7 MiB)
+        status, message = _error(s, "/v2/models/tiny/infer", b"[" + b"0," * (7 * 2**19) + b"0]")
+        assert status == 413 and "6x max_message_bytes" in message
         assert _call(s, "/v2/health/live")[0] == 200  # still serving
     finally:
         s.stop()
@@ -425,7 +426,7 @@ def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path,
 def test_a_413_is_counted_once(tmp_path):
     s = _small_limit_server(tmp_path)
     try:
-        assert _error(s, "/v2/models/tiny/infer", b"0" * (2**20 + 1))[0] == 413
+        assert _error(s, "/v2/models/tiny/infer", b"0" * (6 * 2**20 + 1))[0] == 413
         counts = {
             sample.labels["handler"]: sample.value
             for metric in s.server.metrics.registry.collect()
@@ -506,3 +507,90 @@ def test_a_stop_with_no_grace_left_does_not_wait_for_a_long_call(model_repositor
     assert time.monotonic() - t0 < 30  # (was the call's whole 60 s)
     call.join(10)
     assert answers and answers[0] != 200
+
+
+def test_a_body_that_does_not_decode_is_400_not_an_internal_error(server, caplog):
+    # aiohttp decompresses a body itself; one that is not what its Content-Encoding says
+    # raised RequestPayloadError: 500 "internal error" with a traceback logged per call, a
+    # flood of the error log for any client (review helper-217)
+    body = json.dumps(_infer_body(_x(1))).encode()
+    calls = [("/v2/models/tiny/infer", "gzip"), ("/v2/models/tiny/infer", "br"),
+             ("/v2/repository/index", "deflate"), ("/v2/logging", "gzip")]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        for path, coding in calls:
+            status, message = _error(server, path, body, "POST", {"Content-Encoding": coding})
+            assert status == 400 and "could not be read" in message, (path, coding, message)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert _call(server, "/v2/models/tiny/infer", body)[0] == 200  # and serves on
+
+
+def test_a_json_request_over_the_grpc_message_limit_is_served(tmp_path):
+    # The body limit was the gRPC message limit, sized for raw tensors; JSON writes a value
+    # in ~5x its raw bytes, and valid JSON requests of 4 of 8 ResNet rows were 413 (review
+    # helper-217). Here 256 values written out in ~4 KB each: 1.1 MB, over the 1 MiB limit.
+    s = _small_limit_server(tmp_path)
+    try:
+        long = "0." + "1" * 4200
+        values = ",".join([long] * 256)
+        body = ('{"inputs": [{"name": "input", "shape": [4, 1, 8, 8], "datatype": "FP32", '
+                f'"data": [{values}]}}]}}').encode()  # fmt: skip
+        assert len(body) > 2**20
+        status, _, data = _call(s, "/v2/models/tiny/infer", body)
+        assert status == 200, data
+        assert json.loads(data)["outputs"][0]["shape"] == [4, 10]
+    finally:
+        s.stop()
+
+
+def test_a_slow_upload_is_not_counted_against_the_budget(model_repository):
+    # With plan_overhead the budget counts from the request's arrival; REST took it before
+    # reading the body, so a client's 0.3 s upload spent a 200 ms budget: 504 "-101 ms left
+    # to plan with" where gRPC, counting from the whole message, served it (review
+    # helper-217)
+    import socket
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "plan_overhead": True}).start()  # fmt: skip
+    try:
+        body = json.dumps(_infer_body(_x(1), parameters={"latency_budget_ms": 200})).encode()
+        head = (
+            "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+            c.sendall(head.encode() + body[:100])
+            time.sleep(0.3)
+            c.sendall(body[100:])
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    finally:
+        s.stop()
+
+
+def test_a_json_request_refused_by_its_decode_is_in_the_models_statistics(server, http):
+    # gRPC counts a request whose raw tensor has the wrong size as a failure of its model
+    # (the data plane checks it); REST's JSON decode refused the same request before the
+    # data plane saw it, uncounted (review helper-217)
+    def fails() -> int:
+        stats = http.get_inference_statistics("tiny")["model_stats"][0]
+        return stats["inference_stats"]["fail"]["count"]
+
+    def invalid() -> float:
+        with urllib.request.urlopen(server.metrics_url) as r:
+            for line in r.read().decode().splitlines():
+                if (
+                    line.startswith("innfer_requests_total{")
+                    and 'model="tiny"' in line
+                    and ('outcome="invalid"' in line)
+                ):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = (fails(), invalid())
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                        "data": [0.0] * 63}]}  # fmt: skip
+    status, message = _error(server, "/v2/models/tiny/infer", body, "POST")
+    assert status == 400 and "63" in message, message
+    assert (fails(), invalid()) == (before[0] + 1, before[1] + 1)
