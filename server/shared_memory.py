@@ -32,6 +32,7 @@ No grpc here: requests' parameters are read as protobuf maps; errors are server.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -185,6 +186,14 @@ class SharedMemory:
             raise InvalidArgument("a region needs a name (SystemSharedMemoryRegister's name)")
         if len(name.encode()) > MAX_KEY_BYTES:
             raise InvalidArgument(f"region name {clip(name)} is over {MAX_KEY_BYTES} bytes")
+        # The call's own mistakes first: at the region limit a malformed call was told
+        # RESOURCE_EXHAUSTED, which clients retry, never to succeed (review helper-218).
+        if byte_size < 1 or offset < 0:
+            raise InvalidArgument(
+                f"region {name!r}: byte_size {byte_size} and offset {offset}; the size must be "
+                "positive and the offset at least 0"
+            )
+        file = _file_name(key)
         if name in self._regions:
             raise AlreadyExists(
                 f"shared memory region {name!r} is registered already; unregister it first, "
@@ -197,12 +206,7 @@ class SharedMemory:
                 "this server keeps (limits.max_shared_memory_regions); unregister ones no "
                 "longer used"
             )
-        if byte_size < 1 or offset < 0:
-            raise InvalidArgument(
-                f"region {name!r}: byte_size {byte_size} and offset {offset}; the size must be "
-                "positive and the offset at least 0"
-            )
-        fd = self._open(_file_name(key), key)
+        fd = self._open(file, key)
         size = os.fstat(fd).st_size
         if offset + byte_size > size:
             os.close(fd)
@@ -321,6 +325,13 @@ class SharedMemory:
                 "host (tritonclient.utils.shared_memory.create_shared_memory_region)"
             ) from None
         except OSError as exc:  # ELOOP: a link; EACCES: not the server's to write
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's limit, not the call's
+                raise ResourceExhausted(
+                    f"shared memory object {clip(key)} cannot be opened: this server is out of "
+                    "file descriptors (each region holds one); unregister regions no longer "
+                    "used, or lower limits.max_shared_memory_regions / raise the open-file "
+                    "limit (ulimit -n)"
+                ) from None
             raise InvalidArgument(
                 f"shared memory object {clip(key)} cannot be opened for reading and writing "
                 f"({exc.strerror}): it must be a file in {self.root} the server may write"

@@ -5,6 +5,7 @@ and the real server through the stock tritonclient and its own shared-memory hel
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -137,6 +138,27 @@ def test_names_are_unique_and_the_count_is_capped(tmp_path):
     assert [r.name for r in shm.status("")] == ["b", "c"]
     shm.unregister("")
     assert shm.status("") == []
+
+
+def test_a_malformed_registration_at_the_limit_is_invalid_not_full(tmp_path, monkeypatch):
+    # At the region limit a malformed call was told RESOURCE_EXHAUSTED, which clients retry
+    # for ever; a server out of file descriptors told the client its object could not be
+    # opened, INVALID_ARGUMENT, for the server's own limit (review helper-218).
+    _object(tmp_path, "obj", bytes(64))
+    shm = SharedMemory(max_regions=1, root=str(tmp_path))
+    shm.register("a", "/obj", 0, 64)
+    with pytest.raises(InvalidArgument, match="the size must be positive"):
+        shm.register("b", "/obj", 0, 0)
+    with pytest.raises(InvalidArgument):
+        shm.register("b", "/a/b", 0, 8)  # a path, not a shared memory object's name
+    shm.unregister("")
+
+    def no_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(ResourceExhausted, match="out of file descriptors"):
+        shm.register("b", "/obj", 0, 8)
 
 
 def test_an_unregister_waits_for_the_requests_holding_the_region(tmp_path):
