@@ -133,6 +133,12 @@ class Region:
         try:
             wrote = os.pwrite(self._fd, data, self.offset + s.offset)
         except OSError as exc:  # ENOSPC: a truncated object grown back on a full /dev/shm
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the host's room, not the engine
+                raise ResourceExhausted(  # (INTERNAL before, counted as the engine's failure)
+                    f"the answer could not be written to shared memory region {self.name!r}: "
+                    f"{exc.strerror} (was its object {self.key!r} truncated, on a full "
+                    "/dev/shm?); the tensors were computed but not delivered"
+                ) from None
             wrote, why = -1, exc.strerror
         else:
             why = f"{wrote} of {len(data)} bytes written"

@@ -161,6 +161,22 @@ def test_a_malformed_registration_at_the_limit_is_invalid_not_full(tmp_path, mon
         shm.register("b", "/obj", 0, 8)
 
 
+def test_an_answer_that_finds_dev_shm_full_is_resource_exhausted(tmp_path, monkeypatch):
+    # A full /dev/shm (the client truncated its object, the write grows it back) was INTERNAL,
+    # counted as the engine's failure (review helper-218).
+    _object(tmp_path, "obj", bytes(64))
+    shm = SharedMemory(max_regions=1, root=str(tmp_path))
+    shm.register("a", "/obj", 0, 64)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(ResourceExhausted, match="No space left on device"):
+        shm._regions["a"].write(Slice("a", 0, 8), memoryview(bytes(8)))
+    shm.unregister("")
+
+
 def test_an_unregister_waits_for_the_requests_holding_the_region(tmp_path):
     _object(tmp_path, "obj", bytes(64))
     shm = SharedMemory(max_regions=4, root=str(tmp_path))
