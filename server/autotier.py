@@ -444,6 +444,8 @@ class AutoTierer:
         live = self.live()  # the data plane's state: read on the loop
         argv = await self._io(self.command, self.repository, self.name, traffic, result, live)
         code = await self._apply(argv)
+        if code != 0:  # kept or failed: the stale applies, if any, are no longer in a row
+            self._stale_in_a_row = 0
         choice = await self._io(_read, result)
         if choice is not None:
             self.metrics.tier_set_gain.labels(self.name).set(choice.get("gain", 0.0))
