@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -274,6 +275,7 @@ class RestFrontEnd:
             try:
                 if name not in OPEN_ROUTES:
                     self.service.authenticate(_Call(request).invocation_metadata())
+                _check_escapes(request)
                 response = await handler(request)
                 status = request.get(GONE, response.status)
                 return response
@@ -531,6 +533,21 @@ def _phase_s(timeout_s: float) -> float:
     """
     half = timeout_s / 2
     return max(half - 1.0 if half > 5.0 else half, 1e-3)
+
+
+def _check_escapes(request: web.Request) -> None:
+    """Refuses a path whose percent-escapes are not UTF-8: aiohttp leaves such a segment as
+    sent, so ``/region/%FF/register`` registered a region named "%FF" while ``a%20b``
+    named "a b" - one name, two spellings (review helper-218)."""
+    for part in request.rel_url.raw_parts:
+        if "%" in part:
+            try:
+                unquote(part, errors="strict")
+            except UnicodeDecodeError:
+                raise InvalidArgument(
+                    f"the path segment {clip_message(part)!r} holds percent-escapes that are "
+                    "not UTF-8; escape names as UTF-8 bytes (%C3%A9 for e-acute)"
+                ) from None
 
 
 def _model(cls, request: web.Request):

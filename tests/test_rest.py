@@ -594,3 +594,14 @@ def test_a_json_request_refused_by_its_decode_is_in_the_models_statistics(server
     status, message = _error(server, "/v2/models/tiny/infer", body, "POST")
     assert status == 400 and "63" in message, message
     assert (fails(), invalid()) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_path_whose_escapes_are_not_utf8_is_refused(server):
+    # aiohttp leaves a segment whose escapes are not UTF-8 as sent: a region registered
+    # under "%FF" while "a%20b" named "a b" (review helper-218)
+    for path in ("/v2/systemsharedmemory/region/%FF/register", "/v2/models/%ED%A0%80/infer"):
+        status, message = _error(server, path, {"key": "/k", "byte_size": 8}, "POST")
+        assert status == 400 and "not UTF-8" in message, (path, message)
+    regions = json.loads(_call(server, "/v2/systemsharedmemory/status")[2])
+    assert not any("%" in r["name"] for r in regions)
+    assert _call(server, "/v2/models/caf%C3%A9/ready")[0] == 503  # UTF-8: a name, not known
