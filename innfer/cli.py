@@ -705,7 +705,8 @@ def _resolve_trace(args: argparse.Namespace) -> None:
     if args.trace == "file" and args.trace_file is None:  # it said "needs trace_file"
         raise ValueError("--trace file needs --trace-file PATH (timestamps in seconds, one a line)")
     if args.trace_file is not None and not Path(args.trace_file).is_file():
-        raise ValueError(f"--trace-file {args.trace_file}: no such file")
+        what = "a directory" if Path(args.trace_file).is_dir() else "no such file"
+        raise ValueError(f"--trace-file {args.trace_file}: {what}; give a file")
 
 
 def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 0.0) -> str:
@@ -1276,6 +1277,10 @@ def _data_for(model_dir: Path, inn, name: str):
                 f"--data {name}: labels of shape {list(data.y_train.shape[1:])} per sample, "
                 f"but {config.outputs[0].name!r} is {list(out)}: give {what}{hint}"
             )
+    if classes is None and data.labelled and data.y_train.dim() == 1:
+        # An INN folder without model.yaml: its outputs counted from one sample at full
+        # width (a label past them crashed calibrate's loss, exit 1, and report scored 0 %)
+        classes = _output_classes(inn, data.x_train[:1])
     # (a file's class count is its largest label + 1: a split missing the last class is
     # fine, as the build takes it; a label past the outputs is not)
     if classes is not None and data.num_classes > classes:
@@ -1288,6 +1293,19 @@ def _data_for(model_dir: Path, inn, name: str):
 
 # What accuracy means on a data set of inputs alone: every command that prints one says so.
 AGREEMENT = "accuracy here: top-1 agreement with the full width (the data has no labels)"
+
+
+def _output_classes(inn, x) -> int | None:
+    """The full width's class count: its output's second dimension on the batch ``x``
+    (None where the output is not one [N, C] tensor: nothing to check labels against)."""
+    import torch
+
+    from runtime.inn.modes import evaluating
+
+    full = inn.sample(1.0)
+    with torch.no_grad(), evaluating(full):
+        out = full(x)
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
 def _full_width_labels(inn, data):
@@ -1963,7 +1981,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='write the figures as JSON: {"widths": [...], "served": [...]} (served: the '
         "built tiers' latency, empty for a model not built); with --text, one object per tier",
     )  # fmt: skip
-    rep.add_argument("--png", type=png_file)
+    rep.add_argument("--png", type=png_file,
+                     help="plot accuracy and latency vs width here (default: with --data, "
+                     "MODEL_DIR/report.png)")  # fmt: skip
     rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")

@@ -300,7 +300,7 @@ class ServerConfig:
         "tls and auth say (model and tier names, load, readiness): keep it private",
     )  # fmt: skip
     http_port: int | None = spec(
-        None, lo=0, hi=65535, expected=_PORT + ", or null (off)",
+        None, lo=0, hi=65535, expected=_PORT,  # (", or null": added for optional fields)
         doc="OIP REST port (KServe v2 HTTP/JSON with Triton's binary tensor extension: curl, "
         "tritonclient.http, perf_analyzer's default), on the same host, with the same tls and "
         "auth as gRPC; null: off",

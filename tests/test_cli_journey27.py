@@ -738,6 +738,27 @@ def test_report_reads_model_yamls_npz_and_a_split_missing_a_class(tmp_path, caps
     assert code == 2 and "labels up to 11, but the model has 10 outputs" in err
 
 
+def test_labels_past_an_inn_folders_outputs_are_refused_without_model_yaml(tmp_path, capsys):
+    # An INN folder has no model.yaml to count its outputs: labels up to 11 for 10 outputs
+    # crashed calibrate's loss ("internal error: IndexError", exit 1) and report scored
+    # 0.00 % (review helper-219). The full width's outputs are counted instead.
+    import numpy as np
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = tmp_path / "inn"
+    inn.save(d)
+    x = np.random.default_rng(0).random((60, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "past.npz", x=x, y=np.arange(60) % 12)
+    for args in (("report", d, "--widths", "0.5"),
+                 ("calibrate", d, "--steps", "1", "--samples", "32", "--widths", "0.5",
+                  "--out", tmp_path / "out")):  # fmt: skip
+        code, _, err = _cli(capsys, *args, "--data", tmp_path / "past.npz")
+        assert code == 2 and "labels up to 11, but the model has 10 outputs" in err, err
+    np.savez(tmp_path / "fine.npz", x=x, y=np.arange(60) % 10)
+    code, _, err = _cli(capsys, "report", d, "--widths", "0.5", "--data", tmp_path / "fine.npz")
+    assert code == 0, err
+
+
 def test_calibrate_keeps_inputs_back_to_judge_new_tiers_by_default(tmp_path, capsys):
     # With a training split of 1,000 or less, the default --samples 1000 took all of it:
     # "no held-out training inputs", and a new tier at 21.8 % replaced one at 32.6 %

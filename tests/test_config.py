@@ -228,6 +228,13 @@ def test_server_value_out_of_range_names_field_and_value(patch, field, value):
     assert (m["file"], m["field"], m["value"]) == ("server.yaml", field, value)
 
 
+def test_an_optional_port_says_null_once():
+    # "expected a port number in [0, 65535] (0: pick a free port), or null (off), or null"
+    # (review helper-219)
+    m = _refused(ServerConfig.from_dict, {"repository": "m", "http_port": -5}, source="s.yaml")
+    assert m["exp"].count("null") == 1, m["exp"]
+
+
 def test_missing_required_field_says_so():
     m = _refused(ModelConfig.from_dict, {"inputs": MINIMAL["inputs"]}, source="model.yaml")
     assert m["field"] == "outputs" and m["exp"].endswith("(required)")

@@ -197,6 +197,8 @@ def test_a_missing_or_corrupted_profile_is_re_measured_at_load(repository, damag
         # which)" with no line above for a missing one; a corrupted one "not a JSON object")
         if damage == "missing":
             assert "profile.json is missing;" in caplog.text
+            # ONNX tiers alone: no `innfer build` to advise, it refuses them (helper-219)
+            assert "no inn.json here" in caplog.text and "stores a profile" not in caplog.text
             assert "profile.json is corrupted" not in caplog.text
         if damage == "corrupted":
             assert "is corrupted (not JSON: Unterminated string" in caplog.text

@@ -733,6 +733,8 @@ def test_a_trace_file_means_a_file_trace(cli_main, tmp_path):
     # --trace-file beside the default (Poisson) trace was ignored, a missing file included.
     code, _, err = cli_main("simulate", str(tmp_path), "--trace-file", str(tmp_path / "none"))
     assert code == 2 and f"--trace-file {tmp_path / 'none'}: no such file" in err
+    code, _, err = cli_main("simulate", str(tmp_path), "--trace-file", str(tmp_path))
+    assert code == 2 and f"--trace-file {tmp_path}: a directory; give a file" in err
     code, _, err = cli_main("simulate", str(tmp_path), "--trace", "gamma", "--trace-file", "x")
     assert code == 2 and "goes with --trace file, not --trace gamma: drop it" in err
 

@@ -893,12 +893,19 @@ class Repository:
         # (why: "profile.json was measured with torch on NVIDIA H200", "... is missing", ...;
         # the served engines follow it, not appended to it: "profile.json is missing or
         # corrupted, not with onnxruntime ..." read as if the backend were the fault.)
+        # The build's advice only where there is an INN to build from: a folder of ONNX
+        # tiers alone was told to run a build that refuses it (review helper-219).
+        store = (
+            f"`innfer build {self.root} --model {name} --backend {backend.name}` on this "
+            "machine stores a profile"
+            if (self.root / name / "inn.json").is_file()
+            else "no inn.json here for `innfer build` to profile from: re-measured at every load"
+        )
         log.warning(
             "model %s: %s; re-measured every tier at load in %.1f s with %s %s on %s "
-            "(%d threads), as served now (`innfer build %s --model %s --backend %s` on this "
-            "machine stores a profile)",
+            "(%d threads), as served now (%s)",
             name, why, time.perf_counter() - t0, backend.name, backend.version(),
-            backend.device(), config.threads, self.root, name, backend.name,
+            backend.device(), config.threads, store,
         )  # fmt: skip
         return fresh
 
