@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -124,17 +125,46 @@ def test_an_edited_structure_is_refused_at_load(saved, edit):
     if edit == "group size":
         group = next(g for g in meta["groups"] if not g["discrete"])
         group["size"] //= 2
-        pattern = r"malformed: binding of .* cover \d+ channels, the tensor has shape"
+        pattern = (
+            r"malformed in its groups' sizes against the weights: binding of .* "
+            r"cover \d+ channels, the tensor has shape"
+        )
     elif edit == "module kwargs":
         module = next(m for m in meta["architecture"]["modules"].values() if "kwargs" in m
                       and "out_channels" in m["kwargs"])  # fmt: skip
         module["kwargs"]["out_channels"] -= 1
-        pattern = r"(?s)malformed: .*size mismatch"
+        pattern = r"(?s)malformed in its architecture against the weights: .*size mismatch"
     else:
         meta["bindings"][0]["param"] = "nope"
-        pattern = r"malformed: 'nope'"
+        pattern = r"malformed in its .*: 'nope' is missing"
     (saved / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match=pattern):
+        runtime.load(saved)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ("groups", "malformed in its groups: 'int' object is not iterable"),
+        ("members", "malformed in its groups: 'members' is missing"),
+        ("bindings", "malformed in its bindings: 'NoneType' object is not iterable"),
+        ("sha", "malformed: weights_sha256 is None, not a sha256 hex digest"),
+    ],
+)
+def test_a_hand_edited_record_says_where_it_is_malformed(saved, edit, said):
+    # "is malformed: 'members'" named no place, and weights_sha256 null blamed the weights
+    # file for the record's fault (review helper-219)
+    meta = json.loads((saved / META_FILE).read_text())
+    if edit == "groups":
+        meta["groups"] = 5
+    elif edit == "members":
+        del meta["groups"][0]["members"]
+    elif edit == "bindings":
+        meta["bindings"] = None
+    else:
+        meta["weights_sha256"] = None
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=re.escape(said)):
         runtime.load(saved)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, replace
@@ -722,8 +723,15 @@ def load(directory: str | Path) -> IntegralModel:
             "save the INN again (IntegralModel.save)"
         ) from exc
     _check_format(meta, meta_path)
+    recorded = meta.get("weights_sha256")
+    if not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        # (a hand edit: "the weights file is corrupted" blamed the other file; helper-219)
+        raise ModelFileError(
+            f"{meta_path} is malformed: weights_sha256 is {recorded!r}, not a sha256 hex "
+            "digest; restore the file, or save the INN again (IntegralModel.save)"
+        )
     digest = sha256_file(weights)
-    if digest != meta.get("weights_sha256"):
+    if digest != recorded:
         torn = pending(d, digest)  # a save killed between its two renames: finish it
         if torn is None:
             raise ModelFileError(
@@ -752,17 +760,24 @@ def load(directory: str | Path) -> IntegralModel:
     for name in [k for k in state if k.startswith(TIER_PREFIX)]:
         key, _, param = name[len(TIER_PREFIX) :].partition("/")
         tiers.setdefault(key, {})[param] = state.pop(name)
-    try:
+    section = "groups"  # what is being read: named in the error (a hand edit's "'int'
+    try:  # object is not iterable" or "'members'" said nothing of where; helper-219)
         groups = [
             GroupInfo(**{**g, "members": [tuple(x) for x in g["members"]]}) for g in meta["groups"]
         ]
+        section = "bindings"
         bindings = [_binding_from_json(b) for b in meta["bindings"]]
+        section = "size_fields"
         fields = {m: [_field_from_json(f) for f in fs] for m, fs in meta["size_fields"].items()}
+        section = "architecture"
         model = IntegralModel(
             meta["architecture"], state, groups, bindings, fields, meta["info"], tiers
         )
+        section = "groups' sizes against the weights"
         _check_bindings(model)  # the groups' sizes must cover the tensors they resample
+        section = "architecture against the weights"
         graphio.from_spec(model.spec, state)  # the architecture must rebuild and accept weights
+        section = "calibrated tiers"
         for key in tiers:  # each calibrated tier must fit the network sampled at its sizes
             model.set_tier(IntegralModel.parse_sizes_key(key), tiers[key])
     except (
@@ -771,7 +786,8 @@ def load(directory: str | Path) -> IntegralModel:
     ) as exc:  # fmt: skip
         # RuntimeError: torch refusing the weights for the architecture (size mismatch);
         # AttributeError: a field of another JSON type ("architecture": "x"; review 185)
-        raise ModelFileError(f"{meta_path} is malformed: {exc}") from exc
+        why = f"{exc} is missing" if isinstance(exc, KeyError) else str(exc)
+        raise ModelFileError(f"{meta_path} is malformed in its {section}: {why}") from exc
     return model
 
 
