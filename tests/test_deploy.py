@@ -410,6 +410,12 @@ def test_cpu_and_gpu_overlays_differ_where_they_should():
         (server,) = [c for c in spec["containers"] if c["name"] == "server"]
         assert server["image"].endswith(f"-{tiers}")
         model = ModelConfig.from_dict(yaml.safe_load(data[key]), key)
+        # queue:compute reads up to max_batch x the waits: the GPU set's target is the CPU
+        # set's scaled by the batch sizes (it shipped at 1, the HPA near maxReplicas;
+        # review helper-220)
+        (queue,) = [m for m in _one(docs, "HorizontalPodAutoscaler", "innfer")["spec"]["metrics"]
+                    if m["pods"]["metric"]["name"] == "innfer_queue_compute_ratio"]  # fmt: skip
+        assert float(queue["pods"]["target"]["averageValue"]) == model.max_batch / 8
         if tiers == "cpu":
             assert "nvidia.com/gpu" not in server["resources"]["limits"]
             assert model.threads <= float(server["resources"]["requests"]["cpu"])
@@ -928,6 +934,10 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
 
     (c,) = runtime["containers"]
     assert c["name"] == "kserve-container"  # KServe merges the InferenceService's into it
+    # Pod Security "restricted", which deploy/k8s/base/namespace.yaml enforces: without a
+    # seccomp profile no predictor pod was ever created (review helper-220)
+    assert c["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["image"].endswith(":0.1.0-cpu")  # the tag the README builds and pushes
     args = build_parser().parse_args(["serve", *c["args"]])
     mounts = mounts_of(c)
     volume = next(v for v in runtime["volumes"] if v["name"] == "innfer-config")
