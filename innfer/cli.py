@@ -1303,8 +1303,11 @@ def _output_classes(inn, x) -> int | None:
     from runtime.inn.modes import evaluating
 
     full = inn.sample(1.0)
-    with torch.no_grad(), evaluating(full):
-        out = full(x)
+    try:
+        with torch.no_grad(), evaluating(full):
+            out = full(x)
+    except Exception:  # (inputs it does not take: the command's own run says so, as before)
+        return None
     return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
