@@ -62,13 +62,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     for path in args.files:
         kind = args.kind or kind_of(path)
         try:
-            _config_class(kind).load(path)
+            config = _config_class(kind).load(path)
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             failed += 1
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
             continue
-        print(f"{path}: {kind} config ok")
+        print(f"{path}: {kind} config ok{_not_there_yet(config)}")
     return 2 if failed else 0
+
+
+def _not_there_yet(config) -> str:
+    """For a server config whose repository is not a directory here: a note that serve
+    refuses it until it is (valid: a repository is often mounted later, in a pod). The
+    check said only "ok", and serve then refused it (review helper-219)."""
+    repository = getattr(config, "repository", None)
+    if repository is None or Path(repository).is_dir():
+        return ""
+    return (
+        f" (note: its repository {repository} is not a directory here: `innfer serve` refuses "
+        "it until it is - mounted or built - and checks its models then)"
+    )
 
 
 def kind_of(path: Path) -> str:

@@ -71,3 +71,13 @@ def test_the_readmes_server_yaml_example_is_valid(tmp_path):
     (tmp_path / "server.yaml").write_text(blocks[0])
     cfg = ServerConfig.load(tmp_path / "server.yaml")
     assert cfg.tls is not None and cfg.auth is not None and cfg.grpc_port == 8001
+
+
+def test_check_notes_a_repository_that_is_not_there_yet(tmp_path, capsys):
+    # "ok", and serve then refused it: "repository /nonexistent/x is not a directory"
+    # (review helper-219). Still valid - a pod mounts it later - but said.
+    server = tmp_path / "server.yaml"
+    server.write_text("repository: /nonexistent/x\n")
+    assert cli(["config", "check", str(server)]) == 0
+    out = capsys.readouterr().out
+    assert "server config ok (note: its repository /nonexistent/x is not a directory" in out
