@@ -1696,39 +1696,10 @@ def test_a_choice_the_traffic_moved_away_from_is_not_swapped_in(tmp_path, caplog
     more (bench/auto_tiers_live.py, session 60). Where the requests since the check drifted
     from the window, the choice is dropped - auto_tiers.json put back, no reload, no change
     counted - and the next check chooses again without waiting min_interval_s."""
-    from server.autotier import AutoTierer
-    from server.metrics import Metrics
-
-    goals = AutoTiersConfig(
-        window_s=1.0, rebuild=RebuildConfig(min_requests=10, min_interval_s=100)
-    )
-    log, clock, calls = TrafficLog(), [1000.0], []
+    log, clock, during = TrafficLog(), [1000.0], [10]  # during `apply`: budgets of 10 ms
     for i in range(10):
         log.record(999.1 + i * 0.01, 0.05, 1)
-    active = tmp_path / "m" / ACTIVE_FILE
-    active.parent.mkdir()
-    active.write_text('{"before": true}')
-    during = [10]  # requests that come while `apply` runs, with budgets of 10 ms
-
-    served = ["model.yaml:b"]
-
-    async def reload(name):
-        calls.append(active.read_text())
-        served[0] = "frontier:a"
-
-    def command(repo, name, traffic, result, live):  # `apply`, during which traffic comes
-        active.write_text('{"new": true}')
-        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
-                                      "current": {"tiers": ["b"]}, "traffic": {
-                                          "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
-                                          "rate_per_s": 5.0}}))  # fmt: skip
-        for i in range(during[0]):
-            log.record(clock[0] + 0.5 + i * 0.01, 0.01, 1)
-        clock[0] += 1.0
-        return ["true"]
-
-    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: served[0],
-                        lambda: clock[0], command)  # fmt: skip
+    tierer, active, calls, served = _stale_tierer(tmp_path, log, clock, during)
     with caplog.at_level("INFO", logger="innfer.autotier"):
         assert asyncio.run(tierer.check()) == "stale"  # chosen for 50 ms, 10 ms came
     assert calls == [] and active.read_text() == '{"before": true}' and tierer.changes == 0
@@ -1815,7 +1786,8 @@ def test_steady_traffic_whose_rows_vary_is_not_called_moved_away():
 def _stale_tierer(tmp_path, log, clock, during, window_s=1.0):
     """An AutoTierer of 'm' whose every apply writes a new choice and records ``during[0]``
     requests of 10 ms budgets while it runs (clock + 0.5 s on), the clock 1 s on after it;
-    (tierer, auto_tiers.json, the reloads' reads of it)."""
+    (tierer, auto_tiers.json, the reloads' reads of it, what it serves: ``served[0]``,
+    "frontier:a" once reloaded)."""
     from server.autotier import AutoTierer
     from server.metrics import Metrics
 
@@ -1825,22 +1797,26 @@ def _stale_tierer(tmp_path, log, clock, during, window_s=1.0):
     active = tmp_path / "m" / ACTIVE_FILE
     active.parent.mkdir(exist_ok=True)
     active.write_text('{"before": true}')
-    calls = []
+    calls, served = [], ["model.yaml:b"]
 
     async def reload(name):
         calls.append(active.read_text())
+        served[0] = "frontier:a"
 
-    def command(repo, name, traffic, result, live):
+    def command(repo, name, traffic, result, live):  # `apply`, during which traffic comes
         active.write_text('{"new": true}')
-        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]}}))
+        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
+                                      "current": {"tiers": ["b"]}, "traffic": {
+                                          "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
+                                          "rate_per_s": 5.0}}))  # fmt: skip
         for i in range(during[0]):
             log.record(clock[0] + 0.5 + i * 0.01, 0.01, 1)
         clock[0] += 1.0
         return ["true"]
 
-    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: served[0],
                         lambda: clock[0], command)  # fmt: skip
-    return tierer, active, calls
+    return tierer, active, calls, served
 
 
 def test_traffic_that_keeps_moving_is_chased_by_stale_limit_applies_then_waits(tmp_path, caplog):
@@ -1851,7 +1827,7 @@ def test_traffic_that_keeps_moving_is_chased_by_stale_limit_applies_then_waits(t
 
     log, clock = TrafficLog(), [1000.0]
     # (a window of 0.4 s: the last apply's requests, 0.5 s back, are out of it)
-    tierer, active, calls = _stale_tierer(tmp_path, log, clock, [10], window_s=0.4)
+    tierer, active, calls, _ = _stale_tierer(tmp_path, log, clock, [10], window_s=0.4)
     outcomes = []
     with caplog.at_level("INFO", logger="innfer.autotier"):
         for _ in range(STALE_LIMIT + 1):
@@ -1869,7 +1845,7 @@ def test_requests_during_the_housekeeping_are_in_the_choices_window_only(tmp_pat
     a troubled volume) and the window copied after it: requests that came meanwhile were in
     the choice's window and in the requests since the check, which leaned to "not moved"."""
     log, clock = TrafficLog(), [1000.0]
-    tierer, _, _ = _stale_tierer(tmp_path, log, clock, [100])
+    tierer, *_ = _stale_tierer(tmp_path, log, clock, [100])
     for i in range(100):
         log.record(999.5 + i * 0.001, 0.05, 1)
     housekeep = tierer._housekeep
@@ -1906,7 +1882,7 @@ def test_a_stop_during_the_stale_comparison_still_puts_the_file_back(tmp_path, m
 
     monkeypatch.setattr(autotier, "moved_away", slow)
     log, clock = TrafficLog(), [1000.0]
-    tierer, active, calls = _stale_tierer(tmp_path, log, clock, [10])
+    tierer, active, calls, _ = _stale_tierer(tmp_path, log, clock, [10])
     for i in range(10):
         log.record(999.5 + i * 0.01, 0.05, 1)
 
