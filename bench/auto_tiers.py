@@ -22,7 +22,9 @@ engine times drawn from the frontier's measurements, the same draws for every ar
   fixed     the set sim.tiering.choose picks for phase 1 (on another seed's phase-1 traffic),
             throughout: the best an operator could fix offline
   auto      the server's control loop: every ``check_interval_s``, where the traffic of the
-            last ``window_s`` drifted from what the live set was chosen for, a choice on it
+            last ``window_s`` (from its last change in budgets or rows, where it holds one:
+            server.traffic.since_change) drifted from what the live set was chosen for, a
+            choice on it
             (at most ``simulate_requests`` requests), applied when it gains ``min_gain``;
             the new set serves from the check + the measured time of that choice (wall
             clock, this machine) + 1 s for the reload. It starts with ``fixed``.
@@ -63,7 +65,7 @@ from bench.publish import publish
 from innfer.tiers import hand_options
 from runtime.repository import ACTIVE_FILE, Repository
 from runtime.repository.config import AutoTiersConfig, RebuildConfig
-from server.traffic import drifted
+from server.traffic import drifted, since_change
 from sim.simulator import SimConfig
 from sim.tiering import Traffic, choose, frontier_options, outcomes
 
@@ -135,6 +137,10 @@ def control_loop(options, start_set, traffic, goals, sim, end_s) -> list[dict]:
     chosen_for = None  # as server/autotier.py: choose again only when the traffic moved
     while t < end_s:
         recent = window(traffic, t - goals.window_s, t)
+        # as the server: the window from the last change in what the clients ask
+        start = since_change((recent.arrival_s, recent.budget_ms, recent.rows),
+                             rebuild.drift, rebuild.min_requests)  # fmt: skip
+        recent = window(recent, recent.arrival_s[start], t) if start else recent
         live = sets[-1]
         summary = recent.summary()
         if (

@@ -12,8 +12,8 @@ Load (tritonclient.grpc.aio, open loop, Poisson, seeded), C = the full tier's ca
 (max_batch / p50 at max_batch, profile.json):
 
   phase 1  --phase-s seconds at 0.5 C, budgets U(20, 100) ms
-  phase 2  --phase-s seconds at 1.0 C, 90 % of budgets U(5, 15) ms (``--tight-ms``),
-           10 % U(20, 100) ms
+  phase 2  --phase2-s seconds (default --phase-s) at 1.0 C, 90 % of budgets U(5, 15) ms
+           (``--tight-ms``), 10 % U(20, 100) ms
 
 With ``--baseline-tree DIR`` (a checkout of an earlier release) a third arm, ``auto_prev``,
 serves the same auto-tiering model from that tree: the release's change, in the same run.
@@ -25,7 +25,10 @@ mean served size, failed requests (any code but OK and the scheduler's DEADLINE_
 RESOURCE_EXHAUSTED refusals), attainment per 5 s bin; the auto arm's swaps (from its log:
 when, from what to what, how long) and its attainment in the bins while an apply ran; and
 every answer but OK - refusals included - of the requests that arrived while an apply ran
-or within ``SWAP_AFTER_S`` of its swap (``around_swaps``).
+or within ``SWAP_AFTER_S`` of its swap (``around_swaps``). ``settled``: every arm's
+attainment and mean served size over the same stretch of phase 2 - from ``SWAP_AFTER_S``
+after the auto arms' last swap in it to the end - what each serves once auto-tiering has
+answered the shift (the phase as a whole also counts the time it takes to).
 
 Writes bench/results/auto_tiers_live.json and .png.
 
@@ -94,19 +97,20 @@ def prepare(arm: str) -> Path:
     return dst.parent
 
 
-def load(profile: dict, phase_s: float, seed: int, tight_ms=(5.0, 15.0)):
-    """(arrivals s, budgets s, shift s) of the two phases."""
+def load(profile: dict, phase_s: float, seed: int, tight_ms=(5.0, 15.0), phase2_s=None):
+    """(arrivals s, budgets s, shift s) of the two phases (the second ``phase2_s`` long,
+    default ``phase_s``)."""
     batch = max(int(b) for b in profile["tiers"]["w100"])
     capacity = batch / profile["tiers"]["w100"][str(batch)]["p50_ms"] * 1e3
     rng = np.random.default_rng(seed)
     arrivals, budgets, start = [], [], 0.0
-    for rate, tight in ((0.5 * capacity, 0.0), (capacity, 0.9)):
-        t = start + np.cumsum(rng.exponential(1 / rate, int(rate * phase_s * 1.3) + 10))
-        t = t[t < start + phase_s]
+    for rate, tight, span in ((0.5 * capacity, 0.0, phase_s), (capacity, 0.9, phase2_s or phase_s)):
+        t = start + np.cumsum(rng.exponential(1 / rate, int(rate * span * 1.3) + 10))
+        t = t[t < start + span]
         loose, narrow = rng.uniform(20, 100, len(t)), rng.uniform(*tight_ms, len(t))
         arrivals.append(t)
         budgets.append(np.where(rng.random(len(t)) < tight, narrow, loose) / 1e3)
-        start += phase_s
+        start += span
     return np.concatenate(arrivals), np.concatenate(budgets), phase_s
 
 
@@ -133,7 +137,7 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
         info = server.start(arm, models=(MODEL,))
         t0, t0_wall = time.monotonic(), time.time()
         report = asyncio.run(run_load(server.address, MODEL, arrivals, budgets, inputs,
-                                      max_seconds=2 * args.phase_s + 5))  # fmt: skip
+                                      max_seconds=args.end_s + 5))  # fmt: skip
         wall = time.monotonic() - t0
     finally:
         server.stop()
@@ -153,8 +157,24 @@ def run_arm(arm: str, args, arrivals, budgets, shift, inputs, size) -> dict:
         "swaps": swaps,
         "around_swaps": around_swaps(swaps, arrivals, codes),
         "tier_by_time": tier_changes(arrivals, report.tiers),
-        "bins": bins(arrivals, met, served, 2 * args.phase_s),
+        "bins": bins(arrivals, met, served, args.end_s),
+        "_outcomes": (met, served, codes),  # for ``settled``; not written
     }
+
+
+def settled(arms: dict, arrivals, shift: float) -> dict:
+    """Every arm's phase-2 figures from ``SWAP_AFTER_S`` after the auto arms' last swap in
+    phase 2 (the latest of theirs: the same stretch for all) to the end; from the shift
+    where none swapped in phase 2."""
+    last = [s["at_s"] for r in arms.values() for s in r["swaps"]
+            if s["at_s"] is not None and s["at_s"] >= shift]  # fmt: skip
+    start = max(last) + SWAP_AFTER_S if last else shift
+    mask = arrivals >= start
+    out = {"from_s": start}
+    for arm, r in arms.items():
+        met, served, codes = r.pop("_outcomes")
+        out[arm] = phase(mask, met, served, codes)
+    return out
 
 
 def swap_events(log_text: str, t0_wall: float) -> list[dict]:
@@ -254,6 +274,14 @@ def plot(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     lines = []
+    after = results.get("settled")
+    if after is not None:
+        for arm in results["arms"]:
+            p = after[arm]
+            size = "-" if p["mean_served_size"] is None else f"{p['mean_served_size']:.3f}"
+            met = "-" if p["attainment"] is None else f"{p['attainment']:.2%}"
+            lines.append(f"{arm:<5} settled (from {after['from_s']:.0f} s): {p['sent']} sent, "
+                         f"attainment {met}, size {size}")  # fmt: skip
     for arm, r in results["arms"].items():
         for name, p in r["phases"].items():
             size = "-" if p["mean_served_size"] is None else f"{p['mean_served_size']:.3f}"
@@ -275,6 +303,9 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phase-s", type=float, default=60.0)
+    p.add_argument("--phase2-s", type=float, default=None,
+                   help="phase 2's length (default: --phase-s); a longer one shows what "
+                        "auto-tiering serves once it has answered the shift")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cpus", default="1")
     p.add_argument("--baseline-tree", type=Path,
@@ -298,7 +329,9 @@ def main(argv=None) -> int:
         os.sched_setaffinity(0, others)
     t0 = time.perf_counter()
     profile = json.loads((SOURCE / "profile.json").read_text())
-    arrivals, budgets, shift = load(profile, args.phase_s, args.seed, args.tight_ms)
+    arrivals, budgets, shift = load(profile, args.phase_s, args.seed, args.tight_ms,
+                                    args.phase2_s)  # fmt: skip
+    args.end_s = args.phase_s + (args.phase2_s or args.phase_s)
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
     size = widths(SOURCE)
     names = ("hand", "auto", *(["auto_prev"] if args.baseline_tree else []))
@@ -308,7 +341,9 @@ def main(argv=None) -> int:
     ran = {arm: run_arm(arm, args, arrivals, budgets, shift, {"input": x}, size)
            for arm in order}  # fmt: skip
     arms = {arm: ran[arm] for arm in names}
-    results = {"phase_s": args.phase_s, "seed": args.seed, "requests": len(arrivals),
+    after = settled(arms, arrivals, shift)
+    results = {"phase_s": args.phase_s, "phase2_s": args.phase2_s or args.phase_s,
+               "seed": args.seed, "requests": len(arrivals), "settled": after,
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
                "arm_order": order,
                "baseline_tree": args.baseline_tree and commit_of(args.baseline_tree),

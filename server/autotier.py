@@ -7,7 +7,10 @@ moved by more than ``rebuild.drift`` since the last choice (rate, budget quantil
 simulating costs CPU the serving process shares, so unchanged traffic is not re-judged -
 unless the server serves another set than the one last chosen for: a reload by hand, a
 changed model.yaml or ``auto_tiers.json``), it
-writes that window (its last ``simulate_requests`` requests: all the choice replays) to
+writes that window's requests since the last change in what the clients ask, where it
+holds one (``traffic.since_change``; the drift is judged on them too: a choice for the
+traffic before a shift is stale by the time it is applied), their last ``simulate_requests``
+(all the choice replays), to
 ``traffic.csv`` in its own work directory, ``<model>/auto/<hostname>-<pid>-<n>/`` (replicas
 sharing the repository's volume each have theirs; removed when the loop stops), and what
 serving adds to each request beyond queue and compute (the learned overhead's recent
@@ -80,6 +83,7 @@ from server.traffic import (
     TrafficLog,
     drifted,
     moved_away,
+    since_change,
     summarise_traffic,
     write_traffic,
 )
@@ -377,10 +381,11 @@ class AutoTierer:
         # since the check too - the comparison leaning to "not moved" (review helper-216).
         now = self.clock()
         loop = asyncio.get_running_loop()
-        rows, summary = await loop.run_in_executor(
-            None, _observed, self.traffic.snapshot(), now, self.goals.window_s
-        )
         needed = min(rebuild.min_requests, CAPACITY)  # (above CAPACITY: warned at start)
+        rows, summary = await loop.run_in_executor(
+            None, _observed, self.traffic.snapshot(), now, self.goals.window_s,
+            rebuild.drift, needed,
+        )  # fmt: skip
         if summary["requests"] < needed:
             if not self._said_waiting:  # once: a quiet model waits at every check
                 self._said_waiting = True
@@ -626,10 +631,17 @@ def apply_command(repository: Path, name: str, traffic: Path, result: Path, live
     ]  # fmt: skip
 
 
-def _observed(traffic: TrafficLog, now: float, seconds: float) -> tuple[tuple, dict]:
-    """(arrivals, budgets ms, rows) of the last ``seconds`` of ``traffic`` and their
-    ``summarise_traffic`` (off the loop: a full ring sorts for tens of milliseconds)."""
+def _observed(
+    traffic: TrafficLog, now: float, seconds: float, drift: float, needed: int
+) -> tuple[tuple, dict]:
+    """(arrivals, budgets ms, rows) of the last ``seconds`` of ``traffic`` since the last
+    change in what its clients ask (``since_change``: the window's older part where the
+    requests after a shift alone number ``needed``) and their ``summarise_traffic`` - what
+    a choice is made for and its drift judged against. Off the loop: a full ring sorts for
+    tens of milliseconds, and the change search for a few hundred."""
     rows = traffic.window(now, seconds)
+    start = since_change(rows, drift, needed)
+    rows = tuple(col[start:] for col in rows)
     return rows, summarise_traffic(*rows)
 
 
@@ -650,8 +662,8 @@ def _judge(
     ``needed``, or could not be compared: said in the log), and, where they did, whether
     ``active`` was put back from ``written`` to ``before``."""
     try:
-        since, summary = _observed(traffic, now, seconds)
-        moved = moved_away(window, since, drift) if summary["requests"] >= needed else None
+        since = traffic.window(now, seconds)
+        moved = moved_away(window, since, drift) if len(since[0]) >= needed else None
     except Exception:
         log.exception("model %s: could not compare the traffic since the check with the "
                       "choice's; swapping it in", name)  # fmt: skip

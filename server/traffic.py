@@ -130,7 +130,6 @@ def moved_away(
         >>> moved_away((t, loose, t * 0 + 1), (t + 4, tight, t * 0 + 1), 0.2)
         'budgets p50 50.0 -> 10.0 ms (KS distance 1.00), rows 1.00 -> 1.00, 400 requests'
     """
-    a, b = summarise_traffic(*before), summarise_traffic(*since)
     # as ``write_traffic`` hands them to the chooser: a budget spent before its request was
     # recorded is one demand, the shortest (every "moved" between two such was noise)
     x, y = (np.sort(np.maximum(t[1], 1e-3)) for t in (before, since))
@@ -141,20 +140,132 @@ def moved_away(
     distance = float(
         np.abs(np.searchsorted(x, grid, "right") / n - np.searchsorted(y, grid, "right") / m).max()
     )
-    # The mean rows moved beyond ``tolerance`` and beyond what sampling explains (2.58
-    # standard errors, its 1 % bound, as the budgets'): mostly single rows with a few large
-    # batches read as moved in 14 % of checks of steady traffic at 500 requests, and in
-    # every one at drift 0 (review helper-216).
-    delta = abs(b["rows_mean"] - a["rows_mean"])
-    noise = 2.58 * (float(before[2].var()) / n + float(since[2].var()) / m) ** 0.5
-    rows = delta > tolerance * a["rows_mean"] and delta > noise
-    if not (rows or distance > max(tolerance, 1.63 * ((n + m) / (n * m)) ** 0.5)):
+    rows_a, rows_b = (_moments(t[2]) for t in (before, since))
+    if _score(distance, rows_a, rows_b, tolerance, BOUNDS_1) <= 1.0:
         return None
+    a, b = summarise_traffic(*before), summarise_traffic(*since)
     return (
         f"budgets p50 {a['budget_ms_p10_p50_p90'][1]:.1f} -> "
         f"{b['budget_ms_p10_p50_p90'][1]:.1f} ms (KS distance {distance:.2f}), rows "
         f"{a['rows_mean']:.2f} -> {b['rows_mean']:.2f}, {m} requests"
     )
+
+
+# Sampling bounds of the two movements at 1 % (``moved_away``) and at 0.1 % (each of
+# ``since_change``'s splits: its tests at 0.1 % cut steady traffic about as often as one
+# at 1 % calls it moved): the KS distance's c(alpha) and the normal quantile for the rows.
+BOUNDS_1 = (1.63, 2.58)
+BOUNDS_01 = (1.95, 3.29)
+
+
+def _moments(rows: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, variance) of some requests' rows."""
+    return len(rows), float(rows.mean()), float(rows.var())
+
+
+def _score(distance: float, rows_a: tuple, rows_b: tuple, tolerance: float, bounds: tuple) -> float:
+    """How far past its threshold the larger of two movements lies (above 1: moved): the
+    budgets' KS ``distance`` beyond ``tolerance`` and its sampling bound; the mean rows
+    (``_moments`` before, after) beyond ``tolerance`` (relative) and their sampling bound.
+    The rows' bound: mostly single rows with a few large batches read as moved in 14 % of
+    checks of steady traffic at 500 requests, and in every one at drift 0, without it
+    (review helper-216)."""
+    (n, mean_a, var_a), (m, mean_b, var_b) = rows_a, rows_b
+    budgets_bar = max(tolerance, bounds[0] * ((n + m) / (n * m)) ** 0.5)
+    delta = abs(mean_b - mean_a)
+    rows_bar = max(tolerance * mean_a, bounds[1] * (var_a / n + var_b / m) ** 0.5)
+    rows = delta / rows_bar if rows_bar > 0 else (float("inf") if delta > 0 else 0.0)
+    return max(distance / budgets_bar, rows)
+
+
+# Splits of a window ``since_change`` tries per pass: the sooner a shift is told from the
+# traffic before it, the sooner a choice is made for the traffic after it alone.
+CHANGE_SPLITS = 16
+# Passes, each between the splits beside the last one's best: the change is found to within
+# 1/15 (one pass), ~1/100, ~1/800, ~1/6,000 of the window.
+CHANGE_PASSES = 4
+
+
+def since_change(
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray], tolerance: float, min_requests: int
+) -> int:
+    """Index of the first request of ``rows`` (arrivals s, budgets ms, rows, in arrival
+    order) after the last change in what the clients ask - 0 where they asked alike all
+    along. A split is a change where the requests after it moved away from those before
+    (``moved_away``'s test) and each side holds at least ``min_requests``; of the splits
+    that are, the one that moved most is taken (``CHANGE_SPLITS`` of them, then again
+    between its neighbours, ``CHANGE_PASSES`` times), and the part after it is searched
+    again (a window may hold two shifts). Each split is tested at 0.1 % (``BOUNDS_01``),
+    so that a window of steady traffic is cut about as seldom as one ``moved_away`` at 1 %
+    calls it moved (and a cut keeps ``min_requests``). Off the serving loop: ~1 ms for
+    3,000 requests, ~0.1 s for a full ring (200,000 distinct budgets), 0.25 s with a shift.
+
+    Why: a choice made for a window that began before a shift is made for traffic that no
+    longer comes. Live, the first choice after budgets tightened was made on a window half
+    old, half new; found stale after its apply, it was dropped, and the set for the new
+    traffic came 46 s after the shift instead of about 20 (bench/auto_tiers_live.py,
+    session 61).
+
+    Example:
+        >>> t = np.arange(1000) / 100.0
+        >>> budgets = np.where(t < 6.0, 50.0, 10.0)
+        >>> since_change((t, budgets, np.ones(1000)), 0.2, 200)
+        600
+        >>> since_change((t, np.full(1000, 50.0), np.ones(1000)), 0.2, 200)
+        0
+    """
+    start = 0
+    while len(rows[0]) - start >= 2 * min_requests:
+        scan = _Scan(tuple(c[start:] for c in rows), tolerance)
+        lo, hi = min_requests, scan.n - min_requests
+        at = None
+        for _ in range(CHANGE_PASSES):
+            best = scan.most_moved(lo, hi)
+            if best is None:
+                break
+            spacing = (hi - lo) / (CHANGE_SPLITS - 1)
+            at, lo, hi = best, max(lo, int(best - spacing)), min(hi, int(best + spacing) + 1)
+        if at is None:
+            return start
+        start += at
+    return start
+
+
+class _Scan:
+    """``moved_away``'s test at 0.1 % for any split of some requests, each in O(n) with no
+    sort: the budgets are coded once by rank, so either side's distribution is a
+    histogram of its codes, and the rows' moments come from prefix sums."""
+
+    def __init__(self, rows: tuple, tolerance: float) -> None:
+        budgets = np.maximum(rows[1], 1e-3)  # as ``moved_away``
+        values = np.unique(budgets)
+        self.codes = np.searchsorted(values, budgets)  # (n,) ranks into ``values``
+        self.total = np.cumsum(np.bincount(self.codes, minlength=len(values)))  # (U,)
+        r = np.asarray(rows[2], dtype=float)
+        self.sums = np.concatenate([[0.0], np.cumsum(r)]), np.concatenate([[0.0], np.cumsum(r * r)])
+        self.n, self.tolerance = len(budgets), tolerance
+
+    def most_moved(self, lo: int, hi: int) -> int | None:
+        """Of ``CHANGE_SPLITS`` splits from ``lo`` to ``hi`` requests, the one whose sides
+        moved most apart, or None where none did."""
+        best, at = 1.0, None
+        for cut in np.unique(np.linspace(lo, hi, CHANGE_SPLITS).astype(int)):
+            score = self.score(int(cut))
+            if score > best:
+                best, at = score, int(cut)
+        return at
+
+    def score(self, cut: int) -> float:
+        n, m = cut, self.n - cut
+        before = np.cumsum(np.bincount(self.codes[:cut], minlength=len(self.total)))
+        distance = float(np.abs(before / n - (self.total - before) / m).max())
+        return _score(distance, self._moments(0, cut), self._moments(cut, self.n),
+                      self.tolerance, BOUNDS_01)  # fmt: skip
+
+    def _moments(self, i: int, j: int) -> tuple[int, float, float]:
+        s, sq = (float(c[j] - c[i]) for c in self.sums)
+        mean = s / (j - i)
+        return j - i, mean, max(sq / (j - i) - mean * mean, 0.0)
 
 
 def drifted(before: dict, now: dict, tolerance: float) -> bool:

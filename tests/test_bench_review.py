@@ -384,6 +384,36 @@ def test_auto_tiers_live_counts_refusals_around_a_swap():
     assert "around swaps" in auto_tiers_live.table({"arms": {"auto": arm}})
 
 
+def test_auto_tiers_live_settled_compares_every_arm_after_the_last_swap_in_phase_2():
+    # Phase 2 as a whole counts the time auto-tiering takes to answer the shift: live, its
+    # swap came 46 s into a 60 s phase, and the phase's size said nothing of the set it
+    # chose (session 61). ``settled`` is every arm over the same stretch after the auto
+    # arms' last swap in phase 2 (a swap in phase 1 does not count).
+    import numpy as np
+
+    from bench import auto_tiers_live
+
+    arrivals = np.array([5.0, 61.0, 70.0, 80.0, 95.0, 99.0])
+    arms = {}
+    for arm, served, swaps in (
+        ("hand", [1.0, 0.1, 0.1, 0.1, 0.1, 0.1], []),
+        ("auto", [1.0, 0.1, 0.1, 0.3, 0.3, 0.3], [10.0, 75.0]),
+        ("auto_prev", [1.0, 0.1, 0.1, 0.1, 0.2, 0.2], [90.0]),
+    ):
+        codes = np.array(["OK"] * 6)
+        arms[arm] = {"swaps": [{"at_s": at} for at in swaps],
+                     "_outcomes": (np.ones(6, bool), np.array(served), codes)}  # fmt: skip
+    out = auto_tiers_live.settled(arms, arrivals, shift=60.0)
+    assert out["from_s"] == 92.0  # auto_prev's swap at 90 s, + SWAP_AFTER_S
+    assert out["hand"]["sent"] == 2 and out["hand"]["mean_served_size"] == pytest.approx(0.1)
+    assert out["auto"]["mean_served_size"] == pytest.approx(0.3)
+    assert out["auto_prev"]["mean_served_size"] == pytest.approx(0.2)
+    assert all("_outcomes" not in r for r in arms.values())  # not written to the JSON
+    outcomes = (np.ones(6, bool), np.full(6, 0.5), np.array(["OK"] * 6))
+    none = {"hand": {"swaps": [], "_outcomes": outcomes}}
+    assert auto_tiers_live.settled(none, arrivals, shift=60.0)["from_s"] == 60.0
+
+
 def test_live_scheduler_takes_other_client_counts_and_shared_core_sweeps_them():
     # --concurrency: closed-loop points at other client counts than the issue's 1, 8, 32;
     # bench/shared_core.py --sweep-clients replays such loops on the shared core, where
