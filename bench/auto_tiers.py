@@ -137,9 +137,9 @@ def control_loop(options, start_set, traffic, goals, sim, end_s) -> list[dict]:
     chosen_for = None  # as server/autotier.py: choose again only when the traffic moved
     while t < end_s:
         recent = window(traffic, t - goals.window_s, t)
-        # as the server: the window from the last change in what the clients ask
-        start = since_change((recent.arrival_s, recent.budget_ms, recent.rows),
-                             rebuild.drift, rebuild.min_requests)  # fmt: skip
+        # as the server: from a shift within the requests a choice replays
+        start = since_change((recent.arrival_s, recent.budget_ms, recent.rows), rebuild.drift,
+                             rebuild.min_requests, within=goals.simulate_requests)  # fmt: skip
         recent = window(recent, recent.arrival_s[start], t) if start else recent
         live = sets[-1]
         summary = recent.summary()

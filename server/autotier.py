@@ -7,10 +7,10 @@ moved by more than ``rebuild.drift`` since the last choice (rate, budget quantil
 simulating costs CPU the serving process shares, so unchanged traffic is not re-judged -
 unless the server serves another set than the one last chosen for: a reload by hand, a
 changed model.yaml or ``auto_tiers.json``), it
-writes that window's requests since the last change in what the clients ask, where it
-holds one (``traffic.since_change``; the drift is judged on them too: a choice for the
-traffic before a shift is stale by the time it is applied), their last ``simulate_requests``
-(all the choice replays), to
+writes that window - from its last shift in what the clients ask, where the requests a
+choice replays hold one (``traffic.since_change``; the drift is judged on it too: a choice
+for the traffic before a shift is stale by the time it is applied) - its last
+``simulate_requests`` (all the choice replays), to
 ``traffic.csv`` in its own work directory, ``<model>/auto/<hostname>-<pid>-<n>/`` (replicas
 sharing the repository's volume each have theirs; removed when the loop stops), and what
 serving adds to each request beyond queue and compute (the learned overhead's recent
@@ -384,7 +384,7 @@ class AutoTierer:
         needed = min(rebuild.min_requests, CAPACITY)  # (above CAPACITY: warned at start)
         rows, summary = await loop.run_in_executor(
             None, _observed, self.traffic.snapshot(), now, self.goals.window_s,
-            rebuild.drift, needed,
+            rebuild.drift, needed, self.goals.simulate_requests,
         )  # fmt: skip
         if summary["requests"] < needed:
             if not self._said_waiting:  # once: a quiet model waits at every check
@@ -632,15 +632,16 @@ def apply_command(repository: Path, name: str, traffic: Path, result: Path, live
 
 
 def _observed(
-    traffic: TrafficLog, now: float, seconds: float, drift: float, needed: int
+    traffic: TrafficLog, now: float, seconds: float, drift: float, needed: int, simulated: int
 ) -> tuple[tuple, dict]:
-    """(arrivals, budgets ms, rows) of the last ``seconds`` of ``traffic`` since the last
-    change in what its clients ask (``since_change``: the window's older part where the
-    requests after a shift alone number ``needed``) and their ``summarise_traffic`` - what
-    a choice is made for and its drift judged against. Off the loop: a full ring sorts for
-    tens of milliseconds, and the change search for a few hundred."""
+    """(arrivals, budgets ms, rows) of the last ``seconds`` of ``traffic`` and their
+    ``summarise_traffic``: what a choice is made for and its drift judged on. Where the
+    ``simulated`` requests a choice replays (the window's last) hold a shift with
+    ``needed`` requests after it (``since_change``), the window starts at the shift; one
+    before them is in no choice already. Off the loop: a full ring sorts for tens of
+    milliseconds."""
     rows = traffic.window(now, seconds)
-    start = since_change(rows, drift, needed)
+    start = since_change(rows, drift, needed, within=simulated)
     rows = tuple(col[start:] for col in rows)
     return rows, summarise_traffic(*rows)
 

@@ -141,7 +141,7 @@ def moved_away(
         np.abs(np.searchsorted(x, grid, "right") / n - np.searchsorted(y, grid, "right") / m).max()
     )
     rows_a, rows_b = (_moments(t[2]) for t in (before, since))
-    if _score(distance, rows_a, rows_b, tolerance, BOUNDS_1) <= 1.0:
+    if _score(distance, rows_a, rows_b, tolerance, BOUNDS_1)[0] <= 1.0:
         return None
     a, b = summarise_traffic(*before), summarise_traffic(*since)
     return (
@@ -152,8 +152,8 @@ def moved_away(
 
 
 # Sampling bounds of the two movements at 1 % (``moved_away``) and at 0.1 % (each of
-# ``since_change``'s splits: its tests at 0.1 % cut steady traffic about as often as one
-# at 1 % calls it moved): the KS distance's c(alpha) and the normal quantile for the rows.
+# ``since_change``'s splits): the KS distance's c(alpha) and the normal quantile for the
+# mean rows.
 BOUNDS_1 = (1.63, 2.58)
 BOUNDS_01 = (1.95, 3.29)
 
@@ -163,42 +163,61 @@ def _moments(rows: np.ndarray) -> tuple[int, float, float]:
     return len(rows), float(rows.mean()), float(rows.var())
 
 
-def _score(distance: float, rows_a: tuple, rows_b: tuple, tolerance: float, bounds: tuple) -> float:
-    """How far past its threshold the larger of two movements lies (above 1: moved): the
-    budgets' KS ``distance`` beyond ``tolerance`` and its sampling bound; the mean rows
-    (``_moments`` before, after) beyond ``tolerance`` (relative) and their sampling bound.
-    The rows' bound: mostly single rows with a few large batches read as moved in 14 % of
-    checks of steady traffic at 500 requests, and in every one at drift 0, without it
-    (review helper-216)."""
+def _score(
+    distance: float, rows_a: tuple, rows_b: tuple, tolerance: float, bounds: tuple
+) -> tuple[float, float]:
+    """(moved, significance) of two sets of requests: ``moved`` is how far past its
+    threshold the larger of the two movements lies (above 1: moved) - the budgets' KS
+    ``distance`` beyond ``tolerance`` and its sampling bound, the mean rows (``_moments``
+    before, after) beyond ``tolerance`` (relative) and theirs; ``significance`` the same
+    against the sampling bounds alone (where along a window a change most likely lies).
+
+    The rows' bound is the standard error of the difference under "no change": from the
+    variance of both sets together, not each set's own - a set of 500 single-row requests
+    that happened to hold none of the rare batches of 64 has no variance of its own, and
+    steady traffic read as moved in up to 59 % of windows (review helper-222); without a
+    bound at all, in 14 % of checks of mostly single rows (review helper-216)."""
     (n, mean_a, var_a), (m, mean_b, var_b) = rows_a, rows_b
-    budgets_bar = max(tolerance, bounds[0] * ((n + m) / (n * m)) ** 0.5)
     delta = abs(mean_b - mean_a)
-    rows_bar = max(tolerance * mean_a, bounds[1] * (var_a / n + var_b / m) ** 0.5)
-    rows = delta / rows_bar if rows_bar > 0 else (float("inf") if delta > 0 else 0.0)
-    return max(distance / budgets_bar, rows)
+    pooled = (n * var_a + m * var_b + n * m / (n + m) * delta**2) / (n + m)
+    rows_noise = bounds[1] * (pooled * (1 / n + 1 / m)) ** 0.5
+    budgets_noise = bounds[0] * ((n + m) / (n * m)) ** 0.5
+    moved = max(distance / max(tolerance, budgets_noise),
+                _ratio(delta, max(tolerance * mean_a, rows_noise)))  # fmt: skip
+    return moved, max(distance / budgets_noise, _ratio(delta, rows_noise))
 
 
-# Splits of a window ``since_change`` tries per pass: the sooner a shift is told from the
-# traffic before it, the sooner a choice is made for the traffic after it alone.
+def _ratio(delta: float, bar: float) -> float:
+    return delta / bar if bar > 0 else (float("inf") if delta > 0 else 0.0)
+
+
+# Splits of a window ``since_change`` tries per pass (each pass between the splits beside
+# the last one's best, until it has tried every split there: ~4 passes for 3,000 requests).
 CHANGE_SPLITS = 16
-# Passes, each between the splits beside the last one's best: the change is found to within
-# 1/15 (one pass), ~1/100, ~1/800, ~1/6,000 of the window.
-CHANGE_PASSES = 4
 
 
 def since_change(
-    rows: tuple[np.ndarray, np.ndarray, np.ndarray], tolerance: float, min_requests: int
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    tolerance: float,
+    min_requests: int,
+    within: int | None = None,
 ) -> int:
     """Index of the first request of ``rows`` (arrivals s, budgets ms, rows, in arrival
-    order) after the last change in what the clients ask - 0 where they asked alike all
-    along. A split is a change where the requests after it moved away from those before
-    (``moved_away``'s test) and each side holds at least ``min_requests``; of the splits
-    that are, the one that moved most is taken (``CHANGE_SPLITS`` of them, then again
-    between its neighbours, ``CHANGE_PASSES`` times), and the part after it is searched
-    again (a window may hold two shifts). Each split is tested at 0.1 % (``BOUNDS_01``),
-    so that a window of steady traffic is cut about as seldom as one ``moved_away`` at 1 %
-    calls it moved (and a cut keeps ``min_requests``). Off the serving loop: ~1 ms for
-    3,000 requests, ~0.1 s for a full ring (200,000 distinct budgets), 0.25 s with a shift.
+    order) after a shift in what the clients ask, among the last ``within`` (default: all);
+    0 where there is none.
+
+    A split is a change where the requests after it moved away from those before
+    (``moved_away``'s test, at 0.1 %: ``BOUNDS_01``) and each side holds at least
+    ``min_requests``. Of ``CHANGE_SPLITS`` splits of the last ``within``, the most
+    significant change is taken, then again between its neighbours, until every split
+    there was tried; the search goes on among the requests after it (up to
+    ``CHANGE_LIMIT`` changes). The last change is a shift only where its requests asked
+    unlike any earlier stretch of the window as long (``_recurs``):
+    traffic that alternates (bursts, periodic clients) is a mix the choice serves as a
+    whole - cut at its last turn, each check would choose for one phase of it, and the
+    next for another (review helper-222). Budgets that drift gradually are cut where the
+    recent part alone moved beyond ``tolerance``. ~5 ms for 3,000 requests (a choice's
+    default ``simulate_requests``); ~0.1 s more in a full ring (200,000).
 
     Why: a choice made for a window that began before a shift is made for traffic that no
     longer comes. Live, the first choice after budgets tightened was made on a window half
@@ -213,22 +232,65 @@ def since_change(
         600
         >>> since_change((t, np.full(1000, 50.0), np.ones(1000)), 0.2, 200)
         0
+        >>> since_change((t, np.where((t // 2) % 2 == 1, 10.0, 50.0), np.ones(1000)), 0.2, 200)
+        0
     """
-    start = 0
-    while len(rows[0]) - start >= 2 * min_requests:
-        scan = _Scan(tuple(c[start:] for c in rows), tolerance)
-        lo, hi = min_requests, scan.n - min_requests
-        at = None
-        for _ in range(CHANGE_PASSES):
-            best = scan.most_moved(lo, hi)
-            if best is None:
-                break
-            spacing = (hi - lo) / (CHANGE_SPLITS - 1)
-            at, lo, hi = best, max(lo, int(best - spacing)), min(hi, int(best + spacing) + 1)
-        if at is None:
-            return start
-        start += at
-    return start
+    n = len(rows[0])
+    first = start = n - (n if within is None else min(within, n))
+    for _ in range(CHANGE_LIMIT):
+        found = _located(tuple(c[start:] for c in rows), tolerance, min_requests)
+        if found is None:
+            break
+        start += found  # a change: the last one is searched for after it
+    else:
+        return 0  # a change after every change: the traffic alternates
+    if start == first:
+        return 0
+    return 0 if _recurs(rows, start, tolerance) else start
+
+
+# Changes ``since_change`` follows one after another before it calls the traffic a mix.
+CHANGE_LIMIT = 8
+
+
+# Earlier stretches ``_recurs`` compares with the requests after a change, at most.
+RECUR_STRETCHES = 64
+
+
+def _recurs(rows: tuple, at: int, tolerance: float) -> bool:
+    """Whether the requests of ``rows`` from ``at`` on asked like some earlier stretch of as
+    many requests (``moved_away``'s test at 0.1 % finds no move): up to
+    ``RECUR_STRETCHES`` stretches, a quarter of their length apart or evenly spread."""
+    n, length = len(rows[0]), len(rows[0]) - at
+    if at < length:
+        return False
+    count = min(RECUR_STRETCHES, (at - length) * 4 // length + 1)
+    scan = _Scan(rows, tolerance)
+    after = scan.histogram(at, n)
+    for start in np.unique(np.linspace(0, at - length, count).astype(int)):
+        stretch = (start, start + length)
+        moved, _ = scan.compare(stretch, (at, n), scan.histogram(*stretch), after)
+        if moved <= 1.0:
+            return True
+    return False
+
+
+def _located(rows: tuple, tolerance: float, min_requests: int, narrow: bool = True) -> int | None:
+    """The most significant change among ``CHANGE_SPLITS`` splits of ``rows`` that leave
+    ``min_requests`` on each side - narrowed down between its neighbours until every split
+    there was tried, unless not ``narrow`` - or None where no split is one."""
+    n = len(rows[0])
+    if n < 2 * min_requests:
+        return None
+    scan = _Scan(rows, tolerance)
+    lo, hi, at = min_requests, n - min_requests, None
+    while (best := scan.most_moved(lo, hi)) is not None:
+        at = best
+        if not narrow or hi - lo < CHANGE_SPLITS:  # (every split in [lo, hi] was tried)
+            break
+        spacing = (hi - lo) / (CHANGE_SPLITS - 1)
+        lo, hi = max(lo, int(best - spacing)), min(hi, int(best + spacing) + 1)
+    return at
 
 
 class _Scan:
@@ -246,21 +308,30 @@ class _Scan:
         self.n, self.tolerance = len(budgets), tolerance
 
     def most_moved(self, lo: int, hi: int) -> int | None:
-        """Of ``CHANGE_SPLITS`` splits from ``lo`` to ``hi`` requests, the one whose sides
-        moved most apart, or None where none did."""
-        best, at = 1.0, None
+        """Of ``CHANGE_SPLITS`` splits from ``lo`` to ``hi`` requests, the most
+        significant of those whose sides moved apart, or None where none did."""
+        best, at = 0.0, None
         for cut in np.unique(np.linspace(lo, hi, CHANGE_SPLITS).astype(int)):
-            score = self.score(int(cut))
-            if score > best:
-                best, at = score, int(cut)
+            moved, significance = self.score(int(cut))
+            if moved > 1.0 and significance > best:
+                best, at = significance, int(cut)
         return at
 
-    def score(self, cut: int) -> float:
-        n, m = cut, self.n - cut
-        before = np.cumsum(np.bincount(self.codes[:cut], minlength=len(self.total)))
-        distance = float(np.abs(before / n - (self.total - before) / m).max())
-        return _score(distance, self._moments(0, cut), self._moments(cut, self.n),
-                      self.tolerance, BOUNDS_01)  # fmt: skip
+    def score(self, cut: int) -> tuple[float, float]:
+        """``_score`` of the requests before ``cut`` against those from it on."""
+        before = self.histogram(0, cut)
+        return self.compare((0, cut), (cut, self.n), before, self.total - before)
+
+    def histogram(self, i: int, j: int) -> np.ndarray:
+        """(U,) cumulative counts of the budgets of requests ``i`` to ``j`` by rank."""
+        return np.cumsum(np.bincount(self.codes[i:j], minlength=len(self.total)))
+
+    def compare(self, a: tuple, b: tuple, a_cdf: np.ndarray, b_cdf: np.ndarray) -> tuple:
+        """``_score`` of requests ``a`` (start, end) against requests ``b``, given their
+        ``histogram``s."""
+        n, m = a[1] - a[0], b[1] - b[0]
+        distance = float(np.abs(a_cdf / n - b_cdf / m).max())
+        return _score(distance, self._moments(*a), self._moments(*b), self.tolerance, BOUNDS_01)
 
     def _moments(self, i: int, j: int) -> tuple[int, float, float]:
         s, sq = (float(c[j] - c[i]) for c in self.sums)

@@ -283,7 +283,9 @@ class RebuildConfig:
     drift: float = spec(
         0.2, lo=0, hi=10,
         doc="choose again only when the recent traffic's rate, a budget quantile (p10, p50, "
-        "p90) or mean rows moved by more than this fraction since the last choice",
+        "p90) or mean rows moved by more than this fraction since the last choice; also the "
+        "least move (KS distance of the budgets, relative mean rows) that counts as a shift "
+        "the window is started at, and that makes a choice stale once applied",
     )  # fmt: skip
     nice: int = spec(10, lo=0, hi=19, doc="niceness of the background builder process")
 
@@ -323,7 +325,11 @@ class AutoTiersConfig:
         "whichever serves the traffic better): a shift to tighter budgets is absorbed by the "
         "scheduler at once, not after the next choice and swap",
     )
-    window_s: float = spec(120.0, lo=1, unit="seconds", doc="recent traffic the choice is made for")
+    window_s: float = spec(
+        120.0, lo=1, unit="seconds",
+        doc="recent traffic the choice is made for (from its last shift, where the requests "
+        "a choice replays hold one)",
+    )  # fmt: skip
     simulate_requests: int = spec(
         3000, lo=100, hi=10**6, doc="requests of that traffic each candidate set is simulated on"
     )
