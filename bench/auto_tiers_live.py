@@ -30,7 +30,8 @@ attainment and mean served size over the same stretch of phase 2 - from ``SWAP_A
 after the auto arms' last swap in it to the end - what each serves once auto-tiering has
 answered the shift (the phase as a whole also counts the time it takes to).
 
-Writes bench/results/auto_tiers_live.json and .png.
+Writes bench/results/auto_tiers_live.json and .png (``_tLO-HI`` with ``--tight-ms``,
+``_p2-SECONDS`` with ``--phase2-s``).
 
     .venv/bin/python -m bench.auto_tiers_live [--phase-s 60] [--seed 0]
 """
@@ -104,7 +105,8 @@ def load(profile: dict, phase_s: float, seed: int, tight_ms=(5.0, 15.0), phase2_
     capacity = batch / profile["tiers"]["w100"][str(batch)]["p50_ms"] * 1e3
     rng = np.random.default_rng(seed)
     arrivals, budgets, start = [], [], 0.0
-    for rate, tight, span in ((0.5 * capacity, 0.0, phase_s), (capacity, 0.9, phase2_s or phase_s)):
+    phase2_s = phase_s if phase2_s is None else phase2_s
+    for rate, tight, span in ((0.5 * capacity, 0.0, phase_s), (capacity, 0.9, phase2_s)):
         t = start + np.cumsum(rng.exponential(1 / rate, int(rate * span * 1.3) + 10))
         t = t[t < start + span]
         loose, narrow = rng.uniform(20, 100, len(t)), rng.uniform(*tight_ms, len(t))
@@ -305,7 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--phase-s", type=float, default=60.0)
     p.add_argument("--phase2-s", type=float, default=None,
                    help="phase 2's length (default: --phase-s); a longer one shows what "
-                        "auto-tiering serves once it has answered the shift")  # fmt: skip
+                        "auto-tiering serves once it has answered the shift (results go to "
+                        "NAME_p2-SECONDS.json)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cpus", default="1")
     p.add_argument("--baseline-tree", type=Path,
@@ -323,6 +326,12 @@ def main(argv=None) -> int:
         p.error("--tight-ms takes LO,HI in ms with 0 < LO <= HI, e.g. 10,30")
     lo, hi = (f"{v:g}" for v in args.tight_ms)
     args.name = "auto_tiers_live" if args.tight_ms == (5.0, 15.0) else f"auto_tiers_live_t{lo}-{hi}"
+    if args.phase2_s is not None:
+        if args.phase2_s <= 0:
+            p.error("--phase2-s takes a length in seconds above 0")
+        args.name += f"_p2-{args.phase2_s:g}"
+    if args.phase_s <= 0:
+        p.error("--phase-s takes a length in seconds above 0")
     args.server_cpus = {int(c) for c in args.server_cpus.split(",")}
     others = set(range(os.cpu_count() or 1)) - args.server_cpus
     if others:
@@ -331,7 +340,7 @@ def main(argv=None) -> int:
     profile = json.loads((SOURCE / "profile.json").read_text())
     arrivals, budgets, shift = load(profile, args.phase_s, args.seed, args.tight_ms,
                                     args.phase2_s)  # fmt: skip
-    args.end_s = args.phase_s + (args.phase2_s or args.phase_s)
+    args.end_s = args.phase_s + (args.phase_s if args.phase2_s is None else args.phase2_s)
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)
     size = widths(SOURCE)
     names = ("hand", "auto", *(["auto_prev"] if args.baseline_tree else []))
@@ -342,7 +351,7 @@ def main(argv=None) -> int:
            for arm in order}  # fmt: skip
     arms = {arm: ran[arm] for arm in names}
     after = settled(arms, arrivals, shift)
-    results = {"phase_s": args.phase_s, "phase2_s": args.phase2_s or args.phase_s,
+    results = {"phase_s": args.phase_s, "phase2_s": args.end_s - args.phase_s,
                "seed": args.seed, "requests": len(arrivals), "settled": after,
                "goals": GOALS, "server_cpus": sorted(args.server_cpus), "arms": arms,
                "arm_order": order,
