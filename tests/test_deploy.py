@@ -35,7 +35,12 @@ from server.service import HealthService
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("k8s/overlays/cpu", "k8s/overlays/gpu")
-KUSTOMIZATIONS = ("k8s/base", *OVERLAYS, "monitoring", "kserve")
+# The namespace and the model-repository PVC: applied once, kept when an overlay is deleted
+STORAGE = "k8s/storage"
+KUSTOMIZATIONS = (STORAGE, "k8s/base", *OVERLAYS, "monitoring", "kserve")
+# What only STORAGE may hold: `kubectl delete -k` of an overlay holding them deleted the
+# namespace and the PVC, and with a Delete reclaim policy the whole model repository.
+STORAGE_KINDS = {"Namespace", "PersistentVolumeClaim"}
 # Custom resources, no offline schema: monitoring.coreos.com's and KServe's (their pod
 # parts are validated as a Pod: test_kserve_runtime_serves_the_inference_service)
 CRD_KINDS = {"PodMonitor", "PrometheusRule", "ServingRuntime", "InferenceService"}
@@ -241,6 +246,34 @@ def test_kustomization_renders_and_validates(path):
         assert d["metadata"]["labels"]["app.kubernetes.io/name"] == "innfer", d["kind"]
 
 
+def _storage_objects(docs) -> list[str]:
+    """kind/name of every object in ``docs`` that belongs to STORAGE only."""
+    return [f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["kind"] in STORAGE_KINDS]
+
+
+def test_storage_holds_the_namespace_and_the_model_repository():
+    docs = _render(STORAGE)
+    assert sorted(d["kind"] for d in docs) == sorted(STORAGE_KINDS)
+    ns = _one(docs, "Namespace", "innfer")
+    # The pod specs satisfy the "restricted" Pod Security Standard, which it enforces.
+    labels = ns["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    pvc = _one(docs, "PersistentVolumeClaim", "innfer-models")
+    assert pvc["metadata"]["namespace"] == ns["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by every replica
+
+
+@pytest.mark.parametrize("path", ["k8s/base", *OVERLAYS])
+def test_overlays_hold_no_namespace_nor_pvc(path):
+    """`kubectl delete -k deploy/k8s/overlays/<x>` (a teardown, or a switch from cpu to gpu)
+    deleted the namespace and the model repository with it while the base held them."""
+    assert _storage_objects(_render(path)) == []
+    storage = _one(_render(STORAGE), "Namespace")["metadata"]["name"]
+    for d in _render(path):  # every object goes into the namespace that storage creates
+        assert d["metadata"]["namespace"] == storage, f"{d['kind']}/{d['metadata']['name']}"
+
+
 def test_repository_loader_pod_validates_and_mounts_the_pvc():
     import kubernetes_validate as kv  # the dev extra
 
@@ -253,7 +286,8 @@ def test_repository_loader_pod_validates_and_mounts_the_pvc():
         for v in pod["spec"]["volumes"]
         if "persistentVolumeClaim" in v
     ]
-    _one(_render("k8s/base"), "PersistentVolumeClaim", claim)
+    pvc = _one(_render(STORAGE), "PersistentVolumeClaim", claim)
+    assert pod["metadata"]["namespace"] == pvc["metadata"]["namespace"]
 
 
 # --- the Deployment and its neighbours -------------------------------------------------------
@@ -317,7 +351,8 @@ def test_deployment_probes_drain_and_security(overlay):
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes[mounts["/tmp"]]  # writable scratch, read-only root
     pvc = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
-    _one(docs, "PersistentVolumeClaim", pvc)
+    assert pvc == "innfer-models"  # deploy/k8s/storage's, not the overlay's (it has none)
+    _one(_render(STORAGE), "PersistentVolumeClaim", pvc)
     assert cfg.repository.is_relative_to("/models")
 
 
@@ -762,7 +797,10 @@ def test_readme_covers_the_operator_tasks():
     text = (DEPLOY / "README.md").read_text()
     for needle in (
         "docker build -f deploy/docker/Dockerfile.cpu",
+        "kubectl apply -k deploy/k8s/storage",
         "kubectl apply -k deploy/k8s/overlays/gpu",
+        "kubectl delete -k deploy/k8s/storage",
+        'namespaces "innfer" not found',
         "/apis/custom.metrics.k8s.io/v1beta1/namespaces/",
         "innfer build",
         "emptyDir",
@@ -934,7 +972,7 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
 
     (c,) = runtime["containers"]
     assert c["name"] == "kserve-container"  # KServe merges the InferenceService's into it
-    # Pod Security "restricted", which deploy/k8s/base/namespace.yaml enforces: without a
+    # Pod Security "restricted", which deploy/k8s/storage/namespace.yaml enforces: without a
     # seccomp profile no predictor pod was ever created (review helper-220)
     assert c["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert c["image"].endswith(":0.1.0-cpu")  # the tag the README builds and pushes
@@ -975,7 +1013,7 @@ def test_kserve_runtime_serves_the_inference_service(model_repository):
     assert predictor["runtime"] == "innfer"
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     claim = predictor["storageUri"].removeprefix("pvc://").split("/")[0]
-    _one(_render("k8s/base"), "PersistentVolumeClaim", claim)
+    _one(_render(STORAGE), "PersistentVolumeClaim", claim)
 
     local = {**raw, "repository": str(model_repository), "host": "127.0.0.1",
              "grpc_port": 0, "metrics_port": 0}  # fmt: skip
