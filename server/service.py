@@ -741,8 +741,8 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         try:
             self.authenticate(metadata)
             ordered = _stream_order(metadata)
-        except InferError as exc:
-            await context.abort(status_of(exc), clip_message(str(exc)))
+        except InferError as exc:  # (``_abort``: a client gone meanwhile is a cancellation)
+            await _abort(context, status_of(exc), clip_message(str(exc)))
 
         plane = self.plane
         # What this stream holds of the in-flight cap: at limits.max_stream_bytes, or when
@@ -791,7 +791,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # Draining: the requests read are answered; the client reopens the stream
             # (elsewhere) and resends what it sent after them, as after any UNAVAILABLE.
             exc = Unavailable("the server is shutting down: open the stream again")
-            await context.abort(status_of(exc), str(exc))
+            await _abort(context, status_of(exc), str(exc))
 
     async def _stream_answer(
         self, request, context, window: StreamWindow

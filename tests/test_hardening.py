@@ -1068,3 +1068,44 @@ def test_an_answer_to_a_client_already_gone_ends_quietly():
                               authenticate=lambda md: None)  # fmt: skip
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(ModelInfer(service, pb.ModelInferRequest(), Gone()))
+
+
+def test_a_stream_refused_to_a_client_already_gone_ends_as_a_cancellation():
+    # The stream's own refusals (a wrong token at open; UNAVAILABLE once a drain has
+    # answered every request read) called context.abort directly: to a client gone
+    # meanwhile, gRPC's ExecuteBatchError ended the stream as UNKNOWN in
+    # grpc_server_handled_total (and a traceback in grpc's log) where a unary call, through
+    # service._abort, ends as the cancellation it is (review helper-224).
+    import asyncio
+    from types import SimpleNamespace
+
+    from grpc._cython import cygrpc
+
+    from server.metrics import Metrics
+    from server.service import InferenceService
+
+    class Gone:
+        def invocation_metadata(self):
+            return (("authorization", "Bearer wrong"),)
+
+        def time_remaining(self):
+            return None
+
+        def cancelled(self):
+            return True
+
+        def code(self):
+            return None
+
+        async def abort(self, code, message):
+            raise cygrpc.ExecuteBatchError("Failed execute_batch")
+
+    metrics = Metrics()
+    service = InferenceService(SimpleNamespace(metrics=metrics), "secret")
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(service.ModelStreamInfer(iter(()), Gone()))
+    samples = [s for fam in metrics.registry.collect() if fam.name == "grpc_server_handled"
+               for s in fam.samples if s.name.endswith("_total")]  # fmt: skip
+    codes = {s.labels["grpc_code"]: s.value for s in samples
+             if s.labels.get("grpc_method") == "ModelStreamInfer"}  # fmt: skip
+    assert codes == {"Canceled": 1.0}, codes
