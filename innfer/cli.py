@@ -2121,9 +2121,34 @@ def _resume_hint(args: argparse.Namespace, before: tuple[int, int, int] | None) 
     return f" ({args.out / 'checkpoint'} keeps the last finished epoch: --resume continues it)"
 
 
+# Options whose value may start with "-" ("--budget -5:10"): argparse reads such a value as
+# an option and said "expected one argument" instead of what is wrong with the range.
+DASHED_VALUES = ("--budget",)
+
+
+def _glued(argv: list[str]) -> list[str]:
+    """``argv`` with each ``DASHED_VALUES`` option and a following value that starts with
+    "-" joined as ``--option=value``.
+
+    Example:
+        >>> _glued(["simulate", "m", "--budget", "-5:10"])
+        ['simulate', 'm', '--budget=-5:10']
+    """
+    out, i = [], 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in DASHED_VALUES and value.startswith("-") and value != "--":
+            out.append(f"{argv[i]}={value}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_glued(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:  # while the parser imports its backends' names (~0.2 s): a
         print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
         return 130

@@ -28,3 +28,13 @@ def test_budgets_partly_within_the_margin_are_said_and_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "budgets up to --budget-margin-ms 1 are planned at 0 ms or less" in out
     assert "SLO attainment" in out
+
+
+def test_a_negative_budget_range_is_said_to_be_one(capsys):
+    # argparse read "-5:10" as an option: "argument --budget: expected one argument"
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli(["simulate", "anywhere", "--budget", "-5:10"])
+    err = capsys.readouterr().err
+    assert "0 < LO <= HI" in err and "'-5:10'" in err and "expected one argument" not in err
