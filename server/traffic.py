@@ -275,10 +275,10 @@ def _recurs(rows: tuple, at: int, tolerance: float) -> bool:
     return False
 
 
-def _located(rows: tuple, tolerance: float, min_requests: int, narrow: bool = True) -> int | None:
+def _located(rows: tuple, tolerance: float, min_requests: int) -> int | None:
     """The most significant change among ``CHANGE_SPLITS`` splits of ``rows`` that leave
-    ``min_requests`` on each side - narrowed down between its neighbours until every split
-    there was tried, unless not ``narrow`` - or None where no split is one."""
+    ``min_requests`` on each side, narrowed down between its neighbours until every split
+    there was tried; None where no split is one."""
     n = len(rows[0])
     if n < 2 * min_requests:
         return None
@@ -286,7 +286,7 @@ def _located(rows: tuple, tolerance: float, min_requests: int, narrow: bool = Tr
     lo, hi, at = min_requests, n - min_requests, None
     while (best := scan.most_moved(lo, hi)) is not None:
         at = best
-        if not narrow or hi - lo < CHANGE_SPLITS:  # (every split in [lo, hi] was tried)
+        if hi - lo < CHANGE_SPLITS:  # every split in [lo, hi] was tried
             break
         spacing = (hi - lo) / (CHANGE_SPLITS - 1)
         lo, hi = max(lo, int(best - spacing)), min(hi, int(best + spacing) + 1)
