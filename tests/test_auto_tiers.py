@@ -1816,7 +1816,8 @@ def test_since_change_starts_a_window_at_its_last_shift_and_leaves_steady_traffi
         assert abs(since_change(two, 0.2, 200) - 1300) <= step  # the last shift's
         rows = _shifting(rng, [(1000, loose, one), (1000, loose, spiky)])
         assert abs(since_change(rows, 0.2, 200) - 1000) <= 150
-        # within the last 600 only (a choice's simulate_requests): found there, not before
+        # searched among the last `within` (a choice's simulate_requests): the shift, 800
+        # back, is found among the last 1,000 and not among the last 700
         assert abs(since_change(window, 0.2, 200, within=1000) - 1200) <= step
         assert since_change(window, 0.2, 200, within=700) == 0
     cut = 0
