@@ -64,11 +64,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             config = _config_class(kind).load(path)
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+            if args.kind is None and (other := _as_other(path, kind)) is not None:
+                print(other)
+                continue
             failed += 1
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
             continue
         print(f"{path}: {kind} config ok{_not_there_yet(config)}")
     return 2 if failed else 0
+
+
+def _as_other(path: Path, kind: str) -> str | None:
+    """Where a file whose name made it a ``kind`` config loads as the other kind: its "ok"
+    line, with how to name it. A model config saved as mymodel.yaml was refused as a server
+    config field by field ("inputs: expected a known field ...") with no word of --kind
+    (review helper-225)."""
+    other = "server" if kind == "model" else "model"
+    try:
+        config = _config_class(other).load(path)
+    except (ValueError, OSError):
+        return None
+    name = "model.yaml or NAME.model.yaml" if other == "model" else "anything but *model.yaml"
+    return (
+        f"{path}: {other} config ok{_not_there_yet(config)} (by its keys: its name made it a "
+        f"{kind} config - name it {name}, or pass --kind {other})"
+    )
 
 
 def _not_there_yet(config) -> str:

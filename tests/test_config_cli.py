@@ -53,7 +53,9 @@ def test_check_names_each_bad_file_and_what_is_wrong(tmp_path, capsys):
     copy = tmp_path / "tiers.yaml"
     copy.write_text((DEPLOY / "tiers/cpu.model.yaml").read_text())
     assert cli(["config", "check", "--kind", "model", str(copy)]) == 0
-    assert cli(["config", "check", str(copy)]) == 2  # as a server config: not one
+    # without it, refused as a server config, it reads as the model config its keys make
+    # it, with how to name it (test_check_reads_a_model_config_named_otherwise_by_its_keys)
+    assert cli(["config", "check", str(copy)]) == 0
 
 
 def test_the_readmes_server_yaml_example_is_valid(tmp_path):
@@ -81,3 +83,20 @@ def test_check_notes_a_repository_that_is_not_there_yet(tmp_path, capsys):
     assert cli(["config", "check", str(server)]) == 0
     out = capsys.readouterr().out
     assert "server config ok (note: its repository /nonexistent/x is not a directory" in out
+
+
+def test_check_reads_a_model_config_named_otherwise_by_its_keys(tmp_path, capsys):
+    # A model.yaml saved as mymodel.yaml was refused as a server config, field by field
+    # ("inputs: ... expected a known field (auth, backend, ...)"), with no word of --kind
+    # (review helper-225). Its keys make it a model config; the line says how to name it.
+    mine = tmp_path / "mymodel.yaml"
+    shutil.copy(DEPLOY / "tiers/cpu.model.yaml", mine)
+    assert cli(["config", "check", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert "model config ok" in out and "--kind model" in out
+    # a file that is neither stays an error, as the kind its name says
+    (tmp_path / "other.yaml").write_text("inputs: 3\n")
+    assert cli(["config", "check", str(tmp_path / "other.yaml")]) == 2
+    assert "(as a server config)" in capsys.readouterr().err
+    # --kind given: no second guess
+    assert cli(["config", "check", "--kind", "server", str(mine)]) == 2
