@@ -211,6 +211,11 @@ def test_binary_lengths_that_do_not_add_up_are_refused(server):
 
 def test_statuses_follow_the_error(server):
     assert _error(server, "/v2/models/nope/infer", _infer_body(_x(1)))[0] == 404
+    # a misspelt model with a bad body: the route's 404 first, as with a good body (a 400
+    # for the body before - review helper-225)
+    status, message = _error(server, "/v2/models/nope/infer", {})
+    assert status == 404 and "unknown model 'nope'" in message, message
+    assert _error(server, "/v2/models/tiny/infer", {})[0] == 400
     status, message = _error(
         server, "/v2/models/tiny/infer", _infer_body(_x(1), parameters={"latency_budget_ms": 0.001})
     )
