@@ -548,8 +548,14 @@ def reference(cls: type) -> str:
     """
     rows = describe(cls)
     lines = [(f"{r.key}: {r.default}", f"# {r.doc}; {r.allowed}") for r in rows]
-    width = max((len(head) for head, _ in lines), default=0) + 2
-    return "\n".join(head.ljust(width) + tail for head, tail in lines)
+    # The comments line up after the keys and defaults, up to REFERENCE_COLUMN: one long
+    # default (server limits', 3 lines of YAML) padded every line to 270 columns
+    # (review helper-225).
+    width = min(max((len(head) for head, _ in lines), default=0), REFERENCE_COLUMN) + 2
+    return "\n".join(head + " " * max(width - len(head), 2) + tail for head, tail in lines)
+
+
+REFERENCE_COLUMN = 48
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -98,6 +98,17 @@ def test_reference_lists_every_key_with_default_and_doc():
     assert "tls.client_ca: null" in reference(ServerConfig)
 
 
+def test_reference_comments_start_where_a_terminal_shows_them():
+    # One long default (limits', 3 lines of YAML) padded every key's line to column 272,
+    # a screen of blanks between each key and its meaning (review helper-225).
+    from runtime.configspec import REFERENCE_COLUMN
+
+    for cls in (ServerConfig, ModelConfig):
+        starts = {line.index("  # ") for line in reference(cls).splitlines() if "  # " in line}
+        assert max(starts) <= REFERENCE_COLUMN + 2, (cls.__name__, sorted(starts)[-3:])
+        assert "repository: (required)" + " " * 10 in reference(ServerConfig)  # still lined up
+
+
 def test_a_field_without_spec_is_a_programming_error():
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Bare:
