@@ -257,6 +257,10 @@ class AuthConfig:
                 str(self.bearer_token_file), f"a readable UTF-8 file holding the token ({what})"
             )
         if (problem := token_problem(token)) is not None:
+            if self.bearer_token_file is not None:  # the file to fix (review helper-225)
+                where.child("bearer_token_file").fail(
+                    f"{self.bearer_token_file}, holding <token>", problem
+                )
             where.fail("<token>", problem)
 
 

@@ -337,8 +337,10 @@ def test_auth_takes_exactly_one_token_source(tmp_path):
     assert _refused(ServerConfig.from_dict, {**data, "auth": {}})["field"] == "auth"
     (tmp_path / "short").write_text("abc")
     short = {**data, "auth": {"bearer_token_file": "short"}}
-    with pytest.raises(ConfigError, match="at least 8 characters"):
+    with pytest.raises(ConfigError, match="at least 8 characters") as refused:
         ServerConfig.from_dict(short, base=tmp_path)
+    # the file to fix is named (the message said "auth: got '<token>'" - review helper-225)
+    assert "auth.bearer_token_file" in str(refused.value) and "short" in str(refused.value)
 
 
 def _repo(tmp_path: Path, **models: dict) -> Path:
