@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -2146,9 +2147,38 @@ def _glued(argv: list[str]) -> list[str]:
     return out
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; words no option takes are refused by the subcommand they follow,
+    with the option they most look like - the top-level parser refused them with its own
+    usage (``innfer [-h] {demo,build,...}``) and no hint (review helper-225)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = _parser_for(parser, argv)
+        options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for word in extra:
+            close = difflib.get_close_matches(word.split("=")[0], options, 1)
+            if word.startswith("-") and close:
+                hints.append(f"{word.split('=')[0]}: did you mean {close[0]}?")
+        said = f" ({'; '.join(hints)})" if hints else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{said}")
+    return args
+
+
+def _parser_for(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser the subcommand words of ``argv`` lead to (``tiers suggest``: that
+    one's)."""
+    for word in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and word in subs[0].choices:
+            parser = subs[0].choices[word]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(_glued(sys.argv[1:] if argv is None else argv))
+        args = _parse(_glued(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:  # while the parser imports its backends' names (~0.2 s): a
         print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
         return 130

@@ -97,13 +97,11 @@ def test_the_message_is_not_glued_to_an_open_progress_bar(monkeypatch, capsys, r
         bar.update(1)
         raise raised("bad")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    args = parser.parse_args(["inspect", "x"])
-    monkeypatch.setattr(parser, "parse_args", lambda argv: argv)
+    args = cli.build_parser().parse_args(["inspect", "x"])
+    monkeypatch.setattr(cli, "_parse", lambda argv: args)
     args.func = train
     try:
-        code = cli.main(args)
+        code = cli.main([])
     except KeyboardInterrupt:  # (escaping, it would end the whole test session)
         pytest.fail("the interrupt escaped main")
     assert code == (130 if raised is KeyboardInterrupt else 2)

@@ -38,3 +38,18 @@ def test_a_negative_budget_range_is_said_to_be_one(capsys):
         cli(["simulate", "anywhere", "--budget", "-5:10"])
     err = capsys.readouterr().err
     assert "0 < LO <= HI" in err and "'-5:10'" in err and "expected one argument" not in err
+
+
+def test_a_misspelt_option_is_refused_by_its_subcommand_with_the_option_it_looks_like(capsys):
+    # The top-level parser refused it with its own usage ("innfer [-h] {demo,build,...}")
+    # and no hint (review helper-225).
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli(["simulate", "anywhere", "--laod", "0.04"])
+    err = capsys.readouterr().err
+    assert "usage: innfer simulate" in err and "--laod: did you mean --load?" in err
+    with pytest.raises(SystemExit):
+        cli(["tiers", "frontier", "anywhere", "--bogus"])
+    err = capsys.readouterr().err
+    assert "innfer tiers frontier: error: unrecognized arguments: --bogus" in err
