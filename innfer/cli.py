@@ -688,10 +688,12 @@ def _sim_config(args: argparse.Namespace, policy: str):
 def _offered(args: argparse.Namespace) -> str:
     """The load a simulation's title names: a file trace is replayed as recorded, whatever
     ``--load`` says."""
+    lo, hi = args.budget
+    drawn = f"budgets U({lo:g}, {hi:g}) ms"  # (every attainment figure depends on them)
     if args.trace == "file":
-        budgets = ", its budgets" if _recorded_budgets(args.trace_file) else ""
-        return f"trace {Path(args.trace_file).name}{budgets}"
-    return f"{args.trace}, load {args.load}x"
+        budgets = "its budgets" if _recorded_budgets(args.trace_file) else drawn
+        return f"trace {Path(args.trace_file).name}, {budgets}"
+    return f"{args.trace}, load {args.load}x, {drawn}"
 
 
 def _resolve_trace(args: argparse.Namespace) -> None:
@@ -1085,7 +1087,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
         help=f"seconds of arrivals (default {DEFAULT_DURATION_S:g}; simulate: fewer where "
         f"that would be over {DEFAULT_SIM_REQUESTS:,} requests, said)",
     )  # fmt: skip
-    p.add_argument("--budget", type=_budget_range, default=(20.0, 100.0), help="LO:HI ms")
+    p.add_argument(
+        "--budget", type=_budget_range, default=(20.0, 100.0),
+        help="LO:HI ms: each request's budget uniform in it (default 20:100)",
+    )  # fmt: skip
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--slots", type=_at_least(1), default=1,
@@ -2059,7 +2064,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="live open-loop load against a server (loopback)")
     _add_trace_args(bench)
-    bench.add_argument("--address", default="127.0.0.1:8001")
+    bench.add_argument("--address", default="127.0.0.1:8001",
+                       help="the server's gRPC address (default 127.0.0.1:8001)")  # fmt: skip
     bench.add_argument("--model", help="model name (default: the directory's name)")
     bench.add_argument("--max-requests", type=_at_least(1), default=20000)
     bench.add_argument(
