@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import yaml
 from netgen import tiny_cnn
 
 import runtime
@@ -1552,3 +1553,24 @@ def test_a_tier_that_stays_slower_than_a_more_accurate_one_is_said_by_the_build(
     assert len(calls) == 1 + pipeline.RETIMES
     (said,) = [w for w in report.warnings if "timed slower" in w]
     assert "tier w050 timed slower than the more accurate w100" in said and "drop w050" in said
+
+
+def test_a_model_whose_build_failed_says_why_where_it_is_loaded(tmp_path):
+    # After a failed build the server's reason was only "tier.json is missing: run `innfer
+    # build`" - which fails the same way again (review helper-225). The load now names the
+    # last build's error; a build that succeeds removes it.
+    from runtime.repository.store import BUILD_FAILED_FILE
+
+    bad = {**CONFIG, "inputs": [{"name": "input", "dtype": "float32", "shape": [3, 8, 8]}]}
+    with pytest.raises(RuntimeError) as failed:  # (BuildError)
+        build_tiny(tmp_path, bad)
+    repo = Repository(tmp_path)
+    with pytest.raises(RepositoryError) as refused:
+        repo.load("tiny")
+    said = str(refused.value)
+    assert "tier.json is missing" in said and "its last build failed" in said
+    assert str(failed.value)[:60] in said
+    (tmp_path / "tiny" / "model.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    build_model(repo, "tiny", progress=False, repeats=2)
+    assert not (tmp_path / "tiny" / BUILD_FAILED_FILE).exists()
+    assert set(repo.load("tiny").engines) == {"w100", "w050"}

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime import utc
 from runtime.atomic import replace_directory, write_json
 from runtime.build.channels import chosen_sizes, search_channels, search_context
 from runtime.build.export import INTEGER_DTYPES, embedding_rows, write_tier_files
@@ -61,6 +63,7 @@ from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.leftovers import sweep
 from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
 from runtime.repository.records import InnPrint, sampling_of
+from runtime.repository.store import BUILD_FAILED_FILE
 
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (2e-2, 2e-2)}  # (rtol, atol) per precision
 log = logging.getLogger("innfer.build")
@@ -124,8 +127,16 @@ def build_model(
 
     One build of a model at a time (``runtime.build.lock``): another waits for this one.
     """
+    failed = repo.model_dir(name) / BUILD_FAILED_FILE
     with one_build(repo.model_dir(name)):
-        return _build_model(repo, name, backend, progress, profile, repeats, prune)
+        try:
+            report = _build_model(repo, name, backend, progress, profile, repeats, prune)
+        except (ValueError, OSError, RuntimeError) as exc:
+            with contextlib.suppress(OSError):  # (a read-only folder: the error is said anyway)
+                write_json(failed, {"at": utc.stamp(), "error": str(exc)})
+            raise
+        failed.unlink(missing_ok=True)
+        return report
 
 
 def _build_model(

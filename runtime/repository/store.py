@@ -95,6 +95,11 @@ PROFILE_FILE = "profile.json"
 # server's repository poll leaves a model alone while it is held.
 BUILD_LOCK_FILE = ".build.lock"
 TEXT_FILE = "text.json"
+# The last ``innfer build`` of a model that failed, and why ({"at", "error"}; removed by the
+# next build that succeeds): a server asked to load a model whose tiers were never written
+# said only "run `innfer build`", which fails the same way again (review helper-225). A
+# dotfile: the repository poll does not count it as a change.
+BUILD_FAILED_FILE = ".build-failed.json"
 # A profile measured at load (see Repository._profile_here): timed runs per (tier, batch)
 # and the time cap per point - enough for the scheduler's median and p90 to start from.
 LOAD_PROFILE_REPEATS = 7
@@ -363,7 +368,22 @@ class Repository:
         return self.root / name / "tiers" / tier
 
     def load_record(self, name: str, tier: str) -> TierRecord:
-        return TierRecord.read(self.tier_dir(name, tier) / TIER_FILE)
+        path = self.tier_dir(name, tier) / TIER_FILE
+        try:
+            return TierRecord.read(path)
+        except RepositoryError as exc:
+            if path.exists() or (failed := self.last_build_failure(name)) is None:
+                raise
+            raise RepositoryError(f"{exc}; its last build failed - {failed}") from exc
+
+    def last_build_failure(self, name: str) -> str | None:
+        """What the last ``innfer build`` of ``name`` failed with, and when, where it failed
+        and no build has succeeded since (``BUILD_FAILED_FILE``); None otherwise."""
+        try:
+            data = json.loads((self.model_dir(name) / BUILD_FAILED_FILE).read_text())
+            return f"{data['at']}: {data['error']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
 
     def _built_record(self, name: str, tier: TierConfig, config: ModelConfig) -> TierRecord:
         """``tier``'s build record, refused where model.yaml gives it another width since
