@@ -1542,6 +1542,28 @@ def test_a_tier_timed_slower_than_a_more_accurate_one_is_timed_again(tmp_path, m
     assert not any("timed slower" in w for w in report.warnings)
 
 
+def test_the_builds_slower_tier_rule_is_the_servers():
+    # The build re-times what the server would warn about at load; the two modules may not
+    # import each other (tests/test_architecture.py), so the margins are kept equal here.
+    from runtime.repository import profile
+    from server.scheduling import latency
+
+    assert (profile.SLOWER_MARGIN, profile.SLOWER_MIN_MS) == (
+        latency.SLOWER_MARGIN, latency.SLOWER_MIN_MS,
+    )  # fmt: skip
+
+    def table(b1: float, b8: float) -> dict:
+        return {"1": {"p50_ms": b1, "p90_ms": b1}, "8": {"p50_ms": b8, "p90_ms": b8}}
+
+    tables = {"a": table(1.0, 2.0), "b": table(0.5, 2.2)}
+    server_says = latency.slower_than_more_accurate(
+        [latency.TierInfo(n, acc, {int(k): v["p90_ms"] for k, v in t.items()},
+                          {int(k): v["p50_ms"] for k, v in t.items()})
+         for (n, t), acc in zip(tables.items(), (0.9, 0.8), strict=True)]
+    )  # fmt: skip
+    assert profile.slower_tiers(tables, ["a", "b"]) == server_says == [("b", "a", [8])]
+
+
 def test_a_tier_that_stays_slower_than_a_more_accurate_one_is_said_by_the_build(
     tmp_path, monkeypatch
 ):

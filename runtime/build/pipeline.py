@@ -61,7 +61,12 @@ from runtime.repository import (
 )
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.leftovers import sweep
-from runtime.repository.profile import profile_tiers, random_feeds, stale_tiers
+from runtime.repository.profile import (
+    profile_tiers,
+    random_feeds,
+    slower_tiers,
+    stale_tiers,
+)
 from runtime.repository.records import InnPrint, sampling_of
 from runtime.repository.store import BUILD_FAILED_FILE
 
@@ -927,13 +932,18 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
     the ONNX each tier's tables timed (``onnx``), written whole or not at all. Tiers the
     profile finds slower than a more accurate tier (and that tier) are timed again, up to
     ``RETIMES`` times; where it stays so, the build says it."""
-    from server.scheduling.latency import slower_than_more_accurate, tiers_from_profile
 
     def bar(points):
         return tqdm(points, desc="profile", disable=not b.progress, unit="point")
 
+    # ranked as the server ranks them: by measured accuracy where every tier has it, else
+    # by FLOPs (server.scheduling.latency.tiers_from_profile)
+    measured = all(r.accuracy is not None for r in records.values())
+    ranked = sorted(records, key=lambda t: records[t].accuracy if measured else records[t].flops,
+                    reverse=True)  # fmt: skip
+
     def inverted(doc: dict) -> list[tuple[str, str, list[int]]]:
-        return slower_than_more_accurate(tiers_from_profile(doc, records)[0])
+        return slower_tiers(doc["tiers"], ranked)
 
     data = profile_tiers(engines, b.config, b.chosen, repeats=repeats, points=bar, onnx=onnx)
     for _ in range(RETIMES):

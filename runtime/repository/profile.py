@@ -156,6 +156,40 @@ def profile_tiers(
     )
 
 
+# A less accurate tier counts as slower than a more accurate one beyond this margin and by
+# at least this much (ms): server.scheduling.latency's SLOWER_MARGIN and SLOWER_MIN_MS, the
+# rule its load-time warning uses (the policy imports no runtime and the library no server:
+# tests/test_build.py keeps the two equal).
+SLOWER_MARGIN = 0.05
+SLOWER_MIN_MS = 0.05
+
+
+def slower_tiers(tables: Mapping[str, Mapping], ranked: Sequence[str]) -> list[tuple]:
+    """(tier, a more accurate tier, batch sizes) wherever a tier's p50 in ``tables``
+    (profile.json's ``tiers``) is above a more accurate tier's by more than
+    ``SLOWER_MARGIN`` and ``SLOWER_MIN_MS``, at the batch sizes both have; ``ranked``: the
+    tiers, most accurate first.
+
+    Example:
+        >>> t = {"w100": {"1": {"p50_ms": 0.6}, "8": {"p50_ms": 0.65}},
+        ...      "w075": {"1": {"p50_ms": 0.5}, "8": {"p50_ms": 0.83}}}
+        >>> slower_tiers(t, ["w100", "w075"])
+        [('w075', 'w100', [8])]
+    """
+    out = []
+    for i, slow in enumerate(ranked):
+        for fast in ranked[:i]:
+            a, b = tables[slow], tables[fast]
+            worse = sorted(
+                int(n) for n in a if n in b and a[n]["p50_ms"] > max(
+                    b[n]["p50_ms"] * (1 + SLOWER_MARGIN), b[n]["p50_ms"] + SLOWER_MIN_MS)
+            )  # fmt: skip
+            if worse:
+                out.append((slow, fast, worse))
+                break  # the most accurate tier it loses to is enough to name
+    return out
+
+
 MAX_MS = 3.6e6  # an hour: no batch takes longer, a larger figure is a typing slip
 
 
