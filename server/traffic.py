@@ -130,18 +130,12 @@ def moved_away(
         >>> moved_away((t, loose, t * 0 + 1), (t + 4, tight, t * 0 + 1), 0.2)
         'budgets p50 50.0 -> 10.0 ms (KS distance 1.00), rows 1.00 -> 1.00, 400 requests'
     """
-    # as ``write_traffic`` hands them to the chooser: a budget spent before its request was
-    # recorded is one demand, the shortest (every "moved" between two such was noise)
-    x, y = (np.sort(np.maximum(t[1], 1e-3)) for t in (before, since))
-    n, m = len(x), len(y)
+    n, m = len(before[0]), len(since[0])
     if n == 0 or m == 0:
         return None
-    grid = np.concatenate([x, y])
-    distance = float(
-        np.abs(np.searchsorted(x, grid, "right") / n - np.searchsorted(y, grid, "right") / m).max()
-    )
-    rows_a, rows_b = (_moments(t[2]) for t in (before, since))
-    if _score(distance, rows_a, rows_b, tolerance, BOUNDS_1)[0] <= 1.0:
+    both = tuple(np.concatenate(pair) for pair in zip(before, since, strict=True))
+    moved, _, distance = _Scan(both, tolerance, BOUNDS_1).score(n)
+    if moved <= 1.0:
         return None
     a, b = summarise_traffic(*before), summarise_traffic(*since)
     return (
@@ -158,19 +152,15 @@ BOUNDS_1 = (1.63, 2.58)
 BOUNDS_01 = (1.95, 3.29)
 
 
-def _moments(rows: np.ndarray) -> tuple[int, float, float]:
-    """(count, mean, variance) of some requests' rows."""
-    return len(rows), float(rows.mean()), float(rows.var())
-
-
 def _score(
     distance: float, rows_a: tuple, rows_b: tuple, tolerance: float, bounds: tuple
 ) -> tuple[float, float]:
     """(moved, significance) of two sets of requests: ``moved`` is how far past its
     threshold the larger of the two movements lies (above 1: moved) - the budgets' KS
-    ``distance`` beyond ``tolerance`` and its sampling bound, the mean rows (``_moments``
-    before, after) beyond ``tolerance`` (relative) and theirs; ``significance`` the same
-    against the sampling bounds alone (where along a window a change most likely lies).
+    ``distance`` beyond ``tolerance`` and its sampling bound, the mean rows (``rows_a``,
+    ``rows_b``: count, mean, variance) beyond ``tolerance`` (relative) and theirs;
+    ``significance`` the same against the sampling bounds alone (where along a window a
+    change most likely lies).
 
     The rows' bound is the standard error of the difference under "no change": from the
     variance of both sets together, not each set's own - a set of 500 single-row requests
@@ -269,7 +259,7 @@ def _recurs(rows: tuple, at: int, tolerance: float) -> bool:
     after = scan.histogram(at, n)
     for start in np.unique(np.linspace(0, at - length, count).astype(int)):
         stretch = (start, start + length)
-        moved, _ = scan.compare(stretch, (at, n), scan.histogram(*stretch), after)
+        moved, _, _ = scan.compare(stretch, (at, n), scan.histogram(*stretch), after)
         if moved <= 1.0:
             return True
     return False
@@ -294,31 +284,34 @@ def _located(rows: tuple, tolerance: float, min_requests: int) -> int | None:
 
 
 class _Scan:
-    """``moved_away``'s test at 0.1 % for any split of some requests, each in O(n) with no
-    sort: the budgets are coded once by rank, so either side's distribution is a
-    histogram of its codes, and the rows' moments come from prefix sums."""
+    """``moved_away``'s test (at ``bounds``: 0.1 % unless said) between any stretches of
+    some requests, each in O(n) with no sort: the budgets are coded once by rank, so any
+    stretch's distribution is a histogram of its codes, and the rows' moments come from
+    prefix sums."""
 
-    def __init__(self, rows: tuple, tolerance: float) -> None:
-        budgets = np.maximum(rows[1], 1e-3)  # as ``moved_away``
+    def __init__(self, rows: tuple, tolerance: float, bounds: tuple = BOUNDS_01) -> None:
+        # as ``write_traffic`` hands them to the chooser: a budget spent before its request
+        # was recorded is one demand, the shortest (every "moved" between two such was noise)
+        budgets = np.maximum(rows[1], 1e-3)
         values = np.unique(budgets)
         self.codes = np.searchsorted(values, budgets)  # (n,) ranks into ``values``
         self.total = np.cumsum(np.bincount(self.codes, minlength=len(values)))  # (U,)
         r = np.asarray(rows[2], dtype=float)
         self.sums = np.concatenate([[0.0], np.cumsum(r)]), np.concatenate([[0.0], np.cumsum(r * r)])
-        self.n, self.tolerance = len(budgets), tolerance
+        self.n, self.tolerance, self.bounds = len(budgets), tolerance, bounds
 
     def most_moved(self, lo: int, hi: int) -> int | None:
         """Of ``CHANGE_SPLITS`` splits from ``lo`` to ``hi`` requests, the most
         significant of those whose sides moved apart, or None where none did."""
         best, at = 0.0, None
         for cut in np.unique(np.linspace(lo, hi, CHANGE_SPLITS).astype(int)):
-            moved, significance = self.score(int(cut))
+            moved, significance, _ = self.score(int(cut))
             if moved > 1.0 and significance > best:
                 best, at = significance, int(cut)
         return at
 
-    def score(self, cut: int) -> tuple[float, float]:
-        """``_score`` of the requests before ``cut`` against those from it on."""
+    def score(self, cut: int) -> tuple[float, float, float]:
+        """``compare`` of the requests before ``cut`` with those from it on."""
         before = self.histogram(0, cut)
         return self.compare((0, cut), (cut, self.n), before, self.total - before)
 
@@ -327,11 +320,12 @@ class _Scan:
         return np.cumsum(np.bincount(self.codes[i:j], minlength=len(self.total)))
 
     def compare(self, a: tuple, b: tuple, a_cdf: np.ndarray, b_cdf: np.ndarray) -> tuple:
-        """``_score`` of requests ``a`` (start, end) against requests ``b``, given their
-        ``histogram``s."""
+        """(moved, significance: ``_score``; the budgets' KS distance) of requests ``a``
+        (start, end) against requests ``b``, given their ``histogram``s."""
         n, m = a[1] - a[0], b[1] - b[0]
         distance = float(np.abs(a_cdf / n - b_cdf / m).max())
-        return _score(distance, self._moments(*a), self._moments(*b), self.tolerance, BOUNDS_01)
+        moments = self._moments(*a), self._moments(*b)
+        return (*_score(distance, *moments, self.tolerance, self.bounds), distance)
 
     def _moments(self, i: int, j: int) -> tuple[int, float, float]:
         s, sq = (float(c[j] - c[i]) for c in self.sums)
