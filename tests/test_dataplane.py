@@ -495,12 +495,15 @@ def test_profile_at_load_corrects_a_profile_measured_under_contention(config, at
         await plane.models["a"].stop()
 
     _run(load(config, Metrics()))  # builds and caches the engines (2 ms per w100 batch)
-    _stale_profile(config.repository, "a", 4.0)  # now the profile claims 8 ms
+    # Now the profile claims 16 ms: timing at load holds while the fake engine's 2 ms sleeps
+    # take up to ~8 ms on a busy machine (claimed 8 ms, 1.3x + 2 ms failed: review
+    # helper-226).
+    _stale_profile(config.repository, "a", 8.0)
     _run(load(dataclasses.replace(config, profile_at_load=at_load), metrics))
     factor = metrics.registry.get_sample_value(
         "innfer_tier_latency_factor", {"model": "a", "tier": "w100"}
     )
-    if at_load:  # five timed pairs move the correction most of the way to 1/4
+    if at_load:  # five timed pairs move the correction most of the way to 1/8
         assert factor < 0.5
     else:
         assert factor == pytest.approx(1.0)
