@@ -679,16 +679,16 @@ def test_innfer_beats_slackfit_on_a_burst(scenario):
 # -- planner internals -----------------------------------------------------------------------
 def test_load_is_measured_in_rows():
     """A tier is a candidate while the arrival rate in *rows* per second is within the
-    headroom of its capacity (B rows / latency(B)). 46 eight-row requests evenly over the
-    0.5 s window are about 736 rows/s of load (the decayed estimate: 16 / (e^(1/46) - 1) =
-    728): more than w100 is allowed (1.5 x 8 / 18 ms = 667 rows/s), less than w075 (889).
+    headroom of its capacity (B rows / latency(B)). 62 eight-row requests evenly over the
+    0.5 s window are about 992 rows/s of load (the decayed estimate: 16 / (e^(1/62) - 1) =
+    984): more than w100 is allowed (2 x 8 / 18 ms = 889 rows/s), less than w075 (1,185).
     The same number of one-row requests is w100's to serve."""
-    times = [0.5 * k / 46 for k in range(46)]
+    times = [0.5 * k / 62 for k in range(62)]
     big = make("innfer")
     for k, t in enumerate(times):
         big.submit(Request(k, t, 2.0, rows=8), now=t)
-    n = 46 * 8  # rows: k arrivals estimate k - 1 gaps
-    assert big.arrival_rate(0.5) == pytest.approx(16 / math.expm1(1 / 46) * (n - 1) / n)
+    n = 62 * 8  # rows: k arrivals estimate k - 1 gaps
+    assert big.arrival_rate(0.5) == pytest.approx(16 / math.expm1(1 / 62) * (n - 1) / n)
     assert big.next(0.5).tier == "w075"
     small = make("innfer")
     for k, t in enumerate(times):
@@ -861,11 +861,11 @@ IDLE = Snapshot()  # no recent arrivals, no tight budgets
 
 
 def test_step1_sustainable_tiers_and_step1b_one_tier_above():
-    """700 rows/s: w100 is allowed up to 1.5 x 8 / 18 ms = 667 rows/s, w075 889. Where
+    """1,000 rows/s: w100 is allowed up to 2 x 8 / 18 ms = 889 rows/s, w075 1,185. Where
     request handling shares the engines' CPUs the bound is 0.9x: at 416 rows/s w100
     (0.9 x 444 = 400 rows/s) drops out."""
     planner = Planner(slots=1)
-    busy = Snapshot(arrival_rate=700.0)
+    busy = Snapshot(arrival_rate=1000.0)
     assert planner.sustainable_tiers(NAMES, CTX, IDLE) == NAMES
     assert planner.sustainable_tiers(NAMES, CTX, busy) == NAMES[1:]
     assert planner.sustainable_tiers(NAMES, CTX, Snapshot(arrival_rate=416.0)) == NAMES
@@ -889,9 +889,9 @@ def test_step1_sustainable_tiers_and_step1b_one_tier_above():
 
 
 def test_step1_counts_every_slot_in_what_a_tier_keeps_up_with():
-    """1,000 rows/s: w100 keeps up with 1.5 x 8 / 18 ms = 667 rows/s on one slot and twice
-    that on two, so it is sustainable with two slots and not with one (nor is w075, 889
-    rows/s on one slot)."""
+    """1.5x the headroom of w100's capacity (2 x 8 / 18 ms = 889 rows/s on one slot, twice
+    that on two): sustainable with two slots and not with one (nor is w075, 1,185 rows/s on
+    one slot)."""
     capacity = CTX.max_batch / CTX.latency.mean("w100", CTX.max_batch)  # one slot, rows/s
     one, two = Planner(slots=1), Planner(slots=2)
     load = Snapshot(arrival_rate=1.5 * one.headroom * capacity)
