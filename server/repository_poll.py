@@ -8,8 +8,9 @@ What a model's files are, to the poller: its folder's ``*.yaml`` and ``*.json`` 
 profile.json, text.json, a tokenizer - not inn.json, which a calibration rewrites without
 changing what is served, nor auto-tiering's choice, which the server writes) and every file
 of each tier (``tiers/<tier>/``: its record and its network, which a copy may land last;
-not a staging folder a build or a swap leaves, which the load itself sweeps). Engines are
-not looked at: the server itself writes them. A reload the poll starts answers the whole
+not a staging folder a build or a swap leaves, which the load itself sweeps), each by its
+inode, mtime and size and, up to ``DIGEST_MAX_BYTES``, its content. Engines are not
+looked at: the server itself writes them. A reload the poll starts answers the whole
 queue of the version it replaces (no drain limit): the change is the server's own, not an
 operator's unload. A model whose build lock is held
 (``innfer build`` running: runtime/build/lock.py) is left until the build is done, so a
@@ -34,6 +35,7 @@ import contextlib
 import logging
 import os
 import stat
+import zlib
 from pathlib import Path
 
 from runtime.repository.frontier import ACTIVE_FILE
@@ -43,7 +45,13 @@ from server.daemon_call import in_daemon_thread
 
 log = logging.getLogger("innfer.poll")
 
-Fingerprint = tuple  # ((relative path, inode, mtime_ns, size), ...), sorted
+Fingerprint = tuple  # ((relative path, inode, mtime_ns, size, digest), ...), sorted
+# Files up to this size are fingerprinted by their content too (model.yaml, profile.json,
+# tier.json, a tokenizer: kilobytes): an in-place edit to the same size within the file
+# system's timestamp tick (a jiffy, ~4 ms, on ext4) changes no stat field. Larger files - a
+# tier's network - by their stat alone: reading megabytes per poll would cost more than
+# that race, and a copy or rebuild of a network changes its size, inode or mtime.
+DIGEST_MAX_BYTES = 1 << 20
 # Top-level files whose changes do not change what is served: auto-tiering's choice (the
 # server writes it) and the INN's record (a calibration rewrites it; a rebuild follows).
 IGNORED = frozenset({ACTIVE_FILE, "inn.json"})
@@ -82,10 +90,22 @@ def fingerprint(model_dir: Path) -> Fingerprint | None:
         except OSError:  # went while looked at, or not to be looked at: the next poll sees
             continue
         if stat.S_ISREG(st.st_mode):
-            stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns, st.st_size))
+            stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns,
+                           st.st_size, _digest(p, st.st_size)))  # fmt: skip
     if not any(s[0] == "model.yaml" for s in stamps):
         return None
     return tuple(sorted(stamps))
+
+
+def _digest(path: Path, size: int) -> int | None:
+    """CRC-32 of a file of at most ``DIGEST_MAX_BYTES`` (None: larger, or gone meanwhile -
+    the next poll sees it)."""
+    if size > DIGEST_MAX_BYTES:
+        return None
+    try:
+        return zlib.crc32(path.read_bytes())
+    except OSError:
+        return None
 
 
 def build_running(model_dir: Path) -> bool:

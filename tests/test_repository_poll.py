@@ -138,6 +138,26 @@ def test_the_fingerprint_leaves_out_what_the_server_writes(tmp_path):
     assert fingerprint(d) != before
 
 
+def test_an_edit_of_the_same_size_within_one_clock_tick_is_seen(tmp_path):
+    # The fingerprint was (inode, mtime_ns, size) per file: an in-place edit of model.yaml
+    # to the same size within the file system's timestamp tick (a jiffy, ~4 ms, on ext4)
+    # after a poll had looked was never loaded - nothing else would change again.
+    d = tmp_path / "m"
+    (d / "tiers" / "w100").mkdir(parents=True)
+    config, record = d / "model.yaml", d / "tiers" / "w100" / "tier.json"
+    config.write_text("max_batch: 8\n")
+    record.write_text('{"a": 1}')
+    before = fingerprint(d)
+    for path, text in ((config, "max_batch: 4\n"), (record, '{"a": 2}')):
+        st = path.stat()
+        with path.open("r+") as f:  # in place: the same inode
+            f.write(text)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # within the same tick
+        after = fingerprint(d)
+        assert path.stat().st_ino == st.st_ino and after != before, path.name
+        before = after
+
+
 def test_a_model_copied_in_loads_once_its_last_file_lands_and_a_failed_one_that_goes_is_forgotten(
     polled,
 ):
