@@ -690,15 +690,36 @@ def _offered(args: argparse.Namespace) -> str:
     ``--load`` says."""
     lo, hi = args.budget
     drawn = f"budgets U({lo:g}, {hi:g}) ms"  # (every attainment figure depends on them)
+    if args.clients is not None:
+        return f"closed loop, {args.clients} clients, {drawn}"
     if args.trace == "file":
         budgets = "its budgets" if _recorded_budgets(args.trace_file) else drawn
         return f"trace {Path(args.trace_file).name}, {budgets}"
     return f"{args.trace}, load {args.load}x, {drawn}"
 
 
+def _resolve_closed_loop(args: argparse.Namespace) -> None:
+    """``--clients`` sends as answers come back, so the flags that shape an open loop's
+    arrivals have nothing to shape: given with it, they are refused (not ignored); without
+    it ``--load`` defaults to 1."""
+    if args.clients is not None:
+        flags = (("--trace", args.trace), ("--trace-file", args.trace_file),
+                 ("--load", args.load), ("--cv2", args.cv2))  # fmt: skip
+        given = [flag for flag, v in flags if v is not None]
+        if given:
+            raise ValueError(
+                f"--clients {args.clients} runs a closed loop: each client sends when its last "
+                f"request is answered, so {', '.join(given)} (an open loop's arrivals) "
+                f"{'do' if len(given) > 1 else 'does'} not apply; drop "
+                f"{'them' if len(given) > 1 else 'it'}, or drop --clients"
+            )
+    args.load = 1.0 if args.load is None else args.load
+
+
 def _resolve_trace(args: argparse.Namespace) -> None:
     """``--trace-file`` means ``--trace file`` (it was ignored beside the default Poisson
     trace, a missing file included); with another ``--trace`` it is an error."""
+    _resolve_closed_loop(args)
     if args.trace_file is not None and args.trace not in (None, "file"):
         raise ValueError(
             f"--trace-file goes with --trace file, not --trace {args.trace}: drop it, or give "
@@ -736,6 +757,31 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 
     return line
 
 
+def _closed_loop_bound(
+    tiers, p50, cfg, clients: int, host_ms: tuple | None = None, batch_ms: float = 0.0
+) -> str:
+    """What ``clients`` closed-loop clients can at best see (Little's law): the fastest
+    tier's rate at max_batch - with ``host_ms``, on one core with the request handling -
+    keeps ``clients`` requests outstanding for clients / rate s each on average. A budget
+    under that cannot be met for every request whatever the scheduler does; issue 18's c=32
+    at 30 ms on the ResNet was such a point (w025: ~435/s at batch 8, ~74 ms)."""
+    from sim.engine_time import full_capacity
+
+    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    fastest = min(tiers, key=lambda t: t.accuracy)  # the least accurate: the planner's fastest
+    host_s = sum(host_ms[:2]) / 1e3 if host_ms else 0.0
+    rate = full_capacity([fastest], p50, max_batch, cfg.slots, host_s, batch_ms / 1e3)
+    where = "with the request handling on one core" if host_ms else "engine time only"
+    wait_ms = 1e3 * clients / rate
+    line = (f"closed loop of {clients}: at best {fastest.name} at batch {max_batch}, "
+            f"{rate:,.0f} requests/s ({where}), a mean latency of {wait_ms:.3g} ms by "
+            "Little's law")  # fmt: skip
+    if wait_ms > cfg.budget_ms[1]:
+        line += (f" - above every budget (--budget up to {cfg.budget_ms[1]:g} ms): most "
+                 "requests are refused or late whatever the scheduler does")  # fmt: skip
+    return line
+
+
 def _check_policies(policies: list[str], tiers) -> None:
     """Refuse an unknown --policy before any simulation: one after others was refused once
     they had run, their results and --json lost (review 191)."""
@@ -763,9 +809,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "--host-batch-ms is the shared core's CPU per batch: give --host-ms PARSE,ANSWER "
             "with it (without --host-ms the engine's core does nothing else)"
         )
-    if args.host_ms is not None:
+    if args.host_ms is not None or args.clients is not None:
         if args.plot or args.slots != 1:
-            raise ValueError("--host-ms simulates one shared core: no --plot, --slots 1")
+            what = ("--host-ms simulates one shared core" if args.host_ms is not None
+                    else "--clients simulates one device slot")  # fmt: skip
+            raise ValueError(f"{what}: no --plot, --slots 1")
         code = _simulate_shared(args, tiers, p50, policies, note)
         _print_load_unit(args, tiers, p50, policies[0])
         return code
@@ -821,7 +869,7 @@ def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:
     if args.duration is not None:
         return
     args.duration = DEFAULT_DURATION_S
-    if args.trace == "file":  # replayed whole, whatever the duration
+    if args.trace == "file" or args.clients is not None:  # replayed whole; sent as answered
         return
     from sim.simulator import load_rate
 
@@ -836,7 +884,10 @@ def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:
 
 
 def _print_load_unit(args: argparse.Namespace, tiers, p50, policy: str) -> None:
-    if args.trace != "file":  # a file is replayed as recorded
+    if args.clients is not None:
+        cfg = _sim_config(args, policy)
+        print(_closed_loop_bound(tiers, p50, cfg, args.clients, args.host_ms, args.host_batch_ms))
+    elif args.trace != "file":  # a file is replayed as recorded
         print(_load_unit(tiers, p50, _sim_config(args, policy), args.host_ms, args.host_batch_ms))
 
 
@@ -855,10 +906,10 @@ def _simulate_shared(
     import json
 
     from sim.shared_core import HostCost, simulate_shared
-    from sim.simulator import format_summary, requests_for, trace_window
+    from sim.simulator import closed_loop_budgets, format_summary, requests_for, trace_window
     from sim.traces import recorded
 
-    parse, answer, client = args.host_ms
+    parse, answer, client = args.host_ms or (0.0, 0.0, 0.0)  # --clients alone: engine only
     batch = args.host_batch_ms
     host = HostCost(parse / 1e3, answer / 1e3, client_s=client / 1e3, batch_s=batch / 1e3)
     traffic = recorded(args.trace_file) if args.trace == "file" else None
@@ -873,14 +924,28 @@ def _simulate_shared(
     results = {}
     for policy in policies:
         cfg = _sim_config(args, policy)
-        rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
+        if args.clients is not None:  # sent as answered: at most DEFAULT_SIM_REQUESTS
+            budgets = closed_loop_budgets(cfg, DEFAULT_SIM_REQUESTS)
+            load = {"clients": args.clients, "n_requests": len(budgets),
+                    "max_seconds": cfg.duration_s}  # fmt: skip
+        else:
+            rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
+            load = {"arrivals": arrivals}
         r = simulate_shared(
-            tiers, p50, host, lambda i, b=budgets: float(b[i]), arrivals=arrivals,
+            tiers, p50, host, lambda i, b=budgets: float(b[i]), **load,
             policy=policy, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
             slo_target=cfg.slo_target, admit_quantile=cfg.admit_quantile, widths=accuracy,
             seed=cfg.seed, noise=cfg.noise, budget_margin_s=cfg.budget_margin_ms / 1e3,
         )  # fmt: skip
-        window = trace_window(cfg, arrivals)
+        if args.clients is not None:
+            window, rate = cfg.duration_s, r.summary["sent"] / cfg.duration_s
+            if r.summary["sent"] == len(budgets):  # the cap, not --duration, ended the sends
+                print(
+                    f"the clients' first {len(budgets):,} requests simulated, sent in under "
+                    f"--duration {cfg.duration_s:g} s: give a shorter --duration"
+                )
+        else:
+            window = trace_window(cfg, arrivals)
         s = {
             **r.summary,
             # over the trace's window, as the engine-only simulation counts it (first send
@@ -890,11 +955,16 @@ def _simulate_shared(
             "offered_rate_per_s": rate,
             "mean_served_accuracy": r.summary["mean_served_size"],
             "full_tier_accuracy": max(accuracy.values()),
-            "host_ms": {"parse": parse, "answer": answer, "client": client, "batch": batch},
         }
-        results[policy] = {"config": {"policy": policy, "load": args.load}, "summary": s}
+        if args.host_ms is not None:
+            s["host_ms"] = {"parse": parse, "answer": answer, "client": client, "batch": batch}
+        run = {"policy": policy, "load": args.load} if args.clients is None else {
+            "policy": policy, "clients": args.clients, "duration_s": cfg.duration_s}  # fmt: skip
+        results[policy] = {"config": run, "summary": s}
         per_batch = f" + {batch:g} per batch" if batch else ""
-        title = f"{policy} ({_offered(args)}, one core: host {parse}+{answer} ms{per_batch}){note}"
+        where = (f"one core: host {parse}+{answer} ms{per_batch}" if args.host_ms is not None
+                 else "engine time only")  # fmt: skip
+        title = f"{policy} ({_offered(args)}, {where}){note}"
         print(format_summary(s, title))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -972,10 +1042,7 @@ def _host_batch_ms_arg(text: str) -> float:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import asyncio
     import json
-
-    import numpy as np
 
     _resolve_trace(args)
     try:  # the client innfer bench is (the dev extra; a serving image has none)
@@ -986,50 +1053,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "pip install 'tritonclient[grpc]' (in innfer's dev extra: pip install -e '.[dev]')"
         ) from None
     from runtime.repository.config import ModelConfig
-    from runtime.repository.profile import random_feeds
-    from sim.loadgen import check_loopback, run_load
-    from sim.simulator import format_ms, requests_for, trace_window
-    from sim.traces import recorded
+    from sim.loadgen import check_loopback
+    from sim.simulator import format_ms
 
     check_loopback(args.address)  # before the work and the "sending ..." line
     _check_built(args.model_dir)
     tiers, p50, chosen, proxy, lane = _served(args.model_dir, args.tokens)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     cfg = _sim_config(args, "innfer")
-    rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
-    # Every arrival is sent: a --trace file longer than --duration is replayed whole.
-    window = trace_window(cfg, arrivals)
-    what, offered_s = f"{len(arrivals)} requests", window  # (goodput's window, below)
-    if len(arrivals) > args.max_requests:
-        what = f"the first {args.max_requests} of {len(arrivals)} requests (--max-requests)"
-        arrivals, budgets = arrivals[: args.max_requests], budgets[: args.max_requests]
-        offered_s = float(arrivals[-1])
-    # A recorded trace's requests go with their own rows (every one was sent as one row).
-    traffic = recorded(args.trace_file) if args.trace == "file" else None
-    if traffic is not None:  # more rows than max_batch: every such request refused, unsaid
-        traffic.check_rows(config.max_batch, str(args.trace_file))
-    rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
-    feeds = {r: random_feeds(config.inputs, r, length=lane or 16)  # a text model: its lane
-             for r in set(rows.tolist())}  # fmt: skip
-    if config.text is not None:  # every token real: the server refuses a mask with gaps
-        for f in feeds.values():  # (random 0/1 masks were all refused INVALID_ARGUMENT)
-            f[config.text.mask][:] = 1
-    # (one row count for every request - a client that always sends 4 - is one set of feeds)
-    inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
-    # (:g - a 0.2 s window read "over 0 s"; and a recorded file that came in a short span
-    # says its own rate beside the window's, as simulate does: review 191)
-    span = float(arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
-    came = (f" ({(len(arrivals) - 1) / span:.1f}/s over the {span:.3g} s they came in)"
-            if args.trace == "file" and 0 < span < 0.9 * window and offered_s == window
-            else "")  # fmt: skip
-    print(f"sending {what} at {rate:.1f}/s over {window:g} s{came} to {args.address} ({name})")
-    if args.trace != "file":
-        print(f"  {_load_unit(tiers, p50, cfg, args.host_ms)}")
-    if chosen:
-        print(f"  planned with {chosen}")
-    report = asyncio.run(run_load(args.address, name, arrivals, budgets, inputs, window, accuracy))
+    load = _bench_closed_loop if args.clients is not None else _bench_open_loop
+    report, offered_s = load(args, tiers, p50, config, cfg, name, accuracy, lane, chosen)
     s = report.summary
     # Over the trace's window (or the run, where the answers took longer), as simulate
     # counts it: 2 requests "over 30 s" reported a goodput of 373.5/s.
@@ -1063,6 +1098,86 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_open_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, chosen: str):
+    """``innfer bench`` on arrivals (a trace, or a recorded file): (the load generator's
+    report, the seconds its goodput is counted over)."""
+    import asyncio
+
+    import numpy as np
+
+    from sim.loadgen import run_load
+    from sim.simulator import requests_for, trace_window
+    from sim.traces import recorded
+
+    rate, arrivals, budgets, _ = requests_for(tiers, p50, cfg)
+    # Every arrival is sent: a --trace file longer than --duration is replayed whole.
+    window = trace_window(cfg, arrivals)
+    what, offered_s = f"{len(arrivals)} requests", window  # (goodput's window, below)
+    if len(arrivals) > args.max_requests:
+        what = f"the first {args.max_requests} of {len(arrivals)} requests (--max-requests)"
+        arrivals, budgets = arrivals[: args.max_requests], budgets[: args.max_requests]
+        offered_s = float(arrivals[-1])
+    # A recorded trace's requests go with their own rows (every one was sent as one row).
+    traffic = recorded(args.trace_file) if args.trace == "file" else None
+    if traffic is not None:  # more rows than max_batch: every such request refused, unsaid
+        traffic.check_rows(config.max_batch, str(args.trace_file))
+    rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
+    feeds = {r: _bench_feeds(config, r, lane) for r in set(rows.tolist())}
+    # (one row count for every request - a client that always sends 4 - is one set of feeds)
+    inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
+    # (:g - a 0.2 s window read "over 0 s"; and a recorded file that came in a short span
+    # says its own rate beside the window's, as simulate does: review 191)
+    span = float(arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
+    came = (f" ({(len(arrivals) - 1) / span:.1f}/s over the {span:.3g} s they came in)"
+            if args.trace == "file" and 0 < span < 0.9 * window and offered_s == window
+            else "")  # fmt: skip
+    print(f"sending {what} at {rate:.1f}/s over {window:g} s{came} to {args.address} ({name})")
+    if args.trace != "file":
+        print(f"  {_load_unit(tiers, p50, cfg, args.host_ms)}")
+    if chosen:
+        print(f"  planned with {chosen}")
+    run = run_load(args.address, name, arrivals, budgets, inputs, window, accuracy)
+    return asyncio.run(run), offered_s
+
+
+def _bench_closed_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, chosen: str):
+    """``innfer bench --clients N``: N clients on one channel, each sending its next request
+    (one row, budgets drawn as ``innfer simulate --clients`` draws them) as soon as its last
+    one is answered or refused, for --duration s or --max-requests requests: (the report,
+    the seconds its goodput is counted over - the sending time)."""
+    import asyncio
+
+    from sim.loadgen import run_closed_loop
+    from sim.simulator import closed_loop_budgets
+
+    budgets = closed_loop_budgets(cfg, args.max_requests)
+    print(
+        f"sending at most {args.max_requests} requests from {args.clients} closed-loop clients "
+        f"over {cfg.duration_s:g} s to {args.address} ({name})"
+    )
+    print(f"  {_closed_loop_bound(tiers, p50, cfg, args.clients, args.host_ms)}")
+    if chosen:
+        print(f"  planned with {chosen}")
+    run = run_closed_loop(
+        args.address, name, args.clients, len(budgets), cfg.duration_s,
+        lambda i: float(budgets[i]), _bench_feeds(config, 1, lane), accuracy,
+    )  # fmt: skip
+    report = asyncio.run(run)
+    return report, min(cfg.duration_s, report.summary["wall_seconds"] or cfg.duration_s)
+
+
+def _bench_feeds(config, rows: int, lane: int) -> dict:
+    """Random inputs of ``rows`` rows for the model ``config`` describes; a text model's at
+    its lane's length, every token real (the server refuses a mask with gaps: random 0/1
+    masks were all refused INVALID_ARGUMENT)."""
+    from runtime.repository.profile import random_feeds
+
+    feeds = random_feeds(config.inputs, rows, length=lane or 16)
+    if config.text is not None:
+        feeds[config.text.mask][:] = 1
+    return feeds
+
+
 # gRPC codes that, for every request of a run, mean the run measured nothing.
 NOTHING_SERVED = {"UNAVAILABLE", "NOT_FOUND", "UNAUTHENTICATED", "UNIMPLEMENTED"}
 
@@ -1081,7 +1196,15 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
         "file's span, whichever is longer",
     )
     p.add_argument("--cv2", type=_cv2, help="--trace gamma: squared CV (default 1)")
-    p.add_argument("--load", type=_positive, default=1.0, help="x the full tier's capacity")
+    p.add_argument(
+        "--load", type=_positive, help="x the full tier's capacity (default 1; open loop)"
+    )  # fmt: skip
+    p.add_argument(
+        "--clients", type=_at_least(1),
+        help="a closed loop instead of arrivals: N clients, each sending its next request as "
+        "soon as its last one is answered or refused, for --duration s (not with --trace, "
+        "--trace-file, --load or --cv2)",
+    )  # fmt: skip
     p.add_argument(
         "--duration", type=_positive,
         help=f"seconds of arrivals (default {DEFAULT_DURATION_S:g}; simulate: fewer where "
@@ -2062,7 +2185,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.set_defaults(func=cmd_simulate)
 
-    bench = sub.add_parser("bench", help="live open-loop load against a server (loopback)")
+    bench = sub.add_parser(
+        "bench", help="live load against a server (loopback): open loop, or --clients N"
+    )
     _add_trace_args(bench)
     bench.add_argument("--address", default="127.0.0.1:8001",
                        help="the server's gRPC address (default 127.0.0.1:8001)")  # fmt: skip

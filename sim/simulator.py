@@ -165,6 +165,19 @@ def requests_for(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: Sim
     return offered_rate(cfg, arrivals), arrivals, budgets, rng
 
 
+def closed_loop_budgets(cfg: SimConfig, n: int) -> np.ndarray:
+    """The budgets (s) of a closed loop's first ``n`` requests, in send order: drawn from
+    ``cfg.budget_ms`` as ``requests_for`` draws an open loop's (the same seed), so that
+    ``innfer simulate --clients`` and ``innfer bench --clients`` send the same ones.
+
+    Example:
+        >>> b = closed_loop_budgets(SimConfig(budget_ms=(30.0, 30.0)), 3)
+        >>> [round(float(x), 3) for x in b]
+        [0.03, 0.03, 0.03]
+    """
+    return np.random.default_rng(cfg.seed + 1).uniform(*cfg.budget_ms, n) / 1e3
+
+
 def replay(
     tiers: Sequence[TierInfo],
     p50: Mapping[str, Mapping],
