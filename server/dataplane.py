@@ -1093,13 +1093,21 @@ class DataPlane:
             return "the server config's models list does not name it: add it and restart"
         return ""  # (every model was loaded at start-up; one that failed is ``broken``)
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    def model_ready(
+        self, name: str, version: str = "", unknown: type[NotFound] | None = None
+    ) -> bool:
         """ModelReady: loaded, and not wedged - every slot held by a hung engine answered
-        true while each request was refused UNAVAILABLE (review helper-153)."""
+        true while each request was refused UNAVAILABLE (review helper-153). A name or
+        version not served here is False too, or with ``unknown`` (NotFound) its error, which
+        says why (REST's 404)."""
         try:
             m = self.model(name, version)
-        except (NotFound, Unavailable, FailedPrecondition):  # a malformed version ("abc",
-            return False  # "-1") is the client's error: INVALID_ARGUMENT, as Triton's
+        except NotFound:
+            if unknown is not None:
+                raise
+            return False
+        except (Unavailable, FailedPrecondition):  # a malformed version ("abc", "-1") is
+            return False  # the client's error: INVALID_ARGUMENT, as Triton's
         return m.wedged() is None
 
     def server_metadata(self) -> pb.ServerMetadataResponse:

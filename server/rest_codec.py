@@ -82,7 +82,7 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
         )
     doc = _json(view[:header_length])
     binary = view[header_length:]
-    _fields(doc, "the request", {"id", "parameters", "inputs", "outputs"})
+    check_fields(doc, "the request", {"id", "parameters", "inputs", "outputs"})
     request = pb.ModelInferRequest()
     if "id" in doc:
         request.id = _string(doc["id"], "id")
@@ -97,7 +97,9 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
     raw, used, decoded = [], 0, 0
     for i, entry in enumerate(inputs):
         where = f"inputs[{i}]"
-        _fields(_mapping(entry, where), where, {"name", "shape", "datatype", "parameters", "data"})
+        check_fields(
+            _mapping(entry, where), where, {"name", "shape", "datatype", "parameters", "data"}
+        )
         t = request.inputs.add()
         t.name = _string(entry.get("name"), f"{where}.name")
         where = f"input {clip(t.name)}"
@@ -106,6 +108,14 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
         params = dict(_mapping(entry.get("parameters", {}), f"{where}: parameters"))
         size = params.pop(BINARY_SIZE, None)
         _parameters(t.parameters, params, f"{where}: parameters")
+        if SHARED_REGION in params and (size is not None or "data" in entry):
+            # (it read "raw_input_contents has 1 entries for 0 inputs", gRPC's words for a
+            # field a REST client never sends: review helper-227)
+            given = "data" if "data" in entry else f"parameters.{BINARY_SIZE}"
+            raise InvalidArgument(
+                f"{where} has both {given} and parameters.{SHARED_REGION}; send its values "
+                "in one place: the body or the region"
+            )
         if size is not None:
             if "data" in entry:
                 raise InvalidArgument(
@@ -139,7 +149,7 @@ def parse_infer(body: bytes, header_length: int | None) -> ParsedInfer:
         raise InvalidArgument('"outputs" must be a list of {"name", "parameters"}')
     for i, entry in enumerate(outputs):
         where = f"outputs[{i}]"
-        _fields(_mapping(entry, where), where, {"name", "parameters"})
+        check_fields(_mapping(entry, where), where, {"name", "parameters"})
         o = request.outputs.add()
         o.name = _string(entry.get("name"), f"{where}.name")
         where = f"output {clip(o.name)}"
@@ -255,7 +265,7 @@ def _mapping(value, where: str) -> Mapping:
     return value
 
 
-def _fields(doc: Mapping, where: str, known: set[str]) -> None:
+def check_fields(doc: Mapping, where: str, known: set[str]) -> None:
     """A field OIP does not define is refused: a misspelt "datatype" or "parameters" was
     otherwise ignored (and the request served without what it asked)."""
     for key in doc:
@@ -345,15 +355,51 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
     target = np.dtype(dtype)
     kinds = "b" if target.kind == "b" else ("iu" if target.kind in "iu" else "iuf")
     if values.dtype.kind not in kinds:
+        if kinds == "iu" and _past_64_bits(values):  # (it said "must be whole numbers" of
+            raise _out_of_range(where, t.datatype, target)  # whole ones: review helper-227)
         wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
         raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     if target.kind in "iu" and values.size:
         info = np.iinfo(target)
         if values.min() < info.min or values.max() > info.max:
-            raise InvalidArgument(
-                f"{where}: a value is outside {t.datatype}'s range [{info.min}, {info.max}]"
-            )
-    return np.ascontiguousarray(values, dtype=target.newbyteorder("<")).tobytes()
+            raise _out_of_range(where, t.datatype, target)
+    out = np.ascontiguousarray(values, dtype=target.newbyteorder("<"))
+    if target.kind == "f" and _made_infinite(values, out):
+        # 1e39 as FP32 was served as inf, every output NaN, with 200 (review helper-227);
+        # a NaN or infinity the client sent (the parser takes them) is its own
+        raise InvalidArgument(
+            f"{where}: a value is outside {t.datatype}'s range (about "
+            f"+-{float(np.finfo(target).max):.4g}); scale it, or send {t.datatype} that holds it"
+        )
+    return out.tobytes()
+
+
+def _made_infinite(values: np.ndarray, out: np.ndarray) -> bool:
+    """Whether casting ``values`` to ``out``'s float type made a finite value infinite."""
+    lost = ~np.isfinite(out)
+    if not lost.any():
+        return False
+    return values.dtype.kind != "f" or bool((lost & np.isfinite(values)).any())
+
+
+def _out_of_range(where: str, datatype: str, target: np.dtype) -> InvalidArgument:
+    info = np.iinfo(target)
+    return InvalidArgument(
+        f"{where}: a value is outside {datatype}'s range [{info.min}, {info.max}]"
+    )
+
+
+def _past_64_bits(values: np.ndarray) -> bool:
+    """Whether JSON integers made ``values`` a float or object array only because one of
+    them fits no 64-bit integer (numpy's dtype for [-1, 2**64 - 1] is float64, for
+    [2**70] object): every value a whole number, one at least 2**63 in size."""
+    flat = values.ravel().tolist()
+    whole = all(
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
+        for v in flat
+    )
+    return whole and any(abs(v) >= 2**63 for v in flat)
 
 
 def _flat(data, where: str) -> list:

@@ -169,6 +169,27 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
                       "data": [2**40] * 64}]}, "outside INT32's range"),
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT32",
                       "data": [1] * 64}]}, "datatype"),  # the model's input is FP32
+        # past FP32's range: served as inf, every output NaN, with 200 (review helper-227)
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [1e39] + [0.0] * 63}]}, "outside FP32's range (about +-3.403e+38)"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP16",
+                      "data": [7e4] + [0.0] * 63}]}, "outside FP16's range"),
+        # whole numbers past int64: "INT64 data must be whole numbers" (numpy made them
+        # floats, or Python ints)
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64",
+                      "data": [-1, 2**64 - 1] + [0] * 62}]}, "outside INT64's range"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT64",
+                      "data": [2**70] + [0] * 63}]}, "outside UINT64's range"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64",
+                      "data": [0.5] * 64}]}, "INT64 data must be whole numbers"),
+        # values in the body and in a region: gRPC's words, "raw_input_contents has 1
+        # entries for 0 inputs", which a REST client never sends
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64, "parameters": {"shared_memory_region": "r"}}]},
+         "has both data and parameters.shared_memory_region"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "parameters": {"shared_memory_region": "r", "binary_data_size": 256}}]},
+         "has both parameters.binary_data_size and parameters.shared_memory_region"),
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                       "data": [0.0] * 64, "paramters": {}}]}, "unknown field 'paramters'"),
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},
@@ -227,7 +248,21 @@ def test_statuses_follow_the_error(server):
     assert status == 404 and "no route GET /v3/anything" in message
     assert _error(server, "/v2/trace/setting")[0] == 501
     assert _error(server, "/v2/cudasharedmemory/region/r/register", {}, method="POST")[0] == 501
-    assert _call(server, "/v2/models/nope/ready")[0] == 503
+    # a name or version not served: 404 saying so (503 "not ready" had a balancer retry a
+    # typo for good: review helper-227); a served model's readiness as before
+    status, message = _error(server, "/v2/models/nope/ready")
+    assert status == 404 and "unknown model 'nope'" in message, message
+    status, message = _error(server, "/v2/models/tiny/versions/7/ready")
+    assert status == 404 and "version" in message, message
+    assert _call(server, "/v2/models/tiny/ready")[0] == 200
+    # a misspelt field of a repository or shared-memory body: refused, not ignored
+    status, message = _error(server, "/v2/repository/index", {"redy": True}, "POST")
+    assert status == 400 and "unknown field 'redy'" in message, message
+    status, message = _error(server, "/v2/repository/models/tiny/load", {"parameter": {}}, "POST")
+    assert status == 400 and "unknown field 'parameter'" in message, message
+    status, message = _error(server, "/v2/systemsharedmemory/region/r/register",
+                             {"key": "/k", "bytesize": 8}, "POST")  # fmt: skip
+    assert status == 400 and "unknown field 'bytesize'" in message, message
 
 
 def _small_limit_server(tmp_path) -> ServerThread:
@@ -529,6 +564,26 @@ def test_a_body_that_does_not_decode_is_400_not_an_internal_error(server, caplog
     assert _call(server, "/v2/models/tiny/infer", body)[0] == 200  # and serves on
 
 
+def test_a_request_that_is_not_http_is_400_without_a_traceback_logged(server, caplog):
+    # aiohttp answers it itself, before any route or token check, and logged an ERROR with
+    # a traceback for each: 79 kB of log for 100 requests of 32 bytes (review helper-227)
+    import socket
+
+    bad = [b"GET /v2/health/live HTTP/1.1\r\n\r\n",  # no Host header
+           b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+           b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+           b"\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        for raw in bad:
+            with socket.create_connection(("127.0.0.1", server.server.rest.port), 10) as sock:
+                sock.sendall(raw)
+                sock.settimeout(10)
+                answer = sock.recv(4096)
+            assert answer.split(b" ", 2)[1] == b"400", (raw, answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert _call(server, "/v2/health/live")[0] == 200  # and serves on
+
+
 def test_a_json_request_over_the_grpc_message_limit_is_served(tmp_path):
     # The body limit was the gRPC message limit, sized for raw tensors; JSON writes a value
     # in ~5x its raw bytes, and valid JSON requests of 4 of 8 ResNet rows were 413 (review
@@ -609,4 +664,4 @@ def test_a_path_whose_escapes_are_not_utf8_is_refused(server):
         assert status == 400 and "not UTF-8" in message, (path, message)
     regions = json.loads(_call(server, "/v2/systemsharedmemory/status")[2])
     assert not any("%" in r["name"] for r in regions)
-    assert _call(server, "/v2/models/caf%C3%A9/ready")[0] == 503  # UTF-8: a name, not known
+    assert _call(server, "/v2/models/caf%C3%A9/ready")[0] == 404  # UTF-8: a name, not known
