@@ -326,9 +326,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(args.model)) if args.model else repo.names()  # once each
     if not args.model:
         for name in repo.skipped():  # they were passed over without a word
-            print(f"warning: {args.repository}/{name} is not built: a model folder's name is "
-                  "letters, digits, '_', '.' and '-' (at most 128, not starting with . or "
-                  "-) and not a symbolic link; rename it", file=sys.stderr)  # fmt: skip
+            print(f"warning: {args.repository}/{name} is not built: {repo.skip_reason(name)}",
+                  file=sys.stderr)  # fmt: skip
         for said in repo.unconfigured():
             print(f"warning: {args.repository}/{said}; it is not built", file=sys.stderr)
     if not names:
@@ -535,15 +534,18 @@ def _check_repository_dir(repo: Path) -> None:
 def _no_models(repo: Path) -> str:
     """What ``serve`` and ``build`` say of a repository without models (a model's own folder,
     given for its repository, is the usual cause)."""
-    from runtime.repository.store import file_known
+    from runtime.repository import Repository
 
     own = (Path(repo) / "model.yaml").is_file()
     hint = " (it is a model's own folder: give its parent)" if own else ""
-    if not own:  # a folder holding an INN but no model.yaml is the next usual cause
-        inns = sorted(p.name for p in Path(repo).iterdir() if file_known(p / "inn.json"))
-        if inns:
-            hint = (f" ({', '.join(inns[:4])} {'holds' if len(inns) == 1 else 'hold'} an INN "
-                    "but no model.yaml: write one - README, 'Bring your own model')")  # fmt: skip
+    if not own:  # a folder passed over (a link, a name that is not a model name), or one
+        # holding an INN but no model.yaml, are the next usual causes - each said as the
+        # repository says it (a linked folder read "holds an INN but no model.yaml: write
+        # one" beside its model.yaml: review helper-228)
+        r = Repository(repo)
+        said = [f"{name}: {r.skip_reason(name)}" for name in r.skipped()] + r.unconfigured()
+        if said:
+            hint = f" ({'; '.join(said[:4])})"
     return f"no models in {repo}: each is a folder <model>/model.yaml{hint}"
 
 

@@ -508,7 +508,24 @@ def test_build_names_a_model_folder_it_cannot_build_by_its_name(tmp_path, capsys
     (tmp_path / "resnet 18" / "model.yaml").write_text(yaml.safe_dump(IO))
     code, _, err = _cli(capsys, "build", tmp_path)
     assert code == 2 and "no models in" in err
-    assert f"warning: {tmp_path}/resnet 18 is not built: a model folder's name is" in err
+    assert f"warning: {tmp_path}/resnet 18 is not built: its name is not a model name" in err
+    assert "(resnet 18: its name is not a model name" in err and "rename it" in err
+
+
+def test_no_models_says_a_linked_model_folder_is_a_link(tmp_path, capsys):
+    # A symbolic link to a model's folder was passed over, and the error said "mlp holds an
+    # INN but no model.yaml: write one" beside its model.yaml (build: "rename it"; review
+    # helper-228).
+    src = tmp_path / "src" / "mlp"
+    src.mkdir(parents=True)
+    (src / "model.yaml").write_text(yaml.safe_dump(IO))
+    (src / "inn.json").write_text("{}")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "mlp").symlink_to(src, target_is_directory=True)
+    code, _, err = _cli(capsys, "build", tmp_path / "repo")
+    assert code == 2 and "no model.yaml" not in err and "rename it" not in err, err
+    assert "(mlp: it is a symbolic link: copy the model's folder into the repository" in err
+    assert f"warning: {tmp_path / 'repo'}/mlp is not built: it is a symbolic link" in err
 
 
 def test_build_of_no_repository_or_of_inns_without_model_yaml_says_what_to_do(tmp_path, capsys):
@@ -926,3 +943,21 @@ def test_bench_refuses_an_address_before_it_announces_a_run(tmp_path, capsys):
     d = _built(tmp_path)
     code, out, err = _cli(capsys, "bench", d, "--address", "10.0.0.1:8001", "--duration", "1")
     assert code == 2 and "only targets loopback addresses" in err and "sending" not in out
+
+
+def test_simulate_refuses_a_profile_short_of_max_batch_naming_the_build(tmp_path, capsys):
+    # A profile timed up to batch 1 (model.yaml's max_batch 4): simulate warned, then ended
+    # in "batch 4 exceeds the profiled batch sizes [1]", naming no file (review helper-228).
+    d = _built(tmp_path)
+    path = d / "profile.json"
+    profile = json.loads(path.read_text())
+    for table in profile["tiers"].values():
+        for b in [b for b in table if b != "1"]:
+            del table[b]
+    path.write_text(json.dumps(profile))
+    for argv in (["simulate", d, "--duration", "1"],
+                 ["bench", d, "--duration", "1", "--address", "127.0.0.1:9"]):  # fmt: skip
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert "profile.json times tier w100 up to batch 1, max_batch is 4" in err, err
+        assert f"run `innfer build {tmp_path} --model tiny`" in err and "exceeds" not in err

@@ -395,7 +395,8 @@ def _say_stale_profile(b: _Build, onnx: dict[str, str]) -> None:
     if stale:
         b.report.warn(
             f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
-            f"now (--no-profile); `innfer build {b.model_dir}` stores a new one (innfer "
+            f"now (--no-profile); `innfer build {b.repo.root} --model {b.name}` stores a new "
+            "one (innfer "
             f"serve re-measures at load a profile that records the engines it timed; one "
             f"written before profiles recorded them is trusted)",
             b.progress,

@@ -291,6 +291,15 @@ class Repository:
             and (not MODEL_NAME.fullmatch(p.name) or p.is_symlink())
         )
 
+    def skip_reason(self, folder: str) -> str:
+        """Why ``skipped`` leaves ``folder`` out, and what to do about it."""
+        if (self.root / folder).is_symlink():
+            return "it is a symbolic link: copy the model's folder into the repository instead"
+        return (
+            "its name is not a model name (letters, digits, '_', '.' and '-', at most 128, "
+            "not starting with . or -): rename it"
+        )
+
     def unconfigured(self) -> list[str]:
         """What callers say of the folders that hold an INN (inn.json) but no model.yaml -
         one forgotten, or misnamed (model.yml): ``names`` passes them over, and a build or
@@ -781,6 +790,15 @@ class Repository:
                 "`innfer build`"
             )
         profile = _only_tiers(profile, names)
+        if short := uncovered(profile, config.max_batch, config.sequence_lengths):
+            # (a server re-measures it at load; planned as it was, simulate and bench ended
+            # in "batch 8 exceeds the profiled batch sizes [1]", naming no file: review
+            # helper-228)
+            raise RepositoryError(
+                f"{path}: {short}, so no batch of the sizes model.yaml serves can be planned: "
+                f"run `innfer build {self.root} --model {name}` (innfer serve re-measures "
+                "such a profile at load)"
+            )
         onnx = {n: r.onnx_sha256 for n, r in records.items()}
         with contextlib.suppress(RepositoryError):  # no backend here: nothing to compare
             if why := _stale(profile, config, self.choose_backend(config), onnx):
