@@ -1349,6 +1349,10 @@ def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
     return [t.width for t in config.tiers], config.multiple_of, config.method
 
 
+# How a data set named by model.yaml (not by --data) is said where its file is missing.
+YAML_EVALUATION = "model.yaml's evaluation.dataset"
+
+
 def _evaluation_dataset(yaml_path: Path) -> str | None:
     """model.yaml's evaluation data set (a bundled name or a .npz beside it), if any."""
     if not yaml_path.is_file():
@@ -1359,10 +1363,12 @@ def _evaluation_dataset(yaml_path: Path) -> str | None:
     return evaluation.dataset if evaluation is not None else None
 
 
-def _data_for(model_dir: Path, inn, name: str):
+def _data_for(model_dir: Path, inn, name: str, given: str = "--data"):
     """The data set ``name``, refused unless its samples fit the model: another data set's
     images ran through the model without an error (8x8 digits into a 28x28 model) and
-    calibration then overwrote the trained tiers with what it learnt from them."""
+    calibration then overwrote the trained tiers with what it learnt from them. ``given``:
+    where the name came from, as a missing file is said ("--data", or model.yaml's
+    evaluation: a missing file named there was blamed on a --data never given)."""
     import dataclasses
 
     import torch
@@ -1373,7 +1379,8 @@ def _data_for(model_dir: Path, inn, name: str):
     if name.endswith(".npz") and not Path(name).is_file():
         beside = Path(model_dir) / name  # where model.yaml's evaluation file lies
         if not beside.is_file():
-            raise ValueError(f"--data {name}: no such file here nor as {beside}")
+            where = "" if Path(name).is_absolute() else f" here nor as {beside}"
+            raise ValueError(f"{given} {name}: no such file{where}")
         name = str(beside)
     want, classes, hint = inn.info.get("input_shape"), None, ""
     yaml_path = Path(model_dir) / "model.yaml"
@@ -1492,8 +1499,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.text is not None:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     yaml_path = args.model_dir / "model.yaml"
+    given = "--data"
     if args.data is None:  # as `report` does (review 170); its training split, below
-        args.data = _evaluation_dataset(yaml_path)
+        args.data, given = _evaluation_dataset(yaml_path), YAML_EVALUATION
         if args.data is not None:
             print(f"data: {args.data} (model.yaml's evaluation data set, its training split; "
                   "--data NAME for another)")  # fmt: skip
@@ -1503,7 +1511,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model_dir} is a text model: calibrate it with --text FILE "
                          "(sentences, one per line), not --data")  # fmt: skip
     _one_input_for_data(yaml_path, "calibrate")
-    data = _data_for(args.model_dir, inn, args.data)
+    data = _data_for(args.model_dir, inn, args.data, given)
     samples = args.samples
     if samples is None:  # 1,000, less what keeps a held-out fifth (>= 64) to judge tiers on
         n = len(data.x_train)
@@ -1830,14 +1838,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             )
         if args.data is not None:
             _one_input_for_data(yaml_path, "report")
-    name = args.data
+    name, given = args.data, "--data"
     # model.yaml names the data set the model is evaluated on: report accuracy on it (it
     # said "not measured (no evaluation set), give --data NAME")
     evaluation = None if config is None or config.evaluation is None else config.evaluation
     if name is None and evaluation is not None and evaluation.dataset is not None:
         name = evaluation.dataset  # a bundled set, or a .npz in the model's folder
+        given = YAML_EVALUATION
         print(f"data: {name} (model.yaml's evaluation; --data NAME for another)")
-    data = _data_for(args.model_dir, inn, name) if name else None
+    data = _data_for(args.model_dir, inn, name, given) if name else None
     from innfer.tiers import report_frontier
 
     shape = _report_shape(inn, config)
@@ -2309,6 +2318,31 @@ def _parser_for(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Ar
     return parser
 
 
+# What a shell reports for a command its output's reader left (128 + SIGPIPE).
+SIGPIPE_EXIT = 141
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has left (``innfer report ... | head -1``): then
+    the command stops quietly, as Unix tools do (it printed "error: [Errno 32] Broken pipe"
+    and exited 2: review helper-228). Standard output is pointed at /dev/null, so that the
+    interpreter's last flush at exit does not complain of it again."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poll.poll(0))  # a pipe's reader left
+    except (OSError, ValueError, AttributeError):  # no file descriptor, no poll: not a pipe
+        return False
+    if not gone:
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(_glued(sys.argv[1:] if argv is None else argv))
@@ -2317,7 +2351,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     checkpoint_before = _checkpoint_stamp(args)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone is handled below, not by the
+        return code  # interpreter's "Exception ignored ... BrokenPipeError" (exit 120)
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # another pipe (a child's): an error like any OSError
+            print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        return SIGPIPE_EXIT
     except (ValueError, OSError, RuntimeError) as exc:
         # OSError: a missing file, a busy port, a directory where a file belongs.
         _close_progress_bars()

@@ -186,9 +186,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     config = repo.config(args.model)
     choice, frontier, recorded = _choose(repo, args.model, args.traffic, args.live, args.host)
     min_gain = config.auto_tiers.rebuild.min_gain
-    print(format_choice(choice, min_gain, frontier.accuracy_source, recorded))
+    print(format_choice(choice, min_gain, frontier.accuracy_source, recorded, args.force))
     if args.result:
-        args.result.write_text(json.dumps(choice_json(choice, min_gain), indent=1))
+        result = choice_json(choice, min_gain, args.force)
+        args.result.write_text(json.dumps(result, indent=1))
     if not (choice.worth(min_gain) or (args.force and choice.changes)):
         print("kept the live tiers")
         return APPLY_KEPT
@@ -495,7 +496,11 @@ def few_requests_note(requests: int, goals) -> str:
 
 
 def format_choice(
-    choice, min_gain: float, accuracy_source: str = "", recorded: int | None = None
+    choice,
+    min_gain: float,
+    accuracy_source: str = "",
+    recorded: int | None = None,
+    force: bool = False,
 ) -> str:
     """The choice as ``tiers suggest`` / ``apply`` print it; ``accuracy_source``: the
     frontier's (a FLOPs fraction where the model has no evaluation set, said so);
@@ -510,7 +515,7 @@ def format_choice(
 
     t = choice.traffic
     lo, mid, hi = t["budget_ms_p10_p50_p90"]
-    action, why = verdict(choice, min_gain)
+    action, why = verdict(choice, min_gain, force)
     verdict_text = f"{action} ({why})" if why else action
     flops = accuracy_source.startswith("flops")
     requests = _requests(t["requests"], recorded)
@@ -526,9 +531,10 @@ def format_choice(
     ])  # fmt: skip
 
 
-def verdict(choice, min_gain: float) -> tuple[str, str]:
+def verdict(choice, min_gain: float, force: bool = False) -> tuple[str, str]:
     """("apply" or "keep", why - "" for a plain apply): what ``tiers apply`` does with
-    ``choice`` (``Choice.worth``), as the table and the JSON say it."""
+    ``choice`` (``Choice.worth``; with ``force``, any other set), as the table and the JSON
+    say it (with --force they said "keep" of a set that was written: review helper-228)."""
     breaks = getattr(choice, "live_breaks", ())
     if not choice.changes:
         return "keep", "same set"
@@ -539,14 +545,16 @@ def verdict(choice, min_gain: float) -> tuple[str, str]:
         return "apply", f"{why}; {same_names}" if other_counts else why
     if choice.gain < min_gain:
         why = "gain below rebuild.min_gain"
-        return "keep", f"{why}; {same_names}" if other_counts else why
+        action = "apply" if force else "keep"
+        why = f"--force, {why}" if force else why
+        return action, f"{why}; {same_names}" if other_counts else why
     return "apply", same_names if other_counts else ""
 
 
-def choice_json(choice, min_gain: float) -> dict:
+def choice_json(choice, min_gain: float, force: bool = False) -> dict:
     """``Choice.to_json`` with the verdict the table prints and the ``min_gain`` it was
     judged by (a script read the gain and had to re-derive the rule; review 191)."""
-    action, why = verdict(choice, min_gain)
+    action, why = verdict(choice, min_gain, force)
     return {**choice.to_json(), "verdict": action, "reason": why, "min_gain": min_gain}
 
 

@@ -183,3 +183,32 @@ def test_an_evaluation_set_with_nan_inputs_is_refused_not_scored(tmp_path, capsy
                  y_test=y[200:])  # fmt: skip
     code, out, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "nan.npz")
     assert code == 2 and "NaN or infinite values" in err and "%" not in out, (out, err)
+
+
+def test_an_evaluation_set_of_strings_is_refused_naming_the_file(tmp_path, capsys):
+    # "could not convert string to float: np.str_('a')", no file named (review helper-228).
+    _mlp(tmp_path, 50)
+    np.savez(tmp_path / "strx.npz", x=np.array(["a"] * 50), y=np.zeros(50, np.int64))
+    code, _, err = _run(capsys, "report", tmp_path / "m", "--data", tmp_path / "strx.npz")
+    assert code == 2 and f"{tmp_path / 'strx.npz'}: x holds <U1 values, not numbers" in err, err
+
+
+def test_a_missing_evaluation_file_is_blamed_on_model_yaml_not_on_data(tmp_path, capsys):
+    # "--data mine.npz: no such file here nor as m/mine.npz" where the name came from
+    # model.yaml's evaluation and no --data was given; an absolute path was said twice
+    # (review helper-228).
+    import yaml
+
+    _mlp(tmp_path, 10)
+    (tmp_path / "m" / "model.yaml").write_text(yaml.safe_dump({
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [3]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+        "evaluation": {"dataset": "mine.npz"},
+    }))  # fmt: skip
+    code, _, err = _run(capsys, "report", tmp_path / "m")
+    assert code == 2 and "model.yaml's evaluation.dataset mine.npz: no such file" in err, err
+    assert "--data" not in err.split("error:")[-1]
+    gone = tmp_path / "gone.npz"
+    code, _, err = _run(capsys, "report", tmp_path / "m", "--data", gone)
+    assert code == 2 and err.rstrip().endswith(f"--data {gone}: no such file"), err

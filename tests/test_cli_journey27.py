@@ -961,3 +961,33 @@ def test_simulate_refuses_a_profile_short_of_max_batch_naming_the_build(tmp_path
         assert code == 2, (argv, err)
         assert "profile.json times tier w100 up to batch 1, max_batch is 4" in err, err
         assert f"run `innfer build {tmp_path} --model tiny`" in err and "exceeds" not in err
+
+
+def test_apply_with_force_says_apply_of_a_set_below_min_gain():
+    # The table read "-> keep (gain below rebuild.min_gain)" and --result's verdict "keep"
+    # while --force wrote the set (review helper-228).
+    from innfer.tiers import choice_json, format_choice, verdict
+
+    e = SimpleNamespace(tiers=("w100",), attainment=1.0, mean_accuracy=0.9, served_accuracy=0.9)
+    f = SimpleNamespace(tiers=("w075",), attainment=1.0, mean_accuracy=0.9, served_accuracy=0.9)
+    choice = SimpleNamespace(
+        traffic={"requests": 10, "rate_per_s": 1.0, "budget_ms_p10_p50_p90": (1, 2, 3)},
+        evaluated=[e, f], changes=True, gain=0.001, best=f, current=e, to_json=dict,
+    )  # fmt: skip
+    assert verdict(choice, 0.01) == ("keep", "gain below rebuild.min_gain")
+    assert verdict(choice, 0.01, force=True) == ("apply", "--force, gain below rebuild.min_gain")
+    assert choice_json(choice, 0.01, force=True)["verdict"] == "apply"
+    assert "-> apply (--force, gain below" in format_choice(choice, 0.01, force=True)
+    choice.changes = False  # the same set: --force has nothing to apply
+    assert verdict(choice, 0.01, force=True) == ("keep", "same set")
+
+
+def test_a_reader_that_leaves_stdout_ends_the_command_quietly():
+    # `innfer report ... | head -1` printed "error: [Errno 32] Broken pipe" and exited 2
+    # (review helper-228); a command whose output's reader left now stops as Unix tools do.
+    p = subprocess.Popen([sys.executable, "-m", "innfer.cli", "config", "keys", "server"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
+    p.stdout.close()  # the reader leaves before the first line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=60) == 141 and err == "", err

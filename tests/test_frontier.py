@@ -412,3 +412,16 @@ def test_a_corrupted_choice_serves_the_hand_written_tiers(built, tmp_path, caplo
         served = Repository(root).load("tiny")
     assert served.tier_source == "model.yaml" and len(served.engines) == 2
     assert "auto_tiers.json is corrupted" in caplog.text
+
+
+def test_a_choice_without_a_field_names_the_field(tmp_path):
+    # "corrupted (ActiveTiers.__init__() missing 1 required positional argument: 'reason')"
+    # (review helper-228): the record readers name what is missing.
+    from runtime.repository import ActiveTiers, RepositoryError
+
+    path = tmp_path / "auto_tiers.json"
+    path.write_text(
+        '{"tiers": ["w100"], "frontier_sha256": "x", "chosen_at": "2026-01-01T00:00:00Z"}'
+    )
+    with pytest.raises(RepositoryError, match=r"corrupted \(it has no reason\)"):
+        ActiveTiers.read(path)

@@ -229,7 +229,14 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
 def _check_finite(path: str, name: str, x: np.ndarray) -> None:
     """Refuse float inputs with NaN or infinities: an accuracy measured on them is made up
     (all-NaN images scored 16.67 % into tier.json, which the server schedules by; review
-    164), and calibration refused them already."""
+    164), and calibration refused them already. Inputs that are not numbers (strings,
+    objects) are refused too, naming the file (numpy's "could not convert string to float:
+    np.str_('a')" named none: review helper-228)."""
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(
+            f"{path}: {name} holds {x.dtype} values, not numbers; save the inputs as a numeric "
+            "array (for example numpy float32), as the model takes them"
+        )
     if not np.issubdtype(x.dtype, np.floating) or np.isfinite(x).all():
         return
     bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum()) if x.ndim > 1 else 1

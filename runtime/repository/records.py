@@ -42,6 +42,10 @@ def known_fields(cls, data: dict, path: Path) -> dict:
         ...     a: int
         >>> known_fields(R, {"a": 1, "b": 2}, Path("r.json"))
         {'a': 1}
+        >>> known_fields(R, {}, Path("r.json"))
+        Traceback (most recent call last):
+        ...
+        ValueError: it has no a
     """
     if not isinstance(data, dict):
         raise TypeError(f"a JSON object expected, got {type(data).__name__}")
@@ -61,6 +65,12 @@ def known_fields(cls, data: dict, path: Path) -> dict:
         warn_once(f"{path}: fields {', '.join(unknown)} are unknown to this innfer (written "
                   "by a newer one?) and ignored")  # fmt: skip
         data = {k: v for k, v in data.items() if k in names}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if missing:  # (it read "ActiveTiers.__init__() missing 1 required positional argument:
+        # 'reason'", a Python internal: review helper-228)
+        raise ValueError(f"it has no {', '.join(missing)}")
     return data
 
 
