@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"{model_dir}: {why}, and no model.yaml to build it with; give the demo "
                     "another --name, or --retrain to train the demo over it"
                 )
-            print(f"serving {model_dir} as it is: {why} (calibrated, replaced or converted "
+            print(f"using {model_dir} as it is: {why} (calibrated, replaced or converted "
                   "since?); `innfer demo --retrain` trains the demo over it")  # fmt: skip
             return _demo_rebuild(args, model_dir, as_it_is=True)
         if why:
@@ -1473,8 +1473,19 @@ def _full_width_labels(inn, data):
 HELD_OUT_MIN = 64
 
 
+# calibrate's budget for all its tiers where neither --seconds nor --steps is given.
+CALIBRATE_SECONDS = 60.0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
+
+    if args.steps is not None and args.seconds is not None:  # (--seconds was ignored)
+        raise ValueError(
+            "--steps and --seconds each say how long a tier is calibrated: give one (--steps "
+            "repeats exactly with --seed; --seconds fits the machine)"
+        )
+    args.seconds = CALIBRATE_SECONDS if args.seconds is None else args.seconds
 
     from runtime.inn.calibrate import calibrate
     from runtime.inn.model import load
@@ -1812,6 +1823,10 @@ def _report_text(args: argparse.Namespace, inn) -> int:
     return 0
 
 
+# report --text's sentences where --sentences is not given.
+REPORT_SENTENCES = 2000
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from runtime.inn.model import load
     from runtime.inn.report import (
@@ -1824,7 +1839,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     inn = load(args.model_dir)
     if args.text:
+        args.sentences = args.sentences or REPORT_SENTENCES
         return _report_text(args, inn)
+    if args.sentences is not None:  # (it was ignored without a word: review helper-228)
+        raise ValueError("--sentences counts the sentences of --text FILE: give --text, or "
+                         "drop --sentences")  # fmt: skip
     yaml_path = Path(args.model_dir) / "model.yaml"
     config = None
     if yaml_path.is_file():
@@ -2079,8 +2098,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--seconds",
         type=_positive,
-        default=60.0,
-        help="budget for all widths together (split evenly between the tiers; default 60)",
+        help=f"budget for all widths together (split evenly between the tiers; default "
+        f"{CALIBRATE_SECONDS:g}; not with --steps)",
     )
     cal.add_argument("--seed", type=_seed, default=0,
                      help="with --steps, the same seed gives the same tiers; a --seconds "
@@ -2110,8 +2129,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a text model: held-out sentences, one per line; reports each tier's embedding "
         "fidelity (cosine, top-1/top-10 neighbour agreement) to the full width",
     )  # fmt: skip
-    rep.add_argument("--sentences", type=_at_least(1), default=2000,
-                     help="with --text: use the first N sentences (default 2000)")  # fmt: skip
+    rep.add_argument(
+        "--sentences", type=_at_least(1),
+        help=f"with --text: the first N sentences (default {REPORT_SENTENCES})",
+    )  # fmt: skip
     rep.add_argument("--threads", type=_threads, default=2, help="with --text: torch threads")
     rep.add_argument("--widths", type=_width, nargs="*",
                      help="widths to report (default: 1.0 to 0.25 by 1/8; with --text: "
@@ -2125,8 +2146,10 @@ def build_parser() -> argparse.ArgumentParser:
         "built tiers' latency, empty for a model not built); with --text, one object per tier",
     )  # fmt: skip
     rep.add_argument("--png", type=png_file,
-                     help="plot accuracy and latency vs width here (default: with --data, "
-                     "MODEL_DIR/report.png)")  # fmt: skip
+                     help="plot accuracy and latency vs width here (default "
+                     "MODEL_DIR/report.png where there is a curve to plot: accuracy with "
+                     "--data or model.yaml's evaluation set, or a built model's "
+                     "latency)")  # fmt: skip
     rep.set_defaults(func=cmd_report)
 
     srv = sub.add_parser("serve", help="serve a model repository over gRPC")

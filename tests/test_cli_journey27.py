@@ -991,3 +991,14 @@ def test_a_reader_that_leaves_stdout_ends_the_command_quietly():
     err = p.stderr.read().decode()
     p.stderr.close()
     assert p.wait(timeout=60) == 141 and err == "", err
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
+    # calibrate --steps 2 --seconds 3 ran 2 steps and ignored --seconds; report --sentences
+    # without --text ignored it (review helper-228).
+    inn = runtime.convert(tiny_cnn(), (torch.randn(1, 1, 8, 8),))
+    inn.save(tmp_path / "cnn")
+    code, _, err = _cli(capsys, "calibrate", tmp_path / "cnn", "--steps", "2", "--seconds", "3")
+    assert code == 2 and "--steps and --seconds each say how long" in err, err
+    code, _, err = _cli(capsys, "report", tmp_path / "cnn", "--sentences", "10")
+    assert code == 2 and "--sentences counts the sentences of --text FILE" in err, err
