@@ -323,6 +323,7 @@ class DataPlane:
         loading = self.metrics.model_loading.labels(name) if known else None
         if loading is not None:
             loading.set(1)
+            self.metrics.load_failures.labels(name)  # from 0, for rate() (review helper-229)
         try:
             await self._load(name, drain_s, swap)
         finally:

@@ -228,7 +228,10 @@ class RestFrontEnd:
                 (get, base + "/trace/setting", "trace", self._trace),
                 (post, base + "/trace/setting", "trace", self._trace),
             ]
+        guarded = self.service.interceptors()  # (non-empty: auth is on)
         for method, path, name, handler in routes:
+            if guarded and name not in OPEN_ROUTES:  # its refusals' series from 0, as gRPC's
+                self.plane.metrics.auth_refused.labels(f"http:{name}")
             if method == get:  # (HEAD too, as add_get does: a probe may send it)
                 r.add_get(path, self._route(name, handler))
             else:

@@ -753,6 +753,10 @@ def test_dockerfile_structure(kind, base):
     # args only, so a pod runs the image's ENTRYPOINT too - a `command` replaced it.
     entry = ["/opt/nvidia/nvidia_entrypoint.sh"] if kind == "gpu" else []
     assert json.loads(dict(final)["ENTRYPOINT"]) == [*entry, "innfer", "serve"]
+    # no *_created series under `docker run` either (only the k8s manifests said so: review
+    # helper-229)
+    env = " ".join(a for op, a in final if op == "ENV")
+    assert "PROMETHEUS_DISABLE_CREATED_SERIES=True" in env
     pod = _one(_render(f"k8s/overlays/{kind}"), "Deployment", "innfer")["spec"]["template"]
     (server,) = [c for c in pod["spec"]["containers"] if c["name"] == "server"]
     assert "command" not in server and server["args"][0] == "--config", server

@@ -105,6 +105,13 @@ def test_bearer_token(model_repository):
     try:
         c = tc.InferenceServerClient(s.address)
         assert c.is_server_live() and c.is_server_ready()  # probes stay open
+        # every guarded method's refusals and the model's load failures exist from 0 (one
+        # that first appears at 1 is invisible to rate(): review helper-229)
+        sample = s.server.plane.metrics.registry.get_sample_value
+        assert sample("innfer_auth_refused_total", {"grpc_method": "ModelInfer"}) == 0
+        assert sample("innfer_auth_refused_total", {"grpc_method": "ModelMetadata"}) == 0
+        assert sample("innfer_auth_refused_total", {"grpc_method": "ServerLive"}) is None
+        assert sample("innfer_model_load_failures_total", {"model": "tiny"}) == 0
         with pytest.raises(InferenceServerException) as err:
             c.infer("tiny", [_input()])
         assert err.value.status() == "StatusCode.UNAUTHENTICATED"
