@@ -15,13 +15,10 @@ from sim.simulator import SimConfig
 
 
 def _model(tmp_path):
-    from serverutil import add_onnx_model, tiny_cnn
+    """The tiny two-tier CNN the other simulate / bench tests use (max_batch 4)."""
+    from test_sim_review import _bench_model
 
-    io = {"inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
-          "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
-          "tiers": [{"name": "w100", "width": 1.0}, {"name": "w050", "width": 0.5}],
-          "max_batch": 4}  # fmt: skip
-    return add_onnx_model(tmp_path, "tiny", tiny_cnn, io, warmup=1, repeats=2)
+    return _bench_model(tmp_path)
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:

@@ -841,3 +841,61 @@ def test_a_slice_keeping_every_channel_converts_and_one_cutting_them_cuts_the_gr
     inn = _converts(Ghost(15), torch.randn(2, 3, 6, 6), tmp_path)
     assert sorted(g.size for g in inn.groups if not g.discrete) == [1, 7]
     assert dict(inn.sample(0.5).named_modules())["head"].in_channels == 9  # 4 + 1 + 4
+
+
+# -- max / min in all three forms (review helper-230: "innfer has no rule for 'max'") -------
+
+
+class _TextCNNMaxOverTime(nn.Module):
+    """Kim's text CNN: the global max over time written as ``max(dim)``, not ``amax``."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.emb, self.conv, self.fc = nn.Embedding(100, 24), nn.Conv1d(24, 16, 3), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = F.relu(self.conv(self.emb(ids).transpose(1, 2)))  # (B, 16, L - 2)
+        if self.form == "values":
+            return self.fc(h.max(dim=2).values)
+        if self.form == "item":
+            return self.fc(torch.max(h, 2)[0])
+        return self.fc(torch.min(h, -1, keepdim=True)[0].squeeze(-1))
+
+
+@pytest.mark.parametrize("form", ["values", "item", "min_keepdim"])
+def test_max_and_min_over_time_keep_the_channels_elastic(form, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 12))
+    inn = _converts(_TextCNNMaxOverTime(form), ids, tmp_path)
+    assert {g.name: g.size for g in inn.groups if not g.discrete} == {"emb": 24, "conv": 16}
+
+
+class _MaxOverChannels(nn.Module):
+    """Max of two branches elementwise, then a max over the channels: the values alone
+    (width-free, as amax), or with the indices read (channel positions)."""
+
+    def __init__(self, indices: bool) -> None:
+        super().__init__()
+        self.indices = indices
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(8, 12, 1), nn.Linear(1, 2)
+
+    def forward(self, x):
+        h = self.c(torch.max(self.a(x), self.b(x)))  # elementwise: the branches are tied
+        top = h.max(1, keepdim=True)
+        y = top.values if not self.indices else top.values + top.indices.float()
+        return self.fc(y.mean((2, 3)))
+
+
+def test_max_over_channels_is_refused_only_where_its_indices_are_read(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    inn = _converts(_MaxOverChannels(indices=False), x, tmp_path)
+    assert not inn.group("c").discrete and len(inn.group("a").members) >= 2  # a, b tied
+    # the index of a channel changes with the width: refused, saying how to keep it
+    with pytest.raises(ConversionError, match=r"indices of a max over a channel dim.*"
+                       r"discrete=\['c'\]"):  # fmt: skip
+        _converts(_MaxOverChannels(indices=True), x)
+    inn = _converts(_MaxOverChannels(indices=True), x, discrete=["c"])
+    assert [g.name for g in inn.groups if not g.discrete] == ["a"]  # c kept whole

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -377,9 +378,25 @@ def _fold_norms(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
     try:
         traced = torch.fx.symbolic_trace(model, concrete_args=left_out(model, example_inputs))
         drop_default_checks(traced)
+        if _layer_called_twice(traced):
+            return None
         return fuse(traced, inplace=False, no_trace=True)
     except Exception:  # fx cannot trace it (torch.export will) or fuse cannot fold it
         return None
+
+
+def _layer_called_twice(traced: torch.fx.GraphModule) -> bool:
+    """Whether a conv or linear module is called more than once (weights shared between
+    blocks): ``fuse`` folds each call's BatchNorm into the one module they share, so every
+    call then computes with the last norm folded in - refused as "the captured graph does
+    not compute what the model does", blaming an in-place write (review helper-230). Such
+    a model keeps its norms as they are, as with ``fold_norms=False``."""
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    calls = Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
+    return any(
+        count > 1 and isinstance(traced.get_submodule(target), layers)
+        for target, count in calls.items()
+    )
 
 
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)

@@ -257,10 +257,49 @@ def _labelled_parts(tr: Tracer, node: fx.Node, parts, dim: int):
 
 
 _REDUCTIONS = {torch.mean: "mean", torch.amax: "amax", torch.amin: "amin", torch.sum: "sum",
-               torch.var: "var", torch.std: "std"}  # fmt: skip
+               torch.var: "var", torch.std: "std", torch.max: "max", torch.min: "min"}  # fmt: skip
 
 
-@register(functions=tuple(_REDUCTIONS), methods=("mean", "amax", "amin", "sum", "var", "std"))
+@register(functions=(torch.max, torch.min), methods=("max", "min"))
+def max_min(tr: Tracer, node: fx.Node) -> None:
+    """``torch.max`` / ``min`` in their three forms (a text CNN's global max over time,
+    ``h.max(dim=2).values``, had no rule: review helper-230): of two tensors, elementwise,
+    as ``maximum``; of every element, a reduction, as ``amax``; over one dim, the pair
+    (values, indices) - values as ``amax`` over it, indices the positions along it, which
+    over a channel dim change with the width: used there, that dim is fixed."""
+    other = arg(node, 1, "other", None)
+    if isinstance(other, fx.Node) and tr.shape(other):
+        broadcast(tr, node)
+        return
+    dim = arg(node, 1, "dim", None)
+    reduction(tr, node)
+    if dim is None:  # every element: one tensor, labelled by ``reduction``
+        return
+    values = tr.labels.pop(node, {})
+    tr.items[node] = [values, dict(values)]
+    rank = len(tr.shape(node.args[0]))
+    lay = tr.labels.get(node.args[0], {}).get(dim % rank)
+    if lay is not None and _indices_used(node):
+        kind = node.target if isinstance(node.target, str) else node.target.__name__
+        tr.fixed(node, f"the indices of a {kind} over a channel dim (channel positions, "
+                 "which change with the width)", [lay])  # fmt: skip
+
+
+def _indices_used(node: fx.Node) -> bool:
+    """Whether the (values, indices) pair ``node`` returns has its indices read."""
+    for user in node.users:
+        if user.op != "call_function":
+            return True  # passed on whole: either may be read
+        if user.target is operator.getitem and user.args[1] in (0, "values"):
+            continue
+        if user.target is getattr and user.args[1] == "values":
+            continue
+        return True
+    return False
+
+
+@register(functions=tuple(f for f in _REDUCTIONS if f not in (torch.max, torch.min)),
+          methods=("mean", "amax", "amin", "sum", "var", "std"))  # fmt: skip
 def reduction(tr: Tracer, node: fx.Node) -> None:
     """A mean (amax, a population var, ...) over channels does not depend on how many there
     are; a sum does, and so does a var or std with Bessel's correction (``var(x, 1)``, the

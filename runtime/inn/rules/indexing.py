@@ -438,6 +438,9 @@ def attribute(tr: Tracer, node: fx.Node) -> None:
     its input's dims are fixed and its result's are opaque (an attribute that returns a
     tensor - ``x.real``, ``x.grad`` - must not pass for one that keeps the channels)."""
     x, name = node.args[0], node.args[1]
+    if x in tr.items and name in ("values", "indices"):  # of max / min over a dim
+        tr.labels[node] = dict(tr.items[x][0 if name == "values" else 1])
+        return
     if name == "shape":  # its items as sizes; in arithmetic, see metadata
         tr.after_walk(lambda: _size_in_arithmetic(tr, node))
     if name in METADATA_ATTRIBUTES:
