@@ -391,20 +391,25 @@ def test_grouped_convs_of_two_group_counts_on_one_group_name_the_way_out_and_tak
 
 
 class _HandLinear(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, transposed: bool = False) -> None:
         super().__init__()
+        self.transposed = transposed
         self.a = nn.Linear(8, 32)
         self.w, self.bias = nn.Parameter(torch.randn(32, 4)), nn.Parameter(torch.zeros(4))
+        self.wt = nn.Parameter(torch.randn(4, 32))
 
     def forward(self, x):
-        return torch.relu(self.a(x)) @ self.w + self.bias
+        h = torch.relu(self.a(x))
+        return (h @ self.wt.t() if self.transposed else h @ self.w) + self.bias
 
 
-def test_a_hand_written_layer_is_told_to_use_a_linear():
-    # "matmul sums over a channel dim of two activations" - of a parameter (helper-105).
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_hand_written_layer_is_told_to_use_a_linear(transposed):
+    # "matmul sums over a channel dim of two activations" - of a parameter (helper-105);
+    # and of a parameter transposed first, x @ W.t() (review helper-230).
     with pytest.raises(ConversionError, match=r"matmul of an activation with a parameter \(a "
                        r"hand-written layer\) has no rule: use nn.Linear or F.linear"):  # fmt: skip
-        runtime.convert(_HandLinear().eval(), torch.randn(2, 8))
+        runtime.convert(_HandLinear(transposed).eval(), torch.randn(2, 8))
 
 
 def test_convert_and_evaluate_give_each_module_its_own_mode_back():

@@ -899,3 +899,36 @@ def test_max_over_channels_is_refused_only_where_its_indices_are_read(tmp_path):
         _converts(_MaxOverChannels(indices=True), x)
     inn = _converts(_MaxOverChannels(indices=True), x, discrete=["c"])
     assert [g.name for g in inn.groups if not g.discrete] == ["a"]  # c kept whole
+
+
+class _TextCNNPoolWindow(nn.Module):
+    """A global max pool written with its window taken from the input's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.conv, self.fc = nn.Embedding(100, 24), nn.Conv1d(24, 16, 3), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = F.relu(self.conv(self.emb(ids).transpose(1, 2)))
+        return self.fc(F.max_pool1d(h, h.size(2)).squeeze(2))
+
+
+def test_a_pool_window_from_a_dynamic_length_is_refused_at_export():
+    # The exporter wrote the window as the example's length: other lengths failed in ONNX
+    # Runtime's Gemm at the build, or pooled part of the sequence with no error (review
+    # helper-230). A fixed length exports and matches torch.
+    from runtime.build.export import export_onnx
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 12))
+    inn = _converts(_TextCNNPoolWindow(), ids)
+    with pytest.raises(ValueError, match=r"node 'max_pool1d' \(max_pool1d\) takes its window "
+                       r"from the input's size.*amax"):  # fmt: skip
+        export_onnx(inn.sample(0.5), [("ids", (-1,), torch.int64)], ["logits"])
+    import onnxruntime as ort
+
+    data = export_onnx(inn.sample(0.5), [("ids", (12,), torch.int64)], ["logits"])
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = inn.sample(0.5)(ids).numpy()
+    assert abs(sess.run(None, {"ids": ids.numpy()})[0] - want).max() < 1e-5

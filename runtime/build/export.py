@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -66,6 +67,7 @@ def export_onnx(
     names = [name for name, _, _ in inputs]
     _check_shape_arithmetic(module, inputs)
     _check_attention_lengths(module, inputs)
+    _check_pool_windows(module, inputs)
     dynamic = {n: {0: "batch"} for n in [*names, *output_names]}
     for name, shape, _ in inputs:
         dynamic[name].update({1 + i: "sequence" for i, d in enumerate(shape) if d == -1})
@@ -343,6 +345,36 @@ def _check_attention_lengths(module: nn.Module, inputs) -> None:
             "a fixed shape, or write the attention from nn.Linear and "
             "F.scaled_dot_product_attention (as Hugging Face and timm models do)"
         )
+
+
+# Pools whose window (kernel size, stride) the exporter writes into the graph as numbers.
+_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+          F.lp_pool1d, F.lp_pool2d)  # fmt: skip
+
+
+def _check_pool_windows(module: nn.Module, inputs) -> None:
+    """Refuse a pool whose window is computed from the input's size (a global pool written
+    ``F.max_pool1d(x, x.size(2))``) where an input has a dynamic axis besides the batch: the
+    exporter fixes the window at the example's length, and every other length failed in
+    ONNX Runtime far from the cause, or pooled part of the sequence with no error (review
+    helper-230)."""
+    dynamic = [name for name, shape, _ in inputs if -1 in tuple(shape)]
+    if not dynamic:
+        return
+    for sub in module.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for n in sub.graph.nodes:
+            if n.op == "call_function" and n.target in _POOLS:
+                window = [*n.args[1:3], n.kwargs.get("kernel_size"), n.kwargs.get("stride")]
+                if any(isinstance(a, torch.fx.Node) for a in window):
+                    raise ValueError(
+                        f"node {n.name!r} ({n.target.__name__}) takes its window from the "
+                        f"input's size, which the ONNX exporter fixes at the example's; inputs "
+                        f"{dynamic} have a dynamic axis (-1 in model.yaml): pool the whole "
+                        "length as a reduction (x.amax(dim=-1), x.mean(dim=-1)) or with "
+                        "F.adaptive_max_pool1d(x, 1), or give the inputs a fixed shape"
+                    )
 
 
 def _check_shape_arithmetic(module: nn.Module, inputs) -> None:

@@ -41,6 +41,24 @@ def _tie_batch(tr: Tracer, node: fx.Node, operands: list, rank: int, labels: Lab
             labels[od] = tr.unify(labels[od], lay, where) if od in labels else lay
 
 
+# Ops that reorder or retype a tensor's values without computing new ones: a parameter
+# passed through them (``self.w.t()``) is still the parameter.
+_REORDERS = {"t", "transpose", "permute", "contiguous", "float", "half", "to", "T", "mT",
+             torch.t, torch.transpose, torch.permute}  # fmt: skip
+
+
+def _a_parameter(t) -> bool:
+    """Whether operand ``t`` is a module's parameter, reordered or retyped at most: ``h @
+    self.w.t()`` was "a product of two activations", sending its writer looking in the
+    wrong place (review helper-230)."""
+    while isinstance(t, fx.Node) and t.op in ("call_method", "call_function") and t.args:
+        op = t.args[1] if t.target is getattr else t.target  # (getattr: the attribute)
+        if op not in _REORDERS:
+            return False
+        t = t.args[0]
+    return isinstance(t, fx.Node) and t.op == "get_attr"
+
+
 def _refuse(tr: Tracer, node: fx.Node, what: str) -> None:
     tr.fixed_inputs(node, what)
     tr.opaque(node, what)
@@ -55,7 +73,7 @@ def matmul(tr: Tracer, node: fx.Node) -> None:
         return
     la, lb = tr.labels.get(a, {}), tr.labels.get(b, {})
     summed = [lay for lay in (la.get(len(sa) - 1), lb.get(len(sb) - 2)) if lay is not None]
-    weight = any(isinstance(t, fx.Node) and t.op == "get_attr" for t in (a, b))
+    weight = any(_a_parameter(t) for t in (a, b))
     tr.fixed(node, "matmul of an activation with a parameter (a hand-written layer) has no "
              "rule: use nn.Linear or F.linear, which resample it" if weight else
              "matmul sums over a channel dim of two activations", summed)  # fmt: skip
@@ -109,7 +127,7 @@ def einsum(tr: Tracer, node: fx.Node) -> None:
     inputs, out = terms
     summed = [tr.labels.get(o, {}).get(d) for o, term in zip(ops, inputs, strict=True)
               for d, c in enumerate(term) if c not in out]  # fmt: skip
-    weight = any(isinstance(o, fx.Node) and o.op == "get_attr" for o in ops)
+    weight = any(_a_parameter(o) for o in ops)
     tr.fixed(node, "einsum of an activation with a parameter (a hand-written layer) has no "
              "rule: use nn.Linear or F.linear, which resample it" if weight else
              f"einsum {equation!r} sums over a channel dim", [s for s in summed if s])  # fmt: skip
