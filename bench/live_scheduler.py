@@ -26,8 +26,10 @@ sim.simulator.simulate on the same profile, arrivals (trace file) and budgets, a
 (column simL, sim_at_load) on that profile scaled per tier by what the live server planned
 with when the point's load began (innfer_tier_latency_factor: its timing at load): a profile
 measured on a busier or quieter machine makes the first sim differ from live for reasons that
-are not the scheduler's. The simulator
-has no closed-loop mode, so closed-loop points have no simulated figures. The server is
+are not the scheduler's. The engine-only simulator
+has no closed-loop mode, so closed-loop points have no simulated figures here; the
+shared-core model replays them (`bench/shared_core.py` on this file's points, or `innfer
+simulate --clients N --host-ms ...` on one). The server is
 pinned to CPU --server-cpus, this process (the load generator) to --client-cpus.
 
 Writes bench/results/live_scheduler.json and live_scheduler.png, the servers' logs to
@@ -89,7 +91,8 @@ WARMUP_BUDGET_MS = 1000.0
 READY_TIMEOUT_S = 300.0
 NO_CLOSED_LOOP_SIM = (
     "sim.simulator.simulate replays open-loop arrival traces only (no closed-loop mode): "
-    "closed-loop points are compared live only"
+    "closed-loop points are simulated by the shared-core model (bench/shared_core.py, "
+    "innfer simulate --clients N --host-ms ...)"
 )
 
 

@@ -932,3 +932,37 @@ def test_a_pool_window_from_a_dynamic_length_is_refused_at_export():
     with torch.no_grad():
         want = inn.sample(0.5)(ids).numpy()
     assert abs(sess.run(None, {"ids": ids.numpy()})[0] - want).max() < 1e-5
+
+
+class _ComputedHeadDim(nn.Module):
+    """Attention as older timm ViTs write it: head_dim = C // num_heads, computed."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, literal: bool = False) -> None:
+        super().__init__()
+        self.heads, self.emb, self.literal = heads, nn.Linear(8, dim), literal
+        self.qkv, self.proj, self.head = (
+            nn.Linear(dim, 3 * dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 4),
+        )
+
+    def forward(self, x):
+        x = self.emb(x)
+        B, N, C = x.shape
+        head_dim = -1 if self.literal else C // self.heads
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = ((q @ k.transpose(-2, -1)) * 0.35).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+        return self.head(x.mean(1))
+
+
+def test_a_head_dim_computed_from_the_channels_is_named_in_the_refusal():
+    # "matmul sums over a channel dim of two activations", nothing of the cause (review
+    # helper-230); the way out it names (head_dim -1) converts with elastic heads.
+    with pytest.raises(ConversionError, match=r"head_dim = C // num_heads.*give head_dim as "
+                       r"a literal, or -1"):  # fmt: skip
+        runtime.convert(_ComputedHeadDim().eval(), (torch.randn(2, 5, 8),))
+    torch.manual_seed(0)
+    inn = _converts(_ComputedHeadDim(literal=True), torch.randn(2, 5, 8))
+    assert not inn.group("qkv").discrete  # whole heads resampled

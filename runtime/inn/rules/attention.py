@@ -59,6 +59,30 @@ def _a_parameter(t) -> bool:
     return isinstance(t, fx.Node) and t.op == "get_attr"
 
 
+def _divided_heads(*operands) -> str:
+    """A hint where an operand was reshaped with a size divided from another
+    (``reshape(B, N, 3, h, C // h)``, older timm ViTs): that head_dim is computed from the
+    channel count, so the reshape reads its last dim as the channels and the attention's
+    q @ k then sums over them - refused as "two activations" with no word of the cause
+    (review helper-230). Looked for a few ops back (permute, unbind, getitem, scaling)."""
+    seen, todo = set(), [o for o in operands if isinstance(o, fx.Node)]
+    for _ in range(12):
+        if not todo:
+            break
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target in ("reshape", "view", torch.reshape) and any(
+            isinstance(a, fx.Node) and a.target is operator.floordiv for a in n.args[1:]
+        ):
+            return (" (a reshape before it takes a size divided from the channel count, such "
+                    "as head_dim = C // num_heads: innfer resamples whole heads, so give "
+                    "head_dim as a literal, or -1)")  # fmt: skip
+        todo.extend(a for a in n.args if isinstance(a, fx.Node))
+    return ""
+
+
 def _refuse(tr: Tracer, node: fx.Node, what: str) -> None:
     tr.fixed_inputs(node, what)
     tr.opaque(node, what)
@@ -76,7 +100,8 @@ def matmul(tr: Tracer, node: fx.Node) -> None:
     weight = any(_a_parameter(t) for t in (a, b))
     tr.fixed(node, "matmul of an activation with a parameter (a hand-written layer) has no "
              "rule: use nn.Linear or F.linear, which resample it" if weight else
-             "matmul sums over a channel dim of two activations", summed)  # fmt: skip
+             f"matmul sums over a channel dim of two activations{_divided_heads(a, b)}",
+             summed)  # fmt: skip
     labels: Labels = {}
     _tie_batch(tr, node, [a, b], rank, labels)
     if len(sa) - 2 in la:
