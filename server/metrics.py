@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 import sys
 import threading
@@ -745,17 +746,26 @@ def _serve(port: int, host: str, registry: CollectorRegistry, server_class):
 
 
 class _NvmlCollector:
-    """GPU utilisation and memory via NVML where a GPU is present; nothing elsewhere."""
+    """GPU utilisation and memory via NVML where a GPU is present; nothing elsewhere. The
+    GPUs this process may use, labelled by their CUDA index (``gpu="0"`` is ``cuda:0``, as
+    ``innfer_device_external_load_factor`` names it): NVML numbers every GPU of the host and
+    ignores ``CUDA_VISIBLE_DEVICES``, so with ``CUDA_VISIBLE_DEVICES=2`` the GPU in use read
+    as "2" and other processes' GPUs were exported too (review helper-231)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nvml=None) -> None:
         self.handles = []
         try:
-            import pynvml
+            if nvml is None:
+                import pynvml as nvml
+            from server.gpu_load import nvml_handle
 
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            self.nvml = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            nvml.nvmlInit()
+            count = nvml.nvmlDeviceGetCount()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is not None:
+                count = min(count, len([e for e in visible.split(",") if e.strip()]))
+            self.nvml = nvml
+            self.handles = [nvml_handle(nvml, i) for i in range(count)]
         except Exception:  # no pynvml, no driver, no GPU: the metrics are simply absent
             self.handles = []
 
@@ -769,11 +779,12 @@ class _NvmlCollector:
             "innfer_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"]
         )
         for i, h in enumerate(self.handles):
-            try:
+            # each read on its own: utilisation is NOT_SUPPORTED on a MIG slice, whose
+            # memory still reads
+            with contextlib.suppress(Exception):
                 util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
+            with contextlib.suppress(Exception):
                 mem.add_metric([str(i)], float(self.nvml.nvmlDeviceGetMemoryInfo(h).used))
-            except Exception as exc:
-                log.debug("NVML read failed: %s", exc)
         yield util
         yield mem
 

@@ -316,6 +316,10 @@ def test_an_fp16_tensorrt_key_names_the_converter_that_makes_its_graph(
     builtin = key()
     monkeypatch.setattr(trt_module, "FP16_PASS", fp16.PASS_VERSION + 1)
     assert key() != builtin
+    # the clamp the converter is called with is in the key: engines cached from the old
+    # +-1e4 one are not reused (review helper-231)
+    fields = engine_key("ab" * 32, TensorRTBackend(), BuildOptions(precision="fp16"))[1]
+    assert fields["fp16_converter"]["max_finite_val"] == 65504.0
     assert (
         key("fp32") == key("fp32")
         and "fp16_converter" not in engine_key("ab" * 32, TensorRTBackend(), BuildOptions())[1]
@@ -916,7 +920,8 @@ def test_fp16_build_uses_onnxconverter_common_when_installed(
     options = BuildOptions(precision="fp16", max_batch=8, opt_batch=4)
     with caplog.at_level(logging.INFO, logger="innfer.engines.tensorrt"):
         TensorRTBackend().build(tmp_path / "model.onnx", tmp_path / "engines" / "k", options)
-    assert calls == [{"keep_io_types": True}]
+    # fp16's own range, not the converter's default +-1e4 (review helper-231)
+    assert calls == [{"keep_io_types": True, "max_finite_val": 65504.0, "min_positive_val": 1e-7}]
     assert _parsed_model(trt.record.networks[0]).producer_name == "fake-onnxconverter-common"
     assert "with onnxconverter-common" in caplog.text
 
@@ -1642,3 +1647,30 @@ def test_close_leaves_a_hung_batch_its_context_and_frees_it_when_it_ends(
         _MeetingContext.barrier.wait()  # the engine comes back
         np.testing.assert_array_equal(hung.result(5)["y"], x)
     assert rt.device == {} and rt.pinned == {} and rt.streams == set()
+
+
+class _NotMonotoneContext(_StubContext):
+    """The stub context whose output is larger at a smaller batch than at the largest (no
+    real model's shape, but nothing in TensorRT rules it out)."""
+
+    def get_tensor_shape(self, name):
+        if name == "y" and self.shape[0] < 6:
+            return (2 * self.shape[0], *self.shape[1:])
+        return self.shape
+
+
+class _NotMonotoneEngine(_StubEngine):
+    def create_execution_context(self):
+        return _NotMonotoneContext(self.cudart)
+
+
+def test_an_output_larger_than_its_buffers_is_refused_before_the_run(monkeypatch, fake_cuda):
+    # Buffers are sized at the inputs' largest shapes; an output not monotone in them was
+    # copied past both the device and the pinned buffer, unchecked (review helper-231).
+    rt = fake_cuda
+    monkeypatch.setitem(sys.modules, "tensorrt", _StubTRT)
+    engine = TensorRTEngine(_NotMonotoneEngine(rt), trt_module._Cuda(rt), max_batch=6)
+    with pytest.raises(EngineError, match=r"output 'y' of shape \(8, 16\) is larger than its "
+                       r"buffers \(\(6, 16\)"):  # fmt: skip
+        engine.run({"x": _inputs(4, seed=0)})
+    assert engine.run({"x": _inputs(6, seed=0)})["y"].shape == (6, IN_F)  # and runs on

@@ -499,3 +499,16 @@ def test_cuda_graphs_on_a_device_that_is_not_the_current_one(tmp_path, monkeypat
         got = engine.run({"input": x})["logits"]
         np.testing.assert_allclose(got, _expected(net, x), rtol=1e-4, atol=1e-5)
     assert engine.graph_captures == 2 and torch.cuda.current_device() == 0
+
+
+def test_an_fp32_engine_on_cuda_turns_cudnn_tf32_off(monkeypatch):
+    # cuDNN's default let fp32 convolutions run in TF32 (~1e-3 relative) on Ampere and newer,
+    # the reference backend less precise than TensorRT's fp32, which clears TF32 (review
+    # helper-231). Checked on the switch itself: no GPU here.
+    from runtime.engines.torch import _no_tf32
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    _no_tf32(torch.float16)  # fp16's math is not TF32's to change
+    assert torch.backends.cudnn.allow_tf32 is True
+    _no_tf32(torch.float32)
+    assert torch.backends.cudnn.allow_tf32 is False

@@ -532,3 +532,45 @@ def test_real_nvml_does_not_count_our_own_kernels_as_outside_load():
     if not factors:  # (an empty list would pass the check below without checking anything)
         pytest.skip("this driver gives no per-process samples: nothing to check")
     assert all(f < 1.5 for f in factors), factors
+
+
+class _FakeNvmlDevices(FakeNvml):
+    """FakeNvml with ``count`` GPUs whose memory reads its NVML index in bytes;
+    utilisation is NOT_SUPPORTED (a MIG slice's) where ``mig``."""
+
+    def __init__(self, count: int, mig: bool = False) -> None:
+        super().__init__()
+        self.count, self.mig = count, mig
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        if self.mig:
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+        return types.SimpleNamespace(gpu=40, memory=0)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=float(handle[1]))
+
+
+def _gauges(collector) -> dict[str, dict[str, float]]:
+    return {f.name: {s.labels["gpu"]: s.value for s in f.samples} for f in collector.collect()}
+
+
+def test_gpu_gauges_are_the_visible_gpus_by_cuda_index(monkeypatch):
+    # NVML ignores CUDA_VISIBLE_DEVICES: with it at "2" the GPU in use was labelled "2" (the
+    # external-load factor calls it 0) and the host's other GPUs were exported too; a MIG
+    # slice's unsupported utilisation dropped its memory gauge as well (review helper-231).
+    from server.metrics import _NvmlCollector
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    got = _gauges(_NvmlCollector(_FakeNvmlDevices(4)))
+    assert got["innfer_gpu_memory_used_bytes"] == {"0": 2.0}  # NVML's GPU 2, as cuda:0
+    assert got["innfer_gpu_utilization_ratio"] == {"0": 0.4}
+    got = _gauges(_NvmlCollector(_FakeNvmlDevices(4, mig=True)))
+    assert got["innfer_gpu_memory_used_bytes"] == {"0": 2.0}  # memory reads on
+    assert got["innfer_gpu_utilization_ratio"] == {}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    got = _gauges(_NvmlCollector(_FakeNvmlDevices(2)))
+    assert got["innfer_gpu_memory_used_bytes"] == {"0": 0.0, "1": 1.0}  # every GPU

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 # The largest finite float16; weights beyond it are clipped rather than becoming inf.
-_FP16_MAX = 65504.0
+FP16_MAX = 65504.0
 # The smallest magnitude a nonzero constant keeps (onnxconverter-common's min_positive_val):
 # an epsilon of 1e-9 or 1e-12 - a mean pooling's or a normalisation's guard against
 # dividing by zero - became 0 in fp16, and an all-padding row came out NaN (review 175).
@@ -76,7 +76,7 @@ def convert_to_fp16(model):
 
     def half(array: np.ndarray) -> np.ndarray:
         # Clip first: values beyond fp16's range would become inf, tiny ones 0.
-        a = np.clip(array, -_FP16_MAX, _FP16_MAX)
+        a = np.clip(array, -FP16_MAX, FP16_MAX)
         tiny = (a != 0) & (np.abs(a) < _FP16_MIN_POSITIVE)
         if tiny.any():
             a = np.where(tiny, np.copysign(_FP16_MIN_POSITIVE, a), a)

@@ -70,8 +70,8 @@ from .base import (
     interrupted,
 )
 from .feeds import check_feeds
+from .fp16 import FP16_MAX, convert_to_fp16
 from .fp16 import PASS_VERSION as FP16_PASS
-from .fp16 import convert_to_fp16
 
 log = logging.getLogger("innfer.engines.tensorrt")
 
@@ -365,7 +365,10 @@ class TensorRTBackend(Backend):
             converter = version("onnxconverter-common")
         except Exception:  # not installed (PackageNotFoundError), or unreadable
             converter = None
-        return {"fp16_converter": {"onnxconverter_common": converter, "builtin": FP16_PASS}}
+        # max_finite_val: the clamp it is called with (+-1e4 until session 64's fix): an
+        # engine converted with another clamp is another engine.
+        return {"fp16_converter": {"onnxconverter_common": converter, "builtin": FP16_PASS,
+                                   "max_finite_val": FP16_MAX}}  # fmt: skip
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Build ``onnx_path`` into ``out_dir / engine.plan``; returns ``["engine.plan"]``.
@@ -818,15 +821,23 @@ class TensorRTEngine(Engine):
             slot.staging[spec.name][: array.size] = array.reshape(-1)
             cuda.to_device(slot.buffers[spec.name], slot.host[spec.name], array.nbytes,
                            slot.stream)  # fmt: skip
-        if not slot.context.execute_async_v3(int(slot.stream)):
-            raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
+        # The actual output shapes for this batch (e.g. (batch, 10)), known once the inputs'
+        # are set; each checked against its buffers, sized at the inputs' largest shapes:
+        # an output not monotone in them would overrun both (review helper-231).
         shapes = {}
         for spec in self.outputs:
-            # The actual output shape for this batch (e.g. (batch, 10)).
             shape = tuple(slot.context.get_tensor_shape(spec.name))
-            nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
-            cuda.to_host(slot.host[spec.name], slot.buffers[spec.name], nbytes, slot.stream)
+            if int(np.prod(shape)) > slot.staging[spec.name].size:
+                raise EngineError(
+                    f"{self._source}: output {spec.name!r} of shape {shape} is larger than its "
+                    f"buffers ({self._max_shapes[spec.name]}, at the inputs' largest shapes)"
+                )
             shapes[spec.name] = shape
+        if not slot.context.execute_async_v3(int(slot.stream)):
+            raise EngineError(f"{self._source}: TensorRT execution failed (see log)")
+        for spec in self.outputs:
+            nbytes = int(np.prod(shapes[spec.name])) * np.dtype(spec.dtype).itemsize
+            cuda.to_host(slot.host[spec.name], slot.buffers[spec.name], nbytes, slot.stream)
         # Everything above is queued on the stream: one synchronisation for the whole run.
         cuda.synchronize(slot.stream)
         # Copies out of the staging buffers, which the context's next run overwrites.
@@ -969,9 +980,14 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
         if float16 is not None:
             log.info("converting %s to fp16 with onnxconverter-common", onnx_path)
             # keep_io_types: callers keep feeding and reading fp32, as the engine's I/O says.
+            # max_finite_val: fp16's own range - the converter's default clamps constants
+            # to +-1e4, so a folded BatchNorm scale in (1e4, 65504] changed, and the two
+            # converters built different engines (review helper-231).
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                half = float16.convert_float_to_float16(model, keep_io_types=True)
+                half = float16.convert_float_to_float16(
+                    model, keep_io_types=True, max_finite_val=FP16_MAX, min_positive_val=1e-7
+                )
             _report_clamped(caught, onnx_path)
             problem = _graph_problem(onnx, half)
             if problem is not None:

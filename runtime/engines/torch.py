@@ -209,6 +209,20 @@ def _torch_dtype(name: str):
     return dtype
 
 
+def _no_tf32(dtype) -> None:
+    """fp32 means fp32 on a GPU, as the TensorRT backend's clearing of BuilderFlag.TF32
+    says: cuDNN's default (``torch.backends.cudnn.allow_tf32`` True) let an fp32 engine's
+    convolutions run in TF32 on Ampere and newer, ~1e-3 relative - the backend that is the
+    reference for correctness less precise than TensorRT's fp32 (review helper-231). Set for
+    the process, once an fp32 engine loads on CUDA: the flag is global, and a per-run switch
+    would race between engines' threads (an fp16 engine's math is not TF32's to change)."""
+    import torch
+
+    if dtype is torch.float32 and torch.backends.cudnn.allow_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        log.info("cuDNN's TF32 off for this process: fp32 torch engines compute in fp32")
+
+
 def _set_cpu_threads(threads: int) -> None:
     """Set torch's intra-op threads to ``threads`` (``BuildOptions.threads``) in the loading
     thread, as ONNX Runtime's session option does for its engines: the timing at load runs
@@ -521,6 +535,8 @@ class TorchBackend(Backend):
         if on_cpu:
             _set_cpu_threads(options.threads)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
+        if not on_cpu:
+            _no_tf32(dtype)
         module = module.to(device=device, dtype=dtype).eval()
         return TorchEngine(
             module,
