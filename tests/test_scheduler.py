@@ -1337,3 +1337,104 @@ def test_a_corrupted_spread_state_plans_huge_but_finite_times():
     lat.observe("w100", 1, 0.03)
     assert math.isfinite(lat.estimate("w100", 1)) and lat.estimate("w100", 1) > 1e6
     assert all(map(math.isfinite, lat.tables(["w100"])[2][0][1:3]))
+
+
+# -- re-entrant device listeners, resubmission, zero profiles (review helper-232) -----------
+
+
+def test_a_listener_that_dispatches_at_once_on_release_keeps_the_new_batch():
+    # complete() released the slot (its listeners ran at once) before taking the finished
+    # batch out of `running`: a listener that dispatched there had its new batch's entry
+    # deleted - its request never answered, the slot held for good.
+    from server.scheduling.device import Device
+
+    tiers = [TierInfo("t", 0.9, {1: 1.0, 4: 2.0})]
+    dev = Device(slots=2)
+    a, c = (Scheduler(tiers, make_policy("innfer", tiers, 2), max_batch=4, max_queue=16,
+                      device=dev) for _ in range(2))  # fmt: skip
+    started = []
+    clock = [0.0]
+
+    def pump_all():  # a dispatcher that looks again at once, for every model on the device
+        for s in (a, c):
+            while (d := s.next(clock[0])) is not None:
+                started.append((s, d))
+
+    dev.join(c, on_release=pump_all)
+    a.submit(Request(1, 0.0, 1.0), 0.0)
+    c.submit(Request(2, 0.0, 1.0), 0.0)
+    pump_all()
+    first = next(d for s, d in started if s is a)
+    clock[0] = 0.0005
+    third = Request(3, clock[0], 1.0)
+    a.submit(third, clock[0])  # both slots busy: queued
+    clock[0] = 0.001
+    a.complete(first, clock[0], 0.001)  # c's listener starts r3 on the slot just freed
+    again = started[-1][1]
+    assert again.requests == [third] and a.running[again.slot][0] is again
+    a.complete(again, 0.003, 0.002)
+    assert third.state is State.SERVED and again.slot not in dev.running
+
+
+def test_an_eviction_whose_listener_dispatches_at_once_keeps_the_queue_in_order():
+    # submit() evicted the least urgent request (emptying its lane: the device's listeners
+    # ran at once and dispatched from this queue) and then inserted the newcomer at the
+    # index computed before: the queue out of order, a later removal IndexError.
+    from server.scheduling.device import Device, Instances
+
+    tiers = [TierInfo("t0", 0.99, {1: 2.0, 4: 4.0}), TierInfo("t1", 0.90, {1: 1.0, 4: 2.0})]
+    dev, inst = Device(slots=1), Instances(1)
+    s, lane = (Scheduler(tiers, make_policy("innfer", tiers, 1), max_batch=4, max_queue=3,
+                         device=dev, instances=inst) for _ in range(2))  # fmt: skip
+    running = []
+    clock = [0.0]
+
+    def pump_lanes():
+        for x in (s, lane):
+            while (d := x.next(clock[0])) is not None:
+                running.append(d)
+
+    dev.join(s, on_release=pump_lanes)
+    s.submit(Request(0, 0.0, 1.0, priority=1), 0.0)
+    pump_lanes()
+    s.submit(Request(1, 0.0, 0.30, pin="t0", priority=1), 0.0)
+    s.submit(Request(2, 0.0, 0.50, pin="t1", priority=1), 0.0)
+    least = Request(9, 0.0, 0.90, priority=0)
+    lane.submit(least, 0.0)
+    clock[0] = 0.010
+    s.complete(running.pop(), clock[0], 0.002)
+    s.submit(Request(3, clock[0], 0.40, priority=1), clock[0])  # full: evicts r9
+    assert s._keys == sorted(s._keys) and len(s._keys) == len(s.queue)
+    assert [(r.id, r.state) for r in lane.expire(clock[0])] == [(9, State.REFUSED_FULL)]
+    for r in list(s.queue):
+        assert s.cancel(r, clock[0])
+
+
+def test_a_request_submitted_twice_is_refused_before_anything_changes():
+    # Queued twice, next() took the same index out twice - a neighbour with it, never
+    # answered - and then failed on the second start.
+    from server.scheduling.scheduler import InvalidRequest
+
+    tiers = [TierInfo("t", 0.9, {1: 1.0, 4: 2.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=8)
+    a, b = Request(1, 0.0, 1.0), Request(2, 0.0, 2.0)
+    s.submit(a, 0.0)
+    with pytest.raises(InvalidRequest, match="request 1 was submitted already"):
+        s.submit(a, 0.0)
+    s.submit(b, 0.0)
+    d = s.next(0.0)
+    assert d.requests == [a, b] and not s.queue
+    with pytest.raises(InvalidRequest, match="submitted already \\(running\\)"):
+        s.submit(a, 0.0)
+
+
+@pytest.mark.parametrize("table", [{1: 0.0, 4: 0.0}, {1: 0.0, 4: 2.0}])
+def test_a_zero_ms_profile_entry_plans_instead_of_dividing_by_zero(table):
+    # Every next() of the innfer policy raised ZeroDivisionError (rows per second of a
+    # 0-second batch); the queue stayed, and every request expired.
+    tiers = [TierInfo("w", 1.0, table)]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=16)
+    for k in range(3):
+        s.submit(Request(k, 0.0, 0.010), 0.0)
+    d = s.next(0.0)
+    assert d is not None and d.tier == "w" and d.requests[0].id == 0

@@ -328,7 +328,10 @@ class LatencyModel:
         expected = self._expected[tier]
         scale = min(self._jitter[tier] / expected, 1.0) if expected > 1e-12 else 0.0
         f = math.exp(self._log_factor[tier]) * self._external  # x 1.0 at rest: exact
-        median = [v * f for v in self._p50[tier]]
+        # At least MIN_TYPICAL_S: a hand-written profile may say 0 ms, and the planner
+        # divides by these (rows per second): every next() of the innfer policy raised
+        # ZeroDivisionError on one (review helper-232).
+        median = [max(v * f, MIN_TYPICAL_S) for v in self._p50[tier]]
         # Learned: the observed spread, or the profile's at this size scaled down by what
         # was observed, whichever is larger; trusted as batches accumulate.
         sigma = [

@@ -251,6 +251,24 @@ class Scheduler:
             raise InvalidRequest(
                 f"request {r.id} has a NaN deadline or grace; give a finite latency budget or none"
             )
+        # Submitted before (queued, running or answered): a second entry was dispatched
+        # twice - next() failed part-way and took a neighbour out of the queue with it, never
+        # answered (review helper-232). Its state, or its place among equal keys: O(1).
+        if r.state is not State.QUEUED or self._queued_here(r):
+            raise InvalidRequest(
+                f"request {r.id} was submitted already ({r.state.name.lower()}); submit a new "
+                "Request for each call"
+            )
+
+    def _queued_here(self, r: Request) -> bool:
+        """Whether ``r`` itself is in this lane's queue: among the requests of its priority
+        and deadline (the queue's order), found from the last of them back."""
+        j = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf)) - 1
+        while j >= 0 and self._keys[j][:2] == (-r.priority, r.deadline):
+            if self.queue[j] is r:
+                return True
+            j -= 1
+        return False
 
     def arrival_rate(self, now: float) -> float:
         """Recent arrival rate in rows per second (refused ones included: they are load
@@ -330,14 +348,17 @@ class Scheduler:
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
                 "shortly or on another replica, or send a larger latency_budget_ms",
             )
-        if victim is not None:  # (it sorts after r: i stays r's place)
-            victim[0]._evict(now)
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
             self._cols.drop()
         else:
             self._cols.insert(i, r, self.ctx)
+        if victim is not None:  # after r is in its place (the victim sorts after it): an
+            # eviction that empties its lane tells the device, whose listeners may dispatch
+            # from this queue at once - before, r went in at an index from before that, out
+            # of order (review helper-232)
+            victim[0]._evict(now)
         self.device.touched(self)
 
     def _least_urgent(self) -> tuple[Scheduler, Request] | None:
@@ -605,9 +626,13 @@ class Scheduler:
         return evicted + gone
 
     def earliest_deadline(self) -> float:
-        """The earliest deadline in the queue (absolute seconds; inf when it is empty): a
-        request is not expired (``expire``) before it, so a runtime that must expire
-        requests with nothing else to wake it (a batch overrunning its plan) looks then."""
+        """The earliest deadline in the queue (absolute seconds; inf when it is empty): by
+        then at the latest ``expire`` takes a request out, so a runtime that must expire
+        requests with nothing else to wake it (a batch overrunning its plan) looks then.
+        ``expire`` may take one out sooner - once it cannot make its deadline even alone on
+        the fastest tier, up to one batch earlier - which a wake-up at this time refuses
+        that much later than it could (it said "not expired before it": review
+        helper-232)."""
         if len(self.queue) <= SMALL_QUEUE:
             return min((r.deadline for r in self.queue), default=math.inf)
         return float(self.columns().deadline.min())
@@ -730,23 +755,25 @@ class Scheduler:
                 f"complete(): the batch of requests {[r.id for r in decision.requests]} is not "
                 f"running on slot {decision.slot} of this scheduler (completed twice?)"
             )
-        self.device.release(decision)
         del self.running[decision.slot]
-        if ok and learn:
-            observed = calls or ((decision.rows, compute_s),)
-            for rows, seconds in observed:
-                self.latency.observe(decision.tier, rows, seconds)
-            self._observed_at[decision.tier] = now
-            if decision.tier in self._relaxed:  # its first batch since a relax
-                self._judge_relax(decision.tier, observed)
-        if served is None:  # every request alike (the hot path: no set to build)
-            state = State.SERVED if ok else State.FAILED
-            for r in decision.requests:
-                r.finish(state, now)
-            return
-        done = {id(r) for r in served}
-        for r in decision.requests:
-            r.finish(State.SERVED if id(r) in done else State.FAILED, now)
+        try:
+            if ok and learn:
+                observed = calls or ((decision.rows, compute_s),)
+                for rows, seconds in observed:
+                    self.latency.observe(decision.tier, rows, seconds)
+                self._observed_at[decision.tier] = now
+                if decision.tier in self._relaxed:  # its first batch since a relax
+                    self._judge_relax(decision.tier, observed)
+            done = None if served is None else {id(r) for r in served}
+            for r in decision.requests:  # (served None: every request alike, the hot path)
+                good = ok if done is None else id(r) in done
+                r.finish(State.SERVED if good else State.FAILED, now)
+        finally:
+            # Last: the device frees the slot and tells its members, whose listeners may
+            # start a batch there at once - on this scheduler too. Released first, such a
+            # batch's entry was the one deleted above: its requests never answered, the
+            # slot held for good (review helper-232).
+            self.device.release(decision)
 
     def cancel(self, r: Request, now: float) -> bool:
         """Withdraw a queued request (client went away); False if it already started, or
