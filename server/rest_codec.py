@@ -347,13 +347,21 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
             f"{where}: datatype {clip(t.datatype)} cannot be sent as JSON data; use one of "
             f"{sorted([*NUMPY_OF, 'BYTES'])}, or send its bytes as binary data"
         )
+    target = np.dtype(dtype)
+    kinds = "b" if target.kind == "b" else ("iu" if target.kind in "iu" else "iuf")
+    # Numbers only, checked on the flat values before numpy sees them: strings made numpy
+    # build a fixed-width array of count x longest string x 4 bytes - 1.5 GB for one
+    # 500 KB body, on the event loop, before any in-flight accounting (review helper-233).
+    flat = _flat(data, where)
+    given = set(map(type, flat))
+    if not given <= {int, float, bool} or (bool in given and kinds != "b"):
+        wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
+        raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     try:
-        values = np.asarray(data)
+        values = np.asarray(data)  # numbers: 8 bytes a value at most
     except ValueError:  # ragged nesting
         raise InvalidArgument(f"{where}: data is nested unevenly; give a flat list") from None
     _check_count(values.size, count, t, where)
-    target = np.dtype(dtype)
-    kinds = "b" if target.kind == "b" else ("iu" if target.kind in "iu" else "iuf")
     if values.dtype.kind not in kinds:
         if kinds == "iu" and _past_64_bits(values):  # (it said "must be whole numbers" of
             raise _out_of_range(where, t.datatype, target)  # whole ones: review helper-227)

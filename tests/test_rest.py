@@ -665,3 +665,27 @@ def test_a_path_whose_escapes_are_not_utf8_is_refused(server):
     regions = json.loads(_call(server, "/v2/systemsharedmemory/status")[2])
     assert not any("%" in r["name"] for r in regions)
     assert _call(server, "/v2/models/caf%C3%A9/ready")[0] == 404  # UTF-8: a name, not known
+
+
+def test_strings_in_numeric_data_are_refused_before_numpy_sizes_them(server):
+    # numpy made a fixed-width array of count x longest string x 4 bytes before any check:
+    # one 500 KB body took the server past 1.5 GB, on the event loop (review helper-233).
+    # The server runs in this process: its allocations are traced here.
+    import tracemalloc
+
+    data = ["x" * 1_000_000] + [""] * 63  # 1 MB of JSON; 256 MB as numpy's unicode array
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": data}]}).encode()  # fmt: skip
+    tracemalloc.start()
+    try:
+        status, message = _error(server, "/v2/models/tiny/infer", body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 400 and "FP32 data must be numbers" in message, message
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB traced"
+    # true/false among numbers: read as 1.0 / 0.0 before, silently
+    status, message = _error(server, "/v2/models/tiny/infer", _infer_body(_x(1)) | {
+        "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                    "data": [True] + [0.5] * 63}]})  # fmt: skip
+    assert status == 400 and "FP32 data must be numbers" in message, message
