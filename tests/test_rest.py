@@ -573,7 +573,8 @@ def test_a_request_that_is_not_http_is_400_without_a_traceback_logged(server, ca
            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
            b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
            b"\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"]  # fmt: skip
-    with caplog.at_level(logging.ERROR):
+    bad.append(b"GET /v2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr3t\x7f\r\n\r\n")
+    with caplog.at_level(logging.DEBUG, logger="innfer.rest"):
         for raw in bad:
             with socket.create_connection(("127.0.0.1", server.server.rest.port), 10) as sock:
                 sock.sendall(raw)
@@ -581,6 +582,7 @@ def test_a_request_that_is_not_http_is_400_without_a_traceback_logged(server, ca
                 answer = sock.recv(4096)
             assert answer.split(b" ", 2)[1] == b"400", (raw, answer)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "s3cr3t" not in caplog.text  # a malformed Authorization line is not logged
     assert _call(server, "/v2/health/live")[0] == 200  # and serves on
 
 
