@@ -1493,7 +1493,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     other = args.out is not None and Path(args.out).resolve() != args.model_dir.resolve()
     held = _held_inn(args.out) if other else []
-    if held and not args.force and not _same_source(args.model_dir, args.out):
+    same = bool(held) and _same_source(args.model_dir, args.out)
+    if held and not args.force and not same:
         # Saved as it goes, over another INN there, unsaid (review 185), as train was.
         raise ValueError(
             f"{args.out} already holds an INN ({', '.join(held)}): calibrating saves "
@@ -1501,7 +1502,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{args.out} itself (innfer calibrate {args.out} ...), or --force to replace it"
         )
     torch.set_num_threads(args.threads)
-    inn = load(args.model_dir)
+    # --out holding an earlier calibration of this INN (the same command again, or the rest
+    # of the widths after an interrupt, as its message says): go on from it, its calibrated
+    # tiers kept - started from MODEL_DIR, the run saved over them (review helper-234)
+    inn = load(args.out if same else args.model_dir)
+    if same:
+        print(f"going on from {args.out}: the tiers calibrated there are kept unless named again")
     tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
     widths = _widths(tier_widths if args.widths is None else args.widths)
     multiple_of = args.multiple_of or tier_multiple

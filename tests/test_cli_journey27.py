@@ -1002,3 +1002,30 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert code == 2 and "--steps and --seconds each say how long" in err, err
     code, _, err = _cli(capsys, "report", tmp_path / "cnn", "--sentences", "10")
     assert code == 2 and "--sentences counts the sentences of --text FILE" in err, err
+
+
+def test_calibrate_into_out_again_keeps_the_tiers_calibrated_there(tmp_path, capsys):
+    # After an interrupt, "name the rest with --widths to go on from here" - and the run that
+    # did so started from MODEL_DIR's INN and saved over --out: the tier calibrated there
+    # before was gone, unsaid (review helper-234).
+    import numpy as np
+
+    from runtime.inn.model import load
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, IO)
+    x = np.random.default_rng(0).random((400, 1, 8, 8), dtype=np.float32)
+    np.savez(d / "mine.npz", x=x, y=np.arange(400) % 10)
+    out = tmp_path / "out"
+    argv = ("calibrate", d, "--data", "mine.npz", "--steps", "30", "--no-labels", "--out", out)
+    code, _, err = _cli(capsys, *argv, "--widths", "0.5")
+    assert code == 0, err
+    half = load(out).sizes(0.5)
+    assert load(out).calibrated(half), "the first run stored its tier"
+    code, text, err = _cli(capsys, *argv, "--widths", "0.25")
+    assert code == 0, err
+    assert f"going on from {out}" in text
+    calibrated = load(out)
+    assert calibrated.calibrated(half), "the tier of the first run is kept"
+    assert not load(d).calibrated(half)  # MODEL_DIR itself untouched
