@@ -1502,6 +1502,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{args.out} itself (innfer calibrate {args.out} ...), or --force to replace it"
         )
     torch.set_num_threads(args.threads)
+    _check_writable(args.out or args.model_dir)
     # --out holding an earlier calibration of this INN (the same command again, or the rest
     # of the widths after an interrupt, as its message says): go on from it, its calibrated
     # tiers kept - started from MODEL_DIR, the run saved over them (review helper-234)
@@ -1599,6 +1600,16 @@ def _tiers_changed(before: dict, after: dict) -> bool:
 
 
 @contextlib.contextmanager
+def _check_writable(target: Path) -> None:
+    """Refuse, before any work, a calibration whose results cannot be saved: a read-only
+    folder (a mounted volume) failed after the first width's minutes (review helper-234)."""
+    d = Path(target)
+    while not d.exists() and d.parent != d:  # --out made as it saves: its nearest folder
+        d = d.parent
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"cannot write in {d}: calibrate into another folder with --out DIR")
+
+
 def _saved_as_it_goes(target: Path, kept: str):
     """A calibration's ``on_tier`` that saves the model after each width, and on an
     interrupt a line saying what is saved. It saved once at the end: an interrupt (Ctrl-C,

@@ -1029,3 +1029,30 @@ def test_calibrate_into_out_again_keeps_the_tiers_calibrated_there(tmp_path, cap
     calibrated = load(out)
     assert calibrated.calibrated(half), "the tier of the first run is kept"
     assert not load(d).calibrated(half)  # MODEL_DIR itself untouched
+
+
+def test_calibrate_that_cannot_save_says_so_not_internal_error(tmp_path, capsys, monkeypatch):
+    # A read-only folder: the first width calibrated, then "internal error: SafetensorError:
+    # ... Read-only file system (os error 30) (a bug: please report it)" (review helper-234).
+    # Root ignores permission bits here, so both ends are stood in for.
+    import os
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
+    d = add_model(tmp_path, "m", inn, IO)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == d else real_access(p, mode)
+    )
+    code, _, err = _cli(capsys, "calibrate", d, "--data", "digits", "--steps", "1")
+    assert code == 2 and f"cannot write in {d}: calibrate into another folder" in err, err
+    monkeypatch.setattr(os, "access", real_access)
+
+    def read_only(*args, **kwargs):
+        raise SafetensorError("Error while serializing: Read-only file system (os error 30)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", read_only)
+    with pytest.raises(OSError, match=r"cannot write the INN's weights in .*Read-only"):
+        inn.save(tmp_path / "elsewhere")

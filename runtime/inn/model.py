@@ -654,7 +654,14 @@ class IntegralModel:
         for key, tier in self.tiers.items():
             tensors.update({f"{TIER_PREFIX}{key}/{n}": t for n, t in tier.items()})
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+            try:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights))
+            except Exception as exc:  # safetensors' own error for a disk full or read-only:
+                # an OSError, said as one ("internal error: SafetensorError" before, after a
+                # calibration's minutes were spent: review helper-234)
+                if type(exc).__name__ != "SafetensorError":
+                    raise
+                raise OSError(f"cannot write the INN's weights in {d}: {exc}") from exc
             honour_umask(weights)
             meta_tmp.write_text(json.dumps(self._meta(tensors, sha256_file(weights)), indent=1))
             sync_file(weights)
