@@ -212,3 +212,21 @@ def test_a_missing_evaluation_file_is_blamed_on_model_yaml_not_on_data(tmp_path,
     gone = tmp_path / "gone.npz"
     code, _, err = _run(capsys, "report", tmp_path / "m", "--data", gone)
     assert code == 2 and err.rstrip().endswith(f"--data {gone}: no such file"), err
+
+
+def test_the_width_plot_joins_its_points_along_the_axis(tmp_path, monkeypatch):
+    # --widths 0.25 1.0 0.5 0.75 drew a zig-zag: points joined in the order asked for
+    # (review helper-234).
+    import matplotlib.pyplot as plt
+
+    from runtime.inn.report import ReportRow, save_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [ReportRow(w, int(w * 1e6), 10, 0.5 + w / 4) for w in (0.25, 1.0, 0.5, 0.75)]
+    save_report(rows, None, tmp_path / "r.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        xs = list(ax.lines[0].get_xdata())
+        assert xs == sorted(xs), xs
+    assert (tmp_path / "r.png").stat().st_size > 0

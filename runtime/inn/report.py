@@ -197,7 +197,9 @@ def save_report(
     ax = axes[0]
     cal = [r for r in rows if r.calibrated]
     for a, x in ((ax[0], lambda r: r.width), (ax[1], lambda r: r.flops / 1e6)):
-        a.plot([x(r) for r in rows], [r.accuracy for r in rows], marker="o", label="INN")
+        line = sorted(rows, key=x)  # joined along the axis, not in the order asked for
+        # (--widths 0.25 1.0 0.5 drew a zig-zag: review helper-234)
+        a.plot([x(r) for r in line], [r.accuracy for r in line], marker="o", label="INN")
         if cal:  # calibrated tiers carry their own weights: mark them apart
             a.scatter([x(r) for r in cal], [r.accuracy for r in cal], marker="*", s=140,
                       color="tab:red", zorder=3, label="calibrated tier")  # fmt: skip
