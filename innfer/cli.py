@@ -1307,6 +1307,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "--force to drop them (then calibrate again)"
         )
     torch.set_num_threads(args.threads)
+    if args.resume:
+        _resume_defaults(args)
+    args.model = args.model or TRAIN_MODEL
     inn, data = train_inn(
         args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
         per_group=args.per_group, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
@@ -1320,6 +1323,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nsaved {args.out}\n" + format_report(rows))
     save_report(rows, args.out / "report.json", args.out / "report.png")
     return 0
+
+
+# train's model where neither --model nor a checkpoint to resume names one.
+TRAIN_MODEL = "mnist_resnet"
+
+
+def _resume_defaults(args: argparse.Namespace) -> None:
+    """``train --resume`` without --model / --epochs / --lr / --batch-size: the checkpoint's
+    run's. The interrupt said "--resume continues it", and a resume without --epochs trained
+    the model's default (30 epochs of an interrupted 6-epoch run; without --model, another
+    model's lr and batch size were refused as "another run": review helper-234)."""
+    try:
+        meta = json.loads((args.out / "checkpoint" / "checkpoint.json").read_text())["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or unreadable: train_inn says which
+    for key in ("model", "epochs", "lr", "batch_size"):
+        if getattr(args, key) is None and meta.get(key) is not None:
+            setattr(args, key, meta[key])
 
 
 def _calibrated_tiers(model_dir: Path) -> int:
@@ -1599,7 +1620,6 @@ def _tiers_changed(before: dict, after: dict) -> bool:
     return False
 
 
-@contextlib.contextmanager
 def _check_writable(target: Path) -> None:
     """Refuse, before any work, a calibration whose results cannot be saved: a read-only
     folder (a mounted volume) failed after the first width's minutes (review helper-234)."""
@@ -1610,6 +1630,7 @@ def _check_writable(target: Path) -> None:
         raise ValueError(f"cannot write in {d}: calibrate into another folder with --out DIR")
 
 
+@contextlib.contextmanager
 def _saved_as_it_goes(target: Path, kept: str):
     """A calibration's ``on_tier`` that saves the model after each width, and on an
     interrupt a line saying what is saved. It saved once at the end: an interrupt (Ctrl-C,
@@ -2077,7 +2098,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     train = sub.add_parser("train", help="train a zoo model as an INN at random widths")
-    train.add_argument("--model", default="mnist_resnet",
+    train.add_argument("--model", help=f"default {TRAIN_MODEL}; with --resume, the checkpoint's",
                        choices=["mnist_resnet", "mnist1d_cnn", "digits_cnn", "digits_cnn_bn",
                                 "digits_mlp"])  # fmt: skip
     train.add_argument("--out", type=output_dir, required=True, help="where to save the INN")
@@ -2299,7 +2320,9 @@ def _resume_hint(args: argparse.Namespace, before: tuple[int, int, int] | None) 
     kernel's coarse clock, up to a tick behind, so a save within that tick of the start
     read as an older run's (CI, session 61)."""
     now = _checkpoint_stamp(args)
-    if now is None or now == before:
+    # (--resume: the checkpoint it started from is this run's, resumable as it is - an
+    # interrupt before its first new epoch said nothing of it: review helper-234)
+    if now is None or (now == before and not getattr(args, "resume", False)):
         return ""
     return f" ({args.out / 'checkpoint'} keeps the last finished epoch: --resume continues it)"
 

@@ -1056,3 +1056,32 @@ def test_calibrate_that_cannot_save_says_so_not_internal_error(tmp_path, capsys,
     monkeypatch.setattr(safetensors.torch, "save_file", read_only)
     with pytest.raises(OSError, match=r"cannot write the INN's weights in .*Read-only"):
         inn.save(tmp_path / "elsewhere")
+
+
+def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path):
+    # "--resume continues it" trained the model's default 30 epochs of an interrupted
+    # 6-epoch run, and without --model another model's settings were "another run" (review
+    # helper-234); the flags given still win.
+    import argparse
+
+    from innfer.cli import _resume_defaults, _resume_hint
+
+    (tmp_path / "checkpoint").mkdir()
+    meta = {"epoch": 1, "epochs": 6, "model": "digits_mlp", "lr": 0.01, "batch_size": 32}
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text(json.dumps({"meta": meta}))
+    args = argparse.Namespace(out=tmp_path, model=None, epochs=None, lr=None, batch_size=64)
+    _resume_defaults(args)
+    assert (args.model, args.epochs, args.lr, args.batch_size) == ("digits_mlp", 6, 0.01, 64)
+    # an interrupted resume names its checkpoint even before saving a new epoch
+    args.command, args.resume = "train", True
+    stamp = (1, 2, 3)
+    import innfer.cli as cli
+
+    cli_stamp = cli._checkpoint_stamp
+    try:
+        cli._checkpoint_stamp = lambda a: stamp
+        assert "--resume continues it" in _resume_hint(args, stamp)
+        args.resume = False
+        assert _resume_hint(args, stamp) == ""
+    finally:
+        cli._checkpoint_stamp = cli_stamp
