@@ -779,17 +779,24 @@ def test_labels_past_an_inn_folders_outputs_are_refused_without_model_yaml(tmp_p
     assert code == 0, err
 
 
-def test_calibrate_keeps_inputs_back_to_judge_new_tiers_by_default(tmp_path, capsys):
-    # With a training split of 1,000 or less, the default --samples 1000 took all of it:
-    # "no held-out training inputs", and a new tier at 21.8 % replaced one at 32.6 %
-    # unjudged (review helper-109). A fifth is kept back now.
+def _cnn_with_npz(tmp_path, n: int):
+    """The tiny CNN converted into ``tmp_path/m``, with ``n`` random inputs and labels as
+    its mine.npz; returns the model's folder."""
     import numpy as np
 
     torch.manual_seed(0)
     inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
     d = add_model(tmp_path, "m", inn, IO)
-    x = np.random.default_rng(0).random((400, 1, 8, 8), dtype=np.float32)
-    np.savez(d / "mine.npz", x=x, y=np.arange(400) % 10)  # 320 training inputs, 80 test
+    x = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+    np.savez(d / "mine.npz", x=x, y=np.arange(n) % 10)
+    return d
+
+
+def test_calibrate_keeps_inputs_back_to_judge_new_tiers_by_default(tmp_path, capsys):
+    # With a training split of 1,000 or less, the default --samples 1000 took all of it:
+    # "no held-out training inputs", and a new tier at 21.8 % replaced one at 32.6 %
+    # unjudged (review helper-109). A fifth is kept back now.
+    d = _cnn_with_npz(tmp_path, 400)  # 320 training inputs, 80 test
     code, out, err = _cli(capsys, "calibrate", d, "--data", "mine.npz", "--seconds", "1",
                           "--widths", "0.5")  # fmt: skip
     assert code == 0, err
@@ -1008,15 +1015,9 @@ def test_calibrate_into_out_again_keeps_the_tiers_calibrated_there(tmp_path, cap
     # After an interrupt, "name the rest with --widths to go on from here" - and the run that
     # did so started from MODEL_DIR's INN and saved over --out: the tier calibrated there
     # before was gone, unsaid (review helper-234).
-    import numpy as np
-
     from runtime.inn.model import load
 
-    torch.manual_seed(0)
-    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),))
-    d = add_model(tmp_path, "m", inn, IO)
-    x = np.random.default_rng(0).random((400, 1, 8, 8), dtype=np.float32)
-    np.savez(d / "mine.npz", x=x, y=np.arange(400) % 10)
+    d = _cnn_with_npz(tmp_path, 400)
     out = tmp_path / "out"
     argv = ("calibrate", d, "--data", "mine.npz", "--steps", "30", "--no-labels", "--out", out)
     code, _, err = _cli(capsys, *argv, "--widths", "0.5")
