@@ -1576,6 +1576,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
                           method=method, labels=labels, seed=args.seed, holdout=held,
                           max_steps=args.steps, on_tier=keep, **_lr_option(args))  # fmt: skip
+    out = tuned.save(target)  # before any line more: a reader that leaves (| head) ends it
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
     earlier = inn.info.get("calibration", {})
@@ -1591,7 +1592,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{'stored' if key in inn.tiers else 'uncalibrated'} {d['stored']:.2%} on "
             f"{d['holdout']} held-out training samples"
         )
-    out = tuned.save(target)
     spent = f"{args.steps} steps a tier" if args.steps else f"{args.seconds:.0f} s"
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))
