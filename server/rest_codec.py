@@ -354,8 +354,8 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
     # 500 KB body, on the event loop, before any in-flight accounting (review helper-233).
     flat = _flat(data, where)
     given = set(map(type, flat))
+    wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
     if not given <= {int, float, bool} or (bool in given and kinds != "b"):
-        wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
         raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     try:
         values = np.asarray(data)  # numbers: 8 bytes a value at most
@@ -363,9 +363,8 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
         raise InvalidArgument(f"{where}: data is nested unevenly; give a flat list") from None
     _check_count(values.size, count, t, where)
     if values.dtype.kind not in kinds:
-        if kinds == "iu" and _past_64_bits(values):  # (it said "must be whole numbers" of
+        if kinds == "iu" and _past_64_bits(flat):  # (it said "must be whole numbers" of
             raise _out_of_range(where, t.datatype, target)  # whole ones: review helper-227)
-        wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
         raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     if target.kind in "iu" and values.size:
         info = np.iinfo(target)
@@ -397,11 +396,11 @@ def _out_of_range(where: str, datatype: str, target: np.dtype) -> InvalidArgumen
     )
 
 
-def _past_64_bits(values: np.ndarray) -> bool:
-    """Whether JSON integers made ``values`` a float or object array only because one of
-    them fits no 64-bit integer (numpy's dtype for [-1, 2**64 - 1] is float64, for
-    [2**70] object): every value a whole number, one at least 2**63 in size."""
-    flat = values.ravel().tolist()
+def _past_64_bits(flat: list) -> bool:
+    """Whether JSON integers (``flat``, the data's values) made numpy's array a float or
+    object one only because one of them fits no 64-bit integer (its dtype for [-1, 2**64 -
+    1] is float64, for [2**70] object): every value a whole number, one at least 2**63 in
+    size."""
     whole = all(
         (isinstance(v, int) and not isinstance(v, bool))
         or (isinstance(v, float) and math.isfinite(v) and v.is_integer())

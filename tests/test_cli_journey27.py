@@ -1059,7 +1059,7 @@ def test_calibrate_that_cannot_save_says_so_not_internal_error(tmp_path, capsys,
         inn.save(tmp_path / "elsewhere")
 
 
-def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path):
+def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path, monkeypatch):
     # "--resume continues it" trained the model's default 30 epochs of an interrupted
     # 6-epoch run, and without --model another model's settings were "another run" (review
     # helper-234); the flags given still win.
@@ -1078,11 +1078,7 @@ def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path)
     stamp = (1, 2, 3)
     import innfer.cli as cli
 
-    cli_stamp = cli._checkpoint_stamp
-    try:
-        cli._checkpoint_stamp = lambda a: stamp
-        assert "--resume continues it" in _resume_hint(args, stamp)
-        args.resume = False
-        assert _resume_hint(args, stamp) == ""
-    finally:
-        cli._checkpoint_stamp = cli_stamp
+    monkeypatch.setattr(cli, "_checkpoint_stamp", lambda a: stamp)  # unchanged since start
+    assert "--resume continues it" in _resume_hint(args, stamp)
+    args.resume = False
+    assert _resume_hint(args, stamp) == ""
