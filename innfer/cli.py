@@ -1364,10 +1364,30 @@ def _tier_defaults(model_dir: Path) -> tuple[list, int, str]:
     from runtime.repository.config import ModelConfig
 
     path = Path(model_dir) / "model.yaml"
-    if not path.is_file():
-        return [0.5, 0.25], 1, "auto"
+    if not path.is_file():  # a calibrate --out folder: as its tiers were calibrated
+        sampling = _recorded_sampling(model_dir)
+        return [0.5, 0.25], sampling.get("multiple_of", 1), sampling.get("method", "auto")
     config = ModelConfig.load(path)
     return [t.width for t in config.tiers], config.multiple_of, config.method
+
+
+# INN info key: how `innfer calibrate` sampled the widths it calibrated ({"multiple_of": int,
+# "method": str}), for a folder with no model.yaml to say it (an --out folder): its tiers
+# are keyed by channel counts, which only that multiple_of samples again.
+SAMPLING_INFO = "sampling"
+
+
+def _recorded_sampling(model_dir: Path) -> dict:
+    """The INN's recorded calibration sampling (SAMPLING_INFO), {} where none is readable."""
+    from runtime.inn_files import META_FILE
+
+    try:
+        recorded = json.loads((Path(model_dir) / META_FILE).read_text())["info"][SAMPLING_INFO]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    ok = (isinstance(recorded, dict) and type(recorded.get("multiple_of")) is int
+          and recorded["multiple_of"] >= 1 and isinstance(recorded.get("method"), str))  # fmt: skip
+    return recorded if ok else {}
 
 
 # How a data set named by model.yaml (not by --data) is said where its file is missing.
@@ -1535,6 +1555,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     multiple_of = args.multiple_of or tier_multiple
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    # Saved with the tiers (and with each one as it goes), so that report / inspect / a later
+    # calibrate of an --out folder sample them as calibrated (review helper-234).
+    inn.info[SAMPLING_INFO] = {"multiple_of": multiple_of, "method": method}
     if args.text is not None:
         return _calibrate_text(args, inn, widths, multiple_of, method)
     yaml_path = args.model_dir / "model.yaml"

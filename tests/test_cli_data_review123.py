@@ -230,3 +230,29 @@ def test_the_width_plot_joins_its_points_along_the_axis(tmp_path, monkeypatch):
         xs = list(ax.lines[0].get_xdata())
         assert xs == sorted(xs), xs
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_a_calibrate_out_folder_is_sampled_as_its_tiers_were_calibrated(tmp_path, capsys):
+    # --out gets the INN but no model.yaml: report and inspect on it sampled width 0.3 at
+    # multiple_of 1 (10 channels) while calibrate had used model.yaml's 8, so the tier it
+    # had just calibrated was reported "sampled" at 10 channels (review helper-234).
+    net, x = _mlp(tmp_path, 400)
+    with torch.no_grad():
+        np.savez(tmp_path / "d.npz", x=x, y=net(torch.from_numpy(x)).argmax(1).numpy())
+    (tmp_path / "m" / "model.yaml").write_text(
+        "inputs: [{name: x, dtype: float32, shape: [8]}]\n"
+        "outputs: [{name: y, dtype: float32, shape: [3]}]\n"
+        "tiers: [{name: w100, width: 1.0}, {name: w030, width: 0.3}]\nmultiple_of: 8\n"
+    )
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                        "--widths", "0.3", "--steps", "30", "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert list(load(out).tiers) == ["0=8"]
+    code, printed, err = _run(capsys, "report", out, "--data", tmp_path / "d.npz",
+                              "--widths", "1.0", "0.3")  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"%\s+calibrated", printed), printed
+    code, printed, err = _run(capsys, "inspect", out, "--width", "0.3")
+    assert code == 0, err
+    assert re.search(r"\s32\s+8\s*$", printed, re.M), printed
