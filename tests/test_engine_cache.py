@@ -117,6 +117,22 @@ def test_a_hand_edited_profile_is_named_as_corrupted(repository, change, problem
     assert f"profile.json is corrupted ({problem}" in caplog.text
 
 
+def test_a_corrupted_profile_is_said_once_per_state_of_the_file(repository, caplog):
+    # `innfer demo` reads profile.json twice deciding what to rebuild: it printed the same
+    # warning twice. Said again once the file is rewritten (still corrupted).
+    from runtime.repository import Repository
+
+    path = repository / "tiny" / "profile.json"
+    path.write_text('{"tiers": 5')
+    repo = Repository(repository)
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        assert repo.read_profile("tiny") is None and repo.read_profile("tiny") is None
+        assert caplog.text.count("profile.json is corrupted") == 1
+        path.write_text('{"tiers": 55')  # another size: another state
+        assert repo.read_profile("tiny") is None
+    assert caplog.text.count("profile.json is corrupted") == 2
+
+
 @pytest.mark.parametrize(
     "edit, said",
     [

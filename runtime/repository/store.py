@@ -254,6 +254,9 @@ class Repository:
         and cannot be written to (``EngineCache.spare``: one folder per model in it)."""
         self.root = Path(root)
         self.engine_spare = engine_spare
+        # profile.json files already said to be corrupted, as (path, mtime_ns, size): one
+        # warning per file state (the demo reads it twice deciding what to rebuild)
+        self._said_corrupted: set[tuple[Path, int, int]] = set()
 
     def model_dir(self, name: str) -> Path:
         """``<root>/<name>``, for a valid name of a model that exists (ModelNotFound else).
@@ -959,10 +962,22 @@ class Repository:
             problem = "not a JSON object" if not isinstance(profile, dict) else None
         problem = problem or profile_problem(profile)
         if problem is not None:  # read as absent: a build profiles again, a load re-measures
-            log.warning("%s is corrupted (%s); run `innfer build` to profile the model again",
-                        path, problem)  # fmt: skip
+            said = _file_state(path)
+            if said not in self._said_corrupted:
+                self._said_corrupted.add(said)
+                log.warning("%s is corrupted (%s); run `innfer build` to profile the model "
+                            "again", path, problem)  # fmt: skip
             return None
         return profile
+
+
+def _file_state(path: Path) -> tuple[Path, int, int]:
+    """``path`` with its modification time and size: another state once it is rewritten."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path, -1, -1
+    return path, st.st_mtime_ns, st.st_size
 
 
 def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
