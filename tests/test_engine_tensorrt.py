@@ -1050,6 +1050,23 @@ def test_timing_cache_merges_what_another_build_saved_meanwhile(tmp_path, instal
     assert "other-process" in entries and len(entries) == 2
 
 
+def test_two_builds_saving_their_timings_at_once_both_keep_them(tmp_path):
+    # (TensorRT stand-ins: no GPU here.) Each save read the file, merged and renamed: two
+    # replicas finishing together both read it before either's rename, and the first's
+    # timings were lost. Serialising is where a save spends its time between the two.
+    class Slow(_FakeTimingCache):
+        def serialize(self) -> bytes:
+            time.sleep(0.3)
+            return super().serialize()
+
+    path = tmp_path / timing_cache_name(FAKE_GPU, FAKE_TRT_VERSION)
+    save = trt_module.TensorRTBackend._save_timing_cache
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(save, _FakeConfig(), Slow({f"build-{i}"}), path) for i in (1, 2)]:
+            f.result()
+    assert _FakeTimingCache.parse(path.read_bytes()).entries == {"build-1", "build-2"}
+
+
 def test_a_timing_cache_of_another_device_is_neither_used_nor_merged(tmp_path, install_trt, caplog):
     # Same file name (the same GPU model and TensorRT version), other device properties:
     # TensorRT warns that combining such caches "may lead to functional/performance bugs".

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import re
 import sys
 import threading
@@ -285,6 +286,26 @@ def _check_options(options: BuildOptions) -> None:
         raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive ``flock`` of ``lock_path`` for the block (waiting for it); where no
+    lock can be had (no ``fcntl``, a read-only folder, no flock on the file system) the
+    block runs unlocked: a lost merge only costs a later build some timing."""
+    try:
+        import fcntl
+
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
+
+
 def timing_cache_name(device: str, version: str) -> str:
     """The timing cache's file name for a GPU model and TensorRT version.
 
@@ -517,9 +538,16 @@ class TensorRTBackend(Backend):
         """Save ``cache`` to ``cache_path``, merged with what other builds saved meanwhile.
 
         Another process may have built (and saved its timings) since this build loaded the
-        file: its entries are combined in first, so neither build's timings are lost (bar a
-        save landing between this read and the rename). The file is replaced atomically.
+        file: its entries are combined in first, so neither build's timings are lost. The
+        read, merge and rename hold an exclusive lock (``.<cache>.lock``): two replicas
+        finishing builds at once each read the file before the other's rename, and one's
+        timings were lost. The file is replaced atomically.
         """
+        with _exclusive(cache_path.with_name(f".{cache_path.name}.lock")):
+            TensorRTBackend._merge_and_save(config, cache, cache_path)
+
+    @staticmethod
+    def _merge_and_save(config, cache, cache_path: Path) -> None:
         try:
             if cache_path.is_file():
                 theirs = config.create_timing_cache(cache_path.read_bytes())
