@@ -252,17 +252,18 @@ def test_an_in_place_add_into_a_slice_is_refused_with_the_way_out(how):
 
 
 class PadConv(nn.Module):
-    """conv -> F.pad -> conv; ``dim`` 1 pads the channels themselves."""
+    """conv -> F.pad -> conv; ``channels`` pads the channels themselves by that (left,
+    right), with ``value``."""
 
-    def __init__(self, channels: bool = False) -> None:
+    def __init__(self, channels: tuple[int, int] | None = None, value: float = 0.0) -> None:
         super().__init__()
-        self.channels = channels
-        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(10 if channels else 8, 4, 3)
+        self.channels, self.value = channels, value
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8 + sum(channels or (0, 0)), 4, 3)
 
     def forward(self, x):
         h = torch.relu(self.a(x))
         if self.channels:
-            return self.b(F.pad(h, (0, 0, 0, 0, 1, 1)))
+            return self.b(F.pad(h, (0, 0, 0, 0, *self.channels), value=self.value))
         return self.b(F.pad(h, (0, 1, 1, 0)))
 
 
@@ -274,6 +275,68 @@ def test_spatial_padding_keeps_the_channels(frontend, tmp_path):
     _onnx_matches(inn.sample(0.5), x)
 
 
-def test_padding_the_channels_is_refused():
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_constant_channels_padded_on_are_groups_of_their_own(frontend, tmp_path):
+    # A pad of the channel dim was refused ("pad of dim 1, which holds channels"): the CIFAR
+    # ResNets' option-A shortcut could not convert. The padded channels are now new groups
+    # whose counts follow the width, as a concatenation's parts do.
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(PadConv(channels=(2, 4), value=0.5), x, tmp_path, frontend=frontend)
+    assert sorted(g.size for g in inn.groups if not g.discrete) == [2, 4, 8]
+    sizes = {g.name: n for g in inn.groups if (n := inn.sizes(0.5)[g.name]) != g.size}
+    assert sorted(sizes.values()) == [1, 2, 4], sizes  # each part at half its channels
+    _onnx_matches(inn.sample(0.5), x)  # (runs: b's 7 input channels are what the pad gives)
+
+
+def test_padding_the_channels_other_than_by_a_constant_is_refused():
     with pytest.raises(ConversionError, match=r"pad of dim 1, which holds channels"):
-        runtime.convert(PadConv(channels=True).eval(), (torch.randn(2, 3, 6, 6),))
+        runtime.convert(PadConv(channels=(-1, 0)).eval(), (torch.randn(2, 3, 6, 6),))  # a crop
+
+    class Circular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(10, 4, 1)
+
+        def forward(self, x):  # (N, C, L) -> (N, L, C): the channels last, padded around
+            h = torch.relu(self.a(x)).transpose(1, 2)
+            return self.b(F.pad(h, (1, 1), mode="circular").transpose(1, 2))
+
+    with pytest.raises(ConversionError, match=r"pad of dim 2, which holds channels"):
+        runtime.convert(Circular().eval(), (torch.randn(2, 3, 5),))
+
+
+class OptionA(nn.Module):
+    """A CIFAR ResNet's downsampling block with the option-A shortcut (He et al. 2016,
+    section 4.2: identity with zeros padded on for the new channels) and an identity one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.c3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.c2(self.c1(h)) + F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)))
+        h = torch.relu(self.c3(h) + h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_cifar_resnet_option_a_shortcut_converts_with_its_stream_elastic(tmp_path):
+    torch.manual_seed(0)
+    model = OptionA()
+    for m in model.modules():  # BN statistics away from the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    inn = _converts(model, x, tmp_path)
+    stream = {g.name: g.size for g in inn.groups if not g.discrete}
+    assert stream == {"stem.0": 8, "c1.0": 16, "pad:before": 4, "pad:after": 4}, stream
+    for width in (0.75, 0.5, 0.25):
+        sizes = inn.sizes(width)
+        # the whole stream shrank, the padded parts with it: the sum is what c2 and c3 write
+        assert sizes["pad:before"] + sizes["stem.0"] + sizes["pad:after"] < 16
+        _onnx_matches(inn.sample(width), x)

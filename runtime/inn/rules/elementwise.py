@@ -11,6 +11,7 @@ from torch import fx
 
 from runtime.inn.groups import ConversionError
 from runtime.inn.identities import identity_input
+from runtime.inn.layout import SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
 from runtime.inn.rules.indexing import into_a_view, refuse_in_place
@@ -94,20 +95,45 @@ def like(tr: Tracer, node: fx.Node) -> None:
 @register(functions=(F.pad,))
 def pad(tr: Tracer, node: fx.Node) -> None:
     """``F.pad(x, pad)`` pads x's last ``len(pad) // 2`` dims (TF "same" padding before a
-    conv: timm's Conv2dSame, tf_ models). The dims before keep their layouts; a channel dim
-    it pads (by anything but a literal 0 on both sides) would gain entries no group holds,
-    so it is fixed; one padded by 0 is kept."""
+    conv: timm's Conv2dSame, tf_ models). The dims before keep their layouts; one padded by
+    0 on both sides is kept as it is.
+
+    A channel dim padded with a constant (the CIFAR ResNets' "option A" shortcut,
+    ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))``, was refused) is
+    a concatenation of three parts: a new continuous group of ``left`` constant channels,
+    x's channels, a new group of ``right`` constant ones. Every channel of a new group holds
+    the same value, so permuting and resampling it change nothing, and the amounts follow
+    the sampled groups (size fields). Any other pad of a channel dim (reflect, replicate,
+    circular, a computed or negative amount) would gain entries no group holds: fixed."""
     x, amounts = node.args[0], arg(node, 1, "pad")
     rank = len(tr.shape(x))
     labels: Labels = {}
+    fields = []
     for d, lay in tr.labels.get(x, {}).items():
         k = rank - 1 - d  # F.pad lists the last dim first: (left, right, top, bottom, ...)
-        sides = amounts[2 * k : 2 * k + 2] if 2 * k < len(amounts) else [0, 0]
+        sides = list(amounts[2 * k : 2 * k + 2]) if 2 * k < len(amounts) else [0, 0]
         if all(type(p) is int and p == 0 for p in sides):
             labels[d] = lay
+        elif _constant_pad(node) and all(type(p) is int and p >= 0 for p in sides):
+            left, right = (
+                tr.new_group(p, f"{node.name}:{side}") if p else ()
+                for p, side in zip(sides, ("before", "after"), strict=True)
+            )
+            labels[d] = left + lay + right
+            where = "1" if len(node.args) > 1 else "pad"
+            fields += [SizeField(where, part, 2 * k + i) for i, part in enumerate((left, right))
+                       if part]  # fmt: skip
         else:
             tr.fixed(node, f"pad of dim {d}, which holds channels", [lay])
+    if fields:
+        tr.size_fields[node_key(node.name)] = fields
     tr.labels[node] = labels
+
+
+def _constant_pad(node: fx.Node) -> bool:
+    """Whether ``F.pad`` call ``node`` pads with a literal constant (the default mode)."""
+    mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+    return mode == "constant" and (value is None or type(value) in (int, float, bool))
 
 
 def pool(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int) -> None:
