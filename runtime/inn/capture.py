@@ -321,6 +321,8 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.hardtanh.default: _function(F.hardtanh),
     aten.pad.default: _function(F.pad),  # (x, pad, mode, value): F.pad's own order
     aten.constant_pad_nd.default: _constant_pad,
+    aten.pixel_shuffle.default: _function(F.pixel_shuffle),
+    aten.pixel_unshuffle.default: _function(F.pixel_unshuffle),
     aten.hardswish.default: _function(F.hardswish),
     aten.hardsigmoid.default: _function(F.hardsigmoid),
     aten.leaky_relu.default: _function(F.leaky_relu),

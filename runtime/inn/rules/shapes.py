@@ -420,3 +420,65 @@ def roll(tr: Tracer, node: fx.Node) -> None:
     labels = tr.labels.get(x, {})
     tr.fixed(node, f"{name} along a channel dim", [labels[d] for d in moved if d in labels])
     tr.copy(node, x)
+
+
+@register(functions=(torch.pixel_shuffle,), modules=(torch.nn.PixelShuffle,))
+def pixel_shuffle(tr: Tracer, node: fx.Node) -> None:
+    """``F.pixel_shuffle(x, r)``: (*, C * r * r, H, W) -> (*, C, H * r, W * r), output
+    channel c made of input channels c * r * r ... c * r * r + r * r - 1 (a super-resolution
+    upsampler, EDSR / ESPCN: it was refused, "no rule"). So each output channel spans r * r
+    consecutive input channels: the input's group is refined into one of C channels, each of
+    ``inner`` r * r (as attention heads are), and the conv before it is resampled by whole
+    output channels. A layout that does not split so (a run not a multiple of r * r) is
+    fixed, as are channels in the spatial dims."""
+    x, r = _shuffled(tr, node, "upscale_factor")
+    rank = len(tr.shape(x))
+    labels = tr.labels.get(x, {})
+    lay = labels.get(rank - 3)
+    out: Labels = {}
+    if lay is not None:
+        step = r * r
+        for s in lay:  # an inner of 1: refined (which rewrites ``lay`` in place)
+            if s.inner == 1 and not s.per_block and tr.uf.size[tr.uf.find(s.group)] % step == 0:
+                tr.refine(s.group, 1, step)
+        lay = tr.labels[x][rank - 3]
+        if all(s.inner % step == 0 for s in lay):
+            out[rank - 3] = tuple(Segment(s.group, s.inner // step, s.per_block) for s in lay)
+        else:
+            tr.fixed(node, f"pixel_shuffle by {r} of channels in runs of other than "
+                     f"{step}", [lay])  # fmt: skip
+    _keep_leading(tr, node, x, out)
+
+
+@register(functions=(torch.pixel_unshuffle,), modules=(torch.nn.PixelUnshuffle,))
+def pixel_unshuffle(tr: Tracer, node: fx.Node) -> None:
+    """``F.pixel_unshuffle(x, r)``: (*, C, H * r, W * r) -> (*, C * r * r, H, W), each
+    input channel spread over r * r consecutive output channels (channel-major, as a
+    flatten of (C, r * r))."""
+    x, r = _shuffled(tr, node, "downscale_factor")
+    rank = len(tr.shape(x))
+    lay = tr.labels.get(x, {}).get(rank - 3)
+    out: Labels = {}
+    if lay is not None:
+        out[rank - 3] = tuple(Segment(s.group, s.inner * r * r, s.per_block) for s in lay)
+    _keep_leading(tr, node, x, out)
+
+
+def _shuffled(tr: Tracer, node: fx.Node, factor: str) -> tuple[fx.Node, int]:
+    """(x, r) of a pixel (un)shuffle call or module."""
+    if node.op == "call_module":
+        return node.args[0], int(getattr(tr.modules[node.target], factor))
+    return node.args[0], int(arg(node, 1, factor))
+
+
+def _keep_leading(tr: Tracer, node: fx.Node, x: fx.Node, out: Labels) -> None:
+    """Label ``node`` with ``out`` (its channel dim, -3) and x's leading dims (batch, ...);
+    channels in the last two dims, which the shuffle moves between, are fixed."""
+    rank = len(tr.shape(x))
+    labels = tr.labels.get(x, {})
+    for d, lay in labels.items():
+        if d < rank - 3:
+            out[d] = lay
+        elif d > rank - 3:
+            tr.fixed(node, f"pixel shuffle of dim {d}, which holds channels", [lay])
+    tr.labels[node] = out
