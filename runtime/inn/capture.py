@@ -322,6 +322,13 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.pad.default: _function(F.pad),  # (x, pad, mode, value): F.pad's own order
     aten.constant_pad_nd.default: _constant_pad,
     aten.pixel_shuffle.default: _function(F.pixel_shuffle),
+    aten.topk.default: _function(torch.topk),
+    aten.sort.default: _function(torch.sort),
+    aten.argsort.default: _function(torch.argsort),
+    aten.cumsum.default: _function(torch.cumsum),
+    aten.cumprod.default: _function(torch.cumprod),
+    aten.argmax.default: _function(torch.argmax),
+    aten.argmin.default: _function(torch.argmin),
     aten.pixel_unshuffle.default: _function(F.pixel_unshuffle),
     aten.hardswish.default: _function(F.hardswish),
     aten.hardsigmoid.default: _function(F.hardsigmoid),

@@ -11,7 +11,7 @@ from torch import fx
 
 from runtime.inn.groups import ConversionError
 from runtime.inn.identities import identity_input
-from runtime.inn.layout import SizeField, node_key
+from runtime.inn.layout import Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
 from runtime.inn.rules.indexing import into_a_view, refuse_in_place
@@ -309,6 +309,55 @@ def max_min(tr: Tracer, node: fx.Node) -> None:
         kind = node.target if isinstance(node.target, str) else node.target.__name__
         tr.fixed(node, f"the indices of a {kind} over a channel dim (channel positions, "
                  "which change with the width)", [lay])  # fmt: skip
+
+
+# Ops along one dim: the default dim (-1 where torch has one; cumsum / cumprod need it given).
+_ALONG = {torch.topk: -1, torch.sort: -1, torch.argsort: -1, torch.cumsum: None,
+          torch.cumprod: None, torch.argmax: None, torch.argmin: None}  # fmt: skip
+_ALONG_METHODS = ("topk", "sort", "argsort", "cumsum", "cumprod", "argmax", "argmin")
+# Where each takes its dim: (position after the input, keyword).
+_DIM_AT = {"topk": 2, "sort": 1, "argsort": 1, "cumsum": 1, "cumprod": 1, "argmax": 1,
+           "argmin": 1}  # fmt: skip
+
+
+@register(functions=tuple(_ALONG), methods=_ALONG_METHODS)
+def along(tr: Tracer, node: fx.Node) -> None:
+    """``topk``, ``sort`` / ``argsort``, ``cumsum`` / ``cumprod``, ``argmax`` / ``argmin``
+    along one dim (token pruning's ``scores.topk(k, dim=1)`` over the tokens, a running sum
+    over time: refused, "no rule", though no channel moved). Every other dim keeps its
+    layout. Along a channel dim the result depends on which channels there are - an order,
+    a position, a sum growing with the width - so that dim is fixed. topk's dim becomes k
+    entries and argmax's is reduced (every dim when none is given: a flat index)."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    x = node.args[0]
+    rank = len(tr.shape(x))
+    default = _ALONG.get(getattr(torch, name, None))
+    dim = arg(node, _DIM_AT[name], "dim", default)
+    labels = tr.labels.get(x, {})
+    if dim is None:  # argmax / argmin of every element: one flat index
+        tr.fixed(node, f"{name} of every element (a flat index over channels)", labels.values())
+        tr.labels[node] = {}
+        return
+    dim %= rank
+    kept = {d: lay for d, lay in labels.items() if d != dim}
+    if dim in labels:
+        what = "a sum over channels" if name.startswith("cum") else "channel positions"
+        what = f"{name} along channel dim {dim} ({what}, which change with the width)"
+        tr.fixed(node, what, [labels[dim]])
+        # The result's dim keeps x's group (the same count: sort, cumsum) or a fixed one
+        # of its own (topk's k): tied to channels later - a raw parameter's dim before its
+        # layer - it refuses the node instead of fixing those channels silently.
+        if name != "topk":
+            kept[dim] = labels[dim]
+        elif (k := tuple(node.meta["tensor_meta"][0].shape)[dim]) > 1:  # (values, indices)
+            kept[dim] = (Segment(tr.uf.new(k, f"{node.name}:{dim}", anchored=False)),)
+            tr.fixed(node, what, [kept[dim]])
+    if name in ("argmax", "argmin") and not arg(node, 2, "keepdim", False):
+        kept = {d - (d > dim): lay for d, lay in kept.items()}
+    if name in ("topk", "sort"):  # (values, indices), one layout
+        tr.items[node] = [kept, dict(kept)]
+    else:
+        tr.labels[node] = kept
 
 
 def _indices_used(node: fx.Node) -> bool:

@@ -1,0 +1,85 @@
+"""Ops along one dim - topk, sort / argsort, cumsum / cumprod, argmax / argmin - over a dim
+that holds no channels (tokens, time): they had no rule, so a model using them on elastic
+activations was refused although no channel moved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.inn.groups import ConversionError
+from tests.test_rules import _converts
+
+
+class OverTokens(nn.Module):
+    """(N, T, 4) -> (N, T, 16) elastic -> each op over the tokens (dim 1) -> (N, 3)."""
+
+    def __init__(self, along: int = 1) -> None:
+        super().__init__()
+        self.along = along
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        d = self.along
+        top = h.topk(2, dim=d).values.mean(d)  # a token-pruning score's top-k
+        ordered = torch.sort(h, dim=d)[0].mean(d)
+        rank = h.argsort(dim=d).float().mean(d)
+        running = h.cumsum(d).mean(d) + torch.cumprod(h.sigmoid(), dim=d).mean(d)
+        first = h.argmax(d).float() + torch.argmin(h, dim=d, keepdim=True).float().squeeze(d)
+        return self.b(top + ordered + rank + running + first)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_ops_along_the_tokens_keep_the_channels_elastic(frontend, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    inn = _converts(OverTokens(), x, tmp_path, frontend=frontend)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 16)]
+
+
+@pytest.mark.parametrize("op", ["topk", "sort", "cumsum", "argmax"])
+def test_an_op_along_the_channels_is_refused_naming_it(op):
+    class AlongChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))  # (N, 16)
+            if op == "topk":
+                return self.b(h.topk(2, dim=1).values)
+            if op == "sort":
+                return self.b(h.sort(dim=1).values[:, :2])
+            if op == "cumsum":
+                return self.b(h.cumsum(1)[:, -2:])
+            return self.b(torch.stack([h.argmax(1), h.argmin(1)], 1).float())
+
+    with pytest.raises(ConversionError, match=rf"{op} along channel dim 1"):
+        runtime.convert(AlongChannels().eval(), (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("op", ["cumsum", "sort", "topk"])
+def test_a_parameter_through_such_an_op_before_its_layer_is_refused(op):
+    # A raw parameter's dim is tied to channels only by a later op: the result's dim must
+    # carry that tie back, or the channels it meets were fixed without a word (a cumsum
+    # over a layer scale converted with the conv's channels silently discrete).
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+            self.gamma = nn.Parameter(torch.rand(8 if op != "topk" else 16))
+
+        def forward(self, x):
+            if op == "cumsum":
+                s = self.gamma.cumsum(0)
+            elif op == "sort":
+                s = self.gamma.sort().values
+            else:
+                s = self.gamma.topk(8).values
+            return self.b(self.a(x) * s.view(1, -1, 1, 1))
+
+    with pytest.raises(ConversionError, match=rf"{op} along channel dim 0"):
+        runtime.convert(Scaled().eval(), (torch.randn(2, 3, 4, 4),))
