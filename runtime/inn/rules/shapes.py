@@ -444,9 +444,11 @@ def pixel_shuffle(tr: Tracer, node: fx.Node) -> None:
         lay = tr.labels[x][rank - 3]
         if all(s.inner % step == 0 for s in lay):
             out[rank - 3] = tuple(Segment(s.group, s.inner // step, s.per_block) for s in lay)
-        else:
-            tr.fixed(node, f"pixel_shuffle by {r} of channels in runs of other than "
-                     f"{step}", [lay])  # fmt: skip
+        else:  # (the output's channels a fixed group of their own: tied later, refused)
+            what = f"pixel_shuffle by {r} of channels in runs of other than {step}"
+            size = tr.shape(node)[rank - 3]
+            out[rank - 3] = (Segment(tr.uf.new(size, f"{node.name}:{rank - 3}", anchored=False)),)
+            tr.fixed(node, what, [lay, out[rank - 3]])
     _keep_leading(tr, node, x, out)
 
 
