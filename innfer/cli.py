@@ -1762,8 +1762,9 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
         )  # fmt: skip
     out = tuned.save(target)
     shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0
+    each = f"{args.steps} steps each" if args.steps is not None else f"{per_tier:.3g} s each"
     print(
-        f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({per_tier:.3g} s each"
+        f"calibrated {len(tiers)} tiers on {len(lines)} sentences ({each}"
         + (f"; choosing the nodes took {shared:.1f} s more, outside it" if shared >= 0.05 else "")
         + f") -> {out}"
     )
@@ -1899,6 +1900,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
 
     inn = load(args.model_dir)
+    if args.text and args.data is not None:  # (--data was ignored: review helper-238)
+        raise ValueError("give --text FILE or --data NAME, not both (--text: a text model)")
     if args.text:
         args.sentences = args.sentences or REPORT_SENTENCES
         return _report_text(args, inn)

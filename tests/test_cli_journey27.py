@@ -1009,6 +1009,11 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     assert code == 2 and "--steps and --seconds each say how long" in err, err
     code, _, err = _cli(capsys, "report", tmp_path / "cnn", "--sentences", "10")
     assert code == 2 and "--sentences counts the sentences of --text FILE" in err, err
+    # report --text --data printed the text table and ignored --data (review helper-238)
+    (tmp_path / "s.txt").write_text("a sentence\n")
+    code, _, err = _cli(capsys, "report", tmp_path / "cnn", "--text", tmp_path / "s.txt",
+                        "--data", "digits")  # fmt: skip
+    assert code == 2 and "give --text FILE or --data NAME, not both" in err, err
 
 
 def test_calibrate_into_out_again_keeps_the_tiers_calibrated_there(tmp_path, capsys):

@@ -810,9 +810,12 @@ def calibrate_text(
         # A tier an earlier run stored stays unless this one beats it on the check.
         incumbent = inn.sample(sizes, method=method) if inn.calibrated(sizes, method) else None
         stored = inn.info.get("text_calibration", {}).get(inn.sizes_key(sizes), {})
+        # With max_steps the steps are the budget, as the image path's (review helper-238:
+        # --steps 6000 stopped at the default 60 s, after 2,959-4,642 steps, unsaid).
+        left = math.inf if max_steps is not None else seconds - (time.perf_counter() - start)
         record = calibrate_network(
             student, teacher, readouts(inn, sizes), batches, targets,
-            seconds - (time.perf_counter() - start), refit_sentences=refit_sentences,
+            left, refit_sentences=refit_sentences,
             max_steps=max_steps, seed=seed + i, progress=progress,
             desc=f"tier {i + 1}/{len(tiers)}", incumbent=incumbent,
             incumbent_check=stored.get("check_digest"), **distil_options,
