@@ -435,26 +435,38 @@ def _outside_columns(ids: np.ndarray, rows: list) -> tuple[int, ...] | None:
 
 def check_token_inputs(
     ids: np.ndarray, mask: np.ndarray, vocab_size: int, ids_name: str, mask_name: str
-) -> None:
+) -> np.ndarray:
     """Token ids a client sent itself must be ids of the model's tokenizer, and each mask
     row 1 for its tokens, then 0 for its padding (at least one token): an id past the
     embedding table fails inside the engine (and with it every request batched beside it),
     a negative one silently reads another row, and a left-padded or empty row is embedded
-    wrongly without a word.
+    wrongly without a word. Returns the ids to run: any id under a 0 of the mask is padding
+    the model masks out, so one outside the table there (a sentinel pad id, -100) is run as
+    0 - it was refused where a shorter row's padding fell inside the longest row's columns,
+    and accepted where the request's rows were of one length (review helper-238).
 
     Example:
         >>> check_token_inputs(np.array([[101, 7592, 102]]), np.ones((1, 3)), 30522, "i", "m")
+        array([[ 101, 7592,  102]])
+        >>> check_token_inputs(np.array([[101, -100]]), np.array([[1, 0]]), 30522, "i", "m")
+        array([[101,   0]])
         >>> check_token_inputs(np.array([[101, 40000]]), np.ones((1, 2)), 30522, "i", "m")
         Traceback (most recent call last):
         ...
         server.errors.InvalidArgument: input 'i': token id 40000 at [0, 1] is outside ...
     """
-    if (at := _outside(ids, vocab_size)) is not None:
+    check_mask(mask, mask_name)
+    outside = (ids < 0) | (ids >= vocab_size)
+    if not outside.any():
+        return ids
+    tokens = outside & (mask != 0)
+    if tokens.any():
+        at = tuple(int(i) for i in np.argwhere(tokens)[0])
         raise InvalidArgument(
             f"input {ids_name!r}: token id {int(ids[at])} at {list(at)} is outside "
             f"[0, {vocab_size}) (the model tokenizer's ids)"
         )
-    check_mask(mask, mask_name)
+    return np.where(outside, 0, ids)  # (a copy: the request's own buffer stays as sent)
 
 
 def check_mask(mask: np.ndarray, mask_name: str) -> None:

@@ -1535,7 +1535,7 @@ class DataPlane:
             request, cfg, raw, text.mask, text.ids, max_length,
             f", or the text as {text.input!r} (truncated to fit)",
         )  # fmt: skip
-        codec.check_token_inputs(
+        arrays[text.ids] = codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
         if m.input_rows:  # other id inputs (token_type_ids); ids: the tokenizer's, above

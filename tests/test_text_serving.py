@@ -238,7 +238,7 @@ def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
 
 
 @pytest.mark.parametrize("width, pad", [(LENGTHS[-1], 0), (2 * LENGTHS[-1] + 5, 0),
-                                        (2 * LENGTHS[-1] + 5, 10**6)])  # fmt: skip
+                                        (2 * LENGTHS[-1] + 5, 10**6), (LENGTHS[-1], -100)])  # fmt: skip
 def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, client, width, pad):
     # A client padding to max_length sent a 4-token sentence as 24 columns: it was planned
     # (lane, sequence_length), counted and run as 24 tokens. Padded beyond the longest lane
@@ -250,6 +250,9 @@ def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, clie
     ids, mask = TextTokenizer(d / "tokenizer.json", MAX_LENGTH).encode(texts)
     ids = np.pad(ids, [(0, 0), (0, width - ids.shape[1])], constant_values=pad)
     mask = np.pad(mask, [(0, 0), (0, width - mask.shape[1])])
+    # A sentinel pad id in every padded column, the shorter row's within the longer one's
+    # length too: refused there while rows of one length were served (review helper-238).
+    ids[mask == 0] = pad
     r = client.infer("embed", [_ids_of("input_ids", ids), _ids_of("attention_mask", mask)],
                      parameters={"tier": "full"})  # fmt: skip
     assert r.get_response().parameters["sequence_length"].int64_param == LENGTHS[0]
