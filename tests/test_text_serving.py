@@ -238,7 +238,8 @@ def test_ids_and_mask_as_int64_give_the_same_embeddings_as_text(repo, client):
 
 
 @pytest.mark.parametrize("width, pad", [(LENGTHS[-1], 0), (2 * LENGTHS[-1] + 5, 0),
-                                        (2 * LENGTHS[-1] + 5, 10**6), (LENGTHS[-1], -100)])  # fmt: skip
+                                        (2 * LENGTHS[-1] + 5, 10**6),
+                                        (LENGTHS[-1], -100)])  # fmt: skip
 def test_ids_padded_to_a_fixed_width_are_planned_at_their_real_length(repo, client, width, pad):
     # A client padding to max_length sent a 4-token sentence as 24 columns: it was planned
     # (lane, sequence_length), counted and run as 24 tokens. Padded beyond the longest lane
