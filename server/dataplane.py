@@ -8,6 +8,7 @@ number, and maps ``server.errors`` to status codes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import difflib
@@ -163,6 +164,11 @@ class DataPlane:
         # Models unloaded since their last load: RepositoryIndex says "unloaded" of them and
         # lists a model never loaded by name alone, as Triton does (review 186).
         self.unloaded: set[str] = set()
+        # Valid names a RepositoryModelLoad is loading now (a count: loads may overlap). Not
+        # served yet, they are UNAVAILABLE "loading" and LOADING in RepositoryIndex, as
+        # Triton's: they were NOT_FOUND "not loaded; load it first" while an operator's
+        # load ran (minutes of TensorRT builds on a GPU), which a retry policy gives up on.
+        self.loading: collections.Counter[str] = collections.Counter()
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
         # The transport's message limit (bytes, both ways), fixed when the server started
@@ -324,11 +330,18 @@ class DataPlane:
         if loading is not None:
             loading.set(1)
             self.metrics.load_failures.labels(name)  # from 0, for rate() (review helper-229)
+        valid = _valid_name(name)
+        if valid:
+            self.loading[name] += 1
         try:
             await self._load(name, drain_s, swap)
         finally:
             if loading is not None:
                 loading.set(0)
+            if valid:
+                self.loading[name] -= 1
+                if not self.loading[name]:
+                    del self.loading[name]
 
     async def _load(self, name: str, drain_s: float | None, swap: bool) -> None:
         try:
@@ -1063,6 +1076,9 @@ class DataPlane:
             _check_version(name, version)
         runtime = self.models.get(name)
         if runtime is None:
+            if name in self.loading:  # (before broken: a failed model loaded again)
+                raise Unavailable(f"model {clip(name)} is loading (a RepositoryModelLoad is "
+                                  "in progress); retry shortly")  # fmt: skip
             if name in self.broken:  # not a typo, and retrying will not help
                 raise FailedPrecondition(
                     f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
@@ -1711,6 +1727,15 @@ def _cut_padding(arrays: dict, cfg, mask_name: str) -> dict:
             cut[1 + t.dynamic[0]] = slice(0, width)
             out[t.name] = arrays[t.name][tuple(cut)]
     return out
+
+
+def _valid_name(name: str) -> bool:
+    """Whether ``name`` may name a model (``check_model_name``)."""
+    try:
+        check_model_name(name)
+    except InvalidModelName:
+        return False
+    return True
 
 
 def _number(param, name: str) -> float | None:

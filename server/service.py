@@ -594,9 +594,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         # waited behind it (review 157; a stalled volume, for ever). A ready-only index
         # needs none.
         listed = [] if request.ready else await plane.repository_names()
-        for name in sorted({*listed, *plane.models, *plane.broken}):
+        for name in sorted({*listed, *plane.models, *plane.broken, *plane.loading}):
             loaded = name in plane.models
             if request.ready and not loaded:
+                continue
+            if not loaded and name in plane.loading:  # a RepositoryModelLoad runs (Triton's)
+                resp.models.add(name=name, version="1", state="LOADING")
                 continue
             if not loaded and name not in plane.broken and name not in plane.unloaded:
                 resp.models.add(name=name)  # never loaded: no version nor state (Triton's)

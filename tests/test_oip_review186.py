@@ -5,6 +5,8 @@ a malformed version."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import tritonclient.grpc as tc
 from serverutil import ServerThread, build_repository
@@ -48,6 +50,38 @@ def test_the_index_lists_a_model_never_loaded_by_name_and_says_unloaded(served):
     finally:
         served.unload_model("wide")
     assert _index(served)["wide"]["reason"] == "unloaded"
+
+
+def test_a_model_being_loaded_is_loading_not_unknown(served, monkeypatch):
+    """While a RepositoryModelLoad ran, the index said "unloaded" (or the name alone) and
+    calls got NOT_FOUND "not loaded; load it first"; Triton says LOADING and UNAVAILABLE,
+    which a retry policy retries (review helper-235)."""
+    from server.model_runtime import ModelRuntime
+
+    started, release = threading.Event(), threading.Event()
+    warm_up = ModelRuntime.warm_up
+
+    def held(self, *args, **kwargs):  # (in the server's executor: the loop runs on)
+        started.set()
+        release.wait(30)
+        return warm_up(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRuntime, "warm_up", held)
+    loader = threading.Thread(target=served.load_model, args=("wide",))
+    loader.start()
+    try:
+        assert started.wait(30)
+        assert _index(served)["wide"] == {"name": "wide", "version": "1", "state": "LOADING"}
+        with pytest.raises(InferenceServerException, match=r"is loading .* retry") as e:
+            served.get_model_metadata("wide")
+        assert e.value.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        release.set()
+        loader.join(30)
+    try:
+        assert _index(served)["wide"] == {"name": "wide", "version": "1", "state": "READY"}
+    finally:
+        served.unload_model("wide")
 
 
 def test_statistics_of_every_model_ignore_the_version(served):
