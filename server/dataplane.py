@@ -78,10 +78,12 @@ from . import codec
 log = logging.getLogger("innfer.dataplane")
 
 # Triton's names for the extensions served (classification: an output's class_count;
-# model_configuration: the ModelConfig RPC; parameters: request and response parameters).
+# model_configuration: the ModelConfig RPC; parameters: request and response parameters;
+# logging: the log settings RPCs; schedule_policy: the priority and timeout parameters).
+# A client that checks before it calls skipped the last two (review helper-235).
 EXTENSIONS = (
     "classification", "model_configuration", "model_repository", "parameters", "statistics",
-    "innfer_latency_budget",
+    "logging", "schedule_policy", "innfer_latency_budget",
 )  # fmt: skip
 # ... and typically (model name, output names and shapes, six parameters): what the in-flight
 # cap reserves for it before it exists (its real size is held once it does).
@@ -1128,9 +1130,11 @@ class DataPlane:
         return m.wedged() is None
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        shared = ("system_shared_memory",) if self.shared_memory.enabled else ()
+        extra = ("system_shared_memory",) if self.shared_memory.enabled else ()
+        if self.config.http_port is not None:  # Triton's binary tensors: REST's
+            extra += ("binary_tensor_data",)
         return pb.ServerMetadataResponse(
-            name="innfer", version=__version__, extensions=EXTENSIONS + shared
+            name="innfer", version=__version__, extensions=EXTENSIONS + extra
         )
 
     def tiers_json(self, m: ModelRuntime) -> str:

@@ -71,7 +71,8 @@ def test_health_metadata_and_config_as_triton_http_clients_read_them(server, htt
     config = http.get_model_config("tiny")
     assert config["max_batch_size"] == 4 and config["input"][0]["dims"] == [1, 8, 8]
     assert json.loads(config["parameters"]["tiers"]["string_value"])[0]["name"] == "w100"
-    assert http.get_server_metadata()["name"] == "innfer"
+    meta = http.get_server_metadata()
+    assert meta["name"] == "innfer" and "binary_tensor_data" in meta["extensions"]
     # Probes: 200 while ready; every answer is JSON
     status, headers, body = _call(server, "/v2/health/ready")
     assert (status, json.loads(body)) == (200, {"ready": True})

@@ -132,6 +132,10 @@ def test_server_metadata_lists_the_triton_extensions_served(shared):
     with tc.InferenceServerClient(shared.address) as c:
         extensions = set(c.get_server_metadata().extensions)
         assert {"classification", "model_configuration", "statistics"} <= extensions
+        # the log settings RPCs and priority / timeout too (review helper-235); binary
+        # tensors are the REST front end's, which this server does not run
+        assert {"logging", "schedule_policy"} <= extensions
+        assert "binary_tensor_data" not in extensions
         out = tc.InferRequestedOutput("logits", class_count=2)
         x = np.zeros((1, 1, 8, 8), np.float32)
         assert c.infer("tiny", [_input(x)], outputs=[out]).as_numpy("logits").shape == (1, 2)
