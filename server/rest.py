@@ -351,12 +351,19 @@ class RestFrontEnd:
                 message = f"{request.method} is not allowed on {request.path}; use {allowed}"
             elif exc.status == 413:
                 limit = request.app._client_max_size  # (what client_max_size was made with)
+                # Binary data is advice only for a JSON body: one already binary was told
+                # to send what it sent (review helper-235).
+                shm = "the tensors through system shared memory, " * bool(
+                    self.plane.shared_memory.enabled
+                )
                 message = (
                     f"the request body is over {limit / 2**20:.1f} MiB, the largest this "
                     f"server takes ({JSON_BODY_FACTOR}x max_message_bytes in the server "
-                    "config, room for JSON's text): send fewer rows per request, or the "
-                    "tensors as binary data"
-                )
+                    "config, room for JSON's text): send fewer rows per request, "
+                    + (f"{shm}or raise max_message_bytes"
+                       if codec.HEADER_LENGTH in request.headers
+                       else "or the tensors as binary data")
+                )  # fmt: skip
             else:
                 message = exc.text or exc.reason
             if not request.get(COUNTED):  # no route ran (no such path, a wrong method)

@@ -283,6 +283,12 @@ def test_a_body_over_the_message_limit_is_413_naming_the_setting(tmp_path):
         # (REST bodies: 6x the gRPC limit, room for JSON's text; this one is 7 MiB)
         status, message = _error(s, "/v2/models/tiny/infer", b"[" + b"0," * (7 * 2**19) + b"0]")
         assert status == 413 and "6x max_message_bytes" in message
+        assert message.endswith("or the tensors as binary data"), message
+        # A body already binary is not told to send binary data (review helper-235)
+        status, message = _error(s, "/v2/models/tiny/infer", b"{}" + bytes(7 * 2**20),
+                                 headers={"Inference-Header-Content-Length": "2"})  # fmt: skip
+        assert status == 413 and "binary data" not in message, message
+        assert "or raise max_message_bytes" in message, message
         assert _call(s, "/v2/health/live")[0] == 200  # still serving
     finally:
         s.stop()
