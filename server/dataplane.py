@@ -1746,7 +1746,14 @@ def _number(param, name: str) -> float | None:
     kind = param.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param", "double_param"):
         return float(getattr(param, kind))
-    got = f"a {kind}" if kind else "no value"
+    # in plain words, not the protobuf field's: REST clients sent "20" and read "got a
+    # string_param" (review helper-235)
+    if kind == "string_param":
+        got = f"the string {clip(param.string_param)}"
+    elif kind == "bool_param":
+        got = str(param.bool_param).lower()
+    else:
+        got = "no value"
     raise InvalidArgument(f"parameter {name!r} must be a number, got {got}")
 
 

@@ -203,6 +203,13 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                       "data": [0.0] * 64}], "parameters": {"latency_budget_ms": [1]}},
          "'latency_budget_ms' must be a string, a finite number or a boolean"),
+        # in plain words: it said "got a string_param" / "a bool_param" (review helper-235)
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "parameters": {"latency_budget_ms": "20"}},
+         "'latency_budget_ms' must be a number, got the string '20'"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "parameters": {"priority": True}},
+         "'priority' must be a number, got true"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_saying_what_is_wrong(server, body, where):
