@@ -304,6 +304,15 @@ def _shape(value, where: str) -> list[int]:
 
 INT64 = (-(2**63), 2**63 - 1)
 NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+# ... and read back from requests (protobuf's JSON names for them)
+NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _nonfinite(data):
+    """``data`` (a number, or lists of them nested) with NONFINITE_IN's names as floats."""
+    if isinstance(data, list):
+        return [_nonfinite(v) for v in data]
+    return NONFINITE_IN[data] if type(data) is str else data
 
 
 def _parameters(out, params: Mapping, where: str) -> None:
@@ -354,7 +363,19 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
     # 500 KB body, on the event loop, before any in-flight accounting (review helper-233).
     flat = _flat(data, where)
     given = set(map(type, flat))
-    wanted = {"b": "true/false", "iu": "whole numbers"}.get(kinds, "numbers")
+    wanted = {"b": "true/false", "iu": "whole numbers"}.get(
+        kinds, 'numbers (or "NaN", "Infinity", "-Infinity")'
+    )
+    if (
+        str in given
+        and kinds == "iuf"
+        and {v for v in flat if type(v) is str} <= NONFINITE_IN.keys()
+    ):
+        # "NaN", "Infinity", "-Infinity": how answers write them (JSON has no literal for
+        # them), so an answer's data can be sent back (review helper-235)
+        data = _nonfinite(data)
+        flat = _flat(data, where)
+        given = set(map(type, flat))
     if not given <= {int, float, bool} or (bool in given and kinds != "b"):
         raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     try:

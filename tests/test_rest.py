@@ -504,6 +504,17 @@ def test_non_finite_outputs_are_strict_json(server):
 
     doc = json.loads(data, parse_constant=refuse)
     assert status == 200 and doc["outputs"][0]["data"] == ["NaN"] * 10
+    # ... and read back in those words: strict JSON has no other way to send them, and
+    # the server's own answer could not be sent back to it (review helper-235)
+    for word in ("NaN", "Infinity", "-Infinity"):
+        body = _infer_body(_x(1))
+        body["inputs"][0]["data"][0] = word
+        status, _, data = _call(server, "/v2/models/tiny/infer", json.dumps(body).encode())
+        assert status == 200, data
+    body = _infer_body(_x(1))
+    body["inputs"][0]["data"][0] = "nan"  # not protobuf's word: refused as before
+    status, message = _error(server, "/v2/models/tiny/infer", json.dumps(body).encode())
+    assert status == 400 and '"NaN", "Infinity"' in message, message
 
 
 def test_http_conventions_head_auth_challenge_and_strict_lengths(model_repository):
