@@ -1082,8 +1082,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"  latency p50/p99 {format_ms(s['p50_latency_ms'])} / {format_ms(s['p99_latency_ms'])} ms"
     )
     print(f"  goodput         {s['goodput_per_s']:.1f}/s   refused {s['refused'] or 'none'}")
+    # (late answers showed only in the JSON: 92 % attainment beside "refused none")
+    print(f"  requests        {s['sent']} sent: {s['within_budget']} within budget, "
+          f"{s['late']} late, {s['refused_total']} refused")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=1))
+    if not s["sent"]:  # (it said 100 % within budget and exited 0: review helper-236)
+        raise RuntimeError("no request was sent: give --max-requests above 0")
     refused = {k: v for k, v in (s["refused"] or {}).items() if k != "unsent"}  # sent ones
     if s["sent"] and sum(refused.values()) == s["sent"] and set(refused) <= NOTHING_SERVED:
         # every request failed before any model saw it: no server there, or no such model

@@ -122,6 +122,8 @@ def test_bench_sends_a_closed_loop_to_a_real_server(tmp_path, capsys):
     assert s["sent"] == 90 == s["within_budget"] + s["late"] + s["refused_total"], s
     assert s["within_budget"] == 90, s
     assert set(s["tier_mix"]) <= {"w100", "w050"}
+    # the counts printed, late answers among them (they showed only in the JSON)
+    assert "requests        90 sent: 90 within budget, 0 late, 0 refused" in out, out
 
 
 @pytest.mark.parametrize("flag", ["--trace-file", "--trace"])

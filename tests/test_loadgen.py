@@ -53,6 +53,24 @@ def test_closed_loop_stops_at_its_time_bound(server):
     assert len(report.codes) == s["sent"] and "unsent" not in report.codes
 
 
+def test_every_client_sends_however_short_the_run_and_no_more_clients_than_requests(
+    server, monkeypatch
+):
+    # Clients that first ran after a short max_seconds sent nothing: 1,000 clients for 1 ms
+    # sent 0 requests, and `innfer bench` said 100 % within budget; a million clients for
+    # 10 requests made a million tasks (review helper-236).
+    report = asyncio.run(
+        run_closed_loop(server.address, "tiny", 8, 100, 1e-9, lambda i: 5.0, INPUTS, drain_s=10.0)
+    )
+    assert report.summary["sent"] == 8 and _adds_up(report.summary)
+    made, create = [], asyncio.create_task
+    monkeypatch.setattr(asyncio, "create_task", lambda coro: made.append(1) or create(coro))
+    report = asyncio.run(
+        run_closed_loop(server.address, "tiny", 10**4, 3, 5.0, lambda i: 5.0, INPUTS, drain_s=10.0)
+    )
+    assert report.summary["sent"] == 3 and len(made) <= 3 + 2  # (+ the client's own, if any)
+
+
 def test_closed_loop_checks_its_arguments():
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(run_closed_loop("10.0.0.1:8001", "tiny", 1, 1, 1.0, lambda i: 1.0, INPUTS))
