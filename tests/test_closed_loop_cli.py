@@ -135,3 +135,28 @@ def test_bench_closed_loop_refuses_a_trace(tmp_path, capsys, flag):
     code, _, err = _cli(capsys, "bench", d, "--clients", "2", flag, value,
                         "--address", "127.0.0.1:9")  # fmt: skip
     assert code == 2 and flag in err and "closed loop" in err
+
+
+def test_a_closed_loop_the_cap_ends_is_counted_over_the_time_it_took(tmp_path, capsys, monkeypatch):
+    # 300,000 requests sent in 900 s of a 3,600 s --duration were reported "at 83.3/s" (4.5x
+    # too low) with "give a shorter --duration"; engine only, clients past the budgets'
+    # reach spun through the cap at 0 s, refusals costing no time (review helper-236).
+    import innfer.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_SIM_REQUESTS", 60)
+    d = _model(tmp_path)
+    out_json = tmp_path / "r.json"
+    code, out, err = _cli(capsys, "simulate", d, "--clients", "1", "--duration", "100",
+                          "--budget", "1000:1000", "--policy", "innfer", "--noise", "0",
+                          "--json", out_json)  # fmt: skip
+    assert code == 0, err
+    assert "the clients' first 60 requests took" in out and "the figures are over" in out
+    s = json.loads(out_json.read_text())["innfer"]["summary"]
+    ms = _profile_ms(d)  # one client: one request at a time, each one engine run
+    assert 1e3 / max(ms.values()) * 0.9 <= s["offered_rate_per_s"] <= 1e3 / min(ms.values()) * 1.1
+    assert s["goodput_per_s"] == pytest.approx(s["offered_rate_per_s"])  # all within budget
+    code, out, err = _cli(capsys, "simulate", d, "--clients", "8", "--duration", "100",
+                          "--budget", "0.01:0.01", "--budget-margin-ms", "0",
+                          "--policy", "innfer")  # fmt: skip
+    assert code == 0, err
+    assert "engine only, a refusal costs no time" in out and "give --host-ms" in out, out
