@@ -763,13 +763,16 @@ def _closed_loop_bound(
     tiers, p50, cfg, clients: int, host_ms: tuple | None = None, batch_ms: float = 0.0
 ) -> str:
     """What ``clients`` closed-loop clients can at best see (Little's law): the fastest
-    tier's rate at max_batch - with ``host_ms``, on one core with the request handling -
-    keeps ``clients`` requests outstanding for clients / rate s each on average. A budget
-    under that cannot be met for every request whatever the scheduler does; issue 18's c=32
-    at 30 ms on the ResNet was such a point (w025: ~435/s at batch 8, ~74 ms)."""
+    tier's rate at max_batch (or at ``clients`` rows, fewer clients never batch more) -
+    with ``host_ms``, on one core with the request handling - keeps ``clients`` requests
+    outstanding for clients / rate s each on average. A budget under that cannot be met for
+    every request whatever the scheduler does; issue 18's c=32 at 30 ms on the ResNet was
+    such a point (w025: ~435/s at batch 8, ~74 ms)."""
     from sim.engine_time import full_capacity
 
-    max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
+    # (at max_batch whatever the clients: one client "at best at batch 8, 0.275 ms" under
+    # a 0.3 ms budget that its batch of 1 at 0.314 ms never met; review helper-236)
+    max_batch = min(cfg.max_batch or min(t.max_batch for t in tiers), clients)
     fastest = min(tiers, key=lambda t: t.accuracy)  # the least accurate: the planner's fastest
     host_s = sum(host_ms[:2]) / 1e3 if host_ms else 0.0
     rate = full_capacity([fastest], p50, max_batch, cfg.slots, host_s, batch_ms / 1e3)

@@ -43,7 +43,7 @@ def test_simulate_runs_a_closed_loop_whose_sends_wait_for_answers(tmp_path, caps
                           "--json", out_json)  # fmt: skip
     assert code == 0, err
     assert "closed loop, 1 clients, budgets U(1000, 1000) ms, engine time only" in out
-    assert "closed loop of 1: at best w050 at batch 4" in out
+    assert "closed loop of 1: at best w050 at batch 1" in out  # (one client: no batches)
     r = json.loads(out_json.read_text())["innfer"]
     assert r["config"] == {"policy": "innfer", "clients": 1, "duration_s": 0.2}
     s = r["summary"]
@@ -100,6 +100,10 @@ def test_the_bound_says_when_no_scheduler_can_meet_the_budgets():
     line = _closed_loop_bound(tiers, p50, cfg, 8, host_ms=(1.2, 0.8))
     assert "233 requests/s (with the request handling on one core)" in line
     assert "above every budget" in line  # 34.4 ms
+    # One client never batches: its bound is one request at batch 1 (it was batch 8's rate)
+    line = _closed_loop_bound(tiers, p50, SimConfig(max_batch=8, budget_ms=(2.0, 2.0)), 1)
+    assert "at best w025 at batch 1" in line and "a mean latency of 2.3 ms" in line, line
+    assert "above every budget" in line
 
 
 def test_bench_sends_a_closed_loop_to_a_real_server(tmp_path, capsys):
