@@ -1070,6 +1070,17 @@ def _host_ms_arg(text: str) -> tuple[float, float, float]:
     return host_ms(text)
 
 
+def _bench_host_ms_arg(text: str) -> tuple[float, float, float]:
+    """bench's ``--host-ms PARSE,ANSWER``: the client's part is what bench measures itself
+    (it was taken and never used: review helper-236)."""
+    if text.count(",") == 2:
+        raise argparse.ArgumentTypeError(
+            f"bench's --host-ms takes PARSE,ANSWER (the server's ms per request), got {text!r}: "
+            "the client's own time is what bench measures"
+        )
+    return _host_ms_arg(text)
+
+
 def _host_batch_ms_arg(text: str) -> float:
     from sim.shared_core import host_batch_ms
 
@@ -1080,6 +1091,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     _resolve_trace(args)
+    flags = (("--host-ms", args.host_ms is not None), ("--slots", args.slots != 1))
+    ignored = [flag for flag, given in flags if given]
+    if args.trace == "file" and ignored:  # (they ran unsaid: review helper-236)
+        raise ValueError(
+            f"{' and '.join(ignored)} only size --load's unit, and a --trace-file is sent as "
+            "recorded: drop them"
+        )
     try:  # the client innfer bench is (the dev extra; a serving image has none)
         import tritonclient.grpc.aio  # noqa: F401
     except ImportError:
@@ -2330,8 +2348,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="model name (default: the directory's name)")
     bench.add_argument("--max-requests", type=_at_least(1), default=20000)
     bench.add_argument(
-        "--host-ms", type=_host_ms_arg,
-        help="PARSE,ANSWER[,CLIENT]: the server's ms of CPU per request; the first lines then "
+        "--host-ms", type=_bench_host_ms_arg,
+        help="PARSE,ANSWER: the server's ms of CPU per request; the first lines then "
         "say what load one core can serve (the unit of --load is the engine's own rate, "
         "which a server handling requests in Python cannot take for a small model)",
     )  # fmt: skip

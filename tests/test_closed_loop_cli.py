@@ -141,6 +141,21 @@ def test_bench_closed_loop_refuses_a_trace(tmp_path, capsys, flag):
     assert code == 2 and flag in err and "closed loop" in err
 
 
+def test_bench_refuses_flags_that_would_do_nothing(tmp_path, capsys):
+    # A trace file is sent as recorded: --host-ms and --slots, which size --load's unit,
+    # ran unsaid; the CLIENT part of bench's --host-ms was taken and never used (helper-236).
+    d = _model(tmp_path)
+    f = tmp_path / "t.txt"
+    f.write_text("0.0\n0.1\n")
+    for extra in (["--host-ms", "1,1"], ["--slots", "3"]):
+        code, _, err = _cli(capsys, "bench", d, "--trace-file", f, *extra,
+                            "--address", "127.0.0.1:9")  # fmt: skip
+        assert code == 2 and f"{extra[0]} only size --load's unit" in err, err
+    with pytest.raises(SystemExit):
+        main(["bench", str(d), "--host-ms", "1,1,500", "--address", "127.0.0.1:9"])
+    assert "the client's own time is what bench measures" in capsys.readouterr().err
+
+
 def test_a_closed_loop_the_cap_ends_is_counted_over_the_time_it_took(tmp_path, capsys, monkeypatch):
     # 300,000 requests sent in 900 s of a 3,600 s --duration were reported "at 83.3/s" (4.5x
     # too low) with "give a shorter --duration"; engine only, clients past the budgets'
