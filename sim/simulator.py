@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.scheduling import Refused, Request, Scheduler, State, TierInfo, make_policy
+from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET, tiers_from_profile
 from server.scheduling.scheduler import DEFAULT_ADMIT_QUANTILE
 from sim.engine_time import EngineTime, full_capacity
@@ -267,8 +267,8 @@ def replay(
             except Refused as exc:
                 state[i] = exc.state.name.lower()
             i += 1
-        for r in sched.expire(now):
-            state[r.id] = State.REFUSED_DEADLINE.name.lower()
+        for r in sched.expire(now):  # (as sim.shared_core names them: review helper-236)
+            state[r.id] = "expired"
         while (d := sched.next(now)) is not None:
             compute = engine.draw_s(d.tier, d.rows) * speed
             running.push(now + compute, (d, compute))

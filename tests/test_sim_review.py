@@ -64,6 +64,15 @@ def test_goodput_counts_up_to_the_last_answer_where_answers_outlast_the_window()
     assert s["goodput_per_s"] <= 1e3 / P50["w100"][1] * 1.001  # one w100 run at a time
 
 
+def test_a_request_that_expires_in_the_queue_is_expired_not_refused_at_arrival():
+    # The engine-only simulation named queue expiries refused_deadline, the name of a
+    # refusal at arrival; the shared-core one and the server say expired (review helper-236).
+    planned = [TierInfo("w100", 0.99, {1: 1.0, 8: 4.0})]  # planned 8x faster than it runs
+    cfg = SimConfig(trace="poisson", duration_s=2.0, load=0.3, budget_ms=(20.0, 20.0), noise=0.0)
+    s = simulate(planned, {"w100": {1: 8.0, 8: 30.0}}, cfg).summary
+    assert s["refused"].get("expired", 0) > 0 and "refused_deadline" not in s["refused"], s
+
+
 def test_a_file_trace_reports_its_own_rate_and_goodput_over_its_span(tmp_path, monkeypatch):
     # --duration 30 and --load 5 say nothing about a file's times: the file is replayed
     # whole, its rate is what it holds, and goodput counts over its 100 s.
