@@ -306,6 +306,7 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
         # over the window, or to the last answer within budget where that came later (as
         # bench counts it): loose budgets past capacity answered after the window, and a
         # goodput of 754/s was printed for an engine of 257/s (review helper-236)
+        "late": int((served & ~met).sum()),  # answered past the budget
         "goodput_per_s": float(
             met.sum()
             / max(trace_window(cfg, arrivals), float(finish[met].max()) if met.any() else 0)
@@ -351,6 +352,8 @@ def format_summary(s: dict, title: str = "") -> str:
         f"  latency p50/p99 {format_ms(s['p50_latency_ms'])} / {format_ms(s['p99_latency_ms'])} ms",
         f"  goodput         {s['goodput_per_s']:.1f}/s",
         f"  refused         {s['refused'] or 'none'}",
+        # (late answers were in no line: 92 % attainment beside "refused none")
+        f"  late            {s['late']} answered past their budget" if "late" in s else "",
     ]
     return "\n".join(line for line in lines if line)
 

@@ -18,6 +18,7 @@ from server.scheduling import TierInfo
 from sim.loadgen import NO_ANSWER, run_load
 from sim.simulator import (
     SimConfig,
+    format_summary,
     full_capacity,
     make_trace,
     plot_timeline,
@@ -71,6 +72,8 @@ def test_a_request_that_expires_in_the_queue_is_expired_not_refused_at_arrival()
     cfg = SimConfig(trace="poisson", duration_s=2.0, load=0.3, budget_ms=(20.0, 20.0), noise=0.0)
     s = simulate(planned, {"w100": {1: 8.0, 8: 30.0}}, cfg).summary
     assert s["refused"].get("expired", 0) > 0 and "refused_deadline" not in s["refused"], s
+    # late answers are counted and printed (they were in no line of the summary)
+    assert s["late"] > 0 and f"  late            {s['late']} answered past" in format_summary(s)
 
 
 def test_a_file_trace_reports_its_own_rate_and_goodput_over_its_span(tmp_path, monkeypatch):
