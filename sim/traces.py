@@ -172,7 +172,7 @@ def read_trace(path: str | Path) -> np.ndarray:
     if (traffic := recorded(path)) is not None:
         return traffic.arrival_s - traffic.arrival_s[0]
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM: "not a timestamp: '\ufeff0'")
     except UnicodeDecodeError as exc:  # a bare "'utf-8' codec can't decode byte 0x8b"
         byte = exc.object[exc.start : exc.start + 1].hex()
         raise ValueError(
@@ -187,7 +187,11 @@ def read_trace(path: str | Path) -> np.ndarray:
         try:
             values.append(float(line))
         except ValueError:
-            raise ValueError(f"{path}:{i}: not a timestamp in seconds: {line!r}") from None
+            # rows of a traffic CSV without its header: say that, not "not a timestamp"
+            # (review helper-236)
+            fix = (" - a traffic CSV needs its header first: arrival_s,budget_ms[,rows]"
+                   if "," in line else "")  # fmt: skip
+            raise ValueError(f"{path}:{i}: not a timestamp in seconds: {line!r}{fix}") from None
     t = np.array(values)
     if len(t) == 0 or not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0):
         raise ValueError(f"{path}: timestamps must be finite, non-decreasing and non-empty")

@@ -132,3 +132,18 @@ def test_traffic_csv_comments_anywhere_keep_the_files_line_numbers(tmp_path):
                  + "arrival_s,budget_ms\n0.0,10\n0.5,12\n")  # fmt: skip
     assert recorded(f) is not None
     np.testing.assert_allclose(read_trace(f), [0.0, 0.5])
+
+
+def test_a_timestamp_file_with_a_bom_reads_and_csv_rows_without_a_header_say_so(tmp_path):
+    # A file saved with a UTF-8 BOM was refused ("not a timestamp in seconds: '\ufeff0'")
+    # while a traffic CSV with one was read; rows of a CSV without its header were called
+    # "not a timestamp" with no word of the header (review helper-236).
+    from sim.traces import read_trace
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff0\n0.5\n2\n".encode())
+    assert read_trace(bom).tolist() == [0.0, 0.5, 2.0]
+    rows = tmp_path / "rows.csv"
+    rows.write_text("0.5,30\n0.7,40\n")
+    with pytest.raises(ValueError, match=r"needs its header first: arrival_s,budget_ms"):
+        read_trace(rows)
