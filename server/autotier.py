@@ -190,6 +190,11 @@ class AutoTierer:
         self._alive: int | None = None  # our flock of work/ALIVE_FILE while the loop lives
         self._task: asyncio.Task | None = None
         self._checking = asyncio.Lock()  # the loop and a caller never check at once
+        # In a check's own swap (its reload awaited): a ``stop(after_check=True)`` - from
+        # that very load, bringing new goals - waits for the check's end, so the change it
+        # made is counted and said (cancelled there, it never was: review helper-237).
+        self._swapping = False
+        self._stop_pending = False
         self._pruned_at = -float("inf")  # on ``clock``: when this loop last looked
         self._volume_error: tuple | None = None  # (errno, path) the log last said, if any
         # Every file operation of a check runs on this one thread, in order, never on the
@@ -233,9 +238,13 @@ class AutoTierer:
             )  # fmt: skip
         return False
 
-    def stop(self) -> None:
+    def stop(self, after_check: bool = False) -> None:
         """Cancel the loop (a running apply process is killed; the live set stays) and
-        remove this loop's work directory once it has ended."""
+        remove this loop's work directory once it has ended. ``after_check``: where a check
+        is in its own swap (the caller is that swap's load), once that check has ended."""
+        if after_check and self._swapping:
+            self._stop_pending = True
+            return
         if self._task is None:
             self._remove_work()
             self._files.shutdown(wait=False)
@@ -361,7 +370,13 @@ class AutoTierer:
     async def check(self) -> str:
         """One check; returns its outcome (``OUTCOMES``)."""
         async with self._checking:
-            return await self._check()
+            try:
+                return await self._check()
+            finally:
+                self._swapping = False
+                if self._stop_pending:  # asked for during this check's swap: now
+                    self._stop_pending = False
+                    self.stop()
 
     async def _check(self) -> str:
         now = self.clock()
@@ -494,6 +509,7 @@ class AutoTierer:
         try:
             # Shielded: cancelling this loop (shutdown, new goals) must not cut a swap in
             # half - the old runtime, already out of the data plane, still drains its queue.
+            self._swapping = True
             await asyncio.shield(self.reload(self.name))
         except Exception:
             self.last_change = self.clock()

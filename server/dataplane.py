@@ -730,8 +730,8 @@ class DataPlane:
             )  # fmt: skip
         enabled = self.metrics.tier_set_enabled
         if config.auto_tiers is None or unmet is not None:
-            if tierer is not None:
-                self.tierers.pop(name).stop()
+            if tierer is not None:  # (after its check: this load may be its own swap)
+                self.tierers.pop(name).stop(after_check=swap)
             if unmet is not None or config.auto_tiers_empty:
                 enabled.labels(name).set(0)  # asked for, and off: an alert's to see
             else:
@@ -757,11 +757,12 @@ class DataPlane:
                 host=lambda: self._host(name), frontier_problem=problem,
             )  # fmt: skip
             if tierer is not None:
-                tierer.stop()
+                # (its own swap, this load: stopped once the check has counted and said it)
+                tierer.stop(after_check=swap)
                 # New goals for the same model (an unload drops the loop): the back-off goes
                 # on - min_interval_s counts from the old loop's last change or failed try,
-                # or from now where this load is that loop's own swap (stopping it cut its
-                # check short before it noted the change). Only the choice, made for the old
+                # or from now where this load is that loop's own swap (which the old loop's
+                # check counts and says before it ends). Only the choice, made for the old
                 # goals, is judged anew.
                 fresh.last_change = fresh.clock() if swap else tierer.last_change
                 fresh.changes = tierer.changes

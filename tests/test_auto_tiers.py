@@ -1072,6 +1072,49 @@ def test_live_swap_under_load_answers_every_request(tmp_path):
         server.stop()
 
 
+def test_a_stop_from_the_checks_own_swap_lets_the_check_count_and_say_it(tmp_path, caplog):
+    # The swap's load brought new goals and stopped the loop whose check awaited that very
+    # swap: cancelled there, the check never counted "applied", set the swap's seconds or
+    # logged "tiers X -> Y" - the changes an operator caused were missing from the metrics
+    # the alerts read (review helper-237).
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=0,
+                                                  check_interval_s=0.01))  # fmt: skip
+    log, metrics, tierer = TrafficLog(), Metrics(), None
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+
+    async def reload(name):  # as the data plane's load of new goals: stop after the check
+        tierer.stop(after_check=True)
+        assert not tierer._task.cancelled()
+
+    def command(repo, name, traffic, result, live):  # stands in for `innfer tiers apply`
+        result.write_text(json.dumps({"gain": 0.1, "best": {"tiers": ["a"]},
+                                      "current": {"tiers": ["b"]}, "traffic": {
+                                          "requests": 10, "budget_ms_p10_p50_p90": [1, 2, 3],
+                                          "rate_per_s": 5.0}}))  # fmt: skip
+        return ["true"]
+
+    served = ["model.yaml:b"]
+    tierer = AutoTierer("m", tmp_path, goals, log, reload, metrics, lambda: served[0],
+                        lambda: 1000.0, command)  # fmt: skip
+
+    async def body():
+        tierer.start()  # the loop checks by itself, in its own task
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(tierer._task, 30)
+
+    served[0] = "frontier:a"  # what the swap serves
+    with caplog.at_level(logging.INFO, logger="innfer.autotier"):
+        asyncio.run(body())
+    get = metrics.registry.get_sample_value
+    assert get("innfer_tier_set_checks_total", {"model": "m", "outcome": "applied"}) == 1.0
+    assert "model m: tiers ['b'] -> frontier:a" in caplog.text
+    assert tierer._task.done()  # and the loop ended, as asked
+
+
 def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     from server.autotier import AutoTierer
     from server.metrics import Metrics
