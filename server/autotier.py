@@ -195,6 +195,7 @@ class AutoTierer:
         # made is counted and said (cancelled there, it never was: review helper-237).
         self._swapping = False
         self._stop_pending = False
+        self._reread_change = False  # ``reloaded``: auto_tiers.json's chosen_at, next check
         self._pruned_at = -float("inf")  # on ``clock``: when this loop last looked
         self._volume_error: tuple | None = None  # (errno, path) the log last said, if any
         # Every file operation of a check runs on this one thread, in order, never on the
@@ -237,6 +238,13 @@ class AutoTierer:
                 "until then", self.name, _safely(self.live), problem,
             )  # fmt: skip
         return False
+
+    def reloaded(self) -> None:
+        """The model was loaded again by another hand than this loop's swap: what it serves
+        is judged anew, and its auto_tiers.json's ``chosen_at`` read again for the
+        interval before the next change."""
+        self.chosen_for = None
+        self._reread_change = True
 
     def stop(self, after_check: bool = False) -> None:
         """Cancel the loop (a running apply process is killed; the live set stays) and
@@ -384,9 +392,14 @@ class AutoTierer:
         if prune:
             self._pruned_at = now
         await self._io(self._housekeep, prune)
-        if self.last_change is None:
+        if self.last_change is None or self._reread_change:
+            # At the first check, and after a load this loop did not make (an operator's
+            # `tiers apply`, another replica's set): min_interval_s counts from that choice
+            # too - it was replaced at the next check, seconds later (review helper-237).
+            self._reread_change = False
             active = self.repository / self.name / ACTIVE_FILE
-            self.last_change = await self._io(_last_change, active, self.clock)
+            chosen = await self._io(_last_change, active, self.clock)
+            self.last_change = chosen if self.last_change is None else max(self.last_change, chosen)
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
             return self._count("waiting")

@@ -741,9 +741,10 @@ class DataPlane:
         enabled.labels(name).set(1)
         if tierer is not None and not swap:
             # A load that is not the loop's own swap may serve another set than the loop
-            # last chose for (auto_tiers.json deleted or stale, model.yaml's tiers edited):
-            # the next check judges what is served now, however steady the traffic.
-            tierer.chosen_for = None
+            # last chose for (auto_tiers.json deleted or stale, model.yaml's tiers edited,
+            # an operator's choice): the next check judges what is served now, however
+            # steady the traffic, and not before min_interval_s from that choice.
+            tierer.reloaded()
 
         def problem() -> str | None:  # on the loop's file thread (it reads the frontier)
             return self.repo.frontier_problem(name, config)
@@ -766,6 +767,8 @@ class DataPlane:
                 # goals, is judged anew.
                 fresh.last_change = fresh.clock() if swap else tierer.last_change
                 fresh.changes = tierer.changes
+                if not swap:  # (and from an operator's choice this load brought)
+                    fresh.reloaded()
             self.tierers[name] = fresh
             fresh.start()
 

@@ -1151,6 +1151,17 @@ def test_check_waits_for_traffic_and_for_the_interval(tmp_path):
     for i in range(10):  # the same rate, budgets half as long: the traffic moved
         log.record(clock[0] - 1 + i * 0.01, 0.025, 1)
     assert asyncio.run(tierer.check()) == "applied" and calls == ["m", "m"]
+    # An operator's choice loaded since (`innfer tiers apply` + a reload): min_interval_s
+    # counts from it too - it was replaced at the next check (review helper-237)
+    clock[0] += 200
+    chosen = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    active = tmp_path / "m" / "auto_tiers.json"
+    active.parent.mkdir(exist_ok=True)
+    active.write_text(json.dumps({"chosen_at": chosen}))
+    tierer.reloaded()
+    for i in range(10):  # moved again
+        log.record(clock[0] - 1 + i * 0.01, 0.0125, 1)
+    assert asyncio.run(tierer.check()) == "waiting" and calls == ["m", "m"]
 
 
 def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_path, caplog):
