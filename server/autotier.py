@@ -638,13 +638,32 @@ class AutoTierer:
         lines = out.decode(errors="replace").splitlines()[-20:]
         for line in lines:
             log.info("model %s: tiers apply: %s", self.name, line)
-        # the failure's own line for the error log (it said only the exit status)
-        self._last_line = next((x.strip() for x in reversed(lines) if x.strip()), "")
+        self._last_line = _failure(lines)
         return proc.returncode
 
     def _count(self, outcome: str) -> str:
         self.metrics.tier_set_checks.labels(self.name, outcome).inc()
         return outcome
+
+
+# The most of an apply's failure the error line quotes (its output lines are at INFO).
+FAILURE_CHARS = 600
+
+
+def _failure(lines: list[str]) -> str:
+    """The failure an apply's output ends with, for the error log (it said only the exit
+    status): its ``innfer tiers: error:`` line and the lines after it - a YAML error's text
+    spans several, and the last alone said where, not what (review helper-237) - else its
+    last line.
+
+    Example:
+        >>> _failure(["choosing ...", "innfer tiers: error: bad yaml:", "  in line 2"])
+        'innfer tiers: error: bad yaml: in line 2'
+    """
+    text = [x.strip() for x in lines if x.strip()]
+    start = next((i for i in range(len(text) - 1, -1, -1) if "error:" in text[i]), None)
+    said = " ".join(text[start:]) if start is not None else (text[-1] if text else "")
+    return said if len(said) <= FAILURE_CHARS else said[: FAILURE_CHARS - 3] + "..."
 
 
 def apply_command(repository: Path, name: str, traffic: Path, result: Path, live: str) -> list:

@@ -1183,7 +1183,8 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
         code = exits.pop(0)
         if code == 0:
             active.write_text('{"new": true}')
-        return ["sh", "-c", f"echo 'error: no candidate fits'; exit {code}"]
+        # (a failure over several lines: the last alone said where, not what - helper-237)
+        return ["sh", "-c", f"echo 'error: no candidate'; echo '  fits'; exit {code}"]
 
     tierer = AutoTierer("m", tmp_path, goals, log, reload, Metrics(), lambda: "model.yaml:b",
                         lambda: clock[0], command)  # fmt: skip
@@ -1197,7 +1198,7 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
     with caplog.at_level("ERROR", logger="innfer.autotier"):
         assert asyncio.run(tierer.check()) == "failed"  # exit 2: an apply error
     # the error line says why (it said only "exited 2"; the reason was at INFO)
-    assert "exited 2 (error: no candidate fits); the live tiers stay" in caplog.text
+    assert "exited 2 (error: no candidate fits); the live tiers stay" in caplog.text, caplog.text
     assert asyncio.run(tierer.check()) == "waiting"  # backs off again
     clock[0] += 100
     for i in range(10):
