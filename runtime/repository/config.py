@@ -321,9 +321,10 @@ class AutoTiersConfig:
     )  # fmt: skip
     keep_fastest: bool = spec(
         True,
-        doc="every chosen set keeps the fastest candidate (at one row or at a full batch, "
-        "whichever serves the traffic better): a shift to tighter budgets is absorbed by the "
-        "scheduler at once, not after the next choice and swap",
+        doc="every chosen set of 2 tiers or more keeps the fastest candidate (at one row or "
+        "at a full batch, whichever serves the traffic better): a shift to tighter budgets is "
+        "absorbed by the scheduler at once, not after the next choice and swap (with "
+        "max_tiers 1 the one tier is the best for the traffic)",
     )
     window_s: float = spec(
         120.0, lo=1, unit="seconds",
