@@ -522,8 +522,9 @@ def budgeted_steps(
         10
     """
     losses: list[float] = []
-    bar = tqdm(total=max_steps or round(seconds), desc=desc, disable=not progress,
-               unit="step" if max_steps else "s", leave=False)  # fmt: skip
+    steps = max_steps is not None  # (then seconds may be inf: the steps are the budget)
+    bar = tqdm(total=max_steps if steps else round(seconds), desc=desc, disable=not progress,
+               unit="step" if steps else "s", leave=False)  # fmt: skip
     start = time.perf_counter()
     while max_steps is None or len(losses) < max_steps:
         elapsed = time.perf_counter() - start
