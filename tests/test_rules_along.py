@@ -1,4 +1,4 @@
-"""Ops along one dim - topk, sort / argsort, cumsum / cumprod, argmax / argmin - over a dim
+"""Ops along one dim - topk, sort / argsort, cumsum, argmax / argmin - over a dim
 that holds no channels (tokens, time): they had no rule, so a model using them on elastic
 activations was refused although no channel moved."""
 
@@ -27,7 +27,7 @@ class OverTokens(nn.Module):
         top = h.topk(2, dim=d).values.mean(d)  # a token-pruning score's top-k
         ordered = torch.sort(h, dim=d)[0].mean(d)
         rank = h.argsort(dim=d).float().mean(d)
-        running = h.cumsum(d).mean(d) + torch.cumprod(h.sigmoid(), dim=d).mean(d)
+        running = h.cumsum(d).mean(d)
         first = h.argmax(d).float() + torch.argmin(h, dim=d, keepdim=True).float().squeeze(d)
         return self.b(top + ordered + rank + running + first)
 
@@ -83,3 +83,46 @@ def test_a_parameter_through_such_an_op_before_its_layer_is_refused(op):
 
     with pytest.raises(ConversionError, match=rf"{op} along channel dim 0"):
         runtime.convert(Scaled().eval(), (torch.randn(2, 3, 4, 4),))
+
+
+class ResidualArgmax(nn.Module):
+    """The token dim labelled first (a residual add's broadcast), then argmax over it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.f, self.b = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (N, T, 4)
+        h = torch.relu(self.a(x))
+        h = h + self.f(h)
+        return self.b(h.mean(1) + 0.01 * h.argmax(1).float())
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_argmax_over_a_labelled_token_dim_drops_that_dim(frontend, tmp_path):
+    # Without keepdim the reduced dim's layout was kept and then moved onto the next dim,
+    # the channels': refused ("ties 16 channels to one of 5"), or at 16 tokens converted
+    # with no elastic width at all (review helper-239).
+    for tokens in (5, 16):
+        inn = _converts(ResidualArgmax(), torch.randn(2, tokens, 4), tmp_path, frontend=frontend)
+        assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 16)]
+
+
+def test_ops_no_tier_would_export_are_refused_at_conversion():
+    # cumprod has no ONNX op at opset 17, sort(stable=True) does not export: converted,
+    # every `innfer build` of them failed (review helper-239).
+    class Along(nn.Module):
+        def __init__(self, op: str) -> None:
+            super().__init__()
+            self.op = op
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = torch.cumprod(h, 1) if self.op == "cumprod" else h.sort(dim=1, stable=True)[0]
+            return self.b(h.mean(1))
+
+    with pytest.raises(ConversionError, match=r"no rule for 'cumprod'"):
+        runtime.convert(Along("cumprod").eval(), (torch.randn(2, 5, 4),), frontend="fx")
+    with pytest.raises(ConversionError, match=r"sort\(stable=True\) does not export"):
+        runtime.convert(Along("sort").eval(), (torch.randn(2, 5, 4),), frontend="fx")

@@ -115,3 +115,33 @@ def test_a_shuffle_of_runs_it_cannot_split_is_refused_by_name():
 
     with pytest.raises(ConversionError, match=r"pixel_shuffle by 2 of channels in runs"):
         runtime.convert(Odd().eval(), (torch.randn(2, 3, 4, 4),))
+
+
+def test_a_shuffle_of_a_grouped_convs_blocks_is_refused_not_resampled_across_them():
+    # The refined group lost the grouped conv's blocks: permuting and resampling crossed
+    # them, and width 0.75 gave a wrong tier (a +-33 % checkerboard) that exported and
+    # served; 0.3 crashed, "out_channels must be divisible by groups" (review helper-239).
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.up = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 64, 1, groups=8)
+            self.tail = nn.Conv2d(16, 3, 1)
+
+        def forward(self, x):
+            return self.tail(F.pixel_shuffle(self.up(torch.relu(self.head(x))), 2))
+
+    with pytest.raises(ConversionError, match=r"in the blocks of a grouped conv or GroupNorm"):
+        runtime.convert(Grouped().eval(), (torch.randn(2, 3, 4, 4),), permute=False)
+
+
+def test_a_shuffle_of_a_5d_input_is_refused():
+    class Five(nn.Module):  # ONNX's DepthToSpace is 4-D: no tier of it would export
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):  # (N, 1, C, H, W): torch shuffles dim -3 into the last two
+            return self.b(F.pixel_shuffle(self.a(x).unsqueeze(1), 2).squeeze(1))
+
+    with pytest.raises(ConversionError, match=r"pixel_shuffle of a 5-D input"):
+        runtime.convert(Five().eval(), (torch.randn(2, 3, 4, 4),))

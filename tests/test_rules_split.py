@@ -340,3 +340,67 @@ def test_a_cifar_resnet_option_a_shortcut_converts_with_its_stream_elastic(tmp_p
         # the whole stream shrank, the padded parts with it: the sum is what c2 and c3 write
         assert sizes["pad:before"] + sizes["stem.0"] + sizes["pad:after"] < 16
         _onnx_matches(inn.sample(width), x)
+
+
+class PadModules(nn.Module):
+    """conv -> nn pad module -> conv: ``spatial`` pads H and W, else the channels (last dim)."""
+
+    def __init__(self, pad: nn.Module, spatial: bool = True) -> None:
+        super().__init__()
+        self.spatial, self.pad = spatial, pad
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 3) if spatial else nn.Linear(11, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.spatial:
+            return self.b(self.pad(h))
+        return self.b(self.pad(h.mean((2, 3))[:, None, :]))  # (N, 1, 8) padded to 11
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize(
+    "pad", [nn.ZeroPad2d((0, 1, 0, 1)), nn.ReflectionPad2d(1), nn.ReplicationPad2d(1)]
+)
+def test_nn_pad_modules_keep_the_channels(pad, frontend, tmp_path):
+    # A pad module was refused under fx, "no rule for module ZeroPad2d" (pix2pix and
+    # CycleGAN generators' ReflectionPad2d); torch.export's graph converted (helper-239).
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(PadModules(pad), x, tmp_path, frontend=frontend)
+    assert [(g.name, g.size) for g in inn.groups if not g.discrete] == [("a", 8)]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+def test_an_nn_constant_pad_of_the_channels_pads_groups_that_follow_the_width(tmp_path):
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(PadModules(nn.ConstantPad1d((1, 2), 0.5), spatial=False), x, tmp_path)
+    assert sorted(g.size for g in inn.groups if not g.discrete) == [1, 2, 8]
+    _onnx_matches(inn.sample(0.5), x)
+
+
+def test_padded_channels_of_discrete_ones_are_discrete():
+    # discrete=["a"] kept a's channels and the pad's new groups continuous: a sum over the
+    # padded channels was then refused, naming groups no discrete= could name (it converted
+    # before the pad rule; review helper-239).
+    class SumPad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Linear(1, 4)
+
+        def forward(self, x):
+            h = F.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 2, 2))
+            return self.b(h.sum(1).mean((1, 2))[:, None])
+
+    with pytest.warns(UserWarning, match="no elastic width"):
+        inn = runtime.convert(SumPad().eval(), (torch.randn(2, 3, 4, 4),), discrete=["a"])
+    assert all(g.discrete for g in inn.groups)
+
+
+def test_group_norm_converts_under_torch_export_too(tmp_path):
+    # aten.group_norm had no lowering: "no rule for 'group_norm.default'" under
+    # frontend="export", while fx converted the same model (review helper-239).
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    inn = _converts(model, x, tmp_path, frontend="export")
+    assert [(g.size, g.blocks) for g in inn.groups if not g.discrete] == [(16, 4)]
+    _onnx_matches(inn.sample(0.5), x)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from runtime.inn.groups import ConversionError
 from runtime.inn.identities import identity_input
@@ -105,7 +105,33 @@ def pad(tr: Tracer, node: fx.Node) -> None:
     the same value, so permuting and resampling it change nothing, and the amounts follow
     the sampled groups (size fields). Any other pad of a channel dim (reflect, replicate,
     circular, a computed or negative amount) would gain entries no group holds: fixed."""
-    x, amounts = node.args[0], arg(node, 1, "pad")
+    where = "1" if len(node.args) > 1 else "pad"
+    padded(tr, node, arg(node, 1, "pad"), _constant_pad(node), node_key(node.name), where)
+
+
+# The nn pads (ZeroPadNd subclasses ConstantPadNd): a module of them was refused, "no
+# rule" - pix2pix / CycleGAN generators' ReflectionPad2d - unless captured by torch.export
+# (review helper-239).
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+_OTHER_PADS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+               nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
+               nn.CircularPad3d)  # fmt: skip
+
+
+@register(modules=_CONSTANT_PADS + _OTHER_PADS)
+def pad_module(tr: Tracer, node: fx.Node) -> None:
+    """``nn.ZeroPad2d(...)(x)`` and the other nn pads: as ``F.pad`` with their padding."""
+    mod = tr.modules[node.target]
+    constant = isinstance(mod, _CONSTANT_PADS)
+    padded(tr, node, list(mod.padding), constant, str(node.target), "padding")
+
+
+def padded(tr: Tracer, node: fx.Node, amounts, constant: bool, key: str, where: str) -> None:
+    """Label the pad ``node`` of its first argument by ``amounts`` (F.pad's order: the last
+    dim first), a ``constant`` pad or not; size fields under ``key`` at argument ``where``.
+    The new groups of a padded channel dim are discrete where x's channels there all are
+    (``discrete=[...]`` on the layer before: padded, they were refused; review helper-239)."""
+    x = node.args[0]
     rank = len(tr.shape(x))
     labels: Labels = {}
     fields = []
@@ -114,19 +140,19 @@ def pad(tr: Tracer, node: fx.Node) -> None:
         sides = list(amounts[2 * k : 2 * k + 2]) if 2 * k < len(amounts) else [0, 0]
         if all(type(p) is int and p == 0 for p in sides):
             labels[d] = lay
-        elif _constant_pad(node) and all(type(p) is int and p >= 0 for p in sides):
+        elif constant and all(type(p) is int and p >= 0 for p in sides):
+            discrete = all(tr.uf.discrete[tr.uf.find(s.group)] for s in lay)
             left, right = (
-                tr.new_group(p, f"{node.name}:{side}") if p else ()
+                (Segment(tr.uf.new(p, f"{node.name}:{side}", discrete=discrete)),) if p else ()
                 for p, side in zip(sides, ("before", "after"), strict=True)
             )
             labels[d] = left + lay + right
-            where = "1" if len(node.args) > 1 else "pad"
             fields += [SizeField(where, part, 2 * k + i) for i, part in enumerate((left, right))
                        if part]  # fmt: skip
         else:
             tr.fixed(node, f"pad of dim {d}, which holds channels", [lay])
     if fields:
-        tr.size_fields[node_key(node.name)] = fields
+        tr.size_fields[key] = fields
     tr.labels[node] = labels
 
 
@@ -312,12 +338,12 @@ def max_min(tr: Tracer, node: fx.Node) -> None:
 
 
 # Ops along one dim: the default dim (-1 where torch has one; cumsum / cumprod need it given).
+# (Not cumprod: no ONNX op at opset 17, so no tier of it would build - review helper-239.)
 _ALONG = {torch.topk: -1, torch.sort: -1, torch.argsort: -1, torch.cumsum: None,
-          torch.cumprod: None, torch.argmax: None, torch.argmin: None}  # fmt: skip
-_ALONG_METHODS = ("topk", "sort", "argsort", "cumsum", "cumprod", "argmax", "argmin")
+          torch.argmax: None, torch.argmin: None}  # fmt: skip
+_ALONG_METHODS = ("topk", "sort", "argsort", "cumsum", "argmax", "argmin")
 # Where each takes its dim: (position after the input, keyword).
-_DIM_AT = {"topk": 2, "sort": 1, "argsort": 1, "cumsum": 1, "cumprod": 1, "argmax": 1,
-           "argmin": 1}  # fmt: skip
+_DIM_AT = {"topk": 2, "sort": 1, "argsort": 1, "cumsum": 1, "argmax": 1, "argmin": 1}
 
 
 @register(functions=tuple(_ALONG), methods=_ALONG_METHODS)
@@ -329,6 +355,11 @@ def along(tr: Tracer, node: fx.Node) -> None:
     a position, a sum growing with the width - so that dim is fixed. topk's dim becomes k
     entries and argmax's is reduced (every dim when none is given: a flat index)."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("sort", "argsort") and node.kwargs.get("stable"):
+        # (exporting it fails - "Sort, Out parameter is not supported" - so no tier would
+        # build; torch.export's graph has it as sort.stable, which has no rule either)
+        raise ConversionError(f"node {node.name!r}: {name}(stable=True) does not export to "
+                              "ONNX; drop stable=True (ties then come in any order)")  # fmt: skip
     x = node.args[0]
     rank = len(tr.shape(x))
     default = _ALONG.get(getattr(torch, name, None))
@@ -340,6 +371,7 @@ def along(tr: Tracer, node: fx.Node) -> None:
         return
     dim %= rank
     kept = {d: lay for d, lay in labels.items() if d != dim}
+    reduced = name in ("argmax", "argmin") and not arg(node, 2, "keepdim", False)
     if dim in labels:
         what = "a sum over channels" if name.startswith("cum") else "channel positions"
         what = f"{name} along channel dim {dim} ({what}, which change with the width)"
@@ -347,12 +379,14 @@ def along(tr: Tracer, node: fx.Node) -> None:
         # The result's dim keeps x's group (the same count: sort, cumsum) or a fixed one
         # of its own (topk's k): tied to channels later - a raw parameter's dim before its
         # layer - it refuses the node instead of fixing those channels silently.
-        if name != "topk":
+        if name == "topk":
+            k = tuple(node.meta["tensor_meta"][0].shape)[dim]  # (values, indices)
+            if k > 1:
+                kept[dim] = (Segment(tr.uf.new(k, f"{node.name}:{dim}", anchored=False)),)
+                tr.fixed(node, what, [kept[dim]])
+        elif not reduced:  # (a reduced dim is gone: its layout was the next dim's, helper-239)
             kept[dim] = labels[dim]
-        elif (k := tuple(node.meta["tensor_meta"][0].shape)[dim]) > 1:  # (values, indices)
-            kept[dim] = (Segment(tr.uf.new(k, f"{node.name}:{dim}", anchored=False)),)
-            tr.fixed(node, what, [kept[dim]])
-    if name in ("argmax", "argmin") and not arg(node, 2, "keepdim", False):
+    if reduced:
         kept = {d - (d > dim): lay for d, lay in kept.items()}
     if name in ("topk", "sort"):  # (values, indices), one layout
         tr.items[node] = [kept, dict(kept)]

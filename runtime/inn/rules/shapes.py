@@ -434,21 +434,35 @@ def pixel_shuffle(tr: Tracer, node: fx.Node) -> None:
     x, r = _shuffled(tr, node, "upscale_factor")
     rank = len(tr.shape(x))
     labels = tr.labels.get(x, {})
-    lay = labels.get(rank - 3)
+    if rank != 4:  # (ONNX's DepthToSpace is 4-D: no tier of it would export)
+        tr.fixed(node, f"pixel_shuffle of a {rank}-D input (ONNX exports 4-D ones)",
+                 labels.values())  # fmt: skip
+        tr.labels[node] = {}
+        return
+    lay = labels.get(1)
     out: Labels = {}
     if lay is not None:
-        step = r * r
+        step, uf = r * r, tr.uf
         for s in lay:  # an inner of 1: refined (which rewrites ``lay`` in place)
-            if s.inner == 1 and not s.per_block and tr.uf.size[tr.uf.find(s.group)] % step == 0:
+            root = uf.find(s.group)
+            # A group in blocks (a grouped conv's output, a GroupNorm's input) is not
+            # refined: the new group would lose them, and the permutation and resampling
+            # cross the blocks - a wrong tier that exported and served (review helper-239).
+            if (
+                s.inner == 1
+                and not s.per_block
+                and uf.size[root] % step == 0
+                and uf.blocks[root] == 1
+            ):
                 tr.refine(s.group, 1, step)
-        lay = tr.labels[x][rank - 3]
+        lay = tr.labels[x][1]
         if all(s.inner % step == 0 for s in lay):
-            out[rank - 3] = tuple(Segment(s.group, s.inner // step, s.per_block) for s in lay)
+            out[1] = tuple(Segment(s.group, s.inner // step, s.per_block) for s in lay)
         else:  # (the output's channels a fixed group of their own: tied later, refused)
-            what = f"pixel_shuffle by {r} of channels in runs of other than {step}"
-            size = tr.shape(node)[rank - 3]
-            out[rank - 3] = (Segment(tr.uf.new(size, f"{node.name}:{rank - 3}", anchored=False)),)
-            tr.fixed(node, what, [lay, out[rank - 3]])
+            what = (f"pixel_shuffle by {r} of channels in runs of other than {step}, or in the "
+                    "blocks of a grouped conv or GroupNorm")  # fmt: skip
+            out[1] = (Segment(uf.new(tr.shape(node)[1], f"{node.name}:1", anchored=False)),)
+            tr.fixed(node, what, [lay, out[1]])
     _keep_leading(tr, node, x, out)
 
 
