@@ -43,6 +43,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_response import ContentCoding
 
 from server import rest_codec as codec
+from server.dataplane import Phase
 from server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -189,6 +190,7 @@ class RestFrontEnd:
     def app(self, max_body: int) -> web.Application:
         """The aiohttp application: ``max_body`` bytes at most per request body."""
         app = web.Application(client_max_size=max_body, middlewares=[self._errors])
+        app.on_response_prepare.append(self._close_when_draining)
         r = app.router
         get, post = "GET", "POST"
         routes = [
@@ -283,6 +285,18 @@ class RestFrontEnd:
             self._stopping = True
             runner._shutdown_timeout = _phase_s(timeout_s)
             await runner.cleanup()
+
+    async def _close_when_draining(self, request: web.Request, response) -> None:
+        """From the drain on, every answer closes its connection (``Connection: close``): a
+        keep-alive client sent its next request on the connection, the stop closed it as
+        idle before that request was read, and the client got no answer - unable to tell
+        whether a POST ran (review helper-241). On a new connection it gets a clean 503, or
+        a refused connect: both safe to retry elsewhere."""
+        if self._stopping or self.plane.phase is Phase.DRAINING:
+            response.force_close()
+            # (aiohttp computes the header before this hook runs: said here, or the client
+            # learns of the close only when its next request fails)
+            response.headers["Connection"] = "close"
 
     # -- the wrapper every route runs in ------------------------------------------------------
     def _route(self, name: str, handler: Handler) -> Handler:

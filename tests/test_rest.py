@@ -750,3 +750,31 @@ def test_a_compressed_body_no_route_reads_costs_no_inflating(server, http):
         inp.set_data_from_numpy(x)
         got = http.infer("tiny", [inp], request_compression_algorithm=algorithm)
         assert got.as_numpy("logits").shape == (2, 10)
+
+
+def test_from_the_drain_on_every_answer_closes_its_connection(model_repository):
+    # A keep-alive client sent its next request on the connection; the stop closed it as
+    # idle before that request was read, and the client got no answer at all (a POST it
+    # cannot tell ran or not). From the drain on each answer says Connection: close, so the
+    # next request goes on a new connection and gets a clean 503 (review helper-241).
+    import http.client
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.server.rest.port, timeout=30)
+        conn.request("GET", "/v2/health/live")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200 and r.getheader("Connection") != "close"
+
+        async def drain():
+            s.server.plane.drain()
+
+        s.call(drain())
+        conn.request("GET", "/v2/health/ready")  # the same connection, kept alive
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 503 and r.getheader("Connection") == "close"
+        conn.close()
+    finally:
+        s.stop()
