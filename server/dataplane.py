@@ -293,6 +293,11 @@ class DataPlane:
             try:
                 await self.load(name)
             except InferError as exc:  # reported in readiness and metrics; others go on
+                if self.phase is Phase.DRAINING:  # a stop during start-up: no failure
+                    # (an ERROR paged for a rollout's stop, "load the model elsewhere";
+                    # review helper-241)
+                    log.info("shutting down: model %s not loaded", name)
+                    continue
                 log.error("model %s not loaded: %s", name, exc)
             except Exception:  # not foreseen (a library's own error): still this model only
                 log.exception("model %s not loaded", name)

@@ -2333,3 +2333,28 @@ def test_a_model_being_loaded_says_so_and_a_failed_load_does_not(config, monkeyp
     assert _run(body()) == [0.0, 0.0, None]  # after: none running (a's failed), no stray series
     assert seen == [1.0, 1.0]  # a and b, while each loaded
     assert waiting[0] == 1.0  # b, while a loaded at start-up
+
+
+def test_a_stop_during_start_up_is_no_failure_in_the_log(config, monkeypatch, caplog):
+    # SIGTERM while a model warmed up at start-up logged ERROR "model a not loaded: the
+    # server is shutting down; load the model elsewhere": a rollout's stop paged, with
+    # advice for no one (review helper-241).
+    real = DataPlane._start_runtime
+
+    async def draining(self, name, served):
+        self.drain()  # what SIGTERM does, while this model warms up
+        return await real(self, name, served)
+
+    monkeypatch.setattr(DataPlane, "_start_runtime", draining)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        try:
+            await plane.load_all()
+        finally:
+            await plane.stop_models()
+
+    with caplog.at_level("INFO", logger="innfer.dataplane"):
+        _run(body())
+    assert "shutting down: model a not loaded" in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
