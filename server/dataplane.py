@@ -1087,9 +1087,12 @@ class DataPlane:
             _check_version(name, version)
         runtime = self.models.get(name)
         if runtime is None:
+            starting = self.phase == Phase.LOADING and name in self.expected
             if name in self.loading:  # (before broken: a failed model loaded again)
-                raise Unavailable(f"model {clip(name)} is loading (a RepositoryModelLoad is "
-                                  "in progress); retry shortly")  # fmt: skip
+                # (start-up's, a RepositoryModelLoad's or the repository poll's: it said "a
+                # RepositoryModelLoad is in progress" of a start-up load; review helper-240)
+                raise Unavailable(f"model {clip(name)} is {'still ' * starting}loading; "
+                                  "retry shortly")  # fmt: skip
             if name in self.broken:  # not a typo, and retrying will not help
                 raise FailedPrecondition(
                     f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
@@ -1099,7 +1102,7 @@ class DataPlane:
                         "poll": "the repository poll loads it once its files change)",
                     }.get(self.config.model_control, "restart the server: model_control is none)")
                 )
-            if self.phase == Phase.LOADING and name in self.expected:
+            if starting:  # (its turn to load at start-up has not come yet)
                 raise Unavailable(f"model {name!r} is still loading; retry shortly")
             loaded = ", ".join(sorted(self.models)) or "none"
             hint = self._not_loaded_hint(name)

@@ -2358,3 +2358,29 @@ def test_a_stop_during_start_up_is_no_failure_in_the_log(config, monkeypatch, ca
         _run(body())
     assert "shutting down: model a not loaded" in caplog.text, caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_model_loading_at_start_up_says_still_loading(config, monkeypatch):
+    # Its load at start-up is in the loading set too: it said "a RepositoryModelLoad is in
+    # progress" on a server nobody sent one to (review helper-240).
+    seen = []
+    real = DataPlane._start_runtime
+
+    async def watched(self, name, served):
+        with pytest.raises(Unavailable) as e:
+            self.model(name)
+        seen.append(str(e.value))
+        return await real(self, name, served)
+
+    monkeypatch.setattr(DataPlane, "_start_runtime", watched)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        try:
+            await plane.load_all()
+        finally:
+            await plane.stop_models()
+
+    _run(body())
+    assert seen == ["model 'a' is still loading; retry shortly",
+                    "model 'b' is still loading; retry shortly"]  # fmt: skip

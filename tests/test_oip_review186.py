@@ -72,7 +72,7 @@ def test_a_model_being_loaded_is_loading_not_unknown(served, monkeypatch):
     try:
         assert started.wait(30)
         assert _index(served)["wide"] == {"name": "wide", "version": "1", "state": "LOADING"}
-        with pytest.raises(InferenceServerException, match=r"is loading .* retry") as e:
+        with pytest.raises(InferenceServerException, match=r"is loading; retry shortly") as e:
             served.get_model_metadata("wide")
         assert e.value.status() == "StatusCode.UNAVAILABLE"
     finally:
