@@ -778,3 +778,19 @@ def test_from_the_drain_on_every_answer_closes_its_connection(model_repository):
         conn.close()
     finally:
         s.stop()
+
+
+def test_an_out_of_range_value_is_refused_without_a_warning_on_stderr():
+    # numpy's "RuntimeWarning: overflow encountered in cast" went to the server's stderr,
+    # whose lines are JSON, before the 400 said the same (review helper-240).
+    import warnings
+
+    from server import rest_codec
+    from server.errors import InvalidArgument
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidArgument, match="outside FP32's range"):
+            rest_codec._tensor_bytes([1e39, 0.0], t, "input 'x'")
