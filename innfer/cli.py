@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _demo_minilm(args)
     # mnist_resnet is served as "mnist" (the README's name); another recipe under its own
     # name: defaulting every recipe to "mnist" trained over the MNIST demo
-    args.name = args.name or ("mnist" if args.model == "mnist_resnet" else args.model)
+    args.name = args.name or _demo_name(args.model)
     model_dir = args.repository / args.name
     _demo_tiers(args.widths)  # before minutes of training: a clash found after lost them
     recipe = _demo_recipe(args)
@@ -57,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         record, why = _demo_reusable(model_dir, recipe)
         if record is not None:
             print(f"reusing {model_dir} (trained {record.get('trained_at', '?')}: "
-                  f"{_describe(recipe)}); {_start_over(model_dir)}")  # fmt: skip
+                  f"{_describe(recipe)}); {_start_over(args, model_dir)}")  # fmt: skip
             return _demo_rebuild(args, model_dir)
         if why in (NOT_THE_DEMOS, NO_DEMO_RECORD):  # someone's model: not ours to train over
             if not (model_dir / "model.yaml").is_file():
@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "another --name, or --retrain to train the demo over it"
                 )
             print(f"using {model_dir} as it is: {why} (calibrated, replaced or converted "
-                  "since?); `innfer demo --retrain` trains the demo over it")  # fmt: skip
+                  f"since?); `{_demo_again(args)}` trains the demo over it")  # fmt: skip
             return _demo_rebuild(args, model_dir, as_it_is=True)
         if why:
             print(f"not reusing {model_dir}: {why}; training again")
@@ -106,7 +106,7 @@ def _demo_minilm(args: argparse.Namespace) -> int:
     model_dir = args.repository / args.name
     seconds = args.calibrate_seconds
     if not args.retrain and minilm_demo.reusable(model_dir, seconds):
-        print(f"reusing {model_dir} (same recipe); {_start_over(model_dir)}")
+        print(f"reusing {model_dir} (same recipe); {_start_over(args, model_dir)}")
         from runtime.demo.minilm import MAX_LENGTH
 
         config = minilm_demo.model_config(1, MAX_LENGTH, calibrated=seconds > 0)
@@ -145,8 +145,24 @@ def _describe(recipe: dict) -> str:
             f"widths {widths}")  # fmt: skip
 
 
-def _start_over(model_dir: Path) -> str:
-    return f"`innfer demo --retrain` or `rm -rf {model_dir}` to start over"
+def _start_over(args: argparse.Namespace, model_dir: Path) -> str:
+    return f"`{_demo_again(args)}` or `rm -rf {model_dir}` to start over"
+
+
+def _demo_name(model: str) -> str:
+    """The model name ``innfer demo --model MODEL`` serves by default."""
+    return {"mnist_resnet": "mnist", "minilm": "minilm"}.get(model, model)
+
+
+def _demo_again(args: argparse.Namespace) -> str:
+    """``innfer demo ... --retrain`` for this run's model, repository and name: "innfer demo
+    --retrain" alone retrained the MNIST demo in runs/demo, whatever was asked (review
+    helper-240)."""
+    given = [("--model", args.model, "mnist_resnet"),
+             ("--repository", str(args.repository), "runs/demo/repository"),
+             ("--name", args.name, _demo_name(args.model))]  # fmt: skip
+    flags = "".join(f" {flag} {value}" for flag, value, default in given if value != default)
+    return f"innfer demo{flags} --retrain"
 
 
 # Why a demo directory is not reused, where it holds an INN the demo did not make.
@@ -227,10 +243,27 @@ def _demo_rebuild(args: argparse.Namespace, model_dir: Path, as_it_is: bool = Fa
     repo = Repository(args.repository)
     report = build_model(repo, args.name, profile=False)
     if _profile_stale(repo, args.name, report):
-        report = build_model(repo, args.name)
+        report = _built_by_either(report, build_model(repo, args.name))
     _print_build(report, repo)
-    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(model_dir)})")
+    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(args, model_dir)})")
     return 0
+
+
+def _built_by_either(first, second):
+    """``second`` (the build that profiled) with each tier exported or its engine built
+    where ``first`` did it: the second found all built, and the table said "cached" of
+    engines this run had just built (review helper-240)."""
+    import dataclasses
+
+    done = {t.name: t for t in first.tiers}
+    second.tiers = [
+        dataclasses.replace(
+            t, exported=t.exported or done[t.name].exported,
+            engine_built=t.engine_built or done[t.name].engine_built,
+        ) if t.name in done else t
+        for t in second.tiers
+    ]  # fmt: skip
+    return second
 
 
 def _profile_stale(repo, name: str, report) -> bool:
@@ -312,7 +345,7 @@ def _demo_repository(args: argparse.Namespace, inn, data, recipe: dict, seconds:
     print(f"\nmodel repository: {model_dir}")
     report = build_model(Repository(args.repository), args.name)
     _print_build(report, Repository(args.repository))
-    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(model_dir)})")
+    print(f"\nmodel repository: {model_dir} (reused next time; {_start_over(args, model_dir)})")
     return 0
 
 

@@ -520,7 +520,10 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     assert code == 0, err
     assert "training digits_mlp" in out and "reusing" not in out
     assert f"model repository: {model_dir} (reused next time;" in out
-    assert "`innfer demo --retrain` or `rm -rf" in out
+    # the command retrains this model where it is (it said `innfer demo --retrain`, which
+    # retrained the MNIST demo in runs/demo; review helper-240)
+    again = f"`innfer demo --model digits_mlp --repository {repo} --name digits --retrain`"
+    assert f"{again} or `rm -rf" in out, out
     recipe = {"model": "digits_mlp", "seed": 0, "epochs": 1, "widths": [1.0, 0.5],
               "convert": True}  # fmt: skip
     assert json.loads((model_dir / "demo.json").read_text())["recipe"] == recipe
@@ -532,7 +535,7 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     code, out, err = cli_main(*DEMO, "--repository", str(repo))
     assert code == 0, err
     assert out.startswith(f"reusing {model_dir} (trained ")
-    assert "`innfer demo --retrain` or `rm -rf" in out.splitlines()[0]
+    assert f"{again} or `rm -rf" in out.splitlines()[0]
     assert "training" not in out
     assert {p: p.stat().st_mtime_ns for p in built} == stamps
     tier_lines = [line for line in out.splitlines() if line.startswith(("w100 ", "w050 "))]
@@ -565,6 +568,10 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     # "using", not "serving": demo builds it; serving is make run's next step (helper-228)
     assert out.startswith(f"using {calibrated} as it is: the INN there is not the one")
     assert "training" not in out and (calibrated / "inn.safetensors").read_bytes() == weights
+    # its engines were built by this run (copied without them): the table said "cached",
+    # from the second, profiling build that found them built (review helper-240)
+    tier_lines = [line for line in out.splitlines() if line.startswith(("w100 ", "w050 "))]
+    assert len(tier_lines) == 2 and not any(line.endswith("cached") for line in tier_lines), out
     assert (calibrated / "model.yaml").read_text() == yaml_text  # as it is: not rewritten
     (other / "demo.json").unlink()
     (other / "model.yaml").unlink()
