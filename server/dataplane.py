@@ -884,7 +884,7 @@ class DataPlane:
             raise FailedPrecondition(
                 f"model control is disabled on this server (model_control: "
                 f"{self.config.model_control}); set model_control: explicit (with auth on a "
-                "network address) to load and unload models over gRPC"
+                "network address) for clients to load and unload models (gRPC or REST)"
             )
 
     def broken_reason(self, name: str) -> str:
