@@ -10,7 +10,7 @@ from torch import nn
 
 import runtime
 from runtime.inn.groups import ConversionError
-from tests.test_rules import _converts
+from tests.test_rules import _converts, _onnx_matches
 
 
 class OverTokens(nn.Module):
@@ -126,3 +126,39 @@ def test_ops_no_tier_would_export_are_refused_at_conversion():
         runtime.convert(Along("cumprod").eval(), (torch.randn(2, 5, 4),), frontend="fx")
     with pytest.raises(ConversionError, match=r"sort\(stable=True\) does not export"):
         runtime.convert(Along("sort").eval(), (torch.randn(2, 5, 4),), frontend="fx")
+
+
+def test_token_pruning_keeps_the_top_tokens_with_the_channels_elastic(tmp_path):
+    # scores.topk(k, dim=1) then t.gather(1, idx[..., None].expand(-1, -1, C)): the gather
+    # had no rule and the token-pruning classifier was refused (review helper-239).
+    from bench.zoo_local import TokenTopK
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    inn = _converts(TokenTopK(dim=16), x, tmp_path, frontend="fx")
+    sizes = {g.name: g.size for g in inn.groups if not g.discrete}
+    assert sizes["patch"] == 16 and sizes["mlp.0"] == 32, sizes
+    _onnx_matches(inn.sample(0.5), x)
+    # torch.export fixes t.shape[-1] at the example's 16: refused, saying so, not wrong
+    with pytest.raises(ConversionError, match=r"'gather_\d+' .* A size there does not follow"):
+        runtime.convert(TokenTopK(dim=16).eval(), (x,), frontend="export")
+
+
+@pytest.mark.parametrize("how", ["channels", "part"])
+def test_a_gather_that_moves_or_cuts_channels_is_refused(how):
+    class Gathers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 16), nn.Linear(16 if how == "channels" else 8, 3)
+
+        def forward(self, x):  # (N, T, 4)
+            h = torch.relu(self.a(x))  # (N, T, 16)
+            if how == "channels":  # the channels reordered
+                idx = torch.arange(15, -1, -1).expand(h.shape[0], h.shape[1], -1)
+                return self.b(h.gather(2, idx).mean(1))
+            idx = torch.zeros(h.shape[0], h.shape[1], 8, dtype=torch.long)  # 8 of 16 channels
+            return self.b(h.gather(1, idx).mean(1))
+
+    what = "gather along channel dim 2" if how == "channels" else "index spans part of dim 2"
+    with pytest.raises(ConversionError, match=what):
+        runtime.convert(Gathers().eval(), (torch.randn(2, 5, 4),))

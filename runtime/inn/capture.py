@@ -328,6 +328,7 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.topk.default: _function(torch.topk),
     aten.sort.default: _function(torch.sort),
     aten.argsort.default: _function(torch.argsort),
+    aten.gather.default: _function(torch.gather),
     aten.cumsum.default: _function(torch.cumsum),
     aten.argmax.default: _function(torch.argmax),
     aten.argmin.default: _function(torch.argmin),

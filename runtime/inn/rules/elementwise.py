@@ -394,6 +394,35 @@ def along(tr: Tracer, node: fx.Node) -> None:
         tr.labels[node] = kept
 
 
+@register(functions=(torch.gather,), methods=("gather",))
+def gather(tr: Tracer, node: fx.Node) -> None:
+    """``torch.gather(x, dim, index)``: out[..., j, ...] = x[..., index[..., j, ...], ...]
+    along ``dim`` (token pruning keeps its top-k tokens with ``t.gather(1,
+    idx[..., None].expand(-1, -1, t.shape[-1]))``: refused, "no rule"). Along a channel dim
+    the positions change with the width: fixed. Every other dim of the result is x's (the
+    index's too, where it has one), where the index spans all of it - an index broadcast
+    along the channels, its size read from x; one of a literal size is refused by the run
+    at half width - and no channels where it spans part of it."""
+    x, dim, index = node.args[0], arg(node, 1, "dim"), arg(node, 2, "index")
+    rank = len(tr.shape(x))
+    dim %= rank
+    xl = tr.labels.get(x, {})
+    il = tr.labels.get(index, {}) if isinstance(index, fx.Node) else {}
+    what = f"gather along channel dim {dim} (channel positions, which change with the width)"
+    tr.fixed(node, what, [lay for lay in (xl.get(dim), il.get(dim)) if lay is not None])
+    out: Labels = {}
+    for d in set(xl) | set(il):
+        if d == dim:
+            continue
+        a, b = xl.get(d), il.get(d)
+        if a is not None and tr.shape(index)[d] == tr.shape(x)[d]:
+            out[d] = a if b is None else tr.unify(a, b, f"node {node.name!r}")
+        else:  # part of x's channels there, or channels in the index alone
+            tr.fixed(node, f"gather whose index spans part of dim {d}, which holds channels",
+                     [lay for lay in (a, b) if lay is not None])  # fmt: skip
+    tr.labels[node] = out
+
+
 def _indices_used(node: fx.Node) -> bool:
     """Whether the (values, indices) pair ``node`` returns has its indices read."""
     for user in node.users:
