@@ -1,7 +1,8 @@
 """Widely used architectures through ``runtime.convert`` (issue 12): which convert, which op
 refuses the rest.
 
-Per model (random init, no downloads; timm and torchvision only if installed): converts or
+Per model (random init, no downloads; timm and torchvision only if installed; ``local/``:
+bench/zoo_local.py's, from their papers): converts or
 the refusing node, convert time, continuous groups, relative error of sample(1.0), whether
 sample(0.5) runs, and whether the 0.5 tier exported to ONNX matches onnxruntime. Writes
 bench/results/zoo.json.
@@ -54,7 +55,9 @@ TRANSFORMERS = {
 
 
 def _builders() -> dict[str, object]:
-    out = {}
+    from bench.zoo_local import LOCAL  # (written here: the literature's CIFAR / SR nets)
+
+    out = dict(LOCAL)
     try:
         from runtime.inn.compat import import_torchvision
 
