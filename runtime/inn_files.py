@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from runtime.flock import exclusive
 from runtime.hashing import sha256_file
 
 WEIGHTS_FILE = "inn.safetensors"
@@ -46,21 +47,8 @@ def renaming(model_dir: Path) -> Iterator[None]:
         >>> with renaming(Path(tempfile.mkdtemp())):
         ...     pass
     """
-    try:
-        import fcntl
-
-        fd = os.open(model_dir, os.O_RDONLY)
-    except (ImportError, OSError):
+    with exclusive(model_dir):
         yield
-        return
-    try:
-        # NFS emulates flock with POSIX locks, which refuse a read-only descriptor (EBADF) -
-        # and a folder opens only read-only: the renames go on unlocked (review 158).
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # (closing releases the lock)
 
 
 def pending(model_dir: Path, weights_sha256: str) -> tuple[Path, dict] | None:

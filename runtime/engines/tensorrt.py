@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from runtime.atomic import write_bytes
+from runtime.flock import exclusive
 
 from .base import (
     Backend,
@@ -284,26 +285,6 @@ def _check_options(options: BuildOptions) -> None:
     workspace = options.extra.get("workspace_mib", DEFAULT_WORKSPACE_MIB)
     if not isinstance(workspace, int) or workspace < 1:
         raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive ``flock`` of ``lock_path`` for the block (waiting for it); where no
-    lock can be had (no ``fcntl``, a read-only folder, no flock on the file system) the
-    block runs unlocked: a lost merge only costs a later build some timing."""
-    try:
-        import fcntl
-
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # (closing releases the lock)
 
 
 def timing_cache_name(device: str, version: str) -> str:
@@ -543,7 +524,7 @@ class TensorRTBackend(Backend):
         finishing builds at once each read the file before the other's rename, and one's
         timings were lost. The file is replaced atomically.
         """
-        with _exclusive(cache_path.with_name(f".{cache_path.name}.lock")):
+        with exclusive(cache_path.with_name(f".{cache_path.name}.lock"), os.O_RDWR | os.O_CREAT):
             TensorRTBackend._merge_and_save(config, cache, cache_path)
 
     @staticmethod
