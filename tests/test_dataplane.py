@@ -2335,6 +2335,19 @@ def test_a_model_being_loaded_says_so_and_a_failed_load_does_not(config, monkeyp
     assert waiting[0] == 1.0  # b, while a loaded at start-up
 
 
+def _start_up(config) -> None:
+    """A data plane's start-up (``load_all``), then its stop."""
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        try:
+            await plane.load_all()
+        finally:
+            await plane.stop_models()
+
+    _run(body())
+
+
 def test_a_stop_during_start_up_is_no_failure_in_the_log(config, monkeypatch, caplog):
     # SIGTERM while a model warmed up at start-up logged ERROR "model a not loaded: the
     # server is shutting down; load the model elsewhere": a rollout's stop paged, with
@@ -2347,15 +2360,8 @@ def test_a_stop_during_start_up_is_no_failure_in_the_log(config, monkeypatch, ca
 
     monkeypatch.setattr(DataPlane, "_start_runtime", draining)
 
-    async def body():
-        plane = DataPlane(config, Metrics())
-        try:
-            await plane.load_all()
-        finally:
-            await plane.stop_models()
-
     with caplog.at_level("INFO", logger="innfer.dataplane"):
-        _run(body())
+        _start_up(config)
     assert "shutting down: model a not loaded" in caplog.text, caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
@@ -2374,13 +2380,6 @@ def test_a_model_loading_at_start_up_says_still_loading(config, monkeypatch):
 
     monkeypatch.setattr(DataPlane, "_start_runtime", watched)
 
-    async def body():
-        plane = DataPlane(config, Metrics())
-        try:
-            await plane.load_all()
-        finally:
-            await plane.stop_models()
-
-    _run(body())
+    _start_up(config)
     assert seen == ["model 'a' is still loading; retry shortly",
                     "model 'b' is still loading; retry shortly"]  # fmt: skip
