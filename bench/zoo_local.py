@@ -20,16 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.models import BasicBlock
 
-class _OptionA(nn.Module):
+
+class _OptionA(BasicBlock):
     """A basic block whose shortcut pads zeros on for the new channels (option A)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        super().__init__(c_in, c_out, stride)
+        self.down = None  # (no projection)
         self.pad = (c_out - c_in) // 2 if stride != 1 or c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
