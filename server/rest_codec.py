@@ -309,10 +309,22 @@ NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _nonfinite(data):
-    """``data`` (a number, or lists of them nested) with NONFINITE_IN's names as floats."""
-    if isinstance(data, list):
-        return [_nonfinite(v) for v in data]
-    return NONFINITE_IN[data] if type(data) is str else data
+    """``data`` (a number, or lists of them nested) with NONFINITE_IN's names as floats;
+    without recursion, as ``_flat``: a body nested ~500 deep raised RecursionError, a 500
+    with a traceback logged per request (review helper-242)."""
+    if not isinstance(data, list):
+        return NONFINITE_IN[data] if type(data) is str else data
+    root: list = []
+    stack = [(data, root)]
+    while stack:
+        src, dst = stack.pop()
+        for v in src:
+            if isinstance(v, list):
+                dst.append([])
+                stack.append((v, dst[-1]))
+            else:
+                dst.append(NONFINITE_IN[v] if type(v) is str else v)
+    return root
 
 
 def _parameters(out, params: Mapping, where: str) -> None:

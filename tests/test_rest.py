@@ -794,3 +794,21 @@ def test_an_out_of_range_value_is_refused_without_a_warning_on_stderr():
         warnings.simplefilter("error")
         with pytest.raises(InvalidArgument, match="outside FP32's range"):
             rest_codec._tensor_bytes([1e39, 0.0], t, "input 'x'")
+
+
+def test_non_finite_names_nested_deeply_are_a_400_not_a_500():
+    # "NaN" strings converted with a recursion per level of nesting: ~500 levels raised
+    # RecursionError, a 500 with a traceback logged per request (review helper-242).
+    from server import rest_codec
+    from server.errors import InvalidArgument
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1])
+    data: list = ["NaN"]
+    for _ in range(900):
+        data = [data]
+    with pytest.raises(InvalidArgument):
+        rest_codec._tensor_bytes(data, t, "input 'x'")
+    t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[2, 2])
+    got = rest_codec._tensor_bytes([["NaN", 1.0], [2.0, "-Infinity"]], t, "input 'x'")
+    assert np.frombuffer(got, "<f4").tolist()[1:3] == [1.0, 2.0]
