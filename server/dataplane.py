@@ -337,7 +337,12 @@ class DataPlane:
         if loading is not None:
             loading.set(1)
             self.metrics.load_failures.labels(name)  # from 0, for rate() (review helper-229)
-        valid = _valid_name(name)
+        # A model's name: known, or with a model.yaml in the repository (one added since
+        # the start) - not a typo, whose calls were "loading; retry shortly" while its load
+        # waited behind another's (review helper-242).
+        valid = _valid_name(name) and (
+            known or file_known(self.repo.root / name / "model.yaml") is True
+        )
         if valid:
             self.loading[name] += 1
         try:

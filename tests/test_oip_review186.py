@@ -5,7 +5,9 @@ a malformed version."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 import pytest
 import tritonclient.grpc as tc
@@ -75,9 +77,24 @@ def test_a_model_being_loaded_is_loading_not_unknown(served, monkeypatch):
         with pytest.raises(InferenceServerException, match=r"is loading; retry shortly") as e:
             served.get_model_metadata("wide")
         assert e.value.status() == "StatusCode.UNAVAILABLE"
+
+        # a typo's load, waiting behind it, is no model loading: its calls NOT_FOUND, and
+        # the index does not list it (it was LOADING, "retry shortly"; review helper-242)
+        def load_typo():
+            with contextlib.suppress(InferenceServerException):  # (NOT_FOUND, once its turn)
+                served.load_model("wyde")
+
+        typo = threading.Thread(target=load_typo)
+        typo.start()
+        time.sleep(0.3)
+        assert "wyde" not in _index(served)
+        with pytest.raises(InferenceServerException, match="unknown model 'wyde'") as e:
+            served.get_model_metadata("wyde")
+        assert e.value.status() == "StatusCode.NOT_FOUND"
     finally:
         release.set()
         loader.join(30)
+        typo.join(30)
     try:
         assert _index(served)["wide"] == {"name": "wide", "version": "1", "state": "READY"}
     finally:
