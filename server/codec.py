@@ -435,38 +435,51 @@ def _outside_columns(ids: np.ndarray, rows: list) -> tuple[int, ...] | None:
 
 def check_token_inputs(
     ids: np.ndarray, mask: np.ndarray, vocab_size: int, ids_name: str, mask_name: str
-) -> np.ndarray:
+) -> None:
     """Token ids a client sent itself must be ids of the model's tokenizer, and each mask
     row 1 for its tokens, then 0 for its padding (at least one token): an id past the
     embedding table fails inside the engine (and with it every request batched beside it),
     a negative one silently reads another row, and a left-padded or empty row is embedded
-    wrongly without a word. Returns the ids to run: any id under a 0 of the mask is padding
-    the model masks out, so one outside the table there (a sentinel pad id, -100) is run as
-    0 - it was refused where a shorter row's padding fell inside the longest row's columns,
-    and accepted where the request's rows were of one length (review helper-238).
+    wrongly without a word. (Padding is zeroed first: ``zero_padding``.)
 
     Example:
         >>> check_token_inputs(np.array([[101, 7592, 102]]), np.ones((1, 3)), 30522, "i", "m")
-        array([[ 101, 7592,  102]])
-        >>> check_token_inputs(np.array([[101, -100]]), np.array([[1, 0]]), 30522, "i", "m")
-        array([[101,   0]])
         >>> check_token_inputs(np.array([[101, 40000]]), np.ones((1, 2)), 30522, "i", "m")
         Traceback (most recent call last):
         ...
         server.errors.InvalidArgument: input 'i': token id 40000 at [0, 1] is outside ...
     """
     check_mask(mask, mask_name)
-    outside = (ids < 0) | (ids >= vocab_size)
-    if not outside.any():
-        return ids
-    tokens = outside & (mask != 0)
-    if tokens.any():
-        at = tuple(int(i) for i in np.argwhere(tokens)[0])
+    if (at := _outside(ids, vocab_size)) is not None:
         raise InvalidArgument(
             f"input {ids_name!r}: token id {int(ids[at])} at {list(at)} is outside "
             f"[0, {vocab_size}) (the model tokenizer's ids)"
         )
-    return np.where(outside, 0, ids)  # (a copy: the request's own buffer stays as sent)
+
+
+def zero_padding(arrays: dict[str, np.ndarray], specs, mask_name: str) -> dict:
+    """``arrays`` with every integer (rows, tokens) input 0 where the mask ``mask_name`` is
+    0: an id there is padding the model masks out, so any value (a sentinel pad id such as
+    -100) runs as 0 - it was refused, or failed in the engine, only where a shorter row's
+    padding fell inside the longest row's columns, rows of one length being served (review
+    helper-238, helper-242). A copy of an input only where it changes.
+
+    Example:
+        >>> from types import SimpleNamespace as Spec
+        >>> out = zero_padding({"ids": np.array([[5, -100]]), "m": np.array([[1, 0]])},
+        ...                    [Spec(name="ids", dtype="int64")], "m")
+        >>> out["ids"]
+        array([[5, 0]])
+    """
+    padding = arrays[mask_name] == 0  # (rows, tokens)
+    out = dict(arrays)
+    for t in specs:
+        a = arrays.get(t.name)
+        if t.name == mask_name or a is None or a.shape != padding.shape:
+            continue
+        if np.dtype(t.dtype).kind in "iu" and np.any(a[padding] != 0):
+            out[t.name] = np.where(padding, 0, a)
+    return out
 
 
 def check_mask(mask: np.ndarray, mask_name: str) -> None:

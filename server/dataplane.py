@@ -1558,6 +1558,7 @@ class DataPlane:
             mask_name = cfg.mask_input
             arrays, rows = self._decode_masked(request, cfg, raw, mask_name, mask_name, max_length)
             codec.check_mask(arrays[mask_name], mask_name)  # 0 / 1, right-padded (helper-142)
+            arrays = codec.zero_padding(arrays, cfg.inputs, mask_name)
             if m.input_rows:
                 codec.check_ids(arrays, m.input_rows)
             return arrays, rows, []
@@ -1572,7 +1573,8 @@ class DataPlane:
             request, cfg, raw, text.mask, text.ids, max_length,
             f", or the text as {text.input!r} (truncated to fit)",
         )  # fmt: skip
-        arrays[text.ids] = codec.check_token_inputs(
+        arrays = codec.zero_padding(arrays, cfg.inputs, text.mask)
+        codec.check_token_inputs(
             arrays[text.ids], arrays[text.mask], m.served.tokenizer.vocab_size, text.ids, text.mask
         )
         if m.input_rows:  # other id inputs (token_type_ids); ids: the tokenizer's, above

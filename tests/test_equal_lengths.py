@@ -407,3 +407,30 @@ def test_the_planner_counts_each_group_of_the_rest_as_its_own_batch():
         s.complete(d, t, took)
         late += sum(t > r.deadline for r in d.requests)
     assert late == 0
+
+
+def test_a_mask_input_models_padding_may_hold_any_id(tmp_path):
+    # A sentinel pad id (-100) under the mask's 0 was served where every row had one length
+    # (the padding cut) and failed in the engine's Gather - the whole batch with it - where
+    # a shorter row's padding fell inside the longest row's columns (review helper-242).
+    from server.config import ServerConfig
+    from server.dataplane import DataPlane
+
+    _add_ids_model(tmp_path)
+    cfg = ServerConfig.from_dict(
+        {"repository": str(tmp_path), "models": ["ids"], "profile_at_load": False}
+    )
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    zeros = np.array([[5, 6, 7, 8], [5, 6, 0, 0]])
+    sentinel = np.where(mask == 1, zeros, -100)
+
+    async def go():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            return [await plane.infer(_ids_request(i, mask), None) for i in (zeros, sentinel)]
+        finally:
+            await plane.stop_models()
+
+    with_zeros, with_sentinel = asyncio.run(go())
+    assert with_sentinel.raw_output_contents[0] == with_zeros.raw_output_contents[0]
