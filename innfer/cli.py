@@ -155,14 +155,27 @@ def _demo_name(model: str) -> str:
 
 
 def _demo_again(args: argparse.Namespace) -> str:
-    """``innfer demo ... --retrain`` for this run's model, repository and name: "innfer demo
-    --retrain" alone retrained the MNIST demo in runs/demo, whatever was asked (review
-    helper-240)."""
-    given = [("--model", args.model, "mnist_resnet"),
-             ("--repository", str(args.repository), "runs/demo/repository"),
-             ("--name", args.name, _demo_name(args.model))]  # fmt: skip
-    flags = "".join(f" {flag} {value}" for flag, value, default in given if value != default)
-    return f"innfer demo{flags} --retrain"
+    """``innfer demo ... --retrain`` for this run: its model, repository and name, and the
+    recipe flags it gave ("innfer demo --retrain" alone retrained the MNIST demo in
+    runs/demo, whatever was asked; review helper-240, helper-242), quoted for a shell."""
+    import shlex
+
+    defaults = {"model": "mnist_resnet", "repository": Path("runs/demo/repository"),
+                "name": _demo_name(args.model), "seed": 0, "epochs": None, "convert": False,
+                "widths": [1.0, 0.75, 0.5, 0.25], "calibrate_seconds": 60.0}  # fmt: skip
+    parts = ["innfer", "demo"]
+    for key, default in defaults.items():
+        value = getattr(args, key, default)
+        if value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *(f"{v:g}" for v in value)]
+        else:
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join([*parts, "--retrain"])
 
 
 # Why a demo directory is not reused, where it holds an INN the demo did not make.

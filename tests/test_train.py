@@ -522,7 +522,10 @@ def test_demo_reuses_what_it_built_and_serves_it(cli_main, tmp_path):
     assert f"model repository: {model_dir} (reused next time;" in out
     # the command retrains this model where it is (it said `innfer demo --retrain`, which
     # retrained the MNIST demo in runs/demo; review helper-240)
-    again = f"`innfer demo --model digits_mlp --repository {repo} --name digits --retrain`"
+    again = (
+        f"`innfer demo --model digits_mlp --repository {repo} --name digits --epochs 1 "
+        "--convert --widths 1 0.5 --retrain`"
+    )  # (the recipe too: review helper-242)
     assert f"{again} or `rm -rf" in out, out
     recipe = {"model": "digits_mlp", "seed": 0, "epochs": 1, "widths": [1.0, 0.5],
               "convert": True}  # fmt: skip
