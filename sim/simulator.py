@@ -303,13 +303,13 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
         "tier_mix": {t.name: mix.get(t.name, 0) / max(int(served.sum()), 1) for t in tiers},
         "p50_latency_ms": float(np.percentile(latency, 50)) if len(latency) else None,
         "p99_latency_ms": float(np.percentile(latency, 99)) if len(latency) else None,
-        # over the window, or to the last answer within budget where that came later (as
-        # bench counts it): loose budgets past capacity answered after the window, and a
-        # goodput of 754/s was printed for an engine of 257/s (review helper-236)
         "late": int((served & ~met).sum()),  # answered past the budget
+        # over the window, or to the last answer where that came later, as bench and the
+        # shared-core simulation count it: loose budgets past capacity answered after the
+        # window, and a goodput of 754/s was printed for an engine of 257/s (helper-236)
         "goodput_per_s": float(
             met.sum()
-            / max(trace_window(cfg, arrivals), float(finish[met].max()) if met.any() else 0)
+            / max(trace_window(cfg, arrivals), float(finish[served].max()) if served.any() else 0)
         ),
         "refused": {k: v for k, v in Counter(states).items() if k != "served"},
     }

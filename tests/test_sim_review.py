@@ -65,6 +65,19 @@ def test_goodput_counts_up_to_the_last_answer_where_answers_outlast_the_window()
     assert s["goodput_per_s"] <= 1e3 / P50["w100"][1] * 1.001  # one w100 run at a time
 
 
+def test_goodput_counts_to_the_last_answer_late_ones_too(tmp_path):
+    # As bench and the shared-core simulation count it: engine only it ran to the last
+    # answer within budget, so the two simulate modes printed goodputs that could not be
+    # compared (review helper-242). Planned 15x faster than it runs: the second is late.
+    trace = tmp_path / "t.txt"
+    trace.write_text("0\n0.5\n")
+    planned = [TierInfo("w100", 0.99, {1: 100.0, 8: 400.0})]
+    cfg = SimConfig(trace="file", trace_file=str(trace), duration_s=1.0,
+                    budget_ms=(2000.0, 2000.0), noise=0.0, max_batch=1)  # fmt: skip
+    s = simulate(planned, {"w100": {1: 1500.0, 8: 6000.0}}, cfg).summary
+    assert s["late"] == 1 and s["goodput_per_s"] == pytest.approx(1 / 3.0)  # 1 met by 3.0 s
+
+
 def test_a_request_that_expires_in_the_queue_is_expired_not_refused_at_arrival():
     # The engine-only simulation named queue expiries refused_deadline, the name of a
     # refusal at arrival; the shared-core one and the server say expired (review helper-236).
