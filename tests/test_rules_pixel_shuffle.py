@@ -145,3 +145,14 @@ def test_a_shuffle_of_a_5d_input_is_refused():
 
     with pytest.raises(ConversionError, match=r"pixel_shuffle of a 5-D input"):
         runtime.convert(Five().eval(), (torch.randn(2, 3, 4, 4),))
+
+    class FiveUn(nn.Module):  # and unshuffle (it converted, then no tier exported)
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(32, 3, 1)
+
+        def forward(self, x):
+            return self.b(F.pixel_unshuffle(self.a(x).unsqueeze(1), 2).squeeze(1))
+
+    with pytest.raises(ConversionError, match=r"pixel_unshuffle of a 5-D input"):
+        runtime.convert(FiveUn().eval(), (torch.randn(2, 3, 4, 4),))

@@ -473,6 +473,11 @@ def pixel_unshuffle(tr: Tracer, node: fx.Node) -> None:
     flatten of (C, r * r))."""
     x, r = _shuffled(tr, node, "downscale_factor")
     rank = len(tr.shape(x))
+    if rank != 4:  # (as pixel_shuffle: SpaceToDepth is 4-D; review helper-242)
+        tr.fixed(node, f"pixel_unshuffle of a {rank}-D input (ONNX exports 4-D ones)",
+                 tr.labels.get(x, {}).values())  # fmt: skip
+        tr.labels[node] = {}
+        return
     lay = tr.labels.get(x, {}).get(rank - 3)
     out: Labels = {}
     if lay is not None:
