@@ -396,9 +396,9 @@ class AutoTierer:
             # At the first check, and after a load this loop did not make (an operator's
             # `tiers apply`, another replica's set): min_interval_s counts from that choice
             # too - it was replaced at the next check, seconds later (review helper-237).
-            self._reread_change = False
             active = self.repository / self.name / ACTIVE_FILE
             chosen = await self._io(_last_change, active, self.clock)
+            self._reread_change = False  # (after the read: a failed one tries again)
             self.last_change = chosen if self.last_change is None else max(self.last_change, chosen)
         rebuild = self.goals.rebuild
         if now - self.last_change < rebuild.min_interval_s:
