@@ -166,10 +166,11 @@ class DataPlane:
         # Models unloaded since their last load: RepositoryIndex says "unloaded" of them and
         # lists a model never loaded by name alone, as Triton does (review 186).
         self.unloaded: set[str] = set()
-        # Valid names a RepositoryModelLoad is loading now (a count: loads may overlap). Not
-        # served yet, they are UNAVAILABLE "loading" and LOADING in RepositoryIndex, as
-        # Triton's: they were NOT_FOUND "not loaded; load it first" while an operator's
-        # load ran (minutes of TensorRT builds on a GPU), which a retry policy gives up on.
+        # Models being loaded now - at start-up, by a RepositoryModelLoad or the repository
+        # poll (a count: loads may overlap). Not served yet, they are UNAVAILABLE "loading"
+        # and LOADING in RepositoryIndex, as Triton's: they were NOT_FOUND "not loaded; load
+        # it first" while an operator's load ran (minutes of TensorRT builds on a GPU),
+        # which a retry policy gives up on (review helper-235).
         self.loading: collections.Counter[str] = collections.Counter()
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
