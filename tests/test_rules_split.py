@@ -404,3 +404,26 @@ def test_group_norm_converts_under_torch_export_too(tmp_path):
     inn = _converts(model, x, tmp_path, frontend="export")
     assert [(g.size, g.blocks) for g in inn.groups if not g.discrete] == [(16, 4)]
     _onnx_matches(inn.sample(0.5), x)
+
+
+class MisalignedPads(nn.Module):
+    """Two padded tensors added whose parts differ: 2 + 8 + 2 and 1 + 8 + 3 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        h = F.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 2, 2))
+        return self.c(h + F.pad(torch.relu(self.b(x)), (0, 0, 0, 0, 1, 3), value=0.5))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_add_of_tensors_split_at_other_places_is_cut_to_pair(frontend, tmp_path):
+    # As many parts on each side but of other sizes: tied part by part, it raised "ties a
+    # dimension of 2 channels to one of 1"; cut at each other's bounds, it converts (the
+    # alignment a concat added to a plain tensor already had; review helper-239).
+    x = torch.randn(2, 3, 4, 4)
+    inn = _converts(MisalignedPads(), x, tmp_path, frontend=frontend)
+    assert sum(g.size for g in inn.groups if not g.discrete) >= 8
+    _onnx_matches(inn.sample(0.5), x)

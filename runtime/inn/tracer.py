@@ -83,7 +83,13 @@ class Tracer:
         a resampling; that is fine while none of their groups is continuous - they are then
         pinned discrete for good. A continuous one is an error.
         """
-        if len(a) == len(b) and all(x.inner == y.inner for x, y in zip(a, b, strict=True)):
+        # Pairwise only where each pair holds as many entries: two pads of different sides
+        # (or cats of different parts) added met here, and the union raised "ties 2
+        # channels to one of 1" where _align below cuts them to pair (review helper-239).
+        if len(a) == len(b) and all(
+            x.inner == y.inner and segment_entries(self.uf, x) == segment_entries(self.uf, y)
+            for x, y in zip(a, b, strict=True)
+        ):
             for x, y in zip(a, b, strict=True):
                 self.uf.union(x.group, y.group, where)
             return a
