@@ -160,12 +160,13 @@ def _demo_again(args: argparse.Namespace) -> str:
     runs/demo, whatever was asked; review helper-240, helper-242), quoted for a shell."""
     import shlex
 
-    defaults = {"model": "mnist_resnet", "repository": Path("runs/demo/repository"),
-                "name": _demo_name(args.model), "seed": 0, "epochs": None, "convert": False,
-                "widths": [1.0, 0.75, 0.5, 0.25], "calibrate_seconds": 60.0}  # fmt: skip
+    # the parser's own defaults (the name's is derived from the model)
+    defaults = {**vars(build_parser().parse_args(["demo"])), "name": _demo_name(args.model)}
+    recipe = ("model", "repository", "name", "seed", "epochs", "convert", "widths",
+              "calibrate_seconds")  # fmt: skip
     parts = ["innfer", "demo"]
-    for key, default in defaults.items():
-        value = getattr(args, key, default)
+    for key in recipe:
+        value, default = getattr(args, key, defaults[key]), defaults[key]
         if value == default:
             continue
         flag = "--" + key.replace("_", "-")
@@ -934,17 +935,6 @@ def _fit_duration(args: argparse.Namespace, tiers, p50) -> None:
         )
 
 
-def _simulated_span(r) -> float:
-    """Seconds from a shared-core run's first send to its last answer."""
-    import numpy as np
-
-    sent = r.send[~np.isnan(r.send)]
-    if not len(sent):
-        return 0.0
-    done = sent + np.nan_to_num(r.latency_ms, nan=0.0)[~np.isnan(r.send)] / 1e3
-    return float(done.max() - sent.min())
-
-
 def _capped(n: int, span: float, duration: float, engine_only: bool) -> str:
     """What a closed loop cut short by its cap of ``n`` sends says: the figures are over
     the ``span`` simulated, and why it ran out (refusals that cost no time, engine only)."""
@@ -1018,7 +1008,7 @@ def _simulate_shared(
             # Over the time simulated: --duration, or longer where the last answers came
             # after it (as bench counts), or shorter where the cap ended the sends - 300,000
             # requests "at 83.3/s" had taken 900 s of 3,600 (review helper-236).
-            span = _simulated_span(r)
+            span = r.summary["span_s"]
             window = max(cfg.duration_s, span)
             if r.summary["sent"] == len(budgets):  # the cap, not --duration, ended the sends
                 window = span
@@ -1026,7 +1016,7 @@ def _simulate_shared(
             window = max(window, 1e-9)  # (every request refused at 0 s, engine only)
             rate = r.summary["sent"] / window
         else:  # (or to the last answer, as bench counts it: review helper-236)
-            window = max(trace_window(cfg, arrivals), _simulated_span(r))
+            window = max(trace_window(cfg, arrivals), r.summary["span_s"])
         s = {
             **r.summary,
             # over the trace's window, as the engine-only simulation counts it (first send

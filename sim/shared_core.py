@@ -286,6 +286,7 @@ def _result(send, received, budget, tiers_used, states, widths, batches) -> Shar
         "slo_attainment": float(met.sum() / n) if n else 1.0,
         "batches": batches,
         "rows_per_batch": float(served.sum() / batches) if batches else None,
+        "span_s": span,  # first send to last answer (refusals' included)
         "goodput_per_s": float(met.sum() / span) if span else 0.0,
         "p50_latency_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_latency_ms": float(np.percentile(lat, 99)) if len(lat) else None,
