@@ -337,7 +337,7 @@ def max_min(tr: Tracer, node: fx.Node) -> None:
                  "which change with the width)", [lay])  # fmt: skip
 
 
-# Ops along one dim: the default dim (-1 where torch has one; cumsum / cumprod need it given).
+# Ops along one dim: the default dim (-1 where torch has one; cumsum needs it given).
 # (Not cumprod: no ONNX op at opset 17, so no tier of it would build - review helper-239.)
 _ALONG = {torch.topk: -1, torch.sort: -1, torch.argsort: -1, torch.cumsum: None,
           torch.argmax: None, torch.argmin: None}  # fmt: skip
