@@ -3,7 +3,9 @@ refuses the rest.
 
 Per model (random init, no downloads; timm and torchvision only if installed; ``local/``:
 bench/zoo_local.py's, from their papers): converts or
-the refusing node, convert time, continuous groups, relative error of sample(1.0), whether
+the refusing node (and, when ``on_unsupported="keep"`` lifts the refusal, the modules whose
+channels it kept: the row's other figures are then that conversion's), convert time,
+continuous groups, relative error of sample(1.0), whether
 sample(0.5) runs, and whether the 0.5 tier exported to ONNX matches onnxruntime. Writes
 bench/results/zoo.json.
 
@@ -17,6 +19,7 @@ import io
 import json
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,10 +143,21 @@ def run_one(build, args: tuple, kwargs: dict) -> dict:
     t0 = time.perf_counter()
     try:
         inn = convert(model, args, example_kwargs=kwargs or None)
+        row["converts"] = True
     except ConversionError as exc:
         row.update(converts=False, refused=str(exc)[:300])
-        return row
-    row.update(converts=True, convert_s=round(time.perf_counter() - t0, 2),
+        # What a user told "on_unsupported='keep'" gets: the channels that op touches kept
+        # whole, the rest elastic (checked below like any conversion).
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the kept groups are in inn.info
+                inn = convert(model, args, example_kwargs=kwargs or None, on_unsupported="keep")
+        except ConversionError as again:
+            row["refused_keeping"] = str(again)[:300]
+            return row
+        row["kept"] = sorted(inn.info["kept"])
+    row.update(convert_s=round(time.perf_counter() - t0, 2),
                groups=len([g for g in inn.groups if not g.discrete]),
                frontend=inn.info.get("frontend"))  # fmt: skip
     flat = (*args, *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
@@ -206,7 +220,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     ok = sum(r.get("converts", False) for r in results.values())
-    print(f"{ok}/{len(results)} convert")
+    keeping = sum("kept" in r for r in results.values())
+    print(f"{ok}/{len(results)} convert; {keeping} more with on_unsupported='keep'")
 
 
 if __name__ == "__main__":

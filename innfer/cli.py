@@ -2154,6 +2154,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{'group':<30} {'full':>6} {'at ' + format(args.width, '.0%'):>8}")
     for g in inn.groups:
         print(f"{g.name:<30} {g.size:>6} {sizes[g.name]:>8}")
+    for module, why in inn.info.get("kept", {}).items():  # convert(on_unsupported="keep")
+        print(f"kept at full size: {module} ({why})")
     return 0
 
 

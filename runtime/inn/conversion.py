@@ -17,7 +17,7 @@ import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ def convert(
     example_kwargs: dict | None = None,
     frontend: Frontend = "auto",
     discrete: Iterable[str] = (),
+    on_unsupported: Literal["refuse", "keep"] = "refuse",
     permute: bool = True,
     fold_norms: bool = True,
     seed: int = 0,
@@ -56,6 +57,13 @@ def convert(
     The converted model takes the inputs positionally, keyword inputs after the positional
     ones in the order the model's ``forward`` names them.
     ``discrete``: names of modules whose output channels must keep their size.
+    ``on_unsupported``: what to do where an op innfer cannot resample acts on elastic
+    channels (ShuffleNetV2's ``chunk`` of a shuffled stream). ``"refuse"`` raises
+    ``ConversionError`` naming the node; ``"keep"`` keeps those channels at their size - as
+    ``discrete=[...]`` on the layers that make them - and converts the rest, with a warning
+    naming each group kept and why (``inn.info["kept"]``, module -> reason). Pruning tools
+    do the same (they leave such layers unpruned). Refusals that fixing channels cannot
+    lift (an op that cannot be stored, a size that does not follow the width) still raise.
     ``permute``: reorder each group's channels for smoothness (the function is unchanged).
     ``fold_norms``: fold each BatchNorm into the conv/linear before it (inference statistics).
     Resampling then merges whole affine channels; without data this keeps far more accuracy
@@ -71,6 +79,10 @@ def convert(
         example_inputs = (example_inputs,)
     if isinstance(discrete, str):  # one name: as a set it was its characters (review 185)
         discrete = (discrete,)
+    if on_unsupported not in ("refuse", "keep"):
+        raise ValueError(f"on_unsupported must be 'refuse' or 'keep', not {on_unsupported!r}")
+    # module -> why its channels were kept (filled only with on_unsupported="keep")
+    kept: dict[str, str] | None = {} if on_unsupported == "keep" else None
     if isinstance(model, torch.jit.ScriptModule):  # it got advice about control flow
         raise ConversionError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "
@@ -92,7 +104,7 @@ def convert(
         gm = capture(folded or source, tuple(example_inputs), example_kwargs, frontend)
         try:
             gm, analysis, did_fold = _analysed(gm, folded, fold_norms, example_inputs,
-                                               example_kwargs, discrete)  # fmt: skip
+                                               example_kwargs, discrete, kept)  # fmt: skip
         except ConversionError as exc:
             # fx keeps a function it was told not to trace (torch.fx.wrap: torchvision's
             # shifted_window_attention) as one call no rule knows; torch.export sees
@@ -102,8 +114,10 @@ def convert(
                 raise
             try:
                 gm = capture(source, tuple(example_inputs), example_kwargs, "export")
+                if kept is not None:
+                    kept.clear()  # what the fx graph needed kept says nothing of this one
                 gm, analysis, did_fold = _analysed(gm, None, fold_norms, example_inputs,
-                                                   example_kwargs, discrete)  # fmt: skip
+                                                   example_kwargs, discrete, kept)  # fmt: skip
             except ConversionError as again:
                 raise ConversionError(f"{exc} (torch.fx kept {leaf!r} as one call; captured "
                                       f"by torch.export instead: {again})") from None  # fmt: skip
@@ -127,11 +141,19 @@ def convert(
             f"{type(model).__name__} converted with no elastic width: every channel group is "
             f"discrete (tied to the model's inputs or outputs, or to ops that keep their "
             f"size), so sample() returns the full model at every width",
-            stacklevel=2,
+            stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
         )
     info = {"source": type(model).__name__, "permuted": permute, "folded_norms": did_fold,
             "frontend": captured_by,
             "seed": seed}  # fmt: skip
+    if kept:
+        info["kept"] = dict(kept)
+        warnings.warn(
+            f"{type(model).__name__}: kept {len(kept)} channel group(s) at full size, where "
+            "ops innfer cannot resample act on them (on_unsupported='keep'): "
+            + "; ".join(f"{m!r} ({why})" for m, why in kept.items()),
+            stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
+        )
     shape = _sample_shape(example_inputs, example_kwargs)
     if shape is not None:  # what `innfer report` counts FLOPs at without an evaluation set
         info["input_shape"] = shape
@@ -301,15 +323,31 @@ FAITHFUL_REL_ERR = 1e-3  # folded norms and reordered sums differ by ~1e-6
 FAITHFUL_EPS = 4
 
 
-def _analysed(gm, folded, fold_norms: bool, example_inputs, example_kwargs, discrete):
+def _analysed(gm, folded, fold_norms: bool, example_inputs, example_kwargs, discrete, kept):
     """The group analysis of a captured graph, and whether its norms are folded: what was
     folded, not what was asked - an exported graph is folded here (fuse() needs fx), a model
-    fuse() could not fold keeps its norms."""
+    fuse() could not fold keeps its norms. ``kept``: see ``_analysis``."""
     did_fold = folded is not None
     if fold_norms and gm.meta["frontend"] == "export":
         did_fold = fold_graph_norms(gm)
     inputs = _placeholder_inputs(gm, example_inputs, example_kwargs)
-    return gm, analyse(gm, inputs, discrete), did_fold
+    return gm, _analysis(gm, inputs, discrete, kept), did_fold
+
+
+def _analysis(gm, inputs: tuple, discrete: Iterable[str], kept: dict[str, str] | None):
+    """``analyse``; with ``kept`` (a dict, on_unsupported="keep"), a refusal that names the
+    module whose channels would lift it adds that module to ``discrete`` and ``kept`` (its
+    reason) and analyses again - one refusal at a time, as a user following the messages
+    would, so every analysis is an ordinary one. Ends: each round keeps one more module."""
+    discrete = set(discrete)
+    while True:
+        try:
+            return analyse(gm, inputs, discrete)
+        except ConversionError as exc:
+            if kept is None or exc.keep is None or exc.keep in discrete:
+                raise
+            kept[exc.keep] = exc.reason
+            discrete.add(exc.keep)
 
 
 def _wrapped_call(gm) -> str | None:

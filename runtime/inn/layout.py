@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 
 
 class ConversionError(ValueError):
-    """A model cannot be converted; the message names the node and what to change."""
+    """A model cannot be converted; the message names the node and what to change.
+
+    ``keep``: the module whose output channels, kept at their size (``discrete=[keep]``),
+    would lift this refusal - set where the refusal is an op that cannot follow continuous
+    channels, None for every other error. ``reason``: that op and why, in a few words."""
+
+    def __init__(self, message: str, *, keep: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.keep = keep
+        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -440,7 +440,7 @@ class Tracer:
             if not live:
                 continue
             origin = self.uf.origin[self.uf.find(live[0])]
-            producer = origin if origin in self.modules else None
+            producer = _producer(origin, self.modules)
             hint = (
                 f"keep its channels fixed with discrete=[{producer!r}]"
                 if producer
@@ -449,8 +449,12 @@ class Tracer:
             raise ConversionError(
                 f"cannot convert node {node.name!r} ({node.op} {_target_name(node)}): {what}; "
                 f"it acts on the continuous channels of group {origin!r}. Rewrite it with "
-                f"supported ops, or {hint}."
-            )
+                f"supported ops, or {hint}"
+                + (" (convert(..., on_unsupported='keep') keeps every such group at its size)."
+                   if producer else "."),
+                keep=producer,
+                reason=f"node {node.name!r}: {what}",
+            )  # fmt: skip
 
     # -- result ----------------------------------------------------------------------------
     def analysis(self) -> Analysis:
@@ -516,6 +520,18 @@ def _reads_metadata(node: fx.Node, attributes: frozenset[str]) -> bool:
     if node.op == "call_method":
         return node.target in ("size", "dim", "numel")
     return node.op == "call_function" and node.target is getattr and node.args[1] in attributes
+
+
+def _producer(origin: str, modules: dict) -> str | None:
+    """The module ``discrete=[...]`` names to keep a group of this origin whole: the module
+    itself (fx graphs), or the owner of a parameter whose dim 0 began it (torch.export
+    graphs, "conv.weight:0": ``visit_get_attr`` fixes dim 0 of a discrete module's
+    parameters). None for any other origin (an op's output, another dim)."""
+    if origin in modules:
+        return origin
+    param, _, dim = origin.rpartition(":")
+    owner = param.rpartition(".")[0]
+    return owner if dim == "0" and owner and owner in modules else None
 
 
 def _target_name(node: fx.Node) -> str:
