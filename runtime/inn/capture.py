@@ -408,6 +408,12 @@ _INPLACE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.silu_.default: _function(F.silu),
     aten.leaky_relu_.default: _function(F.leaky_relu),
     aten.hardswish_.default: _function(F.hardswish),
+    # ``out += shortcut`` on a block's fresh output (torchvision's BasicBlock): refused as a
+    # write in place until session 66, though fx converted the same model
+    aten.add_.Tensor: _scaled(operator.add),
+    aten.sub_.Tensor: _scaled(operator.sub),
+    aten.mul_.Tensor: _function(operator.mul),
+    aten.div_.Tensor: _function(operator.truediv),
 }
 # Identities at inference (the model is exported in eval mode: dropout's `train` is False).
 _IDENTITY = {aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
@@ -430,7 +436,10 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     if single:  # a model returning one tensor keeps returning one tensor, not a 1-tuple
         out = graph.output_node()
         out.args = (out.args[0][0],)
-    private = {n for n in graph.nodes if n.target in _INPLACE and _private(n)}  # before changes
+    private: set[fx.Node] = set()  # before changes, in graph order (a chain: ``+=``, ``*=``)
+    for n in graph.nodes:
+        if n.target in _INPLACE and _private(n, private):
+            private.add(n)
     for node in list(graph.nodes):
         # The guard call re-checks inputs against the shapes export assumed (sequence within
         # the position table, ...); served tiers are checked by their engine's input specs.
@@ -458,13 +467,16 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _private(node: fx.Node) -> bool:
+def _private(node: fx.Node, private: set[fx.Node]) -> bool:
     """An in-place op on a new tensor that nothing else reads: computing it out of place
     changes nothing another node could see. New: made by an ATen op whose schema returns no
-    alias (not a view, not an in-place result; an inference identity returns its input)."""
+    alias (not a view, not an in-place result; an inference identity returns its input), or
+    by an in-place op found ``private`` already (``out += x; out *= s``)."""
     x = node.args[0]
     if not isinstance(x, fx.Node) or len(x.users) != 1 or x.target in _IDENTITY:
         return False
+    if x in private:
+        return True
     op = x.target
     returns = op._schema.returns if isinstance(op, torch._ops.OpOverload) else None
     return bool(returns) and all(r.alias_info is None for r in returns)
