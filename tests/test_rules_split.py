@@ -340,6 +340,14 @@ def test_a_cifar_resnet_option_a_shortcut_converts_with_its_stream_elastic(tmp_p
         # the whole stream shrank, the padded parts with it: the sum is what c2 and c3 write
         assert sizes["pad:before"] + sizes["stem.0"] + sizes["pad:after"] < 16
         _onnx_matches(inn.sample(width), x)
+    # The pads are plain channels, one part of the stream each: rounded to lanes like any
+    # group, so the stream's count is a multiple too. (They were taken for heads of 4 - a
+    # member dim of 16 over a group of 4 - and not rounded: streams of 6 + 4 + 6 at 8.)
+    for name in ("pad:before", "pad:after"):
+        assert inn.unit(inn.group(name)) == 1 and inn.kind(inn.group(name)) == "ffn"
+    for width in (0.75, 0.5):
+        rows = inn.sample(width, multiple_of=4).state_dict()["c3.0.weight"].shape[0]
+        assert rows % 4 == 0, (width, rows)
 
 
 class PadModules(nn.Module):

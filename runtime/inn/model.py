@@ -145,11 +145,19 @@ class IntegralModel:
 
     def unit(self, g: GroupInfo) -> int:
         """Channels one entry of group ``g`` spans: 1 for plain channels, ``head_dim`` for a
-        group of attention heads (its entries are whole heads; every member dim holds
-        ``size * head_dim`` values). The smallest over the members, because a member after a
-        flatten spans H*W per channel without the group being heads."""
-        spans = [self.state[p].shape[d] // g.size for p, d in g.members if p in self.state]
-        return max(1, min(spans, default=1))
+        group of attention heads (its entries are whole heads). Read off the bindings'
+        layouts - each of the group's runs says its entries per channel (``inner``) - and
+        the smallest taken, because a member after a flatten spans H*W per channel without
+        the group being heads. (A member dim's size over the group's size was wrong for a
+        group that is one part of a concatenated dim with no member of its own size - the
+        option-A pads: it read 4 and rounded them as heads.)"""
+        index = self._group_index().get(g.name)
+        inners = [s.inner for b in self.bindings for s in b.layout if s.group == index]
+        return max(1, min(inners, default=1))
+
+    def _group_index(self) -> dict[str, int]:
+        """Group name -> its index in ``all_groups`` (what a layout's ``Segment.group`` is)."""
+        return {h.name: i for i, h in enumerate(self.all_groups)}
 
     def kind(self, g: GroupInfo) -> str:
         """``"heads"`` for a group of attention heads, else ``"ffn"`` (a transformer's FFN
