@@ -536,11 +536,17 @@ def _override(config, overrides: dict):
     try:
         return config.replace(**overrides)
     except ValueError as exc:
-        for field in overrides:
+        flags = {f: SERVE_FLAGS.get(f, "--" + f.replace("_", "-")) for f in overrides}
+        for field, flag in flags.items():
             prefix = f"{config.source}: {field}: "
             if str(exc).startswith(prefix):
-                flag = SERVE_FLAGS.get(field, "--" + field.replace("_", "-"))
                 raise ValueError(f"{flag}: {str(exc)[len(prefix) :]}") from None
+        # A field the file holds, refused for one a flag set (http_port clashing with
+        # --port's grpc_port was blamed on the file alone: review helper-243)
+        named = [f"{field} from {flag} {overrides[field]}" for field, flag in flags.items()
+                 if field in str(exc)]  # fmt: skip
+        if named:
+            raise ValueError(f"{exc} ({', '.join(named)} on the command line)") from None
         raise
 
 

@@ -65,13 +65,45 @@ def cmd_check(args: argparse.Namespace) -> int:
             config = _config_class(kind).load(path)
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             if args.kind is None and (other := _as_other(path, kind)) is not None:
-                print(other)
+                # A server config named *.model.yaml is read by that name as a tier set -
+                # the deploy gate (check_tiers.py) and `innfer build` fail on it, so the
+                # check does too (review helper-243). A model config named otherwise is
+                # read by nothing under its name: said, not failed.
+                failed += kind == "model"
+                print(other, file=sys.stderr if kind == "model" else sys.stdout)
                 continue
             failed += 1
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
             continue
+        refused, warnings = _serve_would_say(config) if kind == "server" else (None, [])
+        if refused is not None:
+            failed += 1
+            print(f"{path}: `innfer serve` would refuse it: {refused}", file=sys.stderr)
+            continue
         print(f"{path}: {kind} config ok{_not_there_yet(config)}")
+        for said in warnings:
+            print(f"{path}: warning (innfer serve logs it at start): {said}")
     return 2 if failed else 0
+
+
+def _serve_would_say(config) -> tuple[str | None, list[str]]:
+    """What ``innfer serve`` says of a valid server config at start, beyond the file: its
+    refusal of the repository (when it is a directory here: models it lacks, a model's own
+    folder, none at all) and its start-up warnings. The check said "ok" to configs serve
+    then refused at once, and showed none of its warnings (review helper-243)."""
+    from innfer.cli import _check_repository
+    from server.app import cleartext_token_warning
+    from server.limits import stream_limits_warning
+
+    warnings = [w for w in (cleartext_token_warning(config),
+                            stream_limits_warning(config.limits)) if w is not None]  # fmt: skip
+    if not Path(config.repository).is_dir():
+        return None, warnings  # _not_there_yet says so
+    try:
+        _check_repository(config)
+    except ValueError as exc:
+        return str(exc), warnings
+    return None, warnings
 
 
 def _as_other(path: Path, kind: str) -> str | None:

@@ -288,14 +288,21 @@ def warn_cleartext_token(config: ServerConfig) -> None:
     without ``tls`` on an address other machines reach. (Not an error: in Kubernetes a mesh
     sidecar or gateway often terminates TLS in front of the pod - the kubelet's gRPC probes
     speak plaintext only.)"""
-    if config.auth is not None and config.tls is None and not loopback(config.host):
-        log.warning(
-            "auth is on without tls while listening on %s: clients send the bearer token in "
-            "cleartext, readable (and replayable) by anyone on the network path. Set tls "
-            "(cert, key) in the server config, or terminate TLS in front of this port (a "
-            "mesh or gateway) and let nothing else reach it",
-            config.host,
-        )
+    if (said := cleartext_token_warning(config)) is not None:
+        log.warning("%s", said)
+
+
+def cleartext_token_warning(config: ServerConfig) -> str | None:
+    """``warn_cleartext_token``'s text, None where it has nothing to say (``innfer config
+    check`` prints it too)."""
+    if config.auth is None or config.tls is not None or loopback(config.host):
+        return None
+    return (
+        f"auth is on without tls while listening on {config.host}: clients send the bearer "
+        "token in cleartext, readable (and replayable) by anyone on the network path. Set "
+        "tls (cert, key) in the server config, or terminate TLS in front of this port (a "
+        "mesh or gateway) and let nothing else reach it"
+    )
 
 
 def _bind_problem(host: str, port: int) -> tuple[int, str]:

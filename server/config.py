@@ -557,11 +557,18 @@ class ServerConfig:
                     f"{_PINNED}:<tier> naming a tier every served model has; model {name!r} "
                     f"({model.source}) has {', '.join(t.name for t in model.tiers)}",
                 )
-            if self.backend and model.precision == "fp16" and self.backend not in FP16_BACKENDS:
+            # A backend the model lists is its own fp32 fallback (model.yaml: "fp32 on a
+            # listed fallback"): forcing it builds fp32, as reaching it by itself does
+            # (review helper-243: a GPU node whose TensorRT builds fail could not be pinned
+            # to ONNX Runtime). One the model does not list is a mistake.
+            fp16_only = self.backend not in FP16_BACKENDS and self.backend not in model.backends
+            if self.backend and model.precision == "fp16" and fp16_only:
                 where.child("backend").fail(
                     self.backend,
-                    f"one of {', '.join(FP16_BACKENDS)} or null: model {name!r} "
-                    f"({model.source}) has precision fp16, which {self.backend} cannot build",
+                    f"one of {', '.join(FP16_BACKENDS)}, a backend the model lists, or null: "
+                    f"model {name!r} ({model.source}) has precision fp16, which "
+                    f"{self.backend} cannot build, and does not list {self.backend} as its "
+                    f"fp32 fallback (backends: {list(model.backends)})",
                 )
 
     def _known_models(self) -> list[tuple[str, ModelConfig]]:

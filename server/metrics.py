@@ -381,7 +381,8 @@ class Metrics:
         # a client sent without its token was in no metric and no log (review 199)
         self.auth_refused = Counter(
             "innfer_auth_refused", "OIP calls refused for a missing or wrong bearer token "
-            "(auth on), before their request was read.", ["grpc_method"], registry=r,
+            "(auth on), before their request was read; REST calls are labelled http:<route>.",
+            ["grpc_method"], registry=r,
         )  # fmt: skip
         # The REST front end's calls (server/rest.py), by route name (bounded: the API's
         # routes, "unknown" for a path none matches) and HTTP status.

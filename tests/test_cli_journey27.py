@@ -357,6 +357,11 @@ def test_a_bad_serve_flag_is_named_by_its_flag(tmp_path, capsys):
     assert code == 2 and "--policy: got 'foo'" in err and "<config>" not in err
     code, _, err = _cli(capsys, "serve", "--repository", tmp_path, "--port", "99999")
     assert code == 2 and "--port: got 99999" in err
+    # a field of the file refused for the value a flag gave another (helper-243: the
+    # clash was blamed on the file alone)
+    (tmp_path / "s.yaml").write_text(f"repository: {tmp_path}\nhttp_port: 18480\n")
+    code, _, err = _cli(capsys, "serve", "--config", tmp_path / "s.yaml", "--port", "18480")
+    assert code == 2 and "http_port" in err and "grpc_port from --port 18480" in err, err
 
 
 # -- 7. build: the repository's errors as serve says them; one broken model fails alone -------

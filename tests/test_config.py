@@ -173,6 +173,14 @@ def test_a_kinds_width_may_ask_to_be_shaped():
     assert cfg.tiers[0].width == {"heads": 1.0, "shaped": False}
 
 
+def test_a_width_mixing_kind_fractions_and_counts_says_so():
+    # {heads: 0.5, ffn: 2} blamed the valid 0.5 ("expected a positive channel count")
+    for width in ({"heads": 0.5, "ffn": 2}, {"heads": 2, "ffn": 0.5}):
+        m = _refused(_model, tiers=[{"name": "t", "width": width}])
+        assert "fractions for kinds" in m["exp"] and "not both" in m["exp"], m
+    assert _model(tiers=[{"name": "t", "width": {"ffn": 16}}]).tiers[0].width == {"ffn": 16}
+
+
 @pytest.mark.parametrize(
     ("patch", "field", "value"),
     [
@@ -379,6 +387,11 @@ def test_backend_override_must_build_each_models_precision(tmp_path):
     m = _refused(ServerConfig.from_dict, {"repository": repo, "backend": "onnxruntime"})
     assert m["field"] == "backend" and "fp16" in m["exp"]
     assert ServerConfig.from_dict({"repository": repo, "backend": "tensorrt"}).backend
+    # a fallback the model lists builds fp32 when forced, as when reached by itself
+    listed = str(_repo(tmp_path / "l", g={"precision": "fp16",
+                                          "backends": ["tensorrt", "onnxruntime"]}))  # fmt: skip
+    cfg = ServerConfig.from_dict({"repository": listed, "backend": "onnxruntime"})
+    assert cfg.backend == "onnxruntime"
 
 
 def test_replace_validates_like_the_file():
@@ -699,6 +712,15 @@ def test_a_model_name_other_than_its_directorys_is_refused(tmp_path, monkeypatch
     (d / "model.yaml").write_text(body + "name: mnist\n")
     monkeypatch.chdir(d)  # `innfer calibrate .`: the directory of "model.yaml" is d, not ""
     assert ModelConfig.load(Path("model.yaml")).name == "mnist"
+    # A deployed tier set <model>.model.yaml (a ConfigMap's folder is the mount's): its
+    # name is the file's (review helper-243: "name: 'mnist' is not its directory's 'etc'")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "mnist.model.yaml").write_text(body + "name: mnist\n")
+    assert ModelConfig.load(etc / "mnist.model.yaml").name == "mnist"
+    (etc / "mnist.model.yaml").write_text(body + "name: digits\n")
+    with pytest.raises(ConfigError, match=r"'digits' is not its file name's model 'mnist'"):
+        ModelConfig.load(etc / "mnist.model.yaml")
 
 
 @pytest.mark.parametrize(

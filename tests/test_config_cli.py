@@ -40,8 +40,10 @@ def test_check_names_each_bad_file_and_what_is_wrong(tmp_path, capsys):
     bad_model.write_text(re.sub(r"(?m)^max_batch: .*$", "max_batch: 0", tier_set))
     server = tmp_path / "server.yaml"  # TLS files relative to the config: absent
     server.write_text("repository: .\ntls: {cert: absent.pem, key: absent.key}\n")
-    good = tmp_path / "good.yaml"
+    good = tmp_path / "good.yaml"  # its repository (".") holds a model, as serve needs
     good.write_text("repository: .\ngrpc_port: 9001\n")
+    (tmp_path / "tiny").mkdir()
+    shutil.copy(DEPLOY / "tiers/cpu.model.yaml", tmp_path / "tiny" / "model.yaml")
     argv = ["config", "check", str(bad_model), str(server), str(good), str(tmp_path / "x.yaml")]
     assert cli(argv) == 2
     said = capsys.readouterr()
@@ -100,3 +102,31 @@ def test_check_reads_a_model_config_named_otherwise_by_its_keys(tmp_path, capsys
     assert "(as a server config)" in capsys.readouterr().err
     # --kind given: no second guess
     assert cli(["config", "check", "--kind", "server", str(mine)]) == 2
+    # A server config named *.model.yaml is read by that name as a tier set (the deploy
+    # gate failed on what the check passed): an error, with how to name it (helper-243)
+    capsys.readouterr()
+    tuning = tmp_path / "tuning.model.yaml"
+    tuning.write_text("repository: /models\n")
+    assert cli(["config", "check", str(tuning)]) == 2
+    assert "server config ok" in capsys.readouterr().err
+
+
+def test_check_says_what_serve_would_refuse_and_warn(tmp_path, capsys):
+    # The check said "ok" to configs serve refused at once (a model the repository lacks)
+    # and showed none of serve's start-up warnings (review helper-243).
+    repo = tmp_path / "repo"
+    (repo / "tiny").mkdir(parents=True)
+    shutil.copy(DEPLOY / "tiers/cpu.model.yaml", repo / "tiny" / "model.yaml")
+    server = tmp_path / "server.yaml"
+    server.write_text(f"repository: {repo}\nmodels: [tiny, nosuch]\n")
+    assert cli(["config", "check", str(server)]) == 2
+    err = capsys.readouterr().err
+    assert "`innfer serve` would refuse it: models nosuch" in err and "tiny" in err
+    server.write_text(f"repository: {repo}\nlimits: {{max_inflight_bytes: 2097152}}\n")
+    assert cli(["config", "check", str(server)]) == 0
+    out = capsys.readouterr().out
+    assert "server config ok" in out and "warning (innfer serve logs it at start)" in out
+    assert "max_stream_bytes" in out
+    server.write_text(f"repository: {repo}\n")
+    assert cli(["config", "check", str(server)]) == 0
+    assert "warning" not in capsys.readouterr().out

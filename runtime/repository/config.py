@@ -133,6 +133,13 @@ def _width(v: Any, where: Where) -> float | dict[str, int] | dict[str, float]:
                 where.child(k).fail(f, "a fraction in (0, 1]")
         return {k: f if k == SHAPED else float(f) for k, f in v.items()}
     if isinstance(v, dict):
+        named = [k for k in v if k in KINDS]
+        if any(isinstance(v[k], float) for k in named):
+            # {heads: 0.5, ffn: 2} blamed heads' 0.5 as "a positive channel count" (helper-243)
+            where.fail(
+                v, f"fractions for kinds {list(KINDS)}, or channel counts for groups named "
+                f"{' / '.join(named)}, not both",
+            )  # fmt: skip
         for g, n in v.items():
             # Group names are strings, but YAML reads `{0: 4}` with an int key: the build then
             # refused "unknown group 0" while listing group '0' (an nn.Sequential's layers are
@@ -684,19 +691,27 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        """Read and validate ``path``; the model name is its directory's name (a ``name`` that
-        differs is refused: a model is served as its directory is named, and a ``name`` the
-        server ignored misled whoever wrote it)."""
+        """Read and validate ``path``; the model name is its directory's name, or for a
+        deployed tier set ``<model>.model.yaml`` its file name's ``<model>`` (a ``name``
+        that differs is refused: a model is served as its directory is named, and a
+        ``name`` the server ignored misled whoever wrote it)."""
         path = Path(path)
         data = read_config_yaml(path, _BLANK_REFUSED)
-        directory = path.resolve().parent.name  # "model.yaml" run from inside: not ""
-        if isinstance(data, dict) and data.get("name", directory) != directory:
+        suffix = ".model.yaml"
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            # a tier set in a ConfigMap: its folder is the mount's (review helper-243:
+            # `name: tiny` in tiny.model.yaml was "not its directory's name 'etc'")
+            owner, what = path.name[: -len(suffix)], "file name's model"
+            fix = "rename the file"
+        else:
+            owner, what = path.resolve().parent.name, "directory's name"  # never "" from "."
+            fix = "rename the directory"
+        if isinstance(data, dict) and data.get("name", owner) != owner:
             raise ConfigError(
-                f"{path}: name: {data['name']!r} is not its directory's name {directory!r}; a "
-                "model is served under its directory's name: rename the directory, or leave "
-                "name out"
+                f"{path}: name: {data['name']!r} is not its {what} {owner!r}; a model is "
+                f"served under its directory's name: {fix}, or leave name out"
             )
-        data = {"name": directory, **data} if isinstance(data, dict) else data
+        data = {"name": owner, **data} if isinstance(data, dict) else data
         config = cls.from_dict(data, source=str(path))
         if isinstance(data, dict) and "auto_tiers" in data and data["auto_tiers"] is None:
             config = dataclasses.replace(config, auto_tiers_empty=True)
