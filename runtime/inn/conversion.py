@@ -77,6 +77,11 @@ def convert(
     _check_arguments(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    # Our own copies, and a fresh copy for every run: a model that writes its input in place
+    # (``x.sub_(mean)``) changed the caller's tensors, and each later run - the reference,
+    # the shape pass, the full-width check - saw other values, refused as "the captured
+    # graph does not compute what the model does" (review helper-244).
+    example_inputs, example_kwargs = _fresh(tuple(example_inputs)), _fresh(example_kwargs)
     if isinstance(discrete, str):  # one name: as a set it was its characters (review 185)
         discrete = (discrete,)
     if on_unsupported not in ("refuse", "keep"):
@@ -94,7 +99,8 @@ def convert(
             "load its weights first (model.to_empty(device='cpu'), then load_state_dict)"
         )
     with evaluating(model):  # afterwards every module has its own mode back
-        reference = _check_runs(model, tuple(example_inputs), example_kwargs)
+        _check_batch_norms(model)
+        reference = _check_runs(model, _fresh(example_inputs), _fresh(example_kwargs))
         source = _weights_baked(model)  # (``model`` gets its modes back below)
         # Fold first: fuse() traces with fx, and tracing twice can go wrong (timm's LeViT
         # caches a tensor computed in its first traced forward: the second trace sees a
@@ -158,8 +164,8 @@ def convert(
     if shape is not None:  # what `innfer report` counts FLOPs at without an evaluation set
         info["input_shape"] = shape
     inn = IntegralModel(spec, state, analysis.groups, analysis.bindings, analysis.size_fields, info)
-    _check_faithful(inn, inputs, reference, type(model).__name__)
-    _check_narrow(inn, inputs, type(model).__name__)
+    _check_faithful(inn, _fresh(inputs), reference, type(model).__name__)
+    _check_narrow(inn, _fresh(inputs), type(model).__name__)
     return inn
 
 
@@ -300,6 +306,29 @@ def _weights_baked(model: nn.Module) -> nn.Module:
     return model
 
 
+def _fresh(values):
+    """A copy of ``values`` (a tuple or dict of example inputs, or None) whose tensors are
+    clones: what a run may write in place."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, values)
+
+
+def _check_batch_norms(model: nn.Module) -> None:
+    """A BatchNorm without running statistics normalises every batch by its own statistics,
+    in eval mode too: a served row's answer would depend on the rows batched with it, and
+    the ONNX export of its dynamic batch failed at ``innfer build`` with an internal
+    AssertionError (review helper-244). Refused here, with what to use instead."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ConversionError(
+                f"{name or type(model).__name__} ({type(m).__name__}) has no running "
+                "statistics (track_running_stats=False): it normalises each batch by its "
+                "own, so an answer would depend on the requests batched with it. Train it "
+                "with track_running_stats=True, or use GroupNorm / LayerNorm / InstanceNorm"
+            )
+
+
 def _check_runs(model: nn.Module, args: tuple, kwargs: dict | None):
     """Run ``model`` once on the examples: one it cannot run on (a wrong width, a missing
     input) failed deep in tracing, its reason last in a chain of torch.fx errors
@@ -342,7 +371,7 @@ def _analysis(gm, inputs: tuple, discrete: Iterable[str], kept: dict[str, str] |
     discrete = set(discrete)
     while True:
         try:
-            return analyse(gm, inputs, discrete)
+            return analyse(gm, _fresh(inputs), discrete)
         except ConversionError as exc:
             if kept is None or exc.keep is None or exc.keep in discrete:
                 raise
@@ -377,16 +406,43 @@ def _check_faithful(inn: IntegralModel, inputs: tuple, reference, name: str) -> 
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
         return
     for a, b in zip(got, want, strict=True):
-        if not b.is_floating_point() or not torch.isfinite(b).all():
-            continue
-        err = float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
-        if err > max(FAITHFUL_REL_ERR, FAITHFUL_EPS * torch.finfo(b.dtype).eps):
+        differs = _differs(a, b)
+        if differs is not None:
             raise ConversionError(
-                f"{name}: the captured graph does not compute what the model does (relative "
-                f"error {err:.2g} at full width). The usual cause, an in-place write into a "
+                f"{name}: the captured graph does not compute what the model does ({differs} "
+                f"at full width). The usual cause, an in-place write into a "
                 f"view (`z = x[:, :C]; z += y`), is lost by torch.fx, which records it as a "
                 f"copy: write it out of place, `x = torch.cat([x[:, :C] + y, x[:, C:]], 1)`"
             )
+
+
+# Share of a bool / integer output's entries that may differ at full width: a threshold or
+# an argmax that rounding (folded norms, reordered sums) tips at a near-tie.
+FAITHFUL_FLIPS = 0.01
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """How output ``a`` (converted, full width) differs from ``b`` (the model's) beyond
+    rounding, in words; None when it does not. Floats: the same inf / NaN entries, then the
+    relative error over the finite ones; bools and integers: the share of entries that
+    differ. (Outputs holding any inf, and every bool or integer output, were skipped: a
+    -inf class mask or a thresholded decision hid a lost write - review helper-244.)"""
+    if not b.is_floating_point():
+        flips = int((a != b).sum())
+        return (
+            f"{flips} of {b.numel()} entries differ" if flips > FAITHFUL_FLIPS * b.numel() else None
+        )
+    tolerance = max(FAITHFUL_REL_ERR, FAITHFUL_EPS * torch.finfo(b.dtype).eps)
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    same_nan = torch.equal(torch.isnan(a), torch.isnan(b))
+    if not same_nan or not torch.equal(a[torch.isinf(b)], b[torch.isinf(b)]):
+        return "other inf / NaN entries"
+    if not finite.any():
+        return None
+    a, b = a[finite], b[finite]
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    return f"relative error {err:.2g}" if err > tolerance else None
 
 
 def _placeholder_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None) -> tuple:

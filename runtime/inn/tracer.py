@@ -375,6 +375,9 @@ class Tracer:
         for decide in self._after_walk:
             decide()
         self.check()
+        # after the check: a group only an op without a rule reads is refused there, with
+        # the advice, rather than pinned here without a word
+        self._pin_unread()
         return self.analysis()
 
     def _pin_mixed_uses(self) -> None:
@@ -387,6 +390,19 @@ class Tracer:
             if b.reduce and self._readers(b.param) - self._summed.get((b.param, b.dim), set()):
                 for s in b.layout:
                     self.uf.pin(s.group)
+
+    def _pin_unread(self) -> None:
+        """A group no layer reads (no binding sums over it) ends in the model's outputs or in
+        an op that drops its dim: a classifier's classes returned as their best score
+        (``logits.max(1)``, ``amax``). Resampled, it would merge classes - a 10-class head
+        sampled to 5 - so it is pinned, as a returned dim is (review helper-244: only dims
+        that reached an output were)."""
+        uf = self.uf
+        read = {uf.find(s.group) for b in self.bindings if b.reduce for s in b.layout}
+        for b in self.bindings:
+            for s in b.layout:
+                if uf.find(s.group) not in read:
+                    uf.pin(s.group)
 
     def _readers(self, param: str) -> set[fx.Node | str]:
         """What reads ``param``'s values: the modules owning it (by name) and the nodes that

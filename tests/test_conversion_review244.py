@@ -1,0 +1,115 @@
+"""Review helper-244's conversion findings: each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import runtime
+from runtime.inn.groups import ConversionError
+
+
+class Classifier(nn.Module):
+    """conv -> pool -> fc over 10 classes, returned as the best class's logit."""
+
+    def __init__(self, reduce: str) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        logits = self.fc(torch.relu(self.a(x)).mean((2, 3)))
+        return logits.max(1).values if self.reduce == "max" else logits.amax(1)
+
+
+@pytest.mark.parametrize("reduce", ["max", "amax"])
+def test_a_class_dim_reduced_before_the_output_stays_whole(reduce):
+    # It reached no output, so nothing pinned it: sample(0.5) had 5 of the 10 classes.
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    inn = runtime.convert(Classifier(reduce).eval(), (x,))
+    assert [g.name for g in inn.groups if not g.discrete] == ["a"]
+    assert inn.sample(0.5).state_dict()["fc.weight"].shape == (10, 8)
+
+
+class LostWrite(nn.Module):
+    """ReXNet's in-place residual into a view, which torch.fx records as a copy; the
+    output masked with -inf, or thresholded into decisions."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(16, 10)
+        self.register_buffer("allowed", torch.tensor([True] * 8 + [False] * 2))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        z = h[:, :8]
+        z += self.b(h)
+        logits = self.fc(h.mean((2, 3)))
+        if self.out == "masked":
+            return torch.where(self.allowed, logits, float("-inf"))
+        return torch.sigmoid(logits) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("out", "said"), [("masked", "relative error"), ("bool", "entries differ")]
+)
+def test_a_lost_write_is_refused_behind_a_mask_or_a_threshold(out, said):
+    # The full-width check skipped any output holding an inf, and every bool output.
+    torch.manual_seed(0)
+    with pytest.raises(ConversionError, match=rf"does not compute what the model does.*{said}"):
+        runtime.convert(LostWrite(out).eval(), (torch.randn(64, 3, 8, 8),))
+
+
+def test_a_masked_output_that_is_right_converts():
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Linear(4, 8), nn.Linear(8, 5)
+            self.register_buffer("allowed", torch.tensor([True, True, False, True, False]))
+
+        def forward(self, x):
+            logits = self.fc(torch.relu(self.a(x)))
+            return torch.where(self.allowed, logits, float("-inf")), logits.argmax(-1) >= 0
+
+    inn = runtime.convert(Masked().eval(), (torch.randn(8, 4),))
+    assert [g.name for g in inn.groups if not g.discrete] == ["a"]
+
+
+class NormalisesInPlace(nn.Module):
+    """A preprocessing wrapper: ``x.sub_(mean).div_(std)`` on its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1))
+        self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x.sub_(self.mean).div_(self.std)
+        return self.fc(torch.relu(self.a(x)).mean((2, 3)))
+
+
+def test_a_model_writing_its_input_converts_and_leaves_the_callers_tensor_alone():
+    # Every run saw the values the one before had written: refused as a lost write, and
+    # the caller's example came back changed.
+    torch.manual_seed(0)
+    net, x = NormalisesInPlace().eval(), torch.rand(2, 3, 8, 8)
+    before = x.clone()
+    inn = runtime.convert(net, (x,))
+    assert torch.equal(x, before)
+    y = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(y.clone()), net(y.clone()))
+
+
+def test_a_batch_norm_without_running_statistics_is_refused_at_conversion():
+    # It converted, and `innfer build` failed with an internal AssertionError in the export.
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False),
+                        nn.ReLU(), nn.Conv2d(8, 2, 1))  # fmt: skip
+    with pytest.raises(ConversionError, match=r"1 \(BatchNorm2d\) has no running statistics"):
+        runtime.convert(net.eval(), (torch.randn(2, 3, 8, 8),))
