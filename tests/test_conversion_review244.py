@@ -113,3 +113,21 @@ def test_a_batch_norm_without_running_statistics_is_refused_at_conversion():
                         nn.ReLU(), nn.Conv2d(8, 2, 1))  # fmt: skip
     with pytest.raises(ConversionError, match=r"1 \(BatchNorm2d\) has no running statistics"):
         runtime.convert(net.eval(), (torch.randn(2, 3, 8, 8),))
+
+
+def test_the_width_report_of_a_float16_inn_feeds_it_float16():
+    # Data sets load as float32: the report failed "Input type (float) and bias type
+    # (c10::Half) should be the same" on a model that builds and serves.
+    from types import SimpleNamespace
+
+    from runtime.inn.report import width_report
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 4, 3))
+    net = net.half().eval()
+    inn = runtime.convert(net, (torch.randn(2, 1, 4, 6, dtype=torch.float16),))
+    data = SimpleNamespace(x_test=torch.rand(20, 1, 4, 6), y_test=torch.randint(0, 3, (20,)),
+                           input_shape=(1, 4, 6))  # fmt: skip
+    rows = width_report(inn, [1.0, 0.5], data=data)
+    assert [r.width for r in rows] == [1.0, 0.5] and all(0 <= r.accuracy <= 1 for r in rows)
+    assert width_report(inn, [0.5])[0].flops > 0  # zeros at the recorded input shape

@@ -72,10 +72,10 @@ def width_report(
         shape = data.input_shape if data is not None else _input_shape(inn)
         # ids: integers. x_test: the Protocol's (x_train, for norm statistics, is optional)
         dtype = torch.as_tensor(data.x_test[:1]).dtype if data is not None else torch.float32
-        example = (torch.zeros(1, *shape, dtype=dtype),)
+        example = (_as_weights(torch.zeros(1, *shape, dtype=dtype), _float_dtype(inn.state)),)
     x_norm = getattr(data, "x_train", None) if reestimate_norms else None
     if x_norm is not None:
-        x_norm = torch.as_tensor(x_norm[:NORM_SAMPLES])
+        x_norm = _as_weights(torch.as_tensor(x_norm[:NORM_SAMPLES]), _float_dtype(inn.state))
     full_flops = None
     rows = []
     for w in widths:
@@ -243,10 +243,11 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
         >>> 0.0 <= evaluate(zoo.build("digits_mlp"), ds.x_test, ds.y_test) <= 1.0
         True
     """
+    dtype = _float_dtype(dict(model.named_parameters()))
     with evaluating(model):
         correct = 0
         for i in range(0, len(x), batch_size):
-            logits = model(x[i : i + batch_size])  # (B, num_classes[, H, W])
+            logits = model(_as_weights(x[i : i + batch_size], dtype))  # (B, classes[, H, W])
             predicted, labels = logits.argmax(dim=1), y[i : i + batch_size]
             if predicted.shape != labels.shape:  # (they broadcast: a table, not a score)
                 raise ValueError(
@@ -256,6 +257,20 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
                 )
             correct += int((predicted == labels).sum().item())
     return correct / max(y[: len(x)].numel(), 1)
+
+
+def _float_dtype(tensors) -> torch.dtype | None:
+    """The dtype of a model's floating weights (a name -> tensor mapping), None if none."""
+    return next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+
+
+def _as_weights(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Floating inputs in the weights' dtype: a float16 INN fed float32 data (the data sets
+    load as float32) failed "Input type (float) and bias type (c10::Half) should be the
+    same" in `innfer report`, of a model that builds and serves (review helper-244).
+    Integer inputs (token ids) are left alone."""
+    x = torch.as_tensor(x)
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
 
 
 def count_flops(module, example: tuple) -> int:
