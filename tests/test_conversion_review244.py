@@ -131,3 +131,60 @@ def test_the_width_report_of_a_float16_inn_feeds_it_float16():
     rows = width_report(inn, [1.0, 0.5], data=data)
     assert [r.width for r in rows] == [1.0, 0.5] and all(0 <= r.accuracy <= 1 for r in rows)
     assert width_report(inn, [0.5])[0].flops > 0  # zeros at the recorded input shape
+
+
+_PER_ENTRY = {
+    "clamp": lambda h: h.clamp(0, 6),
+    "clamp_min": lambda h: h.clamp(min=0),
+    "where": lambda h: torch.where(h > 0, h, 0.1 * h),
+    "maximum": lambda h: torch.maximum(h, torch.zeros_like(h)),
+    "square": torch.square,
+    "abs": torch.abs,
+    "exp": lambda h: torch.exp(-h.abs()),
+    "sin": torch.sin,
+    "elu": torch.nn.functional.elu,
+    "log1p": lambda h: torch.log1p(h.abs()),
+    "reciprocal": lambda h: torch.reciprocal(h.abs() + 1),
+    "amax": lambda h: h - h.amax(-1, keepdim=True),
+    "max_dim": lambda h: h - h.max(-1, keepdim=True).values,
+    "var": lambda h: h / (h.var(-1, keepdim=True, unbiased=False) + 1),
+}
+
+
+class _Block(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+@pytest.mark.parametrize("name", sorted(_PER_ENTRY))
+def test_per_entry_ops_convert_under_torch_export_as_under_fx(name):
+    # A model fx cannot trace falls back to torch.export, whose ATen ops had no lowering:
+    # "no rule for 'clamp.default'" for a block fx converted.
+    torch.manual_seed(0)
+    net, x = _Block(_PER_ENTRY[name]).eval(), torch.randn(2, 3, 4)
+    inn = runtime.convert(net, (x,), frontend="export")
+    assert [g.name for g in inn.groups if not g.discrete] == ["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), net(x), rtol=1e-5, atol=1e-5)
+        assert inn.sample(0.5)(x).shape == (2, 3, 2)
+
+
+def test_a_refusal_of_the_export_fallback_says_why_fx_was_not_used():
+    class LengthSliced(nn.Module):  # fx cannot slice by a Proxy's length
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.fc1, self.out = nn.Linear(5, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+            self.register_buffer("pos", torch.randn(1, 32, 16))
+
+        def forward(self, x):
+            h = self.inp(x) + self.pos[:, : x.shape[1]]
+            return self.out(torch.logcumsumexp(self.fc1(h), -1).mean(1))
+
+    with pytest.raises(ConversionError, match=r"no rule for 'logcumsumexp.*captured by "
+                       r"torch.export: torch.fx could not trace the model: slice"):  # fmt: skip
+        runtime.convert(LengthSliced().eval(), (torch.randn(2, 7, 5),))

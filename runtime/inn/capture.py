@@ -67,7 +67,11 @@ def capture(
                 f"traceable (no data-dependent control flow), or pass frontend='export'."
             ) from fx_error
         try:
-            return _export(model, example_inputs, {})
+            gm = _export(model, example_inputs, {})
+            # said with a refusal of this graph: its ops are ATen, not the fx ones the
+            # model's author wrote (review helper-244)
+            gm.meta["fx_failed"] = str(fx_error).strip().splitlines()[0][:200]
+            return gm
         except OneRowExample:
             raise  # the fix is the example's, not the model's control flow
         except ConversionError as exc:
@@ -208,6 +212,15 @@ def _function(fn: Callable, keep: int | None = None) -> Callable[[tuple, dict], 
     return lambda a, k: ("call_function", fn, a[:keep] if keep else a, {} if keep else k)
 
 
+def _elu(a: tuple, k: dict) -> Lowered:
+    """``aten.elu(x, alpha, scale, input_scale)`` as ``F.elu(x, alpha)`` where the scales
+    are 1 (``F.elu``; SELU's and CELU's scales stay ATen, refused on channels)."""
+    x, alpha, scale, input_scale = (*a, *(1.0,) * 3)[:4]
+    if scale == 1 and input_scale == 1 and not k:
+        return ("call_function", F.elu, (x, alpha), {})
+    return ("call_function", aten.elu.default, a, k)
+
+
 def _method(name: str, spread: bool = False) -> Callable[[tuple, dict], Lowered]:
     def lowered(a: tuple, k: dict) -> Lowered:
         return ("call_method", name, (a[0], *a[1]) if spread else a, k)
@@ -334,6 +347,41 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.argmin.default: _function(torch.argmin),
     aten.pixel_unshuffle.default: _function(F.pixel_unshuffle),
     aten.hardswish.default: _function(F.hardswish),
+    # Per-entry ops and reductions the rules know from fx graphs; a model fx cannot trace
+    # (a table sliced by the input's length) reached them as ATen and was refused "no rule
+    # for 'clamp.default'" (review helper-244)
+    aten.clamp.default: _function(torch.clamp),
+    aten.clamp.Tensor: _function(torch.clamp),
+    aten.clamp_min.default: _function(torch.clamp_min),
+    aten.clamp_max.default: _function(torch.clamp_max),
+    aten.where.self: _function(torch.where),
+    aten.where.ScalarSelf: _function(torch.where),
+    aten.where.ScalarOther: _function(torch.where),
+    aten.maximum.default: _function(torch.maximum),
+    aten.minimum.default: _function(torch.minimum),
+    aten.abs.default: _function(torch.abs),
+    aten.exp.default: _function(torch.exp),
+    aten.log.default: _function(torch.log),
+    aten.log1p.default: _function(torch.log1p),
+    aten.log2.default: _function(torch.log2),
+    aten.sin.default: _function(torch.sin),
+    aten.cos.default: _function(torch.cos),
+    aten.sign.default: _function(torch.sign),
+    aten.erf.default: _function(torch.erf),
+    aten.square.default: _function(torch.square),
+    aten.reciprocal.default: _function(torch.reciprocal),
+    aten.nan_to_num.default: _function(torch.nan_to_num),
+    aten.selu.default: _function(torch.selu),
+    aten.log_sigmoid.default: _function(F.logsigmoid),
+    aten.elu.default: _elu,
+    aten.amax.default: _function(torch.amax),
+    aten.amin.default: _function(torch.amin),
+    aten.max.dim: _function(torch.max),
+    aten.min.dim: _function(torch.min),
+    aten.var.dim: _function(torch.var),
+    aten.var.correction: _function(torch.var),
+    aten.std.dim: _function(torch.std),
+    aten.std.correction: _function(torch.std),
     aten.hardsigmoid.default: _function(F.hardsigmoid),
     aten.leaky_relu.default: _function(F.leaky_relu),
     aten.softplus.default: _function(F.softplus),

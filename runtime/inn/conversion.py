@@ -112,6 +112,9 @@ def convert(
             gm, analysis, did_fold = _analysed(gm, folded, fold_norms, example_inputs,
                                                example_kwargs, discrete, kept)  # fmt: skip
         except ConversionError as exc:
+            if "fx_failed" in gm.meta:
+                exc.args = (f"{exc} (captured by torch.export: torch.fx could not trace the "
+                            f"model: {gm.meta['fx_failed']})",)  # fmt: skip
             # fx keeps a function it was told not to trace (torch.fx.wrap: torchvision's
             # shifted_window_attention) as one call no rule knows; torch.export sees
             # through it. Under "auto" that model is captured again by export.
