@@ -332,8 +332,27 @@ def test_validation_refuses_an_engine_whose_batch_axis_is_fixed():
         def run(self, feeds):
             return {"y": feeds["input"][:1, :3]}
 
-    with pytest.raises(BuildError, match=r"has shape \[1, 3\] for a batch of 4"):
+    with pytest.raises(BuildError, match=r"has shape \[1, 3\] for a batch of 4.*reduces over"):
         validate(Engine(), OneRow(), config, "w100")
+
+
+def test_check_io_names_an_output_that_is_not_a_tensor():
+    # `return y, None` was told "the model returns [] per row", then "returns : correct
+    # outputs[1].dtype" (review helper-244)
+    from runtime.build.export import check_io
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "input", "shape": [4]}],
+        "outputs": [{"name": "y", "shape": [3]}, {"name": "n", "shape": [1]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    })  # fmt: skip
+
+    class WithNone(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :3], None
+
+    with pytest.raises(ValueError, match=r"outputs\[1\] 'n': the model returns NoneType"):
+        check_io(WithNone(), [("input", (4,), torch.float32)], config)
 
 
 def test_validation_names_the_tier_when_its_engine_fails_to_run():

@@ -188,3 +188,19 @@ def test_a_refusal_of_the_export_fallback_says_why_fx_was_not_used():
     with pytest.raises(ConversionError, match=r"no rule for 'logcumsumexp.*captured by "
                        r"torch.export: torch.fx could not trace the model: slice"):  # fmt: skip
         runtime.convert(LengthSliced().eval(), (torch.randn(2, 7, 5),))
+
+
+def test_a_group_norm_splitting_a_grouped_convs_channels_otherwise_is_named_as_such():
+    class Odd(nn.Module):  # conv of 3 groups, then GroupNorm(5): it was "a grouped Conv"
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 15, 3, padding=1)
+            self.b = nn.Conv2d(15, 15, 3, padding=1, groups=3)
+            self.gn, self.fc = nn.GroupNorm(5, 15), nn.Linear(15, 4)
+
+        def forward(self, x):
+            return self.fc(self.gn(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    with pytest.raises(ConversionError, match=r"a GroupNorm with 5 groups reads channels that "
+                       r"a grouped conv or group norm with 3 groups"):  # fmt: skip
+        runtime.convert(Odd().eval(), (torch.randn(2, 3, 8, 8),))

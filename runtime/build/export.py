@@ -137,7 +137,13 @@ def check_io(module: nn.Module, inputs: list, config: ModelConfig) -> None:
             f"{len(config.outputs)}: list one entry per output, in order"
         )
     for i, (spec, got) in enumerate(zip(config.outputs, outs, strict=True)):
-        shape = list(getattr(got, "shape", []))[1:]
+        if not isinstance(got, torch.Tensor):  # (None: "returns [] per row", dtype "")
+            raise ValueError(
+                f"model.yaml outputs[{i}] {spec.name!r}: the model returns "
+                f"{type(got).__name__} there, not a tensor; return tensors only, one per "
+                "model.yaml output"
+            )
+        shape = list(got.shape)[1:]
         fits = len(shape) == len(spec.shape) and all(
             w in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
         )

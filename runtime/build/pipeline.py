@@ -706,13 +706,21 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
         for t, r in zip(config.outputs, refs, strict=True):
             r = r.numpy()
             g = got[t.name].astype(np.float32)
-            if g.shape != (batch, *t.shape):  # e.g. a capture that fixed the batch at 1
+            if g.shape != (batch, *t.shape):
+                # a capture that fixed the batch at 1, or an output that keeps no batch dim
+                # (y.mean(), y.mean(0)): review helper-244 was told only of the first
+                why = (
+                    "the model reduces over the batch: every output must keep dim 0, one "
+                    "row per input row"
+                    if r.shape[:1] != (batch,)
+                    else "was the model captured with a batch-1 example? give one of batch >= 2"
+                )
                 raise BuildError(
                     f"tier {tier}: engine output {t.name!r} has shape {list(g.shape)} for a "
-                    f"batch of {batch}, expected {[batch, *t.shape]} (was the model captured "
-                    "with a batch-1 example? give one of batch >= 2)"
+                    f"batch of {batch}, expected {[batch, *t.shape]} ({why})"
                 )
-            err = float(np.abs(g - r).max())
+            with np.errstate(invalid="ignore"):  # inf - inf where both mask an entry
+                err = float(np.nan_to_num(np.abs(g - r), nan=0.0).max())
             worst = max(worst, err)
             if not np.allclose(g, r, rtol=rtol, atol=atol):
                 raise BuildError(

@@ -122,7 +122,9 @@ def conv_kept(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, same: bool):
     return slid_over(tr, node, x, spatial, "a conv kernel")
 
 
-def set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
+def set_blocks(
+    tr: Tracer, root: int, blocks: int, node: fx.Node, what: str = "a grouped Conv"
+) -> None:
     """Channels of group ``root`` read or made by a conv of ``blocks`` groups are resampled
     within each block. Two grouped convs with other block counts on the same channels have
     no common blocks: those channels must end discrete (``discrete=[...]`` on the layer
@@ -131,9 +133,9 @@ def set_blocks(tr: Tracer, root: int, blocks: int, node: fx.Node) -> None:
     if have > 1 and have != blocks:
         tr.fixed(
             node,
-            f"a grouped Conv with {blocks} groups reads channels a grouped Conv with {have} "
-            "groups already splits (each is resampled within its groups, which must be the "
-            "same for both)",
+            f"{what} with {blocks} groups reads channels that a grouped conv or group norm "
+            f"with {have} groups already splits (each is resampled within its groups, which "
+            "must be the same for both)",
             [(Segment(root),)],
         )
         return
@@ -197,8 +199,8 @@ def norm_groups(tr: Tracer, node: fx.Node, lay, groups) -> None:
     elif groups > 1 and (len(lay) != 1 or lay[0].inner != 1):
         tr.fixed(node, f"group norm ({groups} groups) over channels a concat or flatten "
                  "joined", [lay])  # fmt: skip
-    elif groups > 1:
-        set_blocks(tr, tr.uf.find(lay[0].group), groups, node)
+    elif groups > 1:  # (review helper-244: a GroupNorm was called "a grouped Conv")
+        set_blocks(tr, tr.uf.find(lay[0].group), groups, node, "a GroupNorm")
 
 
 @register(modules=(nn.PReLU,))
