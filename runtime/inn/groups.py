@@ -11,7 +11,8 @@ continuous dimension that is resampled as one.
 Invariants:
   * a group's channels are resampled together, so the sampled network stays well formed;
   * the model inputs and outputs are *discrete* (never resampled), and so is every group tied
-    to them;
+    to them, and every group no layer reads (sums over): only a layer's integral over a
+    group makes resampling it an approximation (a class dim reduced by ``max`` is not);
   * every dim of a raw parameter is bound to a group from the start and followed through
     shape ops, so a parameter tied to channels is always resampled with them;
   * an op the rules do not know, or a rule that cannot follow a dim, fixes that dim: if it
