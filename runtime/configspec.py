@@ -552,7 +552,14 @@ def reference(cls: type) -> str:
     # default (server limits', 3 lines of YAML) padded every line to 270 columns
     # (review helper-225).
     width = min(max((len(head) for head, _ in lines), default=0), REFERENCE_COLUMN) + 2
-    return "\n".join(head + " " * max(width - len(head), 2) + tail for head, tail in lines)
+
+    def line(head: str, tail: str) -> str:
+        last = head.rpartition("\n")[2]
+        if len(last) > REFERENCE_COLUMN:  # (a section's default on one line: the server's
+            return f"{head}\n{' ' * width}{tail}"  # trace) its meaning under it, lined up
+        return head + " " * max(width - len(last), 2) + tail
+
+    return "\n".join(line(head, tail) for head, tail in lines)
 
 
 REFERENCE_COLUMN = 48

@@ -241,6 +241,9 @@ class Server:
         except (TimeoutError, asyncio.TimeoutError):
             log.error("grace period over: not waiting for %s", self.plane.describe_stopping())
         self.plane.shared_memory.close()
+        # the traces not yet written (log_frequency 0: all of them), waited for off the loop
+        self.plane.traces.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.plane.traces.wait)
         if self._http is not None:  # off the loop (shutdown waits for its poll, <= 0.5 s)
             http, self._http = self._http, None
             await asyncio.get_running_loop().run_in_executor(None, http.shutdown)

@@ -71,6 +71,7 @@ from runtime.repository.config import FP16_BACKENDS, ModelConfig
 from server.limits import ANSWER_FRAME_BYTES, RequestLimits
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.scheduling import POLICIES
+from server.trace import TraceConfig
 
 # spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
 # ruff: noqa: RUF009
@@ -481,6 +482,11 @@ class ServerConfig:
     limits: RequestLimits = spec(
         RequestLimits(), doc="per-request limits and the cap on request bytes in flight"
     )
+    trace: TraceConfig = spec(
+        TraceConfig(),
+        doc="request traces in Triton's trace format (server/trace.py): the file, and the "
+        "settings at start that clients may change (TraceSetting)",
+    )
     source: str = spec("<config>", key=False, compare=False, doc="the file this was read from")
 
     @property
@@ -527,6 +533,10 @@ class ServerConfig:
                 self.max_connection_age_grace_s,
                 "null, or set max_connection_age_s too: the grace counts from an aged "
                 "connection's GOAWAY, which max_connection_age_s: null never sends",
+            )
+        if self.trace.level != "OFF" and self.trace.file is None:
+            where.child("trace").child("file").fail(
+                None, "a file path: trace.level TIMESTAMPS writes the traces there"
             )
         if self.metrics_port and self.metrics_port == self.grpc_port:
             where.child("metrics_port").fail(

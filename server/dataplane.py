@@ -71,6 +71,7 @@ from server.proto_gen import grpc_service_pb2 as pb
 from server.scheduling.device import Device
 from server.shared_memory import Lease, SharedMemory
 from server.stream import StreamPool, StreamWindow
+from server.trace import RequestTraces
 from server.traffic import TrafficLog
 
 from . import codec
@@ -83,7 +84,7 @@ log = logging.getLogger("innfer.dataplane")
 # A client that checks before it calls skipped the last two (review helper-235).
 EXTENSIONS = (
     "classification", "model_configuration", "model_repository", "parameters", "statistics",
-    "logging", "schedule_policy", "innfer_latency_budget",
+    "logging", "schedule_policy", "trace", "innfer_latency_budget",
 )  # fmt: skip
 # ... and typically (model name, output names and shapes, six parameters): what the in-flight
 # cap reserves for it before it exists (its real size is held once it does).
@@ -126,6 +127,8 @@ class Phase(Enum):
 # its successor once the request was handed over (``_successor``) - whose statistics count a
 # failure (review helper-140: a reload's successor's failures went to the retired runtime).
 SERVED_BY: contextvars.ContextVar = contextvars.ContextVar("innfer_served_by")
+# The sampled request's trace (server/trace.py), or None: stamped where the request goes.
+TRACED: contextvars.ContextVar = contextvars.ContextVar("innfer_traced", default=None)
 
 
 def judge_inline_encoding(m: ModelRuntime, took: float, chars: int) -> None:
@@ -153,6 +156,7 @@ class DataPlane:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
+        self.traces = RequestTraces(config.trace)  # Triton's trace extension (server/trace.py)
         self.repo = Repository(config.repository, config.engine_cache_spare)
         self.models: dict[str, ModelRuntime] = {}
         # Models that should be served (configured, or found at start-up) and why each one
@@ -1209,6 +1213,10 @@ class DataPlane:
         m = self.model(request.model_name, request.model_version)
         start = m.clock()
         token = SERVED_BY.set(m)
+        trace = self.traces.start(m.name, request.id)
+        traced = TRACED.set(trace)
+        if trace is not None:
+            trace.stamp("REQUEST_START")
         try:
             return await self._admit(m, request, time_remaining, waited_s, size, raw,
                                      deadline_is_budget, window)  # fmt: skip
@@ -1219,6 +1227,10 @@ class DataPlane:
             raise
         finally:
             SERVED_BY.reset(token)
+            TRACED.reset(traced)
+            if trace is not None:  # answered, failed or cancelled: its end all the same
+                trace.stamp("REQUEST_END")
+                self.traces.finish(trace)
 
     async def _admit(
         self,
@@ -1458,10 +1470,18 @@ class DataPlane:
         """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
         answer with its tier, timings and the budget planned with (outputs with ``leases``
         written to shared memory)."""
+        trace = TRACED.get()
+        if trace is not None:
+            trace.stamp("QUEUE_START")
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s,
         )  # fmt: skip
+        if trace is not None:  # the batch's run, placed by the scheduler's own timings
+            compute_start = trace.timestamps[-1]["ns"] + 1000 * result.queue_us
+            trace.stamp("COMPUTE_START", compute_start)
+            trace.stamp("COMPUTE_END", compute_start + 1000 * result.compute_us)
+            trace.tier = result.tier
         resp = pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=request.id)
         codec.encode_outputs(resp, result.outputs, outputs, leases)
         p = resp.parameters

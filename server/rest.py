@@ -184,7 +184,7 @@ class RestFrontEnd:
             "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
             "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
             "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-            "CudaSharedMemoryUnregister", "LogSettings",
+            "CudaSharedMemoryUnregister", "LogSettings", "TraceSetting",
         )}  # fmt: skip
 
     def app(self, max_body: int) -> web.Application:
@@ -505,10 +505,19 @@ class RestFrontEnd:
         return _json({k: codec.parameter_value(v) for k, v in resp.settings.items()})
 
     async def _trace(self, request: web.Request) -> web.Response:
-        raise Unimplemented(
-            "innfer does not implement Triton's trace settings: each answer carries its "
-            "queue_us / compute_us / tier parameters, and the statistics the totals"
-        )
+        req = pb.TraceSettingRequest(model_name=request.match_info.get("name", ""))
+        if request.method == "POST":
+            for key, value in (await _body(request)).items():
+                # Triton's JSON: a string, a list of strings, or null (clear a model's own)
+                values = [] if value is None else [value] if isinstance(value, str) else value
+                if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                    raise InvalidArgument(
+                        f"trace setting {key!r}: a string, a list of strings, or null"
+                    )
+                req.settings[key].value.extend(values)
+        resp = await self._grpc["TraceSetting"](self.service, req, _Call(request))
+        out = {k: list(v.value) for k, v in resp.settings.items()}
+        return _json({k: v if k == "trace_level" else v[0] for k, v in out.items()})
 
     # -- inference ---------------------------------------------------------------------------------
     async def _infer(self, request: web.Request) -> web.StreamResponse:

@@ -676,11 +676,28 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    TraceSetting = _not_served(
-        "TraceSetting",
-        "innfer does not implement Triton's trace settings: each answer carries its "
-        "queue_us / compute_us / tier parameters, and ModelStatistics the totals",
-    )
+    @rpc_method
+    async def TraceSetting(self, request, context):
+        """Triton's trace extension (server/trace.py): the settings in force for the model
+        named, or the global ones; changed where the request gives any (by whom: as the
+        log settings - auth, or a port only this host reaches)."""
+        name = request.model_name
+        if name and name not in self.plane.models and name not in self.plane.expected:
+            raise NotFound(f"no model {clip(name)} to trace: {self.plane._not_loaded_hint(name)}")
+        if request.settings:
+            cfg = self.plane.config
+            if cfg.auth is None and not loopback(cfg.host):  # (anyone could fill the disk)
+                raise FailedPrecondition(
+                    f"trace settings are read-only on {cfg.host} without auth: set auth (a "
+                    "bearer token) in server.yaml to change them over the network, or set "
+                    "trace: there and restart"
+                )
+            changes = {k: list(v.value) for k, v in request.settings.items()}
+            self.plane.traces.update(name, changes)
+        resp = pb.TraceSettingResponse()
+        for key, values in self.plane.traces.settings(name).items():
+            resp.settings[key].value.extend(values)
+        return resp
 
     @rpc_method
     async def LogSettings(self, request, context):

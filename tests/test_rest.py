@@ -254,7 +254,7 @@ def test_statuses_follow_the_error(server):
     assert _call(server, "/v2/models/tiny/infer", method="GET")[1]["Allow"] == "POST"
     status, message = _error(server, "/v3/anything")
     assert status == 404 and "no route GET /v3/anything" in message
-    assert _error(server, "/v2/trace/setting")[0] == 501
+    assert _error(server, "/v2/trace/setting", {"trace_file": "/etc/x"}, method="POST")[0] == 400
     assert _error(server, "/v2/cudasharedmemory/region/r/register", {}, method="POST")[0] == 501
     # a name or version not served: 404 saying so (503 "not ready" had a balancer retry a
     # typo for good: review helper-227); a served model's readiness as before

@@ -827,7 +827,6 @@ def test_serve_stream_on_closing_answers_what_it_read_and_stops_reading():
     [
         (lambda c: c.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
          "CUDA shared memory: send the tensors"),
-        (lambda c: c.get_trace_settings(), "trace settings: each answer carries"),
     ],
 )  # fmt: skip
 def test_triton_rpcs_innfer_leaves_out_say_so_and_what_to_do(client, call, message):

@@ -1,0 +1,234 @@
+"""Request traces in Triton's trace format: the timestamps of sampled requests, written as
+JSON to the server config's ``trace.file``, and their settings read and changed while the
+server runs through Triton's trace extension (the ``TraceSetting`` RPC, REST
+``/v2[/models/<m>]/trace/setting``) - what ``tritonclient``'s ``get_trace_settings`` /
+``update_trace_settings`` and perf_analyzer's ``--trace-*`` flags speak. No grpc.
+
+Settings, globally and per model (a model's unset ones follow the global ones):
+  * ``trace_level``: ``["OFF"]`` or ``["TIMESTAMPS"]`` (TENSORS is refused: innfer records
+    no tensors);
+  * ``trace_rate``: one request in this many is traced (counted per model);
+  * ``trace_count``: how many more to trace, -1 for no end; it counts down as traces are
+    taken, and tracing stops at 0;
+  * ``log_frequency``: 0 writes every trace to ``trace_file`` when the server stops; N > 0
+    writes each N traces to ``<trace_file>.<k>``, k = 0, 1, ...;
+  * ``trace_file``: read only, as in Triton since 2024 (a client choosing a path the
+    server writes was a security issue): set it in the server config.
+
+A trace is one JSON object per request: ``id``, ``model_name``, ``model_version``,
+``request_id``, ``tier`` (innfer's: the tier that answered) and ``timestamps``, a list of
+``{"name", "ns"}`` on the monotonic clock - REQUEST_START (the request reached the data
+plane), QUEUE_START (handed to the scheduler), COMPUTE_START and COMPUTE_END (its batch on
+the engine: from the scheduler's own queue and compute times), REQUEST_END (answered, or
+failed). A file holds a JSON array of them, as Triton's trace_summary.py reads.
+
+Example:
+    >>> traces = RequestTraces(TraceConfig(file=Path("t.json"), level="TIMESTAMPS", rate=1,
+    ...                                    count=1))
+    >>> t = traces.start("mnist", "req-1")
+    >>> t.stamp("REQUEST_START"); traces.finish(t)
+    >>> traces.start("mnist", "req-2") is None  # trace_count was 1
+    True
+    >>> traces.settings("mnist")["trace_count"]
+    ['0']
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.atomic import write_json
+from runtime.configspec import spec
+from server.errors import InvalidArgument
+
+log = logging.getLogger("innfer.trace")
+
+# spec() returns a dataclasses.field() carrying the rules; ruff cannot see that.
+# ruff: noqa: RUF009
+
+LEVELS = ("OFF", "TIMESTAMPS")
+KEYS = ("trace_file", "trace_level", "trace_rate", "trace_count", "log_frequency")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceConfig:
+    """``trace:`` in the server config: where traces go and the global settings at start
+    (clients may change all but the file while the server runs)."""
+
+    file: Path | None = spec(
+        None, doc="JSON file the traces are written to (null: tracing cannot be turned on)"
+    )
+    level: str = spec("OFF", choices=LEVELS, doc="OFF, or TIMESTAMPS to trace requests")
+    rate: int = spec(1000, lo=1, hi=2**31 - 1, doc="one request in this many is traced")
+    count: int = spec(-1, lo=-1, hi=2**31 - 1, doc="traces to take, -1 for no end")
+    log_frequency: int = spec(
+        0, lo=0, hi=2**31 - 1,
+        doc="0: write the traces when the server stops; N: write each N to <file>.<k>",
+    )  # fmt: skip
+
+
+@dataclass
+class Trace:
+    """One sampled request's record; ``stamp`` adds a timestamp (monotonic ns)."""
+
+    id: int
+    model_name: str
+    request_id: str
+    timestamps: list[dict] = field(default_factory=list)
+    tier: str | None = None
+
+    def stamp(self, name: str, ns: int | None = None) -> None:
+        self.timestamps.append({"name": name, "ns": time.monotonic_ns() if ns is None else ns})
+
+    def record(self) -> dict:
+        out = {"id": self.id, "model_name": self.model_name, "model_version": "1",
+               "request_id": self.request_id}  # fmt: skip
+        if self.tier is not None:
+            out["tier"] = self.tier
+        return {**out, "timestamps": self.timestamps}
+
+
+class RequestTraces:
+    """The trace settings (global and per model), the sampling, and the file writer. Used
+    on the event loop; files are written on a thread of their own."""
+
+    def __init__(self, config: TraceConfig) -> None:
+        self.file = config.file
+        self._global = {
+            "trace_level": config.level, "trace_rate": config.rate,
+            "trace_count": config.count, "log_frequency": config.log_frequency,
+        }  # fmt: skip
+        self._models: dict[str, dict] = {}  # a model's own settings (unset: the global ones)
+        self._seen: dict[str, int] = {}  # requests per model, for trace_rate
+        self._ids = itertools.count(1)
+        self._pending: list[dict] = []  # finished traces not yet written
+        self._index = 0  # the next <file>.<k>
+        self._closed = False
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="innfer-trace")
+        if config.level != "OFF" and self.file is None:
+            raise ValueError("trace.level is TIMESTAMPS but trace.file is not set: set both")
+
+    # -- settings ------------------------------------------------------------------------
+    def settings(self, model: str = "") -> dict[str, list[str]]:
+        """The settings in force for ``model`` ("" : the global ones), as Triton answers
+        them: every value a list of strings."""
+        got = {**self._global, **self._models.get(model, {})} if model else self._global
+        return {
+            "trace_file": [str(self.file) if self.file is not None else ""],
+            "trace_level": [got["trace_level"]],
+            "trace_rate": [str(got["trace_rate"])],
+            "trace_count": [str(got["trace_count"])],
+            "log_frequency": [str(got["log_frequency"])],
+        }
+
+    def update(self, model: str, changes: dict[str, list[str]]) -> None:
+        """Apply ``changes`` (name -> values; no values clears a model's own setting, so it
+        follows the global one again) to ``model``'s settings, or the global ones for "".
+        Every change is checked first: a bad one changes nothing (InvalidArgument)."""
+        parsed: dict[str, object] = {}
+        for key, values in changes.items():
+            if key == "trace_file":
+                raise InvalidArgument(
+                    "trace_file cannot be changed by a client (a client choosing a path the "
+                    "server writes; Triton refuses it too): set trace.file in the server "
+                    "config"
+                )
+            if key not in KEYS:
+                raise InvalidArgument(f"unknown trace setting {key!r}; known: {', '.join(KEYS)}")
+            parsed[key] = _parse(key, values, clearing_allowed=bool(model))
+        level = parsed.get("trace_level")
+        if level not in (None, "OFF") and self.file is None:
+            raise InvalidArgument(
+                "trace_level TIMESTAMPS needs a trace file: set trace.file in the server config"
+            )
+        target = self._models.setdefault(model, {}) if model else self._global
+        for key, value in parsed.items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+        if model and not target:
+            self._models.pop(model, None)
+
+    # -- traces --------------------------------------------------------------------------
+    def start(self, model: str, request_id: str) -> Trace | None:
+        """A trace for this request of ``model`` if the settings sample it, else None."""
+        s = {**self._global, **self._models.get(model, {})}
+        if s["trace_level"] == "OFF" or s["trace_count"] == 0:
+            return None
+        seen = self._seen[model] = self._seen.get(model, 0) + 1
+        if seen % s["trace_rate"]:
+            return None
+        if s["trace_count"] > 0:  # counted down where it was set: the model's or global
+            owner = (
+                self._models[model]
+                if "trace_count" in self._models.get(model, {})
+                else self._global
+            )
+            owner["trace_count"] -= 1
+        return Trace(next(self._ids), model, request_id)
+
+    def finish(self, trace: Trace) -> None:
+        """``trace`` is complete: kept, and written when ``log_frequency`` says. After
+        ``close`` (a request the stop's grace left running) it is dropped."""
+        if self._closed:
+            return
+        s = {**self._global, **self._models.get(trace.model_name, {})}
+        self._pending.append(trace.record())
+        every = s["log_frequency"]
+        if every and len(self._pending) >= every:
+            batch, self._pending = self._pending, []
+            path = Path(f"{self.file}.{self._index}")
+            self._index += 1
+            self._writer.submit(self._write, path, batch)
+
+    def close(self) -> None:
+        """Write what is pending (to ``trace_file`` itself, or the next ``<file>.<k>``), on
+        the writer thread: called once, on the event loop, when the server stops; ``wait``
+        (off the loop) waits for the writes."""
+        self._closed = True
+        if self._pending and self.file is not None:
+            every = self._global["log_frequency"]
+            path = Path(f"{self.file}.{self._index}") if every else self.file
+            self._writer.submit(self._write, path, self._pending)
+            self._pending = []
+        self._writer.shutdown(wait=False)
+
+    def wait(self) -> None:
+        """Block until every write ``close`` left is done."""
+        self._writer.shutdown(wait=True)
+
+    def _write(self, path: Path, records: list[dict]) -> None:
+        try:
+            write_json(path, records)  # (one writer thread: files in order, never two at once)
+        except OSError as exc:  # a full disk or a gone folder: said, never the server's end
+            log.warning("could not write %d trace(s) to %s: %s", len(records), path, exc)
+
+
+def _parse(key: str, values: list[str], clearing_allowed: bool) -> object:
+    """One setting's new value from its strings; None: cleared (a model's only)."""
+    if not values:
+        if not clearing_allowed:
+            raise InvalidArgument(f"{key}: a global setting cannot be cleared; give a value")
+        return None
+    if key == "trace_level":
+        if len(values) != 1 or values[0] not in LEVELS:
+            raise InvalidArgument(
+                f"trace_level {values}: innfer traces ['OFF'] or ['TIMESTAMPS'] (it records "
+                "no TENSORS)"
+            )
+        return values[0]
+    lo = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}[key]
+    try:
+        (value,) = values
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{key}: one whole number, got {values}") from None
+    if not lo <= number < 2**31:
+        raise InvalidArgument(f"{key}: at least {lo}, got {number}")
+    return number

@@ -1,0 +1,161 @@
+"""Triton's trace extension (server/trace.py) through the stock tritonclient, gRPC and HTTP:
+sampled requests' timestamps written as Triton's JSON, settings read and changed per model
+and globally, what cannot be changed refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.http as th
+from serverutil import ServerThread
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.e2e
+
+ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_END", "REQUEST_END"]
+
+
+def _serve(repo, tmp_path, **trace) -> ServerThread:
+    cfg = {"file": str(tmp_path / "trace.json"), "level": "TIMESTAMPS", "rate": 1, **trace}
+    return ServerThread({"repository": str(repo), "http_port": 0, "trace": cfg}).start()
+
+
+def _infer(client, n: int, model: str = "tiny") -> list[str]:
+    meta = client.get_model_metadata(model, as_json=True)["inputs"][0]
+    x = np.zeros([1, *map(int, meta["shape"][1:])], np.float32)
+    i = tc.InferInput(meta["name"], list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    tiers = []
+    for k in range(n):
+        r = client.infer(model, [i], request_id=f"r{k}", parameters={"latency_budget_ms": 5000})
+        tiers.append(r.get_response().parameters["tier"].string_param)
+    return tiers
+
+
+def _read(path, timeout: float = 10.0) -> list[dict]:
+    end = time.monotonic() + timeout  # written on the trace thread
+    while not path.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    return json.loads(path.read_text())
+
+
+def test_sampled_requests_are_written_in_tritons_trace_format(model_repository, tmp_path):
+    s = _serve(model_repository, tmp_path, log_frequency=2)
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            assert "trace" in client.get_server_metadata(as_json=True)["extensions"]
+            tiers = _infer(client, 4)
+            first, second = _read(tmp_path / "trace.json.0"), _read(tmp_path / "trace.json.1")
+    finally:
+        s.stop()
+    records = first + second
+    assert [r["request_id"] for r in records] == ["r0", "r1", "r2", "r3"]
+    assert [r["tier"] for r in records] == tiers
+    for r in records:
+        assert r["model_name"] == "tiny" and r["model_version"] == "1"
+        assert [t["name"] for t in r["timestamps"]] == ORDER
+        ns = [t["ns"] for t in r["timestamps"]]
+        assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, ns
+    assert len({r["id"] for r in records}) == 4
+    assert not (tmp_path / "trace.json").exists()  # each pair went to its own file
+
+
+def test_log_frequency_0_writes_every_trace_when_the_server_stops(model_repository, tmp_path):
+    s = _serve(model_repository, tmp_path, rate=2, count=-1)
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            _infer(client, 5)
+            assert not (tmp_path / "trace.json").exists()
+    finally:
+        s.stop()
+    assert [r["request_id"] for r in _read(tmp_path / "trace.json")] == ["r1", "r3"]  # 1 in 2
+
+
+def test_settings_are_read_and_changed_per_model_through_tritonclient(model_repository, tmp_path):
+    s = _serve(model_repository, tmp_path, level="OFF", count=3)
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            got = client.get_trace_settings(as_json=True)["settings"]
+            assert {k: v["value"] for k, v in got.items()} == {
+                "trace_file": [str(tmp_path / "trace.json")], "trace_level": ["OFF"],
+                "trace_rate": ["1"], "trace_count": ["3"], "log_frequency": ["0"],
+            }  # fmt: skip
+            _infer(client, 2)  # OFF: nothing traced, nothing counted down
+            # tiny's own level; wide and the global settings stay OFF
+            client.update_trace_settings("tiny", {"trace_level": ["TIMESTAMPS"]})
+            got = client.get_trace_settings("tiny", as_json=True)["settings"]
+            assert got["trace_level"]["value"] == ["TIMESTAMPS"]
+            assert client.get_trace_settings(as_json=True)["settings"]["trace_level"]["value"] == [
+                "OFF"
+            ]
+            _infer(client, 2, "wide")
+            _infer(client, 5)  # trace_count 3: three traced, then it stops
+            count = client.get_trace_settings("tiny", as_json=True)["settings"]["trace_count"]
+            assert count["value"] == ["0"]
+            client.update_trace_settings("tiny", {"trace_level": None})  # follows global again
+            got = client.get_trace_settings("tiny", as_json=True)["settings"]
+            assert got["trace_level"]["value"] == ["OFF"]
+            for settings, said in (
+                ({"trace_file": "/etc/passwd"}, "trace_file cannot be changed by a client"),
+                ({"trace_level": ["TENSORS"]}, "it records no TENSORS"),
+                ({"trace_rate": "0"}, "trace_rate: at least 1"),
+                ({"trace_rate": "often"}, "trace_rate: one whole number"),
+                ({"trace_colour": "red"}, "unknown trace setting 'trace_colour'"),
+                ({"trace_rate": None}, "a global setting cannot be cleared"),
+            ):
+                with pytest.raises(InferenceServerException, match=said) as e:
+                    client.update_trace_settings(settings=settings)
+                assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+            with pytest.raises(InferenceServerException, match="no model 'nope'") as e:
+                client.get_trace_settings("nope")
+            assert e.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        s.stop()
+    traced = _read(tmp_path / "trace.json")
+    assert [(r["model_name"], r["request_id"]) for r in traced] == [
+        ("tiny", "r0"), ("tiny", "r1"), ("tiny", "r2"),
+    ]  # fmt: skip
+
+
+def test_settings_over_http_as_tritonclient_http_sends_them(model_repository, tmp_path):
+    s = _serve(model_repository, tmp_path, level="OFF")
+    try:
+        http = th.InferenceServerClient(f"127.0.0.1:{s.server.rest.port}")
+        got = http.update_trace_settings("tiny", {"trace_rate": "7", "trace_level": ["TIMESTAMPS"]})
+        assert got["trace_rate"] == "7" and got["trace_level"] == ["TIMESTAMPS"]
+        assert http.get_trace_settings()["trace_rate"] == "1"
+        with pytest.raises(InferenceServerException, match="trace_file cannot be changed"):
+            http.update_trace_settings(settings={"trace_file": "/tmp/elsewhere.json"})
+        http.close()
+    finally:
+        s.stop()
+
+
+def test_a_trace_level_without_a_file_is_refused_in_the_config(model_repository):
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"trace.file: got None, expected a file path"):
+        ServerConfig.from_dict({"repository": str(model_repository),
+                                "trace": {"level": "TIMESTAMPS"}})  # fmt: skip
+
+
+def test_a_trace_finishing_after_the_close_is_dropped_not_raised(tmp_path):
+    # A request the stop's grace left running ends after the writer closed: submitting to
+    # it raised inside the request's own clean-up.
+    from pathlib import Path
+
+    from server.trace import RequestTraces, TraceConfig
+
+    traces = RequestTraces(TraceConfig(file=Path(tmp_path / "t.json"), level="TIMESTAMPS", rate=1))
+    late = traces.start("m", "late")
+    early = traces.start("m", "early")
+    early.stamp("REQUEST_START")
+    traces.finish(early)
+    traces.close()
+    traces.finish(late)
+    traces.wait()
+    assert [r["request_id"] for r in json.loads((tmp_path / "t.json").read_text())] == ["early"]
