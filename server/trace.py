@@ -157,8 +157,12 @@ class RequestTraces:
 
     # -- traces --------------------------------------------------------------------------
     def start(self, model: str, request_id: str) -> Trace | None:
-        """A trace for this request of ``model`` if the settings sample it, else None."""
-        s = {**self._global, **self._models.get(model, {})}
+        """A trace for this request of ``model`` if the settings sample it, else None.
+        On every request's path: with tracing off and no model's own settings, one lookup."""
+        own = self._models.get(model)
+        if own is None and self._global["trace_level"] == "OFF":
+            return None
+        s = self._global if own is None else {**self._global, **own}
         if s["trace_level"] == "OFF" or s["trace_count"] == 0:
             return None
         seen = self._seen[model] = self._seen.get(model, 0) + 1
