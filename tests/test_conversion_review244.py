@@ -204,3 +204,20 @@ def test_a_group_norm_splitting_a_grouped_convs_channels_otherwise_is_named_as_s
     with pytest.raises(ConversionError, match=r"a GroupNorm with 5 groups reads channels that "
                        r"a grouped conv or group norm with 3 groups"):  # fmt: skip
         runtime.convert(Odd().eval(), (torch.randn(2, 3, 8, 8),))
+
+
+def test_a_mean_over_channels_no_layer_reads_keeps_them_elastic():
+    # Only a max / min picks among them: a per-pixel map h.mean(1) does not depend on their
+    # count, and _pin_unread pinned it too (review helper-245)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU())
+
+    class MeanMap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net
+
+        def forward(self, x):
+            return self.body(x).mean(1)
+
+    inn = runtime.convert(MeanMap().eval(), (torch.randn(2, 3, 8, 8),))
+    assert sorted(g.name for g in inn.groups if not g.discrete) == ["body.0", "body.2"]

@@ -662,10 +662,9 @@ class UnequalSplit(nn.Module):
 
 
 def test_unequal_split_of_channels_converts():
-    """Each part its own group (tests/test_rules_split.py); the unused part, which no layer
-    reads, is kept whole (``Tracer._pin_unread``)."""
+    """Each part its own group (tests/test_rules_split.py); the unused part is resampled too."""
     inn = _converts(UnequalSplit(), torch.randn(2, 4))
-    assert sorted(g.size for g in inn.groups if not g.discrete) == [5]
+    assert sorted(g.size for g in inn.groups if not g.discrete) == [3, 5]
 
 
 class RemainderSplit(nn.Module):

@@ -374,6 +374,15 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.selu.default: _function(torch.selu),
     aten.log_sigmoid.default: _function(F.logsigmoid),
     aten.elu.default: _elu,
+    aten.relu6.default: _function(F.relu6),
+    aten.clip.default: _function(torch.clip),
+    aten.celu.default: _function(F.celu),
+    aten.hardshrink.default: _function(F.hardshrink),
+    aten.softshrink.default: _function(F.softshrink),
+    aten.max.other: _function(torch.maximum),
+    aten.min.other: _function(torch.minimum),
+    aten.max.default: _function(torch.amax),
+    aten.min.default: _function(torch.amin),
     aten.amax.default: _function(torch.amax),
     aten.amin.default: _function(torch.amin),
     aten.max.dim: _function(torch.max),
@@ -456,6 +465,12 @@ _INPLACE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.silu_.default: _function(F.silu),
     aten.leaky_relu_.default: _function(F.leaky_relu),
     aten.hardswish_.default: _function(F.hardswish),
+    aten.elu_.default: _elu,
+    aten.selu_.default: _function(torch.selu),
+    aten.celu_.default: _function(F.celu),
+    aten.hardsigmoid_.default: _function(F.hardsigmoid),
+    aten.mish_.default: _function(F.mish),
+    aten.relu6_.default: _function(F.relu6),
     # ``out += shortcut`` on a block's fresh output (torchvision's BasicBlock): refused as a
     # write in place until session 66, though fx converted the same model
     aten.add_.Tensor: _scaled(operator.add),
@@ -464,8 +479,12 @@ _INPLACE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.div_.Tensor: _function(operator.truediv),
 }
 # Identities at inference (the model is exported in eval mode: dropout's `train` is False).
+# Their in-place forms (``nn.Dropout(inplace=True)``) change nothing there either: refused as
+# writes into a view until session 66 (review helper-245: torchvision's MobileNetV3).
 _IDENTITY = {aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
-             aten.detach.default, aten.alias.default}  # fmt: skip
+             aten.detach.default, aten.alias.default, aten.dropout_.default,
+             aten.alpha_dropout_.default, aten.feature_dropout_.default,
+             aten.feature_alpha_dropout_.default}  # fmt: skip
 # Checks torch.export inserts; they have no users and no effect on the computed values.
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default}  # fmt: skip

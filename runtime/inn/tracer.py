@@ -55,6 +55,10 @@ class Tracer:
         self._summed: dict[Source, set[fx.Node | str]] = {}
         self._after_walk: list[Callable[[], None]] = []  # see ``after_walk``
         self._split: dict[int, list[int]] = {}  # a group cut into parts (``split_group``)
+        self.picked: list[int] = []  # groups a max / min over channels picks among
+        # parameter -> the dim holding its layer's output channels, where not 0 (said by the
+        # rule that reads it: F.embedding's table, 1) - what discrete=[owner] keeps
+        self.output_dim: dict[str, int] = {}
 
     # -- helpers for rules -----------------------------------------------------------------
     @staticmethod
@@ -392,17 +396,17 @@ class Tracer:
                     self.uf.pin(s.group)
 
     def _pin_unread(self) -> None:
-        """A group no layer reads (no binding sums over it) ends in the model's outputs or in
-        an op that drops its dim: a classifier's classes returned as their best score
-        (``logits.max(1)``, ``amax``). Resampled, it would merge classes - a 10-class head
-        sampled to 5 - so it is pinned, as a returned dim is (review helper-244: only dims
-        that reached an output were)."""
+        """A group no layer reads (no binding sums over it) whose channels a max or min
+        picks among: a classifier's classes returned as their best score (``logits.max(1)``,
+        ``amax``). Resampled, it would merge classes - a 10-class head sampled to 5 - so it
+        is pinned, as a returned dim is (review helper-244: only dims that reached an output
+        were). A mean over such channels stays elastic: it does not depend on their count
+        (review helper-245: a per-pixel map ``h.mean(1)`` was pinned too)."""
         uf = self.uf
         read = {uf.find(s.group) for b in self.bindings if b.reduce for s in b.layout}
-        for b in self.bindings:
-            for s in b.layout:
-                if uf.find(s.group) not in read:
-                    uf.pin(s.group)
+        for g in self.picked:
+            if uf.find(g) not in read:
+                uf.pin(g)
 
     def _readers(self, param: str) -> set[fx.Node | str]:
         """What reads ``param``'s values: the modules owning it (by name) and the nodes that
@@ -440,6 +444,7 @@ class Tracer:
                 lay = self.bound(target, dim)
                 if lay is None:
                     # discrete=[module] keeps its output channels: dim 0 of its parameters
+                    # (a rule that knows another - F.embedding's table: 1 - pins that one)
                     fixed = dim == 0 and owner in self.discrete_modules
                     g = self.uf.new(size, f"{target}:{dim}", discrete=fixed, anchored=False)
                     lay = (Segment(g),)
@@ -456,7 +461,7 @@ class Tracer:
             if not live:
                 continue
             origin = self.uf.origin[self.uf.find(live[0])]
-            producer = _producer(origin, self.modules)
+            producer = _producer(origin, self.modules, self.output_dim)
             hint = (
                 f"keep its channels fixed with discrete=[{producer!r}]"
                 if producer
@@ -538,16 +543,18 @@ def _reads_metadata(node: fx.Node, attributes: frozenset[str]) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1] in attributes
 
 
-def _producer(origin: str, modules: dict) -> str | None:
+def _producer(origin: str, modules: dict, output_dim: dict[str, int]) -> str | None:
     """The module ``discrete=[...]`` names to keep a group of this origin whole: the module
-    itself (fx graphs), or the owner of a parameter whose dim 0 began it (torch.export
-    graphs, "conv.weight:0": ``visit_get_attr`` fixes dim 0 of a discrete module's
-    parameters). None for any other origin (an op's output, another dim)."""
+    itself (fx graphs), or the owner of a parameter whose output dim began it (torch.export
+    graphs, "conv.weight:0", "emb.weight:1": dim 0 unless a rule said otherwise in
+    ``output_dim``). None for any other origin (an op's output, another dim)."""
     if origin in modules:
         return origin
     param, _, dim = origin.rpartition(":")
     owner = param.rpartition(".")[0]
-    return owner if dim == "0" and owner and owner in modules else None
+    if not owner or owner not in modules:
+        return None
+    return owner if dim == str(output_dim.get(param, 0)) else None
 
 
 def _target_name(node: fx.Node) -> str:

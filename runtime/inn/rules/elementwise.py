@@ -462,6 +462,8 @@ def reduction(tr: Tracer, node: fx.Node) -> None:
     labels: Labels = {}
     for dim, lay in tr.labels.get(x, {}).items():
         if dim in dims:
+            if kind in ("amax", "amin", "max", "min"):  # a pick among the channels: kept
+                tr.picked.extend(s.group for s in lay)  # whole where no layer reads them
             if kind == "sum":
                 tr.fixed(node, "sum over a channel dim (use mean)", [lay])
             elif corrected:

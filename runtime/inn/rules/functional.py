@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import fx
 
-from runtime.inn.layout import Layout, Segment, SizeField, node_key
+from runtime.inn.layout import ConversionError, Layout, Segment, SizeField, node_key
 from runtime.inn.rules import register
 from runtime.inn.rules._args import arg
 from runtime.inn.rules.layers import conv_kept, norm_groups, pointwise, set_blocks
@@ -51,6 +51,17 @@ def layer_norm(tr: Tracer, node: fx.Node) -> None:
 @register(functions=(F.batch_norm,))
 def batch_norm(tr: Tracer, node: fx.Node) -> None:
     x = node.args[0]
+    if arg(node, 5, "training", False) and _reads_an_input(x):
+        # batch statistics at inference: a served row's answer would depend on the rows
+        # batched with it, and a dynamic batch does not export (review helper-245; the
+        # module form is refused in conversion._check_batch_norms). On a weight (timm's
+        # StdConv: F.batch_norm of the kernel) it is a plain standardisation: allowed.
+        raise ConversionError(
+            f"node {node.name!r} (F.batch_norm with training=True) normalises each batch by "
+            "its own statistics at inference, so an answer would depend on the requests "
+            "batched with it: pass running statistics and training=False, or use "
+            "F.group_norm / F.layer_norm / F.instance_norm"
+        )
     lay = tr.layout_of(x, 1)
     names = ("running_mean", "running_var", "weight", "bias")
     for pos, name in enumerate(names, start=1):
@@ -72,6 +83,20 @@ def group_norm(tr: Tracer, node: fx.Node) -> None:
         if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:
             tr.unify(tr.layout_of(p, 0), lay, f"node {node.name!r}")
     tr.copy(node, x, sources=False)
+
+
+def _reads_an_input(node) -> bool:
+    """Whether ``node``'s value depends on a model input (an activation, not a weight)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _summed_into(tr: Tracer, node: fx.Node, x, w: fx.Node, what: str):
@@ -165,5 +190,11 @@ def embedding(tr: Tracer, node: fx.Node) -> None:
     out = tr.layout_of(w, 1)
     for s in out:
         tr.uf.anchor(s.group)
+    source = tr.sources.get(w, {}).get(1)
+    if source is not None:  # (torch.export's embeddings: review helper-245)
+        tr.output_dim[source[0]] = 1
+        if source[0].rpartition(".")[0] in tr.discrete_modules:
+            for s in out:  # discrete=["emb"] keeps the table's width, as under fx
+                tr.uf.pin(s.group)
     rank = len(tr.shape(node))
     tr.labels[node] = {**tr.labels.get(idx, {}), rank - 1: out}

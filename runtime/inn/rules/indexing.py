@@ -338,9 +338,10 @@ def in_place_write(tr: Tracer, node: fx.Node) -> None:
 
 def refuse_in_place(tr: Tracer, node: fx.Node) -> None:
     """Fix every input of ``node``, a write in place into a view, and say how to avoid it."""
-    what = (f"{_target(node)} writes in place into its input (e.g. `x[:, :C] += y`), which "
-            "innfer cannot follow through views (nor does the ONNX export keep it): write it "
-            "out of place, `x = torch.cat([x[:, :C] + y, x[:, C:]], 1)`")  # fmt: skip
+    what = (f"{_target(node)} writes in place into its input, a view of another tensor "
+            "(`x[:, :C] += y`) or one other nodes read too, which innfer cannot follow (nor "
+            "does the ONNX export keep it): write it out of place (`y = torch.relu(x)`; for a "
+            "slice, `x = torch.cat([x[:, :C] + y, x[:, C:]], 1)`)")  # fmt: skip
     tr.fixed_inputs(node, what)
     tr.opaque(node, what)
 
