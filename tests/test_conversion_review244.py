@@ -148,6 +148,14 @@ _PER_ENTRY = {
     "amax": lambda h: h - h.amax(-1, keepdim=True),
     "max_dim": lambda h: h - h.max(-1, keepdim=True).values,
     "var": lambda h: h / (h.var(-1, keepdim=True, unbiased=False) + 1),
+    # and these, that review helper-245 found still missing
+    "relu6": torch.nn.functional.relu6,
+    "clip": lambda h: torch.clip(h, -1, 1),
+    "celu": torch.nn.functional.celu,
+    "hardshrink": torch.nn.functional.hardshrink,
+    "softshrink": torch.nn.functional.softshrink,
+    "max_other": lambda h: torch.max(h, torch.zeros_like(h)),
+    "min_other": lambda h: torch.min(h, torch.ones_like(h)),
 }
 
 
