@@ -135,7 +135,9 @@ def _demo_recipe(args: argparse.Namespace) -> dict:
 
     epochs = args.epochs if args.epochs is not None else TRAIN_DEFAULTS[args.model].epochs
     return {"model": args.model, "seed": args.seed, "epochs": epochs,
-            "widths": [float(w) for w in args.widths], "convert": bool(args.convert)}  # fmt: skip
+            # (as a set: the same widths in another order retrained - review helper-246)
+            "widths": sorted({float(w) for w in args.widths}, reverse=True),
+            "convert": bool(args.convert)}  # fmt: skip
 
 
 def _describe(recipe: dict) -> str:
@@ -1375,6 +1377,13 @@ def _unfinished_run(checkpoint: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from runtime.flock import one_run
+
+    with one_run(args.out, "trained"):  # a second run on --out lost one's result unsaid
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from runtime.demo.training import train_inn
@@ -1407,6 +1416,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.resume:
         _resume_defaults(args)
+    for key, default in TRAIN_RUN_DEFAULTS.items():  # (review helper-246: a bare --resume
+        if getattr(args, key) is None:  # of a --seed 3 run was "of another run: seed 3")
+            setattr(args, key, default)
     args.model = args.model or TRAIN_MODEL
     inn, data = train_inn(
         args.model, epochs=args.epochs, min_width=args.min_width, k=args.k,
@@ -1425,18 +1437,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # train's model where neither --model nor a checkpoint to resume names one.
 TRAIN_MODEL = "mnist_resnet"
+# ... and its run settings likewise (a resumed run takes its checkpoint's)
+TRAIN_RUN_DEFAULTS = {"seed": 0, "k": 2, "min_width": 0.25, "per_group": False}
 
 
 def _resume_defaults(args: argparse.Namespace) -> None:
-    """``train --resume`` without --model / --epochs / --lr / --batch-size: the checkpoint's
-    run's. The interrupt said "--resume continues it", and a resume without --epochs trained
-    the model's default (30 epochs of an interrupted 6-epoch run; without --model, another
-    model's lr and batch size were refused as "another run": review helper-234)."""
+    """``train --resume`` without --model / --epochs / --lr / --batch-size / --seed / --k /
+    --min-width / --per-group: the checkpoint's run's. The interrupt said "--resume
+    continues it", and a resume without --epochs trained the model's default (30 epochs of
+    an interrupted 6-epoch run; without --model, another model's lr and batch size were
+    refused as "another run": review helper-234)."""
     try:
         meta = json.loads((args.out / "checkpoint" / "checkpoint.json").read_text())["meta"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # none, or unreadable: train_inn says which
-    for key in ("model", "epochs", "lr", "batch_size"):
+    for key in ("model", "epochs", "lr", "batch_size", *TRAIN_RUN_DEFAULTS):
         if getattr(args, key) is None and meta.get(key) is not None:
             setattr(args, key, meta[key])
 
@@ -1617,6 +1632,13 @@ CALIBRATE_SECONDS = 60.0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from runtime.flock import one_run
+
+    with one_run(args.out or args.model_dir, "calibrated"):  # (as train: one run a folder)
+        return _calibrate(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
     if args.steps is not None and args.seconds is not None:  # (--seconds was ignored)
@@ -1632,7 +1654,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     other = args.out is not None and Path(args.out).resolve() != args.model_dir.resolve()
     held = _held_inn(args.out) if other else []
-    same = bool(held) and _same_source(args.model_dir, args.out)
+    # --force replaces it: started from MODEL_DIR, not gone on from (review helper-246)
+    same = bool(held) and not args.force and _same_source(args.model_dir, args.out)
     if held and not args.force and not same:
         # Saved as it goes, over another INN there, unsaid (review 185), as train was.
         raise ValueError(
@@ -1769,6 +1792,9 @@ def _saved_as_it_goes(target: Path, kept: str):
                 f"again calibrates every width named again ({kept}): name the rest with "
                 "--widths to go on from here"
                 if saved else f"no width was done: {target} is as it was")  # fmt: skip
+        if saved and (Path(target) / "tiers").is_dir():  # a repository model's INN changed
+            said += (f"; a server refuses {Path(target).name} until its tiers are built "
+                     f"again: innfer build {Path(target).parent}")  # fmt: skip
         print(said, file=sys.stderr)
         raise
 
@@ -2229,12 +2255,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "digits_mlp"])  # fmt: skip
     train.add_argument("--out", type=output_dir, required=True, help="where to save the INN")
     train.add_argument("--epochs", type=_at_least(1))
-    train.add_argument("--min-width", type=_width, default=0.25)
-    train.add_argument("--k", type=_at_least(1), default=2, help="random widths per step")
-    train.add_argument("--per-group", action="store_true", help="random widths per group")
+    # (no defaults here: --resume takes the checkpoint's, else TRAIN_RUN_DEFAULTS)
+    train.add_argument("--min-width", type=_width, help="default 0.25")
+    train.add_argument("--k", type=_at_least(1), help="random widths per step (default 2)")
+    train.add_argument(
+        "--per-group", action=argparse.BooleanOptionalAction,
+        help="random widths per group (default: one per step)",
+    )  # fmt: skip
     train.add_argument("--lr", type=_positive)
     train.add_argument("--batch-size", type=_at_least(1), help="default: the model's recipe")
-    train.add_argument("--seed", type=_seed, default=0)
+    train.add_argument("--seed", type=_seed, help="default 0")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train.add_argument("--force", action="store_true", help="replace an INN already in OUT")
     train.add_argument("--threads", type=_threads, default=2)

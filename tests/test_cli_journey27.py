@@ -1040,6 +1040,11 @@ def test_calibrate_into_out_again_keeps_the_tiers_calibrated_there(tmp_path, cap
     calibrated = load(out)
     assert calibrated.calibrated(half), "the tier of the first run is kept"
     assert not load(d).calibrated(half)  # MODEL_DIR itself untouched
+    # --force replaces --out, as its help says: started from MODEL_DIR (it went on from
+    # --out, every earlier tier kept - review helper-246)
+    code, text, err = _cli(capsys, *argv, "--widths", "0.25", "--force")
+    assert code == 0, err
+    assert "going on from" not in text and not load(out).calibrated(half)
 
 
 def test_calibrate_that_cannot_save_says_so_not_internal_error(tmp_path, capsys, monkeypatch):
@@ -1078,11 +1083,16 @@ def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path,
     from innfer.cli import _resume_defaults, _resume_hint
 
     (tmp_path / "checkpoint").mkdir()
-    meta = {"epoch": 1, "epochs": 6, "model": "digits_mlp", "lr": 0.01, "batch_size": 32}
+    meta = {"epoch": 1, "epochs": 6, "model": "digits_mlp", "lr": 0.01, "batch_size": 32,
+            "seed": 3, "k": 1, "min_width": 0.25, "per_group": True}  # fmt: skip
     (tmp_path / "checkpoint" / "checkpoint.json").write_text(json.dumps({"meta": meta}))
-    args = argparse.Namespace(out=tmp_path, model=None, epochs=None, lr=None, batch_size=64)
+    args = argparse.Namespace(out=tmp_path, model=None, epochs=None, lr=None, batch_size=64,
+                              seed=None, k=None, min_width=None, per_group=None)  # fmt: skip
     _resume_defaults(args)
     assert (args.model, args.epochs, args.lr, args.batch_size) == ("digits_mlp", 6, 0.01, 64)
+    # ... the sampling and seed too: a bare --resume of a --seed 3 --k 1 --per-group run
+    # was refused as "another run: seed 3 (now 0)" (review helper-246)
+    assert (args.seed, args.k, args.per_group) == (3, 1, True)
     # an interrupted resume names its checkpoint even before saving a new epoch
     args.command, args.resume = "train", True
     stamp = (1, 2, 3)

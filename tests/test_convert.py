@@ -380,8 +380,9 @@ def test_grouped_convs_of_two_group_counts_on_one_group_name_the_way_out_and_tak
     # layer could not get the model through (review helper-105).
     torch.manual_seed(0)
     model, x = _TwoGroupings().eval(), torch.randn(2, 3, 8, 8)
-    with pytest.raises(ConversionError, match=r"node 'g2'.*8 groups reads channels a grouped "
-                       r"Conv with 4 groups already splits.*discrete=\['g'\]"):  # fmt: skip
+    with pytest.raises(ConversionError, match=r"node 'g2'.*8 groups reads channels that a "
+                       r"grouped conv or group norm with 4 groups already splits.*"
+                       r"discrete=\['g'\]"):  # fmt: skip
         runtime.convert(model, x)
     inn = runtime.convert(model, x, discrete=["g"])
     with torch.no_grad():

@@ -672,7 +672,7 @@ def test_resume_refuses_another_runs_checkpoint_and_says_when_nothing_is_left(
     with caplog.at_level("WARNING", logger="innfer.train"):
         again, _ = train_inn("digits_mlp", checkpoint=ckpt, resume=True, **kw)
     assert steps == []
-    assert "has finished 1 of 1 epochs: nothing left to train" in caplog.text
+    assert "has finished 1 of its run's 1 epochs; --epochs 1 leaves nothing to train" in caplog.text
     for key, value in trained.state.items():
         assert torch.equal(value, again.state[key]), key
 

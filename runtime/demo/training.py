@@ -213,9 +213,12 @@ def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
     _check_same_run(meta, run, checkpoint)
     start = int(meta["epoch"]) + 1
     if start >= epochs:
+        # (its run's own epochs: "finished 1 of 1" was said of an interrupted 6-epoch run
+        # resumed with --epochs 1 - review helper-246)
         log.warning(
-            "the checkpoint in %s has finished %d of %d epochs: nothing left to train "
-            "(give --epochs above %d to train on)", checkpoint, start, epochs, start,
+            "the checkpoint in %s has finished %d of its run's %s epochs; --epochs %d leaves "
+            "nothing to train: saving the INN of epoch %d (give --epochs above %d to train on)",
+            checkpoint, start, meta.get("epochs", "?"), epochs, start, start,
         )  # fmt: skip
     elif meta.get("epochs", epochs) != epochs:
         log.warning(

@@ -435,7 +435,8 @@ def calibrate(
         grid_seconds = None
     bar = tqdm(targets, desc="calibrate", unit="tier", disable=not progress)
     for i, sizes in enumerate(bar):
-        bar.set_postfix(tier=IntegralModel.sizes_key(sizes)[:40])
+        key = IntegralModel.sizes_key(sizes)  # cut at a count's end, not inside one
+        bar.set_postfix(tier=key if len(key) <= 40 else key[:40].rpartition(",")[0] + ",...")
         start = time.perf_counter()
         grids = {}
         if grid_share > 0:

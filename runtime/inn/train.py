@@ -274,11 +274,14 @@ def checkpoint_record(path: str | Path) -> dict:
         raise ValueError(f"no checkpoint to resume in {path} ({f.name} is missing)") from None
     except (OSError, ValueError) as exc:
         raise ValueError(
-            f"{f} is unreadable ({exc}): the checkpoint is damaged; train without --resume, "
-            "or into another --out"
+            f"{f} is unreadable ({exc}): the checkpoint is damaged; --force starts over in "
+            "this --out (or train into another)"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
-        raise ValueError(f"{f} is not a checkpoint record; train without --resume")
+        raise ValueError(
+            f"{f} is not a checkpoint record; --force starts over in this --out (or train "
+            "into another)"
+        )
     return data
 
 
@@ -295,20 +298,20 @@ def load_checkpoint(path: str | Path, model: TrainableINN, optimizer) -> dict:
     name = data.get("tensors_file", LEGACY_TENSORS)  # (absent: saved before files were named)
     if not isinstance(name, str) or Path(name).name != name:
         raise ValueError(f"{d / 'checkpoint.json'} is not a checkpoint record (tensors_file "
-                         f"{name!r}); train without --resume")  # fmt: skip
+                         f"{name!r}); --force starts over in this --out")  # fmt: skip
     try:
         blob = (d / name).read_bytes()
     except FileNotFoundError:
         raise ValueError(
-            f"the checkpoint in {d} has no {name} (its tensors); train without --resume, or "
-            "into another --out"
+            f"the checkpoint in {d} has no {name} (its tensors); --force starts over in this "
+            "--out (or train into another)"
         ) from None
     want = data.get("tensors_sha256")  # absent: a checkpoint from before it was recorded
     if want is not None and hashlib.sha256(blob).hexdigest() != want:
         raise ValueError(
             f"the checkpoint in {d} is torn: {name} is not the file checkpoint.json was "
-            "saved with (a run stopped while saving); train into "
-            "another --out, or from an older copy of the checkpoint"
+            "saved with (a run stopped while saving); --force starts over in this --out, or "
+            "train from an older copy of the checkpoint"
         )
     tensors = load(blob)
     with torch.no_grad():

@@ -1,0 +1,35 @@
+"""Review helper-246's findings on train / calibrate / demo: each test failed before its fix."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from innfer import cli
+from runtime.flock import Busy, one_run
+
+
+def test_a_second_run_on_a_folder_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    # Two calibrations (or trainings) of one folder at once each saved over the other's
+    # result; both printed "saved". The second is now refused at once, naming the first.
+    out = tmp_path / "inn"
+    with one_run(out, "calibrated"):
+        code = cli.main(["train", "--model", "digits_mlp", "--out", str(out), "--epochs", "1"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"{out} is being calibrated by pid" in err and "another --out" in err
+    with (
+        one_run(out, "trained"),
+        pytest.raises(Busy, match="is being trained"),
+        one_run(out, "calibrated"),
+    ):
+        pass
+
+
+def test_demo_widths_in_another_order_are_the_same_recipe():
+    # --widths 0.25 0.5 0.75 1 retrained what --widths 1 0.75 0.5 0.25 had trained
+    args = argparse.Namespace(model="digits_mlp", seed=0, epochs=1, convert=False,
+                              widths=[1.0, 0.75, 0.5, 0.25])  # fmt: skip
+    again = argparse.Namespace(**{**vars(args), "widths": [0.25, 0.5, 0.75, 1.0, 0.5]})
+    assert cli._demo_recipe(again) == cli._demo_recipe(args)
