@@ -45,6 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     widths, --convert) for the INN that is there is reused: no training, and the build
     re-does only what changed (tier source hashes, engine cache, profile). ``--retrain``
     starts over."""
+    _refuse_flags_of_the_other_demo(args)
     if args.model == "minilm":
         return _demo_minilm(args)
     # mnist_resnet is served as "mnist" (the README's name); another recipe under its own
@@ -154,6 +155,26 @@ def _start_over(args: argparse.Namespace, model_dir: Path) -> str:
 def _demo_name(model: str) -> str:
     """The model name ``innfer demo --model MODEL`` serves by default."""
     return {"mnist_resnet": "mnist", "minilm": "minilm"}.get(model, model)
+
+
+def _refuse_flags_of_the_other_demo(args: argparse.Namespace) -> None:
+    """The image demos train and never serve; the MiniLM demo converts a trained model: the
+    flags of the other kind were ignored without a word (review helper-246: --serve built
+    and exited, --epochs 3 on minilm converted as ever)."""
+    defaults = vars(build_parser().parse_args(["demo"]))
+    if args.model == "minilm":
+        theirs = ("convert", "epochs", "widths", "seed")
+        what = "the image demos' (minilm converts the trained model; its tiers are fixed)"
+    else:
+        theirs = ("serve", "calibrate_seconds")
+        what = (
+            "--model minilm's (the image demos build their repository; serve it with innfer serve)"
+        )
+    # (--no-serve on an image demo says what it does anyway)
+    given = [k for k in theirs if getattr(args, k) not in (defaults[k], False)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: {what}; leave {'it' if len(given) == 1 else 'them'} out")
 
 
 def _demo_again(args: argparse.Namespace) -> str:

@@ -33,3 +33,19 @@ def test_demo_widths_in_another_order_are_the_same_recipe():
                               widths=[1.0, 0.75, 0.5, 0.25])  # fmt: skip
     again = argparse.Namespace(**{**vars(args), "widths": [0.25, 0.5, 0.75, 1.0, 0.5]})
     assert cli._demo_recipe(again) == cli._demo_recipe(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["demo", "--model", "digits_mlp", "--serve"], "--serve: --model minilm's"),
+        (["demo", "--model", "digits_mlp", "--calibrate-seconds", "5"], "--calibrate-seconds"),
+        (["demo", "--model", "minilm", "--epochs", "3", "--seed", "7"],
+         "--epochs, --seed: the image demos'"),
+    ],
+)  # fmt: skip
+def test_flags_another_command_reads_are_refused_not_ignored(tmp_path, capsys, argv, said):
+    # The image demo built and exited with --serve; minilm converted as ever with --epochs
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main([*argv, "--repository", str(tmp_path)] if argv[0] == "demo" else argv) == 2
+    assert said in capsys.readouterr().err

@@ -835,10 +835,12 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path
     train_inn("digits_mlp", checkpoint=ckpt, **kw)
     record = (ckpt / "checkpoint.json").read_text()
     (ckpt / "checkpoint.json").write_text("{'meta': 1")
-    with pytest.raises(ValueError, match=r"checkpoint.json is unreadable .*without --resume"):
+    with pytest.raises(ValueError, match=r"checkpoint.json is unreadable .*--force starts over"):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
     (ckpt / "checkpoint.json").write_text(record)
     for tensors in ckpt.glob("checkpoint-*.safetensors"):
         tensors.unlink()
-    with pytest.raises(ValueError, match=r"has no checkpoint-\w+.safetensors .*without --resume"):
+    with pytest.raises(
+        ValueError, match=r"has no checkpoint-\w+.safetensors .*--force starts over"
+    ):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
