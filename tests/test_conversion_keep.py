@@ -124,3 +124,37 @@ def test_inspect_lists_what_was_kept(tmp_path, capsys):
     d = inn.save(tmp_path / "inn")
     assert cli.main(["inspect", str(d)]) == 0
     assert "kept at full size: down.left (node 'chunk'" in capsys.readouterr().out
+
+
+def test_keep_lifts_every_refusal_of_one_analysis_at_once(monkeypatch):
+    # One analysis per refusal: 40 such blocks took 5 s where naming them took 1.2 s
+    # (review helper-245). Independent refusals are all kept after the first analysis.
+    import runtime.inn.conversion as conversion
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return x + self.b(h * torch.sigmoid(torch.logsumexp(h, 1, keepdim=True)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 1), *[Block() for _ in range(6)])
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.body(x).mean((2, 3)))
+
+    net = Net().eval()
+    calls = []
+    real = conversion.analyse
+    monkeypatch.setattr(conversion, "analyse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.warns(UserWarning, match="kept 6 channel group"):
+        inn = runtime.convert(net, (torch.randn(2, 3, 8, 8),), on_unsupported="keep")
+    assert sorted(inn.info["kept"]) == [f"body.{i}.a" for i in range(1, 7)]
+    assert [g.name for g in inn.groups if not g.discrete] == ["body.0"]  # the stream
+    assert len(calls) == 2

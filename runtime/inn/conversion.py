@@ -368,19 +368,20 @@ def _analysed(gm, folded, fold_norms: bool, example_inputs, example_kwargs, disc
 
 
 def _analysis(gm, inputs: tuple, discrete: Iterable[str], kept: dict[str, str] | None):
-    """``analyse``; with ``kept`` (a dict, on_unsupported="keep"), a refusal that names the
-    module whose channels would lift it adds that module to ``discrete`` and ``kept`` (its
-    reason) and analyses again - one refusal at a time, as a user following the messages
-    would, so every analysis is an ordinary one. Ends: each round keeps one more module."""
+    """``analyse``; with ``kept`` (a dict, on_unsupported="keep"), the refusals that name
+    the module whose channels would lift them add those modules to ``discrete`` and ``kept``
+    (their reasons) and analyse again - as a user following the messages would, so every
+    analysis is an ordinary one. Ends: each round keeps at least one more module."""
     discrete = set(discrete)
     while True:
         try:
             return analyse(gm, _fresh(inputs), discrete)
         except ConversionError as exc:
-            if kept is None or exc.keep is None or exc.keep in discrete:
+            new = {m: why for m, why in exc.keeps.items() if m not in discrete}
+            if kept is None or not new:
                 raise
-            kept[exc.keep] = exc.reason
-            discrete.add(exc.keep)
+            kept.update(new)
+            discrete.update(new)
 
 
 def _wrapped_call(gm) -> str | None:

@@ -15,12 +15,18 @@ class ConversionError(ValueError):
 
     ``keep``: the module whose output channels, kept at their size (``discrete=[keep]``),
     would lift this refusal - set where the refusal is an op that cannot follow continuous
-    channels, None for every other error. ``reason``: that op and why, in a few words."""
+    channels, None for every other error. ``reason``: that op and why, in a few words.
+    ``keeps``: every such layer of the analysis's refusals (module -> reason), this one's
+    first."""
 
-    def __init__(self, message: str, *, keep: str | None = None, reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, keep: str | None = None, reason: str = "",
+        keeps: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.keep = keep
         self.reason = reason
+        self.keeps = keeps if keeps is not None else ({keep: reason} if keep else {})
 
 
 @dataclass(frozen=True)

@@ -455,13 +455,20 @@ class Tracer:
         self.sources[node] = sources
 
     def check(self) -> None:
-        """Refuse the first node (in graph order) that needs a continuous group fixed."""
+        """Refuse the first node (in graph order) that needs a continuous group fixed. The
+        error also holds, in ``keeps``, the layer that would lift each such refusal (module
+        -> reason): ``on_unsupported="keep"`` keeps them all in one more analysis, not one
+        per refusal (review helper-245: 40 blocks took 5 s against 1.2 s)."""
+        refused = []
         for node, what, groups in self._fixed:
             live = [g for g in groups if self.uf.continuous(g)]
-            if not live:
-                continue
-            origin = self.uf.origin[self.uf.find(live[0])]
-            producer = _producer(origin, self.modules, self.output_dim)
+            if live:
+                origin = self.uf.origin[self.uf.find(live[0])]
+                refused.append(
+                    (node, what, origin, _producer(origin, self.modules, self.output_dim))
+                )
+        keeps = {p: f"node {n.name!r}: {w}" for n, w, _, p in reversed(refused) if p}
+        for node, what, origin, producer in refused[:1]:
             hint = (
                 f"keep its channels fixed with discrete=[{producer!r}]"
                 if producer
@@ -475,6 +482,7 @@ class Tracer:
                    if producer else "."),
                 keep=producer,
                 reason=f"node {node.name!r}: {what}",
+                keeps=dict(reversed(keeps.items())),
             )  # fmt: skip
 
     # -- result ----------------------------------------------------------------------------
