@@ -242,8 +242,13 @@ class Server:
             log.error("grace period over: not waiting for %s", self.plane.describe_stopping())
         self.plane.shared_memory.close()
         # the traces not yet written (log_frequency 0: all of them), waited for off the loop
+        # within what is left of the grace (at least a second: the last file's write)
         self.plane.traces.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.plane.traces.wait)
+        writing = asyncio.get_running_loop().run_in_executor(None, self.plane.traces.wait)
+        try:
+            await asyncio.wait_for(writing, max(1.0, deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            log.error("grace period over: trace files not all written (%s)", self.config.trace.file)
         if self._http is not None:  # off the loop (shutdown waits for its poll, <= 0.5 s)
             http, self._http = self._http, None
             await asyncio.get_running_loop().run_in_executor(None, http.shutdown)

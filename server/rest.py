@@ -505,9 +505,18 @@ class RestFrontEnd:
         return _json({k: codec.parameter_value(v) for k, v in resp.settings.items()})
 
     async def _trace(self, request: web.Request) -> web.Response:
-        req = pb.TraceSettingRequest(model_name=request.match_info.get("name", ""))
+        name = request.match_info.get("name", "")
+        version = request.match_info.get("version")
+        if version not in (None, "", "1"):
+            self.plane.model(name, version)  # a version not served: 404, as its other routes
+        req = pb.TraceSettingRequest(model_name=name)
+        body = (await _body(request)) if request.method == "POST" else {}
+        if name and request.method == "POST" and not body:
+            # Triton: a model named with no settings removes its own (the global ones again):
+            # each cleared, through the RPC's checks (who may change them)
+            body = {"trace_level": None, "trace_rate": None, "trace_count": None}
         if request.method == "POST":
-            for key, value in (await _body(request)).items():
+            for key, value in body.items():
                 # Triton's JSON: a string, a list of strings, or null (clear a model's own)
                 values = [] if value is None else [value] if isinstance(value, str) else value
                 if not isinstance(values, list) or not all(isinstance(v, str) for v in values):

@@ -683,7 +683,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         log settings - auth, or a port only this host reaches)."""
         name = request.model_name
         if name and name not in self.plane.models and name not in self.plane.expected:
-            raise NotFound(f"no model {clip(name)} to trace: {self.plane._not_loaded_hint(name)}")
+            self.plane.model(name)  # NotFound, as inference says it: the names it serves
         if request.settings:
             cfg = self.plane.config
             if cfg.auth is None and not loopback(cfg.host):  # (anyone could fill the disk)

@@ -10,8 +10,10 @@ Settings, globally and per model (a model's unset ones follow the global ones):
   * ``trace_rate``: one request in this many is traced (counted per model);
   * ``trace_count``: how many more to trace, -1 for no end; it counts down as traces are
     taken, and tracing stops at 0;
-  * ``log_frequency``: 0 writes every trace to ``trace_file`` when the server stops; N > 0
-    writes each N traces to ``<trace_file>.<k>``, k = 0, 1, ...;
+  * ``log_frequency`` (global only: one sequence of files for every model): 0 writes every
+    trace to ``trace_file`` when the server stops (past ``MAX_PENDING`` held, each that
+    many to ``<trace_file>.<k>``); N > 0 writes each N traces to ``<trace_file>.<k>``,
+    k = 0, 1, ...;
   * ``trace_file``: read only, as in Triton since 2024 (a client choosing a path the
     server writes was a security issue): set it in the server config.
 
@@ -20,7 +22,10 @@ A trace is one JSON object per request: ``id``, ``model_name``, ``model_version`
 ``{"name", "ns"}`` on the monotonic clock - REQUEST_START (the request reached the data
 plane), QUEUE_START (handed to the scheduler), COMPUTE_START and COMPUTE_END (its batch on
 the engine: from the scheduler's own queue and compute times), REQUEST_END (answered, or
-failed). A file holds a JSON array of them, as Triton's trace_summary.py reads.
+failed). A file holds a JSON array of them. (No transport stamps - GRPC_WAITREAD_*,
+HTTP_RECV_* - which Triton's trace_summary.py filters its frontends by.)
+A model's own settings start as a copy of the global ones when a client first sets one
+(Triton's rule): its ``trace_count`` counts down on its own from there.
 
 Example:
     >>> traces = RequestTraces(TraceConfig(file=Path("t.json"), level="TIMESTAMPS", rate=1,
@@ -37,6 +42,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import re
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +52,7 @@ from pathlib import Path
 
 from runtime.atomic import write_json
 from runtime.configspec import spec
-from server.errors import InvalidArgument
+from server.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("innfer.trace")
 
@@ -53,6 +61,11 @@ log = logging.getLogger("innfer.trace")
 
 LEVELS = ("OFF", "TIMESTAMPS")
 KEYS = ("trace_file", "trace_level", "trace_rate", "trace_count", "log_frequency")
+# Traces held for the stop's write where log_frequency is 0: past this many they go to
+# <file>.<k> each (said once) - 1.5 kB a trace, unbounded, and one write at the stop that
+# outran the pod's grace (review helper-247: 100,000 traces, 9 s and 430 MB more).
+MAX_PENDING = 10_000
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +99,7 @@ class Trace:
         self.timestamps.append({"name": name, "ns": time.monotonic_ns() if ns is None else ns})
 
     def record(self) -> dict:
-        out = {"id": self.id, "model_name": self.model_name, "model_version": "1",
+        out = {"id": self.id, "model_name": self.model_name, "model_version": 1,
                "request_id": self.request_id}  # fmt: skip
         if self.tier is not None:
             out["tier"] = self.tier
@@ -109,9 +122,10 @@ class RequestTraces:
         self._pending: list[dict] = []  # finished traces not yet written
         self._index = 0  # the next <file>.<k>
         self._closed = False
+        self._spilled = False  # MAX_PENDING reached with log_frequency 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="innfer-trace")
-        if config.level != "OFF" and self.file is None:
-            raise ValueError("trace.level is TIMESTAMPS but trace.file is not set: set both")
+        if config.level != "OFF" and (why := self.unwritable()) is not None:
+            raise ValueError(f"trace.level TIMESTAMPS: {why}")
 
     # -- settings ------------------------------------------------------------------------
     def settings(self, model: str = "") -> dict[str, list[str]]:
@@ -140,13 +154,19 @@ class RequestTraces:
                 )
             if key not in KEYS:
                 raise InvalidArgument(f"unknown trace setting {key!r}; known: {', '.join(KEYS)}")
+            if key == "log_frequency" and model:  # (one buffer: a model's N flushed the
+                raise InvalidArgument(  # others' traces and split its own - helper-247)
+                    "log_frequency is global (one sequence of trace files for every model): "
+                    "set it without a model name"
+                )
             parsed[key] = _parse(key, values, clearing_allowed=bool(model))
         level = parsed.get("trace_level")
-        if level not in (None, "OFF") and self.file is None:
-            raise InvalidArgument(
-                "trace_level TIMESTAMPS needs a trace file: set trace.file in the server config"
-            )
-        target = self._models.setdefault(model, {}) if model else self._global
+        if level not in (None, "OFF") and (why := self.unwritable()) is not None:
+            raise FailedPrecondition(f"trace_level TIMESTAMPS: {why}")
+        if model and model not in self._models:  # a copy of the global ones (Triton's rule;
+            # log_frequency stays global)
+            self._models[model] = {k: v for k, v in self._global.items() if k != "log_frequency"}
+        target = self._models[model] if model else self._global
         for key, value in parsed.items():
             if value is None:
                 target.pop(key, None)
@@ -154,6 +174,22 @@ class RequestTraces:
                 target[key] = value
         if model and not target:
             self._models.pop(model, None)
+
+    def unwritable(self) -> str | None:
+        """Why traces cannot be written to ``trace_file`` (None: they can): no file set, or
+        a folder that cannot be made or written - found at start or when a client turns
+        tracing on, not as a warning at the stop that lost them (review helper-247)."""
+        if self.file is None:
+            return "no trace file: set trace.file in the server config"
+        folder = Path(self.file).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".innfer-trace-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            return f"cannot write trace files in {folder}: {exc.strerror or exc}"
+        return None
 
     # -- traces --------------------------------------------------------------------------
     def start(self, model: str, request_id: str) -> Trace | None:
@@ -182,9 +218,17 @@ class RequestTraces:
         ``close`` (a request the stop's grace left running) it is dropped."""
         if self._closed:
             return
-        s = {**self._global, **self._models.get(trace.model_name, {})}
         self._pending.append(trace.record())
-        every = s["log_frequency"]
+        every = self._global["log_frequency"]
+        if not every and len(self._pending) >= MAX_PENDING:
+            if not self._spilled:
+                log.warning(
+                    "%d traces held for the stop's write (log_frequency 0): writing each %d "
+                    "to %s.<k> from now on; set trace.log_frequency to choose", MAX_PENDING,
+                    MAX_PENDING, self.file,
+                )  # fmt: skip
+            self._spilled = True
+            every = MAX_PENDING
         if every and len(self._pending) >= every:
             batch, self._pending = self._pending, []
             path = Path(f"{self.file}.{self._index}")
@@ -197,7 +241,7 @@ class RequestTraces:
         (off the loop) waits for the writes."""
         self._closed = True
         if self._pending and self.file is not None:
-            every = self._global["log_frequency"]
+            every = self._global["log_frequency"] or self._spilled
             path = Path(f"{self.file}.{self._index}") if every else self.file
             self._writer.submit(self._write, path, self._pending)
             self._pending = []
@@ -228,11 +272,9 @@ def _parse(key: str, values: list[str], clearing_allowed: bool) -> object:
             )
         return values[0]
     lo = {"trace_rate": 1, "trace_count": -1, "log_frequency": 0}[key]
-    try:
-        (value,) = values
-        number = int(value)
-    except ValueError:
-        raise InvalidArgument(f"{key}: one whole number, got {values}") from None
+    if len(values) != 1 or not _WHOLE_NUMBER.fullmatch(values[0]):  # (int() took "1_000")
+        raise InvalidArgument(f"{key}: one whole number, got {values}")
+    number = int(values[0])
     if not lo <= number < 2**31:
-        raise InvalidArgument(f"{key}: at least {lo}, got {number}")
+        raise InvalidArgument(f"{key}: a whole number in [{lo}, {2**31 - 1}], got {number}")
     return number

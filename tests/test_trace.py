@@ -56,7 +56,7 @@ def test_sampled_requests_are_written_in_tritons_trace_format(model_repository, 
     assert [r["request_id"] for r in records] == ["r0", "r1", "r2", "r3"]
     assert [r["tier"] for r in records] == tiers
     for r in records:
-        assert r["model_name"] == "tiny" and r["model_version"] == "1"
+        assert r["model_name"] == "tiny" and r["model_version"] == 1  # Triton's $number
         assert [t["name"] for t in r["timestamps"]] == ORDER
         ns = [t["ns"] for t in r["timestamps"]]
         assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, ns
@@ -102,17 +102,20 @@ def test_settings_are_read_and_changed_per_model_through_tritonclient(model_repo
             for settings, said in (
                 ({"trace_file": "/etc/passwd"}, "trace_file cannot be changed by a client"),
                 ({"trace_level": ["TENSORS"]}, "it records no TENSORS"),
-                ({"trace_rate": "0"}, "trace_rate: at least 1"),
+                ({"trace_rate": "0"}, r"trace_rate: a whole number in \[1, 2147483647\]"),
                 ({"trace_rate": "often"}, "trace_rate: one whole number"),
+                ({"trace_rate": "1_000"}, "trace_rate: one whole number"),
                 ({"trace_colour": "red"}, "unknown trace setting 'trace_colour'"),
                 ({"trace_rate": None}, "a global setting cannot be cleared"),
             ):
                 with pytest.raises(InferenceServerException, match=said) as e:
                     client.update_trace_settings(settings=settings)
                 assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
-            with pytest.raises(InferenceServerException, match="no model 'nope'") as e:
+            with pytest.raises(InferenceServerException, match="unknown model 'nope'") as e:
                 client.get_trace_settings("nope")
-            assert e.value.status() == "StatusCode.NOT_FOUND"
+            assert e.value.status() == "StatusCode.NOT_FOUND" and "tiny" in str(e.value)
+            with pytest.raises(InferenceServerException, match="log_frequency is global"):
+                client.update_trace_settings("tiny", {"log_frequency": "3"})
     finally:
         s.stop()
     traced = _read(tmp_path / "trace.json")
@@ -159,3 +162,55 @@ def test_a_trace_finishing_after_the_close_is_dropped_not_raised(tmp_path):
     traces.finish(late)
     traces.wait()
     assert [r["request_id"] for r in json.loads((tmp_path / "t.json").read_text())] == ["early"]
+
+
+def test_review_247_what_triton_does_and_what_would_be_lost(model_repository, tmp_path):
+    # A model's settings start as a copy of the global ones (its count its own); a POST of
+    # no settings for a model removes them; a version not served is a 404; a trace file
+    # that cannot be written is refused when tracing is turned on, not lost at the stop.
+    s = _serve(model_repository, tmp_path, level="OFF", count=2)
+    try:
+        c = tc.InferenceServerClient(s.address)
+        c.update_trace_settings("tiny", {"trace_level": ["TIMESTAMPS"]})
+        c.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+        _infer(c, 1, "wide")  # the global count: 2 -> 1; tiny's copy stays 2
+        got = c.get_trace_settings("tiny", as_json=True)["settings"]["trace_count"]["value"]
+        assert got == ["2"]
+        http = th.InferenceServerClient(f"127.0.0.1:{s.server.rest.port}")
+        c.update_trace_settings("tiny", {"trace_rate": "9"})
+        assert http.update_trace_settings("tiny", {})["trace_rate"] == "1"  # removed
+        http.close()
+        import urllib.error
+        import urllib.request
+
+        url = f"http://127.0.0.1:{s.server.rest.port}/v2/models/tiny/versions/2/trace/setting"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10)
+        assert e.value.code == 404
+        c.close()
+    finally:
+        s.stop()
+    blocked = tmp_path / "afile"
+    blocked.write_text("a file where the trace folder would be")
+    with pytest.raises(ValueError, match=r"cannot write trace files in .*afile"):
+        _serve(model_repository, blocked, level="TIMESTAMPS")
+
+
+def test_traces_held_for_the_stop_are_bounded(tmp_path, monkeypatch):
+    # log_frequency 0 held every trace until the stop: 1.5 kB each, without end
+    import server.trace as trace
+
+    monkeypatch.setattr(trace, "MAX_PENDING", 3)
+    traces = trace.RequestTraces(trace.TraceConfig(file=tmp_path / "t.json", level="TIMESTAMPS",
+                                                   rate=1))  # fmt: skip
+    for k in range(7):
+        t = traces.start("m", f"r{k}")
+        traces.finish(t)
+        assert len(traces._pending) < 3
+    traces.close()
+    traces.wait()
+    files = [json.loads((tmp_path / f"t.json.{i}").read_text()) for i in range(3)]
+    assert [[r["request_id"] for r in f] for f in files] == [
+        ["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"],
+    ]  # fmt: skip
+    assert not (tmp_path / "t.json").exists()
