@@ -859,6 +859,48 @@ def test_your_own_npz_evaluates_the_tiers_and_is_remeasured_when_it_changes(tmp_
     np.savez(d / "mine.npz", images=x)
     with pytest.raises(BuildError, match=r"holds \['images'\]; give x_train, y_train"):
         build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+    # samples or labels that do not fit the model: said before any work, naming the file
+    # (an internal error in the engine that stopped the other models' builds, or numpy's
+    # broadcast error for one-hot labels - review helper-248)
+    for bad, said in (
+        (dict(x=x[:, 0], y=y), r"samples of shape \[8, 8\], but input 'input'"),
+        (dict(x=x, y=np.eye(10)[y]), r"labels of shape \[10\] per sample.*one-hot"),
+    ):
+        np.savez(d / "mine.npz", **bad)
+        with pytest.raises(BuildError, match=rf"evaluation.dataset mine.npz: {said}"):
+            build_model(Repository(tmp_path), "tiny", progress=False, profile=False)
+
+
+def test_an_id_model_with_batch_norm_builds_with_its_evaluation_set(tmp_path):
+    # Its norm statistics were re-estimated on the data set's float32 inputs: "Expected
+    # tensor for argument #1 'indices' to have one of the following scalar types: Long"
+    # (review helper-248) - once the warning's advice, an evaluation set, was followed.
+    import numpy as np
+
+    class Ids(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 16)
+            self.bn = torch.nn.BatchNorm1d(16)
+            self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.bn(self.emb(ids).mean(1)))))
+
+    torch.manual_seed(0)
+    net = Ids().eval()
+    net.bn.running_var.uniform_(0.5, 2.0)
+    ids = torch.randint(0, 20, (200, 6))  # 80 % for training: above one batch of 64
+    inn = runtime.convert(net, (ids[:2],))
+    config = {**CONFIG, "inputs": [{"name": "ids", "dtype": "int64", "shape": [6]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": [4]}],
+              "evaluation": {"dataset": "ids.npz"}}  # fmt: skip
+    d = add_model(tmp_path, "ids", inn, config)
+    with torch.no_grad():
+        y = net(ids).argmax(1).numpy()
+    np.savez(d / "ids.npz", x=ids.numpy(), y=y)
+    report = build_model(Repository(tmp_path), "ids", progress=False, profile=False)
+    assert {t.name for t in report.tiers} == {"w100", "w050"}
 
 
 @pytest.mark.parametrize(

@@ -49,3 +49,21 @@ def test_flags_another_command_reads_are_refused_not_ignored(tmp_path, capsys, a
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main([*argv, "--repository", str(tmp_path)] if argv[0] == "demo" else argv) == 2
     assert said in capsys.readouterr().err
+
+
+def test_report_counts_flops_of_a_one_input_id_model():
+    # "no input shape (... there is no model.yaml with one input)" of a model.yaml with one
+    # int64 input (review helper-248): its example is ids, as the build's profile feeds them
+    from runtime.repository.config import ModelConfig
+
+    config = ModelConfig.from_dict({
+        "inputs": [{"name": "ids", "dtype": "int64", "shape": [6]}],
+        "outputs": [{"name": "logits", "shape": [4]}], "tiers": [{"name": "w100", "width": 1.0}],
+    })  # fmt: skip
+    (ids,) = cli._report_example(config)
+    assert ids.dtype.is_floating_point is False and tuple(ids.shape) == (1, 6)
+    floats = ModelConfig.from_dict({
+        "inputs": [{"name": "x", "shape": [3]}], "outputs": [{"name": "y", "shape": [2]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    })  # fmt: skip
+    assert cli._report_example(floats) is None  # one float input: its shape, as before

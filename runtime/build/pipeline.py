@@ -901,17 +901,38 @@ def _check_dataset(config: ModelConfig, model_dir: Path) -> None:
     from runtime.demo.data import DATASETS, load
 
     dataset = config.evaluation.dataset if config.evaluation is not None else None
-    if dataset is not None and dataset.endswith(".npz"):  # your own: it must load
+    if dataset is not None and dataset.endswith(".npz"):  # your own: it must load, and fit
         try:
-            load(dataset_ref(config))
+            data = load(dataset_ref(config))
         except (ValueError, OSError) as exc:
             raise BuildError(f"{model_dir / 'model.yaml'}: evaluation.dataset: {exc}") from None
+        if (why := _misfit(data, config)) is not None:  # (it crashed the build later as an
+            raise BuildError(  # internal error in the engine, stopping the other models)
+                f"{model_dir / 'model.yaml'}: evaluation.dataset {dataset}: {why}"
+            )
     elif dataset is not None and dataset not in DATASETS:
         raise BuildError(
             f"{model_dir / 'model.yaml'}: evaluation.dataset {dataset!r} is not a data set "
             f"innfer ships; use one of {', '.join(sorted(DATASETS))}, a .npz file of your own "
             f"in the model's directory, or remove the field (text models: evaluation.text)"
         )
+
+
+def _misfit(data, config: ModelConfig) -> str | None:
+    """How a data set does not fit the model's first input and output (None: it fits)."""
+    want, got = list(config.inputs[0].shape), list(data.input_shape)
+    if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got, strict=False)):
+        return (f"samples of shape {got}, but input {config.inputs[0].name!r} is {want}: give "
+                "the model's own data")  # fmt: skip
+    out = list(config.outputs[0].shape)
+    per = list(data.y_test.shape[1:])
+    if per != out[1:]:
+        what = f"a label map of {out[1:]} per sample" if out[1:] else "one class per sample"
+        return (f"labels of shape {per} per sample, but {config.outputs[0].name!r} is {out}: "
+                f"give {what} (class indices, not one-hot)")  # fmt: skip
+    if out and data.num_classes > out[0]:
+        return f"labels up to {data.num_classes - 1}, but the model has {out[0]} classes"
+    return None
 
 
 def evaluate_accuracy(engine, config: ModelConfig) -> float:
@@ -923,7 +944,15 @@ def evaluate_accuracy(engine, config: ModelConfig) -> float:
     name, out = config.inputs[0].name, config.outputs[0].name
     correct = 0
     for i in range(0, len(x), config.max_batch):
-        logits = engine.run({name: x[i : i + config.max_batch].astype(config.inputs[0].dtype)})
+        batch = x[i : i + config.max_batch].astype(config.inputs[0].dtype)
+        try:
+            logits = engine.run({name: batch})
+        except Exception as exc:  # the data's, not a bug: named (it was "internal error")
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise BuildError(
+                f"evaluation.dataset {config.evaluation.dataset}: the engine failed on its "
+                f"samples: {type(exc).__name__}: {first}"
+            ) from exc
         correct += int((logits[out].argmax(1) == y[i : i + config.max_batch]).sum())
     return correct / max(y.size, 1)  # a map per pixel: the share of pixels right
 

@@ -67,15 +67,19 @@ def norm_inputs(config: ModelConfig) -> torch.Tensor | None:
     """(NORM_SAMPLES, ...) training inputs of the model's evaluation dataset, or None."""
     if norm_source(config) is None:
         return None
-    return _training_inputs(dataset_ref(config), dataset_digest(config))
+    return _training_inputs(dataset_ref(config), dataset_digest(config), config.inputs[0].dtype)
 
 
 @functools.cache  # one load per dataset and process: every tier and candidate uses it
-def _training_inputs(dataset: str, digest: str) -> torch.Tensor:  # digest: a file rewritten
+def _training_inputs(dataset: str, digest: str, dtype: str) -> torch.Tensor:
+    """(digest: a file rewritten.) In the model's input dtype: the data sets load as
+    float32, and an id model's embedding or a float16 model's first layer failed on them
+    once an evaluation set was named (review helper-248)."""
     from runtime.demo.data import load as load_data
 
     x = load_data(dataset).x_train[:NORM_SAMPLES]
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    return x.to(getattr(torch, dtype))
 
 
 @torch.no_grad()

@@ -149,14 +149,16 @@ def format_served(tiers: Sequence[ServedTier], where: str) -> str:
     Example:
         >>> print(format_served([ServedTier("w100", 1.0, None, 0.6, 8, 0.65),
         ...                      ServedTier("w075", 0.75, None, 0.5, 8, 0.83)], "profile.json"))
-        served tiers (profile.json); accuracy at build, on model.yaml's evaluation set:
+        served tiers (profile.json):
             tier  width  accuracy    p50 b1    p50 b8
             w075  75.0%         -   0.500ms   0.830ms
             w100 100.0%         -   0.600ms   0.650ms
     """
     b = tiers[0].batch if tiers else 1
     head = f"{'tier':>8} {'width':>6} {'accuracy':>9} {'p50 b1':>9} {f'p50 b{b}':>9}"
-    lines = [f"served tiers ({where}); accuracy at build, on model.yaml's evaluation set:", head]
+    said = any(t.accuracy is not None for t in tiers)  # (no evaluation set: a column of "-")
+    on = "; accuracy at build, on model.yaml's evaluation set" if said else ""
+    lines = [f"served tiers ({where}){on}:", head]
     for t in sorted(tiers, key=lambda t: (t.width, t.name)):
         acc = "-" if t.accuracy is None else f"{t.accuracy:.2%}"
         lines.append(f"{t.name:>8} {t.width:>6.1%} {acc:>9} {t.p50_ms_1:>7.3f}ms "
