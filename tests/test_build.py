@@ -536,6 +536,13 @@ def test_a_tier_rebuilt_without_profiling_is_timed_again_at_load(built, tmp_path
     assert served.profile["onnx_sha256"]["w050"] == new_sha != profile["onnx_sha256"]["w050"]
     for e in served.engines.values():
         e.close()
+    # a tier re-exported to the same ONNX is timed still: no warning (every re-exported tier
+    # was named stale where the hashes said otherwise - review helper-248)
+    build_model(repo, "tiny", progress=False, profile=True)
+    (root / "tiny" / "tiers" / "w100" / "tier.json").unlink()
+    report = build_model(repo, "tiny", progress=False, profile=False)
+    assert {t.name for t in report.tiers if t.exported} == {"w100"}
+    assert not [w for w in report.warnings if "does not time the engines" in w], report.warnings
 
 
 @pytest.mark.parametrize(
