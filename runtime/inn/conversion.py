@@ -72,7 +72,8 @@ def convert(
     ``progress``: a bar over the groups being permuted (the long part on a large model);
     None: shown when stderr is a terminal (tqdm's ``disable=None``).
     The model's input channels and its outputs are always discrete, and so is a group no
-    layer reads (``logits.max(1)``'s classes). Raises ``ConversionError``
+    layer reads that a max or min picks among (``logits.max(1)``'s classes). Raises
+    ``ConversionError``
     naming the node when the model contains an op innfer cannot resample.
     """
     _check_arguments(model, example_inputs)

@@ -11,8 +11,9 @@ continuous dimension that is resampled as one.
 Invariants:
   * a group's channels are resampled together, so the sampled network stays well formed;
   * the model inputs and outputs are *discrete* (never resampled), and so is every group tied
-    to them, and every group no layer reads (sums over): only a layer's integral over a
-    group makes resampling it an approximation (a class dim reduced by ``max`` is not);
+    to them, and every group no layer reads (sums over) that a max or min picks among (a
+    class dim returned as ``logits.max(1)``: resampled, classes would merge; a mean over
+    channels does not depend on their count and stays elastic);
   * every dim of a raw parameter is bound to a group from the start and followed through
     shape ops, so a parameter tied to channels is always resampled with them;
   * an op the rules do not know, or a rule that cannot follow a dim, fixes that dim: if it
