@@ -515,18 +515,18 @@ class RestFrontEnd:
             # Triton: a model named with no settings removes its own (the global ones again):
             # each cleared, through the RPC's checks (who may change them)
             body = {"trace_level": None, "trace_rate": None, "trace_count": None}
-        if request.method == "POST":
-            for key, value in body.items():
-                # Triton's JSON: a string, a list of strings, or null (clear a model's own)
-                values = [] if value is None else [value] if isinstance(value, str) else value
-                if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                    raise InvalidArgument(
-                        f"trace setting {key!r}: a string, a list of strings, or null"
-                    )
-                req.settings[key].value.extend(values)
+        for key, value in body.items():  # (a GET's: none)
+            # Triton's JSON: a string, a list of strings, or null (clear a model's own)
+            values = [] if value is None else [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise InvalidArgument(
+                    f"trace setting {key!r}: a string, a list of strings, or null"
+                )
+            req.settings[key].value.extend(values)
         resp = await self._grpc["TraceSetting"](self.service, req, _Call(request))
-        out = {k: list(v.value) for k, v in resp.settings.items()}
-        return _json({k: v if k == "trace_level" else v[0] for k, v in out.items()})
+        # Triton's answer: trace_level a list, every other setting one string
+        return _json({k: list(v.value) if k == "trace_level" else v.value[0]
+                      for k, v in resp.settings.items()})  # fmt: skip
 
     # -- inference ---------------------------------------------------------------------------------
     async def _infer(self, request: web.Request) -> web.StreamResponse:

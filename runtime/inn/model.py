@@ -115,6 +115,12 @@ class IntegralModel:
         self.state = state
         self.all_groups = groups
         self.bindings = bindings
+        # group name -> channels one entry spans (``unit``): the least ``inner`` of its runs
+        # in the bindings' layouts (Segment.group indexes all_groups); fixed with them
+        inners: dict[int, int] = {}
+        for s in (s for b in bindings for s in b.layout):
+            inners[s.group] = min(inners.get(s.group, s.inner), s.inner)
+        self._units = {g.name: max(1, inners.get(i, 1)) for i, g in enumerate(groups)}
         self.size_fields = size_fields
         self.info = dict(info or {})
         # Calibrated weights of sampled networks (runtime.inn.calibrate), keyed by sizes_key:
@@ -151,13 +157,7 @@ class IntegralModel:
         the group being heads. (A member dim's size over the group's size was wrong for a
         group that is one part of a concatenated dim with no member of its own size - the
         option-A pads: it read 4 and rounded them as heads.)"""
-        index = self._group_index().get(g.name)
-        inners = [s.inner for b in self.bindings for s in b.layout if s.group == index]
-        return max(1, min(inners, default=1))
-
-    def _group_index(self) -> dict[str, int]:
-        """Group name -> its index in ``all_groups`` (what a layout's ``Segment.group`` is)."""
-        return {h.name: i for i, h in enumerate(self.all_groups)}
+        return self._units.get(g.name, 1)
 
     def kind(self, g: GroupInfo) -> str:
         """``"heads"`` for a group of attention heads, else ``"ffn"`` (a transformer's FFN

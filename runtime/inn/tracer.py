@@ -467,23 +467,28 @@ class Tracer:
                 refused.append(
                     (node, what, origin, _producer(origin, self.modules, self.output_dim))
                 )
-        keeps = {p: f"node {n.name!r}: {w}" for n, w, _, p in reversed(refused) if p}
-        for node, what, origin, producer in refused[:1]:
-            hint = (
-                f"keep its channels fixed with discrete=[{producer!r}]"
-                if producer
-                else "keep its channels fixed with discrete=[...] on the layers that produce them"
-            )
-            raise ConversionError(
-                f"cannot convert node {node.name!r} ({node.op} {_target_name(node)}): {what}; "
-                f"it acts on the continuous channels of group {origin!r}. Rewrite it with "
-                f"supported ops, or {hint}"
-                + (" (convert(..., on_unsupported='keep') keeps every such group at its size)."
-                   if producer else "."),
-                keep=producer,
-                reason=f"node {node.name!r}: {what}",
-                keeps=dict(reversed(keeps.items())),
-            )  # fmt: skip
+        if not refused:
+            return
+        keeps: dict[str, str] = {}  # each layer once, by its first refusal, in graph order
+        for n, w, _, p in refused:
+            if p is not None:
+                keeps.setdefault(p, f"node {n.name!r}: {w}")
+        node, what, origin, producer = refused[0]
+        hint = (
+            f"keep its channels fixed with discrete=[{producer!r}]"
+            if producer
+            else "keep its channels fixed with discrete=[...] on the layers that produce them"
+        )
+        raise ConversionError(
+            f"cannot convert node {node.name!r} ({node.op} {_target_name(node)}): {what}; "
+            f"it acts on the continuous channels of group {origin!r}. Rewrite it with "
+            f"supported ops, or {hint}"
+            + (" (convert(..., on_unsupported='keep') keeps every such group at its size)."
+               if producer else "."),
+            keep=producer,
+            reason=f"node {node.name!r}: {what}",
+            keeps=keeps,
+        )  # fmt: skip
 
     # -- result ----------------------------------------------------------------------------
     def analysis(self) -> Analysis:
