@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from server import log_settings, wire
 from server.bearer_token import BearerToken
 from server.config import loopback
-from server.dataplane import DataPlane, id_size
+from server.dataplane import DataPlane
 from server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -47,6 +47,7 @@ from server.limits import (
     tensor_fields,
 )
 from server.model_runtime import VERDICT, Duration, ModelRuntime, Verdict
+from server.parameters import id_size
 from server.proto_gen import POOL, health_pb2, health_pb2_grpc
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc

@@ -10,7 +10,7 @@ import tritonclient.grpc as tc
 from serverutil import ServerThread, add_onnx_model, tiny_cnn
 
 from runtime.repository.config import ConfigError, ModelConfig
-from server.dataplane import _priority
+from server.parameters import priority_level as _priority
 from server.proto_gen import grpc_service_pb2 as pb
 
 IO = {
@@ -153,7 +153,8 @@ def test_the_scheduler_evicts_only_for_a_higher_priority_and_hands_the_evicted_b
 def test_a_streams_budget_source_is_said_as_the_streams():
     """On a stream the deadline is the whole stream's, only a cap: "no deadline was sent"
     and "raise the deadline (client_timeout)" misled (review 193)."""
-    from server.dataplane import BUDGET_SOURCES, _budget
+    from server.parameters import BUDGET_SOURCES
+    from server.parameters import budget as _budget
 
     params = _params()
     assert _budget(params, 0.003, 500.0, deadline_is_budget=False)[1] == "stream deadline"
@@ -166,7 +167,8 @@ def test_a_streams_budget_source_is_said_as_the_streams():
 def test_a_deadline_and_a_timeout_both_below_the_budget_are_both_named():
     """Naming only the lower of the two sent the client back a second time: raised, the
     deadline gave way to the timeout's cap."""
-    from server.dataplane import BUDGET_SOURCES, _budget
+    from server.parameters import BUDGET_SOURCES
+    from server.parameters import budget as _budget
 
     params = _params()
     params["latency_budget_ms"].double_param = 500.0

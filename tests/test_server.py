@@ -170,7 +170,7 @@ def test_a_long_unknown_parameter_name_is_ignored_without_a_spelling_guess(monke
     # difflib ran on a 3.5 MB key: 0.45 s of the event loop per request, every client's.
     import difflib
 
-    from server.dataplane import check_parameter_names
+    from server.parameters import check_parameter_names
 
     def guessed(*args, **kwargs):
         raise AssertionError("difflib ran")
