@@ -432,10 +432,7 @@ class RestFrontEnd:
         return _json([codec.message_dict(m) for m in resp.models])  # Triton's: a list
 
     async def _load(self, request: web.Request) -> web.Response:
-        body = await _body(request, {"parameters"})
-        given = body.get("parameters") or {}
-        if not isinstance(given, dict):
-            raise InvalidArgument('"parameters" must be a JSON object')
+        given = _repository_parameters(await _body(request, {"parameters"}))
         # refused by the RPC's body, with what to do instead
         params = {k: pb.ModelRepositoryParameter(string_param=str(v)) for k, v in given.items()}
         req = pb.RepositoryModelLoadRequest(model_name=request.match_info["name"],
@@ -444,6 +441,9 @@ class RestFrontEnd:
         return _json({})
 
     async def _unload(self, request: web.Request) -> web.Response:
+        # read and checked as load's, though innfer has no dependents to unload (Triton's
+        # unload_dependents): a body that is not JSON unloaded the model (review helper-249)
+        _repository_parameters(await _body(request, {"parameters"}))
         req = pb.RepositoryModelUnloadRequest(model_name=request.match_info["name"])
         await self._grpc["RepositoryModelUnload"](self.service, req, _Call(request))
         return _json({})
@@ -461,7 +461,7 @@ class RestFrontEnd:
         for key in ("offset", "byte_size"):
             value = body.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-                raise InvalidArgument(f'"{key}" must be a whole number of bytes >= 0')
+                raise InvalidArgument(f'"{key}" must be a whole number of bytes in [0, 2**64)')
         req = pb.SystemSharedMemoryRegisterRequest(
             name=request.match_info["region"], key=body.get("key", ""),
             offset=body.get("offset", 0), byte_size=body.get("byte_size", 0),
@@ -677,6 +677,15 @@ async def _body(request: web.Request, known: set[str] | None = None) -> dict:
     if known is not None:
         codec.check_fields(doc, "the request body", known)
     return doc
+
+
+def _repository_parameters(body: dict) -> dict:
+    """A load or unload body's ``parameters``: an object, or absent ("" or [] were taken as
+    none; review helper-249)."""
+    given = body.get("parameters", {})
+    if not isinstance(given, dict):
+        raise InvalidArgument('"parameters" must be a JSON object')
+    return given
 
 
 def _json(doc, status: int = 200) -> web.Response:

@@ -290,15 +290,28 @@ def _flag(value, where: str) -> bool:
 def _count(value, where: str) -> int:
     """A whole number in [0, 2**63): what an int64 shape dimension or size holds."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InvalidArgument(
-            f"{where} must be a whole number in [0, 2**63), not {clip(str(value))}"
-        )
+        # a number as given, anything else by its kind ("not 'True'" read as a value)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        said = clip(str(value)) if number else _kind(value)
+        raise InvalidArgument(f"{where} must be a whole number in [0, 2**63), not {said}")
     return value
+
+
+# Dimensions a shape may have: numpy's limit, so no tensor has more. Checked before any
+# product of them: 30,000 dims of 2**62 took the event loop 2.9 s to multiply (quadratic
+# in their number; every client waited, gRPC's too), then failed as a 500 formatting the
+# product (review helper-249).
+MAX_DIMS = 64
 
 
 def _shape(value, where: str) -> list[int]:
     if not isinstance(value, list) or not value:
         raise InvalidArgument(f"{where}: shape must be a list of dimensions, e.g. [1, 3]")
+    if len(value) > MAX_DIMS:
+        raise InvalidArgument(
+            f"{where}: shape has {len(value):,} dims; a tensor has at most {MAX_DIMS}: give "
+            "the input's shape as the model's metadata says it"
+        )
     return [_count(d, f"{where}: shape") for d in value]
 
 
@@ -392,8 +405,10 @@ def _tensor_bytes(data, t: pb.ModelInferRequest.InferInputTensor, where: str) ->
         raise InvalidArgument(f"{where}: {t.datatype} data must be {wanted}")
     try:
         values = np.asarray(data)  # numbers: 8 bytes a value at most
-    except ValueError:  # ragged nesting
-        raise InvalidArgument(f"{where}: data is nested unevenly; give a flat list") from None
+    except ValueError as exc:  # ragged nesting, or deeper than numpy's MAX_DIMS
+        deep = "maximum number of dimension" in str(exc)
+        why = f"deeper than {MAX_DIMS} levels" if deep else "unevenly"
+        raise InvalidArgument(f"{where}: data is nested {why}; give a flat list") from None
     _check_count(values.size, count, t, where)
     if values.dtype.kind not in kinds:
         if kinds == "iu" and _past_64_bits(flat):  # (it said "must be whole numbers" of
@@ -462,8 +477,11 @@ def _flat(data, where: str) -> list:
 
 def _check_count(given: int, count: int, t, where: str) -> None:
     if given != count:
+        # (MAX_DIMS dims of up to 2**63 - 1: a product of up to ~1,200 digits)
+        want = f"{count:,}" if count < 2**63 else "more than 2**63"
         raise InvalidArgument(
-            f"{where}: {given} values in data, expected {count} for shape {list(t.shape)}"
+            f"{where}: {given:,} values in data, expected {want} for shape "
+            f"{clip(str(list(t.shape)), 120)}"
         )
 
 

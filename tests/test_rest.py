@@ -5,6 +5,7 @@ beside ``tritonclient.grpc`` on the same server - the two transports must answer
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -197,6 +198,14 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
          "has no data"),
         ({"inputs": [{"name": "input", "shape": "1x64", "datatype": "FP32", "data": []}]},
          "shape must be a list"),
+        # review helper-249: said in numpy's terms ("nested unevenly") or as a Python value
+        ({"inputs": [{"name": "input", "shape": [1] * 65, "datatype": "FP32", "data": [0.0]}]},
+         "shape has 65 dims; a tensor has at most 64"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": functools.reduce(lambda d, _: [d], range(66), [0.0])}]},
+         "nested deeper than 64 levels"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "parameters": {"binary_data_size": True}}]}, "not a boolean"),
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                       "data": [0.0] * 64}], "parameters": {"tierr": "w100"}},
          "did you mean 'tier'"),
@@ -466,9 +475,18 @@ def test_json_values_count_against_the_in_flight_cap_as_decoded(server, monkeypa
         ("/v2/models/tiny/infer", b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], '
          b'"datatype": "FP32", "data": [' + b"9" * 5000 + b"]}]}"),
         ("/v2/logging", b'{"log_verbose_level": ' + b"9" * 5000 + b"}"),
+        # review helper-249: the count's 5,600 digits failed to format (and 30,000 such
+        # dims held the event loop 2.9 s multiplying them)
+        ("/v2/models/tiny/infer", json.dumps({"inputs": [{"name": "input", "shape": [2**62] * 300,
+         "datatype": "FP32", "data": [0.0]}]}).encode()),
+        # taken as no parameters, and an unload's body was never read (review helper-249)
+        ("/v2/repository/models/tiny/load", b'{"parameters": ""}'),
+        ("/v2/repository/models/nosuch/unload", b"{"),
+        ("/v2/repository/models/nosuch/unload", b'{"paramters": {}}'),
     ],
     ids=["shape-2**63", "surrogate-name", "surrogate-id", "deep-nesting", "shm-offset",
-         "shm-size", "load-parameters", "log-key", "5000-digits", "5000-digits-logging"],
+         "shm-size", "load-parameters", "log-key", "5000-digits", "5000-digits-logging",
+         "many-dims", "load-parameters-empty", "unload-not-json", "unload-misspelt"],
 )  # fmt: skip
 def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path, body):
     with caplog.at_level(logging.ERROR, logger="innfer"):
