@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_response import ContentCoding
@@ -107,6 +107,12 @@ OPEN_ROUTES = {"health_live", "health_ready"}  # probes need no token, as on gRP
 # (typed keys where aiohttp has them: it warns of plain strings)
 _KEY = getattr(web, "RequestKey", lambda name, _kind: name)
 COUNTED, GONE = _KEY("innfer_counted", bool), _KEY("innfer_gone", int)
+# The application's: how a body is read (``RestFrontEnd._receive``).
+RECEIVE = web.AppKey("innfer_receive", object)
+# An upload that sends no byte for this long is answered 408 and its connection closed: a
+# client that stopped mid-body held its bytes, and its connection, for good (review
+# helper-249: 20 stalled 20 MiB uploads, 400 MiB, still open after 40 s).
+UPLOAD_IDLE_S = 30.0
 
 
 def accepted_coding(header: str) -> ContentCoding | None:
@@ -190,6 +196,7 @@ class RestFrontEnd:
     def app(self, max_body: int) -> web.Application:
         """The aiohttp application: ``max_body`` bytes at most per request body."""
         app = web.Application(client_max_size=max_body, middlewares=[self._errors])
+        app[RECEIVE] = self._receive
         app.on_response_prepare.append(self._close_when_draining)
         r = app.router
         get, post = "GET", "POST"
@@ -240,7 +247,8 @@ class RestFrontEnd:
             if method == get:  # (HEAD too, as add_get does: a probe may send it)
                 r.add_get(path, self._route(name, handler))
             else:
-                r.add_route(method, path, self._route(name, handler))
+                r.add_route(method, path, self._route(name, handler),
+                            expect_handler=functools.partial(self._expect, name))  # fmt: skip
         return app
 
     async def start(self, message_limit: int) -> None:
@@ -364,26 +372,93 @@ class RestFrontEnd:
                 allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
                 message = f"{request.method} is not allowed on {request.path}; use {allowed}"
             elif exc.status == 413:
-                limit = request.app._client_max_size  # (what client_max_size was made with)
-                # Binary data is advice only for a JSON body: one already binary was told
-                # to send what it sent (review helper-235).
-                shm = "the tensors through system shared memory, " * bool(
-                    self.plane.shared_memory.enabled
-                )
-                message = (
-                    f"the request body is over {limit / 2**20:.1f} MiB, the largest this "
-                    f"server takes ({JSON_BODY_FACTOR}x max_message_bytes in the server "
-                    "config, room for JSON's text): send fewer rows per request, "
-                    + (f"{shm}or raise max_message_bytes"
-                       if codec.HEADER_LENGTH in request.headers
-                       else "or the tensors as binary data")
-                )  # fmt: skip
+                message = self._too_large(request)
             else:
                 message = exc.text or exc.reason
             if not request.get(COUNTED):  # no route ran (no such path, a wrong method)
                 self.plane.metrics.http_handled("unknown" if exc.status == 404 else "refused",
                                                 request.method, exc.status, 0.0)  # fmt: skip
-            return _error(exc.status, clip_message(message), headers=_allow(exc))
+            response = _error(exc.status, clip_message(message), headers=_allow(exc))
+            if exc.status == 408:  # the rest of the body may never come: not waited for
+                response.force_close()
+            return response
+
+    def _too_large(self, request: web.Request) -> str:
+        """What a 413 says: the limit, and what to send instead."""
+        limit = request.app._client_max_size  # (what client_max_size was made with)
+        # Binary data is advice only for a JSON body: one already binary was told to send
+        # what it sent (review helper-235).
+        shm = "the tensors through system shared memory, " * bool(self.plane.shared_memory.enabled)
+        return (
+            f"the request body is over {limit / 2**20:.1f} MiB, the largest this server "
+            f"takes ({JSON_BODY_FACTOR}x max_message_bytes in the server config, room for "
+            "JSON's text): send fewer rows per request, "
+            + (f"{shm}or raise max_message_bytes" if codec.HEADER_LENGTH in request.headers
+               else "or the tensors as binary data")
+        )  # fmt: skip
+
+    async def _expect(self, name: str, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue`` (curl sends it with bodies over 1 KB): "100 Continue"
+        only for a body the route would read - aiohttp's default said it to a 10 GB
+        Content-Length and a request without the token, which then uploaded up to the body
+        limit for a 413 or a 401 (review helper-249). Those are answered at once, the
+        connection closed (the body is not read)."""
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"unknown Expect: {clip_message(expect)}")
+        refusal = None
+        if name not in OPEN_ROUTES:
+            try:
+                self.service.authenticate(_Call(request).invocation_metadata())
+            except Unauthenticated as exc:
+                self.plane.metrics.auth_refused.labels(f"http:{name}").inc()
+                refusal = _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        length = request.content_length
+        if refusal is None and length is not None and length > request.app._client_max_size:
+            refusal = _error(413, clip_message(self._too_large(request)))
+        if refusal is not None:
+            self.plane.metrics.http_handled(name, request.method, refusal.status, 0.0)
+            refusal.force_close()
+            return refusal
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (the answer's own size counts from here, as aiohttp's)
+        return None
+
+    async def _receive(self, request: web.Request) -> bytes:
+        """A request's body as sent (before any Content-Encoding is undone), read as it
+        arrives, each part counted against the in-flight cap (``limits.max_inflight_bytes``,
+        429 once it is full) while the body is read: held whole by aiohttp, 20 uploads of 20
+        MiB held 400 MiB beyond a 256 MiB cap that read 0 (review helper-249). The data
+        plane holds the body again once it is decoded (``DataPlane.infer``). An upload idle
+        for ``UPLOAD_IDLE_S`` is 408; one over the body limit 413 before it is read, where
+        Content-Length says so."""
+        limit = request.app._client_max_size  # (what client_max_size was made with)
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+        cap, parts, held = self.plane.limits.max_inflight_bytes, [], 0
+        try:
+            while True:
+                try:
+                    part = await asyncio.wait_for(request.content.readany(), UPLOAD_IDLE_S)
+                except asyncio.TimeoutError:  # (not the builtin's before Python 3.11)
+                    raise web.HTTPRequestTimeout(
+                        text=f"the request body stopped arriving: no byte for {UPLOAD_IDLE_S:g} "
+                        f"s after {held:,} bytes; send the whole body, then read the answer"
+                    ) from None
+                if not part:
+                    return b"".join(parts)
+                size = held + len(part)
+                if size > limit:  # (chunked: no Content-Length to judge it by first)
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                if self.plane.inflight_bytes + len(part) > cap:
+                    raise self.plane._full()
+                held += self.plane.hold(len(part))
+                parts.append(part)
+        finally:
+            self.plane.release(held)
 
     # -- health and metadata --------------------------------------------------------------------
     async def _live(self, request: web.Request) -> web.Response:
@@ -633,7 +708,7 @@ async def read_body(request: web.Request) -> bytes:
     the app's ``client_max_size`` bytes before and after decoding (413 beyond: a bomb is
     inflated only up to the limit). A coding it does not take, or bytes that do not decode,
     are InvalidArgument ("could not be read")."""
-    raw = await request.read()
+    raw = await request.app[RECEIVE](request)
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding in ("", "identity"):
         return raw

@@ -830,3 +830,107 @@ def test_non_finite_names_nested_deeply_are_a_400_not_a_500():
     t = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[2, 2])
     got = rest_codec._tensor_bytes([["NaN", 1.0], [2.0, "-Infinity"]], t, "input 'x'")
     assert np.frombuffer(got, "<f4").tolist()[1:3] == [1.0, 2.0]
+
+
+def _upload_head(length: int) -> bytes:
+    return (
+        "POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _wait(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_body_being_uploaded_counts_in_flight_and_a_full_cap_refuses_the_next(
+    model_repository,
+):
+    """aiohttp held whole bodies before any accounting: 20 stalled 20 MiB uploads held 400
+    MiB beyond a 256 MiB cap that read 0 (review helper-249)."""
+    import socket
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "limits": {"max_inflight_bytes": 2**20}}).start()  # fmt: skip
+    plane, port = s.server.plane, s.server.rest.port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+            first.sendall(_upload_head(2 * 2**20) + b"0" * (2**20 - 1000))
+            assert _wait(lambda: plane.inflight_bytes >= 2**20 - 1000), plane.inflight_bytes
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as second:
+                second.sendall(_upload_head(4096) + b"0" * 4096)
+                answer = second.recv(65536)
+            assert b" 429 " in answer.split(b"\r\n")[0], answer[:200]
+            assert b"limits.max_inflight_bytes" in answer
+        # the stalled upload's connection closed: its bytes let go
+        assert _wait(lambda: plane.inflight_bytes == 0), plane.inflight_bytes
+    finally:
+        s.stop()
+
+
+def test_an_upload_that_stops_is_408_and_its_connection_closed(model_repository, monkeypatch):
+    import socket
+
+    from server import rest
+
+    monkeypatch.setattr(rest, "UPLOAD_IDLE_S", 0.5)
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+            c.sendall(_upload_head(10_000) + b'{"inputs": [')
+            answer = b""
+            while chunk := c.recv(65536):  # to the end: the server closes the connection
+                answer += chunk
+        assert b" 408 " in answer.split(b"\r\n")[0], answer[:200]
+        assert b"no byte for 0.5 s after 12 bytes" in answer, answer
+        assert s.server.plane.inflight_bytes == 0
+        assert _call(s, "/v2/health/live")[0] == 200
+    finally:
+        s.stop()
+
+
+def _expect_head(path: str, length: int, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\nExpect: 100-continue\r\n{auth}\r\n").encode()  # fmt: skip
+
+
+def test_expect_100_continue_is_said_only_to_a_body_the_server_would_read(server):
+    """aiohttp said "100 Continue" to a 10 GB Content-Length, and the client uploaded up to
+    the body limit for its 413 (review helper-249)."""
+    import socket
+
+    port = server.server.rest.port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(_expect_head("/v2/models/tiny/infer", 10**10))
+        answer = c.recv(65536)
+    status = answer.split(b"\r\n")[0]
+    assert b" 413 " in status and b"max_message_bytes" in answer, answer[:300]
+    body = json.dumps(_infer_body(_x(1))).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(_expect_head("/v2/models/tiny/infer", len(body)))
+        assert c.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        c.sendall(body)
+        answer = c.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+def test_expect_100_continue_without_the_token_is_401_at_once(model_repository):
+    import socket
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "auth": {"bearer_token": "s3cret-token-value"}}).start()  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+            c.sendall(_expect_head("/v2/models/tiny/infer", 4096))
+            answer = c.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+        assert b"WWW-Authenticate: Bearer" in answer
+        with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+            c.sendall(_expect_head("/v2/models/tiny/infer", 4096, token="s3cret-token-value"))
+            assert c.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    finally:
+        s.stop()
