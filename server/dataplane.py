@@ -69,6 +69,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
 from server.parameters import BUDGET_SOURCES, VERSION, check_parameter_names
 from server.proto_gen import grpc_service_pb2 as pb
+from server.scheduling import plan
 from server.scheduling.device import Device
 from server.shared_memory import Lease, SharedMemory
 from server.stream import StreamPool, StreamWindow
@@ -443,6 +444,11 @@ class DataPlane:
                     f"no request to it passes this server's request limits: {why}; raise "
                     "it under limits: in the server config"
                 )
+            # The scheduler's compiled loops, off the event loop: a fresh pod compiles them
+            # (10-60 s), and its Scheduler did so on the loop - health checks and requests
+            # timed out instead of hearing "still loading" (review helper-251). Once per
+            # process; then the Scheduler's own call is a cache hit.
+            await loop.run_in_executor(None, plan.warm)
             runtime = ModelRuntime(
                 served, self.metrics, policy=self.config.policy, device=self.device,
                 inline_max_s=self.config.inline_max_ms / 1e3,

@@ -121,6 +121,37 @@ def test_loading_ready_and_draining(config):
     _run(body())
 
 
+def test_the_schedulers_compile_runs_off_the_event_loop(config, monkeypatch):
+    """A fresh pod compiles the plan's loops (10-60 s); the Scheduler did it on the event
+    loop, where health checks and requests timed out instead of hearing "still loading"
+    (review helper-251)."""
+    from server.scheduling import plan
+
+    threads, heard = [], []
+
+    def slow_compile():
+        threads.append(threading.current_thread())
+        time.sleep(0.5)
+
+    monkeypatch.setattr(plan, "warm", slow_compile)
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        loading = asyncio.create_task(plane.load_all())
+        await asyncio.sleep(0.2)  # the compile under way: the loop answers
+        try:
+            plane.model("a")
+        except Unavailable as exc:
+            heard.append(str(exc))
+        await loading
+        for m in plane.models.values():
+            await m.stop()
+
+    _run(body())
+    assert threads and threading.main_thread() not in threads
+    assert heard and "still loading" in heard[0]
+
+
 def test_metadata_and_tiers(config):
     async def body():
         plane = DataPlane(config, Metrics())
