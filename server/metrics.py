@@ -52,7 +52,6 @@ Each server owns its registry, so several servers can run in one process (tests)
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -76,13 +75,9 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics import MetricWrapperBase
 
 from server.log_throttle import LogThrottle
+from server.ports import NO_IPV6, WILDCARD_HOSTS
 
 log = logging.getLogger("innfer.metrics")
-
-# Hosts that mean "every interface": /metrics then listens on IPv6 and IPv4 both.
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-# What binding "::" raises where the kernel has no IPv6 (disabled at boot, or no address).
-_NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 
 # Seconds. Budgets run from a few ms to 10 s and more: a boundary at common budgets (20, 30,
 # 50, 100 ms, ...) tells whether a quantile met one - with 20 -> 50 ms, a p99 under a 30 ms
@@ -513,7 +508,7 @@ class Metrics:
             try:
                 return _serve_dual_stack(port, self.registry)
             except OSError as exc:
-                if exc.errno not in _NO_IPV6:
+                if exc.errno not in NO_IPV6:
                     raise
                 log.info("no IPv6 here (%s): /metrics listens on IPv4 (0.0.0.0) only", exc)
                 host = "0.0.0.0"

@@ -59,7 +59,7 @@ from server.errors import (
     Unimplemented,
 )
 from server.limits import clip_message
-from server.ports import port_in_use
+from server.ports import WILDCARD_HOSTS, dual_stack_socket, port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
 
@@ -266,11 +266,17 @@ class RestFrontEnd:
             handler_cancellation=True, auto_decompress=False,
         )  # fmt: skip
         await runner.setup()
-        site = web.TCPSite(
-            runner, self.config.host, self.config.http_port, ssl_context=self.ssl_context,
-            reuse_port=False,
-        )  # fmt: skip
+        host, port = self.config.host, self.config.http_port
         try:
+            # A wildcard host listens on IPv6 and IPv4 both, as gRPC and /metrics do: asyncio
+            # bound 0.0.0.0 to IPv4 alone and "::" to IPv6 alone (review helper-251)
+            sock = dual_stack_socket(port) if host in WILDCARD_HOSTS else None
+            if sock is not None:
+                site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
+            else:
+                host = "0.0.0.0" if host in WILDCARD_HOSTS else host  # (no IPv6 here)
+                site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context,
+                                   reuse_port=False)  # fmt: skip
             await site.start()
         except OSError as exc:
             await runner.cleanup()
