@@ -1369,6 +1369,10 @@ class DataPlane:
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
         budget_s -= self.config.budget_margin_ms / 1e3
+        asked_s = None  # the budget asked for, where the call's deadline cut it (``infer``)
+        if source in ("deadline", "deadline and timeout") and "latency_budget_ms" in params:
+            asked, _ = parameters.budget(params, None, m.config.default_latency_budget_ms)
+            asked_s = asked - self.config.budget_margin_ms / 1e3
         pin = parameters.string_param(params, "tier")
         min_tier = parameters.string_param(params, "min_tier")
         priority = parameters.priority_level(
@@ -1420,7 +1424,7 @@ class DataPlane:
             self._lease_outputs(outputs, rows, leases)
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
-                waited_s, reserve_s, grace_s, leases,
+                waited_s, reserve_s, grace_s, leases, asked_s,
             )  # fmt: skip
         except DeadlineExceeded as exc:
             if not BUDGET_SOURCES[source]:
@@ -1474,6 +1478,7 @@ class DataPlane:
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,
         outputs, budget_s: float, pin: str | None, min_tier: str | None, priority: int,
         waited_s: float, reserve_s: float, grace_s: float, leases: dict[str, Lease],
+        asked_s: float | None = None,
     ) -> pb.ModelInferResponse:  # fmt: skip
         """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
         answer with its tier, timings and the budget planned with (outputs with ``leases``
@@ -1483,7 +1488,7 @@ class DataPlane:
             trace.stamp("QUEUE_START")
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
-            reserve_s=reserve_s, grace_s=grace_s,
+            reserve_s=reserve_s, grace_s=grace_s, asked_s=asked_s,
         )  # fmt: skip
         if trace is not None:  # the batch's run, placed by the scheduler's own timings
             compute_start = trace.timestamps[-1]["ns"] + 1000 * result.queue_us

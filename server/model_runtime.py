@@ -1012,6 +1012,7 @@ class ModelRuntime:
         *,
         reserve_s: float = 0.0,
         grace_s: float = 0.0,
+        asked_s: float | None = None,
     ) -> InferResult:
         """Queue one request and await its answer (a failure - refused, expired, engine
         error, unloaded - raises; ``DataPlane.infer`` counts it in ``stats.fail`` with the
@@ -1021,10 +1022,13 @@ class ModelRuntime:
         ``reserve_s``: how much shorter than the client's ``budget_s`` already is (the
         server's overhead reserve; an answer is on time until it is spent too);
         ``grace_s``: seconds past the budget that admission at the median still accepts
-        (``Request.reserve`` and ``Request.grace``)."""
+        (``Request.reserve`` and ``Request.grace``); ``asked_s``: the budget the client
+        asked for where the call's gRPC deadline cut it to ``budget_s`` (None: not cut) - a
+        refusal an idle replica would not make at ``asked_s`` is counted as load."""
         return await self._serve(
-            inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s
-        )
+            inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s,
+            asked_s,
+        )  # fmt: skip
 
     async def _serve(
         self,
@@ -1037,6 +1041,7 @@ class ModelRuntime:
         waited_s: float = 0.0,
         reserve_s: float = 0.0,
         grace_s: float = 0.0,
+        asked_s: float | None = None,
     ) -> InferResult:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
@@ -1066,7 +1071,7 @@ class ModelRuntime:
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
-            raise self._refusal(exc, req, lane, reached, reserve_s) from None
+            raise self._refusal(exc, req, lane, reached, reserve_s, asked_s) from None
         except InvalidRequest as exc:
             raise InvalidArgument(str(exc)) from None
         return await self._await_answer(req, lane)
@@ -1094,8 +1099,9 @@ class ModelRuntime:
             )
 
     def _refusal(
-        self, exc: Refused, req: Request, lane: int, reached: float, reserve_s: float
-    ) -> InferError:
+        self, exc: Refused, req: Request, lane: int, reached: float, reserve_s: float,
+        asked_s: float | None = None,
+    ) -> InferError:  # fmt: skip
         """Count admission's refusal of ``req`` and the error its client gets."""
         now = req.arrival
         outcome = exc.state.name.lower()
@@ -1109,10 +1115,13 @@ class ModelRuntime:
             # - the client's ask, not load, which the autoscaler must not scale out for.
             # Contention that slowed this replica is load, and so is time the request
             # already spent here (a long text's wait for a tokenizer thread): judged from
-            # when it reached the server, not from now.
+            # when it reached the server, not from now. So is what the call's gRPC deadline
+            # lost before the server read it (gRPC's queue, a busy loop): where it cut a
+            # budget an idle replica meets (``asked_s``), the refusal is load - it was the
+            # client's ask, and overload hid from the autoscaler (review helper-251).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            if reached + idle > s.admission_deadline(req):
+            if reached + idle > s.admission_deadline(req) and (asked_s is None or idle > asked_s):
                 why = "refused_budget"
         self._missed[why].inc()
         if exc.state == State.REFUSED_FULL:

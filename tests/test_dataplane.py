@@ -241,6 +241,8 @@ def test_budgets_too_small_are_refused_at_once_and_bad_ones_are_invalid(config):
                 await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=0.5), None)
             with pytest.raises(DeadlineExceeded):  # the gRPC deadline caps the budget
                 await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=100.0), 0.0015)
+            with pytest.raises(DeadlineExceeded):  # ... and is the budget where none is sent
+                await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
             elapsed = time.perf_counter() - t0
             with pytest.raises(InvalidArgument, match="latency_budget_ms must be a positive"):
                 await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=-1.0), None)
@@ -256,8 +258,12 @@ def test_budgets_too_small_are_refused_at_once_and_bad_ones_are_invalid(config):
         labels = {"model": "a", "reason": reason}
         return metrics.registry.get_sample_value("innfer_deadline_missed_total", labels) or 0
 
-    # Refused on arrival (as beyond any replica's reach), neither queued to expire nor run.
+    # Refused on arrival, neither queued to expire nor run: 0.5 ms and a 1.5 ms deadline
+    # alone are beyond any replica's reach; 100 ms cut to 1.5 ms by the call's deadline is
+    # load - what the deadline lost before the server read the call (gRPC's queue, a busy
+    # loop) hid overload from the autoscaler as the client's ask (review helper-251).
     assert missed("refused_budget") == 2 and missed("expired") == 0
+    assert missed("refused_deadline") == 1
     assert all(not e.calls[2:] for e in plane.models["a"].served.engines.values())  # warm-up only
 
 
