@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -97,19 +96,6 @@ ANSWER_FRAME_TYPICAL_BYTES = 512
 TOKENIZE_INLINE_CHARS = 2048
 # How long RepositoryIndex waits for the repository's folder listing (``repository_names``).
 LIST_TIMEOUT_S = 5.0
-# Inline encodings this slow move the model's texts onto the threads for good: a
-# tokenizer.json whose normalizer expands text held the loop 5.5 s for 12 bytes, every
-# health probe waiting behind it (review 156). ~0.05 ms is usual for a sentence; a busy
-# host's scheduling can stall one now and then, so it takes one past the long bound, or
-# SLOW_TOKENIZE_TIMES of the last TOKENIZE_WINDOW (model_runtime) past the short one. The
-# short one is counted beyond two of the GIL's switch intervals: the tokenizers library
-# releases the GIL while it encodes, and the time includes getting it back from a busy
-# thread - beside one busy Python thread 5.8 ms median, 8.2 p99, 13.2 max where 0.4 ms was
-# the encoding, so ordinary load moved every text to the threads, short ones queued behind
-# long ones (review 166).
-TOKENIZE_INLINE_MAX_S = 0.005
-TOKENIZE_INLINE_LONG_S = 0.05
-SLOW_TOKENIZE_TIMES = 3
 # Threads for that (the tokenizers library releases the GIL while it encodes, and one
 # Tokenizer encodes on several threads at once); started by the first long text.
 TOKENIZE_THREADS = 2
@@ -130,27 +116,6 @@ class Phase(Enum):
 SERVED_BY: contextvars.ContextVar = contextvars.ContextVar("innfer_served_by")
 # The sampled request's trace (server/trace.py), or None: stamped where the request goes.
 TRACED: contextvars.ContextVar = contextvars.ContextVar("innfer_traced", default=None)
-
-
-def judge_inline_encoding(m: ModelRuntime, took: float, chars: int) -> None:
-    """Count an inline encoding of ``chars`` characters that took ``took`` s on the event
-    loop; past the rule (``TOKENIZE_INLINE_LONG_S`` once, or ``SLOW_TOKENIZE_TIMES`` of the
-    model's last encodings past ``TOKENIZE_INLINE_MAX_S`` beyond two of the GIL's switch
-    intervals), the model's texts go to the tokenizer threads from now on, said once.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> from collections import deque
-        >>> m = SimpleNamespace(name="m", slow_tokenizer=False, slow_tokenizes=deque(maxlen=8))
-        >>> judge_inline_encoding(m, 0.0003, 40); m.slow_tokenizer
-        False
-    """
-    m.slow_tokenizes.append(took > TOKENIZE_INLINE_MAX_S + 2 * sys.getswitchinterval())
-    if took > TOKENIZE_INLINE_LONG_S or sum(m.slow_tokenizes) >= SLOW_TOKENIZE_TIMES:
-        m.slow_tokenizer = True
-        log.warning("model %s: its tokenizer took %.0f ms for %d characters on the event "
-                    "loop; its texts are tokenized on the tokenizer threads from now on "
-                    "(check tokenizer.json's normalizer)", m.name, took * 1e3, chars)  # fmt: skip
 
 
 class DataPlane:
@@ -1658,10 +1623,13 @@ class DataPlane:
         left to the scheduler to judge. ``clock.queued_s``: how long they waited for a
         thread."""
         tokenizer = m.served.tokenizer
-        if sum(len(s) for s in texts) <= TOKENIZE_INLINE_CHARS and not m.slow_tokenizer:
+        chars = sum(len(s) for s in texts)
+        if chars <= TOKENIZE_INLINE_CHARS and m.tokenizer_pace.inline(m.clock()):
             t0 = time.perf_counter()
             encoded = tokenizer.encode_rows(texts)
-            judge_inline_encoding(m, time.perf_counter() - t0, sum(len(t) for t in texts))
+            said = m.tokenizer_pace.judge(time.perf_counter() - t0, chars, m.clock())
+            if said is not None:
+                log.warning("model %s: %s", m.name, said)
             return encoded
         loop = asyncio.get_running_loop()
         done = loop.create_future()

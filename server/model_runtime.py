@@ -36,7 +36,6 @@ import math
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +84,7 @@ from server.scheduling.latency import (
     slower_than_more_accurate,
     tiers_from_profile,
 )
+from server.tokenizer_pace import TokenizerPace
 from server.traffic import TrafficLog
 
 # Backends whose engines run on the CPU and may be called from any thread, so a short batch
@@ -98,8 +98,6 @@ INLINE_BACKENDS = ("onnxruntime", "fake")
 INLINE_WINDOW = 8
 INLINE_MIN_ALONE = 4
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
-# Inline tokenizer encodings the slow-tokenizer rule looks back over (server.dataplane).
-TOKENIZE_WINDOW = 32
 log = logging.getLogger("innfer.model")
 # A batch running this many times its planned latency, and at least this long, is taken for
 # a hung engine (ModelRuntime.stuck): far beyond any slowdown the online correction follows.
@@ -580,12 +578,8 @@ class ModelRuntime:
         # Stuck batches of runtimes of this model a reload retired with their engine hung
         # (the data plane's): still this model's, on its gauge.
         self.retired_stuck: Callable[[], int] = lambda: 0
-        # Its tokenizer was slow on the loop: every text goes to the threads (DataPlane).
-        self.slow_tokenizer = False
-        # Which of its last TOKENIZE_WINDOW inline encodings were slow (server.dataplane's
-        # judge_inline_encoding): a window, not a count for the runtime's life, so that a
-        # few stalls hours apart do not add up (review 166).
-        self.slow_tokenizes: deque[bool] = deque(maxlen=TOKENIZE_WINDOW)
+        # Whether its short texts are tokenized on the loop (DataPlane._tokenize).
+        self.tokenizer_pace = TokenizerPace()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
