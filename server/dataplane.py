@@ -1619,9 +1619,10 @@ class DataPlane:
         request's budget has run out) are refused then and never encoded
         (DEADLINE_EXCEEDED, counted as a refusal): under more long text than the threads
         keep up with, the queue sheds what could only be answered late instead of growing
-        behind it. A budget already spent when the texts are queued (below the margin) is
-        left to the scheduler to judge. ``clock.queued_s``: how long they waited for a
-        thread."""
+        behind it. A budget already spent when they would be queued (below the margin) is
+        refused at once, never queued nor encoded: it waited behind the threads' backlog
+        and was tokenized only to be refused by the scheduler (review helper-250).
+        ``clock.queued_s``: how long they waited for a thread."""
         tokenizer = m.served.tokenizer
         chars = sum(len(s) for s in texts)
         if chars <= TOKENIZE_INLINE_CHARS and m.tokenizer_pace.inline(m.clock()):
@@ -1635,8 +1636,18 @@ class DataPlane:
         done = loop.create_future()
         start = m.clock()
         clock = clock or DecodeClock()
-        # Refused at ``due`` only where the budget was not already spent at the start.
-        due = clock.due if clock.due > start else math.inf
+        if clock.due <= start:
+            # (below the margin from the start: the client's ask; spent here since: load)
+            why = "refused_budget" if clock.budget_s <= 0 else "refused_deadline"
+            m.count_refused("refused_deadline", why)
+            m.record_traffic(clock.due - clock.budget_s, clock.budget_s, len(texts))
+            raise DeadlineExceeded(
+                f"model {m.name}: the request's budget was spent before its texts could be "
+                f"tokenized ({1e3 * clock.budget_s:.1f} ms left after the server's margin, "
+                f"{1e3 * (start - clock.due):.1f} ms past it now); send a larger "
+                "latency_budget_ms"
+            )
+        due = clock.due
         # A request cancelled while its texts wait (its client gave up: in-flight bytes are
         # released) must not still cost the threads its encoding: a client sending long
         # texts with tiny deadlines would queue unbounded work otherwise.

@@ -823,6 +823,44 @@ def test_a_cancelled_requests_texts_are_not_tokenized():
     assert all(waiting and now < due - 5 for _, due, waiting, now in cancels), cancels[:2]
 
 
+def test_long_texts_whose_budget_is_already_spent_are_refused_at_once_unencoded():
+    """A long text with a budget below the server's margin waited behind the tokenizer
+    threads' backlog, was encoded, and only then refused by the scheduler - 94.5 ms to hear
+    of a 0.5 ms budget, the threads' time spent for nothing (review helper-250)."""
+    import time
+    import types
+
+    from server.dataplane import TOKENIZE_THREADS, DataPlane, DecodeClock
+    from server.engine_threads import EngineThreads
+
+    ran, counted, traffic = [], [], []
+    tokenizer = types.SimpleNamespace(encode_rows=lambda texts: ran.append(texts))
+    plane = DataPlane.__new__(DataPlane)
+    plane.tokenizer_threads = EngineThreads(TOKENIZE_THREADS, "tokenize")
+    m = types.SimpleNamespace(
+        name="embed", clock=time.monotonic, served=types.SimpleNamespace(tokenizer=tokenizer),
+        count_refused=lambda *how: counted.append(how),
+        record_traffic=lambda *args: traffic.append(args),
+    )  # fmt: skip
+
+    async def main():
+        now = time.monotonic()
+        for budget_s in (-0.0005, 0.004):  # 0.5 ms less a 1 ms margin; a parse that took 5 ms
+            with pytest.raises(DeadlineExceeded, match="spent before its texts could be"):
+                await plane._tokenize(m, ["x" * 3000], DecodeClock(now - 0.001, 0.0, budget_s))
+
+    try:
+        asyncio.run(main())
+    finally:
+        plane.tokenizer_threads.shutdown()
+        plane.tokenizer_threads.join()
+    assert not ran
+    # the first was the client's ask; the second had budget left until its parse: load
+    assert counted == [("refused_deadline", "refused_budget"),
+                       ("refused_deadline", "refused_deadline")]  # fmt: skip
+    assert len(traffic) == 2  # replayed by auto-tiering as sent
+
+
 def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused_unencoded():
     # Before, a request's long texts waited for the tokenizer threads however long the
     # queue was, and were encoded for an answer already late: under more long text than
@@ -869,18 +907,15 @@ def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused
         # Refused at its budget's end, not when a thread came free (its client hears at
         # its deadline; its in-flight bytes are released then).
         assert not any(b.done() for b in busy)
-        done = await asyncio.gather(*busy, fits)
-        # A budget spent before its texts were queued (below the margin) is the scheduler's
-        # to judge (refused_budget), not the tokenizer queue's (load).
-        spent = await tokenize("e" * 3000, time.monotonic() - 1)
-        return [*done, spent]
+        # (a budget spent before its texts were queued: refused at once, the test above)
+        return await asyncio.gather(*busy, fits)
 
     try:
-        assert asyncio.run(main()) == ["a", "b", "d", "e"]
+        assert asyncio.run(main()) == ["a", "b", "d"]
     finally:
         plane.tokenizer_threads.shutdown()
         plane.tokenizer_threads.join()
-    assert sorted(ran) == ["a", "b", "d", "e"]  # "c" was never encoded
+    assert sorted(ran) == ["a", "b", "d"]  # "c" was never encoded
     assert refused == [("refused_deadline", "refused_deadline")]
     # ... but it is traffic: auto-tiering's replay sees it (before, only requests that
     # reached the scheduler were logged), arriving 20 ms before its decode, with its budget.
