@@ -1182,7 +1182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.model or Path(args.model_dir).name
     accuracy = {t.name: t.accuracy for t in tiers}
     load = _bench_closed_loop if args.clients is not None else _bench_open_loop
-    report, offered_s = load(args, tiers, p50, config, cfg, name, accuracy, lane, chosen)
+    # Sent at the length asked for (--tokens), planned at its lane: every request was padded
+    # to the lane's length, 8 tokens sent for --tokens 5 (review helper-250).
+    length = args.tokens or lane
+    report, offered_s = load(args, tiers, p50, config, cfg, name, accuracy, length, chosen)
     s = report.summary
     # Over the trace's window (or the run, where the answers took longer), as simulate
     # counts it: 2 requests "over 30 s" reported a goodput of 373.5/s.
@@ -1221,7 +1224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_open_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, chosen: str):
+def _bench_open_loop(args, tiers, p50, config, cfg, name, accuracy, length: int, chosen: str):
     """``innfer bench`` on arrivals (a trace, or a recorded file): (the load generator's
     report, the seconds its goodput is counted over)."""
     import asyncio
@@ -1245,7 +1248,7 @@ def _bench_open_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, c
     if traffic is not None:  # more rows than max_batch: every such request refused, unsaid
         traffic.check_rows(config.max_batch, str(args.trace_file))
     rows = traffic.rows if traffic is not None else np.ones(len(arrivals), dtype=int)
-    feeds = {r: _bench_feeds(config, r, lane) for r in set(rows.tolist())}
+    feeds = {r: _bench_feeds(config, r, length) for r in set(rows.tolist())}
     # (one row count for every request - a client that always sends 4 - is one set of feeds)
     inputs = (lambda i: feeds[int(rows[i])]) if len(feeds) > 1 else next(iter(feeds.values()))
     # (:g - a 0.2 s window read "over 0 s"; and a recorded file that came in a short span
@@ -1263,7 +1266,7 @@ def _bench_open_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, c
     return asyncio.run(run), offered_s
 
 
-def _bench_closed_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int, chosen: str):
+def _bench_closed_loop(args, tiers, p50, config, cfg, name, accuracy, length: int, chosen: str):
     """``innfer bench --clients N``: N clients on one channel, each sending its next request
     (one row, budgets drawn as ``innfer simulate --clients`` draws them) as soon as its last
     one is answered or refused, for --duration s or --max-requests requests: (the report,
@@ -1283,19 +1286,19 @@ def _bench_closed_loop(args, tiers, p50, config, cfg, name, accuracy, lane: int,
         print(f"  planned with {chosen}")
     run = run_closed_loop(
         args.address, name, args.clients, len(budgets), cfg.duration_s,
-        lambda i: float(budgets[i]), _bench_feeds(config, 1, lane), accuracy,
+        lambda i: float(budgets[i]), _bench_feeds(config, 1, length), accuracy,
     )  # fmt: skip
     report = asyncio.run(run)
     return report, report.summary["wall_seconds"] or cfg.duration_s  # (ended by the cap too)
 
 
-def _bench_feeds(config, rows: int, lane: int) -> dict:
-    """Random inputs of ``rows`` rows for the model ``config`` describes; a text model's at
-    its lane's length, every token real (the server refuses a mask with gaps: random 0/1
-    masks were all refused INVALID_ARGUMENT)."""
+def _bench_feeds(config, rows: int, length: int) -> dict:
+    """Random inputs of ``rows`` rows for the model ``config`` describes; a text model's of
+    ``length`` tokens (0: 16), every token real (the server refuses a mask with gaps:
+    random 0/1 masks were all refused INVALID_ARGUMENT)."""
     from runtime.repository.profile import random_feeds
 
-    feeds = random_feeds(config.inputs, rows, length=lane or 16)
+    feeds = random_feeds(config.inputs, rows, length=length or 16)
     if config.text is not None:
         feeds[config.text.mask][:] = 1
     return feeds
