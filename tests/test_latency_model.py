@@ -253,3 +253,20 @@ def test_the_profile_quantile_an_idle_replica_admits_at():
     for _ in range(50):
         model.observe("w", 1, 0.030)  # a slow spell: the estimate moves, the profile not
     assert model.estimate("w", 1) > 0.02 and model.profiled("w", 1, 0.5) == pytest.approx(0.010)
+
+
+def test_a_profile_point_one_stall_inflated_is_planned_at_a_bounded_spread():
+    """One stalled run of the 7 a load-time profile takes put a 2.7 ms tier's p90 at 250 ms
+    (sigma 3.5): planned at 51 s at slo_target, an idle server refused 20 ms budgets, and a
+    refused request runs no batch that could correct it (review helper-250)."""
+    from server.scheduling.latency import PROFILE_SIGMA_MAX
+
+    lat = LatencyModel([TierInfo("t", 1.0, {1: 250.0}, {1: 2.7})], slo_target=0.999)
+    assert lat.sigma("t", 1) == pytest.approx(PROFILE_SIGMA_MAX)
+    assert lat.estimate("t", 1) < 2.7 * MS * math.exp(3.1 * PROFILE_SIGMA_MAX)  # ~60 ms
+    tiers = [TierInfo("t", 1.0, {1: 250.0, 8: 250.0}, {1: 2.7, 8: 10.0})]
+    s = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=8)
+    s.submit(Request(1, 0.0, 0.020, 1), 0.0)  # admitted: an idle replica meets it
+    # an honest spread is taken as measured
+    honest = LatencyModel([TierInfo("t", 1.0, {1: 3.0}, {1: 2.7})])
+    assert honest.sigma("t", 1) == pytest.approx(lognormal_sigma(2.7, 3.0))
