@@ -917,6 +917,8 @@ class DataPlane:
         async with self._lock:
             runtime = self.models.pop(name, None)
             if runtime is None and self.forget_failed(name):
+                if file_known(self.repo.root / name / "model.yaml") is not False:
+                    self.unloaded.add(name)  # (listed as unloaded, not as failed)
                 log.info("model %s: its failed load forgotten (unloaded)", name)
                 return
             if runtime is None:  # as Triton: "make sure it is unloaded" succeeds (its own
@@ -955,10 +957,13 @@ class DataPlane:
         not loaded (a client's Load, or a folder the repository poll found): its series at 0
         fired the critical not-ready alert, which readiness ignores, for good - nothing but
         a successful load could clear it - and its load failures' count stayed a series per
-        broken folder name (review 203). Whether there was one to forget."""
-        if name in self.models or name not in self.broken or name in self.expected:
+        broken folder name (review 203). Also one found in the repository at start-up: it
+        kept the server not ready, its alert firing, until a restart (review helper-252).
+        Whether there was one to forget."""
+        if name in self.models or name not in self.broken or name in self.config.models:
             return False
         del self.broken[name]
+        self.expected.discard(name)  # (before the series: readiness no longer waits for it)
         self._forget_series(name)
         with contextlib.suppress(KeyError):
             self.metrics.load_failures.remove(name)

@@ -152,6 +152,32 @@ def test_the_schedulers_compile_runs_off_the_event_loop(config, monkeypatch):
     assert heard and "still loading" in heard[0]
 
 
+def test_a_folder_that_failed_at_start_up_is_forgotten_by_its_unload(config, tmp_path):
+    """Found in the repository at start-up (no ``models:`` list) and failed to load: its
+    unload said OK and changed nothing - the server stayed not ready and its critical alert
+    fired until a restart (review helper-252)."""
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.yaml").write_text("max_batch: -1\n")
+    cfg = dataclasses.replace(config, model_control="explicit")
+    metrics = Metrics()
+
+    async def body():
+        plane = DataPlane(cfg, metrics)
+        await plane.load_all()
+        try:
+            assert not plane.ready() and "bad" in plane.not_ready_reason()
+            assert _ready_gauge(plane, "bad") == 0
+            await plane.unload("bad")
+            return plane.ready(), _ready_gauge(plane, "bad"), "bad" in plane.unloaded
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    ready, gauge, listed = _run(body())
+    assert ready and gauge is None  # no series left at 0: no alert firing
+    assert listed  # the index says "unloaded", no longer the failure
+
+
 def test_metadata_and_tiers(config):
     async def body():
         plane = DataPlane(config, Metrics())
