@@ -136,6 +136,9 @@ class DataPlane:
         # Models unloaded since their last load: RepositoryIndex says "unloaded" of them and
         # lists a model never loaded by name alone, as Triton does (review 186).
         self.unloaded: set[str] = set()
+        # Names start-up had still to load when a client unloaded them (``load_all`` skips
+        # them).
+        self._unloaded_early: set[str] = set()
         # Models being loaded now - at start-up, by a RepositoryModelLoad or the repository
         # poll (a count: loads may overlap). Not served yet, they are UNAVAILABLE "loading"
         # and LOADING in RepositoryIndex, as Triton's: they were NOT_FOUND "not loaded; load
@@ -261,6 +264,9 @@ class DataPlane:
                 for later in left:
                     self.metrics.model_loading.labels(later).set(0)
                 return
+            if name in self._unloaded_early:
+                log.info("model %s: unloaded before start-up reached it; not loaded", name)
+                continue
             try:
                 await self.load(name)
             except InferError as exc:  # reported in readiness and metrics; others go on
@@ -920,6 +926,18 @@ class DataPlane:
                 if file_known(self.repo.root / name / "model.yaml") is not False:
                     self.unloaded.add(name)  # (listed as unloaded, not as failed)
                 log.info("model %s: its failed load forgotten (unloaded)", name)
+                return
+            if runtime is None and self.phase is Phase.LOADING and name in self.expected:
+                # Start-up has not reached it yet: it must not load it after this unload,
+                # which said OK (review helper-252) - actions on a model in the order asked.
+                self._unloaded_early.add(name)
+                if name not in self.config.models:  # (as below: the operator's word)
+                    self.expected.discard(name)
+                self._forget_series(name)  # (a named one's ready stays at 0 ...)
+                if name in self.expected:  # (... and it is not loading)
+                    self.metrics.model_loading.labels(name).set(0)
+                self.unloaded.add(name)
+                log.info("model %s unloaded before start-up loaded it", name)
                 return
             if runtime is None:  # as Triton: "make sure it is unloaded" succeeds (its own
                 # lifecycle tests unload unknown models and fail on any error)

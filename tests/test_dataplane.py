@@ -178,6 +178,34 @@ def test_a_folder_that_failed_at_start_up_is_forgotten_by_its_unload(config, tmp
     assert listed  # the index says "unloaded", no longer the failure
 
 
+def test_an_unload_during_start_up_of_a_model_not_loaded_yet_is_not_undone(config, monkeypatch):
+    """Start-up loaded the model anyway after the unload said OK: READY, as if never
+    unloaded (review helper-252)."""
+    cfg = dataclasses.replace(config, model_control="explicit")
+    real = DataPlane._load
+
+    async def slow_load(self, name, drain_s, swap):
+        if name == "a":
+            await asyncio.sleep(0.3)  # start-up still on the first model
+        await real(self, name, drain_s, swap)
+
+    monkeypatch.setattr(DataPlane, "_load", slow_load)
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        starting = asyncio.create_task(plane.load_all())
+        await asyncio.sleep(0.1)
+        await plane.unload("b")
+        await starting
+        try:
+            return sorted(plane.models), plane.ready(), "b" in plane.unloaded
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    assert _run(body()) == (["a"], True, True)
+
+
 def test_metadata_and_tiers(config):
     async def body():
         plane = DataPlane(config, Metrics())
