@@ -68,6 +68,7 @@ from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
 from server.parameters import BUDGET_SOURCES, VERSION, check_parameter_names
 from server.proto_gen import grpc_service_pb2 as pb
+from server.repository_poll import build_running
 from server.scheduling import plan
 from server.scheduling.device import Device
 from server.shared_memory import Lease, SharedMemory
@@ -281,6 +282,23 @@ class DataPlane:
                 self._mark_broken(name, "unexpected error while loading; see the server log")
         if self.phase is Phase.LOADING:  # not once draining began (a stop during start-up)
             self.phase = Phase.READY
+
+    async def load_asked(self, name: str) -> None:
+        """A client's Load (RepositoryModelLoad): ``load``, refused UNAVAILABLE while an
+        ``innfer build`` of the model runs - its folder half written, the load failed, was
+        kept as the model's failure and told the operator to run the build already running
+        (review helper-252); the repository poll waits for the build alike."""
+        try:
+            check_model_name(name)
+        except InvalidModelName as exc:
+            raise InvalidArgument(str(exc)) from None
+        loop = asyncio.get_running_loop()  # (a look at the disk: off the loop)
+        if await loop.run_in_executor(None, build_running, self.repo.root / name):
+            raise Unavailable(
+                f"an `innfer build` of model {name!r} is running; load it once the build is "
+                "done (the version loaded before, if any, keeps serving)"
+            )
+        await self.load(name)
 
     async def swap(self, name: str) -> None:
         """Reload ``name`` for a new tier set (auto-tiering): as ``load``, but the old

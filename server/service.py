@@ -622,7 +622,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 f"({', '.join(sorted(clip(k) for k in request.parameters))}): innfer loads the "
                 "model as its repository has it; change model.yaml there and load again"
             )
-        await self.plane.load(request.model_name)
+        await self.plane.load_asked(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @rpc_method

@@ -206,6 +206,39 @@ def test_an_unload_during_start_up_of_a_model_not_loaded_yet_is_not_undone(confi
     assert _run(body()) == (["a"], True, True)
 
 
+def test_a_clients_load_during_a_build_is_unavailable_not_a_failure(config, tmp_path):
+    """A Load while `innfer build` rewrote the folder failed, was kept as the model's last
+    reload failure, and said "run `innfer build`" - the build already running (review
+    helper-252)."""
+    import fcntl
+    import os
+
+    from runtime.repository.store import BUILD_LOCK_FILE
+
+    cfg = dataclasses.replace(config, model_control="explicit")
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        old = plane.models["a"]
+        fd = os.open(tmp_path / "a" / BUILD_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as `innfer build` holds it
+            with pytest.raises(Unavailable, match="`innfer build` of model 'a' is running"):
+                await plane.load_asked("a")
+            assert plane.models["a"] is old and not plane.broken_reason("a")
+        finally:
+            os.close(fd)
+        await plane.load_asked("a")  # the build done: loaded
+        try:
+            return plane.models["a"] is not old
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    assert _run(body())
+
+
 def test_metadata_and_tiers(config):
     async def body():
         plane = DataPlane(config, Metrics())
