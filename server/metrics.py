@@ -52,6 +52,7 @@ Each server owns its registry, so several servers can run in one process (tests)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -526,6 +527,7 @@ class Metrics:
 # once a new one is closed at once. A scrape is one short request (Prometheus sends one at a
 # time per target; two for an HA pair).
 METRICS_TIMEOUT_S = 5.0
+METRICS_POLL_S = 0.05  # how often the server's loop looks for a shutdown
 METRICS_MAX_CONNECTIONS = 16
 # And whatever its reads: a connection is closed this long after it was accepted (a client
 # trickling a byte every 2 s kept its slot for good - 16 of them failed every scrape; a
@@ -736,7 +738,10 @@ def _serve(port: int, host: str, registry: CollectorRegistry, server_class):
     httpd = make_server(
         host, port, _PacedApp(make_wsgi_app(registry)), server_class, handler_class=_QuietHandler
     )
-    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    # (a stop's shutdown waits for the serving loop's next poll: 0.5 s by default, past a
+    # short grace_period_s - review helper-251)
+    serve = functools.partial(httpd.serve_forever, poll_interval=METRICS_POLL_S)
+    thread = threading.Thread(target=serve, name="metrics-http", daemon=True)
     thread.start()
     return httpd, thread
 
