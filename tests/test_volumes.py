@@ -126,6 +126,39 @@ def test_an_engine_build_on_a_full_volume_says_so(tmp_path, monkeypatch):
     assert _advice(e.value) == ""  # its own fix: no rebuild advice appended
 
 
+def test_an_engine_build_on_a_full_volume_goes_to_the_spare_cache(tmp_path, monkeypatch):
+    """ONNX Runtime's failed save was an EngineError alone: a server with an
+    engine_cache_spare failed the load instead of building there (review helper-254)."""
+    import collections
+    import shutil
+
+    import onnxruntime as ort
+
+    from runtime.engines import BuildOptions, get_backend
+    from runtime.repository.cache import EngineCache
+
+    repo = build_repository(tmp_path / "repo")
+    onnx = repo / "tiny" / "tiers" / "w100" / "model.onnx"
+    full, spare = tmp_path / "cache", tmp_path / "spare"  # (the repository's is built)
+    real_session, real_usage = ort.InferenceSession, shutil.disk_usage
+
+    def session(path, so=None, *args, **kwargs):
+        if so is not None and so.optimized_model_filepath.startswith(str(full)):
+            raise RuntimeError("SaveToOrtFormat Failed to save ORT format model")
+        return real_session(path, so, *args, **kwargs)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 10, 10)
+                        if str(p).startswith(str(full)) else real_usage(p))  # fmt: skip
+    engine, built = EngineCache(full, spare=spare).get(
+        get_backend("onnxruntime"), onnx, BuildOptions(max_batch=4)
+    )
+    assert built and any(spare.rglob("model.ort"))
+    assert not any(full.rglob("model.ort"))
+    engine.close()
+
+
 def test_an_unreadable_folder_stops_neither_the_config_nor_a_build_message(tmp_path, forbidden):
     # The server config's check of `backend:` / `policy: fixed:` read every model.yaml and
     # raised PermissionError: the server did not start (review helper-147); "no models"

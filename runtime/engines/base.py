@@ -28,6 +28,13 @@ class EngineError(RuntimeError):
     """An engine cannot be built or loaded (the message says which file and why)."""
 
 
+class VolumeFull(EngineError, OSError):
+    """An engine cannot be written: its volume is full (``errno`` ENOSPC). An OSError as
+    well, as a full disk's own write error is: the engine cache then builds it in its spare
+    where it has one (ONNX Runtime's save failed as an EngineError alone, and a server with
+    a spare failed the load; review helper-254)."""
+
+
 class BackendUnavailable(EngineError):
     """The backend's library or device is not present on this machine."""
 

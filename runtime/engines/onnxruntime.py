@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import functools
 import platform
 import shutil
@@ -31,7 +32,7 @@ import numpy as np
 
 from runtime.priority import run_lowered
 
-from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec, interrupted
+from .base import Backend, BuildOptions, Engine, EngineError, TensorSpec, VolumeFull, interrupted
 
 ENGINE_FILE = "model.ort"  # ORT format (flatbuffer), optimised at ORT_ENABLE_ALL
 # Instruction-set features that change which kernels and layouts the optimiser picks, most
@@ -112,12 +113,14 @@ class OnnxRuntimeBackend(Backend):
             # ORT's "Failed to save ORT format model" does not say why: a full volume is the
             # usual one (and a rebuild, the advice a load adds, cannot help with it).
             room = _free_bytes(out_dir)
-            full = ""
+            said = f"ONNX Runtime cannot build {onnx_path}: {exc}"
             if room is not None and room < onnx_path.stat().st_size:
-                full = (
-                    f"; the volume holding {out_dir} has {room} bytes free: free space or grow it"
-                )
-            raise EngineError(f"ONNX Runtime cannot build {onnx_path}: {exc}{full}") from exc
+                # (the cache's folder, not this build's own, which goes with the failure)
+                raise VolumeFull(
+                    errno.ENOSPC, f"{said}; the volume holding {out_dir.parent} has {room} "
+                    "bytes free: free space or grow it",
+                ) from exc  # fmt: skip
+            raise EngineError(said) from exc
         return [ENGINE_FILE]
 
     def load(self, out_dir: Path, options: BuildOptions) -> OnnxRuntimeEngine:
