@@ -171,3 +171,35 @@ def test_equal_length_runs_answer_and_check_only_the_listed_outputs():
     out = runs.run(Engine(), {"y": [4]})
     assert list(out) == ["y"]
     np.testing.assert_array_equal(out["y"], np.array([[2] * 4, [6] * 4], np.float32))
+
+
+def _cast_to(dtype):
+    def make(width):
+        g = helper.make_graph(
+            [helper.make_node("Cast", ["input"], ["y"], to=dtype)], "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", 4])],
+            [helper.make_tensor_value_info("y", dtype, ["b", 4])],
+        )  # fmt: skip
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m.SerializeToString(), {}, 0, 0
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("dtype", "says"),
+    [
+        # a dtype model.yaml refuses: "set its dtype to float64" led to a second error
+        # (review helper-254)
+        (TensorProto.DOUBLE, "innfer does not serve float64 tensors"),
+        (TensorProto.INT32, "set its dtype to int32 in model.yaml"),
+    ],
+)
+def test_an_engine_output_dtype_other_than_model_yamls_says_a_fix_that_works(tmp_path, dtype, says):
+    cfg = {"inputs": [{"name": "input", "dtype": "float32", "shape": [4]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [4]}],
+           "tiers": [{"name": "w100", "width": 1.0}], "max_batch": 2}  # fmt: skip
+    with pytest.raises(RepositoryError) as err:
+        add_onnx_model(tmp_path, "cast", _cast_to(dtype), cfg)
+    assert says in str(err.value) and "run `innfer build`" in str(err.value)

@@ -39,7 +39,13 @@ from runtime.configspec import MODEL_NAME as MODEL_NAME_PATTERN
 from runtime.engines import Backend, BuildOptions, Engine, get_backend
 from runtime.hashing import sha256_file
 from runtime.repository.cache import EngineCache
-from runtime.repository.config import FP16_BACKENDS, ConfigError, ModelConfig, TierConfig
+from runtime.repository.config import (
+    DTYPES,
+    FP16_BACKENDS,
+    ConfigError,
+    ModelConfig,
+    TierConfig,
+)
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.frontier import (
     ACTIVE_FILE,
@@ -980,6 +986,22 @@ def _file_state(path: Path) -> tuple[Path, int, int]:
     return path, st.st_mtime_ns, st.st_size
 
 
+def _dtype_mismatch(tier_dir: Path, tier: str, what: str, t, dtype: str) -> str:
+    """What a tier's engine taking or giving ``t`` as ``dtype`` against model.yaml says:
+    set that dtype in model.yaml - only where model.yaml takes it (``DTYPES``); float64 or
+    int8 were advised, and the config then refused them (review helper-254)."""
+    verb = "takes" if what == "inputs" else "gives"
+    said = (f"{tier_dir}: tier {tier}'s engine {verb} {t.name} as {dtype}, but model.yaml "
+            f"says {t.dtype}")  # fmt: skip
+    if dtype not in DTYPES:
+        cast = "end it with a Cast" if what == "outputs" else "begin it with a Cast"
+        return (f"{said}, and innfer does not serve {dtype} tensors ({', '.join(DTYPES)}): "
+                f"change the model ({cast} to {t.dtype}) and run `innfer build`")  # fmt: skip
+    other = "take" if what == "inputs" else "give"
+    return (f"{said}: set its dtype to {dtype} in model.yaml, or change the model to {other} "
+            f"{t.dtype} and run `innfer build`")  # fmt: skip
+
+
 def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
     """Refuse an engine whose inputs or outputs are not model.yaml's (names, dtypes, and
     each per-sample dim both give): model.yaml edited after the build loaded, passed its warm-up
@@ -1006,23 +1028,13 @@ def _check_io(config: ModelConfig, tier: str, engine, tier_dir: Path) -> None:
                     f"{tier_dir}: tier {tier}'s engine has {what} {found}, but model.yaml gives "
                     f"{t.name} {list(t.shape)} (edited after the build?): run `innfer build`"
                 )
-            if what == "inputs" and spec.dtype != t.dtype:
-                # Requests are checked against model.yaml's dtype and fed as they are: every
-                # one would fail. The load's warm-up said so in ONNX Runtime's words, as
-                # "its files could not be read ... rebuild it" (review helper-183).
-                raise RepositoryError(
-                    f"{tier_dir}: tier {tier}'s engine takes {t.name} as {spec.dtype}, but "
-                    f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
-                    "or change the model to take that and run `innfer build`"
-                )
-            if what == "outputs" and spec.dtype != t.dtype:
-                # Answers are cast to model.yaml's dtype: float scores declared int32 were
-                # truncated silently.
-                raise RepositoryError(
-                    f"{tier_dir}: tier {tier}'s engine gives {t.name} as {spec.dtype}, but "
-                    f"model.yaml says {t.dtype}: set its dtype to {spec.dtype} in model.yaml, "
-                    "or change the model to give that and run `innfer build`"
-                )
+            if spec.dtype != t.dtype:
+                # Inputs: requests are checked against model.yaml's dtype and fed as they
+                # are, so every one would fail - the load's warm-up said so in ONNX Runtime's
+                # words, as "its files could not be read ... rebuild it" (review
+                # helper-183). Outputs: answers are cast to model.yaml's dtype, and float
+                # scores declared int32 were truncated silently.
+                raise RepositoryError(_dtype_mismatch(tier_dir, tier, what, t, spec.dtype))
     # After the listed ones (an input renamed in model.yaml is said as that, above).
     listed = {t.name for t in config.inputs}
     if extra := [s for s in engine.inputs if s.name not in listed]:
