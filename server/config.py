@@ -17,7 +17,7 @@
     keepalive_timeout_s: 20       # one that does not answer in this long (a vanished client)
     budget_margin_ms: 1.0         # taken off each budget for the response's way back
     policy: innfer                # innfer | slackfit | fixed:<tier>
-    device_slots: 1               # batches at once on the device all models share (0: per model)
+    device_slots: 1               # batches at once per device (CPU, each GPU) (0: per model)
     nvml_load: true               # GPU models: other processes' NVML utilisation slows plans
     profile_at_load: true         # re-measure each tier briefly at load (reconciles profile.json)
     plan_overhead: false          # plan budgets short by the learned request overhead
@@ -384,9 +384,9 @@ class ServerConfig:
     )
     device_slots: int = spec(
         1, lo=0, hi=1024,
-        doc="batches that may run at once on the one device every model shares (one arbiter: "
-        "deadline order across models, each model plans behind the others' work); 0: every "
-        "model gets its own slot and ignores the others",
+        doc="batches that may run at once on each device - the CPU, each GPU - that its models "
+        "share (one arbiter per device: deadline order across its models, each planning "
+        "behind the others' work); 0: every model gets its own slot and ignores the others",
     )  # fmt: skip
     nvml_load: bool = spec(
         True,

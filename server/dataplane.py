@@ -160,9 +160,13 @@ class DataPlane:
         self.phase = Phase.LOADING
         self.closing = asyncio.Event()  # set when draining begins: open streams stop reading
         self._lock = asyncio.Lock()
-        # One device, one arbiter for every model (server.scheduling.device); None: each
-        # model has its own slot and ignores the others (device_slots: 0).
-        self.device = Device(config.device_slots) if config.device_slots > 0 else None
+        # One arbiter per device for the models that compute there (server.scheduling
+        # .device): ``device`` the CPU's, ``_gpu_devices`` one per CUDA index in use - a
+        # CPU model's batch took the GPU model's only slot, each planning behind the other's
+        # work (review helper-254). None: each model has its own slot and ignores the
+        # others (device_slots: 0).
+        self.device = Device(config.device_slots, "cpu") if config.device_slots > 0 else None
+        self._gpu_devices: dict[int, Device] = {}
         # Outside load per GPU in use (server.gpu_load; the nvml_load switch): a reader per
         # CUDA index, started by the first model loaded there (None: NVML unusable), and
         # the factor each last reported. A CPU-only server never makes one.
@@ -438,16 +442,17 @@ class DataPlane:
             # timed out instead of hearing "still loading" (review helper-251). Once per
             # process; then the Scheduler's own call is a cache hit.
             await loop.run_in_executor(None, plan.warm)
+            device = self._device_for(served)
             runtime = ModelRuntime(
-                served, self.metrics, policy=self.config.policy, device=self.device,
+                served, self.metrics, policy=self.config.policy, device=device,
                 inline_max_s=self.config.inline_max_ms / 1e3,
                 overhead_quantile=self.config.overhead_quantile,
                 traffic=self._traffic(name, served.config), host_cpu=self.host_cpu,
                 margin_s=self.config.budget_margin_ms / 1e3,
                 engine_nice=self.config.engine_nice,
             )  # fmt: skip
-            if self.device is not None:  # shared: another model's hung batch holds it
-                runtime.device_stuck = self._stuck_reason
+            if device is not None:  # shared: another model's hung batch holds it
+                runtime.device_stuck = lambda d=device: self._stuck_reason(d)
             runtime.retired_stuck = lambda n=name: self._hung_count(n)
             # Loaded while requests are in flight (a reload, a swap of tiers, another
             # model busy): the timing at load shares the CPU with serving.
@@ -1026,8 +1031,10 @@ class DataPlane:
         (each batch with its model's intra-op threads), or every model's own instances."""
         if not self.models:
             return 1
-        if self.device is not None:
-            return self.device.slots * max(m.config.threads for m in self.models.values())
+        if self.device is not None:  # per device: its slots, each with its models' threads
+            devices = {id(m.device): m.device for m in self.models.values()}
+            return sum(d.slots * max(m.config.threads for m in self.models.values()
+                                     if m.device is d) for d in devices.values())  # fmt: skip
         return sum(m.pool.n * m.config.threads for m in self.models.values())  # (instances)
 
     def drain(self) -> None:
@@ -1084,12 +1091,26 @@ class DataPlane:
             )
         return self._stuck_reason()
 
-    def _stuck_reason(self) -> str | None:
-        """A batch hung on the device, said as a reason (``ModelRuntime.stuck``), or None."""
+    def _stuck_reason(self, device: Device | None = None) -> str | None:
+        """A batch hung on ``device`` (None: on any), said as a reason
+        (``ModelRuntime.stuck``), or None."""
         # A runtime a reload retired with its engine hung holds the device's slot as much
         # as a served one: readiness said ready again after the reload.
         runtimes = (*self.models.values(), *self._retiring, *self._hung)
-        return next((why for m in runtimes if (why := m.stuck())), None)
+        return next((why for m in runtimes
+                     if (device is None or m.device is device) and (why := m.stuck())),
+                    None)  # fmt: skip
+
+    def _device_for(self, served: ServedModel) -> Device | None:
+        """The arbiter of the device ``served``'s engines compute on (None: none shared)."""
+        if self.device is None:
+            return None
+        index = gpu_index(served)
+        if index is None:
+            return self.device
+        if index not in self._gpu_devices:
+            self._gpu_devices[index] = Device(self.config.device_slots, f"cuda:{index}")
+        return self._gpu_devices[index]
 
     def count_malformed(self, name: str, seconds: float) -> None:
         """A request for model ``name`` refused as malformed before ``infer`` saw it (REST's

@@ -574,3 +574,20 @@ def test_gpu_gauges_are_the_visible_gpus_by_cuda_index(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     got = _gauges(_NvmlCollector(_FakeNvmlDevices(2)))
     assert got["innfer_gpu_memory_used_bytes"] == {"0": 0.0, "1": 1.0}  # every GPU
+
+
+def test_a_gpu_model_and_a_cpu_model_have_an_arbiter_each(gpu_config):
+    """One arbiter for every model: a CPU model's batch took the GPU model's only slot
+    (device_slots 1), each planning behind the other's work (review helper-254)."""
+    config, _ = gpu_config
+
+    async def body():
+        plane = DataPlane(config, Metrics())
+        await plane.load_all()
+        try:
+            gpu, cpu = plane.models["gpu"].device, plane.models["cpu"].device
+            return gpu is not cpu, gpu.name, cpu is plane.device, gpu.slots, cpu.slots
+        finally:
+            await plane.stop_models()
+
+    assert asyncio.run(body()) == (True, "cuda:0", True, 1, 1)
