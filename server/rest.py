@@ -109,6 +109,11 @@ _KEY = getattr(web, "RequestKey", lambda name, _kind: name)
 COUNTED, GONE = _KEY("innfer_counted", bool), _KEY("innfer_gone", int)
 # The application's: how a body is read (``RestFrontEnd._receive``).
 RECEIVE = web.AppKey("innfer_receive", object)
+# Fields a settings or repository body may have (and values a trace setting's list): its
+# keys were built into a message one by one on the event loop, beyond any of gRPC's bounds
+# (300,000 keys: 4.5 s, every client waiting; review helper-256).
+MAX_BODY_FIELDS = 64
+MAX_BODY_BYTES = 2**20  # ... and bytes (its JSON parsed on the loop)
 # An upload that sends no byte for this long is answered 408 and its connection closed: a
 # client that stopped mid-body held its bytes, and its connection, for good (review
 # helper-249: 20 stalled 20 MiB uploads, 400 MiB, still open after 40 s).
@@ -599,7 +604,12 @@ class RestFrontEnd:
         for key, value in body.items():  # (a GET's: none)
             # Triton's JSON: a string, a list of strings, or null (clear a model's own)
             values = [] if value is None else [value] if isinstance(value, str) else value
-            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            if not isinstance(values, list) or len(values) > MAX_BODY_FIELDS:
+                raise InvalidArgument(
+                    f"trace setting {key!r}: a string, a list of at most {MAX_BODY_FIELDS} "
+                    "strings, or null"
+                )
+            if not all(isinstance(v, str) for v in values):
                 raise InvalidArgument(
                     f"trace setting {key!r}: a string, a list of strings, or null"
                 )
@@ -624,7 +634,7 @@ class RestFrontEnd:
                 raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
             length = int(header)
         try:
-            parsed = codec.parse_infer(body, length)
+            parsed = codec.parse_infer(body, length, self.plane.limits)
         except InvalidArgument:  # counted as the data plane counts a malformed request
             # (gRPC's raw tensors are checked there): in the model's statistics and metrics.
             # The route first: a misspelt model with a bad body was told of the body (400)
@@ -746,6 +756,11 @@ async def _body(request: web.Request, known: set[str] | None = None) -> dict:
     as infer's bodies are not (review helper-227). (Log settings name their own keys, which
     the RPC checks.)"""
     data = await read_body(request)
+    if len(data) > MAX_BODY_BYTES:  # (parsed on the event loop: ~40 ms per MiB)
+        raise InvalidArgument(
+            f"the request body is {len(data):,} bytes; this route's is at most "
+            f"{MAX_BODY_BYTES:,} (only inference takes large bodies)"
+        )
     if not data.strip():
         return {}
     try:
@@ -755,6 +770,10 @@ async def _body(request: web.Request, known: set[str] | None = None) -> dict:
         raise InvalidArgument(f"the request body is not JSON ({codec.reason(exc)})") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("the request body must be a JSON object")
+    if len(doc) > MAX_BODY_FIELDS:  # (before any is read: 300,000 keys held the loop 4.5 s)
+        raise InvalidArgument(
+            f"the request body has {len(doc):,} fields; at most {MAX_BODY_FIELDS} are read"
+        )
     if known is not None:
         codec.check_fields(doc, "the request body", known)
     return doc
@@ -766,6 +785,8 @@ def _repository_parameters(body: dict) -> dict:
     given = body.get("parameters", {})
     if not isinstance(given, dict):
         raise InvalidArgument('"parameters" must be a JSON object')
+    if len(given) > MAX_BODY_FIELDS:
+        raise InvalidArgument(f'"parameters" has {len(given):,} fields; at most {MAX_BODY_FIELDS}')
     return given
 
 

@@ -198,6 +198,21 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
          "has no data"),
         ({"inputs": [{"name": "input", "shape": "1x64", "datatype": "FP32", "data": []}]},
          "shape must be a list"),
+        # review helper-256: counted before any is read (60,000 inputs held the loop 14.6 s)
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}] * 65}, "65 inputs given; at most 64"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "outputs": [{"name": "logits"}] * 65},
+         "65 outputs given; at most 64"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64}], "parameters": {f"p{i}": 1 for i in range(65)}},
+         "65 request parameters given; at most 64"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [0.0] * 64, "parameters": {f"p{i}": 1 for i in range(65)}}]},
+         "65 inputs[0] parameters given"),
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [[0.0] * 64] * 1000}]},
+         "more than 64 values in data, expected 64"),
         # review helper-249: said in numpy's terms ("nested unevenly") or as a Python value
         ({"inputs": [{"name": "input", "shape": [1] * 65, "datatype": "FP32", "data": [0.0]}]},
          "shape has 65 dims; a tensor has at most 64"),
@@ -483,10 +498,17 @@ def test_json_values_count_against_the_in_flight_cap_as_decoded(server, monkeypa
         ("/v2/repository/models/tiny/load", b'{"parameters": ""}'),
         ("/v2/repository/models/nosuch/unload", b"{"),
         ("/v2/repository/models/nosuch/unload", b'{"paramters": {}}'),
+        # review helper-256: built into messages key by key (300,000: 4.5 s of the loop)
+        ("/v2/logging", json.dumps({f"k{i}": True for i in range(65)}).encode()),
+        ("/v2/trace/setting", json.dumps({"trace_level": ["TIMESTAMPS"] * 65}).encode()),
+        ("/v2/repository/models/tiny/load",
+         json.dumps({"parameters": {f"k{i}": "v" for i in range(65)}}).encode()),
+        ("/v2/logging", b'{"log_info": true, "x": "' + b"y" * 2**20 + b'"}'),
     ],
     ids=["shape-2**63", "surrogate-name", "surrogate-id", "deep-nesting", "shm-offset",
          "shm-size", "load-parameters", "log-key", "5000-digits", "5000-digits-logging",
-         "many-dims", "load-parameters-empty", "unload-not-json", "unload-misspelt"],
+         "many-dims", "load-parameters-empty", "unload-not-json", "unload-misspelt",
+         "logging-keys", "trace-values", "load-parameter-keys", "logging-2-mib"],
 )  # fmt: skip
 def test_client_mistakes_that_were_internal_errors_are_400(server, caplog, path, body):
     with caplog.at_level(logging.ERROR, logger="innfer"):
