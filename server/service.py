@@ -451,7 +451,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             return
         for key, value in metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
+                # (surrogateescape: aiohttp decodes a header's non-UTF-8 bytes so, and a plain
+                # encode raised - a 500 with a traceback per request, no token needed;
+                # review helper-256)
+                given = value
+                if isinstance(value, str):
+                    given = value.encode("utf-8", "surrogateescape")
                 scheme, _, credentials = given.strip().partition(b" ")
                 # RFC 6750 / 7235: the scheme is case-insensitive, the token is not.
                 if scheme.lower() == b"bearer" and self._token.accepts(credentials.strip()):

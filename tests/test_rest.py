@@ -956,3 +956,24 @@ def test_expect_100_continue_without_the_token_is_401_at_once(model_repository):
             assert c.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     finally:
         s.stop()
+
+
+def test_a_token_header_that_is_not_utf8_is_a_401_not_a_500(model_repository, caplog):
+    """aiohttp decodes a header's non-UTF-8 bytes with surrogateescape; the token check's
+    encode raised: 400 "not valid Unicode" without Expect, a 500 and a traceback per request
+    with it - no token needed to flood the log (review helper-256)."""
+    import socket
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "auth": {"bearer_token": "s3cret-token-value"}}).start()  # fmt: skip
+    try:
+        for expect in (b"", b"Expect: 100-continue\r\n"):
+            with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+                c.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                          b"Authorization: Bearer \xe9t\xe9\r\n" + expect +
+                          b"Content-Length: 2\r\n\r\n{}")  # fmt: skip
+                answer = c.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert "Traceback" not in caplog.text
+    finally:
+        s.stop()
