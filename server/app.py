@@ -429,6 +429,7 @@ async def serve(config: ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    raise_open_files()
     await server.start()
     if stopping.is_set():
         await server.stop()
@@ -443,3 +444,21 @@ async def serve(config: ServerConfig) -> None:
     gc.freeze()
     await stopping.wait()
     await server.stop()
+
+
+def raise_open_files() -> None:
+    """The soft limit on open files raised to the hard one (``innfer serve`` only: a
+    process-wide setting): every connection is a descriptor, and at a soft 1,024 a client
+    holding idle REST connections left gRPC, REST and /metrics unable to accept one (review
+    helper-256). Where the kernel refuses, the limit stays, said at DEBUG."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # (an unlimited hard limit the kernel caps)
+        log.debug("open files: the soft limit stays at %d (%s)", soft, exc)

@@ -114,6 +114,8 @@ RECEIVE = web.AppKey("innfer_receive", object)
 # (300,000 keys: 4.5 s, every client waiting; review helper-256).
 MAX_BODY_FIELDS = 64
 MAX_BODY_BYTES = 2**20  # ... and bytes (its JSON parsed on the loop)
+# Seconds an idle keep-alive connection is kept (nginx's keepalive_timeout default is 75).
+REST_IDLE_S = 75.0
 # An upload that sends no byte for this long is answered 408 and its connection closed: a
 # client that stopped mid-body held its bytes, and its connection, for good (review
 # helper-249: 20 stalled 20 MiB uploads, 400 MiB, still open after 40 s).
@@ -266,9 +268,11 @@ class RestFrontEnd:
         # decoding also inflated a body no handler read (a 401, a 404, a health probe) while
         # draining it after the answer: a 1 MB gzip bomb cost ~2.7 s of the event loop per
         # request, before any token check (review helper-233).
+        # keepalive_timeout: an idle keep-alive connection is closed after REST_IDLE_S
+        # (aiohttp's default, 3,630 s, held each idle connection's descriptor an hour).
         runner = web.AppRunner(
             self.app(max_body), access_log=None, handle_signals=False,
-            handler_cancellation=True, auto_decompress=False,
+            handler_cancellation=True, auto_decompress=False, keepalive_timeout=REST_IDLE_S,
         )  # fmt: skip
         await runner.setup()
         host, port = self.config.host, self.config.http_port

@@ -977,3 +977,37 @@ def test_a_token_header_that_is_not_utf8_is_a_401_not_a_500(model_repository, ca
         assert "Traceback" not in caplog.text
     finally:
         s.stop()
+
+
+def test_an_idle_keep_alive_connection_is_closed(model_repository, monkeypatch):
+    """aiohttp kept an idle connection 3,630 s: a client holding many of them used up the
+    process's descriptors, and gRPC, REST and /metrics could accept none (review
+    helper-256)."""
+    import socket
+
+    from server import rest
+
+    monkeypatch.setattr(rest, "REST_IDLE_S", 0.5)
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", s.server.rest.port), timeout=30) as c:
+            c.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+            t0 = time.monotonic()
+            assert c.recv(65536) == b""  # closed by the server, idle
+            assert time.monotonic() - t0 < 10
+    finally:
+        s.stop()
+
+
+def test_innfer_serve_raises_its_open_files_limit_to_the_hard_one():
+    import subprocess
+    import sys
+
+    code = ("import resource; from server.app import raise_open_files; "
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
+            "raise_open_files(); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out
