@@ -1128,7 +1128,18 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
         lengths = sorted(int(n) for n in profile["lengths"])
         chosen = f"every request at {lane} tokens (lanes {lengths}; --tokens to change)"
     proxy = any(records[t].accuracy is None for t in profile["tiers"])
+    # a frontier's candidates always carry one: the FLOPs fraction where it had no
+    # evaluation set, and simulate said nothing of it (review helper-255)
+    proxy = proxy or (source == "frontier" and _frontier_flops(d))
     return tiers, p50, chosen, FLOPS_PROXY if proxy else "", lane
+
+
+def _frontier_flops(model_dir: Path) -> bool:
+    """Whether the model's frontier scores its candidates by FLOPs (no evaluation set)."""
+    from runtime.repository.frontier import FRONTIER_DIR, FRONTIER_FILE, Frontier
+
+    path = model_dir / FRONTIER_DIR / FRONTIER_FILE
+    return Frontier.read(path).accuracy_source.startswith("flops")
 
 
 def _lane_profile(profile: dict, tokens: int | None) -> tuple[dict, int]:
@@ -2175,14 +2186,19 @@ def _served_latency(model_dir: Path) -> tuple[list, str]:
         return [], ""
     top = max((r.flops for r in records.values()), default=1) or 1
     tiers = []
+    # a frontier without an evaluation set scores by FLOPs: not an accuracy (it read as
+    # one "on model.yaml's evaluation set", below "accuracy: not measured"; helper-255)
+    flops = source == "frontier" and _frontier_flops(d)
     for name, table in profile["tiers"].items():
         sizes = sorted(int(b) for b in table)
         rec = records[name]
         # a tier of per-group counts has no one width: its FLOPs fraction stands in
         width = float(rec.width) if isinstance(rec.width, (int, float)) else rec.flops / top
-        tiers.append(ServedTier(name, width, rec.accuracy, table[str(sizes[0])]["p50_ms"],
+        accuracy = None if flops else rec.accuracy
+        tiers.append(ServedTier(name, width, accuracy, table[str(sizes[0])]["p50_ms"],
                                 sizes[-1], table[str(sizes[-1])]["p50_ms"]))  # fmt: skip
-    where = f"profile.json: {profile.get('backend')} on {profile.get('device')}"
+    latencies = "frontier.json" if source == "frontier" else "profile.json"
+    where = f"{latencies}: {profile.get('backend')} on {profile.get('device')}"
     where += f", {lane} tokens" if lane else ""
     where += "; auto-tiering's choice" if source == "frontier" else ""
     return tiers, where

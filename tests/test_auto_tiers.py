@@ -2082,3 +2082,25 @@ def test_a_stale_check_that_fails_swaps_the_choice_in_as_before(tmp_path, caplog
     with caplog.at_level("ERROR", logger="innfer.autotier"):
         assert asyncio.run(tierer.check()) == "applied" and calls == ["m"]
     assert "could not compare the traffic since the check" in caplog.text
+
+
+def test_a_chosen_set_scored_by_flops_is_not_shown_as_measured_accuracy(tmp_path, capsys):
+    """A frontier without an evaluation set scores its candidates by FLOPs: report printed
+    them as "accuracy at build, on model.yaml's evaluation set" and simulate said nothing
+    of it (review helper-255)."""
+    from innfer.cli import _served_latency
+    from runtime.repository.frontier import FRONTIER_DIR, FRONTIER_FILE, Frontier
+
+    d = _auto_model(tmp_path)
+    path = d / FRONTIER_DIR / FRONTIER_FILE
+    frontier = Frontier.read(path)
+    dataclasses.replace(frontier, accuracy_source="flops (no evaluation set)").write(path)
+    ActiveTiers(("w075", "w025"), frontier.source_sha256, "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
+    served, where = _served_latency(d)
+    assert sorted(t.name for t in served) == ["w025", "w075"]
+    assert all(t.accuracy is None for t in served) and where.startswith("frontier.json")
+    code = cli(["simulate", str(d), "--duration", "1", "--load", "0.001", "--policy", "innfer"])
+    out = capsys.readouterr().out
+    assert code == 0 and "FLOPs fraction of the full width" in out.splitlines()[0], out
