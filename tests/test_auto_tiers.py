@@ -172,6 +172,7 @@ def test_a_choice_whose_chosen_at_is_not_a_utc_time_is_corrupted(tmp_path, chose
         ({"latency": {}}, "tier a: not an object of batch sizes"),
         ({"sizes": "abc"}, "sizes is 'abc', not channel counts"),
         ({"accuracy": float("nan")}, "accuracy is nan"),
+        ({"accuracy": None}, "accuracy is null"),  # (an internal error: review helper-255)
         ({"flops": -1}, "flops is -1, not a count"),
     ],
 )

@@ -80,6 +80,10 @@ class Candidate:
         """What is wrong with a field, if anything (a hand edit of frontier.json): the same
         checks as a tier's record, and its latency table as a profile's."""
         said = fields_problem(self) or profile_problem({"tiers": {self.name: self.latency}})
+        if not said and self.accuracy is None:  # (a tier's may be: a frontier always scores
+            # its candidates, by FLOPs at worst - null failed the choice as an internal
+            # error; review helper-255)
+            said = "accuracy is null, not a score in [-1, 1]"
         return f"candidate {self.name!r}: {said}" if said else None
 
 
