@@ -748,7 +748,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         header ``innfer-stream-order: completion`` - each as it completes (see
         ``server.stream``). A failed request is a response with ``error_message`` (its status
         code's name first, its id last) and the stream stays open; only a wrong token or an
-        unknown order ends it."""
+        unknown order ends it - and a message over ``max_message_bytes``, which gRPC refuses
+        for the whole call (RESOURCE_EXHAUSTED; the requests read and not yet answered are
+        cancelled)."""
         metrics = self.plane.metrics
         metrics.rpc_started("bidi_stream", SERVICE, "ModelStreamInfer")
         t0, code = time.perf_counter(), grpc.StatusCode.OK
@@ -802,7 +804,16 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             started = time.monotonic()
             try:
                 await context.write(a.resp)
-            except BaseException:  # the client went: never delivered
+            except asyncio.CancelledError:  # the client went: never delivered
+                a.verdict.dropped()
+                raise
+            except Exception as exc:  # the call ended under the write (an oversized message
+                # gRPC refused ends the whole stream): gRPC's core refuses the batch -
+                # ExecuteBatchError, logged as an ERROR and counted UNKNOWN (review
+                # helper-253). Ended as the cancellation it is, as ``_abort`` does.
+                a.verdict.dropped()
+                raise asyncio.CancelledError("the stream ended before its answer was sent") from exc
+            except BaseException:
                 a.verdict.dropped()
                 raise
             finally:

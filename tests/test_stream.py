@@ -509,3 +509,32 @@ def test_the_code_a_stream_is_counted_with_is_the_one_its_client_heard(
 
     context = SimpleNamespace(time_remaining=lambda: left, cancelled=lambda: cancelled)
     assert _heard(grpc.StatusCode[code], context) is grpc.StatusCode[heard]
+
+
+def test_an_oversized_message_ends_its_stream_without_an_error_logged(server, caplog):
+    """gRPC refuses a message over max_message_bytes for the whole call: the stream ends
+    RESOURCE_EXHAUSTED. An answer written as it ended raised ExecuteBatchError, logged as an
+    ERROR with a traceback and counted UNKNOWN (review helper-253)."""
+    import logging
+
+    slow = pb.ModelInferRequest(model_name="slow")
+    slow.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    slow.raw_input_contents.append(np.ones((1, 1, 8, 8), np.float32).tobytes())
+    big = pb.ModelInferRequest(model_name="tiny")
+    big.raw_input_contents.append(b"\0" * (5 * 2**20))  # over the 4 MiB limit
+
+    def requests():
+        yield from [slow] * 5
+        yield big
+
+    with caplog.at_level(logging.ERROR), grpc.insecure_channel(server.address) as channel:
+        call = rpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in call:
+                pass
+    assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+    plane, deadline = server.server.plane, time.monotonic() + 10
+    while plane.inflight_bytes or plane.inflight():  # the cancelled requests let go
+        assert time.monotonic() < deadline, (plane.inflight_bytes, plane.inflight())
+        time.sleep(0.02)
+    assert "ModelStreamInfer" not in caplog.text and "Traceback" not in caplog.text
