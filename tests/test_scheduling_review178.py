@@ -120,3 +120,28 @@ def test_step_3b_runs_no_prefix_that_largest_batch_would_refuse():
     d = Planner().choose(queue, 0.0, ctx, Snapshot())
     planned = ctx.latency.planned(d.tier)[d.rows]
     assert planned <= min(r.deadline for r in d.requests)
+
+
+def test_a_lone_multi_row_request_on_an_idle_replica_is_not_held_to_past_tight_budgets():
+    """A few tight budgets set the head-of-line bound for the next 200 requests; a lone
+    request past it was exempt only as one row: an idle replica served one client's 8-row
+    requests with 1 s budgets on the fastest tier, each counted degraded (review helper-258).
+    Now priced as its own rows on the fastest tier."""
+    # w100's 8 rows (5 ms) past the bound the 4 ms budgets set (4 less w050's one row)
+    tiers = [TierInfo("w100", 1.0, {1: 1.2, 8: 6.0}, {1: 1.0, 8: 5.0}),
+             TierInfo("w050", 0.9, {1: 0.6, 8: 2.4}, {1: 0.5, 8: 2.0})]  # fmt: skip
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=64)
+    now, ids = 0.0, iter(range(1000))
+    for _ in range(60):  # one client's tight requests, answered one after the other
+        sched.submit(Request(next(ids), now, now + 0.004, 1), now)
+        d = sched.next(now)
+        now += 0.001
+        sched.complete(d, now, 0.0008)
+        now += 0.002
+    for _ in range(20):  # then another's 8-row requests with 1 s budgets, one at a time
+        now += 0.05
+        sched.submit(Request(next(ids), now, now + 1.0, 8), now)
+        d = sched.next(now)
+        assert d.tier == "w100", d
+        now += 0.006
+        sched.complete(d, now, 0.005)

@@ -593,10 +593,10 @@ class Planner(Policy):
         """Steps 2-4 for a queue of one request, without their machinery: with nothing
         behind it, every rest is feasible, so step 2 (then 3) picks the first candidate
         (then allowed) tier on which ``r``'s batch passes ``_largest``'s checks - its
-        deadline, and the head-of-line bound unless it is one row that turns away few
-        arrivals (``_blocks_little``) - and step 4 runs it on
+        deadline, and the head-of-line bound unless it turns away few arrivals
+        (``_blocks_little``) - and step 4 runs it on
         its fastest allowed tier. Same decisions as the general path (tested). ``spare``: a
-        long single row is not priced (``_blocks_little``): another slot stays free."""
+        long lone request is not priced (``_blocks_little``): another slot stays free."""
         limit_s = _hol_limit(ctx, snap, slots)
         hold = _hold(ctx, snap)
         for tiers in (candidates, allowed):
@@ -606,7 +606,7 @@ class Planner(Policy):
                     continue
                 if took <= limit_s:
                     return Decision(tier, [r])
-                if r.rows == 1 and (spare or _blocks_little(took, allowed[-1], ctx, snap)):
+                if spare or _blocks_little(took, allowed[-1], ctx, snap, r.rows):
                     return Decision(tier, [r])
         return Decision(allowed[-1], [r])
 
@@ -771,7 +771,7 @@ class Planner(Policy):
             rows, due = rows + batch[k - 1].rows, min(due, batch[k - 1].deadline)
             jump = where[k] != where[k - 1] + 1
             took = planned[rows]
-            if jump and _runs(took, rows, due - now, hold, limit_s, own, ctx, snap):
+            if jump and _runs(took, rows, due - now, hold, limit_s, own, ctx, snap, k == 1):
                 heads.append((fastest, batch[:k], where[:k]))
         if not heads:
             return None
@@ -885,7 +885,8 @@ class Planner(Policy):
             due.append(min(due[-1], r.deadline))
         for k in range(len(batch), 0, -1):
             took = planned[rows[k]]
-            if _runs(took, rows[k], due[k] - now, hold, limit_s, ctx.fastest(batch[0]), ctx, snap):
+            own = ctx.fastest(batch[0])
+            if _runs(took, rows[k], due[k] - now, hold, limit_s, own, ctx, snap, k == 1):
                 return batch[:k], now + took, where[:k]
         return None
 
@@ -1037,18 +1038,22 @@ def turned_away(budgets: np.ndarray, lo: float, hi: float) -> float:
     return float(np.clip(hi - budgets, 0.0, hi - lo).mean())
 
 
-def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot) -> bool:
-    """Whether a one-row batch of ``took`` seconds, past the head-of-line bound, turns
-    away few enough arrivals: beyond the request's one row on ``fastest`` (its fastest
-    allowed tier, which it must run on anyway), at the recent arrival rate and budgets, the
+def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot, rows: int = 1) -> bool:
+    """Whether one request's batch (``rows`` rows) of ``took`` seconds, past the
+    head-of-line bound, turns away few enough arrivals: beyond the request's rows on
+    ``fastest`` (its fastest allowed tier, which it must run on anyway - a request's rows
+    are never split), at the recent arrival rate and budgets, the
     expected arrivals whose budgets its extra time makes unmeetable (each then needs the
     fastest tier's one row) stay under ``BLOCKING_MISS_SHARE`` of the misses ``slo_target``
     allows. The rate is in rows/s, so multi-row traffic is priced as that many arrivals
     (conservative), and it counts refused arrivals, which would be refused anyway. It may
     when the budgets are unknown (none admissible yet: the bound is inf too), and when
     arrivals are paced by the answers (``PACED_IDLE_SHARE``: one closed-loop client comes
-    back after its answer, never during the batch)."""
-    least = ctx.latency.planned(fastest)[1]
+    back after its answer, never during the batch). (One row only, before: an idle replica
+    that had seen a few tight budgets served one client's 8-row requests with 1 s budgets
+    on the fastest tier for its next ~200 requests, each counted degraded; review
+    helper-258.)"""
+    least = ctx.latency.planned(fastest)[rows]
     if took <= least or snap.budgets is None or snap.paced_share >= PACED_IDLE_SHARE:
         return True
     after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
@@ -1065,14 +1070,15 @@ def _runs(
     fastest: str,
     ctx: Context,
     snap: Snapshot,
+    alone: bool = False,
 ) -> bool:
     """Whether a head batch of ``rows`` rows planned at ``took`` seconds may run: it meets
     its own earliest deadline (``left`` seconds away), runs within ``hold``, and within the
-    head-of-line bound ``limit_s`` - or is one row that turns away few arrivals
-    (``_blocks_little``; ``fastest``: its request's fastest allowed tier)."""
+    head-of-line bound ``limit_s`` - or is one request (``alone``) that turns away few
+    arrivals (``_blocks_little``; ``fastest``: its fastest allowed tier)."""
     if took > left or took > hold:
         return False
-    return took <= limit_s or (rows == 1 and _blocks_little(took, fastest, ctx, snap))
+    return took <= limit_s or (alone and _blocks_little(took, fastest, ctx, snap, rows))
 
 
 def _met_rates(batch: list[Request], tier: str, now: float, ctx: Context, hold: float) -> list:
