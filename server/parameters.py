@@ -107,9 +107,9 @@ def budget(
         if not math.isfinite(ms) or ms <= 0:
             raise InvalidArgument(f"latency_budget_ms must be a positive number, got {ms}")
         if ms > MAX_BUDGET_MS:  # the answer reports it in int64 microseconds
-            raise InvalidArgument(
-                f"latency_budget_ms {ms:g} is above {MAX_BUDGET_MS:g} (11.6 days); leave it "
-                "out to use the model's default budget"
+            raise InvalidArgument(  # (:g wrote 1000000000.5 as "1e+09 is above 1e+09")
+                f"latency_budget_ms {ms!r} is above {MAX_BUDGET_MS:,.0f} (11.6 days); leave "
+                "it out to use the model's default budget"
             )
         budget = ms / 1e3
     elif time_remaining is not None and deadline_is_budget:

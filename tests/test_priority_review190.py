@@ -123,6 +123,9 @@ def test_a_refusal_says_where_the_budget_came_from(tmp_path, default_ms, how, sa
             assert "the budget was" not in err.value.message()
         else:
             assert said in err.value.message(), err.value.message()
+        # a cap cuts any latency_budget_ms: not advised where one cut it (review helper-258)
+        advised = "send a larger latency_budget_ms" in err.value.message()
+        assert advised is (said is None or "default" in said), err.value.message()
         client.close()
     finally:
         srv.stop()

@@ -249,7 +249,11 @@ def test_a_budget_beyond_any_deadline_is_invalid_before_it_runs(client):
     with pytest.raises(InferenceServerException) as err:
         client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 1e16})
     assert _code(err.value) == "StatusCode.INVALID_ARGUMENT"
-    assert "is above 1e+09" in err.value.message()
+    assert "latency_budget_ms 1e+16 is above 1,000,000,000" in err.value.message()
+    # ... said exactly: 1000000000.5 read "1e+09 is above 1e+09" (review helper-258)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("tiny", [_input(_x(1))], parameters={"latency_budget_ms": 1e9 + 0.5})
+    assert "1000000000.5 is above 1,000,000,000" in err.value.message()
 
 
 def test_raw_byte_length_mismatch(server):
