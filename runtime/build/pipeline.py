@@ -980,8 +980,12 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
     # ranked as the server ranks them: by measured accuracy where every tier has it, else
     # by FLOPs (server.scheduling.latency.tiers_from_profile)
     measured = all(r.accuracy is not None for r in records.values())
-    ranked = sorted(records, key=lambda t: records[t].accuracy if measured else records[t].flops,
-                    reverse=True)  # fmt: skip
+
+    def rank(t: str) -> tuple:  # (equally accurate: the cheaper first - not model.yaml's
+        # order, which had one named "more accurate" and dropped; review helper-257)
+        return (records[t].accuracy, -records[t].flops) if measured else (records[t].flops,)
+
+    ranked = sorted(records, key=rank, reverse=True)
 
     def inverted(doc: dict) -> list[tuple[str, str, list[int]]]:
         return slower_tiers(doc["tiers"], ranked)
@@ -997,8 +1001,10 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
         for n, tables in more.get("lengths", {}).items():
             data["lengths"][n].update(tables)
     for slow, fast, sizes in inverted(data):
+        same = measured and records[slow].accuracy == records[fast].accuracy
+        than = f"the {'as' if same else 'more'} accurate {fast}"
         b.report.warn(
-            f"model {b.name}: tier {slow} timed slower than the more accurate {fast} at batch "
+            f"model {b.name}: tier {slow} timed slower than {than} at batch "
             f"{sizes}, {RETIMES + 1} times: the server will take {fast} for the faster; drop "
             f"{slow} from model.yaml, or build again on a quiet machine",
             b.progress,
