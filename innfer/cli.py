@@ -1080,6 +1080,15 @@ def _simulate_shared(
     return 0
 
 
+def _usable_threads(most: int = 2) -> int:
+    """``most``, or fewer where this process may use fewer CPUs (affinity, a cgroup quota):
+    the demo wrote threads: 2 on one CPU, and its server warned of oversubscribed engines
+    and ran past its profile (review helper-257)."""
+    from server.host_cpu import available_cpus
+
+    return max(1, min(most, int(available_cpus())))
+
+
 def _overhead_hint(args: argparse.Namespace, summary: dict) -> bool:
     """Whether to suggest --plan-overhead: host costs simulated without it, and more late
     answers than on-time ones - the planner filled the budgets with compute and the
@@ -2284,7 +2293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve", action=argparse.BooleanOptionalAction, default=None,
         help="minilm: serve on 127.0.0.1:8001 after the build (default: yes)",
     )  # fmt: skip
-    demo.add_argument("--threads", type=_threads, default=2)
+    demo.add_argument(
+        "--threads", type=_threads, default=_usable_threads(),
+        help="torch's threads for training, and model.yaml's threads (ONNX Runtime's intra-op "
+        "threads per batch; default: 2, or 1 where this process may use one CPU)",
+    )  # fmt: skip
     demo.add_argument("--epochs", type=_at_least(1), help="training epochs (default: the model's)")
     demo.add_argument(
         "--convert", action="store_true", help="train a plain model and convert it instead"

@@ -1102,3 +1102,16 @@ def test_train_resume_takes_the_checkpoints_run_where_flags_do_not_say(tmp_path,
     assert "--resume continues it" in _resume_hint(args, stamp)
     args.resume = False
     assert _resume_hint(args, stamp) == ""
+
+
+def test_the_demo_writes_no_more_threads_than_the_process_may_use(monkeypatch):
+    """On one CPU the demo wrote threads: 2 and its server warned of oversubscribed engines
+    (review helper-257)."""
+    import server.host_cpu as host_cpu
+    from innfer.cli import _usable_threads, build_parser
+
+    monkeypatch.setattr(host_cpu, "available_cpus", lambda: 1.0)
+    assert _usable_threads() == 1
+    assert build_parser().parse_args(["demo"]).threads == 1
+    monkeypatch.setattr(host_cpu, "available_cpus", lambda: 16.0)
+    assert build_parser().parse_args(["demo"]).threads == 2
