@@ -2143,7 +2143,8 @@ def cmd_report(args: argparse.Namespace) -> int:
               "model.yaml's evaluation set where the model takes one input)")  # fmt: skip
     elif data is None:
         print(f"FLOPs at batch 1 of input {shape}; accuracy: not measured (no evaluation set), "
-              f"give --data NAME ({DATA_SETS}) for a model trained on one of them")  # fmt: skip
+              f"give --data NAME ({DATA_SETS}) for a model trained on one of them, or "
+              "--data FILE.npz of your own (x and y: inputs, class labels)")  # fmt: skip
     served, where = _served_latency(Path(args.model_dir))
     if served:
         print(format_served(served, where))
