@@ -130,11 +130,13 @@ def test_an_engine_build_on_a_full_volume_goes_to_the_spare_cache(tmp_path, monk
     """ONNX Runtime's failed save was an EngineError alone: a server with an
     engine_cache_spare failed the load instead of building there (review helper-254)."""
     import collections
+    import errno
     import shutil
 
     import onnxruntime as ort
 
     from runtime.engines import BuildOptions, get_backend
+    from runtime.engines.base import VolumeFull
     from runtime.repository.cache import EngineCache
 
     repo = build_repository(tmp_path / "repo")
@@ -157,6 +159,14 @@ def test_an_engine_build_on_a_full_volume_goes_to_the_spare_cache(tmp_path, monk
     assert built and any(spare.rglob("model.ort"))
     assert not any(full.rglob("model.ort"))
     engine.close()
+    # without a spare: the full volume said as it is, with its fix - not a tuple's repr
+    # under a read-only repository's advice (review helper-259)
+    with pytest.raises(VolumeFull) as err:
+        EngineCache(full).get(get_backend("onnxruntime"), onnx, BuildOptions(max_batch=4))
+    assert err.value.errno == errno.ENOSPC and str(err.value).startswith("ONNX Runtime cannot")
+    assert str(err.value).endswith(f"the volume holding {full} has 10 bytes free: free space "
+                                   "or grow it")  # fmt: skip
+    assert "let the server write" not in str(err.value)
 
 
 def test_an_unreadable_folder_stops_neither_the_config_nor_a_build_message(tmp_path, forbidden):

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,22 @@ class VolumeFull(EngineError, OSError):
     """An engine cannot be written: its volume is full (``errno`` ENOSPC). An OSError as
     well, as a full disk's own write error is: the engine cache then builds it in its spare
     where it has one (ONNX Runtime's save failed as an EngineError alone, and a server with
-    a spare failed the load; review helper-254)."""
+    a spare failed the load; review helper-254). Made from its message alone; ``str`` is it.
+
+    Example:
+        >>> e = VolumeFull("the volume holding /m/engines has 0 bytes free: free space")
+        >>> e.errno == errno.ENOSPC, str(e)[:18]
+        (True, 'the volume holding')
+    """
+
+    def __init__(self, message: str) -> None:
+        # (RuntimeError's init comes first in the order: OSError's fields set here, or
+        # errno and strerror were None and str() the tuple; review helper-259)
+        OSError.__init__(self, errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class BackendUnavailable(EngineError):

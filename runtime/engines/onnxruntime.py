@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import functools
 import platform
 import shutil
@@ -117,9 +116,9 @@ class OnnxRuntimeBackend(Backend):
             if room is not None and room < onnx_path.stat().st_size:
                 # (the cache's folder, not this build's own, which goes with the failure)
                 raise VolumeFull(
-                    errno.ENOSPC, f"{said}; the volume holding {out_dir.parent} has {room} "
-                    "bytes free: free space or grow it",
-                ) from exc  # fmt: skip
+                    f"{said}; the volume holding {out_dir.parent} has {room} bytes free: free "
+                    "space or grow it"
+                ) from exc
             raise EngineError(said) from exc
         return [ENGINE_FILE]
 

@@ -179,6 +179,8 @@ class EngineCache:
             if self.spare is not None:
                 said = f"{why}; {self.root}: {exc.strerror or exc}"
                 return self._in_spare(backend, onnx_path, options, onnx_sha, key, said), True
+            if isinstance(exc, EngineError):  # a full volume (VolumeFull), said with its fix:
+                raise  # not the read-only advice below (review helper-259)
             raise EngineError(
                 f"no usable {backend.name} engine for {onnx_path} on {backend.device()} "
                 f"({why}), and none can be built here: {exc}. Build the engines for this "
