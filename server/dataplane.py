@@ -1284,11 +1284,7 @@ class DataPlane:
             # way - the request as sent, not load: counted as invalid, not as a shed request
             # (the autoscaler adds replicas for those)
             m.count_invalid()
-            raise ResourceExhausted(
-                f"the request is {size / 2**20:.1f} MiB, more than this server takes in "
-                f"flight ({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer "
-                "rows per request, or raise the limit"
-            )
+            raise self.over_cap(size)
         if self.inflight_bytes + size > cap:
             m.count_refused("refused_full", "refused_full")  # load this replica cannot take
             self._log_refused(m, request, time_remaining, waited_s, deadline_is_budget)
@@ -1303,6 +1299,16 @@ class DataPlane:
             raise
         finally:
             self.release(size, window)
+
+    def over_cap(self, size: int) -> ResourceExhausted:
+        """The refusal of a request of ``size`` bytes, more than the in-flight cap holds at
+        all: not load - a retry, on any replica, is refused the same way."""
+        cap = self.limits.max_inflight_bytes
+        return ResourceExhausted(
+            f"the request is {size / 2**20:.1f} MiB, more than this server takes in flight "
+            f"({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer rows per "
+            "request, or raise the limit"
+        )
 
     def _full(self) -> ResourceExhausted:
         """The refusal of a request the in-flight cap has no room for: load."""

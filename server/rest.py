@@ -454,6 +454,8 @@ class RestFrontEnd:
         if declared is not None and declared > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
         cap, parts, held = self.plane.limits.max_inflight_bytes, [], 0
+        if declared is not None and declared > cap:  # never fits: not "retry shortly", a
+            raise self._over_cap(request, declared)  # 429 clients looped on (helper-259)
         try:
             while True:
                 try:
@@ -468,12 +470,22 @@ class RestFrontEnd:
                 size = held + len(part)
                 if size > limit:  # (chunked: no Content-Length to judge it by first)
                     raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                if size > cap:  # (chunked: its size known as it comes)
+                    raise self._over_cap(request, size)
                 if self.plane.inflight_bytes + len(part) > cap:
                     raise self.plane._full()
                 held += self.plane.hold(len(part))
                 parts.append(part)
         finally:
             self.plane.release(held)
+
+    def _over_cap(self, request: web.Request, size: int) -> ResourceExhausted:
+        """A body more than the in-flight cap holds at all: counted invalid for its model
+        where it names one served, as the data plane counts a gRPC request so."""
+        served = self.plane.models.get(request.match_info.get("name", ""))
+        if served is not None and request.path.endswith("/infer"):
+            served.count_invalid()
+        return self.plane.over_cap(size)
 
     # -- health and metadata --------------------------------------------------------------------
     async def _live(self, request: web.Request) -> web.Response:

@@ -1011,3 +1011,17 @@ def test_innfer_serve_raises_its_open_files_limit_to_the_hard_one():
             "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out
+
+
+def test_a_body_larger_than_the_in_flight_cap_is_said_to_never_fit(model_repository):
+    """Counted as it arrived, a body over the whole cap was told "retry shortly" (429 from a
+    full cap), which clients that retry on 429 did for good (review helper-259)."""
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "limits": {"max_inflight_bytes": 2**20}}).start()  # fmt: skip
+    try:
+        body = json.dumps(_infer_body(_x(1)), indent=2).encode() + b" " * (2 * 2**20)
+        status, message = _error(s, "/v2/models/tiny/infer", body)
+        assert status == 429 and "more than this server takes in flight" in message, message
+        assert "retry" not in message
+    finally:
+        s.stop()
