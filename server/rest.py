@@ -120,6 +120,9 @@ REST_IDLE_S = 75.0
 # client that stopped mid-body held its bytes, and its connection, for good (review
 # helper-249: 20 stalled 20 MiB uploads, 400 MiB, still open after 40 s).
 UPLOAD_IDLE_S = 30.0
+# ... and one slower than this on average (bytes/s) once UPLOAD_GRACE_S have passed.
+UPLOAD_MIN_RATE = 64 * 1024
+UPLOAD_GRACE_S = 10.0
 
 
 def accepted_coding(header: str) -> ContentCoding | None:
@@ -441,30 +444,42 @@ class RestFrontEnd:
         request.writer.output_size = 0  # (the answer's own size counts from here, as aiohttp's)
         return None
 
-    async def _receive(self, request: web.Request) -> bytes:
+    async def _receive(self, request: web.Request, limit: int) -> bytes:
         """A request's body as sent (before any Content-Encoding is undone), read as it
         arrives, each part counted against the in-flight cap (``limits.max_inflight_bytes``,
         429 once it is full) while the body is read: held whole by aiohttp, 20 uploads of 20
         MiB held 400 MiB beyond a 256 MiB cap that read 0 (review helper-249). The data
         plane holds the body again once it is decoded (``DataPlane.infer``). An upload idle
-        for ``UPLOAD_IDLE_S`` is 408; one over the body limit 413 before it is read, where
-        Content-Length says so."""
-        limit = request.app._client_max_size  # (what client_max_size was made with)
+        for ``UPLOAD_IDLE_S``, or slower on average than ``UPLOAD_MIN_RATE`` after its first
+        ``UPLOAD_GRACE_S``, is 408; one over ``limit`` 413 before it is read, where
+        Content-Length says so. A client that goes mid-upload cancels the call."""
         declared = request.content_length
         if declared is not None and declared > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
         cap, parts, held = self.plane.limits.max_inflight_bytes, [], 0
         if declared is not None and declared > cap:  # never fits: not "retry shortly", a
             raise self._over_cap(request, declared)  # 429 clients looped on (helper-259)
+        start = time.monotonic()
         try:
             while True:
+                # Idle at most UPLOAD_IDLE_S, and on average no slower than the rate floor:
+                # one byte every 20 s per upload held the whole cap, gRPC's calls refused
+                # with it (review helper-260).
+                due = start + UPLOAD_GRACE_S + held / UPLOAD_MIN_RATE
+                wait = min(UPLOAD_IDLE_S, due - time.monotonic())
                 try:
-                    part = await asyncio.wait_for(request.content.readany(), UPLOAD_IDLE_S)
+                    part = await asyncio.wait_for(request.content.readany(), max(wait, 0.0))
                 except asyncio.TimeoutError:  # (not the builtin's before Python 3.11)
                     raise web.HTTPRequestTimeout(
-                        text=f"the request body stopped arriving: no byte for {UPLOAD_IDLE_S:g} "
-                        f"s after {held:,} bytes; send the whole body, then read the answer"
+                        text=f"the request body arrives too slowly: {held:,} bytes in "
+                        f"{time.monotonic() - start:.0f} s (no byte for {UPLOAD_IDLE_S:g} s, or "
+                        f"under {UPLOAD_MIN_RATE // 1024} KiB/s after {UPLOAD_GRACE_S:g} s); "
+                        "send the whole body, then read the answer"
                     ) from None
+                except ConnectionResetError:  # the client went (aiohttp's reset is one too)
+                    # mid-upload: its call is cancelled (a 500 with a traceback before)
+                    request[GONE] = 499
+                    raise asyncio.CancelledError("the client closed its connection") from None
                 if not part:
                     return b"".join(parts)
                 size = held + len(part)
@@ -478,6 +493,10 @@ class RestFrontEnd:
                 parts.append(part)
         finally:
             self.plane.release(held)
+            # (a failed read's exception holds this frame in a cycle with the request's
+            # stream: the bytes went only at the collector's next full pass - review
+            # helper-260; a body returned was joined before this runs)
+            parts.clear()
 
     def _over_cap(self, request: web.Request, size: int) -> ResourceExhausted:
         """A body more than the in-flight cap holds at all: counted invalid for its model
@@ -735,12 +754,14 @@ _CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate
 _UNREADABLE = "; send it plain, or gzip / deflate with its Content-Encoding"
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     """The request body decoded from its Content-Encoding (gzip, deflate, or none), at most
-    the app's ``client_max_size`` bytes before and after decoding (413 beyond: a bomb is
-    inflated only up to the limit). A coding it does not take, or bytes that do not decode,
-    are InvalidArgument ("could not be read")."""
-    raw = await request.app[RECEIVE](request)
+    ``limit`` bytes (default the app's ``client_max_size``) before and after decoding (413
+    beyond: a bomb is inflated only up to the limit). A coding it does not take, bytes that
+    do not decode, or bytes after the compressed stream (a second gzip member, junk: the
+    rest was dropped unsaid) are InvalidArgument ("could not be read")."""
+    limit = request.app._client_max_size if limit is None else limit  # (client_max_size's)
+    raw = await request.app[RECEIVE](request, limit)
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding in ("", "identity"):
         return raw
@@ -753,7 +774,6 @@ async def read_body(request: web.Request) -> bytes:
     if coding == "deflate" and not (len(raw) >= 2 and raw[0] & 0x0F == 8 and
                                     (raw[0] << 8 | raw[1]) % 31 == 0):  # fmt: skip
         wbits = -zlib.MAX_WBITS  # raw deflate, no zlib header
-    limit = request.app._client_max_size  # (what client_max_size was made with)
     inflate = zlib.decompressobj(wbits)
     try:
         data = inflate.decompress(raw, limit + 1)
@@ -763,6 +783,11 @@ async def read_body(request: web.Request) -> bytes:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
     if not inflate.eof:
         raise InvalidArgument(f"the request body could not be read (it ends early){_UNREADABLE}")
+    if inflate.unused_data:  # (review helper-260: answered as if the rest were not there)
+        raise InvalidArgument(
+            f"the request body could not be read ({len(inflate.unused_data):,} bytes after its "
+            f"{coding} stream: one stream, one gzip member){_UNREADABLE}"
+        )
     return data
 
 
@@ -771,12 +796,8 @@ async def _body(request: web.Request, known: set[str] | None = None) -> dict:
     misspelt one (``{"redy": true}``) was ignored and the call served as if it were absent,
     as infer's bodies are not (review helper-227). (Log settings name their own keys, which
     the RPC checks.)"""
-    data = await read_body(request)
-    if len(data) > MAX_BODY_BYTES:  # (parsed on the event loop: ~40 ms per MiB)
-        raise InvalidArgument(
-            f"the request body is {len(data):,} bytes; this route's is at most "
-            f"{MAX_BODY_BYTES:,} (only inference takes large bodies)"
-        )
+    # (at most MAX_BODY_BYTES read and inflated: gzip took 24 MiB of spaces in first)
+    data = await read_body(request, MAX_BODY_BYTES)
     if not data.strip():
         return {}
     try:
