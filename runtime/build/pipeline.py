@@ -981,11 +981,10 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
     # by FLOPs (server.scheduling.latency.tiers_from_profile)
     measured = all(r.accuracy is not None for r in records.values())
 
-    def rank(t: str) -> tuple:  # (equally accurate: the cheaper first - not model.yaml's
-        # order, which had one named "more accurate" and dropped; review helper-257)
-        return (records[t].accuracy, -records[t].flops) if measured else (records[t].flops,)
-
-    ranked = sorted(records, key=rank, reverse=True)
+    # (equally accurate tiers keep model.yaml's order, as the server's stable sort does:
+    # the later one timed slower is said to be slower than an "as accurate" one)
+    ranked = sorted(records, key=lambda t: records[t].accuracy if measured else records[t].flops,
+                    reverse=True)  # fmt: skip
 
     def inverted(doc: dict) -> list[tuple[str, str, list[int]]]:
         return slower_tiers(doc["tiers"], ranked)
