@@ -1645,9 +1645,9 @@ def test_a_tier_that_stays_slower_than_a_more_accurate_one_is_said_by_the_build(
     _, report = build_tiny(tmp_path)
     assert len(calls) == 1 + pipeline.RETIMES
     (said,) = [w for w in report.warnings if "timed slower" in w]
-    # (the tiny model's tiers score alike: "as accurate", where "more accurate" named one
+    # (the tiny model's tiers score alike: "equally accurate", where "more accurate" named one
     # better than it was - review helper-257)
-    assert "tier w050 timed slower than the as accurate w100" in said and "drop w050" in said
+    assert "tier w050 timed slower than the equally accurate w100" in said and "drop w050" in said
 
 
 def test_a_model_whose_build_failed_says_why_where_it_is_loaded(tmp_path):

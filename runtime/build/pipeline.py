@@ -982,7 +982,7 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
     measured = all(r.accuracy is not None for r in records.values())
 
     # (equally accurate tiers keep model.yaml's order, as the server's stable sort does:
-    # the later one timed slower is said to be slower than an "as accurate" one)
+    # the later one timed slower is said to be slower than an "equally accurate" one)
     ranked = sorted(records, key=lambda t: records[t].accuracy if measured else records[t].flops,
                     reverse=True)  # fmt: skip
 
@@ -1001,7 +1001,7 @@ def _profile(b: _Build, engines: dict, repeats: int, onnx: dict, records: dict) 
             data["lengths"][n].update(tables)
     for slow, fast, sizes in inverted(data):
         same = measured and records[slow].accuracy == records[fast].accuracy
-        than = f"the {'as' if same else 'more'} accurate {fast}"
+        than = f"the {'equally' if same else 'more'} accurate {fast}"
         b.report.warn(
             f"model {b.name}: tier {slow} timed slower than {than} at batch "
             f"{sizes}, {RETIMES + 1} times: the server will take {fast} for the faster; drop "
