@@ -656,6 +656,10 @@ class RestFrontEnd:
 
     # -- inference ---------------------------------------------------------------------------------
     async def _infer(self, request: web.Request) -> web.StreamResponse:
+        # The route's model first: a body for no model served is not read, inflated nor
+        # parsed (a 24 KB gzip to an unknown model held the loop 9 s for its 404; review
+        # helper-260)
+        self.plane.model(request.match_info["name"], request.match_info.get("version", ""))
         body = await read_body(request)
         # From the whole body's arrival, as gRPC counts from its message's: the client's
         # upload is not the server's time (with plan_overhead, a slow upload spent the

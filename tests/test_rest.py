@@ -199,6 +199,9 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
          "has no data"),
         ({"inputs": [{"name": "input", "shape": "1x64", "datatype": "FP32", "data": []}]},
          "shape must be a list"),
+        # review helper-260: 8 M empty lists (24 KB of gzip) held the loop 9 s
+        ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                      "data": [[]] * 200_000}]}, "200,005 lists and objects; at most 131,072"),
         # review helper-256: counted before any is read (60,000 inputs held the loop 14.6 s)
         ({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                       "data": [0.0] * 64}] * 65}, "65 inputs given; at most 64"),
