@@ -214,3 +214,19 @@ def test_traces_held_for_the_stop_are_bounded(tmp_path, monkeypatch):
         ["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"],
     ]  # fmt: skip
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_refused_over_long_id_is_not_kept_in_its_trace(model_repository, tmp_path):
+    """Refused over max_id_bytes, a sampled request's 1 MB id was still kept in its trace and
+    written to the file: 300 of them, +290 MiB (review helper-260)."""
+    s = _serve(model_repository, tmp_path, log_frequency=1)
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
+            x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+            with pytest.raises(InferenceServerException, match="the request id is 5,000 bytes"):
+                client.infer("tiny", [x], request_id="y" * 5000)
+            [record] = _read(tmp_path / "trace.json.0")
+    finally:
+        s.stop()
+    assert record["request_id"] == ""
