@@ -1419,9 +1419,13 @@ class DataPlane:
         # the overhead comes after): a text still queued for the tokenizer threads then is
         # refused at that moment, not encoded for an answer that would be late.
         clock = DecodeClock(
-            due=decoding - (waited_s if plans else 0.0) + budget_s, budget_s=budget_s
-        )
-        inputs, rows, truncated = await self._decode(m, request, raw, clock)
+            due=decoding - (waited_s if plans else 0.0) + budget_s, budget_s=budget_s,
+            cut=asked_s is not None,
+        )  # fmt: skip
+        try:
+            inputs, rows, truncated = await self._decode(m, request, raw, clock)
+        except DeadlineExceeded as exc:  # a long text's: said as the scheduler's refusals are
+            raise _with_source(exc, source) from None
         m = self._successor(m)  # swapped or reloaded while a long text was tokenized
         SERVED_BY.set(m)
         reserve_s = grace_s = 0.0
@@ -1463,15 +1467,7 @@ class DataPlane:
                 waited_s, reserve_s, grace_s, leases, asked_s,
             )  # fmt: skip
         except DeadlineExceeded as exc:
-            if not BUDGET_SOURCES[source]:
-                raise
-            said = str(exc)
-            if "deadline" in source or "timeout" in source:
-                # the cap cuts any latency_budget_ms: advising a larger one sent the client
-                # back for nothing (review helper-258); what raises the cap is said below
-                said = said.replace("send a larger latency_budget_ms, or allow", "allow")
-                said = said.replace(", or send a larger latency_budget_ms", "")
-            raise DeadlineExceeded(f"{said}; {BUDGET_SOURCES[source]}") from None
+            raise _with_source(exc, source) from None
         finally:
             self.shared_memory.release(leases.values())
             self.release(answer_bytes, window)
@@ -1714,8 +1710,10 @@ class DataPlane:
         start = m.clock()
         clock = clock or DecodeClock()
         if clock.due <= start:
-            # (below the margin from the start: the client's ask; spent here since: load)
-            why = "refused_budget" if clock.budget_s <= 0 else "refused_deadline"
+            # (below the margin from the start: the client's ask - unless the call's deadline
+            # cut a larger ask: then the time it lost before the server read the call, load,
+            # as ModelRuntime._refusal counts it; spent here since: load)
+            why = "refused_budget" if clock.budget_s <= 0 and not clock.cut else "refused_deadline"
             m.count_refused("refused_deadline", why)
             m.record_traffic(clock.due - clock.budget_s, clock.budget_s, len(texts))
             raise DeadlineExceeded(
@@ -1807,10 +1805,26 @@ class DecodeClock:
     due: float = math.inf
     queued_s: float = 0.0
     budget_s: float = math.inf
+    cut: bool = False  # the call's deadline cut the budget the client asked for
 
 
 class _TokenizerLate(Exception):
     """A text's budget ran out before a tokenizer thread took it (``DataPlane._tokenize``)."""
+
+
+def _with_source(exc: DeadlineExceeded, source: str) -> DeadlineExceeded:
+    """A refusal with what raises the budget it had (``BUDGET_SOURCES[source]``) - and,
+    where a timeout or the call's deadline cut it, without the advice to send a larger
+    latency_budget_ms: the cap cuts any, and the client came back for nothing (review
+    helper-258)."""
+    if not BUDGET_SOURCES[source]:
+        return exc
+    said = str(exc)
+    if "deadline" in source or "timeout" in source:
+        said = said.replace("send a larger latency_budget_ms, or allow", "allow")
+        said = said.replace("; send a larger latency_budget_ms", "")
+        said = said.replace(", or send a larger latency_budget_ms", "")
+    return DeadlineExceeded(f"{said}; {BUDGET_SOURCES[source]}")
 
 
 def _unservable(limits, cfg) -> str | None:

@@ -861,6 +861,28 @@ def test_long_texts_whose_budget_is_already_spent_are_refused_at_once_unencoded(
     assert len(traffic) == 2  # replayed by auto-tiering as sent
 
 
+def test_a_long_texts_early_refusal_is_said_and_counted_as_the_schedulers_are():
+    """Where the call's deadline cut a larger latency_budget_ms, the early refusal said
+    "send a larger latency_budget_ms" and counted the client's ask (review helper-259)."""
+    import time
+    import types
+
+    from server.dataplane import DataPlane, DecodeClock, _with_source
+
+    counted = []
+    m = types.SimpleNamespace(
+        name="embed", clock=time.monotonic, served=types.SimpleNamespace(tokenizer=None),
+        count_refused=lambda *how: counted.append(how), record_traffic=lambda *args: None,
+    )  # fmt: skip
+    plane = DataPlane.__new__(DataPlane)
+    clock = DecodeClock(time.monotonic() - 0.001, 0.0, -0.0005, cut=True)
+    with pytest.raises(DeadlineExceeded) as err:
+        asyncio.run(plane._tokenize(m, ["x" * 3000], clock))
+    assert counted == [("refused_deadline", "refused_deadline")]  # load, not the ask
+    said = str(_with_source(err.value, "deadline"))
+    assert "send a larger latency_budget_ms" not in said and "raise the deadline" in said
+
+
 def test_texts_still_queued_for_the_tokenizer_when_their_budget_ends_are_refused_unencoded():
     # Before, a request's long texts waited for the tokenizer threads however long the
     # queue was, and were encoded for an answer already late: under more long text than
