@@ -182,21 +182,24 @@ def parse_infer(
 def _check_counts(doc: dict, limits: RequestLimits) -> None:
     """The request's inputs, outputs and parameters (its own and each tensor's) within
     ``limits``, counted before any is read - as gRPC's are (``server.codec``)."""
-    counted = [("inputs", doc.get("inputs"), limits.max_inputs),
-               ("outputs", doc.get("outputs"), limits.max_outputs),
-               ("request parameters", doc.get("parameters"), limits.max_parameters)]  # fmt: skip
-    for key in ("inputs", "outputs"):
+    _within(doc.get("inputs"), limits.max_inputs, "inputs", "max_inputs")
+    _within(doc.get("outputs"), limits.max_outputs, "outputs", "max_outputs")
+    _within(doc.get("parameters"), limits.max_parameters, "request parameters", "max_parameters")
+    for key in ("inputs", "outputs"):  # (each list within its bound by now)
         entries = doc.get(key)
-        if isinstance(entries, list) and len(entries) <= limits.max_inputs + limits.max_outputs:
-            counted += [(f"{key}[{i}] parameters", e.get("parameters"), limits.max_parameters)
-                        for i, e in enumerate(entries) if isinstance(e, dict)]  # fmt: skip
-    for what, given, most in counted:
-        if isinstance(given, list | dict) and len(given) > most:
-            setting = {"inputs": "max_inputs", "outputs": "max_outputs"}.get(what, "max_parameters")
-            raise InvalidArgument(
-                f"{len(given):,} {what} given; at most {most} are accepted (limits.{setting} "
-                "in the server config)"
-            )
+        for i, e in enumerate(entries if isinstance(entries, list) else ()):
+            if isinstance(e, dict):
+                what = f"{key}[{i}] parameters"
+                _within(e.get("parameters"), limits.max_parameters, what, "max_parameters")
+
+
+def _within(given, most: int, what: str, setting: str) -> None:
+    """INVALID_ARGUMENT where ``given`` (a list or an object) has more than ``most`` items."""
+    if isinstance(given, list | dict) and len(given) > most:
+        raise InvalidArgument(
+            f"{len(given):,} {what} given; at most {most} are accepted (limits.{setting} in "
+            "the server config)"
+        )
 
 
 def answer_body(resp: pb.ModelInferResponse, parsed: ParsedInfer) -> tuple[bytes, int | None]:
