@@ -353,6 +353,8 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
             at.fail(v, expected)
         return hint(v)
     if hint is str or hint is Path:
+        if isinstance(v, bool) and s.choices:
+            return _yaml_word(v, s.choices, at, expected)
         if not isinstance(v, str) or not v:
             at.fail(v, expected)
         if hint is Path:
@@ -367,6 +369,21 @@ def _scalar(hint: Any, s: Spec, v: Any, at: Where, expected: str) -> Any:
             at.fail(v, expected)
         return v
     raise TypeError(f"{at.path}: no parser for {hint!r}; give the field spec(parse=...)")
+
+
+# The words YAML 1.1 (PyYAML) reads as booleans where they stand unquoted.
+_YAML_BOOL_WORDS = {True: ("yes", "true", "on"), False: ("no", "false", "off")}
+
+
+def _yaml_word(v: bool, choices: Sequence[str], at: Where, expected: str) -> str:
+    """The one choice an unquoted YAML word read as ``v`` stands for: ``level: OFF`` reads
+    as False, and was refused as "got False, expected one of OFF, TIMESTAMPS" (review
+    helper-261). Where no choice (or more than one) is such a word, the refusal says why."""
+    words = [c for c in choices if c.lower() in _YAML_BOOL_WORDS[v]]
+    if len(words) == 1:
+        return words[0]
+    at.fail(v, expected + " (YAML reads an unquoted yes/no/on/off/true/false as a boolean: "
+            "quote the value)")  # fmt: skip
 
 
 def _finite(v: float) -> bool:

@@ -4,7 +4,9 @@ the server's log level while it runs (tritonclient's ``get_log_settings`` /
 
 Triton's switches map onto innfer's one threshold (the ``innfer`` logger's level):
 ``log_verbose_level`` > 0 is DEBUG; else the lowest of ``log_info`` (INFO), ``log_warning``
-(WARNING), ``log_error`` (ERROR) that is on; all off is CRITICAL. A threshold cannot log
+(WARNING), ``log_error`` (ERROR) that is on; all off is CRITICAL. Verbose turned off again
+brings back the threshold it replaced (the switches that request does not send read as
+they were before verbose, as Triton keeps them). A threshold cannot log
 info but not warnings: such a combination is refused, as are ``log_file`` (innfer logs to
 stderr, JSON lines: the container's log) and a ``log_format`` other than ``default``.
 
@@ -19,7 +21,12 @@ from server.errors import FailedPrecondition, InvalidArgument
 from server.limits import clip
 
 log = logging.getLogger("innfer.log_settings")
-_verbose = {"level": 1}  # the log_verbose_level last set (> 0), read back while at DEBUG
+# "level": the log_verbose_level last set (> 0), read back while at DEBUG; "below": the
+# threshold in force when a client turned verbose on, brought back when it turns verbose
+# off saying nothing of the other switches (Triton keeps them apart from the verbose level:
+# errors-only, verbose 1, verbose 0 ended at INFO - review helper-261). None: verbose was on
+# from the start (--log-level debug), the switches then read all on.
+_verbose: dict[str, int | None] = {"level": 1, "below": None}
 
 KINDS = {  # Triton's setting -> the SettingValue field that carries it
     "log_file": "string_param",
@@ -98,8 +105,16 @@ def update(settings, allowed: str | None) -> None:
                 f"so {off[0]} cannot be off beside it"
             )
         _verbose["level"] = given["log_verbose_level"]
+        before = logging.getLogger("innfer").getEffectiveLevel()
+        if before > logging.DEBUG:
+            _verbose["below"] = before
         set_level(logging.DEBUG)
         return
+    below = _verbose["below"]
+    if "log_verbose_level" in sent and current()["log_verbose_level"] and below:
+        for name, at in SWITCHES:  # those not sent as they were before verbose
+            if name not in sent:
+                given[name] = below <= at
     on = [at for name, at in SWITCHES if given[name]]
     if on and on != [at for _, at in SWITCHES][len(SWITCHES) - len(on) :]:
         raise InvalidArgument(

@@ -1183,11 +1183,15 @@ class ModelRuntime:
         would count it while it was ``waiting`` (queued, or for a tokenizer thread; in the
         statistics' ``fail`` too), else
         late while its batch ran: it was "cancelled", no miss, 2 of 3 times behind a hung
-        engine (review helper-153)."""
+        engine (review helper-153). One cancelled while ``waiting`` is in the statistics'
+        ``fail`` whatever its budget, as Triton counts a request cancelled in its queue
+        (they missed such cancels: review helper-261)."""
         if due == math.inf or now < due - max(
             CANCEL_AT_DUE_S, CANCEL_AT_DUE_SHARE * (due - arrival)
         ):
             self.metrics.requests.labels(self.name, "", "cancelled").inc()
+            if waiting:
+                self.stats.fail.add(now - arrival)
             return
         outcome = "refused_deadline" if waiting else "cancelled"
         self.metrics.requests.labels(self.name, "", outcome).inc()

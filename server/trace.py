@@ -116,6 +116,9 @@ class RequestTraces:
             "trace_level": config.level, "trace_rate": config.rate,
             "trace_count": config.count, "log_frequency": config.log_frequency,
         }  # fmt: skip
+        # What a client's clearing of a global setting brings back (Triton's rule): the
+        # server config's values, not the last a client set.
+        self._start = dict(self._global)
         self._models: dict[str, dict] = {}  # a model's own settings (unset: the global ones)
         self._seen: dict[str, int] = {}  # requests per model, for trace_rate
         self._ids = itertools.count(1)
@@ -142,8 +145,9 @@ class RequestTraces:
 
     def update(self, model: str, changes: dict[str, list[str]]) -> None:
         """Apply ``changes`` (name -> values; no values clears a model's own setting, so it
-        follows the global one again) to ``model``'s settings, or the global ones for "".
-        Every change is checked first: a bad one changes nothing (InvalidArgument)."""
+        follows the global one again, or a global one back to the server config's value, as
+        Triton's do) to ``model``'s settings, or the global ones for "". Every change is
+        checked first: a bad one changes nothing (InvalidArgument)."""
         parsed: dict[str, object] = {}
         for key, values in changes.items():
             if key == "trace_file":
@@ -159,7 +163,9 @@ class RequestTraces:
                     "log_frequency is global (one sequence of trace files for every model): "
                     "set it without a model name"
                 )
-            parsed[key] = _parse(key, values, clearing_allowed=bool(model))
+            parsed[key] = _parse(key, values)
+            if parsed[key] is None and not model:
+                parsed[key] = self._start[key]
         level = parsed.get("trace_level")
         if level not in (None, "OFF") and (why := self.unwritable()) is not None:
             raise FailedPrecondition(f"trace_level TIMESTAMPS: {why}")
@@ -258,11 +264,9 @@ class RequestTraces:
             log.warning("could not write %d trace(s) to %s: %s", len(records), path, exc)
 
 
-def _parse(key: str, values: list[str], clearing_allowed: bool) -> object:
-    """One setting's new value from its strings; None: cleared (a model's only)."""
+def _parse(key: str, values: list[str]) -> object:
+    """One setting's new value from its strings; None: cleared."""
     if not values:
-        if not clearing_allowed:
-            raise InvalidArgument(f"{key}: a global setting cannot be cleared; give a value")
         return None
     if key == "trace_level":
         if len(values) != 1 or values[0] not in LEVELS:

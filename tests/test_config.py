@@ -437,6 +437,22 @@ def test_an_integer_in_another_yaml_base_is_refused_not_misread(tmp_path, text):
         assert read_yaml(path) == {"max_batch": value}
 
 
+def test_an_unquoted_yaml_word_read_as_a_boolean_is_the_choice_it_spells(tmp_path):
+    # YAML 1.1 reads `level: OFF` as False: it was refused as "got False, expected one of
+    # OFF, TIMESTAMPS" (review helper-261); a boolean no choice spells says to quote it.
+    path = tmp_path / "server.yaml"
+    base = "repository: /tmp\nmodels: [m]\n"
+    for word in ("OFF", "off", "no", "false"):
+        path.write_text(base + f"trace:\n  level: {word}\n")
+        assert ServerConfig.load(path).trace.level == "OFF"
+    path.write_text(base + "trace:\n  level: on\n")
+    with pytest.raises(ConfigError, match=r"got True, .*quote the value"):
+        ServerConfig.load(path)
+    path.write_text(base + "model_control: no\n")
+    with pytest.raises(ConfigError, match=r"model_control: got False, .*quote the value"):
+        ServerConfig.load(path)
+
+
 def test_an_empty_model_yaml_or_a_directory_for_a_config_says_so(tmp_path):
     # "model.yaml: got None, expected a mapping with inputs, outputs, tiers and ..." for an
     # empty file; a directory given for a config read "file not found" (review 160).

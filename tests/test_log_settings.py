@@ -83,6 +83,21 @@ def test_changes_need_a_token_where_other_hosts_reach_the_port(tmp_path):
         log_settings.update(req.settings, refused(host="0.0.0.0"))
 
 
+def test_verbose_off_brings_back_the_threshold_it_replaced(client):
+    # Triton keeps the verbose level apart from the info/warning switches: errors only,
+    # verbose 1, verbose 0 ended at INFO here, two switched-off levels back on unsaid
+    # (review helper-261).
+    INNFER.setLevel(logging.INFO)
+    client.update_log_settings({"log_info": False, "log_warning": False})
+    client.update_log_settings({"log_verbose_level": 1})
+    assert INNFER.level == logging.DEBUG
+    client.update_log_settings({"log_verbose_level": 0})
+    assert INNFER.level == logging.ERROR
+    client.update_log_settings({"log_verbose_level": 1})  # switches sent with it decide
+    client.update_log_settings({"log_verbose_level": 0, "log_warning": True})
+    assert INNFER.level == logging.WARNING
+
+
 def test_every_change_is_on_record_and_the_verbose_level_reads_back(client, caplog):
     # ERROR <-> CRITICAL went unsaid (a warning on either side of the change is dropped),
     # and log_verbose_level 2 read back as 1 (review 205).

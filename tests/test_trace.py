@@ -106,11 +106,16 @@ def test_settings_are_read_and_changed_per_model_through_tritonclient(model_repo
                 ({"trace_rate": "often"}, "trace_rate: one whole number"),
                 ({"trace_rate": "1_000"}, "trace_rate: one whole number"),
                 ({"trace_colour": "red"}, "unknown trace setting 'trace_colour'"),
-                ({"trace_rate": None}, "a global setting cannot be cleared"),
             ):
                 with pytest.raises(InferenceServerException, match=said) as e:
                     client.update_trace_settings(settings=settings)
                 assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+            # A global setting cleared goes back to the server config's (Triton's rule; it
+            # was refused: a client could not say "back to the server's" - helper-261)
+            client.update_trace_settings(settings={"trace_rate": "7", "trace_count": "9"})
+            client.update_trace_settings(settings={"trace_rate": None, "trace_count": None})
+            got = client.get_trace_settings(as_json=True)["settings"]
+            assert (got["trace_rate"]["value"], got["trace_count"]["value"]) == (["1"], ["3"])
             with pytest.raises(InferenceServerException, match="unknown model 'nope'") as e:
                 client.get_trace_settings("nope")
             assert e.value.status() == "StatusCode.NOT_FOUND" and "tiny" in str(e.value)
