@@ -317,6 +317,24 @@ def test_admission_finish_is_the_new_requests_own_group():
     assert r in sched.queue
 
 
+def test_admission_counts_no_join_that_makes_the_batch_miss_its_own_deadline():
+    # A (3 rows, 7.5 ms; 7 ms alone) queued; B (1 row, 9 ms) was admitted as if it joined A's
+    # batch (4 rows: 8 ms) - a batch the planner never runs, A being due at 7.5 - and was
+    # refused 4 ms later; after A alone (7 ms) B's own batch ends at 12 ms: no plan serves
+    # both, so B is refused at arrival (review helper-264).
+    tiers = [TierInfo("t", 0.9, {1: 5.0, 4: 8.0})]
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=4, max_queue=64)
+    sched.submit(Request(1, 0.0, 0.0075, rows=3), 0.0)
+    late = Request(2, 0.0, 0.0090)
+    assert sched.finish_if_admitted(late, 0.0, q=0.5) == pytest.approx(0.012)
+    with pytest.raises(Refused, match="cannot be met behind the 1 request queued ahead"):
+        sched.submit(late, 0.0)
+    fits = Request(3, 0.0, 0.0085)  # A's own deadline 8.5 ms: the batch of 4 serves both
+    sched.queue[0].deadline = 0.0085
+    sched._cols.drop()
+    assert sched.finish_if_admitted(fits, 0.0, q=0.5) == pytest.approx(0.008)
+
+
 # -- 4. pins and minimum tiers ---------------------------------------------------------------
 def test_unknown_tiers_and_oversized_requests_are_errors():
     sched = make(max_batch=4)

@@ -146,8 +146,9 @@ def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
     spec, new, slots, running, per_tier
 ):
     """The new request's end: its own batch on the fastest tiers' plan, or an earlier batch
-    it joins - a plain sum per slot, each batch on the slot that frees first; batches of 8
-    rows, or of a size per fastest tier."""
+    it joins that still ends by its own requests' earliest deadline - a plain sum per slot,
+    each batch on the slot that frees first; batches of 8 rows, or of a size per fastest
+    tier."""
     ctx = Context(TIERS, LatencyModel(TIERS), 8)
     caps = [8, 8, 8] if per_tier is None else list(per_tier)
     queue = sorted(
@@ -163,30 +164,46 @@ def test_admission_finish_is_the_earliest_of_its_own_batch_and_one_it_joins(
     busy = [running] + [0.0005 * k for k in range(1, slots)]
     behind = ctx.columns([*queue, Request(100, 0.0, 2.0)])  # one more queued behind r
     got = admission_finish(behind, len(queue), (r.rows, lo, hi), 8 if per_tier is None else caps,
-                           ctx.tables(), ctx.latency.z, busy[::-1], group_key(g))  # fmt: skip
+                           ctx.tables(), ctx.latency.z, busy[::-1], group_key(g), 0.0)  # fmt: skip
     lat = ctx.latency
-    batches, open_batch = [], {}  # [fastest tier rank, rows, group], next-fit per class
+    batches, open_batch = [], {}  # [fastest tier rank, rows, group, due], next-fit per class
     for q in [*queue, r]:
         key = (ctx.bounds(q)[1], q.group)
         k = open_batch.get(key)
         if k is None or batches[k][1] + q.rows > caps[key[0]]:
             k = open_batch[key] = len(batches)
-            batches.append([key[0], 0, q.group])
+            batches.append([key[0], 0, q.group, math.inf])
         batches[k][1] += q.rows
+        if q is not r:
+            batches[k][3] = min(batches[k][3], q.deadline)
     mine = open_batch[(hi, g)]  # r's: the last batch of its class
     names = [t.name for t in ctx.tiers]
     chains = [[off, 0.0, 0.0] for off in sorted(busy)]  # offset, mean, variance per slot
-    options = []
+    options, after = [], False
     for k in range(mine + 1):
-        rank, b, of = batches[k]
+        rank, b, of, due = batches[k]
         t = names[rank]
         off, m, v = min(chains, key=lambda x: x[0] + x[1])
         if k < mine and lo <= rank <= hi and b + r.rows <= caps[rank] and of == g:
             mj, vj = m + lat.mean(t, b + r.rows), v + lat.var(t, b + r.rows)
-            options.append(off + float(sum_quantile(mj, vj, lat.z)))
+            end = off + float(sum_quantile(mj, vj, lat.z))
+            if end <= due:  # a join that makes the batch miss its own deadline: not a plan
+                options.append(end)
+        if k == mine and b > r.rows:  # next-fit put r with earlier requests ...
+            end = off + float(sum_quantile(m + lat.mean(t, b), v + lat.var(t, b), lat.z))
+            after = end > due  # ... whose deadline that batch would miss: it runs alone
+            b -= r.rows if after else 0  # after the queue ahead
         slot = min(chains, key=lambda x: x[0] + x[1])
         slot[1] += lat.mean(t, b)
         slot[2] += lat.var(t, b)
+    if after:
+        for rank, b, _, _ in batches[mine + 1 :]:
+            slot = min(chains, key=lambda x: x[0] + x[1])
+            slot[1] += lat.mean(names[rank], b)
+            slot[2] += lat.var(names[rank], b)
+        slot = min(chains, key=lambda x: x[0] + x[1])
+        t = names[batches[mine][0]]
+        slot = [slot[0], slot[1] + lat.mean(t, r.rows), slot[2] + lat.var(t, r.rows)]
     off, m, v = slot
     options.append(off + float(sum_quantile(m, v, lat.z)))
     assert got == pytest.approx(min(options), rel=1e-9)

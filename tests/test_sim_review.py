@@ -81,11 +81,17 @@ def test_goodput_counts_to_the_last_answer_late_ones_too(tmp_path):
 def test_a_request_that_expires_in_the_queue_is_expired_not_refused_at_arrival():
     # The engine-only simulation named queue expiries refused_deadline, the name of a
     # refusal at arrival; the shared-core one and the server say expired (review helper-236).
+    # (Admission refuses some at arrival too since it counts no join that makes the batch
+    # miss its own deadline - helper-264 - so the seeds together, each with its expiries.)
     planned = [TierInfo("w100", 0.99, {1: 1.0, 8: 4.0})]  # planned 8x faster than it runs
-    cfg = SimConfig(trace="poisson", duration_s=2.0, load=0.3, budget_ms=(20.0, 20.0), noise=0.0)
-    s = simulate(planned, {"w100": {1: 8.0, 8: 30.0}}, cfg).summary
-    assert s["refused"].get("expired", 0) > 0 and "refused_deadline" not in s["refused"], s
+    summaries = []
+    for seed in range(4):
+        cfg = SimConfig(trace="poisson", duration_s=2.0, load=0.3, budget_ms=(20.0, 20.0),
+                        noise=0.0, seed=seed)  # fmt: skip
+        summaries.append(simulate(planned, {"w100": {1: 8.0, 8: 30.0}}, cfg).summary)
+    assert sum(s["refused"].get("expired", 0) for s in summaries) > 0, summaries
     # late answers are counted and printed (they were in no line of the summary)
+    s = max(summaries, key=lambda s: s["late"])
     assert s["late"] > 0 and f"  late            {s['late']} answered past" in format_summary(s)
 
 

@@ -216,13 +216,15 @@ def feasible(batch, due, index, n_groups, ints, deadline, mean, var, cand, z, ot
 
 
 @_jit
-def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, caps, z, busy):
+def admission(ints, left, at, r_rows, r_lo, r_hi, r_key, mean, var, caps, z, busy):
     """When a new request (``r_rows``, ``r_lo``, ``r_hi``, group ``r_key``) queued after the
-    first ``at`` requests of the columns (``ints``: rows, lo, hi, group key) ends (seconds
-    from now), the batches on their fastest allowed tiers after the slots free (``busy``:
-    per slot), a batch of fastest tier h up to ``caps[h]`` rows: with its own batch, or, if
-    sooner, added to an earlier batch of its group that runs on a tier it allows and has
-    room for it."""
+    first ``at`` requests of the columns (``ints``: rows, lo, hi, group key; ``left``: each
+    one's deadline, seconds from now) ends (seconds from now), the batches on their fastest
+    allowed tiers after the slots free (``busy``: per slot), a batch of fastest tier h up to
+    ``caps[h]`` rows: with its own batch, or, if sooner, added to an earlier batch of its
+    group that runs on a tier it allows, has room for it and still ends by its own
+    requests' earliest deadline (the planner forms no batch that misses its head's: a join
+    that did admitted requests refused a few ms later - review helper-264)."""
     width = mean.shape[1]
     for h in range(len(caps)):
         if caps[h] >= width:
@@ -230,13 +232,17 @@ def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, caps, z, busy):
     ahead = np.empty((4, at + 1), np.int64)  # the queue ahead, then the new request
     ahead[:, :at] = ints[:, :at]
     ahead[0, at], ahead[1, at], ahead[2, at], ahead[3, at] = r_rows, r_lo, r_hi, r_key
+    due_in = np.empty(at + 1)
+    due_in[:at] = left[:at]
+    due_in[at] = np.inf  # the new request's own deadline is the caller's to check
     of = np.empty(at + 1, np.int64)
-    batch, _, _ = next_fit(ahead, np.zeros(at + 1), caps, of)  # deadlines unused
+    batch, due, n_batches = next_fit(ahead, due_in, caps, of)
     g_hi, g_rows, g_head = batch[0], batch[2], batch[3]
     mine = of[at]
     off = np.sort(busy)
     m, v = np.zeros(len(busy)), np.zeros(len(busy))
     best = np.inf
+    after = False  # the new request runs alone after the queue ahead (see below)
     for k in range(mine + 1):
         t, b = g_hi[k], g_rows[k]
         if b >= width:
@@ -244,13 +250,31 @@ def admission(ints, at, r_rows, r_lo, r_hi, r_key, mean, var, caps, z, busy):
         if t >= mean.shape[0]:
             raise ValueError("a tier rank is past the latency tables")
         s = _earliest_slot(off, m)
+        # Next-fit put it in a batch of earlier requests: one that would then end past their
+        # deadline runs without it, and it in a batch of its own after the queue ahead (the
+        # planner's order).
+        joined = k == mine and g_head[k] != at
+        if joined and off[s] + quantile(m[s] + mean[t, b], v[s] + var[t, b], z) > due[k]:
+            after = True
+            b -= r_rows
         m[s] += mean[t, b]
         v[s] += var[t, b]
         if k == mine:
-            best = min(best, off[s] + quantile(m[s], v[s], z))
+            if not after:
+                best = min(best, off[s] + quantile(m[s], v[s], z))
         # (b + r_rows <= caps[t] < width: checked above)
         elif r_lo <= t <= r_hi and b + r_rows <= caps[t] and ahead[3, g_head[k]] == r_key:
             dm = mean[t, b + r_rows] - mean[t, b]
             dv = var[t, b + r_rows] - var[t, b]
-            best = min(best, off[s] + quantile(m[s] + dm, v[s] + dv, z))
+            end = off[s] + quantile(m[s] + dm, v[s] + dv, z)
+            if end <= due[k]:
+                best = min(best, end)
+    if after:
+        for k in range(mine + 1, n_batches):
+            s = _earliest_slot(off, m)
+            m[s] += mean[g_hi[k], g_rows[k]]
+            v[s] += var[g_hi[k], g_rows[k]]
+        s = _earliest_slot(off, m)
+        t = g_hi[mine]
+        best = min(best, off[s] + quantile(m[s] + mean[t, r_rows], v[s] + var[t, r_rows], z))
     return best

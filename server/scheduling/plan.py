@@ -253,13 +253,15 @@ def admission_finish(
     z: float,
     busy: Sequence[float],
     group: int = 0,
+    now: float = 0.0,
 ) -> float:
     """When a new request - ``request``: its (rows, lo, hi); ``group``: its group key -
-    queued after the first ``at`` requests of ``cols`` would end, seconds from now at the
-    ``z`` quantile, the batches - ``max_batch`` rows at most, or per tier rank as in
+    queued after the first ``at`` requests of ``cols`` would end, seconds from ``now`` at
+    the ``z`` quantile, the batches - ``max_batch`` rows at most, or per tier rank as in
     ``form_groups`` - run on their fastest allowed tiers after the slots free (``busy``:
     seconds per slot): with its own batch, or, if sooner, added to an earlier batch of its
-    group that runs on a tier it allows and has room for it."""
+    group that runs on a tier it allows, has room for it and still ends by the earliest
+    deadline of its requests (``cols.deadline``, absolute, as ``now``)."""
     if not len(busy):
         raise ValueError("busy is empty: give each slot's seconds until it is free")
     _, mean, var = tables
@@ -270,7 +272,7 @@ def admission_finish(
         raise ValueError(f"tier ranks {lo}..{hi} outside the {mean.shape[0]} tiers")
     caps = _caps(max_batch, mean.shape[0])  # the kernel refuses one past the tables' width
     return _kernel.admission(
-        cols.ints, at, rows, lo, hi, group, mean, var, caps, float(z),
+        cols.ints, cols.deadline - now, at, rows, lo, hi, group, mean, var, caps, float(z),
         np.asarray(busy, np.float64),
     )  # fmt: skip
 

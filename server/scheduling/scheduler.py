@@ -516,7 +516,7 @@ class Scheduler:
             _, mean, var = tables
             return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
         cols, group, caps = self.columns(), group_key(r.group), self.ctx.plan_batches()
-        return now + admission_finish(cols, at, (r.rows, lo, hi), caps, tables, z, busy, group)
+        return now + admission_finish(cols, at, (r.rows, lo, hi), caps, tables, z, busy, group, now)
 
     def columns(self) -> Columns:
         """The queue as ``Columns`` (read-only arrays, queue order)."""
