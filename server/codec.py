@@ -107,7 +107,7 @@ def decode_inputs(
     next_raw = 0
     for t in request.inputs:
         spec = by_name[t.name]
-        batch, seq = _check_shape(t, spec, max_batch, max_length, length_is)
+        batch, seq = check_shape(t, spec, max_batch, max_length, length_is)
         if rows is not None and batch != rows:
             raise InvalidArgument(f"inputs disagree on the batch size ({rows} vs {batch})")
         if seq is not None and length is not None and seq != length:
@@ -151,8 +151,12 @@ def _expected(spec: TensorConfig) -> str:
     return f"[-1, {', '.join(map(str, spec.shape))}]" if spec.shape else "[-1]"
 
 
-def _check_shape(
-    t, spec: TensorConfig, max_batch: int, max_length: int, length_is: str
+def check_shape(
+    t,
+    spec: TensorConfig,
+    max_batch: int,
+    max_length: int,
+    length_is: str = "the longest profiled length",
 ) -> tuple[int, int | None]:
     """The batch size and sequence length (None: no dynamic axis) of input ``t`` after
     checking datatype and shape against ``spec``."""
