@@ -604,10 +604,15 @@ def _classes(o, spec: TensorConfig) -> int:
         raise InvalidArgument(
             f"output {o.name!r}: classification must be a positive int64 (the class count)"
         )
-    if len(spec.shape) != 1 or not np.issubdtype(np.dtype(spec.dtype), np.number):
+    if len(spec.shape) != 1:
         raise InvalidArgument(
             f"output {o.name!r} has shape {list(spec.shape)} per row; classification needs "
             "one axis of class scores"
+        )
+    if not np.issubdtype(np.dtype(spec.dtype), np.number):  # BOOL: Triton's refusal too
+        raise InvalidArgument(  # (it read "has shape [4] per row", a shape that is fine)
+            f"output {o.name!r} is {oip_datatype(spec.dtype)}; classification needs numeric "
+            "class scores"
         )
     return min(k, spec.shape[0])  # as Triton: at most every class
 

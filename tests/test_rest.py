@@ -982,6 +982,19 @@ def test_expect_100_continue_is_said_only_to_a_body_the_server_would_read(server
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
 
 
+def test_an_unknown_expectation_is_a_json_417(server):
+    # raised in the Expect handler, it went out as aiohttp's text/plain (review helper-265)
+    import socket
+
+    head = _expect_head("/v2/models/tiny/infer", 10).replace(b"100-continue", b"foo")
+    with socket.create_connection(("127.0.0.1", server.server.rest.port), timeout=30) as c:
+        c.sendall(head)
+        answer = c.recv(65536)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 417 ") and b"application/json" in status, answer
+    assert json.loads(body)["error"].startswith("unknown Expect: foo; send 100-continue")
+
+
 def test_expect_100_continue_without_the_token_is_401_at_once(model_repository):
     import socket
 

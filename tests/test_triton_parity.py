@@ -741,6 +741,13 @@ def test_unsupported_output_parameters_are_refused():
     req.outputs[0].parameters["classification"].int64_param = 0
     with pytest.raises(InvalidArgument, match="classification must be a positive int64"):
         requested_outputs(req, spec)
+    # BOOL scores: refused as Triton does, for their type - it said "has shape [4] per row;
+    # classification needs one axis", of a fine shape (review helper-265)
+    req.outputs[0].parameters["classification"].int64_param = 2
+    flags = [TensorConfig(name="y", dtype="bool", shape=(4,))]
+    with pytest.raises(InvalidArgument, match="'y' is BOOL; classification needs numeric"):
+        requested_outputs(req, flags)
+    assert requested_outputs(req, spec)[0].classes == 2
 
 
 def test_a_shutdown_answers_what_open_streams_sent_and_does_not_wait_out_its_grace(

@@ -24,7 +24,9 @@ PYTHON=${PYTHON:-python3}
 die() { echo "install-perf-analyzer: $*" >&2; exit 1; }
 
 # 1. libb64 from Debian (root only; otherwise say what to run).
-if ! ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
+# (grep without -q reads to the end: -q's early exit killed ldconfig with SIGPIPE now and
+# then, and under pipefail the library read as missing - review helper-263)
+if ! ldconfig -p 2>/dev/null | grep 'libb64\.so\.0d' >/dev/null; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d \
             >/dev/null; } || die "apt-get install libb64-0d failed"
