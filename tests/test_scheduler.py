@@ -335,6 +335,32 @@ def test_admission_counts_no_join_that_makes_the_batch_miss_its_own_deadline():
     assert sched.finish_if_admitted(fits, 0.0, q=0.5) == pytest.approx(0.008)
 
 
+def test_a_request_within_its_grace_is_planned_to_its_deadline_plus_the_grace():
+    # Expiry keeps a request that misses its planning deadline but not deadline + grace
+    # (plan_overhead); the planner counted it lost: a low-priority request ran first and
+    # the urgent one was refused when its grace ran out too, and one such request sent
+    # every other plan to the fastest tier (review helper-264). One tier, 0.5 ms a row.
+    tiers = [TierInfo("t", 0.9, {1: 0.5, 2: 0.75})]
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=64)
+    urgent = Request(1, 0.0, 0.0003, priority=2, grace=0.0006)  # 0.5 ms alone: by 0.9
+    sched.submit(urgent, 0.0)
+    sched.submit(Request(2, 0.0, math.inf), 0.0)
+    assert sched.expire(0.0) == []
+    assert (urgent.deadline, urgent.grace) == (pytest.approx(0.0009), 0.0)
+    assert [r.id for r in sched.next(0.0).requests] == [1]
+    # the rest of the queue keeps its plan: A on the accurate tier, B (graced) after it
+    tiers = [TierInfo("w100", 0.99, {1: 10.0}), TierInfo("w050", 0.97, {1: 2.0})]
+    sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=64)
+    sched.submit(Request(1, 0.0, 0.050, priority=1), 0.0)
+    graced = Request(2, 0.0, 0.0003, grace=0.020)  # accepted until 20.3 ms
+    sched.submit(graced, 0.0)
+    sched.expire(0.0)
+    first = sched.next(0.0)
+    assert (first.requests[0].id, first.tier) == (1, "w100")
+    sched.complete(first, 0.010, 0.010)
+    assert sched.expire(0.010) == [] and sched.next(0.010).requests == [graced]
+
+
 # -- 4. pins and minimum tiers ---------------------------------------------------------------
 def test_unknown_tiers_and_oversized_requests_are_errors():
     sched = make(max_batch=4)

@@ -348,12 +348,7 @@ class Scheduler:
                 f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
                 "shortly or on another replica, or send a larger latency_budget_ms",
             )
-        self._keys.insert(i, key)
-        self.queue.insert(i, r)
-        if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
-            self._cols.drop()
-        else:
-            self._cols.insert(i, r, self.ctx)
+        self._enqueue(r, key, i)
         if victim is not None:  # after r is in its place (the victim sorts after it): an
             # eviction that empties its lane tells the device, whose listeners may dispatch
             # from this queue at once - before, r went in at an index from before that, out
@@ -483,6 +478,17 @@ class Scheduler:
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
 
+    def _enqueue(self, r: Request, key: tuple | None = None, i: int | None = None) -> None:
+        """Queue ``r`` in its place (``key``, index ``i``: found where None)."""
+        key = self._key(r) if key is None else key
+        i = bisect.bisect(self._keys, key) if i is None else i
+        self._keys.insert(i, key)
+        self.queue.insert(i, r)
+        if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
+            self._cols.drop()
+        else:
+            self._cols.insert(i, r, self.ctx)
+
     def slot_offsets(self, now: float, skip: int | None = None) -> list[float]:
         """Per slot of the device (except ``skip``), the planning time (s) until it is
         free: 0 for an idle one, else what its running batch has left given how long it has
@@ -601,28 +607,33 @@ class Scheduler:
             # Plain Python beats numpy's call overhead on a short queue (and a queue below
             # max_batch, the median's case, is short unless max_batch is large).
             fastest = self.ctx.fastest
-            late = [
-                i
-                for i, r in enumerate(self.queue)
-                if now + self.latency.quantile(fastest(r), r.rows, q) > self.admission_deadline(r)
-            ]
+            ends = [(i, now + self.latency.quantile(fastest(r), r.rows, q))
+                    for i, r in enumerate(self.queue)]  # fmt: skip
         else:
             cols = self.columns()
             alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
-            # Late by the planning deadline, then by the grace too (few: those expiring).
-            late = [
-                i
-                for i in np.flatnonzero(now + alone > cols.deadline).tolist()
-                if now + alone.item(i) > self.admission_deadline(self.queue[i])
-            ]
-        if not late:
+            over = np.flatnonzero(now + alone > cols.deadline).tolist()
+            ends = [(i, now + alone.item(i)) for i in over]
+        # Late by the planning deadline (few: those expiring), then by the grace too.
+        past = [(i, end) for i, end in ends if end > self.queue[i].deadline]
+        if not past:
             return evicted
-        gone = [self.queue[i] for i in late]
-        self._remove_at(late)
+        late = [i for i, end in past if end > self.admission_deadline(self.queue[i])]
+        graced = [i for i, end in past if end <= self.admission_deadline(self.queue[i])]
+        gone, kept = [self.queue[i] for i in late], [self.queue[i] for i in graced]
+        self._remove_at(sorted(late + graced))
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
-        if late[0] == 0:  # (ascending) the head went: what claim compared with the others
-            self.device.dropped(self)
+        # Within its grace only: planned to its deadline plus the grace from now on. Planned
+        # to the deadline it could no longer make, the planner counted it lost - no batch
+        # of its own, none it joins - while expiry kept it: a high-priority head waited
+        # behind a low one until its grace ran out too, and made every plan for the rest of
+        # the queue infeasible, down to the fastest tier (review helper-264).
+        for r in kept:
+            r.deadline, r.grace = r.deadline + r.grace, 0.0
+            self._enqueue(r)
+        if 0 in late or 0 in graced or (kept and self.queue[0] in kept):
+            self.device.dropped(self)  # what claim compared with the others changed
         return evicted + gone
 
     def earliest_deadline(self) -> float:
