@@ -129,6 +129,32 @@ def test_discrete_option_keeps_a_layer_fixed():
         runtime.convert(model, (x,), discrete=["nope"])
 
 
+class _VarArgs(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):  # fx cannot iterate the proxy: export captures it
+        return self.inner(*inputs)
+
+
+def test_a_forward_of_varargs_and_the_usual_wrappers_convert():
+    # forward(self, *inputs) gave export a None for the whole tuple - "mismatch between the
+    # structure of 'inputs' and 'dynamic_shapes'" - said as control flow; DataParallel and
+    # torch.compile's wrapper (the same forward) likewise (review helper-262).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(3, 8)
+    inn = runtime.convert(_VarArgs(net), x)
+    with torch.no_grad():
+        assert _rel_err(inn.sample(1.0)(x), net(x)) < 1e-5
+        assert inn.sample(0.5)(torch.randn(5, 8)).shape == (5, 2)
+    for wrapped in (nn.DataParallel(net), torch.compile(net)):
+        with pytest.warns(UserWarning, match="converting the Sequential inside"):
+            inn = runtime.convert(wrapped, x)
+        assert [g.name for g in inn.groups if not g.discrete] == ["0"]
+
+
 class _Untraceable(nn.Module):
     def __init__(self):
         super().__init__()

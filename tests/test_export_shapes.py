@@ -78,3 +78,30 @@ def test_a_dynamic_axis_with_shape_arithmetic_is_refused_not_folded():
         half = runtime.convert(SamePadConv().eval(), (x,), progress=False).sample(0.5)
     with pytest.raises(ValueError, match=r"inputs \['x'\] have a dynamic axis.*fixed shape"):
         export_onnx(half, [("x", (3, 21, -1), torch.float32)], ["y"])
+
+
+class _VggHead(nn.Module):
+    """VGG's tail: two halvings, then an adaptive pool to 7 x 7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(4))
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc = nn.Linear(8 * 49, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def test_an_adaptive_pool_the_exporter_cannot_write_is_named_with_a_size_that_works():
+    # VGG at 64 x 64 converted and sampled, then its build failed with the exporter's
+    # "output size that are not factor of input size" and a TorchScript IR dump (review
+    # helper-262): the layer, its sizes and an input size that works are said instead.
+    module = torch.fx.symbolic_trace(_VggHead())
+    with pytest.raises(ValueError, match=r"adaptive pool 'pool' maps \[16, 16\] to \[7, 7\].*"
+                       r"an input of \[3, 84, 84\] gives a map that divides"):  # fmt: skip
+        export_onnx(module, [("input", [3, 64, 64], torch.float32)], ["y"])
+    data = export_onnx(module, [("input", [3, 84, 84], torch.float32)], ["y"])
+    x = torch.randn(2, 3, 84, 84)
+    got = ort.InferenceSession(data).run(None, {"input": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), module(x), atol=1e-5)

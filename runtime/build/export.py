@@ -80,17 +80,22 @@ def export_onnx(
         traceable_shape_arithmetic(),
     ):
         warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
-        torch.onnx.export(
-            module,
-            example,
-            buf,
-            input_names=names,
-            output_names=list(output_names),
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                example,
+                buf,
+                input_names=names,
+                output_names=list(output_names),
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except torch.onnx.errors.OnnxExporterError as exc:
+            if (why := _adaptive_pool_misfit(module, example, inputs)) is not None:
+                raise ValueError(why) from exc
+            raise
     data = buf.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
@@ -356,6 +361,59 @@ def _check_attention_lengths(module: nn.Module, inputs) -> None:
 # Pools whose window (kernel size, stride) the exporter writes into the graph as numbers.
 _POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
           F.lp_pool1d, F.lp_pool2d)  # fmt: skip
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)  # fmt: skip
+
+
+def _adaptive_pool_misfit(module: nn.Module, example: tuple, inputs) -> str | None:
+    """Why the exporter refused an adaptive pool, where that was its refusal: the legacy
+    exporter writes one only where its output size divides its input map (VGG's 7 x 7 from a
+    64 x 64 image's 2 x 2 map failed with a TorchScript IR dump; review helper-262). Names the
+    first such layer, its sizes, and an image size that works; None where none misfits."""
+    seen: list[tuple[str, tuple, tuple]] = []
+    hooks = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, _ADAPTIVE_POOLS):
+
+            def hook(mod, args, _out, name=name) -> None:
+                n = int(type(mod).__name__[-2])  # AdaptiveAvgPool2d: 2 spatial dims
+                out = _pair(mod.output_size, n)
+                seen.append((name, tuple(args[0].shape[-n:]), out))
+
+            hooks.append(sub.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(*example)
+    except Exception:  # the export's own error says more than this probe's would
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, size, out in seen:
+        if all(o is None or s % o == 0 for s, o in zip(size, out, strict=True)):
+            continue
+        image = next((list(shape) for _, shape, _ in inputs if len(shape) > len(size)), None)
+        hint = ""
+        if image is not None:
+            dims = image[-len(size) :]
+            ok = [
+                d if o is None or s % o == 0 else math.ceil(d / (o * d // s)) * (o * d // s)
+                for d, s, o in zip(dims, size, out, strict=True)
+            ]
+            hint = f"; an input of {[*image[: -len(size)], *ok]} gives a map that divides"
+        return (
+            f"adaptive pool {name!r} maps {list(size)} to {list(out)}, and the ONNX exporter "
+            f"writes one only where the output size divides the input map: change model.yaml's "
+            f"input shape{hint}, or pool to a size that divides it"
+        )
+    return None
+
+
+def _pair(size, n: int) -> tuple:
+    """An adaptive pool's ``output_size`` as one entry per spatial dim (None: as the input)."""
+    return tuple(size) if isinstance(size, tuple | list) else (size,) * n
 
 
 def _check_pool_windows(module: nn.Module, inputs) -> None:

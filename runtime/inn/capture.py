@@ -200,8 +200,21 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
                 out[d] = dims.setdefault(d, torch.export.Dim.AUTO)
         return out or None
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        # ``forward(self, *inputs)`` / ``**extra``: one spec per value, in the structure
+        # export compares with (a None for the whole tuple refused every such model as
+        # "control flow"; review helper-262)
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        else:
+            out[name] = spec(value)
+    return out
 
 
 # -- lowering ATen to torch-level calls -------------------------------------------------------

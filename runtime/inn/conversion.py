@@ -90,6 +90,7 @@ def convert(
         raise ValueError(f"on_unsupported must be 'refuse' or 'keep', not {on_unsupported!r}")
     # module -> why its channels were kept (filled only with on_unsupported="keep")
     kept: dict[str, str] | None = {} if on_unsupported == "keep" else None
+    model = _unwrapped(model)
     if isinstance(model, torch.jit.ScriptModule):  # it got advice about control flow
         raise ConversionError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace): pass "
@@ -226,6 +227,26 @@ def _size_sources(node: fx.Node) -> list[str]:
         elif a.op != "get_attr" and a.name not in found:
             found.append(a.name)
     return found
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile``'s wrapper (``._orig_mod``), said in a warning: common ways a trained
+    model is held, refused as "control flow" (their forward takes ``*inputs``, which neither
+    capture reads; review helper-262). Its weights are the same tensors."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            inner = model._orig_mod
+        else:
+            return model
+        warnings.warn(
+            f"converting the {type(inner).__name__} inside {type(model).__name__} (the "
+            "wrapper is not part of the model)",
+            stacklevel=3,
+        )
+        model = inner
 
 
 def _check_arguments(model: Any, example_inputs: Any) -> None:
