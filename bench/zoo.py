@@ -208,7 +208,7 @@ def main() -> None:
         if name not in builders:
             results[name] = {"error": "not installed"}
             continue
-        # fixed input size (vgg: its 7x7 adaptive pool exports to ONNX only from maps a multiple of 7)
+        # fixed input size (vgg: its 7x7 adaptive pool exports from maps a multiple of 7)
         fixed = any(k in name for k in ("vit", "deit", "swin", "levit", "vgg", "coat"))
         size = 224 if fixed else args.size
         try:

@@ -482,6 +482,30 @@ def test_the_device_named_is_the_one_the_engines_load_on(monkeypatch):
     assert TorchBackend().device() == "NVIDIA H200"
 
 
+def test_a_bare_cuda_is_pinned_to_the_loading_threads_gpu_and_a_full_one_is_an_engine_error(
+    tmp_path, monkeypatch
+):
+    # "cuda" stayed bare: the engine threads (current device 0) put each batch's inputs on
+    # GPU 0 beside a module on the loading thread's GPU; and a GPU too full for the module
+    # raised torch's OutOfMemoryError past the cache's EngineError path (review helper-268).
+    # No GPU here: the move is recorded, and made to fail as a full GPU does.
+    from runtime.engines import EngineError
+
+    _save_tier(tmp_path / "tier", _net())
+    moved = []
+
+    def to(self, *args, **kwargs):
+        moved.append(str(kwargs.get("device")))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(nn.Module, "to", to)
+    options = BuildOptions(max_batch=4, extra={"device": "cuda"})
+    with pytest.raises(EngineError, match=r"to cuda:1: CUDA out of memory"):
+        TorchBackend().load(tmp_path / "tier", options)
+    assert moved == ["cuda:1"]
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_on_a_device_that_is_not_the_current_one(tmp_path, monkeypatch):
     """An engine on "cuda:1" run from threads whose current device is 0 (the server's): its

@@ -78,8 +78,11 @@ from .fp16 import PASS_VERSION as FP16_PASS
 log = logging.getLogger("innfer.engines.tensorrt")
 
 PLAN_FILE = "engine.plan"
-# One timing cache per GPU model and TensorRT version, beside the engine directories.
-TIMING_CACHE_PATTERN = "timing-{device}-trt{version}.cache"
+# One timing cache per GPU model, TensorRT version and precision, beside the engine
+# directories: NVIDIA's builder-performance guide says a cache is specific to the BuilderConfig
+# flags that change layer implementations, such as TF32 - which fp32 builds clear and fp16
+# builds leave on (review helper-268). fp32's name has no suffix (the name before).
+TIMING_CACHE_PATTERN = "timing-{device}-trt{version}{suffix}.cache"
 TIMING_CACHES = "timing-*.cache"  # every TIMING_CACHE_PATTERN name (a glob)
 PRECISIONS = ("fp32", "fp16")
 # Builder scratch memory; 1 GiB is ample for the small per-tier networks served here.
@@ -287,17 +290,22 @@ def _check_options(options: BuildOptions) -> None:
         raise ValueError(f"extra['workspace_mib'] must be a positive int, got {workspace!r}")
 
 
-def timing_cache_name(device: str, version: str) -> str:
-    """The timing cache's file name for a GPU model and TensorRT version.
+def timing_cache_name(device: str, version: str, precision: str = "fp32") -> str:
+    """The timing cache's file name for a GPU model, TensorRT version and precision.
 
-    Both are reduced to ``[a-z0-9.]`` runs joined by '-', so the name is a safe file name
-    whatever the driver reports.
+    Device and version are reduced to ``[a-z0-9.]`` runs joined by '-', so the name is a
+    safe file name whatever the driver reports.
 
     Example:
         >>> timing_cache_name("NVIDIA H100 80GB HBM3", "10.13.0.35")
         'timing-nvidia-h100-80gb-hbm3-trt10.13.0.35.cache'
+        >>> timing_cache_name("NVIDIA H100 80GB HBM3", "10.13.0.35", "fp16")
+        'timing-nvidia-h100-80gb-hbm3-trt10.13.0.35-fp16.cache'
     """
-    return TIMING_CACHE_PATTERN.format(device=_slug(device), version=_slug(version))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return TIMING_CACHE_PATTERN.format(device=_slug(device), version=_slug(version), suffix=suffix)
 
 
 def _slug(text: str) -> str:
@@ -386,7 +394,9 @@ class TensorRTBackend(Backend):
         trt = _supported_trt()
         logger = _trt_logger(trt)
         started = time.perf_counter()
-        cache_path = out_dir.parent / timing_cache_name(self.device(), trt.__version__)
+        cache_path = out_dir.parent / timing_cache_name(
+            self.device(), trt.__version__, options.precision
+        )
 
         try:
             builder = trt.Builder(logger)
@@ -994,16 +1004,22 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
             # converters built different engines (review helper-231).
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                half = float16.convert_float_to_float16(
-                    model, keep_io_types=True, max_finite_val=FP16_MAX, min_positive_val=1e-7
-                )
+                try:
+                    half = float16.convert_float_to_float16(
+                        model, keep_io_types=True, max_finite_val=FP16_MAX, min_positive_val=1e-7
+                    )
+                except Exception as exc:  # e.g. "already converted to float16": any fp16
+                    # in the graph (fp16 I/O, x.half() inside), which the built-in pass
+                    # converts - it failed the build with stale advice (review helper-268)
+                    half, problem = None, f"it refused it: {str(exc).splitlines()[0][:200]}"
             _report_clamped(caught, onnx_path)
-            problem = _graph_problem(onnx, half)
+            if half is not None:
+                problem = _graph_problem(onnx, half)
             if problem is not None:
                 # onnxconverter-common 1.15-1.16 keep Cast(to=float) nodes but declare their
                 # outputs fp16 (its issue 320): every text tier has such casts (the mask).
                 log.warning(
-                    "onnxconverter-common %s made an invalid fp16 graph of %s (%s); "
+                    "onnxconverter-common %s made no valid fp16 graph of %s (%s); "
                     "building it with the built-in pass (runtime.engines.fp16) instead",
                     getattr(sys.modules.get("onnxconverter_common"), "__version__", "?"),
                     onnx_path, problem,
@@ -1027,6 +1043,5 @@ def _fp16_model_bytes(onnx_path: Path) -> bytes:
     except Exception as exc:  # either converter: a graph it cannot convert is a build error
         raise EngineError(
             f"cannot convert {onnx_path} to fp16: {exc}; build this model at precision: fp32 "
-            "(model.yaml) - an op ONNX defines for float32 only (Range: a float arange) has "
-            "no fp16 form yet"
+            "(model.yaml)"
         ) from exc

@@ -534,10 +534,22 @@ class TorchBackend(Backend):
         on_cpu = str(device).split(":", 1)[0] == "cpu"
         if on_cpu:
             _set_cpu_threads(options.threads)
+        elif str(device) == "cuda":
+            # The loading thread's current GPU, named: the engine threads' current device is
+            # 0, where a bare "cuda" put every batch's inputs beside a module on another
+            # GPU (review helper-268).
+            device = f"cuda:{torch.cuda.current_device()}"
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
         if not on_cpu:
             _no_tf32(dtype)
-        module = module.to(device=device, dtype=dtype).eval()
+        try:
+            module = module.to(device=device, dtype=dtype).eval()
+        except RuntimeError as exc:  # torch.OutOfMemoryError (a full GPU), a bad device:
+            # the cache's EngineError path, not "unexpected error while loading"
+            raise EngineError(
+                f"cannot move the torch module in {out_dir} to {device}: "
+                f"{str(exc).splitlines()[0][:300]}"
+            ) from exc
         return TorchEngine(
             module,
             device,
