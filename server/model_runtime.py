@@ -97,6 +97,12 @@ INLINE_BACKENDS = ("onnxruntime", "fake")
 # quarter of them, MLP over loopback gRPC); at saturation almost none.
 INLINE_WINDOW = 8
 INLINE_MIN_ALONE = 4
+# An inline run longer than this many times inline_max_s (and INLINE_OVERRUN_MIN_S) held
+# the loop - every model's requests, health, model control, stuck detection - that long:
+# its tier runs on the engine threads from then on (a batch slow on some inputs, or hung,
+# froze the whole server for its 20 s; review helper-267).
+INLINE_OVERRUN = 5.0
+INLINE_OVERRUN_MIN_S = 0.050
 _WINDOW_MASK = (1 << INLINE_WINDOW) - 1
 log = logging.getLogger("innfer.model")
 # A batch running this many times its planned latency, and at least this long, is taken for
@@ -520,6 +526,7 @@ class ModelRuntime:
         # The last INLINE_WINDOW arrivals, newest in bit 0: 1 where it found the model empty
         # and the loop idle since the last launch.
         self._alone_bits = 0
+        self._not_inline: set[str] = set()  # tiers an inline run overran (INLINE_OVERRUN)
         self._running = 0  # batches handed to an engine thread and not yet finished
         # Each running batch's start and planned seconds (id(decision) -> (clock, s)): one
         # far past its plan is an engine that hung (readiness, ``stuck``).
@@ -1438,7 +1445,9 @@ class ModelRuntime:
                 self._meter_loop(c0)
                 # On the loop thread, at once; answered on the next loop turn (not from
                 # inside this pump: _finish pumps again).
-                self._loop.call_soon(self._finish, lane, d, *self._execute(d, feeds, t_in))
+                outputs, error, times = self._execute(d, feeds, t_in)
+                self._check_inline(d, times[1])
+                self._loop.call_soon(self._finish, lane, d, outputs, error, times)
                 return
             self.pool.submit(self._run, lane, d, feeds, t_in)
             self._meter_loop(c0)
@@ -1470,7 +1479,24 @@ class ModelRuntime:
             return False
         if len(self.device.running) != 1 or any(m.queue for m in self.device.members):
             return False
+        if d.tier in self._not_inline:
+            return False
         return lane.latency.planned(d.tier)[d.rows] <= self.inline_max_s
+
+    def _check_inline(self, d: Decision, seconds: float) -> None:
+        """After an inline run of ``seconds``: a tier whose run held the loop well past
+        ``inline_max_s`` runs on the engine threads from now on, said once. The plan cannot
+        foresee such a run (an engine slow on some inputs, a hang): the first one still
+        holds the loop; none after it."""
+        if seconds <= max(INLINE_OVERRUN * self.inline_max_s, INLINE_OVERRUN_MIN_S):
+            return
+        if d.tier not in self._not_inline:
+            self._not_inline.add(d.tier)
+            log.warning(
+                "model %s: a batch of tier %s ran %.1f ms on the event loop (inline_max_ms "
+                "%.1f): every request and probe waited; its batches run on the engine threads "
+                "from now on", self.name, d.tier, 1e3 * seconds, 1e3 * self.inline_max_s,
+            )  # fmt: skip
 
     def _execute(
         self, d: Decision, feeds: dict[str, np.ndarray] | EqualLengthRuns, t_in: float

@@ -1122,6 +1122,39 @@ def test_a_short_batch_at_light_load_runs_on_the_loop_thread(tmp_path):
         assert all(name.startswith("engine-m") for name in threads.names), kwargs
 
 
+def test_a_tier_whose_inline_run_held_the_loop_runs_on_the_engine_threads_after(tmp_path, caplog):
+    # A batch planned within inline_max_s ran 20 s on the loop (an engine slow on some
+    # inputs): every model's requests, health and stuck detection froze with it (review
+    # helper-267). The first such run cannot be foreseen; its tier leaves the loop after it.
+    served = _served(tmp_path)
+    threads = _Threads(served)
+    engine = served.engines["w100"]
+    run = engine.run
+
+    def slow_on_nines(feeds):
+        if float(next(iter(feeds.values())).max()) == 9.0:
+            time.sleep(0.08)  # past INLINE_OVERRUN_MIN_S (50 ms)
+        return run(feeds)
+
+    engine.run = slow_on_nines
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            for value in (*[1.0] * INLINE_MIN_ALONE, 9.0, *[2.0] * 30):  # (the level
+                # learnt from the slow run decays back within these: inline again, before)
+                await asyncio.sleep(0.002)  # the client thinks: the loop waits for I/O
+                feeds = _x(1, value)
+                _check_answer(served, feeds, await rt.infer(feeds, 1, 1.0, pin="w100"))
+            return threading.current_thread().name
+
+    with caplog.at_level(logging.WARNING, logger="innfer.model"):
+        loop = _run(body())
+    names = threads.names
+    assert names[INLINE_MIN_ALONE - 1 : INLINE_MIN_ALONE + 1] == [loop, loop]  # the 9.0 too
+    assert all(n.startswith("engine-m") for n in names[INLINE_MIN_ALONE + 1 :]), names
+    assert "tier w100 ran" in caplog.text and "engine threads from now on" in caplog.text
+
+
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
     # A quiet spell: its last request runs on the loop thread. Then bursts of four requests
     # at once. The first burst's first request still finds the recent arrivals quiet and
