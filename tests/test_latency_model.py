@@ -10,6 +10,7 @@ import pytest
 
 from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.latency import (
+    EWMA_ALPHA,
     Z90,
     interpolate,
     lognormal_sigma,
@@ -120,6 +121,24 @@ def test_one_outlier_moves_the_plan_little_and_not_for_long():
     for _ in range(15):
         lat.observe("w100", 8, 16 * MS)
     assert lat.estimate("w100", 8) < 1.3 * calm
+
+
+def test_a_tier_running_far_past_20x_its_profile_is_learnt_step_by_step():
+    # Clipped to 20x around 1, a tier running 1,000x its profile was planned at 20x for
+    # good (innfer_tier_latency_factor 19.9999), and a neighbour on its device admitted
+    # requests behind it only to expire them (review helper-267). Clipped around the level
+    # learnt so far, a sustained shift is followed; one outlier still moves it little.
+    lat = LatencyModel([TierInfo("t", 1.0, {1: 0.1})])
+    factors = []
+    for _ in range(20):
+        lat.observe("t", 1, 0.1 * MS * 1000)
+        factors.append(lat.factor["t"])
+    assert factors[0] < 20**EWMA_ALPHA * 1.01  # the first batch: as one outlier would
+    assert factors[-1] == pytest.approx(1000, rel=0.1)
+    assert lat.median("t", 1) == pytest.approx(0.1, rel=0.1)  # seconds: 1,000x the 0.1 ms
+    for _ in range(30):  # and back down when it runs at its profile again
+        lat.observe("t", 1, 0.1 * MS)
+    assert lat.factor["t"] < 1.2
 
 
 def test_the_spread_follows_the_engine_both_ways():

@@ -74,10 +74,19 @@ SPREAD_NOISE = 0.8
 # is n / (n + TRUST_BATCHES)): a profile measured under contention stops widening plans
 # within a few tens of batches; a quiet profile of a noisy engine widens them as fast.
 TRUST_BATCHES = 10
-# Observed/typical ratios are clipped to this range before they are averaged: a 20x slower
-# batch is already "the machine is contended"; an outlier beyond it (a GC pause, a page
-# fault storm) must not swing the plan by more.
+# Observed/typical ratios are clipped to this range around the level learnt so far before
+# they are averaged: an outlier (a GC pause, a page fault storm) must not swing the plan by
+# more than a 20x batch does, while a sustained shift is followed step by step. Clipped
+# around 1 instead, a tier running 500-1,500x its profile (an engine slow on some inputs)
+# was planned at 20x for good, and a neighbour on its device admitted requests behind it
+# only to expire them (review helper-267). LEVEL_MAX bounds the level itself.
 RATIO_MIN, RATIO_MAX = 0.2, 20.0
+LEVEL_MAX = 1e5
+LOG_RATIO_MIN, LOG_RATIO_MAX, LOG_LEVEL_MAX = (
+    math.log(RATIO_MIN),
+    math.log(RATIO_MAX),
+    math.log(LEVEL_MAX),
+)
 # A successive difference of log ratios beyond this (a 2x jump) is clipped: a level shift
 # or one outlier then adds at most this much to the spread.
 DIFF_CLIP = math.log(2.0)
@@ -481,7 +490,9 @@ class LatencyModel:
         # level learns only what it does not explain, so the two never count it twice.
         expected = self.typical(tier, rows) * self._external
         ratio = seconds / max(expected, MIN_TYPICAL_S)
-        x = math.log(min(max(ratio, RATIO_MIN), RATIO_MAX))
+        level = self._log_factor[tier]
+        x = min(max(math.log(max(ratio, 1e-300)), level + LOG_RATIO_MIN), level + LOG_RATIO_MAX)
+        x = min(x, LOG_LEVEL_MAX)
         self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
         keep = 1 - self.alpha
         self._level_var[tier] = keep * keep * self._level_var[tier] + self.alpha * self.alpha
