@@ -60,11 +60,27 @@ def test_admission_counts_the_other_models_work_due_first():
     a, b = _scheduler(dev, one), _scheduler(dev, one)
     for i in range(24):  # 3 full batches (30 ms) due before b's request
         a.submit(Request(100 + i, 0.0, 0.035 + 0.0001 * i), 0.0)
-    with pytest.raises(Refused, match="cannot be met"):
+    # (its own queue is empty: the refusal says what the device's other model holds - it
+    # read "behind the 0 requests queued ahead and 0 running"; review helper-267)
+    with pytest.raises(
+        Refused,
+        match=r"0 requests queued ahead and 0 running, and other "
+        r"models' 30\.\d ms of more urgent work queued on the device",
+    ):
         b.submit(Request(1, 0.0, 0.038), 0.0)  # 30 ms of a's work first, then its 10 ms
     alone = _scheduler(None, one)
     alone.submit(Request(1, 0.0, 0.038), 0.0)  # alone on the device it fits
     b.submit(Request(2, 0.0, 0.080), 0.0)  # behind a's 30 ms + its own 10 ms: fits
+
+
+def test_a_refusal_behind_another_models_running_batch_says_so():
+    dev = Device(slots=1)
+    slow = [TierInfo("w", 1.0, {1: 50.0, 8: 50.0})]
+    a, b = _scheduler(dev, slow), _scheduler(dev)
+    a.submit(Request(1, 0.0, 1.0), 0.0)
+    assert a.next(0.0) is not None  # a's 50 ms batch holds the one slot
+    with pytest.raises(Refused, match="and 0 running, and other models' 1 batch running on"):
+        b.submit(Request(2, 0.0, 0.020), 0.0)
 
 
 def test_the_other_models_work_is_the_planners_backlog():

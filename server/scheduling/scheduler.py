@@ -344,9 +344,10 @@ class Scheduler:
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) cannot be met behind the "
-                f"{_count(i, 'request')} queued ahead and {len(self.running)} running "
-                f"(estimated {1e3 * (finish - now):.1f} ms at the {q:g} quantile): retry "
-                "shortly or on another replica, or send a larger latency_budget_ms",
+                f"{_count(i, 'request')} queued ahead and {len(self.running)} running"
+                f"{self._neighbours_ahead(r)} (estimated {1e3 * (finish - now):.1f} ms at the "
+                f"{q:g} quantile): retry shortly or on another replica, or send a larger "
+                "latency_budget_ms",
             )
         self._enqueue(r, key, i)
         if victim is not None:  # after r is in its place (the victim sorts after it): an
@@ -477,6 +478,21 @@ class Scheduler:
 
     def _key(self, r: Request) -> tuple:
         return (-r.priority, r.deadline, next(self._seq))
+
+    def _neighbours_ahead(self, r: Request) -> str:
+        """What the device's other models hold ahead of ``r``, for a refusal: their running
+        batches and more urgent queued work ("" where there is none). A refusal behind a
+        neighbour's 50 ms batch read "behind the 0 requests queued ahead and 0 running"
+        (review helper-267)."""
+        others = [m for m in self.device.members if m is not self]
+        running = sum(len(m.running) for m in others)
+        ahead = self.device.backlog(self, (-r.priority, r.deadline)) if others else 0.0
+        if not running and ahead <= 0:
+            return ""
+        parts = [_count(running, "batch", "batches") + " running"] if running else []
+        if ahead > 0:
+            parts.append(f"{1e3 * ahead:.1f} ms of more urgent work queued")
+        return f", and other models' {' and '.join(parts)} on the device"
 
     def _enqueue(self, r: Request, key: tuple | None = None, i: int | None = None) -> None:
         """Queue ``r`` in its place (``key``, index ``i``: found where None)."""
@@ -904,6 +920,6 @@ def _low_percentile(ordered: np.ndarray, q: float = TIGHT_BUDGET_QUANTILE) -> fl
     return float(ordered[int(q * (len(ordered) - 1))])
 
 
-def _count(n: int, noun: str) -> str:
+def _count(n: int, noun: str, plural: str | None = None) -> str:
     """``n`` and ``noun``, plural where it is not one ("1 request", "3 requests")."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
