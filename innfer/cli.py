@@ -1218,7 +1218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tiers, p50, chosen, proxy, lane = _served(args.model_dir, args.tokens)
     config = ModelConfig.load(Path(args.model_dir) / "model.yaml")
     cfg = _sim_config(args, "innfer")
-    name = args.model or Path(args.model_dir).name
+    name = args.model or Path(args.model_dir).resolve().name  # ("." named model '')
     accuracy = {t.name: t.accuracy for t in tiers}
     load = _bench_closed_loop if args.clients is not None else _bench_open_loop
     # Sent at the length asked for (--tokens), planned at its lane: every request was padded
@@ -1248,11 +1248,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not s["sent"]:  # (it said 100 % within budget and exited 0: review helper-236)
         raise RuntimeError("no request was sent: give --max-requests above 0")
     refused = {k: v for k, v in (s["refused"] or {}).items() if k != "unsent"}  # sent ones
-    if s["sent"] and sum(refused.values()) == s["sent"] and set(refused) <= NOTHING_SERVED:
-        # every request failed before any model saw it: no server there, or no such model
+    if s["sent"] and sum(refused.values()) == s["sent"] and set(refused) & NOTHING_SERVED:
+        # every request failed, some before any model saw them: no server there, or no such
+        # model (a few CANCELLED beside NOT_FOUND at load exited 0: review helper-269)
+        first = f"; the first: {s['first_error']}" if s.get("first_error") else ""
         raise RuntimeError(
             f"no request was served ({refused}): is a server listening on {args.address}, "
-            f"and does it serve {name!r}?"
+            f"and does it serve {name!r}?{first}"
         )
     if s["sent"] and refused.get("INVALID_ARGUMENT", 0) == s["sent"]:
         raise RuntimeError(
@@ -2117,6 +2119,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         given = YAML_EVALUATION
         print(f"data: {name} (model.yaml's evaluation; --data NAME for another)")
     data = _data_for(args.model_dir, inn, name, given) if name else None
+    if data is not None and given == YAML_EVALUATION and evaluation.limit < len(data.x_test):
+        # the samples the build scores its tiers on: on the whole split, the width table's
+        # w100 read 11.6 % and the served table's 10.0 %, both "model.yaml's evaluation
+        # set" (review helper-269)
+        import dataclasses
+
+        data = dataclasses.replace(data, x_test=data.x_test[: evaluation.limit],
+                                   y_test=data.y_test[: evaluation.limit])  # fmt: skip
+        print(f"  (its first {evaluation.limit} test samples, as the build scores the tiers)")
     from innfer.tiers import report_frontier
 
     shape = _report_shape(inn, config)
@@ -2158,7 +2169,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         # numbers beside a plot of the new ones (review helper-145).
         json_path = beside
     try:
-        save_report(rows, json_path, png if plotted else None, served, ylabel)
+        save_report(rows, json_path, png if plotted else None, served, ylabel,
+                    where.split(":", 1)[0] or "profile.json")  # fmt: skip
     except OSError as exc:  # a read-only model folder: the table printed, then only errno
         hint = " (give --png PATH and --json PATH somewhere writable)"
         if exc.errno is None:  # (an image writer's own error: its text, as it was)
@@ -2256,7 +2268,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     multiple_of = args.multiple_of or _tier_defaults(args.directory)[1]
     sizes = inn.sizes(args.width, multiple_of)
     print(f"{args.directory}: {len(inn.groups)} continuous groups")
-    print(f"{'group':<30} {'full':>6} {'at ' + format(args.width, '.0%'):>8}")
+    print(f"{'group':<30} {'full':>6} {'at ' + format(args.width * 100, '.3g') + '%':>8}")
     for g in inn.groups:
         print(f"{g.name:<30} {g.size:>6} {sizes[g.name]:>8}")
     for module, why in inn.info.get("kept", {}).items():  # convert(on_unsupported="keep")
@@ -2502,7 +2514,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--address", default="127.0.0.1:8001",
                        help="the server's gRPC address (default 127.0.0.1:8001)")  # fmt: skip
     bench.add_argument("--model", help="model name (default: the directory's name)")
-    bench.add_argument("--max-requests", type=_at_least(1), default=20000)
+    bench.add_argument("--max-requests", type=_at_least(1), default=20000,
+                       help="send at most this many (default 20,000)")  # fmt: skip
     bench.add_argument(
         "--host-ms", type=_bench_host_ms_arg,
         help="PARSE,ANSWER: the server's ms of CPU per request; the first lines then "
@@ -2518,7 +2531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="show a saved INN's groups")
     inspect.add_argument("directory", type=Path)
-    inspect.add_argument("--width", type=_width, default=0.5)
+    inspect.add_argument("--width", type=_width, default=0.5,
+                         help="the width whose channel counts are shown (default 0.5)")  # fmt: skip
     inspect.add_argument("--multiple-of", type=_at_least(1), default=None,
                          help="channel counts rounded to multiples of this (default: "
                               "model.yaml's, else 1)")  # fmt: skip

@@ -573,18 +573,22 @@ def plot_frontier(frontier, chosen: list[str], path: Path, hand: dict | None = N
                    alpha=0.5, label="shaped" if shaped else "uniform")  # fmt: skip
     p = frontier.pareto()
     ax.plot([c.p50_ms(1) for c in p], [c.accuracy for c in p], "k-", lw=1, label="frontier")
-    for name in chosen:
+    # Each marker kind labelled once: the green crosses read as the chosen set where no
+    # set was chosen yet and the title promised red rings (review helper-269).
+    for i, name in enumerate(chosen):
         c = frontier.candidate(name)
-        ax.scatter([c.p50_ms(1)], [c.accuracy], s=160, facecolors="none", edgecolors="red")
+        ax.scatter([c.p50_ms(1)], [c.accuracy], s=160, facecolors="none", edgecolors="red",
+                   label=None if i else "chosen tiers")  # fmt: skip
         ax.annotate(name, (c.p50_ms(1), c.accuracy), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")  # fmt: skip
-    for name, (lat, acc) in (hand or {}).items():
-        ax.scatter([lat], [acc], marker="x", color="green")
+    for i, (name, (lat, acc)) in enumerate((hand or {}).items()):
+        ax.scatter([lat], [acc], marker="x", color="green",
+                   label=None if i else "model.yaml's tiers")  # fmt: skip
         ax.annotate(name, (lat, acc), fontsize=8, color="green", xytext=(4, -10),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel(f"accuracy ({frontier.accuracy_source.split(' (')[0]})")
-    ax.set_title("candidate widths; red rings: the chosen tiers")
+    ax.set_title("candidate widths" + ("" if chosen else "; no tier set chosen yet"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -442,3 +442,22 @@ def test_a_semicolon_separated_traffic_file_is_told_to_use_commas(tmp_path):
     with pytest.raises(ValueError, match="must be comma-separated") as e:
         Traffic.read(tmp_path / "t.csv")
     assert "drop them" not in str(e.value)
+
+
+def test_the_frontier_plot_labels_each_kind_of_mark_and_says_when_none_is_chosen(
+    tmp_path, monkeypatch
+):
+    # Titled "red rings: the chosen tiers" with no set chosen, and the green crosses of
+    # model.yaml's tiers in no legend: read as the chosen set (review helper-269).
+    import matplotlib.pyplot as plt
+
+    from innfer.tiers import report_frontier
+
+    d = _auto_model(tmp_path)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report_frontier(d) == d / "frontier.png"
+    (ax,) = figures[-1].axes
+    assert ax.get_title() == "candidate widths; no tier set chosen yet"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "model.yaml's tiers" in labels and "chosen tiers" not in labels

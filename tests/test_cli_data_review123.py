@@ -256,3 +256,51 @@ def test_a_calibrate_out_folder_is_sampled_as_its_tiers_were_calibrated(tmp_path
     code, printed, err = _run(capsys, "inspect", out, "--width", "0.3")
     assert code == 0, err
     assert re.search(r"\s32\s+8\s*$", printed, re.M), printed
+
+
+def test_the_served_latency_panel_names_where_its_figures_come_from(tmp_path, monkeypatch):
+    # An auto-tiered model's latencies come from frontier.json; the axis said profile.json
+    # (review helper-269).
+    import matplotlib.pyplot as plt
+
+    from runtime.inn.report import ServedTier, save_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    served = [
+        ServedTier("w100", 1.0, None, 0.6, 8, 0.65),
+        ServedTier("w050", 0.5, None, 0.3, 8, 0.4),
+    ]
+    for source in ("profile.json", "frontier.json"):
+        save_report([], None, tmp_path / "r.png", served, latency_source=source)
+        assert figures[-1].axes[-1].get_ylabel() == f"p50 latency (ms, {source})"
+
+
+def test_report_scores_the_samples_model_yaml_evaluation_limit_names(tmp_path, capsys):
+    # The build scores the first `limit` test samples; report scored the whole split, and
+    # one tier read 11.6 % in one table and 10.0 % in the next, both "model.yaml's
+    # evaluation set" (review helper-269). Here the first 50 are labelled as the network
+    # answers, the other 50 not.
+    net = nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                        nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
+    d = tmp_path / "m"
+    runtime.convert(net, (torch.randn(2, 1, 40),)).save(d)
+    x = np.random.default_rng(0).standard_normal((100, 1, 40)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    y[50:] = (y[50:] + 1) % 10
+    np.savez(d / "seq.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    yaml = (
+        "inputs: [{name: input, dtype: float32, shape: [1, 40]}]\n"
+        "outputs: [{name: logits, dtype: float32, shape: [10]}]\n"
+        "tiers: [{name: w100, width: 1.0}]\nmax_batch: 8\n"
+    )
+    for evaluation, expected in (
+        ("{dataset: seq.npz}", 50.0),
+        ("{dataset: seq.npz, limit: 50}", 100.0),
+    ):
+        (d / "model.yaml").write_text(yaml + f"evaluation: {evaluation}\n")
+        code, out, err = _run(capsys, "report", d, "--widths", "1.0")
+        assert code == 0, err
+        assert _accuracies(out)[0] == expected, out
+    assert "its first 50 test samples, as the build scores the tiers" in out

@@ -95,6 +95,31 @@ def test_a_request_that_expires_in_the_queue_is_expired_not_refused_at_arrival()
     assert s["late"] > 0 and f"  late            {s['late']} answered past" in format_summary(s)
 
 
+def test_the_timeline_draws_what_was_served_when_it_was_answered(tmp_path, monkeypatch):
+    # Binned by arrival, a queue draining after the arrivals stopped was drawn as served
+    # while they came - above the engine's best rate - and the axis ended before the last
+    # answer (review helper-269). 3x the load with budgets of seconds: a queue builds.
+    import matplotlib.figure
+
+    cfg = SimConfig(trace="poisson", duration_s=2.0, load=3.0, budget_ms=(4000.0, 8000.0),
+                    noise=0.0, policy="fixed:w100")  # fmt: skip
+    r = simulate(TIERS, P50, cfg)
+    figures = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
+    )
+    plot_timeline(r, TIERS, tmp_path / "t.png")
+    bars = figures[0].axes[1].patches
+    rates = np.array([b.get_height() for b in bars]).reshape(len(TIERS), -1).sum(axis=0)
+    width = bars[0].get_width()
+    served = int(np.sum(~np.isnan(r.finish)))
+    assert sum(rates) * width == pytest.approx(served)
+    best = 8 / (P50["w100"][8] * 1e-3)  # w100 at batch 8: the most it can serve a second
+    assert rates.max() <= 1.2 * best, (rates.max(), best)
+    last = float(np.nanmax(r.finish))
+    assert last > 2.5 and bars[-1].get_x() + width == pytest.approx(last)
+
+
 def test_a_file_trace_reports_its_own_rate_and_goodput_over_its_span(tmp_path, monkeypatch):
     # --duration 30 and --load 5 say nothing about a file's times: the file is replayed
     # whole, its rate is what it holds, and goodput counts over its 100 s.
@@ -182,6 +207,21 @@ def test_bench_still_says_no_server_answered_when_some_requests_went_unsent(
     fake_run_load(monkeypatch, codes=["UNAVAILABLE"] * 5 + ["unsent"] * 1000)
     assert cli(["bench", str(d), "--duration", "1", "--max-requests", "1005"]) == 2
     assert "no request was served" in capsys.readouterr().err
+
+
+def test_bench_fails_when_nothing_was_served_though_some_refusals_were_cancels(
+    tmp_path, monkeypatch, capsys
+):
+    # A misspelt --model at load 1: NOT_FOUND, and a few streams the loaded server refused
+    # (UNAVAILABLE, CANCELLED) - "0 within budget, 2000 refused" and exit 0 (review
+    # helper-269). And a model dir given as "." sent to the model '' (its name unresolved).
+    d = _bench_model(tmp_path)
+    fake_run_load(monkeypatch, codes=["NOT_FOUND"] * 8 + ["CANCELLED", "UNAVAILABLE"])
+    assert cli(["bench", str(d), "--duration", "1", "--max-requests", "10"]) == 2
+    assert "no request was served" in capsys.readouterr().err
+    monkeypatch.chdir(d)
+    assert cli(["bench", ".", "--duration", "1", "--max-requests", "10"]) == 2
+    assert "does it serve 'tiny'?" in capsys.readouterr().err
 
 
 def test_bench_fails_when_the_server_refused_every_request_as_invalid(

@@ -172,11 +172,13 @@ def save_report(
     png_path: Path | None,
     served: Sequence[ServedTier] = (),
     ylabel: str = "test accuracy",
+    latency_source: str = "profile.json",
 ) -> None:
     """Write ``rows`` and ``served`` as JSON - ``{"widths": [row, ...], "served": [tier,
     ...]}``, ``served`` empty for a model not built, so a script reads one shape either way -
     and plot accuracy against width and FLOPs where there is one, beside the served tiers'
-    latency against width where the model is built (``served``)."""
+    latency against width where the model is built (``served``; its latencies from
+    ``latency_source``: profile.json, or an auto-tiered model's frontier.json)."""
     if json_path is not None:
         doc = {"widths": [asdict(r) for r in rows], "served": [asdict(t) for t in served]}
         # whole or not at all: scripts read it (through a link, or to a pipe or device)
@@ -192,7 +194,7 @@ def save_report(
     panels = (2 if has_acc else 0) + (1 if served else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     if served:
-        _plot_served(axes[0][-1], served)
+        _plot_served(axes[0][-1], served, latency_source)
     if not has_acc:
         fig.tight_layout()
         fig.savefig(png_path, dpi=110)
@@ -218,7 +220,7 @@ def save_report(
     plt.close(fig)
 
 
-def _plot_served(ax, served: Sequence[ServedTier]) -> None:
+def _plot_served(ax, served: Sequence[ServedTier], source: str = "profile.json") -> None:
     """Median latency against width of the built tiers, at batch 1 and the largest batch."""
     tiers = sorted(served, key=lambda t: t.width)
     widths = [t.width for t in tiers]
@@ -228,7 +230,7 @@ def _plot_served(ax, served: Sequence[ServedTier]) -> None:
         ax.annotate(t.name, (t.width, t.p50_ms_batch), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)  # fmt: skip
     ax.set_xlabel("tier width")
-    ax.set_ylabel("p50 latency (ms, profile.json)")
+    ax.set_ylabel(f"p50 latency (ms, {source})")  # (frontier.json's, auto-tiered: helper-269)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
