@@ -1122,7 +1122,7 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
     model with sequence lengths (a transformer) is planned at the lane a request of
     ``tokens`` joins - the shortest profiled length that holds it; default the longest -
     and the first note says which (lane 0: fixed shapes)."""
-    from innfer.tiers import FLOPS_PROXY
+    from innfer.tiers import FLOPS_PROXY, FLOPS_PROXY_LARGEST
     from runtime.repository import Repository
     from server.scheduling.latency import tiers_from_profile
 
@@ -1140,7 +1140,8 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
     # a frontier's candidates always carry one: the FLOPs fraction where it had no
     # evaluation set, and simulate said nothing of it (review helper-255)
     proxy = proxy or (source == "frontier" and _frontier_flops(d))
-    return tiers, p50, chosen, FLOPS_PROXY if proxy else "", lane
+    full = source == "frontier" or any(r.width == 1.0 for r in records.values())
+    return tiers, p50, chosen, (FLOPS_PROXY if full else FLOPS_PROXY_LARGEST) * proxy, lane
 
 
 def _frontier_flops(model_dir: Path) -> bool:

@@ -32,6 +32,10 @@ from runtime.utc import stamp
 # What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
 # it so in the frontier): every command that prints such an accuracy says so in these words.
 FLOPS_PROXY = "no evaluation set: FLOPs fraction of the full width"
+# ... where model.yaml serves no full-width tier: the scheduler's stand-in is then relative
+# to the largest served one (``tiers_from_profile``), which the line above misnamed
+# (review helper-269)
+FLOPS_PROXY_LARGEST = "no evaluation set: FLOPs fraction of the largest served tier"
 
 HOST_HELP = (
     "the serving process's time outside queue and compute and its engine speed (host.json, "

@@ -269,6 +269,19 @@ def test_simulate_and_bench_say_when_accuracy_is_a_flops_fraction(tmp_path, caps
 
     from runtime.repository import TierRecord
 
+    # Without a full-width tier the stand-in is relative to the largest served one, and
+    # says so (it read "of the full width": w050 as 1.0 - review helper-269)
+    path = d / "model.yaml"
+    kept = path.read_text()
+    assert "- name: w100\n  width: 1.0\n" in kept
+    path.write_text(kept.replace("- name: w100\n  width: 1.0\n", ""))
+    code, out, err = _cli(
+        capsys, "simulate", d, "--duration", "1", "--load", "0.001", "--policy", "innfer"
+    )
+    assert code == 0, err
+    assert out.splitlines()[0].endswith("; accuracy: no evaluation set: FLOPs fraction of "
+                                        "the largest served tier")  # fmt: skip
+    path.write_text(kept)
     for tier in ("w100", "w050"):  # measured accuracies: nothing to say
         path = d / "tiers" / tier / "tier.json"
         dataclasses.replace(TierRecord.read(path), accuracy=0.9).write(path)
