@@ -213,8 +213,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     active.write(repo.model_dir(args.model) / ACTIVE_FILE)
     print(f"applied: {', '.join(choice.best.tiers)} written to {ACTIVE_FILE} (engines ready in "
-          f"{time.perf_counter() - t0:.1f} s); a running server serves it from its next swap, "
-          "or a reload or restart of the model")  # fmt: skip
+          f"{time.perf_counter() - t0:.1f} s); a running server serves it once the model is "
+          "reloaded or restarted - its own auto-tiering may choose and write another set "
+          "first")  # fmt: skip
     return 0
 
 

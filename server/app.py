@@ -70,6 +70,8 @@ class JsonFormatter(logging.Formatter):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Seconds a stop waits for auto-tiering's work directories to be removed.
+TIERERS_STOP_S = 2.0
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -244,6 +246,13 @@ class Server:
             log.error("grace period over: not waiting for %s", self.plane.describe_stopping())
             self.cut_short = True
         self.plane.shared_memory.close()
+        # auto-tiering's work directories removed (on their file threads; a stalled volume
+        # does not hold the stop past TIERERS_STOP_S)
+        try:
+            await asyncio.wait_for(self.plane.tierers_stopped(), TIERERS_STOP_S)
+        except (TimeoutError, asyncio.TimeoutError):
+            log.warning("auto-tiering's work directories not removed within %.0f s: another "
+                        "replica prunes them later", TIERERS_STOP_S)  # fmt: skip
         # the traces not yet written (log_frequency 0: all of them), waited for off the loop
         # within what is left of the grace (at least a second: the last file's write)
         self.plane.traces.close()

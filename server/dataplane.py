@@ -186,6 +186,7 @@ class DataPlane:
         # and the background task that may change its tiers.
         self.traffic: dict[str, TrafficLog] = {}
         self.tierers: dict[str, AutoTierer] = {}
+        self._stopping_tierers: list[AutoTierer] = []  # stopped, until tierers_stopped
         # Loads in progress and runtimes replaced or unloaded and still stopping (answering
         # their queue): owned here, so that a cancelled RPC cannot abandon them half way.
         self._owned: set[asyncio.Task] = set()
@@ -821,10 +822,16 @@ class DataPlane:
         return self.config.plan_overhead if own is None else own
 
     def stop_tierers(self) -> None:
-        """Stop every auto-tiering loop (server shutdown)."""
+        """Stop every auto-tiering loop (server shutdown); ``tierers_stopped`` awaits them."""
         for tierer in self.tierers.values():
             tierer.stop()
+        self._stopping_tierers = list(self.tierers.values())
         self.tierers.clear()
+
+    async def tierers_stopped(self) -> None:
+        """The loops ``stop_tierers`` stopped have ended and removed their work directories."""
+        tierers, self._stopping_tierers = self._stopping_tierers, []
+        await asyncio.gather(*(t.stopped() for t in tierers))
 
     def message_limit(self) -> int:
         """The automatic gRPC message limit: from the largest valid request or answer among

@@ -2105,3 +2105,26 @@ def test_a_chosen_set_scored_by_flops_is_not_shown_as_measured_accuracy(tmp_path
     code = cli(["simulate", str(d), "--duration", "1", "--load", "0.001", "--policy", "innfer"])
     out = capsys.readouterr().out
     assert code == 0 and "FLOPs fraction of the full width" in out.splitlines()[0], out
+
+
+def test_a_stopped_loop_has_removed_its_work_directory_once_its_stop_is_awaited(tmp_path):
+    # The removal was left to a done-callback and a daemon thread the server's stop never
+    # waited for: with the file thread busy at the stop, the directory stayed behind in 2 of
+    # 12 stops (review helper-266). The server's stop now awaits ``stopped`` (bounded).
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    (tmp_path / "m").mkdir()
+    tierer = AutoTierer("m", tmp_path, AutoTiersConfig(), TrafficLog(), None, Metrics(),
+                        lambda: "model.yaml:w100")  # fmt: skip
+
+    async def body():
+        tierer.start()
+        await tierer._io(tierer._make_work)
+        (tierer.work / "traffic.csv").write_text("arrival_s,budget_ms\n0,10\n")
+        tierer._files.submit(time.sleep, 0.3)  # a check's job on a slow volume
+        tierer.stop()
+        await asyncio.wait_for(tierer.stopped(), 5.0)
+        return tierer.work.exists()
+
+    assert asyncio.run(body()) is False
