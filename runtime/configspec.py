@@ -382,8 +382,11 @@ def _yaml_word(v: bool, choices: Sequence[str], at: Where, expected: str) -> str
     words = [c for c in choices if c.lower() in _YAML_BOOL_WORDS[v]]
     if len(words) == 1:
         return words[0]
-    at.fail(v, expected + " (YAML reads an unquoted yes/no/on/off/true/false as a boolean: "
-            "quote the value)")  # fmt: skip
+    # "quote it" only where a quoted word could be a choice (several spell this boolean);
+    # a quoted "off" for model_control is refused too (review helper-270)
+    quote = ": quote the value" if words else ""
+    at.fail(v, f"{expected} (YAML reads an unquoted yes/no/on/off/true/false as a boolean"
+            f"{quote})")  # fmt: skip
 
 
 def _finite(v: float) -> bool:

@@ -4,9 +4,9 @@ the server's log level while it runs (tritonclient's ``get_log_settings`` /
 
 Triton's switches map onto innfer's one threshold (the ``innfer`` logger's level):
 ``log_verbose_level`` > 0 is DEBUG; else the lowest of ``log_info`` (INFO), ``log_warning``
-(WARNING), ``log_error`` (ERROR) that is on; all off is CRITICAL. Verbose turned off again
-brings back the threshold it replaced (the switches that request does not send read as
-they were before verbose, as Triton keeps them). A threshold cannot log
+(WARNING), ``log_error`` (ERROR) that is on; all off is CRITICAL. While verbose the switches
+read - and, unless sent, stay - as they were before it, as Triton keeps them apart: verbose
+turned off again brings back the threshold it replaced. A threshold cannot log
 info but not warnings: such a combination is refused, as are ``log_file`` (innfer logs to
 stderr, JSON lines: the container's log) and a ``log_format`` other than ``default``.
 
@@ -49,10 +49,15 @@ def current() -> dict[str, bool | int | str]:
         (False, True, 0)
     """
     level = logging.getLogger("innfer").getEffectiveLevel()
+    verbose = level <= logging.DEBUG
+    # While verbose, the switches as they were before it (Triton keeps them apart from the
+    # verbose level): read back all on, a client that sent log_info with verbose 0 was
+    # refused on a log_warning it had been told was on (review helper-270)
+    switches = _verbose["below"] if verbose and _verbose["below"] else level
     return {
         "log_file": "",
-        **{name: level <= at for name, at in SWITCHES},
-        "log_verbose_level": _verbose["level"] if level <= logging.DEBUG else 0,
+        **{name: switches <= at for name, at in SWITCHES},
+        "log_verbose_level": _verbose["level"] if verbose else 0,
         "log_format": "default",
     }
 
@@ -105,16 +110,11 @@ def update(settings, allowed: str | None) -> None:
                 f"so {off[0]} cannot be off beside it"
             )
         _verbose["level"] = given["log_verbose_level"]
-        before = logging.getLogger("innfer").getEffectiveLevel()
-        if before > logging.DEBUG:
-            _verbose["below"] = before
+        # the switches kept apart for verbose 0: as they read before (``current``), or sent
+        on = [at for name, at in SWITCHES if given[name]]
+        _verbose["below"] = on[0] if on else logging.CRITICAL
         set_level(logging.DEBUG)
         return
-    below = _verbose["below"]
-    if "log_verbose_level" in sent and current()["log_verbose_level"] and below:
-        for name, at in SWITCHES:  # those not sent as they were before verbose
-            if name not in sent:
-                given[name] = below <= at
     on = [at for name, at in SWITCHES if given[name]]
     if on and on != [at for _, at in SWITCHES][len(SWITCHES) - len(on) :]:
         raise InvalidArgument(

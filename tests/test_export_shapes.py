@@ -99,7 +99,7 @@ def test_an_adaptive_pool_the_exporter_cannot_write_is_named_with_a_size_that_wo
     # helper-262): the layer, its sizes and an input size that works are said instead.
     module = torch.fx.symbolic_trace(_VggHead())
     with pytest.raises(ValueError, match=r"adaptive pool 'pool' maps \[16, 16\] to \[7, 7\].*"
-                       r"an input of \[3, 84, 84\] gives a map that divides"):  # fmt: skip
+                       r"an input of \[3, 84, 84\] gives maps that divide"):  # fmt: skip
         export_onnx(module, [("input", [3, 64, 64], torch.float32)], ["y"])
     data = export_onnx(module, [("input", [3, 84, 84], torch.float32)], ["y"])
     x = torch.randn(2, 3, 84, 84)

@@ -94,8 +94,14 @@ def test_verbose_off_brings_back_the_threshold_it_replaced(client):
     client.update_log_settings({"log_verbose_level": 0})
     assert INNFER.level == logging.ERROR
     client.update_log_settings({"log_verbose_level": 1})  # switches sent with it decide
+    got = client.get_log_settings(as_json=True)["settings"]  # read as they were before
+    assert [got[k]["bool_param"] for k in ("log_info", "log_warning")] == [False, False]
     client.update_log_settings({"log_verbose_level": 0, "log_warning": True})
     assert INNFER.level == logging.WARNING
+    # a switch sent while verbose is kept for verbose 0, as Triton keeps it
+    client.update_log_settings({"log_verbose_level": 1, "log_info": True})
+    client.update_log_settings({"log_verbose_level": 0})
+    assert INNFER.level == logging.INFO
 
 
 def test_every_change_is_on_record_and_the_verbose_level_reads_back(client, caplog):

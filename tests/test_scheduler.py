@@ -342,11 +342,13 @@ def test_a_request_within_its_grace_is_planned_to_its_deadline_plus_the_grace():
     # every other plan to the fastest tier (review helper-264). One tier, 0.5 ms a row.
     tiers = [TierInfo("t", 0.9, {1: 0.5, 2: 0.75})]
     sched = Scheduler(tiers, make_policy("innfer", tiers), max_batch=1, max_queue=64)
-    urgent = Request(1, 0.0, 0.0003, priority=2, grace=0.0006)  # 0.5 ms alone: by 0.9
+    urgent = Request(1, 0.0, 0.0003, priority=2, grace=0.0006, reserve=0.001)  # by 0.9
+    due = urgent.due  # the client's: it judges the answer met or late, and stays
     sched.submit(urgent, 0.0)
     sched.submit(Request(2, 0.0, math.inf), 0.0)
     assert sched.expire(0.0) == []
     assert (urgent.deadline, urgent.grace) == (pytest.approx(0.0009), 0.0)
+    assert urgent.due == pytest.approx(due)
     assert [r.id for r in sched.next(0.0).requests] == [1]
     # the rest of the queue keeps its plan: A on the accurate tier, B (graced) after it
     tiers = [TierInfo("w100", 0.99, {1: 10.0}), TierInfo("w050", 0.97, {1: 2.0})]

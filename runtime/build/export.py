@@ -371,7 +371,59 @@ def _adaptive_pool_misfit(module: nn.Module, example: tuple, inputs) -> str | No
     """Why the exporter refused an adaptive pool, where that was its refusal: the legacy
     exporter writes one only where its output size divides its input map (VGG's 7 x 7 from a
     64 x 64 image's 2 x 2 map failed with a TorchScript IR dump; review helper-262). Names the
-    first such layer, its sizes, and an image size that works; None where none misfits."""
+    first such layer, its sizes, and an image size checked to work where one of a few tried
+    does; None where none misfits."""
+    seen = _adaptive_maps(module, example)
+    if seen is None:  # the export's own error says more than this probe's would
+        return None
+    misfit = next(((n, s, o) for n, s, o in seen if not _divides(s, o)), None)
+    if misfit is None:
+        return None
+    name, size, out = misfit
+    hint = ""
+    image = next((i for i, (_, shape, _) in enumerate(inputs) if len(shape) > len(size)), None)
+    if image is not None and len(example) == len(inputs):
+        shape = list(inputs[image][1])
+        dims = shape[-len(size) :]
+        # Candidates from the map's scale (input / map), checked by running them and the
+        # scale read again from each run: floor-halving pools make it inexact (a 40 x 40
+        # image's 1 x 1 map read as 40x, and 280 still failed; review helper-270).
+        at, maps = dims, size
+        for _ in range(6):
+            tried = [_next_size(d, m, o) for d, m, o in zip(at, maps, out, strict=True)]
+            probe = list(example)
+            probe[image] = torch.zeros(
+                (1, *shape[: -len(size)], *tried), dtype=example[image].dtype
+            )
+            ran = _adaptive_maps(module, tuple(probe))
+            if ran is None:
+                break
+            if all(_divides(m, o) for _, m, o in ran):
+                hint = f"; an input of {[*shape[: -len(size)], *tried]} gives maps that divide"
+                break
+            at, maps = tried, next((m for n, m, _ in ran if n == name), maps)
+    return (
+        f"adaptive pool {name!r} maps {list(size)} to {list(out)}, and the ONNX exporter "
+        f"writes one only where the output size divides the input map: change model.yaml's "
+        f"input shape{hint}, or pool to a size that divides it"
+    )
+
+
+def _next_size(d: int, m: int, o: int | None) -> int:
+    """An input size ``d`` whose map ``m`` is not a multiple of ``o``: the size, at the scale
+    d / m, of the next multiple of ``o`` above the map (``d`` where it divides already)."""
+    if o is None or m % o == 0:
+        return d
+    return max(math.ceil(o * (m // o + 1) * d / max(m, 1)), d)
+
+
+def _divides(size: tuple, out: tuple) -> bool:
+    return all(o is None or s % o == 0 for s, o in zip(size, out, strict=True))
+
+
+def _adaptive_maps(module: nn.Module, example: tuple) -> list[tuple[str, tuple, tuple]] | None:
+    """(name, input map, output size) of each adaptive pool as ``module`` runs ``example``;
+    None where it does not run."""
     seen: list[tuple[str, tuple, tuple]] = []
     hooks = []
     for name, sub in module.named_modules():
@@ -379,36 +431,18 @@ def _adaptive_pool_misfit(module: nn.Module, example: tuple, inputs) -> str | No
 
             def hook(mod, args, _out, name=name) -> None:
                 n = int(type(mod).__name__[-2])  # AdaptiveAvgPool2d: 2 spatial dims
-                out = _pair(mod.output_size, n)
-                seen.append((name, tuple(args[0].shape[-n:]), out))
+                seen.append((name, tuple(args[0].shape[-n:]), _pair(mod.output_size, n)))
 
             hooks.append(sub.register_forward_hook(hook))
     try:
         with torch.no_grad():
             module(*example)
-    except Exception:  # the export's own error says more than this probe's would
+    except Exception:
         return None
     finally:
         for h in hooks:
             h.remove()
-    for name, size, out in seen:
-        if all(o is None or s % o == 0 for s, o in zip(size, out, strict=True)):
-            continue
-        image = next((list(shape) for _, shape, _ in inputs if len(shape) > len(size)), None)
-        hint = ""
-        if image is not None:
-            dims = image[-len(size) :]
-            ok = [
-                d if o is None or s % o == 0 else math.ceil(d / (o * d // s)) * (o * d // s)
-                for d, s, o in zip(dims, size, out, strict=True)
-            ]
-            hint = f"; an input of {[*image[: -len(size)], *ok]} gives a map that divides"
-        return (
-            f"adaptive pool {name!r} maps {list(size)} to {list(out)}, and the ONNX exporter "
-            f"writes one only where the output size divides the input map: change model.yaml's "
-            f"input shape{hint}, or pool to a size that divides it"
-        )
-    return None
+    return seen
 
 
 def _pair(size, n: int) -> tuple:

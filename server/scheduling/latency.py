@@ -492,7 +492,7 @@ class LatencyModel:
         ratio = seconds / max(expected, MIN_TYPICAL_S)
         level = self._log_factor[tier]
         x = min(max(math.log(max(ratio, 1e-300)), level + LOG_RATIO_MIN), level + LOG_RATIO_MAX)
-        x = min(x, LOG_LEVEL_MAX)
+        x = min(max(x, -LOG_LEVEL_MAX), LOG_LEVEL_MAX)
         self._log_factor[tier] += self.alpha * (x - self._log_factor[tier])
         keep = 1 - self.alpha
         self._level_var[tier] = keep * keep * self._level_var[tier] + self.alpha * self.alpha
@@ -632,7 +632,9 @@ class LatencyModel:
         """
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be > 0, got {factor}")
-        self._log_factor[tier] = math.log(min(max(factor, RATIO_MIN), RATIO_MAX))
+        # (bounded as ``observe`` bounds the level: clamped at 20x, a tier running 1,000x
+        # started a replacement runtime at 20x - review helper-270)
+        self._log_factor[tier] = math.log(min(max(factor, 1 / LEVEL_MAX), LEVEL_MAX))
         self._refresh(tier)
         self._fill(tier)
         self.version += 1

@@ -645,8 +645,9 @@ class Scheduler:
         # of its own, none it joins - while expiry kept it: a high-priority head waited
         # behind a low one until its grace ran out too, and made every plan for the rest of
         # the queue infeasible, down to the fastest tier (review helper-264).
-        for r in kept:
-            r.deadline, r.grace = r.deadline + r.grace, 0.0
+        for r in kept:  # (the client's due, deadline + reserve, stays where it was: it
+            # judges the answer met or late - moved too, late answers counted met, h270)
+            r.deadline, r.reserve, r.grace = r.deadline + r.grace, r.reserve - r.grace, 0.0
             self._enqueue(r)
         if 0 in late or 0 in graced or (kept and self.queue[0] in kept):
             self.device.dropped(self)  # what claim compared with the others changed
