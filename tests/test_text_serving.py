@@ -1064,7 +1064,9 @@ def test_a_tiers_latency_gauges_and_engine_speed_follow_the_lane_its_traffic_run
         "innfer_tier_latency_factor", {"model": "embed", "tier": "full"}
     )
     assert learned > 3.0
-    assert gauge == pytest.approx(learned, rel=1e-3) and speed == pytest.approx(learned, rel=1e-3)
+    # (within a batch's step: the level is no longer held at 20x, where these engines ~27x
+    # their profile sat still, and the gauge is written per batch)
+    assert gauge == pytest.approx(learned, rel=0.05) and speed == pytest.approx(learned, rel=0.05)
 
 
 @pytest.mark.parametrize(
