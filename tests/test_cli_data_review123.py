@@ -55,15 +55,21 @@ def test_evaluate_refuses_labels_that_do_not_match_the_predictions():
         evaluate(model, torch.randn(6, 4), torch.zeros(6, 2, dtype=torch.long))
 
 
-def test_a_sequence_axis_takes_the_evaluation_sets_length(tmp_path, capsys):
-    torch.manual_seed(0)
+def _sequence_model(d, samples: int):
+    """A 1-D CNN over 40 steps, converted and saved to ``d``; (x, y): ``samples`` random
+    inputs and the classes it answers for them."""
     net = nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
                         nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
-    d = tmp_path / "m"
     runtime.convert(net, (torch.randn(2, 1, 40),)).save(d)
-    x = np.random.default_rng(0).standard_normal((300, 1, 40)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((samples, 1, 40)).astype(np.float32)
     with torch.no_grad():
-        y = net(torch.from_numpy(x)).argmax(1).numpy()
+        return x, net(torch.from_numpy(x)).argmax(1).numpy()
+
+
+def test_a_sequence_axis_takes_the_evaluation_sets_length(tmp_path, capsys):
+    torch.manual_seed(0)
+    d = tmp_path / "m"
+    x, y = _sequence_model(d, 300)
     np.savez(d / "seq.npz", x=x, y=y)
     (d / "model.yaml").write_text(
         "inputs: [{name: input, dtype: float32, shape: [1, -1]}]\n"
@@ -281,13 +287,8 @@ def test_report_scores_the_samples_model_yaml_evaluation_limit_names(tmp_path, c
     # one tier read 11.6 % in one table and 10.0 % in the next, both "model.yaml's
     # evaluation set" (review helper-269). Here the first 50 are labelled as the network
     # answers, the other 50 not.
-    net = nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
-                        nn.Flatten(), nn.Linear(16, 10)).eval()  # fmt: skip
     d = tmp_path / "m"
-    runtime.convert(net, (torch.randn(2, 1, 40),)).save(d)
-    x = np.random.default_rng(0).standard_normal((100, 1, 40)).astype(np.float32)
-    with torch.no_grad():
-        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    x, y = _sequence_model(d, 100)
     y[50:] = (y[50:] + 1) % 10
     np.savez(d / "seq.npz", x_train=x, y_train=y, x_test=x, y_test=y)
     yaml = (
