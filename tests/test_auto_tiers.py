@@ -146,6 +146,14 @@ def test_frontier_and_choice_files_round_trip_and_refuse_corruption(tmp_path):
     (tmp_path / "a.json").write_text('{"tiers": ["a"]}')
     with pytest.raises(RepositoryError, match="the hand-written tiers are served until"):
         ActiveTiers.read(tmp_path / "a.json")
+    # a folder in a file's place: as corrupted, not a failure of the whole model (an
+    # IsADirectoryError failed it, with advice to rebuild what no build writes; helper-271)
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(RepositoryError, match=r"d.json cannot be read \(Is a directory\): the "
+                       "hand-written tiers are served"):  # fmt: skip
+        ActiveTiers.read(tmp_path / "d.json")
+    with pytest.raises(RepositoryError, match=r"cannot be read \(Is a directory\): run `innfer"):
+        Frontier.read(tmp_path / "d.json")
 
 
 @pytest.mark.parametrize("chosen_at", ["yesterday", "2026-12-05 10:00:00", 1733400000, None])

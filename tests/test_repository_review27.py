@@ -260,3 +260,28 @@ def test_a_model_yaml_that_is_a_broken_link_or_a_folder_is_listed_and_says_what_
         repo.config("linked")
     with pytest.raises(ConfigError, match="is a directory"):
         repo.config("folder")
+
+
+def test_a_model_folder_that_cannot_be_read_is_not_said_to_be_missing(tmp_path, monkeypatch):
+    # An unreadable folder (mode 000, another owner) read as "not found: the repository has
+    # no mlp/model.yaml (models here: mlp, ...)" - listed, yet missing - where its load's
+    # PermissionError names the owner/mode fix (review helper-271). Root reads any folder,
+    # so the check's answer is made as an unreadable folder's.
+    import pathlib
+
+    from runtime.repository import ModelNotFound, Repository
+
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "model.yaml").write_text("{}")
+    real = pathlib.Path.is_symlink
+
+    def denied(self):
+        if self.name == "model.yaml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_symlink", denied)
+    assert Repository(tmp_path).model_dir("mlp") == tmp_path / "mlp"
+    with pytest.raises(ModelNotFound, match=r"no nope/model\.yaml"):
+        monkeypatch.setattr(pathlib.Path, "is_symlink", real)
+        Repository(tmp_path).model_dir("nope")

@@ -200,6 +200,13 @@ class Frontier:
             ) from None
         except (ValueError, TypeError, KeyError, RecursionError) as exc:  # bad JSON, not UTF-8
             raise RepositoryError(f"{path} is corrupted ({exc}): run `innfer build`") from None
+        except OSError as exc:  # a folder in its place, an I/O error: as corrupted (it failed
+            # the whole model; review helper-271) - a permission error keeps its own advice
+            if isinstance(exc, PermissionError):
+                raise
+            raise RepositoryError(
+                f"{path} cannot be read ({exc.strerror or exc}): run `innfer build`"
+            ) from None
         problem = frontier._problem()
         if problem is not None:  # valid JSON, a wrong value inside: it failed at load or
             # in a choice, as a traceback that named no file (or was served as it was)
@@ -327,4 +334,11 @@ class ActiveTiers:
             raise RepositoryError(
                 f"{path} is corrupted ({exc}): the hand-written tiers are served until "
                 "auto-tiering chooses again (delete it to say no more of it)"
+            ) from None
+        except OSError as exc:  # a folder in its place, an I/O error (helper-271)
+            if isinstance(exc, PermissionError):
+                raise
+            raise RepositoryError(
+                f"{path} cannot be read ({exc.strerror or exc}): the hand-written tiers are "
+                "served until auto-tiering chooses again (remove it to say no more of it)"
             ) from None

@@ -278,7 +278,10 @@ class Repository:
                 f"model {name!r} is a link out of the repository; copy the model directory "
                 "into the repository instead"
             )
-        if not something_at(d / "model.yaml"):  # (a broken link or a folder: config says so)
+        # (a broken link or a folder: config says so; None - cannot tell, an unreadable
+        # folder - too: the load's PermissionError names the owner/mode fix, where "not
+        # found ... (models here: mlp, ...)" contradicted itself - review helper-271)
+        if something_at(d / "model.yaml") is False:
             available = self.names()
             shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
             # Relative to the repository: an error must not reveal the server's file system.
