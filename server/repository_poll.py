@@ -89,11 +89,20 @@ def fingerprint(model_dir: Path) -> Fingerprint | None:
             st = p.stat()
         except OSError:  # went while looked at, or not to be looked at: the next poll sees
             continue
+        # ctime too: a chmod / chown that makes a file readable changes nothing else, and a
+        # model that failed on it stayed failed after the fix (review helper-271)
         if stat.S_ISREG(st.st_mode):
             stamps.append((str(p.relative_to(model_dir)), st.st_ino, st.st_mtime_ns,
-                           st.st_size, _digest(p, st.st_size)))  # fmt: skip
+                           st.st_ctime_ns, st.st_size, _digest(p, st.st_size)))  # fmt: skip
     if not any(s[0] == "model.yaml" for s in stamps):
-        return None
+        # A model.yaml that is there but no file - a link to nothing (a ConfigMap not
+        # mounted), a folder - is the model's, failed: read as gone, its failure was
+        # forgotten and readiness came back with the model unserved (review helper-271)
+        try:
+            st = (model_dir / "model.yaml").lstat()
+        except OSError:
+            return None
+        stamps.append(("model.yaml", st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, None))
     return tuple(sorted(stamps))
 
 

@@ -138,6 +138,25 @@ def test_the_fingerprint_leaves_out_what_the_server_writes(tmp_path):
     assert fingerprint(d) != before
 
 
+def test_the_fingerprint_sees_a_mode_fix_and_a_model_yaml_that_is_no_file(tmp_path):
+    # A chmod that makes a tier's file readable changed no stamp: the model that failed on
+    # it stayed failed after the fix; and a model.yaml linked to nothing (a ConfigMap not
+    # mounted) read as no model - its failure forgotten, readiness back (review helper-271).
+    d = tmp_path / "m"
+    (d / "tiers" / "w100").mkdir(parents=True)
+    (d / "model.yaml").write_text("x")
+    (d / "tiers" / "w100" / "tier.json").write_text("{}")
+    before = fingerprint(d)
+    os.chmod(d / "tiers" / "w100" / "tier.json", 0o600)
+    assert fingerprint(d) != before
+    (d / "model.yaml").unlink()
+    (d / "model.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    linked = fingerprint(d)
+    assert linked is not None and linked != before
+    (d / "model.yaml").unlink()
+    assert fingerprint(d) is None  # gone: no model here
+
+
 def test_an_edit_of_the_same_size_within_one_clock_tick_is_seen(tmp_path):
     # The fingerprint was (inode, mtime_ns, size) per file: an in-place edit of model.yaml
     # to the same size within the file system's timestamp tick (a jiffy, ~4 ms, on ext4)
