@@ -48,6 +48,22 @@ def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, 
     assert cache.sweep() == []
 
 
+def test_a_link_to_nothing_where_an_entry_should_be_is_removed_and_the_engine_built(tmp_path):
+    # entry.exists() is False for a dangling link: never discarded, and the build's rename
+    # onto it failed "Not a directory" at every load and every `innfer build` (helper-271)
+    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
+    cache, backend = EngineCache(tmp_path / "engines"), OnnxRuntimeBackend()
+    cache.get(backend, onnx_path, BuildOptions())
+    (entry,) = cache.root.iterdir()
+    for f in entry.iterdir():
+        f.unlink()
+    entry.rmdir()
+    entry.symlink_to(tmp_path / "nowhere")
+    engine, built = cache.get(backend, onnx_path, BuildOptions())
+    assert built and engine.run({"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)
+    assert entry.is_dir() and not entry.is_symlink()
+
+
 def test_an_engine_built_at_load_is_said_with_why_and_how_long(tmp_path, caplog):
     # A server given a repository copied from another machine built every engine into it
     # with no log line: not which, nor why, nor how long (TensorRT: minutes; review 157).

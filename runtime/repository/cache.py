@@ -139,6 +139,10 @@ class EngineCache:
         # The entry as found; then, where another builder repaired it while this one judged
         # it unusable (``_discard`` keeps theirs), the repaired one: loaded, not built again.
         why = "none is cached"
+        if entry.is_symlink() and not entry.exists():  # a link to nothing is no entry, and
+            # a build could never put one in its place (review helper-271): it goes
+            log.warning("engine cache entry %s is a link to nothing: removed", entry)
+            _delete(entry)
         for _ in range(2):
             if not entry.exists():
                 break
