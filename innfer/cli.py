@@ -1105,7 +1105,13 @@ def _check_built(model_dir: Path) -> None:
     d = Path(model_dir)
     if not d.is_dir():
         raise ValueError(f"no such model: {d} is not a directory (give <repository>/<model>)")
-    if not (d / "model.yaml").is_file():
+    yaml = d / "model.yaml"
+    if yaml.is_symlink() and not yaml.exists():  # (said as a missing file: review helper-271)
+        raise ValueError(f"{yaml} is a link to nothing ({os.readlink(yaml)}): mount or "
+                         "restore what it names")  # fmt: skip
+    if yaml.is_dir():
+        raise ValueError(f"{yaml} is a folder: it must be the model's YAML file")
+    if not yaml.is_file():
         raise ValueError(f"{d} is not a model: it has no model.yaml (give <repository>/<model>)")
     if not (d / "profile.json").is_file():
         raise ValueError(

@@ -1128,3 +1128,17 @@ def test_the_demo_writes_no_more_threads_than_the_process_may_use(monkeypatch):
     assert build_parser().parse_args(["demo"]).threads == 1
     monkeypatch.setattr(host_cpu, "available_cpus", lambda: 16.0)
     assert build_parser().parse_args(["demo"]).threads == 2
+
+
+def test_simulate_says_a_model_yaml_is_a_dangling_link_or_a_folder(tmp_path, capsys):
+    # Both read "is not a model: it has no model.yaml", where serve and config check say
+    # what is wrong (review helper-271).
+    d = _built(tmp_path)
+    (d / "model.yaml").unlink()
+    (d / "model.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    code, _, err = _cli(capsys, "simulate", d, "--duration", "1")
+    assert code == 2 and "model.yaml is a link to nothing" in err, err
+    (d / "model.yaml").unlink()
+    (d / "model.yaml").mkdir()
+    code, _, err = _cli(capsys, "simulate", d, "--duration", "1")
+    assert code == 2 and "model.yaml is a folder" in err, err
