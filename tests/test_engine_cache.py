@@ -31,9 +31,9 @@ def test_a_closed_engine_lets_its_session_go_and_refuses_to_run(tmp_path):
         engine.run(x)
 
 
-def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, caplog):
-    # The entry was renamed aside as unusable, and rmtree(ignore_errors=True) cannot delete
-    # a file: every later load logged "removed 1 interrupted engine builds", removing nothing.
+def _emptied_entry(tmp_path):
+    """(ONNX path, cache, backend, entry): an engine built into the cache, then its entry's
+    folder removed - the place a test puts something else."""
     onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
     cache, backend = EngineCache(tmp_path / "engines"), OnnxRuntimeBackend()
     cache.get(backend, onnx_path, BuildOptions())
@@ -41,6 +41,13 @@ def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, 
     for f in entry.iterdir():
         f.unlink()
     entry.rmdir()
+    return onnx_path, cache, backend, entry
+
+
+def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, caplog):
+    # The entry was renamed aside as unusable, and rmtree(ignore_errors=True) cannot delete
+    # a file: every later load logged "removed 1 interrupted engine builds", removing nothing.
+    onnx_path, cache, backend, entry = _emptied_entry(tmp_path)
     entry.write_bytes(b"not a directory")
     engine, built = cache.get(backend, onnx_path, BuildOptions())
     assert built and engine.run({"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)
@@ -51,13 +58,7 @@ def test_a_file_where_an_entry_should_be_is_removed_not_swept_forever(tmp_path, 
 def test_a_link_to_nothing_where_an_entry_should_be_is_removed_and_the_engine_built(tmp_path):
     # entry.exists() is False for a dangling link: never discarded, and the build's rename
     # onto it failed "Not a directory" at every load and every `innfer build` (helper-271)
-    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
-    cache, backend = EngineCache(tmp_path / "engines"), OnnxRuntimeBackend()
-    cache.get(backend, onnx_path, BuildOptions())
-    (entry,) = cache.root.iterdir()
-    for f in entry.iterdir():
-        f.unlink()
-    entry.rmdir()
+    onnx_path, cache, backend, entry = _emptied_entry(tmp_path)
     entry.symlink_to(tmp_path / "nowhere")
     engine, built = cache.get(backend, onnx_path, BuildOptions())
     assert built and engine.run({"x": np.zeros((1, 4), np.float32)})["y"].shape == (1, 4)

@@ -115,11 +115,17 @@ def test_a_broken_edit_keeps_the_served_version_until_it_is_mended(polled):
     _infer(c, "tiny")
 
 
-def test_the_fingerprint_leaves_out_what_the_server_writes(tmp_path):
+def _model_folder(tmp_path):
+    """A model folder of a model.yaml and one tier's tier.json."""
     d = tmp_path / "m"
     (d / "tiers" / "w100").mkdir(parents=True)
     (d / "model.yaml").write_text("x")
     (d / "tiers" / "w100" / "tier.json").write_text("{}")
+    return d
+
+
+def test_the_fingerprint_leaves_out_what_the_server_writes(tmp_path):
+    d = _model_folder(tmp_path)
     before = fingerprint(d)
     (d / "engines" / "k").mkdir(parents=True)  # the server builds engines here
     (d / "engines" / "k" / "model.onnx").write_text("e")
@@ -142,10 +148,7 @@ def test_the_fingerprint_sees_a_mode_fix_and_a_model_yaml_that_is_no_file(tmp_pa
     # A chmod that makes a tier's file readable changed no stamp: the model that failed on
     # it stayed failed after the fix; and a model.yaml linked to nothing (a ConfigMap not
     # mounted) read as no model - its failure forgotten, readiness back (review helper-271).
-    d = tmp_path / "m"
-    (d / "tiers" / "w100").mkdir(parents=True)
-    (d / "model.yaml").write_text("x")
-    (d / "tiers" / "w100" / "tier.json").write_text("{}")
+    d = _model_folder(tmp_path)
     before = fingerprint(d)
     os.chmod(d / "tiers" / "w100" / "tier.json", 0o600)
     assert fingerprint(d) != before
