@@ -1146,8 +1146,10 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
     # a frontier's candidates always carry one: the FLOPs fraction where it had no
     # evaluation set, and simulate said nothing of it (review helper-255)
     proxy = proxy or (source == "frontier" and _frontier_flops(d))
+    if not proxy:
+        return tiers, p50, chosen, "", lane
     full = source == "frontier" or any(r.width == 1.0 for r in records.values())
-    return tiers, p50, chosen, (FLOPS_PROXY if full else FLOPS_PROXY_LARGEST) * proxy, lane
+    return tiers, p50, chosen, FLOPS_PROXY if full else FLOPS_PROXY_LARGEST, lane
 
 
 def _frontier_flops(model_dir: Path) -> bool:
