@@ -157,6 +157,8 @@ def test_a_corrupted_profile_is_said_once_per_state_of_the_file(repository, capl
         (lambda tiers: tiers.pop(), None),
         # w050 given another width, not rebuilt: load refused, simulate planned the old one
         (lambda tiers: tiers[1].update(width=0.25), "was built at width 0.5"),
+        # w050's ONNX deleted: a server refuses the model, simulate planned it (session 69)
+        ("w050 onnx", r"w050/model\.onnx is missing"),
     ],
 )
 def test_offline_planning_reads_the_tiers_model_yaml_gives(repository, edit, said):
@@ -164,7 +166,10 @@ def test_offline_planning_reads_the_tiers_model_yaml_gives(repository, edit, sai
 
     yaml_path = repository / "tiny" / "model.yaml"
     config = yaml.safe_load(yaml_path.read_text())
-    edit(config["tiers"])  # tiers: w100, w050
+    if edit == "w050 onnx":
+        (repository / "tiny" / "tiers" / "w050" / "model.onnx").unlink()
+    else:
+        edit(config["tiers"])  # tiers: w100, w050
     yaml_path.write_text(yaml.safe_dump(config))
     if said is None:
         records, profile, source = Repository(repository).served_tiers("tiny")

@@ -794,6 +794,9 @@ class Repository:
         inn_now = self._inn_fingerprint(name)
         for tier, record in records.items():
             self._check_inn(name, self.tier_dir(name, tier), record, inn_now)
+            # (presence only, as cheap as the rest: load hashes it)
+            if not (onnx_path := self.tier_dir(name, tier) / "model.onnx").is_file():
+                raise RepositoryError(f"{onnx_path} is missing: run `innfer build`")
         names = list(records)
         unmeasured = [n for n in names if n not in profile["tiers"]]
         if unmeasured:
