@@ -2071,7 +2071,6 @@ def _report_text(args: argparse.Namespace, inn) -> int:
         widths = {f"w{round(w * 100):03d}": w for w in _widths(args.widths)}
     else:
         widths = {t.name: t.width for t in config.tiers}
-    torch.set_num_threads(args.threads)
     rows = fidelity_report(inn, torch.from_numpy(ids), torch.from_numpy(mask), widths,
                            multiple_of=args.multiple_of or config.multiple_of,
                            method=config.method)  # fmt: skip
@@ -2088,6 +2087,8 @@ REPORT_SENTENCES = 2000
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import torch
+
     from runtime.inn.model import load
     from runtime.inn.report import (
         DEFAULT_WIDTHS,
@@ -2097,6 +2098,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         width_report,
     )
 
+    # (set for the text report only, --threads was ignored beside --data without a word)
+    torch.set_num_threads(args.threads)
     inn = load(args.model_dir)
     if args.text and args.data is not None:  # (--data was ignored: review helper-238)
         raise ValueError("give --text FILE or --data NAME, not both (--text: a text model)")
@@ -2425,7 +2428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sentences", type=_at_least(1),
         help=f"with --text: the first N sentences (default {REPORT_SENTENCES})",
     )  # fmt: skip
-    rep.add_argument("--threads", type=_threads, default=2, help="with --text: torch threads")
+    rep.add_argument("--threads", type=_threads, default=2,
+                     help="torch threads for the evaluation (default 2)")  # fmt: skip
     rep.add_argument("--widths", type=_width, nargs="*",
                      help="widths to report (default: 1.0 to 0.25 by 1/8; with --text: "
                      "model.yaml's tiers)")  # fmt: skip

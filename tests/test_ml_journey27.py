@@ -282,3 +282,23 @@ def test_calibrate_keeps_the_uncalibrated_width_where_calibration_makes_it_worse
     assert key not in saved.tiers
     assert saved.info["calibration"][key]["kept"] == "uncalibrated"
     assert saved.info.get("norm_stats", {}).get(key) == trained.info.get("norm_stats", {}).get(key)
+
+
+def test_report_takes_threads_for_an_image_model_too(trained, tmp_path, capsys, monkeypatch):
+    # --threads was set for the text report only: beside --data it was ignored without a
+    # word (session 68's noticed list).
+    import torch
+
+    from innfer.cli import main
+    from runtime.build.pipeline import add_model
+
+    io = {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    }
+    d = add_model(tmp_path, "cnn", trained, io)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["report", str(d), "--data", "digits", "--widths", "1.0", "--threads", "1"]) == 0
+    assert calls == [1]
