@@ -2084,6 +2084,8 @@ def _report_text(args: argparse.Namespace, inn) -> int:
 
 # report --text's sentences where --sentences is not given.
 REPORT_SENTENCES = 2000
+BACKEND_HELP = ("this backend for every model (default: the first of each model.yaml's "
+                "backends that this machine has)")  # fmt: skip
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -2339,9 +2341,11 @@ def build_parser() -> argparse.ArgumentParser:
         "build", help="build every tier's engine and latency profile (a model that fails is "
         "reported at the end, exit 2; the others are built)",
     )  # fmt: skip
-    build.add_argument("repository", type=Path)
+    build.add_argument("repository", type=Path,
+                       help="the model repository: a folder of model folders, each with its "
+                       "model.yaml")  # fmt: skip
     build.add_argument("--model", action="append", help="only this model (repeatable)")
-    build.add_argument("--backend", choices=BACKENDS)
+    build.add_argument("--backend", choices=BACKENDS, help=BACKEND_HELP)
     build.add_argument("--no-profile", action="store_true", help="skip latency profiling")
     build.add_argument(
         "--keep-engines", action="store_true",
@@ -2453,7 +2457,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repository", type=Path, help="model repository (or set it in --config; this one wins)"
     )
     srv.add_argument("--config", type=Path, help="server YAML (ports, TLS, auth, limits)")
-    srv.add_argument("--host")
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only; "
+                     "0.0.0.0 in a container)")  # fmt: skip
     srv.add_argument("--port", type=int, help="gRPC port (default 8001)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002)")
     srv.add_argument(
@@ -2462,7 +2467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 8000 as Triton (default: the config's http_port, else off)",
     )  # fmt: skip
     srv.add_argument("--policy", help="innfer | slackfit | fixed:<tier>")
-    srv.add_argument("--backend", choices=BACKENDS)
+    srv.add_argument("--backend", choices=BACKENDS, help=BACKEND_HELP)
     srv.add_argument("--budget-margin-ms", type=float, help="taken off each budget (default 1)")
     srv.add_argument(
         "--plan-overhead", action=argparse.BooleanOptionalAction, default=None,
