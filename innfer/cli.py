@@ -519,6 +519,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "plan_overhead": args.plan_overhead,
             "overhead_quantile": args.overhead_quantile,
             "tune_malloc": args.tune_malloc,
+            "gil_switch_ms": args.gil_switch_ms,
         }.items()
         if v is not None
     }
@@ -2480,6 +2481,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the overhead quantile --plan-overhead plans with (server config "
         "overhead_quantile; default 0.99)",
     )
+    srv.add_argument("--gil-switch-ms", type=float,
+                     help="sys.setswitchinterval in ms (server config gil_switch_ms; default "
+                     "Python's 5)")  # fmt: skip
     srv.add_argument(
         "--tune-malloc", action=argparse.BooleanOptionalAction, default=None,
         help="keep large request buffers in glibc's heap (server config tune_malloc; default on)",

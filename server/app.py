@@ -446,6 +446,8 @@ async def serve(config: ServerConfig) -> None:
     if not stopping.is_set():  # (else stopped while it started)
         if config.tune_malloc:
             tune_malloc(malloc_settings(server.message_limit, config.limits.max_inflight_bytes))
+        if config.gil_switch_ms is not None:
+            sys.setswitchinterval(config.gil_switch_ms / 1000)
         # What loading made (engines, configs, imported modules) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it - one
         # paused the loop for ~20 ms under load, a tail every request in flight then paid.

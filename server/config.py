@@ -23,6 +23,7 @@
     plan_overhead: false          # plan budgets short by the learned request overhead
     overhead_quantile: 0.99       # ... by this quantile of it (and the metric exports it)
     tune_malloc: true             # keep large request buffers in glibc's heap (server.allocator)
+    gil_switch_ms: null           # sys.setswitchinterval (null: Python's 5 ms)
     inline_max_ms: 2.0            # light load: a batch this short runs on the loop thread
     engine_nice: 5                # CPU engines' threads yield to request handling
     backend: null                 # override every model's backend preference
@@ -417,6 +418,13 @@ class ServerConfig:
         doc="a batch planned at most this long runs on the event loop thread when nothing else "
         "is in flight on the device (no hand-off to an engine thread and back); 0: always on "
         "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only",
+    )  # fmt: skip
+    gil_switch_ms: float | None = spec(
+        None, lo=0.1, hi=100, unit="milliseconds",
+        doc="innfer serve: how long a thread may hold Python's GIL while another waits for it "
+        "(sys.setswitchinterval; null: Python's 5 ms). An engine thread woken with a batch, "
+        "or back from the engine with its outputs, waits up to this long while the event "
+        "loop handles requests",
     )  # fmt: skip
     tune_malloc: bool = spec(
         True,
