@@ -646,12 +646,15 @@ class ModelRuntime:
             latest = max((p.request.deadline for p in self._pending.values()), default=0.0)
             deadline = max(latest, self.clock()) + DRAIN_S
         else:
-            self._leave_device()  # others stop planning behind a queue that will be failed
             deadline = self.clock() + drain_s
+        # On a shared device the model stays a member while it drains (``stop`` leaves
+        # after): its queue is claimed in urgency order with the others'. Left first, a busy
+        # neighbour's completions took every freed slot and this queue was failed at the
+        # drain's end, with work of a millisecond due before the neighbour's (helper-275).
         while self._pending and self.clock() < deadline:
             await asyncio.sleep(0.005)
-            # Nothing arrives here to pump: expire what can no longer run, and start what a
-            # freed device slot allows - having left the device, no release wakes this model.
+            # Nothing arrives here to pump: expire what can no longer run (a release wakes
+            # it for a freed slot; the poll also covers a model with its own slots).
             self._pump()
         self.flush()
 

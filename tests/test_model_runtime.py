@@ -804,9 +804,9 @@ def test_stop_answers_every_admitted_request_once(tmp_path):
 
 
 def test_a_stopping_model_on_a_shared_device_serves_its_queue_within_the_drain(tmp_path):
-    # A reload's stop leaves the shared device first (others stop planning behind it), but
-    # its own queue must still run when the running batch ends: the two requests queued
-    # behind it are served, not failed with UNAVAILABLE when the drain runs out.
+    # A reload's stop drains on the shared device: its own queue must still run when the
+    # running batch ends - the two requests queued behind it are served, not failed with
+    # UNAVAILABLE when the drain runs out.
     served = _served(tmp_path, max_batch=1)
     metrics = Metrics()
 
@@ -836,9 +836,8 @@ def test_a_stopping_model_on_a_shared_device_serves_its_queue_within_the_drain(t
 
 def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp_path):
     # Model b's batch holds the shared device's only slot; model a's requests wait behind
-    # it. a's stop leaves the device (so b stops planning behind a), and no release wakes a
-    # any more: its drain must look for a slot itself, or a's queue fails at the drain's end
-    # with the device free.
+    # it. When b's batch ends, a's draining queue must get the slot, or it fails at the
+    # drain's end with the device free.
     a_served = _served(tmp_path / "a", max_batch=1)
     b_served = _served(tmp_path / "b", max_batch=1)
     device = Device(1)
@@ -861,6 +860,41 @@ def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp
                 outcomes = await asyncio.wait_for(asyncio.gather(*queued), 1.5)
                 await running
                 return outcomes, await stopping
+        finally:
+            await b.stop()
+
+    outcomes, failed = _run(body())
+    for value, o in zip((2.0, 3.0), outcomes, strict=True):
+        _check_answer(a_served, _x(1, value), o)
+    assert failed == 0
+
+
+def test_a_stopping_models_urgent_queue_runs_before_a_busy_neighbours(tmp_path):
+    # Model b keeps the one slot busy (12 queued batches of 100 ms); a's two requests,
+    # queued due sooner, would run next. a's stop left the device before its drain, so b's
+    # completions took every freed slot and a's requests were failed with UNAVAILABLE at
+    # the drain's end (review helper-275: 3 of 3 runs), work of a millisecond each.
+    a_served = _served(tmp_path / "a", max_batch=1)
+    slow = {"w100": {1: 100.0}, "w050": {1: 100.0}}
+    b_served = _served(tmp_path / "b", latency_ms=slow, max_batch=1, max_queue=32)
+    device = Device(1)
+
+    async def body():
+        a = ModelRuntime(a_served, Metrics(), device=device)
+        b = ModelRuntime(b_served, Metrics(), device=device)
+        a.start()
+        b.start()
+        try:
+            busy = [asyncio.create_task(b.infer(_x(1, v), 1, 10.0, pin="w100"))
+                    for v in range(12)]  # fmt: skip
+            await asyncio.sleep(0.05)  # b's first batch runs, the rest queued
+            queued = [asyncio.create_task(a.infer(_x(1, v), 1, 3.0, pin="w100"))
+                      for v in (2.0, 3.0)]  # fmt: skip
+            await asyncio.sleep(0.01)
+            failed = await asyncio.wait_for(a.stop(drain_s=0.5), 5)
+            outcomes = await asyncio.gather(*queued, return_exceptions=True)
+            await asyncio.gather(*busy)
+            return outcomes, failed
         finally:
             await b.stop()
 
