@@ -596,6 +596,14 @@ class RestFrontEnd:
         return _json({})
 
     async def _shm_unregister(self, request: web.Request) -> web.Response:
+        # The region is named in the path alone; a body was not read, so one naming a
+        # region, or junk, unregistered every client's regions (review helper-275).
+        if body := await _body(request):
+            raise InvalidArgument(
+                f"the unregister body takes no fields (got {', '.join(sorted(body))}): name "
+                "the region in the path, POST /v2/systemsharedmemory/region/<name>/unregister "
+                "(without one, every region is unregistered)"
+            )
         req = pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", ""))
         await self._grpc["SystemSharedMemoryUnregister"](self.service, req, _Call(request))
         return _json({})

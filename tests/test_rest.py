@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -1157,3 +1158,36 @@ def test_an_upload_slower_than_the_rate_floor_is_408(model_repository, monkeypat
         assert b"under 64 KiB/s" in answer and time.monotonic() - t0 < 3
     finally:
         s.stop()
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no writable /dev/shm here")
+def test_the_unregister_all_route_refuses_a_body_and_keeps_the_regions(server):
+    # POST /v2/systemsharedmemory/unregister did not read its body: one naming a region
+    # (or junk) unregistered every client's regions, each of them then NOT_FOUND
+    # (review helper-275).
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    keys = [f"/innfer-test-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    handles = [shm.create_shared_memory_region(k.lstrip("/"), k, 64) for k in keys]
+    try:
+        for name, key in zip(("mine", "theirs"), keys, strict=True):
+            body = {"key": key, "byte_size": 64}
+            assert _call(server, f"/v2/systemsharedmemory/region/{name}/register", body)[0] == 200
+        for body in ({"name": "mine"}, b"not json"):
+            status, message = _error(server, "/v2/systemsharedmemory/unregister", body, "POST")
+            assert status == 400, (body, message)
+        assert (
+            "name the region in the path"
+            in _error(server, "/v2/systemsharedmemory/unregister", {"name": "mine"}, "POST")[1]
+        )
+        regions = json.loads(_call(server, "/v2/systemsharedmemory/status")[2])
+        assert sorted(r["name"] for r in regions) == ["mine", "theirs"]
+        assert _call(server, "/v2/systemsharedmemory/region/mine/unregister", b"", "POST")[0] == 200
+        regions = json.loads(_call(server, "/v2/systemsharedmemory/status")[2])
+        assert [r["name"] for r in regions] == ["theirs"]
+    finally:
+        _call(server, "/v2/systemsharedmemory/unregister", b"", "POST")
+        for h in handles:
+            shm.destroy_shared_memory_region(h)
