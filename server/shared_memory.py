@@ -33,9 +33,12 @@ No grpc here: requests' parameters are read as protobuf maps; errors are server.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from server.errors import AlreadyExists, EngineFailed, InvalidArgument, NotFound, ResourceExhausted
 from server.limits import clip
@@ -248,18 +251,26 @@ class SharedMemory:
 
     def input_bytes(self, request) -> int:
         """The bytes ``request``'s inputs name in shared memory (what their decode copies
-        out and the in-flight cap counts), each at most its region's size; 0 for a slice
-        of no registered region or whose parameters are malformed - the decode refuses it
-        before any copy. Free while no region is registered."""
+        out and the in-flight cap counts), each at most its region's size and its declared
+        shape's (a slice larger than its tensor is refused at the decode, not counted as a
+        request over the cap or as load); 0 for a slice of no registered region or whose
+        parameters are malformed - the decode refuses it before any copy. Free while no
+        region is registered."""
         if not self._regions:
             return 0
+        from server.codec import DATATYPES  # (codec imports this module)
+
         total = 0
         for t in request.inputs:
             if t.parameters and "shared_memory_region" in t.parameters:
                 region = self._regions.get(t.parameters["shared_memory_region"].string_param)
                 p = t.parameters.get("shared_memory_byte_size")
                 if region is not None and p is not None and p.HasField("int64_param"):
-                    total += min(max(p.int64_param, 0), region.byte_size)
+                    size = min(max(p.int64_param, 0), region.byte_size)
+                    if t.datatype in DATATYPES:  # (BYTES: no fixed size per element)
+                        count = math.prod(max(d, 0) for d in t.shape)
+                        size = min(size, count * np.dtype(DATATYPES[t.datatype][0]).itemsize)
+                    total += size
         return total
 
     def lease(self, s: Slice, what: str, needs: int) -> Lease:

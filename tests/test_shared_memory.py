@@ -73,6 +73,16 @@ def test_the_in_flight_cap_counts_the_bytes_inputs_name_in_shared_memory(tmp_pat
     # a claimed 2**62 counts as its region's 200 (it was refused as a 4e12 MiB request,
     # not for its size - review 204); a region not registered counts nothing
     assert shm.input_bytes(req) == 100 + 28 + 200
+    # ... and at most its declared tensor's bytes: one row of 8 FP32 claiming 200 bytes is
+    # refused at the decode for its size; counted as 200, a large claim was refused as a
+    # request over the cap ("send fewer rows") or as load (review helper-275)
+    t = req.inputs.add(name="f", datatype="FP32", shape=[1, 8])
+    t.parameters["shared_memory_region"].string_param = "r"
+    t.parameters["shared_memory_byte_size"].int64_param = 200
+    u = req.inputs.add(name="g", datatype="BYTES", shape=[1])  # no fixed size: its claim
+    u.parameters["shared_memory_region"].string_param = "r"
+    u.parameters["shared_memory_byte_size"].int64_param = 50
+    assert shm.input_bytes(req) == 100 + 28 + 200 + 32 + 50
     shm.close()
 
 
