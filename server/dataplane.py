@@ -37,7 +37,7 @@ from runtime.repository import (
     check_model_name,
 )
 from runtime.repository.config import ConfigError
-from runtime.repository.store import file_known
+from runtime.repository.store import file_known, something_at
 from runtime.repository.tokenizer import Encoded, TokenizerError
 from server import parameters
 from server.autotier import AutoTierer
@@ -403,6 +403,12 @@ class DataPlane:
             # Gone from the repository since start-up: no longer "in the repository but not
             # loaded; load it first" to its requests (review helper-183)
             self.in_repository.discard(name)
+            if name not in self.models and name not in self.expected:
+                # the series this load made (known then) outlived the folder: nothing
+                # listed the name again, so nothing ever removed them (helper-275)
+                for family in (self.metrics.model_loading, self.metrics.load_failures):
+                    with contextlib.suppress(KeyError):
+                        family.remove(name)
             raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None
         except InvalidModelName as exc:  # a folder that is a link out of the repository
             # A configured one: readiness said "(unloaded)". (A client's Load of one is
@@ -936,7 +942,9 @@ class DataPlane:
             return " (the loaded version keeps serving)"
         configured = name in self.expected
         # (a folder this process may not look into: there is one)
-        present = configured or file_known(self.repo.root / name / "model.yaml") is not False
+        # (a model.yaml that is a folder or a link to nothing - an unmounted ConfigMap - is
+        # there: its load failure is listed with its reason; helper-275)
+        present = configured or something_at(self.repo.root / name / "model.yaml") is not False
         if not present:
             return ""  # a client's name for no model of the repository: nothing to report
         self.metrics.load_failures.labels(name).inc()
@@ -954,7 +962,7 @@ class DataPlane:
         async with self._lock:
             runtime = self.models.pop(name, None)
             if runtime is None and self.forget_failed(name):
-                if file_known(self.repo.root / name / "model.yaml") is not False:
+                if something_at(self.repo.root / name / "model.yaml") is not False:
                     self.unloaded.add(name)  # (listed as unloaded, not as failed)
                 log.info("model %s: its failed load forgotten (unloaded)", name)
                 return
@@ -984,7 +992,7 @@ class DataPlane:
             # later load's auto-tiering replayed the old traffic (review helper-133).
             self.traffic.pop(name, None)
             self._forget_series(name)
-            if file_known(self.repo.root / name / "model.yaml") is False:
+            if something_at(self.repo.root / name / "model.yaml") is False:
                 # its folder is gone: nothing to list as unloaded (a name per model ever
                 # unloaded was kept for good; review 203)
                 self.in_repository.discard(name)

@@ -1505,6 +1505,38 @@ def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog
     assert any("model c: load failed" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("kind", ["link to nothing", "folder"])
+def test_a_failed_load_of_a_model_yaml_that_is_no_file_is_reported(config, kind):
+    # A client's load of a model whose model.yaml is a link to nothing (a ConfigMap not
+    # mounted) or a folder failed with the reason, but RepositoryIndex listed it with none
+    # and its requests got "unknown model" (review helper-275): found at start, it was.
+    root = config.repository
+    write_model(root, "c", {"w100": 1.0}, max_batch=2)
+    yaml_path = root / "c" / "model.yaml"
+    yaml_path.unlink()
+    if kind == "folder":
+        yaml_path.mkdir()
+    else:
+        yaml_path.symlink_to(root / "c" / "mounted" / "model.yaml")
+    cfg = dataclasses.replace(config, models=("a",), model_control="explicit")
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            with pytest.raises((FailedPrecondition, NotFound)):
+                await plane.load("c")
+            with pytest.raises(FailedPrecondition, match="failed to load"):
+                await plane.infer(_request("c", _x(1, 0.0)), None)
+            return plane
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    plane = _run(body())
+    assert "model.yaml" in plane.broken_reason("c")
+
+
 def test_unloading_a_model_loaded_later_removes_its_series(config):
     """Observability review 29: an operator's unload of a model a client loaded (not
     configured at start) left innfer_model_ready 0 forever - a critical alert that never
@@ -1531,6 +1563,35 @@ def test_unloading_a_model_loaded_later_removes_its_series(config):
                 await m.stop()
 
     _run(body())
+
+
+def test_a_load_after_the_folder_was_removed_leaves_no_series(config):
+    # load -> unload -> rm -rf the folder -> load (NOT_FOUND): the load knew the name (the
+    # unload listed it) and made its loading gauge and failure counter, which nothing
+    # removed since - a series per removed folder, for good (review helper-275).
+    import shutil
+
+    cfg = dataclasses.replace(config, models=("a",), model_control="explicit")
+
+    def series(plane) -> list[str]:
+        return [s.name for f in plane.metrics.registry.collect() for s in f.samples
+                if s.labels.get("model") == "b"]  # fmt: skip
+
+    async def body():
+        plane = DataPlane(cfg, Metrics())
+        await plane.load_all()
+        try:
+            await plane.load("b")
+            await plane.unload("b")
+            shutil.rmtree(config.repository / "b")
+            with pytest.raises(NotFound):
+                await plane.load("b")
+            return series(plane)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    assert _run(body()) == []
 
 
 def test_a_failed_load_of_a_configured_model_after_start_is_logged(config, caplog):
