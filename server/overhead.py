@@ -28,6 +28,12 @@ WINDOW = 256  # recent samples kept: ~1 s at a few hundred requests per second
 REFRESH = 16  # the quantile is recomputed every this many samples (cheap per request)
 MIN_SAMPLES = 16  # below this many samples the estimate is 0 (nothing learned yet)
 CAP_S = 0.5  # a sample above this (a stalled process, a debugger) is clipped to it
+# Refusals at admission for this long with no answer in between forget the samples. Only
+# answers teach the estimate: after a burst raised its median, every request with a budget
+# below it was refused, none was answered, and the lane refused them for good on an idle
+# server (review helper-273: 20 of 20 refused 40 s after the burst). Under real load some
+# answers keep coming, each one restarting this clock.
+STALE_S = 1.0
 
 
 def reserve_of(samples: np.ndarray, quantile: float) -> tuple[float, float]:
@@ -68,6 +74,7 @@ class Overhead:
         self._n = 0  # samples seen
         self._estimate = 0.0
         self._grace = 0.0
+        self._refused_since: float | None = None  # the first refusal since the last answer
 
     def observe(self, seconds: float, waited: float = 0.0) -> None:
         """One answered request's overhead, and the seconds it waited before its handler
@@ -76,9 +83,36 @@ class Overhead:
         self._samples[at] = min(max(seconds, 0.0), CAP_S)
         self._waited[at] = min(max(waited, 0.0), CAP_S)
         self._n += 1
+        self._refused_since = None
         if self._n >= MIN_SAMPLES and self._n % REFRESH == 0:
             held = self._samples[: min(self._n, len(self._samples))]
             self._estimate, self._grace = reserve_of(held, self.quantile)
+
+    def refused(self, now: float) -> None:
+        """A request planned with this reserve was refused at admission, at ``now``
+        (seconds, the caller's clock). Refusals for ``STALE_S`` with no answer between them
+        forget the samples (``forget``): the estimate measured a load that left no answer
+        to correct it, and the next answers learn it afresh.
+
+        Example:
+            >>> o = Overhead()
+            >>> for _ in range(64):
+            ...     o.observe(0.050)
+            >>> o.refused(10.0); o.refused(10.5); o.estimate() > 0
+            True
+            >>> o.refused(11.0); o.estimate(), o.samples
+            (0.0, 0)
+        """
+        if self._refused_since is None:
+            self._refused_since = now
+        elif now - self._refused_since >= STALE_S:
+            self.forget()
+
+    def forget(self) -> None:
+        """Drop every sample: the estimate is 0 until ``MIN_SAMPLES`` new ones."""
+        self._n = 0
+        self._estimate = self._grace = 0.0
+        self._refused_since = None
 
     def estimate(self) -> float:
         """Seconds to plan each budget short by: the ``quantile`` of the last ``window``

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from server.overhead import MIN_SAMPLES, REFRESH, WINDOW, Overhead
+from server.overhead import MIN_SAMPLES, REFRESH, STALE_S, WINDOW, Overhead
 
 
 def test_nothing_is_learned_before_enough_samples():
@@ -56,6 +56,59 @@ def test_refreshed_every_few_samples_and_clipped():
     assert o.estimate() == 0.0  # not refreshed yet
     o.observe(99.0)
     assert 0 < o.estimate() <= 0.5
+
+
+def test_refusals_with_no_answer_between_them_forget_the_samples():
+    # Only answers teach the estimate; a burst that raised it had every request below it
+    # refused, none answered, for good (review helper-273).
+    o = Overhead()
+    for _ in range(WINDOW):
+        o.observe(0.050)
+    o.refused(100.0)
+    o.refused(100.0 + STALE_S / 2)
+    assert o.estimate() == pytest.approx(0.050)  # a refusal or two: still what was learnt
+    o.observe(0.050)  # an answer restarts the refusals' clock
+    o.refused(100.0 + STALE_S)
+    assert o.estimate() == pytest.approx(0.050)
+    o.refused(100.0 + 2 * STALE_S)  # a whole STALE_S of refusals and no answer
+    assert (o.estimate(), o.reserve(), o.samples) == (0.0, (0.0, 0.0), 0)
+    for _ in range(MIN_SAMPLES):  # learnt afresh: the old samples are gone
+        o.observe(0.002)
+    assert o.estimate() == pytest.approx(0.002)
+
+
+def test_a_lane_whose_reserve_refuses_everything_serves_again_once_stale(model_repository):
+    # After a burst the lane's learnt overhead (300 ms) refused every 250 ms request, and
+    # nothing it refused could lower it. Refused for STALE_S with no answer, it is forgotten:
+    # the same request is then served. The refusals counted as load (the reserve came from
+    # a burst), not as the client's budget.
+    from serverutil import ServerThread
+
+    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
+    try:
+        client = tc.InferenceServerClient(s.address)
+        m = s.server.plane.models["tiny"]
+        for _ in range(MIN_SAMPLES):
+            m.overhead.observe(0.300)
+        t0 = time.monotonic()
+        refused = 0
+        while True:
+            try:
+                _infer(client, 250)
+                break
+            except InferenceServerException as e:
+                assert "DEADLINE_EXCEEDED" in str(e.status()), e
+                refused += 1
+            assert time.monotonic() - t0 < 10 * STALE_S, "still refused"
+            time.sleep(0.05)
+        assert refused >= 2 and time.monotonic() - t0 >= STALE_S
+        budget = s.server.plane.metrics.registry.get_sample_value(
+            "innfer_deadline_missed_total", {"model": "tiny", "reason": "refused_budget"}
+        )
+        assert not budget, budget
+        client.close()
+    finally:
+        s.stop()
 
 
 def test_bad_settings_are_refused():
@@ -157,6 +210,9 @@ def test_the_planned_quantile_is_the_configured_one_and_admission_takes_the_medi
             with pytest.raises(InferenceServerException) as e:
                 _infer(client, 8)
             assert "DEADLINE_EXCEEDED" in str(e.value.status())
+            # the reserve named is the median admission took off (the whole reserve, beside
+            # what was "left to plan with", did not add up: helper-273)
+            assert "10.0 ms reserved for request handling" in e.value.message(), e.value
             client.close()
         finally:
             s.stop()
