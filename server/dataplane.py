@@ -98,6 +98,11 @@ ANSWER_FRAME_TYPICAL_BYTES = 512
 TOKENIZE_INLINE_CHARS = 2048
 # How long RepositoryIndex waits for the repository's folder listing (``repository_names``).
 LIST_TIMEOUT_S = 5.0
+# A retired runtime's series stay this long after its drain before they are removed: two
+# of Prometheus' default 1-minute scrapes. Removed at once, the last of what the drain
+# counted - the requests an unload answered UNAVAILABLE above all - was in no scrape
+# (review helper-274). A shutdown does not wait for it.
+FORGET_AFTER_S = 120.0
 # Threads for that (the tokenizers library releases the GIL while it encodes, and one
 # Tokenizer encodes on several threads at once); started by the first long text.
 TOKENIZE_THREADS = 2
@@ -160,6 +165,7 @@ class DataPlane:
         self.streams = StreamPool(int(self.limits.max_inflight_bytes * self.limits.streams_share))
         self.phase = Phase.LOADING
         self.closing = asyncio.Event()  # set when draining begins: open streams stop reading
+        self._forget_now = asyncio.Event()  # set at the drain and at stop_models
         self._lock = asyncio.Lock()
         # One arbiter per device for the models that compute there (server.scheduling
         # .device): ``device`` the CPU's, ``_gpu_devices`` one per CUDA index in use - a
@@ -577,8 +583,15 @@ class DataPlane:
 
     def _forget_later(self, name: str, tiers_only: bool = False) -> None:
         """``_forget_retired`` in a task of the data plane's own (it takes the lock: a
-        caller may hold it)."""
-        forget = asyncio.ensure_future(self._forget_retired(name, tiers_only))
+        caller may hold it), ``FORGET_AFTER_S`` from now or at the drain if sooner."""
+
+        async def later() -> None:
+            if not self._forget_now.is_set():
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._forget_now.wait(), FORGET_AFTER_S)
+            await self._forget_retired(name, tiers_only)
+
+        forget = asyncio.ensure_future(later())
         self._owned.add(forget)
         forget.add_done_callback(self._owned.discard)
 
@@ -629,6 +642,7 @@ class DataPlane:
         """Shutdown (after ``drain``): once any load in progress has settled, stop every
         model - all at once: one whose engine hangs must not hold up the others' - and wait
         for the runtimes still being retired by a reload, swap or unload."""
+        self._forget_now.set()  # (retired series: nothing scrapes them after this)
         async with self._lock:  # a load or swap that holds it ends before the snapshot
             for m in list(self.models.values()):
                 self._start_retire(m, DRAIN_S)
@@ -1056,6 +1070,7 @@ class DataPlane:
     def drain(self) -> None:
         self.phase = Phase.DRAINING
         self.closing.set()
+        self._forget_now.set()
 
     def inflight(self) -> int:
         """Requests admitted and not yet answered, those of runtimes still draining after a

@@ -125,8 +125,11 @@ class Metrics:
         )  # fmt: skip
         self.request_seconds = Histogram(
             "innfer_request_duration_seconds", "Time from the scheduler's admission to the end "
-            "of the request's batch: queue and compute. Decoding before it and encoding and "
-            "sending after it are not in it; innfer_request_overhead_seconds is their p99.",
+            "of the request's batch as the event loop saw it: queue, the batch's hand-off to "
+            "an engine thread, compute and the hop back (the hand-offs wait for the loop, "
+            "Python's GIL, under load: more than queue + compute then). Decoding before it and "
+            "encoding and sending after it are not in it; innfer_request_overhead_seconds is "
+            "their p99.",
             ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_seconds = Histogram(

@@ -24,6 +24,7 @@ import yaml
 from serverutil import hold_engines, until_engine_runs
 
 from runtime.engines.fake import write_model
+from server import dataplane
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.errors import (
@@ -1565,12 +1566,13 @@ def test_unloading_a_model_loaded_later_removes_its_series(config):
     _run(body())
 
 
-def test_a_load_after_the_folder_was_removed_leaves_no_series(config):
+def test_a_load_after_the_folder_was_removed_leaves_no_series(config, monkeypatch):
     # load -> unload -> rm -rf the folder -> load (NOT_FOUND): the load knew the name (the
     # unload listed it) and made its loading gauge and failure counter, which nothing
     # removed since - a series per removed folder, for good (review helper-275).
     import shutil
 
+    monkeypatch.setattr(dataplane, "FORGET_AFTER_S", 0.0)  # the unload's series: at once
     cfg = dataclasses.replace(config, models=("a",), model_control="explicit")
 
     def series(plane) -> list[str]:
@@ -1583,6 +1585,7 @@ def test_a_load_after_the_folder_was_removed_leaves_no_series(config):
         try:
             await plane.load("b")
             await plane.unload("b")
+            await asyncio.sleep(0.05)  # (its retired series go)
             shutil.rmtree(config.repository / "b")
             with pytest.raises(NotFound):
                 await plane.load("b")
@@ -2141,9 +2144,13 @@ def _series(plane: DataPlane, model: str) -> list[tuple[str, dict]]:
             if s.labels.get("model") == model]  # fmt: skip
 
 
-def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog):
+def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog, monkeypatch):
     # Each model a client loaded and unloaded left ~190 series in /metrics for good, and each
-    # tier a reload dropped ~76 (review helper-133); those a runtime still serves stay.
+    # tier a reload dropped ~76 (review helper-133); those a runtime still serves stay. They
+    # go FORGET_AFTER_S after the drain: removed at once, what the drain counted last (an
+    # unload's UNAVAILABLE answers) was in no scrape (review helper-274).
+    monkeypatch.setattr(dataplane, "FORGET_AFTER_S", 0.3)
+
     async def body():
         plane = DataPlane(config, Metrics())
         await plane.load_all()
@@ -2158,7 +2165,9 @@ def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog):
             spec["tiers"] = [t for t in spec["tiers"] if t["name"] == "w100"]
             path.write_text(yaml.safe_dump(spec))
             await plane.load("a")
-            await asyncio.sleep(0.05)  # (the retired runtime's series go in a task)
+            await asyncio.sleep(0.05)
+            assert "w050" in {lb.get("tier") for _, lb in _series(plane, "a")}  # for scrapes
+            await asyncio.sleep(0.4)  # (the retired runtime's series go in a task)
             tiers = {lb.get("tier") for _, lb in _series(plane, "a")}
             assert "w050" not in tiers and "w100" in tiers
             assert any(n == "innfer_model_ready" for n, _ in _series(plane, "a"))
@@ -2167,6 +2176,8 @@ def test_an_unloaded_model_and_a_dropped_tier_leave_no_series(config, caplog):
                        for n, lb in _series(plane, "a"))  # fmt: skip
             await plane.unload("b")
             await asyncio.sleep(0.05)
+            assert any(n == "innfer_requests_total" for n, _ in _series(plane, "b"))
+            await asyncio.sleep(0.4)
             assert _series(plane, "b") == []
             assert _series(plane, "a")  # another model's stay
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -2293,6 +2304,7 @@ def test_a_tier_a_draining_runtime_still_serves_keeps_its_series():
 def test_an_unloaded_models_hung_batch_stays_on_its_gauge_until_it_returns(config, monkeypatch):
     # Unloading a model whose engine hung removed its series: InnferEngineHung could not
     # fire, though the batch still held the engine thread (session 48's list).
+    monkeypatch.setattr(dataplane, "FORGET_AFTER_S", 0.0)  # (at once: not this test's subject)
     import server.model_runtime as mr
 
     monkeypatch.setattr(mr, "RUNNING_WAIT_S", 0.2)
@@ -2355,6 +2367,7 @@ def test_a_hung_batch_answered_after_an_unload_and_reload_is_counted_where_it_sh
 def test_a_failed_reload_leaves_no_series_of_the_tiers_it_would_have_served(config, monkeypatch):
     # The reload's runtime bound series for its tiers when made; its warm-up failed and the
     # old set went on serving, beside a w025 at 0 that nothing served, for good (review 161).
+    monkeypatch.setattr(dataplane, "FORGET_AFTER_S", 0.0)  # (at once: not this test's subject)
     import server.model_runtime as mr
 
     config = dataclasses.replace(config, model_control="explicit")
