@@ -58,7 +58,8 @@ from server.errors import (
     Unavailable,
     Unimplemented,
 )
-from server.limits import clip_message
+from server.limits import clip, clip_message
+from server.log_settings import KINDS
 from server.ports import WILDCARD_HOSTS, dual_stack_socket, port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
@@ -626,7 +627,12 @@ class RestFrontEnd:
         req = pb.LogSettingsRequest()
         if request.method == "POST":
             for key, value in (await _body(request)).items():
+                # The name alone for null (as tritonclient's None over gRPC: left as it is)
+                # and for a name not Triton's (the RPC says which are): null was refused
+                # here, and an unknown name was told its value's type (helper-274).
                 s = req.settings[key]
+                if value is None or key not in KINDS:
+                    continue
                 if isinstance(value, bool):
                     s.bool_param = value
                 elif isinstance(value, int) and 0 <= value < 2**32:
@@ -634,7 +640,10 @@ class RestFrontEnd:
                 elif isinstance(value, str):
                     s.string_param = value
                 else:
-                    raise InvalidArgument(f"log setting {key!r}: a boolean, a count or a string")
+                    raise InvalidArgument(
+                        f"log setting {key!r} takes {_LOG_VALUE[KINDS[key]]}, got "
+                        f"{clip(json.dumps(value), 40)}"
+                    )
         resp = await self._grpc["LogSettings"](self.service, req, _Call(request))
         return _json({k: codec.parameter_value(v) for k, v in resp.settings.items()})
 
@@ -812,6 +821,10 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
             f"{coding} stream: one stream, one gzip member){_UNREADABLE}"
         )
     return data
+
+
+_LOG_VALUE = {"bool_param": "true or false", "uint32_param": "a whole number in [0, 2**32)",
+              "string_param": "a string"}  # fmt: skip
 
 
 async def _body(request: web.Request, known: set[str] | None = None) -> dict:

@@ -1191,3 +1191,24 @@ def test_the_unregister_all_route_refuses_a_body_and_keeps_the_regions(server):
         _call(server, "/v2/systemsharedmemory/unregister", b"", "POST")
         for h in handles:
             shm.destroy_shared_memory_region(h)
+
+
+def test_log_settings_over_rest_take_null_and_say_what_each_setting_takes(server, http):
+    # null was refused over REST where gRPC leaves the setting as it is (tritonclient's
+    # None), and every bad value - an unknown name's too - read "a boolean, a count or a
+    # string" (review helper-274).
+    before = http.get_log_settings()
+    assert http.update_log_settings({"log_verbose_level": None}) == before
+    for body, said in (
+        ({"bogus": None}, "unknown log setting 'bogus'"),
+        ({"bogus": 1.5}, "unknown log setting 'bogus'"),
+        (
+            {"log_verbose_level": -1},
+            "'log_verbose_level' takes a whole number in [0, 2**32), got '-1'",
+        ),
+        ({"log_verbose_level": 1.0}, "takes a whole number in [0, 2**32), got '1.0'"),
+        ({"log_info": [True]}, "'log_info' takes true or false, got '[true]'"),
+    ):
+        status, message = _error(server, "/v2/logging", body, "POST")
+        assert status == 400 and said in message, (body, message)
+    assert http.get_log_settings() == before
