@@ -2603,7 +2603,7 @@ def _resume_hint(args: argparse.Namespace, before: tuple[int, int, int] | None) 
 
 # Options whose value may start with "-" ("--budget -5:10"): argparse reads such a value as
 # an option and said "expected one argument" instead of what is wrong with the range.
-DASHED_VALUES = ("--budget",)
+DASHED_VALUES = ("--budget", "--host-ms")
 
 
 def _glued(argv: list[str]) -> list[str]:

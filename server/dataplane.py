@@ -1891,6 +1891,7 @@ def _with_source(exc: DeadlineExceeded, source: str) -> DeadlineExceeded:
     said = str(exc)
     if "deadline" in source or "timeout" in source:
         said = said.replace("send a larger latency_budget_ms, or allow", "allow")
+        said = said.replace(": send a larger latency_budget_ms;", ";")
         said = said.replace("; send a larger latency_budget_ms", "")
         said = said.replace(", or send a larger latency_budget_ms", "")
     return DeadlineExceeded(f"{said}; {BUDGET_SOURCES[source]}")

@@ -1454,19 +1454,26 @@ def test_a_refused_budget_says_what_the_server_set_aside_of_it(config):
         try:
             with pytest.raises(DeadlineExceeded) as info:
                 await plane.infer(_request("a", _x(1, 0.0), latency_budget_ms=0.5), None)
-            return str(info.value)
+            with pytest.raises(DeadlineExceeded) as pinned:
+                await plane.infer(
+                    _request("a", _x(1, 0.0), latency_budget_ms=0.5, tier="w100"), None
+                )
+            return str(info.value), str(pinned.value)
         finally:
             for m in plane.models.values():
                 await m.stop()
 
-    message = _run(body())
+    message, pinned = _run(body())
     # -0.5 ms, less what its decode took (counted against the budget since it is the
     # client's time too), said as spent before it was planned
     assert re.search(r"\(-0\.[5-9] ms left to plan with\) is below the fastest allowed tier",
                      message)  # fmt: skip
     assert "the client's budget was 0.5 ms, less the server's 1.0 ms margin" in message
-    # ... and what the client can do about it (review helper-149: no fix was said)
-    assert "send a larger latency_budget_ms, or allow a faster tier" in message
+    # ... and what the client can do about it (review helper-149: no fix was said) - a
+    # faster tier to allow only where it pinned one (said to a request of no pin, already
+    # on the fastest tier: helper-276)
+    assert "send a larger latency_budget_ms;" in message and "faster tier" not in message
+    assert "send a larger latency_budget_ms, or allow a faster tier" in pinned
 
 
 def test_a_failed_load_of_a_model_not_served_at_start_is_reported(config, caplog):

@@ -41,6 +41,11 @@ def test_a_negative_budget_range_is_said_to_be_one(capsys):
         cli(["simulate", "anywhere", "--budget", "-5:10"])
     err = capsys.readouterr().err
     assert "0 < LO <= HI" in err and "'-5:10'" in err and "expected one argument" not in err
+    # ... and so was a negative --host-ms (helper-276)
+    with pytest.raises(SystemExit):
+        cli(["simulate", "anywhere", "--host-ms", "-1,2"])
+    err = capsys.readouterr().err
+    assert "--host-ms takes PARSE,ANSWER" in err and "expected one argument" not in err
 
 
 def test_a_misspelt_option_is_refused_by_its_subcommand_with_the_option_it_looks_like(capsys):

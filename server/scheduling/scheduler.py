@@ -329,11 +329,15 @@ class Scheduler:
         if now + alone > due and profile_meets and self._forget_if_idle(fastest, now):
             alone = self.latency.quantile(fastest, r.rows, q)
         if now + alone > due:
+            # (a faster tier to allow only where the request narrowed them: "allow a faster
+            # tier" was said to one that had no pin, of the fastest tier; helper-276)
+            narrowed = r.pin is not None or r.min_tier is not None
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) is below the fastest "
                 f"allowed tier's latency ({fastest}: {1e3 * alone:.1f} ms): send a larger "
-                "latency_budget_ms, or allow a faster tier (a lower min_tier, no tier pin)",
+                "latency_budget_ms"
+                + (", or allow a faster tier (a lower min_tier, no tier pin)" if narrowed else ""),
             )
         key = self._key(r)
         i = bisect.bisect(self._keys, key)
