@@ -1748,6 +1748,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"going on from {args.out}: the tiers calibrated there are kept unless named again")
     tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
     widths = _widths(tier_widths if args.widths is None else args.widths)
+    served = (args.model_dir / "model.yaml").is_file()  # a repository model: its tiers
+    if served and args.multiple_of is not None and args.multiple_of != tier_multiple:
+        # (the networks calibrated were reported as the tiers, and never served: the build
+        # samples model.yaml's multiple_of; review helper-272)
+        raise ValueError(
+            f"--multiple-of {args.multiple_of} differs from {args.model_dir / 'model.yaml'}'s "
+            f"multiple_of {tier_multiple}: innfer build samples the tiers at {tier_multiple}, "
+            "so networks calibrated at another would never be served; drop --multiple-of "
+            "(or change model.yaml's first)"
+        )
     multiple_of = args.multiple_of or tier_multiple
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -1792,9 +1802,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     kept = ("a stored tier stays unless the new one scores better" if held is not None
             else "without held-out inputs the new tiers replace the stored ones")  # fmt: skip
     with _saved_as_it_goes(target, kept) as keep:
+        # model.yaml's tiers keep what they serve unless calibrated and judged better here:
+        # a grid tuned for another width is not shared with them (review helper-272)
         tuned = calibrate(inn, x, widths, seconds=args.seconds, multiple_of=multiple_of,
                           method=method, labels=labels, seed=args.seed, holdout=held,
-                          max_steps=args.steps, on_tier=keep, **_lr_option(args))  # fmt: skip
+                          max_steps=args.steps, on_tier=keep, keep=tier_widths if served else (),
+                          **_lr_option(args))  # fmt: skip
     out = tuned.save(target)  # before any line more: a reader that leaves (| head) ends it
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
@@ -1811,6 +1824,13 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{'stored' if key in inn.tiers else 'uncalibrated'} {d['stored']:.2%} on "
             f"{d['holdout']} held-out training samples"
         )
+    if served:  # (a width no tier samples was told "rebuild the tiers" alone: helper-272)
+        tiers = {inn.sizes_key(inn.sizes(w, multiple_of)) for w in tier_widths}
+        extra = [names.get(k, k[:60]) for k in decisions if k not in tiers and earlier.get(k)
+                 != decisions[k]]  # fmt: skip
+        if extra:
+            print(f"note: {', '.join(extra)}: no tier of model.yaml samples it, so innfer "
+                  "build does not serve it (add a tier of that width to serve it)")  # fmt: skip
     spent = f"{args.steps} steps a tier" if args.steps else f"{args.seconds:.0f} s"
     print(f"after ({spent}, {len(x)} samples) -> {out}:")
     print(format_report(width_report(tuned, shown, data, method=method, multiple_of=multiple_of)))

@@ -151,3 +151,40 @@ def test_a_tuple_of_inputs_is_refused_as_such():
     x = torch.randn(128, 8)
     with pytest.raises(ValueError, match=r"x must be one tensor of inputs .* got a tuple"):
         calibrate(inn, (x, x), [0.5], max_steps=1, progress=False)
+
+
+# 5. (review helper-272) A width judged "kept uncalibrated" on the held-out set was still
+#    changed: a later width's tuned grid took the group count both sample, and the build
+#    served it 8-11 points worse; calibrating a width no tier uses likewise rebuilt a served
+#    tier. A width that keeps what it served keeps the grids it sampled with.
+def test_a_width_that_keeps_its_network_keeps_its_grids(monkeypatch):
+    import runtime.inn.report as report
+
+    x = _inputs(512)
+    inn = _convert(_net(dropout=0.0), x)
+    half = inn.sizes(0.5)
+    first, second = (g.name for g in inn.groups)
+    other = {first: half[first], second: half[second] + 4}  # shares first@count with half
+    probe = x[:32]
+    with torch.no_grad():
+        before = inn.sample(half)(probe)
+
+    # half: the stored (uncalibrated) network scores better; other: the new one does
+    scores = iter([1.0, 0.0, 0.0, 1.0])
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: next(scores))
+    labels = torch.zeros(64, dtype=torch.long)
+    tuned = calibrate(inn, x, [half, other], max_steps=20, progress=False,
+                      holdout=(x[:64], labels))  # fmt: skip
+    decided = {k: d["kept"] for k, d in tuned.info["calibration"].items()}
+    assert decided == {inn.sizes_key(half): "uncalibrated", inn.sizes_key(other): "new"}
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.sample(half)(probe), before)
+    assert inn.sizes_key(other) in tuned.tiers  # served from its own weights
+
+    # A width not calibrated here, one of the served tiers (keep): as before too; without
+    # keep, the tuned grid serves it (the library's default: every width shares it).
+    kept = calibrate(inn, x, [other], max_steps=20, progress=False, keep=[half])
+    shared = calibrate(inn, x, [other], max_steps=20, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(kept.sample(half)(probe), before)
+        assert not torch.allclose(shared.sample(half)(probe), before)

@@ -262,6 +262,16 @@ def test_a_calibrate_out_folder_is_sampled_as_its_tiers_were_calibrated(tmp_path
     code, printed, err = _run(capsys, "inspect", out, "--width", "0.3")
     assert code == 0, err
     assert re.search(r"\s32\s+8\s*$", printed, re.M), printed
+    # --multiple-of other than model.yaml's: a network the build never samples was
+    # calibrated and reported as the tier (review helper-272)
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                        "--multiple-of", "1", "--steps", "5", "--out", tmp_path / "o2")  # fmt: skip
+    assert code == 2 and "--multiple-of 1 differs from" in err and "multiple_of 8" in err, err
+    # a width no tier samples is said to be one (it was told "rebuild the tiers" alone)
+    code, printed, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
+                              "--widths", "0.5", "--steps", "5", "--out", tmp_path / "o3")  # fmt: skip
+    assert code == 0, err
+    assert "width 0.5: no tier of model.yaml samples it" in printed, printed
 
 
 def test_the_served_latency_panel_names_where_its_figures_come_from(tmp_path, monkeypatch):

@@ -363,6 +363,7 @@ def calibrate(
     progress: bool = True,
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_tier: Callable[[IntegralModel, int, int], None] | None = None,
+    keep: Sequence[float | Mapping[str, int]] = (),
     **finetune_options,
 ) -> IntegralModel:
     """Calibrate every width in ``widths`` (grid, norms, distillation; see the module doc).
@@ -386,7 +387,14 @@ def calibrate(
     ``info["calibration"][key]`` (``kept``: "new", "stored" or "uncalibrated", and both
     accuracies).
     A tuned grid serves every width that samples its group at its count: statistics ``inn``
-    stores for such a width without a calibrated tier are re-estimated on ``x``.
+    stores for such a width without a calibrated tier are re-estimated on ``x``. Except
+    where that width must keep what it served: a width of ``widths`` left with no calibrated
+    tier (its new one judged worse on ``holdout``), or one of ``keep`` (the tiers a
+    repository serves; `innfer calibrate` passes model.yaml's) with none - the grids it
+    samples stay ``inn``'s (``_keep_grids``). Shared, a tier judged "kept uncalibrated"
+    was served 8-11 points worse after a later width's grid took its group's count, and
+    calibrating a width no tier uses rebuilt a served tier 11 points worse (review
+    helper-272); the calibrated tiers carry their own weights and need no grid.
     Returns a new IntegralModel; ``inn`` is left as it was.
     """
     if isinstance(widths, (str, Mapping)) or not isinstance(widths, Sequence):
@@ -423,6 +431,7 @@ def calibrate(
         sizes = out.sizes(w, multiple_of)
         if sizes != full and sizes not in targets:  # the full width is the teacher itself
             targets.append(sizes)
+    kept_widths = [out.sizes(w, multiple_of) for w in keep]
     teacher = inn.sample(1.0, calibrated=False)
     if grid_share > 0:  # grid tuning distils from the teacher's logits on the clean inputs
         with torch.no_grad():
@@ -453,10 +462,35 @@ def calibrate(
             _keep_better(inn, out, sizes, grids, holdout, method, x, batch_size)
         if on_tier is not None and i + 1 < len(targets):  # (the last: the result itself)
             done = out.copy()
+            _keep_grids(inn, done, [*targets[: i + 1], *kept_widths])
             _refresh_stale_norms(inn, done, x, batch_size, method)
             on_tier(done, i + 1, len(targets))
+    _keep_grids(inn, out, [*targets, *kept_widths])
     _refresh_stale_norms(inn, out, x, batch_size, method)
     return out
+
+
+def _keep_grids(inn, out, protected: Sequence[Mapping[str, int]]) -> list[str]:
+    """Put ``inn``'s grid back in ``out`` (or none, where it had none) for every
+    "<group>@<count>" that a width of ``protected`` with no calibrated tier in ``out``
+    samples: such a width serves what it served before. Returns the keys put back."""
+    before, after = inn.info.get("grids", {}), out.info.setdefault("grids", {})
+    back = []
+    for sizes in protected:
+        if IntegralModel.sizes_key(sizes) in out.tiers:  # its own weights: no grid read
+            continue
+        for group, n in sizes.items():
+            k = f"{group}@{n}"
+            if before.get(k) == after.get(k):
+                continue
+            if k in before:
+                after[k] = copy.deepcopy(before[k])
+            else:
+                after.pop(k, None)
+            back.append(k)
+    if not after:
+        out.info.pop("grids", None)
+    return back
 
 
 def _refresh_stale_norms(inn, out, x, batch_size: int, method: str) -> list[str]:
