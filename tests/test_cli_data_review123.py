@@ -268,8 +268,8 @@ def test_a_calibrate_out_folder_is_sampled_as_its_tiers_were_calibrated(tmp_path
                         "--multiple-of", "1", "--steps", "5", "--out", tmp_path / "o2")  # fmt: skip
     assert code == 2 and "--multiple-of 1 differs from" in err and "multiple_of 8" in err, err
     # a width no tier samples is said to be one (it was told "rebuild the tiers" alone)
-    code, printed, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
-                              "--widths", "0.5", "--steps", "5", "--out", tmp_path / "o3")  # fmt: skip
+    argv = ("--data", tmp_path / "d.npz", "--widths", "0.5", "--steps", "5", "--out")
+    code, printed, err = _run(capsys, "calibrate", tmp_path / "m", *argv, tmp_path / "o3")
     assert code == 0, err
     assert "width 0.5: no tier of model.yaml samples it" in printed, printed
 

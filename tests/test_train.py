@@ -844,3 +844,16 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path
         ValueError, match=r"has no checkpoint-\w+.safetensors .*--force starts over"
     ):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
+
+
+def test_an_npz_whose_splits_hold_inputs_of_two_shapes_is_refused(tmp_path):
+    # x_train 1x8x8 beside x_test 1x7x7: calibrate and report failed with torch's "mat1 and
+    # mat2 shapes cannot be multiplied", or measured a CNN on other inputs (helper-272).
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=rng.random((20, 1, 8, 8), np.float32), y_train=np.zeros(20, int),
+             x_test=rng.random((10, 1, 7, 7), np.float32), y_test=np.zeros(10, int))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"x_train's samples are \[1, 8, 8\] and x_test's \[1, 7, 7\]"
+    ):
+        load(str(path))

@@ -221,6 +221,12 @@ def load_npz(path: str, mtime_ns: int = 0, size: int = 0, unlabelled: bool = Fal
     xs, ys = (parts[0], parts[2]), (parts[1], parts[3])
     if any(len(x) != len(y) for x, y in zip(xs, ys, strict=True)) or not all(map(len, xs)):
         raise ValueError(f"{path}: each split needs as many labels as inputs, and some")
+    if xs[0].shape[1:] != xs[1].shape[1:]:  # (a raw matmul error, or an accuracy on other
+        # inputs than the model takes: review helper-272)
+        raise ValueError(
+            f"{path}: x_train's samples are {list(xs[0].shape[1:])} and x_test's "
+            f"{list(xs[1].shape[1:])}: both splits must hold inputs of one shape"
+        )
     to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     to_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     return Dataset(Path(path).stem, to_x(xs[0]), to_y(ys[0]), to_x(xs[1]), to_y(ys[1]))
