@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -2700,6 +2701,26 @@ def _stdout_gone() -> bool:
     return True
 
 
+# Long offline work whose Ctrl-C says what was saved and how to go on: a SIGTERM (a job's
+# or a container's stop) ended it without a word (review helper-272).
+TERM_AS_INTERRUPT = ("train", "calibrate", "build", "demo")
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (``_term_as_interrupt``)."""
+
+
+def _term_as_interrupt() -> None:
+    """Turn SIGTERM into ``Terminated`` (main thread only; ``innfer demo --serve``'s server
+    sets its own handler when it starts)."""
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # (not the main thread: an embedding caller's)
+        signal.signal(signal.SIGTERM, terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(_glued(sys.argv[1:] if argv is None else argv))
@@ -2707,6 +2728,8 @@ def main(argv: list[str] | None = None) -> int:
         print("innfer: interrupted", file=sys.stderr)  # 31-line traceback before
         return 130
     checkpoint_before = _checkpoint_stamp(args)
+    if args.command in TERM_AS_INTERRUPT:
+        _term_as_interrupt()
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader gone is handled below, not by the
@@ -2721,11 +2744,12 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print(f"innfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _close_progress_bars()
-        print(f"innfer {args.command}: interrupted{_resume_hint(args, checkpoint_before)}",
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"innfer {args.command}: {how}{_resume_hint(args, checkpoint_before)}",
               file=sys.stderr)  # fmt: skip
-        return 130
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except Exception as exc:  # not foreseen: one line for the user, the traceback on request
         if os.environ.get("INNFER_DEBUG"):
             raise

@@ -108,3 +108,29 @@ def test_the_message_is_not_glued_to_an_open_progress_bar(monkeypatch, capsys, r
     err = capsys.readouterr().err
     assert "train:" in err  # the bar was drawn
     assert f"\ninnfer inspect: {said}\n" in err
+
+
+def test_a_sigterm_to_long_work_says_what_ctrl_c_says(monkeypatch, capsys):
+    # A job's or a container's stop (SIGTERM) ended train / calibrate without a word of
+    # what was saved or how to go on, where Ctrl-C said both (review helper-272).
+    import os
+    import signal
+
+    def calibrate(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # (delivered to the main thread, here)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+        pytest.fail("SIGTERM did not interrupt the command")
+
+    args = cli.build_parser().parse_args(["calibrate", "x", "--data", "digits"])
+    monkeypatch.setattr(cli, "_parse", lambda argv: args)
+    args.func = calibrate
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main([])
+    except KeyboardInterrupt:
+        pytest.fail("the SIGTERM escaped main")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert "innfer calibrate: terminated (SIGTERM)" in capsys.readouterr().err
