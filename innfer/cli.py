@@ -1812,8 +1812,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     out = tuned.save(target)  # before any line more: a reader that leaves (| head) ends it
     decisions = tuned.info.get("calibration", {})
     names = _tier_names(args.model_dir, tuned, widths, multiple_of)
-    earlier = inn.info.get("calibration", {})
-    for key in (k for k, d in decisions.items() if earlier.get(k) != d):  # this run's
+    # this run's widths, each (a decision that repeated the stored one was left out:
+    # review helper-272); none judged without held-out inputs (decisions are earlier runs')
+    this_run = {inn.sizes_key(inn.sizes(w, multiple_of)) for w in widths}
+    for key in (k for k in decisions if k in this_run and held is not None):
         d = decisions[key]
         what = {
             "new": "the new tier",
@@ -1827,8 +1829,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     if served:  # (a width no tier samples was told "rebuild the tiers" alone: helper-272)
         tiers = {inn.sizes_key(inn.sizes(w, multiple_of)) for w in tier_widths}
-        extra = [names.get(k, k[:60]) for k in decisions if k not in tiers and earlier.get(k)
-                 != decisions[k]]  # fmt: skip
+        full = inn.sizes_key(inn.sizes(1.0))  # (the teacher: never calibrated)
+        extra = [names.get(k, k[:60]) for k in sorted(this_run - tiers - {full})]
         if extra:
             print(f"note: {', '.join(extra)}: no tier of model.yaml samples it, so innfer "
                   "build does not serve it (add a tier of that width to serve it)")  # fmt: skip

@@ -315,3 +315,18 @@ def test_report_scores_the_samples_model_yaml_evaluation_limit_names(tmp_path, c
         assert code == 0, err
         assert _accuracies(out)[0] == expected, out
     assert "its first 50 test samples, as the build scores the tiers" in out
+
+
+def test_a_rerun_says_every_width_it_judged(tmp_path, capsys):
+    # The same calibration again printed only the widths whose decision changed: a width
+    # named and judged again, with the same verdict, went unsaid (review helper-272).
+    net, x = _mlp(tmp_path, 600)
+    with torch.no_grad():
+        np.savez(tmp_path / "d.npz", x=x, y=net(torch.from_numpy(x)).argmax(1).numpy())
+    argv = ("--data", tmp_path / "d.npz", "--widths", "0.5", "0.25", "--steps", "3", "--seed",
+            "1", "--samples", "300", "--out", tmp_path / "out")  # fmt: skip
+    for run in (1, 2):
+        code, printed, err = _run(capsys, "calibrate", tmp_path / "m", *argv)
+        assert code == 0, err
+        said = re.findall(r"^  (width [\d.]+): kept", printed, re.M)
+        assert sorted(said) == ["width 0.25", "width 0.5"], (run, printed)
