@@ -1484,10 +1484,15 @@ def _train(args: argparse.Namespace) -> int:
         )
     calibrated = _calibrated_tiers(args.out) if held and not args.force else 0
     if calibrated:  # (--resume: the save at its end dropped them unsaid, finished or not)
+        # An interrupted `train --force` over them left its checkpoint: --force alone would
+        # start over and replace it (review helper-272)
+        force = "--resume --force to continue the unfinished run and drop them" if (
+            args.resume and unfinished
+        ) else "--force to drop them"  # fmt: skip
         raise ValueError(
             f"{args.out}'s INN holds {calibrated} calibrated tier(s) (innfer calibrate): "
-            "training saves its own weights over it and drops them; give another --out, or "
-            "--force to drop them (then calibrate again)"
+            f"training saves its own weights over it and drops them; give another --out, or "
+            f"{force} (then calibrate again)"
         )
     torch.set_num_threads(args.threads)
     if args.resume:

@@ -323,7 +323,7 @@ def cli_main(capsys):
 # --resume fast-forwards the LR schedule before the optimizer's first step: torch's warning
 # about that order reached every --resume user, and must not.
 @pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
-def test_cli_train_report_and_errors(cli_main, tmp_path):
+def test_cli_train_report_and_errors(cli_main, tmp_path, monkeypatch):
     out = tmp_path / "inn"
     code, _, err = cli_main("train", "--model", "digits_mlp", "--epochs", "1", "--out", str(out),
                             "--batch-size", "256", "--widths", "1.0", "0.5")  # fmt: skip
@@ -378,6 +378,12 @@ def test_cli_train_report_and_errors(cli_main, tmp_path):
     code, _, err = cli_main(*resume)
     assert code == 2 and "holds 1 calibrated tier(s)" in err and "--force" in err
     assert (out / "inn.safetensors").read_bytes() == held
+    # ... where an interrupted `train --force` over them left its checkpoint, --force alone
+    # starts over: the fix said is both (review helper-272)
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_unfinished_run", lambda path: "epoch 1 of 2")
+        code, _, err = cli_main(*resume)
+    assert code == 2 and "--resume --force to continue the unfinished run" in err, err
     code, _, err = cli_main(*resume, "--force")
     assert code == 0, err
     assert not load_inn(out).tiers
