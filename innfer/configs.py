@@ -97,6 +97,10 @@ def _serve_would_say(config) -> tuple[str | None, list[str]]:
 
     warnings = [w for w in (cleartext_token_warning(config),
                             stream_limits_warning(config.limits)) if w is not None]  # fmt: skip
+    from server.trace import trace_file_problem
+
+    if (trace := trace_file_problem(config.trace)) is not None:
+        return trace, warnings
     if not Path(config.repository).is_dir():
         return None, warnings  # _not_there_yet says so
     try:

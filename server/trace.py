@@ -282,3 +282,32 @@ def _parse(key: str, values: list[str]) -> object:
     if not lo <= number < 2**31:
         raise InvalidArgument(f"{key}: a whole number in [{lo}, {2**31 - 1}], got {number}")
     return number
+
+
+def trace_file_problem(config: TraceConfig) -> str | None:
+    """What ``innfer serve`` would refuse of ``config`` at start (``RequestTraces``' check),
+    found without writing anything: a trace file whose folder neither is writable nor can
+    be made (``innfer config check`` said "ok" to a file serve then refused: review
+    helper-276). None where tracing is off or the folder will do.
+
+    Example:
+        >>> trace_file_problem(TraceConfig(level="TIMESTAMPS", file=Path("/proc/t.json")))
+        'trace.level TIMESTAMPS: cannot write trace files in /proc: No such file or directory'
+    """
+    if config.level == "OFF":
+        return None
+    if config.file is None:
+        return "trace.level TIMESTAMPS: no trace file: set trace.file in the server config"
+    folder = Path(config.file).parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the one serve's mkdir would make the rest in
+    try:  # (a file made and removed: os.access says yes to root on /proc)
+        fd, probe = tempfile.mkstemp(prefix=".innfer-trace-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return (
+            f"trace.level TIMESTAMPS: cannot write trace files in {folder}: {exc.strerror or exc}"
+        )
+    return None

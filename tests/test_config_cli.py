@@ -127,6 +127,16 @@ def test_check_says_what_serve_would_refuse_and_warn(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "server config ok" in out and "warning (innfer serve logs it at start)" in out
     assert "max_stream_bytes" in out
+    # a trace file serve cannot write: refused at its start, "ok" here (helper-276) - and
+    # checked without making the missing folders serve would make
+    server.write_text(f"repository: {repo}\ntrace: {{level: TIMESTAMPS, file: /proc/x/t.json}}\n")
+    assert cli(["config", "check", str(server)]) == 2
+    assert "would refuse it: trace.level TIMESTAMPS: cannot write" in capsys.readouterr().err
+    later = tmp_path / "not" / "yet"
+    server.write_text(f"repository: {repo}\ntrace: {{level: TIMESTAMPS, file: {later}/t.json}}\n")
+    assert cli(["config", "check", str(server)]) == 0
+    assert not (tmp_path / "not").exists()
+    capsys.readouterr()
     server.write_text(f"repository: {repo}\n")
     assert cli(["config", "check", str(server)]) == 0
     assert "warning" not in capsys.readouterr().out
