@@ -432,6 +432,10 @@ def _print_build(report, repo) -> None:
     from runtime.repository import RepositoryError
 
     profile = repo.read_profile(report.model) or {"tiers": {}}
+    other = profile.get("backend") not in (None, report.backend)
+    if other:  # (build --no-profile on another backend: its latencies stood under this one's
+        # name; helper-276)
+        measured, profile = profile.get("backend"), {"tiers": {}}
     lengths = sorted(map(int, profile.get("lengths", {})))
     # A sequence model: latency at its shortest profiled length (the longest is in tiers).
     tables = profile["lengths"][str(lengths[0])] if lengths else profile["tiers"]
@@ -459,6 +463,11 @@ def _print_build(report, repo) -> None:
     for r in [head, *rows]:
         print(" ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))  # fmt: skip
+    if other:
+        print(
+            f"(no latency: profile.json was measured with {measured}, not {report.backend}; "
+            "build without --no-profile to measure it, or innfer serve measures it at load)"
+        )
     try:
         chosen = repo.auto_tiers(report.model, config) if config.auto_tiers else None
     except RepositoryError:  # (a broken choice: the server's load says it, with its fix)

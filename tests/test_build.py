@@ -1669,3 +1669,20 @@ def test_a_model_whose_build_failed_says_why_where_it_is_loaded(tmp_path):
     build_model(repo, "tiny", progress=False, repeats=2)
     assert not (tmp_path / "tiny" / BUILD_FAILED_FILE).exists()
     assert set(repo.load("tiny").engines) == {"w100", "w050"}
+
+
+def test_a_build_table_shows_no_latency_of_another_backends_profile(built, tmp_path, capsys):
+    # `build --backend torch --no-profile` over an ONNX Runtime profile printed its
+    # latencies under "(torch)" (review helper-276).
+    import shutil
+
+    from innfer import cli
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    assert cli.main(["build", str(root), "--backend", "torch", "--no-profile"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny (torch" in out, out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("w100", "w050"))]
+    assert rows and all(r[4:6] == ["-", "-"] for r in rows), out
+    assert "profile.json was measured with onnxruntime, not torch" in out
