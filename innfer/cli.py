@@ -1962,6 +1962,18 @@ def _lr_option(args: argparse.Namespace) -> dict[str, float]:
     return {} if args.lr is None else {"lr": args.lr}
 
 
+def _text_model_yaml(model_dir: Path) -> Path:
+    """MODEL_DIR/model.yaml, which --text needs (its text: section names the tokenizer and
+    pooling); a folder with the INN alone was told "model.yaml: file not found" (helper-276)."""
+    path = Path(model_dir) / "model.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"{model_dir} has no model.yaml: --text is for a text model of a repository "
+            "(MODEL_DIR/model.yaml with a text: section); for an image model give --data NAME"
+        )
+    return path
+
+
 def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, method: str) -> int:
     """Distil each tier of a text model from its full width on the sentences of
     ``--text`` (one per line), tokenized with the model directory's own tokenizer."""
@@ -1971,9 +1983,9 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
     from runtime.inn.shaping import unshaped
     from runtime.repository.config import ModelConfig
 
-    config = ModelConfig.load(args.model_dir / "model.yaml")
     if args.data is not None:
         raise ValueError("give --text FILE or --data NAME, not both (--text: a text model)")
+    config = ModelConfig.load(_text_model_yaml(args.model_dir))
     # --samples: the first N sentences (it was ignored: "on 30000 sentences" with 500). By
     # default TEXT_SAMPLES: the teacher's pass over all of them comes before the budget and
     # is kept in memory (30,000 MiniLM sentences: ~340 s and 5.7 GB).
@@ -2101,7 +2113,7 @@ def _report_text(args: argparse.Namespace, inn) -> int:
     from runtime.inn.fidelity import fidelity_report, format_fidelity, save_fidelity
     from runtime.repository.config import ModelConfig
 
-    config = ModelConfig.load(args.model_dir / "model.yaml")
+    config = ModelConfig.load(_text_model_yaml(args.model_dir))
     lines, ids, mask = _text_file(
         config, args.model_dir, args.text, "reports on", args.sentences, "--sentences"
     )

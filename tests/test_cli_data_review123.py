@@ -330,3 +330,16 @@ def test_a_rerun_says_every_width_it_judged(tmp_path, capsys):
         assert code == 0, err
         said = re.findall(r"^  (width [\d.]+): kept", printed, re.M)
         assert sorted(said) == ["width 0.25", "width 0.5"], (run, printed)
+
+
+def test_text_on_a_folder_with_the_inn_alone_says_what_text_needs(tmp_path, capsys):
+    # "models/dm/model.yaml: file not found", for calibrate even beside --data (the flags'
+    # clash unsaid) and for report (review helper-276).
+    _mlp(tmp_path, 10)
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("a sentence\n" * 40)
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", "digits", "--text",
+                        sentences)  # fmt: skip
+    assert code == 2 and "give --text FILE or --data NAME, not both" in err, err
+    code, _, err = _run(capsys, "report", tmp_path / "m", "--text", sentences)
+    assert code == 2 and "has no model.yaml: --text is for a text model" in err, err
