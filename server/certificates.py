@@ -19,34 +19,13 @@ import ssl
 import stat
 import threading
 import time
-from pathlib import Path
 
 import grpc
 
 from runtime.configspec import ConfigError, Where
-from server.config import TLSConfig
+from server.config import TLSConfig, check_cert_dates
 
 log = logging.getLogger("innfer.certificates")
-
-
-def _check_dates(cert: Path, now: float) -> None:
-    """ValueError where the server's certificate (the chain's first) is not valid at
-    ``now``: a renewal to an expired (or not yet valid) one failed every new handshake,
-    where the one in force still served. Not checked where Python cannot decode it."""
-    try:
-        decoded = ssl._ssl._test_decode_cert(str(cert))  # (the stdlib's own PEM decoder)
-        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
-        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-    except AttributeError:  # a Python without the decoder: said, not silently skipped
-        log.warning("tls: this Python cannot decode certificates' dates; a renewal is not "
-                    "checked for them")  # fmt: skip
-        return
-    except (KeyError, ValueError, ssl.SSLError):
-        return
-    if now >= not_after:
-        raise ValueError(f"{cert} expired on {decoded['notAfter']}")
-    if now < not_before:
-        raise ValueError(f"{cert} is not valid before {decoded['notBefore']}")
 
 
 class Certificates:
@@ -114,7 +93,7 @@ class Certificates:
         try:
             self._check_files()
             self.tls.validate(Where("tls"))
-            _check_dates(self.tls.cert, time.time())
+            check_cert_dates(self.tls.cert, time.time())
             configuration = self._configuration()
             renewed = None if self._ssl is None else self._new_ssl()
             if self._stamps() != stamps:  # rewritten between the check and the read: the

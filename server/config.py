@@ -48,8 +48,10 @@ Example:
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,27 @@ def _policy(v: Any, where: Where) -> str:
     return v
 
 
+def check_cert_dates(cert: Path, now: float) -> None:
+    """ValueError where the server's certificate (the chain's first) is not valid at
+    ``now``: a renewal to an expired (or not yet valid) one failed every new handshake,
+    where the one in force still served. Not checked where Python cannot decode it."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # (the stdlib's own PEM decoder)
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except AttributeError:  # a Python without the decoder: said, not silently skipped
+        logging.getLogger("innfer.certificates").warning(
+            "tls: this Python cannot decode certificates' dates; they are not checked"
+        )
+        return
+    except (KeyError, ValueError, ssl.SSLError):
+        return
+    if now >= not_after:
+        raise ValueError(f"{cert} expired on {decoded['notAfter']}")
+    if now < not_before:
+        raise ValueError(f"{cert} is not valid before {decoded['notBefore']}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TLSConfig:
     """Serve gRPC over TLS; with ``client_ca``, clients must present a certificate too."""
@@ -156,6 +179,10 @@ class TLSConfig:
             where.child("cert").fail(
                 str(self.cert), f"a PEM certificate chain, the server's own first ({_why(exc)})"
             )
+        try:  # (accepted at start, "ready", then every handshake failed: helper-277)
+            check_cert_dates(self.cert, time.time())
+        except ValueError as exc:
+            where.child("cert").fail(str(self.cert), f"a certificate valid now ({exc})")
         try:
             _tls_context().load_cert_chain(self.cert, self.key, password=_no_passphrase)
         except _Encrypted:

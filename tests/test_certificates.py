@@ -139,8 +139,9 @@ def test_a_renewal_to_a_certificate_out_of_its_dates_or_no_file_keeps_the_one_in
 ):
     # Put in force, an expired renewal failed every new handshake (review 206); a FIFO in
     # a file's place hung OpenSSL's read, and with it the follower.
-    from server.certificates import Certificates, _check_dates
+    from server.certificates import Certificates
     from server.config import TLSConfig
+    from server.config import check_cert_dates as _check_dates
 
     cert = pki / "server-ca1.crt"
     _check_dates(cert, time.time())  # valid now (2 days)
@@ -186,3 +187,21 @@ def test_files_rewritten_between_their_check_and_their_read_are_looked_at_again(
     monkeypatch.setattr(Certificates, "_configuration", real)
     _put(pki / "server-ca1.key", key)  # that renewal completes
     assert certs.read() is not None
+
+
+def test_a_certificate_not_valid_now_is_refused_at_start(pki, tmp_path, monkeypatch):
+    # An expired (or not yet valid) certificate passed `config check` and the server's start
+    # ("ready"), then failed every handshake; only a renewal's dates were checked (review
+    # helper-277).
+    import server.config as config_module
+    from runtime.configspec import ConfigError
+    from server.config import ServerConfig
+
+    tls = {"cert": str(pki / "server-ca1.crt"), "key": str(pki / "server-ca1.key")}
+    ServerConfig.from_dict({"repository": str(tmp_path), "tls": tls})  # valid now
+    real = time.time
+    for shift, said in ((3 * 86400, "expired on"), (-86400, "is not valid before")):
+        monkeypatch.setattr(config_module.time, "time", lambda s=shift: real() + s)
+        with pytest.raises(ConfigError, match=rf"tls\.cert.*a certificate valid now.*{said}"):
+            ServerConfig.from_dict({"repository": str(tmp_path), "tls": tls})
+        monkeypatch.undo()
