@@ -40,6 +40,11 @@ class Unauthenticated(InferError):
     """Missing or wrong bearer token."""
 
 
+class PermissionDenied(InferError):
+    """A caller the server will not serve whatever it sends: a web page's request (a browser
+    on this machine) to a server that trusts its loopback host instead of a token."""
+
+
 class EngineFailed(InferError):
     """The engine raised on the request's batch (a backend error, e.g. an index out of its
     table's range); the message names the model, the tier and the engine's own reason."""

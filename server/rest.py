@@ -52,6 +52,7 @@ from server.errors import (
     InferError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TokenizerFailed,
     Unauthenticated,
@@ -93,6 +94,7 @@ HTTP_STATUS_OF: dict[type[InferError], int] = {
     InvalidArgument: 400,
     FailedPrecondition: 400,
     Unauthenticated: 401,
+    PermissionDenied: 403,
     NotFound: 404,
     AlreadyExists: 409,
     ResourceExhausted: 429,  # load: a retry later may pass (gRPC's RESOURCE_EXHAUSTED)
@@ -339,6 +341,7 @@ class RestFrontEnd:
             try:
                 if name not in OPEN_ROUTES:
                     self.service.authenticate(_Call(request).invocation_metadata())
+                    self._no_browser(request)
                 _check_escapes(request)
                 response = await handler(request)
                 status = request.get(GONE, response.status)
@@ -376,6 +379,22 @@ class RestFrontEnd:
                 metrics.http_handled(name, request.method, status, time.perf_counter() - t0)
 
         return route
+
+    def _no_browser(self, request: web.Request) -> None:
+        """With auth off, refuse a web page's request (``PermissionDenied``): a browser on
+        this machine reaches a loopback port on behalf of any page - a cross-origin "simple"
+        POST, or a DNS-rebound name's - and a page could register shared memory and have
+        answers written over another program's, turn logging and traces up, or unload
+        models: what a loopback host is trusted with (review helper-277). Browsers send
+        ``Origin`` on every POST (the Fetch standard), so every call with side effects is
+        covered; curl, tritonclient and perf_analyzer send none. With auth on a page cannot
+        send the token."""
+        if "Origin" in request.headers and not self.service.auth_on:
+            raise PermissionDenied(
+                f"a browser's request (Origin: {clip(request.headers['Origin'])}) is refused by "
+                "a server without auth: call it from a client, not a web page, or turn on auth "
+                "(a page cannot send the token)"
+            )
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -30,6 +30,7 @@ from server.errors import (
     InferError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TokenizerFailed,
     Unauthenticated,
@@ -70,6 +71,7 @@ STATUS_OF: dict[type[InferError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -443,6 +445,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         """What the gRPC server must be made with (``grpc.aio.server(interceptors=...)``):
         with auth on, the check before any request is parsed; none without (no cost)."""
         return () if self._token is None else (AuthInterceptor(self),)
+
+    @property
+    def auth_on(self) -> bool:
+        """Whether calls need the bearer token (``auth`` in the server config)."""
+        return self._token is not None
 
     def authenticate(self, metadata) -> None:
         """Unauthenticated unless ``metadata`` (a call's invocation metadata: key, value

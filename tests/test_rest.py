@@ -381,8 +381,30 @@ def test_auth_guards_every_route_but_the_probes(model_repository):
         c = th.InferenceServerClient(f"127.0.0.1:{s.server.rest.port}")
         assert c.get_model_metadata("tiny", headers=ok)["name"] == "tiny"
         c.close()
+        # with auth on, a browser's request is judged by its token alone (a page has none)
+        page = {**ok, "Origin": "http://localhost:3000"}
+        assert _call(s, "/v2/models/tiny/infer", _infer_body(_x(1)), headers=page)[0] == 200
     finally:
         s.stop()
+
+
+def test_a_web_pages_request_is_refused_without_auth(server):
+    # A browser on this machine drove a loopback server on behalf of any page: a "simple"
+    # cross-origin POST (text/plain) registered shared memory, had an answer written over
+    # another program's object, turned logging up and unloaded models (review helper-277).
+    # Browsers send Origin on every POST; clients do not.
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    for path, body in (
+        ("/v2/models/tiny/infer", _infer_body(_x(1))),
+        ("/v2/logging", {"log_verbose_level": 1}),
+        ("/v2/systemsharedmemory/unregister", b""),
+        ("/v2/repository/models/tiny/unload", b""),
+    ):
+        status, message = _error(server, path, body, "POST", headers=page)
+        assert status == 403 and "a browser's request (Origin: 'http://evil.example')" in message
+    assert _call(server, "/v2/models/tiny/ready")[0] == 200  # nothing unloaded
+    assert _call(server, "/v2/health/ready", headers=page)[0] == 200  # probes stay open
+    assert _call(server, "/v2/models/tiny/infer", _infer_body(_x(1)))[0] == 200  # a client
 
 
 def test_a_stop_answers_the_call_in_flight_then_closes_the_port(tmp_path):
