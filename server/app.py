@@ -350,10 +350,14 @@ def _bind_problem(host: str, port: int) -> tuple[int, str]:
     )
 
 
+HANDSHAKE_S = 20
+
+
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC server options for ``max_concurrent_streams`` (per connection: a flood on one
     leaves the others, health probes among them, untouched; see its field's doc),
-    ``max_connection_age_s`` and its grace, and ``keepalive_s`` (none where unset).
+    ``max_connection_age_s`` and its grace, ``connection_idle_s``, the handshake's time
+    limit (``HANDSHAKE_S``) and ``keepalive_s`` (none where unset).
 
     A gRPC client resolves DNS when it connects, and again only when a connection drops: a
     client connected before the autoscaler added pods kept calling the old ones. An aged
@@ -365,7 +369,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         >>> connection_options(cfg)[:2]
         [('grpc.max_concurrent_streams', 1024), ('grpc.max_connection_age_ms', 60000)]
         >>> connection_options(cfg)[2:4]
-        [('grpc.keepalive_time_ms', 60000), ('grpc.keepalive_timeout_ms', 20000)]
+        [('grpc.max_connection_idle_ms', 300000), ('grpc.server_handshake_timeout_ms', 20000)]
     """
     opts = []
     if config.max_concurrent_streams is not None:
@@ -375,6 +379,11 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         if config.max_connection_age_grace_s is not None:
             grace = round(config.max_connection_age_grace_s * 1000)
             opts.append(("grpc.max_connection_age_grace_ms", grace))
+    if config.connection_idle_s is not None:
+        opts.append(("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000)))
+    # A connection's TLS and HTTP/2 handshake (milliseconds for a client) must end this soon:
+    # gRPC's own 120 s let a silent connection hold its descriptor that long (helper-277).
+    opts.append(("grpc.server_handshake_timeout_ms", HANDSHAKE_S * 1000))
     if config.keepalive_s is not None:
         # A dead peer is found only by a ping it does not answer; the data a stalled stream
         # has queued cannot tell (TCP's zero-window probes go on for many minutes).

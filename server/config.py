@@ -11,6 +11,7 @@
     stuck_restart_s: 300          # liveness fails once an engine is stuck this long (null: never)
     max_concurrent_streams: 1024  # calls open at once per client connection (null: no bound)
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
+    connection_idle_s: 300        # close a gRPC connection with no call this long
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
     keepalive_s: 60               # ping connections with calls open (null: gRPC's 2 h); close
@@ -379,6 +380,14 @@ class ServerConfig:
         "go on, new ones go over a new connection, which re-resolves DNS and so reaches "
         "replicas the autoscaler added since (without it a connected client stays on the "
         "pods it first reached); null: connections live until the client closes them",
+    )  # fmt: skip
+    connection_idle_s: float | None = spec(
+        300.0, lo=1, hi=86_400, unit="seconds",
+        doc="a gRPC connection with no call for this long is closed (GOAWAY: a client's next "
+        "call connects again); a connection that never sends a call - one that never sends "
+        "anything - is closed then too, where it was held for good, a descriptor each (one "
+        "client's thousands locked every other client out, health probes included: review "
+        "helper-277); null: idle connections stay",
     )  # fmt: skip
     max_connection_age_grace_s: float | None = spec(
         None, lo=0, hi=86_400, unit="seconds",

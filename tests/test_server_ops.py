@@ -306,14 +306,17 @@ def test_connection_age_config():
         {"repository": "m", "max_concurrent_streams": None, "keepalive_s": None}
     )
     assert cfg.max_connection_age_s == 300 and cfg.max_connection_age_grace_s is None
-    assert app.connection_options(cfg) == [("grpc.max_connection_age_ms", 300_000)]
+    cfg = cfg.replace(connection_idle_s=None)
+    handshake = ("grpc.server_handshake_timeout_ms", 20_000)
+    assert app.connection_options(cfg) == [("grpc.max_connection_age_ms", 300_000), handshake]
     cfg = cfg.replace(max_connection_age_s=60, max_connection_age_grace_s=2.5)
     assert app.connection_options(cfg) == [
         ("grpc.max_connection_age_ms", 60_000),
         ("grpc.max_connection_age_grace_ms", 2_500),
+        handshake,
     ]
-    assert app.connection_options(cfg.replace(max_connection_age_s=None,
-                                              max_connection_age_grace_s=None)) == []  # fmt: skip
+    ageless = cfg.replace(max_connection_age_s=None, max_connection_age_grace_s=None)
+    assert app.connection_options(ageless) == [handshake]
     # Keepalive on by default: a ping each minute, 20 s for its answer - the ping's own
     # timeout too, which grpcio otherwise keeps at 60 s.
     default = app.connection_options(ServerConfig.from_dict({"repository": "m"}))
@@ -636,3 +639,28 @@ def test_metrics_eviction_takes_from_the_peer_holding_the_most_connections(monke
     assert server._evict_oldest() and cut == ["b3"]  # the busy peer's oldest, not the scrape
     server._open = {"scrape": [now - 2.0, True, "10.0.0.9"], "b": [now, True, "10.0.0.66"]}
     assert server._evict_oldest() and cut[-1] == "scrape"  # one each: the oldest over 1 s
+
+
+def test_a_connection_that_sends_no_call_is_closed_once_idle(model_repository):
+    # A connection that sent nothing, or only HTTP/2's preface, was held for good - a
+    # descriptor each: one client's thousands locked every other client out, health probes
+    # included (review helper-277). connection_idle_s closes them.
+    import socket
+
+    s = ServerThread({"repository": str(model_repository), "connection_idle_s": 1}).start()
+    try:
+        host, port = s.address.rsplit(":", 1)
+        held = []
+        for preface in (b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)):
+            c = socket.create_connection((host, int(port)))
+            c.sendall(preface)
+            c.settimeout(15)
+            held.append(c)
+        for c in held:
+            with c:
+                while c.recv(4096):  # until the server closes it (a timeout: still held)
+                    pass
+        stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.address))
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+    finally:
+        s.stop()
