@@ -88,7 +88,7 @@ def status_of(exc: InferError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def deadline_left(context) -> float | None:
+def deadline_left(context, step: float | None = None) -> float | None:
     """Seconds to the call's deadline as its client set it, at the most; None without one.
 
     gRPC sends a deadline as ``grpc-timeout``, rounded up to about three significant digits
@@ -107,9 +107,24 @@ def deadline_left(context) -> float | None:
         9.9985
     """
     left = context.time_remaining()
+    if left is None:
+        return None
+    return left - (rounding_step(left) if step is None else step)
+
+
+def rounding_step(left: float | None) -> float:
+    """The step gRPC rounds a deadline of ``left`` seconds up by (``deadline_left``); 0
+    below 1 s. A stream takes it once, at its start: read again for each request, a 10.01 s
+    stream's step shrank to 10 ms past 10 s and to nothing below 1 s, and its late requests
+    were planned up to 90 ms past the client's deadline (review helper-279).
+
+    Example:
+        >>> rounding_step(10.0985), rounding_step(0.5)
+        (0.1, 0.0)
+    """
     if left is None or 1.1 * left < 1:  # (a 1 s deadline read at 0.99 s: 10 ms steps)
-        return left
-    return left - 10.0 ** (math.floor(math.log10(1.1 * left)) - 2)
+        return 0.0
+    return 10.0 ** (math.floor(math.log10(1.1 * left)) - 2)
 
 
 def _one_repository(request) -> None:
@@ -334,7 +349,7 @@ CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc
 }
 
 
-def _heard(code: grpc.StatusCode, context) -> grpc.StatusCode:
+def _heard(code: grpc.StatusCode, context, step: float = 0.0) -> grpc.StatusCode:
     """The code a call's client heard, for the grpc_server_handled metric: a call that ended
     OK or cancelled after its deadline passed is DEADLINE_EXCEEDED (gRPC cancels the handler
     at the deadline, and a stream whose reading ended there returned OK); one that ended OK
@@ -347,7 +362,7 @@ def _heard(code: grpc.StatusCode, context) -> grpc.StatusCode:
         left = context.time_remaining()
     except Exception:  # no deadline to read
         left = None
-    if left is not None and left <= 0:
+    if left is not None and left - step <= 0:  # (``step``: a stream's ``rounding_step``)
         return grpc.StatusCode.DEADLINE_EXCEEDED
     with contextlib.suppress(Exception):  # (a context that cannot tell)
         if code is grpc.StatusCode.OK and context.cancelled():
@@ -761,8 +776,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         metrics = self.plane.metrics
         metrics.rpc_started("bidi_stream", SERVICE, "ModelStreamInfer")
         t0, code = time.perf_counter(), grpc.StatusCode.OK
+        step = rounding_step(context.time_remaining())  # the stream's, once
         try:
-            await self._stream(request_iterator, context)
+            await self._stream(request_iterator, context, step)
         except grpc.aio.AbortError:
             code = _aborted_code(context)
             raise
@@ -774,10 +790,12 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             raise
         finally:
             took = time.perf_counter() - t0
-            code = _heard(code, context)
+            code = _heard(code, context, step)
             metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
 
-    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def _stream(
+        self, request_iterator, context: grpc.aio.ServicerContext, step: float = 0.0
+    ) -> None:
         metadata = context.invocation_metadata()
         try:
             self.authenticate(metadata)
@@ -800,7 +818,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # behind slower ones read before it reaches its client only then.
             verdict = Verdict()
             VERDICT.set(verdict)
-            resp, sent = await self._stream_answer(request, context, window)
+            resp, sent = await self._stream_answer(request, context, window, step)
             # Until written, the answer counts against the in-flight bytes and the stream's
             # window (no await between here and serve_stream taking it: it is released by
             # write or by discard). Before session 34 a client that sent and did not read
@@ -844,7 +862,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             await _abort(context, status_of(exc), str(exc))
 
     async def _stream_answer(
-        self, request, context, window: StreamWindow
+        self, request, context, window: StreamWindow, step: float = 0.0
     ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
         """The stream's answer to ``request``, and what to note once it is written (called
         with the time its write began: the overhead the client paid, as for ModelInfer, less
@@ -862,7 +880,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # The stream's deadline is the whole stream's: a cap, not each request's budget
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(
-                request, deadline_left(context), waited, size, deadline_is_budget=False,
+                request, deadline_left(context, step), waited, size, deadline_is_budget=False,
                 window=window,
             )  # fmt: skip
             # Every answer is its request's last, as Triton marks each stream response: the
