@@ -98,6 +98,8 @@ ANSWER_FRAME_TYPICAL_BYTES = 512
 TOKENIZE_INLINE_CHARS = 2048
 # How long RepositoryIndex waits for the repository's folder listing (``repository_names``).
 LIST_TIMEOUT_S = 5.0
+# How often a model whose `innfer build` ran at start-up is looked at again.
+BUILD_WAIT_S = 1.0
 # A retired runtime's series stay this long after its drain before they are removed: two
 # of Prometheus' default 1-minute scrapes. Removed at once, the last of what the drain
 # counted - the requests an unload answered UNAVAILABLE above all - was in no scrape
@@ -152,6 +154,8 @@ class DataPlane:
         # it first" while an operator's load ran (minutes of TensorRT builds on a GPU),
         # which a retry policy gives up on (review helper-235).
         self.loading: collections.Counter[str] = collections.Counter()
+        # Models start-up found under a running `innfer build`: loaded once it ends.
+        self.waiting_build: set[str] = set()
         self.turned_away = 0  # calls answered UNAVAILABLE because the server drains
         self.limits = config.limits
         # The transport's message limit (bytes, both ways), fixed when the server started
@@ -280,6 +284,19 @@ class DataPlane:
             if name in self._unloaded_early:
                 log.info("model %s: unloaded before start-up reached it; not loaded", name)
                 continue
+            loop = asyncio.get_running_loop()  # (a look at the disk: off the loop)
+            if await loop.run_in_executor(None, build_running, self.repo.root / name):
+                # Its folder half written: the load failed, kept as the model's failure
+                # with "run `innfer build`" - the build running - until a restart (review
+                # helper-278). Loaded once the build is done; not ready until then.
+                log.warning("model %s: an `innfer build` of it is running; it is loaded once "
+                            "the build is done", name)  # fmt: skip
+                self.waiting_build.add(name)
+                if self.config.model_control != "poll":  # (the poll loads it as new)
+                    task = asyncio.ensure_future(self._load_after_build(name))
+                    self._owned.add(task)
+                    task.add_done_callback(self._owned.discard)
+                continue
             try:
                 await self.load(name)
             except InferError as exc:  # reported in readiness and metrics; others go on
@@ -294,6 +311,22 @@ class DataPlane:
                 self._mark_broken(name, "unexpected error while loading; see the server log")
         if self.phase is Phase.LOADING:  # not once draining began (a stop during start-up)
             self.phase = Phase.READY
+
+    async def _load_after_build(self, name: str) -> None:
+        """Load ``name`` once the ``innfer build`` that holds its folder ends (looked at each
+        ``BUILD_WAIT_S``); nothing once the server stops."""
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(None, build_running, self.repo.root / name):
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._forget_now.wait(), BUILD_WAIT_S)
+            if self._forget_now.is_set():  # stopping: nothing more is loaded
+                self.metrics.model_loading.labels(name).set(0)
+                return
+        log.info("model %s: its `innfer build` is done: loading it", name)
+        try:
+            await self.load(name)
+        except InferError as exc:  # reported in readiness and metrics, as start-up's
+            log.error("model %s not loaded: %s", name, exc)
 
     async def load_asked(self, name: str) -> None:
         """A client's Load (RepositoryModelLoad): ``load``, refused UNAVAILABLE while an
@@ -339,6 +372,7 @@ class DataPlane:
         knows (a client's name for no model makes no series): a GPU start builds engines
         for many minutes with the model not ready, and the not-ready alert paged for it
         (review 159)."""
+        self.waiting_build.discard(name)  # (its build is done: this load is its turn)
         known = name in self.expected or name in self.models or name in self.in_repository
         loading = self.metrics.model_loading.labels(name) if known else None
         if loading is not None:
@@ -1118,9 +1152,15 @@ class DataPlane:
         missing = sorted(self.expected - set(self.models))
         if missing:
             return "models not loaded: " + ", ".join(
-                f"{n} ({self.broken.get(n, 'unloaded')})" for n in missing
+                f"{n} ({self.broken.get(n) or self._not_loaded_state(n)})" for n in missing
             )
         return self._stuck_reason()
+
+    def _not_loaded_state(self, name: str) -> str:
+        """Why an expected model with no failure is not loaded, for readiness' reason."""
+        if name in self.waiting_build:
+            return "waiting for its `innfer build` to end"
+        return "loading" if name in self.loading else "unloaded"
 
     def _stuck_reason(self, device: Device | None = None) -> str | None:
         """A batch hung on ``device`` (None: on any), said as a reason

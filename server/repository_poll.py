@@ -191,7 +191,13 @@ class RepositoryPoller:
         for name in sorted(names):
             d = self.plane.repo.root / name
             try:
-                out[name] = self.seen.get(name) if build_running(d) else fingerprint(d)
+                if build_running(d):  # not looked at: the last fingerprint, else none yet
+                    # (None is "no model.yaml": a model first seen under a build was said
+                    # gone, then reloaded for no change - review helper-278)
+                    if name in self.seen:
+                        out[name] = self.seen[name]
+                    continue
+                out[name] = fingerprint(d)
             except OSError as exc:  # this model's folder only: passed over, the poll goes on
                 log.warning("repository poll: model %s's folder cannot be read (%s)", name, exc)
         return out

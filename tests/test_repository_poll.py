@@ -98,6 +98,41 @@ def test_a_model_under_a_running_build_is_left_until_the_build_is_done(polled):
     assert models["tiny"].config.default_latency_budget_ms == 300
 
 
+@pytest.mark.parametrize("mode", ["none", "poll"])
+def test_a_server_started_during_a_build_loads_the_model_once_it_is_done(
+    tmp_path, model_repository, mode, caplog
+):
+    # Started while `innfer build` held the folder: the load failed on the half-written
+    # tiers and was kept as the model's failure ("run `innfer build`", the build running)
+    # until a restart; in poll mode the folder was said gone, then reloaded for no change
+    # (review helper-278).
+    root = tmp_path / "repo"
+    shutil.copytree(model_repository, root, ignore=shutil.ignore_patterns("linked"))
+    fd = os.open(root / "tiny" / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as `innfer build` holds it
+    cfg = {"repository": str(root), "models": ["tiny"], "model_control": mode,
+           "repository_poll_s": POLL_S}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="innfer"):
+        s = ServerThread(cfg).start()
+        try:
+            time.sleep(1.0)
+            plane = s.server.plane
+            assert "tiny" not in plane.models and "tiny" not in plane.broken
+            said = "models not loaded: tiny (waiting for its `innfer build` to end)"
+            assert plane.not_ready_reason() == said
+            os.close(fd)  # the build is done
+            _until(lambda: "tiny" in plane.models)
+            time.sleep(6 * POLL_S)
+            c = tc.InferenceServerClient(s.address)
+            _infer(c, "tiny")
+            assert c.is_server_ready()
+            c.close()
+        finally:
+            s.stop()
+    assert "is gone" not in caplog.text and "model tiny not loaded" not in caplog.text, caplog.text
+    assert caplog.text.count("model tiny ready: tiers") == 1, caplog.text  # loaded once
+
+
 def test_a_broken_edit_keeps_the_served_version_until_it_is_mended(polled):
     s, c, root = polled
     models = s.server.plane.models
