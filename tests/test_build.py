@@ -1686,3 +1686,27 @@ def test_a_build_table_shows_no_latency_of_another_backends_profile(built, tmp_p
     rows = [line.split() for line in out.splitlines() if line.startswith(("w100", "w050"))]
     assert rows and all(r[4:6] == ["-", "-"] for r in rows), out
     assert "profile.json was measured with onnxruntime, not torch" in out
+
+
+def test_a_full_volume_while_a_tier_is_written_is_said_with_its_fix(built, tmp_path, monkeypatch):
+    # "[Errno 28] No space left on device: '.../tiers/w050.build-172df606/module.safetensors'":
+    # a staging folder gone by then, no volume, no fix (review helper-278).
+    import errno
+    import shutil
+
+    import runtime.build.pipeline as pipeline
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    yaml_path = root / "tiny" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "multiple_of: 8\n")  # the tiers re-exported
+
+    def full(staging, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "module.safetensors"))
+
+    monkeypatch.setattr(pipeline, "write_tier_files", full)
+    with pytest.raises(pipeline.BuildError) as e:
+        build_model(Repository(root), "tiny", progress=False, profile=False)
+    said = str(e.value)
+    assert "the volume holding" in said and "tiers is full: free space or grow it" in said, said
+    assert ".build-" not in said

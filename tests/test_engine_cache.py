@@ -303,6 +303,17 @@ def test_a_cache_that_cannot_be_written_says_what_engine_is_missing(tmp_path, mo
     assert (
         "Read-only file system" in message and "`innfer build` on a machine of this kind" in message
     )
+    assert f"Make {cache.root} writable" in message
+    # a full volume, found by a write after the engine's own check of the room left (the
+    # manifest's): said as one, with its fix - not the read-only advice (review helper-278)
+    from runtime.engines.base import VolumeFull
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.root / "x.json"))
+
+    monkeypatch.setattr(EngineCache, "_build_aside", full)
+    with pytest.raises(VolumeFull, match=r"is full \(No space left on device\).*free space"):
+        cache.get(backend, onnx_path, BuildOptions())
 
 
 def test_spin_in_model_yaml_reaches_the_sessions_and_the_profile_check(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -577,6 +578,15 @@ def _export_tier(
         if not replace_directory(staging, d):  # another build of this tier swapped first:
             log.info("tier %s was installed by another build meanwhile; keeping it", d)
             record = TierRecord.read(d / TIER_FILE)  # theirs (the same source) is served
+    except OSError as exc:  # the staging folder's path named alone, gone by then, and no fix
+        # (review helper-278)
+        if exc.errno == errno.ENOSPC:
+            why = f"the volume holding {d.parent} is full: free space or grow it"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            why = f"{d.parent} cannot be written ({exc.strerror}): make it writable"
+        else:
+            raise
+        raise BuildError(f"tier {tier.name}: its files could not be written: {why}") from exc
     finally:  # an interrupted export leaves no staging folder (a killed one: leftovers.sweep)
         shutil.rmtree(staging, ignore_errors=True)
     return record, module, True

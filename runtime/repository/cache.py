@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.engines import Backend, BuildOptions, Engine, EngineError
+from runtime.engines.base import VolumeFull
 from runtime.hashing import sha256_file
 from runtime.utc import stamp
 
@@ -185,12 +187,18 @@ class EngineCache:
                 return self._in_spare(backend, onnx_path, options, onnx_sha, key, said), True
             if isinstance(exc, EngineError):  # a full volume (VolumeFull), said with its fix:
                 raise  # not the read-only advice below (review helper-259)
+            if exc.errno == errno.ENOSPC:  # (the manifest's write, past the engine's own
+                # check of the room left: an .ort is larger than its ONNX; helper-278)
+                raise VolumeFull(
+                    f"the volume holding {self.root} is full ({exc.strerror}) while the "
+                    f"{backend.name} engine for {onnx_path} was written: free space or grow it"
+                ) from exc
             raise EngineError(
                 f"no usable {backend.name} engine for {onnx_path} on {backend.device()} "
-                f"({why}), and none can be built here: {exc}. Build the engines for this "
-                f"device beforehand (`innfer build` on a machine of this kind, with "
-                f"{backend.name} {backend.version()}), or let the server write {self.root} "
-                "(or give it a writable engine_cache_spare)"
+                f"({why}), and none can be built here: {exc}. Make {self.root} writable, or "
+                f"build the engines for this device where it is (`innfer build` on a machine "
+                f"of this kind, with {backend.name} {backend.version()}), or give the server a "
+                "writable engine_cache_spare"
             ) from exc
         log.info("%s: built in %.1f s", entry, time.perf_counter() - started)
         return backend.load(entry, options), True
