@@ -422,6 +422,8 @@ def test_an_inn_replaced_after_the_build_is_refused_until_rebuilt(built, tmp_pat
     runtime.convert(net, (torch.randn(2, 1, 8, 8),)).save(root / "tiny")
     with pytest.raises(RepositoryError, match=r"w100.*another INN.*run `innfer build`"):
         Repository(root).load("tiny")
+    # ... and a build stopped now says so of every tier (it said them built: helper-278)
+    assert Repository(root).unbuilt("tiny") == ["w100", "w050"]
     build_model(Repository(root), "tiny", progress=False, profile=False)
     assert len(Repository(root).load("tiny").engines) == 2
     # Recalibration that changes only inn.json (grid tuning, norm re-estimation): the

@@ -432,18 +432,22 @@ class Repository:
 
     def unbuilt(self, name: str) -> list[str]:
         """The tiers of ``name``'s model.yaml a load would refuse as not built for it (no
-        tier.json or model.onnx, or built at another width or with other sampling): what an
-        interrupted or failed ``innfer build`` left to do.
+        tier.json or model.onnx, built at another width or with other sampling, or sampled
+        from another INN than the folder holds): what an interrupted or failed ``innfer
+        build`` left to do. (A tier of a replaced INN was said built, and the load refused
+        it: review helper-278.)
 
         Example:
             >>> Repository("runs/demo/repository").unbuilt("mnist")  # doctest: +SKIP
             []
         """
         config = self.config(name)
+        inn_now = self._inn_fingerprint(name)
         left = []
         for tier in config.tiers:
             try:
-                self._built_record(name, tier, config)
+                record = self._built_record(name, tier, config)
+                self._check_inn(name, self.tier_dir(name, tier.name), record, inn_now)
                 ok = (self.tier_dir(name, tier.name) / "model.onnx").is_file()
             except RepositoryError:
                 ok = False
