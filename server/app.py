@@ -453,10 +453,7 @@ async def serve(config: ServerConfig) -> None:
     raise_open_files()
     await server.start()
     if not stopping.is_set():  # (else stopped while it started)
-        if config.tune_malloc:
-            tune_malloc(malloc_settings(server.message_limit, config.limits.max_inflight_bytes))
-        if config.gil_switch_ms is not None:
-            sys.setswitchinterval(config.gil_switch_ms / 1000)
+        tune_process(config, server.message_limit)
         # What loading made (engines, configs, imported modules) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it - one
         # paused the loop for ~20 ms under load, a tail every request in flight then paid.
@@ -474,6 +471,20 @@ async def serve(config: ServerConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def tune_process(config: ServerConfig, message_limit: int) -> None:
+    """The process-wide settings ``innfer serve`` applies once its models are loaded (not
+    an embedding process's to change): glibc's thresholds (``tune_malloc``) and Python's
+    switch interval (``gil_switch_ms``).
+
+    Example:
+        >>> tune_process(ServerConfig.from_dict({"repository": "m", "tune_malloc": False}), 0)
+    """
+    if config.tune_malloc:
+        tune_malloc(malloc_settings(message_limit, config.limits.max_inflight_bytes))
+    if config.gil_switch_ms is not None:
+        sys.setswitchinterval(config.gil_switch_ms / 1000)
 
 
 def raise_open_files() -> None:

@@ -664,3 +664,20 @@ def test_a_connection_that_sends_no_call_is_closed_once_idle(model_repository):
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
     finally:
         s.stop()
+
+
+def test_serve_sets_the_switch_interval_the_config_asks_for(monkeypatch):
+    # gil_switch_ms: how long a thread holds Python's GIL while another waits for it (the
+    # engine thread handed a batch, gRPC's poller); measured at the issue-18 point in
+    # bench/results/gil_switch_session69 (0.5 ms: less server CPU per request).
+    import sys
+
+    calls = []
+    monkeypatch.setattr(sys, "setswitchinterval", calls.append)
+    cfg = ServerConfig.from_dict({"repository": "m", "tune_malloc": False})
+    app.tune_process(cfg, 4 << 20)
+    assert calls == []  # null: Python's own 5 ms
+    app.tune_process(cfg.replace(gil_switch_ms=0.5), 4 << 20)
+    assert calls == [0.0005]
+    with pytest.raises(ConfigError, match="gil_switch_ms"):
+        ServerConfig.from_dict({"repository": "m", "gil_switch_ms": 0})
