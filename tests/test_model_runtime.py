@@ -834,20 +834,30 @@ def test_a_stopping_model_on_a_shared_device_serves_its_queue_within_the_drain(t
     assert failed == 0
 
 
+@contextlib.asynccontextmanager
+async def _neighbours(a_served, b_served):
+    """Runtimes of models a and b on one device of one slot, started; b is stopped at the
+    end (a by the test)."""
+    device = Device(1)
+    a = ModelRuntime(a_served, Metrics(), device=device)
+    b = ModelRuntime(b_served, Metrics(), device=device)
+    a.start()
+    b.start()
+    try:
+        yield a, b
+    finally:
+        await b.stop()
+
+
 def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp_path):
     # Model b's batch holds the shared device's only slot; model a's requests wait behind
     # it. When b's batch ends, a's draining queue must get the slot, or it fails at the
     # drain's end with the device free.
     a_served = _served(tmp_path / "a", max_batch=1)
     b_served = _served(tmp_path / "b", max_batch=1)
-    device = Device(1)
 
     async def body():
-        a = ModelRuntime(a_served, Metrics(), device=device)
-        b = ModelRuntime(b_served, Metrics(), device=device)
-        a.start()
-        b.start()
-        try:
+        async with _neighbours(a_served, b_served) as (a, b):
             with _Gate(b_served) as gate:
                 running = asyncio.create_task(b.infer(_x(1, 1.0), 1, 10.0, pin="w100"))
                 await _until(lambda: gate.running() == 1)
@@ -860,8 +870,6 @@ def test_a_stopping_model_runs_its_queue_when_another_model_frees_the_device(tmp
                 outcomes = await asyncio.wait_for(asyncio.gather(*queued), 1.5)
                 await running
                 return outcomes, await stopping
-        finally:
-            await b.stop()
 
     outcomes, failed = _run(body())
     for value, o in zip((2.0, 3.0), outcomes, strict=True):
@@ -877,14 +885,9 @@ def test_a_stopping_models_urgent_queue_runs_before_a_busy_neighbours(tmp_path):
     a_served = _served(tmp_path / "a", max_batch=1)
     slow = {"w100": {1: 100.0}, "w050": {1: 100.0}}
     b_served = _served(tmp_path / "b", latency_ms=slow, max_batch=1, max_queue=32)
-    device = Device(1)
 
     async def body():
-        a = ModelRuntime(a_served, Metrics(), device=device)
-        b = ModelRuntime(b_served, Metrics(), device=device)
-        a.start()
-        b.start()
-        try:
+        async with _neighbours(a_served, b_served) as (a, b):
             busy = [asyncio.create_task(b.infer(_x(1, v), 1, 10.0, pin="w100"))
                     for v in range(12)]  # fmt: skip
             await asyncio.sleep(0.05)  # b's first batch runs, the rest queued
@@ -895,8 +898,6 @@ def test_a_stopping_models_urgent_queue_runs_before_a_busy_neighbours(tmp_path):
             outcomes = await asyncio.gather(*queued, return_exceptions=True)
             await asyncio.gather(*busy)
             return outcomes, failed
-        finally:
-            await b.stop()
 
     outcomes, failed = _run(body())
     for value, o in zip((2.0, 3.0), outcomes, strict=True):

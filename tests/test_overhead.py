@@ -3,6 +3,7 @@ every budget planned short by it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.request
 
@@ -58,6 +59,23 @@ def test_refreshed_every_few_samples_and_clipped():
     assert 0 < o.estimate() <= 0.5
 
 
+@contextlib.contextmanager
+def _planning(model_repository, overhead_s: float):
+    """A server planning with its overhead (plan_overhead), 'tiny's learnt at
+    ``overhead_s`` per answer, and a client of it: (server thread, client)."""
+    from serverutil import ServerThread
+
+    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
+    client = tc.InferenceServerClient(s.address)
+    try:
+        for _ in range(MIN_SAMPLES):
+            s.server.plane.models["tiny"].overhead.observe(overhead_s)
+        yield s, client
+    finally:
+        client.close()
+        s.stop()
+
+
 def test_refusals_with_no_answer_between_them_forget_the_samples():
     # Only answers teach the estimate; a burst that raised it had every request below it
     # refused, none answered, for good (review helper-273).
@@ -82,14 +100,7 @@ def test_a_lane_whose_reserve_refuses_everything_serves_again_once_stale(model_r
     # nothing it refused could lower it. Refused for STALE_S with no answer, it is forgotten:
     # the same request is then served. The refusals counted as load (the reserve came from
     # a burst), not as the client's budget.
-    from serverutil import ServerThread
-
-    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
-    try:
-        client = tc.InferenceServerClient(s.address)
-        m = s.server.plane.models["tiny"]
-        for _ in range(MIN_SAMPLES):
-            m.overhead.observe(0.300)
+    with _planning(model_repository, 0.300) as (s, client):
         t0 = time.monotonic()
         refused = 0
         while True:
@@ -106,9 +117,6 @@ def test_a_lane_whose_reserve_refuses_everything_serves_again_once_stale(model_r
             "innfer_deadline_missed_total", {"model": "tiny", "reason": "refused_budget"}
         )
         assert not budget, budget
-        client.close()
-    finally:
-        s.stop()
 
 
 def test_bad_settings_are_refused():
@@ -148,15 +156,9 @@ def test_answers_teach_the_model_and_metrics_show_it(server, client):
 
 
 def test_budgets_are_planned_short_by_the_overhead_when_asked(model_repository):
-    from serverutil import ServerThread
-
-    s = ServerThread({"repository": str(model_repository), "plan_overhead": True}).start()
-    try:
-        client = tc.InferenceServerClient(s.address)
-        m = s.server.plane.models["tiny"]
-        for _ in range(MIN_SAMPLES):
-            m.overhead.observe(0.300)  # as if every answer took 300 ms outside queue + compute
-        assert m.overhead.estimate() >= 0.29
+    # as if every answer took 300 ms outside queue + compute
+    with _planning(model_repository, 0.300) as (s, client):
+        assert s.server.plane.models["tiny"].overhead.estimate() >= 0.29
         # 250 ms would fit the engine many times over, but not after 300 ms of overhead
         with pytest.raises(InferenceServerException) as e:
             _infer(client, 250)
@@ -164,9 +166,6 @@ def test_budgets_are_planned_short_by_the_overhead_when_asked(model_repository):
         r = _infer(client, 800)  # room for both: served, planned short by the overhead
         planned_ms = r.get_response().parameters["budget_us"].int64_param / 1e3
         assert planned_ms <= 800 - 1 - 290
-        client.close()
-    finally:
-        s.stop()
 
 
 def test_by_default_the_overhead_is_only_measured(model_repository):
