@@ -109,7 +109,12 @@ def deadline_left(context, step: float | None = None) -> float | None:
     left = context.time_remaining()
     if left is None:
         return None
-    return left - (rounding_step(left) if step is None else step)
+    short = left - (rounding_step(left) if step is None else step)
+    # Within the step of its end (a stream's: the step its start had): the deadline may or
+    # may not have been rounded up - a 10 s one is sent exact - so what the server's clock
+    # has left is planned with, best effort: taken off, a 10 s stream's last 100 ms refused
+    # every request, saying the client's budget was negative (review helper-280).
+    return short if short > 0 else left
 
 
 def rounding_step(left: float | None) -> float:
@@ -362,7 +367,9 @@ def _heard(code: grpc.StatusCode, context, step: float = 0.0) -> grpc.StatusCode
         left = context.time_remaining()
     except Exception:  # no deadline to read
         left = None
-    if left is not None and left - step <= 0:  # (``step``: a stream's ``rounding_step``)
+    # (``step``: a stream's ``rounding_step``, for a cancel gRPC made at the client's
+    # deadline; a stream its client ended OK was not cut by it - review helper-280)
+    if left is not None and left - (step if code is grpc.StatusCode.CANCELLED else 0.0) <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     with contextlib.suppress(Exception):  # (a context that cannot tell)
         if code is grpc.StatusCode.OK and context.cancelled():

@@ -571,3 +571,40 @@ def test_a_late_request_on_a_long_stream_is_planned_within_the_clients_deadline(
     assert len(planned) == 2, answers
     for left, budget in zip(left_at_send, planned, strict=True):
         assert budget < left, (left_at_send, planned)  # (before: the second 40 ms past it)
+
+
+def test_a_streams_step_is_taken_off_until_its_last_step_then_what_is_left_is_planned():
+    # A stream's step is its start's (100 ms for 10 s). Taken off to the end, a 10 s stream -
+    # sent exact, not rounded - refused every request of its last 100 ms, saying the
+    # client's budget was negative (review helper-280): within the step, best effort.
+    from server.service import deadline_left
+
+    class Call:
+        def __init__(self, left):
+            self.left = left
+
+        def time_remaining(self):
+            return self.left
+
+    assert deadline_left(Call(5.0), 0.1) == pytest.approx(4.9)
+    assert deadline_left(Call(0.15), 0.1) == pytest.approx(0.05)
+    assert deadline_left(Call(0.08), 0.1) == pytest.approx(0.08)
+    assert deadline_left(Call(None), 0.1) is None
+
+
+def test_a_stream_is_counted_as_its_client_heard_it_within_its_last_step():
+    # Cancelled within the step of its deadline: gRPC's cut at the client's deadline
+    # (DeadlineExceeded; it was counted Canceled: helper-279). Ended OK there by its client:
+    # OK (it was counted DeadlineExceeded: helper-280).
+    from server.service import _heard
+
+    class Call:
+        def time_remaining(self):
+            return 0.05
+
+        def cancelled(self):
+            return False
+
+    assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.1) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _heard(grpc.StatusCode.OK, Call(), 0.1) == grpc.StatusCode.OK
+    assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0) == grpc.StatusCode.CANCELLED
