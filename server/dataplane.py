@@ -445,8 +445,14 @@ class DataPlane:
             self.in_repository.discard(name)
             if name not in self.models and name not in self.expected:
                 # the series this load made (known then) outlived the folder: nothing
-                # listed the name again, so nothing ever removed them (helper-275)
-                for family in (self.metrics.model_loading, self.metrics.load_failures):
+                # listed the name again, so nothing ever removed them (helper-275) - nor an
+                # earlier failure's record and its ready gauge at 0, a critical alert for
+                # a model that no longer exists (helper-280)
+                self.broken.pop(name, None)
+                self.unloaded.discard(name)
+                families = (self.metrics.model_loading, self.metrics.load_failures,
+                            self.metrics.model_ready)  # fmt: skip
+                for family in families:
                     with contextlib.suppress(KeyError):
                         family.remove(name)
             raise NotFound(self._public(f"{exc}{self._mark_broken(name, str(exc))}")) from None

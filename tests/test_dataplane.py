@@ -1593,9 +1593,15 @@ def test_a_load_after_the_folder_was_removed_leaves_no_series(config, monkeypatc
             await plane.load("b")
             await plane.unload("b")
             await asyncio.sleep(0.05)  # (its retired series go)
+            yaml_path = config.repository / "b" / "model.yaml"
+            yaml_path.write_text(yaml_path.read_text() + "max_batch: 0\n")  # fails to load
+            with pytest.raises(FailedPrecondition):
+                await plane.load("b")
+            assert "b" in plane.broken and _ready_gauge(plane, "b") == 0
             shutil.rmtree(config.repository / "b")
             with pytest.raises(NotFound):
                 await plane.load("b")
+            assert "b" not in plane.broken  # (RepositoryIndex listed it UNAVAILABLE)
             return series(plane)
         finally:
             for m in plane.models.values():
