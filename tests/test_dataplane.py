@@ -1458,6 +1458,11 @@ def test_a_refused_budget_says_what_the_server_set_aside_of_it(config):
                 await plane.infer(
                     _request("a", _x(1, 0.0), latency_budget_ms=0.5, tier="w100"), None
                 )
+            with pytest.raises(DeadlineExceeded) as on_fastest:  # pinned to the fastest
+                await plane.infer(
+                    _request("a", _x(1, 0.0), latency_budget_ms=0.5, tier="w050"), None
+                )
+            assert "faster tier" not in str(on_fastest.value)  # (helper-280)
             return str(info.value), str(pinned.value)
         finally:
             for m in plane.models.values():

@@ -251,6 +251,11 @@ class Context:
     def fastest(self, r: Request) -> str:
         return self.allowed(r)[-1]
 
+    @property
+    def fastest_unpinned(self) -> str:
+        """The fastest tier a request with no pin nor ``min_tier`` may run on."""
+        return self._names[self._tail[-1]]
+
     def bounds(self, r: Request) -> tuple[int, int]:
         """(lo, hi): the ranks of the most accurate and the fastest tier ``r`` allows."""
         if r.pin is not None:

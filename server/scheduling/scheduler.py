@@ -331,7 +331,7 @@ class Scheduler:
         if now + alone > due:
             # (a faster tier to allow only where the request narrowed them: "allow a faster
             # tier" was said to one that had no pin, of the fastest tier; helper-276)
-            narrowed = r.pin is not None or r.min_tier is not None
+            narrowed = fastest != self.ctx.fastest_unpinned  # (a pin on it: no advice)
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) is below the fastest "
