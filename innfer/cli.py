@@ -2006,7 +2006,8 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
         tuned = calibrate_text(
             inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
             multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
-            max_steps=args.steps, on_tier=keep, **_lr_option(args),
+            max_steps=args.steps, on_tier=keep, keep=[t.width for t in config.tiers],
+            **_lr_option(args),
         )  # fmt: skip
     out = tuned.save(target)
     shared = tuned.info.get("selection_seconds", 0.0) if args.grid == "selected" else 0.0

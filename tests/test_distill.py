@@ -398,3 +398,24 @@ def test_max_steps_are_the_budget_whatever_the_seconds(tiny_bert):
                            progress=False)  # fmt: skip
     (record,) = tuned.info["text_calibration"].values()
     assert record["steps"] == 4
+
+
+def test_a_served_tier_not_calibrated_here_keeps_its_grids(tiny_bert):
+    # Calibrating width 0.6 stored the nodes chosen for it as the grid of every group count
+    # it samples: the served, uncalibrated 0.5 tier sharing a head count sampled another
+    # network, and the next build served it (review helper-280). With keep (innfer
+    # calibrate passes model.yaml's tiers) it samples as before.
+    _, inn = tiny_bert
+
+    def flat(model, w):
+        state = model.sample(w, calibrated=False, multiple_of=1).state_dict()
+        return torch.cat([t.detach().flatten().float() for t in state.values()])
+
+    before = flat(inn, 0.5)
+    ids, mask = _text(256, 1)
+    args = dict(seconds=60, max_steps=2, multiple_of=1, progress=False)
+    shared = calibrate_text(inn, ids, mask, [0.6], **args)
+    assert not torch.equal(flat(shared, 0.5), before)  # the case: a grid it samples changed
+    kept = calibrate_text(inn, ids, mask, [0.6], keep=[0.5, 1.0], **args)
+    assert torch.equal(flat(kept, 0.5), before)
+    assert kept.info["grids"] != inn.info.get("grids")  # 0.6's own counts keep its nodes

@@ -391,7 +391,7 @@ def calibrate(
     where that width must keep what it served: a width of ``widths`` left with no calibrated
     tier (its new one judged worse on ``holdout``), or one of ``keep`` (the tiers a
     repository serves; `innfer calibrate` passes model.yaml's) with none - the grids it
-    samples stay ``inn``'s (``_keep_grids``). Shared, a tier judged "kept uncalibrated"
+    samples stay ``inn``'s (``keep_grids``). Shared, a tier judged "kept uncalibrated"
     was served 8-11 points worse after a later width's grid took its group's count, and
     calibrating a width no tier uses rebuilt a served tier 11 points worse (review
     helper-272); the calibrated tiers carry their own weights and need no grid.
@@ -462,15 +462,15 @@ def calibrate(
             _keep_better(inn, out, sizes, grids, holdout, method, x, batch_size)
         if on_tier is not None and i + 1 < len(targets):  # (the last: the result itself)
             done = out.copy()
-            _keep_grids(inn, done, [*targets[: i + 1], *kept_widths])
+            keep_grids(inn, done, [*targets[: i + 1], *kept_widths])
             _refresh_stale_norms(inn, done, x, batch_size, method)
             on_tier(done, i + 1, len(targets))
-    _keep_grids(inn, out, [*targets, *kept_widths])
+    keep_grids(inn, out, [*targets, *kept_widths])
     _refresh_stale_norms(inn, out, x, batch_size, method)
     return out
 
 
-def _keep_grids(inn, out, protected: Sequence[Mapping[str, int]]) -> list[str]:
+def keep_grids(inn, out, protected: Sequence[Mapping[str, int]]) -> list[str]:
     """Put ``inn``'s grid back in ``out`` (or none, where it had none) for every
     "<group>@<count>" that a width of ``protected`` with no calibrated tier in ``out``
     samples: such a width serves what it served before. Returns the keys put back."""

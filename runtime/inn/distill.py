@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from runtime.inn.calibrate import keep_grids
 from runtime.inn.divergence import check_loss, check_weights
 from runtime.inn.model import IntegralModel
 from runtime.inn.selection import (
@@ -734,6 +735,7 @@ def calibrate_text(
     max_steps: int | None = None,
     refit_sentences: int = 1024,
     on_tier: Callable[[IntegralModel, int, int], None] | None = None,
+    keep: Sequence[float | Mapping] = (),
     **distil_options,
 ) -> IntegralModel:
     """Calibrate a converted transformer at every width in ``widths`` (see the module doc).
@@ -755,7 +757,10 @@ def calibrate_text(
     seeded subset for all tiers), stored with the INN as that count's grid; ``"uniform"``
     starts it from the uniform grid of ``method``. ``max_steps`` caps each width's steps
     (reproducible runs; 0: the refit alone); ``distil_options`` go to ``distil`` (``lr``,
-    ``hidden_weight``, ``weight_decay``).
+    ``hidden_weight``, ``weight_decay``). ``keep``: widths served now (`innfer calibrate`
+    passes model.yaml's tiers) that keep the grids they sample with where they have no
+    calibrated tier (``runtime.inn.calibrate.keep_grids``: the grids chosen for a tier
+    changed an uncalibrated one sharing a group's count; review helper-280).
     Returns a new IntegralModel (``inn`` is left as it was) whose ``info["text_calibration"]``
     records, per tier, the seconds and steps spent and the first and last loss; a tier an
     earlier run stored that this one does not beat on the check stays, with its record
@@ -799,8 +804,10 @@ def calibrate_text(
             progress=progress,
         )  # fmt: skip
     tiers = _tiers(out, widths, multiple_of)
+    protected = _sized(out, keep, multiple_of)
     for i, sizes in enumerate(tqdm(tiers, desc="calibrate", unit="tier", disable=not progress)):
         if on_tier is not None and i:  # the widths before this one are done
+            keep_grids(inn, out, protected)
             on_tier(out, i, len(tiers))
         start = time.perf_counter()
         torch.manual_seed(seed + i)
@@ -845,6 +852,17 @@ def calibrate_text(
                 i + 1, len(tiers), record["distil_seconds"], seconds, record["steps"],
                 select_seconds, record["refit_seconds"],
             )  # fmt: skip
+    keep_grids(inn, out, protected)
+    return out
+
+
+def _sized(inn: IntegralModel, widths: Sequence, multiple_of: int) -> list[dict[str, int]]:
+    """The channel counts of ``widths`` that can be told now (a shaped width needs the
+    sensitivity measured: one that cannot be sized has no grid of its own to keep)."""
+    out = []
+    for w in widths:
+        with contextlib.suppress(ValueError, KeyError):
+            out.append(inn.sizes(w, multiple_of))
     return out
 
 
