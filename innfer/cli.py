@@ -1202,7 +1202,12 @@ def _bench_host_ms_arg(text: str) -> tuple[float, float, float]:
             f"bench's --host-ms takes PARSE,ANSWER (the server's ms per request), got {text!r}: "
             "the client's own time is what bench measures"
         )
-    return _host_ms_arg(text)
+    try:
+        return _host_ms_arg(text)
+    except argparse.ArgumentTypeError as exc:  # (sim's says PARSE,ANSWER[,CLIENT]: helper-280)
+        raise argparse.ArgumentTypeError(
+            str(exc).replace("PARSE,ANSWER[,CLIENT]", "PARSE,ANSWER", 1)
+        ) from None
 
 
 def _host_batch_ms_arg(text: str) -> float:
@@ -1764,7 +1769,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)
     widths = _widths(tier_widths if args.widths is None else args.widths)
     served = (args.model_dir / "model.yaml").is_file()  # a repository model: its tiers
-    if served and args.multiple_of is not None and args.multiple_of != tier_multiple:
+    into_model = args.out is None or Path(args.out).resolve() == args.model_dir.resolve()
+    # (an --out elsewhere records its own sampling and is never built from model.yaml)
+    if served and into_model and args.multiple_of not in (None, tier_multiple):
         # (the networks calibrated were reported as the tiers, and never served: the build
         # samples model.yaml's multiple_of; review helper-272)
         raise ValueError(

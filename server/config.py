@@ -11,9 +11,9 @@
     stuck_restart_s: 300          # liveness fails once an engine is stuck this long (null: never)
     max_concurrent_streams: 1024  # calls open at once per client connection (null: no bound)
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
-    connection_idle_s: 300        # close a gRPC connection with no call this long
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
+    connection_idle_s: 300        # close a gRPC connection with no call this long
     keepalive_s: 60               # ping connections with calls open (null: gRPC's 2 h); close
     keepalive_timeout_s: 20       # one that does not answer in this long (a vanished client)
     budget_margin_ms: 1.0         # taken off each budget for the response's way back

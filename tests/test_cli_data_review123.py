@@ -264,9 +264,12 @@ def test_a_calibrate_out_folder_is_sampled_as_its_tiers_were_calibrated(tmp_path
     assert re.search(r"\s32\s+8\s*$", printed, re.M), printed
     # --multiple-of other than model.yaml's: a network the build never samples was
     # calibrated and reported as the tier (review helper-272)
-    code, _, err = _run(capsys, "calibrate", tmp_path / "m", "--data", tmp_path / "d.npz",
-                        "--multiple-of", "1", "--steps", "5", "--out", tmp_path / "o2")  # fmt: skip
+    other = ("--data", tmp_path / "d.npz", "--multiple-of", "1", "--steps", "5")
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", *other)
     assert code == 2 and "--multiple-of 1 differs from" in err and "multiple_of 8" in err, err
+    # ... into the model itself only: an --out elsewhere records its own (helper-280)
+    code, _, err = _run(capsys, "calibrate", tmp_path / "m", *other, "--out", tmp_path / "o2")
+    assert code == 0, err
     # a width no tier samples is said to be one (it was told "rebuild the tiers" alone)
     argv = ("--data", tmp_path / "d.npz", "--widths", "0.5", "--steps", "5", "--out")
     code, printed, err = _run(capsys, "calibrate", tmp_path / "m", *argv, tmp_path / "o3")

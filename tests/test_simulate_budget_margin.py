@@ -46,6 +46,10 @@ def test_a_negative_budget_range_is_said_to_be_one(capsys):
         cli(["simulate", "anywhere", "--host-ms", "-1,2"])
     err = capsys.readouterr().err
     assert "--host-ms takes PARSE,ANSWER" in err and "expected one argument" not in err
+    with pytest.raises(SystemExit):  # bench takes no CLIENT part: said so (helper-280)
+        cli(["bench", "anywhere", "--host-ms", "-1,2"])
+    err = capsys.readouterr().err
+    assert "--host-ms takes PARSE,ANSWER in ms" in err, err
 
 
 def test_a_misspelt_option_is_refused_by_its_subcommand_with_the_option_it_looks_like(capsys):
