@@ -912,14 +912,23 @@ class DataPlane:
         with the fix; its answers above the limit are refused before they run
         (``_answer_bytes``), its requests above it by gRPC."""
         largest = _largest_message(cfg)
-        if self.transport_limit is not None and largest > self.transport_limit:
-            log.warning(
-                "model %s: a full batch is %.1f MiB, above this server's gRPC message limit "
-                "of %.1f MiB (fixed at start from the models then configured): requests and "
-                "answers above it fail; set max_message_bytes to at least %d and restart, or "
-                "lower its max_batch", name, largest / 2**20, self.transport_limit / 2**20,
-                message_limit(largest),
-            )  # fmt: skip
+        if self.transport_limit is None or largest <= self.transport_limit:
+            return
+        # (said as it is: the limit may be the config's own, and with one row too large
+        # "lower its max_batch" cannot help - review helper-281)
+        where = ("max_message_bytes in the server config" if self.config.max_message_bytes
+                 else "fixed at start from the models then configured")  # fmt: skip
+        one_row = max(request_bytes(cfg), response_bytes(cfg)) / max(cfg.max_batch, 1)
+        raise_it = f"set max_message_bytes to at least {message_limit(largest)} and restart"
+        if one_row + ANSWER_FRAME_BYTES > self.transport_limit:
+            fix = ("not even one row fits: every request fails but those whose outputs go to "
+                   f"shared memory; {raise_it}")  # fmt: skip
+        else:
+            fix = f"requests and answers above it fail; {raise_it}, or lower its max_batch"
+        log.warning(
+            "model %s: a full batch is %.3g MiB, above this server's gRPC message limit of "
+            "%.3g MiB (%s): %s", name, largest / 2**20, self.transport_limit / 2**20, where, fix,
+        )  # fmt: skip
 
     def _answer_bytes(self, rows: int, outputs, id_bytes: int = 0, request_bytes: int = 0) -> int:
         """The bytes the answer to ``rows`` rows of ``outputs`` takes, about (its tensors, the
