@@ -622,8 +622,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             )  # fmt: skip
         return super().construct_yaml_int(node)
 
+    def construct_yaml_float(self, node: yaml.Node) -> float:
+        """YAML 1.1's floats, refusing base 60 as the integers do (``1:30.5`` read as 90.5;
+        review helper-281)."""
+        if ":" in str(self.construct_scalar(node)):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as a base-60 number in YAML 1.1 (1:30.5 is "
+                "90.5): write it without the colon, or quote it", node.start_mark,
+            )  # fmt: skip
+        return super().construct_yaml_float(node)
+
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
 def read_yaml(path: Path) -> Any:

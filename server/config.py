@@ -105,7 +105,7 @@ def loopback(host: str) -> bool:
         >>> loopback("127.attacker.example")  # a name: it resolves wherever DNS says
         False
     """
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":  # (LOCALHOST: helper-281)
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -437,6 +437,26 @@ def test_an_integer_in_another_yaml_base_is_refused_not_misread(tmp_path, text):
         assert read_yaml(path) == {"max_batch": value}
 
 
+def test_a_float_in_base_60_is_refused_and_plain_ones_read(tmp_path):
+    # grace_period_s: 1:30.0 was read as 90.0, default_latency_budget_ms: 1:30.5 as 90.5
+    # (review helper-281); the integers were refused already.
+    from runtime.configspec import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("grace_period_s: 1:30.0\n")
+    with pytest.raises(ConfigError, match="reads as a base-60 number"):
+        read_yaml(path)
+    for ok, value in (("1.5", 1.5), ("1.0e+3", 1000.0), (".inf", float("inf")), ("-2.5", -2.5)):
+        path.write_text(f"x: {ok}\n")
+        assert read_yaml(path) == {"x": value}
+
+
+def test_localhost_in_capitals_is_loopback():
+    from server.config import loopback
+
+    assert loopback("LOCALHOST") and loopback("localhost.") and not loopback("localhost.evil")
+
+
 def test_an_unquoted_yaml_word_read_as_a_boolean_is_the_choice_it_spells(tmp_path):
     # YAML 1.1 reads `level: OFF` as False: it was refused as "got False, expected one of
     # OFF, TIMESTAMPS" (review helper-261); a boolean no choice spells says to quote it.
