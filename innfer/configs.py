@@ -76,6 +76,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
             continue
         refused, warnings = _serve_would_say(config) if kind == "server" else (None, [])
+        if kind == "model" and getattr(config, "auto_tiers_empty_note", None):
+            # (build and serve print it; the check said "ok" alone: helper-281)
+            warnings = [*warnings, config.auto_tiers_empty_note]
         if refused is not None:
             failed += 1
             print(f"{path}: `innfer serve` would refuse it: {refused}", file=sys.stderr)

@@ -140,3 +140,13 @@ def test_check_says_what_serve_would_refuse_and_warn(tmp_path, capsys):
     server.write_text(f"repository: {repo}\n")
     assert cli(["config", "check", str(server)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_check_says_a_model_configs_auto_tiers_has_no_goals(tmp_path, capsys):
+    # build and serve said it; the check printed "model config ok" alone (helper-281)
+    path = tmp_path / "m" / "model.yaml"
+    path.parent.mkdir()
+    path.write_text((DEPLOY / "tiers/cpu.model.yaml").read_text() + "auto_tiers:\n")
+    assert cli(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model config ok" in out and "auto_tiers has no goals" in out, out
