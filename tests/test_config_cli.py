@@ -150,3 +150,16 @@ def test_check_says_a_model_configs_auto_tiers_has_no_goals(tmp_path, capsys):
     assert cli(["config", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model config ok" in out and "auto_tiers has no goals" in out, out
+
+
+def test_a_linked_model_yaml_is_named_by_the_folder_it_is_in(tmp_path, capsys):
+    # model.yaml linked to shared/tiny-tiers.yaml holding `name: tiny` was told "name:
+    # 'tiny' is not its directory's name 'shared'" (review helper-281)
+    shared = tmp_path / "shared" / "tiny-tiers.yaml"
+    shared.parent.mkdir()
+    shared.write_text((DEPLOY / "tiers/cpu.model.yaml").read_text() + "name: tiny\n")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "model.yaml").symlink_to(shared)
+    assert cli(["config", "check", str(tmp_path / "tiny" / "model.yaml")]) == 0, (
+        capsys.readouterr().err
+    )

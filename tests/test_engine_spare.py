@@ -53,7 +53,7 @@ def test_a_read_only_repository_missing_an_engine_builds_it_in_the_spare(
     shutil.copytree(model_repository, root, ignore=shutil.ignore_patterns("linked"))
     shutil.rmtree(root / "tiny" / "engines")  # built for another node kind: no entry here
     read_only.append(root)
-    with pytest.raises(EngineError, match="give it a writable engine_cache_spare"):
+    with pytest.raises(EngineError, match="give the server a writable engine_cache_spare"):
         Repository(root).load("tiny")  # as before: the model fails, and says how to fix it
 
     read_only.builds = 0  # (without a spare the build is tried, and fails)

@@ -704,7 +704,9 @@ class ModelConfig:
             owner, what = path.name[: -len(suffix)], "file name's model"
             fix = "rename the file"
         else:
-            owner, what = path.resolve().parent.name, "directory's name"  # never "" from "."
+            # (absolute, not resolved: a model.yaml linked from elsewhere is its folder's
+            # - resolved, the link's target's folder was blamed: helper-281; never "")
+            owner, what = path.absolute().parent.name, "directory's name"
             fix = "rename the directory"
         if isinstance(data, dict) and data.get("name", owner) != owner:
             raise ConfigError(
