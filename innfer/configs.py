@@ -76,6 +76,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
             continue
         refused, warnings = _serve_would_say(config) if kind == "server" else (None, [])
+        if kind == "model" and refused is None:
+            refused = _linked_out(Path(path))
         if kind == "model" and getattr(config, "auto_tiers_empty_note", None):
             # (build and serve print it; the check said "ok" alone: helper-281)
             warnings = [*warnings, config.auto_tiers_empty_note]
@@ -87,6 +89,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         for said in warnings:
             print(f"{path}: warning (innfer serve logs it at start): {said}")
     return 2 if failed else 0
+
+
+def _linked_out(path: Path) -> str | None:
+    """What ``innfer serve`` says of a model.yaml that is a link out of its model's folder
+    (it refuses to read one); None for any other file. The check said "ok" (helper-281)."""
+    folder = path.absolute().parent
+    if path.name != "model.yaml" or not path.is_symlink():
+        return None
+    if path.resolve().is_relative_to(folder.resolve()):
+        return None  # (a ConfigMap's ..data link inside the folder is fine)
+    return (f"{folder.name}/model.yaml is a link out of the model's folder; copy the file "
+            "into the folder instead")  # fmt: skip
 
 
 def _serve_would_say(config) -> tuple[str | None, list[str]]:

@@ -160,6 +160,8 @@ def test_a_linked_model_yaml_is_named_by_the_folder_it_is_in(tmp_path, capsys):
     shared.write_text((DEPLOY / "tiers/cpu.model.yaml").read_text() + "name: tiny\n")
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "model.yaml").symlink_to(shared)
-    assert cli(["config", "check", str(tmp_path / "tiny" / "model.yaml")]) == 0, (
-        capsys.readouterr().err
-    )
+    assert cli(["config", "check", str(tmp_path / "tiny" / "model.yaml")]) == 2
+    err = capsys.readouterr().err
+    # ... and the link out is refused as serve refuses it ("ok" before)
+    assert "tiny/model.yaml is a link out of the model's folder" in err, err
+    assert "'shared'" not in err
