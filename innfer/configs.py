@@ -37,6 +37,11 @@ def add_parser(sub) -> None:
         "--kind", choices=KINDS,
         help="what every file is (default: model for model.yaml and *.model.yaml, else server)",
     )  # fmt: skip
+    check.add_argument(
+        "--repository", type=Path,
+        help="a server config's repository, as innfer serve --repository gives it (a file of "
+        "tuning only names none)",
+    )  # fmt: skip
     check.set_defaults(func=cmd_check)
 
 
@@ -62,7 +67,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for path in args.files:
         kind = args.kind or kind_of(path)
         try:
-            config = _config_class(kind).load(path)
+            if kind == "server" and args.repository is not None:  # (helper-281: a tuning-only
+                # file serve takes with --repository was refused here)
+                config = _config_class(kind).load(path, repository=args.repository)
+            else:
+                config = _config_class(kind).load(path)
         except (ValueError, OSError) as exc:  # ConfigError is a ValueError
             if args.kind is None and (other := _as_other(path, kind)) is not None:
                 # A server config named *.model.yaml is read by that name as a tier set -
@@ -108,7 +117,7 @@ def _serve_would_say(config) -> tuple[str | None, list[str]]:
     refusal of the repository (when it is a directory here: models it lacks, a model's own
     folder, none at all) and its start-up warnings. The check said "ok" to configs serve
     then refused at once, and showed none of its warnings (review helper-243)."""
-    from innfer.cli import _check_repository
+    from innfer.cli import _check_backend, _check_repository
     from server.app import cleartext_token_warning
     from server.limits import stream_limits_warning
 
@@ -118,13 +127,35 @@ def _serve_would_say(config) -> tuple[str | None, list[str]]:
 
     if (trace := trace_file_problem(config.trace)) is not None:
         return trace, warnings
+    try:  # (serve stops at start on it: helper-281)
+        _check_backend(config.backend, f"{config.source}: backend")
+    except ValueError as exc:
+        return str(exc), warnings
     if not Path(config.repository).is_dir():
         return None, warnings  # _not_there_yet says so
     try:
         _check_repository(config)
     except ValueError as exc:
         return str(exc), warnings
-    return None, warnings
+    return _limits_refuse(config), warnings
+
+
+def _limits_refuse(config) -> str | None:
+    """A served model no request to which passes the config's ``limits`` (serve starts, the
+    model not ready; the check said ok: helper-281), or None."""
+    from runtime.repository import Repository
+    from server.dataplane import _unservable
+
+    repo = Repository(config.repository)
+    for name in config.models or repo.names():
+        try:
+            model = repo.config(name)
+        except (ValueError, OSError):  # its own file's error: said where serve loads it
+            continue
+        if (why := _unservable(config.limits, model)) is not None:
+            return (f"model {name}: no request to it passes this server's request limits: "
+                    f"{why}; raise it under limits:")  # fmt: skip
+    return None
 
 
 def _as_other(path: Path, kind: str) -> str | None:

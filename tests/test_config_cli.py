@@ -165,3 +165,32 @@ def test_a_linked_model_yaml_is_named_by_the_folder_it_is_in(tmp_path, capsys):
     # ... and the link out is refused as serve refuses it ("ok" before)
     assert "tiny/model.yaml is a link out of the model's folder" in err, err
     assert "'shared'" not in err
+
+
+def test_check_takes_serves_repository_and_says_its_other_start_refusals(tmp_path, capsys):
+    # A tuning-only file serve takes with --repository was refused here; a backend this
+    # machine lacks and limits no request to a model passes were "ok", where serve stops or
+    # starts not ready (review helper-281).
+    repo = tmp_path / "repo"
+    (repo / "tiny").mkdir(parents=True)
+    shutil.copy(DEPLOY / "tiers/cpu.model.yaml", repo / "tiny" / "model.yaml")
+    tuning = tmp_path / "tuning.yaml"
+    tuning.write_text("grace_period_s: 5\n")
+    assert cli(["config", "check", str(tuning)]) == 2
+    capsys.readouterr()
+    assert cli(["config", "check", str(tuning), "--repository", str(repo)]) == 0
+    assert "server config ok" in capsys.readouterr().out
+    yaml_path = repo / "tiny" / "model.yaml"  # an input name longer than the limit below
+    yaml_path.write_text(
+        yaml_path.read_text().replace("{name: input,", "{name: pixel_values_norm,")
+    )
+    tuning.write_text("limits: {max_name_bytes: 16}\n")
+    assert cli(["config", "check", str(tuning), "--repository", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert "model tiny: no request to it passes this server's request limits" in err, err
+    from runtime.engines import get_backend
+
+    if get_backend("tensorrt").unavailable_reason() is not None:  # (here: no GPU)
+        tuning.write_text("backend: tensorrt\n")
+        assert cli(["config", "check", str(tuning), "--repository", str(repo)]) == 2
+        assert "backend: tensorrt is not available on this machine" in capsys.readouterr().err
