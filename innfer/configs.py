@@ -127,10 +127,10 @@ def _serve_would_say(config) -> tuple[str | None, list[str]]:
 
     if (trace := trace_file_problem(config.trace)) is not None:
         return trace, warnings
-    try:  # (serve stops at start on it: helper-281)
+    try:  # (serve stops at start on it; a warning: the check may run elsewhere - helper-281)
         _check_backend(config.backend, f"{config.source}: backend")
     except ValueError as exc:
-        return str(exc), warnings
+        warnings.append(f"{exc} (innfer serve stops at start on a machine without it)")
     if not Path(config.repository).is_dir():
         return None, warnings  # _not_there_yet says so
     try:

@@ -191,6 +191,7 @@ def test_check_takes_serves_repository_and_says_its_other_start_refusals(tmp_pat
     from runtime.engines import get_backend
 
     if get_backend("tensorrt").unavailable_reason() is not None:  # (here: no GPU)
-        tuning.write_text("backend: tensorrt\n")
-        assert cli(["config", "check", str(tuning), "--repository", str(repo)]) == 2
-        assert "backend: tensorrt is not available on this machine" in capsys.readouterr().err
+        tuning.write_text("backend: tensorrt\n")  # (a warning: the check may run elsewhere)
+        assert cli(["config", "check", str(tuning), "--repository", str(repo)]) == 0
+        out = capsys.readouterr().out
+        assert "warning" in out and "backend: tensorrt is not available on this machine" in out
