@@ -1583,8 +1583,10 @@ def test_a_check_cancelled_while_it_takes_the_lock_leaves_it_free(tmp_path, monk
     import server.autotier as autotier
 
     real = autotier._try_lock
+    taking = threading.Event()
 
     def slow(path):
+        taking.set()
         time.sleep(0.3)
         return real(path)
 
@@ -1594,7 +1596,12 @@ def test_a_check_cancelled_while_it_takes_the_lock_leaves_it_free(tmp_path, monk
 
     async def cancel_midway():
         task = asyncio.ensure_future(tierer.check())
-        await asyncio.sleep(0.1)
+        # cancelled while the file thread takes the lock (a fixed 0.1 s cancelled a check
+        # that had not reached it yet on a loaded CI machine: no lock file to look at)
+        deadline = time.monotonic() + 20
+        while not taking.is_set():
+            assert time.monotonic() < deadline, "the check never took the lock"
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
