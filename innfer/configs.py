@@ -144,7 +144,7 @@ def _limits_refuse(config) -> str | None:
     """A served model no request to which passes the config's ``limits`` (serve starts, the
     model not ready; the check said ok: helper-281), or None."""
     from runtime.repository import Repository
-    from server.dataplane import _unservable
+    from server.limits import model_unservable
 
     repo = Repository(config.repository)
     for name in config.models or repo.names():
@@ -152,7 +152,7 @@ def _limits_refuse(config) -> str | None:
             model = repo.config(name)
         except (ValueError, OSError):  # its own file's error: said where serve loads it
             continue
-        if (why := _unservable(config.limits, model)) is not None:
+        if (why := model_unservable(config.limits, model)) is not None:
             return (f"model {name}: no request to it passes this server's request limits: "
                     f"{why}; raise it under limits:")  # fmt: skip
     return None

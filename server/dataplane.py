@@ -60,10 +60,10 @@ from server.limits import (
     clip,
     clip_message,
     message_limit,
+    model_unservable,
     request_bytes,
     response_bytes,
     text_bytes,
-    unservable,
 )
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
@@ -486,7 +486,7 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         runtime = None
         try:
-            if (why := _unservable(self.config.limits, served.config)) is not None:
+            if (why := model_unservable(self.config.limits, served.config)) is not None:
                 raise FailedPrecondition(
                     f"no request to it passes this server's request limits: {why}; raise "
                     "it under limits: in the server config"
@@ -1950,13 +1950,6 @@ def _with_source(exc: DeadlineExceeded, source: str) -> DeadlineExceeded:
         said = said.replace("; send a larger latency_budget_ms", "")
         said = said.replace(", or send a larger latency_budget_ms", "")
     return DeadlineExceeded(f"{said}; {BUDGET_SOURCES[source]}")
-
-
-def _unservable(limits, cfg) -> str | None:
-    """``limits.unservable`` for a model's config: its inputs as clients send them (a text
-    model's string input stands for its token inputs)."""
-    inputs = [s.name for s in cfg.inputs]
-    return unservable(limits, [cfg.text.input] if cfg.text is not None else inputs)
 
 
 def _set_external(runtime: ModelRuntime, factor: float) -> None:

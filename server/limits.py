@@ -106,6 +106,13 @@ def unservable(limits: RequestLimits, inputs: list[str]) -> str | None:
     return None
 
 
+def model_unservable(limits, cfg) -> str | None:
+    """``unservable`` for a model's config (a ModelConfig): its inputs as clients send them
+    (a text model's string input stands for its token inputs)."""
+    inputs = [s.name for s in cfg.inputs]
+    return unservable(limits, [cfg.text.input] if cfg.text is not None else inputs)
+
+
 def stream_limits_warning(limits: RequestLimits) -> str | None:
     """What is off in how the stream bounds fit the cap (None: nothing). Not an error: the
     limits still hold, the share simply binds before one stream's window does.
