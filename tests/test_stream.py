@@ -607,4 +607,6 @@ def test_a_stream_is_counted_as_its_client_heard_it_within_its_last_step():
 
     assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.1) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _heard(grpc.StatusCode.OK, Call(), 0.1) == grpc.StatusCode.OK
+    assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0) == grpc.StatusCode.DEADLINE_EXCEEDED
+    Call.time_remaining = lambda self: 0.2  # (a cancel with time left: the client's)
     assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0) == grpc.StatusCode.CANCELLED
