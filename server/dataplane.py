@@ -1246,6 +1246,17 @@ class DataPlane:
             m.stats.fail.add(seconds)
             m.count_invalid()
 
+    def count_full(self, name: str, seconds: float) -> None:
+        """A request for model ``name`` refused because the in-flight cap was full before
+        ``infer`` saw it (REST, while its body arrived), ``seconds`` after it arrived:
+        counted as ``_admit`` counts a gRPC one - refused_full (load: the autoscaler's and
+        the alerts' series) and a failure in the model's statistics. Its budget is in the
+        body not read, so the traffic log auto-tiering replays does not have it."""
+        m = self.models.get(name)
+        if m is not None:
+            m.stats.fail.add(seconds)
+            m.count_refused("refused_full", "refused_full")
+
     def model(self, name: str, version: str = "") -> ModelRuntime:
         if self.phase == Phase.DRAINING:
             self.turned_away += 1  # a stop waits until calls stop coming (server.app)

@@ -513,7 +513,7 @@ class RestFrontEnd:
                 if size > cap:  # (chunked: its size known as it comes)
                     raise self._over_cap(request, size)
                 if self.plane.inflight_bytes + len(part) > cap:
-                    raise self.plane._full()
+                    raise self._full(request, time.monotonic() - start)
                 held += self.plane.hold(len(part))
                 parts.append(part)
         finally:
@@ -522,6 +522,14 @@ class RestFrontEnd:
             # stream: the bytes went only at the collector's next full pass - review
             # helper-260; a body returned was joined before this runs)
             parts.clear()
+
+    def _full(self, request: web.Request, seconds: float) -> ResourceExhausted:
+        """The refusal of a body the in-flight cap has no room for now: load, counted for
+        its model where it names one served, as ``DataPlane._admit`` counts a gRPC one (the
+        refused_full series the autoscaler and alerts read missed REST's; helper-282)."""
+        if request.path.endswith("/infer"):
+            self.plane.count_full(request.match_info.get("name", ""), seconds)
+        return self.plane._full()
 
     def _over_cap(self, request: web.Request, size: int) -> ResourceExhausted:
         """A body more than the in-flight cap holds at all: counted invalid for its model
@@ -706,28 +714,15 @@ class RestFrontEnd:
         # upload is not the server's time (with plan_overhead, a slow upload spent the
         # budget before the parse began - review helper-217).
         received = time.monotonic()
-        header = request.headers.get(codec.HEADER_LENGTH)
-        length = None
-        if header is not None:
-            # (int() takes " +27 " and "1_0", and refuses 5,000 digits with a ValueError)
-            if not header.isascii() or not header.isdigit() or len(header) > 20:
-                raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
-            length = int(header)
-        args = (body, length, self.plane.limits, self.plane.input_check(m))
+        # The body counts in flight from its upload's end (read_body let the upload's bytes
+        # go, with no await since) until the data plane holds it with what its values decode
+        # into: parsed on a thread, a burst of large JSON bodies held several times the cap
+        # that read 0 (review helper-282).
+        held = self._hold_body(request, len(body), received)
         try:
-            # A large JSON part is read off the loop: its values are walked one by one in
-            # Python (1 M values ~0.7 s), which held every client's calls, gRPC's too.
-            if (len(body) if length is None else length) > JSON_INLINE_BYTES:
-                parsed = await asyncio.to_thread(codec.parse_infer, *args)
-            else:
-                parsed = codec.parse_infer(*args)
-        except InvalidArgument:  # counted as the data plane counts a malformed request
-            # (gRPC's raw tensors are checked there): in the model's statistics and metrics.
-            # The route first: a misspelt model with a bad body was told of the body (400)
-            # where a good body got 404 (review helper-225).
-            self.plane.model(request.match_info["name"], request.match_info.get("version", ""))
-            self.plane.count_malformed(request.match_info["name"], time.monotonic() - received)
-            raise
+            parsed = await self._parse(request, m, body, received)
+        finally:
+            self.plane.release(held)
         parsed.request.model_name = request.match_info["name"]
         parsed.request.model_version = request.match_info.get("version", "")
         waited = time.monotonic() - received
@@ -750,6 +745,42 @@ class RestFrontEnd:
             log.debug("REST infer: the client closed its connection before its answer")
         self.plane.answered(resp, time.monotonic() - received - waited, waited)
         return response
+
+    def _hold_body(self, request: web.Request, size: int, received: float) -> int:
+        """Hold a decoded body's ``size`` bytes in flight, refused as its upload would be
+        (an inflated body may be larger than the bytes that came)."""
+        cap = self.plane.limits.max_inflight_bytes
+        if size > cap:
+            raise self._over_cap(request, size)
+        if self.plane.inflight_bytes + size > cap:
+            raise self._full(request, time.monotonic() - received)
+        return self.plane.hold(size)
+
+    async def _parse(
+        self, request: web.Request, m, body: bytes, received: float
+    ) -> codec.ParsedInfer:
+        """The infer body ``body`` for the model runtime ``m``, parsed."""
+        header = request.headers.get(codec.HEADER_LENGTH)
+        length = None
+        if header is not None:
+            # (int() takes " +27 " and "1_0", and refuses 5,000 digits with a ValueError)
+            if not header.isascii() or not header.isdigit() or len(header) > 20:
+                raise InvalidArgument(f"{codec.HEADER_LENGTH} must be a number of bytes")
+            length = int(header)
+        args = (body, length, self.plane.limits, self.plane.input_check(m))
+        try:
+            # A large JSON part is read off the loop: its values are walked one by one in
+            # Python (1 M values ~0.7 s), which held every client's calls, gRPC's too.
+            if (len(body) if length is None else length) > JSON_INLINE_BYTES:
+                return await asyncio.to_thread(codec.parse_infer, *args)
+            return codec.parse_infer(*args)
+        except InvalidArgument:  # counted as the data plane counts a malformed request
+            # (gRPC's raw tensors are checked there): in the model's statistics and metrics.
+            # The route first: a misspelt model with a bad body was told of the body (400)
+            # where a good body got 404 (review helper-225).
+            self.plane.model(request.match_info["name"], request.match_info.get("version", ""))
+            self.plane.count_malformed(request.match_info["name"], time.monotonic() - received)
+            raise
 
     async def _call(self, method: str, message, request: web.Request) -> web.Response:
         resp = await self._grpc[method](self.service, message, _Call(request))

@@ -391,14 +391,18 @@ def _nonfinite(data):
 
 def _parameters(out, params: Mapping, where: str) -> None:
     """JSON scalars as ``InferParameter``s: true/false as bool_param (before int: a JSON
-    boolean is a Python int too), whole numbers as int64_param, other numbers as
-    double_param, strings as string_param."""
+    boolean is a Python int too), whole numbers as int64_param (those in [2**63, 2**64) as
+    uint64_param, as gRPC carries them: a client's own 64-bit hash or seed was refused on
+    REST alone - review helper-282), other numbers as double_param, strings as
+    string_param."""
     for key, value in params.items():
         p = out[key]
         if isinstance(value, bool):
             p.bool_param = value
         elif isinstance(value, int) and INT64[0] <= value <= INT64[1]:
             p.int64_param = value
+        elif isinstance(value, int) and INT64[1] < value < 2**64:
+            p.uint64_param = value
         elif isinstance(value, float) and math.isfinite(value):
             p.double_param = value
         elif isinstance(value, str):

@@ -162,6 +162,22 @@ def test_an_answer_is_gzipped_where_the_client_accepts_it(server):
         assert json.loads(r.read())["outputs"][0]["shape"] == [1, 10]
 
 
+def test_a_parameter_in_uint64_range_is_taken_as_grpc_takes_it(server):
+    """JSON has one kind of number: a whole number in [2**63, 2**64) is a uint64_param, as a
+    gRPC client sends it (an unknown one ignored, as OIP says); REST alone refused it with
+    "must be ... a finite number ..., not a number" (review helper-282)."""
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    parsed = rest_codec.parse_infer(
+        json.dumps(_infer_body(_x(1), parameters={"seed": 2**64 - 1})).encode(), None
+    )
+    assert parsed.request.parameters["seed"] == pb.InferParameter(uint64_param=2**64 - 1)
+    status, _, data = _call(
+        server, "/v2/models/tiny/infer", _infer_body(_x(1), parameters={"seed": 2**63})
+    )
+    assert status == 200, data
+
+
 @pytest.mark.parametrize(
     "body, where",
     [
@@ -954,6 +970,56 @@ def test_a_body_being_uploaded_counts_in_flight_and_a_full_cap_refuses_the_next(
             assert b"limits.max_inflight_bytes" in answer
         # the stalled upload's connection closed: its bytes let go
         assert _wait(lambda: plane.inflight_bytes == 0), plane.inflight_bytes
+        # counted as gRPC's refusal is: load (the autoscaler's and the alerts' series) and a
+        # failure in the model's statistics - only the HTTP 429 counter saw it (helper-282)
+        full = {"model": "tiny", "tier": "", "outcome": "refused_full"}
+        assert plane.metrics.registry.get_sample_value("innfer_requests_total", full) == 1
+        missed = {"model": "tiny", "reason": "refused_full"}
+        assert plane.metrics.registry.get_sample_value("innfer_deadline_missed_total", missed) == 1
+        assert plane.models["tiny"].stats.fail.count == 1
+    finally:
+        s.stop()
+
+
+def test_a_json_body_counts_in_flight_while_it_is_parsed(model_repository, monkeypatch):
+    """The upload's bytes were let go when it ended, and held again only once the data plane
+    had the parsed request: bodies queued for and in a parse thread counted against no limit,
+    7.4 MiB held at once under a 4 MiB cap that read 0 (review helper-282)."""
+    seen = []
+    parse = rest_codec.parse_infer
+
+    def spy(body, *args):
+        seen.append((len(body), s.server.plane.inflight_bytes))
+        return parse(body, *args)
+
+    monkeypatch.setattr(rest_codec, "parse_infer", spy)
+    s = ServerThread({"repository": str(model_repository), "http_port": 0}).start()
+    try:
+        small = json.dumps(_infer_body(_x(1))).encode()
+        large = small + b" " * (2 * 65536)  # parsed on a thread (JSON_INLINE_BYTES)
+        for body in (small, large):
+            status, _, data = _call(s, "/v2/models/tiny/infer", body)
+            assert status == 200, data
+        assert [size for size, _ in seen] == [len(small), len(large)]
+        assert all(held >= size for size, held in seen), seen
+        assert _wait(lambda: s.server.plane.inflight_bytes == 0), s.server.plane.inflight_bytes
+    finally:
+        s.stop()
+
+
+def test_an_inflated_body_past_the_in_flight_cap_is_refused_before_its_parse(model_repository):
+    """A gzip body inflates past what came: the decoded body is held before its parse, and
+    refused as an upload of its size would be."""
+    import gzip
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "limits": {"max_inflight_bytes": 2**20}}).start()  # fmt: skip
+    try:
+        body = json.dumps(_infer_body(_x(1))).encode() + b" " * (2 * 2**20)
+        status, message = _error(s, "/v2/models/tiny/infer", gzip.compress(body),
+                                 headers={"Content-Encoding": "gzip"})  # fmt: skip
+        assert status == 429 and "more than this server takes in flight" in message, message
+        assert s.server.plane.inflight_bytes == 0
     finally:
         s.stop()
 
