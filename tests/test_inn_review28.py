@@ -201,13 +201,52 @@ class Eca(nn.Module):
         return x * y.expand_as(x)
 
 
-def test_eca_channel_attention_converts_exactly():
+def test_eca_channel_attention_is_refused_by_name_then_exact_with_its_channels_kept():
+    # Its kernel slides over the channels: they cannot follow the width. They were kept
+    # whole without a word (the gate's output tied them to a group no rule labelled), so an
+    # ECA-ResNet lost most of its elastic width silently (review helper-284); refused by
+    # name now, as a conv over a DCGAN's projected channels is, and kept when asked.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), Eca(), nn.Conv2d(16, 4, 3)).eval()
     x = torch.randn(2, 3, 8, 8)
-    inn = _convert(model, x)
+    with pytest.raises(ConversionError, match=r"'_2_conv'.*conv kernel slides.*discrete=\['0'\]"):
+        convert(model, (x,))
+    with pytest.warns(UserWarning, match="kept"):
+        inn = convert(model, (x,), on_unsupported="keep")
+    assert list(inn.info["kept"]) == ["0"]
     assert "0" not in [g.name for g in inn.groups]  # the gated channels keep their width
     _exact(inn, model, x)  # was 0.012 off: the gated channels were permuted under the kernel
+
+
+class _GatedBy(nn.Module):
+    """A conv whose channels are gated by a tensor made with ``make`` from them."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.c, self.d, self.make = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 4, 1), make
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.d(y * self.make(y))
+
+
+def _channel_pool(y):  # mean of 3 neighbouring channels, as a 1-D pool along them
+    return F.avg_pool1d(y.mean((2, 3)).unsqueeze(1), 3, 1, 1).squeeze(1)[:, :, None, None]
+
+
+@pytest.mark.parametrize(
+    "make, refusal",
+    [(_channel_pool, r"'avg_pool1d'.*pooling slides a window over dim 2"),
+     (lambda y: y.new_ones(1, 16, 1, 1), r"'new_ones'.*makes a tensor of the sizes given")],
+    ids=["pool-along-channels", "new_ones"],
+)  # fmt: skip
+def test_a_tensor_sized_by_fixed_channels_that_meets_elastic_ones_is_refused(make, refusal):
+    # Both left the channels they met discrete without a word: 'c' served its full width
+    # at every tier (review helper-284).
+    model, x = _GatedBy(make).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConversionError, match=refusal + r".*discrete=\['c'\]"):
+        convert(model, (x,))
+    _exact(_convert(model, x, discrete=["c"]), model, x)
 
 
 class PoolIndices(nn.Module):

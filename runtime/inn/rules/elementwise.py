@@ -69,21 +69,33 @@ def slid_over(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, what: str) ->
     pool, a conv's kernel) keeps: the leading ones (batch, channels). A window mixes
     neighbouring entries of the dims it slides over (and pooling or a stride changes their
     size), so channels there - a pool over features, ECA's conv along the channels - are
-    fixed; the output's dims there carry nothing."""
+    fixed. The output's dims there are sized by those fixed channels: each gets a group of
+    its own that must end discrete too, so that tying it to elastic channels later (ECA's
+    ``x * attention``) refuses ``node`` - unlabelled, it was a fresh discrete group, and the
+    tie silently froze the model's channels (review helper-284)."""
     first = len(tr.shape(x)) - spatial
     labels = tr.labels.get(x, {})
+    kept, out = {}, tr.shape(node)
     for d, lay in labels.items():
-        if d >= first:
-            tr.fixed(node, f"{what} slides a window over dim {d}, which holds channels", [lay])
-    return {d: lay for d, lay in labels.items() if d < first}
+        if d < first:
+            kept[d] = lay
+            continue
+        why = f"{what} slides a window over dim {d}, which holds channels"
+        tr.fixed(node, why, [lay])
+        if d < len(out) and out[d] > 1:
+            made = (Segment(tr.uf.new(out[d], f"{node.name}:{d}", anchored=False)),)
+            tr.fixed(node, why, [made])
+            kept[d] = made
+    return kept
 
 
 @register(methods=("new_zeros", "new_ones", "new_full", "new_empty"))
 def new_tensor(tr: Tracer, node: fx.Node) -> None:
     """``x.new_zeros(sizes)`` (Swin's shifted-window mask): x lends its dtype and device
     only, so its channels are not read; the new tensor's dims are the sizes given - fixed
-    where they meet channels (a literal size would not follow the width)."""
-    tr.labels[node] = {}
+    where they meet channels (a literal size would not follow the width): refused there,
+    not silently frozen as a dim no rule labelled is (review helper-284)."""
+    tr.opaque(node, f"x.{node.target}(sizes) makes a tensor of the sizes given")
 
 
 @register(functions=(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like))
