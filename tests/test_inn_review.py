@@ -370,3 +370,66 @@ def test_recompute_norm_stats_restores_each_norms_momentum():
     assert not torch.equal(net[1].running_mean, before)  # the statistics were recomputed
     assert net[1].momentum == 0.3 and net[2].momentum is None
     assert not net.training
+
+
+# -- transposed convs and instance norms captured by torch.export ----------------------------
+class CheckedGenerator(nn.Module):
+    """An image-to-image block (CycleGAN / pix2pix-like) with a shape check torch.fx cannot
+    trace: conv, InstanceNorm, a transposed conv upsampling, a functional transposed conv
+    reading the model's own weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.check = True  # False: the same network, traceable by torch.fx
+        self.down, self.n1 = nn.Conv2d(3, 16, 3, 2, 1), nn.InstanceNorm2d(16, affine=True)
+        self.up = nn.ConvTranspose2d(16, 12, 4, 2, 1)
+        self.n2 = nn.InstanceNorm2d(12, affine=True)
+        self.out = nn.ConvTranspose2d(12, 3, 3, 1, 1)
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        if self.check and x.shape[-1] % 4:
+            raise ValueError("expects sides divisible by 4")
+        h = torch.relu(self.n1(self.down(x)))  # (B, 16, 4, 4)
+        h = torch.relu(self.n2(self.up(h)))  # (B, 12, 8, 8)
+        return F.conv_transpose2d(h, self.out.weight, self.out.bias, padding=1)  # (B, 3, 8, 8)
+
+
+def test_export_captured_transposed_convs_and_instance_norms_are_elastic():
+    # Under torch.export they reached the tracer as ATen calls with no rule: refused
+    # "no rule for 'instance_norm.default'", then 'conv_transpose2d.input', though the
+    # README lists both layers (review helper-284).
+    torch.manual_seed(0)
+    net, x = CheckedGenerator().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for m in (net.n1, net.n2):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-0.5, 0.5)
+    twin = CheckedGenerator().eval()
+    twin.load_state_dict(net.state_dict())
+    twin.check = False
+    inn = convert(net, (x,))
+    ref = convert(twin, (x,), frontend="fx")
+    assert inn.info["frontend"] == "export" and ref.info["frontend"] == "fx"
+    assert _shape(inn) == _shape(ref) == [("down", 16, 1), ("up", 12, 1)]
+    with torch.no_grad():
+        torch.testing.assert_close(inn.sample(1.0)(x), net(x), rtol=1e-4, atol=1e-5)
+        half = inn.sample(0.5)
+        torch.testing.assert_close(half(x), ref.sample(0.5)(x), rtol=1e-4, atol=1e-5)
+    onnx = export_onnx(half, [("x", (3, 8, 8), torch.float32)], ["y"])
+    (y,) = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(y, half(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_discrete_on_an_export_captured_transposed_conv_keeps_its_output_channels_only():
+    # Its weight is (in, out, ...): pinning dim 0, as for any other layer, kept the layer
+    # before it whole instead.
+    torch.manual_seed(0)
+    net, x = CheckedGenerator().eval(), torch.randn(2, 3, 8, 8)
+    inn = convert(net, (x,), discrete=["up"])
+    assert inn.info["frontend"] == "export" and _shape(inn) == [("down", 16, 1)]
+    with torch.no_grad():
+        half = inn.sample(0.5)
+        assert (half.get_parameter("up.weight").shape[:2]) == (8, 12)

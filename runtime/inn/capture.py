@@ -313,6 +313,15 @@ def _batch_norm(a: tuple, k: dict) -> Lowered:
     return ("call_function", F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {})
 
 
+def _instance_norm(a: tuple, k: dict) -> Lowered:
+    """``aten.instance_norm(x, weight, bias, mean, var, use_input_stats, momentum, eps,
+    cudnn)`` as ``F.instance_norm(x, mean, var, weight, bias, use_input_stats, momentum,
+    eps)`` (its argument order), for the functional norm rule."""
+    x, w, b, mean, var, use_input_stats, momentum, eps = a[:8]
+    args = (x, mean, var, w, b, use_input_stats, momentum, eps)
+    return ("call_function", F.instance_norm, args, {})
+
+
 def _constant_pad(a: tuple, k: dict) -> Lowered:
     """``aten.constant_pad_nd(x, pad, value)`` as ``F.pad(x, pad, "constant", value)``."""
     value = a[2] if len(a) > 2 else k.get("value", 0.0)
@@ -336,6 +345,10 @@ _TABLE: dict[Any, Callable[[tuple, dict], Lowered]] = {
     aten.conv2d.padding: _function(F.conv2d),
     aten.conv3d.padding: _function(F.conv3d),
     aten.batch_norm.default: _batch_norm,
+    aten.instance_norm.default: _instance_norm,
+    aten.conv_transpose1d.default: _function(F.conv_transpose1d),
+    aten.conv_transpose2d.input: _function(F.conv_transpose2d),
+    aten.conv_transpose3d.input: _function(F.conv_transpose3d),
     # A CNN's pooling and activations, so that its channels pass through them (the ATen
     # overloads take the same arguments in the same order as these F. forms).
     aten.max_pool1d.default: _function(F.max_pool1d),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from itertools import pairwise
 
+import torch.nn.functional as F
 from torch import fx
 
 from runtime.inn.layout import (
@@ -439,13 +440,15 @@ class Tracer:
         sources: dict[int, Source] = {}
         target = str(node.target)
         owner = target.rpartition(".")[0]
+        # discrete=[module] keeps its output channels: dim 0 of its parameters, 1 of a
+        # transposed conv's weight (dim 0 is its input's: pinned, the layer before would
+        # be kept too); a rule that knows another - F.embedding's table: 1 - pins that one
+        kept = 1 if any(u.target in _CONV_T and u.args[1:2] == (node,) for u in node.users) else 0
         for dim, size in enumerate(self.shape(node)):
             if size > 1:
                 lay = self.bound(target, dim)
                 if lay is None:
-                    # discrete=[module] keeps its output channels: dim 0 of its parameters
-                    # (a rule that knows another - F.embedding's table: 1 - pins that one)
-                    fixed = dim == 0 and owner in self.discrete_modules
+                    fixed = dim == kept and owner in self.discrete_modules
                     g = self.uf.new(size, f"{target}:{dim}", discrete=fixed, anchored=False)
                     lay = (Segment(g),)
                     self.bind(target, dim, lay)
@@ -499,7 +502,7 @@ class Tracer:
         names: set[str] = set()
         groups: list[GroupInfo] = []
         for r in roots:
-            name = _group_name(uf.origin[r])
+            name = _group_name(uf.origin[r], self.output_dim)
             while name in names:
                 name += "'"
             names.add(name)
@@ -539,13 +542,18 @@ def _bounds(uf: UnionFind, lay: Layout) -> list[int]:
     return out
 
 
-def _group_name(origin: str) -> str:
+_CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def _group_name(origin: str, output_dim: dict[str, int]) -> str:
     """A group born at a raw parameter's output dim is named by its module, as a module
     rule names it: ``layers.0.fc1.weight:0`` -> ``layers.0.fc1`` (torch.export graphs and
-    functional layers hold parameters, not modules)."""
-    for suffix in (".weight:0", ".in_proj_weight:0"):
-        if origin.endswith(suffix):
-            return origin.removesuffix(suffix)
+    functional layers hold parameters, not modules); the output dim is 0 unless a rule said
+    otherwise in ``output_dim`` (a transposed conv's ``up.weight:1``)."""
+    param, _, dim = origin.rpartition(":")
+    for suffix in (".weight", ".in_proj_weight"):
+        if param.endswith(suffix) and dim == str(output_dim.get(param, 0)):
+            return param.removesuffix(suffix)
     return origin
 
 

@@ -1,8 +1,9 @@
 """Rules for functional layers that use the model's own parameters: ``F.linear``,
-``F.conv1d/2d/3d`` (every conv of a CNN captured by torch.export), ``F.layer_norm`` (timm /
-torchvision ``LayerNorm2d``: permute -> layer_norm -> permute), ``F.batch_norm`` (timm
-``BatchNormAct2d``, and every BatchNorm captured by torch.export) and ``F.group_norm`` (timm's
-``GroupNorm`` / ``GroupNorm1``: resnet50_gn, PoolFormer).
+``F.conv1d/2d/3d`` and ``F.conv_transpose1d/2d/3d`` (every conv of a CNN captured by
+torch.export), ``F.layer_norm`` (timm / torchvision ``LayerNorm2d``: permute -> layer_norm ->
+permute), ``F.batch_norm`` (timm ``BatchNormAct2d``, and every BatchNorm captured by
+torch.export), ``F.instance_norm`` and ``F.group_norm`` (timm's ``GroupNorm`` /
+``GroupNorm1``: resnet50_gn, PoolFormer).
 
 The parameters reach the call as ``get_attr`` nodes (possibly through shape ops), whose dims
 already carry bound groups; the rule ties those dims to the input's channels. A literal
@@ -71,6 +72,20 @@ def batch_norm(tr: Tracer, node: fx.Node) -> None:
     tr.copy(node, x, sources=False)
 
 
+@register(functions=(F.instance_norm,))
+def instance_norm(tr: Tracer, node: fx.Node) -> None:
+    """``F.instance_norm(x, running_mean, running_var, weight, bias, ...)`` (every
+    InstanceNorm captured by torch.export): per channel, as the module rule - each channel
+    normalised by its own statistics, the parameters tied to the channels."""
+    x = node.args[0]
+    lay = tr.layout_of(x, 1)
+    for pos, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        p = arg(node, pos, name)
+        if isinstance(p, fx.Node) and tr.shape(p) and tr.shape(p)[0] > 1:
+            tr.unify(tr.layout_of(p, 0), lay, f"node {node.name!r}")
+    tr.copy(node, x, sources=False)
+
+
 @register(functions=(F.group_norm,))
 def group_norm(tr: Tracer, node: fx.Node) -> None:
     """``F.group_norm(x, num_groups, weight, bias)``: as ``nn.GroupNorm`` (layers.group_norm),
@@ -99,18 +114,20 @@ def _reads_an_input(node) -> bool:
     return False
 
 
-def _summed_into(tr: Tracer, node: fx.Node, x, w: fx.Node, what: str):
-    """W's dim 1 sums over the input channels ``x`` (a layout): it gets the quadrature scale,
-    so it must be a parameter's own dim (else the channels are fixed); W's dim 0 is a layer
-    output (a continuous group), returned as the output's layout."""
-    if tr.shape(w)[1] > 1:
-        tr.unify(tr.layout_of(w, 1), x, f"node {node.name!r}")
-        source = tr.sources.get(w, {}).get(1)
+def _summed_into(tr: Tracer, node: fx.Node, x, w: fx.Node, what: str, dims=(1, 0)):
+    """W's dim ``dims[0]`` sums over the input channels ``x`` (a layout): it gets the
+    quadrature scale, so it must be a parameter's own dim (else the channels are fixed); W's
+    dim ``dims[1]`` is a layer output (a continuous group), returned as the output's layout.
+    (1, 0): a linear's or conv's (out, in, ...) weight; (0, 1): a transposed conv's."""
+    summed, made = dims
+    if tr.shape(w)[summed] > 1:
+        tr.unify(tr.layout_of(w, summed), x, f"node {node.name!r}")
+        source = tr.sources.get(w, {}).get(summed)
         if source is not None:
             tr.mark_reduce(source, node)
         else:
             tr.fixed(node, f"{what} with a computed weight (not a parameter)", [x])
-    out = tr.layout_of(w, 0)
+    out = tr.layout_of(w, made)
     for s in out:
         tr.uf.anchor(s.group)
     return out
@@ -158,6 +175,35 @@ def conv(tr: Tracer, node: fx.Node) -> None:
         tr.unify(tr.layout_of(b, 0), out, where)
     same = pointwise(kernel, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0))
     tr.labels[node] = {**conv_kept(tr, node, x, spatial, same), cdim: out}
+
+
+@register(functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d))
+def conv_transpose(tr: Tracer, node: fx.Node) -> None:
+    """The transposed conv module rule (``rules.layers.conv_transpose``) on a call with the
+    weight as an argument (every one torch.export captures): W is (C_in, C_out, *kernel),
+    dim 0 sums over the input channels (the quadrature side), dim 1 is a layer output.
+    Grouped ones have no rule: their channels must stay discrete."""
+    x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    kernel = tr.shape(w)[2:]
+    spatial = len(kernel)
+    cdim = len(tr.shape(x)) - spatial - 1  # 1, or 0 for an unbatched input
+    if groups != 1:
+        what = f"a grouped transposed conv ({groups} groups) has no rule"
+        tr.fixed_inputs(node, what)
+        tr.opaque(node, what)
+        return
+    l_in = tr.layout_of(x, cdim)
+    out = _summed_into(tr, node, x=l_in, w=w, what="a transposed conv", dims=(0, 1))
+    source = tr.sources.get(w, {}).get(1)
+    if source is not None:  # its output channels: its name, what discrete=[owner] keeps
+        tr.output_dim[source[0]] = 1  # (pinned there by Tracer.visit_get_attr)
+    if isinstance(b, fx.Node) and tr.shape(b) and tr.shape(b)[0] > 1:
+        tr.unify(tr.layout_of(b, 0), out, f"node {node.name!r}")
+    extra = arg(node, 5, "output_padding", 0)
+    extra = (extra,) if isinstance(extra, int) else tuple(extra)
+    same = pointwise(kernel, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0))
+    tr.labels[node] = {**conv_kept(tr, node, x, spatial, same and not any(extra)), cdim: out}
 
 
 def _grouped(tr: Tracer, node: fx.Node, w: fx.Node, groups: int, l_in: Layout) -> Layout:
