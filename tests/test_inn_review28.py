@@ -249,6 +249,29 @@ def test_a_tensor_sized_by_fixed_channels_that_meets_elastic_ones_is_refused(mak
     _exact(_convert(model, x, discrete=["c"]), model, x)
 
 
+class NeighbourDifference(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 16, 3), nn.Conv2d(15, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.d(y[:, 1:] - y[:, :-1])  # (B, 15, H, W): channel k+1 less channel k
+
+
+def test_channels_sliced_apart_then_combined_are_refused_with_the_way_out():
+    # Refused as "ties a dimension of 12 channels to one of 1 (groups from
+    # 'c[1:16][0:14][1:14][0:12]' ...)": no op, no way out, and "keep" failed the same way
+    # (review helper-284).
+    model, x = NeighbourDifference().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConversionError, match=r"'sub'.*sliced or split differently.*\['c'\]"):
+        convert(model, (x,))
+    with pytest.warns(UserWarning, match="kept"):
+        inn = convert(model, (x,), on_unsupported="keep")
+    assert list(inn.info["kept"]) == ["c"]
+    _exact(inn, model, x)
+
+
 class PoolIndices(nn.Module):
     def __init__(self) -> None:
         super().__init__()

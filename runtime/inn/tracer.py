@@ -103,17 +103,35 @@ class Tracer:
             return coarse
         if any(self.uf.continuous(s.group) for s in a + b):
             aligned = self._align(a, b)
-            if aligned is not None:
-                for x, y in zip(*aligned, strict=True):
-                    self.uf.union(x.group, y.group, where)
-                return aligned[0]
-            raise ConversionError(
-                f"{where}: combines tensors whose channels are split differently "
-                f"(e.g. a residual add of a concat); this is not supported"
-            )
+            try:
+                if aligned is not None:
+                    for x, y in zip(*aligned, strict=True):
+                        self.uf.union(x.group, y.group, where)
+                    return aligned[0]
+            except ConversionError:  # pieces of other sizes: x[:, 1:] - x[:, :-1]
+                pass
+            raise self._split_apart(where, a + b)
         for s in a + b:
             self.uf.pin(s.group)
         return a
+
+    def _split_apart(self, where: str, segments: Layout) -> ConversionError:
+        """The refusal of a tie between continuous channels sliced or split differently
+        (``x[:, 1:] - x[:, :-1]``, a residual add of a concat), naming the layer that
+        ``discrete=[...]`` keeps whole to lift it (and so ``on_unsupported="keep"``); it was
+        "ties a dimension of 12 channels to one of 1", with no way out (review helper-284)."""
+        live = [s for s in segments if self.uf.continuous(s.group)]
+        origin = self.uf.origin[self.uf.find(live[0].group)].partition("[")[0]
+        producer = _producer(origin, self.modules, self.output_dim)
+        what = "combines channels sliced or split differently (x[:, 1:] - x[:, :-1], a "
+        what += "residual add of a concat), which cannot follow the width together"
+        if producer is None:
+            return ConversionError(f"{where}: {what}; rewrite it with supported ops")
+        return ConversionError(
+            f"{where}: {what}; keep them fixed with discrete=[{producer!r}] "
+            "(convert(..., on_unsupported='keep') keeps every such group at its size)",
+            keep=producer, reason=f"{where}: {what}", keeps={producer: f"{where}: {what}"},
+        )  # fmt: skip
 
     def _align(self, a: Layout, b: Layout) -> tuple[Layout, Layout] | None:
         """``a`` and ``b`` cut at each other's segment boundaries (``cut``), so that they
