@@ -314,14 +314,14 @@ def frontier_options(
     step: float = STEP,
     max_memory_mb: float | None = None,
 ) -> dict[str, Option]:
-    """The frontier's Pareto candidates at or above ``floor`` accuracy whose weights alone
-    fit ``max_memory_mb``, as options, thinned (``thin``), fastest first. The memory limit
+    """The Pareto candidates among the frontier's at or above ``floor`` accuracy whose
+    weights alone fit ``max_memory_mb`` (``Frontier.pareto_within``), as options, thinned
+    (``thin``), fastest first. The memory limit
     comes before the thinning: a run's most accurate candidate stood for the run, and where
     it alone was too large, a run member that fits - possibly the only candidate that did -
     was dropped, and every choice failed while ``Frontier.unmet_goals`` said the goals
     could be met."""
-    keep = [c for c in frontier.pareto() if floor is None or c.accuracy >= floor]
-    keep = [c for c in keep if max_memory_mb is None or c.memory_mb <= max_memory_mb]
+    keep = frontier.pareto_within(floor, max_memory_mb)
     if not keep:  # said from the whole frontier, as the build and the server say it
         goals = AutoTiersConfig(accuracy_floor=floor, max_memory_mb=max_memory_mb)
         raise ValueError(frontier.unmet_goals(goals))
@@ -510,17 +510,13 @@ def choose(
 
     # keep_fastest: the set starts from the fastest candidate and keeps it (see the doc);
     # of the fastest at a full batch and at one row, the one that serves this traffic
-    # better alone (the first where equal).
+    # better alone (the first where equal). The rule is for sets of two tiers or more:
+    # where nothing fits beside it (max_memory_mb), the fastest alone was applied - the
+    # least accurate tier, 23 points below the full one that fitted alone (review
+    # helper-283) - so a set of one is the best one alone, the fastest or not.
     keep = goals.keep_fastest and goals.max_tiers > 1 and bool(quickest)
     kept = [max(quickest, key=lambda n: run([n]).score)] if keep else []
-    chosen: list[str] = list(kept)
-    best: Evaluation | None = run(kept) if kept else None
-    while len(chosen) < goals.max_tiers:
-        trials = [run([*chosen, n]) for n in order if n not in chosen and fits([*chosen, n])]
-        top = max(trials, key=lambda e: e.score, default=None)
-        if top is None or (best is not None and top.score <= best.score):
-            break
-        best, chosen = top, list(top.tiers)
+    best = _search(order, kept, goals.max_tiers, run, fits)
     if best is None:  # (``options`` are those at or above the floor already)
         floor = goals.accuracy_floor
         which = f"at or above accuracy_floor {floor} " if floor else ""
@@ -530,6 +526,28 @@ def choose(
             f"{min(o.memory_mb for o in options.values()):.3g} MiB; raise the limit"
             + (" or lower the floor" if floor else "")
         )
+    if kept and len(best.tiers) == 1:
+        one = _search(order, [], 1, run, fits)
+        if one is not None and one.score > best.score:
+            best = one
+    return Choice(best, live, list(cache.values()), recent.summary(), breaks)
+
+
+def _search(order: list[str], kept: list[str], max_tiers: int, run, fits) -> Evaluation | None:
+    """The set ``choose`` picks: from ``kept`` (kept in it), add the member that scores best
+    while that helps and the set has room (``max_tiers``, ``fits``), then move one member
+    to a neighbour on the frontier (``order``) while that helps. ``run(names)``: the set's
+    evaluation (cached). None: no candidate fits alone."""
+    chosen: list[str] = list(kept)
+    best: Evaluation | None = run(kept) if kept else None
+    while len(chosen) < max_tiers:
+        trials = [run([*chosen, n]) for n in order if n not in chosen and fits([*chosen, n])]
+        top = max(trials, key=lambda e: e.score, default=None)
+        if top is None or (best is not None and top.score <= best.score):
+            break
+        best, chosen = top, list(top.tiers)
+    if best is None:
+        return None
     improved = True
     while improved:  # move one member to a neighbour on the frontier while that helps
         improved = False
@@ -546,7 +564,7 @@ def choose(
                     break
             if improved:
                 break
-    return Choice(best, live, list(cache.values()), recent.summary(), breaks)
+    return best
 
 
 def live_breaks(

@@ -524,6 +524,40 @@ def test_goals_bound_the_set_count_memory_and_accuracy():
         choose(small, traffic, goals, (_options(["w100"]), ["w100"]))
 
 
+def test_a_set_of_one_under_max_memory_mb_is_the_best_alone_not_the_fastest():
+    # Memory for the full tier alone (its weights as the model's): keep_fastest seeded the
+    # set with w025, nothing fitted beside it, and w025 alone was applied - 23 points below
+    # the full tier - where loose budgets wanted w100 (review helper-283).
+    mem = {"w100": 1.0, "w075": 0.95, "w050": 0.92, "w025": 0.9}  # one at a time fits
+    goals = AutoTiersConfig(max_tiers=3, max_memory_mb=1.0, simulate_requests=400)
+    live = (_options(["w100"], memory=mem), ["w100"])
+    c = choose(_options(memory=mem), _traffic(20, (50, 100)), goals, live)
+    assert c.best.tiers == ("w100",) and c.best.mean_accuracy == pytest.approx(0.99)
+    # where the fastest and another fit together it is kept, as the rule says
+    goals = AutoTiersConfig(max_tiers=3, max_memory_mb=1.9, simulate_requests=400)
+    c = choose(_options(memory=mem), _traffic(20, (50, 100)), goals, live)
+    assert set(c.best.tiers) == {"w100", "w025"}
+
+
+def test_a_candidate_beaten_only_by_ones_too_large_is_on_the_frontier_within_memory():
+    # "mid" is beaten by "big", which max_memory_mb leaves out: cut from the whole frontier
+    # first, the choice was the least accurate "small", and a limit only "tiny" fits was
+    # said to be unmet (review helper-283).
+    big, mid = _candidate("big", 0.99, 4.0, params=4000), _candidate("mid", 0.95, 4.5, params=2000)
+    small, tiny = (
+        _candidate("small", 0.80, 1.0, params=1000),
+        _candidate("tiny", 0.5, 1.2, params=500),
+    )
+    f = Frontier(mark_pareto([big, mid, small, tiny], (1, 8)), "t", "s", "o", "cpu", 1, 8)
+    assert [c.name for c in f.pareto()] == ["small", "big"]
+    limit = mid.memory_mb
+    assert [c.name for c in f.pareto_within(max_memory_mb=limit)] == ["small", "mid"]
+    assert sorted(frontier_options(f, max_memory_mb=limit)) == ["mid", "small"]
+    goals = AutoTiersConfig(max_memory_mb=tiny.memory_mb)
+    assert f.unmet_goals(goals) is None
+    assert sorted(frontier_options(f, max_memory_mb=tiny.memory_mb)) == ["tiny"]
+
+
 def test_the_attainment_floor_comes_from_sets_the_goals_allow():
     # w025 is the fastest but too large for max_memory_mb: the attainment it alone reaches
     # (800/s, 5-10 ms budgets) is no floor for the allowed sets; taken as one, it penalised

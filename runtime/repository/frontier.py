@@ -130,7 +130,7 @@ class Frontier:
             'no frontier candidate reaches accuracy_floor 0.99 (the best is 0.9712): ...'
         """
         floor = goals.accuracy_floor
-        keep = [c for c in self.pareto() if floor is None or c.accuracy >= floor]
+        keep = [c for c in self.candidates if floor is None or c.accuracy >= floor]
         if not keep:
             best = max(c.accuracy for c in self.candidates)
             return (f"no frontier candidate reaches accuracy_floor {floor} (the best is "
@@ -172,6 +172,21 @@ class Frontier:
     def pareto(self) -> list[Candidate]:
         """The candidates no other one beats on both accuracy and latency, fastest first."""
         return sorted((c for c in self.candidates if c.pareto), key=lambda c: c.p50_ms(1))
+
+    def pareto_within(
+        self, floor: float | None = None, max_memory_mb: float | None = None
+    ) -> list[Candidate]:
+        """``pareto`` among the candidates at or above ``floor`` whose weights alone fit
+        ``max_memory_mb``, fastest first: a candidate beaten only by ones too large is on
+        this frontier - cut from the whole frontier first, the memory limit left the least
+        accurate tier where a better one fitted (review helper-283)."""
+        keep = [
+            c for c in self.candidates
+            if (floor is None or c.accuracy >= floor)
+            and (max_memory_mb is None or c.memory_mb <= max_memory_mb)
+        ]  # fmt: skip
+        marked = mark_pareto(keep, (1, self.max_batch))
+        return sorted((c for c in marked if c.pareto), key=lambda c: c.p50_ms(1))
 
     def profile(self, names: list[str]) -> dict[str, Any]:
         """A profile.json document for the candidates ``names``, from their measurements."""
