@@ -249,6 +249,32 @@ def test_a_tensor_sized_by_fixed_channels_that_meets_elastic_ones_is_refused(mak
     _exact(_convert(model, x, discrete=["c"]), model, x)
 
 
+class SamePadded(nn.Module):
+    """TF "same" padding before each conv (timm's Conv2dSame); the add labels the spatial
+    dims (discrete groups of their own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 2)
+        self.c2 = nn.Conv2d(8, 4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.c0(x))
+        y = y + torch.sigmoid(y)
+        z = torch.relu(self.c1(F.pad(y, (0, 1, 0, 1))))
+        return self.c2(F.pad(z, (0, 1, 0, 1)))
+
+
+def test_convs_over_padded_spatial_dims_stay_elastic():
+    # The output groups given to dims a kernel slides over were given to spatial ones too;
+    # the next pad read them as channels and the next conv refused its own padding (timm's
+    # tf_mixnet_s, in the zoo run after the ECA fix).
+    model, x = SamePadded().eval(), torch.randn(2, 3, 8, 8)
+    inn = _convert(model, x)
+    assert [(g.name, g.size) for g in inn.groups] == [("c0", 8), ("c1", 8)]
+    _exact(inn, model, x)
+
+
 class NeighbourDifference(nn.Module):
     def __init__(self) -> None:
         super().__init__()

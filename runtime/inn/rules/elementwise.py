@@ -82,7 +82,10 @@ def slid_over(tr: Tracer, node: fx.Node, x: fx.Node, spatial: int, what: str) ->
             continue
         why = f"{what} slides a window over dim {d}, which holds channels"
         tr.fixed(node, why, [lay])
-        if d < len(out) and out[d] > 1:
+        # (only where channels that may follow the width are slid over: a spatial dim's
+        # discrete labels stay the output's none, as padding reads any label as channels -
+        # timm's tf_mixnet_s was refused)
+        if d < len(out) and out[d] > 1 and any(tr.uf.continuous(s.group) for s in lay):
             made = (Segment(tr.uf.new(out[d], f"{node.name}:{d}", anchored=False)),)
             tr.fixed(node, why, [made])
             kept[d] = made
