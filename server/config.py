@@ -376,10 +376,11 @@ class ServerConfig:
     )  # fmt: skip
     max_connection_age_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",
-        doc="a client connection this old is sent GOAWAY (gRPC adds +-10 % jitter): its calls "
-        "go on, new ones go over a new connection, which re-resolves DNS and so reaches "
-        "replicas the autoscaler added since (without it a connected client stays on the "
-        "pods it first reached); null: connections live until the client closes them",
+        doc="a client connection this old is sent GOAWAY (gRPC adds +-10 % jitter; a REST "
+        "connection's next answer closes it, Connection: close): its calls go on, new ones "
+        "go over a new connection, which re-resolves DNS and so reaches replicas the "
+        "autoscaler added since (without it a connected client stays on the pods it first "
+        "reached); null: connections live until the client closes them",
     )  # fmt: skip
     connection_idle_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",
@@ -453,7 +454,10 @@ class ServerConfig:
         2.0, lo=0, hi=1000, unit="milliseconds",
         doc="a batch planned at most this long runs on the event loop thread when nothing else "
         "is in flight on the device (no hand-off to an engine thread and back); 0: always on "
-        "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only",
+        "an engine thread. ONNX Runtime engines on a shared device (device_slots >= 1) only. "
+        "An engine call that hangs inline holds the loop: no call, probe or signal is "
+        "answered until the kubelet's liveness timeout restarts the container (whatever "
+        "stuck_restart_s says); 0 keeps them answered",
     )  # fmt: skip
     gil_switch_ms: float | None = spec(
         None, lo=0.1, hi=100, unit="milliseconds",

@@ -901,6 +901,33 @@ def test_from_the_drain_on_every_answer_closes_its_connection(model_repository):
         s.stop()
 
 
+def test_a_connection_older_than_max_connection_age_is_closed_by_its_next_answer(
+    model_repository,
+):
+    # Only gRPC's connections aged: a pooled REST connection stayed on its first pod for
+    # good, and replicas the autoscaler added got no REST traffic (review helper-285).
+    import http.client
+
+    s = ServerThread({"repository": str(model_repository), "http_port": 0,
+                      "max_connection_age_s": 1}).start()  # fmt: skip
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.server.rest.port, timeout=30)
+        seen, start = [], time.monotonic()
+        while time.monotonic() - start < 5 and "close" not in seen:
+            conn.request("GET", "/v2/health/live")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+            seen.append(r.getheader("Connection"))
+            time.sleep(0.05)
+        age = time.monotonic() - start
+        assert seen[0] != "close" and seen[-1] == "close", seen
+        assert 0.85 < age < 4.0, age  # 1 s +-10 %, from the first answer
+        conn.close()
+    finally:
+        s.stop()
+
+
 def test_an_out_of_range_value_is_refused_without_a_warning_on_stderr():
     # numpy's "RuntimeWarning: overflow encountered in cast" went to the server's stderr,
     # whose lines are JSON, before the 400 said the same (review helper-240).
