@@ -1168,7 +1168,7 @@ def test_a_tier_whose_inline_run_held_the_loop_runs_on_the_engine_threads_after(
 
     def slow_on_nines(feeds):
         if float(next(iter(feeds.values())).max()) == 9.0:
-            time.sleep(0.08)  # past INLINE_OVERRUN_MIN_S (50 ms)
+            _spin(0.08)  # past INLINE_OVERRUN_MIN_S (50 ms) of CPU
         return run(feeds)
 
     engine.run = slow_on_nines
@@ -1187,7 +1187,44 @@ def test_a_tier_whose_inline_run_held_the_loop_runs_on_the_engine_threads_after(
     names = threads.names
     assert names[INLINE_MIN_ALONE - 1 : INLINE_MIN_ALONE + 1] == [loop, loop]  # the 9.0 too
     assert all(n.startswith("engine-m") for n in names[INLINE_MIN_ALONE + 1 :]), names
-    assert "tier w100 ran" in caplog.text and "engine threads from now on" in caplog.text
+    assert "tier w100 took" in caplog.text and "engine threads from now on" in caplog.text
+
+
+def _spin(cpu_s: float) -> None:
+    """Work ``cpu_s`` of this thread's CPU (an engine slow on some inputs)."""
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_host_stall_during_an_inline_run_leaves_the_tier_on_the_loop(tmp_path, caplog):
+    # The overrun was judged on wall time: a pause of the whole process (a pod at its CPU
+    # limit; here an inline run that sleeps, using no CPU) took the tier off the loop for
+    # good, ~5 % more CPU per request after (review helper-286).
+    served = _served(tmp_path)
+    threads = _Threads(served)
+    engine = served.engines["w100"]
+    run = engine.run
+
+    def stalled_on_nines(feeds):
+        if float(next(iter(feeds.values())).max()) == 9.0:
+            time.sleep(0.08)  # wall time, no CPU: the host's, not the engine's
+        return run(feeds)
+
+    engine.run = stalled_on_nines
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            for value in (*[1.0] * INLINE_MIN_ALONE, 9.0, *[2.0] * 30):
+                await asyncio.sleep(0.002)
+                feeds = _x(1, value)
+                _check_answer(served, feeds, await rt.infer(feeds, 1, 1.0, pin="w100"))
+            return threading.current_thread().name
+
+    with caplog.at_level(logging.WARNING, logger="innfer.model"):
+        loop = _run(body())
+    assert threads.names[-1] == loop, threads.names  # inline again once the level decays
+    assert "engine threads from now on" not in caplog.text
 
 
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
