@@ -278,9 +278,12 @@ class Metrics:
         )
         self.stream_bytes = Gauge(
             "innfer_stream_bytes",
-            "Bytes of innfer_inflight_bytes that ModelStreamInfer streams hold (requests "
-            "being answered, answers not yet read). At limits.streams_share of the limit, "
-            "streams holding bytes stop reading.",
+            "Bytes ModelStreamInfer streams hold against limits.streams_share of the in-flight "
+            "limit: their part of innfer_inflight_bytes (requests being answered, answers not "
+            "yet read) and, for each request whose answer bytes are not charged yet (until it "
+            "is decoded), an advance of the stream's largest charge so far - which "
+            "innfer_inflight_bytes does not count, so this may read more than it. At "
+            "limits.streams_share of the limit, streams holding bytes stop reading.",
             registry=r,
         )  # fmt: skip
         self.stream_limit_bytes = Gauge(
