@@ -91,6 +91,25 @@ def test_auto_tiers_config_is_validated():
         ModelConfig.from_dict({**seq, "auto_tiers": {}})
 
 
+@pytest.mark.parametrize(
+    "tier, said",
+    [({"name": "w025", "width": 0.6}, "the candidate of width 0.25"),
+     ({"name": "w050", "width": {"c1": 4}}, "the candidate of width 0.5"),
+     ({"name": "s050", "width": 0.5}, "a shaped candidate")],
+)  # fmt: skip
+def test_a_hand_tier_named_as_another_networks_candidate_is_refused(tier, said):
+    # After a swap to the frontier's w025 (width 0.25), requests pinned to the hand-written
+    # w025 (width 0.6) were served by the candidate, and one metric series ran across both
+    # networks (review helper-283).
+    tiers = [{"name": "w100", "width": 1.0}, tier]
+    with pytest.raises(ConfigError, match=rf"tiers\[1\].name: got '{tier['name']}'.*{said}.*"
+                       rf"rename it, e.g. 'hand_{tier['name']}'"):  # fmt: skip
+        ModelConfig.from_dict({**IO, "tiers": tiers, "auto_tiers": {}})
+    ModelConfig.from_dict({**IO, "tiers": tiers})  # without auto_tiers: any name
+    ok = [{"name": "w100", "width": 1.0}, {"name": "w025", "width": 0.25}]
+    assert ModelConfig.from_dict({**IO, "tiers": ok, "auto_tiers": {}}).tiers[1].name == "w025"
+
+
 # -- frontier files ------------------------------------------------------------------------
 def _candidate(name, acc, ms1, ms8=None, params=1000):
     lat = {"1": {"p50_ms": ms1, "p90_ms": ms1 * 1.1},

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,6 +565,8 @@ class ModelConfig:
                 "null for a model without an evaluation: section (the candidates' accuracy is "
                 "then their FLOPs fraction); add evaluation to measure it",
             )
+        if self.auto_tiers is not None:
+            self._validate_candidate_names(where)
         if self.auto_tiers is not None and self.sequence_lengths:
             where.child("auto_tiers").fail(
                 to_dict(self.auto_tiers),
@@ -574,6 +577,28 @@ class ModelConfig:
         if search is not None and search.batch is not None and search.batch > self.max_batch:
             where.child("channel_search").child("batch").fail(
                 search.batch, f"a batch size <= max_batch ({self.max_batch}) or null"
+            )
+
+    def _validate_candidate_names(self, where: Where) -> None:
+        """With auto_tiers, a hand-written tier may not take the name of a frontier candidate
+        of another network (``w<percent>`` of another width, any ``s<percent>``): after a
+        swap, requests pinned to it were served by the candidate - the same name, another
+        network - and its metric series ran on across both (review helper-283)."""
+        for i, tier in enumerate(self.tiers):
+            m = re.fullmatch(r"([ws])(\d{3})", tier.name)
+            if m is None:
+                continue
+            uniform = not isinstance(tier.width, dict)
+            if m[1] == "w" and uniform and round(tier.width * 100) == int(m[2]):
+                continue  # the candidate of that name is this tier's width
+            what = (f"the candidate of width {int(m[2]) / 100:g}" if m[1] == "w"
+                    else "a shaped candidate")  # fmt: skip
+            where.child("tiers").child(i).child("name").fail(
+                tier.name,
+                f"a name auto-tiering does not give {what} (it names its candidates "
+                f"w<percent> and s<percent>: after a swap a request pinned to "
+                f"{tier.name!r} would be served by that other network); rename it, e.g. "
+                f"'hand_{tier.name}'",
             )
 
     def _validate_sequence(self, where: Where) -> None:
