@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from innfer.outputs import output_file
+from runtime.repository.config import TRAFFIC_CAPACITY
 from runtime.repository.frontier import APPLY_KEPT, weights_mb
 from runtime.utc import stamp
 
@@ -492,7 +493,9 @@ def _rate(traffic: dict) -> str:
 def few_requests_note(requests: int, goals) -> str:
     """A line for a choice made on fewer requests than the server waits for before it
     chooses ("" where there are enough): `tiers suggest` gave a full recommendation on 3."""
-    need = goals.rebuild.min_requests
+    # (what the server waits for: it keeps the last TRAFFIC_CAPACITY requests, and counts
+    # a larger min_requests as that many - "waits for 5,000,000" was said; helper-283)
+    need = min(goals.rebuild.min_requests, TRAFFIC_CAPACITY)
     if requests >= need:
         return ""
     return (f"note: this choice rests on {requests:,} request{'s' * (requests != 1)}; a server "

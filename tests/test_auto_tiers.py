@@ -1010,6 +1010,17 @@ def test_suggest_on_a_few_requests_says_so_and_its_rate_reads_right(tmp_path, ca
     assert "note: this choice rests on" not in capsys.readouterr().out  # enough
 
 
+def test_the_few_requests_note_says_what_a_server_waits_for():
+    # A server keeps the last TRAFFIC_CAPACITY requests and counts a larger min_requests as
+    # that many; the note said "waits for 5,000,000" (review helper-283).
+    from innfer.tiers import few_requests_note
+    from runtime.repository.config import TRAFFIC_CAPACITY, RebuildConfig
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=5_000_000))
+    assert f"a server waits for {TRAFFIC_CAPACITY:,} " in few_requests_note(3, goals)
+    assert few_requests_note(TRAFFIC_CAPACITY, goals) == ""
+
+
 def test_the_build_table_says_when_auto_tierings_choice_is_served_instead(tmp_path, capsys):
     # The build printed model.yaml's tiers where auto_tiers.json chose others: the table an
     # operator reviews before shipping (deploy/README) was not what serves (review 151).
