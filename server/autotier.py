@@ -118,6 +118,8 @@ STALE_LIMIT = 3
 OUTCOMES = (
     "applied", "kept", "stale", "unchanged", "waiting", "no_frontier", "locked", "failed",
 )  # fmt: skip
+# Outcomes of checks that ended before writing to the repository volume.
+UNWRITTEN = ("waiting", "unchanged", "no_frontier")
 _loops = itertools.count(1)  # tierers of this process: each its own work directory
 
 
@@ -369,13 +371,17 @@ class AutoTierer:
         while True:
             await asyncio.sleep(self.goals.rebuild.check_interval_s)
             try:
-                await self.check()
+                outcome = await self.check()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # e.g. the apply timed out, the volume is read-only
                 self._failed(exc)
             else:
-                self._volume_error = None
+                # Only a check that wrote to the volume says it is fine again: the waits
+                # after a failure (min_interval_s) cleared it, and the same warning came
+                # back at every retry (review helper-283).
+                if outcome not in UNWRITTEN:
+                    self._volume_error = None
 
     def _failed(self, exc: Exception) -> None:
         """A check that raised: back off like a failed apply, and say why - the volume (read-
