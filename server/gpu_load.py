@@ -157,6 +157,9 @@ class NvmlLoad:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
+        # Whether any NVML sample carried this process's PID: in a container NVML reports
+        # host PIDs, so ours never shows, and "only others have samples" is not known.
+        self._pid_seen = False
 
     def start(self) -> bool:
         """Initialise NVML and start the thread; False (and no thread) where pynvml does not
@@ -176,6 +179,13 @@ class NvmlLoad:
         except Exception as exc:
             log.info("GPU %d: no NVML handle (%s); outside load is not planned for",
                      self.index, exc)  # fmt: skip
+            self._shutdown()
+            return False
+        try:  # (a MIG slice: NOT_SUPPORTED - every read failed, polled for ever; helper-289)
+            self.nvml.nvmlDeviceGetUtilizationRates(self._handle)
+        except Exception as exc:
+            log.info("GPU %d: NVML cannot read its utilisation (%s; a MIG slice?); outside "
+                     "load is not planned for", self.index, exc)  # fmt: skip
             self._shutdown()
             return False
         self._skip_history()
@@ -233,7 +243,10 @@ class NvmlLoad:
     def _nvml_share(self) -> float | None:
         """Our share per NVML's per-process samples since the last read: the mean SM
         utilisation of this PID's samples, 0 when only others have samples; None where NVML
-        cannot say (unsupported, or no samples of anyone - an idle GPU reads the same)."""
+        cannot say (unsupported, or no samples of anyone - an idle GPU reads the same), and
+        where no sample has ever carried our PID: in a container NVML reports host PIDs,
+        and 0 counted our own kernels as outside load - factor 10 at the first read
+        (review helper-289)."""
         nvml = self.nvml
         try:
             samples = nvml.nvmlDeviceGetProcessUtilization(self._handle, self._last_ts)
@@ -245,7 +258,10 @@ class NvmlLoad:
             return None
         self._last_ts = max(self._last_ts, *(int(s.timeStamp) for s in samples))
         ours = [s.smUtil for s in samples if s.pid == os.getpid()]
-        return sum(ours) / len(ours) / 100.0 if ours else 0.0
+        if ours:
+            self._pid_seen = True
+            return sum(ours) / len(ours) / 100.0
+        return 0.0 if self._pid_seen else None
 
     def _busy_share(self) -> float | None:
         """The share of wall time since the last read our engines were busy, by

@@ -286,6 +286,46 @@ def test_without_our_own_samples_the_engines_busy_time_stands_in():
         reader.stop()
 
 
+def test_in_a_container_our_own_kernels_never_read_as_outside_load():
+    # NVML names processes by their host PID: in a container no sample is ever ours, and
+    # "only others have samples" read as a share of 0 - our own 90 % counted as outside
+    # load, factor 10 at the first read and 1.8 after the busy counter went back (a model
+    # unloaded). Until a sample carries our PID, NVML's share is unknown (review
+    # helper-289).
+    nvml, seen, now, busy = FakeNvml(), [], [0.0], [0.0]
+    reader = NvmlLoad(
+        0, lambda i, f: seen.append(f), own_busy=lambda: busy[0], nvml=nvml,
+        interval_s=3600, clock=lambda: now[0],
+    )  # fmt: skip
+    assert reader.start()
+    try:
+        nvml.total, nvml.samples = 90, {OTHER_PID: 90}  # this process, under its host PID
+        assert reader.sample() is None and seen == []  # was 10.0
+        now[0], busy[0] = 1.0, 0.9  # our engines ran 90 % of the last second
+        assert reader.sample() == pytest.approx(1.0)
+        now[0], busy[0] = 2.0, 0.5  # the counter went back (a model unloaded)
+        assert reader.sample() is None  # was 1.82
+        now[0], busy[0] = 3.0, 1.4
+        assert reader.sample() == pytest.approx(1.0)
+        assert seen == [pytest.approx(1.0)] * 2
+    finally:
+        reader.stop()
+
+
+def test_a_device_whose_utilisation_nvml_cannot_read_starts_no_reader(caplog):
+    # A MIG slice: NOT_SUPPORTED. The reader started anyway, failed every read with a
+    # warning and polled every 0.5 s for the model's life (review helper-289).
+    class MigNvml(FakeNvml):
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            raise self.NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+
+    caplog.set_level(logging.INFO, logger="innfer.gpu_load")
+    reader = NvmlLoad(0, lambda i, f: None, nvml=MigNvml(), interval_s=0.01)
+    assert reader.start() is False and reader._thread is None
+    assert "cannot read its utilisation" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_nvml_missing_or_failing_disables_the_reader_without_raising(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="innfer.gpu_load")
     broken = FakeNvml(fail_init=True)
@@ -300,7 +340,7 @@ def test_nvml_missing_or_failing_disables_the_reader_without_raising(monkeypatch
 
 def test_the_thread_samples_until_stopped():
     nvml, seen = FakeNvml(), []
-    nvml.total, nvml.samples = 50, {OTHER_PID: 50}
+    nvml.total, nvml.samples = 50, {os.getpid(): 0, OTHER_PID: 50}
     reader = NvmlLoad(3, lambda i, f: seen.append((i, f)), nvml=nvml, interval_s=0.01)
     assert reader.start()
     deadline = time.monotonic() + 10
