@@ -327,6 +327,36 @@ def test_a_batch_runs_no_longer_than_the_tightest_clients_of_the_device_can_wait
     assert c._snapshot(later, 0).tight_budget == pytest.approx(0.5)
 
 
+def test_a_lone_request_prices_the_neighbours_arrivals_it_would_turn_away():
+    # B's clients send 300 ms budgets at 20/s, A's 12 ms at 100/s. B's lone requests went
+    # past the head-of-line bound on w100 (32 ms) because the arrivals it turned away were
+    # priced at B's own rate and budgets; A's requests behind it were refused, 24-52 % of
+    # them (review helper-287).
+    slow = [TierInfo("w100", 0.99, {1: 32.0, 8: 60.0}),
+            TierInfo("w050", 0.97, {1: 15.0, 8: 30.0}),
+            TierInfo("w025", 0.90, {1: 8.6, 8: 20.0})]  # fmt: skip
+    fast = [TierInfo("w100", 0.99, {1: 0.3, 8: 1.0})]
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, fast), _scheduler(dev, slow)
+    alone = _scheduler(None, slow)
+    now = 0.0
+    for k in range(200):  # 2 s of both models' traffic, each request served at once
+        a.submit(Request(k, now, now + 0.012), now)
+        a.complete(a.next(now), now + 0.0003, 0.0003)
+        if k % 5 == 0:
+            for m in (b, alone):
+                m.submit(Request(1000 + k, now, now + 0.3), now)
+                d = m.next(now)
+                m.complete(d, now + 0.0086, 0.0086)
+        now += 0.010
+    b.submit(Request(9999, now, now + 0.3), now)
+    alone.submit(Request(9999, now, now + 0.3), now)
+    assert alone.next(now).tier == "w100"  # its own clients alone allow it
+    snap = b._snapshot(now, 0)
+    assert snap.tight_budget == pytest.approx(0.012) and snap.tight_row == pytest.approx(0.0003)
+    assert b.next(now).tier == "w025"  # within 12 ms less A's 0.3 ms row
+
+
 def test_admission_counts_a_neighbours_higher_priority_work_due_later():
     # a's 24 requests have priority 1: they run first whatever their deadlines (claim's
     # order), so b's 38 ms request waits 30 ms and then needs its own 10 ms: refused. By

@@ -156,7 +156,12 @@ class Snapshot:
     (``Scheduler.host_s`` > 0): step 1 keeps its tighter bound. ``grow_batches``: the core
     that handling shares is nearly full (``Scheduler.batch_host_s`` > 0 and the arrivals
     at the head's fastest tier need ``GROW_UTILISATION`` of it): batches grow by what each
-    costs the core outside the engine (``Context.batch_cap``).
+    costs the core outside the engine (``Context.batch_cap``). ``neighbours``: on a shared
+    device, each other member whose clients still send, as (arrival rate rows/s, its
+    recent budgets sorted or None, its fastest tier's one row s) - their arrivals a long
+    lone request turns away are priced too (``_blocks_little``). ``tight_row``: the one
+    row on the fastest tier of the member whose budget ``tight_budget`` is (s; None: this
+    model's own) - what ``_hol_limit`` leaves room for.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -177,6 +182,8 @@ class Snapshot:
     paced_share: float = 0.0
     shared_cpu: bool = False
     grow_batches: bool = False
+    neighbours: tuple[tuple[float, np.ndarray | None, float], ...] = ()
+    tight_row: float | None = None
 
 
 class Context:
@@ -1057,12 +1064,21 @@ def _blocks_little(took: float, fastest: str, ctx: Context, snap: Snapshot, rows
     back after its answer, never during the batch). (One row only, before: an idle replica
     that had seen a few tight budgets served one client's 8-row requests with 1 s budgets
     on the fastest tier for its next ~200 requests, each counted degraded; review
-    helper-258.)"""
+    helper-258.) On a shared device the neighbours' arrivals (``snap.neighbours``) are
+    priced as well, each needing its own fastest row after the batch, and never as paced
+    by our answers: priced on this model's alone, a model with 300 ms budgets ran its lone
+    requests on a 32 ms tier while a neighbour's 12-20 ms requests behind them were
+    refused, 24-52 % of them (review helper-287)."""
     least = ctx.latency.planned(fastest)[rows]
-    if took <= least or snap.budgets is None or snap.paced_share >= PACED_IDLE_SHARE:
+    if took <= least:
         return True
-    after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
-    lost = snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)
+    lost = 0.0
+    if snap.budgets is not None and snap.paced_share < PACED_IDLE_SHARE:
+        after = ctx.latency.estimate(ctx.tiers[-1].name, 1)
+        lost += snap.arrival_rate * turned_away(snap.budgets, least + after, took + after)
+    for rate, budgets, after in snap.neighbours:
+        if budgets is not None:
+            lost += rate * turned_away(budgets, least + after, took + after)
     return lost <= BLOCKING_MISS_SHARE * (1 - ctx.slo_target)
 
 
@@ -1181,7 +1197,9 @@ def _hol_limit(ctx: Context, snap: Snapshot, slots: int) -> float:
     p90 1.3x, budgets U(4, 8) ms, 2,000 rows/s: 61 % within budget, against 99.6 % for
     plain full batches)."""
     fastest = ctx.tiers[-1].name
-    limit = snap.tight_budget - ctx.latency.estimate(fastest, 1)
+    # (room for the tight client's own row: a neighbour's 0.3 ms, not this model's 8.6)
+    row = snap.tight_row if snap.tight_row is not None else ctx.latency.estimate(fastest, 1)
+    limit = snap.tight_budget - row
     means = ctx.latency.means(fastest)  # seconds, indexed by rows
     need = snap.arrival_rate / (KEEP_UP_UTILISATION * slots)  # rows/s per slot
     top = min(ctx.max_batch, len(means) - 1)

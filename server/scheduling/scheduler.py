@@ -723,17 +723,22 @@ class Scheduler:
         # Only members whose clients still send (NEIGHBOUR_QUIET_S): an idle one's last
         # bound stays as it was (it changes in its own decisions), and capped its
         # neighbours' batches for good (review helper-140).
-        tight = self._tight_budget
+        # Their arrivals, which a long lone request of ours turns away, are priced with our
+        # own (``Snapshot.neighbours``; review helper-287).
+        tight, tight_row, neighbours = self._tight_budget, None, []
         if len(self.device.members) > 1:
             for m in self.device.members:
                 if m is not self and (m.queue or now - m._rate_at <= NEIGHBOUR_QUIET_S):
-                    tight = min(tight, m._tight_budget)
+                    row = m.latency.estimate(m.ctx.tiers[-1].name, 1)
+                    neighbours.append((m.arrival_rate(now), m._budget_cdf, row))
+                    if m._tight_budget < tight:
+                        tight, tight_row = m._tight_budget, row
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
         rate = self.arrival_rate(now)
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
-            self.idle_share, self.host_s > 0, self._grows(rate),
+            self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
         )  # fmt: skip
 
     def _grows(self, rate: float) -> bool:
