@@ -377,7 +377,8 @@ class ServerConfig:
     max_connection_age_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",
         doc="a client connection this old is sent GOAWAY (gRPC adds +-10 % jitter; a REST "
-        "connection's next answer closes it, Connection: close): its calls go on, new ones "
+        "connection's first answer after this long from its first answer closes it, "
+        "Connection: close): its calls go on, new ones "
         "go over a new connection, which re-resolves DNS and so reaches replicas the "
         "autoscaler added since (without it a connected client stays on the pods it first "
         "reached); null: connections live until the client closes them",

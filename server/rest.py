@@ -337,8 +337,9 @@ class RestFrontEnd:
             response.headers["Connection"] = "close"
 
     async def _close_when_old(self, request: web.Request, response) -> None:
-        """An answer on a connection older than ``max_connection_age_s`` (+-10 % jitter, as
-        gRPC's GOAWAY) closes it (``Connection: close``): the client's next request opens a
+        """An answer ``max_connection_age_s`` (+-10 % jitter, as gRPC's GOAWAY) or more after
+        its connection's first answer closes it (``Connection: close``; aiohttp tells a
+        handler nothing of when the connection opened): the client's next request opens a
         new one, which the Service balances onto replicas the autoscaler added. A pooled
         keep-alive connection stayed on its first pod for good - 2,834 requests over 150 s
         on one connection with the age at 60 s (review helper-285)."""

@@ -103,13 +103,15 @@ class Tracer:
             return coarse
         if any(self.uf.continuous(s.group) for s in a + b):
             aligned = self._align(a, b)
-            try:
-                if aligned is not None:
-                    for x, y in zip(*aligned, strict=True):
-                        self.uf.union(x.group, y.group, where)
-                    return aligned[0]
-            except ConversionError:  # pieces of other sizes: x[:, 1:] - x[:, :-1]
-                pass
+            pairs = [] if aligned is None else list(zip(*aligned, strict=True))
+            size = self.uf.size
+            # (pieces of other sizes - x[:, 1:] - x[:, :-1] - cannot be tied; any other
+            # refusal of the union, grouped convs' blocks, is said as it is)
+            if pairs and all(size[self.uf.find(x.group)] == size[self.uf.find(y.group)]
+                             for x, y in pairs):  # fmt: skip
+                for x, y in pairs:
+                    self.uf.union(x.group, y.group, where)
+                return aligned[0]
             raise self._split_apart(where, a + b)
         for s in a + b:
             self.uf.pin(s.group)
