@@ -578,6 +578,20 @@ def test_slackfit_never_leaves_the_head_waiting():
     assert d.requests[0] is head and d.tier in ("w050", "w025")
 
 
+def test_slackfit_sizes_a_batch_to_the_earliest_deadline_it_takes():
+    # A 100 ms priority-1 head and a 5 ms request: sized to the head's slack, the batch of
+    # both ran on w100 (6 ms) and answered the 5 ms request late (review helper-287).
+    tiers = [TierInfo("w100", 0.99, {1: 4.0, 2: 6.0, 4: 10.0, 8: 18.0}),
+             TierInfo("w025", 0.93, {1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5})]  # fmt: skip
+    sched = Scheduler(tiers, make_policy("slackfit", tiers), max_batch=8, max_queue=64)
+    low, high = Request(1, 0.0, 0.005), Request(2, 0.0, 0.100, priority=1000)
+    sched.submit(low, 0.0)
+    sched.submit(high, 0.0)
+    d = sched.next(0.0)
+    assert d.requests[0] is high
+    assert low not in d.requests or sched.latency.estimate(d.tier, d.rows) <= 0.005, d
+
+
 def test_slackfit_batches_multi_row_requests():
     sched = make("slackfit")
     reqs = [Request(0, 0.0, 1.0, rows=1), Request(1, 0.0, 1.0, rows=2)]

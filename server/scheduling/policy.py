@@ -452,7 +452,6 @@ class SlackFit(Policy):
 
     def choose(self, queue, now, ctx, snap):
         head = queue[0]
-        slack = head.deadline - now
         best = None  # (bucket, rows, accuracy, tier, batch)
         for tier in ctx.allowed(head):
             for limit in range(1, ctx.max_batch + 1):
@@ -463,7 +462,11 @@ class SlackFit(Policy):
                 if rows < limit:
                     continue  # same batch as a smaller limit, or the next request needs more
                 est = ctx.latency.estimate(tier, rows)
-                if est > slack:
+                # The batch's slack, not the head's: with priorities the head is not the
+                # earliest deadline it takes (a 100 ms priority-1 head batched a 5 ms
+                # request and answered it late; review helper-287). A larger limit takes
+                # more rows and no later deadline: no larger batch fits either.
+                if est > min(r.deadline for r in batch) - now:
                     break
                 key = (math.floor(est / self.bucket), rows, ctx.accuracy(tier))
                 if best is None or key > best[0]:
