@@ -1821,7 +1821,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"note: no held-out training inputs after the first {samples}: a new tier "
               f"replaces a stored one whatever it scores ({fix})")  # fmt: skip
     target = args.out or args.model_dir
-    kept = ("a stored tier stays unless the new one scores better" if held is not None
+    kept = ("a stored tier stays unless the new one scores at least as well" if held is not None
             else "without held-out inputs the new tiers replace the stored ones")  # fmt: skip
     with _saved_as_it_goes(target, kept) as keep:
         # model.yaml's tiers keep what they serve unless calibrated and judged better here:
@@ -2009,7 +2009,9 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
              if (key := inn.sizes_key(inn.sizes(unshaped(w), multiple_of))) != full}  # fmt: skip
     per_tier = args.seconds / max(len(tiers), 1)
     target = args.out or args.model_dir
-    with _saved_as_it_goes(target, "a stored tier stays unless the new one scores better") as keep:
+    with _saved_as_it_goes(
+        target, "a stored tier stays unless the new one scores at least as well"
+    ) as keep:
         tuned = calibrate_text(
             inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
             multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,

@@ -177,8 +177,14 @@ def test_a_width_that_keeps_its_network_keeps_its_grids(monkeypatch):
                       holdout=(x[:64], labels))  # fmt: skip
     decided = {k: d["kept"] for k, d in tuned.info["calibration"].items()}
     assert decided == {inn.sizes_key(half): "uncalibrated", inn.sizes_key(other): "new"}
+    # its grids, with the BatchNorm statistics it was judged with (stored: a build without
+    # an evaluation set re-estimates none; review helper-288)
+    from runtime.inn.calibrate import NORM_SAMPLES, recompute_norm_stats
+
+    judged = inn.sample(half)
+    recompute_norm_stats(judged, x[:NORM_SAMPLES], 64)
     with torch.no_grad():
-        torch.testing.assert_close(tuned.sample(half)(probe), before)
+        torch.testing.assert_close(tuned.sample(half)(probe), judged.eval()(probe))
     assert inn.sizes_key(other) in tuned.tiers  # served from its own weights
 
     # A width not calibrated here, one of the served tiers (keep): as before too; without

@@ -93,3 +93,31 @@ def test_a_batch_larger_than_the_norm_sample_still_judges_the_stored_tier():
     out = calibrate(inn, torch.rand(1200, 1, 8, 8), [0.5], max_steps=1, batch_size=600,
                     holdout=held, progress=False)  # fmt: skip
     assert out.info["calibration"]
+
+
+def test_a_width_kept_uncalibrated_is_stored_with_the_statistics_it_was_judged_with(
+    monkeypatch,
+):
+    # Judged with BatchNorm statistics re-estimated (as a build with an evaluation set
+    # serves it), then stored without them: a build without one served the full width's
+    # statistics resampled - 13.5 % where the judged network scored 85.4 % (review
+    # helper-288).
+    import runtime.inn.report as report
+    from runtime.inn.calibrate import NORM_SAMPLES, calibrate, recompute_norm_stats, unnormed
+
+    torch.manual_seed(0)
+    inn = runtime.convert(tiny_cnn(), (torch.randn(2, 1, 8, 8),), fold_norms=False)
+    x = torch.rand(600, 1, 8, 8)
+    half = inn.sizes(0.5)
+    scores = iter([1.0, 0.0])  # the stored (uncalibrated) width wins
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: next(scores))
+    held = (torch.rand(200, 1, 8, 8), torch.arange(200) % 10)
+    out = calibrate(inn, x, [0.5], max_steps=1, holdout=held, progress=False)
+    assert out.info["calibration"][inn.sizes_key(half)]["kept"] == "uncalibrated"
+    judged = inn.sample(half)
+    recompute_norm_stats(judged, x[:NORM_SAMPLES], 64)
+    served = out.sample(half)
+    assert not unnormed(out, served, half)  # the build re-estimates nothing more
+    probe = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(served.eval()(probe), judged.eval()(probe))
