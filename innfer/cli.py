@@ -2222,6 +2222,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = width_report(inn, widths, data, method=method, multiple_of=multiple_of,
                         example=example)  # fmt: skip
     print(format_report(rows))
+    if (
+        config is not None
+        and (evaluation is None or evaluation.dataset is None)
+        and any(r.norms_reestimated and not r.calibrated for r in rows)
+    ):  # (the table's 85.2 % at a width the server ran at 13.5 %; review helper-288)
+        print("note: rows with norms re-estimated are scored with BatchNorm statistics "
+              "measured on --data's training inputs; this model's build re-estimates none "
+              "(model.yaml names no evaluation set), so its tiers at such widths serve the "
+              "full width's, resampled: add evaluation to model.yaml, or store them with "
+              f"innfer calibrate {args.model_dir} --data ...")  # fmt: skip
     if example is not None:
         print(f"FLOPs at batch 1 of inputs {shape} (model.yaml's, dynamic dims at 16); "
               "accuracy: not measured (--data sets hold one float input; the build scores "

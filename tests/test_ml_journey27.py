@@ -289,6 +289,30 @@ def test_calibrate_keeps_the_uncalibrated_width_where_calibration_makes_it_worse
     )
 
 
+def test_report_says_when_its_reestimated_rows_are_not_what_the_build_serves(
+    trained, tmp_path, capsys
+):
+    # Without an evaluation set in model.yaml the build re-estimates no statistics, and the
+    # report's re-estimated 85.2 % was a tier the server ran at 13.5 % (review helper-288).
+    from innfer.cli import main
+    from runtime.build.pipeline import add_model
+
+    io = {
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 8, 8]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
+        "tiers": [{"name": "w100", "width": 1.0}],
+    }
+    d = add_model(tmp_path, "cnn", trained, io)
+    assert main(["report", str(d), "--data", "digits", "--widths", "1.0", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "norms re-estimated" in out and "this model's build re-estimates none" in out
+    (d / "model.yaml").write_text(
+        (d / "model.yaml").read_text() + "evaluation: {dataset: digits}\n"
+    )
+    assert main(["report", str(d), "--widths", "1.0", "0.5"]) == 0
+    assert "this model's build re-estimates none" not in capsys.readouterr().out
+
+
 def test_report_takes_threads_for_an_image_model_too(trained, tmp_path, capsys, monkeypatch):
     # --threads was set for the text report only: beside --data it was ignored without a
     # word (session 68's noticed list).
