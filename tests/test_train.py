@@ -850,6 +850,18 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_way_on(tmp_path
         ValueError, match=r"has no checkpoint-\w+.safetensors .*--force starts over"
     ):
         train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
+    # edited by hand: "internal error: KeyError: 'optimizer'", int()'s own words for an
+    # epoch "two" (review helper-288)
+    for edit, said in (
+        (lambda d: d.pop("optimizer"), r"is damaged \(no optimizer state\); --force"),
+        (lambda d: d["meta"].update(epoch="two"), r"damaged \(its epoch is 'two'.*--force"),
+        (lambda d: d["meta"].pop("epoch"), r"damaged \(its epoch is None.*--force"),
+    ):
+        data = json.loads(record)
+        edit(data)
+        (ckpt / "checkpoint.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=said):
+            train_inn("digits_mlp", checkpoint=ckpt, resume=True, **{**kw, "epochs": 2})
 
 
 def test_an_npz_whose_splits_hold_inputs_of_two_shapes_is_refused(tmp_path):

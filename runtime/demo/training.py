@@ -203,6 +203,18 @@ def _check_same_run(meta: dict, run: dict, checkpoint) -> None:
         )
 
 
+def _epoch_of(meta: dict, checkpoint) -> int:
+    """The last epoch the checkpoint's ``meta`` records, or a ValueError that says it is
+    damaged (KeyError: 'epoch', or int()'s own words for "two"; review helper-288)."""
+    epoch = meta.get("epoch")
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError(
+            f"the checkpoint in {checkpoint} is damaged (its epoch is {epoch!r}, not a whole "
+            "number); --force starts over in this --out (or train into another)"
+        )
+    return epoch
+
+
 def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
     """The first epoch a resumed run trains, after checking the checkpoint was made by the
     same run: another model, seed, learning rate, batch size or width sampling would
@@ -211,7 +223,7 @@ def _resumed_epoch(meta: dict, run: dict, epochs: int, checkpoint) -> int:
     learning-rate cycle spans ``epochs``, so the result is not the longer run from scratch.
     """
     _check_same_run(meta, run, checkpoint)
-    start = int(meta["epoch"]) + 1
+    start = _epoch_of(meta, checkpoint) + 1
     if start >= epochs:
         # (its run's own epochs: "finished 1 of 1" was said of an interrupted 6-epoch run
         # resumed with --epochs 1 - review helper-246)
@@ -304,7 +316,9 @@ def train_inn(
             raise FileNotFoundError(f"no checkpoint to resume in {checkpoint}")
         # Another run's checkpoint is refused from its record, before its tensors are
         # loaded: another model's failed there as torch's "size of tensor a (3) must match".
-        _check_same_run(checkpoint_record(checkpoint)["meta"], run, checkpoint)
+        recorded = checkpoint_record(checkpoint)["meta"]
+        _check_same_run(recorded, run, checkpoint)
+        _epoch_of(recorded, checkpoint)
         meta = load_checkpoint(checkpoint, model, opt)
         start_epoch = _resumed_epoch(meta, run, epochs, checkpoint)
         _fast_forward(sched, min(start_epoch, epochs) * steps_per_epoch)

@@ -282,6 +282,13 @@ def checkpoint_record(path: str | Path) -> dict:
             f"{f} is not a checkpoint record; --force starts over in this --out (or train "
             "into another)"
         )
+    # (a record without its optimizer state was an internal error: KeyError: 'optimizer';
+    # review helper-288)
+    if not isinstance(data.get("optimizer"), dict):
+        raise ValueError(
+            f"{f} is damaged (no optimizer state); --force starts over in this --out (or "
+            "train into another)"
+        )
     return data
 
 
