@@ -261,16 +261,22 @@ def test_samples_from_before_the_reader_started_are_not_read_as_ours():
         reader.stop()
 
 
-def test_without_our_own_samples_the_engines_busy_time_stands_in():
-    """In a container NVML reports host PIDs: our samples never match os.getpid(). The
-    data plane's engine seconds say how busy we were; with neither, nothing is reported."""
-    now, busy = [0.0], [0.0]
-    nvml, seen = FakeNvml(), []
+def _clocked_reader():
+    """A started reader on a fake NVML, read by hand (``sample``) on a scripted clock, with
+    our engines' busy seconds as given: (nvml, factors reported, [now], [busy], reader)."""
+    nvml, seen, now, busy = FakeNvml(), [], [0.0], [0.0]
     reader = NvmlLoad(
         0, lambda i, f: seen.append(f), own_busy=lambda: busy[0], nvml=nvml,
         interval_s=3600, clock=lambda: now[0],
     )  # fmt: skip
     assert reader.start()
+    return nvml, seen, now, busy, reader
+
+
+def test_without_our_own_samples_the_engines_busy_time_stands_in():
+    """In a container NVML reports host PIDs: our samples never match os.getpid(). The
+    data plane's engine seconds say how busy we were; with neither, nothing is reported."""
+    nvml, seen, now, busy, reader = _clocked_reader()
     try:
         nvml.process_error = nvml.NVML_ERROR_NOT_SUPPORTED
         nvml.total = 90
@@ -292,12 +298,7 @@ def test_in_a_container_our_own_kernels_never_read_as_outside_load():
     # load, factor 10 at the first read and 1.8 after the busy counter went back (a model
     # unloaded). Until a sample carries our PID, NVML's share is unknown (review
     # helper-289).
-    nvml, seen, now, busy = FakeNvml(), [], [0.0], [0.0]
-    reader = NvmlLoad(
-        0, lambda i, f: seen.append(f), own_busy=lambda: busy[0], nvml=nvml,
-        interval_s=3600, clock=lambda: now[0],
-    )  # fmt: skip
-    assert reader.start()
+    nvml, seen, now, busy, reader = _clocked_reader()
     try:
         nvml.total, nvml.samples = 90, {OTHER_PID: 90}  # this process, under its host PID
         assert reader.sample() is None and seen == []  # was 10.0
