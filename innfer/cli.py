@@ -2009,9 +2009,8 @@ def _calibrate_text(args: argparse.Namespace, inn, widths, multiple_of: int, met
              if (key := inn.sizes_key(inn.sizes(unshaped(w), multiple_of))) != full}  # fmt: skip
     per_tier = args.seconds / max(len(tiers), 1)
     target = args.out or args.model_dir
-    with _saved_as_it_goes(
-        target, "a stored tier stays unless the new one scores at least as well"
-    ) as keep:
+    # (a text tie keeps the stored tier - runtime/inn/distill.py - an image tie the new one)
+    with _saved_as_it_goes(target, "a stored tier stays unless the new one scores better") as keep:
         tuned = calibrate_text(
             inn, torch.from_numpy(ids), torch.from_numpy(mask), widths, per_tier,
             multiple_of=multiple_of, method=method, grid=args.grid, seed=args.seed,
