@@ -57,7 +57,7 @@ from server.errors import (
     Unavailable,
 )
 from server.gpu_load import gpu_index
-from server.host_cpu import HostCpu
+from server.host_cpu import HostCpu, available_cpus
 from server.limits import clip
 from server.log_throttle import LogThrottle
 from server.loop_idle import IdleWatch, idle_watch
@@ -805,7 +805,13 @@ class ModelRuntime:
         # planned the accurate tiers past every budget for good - they never ran, so
         # nothing corrected them (0 of 1,165 requests on w100 at a 3x timing; review
         # helper-287) - so it is taken as a timing beside traffic is (``contended``).
-        stolen = self.served.backend in CPU_TIMED_BACKENDS and cpu < BUSY_CPU_SHARE * wall
+        # (not where the engine's own pool outnumbers the CPUs this process may use: it
+        # starves the calling thread itself - 4 threads on 2 cores read 26 %; helper-291)
+        stolen = (
+            self.served.backend in CPU_TIMED_BACKENDS
+            and self.config.threads <= available_cpus()
+            and cpu < BUSY_CPU_SHARE * wall
+        )
         latency = self.scheduler.latency
         factors = {t: latency.tier_estimate(t).factor for t in self.served.engines}
         log.info("model %s measured at load%s: latency / profile.json %s", self.name,
