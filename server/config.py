@@ -660,7 +660,10 @@ class ServerConfig:
         path = Path(path)
         data = read_config_yaml(path, _GUARDS) or {}
         if repository is not None and isinstance(data, dict):
-            data = {**data, "repository": str(Path(repository).resolve())}
+            # absolute, links not followed: resolved here, a symlinked release
+            # (current -> releases/v2, a ConfigMap's ..data) swapped while serving was never
+            # seen, the old one served on (review helper-293) - as the file's is read
+            data = {**data, "repository": str(Path(repository).absolute())}
         return cls.from_dict(data, source=str(path), base=path.parent)
 
     @classmethod

@@ -520,6 +520,19 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path, pems):
     assert cfg.repository == tmp_path / "models"
 
 
+def test_a_repository_flag_naming_a_link_keeps_the_link(tmp_path, monkeypatch):
+    # `innfer serve --config tuning.yaml --repository current`: resolved at start, a swap
+    # of current -> releases/v2 was never seen and the old release served on - the shipped
+    # images name the repository so (review helper-293). Absolute, the link kept, as the
+    # file's `repository:` is read.
+    (tmp_path / "releases" / "v1").mkdir(parents=True)
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "v1")
+    (tmp_path / "tuning.yaml").write_text("policy: innfer\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = ServerConfig.load(tmp_path / "tuning.yaml", repository="current")
+    assert cfg.repository == tmp_path / "current"
+
+
 @pytest.mark.parametrize(
     ("tls", "field", "expected"),
     [
