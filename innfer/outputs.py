@@ -12,6 +12,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -37,8 +40,29 @@ def png_file(text: str) -> Path:
 
 
 def output_dir(text: str) -> Path:
-    """A folder to write into (made if missing): not an existing file."""
+    """A folder to write into: made and written to once here (a file made and removed,
+    then the folders this made), so that a path that cannot be written is refused before
+    the work - it failed only after the training or calibration it was to keep, minutes of
+    `innfer demo` lost to a read-only mount - and an empty one (an unset ``$OUT``) is not
+    the working directory (review helper-292). (Root passes ``os.access`` on read-only
+    mounts: only a write tells.)"""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("got an empty path; give a directory (. for this one)")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a directory")
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".innfer-write-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot write into {text} ({exc.strerror or exc}); give a folder you can write to"
+        ) from None
+    finally:
+        for p in made:  # as it was: the command makes what it writes
+            with contextlib.suppress(OSError):
+                p.rmdir()
     return path
