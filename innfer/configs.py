@@ -77,9 +77,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 # A server config named *.model.yaml is read by that name as a tier set -
                 # the deploy gate (check_tiers.py) and `innfer build` fail on it, so the
                 # check does too (review helper-243). A model config named otherwise is
-                # read by nothing under its name: said, not failed.
-                failed += kind == "model"
-                print(other, file=sys.stderr if kind == "model" else sys.stdout)
+                # read by nothing under its name: said, not failed - unless it is not valid
+                # as that either.
+                line, valid = other
+                failed += kind == "model" or not valid
+                print(line, file=sys.stderr if kind == "model" or not valid else sys.stdout)
                 continue
             failed += 1
             print(f"{_said(exc, path)} (as a {kind} config)", file=sys.stderr)
@@ -158,21 +160,40 @@ def _limits_refuse(config) -> str | None:
     return None
 
 
-def _as_other(path: Path, kind: str) -> str | None:
-    """Where a file whose name made it a ``kind`` config loads as the other kind: its "ok"
-    line, with how to name it. A model config saved as mymodel.yaml was refused as a server
-    config field by field ("inputs: expected a known field ...") with no word of --kind
-    (review helper-225)."""
+def _as_other(path: Path, kind: str) -> tuple[str, bool] | None:
+    """Where a file whose name made it a ``kind`` config is the other kind by its keys: its
+    line as that kind, with how to name it, and whether it is valid as that. A model config
+    saved as mymodel.yaml was refused as a server config field by field ("inputs: expected
+    a known field ...") with no word of --kind (review helper-225) - and where it was also
+    invalid as a model config, still so, its own error hidden (review helper-295)."""
     other = "server" if kind == "model" else "model"
+    name = "model.yaml or NAME.model.yaml" if other == "model" else "anything but *model.yaml"
+    hint = f"by its keys: its name made it a {kind} config - name it {name}, or pass --kind {other}"
     try:
         config = _config_class(other).load(path)
-    except (ValueError, OSError):
-        return None
-    name = "model.yaml or NAME.model.yaml" if other == "model" else "anything but *model.yaml"
-    return (
-        f"{path}: {other} config ok{_not_there_yet(config)} (by its keys: its name made it a "
-        f"{kind} config - name it {name}, or pass --kind {other})"
-    )
+    except (ValueError, OSError) as exc:
+        if not _keys_of(path, other, kind):
+            return None
+        return f"{_said(exc, path)} (as a {other} config, {hint})", False
+    return f"{path}: {other} config ok{_not_there_yet(config)} ({hint})", True
+
+
+def _keys_of(path: Path, kind: str, not_kind: str) -> bool:
+    """Whether ``path``'s top-level keys are all fields of a ``kind`` config and not all of
+    a ``not_kind`` one."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    if not isinstance(data, dict) or not data:
+        return False
+    fields = {k: {f.name for f in dataclasses.fields(_config_class(k))} for k in (kind, not_kind)}
+    keys = set(data)
+    return keys <= fields[kind] and not keys <= fields[not_kind]
 
 
 def _not_there_yet(config) -> str:

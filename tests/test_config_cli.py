@@ -96,8 +96,15 @@ def test_check_reads_a_model_config_named_otherwise_by_its_keys(tmp_path, capsys
     assert cli(["config", "check", str(mine)]) == 0
     out = capsys.readouterr().out
     assert "model config ok" in out and "--kind model" in out
-    # a file that is neither stays an error, as the kind its name says
-    (tmp_path / "other.yaml").write_text("inputs: 3\n")
+    # invalid as a model config too: its own error, not the server's field by field (the
+    # fallback hid it: review helper-295)
+    bad = re.sub(r"(?m)^threads: *\d+", "threads: 0", mine.read_text())
+    (tmp_path / "bad.yaml").write_text(bad)
+    assert cli(["config", "check", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "threads: got 0" in err and "(as a model config, by its keys" in err, err
+    # a file whose keys are of neither stays an error, as the kind its name says
+    (tmp_path / "other.yaml").write_text("nonsense: 3\n")
     assert cli(["config", "check", str(tmp_path / "other.yaml")]) == 2
     assert "(as a server config)" in capsys.readouterr().err
     # --kind given: no second guess
