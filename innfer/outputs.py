@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import tempfile
 from pathlib import Path
+
+from runtime.atomic import probe_write
 
 
 def output_file(text: str) -> Path:
@@ -53,10 +53,7 @@ def output_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a file; give a directory")
     made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".innfer-write-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(path)
     except OSError as exc:
         raise argparse.ArgumentTypeError(
             f"cannot write into {text} ({exc.strerror or exc}); give a folder you can write to"

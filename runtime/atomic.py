@@ -115,6 +115,23 @@ def _own_fd(name: str) -> int | None:
     return None
 
 
+def probe_write(folder: Path, prefix: str = ".innfer-write-") -> None:
+    """Make ``folder`` (and its parents) if missing and write a file into it, then remove
+    the file: raises the OSError that tells why it cannot be written (root passes
+    ``os.access`` on a read-only mount: only a write tells).
+
+    Example:
+        >>> import tempfile
+        >>> probe_write(Path(tempfile.mkdtemp()) / "new")
+    """
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def replace_directory(new: Path, out: Path) -> bool:
     """Put the folder ``new`` in the place of ``out``: ``out`` renamed aside, ``new`` renamed
     in, the old one removed. A reader finds the old folder or the new one, each whole - but

@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.atomic import write_json
+from runtime.atomic import probe_write, write_json
 from runtime.configspec import spec
 from server.errors import FailedPrecondition, InvalidArgument
 
@@ -189,10 +189,7 @@ class RequestTraces:
             return "no trace file: set trace.file in the server config"
         folder = Path(self.file).parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".innfer-trace-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
+            probe_write(folder, prefix=".innfer-trace-")
         except OSError as exc:
             return f"cannot write trace files in {folder}: {exc.strerror or exc}"
         return None
