@@ -203,6 +203,23 @@ def _check_same_run(meta: dict, run: dict, checkpoint) -> None:
         )
 
 
+def epoch_streams(seed: int, epoch: int) -> tuple[torch.Generator, random.Random]:
+    """The random streams one epoch of ``train_inn`` draws from: the batch order and the
+    sampled widths. Both derive from ``(seed, epoch)`` as a pair, so two seeds' runs do not
+    share epochs (``seed + epoch`` gave seed 1's first epoch seed 0's second:
+    the same batch order, restarted, in every run of a seed sweep), and a resumed run
+    draws what an unbroken one would.
+
+    Example:
+        >>> a, _ = epoch_streams(0, 1)
+        >>> b, _ = epoch_streams(1, 0)
+        >>> torch.equal(torch.randperm(8, generator=a), torch.randperm(8, generator=b))
+        False
+    """
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) >> 1), random.Random(int(state[1]))
+
+
 def _epoch_of(meta: dict, checkpoint) -> int:
     """The last epoch the checkpoint's ``meta`` records, or a ValueError that says it is
     damaged (KeyError: 'epoch', or int()'s own words for "two"; review helper-288)."""
@@ -274,7 +291,7 @@ def train_inn(
     Norm statistics are re-estimated afterwards for the full width and ``min_width`` (other
     widths: ``runtime.inn.calibrate.reestimate_norms``). With ``checkpoint``, the node values
     and optimizer state are saved after every epoch; ``resume`` continues from there.
-    Epoch e shuffles with seed + e, so a resumed run sees the same batches.
+    Epoch e draws from ``epoch_streams(seed, e)``, so a resumed run sees the same batches.
     """
     from tqdm.auto import tqdm
 
@@ -326,8 +343,7 @@ def train_inn(
     bar = tqdm(total=epochs * steps_per_epoch, initial=min(start_epoch, epochs) * steps_per_epoch,
                desc=f"train {name} (INN)", unit="step", disable=not progress)  # fmt: skip
     for epoch in range(start_epoch, epochs):
-        gen = torch.Generator().manual_seed(seed + epoch)
-        rng = random.Random(seed * 1000 + epoch)
+        gen, rng = epoch_streams(seed, epoch)
         perm = torch.randperm(len(data.x_train), generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
