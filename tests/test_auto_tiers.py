@@ -292,6 +292,24 @@ def test_a_frontier_built_for_other_candidate_settings_is_neither_chosen_from_no
     assert "the frontier was built for other widths than model.yaml says now" in caplog.text
 
 
+def test_a_frontier_measured_at_other_engine_threads_is_not_served(tmp_path, caplog):
+    # The frontier's latencies are per engine thread count; model.yaml's threads edited
+    # after the build served the chosen tiers with the old thread count's profile
+    # (noticed in session 70).
+    d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
+    ActiveTiers(("w075", "w025"), "test-frontier", "2026-01-01T00:00:00Z", {}).write(
+        d / ACTIVE_FILE
+    )
+    built = Frontier.read(d / "frontier" / "frontier.json")
+    assert sorted(Repository(tmp_path).load("tiny").engines) == ["w025", "w075"]
+    doc = yaml.safe_load((d / "model.yaml").read_text())
+    doc["threads"] = built.threads + 1
+    (d / "model.yaml").write_text(yaml.safe_dump(doc))
+    with caplog.at_level("WARNING", logger="innfer.repository"):
+        assert sorted(Repository(tmp_path).load("tiny").engines) == ["w050", "w100"]
+    assert "the frontier was built for other threads than model.yaml says now" in caplog.text
+
+
 # -- traffic -------------------------------------------------------------------------------
 def test_traffic_log_keeps_the_recent_window_in_order():
     log = TrafficLog(capacity=5)

@@ -113,11 +113,14 @@ class Frontier:
     def stale_settings(self, config: ModelConfig) -> list[str]:
         """The model.yaml settings that make candidates and differ from those this frontier
         was built for (``auto_tiers.widths`` edited without a rebuild: a choice among the old
-        candidates, at widths model.yaml no longer lists, was applied and served)."""
-        if self.settings is None or config.auto_tiers is None:
+        candidates, at widths model.yaml no longer lists, was applied and served). The engine
+        threads its latencies were measured at count too: a frontier profiled at 1 thread
+        chose and planned a 4-thread server's tiers with 1-thread times."""
+        if config.auto_tiers is None:
             return []
-        now = candidate_settings(config)
-        return [k for k in sorted(now) if self.settings.get(k) != now[k]]
+        now = candidate_settings(config) if self.settings is not None else {}
+        stale = [k for k in sorted(now) if self.settings.get(k) != now[k]]
+        return stale + (["threads"] if self.threads != config.threads else [])
 
     def unmet_goals(self, goals: AutoTiersConfig) -> str | None:
         """Why no tier set this frontier offers can meet ``goals``, or None: no Pareto
