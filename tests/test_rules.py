@@ -971,3 +971,49 @@ def test_a_head_dim_computed_from_the_channels_is_named_in_the_refusal():
     torch.manual_seed(0)
     inn = _converts(_ComputedHeadDim(literal=True), torch.randn(2, 5, 8))
     assert not inn.group("qkv").discrete  # whole heads resampled
+
+
+class _CatThenAverage(nn.Module):
+    """Two convs' channels joined by a concat, then a statistic over all of them."""
+
+    def __init__(self, how: str, same: bool = False) -> None:
+        super().__init__()
+        self.how, self.same = how, same
+        self.a, self.b = nn.Conv2d(3, 48, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        c = 96 if same else 64
+        self.ln, self.gn, self.head = nn.LayerNorm(c), nn.GroupNorm(1, c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        c = torch.cat([a, 2 * a] if self.same else [a, torch.tanh(self.b(x))], 1)
+        if self.how == "layer_norm":
+            c = self.ln(c.mean((2, 3)))
+        elif self.how == "F.layer_norm":
+            c = F.layer_norm(c.mean((2, 3)), (c.shape[1],))
+        elif self.how == "group_norm(1)":
+            c = self.gn(c).mean((2, 3))
+        else:  # a gate from the mean over channels
+            c = (c * torch.sigmoid(c.mean(1, keepdim=True))).mean((2, 3))
+        return self.head(c)
+
+
+@pytest.mark.parametrize("how", ["layer_norm", "F.layer_norm", "group_norm(1)", "mean(1)"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_statistic_over_a_concat_of_groups_is_refused_naming_every_group(how, frontend):
+    # Each group weighs in by its share of the channels, which rounding changes: 48 + 16
+    # channels at a quarter with multiple_of 16 are 16 + 16, and the LayerNorm's sample was
+    # 6.6x its size away from the full output with no word (review helper-296).
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ConversionError, match="over channels a concat joined") as err:
+        runtime.convert(_CatThenAverage(how).eval(), (x,), frontend=frontend)
+    assert "channels of groups " in str(err.value) and "discrete=['a', 'b']" in str(err.value)
+    # either way out converts, with both groups kept; and as the same group twice (the
+    # ratio follows the one group) it stays elastic
+    with pytest.warns(UserWarning, match="no elastic width"):
+        _converts(_CatThenAverage(how), x, discrete=["a", "b"], frontend=frontend)
+    with pytest.warns(UserWarning, match="kept 2 channel group"):
+        kept = runtime.convert(_CatThenAverage(how).eval(), (x,), on_unsupported="keep",
+                               frontend=frontend)  # fmt: skip
+    assert sorted(kept.info["kept"]) == ["a", "b"]
+    inn = _converts(_CatThenAverage(how, same=True), x, frontend=frontend)
+    assert list(inn.sizes(0.25, multiple_of=16).values()) == [16]  # 48 channels elastic

@@ -51,6 +51,9 @@ class Tracer:
         self.size_fields: dict[str, list[SizeField]] = {}
         self.discrete_modules = discrete_modules
         self._fixed: list[tuple[fx.Node, str, tuple[int, ...]]] = []
+        # Dims a node averages over (a LayerNorm's, a mean's) that hold several groups: see
+        # ``averaged``. Same records as ``_fixed``; checked with them at the end.
+        self._averaged: list[tuple[fx.Node, str, tuple[int, ...]]] = []
         # Who sums over each parameter dim bound with ``reduce`` (a call node, or the name of
         # the module whose rule bound it): any other reader pins the dim (``_pin_mixed_uses``).
         self._summed: dict[Source, set[fx.Node | str]] = {}
@@ -277,10 +280,11 @@ class Tracer:
         self.bindings = [Binding(b.param, b.dim, sub(b.layout), b.reduce) for b in self.bindings]
         for fs in self.size_fields.values():
             fs[:] = [replace(f, layout=sub(f.layout)) for f in fs]
-        self._fixed = [
-            (n, w, tuple(y for x in gs for y in (new if uf.find(x) == root else [x])))
-            for n, w, gs in self._fixed
-        ]
+        self._fixed, self._averaged = (
+            [(n, w, tuple(y for x in gs for y in (new if uf.find(x) == root else [x])))
+             for n, w, gs in records]
+            for records in (self._fixed, self._averaged)
+        )  # fmt: skip
         uf.pin(root)  # nothing refers to it any more; were anything to, it stays fixed
 
     def cut(self, lay: Layout, at: list[int]) -> Layout | None:
@@ -342,6 +346,19 @@ class Tracer:
         groups = tuple(s.group for lay in layouts for s in lay)
         if groups:
             self._fixed.append((node, what, groups))
+
+    def averaged(self, node: fx.Node, op: str, lay: Layout) -> None:
+        """``node`` averages over the channels of ``lay`` (a LayerNorm's statistics, a
+        mean): where they come from several groups (a concat), each group weighs in by its
+        share of the channels, which sampling keeps only if every group keeps its ratio.
+        Rounding does not (48 + 16 channels at a quarter with multiple_of 16: 16 + 16, and
+        a LayerNorm's output moved by 6x its size), and a discrete group beside a
+        continuous one never does. So the groups must end one group or all discrete, or
+        ``node`` is refused, naming ``op`` (e.g. "layer norm")."""
+        if len({s.group for s in lay}) > 1:
+            what = (f"{op} over channels a concat joined from several groups (each group's "
+                    "share of the statistics would change with the width)")  # fmt: skip
+            self._averaged.append((node, what, tuple(s.group for s in lay)))
 
     def fixed_inputs(self, node: fx.Node, what: str) -> None:
         """``node`` has no rule: every dim of every input must end discrete."""
@@ -483,32 +500,40 @@ class Tracer:
         -> reason): ``on_unsupported="keep"`` keeps them all in one more analysis, not one
         per refusal (review helper-245: 40 blocks took 5 s against 1.2 s)."""
         refused = []
-        for node, what, groups in self._fixed:
-            live = [g for g in groups if self.uf.continuous(g)]
-            if live:
-                origin = self.uf.origin[self.uf.find(live[0])]
-                refused.append(
-                    (node, what, origin, _producer(origin, self.modules, self.output_dim))
-                )
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        records = [*self._fixed, *((n, w, gs) for n, w, gs in self._averaged
+                                   if len({self.uf.find(g) for g in gs}) > 1)]  # fmt: skip
+        for node, what, groups in sorted(records, key=lambda r: order.get(r[0], len(order))):
+            # every continuous group of the record (an average over a concat may hold two:
+            # naming one left the next conversion to refuse the other)
+            roots = dict.fromkeys(self.uf.find(g) for g in groups if self.uf.continuous(g))
+            origins = [self.uf.origin[r] for r in roots]
+            producers = [_producer(o, self.modules, self.output_dim) for o in origins]
+            if origins:
+                refused.append((node, what, origins, producers))
         if not refused:
             return
         keeps: dict[str, str] = {}  # each layer once, by its first refusal, in graph order
-        for n, w, _, p in refused:
-            if p is not None:
-                keeps.setdefault(p, f"node {n.name!r}: {w}")
-        node, what, origin, producer = refused[0]
+        for n, w, _, ps in refused:
+            for p in ps:
+                if p is not None:
+                    keeps.setdefault(p, f"node {n.name!r}: {w}")
+        node, what, origins, producers = refused[0]
+        producer = None if None in producers else ", ".join(map(repr, producers))
         hint = (
-            f"keep its channels fixed with discrete=[{producer!r}]"
+            f"keep its channels fixed with discrete=[{producer}]"
             if producer
             else "keep its channels fixed with discrete=[...] on the layers that produce them"
         )
+        which = f"group {origins[0]!r}" if len(origins) == 1 else (
+            "groups " + ", ".join(map(repr, origins)))  # fmt: skip
         raise ConversionError(
             f"cannot convert node {node.name!r} ({node.op} {_target_name(node)}): {what}; "
-            f"it acts on the continuous channels of group {origin!r}. Rewrite it with "
+            f"it acts on the continuous channels of {which}. Rewrite it with "
             f"supported ops, or {hint}"
             + (" (convert(..., on_unsupported='keep') keeps every such group at its size)."
                if producer else "."),
-            keep=producer,
+            keep=producers[0],
             reason=f"node {node.name!r}: {what}",
             keeps=keeps,
         )  # fmt: skip

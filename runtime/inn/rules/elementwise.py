@@ -484,6 +484,8 @@ def reduction(tr: Tracer, node: fx.Node) -> None:
             elif corrected:
                 tr.fixed(node, f"{kind} with Bessel's correction over a channel dim (its n / "
                          f"(n - 1) changes with the width: use unbiased=False)", [lay])  # fmt: skip
+            elif kind in ("mean", "var", "std"):
+                tr.averaged(node, kind, lay)
             continue
         labels[dim if keepdim else dim - sum(d < dim for d in dims)] = lay
     tr.labels[node] = labels

@@ -44,6 +44,7 @@ def layer_norm(tr: Tracer, node: fx.Node) -> None:
         if isinstance(items[i], int):  # a literal size; a node (x.shape[-1]) follows anyway
             index = i if isinstance(shape, (tuple, list)) else None
             fields.append(SizeField(where, lay, index))
+        tr.averaged(node, "layer norm", lay)
     if fields:
         tr.size_fields[node_key(node.name)] = fields
     tr.copy(node, x, sources=False)

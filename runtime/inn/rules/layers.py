@@ -201,6 +201,8 @@ def norm_groups(tr: Tracer, node: fx.Node, lay, groups) -> None:
                  "joined", [lay])  # fmt: skip
     elif groups > 1:  # (review helper-244: a GroupNorm was called "a grouped Conv")
         set_blocks(tr, tr.uf.find(lay[0].group), groups, node, "a GroupNorm")
+    else:
+        tr.averaged(node, "group norm (1 group)", lay)
 
 
 @register(modules=(nn.PReLU,))
@@ -232,6 +234,7 @@ def layer_norm(tr: Tracer, node: fx.Node) -> None:
             if getattr(mod, p, None) is not None:
                 tr.module_binding(name, p, i, lay)
         fields.append(SizeField("normalized_shape", lay, index=i))
+        tr.averaged(node, "layer norm", lay)
     tr.size_fields[name] = fields
     tr.copy(node, x, sources=False)
 
