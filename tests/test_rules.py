@@ -1004,7 +1004,9 @@ def test_a_statistic_over_a_concat_of_groups_is_refused_naming_every_group(how, 
     # channels at a quarter with multiple_of 16 are 16 + 16, and the LayerNorm's sample was
     # 6.6x its size away from the full output with no word (review helper-296).
     x = torch.randn(2, 3, 6, 6)
-    with pytest.raises(ConversionError, match="over channels a concat joined") as err:
+    with pytest.raises(
+        ConversionError, match="over channels of several groups sampled apart"
+    ) as err:
         runtime.convert(_CatThenAverage(how).eval(), (x,), frontend=frontend)
     assert "channels of groups " in str(err.value) and "discrete=['a', 'b']" in str(err.value)
     # either way out converts, with both groups kept; and as the same group twice (the
@@ -1017,3 +1019,22 @@ def test_a_statistic_over_a_concat_of_groups_is_refused_naming_every_group(how, 
     assert sorted(kept.info["kept"]) == ["a", "b"]
     inn = _converts(_CatThenAverage(how, same=True), x, frontend=frontend)
     assert list(inn.sizes(0.25, multiple_of=16).values()) == [16]  # 48 channels elastic
+
+
+def test_a_layer_norm_over_channels_a_later_slice_cuts_apart_is_refused():
+    # The slice comes after the LayerNorm in the graph: it cuts the group into parts
+    # sampled apart, so the norm then averages over two groups too.
+    class NormThenSlice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ln = nn.Linear(4, 64), nn.LayerNorm(64)
+            self.p, self.q = nn.Linear(48, 2), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.ln(torch.relu(self.a(x)))
+            return self.p(h[:, :48]) + self.q(h[:, 48:])
+
+    with pytest.raises(
+        ConversionError, match="layer norm over channels of several groups sampled apart"
+    ):
+        runtime.convert(NormThenSlice().eval(), (torch.randn(2, 4),))

@@ -354,11 +354,12 @@ class Tracer:
         Rounding does not (48 + 16 channels at a quarter with multiple_of 16: 16 + 16, and
         a LayerNorm's output moved by 6x its size), and a discrete group beside a
         continuous one never does. So the groups must end one group or all discrete, or
-        ``node`` is refused, naming ``op`` (e.g. "layer norm")."""
-        if len({s.group for s in lay}) > 1:
-            what = (f"{op} over channels a concat joined from several groups (each group's "
-                    "share of the statistics would change with the width)")  # fmt: skip
-            self._averaged.append((node, what, tuple(s.group for s in lay)))
+        ``node`` is refused, naming ``op`` (e.g. "layer norm"). Recorded even for one
+        group: a slice found later may cut it into parts sampled apart."""
+        what = (f"{op} over channels of several groups sampled apart (joined by a concat or "
+                "cut by a slice): each one's share of the statistics would change with the "
+                "width")  # fmt: skip
+        self._averaged.append((node, what, tuple(s.group for s in lay)))
 
     def fixed_inputs(self, node: fx.Node, what: str) -> None:
         """``node`` has no rule: every dim of every input must end discrete."""
