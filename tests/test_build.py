@@ -886,6 +886,8 @@ def test_an_id_model_with_batch_norm_builds_with_its_evaluation_set(tmp_path):
     # (review helper-248) - once the warning's advice, an evaluation set, was followed.
     import numpy as np
 
+    from runtime.build.pipeline import BuildError
+
     class Ids(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -907,6 +909,13 @@ def test_an_id_model_with_batch_norm_builds_with_its_evaluation_set(tmp_path):
     d = add_model(tmp_path, "ids", inn, config)
     with torch.no_grad():
         y = net(ids).argmax(1).numpy()
+    # Fewer training inputs than one batch: the build stopped at w050 with "need at least
+    # one batch of 64 samples, got 40", naming neither the data set nor why (helper-296).
+    np.savez(d / "ids.npz", x=ids[:50].numpy(), y=y[:50])
+    with pytest.raises(BuildError, match=r"model.yaml: evaluation.dataset ids.npz holds 40 "
+                       r"training inputs; a smaller tier's BatchNorm statistics are re-estimated "
+                       r"on at least 64 .*add training samples"):  # fmt: skip
+        build_model(Repository(tmp_path), "ids", progress=False, profile=False)
     np.savez(d / "ids.npz", x=ids.numpy(), y=y)
     report = build_model(Repository(tmp_path), "ids", progress=False, profile=False)
     assert {t.name for t in report.tiers} == {"w100", "w050"}

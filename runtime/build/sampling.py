@@ -33,6 +33,10 @@ from runtime.repository.config import ModelConfig
 log = logging.getLogger("innfer.build")
 
 
+# Rows per batch the statistics are averaged over (recompute_norm_stats' default).
+NORM_BATCH = 64
+
+
 def dataset_ref(config: ModelConfig) -> str:
     """What ``runtime.demo.data.load`` loads for model.yaml's ``evaluation.dataset``: a
     bundled set's name, or your ``.npz`` file's path - relative to the model's directory
@@ -96,5 +100,12 @@ def sample_tier(
     sizes = inn.sizes(width, config.multiple_of)
     if x is None or not unnormed(inn, module, sizes, config.method):
         return module, False
-    recompute_norm_stats(module, x)
+    if len(x) < NORM_BATCH:  # said as the user's data set, not "one batch of 64" (helper-296)
+        raise ValueError(
+            f"{config.source}: evaluation.dataset {config.evaluation.dataset} holds "
+            f"{len(x)} training inputs; a smaller tier's BatchNorm statistics are "
+            f"re-estimated on at least {NORM_BATCH} of them (up to {NORM_SAMPLES}): add "
+            "training samples to it, or store each tier's statistics with `innfer calibrate`"
+        )
+    recompute_norm_stats(module, x, batch_size=NORM_BATCH)
     return module, True
