@@ -74,8 +74,11 @@ def interpolation_matrix(m: int, points: torch.Tensor) -> torch.Tensor:
     for offset in (-1, 0, 1, 2):
         idx = base + offset
         weight = keys_kernel(u - idx)
-        # Clamping the index folds the weight of out-of-range nodes onto the edge node,
-        # which extends the function as a constant beyond the first and last centres.
+        # Clamping the index folds the weight of out-of-range nodes onto the edge node: the
+        # nodes padded by repeating the edge one. Not a constant extension: past the first
+        # and last centres the cubic still bends (nodes 0, 1, 2, 3 read -0.0625 at x = 0),
+        # which only cell averages of the two edge cells and widths above the node count
+        # reach - point sampling at n <= m stays between the end centres (helper-296).
         col = idx.clamp(0, m - 1).long()
         rows.scatter_add_(1, col.unsqueeze(1), weight.unsqueeze(1))
     return rows
