@@ -94,17 +94,27 @@ def cnn():
      ({"x": torch.randn(64, 1, 6, 6, dtype=torch.float64)}, "x is torch.float64, the model's "
                                                             "weights are torch.float32"),
      ({"x": torch.zeros(64, 1, 6, 6, dtype=torch.uint8)}, "/ 255 for 8-bit images"),
-     ({"labels": torch.zeros(64)}, "labels must be class indices")],
+     ({"labels": torch.zeros(64)}, "labels must be class indices"),
+     # one past the model's 3 classes: torch's IndexError after grid tuning (helper-298)
+     ({"labels": torch.arange(64) % 4}, r"labels must be class indices in \[0, 3\) - the "
+                                        r"model returns 3 classes; 16 are not \(the first: 3\)"),
+     ({"seconds": float("nan")}, "seconds must be a number of seconds > 0, got nan"),
+     ({"max_steps": 0}, "max_steps must be a whole number >= 1"),
+     ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+     ({"keep": 0.5}, r"keep must be a list of widths"),
+     ({"holdout": (torch.randn(64, 1, 6, 6),)}, r"holdout must be \(inputs, labels\)"),
+     ({"holdout": (torch.randn(0, 1, 6, 6), torch.zeros(0, dtype=torch.long))},
+      r"holdout must be \(inputs, labels\): two tensors of the same non-zero length")],
 )  # fmt: skip
 def test_calibrate_says_what_is_wrong_with_its_arguments_before_it_runs(cnn, call, said):
     # Raw errors before: "'float' object is not iterable", "'<' not supported", a conv's
     # shape or dtype error, a cross-entropy dtype error only once fine-tuning ran.
     from runtime.inn.calibrate import calibrate
 
-    args = {"x": torch.randn(64, 1, 6, 6), "widths": [0.5], **call}
+    args = {"x": torch.randn(64, 1, 6, 6), "widths": [0.5], "seconds": 1.0, "max_steps": 1,
+            **call}  # fmt: skip
     with pytest.raises(ValueError, match=said):
-        calibrate(cnn, args.pop("x"), args.pop("widths"), 1.0, max_steps=1, progress=False,
-                  **args)  # fmt: skip
+        calibrate(cnn, args.pop("x"), args.pop("widths"), progress=False, **args)
 
 
 def test_set_tier_says_it_takes_channel_counts(cnn):

@@ -60,6 +60,20 @@ def _check_calibration(x: torch.Tensor, batch_size: int) -> None:
         )
 
 
+@torch.no_grad()
+def _check_label_range(teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """Every label a class of the model's output (dim 1 of what it returns): one past it
+    was torch's "IndexError: Target 15 is out of bounds" from the first fine-tuning step,
+    after grid tuning had spent its share of the budget (review helper-298)."""
+    classes = teacher(x[:1]).shape[1]
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        raise ValueError(
+            f"labels must be class indices in [0, {classes}) - the model returns {classes} "
+            f"classes; {int(bad.sum())} are not (the first: {int(labels[bad][0])})"
+        )
+
+
 def _check_inputs(inn: IntegralModel, x: torch.Tensor) -> None:
     """``x`` against what the INN was converted with: its per-sample shape (recorded for a
     single float input) and its weights' dtype - a raw conv error before (review
@@ -408,6 +422,23 @@ def calibrate(
             check_width(w)  # as sizes takes it: numpy and one-element tensors too
     if not 0 <= grid_share < 1:
         raise ValueError(f"grid_share must be in [0, 1), got {grid_share}")
+    # (NaN seconds read as "diverged: lower the learning rate"; 0 steps stored a tier never
+    # trained as calibrated; review helper-298)
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"seconds must be a number of seconds > 0, got {seconds!r}")
+    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(f"max_steps must be a whole number >= 1 (or None), got {max_steps!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if isinstance(keep, (str, Mapping)) or not isinstance(keep, Sequence):
+        raise ValueError(f"keep must be a list of widths, e.g. [1.0, 0.5], got {keep!r}")
+    if holdout is not None and not (
+        isinstance(holdout, (tuple, list)) and len(holdout) == 2
+        and len(holdout[0]) > 0 and len(holdout[0]) == len(holdout[1])
+    ):  # fmt: skip
+        raise ValueError(  # (empty: 0.0 against 0.0, every new tier kept unjudged)
+            "holdout must be (inputs, labels): two tensors of the same non-zero length"
+        )
     if not isinstance(x, torch.Tensor):  # a tuple was read as "2 samples"
         raise ValueError(
             f"x must be one tensor of inputs (N, ...), got a {type(x).__name__}: calibrate "
@@ -433,6 +464,8 @@ def calibrate(
             targets.append(sizes)
     kept_widths = [out.sizes(w, multiple_of) for w in keep]
     teacher = inn.sample(1.0, calibrated=False)
+    if labels is not None:
+        _check_label_range(teacher, x, labels)
     if grid_share > 0:  # grid tuning distils from the teacher's logits on the clean inputs
         with torch.no_grad():
             logits = torch.cat([teacher(x[i : i + 256]) for i in range(0, len(x), 256)])

@@ -710,7 +710,10 @@ class IntegralModel:
 
 
 def load(directory: str | Path) -> IntegralModel:
-    """Load an INN saved by ``IntegralModel.save``; every file is checked before use.
+    """Load an INN saved by ``IntegralModel.save``, checked before use: the weights against
+    the checksum ``inn.json`` records, ``inn.json`` against the weights (shapes, groups,
+    the architecture rebuilt with them). ``inn.json`` itself carries no checksum: an edit
+    that keeps it consistent (another kernel size of a pool) loads as that edit.
 
     Example:
         >>> inn = load("models/demo")  # doctest: +SKIP
