@@ -88,6 +88,48 @@ class SimConfig:
     # answer's way back); answers are judged by the whole budget. 0: plan with the whole.
     budget_margin_ms: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Each field checked where the library is called, as the CLI checks its flags:
+        raw numpy errors before, or a silent result (max_queue 0 refused every request,
+        max_batch 0 ran the profile's largest batch; review helper-298)."""
+
+        def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < lo or v > hi or (lo_open and v == lo):
+                where = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+                raise ValueError(f"SimConfig.{name} must be a number in {where}, got {v!r}")
+
+        def whole(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise ValueError(f"SimConfig.{name} must be a whole number >= {lo}, got {v!r}")
+
+        if self.trace not in TRACES:
+            raise ValueError(f"SimConfig.trace must be one of {', '.join(TRACES)}, got "
+                             f"{self.trace!r}")  # fmt: skip
+        if self.trace == "file" and not self.trace_file:
+            raise ValueError("SimConfig.trace 'file' needs trace_file (a recorded traffic CSV)")
+        number("load", 0.0, lo_open=True)
+        number("cv2", 0.0, lo_open=True)
+        number("duration_s", 0.0, lo_open=True)
+        lo_hi = self.budget_ms
+        if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2
+                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in lo_hi)
+                and 0 < lo_hi[0] <= lo_hi[1]):  # fmt: skip
+            raise ValueError(f"SimConfig.budget_ms must be (lo, hi) in ms with 0 < lo <= hi, "
+                             f"got {lo_hi!r}")  # fmt: skip
+        if self.noise is not None:
+            number("noise", 0.0)
+        whole("seed", 0)
+        whole("slots", 1)
+        whole("max_queue", 1)
+        if self.max_batch is not None:
+            whole("max_batch", 1)
+        number("slo_target", 0.0, 1.0, lo_open=True)
+        number("admit_quantile", 0.0, 1.0, lo_open=True)
+        number("budget_margin_ms", 0.0)
+
 
 @dataclass
 class SimResult:
@@ -128,6 +170,28 @@ def simulate(
         traffic.check_rows(cfg.max_batch or min(t.max_batch for t in tiers), cfg.trace_file)
     return replay(tiers, p50, arrivals, budgets, cfg, rows=rows, rng=rng, rate=rate,
                   progress=progress)  # fmt: skip
+
+
+def _check_requests(tiers, p50, arrivals, budgets, rows, planned) -> None:
+    """``replay``'s inputs, said as what is wrong: decreasing arrivals replayed at 0.135
+    attainment for 1.0, a tier without engine times failed with a KeyError only once the
+    policy chose it, lengths that differ with numpy's broadcast error (review helper-298)."""
+    if not tiers:
+        raise ValueError("tiers is empty: give at least one TierInfo")
+    if missing := [t.name for t in tiers if not p50.get(t.name)]:
+        raise ValueError(f"p50 has no engine times (ms per batch size) for tier(s) "
+                         f"{', '.join(missing)}")  # fmt: skip
+    n = len(arrivals)
+    for name, a in (("budgets", budgets), ("rows", rows), ("planned", planned)):
+        if a is not None and len(a) != n:
+            raise ValueError(f"{name} has {len(a)} entries for {n} arrivals: one per request")
+    if n and not np.all(np.isfinite(arrivals)):
+        raise ValueError("arrivals must be finite times in seconds")
+    if n > 1 and np.any(np.diff(arrivals) < 0):
+        raise ValueError("arrivals must be in time order (non-decreasing): sort the requests "
+                         "by arrival, their budgets and rows with them")  # fmt: skip
+    if n and np.any(np.isnan(budgets)):  # (<= 0 is a request hopeless on arrival: allowed)
+        raise ValueError("budgets must be seconds, one per request; some are NaN")
 
 
 def load_rate(tiers: Sequence[TierInfo], p50: Mapping[str, Mapping], cfg: SimConfig) -> float:
@@ -216,6 +280,7 @@ def replay(
         >>> r.summary["slo_attainment"]
         1.0
     """
+    _check_requests(tiers, p50, arrivals, budgets, rows, planned)
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
     rng = rng if rng is not None else np.random.default_rng(cfg.seed + 1)
     engine = EngineTime(tiers, p50, rng, cfg.noise)  # draws after the budgets, from one rng

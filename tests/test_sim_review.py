@@ -393,3 +393,44 @@ def test_a_file_trace_shorter_than_the_window_says_both_rates(tmp_path):
     assert "over the 300 s window (0.1/s over the 100 s they came in)" in format_summary(s)
     s = simulate(TIERS, P50, SimConfig(trace="file", trace_file=cfg.trace_file)).summary
     assert "window" not in format_summary(s)  # the file is longer than 30 s: its own span
+
+
+@pytest.mark.parametrize(
+    "fields, said",
+    [({"max_queue": 0}, r"SimConfig.max_queue must be a whole number >= 1, got 0"),
+     ({"max_batch": 0}, r"SimConfig.max_batch must be a whole number >= 1, got 0"),
+     ({"budget_ms": (50.0, 20.0)}, r"SimConfig.budget_ms must be \(lo, hi\) in ms"),
+     ({"load": float("nan")}, r"SimConfig.load must be a number in \(0, inf\]"),
+     ({"duration_s": -1.0}, r"SimConfig.duration_s must be a number in \(0, inf\]"),
+     ({"slo_target": 1.5}, r"SimConfig.slo_target must be a number in \(0, 1\]"),
+     ({"trace": "poison"}, r"SimConfig.trace must be one of poisson, gamma"),
+     ({"trace": "file"}, r"needs trace_file")],
+)  # fmt: skip
+def test_a_sim_config_says_which_field_is_wrong(fields, said):
+    # The library took them and failed in numpy, or answered silently: max_queue 0 refused
+    # every request, max_batch 0 ran the profile's largest batch (review helper-298).
+    from sim.simulator import SimConfig
+
+    with pytest.raises(ValueError, match=said):
+        SimConfig(**fields)
+
+
+def test_replay_refuses_requests_out_of_time_order_and_tiers_without_times():
+    # Decreasing arrivals replayed at 0.135 attainment where 1.0 was right; a tier missing
+    # from p50 failed with a KeyError only once the policy chose it (review helper-298).
+    import numpy as np
+
+    from server.scheduling import TierInfo
+    from sim.simulator import SimConfig, replay
+
+    tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0}), TierInfo("w025", 0.3, {1: 1.0, 8: 4.0})]
+    p50 = {"w100": {1: 3.5, 8: 14.0}, "w025": {1: 0.9, 8: 3.5}}
+    budgets = np.full(3, 0.05)
+    with pytest.raises(ValueError, match="arrivals must be in time order"):
+        replay(tiers, p50, np.array([0.2, 0.1, 0.0]), budgets, SimConfig())
+    with pytest.raises(ValueError, match=r"no engine times .* for tier\(s\) w025"):
+        replay(tiers, {"w100": p50["w100"]}, np.array([0.0, 0.1, 0.2]), budgets, SimConfig())
+    with pytest.raises(ValueError, match="budgets has 2 entries for 3 arrivals"):
+        replay(tiers, p50, np.array([0.0, 0.1, 0.2]), budgets[:2], SimConfig())
+    done = replay(tiers, p50, np.array([0.0, 0.1, 0.2]), budgets, SimConfig())
+    assert done.summary["slo_attainment"] == 1.0
