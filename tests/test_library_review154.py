@@ -120,3 +120,13 @@ def test_calibrate_says_what_is_wrong_with_its_arguments_before_it_runs(cnn, cal
 def test_set_tier_says_it_takes_channel_counts(cnn):
     with pytest.raises(ValueError, match=r"sizes must be channel counts per group"):
         cnn.set_tier(0.5, {})
+
+
+def test_a_count_for_a_fixed_group_says_it_is_fixed_not_unknown(cnn):
+    # The output layer's group exists, discrete: "unknown group '4'" sent the user looking
+    # for a misspelling (review helper-298).
+    with pytest.raises(ValueError, match=r"group '4' is fixed at its 3 channels \(a model "
+                       r"input or output.*the continuous groups are \['0'\]"):  # fmt: skip
+        cnn.sample({"4": 2})
+    with pytest.raises(ValueError, match=r"unknown group 'nope'"):
+        cnn.sample({"nope": 2})

@@ -146,6 +146,15 @@ class IntegralModel:
         for g in self.groups:
             if g.name == name:
                 return g
+        fixed = next((g for g in self.all_groups if g.name == name), None)
+        if fixed is not None:  # ("unknown group" for a layer the user can see; helper-298)
+            why = self.info.get("kept", {}).get(name)
+            raise ValueError(
+                f"group {name!r} is fixed at its {fixed.size} channels ("
+                + (f"kept: {why}" if why else "a model input or output, discrete=, or an op "
+                   "that needs them whole")
+                + f"); the continuous groups are {[g.name for g in self.groups]}"
+            )  # fmt: skip
         raise ValueError(
             f"unknown group {name!r}; the continuous groups are {[g.name for g in self.groups]}"
         )
