@@ -1531,6 +1531,7 @@ class DataPlane:
         # compute is learned (server.overhead) and, with plan_overhead, planned for; the
         # margin covers what it cannot see (the client's own processing, the sockets).
         plans = self._plans_overhead(m)
+        read_remaining = time_remaining  # (as read at the handler's start)
         if plans and time_remaining is not None:
             # The gRPC deadline was read at this handler's start, after the parse; plans
             # count the budget from the parse's start (``waited_s`` before it), so the
@@ -1539,6 +1540,16 @@ class DataPlane:
         budget_s, source = parameters.budget(
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
+        due_at = None  # a stream's deadline, where it made the budget (``ModelRuntime.infer``)
+        if (
+            window is not None
+            and source.startswith("stream deadline")
+            and (
+                budget_s == time_remaining  # (not Triton's timeout, where both cut it)
+            )
+        ):
+            due_at = (window.deadline_at(m.name, m.clock(), read_remaining)
+                      - self.config.budget_margin_ms / 1e3)  # fmt: skip
         budget_s -= self.config.budget_margin_ms / 1e3
         asked_s = None  # the budget asked for, where the call's deadline cut it (``infer``)
         if source in ("deadline", "deadline and timeout") and "latency_budget_ms" in params:
@@ -1599,7 +1610,7 @@ class DataPlane:
             self._lease_outputs(outputs, rows, leases)
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
-                waited_s, reserve_s, grace_s, leases, asked_s,
+                waited_s, reserve_s, grace_s, leases, asked_s, due_at,
             )  # fmt: skip
         except DeadlineExceeded as exc:
             raise _with_source(exc, source) from None
@@ -1651,7 +1662,7 @@ class DataPlane:
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,
         outputs, budget_s: float, pin: str | None, min_tier: str | None, priority: int,
         waited_s: float, reserve_s: float, grace_s: float, leases: dict[str, Lease],
-        asked_s: float | None = None,
+        asked_s: float | None = None, due_at: float | None = None,
     ) -> pb.ModelInferResponse:  # fmt: skip
         """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
         answer with its tier, timings and the budget planned with (outputs with ``leases``
@@ -1661,7 +1672,7 @@ class DataPlane:
             trace.stamp("QUEUE_START")
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
-            reserve_s=reserve_s, grace_s=grace_s, asked_s=asked_s,
+            reserve_s=reserve_s, grace_s=grace_s, asked_s=asked_s, due_at=due_at,
         )  # fmt: skip
         if trace is not None:  # the batch's run, placed by the scheduler's own timings
             compute_start = trace.timestamps[-1]["ns"] + 1000 * result.queue_us

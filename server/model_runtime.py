@@ -1041,6 +1041,7 @@ class ModelRuntime:
         reserve_s: float = 0.0,
         grace_s: float = 0.0,
         asked_s: float | None = None,
+        due_at: float | None = None,
     ) -> InferResult:
         """Queue one request and await its answer (a failure - refused, expired, engine
         error, unloaded - raises; ``DataPlane.infer`` counts it in ``stats.fail`` with the
@@ -1052,10 +1053,15 @@ class ModelRuntime:
         ``grace_s``: seconds past the budget that admission at the median still accepts
         (``Request.reserve`` and ``Request.grace``); ``asked_s``: the budget the client
         asked for where the call's gRPC deadline cut it to ``budget_s`` (None: not cut) - a
-        refusal an idle replica would not make at ``asked_s`` is counted as load."""
+        refusal an idle replica would not make at ``asked_s`` is counted as load;
+        ``due_at``: where a stream's deadline made ``budget_s``, that deadline (less the
+        margin) on this runtime's clock, fixed once for the stream - every request it caps
+        is then due at the same time and they queue in arrival order (from each one's own
+        reading of the deadline they differed by microseconds, and the queue ran a stream's
+        requests in close to random order; review helper-297)."""
         return await self._serve(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s,
-            asked_s,
+            asked_s, due_at,
         )  # fmt: skip
 
     async def _serve(
@@ -1070,6 +1076,7 @@ class ModelRuntime:
         reserve_s: float = 0.0,
         grace_s: float = 0.0,
         asked_s: float | None = None,
+        due_at: float | None = None,
     ) -> InferResult:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
@@ -1084,8 +1091,9 @@ class ModelRuntime:
         self.record_traffic(reached, budget_s + reserve_s, rows)
         # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
         # due from when the request reached the server.
+        due = reached + budget_s if due_at is None else due_at - reserve_s
         req = Request(
-            next(self._ids), now, reached + budget_s, rows, pin, min_tier, priority,
+            next(self._ids), now, due, rows, pin, min_tier, priority,
             payload=inputs, grace=max(grace_s, 0.0), reserve=max(reserve_s, 0.0),
             group=length_key(inputs, self._unmasked) if self._unmasked else None,
         )  # fmt: skip

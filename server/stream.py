@@ -82,6 +82,12 @@ class StreamPool:
                 event.set()
 
 
+# How much later than the stream's fixed deadline a request's own reading of it may be and
+# still be that deadline (``StreamWindow.deadline_at``): readings differ by the microseconds
+# between the deadline's read and the clock's; gRPC's rounding steps are 10 ms and more.
+DEADLINE_JUMP_S = 5e-4
+
+
 class StreamWindow:
     """The bytes one stream holds of the server's in-flight cap - its requests being answered
     and the answers its client has not read yet - and when the stream may start the next
@@ -130,6 +136,28 @@ class StreamWindow:
         self._wake = asyncio.Event()
         # Requests started whose answer bytes are not charged yet -> the advance on them.
         self._pending: dict[object, int] = {}
+        self._deadline_at: dict[str, float] = {}  # model -> the stream's deadline, its clock
+
+    def deadline_at(self, model: str, now: float, time_remaining: float) -> float:
+        """The stream's deadline on ``model``'s clock: ``now + time_remaining`` as its first
+        request there read it, the same value for every later one. Each request's own
+        reading differed by microseconds, which decided their order in the queue (the
+        earliest deadline first): a stream's requests ran in close to random order. A
+        reading later by more than ``DEADLINE_JUMP_S`` is taken instead: within the stream's
+        last rounding step ``service.deadline_left`` stops taking the step off.
+
+        Example:
+            >>> w = StreamWindow(1000)
+            >>> w.deadline_at("m", 10.0, 2.0), w.deadline_at("m", 10.5, 1.4999)
+            (12.0, 12.0)
+            >>> w.deadline_at("m", 11.95, 0.15)  # the last 100 ms step: not taken off
+            12.1
+        """
+        at = now + time_remaining
+        fixed = self._deadline_at.get(model)
+        if fixed is None or at > fixed + DEADLINE_JUMP_S:
+            self._deadline_at[model] = fixed = at
+        return fixed
 
     def add(self, nbytes: int) -> None:
         self.held += nbytes
