@@ -1555,6 +1555,9 @@ class DataPlane:
         if source in ("deadline", "deadline and timeout") and "latency_budget_ms" in params:
             asked, _ = parameters.budget(params, None, m.config.default_latency_budget_ms)
             asked_s = asked - self.config.budget_margin_ms / 1e3
+        # The budget is what the call's deadline had left when this handler read it: what
+        # it lost before (gRPC's queue on a busy server) is not known (``ModelRuntime``).
+        deadline_only = source == "deadline" and "latency_budget_ms" not in params
         pin = parameters.string_param(params, "tier")
         min_tier = parameters.string_param(params, "min_tier")
         priority = parameters.priority_level(
@@ -1610,7 +1613,7 @@ class DataPlane:
             self._lease_outputs(outputs, rows, leases)
             resp = await self._run(
                 m, request, inputs, rows, outputs, budget_s, pin, min_tier, priority,
-                waited_s, reserve_s, grace_s, leases, asked_s, due_at,
+                waited_s, reserve_s, grace_s, leases, asked_s, due_at, deadline_only,
             )  # fmt: skip
         except DeadlineExceeded as exc:
             raise _with_source(exc, source) from None
@@ -1662,7 +1665,7 @@ class DataPlane:
         self, m: ModelRuntime, request: pb.ModelInferRequest, inputs: dict, rows: int,
         outputs, budget_s: float, pin: str | None, min_tier: str | None, priority: int,
         waited_s: float, reserve_s: float, grace_s: float, leases: dict[str, Lease],
-        asked_s: float | None = None, due_at: float | None = None,
+        asked_s: float | None = None, due_at: float | None = None, deadline_only: bool = False,
     ) -> pb.ModelInferResponse:  # fmt: skip
         """``_infer`` past admission: the scheduler's run of the decoded ``inputs``, and the
         answer with its tier, timings and the budget planned with (outputs with ``leases``
@@ -1673,6 +1676,7 @@ class DataPlane:
         result = await m.infer(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s,
             reserve_s=reserve_s, grace_s=grace_s, asked_s=asked_s, due_at=due_at,
+            deadline_only=deadline_only,
         )  # fmt: skip
         if trace is not None:  # the batch's run, placed by the scheduler's own timings
             compute_start = trace.timestamps[-1]["ns"] + 1000 * result.queue_us

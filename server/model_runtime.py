@@ -1042,6 +1042,7 @@ class ModelRuntime:
         grace_s: float = 0.0,
         asked_s: float | None = None,
         due_at: float | None = None,
+        deadline_only: bool = False,
     ) -> InferResult:
         """Queue one request and await its answer (a failure - refused, expired, engine
         error, unloaded - raises; ``DataPlane.infer`` counts it in ``stats.fail`` with the
@@ -1058,10 +1059,12 @@ class ModelRuntime:
         margin) on this runtime's clock, fixed once for the stream - every request it caps
         is then due at the same time and they queue in arrival order (from each one's own
         reading of the deadline they differed by microseconds, and the queue ran a stream's
-        requests in close to random order; review helper-297)."""
+        requests in close to random order; review helper-297); ``deadline_only``: the
+        budget is what the call's gRPC deadline had left when the server read it (no
+        ``latency_budget_ms``) - see ``_refusal``."""
         return await self._serve(
             inputs, rows, budget_s, pin, min_tier, priority, waited_s, reserve_s, grace_s,
-            asked_s, due_at,
+            asked_s, due_at, deadline_only,
         )  # fmt: skip
 
     async def _serve(
@@ -1077,6 +1080,7 @@ class ModelRuntime:
         grace_s: float = 0.0,
         asked_s: float | None = None,
         due_at: float | None = None,
+        deadline_only: bool = False,
     ) -> InferResult:
         if self.stopping:
             self.count_refused("unavailable", "unavailable")
@@ -1107,7 +1111,9 @@ class ModelRuntime:
         try:
             self.lanes[lane].submit(req, now)
         except Refused as exc:
-            raise self._refusal(exc, req, lane, reached, reserve_s, asked_s) from None
+            raise self._refusal(
+                exc, req, lane, reached, reserve_s, asked_s, deadline_only
+            ) from None
         except InvalidRequest as exc:
             raise InvalidArgument(str(exc)) from None
         return await self._await_answer(req, lane)
@@ -1136,7 +1142,7 @@ class ModelRuntime:
 
     def _refusal(
         self, exc: Refused, req: Request, lane: int, reached: float, reserve_s: float,
-        asked_s: float | None = None,
+        asked_s: float | None = None, deadline_only: bool = False,
     ) -> InferError:  # fmt: skip
         """Count admission's refusal of ``req`` and the error its client gets."""
         now = req.arrival
@@ -1160,18 +1166,22 @@ class ModelRuntime:
             # The overhead reserve is load too (a burst raises it): judged against the
             # budget before it was taken off (helper-273: a reserve inflated by overload
             # counted 1,300 refusals as the clients' ask).
+            # A budget that is only what the call's deadline had left when it was read
+            # (no latency_budget_ms) hides what it lost before: while this model has other
+            # requests in hand, gRPC's queue is a likely thief, and the refusal is load (a
+            # closed loop of 64 at 10 ms deadlines on a saturated server counted 3,409
+            # refusals as the clients' ask against 4 as load; review helper-297).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            if reached + idle > req.due and (asked_s is None or idle > asked_s):
+            busy = deadline_only and self.inflight > 0
+            if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
         self._missed[why].inc()
         if exc.state == State.REFUSED_FULL:
             return ResourceExhausted(f"model {self.name}: {exc}")
         budget_s = req.deadline - reached
-        return DeadlineExceeded(
-            f"model {self.name}: {exc}; "
-            f"{self._budget_spent(budget_s, reserve_s, now - reached, req.grace)}"
-        )
+        spent = self._budget_spent(budget_s, reserve_s, now - reached, req.grace, deadline_only)
+        return DeadlineExceeded(f"model {self.name}: {exc}; {spent}")
 
     async def _await_answer(self, req: Request, lane: int) -> InferResult:
         """Await ``req``'s answer (submitted to ``lane``): start what can run, and count a
@@ -1249,12 +1259,15 @@ class ModelRuntime:
             self.stats.fail.add(now - arrival)
 
     def _budget_spent(
-        self, budget_s: float, reserve_s: float, waited_s: float, grace_s: float = 0.0
-    ) -> str:
+        self, budget_s: float, reserve_s: float, waited_s: float, grace_s: float = 0.0,
+        deadline_only: bool = False,
+    ) -> str:  # fmt: skip
         """What the server set aside of the client's budget before planning: a refusal's
         "left to plan with" is what remains (a 0.5 ms budget read "-0.5 ms" on its own).
         Admission judges at the overhead's median: the reserve less ``grace_s`` (the whole
-        reserve, 55.6 ms, was named beside -5.1 ms left of 15 ms: helper-273)."""
+        reserve, 55.6 ms, was named beside -5.1 ms left of 15 ms: helper-273).
+        ``deadline_only``: the budget was the call's deadline as read (a 10 ms deadline that
+        waited in gRPC's queue was "the client's budget was -0.0 ms"; helper-297)."""
         parts = [f"the server's {1e3 * self.margin_s:.1f} ms margin"]
         if reserve_s > 0:
             parts.append(f"{1e3 * (reserve_s - grace_s):.1f} ms reserved for request handling "
@@ -1262,6 +1275,9 @@ class ModelRuntime:
         if waited_s >= 5e-5:
             parts.append(f"{1e3 * waited_s:.1f} ms already spent before it was planned")
         client_ms = 1e3 * (budget_s + reserve_s + self.margin_s)
+        if deadline_only:
+            return (f"the call's deadline had {client_ms:.1f} ms left when the server read "
+                    f"it, less {', '.join(parts)}")  # fmt: skip
         return f"the client's budget was {client_ms:.1f} ms, less {', '.join(parts)}"
 
     def count_invalid(self) -> None:

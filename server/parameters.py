@@ -74,8 +74,9 @@ BUDGET_SOURCES = {
     "latency_budget_ms": "",
     "timeout": "the budget was Triton's timeout parameter, which cuts the request's budget: "
     "raise the timeout",
-    "deadline": "the budget was the call's gRPC deadline (client_timeout), which cuts the "
-    "request's budget: raise the deadline",
+    "deadline": "the budget was what the call's gRPC deadline (client_timeout) had left when "
+    "the server read it, which cuts the request's budget: raise the deadline (a busy server "
+    "takes longer to read a call), or send latency_budget_ms",
     "default": "the budget was the model's default_latency_budget_ms (no latency_budget_ms "
     "nor deadline was sent): send latency_budget_ms, or raise the default in model.yaml",
     # On a stream the deadline is the whole stream's (only a cap; review 193):

@@ -2619,3 +2619,39 @@ def test_a_model_over_the_message_limit_is_said_with_a_fix_that_can_help(
         plane._warn_over_limit("a", plane.repo.config("a"))
     assert said in caplog.text and "max_message_bytes in the server config" in caplog.text
     assert "MiB (" in caplog.text and "0.0 MiB" not in caplog.text, caplog.text
+
+
+def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_deadline(config):
+    """A budget sent only as the call's deadline is what it had left when the server read
+    it: under overload the time it lost in gRPC's queue was counted as the client's ask
+    (refused_budget, 3,409 against 4 as load) and said "the client's budget was -0.0 ms"
+    (review helper-297). With other requests in hand, it is load."""
+    metrics = Metrics()
+
+    def missed(reason: str) -> float:
+        labels = {"model": "a", "reason": reason}
+        return metrics.registry.get_sample_value("innfer_deadline_missed_total", labels) or 0
+
+    async def body():
+        plane = DataPlane(config, metrics)
+        await plane.load_all()
+        try:
+            m = plane.models["a"]
+            m.inflight += 1  # another request in hand (its batch running)
+            try:
+                with pytest.raises(DeadlineExceeded) as busy:
+                    await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
+            finally:
+                m.inflight -= 1
+            with pytest.raises(DeadlineExceeded) as idle:
+                await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
+            return str(busy.value), str(idle.value)
+        finally:
+            for m in plane.models.values():
+                await m.stop()
+
+    busy, idle = _run(body())
+    assert missed("refused_deadline") == 1 and missed("refused_budget") == 1
+    for said in (busy, idle):
+        assert "the call's deadline had 1.5 ms left when the server read it" in said
+        assert "client's budget was" not in said
