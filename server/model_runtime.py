@@ -65,6 +65,7 @@ from server.metrics import MISS_REASONS, Metrics
 from server.overhead import MIN_SAMPLES as OVERHEAD_MIN_SAMPLES
 from server.overhead import QUANTILE as OVERHEAD_QUANTILE
 from server.overhead import Overhead
+from server.parameters import cancel_at_deadline
 from server.scheduling import (
     Decision,
     InvalidRequest,
@@ -114,10 +115,6 @@ log = logging.getLogger("innfer.model")
 # a hung engine (ModelRuntime.stuck): far beyond any slowdown the online correction follows.
 STUCK_FACTOR = 100.0
 STUCK_MIN_S = 30.0
-# A cancel this close to a request's due time is its deadline passing, not its client's
-# choice: seconds, or this share of its budget, whichever is more.
-CANCEL_AT_DUE_S = 0.005
-CANCEL_AT_DUE_SHARE = 0.02
 
 # An absolute path in an engine's message (its build tree, a model file): not the client's.
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
@@ -1244,9 +1241,7 @@ class ModelRuntime:
         engine (review helper-153). One cancelled while ``waiting`` is in the statistics'
         ``fail`` whatever its budget, as Triton counts a request cancelled in its queue
         (they missed such cancels: review helper-261)."""
-        if due == math.inf or now < due - max(
-            CANCEL_AT_DUE_S, CANCEL_AT_DUE_SHARE * (due - arrival)
-        ):
+        if due == math.inf or not cancel_at_deadline(due - now, due - arrival):
             self.metrics.requests.labels(self.name, "", "cancelled").inc()
             if waiting:
                 self.stats.fail.add(now - arrival)

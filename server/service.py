@@ -48,7 +48,7 @@ from server.limits import (
     tensor_fields,
 )
 from server.model_runtime import VERDICT, Duration, ModelRuntime, Verdict
-from server.parameters import id_size
+from server.parameters import cancel_at_deadline, id_size
 from server.proto_gen import POOL, health_pb2, health_pb2_grpc
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
@@ -327,8 +327,9 @@ def rpc_method(fn: Callable) -> Callable:
             code = grpc.StatusCode.INTERNAL
             await _abort(context, code, f"internal error in {name}; see logs")
         finally:
-            code = _heard(code, context)
-            metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            code = _heard(code, context, took=took)
+            metrics.rpc_handled("unary", SERVICE, name, CODE_NAME[code], took)
 
     return wrapper
 
@@ -354,19 +355,15 @@ CODE_NAME = {c: "".join(w.capitalize() for w in c.name.split("_")) for c in grpc
 }
 
 
-# A cancel this close to the call's deadline is the client's deadline: its timer fires a
-# transit earlier than the server's, which counts from when the call arrived (a 0.4 s
-# stream was counted Canceled on a loaded CI run).
-CANCEL_AT_DEADLINE_S = 0.05
-
-
-def _heard(code: grpc.StatusCode, context, step: float = 0.0) -> grpc.StatusCode:
+def _heard(code: grpc.StatusCode, context, step: float = 0.0, took: float = 0.0) -> grpc.StatusCode:
     """The code a call's client heard, for the grpc_server_handled metric: a call that ended
     OK or cancelled after its deadline passed is DEADLINE_EXCEEDED (gRPC cancels the handler
     at the deadline, and a stream whose reading ended there returned OK); one that ended OK
     on a call its client had cancelled is CANCELLED (gRPC ends the request stream of a
     cancelled call as a half-close would: a stream cancelled before its first message was
-    read returned OK - review 167)."""
+    read returned OK - review 167). A cancel near the deadline is the deadline's
+    (``parameters.cancel_at_deadline`` of the ``took`` seconds the handler ran and what was
+    left: the rule the request's own outcome is counted by)."""
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
         return code
     try:
@@ -375,8 +372,10 @@ def _heard(code: grpc.StatusCode, context, step: float = 0.0) -> grpc.StatusCode
         left = None
     # (``step``: a stream's ``rounding_step``, for a cancel gRPC made at the client's
     # deadline; a stream its client ended OK was not cut by it - review helper-280)
-    cut = max(step, CANCEL_AT_DEADLINE_S) if code is grpc.StatusCode.CANCELLED else 0.0
-    if left is not None and left - cut <= 0:
+    if left is not None and (
+        left <= 0 if code is not grpc.StatusCode.CANCELLED
+        else left - step <= 0 or cancel_at_deadline(left - step, took + left)
+    ):  # fmt: skip
         return grpc.StatusCode.DEADLINE_EXCEEDED
     with contextlib.suppress(Exception):  # (a context that cannot tell)
         if code is grpc.StatusCode.OK and context.cancelled():
@@ -804,7 +803,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             raise
         finally:
             took = time.perf_counter() - t0
-            code = _heard(code, context, step)
+            code = _heard(code, context, step, took)
             metrics.rpc_handled("bidi_stream", SERVICE, "ModelStreamInfer", CODE_NAME[code], took)
 
     async def _stream(

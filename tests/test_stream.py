@@ -607,9 +607,18 @@ def test_a_stream_is_counted_as_its_client_heard_it_within_its_last_step():
 
     assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.1) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _heard(grpc.StatusCode.OK, Call(), 0.1) == grpc.StatusCode.OK
-    assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0) == grpc.StatusCode.DEADLINE_EXCEEDED
+    # 50 ms left of a 0.45 s call: its deadline (the client's timer fires a transit earlier)
+    assert (_heard(grpc.StatusCode.CANCELLED, Call(), 0.0, took=0.4)
+            == grpc.StatusCode.DEADLINE_EXCEEDED)  # fmt: skip
     Call.time_remaining = lambda self: 0.2  # (a cancel with time left: the client's)
     assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0) == grpc.StatusCode.CANCELLED
+    # 40 ms left of a 45 ms deadline is the client's cancel, as its request is counted
+    # (DeadlineExceeded with any 50 ms or less left: review helper-297)
+    Call.time_remaining = lambda self: 0.04
+    assert _heard(grpc.StatusCode.CANCELLED, Call(), 0.0, took=0.005) == grpc.StatusCode.CANCELLED
+    Call.time_remaining = lambda self: 0.004
+    assert (_heard(grpc.StatusCode.CANCELLED, Call(), 0.0, took=0.041)
+            == grpc.StatusCode.DEADLINE_EXCEEDED)  # fmt: skip
 
 
 def test_a_streams_deadline_keeps_its_requests_in_arrival_order(server):
