@@ -1721,3 +1721,14 @@ def test_a_full_volume_while_a_tier_is_written_is_said_with_its_fix(built, tmp_p
     said = str(e.value)
     assert "the volume holding" in said and "tiers is full: free space or grow it" in said, said
     assert ".build-" not in said
+
+
+def test_a_tier_that_keeps_a_group_whole_because_of_its_rounding_step_says_so(tmp_path):
+    # At multiple_of 16 the tiny CNN's 16-channel group is one step: w050 keeps it whole,
+    # and nothing said why the tier was larger than its width (review helper-296).
+    _, report = build_tiny(tmp_path, {**CONFIG, "multiple_of": 16}, repeats=1)
+    said = [w for w in report.warnings if "keeps group(s)" in w]
+    assert len(said) == 1 and "tier w050 of tiny keeps group(s) 0 (16, step 16)" in said[0]
+    assert "3 (" not in said[0]  # 24 -> 16: shrunk
+    _, report = build_tiny(tmp_path / "again", CONFIG, repeats=1)
+    assert not [w for w in report.warnings if "keeps group(s)" in w]

@@ -166,6 +166,7 @@ def _build_model(
             record = records[tier.name] = _build_tier(b, tier, bar, engines)
             onnx[tier.name] = record.onnx_sha256
             _say_same_counts(b, tier, record, counts)
+            _say_unshrunk(b, tier, record)
         _say_unchecked_ids(b, record.input_rows or {})
         repo.record_tokenizer(name, config)
         if profile:
@@ -365,6 +366,27 @@ def _say_same_counts(b: _Build, tier: TierConfig, record: TierRecord, counts: di
             f"(its width rounds to the same channel counts at multiple_of "
             f"{b.config.multiple_of}): the scheduler gains nothing from it; widen the gap "
             "between their widths or drop one",
+            b.progress,
+        )
+
+
+def _say_unshrunk(b: _Build, tier: TierConfig, record: TierRecord) -> None:
+    """Warn of a uniform tier below full width that keeps groups at their full size: one
+    rounding step of theirs (multiple_of, with a grouped conv's or GroupNorm's blocks) is
+    the whole group, so the tier is less smaller than its width says (helper-296: a
+    GroupNorm(3, 24) at multiple_of 8 stayed 24 channels down to width 0.1)."""
+    if not isinstance(tier.width, float) or tier.width >= 1.0:
+        return
+    inn, multiple_of = b.inn, b.config.multiple_of
+    full = [g for g in inn.groups if record.sizes.get(g.name) == g.size
+            and round(tier.width * g.size) < g.size]  # fmt: skip
+    if full:
+        which = ", ".join(f"{g.name} ({g.size}, step {inn.step(g, multiple_of)})" for g in full[:5])
+        more = f" and {len(full) - 5} more" if len(full) > 5 else ""
+        b.report.warn(
+            f"tier {tier.name} of {b.name} keeps group(s) {which}{more} at full size: one "
+            f"rounding step of theirs (multiple_of {b.config.multiple_of} with their blocks) "
+            "is the whole group; a smaller multiple_of shrinks them",
             b.progress,
         )
 
