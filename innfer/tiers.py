@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from innfer.outputs import output_file
+from runtime.flock import one_run
 from runtime.repository.config import TRAFFIC_CAPACITY
 from runtime.repository.frontier import APPLY_KEPT, weights_mb
 from runtime.utc import stamp
@@ -180,7 +181,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from runtime.repository import ACTIVE_FILE, APPLY_KEPT, ActiveTiers, Repository
+    from runtime.repository import ACTIVE_FILE, Repository
 
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
@@ -188,6 +189,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         yield_cpu()
     args.repository, args.model = model_location(args)
     repo = Repository(args.repository)
+    # One apply at a time per model on this machine (a hand one beside the server's own):
+    # each chose against the set it read and wrote its own, the last one winning and its
+    # record naming a set it did not replace.
+    with one_run(repo.model_dir(args.model) / ACTIVE_FILE, "applied", "try again then"):
+        return _apply(args, repo)
+
+
+def _apply(args: argparse.Namespace, repo) -> int:
+    from runtime.repository import ACTIVE_FILE, ActiveTiers
+
     config = repo.config(args.model)
     choice, frontier, recorded = _choose(repo, args.model, args.traffic, args.live, args.host)
     min_gain = config.auto_tiers.rebuild.min_gain

@@ -44,7 +44,7 @@ class Busy(ValueError):
 
 
 @contextlib.contextmanager
-def one_run(directory: Path, what: str) -> Iterator[None]:
+def one_run(directory: Path, what: str, way_out: str = "give another --out") -> Iterator[None]:
     """Let one run at a time write ``directory`` (``innfer train`` / ``calibrate``): each
     loads the INN there at its start and saves its own over it, so two at once lost one's
     result without a word (review helper-246: both printed "saved"). A second run is refused
@@ -80,9 +80,7 @@ def one_run(directory: Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise Busy(
-                f"{directory} is being {holder}: wait for it to end, or give another --out"
-            ) from None
+            raise Busy(f"{directory} is being {holder}: wait for it to end, or {way_out}") from None
         except OSError:  # a file system that cannot lock: unlocked, as ``exclusive``
             pass
         os.ftruncate(fd, 0)

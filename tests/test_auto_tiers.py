@@ -2230,3 +2230,19 @@ def test_a_stopped_loop_has_removed_its_work_directory_once_its_stop_is_awaited(
         return tierer.work.exists()
 
     assert asyncio.run(body()) is False
+
+
+def test_a_second_apply_of_one_model_is_refused_while_one_runs(tmp_path, capsys):
+    # Two applies at once (a hand one beside the server's own) each chose against the set
+    # they read and wrote their own: the last won, its record naming a set it did not
+    # replace (noticed in session 70).
+    from runtime.flock import one_run
+
+    d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
+    _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
+    apply = ["tiers", "apply", str(d), "--traffic", str(tmp_path / "t.csv")]
+    with one_run(d / ACTIVE_FILE, "applied"):
+        assert cli(apply) == 2
+        assert not (d / ACTIVE_FILE).exists()
+    assert "auto_tiers.json is being applied by pid" in capsys.readouterr().err
+    assert cli(apply) == 0 and (d / ACTIVE_FILE).is_file()  # then it runs
