@@ -1705,13 +1705,15 @@ def _full_width_labels(inn, data):
 
     import torch
 
+    from runtime.inn.calibrate import scores
     from runtime.inn.modes import evaluating
 
     full = inn.sample(1.0)
 
     def top1(x):
         with torch.no_grad(), evaluating(full):
-            return torch.cat([full(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+            return torch.cat([scores(full(x[i : i + 512])).argmax(1)
+                              for i in range(0, len(x), 512)])  # fmt: skip
 
     print(f"data: {data.name} has no labels; {AGREEMENT}")
     return dataclasses.replace(data, y_train=top1(data.x_train), y_test=top1(data.x_test))

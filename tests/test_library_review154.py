@@ -130,3 +130,34 @@ def test_a_count_for_a_fixed_group_says_it_is_fixed_not_unknown(cnn):
         cnn.sample({"4": 2})
     with pytest.raises(ValueError, match=r"unknown group 'nope'"):
         cnn.sample({"nope": 2})
+
+
+def test_a_model_with_two_outputs_is_scored_and_calibrated_on_its_first(tmp_path):
+    # The build scored outputs[0]; evaluate (innfer report) and calibrate took .argmax of
+    # the tuple: "internal error: AttributeError: 'tuple' object has no attribute 'argmax'"
+    # (review helper-300).
+    from runtime.inn.calibrate import calibrate
+    from runtime.inn.report import evaluate
+
+    class TwoOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+            self.head, self.embed = nn.Linear(8, 3), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.head(h), self.embed(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 1, 6, 6)
+    inn = runtime.convert(TwoOut().eval(), (x[:2],))
+    full = inn.sample(1.0)
+    with torch.no_grad():
+        y = full(x)[0].argmax(1)
+    assert evaluate(full, x, y) == 1.0
+    tuned = calibrate(inn, x, [0.5], max_steps=2, labels=y, progress=False)
+    small = tuned.sample(0.5)
+    assert 0.0 <= evaluate(small, x, y) <= 1.0
+    assert [t.shape for t in small(x[:2])] == [(2, 3), (2, 4)]

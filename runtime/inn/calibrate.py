@@ -65,7 +65,7 @@ def _check_label_range(teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor
     """Every label a class of the model's output (dim 1 of what it returns): one past it
     was torch's "IndexError: Target 15 is out of bounds" from the first fine-tuning step,
     after grid tuning had spent its share of the budget (review helper-298)."""
-    classes = teacher(x[:1]).shape[1]
+    classes = scores(teacher(x[:1])).shape[1]
     bad = (labels < 0) | (labels >= classes)
     if bad.any():
         raise ValueError(
@@ -88,6 +88,23 @@ def _check_inputs(inn: IntegralModel, x: torch.Tensor) -> None:
     if shape is not None and weights is not None and x.dtype != weights:
         how = f"x.to({weights})" + (" / 255 for 8-bit images" if x.dtype == torch.uint8 else "")
         raise ValueError(f"x is {x.dtype}, the model's weights are {weights}: pass {how}")
+
+
+def scores(out) -> torch.Tensor:
+    """The class scores of a model's output: the output itself, or the first of several
+    (a classifier that also returns an embedding), as the build scores ``outputs[0]`` -
+    calibration distils and reports score that one alone (``.argmax`` of the tuple was
+    an internal error in innfer report and calibrate; review helper-300).
+
+    Example:
+        >>> scores((torch.zeros(2, 3), torch.zeros(2, 8))).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
 
 
 def classes_last(t: torch.Tensor) -> torch.Tensor:
@@ -254,7 +271,7 @@ def tune_grid(
             # A copy: in train mode BatchNorm updates its running statistics in place, and
             # an unresampled group's buffers are the INN's own stored tensors.
             state[name] = state[name].detach().clone()
-        out = functional_call(skeleton, state, (x[idx],))
+        out = scores(functional_call(skeleton, state, (x[idx],)))
         loss = F.kl_div(classes_last(out).log_softmax(-1), classes_last(teacher[idx]).softmax(-1),
                         reduction="batchmean")  # fmt: skip
         check_loss(loss.item(), step, f"grid tuning of {IntegralModel.sizes_key(sizes)[:40]}")
@@ -336,8 +353,8 @@ def finetune_module(
             idx = next(batches)
             xb, lam, perm = _mix(x[idx], mixup, rng)
             with torch.no_grad():  # (B, classes), or (B * H * W, classes) per pixel
-                soft = classes_last(teacher(xb) / temperature).softmax(-1)
-            logits = module(xb)  # (B, classes) or (B, classes, H, W)
+                soft = classes_last(scores(teacher(xb)) / temperature).softmax(-1)
+            logits = scores(module(xb))  # (B, classes) or (B, classes, H, W)
             out = classes_last(logits / temperature)
             loss = F.kl_div(out.log_softmax(-1), soft, reduction="batchmean") * temperature**2
             if labels is not None:  # (B,) or, per pixel, (B, H, W)
@@ -356,7 +373,7 @@ def finetune_module(
     # The weights, statistics and outputs on a batch: one step at --lr 1e12 left finite
     # weights whose outputs were -inf (a tier saved at 0 % accuracy, exit 0).
     with torch.no_grad():
-        out = module(x[:batch_size])
+        out = scores(module(x[:batch_size]))
     check_weights([*module.parameters(), *module.buffers(), out], "calibration fine-tuning")
     return steps
 
@@ -468,7 +485,7 @@ def calibrate(
         _check_label_range(teacher, x, labels)
     if grid_share > 0:  # grid tuning distils from the teacher's logits on the clean inputs
         with torch.no_grad():
-            logits = torch.cat([teacher(x[i : i + 256]) for i in range(0, len(x), 256)])
+            logits = torch.cat([scores(teacher(x[i : i + 256])) for i in range(0, len(x), 256)])
     share = seconds / max(len(targets), 1)
     if max_steps is None:
         grid_steps, grid_seconds = 1000, share * grid_share

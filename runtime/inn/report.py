@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from runtime.atomic import write_output
+from runtime.inn.calibrate import scores
 from runtime.inn.model import IntegralModel
 from runtime.inn.modes import evaluating
 
@@ -253,7 +254,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     with evaluating(model):
         correct = 0
         for i in range(0, len(x), batch_size):
-            logits = model(_as_weights(x[i : i + batch_size], dtype))  # (B, classes[, H, W])
+            logits = scores(model(_as_weights(x[i : i + batch_size], dtype)))  # (B, C[, H, W])
             predicted, labels = logits.argmax(dim=1), y[i : i + batch_size]
             if predicted.shape != labels.shape:  # (they broadcast: a table, not a score)
                 raise ValueError(
