@@ -1732,3 +1732,6 @@ def test_a_tier_that_keeps_a_group_whole_because_of_its_rounding_step_says_so(tm
     assert "3 (" not in said[0]  # 24 -> 16: shrunk
     _, report = build_tiny(tmp_path / "again", CONFIG, repeats=1)
     assert not [w for w in report.warnings if "keeps group(s)" in w]
+    # at multiple_of 1 nothing is kept by its step: no warning to give
+    _, report = build_tiny(tmp_path / "one", {**CONFIG, "multiple_of": 1}, repeats=1)
+    assert not [w for w in report.warnings if "keeps group(s)" in w]

@@ -375,11 +375,15 @@ def _say_unshrunk(b: _Build, tier: TierConfig, record: TierRecord) -> None:
     rounding step of theirs (multiple_of, with a grouped conv's or GroupNorm's blocks) is
     the whole group, so the tier is less smaller than its width says (helper-296: a
     GroupNorm(3, 24) at multiple_of 8 stayed 24 channels down to width 0.1)."""
-    if not isinstance(tier.width, float) or tier.width >= 1.0:
-        return
     inn, multiple_of = b.inn, b.config.multiple_of
-    full = [g for g in inn.groups if record.sizes.get(g.name) == g.size
-            and round(tier.width * g.size) < g.size]  # fmt: skip
+    if not isinstance(tier.width, float) or tier.width >= 1.0 or multiple_of == 1:
+        return
+    if record.channel_search is not None:  # its counts are the search's choice (tier.json)
+        return
+    # only where multiple_of is what keeps them: at multiple_of 1 they would shrink (a
+    # 1-channel group, or one of as many blocks as channels, never does; helper-301)
+    finer = inn.sizes(tier.width, 1)
+    full = [g for g in inn.groups if record.sizes.get(g.name) == g.size > finer[g.name]]
     if full:
         which = ", ".join(f"{g.name} ({g.size}, step {inn.step(g, multiple_of)})" for g in full[:5])
         more = f" and {len(full) - 5} more" if len(full) > 5 else ""
