@@ -2358,7 +2358,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{g.name:<30} {g.size:>6} {sizes[g.name]:>8}")
     for module, why in inn.info.get("kept", {}).items():  # convert(on_unsupported="keep")
         print(f"kept at full size: {module} ({why})")
+    if _searches_channels(args.directory):  # (read as the build's counts: helper-300)
+        print(
+            "model.yaml's channel_search may build other counts near these (the fastest "
+            "per accuracy it measures): a built tier's are in tiers/<tier>/tier.json"
+        )
     return 0
+
+
+def _searches_channels(model_dir: Path) -> bool:
+    """Whether MODEL_DIR/model.yaml sets channel_search (False where it cannot be read:
+    the counts above were printed all the same)."""
+    from runtime.repository.config import ConfigError, ModelConfig
+
+    path = Path(model_dir) / "model.yaml"
+    try:
+        return path.is_file() and ModelConfig.load(path).channel_search is not None
+    except (ConfigError, OSError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

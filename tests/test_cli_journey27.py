@@ -499,9 +499,15 @@ def test_inspect_shows_the_counts_the_build_samples(tmp_path, capsys):
     shown = {line.split()[0]: int(line.split()[2]) for line in out.splitlines()[2:]}
     assert shown == want
     code, out, _ = _cli(capsys, "inspect", d, "--width", "0.25", "--multiple-of", "1")
-    assert {line.split()[0]: int(line.split()[2]) for line in out.splitlines()[2:]} == (
-        inn.sizes(0.25, 1)
-    )
+    assert {
+        line.split()[0]: int(line.split()[2]) for line in out.splitlines()[2:] if line[:1] != "m"
+    } == (inn.sizes(0.25, 1))
+    assert "channel_search" not in out
+    # with channel_search the build may pick other counts near these: said (helper-300)
+    config["channel_search"] = {"multiples": [8, 16]}
+    (d / "model.yaml").write_text(yaml.safe_dump(config))
+    code, out, _ = _cli(capsys, "inspect", d, "--width", "0.25")
+    assert code == 0 and "channel_search may build other counts" in out
 
 
 def test_serve_refuses_configured_models_the_repository_lacks(tmp_path, capsys):
