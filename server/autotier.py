@@ -690,13 +690,25 @@ def _failure(lines: list[str]) -> str:
     return said if len(said) <= FAILURE_CHARS else said[: FAILURE_CHARS - 3] + "..."
 
 
+# ``python -m innfer`` without the working folder on the import path: started from a
+# project folder holding its own server.py (or runtime/, sim/), the apply imported that and
+# exited 1 at every check - auto-tiering never applied a set (review helper-299). -P is
+# Python 3.11's switch for it; on 3.10 the first path entry (the folder) is dropped by hand.
+INNFER = (
+    [sys.executable, "-P", "-m", "innfer"]
+    if sys.version_info >= (3, 11)
+    else [sys.executable, "-c", "import runpy, sys; del sys.path[0]; "
+          "runpy.run_module('innfer', run_name='__main__', alter_sys=True)"]
+)  # fmt: skip
+
+
 def apply_command(repository: Path, name: str, traffic: Path, result: Path, live: str) -> list:
     """``innfer tiers apply`` in this interpreter (the serving image installs the CLI), with
     the host view written beside the traffic where there is one; it ends with this process
     (``--parent-pid``: a crashed server leaves no builder behind)."""
     host = traffic.with_name(HOST_FILE)
     return [
-        sys.executable, "-m", "innfer", "tiers", "apply", str(repository), name,
+        *INNFER, "tiers", "apply", str(repository), name,
         "--traffic", str(traffic), "--result", str(result), "--live", live,
         "--parent-pid", str(os.getpid()), "--background",
         *(["--host", str(host)] if host.is_file() else []),

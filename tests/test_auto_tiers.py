@@ -886,13 +886,13 @@ def test_a_background_apply_ends_with_the_server_that_started_it():
     assert "the process that started it (1) is gone" in gone.stderr
     # The server's apply is started so: `tiers apply --parent-pid <the server's pid>`.
     from innfer.cli import build_parser
-    from server.autotier import apply_command
+    from server.autotier import INNFER, apply_command
 
     argv = apply_command(Path("r"), "m", Path("t.csv"), Path("c.json"), "model.yaml:b")
     assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
-    assert build_parser().parse_args(argv[3:]).parent_pid == os.getpid()
+    assert build_parser().parse_args(argv[len(INNFER) :]).parent_pid == os.getpid()
     # Not a process id: an argument error (exit 2), not "(-1) is gone" (exit 1; review 160).
-    bad = [*argv[3 : argv.index("--parent-pid") + 1], "-1"]
+    bad = [*argv[len(INNFER) : argv.index("--parent-pid") + 1], "-1"]
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(bad)
     assert exc.value.code == 2
@@ -2246,3 +2246,17 @@ def test_a_second_apply_of_one_model_is_refused_while_one_runs(tmp_path, capsys)
         assert not (d / ACTIVE_FILE).exists()
     assert "auto_tiers.json is being applied by pid" in capsys.readouterr().err
     assert cli(apply) == 0 and (d / ACTIVE_FILE).is_file()  # then it runs
+
+
+def test_the_servers_apply_does_not_import_the_working_folders_own_modules(tmp_path):
+    # Started from a project folder holding its own server.py, `python -m innfer` imported
+    # it: every apply exited 1 and auto-tiering never applied a set (review helper-299).
+    import subprocess
+
+    from server.autotier import INNFER
+
+    (tmp_path / "server.py").write_text("raise SystemExit('the folder's own server.py')\n")
+    ran = subprocess.run([*INNFER, "tiers", "apply", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "own server.py" not in ran.stdout + ran.stderr and "--parent-pid" in ran.stdout
