@@ -6,6 +6,8 @@ of the queue). The wall-clock figures are bench/decision_cost.py's."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,29 @@ def test_one_admission_reads_only_the_new_request(n):
     sched.submit(r, now=0.0)
     assert Counted.reads <= 40  # r's own fields; the queue ahead is read as columns
     assert r in sched.queue
+
+
+@pytest.mark.parametrize("locators", ["user-provided", "none"])
+def test_the_compiled_plan_loads_where_numba_has_nowhere_to_cache(locators):
+    # pip installed as root, served by a user without a home: numba found no cache folder
+    # and `innfer serve` stopped with "cannot cache function 'quantile': no locator
+    # available" (review helper-299). Simulated by leaving numba only the locator that reads
+    # NUMBA_CACHE_DIR (unset: the cache goes to a folder of the temporary folder), or none
+    # (each process compiles anew).
+    import subprocess
+    import sys
+
+    keep = "[caching.UserProvidedCacheLocator]" if locators == "user-provided" else "[]"
+    code = (
+        "from numba.core import caching\n"
+        f"caching.CacheImpl._locator_classes = {keep}\n"
+        "import numba, tempfile\n"
+        "from server.scheduling import _kernel\n"
+        "assert abs(_kernel.quantile(1.0, 0.0, 1.0) - 1.0) < 1e-12\n"
+        "print(numba.config.CACHE_DIR.startswith(tempfile.gettempdir()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip() == "True"

@@ -15,13 +15,35 @@ through as NaN.)
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import numpy as np
 from numba import njit
 
-# cache=True: compiled once per machine into __pycache__ (or numba's user cache dir where
-# the package is read-only); nogil: a decision does not hold up the server's other threads.
-_jit = njit(cache=True, nogil=True)
+
+def _jit(fn):
+    """``fn`` compiled with cache=True: once per machine into __pycache__ (or numba's user
+    cache dir where the package is read-only); nogil: a decision does not hold up the
+    server's other threads. Where neither can be written (pip installed as root, served by
+    a user with no home: ``innfer serve`` stopped with "cannot cache function 'quantile':
+    no locator available"; review helper-299) the cache goes to a folder of this user's in
+    the temporary folder, or, failing that too, each process compiles anew."""
+    import numba
+
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+    if not numba.config.CACHE_DIR:  # (set by NUMBA_CACHE_DIR: the user's, kept)
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"innfer-numba-{os.getuid()}")
+        try:
+            return njit(cache=True, nogil=True)(fn)
+        except RuntimeError as exc:
+            if "cannot cache" not in str(exc):
+                raise
+    return njit(nogil=True)(fn)
 
 
 @_jit
