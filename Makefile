@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint format bench clean
 
 $(STAMP): pyproject.toml constraints/dev.txt constraints/serve.txt
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"the locked install needs Python >= 3.11 (the lock files pin wheels 3.10 has none of); $(PYTHON) is {v.major}.{v.minor}: make $(MAKECMDGOALS) PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints/dev.txt -c constraints/serve.txt -e '.[build,dev]'
