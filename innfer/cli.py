@@ -2787,6 +2787,22 @@ def _term_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, terminated)
 
 
+# Packages an extra installs (pyproject.toml) -> that extra: commands import them lazily,
+# and without them said "internal error: ModuleNotFoundError ... (a bug: please report it)"
+# (review helper-299).
+EXTRA_OF = {
+    **dict.fromkeys(("torch", "onnx", "safetensors", "tqdm", "matplotlib"), "build"),
+    **dict.fromkeys(("torchvision", "timm", "transformers"), "zoo"),
+}
+
+
+def _missing_extra(exc: BaseException) -> str | None:
+    """The extra that installs the package ``exc`` says is missing, or None."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    return EXTRA_OF.get(exc.name.partition(".")[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(_glued(sys.argv[1:] if argv is None else argv))
@@ -2820,6 +2836,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("INNFER_DEBUG"):
             raise
         _close_progress_bars()
+        if extra := _missing_extra(exc):  # the torch-free install (pip install innfer)
+            print(f"innfer {args.command}: error: {exc}: this command needs the {extra!r} "
+                  f"extra: pip install 'innfer[{extra}]'", file=sys.stderr)  # fmt: skip
+            return 2
         print(
             f"innfer {args.command}: internal error: {type(exc).__name__}: {exc} (a bug: please "
             "report it; INNFER_DEBUG=1 shows the traceback)",

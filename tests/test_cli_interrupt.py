@@ -134,3 +134,18 @@ def test_a_sigterm_to_long_work_says_what_ctrl_c_says(monkeypatch, capsys):
         signal.signal(signal.SIGTERM, previous)
     assert code == 128 + signal.SIGTERM
     assert "innfer calibrate: terminated (SIGTERM)" in capsys.readouterr().err
+
+
+def test_a_command_whose_extra_is_not_installed_names_the_extra(tmp_path):
+    # The torch-free install (pip install innfer): inspect, build, report, calibrate, train
+    # said "internal error: ModuleNotFoundError: No module named 'torch' (a bug: please
+    # report it)" (review helper-299). torch is hidden from a child interpreter.
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None; from innfer.cli import main; "
+            f"sys.exit(main(['inspect', {str(tmp_path)!r}]))")  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert "needs the 'build' extra: pip install 'innfer[build]'" in ran.stderr
+    assert "internal error" not in ran.stderr
