@@ -143,13 +143,29 @@ def report_frontier(model_dir: Path, png: Path | None = None) -> Path | None:
     """Print the frontier of ``model_dir`` and plot it (``png``, default
     ``<model_dir>/frontier.png``: the chosen tiers ringed, the hand-written ones marked);
     None where it has no frontier."""
-    from runtime.repository import FRONTIER_DIR, FRONTIER_FILE, Frontier, Repository
+    from runtime.repository import (
+        FRONTIER_DIR,
+        FRONTIER_FILE,
+        Frontier,
+        Repository,
+        RepositoryError,
+    )
 
     path = model_dir / FRONTIER_DIR / FRONTIER_FILE
     if not path.is_file():
         return None
     frontier = Frontier.read(path)
     repo, name = Repository(model_dir.parent), model_dir.name
+    # Measured on the INN and settings the folder holds now? The server and `tiers apply`
+    # refuse it otherwise; the report printed and plotted it as current (a calibrated w050
+    # shown at its old 64.90 %), or failed, exit 2, where a choice was on disk (helper-300).
+    try:
+        repo.check_frontier_inn(name, frontier)
+    except RepositoryError as exc:
+        stale = str(exc)
+        print(f"(out of date: {stale}; below, the candidates as measured then)")
+    else:
+        stale = None
     print(format_frontier(frontier))
     try:
         options, names = hand_options(repo, name, frontier)
@@ -159,7 +175,8 @@ def report_frontier(model_dir: Path, png: Path | None = None) -> Path | None:
     else:
         hand = {n: (options[n].p50[1], options[n].tier.accuracy) for n in names}
     png = model_dir / "frontier.png" if png is None else png
-    plot_frontier(frontier, _active_names(repo, name), png, hand)
+    plot_frontier(frontier, [] if stale else _active_names(repo, name), png, hand,
+                  stale=stale is not None)  # fmt: skip
     print(f"plot: {png}")
     return png
 
@@ -577,7 +594,9 @@ def choice_json(choice, min_gain: float, force: bool = False) -> dict:
     return {**choice.to_json(), "verdict": action, "reason": why, "min_gain": min_gain}
 
 
-def plot_frontier(frontier, chosen: list[str], path: Path, hand: dict | None = None) -> None:
+def plot_frontier(
+    frontier, chosen: list[str], path: Path, hand: dict | None = None, stale: bool = False
+) -> None:
     """Accuracy vs latency at batch 1 of every candidate, the frontier joined, the chosen
     set ringed, and (``hand``: name -> (latency, accuracy)) the hand-written tiers."""
     import matplotlib
@@ -607,7 +626,9 @@ def plot_frontier(frontier, chosen: list[str], path: Path, hand: dict | None = N
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel(f"accuracy ({frontier.accuracy_source.split(' (')[0]})")
-    ax.set_title("candidate widths" + ("" if chosen else "; no tier set chosen yet"))
+    ax.set_title("candidate widths" + ("" if chosen else "; no tier set chosen yet")
+                 + ("\n(out of date: measured on an older model; run innfer build)"
+                    if stale else ""))  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -425,3 +425,25 @@ def test_a_choice_without_a_field_names_the_field(tmp_path):
     )
     with pytest.raises(RepositoryError, match=r"corrupted \(it has no reason\)"):
         ActiveTiers.read(path)
+
+
+def test_report_says_a_frontier_of_a_replaced_inn_is_out_of_date(built, tmp_path, capsys):
+    # innfer report printed and plotted it as current (a calibrated tier shown at its old
+    # accuracy) and, with a choice on disk, failed with exit 2 (review helper-300).
+    import torch
+
+    from innfer.cli import main as cli
+    from runtime.inn.model import load as load_inn
+
+    root = _copy(built, tmp_path)
+    d = root / "tiny"
+    assert cli(["report", str(d), "--widths", "1", "0.5"]) == 0
+    assert "out of date" not in capsys.readouterr().out
+    inn = load_inn(d)
+    with torch.no_grad():
+        next(iter(inn.state.values())).mul_(1.5)
+    inn.save(d)
+    assert cli(["report", str(d), "--widths", "1", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "(out of date: " in out and "was measured on another INN" in out
+    assert out.index("(out of date: ") < out.index("frontier (")
