@@ -2292,23 +2292,59 @@ def _served_latency(model_dir: Path) -> tuple[list, str]:
             print(f"warning: the built tiers are left out of this report: {exc}", file=sys.stderr)
         return [], ""
     top = max((r.flops for r in records.values()), default=1) or 1
+    full = _full_channels(d)
     tiers = []
     # a frontier without an evaluation set scores by FLOPs: not an accuracy (it read as
     # one "on model.yaml's evaluation set", below "accuracy: not measured"; helper-255)
     flops = source == "frontier" and _frontier_flops(d)
+    measured_on, elsewhere = _evaluation_now(d), []
     for name, table in profile["tiers"].items():
         sizes = sorted(int(b) for b in table)
         rec = records[name]
-        # a tier of per-group counts has no one width: its FLOPs fraction stands in
-        width = float(rec.width) if isinstance(rec.width, (int, float)) else rec.flops / top
+        # a tier of per-group counts has no one width: the share of the full width's
+        # channels it keeps (as auto-tiering names it), else its FLOPs fraction (that of
+        # the largest served tier read as a width: 25.4 % for w050's network; helper-300)
+        width = (float(rec.width) if isinstance(rec.width, (int, float))
+                 else sum(rec.sizes.values()) / full if full else rec.flops / top)  # fmt: skip
         accuracy = None if flops else rec.accuracy
+        stale = None not in (rec.accuracy_on, measured_on) and rec.accuracy_on != measured_on
+        if accuracy is not None and stale:  # model.yaml's evaluation changed since the build
+            elsewhere.append(f"{name} on {rec.accuracy_on}")  # (helper-300)
+            accuracy = None
         tiers.append(ServedTier(name, width, accuracy, table[str(sizes[0])]["p50_ms"],
                                 sizes[-1], table[str(sizes[-1])]["p50_ms"]))  # fmt: skip
+    if elsewhere:
+        print(f"note: the served tiers' accuracy was measured on another evaluation than "
+              f"model.yaml's now ({measured_on}): {'; '.join(elsewhere)} - left out until "
+              "`innfer build` measures it again")  # fmt: skip
     latencies = "frontier.json" if source == "frontier" else "profile.json"
     where = f"{latencies}: {profile.get('backend')} on {profile.get('device')}"
     where += f", {lane} tokens" if lane else ""
     where += "; auto-tiering's choice" if source == "frontier" else ""
     return tiers, where
+
+
+def _full_channels(model_dir: Path) -> int | None:
+    """The channels of the INN's continuous groups at full width (inn.json), or None."""
+    from runtime.inn_files import META_FILE
+
+    try:
+        groups = json.loads((model_dir / META_FILE).read_text())["groups"]
+        return sum(int(g["size"]) for g in groups if not g.get("discrete")) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _evaluation_now(model_dir: Path) -> str | None:
+    """What model.yaml's evaluation measures a tier's accuracy on now, as tier.json records
+    it (``evaluation_key``), or None (none, or model.yaml unreadable)."""
+    from runtime.build.pipeline import evaluation_key
+    from runtime.repository.config import ConfigError, ModelConfig
+
+    try:
+        return evaluation_key(ModelConfig.load(model_dir / "model.yaml"), model_dir)
+    except (ConfigError, OSError):
+        return None
 
 
 DATA_SETS = "digits, mnist5k, mnist1d"  # the bundled data sets --data takes

@@ -1735,3 +1735,32 @@ def test_a_tier_that_keeps_a_group_whole_because_of_its_rounding_step_says_so(tm
     # at multiple_of 1 nothing is kept by its step: no warning to give
     _, report = build_tiny(tmp_path / "one", {**CONFIG, "multiple_of": 1}, repeats=1)
     assert not [w for w in report.warnings if "keeps group(s)" in w]
+
+
+def test_report_leaves_out_accuracy_measured_on_another_evaluation_and_widths_by_channels(
+    tmp_path, capsys
+):
+    # The served table kept the build's accuracy "on model.yaml's evaluation set" after
+    # that set changed, and a tier of per-group counts was shown at the largest served
+    # tier's FLOPs fraction - 25.4 % for w050's network (review helper-300).
+    from innfer.cli import main as cli
+
+    config = {**CONFIG, "tiers": [*CONFIG["tiers"], {"name": "c050", "width": {"0": 8, "3": 12}}]}
+    build_tiny(tmp_path, config, repeats=1)
+    d = tmp_path / "tiny"
+    assert cli(["report", str(d), "--widths", "1", "0.5"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()
+            if line.strip().startswith(("c050", "w050", "w100"))}  # fmt: skip
+    assert rows["c050"][0] == rows["w050"][0] == "50.0%" and rows["c050"][1].endswith("%")
+    assert "measured on another evaluation" not in out
+    doc = yaml.safe_load((d / "model.yaml").read_text())
+    doc["evaluation"]["limit"] = 32
+    (d / "model.yaml").write_text(yaml.safe_dump(doc))
+    assert cli(["report", str(d), "--widths", "1", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "the served tiers' accuracy was measured on another evaluation than model.yaml's" in out
+    assert "w100 on dataset digits, first 64" in out
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()
+            if line.strip().startswith(("c050", "w050", "w100"))}  # fmt: skip
+    assert {r[1] for r in rows.values()} == {"-"}
