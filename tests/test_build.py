@@ -1764,3 +1764,17 @@ def test_report_leaves_out_accuracy_measured_on_another_evaluation_and_widths_by
     rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()
             if line.strip().startswith(("c050", "w050", "w100"))}  # fmt: skip
     assert {r[1] for r in rows.values()} == {"-"}
+
+
+def test_a_build_without_profiling_says_the_kept_profile_was_timed_at_other_threads(tmp_path):
+    # model.yaml's threads edited, then `innfer build --no-profile`: the kept profile.json
+    # times the engines at the old count, and nothing said so (review helper-300).
+    root, _ = build_tiny(tmp_path, CONFIG, repeats=1)
+    again = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not [w for w in again.warnings if "profile.json" in w]
+    doc = yaml.safe_load((root / "tiny" / "model.yaml").read_text())
+    doc["threads"] = 2
+    (root / "tiny" / "model.yaml").write_text(yaml.safe_dump(doc))
+    again = build_model(Repository(root), "tiny", progress=False, profile=False)
+    said = [w for w in again.warnings if "profile.json" in w]
+    assert said and "profile.json was measured with 1 intra-op threads per engine" in said[0]

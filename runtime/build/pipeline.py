@@ -63,6 +63,7 @@ from runtime.repository import (
 from runtime.repository.config import ModelConfig, TierConfig
 from runtime.repository.leftovers import sweep
 from runtime.repository.profile import (
+    measured_elsewhere,
     profile_tiers,
     random_feeds,
     slower_tiers,
@@ -422,7 +423,16 @@ def _say_stale_profile(b: _Build, onnx: dict[str, str]) -> None:
     # the same ONNX is timed still: review helper-248); an older one by what was exported
     records = isinstance(kept.get("onnx_sha256"), dict)
     stale = stale_tiers(kept, onnx) if records else [t.name for t in b.report.tiers if t.exported]
-    if stale:
+    # ... nor where it was measured elsewhere: another backend, device or thread count
+    # (model.yaml's threads edited: the build printed the old count's times unsaid; helper-300)
+    elsewhere = measured_elsewhere(kept, b.chosen, b.config.threads, b.config.spin)
+    if elsewhere is not None:
+        b.report.warn(
+            f"{elsewhere}, not as {b.name} is built now (--no-profile): its latencies are not "
+            f"these engines'; `innfer build {b.repo.root} --model {b.name}` measures them",
+            b.progress,
+        )
+    elif stale:
         b.report.warn(
             f"profile.json does not time the engines of tiers {', '.join(stale)} as built "
             f"now (--no-profile); `innfer build {b.repo.root} --model {b.name}` stores a new "
