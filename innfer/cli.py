@@ -832,8 +832,9 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 
 
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
     unit = full_capacity(tiers, p50, max_batch, cfg.slots)
-    line = (f"load {cfg.load:g}x of {unit:,.0f} requests/s (the full tier's engine at batch "
-            f"{max_batch})")  # fmt: skip
+    top = max(tiers, key=lambda t: t.accuracy).name  # (w075 where it beats w100: said)
+    line = (f"load {cfg.load:g}x of {unit:,.0f} requests/s (the most accurate tier's engine, "
+            f"{top}, at batch {max_batch})")  # fmt: skip
     if not host_ms:
         return line + "; --host-ms PARSE,ANSWER says what one core serves with request handling"
     served = full_capacity(tiers, p50, max_batch, 1, sum(host_ms[:2]) / 1e3, batch_ms / 1e3)

@@ -365,6 +365,7 @@ def summarise(arrivals, deadlines, finish, tiers_used, states, tiers, cfg, rate)
             float(np.mean([acc[t] for t in tiers_used if t is not None])) if mix else None
         ),
         "full_tier_accuracy": full.accuracy,
+        "full_tier": full.name,  # the most accurate tier (w075 may beat w100)
         "tier_mix": {t.name: mix.get(t.name, 0) / max(int(served.sum()), 1) for t in tiers},
         "p50_latency_ms": float(np.percentile(latency, 50)) if len(latency) else None,
         "p99_latency_ms": float(np.percentile(latency, 99)) if len(latency) else None,
@@ -404,6 +405,12 @@ def _span(s: dict) -> str:
             f"{span:.3g} s they came in)")  # fmt: skip
 
 
+def _named(s: dict) -> str:
+    """' NAME' of the summary's most accurate tier ('' in a summary from before it was
+    kept): "full tier" named w075's figures where it beat w100 (review helper-300)."""
+    return f" {s['full_tier']}" if s.get("full_tier") else ""
+
+
 def format_summary(s: dict, title: str = "") -> str:
     mix = ", ".join(f"{k} {v:.0%}" for k, v in s["tier_mix"].items())
     acc = s["mean_served_accuracy"]
@@ -412,7 +419,7 @@ def format_summary(s: dict, title: str = "") -> str:
         f"  requests        {s['requests']} at {s['offered_rate_per_s']:.1f}/s{_span(s)}",
         f"  SLO attainment  {s['slo_attainment']:.2%}",
         f"  mean accuracy   {'-' if acc is None else f'{acc:.4f}'} "
-        f"(full tier {s['full_tier_accuracy']:.4f})",
+        f"(most accurate tier{_named(s)} {s['full_tier_accuracy']:.4f})",
         f"  tier mix        {mix}",
         f"  latency p50/p99 {format_ms(s['p50_latency_ms'])} / {format_ms(s['p99_latency_ms'])} ms",
         f"  goodput         {s['goodput_per_s']:.1f}/s",

@@ -434,3 +434,15 @@ def test_replay_refuses_requests_out_of_time_order_and_tiers_without_times():
         replay(tiers, p50, np.array([0.0, 0.1, 0.2]), budgets[:2], SimConfig())
     done = replay(tiers, p50, np.array([0.0, 0.1, 0.2]), budgets, SimConfig())
     assert done.summary["slo_attainment"] == 1.0
+
+
+def test_the_summary_names_the_most_accurate_tier_it_calls_full(capsys):
+    # "(full tier 0.9700)" and "the full tier's engine at batch 8" were w075's figures on a
+    # demo where w075 beat w100 (review helper-300): the tier is named.
+    from server.scheduling import TierInfo
+    from sim.simulator import SimConfig, format_summary, simulate
+
+    tiers = [TierInfo("w100", 0.967, {8: 16.0}), TierInfo("w075", 0.970, {8: 12.0})]
+    r = simulate(tiers, {"w100": {8: 14.0}, "w075": {8: 10.0}}, SimConfig(duration_s=1.0))
+    assert r.summary["full_tier"] == "w075"
+    assert "(most accurate tier w075 0.9700)" in format_summary(r.summary)
