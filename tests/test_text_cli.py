@@ -523,3 +523,24 @@ def test_an_interrupted_text_calibration_keeps_the_widths_it_finished(
     assert "1 of 2 widths are calibrated and saved in" in capsys.readouterr().err
     inn = runtime.load(copy)
     assert len(inn.tiers) == 1 and len(inn.info["text_calibration"]) == 1
+
+
+def test_lengths_past_the_models_position_table_are_named_in_the_build_error(tmp_path):
+    # TinyBert's position table holds 32: profiled at 64 tokens the build failed with
+    # "the engine failed on a batch of 4: ... invalid expand shape", naming neither the
+    # length nor the table (review helper-301).
+    import torch
+    from textmodel import TinyEmbedder, model_yaml, write_tokenizer
+
+    from runtime.build.pipeline import add_model
+
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 20, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    inn = runtime.convert(TinyEmbedder().eval(), (ids, mask))
+    config = {**model_yaml(), "lengths": [8, 64], "text": {"max_length": 64}}
+    d = add_model(tmp_path, "embed", inn, config)
+    write_tokenizer(d / "tokenizer.json")
+    with pytest.raises(BuildError, match=r"the engine failed on a batch of 4 at 64 tokens: .*"
+                       r"no more tokens than its position table holds: lower lengths "
+                       r"\(longest 64\)"):  # fmt: skip
+        build_model(Repository(tmp_path), "embed", progress=False, repeats=1)

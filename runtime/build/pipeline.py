@@ -746,8 +746,15 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
             # and bias type (c10::Half) should be the same": fp16 beside a cast in the graph)
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             fix = "; try precision: fp32 in model.yaml" if precision == "fp16" else ""
+            at = ""
+            if config.sequence_lengths:  # (a BERT of 128 positions at 256 tokens: only
+                # "invalid expand shape" on "a batch of 8"; review helper-301)
+                at = f" at {length} tokens"
+                fix += (f"; a model may take no more tokens than its position table holds: "
+                        f"lower lengths (longest {lengths[-1]}) and text.max_length in "
+                        "model.yaml if it holds fewer")  # fmt: skip
             raise EngineRunFailed(
-                f"tier {tier}: the engine failed on a batch of {batch}: "
+                f"tier {tier}: the engine failed on a batch of {batch}{at}: "
                 f"{type(exc).__name__}: {first}{fix}"
             ) from exc
         ref = module(*[torch.from_numpy(feeds[t.name]) for t in config.inputs])
