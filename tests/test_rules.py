@@ -1038,3 +1038,21 @@ def test_a_layer_norm_over_channels_a_later_slice_cuts_apart_is_refused():
         ConversionError, match="layer norm over channels of several groups sampled apart"
     ):
         runtime.convert(NormThenSlice().eval(), (torch.randn(2, 4),))
+
+
+def test_a_top_level_layer_named_like_the_graphs_own_attribute_is_refused_by_name():
+    # self.meta = nn.Linear(...): both frontends failed with torch's "Node meta_weight target
+    # meta.weight references nonexistent attribute weight of meta" (review helper-301).
+    class Meta(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.meta = nn.Conv2d(3, 8, 1), nn.Linear(5, 8)
+
+        def forward(self, img, x):
+            return self.conv(img).mean((2, 3)) + self.meta(x)
+
+    args = (torch.randn(2, 3, 4, 4), torch.randn(2, 5))
+    for frontend in ("auto", "export"):
+        with pytest.raises(ConversionError, match=r"Meta has a layer or tensor named 'meta'.*"
+                           "rename it"):  # fmt: skip
+            runtime.convert(Meta().eval(), args, frontend=frontend)

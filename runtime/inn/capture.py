@@ -53,6 +53,7 @@ def capture(
     """The graph of ``model`` for conversion; ``auto`` tries fx, then torch.export."""
     if frontend not in ("auto", "fx", "export"):
         raise ValueError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
+    _check_names(model)
     if frontend == "export" or (frontend == "auto" and example_kwargs):
         return _export(model, example_inputs, example_kwargs or {})
     try:
@@ -82,6 +83,30 @@ def capture(
                 f"on tensor values (branches on shapes and configuration are fine with "
                 f"torch.export)."
             ) from exc
+
+
+# What a captured graph (an fx.GraphModule) holds under its own names, beside the model's
+# top-level layers: a layer of one of these names is read as the graph's own attribute.
+_GRAPH_NAMES = frozenset({"meta", "graph", "code", "forward", "training"}) | frozenset(
+    dir(fx.GraphModule)
+)
+
+
+def _check_names(model: nn.Module) -> None:
+    """Refuse a model with a top-level layer, parameter or buffer named like a captured
+    graph's own attribute: ``self.meta = nn.Linear(...)`` failed in both frontends with
+    torch's "Node meta_weight target meta.weight references nonexistent attribute weight of
+    meta" (review helper-301)."""
+    names = [n for n, _ in model.named_children()]
+    names += [n for n, _ in model.named_parameters(recurse=False)]
+    names += [n for n, _ in model.named_buffers(recurse=False)]
+    if clash := sorted(set(names) & _GRAPH_NAMES):
+        raise ConversionError(
+            f"{type(model).__name__} has a layer or tensor named {', '.join(map(repr, clash))}, "
+            "which the captured graph (a torch.fx GraphModule) uses for its own attribute: "
+            "rename it in the model (its state_dict keys change with it), or wrap the model "
+            "in a module that holds it under another name"
+        )
 
 
 def drop_default_checks(gm: fx.GraphModule) -> None:
