@@ -1233,7 +1233,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError(
             "innfer bench sends its requests with tritonclient, which is not installed here: "
-            "pip install 'tritonclient[grpc]' (in innfer's dev extra: pip install -e '.[dev]')"
+            "pip install 'tritonclient[grpc]' (in innfer's dev extra: pip install 'innfer[dev]', "
+            "from a checkout pip install -e '.[dev]')"
         ) from None
     from runtime.repository.config import ModelConfig
     from sim.loadgen import check_loopback

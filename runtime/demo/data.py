@@ -111,7 +111,8 @@ def load_digits() -> Dataset:
     except ImportError:
         raise RuntimeError(
             "the digits data set ships with scikit-learn, which is not installed: "
-            "pip install scikit-learn (or the dev extra: pip install -e '.[dev]')"
+            "pip install scikit-learn (or innfer's dev extra: pip install 'innfer[dev]', "
+            "from a checkout pip install -e '.[dev]')"
         ) from None
 
     bunch = _sk_load_digits()

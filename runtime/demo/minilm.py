@@ -30,7 +30,9 @@ MAX_LENGTH = 256
 # The zoo extra's install beside the pinned CPU torch: unconstrained, pip replaced it with
 # the newest (CUDA) build and ~20 nvidia-* packages (review 180).
 ZOO_INSTALL = (
-    ".venv/bin/pip install -c constraints/dev.txt -c constraints/serve.txt -e '.[build,dev,zoo]'"
+    "from a checkout, .venv/bin/pip install -c constraints/dev.txt -c constraints/serve.txt "
+    "-e '.[build,dev,zoo]'; an installed innfer, pip install 'innfer[zoo]' torch==<your "
+    "torch's version> (the constraints files come with the checkout only)"
 )
 
 
