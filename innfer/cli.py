@@ -2219,9 +2219,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     if data is None and example is None:
         inn.info["input_shape"] = shape  # this run only: the INN on disk is not rewritten
-    _, tier_multiple, method = _tier_defaults(args.model_dir)  # as the build samples them
+    tier_widths, tier_multiple, method = _tier_defaults(args.model_dir)  # as the build samples
     multiple_of = args.multiple_of or tier_multiple
-    widths = _widths(DEFAULT_WIDTHS if args.widths is None else args.widths)
+    # By default the grid and model.yaml's uniform tiers: a calibrated w030 off the grid
+    # was never shown (review helper-300).
+    grid = {*DEFAULT_WIDTHS, *(float(w) for w in tier_widths if isinstance(w, (int, float)))}
+    widths = _widths(sorted(grid, reverse=True) if args.widths is None else args.widths)
     rows = width_report(inn, widths, data, method=method, multiple_of=multiple_of,
                         example=example)  # fmt: skip
     print(format_report(rows))

@@ -1778,3 +1778,18 @@ def test_a_build_without_profiling_says_the_kept_profile_was_timed_at_other_thre
     again = build_model(Repository(root), "tiny", progress=False, profile=False)
     said = [w for w in again.warnings if "profile.json" in w]
     assert said and "profile.json was measured with 1 intra-op threads per engine" in said[0]
+
+
+def test_report_shows_model_yamls_tier_widths_off_its_grid_by_default(tmp_path, capsys):
+    # The default rows were the 1/8 grid alone: a (calibrated) w030 never appeared in the
+    # width table or plot (review helper-300).
+    from innfer.cli import main as cli
+
+    config = {**CONFIG, "tiers": [{"name": "w100", "width": 1.0}, {"name": "w030", "width": 0.3}]}
+    build_tiny(tmp_path, config, repeats=1)
+    assert cli(["report", str(tmp_path / "tiny")]) == 0
+    widths = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.strip().endswith(("sampled", "calibrated"))]  # fmt: skip
+    assert "30.0%" in widths and "87.5%" in widths and widths == sorted(
+        widths, key=lambda w: -float(w.rstrip("%"))
+    )
