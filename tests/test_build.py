@@ -1790,6 +1790,8 @@ def test_report_shows_model_yamls_tier_widths_off_its_grid_by_default(tmp_path, 
     assert cli(["report", str(tmp_path / "tiny")]) == 0
     widths = [line.split()[0] for line in capsys.readouterr().out.splitlines()
               if line.strip().endswith(("sampled", "calibrated"))]  # fmt: skip
-    assert "30.0%" in widths and "87.5%" in widths and widths == sorted(
-        widths, key=lambda w: -float(w.rstrip("%"))
+    assert (
+        "30.0%" in widths
+        and "87.5%" in widths
+        and widths == sorted(widths, key=lambda w: -float(w.rstrip("%")))
     )

@@ -447,3 +447,29 @@ def test_report_says_a_frontier_of_a_replaced_inn_is_out_of_date(built, tmp_path
     out = capsys.readouterr().out
     assert "(out of date: " in out and "was measured on another INN" in out
     assert out.index("(out of date: ") < out.index("frontier (")
+
+
+def test_the_frontier_plots_line_joins_the_batch_1_frontier_it_draws(tmp_path, monkeypatch):
+    # frontier.json marks a candidate Pareto at batch 1 or max_batch; the plot (batch 1)
+    # drew its line through one beaten at batch 1 - 0.1 us faster only at batch 4
+    # (review helper-300).
+    import matplotlib.axes
+
+    from innfer.tiers import plot_frontier
+    from runtime.repository.frontier import Candidate, Frontier, mark_pareto
+
+    def cand(name, acc, b1, b4):
+        lat = {"1": {"p50_ms": b1}, "4": {"p50_ms": b4}}
+        return Candidate(name, {}, 1.0, 1, 1, acc, lat, "")
+
+    cands = mark_pareto([cand("w100", 0.99, 4.0, 9.0), cand("w025", 0.90, 1.0, 3.0),
+                         cand("s025", 0.89, 1.2, 2.9999)], (1, 4))  # fmt: skip
+    assert [c.pareto for c in cands] == [True, True, True]  # s025: at batch 4 only
+    frontier = Frontier(cands, "evaluation", "x", "onnxruntime", "cpu", 1, 4)
+    lines = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **k: lines.append(a) or real(ax, *a, **k))  # fmt: skip
+    plot_frontier(frontier, [], tmp_path / "f.png")
+    ((xs, ys, _),) = lines
+    assert list(xs) == [1.0, 4.0] and list(ys) == [0.90, 0.99]
