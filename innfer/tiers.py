@@ -393,7 +393,8 @@ def hand_options(repo, name: str, frontier):
     candidate's channel counts takes that candidate's latency (one measurement for both
     sides), and where its build measured no accuracy, the candidate's accuracy - or, with
     no such candidate, that of the candidate closest in FLOPs (an estimate; a FLOPs
-    fraction would not compare with measured accuracies)."""
+    fraction would not compare with measured accuracies) - where the frontier scores by
+    FLOPs fraction, the tier's own."""
     import dataclasses
 
     from runtime.repository import TierRecord
@@ -412,7 +413,12 @@ def hand_options(repo, name: str, frontier):
         c = by_sizes.get(json.dumps(rec.sizes, sort_keys=True))
         if c is not None:
             tables[t] = c.latency
-        if rec.accuracy is None:
+        if rec.accuracy is None and frontier.accuracy_source.startswith("flops"):
+            # the frontier's "accuracy" is a FLOPs fraction: the tier's own (it took the
+            # nearest candidate's - w030 at s050's 0.138, not its 0.111; helper-300)
+            ref = max(frontier.candidates, key=lambda c: c.flops)
+            records[t] = dataclasses.replace(rec, accuracy=ref.accuracy * rec.flops / ref.flops)
+        elif rec.accuracy is None:
             c = c or min(frontier.candidates, key=lambda c: abs(c.flops - rec.flops))
             records[t] = dataclasses.replace(rec, accuracy=c.accuracy)
     missing = [t for t in records if t not in tables]

@@ -2260,3 +2260,27 @@ def test_the_servers_apply_does_not_import_the_working_folders_own_modules(tmp_p
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "own server.py" not in ran.stdout + ran.stderr and "--parent-pid" in ran.stdout
+
+
+def test_a_hand_tier_without_accuracy_takes_its_own_flops_fraction_on_a_flops_frontier(tmp_path):
+    # Without an evaluation set the frontier's "accuracy" is each candidate's FLOPs
+    # fraction; a hand-written tier took the nearest candidate's (w030 plotted and scored
+    # at s050's 0.138 for its own 0.111; review helper-300).
+    from innfer.tiers import hand_options
+    from runtime.repository import TierRecord
+    from runtime.repository.frontier import FRONTIER_DIR, FRONTIER_FILE
+
+    d = _auto_model(tmp_path)
+    path = d / FRONTIER_DIR / FRONTIER_FILE
+    built = Frontier.read(path)
+    full = max(c.flops for c in built.candidates)
+    flops_only = [dataclasses.replace(c, accuracy=c.flops / full) for c in built.candidates
+                  if c.name != "w050"]  # (w050 then has no candidate of its counts)  # fmt: skip
+    dataclasses.replace(built, candidates=flops_only, accuracy_source="flops (no evaluation "
+                        "set: FLOPs fraction of the full width)").write(path)  # fmt: skip
+    repo = Repository(tmp_path)
+    options, names = hand_options(repo, "tiny", Frontier.read(path))
+    for name in names:
+        rec = TierRecord.read(repo.tier_dir("tiny", name) / "tier.json")
+        assert rec.accuracy is None
+        assert options[name].tier.accuracy == pytest.approx(rec.flops / full)
