@@ -1164,13 +1164,15 @@ class ModelRuntime:
             # budget before it was taken off (helper-273: a reserve inflated by overload
             # counted 1,300 refusals as the clients' ask).
             # A budget that is only what the call's deadline had left when it was read
-            # (no latency_budget_ms) hides what it lost before: while this model has other
-            # requests in hand, gRPC's queue is a likely thief, and the refusal is load (a
-            # closed loop of 64 at 10 ms deadlines on a saturated server counted 3,409
-            # refusals as the clients' ask against 4 as load; review helper-297).
+            # (no latency_budget_ms) hides what it lost before: calls wait in gRPC's queue
+            # while the loop is saturated - it has not once waited for I/O since the last
+            # batch was launched - and such a refusal is load (a closed loop of 64 at 10 ms
+            # deadlines on a saturated server counted 3,409 refusals as the clients' ask
+            # against 4 as load; review helper-297). Not merely with a batch in flight: a
+            # 50 ms deadline on a 170 ms model is the client's ask (helper-302).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            busy = deadline_only and self.inflight > 0
+            busy = deadline_only and self._idle.waits == self._idle_mark
             if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
         self._missed[why].inc()

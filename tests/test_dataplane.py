@@ -2625,7 +2625,9 @@ def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_de
     """A budget sent only as the call's deadline is what it had left when the server read
     it: under overload the time it lost in gRPC's queue was counted as the client's ask
     (refused_budget, 3,409 against 4 as load) and said "the client's budget was -0.0 ms"
-    (review helper-297). With other requests in hand, it is load."""
+    (review helper-297). While the loop has not waited for I/O since the last launch
+    (saturated: calls wait in gRPC's queue), it is load; with a batch merely in flight
+    and the loop idling, the client's ask (helper-302)."""
     metrics = Metrics()
 
     def missed(reason: str) -> float:
@@ -2637,14 +2639,17 @@ def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_de
         await plane.load_all()
         try:
             m = plane.models["a"]
-            m.inflight += 1  # another request in hand (its batch running)
+            m._idle_mark = m._idle.waits  # a batch just launched, no wait for I/O since
+            with pytest.raises(DeadlineExceeded) as busy:
+                await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
+            assert missed("refused_deadline") == 1 and missed("refused_budget") == 0
+            m.inflight += 1  # a batch in flight, and the loop idles meanwhile: not load
             try:
-                with pytest.raises(DeadlineExceeded) as busy:
+                await asyncio.sleep(0.01)
+                with pytest.raises(DeadlineExceeded) as idle:
                     await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
             finally:
                 m.inflight -= 1
-            with pytest.raises(DeadlineExceeded) as idle:
-                await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
             return str(busy.value), str(idle.value)
         finally:
             for m in plane.models.values():

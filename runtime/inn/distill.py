@@ -94,6 +94,8 @@ _EMBEDDING_FNS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default
 _ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 # Where a tier's sample points start (calibrate_text's ``grid``).
 GRIDS = ("selected", "uniform")
+# What ``distil`` computes its steps in.
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,7 @@ def distil(
     seed: int = 0,
     progress: bool = False,
     desc: str = "distil",
+    precision: str = "fp32",
 ) -> DistilResult:
     """Distil ``student`` (in place) towards the teacher's ``targets`` for ``seconds`` or
     ``max_steps`` AdamW steps, whichever ends first; one batch per step, in a seeded random
@@ -457,10 +460,18 @@ def distil(
     power = hidden_power(batches, targets)
     order = batch_order(len(batches), seed)
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    # bf16: the forward and the loss under CPU autocast (matmuls in bfloat16, the weights and
+    # their updates in float32)
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else (
+        contextlib.nullcontext)  # fmt: skip
+
     def step() -> float:
         i = next(order)
-        output, hidden = tapped(batches[i].ids, batches[i].mask)
-        loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
+        with cast():
+            output, hidden = tapped(batches[i].ids, batches[i].mask)
+            loss = distil_loss(output, hidden, batches[i], targets[i], power, hidden_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
