@@ -120,3 +120,22 @@ def test_the_compiled_plan_loads_where_numba_has_nowhere_to_cache(locators):
                          env=env, timeout=300)  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.strip() == "True"
+
+
+def test_the_numba_cache_fallback_takes_only_a_folder_of_this_users_own(tmp_path, monkeypatch):
+    # A predictable <tmp>/innfer-numba-<uid> made by another user (or open to them) let
+    # them plant the index files numba unpickles: code run as the server's user (review
+    # helper-302). Only a folder this user owns, writable by no one else, is used.
+    import tempfile
+
+    from server.scheduling._kernel import _private_cache_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = tmp_path / f"innfer-numba-{os.getuid()}"
+    assert _private_cache_dir() == str(path) and (path.stat().st_mode & 0o777) == 0o700
+    path.chmod(0o777)  # open to others: refused
+    assert _private_cache_dir() is None
+    path.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    path.symlink_to(tmp_path / "elsewhere")  # a link planted in its place: refused
+    assert _private_cache_dir() is None

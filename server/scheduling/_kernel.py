@@ -36,14 +36,36 @@ def _jit(fn):
     except RuntimeError as exc:
         if "cannot cache" not in str(exc):
             raise
-    if not numba.config.CACHE_DIR:  # (set by NUMBA_CACHE_DIR: the user's, kept)
-        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"innfer-numba-{os.getuid()}")
+    if not numba.config.CACHE_DIR and (own := _private_cache_dir()) is not None:
+        numba.config.CACHE_DIR = own  # (NUMBA_CACHE_DIR, where set, is the user's: kept)
         try:
             return njit(cache=True, nogil=True)(fn)
         except RuntimeError as exc:
             if "cannot cache" not in str(exc):
                 raise
     return njit(nogil=True)(fn)
+
+
+def _private_cache_dir() -> str | None:
+    """``<tmp>/innfer-numba-<uid>``, made 0700 - or None where it exists and is not a
+    folder this user alone owns and writes: numba unpickles the index files it finds there,
+    and a folder another user made (or a symlink) let them run code as the server's user
+    (review helper-302)."""
+    import stat
+
+    path = os.path.join(tempfile.gettempdir(), f"innfer-numba-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+    return path if mine and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None
 
 
 @_jit
