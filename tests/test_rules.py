@@ -1056,3 +1056,24 @@ def test_a_top_level_layer_named_like_the_graphs_own_attribute_is_refused_by_nam
         with pytest.raises(ConversionError, match=r"Meta has a layer or tensor named 'meta'.*"
                            "rename it"):  # fmt: skip
             runtime.convert(Meta().eval(), args, frontend=frontend)
+
+
+def test_keep_lifts_a_statistic_over_a_group_a_later_slice_cut():
+    # Refused as it should be, but keep raised the same refusal: the cut parts' origin
+    # ('a[0:48]') named no layer (review helper-302).
+    class NormThenSlice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ln = nn.Linear(4, 64), nn.LayerNorm(64)
+            self.p = nn.Linear(48, 16)
+
+        def forward(self, x):
+            h = self.ln(torch.relu(self.a(x)))
+            return torch.cat([self.p(h[:, :48]), h[:, 48:]], 1)
+
+    x = torch.randn(2, 4)
+    with pytest.raises(ConversionError, match=r"discrete=\['a'\]"):
+        runtime.convert(NormThenSlice().eval(), (x,))
+    with pytest.warns(UserWarning, match="kept 1 channel group"):
+        kept = runtime.convert(NormThenSlice().eval(), (x,), on_unsupported="keep")
+    assert list(kept.info["kept"]) == ["a"]

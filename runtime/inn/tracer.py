@@ -509,7 +509,8 @@ class Tracer:
             # naming one left the next conversion to refuse the other)
             roots = dict.fromkeys(self.uf.find(g) for g in groups if self.uf.continuous(g))
             origins = [self.uf.origin[r] for r in roots]
-            producers = [_producer(o, self.modules, self.output_dim) for o in origins]
+            producers = list(dict.fromkeys(_producer(o, self.modules, self.output_dim)
+                                           for o in origins))  # fmt: skip
             if origins:
                 refused.append((node, what, origins, producers))
         if not refused:
@@ -614,7 +615,10 @@ def _producer(origin: str, modules: dict, output_dim: dict[str, int]) -> str | N
     """The module ``discrete=[...]`` names to keep a group of this origin whole: the module
     itself (fx graphs), or the owner of a parameter whose output dim began it (torch.export
     graphs, "conv.weight:0", "emb.weight:1": dim 0 unless a rule said otherwise in
-    ``output_dim``). None for any other origin (an op's output, another dim)."""
+    ``output_dim``). None for any other origin (an op's output, another dim). A part of a
+    group a slice cut (``a[0:48]``) is its layer's: keep lifted nothing before, and the
+    refusal repeated (review helper-302)."""
+    origin = origin.partition("[")[0]
     if origin in modules:
         return origin
     param, _, dim = origin.rpartition(":")
