@@ -1541,13 +1541,8 @@ class DataPlane:
             params, time_remaining, m.config.default_latency_budget_ms, deadline_is_budget
         )
         due_at = None  # a stream's deadline, where it made the budget (``ModelRuntime.infer``)
-        if (
-            window is not None
-            and source.startswith("stream deadline")
-            and (
-                budget_s == time_remaining  # (not Triton's timeout, where both cut it)
-            )
-        ):
+        by_deadline = budget_s == time_remaining  # (not Triton's timeout, where both cut it)
+        if window is not None and source.startswith("stream deadline") and by_deadline:
             due_at = (window.deadline_at(m.name, m.clock(), read_remaining)
                       - self.config.budget_margin_ms / 1e3)  # fmt: skip
         budget_s -= self.config.budget_margin_ms / 1e3
