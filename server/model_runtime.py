@@ -322,6 +322,14 @@ class Verdict:
 VERDICT: contextvars.ContextVar[Verdict | None] = contextvars.ContextVar(
     "innfer_verdict", default=None
 )
+# Whether the request the current task served was cancelled at its deadline (True) or by
+# its client's choice (False), as ``count_cancel`` judged it (None: not cancelled): the
+# gRPC code the call is counted with follows the same verdict (judged apart, from the
+# call's deadline rather than the request's due time, the two disagreed in a band of a
+# millisecond; review helper-302).
+CANCEL_AT_DEADLINE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "innfer_cancel_at_deadline", default=None
+)
 
 
 def tier_infos(served: ServedModel, length: int = 0) -> list[TierInfo]:
@@ -1243,7 +1251,9 @@ class ModelRuntime:
         engine (review helper-153). One cancelled while ``waiting`` is in the statistics'
         ``fail`` whatever its budget, as Triton counts a request cancelled in its queue
         (they missed such cancels: review helper-261)."""
-        if due == math.inf or not cancel_at_deadline(due - now, due - arrival):
+        at_deadline = due != math.inf and cancel_at_deadline(due - now, due - arrival)
+        CANCEL_AT_DEADLINE.set(at_deadline)
+        if not at_deadline:
             self.metrics.requests.labels(self.name, "", "cancelled").inc()
             if waiting:
                 self.stats.fail.add(now - arrival)

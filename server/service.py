@@ -47,7 +47,7 @@ from server.limits import (
     request_fields,
     tensor_fields,
 )
-from server.model_runtime import VERDICT, Duration, ModelRuntime, Verdict
+from server.model_runtime import CANCEL_AT_DEADLINE, VERDICT, Duration, ModelRuntime, Verdict
 from server.parameters import cancel_at_deadline, id_size
 from server.proto_gen import POOL, health_pb2, health_pb2_grpc
 from server.proto_gen import grpc_service_pb2 as pb
@@ -366,6 +366,8 @@ def _heard(code: grpc.StatusCode, context, step: float = 0.0, took: float = 0.0)
     left: the rule the request's own outcome is counted by)."""
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
         return code
+    if code is grpc.StatusCode.CANCELLED and (judged := CANCEL_AT_DEADLINE.get()) is not None:
+        return grpc.StatusCode.DEADLINE_EXCEEDED if judged else code  # as its request counts
     try:
         left = context.time_remaining()
     except Exception:  # no deadline to read

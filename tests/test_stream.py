@@ -635,3 +635,37 @@ def test_a_streams_deadline_keeps_its_requests_in_arrival_order(server):
     assert _ids(answers) == [str(i) for i in range(12)]
     planned = {r.get_response().parameters["budget_us"].int64_param for r, _ in answers}
     assert max(planned) < 30e6  # the stream's deadline made their budgets
+
+
+def test_a_unary_cancel_is_counted_with_the_verdict_its_request_got():
+    # The call's code and its request's outcome were judged apart - from the call's deadline
+    # and from the request's due time, a margin and a parse earlier - and disagreed for
+    # cancels in a band of about a millisecond (review helper-302). The request's verdict,
+    # where it was judged, decides both.
+    import contextvars
+
+    from server.model_runtime import CANCEL_AT_DEADLINE
+    from server.service import _heard
+
+    class Call:
+        def __init__(self, left):
+            self.left = left
+
+        def time_remaining(self):
+            return self.left
+
+        def cancelled(self):
+            return True
+
+    def heard(verdict, left):
+        def run():
+            if verdict is not None:
+                CANCEL_AT_DEADLINE.set(verdict)
+            return _heard(grpc.StatusCode.CANCELLED, Call(left), took=0.039)
+
+        return contextvars.copy_context().run(run)
+
+    assert heard(None, 0.006) == grpc.StatusCode.CANCELLED  # by the call's own clock
+    assert heard(True, 0.006) == grpc.StatusCode.DEADLINE_EXCEEDED  # as the request counted
+    assert heard(False, 0.004) == grpc.StatusCode.CANCELLED
+    assert heard(None, 0.004) == grpc.StatusCode.DEADLINE_EXCEEDED
