@@ -1172,15 +1172,17 @@ class ModelRuntime:
             # budget before it was taken off (helper-273: a reserve inflated by overload
             # counted 1,300 refusals as the clients' ask).
             # A budget that is only what the call's deadline had left when it was read
-            # (no latency_budget_ms) hides what it lost before: calls wait in gRPC's queue
-            # while the loop is saturated - it has not once waited for I/O since the last
-            # batch was launched - and such a refusal is load (a closed loop of 64 at 10 ms
-            # deadlines on a saturated server counted 3,409 refusals as the clients' ask
-            # against 4 as load; review helper-297). Not merely with a batch in flight: a
-            # 50 ms deadline on a 170 ms model is the client's ask (helper-302).
+            # (no latency_budget_ms) hides what it lost before. Lost for sure where nothing
+            # was left (the client sent more than nothing), and likely while the loop is
+            # saturated - not once waited for I/O since the last batch launch: calls wait in
+            # gRPC's queue; such a refusal is load (a closed loop of 64 at 10 ms deadlines on
+            # a saturated server counted 3,409 refusals as the clients' ask against 4 as
+            # load, all read with -0.0 ms left; review helper-297). Not merely with a batch
+            # in flight: a 50 ms deadline on a 170 ms model is the client's ask (helper-302).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            busy = deadline_only and self._idle.waits == self._idle_mark
+            left = req.deadline - reached + reserve_s + self.margin_s  # (as read)
+            busy = deadline_only and (left <= 0 or self._idle.waits == self._idle_mark)
             if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
         self._missed[why].inc()

@@ -2626,8 +2626,8 @@ def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_de
     it: under overload the time it lost in gRPC's queue was counted as the client's ask
     (refused_budget, 3,409 against 4 as load) and said "the client's budget was -0.0 ms"
     (review helper-297). While the loop has not waited for I/O since the last launch
-    (saturated: calls wait in gRPC's queue), it is load; with a batch merely in flight
-    and the loop idling, the client's ask (helper-302)."""
+    (saturated: calls wait in gRPC's queue), or when nothing was left at the read, it is
+    load; with a batch merely in flight and the loop idling, the client's ask (helper-302)."""
     metrics = Metrics()
 
     def missed(reason: str) -> float:
@@ -2650,13 +2650,18 @@ def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_de
                     await plane.infer(_request("a", _x(1, 0.0)), 0.0015)
             finally:
                 m.inflight -= 1
+            assert missed("refused_deadline") == 1 and missed("refused_budget") == 1
+            await asyncio.sleep(0.01)  # idle again; read with nothing left: lost before, load
+            with pytest.raises(DeadlineExceeded, match="deadline had -?0.0 ms left"):
+                await plane.infer(_request("a", _x(1, 0.0)), 0.0)
+            assert missed("refused_deadline") == 2
             return str(busy.value), str(idle.value)
         finally:
             for m in plane.models.values():
                 await m.stop()
 
     busy, idle = _run(body())
-    assert missed("refused_deadline") == 1 and missed("refused_budget") == 1
+    assert missed("refused_deadline") == 2 and missed("refused_budget") == 1
     for said in (busy, idle):
         assert "the call's deadline had 1.5 ms left when the server read it" in said
         assert "client's budget was" not in said
