@@ -2652,7 +2652,7 @@ def test_a_deadline_only_refusal_while_the_model_is_busy_is_load_and_says_the_de
                 m.inflight -= 1
             assert missed("refused_deadline") == 1 and missed("refused_budget") == 1
             await asyncio.sleep(0.01)  # idle again; read with nothing left: lost before, load
-            with pytest.raises(DeadlineExceeded, match="deadline had -?0.0 ms left"):
+            with pytest.raises(DeadlineExceeded, match=r"deadline had -?0\.0 ms left"):
                 await plane.infer(_request("a", _x(1, 0.0)), 0.0)
             assert missed("refused_deadline") == 2
             return str(busy.value), str(idle.value)
