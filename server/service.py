@@ -48,7 +48,7 @@ from server.limits import (
     tensor_fields,
 )
 from server.model_runtime import CANCEL_AT_DEADLINE, VERDICT, Duration, ModelRuntime, Verdict
-from server.parameters import cancel_at_deadline, id_size
+from server.parameters import CANCEL_CAP_S, cancel_at_deadline, id_size
 from server.proto_gen import POOL, health_pb2, health_pb2_grpc
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
@@ -366,12 +366,19 @@ def _heard(code: grpc.StatusCode, context, step: float = 0.0, took: float = 0.0)
     left: the rule the request's own outcome is counted by)."""
     if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
         return code
-    if code is grpc.StatusCode.CANCELLED and (judged := CANCEL_AT_DEADLINE.get()) is not None:
-        return grpc.StatusCode.DEADLINE_EXCEEDED if judged else code  # as its request counts
     try:
         left = context.time_remaining()
     except Exception:  # no deadline to read
         left = None
+    # Near the call's own deadline, as its request was judged (from the request's due
+    # time; apart, they disagreed in a band of a millisecond: helper-302) - only there: a
+    # request's budget of its own (latency_budget_ms, the default) ending is no deadline
+    # the client heard (helper-303: cancels with no deadline, or 29.6 s of it left, were
+    # counted DeadlineExceeded).
+    judged = CANCEL_AT_DEADLINE.get()
+    near = left is not None and left - step <= CANCEL_CAP_S
+    if code is grpc.StatusCode.CANCELLED and judged is not None and near:
+        return grpc.StatusCode.DEADLINE_EXCEEDED if judged else code
     # (``step``: a stream's ``rounding_step``, for a cancel gRPC made at the client's
     # deadline; a stream its client ended OK was not cut by it - review helper-280)
     if left is not None and (

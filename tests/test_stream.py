@@ -669,3 +669,7 @@ def test_a_unary_cancel_is_counted_with_the_verdict_its_request_got():
     assert heard(True, 0.006) == grpc.StatusCode.DEADLINE_EXCEEDED  # as the request counted
     assert heard(False, 0.004) == grpc.StatusCode.CANCELLED
     assert heard(None, 0.004) == grpc.StatusCode.DEADLINE_EXCEEDED
+    # a request's own budget ending is no deadline the client heard: far from the call's
+    # deadline, or without one, its cancel is the client's (helper-303)
+    assert heard(True, 29.6) == grpc.StatusCode.CANCELLED
+    assert heard(True, None) == grpc.StatusCode.CANCELLED
