@@ -1181,7 +1181,9 @@ class ModelRuntime:
             # in flight: a 50 ms deadline on a 170 ms model is the client's ask (helper-302).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            left = req.deadline - reached + reserve_s + self.margin_s  # (as read)
+            # (left now, from the deadline's end: with plan_overhead the budget counts from
+            # the parse, so what was read plus the parse, never 0 - helper-303)
+            left = req.deadline - now + reserve_s + self.margin_s
             busy = deadline_only and (left <= 0 or self._idle.waits == self._idle_mark)
             if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
@@ -1189,7 +1191,10 @@ class ModelRuntime:
         if exc.state == State.REFUSED_FULL:
             return ResourceExhausted(f"model {self.name}: {exc}")
         budget_s = req.deadline - reached
-        spent = self._budget_spent(budget_s, reserve_s, now - reached, req.grace, deadline_only)
+        spent = self._budget_spent(
+            budget_s, reserve_s, now - reached, req.grace,
+            req.deadline - now + reserve_s + self.margin_s if deadline_only else None,
+        )  # fmt: skip
         return DeadlineExceeded(f"model {self.name}: {exc}; {spent}")
 
     async def _await_answer(self, req: Request, lane: int) -> InferResult:
@@ -1269,24 +1274,25 @@ class ModelRuntime:
 
     def _budget_spent(
         self, budget_s: float, reserve_s: float, waited_s: float, grace_s: float = 0.0,
-        deadline_only: bool = False,
+        deadline_left: float | None = None,
     ) -> str:  # fmt: skip
         """What the server set aside of the client's budget before planning: a refusal's
         "left to plan with" is what remains (a 0.5 ms budget read "-0.5 ms" on its own).
         Admission judges at the overhead's median: the reserve less ``grace_s`` (the whole
         reserve, 55.6 ms, was named beside -5.1 ms left of 15 ms: helper-273).
-        ``deadline_only``: the budget was the call's deadline as read (a 10 ms deadline that
-        waited in gRPC's queue was "the client's budget was -0.0 ms"; helper-297)."""
+        ``deadline_left``: where the budget was the call's deadline alone, what it had left
+        when the request was planned (a 10 ms deadline that waited in gRPC's queue was "the
+        client's budget was -0.0 ms"; helper-297)."""
         parts = [f"the server's {1e3 * self.margin_s:.1f} ms margin"]
         if reserve_s > 0:
             parts.append(f"{1e3 * (reserve_s - grace_s):.1f} ms reserved for request handling "
                          "(its learnt median)")  # fmt: skip
+        if deadline_left is not None:  # (what was spent before is taken off it already)
+            return (f"the call's deadline had {1e3 * deadline_left:.1f} ms left when the "
+                    f"server planned it, less {', '.join(parts)}")  # fmt: skip
         if waited_s >= 5e-5:
             parts.append(f"{1e3 * waited_s:.1f} ms already spent before it was planned")
         client_ms = 1e3 * (budget_s + reserve_s + self.margin_s)
-        if deadline_only:
-            return (f"the call's deadline had {client_ms:.1f} ms left when the server read "
-                    f"it, less {', '.join(parts)}")  # fmt: skip
         return f"the client's budget was {client_ms:.1f} ms, less {', '.join(parts)}"
 
     def count_invalid(self) -> None:
