@@ -639,9 +639,11 @@ def plot_frontier(
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel(f"accuracy ({frontier.accuracy_source.split(' (')[0]})")
-    ax.set_title("candidate widths" + ("" if chosen else "; no tier set chosen yet")
-                 + ("\n(out of date: measured on an older model; run innfer build)"
-                    if stale else ""))  # fmt: skip
+    if stale:  # (its chosen set, if any, is not drawn: "no tier set chosen yet" was wrong)
+        title = "candidate widths\n(out of date: measured on an older model; run innfer build)"
+    else:
+        title = "candidate widths" + ("" if chosen else "; no tier set chosen yet")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -473,3 +473,8 @@ def test_the_frontier_plots_line_joins_the_batch_1_frontier_it_draws(tmp_path, m
     plot_frontier(frontier, [], tmp_path / "f.png")
     ((xs, ys, _),) = lines
     assert list(xs) == [1.0, 4.0] and list(ys) == [0.90, 0.99]
+    # out of date: said, and not "no tier set chosen yet" (its set is not drawn; helper-303)
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, **k: titles.append(t))
+    plot_frontier(frontier, [], tmp_path / "f.png", stale=True)
+    assert "out of date" in titles[-1] and "no tier set chosen" not in titles[-1]

@@ -139,3 +139,19 @@ def test_the_numba_cache_fallback_takes_only_a_folder_of_this_users_own(tmp_path
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     path.symlink_to(tmp_path / "elsewhere")  # a link planted in its place: refused
     assert _private_cache_dir() is None
+
+
+def test_the_numba_cache_fallback_compiles_without_a_cache_where_no_temp_folder_is_usable(
+    monkeypatch,
+):
+    # A read-only root file system: tempfile.gettempdir() raised FileNotFoundError and the
+    # import failed instead of compiling without a cache (review helper-303).
+    import tempfile
+
+    from server.scheduling._kernel import _private_cache_dir
+
+    def unusable():
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", unusable)
+    assert _private_cache_dir() is None

@@ -53,7 +53,10 @@ def _private_cache_dir() -> str | None:
     (review helper-302)."""
     import stat
 
-    path = os.path.join(tempfile.gettempdir(), f"innfer-numba-{os.getuid()}")
+    try:  # (no usable temporary folder at all: a read-only root file system - helper-303)
+        path = os.path.join(tempfile.gettempdir(), f"innfer-numba-{os.getuid()}")
+    except OSError:
+        return None
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
