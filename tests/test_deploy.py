@@ -553,7 +553,7 @@ def _frontier_for(model: Path, tier_set: Path, accuracies: tuple[float, ...]) ->
     cands = [candidate(i, a) for i, a in enumerate(accuracies)]
     frontier = Frontier(candidates=cands, accuracy_source="evaluation",
                         source_sha256="cd" * 32, backend="onnxruntime", device="cpu",
-                        threads=1, max_batch=config.max_batch,
+                        threads=config.threads, max_batch=config.max_batch,
                         settings=candidate_settings(config))  # fmt: skip
     frontier.write(model / "frontier" / "frontier.json")
 

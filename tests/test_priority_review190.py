@@ -94,7 +94,7 @@ def test_a_default_budget_within_the_servers_margin_is_said_at_load(tmp_path, ca
     [
         (1000, {"parameters": {"latency_budget_ms": 4}}, None),
         (1000, {"timeout": 4000}, "the budget was Triton's timeout parameter"),
-        (1000, {"client_timeout": 0.006}, "the budget was the call's gRPC deadline"),
+        (1000, {"client_timeout": 0.006}, "the budget was what the call's gRPC deadline"),
         (4, {}, "the budget was the model's default_latency_budget_ms"),
     ],
 )
