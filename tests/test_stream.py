@@ -67,6 +67,20 @@ def _streamed(server, send, n: int, **stream) -> list:
         client.close()
 
 
+class _Call:
+    """A gRPC ServicerContext stand-in: the seconds ``time_remaining`` answers (None: no
+    deadline) and whether the call was ``cancelled``."""
+
+    def __init__(self, left: float | None, cancelled: bool = False) -> None:
+        self.left, self._cancelled = left, cancelled
+
+    def time_remaining(self):
+        return self.left
+
+    def cancelled(self):
+        return self._cancelled
+
+
 def _ids(answers: list) -> list[str]:
     return [r.get_response().id if r is not None else "error" for r, _ in answers]
 
@@ -579,17 +593,10 @@ def test_a_streams_step_is_taken_off_until_its_last_step_then_what_is_left_is_pl
     # client's budget was negative (review helper-280): within the step, best effort.
     from server.service import deadline_left
 
-    class Call:
-        def __init__(self, left):
-            self.left = left
-
-        def time_remaining(self):
-            return self.left
-
-    assert deadline_left(Call(5.0), 0.1) == pytest.approx(4.9)
-    assert deadline_left(Call(0.15), 0.1) == pytest.approx(0.05)
-    assert deadline_left(Call(0.08), 0.1) == pytest.approx(0.08)
-    assert deadline_left(Call(None), 0.1) is None
+    assert deadline_left(_Call(5.0), 0.1) == pytest.approx(4.9)
+    assert deadline_left(_Call(0.15), 0.1) == pytest.approx(0.05)
+    assert deadline_left(_Call(0.08), 0.1) == pytest.approx(0.08)
+    assert deadline_left(_Call(None), 0.1) is None
 
 
 def test_a_stream_is_counted_as_its_client_heard_it_within_its_last_step():
@@ -647,21 +654,11 @@ def test_a_unary_cancel_is_counted_with_the_verdict_its_request_got():
     from server.model_runtime import CANCEL_AT_DEADLINE
     from server.service import _heard
 
-    class Call:
-        def __init__(self, left):
-            self.left = left
-
-        def time_remaining(self):
-            return self.left
-
-        def cancelled(self):
-            return True
-
     def heard(verdict, left):
         def run():
             if verdict is not None:
                 CANCEL_AT_DEADLINE.set(verdict)
-            return _heard(grpc.StatusCode.CANCELLED, Call(left), took=0.039)
+            return _heard(grpc.StatusCode.CANCELLED, _Call(left, cancelled=True), took=0.039)
 
         return contextvars.copy_context().run(run)
 
