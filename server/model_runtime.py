@@ -1183,8 +1183,10 @@ class ModelRuntime:
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
             # (left now, from the deadline's end: with plan_overhead the budget counts from
             # the parse, so what was read plus the parse, never 0 - helper-303)
+            # ("nothing": within a microsecond - a deadline read at 0 came out +1e-17 after
+            # the sums above on one machine and -1e-17 on another)
             left = req.deadline - now + reserve_s + self.margin_s
-            busy = deadline_only and (left <= 0 or self._idle.waits == self._idle_mark)
+            busy = deadline_only and (left < 1e-6 or self._idle.waits == self._idle_mark)
             if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
         self._missed[why].inc()
