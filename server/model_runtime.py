@@ -1157,6 +1157,9 @@ class ModelRuntime:
         self._log_refused(outcome, str(exc), now)
         self.metrics.requests.labels(self.name, "", outcome).inc()
         why = outcome  # refused_full; refused_deadline: the work ahead, or a slow replica
+        # What the deadline has left now, from its end (with plan_overhead the budget counts
+        # from the parse: what was read plus the parse, never 0 - helper-303)
+        left = req.deadline - now + reserve_s + self.margin_s
         if exc.state == State.REFUSED_DEADLINE:
             # refused_budget: the budget is below the fastest allowed tier's profiled time
             # at the quantile an idle replica admits at (no online correction; a full
@@ -1181,11 +1184,8 @@ class ModelRuntime:
             # in flight: a 50 ms deadline on a 170 ms model is the client's ask (helper-302).
             s = self.lanes[lane]
             idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
-            # (left now, from the deadline's end: with plan_overhead the budget counts from
-            # the parse, so what was read plus the parse, never 0 - helper-303)
             # ("nothing": within a microsecond - a deadline read at 0 came out +1e-17 after
             # the sums above on one machine and -1e-17 on another)
-            left = req.deadline - now + reserve_s + self.margin_s
             busy = deadline_only and (left < 1e-6 or self._idle.waits == self._idle_mark)
             if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
                 why = "refused_budget"
@@ -1194,9 +1194,8 @@ class ModelRuntime:
             return ResourceExhausted(f"model {self.name}: {exc}")
         budget_s = req.deadline - reached
         spent = self._budget_spent(
-            budget_s, reserve_s, now - reached, req.grace,
-            req.deadline - now + reserve_s + self.margin_s if deadline_only else None,
-        )  # fmt: skip
+            budget_s, reserve_s, now - reached, req.grace, left if deadline_only else None
+        )
         return DeadlineExceeded(f"model {self.name}: {exc}; {spent}")
 
     async def _await_answer(self, req: Request, lane: int) -> InferResult:

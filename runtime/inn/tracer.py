@@ -126,8 +126,8 @@ class Tracer:
         ``discrete=[...]`` keeps whole to lift it (and so ``on_unsupported="keep"``); it was
         "ties a dimension of 12 channels to one of 1", with no way out (review helper-284)."""
         live = [s for s in segments if self.uf.continuous(s.group)]
-        origin = self.uf.origin[self.uf.find(live[0].group)].partition("[")[0]
-        producer = _producer(origin, self.modules, self.output_dim)
+        origin = self.uf.origin[self.uf.find(live[0].group)]
+        producer = _producer(origin, self.modules, self.output_dim)  # (a cut part's: its layer)
         what = "combines channels sliced or split differently (x[:, 1:] - x[:, :-1], a "
         what += "residual add of a concat), which cannot follow the width together"
         if producer is None:
