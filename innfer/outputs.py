@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 from pathlib import Path
 
 from runtime.atomic import probe_write
@@ -36,6 +37,13 @@ def png_file(text: str) -> Path:
     path = output_file(text)
     if path.suffix and path.suffix.lower() != ".png":  # matplotlib refused it after the work
         raise argparse.ArgumentTypeError(f"{text} is not a .png file; give NAME.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        # The torch-free install has none: `innfer simulate --plot` simulated every policy,
+        # then failed on the import and the figures it printed had no plot.
+        raise argparse.ArgumentTypeError(
+            f"writing {text} needs matplotlib, which the 'build' extra installs: "
+            "pip install 'innfer[build]' (or leave the plot out)"
+        )
     return path if path.suffix else path.with_name(path.name + ".png")
 
 

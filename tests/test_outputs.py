@@ -48,3 +48,18 @@ def test_a_read_only_output_folder_is_refused_before_the_work(tmp_path, monkeypa
               "--out", str(tmp_path / "file" / "sub")])  # fmt: skip
     assert refused.value.code == 2 and time.monotonic() - start < 20  # no epoch trained first
     assert "cannot write into" in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_simulation(tmp_path, monkeypatch, capsys):
+    # `innfer simulate --plot` on the torch-free install simulated every policy, then
+    # failed importing matplotlib (session 71's noticed list).
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec: not installed
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, before any work
+        main(["simulate", str(tmp_path / "no-model"), "--plot", str(tmp_path / "t.png")])
+    assert refused.value.code == 2 and time.monotonic() - start < 20
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and "innfer[build]" in err
+    assert not (tmp_path / "t.png").exists()
