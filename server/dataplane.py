@@ -410,6 +410,7 @@ class DataPlane:
             served, unmet = await self._read_served(name)
             self._warn_over_limit(name, served.config)
             runtime = await self._start_runtime(name, served)
+            await self._start_gpu_reader(served)
             if self.phase is Phase.DRAINING:  # shutdown began while it warmed up
                 runtime.abandon()
                 if swap:
@@ -698,24 +699,31 @@ class DataPlane:
             await asyncio.get_running_loop().run_in_executor(None, reader.stop)
 
     # -- outside load on a GPU (server.gpu_load) --------------------------------------------
-    def _watch_gpu(self, runtime: ModelRuntime) -> None:
-        """Start the outside-load reader for ``runtime``'s GPU if it is the first model
-        there, and give it the factor in force; nothing for a CPU model or with nvml_load
-        off (no thread, no import of pynvml)."""
-        index = gpu_index(runtime.served) if self.config.nvml_load else None
-        if index is None:
+    async def _start_gpu_reader(self, served: ServedModel) -> None:
+        """Start the outside-load reader for ``served``'s GPU if none is there yet; nothing
+        for a CPU model or with nvml_load off (no thread, no import of pynvml). NVML starts
+        off the loop: ``nvmlInit`` loads the driver's library and can take a second, and on
+        the loop every other model's requests waited for it (session 71's noticed list).
+        Under the load lock: no other load starts one meanwhile, and a shutdown stops it."""
+        index = gpu_index(served) if self.config.nvml_load else None
+        if index is None or index in self._gpu_readers:
             return
-        if index not in self._gpu_readers:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
 
-            def report(i: int, factor: float) -> None:
-                # On the reader's thread: the schedulers are the loop's alone.
-                with contextlib.suppress(RuntimeError):  # the loop closed (process exit)
-                    loop.call_soon_threadsafe(self._apply_external, i, factor, reader)
+        def report(i: int, factor: float) -> None:
+            # On the reader's thread: the schedulers are the loop's alone.
+            with contextlib.suppress(RuntimeError):  # the loop closed (process exit)
+                loop.call_soon_threadsafe(self._apply_external, i, factor, reader)
 
-            reader = NvmlLoad(index, report, own_busy=lambda: self._busy_s(index))
-            self._gpu_readers[index] = reader if reader.start() else None
-        factor = self.external_load.get(index)
+        reader = NvmlLoad(index, report, own_busy=lambda: self._busy_s(index))
+        started = await loop.run_in_executor(None, reader.start)
+        self._gpu_readers[index] = reader if started else None
+
+    def _watch_gpu(self, runtime: ModelRuntime) -> None:
+        """Give ``runtime`` its GPU's outside-load factor in force (its reader started
+        before, ``_start_gpu_reader``); nothing for a CPU model."""
+        index = gpu_index(runtime.served) if self.config.nvml_load else None
+        factor = None if index is None else self.external_load.get(index)
         if factor is not None:
             _set_external(runtime, factor)
 

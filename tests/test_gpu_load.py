@@ -166,6 +166,7 @@ class FakeNvml(types.ModuleType):
         self.process_error: int | None = None
         self.calls: list[str] = []
         self.ts = 0
+        self.util_threads: set[threading.Thread] = set()  # where the device was read
 
     def nvmlInit(self) -> None:
         self.calls.append("init")
@@ -183,6 +184,7 @@ class FakeNvml(types.ModuleType):
 
     def nvmlDeviceGetUtilizationRates(self, handle):
         self.calls.append("util")
+        self.util_threads.add(threading.current_thread())
         return types.SimpleNamespace(gpu=self.total, memory=0)
 
     def nvmlDeviceGetProcessUtilization(self, handle, last_seen):
@@ -427,6 +429,9 @@ def test_the_factor_reaches_every_scheduler_on_the_gpu_on_the_loop(gpu_config, m
             await plane.stop_models()
         assert reader._thread is None and nvml.calls[-1] == "shutdown"
         assert set(applied_on) == {threading.main_thread()}  # the loop's, never the reader's
+        # NVML started (its first read of the device) off the loop: on it, every other
+        # model's requests waited for the driver (session 71's noticed list)
+        assert nvml.util_threads and threading.main_thread() not in nvml.util_threads
 
     asyncio.run(asyncio.wait_for(body(), 30))
 
