@@ -326,6 +326,28 @@ def test_an_fp16_tensorrt_key_names_the_converter_that_makes_its_graph(
     )
 
 
+def test_a_tensorrt_key_names_the_devices_capability_sms_and_cuda_runtime(install_trt, fake_cuda):
+    # A plan is tuned to its device and built under one CUDA runtime: a MIG slice bears its
+    # GPU's name with fewer SMs, and the cu12 and cu13 builds of one TensorRT release share
+    # its version - each served the other's engine under one key (session 70's list).
+    from runtime.repository.cache import engine_key
+
+    install_trt()
+
+    def key():
+        return engine_key("ab" * 32, TensorRTBackend(), BuildOptions())
+
+    first, fields = key()
+    assert {k: fields[k] for k in ("compute_capability", "sm_count", "cuda_runtime")} == {
+        "compute_capability": "9.0", "sm_count": 132, "cuda_runtime": 12080}  # fmt: skip
+    seen = {first}
+    for change in ({"sm_count": 14}, {"runtime_version": 13000}, {"capability": (10, 0)}):
+        for attr, value in change.items():
+            setattr(fake_cuda, attr, value)
+        seen.add(key()[0])
+    assert len(seen) == 4  # each change is another engine
+
+
 def test_convert_to_fp16_computes_a_float_range_in_float32_and_leaves_an_int_one():
     # Range has no float16: a float Range (positions as floats, from the input's length)
     # became an invalid graph, "Type 'tensor(float16)' of input parameter ... of operator
@@ -548,6 +570,7 @@ class _FakeCudart(types.ModuleType):
         self.pending: dict[int, list[tuple[int, int, int]]] = {}
         self.syncs = 0
         self.streams: set[int] = set()
+        self.capability, self.sm_count, self.runtime_version = (9, 0), 132, 12080  # an H100
         # Tests set these to make a call fail: fail_copy(kind, dst) -> bool for
         # cudaMemcpyAsync (nothing is queued then), fail_sync for cudaStreamSynchronize.
         self.fail_copy = None
@@ -615,7 +638,13 @@ class _FakeCudart(types.ModuleType):
         return self._ok(0)
 
     def cudaGetDeviceProperties(self, index):
-        return self._ok(types.SimpleNamespace(name=FAKE_GPU.encode() + b"\0\0\0"))
+        return self._ok(
+            types.SimpleNamespace(name=FAKE_GPU.encode() + b"\0\0\0", major=self.capability[0],
+                                  minor=self.capability[1], multiProcessorCount=self.sm_count)
+        )  # fmt: skip
+
+    def cudaRuntimeGetVersion(self):
+        return self._ok(self.runtime_version)
 
     def cudaGetErrorString(self, err):
         return self._ok(b"fake error")

@@ -364,11 +364,17 @@ class TensorRTBackend(Backend):
         return str(name).strip()
 
     def key_fields(self, options: BuildOptions) -> dict[str, Any]:
-        """An fp16 plan is built from the graph a converter made (``_fp16_model_bytes``):
-        onnxconverter-common, whichever version is installed, or the built-in pass. Two
-        images on a shared volume made different engines under one key (review 175)."""
+        """What a plan depends on beyond the device's name and TensorRT's version: the
+        device's compute capability and SM count (a MIG slice bears its GPU's name with
+        fewer SMs, and TensorRT tunes its tactics to them) and the CUDA runtime the plan was
+        built under (the cu12 and cu13 builds of one TensorRT release share its version
+        string). An fp16 plan is built from the graph a converter made
+        (``_fp16_model_bytes``): onnxconverter-common, whichever version is installed, or
+        the built-in pass. Two images on a shared volume made different engines under one
+        key (review 175)."""
+        fields = self._device_fields()
         if options.precision != "fp16":
-            return {}
+            return fields
         try:
             from importlib.metadata import version
 
@@ -377,8 +383,22 @@ class TensorRTBackend(Backend):
             converter = None
         # max_finite_val: the clamp it is called with (+-1e4 until session 64's fix): an
         # engine converted with another clamp is another engine.
-        return {"fp16_converter": {"onnxconverter_common": converter, "builtin": FP16_PASS,
-                                   "max_finite_val": FP16_MAX}}  # fmt: skip
+        fields["fp16_converter"] = {"onnxconverter_common": converter, "builtin": FP16_PASS,
+                                    "max_finite_val": FP16_MAX}  # fmt: skip
+        return fields
+
+    def _device_fields(self) -> dict[str, Any]:
+        """The current device's compute capability and SM count, and the CUDA runtime's
+        version (an int, 12080 for 12.8)."""
+        cuda = _Cuda(_import_cudart())
+        index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
+        props = cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
+        runtime = cuda.call("cudaRuntimeGetVersion", cuda.rt.cudaRuntimeGetVersion())
+        return {
+            "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": int(props.multiProcessorCount),
+            "cuda_runtime": int(runtime),
+        }
 
     def build(self, onnx_path: Path, out_dir: Path, options: BuildOptions) -> list[str]:
         """Build ``onnx_path`` into ``out_dir / engine.plan``; returns ``["engine.plan"]``.
