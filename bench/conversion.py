@@ -10,7 +10,7 @@ For each model and seed: train (fixed split), convert, then sample at each width
 No data and no fine-tuning. Prints mean and spread over seeds, writes
 bench/results/conversion.json and conversion.png.
 
-    python bench/conversion.py [--seeds 5] [--models digits_mlp,...]
+    python -m bench.conversion [--seeds 5] [--models digits_mlp,...]
 """
 
 from __future__ import annotations

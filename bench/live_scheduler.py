@@ -866,17 +866,23 @@ def plot(results: dict, path: Path) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------
-def common_args(p: argparse.ArgumentParser, requests: int, requests_help: str, example: str):
-    """The flags every live benchmark takes (bench/multi_model.py too)."""
+def common_args(
+    p: argparse.ArgumentParser, requests: int, requests_help: str, example: str,
+    concurrency: bool = True,
+):  # fmt: skip
+    """The flags every live benchmark takes (bench/multi_model.py too); ``concurrency``:
+    with ``--concurrency`` as a list of client counts (bench/text_serving.py has one count
+    of its own - both made it fail at its first line, review helper-305)."""
     p.add_argument("--requests", type=int, default=requests, help=requests_help)
     p.add_argument("--seconds", type=float, default=30.0, help="at most this long per point")
     p.add_argument("--points", help=f"comma-separated point ids or patterns ({example})")
     p.add_argument("--seed", type=int, default=0, help="weights, traces and budgets")
-    p.add_argument(
-        "--concurrency", type=client_counts, default=CONCURRENCY,
-        help="closed-loop client counts (default the issue's 1,8,32; e.g. 8,12,16 for where "
-        "the core runs out)",
-    )  # fmt: skip
+    if concurrency:
+        p.add_argument(
+            "--concurrency", type=client_counts, default=CONCURRENCY,
+            help="closed-loop client counts (default the issue's 1,8,32; e.g. 8,12,16 for "
+            "where the core runs out)",
+        )  # fmt: skip
     p.add_argument("--warmup", type=int, default=16, help="unrecorded requests per server")
     p.add_argument("--server-cpus", type=_cpus, default={1})
     p.add_argument("--client-cpus", type=_cpus, default={0})

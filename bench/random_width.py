@@ -22,7 +22,7 @@ The issue asked for five seeds; the default is 2 so the run stays near 20 minute
 BOTH arms alike (default 1.0: the models' own defaults). Prints mean and spread (population
 std) over seeds, writes bench/results/random_width.json and random_width.png.
 
-    python bench/random_width.py [--seeds 5] [--epochs-scale 0.5] [--models mnist_resnet,...]
+    python -m bench.random_width [--seeds 5] [--epochs-scale 0.5] [--models mnist_resnet,...]
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime
+from bench.hardening import free_ports
 from bench.models import ResNet18Like
 from bench.sim_grid import LOADS, SEEDS, grid
 from runtime.build.pipeline import add_model, build_model
@@ -127,11 +128,12 @@ def live(model_dir: Path, load: float, duration: float, margin: float = 3.0) -> 
     rate = load * full_capacity(tiers, p50, 8, 1)
     arrivals = make_trace(cfg, rate)
     budgets = np.random.default_rng(cfg.seed + 1).uniform(20, 100, len(arrivals)) / 1e3
+    port = free_ports(1)[0]  # (a fixed one met another's server on a shared machine)
     log = OUT / "scheduler-live-server.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "innfer.cli", "serve", "--repository", str(REPO),
-             "--port", "18931", "--metrics-port", "0", "--budget-margin-ms", str(margin)],
+             "--port", str(port), "--metrics-port", "0", "--budget-margin-ms", str(margin)],
             stderr=err, stdout=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
@@ -139,7 +141,7 @@ def live(model_dir: Path, load: float, duration: float, margin: float = 3.0) -> 
         _wait_ready(log, proc)
         inputs = random_feeds(Repository(REPO).config("resnet18").inputs, 1)
         accuracy = {t.name: t.accuracy for t in tiers}
-        report = asyncio.run(run_load("127.0.0.1:18931", "resnet18", arrivals, budgets, inputs,
+        report = asyncio.run(run_load(f"127.0.0.1:{port}", "resnet18", arrivals, budgets, inputs,
                                       max_seconds=duration + 5, accuracy=accuracy))  # fmt: skip
         server_side = _server_slo(log)
     finally:

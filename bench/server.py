@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime
+from bench.hardening import free_ports
 from bench.live_scheduler import _cpus, pin_client
 from bench.models import mlp
 from bench.order import rotated
@@ -42,7 +43,7 @@ from runtime.repository import Repository
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
 REPO = ROOT / "runs" / "bench-server"
-PORT = 18951
+PORT = 0  # a free port, chosen in main(): a fixed one met another's server
 
 
 def build_repo() -> None:
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    global PORT
+    PORT = free_ports(1)[0]
     OUT.mkdir(parents=True, exist_ok=True)
     build_repo()
     n = args.requests

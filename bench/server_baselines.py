@@ -9,6 +9,7 @@ minimal  a minimal unbatched OIP servicer: decode raw input, run the full tier's
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -49,8 +50,10 @@ class Minimal(Echo):
         return resp
 
 
-async def main(kind: str, port: int, repo: str, model: str) -> None:
-    server = grpc.aio.server()
+async def serve(kind: str, port: int, repo: str, model: str) -> None:
+    # SO_REUSEPORT off, as innfer's own server has it: on, a second server bound the same
+    # port beside another's, both "ready", and the load went to either (review helper-305)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = Echo() if kind == "echo" else Minimal(repo, model)
     rpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -59,5 +62,15 @@ async def main(kind: str, port: int, repo: str, model: str) -> None:
     await server.wait_for_termination()
 
 
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=("echo", "minimal"))
+    p.add_argument("port", type=int)
+    p.add_argument("repo", help="model repository (minimal only; echo ignores it)")
+    p.add_argument("model", help="model name in it (minimal only)")
+    args = p.parse_args(argv)
+    asyncio.run(serve(args.kind, args.port, args.repo, args.model))
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    main()

@@ -256,8 +256,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common_args(p, 600, "requests per point", "b30,u20-100")
-    p.add_argument("--concurrency", type=int, default=4)
+    common_args(p, 600, "requests per point", "b30,u20-100", concurrency=False)
+    p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
     p.add_argument("--calibrate-seconds", type=float, default=0.0)
     p.add_argument(
         "--margin-ms", type=float, default=6.0,

@@ -9,7 +9,7 @@ continuous groups, relative error of sample(1.0), whether
 sample(0.5) runs, and whether the 0.5 tier exported to ONNX matches onnxruntime. Writes
 bench/results/zoo.json.
 
-    python bench/zoo.py [--models tv/resnet18,timm/convnext_atto,...] [--size 64] [--out F]
+    python -m bench.zoo [--models tv/resnet18,timm/convnext_atto,...] [--size 64] [--out F]
 """
 
 from __future__ import annotations
