@@ -270,9 +270,9 @@ def check_version(name: str, version: str) -> None:
 
 def priority_level(params, levels: int = 0, default_level: int = 0) -> int:
     """Triton: 1 is the highest priority, larger numbers lower, 0 the default. Internally
-    larger is more urgent, and a request that gives no priority is 0 on every model (a
-    device shared by models compares their urgencies as they are: a model's levels must not
-    lift its default traffic above its neighbours'; review 193). Without ``levels``, level
+    larger is more urgent, and a request that gives no priority is 0 on every model. The
+    level orders the model's own queue only: a device shared by models orders their work
+    by deadline (server/scheduling/device.py; review helper-306). Without ``levels``, level
     p is 1,000,000 - p, above the default. With them (model.yaml's priority_levels), as
     Triton: 0 or a level past ``levels`` is ``default_level`` (0: the last); levels before
     it are 1,000,000 - p, it is 0, and those after it are below 0 - a client may rank

@@ -44,10 +44,9 @@ def test_with_levels_a_request_may_rank_below_the_default():
     assert _urgency(0, levels, default) > _urgency(10, levels, default)  # background work
     assert _urgency(11, levels, default) == _urgency(0, levels, default)  # past the levels
     assert _urgency(None, levels, 0) == _urgency(levels, levels, 0)  # default: the last
-    # One scale for every model (a shared device compares them): no priority is 0 with or
-    # without levels - a model's levels do not lift its default traffic above another
-    # model's (review 193) - a level before the default is what it is without levels, and
-    # one after it ranks below every model's default.
+    # One scale for every model: no priority is 0 with or without levels (review 193) - a
+    # level before the default is what it is without levels, and one after it ranks below
+    # the default. (A shared device no longer compares levels across models: helper-306.)
     assert _urgency(0, levels, default) == _urgency(None, levels, default) == _urgency() == 0
     assert _urgency(3, levels, default) == _urgency(3) and _urgency(6, levels, default) < 0
 

@@ -1,5 +1,6 @@
-"""One device shared by several models: slots, urgency order across models (priority, then
-deadline), and the backlog each model's scheduler must plan behind. Pure: no threads, no clock.
+"""One device shared by several models: slots, urgency order across models (deadline; a
+request's priority orders only its own model's queue), and the backlog each model's
+scheduler must plan behind. Pure: no threads, no clock.
 
 Without it every model has its own slots and none knows what the others load on the same
 CPU or GPU, so model A's burst makes model B's batches slower than B planned and B misses
@@ -7,13 +8,18 @@ deadlines it admitted. With it:
 
 * the device has ``slots`` (batches that may run at once); a model's scheduler may start a
   batch only on a free device slot;
-* when a slot frees, the model whose queue head is most urgent (priority, then deadline)
-  goes first - ``claim`` refuses the others until it has started (they are woken on every
-  release);
+* when a slot frees, the model whose queue head is due first goes first - ``claim`` refuses
+  the others until it has started (they are woken on every release). Priorities do not
+  cross models, as in Triton, where a priority orders one model's queue: compared across
+  them, any priority a client of model A sent - even 100, a low level - ran A's work ahead
+  of every request of model B's, which B had admitted and then lost in its queue (41 % of
+  B's 30 ms requests within budget, 99 % without; review helper-306). A queued request
+  runs, across models, at its *effective deadline*: the latest deadline of its own queue
+  up to it (it cannot run before the requests its queue holds ahead of it);
 * each scheduler plans behind the device's backlog: every slot's running batch, whatever
   model it belongs to, from its real start; and for admission, the other models' queued
-  work more urgent than the new request (it will run first: higher priority, or equal
-  priority and due sooner), as full batches on each request's fastest allowed tier. So
+  work due before the new request (effective deadlines: it will run first), as full
+  batches on each request's fastest allowed tier. So
   load on A shrinks B's tiers, or refuses B's requests at arrival, before B's deadlines
   are missed;
 * and the other way round: the member that got the slot may run its batch only as long as
@@ -246,16 +252,16 @@ class Device:
         others.sort()
         return own + ([0.0] * idle + others)[: limit - len(own)]
 
-    def backlog(self, scheduler: Scheduler, key: tuple[float, float]) -> float:
-        """Seconds of the other members' queued work more urgent than ``key`` ((-priority,
-        absolute deadline), ``claim``'s order): it runs first. Counted as full batches on
-        each request's fastest allowed tier at the planning quantile, spread over the
-        device's slots."""
+    def backlog(self, scheduler: Scheduler, due: float) -> float:
+        """Seconds of the other members' queued work due at or before ``due`` (an effective
+        deadline, absolute seconds: ``claim``'s order): it runs first. Counted as full
+        batches on each request's fastest allowed tier at the planning quantile, spread over
+        the device's slots."""
         total = 0.0
         for other in self.members:
             if other is scheduler or not other.queue:
                 continue
-            total += other.work_due(key)
+            total += other.work_due(due)
         return total / self.slots
 
     def hold(self, scheduler: Scheduler, now: float) -> float:
@@ -278,6 +284,8 @@ class Device:
         return slack
 
 
-def _urgency(s: Scheduler) -> tuple[float, float]:
-    head = s.queue[0]  # the queue is sorted by (-priority, deadline)
-    return (-head.priority, head.deadline if math.isfinite(head.deadline) else math.inf)
+def _urgency(s: Scheduler) -> float:
+    """The head's deadline: across models the device runs the head due first (a request's
+    priority orders only its own queue)."""
+    deadline = s.queue[0].deadline
+    return deadline if math.isfinite(deadline) else math.inf

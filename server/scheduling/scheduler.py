@@ -490,7 +490,7 @@ class Scheduler:
         (review helper-267)."""
         others = [m for m in self.device.members if m is not self]
         running = sum(len(m.running) for m in others)
-        ahead = self.device.backlog(self, (-r.priority, r.deadline)) if others else 0.0
+        ahead = self.device.backlog(self, self.due_at(r)) if others else 0.0
         if not running and ahead <= 0:
             return ""
         parts = [_count(running, "batch", "batches") + " running"] if running else []
@@ -534,7 +534,7 @@ class Scheduler:
             busy = self.device.offsets(now, q=q)
         # A shared device's work more urgent than r runs first (at the planning quantile:
         # others' plans).
-        ahead = self.device.backlog(self, (-r.priority, r.deadline))
+        ahead = self.device.backlog(self, self.due_at(r, at))
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z = self.ctx.tables(), z_score(q)
@@ -561,20 +561,33 @@ class Scheduler:
             return None
         return self.device.claim(self)
 
-    def work_due(self, key: tuple[float, float]) -> float:
-        """Seconds of the queued work that runs before a request of urgency ``key``
-        ((-priority, absolute deadline): the device's order across models, ``claim``'s) - a
-        prefix of the queue, which is sorted by that key: per class (fastest allowed tier and
-        group, as the plan batches), its rows as full batches plus one partial, at the
-        planning quantile. What a shared device's other members plan behind
-        (``Device.backlog``). By deadline alone, a neighbour's higher-priority requests due
-        later were not counted though they run first, and its lower-priority ones due sooner
-        were, though they run after (review helper-137); by tier alone, requests of 8 lengths
-        were one batch of 8 (helper-147)."""
-        at = bisect.bisect(self._keys, (key[0], key[1], math.inf))
+    def due_at(self, r: Request | None, at: int | None = None) -> float:
+        """The effective deadline (absolute s) of ``r`` queued at index ``at`` (its place;
+        found if None): the device's order across models. Its own deadline, or a later one
+        queued ahead of it (a higher-priority request due later): it runs after those.
+        ``r`` None: the latest deadline of the first ``at`` queued."""
+        if at is None:
+            at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
+        own = -math.inf if r is None else r.deadline
         if not at:
+            return own
+        if at == 1:  # (a lone request has no columns: see _Columns)
+            return max(own, self.queue[0].deadline)
+        return max(own, float(self.columns().deadline[:at].max()))
+
+    def work_due(self, due: float) -> float:
+        """Seconds of the queued work that runs before a request of effective deadline
+        ``due`` on a shared device (``due_at``: the device's order across models,
+        ``claim``'s) - the queue's prefix whose effective deadlines are at or before it: per
+        class (fastest allowed tier and group, as the plan batches), its rows as full
+        batches plus one partial, at the planning quantile. What a shared device's other
+        members plan behind (``Device.backlog``). By deadline alone, a neighbour's requests
+        due sooner but queued behind later ones were counted though they run after them;
+        by tier alone, requests of 8 lengths were one batch of 8 (helper-147)."""
+        if not self.queue or self.queue[0].deadline > due:
             return 0.0
         cols = self.columns()
+        at = int(np.searchsorted(np.maximum.accumulate(cols.deadline), due, side="right"))
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         tiers = len(quantile)
         hi, rows, group = cols.hi[:at], cols.rows[:at], cols.group[:at]
@@ -591,15 +604,16 @@ class Scheduler:
                 total += full * quantile[tier, b] + (quantile[tier, rest] if rest else 0.0)
         return float(total)
 
-    def work_ahead(self, limit: int) -> list[tuple[tuple[float, float], float, float]]:
-        """For each of the first ``limit`` queued requests, in run order: (its urgency key
-        (-priority, deadline), its deadline, seconds of this queue's work up to and including
-        it), counted as ``work_due`` counts (per fastest allowed tier and group, full batches
-        plus one partial, at the planning quantile). What ``Device.hold`` weighs."""
+    def work_ahead(self, limit: int) -> list[tuple[float, float, float]]:
+        """For each of the first ``limit`` queued requests, in run order: (its effective
+        deadline, ``due_at``'s, the device's order across models; its deadline; seconds of
+        this queue's work up to and including it), counted as ``work_due`` counts (per
+        fastest allowed tier and group, full batches plus one partial, at the planning
+        quantile). What ``Device.hold`` weighs."""
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         rows: dict[tuple, int] = {}  # (group, fastest tier rank) -> rows so far
         cost: dict[tuple, float] = {}  # (group, fastest tier rank) -> their seconds
-        total, out = 0.0, []
+        total, out, due = 0.0, [], -math.inf
         for r in itertools.islice(self.queue, limit):
             t = self.ctx.bounds(r)[1]
             k = (r.group, t)
@@ -608,7 +622,8 @@ class Scheduler:
             c = full * float(quantile[t, b]) + (float(quantile[t, rest]) if rest else 0.0)
             total += c - cost.get(k, 0.0)
             rows[k], cost[k] = n, c
-            out.append(((-r.priority, r.deadline), r.deadline, total))
+            due = max(due, r.deadline)
+            out.append((due, r.deadline, total))
         return out
 
     def expire(self, now: float) -> list[Request]:
@@ -708,10 +723,10 @@ class Scheduler:
         busy = tuple(self.device.lanes(self, now, skip=slot))
         backlog = 0.0
         if self.queue and len(self.device.members) > 1:
-            # The others' work more urgent than our last queued request runs before the rest
-            # of our queue (priority, then EDF, across models); nothing is more urgent than
-            # our head (we got the slot).
-            backlog = self.device.backlog(self, self._keys[-1][:2])
+            # The others' work due before our last queued request runs before the rest of
+            # our queue (EDF across models, on effective deadlines); nothing is more urgent
+            # than our head (we got the slot).
+            backlog = self.device.backlog(self, self.due_at(None, len(self.queue)))
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
