@@ -22,7 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
 # (name, [(tier, accuracy, p50 at 1 / 8 rows in ms)]): p90 = 1.3x p50 (log-normal sigma 0.2)
 PROFILES = {
     "one-tier": [("w025", 0.90, 1.0, 2.0)],
@@ -133,10 +134,15 @@ def main(argv=None) -> int:
         print(f"{r['profile']:9} U{tuple(r['budget_ms'])} {r['load']}x {r['policy']:16} "
               f"{r['slo_attainment']:.4f} [{r['slo_attainment_min']:.4f}, "
               f"{r['slo_attainment_max']:.4f}]  size {r['mean_served_accuracy']:.3f}")  # fmt: skip
+    from bench.live_scheduler import commit_of
+
+    base = args.baseline_tree
     OUT.mkdir(exist_ok=True)
     doc = {"config": {"duration_s": args.duration, "seeds": list(SEEDS), "profiles": PROFILES,
                       "budget_margin_ms": args.budget_margin_ms,
-                      "p90_over_p50": 1.3, "baseline_tree": str(args.baseline_tree)},
+                      "p90_over_p50": 1.3, "baseline_tree": str(args.baseline_tree),
+                      "commits": {"this": commit_of(ROOT),
+                                  "baseline": base and commit_of(base)}},
            "rows": rows}  # fmt: skip
     (OUT / "scheduler_tight.json").write_text(json.dumps(doc, indent=1))
     plot(rows, OUT / "scheduler_tight.png")
