@@ -534,7 +534,8 @@ class Scheduler:
             busy = self.device.offsets(now, q=q)
         # A shared device's work more urgent than r runs first (at the planning quantile:
         # others' plans).
-        ahead = self.device.backlog(self, self.due_at(r, at))
+        alone = len(self.device.members) < 2  # (a lone member: no backlog, no due_at's pass)
+        ahead = 0.0 if alone else self.device.backlog(self, self.due_at(r, at))
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z = self.ctx.tables(), z_score(q)
