@@ -1188,12 +1188,10 @@ def _with_head(batch: list[Request], tier: str, now: float, ctx: Context) -> lis
     head = batch[0]
     if whole[0] is head:
         return whole
-    for k in range(len(batch), 0, -1):
+    for k in range(len(batch), 0, -1):  # (at k = 1 it keeps the head whatever)
         kept = _likely_met(batch[:k], tier, now, ctx)
         if kept[0] is head:
             break
-    else:  # (``_likely_met`` of one keeps it whatever)
-        kept = []
     if k == 1 and head.deadline < now + ctx.latency.median(tier, head.rows):
         return whole  # late even alone
     if _can_wait([r for r in whole if r not in kept], now + ctx.latency.planned(tier)[
