@@ -623,6 +623,29 @@ def test_precision_device_and_extra_are_each_part_of_the_cache_key(change):
     assert after != before
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"max_batch": 16}, {"opt_batch": 2}, {"sequence": (1, 64, 256)}, {"instances": 2}],
+    ids=["max_batch", "opt_batch", "sequence", "instances"],
+)
+def test_a_shape_profiled_engines_key_names_its_profiles(change):
+    # A TensorRT plan is built for a range of shapes: with the batch profile out of its key,
+    # a max_batch raised from 8 to 16 loaded the engine built for 8 (a log line, then every
+    # larger batch failed); nothing tested it (review helper-304, mutation K02). ONNX
+    # Runtime runs any shape: the same change rebuilds none of its engines.
+    from runtime.engines import BuildOptions, get_backend
+    from runtime.repository.cache import engine_key
+
+    profiled = get_backend("onnxruntime")
+    profiled.shape_profiled = True  # (a TensorRT-like backend: TensorRT is not installed)
+    options = BuildOptions(sequence=(1, 32, 128))
+    changed = dataclasses.replace(options, **change)
+    assert engine_key("ab" * 32, profiled, changed)[0] != engine_key("ab" * 32, profiled,
+                                                                        options)[0]  # fmt: skip
+    plain = get_backend("onnxruntime")
+    assert engine_key("ab" * 32, plain, changed)[0] == engine_key("ab" * 32, plain, options)[0]
+
+
 def test_an_engine_cached_for_other_build_options_is_not_reused(tmp_path):
     from test_build_review28 import _add_onnx
 
