@@ -748,6 +748,7 @@ class RestFrontEnd:
             self.plane.release(held)
         parsed.request.model_name = request.match_info["name"]
         parsed.request.model_version = request.match_info.get("version", "")
+        _check_named(parsed)
         waited = time.monotonic() - received
         # In flight: the body and what its JSON values were decoded into (both held until
         # the answer is sent; FP64 zeros "0," take 2 bytes of JSON and 8 decoded).
@@ -815,6 +816,21 @@ class RestFrontEnd:
 # sized for raw tensors - JSON requests of half a full ResNet batch were refused with 413
 # (review helper-217). The in-flight cap still counts every body and what it decodes to.
 JSON_BODY_FACTOR = 6
+
+
+def _check_named(parsed: codec.ParsedInfer) -> None:
+    """The body's own model_name / model_version (KServe's clients send them) name the
+    route's model, or the request is refused: served by the route's model, a body meant
+    for another would get its answer."""
+    request = parsed.request
+    for field, route in (("model_name", request.model_name),
+                         ("model_version", request.model_version)):  # fmt: skip
+        named = getattr(parsed, field)
+        if named and route and named != route:
+            raise InvalidArgument(
+                f"the body's {field} is {clip(named)} but the URL's is {clip(route)}: "
+                "send it to the URL of the model it names, or leave the field out"
+            )
 
 
 def _phase_s(timeout_s: float) -> float:

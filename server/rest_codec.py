@@ -66,6 +66,10 @@ class ParsedInfer:
     binary: dict[str, bool] = field(default_factory=dict)
     binary_default: bool = False
     shared_outputs: set[str] = field(default_factory=set)
+    # The body's own "model_name" / "model_version" (KServe's REST clients send them; the
+    # route names the model): checked against the route by the caller; None where absent.
+    model_name: str | None = None
+    model_version: str | None = None
 
 
 def parse_infer(
@@ -103,7 +107,9 @@ def parse_infer(
         )
     doc = _json(view[:header_length])
     binary = view[header_length:]
-    check_fields(doc, "the request", {"id", "parameters", "inputs", "outputs"})
+    if isinstance(doc, dict):  # (not an object: said below)
+        doc = _unnulled(doc, OPTIONAL_REQUEST_FIELDS)
+    check_fields(doc, "the request", {"id", "parameters", "inputs", "outputs", *NAMING_FIELDS})
     _check_counts(doc, limits)
     request = pb.ModelInferRequest()
     if "id" in doc:
@@ -119,9 +125,8 @@ def parse_infer(
     raw, used, decoded = [], 0, 0
     for i, entry in enumerate(inputs):
         where = f"inputs[{i}]"
-        check_fields(
-            _mapping(entry, where), where, {"name", "shape", "datatype", "parameters", "data"}
-        )
+        entry = _unnulled(_mapping(entry, where), ("parameters",))
+        check_fields(entry, where, {"name", "shape", "datatype", "parameters", "data"})
         t = request.inputs.add()
         t.name = _string(entry.get("name"), f"{where}.name")
         where = f"input {clip(t.name)}"
@@ -168,12 +173,16 @@ def parse_infer(
             f"the inputs' parameters.{BINARY_SIZE} add up to {used}"
         )
     parsed = ParsedInfer(request, raw, decoded, binary_default=binary_default)
+    for key in NAMING_FIELDS:
+        if key in doc:
+            setattr(parsed, key, _string(doc[key], key))
     outputs = doc.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidArgument('"outputs" must be a list of {"name", "parameters"}')
     for i, entry in enumerate(outputs):
         where = f"outputs[{i}]"
-        check_fields(_mapping(entry, where), where, {"name", "parameters"})
+        entry = _unnulled(_mapping(entry, where), ("parameters",))
+        check_fields(entry, where, {"name", "parameters"})
         o = request.outputs.add()
         o.name = _string(entry.get("name"), f"{where}.name")
         where = f"output {clip(o.name)}"
@@ -310,6 +319,22 @@ def _mapping(value, where: str) -> Mapping:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{where} must be a JSON object, not {_kind(value)}")
     return value
+
+
+# A request's optional fields: JSON null reads as absent there, as KServe's server reads it
+# (kserve's InferRequest.to_rest() writes "parameters": null and "outputs": null unset).
+OPTIONAL_REQUEST_FIELDS = ("id", "parameters", "outputs", "model_name", "model_version")
+# Fields KServe's REST clients add to every request (kserve.InferRequest.to_rest): the
+# route names the model, and these must agree with it - refused as unknown, every inference
+# of kserve's InferenceRESTClient failed with 400 (review helper-307).
+NAMING_FIELDS = ("model_name", "model_version")
+
+
+def _unnulled(doc: Mapping, optional) -> Mapping:
+    """``doc`` without its ``optional`` keys whose value is JSON null."""
+    if not any(doc.get(k, 0) is None for k in optional):
+        return doc
+    return {k: v for k, v in doc.items() if not (v is None and k in optional)}
 
 
 def check_fields(doc: Mapping, where: str, known: set[str]) -> None:

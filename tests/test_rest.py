@@ -1333,3 +1333,20 @@ def test_log_settings_over_rest_take_null_and_say_what_each_setting_takes(server
         status, message = _error(server, "/v2/logging", body, "POST")
         assert status == 400 and said in message, (body, message)
     assert http.get_log_settings() == before
+
+
+def test_kserves_rest_clients_body_with_its_model_name_and_nulls_is_served(server):
+    # kserve's InferRequest.to_rest() writes "model_name" (and "parameters": null,
+    # "outputs": null where unset) into every body: refused as unknown fields, every
+    # inference of kserve's InferenceRESTClient failed with 400 (review helper-307).
+    x = _x(1)
+    path = "/v2/models/tiny/infer"
+    body = _infer_body(x, id=None, model_name="tiny", parameters=None, outputs=None)
+    body["inputs"][0]["parameters"] = None
+    status, _, data = _call(server, path, body)
+    assert status == 200, data
+    assert json.loads(data)["outputs"][0]["name"]
+    status, message = _error(server, path, _infer_body(x, model_name="other"))
+    assert status == 400 and "the body's model_name is 'other' but the URL's is 'tiny'" in message
+    status, message = _error(server, path, _infer_body(x, model_nam="tiny"))
+    assert status == 400 and "unknown field 'model_nam'" in message  # a typo still is one
