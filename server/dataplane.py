@@ -51,6 +51,7 @@ from server.errors import (
     NotFound,
     ResourceExhausted,
     TokenizerFailed,
+    TooLarge,
     Unavailable,
 )
 from server.gpu_load import NvmlLoad, gpu_index
@@ -952,7 +953,7 @@ class DataPlane:
                 fits = room // max(per_row, 1)
                 fewer = (f"send fewer rows per request (at most {fits})" if fits else
                          "not even one row fits: raise max_message_bytes")  # fmt: skip
-                raise ResourceExhausted(
+                raise TooLarge(
                     f"the answer to {rows} rows would be {rows * per_row / 2**20:.3g} MiB, "
                     f"above this server's message limit of "
                     f"{self.transport_limit / 2**20:.3g} MiB; {fewer}"
@@ -960,7 +961,7 @@ class DataPlane:
         cap = self.limits.max_inflight_bytes
         if size + request_bytes > cap:  # never held beside its request, however idle
             both = f" and its request {request_bytes / 2**20:.1f} MiB" if request_bytes else ""
-            raise ResourceExhausted(
+            raise TooLarge(
                 f"the answer to {rows} rows would be {size / 2**20:.1f} MiB{both}, more than "
                 f"this server holds in flight ({cap / 2**20:.1f} MiB, "
                 "limits.max_inflight_bytes); send fewer rows per request, or raise the limit"
@@ -1446,11 +1447,11 @@ class DataPlane:
         finally:
             self.release(size, window)
 
-    def over_cap(self, size: int) -> ResourceExhausted:
+    def over_cap(self, size: int) -> TooLarge:
         """The refusal of a request of ``size`` bytes, more than the in-flight cap holds at
         all: not load - a retry, on any replica, is refused the same way."""
         cap = self.limits.max_inflight_bytes
-        return ResourceExhausted(
+        return TooLarge(
             f"the request is {size / 2**20:.1f} MiB, more than this server takes in flight "
             f"({cap / 2**20:.1f} MiB, limits.max_inflight_bytes); send fewer rows per "
             "request, or raise the limit"
@@ -1598,7 +1599,7 @@ class DataPlane:
         outputs = codec.requested_outputs(request, m.config.outputs, self.limits)
         try:
             answer_bytes = self._answer_bytes(rows, outputs, id_bytes, size)
-        except ResourceExhausted:
+        except TooLarge:
             m.count_invalid()  # too many rows for any replica's transport: not load
             raise
         # The answer is in flight from here until it is sent (a stream's until its client

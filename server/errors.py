@@ -24,6 +24,13 @@ class ResourceExhausted(InferError):
     """The model's bounded queue is full."""
 
 
+class TooLarge(ResourceExhausted):
+    """A request or its answer larger than this server ever holds (the in-flight cap, the
+    message limit): not load - every retry, on every replica, is refused the same way.
+    gRPC's RESOURCE_EXHAUSTED still (gRPC's own message-size limit answers so); REST's 413,
+    not the 429 that retrying clients and proxies repeat (review helper-307)."""
+
+
 class DeadlineExceeded(InferError):
     """No tier can meet the budget (refused at once), or the deadline passed in the queue."""
 

@@ -57,6 +57,7 @@ from server.errors import (
     PermissionDenied,
     ResourceExhausted,
     TokenizerFailed,
+    TooLarge,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -100,6 +101,7 @@ HTTP_STATUS_OF: dict[type[InferError], int] = {
     NotFound: 404,
     AlreadyExists: 409,
     ResourceExhausted: 429,  # load: a retry later may pass (gRPC's RESOURCE_EXHAUSTED)
+    TooLarge: 413,  # never fits, whatever the load: retried on a 429 for good (helper-307)
     EngineFailed: 500,
     TokenizerFailed: 500,
     Unimplemented: 501,
@@ -554,7 +556,7 @@ class RestFrontEnd:
             self.plane.count_full(request.match_info.get("name", ""), seconds)
         return self.plane._full()
 
-    def _over_cap(self, request: web.Request, size: int) -> ResourceExhausted:
+    def _over_cap(self, request: web.Request, size: int) -> TooLarge:
         """A body more than the in-flight cap holds at all: counted invalid for its model
         where it names one served, as the data plane counts a gRPC request so."""
         served = self.plane.models.get(request.match_info.get("name", ""))
