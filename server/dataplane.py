@@ -48,6 +48,7 @@ from server.errors import (
     FailedPrecondition,
     InferError,
     InvalidArgument,
+    ModelBroken,
     NotFound,
     ResourceExhausted,
     TokenizerFailed,
@@ -1280,8 +1281,8 @@ class DataPlane:
                 # RepositoryModelLoad is in progress" of a start-up load; review helper-240)
                 raise Unavailable(f"model {clip(name)} is {'still ' * starting}loading; "
                                   "retry shortly")  # fmt: skip
-            if name in self.broken:  # not a typo, and retrying will not help
-                raise FailedPrecondition(
+            if name in self.broken:  # not a typo, and retrying here will not help
+                raise ModelBroken(
                     f"model {clip(name)} failed to load, so it is not served; RepositoryIndex "
                     "and the server log say why (fix it, then "
                     + {

@@ -43,6 +43,13 @@ class FailedPrecondition(InferError):
     """The model exists but cannot be loaded as it is (corrupt or stale files): rebuild it."""
 
 
+class ModelBroken(FailedPrecondition):
+    """A call to a model that failed to load on this server: this server's state, not the
+    client's mistake - gRPC's FAILED_PRECONDITION, REST's 503 (a load balancer's cue to try
+    another replica, as this model's own /ready route answers; 400 read as the client's
+    fault, and 5xx alerts stayed quiet - review helper-307)."""
+
+
 class Unauthenticated(InferError):
     """Missing or wrong bearer token."""
 

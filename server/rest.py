@@ -53,6 +53,7 @@ from server.errors import (
     FailedPrecondition,
     InferError,
     InvalidArgument,
+    ModelBroken,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -96,6 +97,7 @@ _UNDECODABLE = _UndecodableBody()
 HTTP_STATUS_OF: dict[type[InferError], int] = {
     InvalidArgument: 400,
     FailedPrecondition: 400,
+    ModelBroken: 503,  # this replica's state: another may serve it (helper-307)
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,

@@ -1352,3 +1352,31 @@ def test_kserves_rest_clients_body_with_its_model_name_and_nulls_is_served(serve
     assert status == 400 and "the body's model_name is 'other' but the URL's is 'tiny'" in message
     status, message = _error(server, path, _infer_body(x, model_nam="tiny"))
     assert status == 400 and "unknown field 'model_nam'" in message  # a typo still is one
+
+
+def test_a_model_that_failed_to_load_is_503_on_its_routes_as_on_ready(model_repository, tmp_path):
+    # This replica's state, not the client's mistake: its infer, metadata and config routes
+    # answered 400 while its /ready route said 503 - load balancers did not fail over and
+    # 5xx alerts stayed quiet (review helper-307). gRPC's code stays FAILED_PRECONDITION.
+    import shutil
+
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    (repo / "bad").mkdir()
+    (repo / "bad" / "model.yaml").write_text("max_batch: -1\n")
+    s = ServerThread({"repository": str(repo), "http_port": 0}).start()
+    try:
+        assert _call(s, "/v2/models/bad/ready")[0] == 503
+        for path, body in (("/v2/models/bad/infer", _infer_body(_x(1))),
+                           ("/v2/models/bad", None), ("/v2/models/bad/config", None)):  # fmt: skip
+            status, message = _error(s, path, body)
+            assert status == 503 and "failed to load" in message, (path, status, message)
+        assert _call(s, "/v2/models/tiny/infer", _infer_body(_x(1)))[0] == 200
+        with pytest.raises(InferenceServerException) as refused:
+            tg.InferenceServerClient(s.address).get_model_metadata("bad")
+        assert refused.value.status() == "StatusCode.FAILED_PRECONDITION"
+    finally:
+        s.stop()
