@@ -20,6 +20,12 @@ class NotFound(InferError):
     """Unknown model, version or tier."""
 
 
+class UnknownTier(NotFound):
+    """A request's ``tier`` or ``min_tier`` names no tier of the model: gRPC's NOT_FOUND
+    (documented: an auto-tiered model's names change), but REST's 400 - a 404 on a model's
+    infer route reads to clients and gateways as "no such model here" (review helper-307)."""
+
+
 class ResourceExhausted(InferError):
     """The model's bounded queue is full."""
 

@@ -52,9 +52,9 @@ from server.errors import (
     FailedPrecondition,
     InferError,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     Unavailable,
+    UnknownTier,
 )
 from server.gpu_load import gpu_index
 from server.host_cpu import HostCpu, available_cpus
@@ -1128,7 +1128,7 @@ class ModelRuntime:
         the pin does not rank below min_tier."""
         for what, tier in (("tier", pin), ("min_tier", min_tier)):
             if tier is not None and tier not in self.accuracy:
-                raise NotFound(
+                raise UnknownTier(
                     f"model {self.name} has no {what} {clip(tier)}; tiers: "
                     f"{', '.join(self.accuracy)}"
                 )

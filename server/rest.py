@@ -62,6 +62,7 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    UnknownTier,
 )
 from server.limits import clip, clip_message
 from server.log_settings import KINDS
@@ -101,6 +102,7 @@ HTTP_STATUS_OF: dict[type[InferError], int] = {
     Unauthenticated: 401,
     PermissionDenied: 403,
     NotFound: 404,
+    UnknownTier: 400,  # a parameter's value, not the route (helper-307)
     AlreadyExists: 409,
     ResourceExhausted: 429,  # load: a retry later may pass (gRPC's RESOURCE_EXHAUSTED)
     TooLarge: 413,  # never fits, whatever the load: retried on a 429 for good (helper-307)

@@ -1380,3 +1380,13 @@ def test_a_model_that_failed_to_load_is_503_on_its_routes_as_on_ready(model_repo
         assert refused.value.status() == "StatusCode.FAILED_PRECONDITION"
     finally:
         s.stop()
+
+
+def test_an_unknown_tier_is_400_not_the_routes_404(server):
+    # A 404 on /v2/models/tiny/infer reads to clients and gateways as "no such model here";
+    # the tier is a parameter's value (review helper-307). gRPC keeps NOT_FOUND
+    # (test_server.py::test_not_found).
+    for key in ("tier", "min_tier"):
+        body = _infer_body(_x(1), parameters={key: "w999"})
+        status, message = _error(server, "/v2/models/tiny/infer", body)
+        assert status == 400 and f"has no {key} 'w999'" in message, (status, message)
