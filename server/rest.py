@@ -112,6 +112,10 @@ HTTP_STATUS_OF: dict[type[InferError], int] = {
     Unavailable: 503,
     DeadlineExceeded: 504,
 }
+NOT_UNICODE = (
+    "the request holds a string that is not valid Unicode (a lone UTF-16 surrogate escape "
+    "such as \\ud800); send UTF-8 text"
+)
 OPEN_ROUTES = {"health_live", "health_ready"}  # probes need no token, as on gRPC
 # Keys of a request's state: counted by its route (the middleware counts the rest), and the
 # status of an answer its client left before it was written.
@@ -384,9 +388,7 @@ class RestFrontEnd:
                 return _error(status, clip_message(str(exc)), headers)
             except UnicodeEncodeError:  # a lone surrogate ("\ud800") the JSON escaped: it
                 status = 400  # reached protobuf or the tokenizer, which take only Unicode
-                return _error(status, "the request holds a string that is not valid Unicode "
-                              "(a lone UTF-16 surrogate escape such as \\ud800); send UTF-8 "
-                              "text")  # fmt: skip
+                return _error(status, NOT_UNICODE)
             except RequestPayloadError as exc:  # the body would not decode (a gzip body that
                 # is not gzip, a coding aiohttp lacks): the client's, not a 500 with a traceback
                 # per call (review helper-217)
@@ -799,11 +801,14 @@ class RestFrontEnd:
             length = int(header)
         args = (body, length, self.plane.limits, self.plane.input_check(m))
         try:
-            # A large JSON part is read off the loop: its values are walked one by one in
-            # Python (1 M values ~0.7 s), which held every client's calls, gRPC's too.
-            if (len(body) if length is None else length) > JSON_INLINE_BYTES:
-                return await asyncio.to_thread(codec.parse_infer, *args)
-            return codec.parse_infer(*args)
+            try:
+                # A large JSON part is read off the loop: its values are walked one by one
+                # in Python (1 M values ~0.7 s), which held every client's calls, gRPC's too.
+                if (len(body) if length is None else length) > JSON_INLINE_BYTES:
+                    return await asyncio.to_thread(codec.parse_infer, *args)
+                return codec.parse_infer(*args)
+            except UnicodeEncodeError:  # (a 400 the route answered, counted nowhere: it
+                raise InvalidArgument(NOT_UNICODE) from None  # is the body's: helper-307)
         except InvalidArgument:  # counted as the data plane counts a malformed request
             # (gRPC's raw tensors are checked there): in the model's statistics and metrics.
             # The route first: a misspelt model with a bad body was told of the body (400)

@@ -1390,3 +1390,24 @@ def test_an_unknown_tier_is_400_not_the_routes_404(server):
         body = _infer_body(_x(1), parameters={key: "w999"})
         status, message = _error(server, "/v2/models/tiny/infer", body)
         assert status == 400 and f"has no {key} 'w999'" in message, (status, message)
+
+
+def test_a_body_with_a_lone_surrogate_is_counted_as_the_models_invalid_request(server, http):
+    # Refused 400 by the route itself, it moved neither the model's failure statistics nor
+    # innfer_requests_total{outcome="invalid"}, as any other malformed body does (review
+    # helper-307).
+    def counts():
+        fail = http.get_inference_statistics("tiny")["model_stats"][0]["inference_stats"]
+        return int(fail["fail"]["count"]), _sample(
+            server, "innfer_requests_total", {"model": "tiny", "tier": "", "outcome": "invalid"})  # fmt: skip
+
+    zeros = b"0," * 63 + b"0"
+    before = counts()
+    for body in (b'{"id": "\\ud800", "inputs": [{"name": "input", "shape": [1, 1, 8, 8], '
+                 b'"datatype": "FP32", "data": [' + zeros + b"]}]}",
+                 b'{"parameters": {"\\udc00": 1}, "inputs": [{"name": "input", "shape": '
+                 b'[1, 1, 8, 8], "datatype": "FP32", "data": [' + zeros + b"]}]}"):  # fmt: skip
+        status, message = _error(server, "/v2/models/tiny/infer", body, method="POST")
+        assert status == 400 and "not valid Unicode" in message, message
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
