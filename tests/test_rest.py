@@ -1398,8 +1398,8 @@ def test_a_body_with_a_lone_surrogate_is_counted_as_the_models_invalid_request(s
     # helper-307).
     def counts():
         fail = http.get_inference_statistics("tiny")["model_stats"][0]["inference_stats"]
-        return int(fail["fail"]["count"]), _sample(
-            server, "innfer_requests_total", {"model": "tiny", "tier": "", "outcome": "invalid"})  # fmt: skip
+        invalid = {"model": "tiny", "tier": "", "outcome": "invalid"}
+        return int(fail["fail"]["count"]), _sample(server, "innfer_requests_total", invalid)
 
     zeros = b"0," * 63 + b"0"
     before = counts()
