@@ -1411,3 +1411,28 @@ def test_a_body_with_a_lone_surrogate_is_counted_as_the_models_invalid_request(s
         assert status == 400 and "not valid Unicode" in message, message
     after = counts()
     assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+
+def test_an_answer_counts_in_flight_until_it_is_written(server, monkeypatch):
+    # The JSON answer (about 5x its raw tensors) was held uncounted while the client read it
+    # - or did not: 12 clients that never read held 60 MiB past the cap, the gauge at 0,
+    # and more requests were admitted (review helper-307).
+    from aiohttp import web
+
+    seen = []
+    write_eof = web.Response.write_eof
+
+    async def counted(self, *args, **kwargs):
+        seen.append((server.server.plane.inflight_bytes, len(self.body or b"")))
+        return await write_eof(self, *args, **kwargs)
+
+    monkeypatch.setattr(web.Response, "write_eof", counted)
+    status, _, data = _call(server, "/v2/models/tiny/infer", _infer_body(_x(4)))
+    assert status == 200
+    held, size = next((h, n) for h, n in seen if n == len(data))
+    assert held >= size > 0
+    for _ in range(200):  # released once written (the client may read it first)
+        if server.server.plane.inflight_bytes == 0:
+            break
+        time.sleep(0.01)
+    assert server.server.plane.inflight_bytes == 0
