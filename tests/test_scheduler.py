@@ -1498,3 +1498,20 @@ def test_a_zero_ms_profile_entry_plans_instead_of_dividing_by_zero(table):
         s.submit(Request(k, 0.0, 0.010), 0.0)
     d = s.next(0.0)
     assert d is not None and d.tier == "w" and d.requests[0].id == 0
+
+
+def test_a_refusal_of_a_budget_the_profile_meets_says_this_replica_runs_slower_now():
+    # A pinned tier learned 400x its profile on a starved core was refused with "send a
+    # larger latency_budget_ms" alone: the client's budget was fine on any other replica
+    # (review helper-306).
+    s = make()
+    for _ in range(50):  # w025 runs 10x its 1 ms profile here now
+        s.latency.observe("w025", 1, 10 * MS)
+    with pytest.raises(Refused) as slow:
+        s.submit(Request(1, 0.0, 5 * MS, pin="w025"), 0.0)
+    assert "(profiled 1." in str(slow.value) and "x slower now: retry shortly or on another " \
+        "replica)" in str(slow.value)  # fmt: skip
+    with pytest.raises(Refused) as small:  # below even the profile: the client's ask alone
+        s.submit(Request(2, 0.0, 0.5 * MS, pin="w025"), 0.0)
+    assert "slower now" not in str(small.value)
+    assert "send a larger latency_budget_ms" in str(small.value)

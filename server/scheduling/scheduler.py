@@ -325,18 +325,28 @@ class Scheduler:
             )
         # Forgetting helps only a budget the profile itself meets: one below even that (a
         # client's 0.2 ms) would wipe a slowdown learned rightly and plan the next ones short.
-        profile_meets = now + self.latency.profiled(fastest, r.rows, q) <= due
+        profiled = self.latency.profiled(fastest, r.rows, q)
+        profile_meets = now + profiled <= due
         if now + alone > due and profile_meets and self._forget_if_idle(fastest, now):
             alone = self.latency.quantile(fastest, r.rows, q)
         if now + alone > due:
             # (a faster tier to allow only where the request narrowed them: "allow a faster
             # tier" was said to one that had no pin, of the fastest tier; helper-276)
             narrowed = fastest != self.ctx.fastest_unpinned  # (a pin on it: no advice)
+            # Where the profile meets it, this replica runs the tier slower now (contention):
+            # "send a larger budget" alone misled a client whose pinned tier was learned 400x
+            # its profile on a starved core (review helper-306).
+            slower = (
+                f" (profiled {1e3 * profiled:.2f} ms; this replica runs it "
+                f"{alone / profiled:.0f}x slower now: retry shortly or on another replica)"
+                if profile_meets and profiled > 0
+                else ""
+            )
             raise Refused(
                 State.REFUSED_DEADLINE,
                 f"budget ({1e3 * (due - now):.1f} ms left to plan with) is below the fastest "
-                f"allowed tier's latency ({fastest}: {1e3 * alone:.1f} ms): send a larger "
-                "latency_budget_ms"
+                f"allowed tier's latency ({fastest}: {1e3 * alone:.1f} ms){slower}: send a "
+                "larger latency_budget_ms"
                 + (", or allow a faster tier (a lower min_tier, no tier pin)" if narrowed else ""),
             )
         key = self._key(r)
