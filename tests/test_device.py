@@ -383,21 +383,37 @@ def test_a_models_own_priority_does_not_put_it_ahead_of_a_neighbours_work_due_so
         b.submit(Request(1, 0.0, 0.038, priority=1), 0.0)
 
 
-def test_the_planners_backlog_counts_a_neighbours_requests_at_their_effective_deadlines():
-    # A request runs only after those its own queue holds ahead of it: a's requests due at
-    # 50 ms run before b's (due at 100 ms) - until a's higher-priority requests due at
-    # 500 ms are queued ahead of them, and they run after b's too.
+def test_the_planners_backlog_counts_a_neighbours_requests_by_deadline_not_priority():
+    # a's requests due at 50 ms run before b's (due at 100 ms); a's higher-priority ones
+    # due at 500 ms do not - priorities order a's own queue only (review helper-306).
     dev = Device(slots=1)
     a, b = _scheduler(dev), _scheduler(dev)
     b.submit(Request(1, 0.0, 0.100), 0.0)
     for i in range(8):
         a.submit(Request(200 + i, 0.0, 0.050), 0.0)
-    assert b._snapshot(0.0, 0).backlog == pytest.approx(b.latency.estimate("w025", 8))
+    one_batch = b.latency.estimate("w025", 8)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(one_batch)
     for i in range(16):
         a.submit(Request(100 + i, 0.0, 0.500, priority=2), 0.0)
     assert [r.id for r in a.queue[:1]] == [100] and len(a.queue) == 24
-    assert b._snapshot(0.0, 0).backlog == 0.0
-    assert a.due_at(None, 24) == pytest.approx(0.500)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(one_batch)
+    assert a.last_due() == pytest.approx(0.500)
+
+
+def test_a_models_next_batch_is_as_urgent_as_the_earliest_request_it_takes():
+    # One priority-1 request with a 10 s timeout at the head of a's queue ranked a by its
+    # deadline: b's 100 ms work went first for as long as b had any, and the 20 ms requests
+    # behind a's head - which a's next batch carries - expired (365 of 376 in a simulated
+    # run; review helper-309).
+    one = [TierInfo("w", 1.0, {1: 1.0, 8: 4.0})]
+    dev = Device(slots=1)
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    a.submit(Request(1, 0.0, 10.0, priority=1), 0.0)
+    a.submit(Request(2, 0.0, 0.020), 0.0)
+    b.submit(Request(3, 0.0, 0.100), 0.0)
+    assert dev.claim(b) is None and dev.claim(a) is not None
+    d = a.next(0.0)
+    assert {r.id for r in d.requests} == {1, 2}
 
 
 def test_a_neighbours_requests_of_several_lengths_are_counted_as_the_batches_they_run_as():

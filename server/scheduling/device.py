@@ -8,18 +8,17 @@ deadlines it admitted. With it:
 
 * the device has ``slots`` (batches that may run at once); a model's scheduler may start a
   batch only on a free device slot;
-* when a slot frees, the model whose queue head is due first goes first - ``claim`` refuses
-  the others until it has started (they are woken on every release). Priorities do not
-  cross models, as in Triton, where a priority orders one model's queue: compared across
-  them, any priority a client of model A sent - even 100, a low level - ran A's work ahead
-  of every request of model B's, which B had admitted and then lost in its queue (41 % of
-  B's 30 ms requests within budget, 99 % without; review helper-306). A queued request
-  runs, across models, at its *effective deadline*: the latest deadline of its own queue
-  up to it (it cannot run before the requests its queue holds ahead of it);
+* when a slot frees, the model whose next batch is due first (the earliest deadline among
+  the first ``max_batch`` it has queued) goes first - ``claim`` refuses the others until it
+  has started (they are woken on every release). Priorities do not cross models, as in
+  Triton, where a priority orders one model's queue: compared across them, any priority a
+  client of model A sent - even 100, a low level - ran A's work ahead of every request of
+  model B's, which B had admitted and then lost in its queue (41 % of B's 30 ms requests
+  within budget, 99 % without; review helper-306);
 * each scheduler plans behind the device's backlog: every slot's running batch, whatever
   model it belongs to, from its real start; and for admission, the other models' queued
-  work due before the new request (effective deadlines: it will run first), as full
-  batches on each request's fastest allowed tier. So
+  work due at or before the new request (it will run first), as full batches on each
+  request's fastest allowed tier. So
   load on A shrinks B's tiers, or refuses B's requests at arrival, before B's deadlines
   are missed;
 * and the other way round: the member that got the slot may run its batch only as long as
@@ -48,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -253,10 +253,10 @@ class Device:
         return own + ([0.0] * idle + others)[: limit - len(own)]
 
     def backlog(self, scheduler: Scheduler, due: float) -> float:
-        """Seconds of the other members' queued work due at or before ``due`` (an effective
-        deadline, absolute seconds: ``claim``'s order): it runs first. Counted as full
-        batches on each request's fastest allowed tier at the planning quantile, spread over
-        the device's slots."""
+        """Seconds of the other members' queued work due at or before ``due`` (absolute
+        seconds; ``claim``'s order is by deadline): it runs first. Counted as full batches
+        on each request's fastest allowed tier at the planning quantile, spread over the
+        device's slots."""
         total = 0.0
         for other in self.members:
             if other is scheduler or not other.queue:
@@ -285,7 +285,10 @@ class Device:
 
 
 def _urgency(s: Scheduler) -> float:
-    """The head's deadline: across models the device runs the head due first (a request's
-    priority orders only its own queue)."""
-    deadline = s.queue[0].deadline
+    """When ``s``'s next batch is due: the earliest deadline among the requests it can take
+    (the first ``max_batch`` queued). Across models the device runs the batch due first; a
+    request's priority orders only its own queue. (By the head alone, one priority-1
+    request with a 10 s timeout at the head held back the 40 ms requests behind it, which
+    its batch would have carried: 365 of 376 expired; review helper-309.)"""
+    deadline = min(r.deadline for r in itertools.islice(s.queue, s.ctx.max_batch))
     return deadline if math.isfinite(deadline) else math.inf

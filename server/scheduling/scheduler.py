@@ -500,7 +500,7 @@ class Scheduler:
         (review helper-267)."""
         others = [m for m in self.device.members if m is not self]
         running = sum(len(m.running) for m in others)
-        ahead = self.device.backlog(self, self.due_at(r)) if others else 0.0
+        ahead = self.device.backlog(self, r.deadline) if others else 0.0
         if not running and ahead <= 0:
             return ""
         parts = [_count(running, "batch", "batches") + " running"] if running else []
@@ -544,8 +544,8 @@ class Scheduler:
             busy = self.device.offsets(now, q=q)
         # A shared device's work more urgent than r runs first (at the planning quantile:
         # others' plans).
-        alone = len(self.device.members) < 2  # (a lone member: no backlog, no due_at's pass)
-        ahead = 0.0 if alone else self.device.backlog(self, self.due_at(r, at))
+        alone = len(self.device.members) < 2
+        ahead = 0.0 if alone else self.device.backlog(self, r.deadline)
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z = self.ctx.tables(), z_score(q)
@@ -572,36 +572,30 @@ class Scheduler:
             return None
         return self.device.claim(self)
 
-    def due_at(self, r: Request | None, at: int | None = None) -> float:
-        """The effective deadline (absolute s) of ``r`` queued at index ``at`` (its place;
-        found if None): the device's order across models. Its own deadline, or a later one
-        queued ahead of it (a higher-priority request due later): it runs after those.
-        ``r`` None: the latest deadline of the first ``at`` queued."""
-        if at is None:
-            at = bisect.bisect(self._keys, (-r.priority, r.deadline, math.inf))
-        own = -math.inf if r is None else r.deadline
-        if not at:
-            return own
-        if at == 1:  # (a lone request has no columns: see _Columns)
-            return max(own, self.queue[0].deadline)
-        return max(own, float(self.columns().deadline[:at].max()))
+    def last_due(self) -> float:
+        """The latest deadline queued (absolute s; -inf for an empty queue): on a shared
+        device the rest of this queue runs behind the others' work due before it."""
+        if len(self.queue) < 2:  # (a lone request has no columns: see _Columns)
+            return self.queue[0].deadline if self.queue else -math.inf
+        return float(self.columns().deadline.max())
 
     def work_due(self, due: float) -> float:
-        """Seconds of the queued work that runs before a request of effective deadline
-        ``due`` on a shared device (``due_at``: the device's order across models,
-        ``claim``'s) - the queue's prefix whose effective deadlines are at or before it: per
-        class (fastest allowed tier and group, as the plan batches), its rows as full
-        batches plus one partial, at the planning quantile. What a shared device's other
-        members plan behind (``Device.backlog``). By deadline alone, a neighbour's requests
-        due sooner but queued behind later ones were counted though they run after them;
-        by tier alone, requests of 8 lengths were one batch of 8 (helper-147)."""
-        if not self.queue or self.queue[0].deadline > due:
+        """Seconds of the queued work that runs before a request due at ``due`` on a shared
+        device (the device's order across models is by deadline, ``claim``'s; a priority
+        orders only its own queue) - the queued requests due at or before it: per class
+        (fastest allowed tier and group, as the plan batches), their rows as full batches
+        plus one partial, at the planning quantile. What a shared device's other members
+        plan behind (``Device.backlog``). By tier alone, requests of 8 lengths were one
+        batch of 8 (helper-147)."""
+        if not self.queue:
             return 0.0
         cols = self.columns()
-        at = int(np.searchsorted(np.maximum.accumulate(cols.deadline), due, side="right"))
+        take = cols.deadline <= due  # (queue order is by priority first: not a prefix)
+        if not take.any():
+            return 0.0
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         tiers = len(quantile)
-        hi, rows, group = cols.hi[:at], cols.rows[:at], cols.group[:at]
+        hi, rows, group = cols.hi[take], cols.rows[take], cols.group[take]
         cls = hi
         if group.any():  # dense group codes, then one class per (group, tier)
             cls = np.unique(group, return_inverse=True)[1].reshape(-1) * tiers + hi
@@ -616,9 +610,10 @@ class Scheduler:
         return float(total)
 
     def work_ahead(self, limit: int) -> list[tuple[float, float, float]]:
-        """For each of the first ``limit`` queued requests, in run order: (its effective
-        deadline, ``due_at``'s, the device's order across models; its deadline; seconds of
-        this queue's work up to and including it), counted as ``work_due`` counts (per
+        """For each of the first ``limit`` queued requests, in run order: (its place in the
+        device's order across models - the latest deadline queued up to it: it runs no
+        sooner than those, a conservative key; its deadline; seconds of this queue's work up
+        to and including it), counted as ``work_due`` counts (per
         fastest allowed tier and group, full batches plus one partial, at the planning
         quantile). What ``Device.hold`` weighs."""
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
@@ -735,9 +730,9 @@ class Scheduler:
         backlog = 0.0
         if self.queue and len(self.device.members) > 1:
             # The others' work due before our last queued request runs before the rest of
-            # our queue (EDF across models, on effective deadlines); nothing is more urgent
-            # than our head (we got the slot).
-            backlog = self.device.backlog(self, self.due_at(None, len(self.queue)))
+            # our queue (EDF across models); nothing is more urgent than our next batch (we
+            # got the slot).
+            backlog = self.device.backlog(self, self.last_due())
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
