@@ -1194,8 +1194,13 @@ def _with_head(batch: list[Request], tier: str, now: float, ctx: Context) -> lis
             break
     if k == 1 and head.deadline < now + ctx.latency.median(tier, head.rows):
         return whole  # late even alone
-    if _can_wait([r for r in whole if r not in kept], now + ctx.latency.planned(tier)[
-                 sum(r.rows for r in kept)], tier, ctx):  # fmt: skip
+    rest = [r for r in whole if r not in kept]
+    # A head that outranks the rest is kept whatever they lose: the trade of one request
+    # for more is made among equals only (priority-1 requests, a tenth of a saturated
+    # queue, were the ones dropped: 97.0 % within budget against 99.3 % before; helper-309)
+    if any(head.priority > r.priority for r in rest):
+        return kept
+    if _can_wait(rest, now + ctx.latency.planned(tier)[sum(r.rows for r in kept)], tier, ctx):
         return kept
     return whole
 
