@@ -66,6 +66,7 @@ from server.errors import (
 )
 from server.limits import clip, clip_message
 from server.log_settings import KINDS
+from server.parameters import VERSION
 from server.ports import WILDCARD_HOSTS, dual_stack_socket, port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
@@ -756,7 +757,6 @@ class RestFrontEnd:
             self.plane.release(held)
         parsed.request.model_name = request.match_info["name"]
         parsed.request.model_version = request.match_info.get("version", "")
-        _check_named(parsed)
         waited = time.monotonic() - received
         # In flight: the body and what its JSON values were decoded into (both held until
         # the answer is sent; FP64 zeros "0," take 2 bytes of JSON and 8 decoded).
@@ -811,10 +811,14 @@ class RestFrontEnd:
                 # A large JSON part is read off the loop: its values are walked one by one
                 # in Python (1 M values ~0.7 s), which held every client's calls, gRPC's too.
                 if (len(body) if length is None else length) > JSON_INLINE_BYTES:
-                    return await asyncio.to_thread(codec.parse_infer, *args)
-                return codec.parse_infer(*args)
+                    parsed = await asyncio.to_thread(codec.parse_infer, *args)
+                else:
+                    parsed = codec.parse_infer(*args)
             except UnicodeEncodeError:  # (a 400 the route answered, counted nowhere: it
                 raise InvalidArgument(NOT_UNICODE) from None  # is the body's: helper-307)
+            # (here: a refusal of the body's naming counts as any malformed body's)
+            _check_named(parsed, request.match_info["name"], request.match_info.get("version"))
+            return parsed
         except InvalidArgument:  # counted as the data plane counts a malformed request
             # (gRPC's raw tensors are checked there): in the model's statistics and metrics.
             # The route first: a misspelt model with a bad body was told of the body (400)
@@ -835,18 +839,18 @@ class RestFrontEnd:
 JSON_BODY_FACTOR = 6
 
 
-def _check_named(parsed: codec.ParsedInfer) -> None:
+def _check_named(parsed: codec.ParsedInfer, name: str, version: str | None) -> None:
     """The body's own model_name / model_version (KServe's clients send them) name the
-    route's model, or the request is refused: served by the route's model, a body meant
-    for another would get its answer."""
-    request = parsed.request
-    for field, route in (("model_name", request.model_name),
-                         ("model_version", request.model_version)):  # fmt: skip
+    route's model (``name``, ``version``: None or "" where the URL names none - the one
+    version served, "1"), or the request is refused: served by the route's model, a body
+    meant for another would get its answer."""
+    for field, route in (("model_name", name), ("model_version", version or VERSION)):
         named = getattr(parsed, field)
-        if named and route and named != route:
+        if named and named != route:
             raise InvalidArgument(
-                f"the body's {field} is {clip(named)} but the URL's is {clip(route)}: "
-                "send it to the URL of the model it names, or leave the field out"
+                f"the body's {field} is {clip(named)} but the URL's is {clip(route)}"
+                f"{' (the version served)' if field == 'model_version' and not version else ''}"
+                ": send it to the URL of the model it names, or leave the field out"
             )
 
 

@@ -1352,6 +1352,23 @@ def test_kserves_rest_clients_body_with_its_model_name_and_nulls_is_served(serve
     assert status == 400 and "the body's model_name is 'other' but the URL's is 'tiny'" in message
     status, message = _error(server, path, _infer_body(x, model_nam="tiny"))
     assert status == 400 and "unknown field 'model_nam'" in message  # a typo still is one
+    assert _call(server, path, _infer_body(x, model_version="1"))[0] == 200
+    # A version the URL leaves out is the one served: "7" was served by version 1, which
+    # /versions/7/infer refuses (review helper-309).
+    status, message = _error(server, path, _infer_body(x, model_version="7"))
+    assert status == 400 and "model_version is '7' but the URL's is '1'" in message, message
+
+
+def test_a_body_naming_another_model_is_counted_as_the_models_invalid_request(server, http):
+    # Refused after the parse that counts malformed bodies, it was counted nowhere (review
+    # helper-309).
+    def failed():
+        stats = http.get_inference_statistics("tiny")["model_stats"][0]["inference_stats"]
+        return int(stats["fail"]["count"])
+
+    before = failed()
+    status, _ = _error(server, "/v2/models/tiny/infer", _infer_body(_x(1), model_name="wide"))
+    assert status == 400 and failed() == before + 1
 
 
 def test_a_model_that_failed_to_load_is_503_on_its_routes_as_on_ready(model_repository, tmp_path):
