@@ -366,12 +366,14 @@ class TensorRTBackend(Backend):
     def key_fields(self, options: BuildOptions) -> dict[str, Any]:
         """What a plan depends on beyond the device's name and TensorRT's version: the
         device's compute capability and SM count (a MIG slice bears its GPU's name with
-        fewer SMs, and TensorRT tunes its tactics to them) and the CUDA runtime the plan was
-        built under (the cu12 and cu13 builds of one TensorRT release share its version
-        string). An fp16 plan is built from the graph a converter made
-        (``_fp16_model_bytes``): onnxconverter-common, whichever version is installed, or
-        the built-in pass. Two images on a shared volume made different engines under one
-        key (review 175)."""
+        fewer SMs, and TensorRT tunes its tactics to them) and the version of the CUDA
+        runtime this process loads (cuda-python's libcudart: an environment of TensorRT's
+        cu13 build loads 13.x where the cu12 build's loads 12.x, and the two share one
+        TensorRT version string; a cuda-python upgrade that loads another runtime rebuilds
+        each engine once - unverified on a GPU, as TensorRT does not install here). An fp16
+        plan is built from the graph a converter made (``_fp16_model_bytes``):
+        onnxconverter-common, whichever version is installed, or the built-in pass. Two
+        images on a shared volume made different engines under one key (review 175)."""
         fields = self._device_fields()
         if options.precision != "fp16":
             return fields
@@ -388,8 +390,8 @@ class TensorRTBackend(Backend):
         return fields
 
     def _device_fields(self) -> dict[str, Any]:
-        """The current device's compute capability and SM count, and the CUDA runtime's
-        version (an int, 12080 for 12.8)."""
+        """The current device's compute capability and SM count, and the loaded CUDA
+        runtime's version (an int, 12080 for 12.8)."""
         cuda = _Cuda(_import_cudart())
         index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
         props = cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
