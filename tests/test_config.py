@@ -711,10 +711,11 @@ def test_a_sequence_model_builds_with_a_sequence_profile_and_its_own_cache_key(t
     assert repo.build_options(fixed, backend).sequence is None
     # Backends that run any length keep it out of their options, so out of their keys.
     assert repo.build_options(seq, get_backend("onnxruntime")).sequence is None
-    # TensorRT's key holds the length range (engine_key asks only version() and device()
-    # of the backend: a stand-in for the library this machine lacks).
+    # TensorRT's key holds the length range (engine_key asks version(), device() and the
+    # device's fields of the backend: stand-ins for the library this machine lacks).
     trt = get_backend("tensorrt")
     trt.version, trt.device = (lambda: "10.x"), (lambda: "gpu")
+    trt._device_fields = dict  # (the GPU's capability, SMs and CUDA runtime: none here)
     key, fields = engine_key("0" * 64, trt, repo.build_options(seq, trt))
     assert fields["sequence_profile"] == [1, 64, 128]
     _, fixed_fields = engine_key("0" * 64, trt, repo.build_options(fixed, trt))
@@ -740,6 +741,7 @@ def test_engines_that_run_any_shape_keep_batch_and_length_out_of_their_cache_key
         assert engine_key("0" * 64, backend, repo.build_options(large, backend))[0] == key
     trt = get_backend("tensorrt")
     trt.version, trt.device = (lambda: "10.x"), (lambda: "gpu")
+    trt._device_fields = dict  # (the GPU's capability, SMs and CUDA runtime: none here)
     key, fields = engine_key("0" * 64, trt, repo.build_options(small, trt))
     assert fields["batch_profile"] == [1, 4, small.max_batch]
     assert engine_key("0" * 64, trt, repo.build_options(large, trt))[0] != key
