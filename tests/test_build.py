@@ -1818,3 +1818,34 @@ def test_report_shows_model_yamls_tier_widths_off_its_grid_by_default(tmp_path, 
         and "87.5%" in widths
         and widths == sorted(widths, key=lambda w: -float(w.rstrip("%")))
     )
+
+
+def test_a_build_keeps_another_nodes_engine_whose_backend_key_fields_differ(tmp_path):
+    # TensorRT's key fields name the device's SM count (a MIG slice bears its GPU's name):
+    # a full GPU's `innfer build` pruned the MIG slice's engine as "filed under an old key",
+    # and the slice's build the GPU's, on one volume (review helper-310). ONNX Runtime
+    # stands in, its key fields set per node.
+    from test_build_review28 import _add_onnx
+
+    from runtime.engines import BuildOptions
+    from runtime.engines.onnxruntime import OnnxRuntimeBackend
+    from runtime.hashing import sha256_file
+    from runtime.repository import EngineCache
+
+    onnx_path = _add_onnx(tmp_path / "tier" / "model.onnx")
+    sha = sha256_file(onnx_path)
+
+    def node(sm_count: int) -> OnnxRuntimeBackend:
+        backend = OnnxRuntimeBackend()
+        backend.key_fields = lambda options: {"sm_count": sm_count}
+        return backend
+
+    cache, options = EngineCache(tmp_path / "engines"), BuildOptions()
+    slice_, full = node(16), node(132)
+    for backend in (slice_, full):
+        assert cache.get(backend, onnx_path, options, onnx_sha256=sha)[1]  # each builds
+    assert cache.prune({sha}, full, options) == ([], 0)
+    assert cache.prune({sha}, slice_, options) == ([], 0)
+    assert len(list((tmp_path / "engines").iterdir())) == 2
+    for backend in (slice_, full):
+        assert not cache.get(backend, onnx_path, options, onnx_sha256=sha)[1]  # both cached

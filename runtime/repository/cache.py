@@ -279,6 +279,10 @@ class EngineCache:
             # another recipe: an engine an older or newer release builds and loads (a
             # rolling upgrade's other pods on this volume); absent at the first recipe
             "recipe": backend.recipe if backend.recipe != 1 else None,
+            # and what the backend's own key fields say of this node: TensorRT's compute
+            # capability, SM count and CUDA runtime - a MIG slice bears its GPU's name, and
+            # each pruned the other's engines as "filed under an old key" (helper-310)
+            **backend.key_fields(options),
         }  # fmt: skip
         if any(fields.get(k) != v for k, v in same.items()):
             return False  # another node's, backend's, version's or recipe's engine: it stays
