@@ -507,6 +507,33 @@ def test_a_change_to_sampling_exports_the_tiers_again(built, tmp_path, monkeypat
     assert all(t.exported for t in changed.tiers)
 
 
+def test_a_kept_tier_another_innfer_sampled_is_exported_again(built, tmp_path, monkeypatch):
+    # A sampler changed without SAMPLER_VERSION (924d230's option-A rounding): after an
+    # upgrade - or a rollback - the kept ONNX failed validation against this innfer's
+    # sample on every build, and its engine was discarded each time (review helper-310).
+    import shutil
+
+    import torch
+
+    import runtime.build.pipeline as pipeline
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    sample = pipeline.sample_tier
+
+    def another_sampler(*args, **kwargs):
+        module, reestimated = sample(*args, **kwargs)
+        with torch.no_grad():
+            next(module.parameters()).mul_(1.5)  # what another release computes
+        return module, reestimated
+
+    monkeypatch.setattr(pipeline, "sample_tier", another_sampler)
+    again = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert all(t.exported for t in again.tiers)
+    kept = build_model(Repository(root), "tiny", progress=False, profile=False)
+    assert not any(t.exported for t in kept.tiers)  # and kept from then on
+
+
 def test_a_tier_rebuilt_without_profiling_is_timed_again_at_load(built, tmp_path, caplog):
     # profile.json said nothing of the engines it timed: after a width change built with
     # --no-profile (or a build interrupted while profiling) the new engines were planned

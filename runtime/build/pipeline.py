@@ -276,26 +276,33 @@ def _build_tier(b: _Build, tier: TierConfig, bar, engines: dict) -> TierRecord:
     ``engines`` as soon as it is open (the caller closes them all)."""
     repo, name, config = b.repo, b.name, b.config
     t0 = time.perf_counter()
-    bar.set_postfix_str(f"{tier.name}: sample+export")
-    record, module, exported = _export_tier(
-        repo, name, b.inn, config, tier, b.chosen, b.options, b.progress, b.score, b.inn_print,
-        b.norm_x,
-    )  # fmt: skip
-    bar.set_postfix_str(f"{tier.name}: engine ({b.chosen.name})")
     onnx_path = repo.tier_dir(name, tier.name) / "model.onnx"
-    if module is None:  # the exported network, as _export_tier samples it
-        module, _ = sample_tier(b.inn, config, _sampled_width(tier, record), b.norm_x)
-    try:
-        engine, built, err = validated_engine(
-            b.cache, b.chosen, onnx_path, record.onnx_sha256, b.options, module, config,
-            tier.name,
+    for reuse in (True, False):
+        bar.set_postfix_str(f"{tier.name}: sample+export")
+        record, module, exported = _export_tier(
+            repo, name, b.inn, config, tier, b.chosen, b.options, b.progress, b.score,
+            b.inn_print, b.norm_x, reuse=reuse,
         )  # fmt: skip
-    except BuildError:
-        if exported:  # its files are this build's (the old ones gone): a server
-            # rebuilt the engine from them and served it - the NaN outputs validation
-            # had refused. Without its record it loads only after a build succeeds.
-            (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
-        raise
+        bar.set_postfix_str(f"{tier.name}: engine ({b.chosen.name})")
+        if module is None:  # the exported network, as _export_tier samples it
+            module, _ = sample_tier(b.inn, config, _sampled_width(tier, record), b.norm_x)
+        try:
+            engine, built, err = validated_engine(
+                b.cache, b.chosen, onnx_path, record.onnx_sha256, b.options, module, config,
+                tier.name,
+            )  # fmt: skip
+            break
+        except BuildError as exc:
+            if exported:  # its files are this build's (the old ones gone): a server
+                # rebuilt the engine from them and served it - the NaN outputs validation
+                # had refused. Without its record it loads only after a build succeeds.
+                (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
+                raise
+            # Kept from an earlier build, its ONNX is not this innfer's sample of the INN
+            # (another release's: a sampler changed without SAMPLER_VERSION - a build after
+            # an upgrade or a rollback failed so on every run; helper-310): exported again.
+            log.warning("tier %s: its kept ONNX disagrees with the INN as this innfer "
+                        "samples it (%s): exporting it again", tier.name, exc)  # fmt: skip
     if b.chosen.name == "torch":  # its engine is the module: the ONNX ran nowhere
         try:
             check_exported_onnx(onnx_path, module, config, tier.name)
@@ -528,11 +535,13 @@ def _export_tier(
     score=None,
     inn_print: InnPrint | None = None,
     norm_x=None,
+    reuse: bool = True,
 ):
     """``score(engine) -> accuracy`` (``accuracy_scorer``) ranks a channel search's
     candidates; None: their FLOPs do. ``inn_print``: the INN's fingerprints (read once
     per build, not per tier). ``norm_x``: inputs BatchNorm statistics are re-estimated
-    on where the INN stores none for the tier's counts (``sampling.norm_inputs``)."""
+    on where the INN stores none for the tier's counts (``sampling.norm_inputs``).
+    ``reuse``: False exports the tier even where its recorded source hash matches."""
     d = repo.tier_dir(name, tier.name)
     inn_print = inn_print or _inn_print(repo.model_dir(name))
     inn_sha, structure = inn_print
@@ -544,7 +553,7 @@ def _export_tier(
         old = None
     # Reused only with the module files exported with it: the torch backend builds from
     # those, and refuses them when missing or of another export ("run innfer build").
-    if old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
+    if reuse and old is not None and _onnx_matches(d, old) and _module_matches(d, old, tier.name):
         rows = old.input_rows  # the same ONNX as when recorded: parsed once, at export
         if rows is None and _ints(config):  # a record from before they were kept
             rows = embedding_rows((d / "model.onnx").read_bytes(), config)

@@ -479,9 +479,12 @@ class IntegralModel:
     # Bumped whenever sampling computes something else for the same INN and width: part of
     # every tier's source hash (runtime/build), so `innfer build` exports the tiers again
     # instead of keeping an ONNX that no longer matches `sample`. 2: running variances kept
-    # at or above the smallest stored one. (An INN converted before a conversion fix - such
-    # as add/sub's alpha on the torch.export path - must be converted again.)
-    SAMPLER_VERSION = 2
+    # at or above the smallest stored one. 3: an option-A pad group rounded to multiple_of
+    # (924d230; left at 2, a build after an upgrade or a rollback kept the other release's
+    # ONNX, failed its validation on every run and discarded the engine - helper-310). (An
+    # INN converted before a conversion fix - such as add/sub's alpha on the torch.export
+    # path - must be converted again.)
+    SAMPLER_VERSION = 3
 
     def resampled_state(
         self,
