@@ -132,14 +132,15 @@ def _demo_minilm(args: argparse.Namespace) -> int:
 
 
 def _demo_recipe(args: argparse.Namespace) -> dict:
-    """What the demo's INN depends on; a saved INN trained by another recipe is not reused."""
-    from runtime.demo.training import TRAIN_DEFAULTS
+    """What the demo's INN depends on; a saved INN trained by another recipe is not reused
+    (nor one another innfer's training made: ``TRAINER_VERSION``)."""
+    from runtime.demo.training import TRAIN_DEFAULTS, TRAINER_VERSION
 
     epochs = args.epochs if args.epochs is not None else TRAIN_DEFAULTS[args.model].epochs
     return {"model": args.model, "seed": args.seed, "epochs": epochs,
             # (as a set: the same widths in another order retrained - review helper-246)
             "widths": sorted({float(w) for w in args.widths}, reverse=True),
-            "convert": bool(args.convert)}  # fmt: skip
+            "convert": bool(args.convert), "trainer": TRAINER_VERSION}  # fmt: skip
 
 
 def _describe(recipe: dict) -> str:
@@ -250,6 +251,10 @@ def _demo_reusable(model_dir: Path, recipe: dict) -> tuple[dict | None, str]:
     if record.get("inn_sha256") != inn_sha:
         return None, NOT_THE_DEMOS
     if record.get("recipe") != recipe:
+        old = record.get("recipe")
+        if isinstance(old, dict) and {**old, "trainer": None} == {**recipe, "trainer": None}:
+            return None, (f"another innfer's training made it (trainer version "
+                          f"{old.get('trainer', 1)}, this one's {recipe['trainer']})")  # fmt: skip
         try:
             return None, f"it was trained with {_describe(record['recipe'])}"
         except (KeyError, TypeError):

@@ -56,6 +56,11 @@ class TrainDefaults:
 
 # Chosen by measurement on the 2-core dev machine: each digits model trains in a few
 # seconds, mnist_resnet well under 30-40 s.
+# Bumped whenever training computes another network for the same model, seed and epochs:
+# `innfer demo` reuses a saved INN only of the same version (recipe "trainer"). 2: the
+# batch order drawn per (seed, epoch) (47772e8) - an INN trained before it (62.6 % at w100)
+# was reused after an upgrade where this one's training gives 80.4 % (review helper-310).
+TRAINER_VERSION = 2
 TRAIN_DEFAULTS: dict[str, TrainDefaults] = {
     "mnist1d_cnn": TrainDefaults(epochs=30, lr=3e-3, batch_size=64),
     "digits_cnn": TrainDefaults(epochs=40, lr=2e-3, batch_size=32),
