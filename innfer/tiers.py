@@ -16,6 +16,7 @@ it needs no torch: the candidates' ONNX files are in the frontier.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -26,9 +27,9 @@ import time
 from pathlib import Path
 
 from innfer.outputs import output_file
-from runtime.flock import one_run
+from runtime.flock import Busy, one_run
 from runtime.repository.config import TRAFFIC_CAPACITY
-from runtime.repository.frontier import APPLY_KEPT, weights_mb
+from runtime.repository.frontier import APPLY_BUSY, APPLY_KEPT, weights_mb
 from runtime.utc import stamp
 
 # What "accuracy" is where a model has no evaluation set (runtime/build/frontier.py records
@@ -61,7 +62,8 @@ def add_parser(sub) -> None:
     app = tsub.add_parser(
         "apply", help="choose, build and switch the live tier set",
         epilog=f"exit status: 0 a new set was written to auto_tiers.json; {APPLY_KEPT} the "
-        "live set stays (the gain is below rebuild.min_gain; --force applies anyway); 2 an "
+        "live set stays (the gain is below rebuild.min_gain; --force applies anyway); "
+        f"{APPLY_BUSY} another apply of the model runs on this machine (try again then); 2 an "
         "error the message names (bad arguments, files, goals); 1 an internal error",
     )  # fmt: skip
     _model_arguments(app)
@@ -209,7 +211,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # One apply at a time per model on this machine (a hand one beside the server's own):
     # each chose against the set it read and wrote its own, the last one winning and its
     # record naming a set it did not replace.
-    with one_run(repo.model_dir(args.model) / ACTIVE_FILE, "applied", "try again then"):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                one_run(repo.model_dir(args.model) / ACTIVE_FILE, "applied", "try again then")
+            )
+        except Busy as exc:
+            print(f"innfer tiers: {exc}", file=sys.stderr)
+            return APPLY_BUSY
         return _apply(args, repo)
 
 

@@ -75,7 +75,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from runtime.atomic import write_bytes, write_json
-from runtime.repository import ACTIVE_FILE, APPLY_KEPT, FRONTIER_DIR, FRONTIER_FILE
+from runtime.repository import (
+    ACTIVE_FILE,
+    APPLY_BUSY,
+    APPLY_KEPT,
+    FRONTIER_DIR,
+    FRONTIER_FILE,
+)
 from runtime.repository.config import AutoTiersConfig
 from runtime.utc import seconds
 from server.daemon_call import DaemonWorker
@@ -509,6 +515,10 @@ class AutoTierer:
         if code == APPLY_KEPT:
             self.chosen_for, self.chosen_live = summary, live
             return self._count("kept")
+        if code == APPLY_BUSY:  # a hand apply on this machine: tried again at the next check
+            log.info("model %s: another `innfer tiers apply` of it runs on this machine; "
+                     "trying again at the next check", self.name)  # fmt: skip
+            return self._count("locked")
         if code != 0:
             self.last_change = self.clock()  # back off: the next try waits min_interval_s
             log.error("model %s: `innfer tiers apply` exited %s (%s); the live tiers stay, "

@@ -1297,6 +1297,30 @@ def test_a_set_that_fails_to_load_is_undone_and_a_failed_apply_backs_off(tmp_pat
     assert asyncio.run(tierer.check()) == "kept" and exits == []
 
 
+def test_a_busy_apply_lock_is_counted_locked_without_backing_off(tmp_path):
+    # A hand `innfer tiers apply` of the model on this machine made the server's apply exit
+    # 2: counted "failed" (an ERROR line, the alert's signal), and the loop waited
+    # rebuild.min_interval_s (review helper-310). It exits APPLY_BUSY now: tried again at
+    # the next check.
+    from runtime.repository import APPLY_BUSY
+    from server.autotier import AutoTierer
+    from server.metrics import Metrics
+
+    goals = AutoTiersConfig(rebuild=RebuildConfig(min_requests=10, min_interval_s=100))
+    log, exits = TrafficLog(), [APPLY_BUSY, 3]
+    for i in range(10):
+        log.record(999.0 + i * 0.01, 0.05, 1)
+    (tmp_path / "m").mkdir()
+
+    def command(*args):
+        return ["sh", "-c", f"exit {exits.pop(0)}"]
+
+    tierer = AutoTierer("m", tmp_path, goals, log, None, Metrics(), lambda: "model.yaml:b",
+                        lambda: 1000.0, command)  # fmt: skip
+    assert asyncio.run(tierer.check()) == "locked"
+    assert asyncio.run(tierer.check()) == "kept" and exits == []  # no wait in between
+
+
 def _tierer(tmp_path, reload, command, live=lambda: "model.yaml:b", min_interval_s=0):
     """An AutoTierer of model 'm' in ``tmp_path`` with 10 requests recorded."""
     from server.autotier import AutoTierer
@@ -2241,8 +2265,10 @@ def test_a_second_apply_of_one_model_is_refused_while_one_runs(tmp_path, capsys)
     d = _auto_model(tmp_path, rebuild={"min_gain": 0.0})
     _traffic(200, (20, 100), n=300).write(tmp_path / "t.csv")
     apply = ["tiers", "apply", str(d), "--traffic", str(tmp_path / "t.csv")]
+    from runtime.repository import APPLY_BUSY
+
     with one_run(d / ACTIVE_FILE, "applied"):
-        assert cli(apply) == 2
+        assert cli(apply) == APPLY_BUSY  # (not 2, an error: the server counts it locked)
         assert not (d / ACTIVE_FILE).exists()
     assert "auto_tiers.json is being applied by pid" in capsys.readouterr().err
     assert cli(apply) == 0 and (d / ACTIVE_FILE).is_file()  # then it runs

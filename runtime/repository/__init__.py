@@ -11,6 +11,7 @@ from runtime.repository.cache import MANIFEST, EngineCache, engine_key
 from runtime.repository.errors import InvalidModelName, ModelNotFound, RepositoryError
 from runtime.repository.frontier import (
     ACTIVE_FILE,
+    APPLY_BUSY,
     APPLY_KEPT,
     FRONTIER_DIR,
     FRONTIER_FILE,
@@ -23,6 +24,7 @@ from runtime.repository.store import PROFILE_FILE, Repository, ServedModel, chec
 
 __all__ = [
     "ACTIVE_FILE",
+    "APPLY_BUSY",
     "APPLY_KEPT",
     "FRONTIER_DIR",
     "FRONTIER_FILE",

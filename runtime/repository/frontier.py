@@ -35,6 +35,10 @@ FRONTIER_DIR = "frontier"
 FRONTIER_FILE = "frontier.json"
 ACTIVE_FILE = "auto_tiers.json"
 APPLY_KEPT = 3  # exit status of `innfer tiers apply` when the live set stays
+# ... and when another apply of the model runs on this machine (a hand one beside the
+# server's): load, not a failure - the server counted it "failed" and backed off for
+# rebuild.min_interval_s with an ERROR line (review helper-310)
+APPLY_BUSY = 4
 
 
 def weights_mb(params: int) -> float:
