@@ -71,13 +71,6 @@ def server(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture
-def client(server):
-    c = tc.InferenceServerClient(server.address)
-    yield c
-    c.close()
-
-
 def _input(x: np.ndarray, name: str = "input") -> tc.InferInput:
     i = tc.InferInput(name, list(x.shape), "INT64" if x.dtype == np.int64 else "FP32")
     i.set_data_from_numpy(x)
