@@ -534,6 +534,32 @@ def test_a_kept_tier_another_innfer_sampled_is_exported_again(built, tmp_path, m
     assert not any(t.exported for t in kept.tiers)  # and kept from then on
 
 
+def test_a_kept_tier_whose_engine_cannot_run_here_keeps_its_files(built, tmp_path, monkeypatch):
+    # Only outputs that differ mean another innfer's ONNX: an engine that cannot run here
+    # (a GPU's memory held elsewhere) was taken for one, the tier exported again, and when
+    # that failed alike its tier.json deleted - the model no longer loaded (helper-311).
+    import shutil
+
+    import runtime.build.pipeline as pipeline
+
+    root = tmp_path / "repo"
+    shutil.copytree(built[0], root)
+    tiers = root / "tiny" / "tiers"
+    onnx = {t.name: (t / "model.onnx").read_bytes() for t in tiers.iterdir()}
+
+    def busy(*args, **kwargs):
+        raise pipeline.EngineRunFailed("tier w100: the engine failed (CUDA out of memory)")
+
+    monkeypatch.setattr(pipeline, "validate", busy)
+    with pytest.raises(pipeline.EngineRunFailed):
+        build_model(Repository(root), "tiny", progress=False, profile=False)
+    for t in tiers.iterdir():
+        assert (t / "tier.json").is_file() and (t / "model.onnx").read_bytes() == onnx[t.name]
+    monkeypatch.undo()
+    for t in tiers.iterdir():
+        Repository(root).load_record("tiny", t.name)  # still loads
+
+
 def test_a_tier_rebuilt_without_profiling_is_timed_again_at_load(built, tmp_path, caplog):
     # profile.json said nothing of the engines it timed: after a width change built with
     # --no-profile (or a build interrupted while profiling) the new engines were planned

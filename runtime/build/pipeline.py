@@ -85,6 +85,11 @@ class EngineRunFailed(BuildError):
     is not shown wrong, so a cached one stays."""
 
 
+class OutputsDiffer(BuildError):
+    """Validation ran the engine and its outputs are not the sampled network's (shape or
+    values): the tier's ONNX is not this INN's sample - a kept one is exported again."""
+
+
 @dataclass
 class TierReport:
     name: str
@@ -298,6 +303,8 @@ def _build_tier(b: _Build, tier: TierConfig, bar, engines: dict) -> TierRecord:
                 # had refused. Without its record it loads only after a build succeeds.
                 (repo.tier_dir(name, tier.name) / TIER_FILE).unlink(missing_ok=True)
                 raise
+            if not isinstance(exc, OutputsDiffer):  # an engine that cannot be built or run
+                raise  # here (a read-only cache, a GPU's memory held): the kept tier stays
             # Kept from an earlier build, its ONNX is not this innfer's sample of the INN
             # (another release's: a sampler changed without SAMPLER_VERSION - a build after
             # an upgrade or a rollback failed so on every run; helper-310): exported again.
@@ -780,7 +787,7 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
                     if r.shape[:1] != (batch,)
                     else "was the model captured with a batch-1 example? give one of batch >= 2"
                 )
-                raise BuildError(
+                raise OutputsDiffer(
                     f"tier {tier}: engine output {t.name!r} has shape {list(g.shape)} for a "
                     f"batch of {batch}, expected {[batch, *t.shape]} ({why})"
                 )
@@ -788,7 +795,7 @@ def validate(engine, module, config: ModelConfig, tier: str, precision: str | No
                 err = float(np.nan_to_num(np.abs(g - r), nan=0.0).max())
             worst = max(worst, err)
             if not np.allclose(g, r, rtol=rtol, atol=atol):
-                raise BuildError(
+                raise OutputsDiffer(
                     f"tier {tier}: engine output {t.name!r} differs from the torch sample by "
                     f"{err:.3g} (tolerance rtol={rtol}, atol={atol} for {precision})"
                 )
