@@ -286,7 +286,7 @@ def test_a_head_that_leaves_the_queue_wakes_the_others_to_a_free_slot(how):
     woken.clear()
     b.submit(Request(4, 0.03, 0.5), 0.03)
     b.submit(Request(5, 0.03, 0.9), 0.03)
-    b.cancel(b.queue[1], 0.031)  # not the head: claim compares heads only
+    b.cancel(b.queue[1], 0.031)  # due after the head: what claim compares stays
     assert woken == []
     dev.leave(b)  # a model that stops fails its queue: no wake-up per request
     woken.clear()
@@ -447,3 +447,25 @@ def test_a_member_that_left_is_forgotten_as_passed():
     dev.join(a)
     b.submit(Request(2, 0.0, 0.500), 0.0)
     assert dev.claim(b) is None  # a's head is due first
+
+
+def test_an_expiry_behind_the_head_wakes_the_members_it_held_back():
+    # What claim compares is the first max_batch queued, not the head alone: b's request X
+    # (due at 5 ms, behind b's priority head due in 10 s) held a back; X expired and no one
+    # was told - the free slot idled and a's request expired at 50 ms (review helper-311).
+    one = [TierInfo("w", 1.0, {1: 1.0, 8: 4.0})]
+    dev, woke = Device(slots=1), []
+    a, b = _scheduler(dev, one), _scheduler(dev, one)
+    dev.join(a, on_release=lambda: woke.append("a"))
+    dev.join(b, on_release=lambda: woke.append("b"))
+    a.submit(Request(1, 0.0, 0.050), 0.0)
+    running = a.next(0.0)
+    b.submit(Request(2, 0.0, 10.0, priority=1), 0.0)
+    b.submit(Request(3, 0.0, 0.005), 0.0)  # X
+    a.submit(Request(4, 0.0, 0.050), 0.0)
+    now = 0.0045  # a's batch overran its plan: X cannot be met any more
+    a.complete(running, now, now)
+    assert a.next(now) is None  # b's X is due first
+    woke.clear()
+    assert [r.id for r in b.expire(now)] == [3]
+    assert "a" in woke and a.next(now) is not None  # a is told, and starts

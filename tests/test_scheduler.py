@@ -1511,6 +1511,13 @@ def test_a_refusal_of_a_budget_the_profile_meets_says_this_replica_runs_slower_n
         s.submit(Request(1, 0.0, 5 * MS, pin="w025"), 0.0)
     assert "(profiled 1." in str(slow.value) and "x slower now: retry shortly or on another " \
         "replica)" in str(slow.value)  # fmt: skip
+    s2 = make()  # 1.3x its profile: said so, not "1x" (review helper-311)
+    for _ in range(50):
+        s2.latency.observe("w025", 1, 1.3 * MS)
+    with pytest.raises(Refused) as some:
+        s2.submit(Request(3, 0.0, 1.2 * MS, pin="w025"), 0.0)
+    assert " 1.3x slower now" in str(some.value) or " 1.4x slower now" in str(some.value), str(
+        some.value)  # fmt: skip
     with pytest.raises(Refused) as small:  # below even the profile: the client's ask alone
         s.submit(Request(2, 0.0, 0.5 * MS, pin="w025"), 0.0)
     assert "slower now" not in str(small.value)

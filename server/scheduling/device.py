@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -285,10 +284,9 @@ class Device:
 
 
 def _urgency(s: Scheduler) -> float:
-    """When ``s``'s next batch is due: the earliest deadline among the requests it can take
-    (the first ``max_batch`` queued). Across models the device runs the batch due first; a
-    request's priority orders only its own queue. (By the head alone, one priority-1
-    request with a 10 s timeout at the head held back the 40 ms requests behind it, which
-    its batch would have carried: 365 of 376 expired; review helper-309.)"""
-    deadline = min(r.deadline for r in itertools.islice(s.queue, s.ctx.max_batch))
-    return deadline if math.isfinite(deadline) else math.inf
+    """When ``s``'s next batch is due (``Scheduler.next_due``): across models the device
+    runs the batch due first; a request's priority orders only its own queue. (By the head
+    alone, one priority-1 request with a 10 s timeout at the head held back the 40 ms
+    requests behind it, which its batch would have carried: 365 of 376 expired; review
+    helper-309.)"""
+    return s.next_due()

@@ -338,7 +338,7 @@ class Scheduler:
             # its profile on a starved core (review helper-306).
             slower = (
                 f" (profiled {1e3 * profiled:.2f} ms; this replica runs it "
-                f"{alone / profiled:.0f}x slower now: retry shortly or on another replica)"
+                f"{alone / profiled:.1f}x slower now: retry shortly or on another replica)"
                 if profile_meets and profiled > 0
                 else ""
             )
@@ -389,7 +389,7 @@ class Scheduler:
         self._remove_at([len(self.queue) - 1])
         r.finish(State.REFUSED_FULL, now)
         self._evicted.append(r)
-        if not self.queue:
+        if not self.queue or len(self.queue) < self.ctx.max_batch:  # (``next_due``'s note)
             self.device.dropped(self)
 
     def admission_quantile(self, joining: Request | None = None) -> float:
@@ -659,6 +659,7 @@ class Scheduler:
         past = [(i, end) for i, end in ends if end > self.queue[i].deadline]
         if not past:
             return evicted
+        due = self.next_due()
         late = [i for i, end in past if end > self.admission_deadline(self.queue[i])]
         graced = [i for i, end in past if end <= self.admission_deadline(self.queue[i])]
         gone, kept = [self.queue[i] for i in late], [self.queue[i] for i in graced]
@@ -674,9 +675,20 @@ class Scheduler:
             # judges the answer met or late - moved too, late answers counted met, h270)
             r.deadline, r.reserve, r.grace = r.deadline + r.grace, r.reserve - r.grace, 0.0
             self._enqueue(r)
-        if 0 in late or 0 in graced or (kept and self.queue[0] in kept):
-            self.device.dropped(self)  # what claim compared with the others changed
+        if self.next_due() > due:  # (``next_due``'s note)
+            self.device.dropped(self)
         return evicted + gone
+
+    def next_due(self) -> float:
+        """When this queue's next batch is due: the earliest deadline among the first
+        ``max_batch`` queued, which it can take (inf for an empty queue) - the device's
+        order across models (``claim``). Where a request leaves and it grows, the others
+        look again for a free slot (``Device.dropped``): a request behind the head that
+        expired changed it and told no one, and a neighbour's request expired beside an idle
+        slot (review helper-311)."""
+        deadline = min((r.deadline for r in itertools.islice(self.queue, self.ctx.max_batch)),
+                       default=math.inf)  # fmt: skip
+        return deadline if math.isfinite(deadline) else math.inf
 
     def earliest_deadline(self) -> float:
         """The earliest deadline in the queue (absolute seconds; inf when it is empty): by
@@ -838,10 +850,10 @@ class Scheduler:
         never joined the queue (refused at ``submit``)."""
         if r.state != State.QUEUED or r not in self.queue:
             return False
-        head = self.queue[0] is r
+        due = self.next_due()
         self._remove_all([r])
         r.finish(State.CANCELLED, now)
-        if head:
+        if self.next_due() > due:  # (``next_due``'s note)
             self.device.dropped(self)
         return True
 
