@@ -314,7 +314,8 @@ class Metrics:
             "changed), kept, stale (traffic moved while the set was chosen: not swapped in), "
             "unchanged (traffic as at the last choice), waiting (too little "
             "traffic or too soon), no_frontier (the frontier is missing or unusable: `innfer "
-            "build`), locked (another replica is choosing), failed.",
+            "build`), locked (another replica is choosing, or a hand apply runs on this "
+            "machine), failed.",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
         self.tier_set_gain = Gauge(
