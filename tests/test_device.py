@@ -469,3 +469,28 @@ def test_an_expiry_behind_the_head_wakes_the_members_it_held_back():
     woke.clear()
     assert [r.id for r in b.expire(now)] == [3]
     assert "a" in woke and a.next(now) is not None  # a is told, and starts
+
+
+def test_a_models_lanes_keep_its_own_priority_order():
+    # A priority orders its model's queue, and a text model's queue is its length lanes:
+    # across models the device runs by deadline, but between one model's lanes a priority-1
+    # request still goes first and counts as ahead (as before review helper-306's change,
+    # which took priorities out of the order between lanes too).
+    from server.scheduling.device import Instances
+
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
+    dev, model = Device(slots=1), Instances(1)
+    short, long = (
+        Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64, device=dev,
+                  instances=model)
+        for _ in "ab"
+    )  # fmt: skip
+    short.submit(Request(1, 0.0, 1.0, priority=1), 0.0)
+    long.submit(Request(2, 0.0, 0.5), 0.0)
+    assert dev.claim(long) is None and dev.claim(short) is not None  # priority first
+    for i in range(24):  # the short lane's priority-1 work due in 1 s runs first...
+        short.submit(Request(10 + i, 0.0, 1.0, priority=1), 0.0)
+    with pytest.raises(Refused, match="cannot be met"):  # ... ahead of a 38 ms request
+        long.submit(Request(3, 0.0, 0.038), 0.0)
+    other = _scheduler(dev, one)  # another model's 38 ms request runs before them
+    other.submit(Request(4, 0.0, 0.038), 0.0)

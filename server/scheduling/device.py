@@ -149,7 +149,12 @@ class Device:
                 continue
             if other.instances.full():  # it cannot start anyway: no stall
                 continue
-            if _urgency(other) < mine:
+            if other.instances is scheduler.instances:  # a lane of the same model: the
+                # model's own order, priority first, as within one queue (a text model's
+                # length lanes: a priority-1 short sentence goes before long ones)
+                if _lane_key(other) < _lane_key(scheduler):
+                    return None
+            elif _urgency(other) < mine:
                 return None
         return slot
 
@@ -251,16 +256,24 @@ class Device:
         others.sort()
         return own + ([0.0] * idle + others)[: limit - len(own)]
 
-    def backlog(self, scheduler: Scheduler, due: float) -> float:
-        """Seconds of the other members' queued work due at or before ``due`` (absolute
-        seconds; ``claim``'s order is by deadline): it runs first. Counted as full batches
-        on each request's fastest allowed tier at the planning quantile, spread over the
-        device's slots."""
+    def backlog(
+        self, scheduler: Scheduler, due: float, priority: float = 0.0, own: float | None = None
+    ) -> float:
+        """Seconds of the other members' queued work that runs before a request of
+        ``priority`` due at ``due`` (absolute seconds; ``own``: its own deadline where
+        ``due`` is later, for the model's lanes): other models' work due at or before it
+        (``claim``'s order across models is by deadline), and the same model's other lanes'
+        work ahead of it in the model's order (priority, then deadline). Counted as full
+        batches on each request's fastest allowed tier at the planning quantile, spread
+        over the device's slots."""
         total = 0.0
         for other in self.members:
             if other is scheduler or not other.queue:
                 continue
-            total += other.work_due(due)
+            if other.instances is scheduler.instances:  # a lane of the same model
+                total += other.work_due(due if own is None else own, priority)
+            else:
+                total += other.work_due(due)
         return total / self.slots
 
     def hold(self, scheduler: Scheduler, now: float) -> float:
@@ -281,6 +294,13 @@ class Device:
             ahead[i] = work
             slack = min(slack, due - now - total / self.slots)
         return slack
+
+
+def _lane_key(s: Scheduler) -> tuple[float, float]:
+    """``s``'s head in its model's order (priority, then deadline): how a model's lanes
+    rank against each other."""
+    head = s.queue[0]
+    return (-head.priority, head.deadline if math.isfinite(head.deadline) else math.inf)
 
 
 def _urgency(s: Scheduler) -> float:

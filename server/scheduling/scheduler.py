@@ -500,7 +500,7 @@ class Scheduler:
         (review helper-267)."""
         others = [m for m in self.device.members if m is not self]
         running = sum(len(m.running) for m in others)
-        ahead = self.device.backlog(self, r.deadline) if others else 0.0
+        ahead = self.device.backlog(self, r.deadline, r.priority) if others else 0.0
         if not running and ahead <= 0:
             return ""
         parts = [_count(running, "batch", "batches") + " running"] if running else []
@@ -545,7 +545,7 @@ class Scheduler:
         # A shared device's work more urgent than r runs first (at the planning quantile:
         # others' plans).
         alone = len(self.device.members) < 2
-        ahead = 0.0 if alone else self.device.backlog(self, r.deadline)
+        ahead = 0.0 if alone else self.device.backlog(self, r.deadline, r.priority)
         if ahead:
             busy = [b + ahead for b in busy]
         tables, z = self.ctx.tables(), z_score(q)
@@ -579,19 +579,23 @@ class Scheduler:
             return self.queue[0].deadline if self.queue else -math.inf
         return float(self.columns().deadline.max())
 
-    def work_due(self, due: float) -> float:
+    def work_due(self, due: float, priority: float | None = None) -> float:
         """Seconds of the queued work that runs before a request due at ``due`` on a shared
-        device (the device's order across models is by deadline, ``claim``'s; a priority
-        orders only its own queue) - the queued requests due at or before it: per class
-        (fastest allowed tier and group, as the plan batches), their rows as full batches
-        plus one partial, at the planning quantile. What a shared device's other members
-        plan behind (``Device.backlog``). By tier alone, requests of 8 lengths were one
-        batch of 8 (helper-147)."""
+        device: another model's requests due at or before it (the device's order across
+        models is by deadline, ``claim``'s; a priority orders only its own model) or, given
+        the request's ``priority`` - a lane of the same model - the queue's prefix up to
+        (-priority, due) in its own order. Per class (fastest allowed tier and group, as the
+        plan batches), their rows as full batches plus one partial, at the planning
+        quantile. What a shared device's other members plan behind (``Device.backlog``). By
+        tier alone, requests of 8 lengths were one batch of 8 (helper-147)."""
         if not self.queue:
             return 0.0
         cols = self.columns()
-        take = cols.deadline <= due  # (queue order is by priority first: not a prefix)
-        if not take.any():
+        if priority is None:
+            take = cols.deadline <= due  # (queue order is by priority first: not a prefix)
+        else:
+            take = slice(0, bisect.bisect(self._keys, (-priority, due, math.inf)))
+        if not cols.deadline[take].size:
             return 0.0
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         tiers = len(quantile)
@@ -744,7 +748,8 @@ class Scheduler:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is more urgent than our next batch (we
             # got the slot).
-            backlog = self.device.backlog(self, self.last_due())
+            last = self.queue[-1]  # (for its lanes: the model's own order)
+            backlog = self.device.backlog(self, self.last_due(), last.priority, last.deadline)
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
