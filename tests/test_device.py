@@ -494,3 +494,25 @@ def test_a_models_lanes_keep_its_own_priority_order():
         long.submit(Request(3, 0.0, 0.038), 0.0)
     other = _scheduler(dev, one)  # another model's 38 ms request runs before them
     other.submit(Request(4, 0.0, 0.038), 0.0)
+
+
+def test_a_lanes_head_that_leaves_wakes_the_models_other_lanes():
+    # Between a model's lanes the head ranks (priority first): its cancel changed nothing
+    # the next batch's due time showed, and the lane it held back was not told.
+    from server.scheduling.device import Instances
+
+    one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
+    dev, model, woke = Device(slots=1), Instances(1), []
+    short, long = (
+        Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64, device=dev,
+                  instances=model)
+        for _ in "ab"
+    )  # fmt: skip
+    dev.join(long, on_release=lambda: woke.append("long"))
+    head = Request(1, 0.0, 1.0, priority=1)
+    short.submit(head, 0.0)
+    short.submit(Request(2, 0.0, 0.4), 0.0)
+    long.submit(Request(3, 0.0, 0.5), 0.0)
+    assert dev.claim(long) is None
+    assert short.cancel(head, 0.001)
+    assert woke == ["long"] and dev.claim(long) is None  # told; short's 0.4 s is first

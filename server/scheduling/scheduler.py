@@ -663,7 +663,7 @@ class Scheduler:
         past = [(i, end) for i, end in ends if end > self.queue[i].deadline]
         if not past:
             return evicted
-        due = self.next_due()
+        due, head = self._ranks()
         late = [i for i, end in past if end > self.admission_deadline(self.queue[i])]
         graced = [i for i, end in past if end <= self.admission_deadline(self.queue[i])]
         gone, kept = [self.queue[i] for i in late], [self.queue[i] for i in graced]
@@ -679,9 +679,19 @@ class Scheduler:
             # judges the answer met or late - moved too, late answers counted met, h270)
             r.deadline, r.reserve, r.grace = r.deadline + r.grace, r.reserve - r.grace, 0.0
             self._enqueue(r)
-        if self.next_due() > due:  # (``next_due``'s note)
-            self.device.dropped(self)
+        self._dropped_if_later(due, head)
         return evicted + gone
+
+    def _ranks(self) -> tuple[float, Request | None]:
+        """What ``claim`` ranks this queue by: its next batch's due time (against other
+        models) and its head (against the model's other lanes)."""
+        return self.next_due(), self.queue[0] if self.queue else None
+
+    def _dropped_if_later(self, due: float, head: Request | None) -> None:
+        """After requests left: where the queue now ranks later than (``due``, ``head``)
+        were, the others look again for a free slot (``next_due``'s note)."""
+        if self.next_due() > due or (self.queue[0] if self.queue else None) is not head:
+            self.device.dropped(self)
 
     def next_due(self) -> float:
         """When this queue's next batch is due: the earliest deadline among the first
@@ -855,11 +865,10 @@ class Scheduler:
         never joined the queue (refused at ``submit``)."""
         if r.state != State.QUEUED or r not in self.queue:
             return False
-        due = self.next_due()
+        due, head = self._ranks()
         self._remove_all([r])
         r.finish(State.CANCELLED, now)
-        if self.next_due() > due:  # (``next_due``'s note)
-            self.device.dropped(self)
+        self._dropped_if_later(due, head)
         return True
 
     def _index(self, r: Request) -> int:
