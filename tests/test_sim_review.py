@@ -446,3 +446,20 @@ def test_the_summary_names_the_most_accurate_tier_it_calls_full(capsys):
     r = simulate(tiers, {"w100": {8: 14.0}, "w075": {8: 10.0}}, SimConfig(duration_s=1.0))
     assert r.summary["full_tier"] == "w075"
     assert "(most accurate tier w075 0.9700)" in format_summary(r.summary)
+
+
+def test_the_summary_counts_an_answer_at_its_deadline_met_and_mixes_over_those_served():
+    # Neither was tested (review helper-304, mutations SIM3 and SIM4 survived): an answer
+    # landing exactly at its deadline is met, as the server counts it; the tier mix is a
+    # share of the requests served, not of all (refused ones have no tier).
+    from sim.simulator import SimConfig, summarise
+
+    tiers = [TierInfo("w100", 0.99, {1: 2.0}), TierInfo("w025", 0.9, {1: 1.0})]
+    arrivals = np.array([0.0, 0.01, 0.02, 0.03])
+    deadlines = arrivals + 0.02
+    finish = np.array([0.02, 0.0295, np.nan, np.nan])  # at its deadline; 0.5 ms early
+    used = ["w100", "w025", None, None]
+    states = ["served", "served", "refused_deadline", "refused_deadline"]
+    out = summarise(arrivals, deadlines, finish, used, states, tiers, SimConfig(), 100.0)
+    assert out["slo_attainment"] == 0.5 and out["late"] == 0
+    assert out["tier_mix"] == {"w100": 0.5, "w025": 0.5}
