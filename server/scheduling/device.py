@@ -304,9 +304,10 @@ def _lane_key(s: Scheduler) -> tuple[float, float]:
 
 
 def _urgency(s: Scheduler) -> float:
-    """When ``s``'s next batch is due (``Scheduler.next_due``): across models the device
-    runs the batch due first; a request's priority orders only its own queue. (By the head
-    alone, one priority-1 request with a 10 s timeout at the head held back the 40 ms
-    requests behind it, which its batch would have carried: 365 of 376 expired; review
-    helper-309.)"""
-    return s.next_due()
+    """When ``s``'s model is due: the earliest deadline over all its lanes' queues
+    (``Scheduler.next_due``). Across models the device runs the model due first, and among
+    its lanes the model's own order (``_lane_key``); a request's priority orders only its
+    own model. Ranked lane by lane instead, two orders made a cycle - lane 1 before lane 2
+    by priority, lane 2 before another model by deadline, that model before lane 1 - and
+    every slot idled until a request expired (review helper-312)."""
+    return min(m.next_due() for m in s.instances.members if m.queue)

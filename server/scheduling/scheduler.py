@@ -572,13 +572,6 @@ class Scheduler:
             return None
         return self.device.claim(self)
 
-    def last_due(self) -> float:
-        """The latest deadline queued (absolute s; -inf for an empty queue): on a shared
-        device the rest of this queue runs behind the others' work due before it."""
-        if len(self.queue) < 2:  # (a lone request has no columns: see _Columns)
-            return self.queue[0].deadline if self.queue else -math.inf
-        return float(self.columns().deadline.max())
-
     def work_due(self, due: float, priority: float | None = None) -> float:
         """Seconds of the queued work that runs before a request due at ``due`` on a shared
         device: another model's requests due at or before it (the device's order across
@@ -694,14 +687,14 @@ class Scheduler:
             self.device.dropped(self)
 
     def next_due(self) -> float:
-        """When this queue's next batch is due: the earliest deadline among the first
-        ``max_batch`` queued, which it can take (inf for an empty queue) - the device's
-        order across models (``claim``). Where a request leaves and it grows, the others
-        look again for a free slot (``Device.dropped``): a request behind the head that
-        expired changed it and told no one, and a neighbour's request expired beside an idle
-        slot (review helper-311)."""
-        deadline = min((r.deadline for r in itertools.islice(self.queue, self.ctx.max_batch)),
-                       default=math.inf)  # fmt: skip
+        """When this queue is due: its earliest deadline (inf for an empty queue) - the
+        device's order across models (``claim``, over a model's lanes together). Not the
+        head's alone: a priority-1 head due in 10 s held back the 40 ms requests behind it
+        (helper-309); nor the first ``max_batch``'s: eight such heads did the same
+        (helper-312). Where a request leaves and it grows, the others look again for a free
+        slot (``Device.dropped``): a request behind the head that expired changed it and
+        told no one, and a neighbour's request expired beside an idle slot (helper-311)."""
+        deadline = self.earliest_deadline()
         return deadline if math.isfinite(deadline) else math.inf
 
     def earliest_deadline(self) -> float:
@@ -758,8 +751,11 @@ class Scheduler:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is more urgent than our next batch (we
             # got the slot).
-            last = self.queue[-1]  # (for its lanes: the model's own order)
-            backlog = self.device.backlog(self, self.last_due(), last.priority, last.deadline)
+            # (the last queued in the model's own order, not the latest deadline: a priority
+            # head due in 10 s, in the very batch being chosen, counted all of a neighbour's
+            # queue as running first and dropped the model to a smaller tier; helper-312)
+            last = self.queue[-1]
+            backlog = self.device.backlog(self, last.deadline, last.priority)
         # ... and the others' queued requests wait behind our batch: it may run only as long
         # as they can afford.
         hold = self.device.hold(self, now) if len(self.device.members) > 1 else math.inf
