@@ -139,11 +139,12 @@ class Device:
 
     def claim(self, scheduler: Scheduler) -> int | None:
         """A free slot for ``scheduler``'s next batch, or None: no slot is free, or another
-        member's queue head is more urgent than ``scheduler``'s (it must start first)."""
+        member is due first (another model by its earliest deadline, a lane of the same
+        model by the model's order): it must start first."""
         slot = self.free_slot()
         if slot is None or not scheduler.queue:
             return slot
-        mine = _urgency(scheduler)
+        mine = None  # (computed only where another model has work: a pass over the queues)
         for other in self.members:
             if other is scheduler or not other.queue or id(other) in self._passed:
                 continue
@@ -154,8 +155,10 @@ class Device:
                 # length lanes: a priority-1 short sentence goes before long ones)
                 if _lane_key(other) < _lane_key(scheduler):
                     return None
-            elif _urgency(other) < mine:
-                return None
+            else:
+                mine = _urgency(scheduler) if mine is None else mine
+                if _urgency(other) < mine:
+                    return None
         return slot
 
     def passed(self, scheduler: Scheduler) -> None:
