@@ -8,9 +8,11 @@ deadlines it admitted. With it:
 
 * the device has ``slots`` (batches that may run at once); a model's scheduler may start a
   batch only on a free device slot;
-* when a slot frees, the model whose next batch is due first (the earliest deadline among
-  the first ``max_batch`` it has queued) goes first - ``claim`` refuses the others until it
-  has started (they are woken on every release). Priorities do not cross models, as in
+* when a slot frees, the model due first (the earliest deadline queued in any of its
+  lanes) goes first, and among a model's lanes its own order (priority, then deadline) -
+  ``claim`` refuses the others until it has started (they are woken on every release, and
+  whenever a member's rank gets later: an expiry, a cancel). Priorities do not cross
+  models, as in
   Triton, where a priority orders one model's queue: compared across them, any priority a
   client of model A sent - even 100, a low level - ran A's work ahead of every request of
   model B's, which B had admitted and then lost in its queue (41 % of B's 30 ms requests
@@ -259,22 +261,19 @@ class Device:
         others.sort()
         return own + ([0.0] * idle + others)[: limit - len(own)]
 
-    def backlog(
-        self, scheduler: Scheduler, due: float, priority: float = 0.0, own: float | None = None
-    ) -> float:
+    def backlog(self, scheduler: Scheduler, due: float, priority: float = 0.0) -> float:
         """Seconds of the other members' queued work that runs before a request of
-        ``priority`` due at ``due`` (absolute seconds; ``own``: its own deadline where
-        ``due`` is later, for the model's lanes): other models' work due at or before it
-        (``claim``'s order across models is by deadline), and the same model's other lanes'
-        work ahead of it in the model's order (priority, then deadline). Counted as full
-        batches on each request's fastest allowed tier at the planning quantile, spread
-        over the device's slots."""
+        ``priority`` due at ``due`` (absolute seconds): other models' work due at or before
+        it (``claim``'s order across models is by deadline), and the same model's other
+        lanes' work ahead of it in the model's order (priority, then deadline). Counted as
+        full batches on each request's fastest allowed tier at the planning quantile,
+        spread over the device's slots."""
         total = 0.0
         for other in self.members:
             if other is scheduler or not other.queue:
                 continue
             if other.instances is scheduler.instances:  # a lane of the same model
-                total += other.work_due(due if own is None else own, priority)
+                total += other.work_due(due, priority)
             else:
                 total += other.work_due(due)
         return total / self.slots
