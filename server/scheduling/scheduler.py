@@ -610,9 +610,9 @@ class Scheduler:
         """For each of the first ``limit`` queued requests, in run order: (its place in the
         device's order across models - the latest deadline queued up to it: it runs no
         sooner than those, a conservative key; its deadline; seconds of this queue's work up
-        to and including it), counted as ``work_due`` counts (per
-        fastest allowed tier and group, full batches plus one partial, at the planning
-        quantile). What ``Device.hold`` weighs."""
+        to and including it), counted as ``work_due`` counts (per fastest allowed tier and
+        group, full batches plus one partial, at the planning quantile). What
+        ``Device.hold`` weighs."""
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         rows: dict[tuple, int] = {}  # (group, fastest tier rank) -> rows so far
         cost: dict[tuple, float] = {}  # (group, fastest tier rank) -> their seconds
@@ -676,8 +676,8 @@ class Scheduler:
         return evicted + gone
 
     def _ranks(self) -> tuple[float, Request | None]:
-        """What ``claim`` ranks this queue by: its next batch's due time (against other
-        models) and its head (against the model's other lanes)."""
+        """What ``claim`` ranks this queue by: its due time, ``next_due`` (against other
+        models), and its head (against the model's other lanes)."""
         return self.next_due(), self.queue[0] if self.queue else None
 
     def _dropped_if_later(self, due: float, head: Request | None) -> None:
@@ -750,10 +750,10 @@ class Scheduler:
         if self.queue and len(self.device.members) > 1:
             # The others' work due before our last queued request runs before the rest of
             # our queue (EDF across models); nothing is more urgent than our next batch (we
-            # got the slot).
-            # (the last queued in the model's own order, not the latest deadline: a priority
-            # head due in 10 s, in the very batch being chosen, counted all of a neighbour's
-            # queue as running first and dropped the model to a smaller tier; helper-312)
+            # got the slot). The last queued in the model's own order, not the latest
+            # deadline: a priority head due in 10 s, in the very batch being chosen, counted
+            # all of a neighbour's queue as running first and dropped the model to a
+            # smaller tier (helper-312).
             last = self.queue[-1]
             backlog = self.device.backlog(self, last.deadline, last.priority)
         # ... and the others' queued requests wait behind our batch: it may run only as long
