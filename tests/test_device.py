@@ -383,9 +383,11 @@ def test_a_models_own_priority_does_not_put_it_ahead_of_a_neighbours_work_due_so
         b.submit(Request(1, 0.0, 0.038, priority=1), 0.0)
 
 
-def test_the_planners_backlog_counts_a_neighbours_requests_by_deadline_not_priority():
-    # a's requests due at 50 ms run before b's (due at 100 ms); a's higher-priority ones
-    # due at 500 ms do not - priorities order a's own queue only (review helper-306).
+def test_the_planners_backlog_counts_a_neighbours_queue_up_to_its_work_due_first():
+    # a's requests due at 50 ms run before b's (due at 100 ms) - and with them a's
+    # higher-priority ones due at 500 ms, queued ahead of them: once due, a runs its queue
+    # in its own order (counted by deadline alone they were left out, and a model beside a
+    # was admitted what then expired; review helper-313). Priorities order a's queue only.
     dev = Device(slots=1)
     a, b = _scheduler(dev), _scheduler(dev)
     b.submit(Request(1, 0.0, 0.100), 0.0)
@@ -396,7 +398,11 @@ def test_the_planners_backlog_counts_a_neighbours_requests_by_deadline_not_prior
     for i in range(16):
         a.submit(Request(100 + i, 0.0, 0.500, priority=2), 0.0)
     assert [r.id for r in a.queue[:1]] == [100] and len(a.queue) == 24
-    assert b._snapshot(0.0, 0).backlog == pytest.approx(one_batch)
+    assert b._snapshot(0.0, 0).backlog == pytest.approx(3 * one_batch)
+    c = _scheduler(Device(slots=1))  # alone: a queue due only after b's counts nothing
+    for i in range(16):
+        c.submit(Request(300 + i, 0.0, 0.500, priority=2), 0.0)
+    assert c.work_due(0.100) == 0.0
 
 
 def test_a_models_next_batch_is_as_urgent_as_the_earliest_request_it_takes():
@@ -564,3 +570,45 @@ def test_the_planners_backlog_is_behind_the_last_queued_not_a_priority_heads_dea
     for i in range(12):
         a.submit(Request(2 + i, 0.0, 0.060), 0.0)
     assert a._snapshot(0.0, 0).backlog == 0.0
+
+
+def test_a_priority_head_due_late_does_not_lift_the_hold_on_its_neighbours_batches():
+    # A's requests behind a priority head due in 10 s were keyed at 10 s: the hold counted
+    # a third model's work as running before them, went negative, and the deciding model
+    # ran with no limit at all (review helper-313). Keyed by the earliest deadline at or
+    # behind each, the hold is what it is without the priority head.
+    one = [TierInfo("w", 1.0, {1: 1.0, 8: 4.0})]
+    slow = [TierInfo("w", 1.0, {1: 5.0, 8: 20.0})]
+
+    def hold(priority_head: bool) -> float:
+        dev = Device(slots=1)
+        a, b, c = _scheduler(dev, one), _scheduler(dev), _scheduler(dev, slow)
+        for i in range(64):
+            c.submit(Request(300 + i, 0.0, 1.0), 0.0)
+        if priority_head:
+            a.submit(Request(1, 0.0, 10.0, priority=1), 0.0)
+        for i in range(24):
+            a.submit(Request(100 + i, 0.0, 0.032), 0.0)
+        return dev.hold(b, 0.0)
+
+    plain = hold(False)
+    assert plain > 0 and hold(True) == pytest.approx(plain, abs=0.002)
+
+
+def test_an_eviction_of_the_earliest_deadline_wakes_the_members_it_held_back():
+    # Y's last request, due at 30 ms behind nine priority heads due in 10 s, was Y's rank;
+    # a priority arrival evicted it and no one was told: X's 50 ms request waited beside a
+    # free slot until it expired (review helper-313).
+    one = [TierInfo("w", 1.0, {1: 1.0, 8: 4.0})]
+    dev, woke = Device(slots=1), []
+    x = _scheduler(dev, one)
+    y = Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=10, device=dev)
+    dev.join(x, on_release=lambda: woke.append("x"))
+    for i in range(9):
+        y.submit(Request(i, 0.0, 10.0, priority=1), 0.0)
+    y.submit(Request(9, 0.0, 0.030), 0.0)
+    x.submit(Request(101, 0.0, 0.050), 0.0)
+    assert x.next(0.0) is None  # y is due first
+    woke.clear()
+    y.submit(Request(10, 0.001, 10.0, priority=1), 0.001)  # evicts request 9
+    assert "x" in woke and x.next(0.001) is not None

@@ -147,6 +147,7 @@ class Device:
         if slot is None or not scheduler.queue:
             return slot
         mine = None  # (computed only where another model has work: a pass over the queues)
+        due: dict[int, float] = {}  # another model's due time, by its Instances: once each
         for other in self.members:
             if other is scheduler or not other.queue or id(other) in self._passed:
                 continue
@@ -159,7 +160,10 @@ class Device:
                     return None
             else:
                 mine = _urgency(scheduler) if mine is None else mine
-                if _urgency(other) < mine:
+                theirs = due.get(id(other.instances))
+                if theirs is None:
+                    theirs = due[id(other.instances)] = _urgency(other)
+                if theirs < mine:
                     return None
         return slot
 

@@ -386,11 +386,11 @@ class Scheduler:
         ones held every place; review 190). It is answered as refused (REFUSED_FULL), handed
         back by the next ``expire``."""
         r = self.queue[-1]
+        due, head = self._ranks()  # (the last may be the earliest deadline: helper-313)
         self._remove_at([len(self.queue) - 1])
         r.finish(State.REFUSED_FULL, now)
         self._evicted.append(r)
-        if not self.queue or len(self.queue) < self.ctx.max_batch:  # (``next_due``'s note)
-            self.device.dropped(self)
+        self._dropped_if_later(due, head)
 
     def admission_quantile(self, joining: Request | None = None) -> float:
         """The quantile a new request's plan is checked at: ``admit_quantile`` while fewer
@@ -585,7 +585,11 @@ class Scheduler:
             return 0.0
         cols = self.columns()
         if priority is None:
-            take = cols.deadline <= due  # (queue order is by priority first: not a prefix)
+            # Once due, the model runs its queue in its own order: up to its last request
+            # due by then (its requests due by then alone missed a higher-priority head
+            # before them, and a model beside it admitted what then expired; helper-313)
+            hit = np.flatnonzero(cols.deadline <= due)
+            take = slice(0, int(hit[-1]) + 1 if hit.size else 0)
         else:
             take = slice(0, bisect.bisect(self._keys, (-priority, due, math.inf)))
         if not cols.deadline[take].size:
@@ -608,16 +612,22 @@ class Scheduler:
 
     def work_ahead(self, limit: int) -> list[tuple[float, float, float]]:
         """For each of the first ``limit`` queued requests, in run order: (its place in the
-        device's order across models - the latest deadline queued up to it: it runs no
-        sooner than those, a conservative key; its deadline; seconds of this queue's work up
-        to and including it), counted as ``work_due`` counts (per fastest allowed tier and
-        group, full batches plus one partial, at the planning quantile). What
-        ``Device.hold`` weighs."""
+        device's order across models - the earliest deadline at or behind it in the queue:
+        the model is due by then, and runs its queue in its own order; its deadline;
+        seconds of this queue's work up to and including it), counted as ``work_due``
+        counts (per fastest allowed tier and group, full batches plus one partial, at the
+        planning quantile). What ``Device.hold`` weighs. (Keyed by the latest deadline up
+        to it, a priority head due in 10 s put all behind it at 10 s, the hold went
+        negative and no limit held at all; helper-313.)"""
         quantile, caps = self.ctx.tables()[0], self.ctx.plan_batches().tolist()
         rows: dict[tuple, int] = {}  # (group, fastest tier rank) -> rows so far
         cost: dict[tuple, float] = {}  # (group, fastest tier rank) -> their seconds
-        total, out, due = 0.0, [], -math.inf
-        for r in itertools.islice(self.queue, limit):
+        total, out = 0.0, []
+        if len(self.queue) > 1:  # (a lone request has no columns: see _Columns)
+            keys = np.minimum.accumulate(self.columns().deadline[::-1])[::-1].tolist()
+        else:
+            keys = [r.deadline for r in self.queue]
+        for r, due in zip(itertools.islice(self.queue, limit), keys, strict=False):
             t = self.ctx.bounds(r)[1]
             k = (r.group, t)
             n, b = rows.get(k, 0) + r.rows, caps[t]
@@ -625,7 +635,6 @@ class Scheduler:
             c = full * float(quantile[t, b]) + (float(quantile[t, rest]) if rest else 0.0)
             total += c - cost.get(k, 0.0)
             rows[k], cost[k] = n, c
-            due = max(due, r.deadline)
             out.append((due, r.deadline, total))
         return out
 
