@@ -195,6 +195,16 @@ def test_innfer_simulate_with_host_ms_serves_on_one_shared_core(tmp_path, capsys
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}],
         "tiers": TIERS, "max_batch": 4, "max_queue": 50, "slo_target": 0.99,
     }, warmup=1, repeats=3)  # fmt: skip
+    # The spread measured in 3 runs under a loaded CI machine (p90 several times the p50)
+    # planned the free case to 63 % by itself: what is judged here is the host cost, on a
+    # steady spread (p90 = 1.1 x p50 of what was measured).
+    profile_path = d / "profile.json"
+    profile = json.loads(profile_path.read_text())
+    for table in profile["tiers"].values():
+        for entry in table.values():
+            entry["p90_ms"] = 1.1 * entry["p50_ms"]
+            entry.pop("p99_ms", None)
+    profile_path.write_text(json.dumps(profile))
     out = {}
     for label, host in (("free", "0,0"), ("heavy", "4,2,0.5")):
         path = tmp_path / f"{label}.json"
