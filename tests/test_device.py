@@ -12,9 +12,9 @@ from server.scheduling.device import Device
 TIERS = [TierInfo("w100", 0.99, {1: 10.0, 8: 40.0}), TierInfo("w025", 0.90, {1: 2.5, 8: 10.0})]
 
 
-def _scheduler(device=None, tiers=TIERS):
+def _scheduler(device=None, tiers=TIERS, instances=None):
     return Scheduler(tiers, make_policy("innfer", tiers), max_batch=8, max_queue=256,
-                     device=device)  # fmt: skip
+                     device=device, instances=instances)  # fmt: skip
 
 
 def test_one_slot_is_shared_and_the_most_urgent_head_goes_first():
@@ -485,11 +485,7 @@ def test_a_models_lanes_keep_its_own_priority_order():
 
     one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
     dev, model = Device(slots=1), Instances(1)
-    short, long = (
-        Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64, device=dev,
-                  instances=model)
-        for _ in "ab"
-    )  # fmt: skip
+    short, long = (_scheduler(dev, one, model) for _ in "ab")
     short.submit(Request(1, 0.0, 1.0, priority=1), 0.0)
     long.submit(Request(2, 0.0, 0.5), 0.0)
     assert dev.claim(long) is None and dev.claim(short) is not None  # priority first
@@ -508,11 +504,7 @@ def test_a_lanes_head_that_leaves_wakes_the_models_other_lanes():
 
     one = [TierInfo("w", 1.0, {1: 10.0, 8: 10.0})]
     dev, model, woke = Device(slots=1), Instances(1), []
-    short, long = (
-        Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64, device=dev,
-                  instances=model)
-        for _ in "ab"
-    )  # fmt: skip
+    short, long = (_scheduler(dev, one, model) for _ in "ab")
     dev.join(long, on_release=lambda: woke.append("long"))
     head = Request(1, 0.0, 1.0, priority=1)
     short.submit(head, 0.0)
@@ -531,11 +523,7 @@ def test_a_models_lanes_and_another_model_never_refuse_each_other_in_a_cycle():
 
     one = [TierInfo("w", 1.0, {1: 1.0, 8: 4.0})]
     dev, model = Device(slots=1), Instances(1)
-    lane1, lane2 = (
-        Scheduler(one, make_policy("innfer", one), max_batch=8, max_queue=64, device=dev,
-                  instances=model)
-        for _ in "ab"
-    )  # fmt: skip
+    lane1, lane2 = (_scheduler(dev, one, model) for _ in "ab")
     n = _scheduler(dev, one)
     lane1.submit(Request(1, 0.0, 1.0, priority=1), 0.0)
     lane2.submit(Request(2, 0.0, 0.005), 0.0)
