@@ -184,6 +184,12 @@ def _trt_logger(trt):
 # --- CUDA (cuda-python) ------------------------------------------------------------------
 
 
+def _device_properties(cuda: _Cuda):
+    """cudaDeviceProp of the current device (its name, compute capability, SM count)."""
+    index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
+    return cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
+
+
 class _Cuda:
     """Checked calls into cuda-python's runtime API.
 
@@ -355,10 +361,7 @@ class TensorRTBackend(Backend):
         return _import_trt().__version__
 
     def device(self) -> str:
-        cuda = _Cuda(_import_cudart())
-        index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
-        props = cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
-        name = props.name
+        name = _device_properties(_Cuda(_import_cudart())).name
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
         return str(name).strip()
@@ -393,8 +396,7 @@ class TensorRTBackend(Backend):
         """The current device's compute capability and SM count, and the loaded CUDA
         runtime's version (an int, 12080 for 12.8)."""
         cuda = _Cuda(_import_cudart())
-        index = cuda.call("cudaGetDevice", cuda.rt.cudaGetDevice())
-        props = cuda.call("cudaGetDeviceProperties", cuda.rt.cudaGetDeviceProperties(index))
+        props = _device_properties(cuda)
         runtime = cuda.call("cudaRuntimeGetVersion", cuda.rt.cudaRuntimeGetVersion())
         return {
             "compute_capability": f"{props.major}.{props.minor}",
