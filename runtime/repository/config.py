@@ -441,7 +441,9 @@ class ModelConfig:
         256, lo=1, hi=10**6,
         doc="requests queued before refusing more. Each arrival and decision costs the event "
         "loop time that grows with the queue (0.03 ms per arrival at 1,000 queued, 0.8 ms at "
-        "50,000, 1.3 ms at 100,000; review helper-287): keep it within ~10,000",
+        "50,000, 1.3 ms at 100,000; review helper-287): keep it within ~10,000. A queue "
+        "that keeps filling makes the planner choose tiers that keep up with the arrivals "
+        "(docs/design.md, a bounded queue)",
     )  # fmt: skip
     priority_levels: int = spec(
         0, lo=0, hi=10**6 - 1,

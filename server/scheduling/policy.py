@@ -161,7 +161,10 @@ class Snapshot:
     recent budgets sorted or None, its fastest tier's one row s) - their arrivals a long
     lone request turns away are priced too (``_blocks_little``). ``tight_row``: the one
     row on the fastest tier of the member whose budget ``tight_budget`` is (s; None: this
-    model's own) - what ``_hol_limit`` leaves room for.
+    model's own) - what ``_hol_limit`` leaves room for. ``queue_bound``: an arrival found
+    the model's queue full (``max_queue``) lately (``QUEUE_FULL_MEMORY_S``): a bounded
+    queue turns the overload away before the deadline checks see a backlog, so step 1
+    keeps its tighter bound.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -184,13 +187,16 @@ class Snapshot:
     grow_batches: bool = False
     neighbours: tuple[tuple[float, np.ndarray | None, float], ...] = ()
     tight_row: float | None = None
+    queue_bound: bool = False
 
 
 class Context:
     """The static part of what a policy sees, built once per scheduler: tiers (most accurate
     first), ``rank`` (tier name -> index in that order, 0 = most accurate), the latency
-    model, the batch limit in rows and ``slo_target`` - the probability with which plans
-    meet deadlines (the latency model's; ``Scheduler(slo_target=...)`` sets it). Read-only:
+    model, the batch limit in rows, ``full_batch`` - the most rows a batch can gather
+    under load: ``max_batch``, or the queue's bound (``max_queue`` requests) where that is
+    smaller - and ``slo_target`` - the probability with which plans meet deadlines (the
+    latency model's; ``Scheduler(slo_target=...)`` sets it). Read-only:
     per-decision facts go in ``Snapshot``. (The latency model it holds still learns online;
     that is the scheduler's doing.)
 
@@ -208,8 +214,10 @@ class Context:
         "_names",
         "_plan_sizes",
         "_tail",
+        "full_batch",
         "latency",
         "max_batch",
+        "max_queue",
         "rank",
         "tiers",
     )
@@ -220,6 +228,7 @@ class Context:
         latency: LatencyModel,
         max_batch: int,
         trim_dominated: bool = True,
+        max_queue: int | None = None,
     ) -> None:
         ordered = tuple(sorted(tiers, key=lambda t: t.accuracy, reverse=True))
         init = object.__setattr__  # __setattr__ below refuses every later write
@@ -227,6 +236,11 @@ class Context:
         init(self, "rank", MappingProxyType({t.name: i for i, t in enumerate(ordered)}))
         init(self, "latency", latency)
         init(self, "max_batch", max_batch)
+        init(self, "max_queue", max_queue)  # requests, over the model's lanes (None: no bound)
+        # A batch takes what is queued when a slot frees, and a queue bounded below
+        # max_batch holds no more (one row per request counted: rows are what the
+        # throughput is in, and a multi-row request only makes the bound looser).
+        init(self, "full_batch", min(max_batch, max(max_queue, 1)) if max_queue else max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
         # tier -> (the means and per-batch host CPU it was computed from, batch sizes)
         init(self, "_batch", {})
@@ -641,10 +655,14 @@ class Planner(Policy):
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
         """Whether ``tier`` at full batches on every slot, times the headroom (the tighter
         one where handling shares the engines' CPUs: ``snap.shared_cpu``), serves rows as
-        fast as they arrive (``snap.arrival_rate``)."""
-        b = ctx.max_batch
+        fast as they arrive (``snap.arrival_rate``). Full: ``ctx.full_batch`` - with a
+        ``max_queue`` below ``max_batch`` no batch grows past the queue, and judged at
+        ``max_batch`` the full tier "kept up" at 2x its capacity while the queue turned
+        away 44 % of the requests as full (ResNet w50, max_queue 4; simulated)."""
+        b = ctx.full_batch
         capacity = self.slots * b / ctx.latency.mean(tier, b)  # rows/s
-        headroom = min(self.headroom, SHARED_CPU_HEADROOM) if snap.shared_cpu else self.headroom
+        tight = snap.shared_cpu or snap.queue_bound
+        headroom = min(self.headroom, SHARED_CPU_HEADROOM) if tight else self.headroom
         return snap.arrival_rate <= headroom * capacity
 
     def one_tier_above(
@@ -666,7 +684,10 @@ class Planner(Policy):
         first = allowed.index(sustainable[0])
         b = ctx.max_batch
         rows = sum(r.rows for r in queue) if len(queue) <= b else b + 1
-        if not first or rows > b or not self.keeps_up(allowed[-1], ctx, snap):
+        # (A queue bounded at a batch or less always fits one: then the mix above the load
+        # is what fills it and turns arrivals away.)
+        small = snap.queue_bound and ctx.max_queue is not None and ctx.max_queue <= b
+        if not first or rows > b or small or not self.keeps_up(allowed[-1], ctx, snap):
             return sustainable
         up = allowed[first - 1]
         after = ctx.latency.estimate(up, rows) + ctx.latency.estimate(allowed[-1], b)

@@ -69,6 +69,14 @@ TIGHT_BUDGET_EVERY = 16
 # Weight of each arrival in the idle share (Snapshot.idle_share): about the last 20 requests,
 # so a burst after a quiet spell turns the light-load reading off within a few arrivals.
 IDLE_ALPHA = 0.05
+# For this long after a second arrival within QUEUE_FULL_PAIR_S found the queue full
+# (max_queue), the planner's tiers must keep up with the arrivals (Snapshot.queue_bound): a
+# bounded queue turns the overload away before any deadline check sees it. Long against
+# the load's changes: it only tightens step 1's bound, which the arrival rate then sets.
+# Not after a lone full queue: one Poisson burst in 10 s at 1x (max_queue 16) held the
+# bound for the whole run and cost 0.075 of mean served size at no gain (simulated).
+QUEUE_FULL_MEMORY_S = 30.0
+QUEUE_FULL_PAIR_S = 1.0
 # _forget_if_idle: a tier's correction starts decaying towards its profile once no batch of
 # it has completed for FORGET_AFTER_S and requests are still refused on its estimate, with
 # time constant FORGET_TAU_S: a 4x factor learned under contention is down to ~1.1x after
@@ -156,7 +164,7 @@ class Scheduler:
         # deadline (the planner still chooses tiers and batches at ``slo_target``).
         self.admit_quantile = admit_quantile
         trim = not isinstance(policy, FixedTier)  # a fixed tier runs even where dominated
-        self.ctx = Context(tiers, self.latency, max_batch, trim_dominated=trim)
+        self.ctx = Context(tiers, self.latency, max_batch, trim_dominated=trim, max_queue=max_queue)
         warm()  # the plan's compiled loops, before the first request
         self.policy = policy
         self.max_queue = max_queue
@@ -194,6 +202,8 @@ class Scheduler:
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
         self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
+        self._full_at = -math.inf  # when an arrival last found the queue full
+        self._bound_at = -math.inf  # ... the second within QUEUE_FULL_PAIR_S (queue_bound)
         # CPU seconds per row the serving process spends outside the engine on the engine's
         # CPUs; its owner sets it from what it measures. 0: the host runs elsewhere, or is
         # not measured (the engine-time simulator). Above 0 the planner plans as on a
@@ -316,6 +326,11 @@ class Scheduler:
         # Full (over the model's lanes together): a request of higher priority than the
         # least urgent one queued takes its place, once admitted; else it is refused.
         full = self.instances.queued() >= self.max_queue
+        if full:
+            for lane in self.instances.members:  # the model's bound, over its lanes
+                if now - lane._full_at <= QUEUE_FULL_PAIR_S:
+                    lane._bound_at = now
+                lane._full_at = now
         victim = self._least_urgent() if full else None
         if full and (victim is None or victim[1].priority >= r.priority):
             raise Refused(
@@ -792,6 +807,7 @@ class Scheduler:
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
             self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
+            now - self._bound_at <= QUEUE_FULL_MEMORY_S,
         )  # fmt: skip
 
     def _grows(self, rate: float) -> bool:
