@@ -48,11 +48,14 @@ _WATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class IdleWatch:
     """``waits``: how many times the loop has blocked for I/O; it only grows. Compare two
-    readings to learn whether the loop went idle in between."""
+    readings to learn whether the loop went idle in between. ``turns``: how many times it
+    has polled for I/O, once per turn of the loop (two code paths that read the same value
+    ran in one turn); counted only where ``counting``."""
 
     def __init__(self, counting: bool) -> None:
         self.counting = counting  # False: the loop could not be watched; every read differs
         self._waits = 0
+        self.turns = 0
         self._ticks = itertools.count(1)
         self._deferred: collections.deque = collections.deque()
 
@@ -94,6 +97,7 @@ class _WatchedSelector:
         self._watch = watch
 
     def select(self, timeout: float | None = None):
+        self._watch.turns += 1
         if timeout is not None and timeout <= 0:  # the loop has callbacks ready: not idle
             return self._inner.select(timeout)
         ready = self._inner.select(0)  # one poll; at load it finds the next request here

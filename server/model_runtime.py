@@ -540,6 +540,10 @@ class ModelRuntime:
         # and the loop idle since the last launch.
         self._alone_bits = 0
         self._not_inline: set[str] = set()  # tiers an inline run overran (INLINE_OVERRUN)
+        # Inline runs' results, each ``_finish``'s arguments, answered at the end of the
+        # pump that ran them (``_finish_inline``), and the loop turn the last one ran in.
+        self._inline_done: list[tuple] = []
+        self._inline_turn = -1
         self._running = 0  # batches handed to an engine thread and not yet finished
         # Each running batch's start and planned seconds (id(decision) -> (clock, s)): one
         # far past its plan is an engine that hung (readiness, ``stuck``).
@@ -1461,6 +1465,22 @@ class ModelRuntime:
                     self._launch(lane, decision)
         finally:  # (a decision that raised leaves the rest queued: they still expire)
             self._arm_expiry(now)
+            self._finish_inline()
+
+    def _finish_inline(self) -> None:
+        """Answer the batches this pump ran inline, now: their requests' handlers find
+        their answers done and go on in the same loop turn. Through ``call_soon`` each
+        answer waited two more turns (the callback's, then its task's wake-up): ~10 % of
+        the MLP's request path at one client, outside the engine (bench/hot_path.py).
+        After the pump's decisions, not inside them: ``_finish`` may pump again. A finish
+        that raises is logged, as the loop logged a callback's error, and the rest still
+        finish: raised into the pump's caller, it would fail a request already answered."""
+        while self._inline_done:
+            args = self._inline_done.pop(0)
+            try:
+                self._finish(*args)
+            except Exception:
+                log.exception("model %s: answering a batch run inline failed", self.name)
 
     def _arm_expiry(self, now: float) -> None:
         """Pump again when the earliest queued deadline has passed (``EXPIRY_STEP_S`` from
@@ -1522,12 +1542,16 @@ class ModelRuntime:
             self._idle_mark = self._idle.waits
             if inline:
                 self._meter_loop(c0)
-                # On the loop thread, at once; answered on the next loop turn (not from
-                # inside this pump: _finish pumps again).
+                # On the loop thread, at once; answered as this pump ends (not from
+                # inside its decisions: _finish pumps again).
                 gc0 = gc_cpu_s()
                 outputs, error, times = self._execute(d, feeds, t_in)
                 self._check_inline(d, times[2] - (gc_cpu_s() - gc0))
-                self._loop.call_soon(self._finish, lane, d, outputs, error, times)
+                if self._idle.counting:
+                    self._inline_turn = self._idle.turns
+                    self._inline_done.append((lane, d, outputs, error, times))
+                else:  # (no turns to tell a burst by: answered a turn later, in flight till then)
+                    self._loop.call_soon(self._finish, lane, d, outputs, error, times)
                 return
             self.pool.submit(self._run, lane, d, feeds, t_in)
             self._meter_loop(c0)
@@ -1554,6 +1578,10 @@ class ModelRuntime:
         loop went idle before an arrival (server/loop_idle.py) is what tells the two
         apart; a majority of recent arrivals, not one, lets inline runs resume."""
         if self.inline_max_s <= 0 or self.inflight != len(d.requests) or self.device is None:
+            return False
+        if self._inline_turn == self._idle.turns:  # one ran inline in this loop turn: this
+            # request came with it (a burst, handlers started together), and is answered
+            # after it either way - on an engine thread it may batch with the burst's rest
             return False
         if self._alone_bits.bit_count() < INLINE_MIN_ALONE:
             return False

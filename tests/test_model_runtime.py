@@ -32,6 +32,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.loop_idle import idle_watch
 from server.metrics import Metrics
 from server.model_runtime import INLINE_MIN_ALONE, INLINE_WINDOW, ModelRuntime
 from server.scheduling.device import Device
@@ -1261,11 +1262,11 @@ def test_a_tier_whose_inline_run_worked_past_its_plan_runs_on_the_engine_threads
 def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_path):
     # A quiet spell: its last request runs on the loop thread. Then bursts of four requests
     # at once. The first burst's first request still finds the recent arrivals quiet and
-    # runs inline; once the bursts fill the last INLINE_WINDOW arrivals, every batch starts
-    # while others are queued, or (the last of a burst) while the request before it has its
-    # answer but has not yet returned it, and goes to an engine thread - and so does the
-    # next lone request: only INLINE_MIN_ALONE quiet arrivals among the last INLINE_WINDOW
-    # bring inline runs back. Each request is answered once with its own rows.
+    # runs inline; the burst's others start in the same loop turn (their handlers together)
+    # and go to an engine thread, as does every batch once the bursts fill the last
+    # INLINE_WINDOW arrivals - and so does the next lone request: only INLINE_MIN_ALONE
+    # quiet arrivals among the last INLINE_WINDOW bring inline runs back. Each request is
+    # answered once with its own rows.
     served = _served(tmp_path, max_batch=1)
     threads = _Threads(served)
     flush = -(-INLINE_WINDOW // 4)  # bursts that push the quiet arrivals out of the window
@@ -1295,6 +1296,30 @@ def test_batches_run_on_engine_threads_while_other_requests_are_in_flight(tmp_pa
     assert names[quiet] == loop_thread  # the first burst's first: the window was quiet
     assert all(name.startswith("engine-m") for name in names[quiet + 1 : quiet + 4])
     assert all(name.startswith("engine-m") for name in names[quiet + 4 * flush :])
+
+
+def test_an_inline_run_is_answered_in_the_loop_turn_that_ran_it(tmp_path):
+    # Through call_soon the answer waited two more turns of the loop (the callback's, then
+    # the handler's wake-up) - ~10 % of the MLP's request path outside its engine.
+    served = _served(tmp_path)
+    threads = _Threads(served)
+
+    async def body():
+        async with _running(served, Metrics(), device=Device(1), inline_max_s=0.005) as rt:
+            watch = idle_watch(asyncio.get_running_loop())
+            turns = []
+            for i in range(INLINE_WINDOW + 2):
+                await asyncio.sleep(0.002)  # the loop waits for I/O between requests
+                before = watch.turns
+                result = await rt.infer(_x(1, float(i)), 1, 1.0, pin="w050")
+                turns.append(watch.turns - before)
+                _check_answer(served, _x(1, float(i)), result)
+            return turns, threading.current_thread().name
+
+    turns, loop_thread = _run(body())
+    inline = [n for n, name in zip(turns, threads.names, strict=True) if name == loop_thread]
+    assert len(inline) >= 2, threads.names  # the last arrivals ran inline ...
+    assert inline == [0] * len(inline), turns  # ... and were answered without a turn
 
 
 def test_a_saturated_loop_keeps_batches_off_the_loop_thread(tmp_path):
