@@ -76,7 +76,7 @@ from server.scheduling import plan
 from server.scheduling.device import Device
 from server.shared_memory import Lease, SharedMemory
 from server.stream import StreamPool, StreamWindow
-from server.trace import RequestTraces
+from server.trace import RequestTraces, Transport
 from server.traffic import TrafficLog
 
 from . import codec
@@ -1379,6 +1379,7 @@ class DataPlane:
         raw: Sequence[memoryview] | None = None,
         deadline_is_budget: bool = True,
         window: StreamWindow | None = None,
+        transport: Transport | None = None,
     ) -> pb.ModelInferResponse:
         """Answer one request. ``time_remaining``: seconds to the call's gRPC deadline, if
         any - the request's budget where it sends none (``deadline_is_budget``: a unary
@@ -1387,7 +1388,10 @@ class DataPlane:
         against its budget); ``size``: its bytes on the wire, if known; ``raw``: its
         raw_input_contents when the transport took them out of the message uncopied
         (server/wire.py), else None; ``window``: the stream's, which the bytes the request
-        holds of the in-flight cap count against too (None: a unary call)."""
+        holds of the in-flight cap count against too (None: a unary call); ``transport``:
+        its frontend's trace stamps - a traced request's trace is then left in it for the
+        frontend to finish once the answer is sent (``RequestTraces.sent``), not finished
+        here."""
         m = self.model(request.model_name, request.model_version)
         start = m.clock()
         token = SERVED_BY.set(m)
@@ -1397,6 +1401,8 @@ class DataPlane:
         trace = self.traces.start(m.name, rid)
         traced = TRACED.set(trace)
         if trace is not None:
+            if transport is not None:
+                transport.received(trace)
             trace.stamp("REQUEST_START")
         try:
             return await self._admit(m, request, time_remaining, waited_s, size, raw,
@@ -1411,7 +1417,10 @@ class DataPlane:
             TRACED.reset(traced)
             if trace is not None:  # answered, failed or cancelled: its end all the same
                 trace.stamp("REQUEST_END")
-                self.traces.finish(trace)
+                if transport is not None:  # the frontend finishes it once it has sent
+                    transport.trace = trace
+                else:
+                    self.traces.finish(trace)
 
     async def _admit(
         self,

@@ -70,6 +70,7 @@ from server.parameters import VERSION
 from server.ports import WILDCARD_HOSTS, dual_stack_socket, port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.service import InferenceService
+from server.trace import HTTP_STAMPS, Transport, as_ns
 
 log = logging.getLogger("innfer.rest")
 
@@ -741,6 +742,7 @@ class RestFrontEnd:
         # parsed (a 24 KB gzip to an unknown model held the loop 9 s for its 404; review
         # helper-260)
         m = self.plane.model(request.match_info["name"], request.match_info.get("version", ""))
+        reading = time.monotonic_ns()  # HTTP_RECV_START, where the request is traced
         body = await read_body(request)
         # From the whole body's arrival, as gRPC counts from its message's: the client's
         # upload is not the server's time (with plan_overhead, a slow upload spent the
@@ -761,7 +763,24 @@ class RestFrontEnd:
         # In flight: the body and what its JSON values were decoded into (both held until
         # the answer is sent; FP64 zeros "0," take 2 bytes of JSON and 8 decoded).
         size = len(body) + parsed.decoded_bytes
-        resp = await self.plane.infer(parsed.request, None, waited, size, parsed.raw)
+        transport = Transport(HTTP_STAMPS, reading, as_ns(received))
+        sending = None  # HTTP_SEND_START: none where no answer is made (an error's is not timed)
+        try:
+            resp = await self.plane.infer(
+                parsed.request, None, waited, size, parsed.raw, transport=transport
+            )
+            sending = time.monotonic_ns()
+            response = await self._answer(request, resp, parsed)
+        finally:
+            self.plane.traces.sent(transport, sending)
+        self.plane.answered(resp, time.monotonic() - received - waited, waited)
+        return response
+
+    async def _answer(
+        self, request: web.Request, resp: pb.ModelInferResponse, parsed: codec.ParsedInfer
+    ) -> web.Response:
+        """Write ``resp`` as the answer to ``request`` (JSON, or binary tensors where the
+        client asked for them), compressed where it accepts that."""
         data, json_length = codec.answer_body(resp, parsed)
         headers = {} if json_length is None else {codec.HEADER_LENGTH: str(json_length)}
         kind = "application/json" if json_length is None else "application/octet-stream"
@@ -781,7 +800,6 @@ class RestFrontEnd:
             log.debug("REST infer: the client closed its connection before its answer")
         finally:
             self.plane.release(held)
-        self.plane.answered(resp, time.monotonic() - received - waited, waited)
         return response
 
     def _hold_body(self, request: web.Request, size: int, received: float) -> int:

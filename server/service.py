@@ -54,6 +54,7 @@ from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import grpc_service_pb2_grpc as rpc
 from server.proto_gen import model_config_pb2 as mc
 from server.stream import StreamWindow, serve_stream
+from server.trace import GRPC_STAMPS, Transport, as_ns
 
 log = logging.getLogger("innfer.service")
 
@@ -774,9 +775,22 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
     @rpc_method
     async def ModelInfer(self, request, context):
         received, size = RECEIVED.get((None, None))
-        waited = time.monotonic() - received if received is not None else 0.0
+        now = time.monotonic()
+        waited = now - received if received is not None else 0.0
         raw = RAW_INPUTS.get()
-        resp = await self.plane.infer(request, deadline_left(context), waited, size, raw)
+        # (read from: the message's parse, where the transport timed it, else the handler)
+        transport = Transport(GRPC_STAMPS, as_ns(now - waited), as_ns(now))
+        try:
+            resp = await self.plane.infer(
+                request, deadline_left(context), waited, size, raw, transport=transport
+            )
+        except asyncio.CancelledError:  # nothing to send: the trace ends here
+            self.plane.traces.sent(transport, None)
+            raise
+        finally:
+            if transport.trace is not None:  # a traced request: stamped once the call ends
+                made = time.monotonic_ns()  # (an error's status is sent as an answer is)
+                context.add_done_callback(lambda _: self.plane.traces.sent(transport, made))
         if received is not None:  # once gRPC has sent it: the overhead the client also paid
             # From this handler's start: the budget already counts the parse before it, and
             # the queue time counts from the scheduler's stamp (decoding is overhead).

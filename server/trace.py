@@ -22,8 +22,13 @@ A trace is one JSON object per request: ``id``, ``model_name``, ``model_version`
 ``{"name", "ns"}`` on the monotonic clock - REQUEST_START (the request reached the data
 plane), QUEUE_START (handed to the scheduler), COMPUTE_START and COMPUTE_END (its batch on
 the engine: from the scheduler's own queue and compute times), REQUEST_END (answered, or
-failed). A file holds a JSON array of them. (No transport stamps - GRPC_WAITREAD_*,
-HTTP_RECV_* - which Triton's trace_summary.py filters its frontends by.)
+failed); around them the frontend's, as Triton's (its trace_summary.py picks a frontend's
+traces by them, and printed nothing for innfer's before): a unary gRPC call's
+GRPC_WAITREAD_START (the transport began reading the message) and GRPC_WAITREAD_END (its
+handler had it), GRPC_SEND_START (the answer made) and GRPC_SEND_END (the call ended); a
+REST call's HTTP_RECV_START, HTTP_RECV_END (its body read), HTTP_SEND_START and
+HTTP_SEND_END (written) - no send stamps where the call failed before an answer, nor any
+on a stream's requests. A file holds a JSON array of them.
 A model's own settings start as a copy of the global ones when a client first sets one
 (Triton's rule): its ``trace_count`` counts down on its own from there.
 
@@ -104,6 +109,39 @@ class Trace:
         if self.tier is not None:
             out["tier"] = self.tier
         return {**out, "timestamps": self.timestamps}
+
+
+# A frontend's stamps: (reading from, read to, sending from, sent to), Triton's names.
+GRPC_STAMPS = ("GRPC_WAITREAD_START", "GRPC_WAITREAD_END", "GRPC_SEND_START", "GRPC_SEND_END")
+HTTP_STAMPS = ("HTTP_RECV_START", "HTTP_RECV_END", "HTTP_SEND_START", "HTTP_SEND_END")
+
+
+def as_ns(monotonic_s: float) -> int:
+    """``time.monotonic()`` seconds as a stamp's nanoseconds (``time.monotonic_ns``'s clock)."""
+    return int(monotonic_s * 1e9)
+
+
+@dataclass(slots=True)
+class Transport:
+    """A frontend's part of one request's trace: when it read the request (monotonic ns),
+    stamped by the data plane if the request is traced, which then leaves the trace here
+    (``trace``) for ``RequestTraces.sent`` once the answer has gone.
+
+    Example:
+        >>> t = Transport(GRPC_STAMPS, read_from_ns=1_000, read_to_ns=2_000)
+        >>> # resp = await plane.infer(..., transport=t); answer sent, then:
+        >>> traces.sent(t, send_start_ns)  # doctest: +SKIP
+    """
+
+    names: tuple[str, str, str, str]
+    read_from_ns: int
+    read_to_ns: int
+    trace: Trace | None = None
+
+    def received(self, trace: Trace) -> None:
+        """Stamp the reading on ``trace`` (first: it came before the handler)."""
+        trace.stamp(self.names[0], self.read_from_ns)
+        trace.stamp(self.names[1], self.read_to_ns)
 
 
 class RequestTraces:
@@ -215,6 +253,18 @@ class RequestTraces:
             )
             owner["trace_count"] -= 1
         return Trace(next(self._ids), model, request_id)
+
+    def sent(self, transport: Transport, send_start_ns: int | None) -> None:
+        """The answer of ``transport``'s request left (or its call ended without one:
+        ``send_start_ns`` None): its trace, if any, gets the send stamps - from
+        ``send_start_ns`` to now - and is finished. Once: a second call does nothing."""
+        trace, transport.trace = transport.trace, None
+        if trace is None:
+            return
+        if send_start_ns is not None:
+            trace.stamp(transport.names[2], send_start_ns)
+            trace.stamp(transport.names[3])
+        self.finish(trace)
 
     def finish(self, trace: Trace) -> None:
         """``trace`` is complete: kept, and written when ``log_frequency`` says. After

@@ -17,6 +17,10 @@ from tritonclient.utils import InferenceServerException
 pytestmark = pytest.mark.e2e
 
 ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_END", "REQUEST_END"]
+# Triton's frontend stamps around them: its trace_summary.py keeps a frontend's traces by
+# the first (and printed nothing for innfer's before they were there).
+GRPC = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *ORDER, "GRPC_SEND_START", "GRPC_SEND_END"]
+HTTP = ["HTTP_RECV_START", "HTTP_RECV_END", *ORDER, "HTTP_SEND_START", "HTTP_SEND_END"]
 
 
 def _serve(repo, tmp_path, **trace) -> ServerThread:
@@ -57,7 +61,7 @@ def test_sampled_requests_are_written_in_tritons_trace_format(model_repository, 
     assert [r["tier"] for r in records] == tiers
     for r in records:
         assert r["model_name"] == "tiny" and r["model_version"] == 1  # Triton's $number
-        assert [t["name"] for t in r["timestamps"]] == ORDER
+        assert [t["name"] for t in r["timestamps"]] == GRPC
         ns = [t["ns"] for t in r["timestamps"]]
         assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, ns
     assert len({r["id"] for r in records}) == 4
@@ -235,3 +239,63 @@ def test_a_refused_over_long_id_is_not_kept_in_its_trace(model_repository, tmp_p
     finally:
         s.stop()
     assert record["request_id"] == ""
+
+
+def _sorted_stamps(record: dict) -> tuple[list[str], list[int]]:
+    names = [t["name"] for t in record["timestamps"]]
+    ns = [t["ns"] for t in record["timestamps"]]
+    assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, list(zip(names, ns, strict=True))
+    return names, ns
+
+
+def test_a_rest_request_is_traced_with_the_http_frontends_stamps(model_repository, tmp_path):
+    s = _serve(model_repository, tmp_path, log_frequency=1)
+    try:
+        http = th.InferenceServerClient(f"127.0.0.1:{s.server.rest.port}")
+        x = th.InferInput("input", [1, 1, 8, 8], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        http.infer("tiny", [x], request_id="h1", parameters={"latency_budget_ms": 5000})
+        http.close()
+        [record] = _read(tmp_path / "trace.json.0")
+    finally:
+        s.stop()
+    names, _ = _sorted_stamps(record)
+    assert record["request_id"] == "h1" and names == HTTP
+
+
+def test_a_failed_grpc_request_has_its_read_and_its_status_sent(model_repository, tmp_path):
+    # A request the data plane refuses (its id too long: after the trace began) still
+    # reaches the client - as a status - and its trace says when.
+    s = _serve(model_repository, tmp_path, log_frequency=1)
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
+            x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+            with pytest.raises(InferenceServerException, match="request id"):
+                client.infer("tiny", [x], request_id="y" * 5000)
+            [record] = _read(tmp_path / "trace.json.0")
+    finally:
+        s.stop()
+    names, _ = _sorted_stamps(record)
+    assert names == [*GRPC[:3], "REQUEST_END", *GRPC[-2:]], names
+
+
+def test_sent_finishes_a_trace_once_and_only_with_send_stamps_when_sent(tmp_path):
+    from server.trace import GRPC_STAMPS, RequestTraces, TraceConfig, Transport
+
+    traces = RequestTraces(TraceConfig(file=tmp_path / "t.json", level="TIMESTAMPS", rate=1))
+    t = Transport(GRPC_STAMPS, read_from_ns=1, read_to_ns=2)
+    traces.sent(t, 5)  # no trace (not sampled): nothing
+    t.trace = traces.start("m", "a")
+    t.received(t.trace)
+    traces.sent(t, None)  # the call ended without an answer (cancelled)
+    traces.sent(t, 7)  # a second end: nothing more
+    u = Transport(GRPC_STAMPS, read_from_ns=1, read_to_ns=2)
+    u.trace = traces.start("m", "b")
+    traces.sent(u, 9)
+    traces.close()
+    traces.wait()
+    a, b = json.loads((tmp_path / "t.json").read_text())
+    assert [x["name"] for x in a["timestamps"]] == list(GRPC_STAMPS[:2])
+    assert [x["name"] for x in b["timestamps"]] == list(GRPC_STAMPS[2:])
+    assert b["timestamps"][0]["ns"] == 9
