@@ -1221,6 +1221,8 @@ class ModelRuntime:
                 # leaves its queue - it stayed there, counted nowhere, to run later for
                 # nobody (review 161); a batch holding it drops its answer (``_resolve``)
                 log.exception("model %s: a scheduling decision failed", self.name)
+                if future.done():  # answered by this pump's inline run, before the failed
+                    return future.result()  # decision: served (and counted) once (helper-315)
                 self.lanes[lane].cancel(req, self.clock())
                 self.metrics.requests.labels(self.name, "", "failed").inc()
                 raise
@@ -1464,8 +1466,10 @@ class ModelRuntime:
                     self._meter_loop(c0)  # a decision is a batch's cost, not its rows'
                     self._launch(lane, decision)
         finally:  # (a decision that raised leaves the rest queued: they still expire)
-            self._arm_expiry(now)
-            self._finish_inline()
+            try:
+                self._arm_expiry(now)
+            finally:  # (what ran inline is answered whatever else raised)
+                self._finish_inline()
 
     def _finish_inline(self) -> None:
         """Answer the batches this pump ran inline, now: their requests' handlers find

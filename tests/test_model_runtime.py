@@ -1322,6 +1322,44 @@ def test_an_inline_run_is_answered_in_the_loop_turn_that_ran_it(tmp_path):
     assert inline == [0] * len(inline), turns  # ... and were answered without a turn
 
 
+def test_a_decision_raising_after_an_inline_run_leaves_its_request_served_once(tmp_path):
+    # The pump that ran a request inline answers it as it ends, even where a later decision
+    # in that pump raised: the request was then also counted failed and its client got the
+    # error (served 11, failed 1, Triton success 11 for 11 requests; helper-315).
+    served = _served(tmp_path)
+    threads = _Threads(served)
+    metrics = Metrics()
+
+    async def body():
+        async with _running(served, metrics, device=Device(1), inline_max_s=0.005) as rt:
+            for i in range(INLINE_WINDOW + 2):  # quiet arrivals: inline runs are on
+                await asyncio.sleep(0.002)
+                await rt.infer(_x(1, float(i)), 1, 1.0, pin="w050")
+            (lane,) = rt.lanes.values()
+            real, calls = lane.next, []
+
+            def next_(now):  # the decision after the inline one raises (a policy bug)
+                calls.append(now)
+                if len(calls) == 2:
+                    raise RuntimeError("policy bug")
+                return real(now)
+
+            lane.next = next_
+            await asyncio.sleep(0.002)
+            result = await rt.infer(_x(1, 99.0), 1, 1.0, pin="w050")
+            lane.next = real
+            rt.flush()
+            return result, threading.current_thread().name, rt.stats.success.count
+
+    result, loop_thread, success = _run(body())
+    _check_answer(served, _x(1, 99.0), result)
+    assert threads.names[-1] == loop_thread  # it ran inline
+    n = INLINE_WINDOW + 3
+    assert _count(metrics, "innfer_requests_total", model="m", tier="w050", outcome="served") == n
+    assert _count(metrics, "innfer_requests_total", model="m", tier="", outcome="failed") == 0
+    assert success == n
+
+
 def test_a_saturated_loop_keeps_batches_off_the_loop_thread(tmp_path):
     """Requests that arrive one at a time but while the loop is busy (they waited, as behind
     gRPC's queue at load): each finds the model empty, yet none runs inline - an inline run

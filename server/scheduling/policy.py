@@ -83,6 +83,13 @@ SUSTAINABLE_HEADROOM = 2.0
 # 98.8 / 98.0 %) at no larger served size; the shared-core simulation agreed (2x: 99.78
 # vs 99.86 %), and with no bound at all lost a point at 3x.
 SHARED_CPU_HEADROOM = 0.9
+# Step 1's bound while a bounded queue keeps filling (Snapshot.queue_bound), on the whole
+# device's need: a queue of a few batches overflows in the bursts of a load near its
+# tiers' capacity. Two lanes of the ResNet profile (one at half its times) sharing
+# max_queue 16 at 3x, simulated: 93.1 % within budget at 0.9, 99.2 % at 0.8, 99.5 % at 0.7;
+# max_queue 8, one lane, 1x: 99.63 / 99.84 / 99.84 % at mean served size 0.66 / 0.47 / 0.40
+# (tests/test_queue_bound.py's harness and profile).
+QUEUE_BOUND_HEADROOM = 0.8
 # A one-row batch may run past the head-of-line bound only while the arrivals it is expected
 # to turn away (those whose budgets its extra time makes unmeetable) stay under this share
 # of the misses the SLO allows: the planner's quantile plans spend the rest.
@@ -164,7 +171,12 @@ class Snapshot:
     model's own) - what ``_hol_limit`` leaves room for. ``queue_bound``: an arrival found
     the model's queue full (``max_queue``) lately (``QUEUE_FULL_MEMORY_S``): a bounded
     queue turns the overload away before the deadline checks see a backlog, so step 1
-    keeps its tighter bound.
+    keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the device's load, not this
+    lane's alone: then ``queue_rows`` is the rows this lane's share of the queue holds
+    (its share of the model's arrivals, times ``max_queue`` and the rows per request) -
+    no batch gathers more - and ``device_need`` per tier rank the slot-seconds per second
+    the device's other lanes need to keep up (the model's other lanes on that tier, other
+    models on their fastest).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -188,15 +200,15 @@ class Snapshot:
     neighbours: tuple[tuple[float, np.ndarray | None, float], ...] = ()
     tight_row: float | None = None
     queue_bound: bool = False
+    queue_rows: float = math.inf
+    device_need: tuple[float, ...] = ()
 
 
 class Context:
     """The static part of what a policy sees, built once per scheduler: tiers (most accurate
     first), ``rank`` (tier name -> index in that order, 0 = most accurate), the latency
-    model, the batch limit in rows, ``full_batch`` - the most rows a batch can gather
-    under load: ``max_batch``, or the queue's bound (``max_queue`` requests) where that is
-    smaller - and ``slo_target`` - the probability with which plans meet deadlines (the
-    latency model's; ``Scheduler(slo_target=...)`` sets it). Read-only:
+    model, the batch limit in rows and ``slo_target`` - the probability with which plans
+    meet deadlines (the latency model's; ``Scheduler(slo_target=...)`` sets it). Read-only:
     per-decision facts go in ``Snapshot``. (The latency model it holds still learns online;
     that is the scheduler's doing.)
 
@@ -214,10 +226,8 @@ class Context:
         "_names",
         "_plan_sizes",
         "_tail",
-        "full_batch",
         "latency",
         "max_batch",
-        "max_queue",
         "rank",
         "tiers",
     )
@@ -228,7 +238,6 @@ class Context:
         latency: LatencyModel,
         max_batch: int,
         trim_dominated: bool = True,
-        max_queue: int | None = None,
     ) -> None:
         ordered = tuple(sorted(tiers, key=lambda t: t.accuracy, reverse=True))
         init = object.__setattr__  # __setattr__ below refuses every later write
@@ -236,11 +245,6 @@ class Context:
         init(self, "rank", MappingProxyType({t.name: i for i, t in enumerate(ordered)}))
         init(self, "latency", latency)
         init(self, "max_batch", max_batch)
-        init(self, "max_queue", max_queue)  # requests, over the model's lanes (None: no bound)
-        # A batch takes what is queued when a slot frees, and a queue bounded below
-        # max_batch holds no more (one row per request counted: rows are what the
-        # throughput is in, and a multi-row request only makes the bound looser).
-        init(self, "full_batch", min(max_batch, max(max_queue, 1)) if max_queue else max_batch)
         init(self, "_names", tuple(t.name for t in ordered))
         # tier -> (the means and per-batch host CPU it was computed from, batch sizes)
         init(self, "_batch", {})
@@ -655,15 +659,27 @@ class Planner(Policy):
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
         """Whether ``tier`` at full batches on every slot, times the headroom (the tighter
         one where handling shares the engines' CPUs: ``snap.shared_cpu``), serves rows as
-        fast as they arrive (``snap.arrival_rate``). Full: ``ctx.full_batch`` - with a
-        ``max_queue`` below ``max_batch`` no batch grows past the queue, and judged at
-        ``max_batch`` the full tier "kept up" at 2x its capacity while the queue turned
-        away 44 % of the requests as full (ResNet w50, max_queue 4; simulated)."""
-        b = ctx.full_batch
+        fast as they arrive (``snap.arrival_rate``). Under a queue bound
+        (``snap.queue_bound``), ``_keeps_up_bounded``."""
+        if snap.queue_bound:
+            return self._keeps_up_bounded(tier, ctx, snap)
+        b = ctx.max_batch
         capacity = self.slots * b / ctx.latency.mean(tier, b)  # rows/s
-        tight = snap.shared_cpu or snap.queue_bound
-        headroom = min(self.headroom, SHARED_CPU_HEADROOM) if tight else self.headroom
+        headroom = min(self.headroom, SHARED_CPU_HEADROOM) if snap.shared_cpu else self.headroom
         return snap.arrival_rate <= headroom * capacity
+
+    def _keeps_up_bounded(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
+        """``keeps_up`` under a queue bound: this lane's rows in batches of at most what
+        its share of the queue holds, plus the device's other lanes' need (slot-seconds per
+        second), within ``QUEUE_BOUND_HEADROOM`` of the slots. Judged at ``max_batch``
+        on this lane's arrivals alone, the full tier "kept up" at 2x its capacity while
+        the queue turned away 44 % of the requests as full (ResNet w50, max_queue 4), and
+        each of a text model's four length lanes kept it while half were (simulated)."""
+        b = min(ctx.max_batch, max(1, int(snap.queue_rows)))
+        need = snap.arrival_rate * ctx.latency.mean(tier, b) / b
+        if snap.device_need:
+            need += snap.device_need[ctx.rank[tier]]
+        return need <= min(self.headroom, QUEUE_BOUND_HEADROOM) * self.slots
 
     def one_tier_above(
         self,
@@ -686,7 +702,7 @@ class Planner(Policy):
         rows = sum(r.rows for r in queue) if len(queue) <= b else b + 1
         # (A queue bounded at a batch or less always fits one: then the mix above the load
         # is what fills it and turns arrivals away.)
-        small = snap.queue_bound and ctx.max_queue is not None and ctx.max_queue <= b
+        small = snap.queue_bound and snap.queue_rows <= b
         if not first or rows > b or small or not self.keeps_up(allowed[-1], ctx, snap):
             return sustainable
         up = allowed[first - 1]

@@ -69,12 +69,13 @@ TIGHT_BUDGET_EVERY = 16
 # Weight of each arrival in the idle share (Snapshot.idle_share): about the last 20 requests,
 # so a burst after a quiet spell turns the light-load reading off within a few arrivals.
 IDLE_ALPHA = 0.05
-# For this long after a second arrival within QUEUE_FULL_PAIR_S found the queue full
-# (max_queue), the planner's tiers must keep up with the arrivals (Snapshot.queue_bound): a
-# bounded queue turns the overload away before any deadline check sees it. Long against
-# the load's changes: it only tightens step 1's bound, which the arrival rate then sets.
-# Not after a lone full queue: one Poisson burst in 10 s at 1x (max_queue 16) held the
-# bound for the whole run and cost 0.075 of mean served size at no gain (simulated).
+# For this long after the queue (max_queue) was found full a second time within
+# QUEUE_FULL_PAIR_S - two episodes: an arrival found room in between - the planner's tiers
+# must keep up with the arrivals (Snapshot.queue_bound): a bounded queue turns the overload
+# away before any deadline check sees it. Long against the load's changes: it only tightens
+# step 1's bound, which the arrival rate then sets. Not after one burst: one Poisson burst in
+# 10 s at 1x (max_queue 16) held the bound for the whole run and cost 0.075 of mean served
+# size at no gain, and so did one fan-out of 18 requests at once (simulated; helper-315).
 QUEUE_FULL_MEMORY_S = 30.0
 QUEUE_FULL_PAIR_S = 1.0
 # _forget_if_idle: a tier's correction starts decaying towards its profile once no batch of
@@ -164,7 +165,7 @@ class Scheduler:
         # deadline (the planner still chooses tiers and batches at ``slo_target``).
         self.admit_quantile = admit_quantile
         trim = not isinstance(policy, FixedTier)  # a fixed tier runs even where dominated
-        self.ctx = Context(tiers, self.latency, max_batch, trim_dominated=trim, max_queue=max_queue)
+        self.ctx = Context(tiers, self.latency, max_batch, trim_dominated=trim)
         warm()  # the plan's compiled loops, before the first request
         self.policy = policy
         self.max_queue = max_queue
@@ -202,8 +203,10 @@ class Scheduler:
         self._dispatches = 0
         self._idle_share = 0.0  # EWMA of "this request arrived to an idle device"
         self._idle_weight = 0.0  # the EWMA's total weight: 1 - (1 - IDLE_ALPHA)^arrivals
-        self._full_at = -math.inf  # when an arrival last found the queue full
-        self._bound_at = -math.inf  # ... the second within QUEUE_FULL_PAIR_S (queue_bound)
+        self._requests_seen = 0  # arrivals so far (rows per request: _rows_seen over it)
+        self._full_at = -math.inf  # when the queue's last full episode began
+        self._full_open = False  # in one: no arrival has found room since it began
+        self._bound_at = -math.inf  # ... a second within QUEUE_FULL_PAIR_S (queue_bound)
         # CPU seconds per row the serving process spends outside the engine on the engine's
         # CPUs; its owner sets it from what it measures. 0: the host runs elsewhere, or is
         # not measured (the engine-time simulator). Above 0 the planner plans as on a
@@ -305,6 +308,7 @@ class Scheduler:
         if self._first is None:
             self._first = now
         self._rows_seen += r.rows
+        self._requests_seen += 1
         self._rate = self._raw_rate(now) + r.rows / self._tau
         self._rate_at = now
         idle = not self.queue and not self.device.running
@@ -326,11 +330,8 @@ class Scheduler:
         # Full (over the model's lanes together): a request of higher priority than the
         # least urgent one queued takes its place, once admitted; else it is refused.
         full = self.instances.queued() >= self.max_queue
-        if full:
-            for lane in self.instances.members:  # the model's bound, over its lanes
-                if now - lane._full_at <= QUEUE_FULL_PAIR_S:
-                    lane._bound_at = now
-                lane._full_at = now
+        if full != self._full_open:
+            self._full_episode(full, now)
         victim = self._least_urgent() if full else None
         if full and (victim is None or victim[1].priority >= r.priority):
             raise Refused(
@@ -385,6 +386,17 @@ class Scheduler:
             # of order (review helper-232)
             victim[0]._evict(now)
         self.device.touched(self)
+
+    def _full_episode(self, full: bool, now: float) -> None:
+        """An arrival found the model's queue full after room (an episode begins: a second
+        within ``QUEUE_FULL_PAIR_S`` of the last binds the planner), or room after full (it
+        ends). Kept alike on every lane of the model: the bound is the model's."""
+        for lane in self.instances.members:
+            lane._full_open = full
+            if full:
+                if now - lane._full_at <= QUEUE_FULL_PAIR_S:
+                    lane._bound_at = now
+                lane._full_at = now
 
     def _least_urgent(self) -> tuple[Scheduler, Request] | None:
         """The model's least urgent queued request (lowest priority, latest deadline) over
@@ -804,11 +816,49 @@ class Scheduler:
         # A lone request is decided without arrays (Planner._alone); see _Columns.
         columns = self.columns() if len(self.queue) > 1 else None
         rate = self.arrival_rate(now)
+        bound = now - self._bound_at <= QUEUE_FULL_MEMORY_S
+        rows, need = self._device_need(now, rate) if bound else (math.inf, ())
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
             self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
-            now - self._bound_at <= QUEUE_FULL_MEMORY_S,
+            bound, rows, need,
         )  # fmt: skip
+
+    def _device_need(self, now: float, rate: float) -> tuple[float, tuple[float, ...]]:
+        """Under a queue bound (``Snapshot.queue_bound``): the rows this lane's share of
+        the model's queue holds (its share of the model's arrivals, of ``max_queue``
+        requests of the rows they bring on average), and per tier rank the slot-seconds per
+        second the device's other members need to keep up with theirs - the model's other
+        lanes on that tier (a text model's length lanes share its tiers' names), in batches
+        of their own shares; other models on their fastest tier at full batches (the least
+        they take). O(members x tiers), only while the bound holds."""
+        lanes = self.instances.members
+        rates = {id(m): rate if m is self else m.arrival_rate(now) for m in lanes}
+        model_rate = sum(rates.values())
+        requests = sum(m._requests_seen for m in lanes)
+        per_request = sum(m._rows_seen for m in lanes) / requests if requests else 1.0
+
+        def held(r: float) -> float:  # rows a lane with arrival rate r holds queued
+            return self.max_queue * per_request * (r / model_rate if model_rate > 0 else 1.0)
+
+        names = [t.name for t in self.ctx.tiers]
+        need = [0.0] * len(names)
+        for m in self.device.members:
+            if m is self:
+                continue
+            mine = m.instances is self.instances
+            r = rates[id(m)] if mine else m.arrival_rate(now)
+            if r <= 0:
+                continue
+            if mine:
+                b = min(m.ctx.max_batch, max(1, int(held(r))))
+                for k, name in enumerate(names):
+                    need[k] += r * m.latency.mean(name, b) / b
+            else:
+                b = m.ctx.max_batch
+                least = r * m.latency.mean(m.ctx.fastest_unpinned, b) / b
+                need = [v + least for v in need]
+        return held(rate), tuple(need)
 
     def _grows(self, rate: float) -> bool:
         """Whether batches grow by their host CPU now (``Snapshot.grow_batches``): the
