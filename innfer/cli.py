@@ -779,6 +779,23 @@ def _sim_config(args: argparse.Namespace, policy: str):
     )  # fmt: skip
 
 
+def _say_instances(args: argparse.Namespace) -> None:
+    """Say where the model's ``instances`` (batches at once on the server, within its
+    device_slots) differ from the simulated device's ``--slots``: simulate ran one slot
+    for a model of 2 or 4 and said nothing, its figures those of another server (review
+    helper-314)."""
+    from runtime.repository.config import ModelConfig
+
+    instances = ModelConfig.load(Path(args.model_dir) / "model.yaml").instances
+    if instances != args.slots:
+        print(
+            f"note: model.yaml has instances: {instances} (the server runs up to that many "
+            f"batches at once, within its device_slots); this simulates --slots {args.slots}"
+            + (f": pass --slots {instances} to simulate that" if args.host_ms is None
+               and args.clients is None else "")
+        )  # fmt: skip
+
+
 def _offered(args: argparse.Namespace) -> str:
     """The load a simulation's title names: a file trace is replayed as recorded, whatever
     ``--load`` says."""
@@ -902,6 +919,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     policies = args.policy or ["innfer", "slackfit"]
     _check_policies(policies, tiers)
     _fit_duration(args, tiers, p50)
+    _say_instances(args)
     if args.host_batch_ms and args.host_ms is None:
         raise ValueError(
             "--host-batch-ms is the shared core's CPU per batch: give --host-ms PARSE,ANSWER "

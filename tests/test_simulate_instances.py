@@ -1,0 +1,31 @@
+"""``innfer simulate`` on a model with ``instances`` > 1: the server runs that many batches
+at once and the simulated device ran one, with nothing said (review helper-314)."""
+
+from __future__ import annotations
+
+from test_auto_tiers import _auto_model
+
+from innfer.cli import main as cli
+
+
+def _with_instances(tmp_path, n: int):
+    d = _auto_model(tmp_path)
+    path = d / "model.yaml"
+    path.write_text(path.read_text() + f"instances: {n}\n")
+    return d
+
+
+def test_simulate_says_where_instances_differ_from_its_slots(tmp_path, capsys):
+    d = _with_instances(tmp_path, 2)
+    argv = ["simulate", str(d), "--duration", "0.05", "--policy", "innfer"]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "model.yaml has instances: 2" in out and "pass --slots 2" in out
+    assert cli([*argv, "--slots", "2"]) == 0  # simulating the server's two: nothing to say
+    assert "model.yaml has instances" not in capsys.readouterr().out
+
+
+def test_simulate_says_nothing_for_one_instance(tmp_path, capsys):
+    d = _with_instances(tmp_path, 1)
+    assert cli(["simulate", str(d), "--duration", "0.05", "--policy", "innfer"]) == 0
+    assert "model.yaml has instances" not in capsys.readouterr().out
