@@ -225,6 +225,13 @@ def test_traces_held_for_the_stop_are_bounded(tmp_path, monkeypatch):
     assert not (tmp_path / "t.json").exists()
 
 
+def _sorted_stamps(record: dict) -> tuple[list[str], list[int]]:
+    names = [t["name"] for t in record["timestamps"]]
+    ns = [t["ns"] for t in record["timestamps"]]
+    assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, list(zip(names, ns, strict=True))
+    return names, ns
+
+
 def test_a_refused_over_long_id_is_not_kept_in_its_trace(model_repository, tmp_path):
     """Refused over max_id_bytes, a sampled request's 1 MB id was still kept in its trace and
     written to the file: 300 of them, +290 MiB (review helper-260)."""
@@ -239,13 +246,10 @@ def test_a_refused_over_long_id_is_not_kept_in_its_trace(model_repository, tmp_p
     finally:
         s.stop()
     assert record["request_id"] == ""
-
-
-def _sorted_stamps(record: dict) -> tuple[list[str], list[int]]:
-    names = [t["name"] for t in record["timestamps"]]
-    ns = [t["ns"] for t in record["timestamps"]]
-    assert ns == sorted(ns) and ns[-1] - ns[0] < 5e9, list(zip(names, ns, strict=True))
-    return names, ns
+    # refused after its trace began, it still reaches its client - as a status - and the
+    # trace says when (the frontend's stamps around the data plane's first and last)
+    names, _ = _sorted_stamps(record)
+    assert names == [*GRPC[:3], "REQUEST_END", *GRPC[-2:]], names
 
 
 def test_a_rest_request_is_traced_with_the_http_frontends_stamps(model_repository, tmp_path):
@@ -261,23 +265,6 @@ def test_a_rest_request_is_traced_with_the_http_frontends_stamps(model_repositor
         s.stop()
     names, _ = _sorted_stamps(record)
     assert record["request_id"] == "h1" and names == HTTP
-
-
-def test_a_failed_grpc_request_has_its_read_and_its_status_sent(model_repository, tmp_path):
-    # A request the data plane refuses (its id too long: after the trace began) still
-    # reaches the client - as a status - and its trace says when.
-    s = _serve(model_repository, tmp_path, log_frequency=1)
-    try:
-        with tc.InferenceServerClient(s.address) as client:
-            x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
-            x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
-            with pytest.raises(InferenceServerException, match="request id"):
-                client.infer("tiny", [x], request_id="y" * 5000)
-            [record] = _read(tmp_path / "trace.json.0")
-    finally:
-        s.stop()
-    names, _ = _sorted_stamps(record)
-    assert names == [*GRPC[:3], "REQUEST_END", *GRPC[-2:]], names
 
 
 def test_sent_finishes_a_trace_once_and_only_with_send_stamps_when_sent(tmp_path):
