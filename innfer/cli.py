@@ -784,9 +784,14 @@ def _say_instances(args: argparse.Namespace) -> None:
     device_slots) differ from the simulated device's ``--slots``: simulate ran one slot
     for a model of 2 or 4 and said nothing, its figures those of another server (review
     helper-314)."""
+    from runtime.repository import Repository
     from runtime.repository.config import ModelConfig
 
-    instances = ModelConfig.load(Path(args.model_dir) / "model.yaml").instances
+    d = Path(args.model_dir).resolve()
+    instances = ModelConfig.load(d / "model.yaml").instances
+    backend = Repository(d.parent).served_tiers(d.name)[1].get("backend")
+    if backend == "torch":  # one module per tier: the server plans such a model with 1
+        instances = 1  # (server.model_runtime._instances; helper-316)
     if instances != args.slots:
         print(
             f"note: model.yaml has instances: {instances} (the server runs up to that many "

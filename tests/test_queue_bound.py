@@ -11,6 +11,7 @@ import pytest
 from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.policy import Context, Planner, Snapshot
 from server.scheduling.scheduler import QUEUE_FULL_MEMORY_S
+from sim.lanes import simulate_lanes
 from sim.simulator import SimConfig, simulate
 
 # The issue-18 ResNet's profile (ms per batch of 1 / 2 / 4 / 8 rows, ORT on one core).
@@ -107,9 +108,18 @@ def test_keeping_up_under_the_bound_counts_the_batch_the_queue_holds():
     small = Snapshot(arrival_rate=1300.0, queue_bound=True, queue_rows=4.0)
     assert planner.keeps_up("w100", ctx, roomy)
     assert not planner.keeps_up("w100", ctx, small)
-    # ... the device's other lanes' need counts (slot-seconds per second) ...
-    busy = Snapshot(arrival_rate=1300.0, queue_bound=True, queue_rows=64.0, device_need=(0.1,))
+    # ... the model's other lanes' need counts (slot-seconds per second) against its slots
+    busy = Snapshot(arrival_rate=1300.0, queue_bound=True, queue_rows=64.0, lanes_need=(0.1,))
     assert not planner.keeps_up("w100", ctx, busy)
+    # ... and other models' against the device's: a light neighbour on a device of 4 slots
+    # leaves this model's one slot to it (it sent a 1-instance model to its fastest tier;
+    # helper-316), a heavy one does not
+    light = Snapshot(arrival_rate=1300.0, queue_bound=True, queue_rows=64.0, others_need=1.5,
+                     device_slots=4)  # fmt: skip
+    heavy = Snapshot(arrival_rate=1300.0, queue_bound=True, queue_rows=64.0, others_need=2.6,
+                     device_slots=4)  # fmt: skip
+    assert planner.keeps_up("w100", ctx, light)
+    assert not planner.keeps_up("w100", ctx, heavy)
     # ... and without the bound, step 1's wide headroom (2x) at max_batch keeps it
     assert planner.keeps_up("w100", ctx, Snapshot(arrival_rate=1300.0))
 
@@ -136,63 +146,11 @@ def test_a_queue_that_never_fills_changes_nothing_for_multi_row_requests():
 
 
 # -- several lanes: a text model's length lanes, or models sharing a device -------------
-def _lanes_run(factors: dict[str, float], max_queue: int, load: float, same_model: bool):
-    """Poisson arrivals split evenly over lanes whose engines run the profile above scaled
-    by ``factors`` (one Scheduler each, one Device; one model's lanes share Instances and
-    max_queue, as server/model_runtime.py builds a text model's length lanes), budgets
-    U(20, 100) ms, 4 s on a virtual clock. Returns (within budget, refused as full)."""
-    import math
-    from dataclasses import replace
-
-    import numpy as np
-
-    from server.scheduling.device import Device, Instances
-    from sim.engine_time import EngineTime
-    from sim.events import Events
-
-    rng = np.random.default_rng(0)
-    per_row = sum(f * P50["w100"][8] / 8 for f in factors.values()) / len(factors) / 1e3
-    arrivals = np.cumsum(rng.exponential(per_row / load, int(4 * load / per_row * 1.2)))
-    arrivals = arrivals[arrivals < 4.0]
-    budgets = rng.uniform(0.020, 0.100, len(arrivals))
-    lane_of = rng.choice(list(factors), len(arrivals))
-    device, shared = Device(1), Instances(1)
-    lanes, engines = {}, {}
-    for name, f in factors.items():
-        tiers = [replace(t, latency_ms={b: v * f for b, v in t.latency_ms.items()}) for t in TIERS]
-        p50 = {t: {b: v * f for b, v in m.items()} for t, m in P50.items()}
-        lanes[name] = Scheduler(
-            tiers, make_policy("innfer", tiers), max_batch=8, max_queue=max_queue,
-            device=device, instances=shared if same_model else Instances(1),
-        )  # fmt: skip
-        engines[name] = EngineTime(tiers, p50, rng, None)
-    met, full, running, i = 0, 0, Events(), 0
-    while i < len(arrivals) or len(running):
-        if running.next_time() <= (arrivals[i] if i < len(arrivals) else math.inf):
-            now, (name, d, took) = running.pop()
-            lanes[name].complete(d, now, took)
-            met += sum(now <= r.arrival + budgets[r.id] for r in d.requests)
-        else:
-            now, name = arrivals[i], str(lane_of[i])
-            try:
-                lanes[name].submit(Request(i, now, now + budgets[i] - 1e-3), now)
-            except Refused as exc:
-                full += exc.state.name == "REFUSED_FULL"
-            i += 1
-        for s in lanes.values():
-            s.expire(now)
-        for name, s in lanes.items():
-            while (d := s.next(now)) is not None:
-                took = engines[name].draw_s(d.tier, d.rows)
-                running.push(now + took, (name, d, took))
-    return met / len(arrivals), full / len(arrivals)
-
-
 @pytest.mark.parametrize("same_model", [True, False], ids=["one model's lanes", "two models"])
 def test_lanes_sharing_a_device_keep_up_together_under_a_small_queue(same_model):
     # Each lane judged "keeps up" on its own arrivals against the device's every slot: here
     # 90.2 % within budget (one model's lanes) and 91.7 % (two models) with 8-10 % refused
     # as full, 73.6 / 74.5 % at 3x; now 99.65 / 99.01 % (helper-314's four lanes of a text
     # model: 50.1 % at 2x before).
-    met, full = _lanes_run({"short": 0.5, "long": 1.0}, 8, 2.0, same_model)
-    assert met >= 0.985 and full <= 0.015, (met, full)
+    r = simulate_lanes(TIERS, P50, {"short": 0.5, "long": 1.0}, 8, 2.0, same_model)
+    assert r.attainment >= 0.985 and r.full_share <= 0.015, r

@@ -29,3 +29,16 @@ def test_simulate_says_nothing_for_one_instance(tmp_path, capsys):
     d = _with_instances(tmp_path, 1)
     assert cli(["simulate", str(d), "--duration", "0.05", "--policy", "innfer"]) == 0
     assert "model.yaml has instances" not in capsys.readouterr().out
+
+
+def test_simulate_says_nothing_for_a_torch_model_which_the_server_plans_with_one(tmp_path, capsys):
+    # The torch backend runs one batch per tier at a time (one module behind a lock): the
+    # server plans such a model with 1 whatever instances says, and the note told the user
+    # to simulate --slots 4 (helper-316).
+    import json
+
+    d = _with_instances(tmp_path, 4)
+    profile = d / "profile.json"
+    profile.write_text(json.dumps({**json.loads(profile.read_text()), "backend": "torch"}))
+    assert cli(["simulate", str(d), "--duration", "0.05", "--policy", "innfer"]) == 0
+    assert "model.yaml has instances" not in capsys.readouterr().out

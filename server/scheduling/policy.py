@@ -171,12 +171,13 @@ class Snapshot:
     model's own) - what ``_hol_limit`` leaves room for. ``queue_bound``: an arrival found
     the model's queue full (``max_queue``) lately (``QUEUE_FULL_MEMORY_S``): a bounded
     queue turns the overload away before the deadline checks see a backlog, so step 1
-    keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the device's load, not this
-    lane's alone: then ``queue_rows`` is the rows this lane's share of the queue holds
-    (its share of the model's arrivals, times ``max_queue`` and the rows per request) -
-    no batch gathers more - and ``device_need`` per tier rank the slot-seconds per second
-    the device's other lanes need to keep up (the model's other lanes on that tier, other
-    models on their fastest).
+    keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the model's and the device's
+    load, not this lane's alone: then ``queue_rows`` is the rows this lane's share of the
+    queue holds (its share of the model's arrivals, times ``max_queue`` and the rows per
+    request) - no batch gathers more -, ``lanes_need`` per tier rank the slot-seconds per
+    second the model's other lanes need to keep up on that tier, ``others_need`` what the
+    device's other models need on their fastest tiers, and ``device_slots`` the device's
+    slots (the model's own are the planner's ``slots``: its instances).
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -201,7 +202,9 @@ class Snapshot:
     tight_row: float | None = None
     queue_bound: bool = False
     queue_rows: float = math.inf
-    device_need: tuple[float, ...] = ()
+    lanes_need: tuple[float, ...] = ()
+    others_need: float = 0.0
+    device_slots: int = 0
 
 
 class Context:
@@ -670,16 +673,23 @@ class Planner(Policy):
 
     def _keeps_up_bounded(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
         """``keeps_up`` under a queue bound: this lane's rows in batches of at most what
-        its share of the queue holds, plus the device's other lanes' need (slot-seconds per
-        second), within ``QUEUE_BOUND_HEADROOM`` of the slots. Judged at ``max_batch``
-        on this lane's arrivals alone, the full tier "kept up" at 2x its capacity while
-        the queue turned away 44 % of the requests as full (ResNet w50, max_queue 4), and
-        each of a text model's four length lanes kept it while half were (simulated)."""
+        its share of the queue holds, plus its model's other lanes' need (slot-seconds per
+        second), within ``QUEUE_BOUND_HEADROOM`` of the model's slots (its instances), and
+        with the device's other models within that of the device's. Judged at
+        ``max_batch`` on this lane's arrivals alone, the full tier "kept up" at 2x its
+        capacity while the queue turned away 44 % of the requests as full (ResNet w50,
+        max_queue 4), and each of a text model's four length lanes kept it while half were
+        (simulated). Against the model's own slots alone with the other models counted, a
+        light neighbour on a 4-slot device sent a 1-instance model to its fastest tier
+        (helper-316)."""
         b = min(ctx.max_batch, max(1, int(snap.queue_rows)))
         need = snap.arrival_rate * ctx.latency.mean(tier, b) / b
-        if snap.device_need:
-            need += snap.device_need[ctx.rank[tier]]
-        return need <= min(self.headroom, QUEUE_BOUND_HEADROOM) * self.slots
+        if snap.lanes_need:
+            need += snap.lanes_need[ctx.rank[tier]]
+        headroom = min(self.headroom, QUEUE_BOUND_HEADROOM)
+        if need > headroom * self.slots:
+            return False
+        return snap.device_slots <= 0 or need + snap.others_need <= headroom * snap.device_slots
 
     def one_tier_above(
         self,

@@ -817,21 +817,21 @@ class Scheduler:
         columns = self.columns() if len(self.queue) > 1 else None
         rate = self.arrival_rate(now)
         bound = now - self._bound_at <= QUEUE_FULL_MEMORY_S
-        rows, need = self._device_need(now, rate) if bound else (math.inf, ())
+        rows, lanes, others = self._device_need(now, rate) if bound else (math.inf, (), 0.0)
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
             self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
-            bound, rows, need,
+            bound, rows, lanes, others, self.device.slots,
         )  # fmt: skip
 
-    def _device_need(self, now: float, rate: float) -> tuple[float, tuple[float, ...]]:
+    def _device_need(self, now: float, rate: float) -> tuple[float, tuple[float, ...], float]:
         """Under a queue bound (``Snapshot.queue_bound``): the rows this lane's share of
         the model's queue holds (its share of the model's arrivals, of ``max_queue``
-        requests of the rows they bring on average), and per tier rank the slot-seconds per
-        second the device's other members need to keep up with theirs - the model's other
-        lanes on that tier (a text model's length lanes share its tiers' names), in batches
-        of their own shares; other models on their fastest tier at full batches (the least
-        they take). O(members x tiers), only while the bound holds."""
+        requests of the rows they bring on average); per tier rank the slot-seconds per
+        second the model's other lanes need to keep up with theirs on that tier (a text
+        model's length lanes share its tiers' names), in batches of their own shares; and
+        what the device's other models need on their fastest tiers at full batches (the
+        least they take). O(members x tiers), only while the bound holds."""
         lanes = self.instances.members
         rates = {id(m): rate if m is self else m.arrival_rate(now) for m in lanes}
         model_rate = sum(rates.values())
@@ -842,7 +842,7 @@ class Scheduler:
             return self.max_queue * per_request * (r / model_rate if model_rate > 0 else 1.0)
 
         names = [t.name for t in self.ctx.tiers]
-        need = [0.0] * len(names)
+        need, others = [0.0] * len(names), 0.0
         for m in self.device.members:
             if m is self:
                 continue
@@ -856,9 +856,8 @@ class Scheduler:
                     need[k] += r * m.latency.mean(name, b) / b
             else:
                 b = m.ctx.max_batch
-                least = r * m.latency.mean(m.ctx.fastest_unpinned, b) / b
-                need = [v + least for v in need]
-        return held(rate), tuple(need)
+                others += r * m.latency.mean(m.ctx.fastest_unpinned, b) / b
+        return held(rate), tuple(need), others
 
     def _grows(self, rate: float) -> bool:
         """Whether batches grow by their host CPU now (``Snapshot.grow_batches``): the
