@@ -854,17 +854,24 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # behind slower ones read before it reaches its client only then.
             verdict = Verdict()
             VERDICT.set(verdict)
-            resp, sent = await self._stream_answer(request, context, window, step)
+            transport = Transport(GRPC_STAMPS, 0, 0)  # (its reading: _stream_answer's)
+            try:
+                resp, sent = await self._stream_answer(request, context, window, step, transport)
+            except BaseException:  # (cancelled: the stream ended) its trace ends unsent
+                plane.traces.sent(transport, None)
+                raise
             # Until written, the answer counts against the in-flight bytes and the stream's
             # window (no await between here and serve_stream taking it: it is released by
             # write or by discard). Before session 34 a client that sent and did not read
             # had up to MAX_STREAM_INFLIGHT answers per stream held beyond the cap.
-            return _StreamAnswer(resp, sent, plane.hold(resp.ByteSize(), window), verdict)
+            held = plane.hold(resp.ByteSize(), window)
+            return _StreamAnswer(resp, sent, held, verdict, transport)
 
         async def write(a: _StreamAnswer) -> None:
-            started = time.monotonic()
+            started, sending, written = time.monotonic(), time.monotonic_ns(), False
             try:
                 await context.write(a.resp)
+                written = True
             except asyncio.CancelledError:  # the client went: never delivered
                 a.verdict.dropped()
                 raise
@@ -879,6 +886,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 raise
             finally:
                 plane.release(a.held, window)
+                plane.traces.sent(a.transport, sending if written else None)
             a.verdict.sent()  # gRPC took it (a client not reading holds the write up)
             if a.sent is not None:
                 try:
@@ -889,6 +897,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         def discard(a: _StreamAnswer) -> None:
             a.verdict.dropped()
             plane.release(a.held, window)
+            plane.traces.sent(a.transport, None)
 
         if await serve_stream(request_iterator, answer, write, closing=plane.closing,
                               ordered=ordered, discard=discard, window=window):  # fmt: skip
@@ -898,17 +907,22 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             await _abort(context, status_of(exc), str(exc))
 
     async def _stream_answer(
-        self, request, context, window: StreamWindow, step: float = 0.0
-    ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:
+        self, request, context, window: StreamWindow, step: float = 0.0,
+        transport: Transport | None = None,
+    ) -> tuple[pb.ModelStreamInferResponse, Callable | None]:  # fmt: skip
         """The stream's answer to ``request``, and what to note once it is written (called
         with the time its write began: the overhead the client paid, as for ModelInfer, less
         any time the answer was held behind earlier ones - that is the stream's order, not
         this server's cost per request, and in the learned overhead it would raise every
-        request's reserve; None for a failure)."""
+        request's reserve; None for a failure). ``transport``: its trace stamps (the reading
+        is stamped here; the send, by the stream's writer)."""
         # Set by the deserializer in the stream's reading task, whose context this request's
         # task copied when it was made: this message's own.
         received, size = RECEIVED.get((None, None))
-        waited = time.monotonic() - received if received is not None else 0.0
+        now = time.monotonic()
+        waited = now - received if received is not None else 0.0
+        if transport is not None:
+            transport.read_from_ns, transport.read_to_ns = as_ns(now - waited), as_ns(now)
         try:
             _require_decoded(request)
             if self._token is not None:  # checked once at the open, a stream outlived the
@@ -917,7 +931,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             # (a 10-minute stream would plan every request at minutes, on the top tier).
             resp = await self.plane.infer(
                 request, deadline_left(context, step), waited, size, deadline_is_budget=False,
-                window=window,
+                window=window, transport=transport,
             )  # fmt: skip
             # Every answer is its request's last, as Triton marks each stream response: the
             # documented way a streaming client knows a request is done (decoupled models)
@@ -962,13 +976,15 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
 class _StreamAnswer(NamedTuple):
     """A stream's answer on its way out: the message, what to note once its write began
-    (None for a failure; ``_stream_answer``), the bytes it holds of the in-flight cap, and
-    whether it met its budget (told when it is written or dropped)."""
+    (None for a failure; ``_stream_answer``), the bytes it holds of the in-flight cap,
+    whether it met its budget (told when it is written or dropped), and its trace stamps
+    (finished when it is written or dropped)."""
 
     resp: pb.ModelStreamInferResponse
     sent: Callable[[float], None] | None
     held: int
     verdict: Verdict
+    transport: Transport  # its trace, if traced, until the answer is written or dropped
 
 
 # The parameter Triton sets on every stream response (true: the request's last one).

@@ -23,12 +23,13 @@ A trace is one JSON object per request: ``id``, ``model_name``, ``model_version`
 plane), QUEUE_START (handed to the scheduler), COMPUTE_START and COMPUTE_END (its batch on
 the engine: from the scheduler's own queue and compute times), REQUEST_END (answered, or
 failed); around them the frontend's, as Triton's (its trace_summary.py picks a frontend's
-traces by them, and printed nothing for innfer's before): a unary gRPC call's
+traces by them, and printed nothing for innfer's before): a gRPC request's
 GRPC_WAITREAD_START (the transport began reading the message) and GRPC_WAITREAD_END (its
-handler had it), GRPC_SEND_START (the answer made) and GRPC_SEND_END (the call ended); a
-REST call's HTTP_RECV_START, HTTP_RECV_END (its body read), HTTP_SEND_START and
-HTTP_SEND_END (written) - no send stamps where the call failed before an answer, nor any
-on a stream's requests. A file holds a JSON array of them.
+handler had it), GRPC_SEND_START (the answer made; on a stream, its write began - after
+any earlier answer it waited behind) and GRPC_SEND_END (a unary call ended; a stream's
+answer written); a REST call's HTTP_RECV_START, HTTP_RECV_END (its body read),
+HTTP_SEND_START and HTTP_SEND_END (written) - no send stamps where no answer was sent (a
+REST failure, a client gone). A file holds a JSON array of them.
 A model's own settings start as a copy of the global ones when a client first sets one
 (Triton's rule): its ``trace_count`` counts down on its own from there.
 

@@ -286,3 +286,30 @@ def test_sent_finishes_a_trace_once_and_only_with_send_stamps_when_sent(tmp_path
     assert [x["name"] for x in a["timestamps"]] == list(GRPC_STAMPS[:2])
     assert [x["name"] for x in b["timestamps"]] == list(GRPC_STAMPS[2:])
     assert b["timestamps"][0]["ns"] == 9
+
+
+def test_stream_requests_are_traced_with_their_write(model_repository, tmp_path):
+    # Each request on a stream: read, the data plane, then its answer's write (a stream's
+    # requests had no frontend stamps, and trace_summary.py kept none of them).
+    import queue
+
+    s = _serve(model_repository, tmp_path, log_frequency=3)
+    got: queue.Queue = queue.Queue()
+    try:
+        with tc.InferenceServerClient(s.address) as client:
+            client.start_stream(callback=lambda result, error: got.put((result, error)))
+            x = tc.InferInput("input", [1, 1, 8, 8], "FP32")
+            x.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+            for k in range(3):
+                client.async_stream_infer("tiny", [x], request_id=f"s{k}",
+                                          parameters={"latency_budget_ms": 5000})  # fmt: skip
+            answers = [got.get(timeout=10) for _ in range(3)]
+            client.stop_stream()
+            records = _read(tmp_path / "trace.json.0")
+    finally:
+        s.stop()
+    assert all(error is None for _, error in answers), answers
+    assert sorted(r["request_id"] for r in records) == ["s0", "s1", "s2"]
+    for r in records:
+        names, _ = _sorted_stamps(r)
+        assert names == GRPC, names
