@@ -847,7 +847,8 @@ class Scheduler:
             if m is self:
                 continue
             mine = m.instances is self.instances
-            r = rates[id(m)] if mine else m.arrival_rate(now)
+            r = rates.get(id(m)) if mine else None  # (a lane the model lists: its rate above)
+            r = m.arrival_rate(now) if r is None else r
             if r <= 0:
                 continue
             if mine:
