@@ -4,10 +4,12 @@ show - a text model's length lanes sharing its ``max_queue``, or models sharing 
 Each lane is a ``Scheduler`` of its own, all on one ``Device`` (one slot); lanes of one
 model also share one ``Instances`` (its engine instances and its queue bound), as
 ``server.model_runtime`` builds a sequence model's lanes. A lane's engine runs the given
-profile with every time scaled by its factor (a longer sequence, a bigger model). Poisson
-arrivals at ``load`` x the full tier's capacity of the lanes' mix (full batches, one
-slot), split evenly over the lanes; budgets uniform in ``budget_ms``, planned 1 ms short
-(the server's default margin); each lane's batches start as soon as its scheduler decides.
+profile with every time scaled by its factor (a longer sequence, a bigger model), or its
+own profile (``lane_p50``: a text model's lengths). Poisson arrivals at ``load`` x the
+capacity of the lanes' mix on ``unit_tier`` (default the full tier; full batches, one
+slot), split over the lanes evenly or by ``weights``; budgets uniform in ``budget_ms``,
+planned 1 ms short (the server's default margin); each lane's batches start as soon as
+its scheduler decides.
 
 Example:
     >>> tiers = [TierInfo("w100", 1.0, {1: 4.0, 8: 16.0}), TierInfo("w050", 0.5, {1: 2.0, 8: 6.0})]
@@ -41,6 +43,16 @@ class LanesResult:
     mean_size: float  # the served tiers' accuracy (a size proxy without an evaluation)
 
 
+def _scaled(t: TierInfo, f: float) -> TierInfo:
+    """``t`` with every profiled time (p90, p50, p99) ``f`` times as long."""
+
+    def times(m: Mapping[int, float] | None) -> dict[int, float] | None:
+        return None if m is None else {b: v * f for b, v in m.items()}
+
+    return replace(t, latency_ms=times(t.latency_ms), typical_ms=times(t.typical_ms),
+                   tail_ms=times(t.tail_ms))  # fmt: skip
+
+
 def simulate_lanes(
     tiers: Sequence[TierInfo],
     p50: Mapping[str, Mapping[int, float]],
@@ -52,29 +64,47 @@ def simulate_lanes(
     seed: int = 0,
     max_batch: int = 8,
     budget_ms: tuple[float, float] = (20.0, 100.0),
+    weights: Mapping[str, float] | None = None,
+    lane_p50: Mapping[str, Mapping[str, Mapping[int, float]]] | None = None,
+    unit_tier: str | None = None,
 ) -> LanesResult:
     """Run lanes ``factors`` (name -> time factor) of ``tiers`` / ``p50`` (ms per batch;
     ``tiers[0]`` the full tier, the load's unit) sharing one device slot - one model's
     (``same_model``: one queue bound of ``max_queue`` over them) or one model each (a
     queue of ``max_queue`` each)."""
     rng = np.random.default_rng(seed)
-    full = max(b for b in p50[tiers[0].name] if b <= max_batch)
-    per_row_s = np.mean([f * p50[tiers[0].name][full] / full for f in factors.values()]) / 1e3
-    rate = load / per_row_s
+    names = list(factors)
+    share = np.array([(weights or {}).get(n, 1.0) for n in names], float)
+    share /= share.sum()
+    profiles = {}  # lane -> (its tiers, its p50 tables)
+    for name, f in factors.items():
+        if lane_p50 is not None and name in lane_p50:
+            times = {t: dict(m) for t, m in lane_p50[name].items()}
+            own = [replace(t, latency_ms={b: v * 1.02 for b, v in times[t.name].items()},
+                           typical_ms=None, tail_ms=None) for t in tiers]  # fmt: skip
+        else:
+            times = {t: {b: v * f for b, v in m.items()} for t, m in p50.items()}
+            own = [_scaled(t, f) for t in tiers]
+        profiles[name] = (own, times)
+    unit = unit_tier or tiers[0].name
+    per_row_ms = 0.0
+    for name, w in zip(names, share, strict=True):
+        table = profiles[name][1][unit]
+        full = max(b for b in table if b <= max_batch)
+        per_row_ms += w * table[full] / full
+    rate = load / (per_row_ms / 1e3)
     arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * duration_s * 1.2) + 16))
     arrivals = arrivals[arrivals < duration_s]
     budgets = rng.uniform(budget_ms[0] / 1e3, budget_ms[1] / 1e3, len(arrivals))
-    lane_of = rng.choice(list(factors), len(arrivals))
+    lane_of = rng.choice(names, len(arrivals), p=share)
     device, shared = Device(1), Instances(1)
     lanes, engines = {}, {}
-    for name, f in factors.items():
-        scaled = [replace(t, latency_ms={b: v * f for b, v in t.latency_ms.items()}) for t in tiers]
+    for name, (own, times) in profiles.items():
         lanes[name] = Scheduler(
-            scaled, make_policy("innfer", scaled), max_batch=max_batch, max_queue=max_queue,
+            own, make_policy("innfer", own), max_batch=max_batch, max_queue=max_queue,
             device=device, instances=shared if same_model else Instances(1),
         )  # fmt: skip
-        times = {t: {b: v * f for b, v in m.items()} for t, m in p50.items()}
-        engines[name] = EngineTime(scaled, times, rng, None)
+        engines[name] = EngineTime(own, times, rng, None)
     accuracy = {t.name: t.accuracy for t in tiers}
     met = refused_full = 0
     sizes: list[float] = []

@@ -90,6 +90,15 @@ SHARED_CPU_HEADROOM = 0.9
 # max_queue 8, one lane, 1x: 99.63 / 99.84 / 99.84 % at mean served size 0.66 / 0.47 / 0.40
 # (tests/test_queue_bound.py's harness and profile).
 QUEUE_BOUND_HEADROOM = 0.8
+# Step 1's bound for a model of several lanes (a text model's lengths), on the need of all
+# its lanes: each lane's deadline checks see its own arrivals, not the others', and under
+# the 2x bound the short lanes kept the full tier while the long texts were refused. The
+# MiniLM lanes as built here, mixed lengths, budgets 100-300 ms, simulated
+# (tests/test_queue_bound.py): at 0.85x the smallest tier's capacity 95.2 % within budget at
+# 2x, 98.9 % at 0.9; at 0.5x 100 % both, mean served size 0.990 vs 0.986. The price where
+# lanes cost alike (the ResNet profile scaled 1/8-1x, four lanes, 1x / 2x): served size
+# 0.98 / 0.59 vs 0.95 / 0.48, every request within budget either way.
+LANES_HEADROOM = 0.9
 # A one-row batch may run past the head-of-line bound only while the arrivals it is expected
 # to turn away (those whose budgets its extra time makes unmeetable) stay under this share
 # of the misses the SLO allows: the planner's quantile plans spend the rest.
@@ -174,10 +183,11 @@ class Snapshot:
     keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the model's and the device's
     load, not this lane's alone: then ``queue_rows`` is the rows this lane's share of the
     queue holds (its share of the model's arrivals, times ``max_queue`` and the rows per
-    request) - no batch gathers more -, ``lanes_need`` per tier rank the slot-seconds per
-    second the model's other lanes need to keep up on that tier, ``others_need`` what the
-    device's other models need on their fastest tiers, and ``device_slots`` the device's
-    slots (the model's own are the planner's ``slots``: its instances).
+    request) - no batch gathers more -, ``others_need`` what the device's other models need
+    on their fastest tiers, and ``device_slots`` the device's slots (the model's own are
+    the planner's ``slots``: its instances). ``lanes_need`` (bound or not): per tier rank
+    the slot-seconds per second the model's other lanes - a text model's length lanes -
+    need to keep up on that tier; () for a model of one lane.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))
@@ -662,13 +672,21 @@ class Planner(Policy):
     def keeps_up(self, tier: str, ctx: Context, snap: Snapshot) -> bool:
         """Whether ``tier`` at full batches on every slot, times the headroom (the tighter
         one where handling shares the engines' CPUs: ``snap.shared_cpu``), serves rows as
-        fast as they arrive (``snap.arrival_rate``). Under a queue bound
-        (``snap.queue_bound``), ``_keeps_up_bounded``."""
+        fast as they arrive (``snap.arrival_rate``) - with the model's other lanes' need
+        (``snap.lanes_need``), which share its slots: judged on its own arrivals, each of
+        a text model's length lanes kept the full tier while the long texts were refused
+        (MiniLM, mixed lengths at 0.85x its smallest tier's capacity: 92.9 % within
+        budget; helper-317). Under a queue bound (``snap.queue_bound``),
+        ``_keeps_up_bounded``."""
         if snap.queue_bound:
             return self._keeps_up_bounded(tier, ctx, snap)
         b = ctx.max_batch
-        capacity = self.slots * b / ctx.latency.mean(tier, b)  # rows/s
         headroom = min(self.headroom, SHARED_CPU_HEADROOM) if snap.shared_cpu else self.headroom
+        if snap.lanes_need:  # slot-seconds per second, over the model's lanes
+            need = snap.arrival_rate * ctx.latency.mean(tier, b) / b
+            headroom = min(headroom, LANES_HEADROOM)
+            return need + snap.lanes_need[ctx.rank[tier]] <= headroom * self.slots
+        capacity = self.slots * b / ctx.latency.mean(tier, b)  # rows/s
         return snap.arrival_rate <= headroom * capacity
 
     def _keeps_up_bounded(self, tier: str, ctx: Context, snap: Snapshot) -> bool:

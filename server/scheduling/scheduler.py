@@ -817,7 +817,11 @@ class Scheduler:
         columns = self.columns() if len(self.queue) > 1 else None
         rate = self.arrival_rate(now)
         bound = now - self._bound_at <= QUEUE_FULL_MEMORY_S
-        rows, lanes, others = self._device_need(now, rate) if bound else (math.inf, (), 0.0)
+        rows, lanes, others = math.inf, (), 0.0
+        if bound:
+            rows, lanes, others = self._device_need(now, rate)
+        elif len(self.instances.members) > 1:  # the model's lanes share its slots, always
+            lanes = self._device_need(now, rate)[1]
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
             self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
