@@ -83,6 +83,20 @@ def test_a_refusal_behind_another_models_running_batch_says_so():
         b.submit(Request(2, 0.0, 0.020), 0.0)
 
 
+def test_a_refusal_behind_the_models_own_other_lane_names_it_so():
+    # A text model's long lane's batch, not another model: a one-model server's refusals
+    # read "other models' 1 batch running" (helper-317).
+    from server.scheduling.device import Instances
+
+    dev, shared = Device(slots=1), Instances(1)
+    slow = [TierInfo("w", 1.0, {1: 50.0, 8: 50.0})]
+    long, short = _scheduler(dev, slow, shared), _scheduler(dev, instances=shared)
+    long.submit(Request(1, 0.0, 1.0), 0.0)
+    assert long.next(0.0) is not None
+    with pytest.raises(Refused, match="and this model's other lanes' 1 batch running on"):
+        short.submit(Request(2, 0.0, 0.020), 0.0)
+
+
 def test_the_other_models_work_is_the_planners_backlog():
     # Planner: 12 queued, the rest after a full head batch has ~50 ms of slack on w100.
     s = _scheduler()

@@ -524,7 +524,9 @@ class Scheduler:
         """What the device's other models hold ahead of ``r``, for a refusal: their running
         batches and more urgent queued work ("" where there is none). A refusal behind a
         neighbour's 50 ms batch read "behind the 0 requests queued ahead and 0 running"
-        (review helper-267)."""
+        (review helper-267). Named for whose it is: the model's other lanes (a text model's
+        lengths) are not "other models" (a one-model server's refusals blamed them;
+        helper-317)."""
         others = [m for m in self.device.members if m is not self]
         running = sum(len(m.running) for m in others)
         ahead = self.device.backlog(self, r.deadline, r.priority) if others else 0.0
@@ -533,7 +535,11 @@ class Scheduler:
         parts = [_count(running, "batch", "batches") + " running"] if running else []
         if ahead > 0:
             parts.append(f"{1e3 * ahead:.1f} ms of more urgent work queued")
-        return f", and other models' {' and '.join(parts)} on the device"
+        mine = any(m.instances is self.instances for m in others)
+        foreign = any(m.instances is not self.instances for m in others)
+        whose = ("this model's other lanes' and other models'" if mine and foreign
+                 else "this model's other lanes'" if mine else "other models'")  # fmt: skip
+        return f", and {whose} {' and '.join(parts)} on the device"
 
     def _enqueue(self, r: Request, key: tuple | None = None, i: int | None = None) -> None:
         """Queue ``r`` in its place (``key``, index ``i``: found where None)."""
