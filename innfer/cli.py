@@ -855,7 +855,7 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 
     core serves once each request's handling (parse + answer ms, and ``batch_ms`` per full
     batch) shares it: for a small model far less (the demo CNN: 11,869 against 531
     requests/s), which --load 2 ignored."""
-    from sim.engine_time import full_capacity
+    from sim.engine_time import full_capacity, profiled_ms
 
     max_batch = cfg.max_batch or min(t.max_batch for t in tiers)
     unit = full_capacity(tiers, p50, max_batch, cfg.slots)
@@ -864,13 +864,20 @@ def _load_unit(tiers, p50, cfg, host_ms: tuple | None = None, batch_ms: float = 
             f"{top}, at batch {max_batch})")  # fmt: skip
     if not host_ms:
         return line + "; --host-ms PARSE,ANSWER says what one core serves with request handling"
-    served = full_capacity(tiers, p50, max_batch, 1, sum(host_ms[:2]) / 1e3, batch_ms / 1e3)
+    handling = (sum(host_ms[:2]) / 1e3, batch_ms / 1e3)
+    served = full_capacity(tiers, p50, max_batch, 1, *handling)
+    # The fastest tier's is what the planner can fall back to: the queue grows only past
+    # it (judged on the full tier's, a text model served at 1.7x was said to overflow;
+    # helper-317).
+    fastest = min(tiers, key=lambda t: profiled_ms(p50[t.name], max_batch))
+    most = full_capacity([fastest], p50, max_batch, 1, *handling)
     per_batch = f" and {batch_ms:g} ms per batch" if batch_ms else ""
     line = (f"{line}; with {sum(host_ms[:2]):g} ms of request handling each{per_batch}, one "
-            f"core serves {served:,.0f} requests/s, load {served / unit:.3g}x")  # fmt: skip
-    if cfg.load > served / unit:  # (the README's example load overloaded a faster machine)
-        line += (f" - --load {cfg.load:g} is above it: the queue grows for the whole run; "
-                 f"give --load below {served / unit:.3g}")  # fmt: skip
+            f"core serves {served:,.0f} requests/s on {top} (load {served / unit:.3g}x), "
+            f"{most:,.0f} on its fastest tier {fastest.name} ({most / unit:.3g}x)")  # fmt: skip
+    if cfg.load > most / unit:  # (the README's example load overloaded a faster machine)
+        line += (f" - --load {cfg.load:g} is above even that: the queue grows for the whole "
+                 f"run; give --load below {most / unit:.3g}")  # fmt: skip
     return line
 
 
