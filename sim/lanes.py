@@ -129,4 +129,4 @@ def simulate_lanes(
                 took = engines[name].draw_s(d.tier, d.rows)
                 running.push(now + took, (name, d, took))
     n = len(arrivals)
-    return LanesResult(n, met / n, refused_full / n, float(np.mean(sizes)) if sizes else 0.0)
+    return LanesResult(n, float(met / n), refused_full / n, float(np.mean(sizes)) if sizes else 0.0)
