@@ -69,9 +69,11 @@ def simulate_lanes(
     unit_tier: str | None = None,
 ) -> LanesResult:
     """Run lanes ``factors`` (name -> time factor) of ``tiers`` / ``p50`` (ms per batch;
-    ``tiers[0]`` the full tier, the load's unit) sharing one device slot - one model's
-    (``same_model``: one queue bound of ``max_queue`` over them) or one model each (a
-    queue of ``max_queue`` each)."""
+    ``tiers[0]`` the full tier) sharing one device slot - one model's (``same_model``: one
+    queue bound of ``max_queue`` over them) or one model each (a queue of ``max_queue``
+    each). A lane in ``lane_p50`` runs that profile instead of a scaled one; ``weights``
+    split the arrivals (default evenly); ``load`` is in units of ``unit_tier``'s capacity
+    over that mix (default ``tiers[0]``'s)."""
     rng = np.random.default_rng(seed)
     names = list(factors)
     share = np.array([(weights or {}).get(n, 1.0) for n in names], float)
