@@ -177,17 +177,17 @@ class Snapshot:
     recent budgets sorted or None, its fastest tier's one row s) - their arrivals a long
     lone request turns away are priced too (``_blocks_little``). ``tight_row``: the one
     row on the fastest tier of the member whose budget ``tight_budget`` is (s; None: this
-    model's own) - what ``_hol_limit`` leaves room for. ``queue_bound``: an arrival found
-    the model's queue full (``max_queue``) lately (``QUEUE_FULL_MEMORY_S``): a bounded
-    queue turns the overload away before the deadline checks see a backlog, so step 1
-    keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the model's and the device's
-    load, not this lane's alone: then ``queue_rows`` is the rows this lane's share of the
-    queue holds (its share of the model's arrivals, times ``max_queue`` and the rows per
-    request) - no batch gathers more -, ``others_need`` what the device's other models need
-    on their fastest tiers, and ``device_slots`` the device's slots (the model's own are
-    the planner's ``slots``: its instances). ``lanes_need`` (bound or not): per tier rank
-    the slot-seconds per second the model's other lanes - a text model's length lanes -
-    need to keep up on that tier; () for a model of one lane.
+    model's own) - what ``_hol_limit`` leaves room for. ``queue_bound``: the model's queue
+    (``max_queue``) was found full in two episodes lately (``QUEUE_FULL_MEMORY_S``): a
+    bounded queue turns the overload away before the deadline checks see a backlog, so
+    step 1 keeps a tighter bound (``QUEUE_BOUND_HEADROOM``) over the model's and the
+    device's load, not this lane's alone. Then ``queue_rows`` is the rows this lane's
+    share of the queue holds (its share of the model's arrivals, times ``max_queue`` and
+    the rows per request; no batch gathers more), ``others_need`` what the device's other
+    models need on their fastest tiers, and ``device_slots`` the device's slots (the
+    model's own are the planner's ``slots``: its instances). ``lanes_need`` (bound or
+    not): per tier rank the slot-seconds per second the model's other lanes - a text
+    model's length lanes - need to keep up on that tier; () for a model of one lane.
 
     Example:
         >>> snap = Snapshot(arrival_rate=400.0, busy=(0.004,))

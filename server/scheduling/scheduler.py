@@ -825,23 +825,23 @@ class Scheduler:
         bound = now - self._bound_at <= QUEUE_FULL_MEMORY_S
         rows, lanes, others = math.inf, (), 0.0
         if bound:
-            rows, lanes, others = self._device_need(now, rate)
+            rows, lanes = self._lanes_need(now, rate)
+            others = self._others_need(now)
         elif len(self.instances.members) > 1:  # the model's lanes share its slots, always
-            lanes = self._device_need(now, rate)[1]
+            lanes = self._lanes_need(now, rate)[1]
         return Snapshot(
             rate, tight, columns, busy, backlog, self._idle_share, hold, self._budget_cdf,
             self.idle_share, self.host_s > 0, self._grows(rate), tuple(neighbours), tight_row,
             bound, rows, lanes, others, self.device.slots,
         )  # fmt: skip
 
-    def _device_need(self, now: float, rate: float) -> tuple[float, tuple[float, ...], float]:
-        """Under a queue bound (``Snapshot.queue_bound``): the rows this lane's share of
-        the model's queue holds (its share of the model's arrivals, of ``max_queue``
-        requests of the rows they bring on average); per tier rank the slot-seconds per
-        second the model's other lanes need to keep up with theirs on that tier (a text
-        model's length lanes share its tiers' names), in batches of their own shares; and
-        what the device's other models need on their fastest tiers at full batches (the
-        least they take). O(members x tiers), only while the bound holds."""
+    def _lanes_need(self, now: float, rate: float) -> tuple[float, tuple[float, ...]]:
+        """The rows this lane's share of the model's queue holds (its share of the model's
+        arrivals, of ``max_queue`` requests of the rows they bring on average), and per tier
+        rank the slot-seconds per second the model's other lanes on the device need to keep
+        up with theirs on that tier (a text model's length lanes share its tiers' names), in
+        batches of their own shares (``Snapshot.queue_rows``, ``Snapshot.lanes_need``).
+        O(lanes x tiers)."""
         lanes = self.instances.members
         rates = {id(m): rate if m is self else m.arrival_rate(now) for m in lanes}
         model_rate = sum(rates.values())
@@ -852,23 +852,29 @@ class Scheduler:
             return self.max_queue * per_request * (r / model_rate if model_rate > 0 else 1.0)
 
         names = [t.name for t in self.ctx.tiers]
-        need, others = [0.0] * len(names), 0.0
+        need = [0.0] * len(names)
         for m in self.device.members:
-            if m is self:
+            if m is self or m.instances is not self.instances:
                 continue
-            mine = m.instances is self.instances
-            r = rates.get(id(m)) if mine else None  # (a lane the model lists: its rate above)
-            r = m.arrival_rate(now) if r is None else r
-            if r <= 0:
+            r = rates.get(id(m))  # (a lane the model does not list: its own rate)
+            if (r := m.arrival_rate(now) if r is None else r) <= 0:
                 continue
-            if mine:
-                b = min(m.ctx.max_batch, max(1, int(held(r))))
-                for k, name in enumerate(names):
-                    need[k] += r * m.latency.mean(name, b) / b
-            else:
-                b = m.ctx.max_batch
-                others += r * m.latency.mean(m.ctx.fastest_unpinned, b) / b
-        return held(rate), tuple(need), others
+            b = min(m.ctx.max_batch, max(1, int(held(r))))
+            for k, name in enumerate(names):
+                need[k] += r * m.latency.mean(name, b) / b
+        return held(rate), tuple(need)
+
+    def _others_need(self, now: float) -> float:
+        """The slot-seconds per second the device's other models need to keep up with their
+        arrivals on their fastest tiers at full batches: the least they take
+        (``Snapshot.others_need``)."""
+        total = 0.0
+        for m in self.device.members:
+            if m.instances is self.instances or (r := m.arrival_rate(now)) <= 0:
+                continue
+            b = m.ctx.max_batch
+            total += r * m.latency.mean(m.ctx.fastest_unpinned, b) / b
+        return total
 
     def _grows(self, rate: float) -> bool:
         """Whether batches grow by their host CPU now (``Snapshot.grow_batches``): the
