@@ -81,11 +81,13 @@ from server.scheduling import (
 )
 from server.scheduling.device import Device, Instances
 from server.scheduling.latency import (
+    DEFAULT_SLO_TARGET,
     LatencyModel,
     dominated,
     slower_than_more_accurate,
     tiers_from_profile,
 )
+from server.scheduling.lengths import LengthSpan
 from server.tokenizer_pace import TokenizerPace
 from server.traffic import TrafficLog
 
@@ -567,6 +569,19 @@ class ModelRuntime:
         self.overhead = self.overheads[lengths[-1]]
         self._bound: list[tuple] = []  # (gauge, labels) of each scrape-time series bound here
         self._bind_metrics()
+        # A text model whose batches are padded to their longest text plans each lane at the
+        # longest it holds (server.scheduling.lengths), between its length and the next
+        # shorter one's; Request.length is then each text's tokens (0: planned at the lane's).
+        self._by_length = (
+            len(lengths) > 1
+            and not self._unmasked
+            and not any(e.prefers_fixed_lengths for e in self.served.engines.values())
+        )
+        spans = dict.fromkeys(lengths)
+        if self._by_length:
+            for lo, hi in itertools.pairwise(lengths):
+                spans[hi] = LengthSpan(lo, hi, infos[lo])
+        slo_target = self.config.slo_target or DEFAULT_SLO_TARGET
         # Last: each lane joins the device as it is made (Scheduler). One that fails (a
         # length's profile table that does not parse) takes the lanes made before it off
         # the device again - else a runtime that never existed would stay a member for good.
@@ -575,6 +590,7 @@ class ModelRuntime:
                 n: Scheduler(
                     infos[n],
                     policies[n],
+                    latency=LatencyModel(infos[n], slo_target=slo_target, span=spans[n]),
                     max_batch=self.config.max_batch,
                     max_queue=self.config.max_queue,
                     slots=instances if device is None else device.slots,
@@ -1106,15 +1122,19 @@ class ModelRuntime:
         # Queued from now (Triton's queue time: waiting for the scheduler, not parsing),
         # due from when the request reached the server.
         due = reached + budget_s if due_at is None else due_at - reserve_s
+        tokens = 0
+        if self._seq_axis is not None:  # a sequence model: one observation per request
+            name, axis = self._seq_axis
+            tokens = int(inputs[name].shape[axis])
+            self._tokens.observe(tokens)
         req = Request(
             next(self._ids), now, due, rows, pin, min_tier, priority,
             payload=inputs, grace=max(grace_s, 0.0), reserve=max(reserve_s, 0.0),
             group=length_key(inputs, self._unmasked) if self._unmasked else None,
+            length=tokens if self._by_length else 0,
         )  # fmt: skip
         lane = self.lane_for(inputs)
-        if self._seq_axis is not None:  # a sequence model: one observation per request
-            name, axis = self._seq_axis
-            self._tokens.observe(int(inputs[name].shape[axis]))
+        if self._seq_axis is not None:
             self._lane_requests[lane].inc()
         if self.host_cpu is not None:
             self.host_cpu.arrived(rows)
@@ -1188,7 +1208,9 @@ class ModelRuntime:
             # load, all read with -0.0 ms left; review helper-297). Not merely with a batch
             # in flight: a 50 ms deadline on a 170 ms model is the client's ask (helper-302).
             s = self.lanes[lane]
-            idle = s.latency.profiled(s.ctx.fastest(req), req.rows, s.idle_quantile(req))
+            idle = s.latency.profiled(
+                s.ctx.fastest(req), req.rows, s.idle_quantile(req), req.length or None
+            )
             # ("nothing": within a microsecond - a deadline read at 0 came out +1e-17 after
             # the sums above on one machine and -1e-17 on another)
             busy = deadline_only and (left < 1e-6 or self._idle.waits == self._idle_mark)

@@ -664,6 +664,65 @@ def test_a_request_is_planned_at_its_own_length_not_the_longest(repo, tmp_path):
     assert lanes == {8: 1, 16: 0, 24: 1}
 
 
+def _lane_runtime(repo, tmp_path, fixed_lengths: bool = False):
+    """A runtime of the embedder with the scripted profile (1 ms per token and row at full
+    width, half at half) on a scripted clock, and a feeds maker by words."""
+    import shutil
+
+    _, d, _ = repo
+    root = tmp_path / "repo"
+    shutil.copytree(d, root / "embed")
+    _scripted_profile(root / "embed", ms_per_token=1.0)
+    served = Repository(root).load("embed")
+    for engine in served.engines.values():
+        engine.prefers_fixed_lengths = fixed_lengths
+    rt = ModelRuntime(served, Metrics(), clock=lambda: 0.0)
+    tok = served.tokenizer
+
+    def feeds(words: int):
+        ids, mask = tok.encode([" ".join(["the"] * words)])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return rt, feeds
+
+
+def test_a_text_in_the_upper_part_of_a_lane_is_planned_at_its_own_tokens(repo, tmp_path):
+    # 18 tokens join the 24 lane. Padded to their own length they take ~9 ms at half width
+    # (between the 16 lane's 8 ms and the 24 lane's 12): a 10.5 ms budget (9.5 to plan
+    # with) is met. Planned at 24 tokens it was refused as "below the fastest tier"
+    # (helper-317: 140-token texts in the 256 lane at 30 ms, on a fresh replica).
+    rt, feeds = _lane_runtime(repo, tmp_path)
+    assert feeds(16)["input_ids"].shape[1] == 18 and rt._lane(18) == 24
+
+    async def go():
+        rt.start()
+        try:
+            # (refused first: a batch run teaches the lane the tiny engine's real speed)
+            with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
+                await rt.infer(feeds(21), 1, budget_s=0.0105)  # 23 tokens: ~11.5 ms
+            return await rt.infer(feeds(16), 1, budget_s=0.0105)
+        finally:
+            await rt.stop()
+
+    assert asyncio.run(go()).tier == "half"
+
+
+def test_an_engine_padding_to_its_lane_plans_every_text_at_the_lanes_length(repo, tmp_path):
+    # Batches padded to the lane's length (a CUDA graph per profiled length) take the
+    # lane's time whatever the text: 18 tokens are planned as 24 (12 ms) and refused.
+    rt, feeds = _lane_runtime(repo, tmp_path, fixed_lengths=True)
+
+    async def go():
+        rt.start()
+        try:
+            with pytest.raises(DeadlineExceeded, match="below the fastest allowed tier"):
+                await rt.infer(feeds(16), 1, budget_s=0.0105)
+        finally:
+            await rt.stop()
+
+    asyncio.run(go())
+
+
 # -- the BYTES codec, without a server ----------------------------------------------------------
 def _text_request(shape, typed=None, raw=None):
     from server.proto_gen import grpc_service_pb2 as pb

@@ -49,8 +49,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from server.scheduling.lengths import LengthSpan
 
 # The default probability of meeting a deadline that plans are made for (per model:
 # ``slo_target`` in model.yaml). 0.999: one late answer in a thousand admitted requests.
@@ -268,7 +272,10 @@ class LatencyModel:
         tiers: Sequence[TierInfo],
         alpha: float = EWMA_ALPHA,
         slo_target: float = DEFAULT_SLO_TARGET,
+        span: LengthSpan | None = None,
     ) -> None:
+        from server.scheduling.lengths import STEPS, profile_rows, profile_sigma  # (imports us)
+
         if not tiers:
             raise ValueError("at least one tier is needed")
         if not 0.5 <= slo_target < 1.0:
@@ -297,21 +304,13 @@ class LatencyModel:
         self._p90: dict[str, list[float]] = {}
         self._sigma0: dict[str, list[float]] = {}
         for t in tiers:
-            typical = t.typical_ms if t.typical_ms is not None else t.latency_ms
-            sizes = range(1, t.max_batch + 1)
-            p50 = [interpolate(typical, b) / 1e3 for b in sizes]
-            p90 = [interpolate(t.latency_ms, b) / 1e3 for b in sizes]
-            p99 = [interpolate(t.tail_ms, b) / 1e3 for b in sizes] if t.tail_ms else None
-            self._p50[t.name] = [0.0, *p50]
-            self._p90[t.name] = [0.0, *p90]
-            if t.typical_ms is None:
-                self._sigma0[t.name] = [0.0] * (t.max_batch + 1)
-            else:
-                self._sigma0[t.name] = [0.0] + [
-                    min(lognormal_sigma(p50[i], p90[i], p99[i] if p99 else None),
-                        PROFILE_SIGMA_MAX)
-                    for i in range(len(p50))
-                ]  # fmt: skip
+            p50, p90, p99 = profile_rows(t)
+            self._p50[t.name], self._p90[t.name] = p50, p90
+            self._sigma0[t.name] = profile_sigma(t, p50, p90, p99)
+        # A sequence model's lane: the profile one length shorter too, and the plan point
+        # (``set_length``) the tables above are at - STEPS: the lane's own length.
+        self._span = span
+        self._step = STEPS
         self._width = max(t.max_batch for t in tiers) + 1
         self._rows_cache: dict[str, tuple[list[float], ...]] = {}
         # (names, width) -> (name -> row, read-only views, the writable arrays)
@@ -396,12 +395,23 @@ class LatencyModel:
         self._check(tier, rows)
         return self._rows_cache[tier][5][max(rows, 1)]
 
-    def quantile(self, tier: str, rows: int, q: float) -> float:
+    def quantile(self, tier: str, rows: int, q: float, length: int | None = None) -> float:
         """The ``q`` quantile (s) of one batch's time (``estimate``'s cached value at
-        ``slo_target``)."""
+        ``slo_target``); with ``length``, of a batch of that many tokens rather than at the
+        length in force (``set_length``)."""
         if q == self.slo_target:
-            return self.estimate(tier, rows)
-        return self.median(tier, rows) * math.exp(z_score(q) * self.planning_sigma(tier, rows))
+            at = self.estimate(tier, rows)
+        else:
+            at = self.median(tier, rows) * math.exp(z_score(q) * self.planning_sigma(tier, rows))
+        return at * self._length_ratio(tier, rows, length)
+
+    def _length_ratio(self, tier: str, rows: int, length: int | None) -> float:
+        """The profile's p50 at ``length`` tokens over its p50 at the length in force (1
+        where there are no lengths)."""
+        if length is None or self._span is None:
+            return 1.0
+        at = self._span.rows(self.tiers[tier], self._span.step(length))[0][max(rows, 1)]
+        return at / max(self._p50[tier][max(rows, 1)], MIN_TYPICAL_S)
 
     def estimate(self, tier: str, rows: int) -> float:
         """Planning latency (s): the ``slo_target`` quantile of one batch's time."""
@@ -429,16 +439,23 @@ class LatencyModel:
         self._check(tier, rows)
         return self._rows_cache[tier][4][max(rows, 1)]
 
-    def profiled(self, tier: str, rows: int, q: float | None = None) -> float:
+    def profiled(
+        self, tier: str, rows: int, q: float | None = None, length: int | None = None
+    ) -> float:
         """The profile's p90 (s) at ``rows``, interpolated; no online correction. With
         ``q``: the profile's ``q`` quantile (its median and log-normal spread), e.g. the
-        quantile an idle replica admits at."""
+        quantile an idle replica admits at. With ``length``: for a batch of that many
+        tokens (a lane's profile between its length and the next shorter one's), else at
+        the length in force (``set_length``)."""
         self._check(tier, rows)
+        b = max(rows, 1)
+        if length is None or self._span is None:
+            p50, p90, sigma = self._p50[tier], self._p90[tier], self._sigma0[tier]
+        else:
+            p50, p90, sigma = self._span.rows(self.tiers[tier], self._span.step(length))
         if q is None:
-            return self._p90[tier][max(rows, 1)]
-        return self._p50[tier][max(rows, 1)] * math.exp(
-            z_score(q) * self._sigma0[tier][max(rows, 1)]
-        )
+            return p90[b]
+        return p50[b] * math.exp(z_score(q) * sigma[b])
 
     def typical(self, tier: str, rows: int) -> float:
         """The profile's p50 (s) at ``rows``, interpolated: what observations compare with."""
@@ -477,8 +494,9 @@ class LatencyModel:
         return max(math.exp(mu - s * _N.inv_cdf(target)) - elapsed, 0.0)
 
     # -- online correction -----------------------------------------------------------------
-    def observe(self, tier: str, rows: int, seconds: float) -> None:
-        """Learn from one batch: ``rows`` on ``tier`` took ``seconds`` of engine time. The
+    def observe(self, tier: str, rows: int, seconds: float, length: int | None = None) -> None:
+        """Learn from one batch: ``rows`` on ``tier`` took ``seconds`` of engine time
+        (``length``: padded to that many tokens; None: to the lane's own length). The
         level moves towards it in either direction; the spread follows how much consecutive
         batches differ. A time that is not a positive finite number (a broken clock, a NaN
         from the caller) is ignored: it would make the level NaN for good."""
@@ -487,8 +505,14 @@ class LatencyModel:
         # Compare with the typical time, not the planning quantile: on an uncontended
         # machine the factor stays ~1 and the plan keeps its margin; under contention both
         # scale together. Outside load in force now (``set_external``) is divided out: the
-        # level learns only what it does not explain, so the two never count it twice.
-        expected = self.typical(tier, rows) * self._external
+        # level learns only what it does not explain, so the two never count it twice. A
+        # lane's batch is compared with the profile at its own length: its short texts
+        # must not teach the lane that its long ones are as fast (review helper-317).
+        if self._span is None:
+            expected = self.typical(tier, rows) * self._external
+        else:
+            at = self._span.hi if length is None else length
+            expected = self._span.typical(self.tiers[tier], rows, at) * self._external
         ratio = seconds / max(expected, MIN_TYPICAL_S)
         level = self._log_factor[tier]
         x = min(max(math.log(max(ratio, 1e-300)), level + LOG_RATIO_MIN), level + LOG_RATIO_MAX)
@@ -675,6 +699,50 @@ class LatencyModel:
     def external(self) -> float:
         """The external factor in force (``set_external``; 1.0: no outside load)."""
         return self._external
+
+    def set_length(self, length: int) -> bool:
+        """Plan every batch as one of ``length`` tokens from now (a lane: the longest
+        request it holds, queued or running), rounded up to the span's next plan point
+        (``lengths.STEPS``); at or above the lane's own length, as profiled. Returns whether
+        the tables changed. Without a span (fixed shapes, a model's shortest lane) nothing
+        changes. The learned level and spread are kept: they are relative to the profile.
+
+        Example:
+            >>> from server.scheduling.lengths import LengthSpan
+            >>> span = LengthSpan(128, 256, [TierInfo("w100", 1.0, {1: 10.0})])
+            >>> lat = LatencyModel([TierInfo("w100", 1.0, {1: 20.0})], span=span)
+            >>> lat.set_length(192), round(lat.estimate("w100", 1) * 1e3, 3), lat.length
+            (True, 15.0, 192)
+            >>> lat.set_length(190), lat.set_length(300), round(lat.estimate("w100", 1) * 1e3, 3)
+            (False, True, 20.0)
+        """
+        if self._span is None:
+            return False
+        step = self._span.step(length)
+        if step == self._step:
+            return False
+        self._step = step
+        for t in self.tiers.values():
+            self._p50[t.name], self._p90[t.name], self._sigma0[t.name] = self._span.rows(t, step)
+            self._refresh(t.name)
+            self._fill(t.name)
+        self.version += 1
+        return True
+
+    @property
+    def length(self) -> int | None:
+        """The tokens batches are planned at now (``set_length``); None without a span."""
+        span = self._span
+        if span is None:
+            return None
+        from server.scheduling.lengths import STEPS
+
+        return span.lo + (span.hi - span.lo) * self._step // STEPS
+
+    @property
+    def length_aware(self) -> bool:
+        """Whether ``set_length`` changes anything: the model has a shorter profile."""
+        return self._span is not None
 
     @property
     def factor(self) -> dict[str, float]:

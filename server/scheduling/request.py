@@ -75,7 +75,8 @@ class Request:
     so that a refusal - a certain miss - judges the overhead at its median. ``group``:
     requests of different groups never share a batch (None: one group; the server gives a
     sequence model without a mask each sequence length its own, so that a batch is one
-    engine call of one shape, as it is planned). ``state`` is read-only: it changes through
+    engine call of one shape, as it is planned). ``length``: the tokens a text's batch is
+    padded to for it (0: not planned by length). ``state`` is read-only: it changes through
     ``start``, ``finish`` or ``advance``.
 
     Example:
@@ -95,6 +96,9 @@ class Request:
     grace: float = 0.0
     reserve: float = 0.0
     group: Hashable = None
+    # Tokens its batch is padded to at least (a text's own length, in a lane that plans by
+    # length: ``LatencyModel.set_length``); 0: the lane's length, as for fixed shapes.
+    length: int = 0
     # Outcome, written by the transitions below (None / 0 until they happen).
     tier: str | None = None
     started: float | None = None

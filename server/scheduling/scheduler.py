@@ -38,7 +38,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +49,9 @@ from .plan import SMALL_QUEUE, Columns, admission_finish, group_key, quantile, w
 from .policy import Context, Decision, FixedTier, Policy, Snapshot
 from .request import IllegalTransition, Request, State
 
+# The length a request without one (``Request.length`` 0) counts as in a lane planned by
+# length: above any text's, so the lane's own.
+_LANE = 1 << 62
 # Seconds: time constant of the decayed arrival rate. Tens of batches at the profiled
 # latencies (about 1-20 ms each), so one batch's worth of arrivals does not look like a
 # trend, yet a burst is forgotten within about a second.
@@ -225,6 +228,11 @@ class Scheduler:
         # home and answered late; review 202), back to FORGET_AFTER_S when it does not.
         self._relax_wait: dict[str, float] = {}
         self._relaxed: dict[str, tuple] = {}  # relaxed since their last batch: as before
+        # A lane planned by length (``LatencyModel.set_length``): every batch is planned at
+        # the longest text queued or running here - its own batch is padded to no more, and
+        # no batch the plan forms to more. tokens -> queued requests of that length.
+        self._length_aware = self.latency.length_aware
+        self._lengths: Counter[int] = Counter()
 
     @property
     def slo_target(self) -> float:
@@ -304,6 +312,27 @@ class Scheduler:
 
     def submit(self, r: Request, now: float) -> None:
         """Queue ``r`` or raise ``Refused``; refusing at arrival is better than a late answer."""
+        if not self._length_aware:
+            self._admit(r, now)
+            return
+        # Judged with r in the queue: planned at its length where it is the longest.
+        self._plan_length(r)
+        try:
+            self._admit(r, now)
+        finally:
+            self._plan_length()  # r queued (counted) or refused (not)
+
+    def _plan_length(self, joining: Request | None = None) -> None:
+        """Plan this lane's batches at the longest text it holds, queued or running (and
+        ``joining``). A request without a length (0) counts as the lane's own length."""
+        longest = max(self._lengths, default=0)
+        for d, _ in self.running.values():
+            longest = max(longest, *(r.length or _LANE for r in d.requests))
+        if joining is not None:
+            longest = max(longest, joining.length or _LANE)
+        self.latency.set_length(longest)
+
+    def _admit(self, r: Request, now: float) -> None:
         self.check_constraints(r)
         if self._first is None:
             self._first = now
@@ -317,7 +346,8 @@ class Scheduler:
         self._idle_share += IDLE_ALPHA * (float(idle) - self._idle_share)
         self._idle_weight += IDLE_ALPHA * (1.0 - self._idle_weight)
         fastest = self.ctx.fastest(r)
-        if now + self.latency.estimate(fastest, r.rows) <= r.deadline:
+        own = r.length or None  # a text: alone, its batch is padded to its own length
+        if now + self.latency.quantile(fastest, r.rows, self.slo_target, own) <= r.deadline:
             # A budget no tier can meet (at the quantile plans are made at) must not shrink,
             # via tight_budget, the batches of the requests that can be served.
             self._budgets.append(r.deadline - now)
@@ -326,7 +356,7 @@ class Scheduler:
         # the median and expired at the next pump.
         q = self.admission_quantile(joining=r)
         due = self.admission_deadline(r)
-        alone = self.latency.quantile(fastest, r.rows, q)
+        alone = self.latency.quantile(fastest, r.rows, q, own)
         # Full (over the model's lanes together): a request of higher priority than the
         # least urgent one queued takes its place, once admitted; else it is refused.
         full = self.instances.queued() >= self.max_queue
@@ -341,10 +371,10 @@ class Scheduler:
             )
         # Forgetting helps only a budget the profile itself meets: one below even that (a
         # client's 0.2 ms) would wipe a slowdown learned rightly and plan the next ones short.
-        profiled = self.latency.profiled(fastest, r.rows, q)
+        profiled = self.latency.profiled(fastest, r.rows, q, own)
         profile_meets = now + profiled <= due
         if now + alone > due and profile_meets and self._forget_if_idle(fastest, now):
-            alone = self.latency.quantile(fastest, r.rows, q)
+            alone = self.latency.quantile(fastest, r.rows, q, own)
         if now + alone > due:
             # (a faster tier to allow only where the request narrowed them: "allow a faster
             # tier" was said to one that had no pin, of the fastest tier; helper-276)
@@ -415,6 +445,8 @@ class Scheduler:
         r = self.queue[-1]
         due, head = self._ranks()  # (the last may be the earliest deadline: helper-313)
         self._remove_at([len(self.queue) - 1])
+        if self._length_aware:
+            self._plan_length()
         r.finish(State.REFUSED_FULL, now)
         self._evicted.append(r)
         self._dropped_if_later(due, head)
@@ -547,6 +579,8 @@ class Scheduler:
         i = bisect.bisect(self._keys, key) if i is None else i
         self._keys.insert(i, key)
         self.queue.insert(i, r)
+        if self._length_aware:
+            self._lengths[r.length or _LANE] += 1
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
             self._cols.drop()
         else:
@@ -686,14 +720,18 @@ class Scheduler:
         if len(self.queue) <= SMALL_QUEUE or q != self.slo_target:
             # Plain Python beats numpy's call overhead on a short queue (and a queue below
             # max_batch, the median's case, is short unless max_batch is large).
-            fastest = self.ctx.fastest
-            ends = [(i, now + self.latency.quantile(fastest(r), r.rows, q))
+            fastest, quantile = self.ctx.fastest, self.latency.quantile
+            ends = [(i, now + quantile(fastest(r), r.rows, q, r.length or None))
                     for i, r in enumerate(self.queue)]  # fmt: skip
         else:
             cols = self.columns()
             alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
             over = np.flatnonzero(now + alone > cols.deadline).tolist()
             ends = [(i, now + alone.item(i)) for i in over]
+            if self._length_aware:  # those late at the lane's longest: at their own length
+                fastest, quantile, queue = self.ctx.fastest, self.latency.quantile, self.queue
+                ends = [(i, now + quantile(fastest(queue[i]), queue[i].rows, q,
+                                           queue[i].length or None)) for i, _ in ends]  # fmt: skip
         # Late by the planning deadline (few: those expiring), then by the grace too.
         past = [(i, end) for i, end in ends if end > self.queue[i].deadline]
         if not past:
@@ -703,6 +741,8 @@ class Scheduler:
         graced = [i for i, end in past if end <= self.admission_deadline(self.queue[i])]
         gone, kept = [self.queue[i] for i in late], [self.queue[i] for i in graced]
         self._remove_at(sorted(late + graced))
+        if self._length_aware:
+            self._plan_length()
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
         # Within its grace only: planned to its deadline plus the grace from now on. Planned
@@ -769,6 +809,8 @@ class Scheduler:
         for r in decision.requests:
             r.start(decision.tier, rows, now)
         self.running[slot] = (decision, now)
+        if self._length_aware:
+            self._plan_length()
         self.device.started(self, decision, now)
         return decision
 
@@ -931,8 +973,13 @@ class Scheduler:
         try:
             if ok and learn:
                 observed = calls or ((decision.rows, compute_s),)
+                # (a text batch was padded to its longest: compared with the profile there)
+                padded = None
+                if self._length_aware:
+                    longest = max(r.length or _LANE for r in decision.requests)
+                    padded = None if longest == _LANE else longest
                 for rows, seconds in observed:
-                    self.latency.observe(decision.tier, rows, seconds)
+                    self.latency.observe(decision.tier, rows, seconds, padded)
                 self._observed_at[decision.tier] = now
                 if decision.tier in self._relaxed:  # its first batch since a relax
                     self._judge_relax(decision.tier, observed)
@@ -945,6 +992,8 @@ class Scheduler:
             # start a batch there at once - on this scheduler too. Released first, such a
             # batch's entry was the one deleted above: its requests never answered, the
             # slot held for good (review helper-232).
+            if self._length_aware:
+                self._plan_length()
             self.device.release(decision)
 
     def cancel(self, r: Request, now: float) -> bool:
@@ -954,6 +1003,8 @@ class Scheduler:
             return False
         due, head = self._ranks()
         self._remove_all([r])
+        if self._length_aware:
+            self._plan_length()
         r.finish(State.CANCELLED, now)
         self._dropped_if_later(due, head)
         return True
@@ -970,8 +1021,14 @@ class Scheduler:
         self._remove_at(sorted(self._index(r) for r in reqs))
 
     def _remove_at(self, idx: list[int]) -> None:
-        """Remove the queued requests at the sorted indices ``idx``."""
+        """Remove the queued requests at the sorted indices ``idx`` (a lane planned by
+        length plans at the new longest once its caller is done: ``_plan_length``)."""
         for i in reversed(idx):
+            if self._length_aware:
+                n = self.queue[i].length or _LANE
+                self._lengths[n] -= 1
+                if not self._lengths[n]:
+                    del self._lengths[n]
             del self.queue[i]
             del self._keys[i]
         if self._cols.synced:

@@ -1,0 +1,135 @@
+"""A text model's lane plans each batch at the tokens it is padded to - the longest text it
+holds - not at the lane's own length (``server.scheduling.lengths``). Before, a 140-token
+text in the 256 lane was planned as 256 tokens: refused on an idle replica at budgets it
+met in half the time, and its batches taught the lane that 256-token batches were that
+fast (review helper-317). Pure: scripted clock, no engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
+from server.scheduling.lengths import STEPS, LengthSpan
+
+# ms at 128 and 256 tokens per batch of 1 / 8 rows (p50; p90 5 % above)
+AT = {128: {1: 10.0, 8: 40.0}, 256: {1: 20.0, 8: 80.0}}
+
+
+def tiers(n: int, names=("w100",)) -> list[TierInfo]:
+    return [
+        TierInfo(name, 1.0 - 0.1 * i, {b: ms * 1.05 for b, ms in AT[n].items()}, AT[n])
+        for i, name in enumerate(names)
+    ]
+
+
+def lane(max_batch: int = 8) -> Scheduler:
+    span = LengthSpan(128, 256, tiers(128))
+    lat = LatencyModel(tiers(256), span=span)
+    return Scheduler(tiers(256), make_policy("innfer", tiers(256)), max_batch=max_batch,
+                     max_queue=100, latency=lat)  # fmt: skip
+
+
+def text(i: int, tokens: int, budget: float, now: float = 0.0) -> Request:
+    return Request(i, now, now + budget, length=tokens)
+
+
+def test_plan_points_round_a_length_up_between_the_two_profiles():
+    span = LengthSpan(128, 256, tiers(128))
+    assert [span.step(n) for n in (129, 144, 145, 200, 255, 256, 999)] == [1, 1, 2, 5, 8, 8, 8]
+    p50, p90, sigma = span.rows(tiers(256)[0], 4)  # half way: 192 tokens
+    assert p50[1] == pytest.approx(0.015) and p50[8] == pytest.approx(0.060)
+    assert p90[1] == pytest.approx(0.01575) and sigma[1] > 0
+    assert span.typical(tiers(256)[0], 8, 160) == pytest.approx(0.050)  # exact, not rounded
+
+
+def test_a_shorter_profile_slower_than_the_lanes_never_plans_above_the_lanes_own():
+    slow = [TierInfo("w100", 1.0, {1: 30.0, 8: 100.0}, {1: 30.0, 8: 100.0})]
+    p50, _, _ = LengthSpan(128, 256, slow).rows(tiers(256)[0], 4)
+    assert p50[1] == pytest.approx(0.020) and p50[8] == pytest.approx(0.080)
+
+
+def test_a_tier_the_shorter_profile_lacks_stays_at_the_lanes_length():
+    span = LengthSpan(128, 256, tiers(128, names=("other",)))
+    assert span.rows(tiers(256)[0], 1)[0][1] == pytest.approx(0.020)
+
+
+def test_set_length_moves_every_plan_and_only_at_a_new_plan_point():
+    lat = LatencyModel(tiers(256), span=LengthSpan(128, 256, tiers(128)))
+    assert lat.length_aware and lat.length == 256
+    full = lat.estimate("w100", 8)
+    v = lat.version
+    assert lat.set_length(192) and lat.length == 192 and lat.version == v + 1
+    assert lat.estimate("w100", 8) == pytest.approx(full * 0.75, rel=1e-6)
+    assert lat.mean("w100", 8) < full
+    assert not lat.set_length(180)  # same plan point (176 < 180 <= 192)
+    assert lat.set_length(400) and lat.estimate("w100", 8) == pytest.approx(full)
+    plain = LatencyModel(tiers(256))
+    assert not plain.length_aware and not plain.set_length(130) and plain.length is None
+
+
+def test_batches_of_short_texts_teach_no_speed_up_of_the_lanes_long_ones():
+    lat = LatencyModel(tiers(256), span=LengthSpan(128, 256, tiers(128)))
+    for _ in range(30):  # 160-token batches, exactly as fast as the profile says there
+        lat.observe("w100", 8, 0.050, length=160)
+    assert lat.factor["w100"] == pytest.approx(1.0, abs=1e-9)
+    assert lat.median("w100", 8) == pytest.approx(0.080)  # a 256-token batch: as profiled
+    # Compared with the lane's own length (no length: as before), they read as 0.62x
+    blind = LatencyModel(tiers(256), span=LengthSpan(128, 256, tiers(128)))
+    for _ in range(30):
+        blind.observe("w100", 8, 0.050)
+    assert blind.factor["w100"] == pytest.approx(0.625, rel=0.01)
+
+
+def test_an_idle_lane_admits_a_short_text_its_lanes_length_would_not():
+    s = lane()
+    # alone at 1 row: 140 tokens (planned at 144) 11.25 ms; 256 tokens 20 ms
+    s.submit(text(1, 140, budget=0.013), now=0.0)
+    with pytest.raises(Refused, match="below the fastest allowed tier"):
+        s.submit(text(2, 250, budget=0.013), now=0.0)
+    assert s.latency.length == 144  # the refusal left the plan as it was
+
+
+def test_the_lane_plans_at_the_longest_text_queued_or_running_and_back():
+    s = lane(max_batch=1)
+    s.submit(text(1, 140, budget=1.0), now=0.0)
+    assert s.latency.length == 144
+    s.submit(text(2, 250, budget=2.0), now=0.0)
+    assert s.latency.length == 256
+    d1 = s.next(0.0)
+    assert [r.id for r in d1.requests] == [1] and s.latency.length == 256
+    s.complete(d1, 0.011, compute_s=0.011)
+    d2 = s.next(0.011)
+    assert [r.id for r in d2.requests] == [2] and s.latency.length == 256  # running counts
+    s.submit(text(3, 130, budget=1.0), now=0.012)
+    assert s.latency.length == 256
+    s.complete(d2, 0.031, compute_s=0.020)
+    assert s.latency.length == 144  # only the 130-token text is left
+    assert s.cancel(s.queue[0], 0.032)
+    assert s.latency.length == 128 + (256 - 128) // STEPS  # nothing held: the lowest point
+
+
+def test_a_completed_batch_is_learned_at_the_length_it_was_padded_to():
+    s = lane()
+    for i in range(3):
+        s.submit(text(i, 150, budget=1.0), now=0.0)
+    d = s.next(0.0)
+    assert d.rows == 3
+    ms = (10.0 + (40.0 - 10.0) * 2 / 7) + ((20.0 + 60.0 * 2 / 7) - (10.0 + 30.0 * 2 / 7)) * 22 / 128
+    s.complete(d, ms / 1e3, compute_s=ms / 1e3)  # the profile at 150 tokens, 3 rows
+    assert s.latency.factor["w100"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("queued", [3, 40])  # the plain path, and the array path (> 24)
+def test_expiry_judges_a_short_text_at_its_own_length_behind_long_ones(queued):
+    s = lane()
+    for i in range(queued):
+        s.submit(text(100 + i, 250, budget=60.0), now=0.0)
+    assert s.latency.length == 256
+    short = text(1, 140, budget=1.0)
+    s.submit(short, now=0.0)
+    # 16 ms before its deadline: alone at 140 tokens it takes 11.25 ms (fastest tier, 1
+    # row), at the lane's 256 tokens 20 ms - it is not past hope.
+    gone = s.expire(now=1.0 - 0.016)
+    assert short not in gone and short in s.queue
+    gone = s.expire(now=1.0 - 0.010)
+    assert short in gone
