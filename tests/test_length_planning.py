@@ -1,8 +1,9 @@
-"""A text model's lane plans each batch at the tokens it is padded to - the longest text it
-holds - not at the lane's own length (``server.scheduling.lengths``). Before, a 140-token
-text in the 256 lane was planned as 256 tokens: refused on an idle replica at budgets it
-met in half the time, and its batches taught the lane that 256-token batches were that
-fast (review helper-317). Pure: scripted clock, no engine."""
+"""A text model's lane plans by the tokens of the texts it holds - a text alone at its own,
+a queue at their mean - not at the lane's own length, and learns each batch at the length
+it was padded to (``server.scheduling.lengths``). Before, a 140-token text in the 256 lane
+was planned as 256 tokens: refused on an idle replica at budgets it met in half the time,
+and its batches taught the lane that 256-token batches were that fast (review
+helper-317). Pure: scripted clock, no engine."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.lengths import STEPS, LengthSpan
 
-# ms at 128 and 256 tokens per batch of 1 / 8 rows (p50; p90 5 % above)
+# ms at 128 and 256 tokens per batch of 1 / 8 rows (p50; p90 5 % above): at l tokens
+# between, the 256 profile x (0.5 + 0.5 (l - 128) / 128)
 AT = {128: {1: 10.0, 8: 40.0}, 256: {1: 20.0, 8: 80.0}}
 
 
@@ -40,6 +42,14 @@ def test_plan_points_round_a_length_up_between_the_two_profiles():
     assert p50[1] == pytest.approx(0.015) and p50[8] == pytest.approx(0.060)
     assert p90[1] == pytest.approx(0.01575) and sigma[1] > 0
     assert span.typical(tiers(256)[0], 8, 160) == pytest.approx(0.050)  # exact, not rounded
+
+
+def test_the_lane_keeps_its_own_shape_across_batch_sizes():
+    # The 128 profile batches better (8 rows: 3x one row) than the 256 one (4x): a batch
+    # of mixed lengths, padded to its longest, does not - planned with the lane's shape.
+    lo = [TierInfo("w100", 1.0, {1: 10.0, 8: 30.0}, {1: 10.0, 8: 30.0})]
+    p50, _, _ = LengthSpan(128, 256, lo).rows(tiers(256)[0], 4)
+    assert p50[8] / p50[1] == pytest.approx(4.0)
 
 
 def test_a_shorter_profile_slower_than_the_lanes_never_plans_above_the_lanes_own():
@@ -89,19 +99,19 @@ def test_an_idle_lane_admits_a_short_text_its_lanes_length_would_not():
     assert s.latency.length == 144  # the refusal left the plan as it was
 
 
-def test_the_lane_plans_at_the_longest_text_queued_or_running_and_back():
+def test_the_lane_plans_at_the_mean_length_of_the_texts_queued_or_running():
     s = lane(max_batch=1)
     s.submit(text(1, 140, budget=1.0), now=0.0)
-    assert s.latency.length == 144
+    assert s.latency.length == 144  # alone: its own (rounded up to a plan point)
     s.submit(text(2, 250, budget=2.0), now=0.0)
-    assert s.latency.length == 256
+    assert s.latency.length == 208  # mean 195
     d1 = s.next(0.0)
-    assert [r.id for r in d1.requests] == [1] and s.latency.length == 256
+    assert [r.id for r in d1.requests] == [1] and s.latency.length == 208  # running counts
     s.complete(d1, 0.011, compute_s=0.011)
+    assert s.latency.length == 256  # the 250-token text alone
     d2 = s.next(0.011)
-    assert [r.id for r in d2.requests] == [2] and s.latency.length == 256  # running counts
     s.submit(text(3, 130, budget=1.0), now=0.012)
-    assert s.latency.length == 256
+    assert [r.id for r in d2.requests] == [2] and s.latency.length == 192  # mean 190
     s.complete(d2, 0.031, compute_s=0.020)
     assert s.latency.length == 144  # only the 130-token text is left
     assert s.cancel(s.queue[0], 0.032)
@@ -114,8 +124,8 @@ def test_a_completed_batch_is_learned_at_the_length_it_was_padded_to():
         s.submit(text(i, 150, budget=1.0), now=0.0)
     d = s.next(0.0)
     assert d.rows == 3
-    ms = (10.0 + (40.0 - 10.0) * 2 / 7) + ((20.0 + 60.0 * 2 / 7) - (10.0 + 30.0 * 2 / 7)) * 22 / 128
-    s.complete(d, ms / 1e3, compute_s=ms / 1e3)  # the profile at 150 tokens, 3 rows
+    ms = (20.0 + 60.0 * 2 / 7) * (0.5 + 0.5 * 22 / 128)  # the profile at 150 tokens, 3 rows
+    s.complete(d, ms / 1e3, compute_s=ms / 1e3)
     assert s.latency.factor["w100"] == pytest.approx(1.0, abs=1e-6)
 
 

@@ -701,8 +701,8 @@ class LatencyModel:
         return self._external
 
     def set_length(self, length: int) -> bool:
-        """Plan every batch as one of ``length`` tokens from now (a lane: the longest
-        request it holds, queued or running), rounded up to the span's next plan point
+        """Plan every batch as one of ``length`` tokens from now (a lane: the mean length of
+        the texts it holds, queued or running), rounded up to the span's next plan point
         (``lengths.STEPS``); at or above the lane's own length, as profiled. Returns whether
         the tables changed. Without a span (fixed shapes, a model's shortest lane) nothing
         changes. The learned level and spread are kept: they are relative to the profile.
@@ -738,6 +738,11 @@ class LatencyModel:
         from server.scheduling.lengths import STEPS
 
         return span.lo + (span.hi - span.lo) * self._step // STEPS
+
+    @property
+    def span(self) -> LengthSpan | None:
+        """The lengths this model plans between (``set_length``); None: fixed."""
+        return self._span
 
     @property
     def length_aware(self) -> bool:

@@ -1,24 +1,28 @@
-"""A sequence model's latency between two profiled lengths: what a lane plans a batch of
-texts shorter than its own length at.
+"""A sequence model's latency between two profiled lengths: what a lane plans texts shorter
+than its own length at.
 
 A text model is profiled at a few sequence lengths (16/32/64/128/256 tokens) and has one
 scheduler - a *lane* - per length: a request joins the shortest length that holds it. Its
 batch is padded to its longest request, not to the lane's length, so a 140-token text in
 the 256 lane runs in about the time of 140 tokens. Planned at 256, it was refused on an
 idle replica ("budget below the fastest tier") at budgets the replica met in half the time;
-and the batches of such texts then taught the lane's online correction that 256-token
-batches were that fast, planning the long ones short (review helper-317).
+and the batches of such texts taught the lane's online correction that 256-token batches
+were that fast, planning the long ones short (review helper-317).
 
 ``LengthSpan`` holds a lane's profile (at ``hi`` tokens) and the next shorter one's (at
-``lo``), and gives the profile at any length in between: linear in the length, per tier
-and batch size (transformer encoders at these lengths are close to linear; where the
-attention's quadratic part shows, the chord lies above the curve: a plan is slower, never
-faster, than the engine). A shorter length's time above the lane's own (a noisy profile)
-is taken as the lane's: no length plans slower than the lane's own profile.
+``lo``) and gives the lane's profile at a length in between: the lane's own, times the
+ratio of the two profiles' batch-1 times at that length - linear in the length from ``lo``
+to ``hi`` (transformer encoders at these lengths are close to linear; where attention's
+quadratic part shows, the chord lies above the curve: slower than the engine, not
+faster). A shorter length's time above the lane's own (a noisy profile) is taken as the
+lane's. Across batch sizes the lane keeps its own profile's shape: a batch of texts of
+several lengths is padded to its longest and gains less from batching than the shorter
+length's profile of equal lengths says (interpolated per batch size instead, the MiniLM
+lanes batched long texts with short ones into batches that ran late).
 
-Plans use the length quantized up to one of ``STEPS`` points between ``lo`` and ``hi``, so
-that a lane's tables change only when the longest text it holds crosses one of them; an
-observed batch is compared with the profile at its exact length.
+Plans use a length rounded up to one of ``STEPS`` points between ``lo`` and ``hi``, so that
+a lane's tables change only when that length crosses one of them; an observed batch is
+compared with the profile at its exact length.
 
 Example:
     >>> hi = [TierInfo("w100", 1.0, {1: 20.0, 8: 100.0}, {1: 18.0, 8: 90.0})]
@@ -26,11 +30,13 @@ Example:
     >>> span = LengthSpan(128, 256, lo)
     >>> span.step(140), span.step(256), span.step(100)   # of STEPS (8): 1/8 is 16 tokens
     (1, 8, 1)
+    >>> round(span.ratio(hi[0], 0.5), 4)                 # 192 tokens: (10 + 4) / 18
+    0.7778
     >>> p50, p90, sigma = span.rows(hi[0], span.step(140))
-    >>> round(p50[1] * 1e3, 3), round(p50[8] * 1e3, 3)   # 144 tokens: 1/8 of the way
-    (11.0, 50.625)
-    >>> round(span.typical(hi[0], 8, 192) * 1e3, 3)      # exact length: half way
-    67.5
+    >>> round(p50[1] * 1e3, 3), round(p50[8] * 1e3, 3)   # 144 tokens: x 11 / 18
+    (11.0, 55.0)
+    >>> round(span.typical(hi[0], 8, 192) * 1e3, 3)      # exact length: x 14 / 18
+    70.0
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ from dataclasses import dataclass, field
 
 from server.scheduling.latency import PROFILE_SIGMA_MAX, TierInfo, interpolate, lognormal_sigma
 
-# Points between the shorter length and the lane's own that plans are made at (the longest
-# queued text's length rounded up to one): 8 - in the 256 lane above 128, steps of 16
-# tokens, a plan at most ~6 % of the lane's time above the exact length's; each change of
-# step rewrites the lane's tables (a few tens of microseconds per tier).
+# Points between the shorter length and the lane's own that plans are made at (the length
+# a lane plans at rounded up to one): 8 - in the 256 lane above 128, steps of 16 tokens, a
+# plan at most ~6 % of the lane's time above the exact length's; each change of step
+# rewrites the lane's tables (a few tens of microseconds per tier).
 STEPS = 8
 
 
@@ -78,16 +84,16 @@ class LengthSpan:
     lo: int
     hi: int
     tiers: Sequence[TierInfo]
-    _lo_rows: dict = field(default_factory=dict, init=False, repr=False)
+    _lo_one: dict = field(default_factory=dict, init=False, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.lo < self.hi:
             raise ValueError(f"need 0 < lo < hi tokens, got {self.lo} and {self.hi}")
-        self._lo_rows = {t.name: profile_rows(t) for t in self.tiers}
+        self._lo_one = {t.name: profile_rows(t)[0][1] for t in self.tiers}  # p50, 1 row
 
     def step(self, length: int) -> int:
-        """The plan point (0..``STEPS``) at or above ``length`` tokens: ``STEPS`` is the
+        """The plan point (1..``STEPS``) at or above ``length`` tokens: ``STEPS`` is the
         lane's own length; a length at or below ``lo`` (not in this lane) is point 1, the
         lowest a text of this lane needs (lo + 1 tokens)."""
         if length >= self.hi:
@@ -95,36 +101,30 @@ class LengthSpan:
         frac = (length - self.lo) / (self.hi - self.lo)
         return min(max(math.ceil(frac * STEPS - 1e-9), 1), STEPS)
 
+    def ratio(self, t: TierInfo, frac: float) -> float:
+        """``t``'s time ``frac`` of the way from ``lo`` to ``hi`` tokens over its time at
+        ``hi``, both at batch 1 (1 for a tier the shorter profile lacks)."""
+        hi = profile_rows(t)[0][1]
+        lo = self._lo_one.get(t.name)
+        if lo is None or hi <= 0:
+            return 1.0
+        lo = min(lo, hi)
+        return (lo + (hi - lo) * min(max(frac, 0.0), 1.0)) / hi
+
     def rows(self, t: TierInfo, step: int) -> tuple[list[float], list[float], list[float]]:
         """``t``'s p50, p90 (seconds) and profile spread per rows at plan point ``step``
-        (cached). ``t`` is the lane's own tier; a tier the shorter length lacks, or whose
-        batch sizes there stop short of the lane's, stays at the lane's length."""
+        (cached): the lane's own profile times ``ratio`` there. ``t`` is the lane's tier."""
         key = (t.name, step)
         hit = self._cache.get(key)
         if hit is None:
-            hi = profile_rows(t)
-            lo = self._lo_rows.get(t.name)
-            if lo is not None and len(lo[0]) >= len(hi[0]) and step < STEPS:
-                w = step / STEPS
-                hi = tuple(
-                    None if h is None or low is None else _blend(low, h, w)
-                    for low, h in zip(lo, hi, strict=True)
-                )
-            hit = self._cache[key] = (hi[0], hi[1], profile_sigma(t, *hi))
+            p50, p90, p99 = profile_rows(t)
+            f = self.ratio(t, step / STEPS)
+            sigma = profile_sigma(t, p50, p90, p99)  # (a ratio leaves the spread as it is)
+            hit = self._cache[key] = ([v * f for v in p50], [v * f for v in p90], sigma)
         return hit
 
     def typical(self, t: TierInfo, rows: int, length: int) -> float:
         """``t``'s p50 (seconds) for a batch of ``rows`` padded to exactly ``length`` tokens:
         what an observed batch is compared with."""
-        b = max(rows, 1)
-        hi = self.rows(t, STEPS)[0]
-        lo = self._lo_rows.get(t.name)
-        if lo is None or len(lo[0]) < len(hi) or length >= self.hi:
-            return hi[b]
-        low = min(lo[0][b], hi[b])
-        return low + (hi[b] - low) * max(length - self.lo, 0) / (self.hi - self.lo)
-
-
-def _blend(lo: Sequence[float], hi: Sequence[float], w: float) -> list[float]:
-    """Per entry, ``w`` of the way from ``lo`` to ``hi`` - from no more than ``hi``."""
-    return [min(a, b) + (b - min(a, b)) * w for a, b in zip(lo, hi, strict=True)]
+        frac = (length - self.lo) / (self.hi - self.lo)
+        return self.rows(t, STEPS)[0][max(rows, 1)] * self.ratio(t, frac)
