@@ -302,6 +302,7 @@ def main() -> int:
     widths = sizes(lanes / MODEL)
     budget_sets = {name: budgets_s(name, args.seed, args.requests) for name in args.budgets}
     log = args.out / f"{stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # (an --out not made yet: the servers' log)
     log.unlink(missing_ok=True)
     results = {"concurrency": args.concurrency, "requests": args.requests,
                "seconds": args.seconds, "seed": args.seed, "affinity": affinity,

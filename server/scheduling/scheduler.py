@@ -335,6 +335,10 @@ class Scheduler:
             total, n = total + (joining.length or self._own_length), n + 1
         self.latency.set_length(math.ceil(total / n) if n else 0)
 
+    def _length_ratios(self) -> np.ndarray:
+        """Per tier rank, the tables' times now over the lane's own length's (<= 1)."""
+        return np.array([self.latency.length_ratio(t.name) for t in self.ctx.tiers])
+
     def _admit(self, r: Request, now: float) -> None:
         self.check_constraints(r)
         if self._first is None:
@@ -730,9 +734,11 @@ class Scheduler:
         else:
             cols = self.columns()
             alone = self.ctx.tables()[0][cols.hi, cols.rows]  # (n,) seconds
+            if self._length_aware:  # at the lane's own length (the longest any text runs at)
+                alone = alone / self._length_ratios()[cols.hi]
             over = np.flatnonzero(now + alone > cols.deadline).tolist()
             ends = [(i, now + alone.item(i)) for i in over]
-            if self._length_aware:  # those late at the lane's longest: at their own length
+            if self._length_aware:  # those late at the lane's own length: at their own
                 fastest, quantile, queue = self.ctx.fastest, self.latency.quantile, self.queue
                 ends = [(i, now + quantile(fastest(queue[i]), queue[i].rows, q,
                                            queue[i].length or None)) for i, _ in ends]  # fmt: skip
