@@ -25,6 +25,7 @@ repository):
              full model only, as a server without tiers would
   lanes@baseline  with --baseline-tree DIR: the lanes server run from that checkout (an
              older commit), in the same run - what a scheduling change did
+  lanes-po@baseline  the same with --plan-overhead (against lanes-po)
 Load: closed loop, --concurrency clients, one evaluation sentence per request (the offline
 corpus, seeded order; their token counts are reported), budgets 30 ms and U(20, 100) ms;
 before each, 16 unrecorded warm-up requests with 16 further sentences of the same draw.
@@ -317,7 +318,9 @@ def main() -> int:
         mine = lanes_of["current"]
         servers = [("lanes", ROOT, mine, None, ())]
         if "baseline" in trees:
-            servers.append(("lanes@baseline", trees["baseline"], lanes_of["baseline"], None, ()))
+            base = (trees["baseline"], lanes_of["baseline"], None)
+            servers += [("lanes@baseline", *base, ()),
+                        ("lanes-po@baseline", *base, ("--plan-overhead",))]  # fmt: skip
         servers += [
             ("lanes-po", ROOT, mine, None, ("--plan-overhead",)),
             (f"lanes-m{args.margin_ms:g}", ROOT, mine, None, margin),
