@@ -390,6 +390,21 @@ class _TimingAtLoad:
                 self._planned[tier] = theirs
 
 
+class _AtLength:
+    """``timing``'s planned times for a text of ``length`` tokens: taken at the lane's own
+    length (``_TimingAtLoad``), or at the length in force (``now``: the latency model
+    itself), scaled by the profile's ratio between the two lengths."""
+
+    def __init__(self, timing, latency: LatencyModel, length: int, now: bool) -> None:
+        self._timing, self._latency, self._length, self._now = timing, latency, length, now
+
+    def planned(self, tier: str) -> list[float]:
+        f = self._latency.length_ratio(tier, self._length)
+        if self._now:
+            f /= self._latency.length_ratio(tier)
+        return [v * f for v in self._timing.planned(tier)]
+
+
 def _engines_own(exc: BaseException) -> bool:
     """Whether ``exc`` is an engine's failure rather than a bug in the caller: ONNX
     Runtime's exceptions derive from Exception alone."""
@@ -2003,9 +2018,11 @@ class ModelRuntime:
         as budget-limited - a degraded share of 0 with all the load degraded, and no
         scale-out (review 192). ``latency``: the lane's model, where no load timed it."""
         below = self._ranked[self._ranked.index(best) :]
-        timing = self._idle_timing.get(id(latency), latency)
+        timing = self._idle_timing.get(id(latency))
+        if r.length and latency.length_aware:  # a text: alone, at its own tokens
+            timing = _AtLength(timing or latency, latency, r.length, now=timing is None)
         # (``budget``: what the planner had, the margin and reserve already off)
-        return best_in_budget(below, timing, r.rows, r.budget)
+        return best_in_budget(below, timing or latency, r.rows, r.budget)
 
     def _record_triton(
         self, d: Decision, answered: list[Request], compute: tuple[float, float, float],

@@ -707,6 +707,24 @@ def test_a_text_in_the_upper_part_of_a_lane_is_planned_at_its_own_tokens(repo, t
     assert asyncio.run(go()).tier == "half"
 
 
+def test_a_text_served_below_the_tier_its_own_tokens_allow_counts_as_degraded(repo, tmp_path):
+    # The degraded count asks which tier an idle replica would serve a request at within its
+    # budget: for 18 tokens at 20 ms the full tier (~18 ms at its own length), not half
+    # (the full tier takes 24 ms at the lane's 24 tokens). Served at half, load took
+    # accuracy from it - the autoscaler's signal - rather than its budget.
+    from server.scheduling import Request
+
+    rt, _ = _lane_runtime(repo, tmp_path)
+    lat = rt.lanes[24].latency
+    rt._remember_idle_timing()  # (as a load does)
+    text = Request(1, 0.0, 0.020, length=18)
+    assert rt._best_in_budget(text, "full", lat) == "full"
+    assert rt._best_in_budget(Request(2, 0.0, 0.020, length=24), "full", lat) == "half"
+    rt._idle_timing.clear()  # (no timing at load: the latency model's own times)
+    lat.set_length(24)
+    assert rt._best_in_budget(text, "full", lat) == "full"
+
+
 def test_an_engine_padding_to_its_lane_plans_every_text_at_the_lanes_length(repo, tmp_path):
     # Batches padded to the lane's length (a CUDA graph per profiled length) take the
     # lane's time whatever the text: 18 tokens are planned as 24 (12 ms) and refused.

@@ -739,14 +739,15 @@ class LatencyModel:
 
         return span.lo + (span.hi - span.lo) * self._step // STEPS
 
-    def length_ratio(self, tier: str) -> float:
-        """``tier``'s profile at the length in force over its profile at the lane's own
-        length (1 without a span)."""
+    def length_ratio(self, tier: str, length: int | None = None) -> float:
+        """``tier``'s profile at the length in force (or at ``length`` tokens, rounded up to
+        a plan point) over its profile at the lane's own length (1 without a span)."""
         if self._span is None:
             return 1.0
         from server.scheduling.lengths import STEPS
 
-        return self._span.ratio(self.tiers[tier], self._step / STEPS)
+        step = self._step if length is None else self._span.step(length)
+        return self._span.ratio(self.tiers[tier], step / STEPS)
 
     @property
     def span(self) -> LengthSpan | None:
