@@ -1178,10 +1178,11 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
     from innfer.tiers import FLOPS_PROXY, FLOPS_PROXY_LARGEST
     from runtime.repository import Repository
     from server.scheduling.latency import tiers_from_profile
+    from server.scheduling.lengths import LengthSpan
 
     d = Path(model_dir).resolve()
     records, profile, source = Repository(d.parent).served_tiers(d.name)
-    profile, lane = _lane_profile(profile, tokens)
+    full, (profile, lane) = profile, _lane_profile(profile, tokens)
     tiers, p50 = tiers_from_profile(profile, records)
     chosen = ""
     if source == "frontier":
@@ -1189,6 +1190,14 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
     if lane:
         lengths = sorted(int(n) for n in profile["lengths"])
         chosen = f"every request at {lane} tokens (lanes {lengths}; --tokens to change)"
+        shorter = [n for n in lengths if n < lane]
+        if tokens is not None and tokens < lane and shorter and _plans_by_tokens(d, full):
+            lo = shorter[-1]
+            lo_tiers, _ = tiers_from_profile({**full, "tiers": full["lengths"][str(lo)]}, records)
+            tiers, p50 = _at_tokens(tiers, p50, LengthSpan(lo, lane, lo_tiers), tokens)
+            chosen = (f"every request at {tokens} tokens, between the {lo}- and {lane}-token "
+                      f"profiles as the server plans a text (lanes {lengths}; --tokens to "
+                      "change)")  # fmt: skip
     proxy = any(records[t].accuracy is None for t in profile["tiers"])
     # a frontier's candidates always carry one: the FLOPs fraction where it had no
     # evaluation set, and simulate said nothing of it (review helper-255)
@@ -1197,6 +1206,27 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
         return tiers, p50, chosen, "", lane
     full = source == "frontier" or any(r.width == 1.0 for r in records.values())
     return tiers, p50, chosen, FLOPS_PROXY if full else FLOPS_PROXY_LARGEST, lane
+
+
+def _plans_by_tokens(model_dir: Path, profile: dict) -> bool:
+    """Whether the server plans this model's requests by their tokens (``ModelRuntime``): a
+    text model, or one whose mask is named, on engines that pad a batch to its longest (a
+    torch engine on CUDA pads to the lane, for its graphs)."""
+    from runtime.repository.config import ModelConfig
+
+    config = ModelConfig.load(model_dir / "model.yaml")
+    cuda = profile.get("backend") == "torch" and str(profile.get("device", "")).startswith("cuda")
+    return (config.text is not None or config.mask_input is not None) and not cuda
+
+
+def _at_tokens(tiers: list, p50: dict, span, tokens: int) -> tuple[list, dict]:
+    """``tiers`` and ``p50`` (a lane's profile) at ``tokens``: every time x the span's
+    ratio there (``server.scheduling.lengths``)."""
+    from server.scheduling.lengths import STEPS
+
+    ratio = {t.name: span.ratio(t, span.step(tokens) / STEPS) for t in tiers}
+    times = {name: {b: v * ratio[name] for b, v in m.items()} for name, m in p50.items()}
+    return [t.scaled(ratio[t.name]) for t in tiers], times
 
 
 def _frontier_flops(model_dir: Path) -> bool:

@@ -43,16 +43,6 @@ class LanesResult:
     mean_size: float  # the served tiers' accuracy (a size proxy without an evaluation)
 
 
-def _scaled(t: TierInfo, f: float) -> TierInfo:
-    """``t`` with every profiled time (p90, p50, p99) ``f`` times as long."""
-
-    def times(m: Mapping[int, float] | None) -> dict[int, float] | None:
-        return None if m is None else {b: v * f for b, v in m.items()}
-
-    return replace(t, latency_ms=times(t.latency_ms), typical_ms=times(t.typical_ms),
-                   tail_ms=times(t.tail_ms))  # fmt: skip
-
-
 def simulate_lanes(
     tiers: Sequence[TierInfo],
     p50: Mapping[str, Mapping[int, float]],
@@ -86,7 +76,7 @@ def simulate_lanes(
                            typical_ms=None, tail_ms=None) for t in tiers]  # fmt: skip
         else:
             times = {t: {b: v * f for b, v in m.items()} for t, m in p50.items()}
-            own = [_scaled(t, f) for t in tiers]
+            own = [t.scaled(f) for t in tiers]
         profiles[name] = (own, times)
     unit = unit_tier or tiers[0].name
     per_row_ms = 0.0

@@ -274,7 +274,14 @@ def test_simulate_plans_a_text_model_at_the_length_asked(model_dir, capsys):
     assert p50_short == want != p50
     assert main(["simulate", str(model_dir), "--duration", "1", "--load", "0.01",
                  "--policy", "innfer", "--tokens", "12"]) == 0  # fmt: skip
-    assert "every request at 16 tokens" in capsys.readouterr().out.splitlines()[0]
+    # Planned at its own 12 tokens, as the server plans a text: between the 8- and 16-token
+    # profiles (it was planned as 16)
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "every request at 12 tokens, between the 8- and 16-token profiles" in head
+    at = {n: _served(model_dir, n)[1] for n in (8, 12, 16)}
+    for tier, table in at[12].items():
+        lo, hi = min(at[8][tier][1], at[16][tier][1]), at[16][tier][1]
+        assert lo <= table[1] <= hi and table[1] == pytest.approx(lo + (hi - lo) / 2)
     assert main(["simulate", str(model_dir), "--tokens", "99"]) == 2
     assert "--tokens must be in [1, 24]" in capsys.readouterr().err
 

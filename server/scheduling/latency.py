@@ -228,6 +228,20 @@ class TierInfo:
     def max_batch(self) -> int:
         return max(int(b) for b in self.latency_ms)
 
+    def scaled(self, factor: float) -> TierInfo:
+        """This tier with every profiled time (p90, p50, p99) ``factor`` times as long.
+
+        Example:
+            >>> TierInfo("w050", 0.97, {1: 2.0, 8: 9.0}).scaled(0.5).latency_ms
+            {1: 1.0, 8: 4.5}
+        """
+
+        def times(m: Mapping[int, float] | None) -> dict[int, float] | None:
+            return None if m is None else {b: v * factor for b, v in m.items()}
+
+        return TierInfo(self.name, self.accuracy, times(self.latency_ms),
+                        times(self.typical_ms), times(self.tail_ms))  # fmt: skip
+
 
 @dataclass(frozen=True)
 class TierEstimate:
