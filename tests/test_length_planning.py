@@ -143,3 +143,13 @@ def test_expiry_judges_a_short_text_at_its_own_length_behind_long_ones(queued):
     assert short not in gone and short in s.queue
     gone = s.expire(now=1.0 - 0.010)
     assert short in gone
+
+
+def test_a_text_kept_by_its_grace_at_expiry_still_counts_in_the_lanes_length():
+    s = lane()
+    long = Request(1, 0.0, 1.0, length=250, grace=0.5)  # past its deadline, within grace
+    s.submit(long, now=0.0)
+    s.submit(text(2, 140, budget=5.0), now=0.0)
+    assert s.latency.length == 208  # mean 195
+    assert s.expire(now=0.99) == [] and long in s.queue
+    assert s.latency.length == 208

@@ -751,8 +751,6 @@ class Scheduler:
         graced = [i for i, end in past if end <= self.admission_deadline(self.queue[i])]
         gone, kept = [self.queue[i] for i in late], [self.queue[i] for i in graced]
         self._remove_at(sorted(late + graced))
-        if self._length_aware:
-            self._plan_length()
         for r in gone:
             r.finish(State.REFUSED_DEADLINE, now)
         # Within its grace only: planned to its deadline plus the grace from now on. Planned
@@ -764,6 +762,8 @@ class Scheduler:
             # judges the answer met or late - moved too, late answers counted met, h270)
             r.deadline, r.reserve, r.grace = r.deadline + r.grace, r.reserve - r.grace, 0.0
             self._enqueue(r)
+        if self._length_aware:  # (the kept ones back in)
+            self._plan_length()
         self._dropped_if_later(due, head)
         return evicted + gone
 
