@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from server.scheduling import LatencyModel, Refused, Request, Scheduler, TierInfo, make_policy
-from server.scheduling.lengths import STEPS, LengthSpan
+from server.scheduling.device import Device
+from server.scheduling.lengths import LengthSpan
 
 # ms at 128 and 256 tokens per batch of 1 / 8 rows (p50; p90 5 % above): at l tokens
 # between, the 256 profile x (0.5 + 0.5 (l - 128) / 128)
@@ -24,11 +25,11 @@ def tiers(n: int, names=("w100",)) -> list[TierInfo]:
     ]
 
 
-def lane(max_batch: int = 8) -> Scheduler:
+def lane(max_batch: int = 8, slots: int = 1, max_queue: int = 100) -> Scheduler:
     span = LengthSpan(128, 256, tiers(128))
     lat = LatencyModel(tiers(256), span=span)
     return Scheduler(tiers(256), make_policy("innfer", tiers(256)), max_batch=max_batch,
-                     max_queue=100, latency=lat)  # fmt: skip
+                     max_queue=max_queue, latency=lat, device=Device(slots))  # fmt: skip
 
 
 def text(i: int, tokens: int, budget: float, now: float = 0.0) -> Request:
@@ -115,18 +116,81 @@ def test_the_lane_plans_at_the_mean_length_of_the_texts_queued_or_running():
     s.complete(d2, 0.031, compute_s=0.020)
     assert s.latency.length == 144  # only the 130-token text is left
     assert s.cancel(s.queue[0], 0.032)
-    assert s.latency.length == 128 + (256 - 128) // STEPS  # nothing held: the lowest point
+    assert s.latency.length == 144  # nothing held: as it was (not the lowest point)
 
 
-def test_a_completed_batch_is_learned_at_the_length_it_was_padded_to():
-    s = lane()
+def test_an_emptied_lane_keeps_planning_at_its_traffics_length():
+    # (dropping to the lowest point, the other lanes saw a lane of 250-token texts need
+    # half what it does, and its latency gauge read half: review helper-318)
+    s = lane(max_batch=1)
     for i in range(3):
-        s.submit(text(i, 150, budget=1.0), now=0.0)
+        s.submit(text(i, 250, budget=1.0), now=0.0)
+        s.complete(s.next(0.0), 0.02, compute_s=0.02)
+    assert not s.queue and not s.running and s.latency.length == 256
+
+
+def test_the_mean_length_counts_texts_not_requests():
+    s = lane()
+    s.submit(Request(1, 0.0, 1.0, rows=7, length=250), now=0.0)
+    s.submit(text(2, 130, budget=1.0), now=0.0)
+    assert s.latency.length == 240  # (7 x 250 + 130) / 8 = 235, up to 240 (192 per request)
+
+
+def test_a_running_batch_is_planned_at_its_own_length_not_the_queues():
+    # A 256-token text running; short texts queue behind it in its lane: the slot it holds
+    # frees when the long batch ends, whatever the queue's mean (it was planned at 0.55x
+    # its time, and another lane admitted a request that was then answered late).
+    s = lane(max_batch=1)
+    s.submit(text(1, 256, budget=1.0), now=0.0)
     d = s.next(0.0)
-    assert d.rows == 3
-    ms = (20.0 + 60.0 * 2 / 7) * (0.5 + 0.5 * 22 / 128)  # the profile at 150 tokens, 3 rows
-    s.complete(d, ms / 1e3, compute_s=ms / 1e3)
-    assert s.latency.factor["w100"] == pytest.approx(1.0, abs=1e-6)
+    left = s.device.offsets(0.001)[0]
+    for i in range(7):
+        s.submit(text(10 + i, 130, budget=2.0), now=0.001)
+    assert s.latency.length < 200  # the queue's mean
+    assert s.device.offsets(0.001)[0] == pytest.approx(left, rel=1e-6)
+    assert d.length == 256
+
+
+def test_a_short_text_beside_a_long_running_one_is_judged_alone_at_its_own_length():
+    # Two slots: one runs a 250-token text, the other is free. The lane plans at their mean
+    # (195 -> 208 tokens: 16.25 ms at 1 row); alone, 140 tokens take 11.25 ms.
+    s = lane(max_batch=1, slots=2)
+    s.submit(text(1, 250, budget=1.0), now=0.0)
+    s.next(0.0)
+    s.submit(text(2, 140, budget=0.014), now=0.0)
+    assert s.queue[0].id == 2
+
+
+def test_a_text_evicted_by_another_lanes_request_leaves_its_lanes_length():
+    # Two lanes share the model's max_queue (2): a more urgent request in one takes the
+    # place of the other's least urgent text, whose lane must plan without it.
+    from server.scheduling.device import Instances
+
+    device, shared = Device(1), Instances(1)
+    lanes = [
+        Scheduler(tiers(256), make_policy("innfer", tiers(256)), max_batch=8, max_queue=2,
+                  latency=LatencyModel(tiers(256), span=LengthSpan(128, 256, tiers(128))),
+                  device=device, instances=shared)
+        for _ in range(2)
+    ]  # fmt: skip
+    a, b = lanes
+    a.submit(text(1, 140, budget=1.0), now=0.0)
+    a.submit(text(2, 250, budget=2.0), now=0.0)
+    assert a.latency.length == 208  # mean 195
+    b.submit(Request(3, 0.0, 1.0, priority=1, length=250), now=0.0)
+    assert [r.id for r in a.queue] == [1] and a.latency.length == 144
+
+
+def test_expiry_catches_a_long_text_a_queue_of_short_ones_plans_short():
+    # 40 texts of 130 tokens (the array path: > 24 queued) and one of 250 due in 15 ms: at
+    # the queue's mean (133 -> 144 tokens) it takes 11.25 ms alone - at its own, 20 ms.
+    s = lane()
+    for i in range(40):
+        s.submit(text(100 + i, 130, budget=60.0), now=0.0)
+    long = text(1, 250, budget=1.0)
+    s.submit(long, now=0.0)
+    assert s.latency.length == 144
+    assert long in s.expire(now=1.0 - 0.015)
 
 
 @pytest.mark.parametrize("queued", [3, 40])  # the plain path, and the array path (> 24)

@@ -707,6 +707,32 @@ def test_a_text_in_the_upper_part_of_a_lane_is_planned_at_its_own_tokens(repo, t
     assert asyncio.run(go()).tier == "half"
 
 
+def test_a_text_refused_behind_another_is_counted_as_load_not_as_its_budget(repo, tmp_path):
+    # A 23-token text runs; an 18-token one at 10.5 ms cannot wait for it. Alone, at its
+    # own length, it takes ~9 ms at half width: an idle replica would meet it - load, which
+    # the autoscaler scales for. Judged at the lane's length in force (the running text's,
+    # 12 ms) it read as the client's own budget (refused_budget).
+    rt, feeds = _lane_runtime(repo, tmp_path)
+
+    async def go():
+        rt.start()
+        try:
+            return await asyncio.gather(
+                rt.infer(feeds(21), 1, budget_s=1.0),
+                rt.infer(feeds(16), 1, budget_s=0.0105),
+                return_exceptions=True,
+            )
+        finally:
+            await rt.stop()
+
+    results = asyncio.run(go())
+    assert isinstance(results[1], DeadlineExceeded) and not isinstance(results[0], Exception)
+    sample = rt.metrics.registry.get_sample_value
+    labels = {"model": "embed"}
+    assert sample("innfer_deadline_missed_total", {**labels, "reason": "refused_deadline"}) == 1
+    assert not sample("innfer_deadline_missed_total", {**labels, "reason": "refused_budget"})
+
+
 def test_a_text_served_below_the_tier_its_own_tokens_allow_counts_as_degraded(repo, tmp_path):
     # The degraded count asks which tier an idle replica would serve a request at within its
     # budget: for 18 tokens at 20 ms the full tier (~18 ms at its own length), not half

@@ -232,7 +232,7 @@ class Device:
                 out.append(0.0)
             else:
                 sched, d, started = run
-                out.append(sched.latency.remaining(d.tier, d.rows, now - started, q))
+                out.append(sched.latency.remaining(d.tier, d.rows, now - started, q, d.length))
         return out
 
     def lanes(
@@ -255,7 +255,7 @@ class Device:
         for slot, (sched, d, started) in self.running.items():
             if slot == skip:
                 continue
-            left = sched.latency.remaining(d.tier, d.rows, now - started, q)
+            left = sched.latency.remaining(d.tier, d.rows, now - started, q, d.length)
             (own if any(sched is m for m in mine) else others).append(left)
         idle = self.slots - len(self.running) - (skip is not None and skip not in self.running)
         limit = scheduler.instances.limit - (skip is not None)

@@ -85,6 +85,7 @@ class LengthSpan:
     hi: int
     tiers: Sequence[TierInfo]
     _lo_one: dict = field(default_factory=dict, init=False, repr=False)
+    _hi_one: dict = field(default_factory=dict, init=False, repr=False)  # (per request: cached)
     _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,7 +105,9 @@ class LengthSpan:
     def ratio(self, t: TierInfo, frac: float) -> float:
         """``t``'s time ``frac`` of the way from ``lo`` to ``hi`` tokens over its time at
         ``hi``, both at batch 1 (1 for a tier the shorter profile lacks)."""
-        hi = profile_rows(t)[0][1]
+        hi = self._hi_one.get(t.name)
+        if hi is None:
+            hi = self._hi_one[t.name] = profile_rows(t)[0][1]
         lo = self._lo_one.get(t.name)
         if lo is None or hi <= 0:
             return 1.0

@@ -324,16 +324,19 @@ class Scheduler:
             self._plan_length()  # r queued (counted) or refused (not)
 
     def _plan_length(self, joining: Request | None = None) -> None:
-        """Plan this lane's batches at the mean length of the texts it holds, queued or
-        running (and ``joining``). A request without a length (0) counts as the lane's own
-        length."""
+        """Plan this lane's batches at the mean length of the texts it holds (by rows: a
+        request of 7 texts counts 7), queued or running (and ``joining``); a lane that holds
+        none keeps the length it had (what its traffic was, for the other lanes' view of
+        it). A request without a length (0) counts as the lane's own length."""
         total, n = self._length_sum, self._length_n
         for d, _ in self.running.values():
-            total += sum(r.length or self._own_length for r in d.requests)
-            n += len(d.requests)
+            total += sum((r.length or self._own_length) * r.rows for r in d.requests)
+            n += d.rows
         if joining is not None:
-            total, n = total + (joining.length or self._own_length), n + 1
-        self.latency.set_length(math.ceil(total / n) if n else 0)
+            total += (joining.length or self._own_length) * joining.rows
+            n += joining.rows
+        if n:
+            self.latency.set_length(math.ceil(total / n))
 
     def _length_ratios(self) -> np.ndarray:
         """Per tier rank, the tables' times now over the lane's own length's (<= 1)."""
@@ -587,8 +590,8 @@ class Scheduler:
         self._keys.insert(i, key)
         self.queue.insert(i, r)
         if self._length_aware:
-            self._length_sum += r.length or self._own_length
-            self._length_n += 1
+            self._length_sum += (r.length or self._own_length) * r.rows
+            self._length_n += r.rows
         if len(self.queue) == 1:  # light load: no arrays for a lone request (see _Columns)
             self._cols.drop()
         else:
@@ -626,7 +629,9 @@ class Scheduler:
         tables, z = self.ctx.tables(), z_score(q)
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
-            return now + min(busy) + quantile(mean[hi, r.rows], var[hi, r.rows], z)
+            f = self.latency.length_ratio(self.ctx.tiers[hi].name, r.length or None)
+            f /= self.latency.length_ratio(self.ctx.tiers[hi].name)  # (a text: at its own)
+            return now + min(busy) + quantile(mean[hi, r.rows] * f, var[hi, r.rows] * f * f, z)
         cols, group, caps = self.columns(), group_key(r.group), self.ctx.plan_batches()
         return now + admission_finish(cols, at, (r.rows, lo, hi), caps, tables, z, busy, group, now)
 
@@ -988,10 +993,7 @@ class Scheduler:
                 # above that is learned, as the level. (Compared at the longest, the plans
                 # at the mean ran short: 2-7 late answers in 600 short sentences at 30 ms
                 # against 1-2 before, in 6 of 6 pairs.)
-                mean = None
-                if self._length_aware:
-                    lengths = [r.length or self._own_length for r in decision.requests]
-                    mean = math.ceil(sum(lengths) / len(lengths))
+                mean = decision.length if self._length_aware else None
                 for rows, seconds in observed:
                     self.latency.observe(decision.tier, rows, seconds, mean)
                 self._observed_at[decision.tier] = now
@@ -1039,8 +1041,9 @@ class Scheduler:
         length plans at its new mean once its caller is done: ``_plan_length``)."""
         for i in reversed(idx):
             if self._length_aware:
-                self._length_sum -= self.queue[i].length or self._own_length
-                self._length_n -= 1
+                r = self.queue[i]
+                self._length_sum -= (r.length or self._own_length) * r.rows
+                self._length_n -= r.rows
             del self.queue[i]
             del self._keys[i]
         if self._cols.synced:
