@@ -73,6 +73,8 @@ def test_set_length_moves_every_plan_and_only_at_a_new_plan_point():
     assert lat.estimate("w100", 8) == pytest.approx(full * 0.75, rel=1e-6)
     assert lat.mean("w100", 8) < full
     assert not lat.set_length(180)  # same plan point (176 < 180 <= 192)
+    assert not lat.set_length(170) and lat.length == 192  # one point down: kept
+    assert lat.set_length(150) and lat.length == 160
     assert lat.set_length(400) and lat.estimate("w100", 8) == pytest.approx(full)
     plain = LatencyModel(tiers(256))
     assert not plain.length_aware and not plain.set_length(130) and plain.length is None
@@ -131,8 +133,8 @@ def test_an_emptied_lane_keeps_planning_at_its_traffics_length():
 
 def test_the_mean_length_counts_texts_not_requests():
     s = lane()
-    s.submit(Request(1, 0.0, 1.0, rows=7, length=250), now=0.0)
     s.submit(text(2, 130, budget=1.0), now=0.0)
+    s.submit(Request(1, 0.0, 1.0, rows=7, length=250), now=0.0)
     assert s.latency.length == 240  # (7 x 250 + 130) / 8 = 235, up to 240 (192 per request)
 
 
