@@ -232,7 +232,8 @@ class Device:
                 out.append(0.0)
             else:
                 sched, d, started = run
-                out.append(sched.latency.remaining(d.tier, d.rows, now - started, q, d.length))
+                n = d.length if sched.latency.length_aware else None  # (a text lane's)
+                out.append(sched.latency.remaining(d.tier, d.rows, now - started, q, n))
         return out
 
     def lanes(
@@ -255,7 +256,8 @@ class Device:
         for slot, (sched, d, started) in self.running.items():
             if slot == skip:
                 continue
-            left = sched.latency.remaining(d.tier, d.rows, now - started, q, d.length)
+            n = d.length if sched.latency.length_aware else None  # (a text lane's)
+            left = sched.latency.remaining(d.tier, d.rows, now - started, q, n)
             (own if any(sched is m for m in mine) else others).append(left)
         idle = self.slots - len(self.running) - (skip is not None and skip not in self.running)
         limit = scheduler.instances.limit - (skip is not None)
