@@ -1211,12 +1211,16 @@ def _served(model_dir: Path, tokens: int | None = None) -> tuple[list, dict, str
 def _plans_by_tokens(model_dir: Path, profile: dict) -> bool:
     """Whether the server plans this model's requests by their tokens (``ModelRuntime``): a
     text model, or one whose mask is named, on engines that pad a batch to its longest (a
-    torch engine on CUDA pads to the lane, for its graphs)."""
+    torch engine on a GPU pads to the lane, for its CUDA graphs, unless they are off). A
+    torch profile names its device as the GPU's name ("NVIDIA H100 80GB HBM3") or a CPU's
+    (the store's test: "cpu" in it); a CUDA check on "cuda" matched none (helper-319)."""
+    from runtime.engines.torch import CUDA_GRAPHS_ENV
     from runtime.repository.config import ModelConfig
 
     config = ModelConfig.load(model_dir / "model.yaml")
-    cuda = profile.get("backend") == "torch" and str(profile.get("device", "")).startswith("cuda")
-    return (config.text is not None or config.mask_input is not None) and not cuda
+    gpu = profile.get("backend") == "torch" and "cpu" not in str(profile.get("device", ""))
+    graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
+    return (config.text is not None or config.mask_input is not None) and not (gpu and graphs)
 
 
 def _at_tokens(tiers: list, p50: dict, span, tokens: int) -> tuple[list, dict]:

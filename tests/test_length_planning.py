@@ -73,7 +73,9 @@ def test_set_length_moves_every_plan_and_only_at_a_new_plan_point():
     assert lat.estimate("w100", 8) == pytest.approx(full * 0.75, rel=1e-6)
     assert lat.mean("w100", 8) < full
     assert not lat.set_length(180)  # same plan point (176 < 180 <= 192)
-    assert not lat.set_length(170) and lat.length == 192  # one point down: kept
+    assert lat.set_length(170) and lat.length == 176  # one point down after a move down
+    assert lat.set_length(200) and lat.length == 208
+    assert not lat.set_length(190) and lat.length == 208  # one down just after a move up: kept
     assert lat.set_length(150) and lat.length == 160
     assert lat.set_length(400) and lat.estimate("w100", 8) == pytest.approx(full)
     plain = LatencyModel(tiers(256))
@@ -150,7 +152,48 @@ def test_a_running_batch_is_planned_at_its_own_length_not_the_queues():
         s.submit(text(10 + i, 130, budget=2.0), now=0.001)
     assert s.latency.length < 200  # the queue's mean
     assert s.device.offsets(0.001)[0] == pytest.approx(left, rel=1e-6)
-    assert d.length == 256
+    assert s.batch_length(d) == 256
+
+
+def test_a_running_batch_is_planned_at_its_own_length_where_the_model_has_fewer_instances():
+    # Device.lanes: one instance on a two-slot device (its own running batches first).
+    from server.scheduling.device import Instances
+
+    s = Scheduler(tiers(256), make_policy("innfer", tiers(256)), max_batch=1, max_queue=100,
+                  latency=LatencyModel(tiers(256), span=LengthSpan(128, 256, tiers(128))),
+                  device=Device(2), instances=Instances(1))  # fmt: skip
+    s.submit(text(1, 256, budget=1.0), now=0.0)
+    s.next(0.0)
+    left = s.device.lanes(s, 0.001)[0]
+    for i in range(7):
+        s.submit(text(10 + i, 130, budget=2.0), now=0.001)
+    assert s.device.lanes(s, 0.001)[0] == pytest.approx(left, rel=1e-6)
+
+
+def test_a_lane_comes_down_to_traffic_one_point_below_its_own_length():
+    # (kept one point high after any move, a fresh 256 lane planned 225-240-token traffic
+    # at 256 for good: helper-319)
+    s = lane()
+    s.submit(text(1, 235, budget=1.0), now=0.0)
+    assert s.latency.length == 240
+
+
+def test_a_batch_is_learned_at_its_texts_mean_length_by_rows():
+    s = lane()
+    s.submit(Request(1, 0.0, 1.0, rows=7, length=250), now=0.0)
+    s.submit(text(2, 130, budget=1.0), now=0.0)
+    d = s.next(0.0)
+    assert d.rows == 8 and s.batch_length(d) == 235  # (7 x 250 + 130) / 8; per request 190
+    p50 = (20.0 + 60.0) * (0.5 + 0.5 * (235 - 128) / 128) / 1e3  # the profile there, 8 rows
+    s.complete(d, p50, compute_s=p50)
+    assert s.latency.factor["w100"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_request_without_a_length_counts_as_the_lanes_own_in_its_batch():
+    s = lane()
+    s.submit(Request(1, 0.0, 1.0), now=0.0)
+    s.submit(text(2, 130, budget=1.0), now=0.0)
+    assert s.batch_length(s.next(0.0)) == 193  # (256 + 130) / 2
 
 
 def test_a_short_text_beside_a_long_running_one_is_judged_alone_at_its_own_length():

@@ -286,6 +286,26 @@ def test_simulate_plans_a_text_model_at_the_length_asked(model_dir, capsys):
     assert "--tokens must be in [1, 24]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "backend, device, graphs, by_tokens",
+    [
+        ("onnxruntime", "cpu-x86_64", "1", True),
+        ("torch", "NVIDIA H100 80GB HBM3", "1", False),  # CUDA graphs: padded to the lane
+        ("torch", "NVIDIA H100 80GB HBM3", "0", True),  # eager: padded to the longest
+        ("torch", "cpu-x86_64", "1", True),
+    ],
+)
+def test_simulate_plans_by_tokens_only_where_the_server_pads_to_the_longest(
+    model_dir, monkeypatch, backend, device, graphs, by_tokens
+):
+    # A torch profile names its GPU ("NVIDIA H100 ..."): a check for "cuda" matched none, and
+    # simulate planned a GPU text model 2x short of what its server plans (helper-319).
+    from innfer.cli import _plans_by_tokens
+
+    monkeypatch.setenv("INNFER_CUDA_GRAPHS", graphs)
+    assert _plans_by_tokens(model_dir, {"backend": backend, "device": device}) is by_tokens
+
+
 def test_bench_sends_a_text_model_requests_of_the_length_it_plans(model_dir, monkeypatch, capsys):
     # bench planned at the longest length and sent 16-token requests (another lane).
     from serverutil import fake_run_load

@@ -232,7 +232,7 @@ class Device:
                 out.append(0.0)
             else:
                 sched, d, started = run
-                n = d.length if sched.latency.length_aware else None  # (a text lane's)
+                n = sched.batch_length(d)  # (a text lane's; None for fixed shapes)
                 out.append(sched.latency.remaining(d.tier, d.rows, now - started, q, n))
         return out
 
@@ -256,7 +256,7 @@ class Device:
         for slot, (sched, d, started) in self.running.items():
             if slot == skip:
                 continue
-            n = d.length if sched.latency.length_aware else None  # (a text lane's)
+            n = sched.batch_length(d)  # (a text lane's; None for fixed shapes)
             left = sched.latency.remaining(d.tier, d.rows, now - started, q, n)
             (own if any(sched is m for m in mine) else others).append(left)
         idle = self.slots - len(self.running) - (skip is not None and skip not in self.running)

@@ -325,6 +325,7 @@ class LatencyModel:
         # (``set_length``) the tables above are at - STEPS: the lane's own length.
         self._span = span
         self._step = STEPS
+        self._moved_up = False  # the last change of plan point was up (``set_length``)
         self._width = max(t.max_batch for t in tiers) + 1
         self._rows_cache: dict[str, tuple[list[float], ...]] = {}
         # (names, width) -> (name -> row, read-only views, the writable arrays)
@@ -726,13 +727,15 @@ class LatencyModel:
     def set_length(self, length: int) -> bool:
         """Plan every batch as one of ``length`` tokens from now (a lane: the mean length of
         the texts it holds, queued or running), rounded up to the span's next plan point
-        (``lengths.STEPS``); at or above the lane's own length, as profiled. A length one
-        point below the one in force keeps it: a lane of short sentences (16-32 tokens,
-        2 per point) moved at nearly every request, each move rewriting its tables and the
-        plans' caches on a saturated core (4 of 4 pairs: 99.0-99.8 vs 99.5-100 % within
-        30 ms; keeping it, 3 pairs 99.2-99.8 vs 99.3-99.8 %). Returns whether the tables
-        changed. Without a span (fixed shapes, a model's shortest lane) nothing
-        changes. The learned level and spread are kept: they are relative to the profile.
+        (``lengths.STEPS``); at or above the lane's own length, as profiled. Just after a
+        move up, a length one point below keeps it: a lane of short sentences (16-32
+        tokens, 2 per point) moved up and down at nearly every request, each move rewriting
+        its tables and the plans' caches on a saturated core (4 of 4 pairs: 99.0-99.8 vs
+        99.5-100 % within 30 ms; keeping it, 3 pairs 99.2-99.8 vs 99.3-99.8 %). (Kept after
+        any move, a lane that starts at its own length never came down to traffic one point
+        below it: helper-319.) Returns whether the tables changed. Without a span (fixed
+        shapes, a model's shortest lane) nothing changes. The learned level and spread are
+        kept: they are relative to the profile.
 
         Example:
             >>> from server.scheduling.lengths import LengthSpan
@@ -742,17 +745,20 @@ class LatencyModel:
             (True, 15.0, 192)
             >>> lat.set_length(190), lat.set_length(300), round(lat.estimate("w100", 1) * 1e3, 3)
             (False, True, 20.0)
-            >>> lat.set_length(250), lat.length   # one point down: kept
+            >>> lat.set_length(230), lat.length   # one point down, just after a move up: kept
             (False, 256)
+            >>> lat.set_length(200), lat.set_length(230), lat.length
+            (True, True, 240)
         """
         if self._span is None:
             return False
         step = self._span.step(length)
-        if step == self._step or step == self._step - 1:  # (one point down: kept)
+        if step == self._step or (step == self._step - 1 and self._moved_up):
             return False
         from server.scheduling.lengths import STEPS
 
         was, self._step = self._step, step
+        self._moved_up = step > was
         for t in self.tiers.values():
             name = t.name
             self._p50[name], self._p90[name], self._sigma0[name] = self._span.rows(t, step)

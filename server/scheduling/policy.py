@@ -142,23 +142,17 @@ class Decision:
     def rows(self) -> int:
         return sum(r.rows for r in self.requests)
 
-    @property
-    def length(self) -> int | None:
-        """The mean tokens of its texts, by rows (``Request.length``; None: not planned by
-        length) - what a lane plans and learns a batch at."""
-        return mean_length(self.requests)
+    def length(self, own: int) -> int:
+        """The mean tokens of its texts, by rows (``Request.length``; a request without one
+        counts as ``own``, the lane's length) - what a lane plans and learns a batch at.
 
-
-def mean_length(requests: Sequence[Request]) -> int | None:
-    """The mean ``Request.length`` of ``requests`` weighted by their rows (texts), rounded
-    up; None where none has a length (fixed shapes, or an engine that pads to the lane).
-
-    Example:
-        >>> mean_length([Request(1, 0.0, 1.0, rows=3, length=100), Request(2, 0.0, 1.0, length=20)])
-        80
-    """
-    rows = sum(r.rows for r in requests if r.length)
-    return math.ceil(sum(r.length * r.rows for r in requests) / rows) if rows else None
+        Example:
+            >>> texts = [Request(1, 0.0, 1.0, rows=3, length=100), Request(2, 0.0, 1.0)]
+            >>> Decision("w050", texts).length(own=20)
+            80
+        """
+        total = sum((r.length or own) * r.rows for r in self.requests)
+        return math.ceil(total / max(self.rows, 1))
 
 
 @dataclass(frozen=True, eq=False)

@@ -338,6 +338,11 @@ class Scheduler:
         if n:
             self.latency.set_length(math.ceil(total / n))
 
+    def batch_length(self, d: Decision) -> int | None:
+        """The tokens batch ``d`` is planned and learned at: its texts' mean (None where this
+        lane does not plan by length)."""
+        return d.length(self._own_length) if self._length_aware else None
+
     def _length_ratios(self) -> np.ndarray:
         """Per tier rank, the tables' times now over the lane's own length's (<= 1)."""
         return np.array([self.latency.length_ratio(t.name) for t in self.ctx.tiers])
@@ -993,7 +998,7 @@ class Scheduler:
                 # above that is learned, as the level. (Compared at the longest, the plans
                 # at the mean ran short: 2-7 late answers in 600 short sentences at 30 ms
                 # against 1-2 before, in 6 of 6 pairs.)
-                mean = decision.length if self._length_aware else None
+                mean = self.batch_length(decision)
                 for rows, seconds in observed:
                     self.latency.observe(decision.tier, rows, seconds, mean)
                 self._observed_at[decision.tier] = now
