@@ -584,9 +584,10 @@ class ModelRuntime:
         self.overhead = self.overheads[lengths[-1]]
         self._bound: list[tuple] = []  # (gauge, labels) of each scrape-time series bound here
         self._bind_metrics()
-        # A text model whose batches are padded to their longest text plans each lane at the
-        # longest it holds (server.scheduling.lengths), between its length and the next
-        # shorter one's; Request.length is then each text's tokens (0: planned at the lane's).
+        # A text model whose batches are padded to their longest text plans each lane by
+        # tokens (server.scheduling.lengths: a text alone at its own, the queue at the mean
+        # of the texts it holds), between its length and the next shorter one's;
+        # Request.length is then each text's tokens (0: planned at the lane's).
         self._by_length = (
             len(lengths) > 1
             and not self._unmasked
