@@ -1,9 +1,9 @@
 """A text model's lane plans by the tokens of the texts it holds - a text alone at its own,
-a queue at their mean - not at the lane's own length, and learns each batch at the length
-it was padded to (``server.scheduling.lengths``). Before, a 140-token text in the 256 lane
-was planned as 256 tokens: refused on an idle replica at budgets it met in half the time,
-and its batches taught the lane that 256-token batches were that fast (review
-helper-317). Pure: scripted clock, no engine."""
+a queue at their mean, a running batch at its own - not at the lane's own length, and
+learns each batch at its texts' mean length (``server.scheduling.lengths``). Before, a
+140-token text in the 256 lane was planned as 256 tokens: refused on an idle replica at
+budgets it met in half the time, and its batches taught the lane that 256-token batches
+were that fast (review helper-317). Pure: scripted clock, no engine."""
 
 from __future__ import annotations
 
