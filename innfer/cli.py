@@ -1226,9 +1226,7 @@ def _plans_by_tokens(model_dir: Path, profile: dict) -> bool:
 def _at_tokens(tiers: list, p50: dict, span, tokens: int) -> tuple[list, dict]:
     """``tiers`` and ``p50`` (a lane's profile) at ``tokens``: every time x the span's
     ratio there (``server.scheduling.lengths``)."""
-    from server.scheduling.lengths import STEPS
-
-    ratio = {t.name: span.ratio(t, span.step(tokens) / STEPS) for t in tiers}
+    ratio = {t.name: span.ratio_at(t, span.step(tokens)) for t in tiers}
     times = {name: {b: v * ratio[name] for b, v in m.items()} for name, m in p50.items()}
     return [t.scaled(ratio[t.name]) for t in tiers], times
 

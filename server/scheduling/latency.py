@@ -755,8 +755,6 @@ class LatencyModel:
         step = self._span.step(length)
         if step == self._step or (step == self._step - 1 and self._moved_up):
             return False
-        from server.scheduling.lengths import STEPS
-
         was, self._step = self._step, step
         self._moved_up = step > was
         for t in self.tiers.values():
@@ -765,7 +763,7 @@ class LatencyModel:
             # A ratio scales every time of the tier alike and leaves its spread: the rows
             # are rescaled rather than recomputed (``_refresh``: 3x the cost; a lane of
             # mixed lengths changes its plan point at most requests).
-            f = self._span.ratio(t, step / STEPS) / self._span.ratio(t, was / STEPS)
+            f = self._span.ratio_at(t, step) / self._span.ratio_at(t, was)
             median, sigma, quantile, mean, var, plan = self._rows_cache[name]
             self._rows_cache[name] = (
                 [max(v * f, MIN_TYPICAL_S) for v in median], sigma,
@@ -779,22 +777,15 @@ class LatencyModel:
     @property
     def length(self) -> int | None:
         """The tokens batches are planned at now (``set_length``); None without a span."""
-        span = self._span
-        if span is None:
-            return None
-        from server.scheduling.lengths import STEPS
-
-        return span.lo + (span.hi - span.lo) * self._step // STEPS
+        return None if self._span is None else self._span.length_at(self._step)
 
     def length_ratio(self, tier: str, length: int | None = None) -> float:
         """``tier``'s profile at the length in force (or at ``length`` tokens, rounded up to
         a plan point) over its profile at the lane's own length (1 without a span)."""
         if self._span is None:
             return 1.0
-        from server.scheduling.lengths import STEPS
-
         step = self._step if length is None else self._span.step(length)
-        return self._span.ratio(self.tiers[tier], step / STEPS)
+        return self._span.ratio_at(self.tiers[tier], step)
 
     @property
     def span(self) -> LengthSpan | None:

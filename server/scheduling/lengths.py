@@ -114,6 +114,14 @@ class LengthSpan:
         lo = min(lo, hi)
         return (lo + (hi - lo) * min(max(frac, 0.0), 1.0)) / hi
 
+    def ratio_at(self, t: TierInfo, step: int) -> float:
+        """``ratio`` at plan point ``step`` (``STEPS``: the lane's own length, 1)."""
+        return self.ratio(t, step / STEPS)
+
+    def length_at(self, step: int) -> int:
+        """The tokens plan point ``step`` stands for."""
+        return self.lo + (self.hi - self.lo) * step // STEPS
+
     def rows(self, t: TierInfo, step: int) -> tuple[list[float], list[float], list[float]]:
         """``t``'s p50, p90 (seconds) and profile spread per rows at plan point ``step``
         (cached): the lane's own profile times ``ratio`` there. ``t`` is the lane's tier."""
@@ -121,7 +129,7 @@ class LengthSpan:
         hit = self._cache.get(key)
         if hit is None:
             p50, p90, p99 = profile_rows(t)
-            f = self.ratio(t, step / STEPS)
+            f = self.ratio_at(t, step)
             sigma = profile_sigma(t, p50, p90, p99)  # (a ratio leaves the spread as it is)
             hit = self._cache[key] = ([v * f for v in p50], [v * f for v in p90], sigma)
         return hit

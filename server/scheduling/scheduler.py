@@ -634,8 +634,10 @@ class Scheduler:
         tables, z = self.ctx.tables(), z_score(q)
         if at == 0:  # nothing ahead (light load): its own batch on the first free slot
             _, mean, var = tables
-            f = self.latency.length_ratio(self.ctx.tiers[hi].name, r.length or None)
-            f /= self.latency.length_ratio(self.ctx.tiers[hi].name)  # (a text: at its own)
+            f = 1.0
+            if self._length_aware and r.length:  # a text: at its own length
+                name = self.ctx.tiers[hi].name
+                f = self.latency.length_ratio(name, r.length) / self.latency.length_ratio(name)
             return now + min(busy) + quantile(mean[hi, r.rows] * f, var[hi, r.rows] * f * f, z)
         cols, group, caps = self.columns(), group_key(r.group), self.ctx.plan_batches()
         return now + admission_finish(cols, at, (r.rows, lo, hi), caps, tables, z, busy, group, now)
