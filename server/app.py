@@ -37,6 +37,7 @@ from server.daemon_call import in_daemon_thread
 from server.dataplane import DataPlane
 from server.limits import stream_limits_warning
 from server.metrics import Metrics
+from server.pending import PendingProbe
 from server.ports import port_in_use
 from server.proto_gen import grpc_service_pb2 as pb
 from server.proto_gen import health_pb2
@@ -115,6 +116,7 @@ class Server:
         self.poller: RepositoryPoller | None = None  # model_control: poll
         self.rest: RestFrontEnd | None = None  # http_port
         self._polling: asyncio.Future | None = None
+        self.probe: PendingProbe | None = None  # gRPC's queue, measured (server.pending)
 
     async def start(self) -> None:
         warn_cleartext_token(self.config)
@@ -139,6 +141,9 @@ class Server:
         self.grpc = grpc.aio.server(options=opts, interceptors=service.interceptors() or None)
         add_inference_service(service, self.grpc)
         add_health_service(HealthService(self.plane), self.grpc)
+        if self.config.tls is None:  # (a TLS server would need client credentials of its own)
+            self.probe = PendingProbe(self.metrics.pending_wait.observe)
+            self.grpc.add_generic_rpc_handlers((self.probe.handler(),))
         if self.config.reflection:
             _enable_reflection(self.grpc)
         address = f"{grpc_host(self.config.host)}:{self.config.grpc_port}"
@@ -169,6 +174,8 @@ class Server:
             self.rest = RestFrontEnd(service, self.config, ssl)
             await self.rest.start(limit)
         await self.grpc.start()
+        if self.probe is not None:
+            self.probe.start(f"{probe_host(self.config.host)}:{self.port}")
         self._follow_secrets()
         rest = "" if self.rest is None else f", REST :{self.rest.port}"
         log.info("listening on %s:%d (metrics :%d%s)", self.config.host, self.port,
@@ -205,6 +212,8 @@ class Server:
                 task.cancel()
         if self.poller is not None:
             self.poller.cancel()
+        if self.probe is not None:
+            self.probe.stop()
         self.plane.drain()  # open streams stop reading; a call reaching the plane: UNAVAILABLE
         self.plane.stop_tierers()
         log.info("draining %d in-flight requests (grace %.1f s)", self.plane.inflight(), grace)
@@ -356,6 +365,7 @@ HANDSHAKE_S = 20
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC server options for ``max_concurrent_streams`` (per connection: a flood on one
     leaves the others, health probes among them, untouched; see its field's doc),
+    ``max_pending_calls`` (over all connections),
     ``max_connection_age_s`` and its grace, ``connection_idle_s``, the handshake's time
     limit (``HANDSHAKE_S``) and ``keepalive_s`` (none where unset).
 
@@ -374,6 +384,11 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     opts = []
     if config.max_concurrent_streams is not None:
         opts.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+    if config.max_pending_calls is not None:
+        # gRPC's queue of received calls the loop has not taken up: it cancels a new call
+        # once this many wait (between a lower soft and the hard limit it drops at random)
+        opts.append(("grpc.server.max_pending_requests", config.max_pending_calls))
+        opts.append(("grpc.server.max_pending_requests_hard_limit", config.max_pending_calls))
     if config.max_connection_age_s is not None:
         opts.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
         if config.max_connection_age_grace_s is not None:
@@ -393,6 +408,21 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         # keepalive timeout says (seen in its http2_ping trace: "Set ping timeout timer").
         opts.append(("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)))
     return opts
+
+
+def probe_host(host: str) -> str:
+    """Where this process reaches its own gRPC port bound on ``host``: loopback for a
+    wildcard address (which is no address to connect to), else ``host`` itself.
+
+    Example:
+        >>> probe_host("0.0.0.0"), probe_host("::"), probe_host("10.0.0.7")
+        ('127.0.0.1', '[::1]', '10.0.0.7')
+    """
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return grpc_host(host)
 
 
 def grpc_host(host: str) -> str:

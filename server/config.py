@@ -10,6 +10,7 @@
     grace_period_s: 20            # SIGTERM: stop admitting, finish in-flight, then exit
     stuck_restart_s: 300          # liveness fails once an engine is stuck this long (null: never)
     max_concurrent_streams: 1024  # calls open at once per client connection (null: no bound)
+    max_pending_calls: null       # calls waiting in gRPC for the event loop; beyond: CANCELLED
     max_connection_age_s: 300     # GOAWAY a client connection this old: clients re-resolve
                                   # and reach replicas added since (null: never)
     max_connection_age_grace_s: null   # then cut calls still open after this (null: never)
@@ -373,6 +374,27 @@ class ServerConfig:
         "[('grpc.use_local_subchannel_pool', 1)] for a connection of its own; null: no bound "
         "(gRPC's and Triton's default; beyond ~1,000 waiting calls gRPC then drops new ones "
         "as CANCELLED)",
+    )  # fmt: skip
+    max_pending_calls: int | None = spec(
+        None, lo=1, hi=2**31 - 1,
+        doc="calls gRPC has received that the server's event loop has not yet taken up, over "
+        "all connections (gRPC's pending queue; the loop takes about one per turn). A call "
+        "waits there before any innfer code sees it, its budget running while no scheduler "
+        "can plan, refuse or shrink it: where request handling alone fills the CPU (a small "
+        "model sent more calls per second than the process parses) the backlog builds "
+        "there, not in the scheduler's queue, and answers come late (the wait: "
+        "innfer_pending_wait_seconds). Beyond this many gRPC cancels a new call at once, "
+        "before it is read - the client sees CANCELLED ('CANCELLED'), never processed, safe "
+        "to retry on another replica, counted by no innfer metric - also in a burst on an "
+        "idle server. bench/results/pending_bound.json (an MLP alone on one core, "
+        "~1,400 calls/s handled, budgets U(20, 100) ms): within budget at 1,500 / 2,250 "
+        "calls/s null 57-72 / 0.2-0.4 % (1,500/s is bistable: 0.7 % in another run), 64 "
+        "61-83 / 15-27 %, 16 94 / 56 %; of 128 calls sent at once on the idle server "
+        "none / 57 / ~100 cancelled (16: 9-13 of 32). Health checks (grpc.health.v1 Check, "
+        "the Kubernetes probes) queue apart and are never cancelled by it. null (the "
+        "default): gRPC's own, 1,000 waiting, then cancelled at random up to 3,000 - no "
+        "burst a client sends is cut, and overload beyond what the process handles makes "
+        "every answer late",
     )  # fmt: skip
     max_connection_age_s: float | None = spec(
         300.0, lo=1, hi=86_400, unit="seconds",

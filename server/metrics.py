@@ -276,6 +276,17 @@ class Metrics:
         self.inflight_limit_bytes = Gauge(
             "innfer_inflight_limit_bytes", "limits.max_inflight_bytes.", registry=r
         )
+        self.pending_wait = Histogram(
+            "innfer_pending_wait_seconds",
+            "How long a call waited in gRPC's queue before the server took it up: a probe "
+            "call from the server itself every 50 ms (server.pending), timed from its send to "
+            "its handler. No innfer code sees a call before that, and a budget runs there "
+            "all the same: a p99 above a few ms means calls come faster than the process "
+            "handles them (bound the queue with max_pending_calls; add replicas). No "
+            "samples with TLS (no probe).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )  # fmt: skip
         self.stream_bytes = Gauge(
             "innfer_stream_bytes",
             "Bytes ModelStreamInfer streams hold against limits.streams_share of the in-flight "

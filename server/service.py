@@ -1163,16 +1163,21 @@ async def _abort_undecodable(request, context) -> None:
 def add_health_service(servicer: HealthService, server) -> None:
     """Register ``servicer`` like the generated ``add_HealthServicer_to_server``, with
     deserializers that answer undecodable bytes INVALID_ARGUMENT (grpc itself answers
-    UNKNOWN and logs a traceback per call: the health service is open without a token)."""
+    UNKNOWN and logs a traceback per call: the health service is open without a token).
+
+    ``Check`` - what Kubernetes' gRPC probes call - is a registered method: gRPC queues its
+    calls apart from the generic methods' (every OIP call) and always has one of them
+    requested, so a probe neither waits behind a backlog of inference calls in gRPC's queue
+    nor is cancelled with them once that queue is full (``max_pending_calls``). As a generic
+    method it was both: the kubelet read an overloaded pod as a dead one."""
     request = health_pb2.HealthCheckRequest
     response = health_pb2.HealthCheckResponse.SerializeToString
     parse = _tolerant(request, OTHER_FIELDS)
-    handlers = {
-        "Check": grpc.unary_unary_rpc_method_handler(servicer.Check, parse, response),
-        "Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch, parse, response),
-    }
     name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    check = grpc.unary_unary_rpc_method_handler(servicer.Check, parse, response)
+    server.add_registered_method_handlers(name, {"Check": check})
+    watch = {"Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch, parse, response)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, watch),))
 
 
 def _pool_knows(file) -> None:
