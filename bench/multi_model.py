@@ -197,9 +197,13 @@ class MultiServer(LiveServer):
     """`innfer serve --config FILE` over one repository holding both models, on free loopback
     ports, pinned to ``cpus`` (``LiveServer``'s launch)."""
 
-    def __init__(self, repo: Path, work: Path, log: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self, repo: Path, work: Path, log: Path, cpus: set[int] | None,
+        max_pending_calls: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__("multi", ROOT, repo, log, cpus)
         self.work = work
+        self.max_pending_calls = max_pending_calls  # the server config's (None: gRPC's)
 
     def start(self, label: str, device_slots: int, policy: str = "innfer") -> dict:
         port, mport = free_ports(2)
@@ -210,6 +214,7 @@ class MultiServer(LiveServer):
             "metrics_port": mport,
             "policy": policy,
             "device_slots": device_slots,
+            "max_pending_calls": self.max_pending_calls,
         }
         path = self.work / f"server-slots{device_slots}-{policy.replace(':', '-')}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -556,6 +561,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="clients also send each budget as the gRPC deadline (tritonclient client_timeout)",
     )
+    p.add_argument(
+        "--max-pending-calls",
+        type=int,
+        default=None,
+        help="the servers' max_pending_calls (gRPC's queue of calls not yet taken up; "
+        "default: gRPC's own bound)",
+    )
     args = p.parse_args(argv)
     check_common(p, args)
     if not 0 < args.calibrate_seconds <= 600:
@@ -590,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{STEM}.log"
     log.write_text("")
-    server = MultiServer(repo, work, log, args.server_cpus if pinned else None)
+    cpus = args.server_cpus if pinned else None
+    server = MultiServer(repo, work, log, cpus, args.max_pending_calls)
 
     capacity: dict = {"mode": args.capacity}
     cal = {}
@@ -643,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             "capacity": args.capacity,
             "calibrate_seconds": args.calibrate_seconds,
             "client_deadline": args.client_deadline,
+            "max_pending_calls": args.max_pending_calls,
             "used_rates": args.used_rates,
             "points": [pt["id"] for pt in points],
             "requests_rule": "D = min(seconds, requests / slower model's rate); the slower "
