@@ -1169,7 +1169,8 @@ def add_health_service(servicer: HealthService, server) -> None:
     calls apart from the generic methods' (every OIP call) and always has one of them
     requested, so a probe neither waits behind a backlog of inference calls in gRPC's queue
     nor is cancelled with them once that queue is full (``max_pending_calls``). As a generic
-    method it was both: the kubelet read an overloaded pod as a dead one."""
+    method it was both: ~1 s behind the backlog of an MLP sent 1.6x what its core handles
+    (a probe's timeout is 3-5 s), and cancelled with the inference calls under the bound."""
     request = health_pb2.HealthCheckRequest
     response = health_pb2.HealthCheckResponse.SerializeToString
     parse = _tolerant(request, OTHER_FIELDS)
