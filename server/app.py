@@ -142,7 +142,10 @@ class Server:
         add_inference_service(service, self.grpc)
         add_health_service(HealthService(self.plane), self.grpc)
         if self.config.tls is None:  # (a TLS server would need client credentials of its own)
-            self.probe = PendingProbe(self.metrics.pending_wait.observe)
+            probes = self.metrics.pending_probes
+            self.probe = PendingProbe(
+                self.metrics.pending_wait.observe, lambda outcome: probes.labels(outcome).inc()
+            )
             self.grpc.add_generic_rpc_handlers((self.probe.handler(),))
         if self.config.reflection:
             _enable_reflection(self.grpc)
@@ -416,12 +419,12 @@ def probe_host(host: str) -> str:
 
     Example:
         >>> probe_host("0.0.0.0"), probe_host("::"), probe_host("10.0.0.7")
-        ('127.0.0.1', '[::1]', '10.0.0.7')
+        ('127.0.0.1', 'localhost', '10.0.0.7')
     """
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
+    if host == "::":  # dual-stack or either alone: gRPC tries what localhost resolves to
+        return "localhost"
     return grpc_host(host)
 
 

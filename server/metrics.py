@@ -287,6 +287,17 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
             registry=r,
         )  # fmt: skip
+        self.pending_probes = Counter(
+            "innfer_pending_probes",
+            "The probe calls of innfer_pending_wait_seconds by outcome: answered, cancelled "
+            "(gRPC's queue was full at max_pending_calls: the share cancelled is about the "
+            "share of clients' calls gRPC cancelled, which no other metric counts) or failed "
+            "(the probe could not reach the server).",
+            ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        for outcome in ("answered", "cancelled", "failed"):
+            self.pending_probes.labels(outcome)
         self.stream_bytes = Gauge(
             "innfer_stream_bytes",
             "Bytes ModelStreamInfer streams hold against limits.streams_share of the in-flight "

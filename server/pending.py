@@ -18,6 +18,13 @@ gRPC's queue, the loop's turns before the call's task runs, and the loopback hop
 (~0.1 ms). A forged call cannot add a sample: the body must carry the process's random
 token. Cost: one small call per period, ~0.1 ms of the loop's time a second at 20 Hz.
 
+Under ``max_pending_calls`` a full queue cancels the probe with the inference calls, and a
+probe that gets in finds the queue short: the histogram alone then read a calm p99 while
+40 % of the calls were cancelled (helper-321). So each probe's outcome is counted too
+(``innfer_pending_probes_total{outcome}``: answered, cancelled, failed): the share
+cancelled is about the share of clients' calls gRPC cancelled, which nothing else counts.
+A probe that keeps failing otherwise (its address unreachable) is said once at WARNING.
+
 Example:
     >>> import asyncio
     >>> seen = []
@@ -41,26 +48,32 @@ import grpc
 
 log = logging.getLogger("innfer.pending")
 
-PERIOD_S = 0.05  # between one probe's answer and the next send
+PERIOD_S = 0.05  # between one probe's end and the next send
 METHOD = "/innfer.internal.Pending/Probe"  # not OIP; a generic method (gRPC's shared queue)
 TIMEOUT_S = 60.0  # a probe unanswered this long is given up (a loop stopped that long)
-RETRY_S = 1.0  # after a failed probe (the server stopping, not yet serving)
+RETRY_S = 1.0  # after a probe that failed otherwise than cancelled (no connection)
+WARN_AFTER = 10  # failures in a row before the probe says so at WARNING
 _STAMP = struct.Struct("<d")  # the send time: this process's time.monotonic()
 
 
 class PendingProbe:
     """A daemon thread that calls ``METHOD`` on the server every ``PERIOD_S`` until
     ``stop``; ``handler`` (added to the server before it starts) answers it and passes
-    ``observe`` each probe's wait in seconds, on the server's event loop.
+    ``observe`` each probe's wait in seconds, on the server's event loop. ``outcome``, if
+    given, is called from the thread with each probe's end: "answered", "cancelled" (gRPC's
+    queue was full) or "failed" (anything else).
 
     Example:
-        >>> probe = PendingProbe(histogram.observe)  # doctest: +SKIP
+        >>> probe = PendingProbe(histogram.observe, count.inc)  # doctest: +SKIP
         >>> server.add_generic_rpc_handlers((probe.handler(),))  # doctest: +SKIP
         >>> probe.start("127.0.0.1:8001")  # once the server has started  # doctest: +SKIP
     """
 
-    def __init__(self, observe: Callable[[float], None]) -> None:
+    def __init__(
+        self, observe: Callable[[float], None], outcome: Callable[[str], None] | None = None
+    ) -> None:
         self._observe = observe
+        self._outcome = outcome or (lambda _: None)
         self._token = os.urandom(16)
         self._stop = threading.Event()
 
@@ -89,13 +102,27 @@ class PendingProbe:
     def _run(self, address: str) -> None:
         # A connection of its own (a local subchannel pool), never one a client shares.
         options = [("grpc.use_local_subchannel_pool", 1)]
+        failures = 0  # in a row, other than cancelled
         with grpc.insecure_channel(address, options=options) as channel:
             call = channel.unary_unary(METHOD)
             while not self._stop.is_set():
                 try:
                     call(self._token + _STAMP.pack(time.monotonic()), timeout=TIMEOUT_S)
                 except grpc.RpcError as exc:
-                    log.debug("pending probe: %s", exc.code())
+                    if exc.code() == grpc.StatusCode.CANCELLED:  # the queue was full
+                        self._outcome("cancelled")
+                        self._stop.wait(PERIOD_S)
+                        continue
+                    self._outcome("failed")
+                    failures += 1
+                    if failures == WARN_AFTER and not self._stop.is_set():
+                        log.warning("the pending-queue probe cannot reach %s (%s: %s); "
+                                    "innfer_pending_wait_seconds gets no samples",
+                                    address, exc.code().name, exc.details())  # fmt: skip
                     self._stop.wait(RETRY_S)
                     continue
+                if failures >= WARN_AFTER:
+                    log.warning("the pending-queue probe reaches %s again", address)
+                failures = 0
+                self._outcome("answered")
                 self._stop.wait(PERIOD_S)

@@ -1168,7 +1168,9 @@ def add_health_service(servicer: HealthService, server) -> None:
     ``Check`` - what Kubernetes' gRPC probes call - is a registered method: gRPC queues its
     calls apart from the generic methods' (every OIP call) and always has one of them
     requested, so a probe neither waits behind a backlog of inference calls in gRPC's queue
-    nor is cancelled with them once that queue is full (``max_pending_calls``). As a generic
+    nor is cancelled with them once that queue is full (``max_pending_calls``, which bounds
+    Check's own queue alike: only that many checks arriving in one busy spell of the loop
+    would cancel one - helper-321 saw 6 of 12 cancelled at 4). As a generic
     method it was both: ~1 s behind the backlog of an MLP sent 1.6x what its core handles
     (a probe's timeout is 3-5 s), and cancelled with the inference calls under the bound."""
     request = health_pb2.HealthCheckRequest
