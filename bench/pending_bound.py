@@ -12,7 +12,9 @@ alternates from repeat to repeat:
            (seeded; the same for every bound): sent, within budget, late, refused by gRPC
            code, attainment (refusals are misses), goodput, p50 / p99 of the answered, and
            the server's own innfer_pending_wait_seconds over the point (p50 / p99 from its
-           histogram's buckets: the bucket's upper edge);
+           histogram's buckets: the bucket's upper edge), and the share of the calls gRPC
+           cancelled beside the share of the server's probes it cancelled (which stands for
+           the calls' in innfer_pending_probes_total);
   burst-B  on an idle server, B calls sent at once, 5 s budgets, for each B of --bursts:
            how many were answered and how many gRPC cancelled.
 
@@ -53,6 +55,7 @@ BUDGETS_MS = (20.0, 100.0)
 BURST_BUDGET_MS = 5000.0
 WARMUP = 200  # unrecorded calls per server, one at a time
 HISTOGRAM = "innfer_pending_wait_seconds"
+PROBES = "innfer_pending_probes_total"
 
 
 def ensure_mlp(seed: int) -> Path:
@@ -86,29 +89,40 @@ class PendingServer(LiveServer):
         return self._launch(label, ["--config", str(path)], port, (MLP,))
 
 
-def histogram(metrics_url: str) -> dict[float, float]:
-    """The server's innfer_pending_wait_seconds buckets now: upper edge -> count."""
+def histogram(metrics_url: str) -> dict:
+    """The server's innfer_pending_wait_seconds buckets now (upper edge -> count) and its
+    probes by outcome ("answered" / "cancelled" / "failed" -> count)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out: dict = {"buckets": {}, "probes": {}}
     for family in text_string_to_metric_families(text):
-        if family.name == HISTOGRAM:
-            return {float(s.labels["le"]): s.value for s in family.samples
-                    if s.name.endswith("_bucket")}  # fmt: skip
-    return {}
+        for s in family.samples:
+            if family.name == HISTOGRAM and s.name.endswith("_bucket"):
+                out["buckets"][float(s.labels["le"])] = s.value
+            elif s.name == PROBES:
+                out["probes"][s.labels["outcome"]] = s.value
+    return out
 
 
 def quantiles(before: dict, after: dict) -> dict:
-    """p50 / p99 (the bucket's upper edge) of the samples between two readings."""
-    edges = sorted(after)
-    counts = np.array([after[e] - before.get(e, 0.0) for e in edges])  # cumulative
+    """p50 / p99 (the bucket's upper edge) of the samples between two readings, and the
+    probes by outcome between them (the share cancelled: what stands for the clients')."""
+    probes = {k: after["probes"][k] - before["probes"].get(k, 0.0) for k in after["probes"]}
+    total = sum(probes.values())
+    out = {
+        "probes": probes,
+        "probes_cancelled_share": probes.get("cancelled", 0.0) / total if total else None,
+    }
+    edges = sorted(after["buckets"])
+    counts = np.array([after["buckets"][e] - before["buckets"].get(e, 0.0) for e in edges])
     if not len(counts) or counts[-1] <= 0:
-        return {"samples": 0}
+        return {**out, "samples": 0}
 
     def q(p: float) -> float:
         return float(edges[int(np.searchsorted(counts, p * counts[-1]))])
 
-    return {"samples": int(counts[-1]), "p50_s": q(0.5), "p99_s": q(0.99)}
+    return {**out, "samples": int(counts[-1]), "p50_s": q(0.5), "p99_s": q(0.99)}
 
 
 def open_point(server: PendingServer, rate: float, args) -> dict:
@@ -119,6 +133,8 @@ def open_point(server: PendingServer, rate: float, args) -> dict:
     before = histogram(server.metrics_url)
     report = asyncio.run(run_load(server.address, MLP, arrivals, budgets, INPUTS, args.seconds))
     out = {k: v for k, v in report.summary.items() if not isinstance(v, list)}
+    refused = out.get("refused") or {}
+    out["cancelled_share"] = refused.get("CANCELLED", 0) / max(1, out["sent"])
     return {**out, "pending_wait": quantiles(before, histogram(server.metrics_url))}
 
 
@@ -174,19 +190,23 @@ def one_bound(bound: int | None, args, repo: Path, log: Path) -> dict:
 
 def summarise(results: dict) -> str:
     lines = [f"{'bound':>6} {'point':>10} {'sent':>6} {'ok':>6} {'late':>6} {'ref':>6} "
-             f"{'attain':>7} {'good/s':>7} {'p50ms':>7} {'wait p99':>9}"]  # fmt: skip
+             f"{'attain':>7} {'good/s':>7} {'p50ms':>7} {'wait p99':>9} "
+             f"{'cancelled: calls / probes':>26}"]  # fmt: skip
     for rep, rows in enumerate(results["repeats"]):
         lines.append(f"-- repeat {rep}")
         for row in rows:
             for rate in results["params"]["rates"]:
                 p = row[f"open-{rate:g}"]
                 wait = p["pending_wait"].get("p99_s")
+                probes = p["pending_wait"].get("probes_cancelled_share")
+                share = (f"{100 * p['cancelled_share']:.1f} / "
+                         f"{'-' if probes is None else f'{100 * probes:.1f}'} %")  # fmt: skip
                 lines.append(
                     f"{row['bound']:>6} {f'open-{rate:g}':>10} {p['sent']:>6} "
                     f"{p['within_budget']:>6} {p['late']:>6} {p['refused_total']:>6} "
                     f"{100 * p['slo_attainment']:>6.1f}% {p['goodput_per_s']:>7.1f} "
                     f"{p['p50_latency_ms']:>7.1f} "
-                    f"{'-' if wait is None else f'{1e3 * wait:.0f} ms':>9}"
+                    f"{'-' if wait is None else f'{1e3 * wait:.0f} ms':>9} {share:>26}"
                 )
             bursts = ", ".join(
                 f"{b}: {c.get('CANCELLED', 0)} cancelled" for b, c in row["bursts"].items()
