@@ -25,6 +25,11 @@ probe that gets in finds the queue short: the histogram alone then read a calm p
 cancelled is about the share of clients' calls gRPC cancelled, which nothing else counts.
 A probe that keeps failing otherwise (its address unreachable) is said once at WARNING.
 
+And where no one watches the metrics (``innfer serve`` in a terminal), a backlog is said in
+the log: probes that each waited over ``BACKLOG_S``, at least ``BACKLOG_PROBES`` in a row
+and for ``BACKLOG_FOR_S`` (one stall of the loop is no backlog), log a WARNING naming the
+wait and what to do, at most once a ``BACKLOG_LOG_S``.
+
 Example:
     >>> import asyncio
     >>> seen = []
@@ -38,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 import threading
@@ -53,6 +59,10 @@ METHOD = "/innfer.internal.Pending/Probe"  # not OIP; a generic method (gRPC's s
 TIMEOUT_S = 60.0  # a probe unanswered this long is given up (a loop stopped that long)
 RETRY_S = 1.0  # after a probe that failed otherwise than cancelled (no connection)
 WARN_AFTER = 10  # failures in a row before the probe says so at WARNING
+BACKLOG_S = 0.05  # a probe that waited longer found a backlog ...
+BACKLOG_PROBES = 3  # ... and this many in a row ...
+BACKLOG_FOR_S = 1.0  # ... from the first one's send on, this long, are logged ...
+BACKLOG_LOG_S = 300.0  # ... at most once in this long
 _STAMP = struct.Struct("<d")  # the send time: this process's time.monotonic()
 
 
@@ -76,15 +86,49 @@ class PendingProbe:
         self._outcome = outcome or (lambda _: None)
         self._token = os.urandom(16)
         self._stop = threading.Event()
+        self._long = 0  # probes in a row that waited over BACKLOG_S
+        self._since = 0.0  # the first one's send (time.monotonic)
+        self._said = -math.inf  # when a backlog was last logged
+
+    def observed(self, wait_s: float, now: float) -> None:
+        """One probe's wait (seconds), reached at ``now`` (time.monotonic): to ``observe``,
+        and logged where it ends a backlog's first ``BACKLOG_FOR_S`` (module doc).
+
+        Example:
+            >>> waits = []
+            >>> PendingProbe(waits.append).observed(0.004, now=1.0)  # short: observed only
+            >>> waits
+            [0.004]
+        """
+        self._observe(wait_s)
+        if wait_s <= BACKLOG_S:
+            self._long = 0
+            return
+        if self._long == 0:
+            self._since = now - wait_s
+        self._long += 1
+        lasted = now - self._since
+        if self._long < BACKLOG_PROBES or lasted < BACKLOG_FOR_S:
+            return
+        if now - self._said >= BACKLOG_LOG_S:
+            self._said = now
+            log.warning(
+                "calls wait %.0f ms in gRPC's queue before the server takes them up (over "
+                "%.0f ms for %.1f s): request handling is slower than calls come, and budgets "
+                "run out there unseen. Add replicas or CPU, or set max_pending_calls in the "
+                "server config (beyond it gRPC cancels new calls at once); "
+                "innfer_pending_wait_seconds tracks it",
+                1e3 * wait_s, 1e3 * BACKLOG_S, lasted,
+            )  # fmt: skip
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler of ``METHOD``: raw bytes in (token + stamp), none out."""
-        token, observe = self._token, self._observe
+        token = self._token
 
         async def probe(body: bytes, context) -> bytes:
             now = time.monotonic()
             if len(body) == len(token) + _STAMP.size and body[: len(token)] == token:
-                observe(max(0.0, now - _STAMP.unpack_from(body, len(token))[0]))
+                self.observed(max(0.0, now - _STAMP.unpack_from(body, len(token))[0]), now)
             return b""
 
         service, _, name = METHOD[1:].rpartition("/")

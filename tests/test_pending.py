@@ -86,3 +86,30 @@ def test_probe_threads_end_when_stopped():
     assert _until(
         lambda: not {t for t in threading.enumerate() if t.name == "innfer-pending-probe"} - before
     )
+
+
+def test_a_backlog_is_logged_once_it_lasts(caplog):
+    # Without Prometheus (innfer serve in a terminal) the log is where a backlog shows.
+    p = pending.PendingProbe(lambda wait_s: None)
+    n, long = pending.BACKLOG_PROBES, pending.BACKLOG_S * 10
+    step = pending.BACKLOG_FOR_S  # between probes: every streak of n lasts long enough
+    with caplog.at_level(logging.WARNING, logger="innfer.pending"):
+        for i in range(n - 1):
+            p.observed(long, step * i)
+        p.observed(pending.BACKLOG_S / 2, step * n)  # a short one: the streak starts over
+        for i in range(n - 1):
+            p.observed(long, 100.0 + step * i)
+        assert not caplog.records
+        p.observed(long, 100.0 + step * n)  # the n-th in a row
+        assert len(caplog.records) == 1 and "max_pending_calls" in caplog.records[0].getMessage()
+        for i in range(3 * n):  # the backlog goes on: said again only after BACKLOG_LOG_S
+            p.observed(long, 200.0 + step * i)
+        assert len(caplog.records) == 1
+        p.observed(long, 100.0 + step * n + pending.BACKLOG_LOG_S)
+        assert len(caplog.records) == 2
+    # n probes in a row, but within one stall of the loop (under BACKLOG_FOR_S): not logged
+    quick = pending.PendingProbe(lambda wait_s: None)
+    with caplog.at_level(logging.WARNING, logger="innfer.pending"):
+        for i in range(2 * n):
+            quick.observed(pending.BACKLOG_S * 2, 1000.0 + 0.01 * i)
+    assert len(caplog.records) == 2
