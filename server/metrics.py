@@ -290,9 +290,11 @@ class Metrics:
         self.pending_probes = Counter(
             "innfer_pending_probes",
             "The probe calls of innfer_pending_wait_seconds by outcome: answered, cancelled "
-            "(gRPC's queue was full at max_pending_calls: the share cancelled is about the "
-            "share of clients' calls gRPC cancelled, which no other metric counts) or failed "
-            "(the probe could not reach the server).",
+            "(gRPC's queue was full at max_pending_calls; the share cancelled is the share of "
+            "time it was full - under steady load about the share of clients' calls gRPC "
+            "cancelled, which no other metric counts, but blind to bursts shorter than the "
+            "probe's 50 ms) or failed (anything else: no connection, one closed under it, a "
+            "timeout).",
             ["outcome"],
             registry=r,
         )  # fmt: skip

@@ -113,3 +113,20 @@ def test_a_backlog_is_logged_once_it_lasts(caplog):
         for i in range(2 * n):
             quick.observed(pending.BACKLOG_S * 2, 1000.0 + 0.01 * i)
     assert len(caplog.records) == 2
+
+
+def test_cancelled_probes_are_logged_once_they_persist(caplog):
+    # Under max_pending_calls answered probes wait little: the backlog warning stayed silent
+    # while 46 % of calls were cancelled (review helper-322).
+    p = pending.PendingProbe(lambda wait_s: None)
+    n, within = pending.CANCELLED_PROBES, pending.CANCELLED_WITHIN_S
+    with caplog.at_level(logging.WARNING, logger="innfer.pending"):
+        for i in range(2 * n):  # spread out: each alone in its window
+            p.cancelled(i * (within + 1))
+        assert not caplog.records
+        for i in range(n):
+            p.cancelled(1000.0 + i)
+        assert len(caplog.records) == 1 and "max_pending_calls" in caplog.records[0].getMessage()
+        for i in range(10 * n):  # still cancelled: said again only after BACKLOG_LOG_S
+            p.cancelled(1000.0 + n + i)
+        assert len(caplog.records) == 1
