@@ -168,11 +168,15 @@ def _build(name: str, seed: int) -> None:
     build_model(Repository(MODELS_DIR), name, backend="onnxruntime", repeats=PROFILE_REPEATS)
 
 
-def build_models(seed: int, rebuild: bool = False) -> dict[str, str]:
-    """Each model directory under MODELS_DIR reused, copied (the ResNet, from runs/bench-live
-    when its recipe matches) or built; model -> how."""
+def build_models(
+    seed: int, rebuild: bool = False, only: tuple[str, ...] = MODELS
+) -> dict[str, str]:
+    """Each model directory under MODELS_DIR (of ``only``) reused, copied (the ResNet, from
+    runs/bench-live when its recipe matches) or built; model -> how."""
     how = {}
     for name, want in recipes(seed).items():
+        if name not in only:
+            continue
         dest = MODELS_DIR / name
         if not rebuild and _recipe_of(dest, "bench-multi.json") == want:
             how[name] = "reused"

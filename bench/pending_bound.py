@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import time
@@ -43,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hardening import free_ports
 from bench.live_scheduler import HOST, LiveServer, _cpus, commit_of, pin_client
-from bench.multi_model import MLP, MODELS_DIR, ROOT, _build, _recipe_of, recipes
+from bench.multi_model import MLP, MODELS_DIR, ROOT, build_models
 from bench.publish import publish
-from sim.loadgen import run_load
+from sim.loadgen import run_closed_loop, run_load
 
 STEM = "pending_bound"
 OUT = ROOT / "bench" / "results"
@@ -59,17 +58,12 @@ PROBES = "innfer_pending_probes_total"
 
 
 def ensure_mlp(seed: int) -> Path:
-    """The MLP's model directory, built as bench/multi_model.py builds it (reused while its
-    recipe is the same), copied into a repository of its own."""
-    src = MODELS_DIR / MLP
-    want = recipes(seed)[MLP]
-    if _recipe_of(src, "bench-multi.json") != want:
-        shutil.rmtree(src, ignore_errors=True)
-        _build(MLP, seed)
-        (src / "bench-multi.json").write_text(json.dumps({"recipe": want}))
+    """The MLP's model directory from bench/multi_model.py (reused while its recipe is the
+    same, else built), copied into a repository of its own."""
+    build_models(seed, only=(MLP,))
     repo = WORK / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(src, repo / MLP)
+    shutil.copytree(MODELS_DIR / MLP, repo / MLP)
     return repo
 
 
@@ -162,8 +156,6 @@ async def _bursts(address: str, sizes: list[int]) -> dict:
 
 
 def warm_up(address: str) -> None:
-    from sim.loadgen import run_closed_loop
-
     asyncio.run(run_closed_loop(address, MLP, 1, WARMUP, 30.0, lambda i: 1.0, INPUTS))
 
 
