@@ -87,6 +87,36 @@ class LoadReport:
             out["late_outside"] = int((late & ~in_server).sum())
         return out
 
+    def onset(self, first: int) -> dict | None:
+        """What the server did with the first ``first`` requests (in the order sent) and
+        with the rest, apart: a fresh server, and a fresh channel, pay at the start of load
+        what the run's whole figure spreads over it. Per part: requests, within budget,
+        late, refused (sent, no answer) and attainment (within / requests; unsent requests
+        are misses too). None where the run has no requests past ``first``.
+
+        Example:
+            >>> r = LoadReport({}, np.array([40.0, 10.0, 10.0, np.nan]), [], ["OK"] * 3 +
+            ...                ["UNAVAILABLE"], np.full(4, 0.030))
+            >>> r.onset(1)["first"]["slo_attainment"], r.onset(1)["rest"]["refused"]
+            (0.0, 1)
+        """
+        n = len(self.latency_ms)
+        if first < 0 or first >= n or self.budgets_s is None:
+            return None
+        ok = ~np.isnan(self.latency_ms)
+        met = ok & (self.latency_ms <= np.asarray(self.budgets_s) * 1e3)
+        sent = np.array([c != "unsent" for c in self.codes]) if self.codes else ok
+
+        def part(sl: slice) -> dict:
+            k = len(met[sl])
+            return {"requests": k, "within_budget": int(met[sl].sum()),
+                    "late": int((ok[sl] & ~met[sl]).sum()),
+                    "refused": int((sent[sl] & ~ok[sl]).sum()),
+                    "slo_attainment": float(met[sl].sum() / k)}  # fmt: skip
+
+        return {"first_requests": first, "first": part(slice(0, first)),
+                "rest": part(slice(first, n))}  # fmt: skip
+
 
 def check_loopback(address: str) -> None:
     """ValueError unless ``address`` is HOST:PORT on a loopback host with a port in

@@ -145,6 +145,28 @@ def test_breakdown_splits_late_answers_by_where_the_time_went():
     assert LoadReport({}, latency, [], [], None).breakdown() is None  # not an innfer server
 
 
+def test_onset_reports_the_first_requests_and_the_rest_apart():
+    from sim.loadgen import LoadReport
+
+    # ms; budgets 20 ms: the first two late and refused, the rest one late and one unsent
+    latency = np.array([25.0, np.nan, 10.0, 10.0, 30.0, np.nan])
+    codes = ["OK", "UNAVAILABLE", "OK", "OK", "OK", "unsent"]
+    r = LoadReport({}, latency, ["a"] * 6, codes, np.full(6, 0.020))
+    o = r.onset(2)
+    assert o["first_requests"] == 2
+    assert o["first"] == {"requests": 2, "within_budget": 0, "late": 1, "refused": 1,
+                          "slo_attainment": 0.0}  # fmt: skip
+    assert o["rest"] == {
+        "requests": 4,
+        "within_budget": 2,
+        "late": 1,
+        "refused": 0,
+        "slo_attainment": 0.5,
+    }  # the unsent one is a miss, not a refusal
+    assert r.onset(6) is None and r.onset(-1) is None  # nothing after / no such split
+    assert LoadReport({}, latency, [], codes, None).onset(2) is None  # no budgets known
+
+
 def test_closed_loop_reports_the_servers_times(server):
     x = np.zeros((1, 1, 8, 8), np.float32)
     r = asyncio.run(run_closed_loop(server.address, "tiny", 2, 6, 30.0, lambda i: 0.5,
