@@ -942,6 +942,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "--plan-overhead plans for the request handling --host-ms simulates: give "
             "--host-ms PARSE,ANSWER with it"
         )
+    if args.plan_overhead is None:  # as the server's default, where there is handling to plan
+        args.plan_overhead = args.host_ms is not None
     if args.host_ms is not None or args.clients is not None:
         if args.plot or args.slots != 1:
             what = ("--host-ms simulates one shared core" if args.host_ms is not None
@@ -1121,7 +1123,7 @@ def _simulate_shared(
         print(format_summary(s, title))
         if _overhead_hint(args, s):
             print("  most answers were late by the request handling the plans do not count: "
-                  "try --plan-overhead (the server config's plan_overhead)")  # fmt: skip
+                  "drop --no-plan-overhead (the server config's plan_overhead)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -2668,7 +2670,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--plan-overhead", action=argparse.BooleanOptionalAction, default=None,
         help="plan budgets short by the learned request overhead (server config "
-        "plan_overhead; default off)",
+        "plan_overhead; default on)",
     )  # fmt: skip
     srv.add_argument(
         "--overhead-quantile",
@@ -2718,9 +2720,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is nearly full, as the server's do (default 0)",
     )  # fmt: skip
     sim.add_argument(
-        "--plan-overhead", action="store_true",
+        "--plan-overhead", action=argparse.BooleanOptionalAction, default=None,
         help="with --host-ms: plan each budget short by the request handling, as a server with "
-        "plan_overhead in its config does (default off, as the server's)",
+        "plan_overhead does (default: on with --host-ms, as the server's)",
     )  # fmt: skip
     sim.set_defaults(func=cmd_simulate)
 

@@ -244,9 +244,9 @@ class Metrics:
         )  # fmt: skip
         self.request_overhead = Gauge(
             "innfer_request_overhead_seconds",
-            "The recent p99 (overhead_quantile) of requests' time in the server outside queue "
-            "and compute (decoding, the hop back, encoding, sending); budgets are planned "
-            "short by it with plan_overhead.",
+            "The recent overhead_quantile (default 0.9) of requests' time in the server "
+            "outside queue and compute (decoding, the hop back, encoding, sending); budgets "
+            "are planned short by it with plan_overhead (the default).",
             ["model"], registry=r,
         )  # fmt: skip
         # Set by the data plane to read its server.host_cpu.HostCpu (no labels: one process).

@@ -184,22 +184,27 @@ def test_a_closed_loop_the_cap_ends_is_counted_over_the_time_it_took(tmp_path, c
 def test_simulate_can_plan_for_the_request_handling_as_a_server_can(tmp_path, capsys):
     """`innfer simulate --host-ms` had no way to try the server's plan_overhead: a closed
     loop of 8 at 30 ms answered 0.18 % within budget by the default planner, 98.7 % with it
-    (review helper-255)."""
+    (review helper-255). The server plans for it by default since session 76, and so does
+    simulate with --host-ms (--no-plan-overhead: as a server with it off)."""
     d = _model(tmp_path)
     slow = max(_profile_ms(d).values())
     budget = f"{slow + 1.0:.3f}"  # the full tier's compute fits; with the handling it does not
     late = {}
-    for extra in ([], ["--plan-overhead"]):
-        out_json = tmp_path / f"r{len(extra)}.json"
+    for extra in (["--no-plan-overhead"], [], ["--plan-overhead"]):
+        out_json = tmp_path / f"r{len(extra)}{''.join(extra)}.json"
         code, out, err = _cli(capsys, "simulate", d, "--clients", 2, "--duration", "0.5",
                               "--budget", f"{budget}:{budget}", "--budget-margin-ms", "0",
                               "--policy", "innfer", "--host-ms", "1,1", "--json", out_json,
                               *extra)  # fmt: skip
         assert code == 0, err
         summary = json.loads(out_json.read_text())["innfer"]["summary"]
-        late[bool(extra)] = summary["late"]
-        hinted = not extra and summary["late"] > summary["within_budget"]
-        assert ("try --plan-overhead" in out) is hinted, out
-    assert late[True] < late[False] and late[False] > 0
+        late[tuple(extra)] = summary["late"]
+        hinted = bool(extra) and extra[0] == "--no-plan-overhead"
+        hinted = hinted and summary["late"] > summary["within_budget"]
+        assert ("drop --no-plan-overhead" in out) is hinted, out
+    off = late[("--no-plan-overhead",)]
+    assert late[()] == late[("--plan-overhead",)] < off and off > 0
     code, _, err = _cli(capsys, "simulate", d, "--clients", 2, "--plan-overhead")
     assert code == 2 and "give --host-ms" in err
+    code, _, err = _cli(capsys, "simulate", d, "--clients", 2, "--duration", "0.2")
+    assert code == 0, err  # no --host-ms: nothing to plan, and no error for the default
