@@ -15,8 +15,10 @@ repository):
   one-lane   the same model with lengths [256] (profile.json cut to that length): every
              request is planned as a 256-token one - what a length-blind scheduler does
   lanes-po   the lanes server with --plan-overhead: budgets planned short by the learned
-             request overhead (its p99; admission takes its median) - what the demo's
-             model.yaml (plan_overhead: true) serves; the other servers run without it
+             request overhead (its overhead_quantile: p90 by default, p99 before session
+             76; admission takes its median) - what the demo's model.yaml (plan_overhead:
+             true) serves, and since session 76 the server's default; the other servers
+             run without it (--no-plan-overhead)
   lanes-m6   the lanes server with a fixed budget_margin_ms of 6 instead (--no-plan-overhead):
              about the time a request spends outside queue + compute on one shared core here
              (gRPC, tokenizer, waiting for the CPU the engine holds) - what an operator would
@@ -316,16 +318,17 @@ def main() -> int:
         row = {}
         margin = ["--no-plan-overhead", "--budget-margin-ms", str(args.margin_ms)]
         mine = lanes_of["current"]
-        servers = [("lanes", ROOT, mine, None, ())]
+        off = ("--no-plan-overhead",)  # (spelled out: the server's default is on)
+        servers = [("lanes", ROOT, mine, None, off)]
         if "baseline" in trees:
             base = (trees["baseline"], lanes_of["baseline"], None)
-            servers += [("lanes@baseline", *base, ()),
+            servers += [("lanes@baseline", *base, off),
                         ("lanes-po@baseline", *base, ("--plan-overhead",))]  # fmt: skip
         servers += [
             ("lanes-po", ROOT, mine, None, ("--plan-overhead",)),
             (f"lanes-m{args.margin_ms:g}", ROOT, mine, None, margin),
-            ("one-lane", ROOT, one, None, ()),
-            ("full-only", ROOT, mine, "h100", ()),
+            ("one-lane", ROOT, one, None, off),
+            ("full-only", ROOT, mine, "h100", off),
         ]
         if args.servers:
             servers = [sv for sv in servers if sv[0] in args.servers.split(",")]
