@@ -92,7 +92,7 @@ class LoadReport:
         with the rest, apart: a fresh server, and a fresh channel, pay at the start of load
         what the run's whole figure spreads over it. Per part: requests, within budget,
         late, refused (sent, no answer) and attainment (within / requests; unsent requests
-        are misses too). None where the run has no requests past ``first``.
+        are misses too). None where either part would be empty or no budgets are known.
 
         Example:
             >>> r = LoadReport({}, np.array([40.0, 10.0, 10.0, np.nan]), [], ["OK"] * 3 +
@@ -101,7 +101,7 @@ class LoadReport:
             (0.0, 1)
         """
         n = len(self.latency_ms)
-        if first < 0 or first >= n or self.budgets_s is None:
+        if first < 1 or first >= n or self.budgets_s is None:
             return None
         ok = ~np.isnan(self.latency_ms)
         met = ok & (self.latency_ms <= np.asarray(self.budgets_s) * 1e3)

@@ -163,7 +163,7 @@ def test_onset_reports_the_first_requests_and_the_rest_apart():
         "refused": 0,
         "slo_attainment": 0.5,
     }  # the unsent one is a miss, not a refusal
-    assert r.onset(6) is None and r.onset(-1) is None  # nothing after / no such split
+    assert r.onset(6) is None and r.onset(0) is None  # nothing after / nothing before
     assert LoadReport({}, latency, [], codes, None).onset(2) is None  # no budgets known
 
 
