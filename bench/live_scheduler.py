@@ -1120,6 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
             "tier by the server's innfer_tier_latency_factor when the point's load began (its "
             "timing at load and the warm-up): the profile the live scheduler planned with",
             "budget_margin": "the server plans with budget - budget_margin_ms (default 1 ms) "
+            "- and, with plan_overhead (its default), less its learned request overhead - "
             "and the client's latency includes the transport; the simulator has neither",
         },
         "points": [],

@@ -2676,7 +2676,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overhead-quantile",
         type=float,
         help="the overhead quantile --plan-overhead plans with (server config "
-        "overhead_quantile; default 0.99)",
+        "overhead_quantile; default 0.9)",
     )
     srv.add_argument("--gil-switch-ms", type=float,
                      help="sys.setswitchinterval in ms (server config gil_switch_ms; default "

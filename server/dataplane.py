@@ -113,6 +113,10 @@ TOKENIZE_THREADS = 2
 # Columns token ids may be padded to before the padding is cut (``_decode``); the message
 # size limit bounds their bytes in any case.
 PADDED_COLUMNS = 1 << 20
+# An answer whose request waited less than this in the queue, in a batch of its own, ran
+# alone: its overhead is a quiet server's (``Overhead.quiet``; the scheduler's own decision
+# takes tens of microseconds).
+QUIET_QUEUE_US = 500
 
 
 class Phase(Enum):
@@ -1726,7 +1730,9 @@ class DataPlane:
         inside_us = p["queue_us"].int64_param + p["compute_us"].int64_param
         lane = p["sequence_length"].int64_param if "sequence_length" in p else 0
         overhead = m.overheads.get(lane, m.overhead)  # a reloaded model: other lanes
-        overhead.observe(total_s - inside_us / 1e6, waited_s)
+        # Alone: a batch of its own that did not wait (a quiet server; Overhead.quiet).
+        alone = p["batch_size"].int64_param == 1 and p["queue_us"].int64_param < QUIET_QUEUE_US
+        overhead.observe(total_s - inside_us / 1e6, waited_s, alone)
 
     async def _decode(
         self,

@@ -1230,7 +1230,14 @@ class ModelRuntime:
             # ("nothing": within a microsecond - a deadline read at 0 came out +1e-17 after
             # the sums above on one machine and -1e-17 on another)
             busy = deadline_only and (left < 1e-6 or self._idle.waits == self._idle_mark)
-            if reached + idle > req.due and (asked_s is None or idle > asked_s) and not busy:
+            # Planned for the overhead, a quiet replica still spends its quiet median
+            # outside queue and compute (``Overhead.quiet``): a budget short of that too is
+            # the client's ask. Counted as load, an idle pod's 1.5 ms budgets on a 0.05 ms
+            # model - 1 ms margin + 0.5 ms overhead - read as 99 % degraded, and the
+            # autoscaler would add pods that refuse them alike (review helper-323).
+            quiet = self.overhead_for(lane).quiet() if reserve_s > 0 else 0.0
+            short = reached + idle + quiet > req.due
+            if short and (asked_s is None or idle + quiet > asked_s) and not busy:
                 why = "refused_budget"
         self._missed[why].inc()
         if exc.state == State.REFUSED_FULL:

@@ -39,6 +39,7 @@ WINDOW = 256  # recent samples kept: ~1 s at a few hundred requests per second
 # ~150 answers (refusals teach nothing), over 64 for ~50. All ``WINDOW`` stay for
 # auto-tiering's replay (``recent``).
 ESTIMATE_SAMPLES = 64
+QUIET_SAMPLES = 64  # answers that ran alone kept for ``quiet``
 REFRESH = 16  # the quantile is recomputed every this many samples (cheap per request)
 MIN_SAMPLES = 16  # below this many samples the estimate is 0 (nothing learned yet)
 CAP_S = 0.5  # a sample above this (a stalled process, a debugger) is clipped to it
@@ -89,10 +90,21 @@ class Overhead:
         self._estimate = 0.0
         self._grace = 0.0
         self._refused_since: float | None = None  # the first refusal since the last answer
+        # Answers that ran alone (``observe(alone=True)``): what the overhead is on this
+        # server when quiet, for telling a budget no quiet replica meets from load.
+        self._alone = np.zeros(QUIET_SAMPLES)
+        self._alone_n = 0
+        self._quiet = 0.0
 
-    def observe(self, seconds: float, waited: float = 0.0) -> None:
+    def observe(self, seconds: float, waited: float = 0.0, alone: bool = False) -> None:
         """One answered request's overhead, and the seconds it waited before its handler
-        ran (negative values, clock noise, count as 0)."""
+        ran (negative values, clock noise, count as 0); ``alone``: it ran as a batch of its
+        own and did not wait in the queue - a quiet server's overhead (``quiet``)."""
+        if alone:
+            self._alone[self._alone_n % QUIET_SAMPLES] = min(max(seconds, 0.0), CAP_S)
+            self._alone_n += 1
+            if self._alone_n >= MIN_SAMPLES and self._alone_n % REFRESH == 0:
+                self._quiet = float(np.median(self._alone[: min(self._alone_n, QUIET_SAMPLES)]))
         at = self._n % len(self._samples)
         self._samples[at] = min(max(seconds, 0.0), CAP_S)
         self._waited[at] = min(max(waited, 0.0), CAP_S)
@@ -133,19 +145,42 @@ class Overhead:
         self._estimate = self._grace = 0.0
         self._refused_since = None
 
+    def quiet(self) -> float:
+        """Seconds: the median overhead of the latest answers that ran alone (0 before
+        ``MIN_SAMPLES`` of them): what even a quiet server spends outside queue and compute
+        - a budget short of it is the client's ask, not load. A burst's answers, batched or
+        queued, do not move it.
+
+        Example:
+            >>> o = Overhead()
+            >>> for _ in range(32):
+            ...     o.observe(0.002, alone=True)
+            >>> for _ in range(64):
+            ...     o.observe(0.040)   # then a burst
+            >>> round(o.quiet() * 1e3, 3), round((o.estimate() - o.reserve()[1]) * 1e3, 3)
+            (2.0, 40.0)
+        """
+        return self._quiet
+
     def estimate(self) -> float:
         """Seconds to plan each budget short by: the ``quantile`` of the last ``window``
         samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES`` were seen."""
         return self._estimate
 
     def recent(self) -> np.ndarray:
-        """The recent samples (seconds, a copy, at most ``window``): what auto-tiering's
-        choice replays as each request's time outside queue and compute."""
-        return self._samples[: min(self._n, len(self._samples))].copy()
+        """The recent samples (seconds, a copy, at most ``window``), oldest first: what
+        auto-tiering's choice replays as each request's time outside queue and compute (and
+        plans with the latest ``ESTIMATE_SAMPLES`` of, as the server does)."""
+        return self._ordered(self._samples)
 
     def recent_waited(self) -> np.ndarray:
         """The waits before the handler of the ``recent`` samples, in the same order."""
-        return self._waited[: min(self._n, len(self._samples))].copy()
+        return self._ordered(self._waited)
+
+    def _ordered(self, ring: np.ndarray) -> np.ndarray:
+        held = min(self._n, len(ring))
+        end = self._n % len(ring)
+        return np.take(ring, range(end - held, end), mode="wrap")
 
     def reserve(self) -> tuple[float, float]:
         """(reserve, grace) in seconds for one budget: the plan is made ``reserve`` (the

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.overhead import reserve_of
+from server.overhead import ESTIMATE_SAMPLES, reserve_of
 
 # The policies a choice replays as the server runs them (``host.json``'s "policy").
 REPLAYED_POLICIES = ("innfer", "slackfit")
@@ -129,7 +129,9 @@ class LiveHost:
         planned = budgets_s - margin
         grace = 0.0
         if self.plan_overhead and len(samples):
-            reserve, grace = reserve_of(samples, self.quantile)
+            # as the server plans: the latest of its samples (host.json lists them oldest
+            # first); every one is still drawn above as a request's own overhead
+            reserve, grace = reserve_of(samples[-ESTIMATE_SAMPLES:], self.quantile)
             planned = planned - reserve - waited
         return budgets_s - margin - outside - waited, planned, grace
 

@@ -18,9 +18,10 @@ CPU per row and per batch as the server hands them to it (``Scheduler.host_s``: 
 row figure counts the batches' share, as the server's does - here averaged over the whole
 run, there over recent windows), budgets
 planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
-default off), counted from when parsing began and planned short by the learned overhead too
-(``server.overhead``, fed the time from a batch's end to its answer leaving), with the part
-above the overhead's median given back to admission (``Request.grace``). The client
+on by default there and here), counted from when parsing began and planned short by the
+learned overhead too (``server.overhead``, fed the time from a batch's end to its answer
+leaving), with the part above the overhead's median given back to admission
+(``Request.grace``). The client
 sees the answer ``client_s`` later. Open loop (arrival times) or closed loop (``clients``
 each sending again when answered or refused). Deterministic for a seed.
 
@@ -150,7 +151,7 @@ def simulate_shared(
     widths: Mapping[str, float] | None = None,
     seed: int = 0,
     noise: float | None = None,
-    plan_overhead: bool = False,
+    plan_overhead: bool = True,
 ) -> SharedCoreResult:
     """Serve an open-loop trace (``arrivals``, seconds) or ``clients`` closed-loop clients
     (at most ``n_requests`` sends, none after ``max_seconds``) on one shared core; request

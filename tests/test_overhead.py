@@ -341,6 +341,65 @@ def test_the_overhead_keeps_each_samples_wait_beside_it():
     for k in range(WINDOW + 3):
         o.observe(0.001 * (k % 5), waited=0.0001 * k)
     assert len(o.recent_waited()) == len(o.recent()) == WINDOW
-    k = WINDOW + 2  # the newest sample overwrote slot (WINDOW + 2) % WINDOW
-    assert o.recent()[2] == pytest.approx(0.001 * (k % 5))
-    assert o.recent_waited()[2] == pytest.approx(0.0001 * k)
+    k = WINDOW + 2  # the newest sample, last (oldest first: the replay plans with the latest)
+    assert o.recent()[-1] == pytest.approx(0.001 * (k % 5))
+    assert o.recent_waited()[-1] == pytest.approx(0.0001 * k)
+    assert o.recent()[0] == pytest.approx(0.001 * (3 % 5))  # the oldest kept: sample 3
+    assert o.recent_waited()[0] == pytest.approx(0.0001 * 3)
+
+
+def test_the_replay_plans_with_the_reserve_the_server_plans_with():
+    # The server plans with the latest ESTIMATE_SAMPLES of its answers; auto-tiering's
+    # replay took all it was handed (160 slow then 96 fast: 11 ms planned vs the server's
+    # 25 ms of a 30 ms budget; review helper-323).
+    from sim.live_host import LiveHost
+
+    o = Overhead(quantile=0.9)
+    for k in range(WINDOW):
+        o.observe(0.018 if k < 160 else 0.004)
+    host = LiveHost(overhead_ms=tuple(o.recent() * 1e3), margin_ms=1.0, plan_overhead=True,
+                    quantile=0.9)  # fmt: skip
+    _, planned, grace = host.budgets(np.array([0.030]), seed=0)
+    assert planned[0] == pytest.approx(0.030 - 0.001 - o.reserve()[0], abs=1e-9)
+    assert grace == pytest.approx(o.reserve()[1], abs=1e-9)
+
+
+def test_only_answers_that_ran_alone_tell_the_quiet_overhead():
+    o = Overhead()
+    for _ in range(MIN_SAMPLES):
+        o.observe(0.300)  # a burst's (batched, queued) answers
+    assert o.quiet() == 0.0 and o.estimate() == pytest.approx(0.300)
+    for _ in range(MIN_SAMPLES):
+        o.observe(0.0005, alone=True)
+    assert o.quiet() == pytest.approx(0.0005)
+
+
+def test_a_budget_no_quiet_replica_meets_is_the_clients_ask_not_load(model_repository):
+    # With the overhead planned for (the default), an idle server refused 1.5 ms budgets on
+    # 'tiny' - 1 ms margin + ~0.5 ms of its quiet overhead - counted as refused_deadline:
+    # load, the HPA's degraded share at 0.99 on an idle pod (review helper-323).
+    from serverutil import ServerThread
+
+    s = ServerThread({"repository": str(model_repository)}).start()
+    client = tc.InferenceServerClient(s.address)
+    try:
+        m = s.server.plane.models["tiny"]
+        deadline = time.monotonic() + 10
+        while m.overhead.quiet() == 0.0 and time.monotonic() < deadline:
+            _infer(client, 500)  # one at a time: each answer ran alone
+        quiet_ms = m.overhead.quiet() * 1e3
+        assert quiet_ms > 0, "no answer counted as alone"
+        margin_ms = s.server.config.budget_margin_ms
+        with pytest.raises(InferenceServerException) as e:
+            _infer(client, margin_ms + quiet_ms / 2)  # short of even a quiet replica's
+        assert "DEADLINE_EXCEEDED" in str(e.value.status())
+        missed = {
+            why: s.server.plane.metrics.registry.get_sample_value(
+                "innfer_deadline_missed_total", {"model": "tiny", "reason": why}
+            )
+            for why in ("refused_budget", "refused_deadline")
+        }
+        assert missed["refused_budget"] == 1 and not missed["refused_deadline"], missed
+    finally:
+        client.close()
+        s.stop()
