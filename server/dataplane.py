@@ -69,6 +69,7 @@ from server.limits import (
 )
 from server.metrics import Metrics
 from server.model_runtime import DRAIN_S, ModelRuntime
+from server.overhead import QUIET_QUEUE_S
 from server.parameters import BUDGET_SOURCES, VERSION, check_parameter_names
 from server.proto_gen import grpc_service_pb2 as pb
 from server.repository_poll import build_running
@@ -113,10 +114,6 @@ TOKENIZE_THREADS = 2
 # Columns token ids may be padded to before the padding is cut (``_decode``); the message
 # size limit bounds their bytes in any case.
 PADDED_COLUMNS = 1 << 20
-# An answer whose request waited less than this in the queue, in a batch of its own, ran
-# alone: its overhead is a quiet server's (``Overhead.quiet``; the scheduler's own decision
-# takes tens of microseconds).
-QUIET_QUEUE_US = 500
 
 
 class Phase(Enum):
@@ -884,6 +881,7 @@ class DataPlane:
             "engine_sigma": m.engine_spread(),
             "host_cpu_ms": self.host_cpu.per_row * 1e3,
             "host_cpu_batch_ms": self.host_cpu.per_batch * 1e3,
+            "quiet_overhead_ms": m.overhead.quiet() * 1e3,
             # Batches it may run at once (instances, capped by a shared device's slots).
             "slots": m.scheduler.max_running,
             # A pinned tier names one tier of the live set; another set need not have it.
@@ -1731,7 +1729,7 @@ class DataPlane:
         lane = p["sequence_length"].int64_param if "sequence_length" in p else 0
         overhead = m.overheads.get(lane, m.overhead)  # a reloaded model: other lanes
         # Alone: a batch of its own that did not wait (a quiet server; Overhead.quiet).
-        alone = p["batch_size"].int64_param == 1 and p["queue_us"].int64_param < QUIET_QUEUE_US
+        alone = p["batch_size"].int64_param == 1 and p["queue_us"].int64_param < QUIET_QUEUE_S * 1e6
         overhead.observe(total_s - inside_us / 1e6, waited_s, alone)
 
     async def _decode(

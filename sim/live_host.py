@@ -18,6 +18,8 @@ A server with ``auto_tiers`` writes ``auto/host.json`` beside the traffic it han
     {"overhead_ms": [...],        recent per-request samples (server.overhead's window)
      "waited_ms": [...],          each sample's wait before its handler ran (parse, the
                                   loop's turn; same order; absent: not recorded)
+     "quiet_overhead_ms": 3.5,    the median overhead of answers that ran alone (0 or
+                                  absent: none yet), which admission judges at where lower
      "budget_margin_ms": 1.0,     the server's budget_margin_ms
      "plan_overhead": false,      whether the model plans for the overhead (resolved)
      "overhead_quantile": 0.99,   the quantile it plans with
@@ -82,6 +84,7 @@ class LiveHost:
     policy: str | None = None
     waited_ms: tuple[float, ...] = ()  # empty, or one per overhead sample
     host_cpu_batch_ms: float = 0.0
+    quiet_ms: float = 0.0  # a quiet server's median overhead (0: not known)
 
     def __post_init__(self) -> None:
         if not all(np.isfinite(v) and v >= 0 for v in self.overhead_ms):
@@ -102,7 +105,7 @@ class LiveHost:
         sigma = self.engine_sigma
         if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
-        for name in ("host_cpu_ms", "host_cpu_batch_ms"):
+        for name in ("host_cpu_ms", "host_cpu_batch_ms", "quiet_ms"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -131,7 +134,9 @@ class LiveHost:
         if self.plan_overhead and len(samples):
             # as the server plans: the latest of its samples (host.json lists them oldest
             # first); every one is still drawn above as a request's own overhead
-            reserve, grace = reserve_of(samples[-ESTIMATE_SAMPLES:], self.quantile)
+            reserve, grace = reserve_of(
+                samples[-ESTIMATE_SAMPLES:], self.quantile, self.quiet_ms / 1e3
+            )
             planned = planned - reserve - waited
         return budgets_s - margin - outside - waited, planned, grace
 
@@ -146,6 +151,7 @@ class LiveHost:
             "engine_sigma": self.engine_sigma,
             "host_cpu_ms": self.host_cpu_ms,
             "host_cpu_batch_ms": self.host_cpu_batch_ms,
+            "quiet_overhead_ms": self.quiet_ms,
             "slots": self.slots,
             "policy": self.policy,
         }
@@ -155,7 +161,7 @@ class LiveHost:
         """From the server's dict (the module doc's fields; unknown ones are an error)."""
         known = {"overhead_ms", "waited_ms", "budget_margin_ms", "plan_overhead",
                  "overhead_quantile", "engine_speed", "engine_sigma", "host_cpu_ms",
-                 "host_cpu_batch_ms", "slots", "policy"}  # fmt: skip
+                 "host_cpu_batch_ms", "quiet_overhead_ms", "slots", "policy"}  # fmt: skip
         if not isinstance(data, dict) or set(data) - known:
             extra = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"a host view takes the fields {sorted(known)}; got {extra}")
@@ -183,6 +189,7 @@ class LiveHost:
                 engine_sigma=_optional(data.get("engine_sigma")),
                 host_cpu_ms=float(data.get("host_cpu_ms", 0.0)),
                 host_cpu_batch_ms=float(data.get("host_cpu_batch_ms", 0.0)),
+                quiet_ms=float(data.get("quiet_overhead_ms", 0.0)),
                 slots=data.get("slots"),
                 policy=data.get("policy"),
             )

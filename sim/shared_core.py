@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.overhead import Overhead
+from server.overhead import QUIET_QUEUE_S, Overhead
 from server.scheduling import Refused, Request, Scheduler, TierInfo, make_policy
 from server.scheduling.latency import DEFAULT_SLO_TARGET
 from server.scheduling.scheduler import DEFAULT_ADMIT_QUANTILE
@@ -177,6 +177,7 @@ def simulate_shared(
     received = np.full(n, np.nan)
     budget = np.full(n, np.nan)
     batch_end = np.full(n, np.nan)
+    alone = np.zeros(n, dtype=bool)  # ran as a batch of its own, hardly queued (Overhead.quiet)
     tiers_used: list[str | None] = [None] * n
     states = ["unsent"] * n
     sends = Events()  # (time, request id)
@@ -258,7 +259,7 @@ def simulate_shared(
                     handle(_Task("answer", r.id, host.answer_s))
                 settling = None
             elif task.kind == "answer":
-                overhead.observe(t - batch_end[task.rid])
+                overhead.observe(t - batch_end[task.rid], alone=bool(alone[task.rid]))
                 answered(task.rid, t)
             else:
                 answered(task.rid, t)
@@ -267,6 +268,8 @@ def simulate_shared(
             handle(_Task("refuse", r.id, refuse_s))
         if running is None and settling is None and (d := sched.next(t)) is not None:
             running = [d, engine.draw_s(d.tier, d.rows), t]
+            if d.rows == 1:  # as server.dataplane tells the overhead's quiet answers
+                alone[d.requests[0].id] = t - d.requests[0].arrival < QUIET_QUEUE_S
     return _result(send, received, budget, tiers_used, states, widths, batches)
 
 

@@ -71,6 +71,28 @@ def test_the_median_is_kept_beside_the_high_quantile():
     assert reserve == pytest.approx(0.300) and grace == pytest.approx(0.290)
 
 
+def test_admission_judges_at_the_quiet_median_where_that_is_lower():
+    # A loaded server's median is mostly its own loop's backlog; a refusal does not shorten
+    # it where clients send again at once (Overhead.reserve). The plan keeps the quantile.
+    o = Overhead(quantile=0.9)
+    for _ in range(MIN_SAMPLES):
+        o.observe(0.002, alone=True)
+    for _ in range(ESTIMATE_SAMPLES):
+        o.observe(0.010)  # a saturated loop's answers
+    reserve, grace = o.reserve()
+    assert reserve == pytest.approx(0.010)
+    assert reserve - grace == pytest.approx(0.002)  # judged at the quiet 2 ms, not 10
+    q = Overhead(quantile=0.9)  # a quiet median above the loaded one changes nothing
+    for _ in range(MIN_SAMPLES):
+        q.observe(0.020, alone=True)
+    for k in range(ESTIMATE_SAMPLES):
+        q.observe(0.010 if k % 2 else 0.004)
+    reserve, grace = q.reserve()
+    assert reserve - grace == pytest.approx(np.median([0.010, 0.004]))
+    q.forget()  # nothing learned: no reserve, no grace, whatever the quiet median
+    assert q.reserve() == (0.0, 0.0) and q.quiet() == pytest.approx(0.020)
+
+
 def test_refreshed_every_few_samples_and_clipped():
     o = Overhead()
     for _ in range(MIN_SAMPLES):
@@ -246,6 +268,34 @@ def test_the_planned_quantile_is_the_configured_one_and_admission_takes_the_medi
             s.stop()
 
 
+def test_a_saturated_servers_median_does_not_refuse_what_its_quiet_overhead_admits(
+    model_repository,
+):
+    # Answers of a busy loop took 10 ms outside queue and compute, answers that ran alone
+    # 2 ms. A 9 ms budget, planned 1 + 10 ms short, is admitted (judged at the quiet 2 ms)
+    # and answered; at the 10 ms median it was refused at once.
+    from serverutil import ServerThread
+
+    cfg = {"repository": str(model_repository), "overhead_quantile": 0.5}
+    s = ServerThread(cfg).start()
+    client = tc.InferenceServerClient(s.address)
+    try:
+        m = s.server.plane.models["tiny"]
+        for _ in range(MIN_SAMPLES):
+            m.overhead.observe(0.002, alone=True)
+        for _ in range(WINDOW):
+            m.overhead.observe(0.010)
+        assert m.overhead.reserve() == pytest.approx((0.010, 0.008))
+        answer = _infer(client, 9).get_response().parameters
+        assert answer["budget_us"].int64_param / 1e3 == pytest.approx(9 - 1 - 10, abs=0.5)
+        with pytest.raises(InferenceServerException) as e:
+            _infer(client, 2.5)  # short of even the quiet overhead, after the 1 ms margin
+        assert "2.0 ms reserved for request handling" in e.value.message(), e.value
+    finally:
+        client.close()
+        s.stop()
+
+
 @pytest.mark.parametrize("server_setting, model_setting, planned", [
     (False, True, True), (True, False, False), (True, None, True), (False, None, False),
 ])  # fmt: skip
@@ -361,6 +411,19 @@ def test_the_replay_plans_with_the_reserve_the_server_plans_with():
                     quantile=0.9)  # fmt: skip
     _, planned, grace = host.budgets(np.array([0.030]), seed=0)
     assert planned[0] == pytest.approx(0.030 - 0.001 - o.reserve()[0], abs=1e-9)
+    assert grace == pytest.approx(o.reserve()[1], abs=1e-9)
+    # and judges admission where the server does: at its quiet median, handed over in
+    # host.json beside the samples
+    for _ in range(MIN_SAMPLES):
+        o.observe(0.002, alone=True)
+    for _ in range(ESTIMATE_SAMPLES):
+        o.observe(0.006)
+    view = {"overhead_ms": list(o.recent() * 1e3), "plan_overhead": True,
+            "overhead_quantile": 0.9, "quiet_overhead_ms": o.quiet() * 1e3}  # fmt: skip
+    host = LiveHost.from_json(view)
+    assert LiveHost.from_json(host.to_json()) == host
+    _, planned, grace = host.budgets(np.array([0.030]), seed=0)
+    assert o.reserve()[0] - o.reserve()[1] == pytest.approx(0.002)
     assert grace == pytest.approx(o.reserve()[1], abs=1e-9)
 
 
