@@ -207,8 +207,8 @@ class Overhead:
         refusals at the median fed it: each refused client's next 600 KB request took the
         loop from the engine thread, batches slowed, the learned median rose (7-10 ms
         against a quiet 4) and more were refused - 1,000-1,500 of 2,000 in the runs that
-        fell into it. Judged at the quiet median, in the same runs: 35.9 / 84.2 / 61.4 /
-        22.9 % within budget against 19.1 / 64.0 / 24.9 / 14.7 %. The plan itself still
+        fell into it. Judged at the quiet median, 9 pairs of runs: 45.8 % within budget
+        on average against 37.2 %, better in 6 (docs/design.md). The plan itself still
         leaves room for the high quantile.
 
         Example:
