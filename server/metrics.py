@@ -249,6 +249,13 @@ class Metrics:
             "are planned short by it with plan_overhead (the default).",
             ["model"], registry=r,
         )  # fmt: skip
+        self.request_overhead_quiet = Gauge(
+            "innfer_request_overhead_quiet_seconds",
+            "The median of that time over recent answers that ran alone (a batch of one that "
+            "did not queue; 0 before 16 of them): where it is below the recent median, "
+            "admission and expiry judge each request at it, not at the loaded median.",
+            ["model"], registry=r,
+        )  # fmt: skip
         # Set by the data plane to read its server.host_cpu.HostCpu (no labels: one process).
         self.host_cpu = Gauge(
             "innfer_host_cpu_per_row_seconds",

@@ -1445,6 +1445,8 @@ class ModelRuntime:
             r.stuck_count() for r in (self, *self.predecessors)))  # fmt: skip
         self._bind(m.request_overhead, (name,),
                    lambda: max(o.estimate() for o in self.overheads.values()))  # fmt: skip
+        self._bind(m.request_overhead_quiet, (name,),
+                   lambda: max(o.quiet() for o in self.overheads.values()))  # fmt: skip
 
         def estimate(tier: str):  # a sequence model's: the lane its traffic runs most
             return self.latency_of(tier).tier_estimate(tier)

@@ -199,6 +199,11 @@ def test_answers_teach_the_model_and_metrics_show_it(server, client):
     line = next(x for x in text.splitlines()
                 if x.startswith('innfer_request_overhead_seconds{model="tiny"}'))  # fmt: skip
     assert float(line.split()[-1]) == pytest.approx(m.overhead.estimate())
+    # one at a time, each answer ran alone: the quiet median is learned and exported too
+    assert m.overhead.quiet() > 0
+    line = next(x for x in text.splitlines()
+                if x.startswith('innfer_request_overhead_quiet_seconds{model="tiny"}'))  # fmt: skip
+    assert float(line.split()[-1]) == pytest.approx(m.overhead.quiet())
 
 
 def test_budgets_are_planned_short_by_the_overhead_when_asked(model_repository):
