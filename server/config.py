@@ -462,7 +462,8 @@ class ServerConfig:
         True,
         doc="count each budget from when its request began to be parsed and plan it short by "
         "the learned request overhead (innfer_request_overhead_seconds, overhead_quantile); "
-        "admission still refuses only what misses at the overhead's median. Off: budgets "
+        "admission still refuses only what misses at the overhead's median (or a quiet "
+        "server's, innfer_request_overhead_quiet_seconds, where lower). Off: budgets "
         "planned from the scheduler's stamp with budget_margin_ms alone - the answers' way "
         "out (the hop back from the engine, encoding, sending: 2-4 ms each on a shared core) "
         "is then not planned for (the ResNet at 8 clients and 30 ms: 97.0-99.4 % within "

@@ -129,7 +129,7 @@ class Metrics:
             "an engine thread, compute and the hop back (the hand-offs wait for the loop, "
             "Python's GIL, under load: more than queue + compute then). Decoding before it and "
             "encoding and sending after it are not in it; innfer_request_overhead_seconds is "
-            "their p99.",
+            "their overhead_quantile (default 0.9).",
             ["model", "tier"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_seconds = Histogram(

@@ -1093,7 +1093,8 @@ class ModelRuntime:
         before this call): its budget counts from then, its queue time from this call.
         ``reserve_s``: how much shorter than the client's ``budget_s`` already is (the
         server's overhead reserve; an answer is on time until it is spent too);
-        ``grace_s``: seconds past the budget that admission at the median still accepts
+        ``grace_s``: seconds past the budget that admission still accepts (it judges the
+        overhead at ``Overhead.judged``: its median, or a quiet server's where lower)
         (``Request.reserve`` and ``Request.grace``); ``asked_s``: the budget the client
         asked for where the call's gRPC deadline cut it to ``budget_s`` (None: not cut) - a
         refusal an idle replica would not make at ``asked_s`` is counted as load;
@@ -1234,8 +1235,12 @@ class ModelRuntime:
             # outside queue and compute (``Overhead.quiet``): a budget short of that too is
             # the client's ask. Counted as load, an idle pod's 1.5 ms budgets on a 0.05 ms
             # model - 1 ms margin + 0.5 ms overhead - read as 99 % degraded, and the
-            # autoscaler would add pods that refuse them alike (review helper-323).
-            quiet = self.overhead_for(lane).quiet() if reserve_s > 0 else 0.0
+            # autoscaler would add pods that refuse them alike (review helper-323). No more
+            # than admission judges at (``Overhead.judged``), so that a quiet median above
+            # the loaded one (a fresh server's slow first answers) does not call load the
+            # client's ask (helper-324); nothing where no quiet median is known.
+            overhead = self.overhead_for(lane)
+            quiet = min(overhead.quiet(), overhead.judged()) if reserve_s > 0 else 0.0
             short = reached + idle + quiet > req.due
             if short and (asked_s is None or idle + quiet > asked_s) and not busy:
                 why = "refused_budget"
@@ -1331,7 +1336,7 @@ class ModelRuntime:
     ) -> str:  # fmt: skip
         """What the server set aside of the client's budget before planning: a refusal's
         "left to plan with" is what remains (a 0.5 ms budget read "-0.5 ms" on its own).
-        Admission judges at the overhead's median: the reserve less ``grace_s`` (the whole
+        Admission judges at ``Overhead.judged``: the reserve less ``grace_s`` (the whole
         reserve, 55.6 ms, was named beside -5.1 ms left of 15 ms: helper-273).
         ``deadline_left``: where the budget was the call's deadline alone, what it had left
         when the request was planned (a 10 ms deadline that waited in gRPC's queue was "the
@@ -1339,7 +1344,7 @@ class ModelRuntime:
         parts = [f"the server's {1e3 * self.margin_s:.1f} ms margin"]
         if reserve_s > 0:
             parts.append(f"{1e3 * (reserve_s - grace_s):.1f} ms reserved for request handling "
-                         "(its learnt median)")  # fmt: skip
+                         "(its learnt median, or a quiet server's where lower)")  # fmt: skip
         if deadline_left is not None:  # (what was spent before is taken off it already)
             return (f"the call's deadline had {1e3 * deadline_left:.1f} ms left when the "
                     f"server planned it, less {', '.join(parts)}")  # fmt: skip

@@ -44,6 +44,14 @@ QUIET_SAMPLES = 64  # answers that ran alone kept for ``quiet``
 # alone: its overhead is a quiet server's (``quiet``; the scheduler's own decision takes
 # tens of microseconds).
 QUIET_QUEUE_S = 500e-6
+# ``quiet`` holds only while an answer ran alone within this many answers: under sustained
+# load no batch of one goes unqueued, and a quiet median learned on a faster hour (or a
+# fresh server's slower first answers) would judge admission for as long (review
+# helper-324). About a minute at a few hundred answers per second: long enough to outlast
+# a refusal spiral's bursts (``reserve``; ~1,000 answers per 2,000 requests there), short
+# enough that an hour's drift in the machine's speed does not. Counted in answers, not
+# seconds, so the estimate stays clock-free.
+QUIET_FRESH_ANSWERS = 16384
 REFRESH = 16  # the quantile is recomputed every this many samples (cheap per request)
 MIN_SAMPLES = 16  # below this many samples the estimate is 0 (nothing learned yet)
 CAP_S = 0.5  # a sample above this (a stalled process, a debugger) is clipped to it
@@ -107,12 +115,16 @@ class Overhead:
         self._alone = np.zeros(QUIET_SAMPLES)
         self._alone_n = 0
         self._quiet = 0.0
+        self._answers = 0  # every answer observed, never reset (``QUIET_FRESH_ANSWERS``)
+        self._alone_at = 0  # ... the count at the latest one that ran alone
 
     def observe(self, seconds: float, waited: float = 0.0, alone: bool = False) -> None:
         """One answered request's overhead, and the seconds it waited before its handler
         ran (negative values, clock noise, count as 0); ``alone``: it ran as a batch of its
         own and did not wait in the queue - a quiet server's overhead (``quiet``)."""
+        self._answers += 1
         if alone:
+            self._alone_at = self._answers
             self._alone[self._alone_n % QUIET_SAMPLES] = min(max(seconds, 0.0), CAP_S)
             self._alone_n += 1
             if self._alone_n >= MIN_SAMPLES and self._alone_n % REFRESH == 0:
@@ -160,9 +172,9 @@ class Overhead:
 
     def quiet(self) -> float:
         """Seconds: the median overhead of the latest answers that ran alone (0 before
-        ``MIN_SAMPLES`` of them): what even a quiet server spends outside queue and compute
-        - a budget short of it is the client's ask, not load. A burst's answers, batched or
-        queued, do not move it.
+        ``MIN_SAMPLES`` of them, and once none has for ``QUIET_FRESH_ANSWERS`` answers):
+        what even a quiet server spends outside queue and compute. A burst's answers,
+        batched or queued, do not move it.
 
         Example:
             >>> o = Overhead()
@@ -172,8 +184,28 @@ class Overhead:
             ...     o.observe(0.040)   # then a burst
             >>> round(o.quiet() * 1e3, 3), round(o.estimate() * 1e3, 3)
             (2.0, 40.0)
+            >>> for _ in range(QUIET_FRESH_ANSWERS):
+            ...     o.observe(0.040)   # none alone for this long: no longer known
+            >>> o.quiet()
+            0.0
         """
+        if self._answers - self._alone_at > QUIET_FRESH_ANSWERS:
+            return 0.0
         return self._quiet
+
+    def judged(self) -> float:
+        """Seconds: the overhead admission and expiry judge a request at (``reserve``) - the
+        recent median, or ``quiet`` where that is lower; 0 before anything is learned. The
+        refusal's reason judges at it too (a budget short of it is the client's ask).
+
+        Example:
+            >>> o = Overhead()
+            >>> for k in range(64):
+            ...     o.observe(0.010 if k % 2 else 0.002)
+            >>> round(o.judged() * 1e3, 3)
+            6.0
+        """
+        return _judged(self._median, self.quiet())
 
     def estimate(self) -> float:
         """Seconds to plan each budget short by: the ``quantile`` of the last ``window``
@@ -225,7 +257,7 @@ class Overhead:
             >>> [round(x * 1e3, 1) for x in q.reserve()]    # judged at the quiet 3 ms
             [10.0, 7.0]
         """
-        return self._estimate, self._estimate - _judged(self._median, self._quiet)
+        return self._estimate, self._estimate - self.judged()
 
     @property
     def samples(self) -> int:

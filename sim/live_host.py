@@ -39,7 +39,8 @@ answer against ``budget - margin - overhead - waited`` (one recorded sample, dra
 random: the replay starts a request where the traffic log stamped it, and the client paid
 the wait before the handler too), plans it as the server does (``budget - margin``, and
 with ``plan_overhead`` - whose budgets count from the parse - short by the samples'
-quantile, with the excess over their median given back to admission, and by the sample's
+quantile, with the excess over their median - or ``quiet_ms`` where lower - given back to
+admission, and by the sample's
 wait, which live leaves the scheduler that much less of the budget), and runs
 each batch ``engine_speed`` times its frontier time, drawn with the live spread where there
 is one (log-normal ``engine_sigma``; quiet-machine profiles have a fraction of it, and a
@@ -105,10 +106,11 @@ class LiveHost:
         sigma = self.engine_sigma
         if sigma is not None and not (np.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"engine_sigma must be >= 0 or null, got {sigma}")
+        keys = {"quiet_ms": "quiet_overhead_ms"}  # as host.json names it
         for name in ("host_cpu_ms", "host_cpu_batch_ms", "quiet_ms"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise ValueError(f"{keys.get(name, name)} must be >= 0, got {value}")
         if self.slots is not None and not (isinstance(self.slots, int) and self.slots >= 1):
             raise ValueError(f"slots must be an int >= 1 or null, got {self.slots!r}")
         if self.policy is not None and self.policy not in REPLAYED_POLICIES:

@@ -20,7 +20,8 @@ run, there over recent windows), budgets
 planned short by ``budget_margin_s`` - and, with ``plan_overhead`` (the server's option,
 on by default there and here), counted from when parsing began and planned short by the
 learned overhead too (``server.overhead``, fed the time from a batch's end to its answer
-leaving), with the part above the overhead's median given back to admission
+leaving), with the part above what admission judges the overhead at (its median, or
+the quiet median of answers that ran alone where lower) given back to it
 (``Request.grace``). The client
 sees the answer ``client_s`` later. Open loop (arrival times) or closed loop (``clients``
 each sending again when answered or refused). Deterministic for a seed.

@@ -93,6 +93,21 @@ def test_admission_judges_at_the_quiet_median_where_that_is_lower():
     assert q.reserve() == (0.0, 0.0) and q.quiet() == pytest.approx(0.020)
 
 
+def test_a_quiet_median_no_answer_renewed_for_long_is_forgotten():
+    from server.overhead import QUIET_FRESH_ANSWERS
+
+    o = Overhead(quantile=0.9)
+    for _ in range(MIN_SAMPLES):
+        o.observe(0.002, alone=True)
+    for _ in range(QUIET_FRESH_ANSWERS):
+        o.observe(0.010)  # sustained load: no answer runs alone
+    assert o.quiet() == pytest.approx(0.002) and o.judged() == pytest.approx(0.002)
+    o.observe(0.010)
+    assert o.quiet() == 0.0 and o.judged() == pytest.approx(0.010)  # back to the median
+    o.observe(0.003, alone=True)  # one alone renews what was learned
+    assert o.quiet() == pytest.approx(0.002)
+
+
 def test_refreshed_every_few_samples_and_clipped():
     o = Overhead()
     for _ in range(MIN_SAMPLES):
@@ -359,6 +374,8 @@ def test_the_host_view_hands_auto_tiering_what_serving_adds(server, client):
     assert host.margin_ms == server.server.config.budget_margin_ms
     assert host.plan_overhead is server.server.config.plan_overhead is True  # the default
     assert host.quantile == m.overhead.quantile
+    # one at a time, each answer ran alone: the quiet median admission judges at
+    assert host.quiet_ms == pytest.approx(m.overhead.quiet() * 1e3) and host.quiet_ms > 0
     assert host.engine_speed > 0
     assert host.engine_sigma is None or host.engine_sigma >= 0
     assert host.engine_sigma == m.engine_spread()
@@ -471,3 +488,26 @@ def test_a_budget_no_quiet_replica_meets_is_the_clients_ask_not_load(model_repos
     finally:
         client.close()
         s.stop()
+
+
+def test_an_answer_runs_alone_only_in_a_batch_of_its_own_that_did_not_queue(server):
+    # (server.dataplane.DataPlane.answered, as gRPC reports each answer sent)
+    from server.overhead import QUIET_QUEUE_S
+    from server.proto_gen import grpc_service_pb2 as pb
+
+    plane = server.server.plane
+    m = plane.models["tiny"]
+    seen = []
+    real = m.overhead.observe
+    m.overhead.observe = lambda s, w=0.0, alone=False: (seen.append(alone), real(s, w, alone))
+    try:
+        queued_us = int(QUIET_QUEUE_S * 1e6)
+        for rows, queue_us in ((1, 0), (1, queued_us - 1), (1, queued_us), (2, 0)):
+            resp = pb.ModelInferResponse(model_name="tiny")
+            resp.parameters["queue_us"].int64_param = queue_us
+            resp.parameters["compute_us"].int64_param = 100
+            resp.parameters["batch_size"].int64_param = rows
+            plane.answered(resp, 0.002)
+    finally:
+        del m.overhead.observe
+    assert seen == [True, True, False, False]

@@ -281,3 +281,35 @@ def test_a_free_batch_is_settled_by_the_loop_like_a_cheap_one():
     ]  # fmt: skip
     assert runs[0]["slo_attainment"] == pytest.approx(runs[1]["slo_attainment"], abs=0.01)
     assert runs[0]["batches"] == pytest.approx(runs[1]["batches"], rel=0.02)
+
+
+def test_answers_that_ran_alone_teach_the_quiet_overhead_as_the_servers_do(monkeypatch):
+    # The server counts an answer as alone when its batch held one row and it queued under
+    # QUIET_QUEUE_S (server.dataplane); admission judges at that quiet median where lower.
+    import sim.shared_core as shared_core
+    from server.overhead import Overhead
+
+    flags = []
+
+    class Recording(Overhead):
+        def observe(self, seconds, waited=0.0, alone=False):
+            flags.append(alone)
+            super().observe(seconds, waited, alone)
+
+    monkeypatch.setattr(shared_core, "Overhead", Recording)
+    host = HostCost(parse_s=0.0012, answer_s=0.0008)
+    # one client, requests far apart: every answer ran alone
+    simulate_shared(TWO, TWO_P50, host, lambda i: 1.0, arrivals=np.arange(50) * 0.05,
+                    policy="fixed:w025", noise=0.0)  # fmt: skip
+    assert len(flags) == 50 and all(flags)
+    # 8 clients at once: batches of several rows, queued behind the running one - none alone
+    # between the start and the drain (the last sends run alone, as on a server)
+    flags.clear()
+    simulate_shared(TWO, TWO_P50, host, lambda i: 1.0, clients=8, n_requests=400,
+                    policy="fixed:w025", noise=0.0)  # fmt: skip
+    assert len(flags) == 400 and not any(flags[50:-8])
+    # batches of one row (max_batch 1) that queued behind others did not run alone either
+    flags.clear()
+    simulate_shared(TWO, TWO_P50, host, lambda i: 1.0, clients=8, n_requests=400,
+                    policy="fixed:w025", noise=0.0, max_batch=1)  # fmt: skip
+    assert len(flags) == 400 and not any(flags[50:-8])

@@ -71,8 +71,9 @@ class Request:
     it. ``reserve``: seconds the server moved ``deadline`` earlier than the client's own
     (a high quantile of the time it spends outside queue and compute); the scheduler never
     reads it, the answer is on time until ``due``. ``grace``: seconds past ``deadline`` that
-    admission and expiry still accept: the part of the reserve above the overhead's median,
-    so that a refusal - a certain miss - judges the overhead at its median. ``group``:
+    admission and expiry still accept: the part of the reserve above the overhead they
+    judge at (its median, or a quiet server's where lower: ``server.overhead``), so that a
+    refusal - a certain miss - does not judge it at the high quantile. ``group``:
     requests of different groups never share a batch (None: one group; the server gives a
     sequence model without a mask each sequence length its own, so that a batch is one
     engine call of one shape, as it is planned). ``length``: the tokens a text's batch is
