@@ -195,8 +195,9 @@ class Overhead:
 
     def judged(self) -> float:
         """Seconds: the overhead admission and expiry judge a request at (``reserve``) - the
-        recent median, or ``quiet`` where that is lower; 0 before anything is learned. The
-        refusal's reason judges at it too (a budget short of it is the client's ask).
+        recent median, or ``quiet`` where that is lower; 0 before anything is learned. A
+        refusal's reason judges at no more (``ModelRuntime``: a budget short of even a quiet
+        server's is the client's ask).
 
         Example:
             >>> o = Overhead()
