@@ -1240,7 +1240,8 @@ class ModelRuntime:
             # the loaded one (a fresh server's slow first answers) does not call load the
             # client's ask (helper-324); nothing where no quiet median is known.
             overhead = self.overhead_for(lane)
-            quiet = min(overhead.quiet(), overhead.judged()) if reserve_s > 0 else 0.0
+            known = reserve_s > 0 and overhead.quiet() > 0
+            quiet = overhead.judged() if known else 0.0
             short = reached + idle + quiet > req.due
             if short and (asked_s is None or idle + quiet > asked_s) and not busy:
                 why = "refused_budget"

@@ -140,9 +140,7 @@ class Overhead:
 
     def _latest(self) -> np.ndarray:
         """The latest ``ESTIMATE_SAMPLES`` samples (fewer before there are as many)."""
-        held = min(self._n, len(self._samples), ESTIMATE_SAMPLES)
-        end = self._n % len(self._samples)  # one past the newest, in the ring
-        return np.take(self._samples, range(end - held, end), mode="wrap")
+        return self._ordered(self._samples, ESTIMATE_SAMPLES)
 
     def refused(self, now: float) -> None:
         """A request planned with this reserve was refused at admission, at ``now``
@@ -209,8 +207,9 @@ class Overhead:
         return _judged(self._median, self.quiet())
 
     def estimate(self) -> float:
-        """Seconds to plan each budget short by: the ``quantile`` of the last ``window``
-        samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES`` were seen."""
+        """Seconds to plan each budget short by: the ``quantile`` of the latest
+        ``ESTIMATE_SAMPLES`` samples, refreshed every ``REFRESH``; 0 until ``MIN_SAMPLES``
+        were seen."""
         return self._estimate
 
     def recent(self) -> np.ndarray:
@@ -223,9 +222,10 @@ class Overhead:
         """The waits before the handler of the ``recent`` samples, in the same order."""
         return self._ordered(self._waited)
 
-    def _ordered(self, ring: np.ndarray) -> np.ndarray:
-        held = min(self._n, len(ring))
-        end = self._n % len(ring)
+    def _ordered(self, ring: np.ndarray, most: int | None = None) -> np.ndarray:
+        """The latest ``most`` (default: all held) entries of ``ring``, oldest first."""
+        held = min(self._n, len(ring), len(ring) if most is None else most)
+        end = self._n % len(ring)  # one past the newest, in the ring
         return np.take(ring, range(end - held, end), mode="wrap")
 
     def reserve(self) -> tuple[float, float]:
